@@ -1,0 +1,44 @@
+# mailgate: `make run` serves POP3 on embedded SQLite; `make test` runs the
+# whole suite.  Both set up everything they need in .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: run test bench venv install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Third-party dependencies, installed once (again when setup.cfg changes).
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
+		'service-identity>=21.1' 'attrs>=22' 'pytest>=7' 'psycopg[binary]>=3.1' \
+		setuptools wheel
+	touch $@
+
+venv: $(STAMP)
+
+# A regular (non-editable) install: that is what users get, and it is the
+# only kind that puts twisted/plugins/mailgate_plugin.py where twistd looks.
+install: venv
+	rm -rf build
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+	rm -rf build
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+run: install
+	@echo "mailgate: POP3 on 127.0.0.1:1110, database ./mailgate.sqlite3"
+	@echo "mailgate: add a user with: $(BIN)/mailgate user add you@example.org"
+	$(BIN)/twistd --pidfile= -n mailgate
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,57 @@
+# -*- test-case-name: tests.test_address -*-
+"""
+Mailbox addresses: the one place that decides what a user name looks like.
+
+Users are addressed as C{local@domain}.  Addresses are compared without regard
+to case, the way Dovecot's C{auth_username_format = %Lu} and practically every
+mail system does, so they are stored lower-cased.
+"""
+
+import re
+
+from mailgate.errors import InvalidAddress
+
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 254
+
+# RFC 5321 dot-atom local parts, plus the quoted-string-free subset of
+# characters people actually use; domains as LDH labels (or IDNA A-labels).
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def normalizeDomain(domain):
+    """
+    Return C{domain} lower-cased and checked.
+
+    @type domain: L{str}
+    @raise InvalidAddress: if it is not a host name.
+    """
+    domain = domain.strip().rstrip(".").lower()
+    if not domain or len(domain) > 253:
+        raise InvalidAddress(f"invalid domain: {domain!r}")
+    for label in domain.split("."):
+        if not _LABEL.match(label):
+            raise InvalidAddress(f"invalid domain: {domain!r}")
+    return domain
+
+
+def normalizeAddress(address):
+    """
+    Return the canonical form of a user's address.
+
+    @param address: C{local@domain}, as L{str} or UTF-8 L{bytes}.
+    @raise InvalidAddress: if it is not a plain C{local@domain} address.
+    """
+    if isinstance(address, bytes):
+        try:
+            address = address.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidAddress("address is not valid UTF-8") from None
+    address = address.strip()
+    if len(address) > MAX_ADDRESS or address.count("@") != 1:
+        raise InvalidAddress(f"not an address of the form local@domain: {address!r}")
+    local, domain = address.split("@")
+    if not local or len(local) > MAX_LOCAL_PART or not _LOCAL.match(local):
+        raise InvalidAddress(f"invalid local part in {address!r}")
+    return local.lower() + "@" + normalizeDomain(domain)

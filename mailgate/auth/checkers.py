@@ -1,0 +1,109 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+Credential checkers over the mail store.
+
+Both checkers answer a successful login with the user's
+L{mailgate.store.records.UserRecord} as avatar id, and every failure with
+the same L{UnauthorizedLogin}, whatever the reason: an unknown user and a
+wrong password must look alike.  The unknown user even pays for a password
+hash, so the two take the same time.
+"""
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgate.address import normalizeAddress
+from mailgate.auth.cache import VerifiedCredentialCache
+from mailgate.auth.credentials import IAPOPCredentials
+from mailgate.auth.passwords import dummyHash, verifyPassword
+from mailgate.errors import InvalidAddress
+
+
+def threadRunner(reactor):
+    """
+    A callable that runs a function on C{reactor}'s thread pool and returns
+    a L{Deferred}: slow hashes never run on the reactor thread.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(function, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+    return run
+
+
+def _addressOf(username):
+    try:
+        return normalizeAddress(username)
+    except InvalidAddress:
+        return None
+
+
+def _verifyOrDummy(password, storedHash):
+    if storedHash is None:
+        verifyPassword(password, dummyHash())
+        return False
+    return verifyPassword(password, storedHash)
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks a user name and password (POP3 USER/PASS, SASL PLAIN) against
+    the stored scrypt hash, consulting a cache of recent verifications first.
+
+    @param runInThread: how to run the hash off the reactor thread; see
+        L{threadRunner}.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(self, store, runInThread, cache=None):
+        self._store = store
+        self._runInThread = runInThread
+        self.cache = VerifiedCredentialCache() if cache is None else cache
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        address = _addressOf(credentials.username)
+        user = None if address is None else (yield self._store.findUser(address))
+        if user is not None and self.cache.check(user.address, user.passwordHash, password):
+            return user
+        storedHash = None if user is None else user.passwordHash
+        matched = yield self._runInThread(_verifyOrDummy, password, storedHash)
+        if not matched:
+            raise UnauthorizedLogin()
+        self.cache.remember(user.address, user.passwordHash, password)
+        return user
+
+
+@implementer(ICredentialsChecker)
+class APOPChecker:
+    """
+    Checks an APOP digest against the user's APOP secret.  Users who have
+    not opted in to APOP have no secret, and their APOP logins fail exactly
+    like a wrong digest.
+    """
+
+    credentialInterfaces = (IAPOPCredentials,)
+
+    def __init__(self, store):
+        self._store = store
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        address = _addressOf(credentials.username)
+        user = None if address is None else (yield self._store.findUser(address))
+        if user is None or user.apopSecret is None:
+            raise UnauthorizedLogin()
+        if not credentials.checkPassword(user.apopSecret):
+            raise UnauthorizedLogin()
+        return user

@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_passwords -*-
+"""
+Password material as the database keeps it.
+
+A user's password is stored as an scrypt hash (for USER/PASS and SASL PLAIN)
+and as SCRAM-SHA-256 keys (RFC 5803 format, for SASL SCRAM-SHA-256), neither
+of which reveals the password.  APOP is the exception: its digest is
+MD5(timestamp + secret), so the server must know the secret itself.  Users
+who opt in to APOP have their password kept recoverably in C{apop_secret};
+README says what that costs.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+
+import attr
+
+SCRYPT_LOG_N = 15  # 32 MiB and about 0.1 s per hash on a 2020s core
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRAM_ITERATIONS = 4096  # RFC 7677's minimum recommendation
+
+_PREFIX = "$scrypt$"
+
+
+@attr.s(frozen=True, slots=True, repr=False)
+class StoredCredentials:
+    """
+    What the store keeps for one password.
+    """
+
+    passwordHash = attr.ib()
+    scramSha256 = attr.ib(default=None)
+    apopSecret = attr.ib(default=None)
+
+    def __repr__(self):
+        return "<StoredCredentials>"
+
+
+def _b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text):
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _bytes(password):
+    return password.encode("utf-8") if isinstance(password, str) else password
+
+
+def _scrypt(password, salt, logN, r, p):
+    return hashlib.scrypt(
+        password, salt=salt, n=1 << logN, r=r, p=p, maxmem=256 * r * (1 << logN) + (1 << 20), dklen=32
+    )
+
+
+def hashPassword(password, logN=SCRYPT_LOG_N):
+    """
+    Hash a password with scrypt, in a PHC-like string:
+    C{$scrypt$ln=15,r=8,p=1$<salt>$<hash>}.
+    """
+    salt = os.urandom(16)
+    digest = _scrypt(_bytes(password), salt, logN, SCRYPT_R, SCRYPT_P)
+    return f"{_PREFIX}ln={logN},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verifyPassword(password, encoded):
+    """
+    Check a password against a stored hash, in constant time.  Slow by
+    design: call it off the reactor thread.
+
+    @return: L{True} if it matches; L{False} if not or if C{encoded} is not
+        a hash this version understands.
+    """
+    try:
+        if not encoded.startswith(_PREFIX):
+            return False
+        params, salt, digest = encoded[len(_PREFIX):].split("$")
+        values = dict(item.split("=") for item in params.split(","))
+        logN, r, p = int(values["ln"]), int(values["r"]), int(values["p"])
+        if not (1 <= logN <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
+            return False
+        expected = _unb64(digest)
+        actual = _scrypt(_bytes(password), _unb64(salt), logN, r, p)
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def scramSha256Secret(password, iterations=SCRAM_ITERATIONS, salt=None):
+    """
+    SCRAM-SHA-256 verifier keys in the RFC 5803 form
+    C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>}.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", _bytes(password), salt, iterations)
+    clientKey = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    storedKey = hashlib.sha256(clientKey).digest()
+    serverKey = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(storedKey)}:{_b64(serverKey)}"
+
+
+def parseScramSecret(encoded):
+    """
+    Split an RFC 5803 verifier into C{(iterations, salt, storedKey, serverKey)}.
+
+    @raise ValueError: if malformed.
+    """
+    scheme, params, keys = encoded.split("$")
+    if scheme != "SCRAM-SHA-256":
+        raise ValueError("not a SCRAM-SHA-256 verifier")
+    iterations, salt = params.split(":")
+    storedKey, serverKey = keys.split(":")
+    return int(iterations), _unb64(salt), _unb64(storedKey), _unb64(serverKey)
+
+
+def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N):
+    """
+    Everything the store keeps for a new password.
+
+    @param apop: also keep the password recoverably, so APOP can work.
+    """
+    password = _bytes(password)
+    return StoredCredentials(
+        passwordHash=hashPassword(password, logN),
+        scramSha256=scramSha256Secret(password),
+        apopSecret=password.decode("utf-8") if apop else None,
+    )
+
+
+_dummy = {}
+
+
+def dummyHash(logN=SCRYPT_LOG_N):
+    """
+    A hash of a random password with default parameters: verifying against
+    it costs what verifying a real user's password costs, so an unknown user
+    cannot be told from a wrong password by timing.
+    """
+    if logN not in _dummy:
+        _dummy[logN] = hashPassword(os.urandom(16), logN)
+    return _dummy[logN]

@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+The realm: from an authenticated user to the database-backed maildrop.
+"""
+
+from twisted.cred.portal import IRealm, Portal
+from zope.interface import implementer
+
+from twisted.internet import defer
+
+from mailgate.auth.checkers import APOPChecker, PasswordChecker
+from mailgate.errors import LoginDelayed
+from mailgate.interfaces import IMaildrop
+
+
+@implementer(IRealm)
+class MaildropRealm:
+    """
+    Hands out L{IMaildrop} avatars: the user's maildrop, locked and
+    snapshotted.  The logout callable releases the lock.
+
+    @param loginDelay: if set, the minimum number of seconds between two
+        logins of the same user (RFC 2449 LOGIN-DELAY); a login sooner than
+        that fails with L{LoginDelayed}, after the password was verified.
+    """
+
+    def __init__(self, store, loginDelay=None):
+        self._store = store
+        self._loginDelay = loginDelay
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IMaildrop not in interfaces:
+            raise NotImplementedError("mailgate's realm only provides IMaildrop")
+        return self._open(avatarId)
+
+    @defer.inlineCallbacks
+    def _open(self, identity):
+        maildrop = yield self._store.openMaildrop(identity)
+        if self._loginDelay:
+            try:
+                allowed = yield self._store.recordLogin(identity, self._loginDelay)
+            except BaseException:
+                maildrop.release()
+                raise
+            if not allowed:
+                maildrop.release()
+                raise LoginDelayed(
+                    f"the minimum time between logins is {self._loginDelay} seconds"
+                )
+        return (IMaildrop, maildrop, maildrop.release)
+
+
+def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None):
+    """
+    The POP3 portal: the maildrop realm with the password checker and,
+    unless switched off, the APOP checker.
+
+    @return: the L{Portal}; its password checker is its C{passwordChecker}
+        attribute, whose C{cache} tests and embedders can tune.
+    """
+    passwords = PasswordChecker(store, runInThread, cache)
+    checkers = [passwords]
+    if apop:
+        checkers.append(APOPChecker(store))
+    portal = Portal(MaildropRealm(store, loginDelay), checkers)
+    portal.passwordChecker = passwords
+    return portal

@@ -1,0 +1,333 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate}: the administrator's command.
+
+  mailgate [--database URL] user add ADDRESS [--password-stdin] [--apop]
+  mailgate user passwd ADDRESS [--password-stdin]
+  mailgate user del ADDRESS
+  mailgate user list
+  mailgate user apop ADDRESS on|off [--password-stdin]
+  mailgate mailbox list ADDRESS
+  mailgate deliver ADDRESS... < message
+  mailgate db upgrade
+
+It works on the database directly and synchronously (no reactor), through
+the same store code the server uses, so it is safe to run while the server
+is up.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
+understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
+"""
+
+import argparse
+import datetime
+import getpass
+import os
+import sys
+
+from mailgate import __version__
+from mailgate.address import normalizeAddress
+from mailgate.auth.passwords import StoredCredentials, makeCredentials, verifyPassword
+from mailgate.errors import (
+    ConfigurationError,
+    InvalidAddress,
+    MailgateError,
+    NoSuchUser,
+    TemporaryFailure,
+    UserExists,
+)
+from mailgate.message import spoolFile
+from mailgate.store import DEFAULT_DATABASE, openSynchronousStore
+from mailgate.store.schema import LATEST, currentVersion, upgrade
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class CommandError(Exception):
+    """
+    A failure to report in one line, with its exit code.
+    """
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+def _result(d):
+    """
+    The result of an already-fired L{Deferred} from a synchronous store.
+    """
+    box = []
+    d.addBoth(box.append)
+    if not box:
+        raise RuntimeError("store returned an unfired Deferred")
+    value = box[0]
+    if hasattr(value, "raiseException"):
+        value.raiseException()
+    return value
+
+
+def _address(text):
+    try:
+        return normalizeAddress(text)
+    except InvalidAddress as e:
+        raise CommandError(str(e), EX_DATAERR)
+
+
+def _readPassword(args, stdin, confirm=True):
+    """
+    The password: one line from standard input with C{--password-stdin},
+    else asked for twice on the terminal.
+    """
+    if args.password_stdin:
+        line = stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        if not (hasattr(stdin, "isatty") and stdin.isatty()):
+            raise CommandError(
+                "no terminal to ask for a password on; use --password-stdin", EX_USAGE
+            )
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ", EX_DATAERR)
+    if not password:
+        raise CommandError("empty password", EX_DATAERR)
+    if "\0" in password:
+        raise CommandError("the password contains a NUL character", EX_DATAERR)
+    return password
+
+
+def _userAdd(store, args, out, stdin):
+    address = _address(args.address)
+    password = _readPassword(args, stdin)
+    try:
+        _result(store.addUser(address, makeCredentials(password, apop=args.apop)))
+    except UserExists:
+        raise CommandError(f"user {address} already exists", EX_CANTCREAT)
+    out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
+
+
+def _existingUser(store, address):
+    user = _result(store.findUser(address))
+    if user is None:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    return user
+
+
+def _userPasswd(store, args, out, stdin):
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    password = _readPassword(args, stdin)
+    credentials = makeCredentials(password, apop=user.apopSecret is not None)
+    _result(store.setCredentials(address, credentials))
+    out.write(f"password changed for {address}\n")
+
+
+def _userDel(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        _result(store.deleteUser(address))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"deleted {address} and their maildrop\n")
+
+
+def _userList(store, args, out, stdin):
+    users = _result(store.listUsers())
+    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP\n")
+    for user in users:
+        out.write(
+            f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
+            f"{'on' if user.apop else 'off'}\n"
+        )
+
+
+def _userApop(store, args, out, stdin):
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    if args.state == "off":
+        credentials = StoredCredentials(user.passwordHash, user.scramSha256, None)
+        _result(store.setCredentials(address, credentials))
+        out.write(f"APOP disabled for {address}; its stored secret is erased\n")
+        return
+    # The database holds only a hash, so APOP needs the password once more:
+    # it must be the user's current password.
+    password = _readPassword(args, stdin, confirm=False)
+    if not verifyPassword(password.encode("utf-8"), user.passwordHash):
+        raise CommandError(f"that is not the current password of {address}", EX_DATAERR)
+    credentials = StoredCredentials(user.passwordHash, user.scramSha256, password)
+    _result(store.setCredentials(address, credentials))
+    out.write(f"APOP enabled for {address}\n")
+
+
+def _mailboxList(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        messages = _result(store.listMessages(address))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
+    for message in messages:
+        arrived = datetime.datetime.fromtimestamp(message.arrived, datetime.timezone.utc)
+        out.write(
+            f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
+            f"{arrived.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        )
+
+
+def _deliver(store, args, out, stdin):
+    addresses = []
+    for text in args.addresses:
+        try:
+            addresses.append(normalizeAddress(text))
+        except InvalidAddress as e:
+            raise CommandError(str(e), EX_NOUSER)
+    # All or nothing: an unknown recipient fails the delivery before any copy
+    # is stored, so the MTA's bounce tells the whole truth.
+    for address in addresses:
+        _existingUser(store, address)
+    source = spoolFile(getattr(stdin, "buffer", stdin))
+    try:
+        results = _result(store.deliver(addresses, source))
+    finally:
+        source.close()
+    missing = [a for a, r in results.items() if isinstance(r, NoSuchUser)]
+    for address, uniqueId in results.items():
+        if not isinstance(uniqueId, NoSuchUser):
+            out.write(f"delivered to {address} as {uniqueId}\n")
+    if missing:
+        raise CommandError(f"no such user: {', '.join(missing)}", EX_NOUSER)
+
+
+def _dbUpgrade(store, args, out, stdin):
+    database = store.database
+    applied = upgrade(database)
+    for migration in applied:
+        out.write(f"applied migration {migration.version}: {migration.description}\n")
+    out.write(f"schema is at version {LATEST}\n")
+
+
+def _dbVersion(store, args, out, stdin):
+    from mailgate.store.database import runTransaction
+
+    version = runTransaction(store.engine, store.database._conn, currentVersion, (), {}, False)
+    out.write(f"schema version {version} (this mailgate: {LATEST})\n")
+
+
+def buildParser():
+    parser = argparse.ArgumentParser(
+        prog="mailgate",
+        description="Administer a mailgate database: users, maildrops, local delivery.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="database URL (default: $MAILGATE_DATABASE, else " + DEFAULT_DATABASE + ")",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    user.required = True
+    add = user.add_parser("add", help="add a user")
+    add.add_argument("address")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP; this keeps the password recoverable in the database (see README)",
+    )
+    add.set_defaults(run=_userAdd, migrate=True)
+    passwd = user.add_parser("passwd", help="change a user's password")
+    passwd.add_argument("address")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    passwd.set_defaults(run=_userPasswd, migrate=True)
+    delete = user.add_parser("del", help="delete a user and their maildrop")
+    delete.add_argument("address")
+    delete.set_defaults(run=_userDel, migrate=True)
+    listing = user.add_parser("list", help="list users")
+    listing.set_defaults(run=_userList, migrate=True)
+    apop = user.add_parser("apop", help="switch APOP on or off for a user")
+    apop.add_argument("address")
+    apop.add_argument("state", choices=["on", "off"])
+    apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    apop.set_defaults(run=_userApop, migrate=True)
+
+    mailbox = commands.add_parser("mailbox", help="inspect maildrops").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    mailbox.required = True
+    mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
+    mlist.add_argument("address")
+    mlist.set_defaults(run=_mailboxList, migrate=True)
+
+    deliver = commands.add_parser(
+        "deliver", help="deliver a message from standard input to local users"
+    )
+    deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    deliver.set_defaults(run=_deliver, migrate=True)
+
+    db = commands.add_parser("db", help="database maintenance").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    db.required = True
+    dbUpgrade = db.add_parser("upgrade", help="apply pending schema migrations")
+    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False)
+    dbVersion = db.add_parser("version", help="show the schema version")
+    dbVersion.set_defaults(run=_dbVersion, migrate=False)
+    return parser
+
+
+def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
+    """
+    Run the command; return its exit code.
+    """
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    environ = os.environ if environ is None else environ
+    parser = buildParser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EX_USAGE if e.code else EX_OK
+    url = args.database or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
+    delivering = args.run is _deliver
+    store = None
+    try:
+        store = openSynchronousStore(url, migrate=args.migrate)
+        args.run(store, args, stdout, stdin)
+        return EX_OK
+    except CommandError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return e.code
+    except TemporaryFailure as e:
+        stderr.write(f"mailgate: temporary failure, try again: {e}\n")
+        return EX_TEMPFAIL
+    except ConfigurationError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    except MailgateError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+    except KeyboardInterrupt:
+        stderr.write("mailgate: interrupted\n")
+        return 130
+    except Exception as e:
+        stderr.write(f"mailgate: internal error: {e.__class__.__name__}: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+    finally:
+        if store is not None:
+            store.close()
+
+
+def main():
+    sys.exit(run(sys.argv[1:]))

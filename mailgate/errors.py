@@ -1,0 +1,61 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+Exceptions shared by the storage, authentication and protocol layers.
+
+Protocol code turns these into replies (C{-ERR [SYS/TEMP]}, C{451 4.3.0},
+...) without knowing which backend raised them, so each one says what kind of
+failure it is rather than where it came from.
+"""
+
+
+class MailgateError(Exception):
+    """
+    Base class of mailgate's own exceptions.
+    """
+
+
+class TemporaryFailure(MailgateError):
+    """
+    The operation failed for a reason that may go away: the database is
+    unreachable, locked or out of space.  POP3 answers C{[SYS/TEMP]} and SMTP
+    answers 451, so clients retry; nothing was changed.
+    """
+
+
+class MaildropInUse(MailgateError):
+    """
+    Another session holds the maildrop's exclusive lock (RFC 1939 section 8,
+    C{[IN-USE]} of RFC 2449).
+    """
+
+
+class NoSuchUser(MailgateError):
+    """
+    The address names no user of this gateway.
+    """
+
+
+class UserExists(MailgateError):
+    """
+    A user with this address already exists.
+    """
+
+
+class InvalidAddress(MailgateError, ValueError):
+    """
+    The text is not a mailbox address mailgate accepts.
+    """
+
+
+class ConfigurationError(MailgateError):
+    """
+    The configuration cannot work: a bad database URL, an unusable option.
+    Start-up reports it in one line and stops.
+    """
+
+
+class LoginDelayed(MailgateError):
+    """
+    The user logged in again sooner than the configured LOGIN-DELAY allows
+    (RFC 2449 section 8.1.2).
+    """

@@ -1,0 +1,198 @@
+"""
+The contracts between mailgate's layers.
+
+Protocol code (POP3, SMTP, LMTP) talks to storage only through these
+interfaces, so the SQLite and PostgreSQL stores are interchangeable and
+neither protocol knows which one it runs on.  Every storage method returns a
+L{Deferred}: the work runs off the reactor thread.
+
+Failures are reported with the exceptions of L{mailgate.errors}:
+L{TemporaryFailure} when the store cannot answer now (the client should retry),
+L{MaildropInUse} when another session holds a maildrop.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IMessageSource(Interface):
+    """
+    A message ready to be stored: its octets with CRLF line ends, exactly as
+    a POP3 client will count them (before dot-stuffing).
+
+    Stores read it from their own worker threads, in chunks, so a large
+    message never has to be held in memory whole.
+    """
+
+    size = Attribute("The message's length in octets.")
+    headerSize = Attribute(
+        "Octets of the header section, including the empty line that ends it "
+        "(the whole message if it has no body).  TOP reads only this far."
+    )
+
+    def chunks(chunkSize):
+        """
+        Iterate over the message's octets in pieces of at most C{chunkSize}.
+        May be called from any thread, more than once.
+        """
+
+
+class IMessageBody(Interface):
+    """
+    One message opened for reading by a POP3 session.
+    """
+
+    size = Attribute("Length in octets (CRLF line ends, before dot-stuffing).")
+    headerSize = Attribute("Octets of the header section, blank line included.")
+
+    def read():
+        """
+        Return a L{Deferred} firing with the next piece of the message, or
+        with C{b""} once the whole message has been read.
+        """
+
+
+class IMaildrop(Interface):
+    """
+    A POP3 session's view of one user's maildrop: the avatar the realm
+    hands to the POP3 protocol.
+
+    It is a snapshot taken at login under the maildrop's exclusive lock:
+    message numbers (0-based here, 1-based on the wire) stay fixed for the
+    whole session, and mail that arrives meanwhile appears at the next login.
+    Deletion marks are session state kept by the protocol; the maildrop only
+    applies them, all at once, in L{expunge}.
+    """
+
+    address = Attribute("The owner's address.")
+    sizes = Attribute(
+        "A sequence of the sizes of the snapshot's messages, in octets, "
+        "indexed by message number minus one."
+    )
+
+    def uniqueIds(first, count):
+        """
+        The persistent unique ids (RFC 1939 section 7) of C{count} messages
+        starting at index C{first}, as a L{Deferred} list of L{str}.
+        """
+
+    def openMessage(index):
+        """
+        Open a message for reading: a L{Deferred} L{IMessageBody}.
+        """
+
+    def expunge(indexes):
+        """
+        Remove the given messages, all in one transaction (the RFC 1939
+        UPDATE state).  The L{Deferred} fires once the removal is durable; if
+        it fails, nothing was removed.
+        """
+
+    def release():
+        """
+        Release the maildrop's lock.  Idempotent; called at logout, whether
+        the session ended with QUIT, a timeout or a dropped connection.
+        """
+
+
+class IMaildropLocks(Interface):
+    """
+    The RFC 1939 exclusive-access lock: at most one POP3 session per maildrop.
+
+    An implementation decides how far the lock reaches: one process for the
+    embedded SQLite store, every node sharing the database for PostgreSQL.
+    """
+
+    def acquire(userId):
+        """
+        Lock a maildrop: a L{Deferred} that fires when the lock is held, or
+        fails with L{MaildropInUse}.
+        """
+
+    def release(userId):
+        """
+        Unlock a maildrop this process holds.  Unlocking one that is not held
+        does nothing.
+        """
+
+
+class IMailStore(Interface):
+    """
+    Users, maildrops and messages.
+
+    Addresses passed in are already normalised (see
+    L{mailgate.address.normalizeAddress}).  Password material arrives already
+    hashed: the store keeps what it is given and never sees a password.
+    """
+
+    def findUser(address):
+        """
+        Look up a user: a L{Deferred} L{mailgate.store.records.UserRecord},
+        or C{None} if there is no such user.
+        """
+
+    def addUser(address, credentials):
+        """
+        Create a user with the given L{mailgate.auth.passwords.StoredCredentials}.
+        Fails with L{mailgate.errors.UserExists} if the address is taken.
+        """
+
+    def setCredentials(address, credentials):
+        """
+        Replace a user's stored password material (hash, SCRAM keys, APOP
+        secret).  Fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def deleteUser(address):
+        """
+        Remove a user and their maildrop.  Message bodies still referenced by
+        other maildrops stay.  Fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def listUsers():
+        """
+        All users: a L{Deferred} list of
+        L{mailgate.store.records.UserSummary}, ordered by address.
+        """
+
+    def listMessages(address):
+        """
+        A user's maildrop as the administrator sees it: a L{Deferred} list of
+        L{mailgate.store.records.MessageInfo} in POP3 order.
+        """
+
+    def deliver(addresses, source):
+        """
+        Store one message for several local recipients: the octets once, one
+        maildrop entry each, in one transaction.
+
+        @param addresses: recipient addresses.
+        @param source: an L{IMessageSource}.
+        @return: a L{Deferred} that fires once the delivery is durably
+            committed, with a dict mapping each address to its new unique id,
+            or to a L{mailgate.errors.NoSuchUser} instance for an address
+            that has no user (those get no copy; the others still do).
+        """
+
+    def openMaildrop(identity):
+        """
+        Lock a user's maildrop and take the snapshot a POP3 session works on.
+
+        @param identity: the L{mailgate.store.records.UserRecord} a credential
+            checker authenticated.
+        @return: a L{Deferred} L{IMaildrop}; fails with L{MaildropInUse} if
+            another session holds it.
+        """
+
+    def recordLogin(identity, minimumInterval):
+        """
+        Enforce a minimum interval between a user's POP3 logins (RFC 2449
+        LOGIN-DELAY): record this login unless the previous one was less
+        than C{minimumInterval} seconds ago.
+
+        @return: a L{Deferred} firing with L{True} if the login may proceed.
+        """
+
+    def close():
+        """
+        Release connections and locks: a L{Deferred} that fires when done.
+        """

@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_message -*-
+"""
+Messages on their way into the store.
+
+L{MessageSpool} collects a message as it arrives (line by line from SMTP
+DATA, or block by block from standard input), normalises every line end to
+CRLF, measures it, and keeps it in memory only while it is small: a large
+message spills to a temporary file, so intake never holds it whole.
+"""
+
+import tempfile
+
+from zope.interface import implementer
+
+from mailgate.interfaces import IMessageSource
+
+SPOOL_MEMORY_LIMIT = 1 << 20
+
+
+@implementer(IMessageSource)
+class MessageSpool:
+    """
+    A message being received, stored in canonical form: CRLF line ends.
+
+    @ivar size: octets written so far.
+    @ivar headerSize: octets of the header section including its ending
+        empty line, once that line has been seen; the whole size until then.
+    """
+
+    def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
+        self._file = tempfile.SpooledTemporaryFile(max_size=memoryLimit)
+        self.size = 0
+        self._headerSize = None
+        self._partial = b""
+
+    @property
+    def headerSize(self):
+        return self.size if self._headerSize is None else self._headerSize
+
+    def writeLine(self, line):
+        """
+        Append one line, given without its line end.
+        """
+        self._file.write(line + b"\r\n")
+        self.size += len(line) + 2
+        if self._headerSize is None and not line:
+            self._headerSize = self.size
+
+    def writeLines(self, lines):
+        """
+        Append several lines, each given without its line end.
+        """
+        for line in lines:
+            self.writeLine(line)
+
+    def writeData(self, data):
+        """
+        Append raw octets whose lines end in LF or CRLF; a final line without
+        its end is held back until more data or L{finish}.
+        """
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self.writeLine(line)
+
+    def finish(self):
+        """
+        Complete the message: a last line without a line end gets one, so
+        every stored message ends in CRLF (or is empty).
+        """
+        if self._partial:
+            partial, self._partial = self._partial, b""
+            if partial.endswith(b"\r"):
+                partial = partial[:-1]
+            self.writeLine(partial)
+        self._file.flush()
+        return self
+
+    def chunks(self, chunkSize):
+        """
+        Iterate over the stored octets.  Called from a store worker thread
+        while nothing else touches the spool.
+        """
+        self._file.seek(0)
+        while True:
+            chunk = self._file.read(chunkSize)
+            if not chunk:
+                return
+            yield chunk
+
+    def getvalue(self):
+        """
+        The whole message as L{bytes}; for tests and small messages only.
+        """
+        return b"".join(self.chunks(1 << 20))
+
+    def close(self):
+        """
+        Discard the spooled octets.
+        """
+        self._file.close()
+
+
+def spoolBytes(data):
+    """
+    A finished L{MessageSpool} holding C{data}, line ends normalised.
+    """
+    spool = MessageSpool()
+    spool.writeData(data)
+    return spool.finish()
+
+
+def spoolFile(fileObject, blockSize=1 << 16):
+    """
+    A finished L{MessageSpool} holding what C{fileObject} yields until EOF.
+    """
+    spool = MessageSpool()
+    while True:
+        block = fileObject.read(blockSize)
+        if not block:
+            break
+        spool.writeData(block)
+    return spool.finish()

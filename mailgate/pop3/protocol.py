@@ -1,0 +1,752 @@
+# -*- test-case-name: tests.test_pop3_protocol -*-
+"""
+The POP3 server protocol: RFC 1939 with CAPA, RESP-CODES and
+AUTH-RESP-CODE (RFC 2449, RFC 3206).
+
+mailgate does not reuse C{twisted.mail.pop3.POP3}: on Python 3 its APOP never
+succeeds, it dot-stuffs per chunk, doubles stored CRs, hangs when a message
+cannot be read, drops the connection on C{DELE abc}, lets a session log in
+twice, lists deleted messages, answers QUIT before its deletions ran and
+advertises C{PIPELINE}.  This protocol keeps the same building blocks (a
+cred portal, the reactor, producers) and gets those right.
+
+Design:
+  - Input is split into lines here, with a hard limit per line, so a client
+    cannot make the server buffer an endless line.
+  - Commands run strictly one after another.  A command that waits on the
+    store (login, RETR, QUIT...) holds the queue; pipelined commands wait
+    their turn and get their answers in order.  When too many are queued,
+    the server stops reading from the socket until it catches up.
+  - Storage is reached only through the L{IMaildrop} avatar the portal
+    returns; this module never sees SQL.
+"""
+
+import os
+import re
+import secrets
+import time
+from collections import deque
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import defer, task
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from mailgate import __version__
+from mailgate.auth.credentials import APOPCredentials
+from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
+from mailgate.interfaces import IMaildrop
+from mailgate.pop3.dotstuff import DotStuffer
+from mailgate.pop3.sender import BlockSender, SendAborted
+
+AUTHORIZATION = "AUTHORIZATION"
+TRANSACTION = "TRANSACTION"
+UPDATE = "UPDATE"
+
+_TOO_LONG = object()
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"^[0-9]{1,10}$")
+_APOP_DIGEST = re.compile(r"^[0-9A-Fa-f]{32}$")
+
+ALL_COMMANDS = frozenset(
+    "USER PASS APOP AUTH STLS CAPA QUIT STAT LIST RETR DELE NOOP RSET TOP UIDL".split()
+)
+
+
+class _CommandError(Exception):
+    """
+    Raised by argument parsing: its text goes back as the C{-ERR} reason.
+    """
+
+
+class POP3Server(Protocol):
+    """
+    One POP3 session.
+
+    Limits are class attributes (the factory may override them per
+    listener), named for what they bound:
+
+    @cvar maxCommandLength: octets in a command line, CRLF included
+        (RFC 2449 section 4 allows 255).
+    @cvar maxQueuedCommands: pipelined commands held before the server
+        stops reading from the connection.
+    @cvar maxBadCommands: unknown, malformed or out-of-state commands
+        tolerated before the session is closed.
+    @cvar maxAuthFailures: failed logins before the session is closed.
+    @cvar idleTimeout: seconds of silence before autologout (RFC 1939
+        requires at least ten minutes).
+    @cvar authFailureDelay: seconds before a failed login is answered; the
+        same for an unknown user as for a wrong password.
+    @cvar listBatch: lines of LIST or UIDL produced per write.
+    """
+
+    maxCommandLength = 255
+    maxQueuedCommands = 64
+    maxBadCommands = 20
+    maxAuthFailures = 3
+    idleTimeout = 600
+    authFailureDelay = 1.0
+    listBatch = 1000
+
+    log = Logger()
+
+    def __init__(self):
+        self.state = AUTHORIZATION
+        self._buffer = b""
+        self._discarding = False
+        self._lines = deque()
+        self._busy = False
+        self._processing = False
+        self._readingPaused = False
+        self._closed = False
+        self._timeoutCall = None
+        self._lastActivity = 0
+        self._sending = False
+        self._badCommands = 0
+        self._authFailures = 0
+        self._user = None
+        self.challenge = None
+        self._maildrop = None
+        self._logout = None
+        self._deleted = set()
+        self._count = 0
+        self._octets = 0
+        self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
+
+    # -- connection ------------------------------------------------------
+
+    @property
+    def _reactor(self):
+        return self.factory.reactor
+
+    def connectionMade(self):
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+        self.peer = self.transport.getPeer()
+        greeting = f"{self.factory.greeting}"
+        if self.factory.apop:
+            self.challenge = self._makeChallenge()
+            greeting += " " + self.challenge
+        self._ok(greeting)
+        self._startTimeout()
+
+    def _makeChallenge(self):
+        """
+        The APOP timestamp: RFC 1939's C{<process-ID.clock@hostname>},
+        plus random digits so that no two greetings ever share one.
+        """
+        return (
+            f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}"
+            f"@{self.factory.hostname}>"
+        )
+
+    def connectionLost(self, reason):
+        self._closed = True
+        self._cancelTimeout()
+        self._lines.clear()
+        self._endSession("connection lost")
+
+    def _endSession(self, why):
+        """
+        Release the maildrop (and its lock) exactly once.
+        """
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            maildrop, self._maildrop = self._maildrop, None
+            self.log.info(
+                "pop3 logout user={user} reason={why!r} retr={retr}/{retrBytes} "
+                "top={top} deleted={deleted}",
+                user=maildrop.address if maildrop is not None else None,
+                why=why,
+                **self._stats,
+            )
+            logout()
+
+    def _close(self):
+        self._closed = True
+        self._cancelTimeout()
+        self.transport.loseConnection()
+
+    # -- idle timer ------------------------------------------------------
+    # One timer per session, rescheduled lazily: activity only records a
+    # time stamp, so busy sessions do not pay for timer resets.
+
+    def _activity(self):
+        self._lastActivity = self._reactor.seconds()
+
+    def _startTimeout(self):
+        self._activity()
+        if self.idleTimeout and self._timeoutCall is None and not self._closed:
+            self._timeoutCall = self._reactor.callLater(self.idleTimeout, self._timedOut)
+
+    def _cancelTimeout(self):
+        if self._timeoutCall is not None:
+            if self._timeoutCall.active():
+                self._timeoutCall.cancel()
+            self._timeoutCall = None
+
+    def _timedOut(self):
+        self._timeoutCall = None
+        if self._closed:
+            return
+        idle = self._reactor.seconds() - self._lastActivity
+        if idle < self.idleTimeout or (self._busy and not self._sending):
+            # Recent activity, or a command waiting on the store: not idle.
+            delay = self.idleTimeout - idle if idle < self.idleTimeout else self.idleTimeout
+            self._timeoutCall = self._reactor.callLater(delay, self._timedOut)
+            return
+        if not self._sending:
+            self._err("autologout: idle for too long")
+        self._endSession("idle timeout")
+        self._close()
+        if self._sending:
+            # The client stopped reading a response: nothing more can be
+            # written in order, so drop the connection outright.
+            self.transport.abortConnection()
+
+    # -- input -----------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._closed:
+            return
+        self._activity()
+        self._splitLines(data)
+        self._processLines()
+
+    def _splitLines(self, data):
+        """
+        Cut input into lines.  A line longer than L{maxCommandLength} is
+        dropped as it arrives (never buffered) and queued as a marker so its
+        error reply takes its turn among pipelined commands.
+        """
+        if self._discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end + 1:]
+            self._discarding = False
+            self._lines.append(_TOO_LONG)
+        buffer = self._buffer + data if self._buffer else data
+        parts = buffer.split(b"\n")
+        rest = parts.pop()
+        limit = self.maxCommandLength
+        for part in parts:
+            if len(part) + 1 > limit:
+                self._lines.append(_TOO_LONG)
+            else:
+                self._lines.append(part[:-1] if part.endswith(b"\r") else part)
+        if len(rest) >= limit:
+            self._buffer = b""
+            self._discarding = True
+        else:
+            self._buffer = rest
+        if len(self._lines) > self.maxQueuedCommands and not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
+
+    def _processLines(self):
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._lines and not self._busy and not self._closed:
+                line = self._lines.popleft()
+                result = self._dispatch(line)
+                if isinstance(result, defer.Deferred):
+                    self._busy = True
+                    result.addErrback(self._internalError)
+                    result.addBoth(self._commandDone)
+        finally:
+            self._processing = False
+        if self._readingPaused and not self._closed and len(self._lines) < self.maxQueuedCommands // 2:
+            self._readingPaused = False
+            self.transport.resumeProducing()
+
+    def _commandDone(self, _):
+        self._busy = False
+        if not self._closed:
+            self._activity()
+            self._processLines()
+
+    def _internalError(self, failure):
+        if failure.check(SendAborted):
+            return None
+        self.log.failure("pop3 command failed", failure)
+        if not self._closed:
+            self._err("[SYS/TEMP] internal server error")
+        return None
+
+    # -- dispatch --------------------------------------------------------
+
+    def _dispatch(self, line):
+        if line is _TOO_LONG:
+            return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
+        if _CONTROL.search(line):
+            return self._bad("invalid characters in command line")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._bad("command line is not valid UTF-8")
+        keyword, _, argument = text.partition(" ")
+        keyword = keyword.upper()
+        handler = self._handlers[self.state].get(keyword)
+        if handler is None:
+            if keyword in ALL_COMMANDS or keyword in self._handlers[AUTHORIZATION] or keyword in self._handlers[TRANSACTION]:
+                return self._bad(f"{keyword} is not valid in the {self.state} state")
+            if not keyword:
+                return self._bad("empty command line")
+            return self._bad("unknown command")
+        try:
+            return handler(self, argument)
+        except _CommandError as e:
+            return self._bad(str(e))
+
+    def _bad(self, reason):
+        self._err(reason)
+        self._badCommands += 1
+        if self._badCommands >= self.maxBadCommands:
+            self._err("too many bad commands; closing the connection")
+            self._endSession("too many bad commands")
+            self._close()
+        return None
+
+    # -- output ----------------------------------------------------------
+
+    def _ok(self, text=""):
+        self.transport.write(b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n")
+
+    def _err(self, text):
+        self.transport.write(b"-ERR " + text.encode("utf-8") + b"\r\n")
+
+    # -- arguments -------------------------------------------------------
+
+    @staticmethod
+    def _noArguments(argument):
+        if argument.strip():
+            raise _CommandError("this command takes no arguments")
+
+    def _number(self, text, what="message number"):
+        if not _DIGITS.match(text):
+            raise _CommandError(f"invalid {what}: {text[:20]!r}" if text else f"missing {what}")
+        return int(text)
+
+    def _messageIndex(self, text):
+        """
+        Parse a message number and check it names a message of this session
+        that is not marked deleted.  Returns the 0-based index.
+        """
+        number = self._number(text.strip())
+        if not 1 <= number <= len(self._maildrop.sizes):
+            raise _CommandError(f"no such message: {number}")
+        index = number - 1
+        if index in self._deleted:
+            raise _CommandError(f"message {number} is deleted")
+        return index
+
+    def _arguments(self, argument, count, names):
+        parts = argument.split()
+        if len(parts) != count or argument != " ".join(parts):
+            raise _CommandError(f"expected: {names}")
+        return parts
+
+    # -- AUTHORIZATION state ---------------------------------------------
+
+    def do_USER(self, argument):
+        name = argument.strip()
+        if not name:
+            raise _CommandError("USER needs a user name")
+        self._user = name
+        self._ok("send PASS")
+
+    def do_PASS(self, argument):
+        if self._user is None:
+            raise _CommandError("send USER first")
+        user, self._user = self._user, None
+        credentials = UsernamePassword(user.encode("utf-8"), argument.encode("utf-8"))
+        return self._login(credentials, user)
+
+    def do_APOP(self, argument):
+        if self.challenge is None:
+            raise _CommandError("APOP is not available on this server")
+        name, _, digest = argument.rpartition(" ")
+        if not name.strip() or not _APOP_DIGEST.match(digest):
+            raise _CommandError("expected: APOP name digest (32 hex digits)")
+        credentials = APOPCredentials(
+            self.challenge.encode("ascii"), name.strip().encode("utf-8"), digest.encode("ascii")
+        )
+        return self._login(credentials, name.strip())
+
+    def _login(self, credentials, user):
+        d = self.factory.portal.login(credentials, None, IMaildrop)
+        d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(user,), errbackArgs=(user,))
+        return d
+
+    def _loggedIn(self, result, user):
+        _, maildrop, logout = result
+        if self._closed:
+            logout()
+            return
+        self._maildrop = maildrop
+        self._logout = logout
+        self._deleted = set()
+        self._count = len(maildrop.sizes)
+        self._octets = sum(maildrop.sizes)
+        self.state = TRANSACTION
+        self.log.info(
+            "pop3 login user={user} peer={peer} messages={count}",
+            user=maildrop.address,
+            peer=_describe(self.peer),
+            count=self._count,
+        )
+        self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
+
+    def _loginFailed(self, failure, user):
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            self._authFailures += 1
+            self.log.info(
+                "pop3 authentication failed user={user!r} peer={peer}",
+                user=user[:64],
+                peer=_describe(self.peer),
+            )
+            return task.deferLater(self._reactor, self.authFailureDelay, self._refuseLogin)
+        if failure.check(MaildropInUse):
+            self._err("[IN-USE] maildrop is locked by another POP3 session")
+        elif failure.check(LoginDelayed):
+            self._err(f"[LOGIN-DELAY] {failure.value}")
+        elif failure.check(TemporaryFailure):
+            self.log.warn("pop3 login of {user!r}: {reason}", user=user[:64], reason=failure.value)
+            self._err("[SYS/TEMP] the mail store is unavailable; try again later")
+        else:
+            self.log.failure("pop3 login of {user!r} failed", failure, user=user[:64])
+            self._err("[SYS/TEMP] internal server error")
+        return None
+
+    def _refuseLogin(self):
+        if self._closed:
+            return
+        self._err("[AUTH] invalid user name or password")
+        if self._authFailures >= self.maxAuthFailures:
+            self._err("too many failed logins; closing the connection")
+            self._close()
+
+    def do_CAPA(self, argument):
+        self._noArguments(argument)
+        lines = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.state == AUTHORIZATION:
+            lines.append("USER")
+        lines.extend(self.factory.extraCapabilities())
+        lines.append(f"IMPLEMENTATION mailgate-{__version__}")
+        body = "".join(line + "\r\n" for line in lines)
+        self.transport.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
+
+    def do_QUIT(self, argument):
+        self._noArguments(argument)
+        if self.state == AUTHORIZATION:
+            self._ok("mailgate POP3 server signing off")
+            self._close()
+            return None
+        return self._update()
+
+    # -- TRANSACTION state -----------------------------------------------
+
+    def do_STAT(self, argument):
+        self._noArguments(argument)
+        self._ok(f"{self._count} {self._octets}")
+
+    def do_NOOP(self, argument):
+        self._noArguments(argument)
+        self._ok()
+
+    def do_RSET(self, argument):
+        self._noArguments(argument)
+        self._deleted.clear()
+        self._count = len(self._maildrop.sizes)
+        self._octets = sum(self._maildrop.sizes)
+        self._ok(f"maildrop has {self._count} messages ({self._octets} octets)")
+
+    def do_DELE(self, argument):
+        index = self._messageIndex(argument)
+        self._deleted.add(index)
+        self._count -= 1
+        self._octets -= self._maildrop.sizes[index]
+        self._ok(f"message {index + 1} deleted")
+
+    def do_LIST(self, argument):
+        if argument:
+            index = self._messageIndex(argument)
+            self._ok(f"{index + 1} {self._maildrop.sizes[index]}")
+            return None
+        self._ok(f"{self._count} messages ({self._octets} octets)")
+        sizes = self._maildrop.sizes
+        deleted = self._deleted
+        batch = self.listBatch
+        positions = iter(range(0, len(sizes), batch))
+
+        def nextBlock():
+            for start in positions:
+                lines = [
+                    b"%d %d\r\n" % (i + 1, sizes[i])
+                    for i in range(start, min(start + batch, len(sizes)))
+                    if i not in deleted
+                ]
+                if lines:
+                    return b"".join(lines)
+            return _END
+
+        return self._send(_terminated(nextBlock))
+
+    def do_UIDL(self, argument):
+        if argument:
+            index = self._messageIndex(argument)
+            d = self._maildrop.uniqueIds(index, 1)
+            d.addCallback(lambda ids: self._ok(f"{index + 1} {ids[0]}"))
+            d.addErrback(self._storeError, "unique id")
+            return d
+        total = len(self._maildrop.sizes)
+        deleted = self._deleted
+        batch = self.listBatch
+        positions = iter(range(0, total, batch))
+
+        def format(ids, start):
+            return b"".join(
+                b"%d %s\r\n" % (start + offset + 1, uid.encode("ascii"))
+                for offset, uid in enumerate(ids)
+                if start + offset not in deleted
+            )
+
+        def nextBlock():
+            start = next(positions, None)
+            if start is None:
+                return _END
+            return self._maildrop.uniqueIds(start, min(batch, total - start)).addCallback(format, start)
+
+        # Read the first batch before answering +OK, so a store failure
+        # can still be reported as -ERR.
+        first = nextBlock()
+        if first is _END:
+            self._ok("unique-id listing follows")
+            self.transport.write(b".\r\n")
+            return None
+
+        def begin(block):
+            self._ok("unique-id listing follows")
+            self.transport.write(block)
+            return self._send(_terminated(nextBlock))
+
+        first.addCallback(begin)
+        first.addErrback(self._storeError, "unique ids")
+        return first
+
+    def do_RETR(self, argument):
+        index = self._messageIndex(argument)
+        return self._sendMessage(index, None)
+
+    def do_TOP(self, argument):
+        number, lines = self._arguments(argument, 2, "TOP message-number lines")
+        index = self._messageIndex(number)
+        count = self._number(lines, "line count")
+        return self._sendMessage(index, count)
+
+    def _sendMessage(self, index, bodyLines):
+        d = self._maildrop.openMessage(index)
+
+        def opened(body):
+            if self._closed:
+                return None
+            if bodyLines is None:
+                self._stats["retr"] += 1
+                self._stats["retrBytes"] += body.size
+                self._ok(f"{body.size} octets")
+            else:
+                self._stats["top"] += 1
+                self._ok("top of message follows")
+            source = _MessageBlocks(body, bodyLines)
+            return self._send(source.nextBlock).addErrback(self._streamBroken, index)
+
+        d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
+        return d
+
+    def _streamBroken(self, failure, index):
+        """
+        The message could not be read after +OK went out.  There is no way
+        to say -ERR in the middle of a multi-line response, so the session
+        ends; the client sees a truncated response, and nothing is deleted.
+        """
+        if failure.check(SendAborted):
+            return None
+        self.log.failure("pop3 reading message {n} failed mid-response", failure, n=index + 1)
+        self._endSession("message read failed")
+        self.transport.abortConnection()
+        self._closed = True
+        return None
+
+    def _storeError(self, failure, what):
+        if failure.check(TemporaryFailure):
+            self.log.warn("pop3 cannot read {what}: {reason}", what=what, reason=failure.value)
+            self._err(f"[SYS/TEMP] cannot read the {what} now; try again later")
+        else:
+            self.log.failure("pop3 reading {what} failed", failure, what=what)
+            self._err("[SYS/TEMP] internal server error")
+        return None
+
+    def _send(self, nextBlock):
+        if self._closed:
+            return defer.succeed(None)
+        self._sending = True
+
+        def progress(block):
+            self._lastActivity = self._reactor.seconds()
+            return block
+
+        def source():
+            block = nextBlock()
+            if isinstance(block, defer.Deferred):
+                return block.addCallback(progress)
+            return progress(block)
+
+        def sent(result):
+            self._sending = False
+            return result
+
+        return BlockSender(self.transport, source).start().addBoth(sent)
+
+    def _update(self):
+        """
+        QUIT in the TRANSACTION state: the UPDATE state.  Marked messages
+        are removed in one transaction, and +OK goes out only once that
+        transaction has committed.
+        """
+        self.state = UPDATE
+        deleted = sorted(self._deleted)
+        d = self._maildrop.expunge(deleted)
+
+        def removed(_):
+            self._stats["deleted"] = len(deleted)
+            self._ok(f"mailgate POP3 server signing off ({self._count} messages left)")
+
+        def failed(failure):
+            if failure.check(TemporaryFailure):
+                self.log.warn("pop3 update failed: {reason}", reason=failure.value)
+            else:
+                self.log.failure("pop3 update failed", failure)
+            self._err("[SYS/TEMP] could not remove the deleted messages; none were removed")
+
+        def finish(_):
+            self._endSession("quit")
+            self._close()
+
+        d.addCallbacks(removed, failed)
+        d.addBoth(finish)
+        return d
+
+    _handlers = {
+        AUTHORIZATION: {
+            "USER": do_USER,
+            "PASS": do_PASS,
+            "APOP": do_APOP,
+            "CAPA": do_CAPA,
+            "QUIT": do_QUIT,
+        },
+        TRANSACTION: {
+            "STAT": do_STAT,
+            "LIST": do_LIST,
+            "RETR": do_RETR,
+            "DELE": do_DELE,
+            "NOOP": do_NOOP,
+            "RSET": do_RSET,
+            "TOP": do_TOP,
+            "UIDL": do_UIDL,
+            "CAPA": do_CAPA,
+            "QUIT": do_QUIT,
+        },
+        UPDATE: {},
+    }
+
+
+_END = None
+
+
+def _terminated(nextBlock):
+    """
+    Wrap a block source so that the response's final "." follows its last
+    block.
+    """
+    state = {"ended": False}
+
+    def blocks():
+        if state["ended"]:
+            return _END
+        block = nextBlock()
+        if isinstance(block, defer.Deferred):
+            return block.addCallback(lambda b: _endIfNone(b, state))
+        return _endIfNone(block, state)
+
+    return blocks
+
+
+def _endIfNone(block, state):
+    if block is None:
+        state["ended"] = True
+        return b".\r\n"
+    return block
+
+
+class _MessageBlocks:
+    """
+    A message as the blocks of a RETR or TOP response: read chunk by chunk,
+    cut after the header and C{bodyLines} lines for TOP, dot-stuffed, and
+    terminated.
+    """
+
+    def __init__(self, body, bodyLines):
+        self._body = body
+        self._stuffer = DotStuffer()
+        self._headerLeft = body.headerSize
+        self._linesLeft = bodyLines
+        self._ended = False
+
+    def nextBlock(self):
+        if self._ended:
+            return _END
+        return self._body.read().addCallback(self._encode)
+
+    def _encode(self, chunk):
+        done = not chunk
+        if chunk and self._linesLeft is not None:
+            chunk, done = self._cut(chunk)
+        out = self._stuffer.stuff(chunk)
+        if done:
+            self._ended = True
+            out += self._stuffer.terminator()
+        return out
+
+    def _cut(self, chunk):
+        """
+        For TOP: keep the header and then C{bodyLines} lines of the body.
+        """
+        keep = min(self._headerLeft, len(chunk))
+        self._headerLeft -= keep
+        head, rest = chunk[:keep], chunk[keep:]
+        if self._headerLeft:
+            return head, False
+        position = 0
+        while self._linesLeft and position < len(rest):
+            end = rest.find(b"\n", position)
+            if end < 0:
+                return head + rest, False
+            position = end + 1
+            self._linesLeft -= 1
+        return head + rest[:position], self._linesLeft == 0
+
+
+def _describe(address):
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"{host}:{port}"

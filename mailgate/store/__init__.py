@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+Storage: choose an engine from a database URL and open the mail store.
+
+URLs:
+  - C{sqlite:///mailgate.sqlite3}: a file relative to the working directory
+  - C{sqlite:////var/lib/mailgate/mail.sqlite3}: an absolute path
+  - C{sqlite:///:memory:}: a private in-memory database (tests, embedding)
+  - C{postgresql://user:password@host:port/dbname}: PostgreSQL
+"""
+
+from urllib.parse import urlsplit
+
+from mailgate.errors import ConfigurationError
+from mailgate.store.database import Database, SynchronousDatabase
+from mailgate.store.schema import upgrade
+from mailgate.store.sql import SQLMailStore
+
+DEFAULT_DATABASE = "sqlite:///mailgate.sqlite3"
+
+
+def engineFromURL(url):
+    """
+    The engine a database URL names.
+
+    @raise ConfigurationError: for an unknown scheme or a malformed URL.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        if not url.lower().startswith("sqlite:///"):
+            raise ConfigurationError(
+                f"bad SQLite URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path"
+            )
+        path = url[len("sqlite:///"):]
+        if not path:
+            raise ConfigurationError(f"bad SQLite URL {url!r}: no file name")
+        from mailgate.store.sqlite import SQLiteEngine
+
+        return SQLiteEngine(path)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from mailgate.store.postgres import PostgresEngine
+        except ImportError as e:
+            raise ConfigurationError(
+                f"PostgreSQL support needs psycopg: pip install 'mailgate[postgres]' ({e})"
+            ) from None
+        return PostgresEngine(url)
+    raise ConfigurationError(
+        f"unsupported database URL {url!r}: use sqlite:///FILE or postgresql://..."
+    )
+
+
+def openSynchronousStore(url, migrate=True):
+    """
+    A store whose operations run inline and return fired Deferreds: for the
+    admin command and for tests.
+
+    @param migrate: apply pending schema migrations first.
+    """
+    engine = engineFromURL(url)
+    database = SynchronousDatabase(engine)
+    try:
+        if migrate:
+            upgrade(database)
+    except BaseException:
+        database.close()
+        raise
+    return SQLMailStore(database, engine.makeLocks(database))
+
+
+def openStore(url, reactor=None, server=True):
+    """
+    A store whose operations run on a thread pool, for the running gateway.
+
+    The schema is brought up to date first, synchronously, so that a
+    database that cannot be reached or upgraded stops start-up with a clear
+    error instead of failing every session later.
+
+    @param server: claim the database for this server process where the
+        engine requires one server per database (embedded SQLite).
+    """
+    engine = engineFromURL(url)
+    if server:
+        engine.claimServer()
+    try:
+        if getattr(engine, "path", None) != ":memory:":
+            upgrading = SynchronousDatabase(engine)
+            try:
+                upgrade(upgrading)
+            finally:
+                upgrading.close()
+        database = Database(engine, reactor)
+    except BaseException:
+        engine.releaseServer()
+        raise
+    return SQLMailStore(database, engine.makeLocks(database))

@@ -1,0 +1,163 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The database schema, as an ordered list of migrations.
+
+Every start (and C{mailgate db upgrade}) applies the migrations a database
+has not seen yet, each in its own transaction, and records the version.  The
+SQL is written once; the few dialect differences are named placeholders
+filled from the engine's C{types}.
+
+Layout, with scaling out in mind: every table that grows with mail carries
+the owning user's id first in its primary key (C{maildrop.user_id},
+C{bodies.owner_id}), so all of one user's hot paths stay within that key and
+the mail tables can be distributed by it.  A message delivered to several
+local users is stored once, owned by its first recipient, and reference
+counted.
+"""
+
+import attr
+
+SCHEMA_TABLE = "mailgate_schema"
+
+
+@attr.s(frozen=True)
+class Migration:
+    version = attr.ib()
+    description = attr.ib()
+    statements = attr.ib()
+
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "users, message bodies and maildrops",
+        [
+            """
+            CREATE TABLE users (
+                user_id {serial_pk},
+                address TEXT NOT NULL UNIQUE,
+                password_hash TEXT NOT NULL,
+                scram_sha256 TEXT,
+                apop_secret TEXT,
+                uid_validity {bigint} NOT NULL,
+                next_uid {bigint} NOT NULL DEFAULT 1,
+                last_login {bigint},
+                created_at {bigint} NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE bodies (
+                owner_id {bigint} NOT NULL,
+                body_id TEXT NOT NULL,
+                size {bigint} NOT NULL,
+                header_size {bigint} NOT NULL,
+                refcount INTEGER NOT NULL,
+                created_at {bigint} NOT NULL,
+                PRIMARY KEY (owner_id, body_id)
+            ) {without_rowid}
+            """,
+            """
+            CREATE TABLE body_chunks (
+                owner_id {bigint} NOT NULL,
+                body_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                data {blob} NOT NULL,
+                PRIMARY KEY (owner_id, body_id, seq)
+            ) {without_rowid}
+            """,
+            """
+            CREATE TABLE maildrop (
+                user_id {bigint} NOT NULL,
+                uid {bigint} NOT NULL,
+                uidl TEXT NOT NULL,
+                body_owner {bigint} NOT NULL,
+                body_id TEXT NOT NULL,
+                size {bigint} NOT NULL,
+                header_size {bigint} NOT NULL,
+                arrived_at {bigint} NOT NULL,
+                PRIMARY KEY (user_id, uid),
+                UNIQUE (user_id, uidl)
+            ) {without_rowid}
+            """,
+        ],
+    ),
+]
+
+LATEST = MIGRATIONS[-1].version
+
+
+def _ensureVersionTable(cursor):
+    cursor.execute(
+        f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} "
+        f"(version INTEGER NOT NULL, applied_at TEXT NOT NULL)"
+    )
+
+
+def currentVersion(cursor):
+    """
+    The schema version of the database behind C{cursor} (0 if empty).
+    """
+    _ensureVersionTable(cursor)
+    cursor.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}")
+    row = cursor.fetchone()
+    return row[0] or 0
+
+
+def pendingMigrations(version):
+    return [m for m in MIGRATIONS if m.version > version]
+
+
+def applyMigration(cursor, engine, migration):
+    """
+    Apply one migration and record it; the caller's transaction makes the
+    two atomic.
+    """
+    for statement in migration.statements:
+        cursor.execute(statement.format(**engine.types))
+    cursor.execute(
+        f"INSERT INTO {SCHEMA_TABLE} (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)",
+        (migration.version,),
+    )
+
+
+def upgrade(database):
+    """
+    Bring the schema behind a L{SynchronousDatabase} up to date.
+
+    @return: the list of migrations applied.
+    """
+    return upgradeConnection(database.engine, database._conn)
+
+
+def upgradeConnection(engine, conn):
+    """
+    Apply pending migrations on a DB-API connection, one transaction each.
+
+    @return: the list of migrations applied.
+    @raise mailgate.errors.ConfigurationError: if the database is newer than
+        this mailgate.
+    """
+    from mailgate.errors import ConfigurationError
+    from mailgate.store.database import runTransaction
+
+    applied = []
+
+    def step(cursor):
+        engine.lockSchema(cursor)
+        version = currentVersion(cursor)
+        if version > LATEST:
+            raise ConfigurationError(
+                f"database schema version {version} is newer than this "
+                f"mailgate supports ({LATEST}); upgrade mailgate"
+            )
+        pending = pendingMigrations(version)
+        if not pending:
+            return None
+        applyMigration(cursor, engine, pending[0])
+        return pending[0]
+
+    while True:
+        migration = runTransaction(engine, conn, step, (), {}, True)
+        if migration is None:
+            return applied
+        applied.append(migration)

@@ -1,0 +1,420 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The mail store over SQL, shared by the SQLite and PostgreSQL engines.
+
+Each public method hands one interaction (a function of a cursor) to the
+L{Database}, which runs it off the reactor thread: reads as a transaction of
+their own, writes through the group-commit queue.  Queries use C{?}
+placeholders; the engine's cursor translates them where the driver wants
+another style.
+"""
+
+import secrets
+import time
+from array import array
+from collections import Counter
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailgate.errors import NoSuchUser, TemporaryFailure, UserExists
+from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.store.records import MessageInfo, UserRecord, UserSummary
+
+CHUNK_SIZE = 128 * 1024
+_IN_BATCH = 500
+
+
+def _batches(items, size=_IN_BATCH):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _placeholders(n):
+    return ",".join("?" * n)
+
+
+def formatUniqueId(uid, uidValidity):
+    """
+    The unique id POP3 shows for a message: 16 hex digits, the per-user
+    message counter then the maildrop's validity stamp (the same shape as
+    Dovecot's default C{%08Xu%08Xv}).  The counter never goes back and the
+    stamp changes when a user is re-created, so an id is never reused.
+    """
+    return f"{uid:08x}{uidValidity:08x}"
+
+
+# -- interactions ----------------------------------------------------------
+# Each runs on a worker thread with a cursor inside a transaction.
+
+
+def _findUser(cursor, address):
+    cursor.execute(
+        "SELECT user_id, address, password_hash, scram_sha256, apop_secret "
+        "FROM users WHERE address = ?",
+        (address,),
+    )
+    row = cursor.fetchone()
+    return None if row is None else UserRecord(*row)
+
+
+def _addUser(cursor, engine, address, credentials, now):
+    cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
+    if cursor.fetchone() is not None:
+        raise UserExists(address)
+    try:
+        cursor.execute(
+            "INSERT INTO users (address, password_hash, scram_sha256, apop_secret, "
+            "uid_validity, next_uid, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+            (
+                address,
+                credentials.passwordHash,
+                credentials.scramSha256,
+                credentials.apopSecret,
+                secrets.randbits(31),
+                now,
+            ),
+        )
+    except Exception as e:
+        if engine.isUniqueViolation(e):
+            raise UserExists(address) from None
+        raise
+    return _findUser(cursor, address)
+
+
+def _setCredentials(cursor, address, credentials):
+    cursor.execute(
+        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ? "
+        "WHERE address = ?",
+        (credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, address),
+    )
+    if cursor.rowcount != 1:
+        raise NoSuchUser(address)
+
+
+def _removeMessages(cursor, userId, uids):
+    """
+    Delete maildrop entries and drop each body whose last reference went.
+    """
+    references = Counter()
+    for batch in _batches(uids):
+        cursor.execute(
+            "SELECT body_owner, body_id FROM maildrop "
+            f"WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            (userId, *batch),
+        )
+        references.update(cursor.fetchall())
+        cursor.execute(
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            (userId, *batch),
+        )
+    for (owner, bodyId), count in sorted(references.items()):
+        cursor.execute(
+            "UPDATE bodies SET refcount = refcount - ? "
+            "WHERE owner_id = ? AND body_id = ? RETURNING refcount",
+            (count, owner, bodyId),
+        )
+        row = cursor.fetchone()
+        if row is not None and row[0] <= 0:
+            cursor.execute(
+                "DELETE FROM body_chunks WHERE owner_id = ? AND body_id = ?",
+                (owner, bodyId),
+            )
+            cursor.execute(
+                "DELETE FROM bodies WHERE owner_id = ? AND body_id = ?",
+                (owner, bodyId),
+            )
+    return sum(references.values())
+
+
+def _deleteUser(cursor, address):
+    user = _findUser(cursor, address)
+    if user is None:
+        raise NoSuchUser(address)
+    cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
+    _removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
+    cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
+
+
+def _listUsers(cursor):
+    cursor.execute(
+        "SELECT u.address, count(m.uid), coalesce(sum(m.size), 0), "
+        "u.apop_secret IS NOT NULL "
+        "FROM users u LEFT JOIN maildrop m ON m.user_id = u.user_id "
+        "GROUP BY u.user_id, u.address, u.apop_secret ORDER BY u.address"
+    )
+    return [UserSummary(a, n, s, bool(apop)) for a, n, s, apop in cursor.fetchall()]
+
+
+def _listMessages(cursor, address):
+    user = _findUser(cursor, address)
+    if user is None:
+        raise NoSuchUser(address)
+    cursor.execute(
+        "SELECT size, uidl, arrived_at FROM maildrop WHERE user_id = ? ORDER BY uid",
+        (user.userId,),
+    )
+    return [
+        MessageInfo(number, size, uidl, arrived)
+        for number, (size, uidl, arrived) in enumerate(cursor.fetchall(), 1)
+    ]
+
+
+def _deliver(cursor, addresses, source, now):
+    """
+    Store the body once and give each known recipient a maildrop entry.
+    """
+    results = {}
+    found = []
+    for batch in _batches(sorted(set(addresses))):
+        cursor.execute(
+            f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
+            batch,
+        )
+        found.extend(cursor.fetchall())
+    known = {address: userId for userId, address in found}
+    for address in addresses:
+        if address not in known:
+            results[address] = NoSuchUser(address)
+    recipients = [a for a in dict.fromkeys(addresses) if a in known]
+    if not recipients:
+        return results
+    owner = known[recipients[0]]
+    bodyId = secrets.token_hex(16)
+    cursor.execute(
+        "INSERT INTO bodies (owner_id, body_id, size, header_size, refcount, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (owner, bodyId, source.size, source.headerSize, len(recipients), now),
+    )
+    for seq, chunk in enumerate(source.chunks(CHUNK_SIZE)):
+        cursor.execute(
+            "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
+            (owner, bodyId, seq, chunk),
+        )
+    for address in recipients:
+        userId = known[address]
+        # The per-user counter: a row lock on this user only, never a global
+        # sequence per message.
+        cursor.execute(
+            "UPDATE users SET next_uid = next_uid + 1 WHERE user_id = ? "
+            "RETURNING next_uid - 1, uid_validity",
+            (userId,),
+        )
+        uid, validity = cursor.fetchone()
+        uidl = formatUniqueId(uid, validity)
+        cursor.execute(
+            "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, "
+            "header_size, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now),
+        )
+        results[address] = uidl
+    return results
+
+
+def _recordLogin(cursor, userId, now, minimumInterval):
+    cursor.execute(
+        "UPDATE users SET last_login = ? WHERE user_id = ? "
+        "AND (last_login IS NULL OR last_login <= ?)",
+        (now, userId, now - minimumInterval),
+    )
+    return cursor.rowcount == 1
+
+
+def _snapshot(cursor, userId):
+    cursor.execute(
+        "SELECT uid, size FROM maildrop WHERE user_id = ? ORDER BY uid", (userId,)
+    )
+    uids = array("q")
+    sizes = array("q")
+    for uid, size in cursor.fetchall():
+        uids.append(uid)
+        sizes.append(size)
+    return uids, sizes
+
+
+def _uniqueIds(cursor, userId, low, high):
+    cursor.execute(
+        "SELECT uid, uidl FROM maildrop WHERE user_id = ? AND uid BETWEEN ? AND ?",
+        (userId, low, high),
+    )
+    return dict(cursor.fetchall())
+
+
+def _openMessage(cursor, userId, uid):
+    cursor.execute(
+        "SELECT body_owner, body_id, size, header_size FROM maildrop "
+        "WHERE user_id = ? AND uid = ?",
+        (userId, uid),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    owner, bodyId, size, headerSize = row
+    first = _readChunk(cursor, owner, bodyId, 0) if size else b""
+    return owner, bodyId, size, headerSize, first
+
+
+def _readChunk(cursor, owner, bodyId, seq):
+    cursor.execute(
+        "SELECT data FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq = ?",
+        (owner, bodyId, seq),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
+    return bytes(row[0])
+
+
+# -- the store -------------------------------------------------------------
+
+
+@implementer(IMailStore)
+class SQLMailStore:
+    """
+    L{IMailStore} on a L{Database}.
+
+    @param database: a L{Database} or L{SynchronousDatabase}.
+    @param locks: the L{IMaildropLocks} guarding POP3 sessions.
+    @param clock: returns the time in seconds (for arrival stamps).
+    """
+
+    def __init__(self, database, locks, clock=time.time):
+        self.database = database
+        self.locks = locks
+        self._clock = clock
+
+    @property
+    def engine(self):
+        return self.database.engine
+
+    def _now(self):
+        return int(self._clock())
+
+    def findUser(self, address):
+        return self.database.runInteraction(_findUser, address)
+
+    def addUser(self, address, credentials):
+        return self.database.runWrite(_addUser, self.engine, address, credentials, self._now())
+
+    def setCredentials(self, address, credentials):
+        return self.database.runWrite(_setCredentials, address, credentials)
+
+    def deleteUser(self, address):
+        return self.database.runWrite(_deleteUser, address)
+
+    def listUsers(self):
+        return self.database.runInteraction(_listUsers)
+
+    def listMessages(self, address):
+        return self.database.runInteraction(_listMessages, address)
+
+    def deliver(self, addresses, source):
+        return self.database.runWrite(_deliver, list(addresses), source, self._now())
+
+    def recordLogin(self, identity, minimumInterval):
+        return self.database.runWrite(_recordLogin, identity.userId, self._now(), minimumInterval)
+
+    @defer.inlineCallbacks
+    def openMaildrop(self, identity):
+        yield self.locks.acquire(identity.userId)
+        try:
+            uids, sizes = yield self.database.runInteraction(_snapshot, identity.userId)
+        except BaseException:
+            self.locks.release(identity.userId)
+            raise
+        return SQLMaildrop(self, identity, uids, sizes)
+
+    def close(self):
+        d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
+        d.addBoth(lambda _: self.database.close())
+        return d
+
+
+@implementer(IMaildrop)
+class SQLMaildrop:
+    """
+    One session's snapshot of a maildrop: the ids and sizes of the messages
+    present at login, in two compact arrays (a 100,000-message maildrop costs
+    about 1.6 MB).  Unique ids and bodies are read on demand.
+    """
+
+    def __init__(self, store, identity, uids, sizes):
+        self._store = store
+        self._userId = identity.userId
+        self.address = identity.address
+        self._uids = uids
+        self.sizes = sizes
+        self._released = False
+
+    def uniqueIds(self, first, count):
+        uids = self._uids[first : first + count]
+        if not uids:
+            return defer.succeed([])
+        d = self._store.database.runInteraction(
+            _uniqueIds, self._userId, uids[0], uids[-1]
+        )
+
+        def inOrder(found):
+            missing = [uid for uid in uids if uid not in found]
+            if missing:
+                raise TemporaryFailure(f"messages {missing[:5]} vanished from the maildrop")
+            return [found[uid] for uid in uids]
+
+        return d.addCallback(inOrder)
+
+    def openMessage(self, index):
+        d = self._store.database.runInteraction(_openMessage, self._userId, self._uids[index])
+
+        def opened(row):
+            if row is None:
+                raise TemporaryFailure("message vanished from the maildrop")
+            return SQLMessageBody(self._store.database, *row)
+
+        return d.addCallback(opened)
+
+    def expunge(self, indexes):
+        uids = [self._uids[i] for i in indexes]
+        if not uids:
+            return defer.succeed(0)
+        return self._store.database.runWrite(_removeMessages, self._userId, uids)
+
+    def release(self):
+        if not self._released:
+            self._released = True
+            self._store.locks.release(self._userId)
+
+
+@implementer(IMessageBody)
+class SQLMessageBody:
+    """
+    A message read chunk by chunk: one query per 128 KiB, so a 50 MB message
+    streams through in bounded memory.
+    """
+
+    def __init__(self, database, owner, bodyId, size, headerSize, first):
+        self._database = database
+        self._owner = owner
+        self._bodyId = bodyId
+        self.size = size
+        self.headerSize = headerSize
+        self._pending = first
+        self._sent = 0
+        self._seq = 1
+
+    def read(self):
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            self._sent += len(chunk)
+            return defer.succeed(chunk)
+        if self._sent >= self.size:
+            return defer.succeed(b"")
+        seq = self._seq
+        self._seq += 1
+        d = self._database.runInteraction(_readChunk, self._owner, self._bodyId, seq)
+
+        def got(chunk):
+            self._sent += len(chunk)
+            return chunk
+
+        return d.addCallback(got)

@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The embedded SQLite engine: zero set-up, one file, one writer.
+
+Durability: WAL journal with C{synchronous=FULL}, so a transaction that has
+committed (a delivery acknowledged with 250, a POP3 deletion acknowledged
+with +OK) survives a power cut, not only a process crash.
+"""
+
+import errno
+import fcntl
+import os
+import sqlite3
+
+from zope.interface import implementer
+
+from mailgate.errors import ConfigurationError, MaildropInUse
+from mailgate.interfaces import IMaildropLocks
+
+from twisted.internet import defer
+
+BUSY_TIMEOUT_MS = 10000
+
+
+class SQLiteEngine:
+    """
+    How mailgate talks to SQLite.
+
+    @ivar path: the database file, or C{":memory:"}.
+    """
+
+    name = "sqlite"
+    types = {
+        "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "bigint": "INTEGER",
+        "blob": "BLOB",
+        "without_rowid": "WITHOUT ROWID",
+    }
+
+    def __init__(self, path):
+        self.path = path
+        self._guard = None
+
+    def __repr__(self):
+        return f"sqlite:///{self.path}"
+
+    def _connectArguments(self):
+        return (self.path,), {
+            "check_same_thread": False,
+            "isolation_level": None,  # we issue BEGIN ourselves
+            "timeout": BUSY_TIMEOUT_MS / 1000,
+        }
+
+    def poolArguments(self):
+        """
+        Arguments for L{adbapi.ConnectionPool}: SQLite has one writer, so one
+        connection, as Synapse does.
+        """
+        args, kwargs = self._connectArguments()
+        kwargs.update(cp_min=1, cp_max=1)
+        return "sqlite3", args, kwargs
+
+    def connect(self):
+        args, kwargs = self._connectArguments()
+        try:
+            conn = sqlite3.connect(*args, **kwargs)
+            self.onConnect(conn)
+        except sqlite3.Error as e:
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}") from e
+        return conn
+
+    def onConnect(self, conn):
+        """
+        Per-connection settings: WAL, full fsync on commit, a busy timeout so
+        the admin command and the server can write the same file.
+        """
+        conn = getattr(conn, "_connection", conn)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if self.path != ":memory:":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise ConfigurationError(f"{self.path}: cannot switch to WAL mode")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if self.path == ":memory:":
+            # Each connection to ":memory:" is a database of its own: it
+            # needs its schema here, not from a separate upgrade step.
+            from mailgate.store.schema import upgradeConnection
+
+            upgradeConnection(self, conn)
+
+    def lockSchema(self, cursor):
+        """
+        Serialise concurrent upgrades; BEGIN IMMEDIATE already does.
+        """
+
+    def begin(self, conn, write):
+        """
+        Start a transaction and return a cursor for it.  Writers take the
+        write lock at once (C{IMMEDIATE}) rather than upgrading half-way,
+        which is what makes SQLite's busy timeout apply instead of failing.
+        """
+        cursor = conn.cursor()
+        cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        return cursor
+
+    def commit(self, conn):
+        conn.commit()
+
+    def rollback(self, conn):
+        conn.rollback()
+
+    def isTransient(self, exc):
+        """
+        Locked, busy, full or unreadable files may heal; constraint violations
+        and SQL errors do not.
+        """
+        return isinstance(exc, sqlite3.OperationalError)
+
+    def isUniqueViolation(self, exc):
+        return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+    def claimServer(self):
+        """
+        Make sure only one mailgate server uses this database file.
+
+        The embedded store's maildrop locks live in this process's memory; a
+        second server on the same file would not see them, so it is refused
+        at start-up.  The admin command does not claim the file: delivering
+        or adding users while the server runs is safe.
+        """
+        if self.path == ":memory:" or self._guard is not None:
+            return
+        lockPath = self.path + ".lock"
+        try:
+            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigurationError(
+                    f"{self.path} is in use by another mailgate server "
+                    f"(an embedded SQLite database serves one process; use "
+                    f"PostgreSQL for several nodes)"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._guard = fd
+
+    def releaseServer(self):
+        if self._guard is not None:
+            os.close(self._guard)
+            self._guard = None
+
+    def makeLocks(self, database):
+        return InProcessLocks()
+
+
+@implementer(IMaildropLocks)
+class InProcessLocks:
+    """
+    Maildrop locks held in this process's memory: exact and free for a
+    single-process deployment, which is what the embedded store is (see
+    L{SQLiteEngine.claimServer}).
+    """
+
+    def __init__(self):
+        self._held = set()
+
+    def acquire(self, userId):
+        if userId in self._held:
+            return defer.fail(MaildropInUse(userId))
+        self._held.add(userId)
+        return defer.succeed(userId)
+
+    def release(self, userId):
+        self._held.discard(userId)
+
+    def close(self):
+        self._held.clear()
+        return defer.succeed(None)

@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd mailgate}: command-line options and the service maker.
+
+Parsing has no side effects (no reactor, no database): L{Options} only
+checks and collects; L{makeService} opens the store and builds the services.
+"""
+
+import os
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
+
+from mailgate.errors import ConfigurationError
+from mailgate.service import DEFAULT_POP3, MailgateConfig, makeService as _makeService
+from mailgate.store import DEFAULT_DATABASE, engineFromURL
+
+
+def _checkEndpoint(description):
+    """
+    Parse an endpoint description against a reactor that never listens,
+    so that typos are reported while parsing options.
+    """
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise usage.UsageError(f"invalid endpoint {description!r}: {e}")
+    return description
+
+
+def _positive(kind):
+    def convert(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"not a number: {value!r}")
+        if number < 0:
+            raise ValueError(f"must not be negative: {value!r}")
+        return number
+
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "mailgate serves POP3 from a database of maildrops (embedded SQLite "
+        "by default).  Listeners are Twisted strports descriptions, e.g. "
+        "tcp:110, tcp:1110:interface=127.0.0.1, "
+        "ssl:995:privateKey=key.pem:certKey=cert.pem, "
+        "systemd:domain=INET:index=0."
+    )
+
+    optFlags = [
+        ["no-apop", None, "Do not offer APOP: no timestamp in the greeting."],
+    ]
+    optParameters = [
+        [
+            "database",
+            None,
+            None,
+            "Database URL: sqlite:///FILE (relative), sqlite:////ABSOLUTE/FILE "
+            "or postgresql://USER@HOST/DB.  Default: $MAILGATE_DATABASE, "
+            f"else {DEFAULT_DATABASE}.",
+        ],
+        [
+            "hostname",
+            None,
+            None,
+            "Host name used in greetings and in the APOP timestamp "
+            "(default: this machine's fully qualified name).",
+        ],
+        [
+            "auth-failure-delay",
+            None,
+            1.0,
+            "Seconds to wait before answering a failed login (the same for an "
+            "unknown user and a wrong password; other sessions are not held up).",
+            _positive(float),
+        ],
+        [
+            "idle-timeout",
+            None,
+            600,
+            "Seconds of inactivity before a POP3 session is logged out "
+            "(RFC 1939: at least 600).",
+            _positive(int),
+        ],
+        [
+            "login-delay",
+            None,
+            None,
+            "Minimum seconds between two logins of the same user; advertised "
+            "as LOGIN-DELAY (RFC 2449).  Default: no limit.",
+            _positive(int),
+        ],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["pop3"] = []
+
+    def opt_pop3(self, description):
+        """
+        A POP3 listener, as a strports description; repeat for several.
+        Default: tcp:1110:interface=127.0.0.1.
+        """
+        self["pop3"].append(_checkEndpoint(description))
+
+    def postOptions(self):
+        if self["database"] is None:
+            self["database"] = os.environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
+        try:
+            engineFromURL(self["database"])
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+        if not self["pop3"]:
+            self["pop3"] = [DEFAULT_POP3]
+        if self["hostname"] is not None and not self["hostname"].strip():
+            raise usage.UsageError("--hostname must not be empty")
+
+    def toConfig(self):
+        return MailgateConfig(
+            database=self["database"],
+            pop3=list(self["pop3"]),
+            hostname=self["hostname"],
+            apop=not self["no-apop"],
+            authFailureDelay=self["auth-failure-delay"],
+            idleTimeout=self["idle-timeout"],
+            loginDelay=self["login-delay"],
+        )
+
+
+def makeService(options):
+    """
+    The service for C{twistd mailgate}.  Configuration errors, found now or
+    when the listeners start, end the process with a one-line message.
+    """
+    try:
+        service = _makeService(options.toConfig())
+    except ConfigurationError as e:
+        raise SystemExit(f"mailgate: {e}")
+    service.exitOnStartupError = True
+    return service

@@ -1,0 +1,739 @@
+"""
+The POP3 protocol without sockets: a L{POP3Session} drives
+L{mailgate.pop3.POP3Server} over a StringTransport, with a clock for timers,
+against a real SQLite store run synchronously.
+
+Each defect of Twisted's own POP3 server that mailgate set out to avoid has
+a test here named after it (C{test_twistedDefect_*}).
+"""
+
+import hashlib
+import sqlite3
+
+import pytest
+
+from mailgate.pop3.protocol import POP3Server
+from mailgate.store.sql import CHUNK_SIZE
+from mailgate.testing import POP3Session, addUser, deliver, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+@pytest.fixture
+def alice(store):
+    addUser(store, ALICE, "wonderland", apop=True)
+    return ALICE
+
+
+@pytest.fixture
+def session(store, alice):
+    return POP3Session(store)
+
+
+def logged_in(store, address=ALICE, password="wonderland", **options):
+    s = POP3Session(store, **options)
+    reply = s.login(address, password)
+    assert reply.startswith("+OK "), reply
+    return s
+
+
+def multiline(reply):
+    """
+    Split a multi-line response into its status line and body lines,
+    checking the terminator.
+    """
+    assert reply.endswith("\r\n.\r\n") or reply.endswith(".\r\n"), reply
+    lines = reply.split("\r\n")
+    assert lines[-1] == "" and lines[-2] == "."
+    return lines[0], lines[1:-2]
+
+
+# -- greeting, CAPA ------------------------------------------------------
+
+
+def test_greetingCarriesUniqueAPOPTimestamp(store, alice):
+    first = POP3Session(store, hostname="pop.example.org")
+    second = POP3Session(store, hostname="pop.example.org")
+    assert first.greeting.startswith("+OK ")
+    assert first.challenge in first.greeting
+    assert first.challenge.startswith("<") and first.challenge.endswith("@pop.example.org>")
+    assert first.challenge != second.challenge
+
+
+def test_noTimestampWhenAPOPIsOff(store, alice):
+    s = POP3Session(store, apop=False)
+    assert "<" not in s.greeting
+    assert s.challenge is None
+    digest = hashlib.md5(b"<1.2@x>wonderland").hexdigest()
+    assert s.command(f"APOP {ALICE} {digest}").startswith("-ERR APOP is not available")
+
+
+def test_twistedDefect_capaAdvertisesPipeliningNotPipeline(session):
+    status, lines = multiline(session.command("CAPA"))
+    assert status.startswith("+OK")
+    assert "PIPELINING" in lines
+    assert "PIPELINE" not in lines
+    for joke in ("CELERITY", "AUSPEX", "POTENCE"):
+        assert joke not in lines
+    for capability in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "USER", "EXPIRE NEVER"):
+        assert capability in lines
+    assert any(line.startswith("IMPLEMENTATION mailgate-") for line in lines)
+
+
+def test_capaAfterLoginDropsUser(store, alice):
+    s = logged_in(store)
+    status, lines = multiline(s.command("CAPA"))
+    assert "USER" not in lines
+    assert "PIPELINING" in lines and "TOP" in lines
+
+
+def test_capaAdvertisesLoginDelayWhenConfigured(store, alice):
+    s = POP3Session(store, loginDelay=300)
+    _, lines = multiline(s.command("CAPA"))
+    assert "LOGIN-DELAY 300" in lines
+
+
+# -- authentication --------------------------------------------------------
+
+
+def test_userPassLogin(store, alice):
+    deliver(store, [ALICE], b"Subject: one\r\n\r\nbody\r\n")
+    s = POP3Session(store)
+    assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    assert s.command("PASS wonderland") == f"+OK {ALICE} has 1 messages (22 octets)\r\n"
+
+
+def test_usernameIsCaseInsensitive(store, alice):
+    s = POP3Session(store)
+    assert s.login("Alice@Example.ORG", "wonderland").startswith("+OK")
+
+
+def test_passwordWithSpaces(store):
+    addUser(store, BOB, "two words  here")
+    s = POP3Session(store)
+    assert s.login(BOB, "two words  here").startswith("+OK")
+
+
+def test_twistedDefect_apopSucceeds(store, alice):
+    s = POP3Session(store)
+    digest = hashlib.md5(s.challenge.encode() + b"wonderland").hexdigest()
+    assert s.command(f"APOP {ALICE} {digest}").startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_apopDigestIsCaseInsensitiveHex(store, alice):
+    s = POP3Session(store)
+    digest = hashlib.md5(s.challenge.encode() + b"wonderland").hexdigest().upper()
+    assert s.command(f"APOP {ALICE} {digest}").startswith("+OK")
+
+
+def test_apopFailsForUserWithoutAPOPSecret(store):
+    addUser(store, BOB, "builder")  # no --apop
+    s = POP3Session(store)
+    digest = hashlib.md5(s.challenge.encode() + b"builder").hexdigest()
+    assert s.command(f"APOP {BOB} {digest}") == "-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_apopWrongDigest(session):
+    assert session.command(f"APOP {ALICE} {'0' * 32}") == "-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_apopMalformed(session):
+    assert session.command(f"APOP {ALICE} xyz").startswith("-ERR expected: APOP name digest")
+    assert session.command("APOP").startswith("-ERR expected")
+    # The session goes on.
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_apopDigestIsBoundToThisConnectionsTimestamp(store, alice):
+    first = POP3Session(store)
+    second = POP3Session(store)
+    digest = hashlib.md5(first.challenge.encode() + b"wonderland").hexdigest()
+    assert second.command(f"APOP {ALICE} {digest}").startswith("-ERR [AUTH]")
+
+
+def test_unknownUserAndWrongPasswordLookTheSame(store, alice):
+    unknown = POP3Session(store, authFailureDelay=1.0)
+    wrong = POP3Session(store, authFailureDelay=1.0)
+    unknown.command("USER nobody@example.org")
+    wrong.command(f"USER {ALICE}")
+    # Nothing is answered before the delay...
+    assert unknown.command("PASS whatever") == ""
+    assert wrong.command("PASS whatever") == ""
+    assert unknown.advance(0.99) == b""
+    assert wrong.advance(0.99) == b""
+    # ...then both get the same answer.
+    a = unknown.advance(0.01)
+    b = wrong.advance(0.01)
+    assert a == b == b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_failureDelayDoesNotHoldUpOtherSessions(store, alice):
+    clockShared = POP3Session(store, authFailureDelay=5.0)
+    failing = clockShared
+    failing.command(f"USER {ALICE}")
+    assert failing.command("PASS nope") == ""
+    other = POP3Session(store, clock=failing.clock, authFailureDelay=5.0)
+    assert other.login(ALICE, "wonderland").startswith("+OK")
+    assert failing.advance(5) == b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_malformedAddressIsJustAFailedLogin(session):
+    assert session.login("not an address", "x") == "-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_passWithoutUser(session):
+    assert session.command("PASS wonderland") == "-ERR send USER first\r\n"
+
+
+def test_userMustStartOverAfterFailedPass(session):
+    assert session.login(ALICE, "wrong").startswith("-ERR [AUTH]")
+    assert session.command("PASS wonderland") == "-ERR send USER first\r\n"
+
+
+def test_tooManyFailedLoginsCloseTheSession(session):
+    for _ in range(POP3Server.maxAuthFailures - 1):
+        assert session.login(ALICE, "wrong").startswith("-ERR [AUTH]")
+        assert not session.disconnected
+    reply = session.login(ALICE, "wrong")
+    assert reply.startswith("-ERR [AUTH]")
+    assert "closing" in reply
+    assert session.disconnected
+
+
+def test_twistedDefect_noSecondLoginInsideASession(store, alice):
+    addUser(store, BOB, "builder")
+    s = logged_in(store)
+    assert s.command(f"USER {BOB}") == "-ERR USER is not valid in the TRANSACTION state\r\n"
+    assert s.command("PASS builder") == "-ERR PASS is not valid in the TRANSACTION state\r\n"
+    assert s.command(f"APOP {BOB} {'0' * 32}") == "-ERR APOP is not valid in the TRANSACTION state\r\n"
+    assert s.protocol._maildrop.address == ALICE
+
+
+def test_loginDelayRefusesTooFrequentLogins(store, alice):
+    first = POP3Session(store, loginDelay=3600)
+    assert first.login(ALICE, "wonderland").startswith("+OK")
+    first.command("QUIT")
+    second = POP3Session(store, loginDelay=3600)
+    reply = second.login(ALICE, "wonderland")
+    assert reply.startswith("-ERR [LOGIN-DELAY]")
+    # A refused login does not keep the maildrop locked.
+    third = POP3Session(store)
+    assert third.login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_loginDelayStillChecksThePasswordFirst(store, alice):
+    s = POP3Session(store, loginDelay=3600)
+    assert s.login(ALICE, "wrong").startswith("-ERR [AUTH]")
+
+
+# -- exclusive access ------------------------------------------------------
+
+
+def test_secondSessionGetsInUse(store, alice):
+    first = logged_in(store)
+    second = POP3Session(store)
+    assert second.login(ALICE, "wonderland") == "-ERR [IN-USE] maildrop is locked by another POP3 session\r\n"
+    assert first.command("STAT").startswith("+OK")
+
+
+def test_lockFreedOnQuit(store, alice):
+    first = logged_in(store)
+    first.command("QUIT")
+    assert POP3Session(store).login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_lockFreedOnDisconnect(store, alice):
+    first = logged_in(store)
+    first.transport.loseConnection()
+    first.protocol.connectionLost(None)
+    assert POP3Session(store).login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_lockFreedOnTimeout(store, alice):
+    first = logged_in(store)
+    first.advance(POP3Server.idleTimeout)
+    assert first.disconnected
+    assert POP3Session(store).login(ALICE, "wonderland").startswith("+OK")
+
+
+# -- TRANSACTION commands --------------------------------------------------
+
+
+THREE = [
+    b"Subject: one\r\n\r\nfirst\r\n",
+    b"Subject: two\r\n\r\nsecond message\r\n",
+    b"Subject: three\r\n\r\nthird\r\n",
+]
+SIZES = [len(m) for m in THREE]
+
+
+@pytest.fixture
+def three(store, alice):
+    for message in THREE:
+        deliver(store, [ALICE], message)
+    return logged_in(store)
+
+
+def test_stat(three):
+    assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
+
+
+def test_list(three):
+    status, lines = multiline(three.command("LIST"))
+    assert status == f"+OK 3 messages ({sum(SIZES)} octets)"
+    assert lines == [f"{n} {size}" for n, size in enumerate(SIZES, 1)]
+
+
+def test_listOne(three):
+    assert three.command("LIST 2") == f"+OK 2 {SIZES[1]}\r\n"
+
+
+def test_sizesAreTheOctetsAClientCounts(three):
+    for n, size in enumerate(SIZES, 1):
+        status, lines = multiline(three.command(f"RETR {n}"))
+        assert status == f"+OK {size} octets"
+        assert len("\r\n".join(lines) + "\r\n") == size
+
+
+def test_commandsAreCaseInsensitive(three):
+    assert three.command("stat") == three.command("STAT")
+    assert three.command("list 1") == three.command("LIST 1")
+    assert three.command("Noop") == "+OK\r\n"
+
+
+def test_uidl(store, three):
+    status, lines = multiline(three.command("UIDL"))
+    assert status.startswith("+OK")
+    ids = [line.split(" ", 1) for line in lines]
+    assert [n for n, _ in ids] == ["1", "2", "3"]
+    expected = [m.uniqueId for m in resultOf(store.listMessages(ALICE))]
+    assert [u for _, u in ids] == expected
+    for _, uid in ids:
+        assert 1 <= len(uid) <= 70
+        assert all(0x21 <= ord(c) <= 0x7E for c in uid)
+    assert len(set(expected)) == 3
+    assert three.command("UIDL 2") == f"+OK 2 {expected[1]}\r\n"
+
+
+def test_retr(three):
+    reply = three.command("RETR 2")
+    assert reply == f"+OK {SIZES[1]} octets\r\nSubject: two\r\n\r\nsecond message\r\n.\r\n"
+
+
+def test_top(store, alice):
+    deliver(store, [ALICE], b"From: a\r\nSubject: s\r\n\r\nl1\r\nl2\r\nl3\r\n")
+    s = logged_in(store)
+    assert s.command("TOP 1 0") == "+OK top of message follows\r\nFrom: a\r\nSubject: s\r\n\r\n.\r\n"
+    assert s.command("TOP 1 2") == "+OK top of message follows\r\nFrom: a\r\nSubject: s\r\n\r\nl1\r\nl2\r\n.\r\n"
+    full = "From: a\r\nSubject: s\r\n\r\nl1\r\nl2\r\nl3\r\n"
+    assert s.command("TOP 1 99") == f"+OK top of message follows\r\n{full}.\r\n"
+
+
+def test_topOfMessageWithoutBody(store, alice):
+    deliver(store, [ALICE], b"Subject: only headers\r\n")
+    s = logged_in(store)
+    assert s.command("TOP 1 0") == "+OK top of message follows\r\nSubject: only headers\r\n.\r\n"
+
+
+def test_topStuffsDots(store, alice):
+    deliver(store, [ALICE], b".Header-ish: x\r\n\r\n.body\r\n")
+    s = logged_in(store)
+    assert s.command("TOP 1 1") == "+OK top of message follows\r\n..Header-ish: x\r\n\r\n..body\r\n.\r\n"
+
+
+def test_topMalformed(three):
+    assert three.command("TOP 1").startswith("-ERR expected: TOP message-number lines")
+    assert three.command("TOP 1 -1").startswith("-ERR invalid line count")
+    assert three.command("TOP x 1").startswith("-ERR invalid message number")
+    assert three.command("TOP 9 1") == "-ERR no such message: 9\r\n"
+
+
+def test_noop(three):
+    assert three.command("NOOP") == "+OK\r\n"
+
+
+def test_deleMarksAndHides(three):
+    assert three.command("DELE 2") == "+OK message 2 deleted\r\n"
+    assert three.command("STAT") == f"+OK 2 {SIZES[0] + SIZES[2]}\r\n"
+    status, lines = multiline(three.command("LIST"))
+    assert lines == [f"1 {SIZES[0]}", f"3 {SIZES[2]}"]
+    assert three.command("RETR 2") == "-ERR message 2 is deleted\r\n"
+    assert three.command("TOP 2 0") == "-ERR message 2 is deleted\r\n"
+    assert three.command("LIST 2") == "-ERR message 2 is deleted\r\n"
+    assert three.command("UIDL 2") == "-ERR message 2 is deleted\r\n"
+    status, lines = multiline(three.command("UIDL"))
+    assert [line.split()[0] for line in lines] == ["1", "3"]
+
+
+def test_twistedDefect_deleTwiceIsAnError(three):
+    three.command("DELE 1")
+    assert three.command("DELE 1") == "-ERR message 1 is deleted\r\n"
+
+
+def test_twistedDefect_statListUidlSkipDeleted(three):
+    """
+    Twisted #9094: deleted messages were still counted and listed.
+    """
+    three.command("DELE 1")
+    three.command("DELE 3")
+    assert three.command("STAT") == f"+OK 1 {SIZES[1]}\r\n"
+    assert multiline(three.command("LIST"))[1] == [f"2 {SIZES[1]}"]
+    assert [l.split()[0] for l in multiline(three.command("UIDL"))[1]] == ["2"]
+
+
+def test_rsetUnmarks(three):
+    three.command("DELE 1")
+    three.command("DELE 2")
+    assert three.command("RSET") == f"+OK maildrop has 3 messages ({sum(SIZES)} octets)\r\n"
+    assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
+    assert three.command("RETR 1").startswith("+OK")
+
+
+def test_twistedDefect_malformedDeleKeepsTheSession(three):
+    assert three.command("DELE abc") == "-ERR invalid message number: 'abc'\r\n"
+    assert three.command("DELE 99") == "-ERR no such message: 99\r\n"
+    assert three.command("DELE 0") == "-ERR no such message: 0\r\n"
+    assert three.command("DELE") == "-ERR missing message number\r\n"
+    assert three.command("DELE -1") == "-ERR invalid message number: '-1'\r\n"
+    assert three.command("DELE 99999999999999999999").startswith("-ERR invalid message number")
+    assert not three.disconnected
+    assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
+
+
+def test_outOfRangeAndMalformedArguments(three):
+    for command in ("RETR 4", "LIST 4", "UIDL 4", "RETR 0"):
+        assert three.command(command).startswith("-ERR no such message"), command
+    for command in ("RETR", "RETR x", "LIST 1x", "UIDL 1.5"):
+        assert three.command(command).startswith("-ERR"), command
+    assert three.command("STAT 1") == "-ERR this command takes no arguments\r\n"
+    assert three.command("NOOP x") == "-ERR this command takes no arguments\r\n"
+
+
+def test_unknownAndWrongStateCommands(session):
+    assert session.command("STAT") == "-ERR STAT is not valid in the AUTHORIZATION state\r\n"
+    assert session.command("RETR 1") == "-ERR RETR is not valid in the AUTHORIZATION state\r\n"
+    assert session.command("XYZZY") == "-ERR unknown command\r\n"
+    assert session.command("") == "-ERR empty command line\r\n"
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+
+
+# -- streaming and dot-stuffing --------------------------------------------
+
+
+def test_twistedDefect_firstLineDotIsStuffed(store, alice):
+    message = b".first line starts with a dot\r\n.\r\n..\r\nend\r\n"
+    deliver(store, [ALICE], message)
+    s = logged_in(store)
+    reply = s.send(b"RETR 1\r\n")
+    assert reply == (
+        b"+OK %d octets\r\n" % len(message)
+        + b"..first line starts with a dot\r\n"
+        b"..\r\n"
+        b"...\r\n"
+        b"end\r\n"
+        b".\r\n"
+    )
+
+
+def test_twistedDefect_dotsAtChunkBoundariesAreStuffed(store, alice):
+    # Put a line that is a lone "." right at the first chunk boundary, and a
+    # dotted line right after the second: Twisted's per-chunk stuffing let
+    # the first end the response early.
+    filler = b"x" * 78 + b"\r\n"
+    head = b"Subject: boundary\r\n\r\n"
+    body = head
+    while len(body) + len(filler) <= CHUNK_SIZE:
+        body += filler
+    body += b"y" * (CHUNK_SIZE - len(body) - 2) + b"\r\n"
+    assert len(body) == CHUNK_SIZE
+    body += b".\r\n"
+    while len(body) + len(filler) <= 2 * CHUNK_SIZE:
+        body += filler
+    body += b"z" * (2 * CHUNK_SIZE - len(body) - 2) + b"\r\n"
+    assert len(body) == 2 * CHUNK_SIZE
+    body += b".dotted\r\nlast\r\n"
+    deliver(store, [ALICE], body)
+    s = logged_in(store)
+    reply = s.send(b"RETR 1\r\n")
+    status, _, rest = reply.partition(b"\r\n")
+    assert status == b"+OK %d octets" % len(body)
+    expected = body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert rest == expected
+    assert rest.count(b"\r\n.\r\n") == 1 and rest.endswith(b"\r\n.\r\n")
+
+
+def test_twistedDefect_storedCRLFIsNotDoubled(store, alice):
+    deliver(store, [ALICE], b"Subject: crlf\r\n\r\nline one\r\nline two\r\n")
+    s = logged_in(store)
+    reply = s.send(b"RETR 1\r\n")
+    assert b"\r\r\n" not in reply
+    assert reply.endswith(b"line two\r\n.\r\n")
+
+
+def test_eightBitAndLongLinesAreByteExact(store, alice):
+    message = (
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n"
+        + bytes(range(0x80, 0x100)).replace(b"\x85", b"")
+        + b"\r\n"
+        + b"L" * 5000
+        + b"\r\n"
+    )
+    deliver(store, [ALICE], message)
+    s = logged_in(store)
+    reply = s.send(b"RETR 1\r\n")
+    assert reply == b"+OK %d octets\r\n" % len(message) + message + b".\r\n"
+
+
+def test_emptyMessageIsAMessage(store, alice):
+    deliver(store, [ALICE], b"")
+    s = logged_in(store)
+    assert s.command("STAT") == "+OK 1 0\r\n"
+    assert s.command("LIST") == "+OK 1 messages (0 octets)\r\n1 0\r\n.\r\n"
+    assert s.command("RETR 1") == "+OK 0 octets\r\n.\r\n"
+    assert s.command("TOP 1 0") == "+OK top of message follows\r\n.\r\n"
+    assert s.command("DELE 1") == "+OK message 1 deleted\r\n"
+
+
+def test_twistedDefect_unreadableMessageGetsAnAnswer(store, dbpath, alice):
+    """
+    Twisted sent nothing at all when a message could not be read, and the
+    client hung.  Here the body's rows are gone from the database: the
+    client gets -ERR and the session goes on.
+    """
+    deliver(store, [ALICE], b"Subject: doomed\r\n\r\nbody\r\n")
+    deliver(store, [ALICE], b"Subject: fine\r\n\r\nbody\r\n")
+    s = logged_in(store)
+    with sqlite3.connect(dbpath) as other:
+        other.execute(
+            "DELETE FROM body_chunks WHERE body_id = "
+            "(SELECT body_id FROM maildrop ORDER BY uid LIMIT 1)"
+        )
+    reply = s.command("RETR 1")
+    assert reply == "-ERR [SYS/TEMP] cannot read the message now; try again later\r\n"
+    assert "chunk" not in reply  # internal detail stays in the log
+    assert s.command("RETR 2").startswith("+OK")
+
+
+def test_largeListingIsComplete(store, alice):
+    for i in range(POP3Server.listBatch * 2 + 7):
+        deliver(store, [ALICE], b"S: %d\r\n" % i)
+    s = logged_in(store)
+    s.command("DELE 5")
+    status, lines = multiline(s.command("LIST"))
+    total = POP3Server.listBatch * 2 + 7
+    assert len(lines) == total - 1
+    assert lines[0].startswith("1 ") and lines[-1].startswith(f"{total} ")
+    status, lines = multiline(s.command("UIDL"))
+    assert len(lines) == total - 1
+    assert len({line.split()[1] for line in lines}) == total - 1
+
+
+# -- the UPDATE state ------------------------------------------------------
+
+
+def test_quitRemovesMarkedMessages(store, three):
+    three.command("DELE 1")
+    three.command("DELE 3")
+    reply = three.command("QUIT")
+    assert reply == "+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    assert three.disconnected
+    messages = resultOf(store.listMessages(ALICE))
+    assert [m.size for m in messages] == [SIZES[1]]
+
+
+def test_droppedConnectionRemovesNothing(store, three):
+    three.command("DELE 1")
+    three.command("DELE 2")
+    three.protocol.connectionLost(None)
+    assert len(resultOf(store.listMessages(ALICE))) == 3
+
+
+def test_timeoutRemovesNothing(store, three):
+    three.command("DELE 1")
+    three.advance(POP3Server.idleTimeout)
+    assert three.disconnected
+    assert len(resultOf(store.listMessages(ALICE))) == 3
+
+
+def test_twistedDefect_quitFailureIsReportedAndRemovesNothing(store, three):
+    """
+    Twisted answered +OK to QUIT before (and whatever) its deletions did.
+    Here the database refuses writes: QUIT answers -ERR [SYS/TEMP] and
+    every message is still there.
+    """
+    three.command("DELE 1")
+    store.database._conn.execute("PRAGMA query_only = 1")
+    reply = three.command("QUIT")
+    store.database._conn.execute("PRAGMA query_only = 0")
+    assert reply == "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
+    assert three.disconnected
+    assert len(resultOf(store.listMessages(ALICE))) == 3
+    # And the lock was released.
+    assert POP3Session(store).login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_quitInAuthorizationState(session):
+    assert session.command("QUIT") == "+OK mailgate POP3 server signing off\r\n"
+    assert session.disconnected
+
+
+def test_deletionOfSharedBodyKeepsOtherCopies(store, alice):
+    addUser(store, BOB, "builder")
+    deliver(store, [ALICE, BOB], b"Subject: shared\r\n\r\nfor both\r\n")
+    s = logged_in(store)
+    s.command("DELE 1")
+    s.command("QUIT")
+    b = logged_in(store, BOB, "builder")
+    assert b.command("RETR 1").endswith("for both\r\n.\r\n")
+
+
+# -- snapshot semantics ----------------------------------------------------
+
+
+def test_mailArrivingDuringSessionAppearsAtNextLogin(store, three):
+    deliver(store, [ALICE], b"Subject: late\r\n\r\nlate\r\n")
+    assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
+    assert three.command("RETR 4") == "-ERR no such message: 4\r\n"
+    three.command("DELE 1")
+    three.command("QUIT")
+    s = logged_in(store)
+    assert s.command("STAT").startswith("+OK 3 ")
+    assert s.command("RETR 3").endswith("late\r\n.\r\n")
+
+
+def test_uniqueIdsSurviveDeletionOfOthers(store, three):
+    before = [l.split()[1] for l in multiline(three.command("UIDL"))[1]]
+    three.command("DELE 1")
+    three.command("QUIT")
+    s = logged_in(store)
+    after = [l.split()[1] for l in multiline(s.command("UIDL"))[1]]
+    assert after == before[1:]
+
+
+def test_uniqueIdsAreNeverReused(store, alice):
+    deliver(store, [ALICE], b"a\r\n")
+    s = logged_in(store)
+    [first] = [l.split()[1] for l in multiline(s.command("UIDL"))[1]]
+    s.command("DELE 1")
+    s.command("QUIT")
+    deliver(store, [ALICE], b"a\r\n")
+    s = logged_in(store)
+    [second] = [l.split()[1] for l in multiline(s.command("UIDL"))[1]]
+    assert first != second
+
+
+# -- pipelining and bad input ----------------------------------------------
+
+
+def test_pipelinedCommandsAnswerInOrder(store, alice):
+    deliver(store, [ALICE], b"Subject: p\r\n\r\nbody\r\n")
+    s = POP3Session(store)
+    reply = s.send(
+        f"CAPA\r\nUSER {ALICE}\r\nPASS wonderland\r\nSTAT\r\nLIST\r\nUIDL 1\r\n"
+        f"RETR 1\r\nDELE 1\r\nSTAT\r\nNOOP\r\nQUIT\r\n".encode()
+    ).decode()
+    markers = [
+        "+OK capability list follows",
+        "+OK send PASS",
+        f"+OK {ALICE} has 1 messages",
+        "+OK 1 20",
+        "+OK 1 messages (20 octets)\r\n1 20\r\n.\r\n",
+        "+OK 1 ",
+        "+OK 20 octets\r\nSubject: p\r\n\r\nbody\r\n.\r\n",
+        "+OK message 1 deleted",
+        "+OK 0 0",
+        "+OK\r\n",
+        "+OK mailgate POP3 server signing off (0 messages left)",
+    ]
+    position = 0
+    for marker in markers:
+        found = reply.find(marker, position)
+        assert found >= 0, (marker, reply[position:])
+        position = found + len(marker)
+    assert resultOf(store.listMessages(ALICE)) == []
+
+
+def test_pipelinedCommandsWaitForTheFailureDelay(store, alice):
+    s = POP3Session(store, authFailureDelay=2)
+    assert s.send(f"USER {ALICE}\r\nPASS bad\r\nUSER {ALICE}\r\nPASS wonderland\r\nSTAT\r\n".encode()) == b"+OK send PASS\r\n"
+    out = s.advance(2)
+    assert out.startswith(b"-ERR [AUTH]")
+    assert out.endswith(b"+OK 0 0\r\n")
+
+
+def test_commandLineSplitAcrossPackets(store, alice):
+    s = POP3Session(store)
+    assert s.send(b"US") == b""
+    assert s.send(b"ER " + ALICE.encode()) == b""
+    assert s.send(b"\r") == b""
+    assert s.send(b"\n") == b"+OK send PASS\r\n"
+
+
+def test_bareLFLineEndsAreAccepted(session):
+    assert session.send(b"CAPA\n").startswith(b"+OK capability list follows\r\n")
+
+
+def test_commandOver255OctetsIsRefused(session):
+    reply = session.command("USER " + "a" * 300)
+    assert reply == "-ERR command line too long (the limit is 255 octets)\r\n"
+    # 253 octets plus CRLF is allowed.
+    ok = session.command("USER " + "a" * 248)
+    assert ok == "+OK send PASS\r\n"
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_megabyteLineWithoutCRLFIsNotBuffered(session):
+    for _ in range(16):
+        assert session.send(b"A" * 65536) == b""
+        assert len(session.protocol._buffer) < POP3Server.maxCommandLength
+    assert session.send(b"\r\n") == b"-ERR command line too long (the limit is 255 octets)\r\n"
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_binaryGarbageAndNULsGetErrors(session):
+    assert session.send(b"\x00\x01\x02\xff\r\n") == b"-ERR invalid characters in command line\r\n"
+    assert session.send(b"USER al\x00ice\r\n") == b"-ERR invalid characters in command line\r\n"
+    assert session.send(b"\xff\xfe\xfd\r\n") == b"-ERR command line is not valid UTF-8\r\n"
+    assert not session.disconnected
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+
+
+def test_tooManyBadCommandsCloseTheSession(session):
+    for _ in range(POP3Server.maxBadCommands - 1):
+        session.command("BOGUS")
+    assert not session.disconnected
+    reply = session.command("BOGUS")
+    assert reply.endswith("-ERR too many bad commands; closing the connection\r\n")
+    assert session.disconnected
+
+
+def test_floodOfPipelinedCommandsPausesReading(session):
+    session.command(f"USER {ALICE}")
+    session.protocol.authFailureDelay = 1
+    # A PASS that waits, then far more queued commands than allowed.
+    data = b"PASS bad\r\n" + b"CAPA\r\n" * (POP3Server.maxQueuedCommands + 10)
+    session.send(data)
+    assert session.transport.producerState == "paused"
+    session.advance(1)
+    assert session.transport.producerState == "producing"
+
+
+# -- timeouts --------------------------------------------------------------
+
+
+def test_twistedDefect_idleTimeoutIsTenMinutes(session):
+    assert POP3Server.idleTimeout >= 600
+    assert session.advance(599) == b""
+    assert not session.disconnected
+    assert session.command("NOOP") == "-ERR NOOP is not valid in the AUTHORIZATION state\r\n"
+    assert session.advance(599) == b""
+    out = session.advance(1)
+    assert out == b"-ERR autologout: idle for too long\r\n"
+    assert session.disconnected
+
+
+def test_idleTimeoutIsConfigurable(store, alice):
+    s = POP3Session(store, idleTimeout=30)
+    assert s.advance(29) == b""
+    assert s.advance(1).startswith(b"-ERR autologout")
