@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
 		'service-identity>=21.1' 'attrs>=22' 'pytest>=7' 'psycopg[binary]>=3.1' \
-		setuptools wheel
+		'setuptools>=68' wheel
 	touch $@
 
 venv: $(STAMP)
