@@ -130,6 +130,11 @@ class IMailStore(Interface):
         or C{None} if there is no such user.
         """
 
+    def hasDomain(domain):
+        """
+        Whether any user's address is in C{domain}: a L{Deferred} L{bool}.
+        """
+
     def addUser(address, credentials):
         """
         Create a user with the given L{mailgate.auth.passwords.StoredCredentials}.
@@ -160,13 +165,16 @@ class IMailStore(Interface):
         L{mailgate.store.records.MessageInfo} in POP3 order.
         """
 
-    def deliver(addresses, source):
+    def deliver(addresses, source, partial=True):
         """
         Store one message for several local recipients: the octets once, one
         maildrop entry each, in one transaction.
 
         @param addresses: recipient addresses.
         @param source: an L{IMessageSource}.
+        @param partial: if C{False}, an address without a user fails the
+            whole delivery with L{mailgate.errors.NoSuchUser} and nothing is
+            stored.
         @return: a L{Deferred} that fires once the delivery is durably
             committed, with a dict mapping each address to its new unique id,
             or to a L{mailgate.errors.NoSuchUser} instance for an address

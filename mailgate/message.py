@@ -46,6 +46,21 @@ class MessageSpool:
         if self._headerSize is None and not line:
             self._headerSize = self.size
 
+    def writeBlock(self, block):
+        """
+        Append octets made of complete CRLF-terminated lines, as they are
+        (the fast path for SMTP DATA).
+        """
+        if self._headerSize is None:
+            if block.startswith(b"\r\n"):
+                self._headerSize = self.size + 2
+            else:
+                end = block.find(b"\n\r\n")
+                if end >= 0:
+                    self._headerSize = self.size + end + 3
+        self._file.write(block)
+        self.size += len(block)
+
     def writeLines(self, lines):
         """
         Append several lines, each given without its line end.

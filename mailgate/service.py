@@ -20,6 +20,8 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
+from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
+from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
@@ -35,15 +37,26 @@ class MailgateConfig:
     @ivar authFailureDelay: seconds before a failed login is answered.
     @ivar idleTimeout: POP3 autologout, in seconds.
     @ivar loginDelay: minimum seconds between a user's logins, or C{None}.
+    @ivar smtp: strports descriptions of the SMTP listeners.
+    @ivar lmtp: strports descriptions of the LMTP listeners.
+    @ivar domains: the domains SMTP and LMTP accept mail for; C{None} (or
+        empty) accepts the domains of existing users.
+    @ivar maxMessageSize: octets of message content SMTP and LMTP accept.
+    @ivar maxRecipients: recipients per SMTP or LMTP transaction.
     """
 
     database = attr.ib(default=DEFAULT_DATABASE)
     pop3 = attr.ib(factory=lambda: [DEFAULT_POP3])
+    smtp = attr.ib(factory=list)
+    lmtp = attr.ib(factory=list)
     hostname = attr.ib(default=None)
     apop = attr.ib(default=True)
     authFailureDelay = attr.ib(default=1.0)
     idleTimeout = attr.ib(default=600)
     loginDelay = attr.ib(default=None)
+    domains = attr.ib(default=None)
+    maxMessageSize = attr.ib(default=SMTPServer.maxMessageSize)
+    maxRecipients = attr.ib(default=SMTPServer.maxRecipients)
 
 
 class ListeningService(StreamServerEndpointService):
@@ -73,11 +86,12 @@ class ListeningService(StreamServerEndpointService):
     def _listening(self, port):
         self.port = port
         address = port.getHost()
-        where = (
-            f"{address.host}:{address.port}"
-            if hasattr(address, "port")
-            else getattr(address, "name", str(address))
-        )
+        if hasattr(address, "port"):
+            where = f"{address.host}:{address.port}"
+        else:
+            where = getattr(address, "name", address)
+            if isinstance(where, bytes):
+                where = where.decode("utf-8", "replace")
         self.log.info(
             "{protocol} listening on {where} ({description})",
             protocol=self.protocolName,
@@ -159,6 +173,20 @@ def makePOP3Factory(store, config, reactor):
     )
 
 
+def makeSMTPFactory(store, config, reactor, lmtp=False):
+    """
+    The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
+    """
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    return factoryClass(
+        LocalDelivery(store, config.domains or None),
+        hostname=config.hostname,
+        maxMessageSize=config.maxMessageSize,
+        maxRecipients=config.maxRecipients,
+        reactor=reactor,
+    )
+
+
 def makeService(config, reactor=None, store=None):
     """
     Build mailgate's service hierarchy.
@@ -172,13 +200,22 @@ def makeService(config, reactor=None, store=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    endpoints = [(d, _endpoint(reactor, d)) for d in config.pop3]
+    listeners = {
+        name: [(d, _endpoint(reactor, d)) for d in descriptions]
+        for name, descriptions in (("POP3", config.pop3), ("SMTP", config.smtp), ("LMTP", config.lmtp))
+    }
     if store is None:
         store = openStore(config.database, reactor)
     root = MailgateService(store)
     StoreService(store).setServiceParent(root)
-    if endpoints:
-        factory = makePOP3Factory(store, config, reactor)
-        for description, endpoint in endpoints:
-            root.addListener(ListeningService("POP3", description, endpoint, factory))
+    builders = {
+        "POP3": lambda: makePOP3Factory(store, config, reactor),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor),
+        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True),
+    }
+    for name, endpoints in listeners.items():
+        if endpoints:
+            factory = builders[name]()
+            for description, endpoint in endpoints:
+                root.addListener(ListeningService(name, description, endpoint, factory))
     return root

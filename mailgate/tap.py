@@ -46,10 +46,11 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "mailgate serves POP3 from a database of maildrops (embedded SQLite "
-        "by default).  Listeners are Twisted strports descriptions, e.g. "
+        "by default) and takes mail in over SMTP and LMTP.  Listeners are "
+        "Twisted strports descriptions, e.g. "
         "tcp:110, tcp:1110:interface=127.0.0.1, "
         "ssl:995:privateKey=key.pem:certKey=cert.pem, "
-        "systemd:domain=INET:index=0."
+        "unix:/run/mailgate/lmtp, systemd:domain=INET:index=0."
     )
 
     optFlags = [
@@ -95,11 +96,28 @@ class Options(usage.Options):
             "as LOGIN-DELAY (RFC 2449).  Default: no limit.",
             _positive(int),
         ],
+        [
+            "max-message-size",
+            None,
+            50 * 1024 * 1024,
+            "Largest message SMTP and LMTP accept, in octets (advertised as SIZE).",
+            _positive(int),
+        ],
+        [
+            "max-recipients",
+            None,
+            100,
+            "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self):
         super().__init__()
         self["pop3"] = []
+        self["smtp"] = []
+        self["lmtp"] = []
+        self["domain"] = []
 
     def opt_pop3(self, description):
         """
@@ -107,6 +125,34 @@ class Options(usage.Options):
         Default: tcp:1110:interface=127.0.0.1.
         """
         self["pop3"].append(_checkEndpoint(description))
+
+    def opt_smtp(self, description):
+        """
+        An SMTP listener (e.g. tcp:2525:interface=127.0.0.1); repeat for
+        several.  Default: none.
+        """
+        self["smtp"].append(_checkEndpoint(description))
+
+    def opt_lmtp(self, description):
+        """
+        An LMTP listener, for an MTA such as Postfix (e.g.
+        unix:/run/mailgate/lmtp or tcp:2424:interface=127.0.0.1); repeat for
+        several.  Default: none.
+        """
+        self["lmtp"].append(_checkEndpoint(description))
+
+    def opt_domain(self, name):
+        """
+        A domain SMTP and LMTP accept mail for; repeat for several.
+        Default: the domains of existing users.
+        """
+        from mailgate.address import normalizeDomain
+        from mailgate.errors import InvalidAddress
+
+        try:
+            self["domain"].append(normalizeDomain(name))
+        except InvalidAddress as e:
+            raise usage.UsageError(str(e))
 
     def postOptions(self):
         if self["database"] is None:
@@ -117,6 +163,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["pop3"]:
             self["pop3"] = [DEFAULT_POP3]
+        if self["max-message-size"] < 1:
+            raise usage.UsageError("--max-message-size must be at least 1")
+        if self["max-recipients"] < 1:
+            raise usage.UsageError("--max-recipients must be at least 1")
         if self["hostname"] is not None and not self["hostname"].strip():
             raise usage.UsageError("--hostname must not be empty")
 
@@ -124,6 +174,11 @@ class Options(usage.Options):
         return MailgateConfig(
             database=self["database"],
             pop3=list(self["pop3"]),
+            smtp=list(self["smtp"]),
+            lmtp=list(self["lmtp"]),
+            domains=list(self["domain"]) or None,
+            maxMessageSize=self["max-message-size"],
+            maxRecipients=self["max-recipients"],
             hostname=self["hostname"],
             apop=not self["no-apop"],
             authFailureDelay=self["auth-failure-delay"],

@@ -26,6 +26,7 @@ from mailgate.auth.passwords import makeCredentials
 from mailgate.auth.realm import makePortal
 from mailgate.message import spoolBytes
 from mailgate.pop3 import POP3Factory
+from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openSynchronousStore
 
 # Cheap scrypt parameters for tests: the hash format carries its own cost,
@@ -150,3 +151,75 @@ class POP3Session:
     @property
     def disconnected(self):
         return self.transport.disconnecting or self.protocol._closed
+
+
+class _Session:
+    def _take(self):
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def send(self, data):
+        """
+        Feed raw octets to the server; return what it wrote in response,
+        including anything due at once (timers of zero seconds).
+        """
+        self.protocol.dataReceived(data)
+        self.clock.advance(0)
+        return self._take()
+
+    def command(self, line):
+        """
+        Send one command line (CRLF added); return the reply as L{str}.
+        """
+        return self.send(line.encode("utf-8") + b"\r\n").decode("utf-8", "replace")
+
+    def advance(self, seconds):
+        """
+        Let C{seconds} pass on the session's clock; return what was written.
+        """
+        self.clock.advance(seconds)
+        return self._take()
+
+    @property
+    def disconnected(self):
+        return self.transport.disconnecting or self.protocol._closed
+
+
+class SMTPSession(_Session):
+    """
+    A mailgate SMTP (or, with C{lmtp=True}, LMTP) server session over a
+    L{StringTransport}, delivering into C{store}.
+
+    @param domains: accepted domains; C{None} accepts the domains of the
+        store's users.
+    """
+
+    def __init__(self, store, lmtp=False, domains=None, clock=None, factory=None,
+                 hostname="mailgate.test", peer=None, **options):
+        self.clock = Clock() if clock is None else clock
+        if factory is None:
+            factoryClass = LMTPFactory if lmtp else SMTPFactory
+            factory = factoryClass(
+                LocalDelivery(store, domains), hostname=hostname, reactor=self.clock, **options
+            )
+        self.factory = factory
+        self.protocol = factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self._take().decode("utf-8")
+
+    def sendMail(self, sender, recipients, message, hello="EHLO client.test"):
+        """
+        Run one whole transaction; return every reply as one L{str}.
+        """
+        out = [self.command(hello)] if hello else []
+        out.append(self.command(f"MAIL FROM:<{sender}>"))
+        for recipient in recipients:
+            out.append(self.command(f"RCPT TO:<{recipient}>"))
+        out.append(self.command("DATA"))
+        stuffed = message.replace(b"\r\n.", b"\r\n..")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        out.append(self.send(stuffed + b".\r\n").decode("utf-8", "replace"))
+        return "".join(out)

@@ -59,6 +59,11 @@ def _findUser(cursor, address):
     return None if row is None else UserRecord(*row)
 
 
+def _hasDomain(cursor, domain):
+    cursor.execute("SELECT 1 FROM users WHERE address LIKE ? LIMIT 1", ("%@" + domain,))
+    return cursor.fetchone() is not None
+
+
 def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
@@ -161,7 +166,7 @@ def _listMessages(cursor, address):
     ]
 
 
-def _deliver(cursor, addresses, source, now):
+def _deliver(cursor, addresses, source, now, partial=True):
     """
     Store the body once and give each known recipient a maildrop entry.
     """
@@ -177,6 +182,8 @@ def _deliver(cursor, addresses, source, now):
     for address in addresses:
         if address not in known:
             results[address] = NoSuchUser(address)
+    if results and not partial:
+        raise NoSuchUser(", ".join(sorted(results)))
     recipients = [a for a in dict.fromkeys(addresses) if a in known]
     if not recipients:
         return results
@@ -294,6 +301,9 @@ class SQLMailStore:
     def findUser(self, address):
         return self.database.runInteraction(_findUser, address)
 
+    def hasDomain(self, domain):
+        return self.database.runInteraction(_hasDomain, domain)
+
     def addUser(self, address, credentials):
         return self.database.runWrite(_addUser, self.engine, address, credentials, self._now())
 
@@ -309,8 +319,8 @@ class SQLMailStore:
     def listMessages(self, address):
         return self.database.runInteraction(_listMessages, address)
 
-    def deliver(self, addresses, source):
-        return self.database.runWrite(_deliver, list(addresses), source, self._now())
+    def deliver(self, addresses, source, partial=True):
+        return self.database.runWrite(_deliver, list(addresses), source, self._now(), partial)
 
     def recordLogin(self, identity, minimumInterval):
         return self.database.runWrite(_recordLogin, identity.userId, self._now(), minimumInterval)

@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_smtp_data -*-
+"""
+Reading the DATA section of an SMTP or LMTP transaction.
+
+The reader works on blocks of complete lines, with C-speed bytes operations
+(search, replace), not on one line at a time: under load the cost of DATA is
+the cost of copying it to the spool.
+
+It is strict where strictness prevents SMTP smuggling: only CRLF "." CRLF
+ends the data, never a "." line next to a bare LF, and an over-long line
+never drops the reader out of DATA mode; the rest of the data is read (and
+discarded) up to the real end, and the transaction is refused there.
+"""
+
+import re
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class DataReader:
+    """
+    Decodes the wire form of DATA (dot-stuffed, CRLF . CRLF terminated)
+    into a L{mailgate.message.MessageSpool}, canonical CRLF line ends.
+
+    @ivar tooLarge: the content exceeded C{maxSize}; nothing more is stored.
+    @ivar lineTooLong: a line exceeded C{maxLineLength} octets (CRLF
+        included); nothing more is stored.
+    @ivar received: octets of content received (after un-stuffing).
+    @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
+    """
+
+    def __init__(self, spool, maxSize, maxLineLength=1000):
+        self.spool = spool
+        self.maxSize = maxSize
+        self.maxLineLength = maxLineLength
+        self.tooLarge = False
+        self.lineTooLong = False
+        self.received = 0
+        self.bareLineFeeds = False
+        self._carry = b""
+        self._previousEndedCRLF = True
+        self._skippingLine = False
+
+    @property
+    def failed(self):
+        return self.tooLarge or self.lineTooLong
+
+    def feed(self, data):
+        """
+        Consume octets from the wire.
+
+        @return: C{None} while the data section goes on; once its end has
+            been read, the octets that followed it (pipelined commands).
+        """
+        if self._skippingLine:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return None
+            self._previousEndedCRLF = newline > 0 and data[newline - 1] == 0x0D
+            data = data[newline + 1:]
+            self._skippingLine = False
+        elif self._carry:
+            data = self._carry + data
+            self._carry = b""
+        last = data.rfind(b"\n")
+        if last < 0:
+            complete, partial = b"", data
+        else:
+            complete, partial = data[: last + 1], data[last + 1:]
+        if complete:
+            if self._previousEndedCRLF and complete.startswith(b".\r\n"):
+                end = 0
+            else:
+                found = complete.find(b"\r\n.\r\n")
+                end = found + 2 if found >= 0 else -1
+            if end >= 0:
+                self._store(complete[:end])
+                return complete[end + 3:] + partial
+            self._store(complete)
+            self._previousEndedCRLF = complete.endswith(b"\r\n")
+        if len(partial) >= self.maxLineLength:
+            # A line this long is refused whatever follows: drop it as it
+            # arrives instead of buffering it.
+            self._refuseLongLine()
+            self._skippingLine = True
+        else:
+            self._carry = partial
+        return None
+
+    def _refuseLongLine(self):
+        if not self.lineTooLong:
+            self.lineTooLong = True
+            self.spool.close()
+
+    def _store(self, block):
+        """
+        Store a block of complete lines: un-stuff, make line ends CRLF, and
+        enforce the limits.
+        """
+        if not block or self.failed:
+            return
+        if len(block) >= self.maxLineLength:
+            longest = max(map(len, block.split(b"\n")))
+            if longest + 1 > self.maxLineLength:
+                self._refuseLongLine()
+                return
+        if block[0] == 0x2E:
+            block = block[1:]
+        block = block.replace(b"\n.", b"\n")
+        if block.count(b"\n") != block.count(b"\r\n"):
+            self.bareLineFeeds = True
+            block = _BARE_LF.sub(b"\r\n", block)
+        self.received += len(block)
+        if self.received > self.maxSize:
+            self.tooLarge = True
+            self.spool.close()
+            return
+        self.spool.writeBlock(block)

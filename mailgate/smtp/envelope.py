@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_smtp_protocol -*-
+"""
+What an SMTP or LMTP transaction carries besides the message, and the trace
+fields (RFC 5321 section 4.4) built from it.
+"""
+
+import datetime
+import email.utils
+import secrets
+import time
+
+import attr
+
+
+class SMTPReply(Exception):
+    """
+    A reply to send instead of going on: raised by delivery policy hooks to
+    refuse a sender or recipient.
+
+    @ivar code: the three-digit reply code.
+    @ivar enhanced: the RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
+    @ivar text: the human-readable reason.
+    """
+
+    def __init__(self, code, enhanced, text):
+        super().__init__(code, enhanced, text)
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    def __str__(self):
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@attr.s
+class Envelope:
+    """
+    One mail transaction.
+
+    @ivar sender: the reverse-path, C{""} for the null sender.
+    @ivar recipients: accepted forward-paths, normalised, in RCPT order.
+    @ivar parameters: the MAIL FROM ESMTP parameters.
+    """
+
+    helo = attr.ib()
+    peer = attr.ib()
+    protocol = attr.ib()
+    sender = attr.ib(default="")
+    recipients = attr.ib(factory=list)
+    parameters = attr.ib(factory=dict)
+    transactionId = attr.ib(factory=lambda: secrets.token_hex(6).upper())
+    utf8 = attr.ib(default=False)
+
+
+def _clean(text):
+    """
+    Make client-supplied text safe inside a header field: printable, no
+    line breaks, bounded.
+    """
+    text = "".join(ch if ch.isprintable() and ch not in "()\\" else "?" for ch in text)
+    return text[:100]
+
+
+def traceHeaders(envelope, hostname, now=None):
+    """
+    The C{Return-Path:} and C{Received:} fields the final delivery server
+    prepends (RFC 5321 sections 4.4 and 4.1.1.4), as lines without their
+    line ends.
+    """
+    now = time.time() if now is None else now
+    peerHost = getattr(envelope.peer, "host", None)
+    peerText = f"[{peerHost}]" if peerHost else "local"
+    forClause = ""
+    if len(envelope.recipients) == 1:
+        forClause = f"\r\n\tfor <{envelope.recipients[0]}>"
+    date = email.utils.format_datetime(
+        datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    )
+    received = (
+        f"Received: from {_clean(envelope.helo or 'unknown')} ({peerText})\r\n"
+        f"\tby {hostname} (mailgate) with {envelope.protocol} id {envelope.transactionId}"
+        f"{forClause}; {date}"
+    )
+    sender = envelope.sender
+    return [
+        f"Return-Path: <{sender}>".encode("utf-8"),
+        *[line.encode("utf-8") for line in received.split("\r\n")],
+    ]

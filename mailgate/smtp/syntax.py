@@ -1,0 +1,124 @@
+# -*- test-case-name: tests.test_smtp_syntax -*-
+"""
+The syntax of SMTP envelopes (RFC 5321 section 4.1.2): paths and ESMTP
+parameters of MAIL FROM and RCPT TO.
+
+Parsing is strict about structure (one path in angle brackets, well-formed
+parameters) and lenient where real clients commonly differ (a space after
+the colon, upper- or lower-case keywords).
+"""
+
+import re
+
+from mailgate.address import normalizeDomain
+from mailgate.errors import InvalidAddress
+
+
+class EnvelopeSyntaxError(ValueError):
+    """
+    A MAIL or RCPT argument that does not parse; the text says why.
+    """
+
+
+_PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
+_DOT_STRING = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
+_ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
+_SOURCE_ROUTE = re.compile(r"^@[^:,]+(,@[^:,]+)*:")
+
+MAX_PATH = 256
+MAX_LOCAL_PART = 64
+
+
+def _splitPath(text):
+    """
+    Split C{"<path> params"} into the path's inside and the rest, honouring
+    quoted strings (which may contain ">").
+    """
+    if not text.startswith("<"):
+        raise EnvelopeSyntaxError("the address must be enclosed in <>")
+    inQuote = False
+    escaped = False
+    for i, ch in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inQuote:
+            escaped = True
+        elif ch == '"':
+            inQuote = not inQuote
+        elif ch == ">" and not inQuote:
+            return text[1:i], text[i + 1:]
+    raise EnvelopeSyntaxError("unterminated <address>")
+
+
+def checkMailbox(mailbox, utf8=False):
+    """
+    Check a C{local@domain} mailbox (RFC 5321 section 4.1.2).
+
+    @param utf8: allow UTF-8 (the client said SMTPUTF8).
+    @raise EnvelopeSyntaxError: if malformed.
+    """
+    if not utf8 and not mailbox.isascii():
+        raise EnvelopeSyntaxError("non-ASCII address without SMTPUTF8")
+    local, at, domain = mailbox.rpartition("@")
+    if not at or not local or not domain:
+        raise EnvelopeSyntaxError("the address must be local-part@domain")
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise EnvelopeSyntaxError("local part too long")
+    if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
+        raise EnvelopeSyntaxError("invalid local part")
+    if _ADDRESS_LITERAL.match(domain):
+        return mailbox
+    try:
+        if domain.isascii():
+            normalizeDomain(domain)
+        else:
+            normalizeDomain(domain.encode("idna").decode("ascii"))
+    except (InvalidAddress, UnicodeError):
+        raise EnvelopeSyntaxError("invalid domain") from None
+    return mailbox
+
+
+def parseParameters(text):
+    """
+    Parse ESMTP parameters (C{KEY[=VALUE] ...}) into a dict keyed by the
+    upper-cased keyword; a keyword without value maps to C{None}.
+    """
+    parameters = {}
+    for item in text.split():
+        keyword, eq, value = item.partition("=")
+        if not _PARAM_KEYWORD.match(keyword) or (eq and not _PARAM_VALUE.match(value)):
+            raise EnvelopeSyntaxError(f"malformed parameter {item[:40]!r}")
+        keyword = keyword.upper()
+        if keyword in parameters:
+            raise EnvelopeSyntaxError(f"duplicate parameter {keyword}")
+        parameters[keyword] = value if eq else None
+    return parameters
+
+
+def parseCommandPath(argument, keyword, allowEmpty):
+    """
+    Parse the argument of MAIL (C{keyword="FROM"}) or RCPT (C{"TO"}).
+
+    @return: C{(mailbox, parameters)}; the mailbox is C{""} for the null
+        reverse-path C{<>} when C{allowEmpty}.
+    @raise EnvelopeSyntaxError: if malformed.
+    """
+    prefix = keyword + ":"
+    if argument[: len(prefix)].upper() != prefix:
+        raise EnvelopeSyntaxError(f"expected {keyword}:<address>")
+    rest = argument[len(prefix):].lstrip(" ")
+    inside, after = _splitPath(rest)
+    if after and not after.startswith(" "):
+        raise EnvelopeSyntaxError("expected a space before parameters")
+    parameters = parseParameters(after)
+    utf8 = "SMTPUTF8" in parameters
+    if len(inside) > MAX_PATH:
+        raise EnvelopeSyntaxError("address too long")
+    inside = _SOURCE_ROUTE.sub("", inside, count=1)
+    if not inside:
+        if not allowEmpty:
+            raise EnvelopeSyntaxError("empty address")
+        return "", parameters
+    return checkMailbox(inside, utf8), parameters
