@@ -2,6 +2,14 @@
 """
 Test helpers for mailgate and for applications that embed it.
 
+Two levels:
+  - L{POP3Session} and L{SMTPSession} feed raw lines to one server protocol
+    and return its raw replies: for testing the protocol itself.
+  - L{connectClient} runs a real client protocol (Twisted's
+    C{AdvancedPOP3Client}, C{ESMTPSenderFactory}, your own) against
+    mailgate's server in memory, on C{twisted.test.iosim}: for testing an
+    application that talks to mailgate.
+
 Everything here runs without sockets and without threads: the store is a
 real SQLite database (in memory, or a file you name) driven synchronously,
 and protocols talk over L{StringTransport} with a L{Clock} for timers.  This
@@ -19,8 +27,10 @@ is the same machinery mailgate's own protocol tests use.
 """
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.test import iosim
 
 from mailgate.auth.passwords import makeCredentials
 from mailgate.auth.realm import makePortal
@@ -223,3 +233,64 @@ class SMTPSession(_Session):
             stuffed = b"." + stuffed
         out.append(self.send(stuffed + b".\r\n").decode("utf-8", "replace"))
         return "".join(out)
+
+
+def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, **options):
+    """
+    A mailgate POP3 server factory over C{store} whose password hashing
+    runs inline and whose timers run on C{clock}.
+    """
+    portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
+    options.setdefault("authFailureDelay", 0)
+    return POP3Factory(portal, hostname=hostname, reactor=clock or Clock(), apop=apop, **options)
+
+
+def smtpFactory(store, clock=None, lmtp=False, domains=None, hostname="mailgate.test", **options):
+    """
+    A mailgate SMTP (or LMTP) server factory delivering into C{store}.
+    """
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    return factoryClass(
+        LocalDelivery(store, domains), hostname=hostname, reactor=clock or Clock(), **options
+    )
+
+
+class MemoryConnection:
+    """
+    A client and a mailgate server connected in memory.
+
+    @ivar server: the server protocol.
+    @ivar client: the client protocol.
+    @ivar pump: the L{iosim.IOPump} moving bytes between them.
+    """
+
+    def __init__(self, server, client, pump):
+        self.server = server
+        self.client = client
+        self.pump = pump
+
+    def flush(self):
+        """
+        Move bytes both ways until neither side has anything to say.
+        """
+        self.pump.flush()
+
+
+def connectClient(serverFactory, client, peer=("127.0.0.1", 40000)):
+    """
+    Connect a client protocol to a server built by C{serverFactory}, in
+    memory, and deliver the server's greeting.
+
+    @param serverFactory: e.g. L{pop3Factory} or L{smtpFactory}.
+    @param client: a client protocol instance, e.g.
+        C{twisted.mail.pop3.AdvancedPOP3Client()} or the protocol of a
+        C{twisted.mail.smtp.ESMTPSenderFactory}.
+    @return: a L{MemoryConnection}; call its C{flush} after each client call.
+    """
+    serverAddress = IPv4Address("TCP", "127.0.0.1", 110)
+    clientAddress = IPv4Address("TCP", *peer)
+    server = serverFactory.buildProtocol(clientAddress)
+    serverTransport = iosim.FakeTransport(server, isServer=True, hostAddress=serverAddress, peerAddress=clientAddress)
+    clientTransport = iosim.FakeTransport(client, isServer=False, hostAddress=clientAddress, peerAddress=serverAddress)
+    pump = iosim.connect(server, serverTransport, client, clientTransport, greet=True)
+    return MemoryConnection(server, client, pump)
