@@ -18,6 +18,7 @@ understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
 """
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import os
@@ -296,7 +297,10 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     environ = os.environ if environ is None else environ
     parser = buildParser()
     try:
-        args = parser.parse_args(argv)
+        # argparse writes help and usage errors to sys.stdout/sys.stderr;
+        # send them to the streams this run was given.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
     url = args.database or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE

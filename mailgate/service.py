@@ -8,6 +8,7 @@ embedder can attach to an existing application with C{setServiceParent},
 and that C{twistd mailgate} runs on its own.
 """
 
+import signal
 import sys
 
 import attr
@@ -15,14 +16,18 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
+from mailgate.auth.sasl import SASLServer
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
+from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.tls import ServerTLS
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
 
@@ -43,6 +48,13 @@ class MailgateConfig:
         empty) accepts the domains of existing users.
     @ivar maxMessageSize: octets of message content SMTP and LMTP accept.
     @ivar maxRecipients: recipients per SMTP or LMTP transaction.
+    @ivar pop3s: strports descriptions of implicit-TLS POP3 listeners (the
+        TLS is mailgate's, from C{tlsCertificate} and C{tlsKey}).
+    @ivar tlsCertificate: PEM certificate, optionally followed by its chain.
+    @ivar tlsKey: PEM private key.
+    @ivar trustedNetworks: CIDR networks from which plaintext passwords are
+        accepted without TLS.
+    @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
     """
 
     database = attr.ib(default=DEFAULT_DATABASE)
@@ -57,6 +69,11 @@ class MailgateConfig:
     domains = attr.ib(default=None)
     maxMessageSize = attr.ib(default=SMTPServer.maxMessageSize)
     maxRecipients = attr.ib(default=SMTPServer.maxRecipients)
+    pop3s = attr.ib(factory=list)
+    tlsCertificate = attr.ib(default=None)
+    tlsKey = attr.ib(default=None)
+    trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
+    reloadOnSIGHUP = attr.ib(default=False)
 
 
 class ListeningService(StreamServerEndpointService):
@@ -126,11 +143,54 @@ class MailgateService(MultiService):
     """
 
     exitOnStartupError = False
+    log = Logger()
 
-    def __init__(self, store):
+    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
         super().__init__()
         self.store = store
+        self.tls = tls
         self.listeners = {}
+        self._reactor = reactor
+        self._reloadOnSIGHUP = reloadOnSIGHUP and tls is not None
+        self._previousHandler = None
+
+    def reloadTLS(self):
+        """
+        Load the TLS certificate and key again: new connections get the new
+        certificate, established sessions keep theirs.  An unusable new
+        pair is logged and the old one stays in service.
+
+        @return: whether the reload succeeded.
+        """
+        if self.tls is None:
+            return False
+        try:
+            self.tls.reload()
+        except ConfigurationError as e:
+            self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
+            return False
+        self.log.info(
+            "TLS certificate reloaded: {subject} sha256 {fingerprint}",
+            subject=self.tls.subject,
+            fingerprint=self.tls.fingerprint,
+        )
+        return True
+
+    def startService(self):
+        super().startService()
+        if self._reloadOnSIGHUP:
+            reactor = self._reactor
+
+            def onSIGHUP(signum, frame):
+                reactor.callFromThread(self.reloadTLS)
+
+            self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
+
+    def stopService(self):
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        return super().stopService()
 
     def privilegedStartService(self):
         try:
@@ -154,10 +214,10 @@ def _endpoint(reactor, description):
         raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
 
 
-def makePOP3Factory(store, config, reactor):
+def makePOP3Factory(store, config, reactor, tls=None):
     """
-    The POP3 factory for C{store}: the portal with its checkers, and the
-    session policy from C{config}.
+    The POP3 factory for C{store}: the portal with its checkers, SASL, and
+    the session policy from C{config}.
     """
     portal = makePortal(
         store, threadRunner(reactor), apop=config.apop, loginDelay=config.loginDelay
@@ -170,10 +230,13 @@ def makePOP3Factory(store, config, reactor):
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
         loginDelay=config.loginDelay,
+        tls=tls,
+        sasl=SASLServer(store.findUser),
+        trustedNetworks=config.trustedNetworks,
     )
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
@@ -184,7 +247,24 @@ def makeSMTPFactory(store, config, reactor, lmtp=False):
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
         reactor=reactor,
+        tls=tls,
     )
+
+
+def makeTLS(config):
+    """
+    The server TLS from C{config}, or C{None} if no certificate is set.
+
+    @raise ConfigurationError: if only one of certificate and key is set,
+        or they cannot be loaded.
+    """
+    if (config.tlsCertificate is None) != (config.tlsKey is None):
+        raise ConfigurationError("TLS needs both a certificate and a key")
+    if config.tlsCertificate is None:
+        if config.pop3s:
+            raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
+        return None
+    return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
 def makeService(config, reactor=None, store=None):
@@ -202,16 +282,30 @@ def makeService(config, reactor=None, store=None):
         from twisted.internet import reactor
     listeners = {
         name: [(d, _endpoint(reactor, d)) for d in descriptions]
-        for name, descriptions in (("POP3", config.pop3), ("SMTP", config.smtp), ("LMTP", config.lmtp))
+        for name, descriptions in (
+            ("POP3", config.pop3),
+            ("POP3S", config.pop3s),
+            ("SMTP", config.smtp),
+            ("LMTP", config.lmtp),
+        )
     }
+    tls = makeTLS(config)
     if store is None:
         store = openStore(config.database, reactor)
-    root = MailgateService(store)
+    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
     StoreService(store).setServiceParent(root)
+    pop3 = []
+
+    def pop3Factory():
+        if not pop3:
+            pop3.append(makePOP3Factory(store, config, reactor, tls))
+        return pop3[0]
+
     builders = {
-        "POP3": lambda: makePOP3Factory(store, config, reactor),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True),
+        "POP3": pop3Factory,
+        "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
+        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
     }
     for name, endpoints in listeners.items():
         if endpoints:

@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
 from mailgate.errors import ConfigurationError
+from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
 from mailgate.service import DEFAULT_POP3, MailgateConfig, makeService as _makeService
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 
@@ -110,6 +111,15 @@ class Options(usage.Options):
             "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
             _positive(int),
         ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM file with the server certificate, optionally followed by its "
+            "chain.  With --tls-key, enables STLS, STARTTLS and --pop3s; "
+            "SIGHUP reloads both files.",
+        ],
+        ["tls-key", None, None, "PEM file with the private key of --tls-cert."],
     ]
 
     def __init__(self):
@@ -118,6 +128,28 @@ class Options(usage.Options):
         self["smtp"] = []
         self["lmtp"] = []
         self["domain"] = []
+        self["pop3s"] = []
+        self["trusted-network"] = []
+
+    def opt_pop3s(self, description):
+        """
+        A POP3 listener with implicit TLS from the first byte (e.g. tcp:995),
+        using --tls-cert and --tls-key; repeat for several.
+        """
+        self["pop3s"].append(_checkEndpoint(description))
+
+    def opt_trusted_network(self, cidr):
+        """
+        A network (CIDR) from which plaintext passwords (USER/PASS, AUTH
+        PLAIN) are accepted without TLS; repeat for several.  Default:
+        127.0.0.0/8 and ::1/128.  Elsewhere plaintext logins need TLS.
+        """
+        import ipaddress
+
+        try:
+            self["trusted-network"].append(str(ipaddress.ip_network(cidr, strict=False)))
+        except ValueError as e:
+            raise usage.UsageError(f"invalid --trusted-network {cidr!r}: {e}")
 
     def opt_pop3(self, description):
         """
@@ -163,6 +195,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["pop3"]:
             self["pop3"] = [DEFAULT_POP3]
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["pop3s"] and self["tls-cert"] is None:
+            raise usage.UsageError("--pop3s needs --tls-cert and --tls-key")
         if self["max-message-size"] < 1:
             raise usage.UsageError("--max-message-size must be at least 1")
         if self["max-recipients"] < 1:
@@ -179,6 +215,11 @@ class Options(usage.Options):
             domains=list(self["domain"]) or None,
             maxMessageSize=self["max-message-size"],
             maxRecipients=self["max-recipients"],
+            pop3s=list(self["pop3s"]),
+            tlsCertificate=self["tls-cert"],
+            tlsKey=self["tls-key"],
+            trustedNetworks=list(self["trusted-network"]) or list(DEFAULT_TRUSTED_NETWORKS),
+            reloadOnSIGHUP=True,
             hostname=self["hostname"],
             apop=not self["no-apop"],
             authFailureDelay=self["auth-failure-delay"],

@@ -30,10 +30,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.test import iosim
+from zope.interface import directlyProvides, implementer
 
 from mailgate.auth.passwords import makeCredentials
 from mailgate.auth.realm import makePortal
+from mailgate.auth.sasl import SASLServer
 from mailgate.message import spoolBytes
 from mailgate.pop3 import POP3Factory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -89,6 +92,29 @@ def deliver(store, addresses, message):
     return resultOf(store.deliver(addresses, spoolBytes(message)))
 
 
+LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that can start TLS, in name only: after
+    C{startTLS} it provides L{ISSLTransport} and records what was written
+    before and after, so tests can check what went out in the clear.
+
+    @ivar tlsStarted: the context factory passed to C{startTLS}, or C{None}.
+    @ivar clearText: what was written before TLS started.
+    """
+
+    tlsStarted = None
+    clearText = None
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tlsStarted = contextFactory
+        self.clearText = self.value()
+        directlyProvides(self, ISSLTransport)
+
+
 class POP3Session:
     """
     A mailgate POP3 server session over a L{StringTransport}.
@@ -99,20 +125,14 @@ class POP3Session:
     @ivar greeting: the greeting line, as L{str}.
     """
 
-    def __init__(self, store, clock=None, factory=None, hostname="mailgate.test", **options):
+    def __init__(self, store, clock=None, factory=None, hostname="mailgate.test",
+                 peer=LOOPBACK, **options):
         self.clock = Clock() if clock is None else clock
         if factory is None:
-            portal = makePortal(
-                store,
-                runInline,
-                apop=options.get("apop", True),
-                loginDelay=options.get("loginDelay"),
-            )
-            options.setdefault("authFailureDelay", 0)
-            factory = POP3Factory(portal, hostname=hostname, reactor=self.clock, **options)
+            factory = pop3Factory(store, self.clock, hostname=hostname, **options)
         self.factory = factory
         self.protocol = factory.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = TLSStringTransport(peerAddress=peer)
         self.protocol.makeConnection(self.transport)
         self.greeting = self._take().decode("utf-8")
 
@@ -215,7 +235,7 @@ class SMTPSession(_Session):
             )
         self.factory = factory
         self.protocol = factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=peer)
+        self.transport = TLSStringTransport(peerAddress=peer or LOOPBACK)
         self.protocol.makeConnection(self.transport)
         self.greeting = self._take().decode("utf-8")
 
@@ -235,14 +255,22 @@ class SMTPSession(_Session):
         return "".join(out)
 
 
-def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, **options):
+def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=True, **options):
     """
     A mailgate POP3 server factory over C{store} whose password hashing
-    runs inline and whose timers run on C{clock}.
+    runs inline and whose timers run on C{clock}; with SASL (PLAIN and
+    SCRAM-SHA-256) unless C{sasl=False}.
     """
     portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
     options.setdefault("authFailureDelay", 0)
-    return POP3Factory(portal, hostname=hostname, reactor=clock or Clock(), apop=apop, **options)
+    return POP3Factory(
+        portal,
+        hostname=hostname,
+        reactor=clock or Clock(),
+        apop=apop,
+        sasl=SASLServer(store.findUser) if sasl else None,
+        **options,
+    )
 
 
 def smtpFactory(store, clock=None, lmtp=False, domains=None, hostname="mailgate.test", **options):

@@ -9,6 +9,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 
 from mailgate.auth.checkers import APOPChecker, PasswordChecker
+from mailgate.auth.sasl import ScramChecker
 from mailgate.errors import LoginDelayed
 from mailgate.interfaces import IMaildrop
 
@@ -52,14 +53,15 @@ class MaildropRealm:
 
 def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None):
     """
-    The POP3 portal: the maildrop realm with the password checker and,
-    unless switched off, the APOP checker.
+    The POP3 portal: the maildrop realm with the password checker (USER/PASS
+    and SASL PLAIN), the SCRAM-SHA-256 checker and, unless switched off, the
+    APOP checker.
 
     @return: the L{Portal}; its password checker is its C{passwordChecker}
         attribute, whose C{cache} tests and embedders can tune.
     """
     passwords = PasswordChecker(store, runInThread, cache)
-    checkers = [passwords]
+    checkers = [passwords, ScramChecker(store)]
     if apop:
         checkers.append(APOPChecker(store))
     portal = Portal(MaildropRealm(store, loginDelay), checkers)

@@ -4,11 +4,14 @@ The POP3 server factory: one per set of listeners, holding the portal and
 the per-listener policy every session reads.
 """
 
+import ipaddress
 import socket
 
 from twisted.internet.protocol import ServerFactory
 
 from mailgate.pop3.protocol import POP3Server
+
+DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 class POP3Factory(ServerFactory):
@@ -23,6 +26,10 @@ class POP3Factory(ServerFactory):
     @param authFailureDelay: seconds before a failed login is answered.
     @param reactor: the reactor (or a clock, in tests) for timers.
     @param loginDelay: the LOGIN-DELAY the realm enforces, to advertise.
+    @param tls: a L{mailgate.tls.ServerTLS} to offer STLS with, or C{None}.
+    @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
+    @param trustedNetworks: networks (L{ipaddress} objects or CIDR text)
+        from which plaintext passwords are accepted without TLS.
     """
 
     protocol = POP3Server
@@ -38,6 +45,9 @@ class POP3Factory(ServerFactory):
         reactor=None,
         greeting="mailgate POP3 server ready",
         loginDelay=None,
+        tls=None,
+        sasl=None,
+        trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -49,6 +59,9 @@ class POP3Factory(ServerFactory):
         self.reactor = reactor
         self.greeting = greeting
         self.loginDelay = loginDelay
+        self.tls = tls
+        self.sasl = sasl
+        self.trustedNetworks = [ipaddress.ip_network(n) for n in trustedNetworks]
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -56,6 +69,22 @@ class POP3Factory(ServerFactory):
         protocol.idleTimeout = self.idleTimeout
         protocol.authFailureDelay = self.authFailureDelay
         return protocol
+
+    def isTrusted(self, address):
+        """
+        Whether a peer is on a trusted network.  Local (Unix socket) peers
+        are; so is an address whose form is unknown only if it is not IP.
+        """
+        host = getattr(address, "host", None)
+        if host is None:
+            return getattr(address, "type", None) != "TCP"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if getattr(ip, "ipv4_mapped", None) is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trustedNetworks)
 
     def extraCapabilities(self):
         """

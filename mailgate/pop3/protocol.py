@@ -21,6 +21,8 @@ Design:
     returns; this module never sees SQL.
 """
 
+import base64
+import binascii
 import os
 import re
 import secrets
@@ -35,10 +37,12 @@ from twisted.logger import Logger
 
 from mailgate import __version__
 from mailgate.auth.credentials import APOPCredentials
+from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.dotstuff import DotStuffer
 from mailgate.pop3.sender import BlockSender, SendAborted
+from mailgate.tls import isSecure
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -51,6 +55,10 @@ _APOP_DIGEST = re.compile(r"^[0-9A-Fa-f]{32}$")
 
 ALL_COMMANDS = frozenset(
     "USER PASS APOP AUTH STLS CAPA QUIT STAT LIST RETR DELE NOOP RSET TOP UIDL".split()
+)
+
+PLAINTEXT_REFUSED = (
+    "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
 )
 
 
@@ -69,6 +77,9 @@ class POP3Server(Protocol):
 
     @cvar maxCommandLength: octets in a command line, CRLF included
         (RFC 2449 section 4 allows 255).
+    @cvar maxResponseLength: octets in a SASL response line, which may be
+        longer than a command (RFC 5034 section 4); no line is ever buffered
+        beyond this.
     @cvar maxQueuedCommands: pipelined commands held before the server
         stops reading from the connection.
     @cvar maxBadCommands: unknown, malformed or out-of-state commands
@@ -82,6 +93,7 @@ class POP3Server(Protocol):
     """
 
     maxCommandLength = 255
+    maxResponseLength = 4096
     maxQueuedCommands = 64
     maxBadCommands = 20
     maxAuthFailures = 3
@@ -112,6 +124,8 @@ class POP3Server(Protocol):
         self._deleted = set()
         self._count = 0
         self._octets = 0
+        self._sasl = None
+        self._saslFinishing = False
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
 
     # -- connection ------------------------------------------------------
@@ -234,7 +248,7 @@ class POP3Server(Protocol):
         buffer = self._buffer + data if self._buffer else data
         parts = buffer.split(b"\n")
         rest = parts.pop()
-        limit = self.maxCommandLength
+        limit = self.maxResponseLength
         for part in parts:
             if len(part) + 1 > limit:
                 self._lines.append(_TOO_LONG)
@@ -284,7 +298,9 @@ class POP3Server(Protocol):
     # -- dispatch --------------------------------------------------------
 
     def _dispatch(self, line):
-        if line is _TOO_LONG:
+        if self._sasl is not None or self._saslFinishing:
+            return self._saslResponse(line)
+        if line is _TOO_LONG or len(line) + 2 > self.maxCommandLength:
             return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
         if _CONTROL.search(line):
             return self._bad("invalid characters in command line")
@@ -356,7 +372,17 @@ class POP3Server(Protocol):
 
     # -- AUTHORIZATION state ---------------------------------------------
 
+    def _plaintextAllowed(self):
+        """
+        Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only over
+        TLS or from a trusted network, as Dovecot does by default.
+        """
+        return isSecure(self.transport) or self.factory.isTrusted(self.peer)
+
     def do_USER(self, argument):
+        if not self._plaintextAllowed():
+            self._err(PLAINTEXT_REFUSED)
+            return None
         name = argument.strip()
         if not name:
             raise _CommandError("USER needs a user name")
@@ -364,6 +390,9 @@ class POP3Server(Protocol):
         self._ok("send PASS")
 
     def do_PASS(self, argument):
+        if not self._plaintextAllowed():
+            self._err(PLAINTEXT_REFUSED)
+            return None
         if self._user is None:
             raise _CommandError("send USER first")
         user, self._user = self._user, None
@@ -388,11 +417,23 @@ class POP3Server(Protocol):
 
     def _loggedIn(self, result, user):
         _, maildrop, logout = result
+        mechanism, self._sasl = self._sasl, None
         if self._closed:
             logout()
             return
         self._maildrop = maildrop
         self._logout = logout
+        data = mechanism.successData() if mechanism is not None else None
+        if data:
+            # SASL "additional data with success" (RFC 5034 section 4): a
+            # last challenge, answered by an empty line, then +OK.
+            self._saslFinishing = True
+            self.transport.write(b"+ " + base64.b64encode(data) + b"\r\n")
+            return
+        self._enterTransaction()
+
+    def _enterTransaction(self):
+        maildrop = self._maildrop
         self._deleted = set()
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
@@ -406,6 +447,7 @@ class POP3Server(Protocol):
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _loginFailed(self, failure, user):
+        self._sasl = None
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
             self.log.info(
@@ -438,11 +480,122 @@ class POP3Server(Protocol):
         self._noArguments(argument)
         lines = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state == AUTHORIZATION:
-            lines.append("USER")
+            plaintext = self._plaintextAllowed()
+            if self.factory.tls is not None and not isSecure(self.transport):
+                lines.append("STLS")
+            if plaintext:
+                lines.append("USER")
+            if self.factory.sasl is not None:
+                lines.append("SASL " + " ".join(self.factory.sasl.mechanisms(plaintext)))
         lines.extend(self.factory.extraCapabilities())
         lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
         self.transport.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
+
+    def do_STLS(self, argument):
+        """
+        RFC 2595: switch to TLS.  Whatever the client sent after STLS in
+        the same packet is discarded, never run after the handshake as if
+        it had been protected (the STARTTLS injection attack).
+        """
+        self._noArguments(argument)
+        if self.factory.tls is None:
+            raise _CommandError("STLS is not available on this server")
+        if isSecure(self.transport):
+            raise _CommandError("already using TLS")
+        self._ok("begin TLS negotiation")
+        self._lines.clear()
+        self._buffer = b""
+        self._discarding = False
+        self._user = None
+        self.transport.startTLS(self.factory.tls)
+        return None
+
+    def do_AUTH(self, argument):
+        """
+        RFC 5034 SASL authentication.  Without a mechanism, lists the
+        mechanisms (the older RFC 1734 form some clients still use).
+        """
+        sasl = self.factory.sasl
+        if sasl is None:
+            raise _CommandError("AUTH is not available on this server")
+        plaintext = self._plaintextAllowed()
+        if not argument.strip():
+            names = sasl.mechanisms(plaintext)
+            body = "".join(name + "\r\n" for name in names)
+            self.transport.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
+            return None
+        name, _, initial = argument.partition(" ")
+        name = name.upper()
+        mechanism = sasl.create(name)
+        if mechanism is None:
+            raise _CommandError(f"unsupported authentication mechanism {name[:20]!r}")
+        if mechanism.plaintext and not plaintext:
+            self._err(PLAINTEXT_REFUSED)
+            return None
+        data = None
+        if initial:
+            data = self._decodeSASL(initial.encode("ascii", "replace"))
+            if data is None:
+                return None
+        self._sasl = mechanism
+        return self._saslStep(mechanism.start, data)
+
+    def _decodeSASL(self, line):
+        if line == b"=":
+            return b""
+        try:
+            return base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            self._err("[AUTH] invalid base64 data")
+            return None
+
+    def _saslResponse(self, line):
+        if line is _TOO_LONG:
+            self._sasl = None
+            self._abandonSASL()
+            return self._bad("[AUTH] SASL response too long")
+        if self._saslFinishing:
+            self._saslFinishing = False
+            if line == b"":
+                self._enterTransaction()
+            else:
+                self._endSession("authentication cancelled")
+                self._err("[AUTH] authentication cancelled")
+            return None
+        if line == b"*":
+            self._sasl = None
+            self._err("authentication cancelled")
+            return None
+        data = self._decodeSASL(line)
+        if data is None:
+            return None
+        return self._saslStep(self._sasl.step, data)
+
+    def _abandonSASL(self):
+        self._saslFinishing = False
+        self._endSession("authentication abandoned")
+
+    def _saslStep(self, step, data):
+        d = defer.maybeDeferred(step, data)
+
+        def next(result):
+            if isinstance(result, Challenge):
+                self.transport.write(b"+ " + base64.b64encode(result.data) + b"\r\n")
+                return None
+            name = getattr(result.credentials, "username", b"")
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            return self._login(result.credentials, name)
+
+        def failed(failure):
+            self._sasl = None
+            if failure.check(SASLError):
+                self._err(f"[AUTH] {failure.value}")
+                return None
+            return self._loginFailed(failure, "(sasl)")
+
+        return d.addCallbacks(next, failed)
 
     def do_QUIT(self, argument):
         self._noArguments(argument)
@@ -649,6 +802,8 @@ class POP3Server(Protocol):
             "USER": do_USER,
             "PASS": do_PASS,
             "APOP": do_APOP,
+            "AUTH": do_AUTH,
+            "STLS": do_STLS,
             "CAPA": do_CAPA,
             "QUIT": do_QUIT,
         },

@@ -19,6 +19,7 @@ class SMTPFactory(ServerFactory):
     @param maxRecipients: recipients per transaction.
     @param idleTimeout: seconds of silence before a session is closed.
     @param reactor: the reactor (or a clock, in tests) for timers.
+    @param tls: a L{mailgate.tls.ServerTLS} to offer STARTTLS with.
     """
 
     protocol = SMTPServer
@@ -32,6 +33,7 @@ class SMTPFactory(ServerFactory):
         maxRecipients=SMTPServer.maxRecipients,
         idleTimeout=SMTPServer.idleTimeout,
         reactor=None,
+        tls=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -41,6 +43,7 @@ class SMTPFactory(ServerFactory):
         self.maxRecipients = maxRecipients
         self.idleTimeout = idleTimeout
         self.reactor = reactor
+        self.tls = tls
 
     def buildProtocol(self, addr):
         protocol = self.protocol()

@@ -32,6 +32,7 @@ from mailgate.message import MessageSpool
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
+from mailgate.tls import isSecure
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SIZE = re.compile(r"^[0-9]{1,20}$")
@@ -255,13 +256,16 @@ class SMTPServer(Protocol):
         """
         The ESMTP extensions advertised after EHLO or LHLO.
         """
-        return [
+        extensions = [
             f"SIZE {self.maxMessageSize}",
             "PIPELINING",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
-        ] + list(self.factory.extraExtensions(self))
+        ]
+        if self.factory.tls is not None and not isSecure(self.transport):
+            extensions.append("STARTTLS")
+        return extensions + list(self.factory.extraExtensions(self))
 
     def _hello(self, argument, esmtp):
         name = argument.strip()
@@ -299,6 +303,27 @@ class SMTPServer(Protocol):
         self._reply(221, "2.0.0", f"{self.hostname} closing connection")
         self._close()
 
+    def smtp_STARTTLS(self, argument):
+        """
+        RFC 3207.  Input the client pipelined after STARTTLS is discarded,
+        never run as if it had come over TLS (the STARTTLS injection
+        attack), and the session starts over: no EHLO, no transaction.
+        """
+        if argument.strip():
+            return self._bad(501, "5.5.4", "STARTTLS takes no arguments")
+        if self.factory.tls is None:
+            return self._bad(502, "5.5.1", "STARTTLS is not available")
+        if isSecure(self.transport):
+            return self._bad(503, "5.5.1", "already using TLS")
+        self._reply(220, "2.0.0", "ready to start TLS")
+        self._buffer = b""
+        self._discarding = False
+        self._helo = None
+        self._esmtp = False
+        self._envelope = None
+        self.transport.startTLS(self.factory.tls)
+        return None
+
     def smtp_VRFY(self, argument):
         # Never confirm or deny that an address exists.
         self._reply(252, "2.5.0", "cannot VRFY user; send some mail and it will be delivered if possible")
@@ -312,9 +337,13 @@ class SMTPServer(Protocol):
     # -- the mail transaction --------------------------------------------
 
     def _protocolName(self):
+        """
+        The "with" of the Received field (RFC 3848).
+        """
+        secure = "S" if isSecure(self.transport) else ""
         if self.lmtp:
-            return "LMTP"
-        return "ESMTP" if self._esmtp else "SMTP"
+            return "LMTP" + secure
+        return ("ESMTP" + secure) if self._esmtp else "SMTP"
 
     def smtp_MAIL(self, argument):
         if self._helo is None:
@@ -461,6 +490,7 @@ class SMTPServer(Protocol):
         "RSET": smtp_RSET,
         "NOOP": smtp_NOOP,
         "QUIT": smtp_QUIT,
+        "STARTTLS": smtp_STARTTLS,
         "VRFY": smtp_VRFY,
         "EXPN": smtp_EXPN,
         "HELP": smtp_HELP,

@@ -1,0 +1,294 @@
+# -*- test-case-name: tests.test_sasl -*-
+"""
+SASL mechanisms (RFC 4422) for POP3 AUTH (RFC 5034): PLAIN (RFC 4616) and
+SCRAM-SHA-256 (RFC 5802, RFC 7677).
+
+A mechanism runs the exchange and ends with cred credentials; the portal's
+checkers decide.  PLAIN yields ordinary L{UsernamePassword} credentials, so
+it is checked by the same scrypt checker as USER/PASS.  SCRAM yields
+L{ScramCredentials}, checked against the stored SCRAM-SHA-256 keys: the
+server never needs the password, and the password never crosses the wire.
+
+Each exchange step returns a L{Challenge} (send it, wait for the client's
+response) or L{Authenticate} (log in with these credentials); it may return
+them through a L{Deferred}, and raises L{SASLError} for malformed input.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+
+import attr
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import Attribute, implementer
+
+from mailgate.address import normalizeAddress
+from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
+from mailgate.errors import InvalidAddress
+
+
+class SASLError(Exception):
+    """
+    The client's SASL data is malformed or not acceptable.
+    """
+
+
+@attr.s(frozen=True)
+class Challenge:
+    data = attr.ib()
+
+
+@attr.s(frozen=True)
+class Authenticate:
+    credentials = attr.ib()
+
+
+class PlainMechanism:
+    """
+    PLAIN (RFC 4616): C{[authzid] NUL authcid NUL passwd} in one response.
+    Authorising as another identity is not supported.
+    """
+
+    name = "PLAIN"
+    plaintext = True
+
+    def start(self, initial):
+        if initial is None:
+            return Challenge(b"")
+        return self.step(initial)
+
+    def step(self, response):
+        parts = response.split(b"\0")
+        if len(parts) != 3:
+            raise SASLError("PLAIN expects authzid NUL authcid NUL password")
+        authzid, authcid, password = parts
+        if not authcid:
+            raise SASLError("PLAIN needs a user name")
+        if authzid and authzid != authcid:
+            raise SASLError("authorising as another user is not supported")
+        return Authenticate(UsernamePassword(authcid, password))
+
+    def successData(self):
+        return None
+
+
+class IScramCredentials(ICredentials):
+    """
+    The outcome of a SCRAM-SHA-256 exchange, to be checked against a
+    user's stored key.
+    """
+
+    username = Attribute("The authentication identity, as L{bytes}.")
+
+    def checkStoredKey(storedKey):
+        """
+        Whether the client's proof matches C{storedKey}.
+        """
+
+
+@implementer(IScramCredentials)
+class ScramCredentials:
+    def __init__(self, username, authMessage, clientProof):
+        self.username = username
+        self._authMessage = authMessage
+        self._clientProof = clientProof
+
+    def checkStoredKey(self, storedKey):
+        signature = hmac.new(storedKey, self._authMessage, hashlib.sha256).digest()
+        if len(self._clientProof) != len(signature):
+            return False
+        clientKey = bytes(a ^ b for a, b in zip(self._clientProof, signature))
+        return hmac.compare_digest(hashlib.sha256(clientKey).digest(), storedKey)
+
+
+def _saslname(text):
+    """
+    Decode a SCRAM saslname (C{=2C} is ",", C{=3D} is "=").
+    """
+    if "=" in text.replace("=2C", "").replace("=3D", ""):
+        raise SASLError("malformed user name")
+    return text.replace("=2C", ",").replace("=3D", "=")
+
+
+def _attributes(message):
+    pairs = []
+    for item in message.split(","):
+        if len(item) < 2 or item[1] != "=" or not item[0].isalpha():
+            raise SASLError("malformed SCRAM message")
+        pairs.append((item[0], item[2:]))
+    return pairs
+
+
+class ScramSHA256Mechanism:
+    """
+    SCRAM-SHA-256 without channel binding.
+
+    @param findUser: looks a user up by address; a L{Deferred}
+        L{mailgate.store.records.UserRecord} or C{None}.
+    @param fakeKey: secret for the made-up salt an unknown user gets, so
+        the exchange does not reveal whether a user exists.
+    """
+
+    name = "SCRAM-SHA-256"
+    plaintext = False
+
+    def __init__(self, findUser, fakeKey):
+        self._findUser = findUser
+        self._fakeKey = fakeKey
+        self._state = "first"
+        self._serverKey = None
+
+    def start(self, initial):
+        if initial is None:
+            return Challenge(b"")
+        return self.step(initial)
+
+    def step(self, response):
+        try:
+            text = response.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SASLError("SCRAM data must be UTF-8") from None
+        if self._state == "first":
+            return self._clientFirst(text)
+        if self._state == "final":
+            return self._clientFinal(text)
+        raise SASLError("unexpected SCRAM message")
+
+    def _clientFirst(self, text):
+        flag, sep, rest = text.partition(",")
+        if not sep or flag not in ("n", "y"):
+            raise SASLError("channel binding is not supported" if flag.startswith("p=") else "malformed GS2 header")
+        authzid, sep, bare = rest.partition(",")
+        if not sep or (authzid and not authzid.startswith("a=")):
+            raise SASLError("malformed GS2 header")
+        attributes = _attributes(bare)
+        if len(attributes) < 2 or attributes[0][0] != "n" or attributes[1][0] != "r":
+            raise SASLError("client-first-message must start with n= and r=")
+        username = _saslname(attributes[0][1])
+        nonce = attributes[1][1]
+        if not nonce or not nonce.isprintable() or "," in nonce:
+            raise SASLError("malformed nonce")
+        if authzid and _saslname(authzid[2:]) != username:
+            raise SASLError("authorising as another user is not supported")
+        self._gs2Header = f"{flag},{authzid},"
+        self._clientFirstBare = bare
+        self._username = username
+        self._nonce = nonce + base64.b64encode(os.urandom(18)).decode("ascii")
+        try:
+            address = normalizeAddress(username)
+        except InvalidAddress:
+            address = None
+        d = self._findUser(address) if address else defer.succeed(None)
+        return d.addCallback(self._serverFirst)
+
+    def _serverFirst(self, user):
+        secret = user.scramSha256 if user is not None else None
+        try:
+            iterations, salt, _, serverKey = parseScramSecret(secret) if secret else (None,) * 4
+        except ValueError:
+            iterations = None
+        if iterations is None:
+            iterations = SCRAM_ITERATIONS
+            salt = hmac.new(self._fakeKey, b"salt:" + self._username.encode("utf-8"), hashlib.sha256).digest()[:16]
+            serverKey = secrets.token_bytes(32)
+        self._serverKey = serverKey
+        self._serverFirstMessage = (
+            f"r={self._nonce},s={base64.b64encode(salt).decode('ascii')},i={iterations}"
+        )
+        self._state = "final"
+        return Challenge(self._serverFirstMessage.encode("ascii"))
+
+    def _clientFinal(self, text):
+        withoutProof, sep, proofPart = text.rpartition(",")
+        if not sep or not proofPart.startswith("p="):
+            raise SASLError("client-final-message must end with p=")
+        attributes = dict(_attributes(withoutProof))
+        expectedBinding = base64.b64encode(self._gs2Header.encode("utf-8")).decode("ascii")
+        if attributes.get("c") != expectedBinding:
+            raise SASLError("channel binding data does not match")
+        if attributes.get("r") != self._nonce:
+            raise SASLError("nonce does not match")
+        try:
+            proof = base64.b64decode(proofPart[2:], validate=True)
+        except ValueError:
+            raise SASLError("malformed proof") from None
+        self._authMessage = ",".join([self._clientFirstBare, self._serverFirstMessage, withoutProof]).encode("utf-8")
+        self._state = "done"
+        return Authenticate(ScramCredentials(self._username.encode("utf-8"), self._authMessage, proof))
+
+    def successData(self):
+        """
+        The server-final-message, proving to the client that the server
+        knows its key too.
+        """
+        signature = hmac.new(self._serverKey, self._authMessage, hashlib.sha256).digest()
+        return b"v=" + base64.b64encode(signature)
+
+
+@implementer(ICredentialsChecker)
+class ScramChecker:
+    """
+    Checks L{ScramCredentials} against the user's stored SCRAM-SHA-256
+    keys.  Users without stored keys cannot use SCRAM.
+    """
+
+    credentialInterfaces = (IScramCredentials,)
+
+    def __init__(self, store):
+        self._store = store
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        try:
+            address = normalizeAddress(credentials.username)
+        except InvalidAddress:
+            raise UnauthorizedLogin() from None
+        user = yield self._store.findUser(address)
+        if user is None or not user.scramSha256:
+            raise UnauthorizedLogin()
+        try:
+            _, _, storedKey, _ = parseScramSecret(user.scramSha256)
+        except ValueError:
+            raise UnauthorizedLogin() from None
+        if not credentials.checkStoredKey(storedKey):
+            raise UnauthorizedLogin()
+        return user
+
+
+class SASLServer:
+    """
+    The mechanisms a server offers, and a fresh exchange for each AUTH.
+
+    @param findUser: user lookup for SCRAM (the store's C{findUser}).
+    """
+
+    plaintextMechanisms = ("PLAIN",)
+
+    def __init__(self, findUser):
+        self._findUser = findUser
+        self._fakeKey = os.urandom(32)
+
+    def mechanisms(self, plaintextAllowed):
+        """
+        The names to advertise: PLAIN only where plaintext logins are
+        allowed.
+        """
+        names = ["SCRAM-SHA-256"]
+        if plaintextAllowed:
+            names.append("PLAIN")
+        return names
+
+    def create(self, name):
+        """
+        A new exchange for mechanism C{name}, or C{None} if unknown.
+        """
+        if name == "PLAIN":
+            return PlainMechanism()
+        if name == "SCRAM-SHA-256":
+            return ScramSHA256Mechanism(self._findUser, self._fakeKey)
+        return None
