@@ -1,0 +1,461 @@
+"""
+End-to-end helpers: a real C{twistd mailgate} process and the real
+C{mailgate} admin command, both from the environment the tests run in
+(the scripts next to C{sys.executable}, i.e. what a non-editable install
+put there).
+
+Nothing here has test functions.  Test modules import the fixtures they use:
+
+    from e2e import mailgate_server, mailgate_cli  # noqa: F401 (fixtures)
+
+Every wait is bounded by L{DEADLINE}; when one runs out, the test fails
+with what the process wrote so far.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+MAILGATE = os.path.join(BIN, "mailgate")
+
+# Seconds any single wait (start-up, a CLI run, shutdown, a socket read) may take.
+DEADLINE = 20.0
+# Seconds given to a server to stop after SIGTERM before it is killed.
+STOP_GRACE = 10.0
+
+HOSTNAME = "mailgate.test"
+_LISTENING = re.compile(r"POP3 listening on 127\.0\.0\.1:(\d+)\b")
+_LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
+
+
+def databaseURL(path):
+    """
+    The C{sqlite:////absolute/path} URL of a database file.
+    """
+    return "sqlite:///" + os.path.abspath(str(path))
+
+
+def childEnvironment():
+    """
+    The environment for child processes: unbuffered output, and no
+    C{MAILGATE_DATABASE} leaking in from the developer's shell.
+    """
+    env = dict(os.environ)
+    env.pop("MAILGATE_DATABASE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class _Drain(threading.Thread):
+    """
+    Read a pipe to its end, line by line, so that the child never blocks
+    on a full pipe and the test can look at everything it wrote.
+    """
+
+    def __init__(self, pipe, onLine):
+        super().__init__(daemon=True)
+        self._pipe = pipe
+        self._onLine = onLine
+        self.lines = []
+
+    def run(self):
+        try:
+            for raw in iter(self._pipe.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                self.lines.append(line)
+                self._onLine(line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._onLine(None)
+
+
+class ServerProcess:
+    """
+    One C{twistd -n mailgate} process listening for POP3 on an ephemeral
+    port of 127.0.0.1.
+
+    @ivar port: the POP3 port, once L{start} returned.
+    @ivar database: the database URL it serves.
+    """
+
+    def __init__(self, database, options=(), cwd=None, listen=True):
+        self.database = database
+        self.options = list(options)
+        self.cwd = cwd
+        self.listen = listen
+        self.port = None
+        self.process = None
+        self._changed = threading.Condition()
+        self._ended = 0
+
+    @property
+    def argv(self):
+        argv = [TWISTD, "-n", "--pidfile=", "mailgate", "--database", self.database]
+        if self.listen:
+            argv += ["--pop3", "tcp:0:interface=127.0.0.1"]
+        if "--hostname" not in self.options:
+            argv += ["--hostname", HOSTNAME]
+        return argv + self.options
+
+    def _line(self, line):
+        with self._changed:
+            if line is None:
+                self._ended += 1
+            self._changed.notify_all()
+
+    @property
+    def stdout(self):
+        return "".join(self._out.lines)
+
+    @property
+    def stderr(self):
+        return "".join(self._err.lines)
+
+    def log(self):
+        """
+        Everything the process wrote so far, for failure messages.
+        """
+        status = self.process.poll() if self.process is not None else None
+        return (
+            f"argv: {self.argv}\nexit status: {status}\n"
+            f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}"
+        )
+
+    def start(self):
+        """
+        Start the process and wait until it listens; return the port.
+        """
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.cwd,
+            env=childEnvironment(),
+            start_new_session=True,
+        )
+        self._out = _Drain(self.process.stdout, self._line)
+        self._err = _Drain(self.process.stderr, self._line)
+        self._out.start()
+        self._err.start()
+        deadline = time.monotonic() + DEADLINE
+        with self._changed:
+            while True:
+                match = _LISTENING.search(self.stdout)
+                if match:
+                    self.port = int(match.group(1))
+                    return self.port
+                if self.process.poll() is not None and self._ended == 2:
+                    pytest.fail(f"twistd mailgate exited before listening\n{self.log()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stop()
+                    pytest.fail(
+                        f"twistd mailgate did not log 'POP3 listening on' within "
+                        f"{DEADLINE} s\n{self.log()}"
+                    )
+                self._changed.wait(min(left, 0.5))
+
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self):
+        """
+        SIGTERM, then SIGKILL if it does not end within L{STOP_GRACE}
+        seconds.  Returns the exit status.  Safe to call twice.
+        """
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_GRACE)
+        for drain in (self._out, self._err):
+            drain.join(STOP_GRACE)
+        for pipe in (self.process.stdout, self.process.stderr):
+            pipe.close()
+        return self.process.returncode
+
+    def wait(self, timeout=DEADLINE):
+        """
+        Wait for the process to end on its own (start-up failures); kill it
+        and fail if it does not within C{timeout} seconds.
+        """
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"twistd mailgate did not exit within {timeout} s\n{self.log()}")
+        for drain in (self._out, self._err):
+            drain.join(STOP_GRACE)
+        return self.process.returncode
+
+
+class ServerStarter:
+    """
+    What the L{mailgate_server} fixture yields: starts servers on a test's
+    database (or another one) and stops them all when the test ends.
+    """
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.dbpath = tmp_path / "mail.sqlite3"
+        self.database = databaseURL(self.dbpath)
+        self.servers = []
+
+    def __call__(self, *options, database=None):
+        """
+        Start C{twistd mailgate [options]} and wait until it listens.
+        @return: the L{ServerProcess}, with its C{port}.
+        """
+        server = ServerProcess(database or self.database, options, cwd=self.tmp_path)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def spawn(self, *options, database=None, listen=True):
+        """
+        Start C{twistd mailgate [options]} without waiting for it to
+        listen (for start-up failures: call its C{wait()}).
+        """
+        server = ServerProcess(database or self.database, options, cwd=self.tmp_path, listen=listen)
+        self.servers.append(server)
+        server.process = subprocess.Popen(
+            server.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.tmp_path,
+            env=childEnvironment(),
+            start_new_session=True,
+        )
+        server._out = _Drain(server.process.stdout, server._line)
+        server._err = _Drain(server.process.stderr, server._line)
+        server._out.start()
+        server._err.start()
+        return server
+
+    def stopAll(self):
+        for server in reversed(self.servers):
+            server.stop()
+
+
+@pytest.fixture
+def mailgate_server(tmp_path):
+    """
+    Start real C{twistd mailgate} processes on C{tmp_path/mail.sqlite3};
+    all of them are stopped when the test ends, whatever happened.
+    """
+    starter = ServerStarter(tmp_path)
+    try:
+        yield starter
+    finally:
+        starter.stopAll()
+    # An error the server only logged is still an error: an operator sees it.
+    for server in starter.servers:
+        if server.process is not None and _LOGGED_ERROR.search(server.stdout + server.stderr):
+            pytest.fail(f"the server logged an error\n{server.log()}")
+
+
+def runCommand(argv, input=b"", timeout=DEADLINE, cwd=None):
+    """
+    Run a command; return (exit status, stdout, stderr) as text.
+    """
+    if isinstance(input, str):
+        input = input.encode("utf-8")
+    try:
+        done = subprocess.run(
+            argv,
+            input=input,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            cwd=cwd,
+            env=childEnvironment(),
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"{argv} did not finish within {timeout} s\nstdout: {e.stdout!r}\nstderr: {e.stderr!r}"
+        )
+    return (
+        done.returncode,
+        done.stdout.decode("utf-8", "replace"),
+        done.stderr.decode("utf-8", "replace"),
+    )
+
+
+class AdminCommand:
+    """
+    The C{mailgate} admin command on one database.
+    """
+
+    def __init__(self, database, cwd=None):
+        self.database = database
+        self.cwd = cwd
+
+    def __call__(self, *args, input=b""):
+        """
+        C{mailgate --database URL args...} with C{input} on stdin; returns
+        (exit status, stdout, stderr).
+        """
+        return runCommand([MAILGATE, "--database", self.database, *args], input, cwd=self.cwd)
+
+    def check(self, *args, input=b""):
+        """
+        Like calling it, but the command must succeed; returns its stdout.
+        """
+        code, out, err = self(*args, input=input)
+        assert code == 0, f"mailgate {' '.join(args)} exited {code}\nstdout: {out}\nstderr: {err}"
+        return out
+
+    def addUser(self, address, password, apop=False):
+        args = ["user", "add", address, "--password-stdin"] + (["--apop"] if apop else [])
+        return self.check(*args, input=password + "\n")
+
+    def deliver(self, address, message):
+        """
+        Deliver C{message} (bytes) to C{address}; return its unique id as
+        the command reports it.
+        """
+        out = self.check("deliver", address, input=message)
+        match = re.search(r"delivered to \S+ as (\S+)", out)
+        assert match, out
+        return match.group(1)
+
+    def mailbox(self, address):
+        """
+        C{mailgate mailbox list ADDRESS} as a list of (number, octets,
+        unique id).
+        """
+        out = self.check("mailbox", "list", address)
+        lines = out.splitlines()
+        assert lines and lines[0].split()[:3] == ["NUMBER", "OCTETS", "UNIQUE-ID"], out
+        rows = []
+        for line in lines[1:]:
+            number, octets, uid = line.split()[:3]
+            rows.append((int(number), int(octets), uid))
+        return rows
+
+    def users(self):
+        """
+        C{mailgate user list} as {address: (messages, octets, apop)}.
+        """
+        out = self.check("user", "list")
+        lines = out.splitlines()
+        assert lines and lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"], out
+        users = {}
+        for line in lines[1:]:
+            address, messages, octets, apop = line.split()
+            users[address] = (int(messages), int(octets), apop)
+        return users
+
+
+@pytest.fixture
+def mailgate_cli(mailgate_server):
+    """
+    The admin command on the same database as L{mailgate_server}.
+    """
+    return AdminCommand(mailgate_server.database, cwd=mailgate_server.tmp_path)
+
+
+# -- sockets -------------------------------------------------------------
+
+
+def connect(port, timeout=DEADLINE):
+    """
+    A TCP connection to 127.0.0.1:port with a timeout on every operation.
+    """
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+class LineReader:
+    """
+    POP3 responses from a raw socket: lines and multi-line blocks, each
+    read bounded by the socket's timeout.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError(f"connection closed; unread: {self.buffer[:200]!r}")
+        self.buffer += data
+
+    def line(self):
+        """
+        One line, CRLF included.
+        """
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        end = self.buffer.index(b"\r\n") + 2
+        line, self.buffer = self.buffer[:end], self.buffer[end:]
+        return line
+
+    def until(self, terminator):
+        """
+        Everything up to and including the first C{terminator}.
+        """
+        while terminator not in self.buffer:
+            self._fill()
+        end = self.buffer.index(terminator) + len(terminator)
+        data, self.buffer = self.buffer[:end], self.buffer[end:]
+        return data
+
+    def multiline(self):
+        """
+        A multi-line response's body as raw (still dot-stuffed) octets,
+        terminator included; the status line must have been read.
+        """
+        if self.buffer.startswith(b".\r\n"):
+            self.buffer = self.buffer[3:]
+            return b".\r\n"
+        return self.until(b"\r\n.\r\n")
+
+    def closed(self):
+        """
+        True once the peer closed the connection and everything was read.
+        """
+        if self.buffer:
+            return False
+        return self.sock.recv(1) == b""
+
+
+def dotStuffed(message):
+    """
+    A CRLF message as RFC 1939 sends it in a multi-line response: every
+    line starting with "." gets another one, and ".CRLF" ends it.
+    """
+    assert message.endswith(b"\r\n") or not message
+    lines = message.split(b"\r\n")[:-1]
+    return b"".join((b"." + l if l.startswith(b".") else l) + b"\r\n" for l in lines) + b".\r\n"
+
+
+def waitFor(predicate, what, timeout=DEADLINE, interval=0.05):
+    """
+    Call C{predicate} until it returns something true (returned) or
+    C{timeout} seconds passed (the test fails, showing its last value).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what} after {timeout} s; last: {value!r}")
+        time.sleep(interval)

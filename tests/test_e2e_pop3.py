@@ -1,0 +1,692 @@
+"""
+End-to-end tests of the POP3 core: a real C{twistd mailgate} process (as
+installed, non-editable), the real C{mailgate} admin command, and real
+clients (Python's poplib, raw sockets, curl) over 127.0.0.1.
+
+These assert what a user sees: command output and exit statuses, POP3
+responses on the wire, what a later session finds.  Every socket and every
+subprocess wait is bounded (see L{e2e.DEADLINE}); nothing asserts on
+wall-clock time.
+"""
+
+import hashlib
+import os
+import poplib
+import re
+import shutil
+import signal
+import socket
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
+    TWISTD,
+    LineReader,
+    connect,
+    databaseURL,
+    dotStuffed,
+    mailgate_cli,
+    mailgate_server,
+    runCommand,
+    waitFor,
+)
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
+BOB_PW = "builder"
+CAROL_PW = "c4rol"
+
+# Failed logins are answered after this delay; short, to keep tests fast.
+FAST_FAILURES = ("--auth-failure-delay", "0.2")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def message(subject, body=b"hello\n"):
+    """
+    A message as an MTA would pipe it to C{mailgate deliver}: LF line ends.
+    """
+    return b"From: sender@example.net\nSubject: " + subject.encode() + b"\n\n" + body
+
+
+def crlf(data):
+    """
+    What C{mailgate deliver} stores for C{data}: every line end CRLF.
+    """
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def pop(server, timeout=DEADLINE):
+    return poplib.POP3("127.0.0.1", server.port, timeout=timeout)
+
+
+def login(server, address, password):
+    client = pop(server)
+    client.user(address)
+    client.pass_(password)
+    return client
+
+
+def octetsIn(response):
+    """
+    The first number in a status line such as C{+OK 123 octets}.
+    """
+    match = re.match(rb"\+OK (\d+)", response)
+    assert match, response
+    return int(match.group(1))
+
+
+def retryLogin(server, address, password):
+    """
+    Log in, retrying while the maildrop is still locked by a session the
+    server has not yet seen go away (it notices a closed socket
+    asynchronously).  Any other failure fails at once.
+    """
+
+    def attempt():
+        client = pop(server)
+        try:
+            client.user(address)
+            client.pass_(password)
+        except poplib.error_proto as e:
+            client.close()
+            if b"[IN-USE]" in e.args[0]:
+                return None
+            raise
+        return client
+
+    return waitFor(attempt, f"the maildrop of {address} to be unlocked")
+
+
+# -- 1. the admin command and poplib -------------------------------------
+
+
+def test_cliRoundTrip(mailgate_server, mailgate_cli):
+    """
+    Users added and mail delivered with the C{mailgate} command are served
+    over POP3; what a client deletes is gone for the admin command too.
+    """
+    assert mailgate_cli.addUser(ALICE, ALICE_PW).strip() == f"added {ALICE}"
+    assert mailgate_cli.addUser(BOB, BOB_PW, apop=True).strip() == f"added {BOB} (APOP enabled)"
+    code, out, err = mailgate_cli("user", "add", ALICE, "--password-stdin", input="x\n")
+    assert code == 73 and f"mailgate: user {ALICE} already exists" in err
+
+    sent = message("round trip", b"first line\nsecond line\n")
+    uid = mailgate_cli.deliver(ALICE, sent)
+    bobUid = mailgate_cli.deliver(BOB, message("for bob"))
+    # An unknown recipient: EX_NOUSER, and nothing delivered to anybody.
+    code, out, err = mailgate_cli("deliver", ALICE, "nobody@example.org", input=message("lost"))
+    assert code == 67, (code, out, err)
+    assert "no such user: nobody@example.org" in err
+
+    stored = crlf(sent)
+    assert mailgate_cli.mailbox(ALICE) == [(1, len(stored), uid)]
+    users = mailgate_cli.users()
+    assert users[ALICE] == (1, len(stored), "off")
+    assert users[BOB] == (1, len(crlf(message("for bob"))), "on")
+
+    server = mailgate_server(*FAST_FAILURES)
+    client = login(server, ALICE, ALICE_PW)
+    assert client.stat() == (1, len(stored))
+    status, listing, _ = client.list()
+    assert status.startswith(b"+OK")
+    assert listing == [b"1 %d" % len(stored)]
+    status, uids, _ = client.uidl()
+    assert uids == [b"1 " + uid.encode()]
+    assert client.uidl(1).split()[1:] == [b"1", uid.encode()]
+    status, lines, octets = client.retr(1)
+    assert octetsIn(status) == len(stored)
+    assert lines == stored.split(b"\r\n")[:-1]
+    assert octets == len(stored)
+    assert client.dele(1).startswith(b"+OK")
+    assert client.quit().startswith(b"+OK")
+
+    assert mailgate_cli.mailbox(ALICE) == []
+    users = mailgate_cli.users()
+    assert users[ALICE] == (0, 0, "off")
+    assert users[BOB][0] == 1
+    assert [row[2] for row in mailgate_cli.mailbox(BOB)] == [bobUid]
+
+
+# -- 2. APOP -------------------------------------------------------------
+
+
+def test_apop(mailgate_server, mailgate_cli):
+    """
+    APOP as a client computes it from the greeting works for a user with
+    APOP enabled, and fails like a wrong password for any other user.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
+    mailgate_cli.deliver(BOB, message("apop"))
+    server = mailgate_server(*FAST_FAILURES)
+
+    client = pop(server)
+    timestamp = re.search(rb"<[^<>]*@mailgate\.test>", client.getwelcome())
+    assert timestamp, client.getwelcome()
+    assert client.apop(BOB, BOB_PW).startswith(b"+OK")
+    assert client.stat()[0] == 1
+    client.quit()
+
+    client = pop(server)
+    with pytest.raises(poplib.error_proto) as failure:
+        client.apop(BOB, "not the password")
+    assert failure.value.args[0].startswith(b"-ERR [AUTH]")
+    client.close()
+
+    # ALICE has a password but no APOP secret.
+    client = pop(server)
+    with pytest.raises(poplib.error_proto) as failure:
+        client.apop(ALICE, ALICE_PW)
+    assert failure.value.args[0].startswith(b"-ERR [AUTH]")
+    # The session goes on: USER/PASS still works.
+    client.user(ALICE)
+    assert client.pass_(ALICE_PW).startswith(b"+OK")
+    client.quit()
+
+
+def test_noApop(mailgate_server, mailgate_cli):
+    """
+    With C{--no-apop} the greeting has no timestamp, so a client does not
+    even try APOP; and APOP sent anyway is refused.
+    """
+    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
+    server = mailgate_server("--no-apop", *FAST_FAILURES)
+    client = pop(server)
+    welcome = client.getwelcome()
+    assert welcome.startswith(b"+OK")
+    assert not re.search(rb"<.*>", welcome), welcome
+    with pytest.raises(poplib.error_proto) as failure:
+        client.apop(BOB, BOB_PW)
+    assert "APOP not supported" in str(failure.value)
+    digest = hashlib.md5(b"<1.2@mailgate.test>" + BOB_PW.encode()).hexdigest()
+    with pytest.raises(poplib.error_proto) as failure:
+        client._shortcmd(f"APOP {BOB} {digest}")
+    assert failure.value.args[0].startswith(b"-ERR")
+    client.user(BOB)
+    assert client.pass_(BOB_PW).startswith(b"+OK")
+    client.quit()
+
+
+# -- 3. byte-exact RETR --------------------------------------------------
+
+AWKWARD = crlf(
+    b"From: dots@example.net\n"
+    b"Subject: awkward lines\n"
+    b"\n"
+    b".starts with a dot\n"
+    b"..starts with two dots\n"
+    b".\n"
+    b"the line above is a single dot\n"
+    b"\n"
+    + b"L" * 5000 + b"\n"
+    + bytes(range(0x80, 0x100)) + b"\n"
+    b" .space then dot\n"
+    b"..\n"
+    b"last line\n"
+)
+
+
+def _chunkBoundaryMessage():
+    """
+    A message larger than two storage chunks, built so that a line starting
+    with "." begins exactly at the first chunk boundary and a CRLF is split
+    across the second: dot-stuffing must not depend on how the message is
+    cut for streaming.
+    """
+    try:
+        from mailgate.store.sql import CHUNK_SIZE
+    except ImportError:
+        CHUNK_SIZE = 128 * 1024
+    head = b"Subject: chunks\r\n\r\n"
+    lines = []
+    size = len(head)
+    n = 0
+    while size < CHUNK_SIZE - 200:
+        line = (b"." if n % 3 == 0 else b"") + b"line %d " % n + b"x" * (n % 61) + b"\r\n"
+        lines.append(line)
+        size += len(line)
+        n += 1
+    filler = CHUNK_SIZE - size - 2
+    lines.append(b"f" * filler + b"\r\n")
+    lines.append(b".at the first chunk boundary\r\n")
+    size = CHUNK_SIZE + len(lines[-1])
+    # The \r of this line is the last octet of the second chunk.
+    lines.append(b"y" * (2 * CHUNK_SIZE - size - 1) + b"\r\n")
+    lines.append(b".after the second chunk boundary\r\n")
+    lines.append(b"..\r\n.\r\nend\r\n")
+    data = head + b"".join(lines)
+    assert data[CHUNK_SIZE:CHUNK_SIZE + 1] == b"."
+    assert data[2 * CHUNK_SIZE - 1:2 * CHUNK_SIZE + 1] == b"\r\n"
+    return data
+
+
+def test_retrIsByteExact(mailgate_server, mailgate_cli, monkeypatch):
+    """
+    RETR gives back exactly the octets delivered (with CRLF line ends):
+    dot-stuffed on the wire, un-stuffed by the client, with the sizes the
+    client counts.
+    """
+    # poplib refuses lines over 2048 octets; POP3 itself has no such limit
+    # for message lines, and this test sends a 5000-octet one.
+    monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
+    big = _chunkBoundaryMessage()
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    # Delivered with LF line ends (as an MTA pipes it) and with CRLF.
+    mailgate_cli.deliver(ALICE, AWKWARD.replace(b"\r\n", b"\n"))
+    mailgate_cli.deliver(ALICE, big)
+    expected = [AWKWARD, big]
+    assert [row[1] for row in mailgate_cli.mailbox(ALICE)] == [len(m) for m in expected]
+
+    server = mailgate_server()
+    client = login(server, ALICE, ALICE_PW)
+    assert client.stat() == (2, sum(map(len, expected)))
+    assert client.list()[1] == [b"%d %d" % (i + 1, len(m)) for i, m in enumerate(expected)]
+    for number, sent in enumerate(expected, 1):
+        assert client.list(number) == b"+OK %d %d" % (number, len(sent))
+        status, lines, octets = client.retr(number)
+        assert octetsIn(status) == len(sent)
+        assert lines == sent.split(b"\r\n")[:-1]
+        assert octets == len(sent)
+    client.quit()
+
+    # The same on the wire, without a client library in between.
+    with connect(server.port) as sock:
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        assert reader.line().startswith(b"+OK")
+        assert reader.line().startswith(b"+OK")
+        for number, sent in enumerate(expected, 1):
+            sock.sendall(b"RETR %d\r\n" % number)
+            status = reader.line()
+            assert octetsIn(status) == len(sent)
+            assert reader.multiline() == dotStuffed(sent)
+        sock.sendall(b"QUIT\r\n")
+        assert reader.line().startswith(b"+OK")
+
+
+# -- 4. DELE, QUIT and dropped connections -------------------------------
+
+
+def test_deleteAndQuitRemoves_dropKeeps(mailgate_server, mailgate_cli):
+    """
+    Messages marked with DELE are removed by QUIT, and only by QUIT: a
+    session whose connection drops removes nothing.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    uids = [mailgate_cli.deliver(ALICE, message(f"m{i}")) for i in range(3)]
+    server = mailgate_server()
+
+    client = login(server, ALICE, ALICE_PW)
+    client.dele(2)
+    assert client.stat()[0] == 2
+    assert client.quit().startswith(b"+OK")
+    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
+
+    client = login(server, ALICE, ALICE_PW)
+    assert [line.split()[1] for line in client.uidl()[1]] == [uids[0].encode(), uids[2].encode()]
+    assert client.dele(1).startswith(b"+OK")
+    assert client.dele(2).startswith(b"+OK")
+    assert client.stat() == (0, 0)
+    client.close()  # no QUIT: the socket just goes away
+
+    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
+    client = retryLogin(server, ALICE, ALICE_PW)
+    assert [line.split()[1] for line in client.uidl()[1]] == [uids[0].encode(), uids[2].encode()]
+    client.quit()
+    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
+
+
+# -- 5. one session per maildrop -----------------------------------------
+
+
+def test_secondSessionIsRefusedUntilTheFirstEnds(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.deliver(ALICE, message("locked"))
+    server = mailgate_server(*FAST_FAILURES)
+
+    first = login(server, ALICE, ALICE_PW)
+    second = pop(server)
+    second.user(ALICE)
+    with pytest.raises(poplib.error_proto) as failure:
+        second.pass_(ALICE_PW)
+    assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
+    # The refused session is still usable and still locked out.
+    second.user(ALICE)
+    with pytest.raises(poplib.error_proto) as failure:
+        second.pass_(ALICE_PW)
+    assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
+    assert first.stat()[0] == 1  # the first session is unaffected
+
+    # QUIT answers +OK once the session is over: the next login works.
+    assert first.quit().startswith(b"+OK")
+    second.user(ALICE)
+    assert second.pass_(ALICE_PW).startswith(b"+OK")
+
+    # An abrupt close releases the lock too, once the server notices.
+    third = pop(server)
+    third.user(ALICE)
+    with pytest.raises(poplib.error_proto) as failure:
+        third.pass_(ALICE_PW)
+    assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
+    third.close()
+    second.sock.shutdown(socket.SHUT_RDWR)
+    second.close()
+    client = retryLogin(server, ALICE, ALICE_PW)
+    assert client.stat()[0] == 1
+    client.quit()
+
+
+# -- 6. unique ids -------------------------------------------------------
+
+
+def assertCleanShutdown(server):
+    """
+    SIGTERM stops the server cleanly.  twistd ends by re-raising the signal
+    it stopped on, so the status is 0 or "killed by SIGTERM".
+    """
+    assert server.stop() in (0, -signal.SIGTERM), server.log()
+    assert "Server Shut Down." in server.stdout, server.log()
+
+
+def uidl(client):
+    return {int(n): uid.decode() for n, uid in (line.split() for line in client.uidl()[1])}
+
+
+def test_uniqueIdsSurviveRestartAndAreNotReused(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(BOB, BOB_PW)
+    delivered = [mailgate_cli.deliver(ALICE, message(f"m{i}")) for i in range(4)]
+    assert len(set(delivered)) == 4
+
+    server = mailgate_server()
+    client = login(server, ALICE, ALICE_PW)
+    before = uidl(client)
+    assert before == {i + 1: uid for i, uid in enumerate(delivered)}
+    client.quit()
+    assertCleanShutdown(server)
+
+    server = mailgate_server()
+    client = login(server, ALICE, ALICE_PW)
+    assert uidl(client) == before
+    # Delete the newest message (the one an id counter would hand out
+    # again) and one in the middle.
+    client.dele(4)
+    client.dele(2)
+    assert client.quit().startswith(b"+OK")
+    assertCleanShutdown(server)
+
+    server = mailgate_server()
+    fresh = mailgate_cli.deliver(ALICE, message("new"))
+    other = mailgate_cli.deliver(BOB, message("for bob"))
+    assert fresh not in delivered
+    client = login(server, ALICE, ALICE_PW)
+    assert uidl(client) == {1: delivered[0], 2: delivered[2], 3: fresh}
+    client.quit()
+    client = login(server, BOB, BOB_PW)
+    assert uidl(client) == {1: other}
+    client.quit()
+
+
+# -- 7. the twistd plugin after a non-editable install -------------------
+
+
+def test_pluginIsInstalled():
+    code, out, err = runCommand([TWISTD, "--help"])
+    assert code == 0, err
+    assert re.search(r"^\s+mailgate\s", out, re.M), out
+
+    code, out, err = runCommand([TWISTD, "mailgate", "--help"])
+    assert code == 0, err
+    for option in ("--database", "--pop3", "--hostname", "--no-apop", "--auth-failure-delay"):
+        assert option in out, (option, out)
+    assert "Traceback" not in err
+
+
+def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
+    """
+    The wheel carries twisted/plugins/mailgate_plugin.py and no
+    twisted/__init__.py or twisted/plugins/__init__.py, which would shadow
+    Twisted itself once installed.
+
+    It is built from a copy of the working tree, so that setuptools' build/
+    and egg-info directories never appear in (or race with) the repository.
+    """
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
+        ),
+    )
+    wheels = tmp_path / "wheels"
+    code, out, err = runCommand(
+        [
+            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+            "--no-build-isolation", "-w", str(wheels), str(source),
+        ],
+        timeout=120,
+    )
+    assert code == 0, err
+    [wheel] = wheels.glob("mailgate-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/mailgate_plugin.py" in names, names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert "mailgate/pop3/protocol.py" in names
+    for sql in (REPO / "mailgate" / "store").glob("*.sql"):
+        assert f"mailgate/store/{sql.name}" in names
+
+
+# -- 8. start-up errors --------------------------------------------------
+
+
+def assertOneLineError(server, *expected):
+    code = server.wait()
+    assert code != 0, server.log()
+    output = server.stdout + server.stderr
+    assert "Traceback" not in output, server.log()
+    errors = [line for line in server.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, server.log()
+    assert errors[0].startswith("mailgate: "), server.log()
+    for text in expected:
+        assert text in errors[0], server.log()
+    return errors[0]
+
+
+def test_databaseThatCannotBeOpened(mailgate_server):
+    server = mailgate_server.spawn(database="sqlite:////nonexistent-dir/x.sqlite3")
+    assertOneLineError(server, "/nonexistent-dir/x.sqlite3")
+
+
+def test_portInUse(mailgate_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = mailgate_server.spawn("--pop3", f"tcp:{port}:interface=127.0.0.1", listen=False)
+        assertOneLineError(server, str(port))
+
+
+def test_portInUse_daemon(tmp_path):
+    """
+    The same without -n: twistd daemonizes, and its parent process must
+    still end with the error and a non-zero status (it reports what the
+    daemon tells it through a status pipe) rather than wait forever.
+    """
+    pidfile = tmp_path / "twistd.pid"
+    logfile = tmp_path / "twistd.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        argv = [
+            TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "mailgate",
+            "--database", databaseURL(tmp_path / "mail.sqlite3"), "--hostname", "mailgate.test",
+            "--pop3", f"tcp:{port}:interface=127.0.0.1",
+        ]
+        try:
+            code, out, err = runCommand(argv, timeout=10, cwd=tmp_path)
+        except pytest.fail.Exception as e:
+            log = logfile.read_text() if logfile.exists() else "(no log file)"
+            pytest.fail(f"twistd (daemon mode) did not exit after a failed start-up: {e}\n"
+                        f"--- {logfile.name} ---\n{log}")
+        finally:
+            # Should start-up ever succeed, do not leave a daemon behind.
+            if pidfile.exists():
+                try:
+                    os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+                except (ValueError, ProcessLookupError):
+                    pass
+    assert code != 0
+    assert "Traceback" not in err
+    assert "mailgate:" in err or "An error has occurred" in err, err
+
+
+def test_secondServerOnTheSameDatabase(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    first = mailgate_server()
+    second = mailgate_server.spawn()
+    line = assertOneLineError(second, "in use by another mailgate server")
+    assert "mail.sqlite3" in line
+    # The first server is not disturbed.
+    assert first.running()
+    client = login(first, ALICE, ALICE_PW)
+    assert client.stat() == (0, 0)
+    client.quit()
+
+
+# -- 9. pipelining -------------------------------------------------------
+
+
+def test_pipeliningOverARealSocket(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    sent = crlf(message("pipelined", b".dot\nbody\n"))
+    uid = mailgate_cli.deliver(ALICE, sent)
+    server = mailgate_server()
+    with connect(server.port) as sock:
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(
+            f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nQUIT\r\n".encode()
+        )
+        assert reader.line().startswith(b"+OK")  # USER
+        assert reader.line().startswith(b"+OK")  # PASS
+        assert reader.line() == b"+OK 1 %d\r\n" % len(sent)  # STAT
+        assert reader.line().startswith(b"+OK")  # LIST
+        assert reader.multiline() == b"1 %d\r\n.\r\n" % len(sent)
+        assert reader.line().startswith(b"+OK")  # UIDL
+        assert reader.multiline() == b"1 %s\r\n.\r\n" % uid.encode()
+        assert octetsIn(reader.line()) == len(sent)  # RETR
+        assert reader.multiline() == dotStuffed(sent)
+        assert reader.line().startswith(b"+OK")  # QUIT
+        assert reader.closed()
+    assert len(mailgate_cli.mailbox(ALICE)) == 1
+
+
+# -- 10. curl ------------------------------------------------------------
+
+
+CURL = shutil.which("curl")
+needsCurl = pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
+
+
+def curl(server, address, password, path):
+    return runCommand(
+        [CURL, "-s", "-S", "--max-time", "15", "-u", f"{address}:{password}",
+         f"pop3://127.0.0.1:{server.port}{path}"]
+    )
+
+
+@needsCurl
+@pytest.mark.parametrize(
+    "options, apop",
+    [(("--no-apop",), False), ((), True)],
+    ids=["USER-PASS-with-no-apop", "APOP-user"],
+)
+def test_curl(mailgate_server, mailgate_cli, options, apop):
+    """
+    curl fetches and lists messages: with USER/PASS when the server offers
+    no APOP, and with APOP (which curl prefers when the greeting offers it)
+    for a user with APOP enabled.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW, apop=apop)
+    first = crlf(message("for curl", b".dot\n..two dots\n.\nHello from mailgate.\n"))
+    second = crlf(message("second"))
+    mailgate_cli.deliver(ALICE, first)
+    mailgate_cli.deliver(ALICE, second)
+    server = mailgate_server(*options, *FAST_FAILURES)
+
+    code, out, err = curl(server, ALICE, ALICE_PW, "/1")
+    assert code == 0, err
+    assert out.encode() == first
+
+    code, out, err = curl(server, ALICE, ALICE_PW, "/")
+    assert code == 0, err
+    assert out.splitlines() == [f"1 {len(first)}", f"2 {len(second)}"]
+
+    code, out, err = curl(server, ALICE, "wrong", "/1")
+    assert code == 67, (code, out, err)  # CURLE_LOGIN_DENIED
+    # Nothing was deleted by any of this.
+    assert len(mailgate_cli.mailbox(ALICE)) == 2
+
+
+@needsCurl
+def test_curlAsInTheReadmeQuickStart(mailgate_server, mailgate_cli):
+    """
+    The README's quick start: a server with default options, a user added
+    with `mailgate user add` (no --apop), and `curl -u ADDRESS
+    pop3://.../1`.  curl logs in with APOP whenever the greeting carries a
+    timestamp, so this only works if the default server does not offer
+    APOP to a maildrop that cannot use it.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    sent = crlf(message("hello", b"first message\n"))
+    mailgate_cli.deliver(ALICE, sent)
+    server = mailgate_server(*FAST_FAILURES)
+    code, out, err = curl(server, ALICE, ALICE_PW, "/1")
+    assert code == 0, f"curl exited {code}: {err}"
+    assert out.encode() == sent
+
+
+# -- 11. an endless line -------------------------------------------------
+
+
+def test_megabyteLineWithoutLineEnd(mailgate_server, mailgate_cli):
+    """
+    A 1 MB "command" is discarded as it arrives: the session gets -ERR once
+    the line ends and goes on, and other clients are served meanwhile.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(BOB, BOB_PW)
+    mailgate_cli.deliver(BOB, message("still here"))
+    server = mailgate_server()
+    with connect(server.port) as sock:
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(b"USER " + b"x" * (1 << 20))
+
+        # Meanwhile, another client is served.
+        client = login(server, BOB, BOB_PW)
+        assert client.stat()[0] == 1
+        assert client.quit().startswith(b"+OK")
+
+        sock.sendall(b"\r\n")
+        reply = reader.line()
+        assert reply.startswith(b"-ERR") and b"too long" in reply, reply
+        # The session goes on.
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
+        assert reader.line().startswith(b"+OK")
+        assert reader.line().startswith(b"+OK")
+        assert reader.line() == b"+OK 0 0\r\n"
+        assert reader.line().startswith(b"+OK")
+        assert reader.closed()
+    assert server.running(), server.log()
