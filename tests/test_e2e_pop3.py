@@ -599,24 +599,24 @@ CURL = shutil.which("curl")
 needsCurl = pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
 
 
-def curl(server, address, password, path):
-    return runCommand(
-        [CURL, "-s", "-S", "--max-time", "15", "-u", f"{address}:{password}",
-         f"pop3://127.0.0.1:{server.port}{path}"]
-    )
+def curl(server, address, password, path, loginOptions=None):
+    argv = [CURL, "-s", "-S", "--max-time", "15", "-u", f"{address}:{password}"]
+    if loginOptions:
+        argv += ["--login-options", loginOptions]
+    return runCommand(argv + [f"pop3://127.0.0.1:{server.port}{path}"])
 
 
 @needsCurl
 @pytest.mark.parametrize(
-    "options, apop",
-    [(("--no-apop",), False), ((), True)],
-    ids=["USER-PASS-with-no-apop", "APOP-user"],
+    "options, apop, loginOptions",
+    [(("--no-apop",), False, None), ((), True, "AUTH=+APOP")],
+    ids=["no-apop-server", "APOP-forced"],
 )
-def test_curl(mailgate_server, mailgate_cli, options, apop):
+def test_curl(mailgate_server, mailgate_cli, options, apop, loginOptions):
     """
-    curl fetches and lists messages: with USER/PASS when the server offers
-    no APOP, and with APOP (which curl prefers when the greeting offers it)
-    for a user with APOP enabled.
+    curl fetches (un-stuffing dots) and lists messages.  curl chooses how
+    to log in by itself (SASL if CAPA offers it, else APOP if the greeting
+    offers it, else USER/PASS); the second case makes it use APOP.
     """
     mailgate_cli.addUser(ALICE, ALICE_PW, apop=apop)
     first = crlf(message("for curl", b".dot\n..two dots\n.\nHello from mailgate.\n"))
@@ -625,15 +625,15 @@ def test_curl(mailgate_server, mailgate_cli, options, apop):
     mailgate_cli.deliver(ALICE, second)
     server = mailgate_server(*options, *FAST_FAILURES)
 
-    code, out, err = curl(server, ALICE, ALICE_PW, "/1")
+    code, out, err = curl(server, ALICE, ALICE_PW, "/1", loginOptions)
     assert code == 0, err
     assert out.encode() == first
 
-    code, out, err = curl(server, ALICE, ALICE_PW, "/")
+    code, out, err = curl(server, ALICE, ALICE_PW, "/", loginOptions)
     assert code == 0, err
     assert out.splitlines() == [f"1 {len(first)}", f"2 {len(second)}"]
 
-    code, out, err = curl(server, ALICE, "wrong", "/1")
+    code, out, err = curl(server, ALICE, "wrong", "/1", loginOptions)
     assert code == 67, (code, out, err)  # CURLE_LOGIN_DENIED
     # Nothing was deleted by any of this.
     assert len(mailgate_cli.mailbox(ALICE)) == 2
@@ -644,9 +644,10 @@ def test_curlAsInTheReadmeQuickStart(mailgate_server, mailgate_cli):
     """
     The README's quick start: a server with default options, a user added
     with `mailgate user add` (no --apop), and `curl -u ADDRESS
-    pop3://.../1`.  curl logs in with APOP whenever the greeting carries a
-    timestamp, so this only works if the default server does not offer
-    APOP to a maildrop that cannot use it.
+    pop3://.../1`.  curl prefers APOP to USER/PASS whenever the greeting
+    carries a timestamp (and never falls back), so this works only if the
+    default server offers curl a way in that it prefers to APOP (SASL) or
+    does not offer APOP to a maildrop that cannot use it.
     """
     mailgate_cli.addUser(ALICE, ALICE_PW)
     sent = crlf(message("hello", b"first message\n"))
