@@ -1,0 +1,1152 @@
+"""
+SMTP and LMTP intake without sockets: an L{SMTPSession} drives
+L{mailgate.smtp.SMTPServer} (or L{mailgate.smtp.LMTPServer}) over a
+StringTransport, with a clock for timers, against a real SQLite file.
+
+The tests assert what a client sees: reply codes and texts, and the octets
+stored (read back from the SQLite file itself and through POP3 RETR).
+"""
+
+import re
+import sqlite3
+
+import pytest
+
+from mailgate.smtp.protocol import SMTPServer
+from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+DAVE = "dave@example.org"
+PASSWORD = "secret"
+SENDER = "sender@remote.test"
+
+ENHANCED = re.compile(r"^[245][0-9]{2}[ -][245]\.[0-9]{1,3}\.[0-9]{1,3} ")
+TRACE = re.compile(
+    rb"^Return-Path: <(?P<sender>[^>]*)>\r\n"
+    rb"Received: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mailgate\.test \(mailgate\) with (?P<protocol>E?SMTP|LMTP) id (?P<id>[0-9A-F]{12})"
+    rb"(?:\r\n\tfor <(?P<for>[^>]+)>)?; (?P<date>[^\r\n]+)\r\n"
+)
+
+
+@pytest.fixture
+def users(store):
+    for address in (ALICE, BOB, CAROL):
+        addUser(store, address, PASSWORD)
+    return store
+
+
+def session(store, hello="EHLO client.test", **options):
+    s = SMTPSession(store, **options)
+    if hello:
+        reply = s.command(hello)
+        assert reply.startswith("250"), reply
+    return s
+
+
+def lmtp(store, **options):
+    return session(store, hello="LHLO client.test", lmtp=True, **options)
+
+
+def lines(reply):
+    """
+    The reply lines of a piece of server output, without line ends.
+    """
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8")
+    assert reply == "" or reply.endswith("\r\n"), reply
+    return reply.split("\r\n")[:-1]
+
+
+def stuff(message):
+    """
+    The wire form of a message in DATA: dot-stuffed and terminated.
+    """
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+def envelope(s, recipients, sender=SENDER):
+    """
+    MAIL, RCPT for each recipient and DATA; return the replies.
+    """
+    out = [s.command(f"MAIL FROM:<{sender}>")]
+    out += [s.command(f"RCPT TO:<{r}>") for r in recipients]
+    out.append(s.command("DATA"))
+    return lines("".join(out))
+
+
+def storedMessages(dbpath, address):
+    """
+    The octets of every message in C{address}'s maildrop, read from the
+    SQLite file by another connection.
+    """
+    with sqlite3.connect(dbpath) as db:
+        rows = db.execute(
+            "SELECT m.body_owner, m.body_id, m.size FROM maildrop m "
+            "JOIN users u ON u.user_id = m.user_id WHERE u.address = ? ORDER BY m.uid",
+            (address,),
+        ).fetchall()
+        messages = []
+        for owner, bodyId, size in rows:
+            chunks = db.execute(
+                "SELECT data FROM body_chunks WHERE owner_id = ? AND body_id = ? ORDER BY seq",
+                (owner, bodyId),
+            ).fetchall()
+            message = b"".join(bytes(c) for c, in chunks)
+            assert len(message) == size
+            messages.append(message)
+    return messages
+
+
+def rowCounts(dbpath):
+    with sqlite3.connect(dbpath) as db:
+        return {
+            table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("bodies", "body_chunks", "maildrop")
+        }
+
+
+def nothingStored(dbpath):
+    return rowCounts(dbpath) == {"bodies": 0, "body_chunks": 0, "maildrop": 0}
+
+
+def retr(store, address, number=1):
+    """
+    RETR through a POP3 session: the raw response, and the message it
+    carries (un-stuffed).
+    """
+    pop = POP3Session(store)
+    assert pop.login(address, PASSWORD).startswith("+OK")
+    raw = pop.send(b"RETR %d\r\n" % number)
+    pop.command("QUIT")
+    status, _, body = raw.partition(b"\r\n")
+    assert status.startswith(b"+OK"), raw
+    assert body.endswith(b".\r\n")
+    body = body[:-3]
+    if body.startswith(b".."):
+        body = body[1:]
+    return raw, body.replace(b"\r\n..", b"\r\n.")
+
+
+def trace(message):
+    match = TRACE.match(message)
+    assert match is not None, message[:300]
+    return match
+
+
+# -- greeting and hello ------------------------------------------------------
+
+
+def test_greeting(store):
+    assert SMTPSession(store).greeting == "220 mailgate.test ESMTP mailgate ready\r\n"
+    assert SMTPSession(store, lmtp=True).greeting == "220 mailgate.test LMTP mailgate ready\r\n"
+
+
+def test_ehloAdvertisesTheExtensions(store):
+    s = SMTPSession(store, maxMessageSize=12345)
+    reply = lines(s.command("EHLO client.test"))
+    assert reply[0] == "250-mailgate.test greets client.test"
+    assert all(line.startswith("250-") for line in reply[:-1])
+    assert reply[-1].startswith("250 ")
+    keywords = [line[4:] for line in reply[1:]]
+    for keyword in ("SIZE 12345", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"):
+        assert keyword in keywords
+
+
+def test_defaultSizeIsAdvertised(store):
+    reply = SMTPSession(store).command("EHLO client.test")
+    assert f"250-SIZE {SMTPServer.maxMessageSize}\r\n" in reply
+
+
+def test_helo(users, dbpath):
+    s = SMTPSession(users)
+    assert s.command("HELO client.test") == "250 mailgate.test greets client.test\r\n"
+    # Without EHLO there are no ESMTP parameters...
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=10") == "555 5.5.4 MAIL parameters need EHLO\r\n"
+    # ...but mail goes through.
+    out = envelope(s, [ALICE])
+    assert out[0] == f"250 2.1.0 sender <{SENDER}> OK"
+    assert out[-1].startswith("354 ")
+    assert s.send(b"Subject: helo\r\n\r\nhi\r\n.\r\n").startswith(b"250 2.0.0 ")
+    [message] = storedMessages(dbpath, ALICE)
+    assert trace(message)["protocol"] == b"SMTP"
+
+
+@pytest.mark.parametrize("command", ["EHLO", "HELO", "EHLO ", "EHLO two words"])
+def test_helloNeedsOneName(store, command):
+    s = SMTPSession(store)
+    assert s.command(command).startswith("501 5.5.4 syntax: ")
+    assert s.command(f"MAIL FROM:<{SENDER}>") == "503 5.5.1 send EHLO first\r\n"
+
+
+def test_everyReplyCarriesAnEnhancedStatusCode(users):
+    """
+    RFC 2034: after EHLO, every 2xx, 4xx and 5xx reply carries an enhanced
+    status code (the greeting, the EHLO reply and the 354 are exempt).
+    """
+    s = session(users)
+    out = []
+    for command in [
+        "NOOP",
+        "HELP",
+        "VRFY alice",
+        "EXPN list",
+        "XYZZY",
+        "RCPT TO:<alice@example.org>",
+        "DATA",
+        f"MAIL FROM:<{SENDER}>",
+        f"MAIL FROM:<{SENDER}>",
+        "MAIL FROM:<broken",
+        "RCPT TO:<nobody@example.org>",
+        "RCPT TO:<somebody@elsewhere.test>",
+        "RCPT TO:<broken",
+        "RCPT TO:<alice@example.org> NOTIFY=NEVER",
+        "RCPT TO:<alice@example.org>",
+        "DATA now",
+        "DATA",
+    ]:
+        out += lines(s.command(command))
+    out += lines(s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n"))
+    out += lines(s.command(f"MAIL FROM:<{SENDER}> SIZE=999999999999"))
+    out += lines(s.command(f"MAIL FROM:<{SENDER}> FOO=BAR"))
+    out += lines(s.command("RSET"))
+    out += lines(s.command("RSET x"))
+    out += lines(s.command("LHLO client.test"))
+    out += lines(s.command("QUIT"))
+    assert len(out) == 24
+    for line in out:
+        if line.startswith("354 "):
+            continue
+        assert ENHANCED.match(line), line
+
+
+# -- command sequence --------------------------------------------------------
+
+
+def test_mailBeforeHello(users):
+    s = SMTPSession(users)
+    assert s.command(f"MAIL FROM:<{SENDER}>") == "503 5.5.1 send EHLO first\r\n"
+
+
+def test_nestedMail(users):
+    s = session(users)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 2.1.0")
+    assert s.command(f"MAIL FROM:<{SENDER}>") == "503 5.5.1 nested MAIL command\r\n"
+    # The first transaction is still there.
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+def test_rcptBeforeMail(users):
+    s = session(users)
+    assert s.command(f"RCPT TO:<{ALICE}>") == "503 5.5.1 need MAIL command first\r\n"
+
+
+def test_dataBeforeMail(users):
+    s = session(users)
+    assert s.command("DATA") == "503 5.5.1 need MAIL command first\r\n"
+
+
+def test_dataWithoutAcceptedRecipient(users, dbpath):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
+    assert s.command("RCPT TO:<nobody@example.org>").startswith("550 ")
+    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
+    # Still in command mode: the transaction can go on.
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 ")
+    assert s.command("DATA").startswith("354 ")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+
+
+def test_mailParameters(users):
+    s = session(users, maxMessageSize=1000)
+    for argument, reply in [
+        ("SIZE=1000 BODY=8BITMIME", "250 2.1.0 "),
+        ("BODY=7BIT", "250 2.1.0 "),
+        ("SMTPUTF8", "250 2.1.0 "),
+        ("SIZE=abc", "501 5.5.4 SIZE needs a number"),
+        ("SIZE", "501 5.5.4 SIZE needs a number"),
+        ("BODY=BINARYMIME", "501 5.5.4 BODY must be 7BIT or 8BITMIME"),
+        ("SMTPUTF8=yes", "501 5.5.4 SMTPUTF8 takes no value"),
+        ("AUTH=<>", "555 5.5.4 unsupported MAIL parameter AUTH"),
+        ("SIZE=1 SIZE=2", "501 5.1.7 bad sender address syntax: duplicate parameter SIZE"),
+    ]:
+        assert s.command(f"MAIL FROM:<{SENDER}> {argument}").startswith(reply), argument
+        s.command("RSET")
+
+
+def test_rcptParametersAreRefused(users):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command(f"RCPT TO:<{ALICE}> NOTIFY=NEVER") == "555 5.5.4 unsupported RCPT parameter NOTIFY\r\n"
+
+
+def test_malformedAddresses(users):
+    s = session(users)
+    assert s.command("MAIL FROM:sender@remote.test").startswith("501 5.1.7 bad sender address syntax")
+    assert s.command("MAIL FROM:<>") == "250 2.1.0 sender <> OK\r\n"
+    assert s.command("RCPT TO:<>").startswith("501 5.1.3 bad recipient address syntax")
+    assert s.command("RCPT TO:alice@example.org").startswith("501 5.1.3 ")
+    assert s.command("RCPT TO:<alice@example.org").startswith("501 5.1.3 ")
+
+
+def test_commandsAreCaseInsensitive(users, dbpath):
+    s = SMTPSession(users)
+    assert s.command("ehlo client.test").startswith("250-")
+    assert s.command(f"mail from:<{SENDER}>").startswith("250 2.1.0")
+    assert s.command(f"Rcpt To:<{ALICE}>").startswith("250 2.1.5")
+    assert s.command("data").startswith("354 ")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0")
+
+
+def test_nonASCIISenderNeedsSMTPUTF8(users):
+    s = session(users)
+    assert s.command("MAIL FROM:<jörg@remote.test>").startswith("501 5.1.7 ")
+    assert s.command("MAIL FROM:<jörg@remote.test> SMTPUTF8") == "250 2.1.0 sender <jörg@remote.test> OK\r\n"
+
+
+def test_smtputf8TransactionAllowsUTF8Recipients(users):
+    """
+    RFC 6531 section 3.4: SMTPUTF8 is given on MAIL and covers the whole
+    transaction; RCPT has no such parameter.  A UTF-8 recipient is therefore
+    well-formed in an SMTPUTF8 transaction: no such user here (550), not a
+    syntax error (501).
+    """
+    s = session(users)
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    assert s.command("RCPT TO:<jörg@example.org>") == "550 5.1.1 <jörg@example.org>: no such user here\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+# -- recipients: local users of accepted domains only ------------------------
+
+
+def test_unknownUserInAcceptedDomain(users):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("RCPT TO:<nobody@example.org>") == "550 5.1.1 <nobody@example.org>: no such user here\r\n"
+
+
+def test_recipientsAreMatchedWithoutRegardToCase(users, dbpath):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("RCPT TO:<Alice@EXAMPLE.Org>") == "250 2.1.5 recipient <Alice@EXAMPLE.Org> OK\r\n"
+    s.command("DATA")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+
+
+def test_explicitDomains(users):
+    addUser(users, "erin@example.net", PASSWORD)
+    s = session(users, domains=["example.org"])
+    s.command(f"MAIL FROM:<{SENDER}>")
+    # A user, but not in an accepted domain.
+    assert s.command("RCPT TO:<erin@example.net>") == "550 5.7.1 <erin@example.net>: relay access denied\r\n"
+    assert s.command("RCPT TO:<x@elsewhere.test>") == "550 5.7.1 <x@elsewhere.test>: relay access denied\r\n"
+    assert s.command("RCPT TO:<nobody@example.org>").startswith("550 5.1.1 ")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+
+
+def test_defaultDomainsAreTheUsersDomains(users):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("RCPT TO:<x@elsewhere.test>") == "550 5.7.1 <x@elsewhere.test>: relay access denied\r\n"
+    assert s.command("RCPT TO:<x@example.net>") == "550 5.7.1 <x@example.net>: relay access denied\r\n"
+    addUser(users, "erin@example.net", PASSWORD)
+    assert s.command("RCPT TO:<x@example.net>").startswith("550 5.1.1 ")
+    assert s.command("RCPT TO:<erin@example.net>").startswith("250 2.1.5 ")
+
+
+def test_noUsersNoDomains(store):
+    s = session(store)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("550 5.7.1 ")
+
+
+RELAY_ATTEMPTS = [
+    "<victim@elsewhere.test>",
+    "<postmaster@elsewhere.test>",
+    "<@example.org:victim@elsewhere.test>",
+    "<@example.org,@mail.example.org:victim@elsewhere.test>",
+    "<victim%elsewhere.test@example.org>",
+    '<"victim@elsewhere.test"@example.org>',
+    "<elsewhere.test!victim@example.org>",
+    "<victim@elsewhere.test@example.org>",
+    "<victim@[192.0.2.1]>",
+    "<victim@[127.0.0.1]>",
+    "<victim@[IPv6:::1]>",
+    "<victim@example.org.elsewhere.test>",
+    "<victim@sub.example.org>",
+    "<victim@elsewhere.test.>",
+    "<victim@org>",
+    "<alice@example.org@elsewhere.test>",
+    '<"alice@example.org"@elsewhere.test>',
+]
+
+
+@pytest.mark.parametrize("domains", [None, ["example.org"]], ids=["users-domains", "explicit"])
+@pytest.mark.parametrize("path", RELAY_ATTEMPTS)
+def test_neverAnOpenRelay(users, dbpath, domains, path):
+    s = session(users, domains=domains)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    reply = s.command(f"RCPT TO:{path}")
+    assert reply[0] == "5" and ENHANCED.match(reply), reply
+    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
+    assert nothingStored(dbpath)
+
+
+def test_vrfyRevealsNothing(users):
+    s = session(users)
+    known = s.command(f"VRFY {ALICE}")
+    unknown = s.command("VRFY nobody@example.org")
+    assert known == unknown
+    assert known.startswith("252 2.5.0 ")
+    assert s.command("EXPN staff") == "502 5.5.1 EXPN is not supported\r\n"
+
+
+# -- size --------------------------------------------------------------------
+
+
+def test_declaredSizeOverTheLimit(users):
+    s = session(users, maxMessageSize=1000)
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=1001") == (
+        "552 5.3.4 message size exceeds the limit of 1000 octets\r\n"
+    )
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=1000") == f"250 2.1.0 sender <{SENDER}> OK\r\n"
+
+
+def test_actualSizeOverTheLimit(users, dbpath):
+    """
+    A message larger than the limit is refused after the final dot (not
+    before: the client is still sending), nothing is stored, and the
+    session goes on.
+    """
+    s = session(users, maxMessageSize=1000)
+    envelope(s, [ALICE, BOB])
+    line = b"x" * 98 + b"\r\n"
+    for _ in range(20):
+        assert s.send(line) == b""
+    assert s.send(b".\r\n") == b"552 5.3.4 message size exceeds the limit of 1000 octets\r\n"
+    assert nothingStored(dbpath)
+    # A following transaction succeeds.
+    out = envelope(s, [ALICE])
+    assert out[0].startswith("250 ") and out[-1].startswith("354 ")
+    assert s.send(stuff(b"Subject: small\r\n\r\nok\r\n")).startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert storedMessages(dbpath, BOB) == []
+
+
+def test_messageOfExactlyTheLimit(users, dbpath):
+    s = session(users, maxMessageSize=1000)
+    message = b"Subject: limit\r\n\r\n" + b"y" * (1000 - 18 - 2) + b"\r\n"
+    assert len(message) == 1000
+    envelope(s, [ALICE])
+    assert s.send(stuff(message)).startswith(b"250 2.0.0 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert stored.endswith(b"\r\n" + message)
+
+
+# -- command lines -----------------------------------------------------------
+
+
+def test_commandLineLimit(users):
+    s = session(users)
+    exactly = "NOOP " + "x" * (512 - 5 - 2)
+    assert len(exactly) + 2 == 512
+    assert s.command(exactly) == "250 2.0.0 OK\r\n"
+    assert s.command(exactly + "x") == "500 5.5.2 line too long (the limit is 512 octets)\r\n"
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_overLongCommandInOnePacketWithOthers(users):
+    s = session(users)
+    reply = s.send(b"NOOP\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    assert lines(reply) == [
+        "250 2.0.0 OK",
+        "500 5.5.2 line too long (the limit is 512 octets)",
+        "250 2.0.0 OK",
+    ]
+
+
+def test_endlessCommandLineIsNotBuffered(users):
+    """
+    A 1 MB command line without a line end: refused once, discarded as it
+    arrives (the protocol's buffer stays small), and its tail, which looks
+    like a command, is not run when the line finally ends.
+    """
+    s = session(users)
+    out = b""
+    for _ in range(256):
+        out += s.send(b"A" * 4096)
+        assert len(s.protocol._buffer) < SMTPServer.maxCommandLength
+    out += s.send(b" QUIT\r\n")
+    assert out == b"500 5.5.2 line too long (the limit is 512 octets)\r\n"
+    assert not s.disconnected
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_endlessCommandLineInOnePacket(users):
+    s = session(users)
+    reply = s.send(b"MAIL FROM:<" + b"a" * (1 << 20))
+    assert reply == b"500 5.5.2 line too long (the limit is 512 octets)\r\n"
+    assert len(s.protocol._buffer) < SMTPServer.maxCommandLength
+    assert s.send(b">\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+@pytest.mark.parametrize(
+    "garbage, text",
+    [
+        (b"MAIL FROM:<a\x00b@remote.test>", "invalid characters in command"),
+        (b"\x00\x00\x00", "invalid characters in command"),
+        (b"NOOP\x1b[2J", "invalid characters in command"),
+        (b"NOOP\rRSET", "invalid characters in command"),
+        (b"\x7fELF\x02\x01", "invalid characters in command"),
+        (b"\xff\xfe\xfd\xfc", "command is not valid UTF-8"),
+        (b"MAIL FROM:<\xe9@remote.test>", "command is not valid UTF-8"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "invalid characters in command"),
+        (b"GET / HTTP/1.1", "command not recognized"),
+        (b"", "command not recognized"),
+    ],
+)
+def test_garbage(users, garbage, text):
+    s = session(users)
+    assert s.send(garbage + b"\r\n") == f"500 5.5.2 {text}\r\n".encode()
+    assert not s.disconnected
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_tooManyErrorsCloseTheSession(users):
+    s = session(users)
+    for _ in range(SMTPServer.maxBadCommands - 1):
+        assert s.send(b"\xff\r\n") == b"500 5.5.2 command is not valid UTF-8\r\n"
+        assert not s.disconnected
+    assert lines(s.send(b"\xff\r\n")) == [
+        "500 5.5.2 command is not valid UTF-8",
+        "421 4.7.0 mailgate.test too many errors, closing connection",
+    ]
+    assert s.disconnected
+    assert s.command("NOOP") == ""
+
+
+# -- SMTP smuggling ----------------------------------------------------------
+
+
+SMUGGLED = (
+    b"RSET\r\n"
+    b"MAIL FROM:<evil@attacker.test>\r\n"
+    b"RCPT TO:<bob@example.org>\r\n"
+    b"DATA\r\n"
+    b"From: ceo@example.org\r\n"
+    b"Subject: smuggled\r\n"
+    b"\r\n"
+    b"wire the money\r\n"
+)
+
+
+@pytest.mark.parametrize("piece", [None, 1, 512, 1460], ids=["one-packet", "octets", "512", "1460"])
+def test_smuggling_overLongLineDoesNotDropIntoCommandMode(users, dbpath, piece):
+    """
+    Twisted's ESMTP leaves DATA mode at an over-long body line, so the rest
+    of the body runs as commands.  Here the smuggled commands stay data:
+    one reply, at the real end of the data, and nothing is stored.
+    """
+    s = session(users)
+    assert envelope(s, [ALICE])[-1].startswith("354 ")
+    body = b"Subject: innocent\r\n\r\n" + b"A" * 2000 + b"\r\n" + SMUGGLED
+    pieces = [body] if piece is None else [body[i:i + piece] for i in range(0, len(body), piece)]
+    out = b"".join(s.send(p) for p in pieces)
+    assert out == b""
+    assert s.send(b".\r\n") == b"500 5.5.2 line too long (the limit is 1000 octets)\r\n"
+    assert nothingStored(dbpath)
+    # Back in command mode, with no transaction.
+    assert s.command(f"RCPT TO:<{BOB}>") == "503 5.5.1 need MAIL command first\r\n"
+
+
+def test_smuggling_overLongLineAndSmuggledCommandsInOnePacketWithTheEnd(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    body = b"Subject: innocent\r\n\r\n" + b"A" * 2000 + b"\r\n" + SMUGGLED + b".\r\nQUIT\r\n"
+    assert lines(s.send(body)) == [
+        "500 5.5.2 line too long (the limit is 1000 octets)",
+        "221 2.0.0 mailgate.test closing connection",
+    ]
+    assert nothingStored(dbpath)
+
+
+def test_overLongLineRightBeforeTheEndSplitBetweenCRAndLF(users, dbpath):
+    """
+    The over-long line's CR arrives at the end of one packet and its LF at
+    the start of the next, right before the terminator (TCP may split a
+    stream anywhere).  The client must still get its answer at the end of
+    the data, not be left waiting in DATA mode until the idle timeout.
+    """
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: x\r\n\r\n" + b"A" * 2000 + b"\r") == b""
+    assert s.send(b"\n.\r\n") == b"500 5.5.2 line too long (the limit is 1000 octets)\r\n"
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert nothingStored(dbpath)
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r.\r\n"],
+    ids=["LF.CRLF", "CRLF.LF", "LF.LF", "CR.CR", "CR.CRLF"],
+)
+def test_smuggling_bareLineEndDotIsNotTheEnd(users, dbpath, store, fake):
+    """
+    SMTP smuggling (CVE-2023-51764/51765/51766): a "." next to a bare LF
+    or CR is not the end of the data.  The smuggled transaction is text of
+    the one message Alice gets; Bob gets nothing; the client gets exactly
+    one reply; and POP3 gives Alice the same message, with the smuggled
+    lines inside it.
+    """
+    s = session(users)
+    envelope(s, [ALICE])
+    body = b"Subject: innocent\r\n\r\nhello" + fake + SMUGGLED
+    assert s.send(body) == b""
+    reply = s.send(b".\r\n")
+    assert len(lines(reply)) == 1
+    assert reply.startswith(b"250 2.0.0 OK: message accepted as ")
+    assert storedMessages(dbpath, BOB) == []
+    [stored] = storedMessages(dbpath, ALICE)
+    assert b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" in stored
+    assert stored.endswith(b"\r\nwire the money\r\n")
+    assert stored.count(b"\n") == stored.count(b"\r\n")
+    raw, message = retr(store, ALICE)
+    assert message == stored
+    assert raw.count(b"\r\n.\r\n") == 1 and raw.endswith(b"\r\nwire the money\r\n.\r\n")
+    assert rowCounts(dbpath)["maildrop"] == 1
+
+
+# -- pipelining ----------------------------------------------------------------
+
+
+def test_pipelining(users, dbpath):
+    s = session(users)
+    reply = s.send(
+        f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nRCPT TO:<nobody@example.org>\r\n"
+        f"RCPT TO:<{BOB}>\r\nDATA\r\n".encode()
+    )
+    assert lines(reply) == [
+        f"250 2.1.0 sender <{SENDER}> OK",
+        f"250 2.1.5 recipient <{ALICE}> OK",
+        "550 5.1.1 <nobody@example.org>: no such user here",
+        f"250 2.1.5 recipient <{BOB}> OK",
+        "354 End data with <CR><LF>.<CR><LF>",
+    ]
+    reply = s.send(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    first, second = lines(reply)
+    assert first.startswith("250 2.0.0 OK: message accepted as ")
+    assert second == "221 2.0.0 mailgate.test closing connection"
+    assert s.disconnected
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert storedMessages(dbpath, ALICE) == storedMessages(dbpath, BOB)
+
+
+SESSION = (
+    b"EHLO client.test\r\n"
+    b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+    b"Subject: one\r\n\r\n..first\r\n.\r\n"
+    b"MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n"
+    b"Subject: two\r\n\r\nsecond\r\n.\r\n"
+    b"NOOP\r\nQUIT\r\nNOOP\r\n"
+)
+
+
+def replyCodes(out):
+    return [line[:3] for line in lines(out) if not line.startswith("250-")]
+
+
+@pytest.mark.parametrize("piece", [None, 1, 7], ids=["one-packet", "octets", "7"])
+def test_wholeSessionPipelined(store, dbpath, piece):
+    for address in (ALICE, BOB, CAROL):
+        addUser(store, address, PASSWORD)
+    s = SMTPSession(store)
+    pieces = [SESSION] if piece is None else [SESSION[i:i + piece] for i in range(0, len(SESSION), piece)]
+    out = b"".join(s.send(p) for p in pieces)
+    assert replyCodes(out) == [
+        "250", "250", "250", "354", "250", "250", "250", "250", "354", "250", "250", "221",
+    ]
+    assert s.disconnected
+    [one] = storedMessages(dbpath, ALICE)
+    assert one.endswith(b"\r\nSubject: one\r\n\r\n.first\r\n")
+    [two] = storedMessages(dbpath, BOB)
+    assert storedMessages(dbpath, CAROL) == [two]
+    assert two.startswith(b"Return-Path: <>\r\n")
+    assert two.endswith(b"\r\nSubject: two\r\n\r\nsecond\r\n")
+
+
+# -- RSET, QUIT, timeout ------------------------------------------------------
+
+
+def test_rsetClearsTheTransaction(users, dbpath):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    s.command(f"RCPT TO:<{ALICE}>")
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    assert s.command("DATA") == "503 5.5.1 need MAIL command first\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}>") == "503 5.5.1 need MAIL command first\r\n"
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 2.1.0")
+    assert s.command(f"RCPT TO:<{BOB}>").startswith("250 2.1.5")
+    s.command("DATA")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0")
+    assert storedMessages(dbpath, ALICE) == []
+    assert len(storedMessages(dbpath, BOB)) == 1
+    assert s.command("RSET x") == "501 5.5.4 RSET takes no arguments\r\n"
+
+
+def test_quit(users, dbpath):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    s.command(f"RCPT TO:<{ALICE}>")
+    assert s.command("QUIT") == "221 2.0.0 mailgate.test closing connection\r\n"
+    assert s.disconnected
+    assert s.command("NOOP") == ""
+    assert nothingStored(dbpath)
+
+
+def test_idleTimeout(users):
+    s = session(users)
+    assert s.advance(SMTPServer.idleTimeout - 1) == b""
+    assert not s.disconnected
+    assert s.advance(1) == b"421 4.4.2 mailgate.test timeout exceeded, closing connection\r\n"
+    assert s.disconnected
+
+
+def test_idleTimerCountsFromTheLastInput(users):
+    s = session(users)
+    s.advance(200)
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert s.advance(299) == b""
+    assert not s.disconnected
+    assert s.advance(1).startswith(b"421 4.4.2 ")
+    assert s.disconnected
+
+
+def test_idleTimeoutInDataStoresNothing(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    s.send(b"Subject: half\r\n\r\nhalf a mess")
+    assert s.advance(SMTPServer.idleTimeout) == b"421 4.4.2 mailgate.test timeout exceeded, closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_configuredIdleTimeout(users):
+    s = session(users, idleTimeout=600)
+    assert s.advance(599) == b""
+    assert s.advance(1).startswith(b"421 4.4.2 ")
+
+
+# -- what is stored ------------------------------------------------------------
+
+
+MESSAGE = (
+    b"From: Sender <sender@remote.test>\r\n"
+    b"To: alice@example.org\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?=\r\n"
+    b"Content-Type: text/plain; charset=latin-1\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b".leading dot\r\n"
+    b".\r\n"
+    b"..\r\n"
+    b"caf\xe9 \xff\xfe \x80\r\n"
+    b"bare\rcarriage return\r\n"
+    b"tab\there\r\n"
+    + b"L" * 998 + b"\r\n"
+    b"last line\r\n"
+)
+
+
+def test_messageIsStoredByteForByte(users, dbpath, store):
+    s = session(users)
+    envelope(s, [ALICE])
+    reply = s.send(stuff(MESSAGE)).decode()
+    assert reply.startswith("250 2.0.0 OK: message accepted as ")
+    transactionId = reply.split()[-1]
+    [stored] = storedMessages(dbpath, ALICE)
+    match = trace(stored)
+    assert match["sender"] == SENDER.encode()
+    assert match["helo"] == b"client.test"
+    assert match["protocol"] == b"ESMTP"
+    assert match["id"].decode() == transactionId
+    assert match["for"] == ALICE.encode()
+    assert stored[match.end():] == MESSAGE
+    # POP3 hands out the same octets, and counts them the same way.
+    raw, message = retr(store, ALICE)
+    assert message == stored
+    assert raw.startswith(b"+OK %d octets\r\n" % len(stored))
+    info = resultOf(store.listMessages(ALICE))
+    assert [m.size for m in info] == [len(stored)]
+
+
+def test_nullSenderReturnPath(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE], sender="")
+    assert s.send(b"Subject: bounce\r\n\r\n.\r\n").startswith(b"250 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert stored.startswith(b"Return-Path: <>\r\nReceived: ")
+    assert stored.endswith(b"\r\nSubject: bounce\r\n\r\n")
+
+
+def test_emptyMessage(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b".\r\n").startswith(b"250 2.0.0 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    match = trace(stored)
+    assert stored[match.end():] == b""
+
+
+def test_dotLinesAreUnstuffed(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b"..first\r\n..\r\n...\r\n.. \r\nend\r\n.\r\n").startswith(b"250 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert stored[trace(stored).end():] == b".first\r\n.\r\n..\r\n. \r\nend\r\n"
+
+
+def test_bareLineFeedsAreStoredAsCRLF(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: lf\n\nline one\nline two\r\n.\r\n").startswith(b"250 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert stored[trace(stored).end():] == b"Subject: lf\r\n\r\nline one\r\nline two\r\n"
+
+
+def test_threeRecipientsOneBody(users, dbpath):
+    s = session(users)
+    out = envelope(s, [ALICE, BOB, CAROL])
+    assert [line[:3] for line in out] == ["250", "250", "250", "250", "354"]
+    assert s.send(stuff(b"Subject: all\r\n\r\nhello\r\n")).startswith(b"250 2.0.0 ")
+    with sqlite3.connect(dbpath) as db:
+        assert db.execute("SELECT count(*), sum(refcount) FROM bodies").fetchone() == (1, 3)
+        assert db.execute("SELECT count(*) FROM maildrop").fetchone() == (3,)
+        assert db.execute("SELECT count(DISTINCT body_id) FROM maildrop").fetchone() == (1,)
+    [a], [b], [c] = (storedMessages(dbpath, x) for x in (ALICE, BOB, CAROL))
+    assert a == b == c
+    assert trace(a)["for"] is None  # no single recipient to name
+    assert a.endswith(b"\r\nSubject: all\r\n\r\nhello\r\n")
+
+
+def test_duplicateRecipientGetsOneCopy(users, dbpath):
+    s = session(users)
+    out = envelope(s, [ALICE, "ALICE@example.org", BOB])
+    assert [line[:3] for line in out] == ["250", "250", "250", "250", "354"]
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert len(storedMessages(dbpath, BOB)) == 1
+    assert rowCounts(dbpath)["bodies"] == 1
+
+
+def test_unknownRecipientAmongValidOnes(users, dbpath):
+    s = session(users)
+    out = envelope(s, [ALICE, "nobody@example.org", BOB])
+    assert out[2] == "550 5.1.1 <nobody@example.org>: no such user here"
+    assert [line[:3] for line in out] == ["250", "250", "550", "250", "354"]
+    assert s.send(b"Subject: x\r\n\r\ny\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert storedMessages(dbpath, ALICE) == storedMessages(dbpath, BOB)
+    assert rowCounts(dbpath)["maildrop"] == 2
+
+
+def test_messagesArriveInOrderWithDistinctIds(users, dbpath):
+    s = session(users)
+    ids = []
+    for n in range(3):
+        envelope(s, [ALICE])
+        ids.append(s.send(b"Subject: %d\r\n\r\n.\r\n" % n).split()[-1])
+    assert len(set(ids)) == 3
+    stored = storedMessages(dbpath, ALICE)
+    assert [trace(m)["id"] for m in stored] == ids
+    assert [m.endswith(b"Subject: %d\r\n\r\n" % n) for n, m in enumerate(stored)] == [True] * 3
+
+
+# -- failures: never a 250 before the commit, never a 5xx for a failure ---------
+
+
+def test_replyComesOnlyAfterCommit(users, dbpath, store):
+    """
+    The database refuses writes (PRAGMA query_only: every INSERT fails like
+    a full or read-only disk).  The answer to the final dot is a temporary
+    451, nothing is stored, and once writes work again the client's retry
+    stores exactly one copy.
+    """
+    s = session(users)
+    envelope(s, [ALICE, BOB])
+    store.database._conn.execute("PRAGMA query_only = 1")
+    try:
+        reply = s.send(stuff(b"Subject: retry\r\n\r\nbody\r\n"))
+    finally:
+        store.database._conn.execute("PRAGMA query_only = 0")
+    assert reply == b"451 4.3.0 temporary failure storing the message; try again later\r\n"
+    assert nothingStored(dbpath)
+    # The client retries in the same session.
+    out = envelope(s, [ALICE, BOB])
+    assert out[0].startswith("250 2.1.0 "), out
+    assert s.send(stuff(b"Subject: retry\r\n\r\nbody\r\n")).startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert len(storedMessages(dbpath, BOB)) == 1
+    assert rowCounts(dbpath)["bodies"] == 1
+
+
+def test_lmtpCommitFailureIsTemporaryForEveryRecipient(users, dbpath, store):
+    s = lmtp(users)
+    envelope(s, [ALICE, BOB])
+    store.database._conn.execute("PRAGMA query_only = 1")
+    try:
+        reply = s.send(b"x\r\n.\r\n")
+    finally:
+        store.database._conn.execute("PRAGMA query_only = 0")
+    out = lines(reply)
+    assert out and all(line.startswith("451 4.3.0 ") for line in out), out
+    assert nothingStored(dbpath)
+
+
+def test_recipientLookupFailureIsTemporary(users, dbpath):
+    """
+    The database goes away under a running session: here the session's own
+    store has its connection closed (as when a database server drops it).
+    SQLite in WAL mode offers no quicker real way: another connection cannot
+    lock readers out (an exclusive lock is refused while the store is
+    connected, and blocking WAL read marks costs ten seconds of retries
+    before SQLITE_PROTOCOL).  The recipient is answered with a temporary
+    451, never a 5xx, and the session goes on.
+    """
+    failing = memoryStore(f"sqlite:///{dbpath}")
+    s = session(failing)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    failing.database._conn.close()
+    reply = s.command(f"RCPT TO:<{ALICE}>")
+    assert reply.startswith("451 4.3.0 ")
+    assert s.command(f"RCPT TO:<{BOB}>").startswith("451 4.3.0 ")
+    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
+    assert s.command("QUIT").startswith("221 ")
+    assert nothingStored(dbpath)
+
+
+def test_vanishedRecipientFailsTheWholeSMTPDelivery(users, dbpath, store):
+    """
+    Bob is deleted between his RCPT and the end of DATA.  SMTP has one reply
+    for all recipients, so the delivery is all or nothing: 451, nobody gets
+    the message, and the client's retry will not give Alice a second copy.
+    """
+    s = session(users)
+    envelope(s, [ALICE, BOB, CAROL])
+    resultOf(store.deleteUser(BOB))
+    reply = s.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+    assert reply == b"451 4.3.0 a recipient no longer exists; try again\r\n"
+    assert nothingStored(dbpath)
+    # The retry: Bob is refused at RCPT now, the others get one copy.
+    out = envelope(s, [ALICE, BOB, CAROL])
+    assert [line[:3] for line in out] == ["250", "250", "550", "250", "354"]
+    assert s.send(b"Subject: x\r\n\r\ny\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert len(storedMessages(dbpath, CAROL)) == 1
+
+
+def test_vanishedRecipientInLMTPFailsOnlyThatRecipient(users, dbpath, store):
+    s = lmtp(users)
+    envelope(s, [ALICE, BOB, CAROL])
+    resultOf(store.deleteUser(BOB))
+    out = lines(s.send(b"Subject: x\r\n\r\ny\r\n.\r\n"))
+    assert len(out) == 3
+    assert out[0].startswith(f"250 2.0.0 <{ALICE}> delivered as ")
+    assert out[1] == f"550 5.1.1 <{BOB}> no such user here"
+    assert out[2].startswith(f"250 2.0.0 <{CAROL}> delivered as ")
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert storedMessages(dbpath, ALICE) == storedMessages(dbpath, CAROL)
+    assert rowCounts(dbpath)["maildrop"] == 2
+
+
+# -- recipient limit -----------------------------------------------------------
+
+
+def test_maxRecipients(users, dbpath):
+    addUser(users, DAVE, PASSWORD)
+    s = session(users, maxRecipients=3)
+    out = envelope(s, [ALICE, BOB, CAROL, DAVE])
+    assert out[4] == "452 4.5.3 too many recipients (the limit is 3)"
+    assert [line[:3] for line in out] == ["250", "250", "250", "250", "452", "354"]
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert storedMessages(dbpath, DAVE) == []
+    assert rowCounts(dbpath)["maildrop"] == 3
+
+
+def test_defaultRecipientLimitIsAtLeastWhatRFC5321Requires(users):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    for _ in range(100):
+        assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("452 4.5.3 ")
+    # 452 is not an error that counts towards closing the session.
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("452 4.5.3 ")
+    assert not s.disconnected
+
+
+# -- LMTP ----------------------------------------------------------------------
+
+
+def test_lmtpNeedsLHLO(users):
+    s = SMTPSession(users, lmtp=True)
+    assert s.command("EHLO client.test") == "500 5.5.1 this is an LMTP server: use LHLO\r\n"
+    assert s.command("HELO client.test") == "500 5.5.1 this is an LMTP server: use LHLO\r\n"
+    assert s.command(f"MAIL FROM:<{SENDER}>") == "503 5.5.1 send LHLO first\r\n"
+    reply = lines(s.command("LHLO client.test"))
+    assert reply[0] == "250-mailgate.test greets client.test"
+    assert "250-PIPELINING" in reply and "250-ENHANCEDSTATUSCODES" in reply
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 2.1.0 ")
+
+
+def test_smtpRefusesLHLO(users):
+    s = SMTPSession(users)
+    assert s.command("LHLO client.test") == "500 5.5.1 LHLO is for LMTP; this is SMTP\r\n"
+
+
+def test_lmtpOneReplyPerAcceptedRecipientInOrder(users, dbpath, store):
+    addUser(users, DAVE, PASSWORD)
+    s = lmtp(users)
+    out = envelope(s, [CAROL, "nobody@example.org", ALICE, DAVE, BOB])
+    assert [line[:3] for line in out] == ["250", "250", "550", "250", "250", "250", "354"]
+    replies = lines(s.send(stuff(b"Subject: lmtp\r\n\r\nhi\r\n")))
+    order = [CAROL, ALICE, DAVE, BOB]
+    assert len(replies) == len(order)
+    for address, reply in zip(order, replies):
+        assert reply.startswith(f"250 2.0.0 <{address}> delivered as ")
+        [info] = resultOf(store.listMessages(address))
+        assert reply.endswith(f" delivered as {info.uniqueId}")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert trace(stored)["protocol"] == b"LMTP"
+    assert rowCounts(dbpath)["bodies"] == 1
+
+
+def test_lmtpSizeLimitIsReportedPerRecipient(users, dbpath):
+    s = lmtp(users, maxMessageSize=100)
+    envelope(s, [ALICE, BOB])
+    assert s.send(b"x" * 200 + b"\r\n") == b""
+    assert lines(s.send(b".\r\n")) == [
+        f"552 5.3.4 <{ALICE}> message size exceeds the limit of 100 octets",
+        f"552 5.3.4 <{BOB}> message size exceeds the limit of 100 octets",
+    ]
+    assert nothingStored(dbpath)
+    # The session goes on.
+    envelope(s, [BOB])
+    assert lines(s.send(b"small\r\n.\r\n"))[0].startswith(f"250 2.0.0 <{BOB}> delivered as ")
+
+
+def test_lmtpDeclaredSizeOverTheLimit(users):
+    s = lmtp(users, maxMessageSize=100)
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=101") == (
+        "552 5.3.4 message size exceeds the limit of 100 octets\r\n"
+    )
+
+
+def test_lmtpOverLongLineIsReportedPerRecipient(users, dbpath):
+    s = lmtp(users)
+    envelope(s, [ALICE, BOB])
+    out = lines(s.send(b"a\r\n" + b"x" * 1200 + b"\r\n" + SMUGGLED + b".\r\n"))
+    assert out == [
+        f"500 5.5.2 <{ALICE}> line too long (the limit is 1000 octets)",
+        f"500 5.5.2 <{BOB}> line too long (the limit is 1000 octets)",
+    ]
+    assert nothingStored(dbpath)
+
+
+def test_lmtpPipelined(users, dbpath):
+    s = SMTPSession(users, lmtp=True)
+    out = s.send(
+        b"LHLO client.test\r\n"
+        b"MAIL FROM:<sender@remote.test>\r\n"
+        b"RCPT TO:<alice@example.org>\r\n"
+        b"RCPT TO:<nobody@example.org>\r\n"
+        b"RCPT TO:<bob@example.org>\r\n"
+        b"DATA\r\n"
+        b"Subject: p\r\n\r\nbody\r\n.\r\n"
+        b"QUIT\r\n"
+    )
+    assert replyCodes(out) == ["250", "250", "250", "550", "250", "354", "250", "250", "221"]
+    assert s.disconnected
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    assert len(storedMessages(dbpath, BOB)) == 1
+
+
+def test_lmtpBareLineEndDotIsNotTheEnd(users, dbpath):
+    s = lmtp(users)
+    envelope(s, [ALICE])
+    assert s.send(b"hello\n.\r\n" + SMUGGLED) == b""
+    out = lines(s.send(b".\r\n"))
+    assert len(out) == 1 and out[0].startswith(f"250 2.0.0 <{ALICE}> delivered as ")
+    assert storedMessages(dbpath, BOB) == []
+
+
+# -- connection loss and large messages ------------------------------------------
+
+
+def test_connectionLostInDataStoresNothing(users, dbpath):
+    s = session(users)
+    envelope(s, [ALICE])
+    s.send(b"Subject: cut\r\n\r\n" + b"z" * 500 + b"\r\n")
+    s.protocol.connectionLost(None)
+    assert s.send(b".\r\n") == b""
+    assert nothingStored(dbpath)
+
+
+def test_largeMessageInManyPackets(users, dbpath, store):
+    """
+    A 3 MB message (spilled to a temporary file by the spool, stored in
+    several 128 KiB chunks) arrives intact, whatever the packet size.
+    """
+    line = b"0123456789" * 99 + b"\r\n"
+    message = b"Subject: big\r\n\r\n" + b"".join(
+        (b"." if n % 7 == 0 else b"") + line[: 990 + n % 8] + b"\r\n" for n in range(3000)
+    )
+    wire = stuff(message)
+    s = session(users)
+    envelope(s, [ALICE])
+    out = b"".join(s.send(wire[i:i + 65536]) for i in range(0, len(wire), 65536))
+    assert out.startswith(b"250 2.0.0 ") and len(lines(out)) == 1
+    [stored] = storedMessages(dbpath, ALICE)
+    assert stored[trace(stored).end():] == message
+    with sqlite3.connect(dbpath) as db:
+        assert db.execute("SELECT count(*) FROM body_chunks").fetchone()[0] > 1
+    _, retrieved = retr(store, ALICE)
+    assert retrieved == stored
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"Subject: a\r\nFrom: b\r\n\r\nbody\r\n",
+        b"Subject: headers only\r\n",
+        b"\r\nno headers\r\n",
+        b"X-Long: " + b"h" * 900 + b"\r\n\r\n" + b"b" * 900 + b"\r\n",
+    ],
+)
+@pytest.mark.parametrize("piece", [None, 1], ids=["one-packet", "octets"])
+def test_headerSizeIsStoredForTOP(users, dbpath, store, message, piece):
+    """
+    The header length stored at delivery (trace fields included) is where
+    the header section really ends, so POP3 TOP n 0 shows exactly it.
+    """
+    s = session(users)
+    envelope(s, [ALICE])
+    wire = stuff(message)
+    pieces = [wire] if piece is None else [wire[i:i + 1] for i in range(len(wire))]
+    assert b"".join(s.send(p) for p in pieces).startswith(b"250 2.0.0 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    end = stored.find(b"\r\n\r\n")
+    expected = len(stored) if end < 0 else end + 4
+    with sqlite3.connect(dbpath) as db:
+        assert db.execute("SELECT header_size FROM maildrop").fetchone() == (expected,)
+    pop = POP3Session(store)
+    pop.login(ALICE, PASSWORD)
+    top = pop.send(b"TOP 1 0\r\n")
+    assert top == b"+OK top of message follows\r\n" + stored[:expected] + b".\r\n"
