@@ -1,0 +1,525 @@
+"""
+Authentication without sockets: password hashing, SCRAM verifiers, the
+verified-credential cache, APOP digests, the credential checkers behind a
+real cred L{Portal} over a real SQLite store, and address normalisation.
+"""
+
+import base64
+import hashlib
+import hmac
+import re
+
+import pytest
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from zope.interface.verify import verifyObject
+
+from mailgate.address import normalizeAddress, normalizeDomain
+from mailgate.auth import checkers as checkersModule
+from mailgate.auth.cache import VerifiedCredentialCache
+from mailgate.auth.credentials import APOPCredentials, IAPOPCredentials
+from mailgate.auth.passwords import (
+    SCRAM_ITERATIONS,
+    StoredCredentials,
+    hashPassword,
+    makeCredentials,
+    parseScramSecret,
+    scramSha256Secret,
+    verifyPassword,
+)
+from mailgate.auth.realm import makePortal
+from mailgate.errors import InvalidAddress
+from mailgate.interfaces import IMaildrop
+from mailgate.testing import TEST_HASH_COST, addUser, resultOf, runInline
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+_B64 = r"[A-Za-z0-9+/]+={0,2}"
+
+
+# -- password hashes -------------------------------------------------------
+
+
+def test_hashFormatWithDefaultCost():
+    encoded = hashPassword("correct horse")
+    match = re.fullmatch(r"\$scrypt\$ln=15,r=8,p=1\$(" + _B64 + r")\$(" + _B64 + r")", encoded)
+    assert match, encoded
+    assert len(base64.b64decode(match.group(1))) == 16
+    assert len(base64.b64decode(match.group(2))) == 32
+    assert "correct horse" not in encoded
+    assert verifyPassword("correct horse", encoded)
+
+
+def test_hashesAreSalted():
+    first = hashPassword("same", logN=TEST_HASH_COST)
+    second = hashPassword("same", logN=TEST_HASH_COST)
+    assert first != second
+    assert first.startswith(f"$scrypt$ln={TEST_HASH_COST},r=8,p=1$")
+    assert verifyPassword("same", first) and verifyPassword("same", second)
+
+
+def test_verifyTrueAndFalse():
+    encoded = hashPassword("s3cret", logN=TEST_HASH_COST)
+    assert verifyPassword("s3cret", encoded) is True
+    assert verifyPassword(b"s3cret", encoded) is True
+    assert verifyPassword("s3cret ", encoded) is False
+    assert verifyPassword("S3cret", encoded) is False
+    assert verifyPassword("", encoded) is False
+
+
+def test_verifyNonASCIIPassword():
+    encoded = hashPassword("pässwörd", logN=TEST_HASH_COST)
+    assert verifyPassword("pässwörd", encoded)
+    assert verifyPassword("pässwörd".encode("utf-8"), encoded)
+    assert not verifyPassword("passwort", encoded)
+
+
+def _corruptHashes():
+    good = hashPassword("pw", logN=TEST_HASH_COST)
+    prefix, params, salt, digest = good.rsplit("$", 3)
+    return [
+        "",
+        "plain text",
+        "$scrypt$",
+        "$scrypt$ln=10,r=8,p=1$",
+        "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g",
+        good[:-1],  # truncated digest: not valid base64 any more
+        good[:-4],
+        f"{prefix}${params}${salt}$",  # empty digest
+        f"{prefix}${params}$!!!!${digest}",  # salt not base64
+        f"{prefix}$ln=x,r=8,p=1${salt}${digest}",
+        f"{prefix}$ln=10,r=8${salt}${digest}",  # p missing
+        f"{prefix}$ln=10,r=8,p=1,junk${salt}${digest}",
+        f"{prefix}$ln=0,r=8,p=1${salt}${digest}",
+        f"{prefix}$ln=99,r=8,p=1${salt}${digest}",
+        f"{prefix}$ln=10,r=0,p=1${salt}${digest}",
+        f"{prefix}$ln=10,r=8,p=0${salt}${digest}",
+        f"{prefix}$ln=10,r=8,p=1${salt}${digest}$extra",
+        f"{prefix}$ln=10,r=8,p=1${salt}",
+        f"{prefix}$ln=10,r=8,p=1$sält${digest}",
+    ]
+
+
+@pytest.mark.parametrize("encoded", _corruptHashes())
+def test_corruptHashesDoNotVerify(encoded):
+    assert verifyPassword("pw", encoded) is False
+
+
+def test_makeCredentialsWithoutAPOP():
+    credentials = makeCredentials("hunter2", logN=TEST_HASH_COST)
+    assert verifyPassword("hunter2", credentials.passwordHash)
+    assert credentials.apopSecret is None
+    assert credentials.scramSha256.startswith(f"SCRAM-SHA-256${SCRAM_ITERATIONS}:")
+    assert "hunter2" not in credentials.passwordHash
+    assert "hunter2" not in credentials.scramSha256
+    assert "hunter2" not in repr(credentials)
+
+
+def test_makeCredentialsWithAPOPKeepsTheSecret():
+    credentials = makeCredentials("hunter2", apop=True, logN=TEST_HASH_COST)
+    assert credentials.apopSecret == "hunter2"
+    assert "hunter2" not in repr(credentials)
+
+
+# -- SCRAM-SHA-256 (RFC 5803 / RFC 7677) -------------------------------------
+
+
+def test_scramSecretFormat():
+    encoded = scramSha256Secret("pencil")
+    assert re.fullmatch(
+        r"SCRAM-SHA-256\$4096:(" + _B64 + r")\$(" + _B64 + r"):(" + _B64 + r")", encoded
+    ), encoded
+    iterations, salt, storedKey, serverKey = parseScramSecret(encoded)
+    assert iterations == 4096
+    assert len(salt) == 16
+    assert len(storedKey) == len(serverKey) == 32
+    assert scramSha256Secret("pencil") != encoded  # random salt
+
+
+# RFC 7677 section 3: user "user", password "pencil".
+RFC7677_SALT = "W22ZaJ0SNY7soEsUEjb6gQ=="
+RFC7677_NONCE = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+RFC7677_AUTH_MESSAGE = (
+    "n=user,r=rOprNGfwEbeRWgbNEkqO,"
+    f"r={RFC7677_NONCE},s={RFC7677_SALT},i=4096,"
+    f"c=biws,r={RFC7677_NONCE}"
+).encode("ascii")
+RFC7677_PROOF = "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+RFC7677_SERVER_SIGNATURE = "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+
+def test_scramKeysMatchRFC7677Example():
+    salt = base64.b64decode(RFC7677_SALT)
+    encoded = scramSha256Secret("pencil", iterations=4096, salt=salt)
+    iterations, parsedSalt, storedKey, serverKey = parseScramSecret(encoded)
+    assert (iterations, parsedSalt) == (4096, salt)
+    assert encoded.startswith(f"SCRAM-SHA-256$4096:{RFC7677_SALT}$")
+
+    # The server's signature in the RFC's exchange is HMAC(ServerKey, AuthMessage).
+    signature = hmac.new(serverKey, RFC7677_AUTH_MESSAGE, hashlib.sha256).digest()
+    assert base64.b64encode(signature).decode() == RFC7677_SERVER_SIGNATURE
+
+    # The client's proof is ClientKey XOR HMAC(StoredKey, AuthMessage), and
+    # StoredKey = H(ClientKey).
+    clientSignature = hmac.new(storedKey, RFC7677_AUTH_MESSAGE, hashlib.sha256).digest()
+    proof = base64.b64decode(RFC7677_PROOF)
+    clientKey = bytes(a ^ b for a, b in zip(proof, clientSignature))
+    assert hashlib.sha256(clientKey).digest() == storedKey
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "SCRAM-SHA-1$4096:c2FsdA==$a2V5:a2V5",
+        "SCRAM-SHA-256$4096$a2V5:a2V5",
+        "SCRAM-SHA-256$x:c2FsdA==$a2V5:a2V5",
+        "SCRAM-SHA-256$4096:c2FsdA==$a2V5",
+        "SCRAM-SHA-256$4096:!!$a2V5:a2V5",
+    ],
+)
+def test_parseScramSecretRejectsMalformed(encoded):
+    with pytest.raises(ValueError):
+        parseScramSecret(encoded)
+
+
+# -- the verified-credential cache -------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_cacheHit():
+    cache = VerifiedCredentialCache()
+    assert not cache.check(ALICE, "$scrypt$h1", b"pw")
+    cache.remember(ALICE, "$scrypt$h1", b"pw")
+    assert cache.check(ALICE, "$scrypt$h1", b"pw")
+    assert len(cache) == 1
+
+
+def test_cacheMissForAnotherPasswordOrUser():
+    cache = VerifiedCredentialCache()
+    cache.remember(ALICE, "$scrypt$h1", b"pw")
+    assert not cache.check(ALICE, "$scrypt$h1", b"pw2")
+    assert not cache.check(ALICE, "$scrypt$h1", b"")
+    assert not cache.check(BOB, "$scrypt$h1", b"pw")
+
+
+def test_cacheInvalidatedWhenStoredHashChanges():
+    cache = VerifiedCredentialCache()
+    cache.remember(ALICE, "$scrypt$old", b"pw")
+    assert not cache.check(ALICE, "$scrypt$new", b"pw")
+
+
+def test_cacheHoldsNoPassword():
+    cache = VerifiedCredentialCache()
+    cache.remember(ALICE, "$scrypt$h1", b"a-rather-distinctive-password")
+    for name, value in vars(cache).items():
+        assert b"a-rather-distinctive-password" not in repr(value).encode(), name
+
+
+def test_cacheEntriesExpire():
+    clock = FakeClock()
+    cache = VerifiedCredentialCache(lifetime=60.0, clock=clock)
+    cache.remember(ALICE, "$scrypt$h1", b"pw")
+    clock.now += 59
+    assert cache.check(ALICE, "$scrypt$h1", b"pw")
+    clock.now += 2
+    assert not cache.check(ALICE, "$scrypt$h1", b"pw")
+    assert len(cache) == 0
+    # A new verification starts a new lifetime.
+    cache.remember(ALICE, "$scrypt$h1", b"pw")
+    clock.now += 30
+    assert cache.check(ALICE, "$scrypt$h1", b"pw")
+
+
+def test_cacheIsBoundedOldestFirst():
+    cache = VerifiedCredentialCache(maxEntries=3)
+    for n in range(3):
+        cache.remember(f"u{n}@example.org", "$scrypt$h", b"pw")
+    # Using an entry makes it recent.
+    assert cache.check("u0@example.org", "$scrypt$h", b"pw")
+    cache.remember("u3@example.org", "$scrypt$h", b"pw")
+    assert len(cache) == 3
+    assert not cache.check("u1@example.org", "$scrypt$h", b"pw")
+    for n in (0, 2, 3):
+        assert cache.check(f"u{n}@example.org", "$scrypt$h", b"pw"), n
+    for n in range(4, 100):
+        cache.remember(f"u{n}@example.org", "$scrypt$h", b"pw")
+        assert len(cache) <= 3
+    assert len(cache) == 3
+
+
+def test_cacheDisabledWithZeroEntries():
+    cache = VerifiedCredentialCache(maxEntries=0)
+    cache.remember(ALICE, "$scrypt$h1", b"pw")
+    assert not cache.check(ALICE, "$scrypt$h1", b"pw")
+    assert len(cache) == 0
+
+
+def test_cacheKeysAreProcessPrivate():
+    first = VerifiedCredentialCache()
+    second = VerifiedCredentialCache()
+    first.remember(ALICE, "$scrypt$h1", b"pw")
+    assert not second.check(ALICE, "$scrypt$h1", b"pw")
+
+
+# -- APOP ------------------------------------------------------------------
+
+
+RFC1939_TIMESTAMP = b"<1896.697170952@dbc.mtview.ca.us>"
+RFC1939_DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
+
+
+def test_apopRFC1939Example():
+    credentials = APOPCredentials(RFC1939_TIMESTAMP, b"mrose", RFC1939_DIGEST)
+    assert verifyObject(IAPOPCredentials, credentials)
+    assert credentials.checkPassword("tanstaaf") is True
+    assert credentials.checkPassword(b"tanstaaf") is True
+    assert credentials.checkPassword("tanstaafl") is False
+    assert credentials.checkPassword("") is False
+
+
+def test_apopDigestIsCaseInsensitive():
+    credentials = APOPCredentials(RFC1939_TIMESTAMP, b"mrose", RFC1939_DIGEST.upper())
+    assert credentials.checkPassword("tanstaaf")
+
+
+def test_apopDigestBoundToTimestamp():
+    credentials = APOPCredentials(b"<1897.697170952@dbc.mtview.ca.us>", b"mrose", RFC1939_DIGEST)
+    assert not credentials.checkPassword("tanstaaf")
+
+
+# -- checkers through a Portal -----------------------------------------------
+
+
+class RecordingRunner:
+    """
+    A runInThread that runs inline and records what it was asked to run.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, function, *args):
+        self.calls.append((function, args))
+        return runInline(function, *args)
+
+
+@pytest.fixture
+def users(store):
+    addUser(store, ALICE, "wonderland", apop=True)
+    addUser(store, BOB, "builder")
+    return store
+
+
+@pytest.fixture
+def verifications(monkeypatch):
+    """
+    Count the scrypt verifications the checkers really perform.
+    """
+    calls = []
+    real = checkersModule.verifyPassword
+
+    def counting(password, encoded):
+        calls.append(encoded)
+        return real(password, encoded)
+
+    monkeypatch.setattr(checkersModule, "verifyPassword", counting)
+    return calls
+
+
+def _login(portal, credentials):
+    return resultOf(portal.login(credentials, None, IMaildrop))
+
+
+def test_passwordLoginThroughPortal(users):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    interface, maildrop, logout = _login(portal, UsernamePassword(b"alice@example.org", b"wonderland"))
+    assert interface is IMaildrop
+    assert verifyObject(IMaildrop, maildrop)
+    assert maildrop.address == ALICE
+    assert len(runner.calls) == 1
+    logout()
+
+
+def test_passwordLoginNormalisesTheUserName(users):
+    portal = makePortal(users, RecordingRunner())
+    _, maildrop, logout = _login(portal, UsernamePassword(b" Alice@EXAMPLE.org ", b"wonderland"))
+    assert maildrop.address == ALICE
+    logout()
+
+
+def test_wrongPasswordIsUnauthorized(users, verifications):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"alice@example.org", b"Wonderland"))
+    assert len(runner.calls) == 1
+    assert len(verifications) == 1
+
+
+def test_unknownUserIsUnauthorizedAfterADummyVerification(users, verifications):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    with pytest.raises(UnauthorizedLogin) as unknown:
+        _login(portal, UsernamePassword(b"nobody@example.org", b"wonderland"))
+    # The slow hash ran, off the reactor thread, against a real scrypt hash.
+    assert len(runner.calls) == 1
+    assert len(verifications) == 1
+    assert verifications[0].startswith("$scrypt$")
+    with pytest.raises(UnauthorizedLogin) as wrong:
+        _login(portal, UsernamePassword(b"alice@example.org", b"nope"))
+    assert type(unknown.value) is type(wrong.value)
+    assert str(unknown.value) == str(wrong.value)
+
+
+def test_malformedUserNameStillPaysForAVerification(users, verifications):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"not an address", b"wonderland"))
+    assert len(runner.calls) == 1
+    assert len(verifications) == 1
+
+
+def test_successfulLoginIsCached(users, verifications):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    for _ in range(3):
+        _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+        logout()
+    assert len(runner.calls) == 1
+    assert len(verifications) == 1
+    # A wrong password is never answered from the cache.
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"bob@example.org", b"builder2"))
+    assert len(runner.calls) == 2
+
+
+def test_passwordChangeInvalidatesTheCache(users):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    resultOf(users.setCredentials(BOB, makeCredentials("newpass", logN=TEST_HASH_COST)))
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"newpass"))
+    logout()
+
+
+def test_apopLoginThroughPortal(users):
+    portal = makePortal(users, RecordingRunner())
+    challenge = b"<4242.1@mailgate.test>"
+    digest = hashlib.md5(challenge + b"wonderland").hexdigest().encode()
+    _, maildrop, logout = _login(portal, APOPCredentials(challenge, b"alice@example.org", digest))
+    assert maildrop.address == ALICE
+    logout()
+
+
+@pytest.mark.parametrize(
+    "username, secret",
+    [
+        (b"alice@example.org", b"wrong"),  # wrong digest
+        (b"bob@example.org", b"builder"),  # no APOP secret
+        (b"nobody@example.org", b"whatever"),  # unknown
+        (b"not an address", b"wonderland"),
+    ],
+)
+def test_apopFailuresAreUnauthorized(users, username, secret):
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    challenge = b"<4242.1@mailgate.test>"
+    digest = hashlib.md5(challenge + secret).hexdigest().encode()
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, APOPCredentials(challenge, username, digest))
+
+
+def test_apopRefusedWhenSwitchedOff(users):
+    portal = makePortal(users, RecordingRunner(), apop=False)
+    challenge = b"<4242.1@mailgate.test>"
+    digest = hashlib.md5(challenge + b"wonderland").hexdigest().encode()
+    with pytest.raises(UnhandledCredentials):
+        _login(portal, APOPCredentials(challenge, b"alice@example.org", digest))
+
+
+def test_userRecordReprHasNoPasswordMaterial(users):
+    user = resultOf(users.findUser(ALICE))
+    assert "wonderland" not in repr(user)
+    assert user.passwordHash not in repr(user)
+    assert "wonderland" not in repr(StoredCredentials("x", "y", "wonderland"))
+
+
+# -- addresses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given, canonical",
+    [
+        ("alice@example.org", "alice@example.org"),
+        ("Alice@Example.ORG", "alice@example.org"),
+        ("  alice@example.org\r\n", "alice@example.org"),
+        (b"Alice@Example.org", "alice@example.org"),
+        ("alice@example.org.", "alice@example.org"),
+        ("first.last+tag@sub.example.org", "first.last+tag@sub.example.org"),
+        ("o'brien@example.org", "o'brien@example.org"),
+        ("x@xn--bcher-kva.example", "x@xn--bcher-kva.example"),
+        ("a@localhost", "a@localhost"),
+        ("a" * 64 + "@example.org", "a" * 64 + "@example.org"),
+        ("a@" + "b" * 63 + ".org", "a@" + "b" * 63 + ".org"),
+    ],
+)
+def test_normalizeAddress(given, canonical):
+    assert normalizeAddress(given) == canonical
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "",
+        "alice",
+        "alice@",
+        "@example.org",
+        "alice@@example.org",
+        "alice@bob@example.org",
+        "al ice@example.org",
+        "alice.@example.org",
+        ".alice@example.org",
+        "al..ice@example.org",
+        "alice@-example.org",
+        "alice@example-.org",
+        "alice@exa_mple.org",
+        "alice@example..org",
+        "alice@bücher.example",
+        "ålice@example.org",
+        '"quoted"@example.org',
+        "<alice@example.org>",
+        "a" * 65 + "@example.org",
+        "a@" + "b" * 64 + ".org",
+        "a@" + ".".join(["b" * 60] * 5),
+        b"\xffalice@example.org",
+    ],
+)
+def test_invalidAddresses(given):
+    with pytest.raises(InvalidAddress):
+        normalizeAddress(given)
+
+
+def test_invalidAddressIsAValueError():
+    with pytest.raises(ValueError):
+        normalizeAddress("nope")
+
+
+def test_normalizeDomain():
+    assert normalizeDomain("Example.ORG.") == "example.org"
+    with pytest.raises(InvalidAddress):
+        normalizeDomain("")
+    with pytest.raises(InvalidAddress):
+        normalizeDomain("exa mple.org")

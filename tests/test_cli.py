@@ -1,0 +1,661 @@
+"""
+The C{mailgate} admin command, driven through L{mailgate.cli.run} against a
+real SQLite file, and once through the installed console script.
+
+Exit codes follow sysexits(3): 0 ok, 64 usage, 65 data error, 67 no such
+user, 73 cannot create, 75 temporary failure (deliver), 78 configuration.
+"""
+
+import datetime
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailgate import __version__
+from mailgate.auth.passwords import verifyPassword
+from mailgate.cli import run
+from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE
+from mailgate.testing import memoryStore, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+PASSWORD = "Tr0ub4dor&3-alice"
+NEW_PASSWORD = "correct-horse-battery-staple"
+BOB_PASSWORD = "bob-the-builder-42"
+WRONG_PASSWORD = "definitely-not-it-99"
+SECRETS = (PASSWORD, NEW_PASSWORD, BOB_PASSWORD, WRONG_PASSWORD)
+
+UNREACHABLE = "sqlite:////nonexistent/directory/x.sqlite3"
+
+
+class Result:
+    def __init__(self, code, out, err):
+        self.code = code
+        self.out = out
+        self.err = err
+
+    def __repr__(self):
+        return f"<exit {self.code} out={self.out!r} err={self.err!r}>"
+
+
+def _stdin(data):
+    if isinstance(data, str):
+        return io.StringIO(data)
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")
+
+
+class CLI:
+    """
+    Runs the command against one database and checks, on every run, that
+    no password ever reaches standard output or standard error.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.url = f"sqlite:///{path}"
+
+    def __call__(self, *argv, stdin=b"", database=None, environ=None):
+        out, err = io.StringIO(), io.StringIO()
+        args = ["--database", database or self.url, *argv]
+        code = run(args, stdin=_stdin(stdin), stdout=out, stderr=err, environ=environ or {})
+        result = Result(code, out.getvalue(), err.getvalue())
+        for secret in SECRETS:
+            assert secret not in result.out and secret not in result.err, result
+        assert "Traceback" not in result.err, result
+        return result
+
+    def add(self, address, password, *flags):
+        result = self("user", "add", address, "--password-stdin", *flags, stdin=f"{password}\n")
+        assert result.code == 0, result
+        return result
+
+    def rows(self, sql, args=()):
+        conn = sqlite3.connect(self.path)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def user(self, address):
+        store = memoryStore(self.url)
+        try:
+            return resultOf(store.findUser(address))
+        finally:
+            store.close()
+
+    def messages(self, address):
+        """
+        The stored octets of each message of a maildrop, in POP3 order.
+        """
+        store = memoryStore(self.url)
+        try:
+            maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(address))))
+            found = []
+            for index in range(len(maildrop.sizes)):
+                body = resultOf(maildrop.openMessage(index))
+                pieces = []
+                for _ in range(10000):
+                    piece = resultOf(body.read())
+                    if not piece:
+                        break
+                    pieces.append(piece)
+                found.append(b"".join(pieces))
+            maildrop.release()
+            return found
+        finally:
+            store.close()
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return CLI(tmp_path / "admin.sqlite3")
+
+
+def oneLineError(result):
+    assert result.err.startswith("mailgate: "), result
+    assert result.err.endswith("\n") and result.err.count("\n") == 1, result
+    return result.err
+
+
+# -- user add ----------------------------------------------------------------
+
+
+def test_userAdd(cli):
+    result = cli("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 0
+    assert result.out == f"added {ALICE}\n"
+    assert result.err == ""
+    user = cli.user(ALICE)
+    assert verifyPassword(PASSWORD, user.passwordHash)
+    assert user.apopSecret is None
+
+
+def test_passwordsAreStoredHashed(cli):
+    cli.add(ALICE, PASSWORD)
+    cli.add(BOB, BOB_PASSWORD, "--apop")
+    rows = dict(
+        (address, (passwordHash, scram, apop))
+        for address, passwordHash, scram, apop in cli.rows(
+            "SELECT address, password_hash, scram_sha256, apop_secret FROM users"
+        )
+    )
+    for address, password in ((ALICE, PASSWORD), (BOB, BOB_PASSWORD)):
+        passwordHash, scram, _ = rows[address]
+        assert passwordHash.startswith("$scrypt$")
+        assert password not in passwordHash
+        assert scram.startswith("SCRAM-SHA-256$") and password not in scram
+    assert rows[ALICE][2] is None
+    assert rows[BOB][2] == BOB_PASSWORD
+    # Nothing else in the file holds Alice's password.
+    assert PASSWORD.encode() not in cli.path.read_bytes()
+
+
+def test_userAddNormalisesTheAddress(cli):
+    result = cli("user", "add", "Alice@Example.ORG", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 0
+    assert result.out == f"added {ALICE}\n"
+    assert cli.rows("SELECT address FROM users") == [(ALICE,)]
+
+
+def test_userAddWithAPOP(cli):
+    result = cli("user", "add", ALICE, "--password-stdin", "--apop", stdin=f"{PASSWORD}\n")
+    assert result.code == 0
+    assert result.out == f"added {ALICE} (APOP enabled)\n"
+    assert cli.user(ALICE).apopSecret == PASSWORD
+
+
+def test_userAddDuplicate(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("user", "add", "ALICE@example.org", "--password-stdin", stdin=f"{NEW_PASSWORD}\n")
+    assert result.code == 73
+    assert oneLineError(result) == f"mailgate: user {ALICE} already exists\n"
+    assert result.out == ""
+    assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
+
+
+def test_userAddInvalidAddress(cli):
+    result = cli("user", "add", "not-an-address", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 65
+    oneLineError(result)
+    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+
+
+def test_passwordLineEndIsNotPartOfThePassword(cli):
+    cli("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\r\n".encode())
+    assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
+
+
+def test_passwordWithSpacesIsKept(cli):
+    cli("user", "add", ALICE, "--password-stdin", stdin=f"  {PASSWORD} two  \n")
+    assert verifyPassword(f"  {PASSWORD} two  ", cli.user(ALICE).passwordHash)
+
+
+def test_noTerminalAndNoPasswordStdin(cli):
+    result = cli("user", "add", ALICE, stdin=f"{PASSWORD}\n")
+    assert result.code == 64
+    assert "--password-stdin" in oneLineError(result)
+    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+
+
+@pytest.mark.parametrize("stdin", ["\n", "", "\r\n"], ids=["newline", "eof", "crlf"])
+def test_emptyPassword(cli, stdin):
+    result = cli("user", "add", ALICE, "--password-stdin", stdin=stdin)
+    assert result.code == 65
+    oneLineError(result)
+    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+
+
+def test_passwordWithNUL(cli):
+    result = cli("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\0x\n")
+    assert result.code == 65
+    oneLineError(result)
+
+
+# -- user passwd ---------------------------------------------------------------
+
+
+def test_userPasswd(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("user", "passwd", ALICE, "--password-stdin", stdin=f"{NEW_PASSWORD}\n")
+    assert result.code == 0
+    assert result.out == f"password changed for {ALICE}\n"
+    user = cli.user(ALICE)
+    assert verifyPassword(NEW_PASSWORD, user.passwordHash)
+    assert not verifyPassword(PASSWORD, user.passwordHash)
+    assert user.apopSecret is None
+
+
+def test_userPasswdKeepsAPOPInStep(cli):
+    cli.add(ALICE, PASSWORD, "--apop")
+    assert cli("user", "passwd", ALICE, "--password-stdin", stdin=f"{NEW_PASSWORD}\n").code == 0
+    user = cli.user(ALICE)
+    assert verifyPassword(NEW_PASSWORD, user.passwordHash)
+    assert user.apopSecret == NEW_PASSWORD
+
+
+def test_userPasswdUnknownUser(cli):
+    result = cli("user", "passwd", ALICE, "--password-stdin", stdin=f"{NEW_PASSWORD}\n")
+    assert result.code == 67
+    assert oneLineError(result) == f"mailgate: no such user: {ALICE}\n"
+
+
+def test_userPasswdEmptyPasswordChangesNothing(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("user", "passwd", ALICE, "--password-stdin", stdin="\n")
+    assert result.code == 65
+    assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
+
+
+# -- user del -----------------------------------------------------------------
+
+
+def test_userDel(cli):
+    cli.add(ALICE, PASSWORD)
+    cli.add(BOB, BOB_PASSWORD)
+    assert cli("deliver", ALICE, stdin=b"Subject: one\n\nbody\n").code == 0
+    assert cli("deliver", ALICE, BOB, stdin=b"Subject: two\n\nbody\n").code == 0
+    result = cli("user", "del", ALICE)
+    assert result.code == 0
+    assert result.out == f"deleted {ALICE} and their maildrop\n"
+    assert cli.user(ALICE) is None
+    assert cli.rows("SELECT address FROM users") == [(BOB,)]
+    # Alice's maildrop is gone; the body Bob still holds stays.
+    assert cli.rows("SELECT count(*) FROM maildrop") == [(1,)]
+    assert cli.rows("SELECT refcount FROM bodies") == [(1,)]
+    assert cli.messages(BOB) == [b"Subject: two\r\n\r\nbody\r\n"]
+
+
+def test_userDelUnknownUser(cli):
+    result = cli("user", "del", ALICE)
+    assert result.code == 67
+    assert oneLineError(result) == f"mailgate: no such user: {ALICE}\n"
+
+
+# -- user list -----------------------------------------------------------------
+
+
+def test_userList(cli):
+    cli.add(BOB, BOB_PASSWORD)
+    cli.add(ALICE, PASSWORD, "--apop")
+    message = b"Subject: hi\n\nhello\n"
+    assert cli("deliver", ALICE, stdin=message).code == 0
+    assert cli("deliver", ALICE, stdin=message).code == 0
+    result = cli("user", "list")
+    assert result.code == 0
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"]
+    size = len(message.replace(b"\n", b"\r\n"))
+    assert [line.split() for line in lines[1:]] == [
+        [ALICE, "2", str(2 * size), "on"],
+        [BOB, "0", "0", "off"],
+    ]
+
+
+def test_userListEmpty(cli):
+    result = cli("user", "list")
+    assert result.code == 0
+    assert result.out.splitlines()[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"]
+    assert len(result.out.splitlines()) == 1
+
+
+# -- user apop ------------------------------------------------------------------
+
+
+def test_userApopOnNeedsTheCurrentPassword(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("user", "apop", ALICE, "on", "--password-stdin", stdin=f"{WRONG_PASSWORD}\n")
+    assert result.code == 65
+    oneLineError(result)
+    assert cli.user(ALICE).apopSecret is None
+    assert cli.rows("SELECT apop_secret FROM users") == [(None,)]
+
+    result = cli("user", "apop", ALICE, "on", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 0
+    assert result.out == f"APOP enabled for {ALICE}\n"
+    user = cli.user(ALICE)
+    assert user.apopSecret == PASSWORD
+    # The password itself is unchanged.
+    assert verifyPassword(PASSWORD, user.passwordHash)
+
+
+def test_userApopOff(cli):
+    cli.add(ALICE, PASSWORD, "--apop")
+    before = cli.user(ALICE)
+    result = cli("user", "apop", ALICE, "off")
+    assert result.code == 0
+    assert "erased" in result.out
+    assert cli.rows("SELECT apop_secret FROM users") == [(None,)]
+    after = cli.user(ALICE)
+    assert after.passwordHash == before.passwordHash
+    assert after.scramSha256 == before.scramSha256
+
+
+def test_userApopOnWithoutPasswordSource(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("user", "apop", ALICE, "on", stdin=f"{PASSWORD}\n")
+    assert result.code == 64
+    assert cli.user(ALICE).apopSecret is None
+
+
+def test_userApopUnknownUser(cli):
+    for state in ("on", "off"):
+        result = cli("user", "apop", ALICE, state, "--password-stdin", stdin=f"{PASSWORD}\n")
+        assert result.code == 67
+        oneLineError(result)
+
+
+# -- mailbox list ---------------------------------------------------------------
+
+
+def test_mailboxList(cli):
+    cli.add(ALICE, PASSWORD)
+    first = b"Subject: one\n\nfirst\n"
+    second = b"Subject: two\n\nsecond message\n"
+    assert cli("deliver", ALICE, stdin=first).code == 0
+    assert cli("deliver", ALICE, stdin=second).code == 0
+    result = cli("mailbox", "list", ALICE)
+    assert result.code == 0
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["NUMBER", "OCTETS", "UNIQUE-ID", "ARRIVED"]
+
+    store = memoryStore(cli.url)
+    try:
+        infos = resultOf(store.listMessages(ALICE))
+    finally:
+        store.close()
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 2
+    for row, info, raw in zip(rows, infos, (first, second)):
+        number, octets, uniqueId, arrived = row
+        assert int(number) == info.number
+        assert int(octets) == info.size == len(raw.replace(b"\n", b"\r\n"))
+        assert uniqueId == info.uniqueId
+        parsed = datetime.datetime.strptime(arrived, "%Y-%m-%dT%H:%M:%SZ")
+        assert parsed.replace(tzinfo=datetime.timezone.utc).timestamp() == info.arrived
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][2] != rows[1][2]
+
+
+def test_mailboxListEmpty(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("mailbox", "list", ALICE)
+    assert result.code == 0
+    assert len(result.out.splitlines()) == 1
+
+
+def test_mailboxListUnknownUser(cli):
+    result = cli("mailbox", "list", ALICE)
+    assert result.code == 67
+    oneLineError(result)
+
+
+# -- deliver ------------------------------------------------------------------
+
+
+def test_deliver(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", ALICE, stdin=b"Subject: hi\r\n\r\nhello\r\n")
+    assert result.code == 0
+    assert result.err == ""
+    store = memoryStore(cli.url)
+    try:
+        [uniqueId] = [m.uniqueId for m in resultOf(store.listMessages(ALICE))]
+    finally:
+        store.close()
+    assert result.out == f"delivered to {ALICE} as {uniqueId}\n"
+    assert cli.messages(ALICE) == [b"Subject: hi\r\n\r\nhello\r\n"]
+
+
+def test_deliverNormalisesLineEnds(cli):
+    cli.add(ALICE, PASSWORD)
+    assert cli("deliver", ALICE, stdin=b"Subject: lf\n\nline one\nline two\n").code == 0
+    assert cli("deliver", ALICE, stdin=b"Subject: mixed\r\n\nline one\r\nno end").code == 0
+    assert cli("deliver", ALICE, stdin=b"Subject: noend\n\nlast line").code == 0
+    assert cli.messages(ALICE) == [
+        b"Subject: lf\r\n\r\nline one\r\nline two\r\n",
+        b"Subject: mixed\r\n\r\nline one\r\nno end\r\n",
+        b"Subject: noend\r\n\r\nlast line\r\n",
+    ]
+
+
+def test_deliverEightBitIsByteExact(cli):
+    cli.add(ALICE, PASSWORD)
+    message = b"Subject: =?utf-8?q?x?=\n\n\xff\xfe latin-1 \xe9t\xe9\n"
+    assert cli("deliver", ALICE, stdin=message).code == 0
+    assert cli.messages(ALICE) == [message.replace(b"\n", b"\r\n")]
+
+
+def test_deliverToSeveralRecipientsStoresTheMessageOnce(cli):
+    cli.add(ALICE, PASSWORD)
+    cli.add(BOB, BOB_PASSWORD)
+    result = cli("deliver", ALICE, "Bob@Example.org", stdin=b"Subject: both\n\nhi\n")
+    assert result.code == 0
+    assert sorted(line.split()[2] for line in result.out.splitlines()) == [ALICE, BOB]
+    assert cli.rows("SELECT count(*), max(refcount) FROM bodies") == [(1, 2)]
+    assert cli.messages(ALICE) == cli.messages(BOB) == [b"Subject: both\r\n\r\nhi\r\n"]
+    for address in (ALICE, BOB):
+        listing = cli("mailbox", "list", address)
+        assert len(listing.out.splitlines()) == 2
+
+
+def test_deliverToUnknownRecipientDeliversNothing(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", ALICE, "nobody@example.org", stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 67
+    assert oneLineError(result) == "mailgate: no such user: nobody@example.org\n"
+    assert result.out == ""
+    assert cli.messages(ALICE) == []
+    assert cli.rows("SELECT count(*) FROM bodies") == [(0,)]
+    assert cli.rows("SELECT count(*) FROM maildrop") == [(0,)]
+
+
+def test_deliverToInvalidAddress(cli):
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", ALICE, "not an address", stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 67
+    oneLineError(result)
+    assert cli.rows("SELECT count(*) FROM maildrop") == [(0,)]
+
+
+def test_deliverEmptyMessage(cli):
+    cli.add(ALICE, PASSWORD)
+    assert cli("deliver", ALICE, stdin=b"").code == 0
+    assert cli.messages(ALICE) == [b""]
+
+
+# -- an unreachable database ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["deliver", ALICE], 75),
+        (["user", "add", ALICE, "--password-stdin"], 78),
+        (["user", "passwd", ALICE, "--password-stdin"], 78),
+        (["user", "del", ALICE], 78),
+        (["user", "list"], 78),
+        (["user", "apop", ALICE, "off"], 78),
+        (["mailbox", "list", ALICE], 78),
+        (["db", "upgrade"], 78),
+        (["db", "version"], 78),
+    ],
+)
+def test_unreachableDatabase(cli, argv, code):
+    result = cli(*argv, stdin=f"{PASSWORD}\n", database=UNREACHABLE)
+    assert result.code == code, result
+    oneLineError(result)
+    assert result.out == ""
+
+
+@pytest.mark.parametrize("argv, code", [(["deliver", ALICE], 75), (["user", "list"], 78), (["db", "upgrade"], 78)])
+def test_newerSchemaIsRefused(cli, argv, code):
+    cli.add(ALICE, PASSWORD)
+    conn = sqlite3.connect(cli.path)
+    conn.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (?, CURRENT_TIMESTAMP)", (LATEST + 1,))
+    conn.commit()
+    conn.close()
+    result = cli(*argv, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == code, result
+    oneLineError(result)
+    assert cli.rows("SELECT count(*) FROM maildrop") == [(0,)]
+
+
+# -- db ---------------------------------------------------------------------
+
+
+def test_dbUpgradeAndVersion(cli):
+    result = cli("db", "version")
+    assert result.code == 0
+    assert result.out == f"schema version 0 (this mailgate: {LATEST})\n"
+
+    result = cli("db", "upgrade")
+    assert result.code == 0
+    assert result.out == "".join(
+        f"applied migration {m.version}: {m.description}\n" for m in MIGRATIONS
+    ) + f"schema is at version {LATEST}\n"
+
+    result = cli("db", "upgrade")
+    assert result.code == 0
+    assert result.out == f"schema is at version {LATEST}\n"
+
+    result = cli("db", "version")
+    assert result.code == 0
+    assert result.out == f"schema version {LATEST} (this mailgate: {LATEST})\n"
+
+
+def test_otherCommandsMigrateFirst(cli):
+    assert cli("user", "list").code == 0
+    assert cli("db", "version").out == f"schema version {LATEST} (this mailgate: {LATEST})\n"
+    assert cli("db", "upgrade").out == f"schema is at version {LATEST}\n"
+
+
+# -- usage -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["user"],
+        ["user", "add"],
+        ["user", "passwd"],
+        ["user", "del"],
+        ["user", "apop"],
+        ["user", "apop", ALICE],
+        ["mailbox"],
+        ["mailbox", "list"],
+        ["deliver"],
+        ["db"],
+        ["db", "upgrade"],
+        ["db", "version"],
+        ["user", "list"],
+        ["deliver", ALICE],
+    ],
+)
+def test_helpForEverySubcommand(cli, argv):
+    result = cli(*argv, "--help")
+    assert result.code == 0, result
+    assert result.out.startswith("usage: mailgate")
+    assert result.err == ""
+    # Asking for help touches no database.
+    assert not cli.path.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["user"],
+        ["user", "add"],
+        ["user", "frobnicate", ALICE],
+        ["user", "apop", ALICE],
+        ["user", "apop", ALICE, "maybe"],
+        ["user", "add", ALICE, "--no-such-option"],
+        ["user", "list", "extra"],
+        ["mailbox", "list"],
+        ["deliver"],
+        ["db"],
+        ["db", "downgrade"],
+    ],
+)
+def test_badUsage(cli, argv):
+    result = cli(*argv)
+    assert result.code == 64, result
+    assert result.out == ""
+    assert "usage: mailgate" in result.err
+    assert "error:" in result.err
+    assert not cli.path.exists()
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.code == 0
+    assert result.out == f"mailgate {__version__}\n"
+
+
+def test_databaseFromEnvironment(tmp_path):
+    path = tmp_path / "env.sqlite3"
+    out, err = io.StringIO(), io.StringIO()
+    code = run(
+        ["user", "add", ALICE, "--password-stdin"],
+        stdin=io.StringIO(f"{PASSWORD}\n"),
+        stdout=out,
+        stderr=err,
+        environ={"MAILGATE_DATABASE": f"sqlite:///{path}"},
+    )
+    assert code == 0, err.getvalue()
+    assert CLI(path).user(ALICE) is not None
+
+
+# -- the installed console script -----------------------------------------------
+
+
+def test_consoleScript(tmp_path):
+    script = Path(sys.executable).parent / "mailgate"
+    assert script.exists(), f"{script} is missing: run `make install`"
+    env = {k: v for k, v in os.environ.items() if k != "MAILGATE_DATABASE"}
+    url = f"sqlite:///{tmp_path / 'script.sqlite3'}"
+
+    def mailgate(*argv, data=b"", database=url):
+        return subprocess.run(
+            [str(script), "--database", database, *argv],
+            input=data,
+            capture_output=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    helped = mailgate("--help")
+    assert helped.returncode == 0
+    assert helped.stdout.startswith(b"usage: mailgate")
+
+    assert mailgate("user", "frobnicate").returncode == 64
+
+    added = mailgate("user", "add", ALICE, "--password-stdin", data=f"{PASSWORD}\n".encode())
+    assert added.returncode == 0, added.stderr
+    assert PASSWORD.encode() not in added.stdout + added.stderr
+
+    delivered = mailgate("deliver", ALICE, data=b"Subject: pipe\n\nthrough a real pipe\n")
+    assert delivered.returncode == 0, delivered.stderr
+    assert delivered.stdout.startswith(f"delivered to {ALICE} as ".encode())
+
+    unknown = mailgate("deliver", "nobody@example.org", data=b"Subject: x\n\nbody\n")
+    assert unknown.returncode == 67
+    assert unknown.stderr == b"mailgate: no such user: nobody@example.org\n"
+
+    unreachable = mailgate("deliver", ALICE, data=b"Subject: x\n\nbody\n", database=UNREACHABLE)
+    assert unreachable.returncode == 75
+    assert unreachable.stderr.startswith(b"mailgate: ")
+    assert unreachable.stderr.count(b"\n") == 1
+
+    assert CLI(tmp_path / "script.sqlite3").messages(ALICE) == [
+        b"Subject: pipe\r\n\r\nthrough a real pipe\r\n"
+    ]

@@ -1,0 +1,196 @@
+"""
+L{mailgate.message.MessageSpool}: line-end normalisation, measurement and
+chunked reading of messages on their way into the store.
+"""
+
+import io
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from mailgate.interfaces import IMessageSource
+from mailgate.message import MessageSpool, spoolBytes, spoolFile
+
+
+def spooled(*pieces, memoryLimit=None):
+    spool = MessageSpool() if memoryLimit is None else MessageSpool(memoryLimit=memoryLimit)
+    for piece in pieces:
+        spool.writeData(piece)
+    return spool.finish()
+
+
+def test_providesIMessageSource():
+    assert verifyObject(IMessageSource, spoolBytes(b"Subject: x\n\nbody\n"))
+
+
+def test_lfLineEndsBecomeCRLF():
+    spool = spoolBytes(b"Subject: hi\nFrom: a@example.org\n\nline one\nline two\n")
+    assert spool.getvalue() == b"Subject: hi\r\nFrom: a@example.org\r\n\r\nline one\r\nline two\r\n"
+    assert spool.size == len(spool.getvalue())
+
+
+def test_crlfLineEndsStayAsTheyAre():
+    data = b"Subject: hi\r\n\r\nline one\r\nline two\r\n"
+    spool = spoolBytes(data)
+    assert spool.getvalue() == data
+    assert spool.size == len(data)
+
+
+def test_mixedLineEnds():
+    spool = spoolBytes(b"A: 1\r\nB: 2\n\r\nx\ny\r\n")
+    assert spool.getvalue() == b"A: 1\r\nB: 2\r\n\r\nx\r\ny\r\n"
+
+
+def test_crNotBeforeLFIsKept():
+    # Only a CR that ends a line is part of the line end.
+    spool = spoolBytes(b"Subject: a\rb\n\nx\r\ry\n")
+    assert spool.getvalue() == b"Subject: a\rb\r\n\r\nx\r\ry\r\n"
+
+
+def test_finalLineWithoutLineEndGetsCRLF():
+    spool = spoolBytes(b"Subject: hi\n\nno newline at the end")
+    assert spool.getvalue() == b"Subject: hi\r\n\r\nno newline at the end\r\n"
+    assert spool.size == len(spool.getvalue())
+
+
+def test_finalLineEndingInBareCR():
+    spool = spoolBytes(b"Subject: hi\r\n\r\nlast\r")
+    assert spool.getvalue() == b"Subject: hi\r\n\r\nlast\r\n"
+
+
+def test_headerSizeIncludesTheBlankLine():
+    spool = spoolBytes(b"Subject: hi\nFrom: a@example.org\n\nbody\n")
+    header = b"Subject: hi\r\nFrom: a@example.org\r\n\r\n"
+    assert spool.headerSize == len(header)
+    assert spool.getvalue()[: spool.headerSize] == header
+
+
+def test_headerSizeIsTheFirstBlankLineOnly():
+    spool = spoolBytes(b"A: 1\n\nbody\n\nmore\n")
+    assert spool.headerSize == len(b"A: 1\r\n\r\n")
+
+
+def test_headerSizeWithoutBlankLineIsTheWholeMessage():
+    spool = spoolBytes(b"Subject: only a header\nX-Other: too\n")
+    assert spool.headerSize == spool.size == len(b"Subject: only a header\r\nX-Other: too\r\n")
+
+
+def test_headerSizeWhenMessageStartsWithBlankLine():
+    spool = spoolBytes(b"\nbody only\n")
+    assert spool.getvalue() == b"\r\nbody only\r\n"
+    assert spool.headerSize == 2
+
+
+def test_emptyMessage():
+    spool = spoolBytes(b"")
+    assert spool.size == 0
+    assert spool.headerSize == 0
+    assert spool.getvalue() == b""
+    assert list(spool.chunks(10)) == []
+
+
+def test_writeLineAndWriteLines():
+    spool = MessageSpool()
+    spool.writeLine(b"Subject: x")
+    assert spool.headerSize == spool.size == 12
+    spool.writeLines([b"", b"body", b".dot"])
+    spool.finish()
+    assert spool.getvalue() == b"Subject: x\r\n\r\nbody\r\n.dot\r\n"
+    assert spool.headerSize == 14
+
+
+MESSAGE = (
+    b"Received: from somewhere\r\n"
+    b"Subject: splitting\n"
+    b"\r\n"
+    b"first body line\n"
+    b".starts with a dot\r\n"
+    b"\n"
+    b"a\rb\r\n"
+    b"last line without end"
+)
+
+EXPECTED = (
+    b"Received: from somewhere\r\n"
+    b"Subject: splitting\r\n"
+    b"\r\n"
+    b"first body line\r\n"
+    b".starts with a dot\r\n"
+    b"\r\n"
+    b"a\rb\r\n"
+    b"last line without end\r\n"
+)
+
+
+def _splitAt(data, points):
+    pieces = []
+    previous = 0
+    for point in sorted(points):
+        pieces.append(data[previous:point])
+        previous = point
+    pieces.append(data[previous:])
+    return pieces
+
+
+_CR_POSITIONS = [i + 1 for i, octet in enumerate(MESSAGE) if octet == 0x0D]
+
+SPLITS = [
+    [],
+    [1],
+    [len(MESSAGE) - 1],
+    # between every CR and the LF after it
+    _CR_POSITIONS,
+    # just before every LF and just after it
+    [i for i, octet in enumerate(MESSAGE) if octet == 0x0A],
+    [i + 1 for i, octet in enumerate(MESSAGE) if octet == 0x0A],
+    # every 3rd and every 7th octet
+    list(range(3, len(MESSAGE), 3)),
+    list(range(7, len(MESSAGE), 7)),
+    # one octet at a time
+    list(range(1, len(MESSAGE))),
+]
+
+
+@pytest.mark.parametrize("points", SPLITS, ids=[f"split{i}" for i in range(len(SPLITS))])
+def test_splitPointsDoNotChangeTheResult(points):
+    pieces = _splitAt(MESSAGE, points)
+    assert b"".join(pieces) == MESSAGE
+    spool = spooled(*pieces)
+    assert spool.getvalue() == EXPECTED
+    assert spool.size == len(EXPECTED)
+    assert spool.headerSize == len(b"Received: from somewhere\r\nSubject: splitting\r\n\r\n")
+
+
+@pytest.mark.parametrize("points", SPLITS[:4])
+def test_emptyWritesBetweenPiecesChangeNothing(points):
+    pieces = []
+    for piece in _splitAt(MESSAGE, points):
+        pieces.extend([b"", piece, b""])
+    assert spooled(*pieces).getvalue() == EXPECTED
+
+
+def test_chunksAreBoundedAndRepeatable():
+    spool = spooled(MESSAGE)
+    chunks = list(spool.chunks(10))
+    assert all(0 < len(chunk) <= 10 for chunk in chunks)
+    assert b"".join(chunks) == EXPECTED
+    # A second pass reads the same octets again.
+    assert b"".join(spool.chunks(7)) == EXPECTED
+
+
+def test_spillToDiskKeepsTheOctets():
+    line = b"0123456789" * 7 + b"\n"
+    data = b"Subject: big\n\n" + line * 200
+    spool = spooled(data, memoryLimit=256)
+    expected = data.replace(b"\n", b"\r\n")
+    assert spool.size == len(expected)
+    assert spool.getvalue() == expected
+    assert b"".join(spool.chunks(1000)) == expected
+    spool.close()
+
+
+def test_spoolFileMatchesSpoolBytes():
+    for blockSize in (1, 2, 5, 64, 1 << 16):
+        spool = spoolFile(io.BytesIO(MESSAGE), blockSize=blockSize)
+        assert spool.getvalue() == EXPECTED, blockSize
+        assert spool.headerSize == spoolBytes(MESSAGE).headerSize

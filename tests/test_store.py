@@ -1,0 +1,756 @@
+"""
+The mail store contract on real SQLite databases (a file, and the in-memory
+URL), driven synchronously: users, delivery, reference-counted bodies,
+maildrop snapshots and locks, schema migrations, connection settings and
+group commit; plus the scale promises of README: a 100,000-message maildrop
+listed in a handful of statements, and a 50 MB message streamed through a
+POP3 session in bounded memory.
+"""
+
+import sqlite3
+import tracemalloc
+
+import pytest
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mailgate.auth.passwords import makeCredentials, verifyPassword
+from mailgate.errors import (
+    ConfigurationError,
+    MaildropInUse,
+    NoSuchUser,
+    TemporaryFailure,
+    UserExists,
+)
+from mailgate.interfaces import IMaildrop, IMaildropLocks, IMailStore, IMessageBody
+from mailgate.message import MessageSpool, spoolBytes
+from mailgate.store import engineFromURL, openStore, openSynchronousStore
+from mailgate.store.database import runBatch
+from mailgate.store.records import MessageInfo, UserRecord, UserSummary
+from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
+from mailgate.store.sql import CHUNK_SIZE, SQLMailStore, formatUniqueId
+from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+
+MESSAGE = b"Subject: hello\r\nFrom: x@example.net\r\n\r\nbody line\r\n"
+
+
+def credentials(password, apop=False):
+    return makeCredentials(password, apop=apop, logN=TEST_HASH_COST)
+
+
+@pytest.fixture(params=["file", "memory"])
+def anyStore(request, tmp_path):
+    """
+    The same contract on a database file and on the in-memory URL.
+    """
+    if request.param == "file":
+        s = memoryStore(f"sqlite:///{tmp_path / 'contract.sqlite3'}")
+    else:
+        s = memoryStore()
+    yield s
+    s.close()
+
+
+def query(store, sql, args=()):
+    """
+    Rows straight from the database.  For a file, through a connection of
+    its own, so only committed data is seen.
+    """
+    path = store.engine.path
+    if path == ":memory:":
+        return store.database._conn.execute(sql, args).fetchall()
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def readAll(body, limit=10000):
+    pieces = []
+    for _ in range(limit):
+        piece = resultOf(body.read())
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+    raise AssertionError("message never ended")
+
+
+def openFor(store, address):
+    user = resultOf(store.findUser(address))
+    return resultOf(store.openMaildrop(user))
+
+
+def removeFirst(store, address, count=1):
+    maildrop = openFor(store, address)
+    try:
+        resultOf(maildrop.expunge(list(range(count))))
+    finally:
+        maildrop.release()
+
+
+# -- interfaces --------------------------------------------------------------
+
+
+def test_interfaces(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    deliver(anyStore, [ALICE], MESSAGE)
+    assert verifyObject(IMailStore, anyStore)
+    assert verifyObject(IMaildropLocks, anyStore.locks)
+    maildrop = openFor(anyStore, ALICE)
+    assert verifyObject(IMaildrop, maildrop)
+    body = resultOf(maildrop.openMessage(0))
+    assert verifyObject(IMessageBody, body)
+    maildrop.release()
+
+
+# -- users -------------------------------------------------------------------
+
+
+def test_addAndFindUser(anyStore):
+    record = resultOf(anyStore.addUser(ALICE, credentials("wonderland", apop=True)))
+    assert isinstance(record, UserRecord)
+    assert record.address == ALICE
+    found = resultOf(anyStore.findUser(ALICE))
+    assert found == record
+    assert verifyPassword("wonderland", found.passwordHash)
+    assert found.scramSha256.startswith("SCRAM-SHA-256$")
+    assert found.apopSecret == "wonderland"
+
+
+def test_findUnknownUser(anyStore):
+    assert resultOf(anyStore.findUser("nobody@example.org")) is None
+
+
+def test_addExistingUser(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    with pytest.raises(UserExists):
+        resultOf(anyStore.addUser(ALICE, credentials("other")))
+    # The first user's password is untouched.
+    assert verifyPassword("pw", resultOf(anyStore.findUser(ALICE)).passwordHash)
+
+
+def test_setCredentials(anyStore):
+    addUser(anyStore, ALICE, "old", apop=True)
+    resultOf(anyStore.setCredentials(ALICE, credentials("new")))
+    user = resultOf(anyStore.findUser(ALICE))
+    assert verifyPassword("new", user.passwordHash)
+    assert not verifyPassword("old", user.passwordHash)
+    assert user.apopSecret is None
+
+
+def test_setCredentialsOfUnknownUser(anyStore):
+    with pytest.raises(NoSuchUser):
+        resultOf(anyStore.setCredentials("nobody@example.org", credentials("x")))
+
+
+def test_deleteUser(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    deliver(anyStore, [ALICE], MESSAGE)
+    deliver(anyStore, [ALICE], MESSAGE)
+    resultOf(anyStore.deleteUser(ALICE))
+    assert resultOf(anyStore.findUser(ALICE)) is None
+    assert [u.address for u in resultOf(anyStore.listUsers())] == [BOB]
+    assert query(anyStore, "SELECT count(*) FROM maildrop") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(0,)]
+    with pytest.raises(NoSuchUser):
+        resultOf(anyStore.listMessages(ALICE))
+
+
+def test_deleteUnknownUser(anyStore):
+    with pytest.raises(NoSuchUser):
+        resultOf(anyStore.deleteUser("nobody@example.org"))
+
+
+def test_deleteUserKeepsBodiesOthersHold(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    deliver(anyStore, [ALICE, BOB], MESSAGE)
+    resultOf(anyStore.deleteUser(ALICE))
+    assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
+    maildrop = openFor(anyStore, BOB)
+    assert readAll(resultOf(maildrop.openMessage(0))) == MESSAGE
+    maildrop.release()
+
+
+def test_listUsers(anyStore):
+    addUser(anyStore, CAROL, "pw")
+    addUser(anyStore, ALICE, "pw", apop=True)
+    addUser(anyStore, BOB, "pw")
+    deliver(anyStore, [ALICE], MESSAGE)
+    deliver(anyStore, [ALICE, CAROL], b"x\r\n")
+    assert resultOf(anyStore.listUsers()) == [
+        UserSummary(ALICE, 2, len(MESSAGE) + 3, True),
+        UserSummary(BOB, 0, 0, False),
+        UserSummary(CAROL, 1, 3, False),
+    ]
+
+
+def test_listUsersEmpty(anyStore):
+    assert resultOf(anyStore.listUsers()) == []
+
+
+def test_listMessages(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    clocked = SQLMailStore(anyStore.database, anyStore.locks, clock=lambda: 1700000000.75)
+    first = resultOf(clocked.deliver([ALICE], spoolBytes(MESSAGE)))[ALICE]
+    second = resultOf(clocked.deliver([ALICE], spoolBytes(b"short\n")))[ALICE]
+    assert resultOf(anyStore.listMessages(ALICE)) == [
+        MessageInfo(1, len(MESSAGE), first, 1700000000),
+        MessageInfo(2, 7, second, 1700000000),
+    ]
+
+
+def test_listMessagesOfUnknownUser(anyStore):
+    with pytest.raises(NoSuchUser):
+        resultOf(anyStore.listMessages("nobody@example.org"))
+
+
+# -- delivery ----------------------------------------------------------------
+
+
+def test_deliverReturnsUniqueIds(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    results = deliver(anyStore, [ALICE, BOB], MESSAGE)
+    assert set(results) == {ALICE, BOB}
+    for uniqueId in results.values():
+        assert len(uniqueId) == 16
+        int(uniqueId, 16)
+    assert [m.uniqueId for m in resultOf(anyStore.listMessages(ALICE))] == [results[ALICE]]
+    assert [m.uniqueId for m in resultOf(anyStore.listMessages(BOB))] == [results[BOB]]
+
+
+def test_deliverToUnknownRecipientStillDeliversToTheOthers(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    results = deliver(anyStore, [ALICE, "nobody@example.org"], MESSAGE)
+    assert isinstance(results["nobody@example.org"], NoSuchUser)
+    assert isinstance(results[ALICE], str)
+    assert len(resultOf(anyStore.listMessages(ALICE))) == 1
+    assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
+
+
+def test_deliverToNobodyStoresNothing(anyStore):
+    results = deliver(anyStore, ["nobody@example.org", "none@example.org"], MESSAGE)
+    assert all(isinstance(r, NoSuchUser) for r in results.values())
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(0,)]
+
+
+def test_deliverToTheSameRecipientTwiceInOneCall(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    deliver(anyStore, [ALICE, ALICE], MESSAGE)
+    assert len(resultOf(anyStore.listMessages(ALICE))) == 1
+    assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
+
+
+def test_messageToThreeRecipientsIsStoredOnce(anyStore):
+    for address in (ALICE, BOB, CAROL):
+        addUser(anyStore, address, "pw")
+    body = b"Subject: shared\r\n\r\n" + b"z" * (CHUNK_SIZE + 100) + b"\r\n"
+    deliver(anyStore, [ALICE, BOB, CAROL], body)
+    assert query(anyStore, "SELECT size, refcount FROM bodies") == [(len(body), 3)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(2,)]
+    assert query(anyStore, "SELECT count(*) FROM maildrop") == [(3,)]
+
+    removeFirst(anyStore, ALICE)
+    removeFirst(anyStore, BOB)
+    assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(2,)]
+    maildrop = openFor(anyStore, CAROL)
+    assert readAll(resultOf(maildrop.openMessage(0))) == body
+    maildrop.release()
+
+    removeFirst(anyStore, CAROL)
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM maildrop") == [(0,)]
+
+
+def test_largeMessageIsChunked(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    body = b"Subject: big\r\n\r\n" + b"".join(b"%07d\r\n" % i for i in range(40000))
+    deliver(anyStore, [ALICE], body)
+    chunks = query(anyStore, "SELECT seq, length(data) FROM body_chunks ORDER BY seq")
+    assert [seq for seq, _ in chunks] == list(range(len(chunks)))
+    assert all(length <= CHUNK_SIZE for _, length in chunks)
+    assert sum(length for _, length in chunks) == len(body)
+    assert len(chunks) == -(-len(body) // CHUNK_SIZE)
+    maildrop = openFor(anyStore, ALICE)
+    message = resultOf(maildrop.openMessage(0))
+    assert message.size == len(body)
+    assert message.headerSize == len(b"Subject: big\r\n\r\n")
+    assert readAll(message) == body
+    maildrop.release()
+
+
+def test_emptyMessage(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    deliver(anyStore, [ALICE], b"")
+    maildrop = openFor(anyStore, ALICE)
+    assert list(maildrop.sizes) == [0]
+    message = resultOf(maildrop.openMessage(0))
+    assert (message.size, message.headerSize) == (0, 0)
+    assert readAll(message) == b""
+    maildrop.release()
+
+
+def test_uniqueIdsAreUniqueAndNeverReused(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    seen = [deliver(anyStore, [ALICE, BOB], b"m%d\r\n" % n)[ALICE] for n in range(5)]
+    assert len(set(seen)) == 5
+    # Remove the newest and the oldest; new mail gets new ids.
+    maildrop = openFor(anyStore, ALICE)
+    resultOf(maildrop.expunge([0, 4]))
+    maildrop.release()
+    later = [deliver(anyStore, [ALICE], b"n%d\r\n" % n)[ALICE] for n in range(3)]
+    assert not set(later) & set(seen)
+    assert len(set(later)) == 3
+    assert [m.uniqueId for m in resultOf(anyStore.listMessages(ALICE))] == seen[1:4] + later
+
+
+def test_uniqueIdsNotReusedWhenAUserIsRecreated(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    before = {deliver(anyStore, [ALICE], b"m\r\n")[ALICE] for _ in range(3)}
+    resultOf(anyStore.deleteUser(ALICE))
+    addUser(anyStore, ALICE, "pw")
+    after = {deliver(anyStore, [ALICE], b"m\r\n")[ALICE] for _ in range(3)}
+    assert not before & after
+
+
+# -- maildrops ---------------------------------------------------------------
+
+
+def test_maildropSnapshot(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    ids = [deliver(anyStore, [ALICE], MESSAGE + b"x" * n + b"\r\n")[ALICE] for n in range(3)]
+    maildrop = openFor(anyStore, ALICE)
+    assert maildrop.address == ALICE
+    assert list(maildrop.sizes) == [len(MESSAGE) + n + 2 for n in range(3)]
+    assert resultOf(maildrop.uniqueIds(0, 3)) == ids
+    assert resultOf(maildrop.uniqueIds(1, 1)) == ids[1:2]
+    assert resultOf(maildrop.uniqueIds(3, 5)) == []
+    assert readAll(resultOf(maildrop.openMessage(2))) == MESSAGE + b"xx\r\n"
+    # Mail arriving now is not part of this session's snapshot.
+    deliver(anyStore, [ALICE], MESSAGE)
+    assert len(maildrop.sizes) == 3
+    maildrop.release()
+    assert len(openFor(anyStore, ALICE).sizes) == 4
+
+
+def test_expunge(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    ids = [deliver(anyStore, [ALICE], b"m%d\r\n" % n)[ALICE] for n in range(4)]
+    maildrop = openFor(anyStore, ALICE)
+    resultOf(maildrop.expunge([1, 3]))
+    resultOf(maildrop.expunge([]))
+    maildrop.release()
+    assert [m.uniqueId for m in resultOf(anyStore.listMessages(ALICE))] == [ids[0], ids[2]]
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(2,)]
+
+
+def test_maildropLock(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    user = resultOf(anyStore.findUser(ALICE))
+    first = resultOf(anyStore.openMaildrop(user))
+    with pytest.raises(MaildropInUse):
+        resultOf(anyStore.openMaildrop(user))
+    # Another user's maildrop is not affected.
+    other = openFor(anyStore, BOB)
+    other.release()
+    first.release()
+    first.release()  # idempotent
+    second = resultOf(anyStore.openMaildrop(user))
+    # Releasing a stale maildrop again must not unlock the new session.
+    first.release()
+    with pytest.raises(MaildropInUse):
+        resultOf(anyStore.openMaildrop(user))
+    second.release()
+
+
+def test_recordLogin(anyStore):
+    addUser(anyStore, ALICE, "pw")
+    now = [1000.0]
+    clocked = SQLMailStore(anyStore.database, anyStore.locks, clock=lambda: now[0])
+    user = resultOf(clocked.findUser(ALICE))
+    assert resultOf(clocked.recordLogin(user, 300)) is True
+    now[0] += 299
+    assert resultOf(clocked.recordLogin(user, 300)) is False
+    now[0] += 1
+    assert resultOf(clocked.recordLogin(user, 300)) is True
+    # A refused login did not move the reference point.
+    now[0] += 150
+    assert resultOf(clocked.recordLogin(user, 300)) is False
+    now[0] += 150
+    assert resultOf(clocked.recordLogin(user, 300)) is True
+
+
+# -- schema and connection ---------------------------------------------------
+
+
+def test_freshDatabaseIsAtLatestVersion(store, dbpath):
+    assert query(store, f"SELECT max(version) FROM {SCHEMA_TABLE}") == [(LATEST,)]
+    assert LATEST == MIGRATIONS[-1].version
+    assert upgrade(store.database) == []
+    assert query(store, f"SELECT count(*) FROM {SCHEMA_TABLE}") == [(len(MIGRATIONS),)]
+
+
+def test_upgradeAppliesEveryMigrationOnce(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    bare = openSynchronousStore(url, migrate=False)
+    try:
+        applied = upgrade(bare.database)
+        assert [m.version for m in applied] == [m.version for m in MIGRATIONS]
+        assert upgrade(bare.database) == []
+    finally:
+        bare.close()
+    again = openSynchronousStore(url)
+    try:
+        assert upgrade(again.database) == []
+    finally:
+        again.close()
+
+
+def test_inMemoryDatabaseIsAtLatestVersion():
+    s = memoryStore()
+    try:
+        assert query(s, f"SELECT max(version) FROM {SCHEMA_TABLE}") == [(LATEST,)]
+        assert upgrade(s.database) == []
+    finally:
+        s.close()
+
+
+def _makeNewer(path):
+    conn = sqlite3.connect(path)
+    conn.execute(
+        f"INSERT INTO {SCHEMA_TABLE} (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)",
+        (LATEST + 1,),
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_newerSchemaIsRefused(store, dbpath):
+    store.close()
+    _makeNewer(dbpath)
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(f"sqlite:///{dbpath}")
+    assert str(LATEST + 1) in str(e.value)
+
+
+def test_newerSchemaIsRefusedByTheServerStore(store, dbpath):
+    store.close()
+    _makeNewer(dbpath)
+    with pytest.raises(ConfigurationError):
+        openStore(f"sqlite:///{dbpath}", reactor=MemoryReactor())
+
+
+def test_filePragmas(store):
+    conn = store.database._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+def test_walIsPersistentInTheFile(store, dbpath):
+    conn = sqlite3.connect(dbpath)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    finally:
+        conn.close()
+
+
+def test_memoryPragmas():
+    s = memoryStore()
+    try:
+        assert s.database._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://localhost/db", "sqlite://relative.sqlite3", "sqlite:///", "nonsense", ""],
+)
+def test_badURLs(url):
+    with pytest.raises(ConfigurationError):
+        engineFromURL(url)
+
+
+def test_unopenableDatabase():
+    with pytest.raises(ConfigurationError):
+        openSynchronousStore("sqlite:////nonexistent/directory/x.sqlite3")
+
+
+# -- group commit ----------------------------------------------------------
+
+
+@pytest.fixture
+def batchConnection(tmp_path):
+    engine = engineFromURL(f"sqlite:///{tmp_path / 'batch.sqlite3'}")
+    conn = engine.connect()
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+    statements = []
+    conn.set_trace_callback(statements.append)
+    yield engine, conn, statements, tmp_path / "batch.sqlite3"
+    conn.close()
+
+
+def _committedRows(path):
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT k, v FROM t").fetchall())
+    finally:
+        conn.close()
+
+
+def _insert(cursor, key, value):
+    cursor.execute("INSERT INTO t (k, v) VALUES (?, ?)", (key, value))
+    return key
+
+
+def _insertThenFail(cursor, key):
+    cursor.execute("INSERT INTO t (k, v) VALUES (?, 0)", (key,))
+    raise ValueError("boom")
+
+
+def _locked(cursor, key):
+    cursor.execute("INSERT INTO t (k, v) VALUES (?, 0)", (key,))
+    raise sqlite3.OperationalError("database is locked")
+
+
+def test_runBatchCommitsTheSuccessfulOnesOnce(batchConnection):
+    engine, conn, statements, path = batchConnection
+    batch = [
+        (_insert, ("a", 1), {}),
+        (_insertThenFail, ("b",), {}),
+        (_insert, ("c", 3), {}),
+        (_insert, ("a", 9), {}),  # unique violation
+        (_locked, ("d",), {}),
+        (_insert, (), {"key": "e", "value": 5}),
+    ]
+    results = runBatch(engine, conn, batch)
+    assert len(results) == len(batch)
+    assert results[0] == (True, "a")
+    assert results[2] == (True, "c")
+    assert results[5] == (True, "e")
+    ok, failure = results[1]
+    assert not ok and isinstance(failure, Failure) and failure.check(ValueError)
+    ok, failure = results[3]
+    assert not ok and failure.check(sqlite3.IntegrityError)
+    ok, failure = results[4]
+    assert not ok and failure.check(TemporaryFailure)
+    # Only the successful interactions' effects, all in one transaction.
+    assert _committedRows(path) == {"a": 1, "c": 3, "e": 5}
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert sum(1 for s in statements if s.upper().startswith("COMMIT")) == 1
+    assert not conn.in_transaction
+
+
+def test_runBatchOfOne(batchConnection):
+    engine, conn, _, path = batchConnection
+    assert runBatch(engine, conn, [(_insert, ("a", 1), {})]) == [(True, "a")]
+    [(ok, failure)] = runBatch(engine, conn, [(_insertThenFail, ("b",), {})])
+    assert not ok and failure.check(ValueError)
+    [(ok, failure)] = runBatch(engine, conn, [(_locked, ("c",), {})])
+    assert not ok and failure.check(TemporaryFailure)
+    assert _committedRows(path) == {"a": 1}
+    assert not conn.in_transaction
+
+
+def test_runBatchThatCannotBeginAppliesNothing(batchConnection):
+    engine, conn, _, path = batchConnection
+    conn.execute("BEGIN")  # a transaction left open: BEGIN IMMEDIATE fails
+    # The failure of the whole batch is raised (the caller classifies it).
+    with pytest.raises((TemporaryFailure, sqlite3.OperationalError)):
+        runBatch(engine, conn, [(_insert, ("a", 1), {}), (_insert, ("b", 2), {})])
+    assert not conn.in_transaction
+    assert _committedRows(path) == {}
+    # The connection is usable afterwards.
+    assert runBatch(engine, conn, [(_insert, ("a", 1), {}), (_insert, ("b", 2), {})]) == [
+        (True, "a"),
+        (True, "b"),
+    ]
+    assert _committedRows(path) == {"a": 1, "b": 2}
+
+
+def test_sqlErrorsAreNotTransient(batchConnection):
+    """
+    SQLiteEngine.isTransient: "constraint violations and SQL errors do
+    not" heal, so they must not be reported as temporary failures.
+    """
+
+    def badSQL(cursor):
+        cursor.execute("SELEC nothing")
+
+    def noSuchTable(cursor):
+        cursor.execute("SELECT * FROM no_such_table")
+
+    engine, conn, _, _ = batchConnection
+    results = runBatch(engine, conn, [(badSQL, (), {}), (noSuchTable, (), {})])
+    for ok, failure in results:
+        assert not ok
+        assert not failure.check(TemporaryFailure), failure.value
+
+
+# -- a 100,000-message maildrop ----------------------------------------------
+
+BIG_MAILDROP = 100_000
+SMALL_BODY = b"Subject: x\r\n\r\nbody\r\n"
+
+
+def _bulkFill(dbpath, userId, count):
+    """
+    Give a maildrop C{count} messages fast: one message delivered through
+    the store, then C{count - 1} more maildrop rows sharing its body,
+    inserted with plain SQL.
+
+    @return: the unique id of message number C{n} as a function of C{n}.
+    """
+    conn = sqlite3.connect(dbpath)
+    try:
+        ((owner, bodyId, size, headerSize),) = conn.execute(
+            "SELECT owner_id, body_id, size, header_size FROM bodies"
+        ).fetchall()
+        ((firstUid, firstId),) = conn.execute(
+            "SELECT uid, uidl FROM maildrop WHERE user_id = ?", (userId,)
+        ).fetchall()
+        validity = int(firstId[8:], 16)
+        assert formatUniqueId(firstUid, validity) == firstId
+        conn.executemany(
+            "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+            (
+                (userId, uid, formatUniqueId(uid, validity), owner, bodyId, size, headerSize)
+                for uid in range(firstUid + 1, firstUid + count)
+            ),
+        )
+        conn.execute("UPDATE bodies SET refcount = ?", (count,))
+        # Keep the per-user uid counter past the rows just added, wherever
+        # the schema keeps it.
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if {"next_uid", "user_id"} <= columns:
+                conn.execute(
+                    f"UPDATE {table} SET next_uid = ? WHERE user_id = ?", (firstUid + count, userId)
+                )
+        conn.commit()
+    finally:
+        conn.close()
+    return lambda n: formatUniqueId(firstUid + n - 1, validity)
+
+
+def test_hugeMaildropIsListedInFewStatements(store, dbpath):
+    addUser(store, ALICE, "wonderland")
+    user = resultOf(store.findUser(ALICE))
+    deliver(store, [ALICE], SMALL_BODY)
+    uniqueId = _bulkFill(dbpath, user.userId, BIG_MAILDROP)
+
+    statements = []
+    store.database._conn.set_trace_callback(statements.append)
+    try:
+        session = POP3Session(store)
+        assert session.login(ALICE, "wonderland") == (
+            f"+OK {ALICE} has {BIG_MAILDROP} messages ({BIG_MAILDROP * len(SMALL_BODY)} octets)\r\n"
+        )
+        assert session.command("STAT") == f"+OK {BIG_MAILDROP} {BIG_MAILDROP * len(SMALL_BODY)}\r\n"
+
+        listing = session.command("LIST").split("\r\n")
+        assert listing[0].startswith("+OK")
+        assert listing[-2:] == [".", ""]
+        lines = listing[1:-2]
+        assert len(lines) == BIG_MAILDROP
+        assert lines[0] == f"1 {len(SMALL_BODY)}"
+        assert lines[-1] == f"{BIG_MAILDROP} {len(SMALL_BODY)}"
+        assert all(line == f"{n} {len(SMALL_BODY)}" for n, line in enumerate(lines, 1))
+
+        uidl = session.command("UIDL").split("\r\n")
+        assert uidl[0].startswith("+OK")
+        assert uidl[-2:] == [".", ""]
+        lines = uidl[1:-2]
+        assert len(lines) == BIG_MAILDROP
+        assert all(line == f"{n} {uniqueId(n)}" for n, line in enumerate(lines, 1))
+
+        assert session.command("RETR 100000") == f"+OK {len(SMALL_BODY)} octets\r\n" + (
+            SMALL_BODY + b".\r\n"
+        ).decode()
+        assert session.command("QUIT").startswith("+OK")
+    finally:
+        store.database._conn.set_trace_callback(None)
+    assert len(statements) < BIG_MAILDROP // 100, len(statements)
+
+
+# -- streaming a 50 MB message -----------------------------------------------
+
+HUGE = 50 * 1024 * 1024
+
+
+class CountingTransport(StringTransport):
+    """
+    Counts what is written and keeps only the last few octets.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.tail = b""
+
+    def write(self, data):
+        self.count += len(data)
+        self.tail = (self.tail + data)[-16:]
+
+
+def test_fiftyMegabyteMessageStreamsInBoundedMemory(store):
+    addUser(store, ALICE, "wonderland")
+    # Ten lines per block, one starting with "." to be stuffed.
+    block = b"." + b"d" * 77 + b"\n" + (b"y" * 78 + b"\n") * 9
+    spool = MessageSpool()
+    spool.writeData(b"Subject: big\nX-Test: streaming\n\n")
+    blocks = 0
+    for _ in range(HUGE // len(block) + 1000):
+        if spool.size >= HUGE:
+            break
+        spool.writeData(block * 64)
+        blocks += 64
+    spool.finish()
+    size = spool.size
+    assert size >= HUGE
+    results = resultOf(store.deliver([ALICE], spool))
+    spool.close()
+    assert isinstance(results[ALICE], str)
+
+    # What a client must receive: the status line, every line starting with
+    # "." stuffed, and the terminating ".".
+    statusLine = f"+OK {size} octets\r\n".encode()
+    expected = len(statusLine) + size + blocks + len(b".\r\n")
+
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland") == f"+OK {ALICE} has 1 messages ({size} octets)\r\n"
+    counting = CountingTransport()
+    session.protocol.transport = counting
+    session.transport = counting
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        baseline = tracemalloc.get_traced_memory()[0]
+        session.protocol.dataReceived(b"RETR 1\r\n")
+        session.clock.advance(0)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+
+    assert not counting.disconnecting, "the session was closed during RETR"
+    assert counting.count == expected
+    assert counting.tail.endswith(b"\r\n.\r\n")
+    assert peak < 10 * 1024 * 1024, f"peak {peak} octets while streaming {size}"

@@ -1,0 +1,335 @@
+"""
+C{twistd mailgate}: option parsing, the service maker, the service
+hierarchy on a L{MemoryReactor}, and the plugin twistd finds.
+"""
+
+import pytest
+from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from zope.interface.verify import verifyObject
+
+from mailgate import tap
+from mailgate.errors import ConfigurationError
+from mailgate.pop3 import POP3Factory
+from mailgate.service import MailgateConfig, makeService
+from mailgate.store import DEFAULT_DATABASE
+from mailgate.testing import resultOf
+
+UNREACHABLE = "sqlite:////nonexistent/directory/x.sqlite3"
+
+
+@pytest.fixture(autouse=True)
+def noEnvironmentDatabase(monkeypatch):
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+
+def parse(*argv):
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+# -- Options -------------------------------------------------------------------
+
+
+def test_defaults():
+    options = parse()
+    assert options["database"] == DEFAULT_DATABASE == "sqlite:///mailgate.sqlite3"
+    assert options["pop3"] == ["tcp:1110:interface=127.0.0.1"]
+    assert options["hostname"] is None
+    assert options["no-apop"] in (0, False)
+    assert options["auth-failure-delay"] == 1.0
+    assert options["idle-timeout"] == 600
+    assert options["login-delay"] is None
+    config = options.toConfig()
+    assert config.database == "sqlite:///mailgate.sqlite3"
+    assert config.pop3 == ["tcp:1110:interface=127.0.0.1"]
+    assert config.hostname is None
+    assert config.apop is True
+    assert config.authFailureDelay == 1.0
+    assert config.idleTimeout == 600
+    assert config.loginDelay is None
+
+
+def test_databaseFromEnvironment(monkeypatch):
+    monkeypatch.setenv("MAILGATE_DATABASE", "sqlite:////var/lib/mailgate/env.sqlite3")
+    assert parse()["database"] == "sqlite:////var/lib/mailgate/env.sqlite3"
+    # The command line wins over the environment.
+    assert parse("--database", "sqlite:///cli.sqlite3")["database"] == "sqlite:///cli.sqlite3"
+
+
+def test_emptyEnvironmentMeansDefault(monkeypatch):
+    monkeypatch.setenv("MAILGATE_DATABASE", "")
+    assert parse()["database"] == DEFAULT_DATABASE
+
+
+def test_badDatabaseInEnvironment(monkeypatch):
+    monkeypatch.setenv("MAILGATE_DATABASE", "mysql://localhost/mail")
+    with pytest.raises(usage.UsageError):
+        parse()
+
+
+def test_repeatablePop3():
+    options = parse(
+        "--pop3", "tcp:110",
+        "--pop3", "tcp6:1110:interface=\\:\\:1",
+        "--pop3", "unix:/tmp/mailgate-test-pop3",
+    )
+    assert options["pop3"] == ["tcp:110", "tcp6:1110:interface=\\:\\:1", "unix:/tmp/mailgate-test-pop3"]
+    assert options.toConfig().pop3 == options["pop3"]
+
+
+def test_pop3ReplacesTheDefault():
+    assert parse("--pop3", "tcp:2110")["pop3"] == ["tcp:2110"]
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp:notaport", "bogus:110", "tcp:110:nosuchoption=1", ""],
+)
+def test_invalidEndpoint(endpoint):
+    with pytest.raises(usage.UsageError):
+        parse("--pop3", endpoint)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://localhost/mail", "sqlite://relative.sqlite3", "sqlite:///", "mail.sqlite3"],
+)
+def test_badDatabaseURL(url):
+    with pytest.raises(usage.UsageError):
+        parse("--database", url)
+
+
+def test_goodDatabaseURLs():
+    for url in ("sqlite:///relative.sqlite3", "sqlite:////abs/mail.sqlite3", "sqlite:///:memory:"):
+        assert parse("--database", url)["database"] == url
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", ""])
+def test_badIdleTimeout(value):
+    with pytest.raises(usage.UsageError):
+        parse("--idle-timeout", value)
+
+
+@pytest.mark.parametrize("value", ["-0.5", "soon"])
+def test_badAuthFailureDelay(value):
+    with pytest.raises(usage.UsageError):
+        parse("--auth-failure-delay", value)
+
+
+@pytest.mark.parametrize("value", ["-5", "x"])
+def test_badLoginDelay(value):
+    with pytest.raises(usage.UsageError):
+        parse("--login-delay", value)
+
+
+def test_numericOptions():
+    options = parse("--idle-timeout", "900", "--auth-failure-delay", "0.25", "--login-delay", "300")
+    config = options.toConfig()
+    assert config.idleTimeout == 900
+    assert config.authFailureDelay == 0.25
+    assert config.loginDelay == 300
+
+
+def test_noApop():
+    assert parse("--no-apop").toConfig().apop is False
+    assert parse().toConfig().apop is True
+
+
+def test_hostname():
+    assert parse("--hostname", "pop.example.org").toConfig().hostname == "pop.example.org"
+    with pytest.raises(usage.UsageError):
+        parse("--hostname", "  ")
+
+
+def test_unknownOption():
+    with pytest.raises(usage.UsageError):
+        parse("--no-such-option")
+
+
+def test_usageDocumentsEveryOption():
+    text = tap.Options().getUsage()
+    for option in (
+        "--database",
+        "--pop3",
+        "--hostname",
+        "--no-apop",
+        "--auth-failure-delay",
+        "--idle-timeout",
+        "--login-delay",
+        "--help",
+    ):
+        assert option in text, option
+    assert "MAILGATE_DATABASE" in text
+    assert "tcp:1110:interface=127.0.0.1" in text
+
+
+# -- tap.makeService -------------------------------------------------------------
+
+
+def test_makeServiceWithUnopenableDatabase():
+    options = parse("--database", UNREACHABLE, "--pop3", "tcp:0:interface=127.0.0.1")
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    message = e.value.code
+    assert isinstance(message, str)
+    assert message.startswith("mailgate:")
+    assert "\n" not in message
+
+
+# -- service.makeService on a MemoryReactor -----------------------------------------
+
+
+def config(tmp_path, **kw):
+    kw.setdefault("database", f"sqlite:///{tmp_path / 'service.sqlite3'}")
+    return MailgateConfig(**kw)
+
+
+def test_serviceListensWhereConfigured(tmp_path):
+    reactor = MemoryReactor()
+    root = makeService(
+        config(tmp_path, pop3=["tcp:1110:interface=127.0.0.1", "tcp:2110"]), reactor=reactor
+    )
+    assert isinstance(root, MultiService)
+    assert verifyObject(IService, root)
+    # Building the hierarchy listens on nothing yet.
+    assert reactor.tcpServers == []
+    root.privilegedStartService()
+    root.startService()
+    try:
+        listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
+        assert listening == [(1110, "127.0.0.1"), (2110, "")]
+        factories = {factory for _, factory, _, _ in reactor.tcpServers}
+        assert len(factories) == 1
+        assert isinstance(factories.pop(), POP3Factory)
+        assert [l.description for l in root.listeners["POP3"]] == [
+            "tcp:1110:interface=127.0.0.1",
+            "tcp:2110",
+        ]
+    finally:
+        root.stopService()
+
+
+def test_serviceFactoryFollowsTheConfiguration(tmp_path):
+    reactor = MemoryReactor()
+    root = makeService(
+        config(
+            tmp_path,
+            pop3=["tcp:1110"],
+            hostname="pop.example.org",
+            apop=False,
+            idleTimeout=900,
+            authFailureDelay=2.5,
+            loginDelay=60,
+        ),
+        reactor=reactor,
+    )
+    root.startService()
+    try:
+        factory = reactor.tcpServers[0][1]
+        assert factory.hostname == "pop.example.org"
+        assert factory.apop is False
+        assert factory.idleTimeout == 900
+        assert factory.authFailureDelay == 2.5
+        assert "LOGIN-DELAY 60" in factory.extraCapabilities()
+    finally:
+        root.stopService()
+
+
+def test_serviceWithoutListeners(tmp_path):
+    reactor = MemoryReactor()
+    root = makeService(config(tmp_path, pop3=[]), reactor=reactor)
+    root.startService()
+    root.stopService()
+    assert reactor.tcpServers == []
+
+
+def test_serviceMigratesTheDatabase(tmp_path):
+    import sqlite3
+
+    from mailgate.store.schema import LATEST, SCHEMA_TABLE
+
+    root = makeService(config(tmp_path, pop3=[]), reactor=MemoryReactor())
+    try:
+        conn = sqlite3.connect(tmp_path / "service.sqlite3")
+        assert conn.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}").fetchone() == (LATEST,)
+        conn.close()
+    finally:
+        root.stopService()
+
+
+def test_invalidEndpointInConfig(tmp_path):
+    with pytest.raises(ConfigurationError):
+        makeService(config(tmp_path, pop3=["bogus:110"]), reactor=MemoryReactor())
+
+
+def test_unopenableDatabaseInConfig():
+    with pytest.raises(ConfigurationError):
+        makeService(MailgateConfig(database=UNREACHABLE, pop3=[]), reactor=MemoryReactor())
+
+
+def test_stopServiceClosesTheStore(tmp_path):
+    reactor = MemoryReactor()
+    root = makeService(config(tmp_path, pop3=["tcp:1110"]), reactor=reactor)
+    store = root.store
+    closed = []
+    close = store.close
+
+    def recordingClose():
+        closed.append(True)
+        return close()
+
+    store.close = recordingClose
+    root.startService()
+    assert closed == []
+    resultOf(root.stopService())
+    assert closed == [True]
+
+
+def test_storeCanBeReopenedAfterStopService(tmp_path):
+    """
+    Stopping the service must release the database entirely, so that an
+    embedding application can start mailgate again on the same file.
+    """
+    first = makeService(config(tmp_path, pop3=[]), reactor=MemoryReactor())
+    first.startService()
+    resultOf(first.stopService())
+    second = makeService(config(tmp_path, pop3=[]), reactor=MemoryReactor())
+    second.startService()
+    resultOf(second.stopService())
+
+
+def test_secondServerOnTheSameFileIsRefused(tmp_path):
+    first = makeService(config(tmp_path, pop3=[]), reactor=MemoryReactor())
+    try:
+        with pytest.raises(ConfigurationError):
+            makeService(config(tmp_path, pop3=[]), reactor=MemoryReactor())
+    finally:
+        first.stopService()
+
+
+def test_serviceUsesAGivenStore(store):
+    reactor = MemoryReactor()
+    root = makeService(MailgateConfig(database=UNREACHABLE, pop3=["tcp:1110"]), reactor=reactor, store=store)
+    assert root.store is store
+    root.startService()
+    try:
+        assert [port for port, _, _, _ in reactor.tcpServers] == [1110]
+    finally:
+        root.stopService()
+
+
+# -- the plugin ------------------------------------------------------------------
+
+
+def test_pluginIsFound():
+    makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "mailgate"]
+    assert len(makers) == 1
+    maker = makers[0]
+    assert verifyObject(IServiceMaker, maker)
+    assert maker.options is tap.Options
+    assert maker.makeService is tap.makeService
+    assert maker.description
