@@ -1,0 +1,1017 @@
+"""
+TLS and SASL as clients see them, without sockets: STLS and the plaintext
+policy in POP3, AUTH PLAIN and SCRAM-SHA-256 (with a small RFC 5802 client
+written here from the RFC, not from mailgate's code), and STARTTLS in SMTP
+and LMTP.
+
+Sessions run over L{TLSStringTransport}, which records C{startTLS} and what
+went out before it, against a real SQLite store; the L{ServerTLS} is real,
+made from a certificate of L{certs} (C{tests/certs.py}).
+"""
+
+import base64
+import hashlib
+import hmac
+import io
+import sqlite3
+
+import pytest
+from twisted.internet.address import IPv4Address, UNIXAddress
+
+from mailgate.auth.passwords import parseScramSecret, scramSha256Secret
+from mailgate.auth.sasl import ScramCredentials
+from mailgate.cli import run as runCLI
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory
+from mailgate.tls import ServerTLS
+
+from certs import makeCertificate
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+PASSWORD = "wonderland"
+
+UNTRUSTED = IPv4Address("TCP", "198.51.100.7", 1234)
+REFUSED = "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+INVALID = "-ERR [AUTH] invalid user name or password\r\n"
+
+
+def b64(data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text):
+    return base64.b64decode(text, validate=True)
+
+
+def plain(authcid, password, authzid=""):
+    """
+    A base64 PLAIN message (RFC 4616).
+    """
+    return b64("\0".join([authzid, authcid, password]))
+
+
+def multiline(reply):
+    assert reply.endswith("\r\n.\r\n"), reply
+    lines = reply.split("\r\n")
+    return lines[0], lines[1:-2]
+
+
+def capabilities(session):
+    status, lines = multiline(session.command("CAPA"))
+    assert status.startswith("+OK")
+    return lines
+
+
+def challenge(reply):
+    """
+    The decoded data of a C{+ } continuation.
+    """
+    assert reply.startswith("+ ") and reply.endswith("\r\n") and reply.count("\r\n") == 1, reply
+    return unb64(reply[2:-2])
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    certificatePath, keyPath = makeCertificate(directory, "mail.example.test")
+    return ServerTLS(str(certificatePath), str(keyPath))
+
+
+@pytest.fixture
+def alice(store):
+    addUser(store, ALICE, PASSWORD)
+    return ALICE
+
+
+def untrusted(store, **options):
+    return POP3Session(store, peer=UNTRUSTED, **options)
+
+
+# -- a SCRAM-SHA-256 client (RFC 5802, RFC 7677) -----------------------------
+
+
+def _hmac(key, message):
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _xor(a, b):
+    return bytes(x ^ y for x, y in zip(a, b))
+
+
+def saslname(name):
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+class ScramClient:
+    """
+    The client side of SCRAM-SHA-256 without channel binding.
+    """
+
+    def __init__(self, username, password, nonce="fyko+d2lbbFgONRv9qkxdawL", gs2="n,,"):
+        self.username = username
+        self.password = password
+        self.clientNonce = nonce
+        self.gs2 = gs2
+        self.clientFirstBare = f"n={saslname(username)},r={nonce}"
+        self.serverSignature = None
+
+    def first(self):
+        return (self.gs2 + self.clientFirstBare).encode("utf-8")
+
+    def parseServerFirst(self, message):
+        text = message.decode("utf-8")
+        attributes = dict(item.split("=", 1) for item in text.split(","))
+        assert set(attributes) == {"r", "s", "i"}, text
+        assert text == f"r={attributes['r']},s={attributes['s']},i={attributes['i']}"
+        return attributes["r"], unb64(attributes["s"]), int(attributes["i"])
+
+    def final(self, serverFirst, nonce=None, channelBinding=None):
+        """
+        The client-final-message answering C{serverFirst}; C{nonce} and
+        C{channelBinding} replace the correct values, for tampering.
+        """
+        serverNonce, salt, iterations = self.parseServerFirst(serverFirst)
+        assert serverNonce.startswith(self.clientNonce) and len(serverNonce) > len(self.clientNonce)
+        binding = channelBinding if channelBinding is not None else b64(self.gs2)
+        withoutProof = f"c={binding},r={nonce if nonce is not None else serverNonce}"
+        authMessage = ",".join([self.clientFirstBare, serverFirst.decode("utf-8"), withoutProof]).encode("utf-8")
+        salted = hashlib.pbkdf2_hmac("sha256", self.password.encode("utf-8"), salt, iterations)
+        clientKey = _hmac(salted, b"Client Key")
+        storedKey = hashlib.sha256(clientKey).digest()
+        proof = _xor(clientKey, _hmac(storedKey, authMessage))
+        serverKey = _hmac(salted, b"Server Key")
+        self.serverSignature = _hmac(serverKey, authMessage)
+        return f"{withoutProof},p={b64(proof)}".encode("utf-8")
+
+    def verify(self, serverFinal):
+        return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
+
+
+def scramExchange(session, username, password, initial=True, **tamper):
+    """
+    Run AUTH SCRAM-SHA-256 up to and including the client-final-message.
+
+    @return: C{(client, serverFirst, reply to the client-final-message)}.
+    """
+    client = ScramClient(username, password)
+    if initial:
+        serverFirst = challenge(session.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    else:
+        assert session.command("AUTH SCRAM-SHA-256") == "+ \r\n"
+        serverFirst = challenge(session.command(b64(client.first())))
+    reply = session.command(b64(client.final(serverFirst, **tamper)))
+    return client, serverFirst, reply
+
+
+def scramLogin(session, username, password, initial=True):
+    client, _, reply = scramExchange(session, username, password, initial)
+    serverFinal = challenge(reply)
+    assert client.verify(serverFinal), serverFinal
+    return session.command("")
+
+
+# -- the RFC 7677 test vector --------------------------------------------------
+
+RFC7677_CLIENT_FIRST_BARE = "n=user,r=rOprNGfwEbeRWgbNEkqO"
+RFC7677_SERVER_FIRST = (
+    "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+)
+RFC7677_FINAL_WITHOUT_PROOF = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+RFC7677_PROOF = "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+RFC7677_SERVER_SIGNATURE = "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+RFC7677_AUTH_MESSAGE = ",".join(
+    [RFC7677_CLIENT_FIRST_BARE, RFC7677_SERVER_FIRST, RFC7677_FINAL_WITHOUT_PROOF]
+).encode("ascii")
+
+
+def rfc7677Keys():
+    secret = scramSha256Secret("pencil", 4096, unb64("W22ZaJ0SNY7soEsUEjb6gQ=="))
+    iterations, salt, storedKey, serverKey = parseScramSecret(secret)
+    assert iterations == 4096 and salt == unb64("W22ZaJ0SNY7soEsUEjb6gQ==")
+    return storedKey, serverKey
+
+
+def test_rfc7677VectorClientProofChecks():
+    storedKey, _ = rfc7677Keys()
+    credentials = ScramCredentials(b"user", RFC7677_AUTH_MESSAGE, unb64(RFC7677_PROOF))
+    assert credentials.checkStoredKey(storedKey) is True
+
+
+def test_rfc7677VectorServerSignature():
+    _, serverKey = rfc7677Keys()
+    assert b64(_hmac(serverKey, RFC7677_AUTH_MESSAGE)) == RFC7677_SERVER_SIGNATURE
+
+
+def test_rfc7677VectorWrongProofOrMessageFails():
+    storedKey, _ = rfc7677Keys()
+    proof = bytearray(unb64(RFC7677_PROOF))
+    proof[0] ^= 1
+    assert ScramCredentials(b"user", RFC7677_AUTH_MESSAGE, bytes(proof)).checkStoredKey(storedKey) is False
+    assert ScramCredentials(b"user", RFC7677_AUTH_MESSAGE, unb64(RFC7677_PROOF)[:-1]).checkStoredKey(storedKey) is False
+    assert ScramCredentials(b"user", RFC7677_AUTH_MESSAGE + b"x", unb64(RFC7677_PROOF)).checkStoredKey(storedKey) is False
+    wrongStoredKey, _ = parseScramSecret(scramSha256Secret("pencil!", 4096, unb64("W22ZaJ0SNY7soEsUEjb6gQ==")))[2:]
+    assert ScramCredentials(b"user", RFC7677_AUTH_MESSAGE, unb64(RFC7677_PROOF)).checkStoredKey(wrongStoredKey) is False
+
+
+def test_rfc7677VectorTestClient():
+    """
+    The test's own SCRAM client computes the RFC's proof and signature,
+    so the protocol tests below exercise a correct client.
+    """
+    client = ScramClient("user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
+    assert client.first() == b"n,," + RFC7677_CLIENT_FIRST_BARE.encode("ascii")
+    final = client.final(RFC7677_SERVER_FIRST.encode("ascii"))
+    assert final == f"{RFC7677_FINAL_WITHOUT_PROOF},p={RFC7677_PROOF}".encode("ascii")
+    assert client.verify(b"v=" + RFC7677_SERVER_SIGNATURE.encode("ascii"))
+
+
+# -- CAPA and the plaintext policy --------------------------------------------
+
+
+def test_capaFromTrustedPeer(store, alice):
+    lines = capabilities(POP3Session(store))
+    assert "USER" in lines
+    assert "SASL SCRAM-SHA-256 PLAIN" in lines
+    assert "STLS" not in lines  # no TLS configured
+
+
+def test_capaFromUntrustedPeerWithoutTLS(store, alice):
+    lines = capabilities(untrusted(store))
+    assert "USER" not in lines
+    assert "SASL SCRAM-SHA-256" in lines
+    assert not any("PLAIN" in line for line in lines)
+    assert "STLS" not in lines
+
+
+def test_untrustedPeerCannotSendPlaintextPasswords(store, alice):
+    s = untrusted(store)
+    assert s.command(f"USER {ALICE}") == REFUSED
+    assert s.command(f"PASS {PASSWORD}") == REFUSED
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD, ALICE)}") == REFUSED
+    assert s.command("AUTH PLAIN") == REFUSED
+    assert s.command("AUTH plain") == REFUSED
+    # Still in the AUTHORIZATION state, and a proper login works.
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+    assert scramLogin(s, ALICE, PASSWORD).startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_refusedPlaintextDoesNotReachTheChecker(store, alice):
+    """
+    The refusal comes before any password check: no auth-failure delay and
+    no failed-login count (three of them would close the session).
+    """
+    s = untrusted(store, authFailureDelay=30)
+    assert s.command(f"USER {ALICE}") == REFUSED
+    assert s.command(f"PASS {PASSWORD}") == REFUSED
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}") == REFUSED
+    assert not s.disconnected
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authWithoutMechanismListsMechanisms(store, alice):
+    assert POP3Session(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nPLAIN\r\n.\r\n"
+    assert untrusted(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\n.\r\n"
+
+
+def test_apopWorksForUntrustedPeer(store):
+    addUser(store, BOB, "builder", apop=True)
+    s = untrusted(store)
+    digest = hashlib.md5(s.challenge.encode() + b"builder").hexdigest()
+    assert s.command(f"APOP {BOB} {digest}").startswith(f"+OK {BOB} has 0 messages")
+
+
+def test_scramWorksForUntrustedPeer(store, alice):
+    deliver(store, [ALICE], b"Subject: hi\r\n\r\nhello\r\n")
+    s = untrusted(store)
+    assert scramLogin(s, ALICE, PASSWORD) == f"+OK {ALICE} has 1 messages (22 octets)\r\n"
+    assert s.command("STAT") == "+OK 1 22\r\n"
+
+
+def test_trustedNetworksOption(store, alice):
+    s = POP3Session(store, peer=UNTRUSTED, trustedNetworks=["198.51.100.0/24"])
+    assert "USER" in capabilities(s)
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    # Loopback is no longer trusted when the list does not name it.
+    s = POP3Session(store, trustedNetworks=["198.51.100.0/24"])
+    assert "USER" not in capabilities(s)
+    assert s.command(f"USER {ALICE}") == REFUSED
+
+
+def test_trustedNetworksIPv6AndMappedAddresses(store, alice):
+    from twisted.internet.address import IPv6Address
+
+    for host in ("::1", "::ffff:127.0.0.1"):
+        s = POP3Session(store, peer=IPv6Address("TCP", host, 4000))
+        assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n", host
+    s = POP3Session(store, peer=IPv6Address("TCP", "2001:db8::1", 4000))
+    assert s.command(f"USER {ALICE}") == REFUSED
+    s = POP3Session(store, peer=IPv6Address("TCP", "::ffff:198.51.100.7", 4000))
+    assert s.command(f"USER {ALICE}") == REFUSED
+
+
+def test_unixSocketPeerIsTrusted(store, alice):
+    s = POP3Session(store, peer=UNIXAddress(None))
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+# -- STLS ----------------------------------------------------------------------
+
+
+def test_capaListsSTLSBeforeLogin(store, alice, tls):
+    for s in (untrusted(store, tls=tls), POP3Session(store, tls=tls)):
+        assert "STLS" in capabilities(s)
+    # Before STLS, an untrusted peer is still offered no plaintext login.
+    lines = capabilities(untrusted(store, tls=tls))
+    assert "USER" not in lines
+    assert "SASL SCRAM-SHA-256" in lines
+
+
+def test_stlsAfterAFailedLoginInTheSamePacket(store, alice, tls):
+    """
+    STLS queued behind a command that waits (a failed login's delay) still
+    discards what followed it in the packet, and runs in its turn.
+    """
+    s = POP3Session(store, tls=tls, authFailureDelay=5)
+    out = s.send(f"AUTH PLAIN {plain(ALICE, 'wrong')}\r\nSTLS\r\nUSER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+    assert out == b""
+    assert s.advance(5) == INVALID.encode() + b"+OK begin TLS negotiation\r\n"
+    assert s.transport.tlsStarted is tls
+    assert s.advance(60) == b""
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+
+
+def test_stls(store, alice, tls):
+    s = untrusted(store, tls=tls)
+    assert s.command("STLS") == "+OK begin TLS negotiation\r\n"
+    assert s.transport.tlsStarted is tls
+    assert s.transport.clearText == b"+OK begin TLS negotiation\r\n"
+
+
+def test_afterSTLSTheSessionIsSecure(store, alice, tls):
+    s = untrusted(store, tls=tls)
+    s.command("STLS")
+    lines = capabilities(s)
+    assert "STLS" not in lines
+    assert "USER" in lines
+    assert "SASL SCRAM-SHA-256 PLAIN" in lines
+    assert s.command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nPLAIN\r\n.\r\n"
+    assert s.command("STLS") == "-ERR already using TLS\r\n"
+    assert s.login(ALICE, PASSWORD).startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_authPlainAfterSTLS(store, alice, tls):
+    s = untrusted(store, tls=tls)
+    s.command("STLS")
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}").startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_stlsAfterLogin(store, alice, tls):
+    s = POP3Session(store, tls=tls)
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    assert "STLS" not in capabilities(s)
+    assert s.command("STLS").startswith("-ERR ")
+    assert s.transport.tlsStarted is None
+    assert s.command("NOOP") == "+OK\r\n"
+
+
+def test_stlsWithoutTLS(store, alice):
+    s = POP3Session(store)
+    assert s.command("STLS") == "-ERR STLS is not available on this server\r\n"
+    assert s.transport.tlsStarted is None
+
+
+def test_stlsTakesNoArgument(store, alice, tls):
+    s = POP3Session(store, tls=tls)
+    assert s.command("STLS now").startswith("-ERR ")
+    assert s.transport.tlsStarted is None
+
+
+def test_stlsInjection(store, alice, tls):
+    """
+    Commands pipelined after STLS in the clear are discarded: never run,
+    never answered, before or after the handshake.
+    """
+    s = untrusted(store, tls=tls)
+    out = s.send(b"STLS\r\nUSER x\r\nPASS y\r\n")
+    assert out == b"+OK begin TLS negotiation\r\n"
+    assert s.transport.clearText == b"+OK begin TLS negotiation\r\n"
+    # Nothing was held back to be answered later either.
+    assert s.advance(60) == b""
+    # The injected USER left no trace: PASS now has no user to go with.
+    assert s.command("PASS y") == "-ERR send USER first\r\n"
+    assert s.login(ALICE, PASSWORD).startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_stlsInjectionFromTrustedPeer(store, alice, tls):
+    """
+    Injected commands that would have succeeded in the clear are dropped
+    just the same.
+    """
+    s = POP3Session(store, tls=tls)
+    out = s.send(f"STLS\r\nUSER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\n".encode())
+    assert out == b"+OK begin TLS negotiation\r\n"
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+
+
+def test_stlsInjectionOfAPartialLine(store, alice, tls):
+    """
+    A partial line after STLS is dropped too, so it cannot be completed
+    by the first line sent over TLS.
+    """
+    s = POP3Session(store, tls=tls)
+    assert s.send(b"STLS\r\nDELE") == b"+OK begin TLS negotiation\r\n"
+    assert s.command("NOOP").startswith("-ERR NOOP is not valid in the AUTHORIZATION state")
+
+
+def test_userBeforeSTLSIsForgotten(store, alice, tls):
+    s = POP3Session(store, tls=tls)
+    assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    s.command("STLS")
+    assert s.command(f"PASS {PASSWORD}") == "-ERR send USER first\r\n"
+
+
+# -- AUTH PLAIN ------------------------------------------------------------------
+
+
+def test_authPlainWithInitialResponse(store, alice):
+    s = POP3Session(store)
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}") == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+    assert s.command("STAT") == "+OK 0 0\r\n"
+
+
+def test_authPlainWithoutInitialResponse(store, alice):
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    assert s.command(plain(ALICE, PASSWORD)) == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+
+
+def test_authPlainMechanismNameIsCaseInsensitive(store, alice):
+    s = POP3Session(store)
+    assert s.command(f"AUTH plain {plain(ALICE, PASSWORD)}").startswith("+OK")
+
+
+def test_authPlainEmptyInitialResponse(store, alice):
+    """
+    C{=} is an initial response of zero length (RFC 5034), not an absent
+    one: the server evaluates it (an empty PLAIN message is malformed)
+    rather than asking for a response.
+    """
+    s = POP3Session(store)
+    reply = s.command("AUTH PLAIN =")
+    assert reply.startswith("-ERR [AUTH] ")
+    assert not reply.startswith("+")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authPlainEmptyContinuationLine(store, alice):
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    assert s.command("").startswith("-ERR [AUTH] ")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authPlainWithAuthzidEqualToAuthcid(store, alice):
+    s = POP3Session(store)
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD, ALICE)}").startswith("+OK")
+
+
+def test_authPlainWithOtherAuthzid(store, alice):
+    addUser(store, BOB, "builder")
+    s = POP3Session(store)
+    reply = s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD, BOB)}")
+    assert reply.startswith("-ERR [AUTH] ")
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+
+
+def test_authPlainWrongPasswordAfterDelay(store, alice):
+    s = POP3Session(store, authFailureDelay=5)
+    assert s.command(f"AUTH PLAIN {plain(ALICE, 'wrong')}") == ""
+    assert s.advance(4.9) == b""
+    assert s.advance(0.1) == INVALID.encode()
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authPlainUnknownUserLikeWrongPassword(store, alice):
+    s = POP3Session(store, authFailureDelay=5)
+    assert s.command(f"AUTH PLAIN {plain('nobody@example.org', PASSWORD)}") == ""
+    assert s.advance(4.9) == b""
+    assert s.advance(0.1) == INVALID.encode()
+
+
+def test_authPlainFailuresCountTowardsTheLimit(store, alice):
+    s = POP3Session(store)
+    for _ in range(2):
+        assert s.command(f"AUTH PLAIN {plain(ALICE, 'wrong')}") == INVALID
+    reply = s.command(f"AUTH PLAIN {plain(ALICE, 'wrong')}")
+    assert reply == INVALID + "-ERR too many failed logins; closing the connection\r\n"
+    assert s.disconnected
+
+
+def test_authPlainMalformed(store, alice):
+    s = POP3Session(store)
+    for bad in (f"{ALICE}\0{PASSWORD}", f"\0\0{PASSWORD}", f"\0{ALICE}\0{PASSWORD}\0extra"):
+        assert s.command(f"AUTH PLAIN {b64(bad)}").startswith("-ERR [AUTH] ")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authCancel(store, alice):
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    reply = s.command("*")
+    assert reply.startswith("-ERR ") and reply.count("\r\n") == 1
+    # The session goes on, in the AUTHORIZATION state.
+    assert s.command("NOOP").startswith("-ERR NOOP is not valid in the AUTHORIZATION state")
+    assert s.login(ALICE, PASSWORD).startswith(f"+OK {ALICE}")
+
+
+def test_authBadBase64InitialResponse(store, alice):
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN !!notbase64!!").startswith("-ERR [AUTH] ")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authBadBase64Continuation(store, alice):
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    assert s.command("@@@@").startswith("-ERR [AUTH] ")
+    # The exchange is over: the next line is a command again.
+    assert s.command("NOOP").startswith("-ERR NOOP is not valid")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authUnknownMechanism(store, alice):
+    s = POP3Session(store)
+    reply = s.command("AUTH KERBEROS_V4")
+    assert reply.startswith("-ERR ") and reply.count("\r\n") == 1
+    assert s.command("AUTH CRAM-MD5 abcd").startswith("-ERR ")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authAfterLogin(store, alice):
+    s = POP3Session(store)
+    s.login(ALICE, PASSWORD)
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}").startswith("-ERR AUTH is not valid in the TRANSACTION state")
+
+
+def test_authWhenSASLIsOff(store, alice):
+    s = POP3Session(store, sasl=False)
+    assert s.command("AUTH PLAIN").startswith("-ERR ")
+    assert not any(line.startswith("SASL") for line in capabilities(s))
+
+
+def test_saslResponseMayBeLongerThanACommand(store, alice):
+    """
+    RFC 5034: a SASL response line is not bound by the 255-octet command
+    limit.
+    """
+    addUser(store, BOB, "x" * 400)
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    assert s.command(plain(BOB, 'x' * 400)).startswith(f"+OK {BOB}")
+
+
+# -- SCRAM-SHA-256 ------------------------------------------------------------------
+
+
+def test_scramLogin(store, alice):
+    s = POP3Session(store)
+    client, serverFirst, reply = scramExchange(s, ALICE, PASSWORD)
+    serverFinal = challenge(reply)
+    # The server proves it knows the key too, before the session opens.
+    assert serverFinal.startswith(b"v=")
+    assert client.verify(serverFinal)
+    assert s.command("") == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+    assert s.command("STAT") == "+OK 0 0\r\n"
+
+
+def test_scramLoginWithoutInitialResponse(store, alice):
+    s = POP3Session(store)
+    assert scramLogin(s, ALICE, PASSWORD, initial=False).startswith(f"+OK {ALICE}")
+
+
+def test_scramServerFirstMessage(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    nonce, salt, iterations = client.parseServerFirst(serverFirst)
+    assert nonce.startswith(client.clientNonce)
+    assert len(nonce) >= len(client.clientNonce) + 16
+    assert iterations == 4096
+    assert len(salt) == 16
+
+
+def test_scramNoncesAreFresh(store, alice):
+    nonces = set()
+    for _ in range(3):
+        s = POP3Session(store)
+        client = ScramClient(ALICE, PASSWORD)
+        nonce, _, _ = client.parseServerFirst(challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")))
+        nonces.add(nonce)
+    assert len(nonces) == 3
+
+
+def test_scramWrongPassword(store, alice):
+    s = POP3Session(store, authFailureDelay=5)
+    _, _, reply = scramExchange(s, ALICE, "wrong")
+    assert reply == ""
+    assert s.advance(4.9) == b""
+    assert s.advance(5) == INVALID.encode()
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramUnknownUserLooksLikeWrongPassword(store, alice):
+    factory = pop3Factory(store, authFailureDelay=5)
+    known = POP3Session(store, factory=factory, clock=factory.reactor)
+    unknown = POP3Session(store, factory=factory, clock=factory.reactor)
+    client = ScramClient(ALICE, "wrong")
+    knownFirst = challenge(known.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    stranger = ScramClient("nobody@example.org", "wrong")
+    unknownFirst = challenge(unknown.command(f"AUTH SCRAM-SHA-256 {b64(stranger.first())}"))
+
+    knownNonce, knownSalt, knownIterations = client.parseServerFirst(knownFirst)
+    unknownNonce, unknownSalt, unknownIterations = stranger.parseServerFirst(unknownFirst)
+    assert unknownIterations == knownIterations == 4096
+    assert len(unknownSalt) == len(knownSalt)
+    assert len(unknownNonce) == len(knownNonce)
+
+    assert known.command(b64(client.final(knownFirst))) == ""
+    assert unknown.command(b64(stranger.final(unknownFirst))) == ""
+    factory.reactor.advance(5)
+    assert known.advance(0) == unknown.advance(0) == INVALID.encode()
+
+
+def test_scramUserNameThatIsNotAnAddress(store, alice):
+    """
+    The RFC's own example user name, "user", is no mail address here: it
+    gets a server-first-message all the same, and fails like a wrong
+    password.
+    """
+    s = POP3Session(store)
+    _, serverFirst, reply = scramExchange(s, "user", "pencil")
+    _, salt, iterations = ScramClient("user", "pencil").parseServerFirst(serverFirst)
+    assert (len(salt), iterations) == (16, 4096)
+    assert reply == INVALID
+
+
+def test_scramUnknownUserGetsAStableSalt(store):
+    """
+    Asking twice about an unknown user gives the same salt, as a real user
+    would: the salt does not give away that the user does not exist.
+    """
+    factory = pop3Factory(store)
+    salts = []
+    for _ in range(2):
+        s = POP3Session(store, factory=factory)
+        client = ScramClient("nobody@example.org", "x")
+        _, salt, _ = client.parseServerFirst(challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")))
+        salts.append(salt)
+    assert salts[0] == salts[1]
+
+
+def test_scramTamperedNonce(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    nonce, _, _ = client.parseServerFirst(serverFirst)
+    reply = s.command(b64(client.final(serverFirst, nonce=nonce[:-1] + ("A" if nonce[-1] != "A" else "B"))))
+    assert reply.startswith("-ERR [AUTH] ") and reply.count("\r\n") == 1
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramClientNonceOnly(store, alice):
+    """
+    Replaying only the client's part of the nonce is refused.
+    """
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    assert s.command(b64(client.final(serverFirst, nonce=client.clientNonce))).startswith("-ERR [AUTH] ")
+
+
+def test_scramTamperedChannelBinding(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    reply = s.command(b64(client.final(serverFirst, channelBinding=b64("y,,"))))
+    assert reply.startswith("-ERR [AUTH] ") and reply.count("\r\n") == 1
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramChannelBindingFlagRefused(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD, gs2="p=tls-unique,,")
+    reply = s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")
+    assert reply.startswith("-ERR [AUTH] ") and reply.count("\r\n") == 1
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramClientSupportsBindingButServerDoesNot(store, alice):
+    """
+    The C{y} flag: the client could bind but the server offers no -PLUS
+    mechanism; that is a normal login.
+    """
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD, gs2="y,,")
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    serverFinal = challenge(s.command(b64(client.final(serverFirst))))
+    assert client.verify(serverFinal)
+    assert s.command("").startswith("+OK")
+
+
+def test_scramMalformedClientFirst(store, alice):
+    s = POP3Session(store)
+    for bad in ("", "n,,", "x,,n=a,r=b", f"n,,r=abc,n={ALICE}", f"n,,n={ALICE}", f"n,,n={ALICE},r="):
+        reply = s.command(f"AUTH SCRAM-SHA-256 {b64(bad) if bad else '='}")
+        assert reply.startswith("-ERR [AUTH] "), (bad, reply)
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramCancelAfterServerFirst(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    reply = s.command("*")
+    assert reply.startswith("-ERR ") and reply.count("\r\n") == 1
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_scramCancelAfterServerFinal(store, alice):
+    """
+    A client that does not accept the server's signature answers C{*}
+    instead of the empty response: it is not logged in, and the maildrop
+    is not left locked.
+    """
+    s = POP3Session(store)
+    _, _, reply = scramExchange(s, ALICE, PASSWORD)
+    challenge(reply)
+    assert s.command("*").startswith("-ERR ")
+    assert s.command("STAT").startswith("-ERR STAT is not valid in the AUTHORIZATION state")
+    other = POP3Session(store)
+    assert other.login(ALICE, PASSWORD).startswith(f"+OK {ALICE}")
+
+
+def test_scramWithAuthzid(store, alice):
+    s = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD, gs2=f"n,a={ALICE},")
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    serverFinal = challenge(s.command(b64(client.final(serverFirst))))
+    assert client.verify(serverFinal)
+    assert s.command("").startswith("+OK")
+
+    addUser(store, BOB, "builder")
+    s = POP3Session(store)
+    client = ScramClient(BOB, "builder", gs2=f"n,a={ALICE},")
+    assert s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}").startswith("-ERR [AUTH] ")
+
+
+def test_scramUserNameWithSpecialCharacters(store):
+    """
+    saslname escaping: C{=} and C{,} in a user name travel as C{=3D} and
+    C{=2C}.
+    """
+    address = "a=b@example.org"
+    addUser(store, address, "secret")
+    s = POP3Session(store)
+    assert scramLogin(s, address, "secret").startswith(f"+OK {address}")
+
+
+def test_scramForUsersAddedWithTheCLI(tmp_path):
+    """
+    C{mailgate user add} stores an scrypt hash and SCRAM keys; SCRAM works
+    from those keys, and the database never holds the password of a user
+    without APOP.
+    """
+    path = tmp_path / "cli.sqlite3"
+    url = f"sqlite:///{path}"
+    secret = "Tr0ub4dor&3-cli"
+    out, err = io.StringIO(), io.StringIO()
+    code = runCLI(["--database", url, "user", "add", ALICE, "--password-stdin"],
+                  stdin=io.StringIO(secret + "\n"), stdout=out, stderr=err)
+    assert code == 0, (out.getvalue(), err.getvalue())
+
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        row = dict(db.execute("SELECT * FROM users WHERE address = ?", (ALICE,)).fetchone())
+    db.close()
+    assert row["password_hash"].startswith("$scrypt$")
+    assert row["scram_sha256"].startswith("SCRAM-SHA-256$4096:")
+    assert row["apop_secret"] is None
+    for value in row.values():
+        if isinstance(value, (str, bytes)):
+            text = value if isinstance(value, str) else value.decode("latin-1")
+            assert secret not in text
+            assert b64(secret) not in text
+
+    from mailgate.testing import memoryStore
+
+    store = memoryStore(url)
+    try:
+        s = untrusted(store)
+        assert scramLogin(s, ALICE, secret).startswith(f"+OK {ALICE}")
+        s.command("QUIT")
+        s = untrusted(store)
+        _, _, reply = scramExchange(s, ALICE, secret + "x")
+        assert reply == INVALID
+        # The scrypt hash serves USER/PASS from a trusted peer.
+        assert POP3Session(store).login(ALICE, secret).startswith(f"+OK {ALICE}")
+    finally:
+        store.close()
+
+
+# -- SMTP and LMTP STARTTLS -----------------------------------------------------
+
+
+@pytest.fixture
+def bob(store):
+    addUser(store, BOB, "builder")
+    return BOB
+
+
+def ehloLines(reply, code="250"):
+    lines = reply.split("\r\n")
+    assert lines[-1] == ""
+    assert all(line.startswith((f"{code}-", f"{code} ")) for line in lines[:-1]), reply
+    return [line[4:] for line in lines[:-1]]
+
+
+def retrieve(store, address, password, number):
+    s = POP3Session(store)
+    assert s.login(address, password).startswith("+OK")
+    reply = s.command(f"RETR {number}")
+    assert reply.startswith("+OK")
+    s.command("QUIT")
+    return reply
+
+
+def test_smtpEhloListsStartTLS(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    assert "STARTTLS" in ehloLines(s.command("EHLO client.test"))
+
+
+def test_smtpWithoutTLSDoesNotOfferStartTLS(store, bob):
+    s = SMTPSession(store)
+    assert "STARTTLS" not in ehloLines(s.command("EHLO client.test"))
+    assert s.command("STARTTLS").startswith("502 5.5.1 ")
+    assert s.transport.tlsStarted is None
+
+
+def test_smtpStartTLS(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    reply = s.command("STARTTLS")
+    assert reply.startswith("220 2.0.0 ") and reply.count("\r\n") == 1
+    assert s.transport.tlsStarted is tls
+    assert s.transport.clearText == reply.encode()
+
+
+def test_smtpStartTLSInjection(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    out = s.send(b"STARTTLS\r\nMAIL FROM:<a@b>\r\n")
+    assert out.startswith(b"220 2.0.0 ") and out.count(b"\r\n") == 1
+    assert s.transport.clearText == out
+    assert s.advance(60) == b""
+    # The injected MAIL did not open a transaction: after EHLO, MAIL is
+    # accepted (it would be a nested MAIL otherwise).
+    s.command("EHLO client.test")
+    assert s.command("MAIL FROM:<a@b.example>").startswith("250 ")
+
+
+def test_smtpStartTLSInjectionOfAPartialLine(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    assert s.send(b"STARTTLS\r\nRSE").startswith(b"220 ")
+    assert s.command("EHLO client.test").startswith("250")
+
+
+def test_smtpAfterStartTLSTheSessionStartsOver(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    assert s.command("MAIL FROM:<a@b.example>").startswith("250 ")
+    s.command("STARTTLS")
+    assert s.command("MAIL FROM:<a@b.example>").startswith("503 5.5.1 ")
+    lines = ehloLines(s.command("EHLO client.test"))
+    assert "STARTTLS" not in lines
+    assert "PIPELINING" in lines
+    assert s.command("STARTTLS").startswith("503 5.5.1 ")
+    assert s.command("MAIL FROM:<a@b.example>").startswith("250 ")
+
+
+def test_smtpStartTLSTakesNoArgument(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    assert s.command("STARTTLS now").startswith("501 ")
+    assert s.transport.tlsStarted is None
+
+
+def test_smtpReceivedSaysESMTPSAfterStartTLS(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    s.command("EHLO client.test")
+    s.command("STARTTLS")
+    replies = s.sendMail("sender@example.net", [BOB], b"Subject: over TLS\r\n\r\nsecret\r\n")
+    assert replies.splitlines()[-1].startswith("250 2.0.0 ")
+    message = retrieve(store, BOB, "builder", 1)
+    assert " with ESMTPS id " in message
+    assert "Subject: over TLS" in message
+
+
+def test_smtpReceivedSaysESMTPWithoutTLS(store, bob, tls):
+    s = SMTPSession(store, tls=tls)
+    replies = s.sendMail("sender@example.net", [BOB], b"Subject: clear\r\n\r\nhi\r\n")
+    assert replies.splitlines()[-1].startswith("250 2.0.0 ")
+    message = retrieve(store, BOB, "builder", 1)
+    assert " with ESMTP id " in message
+    assert "ESMTPS" not in message
+
+
+def test_lmtpStartTLS(store, bob, tls):
+    s = SMTPSession(store, lmtp=True, tls=tls)
+    assert "STARTTLS" in ehloLines(s.command("LHLO client.test"))
+    out = s.send(b"STARTTLS\r\nMAIL FROM:<a@b>\r\n")
+    assert out.startswith(b"220 2.0.0 ") and out.count(b"\r\n") == 1
+    assert s.transport.tlsStarted is tls
+    assert s.command("MAIL FROM:<a@b.example>").startswith("503 5.5.1 ")
+    lines = ehloLines(s.command("LHLO client.test"))
+    assert "STARTTLS" not in lines
+    assert s.command("STARTTLS").startswith("503 ")
+    replies = s.sendMail("sender@example.net", [BOB], b"Subject: lmtp\r\n\r\nhi\r\n", hello=None)
+    assert replies.splitlines()[-1].startswith(f"250 2.0.0 <{BOB}> ")
+    message = retrieve(store, BOB, "builder", 1)
+    assert " with LMTPS id " in message
+
+
+def test_lmtpReceivedWithoutTLS(store, bob, tls):
+    s = SMTPSession(store, lmtp=True, tls=tls)
+    replies = s.sendMail("sender@example.net", [BOB], b"Subject: lmtp\r\n\r\nhi\r\n", hello="LHLO client.test")
+    assert replies.splitlines()[-1].startswith(f"250 2.0.0 <{BOB}> ")
+    message = retrieve(store, BOB, "builder", 1)
+    assert " with LMTP id " in message
+
+
+# -- implicit TLS (pop3s), with a real handshake in memory ----------------------
+
+
+def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
+    """
+    POP3 behind TLSMemoryBIOFactory, as the pop3s listeners are built: a
+    real TLS client completes the handshake, sees the server certificate,
+    and an untrusted peer may log in with USER/PASS; STLS is neither
+    offered nor accepted.
+    """
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mailgate.testing import connectClient
+    from certs import certificateFingerprint
+
+    certificatePath, keyPath = makeCertificate(tmp_path, "mail.example.test")
+    serverTLS = ServerTLS(str(certificatePath), str(keyPath))
+    pop3 = pop3Factory(store, tls=serverTLS)
+    received = []
+
+    class Client(Protocol):
+        def dataReceived(self, data):
+            received.append(data)
+
+    def take():
+        data = b"".join(received).decode("utf-8")
+        received.clear()
+        return data
+
+    clientCreator = optionsForClientTLS(
+        "mail.example.test", trustRoot=Certificate.loadPEM(certificatePath.read_bytes())
+    )
+    # TLSMemoryBIOFactory aggregates small writes until the clock turns.
+    clock = pop3.reactor
+    client = TLSMemoryBIOFactory(clientCreator, True, Factory.forProtocol(Client), clock=clock).buildProtocol(None)
+    connection = connectClient(
+        TLSMemoryBIOFactory(serverTLS, False, pop3, clock=clock), client, peer=("198.51.100.7", 1234)
+    )
+
+    def pump():
+        for _ in range(10):
+            connection.flush()
+            clock.advance(0)
+
+    def command(line):
+        client.write(line.encode("utf-8") + b"\r\n")
+        pump()
+        return take()
+
+    pump()
+    assert take().startswith("+OK mailgate POP3 server ready")
+    peerCertificate = client.getPeerCertificate()
+    assert peerCertificate.digest("sha256").decode("ascii") == certificateFingerprint(certificatePath)
+
+    _, lines = multiline(command("CAPA"))
+    assert "STLS" not in lines
+    assert "USER" in lines
+    assert "SASL SCRAM-SHA-256 PLAIN" in lines
+    assert command("STLS") == "-ERR already using TLS\r\n"
+    assert command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    assert command(f"PASS {PASSWORD}") == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+    assert command("QUIT").startswith("+OK")

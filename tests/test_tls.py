@@ -1,0 +1,529 @@
+"""
+L{mailgate.tls.ServerTLS} and the service's TLS configuration, without
+sockets: handshakes run in memory, the server side being the OpenSSL
+connection mailgate hands to Twisted and the client side Python's C{ssl}
+module over memory BIOs, so what is checked is what a real client
+negotiates.
+"""
+
+import ssl
+
+import pytest
+from OpenSSL import SSL
+from twisted.logger import Logger, LogLevel, formatEvent
+
+from mailgate.errors import ConfigurationError
+from mailgate.service import MailgateConfig, MailgateService, makeTLS
+from mailgate.tls import ServerTLS
+
+from certs import certificateFingerprint, fingerprint, makeCertificate, makeChain
+
+HOST = "mail.example.test"
+
+
+class Handshake:
+    """
+    The outcome of an in-memory handshake.
+
+    @ivar ok: both sides completed the handshake.
+    @ivar clientError: the C{ssl.SSLError} the client raised, if any.
+    @ivar serverError: the C{OpenSSL.SSL.Error} the server raised, if any.
+    @ivar version: the negotiated protocol (C{"TLSv1.3"}...), if completed.
+    @ivar peerCertificate: the server certificate (DER) the client saw.
+    """
+
+    ok = False
+    clientError = None
+    serverError = None
+    version = None
+    peerCertificate = None
+
+
+def clientContext(cafile, minimum=None, maximum=None, legacy=False):
+    """
+    A verifying client context trusting C{cafile}, limited to the given
+    protocol versions.  C{legacy} lowers OpenSSL's security level so the
+    client itself is able to speak TLS 1.0/1.1 (OpenSSL 3 refuses them at
+    the default level).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(cafile))
+    if legacy:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if minimum is not None:
+        context.minimum_version = minimum
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+def handshake(serverConnection, context, hostname=HOST, rounds=20):
+    """
+    Run a TLS handshake between C{serverConnection} (a pyOpenSSL
+    L{SSL.Connection} on memory BIOs) and a client from C{context}, moving
+    bytes until both are done or one fails.
+    """
+    result = Handshake()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=hostname)
+    serverConnection.set_accept_state()
+    clientDone = serverDone = False
+    for _ in range(rounds):
+        if not clientDone and result.clientError is None:
+            try:
+                client.do_handshake()
+                clientDone = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as e:
+                result.clientError = e
+        toServer = outgoing.read()
+        if toServer:
+            serverConnection.bio_write(toServer)
+        if not serverDone and result.serverError is None:
+            try:
+                serverConnection.do_handshake()
+                serverDone = True
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as e:
+                result.serverError = e
+        try:
+            toClient = serverConnection.bio_read(65536)
+        except SSL.WantReadError:
+            toClient = b""
+        if toClient:
+            incoming.write(toClient)
+        if clientDone and serverDone:
+            result.ok = True
+            break
+        if (result.clientError or result.serverError) and not toClient and not toServer:
+            break
+    else:
+        raise AssertionError("handshake neither completed nor failed")
+    if clientDone:
+        result.version = client.version()
+        result.peerCertificate = client.getpeercert(binary_form=True)
+    return result
+
+
+def connect(tls, cafile, **versions):
+    return handshake(tls.serverConnectionForTLS(None), clientContext(cafile, **versions))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return makeCertificate(tmp_path, HOST)
+
+
+@pytest.fixture
+def tls(pair):
+    return ServerTLS(str(pair[0]), str(pair[1]))
+
+
+# -- loading ---------------------------------------------------------------
+
+
+def test_loadsCertificateAndKey(tls, pair):
+    certificatePath, _ = pair
+    assert tls.subject == HOST
+    assert tls.fingerprint == certificateFingerprint(certificatePath)
+    result = connect(tls, certificatePath)
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == tls.fingerprint
+
+
+def test_acceptsChainFile(tmp_path):
+    """
+    A certificate file holding the leaf and then its CA is accepted; the
+    leaf is what the server presents, and a client trusting the CA
+    verifies it.
+    """
+    chainPath, keyPath, rootPath = makeChain(tmp_path, HOST)
+    assert chainPath.read_bytes().count(b"-----BEGIN CERTIFICATE-----") == 2
+    tls = ServerTLS(str(chainPath), str(keyPath))
+    assert tls.subject == HOST
+    assert tls.fingerprint == certificateFingerprint(chainPath)
+    result = connect(tls, rootPath)
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == tls.fingerprint
+
+
+def test_chainFileIntermediateIsSentToClients(tmp_path):
+    """
+    With a leaf issued by an intermediate CA, a client that trusts only the
+    root can verify the server only if the server sends the intermediate
+    from the chain file.
+    """
+    chainPath, keyPath, rootPath = makeChain(tmp_path, HOST, intermediate=True)
+    result = connect(ServerTLS(str(chainPath), str(keyPath)), rootPath)
+    assert result.ok, (result.clientError, result.serverError)
+
+    # The leaf alone (no intermediate) does not verify against the root:
+    # the success above is the chain's doing.
+    leafOnly = tmp_path / "leaf-only.crt"
+    leafOnly.write_bytes(chainPath.read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n")
+    result = connect(ServerTLS(str(leafOnly), str(keyPath)), rootPath)
+    assert not result.ok
+    assert "certificate verify failed" in str(result.clientError)
+
+
+def test_mismatchedKeyIsRefused(tmp_path):
+    certificatePath, _ = makeCertificate(tmp_path, HOST)
+    _, otherKey = makeCertificate(tmp_path, "other.example.test")
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(certificatePath), str(otherKey))
+    assert "unusable TLS certificate/key pair" in str(e.value)
+
+
+def test_missingCertificateFileIsRefused(tmp_path, pair):
+    missing = tmp_path / "nonexistent.crt"
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(missing), str(pair[1]))
+    message = str(e.value)
+    assert message.startswith("cannot read TLS certificate or key")
+    assert str(missing) in message
+
+
+def test_missingKeyFileIsRefused(tmp_path, pair):
+    missing = tmp_path / "nonexistent.key"
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(pair[0]), str(missing))
+    assert "cannot read TLS certificate or key" in str(e.value)
+    assert str(missing) in str(e.value)
+
+
+def test_fileWithoutCertificateIsRefused(tmp_path, pair):
+    """
+    A key given as the certificate: there is no certificate in it.
+    """
+    _, keyPath = pair
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(keyPath), str(keyPath))
+    assert str(e.value) == f"{keyPath}: no PEM certificate found"
+
+
+def test_garbageCertificatePEMIsRefused(tmp_path, pair):
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(garbage), str(pair[1]))
+    assert str(e.value).startswith(f"{garbage}: invalid certificate")
+
+
+def test_garbageInChainIsRefused(tmp_path, pair):
+    """
+    A valid leaf followed by a broken chain certificate is refused, not
+    half-loaded.
+    """
+    certificatePath, keyPath = pair
+    broken = tmp_path / "broken-chain.crt"
+    broken.write_bytes(
+        certificatePath.read_bytes() + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(broken), str(keyPath))
+    assert str(e.value).startswith(f"{broken}: invalid certificate")
+
+
+def test_garbageKeyPEMIsRefused(tmp_path, pair):
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(pair[0]), str(garbage))
+    assert str(e.value).startswith(f"{garbage}: invalid private key")
+
+
+def test_emptyKeyFileIsRefused(tmp_path, pair):
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(pair[0]), str(empty))
+    assert str(e.value).startswith(f"{empty}: invalid private key")
+
+
+# -- protocol settings -------------------------------------------------------
+
+
+def contextOptions(context):
+    """
+    The options set on a pyOpenSSL context.  pyOpenSSL has no getter (and
+    refuses C{set_options} once a connection was made), so ask OpenSSL.
+    """
+    from OpenSSL._util import lib
+
+    return lib.SSL_CTX_get_options(context._context)
+
+
+def connectionOptions(connection):
+    from OpenSSL._util import lib
+
+    return lib.SSL_get_options(connection._ssl)
+
+
+def test_contextOptions(tls):
+    options = contextOptions(tls.getContext())
+    assert options & SSL.OP_NO_COMPRESSION
+    assert options & SSL.OP_CIPHER_SERVER_PREFERENCE
+    assert options & SSL.OP_NO_SSLv3
+    assert options & SSL.OP_NO_TLSv1
+    assert options & SSL.OP_NO_TLSv1_1
+    assert not options & SSL.OP_NO_TLSv1_2
+    assert not options & getattr(SSL, "OP_NO_TLSv1_3", 0)
+
+
+def test_connectionsUseTheContextsOptions(tls):
+    """
+    What STLS and STARTTLS hand to Twisted: a server connection carrying
+    those options.
+    """
+    connection = tls.serverConnectionForTLS(None)
+    assert isinstance(connection, SSL.Connection)
+    options = connectionOptions(connection)
+    for option in (SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1, SSL.OP_NO_COMPRESSION, SSL.OP_CIPHER_SERVER_PREFERENCE):
+        assert options & option
+    # After a handshake too: reading them did not depend on a fresh context.
+    assert contextOptions(tls.getContext()) & SSL.OP_NO_COMPRESSION
+
+
+# The client side of these tests uses protocol versions Python deprecates.
+legacyClient = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+
+
+@legacyClient
+@pytest.mark.parametrize(
+    "minimum, maximum",
+    [
+        (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1),
+        (ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1),
+    ],
+    ids=["TLSv1.0", "TLSv1.1"],
+)
+def test_legacyProtocolsAreRefused(tls, pair, minimum, maximum):
+    """
+    A client limited to TLS 1.0 or 1.1 is turned away with a
+    protocol_version alert.  (OpenSSL 3's default security level alone would
+    refuse them too; L{test_contextOptions} checks mailgate's own setting.)
+    """
+    result = connect(tls, pair[0], minimum=minimum, maximum=maximum, legacy=True)
+    assert not result.ok
+    assert result.version is None
+    assert result.serverError is not None
+    assert "protocol version" in str(result.clientError)
+
+
+@legacyClient
+def test_legacyClientWorksAgainstALegacyServer(pair):
+    """
+    Control for L{test_legacyProtocolsAreRefused}: the same TLS 1.1 client
+    completes a handshake with a server that allows TLS 1.1, so the refusal
+    above is mailgate's doing.
+    """
+    certificatePath, keyPath = pair
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_VERSION)
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.use_certificate_file(str(certificatePath))
+    context.use_privatekey_file(str(keyPath))
+    client = clientContext(
+        certificatePath, minimum=ssl.TLSVersion.TLSv1_1, maximum=ssl.TLSVersion.TLSv1_1, legacy=True
+    )
+    try:
+        result = handshake(SSL.Connection(context, None), client)
+    except SSL.Error as e:  # pragma: no cover - depends on the local OpenSSL
+        pytest.skip(f"this OpenSSL cannot speak TLS 1.1 at all: {e}")
+    if not result.ok:  # pragma: no cover - depends on the local OpenSSL
+        pytest.skip(f"this OpenSSL cannot speak TLS 1.1 at all: {result.clientError or result.serverError}")
+    assert result.version == "TLSv1.1"
+
+
+@pytest.mark.parametrize(
+    "version, name",
+    [(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (ssl.TLSVersion.TLSv1_3, "TLSv1.3")],
+)
+def test_modernProtocolsAreAccepted(tls, pair, version, name):
+    result = connect(tls, pair[0], minimum=version, maximum=version)
+    assert result.ok, (result.clientError, result.serverError)
+    assert result.version == name
+
+
+@legacyClient
+def test_bestProtocolIsNegotiated(tls, pair):
+    result = connect(tls, pair[0], minimum=ssl.TLSVersion.TLSv1, legacy=True)
+    assert result.ok, (result.clientError, result.serverError)
+    assert result.version == "TLSv1.3"
+
+
+def test_clientVerifiesTheHostName(tls, pair):
+    """
+    The certificates of L{certs} (C{tests/certs.py}) name their host and 127.0.0.1, and a
+    verifying client holds the server to them.
+    """
+    assert handshake(tls.serverConnectionForTLS(None), clientContext(pair[0]), HOST).ok
+    assert handshake(tls.serverConnectionForTLS(None), clientContext(pair[0]), "127.0.0.1").ok
+    result = handshake(tls.serverConnectionForTLS(None), clientContext(pair[0]), "other.example.test")
+    assert not result.ok
+    assert "certificate verify failed" in str(result.clientError)
+
+
+# -- reload ------------------------------------------------------------------
+
+
+def test_reloadPresentsTheNewCertificate(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    old = tls.fingerprint
+    oldCertificate = tmp_path / "old.crt"
+    oldCertificate.write_bytes(certificatePath.read_bytes())
+
+    makeCertificate(tmp_path, HOST, name="server")  # renewed in place
+    tls.reload()
+    assert tls.fingerprint != old
+    assert tls.fingerprint == certificateFingerprint(certificatePath)
+
+    result = connect(tls, certificatePath)
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == tls.fingerprint
+    # A client still trusting only the old certificate now fails.
+    assert not connect(tls, oldCertificate).ok
+
+
+def test_reloadPicksUpANewSubject(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    makeCertificate(tmp_path, "renamed.example.test", name="server")
+    tls.reload()
+    assert tls.subject == "renamed.example.test"
+    assert handshake(tls.serverConnectionForTLS(None), clientContext(certificatePath), "renamed.example.test").ok
+
+
+def test_reloadDoesNotDisturbAnEstablishedConnection(tmp_path):
+    """
+    A connection created before the reload finishes its handshake with the
+    certificate it started with.
+    """
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    old = tls.fingerprint
+    oldCertificate = tmp_path / "old.crt"
+    oldCertificate.write_bytes(certificatePath.read_bytes())
+    earlier = tls.serverConnectionForTLS(None)
+    makeCertificate(tmp_path, HOST, name="server")
+    tls.reload()
+    result = handshake(earlier, clientContext(oldCertificate))
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == old
+
+
+def test_failedReloadKeepsTheOldCertificate(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    old = tls.fingerprint
+    oldCertificate = tmp_path / "old.crt"
+    oldCertificate.write_bytes(certificatePath.read_bytes())
+
+    # A renewal caught half-way: new certificate, old key.
+    oldKey = keyPath.read_bytes()
+    makeCertificate(tmp_path, HOST, name="server")
+    keyPath.write_bytes(oldKey)
+    with pytest.raises(ConfigurationError) as e:
+        tls.reload()
+    assert "unusable TLS certificate/key pair" in str(e.value)
+    assert tls.fingerprint == old
+    assert tls.subject == HOST
+    result = connect(tls, oldCertificate)
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == old
+
+
+def test_reloadWithMissingFilesKeepsTheOldCertificate(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    old = tls.fingerprint
+    oldCertificate = tmp_path / "old.crt"
+    oldCertificate.write_bytes(certificatePath.read_bytes())
+    certificatePath.unlink()
+    with pytest.raises(ConfigurationError):
+        tls.reload()
+    assert tls.fingerprint == old
+    result = connect(tls, oldCertificate)
+    assert result.ok and fingerprint(result.peerCertificate) == old
+
+
+# -- the service -----------------------------------------------------------
+
+
+def serviceWithLog(tls):
+    events = []
+    service = MailgateService(store=None, tls=tls)
+    service.log = Logger(observer=events.append)
+    return service, events
+
+
+def test_serviceReloadTLS(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    service, events = serviceWithLog(tls)
+    makeCertificate(tmp_path, HOST, name="server")
+    assert service.reloadTLS() is True
+    assert tls.fingerprint == certificateFingerprint(certificatePath)
+    [event] = events
+    assert event["log_level"] == LogLevel.info
+    text = formatEvent(event)
+    assert "TLS certificate reloaded" in text
+    assert HOST in text and tls.fingerprint in text
+
+
+def test_serviceReloadTLSFailureIsLoggedAndKeepsTheOldCertificate(tmp_path):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    old = tls.fingerprint
+    service, events = serviceWithLog(tls)
+    certificatePath.write_bytes(b"not a certificate\n")
+    assert service.reloadTLS() is False
+    assert tls.fingerprint == old
+    [event] = events
+    assert event["log_level"] == LogLevel.error
+    text = formatEvent(event)
+    assert "TLS reload failed, keeping the previous certificate" in text
+    assert "no PEM certificate found" in text
+
+
+def test_serviceReloadTLSWithoutTLS():
+    service, events = serviceWithLog(None)
+    assert service.reloadTLS() is False
+    assert events == []
+
+
+def test_makeTLSRefusesCertificateWithoutKey(pair):
+    with pytest.raises(ConfigurationError) as e:
+        makeTLS(MailgateConfig(tlsCertificate=str(pair[0])))
+    assert str(e.value) == "TLS needs both a certificate and a key"
+
+
+def test_makeTLSRefusesKeyWithoutCertificate(pair):
+    with pytest.raises(ConfigurationError) as e:
+        makeTLS(MailgateConfig(tlsKey=str(pair[1])))
+    assert str(e.value) == "TLS needs both a certificate and a key"
+
+
+def test_makeTLSRefusesPOP3SWithoutCertificate():
+    with pytest.raises(ConfigurationError) as e:
+        makeTLS(MailgateConfig(pop3s=["tcp:0:interface=127.0.0.1"]))
+    assert "implicit-TLS listeners need a certificate and a key" in str(e.value)
+
+
+def test_makeTLSWithoutCertificate():
+    assert makeTLS(MailgateConfig()) is None
+
+
+def test_makeTLSLoadsThePair(pair):
+    tls = makeTLS(MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1])))
+    assert isinstance(tls, ServerTLS)
+    assert tls.fingerprint == certificateFingerprint(pair[0])
+
+
+def test_makeTLSReportsUnusableFiles(tmp_path, pair):
+    with pytest.raises(ConfigurationError) as e:
+        makeTLS(MailgateConfig(tlsCertificate=str(tmp_path / "nope.crt"), tlsKey=str(pair[1])))
+    assert "cannot read TLS certificate or key" in str(e.value)
