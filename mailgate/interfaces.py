@@ -114,6 +114,13 @@ class IMaildropLocks(Interface):
         does nothing.
         """
 
+    def verify(userId):
+        """
+        Whether this process still holds the lock: a L{Deferred} L{bool}.
+        Checked before a session's deletions are applied, in case the lock
+        was lost (a broken connection to a shared database).
+        """
+
 
 class IMailStore(Interface):
     """

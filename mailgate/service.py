@@ -143,6 +143,7 @@ class MailgateService(MultiService):
     """
 
     exitOnStartupError = False
+    daemonized = False
     log = Logger()
 
     def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
@@ -196,10 +197,14 @@ class MailgateService(MultiService):
         try:
             super().privilegedStartService()
         except ConfigurationError as e:
-            if not self.exitOnStartupError:
+            if not self.exitOnStartupError or self.daemonized:
+                # A daemonized twistd reports exceptions (not SystemExit)
+                # back to the waiting parent, which prints them and exits 1.
                 raise
-            sys.stderr.write(f"mailgate: {e}\n")
-            sys.stderr.flush()
+            # twistd has pointed sys.stderr at the log by now.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"mailgate: {e}\n")
+            stderr.flush()
             raise SystemExit(1)
 
     def addListener(self, listener):

@@ -238,4 +238,6 @@ def makeService(options):
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True
+    parent = getattr(options, "parent", None)
+    service.daemonized = parent is not None and not parent.get("nodaemon", False)
     return service

@@ -12,13 +12,31 @@ TLS 1.2 at least, no TLS compression, the server's cipher preference,
 Twisted's default cipher list (forward-secret AEAD suites first).
 """
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError
+
+# Forward-secret suites first, AEAD before CBC; no NULL, MD5 or DSS (the
+# list Twisted uses by default).  TLS 1.3 suites are OpenSSL's defaults.
+CIPHERS = (
+    "ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
+    "ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS"
+)
+OPTIONS = (
+    SSL.OP_NO_SSLv2
+    | SSL.OP_NO_SSLv3
+    | SSL.OP_NO_TLSv1
+    | SSL.OP_NO_TLSv1_1
+    | SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_SINGLE_DH_USE
+    | SSL.OP_SINGLE_ECDH_USE
+)
 
 
 def isSecure(transport):
@@ -29,28 +47,49 @@ def isSecure(transport):
     return ISSLTransport.providedBy(transport) or bool(getattr(transport, "TLS", False))
 
 
-def _loadPEM(certificatePath, keyPath):
+def _read(path):
     try:
-        with open(certificatePath, "rb") as f:
-            chainPEM = f.read()
-        with open(keyPath, "rb") as f:
-            keyPEM = f.read()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
-    certificates = []
-    marker = b"-----BEGIN CERTIFICATE-----"
-    for part in chainPEM.split(marker)[1:]:
-        try:
-            certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + part))
-        except crypto.Error as e:
-            raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
-    if not certificates:
+
+
+def makeContext(certificatePath, keyPath):
+    """
+    An OpenSSL server context: the certificate (and the chain after it in
+    the same file), the key, and the settings above.
+
+    @return: the context and the leaf certificate (a C{cryptography}
+        certificate, for logging its name and fingerprint).
+    @raise ConfigurationError: if the files cannot be used.
+    """
+    chainPEM = _read(certificatePath)
+    keyPEM = _read(keyPath)
+    if b"-----BEGIN CERTIFICATE-----" not in chainPEM:
         raise ConfigurationError(f"{certificatePath}: no PEM certificate found")
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
-    except crypto.Error as e:
+        leaf = x509.load_pem_x509_certificates(chainPEM)[0]
+    except ValueError as e:
+        raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
+    try:
+        serialization.load_pem_private_key(keyPEM, password=None)
+    except (ValueError, TypeError) as e:
         raise ConfigurationError(f"{keyPath}: invalid private key: {e}") from None
-    return certificates[0], certificates[1:], key
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(OPTIONS)
+    context.set_cipher_list(CIPHERS.encode("ascii"))
+    try:
+        context.use_certificate_chain_file(certificatePath)
+    except SSL.Error as e:
+        raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
+    try:
+        context.use_privatekey_file(keyPath)
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise ConfigurationError(f"unusable TLS certificate/key pair: {e}") from None
+    return context, leaf
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -61,6 +100,8 @@ class ServerTLS:
 
     @ivar certificatePath: the certificate (and chain) file.
     @ivar keyPath: the private key file.
+    @ivar subject: the certificate's common name, for logs.
+    @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
     """
 
     log = Logger()
@@ -68,7 +109,7 @@ class ServerTLS:
     def __init__(self, certificatePath, keyPath):
         self.certificatePath = certificatePath
         self.keyPath = keyPath
-        self._options = None
+        self._context = None
         self.reload()
 
     def reload(self):
@@ -79,26 +120,17 @@ class ServerTLS:
         @raise ConfigurationError: the files cannot be read, parsed, or do
             not belong together.
         """
-        certificate, chain, key = _loadPEM(self.certificatePath, self.keyPath)
-        try:
-            options = CertificateOptions(
-                privateKey=key,
-                certificate=certificate,
-                extraCertChain=chain,
-                raiseMinimumTo=TLSVersion.TLSv1_2,
-            )
-            options.getContext()  # checks that the key matches the certificate
-        except (SSL.Error, ValueError) as e:
-            raise ConfigurationError(f"unusable TLS certificate/key pair: {e}") from None
-        self._options = options
-        self.subject = certificate.get_subject().CN
-        self.fingerprint = certificate.digest("sha256").decode("ascii")
+        context, leaf = makeContext(self.certificatePath, self.keyPath)
+        self._context = context
+        names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        self.subject = names[0].value if names else leaf.subject.rfc4514_string()
+        self.fingerprint = ":".join(f"{b:02X}" for b in leaf.fingerprint(hashes.SHA256()))
 
     def serverConnectionForTLS(self, tlsProtocol):
-        return SSL.Connection(self._options.getContext(), None)
+        return SSL.Connection(self._context, None)
 
     def getContext(self):
         """
         The current OpenSSL context, for APIs that want a context factory.
         """
-        return self._options.getContext()
+        return self._context

@@ -381,8 +381,7 @@ class POP3Server(Protocol):
 
     def do_USER(self, argument):
         if not self._plaintextAllowed():
-            self._err(PLAINTEXT_REFUSED)
-            return None
+            return self._bad(PLAINTEXT_REFUSED)
         name = argument.strip()
         if not name:
             raise _CommandError("USER needs a user name")
@@ -391,8 +390,7 @@ class POP3Server(Protocol):
 
     def do_PASS(self, argument):
         if not self._plaintextAllowed():
-            self._err(PLAINTEXT_REFUSED)
-            return None
+            return self._bad(PLAINTEXT_REFUSED)
         if self._user is None:
             raise _CommandError("send USER first")
         user, self._user = self._user, None
@@ -531,8 +529,7 @@ class POP3Server(Protocol):
         if mechanism is None:
             raise _CommandError(f"unsupported authentication mechanism {name[:20]!r}")
         if mechanism.plaintext and not plaintext:
-            self._err(PLAINTEXT_REFUSED)
-            return None
+            return self._bad(PLAINTEXT_REFUSED)
         data = None
         if initial:
             data = self._decodeSASL(initial.encode("ascii", "replace"))
@@ -548,7 +545,7 @@ class POP3Server(Protocol):
             return base64.b64decode(line, validate=True)
         except (binascii.Error, ValueError):
             self._sasl = None
-            self._err("[AUTH] invalid base64 data")
+            self._bad("[AUTH] invalid base64 data")
             return None
 
     def _saslResponse(self, line):
@@ -591,8 +588,7 @@ class POP3Server(Protocol):
         def failed(failure):
             self._sasl = None
             if failure.check(SASLError):
-                self._err(f"[AUTH] {failure.value}")
-                return None
+                return self._bad(f"[AUTH] {failure.value}")
             return self._loginFailed(failure, "(sasl)")
 
         return d.addCallbacks(next, failed)

@@ -36,6 +36,7 @@ class BlockSender:
         self._waiting = False
         self._done = None
         self._finished = False
+        self._running = False
 
     def start(self):
         """
@@ -50,29 +51,39 @@ class BlockSender:
         return done
 
     def _run(self):
-        while not (self._paused or self._waiting or self._finished):
-            try:
-                block = self._nextBlock()
-            except Exception:
-                self._finish(defer.fail())
-                return
-            if isinstance(block, defer.Deferred):
-                self._waiting = True
-                block.addCallbacks(self._gotBlock, self._failed)
-                return
-            if block is None:
-                self._finish(None)
-                return
+        # A loop, not recursion: a source whose Deferreds have already fired
+        # (an inline store) would otherwise nest one call per block.
+        if self._running:
+            return
+        self._running = True
+        try:
+            while not (self._paused or self._waiting or self._finished):
+                try:
+                    block = self._nextBlock()
+                except Exception:
+                    self._finish(defer.fail())
+                    return
+                if isinstance(block, defer.Deferred):
+                    self._waiting = True
+                    block.addCallbacks(self._gotBlock, self._failed)
+                    if self._waiting:
+                        return
+                    continue
+                self._write(block)
+        finally:
+            self._running = False
+
+    def _write(self, block):
+        if block is None:
+            self._finish(None)
+        else:
             self._transport.write(block)
 
     def _gotBlock(self, block):
         self._waiting = False
         if self._finished:
             return
-        if block is None:
-            self._finish(None)
-            return
-        self._transport.write(block)
+        self._write(block)
         self._run()
 
     def _failed(self, failure):

@@ -15,6 +15,10 @@ discarded) up to the real end, and the transaction is refused there.
 import re
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# RFC 5321 section 4.5.2: a leading dot is removed when other characters
+# follow it on the line; a lone "." that did not end the data (it sat next
+# to a bare LF) stays as it is.
+_STUFFED_DOT = re.compile(rb"^\.(?!\r?\n)", re.MULTILINE)
 
 
 class DataReader:
@@ -40,6 +44,7 @@ class DataReader:
         self._carry = b""
         self._previousEndedCRLF = True
         self._skippingLine = False
+        self._skippedCR = False
 
     @property
     def failed(self):
@@ -55,10 +60,13 @@ class DataReader:
         if self._skippingLine:
             newline = data.find(b"\n")
             if newline < 0:
+                if data:
+                    self._skippedCR = data[-1] == 0x0D
                 return None
-            self._previousEndedCRLF = newline > 0 and data[newline - 1] == 0x0D
+            self._previousEndedCRLF = data[newline - 1] == 0x0D if newline > 0 else self._skippedCR
             data = data[newline + 1:]
             self._skippingLine = False
+            self._skippedCR = False
         elif self._carry:
             data = self._carry + data
             self._carry = b""
@@ -83,6 +91,7 @@ class DataReader:
             # arrives instead of buffering it.
             self._refuseLongLine()
             self._skippingLine = True
+            self._skippedCR = partial[-1] == 0x0D
         else:
             self._carry = partial
         return None
@@ -104,9 +113,8 @@ class DataReader:
             if longest + 1 > self.maxLineLength:
                 self._refuseLongLine()
                 return
-        if block[0] == 0x2E:
-            block = block[1:]
-        block = block.replace(b"\n.", b"\n")
+        if block[0] == 0x2E or b"\n." in block:
+            block = _STUFFED_DOT.sub(b"", block)
         if block.count(b"\n") != block.count(b"\r\n"):
             self.bareLineFeeds = True
             block = _BARE_LF.sub(b"\r\n", block)

@@ -388,7 +388,7 @@ class SMTPServer(Protocol):
         if envelope is None:
             return self._bad(503, "5.5.1", "need MAIL command first")
         try:
-            mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False)
+            mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False, utf8=envelope.utf8)
         except EnvelopeSyntaxError as e:
             return self._bad(501, "5.1.3", f"bad recipient address syntax: {e}")
         if parameters:

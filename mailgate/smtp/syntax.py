@@ -97,9 +97,12 @@ def parseParameters(text):
     return parameters
 
 
-def parseCommandPath(argument, keyword, allowEmpty):
+def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     """
     Parse the argument of MAIL (C{keyword="FROM"}) or RCPT (C{"TO"}).
+
+    @param utf8: the transaction allows UTF-8 addresses (its MAIL FROM
+        carried SMTPUTF8, RFC 6531), as well as a C{SMTPUTF8} parameter here.
 
     @return: C{(mailbox, parameters)}; the mailbox is C{""} for the null
         reverse-path C{<>} when C{allowEmpty}.
@@ -113,7 +116,7 @@ def parseCommandPath(argument, keyword, allowEmpty):
     if after and not after.startswith(" "):
         raise EnvelopeSyntaxError("expected a space before parameters")
     parameters = parseParameters(after)
-    utf8 = "SMTPUTF8" in parameters
+    utf8 = utf8 or "SMTPUTF8" in parameters
     if len(inside) > MAX_PATH:
         raise EnvelopeSyntaxError("address too long")
     inside = _SOURCE_ROUTE.sub("", inside, count=1)

@@ -11,7 +11,7 @@ URLs:
 
 from urllib.parse import urlsplit
 
-from mailgate.errors import ConfigurationError
+from mailgate.errors import ConfigurationError, TemporaryFailure
 from mailgate.store.database import Database, SynchronousDatabase
 from mailgate.store.schema import upgrade
 from mailgate.store.sql import SQLMailStore
@@ -90,6 +90,9 @@ def openStore(url, reactor=None, server=True):
             finally:
                 upgrading.close()
         database = Database(engine, reactor)
+    except TemporaryFailure as e:
+        engine.releaseServer()
+        raise ConfigurationError(str(e)) from e
     except BaseException:
         engine.releaseServer()
         raise

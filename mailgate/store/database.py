@@ -2,27 +2,38 @@
 """
 Running SQL off the reactor thread.
 
-L{Database} wraps an L{adbapi.ConnectionPool}.  Reads run as one transaction
-each.  Writes go through a group-commit queue: writes that arrive while a
-commit is in flight are run together, each inside its own savepoint, and made
-durable by a single commit.  Under load this turns N fsyncs into one without
-weakening the rule that a write's L{Deferred} fires only once it is durable.
+L{Database} owns a bounded thread pool; each worker thread keeps its own
+connection (as C{twisted.enterprise.adbapi} does) and replaces it when it
+breaks, so the gateway serves again as soon as a lost database returns,
+without a restart.  Reads run as one transaction each.  Writes go through a
+group-commit queue: writes that arrive while a commit is in flight are run
+together, each inside its own savepoint, and made durable by a single
+commit.  Under load this turns N fsyncs into one without weakening the rule
+that a write's L{Deferred} fires only once it is durable.
 
 L{SynchronousDatabase} runs the same interactions inline on one connection.
 The admin command uses it (there is no reactor to hand work to), and so do
-protocol tests, which then run against a real database file without threads.
+protocol tests, which then run against a real database without threads.
+
+Failures the engine classifies as transient (the server is down, a lock
+timed out, a deadlock) surface as L{TemporaryFailure}; interactions that
+failed before changing anything (a read, or a write that deadlocked) are
+retried a few times first.
 """
 
+import threading
 from collections import deque
 
-from twisted.enterprise import adbapi
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from mailgate.errors import TemporaryFailure
 
 MAX_BATCH = 256
+RETRIES = 3
 
 
 def _translate(engine, exc):
@@ -32,10 +43,17 @@ def _translate(engine, exc):
     if isinstance(exc, TemporaryFailure):
         return exc
     if engine.isTransient(exc):
-        failure = TemporaryFailure(f"database unavailable: {exc}")
+        failure = TemporaryFailure(f"database unavailable: {exc}".strip())
         failure.__cause__ = exc
         return failure
     return exc
+
+
+def _raiseTranslated(engine, exc):
+    translated = _translate(engine, exc)
+    if translated is exc:
+        raise exc
+    raise translated from exc
 
 
 def runTransaction(engine, conn, function, args, kwargs, write):
@@ -53,10 +71,7 @@ def runTransaction(engine, conn, function, args, kwargs, write):
         engine.commit(conn)
         return result
     except Exception as e:
-        translated = _translate(engine, e)
-        if translated is e:
-            raise
-        raise translated from e
+        _raiseTranslated(engine, e)
 
 
 def runBatch(engine, conn, batch):
@@ -72,7 +87,9 @@ def runBatch(engine, conn, batch):
         function, args, kwargs = batch[0]
         try:
             return [(True, runTransaction(engine, conn, function, args, kwargs, True))]
-        except Exception:
+        except Exception as e:
+            if engine.isRetryable(e.__cause__ or e) or engine.isDisconnect(e.__cause__ or e):
+                raise
             return [(False, Failure())]
     results = []
     try:
@@ -82,10 +99,11 @@ def runBatch(engine, conn, batch):
             try:
                 result = function(cursor, *args, **kwargs)
             except Exception as e:
+                if engine.isRetryable(e) or engine.isDisconnect(e):
+                    raise
                 cursor.execute("ROLLBACK TO SAVEPOINT mg_batch")
                 cursor.execute("RELEASE SAVEPOINT mg_batch")
-                translated = _translate(engine, e)
-                results.append((False, Failure(translated)))
+                results.append((False, Failure(_translate(engine, e))))
             else:
                 cursor.execute("RELEASE SAVEPOINT mg_batch")
                 results.append((True, result))
@@ -95,16 +113,13 @@ def runBatch(engine, conn, batch):
             engine.rollback(conn)
         except Exception:
             pass
-        translated = _translate(engine, e)
-        if translated is e:
-            raise
-        raise translated from e
+        raise
     return results
 
 
 class Database:
     """
-    SQL interactions on a thread pool, with group commit for writes.
+    SQL interactions on a bounded thread pool, with group commit for writes.
 
     @ivar engine: the dialect: how to connect, begin and classify errors.
     """
@@ -116,27 +131,97 @@ class Database:
             from twisted.internet import reactor
         self.engine = engine
         self._reactor = reactor
-        module, args, kwargs = engine.poolArguments()
-        self._pool = adbapi.ConnectionPool(
-            module,
-            *args,
-            cp_openfun=engine.onConnect,
-            cp_reactor=reactor,
-            cp_noisy=False,
-            **kwargs,
-        )
+        self._threadpool = ThreadPool(1, engine.poolSize, name=f"mailgate-db-{engine.name}")
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.Lock()
         self._queue = deque()
         self._writing = False
+        self._closed = False
+        self._started = False
+        reactor.callWhenRunning(self._start)
+
+    def _start(self):
+        if not self._closed and not self._started:
+            self._started = True
+            self._threadpool.start()
+            self._shutdownTrigger = self._reactor.addSystemEventTrigger(
+                "during", "shutdown", self._stopThreads
+            )
+
+    # -- worker-thread side ---------------------------------------------
+
+    def _connection(self):
+        conn = getattr(self._local, "connection", None)
+        if conn is not None and self.engine.isBroken(conn):
+            self._forget(conn)
+            conn = None
+        if conn is None:
+            try:
+                conn = self.engine.connect()
+            except Exception as e:
+                _raiseTranslated(self.engine, e)
+            self._local.connection = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _forget(self, conn):
+        self._local.connection = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def _attempt(self, work, retryDisconnects):
+        """
+        Run C{work(connection)}, retrying on a fresh connection when the old
+        one turned out dead (if C{retryDisconnects}) and after deadlocks.
+        """
+        for attempt in range(RETRIES):
+            conn = self._connection()
+            try:
+                return work(conn)
+            except Exception as e:
+                cause = e.__cause__ or e
+                last = attempt == RETRIES - 1
+                if self.engine.isDisconnect(cause) or self.engine.isBroken(conn):
+                    self._forget(conn)
+                    if retryDisconnects and not last:
+                        continue
+                elif self.engine.isRetryable(cause) and not last:
+                    continue
+                _raiseTranslated(self.engine, e)
+
+    def _read(self, function, args, kwargs):
+        return self._attempt(
+            lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
+            retryDisconnects=True,
+        )
+
+    def _write(self, batch):
+        # A write that lost its connection may or may not have committed:
+        # it is not retried; its caller reports a temporary failure.
+        return self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+
+    # -- reactor side ----------------------------------------------------
+
+    def _run(self, function, *args):
+        if self._closed:
+            return defer.fail(TemporaryFailure("the database is closed"))
+        if not self._started:
+            self._start()
+        return deferToThreadPool(self._reactor, self._threadpool, function, *args)
 
     def runInteraction(self, function, *args, **kwargs):
         """
         Run C{function(cursor, *args, **kwargs)} as one read transaction on a
         worker thread.
         """
-        return self._pool.runWithConnection(self._read, function, args, kwargs)
-
-    def _read(self, conn, function, args, kwargs):
-        return runTransaction(self.engine, _raw(conn), function, args, kwargs, False)
+        return self._run(self._read, function, args, kwargs)
 
     def runWrite(self, function, *args, **kwargs):
         """
@@ -155,7 +240,7 @@ class Database:
             batch.append(self._queue.popleft())
         self._writing = True
         work = [(f, a, k) for f, a, k, _ in batch]
-        d = self._pool.runWithConnection(self._write, work)
+        d = self._run(self._write, work)
 
         def delivered(results):
             for (_, _, _, waiting), (ok, value) in zip(batch, results):
@@ -176,22 +261,39 @@ class Database:
         d.addCallbacks(delivered, failed)
         d.addBoth(next)
 
-    def _write(self, conn, batch):
-        return runBatch(self.engine, _raw(conn), batch)
+    def runWithConnection(self, function, *args):
+        """
+        Run C{function(connection, *args)} on a worker thread, outside any
+        transaction management: for maintenance work.
+        """
+        return self._run(lambda: function(self._connection(), *args))
+
+    def _stopThreads(self):
+        if self._started:
+            self._started = False
+            self._threadpool.stop()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def close(self):
         """
-        Close the pool's connections.
+        Stop the worker threads and close their connections.
         """
-        self._pool.close()
+        if not self._closed:
+            self._closed = True
+            trigger = getattr(self, "_shutdownTrigger", None)
+            if trigger is not None:
+                try:
+                    self._reactor.removeSystemEventTrigger(trigger)
+                except (ValueError, KeyError):
+                    pass
+            self._stopThreads()
         return defer.succeed(None)
-
-
-def _raw(conn):
-    """
-    adbapi hands out a wrapper; our transactions want the DB-API connection.
-    """
-    return getattr(conn, "_connection", conn)
 
 
 class SynchronousDatabase:
@@ -203,7 +305,10 @@ class SynchronousDatabase:
 
     def __init__(self, engine):
         self.engine = engine
-        self._conn = engine.connect()
+        try:
+            self._conn = engine.connect()
+        except Exception as e:
+            _raiseTranslated(engine, e)
 
     def runInteraction(self, function, *args, **kwargs):
         return defer.maybeDeferred(
@@ -214,6 +319,9 @@ class SynchronousDatabase:
         return defer.maybeDeferred(
             runTransaction, self.engine, self._conn, function, args, kwargs, True
         )
+
+    def runWithConnection(self, function, *args):
+        return defer.maybeDeferred(function, self._conn, *args)
 
     def close(self):
         self._conn.close()

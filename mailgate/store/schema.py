@@ -7,12 +7,17 @@ has not seen yet, each in its own transaction, and records the version.  The
 SQL is written once; the few dialect differences are named placeholders
 filled from the engine's C{types}.
 
-Layout, with scaling out in mind: every table that grows with mail carries
-the owning user's id first in its primary key (C{maildrop.user_id},
-C{bodies.owner_id}), so all of one user's hot paths stay within that key and
-the mail tables can be distributed by it.  A message delivered to several
-local users is stored once, owned by its first recipient, and reference
-counted.
+Layout, with scaling out in mind:
+  - C{users} holds accounts and credentials: small, rarely written, keyed
+    by C{user_id} and looked up by address (a reference table on Citus).
+  - Every table that grows or changes with mail carries the owning user's
+    id first in its primary key (C{mailboxes.user_id}, C{maildrop.user_id},
+    C{bodies.owner_id}, C{body_chunks.owner_id}), so one user's hot paths
+    stay within that key and these tables can be distributed by it.
+  - No global counter is taken per message: message uids come from the
+    user's own counter in C{mailboxes}, body ids are random.
+  - A message delivered to several local users is stored once, owned by
+    its first recipient, and reference counted.
 """
 
 import attr
@@ -39,10 +44,16 @@ MIGRATIONS = [
                 password_hash TEXT NOT NULL,
                 scram_sha256 TEXT,
                 apop_secret TEXT,
-                uid_validity {bigint} NOT NULL,
-                next_uid {bigint} NOT NULL DEFAULT 1,
-                last_login {bigint},
                 created_at {bigint} NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE mailboxes (
+                user_id {bigint} NOT NULL,
+                uid_validity {bigint} NOT NULL,
+                next_uid {bigint} NOT NULL,
+                last_login {bigint},
+                PRIMARY KEY (user_id)
             )
             """,
             """

@@ -70,14 +70,13 @@ def _addUser(cursor, engine, address, credentials, now):
         raise UserExists(address)
     try:
         cursor.execute(
-            "INSERT INTO users (address, password_hash, scram_sha256, apop_secret, "
-            "uid_validity, next_uid, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+            "INSERT INTO users (address, password_hash, scram_sha256, apop_secret, created_at) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING user_id",
             (
                 address,
                 credentials.passwordHash,
                 credentials.scramSha256,
                 credentials.apopSecret,
-                secrets.randbits(31),
                 now,
             ),
         )
@@ -85,6 +84,11 @@ def _addUser(cursor, engine, address, credentials, now):
         if engine.isUniqueViolation(e):
             raise UserExists(address) from None
         raise
+    (userId,) = cursor.fetchone()
+    cursor.execute(
+        "INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, ?, 1)",
+        (userId, secrets.randbits(31)),
+    )
     return _findUser(cursor, address)
 
 
@@ -104,16 +108,14 @@ def _removeMessages(cursor, userId, uids):
     """
     references = Counter()
     for batch in _batches(uids):
+        # RETURNING counts only rows this transaction really removed, so a
+        # message is never released twice.
         cursor.execute(
-            "SELECT body_owner, body_id FROM maildrop "
-            f"WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({_placeholders(len(batch))}) "
+            "RETURNING body_owner, body_id",
             (userId, *batch),
         )
-        references.update(cursor.fetchall())
-        cursor.execute(
-            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
-            (userId, *batch),
-        )
+        references.update(tuple(row) for row in cursor.fetchall())
     for (owner, bodyId), count in sorted(references.items()):
         cursor.execute(
             "UPDATE bodies SET refcount = refcount - ? "
@@ -139,12 +141,13 @@ def _deleteUser(cursor, address):
         raise NoSuchUser(address)
     cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
     _removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
+    cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
     cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
 
 
 def _listUsers(cursor):
     cursor.execute(
-        "SELECT u.address, count(m.uid), coalesce(sum(m.size), 0), "
+        "SELECT u.address, count(m.uid), CAST(coalesce(sum(m.size), 0) AS BIGINT), "
         "u.apop_secret IS NOT NULL "
         "FROM users u LEFT JOIN maildrop m ON m.user_id = u.user_id "
         "GROUP BY u.user_id, u.address, u.apop_secret ORDER BY u.address"
@@ -199,12 +202,14 @@ def _deliver(cursor, addresses, source, now, partial=True):
             "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
             (owner, bodyId, seq, chunk),
         )
-    for address in recipients:
+    # Lock mailboxes in one global order, so concurrent deliveries to the
+    # same users cannot deadlock.
+    for address in sorted(recipients, key=known.__getitem__):
         userId = known[address]
         # The per-user counter: a row lock on this user only, never a global
         # sequence per message.
         cursor.execute(
-            "UPDATE users SET next_uid = next_uid + 1 WHERE user_id = ? "
+            "UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id = ? "
             "RETURNING next_uid - 1, uid_validity",
             (userId,),
         )
@@ -221,7 +226,7 @@ def _deliver(cursor, addresses, source, now, partial=True):
 
 def _recordLogin(cursor, userId, now, minimumInterval):
     cursor.execute(
-        "UPDATE users SET last_login = ? WHERE user_id = ? "
+        "UPDATE mailboxes SET last_login = ? WHERE user_id = ? "
         "AND (last_login IS NULL OR last_login <= ?)",
         (now, userId, now - minimumInterval),
     )
@@ -338,6 +343,7 @@ class SQLMailStore:
     def close(self):
         d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
         d.addBoth(lambda _: self.database.close())
+        d.addBoth(lambda _: self.engine.releaseServer())
         return d
 
 
@@ -387,7 +393,14 @@ class SQLMaildrop:
         uids = [self._uids[i] for i in indexes]
         if not uids:
             return defer.succeed(0)
-        return self._store.database.runWrite(_removeMessages, self._userId, uids)
+        d = self._store.locks.verify(self._userId)
+
+        def remove(held):
+            if not held:
+                raise TemporaryFailure("the maildrop lock was lost; nothing removed")
+            return self._store.database.runWrite(_removeMessages, self._userId, uids)
+
+        return d.addCallback(remove)
 
     def release(self):
         if not self._released:

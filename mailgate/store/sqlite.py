@@ -30,6 +30,7 @@ class SQLiteEngine:
     """
 
     name = "sqlite"
+    poolSize = 1  # one writer: one connection, as Synapse does
     types = {
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "bigint": "INTEGER",
@@ -51,15 +52,6 @@ class SQLiteEngine:
             "timeout": BUSY_TIMEOUT_MS / 1000,
         }
 
-    def poolArguments(self):
-        """
-        Arguments for L{adbapi.ConnectionPool}: SQLite has one writer, so one
-        connection, as Synapse does.
-        """
-        args, kwargs = self._connectArguments()
-        kwargs.update(cp_min=1, cp_max=1)
-        return "sqlite3", args, kwargs
-
     def connect(self):
         args, kwargs = self._connectArguments()
         try:
@@ -74,7 +66,6 @@ class SQLiteEngine:
         Per-connection settings: WAL, full fsync on commit, a busy timeout so
         the admin command and the server can write the same file.
         """
-        conn = getattr(conn, "_connection", conn)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if self.path != ":memory:":
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -110,12 +101,38 @@ class SQLiteEngine:
     def rollback(self, conn):
         conn.rollback()
 
+    _transientMessages = (
+        "locked",
+        "busy",
+        "disk",
+        "full",
+        "unable to open",
+        "readonly",
+        "read-only",
+        "interrupted",
+        "i/o",
+        "cannot commit",
+    )
+
     def isTransient(self, exc):
         """
-        Locked, busy, full or unreadable files may heal; constraint violations
-        and SQL errors do not.
+        Locked, busy, full or unreadable files may heal; constraint
+        violations and SQL errors do not (SQLite reports both kinds as
+        OperationalError, so its message decides).
         """
-        return isinstance(exc, sqlite3.OperationalError)
+        if not isinstance(exc, sqlite3.OperationalError):
+            return False
+        message = str(exc).lower()
+        return any(part in message for part in self._transientMessages)
+
+    def isRetryable(self, exc):
+        return False
+
+    def isDisconnect(self, exc):
+        return False
+
+    def isBroken(self, conn):
+        return False
 
     def isUniqueViolation(self, exc):
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
@@ -179,6 +196,9 @@ class InProcessLocks:
 
     def release(self, userId):
         self._held.discard(userId)
+
+    def verify(self, userId):
+        return defer.succeed(userId in self._held)
 
     def close(self):
         self._held.clear()
