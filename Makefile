@@ -34,7 +34,11 @@ run: install
 	@echo "mailgate: add a user with: $(BIN)/mailgate user add you@example.org"
 	$(BIN)/twistd --pidfile= -n mailgate
 
+# PostgreSQL for the suite: tests/pgserver.py starts the machine's cluster
+# (or a private one) and exports MAILGATE_TEST_POSTGRES; it fails loudly if
+# server binaries exist but no server will start.
 test: install
+	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
 	$(BIN)/python -m pytest tests
 
 bench: install

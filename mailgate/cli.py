@@ -213,6 +213,26 @@ def _dbUpgrade(store, args, out, stdin):
     out.write(f"schema is at version {LATEST}\n")
 
 
+def _dbCopy(store, args, out, stdin):
+    from mailgate.store.copy import CopyError, copyDatabase
+
+    source = openSynchronousStore(args.source)
+    try:
+        target = openSynchronousStore(args.target)
+        try:
+            report = copyDatabase(source, target)
+        except CopyError as e:
+            raise CommandError(str(e), EX_CANTCREAT)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    out.write(
+        f"copied {report.users} users and {report.messages} messages "
+        f"({report.bodies} bodies, {report.octets} octets); unique ids preserved\n"
+    )
+
+
 def _dbVersion(store, args, out, stdin):
     from mailgate.store.database import runTransaction
 
@@ -284,6 +304,16 @@ def buildParser():
     dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False)
     dbVersion = db.add_parser("version", help="show the schema version")
     dbVersion.set_defaults(run=_dbVersion, migrate=False)
+    dbCopy = db.add_parser(
+        "copy",
+        help="copy users and maildrops to another (empty) database, keeping unique ids",
+        description="Copy every user and maildrop from one database to another, "
+        "e.g. from SQLite to PostgreSQL, preserving message numbers and unique ids. "
+        "Stop the servers using either database first.",
+    )
+    dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
+    dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
+    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
     return parser
 
 
@@ -307,7 +337,8 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     delivering = args.run is _deliver
     store = None
     try:
-        store = openSynchronousStore(url, migrate=args.migrate)
+        if getattr(args, "store", True):
+            store = openSynchronousStore(url, migrate=args.migrate)
         args.run(store, args, stdout, stdin)
         return EX_OK
     except CommandError as e:

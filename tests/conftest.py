@@ -1,10 +1,82 @@
 """
-Shared fixtures: real SQLite stores in a temporary directory.
+Shared fixtures: real databases.
+
+  - C{store}: a synchronous store on a SQLite file in a temporary directory.
+  - C{databaseURL}: the URL of an empty database, once for SQLite and once
+    for PostgreSQL; tests that use it run on both backends.
+  - C{postgresURL}: an empty PostgreSQL database only.
+
+PostgreSQL comes from C{MAILGATE_TEST_POSTGRES}, which C{make test} sets
+(see tests/pgserver.py).  Each test gets a schema of its own, dropped
+afterwards.  Without the variable the PostgreSQL tests skip, saying why,
+only on a machine with no PostgreSQL server binaries; where the binaries
+exist they fail instead, so a broken set-up cannot pass unnoticed.
 """
+
+import glob
+import os
+import secrets
+import shutil
+from urllib.parse import quote
 
 import pytest
 
 from mailgate.testing import memoryStore
+
+POSTGRES = os.environ.get("MAILGATE_TEST_POSTGRES")
+
+
+def _postgresBinariesPresent():
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/postgres") or shutil.which("postgres"))
+
+
+def _requirePostgres():
+    if POSTGRES:
+        return POSTGRES
+    if _postgresBinariesPresent():
+        pytest.fail(
+            "PostgreSQL server binaries are installed but MAILGATE_TEST_POSTGRES is not "
+            "set: run the suite with `make test` (it starts PostgreSQL)",
+            pytrace=False,
+        )
+    pytest.skip("no PostgreSQL server binaries on this machine")
+
+
+def withSchema(url, schema):
+    """
+    C{url} with C{search_path} set to C{schema}.
+    """
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options={quote(f'-c search_path={schema}')}"
+
+
+@pytest.fixture
+def postgresURL():
+    """
+    The URL of an empty PostgreSQL schema, dropped after the test.
+    """
+    import psycopg
+
+    base = _requirePostgres()
+    schema = "t_" + secrets.token_hex(6)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield withSchema(base, schema)
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def databaseURL(request, tmp_path):
+    """
+    An empty database, on each backend in turn.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    else:
+        yield request.getfixturevalue("postgresURL")
 
 
 @pytest.fixture

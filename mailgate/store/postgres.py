@@ -166,6 +166,16 @@ class PostgresEngine:
     def isUniqueViolation(self, exc):
         return isinstance(exc, pgerrors.UniqueViolation)
 
+    def resetIdentity(self, cursor, table, column):
+        """
+        After rows were inserted with explicit ids, make the identity
+        column continue after the largest.
+        """
+        cursor.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+            f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"
+        )
+
     def claimServer(self):
         """
         Any number of nodes may share a PostgreSQL database.

@@ -137,6 +137,12 @@ class SQLiteEngine:
     def isUniqueViolation(self, exc):
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
+    def resetIdentity(self, cursor, table, column):
+        """
+        After rows were inserted with explicit ids: SQLite's AUTOINCREMENT
+        already continues after the largest.
+        """
+
     def claimServer(self):
         """
         Make sure only one mailgate server uses this database file.

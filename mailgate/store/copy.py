@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_copy -*-
+"""
+Copying a whole mailgate database to another, across backends.
+
+Users keep their ids, passwords and APOP secrets; messages keep their
+numbers, unique ids and arrival times; bodies stay shared as they were.  So
+POP3 clients that leave mail on the server recognise every message after a
+move from SQLite to PostgreSQL (or back) and download nothing again.
+
+The copy runs in one transaction on the target: it is all there or not at
+all.  Bodies are streamed a few chunks at a time, so memory stays bounded
+whatever the size of the messages.
+"""
+
+import attr
+
+from mailgate.errors import MailgateError
+from mailgate.store.database import runTransaction
+
+CHUNKS_PER_READ = 8
+ROWS_PER_READ = 500
+
+
+class CopyError(MailgateError):
+    """
+    The copy cannot be made (the target is not empty).
+    """
+
+
+@attr.s
+class CopyReport:
+    users = attr.ib(default=0)
+    messages = attr.ib(default=0)
+    bodies = attr.ib(default=0)
+    octets = attr.ib(default=0)
+
+
+def _pages(cursor, keyColumns, columns, table):
+    """
+    Read a table in primary-key order, a page at a time (keyset paging, so
+    no driver ever holds the whole table).
+    """
+    select = ", ".join(columns)
+    order = ", ".join(keyColumns)
+    last = None
+    while True:
+        if last is None:
+            cursor.execute(f"SELECT {select} FROM {table} ORDER BY {order} LIMIT {ROWS_PER_READ}")
+        else:
+            condition = f"({order}) > ({', '.join('?' * len(keyColumns))})"
+            cursor.execute(
+                f"SELECT {select} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {ROWS_PER_READ}",
+                last,
+            )
+        rows = cursor.fetchall()
+        if not rows:
+            return
+        yield rows
+        last = tuple(rows[-1][columns.index(k)] for k in keyColumns)
+
+
+def _insert(cursor, table, columns, rows):
+    placeholders = ", ".join("?" * len(columns))
+    cursor.executemany(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
+        [tuple(row) for row in rows],
+    )
+
+
+_TABLES = [
+    ("users", ("user_id",), ("user_id", "address", "password_hash", "scram_sha256", "apop_secret", "created_at")),
+    ("mailboxes", ("user_id",), ("user_id", "uid_validity", "next_uid", "last_login")),
+    ("bodies", ("owner_id", "body_id"), ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")),
+    (
+        "maildrop",
+        ("user_id", "uid"),
+        ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at"),
+    ),
+]
+
+
+def copyDatabase(source, target):
+    """
+    Copy everything from one synchronous store to another, empty one.
+
+    @param source: a store from L{mailgate.store.openSynchronousStore}.
+    @param target: likewise; it must have no users.
+    @return: a L{CopyReport}.
+    @raise CopyError: if the target already has users.
+    """
+    sourceEngine, sourceConn = source.database.engine, source.database._conn
+    targetEngine, targetConn = target.database.engine, target.database._conn
+    report = CopyReport()
+
+    def write(targetCursor):
+        targetCursor.execute("SELECT count(*) FROM users")
+        if targetCursor.fetchone()[0]:
+            raise CopyError("the target database already has users; copy into an empty database")
+
+        def read(sourceCursor):
+            for table, key, columns in _TABLES:
+                for rows in _pages(sourceCursor, key, columns, table):
+                    _insert(targetCursor, table, columns, rows)
+                    if table == "users":
+                        report.users += len(rows)
+                    elif table == "maildrop":
+                        report.messages += len(rows)
+                    elif table == "bodies":
+                        report.bodies += len(rows)
+                        for row in rows:
+                            report.octets += row[2]
+                            _copyChunks(sourceCursor, targetCursor, row[0], row[1])
+            targetEngine.resetIdentity(targetCursor, "users", "user_id")
+
+        runTransaction(sourceEngine, sourceConn, read, (), {}, False)
+
+    runTransaction(targetEngine, targetConn, write, (), {}, True)
+    return report
+
+
+def _copyChunks(sourceCursor, targetCursor, owner, bodyId):
+    seq = 0
+    while True:
+        sourceCursor.execute(
+            "SELECT seq, data FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq >= ? "
+            f"ORDER BY seq LIMIT {CHUNKS_PER_READ}",
+            (owner, bodyId, seq),
+        )
+        rows = sourceCursor.fetchall()
+        if not rows:
+            return
+        targetCursor.executemany(
+            "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
+            [(owner, bodyId, s, bytes(data)) for s, data in rows],
+        )
+        seq = rows[-1][0] + 1
