@@ -33,7 +33,8 @@ DEADLINE = 20.0
 STOP_GRACE = 10.0
 
 HOSTNAME = "mailgate.test"
-_LISTENING = re.compile(r"POP3 listening on 127\.0\.0\.1:(\d+)\b")
+_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP) listening on (\S+?)(?::(\d+))? \(")
+_LISTENER_OPTIONS = {"--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP"}
 _LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
 
 
@@ -85,6 +86,8 @@ class ServerProcess:
     port of 127.0.0.1.
 
     @ivar port: the POP3 port, once L{start} returned.
+    @ivar ports: every listener's port (or Unix socket path) by protocol:
+        C{{"POP3": [...], "SMTP": [...], ...}} in the order they started.
     @ivar database: the database URL it serves.
     """
 
@@ -94,6 +97,7 @@ class ServerProcess:
         self.cwd = cwd
         self.listen = listen
         self.port = None
+        self.ports = {}
         self.process = None
         self._changed = threading.Condition()
         self._ended = 0
@@ -149,11 +153,16 @@ class ServerProcess:
         self._out.start()
         self._err.start()
         deadline = time.monotonic() + DEADLINE
+        expected = self._expectedListeners()
         with self._changed:
             while True:
-                match = _LISTENING.search(self.stdout)
-                if match:
-                    self.port = int(match.group(1))
+                ports = {}
+                for match in _LISTENING.finditer(self.stdout):
+                    name, host, port = match.groups()
+                    ports.setdefault(name, []).append(int(port) if port else host)
+                if all(len(ports.get(name, ())) >= n for name, n in expected.items()):
+                    self.ports = ports
+                    self.port = ports.get("POP3", [None])[0]
                     return self.port
                 if self.process.poll() is not None and self._ended == 2:
                     pytest.fail(f"twistd mailgate exited before listening\n{self.log()}")
@@ -161,10 +170,26 @@ class ServerProcess:
                 if left <= 0:
                     self.stop()
                     pytest.fail(
-                        f"twistd mailgate did not log 'POP3 listening on' within "
-                        f"{DEADLINE} s\n{self.log()}"
+                        f"twistd mailgate did not log all of {expected} 'listening on' "
+                        f"lines within {DEADLINE} s\n{self.log()}"
                     )
                 self._changed.wait(min(left, 0.5))
+
+    def _expectedListeners(self):
+        expected = {}
+        argv = self.argv
+        for i, arg in enumerate(argv):
+            name = _LISTENER_OPTIONS.get(arg.split("=", 1)[0])
+            if name:
+                expected[name] = expected.get(name, 0) + 1
+        return expected
+
+    def portOf(self, name, index=0):
+        """
+        The port (or Unix socket path) of the C{index}th listener of a
+        protocol, e.g. C{portOf("SMTP")}.
+        """
+        return self.ports[name][index]
 
     def running(self):
         return self.process is not None and self.process.poll() is None
