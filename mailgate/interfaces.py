@@ -142,6 +142,11 @@ class IMailStore(Interface):
         Whether any user's address is in C{domain}: a L{Deferred} L{bool}.
         """
 
+    def hasAPOPUsers():
+        """
+        Whether any user has APOP enabled: a L{Deferred} L{bool}.
+        """
+
     def addUser(address, credentials):
         """
         Create a user with the given L{mailgate.auth.passwords.StoredCredentials}.

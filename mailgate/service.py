@@ -13,6 +13,7 @@ import sys
 
 import attr
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -23,13 +24,14 @@ from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
+from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
 from mailgate.tls import ServerTLS
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
+APOP_REFRESH = 30
 
 
 @attr.s(kw_only=True)
@@ -38,7 +40,9 @@ class MailgateConfig:
     Everything C{twistd mailgate} can be told, with its defaults.
 
     @ivar pop3: strports descriptions of the POP3 listeners.
-    @ivar apop: offer APOP (the greeting carries a timestamp).
+    @ivar apop: offer APOP (the greeting carries a timestamp): C{True},
+        C{False}, or C{"auto"} (the default: only while some user has APOP
+        enabled, checked every L{APOP_REFRESH} seconds).
     @ivar authFailureDelay: seconds before a failed login is answered.
     @ivar idleTimeout: POP3 autologout, in seconds.
     @ivar loginDelay: minimum seconds between a user's logins, or C{None}.
@@ -62,7 +66,7 @@ class MailgateConfig:
     smtp = attr.ib(factory=list)
     lmtp = attr.ib(factory=list)
     hostname = attr.ib(default=None)
-    apop = attr.ib(default=True)
+    apop = attr.ib(default="auto")
     authFailureDelay = attr.ib(default=1.0)
     idleTimeout = attr.ib(default=600)
     loginDelay = attr.ib(default=None)
@@ -225,12 +229,13 @@ def makePOP3Factory(store, config, reactor, tls=None):
     the session policy from C{config}.
     """
     portal = makePortal(
-        store, threadRunner(reactor), apop=config.apop, loginDelay=config.loginDelay
+        store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
     )
+    apop = APOPAdvertiser(store) if config.apop == "auto" else bool(config.apop)
     return POP3Factory(
         portal,
         hostname=config.hostname,
-        apop=config.apop,
+        apop=apop,
         idleTimeout=config.idleTimeout,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
@@ -303,7 +308,13 @@ def makeService(config, reactor=None, store=None):
 
     def pop3Factory():
         if not pop3:
-            pop3.append(makePOP3Factory(store, config, reactor, tls))
+            factory = makePOP3Factory(store, config, reactor, tls)
+            if isinstance(factory.apop, APOPAdvertiser):
+                # Fire and forget: a slow database must not hold up shutdown.
+                refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
+                refresh.clock = reactor
+                refresh.setServiceParent(root)
+            pop3.append(factory)
         return pop3[0]
 
     builders = {

@@ -55,7 +55,13 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["no-apop", None, "Do not offer APOP: no timestamp in the greeting."],
+        ["no-apop", None, "Never offer APOP: no timestamp in the greeting."],
+        [
+            "apop",
+            None,
+            "Always offer APOP.  Default: offer it (a timestamp in the greeting) "
+            "only while some user has APOP enabled.",
+        ],
     ]
     optParameters = [
         [
@@ -195,6 +201,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["pop3"]:
             self["pop3"] = [DEFAULT_POP3]
+        if self["apop"] and self["no-apop"]:
+            raise usage.UsageError("--apop and --no-apop contradict each other")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["pop3s"] and self["tls-cert"] is None:
@@ -221,7 +229,7 @@ class Options(usage.Options):
             trustedNetworks=list(self["trusted-network"]) or list(DEFAULT_TRUSTED_NETWORKS),
             reloadOnSIGHUP=True,
             hostname=self["hostname"],
-            apop=not self["no-apop"],
+            apop=False if self["no-apop"] else (True if self["apop"] else "auto"),
             authFailureDelay=self["auth-failure-delay"],
             idleTimeout=self["idle-timeout"],
             loginDelay=self["login-delay"],

@@ -737,3 +737,23 @@ def test_idleTimeoutIsConfigurable(store, alice):
     s = POP3Session(store, idleTimeout=30)
     assert s.advance(29) == b""
     assert s.advance(1).startswith(b"-ERR autologout")
+
+
+# -- APOP offered only where it can work -----------------------------------
+
+
+def test_autoAPOPOffersTimestampOnlyWhileSomeUserHasAPOP(store):
+    from mailgate.pop3.factory import APOPAdvertiser
+    from mailgate.testing import pop3Factory
+
+    advertiser = APOPAdvertiser(store)
+    factory = pop3Factory(store, apop=advertiser)
+    addUser(store, BOB, "builder")
+    resultOf(advertiser.refresh())
+    assert POP3Session(store, factory=factory).challenge is None
+    addUser(store, ALICE, "wonderland", apop=True)
+    resultOf(advertiser.refresh())
+    session = POP3Session(store, factory=factory)
+    assert session.challenge is not None
+    digest = hashlib.md5(session.challenge.encode() + b"wonderland").hexdigest()
+    assert session.command(f"APOP {ALICE} {digest}").startswith("+OK")

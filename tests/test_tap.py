@@ -5,7 +5,7 @@ hierarchy on a L{MemoryReactor}, and the plugin twistd finds.
 
 import pytest
 from twisted.application.service import IService, IServiceMaker, MultiService
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock as MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from zope.interface.verify import verifyObject
@@ -47,7 +47,7 @@ def test_defaults():
     assert config.database == "sqlite:///mailgate.sqlite3"
     assert config.pop3 == ["tcp:1110:interface=127.0.0.1"]
     assert config.hostname is None
-    assert config.apop is True
+    assert config.apop == "auto"
     assert config.authFailureDelay == 1.0
     assert config.idleTimeout == 600
     assert config.loginDelay is None
@@ -134,9 +134,12 @@ def test_numericOptions():
     assert config.loginDelay == 300
 
 
-def test_noApop():
+def test_apopModes():
     assert parse("--no-apop").toConfig().apop is False
-    assert parse().toConfig().apop is True
+    assert parse("--apop").toConfig().apop is True
+    assert parse().toConfig().apop == "auto"
+    with pytest.raises(usage.UsageError):
+        parse("--apop", "--no-apop")
 
 
 def test_hostname():

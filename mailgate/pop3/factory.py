@@ -14,14 +14,38 @@ from mailgate.pop3.protocol import POP3Server
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
+class APOPAdvertiser:
+    """
+    The default APOP policy: greetings carry an APOP timestamp only while
+    at least one user has APOP enabled.  Clients that prefer APOP whenever
+    a timestamp is offered (curl, Twisted's own client) then never try it
+    on a server where it cannot work.
+
+    @ivar enabled: the current answer, refreshed by L{refresh} (the service
+        calls it periodically; it starts as C{True} until the first answer).
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.enabled = True
+
+    def refresh(self):
+        d = self._store.hasAPOPUsers()
+
+        def got(enabled):
+            self.enabled = bool(enabled)
+
+        return d.addCallbacks(got, lambda failure: None)
+
+
 class POP3Factory(ServerFactory):
     """
     @param portal: a L{Portal} whose realm provides
         L{mailgate.interfaces.IMaildrop} avatars (see
         L{mailgate.auth.realm.makePortal}).
     @param hostname: the name in the greeting and APOP timestamp.
-    @param apop: offer APOP: put a timestamp in the greeting.  Switch it off
-        when no user has an APOP secret, so clients never try it.
+    @param apop: offer APOP: put a timestamp in the greeting.  C{True} or
+        C{False}, or an L{APOPAdvertiser} that decides from the store.
     @param idleTimeout: seconds before an idle session is logged out.
     @param authFailureDelay: seconds before a failed login is answered.
     @param reactor: the reactor (or a clock, in tests) for timers.
@@ -69,6 +93,13 @@ class POP3Factory(ServerFactory):
         protocol.idleTimeout = self.idleTimeout
         protocol.authFailureDelay = self.authFailureDelay
         return protocol
+
+    def offersAPOP(self):
+        """
+        Whether greetings carry an APOP timestamp now.
+        """
+        apop = self.apop
+        return apop.enabled if isinstance(apop, APOPAdvertiser) else bool(apop)
 
     def isTrusted(self, address):
         """

@@ -143,7 +143,7 @@ class POP3Server(Protocol):
                 pass
         self.peer = self.transport.getPeer()
         greeting = f"{self.factory.greeting}"
-        if self.factory.apop:
+        if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()
             greeting += " " + self.challenge
         self._ok(greeting)

@@ -64,6 +64,11 @@ def _hasDomain(cursor, domain):
     return cursor.fetchone() is not None
 
 
+def _hasAPOPUsers(cursor):
+    cursor.execute("SELECT 1 FROM users WHERE apop_secret IS NOT NULL LIMIT 1")
+    return cursor.fetchone() is not None
+
+
 def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
@@ -308,6 +313,9 @@ class SQLMailStore:
 
     def hasDomain(self, domain):
         return self.database.runInteraction(_hasDomain, domain)
+
+    def hasAPOPUsers(self):
+        return self.database.runInteraction(_hasAPOPUsers)
 
     def addUser(self, address, credentials):
         return self.database.runWrite(_addUser, self.engine, address, credentials, self._now())
