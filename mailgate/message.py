@@ -28,10 +28,25 @@ class MessageSpool:
     """
 
     def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
-        self._file = tempfile.SpooledTemporaryFile(max_size=memoryLimit)
+        # Small messages (nearly all of them) stay in a list of pieces; the
+        # first write past memoryLimit moves everything to a temporary file.
+        self._memoryLimit = memoryLimit
+        self._pieces = []
+        self._file = None
         self.size = 0
         self._headerSize = None
         self._partial = b""
+
+    def _write(self, data):
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._pieces.append(data)
+        if self.size + len(data) > self._memoryLimit:
+            self._file = tempfile.TemporaryFile()
+            for piece in self._pieces:
+                self._file.write(piece)
+            self._pieces = None
 
     @property
     def headerSize(self):
@@ -41,7 +56,7 @@ class MessageSpool:
         """
         Append one line, given without its line end.
         """
-        self._file.write(line + b"\r\n")
+        self._write(line + b"\r\n")
         self.size += len(line) + 2
         if self._headerSize is None and not line:
             self._headerSize = self.size
@@ -58,7 +73,7 @@ class MessageSpool:
                 end = block.find(b"\n\r\n")
                 if end >= 0:
                     self._headerSize = self.size + end + 3
-        self._file.write(block)
+        self._write(block)
         self.size += len(block)
 
     def writeLines(self, lines):
@@ -91,7 +106,10 @@ class MessageSpool:
             if partial.endswith(b"\r"):
                 partial = partial[:-1]
             self.writeLine(partial)
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
+        elif len(self._pieces) > 1:
+            self._pieces = [b"".join(self._pieces)]
         return self
 
     def chunks(self, chunkSize):
@@ -99,6 +117,11 @@ class MessageSpool:
         Iterate over the stored octets.  Called from a store worker thread
         while nothing else touches the spool.
         """
+        if self._file is None:
+            data = b"".join(self._pieces or ())
+            for start in range(0, len(data), chunkSize):
+                yield data[start : start + chunkSize]
+            return
         self._file.seek(0)
         while True:
             chunk = self._file.read(chunkSize)
@@ -116,7 +139,9 @@ class MessageSpool:
         """
         Discard the spooled octets.
         """
-        self._file.close()
+        self._pieces = []
+        if self._file is not None:
+            self._file.close()
 
 
 def spoolBytes(data):

@@ -142,6 +142,7 @@ class POP3Server(Protocol):
             except OSError:
                 pass
         self.peer = self.transport.getPeer()
+        self._trustedPeer = self.factory.isTrusted(self.peer)
         greeting = f"{self.factory.greeting}"
         if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()
@@ -377,7 +378,7 @@ class POP3Server(Protocol):
         Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only over
         TLS or from a trusted network, as Dovecot does by default.
         """
-        return isSecure(self.transport) or self.factory.isTrusted(self.peer)
+        return self._trustedPeer or isSecure(self.transport)
 
     def do_USER(self, argument):
         if not self._plaintextAllowed():

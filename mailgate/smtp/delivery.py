@@ -5,12 +5,20 @@ accepted mail to the store.
 
 The protocol asks; this module answers.  mailgate is never an open relay:
 a recipient must be a user of the store, in an accepted domain.
+
+Recipients known to exist are remembered for a short while, so a busy
+intake does not query the database for every RCPT.  Only positive answers
+are remembered: a user created a moment ago is never refused.  A user
+deleted within that while is caught when the message is committed (the
+delivery transaction checks every recipient again).
 """
+
+import time
 
 from twisted.internet import defer
 
 from mailgate.address import normalizeAddress
-from mailgate.errors import InvalidAddress
+from mailgate.errors import InvalidAddress, NoSuchUser
 from mailgate.smtp.envelope import SMTPReply
 
 
@@ -19,18 +27,52 @@ class LocalDelivery:
     @param store: the L{mailgate.interfaces.IMailStore}.
     @param domains: the domains to accept mail for; C{None} accepts the
         domains of existing users.
+    @param clock: a monotonic clock, for the recipient cache.
+    @cvar knownLifetime: seconds a recipient (or domain) found in the store
+        is accepted without asking it again.
+    @cvar maxKnown: the bound on remembered recipients.
     """
 
-    def __init__(self, store, domains=None):
+    knownLifetime = 30.0
+    maxKnown = 100000
+
+    def __init__(self, store, domains=None, clock=time.monotonic):
         self._store = store
         self.domains = None if domains is None else frozenset(d.lower() for d in domains)
+        self._clock = clock
+        self._known = {}
+
+    def _remembered(self, key):
+        expires = self._known.get(key)
+        if expires is None:
+            return False
+        if expires < self._clock():
+            del self._known[key]
+            return False
+        return True
+
+    def _remember(self, key):
+        if len(self._known) >= self.maxKnown:
+            now = self._clock()
+            self._known = {k: e for k, e in self._known.items() if e >= now}
+            if len(self._known) >= self.maxKnown:
+                self._known.clear()
+        self._known[key] = self._clock() + self.knownLifetime
 
     def _acceptsDomain(self, domain):
         if self.domains is not None:
             return defer.succeed(domain in self.domains)
-        return self._store.hasDomain(domain)
+        key = "@" + domain
+        if self._remembered(key):
+            return defer.succeed(True)
 
-    @defer.inlineCallbacks
+        def found(exists):
+            if exists:
+                self._remember(key)
+            return exists
+
+        return self._store.hasDomain(domain).addCallback(found)
+
     def checkRecipient(self, mailbox):
         """
         Accept or refuse a RCPT TO mailbox.
@@ -40,16 +82,28 @@ class LocalDelivery:
             L{mailgate.errors.TemporaryFailure}.
         """
         domain = mailbox.rpartition("@")[2].lower()
-        if not (yield self._acceptsDomain(domain)):
-            raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
         try:
             address = normalizeAddress(mailbox)
         except InvalidAddress:
-            raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here") from None
-        user = yield self._store.findUser(address)
-        if user is None:
-            raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-        return address
+            address = None
+        if address is not None and self._remembered(address):
+            return defer.succeed(address)
+        d = self._acceptsDomain(domain)
+
+        def domainChecked(accepted):
+            if not accepted:
+                raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
+            if address is None:
+                raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
+            return self._store.findUser(address).addCallback(userChecked)
+
+        def userChecked(user):
+            if user is None:
+                raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
+            self._remember(address)
+            return address
+
+        return d.addCallback(domainChecked)
 
     def deliver(self, envelope, source, partial=True):
         """
@@ -61,4 +115,19 @@ class LocalDelivery:
             C{False}, a vanished recipient fails the whole delivery, so an
             SMTP client retries and nobody gets two copies.
         """
-        return self._store.deliver(envelope.recipients, source, partial=partial)
+        d = self._store.deliver(envelope.recipients, source, partial=partial)
+
+        def delivered(results):
+            for address, result in results.items():
+                if isinstance(result, NoSuchUser):
+                    self._known.pop(address, None)
+            return results
+
+        def failed(failure):
+            if failure.check(NoSuchUser):
+                # Someone vanished since RCPT: ask the store again next time.
+                for address in envelope.recipients:
+                    self._known.pop(address, None)
+            return failure
+
+        return d.addCallbacks(delivered, failed)

@@ -61,6 +61,21 @@ def _clean(text):
     return text[:100]
 
 
+_lastDate = [None, None]
+
+
+def _date(second):
+    """
+    An RFC 5322 date for C{second}, formatted once per second.
+    """
+    if _lastDate[0] != second:
+        _lastDate[1] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+        )
+        _lastDate[0] = second
+    return _lastDate[1]
+
+
 def traceHeaders(envelope, hostname, now=None):
     """
     The C{Return-Path:} and C{Received:} fields the final delivery server
@@ -73,9 +88,7 @@ def traceHeaders(envelope, hostname, now=None):
     forClause = ""
     if len(envelope.recipients) == 1:
         forClause = f"\r\n\tfor <{envelope.recipients[0]}>"
-    date = email.utils.format_datetime(
-        datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    )
+    date = _date(int(now))
     received = (
         f"Received: from {_clean(envelope.helo or 'unknown')} ({peerText})\r\n"
         f"\tby {hostname} (mailgate) with {envelope.protocol} id {envelope.transactionId}"

@@ -68,7 +68,11 @@ def _insert(cursor, table, columns, rows):
 
 
 _TABLES = [
-    ("users", ("user_id",), ("user_id", "address", "password_hash", "scram_sha256", "apop_secret", "created_at")),
+    (
+        "users",
+        ("user_id",),
+        ("user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "created_at"),
+    ),
     ("mailboxes", ("user_id",), ("user_id", "uid_validity", "next_uid", "last_login")),
     ("bodies", ("owner_id", "body_id"), ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")),
     (

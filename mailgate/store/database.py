@@ -2,14 +2,16 @@
 """
 Running SQL off the reactor thread.
 
-L{Database} owns a bounded thread pool; each worker thread keeps its own
-connection (as C{twisted.enterprise.adbapi} does) and replaces it when it
-breaks, so the gateway serves again as soon as a lost database returns,
-without a restart.  Reads run as one transaction each.  Writes go through a
-group-commit queue: writes that arrive while a commit is in flight are run
-together, each inside its own savepoint, and made durable by a single
-commit.  Under load this turns N fsyncs into one without weakening the rule
-that a write's L{Deferred} fires only once it is durable.
+L{Database} owns two bounded thread pools: readers, and a single writer.
+Each worker thread keeps its own connection (as C{twisted.enterprise.adbapi}
+does) and replaces it when it breaks, so the gateway serves again as soon as
+a lost database returns, without a restart.  Reads run as one transaction
+each, on the readers, so they never queue behind a commit's fsync.  Writes
+go through a group-commit queue on the writer: writes that arrive while a
+commit is in flight are run together, each inside its own savepoint, and
+made durable by a single commit.  Under load this turns N fsyncs into one
+without weakening the rule that a write's L{Deferred} fires only once it is
+durable.
 
 L{SynchronousDatabase} runs the same interactions inline on one connection.
 The admin command uses it (there is no reactor to hand work to), and so do
@@ -21,14 +23,13 @@ failed before changing anything (a read, or a write that deadlocked) are
 retried a few times first.
 """
 
+import queue
 import threading
 from collections import deque
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mailgate.errors import TemporaryFailure
 
@@ -117,9 +118,71 @@ def runBatch(engine, conn, batch):
     return results
 
 
+class WorkerThreads:
+    """
+    A fixed set of threads taking jobs from one queue, each result handed
+    back to the reactor thread.  Leaner than L{twisted.python.threadpool}
+    (one queue, no per-job context copying), which matters when every POP3
+    command and every delivery makes a trip.
+    """
+
+    def __init__(self, reactor, count, name):
+        self._reactor = reactor
+        self._count = count
+        self._name = name
+        self._queue = queue.SimpleQueue()
+        self._threads = []
+
+    def start(self):
+        for i in range(self._count):
+            thread = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, function, *args):
+        """
+        Run C{function(*args)} on one of the threads; a L{Deferred} of its
+        result, fired in the reactor thread.
+        """
+        d = defer.Deferred()
+        self._queue.put((function, args, d))
+        return d
+
+    def _work(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            function, args, d = job
+            try:
+                result = function(*args)
+                ok = True
+            except BaseException:
+                result = Failure()
+                result.cleanFailure()
+                ok = False
+            self._reactor.callFromThread(self._fire, d, ok, result)
+
+    @staticmethod
+    def _fire(d, ok, result):
+        if ok:
+            d.callback(result)
+        else:
+            d.errback(result)
+
+    def stop(self, timeout=10):
+        for _ in self._threads:
+            self._queue.put(None)
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(timeout)
+        self._threads = []
+
+
 class Database:
     """
-    SQL interactions on a bounded thread pool, with group commit for writes.
+    SQL interactions on bounded worker threads, with group commit for writes.
 
     @ivar engine: the dialect: how to connect, begin and classify errors.
     """
@@ -131,7 +194,13 @@ class Database:
             from twisted.internet import reactor
         self.engine = engine
         self._reactor = reactor
-        self._threadpool = ThreadPool(1, engine.poolSize, name=f"mailgate-db-{engine.name}")
+        self._writer = WorkerThreads(reactor, 1, f"mailgate-db-{engine.name}-writer")
+        readers = engine.readers
+        # Without readers of its own (an in-memory SQLite database exists in
+        # one connection only), reads run on the writer's connection.
+        self._readers = (
+            WorkerThreads(reactor, readers, f"mailgate-db-{engine.name}-reader") if readers else self._writer
+        )
         self._local = threading.local()
         self._connections = []
         self._lock = threading.Lock()
@@ -144,7 +213,9 @@ class Database:
     def _start(self):
         if not self._closed and not self._started:
             self._started = True
-            self._threadpool.start()
+            self._writer.start()
+            if self._readers is not self._writer:
+                self._readers.start()
             self._shutdownTrigger = self._reactor.addSystemEventTrigger(
                 "during", "shutdown", self._stopThreads
             )
@@ -209,19 +280,19 @@ class Database:
 
     # -- reactor side ----------------------------------------------------
 
-    def _run(self, function, *args):
+    def _run(self, pool, function, *args):
         if self._closed:
             return defer.fail(TemporaryFailure("the database is closed"))
         if not self._started:
             self._start()
-        return deferToThreadPool(self._reactor, self._threadpool, function, *args)
+        return pool.submit(function, *args)
 
     def runInteraction(self, function, *args, **kwargs):
         """
         Run C{function(cursor, *args, **kwargs)} as one read transaction on a
-        worker thread.
+        reader thread.
         """
-        return self._run(self._read, function, args, kwargs)
+        return self._run(self._readers, self._read, function, args, kwargs)
 
     def runWrite(self, function, *args, **kwargs):
         """
@@ -240,7 +311,7 @@ class Database:
             batch.append(self._queue.popleft())
         self._writing = True
         work = [(f, a, k) for f, a, k, _ in batch]
-        d = self._run(self._write, work)
+        d = self._run(self._writer, self._write, work)
 
         def delivered(results):
             for (_, _, _, waiting), (ok, value) in zip(batch, results):
@@ -266,12 +337,14 @@ class Database:
         Run C{function(connection, *args)} on a worker thread, outside any
         transaction management: for maintenance work.
         """
-        return self._run(lambda: function(self._connection(), *args))
+        return self._run(self._writer, lambda: function(self._connection(), *args))
 
     def _stopThreads(self):
         if self._started:
             self._started = False
-            self._threadpool.stop()
+            self._writer.stop()
+            if self._readers is not self._writer:
+                self._readers.stop()
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:

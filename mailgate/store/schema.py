@@ -41,12 +41,14 @@ MIGRATIONS = [
             CREATE TABLE users (
                 user_id {serial_pk},
                 address TEXT NOT NULL UNIQUE,
+                domain TEXT NOT NULL,
                 password_hash TEXT NOT NULL,
                 scram_sha256 TEXT,
                 apop_secret TEXT,
                 created_at {bigint} NOT NULL
             )
             """,
+            "CREATE INDEX users_domain ON users (domain)",
             """
             CREATE TABLE mailboxes (
                 user_id {bigint} NOT NULL,

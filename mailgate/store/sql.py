@@ -60,7 +60,7 @@ def _findUser(cursor, address):
 
 
 def _hasDomain(cursor, domain):
-    cursor.execute("SELECT 1 FROM users WHERE address LIKE ? LIMIT 1", ("%@" + domain,))
+    cursor.execute("SELECT 1 FROM users WHERE domain = ? LIMIT 1", (domain,))
     return cursor.fetchone() is not None
 
 
@@ -75,10 +75,11 @@ def _addUser(cursor, engine, address, credentials, now):
         raise UserExists(address)
     try:
         cursor.execute(
-            "INSERT INTO users (address, password_hash, scram_sha256, apop_secret, created_at) "
-            "VALUES (?, ?, ?, ?, ?) RETURNING user_id",
+            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING user_id",
             (
                 address,
+                address.rpartition("@")[2],
                 credentials.passwordHash,
                 credentials.scramSha256,
                 credentials.apopSecret,

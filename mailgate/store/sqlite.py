@@ -30,7 +30,6 @@ class SQLiteEngine:
     """
 
     name = "sqlite"
-    poolSize = 1  # one writer: one connection, as Synapse does
     types = {
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "bigint": "INTEGER",
@@ -38,9 +37,12 @@ class SQLiteEngine:
         "without_rowid": "WITHOUT ROWID",
     }
 
-    def __init__(self, path):
+    def __init__(self, path, readers=2):
         self.path = path
         self._guard = None
+        # WAL lets readers work while the single writer commits; an
+        # in-memory database lives in one connection, so it has none.
+        self.readers = 0 if path == ":memory:" else readers
 
     def __repr__(self):
         return f"sqlite:///{self.path}"
