@@ -1,0 +1,522 @@
+"""
+End-to-end tests of TLS and SASL: a real C{twistd mailgate} process with a
+certificate made by L{certs} (C{--tls-cert}/C{--tls-key}), and real clients
+over 127.0.0.1 (poplib, smtplib, curl, raw sockets wrapped with Python's
+C{ssl}) that verify the certificate as a user's client would.
+
+Covered: STLS, implicit TLS (C{--pop3s}), SMTP STARTTLS, the plaintext
+policy for a client outside C{--trusted-network}, AUTH PLAIN and
+SCRAM-SHA-256 on the wire, and replacing the certificate at run time with
+SIGHUP.  Every socket and process wait is bounded (see L{e2e.DEADLINE});
+nothing asserts on wall-clock time.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+
+import pytest
+
+from certs import certificateFingerprint, makeCertificate
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
+    LineReader,
+    mailgate_cli,
+    mailgate_server,
+    runCommand,
+    waitFor,
+)
+
+ALICE = "alice@example.org"
+ALICE_PW = "wonder land"
+SENDER = "sender@example.net"
+CLIENT = "client.test"
+LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
+# A second loopback address: the source of an "untrusted" client when the
+# server trusts only 127.0.0.1/32.
+UNTRUSTED_SOURCE = "127.0.0.2"
+FAST_FAILURES = ("--auth-failure-delay", "0.2")
+PLAINTEXT_REFUSED = (
+    b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+)
+INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+# -- certificates and client contexts --------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """
+    A self-signed certificate for "localhost" and 127.0.0.1, and its key:
+    C{(certificatePath, keyPath)}.
+    """
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    return makeCertificate(directory, "localhost", name="server")
+
+
+def clientContext(*certificates):
+    """
+    A client context trusting exactly the given PEM certificates, checking
+    the host name (the certificates name 127.0.0.1 as an IP address).
+    """
+    context = ssl.create_default_context(cadata="".join(p.read_text() for p in certificates))
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    return context
+
+
+def der(path):
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def tlsOptions(certificatePath, keyPath):
+    return ("--tls-cert", str(certificatePath), "--tls-key", str(keyPath))
+
+
+def peerCertificate(sock):
+    return sock.getpeercert(binary_form=True)
+
+
+# -- a POP3 session on a raw socket ------------------------------------------
+
+
+class POP3Wire:
+    """
+    A POP3 session on a socket, which can be switched to TLS.
+    """
+
+    def __init__(self, port, source="127.0.0.1"):
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0)
+        )
+        self.reader = LineReader(self.sock)
+        self.greeting = self.reader.line()
+        assert self.greeting.startswith(b"+OK"), self.greeting
+
+    def command(self, text):
+        self.sock.sendall(text.encode("utf-8") + b"\r\n")
+        return self.reader.line()
+
+    def capabilities(self):
+        status = self.command("CAPA")
+        assert status.startswith(b"+OK"), status
+        return self.reader.multiline().decode("ascii").split("\r\n")[:-2]
+
+    def stls(self, context):
+        reply = self.command("STLS")
+        assert reply.startswith(b"+OK"), reply
+        assert self.reader.buffer == b""
+        self.sock = context.wrap_socket(self.sock, server_hostname="127.0.0.1")
+        self.reader = LineReader(self.sock)
+
+    def close(self):
+        self.sock.close()
+
+
+def assertClientRefuses(port, context):
+    """
+    STLS with a client that does not trust the server's certificate fails
+    on the client's side, in the handshake.
+    """
+    wire = POP3Wire(port)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        wire.stls(context)
+    wire.close()  # the plain socket, detached by the failed wrap
+
+
+def sasl(wire, mechanism, initial):
+    """
+    Start AUTH with an initial response; return the server's reply line.
+    """
+    return wire.command(f"AUTH {mechanism} {base64.b64encode(initial).decode('ascii')}")
+
+
+def challengeOf(reply):
+    assert reply.startswith(b"+ ") and reply.endswith(b"\r\n"), reply
+    return base64.b64decode(reply[2:-2], validate=True)
+
+
+# -- a SCRAM-SHA-256 client (RFC 5802, RFC 7677), written from the RFC ---------
+
+
+class ScramClient:
+    def __init__(self, username, password):
+        self.password = password.encode("utf-8")
+        self.nonce = base64.b64encode(os.urandom(18)).decode("ascii")
+        name = username.replace("=", "=3D").replace(",", "=2C")
+        self.clientFirstBare = f"n={name},r={self.nonce}"
+        self.serverSignature = None
+
+    def first(self):
+        return b"n,," + self.clientFirstBare.encode("utf-8")
+
+    def final(self, serverFirst):
+        text = serverFirst.decode("utf-8")
+        attributes = dict(item.split("=", 1) for item in text.split(","))
+        nonce = attributes["r"]
+        assert nonce.startswith(self.nonce) and len(nonce) > len(self.nonce), text
+        salt = base64.b64decode(attributes["s"])
+        iterations = int(attributes["i"])
+        withoutProof = f"c={base64.b64encode(b'n,,').decode('ascii')},r={nonce}"
+        authMessage = ",".join([self.clientFirstBare, text, withoutProof]).encode("utf-8")
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, salt, iterations)
+        clientKey = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        storedKey = hashlib.sha256(clientKey).digest()
+        signature = hmac.new(storedKey, authMessage, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(clientKey, signature))
+        serverKey = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        self.serverSignature = hmac.new(serverKey, authMessage, hashlib.sha256).digest()
+        return f"{withoutProof},p={base64.b64encode(proof).decode('ascii')}".encode("ascii")
+
+    def verify(self, serverFinal):
+        return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
+
+
+def scram(wire, username, password):
+    """
+    Run AUTH SCRAM-SHA-256 to the end; return the final reply line (after
+    checking the server's signature when it sends one).
+    """
+    client = ScramClient(username, password)
+    serverFirst = challengeOf(sasl(wire, "SCRAM-SHA-256", client.first()))
+    reply = wire.command(base64.b64encode(client.final(serverFirst)).decode("ascii"))
+    if reply.startswith(b"+ "):
+        assert client.verify(challengeOf(reply)), "the server's SCRAM signature is wrong"
+        reply = wire.command("")
+    return reply
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def message(subject):
+    return (
+        f"From: <{SENDER}>\r\nTo: <{ALICE}>\r\nSubject: {subject}\r\n\r\n"
+        f"body of {subject}\r\n.dot line\r\n"
+    ).encode()
+
+
+def receivedOf(stored):
+    """
+    The Received field (continuation lines included) of a stored message.
+    """
+    match = re.search(rb"^Received: .*?(?=\r\n[^\t ])", stored, re.S | re.M)
+    assert match, stored[:400]
+    return match.group(0).decode("utf-8")
+
+
+def retrieve(client, number):
+    _, lines, _ = client.retr(number)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def logLines(server, text):
+    return [line for line in server.stdout.splitlines() if text in line]
+
+
+# -- 1. STLS, implicit TLS and STARTTLS ------------------------------------------
+
+
+def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
+    """
+    Clients verifying the certificate switch to TLS with STARTTLS (SMTP)
+    and STLS (POP3) or use implicit TLS (--pop3s); mail sent over TLS says
+    so in its Received field.  STLS is refused once logged in or once TLS
+    is on.
+    """
+    certificatePath, keyPath = certificate
+    context = clientContext(certificatePath)
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP,
+        "--smtp", LOOPBACK_TCP,
+        "--domain", "example.org",
+    )
+
+    smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
+    smtp.ehlo()
+    assert smtp.has_extn("starttls"), smtp.esmtp_features
+    code, text = smtp.starttls(context=context)
+    assert code == 220, text
+    assert peerCertificate(smtp.sock) == der(certificatePath)
+    smtp.ehlo()
+    assert not smtp.has_extn("starttls"), smtp.esmtp_features
+    sent = message("over STARTTLS")
+    assert smtp.sendmail(SENDER, [ALICE], sent) == {}
+    assert smtp.quit()[0] == 221
+
+    # STLS with poplib.
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    assert "STLS" in pop.capa()
+    assert pop.stls(context).startswith(b"+OK")
+    assert peerCertificate(pop.sock) == der(certificatePath)
+    assert "STLS" not in pop.capa()
+    with pytest.raises(poplib.error_proto) as refused:
+        pop._shortcmd("STLS")
+    assert refused.value.args[0].startswith(b"-ERR"), refused.value
+    pop.user(ALICE)
+    assert pop.pass_(ALICE_PW).startswith(b"+OK")
+    assert pop.stat()[0] == 1
+    stored = retrieve(pop, 1)
+    assert stored.endswith(sent)
+    received = receivedOf(stored)
+    assert re.search(r"\bwith ESMTPS id ", received), received
+    assert pop.quit().startswith(b"+OK")
+
+    # Implicit TLS.
+    pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
+    assert peerCertificate(pops.sock) == der(certificatePath)
+    assert "STLS" not in pops.capa()
+    pops.user(ALICE)
+    assert pops.pass_(ALICE_PW).startswith(b"+OK")
+    assert retrieve(pops, 1) == stored
+    assert pops.quit().startswith(b"+OK")
+
+    # STLS after a login in clear (allowed from 127.0.0.1) is refused, and
+    # the session goes on.
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user(ALICE)
+    pop.pass_(ALICE_PW)
+    with pytest.raises(poplib.error_proto) as refused:
+        pop._shortcmd("STLS")
+    assert refused.value.args[0].startswith(b"-ERR"), refused.value
+    assert pop.stat()[0] == 1
+    assert pop.quit().startswith(b"+OK")
+
+    # The clients really verify: one trusting another certificate fails.
+    other, _ = makeCertificate(certificatePath.parent, "localhost", name="other")
+    assertClientRefuses(server.port, clientContext(other))
+
+
+# -- 2. curl ---------------------------------------------------------------------
+
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
+def test_curlOverTLS(mailgate_server, mailgate_cli, certificate):
+    """
+    curl, requiring TLS and trusting the certificate, fetches a message
+    with STLS (pop3://) and with implicit TLS (pop3s://).
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    sent = message("for curl")
+    mailgate_cli.deliver(ALICE, sent)
+    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP)
+    base = [CURL, "-s", "-S", "--max-time", "15", "--cacert", str(certificatePath), "-u", f"{ALICE}:{ALICE_PW}"]
+    for url in (
+        f"pop3://127.0.0.1:{server.port}/1",
+        f"pop3s://127.0.0.1:{server.portOf('POP3S')}/1",
+    ):
+        code, out, err = runCommand(base + ["--ssl-reqd", url])
+        assert code == 0, (url, code, err)
+        assert out.encode() == sent, url
+    # Without the certificate to trust, curl refuses the server.
+    code, out, err = runCommand([CURL, "-s", "-S", "--max-time", "15", "--ssl-reqd",
+                                 "-u", f"{ALICE}:{ALICE_PW}", f"pop3://127.0.0.1:{server.port}/1"])
+    assert code == 60, (code, err)  # CURLE_PEER_FAILED_VERIFICATION
+
+
+# -- 3. the plaintext policy -------------------------------------------------------
+
+
+def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_cli, certificate):
+    """
+    With --trusted-network 127.0.0.1/32, a client from 127.0.0.2 is offered
+    neither USER nor PLAIN and is refused USER/PASS in clear; after STLS it
+    logs in with USER/PASS.  A client from 127.0.0.1 is trusted.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES
+    )
+
+    trusted = POP3Wire(server.port)
+    capabilities = trusted.capabilities()
+    assert "USER" in capabilities and "STLS" in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    trusted.close()
+
+    wire = POP3Wire(server.port, source=UNTRUSTED_SOURCE)
+    capabilities = wire.capabilities()
+    assert "STLS" in capabilities, capabilities
+    assert "USER" not in capabilities, capabilities
+    [saslLine] = [line for line in capabilities if line.startswith("SASL")]
+    assert "PLAIN" not in saslLine.split(), capabilities
+    assert wire.command(f"USER {ALICE}") == PLAINTEXT_REFUSED
+    assert wire.command(f"PASS {ALICE_PW}") == PLAINTEXT_REFUSED
+    assert sasl(wire, "PLAIN", f"\0{ALICE}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
+    # Still in AUTHORIZATION: a transaction command is refused.
+    assert wire.command("STAT").startswith(b"-ERR")
+
+    wire.stls(clientContext(certificatePath))
+    assert peerCertificate(wire.sock) == der(certificatePath)
+    capabilities = wire.capabilities()
+    assert "USER" in capabilities and "STLS" not in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    assert wire.command(f"USER {ALICE}").startswith(b"+OK")
+    assert wire.command(f"PASS {ALICE_PW}").startswith(b"+OK")
+    assert wire.command("STAT") == b"+OK 0 0\r\n"
+    assert wire.command("QUIT").startswith(b"+OK")
+    assert wire.reader.closed()
+    wire.close()
+
+
+# -- 4. AUTH PLAIN and SCRAM-SHA-256 -------------------------------------------------
+
+
+def test_authPlainAndScramOverRealSockets(mailgate_server, mailgate_cli, certificate):
+    """
+    AUTH PLAIN (from a trusted address in clear, and from an untrusted one
+    over TLS) and SCRAM-SHA-256 (in clear even from an untrusted address:
+    the password never crosses the wire) log in with the right password
+    and fail with a wrong one or an unknown user.
+    """
+    certificatePath, keyPath = certificate
+    context = clientContext(certificatePath)
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.deliver(ALICE, message("sasl"))
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES
+    )
+
+    def plainFrom(source, password, tls=False, user=ALICE):
+        wire = POP3Wire(server.port, source=source)
+        if tls:
+            wire.stls(context)
+        reply = sasl(wire, "PLAIN", f"\0{user}\0{password}".encode())
+        if reply.startswith(b"+OK"):
+            assert wire.command("STAT").startswith(b"+OK 1 ")
+            assert wire.command("QUIT").startswith(b"+OK")
+        wire.close()
+        return reply
+
+    assert plainFrom("127.0.0.1", ALICE_PW).startswith(f"+OK {ALICE} has 1 messages".encode())
+    assert plainFrom("127.0.0.1", "wrong") == INVALID
+    assert plainFrom(UNTRUSTED_SOURCE, ALICE_PW, tls=True).startswith(b"+OK")
+    assert plainFrom(UNTRUSTED_SOURCE, "wrong", tls=True) == INVALID
+    assert plainFrom(UNTRUSTED_SOURCE, ALICE_PW, user="nobody@example.org", tls=True) == INVALID
+
+    def scramFrom(source, password, tls=False, user=ALICE):
+        wire = POP3Wire(server.port, source=source)
+        if tls:
+            wire.stls(context)
+        reply = scram(wire, user, password)
+        if reply.startswith(b"+OK"):
+            assert wire.command("STAT").startswith(b"+OK 1 ")
+            assert wire.command("QUIT").startswith(b"+OK")
+        wire.close()
+        return reply
+
+    assert scramFrom(UNTRUSTED_SOURCE, ALICE_PW).startswith(f"+OK {ALICE} has 1 messages".encode())
+    assert scramFrom(UNTRUSTED_SOURCE, "wrong") == INVALID
+    assert scramFrom(UNTRUSTED_SOURCE, ALICE_PW, user="nobody@example.org") == INVALID
+    assert scramFrom("127.0.0.1", ALICE_PW, tls=True).startswith(b"+OK")
+
+    # A failed attempt leaves the session usable: log in after it.
+    wire = POP3Wire(server.port, source=UNTRUSTED_SOURCE)
+    assert scram(wire, ALICE, "wrong") == INVALID
+    assert scram(wire, ALICE, ALICE_PW).startswith(b"+OK")
+    assert wire.command("QUIT").startswith(b"+OK")
+    wire.close()
+    # Nothing was deleted by any of this.
+    assert len(mailgate_cli.mailbox(ALICE)) == 1
+
+
+# -- 5. replacing the certificate at run time ----------------------------------------
+
+
+def test_certificateReloadOnSIGHUP(mailgate_server, mailgate_cli, tmp_path):
+    """
+    SIGHUP makes a replaced certificate take effect for new connections,
+    STLS and implicit TLS alike, while an established session carries on
+    with the old one.  An unusable replacement (garbage, or a certificate
+    with another's key) is logged and the certificate in service stays.
+    """
+    live = tmp_path / "live"
+    live.mkdir()
+    certificatePath, keyPath = makeCertificate(live, "localhost", name="server")
+    # Keep copies of A to trust and to put back; make B elsewhere.
+    saved = tmp_path / "a"
+    saved.mkdir()
+    certA = saved / "server.crt"
+    keyA = saved / "server.key"
+    shutil.copyfile(certificatePath, certA)
+    shutil.copyfile(keyPath, keyA)
+    (tmp_path / "b").mkdir()
+    certB, keyB = makeCertificate(tmp_path / "b", "localhost", name="server")
+    assert der(certA) != der(certB)
+    trustA, trustB = clientContext(certA), clientContext(certB)
+
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.deliver(ALICE, message("reload"))
+    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP)
+
+    def presented(context):
+        """
+        The certificates a new STLS and a new implicit-TLS connection get.
+        """
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        pop.stls(context)
+        stls = peerCertificate(pop.sock)
+        pop.quit()
+        pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
+        implicit = peerCertificate(pops.sock)
+        pops.quit()
+        return stls, implicit
+
+    def sighup(logText, count):
+        os.kill(server.process.pid, signal.SIGHUP)
+        return waitFor(
+            lambda: len(logLines(server, logText)) >= count and logLines(server, logText),
+            f"{count} log line(s) with {logText!r}",
+        )
+
+    # A session established with certificate A.
+    old = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    old.stls(trustA)
+    old.user(ALICE)
+    assert old.pass_(ALICE_PW).startswith(b"+OK")
+    assert old.stat()[0] == 1
+    assert presented(trustA) == (der(certA), der(certA))
+
+    # Garbage in both files: refused, A stays.
+    certificatePath.write_bytes(b"this is not a certificate\n")
+    keyPath.write_bytes(b"nor is this a key\n")
+    [failure] = sighup("TLS reload failed", 1)
+    assert "keeping the previous certificate" in failure, failure
+    assert presented(trustA) == (der(certA), der(certA))
+
+    # Certificate B with A's key: they do not belong together; A stays.
+    shutil.copyfile(certB, certificatePath)
+    shutil.copyfile(keyA, keyPath)
+    failures = sighup("TLS reload failed", 2)
+    assert "keeping the previous certificate" in failures[1], failures
+    assert presented(trustA) == (der(certA), der(certA))
+    assert not logLines(server, "TLS certificate reloaded")
+
+    # B with its own key: new connections get B.
+    shutil.copyfile(keyB, keyPath)
+    [reloaded] = sighup("TLS certificate reloaded", 1)
+    assert certificateFingerprint(certB) in reloaded, reloaded
+    assert presented(trustB) == (der(certB), der(certB))
+    assertClientRefuses(server.port, trustA)
+
+    # The session from before every reload carries on, still on A.
+    assert peerCertificate(old.sock) == der(certA)
+    assert old.stat()[0] == 1
+    assert retrieve(old, 1).endswith(message("reload"))
+    assert old.quit().startswith(b"+OK")
+    assert server.running(), server.log()
