@@ -72,9 +72,14 @@ def postgresURL():
 def databaseURL(request, tmp_path):
     """
     An empty database, on each backend in turn.
+
+    A test module may also ask for C{"memory"}, SQLite's private in-memory
+    database, by parametrising this fixture indirectly.
     """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    elif request.param == "memory":
+        yield "sqlite:///:memory:"
     else:
         yield request.getfixturevalue("postgresURL")
 

@@ -33,6 +33,11 @@ DEADLINE = 20.0
 STOP_GRACE = 10.0
 
 HOSTNAME = "mailgate.test"
+
+# Pin a test using L{mailgate_server} to one backend (the fixture otherwise
+# runs it on both): it overrides the parameters of conftest's databaseURL.
+sqliteOnly = pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+postgresOnly = pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 _LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP) listening on (\S+?)(?::(\d+))? \(")
 _LISTENER_OPTIONS = {"--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP"}
 _LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
@@ -233,12 +238,19 @@ class ServerStarter:
     """
     What the L{mailgate_server} fixture yields: starts servers on a test's
     database (or another one) and stops them all when the test ends.
+
+    @ivar database: the URL of the test's database: C{tmp_path/mail.sqlite3}
+        or a fresh PostgreSQL schema.
+    @ivar backend: C{"sqlite"} or C{"postgres"}.
+    @ivar dbpath: the SQLite file (its path even when the test runs on
+        PostgreSQL, where nothing creates it).
     """
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, database=None):
         self.tmp_path = tmp_path
         self.dbpath = tmp_path / "mail.sqlite3"
-        self.database = databaseURL(self.dbpath)
+        self.database = database or databaseURL(self.dbpath)
+        self.backend = "postgres" if self.database.startswith(("postgresql:", "postgres:")) else "sqlite"
         self.servers = []
 
     def __call__(self, *options, database=None):
@@ -279,12 +291,17 @@ class ServerStarter:
 
 
 @pytest.fixture
-def mailgate_server(tmp_path):
+def mailgate_server(tmp_path, databaseURL):
     """
-    Start real C{twistd mailgate} processes on C{tmp_path/mail.sqlite3};
-    all of them are stopped when the test ends, whatever happened.
+    Start real C{twistd mailgate} processes on the test's database; all of
+    them are stopped when the test ends, whatever happened.
+
+    Through C{databaseURL} (tests/conftest.py) every test using this
+    fixture runs twice: on C{tmp_path/mail.sqlite3} and on a fresh
+    PostgreSQL schema.  A test about one backend pins it with
+    L{sqliteOnly} or L{postgresOnly}.
     """
-    starter = ServerStarter(tmp_path)
+    starter = ServerStarter(tmp_path, databaseURL)
     try:
         yield starter
     finally:

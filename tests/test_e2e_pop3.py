@@ -3,6 +3,10 @@ End-to-end tests of the POP3 core: a real C{twistd mailgate} process (as
 installed, non-editable), the real C{mailgate} admin command, and real
 clients (Python's poplib, raw sockets, curl) over 127.0.0.1.
 
+Every test that starts a server runs on both backends (the fixtures of
+tests/e2e.py are parametrised over SQLite and PostgreSQL), except those
+about SQLite itself or about start-up, which are pinned to SQLite.
+
 These assert what a user sees: command output and exit statuses, POP3
 responses on the wire, what a later session finds.  Every socket and every
 subprocess wait is bounded (see L{e2e.DEADLINE}); nothing asserts on
@@ -32,6 +36,7 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     mailgate_cli,
     mailgate_server,
     runCommand,
+    sqliteOnly,
     waitFor,
 )
 
@@ -502,11 +507,13 @@ def assertOneLineError(server, *expected):
     return errors[0]
 
 
+@sqliteOnly
 def test_databaseThatCannotBeOpened(mailgate_server):
     server = mailgate_server.spawn(database="sqlite:////nonexistent-dir/x.sqlite3")
     assertOneLineError(server, "/nonexistent-dir/x.sqlite3")
 
 
+@sqliteOnly
 def test_portInUse(mailgate_server):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -551,6 +558,7 @@ def test_portInUse_daemon(tmp_path):
     assert "mailgate:" in err or "An error has occurred" in err, err
 
 
+@sqliteOnly
 def test_secondServerOnTheSameDatabase(mailgate_server, mailgate_cli):
     mailgate_cli.addUser(ALICE, ALICE_PW)
     first = mailgate_server()

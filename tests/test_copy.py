@@ -1,0 +1,321 @@
+"""
+C{mailgate db copy}: moving a whole mailgate database between backends,
+SQLite to PostgreSQL and back, through the admin command.
+
+What must survive, as users see it: the users, their passwords (USER/PASS
+logins work), APOP secrets (APOP logins work), message numbers, sizes,
+arrival times and unique ids (C{mailgate mailbox list} and POP3 UIDL are
+the same before and after, so clients that leave mail on the server do
+not download it again), every octet of the messages (one spanning many
+storage chunks), and bodies shared by several recipients stay shared.
+Afterwards the target lives on: new users get fresh ids, new mail new
+unique ids.  A target that is not empty is refused (exit 73) and left
+as it was.
+
+The command runs in-process (C{mailgate.cli.run}), plus once as the
+installed C{mailgate} executable.
+"""
+
+import hashlib
+import io
+import re
+
+import pytest
+
+from e2e import MAILGATE, runCommand
+from mailgate.cli import run
+from mailgate.store import openSynchronousStore
+from mailgate.store.copy import CHUNKS_PER_READ, ROWS_PER_READ
+from mailgate.store.database import runTransaction
+from mailgate.store.sql import CHUNK_SIZE
+from mailgate.testing import POP3Session, deliver, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+DAVE = "dave@example.org"
+ERIN = "erin@example.org"
+PASSWORDS = {ALICE: "alice in wonderland", BOB: "bob-the-builder", CAROL: "c4rol", DAVE: "dave"}
+
+# More than CHUNKS_PER_READ storage chunks, and not a whole number of them;
+# lines starting with dots, every octet value.
+BIG = (
+    b"From: big@example.net\r\nSubject: big\r\n\r\n"
+    + b"".join(
+        (b"." if n % 7 == 0 else b"") + b"%06d " % n + bytes(range(32, 127)) + b"\r\n"
+        for n in range(((CHUNKS_PER_READ + 3) * CHUNK_SIZE) // 100)
+    )
+    + bytes(range(128, 256))
+    + b"\r\n.\r\nlast\r\n"
+)
+SHARED = b"From: list@example.net\r\nSubject: for everybody\r\n\r\nshared body\r\n"
+# More messages in one maildrop than the copy reads in one page.
+MANY = ROWS_PER_READ + 20
+
+
+def mailgate(*argv, input=b""):
+    """
+    C{mailgate argv...} in-process; returns (exit status, stdout, stderr).
+    """
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(input), encoding="utf-8", newline="")
+    code = run(list(argv), stdin=stdin, stdout=out, stderr=err, environ={})
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def check(*argv, input=b""):
+    code, out, err = mailgate(*argv, input=input)
+    assert code == 0, f"mailgate {' '.join(argv)} exited {code}\nstdout: {out}\nstderr: {err}"
+    return out
+
+
+def message(n):
+    return b"From: s@example.net\r\nSubject: message %d\r\n\r\n.dot line %d\r\n" % (n, n)
+
+
+def populate(url):
+    """
+    A database as a real installation would have it: users added and mail
+    delivered with the admin command, a user deleted (a gap in the user
+    ids), messages removed by a POP3 client (gaps in the unique ids), one
+    message for three users, a large one, an empty one, and a maildrop
+    larger than the copy's page size.
+    """
+    for address in (ALICE, DAVE, CAROL):
+        check("--database", url, "user", "add", address, "--password-stdin",
+              input=PASSWORDS[address].encode() + b"\n")
+    check("--database", url, "user", "add", BOB, "--password-stdin", "--apop",
+          input=PASSWORDS[BOB].encode() + b"\n")
+    check("--database", url, "user", "del", DAVE)
+    for n in range(4):
+        check("--database", url, "deliver", ALICE, input=message(n))
+    check("--database", url, "deliver", ALICE, BOB, CAROL, input=SHARED)
+    check("--database", url, "deliver", ALICE, input=BIG)
+    check("--database", url, "deliver", BOB, input=b"")
+    store = openSynchronousStore(url)
+    try:
+        for n in range(MANY):
+            deliver(store, [CAROL], message(100 + n))
+        # A POP3 client removes messages 2 and 3 of alice's.
+        session = POP3Session(store)
+        assert session.login(ALICE, PASSWORDS[ALICE]).startswith("+OK")
+        assert session.command("DELE 2").startswith("+OK")
+        assert session.command("DELE 3").startswith("+OK")
+        assert session.command("QUIT").startswith("+OK")
+    finally:
+        store.close()
+
+
+def users(url):
+    return check("--database", url, "user", "list")
+
+
+def mailbox(url, address):
+    return check("--database", url, "mailbox", "list", address)
+
+
+def snapshot(url):
+    """
+    Everything the admin command shows about a database.
+    """
+    return {"users": users(url), **{a: mailbox(url, a) for a in (ALICE, BOB, CAROL)}}
+
+
+def uniqueIds(listing):
+    return [line.split()[2] for line in listing.splitlines()[1:]]
+
+
+def query(store, sql, args=()):
+    def rows(cursor):
+        cursor.execute(sql, args)
+        return [tuple(row) for row in cursor.fetchall()]
+
+    return runTransaction(store.engine, store.database._conn, rows, (), {}, False)
+
+
+def retr(session, number):
+    """
+    RETR through a POP3 session: the message, dot-stuffing undone.
+    """
+    reply = session.send(b"RETR %d\r\n" % number)
+    status, _, body = reply.partition(b"\r\n")
+    assert status.startswith(b"+OK"), status
+    assert body == b".\r\n" or body.endswith(b"\r\n.\r\n"), body[-20:]
+    lines = body[: -len(b".\r\n")].split(b"\r\n")[:-1]
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+def uidl(session):
+    reply = session.command("UIDL").split("\r\n")
+    assert reply[0].startswith("+OK") and reply[-2:] == [".", ""], reply[:3]
+    return [line.split()[1] for line in reply[1:-2]]
+
+
+def assertServedLikeTheOriginal(url, expected):
+    """
+    The database at C{url} serves what C{expected} (a L{snapshot} of the
+    source) lists, to POP3 clients logging in with their passwords and
+    with APOP.
+    """
+    assert snapshot(url) == expected
+    store = openSynchronousStore(url)
+    try:
+        # USER/PASS with the password given at "user add".
+        session = POP3Session(store)
+        reply = session.login(ALICE, PASSWORDS[ALICE])
+        assert reply.startswith(f"+OK {ALICE} has 4 messages"), reply
+        assert uidl(session) == uniqueIds(expected[ALICE])
+        assert retr(session, 1) == message(0)
+        assert retr(session, 2) == message(3)
+        assert retr(session, 3) == SHARED
+        assert retr(session, 4) == BIG
+        assert session.command("QUIT").startswith("+OK")
+        # A wrong password is still wrong.
+        session = POP3Session(store)
+        assert session.login(CAROL, PASSWORDS[ALICE]).startswith("-ERR [AUTH]")
+        # APOP, with the secret kept for bob.
+        session = POP3Session(store)
+        digest = hashlib.md5((session.challenge + PASSWORDS[BOB]).encode()).hexdigest()
+        reply = session.command(f"APOP {BOB} {digest}")
+        assert reply.startswith(f"+OK {BOB} has 2 messages"), reply
+        assert uidl(session) == uniqueIds(expected[BOB])
+        assert retr(session, 1) == SHARED
+        assert retr(session, 2) == b""
+        assert session.command("QUIT").startswith("+OK")
+        # Carol's maildrop, larger than a page of the copy.
+        session = POP3Session(store)
+        reply = session.login(CAROL, PASSWORDS[CAROL])
+        assert reply.startswith(f"+OK {CAROL} has {MANY + 1} messages"), reply
+        assert uidl(session) == uniqueIds(expected[CAROL])
+        assert retr(session, MANY + 1) == message(100 + MANY - 1)
+        assert session.command("QUIT").startswith("+OK")
+        # The message for three users is stored once, shared by all three.
+        owners = query(
+            store,
+            "SELECT m.body_owner, m.body_id, b.refcount FROM maildrop m "
+            "JOIN bodies b ON b.owner_id = m.body_owner AND b.body_id = m.body_id "
+            "WHERE b.size = ? ORDER BY m.user_id",
+            (len(SHARED),),
+        )
+        assert len(owners) == 3 and len(set(owners)) == 1, owners
+        assert owners[0][2] == 3
+    finally:
+        store.close()
+
+
+def storedUsers(url):
+    store = openSynchronousStore(url)
+    try:
+        return {a: resultOf(store.findUser(a)) for a in (ALICE, BOB, CAROL)}
+    finally:
+        store.close()
+
+
+def bodyCount(url):
+    store = openSynchronousStore(url)
+    try:
+        return query(store, "SELECT count(*) FROM bodies")[0][0]
+    finally:
+        store.close()
+
+
+def assertLivesOn(url, copied):
+    """
+    After a copy the target takes new users and new mail without
+    colliding with anything copied.
+    """
+    before = storedUsers(url)
+    check("--database", url, "user", "add", ERIN, "--password-stdin", input=b"erin\n")
+    store = openSynchronousStore(url)
+    try:
+        erin = resultOf(store.findUser(ERIN))
+    finally:
+        store.close()
+    assert erin.userId not in {u.userId for u in before.values()}
+    assert erin.userId > max(u.userId for u in before.values())
+    out = check("--database", url, "deliver", ALICE, ERIN, input=message(999))
+    fresh = dict(re.findall(r"delivered to (\S+) as (\S+)", out))
+    assert fresh[ALICE] not in uniqueIds(copied[ALICE])
+    # Alice's counter went on from where it was, not from 1.
+    assert int(fresh[ALICE][:8], 16) > max(int(u[:8], 16) for u in uniqueIds(copied[ALICE]))
+    assert uniqueIds(mailbox(url, ALICE)) == uniqueIds(copied[ALICE]) + [fresh[ALICE]]
+    assert uniqueIds(mailbox(url, ERIN)) == [fresh[ERIN]]
+
+
+def test_sqliteToPostgresAndBack(tmp_path, postgresURL):
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    populate(source)
+    original = snapshot(source)
+    originalUsers = storedUsers(source)
+    bodies = bodyCount(source)
+
+    out = check("db", "copy", "--from", source, "--to", postgresURL)
+    assert out == (
+        f"copied 3 users and {4 + 2 + MANY + 1} messages ({bodies} bodies, "
+        f"{len(message(0)) + len(message(3)) + len(SHARED) + len(BIG) + sum(len(message(100 + n)) for n in range(MANY))} octets); "
+        "unique ids preserved\n"
+    )
+    assertServedLikeTheOriginal(postgresURL, original)
+    # Ids, password hashes, SCRAM verifiers and APOP secrets, as stored.
+    assert storedUsers(postgresURL) == originalUsers
+    assert bodyCount(postgresURL) == bodies
+    # The source is untouched.
+    assert snapshot(source) == original
+
+    back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
+    check("db", "copy", "--from", postgresURL, "--to", back)
+    assertServedLikeTheOriginal(back, original)
+    assert storedUsers(back) == originalUsers
+    assert bodyCount(back) == bodies
+
+    assertLivesOn(postgresURL, original)
+    assertLivesOn(back, original)
+
+
+def test_copyIntoANonEmptyDatabaseChangesNothing(tmp_path, postgresURL):
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    populate(source)
+    original = snapshot(source)
+    check("--database", postgresURL, "user", "add", ERIN, "--password-stdin", input=b"erin\n")
+    uid = re.search(r"as (\S+)", check("--database", postgresURL, "deliver", ERIN, input=message(1))).group(1)
+    before = users(postgresURL), mailbox(postgresURL, ERIN)
+
+    code, out, err = mailgate("db", "copy", "--from", source, "--to", postgresURL)
+    assert code == 73, (code, out, err)
+    assert out == ""
+    assert "already has users" in err and err.startswith("mailgate: "), err
+    assert (users(postgresURL), mailbox(postgresURL, ERIN)) == before
+    assert uniqueIds(before[1]) == [uid]
+    code, out, err = mailgate("--database", postgresURL, "mailbox", "list", ALICE)
+    assert code == 67, (code, out, err)
+    assert snapshot(source) == original
+
+    # The other way round as well: a SQLite target with a user.
+    code, out, err = mailgate("db", "copy", "--from", postgresURL, "--to", source)
+    assert code == 73, (code, out, err)
+    assert snapshot(source) == original
+    code, out, err = mailgate("--database", source, "mailbox", "list", ERIN)
+    assert code == 67, (code, out, err)
+
+
+def test_installedCommand(tmp_path, postgresURL):
+    """
+    The installed C{mailgate} executable, as an administrator runs it.
+    """
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    populate(source)
+    original = snapshot(source)
+    code, out, err = runCommand(
+        [MAILGATE, "db", "copy", "--from", source, "--to", postgresURL], timeout=60
+    )
+    assert code == 0, (code, out, err)
+    assert re.fullmatch(r"copied 3 users and \d+ messages \(\d+ bodies, \d+ octets\); unique ids preserved\n", out), out
+    for address in (ALICE, BOB, CAROL):
+        code, out, err = runCommand([MAILGATE, "--database", postgresURL, "mailbox", "list", address])
+        assert code == 0, err
+        assert out == original[address]
+    # Again into the now non-empty target: refused.
+    code, out, err = runCommand([MAILGATE, "db", "copy", "--from", source, "--to", postgresURL])
+    assert code == 73, (code, out, err)
+    assert snapshot(postgresURL) == original
