@@ -91,6 +91,8 @@ class IMaildrop(Interface):
         """
         Release the maildrop's lock.  Idempotent; called at logout, whether
         the session ended with QUIT, a timeout or a dropped connection.
+
+        @return: a L{Deferred} that fires once the lock is free for others.
         """
 
 
@@ -112,6 +114,8 @@ class IMaildropLocks(Interface):
         """
         Unlock a maildrop this process holds.  Unlocking one that is not held
         does nothing.
+
+        @return: a L{Deferred} that fires once the lock is free for others.
         """
 
     def verify(userId):

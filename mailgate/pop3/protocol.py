@@ -141,8 +141,7 @@ class POP3Server(Protocol):
                 setNoDelay(True)
             except OSError:
                 pass
-        self.peer = self.transport.getPeer()
-        self._trustedPeer = self.factory.isTrusted(self.peer)
+        self._trustedPeer = None
         greeting = f"{self.factory.greeting}"
         if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()
@@ -166,21 +165,38 @@ class POP3Server(Protocol):
         self._lines.clear()
         self._endSession("connection lost")
 
+    @property
+    def peer(self):
+        """
+        The client's address.  Read from the transport when needed, not at
+        connection time: behind a PROXY-protocol listener the client's real
+        address is only known once the PROXY header has been read.
+        """
+        return self.transport.getPeer()
+
     def _endSession(self, why):
         """
         Release the maildrop (and its lock) exactly once.
+
+        @return: a L{Deferred} that fires once the lock is released (at
+            once for locks held in this process; after the database has
+            confirmed it for locks shared between nodes).
         """
         logout, self._logout = self._logout, None
-        if logout is not None:
-            maildrop, self._maildrop = self._maildrop, None
-            self.log.info(
-                "pop3 logout user={user} reason={why!r} retr={retr}/{retrBytes} "
-                "top={top} deleted={deleted}",
-                user=maildrop.address if maildrop is not None else None,
-                why=why,
-                **self._stats,
-            )
-            logout()
+        if logout is None:
+            return defer.succeed(None)
+        maildrop, self._maildrop = self._maildrop, None
+        self.log.info(
+            "pop3 logout user={user} reason={why!r} retr={retr}/{retrBytes} "
+            "top={top} deleted={deleted}",
+            user=maildrop.address if maildrop is not None else None,
+            why=why,
+            **self._stats,
+        )
+        return defer.maybeDeferred(logout).addErrback(self._releaseFailed)
+
+    def _releaseFailed(self, failure):
+        self.log.failure("releasing the maildrop lock failed", failure)
 
     def _close(self):
         self._closed = True
@@ -378,6 +394,8 @@ class POP3Server(Protocol):
         Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only over
         TLS or from a trusted network, as Dovecot does by default.
         """
+        if self._trustedPeer is None:
+            self._trustedPeer = self.factory.isTrusted(self.peer)
         return self._trustedPeer or isSecure(self.transport)
 
     def do_USER(self, argument):
@@ -777,21 +795,29 @@ class POP3Server(Protocol):
 
         def removed(_):
             self._stats["deleted"] = len(deleted)
-            self._ok(f"mailgate POP3 server signing off ({self._count} messages left)")
+            return f"+OK mailgate POP3 server signing off ({self._count} messages left)\r\n"
 
         def failed(failure):
             if failure.check(TemporaryFailure):
                 self.log.warn("pop3 update failed: {reason}", reason=failure.value)
             else:
                 self.log.failure("pop3 update failed", failure)
-            self._err("[SYS/TEMP] could not remove the deleted messages; none were removed")
+            return "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
 
-        def finish(_):
-            self._endSession("quit")
-            self._close()
+        def finish(reply):
+            # The lock is released before the reply goes out, so a client
+            # that logs in again (on any node) as soon as it reads +OK finds
+            # the maildrop free.
+            released = self._endSession("quit")
+
+            def answer(_):
+                self.transport.write(reply.encode("utf-8"))
+                self._close()
+
+            return released.addBoth(answer)
 
         d.addCallbacks(removed, failed)
-        d.addBoth(finish)
+        d.addCallback(finish)
         return d
 
     _handlers = {

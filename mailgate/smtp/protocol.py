@@ -100,7 +100,6 @@ class SMTPServer(Protocol):
                 setNoDelay(True)
             except OSError:
                 pass
-        self.peer = self.transport.getPeer()
         kind = "LMTP" if self.lmtp else "ESMTP"
         self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
         self._activity()
@@ -374,7 +373,7 @@ class SMTPServer(Protocol):
                 return self._bad(555, "5.5.4", f"unsupported MAIL parameter {keyword}")
         self._envelope = Envelope(
             helo=self._helo,
-            peer=self.peer,
+            peer=self.transport.getPeer(),
             protocol=self._protocolName(),
             sender=sender,
             parameters=parameters,

@@ -155,9 +155,17 @@ class PostgresEngine:
         return isinstance(exc, _RETRYABLE)
 
     def isDisconnect(self, exc):
-        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
-            exc, _RETRYABLE
-        )
+        """
+        The connection itself failed (as opposed to one statement: a
+        timeout or a lock wait reports the same error class but leaves the
+        connection usable).
+        """
+        if isinstance(exc, psycopg.InterfaceError):
+            return True
+        if not isinstance(exc, psycopg.OperationalError) or isinstance(exc, _RETRYABLE):
+            return False
+        state = getattr(exc, "sqlstate", None)
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
     def isBroken(self, conn):
         return conn.closed or conn.broken
@@ -328,10 +336,14 @@ class AdvisoryLocks:
         return d.addCallbacks(locked, failed)
 
     def release(self, userId):
+        """
+        Unlock; the L{Deferred} fires once the database has released the
+        lock, so another node can take it from then on.
+        """
         if userId not in self._held:
-            return
+            return defer.succeed(None)
         # Forget it here at once: the unlock is queued on the lock thread
-        # ahead of any later acquire, so a quick re-login is not refused.
+        # ahead of any later acquire on this node.
         self._held.discard(userId)
         d = self._run(self._unlock, userId)
 
@@ -339,7 +351,7 @@ class AdvisoryLocks:
             # The connection is gone, and the lock with it.
             self.log.warn("releasing maildrop lock: {reason}", reason=failure.value)
 
-        d.addErrback(failed)
+        return d.addCallbacks(lambda _: None, failed)
 
     def verify(self, userId):
         """

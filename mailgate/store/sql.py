@@ -412,9 +412,10 @@ class SQLMaildrop:
         return d.addCallback(remove)
 
     def release(self):
-        if not self._released:
-            self._released = True
-            self._store.locks.release(self._userId)
+        if self._released:
+            return defer.succeed(None)
+        self._released = True
+        return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 
 @implementer(IMessageBody)

@@ -204,6 +204,7 @@ class InProcessLocks:
 
     def release(self, userId):
         self._held.discard(userId)
+        return defer.succeed(None)
 
     def verify(self, userId):
         return defer.succeed(userId in self._held)
