@@ -236,11 +236,32 @@ class Options(usage.Options):
         )
 
 
+def raiseFileLimit():
+    """
+    Raise this process's soft limit on open files to its hard limit: every
+    session is a file descriptor, and the usual soft limit of 1024 would cap
+    a mail server at about a thousand concurrent sessions.
+
+    @return: the new soft limit, or C{None} if it could not be read.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        return soft
+    except (ImportError, ValueError, OSError):
+        return None
+
+
 def makeService(options):
     """
     The service for C{twistd mailgate}.  Configuration errors, found now or
     when the listeners start, end the process with a one-line message.
     """
+    raiseFileLimit()
     try:
         service = _makeService(options.toConfig())
     except ConfigurationError as e:
