@@ -75,9 +75,12 @@ class IMaildrop(Interface):
         starting at index C{first}, as a L{Deferred} list of L{str}.
         """
 
-    def openMessage(index):
+    def openMessage(index, headerOnly=False):
         """
         Open a message for reading: a L{Deferred} L{IMessageBody}.
+
+        @param headerOnly: read only the header section (for C{TOP n 0});
+            the body then reports the header's size as its size.
         """
 
     def expunge(indexes):

@@ -757,3 +757,22 @@ def test_autoAPOPOffersTimestampOnlyWhileSomeUserHasAPOP(store):
     assert session.challenge is not None
     digest = hashlib.md5(session.challenge.encode() + b"wonderland").hexdigest()
     assert session.command(f"APOP {ALICE} {digest}").startswith("+OK")
+
+
+def test_topZeroOfALargeMessageReadsOnlyTheHeader(store, alice):
+    """
+    TOP n 0 asks the store for the header section only (its length is
+    stored at delivery), not for the first chunk of the message.
+    """
+    header = b"From: a\r\nSubject: big\r\n\r\n"
+    deliver(store, [ALICE], header + b"x" * 70 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 3000)
+    s = logged_in(store)
+    statements = []
+    store.database._conn.set_trace_callback(statements.append)
+    try:
+        reply = s.send(b"TOP 1 0\r\n")
+    finally:
+        store.database._conn.set_trace_callback(None)
+    assert reply == b"+OK top of message follows\r\n" + header + b".\r\n"
+    reads = [q for q in statements if "body_chunks" in q]
+    assert len(reads) == 1 and "substr(data, 1, %d)" % len(header) in reads[0]

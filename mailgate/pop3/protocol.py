@@ -721,7 +721,7 @@ class POP3Server(Protocol):
         return self._sendMessage(index, count)
 
     def _sendMessage(self, index, bodyLines):
-        d = self._maildrop.openMessage(index)
+        d = self._maildrop.openMessage(index, headerOnly=bodyLines == 0)
 
         def opened(body):
             if self._closed:

@@ -259,7 +259,7 @@ def _uniqueIds(cursor, userId, low, high):
     return dict(cursor.fetchall())
 
 
-def _openMessage(cursor, userId, uid):
+def _openMessage(cursor, userId, uid, headerOnly):
     cursor.execute(
         "SELECT body_owner, body_id, size, header_size FROM maildrop "
         "WHERE user_id = ? AND uid = ?",
@@ -269,8 +269,24 @@ def _openMessage(cursor, userId, uid):
     if row is None:
         return None
     owner, bodyId, size, headerSize = row
-    first = _readChunk(cursor, owner, bodyId, 0) if size else b""
+    if headerOnly and headerSize <= CHUNK_SIZE:
+        # TOP n 0: read the header's octets and nothing more.
+        size = headerSize
+        first = _readPrefix(cursor, owner, bodyId, headerSize) if headerSize else b""
+    else:
+        first = _readChunk(cursor, owner, bodyId, 0) if size else b""
     return owner, bodyId, size, headerSize, first
+
+
+def _readPrefix(cursor, owner, bodyId, length):
+    cursor.execute(
+        "SELECT substr(data, 1, ?) FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq = 0",
+        (length, owner, bodyId),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
+    return bytes(row[0])
 
 
 def _readChunk(cursor, owner, bodyId, seq):
@@ -388,8 +404,10 @@ class SQLMaildrop:
 
         return d.addCallback(inOrder)
 
-    def openMessage(self, index):
-        d = self._store.database.runInteraction(_openMessage, self._userId, self._uids[index])
+    def openMessage(self, index, headerOnly=False):
+        d = self._store.database.runInteraction(
+            _openMessage, self._userId, self._uids[index], headerOnly
+        )
 
         def opened(row):
             if row is None:
