@@ -41,8 +41,12 @@ test: install
 	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
 	$(BIN)/python -m pytest tests
 
+# The benchmark suite (benchmarks/run.py): PostgreSQL started as for `make
+# test`, Dovecot compared if installed.  Figures go to benchmarks/last-run/;
+# `make bench BENCH_ARGS=--quick` is a smoke run.
 bench: install
-	$(BIN)/python benchmarks/run.py
+	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
+	$(BIN)/python benchmarks/run.py --output benchmarks/last-run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
