@@ -43,6 +43,10 @@ class IMessageBody(Interface):
 
     size = Attribute("Length in octets (CRLF line ends, before dot-stuffing).")
     headerSize = Attribute("Octets of the header section, blank line included.")
+    whole = Attribute(
+        "The entire message as L{bytes} if it was read in one piece when "
+        "opened (then L{read} need not be called), else C{None}."
+    )
 
     def read():
         """

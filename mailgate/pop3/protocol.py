@@ -649,10 +649,16 @@ class POP3Server(Protocol):
             index = self._messageIndex(argument)
             self._ok(f"{index + 1} {self._maildrop.sizes[index]}")
             return None
-        self._ok(f"{self._count} messages ({self._octets} octets)")
         sizes = self._maildrop.sizes
         deleted = self._deleted
         batch = self.listBatch
+        status = f"+OK {self._count} messages ({self._octets} octets)\r\n".encode("ascii")
+        if len(sizes) <= batch:
+            # The usual case: the whole listing in one write.
+            lines = [b"%d %d\r\n" % (i + 1, size) for i, size in enumerate(sizes) if i not in deleted]
+            self.transport.write(status + b"".join(lines) + b".\r\n")
+            return None
+        self.transport.write(status)
         positions = iter(range(0, len(sizes), batch))
 
         def nextBlock():
@@ -702,8 +708,11 @@ class POP3Server(Protocol):
             return None
 
         def begin(block):
-            self._ok("unique-id listing follows")
-            self.transport.write(block)
+            status = b"+OK unique-id listing follows\r\n"
+            if total <= batch:
+                self.transport.write(status + block + b".\r\n")
+                return None
+            self.transport.write(status + block)
             return self._send(_terminated(nextBlock))
 
         first.addCallback(begin)
@@ -729,11 +738,18 @@ class POP3Server(Protocol):
             if bodyLines is None:
                 self._stats["retr"] += 1
                 self._stats["retrBytes"] += body.size
-                self._ok(f"{body.size} octets")
+                status = b"+OK %d octets\r\n" % body.size
             else:
                 self._stats["top"] += 1
-                self._ok("top of message follows")
+                status = b"+OK top of message follows\r\n"
             source = _MessageBlocks(body, bodyLines)
+            whole = source.whole()
+            if whole is not None:
+                # The message (or all TOP wants of it) came in one piece:
+                # one write, no producer.
+                self.transport.write(status + whole)
+                return None
+            self.transport.write(status)
             return self._send(source.nextBlock).addErrback(self._streamBroken, index)
 
         d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
@@ -892,6 +908,19 @@ class _MessageBlocks:
         if self._ended:
             return _END
         return self._body.read().addCallback(self._encode)
+
+    def whole(self):
+        """
+        The entire response at once, if the body's first piece holds all
+        of it (nearly every message); else C{None}, and nothing consumed.
+        """
+        first = getattr(self._body, "whole", None)
+        if first is None:
+            return None
+        out = self._encode(first)
+        if not self._ended:
+            out += self._encode(b"")
+        return out
 
     def _encode(self, chunk):
         done = not chunk

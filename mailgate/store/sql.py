@@ -452,6 +452,8 @@ class SQLMessageBody:
         self._pending = first
         self._sent = 0
         self._seq = 1
+        # The whole message, when its first piece is all of it.
+        self.whole = first if len(first) >= size else None
 
     def read(self):
         if self._pending is not None:
