@@ -776,3 +776,29 @@ def test_topZeroOfALargeMessageReadsOnlyTheHeader(store, alice):
     assert reply == b"+OK top of message follows\r\n" + header + b".\r\n"
     reads = [q for q in statements if "body_chunks" in q]
     assert len(reads) == 1 and "substr(data, 1, %d)" % len(header) in reads[0]
+
+
+def test_readAheadServesTheNextMessagesWithoutAskingTheStoreAgain(store, dbpath, alice):
+    """
+    RETR 1 reads messages 2.. ahead; a damaged message further on does not
+    fail the ones before it, and is reported when it is asked for.
+    """
+    for n in range(1, 6):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n))
+    s = logged_in(store)
+    with sqlite3.connect(dbpath) as other:
+        other.execute(
+            "DELETE FROM body_chunks WHERE body_id = "
+            "(SELECT body_id FROM maildrop ORDER BY uid LIMIT 1 OFFSET 3)"
+        )
+    statements = []
+    store.database._conn.set_trace_callback(statements.append)
+    try:
+        replies = [s.command(f"RETR {n}") for n in (1, 2, 3)]
+    finally:
+        store.database._conn.set_trace_callback(None)
+    for n, reply in enumerate(replies, 1):
+        assert reply.endswith(f"body {n}\r\n.\r\n"), reply
+    assert len([q for q in statements if q.startswith("SELECT uid, body_owner")]) == 1
+    assert s.command("RETR 4").startswith("-ERR [SYS/TEMP]")
+    assert s.command("RETR 5").endswith("body 5\r\n.\r\n")

@@ -259,23 +259,49 @@ def _uniqueIds(cursor, userId, low, high):
     return dict(cursor.fetchall())
 
 
-def _openMessage(cursor, userId, uid, headerOnly):
+def _openMessages(cursor, userId, uids, headerOnly, budget):
+    """
+    Open the first of C{uids} and read ahead the ones after it, as long as
+    they are small enough to be read in one piece and the octets stay
+    within C{budget}: a client that fetches messages in order (as nearly
+    all do) then finds the next ones already read.
+
+    @return: a list of C{(uid, (owner, bodyId, size, headerSize, first))},
+        the requested message first; empty if it has vanished.
+    """
+    marks = ",".join("?" * len(uids))
     cursor.execute(
-        "SELECT body_owner, body_id, size, header_size FROM maildrop "
-        "WHERE user_id = ? AND uid = ?",
-        (userId, uid),
+        "SELECT uid, body_owner, body_id, size, header_size FROM maildrop "
+        f"WHERE user_id = ? AND uid IN ({marks})",
+        (userId, *uids),
     )
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    owner, bodyId, size, headerSize = row
-    if headerOnly and headerSize <= CHUNK_SIZE:
-        # TOP n 0: read the header's octets and nothing more.
-        size = headerSize
-        first = _readPrefix(cursor, owner, bodyId, headerSize) if headerSize else b""
-    else:
-        first = _readChunk(cursor, owner, bodyId, 0) if size else b""
-    return owner, bodyId, size, headerSize, first
+    rows = {row[0]: row[1:] for row in cursor.fetchall()}
+    opened = []
+    for uid in uids:
+        row = rows.get(uid)
+        if row is None:
+            break
+        owner, bodyId, size, headerSize = row
+        if headerOnly and headerSize <= CHUNK_SIZE:
+            # TOP n 0: the header's octets and nothing more.
+            length = headerSize
+        else:
+            length = size
+        if opened and (length > CHUNK_SIZE or length > budget):
+            break
+        try:
+            if headerOnly and headerSize <= CHUNK_SIZE:
+                size = headerSize
+                first = _readPrefix(cursor, owner, bodyId, headerSize) if headerSize else b""
+            else:
+                first = _readChunk(cursor, owner, bodyId, 0) if size else b""
+        except TemporaryFailure:
+            if not opened:
+                raise
+            break  # a damaged message further on must not fail this one
+        budget -= len(first)
+        opened.append((uid, (owner, bodyId, size, headerSize, first)))
+    return opened
 
 
 def _readPrefix(cursor, owner, bodyId, length):
@@ -380,6 +406,10 @@ class SQLMaildrop:
     about 1.6 MB).  Unique ids and bodies are read on demand.
     """
 
+    #: messages read ahead per trip to the database, and their octets
+    readAhead = 8
+    readAheadOctets = 256 * 1024
+
     def __init__(self, store, identity, uids, sizes):
         self._store = store
         self._userId = identity.userId
@@ -387,6 +417,7 @@ class SQLMaildrop:
         self._uids = uids
         self.sizes = sizes
         self._released = False
+        self._ahead = {}
 
     def uniqueIds(self, first, count):
         uids = self._uids[first : first + count]
@@ -405,14 +436,22 @@ class SQLMaildrop:
         return d.addCallback(inOrder)
 
     def openMessage(self, index, headerOnly=False):
+        key = (index, headerOnly)
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            return defer.succeed(SQLMessageBody(self._store.database, *ahead))
+        self._ahead = {}
+        uids = self._uids[index : index + self.readAhead]
         d = self._store.database.runInteraction(
-            _openMessage, self._userId, self._uids[index], headerOnly
+            _openMessages, self._userId, list(uids), headerOnly, self.readAheadOctets
         )
 
-        def opened(row):
-            if row is None:
+        def opened(rows):
+            if not rows:
                 raise TemporaryFailure("message vanished from the maildrop")
-            return SQLMessageBody(self._store.database, *row)
+            for offset, (uid, row) in enumerate(rows[1:], 1):
+                self._ahead[(index + offset, headerOnly)] = row
+            return SQLMessageBody(self._store.database, *rows[0][1])
 
         return d.addCallback(opened)
 
