@@ -315,6 +315,22 @@ def _readPrefix(cursor, owner, bodyId, length):
     return bytes(row[0])
 
 
+def _readChunks(cursor, owner, bodyId, seq, count):
+    """
+    Chunks C{seq} to C{seq + count - 1}, joined; fewer at the end of the
+    body.
+    """
+    cursor.execute(
+        "SELECT seq, data FROM body_chunks WHERE owner_id = ? AND body_id = ? "
+        "AND seq >= ? AND seq < ? ORDER BY seq",
+        (owner, bodyId, seq, seq + count),
+    )
+    rows = cursor.fetchall()
+    if not rows or rows[0][0] != seq:
+        raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
+    return b"".join(bytes(data) for _, data in rows)
+
+
 def _readChunk(cursor, owner, bodyId, seq):
     cursor.execute(
         "SELECT data FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq = ?",
@@ -478,9 +494,12 @@ class SQLMaildrop:
 @implementer(IMessageBody)
 class SQLMessageBody:
     """
-    A message read chunk by chunk: one query per 128 KiB, so a 50 MB message
-    streams through in bounded memory.
+    A message read a few chunks at a time (L{chunksPerRead} × 128 KiB per
+    trip to the database), so a 50 MB message streams through in bounded
+    memory.
     """
+
+    chunksPerRead = 4
 
     def __init__(self, database, owner, bodyId, size, headerSize, first):
         self._database = database
@@ -502,8 +521,10 @@ class SQLMessageBody:
         if self._sent >= self.size:
             return defer.succeed(b"")
         seq = self._seq
-        self._seq += 1
-        d = self._database.runInteraction(_readChunk, self._owner, self._bodyId, seq)
+        self._seq += self.chunksPerRead
+        d = self._database.runInteraction(
+            _readChunks, self._owner, self._bodyId, seq, self.chunksPerRead
+        )
 
         def got(chunk):
             self._sent += len(chunk)
