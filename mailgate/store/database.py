@@ -75,10 +75,22 @@ def runTransaction(engine, conn, function, args, kwargs, write):
         _raiseTranslated(engine, e)
 
 
+class _ItemFailed(Exception):
+    """
+    One interaction of an optimistic batch failed; the batch is run again
+    with savepoints.
+    """
+
+
 def runBatch(engine, conn, batch):
     """
-    Run several write interactions in one transaction, each isolated by a
-    savepoint so that one failing does not undo the others, then commit once.
+    Run several write interactions in one transaction and commit once.
+
+    Optimistically first: all of them straight through, which costs no more
+    round trips than the interactions themselves.  If one fails, that
+    transaction is rolled back and the batch runs again with each
+    interaction isolated by a savepoint, so that one failing does not undo
+    the others.
 
     @return: a list of C{(succeeded, resultOrFailure)}, one per interaction.
     @raise Exception: when the transaction as a whole failed (begin or
@@ -92,24 +104,35 @@ def runBatch(engine, conn, batch):
             if engine.isRetryable(e.__cause__ or e) or engine.isDisconnect(e.__cause__ or e):
                 raise
             return [(False, Failure())]
+    try:
+        return _runBatch(engine, conn, batch, savepoints=False)
+    except _ItemFailed:
+        return _runBatch(engine, conn, batch, savepoints=True)
+
+
+def _runBatch(engine, conn, batch, savepoints):
     results = []
     try:
         cursor = engine.begin(conn, True)
         for function, args, kwargs in batch:
-            cursor.execute("SAVEPOINT mg_batch")
+            if savepoints:
+                cursor.execute("SAVEPOINT mg_batch")
             try:
                 result = function(cursor, *args, **kwargs)
             except Exception as e:
                 if engine.isRetryable(e) or engine.isDisconnect(e):
                     raise
+                if not savepoints:
+                    raise _ItemFailed() from e
                 cursor.execute("ROLLBACK TO SAVEPOINT mg_batch")
                 cursor.execute("RELEASE SAVEPOINT mg_batch")
                 results.append((False, Failure(_translate(engine, e))))
             else:
-                cursor.execute("RELEASE SAVEPOINT mg_batch")
+                if savepoints:
+                    cursor.execute("RELEASE SAVEPOINT mg_batch")
                 results.append((True, result))
         engine.commit(conn)
-    except Exception as e:
+    except Exception:
         try:
             engine.rollback(conn)
         except Exception:

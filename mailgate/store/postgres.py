@@ -130,14 +130,22 @@ class PostgresEngine:
         conn.commit()
 
     def begin(self, conn, write):
-        # psycopg opens the transaction with the first statement.
+        """
+        Writes run in a transaction (psycopg opens it with the first
+        statement).  Reads run in autocommit: under READ COMMITTED a
+        transaction would give them no more consistency, only two more
+        round trips.
+        """
+        if conn.autocommit == write:
+            conn.autocommit = not write
         return _Cursor(conn.cursor())
 
     def commit(self, conn):
-        conn.commit()
+        if not conn.autocommit:
+            conn.commit()
 
     def rollback(self, conn):
-        if not conn.closed:
+        if not conn.closed and not conn.autocommit:
             conn.rollback()
 
     def lockSchema(self, cursor):
