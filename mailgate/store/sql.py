@@ -175,6 +175,34 @@ def _listMessages(cursor, address):
     ]
 
 
+def _pieces(source):
+    """
+    The stored chunks of a message: at most L{CHUNK_SIZE} octets each, and
+    for a message longer than one chunk, the header section alone first, so
+    that TOP n 0 reads exactly the header (a database reads a whole value
+    to return part of it).
+    """
+    chunks = source.chunks(CHUNK_SIZE)
+    if source.size <= CHUNK_SIZE or not 0 < source.headerSize <= CHUNK_SIZE:
+        yield from chunks
+        return
+    rest = b""
+    header = b""
+    for chunk in chunks:
+        if len(header) < source.headerSize:
+            need = source.headerSize - len(header)
+            header += chunk[:need]
+            chunk = chunk[need:]
+            if len(header) == source.headerSize:
+                yield header
+        rest += chunk
+        while len(rest) >= CHUNK_SIZE:
+            yield rest[:CHUNK_SIZE]
+            rest = rest[CHUNK_SIZE:]
+    if rest:
+        yield rest
+
+
 def _deliver(cursor, addresses, source, now, partial=True):
     """
     Store the body once and give each known recipient a maildrop entry.
@@ -203,7 +231,7 @@ def _deliver(cursor, addresses, source, now, partial=True):
         "VALUES (?, ?, ?, ?, ?, ?)",
         (owner, bodyId, source.size, source.headerSize, len(recipients), now),
     )
-    for seq, chunk in enumerate(source.chunks(CHUNK_SIZE)):
+    for seq, chunk in enumerate(_pieces(source)):
         cursor.execute(
             "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
             (owner, bodyId, seq, chunk),
@@ -292,7 +320,7 @@ def _openMessages(cursor, userId, uids, headerOnly, budget):
         try:
             if headerOnly and headerSize <= CHUNK_SIZE:
                 size = headerSize
-                first = _readPrefix(cursor, owner, bodyId, headerSize) if headerSize else b""
+                first = _readChunk(cursor, owner, bodyId, 0)[:headerSize] if headerSize else b""
             else:
                 first = _readChunk(cursor, owner, bodyId, 0) if size else b""
         except TemporaryFailure:
@@ -302,17 +330,6 @@ def _openMessages(cursor, userId, uids, headerOnly, budget):
         budget -= len(first)
         opened.append((uid, (owner, bodyId, size, headerSize, first)))
     return opened
-
-
-def _readPrefix(cursor, owner, bodyId, length):
-    cursor.execute(
-        "SELECT substr(data, 1, ?) FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq = 0",
-        (length, owner, bodyId),
-    )
-    row = cursor.fetchone()
-    if row is None:
-        raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
-    return bytes(row[0])
 
 
 def _readChunks(cursor, owner, bodyId, seq, count):
