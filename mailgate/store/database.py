@@ -23,6 +23,7 @@ failed before changing anything (a read, or a write that deadlocked) are
 retried a few times first.
 """
 
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -96,48 +97,77 @@ def runBatch(engine, conn, batch):
     @raise Exception: when the transaction as a whole failed (begin or
         commit); then none of the interactions took effect.
     """
-    if len(batch) == 1:
-        function, args, kwargs = batch[0]
-        try:
-            return [(True, runTransaction(engine, conn, function, args, kwargs, True))]
-        except Exception as e:
-            if engine.isRetryable(e.__cause__ or e) or engine.isDisconnect(e.__cause__ or e):
-                raise
-            return [(False, Failure())]
     try:
         return _runBatch(engine, conn, batch, savepoints=False)
     except _ItemFailed:
+        pass
+    if len(batch) > 1:
         return _runBatch(engine, conn, batch, savepoints=True)
+    function, args, kwargs = batch[0]
+    try:
+        return [(True, runTransaction(engine, conn, function, args, kwargs, True))]
+    except Exception as e:
+        if engine.isRetryable(e.__cause__ or e) or engine.isDisconnect(e.__cause__ or e):
+            raise
+        return [(False, Failure())]
 
 
 def _runBatch(engine, conn, batch, savepoints):
     results = []
+    pipelined = not savepoints and all(getattr(f, "pipelined", False) for f, _, _ in batch)
     try:
         cursor = engine.begin(conn, True)
-        for function, args, kwargs in batch:
-            if savepoints:
-                cursor.execute("SAVEPOINT mg_batch")
-            try:
-                result = function(cursor, *args, **kwargs)
-            except Exception as e:
-                if engine.isRetryable(e) or engine.isDisconnect(e):
-                    raise
-                if not savepoints:
-                    raise _ItemFailed() from e
-                cursor.execute("ROLLBACK TO SAVEPOINT mg_batch")
-                cursor.execute("RELEASE SAVEPOINT mg_batch")
-                results.append((False, Failure(_translate(engine, e))))
-            else:
-                if savepoints:
-                    cursor.execute("RELEASE SAVEPOINT mg_batch")
-                results.append((True, result))
-        engine.commit(conn)
     except Exception:
-        try:
-            engine.rollback(conn)
-        except Exception:
-            pass
+        _rollbackQuietly(engine, conn)
         raise
+    try:
+        with engine.pipeline(conn) if pipelined else _nothing():
+            results = _runItems(engine, cursor, batch, savepoints)
+        engine.commit(conn)
+    except _ItemFailed:
+        _rollbackQuietly(engine, conn)
+        raise
+    except Exception as e:
+        _rollbackQuietly(engine, conn)
+        if not savepoints and not (engine.isRetryable(e) or engine.isDisconnect(e)):
+            # A failure the optimistic pass cannot attribute (a pipelined
+            # statement's error arrives later): let the careful pass decide.
+            raise _ItemFailed() from e
+        raise
+    return results
+
+
+def _rollbackQuietly(engine, conn):
+    try:
+        engine.rollback(conn)
+    except Exception:
+        pass
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _runItems(engine, cursor, batch, savepoints):
+    results = []
+    for function, args, kwargs in batch:
+        if savepoints:
+            cursor.execute("SAVEPOINT mg_batch")
+        try:
+            result = function(cursor, *args, **kwargs)
+        except Exception as e:
+            if engine.isRetryable(e) or engine.isDisconnect(e):
+                raise
+            if not savepoints:
+                raise _ItemFailed() from e
+            cursor.execute("ROLLBACK TO SAVEPOINT mg_batch")
+            cursor.execute("RELEASE SAVEPOINT mg_batch")
+            results.append((False, Failure(_translate(engine, e))))
+        else:
+            if savepoints:
+                cursor.execute("RELEASE SAVEPOINT mg_batch")
+            results.append((True, result))
     return results
 
 

@@ -140,6 +140,13 @@ class PostgresEngine:
             conn.autocommit = not write
         return _Cursor(conn.cursor())
 
+    def pipeline(self, conn):
+        """
+        PostgreSQL's pipeline mode: statements whose answers are not needed
+        yet are sent without waiting for them.
+        """
+        return conn.pipeline()
+
     def commit(self, conn):
         if not conn.autocommit:
             conn.commit()

@@ -141,7 +141,9 @@ def _removeMessages(cursor, userId, uids):
     return sum(references.values())
 
 
-def _deleteUser(cursor, address):
+def _deleteUser(cursor, address, userIds=None):
+    if userIds is not None:
+        userIds.pop(address, None)
     user = _findUser(cursor, address)
     if user is None:
         raise NoSuchUser(address)
@@ -203,25 +205,49 @@ def _pieces(source):
         yield rest
 
 
-def _deliver(cursor, addresses, source, now, partial=True):
+def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
     """
     Store the body once and give each known recipient a maildrop entry.
+
+    Few statements, and only two whose answers are waited for (the user
+    lookup, skipped for addresses in C{userIds}, and the counters): on
+    PostgreSQL the rest travel in one pipeline.
+
+    @param userIds: a cache of address to user id, kept by the writer
+        thread; an id that no longer has a mailbox (the user was deleted,
+        perhaps by another process) is found out by the counter update.
     """
-    results = {}
-    found = []
-    for batch in _batches(sorted(set(addresses))):
+    userIds = {} if userIds is None else userIds
+    unique = list(dict.fromkeys(addresses))
+    known = {a: userIds[a] for a in unique if a in userIds}
+    unknown = [a for a in unique if a not in known]
+    for batch in _batches(unknown):
         cursor.execute(
             f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
             batch,
         )
-        found.extend(cursor.fetchall())
-    known = {address: userId for userId, address in found}
+        for userId, address in cursor.fetchall():
+            known[address] = userIds[address] = userId
+    # The per-user counters: a row lock on these users only, never a global
+    # sequence per message.  An id whose mailbox is gone has vanished.
+    counters = {}
+    ids = sorted(set(known.values()))
+    for batch in _batches(ids):
+        cursor.execute(
+            f"UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id IN ({_placeholders(len(batch))}) "
+            "RETURNING user_id, next_uid - 1, uid_validity",
+            batch,
+        )
+        for userId, uid, validity in cursor.fetchall():
+            counters[userId] = (uid, validity)
+    results = {}
     for address in addresses:
-        if address not in known:
+        if counters.get(known.get(address)) is None:
+            userIds.pop(address, None)
             results[address] = NoSuchUser(address)
     if results and not partial:
         raise NoSuchUser(", ".join(sorted(results)))
-    recipients = [a for a in dict.fromkeys(addresses) if a in known]
+    recipients = [a for a in unique if a not in results]
     if not recipients:
         return results
     owner = known[recipients[0]]
@@ -236,26 +262,23 @@ def _deliver(cursor, addresses, source, now, partial=True):
             "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
             (owner, bodyId, seq, chunk),
         )
-    # Lock mailboxes in one global order, so concurrent deliveries to the
-    # same users cannot deadlock.
-    for address in sorted(recipients, key=known.__getitem__):
+    rows = []
+    for address in recipients:
         userId = known[address]
-        # The per-user counter: a row lock on this user only, never a global
-        # sequence per message.
-        cursor.execute(
-            "UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id = ? "
-            "RETURNING next_uid - 1, uid_validity",
-            (userId,),
-        )
-        uid, validity = cursor.fetchone()
+        uid, validity = counters[userId]
         uidl = formatUniqueId(uid, validity)
-        cursor.execute(
-            "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, "
-            "header_size, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now),
-        )
+        rows.append((userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now))
         results[address] = uidl
+    cursor.executemany(
+        "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, "
+        "header_size, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
     return results
+
+
+# Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
+_deliver.pipelined = True
 
 
 def _recordLogin(cursor, userId, now, minimumInterval):
@@ -376,6 +399,8 @@ class SQLMailStore:
         self.database = database
         self.locks = locks
         self._clock = clock
+        # Address to user id, used and kept by the writer thread alone.
+        self._userIds = {}
 
     @property
     def engine(self):
@@ -400,7 +425,7 @@ class SQLMailStore:
         return self.database.runWrite(_setCredentials, address, credentials)
 
     def deleteUser(self, address):
-        return self.database.runWrite(_deleteUser, address)
+        return self.database.runWrite(_deleteUser, address, self._userIds)
 
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
@@ -409,7 +434,9 @@ class SQLMailStore:
         return self.database.runInteraction(_listMessages, address)
 
     def deliver(self, addresses, source, partial=True):
-        return self.database.runWrite(_deliver, list(addresses), source, self._now(), partial)
+        return self.database.runWrite(
+            _deliver, list(addresses), source, self._now(), partial, self._userIds
+        )
 
     def recordLogin(self, identity, minimumInterval):
         return self.database.runWrite(_recordLogin, identity.userId, self._now(), minimumInterval)

@@ -7,6 +7,7 @@ committed (a delivery acknowledged with 250, a POP3 deletion acknowledged
 with +OK) survives a power cut, not only a process crash.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -99,6 +100,12 @@ class SQLiteEngine:
 
     def commit(self, conn):
         conn.commit()
+
+    def pipeline(self, conn):
+        """
+        SQLite runs in-process: there are no round trips to save.
+        """
+        return contextlib.nullcontext()
 
     def rollback(self, conn):
         conn.rollback()
