@@ -138,7 +138,9 @@ class PostgresEngine:
         """
         if conn.autocommit == write:
             conn.autocommit = not write
-        return _Cursor(conn.cursor())
+        # Binary results: message chunks arrive as they are, not as hex text
+        # twice their size.
+        return _Cursor(conn.cursor(binary=True))
 
     def pipeline(self, conn):
         """
