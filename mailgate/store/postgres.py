@@ -237,88 +237,116 @@ def _key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
 
 
+class _LockSlot:
+    """
+    One lock connection and the one thread that uses it.  A maildrop's
+    lock is always taken and released through the same slot (chosen by
+    user id), because an advisory lock belongs to a database session.
+    """
+
+    def __init__(self, engine, workers):
+        self._engine = engine
+        self.workers = workers
+        self.conn = None
+
+    # worker thread
+
+    def connection(self):
+        if self.conn is not None and (self.conn.closed or self.conn.broken):
+            self.lost()
+        if self.conn is None:
+            conn = self._engine.connect()
+            conn.autocommit = True
+            self.conn = conn
+        return self.conn
+
+    def lost(self):
+        """
+        The lock connection died: every lock it held is gone at the
+        server, whatever the sessions believe; L{AdvisoryLocks.verify}
+        now says so.
+        """
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        self.conn = None
+
+    def key(self, conn, userId):
+        return _key(f"{self._engine.namespace(conn)}:maildrop:{userId}")
+
+    def run(self, work):
+        try:
+            return work(self.connection())
+        except psycopg.Error as e:
+            if self.conn is not None and (self.conn.closed or self.conn.broken):
+                self.lost()
+            raise TemporaryFailure(f"maildrop lock: {_oneLine(e)}") from e
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 @implementer(IMaildropLocks)
 class AdvisoryLocks:
     """
     Maildrop locks that hold across every node sharing the database:
-    session-level advisory locks on one dedicated connection per node,
-    used from one dedicated thread.
+    session-level advisory locks, on a few connections per node dedicated
+    to them (L{slots}), each used from one thread of its own.
 
     Sessions on the same node are told apart in memory first (advisory
     locks are re-entrant within one PostgreSQL session).
+
+    @cvar slots: lock connections per node.
     """
 
+    slots = 4
     log = Logger()
 
     def __init__(self, engine, reactor=None, synchronous=False):
+        from mailgate.store.database import WorkerThreads
+
         if reactor is None and not synchronous:
             from twisted.internet import reactor
         self._synchronous = synchronous
         self._engine = engine
         self._reactor = reactor
         self._held = set()
-        self._conn = None
-        from mailgate.store.database import WorkerThreads
-
-        self._thread = WorkerThreads(self._reactor, 1, "mailgate-locks")
+        count = 1 if synchronous else self.slots
+        self._slots = [
+            _LockSlot(engine, None if synchronous else WorkerThreads(reactor, 1, f"mailgate-locks-{i}"))
+            for i in range(count)
+        ]
         self._started = False
-        self._threadLock = threading.Lock()
 
-    def _run(self, function, *args):
+    def _slot(self, userId):
+        return self._slots[userId % len(self._slots)]
+
+    def _run(self, userId, work):
+        slot = self._slot(userId)
         if self._synchronous:
-            return defer.maybeDeferred(function, *args)
+            return defer.maybeDeferred(slot.run, work)
         if not self._started:
             self._started = True
-            self._thread.start()
-        return self._thread.submit(function, *args)
+            for each in self._slots:
+                each.workers.start()
+        return slot.workers.submit(slot.run, work)
 
     # worker thread
 
-    def _connection(self):
-        if self._conn is not None and (self._conn.closed or self._conn.broken):
-            self._lost()
-        if self._conn is None:
-            conn = self._engine.connect()
-            conn.autocommit = True
-            self._conn = conn
-        return self._conn
-
-    def _lost(self):
-        """
-        The lock connection died: every lock this node held is gone at the
-        server, whatever its sessions believe; L{verify} now says so.
-        """
-        try:
-            self._conn.close()
-        except Exception:
-            pass
-        self._conn = None
-
-    def _key(self, conn, userId):
-        return _key(f"{self._engine.namespace(conn)}:maildrop:{userId}")
-
-    def _execute(self, query, userId):
-        try:
-            conn = self._connection()
+    def _query(self, slot, userId, query):
+        def work(conn):
             with conn.cursor() as cursor:
-                cursor.execute(query, (self._key(conn, userId),))
+                cursor.execute(query, (slot.key(conn, userId),))
                 return cursor.fetchone()[0]
-        except psycopg.Error as e:
-            if self._conn is not None and (self._conn.closed or self._conn.broken):
-                self._lost()
-            raise TemporaryFailure(f"maildrop lock: {_oneLine(e)}") from e
 
-    def _tryLock(self, userId):
-        return self._execute("SELECT pg_try_advisory_lock(%s)", userId)
+        return work
 
-    def _unlock(self, userId):
-        return self._execute("SELECT pg_advisory_unlock(%s)", userId)
-
-    def _isHeld(self, userId):
-        key = None
-        try:
-            conn = self._connection()
-            key = self._key(conn, userId)
+    def _isHeld(self, slot, userId):
+        def work(conn):
+            key = slot.key(conn, userId)
             with conn.cursor() as cursor:
                 cursor.execute(
                     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
@@ -327,30 +355,54 @@ class AdvisoryLocks:
                     ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
                 )
                 return cursor.fetchone()[0]
-        except psycopg.Error as e:
-            if self._conn is not None and (self._conn.closed or self._conn.broken):
-                self._lost()
-            raise TemporaryFailure(f"maildrop lock: {_oneLine(e)}") from e
+
+        return work
 
     # reactor thread
 
     def acquire(self, userId):
+        return self.acquireAndRead(userId, None)
+
+    def acquireAndRead(self, userId, function, *args):
+        """
+        Take the lock and, with it held, run the read C{function(cursor,
+        *args)} on the same connection, in the same trip: a POP3 login
+        locks and snapshots its maildrop at the cost of one.
+
+        @return: a L{Deferred} of C{function}'s result (the user id if no
+            function), failing with L{MaildropInUse} if the lock is taken.
+        """
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
-        d = self._run(self._tryLock, userId)
+        slot = self._slot(userId)
+        tryLock = self._query(slot, userId, "SELECT pg_try_advisory_lock(%s)")
 
-        def locked(ok):
-            if not ok:
+        def work(conn):
+            if not tryLock(conn):
+                return _NotLocked
+            if function is None:
+                return userId
+            with conn.cursor(binary=True) as cursor:
+                return function(_Cursor(cursor), *args)
+
+        d = self._run(userId, work)
+
+        def done(result):
+            if result is _NotLocked:
                 self._held.discard(userId)
                 raise MaildropInUse(userId)
-            return userId
+            return result
 
         def failed(failure):
             self._held.discard(userId)
+            if not failure.check(MaildropInUse):
+                # The read may have failed with the lock taken: give it back.
+                unlock = self._run(userId, self._query(slot, userId, "SELECT pg_advisory_unlock(%s)"))
+                unlock.addErrback(lambda _: None)  # a lost connection took the lock with it
             return failure
 
-        return d.addCallbacks(locked, failed)
+        return d.addCallbacks(done, failed)
 
     def release(self, userId):
         """
@@ -359,10 +411,11 @@ class AdvisoryLocks:
         """
         if userId not in self._held:
             return defer.succeed(None)
-        # Forget it here at once: the unlock is queued on the lock thread
-        # ahead of any later acquire on this node.
+        # Forget it here at once: the unlock is queued on the slot's thread
+        # ahead of any later acquire of this maildrop on this node.
         self._held.discard(userId)
-        d = self._run(self._unlock, userId)
+        slot = self._slot(userId)
+        d = self._run(userId, self._query(slot, userId, "SELECT pg_advisory_unlock(%s)"))
 
         def failed(failure):
             # The connection is gone, and the lock with it.
@@ -378,27 +431,25 @@ class AdvisoryLocks:
         """
         if userId not in self._held:
             return defer.succeed(False)
-        return self._run(self._isHeld, userId)
+        slot = self._slot(userId)
+        return self._run(userId, self._isHeld(slot, userId))
 
     def close(self):
         self._held.clear()
         if self._synchronous:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for slot in self._slots:
+                slot.close()
             return defer.succeed(None)
-        if self._started:
+        if not self._started:
+            return defer.succeed(None)
+        self._started = False
+        closing = [slot.workers.submit(slot.close) for slot in self._slots]
 
-            def closeConnection():
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+        def stop(_):
+            for slot in self._slots:
+                slot.workers.stop()
 
-            d = self._run(closeConnection)
+        return defer.DeferredList(closing, consumeErrors=True).addBoth(stop)
 
-            def stop(_):
-                self._started = False
-                self._thread.stop()
 
-            return d.addBoth(stop)
-        return defer.succeed(None)
+_NotLocked = object()

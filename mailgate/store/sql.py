@@ -441,15 +441,26 @@ class SQLMailStore:
     def recordLogin(self, identity, minimumInterval):
         return self.database.runWrite(_recordLogin, identity.userId, self._now(), minimumInterval)
 
-    @defer.inlineCallbacks
     def openMaildrop(self, identity):
-        yield self.locks.acquire(identity.userId)
-        try:
-            uids, sizes = yield self.database.runInteraction(_snapshot, identity.userId)
-        except BaseException:
-            self.locks.release(identity.userId)
-            raise
-        return SQLMaildrop(self, identity, uids, sizes)
+        userId = identity.userId
+        acquireAndRead = getattr(self.locks, "acquireAndRead", None)
+        if acquireAndRead is not None:
+            # Lock and snapshot in one trip, where the locks allow it.
+            d = acquireAndRead(userId, _snapshot, userId)
+        else:
+            d = self.locks.acquire(userId)
+
+            def snapshot(_):
+                read = self.database.runInteraction(_snapshot, userId)
+
+                def failed(failure):
+                    self.locks.release(userId)
+                    return failure
+
+                return read.addErrback(failed)
+
+            d.addCallback(snapshot)
+        return d.addCallback(lambda result: SQLMaildrop(self, identity, *result))
 
     def close(self):
         d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
