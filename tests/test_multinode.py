@@ -545,8 +545,8 @@ def test_haproxyProtocolClientAddressDecidesThePlaintextPolicy(mailgate_server, 
         assert reader.line().startswith(b"+OK 1 ")
         assert reader.line().startswith(b"+OK")
     waitFor(
-        lambda: re.search(rf"pop3 login user={re.escape(ALICE)} peer=203\.0\.113\.9:40001\b", server.stdout),
-        "the login to be logged with the client's address",
+        lambda: re.search(rf"pop3 logout user={re.escape(ALICE)} peer=203\.0\.113\.9:40001\b", server.stdout),
+        "the session to be logged with the client's address",
     )
 
     # A client elsewhere, through the same balancer (the same TCP peer,
@@ -564,5 +564,5 @@ def test_haproxyProtocolClientAddressDecidesThePlaintextPolicy(mailgate_server, 
         sock.sendall(b"QUIT\r\n")
         assert reader.line().startswith(b"+OK")
     assert "peer=198.51.100.9" not in "".join(
-        line for line in server.stdout.splitlines(True) if "pop3 login user=" in line
+        line for line in server.stdout.splitlines(True) if "pop3 logout user=" in line
     )

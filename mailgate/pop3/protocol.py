@@ -186,11 +186,15 @@ class POP3Server(Protocol):
         if logout is None:
             return defer.succeed(None)
         maildrop, self._maildrop = self._maildrop, None
+        # One line per session, at its end (logging is not free: Twisted's
+        # file observer formats and flushes every event).
         self.log.info(
-            "pop3 logout user={user} reason={why!r} retr={retr}/{retrBytes} "
-            "top={top} deleted={deleted}",
+            "pop3 logout user={user} peer={peer} reason={why!r} messages={messages} "
+            "retr={retr}/{retrBytes} top={top} deleted={deleted}",
             user=maildrop.address if maildrop is not None else None,
+            peer=_describe(self.peer),
             why=why,
+            messages=len(maildrop.sizes) if maildrop is not None else 0,
             **self._stats,
         )
         return defer.maybeDeferred(logout).addErrback(self._releaseFailed)
@@ -455,12 +459,6 @@ class POP3Server(Protocol):
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
         self.state = TRANSACTION
-        self.log.info(
-            "pop3 login user={user} peer={peer} messages={count}",
-            user=maildrop.address,
-            peer=_describe(self.peer),
-            count=self._count,
-        )
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _loginFailed(self, failure, user):
