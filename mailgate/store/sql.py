@@ -315,7 +315,8 @@ def _openMessages(cursor, userId, uids, headerOnly, budget):
     Open the first of C{uids} and read ahead the ones after it, as long as
     they are small enough to be read in one piece and the octets stay
     within C{budget}: a client that fetches messages in order (as nearly
-    all do) then finds the next ones already read.
+    all do) then finds the next ones already read.  Two statements
+    whatever the number of messages: their rows, then their first chunks.
 
     @return: a list of C{(uid, (owner, bodyId, size, headerSize, first))},
         the requested message first; empty if it has vanished.
@@ -327,30 +328,44 @@ def _openMessages(cursor, userId, uids, headerOnly, budget):
         (userId, *uids),
     )
     rows = {row[0]: row[1:] for row in cursor.fetchall()}
-    opened = []
+    chosen = []
     for uid in uids:
         row = rows.get(uid)
         if row is None:
             break
         owner, bodyId, size, headerSize = row
-        if headerOnly and headerSize <= CHUNK_SIZE:
-            # TOP n 0: the header's octets and nothing more.
-            length = headerSize
-        else:
-            length = size
-        if opened and (length > CHUNK_SIZE or length > budget):
+        # TOP n 0 wants the header's octets and nothing more; a message
+        # longer than a chunk stores its header as its first chunk.
+        length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
+        if chosen and (length > CHUNK_SIZE or length > budget):
             break
-        try:
-            if headerOnly and headerSize <= CHUNK_SIZE:
-                size = headerSize
-                first = _readChunk(cursor, owner, bodyId, 0)[:headerSize] if headerSize else b""
-            else:
-                first = _readChunk(cursor, owner, bodyId, 0) if size else b""
-        except TemporaryFailure:
+        budget -= min(length, CHUNK_SIZE)
+        chosen.append((uid, owner, bodyId, size, headerSize, length))
+    if not chosen:
+        return []
+    wanted = [(owner, bodyId) for _, owner, bodyId, size, _, length in chosen if length]
+    chunks = {}
+    for batch in _batches(wanted, 100):
+        pairs = " OR ".join("(owner_id = ? AND body_id = ?)" for _ in batch)
+        cursor.execute(
+            f"SELECT owner_id, body_id, data FROM body_chunks WHERE seq = 0 AND ({pairs})",
+            [value for pair in batch for value in pair],
+        )
+        for owner, bodyId, data in cursor.fetchall():
+            chunks[(owner, bodyId)] = bytes(data)
+    opened = []
+    for uid, owner, bodyId, size, headerSize, length in chosen:
+        if not length:
+            first = b""
+        elif (owner, bodyId) not in chunks:
             if not opened:
-                raise
+                raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
             break  # a damaged message further on must not fail this one
-        budget -= len(first)
+        else:
+            first = chunks[(owner, bodyId)]
+            if length < size:
+                first = first[:length]
+                size = length
         opened.append((uid, (owner, bodyId, size, headerSize, first)))
     return opened
 
