@@ -89,7 +89,9 @@ class POP3Server(Protocol):
         requires at least ten minutes).
     @cvar authFailureDelay: seconds before a failed login is answered; the
         same for an unknown user as for a wrong password.
-    @cvar listBatch: lines of LIST or UIDL produced per write.
+    @cvar listBatch: lines of LIST produced per write.
+    @cvar uidlBatch: unique ids read from the store per trip (and written
+        per write) for UIDL.
     """
 
     maxCommandLength = 255
@@ -100,6 +102,7 @@ class POP3Server(Protocol):
     idleTimeout = 600
     authFailureDelay = 1.0
     listBatch = 1000
+    uidlBatch = 5000
 
     log = Logger()
 
@@ -681,7 +684,7 @@ class POP3Server(Protocol):
             return d
         total = len(self._maildrop.sizes)
         deleted = self._deleted
-        batch = self.listBatch
+        batch = self.uidlBatch
         positions = iter(range(0, total, batch))
 
         def format(ids, start):
