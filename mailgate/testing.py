@@ -115,33 +115,11 @@ class TLSStringTransport(StringTransport):
         directlyProvides(self, ISSLTransport)
 
 
-class POP3Session:
+class _Session:
     """
-    A mailgate POP3 server session over a L{StringTransport}.
-
-    @ivar clock: the L{Clock} driving the session's timers.
-    @ivar transport: the L{StringTransport}.
-    @ivar protocol: the L{mailgate.pop3.POP3Server}.
-    @ivar greeting: the greeting line, as L{str}.
+    What the in-memory sessions share: feeding octets to a server protocol
+    and collecting what it wrote, on a clock the test controls.
     """
-
-    def __init__(self, store, clock=None, factory=None, hostname="mailgate.test",
-                 peer=LOOPBACK, **options):
-        self.clock = Clock() if clock is None else clock
-        if factory is None:
-            factory = pop3Factory(store, self.clock, hostname=hostname, **options)
-        self.factory = factory
-        self.protocol = factory.buildProtocol(None)
-        self.transport = TLSStringTransport(peerAddress=peer)
-        self.protocol.makeConnection(self.transport)
-        self.greeting = self._take().decode("utf-8")
-
-    @property
-    def challenge(self):
-        """
-        The APOP timestamp of this session's greeting, or C{None}.
-        """
-        return self.protocol.challenge
 
     def _take(self):
         value = self.transport.value()
@@ -171,49 +149,45 @@ class POP3Session:
         self.clock.advance(seconds)
         return self._take()
 
+    @property
+    def disconnected(self):
+        return self.transport.disconnecting or self.protocol._closed
+
+
+class POP3Session(_Session):
+    """
+    A mailgate POP3 server session over a L{StringTransport}.
+
+    @ivar clock: the L{Clock} driving the session's timers.
+    @ivar transport: the L{StringTransport}.
+    @ivar protocol: the L{mailgate.pop3.POP3Server}.
+    @ivar greeting: the greeting line, as L{str}.
+    """
+
+    def __init__(self, store, clock=None, factory=None, hostname="mailgate.test",
+                 peer=LOOPBACK, **options):
+        self.clock = Clock() if clock is None else clock
+        if factory is None:
+            factory = pop3Factory(store, self.clock, hostname=hostname, **options)
+        self.factory = factory
+        self.protocol = factory.buildProtocol(None)
+        self.transport = TLSStringTransport(peerAddress=peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self._take().decode("utf-8")
+
+    @property
+    def challenge(self):
+        """
+        The APOP timestamp of this session's greeting, or C{None}.
+        """
+        return self.protocol.challenge
+
     def login(self, address, password):
         """
         USER and PASS; return the PASS reply.
         """
         self.command(f"USER {address}")
         return self.command(f"PASS {password}")
-
-    @property
-    def disconnected(self):
-        return self.transport.disconnecting or self.protocol._closed
-
-
-class _Session:
-    def _take(self):
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    def send(self, data):
-        """
-        Feed raw octets to the server; return what it wrote in response,
-        including anything due at once (timers of zero seconds).
-        """
-        self.protocol.dataReceived(data)
-        self.clock.advance(0)
-        return self._take()
-
-    def command(self, line):
-        """
-        Send one command line (CRLF added); return the reply as L{str}.
-        """
-        return self.send(line.encode("utf-8") + b"\r\n").decode("utf-8", "replace")
-
-    def advance(self, seconds):
-        """
-        Let C{seconds} pass on the session's clock; return what was written.
-        """
-        self.clock.advance(seconds)
-        return self._take()
-
-    @property
-    def disconnected(self):
-        return self.transport.disconnecting or self.protocol._closed
 
 
 class SMTPSession(_Session):

@@ -42,6 +42,7 @@ from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.dotstuff import DotStuffer
 from mailgate.pop3.sender import BlockSender, SendAborted
+from mailgate.session import IdleTimer, setNoDelay
 from mailgate.tls import isSecure
 
 AUTHORIZATION = "AUTHORIZATION"
@@ -115,8 +116,7 @@ class POP3Server(Protocol):
         self._processing = False
         self._readingPaused = False
         self._closed = False
-        self._timeoutCall = None
-        self._lastActivity = 0
+        self._idle = None
         self._sending = False
         self._badCommands = 0
         self._authFailures = 0
@@ -138,19 +138,17 @@ class POP3Server(Protocol):
         return self.factory.reactor
 
     def connectionMade(self):
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
+        setNoDelay(self.transport)
+        self._idle = IdleTimer(
+            self._reactor, self.idleTimeout, self._timedOut, lambda: self._busy and not self._sending
+        )
         self._trustedPeer = None
         greeting = f"{self.factory.greeting}"
         if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()
             greeting += " " + self.challenge
         self._ok(greeting)
-        self._startTimeout()
+        self._idle.start()
 
     def _makeChallenge(self):
         """
@@ -211,32 +209,16 @@ class POP3Server(Protocol):
         self.transport.loseConnection()
 
     # -- idle timer ------------------------------------------------------
-    # One timer per session, rescheduled lazily: activity only records a
-    # time stamp, so busy sessions do not pay for timer resets.
 
     def _activity(self):
-        self._lastActivity = self._reactor.seconds()
-
-    def _startTimeout(self):
-        self._activity()
-        if self.idleTimeout and self._timeoutCall is None and not self._closed:
-            self._timeoutCall = self._reactor.callLater(self.idleTimeout, self._timedOut)
+        self._idle.activity()
 
     def _cancelTimeout(self):
-        if self._timeoutCall is not None:
-            if self._timeoutCall.active():
-                self._timeoutCall.cancel()
-            self._timeoutCall = None
+        if self._idle is not None:
+            self._idle.cancel()
 
     def _timedOut(self):
-        self._timeoutCall = None
         if self._closed:
-            return
-        idle = self._reactor.seconds() - self._lastActivity
-        if idle < self.idleTimeout or (self._busy and not self._sending):
-            # Recent activity, or a command waiting on the store: not idle.
-            delay = self.idleTimeout - idle if idle < self.idleTimeout else self.idleTimeout
-            self._timeoutCall = self._reactor.callLater(delay, self._timedOut)
             return
         if not self._sending:
             self._err("autologout: idle for too long")
@@ -785,7 +767,7 @@ class POP3Server(Protocol):
         self._sending = True
 
         def progress(block):
-            self._lastActivity = self._reactor.seconds()
+            self._idle.activity()
             return block
 
         def source():

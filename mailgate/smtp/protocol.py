@@ -31,6 +31,7 @@ from mailgate.errors import NoSuchUser, TemporaryFailure
 from mailgate.message import MessageSpool
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
+from mailgate.session import IdleTimer, setNoDelay
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
 from mailgate.tls import isSecure
 
@@ -80,8 +81,7 @@ class SMTPServer(Protocol):
         self._envelope = None
         self._reader = None
         self._badCommands = 0
-        self._timeoutCall = None
-        self._lastActivity = 0
+        self._idle = None
 
     # -- connection ------------------------------------------------------
 
@@ -94,23 +94,16 @@ class SMTPServer(Protocol):
         return self.factory.hostname
 
     def connectionMade(self):
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
+        setNoDelay(self.transport)
+        self._idle = IdleTimer(self._reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         kind = "LMTP" if self.lmtp else "ESMTP"
         self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
-        self._activity()
-        if self.idleTimeout:
-            self._timeoutCall = self._reactor.callLater(self.idleTimeout, self._timedOut)
+        self._idle.start()
 
     def connectionLost(self, reason):
         self._closed = True
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.cancel()
-        self._timeoutCall = None
+        if self._idle is not None:
+            self._idle.cancel()
         self._discardData()
 
     def _discardData(self):
@@ -126,16 +119,10 @@ class SMTPServer(Protocol):
     # -- timer -----------------------------------------------------------
 
     def _activity(self):
-        self._lastActivity = self._reactor.seconds()
+        self._idle.activity()
 
     def _timedOut(self):
-        self._timeoutCall = None
         if self._closed:
-            return
-        idle = self._reactor.seconds() - self._lastActivity
-        if idle < self.idleTimeout or self._busy:
-            delay = self.idleTimeout - idle if idle < self.idleTimeout else self.idleTimeout
-            self._timeoutCall = self._reactor.callLater(delay, self._timedOut)
             return
         self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
         self._close()
