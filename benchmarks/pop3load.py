@@ -584,11 +584,7 @@ class LoadResult:
         The C{p}th percentile of session latency, in milliseconds (nearest
         rank), or C{None} without sessions.
         """
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
-        return ordered[int(rank) - 1] * 1000
+        return percentile(self.latencies, p)
 
     @property
     def p50(self):
@@ -649,6 +645,18 @@ class LoadResult:
         if self.errorKinds:
             text += " " + repr(dict(self.errorKinds))
         return text
+
+
+def percentile(latencies, p):
+    """
+    The C{p}th percentile of C{latencies} (seconds), in milliseconds
+    (nearest rank), or C{None} if there are none.
+    """
+    if not latencies:
+        return None
+    ordered = sorted(latencies)
+    rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
+    return ordered[int(rank) - 1] * 1000
 
 
 def _round(value, digits=3):

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import corpus  # noqa: E402
 from pop3load import (  # noqa: E402
+    percentile,
     _ownCpu,
     connect as pop3Connect,
     cpuDelta,
@@ -271,11 +272,7 @@ class IntakeResult:
         return self.extraCpuSeconds * 1000 / len(self.acknowledged)
 
     def percentile(self, p):
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
-        return ordered[int(rank) - 1] * 1000
+        return percentile(self.latencies, p)
 
     @property
     def p50(self):

@@ -140,9 +140,10 @@ class ServerProcess:
             f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}"
         )
 
-    def start(self):
+    def spawn(self):
         """
-        Start the process and wait until it listens; return the port.
+        Start the process, reading its output in the background; do not
+        wait for anything.
         """
         self.process = subprocess.Popen(
             self.argv,
@@ -157,6 +158,12 @@ class ServerProcess:
         self._err = _Drain(self.process.stderr, self._line)
         self._out.start()
         self._err.start()
+
+    def start(self):
+        """
+        Start the process and wait until it listens; return the port.
+        """
+        self.spawn()
         deadline = time.monotonic() + DEADLINE
         expected = self._expectedListeners()
         with self._changed:
@@ -270,19 +277,7 @@ class ServerStarter:
         """
         server = ServerProcess(database or self.database, options, cwd=self.tmp_path, listen=listen)
         self.servers.append(server)
-        server.process = subprocess.Popen(
-            server.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.tmp_path,
-            env=childEnvironment(),
-            start_new_session=True,
-        )
-        server._out = _Drain(server.process.stdout, server._line)
-        server._err = _Drain(server.process.stderr, server._line)
-        server._out.start()
-        server._err.start()
+        server.spawn()
         return server
 
     def stopAll(self):
