@@ -891,3 +891,29 @@ def test_runBatchWithoutFailuresUsesNoSavepoints(batchConnection):
     if engine.name == "sqlite":
         assert not [s for s in statements if "SAVEPOINT" in s]
         assert sum(1 for s in statements if s.upper().startswith("COMMIT")) == 1
+
+
+def test_deliveryNoticesAUserRecreatedByAnotherProcess(databaseURL):
+    """
+    The writer remembers user ids; when another process (the admin
+    command) deletes a user and creates it again, the next delivery finds
+    the new user instead of losing the message or refusing it.
+    """
+    server = memoryStore(databaseURL)
+    admin = memoryStore(databaseURL)
+    try:
+        addUser(server, ALICE, "pw")
+        first = resultOf(server.deliver([ALICE], spoolBytes(b"Subject: 1\r\n\r\nx\r\n")))
+        resultOf(admin.deleteUser(ALICE))
+        addUser(admin, ALICE, "pw")
+        second = resultOf(server.deliver([ALICE], spoolBytes(b"Subject: 2\r\n\r\ny\r\n"), partial=True))
+        assert isinstance(second[ALICE], str) and second[ALICE] != first[ALICE]
+        messages = resultOf(admin.listMessages(ALICE))
+        assert [m.uniqueId for m in messages] == [second[ALICE]]
+        # And a user deleted for good is reported, not silently dropped.
+        resultOf(admin.deleteUser(ALICE))
+        third = resultOf(server.deliver([ALICE], spoolBytes(b"Subject: 3\r\n\r\nz\r\n"), partial=True))
+        assert isinstance(third[ALICE], NoSuchUser)
+    finally:
+        server.close()
+        admin.close()

@@ -220,26 +220,40 @@ def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
     userIds = {} if userIds is None else userIds
     unique = list(dict.fromkeys(addresses))
     known = {a: userIds[a] for a in unique if a in userIds}
-    unknown = [a for a in unique if a not in known]
-    for batch in _batches(unknown):
-        cursor.execute(
-            f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
-            batch,
-        )
-        for userId, address in cursor.fetchall():
-            known[address] = userIds[address] = userId
-    # The per-user counters: a row lock on these users only, never a global
-    # sequence per message.  An id whose mailbox is gone has vanished.
     counters = {}
-    ids = sorted(set(known.values()))
-    for batch in _batches(ids):
-        cursor.execute(
-            f"UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id IN ({_placeholders(len(batch))}) "
-            "RETURNING user_id, next_uid - 1, uid_validity",
-            batch,
-        )
-        for userId, uid, validity in cursor.fetchall():
-            counters[userId] = (uid, validity)
+
+    def lookUp(addresses):
+        for batch in _batches(addresses):
+            cursor.execute(
+                f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
+                batch,
+            )
+            for userId, address in cursor.fetchall():
+                known[address] = userIds[address] = userId
+
+    def count(ids):
+        # The per-user counters: a row lock on these users only, never a
+        # global sequence per message.  An id without a mailbox is gone.
+        for batch in _batches(sorted(ids)):
+            cursor.execute(
+                f"UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id IN ({_placeholders(len(batch))}) "
+                "RETURNING user_id, next_uid - 1, uid_validity",
+                batch,
+            )
+            for userId, uid, validity in cursor.fetchall():
+                counters[userId] = (uid, validity)
+
+    lookUp([a for a in unique if a not in known])
+    count(set(known.values()))
+    # A remembered id with no mailbox: the user was deleted (perhaps by
+    # another process), and perhaps created again under a new id.
+    stale = [a for a in unique if a in known and known[a] not in counters]
+    if stale:
+        for address in stale:
+            del known[address]
+            userIds.pop(address, None)
+        lookUp(stale)
+        count({known[a] for a in stale if a in known} - set(counters))
     results = {}
     for address in addresses:
         if counters.get(known.get(address)) is None:
