@@ -811,3 +811,20 @@ def test_readAheadServesTheNextMessagesWithoutAskingTheStoreAgain(store, dbpath,
     assert len([q for q in statements if q.startswith("SELECT uid, body_owner")]) == 1
     assert s.command("RETR 4").startswith("-ERR [SYS/TEMP]")
     assert s.command("RETR 5").endswith("body 5\r\n.\r\n")
+
+
+def test_aBugInACommandCostsOneErrorNotTheSession(three, monkeypatch):
+    """
+    An unexpected exception inside a command handler is answered with
+    -ERR [SYS/TEMP] (its text stays in the log) and the session goes on.
+    """
+
+    def broken(self, argument):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setitem(POP3Server._handlers["TRANSACTION"], "NOOP", broken)
+    reply = three.command("NOOP")
+    assert reply == "-ERR [SYS/TEMP] internal server error\r\n"
+    assert "secret" not in reply
+    assert not three.disconnected
+    assert three.command("STAT").startswith("+OK 3 ")

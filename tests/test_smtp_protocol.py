@@ -1150,3 +1150,38 @@ def test_headerSizeIsStoredForTOP(users, dbpath, store, message, piece):
     pop.login(ALICE, PASSWORD)
     top = pop.send(b"TOP 1 0\r\n")
     assert top == b"+OK top of message follows\r\n" + stored[:expected] + b".\r\n"
+
+
+def test_spoolFailureIsATemporaryRefusal(users, dbpath, monkeypatch, tmp_path):
+    """
+    A message over the in-memory limit is spooled to a temporary file; when
+    that cannot be written (here: the temporary directory does not exist,
+    as good as a full disk), the client gets 452 4.3.1 after its data and
+    retries later; nothing is stored and the session goes on.
+    """
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-directory"))
+    s = session(users)
+    envelope(s, [ALICE])
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1200
+    reply = s.send(body + b".\r\n")
+    assert reply == b"452 4.3.1 insufficient system storage; try again later\r\n"
+    assert nothingStored(dbpath)
+    monkeypatch.undo()
+    envelope(s, [ALICE])
+    assert s.send(body + b".\r\n").startswith(b"250 2.0.0 ")
+
+
+def test_aBugInACommandCostsOneReplyNotTheSession(users, monkeypatch):
+    from mailgate.smtp.protocol import SMTPServer
+
+    def broken(self, argument):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setitem(SMTPServer._commands, "NOOP", broken)
+    s = session(users)
+    reply = s.command("NOOP")
+    assert reply == "451 4.3.0 internal server error; try again later\r\n"
+    assert not s.disconnected
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"

@@ -276,7 +276,11 @@ class POP3Server(Protocol):
         try:
             while self._lines and not self._busy and not self._closed:
                 line = self._lines.popleft()
-                result = self._dispatch(line)
+                try:
+                    result = self._dispatch(line)
+                except Exception:
+                    # A bug must cost the client one -ERR, not its session.
+                    result = defer.fail()
                 if isinstance(result, defer.Deferred):
                     self._busy = True
                     result.addErrback(self._internalError)

@@ -31,6 +31,8 @@ class DataReader:
         included); nothing more is stored.
     @ivar received: octets of content received (after un-stuffing).
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
+    @ivar storageFailed: the spool could not be written (a full disk);
+        nothing more is stored, the rest of the data is read and dropped.
     """
 
     def __init__(self, spool, maxSize, maxLineLength=1000):
@@ -41,6 +43,7 @@ class DataReader:
         self.lineTooLong = False
         self.received = 0
         self.bareLineFeeds = False
+        self.storageFailed = False
         self._carry = b""
         self._previousEndedCRLF = True
         self._skippingLine = False
@@ -48,7 +51,7 @@ class DataReader:
 
     @property
     def failed(self):
-        return self.tooLarge or self.lineTooLong
+        return self.tooLarge or self.lineTooLong or self.storageFailed
 
     def feed(self, data):
         """
@@ -123,4 +126,8 @@ class DataReader:
             self.tooLarge = True
             self.spool.close()
             return
-        self.spool.writeBlock(block)
+        try:
+            self.spool.writeBlock(block)
+        except OSError:
+            self.storageFailed = True
+            self.spool.close()

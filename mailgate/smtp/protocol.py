@@ -175,7 +175,7 @@ class SMTPServer(Protocol):
                     if rest is None:
                         break
                     self._buffer = rest
-                    self._run(self._dataEnded())
+                    self._run(self._guarded(self._dataEnded))
                     continue
                 newline = self._buffer.find(b"\n")
                 if newline < 0:
@@ -190,10 +190,21 @@ class SMTPServer(Protocol):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                self._run(self._dispatch(line))
+                self._run(self._guarded(self._dispatch, line))
         finally:
             self._processing = False
         self._flowControl()
+
+    @staticmethod
+    def _guarded(function, *args):
+        """
+        Run a command; a bug in it costs the client one 451, not its
+        session (the failure is logged by L{_internalError}).
+        """
+        try:
+            return function(*args)
+        except Exception:
+            return defer.fail()
 
     def _run(self, result):
         if isinstance(result, defer.Deferred):
@@ -433,6 +444,11 @@ class SMTPServer(Protocol):
             reader.spool.close()
             return self._dataReplies(
                 envelope, 500, "5.5.2", f"line too long (the limit is {self.maxLineLength} octets)"
+            )
+        if reader.storageFailed:
+            self.log.error("smtp cannot spool message data (is the temporary directory full?)")
+            return self._dataReplies(
+                envelope, 452, "4.3.1", "insufficient system storage; try again later"
             )
         spool = reader.spool.finish()
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
