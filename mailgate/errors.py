@@ -59,3 +59,11 @@ class LoginDelayed(MailgateError):
     The user logged in again sooner than the configured LOGIN-DELAY allows
     (RFC 2449 section 8.1.2).
     """
+
+
+class CredentialsChanged(MailgateError):
+    """
+    The password a login was verified with is no longer the user's (it was
+    changed, or the user deleted, since it was verified and remembered).
+    The login fails like a wrong password.
+    """

@@ -209,7 +209,10 @@ class IMailStore(Interface):
         Lock a user's maildrop and take the snapshot a POP3 session works on.
 
         @param identity: the L{mailgate.store.records.UserRecord} a credential
-            checker authenticated.
+            checker authenticated.  Its password hash must still be the
+            user's (a checker may answer from a cache of verified
+            passwords); otherwise this fails with
+            L{mailgate.errors.CredentialsChanged}.
         @return: a L{Deferred} L{IMaildrop}; fails with L{MaildropInUse} if
             another session holds it.
         """

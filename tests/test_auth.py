@@ -523,3 +523,53 @@ def test_normalizeDomain():
         normalizeDomain("")
     with pytest.raises(InvalidAddress):
         normalizeDomain("exa mple.org")
+
+
+def test_rememberedLoginNeedsNoUserLookup(users):
+    """
+    A password verified recently is accepted without looking the user up
+    again: the only database work of the second login is opening the
+    maildrop, which also confirms the stored hash is still the same.
+    """
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    statements = []
+    users.database._conn.set_trace_callback(statements.append)
+    try:
+        _, maildrop, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    finally:
+        users.database._conn.set_trace_callback(None)
+    logout()
+    assert maildrop.address == BOB
+    assert len(runner.calls) == 1  # one scrypt verification in all
+    assert not [s for s in statements if "WHERE address" in s]
+    assert [s for s in statements if "SELECT password_hash FROM users" in s]
+
+
+def test_staleRememberedPasswordIsForgotten(users):
+    """
+    After a password change the old password fails (like any wrong
+    password) even though it was remembered, and is no longer remembered.
+    """
+    portal = makePortal(users, RecordingRunner())
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    assert len(portal.passwordChecker.cache) == 1
+    resultOf(users.setCredentials(BOB, makeCredentials("newpass", logN=TEST_HASH_COST)))
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    assert len(portal.passwordChecker.cache) == 0
+    # The maildrop was not left locked by the refused login.
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"newpass"))
+    logout()
+
+
+def test_rememberedPasswordOfADeletedUserFails(users):
+    portal = makePortal(users, RecordingRunner())
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    resultOf(users.deleteUser(BOB))
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"bob@example.org", b"builder"))

@@ -4,11 +4,13 @@ A cache of recently verified passwords, so the slow hash runs once per
 password rather than once per login.
 
 Entries are keyed by an HMAC, under a key that lives only in this process's
-memory, of the user's address, the stored hash and the offered password:
-the cache holds no password and nothing an attacker could test guesses
-against offline.  Changing a password changes the stored hash, so every
-entry for the old one stops matching at once.  Entries expire after a while
-and the cache is bounded; the oldest go first.
+memory, of the user's address and the offered password: the cache holds no
+password and nothing an attacker could test guesses against offline.  Each
+entry remembers the stored hash the password was verified against;
+changing a password changes the stored hash, so an entry for the old one
+stops being honoured at once (the check against the current hash is made
+when the maildrop is opened, in the same trip to the database).  Entries
+expire after a while and the cache is bounded; the oldest go first.
 """
 
 import hashlib
@@ -29,39 +31,62 @@ class VerifiedCredentialCache:
         self.lifetime = lifetime
         self._clock = clock
         self._key = os.urandom(32)
+        # HMAC(address, password) -> (stored hash, user record, expiry)
         self._entries = OrderedDict()
 
-    def _digest(self, address, storedHash, password):
-        message = b"\0".join([address.encode("utf-8"), storedHash.encode("ascii", "replace"), password])
+    def _digest(self, address, password):
+        message = address.encode("utf-8") + b"\0" + password
         return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _entry(self, address, password):
+        if self.maxEntries <= 0:
+            return None
+        digest = self._digest(address, password)
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[2] < self._clock():
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry
 
     def check(self, address, storedHash, password):
         """
         Was this password verified against this stored hash recently?
         """
-        if self.maxEntries <= 0:
-            return False
-        digest = self._digest(address, storedHash, password)
-        expires = self._entries.get(digest)
-        if expires is None:
-            return False
-        if expires < self._clock():
-            del self._entries[digest]
-            return False
-        self._entries.move_to_end(digest)
-        return True
+        entry = self._entry(address, password)
+        return entry is not None and hmac.compare_digest(entry[0], storedHash)
 
-    def remember(self, address, storedHash, password):
+    def lookup(self, address, password):
         """
-        Record a successful verification.
+        The user this password was verified for recently, or C{None}.  The
+        caller must still confirm that the user's stored hash is the one in
+        the returned record (the password may have changed since): the
+        store does so when it opens the maildrop.
+        """
+        entry = self._entry(address, password)
+        return None if entry is None else entry[1]
+
+    def remember(self, address, storedHash, password, user=None):
+        """
+        Record a successful verification (of C{user}, when given).
         """
         if self.maxEntries <= 0:
             return
-        digest = self._digest(address, storedHash, password)
-        self._entries[digest] = self._clock() + self.lifetime
+        digest = self._digest(address, password)
+        self._entries[digest] = (storedHash, user, self._clock() + self.lifetime)
         self._entries.move_to_end(digest)
         while len(self._entries) > self.maxEntries:
             self._entries.popitem(last=False)
+
+    def forgetUser(self, address):
+        """
+        Drop everything remembered for a user (a remembered password turned
+        out to be stale).
+        """
+        for digest in [d for d, (_, user, _) in self._entries.items() if user is not None and user.address == address]:
+            del self._entries[digest]
 
     def __len__(self):
         return len(self._entries)

@@ -9,6 +9,7 @@ wrong password must look alike.  The unknown user even pays for a password
 hash, so the two take the same time.
 """
 
+import attr
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -56,6 +57,12 @@ class PasswordChecker:
     Checks a user name and password (POP3 USER/PASS, SASL PLAIN) against
     the stored scrypt hash, consulting a cache of recent verifications first.
 
+    A cached verification is answered without the database; the user record
+    it returns carries the hash the password was verified against, and
+    L{mailgate.interfaces.IMailStore.openMaildrop} refuses it (with
+    L{mailgate.errors.CredentialsChanged}) if that is no longer the stored
+    hash.
+
     @param runInThread: how to run the hash off the reactor thread; see
         L{threadRunner}.
     """
@@ -68,20 +75,29 @@ class PasswordChecker:
         self._runInThread = runInThread
         self.cache = VerifiedCredentialCache() if cache is None else cache
 
-    @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
         address = _addressOf(credentials.username)
+        if address is not None:
+            user = self.cache.lookup(address, password)
+            if user is not None:
+                # Verified recently.  The store confirms, when it opens the
+                # maildrop, that the stored hash is still this one.
+                return defer.succeed(user)
+        return self._verify(address, password)
+
+    @defer.inlineCallbacks
+    def _verify(self, address, password):
         user = None if address is None else (yield self._store.findUser(address))
-        if user is not None and self.cache.check(user.address, user.passwordHash, password):
-            return user
         storedHash = None if user is None else user.passwordHash
         matched = yield self._runInThread(_verifyOrDummy, password, storedHash)
         if not matched:
             raise UnauthorizedLogin()
-        self.cache.remember(user.address, user.passwordHash, password)
+        # Remember who this is, but not the user's other secrets.
+        remembered = attr.evolve(user, scramSha256=None, apopSecret=None)
+        self.cache.remember(user.address, user.passwordHash, password, remembered)
         return user
 
 

@@ -3,6 +3,7 @@
 The realm: from an authenticated user to the database-backed maildrop.
 """
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from zope.interface import implementer
 
@@ -10,7 +11,7 @@ from twisted.internet import defer
 
 from mailgate.auth.checkers import APOPChecker, PasswordChecker
 from mailgate.auth.sasl import ScramChecker
-from mailgate.errors import LoginDelayed
+from mailgate.errors import CredentialsChanged, LoginDelayed
 from mailgate.interfaces import IMaildrop
 
 
@@ -25,9 +26,10 @@ class MaildropRealm:
         that fails with L{LoginDelayed}, after the password was verified.
     """
 
-    def __init__(self, store, loginDelay=None):
+    def __init__(self, store, loginDelay=None, onStaleCredentials=None):
         self._store = store
         self._loginDelay = loginDelay
+        self._onStaleCredentials = onStaleCredentials
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMaildrop not in interfaces:
@@ -36,7 +38,14 @@ class MaildropRealm:
 
     @defer.inlineCallbacks
     def _open(self, identity):
-        maildrop = yield self._store.openMaildrop(identity)
+        try:
+            maildrop = yield self._store.openMaildrop(identity)
+        except CredentialsChanged:
+            # A remembered password that is no longer the user's: a failed
+            # login like any other, and nothing more to remember about it.
+            if self._onStaleCredentials is not None:
+                self._onStaleCredentials(identity)
+            raise UnauthorizedLogin() from None
         if self._loginDelay:
             try:
                 allowed = yield self._store.recordLogin(identity, self._loginDelay)
@@ -64,6 +73,9 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None):
     checkers = [passwords, ScramChecker(store)]
     if apop:
         checkers.append(APOPChecker(store))
-    portal = Portal(MaildropRealm(store, loginDelay), checkers)
+    realm = MaildropRealm(
+        store, loginDelay, onStaleCredentials=lambda user: passwords.cache.forgetUser(user.address)
+    )
+    portal = Portal(realm, checkers)
     portal.passwordChecker = passwords
     return portal

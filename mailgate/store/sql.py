@@ -17,7 +17,7 @@ from collections import Counter
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import NoSuchUser, TemporaryFailure, UserExists
+from mailgate.errors import CredentialsChanged, NoSuchUser, TemporaryFailure, UserExists
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 
@@ -304,7 +304,16 @@ def _recordLogin(cursor, userId, now, minimumInterval):
     return cursor.rowcount == 1
 
 
-def _snapshot(cursor, userId):
+def _snapshot(cursor, userId, passwordHash=None):
+    """
+    The uids and sizes of a maildrop's messages; first, when a password
+    hash is given, confirm it is still the user's.
+    """
+    if passwordHash is not None:
+        cursor.execute("SELECT password_hash FROM users WHERE user_id = ?", (userId,))
+        row = cursor.fetchone()
+        if row is None or row[0] != passwordHash:
+            raise CredentialsChanged(userId)
     cursor.execute(
         "SELECT uid, size FROM maildrop WHERE user_id = ? ORDER BY uid", (userId,)
     )
@@ -472,15 +481,18 @@ class SQLMailStore:
 
     def openMaildrop(self, identity):
         userId = identity.userId
+        # The password hash the login was verified against: the snapshot
+        # confirms it is still the user's (see PasswordChecker).
+        passwordHash = identity.passwordHash
         acquireAndRead = getattr(self.locks, "acquireAndRead", None)
         if acquireAndRead is not None:
             # Lock and snapshot in one trip, where the locks allow it.
-            d = acquireAndRead(userId, _snapshot, userId)
+            d = acquireAndRead(userId, _snapshot, userId, passwordHash)
         else:
             d = self.locks.acquire(userId)
 
             def snapshot(_):
-                read = self.database.runInteraction(_snapshot, userId)
+                read = self.database.runInteraction(_snapshot, userId, passwordHash)
 
                 def failed(failure):
                     self.locks.release(userId)
