@@ -65,9 +65,25 @@ def waitUntilReady(host, port):
     raise SystemExit(f"pgserver: PostgreSQL on {host}:{port} did not become ready")
 
 
+def serverAccount():
+    """
+    The account a PostgreSQL server runs as when we are root (it refuses to
+    run as root): "postgres" where it exists, else "nobody".
+    """
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise SystemExit("pgserver: no account to run PostgreSQL as")
+
+
 def asPostgres(command):
     if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--"] + command
+        return ["runuser", "-u", serverAccount(), "--"] + command
     return command
 
 
@@ -118,7 +134,7 @@ def privateCluster(binaries):
     portFile = os.path.join(base, "port")
     os.makedirs(base, exist_ok=True)
     if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
+        shutil.chown(base, serverAccount())
     initdb = os.path.join(binaries, "initdb")
     pgctl = os.path.join(binaries, "pg_ctl")
     if not os.path.exists(os.path.join(data, "PG_VERSION")):
@@ -150,7 +166,8 @@ def main():
     if binaries is None:
         log("no PostgreSQL server binaries; the PostgreSQL tests will be skipped")
         return
-    found = debianCluster() or privateCluster(binaries)
+    # MAILGATE_PG_PRIVATE=1 skips the machine's cluster (to try the other way).
+    found = (None if os.environ.get("MAILGATE_PG_PRIVATE") else debianCluster()) or privateCluster(binaries)
     url, stop, start = found
     for name, value in (
         ("MAILGATE_TEST_POSTGRES", url),
