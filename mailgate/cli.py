@@ -192,7 +192,17 @@ def _deliver(store, args, out, stdin):
     # is stored, so the MTA's bounce tells the whole truth.
     for address in addresses:
         _existingUser(store, address)
-    source = spoolFile(getattr(stdin, "buffer", stdin))
+    trace = ()
+    if args.sender is not None:
+        # Like the final delivery of SMTP and LMTP: where the message came
+        # from, and that mailgate stored it.
+        import socket
+
+        from mailgate.smtp.envelope import Envelope, traceHeaders
+
+        envelope = Envelope(helo=None, peer=None, protocol="local", sender=args.sender, recipients=addresses)
+        trace = traceHeaders(envelope, socket.getfqdn())
+    source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
     try:
         results = _result(store.deliver(addresses, source))
     finally:
@@ -294,6 +304,13 @@ def buildParser():
         "deliver", help="deliver a message from standard input to local users"
     )
     deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    deliver.add_argument(
+        "-f",
+        "--sender",
+        metavar="ADDRESS",
+        help="the envelope sender (e.g. Postfix's ${sender}); adds Return-Path: and Received: "
+        "fields, as SMTP and LMTP delivery do (use '' for the null sender)",
+    )
     deliver.set_defaults(run=_deliver, migrate=True)
 
     db = commands.add_parser("db", help="database maintenance").add_subparsers(

@@ -153,11 +153,15 @@ def spoolBytes(data):
     return spool.finish()
 
 
-def spoolFile(fileObject, blockSize=1 << 16):
+def spoolFile(fileObject, blockSize=1 << 16, headerLines=()):
     """
     A finished L{MessageSpool} holding what C{fileObject} yields until EOF.
+
+    @param headerLines: lines (without line ends) to put first, such as
+        trace fields.
     """
     spool = MessageSpool()
+    spool.writeLines(headerLines)
     while True:
         block = fileObject.read(blockSize)
         if not block:

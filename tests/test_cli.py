@@ -659,3 +659,37 @@ def test_consoleScript(tmp_path):
     assert CLI(tmp_path / "script.sqlite3").messages(ALICE) == [
         b"Subject: pipe\r\n\r\nthrough a real pipe\r\n"
     ]
+
+
+def test_deliverWithSenderAddsTraceFields(tmp_path):
+    """
+    With -f, a local delivery gets the Return-Path: and Received: fields an
+    SMTP or LMTP delivery would, and the message after them byte for byte.
+    """
+    import io
+
+    from mailgate.cli import run
+
+    url = f"sqlite:///{tmp_path / 'trace.sqlite3'}"
+
+    def cli(*argv, stdin=b""):
+        out, err = io.StringIO(), io.StringIO()
+        stream = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        return run(["--database", url, *argv], stdin=stream, stdout=out, stderr=err), out.getvalue(), err.getvalue()
+
+    assert cli("user", "add", "alice@example.org", "--password-stdin", stdin=b"pw\n")[0] == 0
+    code, out, err = cli("deliver", "-f", "bob@example.net", "alice@example.org", stdin=b"Subject: hi\n\nbody\n")
+    assert code == 0, err
+    from mailgate.testing import POP3Session, memoryStore
+
+    store = memoryStore(url)
+    try:
+        s = POP3Session(store)
+        assert s.login("alice@example.org", "pw").startswith("+OK")
+        lines = s.command("RETR 1").split("\r\n")
+    finally:
+        store.close()
+    assert lines[1] == "Return-Path: <bob@example.net>"
+    assert lines[2].startswith("Received: by ") and "(mailgate) with local id " in lines[2]
+    assert lines[3].startswith("\tfor <alice@example.org>; ")
+    assert lines[4:7] == ["Subject: hi", "", "body"]

@@ -89,9 +89,13 @@ def traceHeaders(envelope, hostname, now=None):
     if len(envelope.recipients) == 1:
         forClause = f"\r\n\tfor <{envelope.recipients[0]}>"
     date = _date(int(now))
+    # A local hand-over (mailgate deliver) has no client to name.
+    origin = "" if envelope.helo is None and envelope.peer is None else (
+        f"from {_clean(envelope.helo or 'unknown')} ({peerText})\r\n\t"
+    )
     received = (
-        f"Received: from {_clean(envelope.helo or 'unknown')} ({peerText})\r\n"
-        f"\tby {hostname} (mailgate) with {envelope.protocol} id {envelope.transactionId}"
+        f"Received: {origin}"
+        f"by {hostname} (mailgate) with {envelope.protocol} id {envelope.transactionId}"
         f"{forClause}; {date}"
     )
     sender = envelope.sender
