@@ -10,6 +10,7 @@ import hmac
 import re
 
 import pytest
+from twisted.internet import defer
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from zope.interface.verify import verifyObject
@@ -30,7 +31,7 @@ from mailgate.auth.passwords import (
 from mailgate.auth.realm import makePortal
 from mailgate.errors import InvalidAddress
 from mailgate.interfaces import IMaildrop
-from mailgate.testing import TEST_HASH_COST, addUser, resultOf, runInline
+from mailgate.testing import TEST_HASH_COST, addUser, memoryStore, resultOf, runInline
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -573,3 +574,25 @@ def test_rememberedPasswordOfADeletedUserFails(users):
     resultOf(users.deleteUser(BOB))
     with pytest.raises(UnauthorizedLogin):
         _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+
+
+def test_staleRememberedPasswordFailsOnBothBackends(databaseURL):
+    """
+    The hash check that makes remembered logins safe runs where the
+    maildrop is locked: on PostgreSQL in the same statement as the lock.
+    """
+    store = memoryStore(databaseURL)
+    try:
+        addUser(store, BOB, "builder")
+        portal = makePortal(store, RecordingRunner())
+        _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+        resultOf(defer.maybeDeferred(logout))
+        resultOf(store.setCredentials(BOB, makeCredentials("newpass", logN=TEST_HASH_COST)))
+        with pytest.raises(UnauthorizedLogin):
+            _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+        # Not left locked by the refused login.
+        _, maildrop, logout = _login(portal, UsernamePassword(b"bob@example.org", b"newpass"))
+        assert maildrop.address == BOB
+        resultOf(defer.maybeDeferred(logout))
+    finally:
+        store.close()

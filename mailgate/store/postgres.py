@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgate.errors import ConfigurationError, MaildropInUse, TemporaryFailure
+from mailgate.errors import ConfigurationError, CredentialsChanged, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildropLocks
 
 CONNECT_TIMEOUT = 10
@@ -363,12 +363,16 @@ class AdvisoryLocks:
     def acquire(self, userId):
         return self.acquireAndRead(userId, None)
 
-    def acquireAndRead(self, userId, function, *args):
+    def acquireAndRead(self, userId, function, *args, passwordHash=None):
         """
         Take the lock and, with it held, run the read C{function(cursor,
         *args)} on the same connection, in the same trip: a POP3 login
         locks and snapshots its maildrop at the cost of one.
 
+        @param passwordHash: if given, the statement that takes the lock
+            also confirms this is still the user's stored password hash;
+            if not, the lock is given back and this fails with
+            L{CredentialsChanged}.
         @return: a L{Deferred} of C{function}'s result (the user id if no
             function), failing with L{MaildropInUse} if the lock is taken.
         """
@@ -376,14 +380,23 @@ class AdvisoryLocks:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
         slot = self._slot(userId)
-        tryLock = self._query(slot, userId, "SELECT pg_try_advisory_lock(%s)")
 
         def work(conn):
-            if not tryLock(conn):
-                return _NotLocked
-            if function is None:
-                return userId
+            key = slot.key(conn, userId)
             with conn.cursor(binary=True) as cursor:
+                cursor.execute(
+                    "SELECT pg_try_advisory_lock(%s), "
+                    "(SELECT password_hash FROM users WHERE user_id = %s)",
+                    (key, userId),
+                )
+                locked, storedHash = cursor.fetchone()
+                if not locked:
+                    return _NotLocked
+                if passwordHash is not None and storedHash != passwordHash:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    raise CredentialsChanged(userId)
+                if function is None:
+                    return userId
                 return function(_Cursor(cursor), *args)
 
         d = self._run(userId, work)
@@ -396,7 +409,7 @@ class AdvisoryLocks:
 
         def failed(failure):
             self._held.discard(userId)
-            if not failure.check(MaildropInUse):
+            if not failure.check(MaildropInUse, CredentialsChanged):
                 # The read may have failed with the lock taken: give it back.
                 unlock = self._run(userId, self._query(slot, userId, "SELECT pg_advisory_unlock(%s)"))
                 unlock.addErrback(lambda _: None)  # a lost connection took the lock with it

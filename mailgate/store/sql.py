@@ -487,7 +487,7 @@ class SQLMailStore:
         acquireAndRead = getattr(self.locks, "acquireAndRead", None)
         if acquireAndRead is not None:
             # Lock and snapshot in one trip, where the locks allow it.
-            d = acquireAndRead(userId, _snapshot, userId, passwordHash)
+            d = acquireAndRead(userId, _snapshot, userId, passwordHash=passwordHash)
         else:
             d = self.locks.acquire(userId)
 
