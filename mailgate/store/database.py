@@ -385,13 +385,6 @@ class Database:
         d.addCallbacks(delivered, failed)
         d.addBoth(next)
 
-    def runWithConnection(self, function, *args):
-        """
-        Run C{function(connection, *args)} on a worker thread, outside any
-        transaction management: for maintenance work.
-        """
-        return self._run(self._writer, lambda: function(self._connection(), *args))
-
     def _stopThreads(self):
         if self._started:
             self._started = False
@@ -445,9 +438,6 @@ class SynchronousDatabase:
         return defer.maybeDeferred(
             runTransaction, self.engine, self._conn, function, args, kwargs, True
         )
-
-    def runWithConnection(self, function, *args):
-        return defer.maybeDeferred(function, self._conn, *args)
 
     def close(self):
         self._conn.close()

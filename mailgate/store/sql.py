@@ -409,17 +409,6 @@ def _readChunks(cursor, owner, bodyId, seq, count):
     return b"".join(bytes(data) for _, data in rows)
 
 
-def _readChunk(cursor, owner, bodyId, seq):
-    cursor.execute(
-        "SELECT data FROM body_chunks WHERE owner_id = ? AND body_id = ? AND seq = ?",
-        (owner, bodyId, seq),
-    )
-    row = cursor.fetchone()
-    if row is None:
-        raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
-    return bytes(row[0])
-
-
 # -- the store -------------------------------------------------------------
 
 
