@@ -195,13 +195,16 @@ def apopDigest(greeting, password):
 # -- the client ---------------------------------------------------------------
 
 
-class POP3Client(asyncio.Protocol):
+class BufferedClient(asyncio.Protocol):
     """
-    One POP3 connection: send commands, await parsed responses.
+    A client connection that feeds what it receives to a parsing buffer
+    (C{bufferClass}) and lets coroutines wait until the buffer can answer.
     """
 
+    bufferClass = None
+
     def __init__(self):
-        self.buffer = ResponseBuffer()
+        self.buffer = self.bufferClass()
         self.transport = None
         self._waiter = None
         self._lost = None
@@ -234,6 +237,14 @@ class POP3Client(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
+
+
+class POP3Client(BufferedClient):
+    """
+    One POP3 connection: send commands, await parsed responses.
+    """
+
+    bufferClass = ResponseBuffer
 
     def send(self, line):
         self.transport.write(line.encode("utf-8") + b"\r\n")

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import corpus  # noqa: E402
 from pop3load import (  # noqa: E402
+    BufferedClient,
     percentile,
     _ownCpu,
     connect as pop3Connect,
@@ -107,39 +108,11 @@ class ReplyBuffer:
                 return code, lines
 
 
-class SMTPClient(asyncio.Protocol):
-    def __init__(self):
-        self.buffer = ReplyBuffer()
-        self.transport = None
-        self._waiter = None
-        self._lost = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data):
-        self.buffer.feed(data)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def connection_lost(self, exc):
-        self._lost = exc or ConnectionResetError("connection closed by the server")
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+class SMTPClient(BufferedClient):
+    bufferClass = ReplyBuffer
 
     async def reply(self):
-        while True:
-            result = self.buffer.reply()
-            if result is not None:
-                return result
-            if self._lost is not None:
-                raise self._lost
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-            self._waiter = None
+        return await self._wait(self.buffer.reply)
 
     def write(self, data):
         self.transport.write(data)
