@@ -550,8 +550,25 @@ class LoadConfig:
     settle: float = 0.2
 
 
+class LatencyPercentiles:
+    """
+    p50 and p99 of a result's C{latencies} (seconds), in milliseconds.
+    """
+
+    def percentile(self, p):
+        return percentile(self.latencies, p)
+
+    @property
+    def p50(self):
+        return self.percentile(50)
+
+    @property
+    def p99(self):
+        return self.percentile(99)
+
+
 @dataclass
-class LoadResult:
+class LoadResult(LatencyPercentiles):
     scenario: str
     concurrency: int
     apop: bool
@@ -589,21 +606,6 @@ class LoadResult:
     @property
     def megabytesPerSecond(self):
         return self.bytesReceived / 1e6 / self.elapsed if self.elapsed else 0.0
-
-    def percentile(self, p):
-        """
-        The C{p}th percentile of session latency, in milliseconds (nearest
-        rank), or C{None} without sessions.
-        """
-        return percentile(self.latencies, p)
-
-    @property
-    def p50(self):
-        return self.percentile(50)
-
-    @property
-    def p99(self):
-        return self.percentile(99)
 
     @property
     def cpuMsPerSession(self):

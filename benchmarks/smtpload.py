@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import corpus  # noqa: E402
 from pop3load import (  # noqa: E402
     BufferedClient,
-    percentile,
+    LatencyPercentiles,
     _ownCpu,
     connect as pop3Connect,
     cpuDelta,
@@ -203,7 +203,7 @@ async def sendMessages(client, lmtp, messages, acknowledged, latencies, host="be
 
 
 @dataclass
-class IntakeResult:
+class IntakeResult(LatencyPercentiles):
     protocol: str
     sessions: int
     size: int
@@ -243,17 +243,6 @@ class IntakeResult:
         if self.extraCpuSeconds is None or not self.acknowledged:
             return None
         return self.extraCpuSeconds * 1000 / len(self.acknowledged)
-
-    def percentile(self, p):
-        return percentile(self.latencies, p)
-
-    @property
-    def p50(self):
-        return self.percentile(50)
-
-    @property
-    def p99(self):
-        return self.percentile(99)
 
     @property
     def verified(self):

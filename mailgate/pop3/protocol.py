@@ -322,7 +322,7 @@ class POP3Server(Protocol):
         keyword = keyword.upper()
         handler = self._handlers[self.state].get(keyword)
         if handler is None:
-            if keyword in ALL_COMMANDS or keyword in self._handlers[AUTHORIZATION] or keyword in self._handlers[TRANSACTION]:
+            if keyword in ALL_COMMANDS:
                 return self._bad(f"{keyword} is not valid in the {self.state} state")
             if not keyword:
                 return self._bad("empty command line")

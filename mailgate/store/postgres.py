@@ -12,7 +12,6 @@ keepalive, if its whole machine vanishes).
 """
 
 import hashlib
-import threading
 from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
