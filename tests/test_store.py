@@ -11,7 +11,9 @@ SQLite itself (PRAGMAs, the in-memory URL, BEGIN IMMEDIATE, the sqlite3
 module's errors) stay SQLite-only.
 """
 
+import queue
 import sqlite3
+import time
 import tracemalloc
 
 import pytest
@@ -30,9 +32,10 @@ from mailgate.errors import (
 from mailgate.interfaces import IMaildrop, IMaildropLocks, IMailStore, IMessageBody
 from mailgate.message import MessageSpool, spoolBytes
 from mailgate.store import engineFromURL, openStore, openSynchronousStore
-from mailgate.store.database import runBatch, runTransaction
+from mailgate.store.database import Database, runBatch, runTransaction
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
+from mailgate.store import sql as sqlStore
 from mailgate.store.sql import CHUNK_SIZE, SQLMailStore, formatUniqueId
 from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, resultOf
 
@@ -891,6 +894,279 @@ def test_runBatchWithoutFailuresUsesNoSavepoints(batchConnection):
     if engine.name == "sqlite":
         assert not [s for s in statements if "SAVEPOINT" in s]
         assert sum(1 for s in statements if s.upper().startswith("COMMIT")) == 1
+
+
+class _PumpedReactor:
+    """
+    Just enough of a reactor for L{Database}: calls from the worker threads
+    are queued and run by L{pump} on the test's thread, which plays the
+    reactor thread.
+    """
+
+    def __init__(self):
+        self.calls = queue.SimpleQueue()
+
+    def callWhenRunning(self, function, *args):
+        function(*args)
+
+    def addSystemEventTrigger(self, *args):
+        return object()
+
+    def removeSystemEventTrigger(self, trigger):
+        pass
+
+    def callFromThread(self, function, *args):
+        self.calls.put((function, args))
+
+    def pump(self, done, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "the database did not answer in time"
+            try:
+                function, args = self.calls.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            function(*args)
+
+
+def _insertSlowly(cursor, key, value, commits):
+    cursor.execute("INSERT INTO t (k, v) VALUES (?, ?)", (key, value))
+    return key, len(commits)
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_threadedWritesAreCommittedTogether(databaseURL):
+    """
+    The threaded L{Database}: writes queued while the writer is busy are
+    committed together; each L{Deferred} fires once its write is
+    committed; a failing write fails alone; the writer goes on after a
+    batch that failed as a whole.
+    """
+    engine = engineFromURL(databaseURL)
+    sql(engine, "CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+    commits = []
+    commit = engine.commit
+
+    def countingCommit(conn):
+        commit(conn)
+        commits.append(1)
+
+    engine.commit = countingCommit
+    reactor = _PumpedReactor()
+    database = Database(engine, reactor)
+    try:
+        outcomes = {}
+
+        def record(key):
+            def recorded(result):
+                outcomes[key] = (result, len(commits))
+
+            return recorded
+
+        for n in range(200):
+            key = f"k{n}"
+            value = n if n != 77 else None  # NOT NULL: fails
+            database.runWrite(_insertSlowly, key, value, commits).addBoth(record(key))
+        reactor.pump(lambda: len(outcomes) == 200)
+        failed = {k for k, (v, _) in outcomes.items() if isinstance(v, Failure)}
+        assert failed == {"k77"}
+        assert not outcomes["k77"][0].check(TemporaryFailure)
+        # Every write's Deferred fired after its own commit.
+        for key, (result, commitsWhenFired) in outcomes.items():
+            if key != "k77":
+                _, commitsBefore = result
+                assert commitsBefore < commitsWhenFired
+        assert len(commits) < 100, "writes queued together were not committed together"
+        assert len(_committedRows(engine)) == 199
+
+        # A batch whose transaction cannot even begin fails as a whole,
+        # and the writer goes on with the next writes.
+        begin = engine.begin
+        broken = [True]
+
+        def brokenBegin(conn, write):
+            if write and broken[0]:
+                broken[0] = False
+                raise ValueError("no transaction today")
+            return begin(conn, write)
+
+        engine.begin = brokenBegin
+        later = []
+        database.runWrite(_insert, "x", 1).addBoth(later.append)
+        reactor.pump(lambda: later)
+        assert isinstance(later[0], Failure) and later[0].check(ValueError)
+        database.runWrite(_insert, "y", 2).addBoth(later.append)
+        reactor.pump(lambda: len(later) == 2)
+        assert later[1] == "y"
+        assert _committedRows(engine)["y"] == 2
+    finally:
+        database.close()
+
+
+def _contents(store, address):
+    maildrop = openFor(store, address)
+    try:
+        return [readAll(resultOf(maildrop.openMessage(i))) for i in range(len(maildrop.sizes))]
+    finally:
+        maildrop.release()
+
+
+def _deliveryBatch(messages, userIds):
+    """
+    Deliveries as the writer queue hands them over: C{(addresses, message,
+    partial)} each.
+    """
+    return [
+        (sqlStore._deliver, (list(addresses), spoolBytes(message), 1700000000, partial, userIds), {})
+        for addresses, message, partial in messages
+    ]
+
+
+def _countStatements(engine, monkeypatch):
+    statements = []
+    begin = engine.begin
+    monkeypatch.setattr(engine, "begin", lambda conn, write: _CountingCursor(begin(conn, write), statements))
+    return statements
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_deliveriesWaitingForOneCommitAreStoredTogether(databaseURL, monkeypatch):
+    """
+    The deliveries of one group commit share their statements: every
+    message lands in the right maildrops, byte for byte, with distinct
+    unique ids, and a batch of forty costs no more statements than a batch
+    of five.
+    """
+    store = memoryStore(databaseURL)
+    engine = store.engine
+    conn = engine.connect()
+    try:
+        for address in (ALICE, BOB, CAROL):
+            addUser(store, address, "pw")
+        big = b"Subject: big\r\n\r\n" + b"x" * (2 * CHUNK_SIZE + 100) + b"\r\n"
+        userIds = {}
+        batch = _deliveryBatch(
+            [
+                ([ALICE], b"Subject: 1\r\n\r\none\r\n", True),
+                ([ALICE, BOB], b"Subject: 2\r\n\r\ntwo\r\n", True),
+                ([BOB, "nobody@example.org"], b"Subject: 3\r\n\r\nthree\r\n", True),
+                ([CAROL], big, True),
+                ([ALICE, ALICE], b"Subject: 5\r\n\r\n.five\r\n", False),
+            ],
+            userIds,
+        )
+        results = runBatch(engine, conn, batch)
+        assert [ok for ok, _ in results] == [True] * 5
+        outcomes = [value for _, value in results]
+        assert set(outcomes[1]) == {ALICE, BOB}
+        assert isinstance(outcomes[2]["nobody@example.org"], NoSuchUser)
+        assert set(outcomes[4]) == {ALICE}
+        ids = [uid for outcome in outcomes for uid in outcome.values() if isinstance(uid, str)]
+        assert len(ids) == len(set(ids)) == 6
+
+        assert _contents(store, ALICE) == [
+            b"Subject: 1\r\n\r\none\r\n",
+            b"Subject: 2\r\n\r\ntwo\r\n",
+            b"Subject: 5\r\n\r\n.five\r\n",
+        ]
+        assert _contents(store, BOB) == [b"Subject: 2\r\n\r\ntwo\r\n", b"Subject: 3\r\n\r\nthree\r\n"]
+        assert _contents(store, CAROL) == [big]
+        assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == [
+            outcomes[0][ALICE],
+            outcomes[1][ALICE],
+            outcomes[4][ALICE],
+        ]
+        # The message to two recipients is stored once.
+        [(count,)] = query(store, "SELECT COUNT(*) FROM bodies")
+        assert count == 5
+
+        statements = _countStatements(engine, monkeypatch)
+        few = _deliveryBatch([([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 5, userIds)
+        assert [ok for ok, _ in runBatch(engine, conn, few)] == [True] * 5
+        forFive = len(statements)
+        del statements[:]
+        many = _deliveryBatch([([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 40, userIds)
+        assert [ok for ok, _ in runBatch(engine, conn, many)] == [True] * 40
+        assert len(statements) == forFive, statements
+        assert len(resultOf(store.listMessages(BOB))) == 2 + 45
+    finally:
+        conn.close()
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_aBatchOfMegabytesOfSmallMessages(databaseURL):
+    """
+    Small bodies of one batch are inserted together, a megabyte or so at a
+    time: twelve messages of 100 KB arrive whole and in order.
+    """
+    store = memoryStore(databaseURL)
+    conn = store.engine.connect()
+    try:
+        addUser(store, ALICE, "pw")
+        messages = [b"Subject: %d\r\n\r\n" % n + bytes([65 + n]) * 100_000 + b"\r\n" for n in range(12)]
+        batch = _deliveryBatch([([ALICE], m, True) for m in messages], {})
+        assert [ok for ok, _ in runBatch(store.engine, conn, batch)] == [True] * 12
+        assert _contents(store, ALICE) == messages
+    finally:
+        conn.close()
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_aDeliveryThatMustFailFailsAloneInItsBatch(databaseURL):
+    """
+    SMTP delivers all or nothing (C{partial} false): when one recipient
+    has vanished since RCPT, that message fails and the others of the same
+    group commit are still delivered.
+    """
+    store = memoryStore(databaseURL)
+    conn = store.engine.connect()
+    try:
+        for address in (ALICE, BOB):
+            addUser(store, address, "pw")
+        batch = _deliveryBatch(
+            [
+                ([ALICE], b"Subject: 1\r\n\r\none\r\n", False),
+                ([BOB, "gone@example.org"], b"Subject: 2\r\n\r\ntwo\r\n", False),
+                ([BOB], b"Subject: 3\r\n\r\nthree\r\n", False),
+            ],
+            {},
+        )
+        (ok1, _), (ok2, failure), (ok3, _) = runBatch(store.engine, conn, batch)
+        assert ok1 and ok3 and not ok2
+        assert failure.check(NoSuchUser) and "gone@example.org" in str(failure.value)
+        assert _contents(store, ALICE) == [b"Subject: 1\r\n\r\none\r\n"]
+        assert _contents(store, BOB) == [b"Subject: 3\r\n\r\nthree\r\n"]
+    finally:
+        conn.close()
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_deliveriesTogetherNoticeAUserRecreatedByAnotherProcess(databaseURL):
+    store = memoryStore(databaseURL)
+    conn = store.engine.connect()
+    try:
+        for address in (ALICE, BOB):
+            addUser(store, address, "pw")
+        userIds = {}
+        first = _deliveryBatch([([ALICE], b"Subject: 1\r\n\r\nx\r\n", True)] * 2, userIds)
+        assert [ok for ok, _ in runBatch(store.engine, conn, first)] == [True, True]
+        resultOf(store.deleteUser(ALICE))
+        addUser(store, ALICE, "pw")
+        second = _deliveryBatch(
+            [([ALICE], b"Subject: 2\r\n\r\ny\r\n", True)] * 2 + [([BOB], b"Subject: 3\r\n\r\nz\r\n", True)],
+            userIds,
+        )
+        results = runBatch(store.engine, conn, second)
+        assert [ok for ok, _ in results] == [True] * 3
+        assert _contents(store, ALICE) == [b"Subject: 2\r\n\r\ny\r\n"] * 2
+        assert _contents(store, BOB) == [b"Subject: 3\r\n\r\nz\r\n"]
+    finally:
+        conn.close()
+        store.close()
 
 
 def test_deliveryNoticesAUserRecreatedByAnotherProcess(databaseURL):

@@ -8,8 +8,9 @@ does) and replaces it when it breaks, so the gateway serves again as soon as
 a lost database returns, without a restart.  Reads run as one transaction
 each, on the readers, so they never queue behind a commit's fsync.  Writes
 go through a group-commit queue on the writer: writes that arrive while a
-commit is in flight are run together, each inside its own savepoint, and
-made durable by a single commit.  Under load this turns N fsyncs into one
+commit is in flight are run together in one transaction (each in a
+savepoint of its own only if one of them fails), and made durable by a
+single commit.  Under load this turns N fsyncs into one
 without weakening the rule that a write's L{Deferred} fires only once it is
 durable.
 
@@ -88,7 +89,9 @@ def runBatch(engine, conn, batch):
     Run several write interactions in one transaction and commit once.
 
     Optimistically first: all of them straight through, which costs no more
-    round trips than the interactions themselves.  If one fails, that
+    round trips than the interactions themselves, and consecutive calls of
+    a function that can run together (deliveries) made as one call.  If one
+    fails, that
     transaction is rolled back and the batch runs again with each
     interaction isolated by a savepoint, so that one failing does not undo
     the others.
@@ -149,24 +152,66 @@ def _nothing():
     yield
 
 
+def _together(batch):
+    """
+    Split a batch into runs of interactions to be made as one call: a
+    function with a C{together} attribute takes C{(cursor, [(args,
+    kwargs), ...])} for consecutive calls of it and returns their results
+    in order.  Everything else runs alone.
+    """
+    run = []
+    for item in batch:
+        function = item[0]
+        if run and function is run[0][0] and getattr(function, "together", None) is not None:
+            run.append(item)
+            continue
+        if run:
+            yield run
+        run = [item]
+    if run:
+        yield run
+
+
+def _runTogether(engine, cursor, batch):
+    """
+    The optimistic pass: every interaction straight through, consecutive
+    calls of a function that can run together as one call.
+    """
+    results = []
+    for run in _together(batch):
+        function = run[0][0]
+        try:
+            if len(run) == 1:
+                _, args, kwargs = run[0]
+                done = [function(cursor, *args, **kwargs)]
+            else:
+                done = function.together(cursor, [(args, kwargs) for _, args, kwargs in run])
+        except Exception as e:
+            if engine.isRetryable(e) or engine.isDisconnect(e):
+                raise
+            raise _ItemFailed() from e
+        results.extend((True, result) for result in done)
+    return results
+
+
 def _runItems(engine, cursor, batch, savepoints):
+    if not savepoints:
+        return _runTogether(engine, cursor, batch)
+    # The careful pass: each interaction alone, inside a savepoint, so that
+    # one failing undoes only itself.
     results = []
     for function, args, kwargs in batch:
-        if savepoints:
-            cursor.execute("SAVEPOINT mg_batch")
+        cursor.execute("SAVEPOINT mg_batch")
         try:
             result = function(cursor, *args, **kwargs)
         except Exception as e:
             if engine.isRetryable(e) or engine.isDisconnect(e):
                 raise
-            if not savepoints:
-                raise _ItemFailed() from e
             cursor.execute("ROLLBACK TO SAVEPOINT mg_batch")
             cursor.execute("RELEASE SAVEPOINT mg_batch")
             results.append((False, Failure(_translate(engine, e))))
         else:
-            if savepoints:
-                cursor.execute("RELEASE SAVEPOINT mg_batch")
+            cursor.execute("RELEASE SAVEPOINT mg_batch")
             results.append((True, result))
     return results
 
@@ -257,7 +302,9 @@ class Database:
         self._local = threading.local()
         self._connections = []
         self._lock = threading.Lock()
-        self._queue = deque()
+        # Writes waiting for the next group commit, and whether one is
+        # running; both used on the reactor thread only.
+        self._pending = deque()
         self._writing = False
         self._closed = False
         self._started = False
@@ -353,15 +400,19 @@ class Database:
         L{Deferred} fires once the change is durably committed.
         """
         d = defer.Deferred()
-        self._queue.append((function, args, kwargs, d))
+        self._pending.append((function, args, kwargs, d))
         if not self._writing:
             self._flush()
         return d
 
     def _flush(self):
+        # The next batch is taken here, on the reactor thread, once the
+        # previous commit's results have been handed out: the writes that
+        # arrived meanwhile (more of them than if the writer went straight
+        # on) share one commit.
         batch = []
-        while self._queue and len(batch) < MAX_BATCH:
-            batch.append(self._queue.popleft())
+        while self._pending and len(batch) < MAX_BATCH:
+            batch.append(self._pending.popleft())
         self._writing = True
         work = [(f, a, k) for f, a, k, _ in batch]
         d = self._run(self._writer, self._write, work)
@@ -379,7 +430,7 @@ class Database:
 
         def next(_):
             self._writing = False
-            if self._queue:
+            if self._pending:
                 self._flush()
 
         d.addCallbacks(delivered, failed)

@@ -205,6 +205,186 @@ def _pieces(source):
         yield rest
 
 
+class _Separately(Exception):
+    """
+    Deliveries run together cannot all succeed: run them one by one, so
+    that only the one that fails fails.
+
+    @ivar missing: the recipients that no longer exist.
+    """
+
+    def __init__(self, missing=()):
+        Exception.__init__(self, *missing)
+        self.missing = missing
+
+
+# 100 rows of at most 8 values stay within the 999 parameters older SQLite
+# builds allow per statement.
+_ROWS_PER_INSERT = 100
+# Small bodies of a batch are inserted together once this much is waiting.
+_CHUNK_OCTETS_PER_INSERT = 1 << 20
+
+
+def _insertRows(cursor, table, columns, rows):
+    """
+    Insert C{rows} with as few statements as possible: each statement is one
+    step of the database engine, where C{executemany} is one per row.
+    """
+    row = f"({_placeholders(len(columns))})"
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        part = rows[start : start + _ROWS_PER_INSERT]
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES {','.join([row] * len(part))}",
+            [value for r in part for value in r],
+        )
+
+
+def _userIdsOf(cursor, addresses, userIds):
+    """
+    Address to user id for those of C{addresses} that are users, asking
+    the database only for addresses not in the C{userIds} cache.
+    """
+    known = {a: userIds[a] for a in addresses if a in userIds}
+    unknown = [a for a in addresses if a not in known]
+    for batch in _batches(unknown):
+        cursor.execute(
+            f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
+            batch,
+        )
+        for userId, address in cursor.fetchall():
+            known[address] = userIds[address] = userId
+    return known
+
+
+def _takeUids(cursor, wanted):
+    """
+    Advance the per-user message counters: C{wanted} maps a user id to how
+    many uids it needs.  A row lock on these users only, never a global
+    sequence per message.
+
+    @return: user id to C{(first uid, uid validity)}; an id missing from
+        the answer has no mailbox (the user is gone).
+    """
+    taken = {}
+    byCount = {}
+    for userId, n in wanted.items():
+        byCount.setdefault(n, []).append(userId)
+    for n, ids in sorted(byCount.items()):
+        for batch in _batches(sorted(ids)):
+            cursor.execute(
+                f"UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id IN ({_placeholders(len(batch))}) "
+                "RETURNING user_id, next_uid, uid_validity",
+                [n, *batch],
+            )
+            for userId, following, validity in cursor.fetchall():
+                taken[userId] = (following - n, validity)
+    return taken
+
+
+def _recipientsOf(cursor, addressLists, userIds):
+    """
+    Resolve the recipients of one or more messages and take a uid for each
+    delivery.
+
+    @param addressLists: one list of distinct addresses per message.
+    @return: C{(known, taken)}: address to user id for the recipients that
+        exist, and user id to C{(first uid, uid validity)}; each user gets
+        one uid per message it is a recipient of, from the first on.
+    """
+    everyone = list(dict.fromkeys(a for addresses in addressLists for a in addresses))
+    known = _userIdsOf(cursor, everyone, userIds)
+
+    counts = Counter(known[a] for addresses in addressLists for a in addresses if a in known)
+    taken = _takeUids(cursor, counts)
+    # A remembered id with no mailbox: the user was deleted (perhaps by
+    # another process), and perhaps created again under a new id.
+    stale = [a for a in everyone if a in known and known[a] not in taken]
+    if stale:
+        for address in stale:
+            del known[address]
+            userIds.pop(address, None)
+        known.update(_userIdsOf(cursor, stale, userIds))
+        again = Counter(
+            known[a] for addresses in addressLists for a in addresses if a in stale and a in known
+        )
+        taken.update(_takeUids(cursor, {u: n for u, n in again.items() if u not in taken}))
+    for address in everyone:
+        if known.get(address) not in taken:
+            known.pop(address, None)
+            userIds.pop(address, None)
+    return known, taken
+
+
+def _storeBody(cursor, owner, source, refcount, now):
+    bodyId = secrets.token_hex(16)
+    cursor.execute(
+        "INSERT INTO bodies (owner_id, body_id, size, header_size, refcount, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (owner, bodyId, source.size, source.headerSize, refcount, now),
+    )
+    for seq, chunk in enumerate(_pieces(source)):
+        cursor.execute(
+            "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
+            (owner, bodyId, seq, chunk),
+        )
+    return bodyId
+
+
+_BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
+_CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
+_MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
+
+
+def _deliverMessages(cursor, messages, userIds):
+    """
+    Store several messages, each body once, and give each known recipient a
+    maildrop entry; a handful of statements whatever the number of
+    messages.
+
+    @param messages: C{(addresses, source, now, partial)} per message.
+    @return: per message, address to unique id or L{NoSuchUser}.
+    @raise _Separately: when a message with C{partial} false has a
+        recipient that no longer exists (that message alone must fail).
+    """
+    addressLists = [list(dict.fromkeys(m[0])) for m in messages]
+    known, taken = _recipientsOf(cursor, addressLists, userIds)
+    nextUid = {userId: first for userId, (first, _) in taken.items()}
+    outcomes = []
+    bodies, chunks, entries = [], [], []
+    pending = 0
+    for (addresses, source, now, partial), unique in zip(messages, addressLists):
+        results = {a: NoSuchUser(a) for a in addresses if a not in known}
+        if results and not partial:
+            raise _Separately(sorted(results))
+        recipients = [a for a in unique if a in known]
+        outcomes.append(results)
+        if not recipients:
+            continue
+        owner = known[recipients[0]]
+        if source.size <= CHUNK_SIZE:
+            bodyId = secrets.token_hex(16)
+            bodies.append((owner, bodyId, source.size, source.headerSize, len(recipients), now))
+            chunks.extend((owner, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
+            pending += source.size
+            if pending >= _CHUNK_OCTETS_PER_INSERT:
+                _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
+                _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
+                bodies, chunks, pending = [], [], 0
+        else:
+            bodyId = _storeBody(cursor, owner, source, len(recipients), now)
+        for address in recipients:
+            userId = known[address]
+            uid = nextUid[userId]
+            nextUid[userId] = uid + 1
+            uidl = formatUniqueId(uid, taken[userId][1])
+            entries.append((userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now))
+            results[address] = uidl
+    _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
+    _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
+    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    return outcomes
+
+
 def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
     """
     Store the body once and give each known recipient a maildrop entry.
@@ -218,81 +398,40 @@ def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
         perhaps by another process) is found out by the counter update.
     """
     userIds = {} if userIds is None else userIds
-    unique = list(dict.fromkeys(addresses))
-    known = {a: userIds[a] for a in unique if a in userIds}
-    counters = {}
-
-    def lookUp(addresses):
-        for batch in _batches(addresses):
-            cursor.execute(
-                f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
-                batch,
-            )
-            for userId, address in cursor.fetchall():
-                known[address] = userIds[address] = userId
-
-    def count(ids):
-        # The per-user counters: a row lock on these users only, never a
-        # global sequence per message.  An id without a mailbox is gone.
-        for batch in _batches(sorted(ids)):
-            cursor.execute(
-                f"UPDATE mailboxes SET next_uid = next_uid + 1 WHERE user_id IN ({_placeholders(len(batch))}) "
-                "RETURNING user_id, next_uid - 1, uid_validity",
-                batch,
-            )
-            for userId, uid, validity in cursor.fetchall():
-                counters[userId] = (uid, validity)
-
-    lookUp([a for a in unique if a not in known])
-    count(set(known.values()))
-    # A remembered id with no mailbox: the user was deleted (perhaps by
-    # another process), and perhaps created again under a new id.
-    stale = [a for a in unique if a in known and known[a] not in counters]
-    if stale:
-        for address in stale:
-            del known[address]
-            userIds.pop(address, None)
-        lookUp(stale)
-        count({known[a] for a in stale if a in known} - set(counters))
-    results = {}
-    for address in addresses:
-        if counters.get(known.get(address)) is None:
-            userIds.pop(address, None)
-            results[address] = NoSuchUser(address)
-    if results and not partial:
-        raise NoSuchUser(", ".join(sorted(results)))
-    recipients = [a for a in unique if a not in results]
-    if not recipients:
-        return results
-    owner = known[recipients[0]]
-    bodyId = secrets.token_hex(16)
-    cursor.execute(
-        "INSERT INTO bodies (owner_id, body_id, size, header_size, refcount, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (owner, bodyId, source.size, source.headerSize, len(recipients), now),
-    )
-    for seq, chunk in enumerate(_pieces(source)):
-        cursor.execute(
-            "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
-            (owner, bodyId, seq, chunk),
-        )
-    rows = []
-    for address in recipients:
-        userId = known[address]
-        uid, validity = counters[userId]
-        uidl = formatUniqueId(uid, validity)
-        rows.append((userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now))
-        results[address] = uidl
-    cursor.executemany(
-        "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, "
-        "header_size, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    try:
+        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds)
+    except _Separately as e:
+        raise NoSuchUser(", ".join(e.missing)) from None
     return results
+
+
+def _deliverTogether(cursor, calls):
+    """
+    Run several L{_deliver} calls as one: the group-commit writer hands
+    over every delivery waiting for the same commit.  The counters, bodies
+    and maildrop entries of all of them take one statement each, so the
+    writer pays per batch, not per message, for each trip into the
+    database engine.
+    """
+    messages = []
+    userIds = None
+    for args, kwargs in calls:
+        addresses, source, now, partial, ids = _deliverArguments(*args, **kwargs)
+        messages.append((addresses, source, now, partial))
+        if userIds is None:
+            userIds = {} if ids is None else ids
+        elif ids is not userIds:
+            raise _Separately()
+    return _deliverMessages(cursor, messages, userIds)
+
+
+def _deliverArguments(addresses, source, now, partial=True, userIds=None):
+    return addresses, source, now, partial, userIds
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
 _deliver.pipelined = True
+_deliver.together = _deliverTogether
 
 
 def _recordLogin(cursor, userId, now, minimumInterval):

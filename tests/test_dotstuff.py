@@ -1,0 +1,66 @@
+"""
+Byte-stuffing of multi-line responses, chunk by chunk, against a reference
+that stuffs a whole message line by line (RFC 1939 section 3).
+"""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgate.pop3.dotstuff import DotStuffer, stuffed
+
+
+def reference(message):
+    """
+    Every line that starts with "." gets one more; then the terminator.
+    """
+    lines = message.split(b"\r\n")
+    out = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    if message and not message.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + b".\r\n"
+
+
+def inChunks(message, cuts):
+    stuffer = DotStuffer()
+    out = []
+    start = 0
+    for cut in sorted(set(cuts)) + [len(message)]:
+        out.append(stuffer.stuff(message[start:cut]))
+        start = cut
+    return b"".join(out) + stuffer.terminator()
+
+
+# Lines made of the octets that matter (".", CR, LF) and a few others.
+lines = st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=12)
+dotty = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a", b"QUJD", b". ."]), max_size=12)
+
+
+@given(st.one_of(lines, dotty), st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_anySplitStuffsLikeTheWholeMessage(messageLines, cuts):
+    message = b"".join(line + b"\r\n" for line in messageLines)
+    cuts = [c for c in cuts if c <= len(message)]
+    assert inChunks(message, cuts) == reference(message)
+    assert stuffed(message) == reference(message)
+
+
+def test_linesStartingWithADotAtEveryPosition():
+    message = b".first\r\nmiddle\r\n.\r\n..two\r\nend.\r\n"
+    expected = b"..first\r\nmiddle\r\n..\r\n...two\r\nend.\r\n.\r\n"
+    for cut in range(len(message) + 1):
+        assert inChunks(message, [cut]) == expected, cut
+
+
+def test_chunksWithoutADotPassThroughUnchanged():
+    chunk = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldY\r\n" * 100
+    stuffer = DotStuffer()
+    assert stuffer.stuff(chunk) is chunk
+    # The line state still follows the chunk: the next chunk's "." is at
+    # a line start.
+    assert stuffer.stuff(b".next\r\n") == b"..next\r\n"
+    assert stuffer.terminator() == b".\r\n"
+
+
+def test_unterminatedLastLineGetsItsLineEndBeforeTheTerminator():
+    stuffer = DotStuffer()
+    assert stuffer.stuff(b"no line end") == b"no line end"
+    assert stuffer.terminator() == b"\r\n.\r\n"
