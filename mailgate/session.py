@@ -3,6 +3,8 @@
 Connection-level pieces every mailgate protocol needs.
 """
 
+from twisted.internet import tcp
+
 
 def setNoDelay(transport):
     """
@@ -61,3 +63,106 @@ class IdleTimer:
             self._call = self._clock.callLater(delay, self._check)
             return
         self._expired()
+
+
+def _sendNow(transport, data):
+    """
+    Write C{data} to C{transport}, handing it to the kernel at once when
+    nothing is waiting in the transport's buffer; what the socket does not
+    take (and everything on a TLS or non-TCP transport) goes through the
+    transport's C{write} as usual.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or the connection is broken: the transport's own
+            # write path finds out and reports it the usual way.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+class ReplyWriter:
+    """
+    A session's output, sent as soon as it is ready.
+
+    Twisted's TCP transport keeps every write until the reactor's next turn
+    and asks epoll to watch the socket for writability meanwhile: for a
+    reply of a few octets that is two C{epoll_ctl} calls and a second trip
+    through the loop, for each command.  Like asyncio's transports, this
+    sends at once when the kernel's buffer has room, which it nearly always
+    has.  The replies to the commands of one read (a pipelining client's)
+    are gathered while L{holding} and sent together.
+
+    @param protocol: the session; its C{transport} is looked up for each
+        write, as it may change (a wrapper installed after connecting).
+    """
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+        self._held = None
+
+    @property
+    def transport(self):
+        return self._protocol.transport
+
+    def write(self, data):
+        """
+        Send C{data}, or keep it with the others if L{holding}.
+        """
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            _sendNow(self.transport, data)
+
+    def send(self, data):
+        """
+        Send C{data} now, after anything held (for streamed responses,
+        whose flow control is the transport's).
+        """
+        self.flush()
+        _sendNow(self.transport, data)
+
+    def flush(self):
+        """
+        Send what is held now: before the connection closes or TLS starts.
+        """
+        if self._held:
+            data = b"".join(self._held)
+            del self._held[:]
+            _sendNow(self.transport, data)
+
+    def holding(self):
+        """
+        A context manager: writes inside it go out together at its end.
+        """
+        return _Holding(self)
+
+
+class _Holding:
+    def __init__(self, writer):
+        self._writer = writer
+        self._outer = False
+
+    def __enter__(self):
+        if self._writer._held is None:
+            self._outer = True
+            self._writer._held = []
+
+    def __exit__(self, *exc):
+        if self._outer:
+            held, self._writer._held = self._writer._held, None
+            if held:
+                _sendNow(self._writer.transport, b"".join(held))
+        return False

@@ -42,7 +42,7 @@ from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.dotstuff import DotStuffer
 from mailgate.pop3.sender import BlockSender, SendAborted
-from mailgate.session import IdleTimer, setNoDelay
+from mailgate.session import IdleTimer, ReplyWriter, setNoDelay
 from mailgate.tls import isSecure
 
 AUTHORIZATION = "AUTHORIZATION"
@@ -139,6 +139,7 @@ class POP3Server(Protocol):
 
     def connectionMade(self):
         setNoDelay(self.transport)
+        self._out = ReplyWriter(self)
         self._idle = IdleTimer(
             self._reactor, self.idleTimeout, self._timedOut, lambda: self._busy and not self._sending
         )
@@ -206,6 +207,7 @@ class POP3Server(Protocol):
     def _close(self):
         self._closed = True
         self._cancelTimeout()
+        self._out.flush()
         self.transport.loseConnection()
 
     # -- idle timer ------------------------------------------------------
@@ -227,6 +229,7 @@ class POP3Server(Protocol):
         if self._sending:
             # The client stopped reading a response: nothing more can be
             # written in order, so drop the connection outright.
+            self._out.flush()
             self.transport.abortConnection()
 
     # -- input -----------------------------------------------------------
@@ -274,17 +277,19 @@ class POP3Server(Protocol):
             return
         self._processing = True
         try:
-            while self._lines and not self._busy and not self._closed:
-                line = self._lines.popleft()
-                try:
-                    result = self._dispatch(line)
-                except Exception:
-                    # A bug must cost the client one -ERR, not its session.
-                    result = defer.fail()
-                if isinstance(result, defer.Deferred):
-                    self._busy = True
-                    result.addErrback(self._internalError)
-                    result.addBoth(self._commandDone)
+            # The replies to pipelined commands leave in one write.
+            with self._out.holding():
+                while self._lines and not self._busy and not self._closed:
+                    line = self._lines.popleft()
+                    try:
+                        result = self._dispatch(line)
+                    except Exception:
+                        # A bug must cost the client one -ERR, not its session.
+                        result = defer.fail()
+                    if isinstance(result, defer.Deferred):
+                        self._busy = True
+                        result.addErrback(self._internalError)
+                        result.addBoth(self._commandDone)
         finally:
             self._processing = False
         if self._readingPaused and not self._closed and len(self._lines) < self.maxQueuedCommands // 2:
@@ -344,10 +349,10 @@ class POP3Server(Protocol):
     # -- output ----------------------------------------------------------
 
     def _ok(self, text=""):
-        self.transport.write(b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n")
+        self._out.write(b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n")
 
     def _err(self, text):
-        self.transport.write(b"-ERR " + text.encode("utf-8") + b"\r\n")
+        self._out.write(b"-ERR " + text.encode("utf-8") + b"\r\n")
 
     # -- arguments -------------------------------------------------------
 
@@ -438,7 +443,7 @@ class POP3Server(Protocol):
             # SASL "additional data with success" (RFC 5034 section 4): a
             # last challenge, answered by an empty line, then +OK.
             self._saslFinishing = True
-            self.transport.write(b"+ " + base64.b64encode(data) + b"\r\n")
+            self._out.write(b"+ " + base64.b64encode(data) + b"\r\n")
             return
         self._enterTransaction()
 
@@ -494,7 +499,7 @@ class POP3Server(Protocol):
         lines.extend(self.factory.extraCapabilities())
         lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
-        self.transport.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
+        self._out.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
 
     def do_STLS(self, argument):
         """
@@ -512,6 +517,8 @@ class POP3Server(Protocol):
         self._buffer = b""
         self._discarding = False
         self._user = None
+        # The reply goes out in the clear, before the handshake.
+        self._out.flush()
         self.transport.startTLS(self.factory.tls)
         return None
 
@@ -527,7 +534,7 @@ class POP3Server(Protocol):
         if not argument.strip():
             names = sasl.mechanisms(plaintext)
             body = "".join(name + "\r\n" for name in names)
-            self.transport.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
+            self._out.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
             return None
         name, _, initial = argument.partition(" ")
         name = name.upper()
@@ -585,7 +592,7 @@ class POP3Server(Protocol):
 
         def next(result):
             if isinstance(result, Challenge):
-                self.transport.write(b"+ " + base64.b64encode(result.data) + b"\r\n")
+                self._out.write(b"+ " + base64.b64encode(result.data) + b"\r\n")
                 return None
             name = getattr(result.credentials, "username", b"")
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -643,9 +650,9 @@ class POP3Server(Protocol):
         if len(sizes) <= batch:
             # The usual case: the whole listing in one write.
             lines = [b"%d %d\r\n" % (i + 1, size) for i, size in enumerate(sizes) if i not in deleted]
-            self.transport.write(status + b"".join(lines) + b".\r\n")
+            self._out.write(status + b"".join(lines) + b".\r\n")
             return None
-        self.transport.write(status)
+        self._out.write(status)
         positions = iter(range(0, len(sizes), batch))
 
         def nextBlock():
@@ -691,15 +698,15 @@ class POP3Server(Protocol):
         first = nextBlock()
         if first is _END:
             self._ok("unique-id listing follows")
-            self.transport.write(b".\r\n")
+            self._out.write(b".\r\n")
             return None
 
         def begin(block):
             status = b"+OK unique-id listing follows\r\n"
             if total <= batch:
-                self.transport.write(status + block + b".\r\n")
+                self._out.write(status + block + b".\r\n")
                 return None
-            self.transport.write(status + block)
+            self._out.write(status + block)
             return self._send(_terminated(nextBlock))
 
         first.addCallback(begin)
@@ -734,9 +741,9 @@ class POP3Server(Protocol):
             if whole is not None:
                 # The message (or all TOP wants of it) came in one piece:
                 # one write, no producer.
-                self.transport.write(status + whole)
+                self._out.write(status + whole)
                 return None
-            self.transport.write(status)
+            self._out.write(status)
             return self._send(source.nextBlock).addErrback(self._streamBroken, index)
 
         d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
@@ -752,6 +759,7 @@ class POP3Server(Protocol):
             return None
         self.log.failure("pop3 reading message {n} failed mid-response", failure, n=index + 1)
         self._endSession("message read failed")
+        self._out.flush()
         self.transport.abortConnection()
         self._closed = True
         return None
@@ -784,7 +792,7 @@ class POP3Server(Protocol):
             self._sending = False
             return result
 
-        return BlockSender(self.transport, source).start().addBoth(sent)
+        return BlockSender(self.transport, source, self._out.send).start().addBoth(sent)
 
     def _update(self):
         """
@@ -814,7 +822,7 @@ class POP3Server(Protocol):
             released = self._endSession("quit")
 
             def answer(_):
-                self.transport.write(reply.encode("utf-8"))
+                self._out.write(reply.encode("utf-8"))
                 self._close()
 
             return released.addBoth(answer)

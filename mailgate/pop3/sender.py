@@ -27,11 +27,14 @@ class BlockSender:
     @param nextBlock: a callable returning the next block as L{bytes}, a
         L{Deferred} firing with one, or C{None} at the end (directly or
         through the L{Deferred}).
+    @param write: writes a block to C{transport} (its own C{write} if not
+        given); the transport still does the flow control.
     """
 
-    def __init__(self, transport, nextBlock):
+    def __init__(self, transport, nextBlock, write=None):
         self._transport = transport
         self._nextBlock = nextBlock
+        self._writeBlock = transport.write if write is None else write
         self._paused = False
         self._waiting = False
         self._done = None
@@ -77,7 +80,7 @@ class BlockSender:
         if block is None:
             self._finish(None)
         else:
-            self._transport.write(block)
+            self._writeBlock(block)
 
     def _gotBlock(self, block):
         self._waiting = False

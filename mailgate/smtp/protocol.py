@@ -31,7 +31,7 @@ from mailgate.errors import NoSuchUser, TemporaryFailure
 from mailgate.message import MessageSpool
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
-from mailgate.session import IdleTimer, setNoDelay
+from mailgate.session import IdleTimer, ReplyWriter, setNoDelay
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
 from mailgate.tls import isSecure
 
@@ -95,6 +95,7 @@ class SMTPServer(Protocol):
 
     def connectionMade(self):
         setNoDelay(self.transport)
+        self._out = ReplyWriter(self)
         self._idle = IdleTimer(self._reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         kind = "LMTP" if self.lmtp else "ESMTP"
         self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
@@ -114,6 +115,7 @@ class SMTPServer(Protocol):
     def _close(self):
         self._closed = True
         self._discardData()
+        self._out.flush()
         self.transport.loseConnection()
 
     # -- timer -----------------------------------------------------------
@@ -130,7 +132,7 @@ class SMTPServer(Protocol):
     # -- output ----------------------------------------------------------
 
     def _send(self, text):
-        self.transport.write(text.encode("utf-8"))
+        self._out.write(text.encode("utf-8"))
 
     def _reply(self, code, enhanced, text):
         self._send(f"{code} {enhanced} {text}\r\n")
@@ -168,32 +170,37 @@ class SMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while not self._busy and not self._closed and self._buffer:
-                if self._reader is not None:
-                    data, self._buffer = self._buffer, b""
-                    rest = self._reader.feed(data)
-                    if rest is None:
-                        break
-                    self._buffer = rest
-                    self._run(self._guarded(self._dataEnded))
-                    continue
-                newline = self._buffer.find(b"\n")
-                if newline < 0:
-                    if len(self._buffer) >= self.maxCommandLength:
-                        self._buffer = b""
-                        self._discarding = True
-                        self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
-                    break
-                line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
-                if len(line) + 1 > self.maxCommandLength:
-                    self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
-                    continue
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                self._run(self._guarded(self._dispatch, line))
+            # The replies to pipelined commands leave in one write.
+            with self._out.holding():
+                self._processBuffer()
         finally:
             self._processing = False
         self._flowControl()
+
+    def _processBuffer(self):
+        while not self._busy and not self._closed and self._buffer:
+            if self._reader is not None:
+                data, self._buffer = self._buffer, b""
+                rest = self._reader.feed(data)
+                if rest is None:
+                    break
+                self._buffer = rest
+                self._run(self._guarded(self._dataEnded))
+                continue
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if len(self._buffer) >= self.maxCommandLength:
+                    self._buffer = b""
+                    self._discarding = True
+                    self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
+                break
+            line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
+            if len(line) + 1 > self.maxCommandLength:
+                self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._run(self._guarded(self._dispatch, line))
 
     @staticmethod
     def _guarded(function, *args):
@@ -318,6 +325,8 @@ class SMTPServer(Protocol):
         self._helo = None
         self._esmtp = False
         self._envelope = None
+        # The reply goes out in the clear, before the handshake.
+        self._out.flush()
         self.transport.startTLS(self.factory.tls)
         return None
 

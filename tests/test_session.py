@@ -1,0 +1,154 @@
+"""
+mailgate.session.ReplyWriter on a real TCP connection: Twisted's own
+server-side transport around a loopback socket, with a reactor stand-in
+that records which descriptors would be watched for writability.
+"""
+
+import select
+import socket
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from mailgate.session import ReplyWriter
+
+
+class RecordingReactor:
+    """
+    The L{IReactorFDSet} part a transport uses, recording the writers.
+    """
+
+    def __init__(self):
+        self.readers = set()
+        self.writers = set()
+
+    def addReader(self, reader):
+        self.readers.add(reader)
+
+    def removeReader(self, reader):
+        self.readers.discard(reader)
+
+    def addWriter(self, writer):
+        self.writers.add(writer)
+
+    def removeWriter(self, writer):
+        self.writers.discard(writer)
+
+
+@pytest.fixture
+def connection():
+    """
+    A Twisted TCP server transport for one end of a loopback connection,
+    and the client's socket.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    accepted, peer = listener.accept()
+    listener.close()
+    accepted.setblocking(False)
+    reactor = RecordingReactor()
+    protocol = Protocol()
+    transport = tcp.Server(accepted, protocol, peer, None, 1, reactor)
+    protocol.makeConnection(transport)
+    yield transport, protocol, client, reactor
+    client.close()
+    accepted.close()
+
+
+def receive(client, count):
+    data = b""
+    while len(data) < count:
+        piece = client.recv(count - len(data))
+        assert piece, "connection closed early"
+        data += piece
+    return data
+
+
+def test_aReplyIsSentAtOnce(connection):
+    transport, protocol, client, reactor = connection
+    writer = ReplyWriter(protocol)
+    writer.write(b"+OK ready\r\n")
+    # On the wire already, and nothing left for the reactor to do.
+    assert receive(client, 11) == b"+OK ready\r\n"
+    assert transport not in reactor.writers
+    assert not transport.dataBuffer and not transport._tempDataBuffer
+
+
+def test_heldRepliesLeaveTogether(connection):
+    transport, protocol, client, reactor = connection
+    writer = ReplyWriter(protocol)
+    client.setblocking(False)
+    with writer.holding():
+        writer.write(b"250 one\r\n")
+        with writer.holding():
+            writer.write(b"250 two\r\n")
+        with pytest.raises(BlockingIOError):
+            client.recv(100)
+        writer.write(b"354 go on\r\n")
+    client.setblocking(True)
+    assert receive(client, 29) == b"250 one\r\n250 two\r\n354 go on\r\n"
+    assert transport not in reactor.writers
+
+
+def test_flushSendsWhatIsHeld(connection):
+    transport, protocol, client, reactor = connection
+    writer = ReplyWriter(protocol)
+    with writer.holding():
+        writer.write(b"+OK begin TLS negotiation\r\n")
+        writer.flush()
+        assert receive(client, 27) == b"+OK begin TLS negotiation\r\n"
+        writer.write(b"+OK later\r\n")
+    assert receive(client, 11) == b"+OK later\r\n"
+
+
+def test_whatTheSocketCannotTakeWaitsInTheTransportInOrder(connection):
+    """
+    A response larger than the kernel's buffer: the rest waits in the
+    transport (which watches the socket and drives flow control), and
+    later writes queue behind it, never ahead.
+    """
+    transport, protocol, client, reactor = connection
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = ReplyWriter(protocol)
+    big = bytes(range(256)) * 4096  # 1 MiB
+    writer.send(big)
+    assert transport in reactor.writers
+    writer.write(b"TAIL")
+    received = b""
+    for _ in range(100000):
+        if len(received) >= len(big) + 4:
+            break
+        # What the reactor would do: write when the transport asks to.
+        if transport in reactor.writers:
+            transport.doWrite()
+        readable, _, _ = select.select([client], [], [], 0.01)
+        if readable:
+            received += client.recv(65536)
+    assert received == big + b"TAIL"
+    assert transport not in reactor.writers
+
+
+def test_otherTransportsAreWrittenAsUsual():
+    protocol = Protocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    writer = ReplyWriter(protocol)
+    writer.write(b"a")
+    with writer.holding():
+        writer.write(b"b")
+        writer.write(b"c")
+        assert transport.value() == b"a"
+    assert transport.value() == b"abc"
+
+
+def test_aClosedConnectionIsLeftToTheTransport(connection):
+    transport, protocol, client, reactor = connection
+    writer = ReplyWriter(protocol)
+    transport.loseConnection()
+    # Disconnecting: the transport buffers the reply and closes after it.
+    writer.write(b"+OK bye\r\n")
+    assert transport._tempDataBuffer == [b"+OK bye\r\n"]
