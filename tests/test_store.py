@@ -11,9 +11,8 @@ SQLite itself (PRAGMAs, the in-memory URL, BEGIN IMMEDIATE, the sqlite3
 module's errors) stay SQLite-only.
 """
 
-import queue
 import sqlite3
-import time
+import threading
 import tracemalloc
 
 import pytest
@@ -32,12 +31,13 @@ from mailgate.errors import (
 from mailgate.interfaces import IMaildrop, IMaildropLocks, IMailStore, IMessageBody
 from mailgate.message import MessageSpool, spoolBytes
 from mailgate.store import engineFromURL, openStore, openSynchronousStore
-from mailgate.store.database import Database, runBatch, runTransaction
+from mailgate.store.database import Database, WorkerThreads, runBatch, runTransaction
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
 from mailgate.store import sql as sqlStore
 from mailgate.store.sql import CHUNK_SIZE, SQLMailStore, formatUniqueId
 from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, resultOf
+from pumped import PumpedReactor
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -896,38 +896,36 @@ def test_runBatchWithoutFailuresUsesNoSavepoints(batchConnection):
         assert sum(1 for s in statements if s.upper().startswith("COMMIT")) == 1
 
 
-class _PumpedReactor:
+def test_workerThreadsKeepLightWorkOnOneThread():
     """
-    Just enough of a reactor for L{Database}: calls from the worker threads
-    are queued and run by L{pump} on the test's thread, which plays the
-    reactor thread.
+    Jobs one after another go to the thread that became idle last (the one
+    with the warm connection); jobs together use as many threads as there
+    are, the rest wait their turn; stop() ends every thread.
     """
+    reactor = PumpedReactor()
+    workers = WorkerThreads(reactor, 3, "test-workers")
+    workers.start()
+    try:
+        names = [reactor.wait(workers.submit(lambda: threading.current_thread().name)) for _ in range(5)]
+        assert names == ["test-workers-0"] * 5
 
-    def __init__(self):
-        self.calls = queue.SimpleQueue()
+        gate = threading.Event()
 
-    def callWhenRunning(self, function, *args):
-        function(*args)
+        def held():
+            assert gate.wait(30)
+            return threading.current_thread().name
 
-    def addSystemEventTrigger(self, *args):
-        return object()
+        together = [workers.submit(held) for _ in range(4)]
+        gate.set()
+        names = [reactor.wait(d) for d in together]
+        assert set(names) == {"test-workers-0", "test-workers-1", "test-workers-2"}
 
-    def removeSystemEventTrigger(self, trigger):
-        pass
-
-    def callFromThread(self, function, *args):
-        self.calls.put((function, args))
-
-    def pump(self, done, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not done():
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "the database did not answer in time"
-            try:
-                function, args = self.calls.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            function(*args)
+        failed = reactor.wait(workers.submit(lambda: 1 / 0))
+        assert failed.check(ZeroDivisionError)
+    finally:
+        threads = list(workers._threads)
+        workers.stop()
+    assert not any(thread.is_alive() for thread in threads)
 
 
 def _insertSlowly(cursor, key, value, commits):
@@ -953,7 +951,7 @@ def test_threadedWritesAreCommittedTogether(databaseURL):
         commits.append(1)
 
     engine.commit = countingCommit
-    reactor = _PumpedReactor()
+    reactor = PumpedReactor()
     database = Database(engine, reactor)
     try:
         outcomes = {}

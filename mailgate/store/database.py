@@ -218,24 +218,46 @@ def _runItems(engine, cursor, batch, savepoints):
 
 class WorkerThreads:
     """
-    A fixed set of threads taking jobs from one queue, each result handed
-    back to the reactor thread.  Leaner than L{twisted.python.threadpool}
-    (one queue, no per-job context copying), which matters when every POP3
-    command and every delivery makes a trip.
+    A fixed set of threads running jobs, each result handed back to the
+    reactor thread.  Leaner than L{twisted.python.threadpool} (no per-job
+    context copying), which matters when every POP3 command and every
+    delivery makes a trip.
+
+    A job goes to the thread that became idle last.  A shared queue would
+    wake the one idle longest, so that on a lightly loaded server every
+    trip would find a cold thread and, behind it, a cold database
+    connection (a PostgreSQL backend asleep, an SQLite page cache that
+    others have moved on from); this way a few threads do the work while
+    load is light, and the others join in as it grows.
     """
 
     def __init__(self, reactor, count, name):
         self._reactor = reactor
         self._count = count
         self._name = name
-        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        # Mailboxes of idle threads, the most recently idle last; jobs that
+        # found no idle thread.
+        self._idle = []
+        self._backlog = deque()
+        self._mailboxes = []
         self._threads = []
 
     def start(self):
+        self._stopping = False
+        self._mailboxes = []
+        with self._lock:
+            self._idle = []
         for i in range(self._count):
-            thread = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)
-            thread.start()
+            mailbox = queue.SimpleQueue()
+            thread = threading.Thread(target=self._work, args=(mailbox,), name=f"{self._name}-{i}", daemon=True)
+            self._mailboxes.append(mailbox)
             self._threads.append(thread)
+        with self._lock:
+            # The first thread is the first to be given work.
+            self._idle.extend(reversed(self._mailboxes))
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, function, *args):
         """
@@ -243,23 +265,36 @@ class WorkerThreads:
         result, fired in the reactor thread.
         """
         d = defer.Deferred()
-        self._queue.put((function, args, d))
+        job = (function, args, d)
+        with self._lock:
+            if not self._idle:
+                self._backlog.append(job)
+                return d
+            mailbox = self._idle.pop()
+        mailbox.put(job)
         return d
 
-    def _work(self):
+    def _work(self, mailbox):
         while True:
-            job = self._queue.get()
-            if job is None:
+            job = mailbox.get()
+            while job is not None:
+                function, args, d = job
+                try:
+                    result = function(*args)
+                    ok = True
+                except BaseException:
+                    result = Failure()
+                    result.cleanFailure()
+                    ok = False
+                self._reactor.callFromThread(self._fire, d, ok, result)
+                with self._lock:
+                    if self._backlog:
+                        job = self._backlog.popleft()
+                    else:
+                        self._idle.append(mailbox)
+                        job = None
+            if self._stopping:
                 return
-            function, args, d = job
-            try:
-                result = function(*args)
-                ok = True
-            except BaseException:
-                result = Failure()
-                result.cleanFailure()
-                ok = False
-            self._reactor.callFromThread(self._fire, d, ok, result)
 
     @staticmethod
     def _fire(d, ok, result):
@@ -268,9 +303,12 @@ class WorkerThreads:
         else:
             d.errback(result)
 
+    _stopping = False
+
     def stop(self, timeout=10):
-        for _ in self._threads:
-            self._queue.put(None)
+        self._stopping = True
+        for mailbox in self._mailboxes:
+            mailbox.put(None)
         current = threading.current_thread()
         for thread in self._threads:
             if thread is not current:

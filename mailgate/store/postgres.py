@@ -11,6 +11,7 @@ and the kernel closes its socket; within about 30 seconds, by TCP
 keepalive, if its whole machine vanishes).
 """
 
+import functools
 import hashlib
 from urllib.parse import parse_qsl, urlsplit
 
@@ -247,6 +248,8 @@ class _LockSlot:
         self._engine = engine
         self.workers = workers
         self.conn = None
+        # Operations queued or running (counted on the reactor thread).
+        self.busy = 0
 
     # worker thread
 
@@ -298,6 +301,15 @@ class AdvisoryLocks:
     Sessions on the same node are told apart in memory first (advisory
     locks are re-entrant within one PostgreSQL session).
 
+    A maildrop's lock is taken on the least busy slot, the first one when
+    all are idle: a lightly loaded node keeps using one connection, whose
+    PostgreSQL backend is then awake and warm (a session costs two trips to
+    it), while under load, or behind the snapshot of a huge maildrop, the
+    work spreads over the others.  Every later operation on that lock (the
+    check, the unlock) and any acquire of the same maildrop issued before
+    the unlock has completed go to the same slot, so that they run in the
+    order they were issued, on the connection that holds the lock.
+
     @cvar slots: lock connections per node.
     """
 
@@ -318,33 +330,64 @@ class AdvisoryLocks:
             _LockSlot(engine, None if synchronous else WorkerThreads(reactor, 1, f"mailgate-locks-{i}"))
             for i in range(count)
         ]
+        # User id to [slot, operations in flight] while its lock is held or
+        # an operation on it is under way.
+        self._routes = {}
         self._started = False
 
-    def _slot(self, userId):
-        return self._slots[userId % len(self._slots)]
+    def _route(self, userId):
+        route = self._routes.get(userId)
+        if route is None:
+            # min() keeps the first of equals: the first idle slot.
+            route = self._routes[userId] = [min(self._slots, key=lambda slot: slot.busy), 0]
+        return route
+
+    def _settle(self, userId):
+        """
+        Forget which slot a maildrop uses once nothing ties it there.
+        """
+        route = self._routes.get(userId)
+        if route is not None and route[1] == 0 and userId not in self._held:
+            del self._routes[userId]
 
     def _run(self, userId, work):
-        slot = self._slot(userId)
+        """
+        Run C{work(slot, connection)} on the thread of the slot that
+        C{userId}'s lock uses.
+        """
+        route = self._route(userId)
+        slot = route[0]
+        work = functools.partial(work, slot)
+        route[1] += 1
+        slot.busy += 1
         if self._synchronous:
-            return defer.maybeDeferred(slot.run, work)
-        if not self._started:
-            self._started = True
-            for each in self._slots:
-                each.workers.start()
-        return slot.workers.submit(slot.run, work)
+            d = defer.maybeDeferred(slot.run, work)
+        else:
+            if not self._started:
+                self._started = True
+                for each in self._slots:
+                    each.workers.start()
+            d = slot.workers.submit(slot.run, work)
+
+        def finished(result):
+            slot.busy -= 1
+            route[1] -= 1
+            return result
+
+        return d.addBoth(finished)
 
     # worker thread
 
-    def _query(self, slot, userId, query):
-        def work(conn):
+    def _query(self, userId, query):
+        def work(slot, conn):
             with conn.cursor() as cursor:
                 cursor.execute(query, (slot.key(conn, userId),))
                 return cursor.fetchone()[0]
 
         return work
 
-    def _isHeld(self, slot, userId):
-        def work(conn):
+    def _isHeld(self, userId):
+        def work(slot, conn):
             key = slot.key(conn, userId)
             with conn.cursor() as cursor:
                 cursor.execute(
@@ -378,9 +421,8 @@ class AdvisoryLocks:
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
-        slot = self._slot(userId)
 
-        def work(conn):
+        def work(slot, conn):
             key = slot.key(conn, userId)
             with conn.cursor(binary=True) as cursor:
                 cursor.execute(
@@ -403,6 +445,7 @@ class AdvisoryLocks:
         def done(result):
             if result is _NotLocked:
                 self._held.discard(userId)
+                self._settle(userId)
                 raise MaildropInUse(userId)
             return result
 
@@ -410,8 +453,11 @@ class AdvisoryLocks:
             self._held.discard(userId)
             if not failure.check(MaildropInUse, CredentialsChanged):
                 # The read may have failed with the lock taken: give it back.
-                unlock = self._run(userId, self._query(slot, userId, "SELECT pg_advisory_unlock(%s)"))
+                unlock = self._run(userId, self._query(userId, "SELECT pg_advisory_unlock(%s)"))
                 unlock.addErrback(lambda _: None)  # a lost connection took the lock with it
+                unlock.addBoth(lambda _: self._settle(userId))
+            else:
+                self._settle(userId)
             return failure
 
         return d.addCallbacks(done, failed)
@@ -426,14 +472,17 @@ class AdvisoryLocks:
         # Forget it here at once: the unlock is queued on the slot's thread
         # ahead of any later acquire of this maildrop on this node.
         self._held.discard(userId)
-        slot = self._slot(userId)
-        d = self._run(userId, self._query(slot, userId, "SELECT pg_advisory_unlock(%s)"))
+        d = self._run(userId, self._query(userId, "SELECT pg_advisory_unlock(%s)"))
 
         def failed(failure):
             # The connection is gone, and the lock with it.
             self.log.warn("releasing maildrop lock: {reason}", reason=failure.value)
 
-        return d.addCallbacks(lambda _: None, failed)
+        def settled(result):
+            self._settle(userId)
+            return result
+
+        return d.addCallbacks(lambda _: None, failed).addBoth(settled)
 
     def verify(self, userId):
         """
@@ -443,11 +492,11 @@ class AdvisoryLocks:
         """
         if userId not in self._held:
             return defer.succeed(False)
-        slot = self._slot(userId)
-        return self._run(userId, self._isHeld(slot, userId))
+        return self._run(userId, self._isHeld(userId))
 
     def close(self):
         self._held.clear()
+        self._routes.clear()
         if self._synchronous:
             for slot in self._slots:
                 slot.close()

@@ -472,59 +472,45 @@ def _uniqueIds(cursor, userId, low, high):
     return dict(cursor.fetchall())
 
 
-def _openMessages(cursor, userId, uids, headerOnly, budget):
+def _openMessages(cursor, userId, uids, headerOnly):
     """
-    Open the first of C{uids} and read ahead the ones after it, as long as
-    they are small enough to be read in one piece and the octets stay
-    within C{budget}: a client that fetches messages in order (as nearly
-    all do) then finds the next ones already read.  Two statements
-    whatever the number of messages: their rows, then their first chunks.
+    Open the first of C{uids} and, with it, the ones after it (read ahead:
+    the caller chose them small enough to come in one piece): a client
+    that fetches messages in order, as nearly all do, then finds the next
+    ones already read.  One statement whatever the number of messages,
+    their rows joined with their first chunks.
 
     @return: a list of C{(uid, (owner, bodyId, size, headerSize, first))},
-        the requested message first; empty if it has vanished.
+        in the order of C{uids}, the requested message first; it stops
+        before the first message that has vanished or is damaged (empty if
+        the requested one has).
     """
     marks = ",".join("?" * len(uids))
     cursor.execute(
-        "SELECT uid, body_owner, body_id, size, header_size FROM maildrop "
-        f"WHERE user_id = ? AND uid IN ({marks})",
+        "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, c.data "
+        "FROM maildrop m LEFT JOIN body_chunks c "
+        "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
+        f"WHERE m.user_id = ? AND m.uid IN ({marks})",
         (userId, *uids),
     )
     rows = {row[0]: row[1:] for row in cursor.fetchall()}
-    chosen = []
+    opened = []
     for uid in uids:
         row = rows.get(uid)
         if row is None:
             break
-        owner, bodyId, size, headerSize = row
+        owner, bodyId, size, headerSize, data = row
         # TOP n 0 wants the header's octets and nothing more; a message
         # longer than a chunk stores its header as its first chunk.
         length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
-        if chosen and (length > CHUNK_SIZE or length > budget):
-            break
-        budget -= min(length, CHUNK_SIZE)
-        chosen.append((uid, owner, bodyId, size, headerSize, length))
-    if not chosen:
-        return []
-    wanted = [(owner, bodyId) for _, owner, bodyId, size, _, length in chosen if length]
-    chunks = {}
-    for batch in _batches(wanted, 100):
-        pairs = " OR ".join("(owner_id = ? AND body_id = ?)" for _ in batch)
-        cursor.execute(
-            f"SELECT owner_id, body_id, data FROM body_chunks WHERE seq = 0 AND ({pairs})",
-            [value for pair in batch for value in pair],
-        )
-        for owner, bodyId, data in cursor.fetchall():
-            chunks[(owner, bodyId)] = bytes(data)
-    opened = []
-    for uid, owner, bodyId, size, headerSize, length in chosen:
         if not length:
             first = b""
-        elif (owner, bodyId) not in chunks:
+        elif data is None:
             if not opened:
                 raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
             break  # a damaged message further on must not fail this one
         else:
-            first = chunks[(owner, bodyId)]
+            first = bytes(data)
             if length < size:
                 first = first[:length]
                 size = length
@@ -681,9 +667,8 @@ class SQLMaildrop:
         if ahead is not None:
             return defer.succeed(SQLMessageBody(self._store.database, *ahead))
         self._ahead = {}
-        uids = self._uids[index : index + self.readAhead]
         d = self._store.database.runInteraction(
-            _openMessages, self._userId, list(uids), headerOnly, self.readAheadOctets
+            _openMessages, self._userId, self._readingAhead(index, headerOnly), headerOnly
         )
 
         def opened(rows):
@@ -694,6 +679,26 @@ class SQLMaildrop:
             return SQLMessageBody(self._store.database, *rows[0][1])
 
         return d.addCallback(opened)
+
+    def _readingAhead(self, index, headerOnly):
+        """
+        The uids to read in one trip from message C{index} on: the next
+        ones while each comes in one piece and all stay within
+        L{readAheadOctets}, judged by the snapshot's sizes (for TOP, every
+        message's first chunk holds its header, and a chunk is never more
+        than L{CHUNK_SIZE}).
+        """
+        uids = [self._uids[index]]
+        budget = self.readAheadOctets - min(self.sizes[index], CHUNK_SIZE)
+        for i in range(index + 1, min(index + self.readAhead, len(self._uids))):
+            size = self.sizes[i]
+            if headerOnly:
+                size = min(size, CHUNK_SIZE)
+            if size > CHUNK_SIZE or size > budget:
+                break
+            budget -= size
+            uids.append(self._uids[i])
+        return uids
 
     def expunge(self, indexes):
         uids = [self._uids[i] for i in indexes]

@@ -1,0 +1,107 @@
+"""
+PostgreSQL's cross-node maildrop locks with their real worker threads: which
+lock connection each maildrop's lock uses, and the order of operations on
+one maildrop.
+"""
+
+import psycopg
+import pytest
+
+from mailgate.errors import MaildropInUse
+from mailgate.store import engineFromURL
+from mailgate.store.postgres import AdvisoryLocks
+from mailgate.testing import addUser, memoryStore, resultOf
+from pumped import PumpedReactor
+
+USERS = [f"user{n}@example.org" for n in range(6)]
+
+
+@pytest.fixture
+def node(postgresURL):
+    """
+    A node's locks (four slots, their own threads) on a database with a few
+    users, and the users' ids.
+    """
+    store = memoryStore(postgresURL)
+    ids = []
+    for address in USERS:
+        addUser(store, address, "pw")
+        ids.append(resultOf(store.findUser(address)).userId)
+    reactor = PumpedReactor()
+    locks = AdvisoryLocks(engineFromURL(postgresURL), reactor)
+    yield locks, reactor, ids, postgresURL
+    reactor.wait(locks.close())
+    store.close()
+
+
+def lockHolders(url):
+    """
+    The backend pids holding advisory locks, one entry per lock.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchall()
+    return [pid for (pid,) in rows]
+
+
+def openConnections(locks):
+    return [slot for slot in locks._slots if slot.conn is not None]
+
+
+def test_anIdleNodeKeepsToOneLockConnection(node):
+    """
+    Sessions one after another all lock through the first connection,
+    whose database backend stays warm; the others are never opened.
+    """
+    locks, reactor, ids, url = node
+    for userId in ids:
+        assert reactor.wait(locks.acquire(userId)) == userId
+        assert reactor.wait(locks.release(userId)) is None
+    assert openConnections(locks) == [locks._slots[0]]
+    assert locks._routes == {}
+
+
+def test_locksTakenTogetherSpreadOverTheConnections(node):
+    locks, reactor, ids, url = node
+    pending = [locks.acquire(userId) for userId in ids[:4]]
+    assert [reactor.wait(d) for d in pending] == ids[:4]
+    holders = lockHolders(url)
+    assert len(holders) == 4 and len(set(holders)) == 4
+    for userId in ids[:4]:
+        reactor.wait(locks.release(userId))
+    assert lockHolders(url) == []
+    assert locks._routes == {}
+
+
+def test_reloginBeforeTheUnlockCompletesFollowsIt(node):
+    """
+    QUIT, then a new login to the same maildrop on this node at once: the
+    acquire is queued behind the unlock on the connection that held the
+    lock, so it succeeds, even while another connection is idle.
+    """
+    locks, reactor, ids, url = node
+    alice = ids[0]
+    assert reactor.wait(locks.acquire(alice)) == alice
+    released = locks.release(alice)
+    again = locks.acquire(alice)
+    assert reactor.wait(again) == alice
+    assert reactor.wait(released) is None
+    assert openConnections(locks) == [locks._slots[0]]
+    assert len(lockHolders(url)) == 1
+    reactor.wait(locks.release(alice))
+    assert lockHolders(url) == []
+
+
+def test_anotherNodeWaitsForTheUnlock(node, postgresURL):
+    locks, reactor, ids, url = node
+    other = AdvisoryLocks(engineFromURL(url), reactor)
+    try:
+        alice = ids[0]
+        assert reactor.wait(locks.acquire(alice)) == alice
+        refused = reactor.wait(other.acquire(alice))
+        assert refused.check(MaildropInUse)
+        assert other._routes == {}
+        reactor.wait(locks.release(alice))
+        assert reactor.wait(other.acquire(alice)) == alice
+        reactor.wait(other.release(alice))
+    finally:
+        reactor.wait(other.close())
