@@ -240,8 +240,9 @@ def _key(text):
 class _LockSlot:
     """
     One lock connection and the one thread that uses it.  A maildrop's
-    lock is always taken and released through the same slot (chosen by
-    user id), because an advisory lock belongs to a database session.
+    lock is taken, checked and released through the same slot (chosen
+    when it is taken, see L{AdvisoryLocks}), because an advisory lock
+    belongs to a database session.
     """
 
     def __init__(self, engine, workers):
