@@ -9,7 +9,7 @@ import pytest
 
 from mailgate.errors import MaildropInUse
 from mailgate.store import engineFromURL
-from mailgate.store.postgres import AdvisoryLocks
+from mailgate.store.postgres import AdvisoryLocks, _key
 from mailgate.testing import addUser, memoryStore, resultOf
 from pumped import PumpedReactor
 
@@ -34,13 +34,19 @@ def node(postgresURL):
     store.close()
 
 
-def lockHolders(url):
+def lockHolders(url, userIds=range(1, 100)):
     """
-    The backend pids holding advisory locks, one entry per lock.
+    The backend pids holding maildrop locks of this test's database schema
+    (other tests' locks are left out), one entry per lock.
     """
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchall()
-    return [pid for (pid,) in rows]
+        namespace = ":".join(conn.execute("SELECT current_database(), current_schema()").fetchone())
+        rows = conn.execute(
+            "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        ).fetchall()
+    keys = [_key(f"{namespace}:maildrop:{userId}") for userId in userIds]
+    ours = {((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF) for key in keys}
+    return [pid for pid, classid, objid in rows if (int(classid), int(objid)) in ours]
 
 
 def openConnections(locks):
