@@ -10,9 +10,8 @@ each, on the readers, so they never queue behind a commit's fsync.  Writes
 go through a group-commit queue on the writer: writes that arrive while a
 commit is in flight are run together in one transaction (each in a
 savepoint of its own only if one of them fails), and made durable by a
-single commit.  Under load this turns N fsyncs into one
-without weakening the rule that a write's L{Deferred} fires only once it is
-durable.
+single commit.  Under load this turns N fsyncs into one without weakening
+the rule that a write's L{Deferred} fires only once it is durable.
 
 L{SynchronousDatabase} runs the same interactions inline on one connection.
 The admin command uses it (there is no reactor to hand work to), and so do
@@ -91,10 +90,9 @@ def runBatch(engine, conn, batch):
     Optimistically first: all of them straight through, which costs no more
     round trips than the interactions themselves, and consecutive calls of
     a function that can run together (deliveries) made as one call.  If one
-    fails, that
-    transaction is rolled back and the batch runs again with each
-    interaction isolated by a savepoint, so that one failing does not undo
-    the others.
+    fails, that transaction is rolled back and the batch runs again with
+    each interaction isolated by a savepoint, so that one failing does not
+    undo the others.
 
     @return: a list of C{(succeeded, resultOrFailure)}, one per interaction.
     @raise Exception: when the transaction as a whole failed (begin or

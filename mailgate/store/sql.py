@@ -315,24 +315,21 @@ def _recipientsOf(cursor, addressLists, userIds):
     return known, taken
 
 
-def _storeBody(cursor, owner, source, refcount, now):
-    bodyId = secrets.token_hex(16)
-    cursor.execute(
-        "INSERT INTO bodies (owner_id, body_id, size, header_size, refcount, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (owner, bodyId, source.size, source.headerSize, refcount, now),
-    )
-    for seq, chunk in enumerate(_pieces(source)):
-        cursor.execute(
-            "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
-            (owner, bodyId, seq, chunk),
-        )
-    return bodyId
-
-
 _BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
 _CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
 _MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
+
+
+def _storeLargeBody(cursor, owner, source, refcount, now):
+    """
+    A body of more than one chunk, streamed from the spool a chunk at a
+    time.
+    """
+    bodyId = secrets.token_hex(16)
+    _insertRows(cursor, "bodies", _BODY_COLUMNS, [(owner, bodyId, source.size, source.headerSize, refcount, now)])
+    for seq, chunk in enumerate(_pieces(source)):
+        _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, [(owner, bodyId, seq, chunk)])
+    return bodyId
 
 
 def _deliverMessages(cursor, messages, userIds):
@@ -371,7 +368,7 @@ def _deliverMessages(cursor, messages, userIds):
                 _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
                 bodies, chunks, pending = [], [], 0
         else:
-            bodyId = _storeBody(cursor, owner, source, len(recipients), now)
+            bodyId = _storeLargeBody(cursor, owner, source, len(recipients), now)
         for address in recipients:
             userId = known[address]
             uid = nextUid[userId]
