@@ -11,6 +11,7 @@ import hashlib
 import sqlite3
 
 import pytest
+from twisted.logger import Logger, formatEvent
 
 from mailgate.pop3.protocol import POP3Server
 from mailgate.store.sql import CHUNK_SIZE
@@ -829,3 +830,21 @@ def test_aBugInACommandCostsOneErrorNotTheSession(three, monkeypatch):
     assert "secret" not in reply
     assert not three.disconnected
     assert three.command("STAT").startswith("+OK 3 ")
+
+
+def test_aSessionEndsWithOneLogLine(three):
+    """
+    One line per session, at its end: what an administrator greps for,
+    with the same facts as fields for structured log observers.
+    """
+    events = []
+    three.protocol.log = Logger(observer=events.append)
+    three.command("RETR 1")
+    three.command("TOP 2 0")
+    three.command("DELE 3")
+    assert three.command("QUIT").startswith("+OK")
+    [event] = events
+    text = formatEvent(event)
+    assert text.startswith(f"pop3 logout user={ALICE} peer=")
+    assert f"reason='quit' messages=3 retr=1/{SIZES[0]} top=1 deleted=1" in text
+    assert (event["user"], event["why"], event["deleted"], event["retr"]) == (ALICE, "quit", 1, 1)

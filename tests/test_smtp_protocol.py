@@ -11,6 +11,7 @@ import re
 import sqlite3
 
 import pytest
+from twisted.logger import Logger, formatEvent
 
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore, resultOf
@@ -1185,3 +1186,20 @@ def test_aBugInACommandCostsOneReplyNotTheSession(users, monkeypatch):
     assert reply == "451 4.3.0 internal server error; try again later\r\n"
     assert not s.disconnected
     assert s.command("RSET") == "250 2.0.0 OK\r\n"
+
+
+@pytest.mark.parametrize("kind", ["smtp", "lmtp"])
+def test_eachDeliveryIsLoggedOnce(users, kind):
+    s = session(users) if kind == "smtp" else lmtp(users)
+    events = []
+    s.protocol.log = Logger(observer=events.append)
+    envelope(s, [ALICE, BOB])
+    s.command(stuff(b"Subject: logged\r\n\r\nbody\r\n").decode())
+    [event] = events
+    text = formatEvent(event)
+    assert re.fullmatch(
+        rf"{kind} delivered id=\S+ from=<{re.escape(SENDER)}> to={re.escape(ALICE)},{re.escape(BOB)}"
+        + (r" peer=\S+" if kind == "smtp" else ""),
+        text,
+    ), text
+    assert event["recipients"] == f"{ALICE},{BOB}" and event["sender"] == SENDER

@@ -188,18 +188,25 @@ class POP3Server(Protocol):
         if logout is None:
             return defer.succeed(None)
         maildrop, self._maildrop = self._maildrop, None
-        # One line per session, at its end (logging is not free: Twisted's
-        # file observer formats and flushes every event).
-        self.log.info(
-            "pop3 logout user={user} peer={peer} reason={why!r} messages={messages} "
-            "retr={retr}/{retrBytes} top={top} deleted={deleted}",
+        released = defer.maybeDeferred(logout).addErrback(self._releaseFailed)
+        # One line per session, at its end, written while a lock held in
+        # the database is being released.  Logging is not free (Twisted's
+        # file observer formats and flushes every event): the text is made
+        # here, in one piece, and the fields go along for structured
+        # observers.
+        fields = dict(
             user=maildrop.address if maildrop is not None else None,
             peer=_describe(self.peer),
             why=why,
             messages=len(maildrop.sizes) if maildrop is not None else 0,
             **self._stats,
         )
-        return defer.maybeDeferred(logout).addErrback(self._releaseFailed)
+        line = (
+            "pop3 logout user={user} peer={peer} reason={why!r} messages={messages} "
+            "retr={retr}/{retrBytes} top={top} deleted={deleted}"
+        ).format(**fields)
+        self.log.info("{line}", line=line, **fields)
+        return released
 
     def _releaseFailed(self, failure):
         self.log.failure("releasing the maildrop lock failed", failure)
