@@ -162,7 +162,6 @@ class _Holding:
 
     def __exit__(self, *exc):
         if self._outer:
-            held, self._writer._held = self._writer._held, None
-            if held:
-                _sendNow(self._writer.transport, b"".join(held))
+            self._writer.flush()
+            self._writer._held = None
         return False
