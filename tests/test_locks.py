@@ -1,7 +1,8 @@
 """
-PostgreSQL's cross-node maildrop locks with their real worker threads: which
-lock connection each maildrop's lock uses, and the order of operations on
-one maildrop.
+PostgreSQL's cross-node maildrop locks on their real connections, driven by
+a real reactor: which lock connection each maildrop's lock uses, the order
+of operations on one maildrop, the snapshot taken with the lock, and what
+happens when a lock connection is lost.
 """
 
 import psycopg
@@ -11,7 +12,7 @@ from mailgate.errors import MaildropInUse
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks, _key
 from mailgate.testing import addUser, memoryStore, resultOf
-from pumped import PumpedReactor
+from iterated import IteratedReactor
 
 USERS = [f"user{n}@example.org" for n in range(6)]
 
@@ -19,18 +20,19 @@ USERS = [f"user{n}@example.org" for n in range(6)]
 @pytest.fixture
 def node(postgresURL):
     """
-    A node's locks (four slots, their own threads) on a database with a few
-    users, and the users' ids.
+    A node's locks (four connections) on a database with a few users, and
+    the users' ids.
     """
     store = memoryStore(postgresURL)
     ids = []
     for address in USERS:
         addUser(store, address, "pw")
         ids.append(resultOf(store.findUser(address)).userId)
-    reactor = PumpedReactor()
+    reactor = IteratedReactor()
     locks = AdvisoryLocks(engineFromURL(postgresURL), reactor)
     yield locks, reactor, ids, postgresURL
     reactor.wait(locks.close())
+    reactor.close()
     store.close()
 
 
@@ -50,7 +52,7 @@ def lockHolders(url, userIds=range(1, 100)):
 
 
 def openConnections(locks):
-    return [slot for slot in locks._slots if slot.conn is not None]
+    return [slot for slot in locks._slots if slot.connection.connected]
 
 
 def test_anIdleNodeKeepsToOneLockConnection(node):

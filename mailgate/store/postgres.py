@@ -2,17 +2,19 @@
 """
 The PostgreSQL engine: several mailgate nodes, one database.
 
-Connections come from psycopg 3 (synchronous, on the store's worker
-threads).  The RFC 1939 maildrop lock is a PostgreSQL session-level
-advisory lock, taken on a dedicated connection per node: it holds across
-nodes, and it dies with the connection, so a node killed outright releases
+Connections come from psycopg 3: synchronous ones on the store's worker
+threads, and for the locks a few driven by the reactor (see
+L{mailgate.store.pgreactor}).  The RFC 1939 maildrop lock is a PostgreSQL
+session-level advisory lock, taken on a dedicated connection per node: it
+holds across nodes, and it dies with the connection, so a node killed outright releases
 its locks as soon as its connection closes (at once when the process dies
 and the kernel closes its socket; within about 30 seconds, by TCP
 keepalive, if its whole machine vanishes).
 """
 
-import functools
 import hashlib
+import sys
+from array import array
 from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
@@ -23,6 +25,8 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, CredentialsChanged, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildropLocks
+from mailgate.store import pgreactor
+from mailgate.store.pgreactor import INT8, OID, BlockingConnection, ReactorConnection, Statement
 
 CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 60000
@@ -208,16 +212,32 @@ class PostgresEngine:
     def releaseServer(self):
         pass
 
-    def namespace(self, conn):
+    def connectForLocks(self, statements):
+        """
+        A connection for L{AdvisoryLocks}, made in blocking mode (on a
+        worker thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
+        """
+        setup = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
+        setup += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
+        pg = pgreactor.connect(self._conninfo, setup, statements, CONNECT_TIMEOUT)
+        if self._namespace is None:
+            try:
+                result = pg.exec_(b"SELECT current_database(), current_schema()")
+                database, schema = pgreactor.resultRows(result)[0]
+            except BaseException:
+                pg.finish()
+                raise
+            self._namespace = f"{database.decode()}:{schema.decode()}"
+        return pg
+
+    def namespace(self):
         """
         What distinguishes this mailgate's locks from another's on the same
-        server: the database and schema it works in.
+        server: the database and schema it works in.  Known once a lock
+        connection has been made.
         """
         if self._namespace is None:
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT current_database(), current_schema()")
-                self._namespace = ":".join(cursor.fetchone())
-            conn.commit()
+            raise RuntimeError("the lock namespace is known once a lock connection is made")
         return self._namespace
 
     def makeLocks(self, database):
@@ -237,59 +257,51 @@ def _key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
 
 
+_LOCK = Statement("mailgate_lock", "SELECT pg_try_advisory_lock($1)", [INT8])
+_UNLOCK = Statement("mailgate_unlock", "SELECT pg_advisory_unlock($1)", [INT8])
+_HELD = Statement(
+    "mailgate_held",
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+    "AND pid = pg_backend_pid() AND granted AND classid = $1 AND objid = $2 AND objsubid = 1)",
+    [OID, OID],
+)
+# The user's password hash and the maildrop's uids and sizes, packed as
+# big-endian 64-bit pairs in uid order: one value to decode whatever the
+# number of messages.
+_SNAPSHOT = Statement(
+    "mailgate_snapshot",
+    "SELECT password_hash, (SELECT string_agg(int8send(uid) || int8send(size), '' ORDER BY uid) "
+    "FROM maildrop WHERE user_id = $1) FROM users WHERE user_id = $1",
+    [INT8],
+    binary=True,
+)
+_LOCK_STATEMENTS = (_LOCK, _UNLOCK, _HELD, _SNAPSHOT)
+
+
+def _unpackSnapshot(packed):
+    """
+    The uids and sizes from L{_SNAPSHOT}'s packed pairs.
+    """
+    pairs = array("q")
+    if packed:
+        pairs.frombytes(packed)
+        if sys.byteorder == "little":
+            pairs.byteswap()
+    return pairs[0::2], pairs[1::2]
+
+
 class _LockSlot:
     """
-    One lock connection and the one thread that uses it.  A maildrop's
-    lock is taken, checked and released through the same slot (chosen
-    when it is taken, see L{AdvisoryLocks}), because an advisory lock
-    belongs to a database session.
+    One lock connection, and how many operations are queued on it or under
+    way (counted on the reactor thread).  A maildrop's lock is taken,
+    checked and released through the same slot (chosen when it is taken,
+    see L{AdvisoryLocks}), because an advisory lock belongs to a database
+    session.
     """
 
-    def __init__(self, engine, workers):
-        self._engine = engine
-        self.workers = workers
-        self.conn = None
-        # Operations queued or running (counted on the reactor thread).
+    def __init__(self, connection):
+        self.connection = connection
         self.busy = 0
-
-    # worker thread
-
-    def connection(self):
-        if self.conn is not None and (self.conn.closed or self.conn.broken):
-            self.lost()
-        if self.conn is None:
-            conn = self._engine.connect()
-            conn.autocommit = True
-            self.conn = conn
-        return self.conn
-
-    def lost(self):
-        """
-        The lock connection died: every lock it held is gone at the
-        server, whatever the sessions believe; L{AdvisoryLocks.verify}
-        now says so.
-        """
-        try:
-            self.conn.close()
-        except Exception:
-            pass
-        self.conn = None
-
-    def key(self, conn, userId):
-        return _key(f"{self._engine.namespace(conn)}:maildrop:{userId}")
-
-    def run(self, work):
-        try:
-            return work(self.connection())
-        except psycopg.Error as e:
-            if self.conn is not None and (self.conn.closed or self.conn.broken):
-                self.lost()
-            raise TemporaryFailure(f"maildrop lock: {_oneLine(e)}") from e
-
-    def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
 
 @implementer(IMaildropLocks)
@@ -297,7 +309,7 @@ class AdvisoryLocks:
     """
     Maildrop locks that hold across every node sharing the database:
     session-level advisory locks, on a few connections per node dedicated
-    to them (L{slots}), each used from one thread of its own.
+    to them (L{slots}), driven by the reactor (L{ReactorConnection}).
 
     Sessions on the same node are told apart in memory first (advisory
     locks are re-entrant within one PostgreSQL session).
@@ -320,21 +332,46 @@ class AdvisoryLocks:
     def __init__(self, engine, reactor=None, synchronous=False):
         from mailgate.store.database import WorkerThreads
 
-        if reactor is None and not synchronous:
-            from twisted.internet import reactor
-        self._synchronous = synchronous
         self._engine = engine
-        self._reactor = reactor
         self._held = set()
-        count = 1 if synchronous else self.slots
-        self._slots = [
-            _LockSlot(engine, None if synchronous else WorkerThreads(reactor, 1, f"mailgate-locks-{i}"))
-            for i in range(count)
-        ]
+        if synchronous:
+            self._connector = None
+            self._slots = [_LockSlot(BlockingConnection(self._connectNow))]
+        else:
+            if reactor is None:
+                from twisted.internet import reactor
+            # Connections are made on a thread of their own (libpq resolves
+            # names and negotiates TLS with blocking calls).
+            self._connector = WorkerThreads(reactor, 1, "mailgate-lock-connect")
+            self._slots = [
+                _LockSlot(ReactorConnection(reactor, self._connectLater, f"maildrop lock connection {i}"))
+                for i in range(self.slots)
+            ]
         # User id to [slot, operations in flight] while its lock is held or
         # an operation on it is under way.
         self._routes = {}
         self._started = False
+
+    # Connecting
+
+    def _connectNow(self):
+        return self._engine.connectForLocks(_LOCK_STATEMENTS)
+
+    def _connectLater(self):
+        if not self._started:
+            self._started = True
+            self._connector.start()
+        return self._connector.submit(self._connectNow)
+
+    def _key(self, userId):
+        # The namespace is known once a connection has been made, which is
+        # before any statement is sent.
+        return _key(f"{self._engine.namespace()}:maildrop:{userId}")
+
+    def _keyParams(self, userId):
+        return lambda: [str(self._key(userId)).encode("ascii")]
+
+    # Routing
 
     def _route(self, userId):
         route = self._routes.get(userId)
@@ -351,117 +388,86 @@ class AdvisoryLocks:
         if route is not None and route[1] == 0 and userId not in self._held:
             del self._routes[userId]
 
-    def _run(self, userId, work):
+    def _run(self, userId, statement, params):
         """
-        Run C{work(slot, connection)} on the thread of the slot that
-        C{userId}'s lock uses.
+        Run C{statement} on the connection that C{userId}'s lock uses.
         """
         route = self._route(userId)
         slot = route[0]
-        work = functools.partial(work, slot)
         route[1] += 1
         slot.busy += 1
-        if self._synchronous:
-            d = defer.maybeDeferred(slot.run, work)
-        else:
-            if not self._started:
-                self._started = True
-                for each in self._slots:
-                    each.workers.start()
-            d = slot.workers.submit(slot.run, work)
 
         def finished(result):
             slot.busy -= 1
             route[1] -= 1
             return result
 
-        return d.addBoth(finished)
+        def failed(failure):
+            if failure.check(psycopg.Error):
+                raise TemporaryFailure(f"maildrop lock: {_oneLine(failure.value)}") from failure.value
+            return failure
 
-    # worker thread
+        d = slot.connection.execute(statement, params)
+        return d.addBoth(finished).addErrback(failed)
 
-    def _query(self, userId, query):
-        def work(slot, conn):
-            with conn.cursor() as cursor:
-                cursor.execute(query, (slot.key(conn, userId),))
-                return cursor.fetchone()[0]
-
-        return work
-
-    def _isHeld(self, userId):
-        def work(slot, conn):
-            key = slot.key(conn, userId)
-            with conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND pid = pg_backend_pid() AND granted AND classid = %s AND objid = %s "
-                    "AND objsubid = 1)",
-                    ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
-                )
-                return cursor.fetchone()[0]
-
-        return work
-
-    # reactor thread
+    # IMaildropLocks
 
     def acquire(self, userId):
-        return self.acquireAndRead(userId, None)
-
-    def acquireAndRead(self, userId, function, *args, passwordHash=None):
         """
-        Take the lock and, with it held, run the read C{function(cursor,
-        *args)} on the same connection, in the same trip: a POP3 login
-        locks and snapshots its maildrop at the cost of one.
+        Take the lock.
 
-        @param passwordHash: if given, the statement that takes the lock
-            also confirms this is still the user's stored password hash;
-            if not, the lock is given back and this fails with
-            L{CredentialsChanged}.
-        @return: a L{Deferred} of C{function}'s result (the user id if no
-            function), failing with L{MaildropInUse} if the lock is taken.
+        @return: a L{Deferred} of the user id, failing with
+            L{MaildropInUse} if the lock is taken.
         """
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
+        d = self._run(userId, _LOCK, self._keyParams(userId))
 
-        def work(slot, conn):
-            key = slot.key(conn, userId)
-            with conn.cursor(binary=True) as cursor:
-                cursor.execute(
-                    "SELECT pg_try_advisory_lock(%s), "
-                    "(SELECT password_hash FROM users WHERE user_id = %s)",
-                    (key, userId),
-                )
-                locked, storedHash = cursor.fetchone()
-                if not locked:
-                    return _NotLocked
-                if passwordHash is not None and storedHash != passwordHash:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                    raise CredentialsChanged(userId)
-                if function is None:
-                    return userId
-                return function(_Cursor(cursor), *args)
-
-        d = self._run(userId, work)
-
-        def done(result):
-            if result is _NotLocked:
+        def done(rows):
+            if rows[0][0] != b"t":
                 self._held.discard(userId)
                 self._settle(userId)
                 raise MaildropInUse(userId)
-            return result
+            return userId
 
         def failed(failure):
+            # Whether the lock was taken is unknown only if the connection
+            # was lost, and the lock with it.
             self._held.discard(userId)
-            if not failure.check(MaildropInUse, CredentialsChanged):
-                # The read may have failed with the lock taken: give it back.
-                unlock = self._run(userId, self._query(userId, "SELECT pg_advisory_unlock(%s)"))
-                unlock.addErrback(lambda _: None)  # a lost connection took the lock with it
-                unlock.addBoth(lambda _: self._settle(userId))
-            else:
-                self._settle(userId)
+            self._settle(userId)
             return failure
 
         return d.addCallbacks(done, failed)
+
+    def acquireAndSnapshot(self, userId, passwordHash=None):
+        """
+        Take the lock and, with it held, read the maildrop's snapshot on
+        the same connection: a POP3 login costs two short trips.
+
+        @param passwordHash: if given, the snapshot also confirms this is
+            still the user's stored password hash; if not, the lock is
+            given back and this fails with L{CredentialsChanged}.
+        @return: a L{Deferred} of the uids and sizes of the maildrop's
+            messages, in uid order (two C{array("q")}), failing with
+            L{MaildropInUse} if the lock is taken.
+        """
+        d = self.acquire(userId)
+
+        def snapshot(_):
+            read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")])
+            return read.addCallback(check).addErrback(giveBack)
+
+        def check(rows):
+            if not rows or (passwordHash is not None and rows[0][0] != passwordHash.encode("utf-8")):
+                raise CredentialsChanged(userId)
+            return _unpackSnapshot(rows[0][1])
+
+        def giveBack(failure):
+            self.release(userId)
+            return failure
+
+        return d.addCallback(snapshot)
 
     def release(self, userId):
         """
@@ -470,10 +476,10 @@ class AdvisoryLocks:
         """
         if userId not in self._held:
             return defer.succeed(None)
-        # Forget it here at once: the unlock is queued on the slot's thread
-        # ahead of any later acquire of this maildrop on this node.
+        # Forget it here at once: the unlock is queued on the slot's
+        # connection ahead of any later acquire of this maildrop on this node.
         self._held.discard(userId)
-        d = self._run(userId, self._query(userId, "SELECT pg_advisory_unlock(%s)"))
+        d = self._run(userId, _UNLOCK, self._keyParams(userId))
 
         def failed(failure):
             # The connection is gone, and the lock with it.
@@ -493,25 +499,22 @@ class AdvisoryLocks:
         """
         if userId not in self._held:
             return defer.succeed(False)
-        return self._run(userId, self._isHeld(userId))
+
+        def params():
+            key = self._key(userId)
+            return [str((key >> 32) & 0xFFFFFFFF).encode("ascii"), str(key & 0xFFFFFFFF).encode("ascii")]
+
+        d = self._run(userId, _HELD, params)
+        return d.addCallback(lambda rows: rows[0][0] == b"t")
 
     def close(self):
         self._held.clear()
         self._routes.clear()
-        if self._synchronous:
-            for slot in self._slots:
-                slot.close()
-            return defer.succeed(None)
-        if not self._started:
-            return defer.succeed(None)
-        self._started = False
-        closing = [slot.workers.submit(slot.close) for slot in self._slots]
-
-        def stop(_):
-            for slot in self._slots:
-                slot.workers.stop()
-
-        return defer.DeferredList(closing, consumeErrors=True).addBoth(stop)
+        closing = [slot.connection.close() for slot in self._slots]
+        if self._started:
+            self._started = False
+            self._connector.stop()
+        return defer.DeferredList(closing, consumeErrors=True).addBoth(lambda _: None)
 
 
-_NotLocked = object()
+

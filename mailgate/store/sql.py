@@ -595,10 +595,11 @@ class SQLMailStore:
         # The password hash the login was verified against: the snapshot
         # confirms it is still the user's (see PasswordChecker).
         passwordHash = identity.passwordHash
-        acquireAndRead = getattr(self.locks, "acquireAndRead", None)
-        if acquireAndRead is not None:
-            # Lock and snapshot in one trip, where the locks allow it.
-            d = acquireAndRead(userId, _snapshot, userId, passwordHash=passwordHash)
+        acquireAndSnapshot = getattr(self.locks, "acquireAndSnapshot", None)
+        if acquireAndSnapshot is not None:
+            # Lock and snapshot on the lock's own connection, where the locks
+            # offer it.
+            d = acquireAndSnapshot(userId, passwordHash=passwordHash)
         else:
             d = self.locks.acquire(userId)
 

@@ -1,0 +1,404 @@
+# -*- test-case-name: tests.test_pgreactor -*-
+"""
+PostgreSQL connections for short statements, driven by the reactor through
+libpq's non-blocking API (C{psycopg.pq}).
+
+A POP3 session makes two trips to its node's maildrop lock connection:
+lock and snapshot at login, unlock at QUIT.  Made from a worker thread,
+each trip also costs two hand-overs between threads, which on loopback
+take as long as the trip itself.  Here a statement is a write to the
+socket from the reactor thread and its answer is read there when it
+arrives, so the reactor never waits.  These connections are meant for
+statements whose answers are cheap to decode: a few values, or a packed
+array decoded in C whatever its length.
+
+Statements are prepared when the connection is made and run one at a time,
+in the order they were issued.  That order is what the lock connections
+rely on: an unlock queued ahead of a new login's lock runs first.
+
+The connection itself is made on a worker thread: libpq resolves host
+names and negotiates TLS with blocking calls.
+"""
+
+import os
+from collections import deque
+
+import psycopg
+from psycopg import pq
+from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgate.errors import TemporaryFailure
+
+#: parameter type OIDs, for L{Statement.types}
+INT8 = 20
+OID = 26
+
+
+def oneLine(error):
+    return " ".join(str(error).split())
+
+
+class Statement:
+    """
+    A statement prepared on every connection made.
+
+    @ivar name: its prepared statement name (C{bytes}).
+    @ivar sql: its text, with C{$1}, C{$2}, ... placeholders.
+    @ivar types: the parameters' type OIDs.
+    @ivar binary: whether its results come in binary format (C{bytea}
+        as it is) rather than text.
+    """
+
+    def __init__(self, name, sql, types=(), binary=False):
+        self.name = name.encode("ascii")
+        self.sql = sql.encode("utf-8")
+        self.types = list(types)
+        self.binary = binary
+
+    def __repr__(self):
+        return f"<Statement {self.name.decode()}>"
+
+
+def _ignoreNotice(result):
+    """
+    libpq's default notice processor writes to stderr; the statements
+    prepared here raise none worth keeping (C{pg_advisory_unlock} warns when
+    the lock was already gone with a previous connection).
+    """
+
+
+def connect(conninfo, setup, statements, connectTimeout):
+    """
+    Make a connection, in blocking mode: run on a worker thread.
+
+    @param setup: statements run first (C{SET ...}), as C{str}.
+    @param statements: the L{Statement}s to prepare.
+    @return: the C{pq.PGconn}, in blocking mode.
+    @raise TemporaryFailure: if PostgreSQL cannot be reached or refuses.
+    """
+    info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
+    pg = pq.PGconn.connect(info.encode("utf-8"))
+    try:
+        if pg.status != pq.ConnStatus.OK:
+            raise TemporaryFailure(f"cannot connect to PostgreSQL: {oneLine(pg.get_error_message())}")
+        pg.notice_handler = _ignoreNotice
+        for sql in setup:
+            resultRows(pg.exec_(sql.encode("utf-8")))
+        for statement in statements:
+            resultRows(pg.prepare(statement.name, statement.sql, statement.types))
+    except BaseException:
+        pg.finish()
+        raise
+    return pg
+
+
+def resultRows(result):
+    """
+    The rows of a statement's C{PGresult}, each a tuple of C{bytes} (or
+    C{None} for NULL).
+
+    @raise psycopg.Error: the error the statement reported.
+    """
+    status = result.status
+    if status == pq.ExecStatus.TUPLES_OK:
+        fields = range(result.nfields)
+        return [tuple(result.get_value(row, field) for field in fields) for row in range(result.ntuples)]
+    if status == pq.ExecStatus.COMMAND_OK:
+        return []
+    raise psycopg.errors.error_from_result(result)
+
+
+class BlockingConnection:
+    """
+    The same statements on a connection in blocking mode, for synchronous
+    stores (the C{mailgate} command, tests): each L{Deferred} has fired
+    when L{execute} returns.
+    """
+
+    def __init__(self, connect):
+        self._connect = connect
+        self._pg = None
+
+    @property
+    def connected(self):
+        return self._pg is not None
+
+    @property
+    def backendPid(self):
+        return None if self._pg is None else self._pg.backend_pid
+
+    def execute(self, statement, params):
+        try:
+            if self._pg is None:
+                self._pg = self._connect()
+            values = params() if callable(params) else params
+            result = self._pg.exec_prepared(
+                statement.name, values, result_format=1 if statement.binary else 0
+            )
+            if self._pg.status != pq.ConnStatus.OK:
+                self._lose()
+            return defer.succeed(resultRows(result))
+        except psycopg.Error as e:
+            if self._pg is not None and self._pg.status != pq.ConnStatus.OK:
+                self._lose()
+            return defer.fail(e)
+        except TemporaryFailure:
+            return defer.fail()
+
+    def _lose(self):
+        pg, self._pg = self._pg, None
+        pg.finish()
+
+    def close(self):
+        if self._pg is not None:
+            self._lose()
+        return defer.succeed(None)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class ReactorConnection:
+    """
+    One PostgreSQL connection driven by the reactor.
+
+    A statement that fails reports its error (a C{psycopg.Error}) and
+    leaves the connection usable.  When the connection is lost (the server
+    went away, or a statement went unanswered for L{deadline} seconds) the
+    statement under way fails with L{TemporaryFailure}, and those queued
+    behind it go to a new connection.  The reactor reads the socket
+    whenever it is open, so a connection the server closes while idle is
+    noticed at once, not at the next statement.
+
+    @ivar deadline: seconds a statement may go unanswered before the
+        connection is given up as lost (the server's own
+        C{statement_timeout} should end a slow statement well before).
+    @ivar connections: connections made so far.
+    """
+
+    deadline = 75.0
+    log = Logger()
+
+    def __init__(self, reactor, connect, name):
+        """
+        @param connect: makes a connection on a worker thread: returns a
+            L{Deferred} of a C{pq.PGconn} in blocking mode, its statements
+            prepared (see L{connect}).
+        @param name: what log lines call it.
+        """
+        self._reactor = reactor
+        self._connect = connect
+        self._name = name
+        self._pg = None
+        self._fd = -1
+        self._connecting = False
+        self._writing = False
+        # Statements waiting: (statement, params, deferred); the one under
+        # way: [deferred, results] and when it was sent.
+        self._queue = deque()
+        self._current = None
+        self._sentAt = 0.0
+        self._timer = None
+        self._closed = False
+        self.connections = 0
+
+    def __repr__(self):
+        return f"<ReactorConnection {self._name}>"
+
+    @property
+    def connected(self):
+        return self._pg is not None
+
+    @property
+    def backendPid(self):
+        return None if self._pg is None else self._pg.backend_pid
+
+    def execute(self, statement, params):
+        """
+        Run a prepared statement once those issued before it have run.
+
+        @param statement: a L{Statement} the connection was made with.
+        @param params: its parameters, as C{bytes} in text format, or a
+            callable returning them, called when the statement is sent
+            (after the connection is made).
+        @return: a L{Deferred} of its rows, each a tuple of C{bytes} or
+            C{None}.
+        """
+        if self._closed:
+            return defer.fail(TemporaryFailure(f"{self._name}: connection closed"))
+        d = defer.Deferred()
+        self._queue.append((statement, params, d))
+        if self._current is None:
+            self._sendNext()
+        return d
+
+    def close(self):
+        """
+        Close the connection; statements not yet answered fail.
+        """
+        self._closed = True
+        if self._pg is not None:
+            self._lose("closed", log=False)
+        self._failQueued(TemporaryFailure(f"{self._name}: connection closed"))
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return defer.succeed(None)
+
+    # Sending
+
+    def _sendNext(self):
+        if not self._queue or self._closed:
+            return
+        if self._pg is None:
+            if not self._connecting:
+                self._startConnecting()
+            return
+        statement, params, d = self._queue.popleft()
+        pg = self._pg
+        try:
+            values = params() if callable(params) else params
+            pg.send_query_prepared(statement.name, values, result_format=1 if statement.binary else 0)
+        except psycopg.Error as e:
+            # The connection broke since its last answer: the statement
+            # goes to the next one.
+            self._queue.appendleft((statement, params, d))
+            self._lose(oneLine(e))
+            return
+        self._current = (d, [])
+        self._sentAt = self._reactor.seconds()
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self.deadline, self._checkDeadline)
+        self._flush()
+
+    def _flush(self):
+        try:
+            pending = self._pg.flush()
+        except psycopg.Error as e:
+            self._lose(oneLine(e))
+            return
+        if pending and not self._writing:
+            self._writing = True
+            self._reactor.addWriter(self)
+        elif not pending and self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
+
+    def _checkDeadline(self):
+        self._timer = None
+        if self._current is None or self._pg is None:
+            return
+        left = self._sentAt + self.deadline - self._reactor.seconds()
+        if left <= 0:
+            self._lose(f"no answer in {self.deadline:g} seconds")
+        else:
+            self._timer = self._reactor.callLater(left, self._checkDeadline)
+
+    # Connecting
+
+    def _startConnecting(self):
+        self._connecting = True
+        d = defer.maybeDeferred(self._connect)
+        d.addCallbacks(self._connected, self._notConnected)
+
+    def _connected(self, pg):
+        self._connecting = False
+        if self._closed:
+            pg.finish()
+            return
+        pg.nonblocking = 1
+        self._pg = pg
+        # The reactor watches a duplicate of the socket: libpq closes its
+        # own descriptor as soon as it sees the connection end, and the
+        # reactor must still be able to stop watching this one.
+        self._fd = os.dup(pg.socket)
+        self.connections += 1
+        self._reactor.addReader(self)
+        self._sendNext()
+
+    def _notConnected(self, failure):
+        self._connecting = False
+        # Everything queued would wait for the same unreachable server.
+        error = failure.value
+        if not isinstance(error, TemporaryFailure):
+            error = TemporaryFailure(f"{self._name}: cannot connect: {oneLine(error)}")
+        self._failQueued(error)
+
+    def _failQueued(self, error):
+        queued, self._queue = self._queue, deque()
+        for _, _, d in queued:
+            d.errback(error)
+
+    # Losing
+
+    def _lose(self, why, log=True):
+        pg = self._pg
+        if pg is None:
+            return
+        self._pg = None
+        self._reactor.removeReader(self)
+        if self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
+        os.close(self._fd)
+        self._fd = -1
+        pg.finish()
+        if log:
+            self.log.warn("{name}: PostgreSQL connection lost: {why}", name=self._name, why=why)
+        current, self._current = self._current, None
+        if current is not None:
+            current[0].errback(TemporaryFailure(f"{self._name}: connection lost: {why}"))
+        self._sendNext()
+
+    # IReadDescriptor, IWriteDescriptor
+
+    def fileno(self):
+        return self._fd
+
+    def logPrefix(self):
+        return self._name
+
+    def connectionLost(self, reason):
+        self._lose(oneLine(reason.value))
+
+    def doWrite(self):
+        if self._pg is not None:
+            self._flush()
+
+    def doRead(self):
+        pg = self._pg
+        if pg is None:
+            return
+        try:
+            pg.consume_input()
+        except psycopg.Error as e:
+            self._lose(oneLine(e))
+            return
+        current = self._current
+        if current is None:
+            # Nothing asked: a notice, or the server closing the connection.
+            if pg.status != pq.ConnStatus.OK:
+                self._lose("closed by the server")
+            return
+        d, results = current
+        while not pg.is_busy():
+            result = pg.get_result()
+            if result is None:
+                self._current = None
+                self._answer(d, results)
+                if self._current is None:
+                    self._sendNext()
+                return
+            results.append(result)
+        if pg.status != pq.ConnStatus.OK:
+            self._lose("closed by the server")
+
+    @staticmethod
+    def _answer(d, results):
+        try:
+            rows = resultRows(results[-1]) if results else []
+        except psycopg.Error:
+            d.errback()
+        else:
+            d.callback(rows)
