@@ -8,10 +8,10 @@ happens when a lock connection is lost.
 import psycopg
 import pytest
 
-from mailgate.errors import MaildropInUse
+from mailgate.errors import CredentialsChanged, MaildropInUse
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks, _key
-from mailgate.testing import addUser, memoryStore, resultOf
+from mailgate.testing import addUser, deliver, memoryStore, resultOf
 from iterated import IteratedReactor
 
 USERS = [f"user{n}@example.org" for n in range(6)]
@@ -113,3 +113,64 @@ def test_anotherNodeWaitsForTheUnlock(node, postgresURL):
         reactor.wait(other.release(alice))
     finally:
         reactor.wait(other.close())
+
+
+def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
+    locks, reactor, ids, url = node
+    store = memoryStore(url)
+    try:
+        for n in range(300):
+            body = b"x" * (n * 37 % 1000)
+            deliver(store, [USERS[1]], b"Subject: %d\r\n\r\n%s\r\n" % (n, body))
+    finally:
+        store.close()
+    bob = ids[1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        expected = conn.execute("SELECT uid, size FROM maildrop WHERE user_id = %s", (bob,)).fetchall()
+    assert len(expected) == 300 and len({size for _, size in expected}) > 100
+    uids, got = reactor.wait(locks.acquireAndSnapshot(bob))
+    assert list(zip(uids, got)) == sorted(expected)
+    reactor.wait(locks.release(bob))
+    # An empty maildrop.
+    alice = ids[0]
+    uids, got = reactor.wait(locks.acquireAndSnapshot(alice))
+    assert (list(uids), list(got)) == ([], [])
+    assert lockHolders(url) != []
+    reactor.wait(locks.release(alice))
+    assert lockHolders(url) == []
+
+
+def test_aPasswordChangedSinceItWasVerifiedGivesTheLockBack(node):
+    locks, reactor, ids, url = node
+    alice = ids[0]
+    failure = reactor.wait(locks.acquireAndSnapshot(alice, passwordHash="$scrypt$not-the-stored-one"))
+    assert failure.check(CredentialsChanged)
+    reactor.turnUntil(lambda: lockHolders(url) == [] and locks._routes == {}, timeout=10)
+    assert alice not in locks._held
+
+
+def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
+    """
+    Killing the backend that holds a lock releases it at the database: this
+    node's check before deleting anything says so, another node can take
+    the lock, and after the session ends this node can lock it again.
+    """
+    locks, reactor, ids, url = node
+    alice = ids[0]
+    assert reactor.wait(locks.acquire(alice)) == alice
+    assert reactor.wait(locks.verify(alice)) is True
+    [pid] = lockHolders(url)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert reactor.wait(locks.verify(alice)) is False
+    other = AdvisoryLocks(engineFromURL(url), reactor)
+    try:
+        assert reactor.wait(other.acquire(alice)) == alice
+        reactor.wait(locks.release(alice))
+        assert reactor.wait(locks.acquire(alice)).check(MaildropInUse)
+        reactor.wait(other.release(alice))
+    finally:
+        reactor.wait(other.close())
+    assert reactor.wait(locks.acquire(alice)) == alice
+    assert lockHolders(url) != [pid]
+    reactor.wait(locks.release(alice))

@@ -121,6 +121,7 @@ class BlockingConnection:
     def __init__(self, connect):
         self._connect = connect
         self._pg = None
+        self.connections = 0
 
     @property
     def connected(self):
@@ -134,6 +135,7 @@ class BlockingConnection:
         try:
             if self._pg is None:
                 self._pg = self._connect()
+                self.connections += 1
             values = params() if callable(params) else params
             result = self._pg.exec_prepared(
                 statement.name, values, result_format=1 if statement.binary else 0

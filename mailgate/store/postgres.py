@@ -333,7 +333,9 @@ class AdvisoryLocks:
         from mailgate.store.database import WorkerThreads
 
         self._engine = engine
-        self._held = set()
+        # User id to the lock connection's generation (its count of
+        # connections made) when the lock was granted, None while asked.
+        self._held = {}
         if synchronous:
             self._connector = None
             self._slots = [_LockSlot(BlockingConnection(self._connectNow))]
@@ -421,20 +423,22 @@ class AdvisoryLocks:
         """
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
-        self._held.add(userId)
+        self._held[userId] = None
         d = self._run(userId, _LOCK, self._keyParams(userId))
+        connection = self._routes[userId][0].connection
 
         def done(rows):
             if rows[0][0] != b"t":
-                self._held.discard(userId)
+                del self._held[userId]
                 self._settle(userId)
                 raise MaildropInUse(userId)
+            self._held[userId] = connection.connections
             return userId
 
         def failed(failure):
             # Whether the lock was taken is unknown only if the connection
             # was lost, and the lock with it.
-            self._held.discard(userId)
+            self._held.pop(userId, None)
             self._settle(userId)
             return failure
 
@@ -478,7 +482,7 @@ class AdvisoryLocks:
             return defer.succeed(None)
         # Forget it here at once: the unlock is queued on the slot's
         # connection ahead of any later acquire of this maildrop on this node.
-        self._held.discard(userId)
+        del self._held[userId]
         d = self._run(userId, _UNLOCK, self._keyParams(userId))
 
         def failed(failure):
@@ -496,16 +500,32 @@ class AdvisoryLocks:
         Whether this node still holds the lock at the database: false once
         the lock connection has been lost (and another node may have taken
         the lock).  Checked before the UPDATE state deletes anything.
+
+        A lock connection lost before or during the check took the lock
+        with it: the answer is then false without asking.
         """
-        if userId not in self._held:
+        generation = self._held.get(userId)
+        if generation is None:
+            return defer.succeed(False)
+        connection = self._routes[userId][0].connection
+
+        def lost():
+            return not connection.connected or connection.connections != generation
+
+        if lost():
             return defer.succeed(False)
 
         def params():
             key = self._key(userId)
             return [str((key >> 32) & 0xFFFFFFFF).encode("ascii"), str(key & 0xFFFFFFFF).encode("ascii")]
 
+        def failed(failure):
+            if failure.check(TemporaryFailure) and lost():
+                return False
+            return failure
+
         d = self._run(userId, _HELD, params)
-        return d.addCallback(lambda rows: rows[0][0] == b"t")
+        return d.addCallbacks(lambda rows: rows[0][0] == b"t", failed)
 
     def close(self):
         self._held.clear()

@@ -1,0 +1,164 @@
+"""
+A PostgreSQL connection driven by the reactor (L{mailgate.store.pgreactor}),
+against the real server and a real epoll reactor: order of answers, failed
+statements, and connections lost to the server, to silence and to closing.
+"""
+
+import os
+
+import psycopg
+import pytest
+from twisted.python.failure import Failure
+
+from mailgate.errors import TemporaryFailure
+from mailgate.store import engineFromURL
+from mailgate.store.database import WorkerThreads
+from mailgate.store.pgreactor import INT8, ReactorConnection, Statement
+from iterated import IteratedReactor
+
+ECHO = Statement("test_echo", "SELECT $1::bigint * 2, pg_backend_pid()", [INT8])
+DIVIDE = Statement("test_divide", "SELECT 100 / $1::bigint", [INT8])
+SLEEP = Statement("test_sleep", "SELECT pg_sleep($1::float8)")
+BLOB = Statement("test_blob", "SELECT decode(repeat('ab', $1::int), 'hex')", binary=True)
+
+
+@pytest.fixture
+def connection(postgresURL):
+    """
+    A connection with the test statements, its reactor, and the server URL.
+    """
+    engine = engineFromURL(postgresURL)
+    reactor = IteratedReactor()
+    threads = WorkerThreads(reactor, 1, "test-connect")
+    threads.start()
+    conn = ReactorConnection(
+        reactor, lambda: threads.submit(engine.connectForLocks, [ECHO, DIVIDE, SLEEP, BLOB]), "test connection"
+    )
+    yield conn, reactor, postgresURL
+    reactor.wait(conn.close())
+    threads.stop()
+    reactor.close()
+
+
+def echo(conn, n):
+    return conn.execute(ECHO, [str(n).encode()])
+
+
+def terminate(url, pid):
+    with psycopg.connect(url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+
+
+def test_statementsIssuedTogetherAreAnsweredInOrder(connection):
+    conn, reactor, _ = connection
+    pending = [echo(conn, n) for n in range(50)]
+    results = [reactor.wait(d) for d in pending]
+    assert [int(rows[0][0]) for rows in results] == [2 * n for n in range(50)]
+    # One connection, made once, served them all.
+    assert {rows[0][1] for rows in results} == {str(conn.backendPid).encode()}
+    assert conn.connections == 1
+
+
+def test_aFailedStatementLeavesTheConnectionUsable(connection):
+    conn, reactor, _ = connection
+    first = echo(conn, 1)
+    failed = conn.execute(DIVIDE, [b"0"])
+    after = echo(conn, 2)
+    assert reactor.wait(first)[0][0] == b"2"
+    failure = reactor.wait(failed)
+    assert isinstance(failure, Failure)
+    assert failure.check(psycopg.errors.DivisionByZero)
+    assert reactor.wait(after)[0][0] == b"4"
+    assert reactor.wait(conn.execute(DIVIDE, [b"4"])) == [(b"25",)]
+    assert conn.connections == 1
+
+
+def test_aLargeBinaryAnswerArrivesWhole(connection):
+    conn, reactor, _ = connection
+    rows = reactor.wait(conn.execute(BLOB, [b"3000000"]))
+    assert rows == [(b"\xab" * 3000000,)]
+
+
+def test_aConnectionTheServerClosesIsNoticedWhileIdle(connection):
+    """
+    The reactor watches the socket even with nothing asked, so the loss is
+    known at once; the next statement gets a new connection.
+    """
+    conn, reactor, url = connection
+    reactor.wait(echo(conn, 1))
+    pid = conn.backendPid
+    terminate(url, pid)
+    reactor.turnUntil(lambda: not conn.connected, timeout=10)
+    rows = reactor.wait(echo(conn, 3))
+    assert rows[0][0] == b"6" and rows[0][1] != str(pid).encode()
+    assert conn.connections == 2
+
+
+def test_aConnectionLostMidStatementFailsThatStatementOnly(connection):
+    conn, reactor, url = connection
+    reactor.wait(echo(conn, 1))
+    pid = conn.backendPid
+    sleeping = conn.execute(SLEEP, [b"30"])
+    queued = echo(conn, 5)
+    # The sleep has reached the server before it is cut off.
+    reactor.turnUntil(lambda: _activeQuery(url, pid) == "EXECUTE", timeout=10)
+    terminate(url, pid)
+    failure = reactor.wait(sleeping)
+    assert failure.check(TemporaryFailure)
+    assert "connection lost" in str(failure.value)
+    assert reactor.wait(queued)[0][0] == b"10"
+    assert conn.backendPid != pid
+
+
+def _activeQuery(url, pid):
+    with psycopg.connect(url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    return "EXECUTE" if row and row[0] == "active" and "pg_sleep" in row[1] else None
+
+
+def test_aStatementUnansweredPastTheDeadlineGivesTheConnectionUp(connection):
+    conn, reactor, _ = connection
+    conn.deadline = 0.5
+    reactor.wait(echo(conn, 1))
+    pid = conn.backendPid
+    failure = reactor.wait(conn.execute(SLEEP, [b"20"]), timeout=10)
+    assert failure.check(TemporaryFailure)
+    assert "no answer in 0.5 seconds" in str(failure.value)
+    rows = reactor.wait(echo(conn, 7))
+    assert rows[0][0] == b"14" and conn.backendPid != pid
+
+
+def test_anUnreachableServerFailsEverythingQueued():
+    reactor = IteratedReactor()
+    threads = WorkerThreads(reactor, 1, "test-connect")
+    threads.start()
+    try:
+        # Port 1 on loopback: nothing listens there.
+        engine = engineFromURL("postgresql://nobody@127.0.0.1:1/nothing")
+        conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectForLocks, [ECHO]), "test")
+        pending = [echo(conn, n) for n in range(3)]
+        for d in pending:
+            failure = reactor.wait(d)
+            assert failure.check(TemporaryFailure)
+            assert "cannot connect to PostgreSQL" in str(failure.value)
+        assert not conn.connected
+    finally:
+        threads.stop()
+        reactor.close()
+
+
+def test_losingAndClosingLeaveNoDescriptorBehind(connection):
+    conn, reactor, url = connection
+    reactor.wait(echo(conn, 1))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        terminate(url, conn.backendPid)
+        reactor.turnUntil(lambda: not conn.connected, timeout=10)
+        reactor.wait(echo(conn, 1))
+    assert len(os.listdir("/proc/self/fd")) == before
+    reactor.wait(conn.close())
+    assert len(os.listdir("/proc/self/fd")) == before - 2  # the socket and its duplicate
+    failure = reactor.wait(echo(conn, 1))
+    assert failure.check(TemporaryFailure)
