@@ -111,17 +111,15 @@ def resultRows(result):
     raise psycopg.errors.error_from_result(result)
 
 
-class BlockingConnection:
+class _Connection:
     """
-    The same statements on a connection in blocking mode, for synchronous
-    stores (the C{mailgate} command, tests): each L{Deferred} has fired
-    when L{execute} returns.
+    What both kinds of connection tell about themselves.
+
+    @ivar connections: connections made so far.
     """
 
-    def __init__(self, connect):
-        self._connect = connect
-        self._pg = None
-        self.connections = 0
+    _pg = None
+    connections = 0
 
     @property
     def connected(self):
@@ -130,6 +128,17 @@ class BlockingConnection:
     @property
     def backendPid(self):
         return None if self._pg is None else self._pg.backend_pid
+
+
+class BlockingConnection(_Connection):
+    """
+    The same statements on a connection in blocking mode, for synchronous
+    stores (the C{mailgate} command, tests): each L{Deferred} has fired
+    when L{execute} returns.
+    """
+
+    def __init__(self, connect):
+        self._connect = connect
 
     def execute(self, statement, params):
         try:
@@ -161,7 +170,7 @@ class BlockingConnection:
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
-class ReactorConnection:
+class ReactorConnection(_Connection):
     """
     One PostgreSQL connection driven by the reactor.
 
@@ -176,7 +185,6 @@ class ReactorConnection:
     @ivar deadline: seconds a statement may go unanswered before the
         connection is given up as lost (the server's own
         C{statement_timeout} should end a slow statement well before).
-    @ivar connections: connections made so far.
     """
 
     deadline = 75.0
@@ -192,7 +200,6 @@ class ReactorConnection:
         self._reactor = reactor
         self._connect = connect
         self._name = name
-        self._pg = None
         self._fd = -1
         self._connecting = False
         self._writing = False
@@ -203,18 +210,9 @@ class ReactorConnection:
         self._sentAt = 0.0
         self._timer = None
         self._closed = False
-        self.connections = 0
 
     def __repr__(self):
         return f"<ReactorConnection {self._name}>"
-
-    @property
-    def connected(self):
-        return self._pg is not None
-
-    @property
-    def backendPid(self):
-        return None if self._pg is None else self._pg.backend_pid
 
     def execute(self, statement, params):
         """
