@@ -3,14 +3,14 @@
 PostgreSQL connections for short statements, driven by the reactor through
 libpq's non-blocking API (C{psycopg.pq}).
 
-A POP3 session makes two trips to its node's maildrop lock connection:
+A POP3 session makes three trips to its node's maildrop lock connection:
 lock and snapshot at login, unlock at QUIT.  Made from a worker thread,
-each trip also costs two hand-overs between threads, which on loopback
-take as long as the trip itself.  Here a statement is a write to the
-socket from the reactor thread and its answer is read there when it
-arrives, so the reactor never waits.  These connections are meant for
-statements whose answers are cheap to decode: a few values, or a packed
-array decoded in C whatever its length.
+each job also costs two hand-overs between threads, which on loopback take
+as long as the trip itself.  Here a statement is a write to the socket
+from the reactor thread and its answer is read there when it arrives, so
+the reactor never waits.  These connections are meant for statements
+whose answers are cheap to decode: a few values, or a packed array
+decoded in C whatever its length.
 
 Statements are prepared when the connection is made and run one at a time,
 in the order they were issued.  That order is what the lock connections

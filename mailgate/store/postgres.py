@@ -316,7 +316,7 @@ class AdvisoryLocks:
 
     A maildrop's lock is taken on the least busy slot, the first one when
     all are idle: a lightly loaded node keeps using one connection, whose
-    PostgreSQL backend is then awake and warm (a session costs two trips to
+    PostgreSQL backend is then awake and warm (a session costs three trips to
     it), while under load, or behind the snapshot of a huge maildrop, the
     work spreads over the others.  Every later operation on that lock (the
     check, the unlock) and any acquire of the same maildrop issued before
