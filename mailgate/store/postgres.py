@@ -6,10 +6,10 @@ Connections come from psycopg 3: synchronous ones on the store's worker
 threads, and for the locks a few driven by the reactor (see
 L{mailgate.store.pgreactor}).  The RFC 1939 maildrop lock is a PostgreSQL
 session-level advisory lock, taken on a dedicated connection per node: it
-holds across nodes, and it dies with the connection, so a node killed outright releases
-its locks as soon as its connection closes (at once when the process dies
-and the kernel closes its socket; within about 30 seconds, by TCP
-keepalive, if its whole machine vanishes).
+holds across nodes, and it dies with the connection, so a node killed
+outright releases its locks as soon as its connection closes (at once
+when the process dies and the kernel closes its socket; within about 30
+seconds, by TCP keepalive, if its whole machine vanishes).
 """
 
 import hashlib
