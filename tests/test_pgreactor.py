@@ -20,6 +20,7 @@ ECHO = Statement("test_echo", "SELECT $1::bigint * 2, pg_backend_pid()", [INT8])
 DIVIDE = Statement("test_divide", "SELECT 100 / $1::bigint", [INT8])
 SLEEP = Statement("test_sleep", "SELECT pg_sleep($1::float8)")
 BLOB = Statement("test_blob", "SELECT decode(repeat('ab', $1::int), 'hex')", binary=True)
+LENGTH = Statement("test_length", "SELECT octet_length($1::text)")
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def connection(postgresURL):
     threads = WorkerThreads(reactor, 1, "test-connect")
     threads.start()
     conn = ReactorConnection(
-        reactor, lambda: threads.submit(engine.connectForLocks, [ECHO, DIVIDE, SLEEP, BLOB]), "test connection"
+        reactor, lambda: threads.submit(engine.connectForLocks, [ECHO, DIVIDE, SLEEP, BLOB, LENGTH]), "test connection"
     )
     yield conn, reactor, postgresURL
     reactor.wait(conn.close())
@@ -77,6 +78,18 @@ def test_aLargeBinaryAnswerArrivesWhole(connection):
     conn, reactor, _ = connection
     rows = reactor.wait(conn.execute(BLOB, [b"3000000"]))
     assert rows == [(b"\xab" * 3000000,)]
+
+
+def test_aStatementLargerThanTheSocketBufferIsSentWhole(connection):
+    """
+    libpq cannot hand 20 MB to the kernel at once: the rest goes out as
+    the socket becomes writable, and the statements behind it follow.
+    """
+    conn, reactor, _ = connection
+    large = conn.execute(LENGTH, [b"x" * 20_000_000])
+    after = echo(conn, 21)
+    assert reactor.wait(large) == [(b"20000000",)]
+    assert reactor.wait(after)[0][0] == b"42"
 
 
 def test_aConnectionTheServerClosesIsNoticedWhileIdle(connection):
