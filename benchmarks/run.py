@@ -339,9 +339,13 @@ class Suite:
 
     def quiet(self):
         """
-        Before a measurement: wait (at most --quiet-wait seconds) until the
-        machine is nearly idle, so other work on it disturbs less.
+        Before a measurement: write out the page cache's dirty pages, so
+        that an earlier phase's writeback (another server's mail files or
+        WAL) does not compete with this measurement's fsyncs, then wait (at
+        most --quiet-wait seconds) until the machine is nearly idle, so
+        other work on it disturbs less.
         """
+        os.sync()
         if self.args.quiet_wait <= 0:
             self._lastQuiet = None
             return
