@@ -42,6 +42,7 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -454,6 +455,82 @@ class Suite:
                 dv.stop()
         finally:
             dv.stop()
+
+    # -- interleaved rounds ------------------------------------------------
+
+    #: what the interleaved rounds measure: POP3 scenarios at one client,
+    #: then intake
+    interleavedPop3 = ("stat", "list", "retr1", "top", "fetchall")
+
+    def interleaved(self, workdir, sqliteURL, pgURL):
+        """
+        The targets that compare servers (intake against Dovecot's LMTP,
+        PostgreSQL against SQLite, RETR1 p99) measured again with the
+        servers interleaved: mailgate on SQLite, mailgate on PostgreSQL and
+        Dovecot hp all run at once, each measurement is made on each server
+        in turn, and that --rounds times.  The phases above measure one
+        server after another for minutes each, so a slow spell of the
+        machine (this VM has them: a third slower for minutes) falls on one
+        server only; here it falls on all alike, and the medians over the
+        rounds are what the ratios use.
+        """
+        servers = {}
+        running = []
+        dv = None
+        try:
+            databases = [("sqlite", sqliteURL, ())]
+            if pgURL is not None:
+                databases.append(("postgres", pgURL, postgresRoots))
+            for backend, url, extraPids in databases:
+                server = MailgateServer(self.bindir, url, os.path.join(workdir, f"interleaved-{backend}.log"))
+                server.start()
+                running.append(server)
+                servers[f"mailgate/{backend}"] = {
+                    "pop3": server.ports["POP3"], "lmtp": server.ports["LMTP"], "smtp": server.ports["SMTP"],
+                    "pids": [server.pid], "extraPids": extraPids,
+                }
+            if "dovecot" in self.args.only:
+                dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot-interleaved"))
+                dv.loadCorpus(self.corpus)
+                dv.addUsers(intakeUsers(), self.corpus.password)
+                dv.start(variant="hp", scheme="SHA512-CRYPT")
+                servers["dovecot-hp/maildir"] = {
+                    "pop3": dv.pop3Port, "lmtp": dv.lmtpPort, "smtp": None, "pids": [dv.pid], "extraPids": (),
+                }
+            figures = {}
+            for round in range(self.args.rounds):
+                for what in self.interleavedPop3 + ("lmtp", "smtp"):
+                    for name, server in servers.items():
+                        if what == "smtp" and server["smtp"] is None:
+                            continue
+                        self.quiet()
+                        if what in ("lmtp", "smtp"):
+                            result = asyncio.run(
+                                smtpload.runIntake(
+                                    server[what], intakeUsers(), lmtp=what == "lmtp",
+                                    sessions=self.args.intake_sessions, messages=self.args.intake_messages,
+                                    size=self.args.intake_size, serverPids=server["pids"],
+                                    extraPids=server["extraPids"],
+                                )
+                            )
+                            figure = {"rate": result.messagesPerSecond, "cpuMs": result.cpuMsPerMessage,
+                                      "p99ms": result.p99, "errors": result.errors}
+                        else:
+                            result = runLoad(
+                                port=server["pop3"], users=self.corpus.users, password=self.corpus.password,
+                                scenario=what, concurrency=1, duration=self.args.duration,
+                                serverPids=server["pids"], extraPids=server["extraPids"],
+                            )
+                            figure = {"rate": result.sessionsPerSecond, "cpuMs": result.cpuMsPerSession,
+                                      "p99ms": result.p99, "errors": result.errors}
+                        figures.setdefault(f"{name} {what}", []).append(figure)
+                        log(f"interleaved round {round + 1}, {name}: {result.summary()}")
+            self.extra["interleaved"] = {"rounds": self.args.rounds, "figures": figures}
+        finally:
+            for server in running:
+                server.stop()
+            if dv is not None:
+                dv.stop()
 
     # -- big maildrop, idle sessions --------------------------------------
 
@@ -903,12 +980,91 @@ def extrasText(extra):
             f"{idle.get('probeWithIdle', {}).get('p50ms')}/{idle.get('probeWithIdle', {}).get('p99ms')} ms "
             f"with the idle sessions (errors {idle.get('probeWithIdle', {}).get('errors')})"
         )
+    interleaved = interleavedText(extra)
+    if interleaved:
+        lines.append(interleaved)
     for key, value in extra.items():
         if key.startswith("verify"):
             lines.append(f"{key}: {'OK' if value['ok'] else 'FAILED ' + repr(value)}")
         elif key.endswith("seconds"):
             lines.append(f"{key}: {value}")
     return "\n".join(lines)
+
+
+def _interleavedMedians(extra):
+    """
+    Per "server what" key of the interleaved rounds: the medians of rate,
+    CPU and p99 over the rounds, the rates of every round, and the errors.
+    """
+    block = extra.get("interleaved")
+    if not block:
+        return {}
+    medians = {}
+    for key, figures in block["figures"].items():
+        def median(field):
+            values = [f[field] for f in figures if f[field] is not None]
+            return statistics.median(values) if values else None
+
+        medians[key] = {
+            "rate": median("rate"), "cpuMs": median("cpuMs"), "p99ms": median("p99ms"),
+            "rates": [f["rate"] for f in figures], "errors": sum(f["errors"] for f in figures),
+        }
+    return medians
+
+
+def interleavedText(extra):
+    medians = _interleavedMedians(extra)
+    if not medians:
+        return ""
+    rounds = extra["interleaved"]["rounds"]
+    lines = [f"interleaved rounds ({rounds}; every measurement on each server in turn; medians, then each round's rate):"]
+    for key, m in medians.items():
+        unit = "msgs/s" if key.endswith(("lmtp", "smtp")) else "sessions/s"
+        cpu = "-" if m["cpuMs"] is None else f"{m['cpuMs']:.3f}"
+        p99 = "-" if m["p99ms"] is None else f"{m['p99ms']:.2f}"
+        each = ", ".join(f"{r:.0f}" for r in m["rates"])
+        lines.append(f"  {key}: {m['rate']:.1f} {unit}, CPU {cpu} ms, p99 {p99} ms, errors {m['errors']} ({each})")
+    return "\n".join(lines)
+
+
+def interleavedTargets(extra):
+    """
+    The targets that compare servers, read from the interleaved rounds.
+    """
+    medians = _interleavedMedians(extra)
+    if not medians:
+        return []
+    lines = []
+    reference = medians.get("dovecot-hp/maildir lmtp")
+    if reference and reference["rate"]:
+        for backend in ("sqlite", "postgres"):
+            for protocol in ("lmtp", "smtp"):
+                m = medians.get(f"mailgate/{backend} {protocol}")
+                if m:
+                    ratio = m["rate"] / reference["rate"]
+                    lines.append(
+                        f"interleaved: intake >= 2x Dovecot LMTP, mailgate/{backend} {protocol.upper()}: "
+                        f"{m['rate']:.0f} vs {reference['rate']:.0f} msgs/s = {ratio:.2f}x -> {_verdict(ratio >= 2)}"
+                    )
+    ratios = []
+    for what in Suite.interleavedPop3 + ("lmtp", "smtp"):
+        base, pg = medians.get(f"mailgate/sqlite {what}"), medians.get(f"mailgate/postgres {what}")
+        if base and pg and pg["rate"]:
+            ratios.append((base["rate"] / pg["rate"], what))
+    if ratios:
+        parts = ", ".join(f"{what} {ratio:.2f}x" for ratio, what in ratios)
+        lines.append(
+            f"interleaved: PostgreSQL within 1.5x SQLite (rate SQLite/PG, one client; intake 10 sessions): "
+            f"{parts} -> {_verdict(max(ratios)[0] <= 1.5)}"
+        )
+    for backend in ("sqlite", "postgres"):
+        m = medians.get(f"mailgate/{backend} retr1")
+        if m and m["p99ms"] is not None:
+            lines.append(
+                f"interleaved: one-message RETR session p99 < 5 ms, mailgate/{backend}: "
+                f"{m['p99ms']:.2f} ms (median of the rounds) -> {_verdict(m['p99ms'] < 5)}"
+            )
+    return lines
 
 
 def _rows(rows, **match):
@@ -992,6 +1148,7 @@ def targetsText(rows, extra):
             f"with PostgreSQL's own CPU up to {worstTotal[1]:.2f}x ({worstTotal[2]} x{worstTotal[3]}) "
             f"-> throughput {_verdict(worstRate[0] <= 1.5)}, mailgate CPU {_verdict(worstCpu[0] <= 1.5)}"
         )
+    lines += interleavedTargets(extra)
     return "\n".join(lines)
 
 
@@ -1019,6 +1176,7 @@ def parseArgs(argv):
     parser.add_argument("--no-big", action="store_true", help="skip the 100k maildrop and idle sessions")
     parser.add_argument("--only", default="sqlite,postgres,dovecot,big", help="parts to run")
     parser.add_argument("--apop-all", action="store_true", help="APOP runs on PostgreSQL too")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the targets that compare servers (default 3; --quick 1; 0: none)")
     parser.add_argument("--quiet-wait", type=float, default=None, help="before each measurement, wait up to this many seconds for the machine to be idle (default 10; --quick 0)")
     parser.add_argument("--quiet-threshold", type=float, default=0.25, help="idle means at most this many cores busy (default 0.25)")
     parser.add_argument("--bin", default=os.path.dirname(sys.executable), help="where twistd and mailgate are")
@@ -1035,6 +1193,8 @@ def parseArgs(argv):
     args.big_messages = args.big_messages or (2000 if quick else 100_000)
     args.idle_sessions = args.idle_sessions or (200 if quick else 10_000)
     args.big_repeats = 2 if quick else args.big_repeats
+    if args.rounds is None:
+        args.rounds = 1 if quick else 3
     if args.quiet_wait is None:
         args.quiet_wait = 0 if quick else 10
     args.dovecot_variants = args.dovecot_variants.split(",")
@@ -1096,6 +1256,8 @@ def main(argv=None):
             suite.mailgate("postgres", pgURL, workdir, extraPids=postgresRoots)
         if "dovecot" in args.only:
             suite.dovecot(workdir)
+        if args.rounds and args.only & {"sqlite", "postgres"}:
+            suite.interleaved(workdir, sqliteURL, pgURL if "postgres" in args.only else None)
         if "big" in args.only:
             suite.big(workdir)
             if postgres and "postgres" in args.only:
