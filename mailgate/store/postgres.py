@@ -26,7 +26,7 @@ from zope.interface import implementer
 from mailgate.errors import ConfigurationError, CredentialsChanged, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildropLocks
 from mailgate.store import pgreactor
-from mailgate.store.pgreactor import INT8, OID, BlockingConnection, ReactorConnection, Statement
+from mailgate.store.pgreactor import INT8, OID, BlockingConnection, ReactorConnection, Statement, oneLine
 
 CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 60000
@@ -122,7 +122,7 @@ class PostgresEngine:
                 self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT
             )
         except psycopg.Error as e:
-            raise TemporaryFailure(f"cannot connect to PostgreSQL at {self!r}: {_oneLine(e)}") from e
+            raise TemporaryFailure(f"cannot connect to PostgreSQL at {self!r}: {oneLine(e)}") from e
         self.onConnect(conn)
         return conn
 
@@ -244,10 +244,6 @@ class PostgresEngine:
         from mailgate.store.database import SynchronousDatabase
 
         return AdvisoryLocks(self, synchronous=isinstance(database, SynchronousDatabase))
-
-
-def _oneLine(error):
-    return " ".join(str(error).split())
 
 
 def _key(text):
@@ -406,7 +402,7 @@ class AdvisoryLocks:
 
         def failed(failure):
             if failure.check(psycopg.Error):
-                raise TemporaryFailure(f"maildrop lock: {_oneLine(failure.value)}") from failure.value
+                raise TemporaryFailure(f"maildrop lock: {oneLine(failure.value)}") from failure.value
             return failure
 
         d = slot.connection.execute(statement, params)
