@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: run test bench venv install clean
+.PHONY: run test bench venv install clean sysdeps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ run: install
 # PostgreSQL for the suite: tests/pgserver.py starts the machine's cluster
 # (or a private one) and exports MAILGATE_TEST_POSTGRES; it fails loudly if
 # server binaries exist but no server will start.
-test: install
+# The Debian packages of the real programs the suite runs (tests/sysdeps.sh).
+sysdeps:
+	@sh tests/sysdeps.sh
+
+test: install sysdeps
 	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
 	$(BIN)/python -m pytest tests
 

@@ -230,3 +230,57 @@ class IMailStore(Interface):
         """
         Release connections and locks: a L{Deferred} that fires when done.
         """
+
+
+class IConnectionPolicy(Interface):
+    """
+    Who may connect and how hard they may try: connection limits, the
+    authentication penalty and bans (see L{mailgate.policy}).
+
+    Every protocol session consults it through the session core, so POP3,
+    SMTP and LMTP are limited alike.  Addresses are Twisted address objects
+    (C{IPv4Address}, C{IPv6Address}, C{UNIXAddress}): the client's real
+    address, read after a PROXY header where the listener has one.  The
+    methods called per connection or per command are synchronous and never
+    wait for the database: shared state (bans, failure counts) is kept in
+    memory and refreshed from the store in the background.
+    """
+
+    def admit(protocol, address):
+        """
+        A new connection: admit it, or say why not.
+
+        @param protocol: C{"pop3"}, C{"smtp"} or C{"lmtp"}.
+        @return: C{None} to admit (then L{connectionClosed} is called exactly
+            once when it ends), or a short reason for the refusal, one of
+            C{"too many connections"} and C{"banned"}.
+        """
+
+    def connectionClosed(protocol, address):
+        """
+        An admitted connection has ended.
+        """
+
+    def isBanned(address):
+        """
+        Whether C{address} is banned now (a ban can land while a session is
+        open: its next login must fail).
+        """
+
+    def authenticationDelay(address, login):
+        """
+        Seconds to hold an authentication attempt from C{address} for
+        C{login} (a user name as the client gave it, or C{None} if not known
+        yet) before checking it: the penalty for recent failures.
+        """
+
+    def authenticationFailed(address, login):
+        """
+        Record a failed authentication (unknown user and wrong password
+        alike).  May ban the address; never raises.
+        """
+
+    def authenticationSucceeded(address, login):
+        """
+        Record a successful authentication.
+        """

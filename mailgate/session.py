@@ -3,7 +3,7 @@
 Connection-level pieces every mailgate protocol needs.
 """
 
-from twisted.internet import tcp
+from mailgate.twistedcompat import sendNow as _sendNow
 
 
 def setNoDelay(transport):
@@ -63,34 +63,6 @@ class IdleTimer:
             self._call = self._clock.callLater(delay, self._check)
             return
         self._expired()
-
-
-def _sendNow(transport, data):
-    """
-    Write C{data} to C{transport}, handing it to the kernel at once when
-    nothing is waiting in the transport's buffer; what the socket does not
-    take (and everything on a TLS or non-TCP transport) goes through the
-    transport's C{write} as usual.
-    """
-    if (
-        isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            # Would block, or the connection is broken: the transport's own
-            # write path finds out and reports it the usual way.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 class ReplyWriter:

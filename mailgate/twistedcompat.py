@@ -1,0 +1,44 @@
+# -*- test-case-name: tests.test_twistedcompat -*-
+"""
+Every place mailgate reaches into Twisted's private fields, in one module.
+
+Twisted gives no public way to do these few things, and each saves real
+work on a hot path or makes start-up errors clear.  Kept here, and pinned by
+tests of the Twisted behaviour they rely on (tests/test_twistedcompat.py),
+so that a Twisted upgrade that changes them fails a test rather than mail
+delivery.
+"""
+
+from twisted.internet import tcp
+
+
+def sendNow(transport, data):
+    """
+    Write C{data} to C{transport}, handing it to the kernel at once when
+    nothing is waiting in the transport's buffer; what the socket does not
+    take (and everything on a TLS or non-TCP transport) goes through the
+    transport's C{write} as usual.
+
+    Relies on C{tcp.Connection}'s private C{dataBuffer}, C{_tempDataBuffer}
+    and C{_writeDisconnected}: when all are empty and false, nothing is
+    queued and a direct C{send} keeps the byte order.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or the connection is broken: the transport's own
+            # write path finds out and reports it the usual way.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
