@@ -32,11 +32,13 @@ from mailgate.errors import (
     InvalidAddress,
     MailgateError,
     NoSuchUser,
+    QuotaExceeded,
     TemporaryFailure,
     UserExists,
 )
 from mailgate.message import spoolFile
 from mailgate.store import DEFAULT_DATABASE, openSynchronousStore
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit, parseSize
 from mailgate.store.schema import LATEST, currentVersion, upgrade
 
 EX_OK = 0
@@ -140,12 +142,66 @@ def _userDel(store, args, out, stdin):
 
 def _userList(store, args, out, stdin):
     users = _result(store.listUsers())
-    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP\n")
+    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} EXPIRE\n")
     for user in users:
         out.write(
             f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
-            f"{'on' if user.apop else 'off'}\n"
+            f"{'on' if user.apop else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
+            f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days')}\n"
         )
+
+
+def _limit(text, parse, what):
+    """
+    A limit as the store keeps it, from C{default}, C{none} / C{never} or
+    a value.
+    """
+    word = text.strip().lower()
+    if word == "default":
+        return DEFAULT
+    if word in ("none", "never", "unlimited"):
+        return UNLIMITED
+    try:
+        value = parse(text)
+    except ValueError as e:
+        raise CommandError(f"bad {what}: {e}", EX_USAGE)
+    if value < 0:
+        raise CommandError(f"bad {what}: must not be negative", EX_USAGE)
+    return value
+
+
+def _count(text):
+    if not text.strip().isdigit():
+        raise ValueError(f"not a number: {text!r}")
+    return int(text)
+
+
+def _userQuota(store, args, out, stdin):
+    address = _address(args.address)
+    octets = _limit(args.size, parseSize, "size")
+    changes = {"octets": octets}
+    if args.messages is not None:
+        changes["messages"] = _limit(args.messages, _count, "message count")
+    try:
+        _result(store.setQuota(address, **changes))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    status = _result(store.quotaOf(address))
+    text = f"quota of {address}: {describeLimit(octets, 'octets')}"
+    if "messages" in changes:
+        text += f", {describeLimit(changes['messages'])} messages"
+    out.write(f"{text}; in use: {status.usedMessages} messages, {status.usedOctets} octets\n")
+
+
+def _userExpire(store, args, out, stdin):
+    address = _address(args.address)
+    days = _limit(args.days, _count, "number of days")
+    try:
+        _result(store.setExpire(address, days))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
+              f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
 
 
 def _userApop(store, args, out, stdin):
@@ -174,11 +230,26 @@ def _mailboxList(store, args, out, stdin):
         raise CommandError(f"no such user: {address}", EX_NOUSER)
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
     for message in messages:
-        arrived = datetime.datetime.fromtimestamp(message.arrived, datetime.timezone.utc)
         out.write(
             f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
-            f"{arrived.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+            f"{_time(message.arrived)}\n"
         )
+    status = _result(store.quotaOf(address))
+    if status is not None:
+        limits = []
+        if status.quotaOctets is not None:
+            limits.append(f"{status.quotaOctets} octets")
+        if status.quotaMessages is not None:
+            limits.append(f"{status.quotaMessages} messages")
+        out.write(
+            f"\nin use: {status.usedMessages} messages, {status.usedOctets} octets; "
+            f"quota: {', '.join(limits) if limits else 'server default'}\n"
+        )
+
+
+def _time(seconds):
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _deliver(store, args, out, stdin):
@@ -204,15 +275,19 @@ def _deliver(store, args, out, stdin):
         trace = traceHeaders(envelope, socket.getfqdn())
     source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
     try:
-        results = _result(store.deliver(addresses, source))
+        # All or nothing, here too: a recipient vanished or over quota
+        # since the check above stores nothing for anyone.
+        results = _result(store.deliver(addresses, source, partial=False))
+    except NoSuchUser as e:
+        raise CommandError(f"no such user: {e}", EX_NOUSER)
+    except QuotaExceeded as e:
+        # Temporary: the MTA keeps the message and retries once the user
+        # has made room (Dovecot's default for a full mailbox).
+        raise CommandError(f"{e}; try again later", EX_TEMPFAIL)
     finally:
         source.close()
-    missing = [a for a, r in results.items() if isinstance(r, NoSuchUser)]
     for address, uniqueId in results.items():
-        if not isinstance(uniqueId, NoSuchUser):
-            out.write(f"delivered to {address} as {uniqueId}\n")
-    if missing:
-        raise CommandError(f"no such user: {', '.join(missing)}", EX_NOUSER)
+        out.write(f"delivered to {address} as {uniqueId}\n")
 
 
 def _dbUpgrade(store, args, out, stdin):
@@ -291,6 +366,29 @@ def buildParser():
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     apop.set_defaults(run=_userApop, migrate=True)
+    quota = user.add_parser(
+        "quota",
+        help="set a user's storage quota",
+        description="Set a user's storage quota: a size (1G, 500M, 64K or octets), "
+        "'none' for no limit, or 'default' for the server's --default-quota.  Mail "
+        "already stored is kept whatever the new quota; only new mail is refused.",
+    )
+    quota.add_argument("address")
+    quota.add_argument("size", metavar="SIZE|none|default")
+    quota.add_argument(
+        "--messages", metavar="N|none|default", help="also limit the number of messages"
+    )
+    quota.set_defaults(run=_userQuota, migrate=True)
+    expire = user.add_parser(
+        "expire",
+        help="set how many days a user's messages are kept",
+        description="Set after how many days a user's messages are removed by the "
+        "retention task (advertised to the user's POP3 clients as EXPIRE): a number "
+        "of days, 'never', or 'default' for the server's --expire-days.",
+    )
+    expire.add_argument("address")
+    expire.add_argument("days", metavar="N|never|default")
+    expire.set_defaults(run=_userExpire, migrate=True)
 
     mailbox = commands.add_parser("mailbox", help="inspect maildrops").add_subparsers(
         dest="action", metavar="ACTION"

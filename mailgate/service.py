@@ -28,6 +28,7 @@ from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.store.lifecycle import StoreLimits
 from mailgate.tls import ServerTLS
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
@@ -59,6 +60,15 @@ class MailgateConfig:
     @ivar trustedNetworks: CIDR networks from which plaintext passwords are
         accepted without TLS.
     @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
+    @ivar defaultQuota: the storage quota, in octets, of users who have
+        none of their own; C{None}: no limit.
+    @ivar quotaExceeded: how a recipient over quota is refused:
+        C{"temporary"} (C{452 4.2.2}) or C{"permanent"} (C{552 5.2.2}).
+    @ivar expireDays: days messages are kept before the retention task
+        removes them, for users who have no value of their own (RFC 2449
+        EXPIRE); C{None}: never.
+    @ivar keepDeletedDays: days messages deleted by POP3 are kept for
+        C{mailgate mailbox restore}; 0: removed at once.
     """
 
     database = attr.ib(default=DEFAULT_DATABASE)
@@ -78,6 +88,10 @@ class MailgateConfig:
     tlsKey = attr.ib(default=None)
     trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     reloadOnSIGHUP = attr.ib(default=False)
+    defaultQuota = attr.ib(default=None)
+    quotaExceeded = attr.ib(default="temporary")
+    expireDays = attr.ib(default=None)
+    keepDeletedDays = attr.ib(default=0)
 
 
 class ListeningService(StreamServerEndpointService):
@@ -252,7 +266,7 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
     return factoryClass(
-        LocalDelivery(store, config.domains or None),
+        LocalDelivery(store, config.domains or None, quotaExceeded=config.quotaExceeded),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
@@ -300,8 +314,17 @@ def makeService(config, reactor=None, store=None):
         )
     }
     tls = makeTLS(config)
+    if config.quotaExceeded not in ("temporary", "permanent"):
+        raise ConfigurationError(
+            f"quotaExceeded must be 'temporary' or 'permanent', not {config.quotaExceeded!r}"
+        )
     if store is None:
         store = openStore(config.database, reactor)
+    store.limits = StoreLimits(
+        quotaOctets=config.defaultQuota,
+        expireDays=config.expireDays,
+        keepDeletedDays=config.keepDeletedDays,
+    )
     root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
     StoreService(store).setServiceParent(root)
     pop3 = []

@@ -43,6 +43,18 @@ def _positive(kind):
     return convert
 
 
+def _size(value):
+    from mailgate.store.lifecycle import parseSize
+
+    return parseSize(value)
+
+
+def _daysOrNever(value):
+    if value.strip().lower() == "never":
+        return None
+    return _positive(int)(value)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -126,6 +138,39 @@ class Options(usage.Options):
             "SIGHUP reloads both files.",
         ],
         ["tls-key", None, None, "PEM file with the private key of --tls-cert."],
+        [
+            "default-quota",
+            None,
+            None,
+            "Storage quota of users without one of their own (mailgate user "
+            "quota), e.g. 1G or 500M.  Default: none.",
+            _size,
+        ],
+        [
+            "quota-exceeded",
+            None,
+            "temporary",
+            "How SMTP and LMTP refuse a recipient over quota: temporary "
+            "(452 4.2.2, the MTA retries) or permanent (552 5.2.2).",
+        ],
+        [
+            "expire-days",
+            None,
+            None,
+            "Days a message is kept before it is removed, for users without "
+            "a value of their own (mailgate user expire); advertised as "
+            "EXPIRE (RFC 2449).  Default: never.",
+            _daysOrNever,
+        ],
+        [
+            "keep-deleted-days",
+            None,
+            0,
+            "Days messages deleted by POP3 clients are kept for mailgate "
+            "mailbox restore (not counting towards the quota).  Default: 0, "
+            "removed at once.",
+            _positive(int),
+        ],
     ]
 
     def __init__(self):
@@ -213,6 +258,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-recipients must be at least 1")
         if self["hostname"] is not None and not self["hostname"].strip():
             raise usage.UsageError("--hostname must not be empty")
+        if self["quota-exceeded"] not in ("temporary", "permanent"):
+            raise usage.UsageError("--quota-exceeded must be temporary or permanent")
 
     def toConfig(self):
         return MailgateConfig(
@@ -233,6 +280,10 @@ class Options(usage.Options):
             authFailureDelay=self["auth-failure-delay"],
             idleTimeout=self["idle-timeout"],
             loginDelay=self["login-delay"],
+            defaultQuota=self["default-quota"],
+            quotaExceeded=self["quota-exceeded"],
+            expireDays=self["expire-days"],
+            keepDeletedDays=self["keep-deleted-days"],
         )
 
 

@@ -280,3 +280,161 @@ def test_concurrentDeliveriesNeverSqueezeUnderTheLimit(databaseURL, partial):
         assert usage(check, BOB) == ((60, 60 * len(body)) if partial else (0, 0))
     finally:
         check.close()
+
+
+# -- quotas at SMTP and LMTP --------------------------------------------------------
+
+SENDER = "sender@example.net"
+
+
+def intake(store, lmtp=False, quotaExceeded="temporary"):
+    from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
+    from mailgate.testing import SMTPSession
+    from twisted.internet.task import Clock
+
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    factory = factoryClass(
+        LocalDelivery(store, ["example.org"], quotaExceeded=quotaExceeded),
+        hostname="mailgate.test",
+        reactor=Clock(),
+    )
+    session = SMTPSession(store, factory=factory)
+    assert session.command("LHLO client.test" if lmtp else "EHLO client.test").startswith("250")
+    return session
+
+
+def data(session, body):
+    assert session.command("DATA").startswith("354")
+    return session.send(body + b".\r\n").decode()
+
+
+def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
+    resultOf(store.setQuota(ALICE, 1000))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1001").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert session.command("RSET").startswith("250")
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1000").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
+    body = message(1)
+    deliver(store, [ALICE], body)
+    session = intake(store)
+    # No quota yet: she is accepted (and remembered as unlimited).
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command("RSET").startswith("250")
+    # A quota set meanwhile (by the admin command, say) counts at once:
+    # recipients with a quota are never answered from memory.
+    resultOf(store.setQuota(ALICE, len(body)))
+    session.protocol.factory.delivery._known.clear()
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_permanentQuotaRefusals(store):
+    resultOf(store.setQuota(ALICE, 10))
+    session = intake(store, quotaExceeded="permanent")
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_smtpRefusesTheWholeMessageWhenTheRealSizeIsOverQuota(store):
+    """
+    The size declared was small (or none was), the data is larger: at the
+    end of DATA the real size decides, and with SMTP nobody gets the
+    message (one reply for all recipients).
+    """
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=50").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    reply = data(session, message(1, 800))
+    assert reply == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert resultOf(store.listMessages(BOB)) == []
+    assert usage(store, BOB) == (0, 0)
+    # The session goes on: a message that fits is delivered.
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, b"Subject: small\r\n\r\nhi\r\n").startswith("250 2.0.0")
+
+
+def test_smtpPermanentRefusalAtTheEndOfData(store):
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, quotaExceeded="permanent")
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(1, 800)) == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, lmtp=True)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    replies = data(session, message(1, 800)).splitlines()
+    assert replies[0] == f"452 4.2.2 <{ALICE}>: mailbox full"
+    assert replies[1].startswith(f"250 2.0.0 <{BOB}> delivered as ")
+    assert len(replies) == 2
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert len(resultOf(store.listMessages(BOB))) == 1
+
+
+# -- options ------------------------------------------------------------------------
+
+
+def test_twistdOptions(monkeypatch):
+    from twisted.python import usage
+
+    from mailgate import tap
+
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+    def parse(*argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options.toConfig()
+
+    config = parse()
+    assert (config.defaultQuota, config.quotaExceeded, config.expireDays, config.keepDeletedDays) == (
+        None, "temporary", None, 0,
+    )
+    config = parse(
+        "--default-quota", "1G", "--quota-exceeded", "permanent",
+        "--expire-days", "30", "--keep-deleted-days", "7",
+    )
+    assert (config.defaultQuota, config.quotaExceeded, config.expireDays, config.keepDeletedDays) == (
+        1 << 30, "permanent", 30, 7,
+    )
+    assert parse("--expire-days", "never").expireDays is None
+    for argv in (
+        ["--default-quota", "lots"],
+        ["--quota-exceeded", "sometimes"],
+        ["--expire-days", "-1"],
+        ["--keep-deleted-days", "x"],
+    ):
+        with pytest.raises(usage.UsageError):
+            parse(*argv)
+
+
+def test_serviceGivesTheStoreItsLimits(databaseURL):
+    from twisted.internet.testing import MemoryReactor
+
+    from mailgate.service import MailgateConfig, makeService
+
+    s = memoryStore(databaseURL)
+    try:
+        makeService(
+            MailgateConfig(database=databaseURL, pop3=[], defaultQuota=5000, expireDays=9, keepDeletedDays=3),
+            reactor=MemoryReactor(),
+            store=s,
+        )
+        assert (s.limits.quotaOctets, s.limits.expireDays, s.limits.keepDeletedDays) == (5000, 9, 3)
+    finally:
+        s.close()

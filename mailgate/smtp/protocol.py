@@ -402,7 +402,8 @@ class SMTPServer(Protocol):
         if len(envelope.recipients) >= self.maxRecipients:
             self._reply(452, "4.5.3", f"too many recipients (the limit is {self.maxRecipients})")
             return None
-        d = self.factory.delivery.checkRecipient(mailbox)
+        declared = envelope.parameters.get("SIZE")
+        d = self.factory.delivery.checkRecipient(mailbox, int(declared) if declared else None)
 
         def accepted(address):
             if self._envelope is envelope:
@@ -492,6 +493,9 @@ class SMTPServer(Protocol):
         self.log.info("{line}", line=line, **fields)
 
     def _deliveryFailed(self, failure, envelope):
+        if failure.check(SMTPReply):
+            reply = failure.value
+            return self._dataReplies(envelope, reply.code, reply.enhanced, reply.text)
         if failure.check(NoSuchUser):
             self.log.warn("smtp recipient vanished before commit: {reason}", reason=failure.value)
             text = "a recipient no longer exists; try again"
@@ -548,6 +552,8 @@ class LMTPServer(SMTPServer):
             result = results.get(address)
             if isinstance(result, NoSuchUser) or result is None:
                 self._reply(550, "5.1.1", f"<{address}> no such user here")
+            elif isinstance(result, SMTPReply):
+                self._reply(result.code, result.enhanced, result.text)
             else:
                 self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
         self._logDelivery("lmtp", envelope)

@@ -1,0 +1,81 @@
+"""
+The lifecycle commands of C{mailgate} (user quota, user expire, mailbox
+deleted / restore / expunge, user rename, who, kick), driven through
+L{mailgate.cli.run} on both backends, with what the store then holds
+checked through the store itself.
+"""
+
+import pytest
+
+from mailgate.testing import addUser, deliver, memoryStore, resultOf
+from test_cli import CLI
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+@pytest.fixture
+def cli(databaseURL, tmp_path):
+    c = CLI(tmp_path / "unused.sqlite3")
+    c.url = databaseURL
+    return c
+
+
+@pytest.fixture
+def store(cli):
+    s = memoryStore(cli.url)
+    addUser(s, ALICE, "wonderland")
+    addUser(s, BOB, "builder")
+    yield s
+    s.close()
+
+
+def listed(cli):
+    """
+    C{mailgate user list} as {address: [columns after the address]}.
+    """
+    result = cli("user", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE"]
+    return {line.split()[0]: line.split()[1:] for line in lines[1:]}
+
+
+# -- user quota ------------------------------------------------------------------
+
+
+def test_userQuota(cli, store):
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    result = cli("user", "quota", ALICE, "500M")
+    assert result.code == 0, result
+    assert result.out == f"quota of {ALICE}: 500M; in use: 1 messages, 21 octets\n"
+    assert listed(cli)[ALICE] == ["1", "21", "off", "500M", "default", "default"]
+    status = resultOf(store.quotaOf(ALICE))
+    assert (status.quotaOctets, status.quotaMessages) == (500 << 20, None)
+
+    assert cli("user", "quota", ALICE, "none", "--messages", "1000").code == 0
+    assert listed(cli)[ALICE][3:5] == ["none", "1000"]
+    assert cli("user", "quota", ALICE, "default", "--messages", "default").code == 0
+    assert listed(cli)[ALICE][3:5] == ["default", "default"]
+    assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
+
+
+def test_userQuotaRefusesNonsense(cli, store):
+    for argv, code in (
+        (["user", "quota", ALICE, "lots"], 64),
+        (["user", "quota", ALICE, "-5"], 64),
+        (["user", "quota", ALICE, "1G", "--messages", "many"], 64),
+        (["user", "quota", "nobody@example.org", "1G"], 67),
+    ):
+        result = cli(*argv)
+        assert result.code == code, (argv, result)
+        assert result.err.startswith("mailgate: ") and result.err.count("\n") == 1, result
+    assert listed(cli)[ALICE][3] == "default"
+
+
+def test_deliverOverQuotaIsATemporaryFailureAndStoresNothing(cli, store):
+    resultOf(store.setQuota(ALICE, 10))
+    result = cli("deliver", BOB, ALICE, stdin=b"Subject: x\n\nhello\n")
+    assert result.code == 75, result
+    assert result.err == f"mailgate: mailbox full: {ALICE}; try again later\n"
+    assert resultOf(store.listMessages(BOB)) == []
