@@ -7,6 +7,8 @@ C{mailgate}: the administrator's command.
   mailgate user del ADDRESS
   mailgate user list
   mailgate user apop ADDRESS on|off [--password-stdin]
+  mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
+  mailgate user expire ADDRESS N|never|default
   mailgate mailbox list ADDRESS
   mailgate deliver ADDRESS... < message
   mailgate db upgrade

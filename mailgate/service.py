@@ -28,6 +28,7 @@ from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.store.housekeeping import RetentionService
 from mailgate.store.lifecycle import StoreLimits
 from mailgate.tls import ServerTLS
 
@@ -257,6 +258,7 @@ def makePOP3Factory(store, config, reactor, tls=None):
         tls=tls,
         sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
+        expire=store.retention.capability,
     )
 
 
@@ -327,6 +329,12 @@ def makeService(config, reactor=None, store=None):
     )
     root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
     StoreService(store).setServiceParent(root)
+    # The store's background work: retention, and what POP3 advertises
+    # of it, refreshed like the APOP advertiser.
+    RetentionService(store, reactor).setServiceParent(root)
+    retention = TimerService(APOP_REFRESH, lambda: store.retention.refresh() and None)
+    retention.clock = reactor
+    retention.setServiceParent(root)
     pop3 = []
 
     def pop3Factory():

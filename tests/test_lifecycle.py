@@ -438,3 +438,193 @@ def test_serviceGivesTheStoreItsLimits(databaseURL):
         assert (s.limits.quotaOctets, s.limits.expireDays, s.limits.keepDeletedDays) == (5000, 9, 3)
     finally:
         s.close()
+
+
+# -- retention -------------------------------------------------------------------------
+
+T0 = 1_700_000_000
+
+
+class Clocked:
+    """
+    A store's clock, set by the test.
+    """
+
+    def __init__(self, store, now=T0):
+        self.now = now
+        store._clock = lambda: self.now
+
+    def days(self, n):
+        self.now += n * 86400
+
+
+def test_retentionRemovesOldMessagesOnly(store):
+    clock = Clocked(store)
+    old = [message(n, 30) for n in range(3)]
+    for body in old:
+        deliver(store, [ALICE, BOB], body)
+    clock.days(5)
+    recent = message(9)
+    deliver(store, [ALICE], recent)
+    resultOf(store.setExpire(ALICE, 3))
+    clock.days(0.5)
+    assert resultOf(store.expireMessages()) == (3, 0)
+    assert [m.size for m in resultOf(store.listMessages(ALICE))] == [len(recent)]
+    assert usage(store, ALICE) == (1, len(recent))
+    # Bob never set a retention and the server has none: all his stay.
+    assert len(resultOf(store.listMessages(BOB))) == 3
+    # Nothing left to do.
+    assert resultOf(store.expireMessages()) == (0, 0)
+
+
+def test_retentionDefaultAndNever(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE, BOB], message(1))
+    store.limits.expireDays = 2
+    resultOf(store.setExpire(BOB, UNLIMITED))
+    clock.days(1)
+    assert resultOf(store.expireMessages()) == (0, 0)
+    clock.days(2)
+    assert resultOf(store.expireMessages()) == (1, 0)
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert len(resultOf(store.listMessages(BOB))) == 1
+    resultOf(store.setExpire(BOB, DEFAULT))
+    assert resultOf(store.expireMessages()) == (1, 0)
+    assert resultOf(store.listMessages(BOB)) == []
+
+
+def test_retentionWorksInSmallTransactions(store):
+    clock = Clocked(store)
+    for n in range(7):
+        deliver(store, [ALICE], message(n))
+    store.limits.expireDays = 1
+    clock.days(2)
+    transactions = []
+    runWrite = store.database.runWrite
+
+    def counting(function, *args, **kwargs):
+        transactions.append(function.__name__)
+        return runWrite(function, *args, **kwargs)
+
+    store.database.runWrite = counting
+    assert resultOf(store.expireMessages(messagesPerTransaction=3)) == (7, 0)
+    assert transactions == ["_expireUser"] * 3
+    assert usage(store, ALICE) == (0, 0)
+
+
+def test_retentionSkipsAMaildropInUse(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    store.limits.expireDays = 1
+    clock.days(2)
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert resultOf(store.expireMessages()) == (0, 1)
+    assert session.command("RETR 1").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    assert resultOf(store.expireMessages()) == (1, 0)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_retentionOnSeveralNodesAtOnce(databaseURL):
+    """
+    Two nodes: a maildrop locked by a POP3 session on one is skipped by
+    the other; and both running the task at the same time remove each
+    old message exactly once (use and bodies stay exact).
+    """
+    import threading
+
+    nodes = [memoryStore(databaseURL) for _ in range(2)]
+    try:
+        a, b = nodes
+        addUser(a, ALICE, "wonderland")
+        addUser(a, BOB, "builder")
+        for node in nodes:
+            Clocked(node)
+            node.limits.expireDays = 1
+        for n in range(40):
+            deliver(a, [ALICE, BOB], message(n, n))
+        deliver(a, [BOB], message(99))
+        for node in nodes:
+            node._clock = lambda: T0 + 2 * 86400
+
+        session = POP3Session(a)
+        assert session.login(ALICE, "wonderland").startswith("+OK")
+        removed, busy = resultOf(b.expireMessages(messagesPerTransaction=7))
+        assert (removed, busy) == (41, 1)
+        assert session.command("QUIT").startswith("+OK")
+
+        results = []
+
+        def expire(node):
+            results.append(resultOf(node.expireMessages(messagesPerTransaction=3)))
+
+        threads = [threading.Thread(target=expire, args=(node,)) for node in nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sum(r[0] for r in results) == 40, results
+        assert resultOf(a.listMessages(ALICE)) == [] and resultOf(a.listMessages(BOB)) == []
+        assert usage(a, ALICE) == usage(a, BOB) == (0, 0)
+        from test_store import query
+
+        assert query(a, "SELECT count(*) FROM bodies") == [(0,)]
+        assert query(a, "SELECT count(*) FROM body_chunks") == [(0,)]
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_retentionServiceRunsPeriodically(store):
+    from twisted.internet.task import Clock
+
+    from mailgate.store.housekeeping import RetentionService
+
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    store.limits.expireDays = 1
+    reactor = Clock()
+    service = RetentionService(store, reactor, interval=60)
+    service.startService()
+    try:
+        reactor.advance(60)
+        assert len(resultOf(store.listMessages(ALICE))) == 1
+        clock.days(2)
+        reactor.advance(60)
+        assert resultOf(store.listMessages(ALICE)) == []
+    finally:
+        service.stopService()
+    assert not reactor.getDelayedCalls()
+
+
+def test_expireCapability(store):
+    def capa(session):
+        return [line for line in session.command("CAPA").split("\r\n") if line.startswith("EXPIRE")]
+
+    def sessionFactory():
+        from mailgate.testing import pop3Factory
+
+        return pop3Factory(store, expire=store.retention.capability)
+
+    # No retention anywhere: NEVER, as before.
+    assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE NEVER"]
+    store.limits.expireDays = 30
+    assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE 30"]
+    # Alice keeps mail 7 days: before login, USER says values differ.
+    resultOf(store.setExpire(ALICE, 7))
+    resultOf(store.retention.refresh())
+    session = POP3Session(store, factory=sessionFactory())
+    assert capa(session) == ["EXPIRE 30 USER"]
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert capa(session) == ["EXPIRE 7"]
+    session.command("QUIT")
+    session = POP3Session(store, factory=sessionFactory())
+    assert session.login(BOB, "builder").startswith("+OK")
+    assert capa(session) == ["EXPIRE 30"]
+    session.command("QUIT")
+    resultOf(store.setExpire(BOB, UNLIMITED))
+    resultOf(store.retention.refresh())
+    session = POP3Session(store, factory=sessionFactory())
+    assert session.login(BOB, "builder").startswith("+OK")
+    assert capa(session) == ["EXPIRE NEVER"]

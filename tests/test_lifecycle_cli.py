@@ -79,3 +79,19 @@ def test_deliverOverQuotaIsATemporaryFailureAndStoresNothing(cli, store):
     assert result.code == 75, result
     assert result.err == f"mailgate: mailbox full: {ALICE}; try again later\n"
     assert resultOf(store.listMessages(BOB)) == []
+
+
+# -- user expire -------------------------------------------------------------------
+
+
+def test_userExpire(cli, store):
+    result = cli("user", "expire", ALICE, "30")
+    assert result.code == 0, result
+    assert result.out == f"messages of {ALICE} expire after: 30 days\n"
+    assert listed(cli)[ALICE][5] == "30"
+    assert cli("user", "expire", ALICE, "never").out == f"messages of {ALICE} expire after: never\n"
+    assert listed(cli)[ALICE][5] == "never"
+    assert cli("user", "expire", ALICE, "default").code == 0
+    assert listed(cli)[ALICE][5] == "default"
+    assert cli("user", "expire", ALICE, "soon").code == 64
+    assert cli("user", "expire", "nobody@example.org", "3").code == 67

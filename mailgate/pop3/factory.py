@@ -54,6 +54,10 @@ class POP3Factory(ServerFactory):
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
     @param trustedNetworks: networks (L{ipaddress} objects or CIDR text)
         from which plaintext passwords are accepted without TLS.
+    @param expire: the RFC 2449 EXPIRE line, as a callable given the
+        session's maildrop (C{None} before login), e.g.
+        L{mailgate.store.lifecycle.Retention.capability}; C{None}: always
+        C{EXPIRE NEVER}.
     """
 
     protocol = POP3Server
@@ -72,6 +76,7 @@ class POP3Factory(ServerFactory):
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
+        expire=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -86,6 +91,7 @@ class POP3Factory(ServerFactory):
         self.tls = tls
         self.sasl = sasl
         self.trustedNetworks = [ipaddress.ip_network(n) for n in trustedNetworks]
+        self.expire = expire
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -117,12 +123,14 @@ class POP3Factory(ServerFactory):
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.trustedNetworks)
 
-    def extraCapabilities(self):
+    def extraCapabilities(self, maildrop=None):
         """
-        CAPA lines that depend on configuration (RFC 2449 section 6).
+        CAPA lines that depend on configuration (RFC 2449 section 6), and
+        after login on the user (C{maildrop}, the session's avatar).
         """
-        # mailgate never deletes mail on its own: only clients do, with DELE.
-        lines = ["EXPIRE NEVER"]
+        # Without a retention policy mailgate never deletes mail on its
+        # own: only clients do, with DELE.
+        lines = ["EXPIRE NEVER" if self.expire is None else self.expire(maildrop)]
         if self.loginDelay:
             lines.append(f"LOGIN-DELAY {self.loginDelay}")
         return lines

@@ -503,7 +503,7 @@ class POP3Server(Protocol):
                 lines.append("USER")
             if self.factory.sasl is not None:
                 lines.append("SASL " + " ".join(self.factory.sasl.mechanisms(plaintext)))
-        lines.extend(self.factory.extraCapabilities())
+        lines.extend(self.factory.extraCapabilities(self._maildrop))
         lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
         self._out.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))

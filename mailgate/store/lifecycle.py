@@ -174,6 +174,148 @@ def _quotaOf(cursor, address):
     return cursor.fetchone()
 
 
+def _expireOverrides(cursor):
+    """
+    The users with a retention of their own: user id to days (-1 never).
+    """
+    cursor.execute("SELECT user_id, expire_days FROM mailboxes WHERE expire_days IS NOT NULL")
+    return dict(cursor.fetchall())
+
+
+def _expireCandidates(cursor, now, defaultDays, limit):
+    """
+    Users whose maildrop may hold messages older than their retention
+    allows, judged by each maildrop's C{oldest_arrival} (a lower bound:
+    a maildrop found here may turn out to have nothing to remove).
+    """
+    cursor.execute(
+        "SELECT user_id FROM mailboxes WHERE oldest_arrival IS NOT NULL "
+        "AND coalesce(expire_days, ?) >= 0 "
+        "AND oldest_arrival < ? - coalesce(expire_days, ?) * ? "
+        "ORDER BY oldest_arrival LIMIT ?",
+        (defaultDays, now, defaultDays, DAY, limit),
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _expireUser(cursor, userId, now, defaultDays, limit):
+    """
+    Remove at most C{limit} of a user's messages that are older than the
+    user's retention, oldest first, and make C{oldest_arrival} exact once
+    nothing older is left.
+
+    @return: C{(messages removed, whether more may be left)}.
+    """
+    from mailgate.store.sql import _removeMessages
+
+    cursor.execute("SELECT coalesce(expire_days, ?) FROM mailboxes WHERE user_id = ?", (defaultDays, userId))
+    row = cursor.fetchone()
+    if row is None or row[0] < 0:
+        return 0, False
+    cutoff = now - row[0] * DAY
+    cursor.execute(
+        "SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ? ORDER BY uid LIMIT ?",
+        (userId, cutoff, limit),
+    )
+    uids = [r[0] for r in cursor.fetchall()]
+    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    if len(uids) < limit:
+        cursor.execute(
+            "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
+            "WHERE user_id = ?",
+            (userId, userId),
+        )
+        return removed, False
+    return removed, True
+
+
+def _purgeDeleted(cursor, before, limit):
+    """
+    Remove at most C{limit} kept deleted messages deleted before
+    C{before}, releasing their bodies.
+
+    @return: how many were removed.
+    """
+    from mailgate.store.sql import _releaseBodies
+
+    cursor.execute(
+        "SELECT user_id, uid FROM deleted_mail WHERE deleted_at < ? ORDER BY deleted_at LIMIT ?",
+        (before, limit),
+    )
+    byUser = {}
+    for userId, uid in cursor.fetchall():
+        byUser.setdefault(userId, []).append(uid)
+    references = {}
+    removed = 0
+    for userId, uids in sorted(byUser.items()):
+        for batch in _batches(uids):
+            cursor.execute(
+                f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({','.join('?' * len(batch))}) "
+                "RETURNING body_owner, body_id",
+                (userId, *batch),
+            )
+            for owner, bodyId in cursor.fetchall():
+                references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
+                removed += 1
+    _releaseBodies(cursor, references)
+    return removed
+
+
+def _batches(items, size=500):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Retention:
+    """
+    What POP3 advertises as EXPIRE (RFC 2449 section 6.7), answered from
+    memory: the users who have a retention of their own, loaded from the
+    store and refreshed periodically (like the APOP advertiser), so that
+    neither CAPA nor a login costs a trip to the database.
+
+    @ivar overrides: user id to the user's own days (-1: never).
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.overrides = {}
+
+    def refresh(self):
+        d = self._store.database.runInteraction(_expireOverrides)
+
+        def got(overrides):
+            self.overrides = overrides
+
+        return d.addCallbacks(got, lambda failure: None)
+
+    @property
+    def defaultDays(self):
+        return self._store.limits.expireDays
+
+    def daysFor(self, userId):
+        """
+        A user's retention in days, or C{None} for never.
+        """
+        return self._store.limits.effective(self.overrides.get(userId), self.defaultDays)
+
+    def variesPerUser(self):
+        default = self.defaultDays
+        return any(self._store.limits.effective(days, default) != default for days in self.overrides.values())
+
+    def capability(self, maildrop=None):
+        """
+        The CAPA line: before login, the server's default, followed by
+        C{USER} when some users have another value; after login (given
+        the session's maildrop), the user's own.
+        """
+        if maildrop is not None:
+            days = getattr(maildrop, "expireDays", self.defaultDays)
+            return "EXPIRE " + ("NEVER" if days is None else str(days))
+        line = "EXPIRE " + ("NEVER" if self.defaultDays is None else str(self.defaultDays))
+        return line + " USER" if self.variesPerUser() else line
+
+
 class LifecycleStore:
     """
     The lifecycle half of L{mailgate.store.sql.SQLMailStore}.
@@ -222,3 +364,65 @@ class LifecycleStore:
             )
 
         return self.database.runInteraction(_quotaOf, address).addCallback(status)
+
+    @property
+    def retention(self):
+        """
+        The store's L{Retention}: what POP3 advertises as EXPIRE.
+        """
+        retention = self.__dict__.get("_retention")
+        if retention is None:
+            retention = self.__dict__["_retention"] = Retention(self)
+        return retention
+
+    def expireMessages(self, users=100, messagesPerTransaction=500):
+        """
+        One pass of the retention task: remove messages older than their
+        user's retention from at most C{users} maildrops, a transaction
+        of at most C{messagesPerTransaction} removals at a time, skipping
+        every maildrop a POP3 session holds (its lock is taken without
+        waiting, through the store's locks, so this is safe on several
+        nodes at once).
+
+        @return: a L{Deferred} of C{(messages removed, maildrops skipped
+            because busy)}.
+        """
+        from twisted.internet import defer
+
+        from mailgate.errors import MaildropInUse
+
+        now = self._now()
+        default = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
+
+        @defer.inlineCallbacks
+        def run():
+            candidates = yield self.database.runInteraction(_expireCandidates, now, default, users)
+            removed = busy = 0
+            for userId in candidates:
+                try:
+                    yield self.locks.acquire(userId)
+                except MaildropInUse:
+                    busy += 1
+                    continue
+                try:
+                    more = True
+                    while more:
+                        count, more = yield self.database.runWrite(
+                            _expireUser, userId, now, default, messagesPerTransaction
+                        )
+                        removed += count
+                finally:
+                    yield self.locks.release(userId)
+            return removed, busy
+
+        return run()
+
+    def purgeDeleted(self, limit=500):
+        """
+        Remove kept deleted mail older than L{StoreLimits.keepDeletedDays}
+        (all of it when that is 0), at most C{limit} messages.
+
+        @return: a L{Deferred} of how many were removed.
+        """
+        before = self._now() - self.limits.keepDeletedDays * DAY
+        return self.database.runWrite(_purgeDeleted, before, limit)

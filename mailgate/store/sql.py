@@ -746,6 +746,14 @@ class SQLMaildrop:
         self._released = False
         self._ahead = {}
 
+    @property
+    def expireDays(self):
+        """
+        The owner's retention in days (RFC 2449 EXPIRE after login), or
+        C{None} for never.
+        """
+        return self._store.retention.daysFor(self._userId)
+
     def uniqueIds(self, first, count):
         uids = self._uids[first : first + count]
         if not uids:
