@@ -10,6 +10,8 @@ C{mailgate}: the administrator's command.
   mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
   mailgate user expire ADDRESS N|never|default
   mailgate mailbox list ADDRESS
+  mailgate mailbox deleted ADDRESS
+  mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
 
@@ -24,7 +26,9 @@ import contextlib
 import datetime
 import getpass
 import os
+import re
 import sys
+import time
 
 from mailgate import __version__
 from mailgate.address import normalizeAddress
@@ -249,6 +253,62 @@ def _mailboxList(store, args, out, stdin):
         )
 
 
+def _mailboxDeleted(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        messages = _result(store.listDeleted(address))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} {'DELETED':<20} FROM\n")
+    for message in messages:
+        out.write(
+            f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
+            f"{_time(message.deletedAt):<20} {message.deletedBy or '-'}\n"
+        )
+
+
+_AGO = re.compile(r"^([0-9]+)([smhd])$")
+_AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parseTime(text, now):
+    """
+    Seconds since the epoch from an ISO 8601 time (UTC unless it says
+    otherwise: C{2024-05-01T10:00:00Z}, C{2024-05-01 10:00}, C{2024-05-01})
+    or a time ago (C{90m}, C{2h}, C{3d}).
+    """
+    match = _AGO.match(text.strip().lower())
+    if match:
+        return int(now - int(match.group(1)) * _AGO_UNITS[match.group(2)])
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(
+            f"bad time {text!r}: use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)", EX_USAGE
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def _mailboxRestore(store, args, out, stdin):
+    address = _address(args.address)
+    since = None if args.since is None else _parseTime(args.since, time.time())
+    try:
+        restored, missing = _result(
+            store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
+        )
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    for old, new in restored:
+        out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
+    out.write(f"{len(restored)} messages restored to {address}\n")
+    if missing:
+        raise CommandError(
+            f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR
+        )
+
+
 def _time(seconds):
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -399,6 +459,28 @@ def buildParser():
     mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
     mlist.add_argument("address")
     mlist.set_defaults(run=_mailboxList, migrate=True)
+    mdeleted = mailbox.add_parser(
+        "deleted",
+        help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
+    )
+    mdeleted.add_argument("address")
+    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
+    mrestore = mailbox.add_parser(
+        "restore",
+        help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
+        description="Bring back kept deleted messages: those with the given unique ids, "
+        "or all of them (optionally only those deleted since TIME).  They come back "
+        "under their own unique ids, so that POP3 clients that leave mail on the server "
+        "treat them as already downloaded; with --as-new under new ids, so that they "
+        "download them again.",
+    )
+    mrestore.add_argument("address")
+    mrestore.add_argument("uidls", nargs="*", metavar="UIDL")
+    mrestore.add_argument(
+        "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
+    )
+    mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
+    mrestore.set_defaults(run=_mailboxRestore, migrate=True)
 
     deliver = commands.add_parser(
         "deliver", help="deliver a message from standard input to local users"

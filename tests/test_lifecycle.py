@@ -628,3 +628,141 @@ def test_expireCapability(store):
     session = POP3Session(store, factory=sessionFactory())
     assert session.login(BOB, "builder").startswith("+OK")
     assert capa(session) == ["EXPIRE NEVER"]
+
+
+# -- kept deleted mail -----------------------------------------------------------------
+
+
+def popDelete(store, address, password, *numbers):
+    """
+    A POP3 session that deletes C{numbers} and quits; its UIDL listing
+    before the deletions.
+    """
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    listing = session.command("UIDL").split("\r\n")[1:-2]
+    for n in numbers:
+        assert session.command(f"DELE {n}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    return [line.split()[1] for line in listing]
+
+
+def uidlOf(store, address, password):
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    listing = session.command("UIDL").split("\r\n")[1:-2]
+    session.command("QUIT")
+    return [line.split()[1] for line in listing]
+
+
+def bodyCount(store):
+    from test_store import query
+
+    return query(store, "SELECT count(*) FROM bodies")[0][0], query(store, "SELECT count(*) FROM body_chunks")[0][0]
+
+
+def test_deletedMailIsKeptOutOfPop3AndOutOfTheQuota(store):
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 3
+    bodies = [message(n, 10 * n) for n in range(4)]
+    for body in bodies:
+        deliver(store, [ALICE], body)
+    ids = popDelete(store, ALICE, "wonderland", 2, 3)
+    assert uidlOf(store, ALICE, "wonderland") == [ids[0], ids[3]]
+    assert usage(store, ALICE) == (2, len(bodies[0]) + len(bodies[3]))
+    kept = resultOf(store.listDeleted(ALICE))
+    assert [(k.number, k.size, k.uniqueId, k.deletedAt, k.deletedBy) for k in kept] == [
+        (1, len(bodies[1]), ids[1], T0, "127.0.0.1:40000"),
+        (2, len(bodies[2]), ids[2], T0, "127.0.0.1:40000"),
+    ]
+
+
+def test_restoreUnderTheOriginalUniqueIds(store):
+    store.limits.keepDeletedDays = 3
+    bodies = [message(n, 10 * n) for n in range(4)]
+    for body in bodies:
+        deliver(store, [ALICE], body)
+    ids = popDelete(store, ALICE, "wonderland", 1, 3)
+    restored, missing = resultOf(store.restoreDeleted(ALICE, [ids[2], "no-such-id"]))
+    assert restored == [(ids[2], ids[2])]
+    assert missing == ["no-such-id"]
+    # Back in its place, under its own id.
+    assert uidlOf(store, ALICE, "wonderland") == [ids[1], ids[2], ids[3]]
+    assert usage(store, ALICE) == (3, sum(map(len, bodies[1:])))
+    session = POP3Session(store)
+    session.login(ALICE, "wonderland")
+    assert session.command("RETR 2").endswith(bodies[2].decode() + ".\r\n")
+    session.command("QUIT")
+    assert [k.uniqueId for k in resultOf(store.listDeleted(ALICE))] == [ids[0]]
+
+
+def test_restoreAllSinceATime(store):
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 3
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    ids = popDelete(store, ALICE, "wonderland", 1)
+    clock.days(1)
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    restored, missing = resultOf(store.restoreDeleted(ALICE, since=T0 + 3600))
+    assert [old for old, _ in restored] == ids[1:]
+    assert missing == []
+    assert uidlOf(store, ALICE, "wonderland") == ids[1:]
+    restored, _ = resultOf(store.restoreDeleted(ALICE))
+    assert [old for old, _ in restored] == ids[:1]
+    assert uidlOf(store, ALICE, "wonderland") == ids
+
+
+def test_restoreAsNew(store):
+    store.limits.keepDeletedDays = 3
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    ids = popDelete(store, ALICE, "wonderland", 1, 2)
+    restored, _ = resultOf(store.restoreDeleted(ALICE, asNew=True))
+    assert [old for old, _ in restored] == ids[:2]
+    newIds = [new for _, new in restored]
+    assert not set(newIds) & set(ids)
+    # After the message that stayed, as if just delivered; a later
+    # delivery gets yet another id.
+    assert uidlOf(store, ALICE, "wonderland") == [ids[2], *newIds]
+    later = deliver(store, [ALICE], message(9))[ALICE]
+    assert later not in ids + newIds
+
+
+def test_keptDeletedMailIsPurgedInTime(store):
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 2
+    body = message(1)
+    deliver(store, [ALICE, BOB], body)
+    deliver(store, [ALICE], message(2))
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    assert bodyCount(store) == (2, 2)
+    clock.days(1)
+    assert resultOf(store.purgeDeleted()) == 0
+    clock.days(1.5)
+    assert resultOf(store.purgeDeleted()) == 2
+    assert resultOf(store.listDeleted(ALICE)) == []
+    # Bob's copy keeps the shared body; Alice's own body is gone.
+    assert bodyCount(store) == (1, 1)
+    assert resultOf(store.restoreDeleted(ALICE)) == ([], [])
+    session = POP3Session(store)
+    session.login(BOB, "builder")
+    assert session.command("RETR 1").endswith(body.decode() + ".\r\n")
+
+
+def test_withoutKeepingDeletedMailIsRemovedAtOnce(store):
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    assert resultOf(store.listDeleted(ALICE)) == []
+    assert bodyCount(store) == (0, 0)
+
+
+def test_deletingAUserDropsTheirKeptMail(store):
+    store.limits.keepDeletedDays = 5
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    resultOf(store.deleteUser(ALICE))
+    assert bodyCount(store) == (0, 0)
+    from test_store import query
+
+    assert query(store, "SELECT count(*) FROM deleted_mail") == [(0,)]

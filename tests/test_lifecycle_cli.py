@@ -95,3 +95,64 @@ def test_userExpire(cli, store):
     assert listed(cli)[ALICE][5] == "default"
     assert cli("user", "expire", ALICE, "soon").code == 64
     assert cli("user", "expire", "nobody@example.org", "3").code == 67
+
+
+# -- mailbox deleted / restore ----------------------------------------------------------
+
+
+def keptDeleted(store, address, password, *numbers):
+    from mailgate.testing import POP3Session
+
+    store.limits.keepDeletedDays = 7
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    ids = [line.split()[1] for line in session.command("UIDL").split("\r\n")[1:-2]]
+    for n in numbers:
+        assert session.command(f"DELE {n}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    return ids
+
+
+def test_mailboxDeletedAndRestore(cli, store):
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    ids = keptDeleted(store, ALICE, "wonderland", 1, 3)
+
+    result = cli("mailbox", "deleted", ALICE)
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["NUMBER", "OCTETS", "UNIQUE-ID", "DELETED", "FROM"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("1", "21", ids[0], "127.0.0.1:40000"),
+        ("2", "21", ids[2], "127.0.0.1:40000"),
+    ]
+
+    result = cli("mailbox", "restore", ALICE, ids[2])
+    assert result.code == 0, result
+    assert result.out == f"restored {ids[2]}\n1 messages restored to {ALICE}\n"
+    assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == ids[1:]
+
+    result = cli("mailbox", "restore", ALICE, "--as-new")
+    assert result.code == 0, result
+    new = resultOf(store.listMessages(ALICE))[-1].uniqueId
+    assert new not in ids
+    assert result.out == f"restored {ids[0]} as {new}\n1 messages restored to {ALICE}\n"
+    assert cli("mailbox", "deleted", ALICE).out.count("\n") == 1
+
+
+def test_mailboxRestoreSince(cli, store):
+    for n in range(2):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    keptDeleted(store, ALICE, "wonderland", 1, 2)
+    # Deleted just now: nothing was deleted since tomorrow, all since an hour ago.
+    assert cli("mailbox", "restore", ALICE, "--since", "2999-01-01").out == f"0 messages restored to {ALICE}\n"
+    assert cli("mailbox", "restore", ALICE, "--since", "1h").out.endswith(f"2 messages restored to {ALICE}\n")
+    assert cli("mailbox", "restore", ALICE, "--since", "yesterday-ish").code == 64
+
+
+def test_mailboxRestoreUnknownId(cli, store):
+    result = cli("mailbox", "restore", ALICE, "nope")
+    assert result.code == 65, result
+    assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: nope\n"
+    assert cli("mailbox", "deleted", "nobody@example.org").code == 67

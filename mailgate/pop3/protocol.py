@@ -239,6 +239,21 @@ class POP3Server(Protocol):
             self._out.flush()
             self.transport.abortConnection()
 
+    def _kicked(self):
+        """
+        The administrator ended the session (C{mailgate kick}): it closes
+        without the UPDATE state, so nothing marked deleted is deleted,
+        and the maildrop's lock is released.
+        """
+        if self._closed or self.state == UPDATE:
+            return
+        if not self._sending:
+            self._err("[SYS/TEMP] session ended by the administrator")
+        self._endSession("kicked")
+        self._close()
+        if self._sending:
+            self.transport.abortConnection()
+
     # -- input -----------------------------------------------------------
 
     def dataReceived(self, data):
@@ -460,6 +475,11 @@ class POP3Server(Protocol):
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
         self.state = TRANSACTION
+        # The store learns who the session is (the client's address goes
+        # with what it deletes) and how to end it (mailgate kick).
+        started = getattr(maildrop, "sessionStarted", None)
+        if started is not None:
+            started(_describe(self.peer), self._kicked)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _loginFailed(self, failure, user):

@@ -261,6 +261,121 @@ def _purgeDeleted(cursor, before, limit):
     return removed
 
 
+def _keepDeleted(cursor, userId, uids, now, peer):
+    """
+    The UPDATE state of a POP3 session where deleted mail is kept: the
+    messages leave the maildrop (and the user's quota) but their rows, with
+    their uid, unique id and body reference, move to C{deleted_mail}.
+
+    @return: how many were removed.
+    """
+    from mailgate.store.sql import _releaseUsage
+
+    removed = octets = 0
+    for batch in _batches(uids):
+        marks = ",".join("?" * len(batch))
+        cursor.execute(
+            "INSERT INTO deleted_mail (user_id, uid, uidl, body_owner, body_id, size, header_size, "
+            "arrived_at, deleted_at, deleted_by) "
+            "SELECT user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at, ?, ? "
+            f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})",
+            (now, peer, userId, *batch),
+        )
+        cursor.execute(
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({marks}) RETURNING size",
+            (userId, *batch),
+        )
+        sizes = [row[0] for row in cursor.fetchall()]
+        removed += len(sizes)
+        octets += sum(sizes)
+    if removed:
+        _releaseUsage(cursor, userId, removed, octets)
+    return removed
+
+
+def _listDeleted(cursor, address):
+    from mailgate.store.records import DeletedMessage
+
+    userId = _userId(cursor, address)
+    cursor.execute(
+        "SELECT size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        "WHERE user_id = ? ORDER BY uid",
+        (userId,),
+    )
+    return [DeletedMessage(n, *row) for n, row in enumerate(cursor.fetchall(), 1)]
+
+
+_DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
+
+
+def _restoreDeleted(cursor, address, uidls, since, asNew, now):
+    """
+    Bring kept deleted messages back into the maildrop: those with the
+    unique ids C{uidls} (all if C{None}), deleted at or after C{since}
+    (if given).  They come back under their own uid and unique id, in
+    their old place among the others, or with C{asNew} under new ones
+    (after every other message), so that clients that leave mail on the
+    server download them again.  Restoring is never refused for the
+    quota: the mail was already stored.
+
+    @return: C{(restored, missing)}: a list of C{(old unique id, unique id
+        now)}, and the requested unique ids that are not kept.
+    """
+    from mailgate.store.sql import _placeholders, formatUniqueId
+
+    userId = _userId(cursor, address)
+    where, params = "user_id = ?", [userId]
+    if since is not None:
+        where += " AND deleted_at >= ?"
+        params.append(since)
+    rows = []
+    if uidls is None:
+        cursor.execute(f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} ORDER BY uid", params)
+        rows = cursor.fetchall()
+    else:
+        for batch in _batches(sorted(set(uidls))):
+            cursor.execute(
+                f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} "
+                f"AND uidl IN ({_placeholders(len(batch))})",
+                params + batch,
+            )
+            rows += cursor.fetchall()
+        rows.sort()
+    found = {row[1] for row in rows}
+    missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
+    if not rows:
+        return [], missing
+    if asNew:
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+            (len(rows), userId),
+        )
+        following, validity = cursor.fetchone()
+        first = following - len(rows)
+        entries = [
+            (userId, first + n, formatUniqueId(first + n, validity), *row[2:])
+            for n, row in enumerate(rows)
+        ]
+    else:
+        entries = [(userId, *row) for row in rows]
+    from mailgate.store.sql import _MAILDROP_COLUMNS, _insertRows
+
+    for batch in _batches([row[0] for row in rows]):
+        cursor.execute(
+            f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            (userId, *batch),
+        )
+    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
+        "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
+        "ELSE oldest_arrival END WHERE user_id = ?",
+        (len(rows), sum(row[4] for row in rows), min(row[6] for row in rows),
+         min(row[6] for row in rows), userId),
+    )
+    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
+
+
 def _batches(items, size=500):
     items = list(items)
     for start in range(0, len(items), size):
@@ -426,3 +541,57 @@ class LifecycleStore:
         """
         before = self._now() - self.limits.keepDeletedDays * DAY
         return self.database.runWrite(_purgeDeleted, before, limit)
+
+    def listDeleted(self, address):
+        """
+        A user's kept deleted messages: a L{Deferred} list of
+        L{mailgate.store.records.DeletedMessage}, in their maildrop order.
+        Fails with L{NoSuchUser}.
+        """
+        return self.database.runInteraction(_listDeleted, address)
+
+    def restoreDeleted(self, address, uidls=None, since=None, asNew=False):
+        """
+        Bring kept deleted messages back; see L{_restoreDeleted}.
+
+        @param uidls: the unique ids to restore; C{None} for all.
+        @param since: only those deleted at or after this time (seconds).
+        @return: a L{Deferred} of C{(restored, missing)}.
+        """
+        return self.database.runWrite(
+            _restoreDeleted, address, None if uidls is None else list(uidls), since, asNew, self._now()
+        )
+
+    @property
+    def sessions(self):
+        """
+        This store's part of the registry of POP3 sessions
+        (L{mailgate.store.registry.SessionRegistry}).
+        """
+        sessions = self.__dict__.get("_sessions")
+        if sessions is None:
+            from mailgate.store.registry import SessionRegistry
+
+            sessions = self.__dict__["_sessions"] = SessionRegistry(self)
+        return sessions
+
+    def listSessions(self, address=None):
+        """
+        The POP3 sessions in progress on every live node (of C{address}
+        only, if given): a L{Deferred} list of
+        L{mailgate.store.records.SessionInfo}, oldest first.
+        """
+        from mailgate.store.registry import STALE_AFTER, _sessions
+
+        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address)
+
+    def kickSessions(self, address):
+        """
+        Ask the nodes serving C{address}'s POP3 sessions to end them
+        (without applying their deletions): a L{Deferred} of how many were
+        marked.
+        """
+        from mailgate.store.registry import STALE_AFTER, _kick
+
+        now = self._now()
+        return self.database.runWrite(_kick, address, now, now - STALE_AFTER)

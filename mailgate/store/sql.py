@@ -745,6 +745,22 @@ class SQLMaildrop:
         self.sizes = sizes
         self._released = False
         self._ahead = {}
+        self.peer = None
+        self._session = None
+
+    def sessionStarted(self, peer, end=None):
+        """
+        The POP3 session working on this maildrop has begun: C{peer} is
+        the client's address (C{"host:port"}), recorded with what the
+        session deletes and shown by C{mailgate who}; C{end()}, if given,
+        ends the session without applying its deletions (C{mailgate kick}).
+        """
+        self.peer = peer
+        self._session = self._store.sessions.started(self, peer, end)
+
+    @property
+    def userId(self):
+        return self._userId
 
     @property
     def expireDays(self):
@@ -809,15 +825,27 @@ class SQLMaildrop:
             uids.append(self._uids[i])
         return uids
 
-    def expunge(self, indexes):
+    def expunge(self, indexes, peer=None):
+        """
+        Remove the messages at C{indexes}, in one transaction.  Where the
+        server keeps deleted mail (L{lifecycle.StoreLimits.keepDeletedDays}),
+        they leave the maildrop (and the quota) all the same but are kept
+        for recovery, with the time and C{peer}, the client's address
+        (by default the one given to L{sessionStarted}).
+        """
         uids = [self._uids[i] for i in indexes]
         if not uids:
             return defer.succeed(0)
+        peer = self.peer if peer is None else peer
         d = self._store.locks.verify(self._userId)
 
         def remove(held):
             if not held:
                 raise TemporaryFailure("the maildrop lock was lost; nothing removed")
+            if self._store.limits.keepDeletedDays > 0:
+                return self._store.database.runWrite(
+                    lifecycle._keepDeleted, self._userId, uids, self._store._now(), peer
+                )
             return self._store.database.runWrite(_removeMessages, self._userId, uids)
 
         return d.addCallback(remove)
@@ -826,6 +854,9 @@ class SQLMaildrop:
         if self._released:
             return defer.succeed(None)
         self._released = True
+        session, self._session = self._session, None
+        if session is not None:
+            self._store.sessions.ended(session)
         return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 
