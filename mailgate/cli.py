@@ -12,6 +12,8 @@ C{mailgate}: the administrator's command.
   mailgate mailbox list ADDRESS
   mailgate mailbox deleted ADDRESS
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
+  mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
 
@@ -50,7 +52,9 @@ from mailgate.store.schema import LATEST, currentVersion, upgrade
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_NOUSER = 67
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
@@ -309,6 +313,106 @@ def _mailboxRestore(store, args, out, stdin):
         )
 
 
+def _importReport(report, out, stderr, who=None):
+    prefix = f"{who}: " if who else ""
+    for failure in report.failures:
+        stderr.write(f"mailgate: {prefix}{failure}\n")
+    out.write(f"{prefix}{report.summary()}\n")
+
+
+def _importTarget(store, address):
+    user = _result(store.findUser(address))
+    if user is None:
+        raise CommandError(f"no such user: {address} (add it with mailgate user add first)", EX_NOUSER)
+
+
+def _importMaildir(store, args, out, stdin):
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.maildir import importMaildir
+
+    address = _address(args.address)
+    _importTarget(store, address)
+    try:
+        report = importMaildir(
+            store, args.directory, address, args.uidl_format, int(time.time()),
+            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+        )
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_NOINPUT)
+    _importReport(report, out, args.stderr)
+    if report.failures:
+        raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
+
+
+def _readUsers(path):
+    """
+    C{(address, password)} per line of a C{--users} file: the address, a
+    space, and the password (the rest of the line); empty lines and lines
+    starting with C{#} are skipped.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+    users = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        address, _, password = line.strip().partition(" ")
+        if not password:
+            raise CommandError(f"{path} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
+        users.append((_address(address), password))
+    return users
+
+
+def _importPOP3(store, args, out, stdin):
+    from mailgate.importers import ImportFailed, ImportReport
+    from mailgate.importers.pop3 import importPOP3, parseURL
+
+    try:
+        parseURL(args.url)
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_USAGE)
+    if args.users is not None:
+        if args.address is not None:
+            raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
+        users = _readUsers(args.users)
+    else:
+        if args.address is None:
+            raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
+        users = [(_address(args.address), None)]
+    total = ImportReport()
+    failedUsers = []
+    for address, password in users:
+        try:
+            _importTarget(store, address)
+            if password is None:
+                password = _readPassword(args, stdin, confirm=False)
+            report = importPOP3(
+                store, args.url, address, password, insecure=args.insecure, delete=args.delete,
+                warn=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+            )
+        except (CommandError, ImportFailed) as e:
+            if args.users is None:
+                raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
+            args.stderr.write(f"mailgate: {address}: {e}\n")
+            failedUsers.append(address)
+            out.write(f"{address}: failed\n")
+            continue
+        _importReport(report, out, args.stderr, address if args.users is not None else None)
+        if report.failures:
+            failedUsers.append(address)
+        total.add(report)
+    if args.users is not None:
+        out.write(f"{len(users)} users: {total.summary()}\n")
+    if failedUsers or total.failures:
+        raise CommandError(
+            f"the import of {', '.join(failedUsers)} did not complete; run it again to finish",
+            EX_TEMPFAIL,
+        )
+
+
 def _time(seconds):
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -482,6 +586,50 @@ def buildParser():
     mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
     mrestore.set_defaults(run=_mailboxRestore, migrate=True)
 
+    imports = commands.add_parser(
+        "import", help="move maildrops from another server, keeping unique ids"
+    ).add_subparsers(dest="action", metavar="ACTION")
+    imports.required = True
+    imaildir = imports.add_parser(
+        "maildir",
+        help="import a Maildir (e.g. Dovecot's) into a user's maildrop",
+        description="Import a Maildir's messages (cur/ and new/) into a user's maildrop, "
+        "in the order Dovecot serves them, with the unique ids it serves (read from "
+        "dovecot-uidlist and formatted like Dovecot's pop3_uidl_format).  Safe to run "
+        "again: messages already imported are skipped.",
+    )
+    imaildir.add_argument("directory", metavar="DIR")
+    imaildir.add_argument("address")
+    imaildir.add_argument(
+        "--uidl-format",
+        metavar="FORMAT",
+        help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
+        "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
+        "a dovecot-uidlist)",
+    )
+    imaildir.set_defaults(run=_importMaildir, migrate=True)
+    ipop3 = imports.add_parser(
+        "pop3",
+        help="copy a live POP3 server's maildrop into a user's",
+        description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
+        "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
+        "(a user name containing @ written %%40; without one, the ADDRESS).  STLS is used "
+        "when offered; certificates are verified unless --insecure.  Resumable: messages "
+        "already imported are skipped.  The source is left untouched unless --delete.",
+    )
+    ipop3.add_argument("url", metavar="URL")
+    ipop3.add_argument("address", nargs="?")
+    ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    ipop3.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument(
+        "--users",
+        metavar="FILE",
+        help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
+        "source as ADDRESS",
+    )
+    ipop3.set_defaults(run=_importPOP3, migrate=True)
+
     deliver = commands.add_parser(
         "deliver", help="deliver a message from standard input to local users"
     )
@@ -536,6 +684,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     delivering = args.run is _deliver
     store = None
     try:
+        args.stderr = stderr
         if getattr(args, "store", True):
             store = openSynchronousStore(url, migrate=args.migrate)
         args.run(store, args, stdout, stdin)

@@ -376,6 +376,117 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
 
 
+def _presentUidls(cursor, userId, uidls):
+    """
+    Which of C{uidls} a user's maildrop already has, or keeps deleted.
+    """
+    from mailgate.store.sql import _placeholders
+
+    present = set()
+    for batch in _batches(sorted(set(uidls))):
+        marks = _placeholders(len(batch))
+        for table in ("maildrop", "deleted_mail"):
+            cursor.execute(
+                f"SELECT uidl FROM {table} WHERE user_id = ? AND uidl IN ({marks})", (userId, *batch)
+            )
+            present.update(row[0] for row in cursor.fetchall())
+    return present
+
+
+def _existingUidls(cursor, address, uidls):
+    return _presentUidls(cursor, _userId(cursor, address), uidls)
+
+
+def generatedUid(uidl, validity):
+    """
+    The uid whose generated unique id (L{mailgate.store.sql.formatUniqueId}
+    under C{validity}) is C{uidl}, or C{None} if mailgate could never
+    generate it there.
+    """
+    suffix = f"{validity:08x}"
+    if len(uidl) < 16 or not uidl.endswith(suffix):
+        return None
+    prefix = uidl[: -len(suffix)]
+    try:
+        uid = int(prefix, 16)
+    except ValueError:
+        return None
+    return uid if f"{uid:08x}" == prefix else None
+
+
+def _importMessages(cursor, address, items):
+    """
+    Add messages from another server to a user's maildrop, keeping the
+    unique ids that server gave them, in one transaction.  Ids the
+    maildrop already has (a resumed import) are skipped.  The messages
+    take the next uids, in the order given (POP3 numbers them so), and
+    count towards the user's storage use, but no quota refuses them: a
+    migration must not lose mail.
+
+    An imported id must never collide with one mailgate generates later:
+    where an imported id has the shape of mailgate's own ids for this
+    maildrop (L{generatedUid}), the uid counter is moved past it.
+
+    @param items: C{(uidl, source, arrived)} per message, the source an
+        L{mailgate.interfaces.IMessageSource}.
+    @return: C{(imported, skipped)}: the unique ids added, and those
+        skipped as already present.
+    """
+    from mailgate.store.sql import (
+        _BODY_COLUMNS,
+        _CHUNK_COLUMNS,
+        _MAILDROP_COLUMNS,
+        CHUNK_SIZE,
+        _insertRows,
+        _pieces,
+        _storeLargeBody,
+    )
+
+    import secrets
+
+    userId = _userId(cursor, address)
+    present = _presentUidls(cursor, userId, [item[0] for item in items])
+    fresh, seen = [], set()
+    for item in items:
+        if item[0] not in present and item[0] not in seen:
+            seen.add(item[0])
+            fresh.append(item)
+    skipped = [item[0] for item in items if item[0] in present]
+    if not fresh:
+        return [], skipped
+    octets = sum(source.size for _, source, _ in fresh)
+    oldest = min(arrived for _, _, arrived in fresh)
+    cursor.execute(
+        "UPDATE mailboxes SET next_uid = next_uid + ?, used_messages = used_messages + ?, "
+        "used_octets = used_octets + ?, "
+        "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
+        "ELSE oldest_arrival END WHERE user_id = ? RETURNING next_uid, uid_validity",
+        (len(fresh), len(fresh), octets, oldest, oldest, userId),
+    )
+    following, validity = cursor.fetchone()
+    first = following - len(fresh)
+    colliding = [generatedUid(uidl, validity) for uidl, _, _ in fresh]
+    colliding = [uid for uid in colliding if uid is not None and uid >= following]
+    if colliding:
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = ? WHERE user_id = ? AND next_uid <= ?",
+            (max(colliding) + 1, userId, max(colliding)),
+        )
+    bodies, chunks, entries = [], [], []
+    for n, (uidl, source, arrived) in enumerate(fresh):
+        if source.size <= CHUNK_SIZE:
+            bodyId = secrets.token_hex(16)
+            bodies.append((userId, bodyId, source.size, source.headerSize, 1, arrived))
+            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
+        else:
+            bodyId = _storeLargeBody(cursor, userId, source, 1, arrived)
+        entries.append((userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived))
+    _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
+    _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
+    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    return [uidl for uidl, _, _ in fresh], skipped
+
+
 def _batches(items, size=500):
     items = list(items)
     for start in range(0, len(items), size):
@@ -595,3 +706,20 @@ class LifecycleStore:
 
         now = self._now()
         return self.database.runWrite(_kick, address, now, now - STALE_AFTER)
+
+    def importMessages(self, address, items):
+        """
+        Add messages from another server, keeping their unique ids; see
+        L{_importMessages}.  One transaction: all of C{items} or none.
+
+        @return: a L{Deferred} of C{(imported, skipped)} unique ids; fails
+            with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_importMessages, address, list(items))
+
+    def existingUidls(self, address, uidls):
+        """
+        Which of C{uidls} a user's maildrop already holds (or keeps
+        deleted): a L{Deferred} set.
+        """
+        return self.database.runInteraction(_existingUidls, address, list(uidls))
