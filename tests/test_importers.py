@@ -84,6 +84,12 @@ def test_dovecotOrderOfNewFiles():
     assert ordered[:2] == ["999999999.M1P1.a", "1700000000.M900P1.z"]
     assert ordered.index("1700000001.M40P9.b:2,S") < ordered.index("1700000001.M40P9.c")
     assert ordered.index("1700000001.M40P9.c") < ordered.index("1700000001.M500P9.b")
+    # A name that is a prefix of another comes after it: Dovecot compares
+    # the flags separator (":", which it adds when it moves the file to
+    # cur/) as an octet.
+    assert sorted(["1.M1P1.drop", "1.M1P1.drop2"], key=functools.cmp_to_key(dovecotOrder)) == [
+        "1.M1P1.drop2", "1.M1P1.drop",
+    ]
 
 
 def test_lineEndsAsPOP3ServesThem(tmp_path):
@@ -315,3 +321,149 @@ def test_importMaildirCommand(databaseURL, store, tmp_path):
     assert code == 66 and "is not a maildir" in err
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%{nope}")
     assert code == 66 and "bad --uidl-format" in err
+
+
+# -- live POP3, from a real mailgate server --------------------------------------------
+
+# The source server's own backend does not matter here (the import's
+# store work is tested on both above): these run on SQLite only.
+from e2e import mailgate_cli, mailgate_server, sqliteOnly  # noqa: E402,F401 (fixtures)
+
+BOB = "bob@example.org"
+BOB_PASSWORD = "builder"
+
+
+def sourceServer(mailgate_server, mailgate_cli, tmp_path, count=3):
+    """
+    A mailgate server whose POP3 needs TLS (loopback is not a trusted
+    network here), holding C{count} messages for Alice and one for Bob.
+    """
+    from certs import makeCertificate
+
+    (tmp_path / "certs").mkdir(exist_ok=True)
+    certificate, key = makeCertificate(tmp_path / "certs", "localhost", name="server")
+    s = memoryStore(mailgate_server.database)
+    try:
+        addUser(s, ALICE, PASSWORD)
+        addUser(s, BOB, BOB_PASSWORD)
+        for n in range(count):
+            deliver(s, [ALICE], b"Subject: %d\n\n.dot line %d\n" % (n, n) + b"x" * (100 * n) + b"\n")
+        deliver(s, [BOB], b"Subject: for bob\n\nhi\n")
+    finally:
+        s.close()
+    server = mailgate_server(
+        "--tls-cert", str(certificate), "--tls-key", str(key), "--trusted-network", "192.0.2.0/24",
+    )
+    return server, certificate
+
+
+def target(tmp_path, *users):
+    url = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    s = memoryStore(url)
+    for address, password in users:
+        addUser(s, address, password)
+    return url, s
+
+
+def served(url, address, password):
+    s = memoryStore(url)
+    try:
+        session = POP3Session(s)
+        assert session.login(address, password).startswith("+OK")
+        uidl = session.command("UIDL").split("\r\n")[1:-2]
+        listing = session.command("LIST").split("\r\n")[1:-2]
+        session.command("QUIT")
+        return uidl, listing
+    finally:
+        s.close()
+
+
+@sqliteOnly
+def test_importPOP3WithVerifiedSTLS(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path)
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@localhost:{server.port}"
+
+    # Not trusted: refused, nothing imported.
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 69, (out, err)
+    assert "certificate of localhost cannot be verified" in err
+    assert served(url, ALICE, PASSWORD) == ([], [])
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), (out, err)
+    assert out.startswith("3 messages imported (")
+    # Exactly what the source serves (and its login only works over TLS:
+    # STLS was used).
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
+    assert len(served(server.database, ALICE, PASSWORD)[0]) == 3
+
+    # Wrong password: a clear failure.
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin="wrong\n")
+    assert code == 69 and "refused the login" in err
+
+
+@sqliteOnly
+def test_importPOP3Insecure(mailgate_server, mailgate_cli, tmp_path):
+    server, _ = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=1)
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@127.0.0.1:{server.port}"
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--insecure", "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 0, (out, err)
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
+
+
+@sqliteOnly
+def test_importPOP3ResumesAndDeletesOnlyWhenAsked(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@localhost:{server.port}"
+    before = served(server.database, ALICE, PASSWORD)
+    assert cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")[0] == 0
+    # The source is untouched.
+    assert served(server.database, ALICE, PASSWORD) == before
+
+    s = memoryStore(server.database)
+    deliver(s, [ALICE], b"Subject: later\n\nlate\n")
+    s.close()
+    after = served(server.database, ALICE, PASSWORD)
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--delete", "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 0, (out, err)
+    assert out.startswith("1 messages imported (") and out.endswith(", 3 skipped as already present\n")
+    assert served(url, ALICE, PASSWORD) == after
+    # Everything now safely in mailgate is gone from the source.
+    assert served(server.database, ALICE, PASSWORD) == ([], [])
+
+
+@sqliteOnly
+def test_importPOP3ManyUsers(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    carol = "carol@example.org"
+    url, store = target(tmp_path, (ALICE, PASSWORD), (BOB, BOB_PASSWORD), (carol, "c"))
+    store.close()
+    users = tmp_path / "users.txt"
+    users.write_text(f"# address password\n{ALICE} {PASSWORD}\n\n{carol} not-at-the-source\n{BOB} {BOB_PASSWORD}\n")
+    code, out, err = cli(url, "import", "pop3", f"pop3://localhost:{server.port}", "--users", str(users))
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{ALICE}: 2 messages imported (")
+    assert lines[1] == f"{carol}: failed"
+    assert lines[2].startswith(f"{BOB}: 1 messages imported (")
+    assert lines[3].startswith("3 users: 3 messages imported (")
+    assert code == 75
+    assert f"{carol}: localhost refused the login" in err
+    assert served(url, BOB, BOB_PASSWORD) == served(server.database, BOB, BOB_PASSWORD)
+
+
+def test_anEmptySavedIdIsTheFileName(store, tmp_path):
+    name = "1700000000.M1P1.host,S=20,W=21"
+    directory = writeMaildir(
+        tmp_path / "Maildir", [("cur", name + ":2,S", b"Subject: x\n\nbody\n")], b"3 V9 N2\n1 P :%s\n" % name.encode()
+    )
+    assert importMaildir(store, directory, ALICE).messages == 1
+    assert pop3(store)[0] == [name]

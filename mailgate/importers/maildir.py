@@ -9,7 +9,8 @@ same unique ids.
     their uids (by the delivery time in the file name, then its
     microseconds, then the rest of the name).
   - Unique ids: an explicit POP3 UIDL saved in the list (its C{P} field,
-    written by C{pop3_save_uidl} or the pop3-migration plugin) wins;
+    written by C{pop3_save_uidl} or the pop3-migration plugin; empty, it
+    stands for the base file name) wins;
     otherwise Dovecot's C{pop3_uidl_format} (default C{%08Xu%08Xv}: uid
     and uidvalidity, in hex) over its variables C{%u} (uid), C{%v}
     (uidvalidity), C{%f} (the file's base name), C{%g} (the message's
@@ -150,16 +151,19 @@ def dovecotOrder(name1, name2):
 def _baseCompare(name1, name2):
     """
     Dovecot's C{maildir_filename_base_cmp}: octet by octet up to the flags
-    separator, which (like the end of the name) ends the comparison.
+    separator, which ends the comparison but, where only one name has
+    reached it, counts as the octet C{:}.  A file still in C{new/} has no
+    separator yet: Dovecot gives it one (C{:2,}) as it moves the file to
+    C{cur/}, before numbering it, so its end counts as C{:} too.
     """
     a = name1.encode("utf-8", "surrogateescape")
     b = name2.encode("utf-8", "surrogateescape")
     i = 0
     while i < len(a) and i < len(b) and a[i] == b[i] and a[i] != 0x3A:
         i += 1
-    x = a[i] if i < len(a) else 0
-    y = b[i] if i < len(b) else 0
-    if x in (0, 0x3A) and y in (0, 0x3A):
+    x = a[i] if i < len(a) else 0x3A
+    y = b[i] if i < len(b) else 0x3A
+    if x == 0x3A and y == 0x3A:
         return 0
     return x - y
 
@@ -400,8 +404,11 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
         except OSError as e:
             report.failures.append(f"{message.path}: {e.strerror}")
             continue
+        # A saved id; an empty one stands for the base file name.
         uidl = message.fields.get("P")
-        if not uidl:
+        if uidl == "":
+            uidl = message.base
+        if uidl is None:
             variables = {
                 "u": None if message.uid is None else str(message.uid),
                 "v": None if uidList is None else str(uidList.uidValidity),
