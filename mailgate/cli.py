@@ -9,11 +9,15 @@ C{mailgate}: the administrator's command.
   mailgate user apop ADDRESS on|off [--password-stdin]
   mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
   mailgate user expire ADDRESS N|never|default
+  mailgate user rename OLD NEW
   mailgate mailbox list ADDRESS
+  mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
+  mailgate who
+  mailgate kick ADDRESS [--wait SECONDS]
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
 
@@ -38,6 +42,7 @@ from mailgate.auth.passwords import StoredCredentials, makeCredentials, verifyPa
 from mailgate.errors import (
     ConfigurationError,
     InvalidAddress,
+    MaildropInUse,
     MailgateError,
     NoSuchUser,
     QuotaExceeded,
@@ -413,6 +418,62 @@ def _importPOP3(store, args, out, stdin):
         )
 
 
+def _userRename(store, args, out, stdin):
+    old, new = _address(args.old), _address(args.new)
+    try:
+        _result(store.renameUser(old, new))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {old}", EX_NOUSER)
+    except UserExists:
+        raise CommandError(f"user {new} already exists", EX_CANTCREAT)
+    except MaildropInUse:
+        raise CommandError(
+            f"{old} is in a POP3 session; try again once it ended (or end it: mailgate kick {old})",
+            EX_TEMPFAIL,
+        )
+    out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
+
+
+def _mailboxExpunge(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        removed = _result(store.expungeMessages(address, None if args.all else args.older_than))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    except MaildropInUse:
+        raise CommandError(f"{address} is in a POP3 session; try again once it ended", EX_TEMPFAIL)
+    what = "every message" if args.all else f"messages older than {args.older_than} days"
+    out.write(f"removed {removed} messages ({what}) from {address}\n")
+
+
+def _who(store, args, out, stdin):
+    sessions = _result(store.listSessions())
+    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<24} SINCE\n")
+    for session in sessions:
+        out.write(
+            f"{session.address:<40} {session.node:<30} {session.peer or '-':<24} {_time(session.since)}\n"
+        )
+
+
+def _kick(store, args, out, stdin):
+    address = _address(args.address)
+    _existingUser(store, address)
+    marked = _result(store.kickSessions(address))
+    if not marked:
+        raise CommandError(f"{address} has no POP3 session in progress", 1)
+    # The node serving the session looks for the mark about once a second.
+    deadline = time.monotonic() + args.wait
+    while True:
+        if not _result(store.listSessions(address)):
+            out.write(f"ended the POP3 session of {address}; nothing it deleted was removed\n")
+            return
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                f"asked the node to end the POP3 session of {address}; it has not ended yet", EX_TEMPFAIL
+            )
+        time.sleep(0.2)
+
+
 def _time(seconds):
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -532,6 +593,16 @@ def buildParser():
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     apop.set_defaults(run=_userApop, migrate=True)
+    rename = user.add_parser(
+        "rename",
+        help="give a user a new address (maildrop, unique ids and quota follow)",
+        description="Give a user a new address.  The maildrop, its unique ids, quota and "
+        "retention follow; the next login must use the new address, on running servers "
+        "too.  Refused while the user is in a POP3 session.",
+    )
+    rename.add_argument("old", metavar="OLD")
+    rename.add_argument("new", metavar="NEW")
+    rename.set_defaults(run=_userRename, migrate=True)
     quota = user.add_parser(
         "quota",
         help="set a user's storage quota",
@@ -585,6 +656,29 @@ def buildParser():
     )
     mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
     mrestore.set_defaults(run=_mailboxRestore, migrate=True)
+    mexpunge = mailbox.add_parser(
+        "expunge",
+        help="remove a user's messages for good (all, or older than DAYS)",
+        description="Remove messages from a user's maildrop for good (they are not kept "
+        "for mailbox restore).  Refused while the user is in a POP3 session.",
+    )
+    mexpunge.add_argument("address")
+    which = mexpunge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", type=int, metavar="DAYS", help="messages that arrived more than DAYS days ago")
+    which.add_argument("--all", action="store_true", help="every message")
+    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+
+    who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
+    who.set_defaults(run=_who, migrate=True)
+    kick = commands.add_parser(
+        "kick",
+        help="end a user's POP3 session, wherever it runs, without applying its deletions",
+    )
+    kick.add_argument("address")
+    kick.add_argument(
+        "--wait", type=float, default=30.0, metavar="SECONDS", help="how long to wait for it to end (default 30)"
+    )
+    kick.set_defaults(run=_kick, migrate=True)
 
     imports = commands.add_parser(
         "import", help="move maildrops from another server, keeping unique ids"

@@ -28,7 +28,7 @@ from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
-from mailgate.store.housekeeping import RetentionService
+from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
 from mailgate.tls import ServerTLS
 
@@ -332,6 +332,7 @@ def makeService(config, reactor=None, store=None):
     # The store's background work: retention, and what POP3 advertises
     # of it, refreshed like the APOP advertiser.
     RetentionService(store, reactor).setServiceParent(root)
+    RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
     retention = TimerService(APOP_REFRESH, lambda: store.retention.refresh() and None)
     retention.clock = reactor
     retention.setServiceParent(root)

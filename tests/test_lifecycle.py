@@ -766,3 +766,185 @@ def test_deletingAUserDropsTheirKeptMail(store):
     from test_store import query
 
     assert query(store, "SELECT count(*) FROM deleted_mail") == [(0,)]
+
+
+# -- renaming -------------------------------------------------------------------------------
+
+
+def test_renameKeepsTheMaildropItsIdsAndQuota(store):
+    ids = [deliver(store, [ALICE], message(n))[ALICE] for n in range(3)]
+    resultOf(store.setQuota(ALICE, 5000, messages=10))
+    resultOf(store.setExpire(ALICE, 9))
+    resultOf(store.renameUser(ALICE, CAROL))
+    assert resultOf(store.findUser(ALICE)) is None
+    assert [m.uniqueId for m in resultOf(store.listMessages(CAROL))] == ids
+    status = resultOf(store.quotaOf(CAROL))
+    assert (status.quotaOctets, status.quotaMessages, status.usedMessages) == (5000, 10, 3)
+    assert users(store)[CAROL].expireDays == 9
+    assert uidlOf(store, CAROL, "wonderland") == ids
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("-ERR [AUTH]")
+    # Mail for the old address is refused; for the new one delivered.
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(message(9))))[ALICE], NoSuchUser)
+    assert isinstance(deliver(store, [CAROL], message(9))[CAROL], str)
+
+
+def test_renameRefusals(store):
+    from mailgate.errors import MaildropInUse, UserExists
+
+    assert failureOf(store.renameUser(ALICE, BOB)).check(UserExists)
+    assert failureOf(store.renameUser(CAROL, "dave@example.org")).check(NoSuchUser)
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert failureOf(store.renameUser(ALICE, CAROL)).check(MaildropInUse)
+    session.command("QUIT")
+    resultOf(store.renameUser(ALICE, CAROL))
+
+
+def test_renameIsRefusedWhileAnotherProcessServesTheUser(databaseURL, store):
+    """
+    The admin command is another process: it sees the server's sessions
+    in the registry (and, on PostgreSQL, the maildrop lock itself).
+    """
+    from mailgate.errors import MaildropInUse
+
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        assert failureOf(admin.renameUser(ALICE, CAROL)).check(MaildropInUse)
+        assert failureOf(admin.expungeMessages(ALICE)).check(MaildropInUse)
+        session.command("QUIT")
+        resultOf(store.sessions.flush())
+        resultOf(admin.renameUser(ALICE, CAROL))
+    finally:
+        admin.close()
+
+
+def test_aRememberedPasswordDoesNotLogInUnderTheOldName(databaseURL, store):
+    """
+    A running server remembers verified passwords (the auth cache): after
+    a rename made elsewhere, the old name with that password must fail
+    at once, and the new one work.
+    """
+    from mailgate.testing import pop3Factory
+
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    session.command("QUIT")
+    assert len(factory.portal.passwordChecker.cache) == 1
+    admin = memoryStore(databaseURL)
+    try:
+        resultOf(admin.renameUser(ALICE, CAROL))
+    finally:
+        admin.close()
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(ALICE, "wonderland").startswith("-ERR [AUTH]")
+    # ... and the stale memory is forgotten.
+    assert len(factory.portal.passwordChecker.cache) == 0
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(CAROL, "wonderland").startswith("+OK")
+
+
+# -- expunging by the administrator ------------------------------------------------------------
+
+
+def test_expungeOlderThanAndAll(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    clock.days(10)
+    kept = deliver(store, [ALICE], message(2))[ALICE]
+    clock.days(1)
+    assert resultOf(store.expungeMessages(ALICE, 5)) == 1
+    assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == [kept]
+    assert resultOf(store.expungeMessages(ALICE)) == 1
+    assert usage(store, ALICE) == (0, 0)
+    assert bodyCount(store) == (0, 0)
+    assert failureOf(store.expungeMessages(CAROL)).check(NoSuchUser)
+
+
+# -- the session registry: who and kick --------------------------------------------------------
+
+
+def test_whoShowsSessionsOfLiveNodesOnly(databaseURL, store):
+    from mailgate.store.registry import STALE_AFTER
+    from twisted.internet.address import IPv4Address
+
+    clock = Clocked(store)
+    store.sessions.name = "node-a"
+    session = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.2", 50123))
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert resultOf(store.listSessions()) == []  # not written yet
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        Clocked(admin, T0 + 5)
+        [info] = resultOf(admin.listSessions())
+        assert (info.address, info.node, info.peer, info.since) == (ALICE, "node-a", "127.0.0.2:50123", T0)
+        # The node stops beating (killed): its sessions are no longer shown.
+        Clocked(admin, T0 + STALE_AFTER + 1)
+        assert resultOf(admin.listSessions()) == []
+        # A node that goes on beating keeps them shown.
+        clock.now = T0 + STALE_AFTER
+        resultOf(store.sessions.flush())
+        assert len(resultOf(admin.listSessions())) == 1
+        # Logout: gone at the next write.
+        session.command("QUIT")
+        resultOf(store.sessions.flush())
+        assert resultOf(admin.listSessions()) == []
+    finally:
+        admin.close()
+
+
+def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store):
+    deliver(store, [ALICE], message(1))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert session.command("DELE 1").startswith("+OK")
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        assert resultOf(admin.kickSessions(BOB)) == 0
+        assert resultOf(admin.kickSessions(ALICE)) == 1
+    finally:
+        admin.close()
+    # The node finds the mark and ends the session: no UPDATE state.
+    assert resultOf(store.sessions.poll()) == 1
+    assert session.disconnected
+    assert session.transport.value().decode().startswith("-ERR [SYS/TEMP] session ended by the administrator")
+    resultOf(store.sessions.flush())
+    assert resultOf(store.listSessions()) == []
+    # The lock is free and nothing was deleted.
+    again = POP3Session(store)
+    assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
+
+
+def test_registryServiceWritesAndKicks(store):
+    from twisted.internet.task import Clock
+
+    from mailgate.store.housekeeping import RegistryService
+
+    reactor = Clock()
+    service = RegistryService(store, reactor, name="node-x")
+    service.startService()
+    try:
+        session = POP3Session(store)
+        assert session.login(ALICE, "wonderland").startswith("+OK")
+        reactor.advance(1)
+        [info] = resultOf(store.listSessions())
+        assert info.node.startswith("node-x[")
+        resultOf(store.kickSessions(ALICE))
+        reactor.advance(1)
+        assert session.disconnected
+        reactor.advance(1)
+        assert resultOf(store.listSessions()) == []
+    finally:
+        resultOf(service.stopService())
+    from test_store import query
+
+    assert query(store, "SELECT count(*) FROM mailgate_nodes") == [(0,)]

@@ -156,3 +156,64 @@ def test_mailboxRestoreUnknownId(cli, store):
     assert result.code == 65, result
     assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: nope\n"
     assert cli("mailbox", "deleted", "nobody@example.org").code == 67
+
+
+# -- user rename, mailbox expunge, who, kick --------------------------------------------
+
+
+def test_userRename(cli, store):
+    uid = deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")[ALICE]
+    result = cli("user", "rename", ALICE, "Alice.New@Example.org")
+    assert result.code == 0, result
+    assert result.out == f"renamed {ALICE} to alice.new@example.org; the maildrop, its unique ids and quota follow\n"
+    assert [m.uniqueId for m in resultOf(store.listMessages("alice.new@example.org"))] == [uid]
+    assert cli("user", "rename", ALICE, "x@example.org").code == 67
+    assert cli("user", "rename", "alice.new@example.org", BOB).code == 73
+
+
+def test_userRenameRefusedInSession(cli, store):
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    result = cli("user", "rename", ALICE, "x@example.org")
+    assert result.code == 75, result
+    assert result.err == (
+        f"mailgate: {ALICE} is in a POP3 session; try again once it ended (or end it: mailgate kick {ALICE})\n"
+    )
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert result.code == 75, result
+
+
+def test_mailboxExpunge(cli, store):
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    result = cli("mailbox", "expunge", ALICE, "--older-than", "1")
+    assert (result.code, result.out) == (0, f"removed 0 messages (messages older than 1 days) from {ALICE}\n")
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert (result.code, result.out) == (0, f"removed 3 messages (every message) from {ALICE}\n")
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert cli("mailbox", "expunge", ALICE).code == 64
+    assert cli("mailbox", "expunge", ALICE, "--all", "--older-than", "3").code == 64
+
+
+def test_whoAndKickWithoutAServingNode(cli, store):
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.testing import POP3Session
+
+    result = cli("who")
+    assert result.out.split() == ["USER", "NODE", "CLIENT", "SINCE"]
+    store.sessions.name = "node-a"
+    session = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.3", 41000))
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    lines = cli("who").out.splitlines()
+    assert lines[1].split()[:3] == [ALICE, "node-a", "127.0.0.3:41000"]
+    assert cli("kick", BOB).code == 1
+    assert cli("kick", "nobody@example.org").code == 67
+    # Nobody serves the session here to end it: asked, not ended.
+    result = cli("kick", ALICE, "--wait", "0")
+    assert result.code == 75
+    assert result.err == f"mailgate: asked the node to end the POP3 session of {ALICE}; it has not ended yet\n"

@@ -9,6 +9,7 @@ until the next pass), and every removal is a C{DELETE ... RETURNING}, so
 no message is ever released twice.
 """
 
+import os
 import random
 
 from twisted.application.service import Service
@@ -115,3 +116,86 @@ class RetentionService(Service):
                 event="retention.removed",
             )
         return expired, purged
+
+
+class RegistryService(Service):
+    """
+    Keeps this node's part of the POP3 session registry in the database
+    (L{mailgate.store.registry}): every L{interval} seconds, writes the
+    sessions that came and went (and the heartbeat, when due), and ends
+    the sessions C{mailgate kick} marked.  At shutdown, the node's rows go.
+    """
+
+    interval = 1.0
+    log = Logger()
+
+    def __init__(self, store, reactor, name=None, interval=None):
+        self._store = store
+        self._reactor = reactor
+        if name is not None:
+            # The configured host name, and the process (several may run
+            # on one machine).
+            store.sessions.name = f"{name}[{os.getpid()}]"
+        if interval is not None:
+            self.interval = interval
+        self._call = None
+        self.active = None
+        self._failing = False
+
+    def startService(self):
+        Service.startService(self)
+        self._schedule(0)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        d = defer.maybeDeferred(lambda: self.active)
+        d.addBoth(lambda _: self._store.sessions.leave())
+        d.addErrback(lambda failure: self.log.warn("leaving the session registry: {reason}", reason=failure.value))
+        return d
+
+    def _schedule(self, delay):
+        if self.running:
+            self._call = self._reactor.callLater(delay, self._tick)
+
+    def _tick(self):
+        self._call = None
+        d = self.runOnce()
+        d.addBoth(lambda _: self._schedule(self.interval))
+
+    def runOnce(self):
+        """
+        Write what changed and end the kicked sessions; never fails
+        (failures are logged once, until the next success).
+        """
+        if self.active is not None:
+            return self.active
+        registry = self._store.sessions
+        self.active = d = defer.Deferred()
+        d.addCallback(lambda _: registry.flush() if registry.due() else None)
+        d.addCallback(lambda _: registry.poll())
+
+        def done(result):
+            if self._failing:
+                self._failing = False
+                self.log.info("session registry: written again")
+            return result
+
+        def failed(failure):
+            if not self._failing:
+                self._failing = True
+                if failure.check(TemporaryFailure):
+                    self.log.warn("session registry: {reason}", reason=failure.value)
+                else:
+                    self.log.failure("session registry", failure)
+            return None
+
+        def finished(result):
+            self.active = None
+            return result
+
+        d.addCallbacks(done, failed).addBoth(finished)
+        d.callback(None)
+        return d

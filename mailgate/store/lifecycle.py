@@ -487,6 +487,74 @@ def _importMessages(cursor, address, items):
     return [uidl for uidl, _, _ in fresh], skipped
 
 
+def _inSession(cursor, userId, aliveSince):
+    """
+    Whether a live node's registry shows a POP3 session of the user.
+    """
+    cursor.execute(
+        "SELECT 1 FROM pop3_sessions s JOIN mailgate_nodes n ON n.node_id = s.node_id "
+        "WHERE s.user_id = ? AND n.seen_at >= ? LIMIT 1",
+        (userId, aliveSince),
+    )
+    return cursor.fetchone() is not None
+
+
+def _renameUser(cursor, engine, old, new, aliveSince):
+    """
+    Give a user a new address: the maildrop, its unique ids, quota and
+    retention stay with the user (they hang on the user id).
+
+    @raise NoSuchUser: if there is no C{old}.
+    @raise UserExists: if C{new} is taken.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    from mailgate.errors import MaildropInUse, UserExists
+
+    userId = _userId(cursor, old)
+    cursor.execute("SELECT 1 FROM users WHERE address = ?", (new,))
+    if cursor.fetchone() is not None:
+        raise UserExists(new)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(old)
+    try:
+        cursor.execute(
+            "UPDATE users SET address = ?, domain = ? WHERE user_id = ?",
+            (new, new.rpartition("@")[2], userId),
+        )
+    except Exception as e:
+        if engine.isUniqueViolation(e):
+            raise UserExists(new) from None
+        raise
+
+
+def _expungeUser(cursor, address, before, aliveSince):
+    """
+    Remove a user's messages for good: all of them, or those that arrived
+    before C{before}.
+
+    @return: how many were removed.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    from mailgate.errors import MaildropInUse
+    from mailgate.store.sql import _removeMessages
+
+    userId = _userId(cursor, address)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(address)
+    if before is None:
+        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (userId,))
+    else:
+        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ?", (userId, before))
+    uids = [row[0] for row in cursor.fetchall()]
+    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
+        "WHERE user_id = ?",
+        (userId, userId),
+    )
+    return removed
+
+
 def _batches(items, size=500):
     items = list(items)
     for start in range(0, len(items), size):
@@ -723,3 +791,62 @@ class LifecycleStore:
         deleted): a L{Deferred} set.
         """
         return self.database.runInteraction(_existingUidls, address, list(uidls))
+
+    def _underLock(self, address, work):
+        """
+        Run C{work()} (a L{Deferred}) holding the maildrop's POP3 lock,
+        taken without waiting: fails with L{MaildropInUse} if a session
+        holds it.  (Where locks are per process, as with the embedded
+        SQLite store, the session registry is checked as well, inside the
+        work's transaction.)
+        """
+        from twisted.internet import defer
+
+        @defer.inlineCallbacks
+        def run():
+            user = yield self.findUser(address)
+            if user is None:
+                raise NoSuchUser(address)
+            yield self.locks.acquire(user.userId)
+            try:
+                result = yield work()
+            finally:
+                yield self.locks.release(user.userId)
+            return result
+
+        return run()
+
+    def renameUser(self, old, new):
+        """
+        Rename a user; refused (L{MaildropInUse}) while the user is in a
+        POP3 session.  The next login must use the new address, also on a
+        running server: a password remembered for the old one no longer
+        opens the maildrop (see L{mailgate.store.sql._snapshot}).
+
+        @return: a L{Deferred}; fails with L{NoSuchUser}, L{UserExists} or
+            L{MaildropInUse}.
+        """
+        from mailgate.store.registry import STALE_AFTER
+
+        return self._underLock(
+            old,
+            lambda: self.database.runWrite(_renameUser, self.engine, old, new, self._now() - STALE_AFTER),
+        )
+
+    def expungeMessages(self, address, olderThanDays=None):
+        """
+        Remove a user's messages for good (all of them, or those older
+        than C{olderThanDays}), not while a POP3 session holds the
+        maildrop.
+
+        @return: a L{Deferred} of how many were removed; fails with
+            L{NoSuchUser} or L{MaildropInUse}.
+        """
+        from mailgate.store.registry import STALE_AFTER
+
+        now = self._now()
+        before = None if olderThanDays is None else now - olderThanDays * DAY
+        return self._underLock(
+            address,
+            lambda: self.database.runWrite(_expungeUser, address, before, now - STALE_AFTER),
+        )

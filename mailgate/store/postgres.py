@@ -267,7 +267,7 @@ _HELD = Statement(
 _SNAPSHOT = Statement(
     "mailgate_snapshot",
     "SELECT password_hash, (SELECT string_agg(int8send(uid) || int8send(size), '' ORDER BY uid) "
-    "FROM maildrop WHERE user_id = $1) FROM users WHERE user_id = $1",
+    "FROM maildrop WHERE user_id = $1), address FROM users WHERE user_id = $1",
     [INT8],
     binary=True,
 )
@@ -440,14 +440,16 @@ class AdvisoryLocks:
 
         return d.addCallbacks(done, failed)
 
-    def acquireAndSnapshot(self, userId, passwordHash=None):
+    def acquireAndSnapshot(self, userId, passwordHash=None, address=None):
         """
         Take the lock and, with it held, read the maildrop's snapshot on
         the same connection: a POP3 login costs two short trips.
 
         @param passwordHash: if given, the snapshot also confirms this is
             still the user's stored password hash; if not, the lock is
-            given back and this fails with L{CredentialsChanged}.
+            given back and this fails with L{CredentialsChanged}; so it
+            does, with C{address} given, if the user no longer has that
+            address (renamed).
         @return: a L{Deferred} of the uids and sizes of the maildrop's
             messages, in uid order (two C{array("q")}), failing with
             L{MaildropInUse} if the lock is taken.
@@ -460,6 +462,8 @@ class AdvisoryLocks:
 
         def check(rows):
             if not rows or (passwordHash is not None and rows[0][0] != passwordHash.encode("utf-8")):
+                raise CredentialsChanged(userId)
+            if passwordHash is not None and address is not None and rows[0][2] != address.encode("utf-8"):
                 raise CredentialsChanged(userId)
             return _unpackSnapshot(rows[0][1])
 

@@ -541,15 +541,17 @@ def _recordLogin(cursor, userId, now, minimumInterval):
     return cursor.rowcount == 1
 
 
-def _snapshot(cursor, userId, passwordHash=None):
+def _snapshot(cursor, userId, passwordHash=None, address=None):
     """
     The uids and sizes of a maildrop's messages; first, when a password
-    hash is given, confirm it is still the user's.
+    hash is given, confirm it is still the user's (and, when an address
+    is given, that the user still has it: renamed, the old name no longer
+    logs in).
     """
     if passwordHash is not None:
-        cursor.execute("SELECT password_hash FROM users WHERE user_id = ?", (userId,))
+        cursor.execute("SELECT password_hash, address FROM users WHERE user_id = ?", (userId,))
         row = cursor.fetchone()
-        if row is None or row[0] != passwordHash:
+        if row is None or row[0] != passwordHash or address not in (None, row[1]):
             raise CredentialsChanged(userId)
     cursor.execute(
         "SELECT uid, size FROM maildrop WHERE user_id = ? ORDER BY uid", (userId,)
@@ -702,12 +704,12 @@ class SQLMailStore(lifecycle.LifecycleStore):
         if acquireAndSnapshot is not None:
             # Lock and snapshot on the lock's own connection, where the locks
             # offer it.
-            d = acquireAndSnapshot(userId, passwordHash=passwordHash)
+            d = acquireAndSnapshot(userId, passwordHash=passwordHash, address=identity.address)
         else:
             d = self.locks.acquire(userId)
 
             def snapshot(_):
-                read = self.database.runInteraction(_snapshot, userId, passwordHash)
+                read = self.database.runInteraction(_snapshot, userId, passwordHash, identity.address)
 
                 def failed(failure):
                     self.locks.release(userId)
