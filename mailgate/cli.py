@@ -376,12 +376,14 @@ def _importPOP3(store, args, out, stdin):
     from mailgate.importers.pop3 import importPOP3, parseURL
 
     try:
-        parseURL(args.url)
+        urlUser = parseURL(args.url)[3]
     except ImportFailed as e:
         raise CommandError(str(e), EX_USAGE)
     if args.users is not None:
         if args.address is not None:
             raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
+        if urlUser is not None:
+            raise CommandError("with --users, each user logs in as its ADDRESS: no user in the URL", EX_USAGE)
         users = _readUsers(args.users)
     else:
         if args.address is None:

@@ -329,13 +329,9 @@ def makeService(config, reactor=None, store=None):
     )
     root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
     StoreService(store).setServiceParent(root)
-    # The store's background work: retention, and what POP3 advertises
-    # of it, refreshed like the APOP advertiser.
-    RetentionService(store, reactor).setServiceParent(root)
-    RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
-    retention = TimerService(APOP_REFRESH, lambda: store.retention.refresh() and None)
-    retention.clock = reactor
-    retention.setServiceParent(root)
+    # The store's background work: retention, and what POP3 advertises of
+    # it (refreshed like the APOP advertiser).
+    RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
@@ -346,6 +342,8 @@ def makeService(config, reactor=None, store=None):
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
                 refresh.clock = reactor
                 refresh.setServiceParent(root)
+            # The registry of POP3 sessions (mailgate who, mailgate kick).
+            RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
             pop3.append(factory)
         return pop3[0]
 

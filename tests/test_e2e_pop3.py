@@ -469,7 +469,8 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
+            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__",
+            ".pgtest",  # a private PostgreSQL cluster: its socket cannot be copied
         ),
     )
     wheels = tmp_path / "wheels"

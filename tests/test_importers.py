@@ -467,3 +467,19 @@ def test_anEmptySavedIdIsTheFileName(store, tmp_path):
     )
     assert importMaildir(store, directory, ALICE).messages == 1
     assert pop3(store)[0] == [name]
+
+
+def test_importPOP3CommandUsage(databaseURL, store, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} pw\n")
+    for argv in (
+        ["import", "pop3", "imap://host", ALICE],
+        ["import", "pop3", "pop3://host"],
+        ["import", "pop3", "pop3://host", ALICE, "--users", str(users)],
+        ["import", "pop3", "pop3://someone@host", "--users", str(users)],
+    ):
+        code, out, err = cli(databaseURL, *argv)
+        assert code == 64, (argv, out, err)
+        assert err.startswith("mailgate: ") and err.count("\n") == 1, err
+    users.write_text("no-password-here@example.org\n")
+    assert cli(databaseURL, "import", "pop3", "pop3://host", "--users", str(users))[0] == 65

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_lifecycle -*-
 """
 The store's background work on every node: the retention task (messages
-older than their user's EXPIRE, and kept deleted mail past its time).
+older than their user's EXPIRE, and kept deleted mail past its time), and
+the node's part of the POP3 session registry.
 
 It is safe to run on every node at once: a maildrop is worked on only
 under its POP3 lock, taken without waiting (a maildrop in use is skipped
@@ -31,28 +32,46 @@ class RetentionService(Service):
     """
 
     interval = 600.0
+    refreshInterval = 30.0
     usersPerPass = 100
     messagesPerTransaction = 500
     maxPasses = 20
     log = Logger()
 
-    def __init__(self, store, reactor, interval=None):
+    def __init__(self, store, reactor, interval=None, refreshInterval=None):
         self._store = store
         self._reactor = reactor
         if interval is not None:
             self.interval = interval
+        if refreshInterval is not None:
+            self.refreshInterval = refreshInterval
         self._call = None
+        self._refreshCall = None
         self.active = None
 
     def startService(self):
         Service.startService(self)
         self._schedule(random.uniform(0, self.interval / 10))
+        self._refreshCall = self._reactor.callLater(0, self._refresh)
+
+    def _refresh(self):
+        """
+        Reload the users' own retention values, for EXPIRE in CAPA.
+        """
+        d = self._store.retention.refresh()
+
+        def again(_):
+            if self.running:
+                self._refreshCall = self._reactor.callLater(self.refreshInterval, self._refresh)
+
+        d.addBoth(again)
 
     def stopService(self):
         Service.stopService(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        for call in (self._call, self._refreshCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._refreshCall = None
         # Let a pass under way finish its transaction.
         return self.active
 
