@@ -13,7 +13,6 @@ exactly the one message that is really new.
 """
 
 import os
-import shutil
 import subprocess
 import time
 

@@ -16,12 +16,11 @@ import random
 import pytest
 
 from mailgate.cli import run
-from mailgate.importers import FileSource, ImportReport, toCRLF
+from mailgate.importers import FileSource, toCRLF
 from mailgate.importers.maildir import (
     dovecotOrder,
     formatUidl,
     importMaildir,
-    listMaildir,
     readUidList,
 )
 from mailgate.importers.pop3 import parseURL
@@ -353,6 +352,7 @@ def sourceServer(mailgate_server, mailgate_cli, tmp_path, count=3):
         s.close()
     server = mailgate_server(
         "--tls-cert", str(certificate), "--tls-key", str(key), "--trusted-network", "192.0.2.0/24",
+        "--pop3s", "tcp:0:interface=127.0.0.1",
     )
     return server, certificate
 
@@ -403,6 +403,18 @@ def test_importPOP3WithVerifiedSTLS(mailgate_server, mailgate_cli, tmp_path, mon
     # Wrong password: a clear failure.
     code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin="wrong\n")
     assert code == 69 and "refused the login" in err
+
+
+@sqliteOnly
+def test_importPOP3S(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3s://alice%40example.org@localhost:{server.portOf('POP3S')}"
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), out
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
 
 
 @sqliteOnly
@@ -483,3 +495,25 @@ def test_importPOP3CommandUsage(databaseURL, store, tmp_path):
         assert err.startswith("mailgate: ") and err.count("\n") == 1, err
     users.write_text("no-password-here@example.org\n")
     assert cli(databaseURL, "import", "pop3", "pop3://host", "--users", str(users))[0] == 65
+
+
+def test_retrievedMessagesSpillToDiskAndLoseOnlyTheAddedLineEnd():
+    from mailgate.importers.pop3 import SpoolSource
+
+    spool = SpoolSource()
+    spool._file._max_size = 64  # spill to a file at once
+    lines = [b"Subject: big\r\n", b"\r\n"] + [b"line %03d\r\n" % n for n in range(50)] + [b"no end\r\n"]
+    for line in lines:
+        spool.write(line)
+    data = b"".join(lines)
+    # LIST said two octets less: the server added the final line end.
+    spool.finish(len(data) - 2)
+    assert spool._file._rolled
+    assert b"".join(spool.chunks(100)) == data[:-2]
+    assert (spool.size, spool.headerSize) == (len(data) - 2, len(b"Subject: big\r\n\r\n"))
+    spool.close()
+    whole = SpoolSource()
+    for line in lines:
+        whole.write(line)
+    whole.finish(len(data))
+    assert b"".join(whole.chunks(7)) == data

@@ -662,7 +662,7 @@ def bodyCount(store):
 
 
 def test_deletedMailIsKeptOutOfPop3AndOutOfTheQuota(store):
-    clock = Clocked(store)
+    Clocked(store)
     store.limits.keepDeletedDays = 3
     bodies = [message(n, 10 * n) for n in range(4)]
     for body in bodies:
