@@ -11,7 +11,6 @@ and that C{twistd mailgate} runs on its own.
 import signal
 import sys
 
-import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -22,62 +21,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
+from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
+from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
-from mailgate.smtp.protocol import SMTPServer
-from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.store import openStore
 from mailgate.tls import ServerTLS
 
-DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
 APOP_REFRESH = 30
-
-
-@attr.s(kw_only=True)
-class MailgateConfig:
-    """
-    Everything C{twistd mailgate} can be told, with its defaults.
-
-    @ivar pop3: strports descriptions of the POP3 listeners.
-    @ivar apop: offer APOP (the greeting carries a timestamp): C{True},
-        C{False}, or C{"auto"} (the default: only while some user has APOP
-        enabled, checked every L{APOP_REFRESH} seconds).
-    @ivar authFailureDelay: seconds before a failed login is answered.
-    @ivar idleTimeout: POP3 autologout, in seconds.
-    @ivar loginDelay: minimum seconds between a user's logins, or C{None}.
-    @ivar smtp: strports descriptions of the SMTP listeners.
-    @ivar lmtp: strports descriptions of the LMTP listeners.
-    @ivar domains: the domains SMTP and LMTP accept mail for; C{None} (or
-        empty) accepts the domains of existing users.
-    @ivar maxMessageSize: octets of message content SMTP and LMTP accept.
-    @ivar maxRecipients: recipients per SMTP or LMTP transaction.
-    @ivar pop3s: strports descriptions of implicit-TLS POP3 listeners (the
-        TLS is mailgate's, from C{tlsCertificate} and C{tlsKey}).
-    @ivar tlsCertificate: PEM certificate, optionally followed by its chain.
-    @ivar tlsKey: PEM private key.
-    @ivar trustedNetworks: CIDR networks from which plaintext passwords are
-        accepted without TLS.
-    @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
-    """
-
-    database = attr.ib(default=DEFAULT_DATABASE)
-    pop3 = attr.ib(factory=lambda: [DEFAULT_POP3])
-    smtp = attr.ib(factory=list)
-    lmtp = attr.ib(factory=list)
-    hostname = attr.ib(default=None)
-    apop = attr.ib(default="auto")
-    authFailureDelay = attr.ib(default=1.0)
-    idleTimeout = attr.ib(default=600)
-    loginDelay = attr.ib(default=None)
-    domains = attr.ib(default=None)
-    maxMessageSize = attr.ib(default=SMTPServer.maxMessageSize)
-    maxRecipients = attr.ib(default=SMTPServer.maxRecipients)
-    pop3s = attr.ib(factory=list)
-    tlsCertificate = attr.ib(default=None)
-    tlsKey = attr.ib(default=None)
-    trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
-    reloadOnSIGHUP = attr.ib(default=False)
 
 
 class ListeningService(StreamServerEndpointService):
@@ -218,9 +170,10 @@ class MailgateService(MultiService):
 
 def _endpoint(reactor, description):
     try:
+        checkEndpoint(description)
         return serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
+    except Exception as e:
+        raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
 def makePOP3Factory(store, config, reactor, tls=None):
@@ -229,13 +182,12 @@ def makePOP3Factory(store, config, reactor, tls=None):
     the session policy from C{config}.
     """
     portal = makePortal(
-        store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
+        store, threadRunner(reactor), apop=config.apop.checked, loginDelay=config.loginDelay
     )
-    apop = APOPAdvertiser(store) if config.apop == "auto" else bool(config.apop)
     return POP3Factory(
         portal,
         hostname=config.hostname,
-        apop=apop,
+        apop=config.apop.advertiser(store),
         idleTimeout=config.idleTimeout,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
@@ -265,14 +217,11 @@ def makeTLS(config):
     """
     The server TLS from C{config}, or C{None} if no certificate is set.
 
-    @raise ConfigurationError: if only one of certificate and key is set,
-        or they cannot be loaded.
+    @raise ConfigurationError: if only one of certificate and key is set
+        (see L{checkConfig}), or they cannot be loaded.
     """
-    if (config.tlsCertificate is None) != (config.tlsKey is None):
-        raise ConfigurationError("TLS needs both a certificate and a key")
+    checkConfig(config)
     if config.tlsCertificate is None:
-        if config.pop3s:
-            raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
         return None
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
