@@ -14,15 +14,19 @@ import sys
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
+from mailgate.metrics import Metrics, metricsSite
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -30,12 +34,18 @@ from mailgate.store import openStore
 from mailgate.tls import ServerTLS
 
 APOP_REFRESH = 30
+#: seconds the database has to answer the health check and readiness probe
+HEALTH_TIMEOUT = 1.0
+#: the listeners that take mail connections (closed first at shutdown)
+MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 
 
 class ListeningService(StreamServerEndpointService):
     """
     A listener that says where it listens, and fails start-up (rather than
     logging and carrying on deaf) when it cannot.
+
+    @ivar port: the listening port, once bound.
     """
 
     log = Logger()
@@ -46,6 +56,7 @@ class ListeningService(StreamServerEndpointService):
         self.protocolName = name
         self.description = description
         self.port = None
+        self._waiters = []
 
     def privilegedStartService(self):
         try:
@@ -55,6 +66,16 @@ class ListeningService(StreamServerEndpointService):
                 f"cannot listen for {self.protocolName} on {self.description}: {e}"
             ) from e
         self._waitingForPort.addCallback(self._listening)
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires with the port once it is bound.
+        """
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     def _listening(self, port):
         self.port = port
@@ -70,7 +91,11 @@ class ListeningService(StreamServerEndpointService):
             protocol=self.protocolName,
             where=where,
             description=self.description,
+            event="listener.started",
         )
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(port)
         return port
 
 
@@ -87,29 +112,83 @@ class StoreService(Service):
         return self.store.close()
 
 
+class ShuttingDown(Exception):
+    """
+    The service is stopping: not healthy, whatever the database says.
+    """
+
+
 class MailgateService(MultiService):
     """
     The root of mailgate's services.
 
+    Stopping (SIGTERM under twistd) goes in this order, each step waiting
+    for the one before:
+      1. the L{onStopping} callbacks run (systemd hears C{STOPPING=1});
+      2. the mail listeners close: new connections are refused at once;
+      3. L{drainSessions}: the sessions still open finish (the session
+         core's grace period);
+      4. the other services stop (timers, the metrics endpoint, which
+         answers until then);
+      5. the store closes.
+
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
-    @ivar listeners: the L{ListeningService}s, by protocol name.
+    @ivar metrics: the L{mailgate.metrics.Metrics} everything reports to.
+    @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
+        C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
+    @ivar logObserver: an L{ILogObserver} for the application this service
+        joins, or C{None}: twistd logs through an application's observer
+        component (see L{mailgate.logs}).
     """
 
     exitOnStartupError = False
     daemonized = False
+    logObserver = None
     log = Logger()
 
-    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
+    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None):
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
         self.store = store
         self.tls = tls
+        self.metrics = metrics
         self.listeners = {}
         self._reactor = reactor
-        self._reloadOnSIGHUP = reloadOnSIGHUP and tls is not None
+        self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandler = None
+        self._hangupActions = []
+        self._stoppingCallbacks = []
+        self._storeService = None
+
+    def setServiceParent(self, parent):
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
+
+    # -- SIGHUP ----------------------------------------------------------------
+
+    def onHangup(self, action):
+        """
+        Call C{action()} on SIGHUP as well (reopening the log file), when
+        SIGHUP handling is on.
+        """
+        self._hangupActions.append(action)
+
+    def hangup(self):
+        """
+        What SIGHUP does: reload the TLS certificate and key, run the
+        L{onHangup} actions.
+        """
+        self.reloadTLS()
+        for action in self._hangupActions:
+            try:
+                action()
+            except Exception:
+                self.log.failure("SIGHUP action {action!r} failed", action=action)
 
     def reloadTLS(self):
         """
@@ -124,30 +203,31 @@ class MailgateService(MultiService):
         try:
             self.tls.reload()
         except ConfigurationError as e:
-            self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
+            self.log.error(
+                "TLS reload failed, keeping the previous certificate: {error}",
+                error=e,
+                event="tls.reload_failed",
+            )
             return False
         self.log.info(
             "TLS certificate reloaded: {subject} sha256 {fingerprint}",
             subject=self.tls.subject,
             fingerprint=self.tls.fingerprint,
+            event="tls.reloaded",
         )
         return True
 
+    # -- starting ----------------------------------------------------------------
+
     def startService(self):
         super().startService()
-        if self._reloadOnSIGHUP:
+        if self._reloadOnSIGHUP and (self.tls is not None or self._hangupActions):
             reactor = self._reactor
 
             def onSIGHUP(signum, frame):
-                reactor.callFromThread(self.reloadTLS)
+                reactor.callFromThread(self.hangup)
 
             self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
-
-    def stopService(self):
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
-        return super().stopService()
 
     def privilegedStartService(self):
         try:
@@ -167,6 +247,83 @@ class MailgateService(MultiService):
         listener.setServiceParent(self)
         self.listeners.setdefault(listener.protocolName, []).append(listener)
 
+    def setStore(self, storeService):
+        """
+        Make C{storeService} the service that closes the store, last.
+        """
+        storeService.setServiceParent(self)
+        self._storeService = storeService
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires once every listener is bound.
+        """
+        waiting = [l.whenListening() for ls in self.listeners.values() for l in ls]
+        return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None)
+
+    def databaseAnswers(self, timeout=HEALTH_TIMEOUT):
+        """
+        Ask the database a trivial question (one indexed read).
+
+        @return: a L{Deferred} that fires when it answered within
+            C{timeout} seconds, and fails otherwise (or at once, with
+            L{ShuttingDown}, once the service is stopping).
+        """
+        if not self.running:
+            return defer.fail(ShuttingDown("mailgate is shutting down"))
+        d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
+        d.addTimeout(timeout, self._reactor)
+        return d.addCallback(lambda _: None)
+
+    # -- stopping ------------------------------------------------------------------
+
+    def onStopping(self, callback):
+        """
+        Call C{callback()} first thing when the service starts stopping.
+        """
+        self._stoppingCallbacks.append(callback)
+
+    def drainSessions(self):
+        """
+        Wait for the sessions still open once the listeners are closed.
+        The session core's shutdown grace plugs in here; until then there
+        is nothing to wait for.
+
+        @return: a L{Deferred} that fires when they are done.
+        """
+        return defer.succeed(None)
+
+    def stopService(self):
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        Service.stopService(self)
+        for callback in self._stoppingCallbacks:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("stopping callback {callback!r} failed", callback=callback)
+        return self._stopInOrder()
+
+    @defer.inlineCallbacks
+    def _stopInOrder(self):
+        mail = [s for s in self if isinstance(s, ListeningService) and s.protocolName in MAIL_PROTOCOLS]
+        yield self._stopAll(mail)
+        yield self.drainSessions()
+        yield self._stopAll([s for s in self if s not in mail and s is not self._storeService])
+        if self._storeService is not None:
+            yield self._stopAll([self._storeService])
+
+    def _stopAll(self, services):
+        stopping = [defer.maybeDeferred(s.stopService) for s in reversed(services) if s.running]
+
+        def logFailures(results):
+            for ok, result in results:
+                if not ok:
+                    self.log.failure("a service failed to stop", result)
+
+        return defer.DeferredList(stopping, consumeErrors=True).addCallback(logFailures)
+
 
 def _endpoint(reactor, description):
     try:
@@ -176,15 +333,19 @@ def _endpoint(reactor, description):
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None):
+def makePOP3Factory(store, config, reactor, tls=None, metrics=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
     the session policy from C{config}.
     """
     portal = makePortal(
-        store, threadRunner(reactor), apop=config.apop.checked, loginDelay=config.loginDelay
+        store,
+        threadRunner(reactor),
+        cache=VerifiedCredentialCache(metrics=metrics),
+        apop=config.apop.checked,
+        loginDelay=config.loginDelay,
     )
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         hostname=config.hostname,
         apop=config.apop.advertiser(store),
@@ -196,14 +357,16 @@ def makePOP3Factory(store, config, reactor, tls=None):
         sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
     )
+    factory.metrics = metrics
+    return factory
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
-    return factoryClass(
+    factory = factoryClass(
         LocalDelivery(store, config.domains or None),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
@@ -211,6 +374,8 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
         reactor=reactor,
         tls=tls,
     )
+    factory.metrics = metrics
+    return factory
 
 
 def makeTLS(config):
@@ -226,7 +391,7 @@ def makeTLS(config):
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
-def makeService(config, reactor=None, store=None):
+def makeService(config, reactor=None, store=None, metrics=None):
     """
     Build mailgate's service hierarchy.
 
@@ -234,6 +399,8 @@ def makeService(config, reactor=None, store=None):
     @param reactor: the reactor to listen with; the global one by default.
     @param store: an already opened store to use instead of opening
         C{config.database}.
+    @param metrics: the L{Metrics} to report to; a new one (with its own
+        registry) by default.
     @raise ConfigurationError: if the database cannot be opened or an
         endpoint description is invalid.
     """
@@ -246,18 +413,21 @@ def makeService(config, reactor=None, store=None):
             ("POP3S", config.pop3s),
             ("SMTP", config.smtp),
             ("LMTP", config.lmtp),
+            ("METRICS", [config.metrics] if config.metrics else []),
         )
     }
     tls = makeTLS(config)
+    if metrics is None:
+        metrics = Metrics()
     if store is None:
-        store = openStore(config.database, reactor)
-    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
-    StoreService(store).setServiceParent(root)
+        store = openStore(config.database, reactor, metrics=metrics)
+    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics)
+    root.setStore(StoreService(store))
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls)
+            factory = makePOP3Factory(store, config, reactor, tls, metrics=metrics)
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -269,8 +439,9 @@ def makeService(config, reactor=None, store=None):
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls, metrics=metrics),
+        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls, metrics=metrics),
+        "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
     }
     for name, endpoints in listeners.items():
         if endpoints:

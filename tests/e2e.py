@@ -38,8 +38,10 @@ HOSTNAME = "mailgate.test"
 # runs it on both): it overrides the parameters of conftest's databaseURL.
 sqliteOnly = pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 postgresOnly = pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
-_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP) listening on (\S+?)(?::(\d+))? \(")
-_LISTENER_OPTIONS = {"--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP"}
+_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP|METRICS) listening on (\S+?)(?::(\d+))? \(")
+_LISTENER_OPTIONS = {
+    "--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP", "--metrics": "METRICS",
+}
 _LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
 
 
@@ -96,11 +98,14 @@ class ServerProcess:
     @ivar database: the database URL it serves.
     """
 
-    def __init__(self, database, options=(), cwd=None, listen=True):
+    def __init__(self, database, options=(), cwd=None, listen=True, expect=None):
         self.database = database
         self.options = list(options)
         self.cwd = cwd
         self.listen = listen
+        # Listeners to wait for beyond those on the command line (set in a
+        # configuration file): {"SMTP": 1, ...}.
+        self.expect = dict(expect or {})
         self.port = None
         self.ports = {}
         self.process = None
@@ -188,7 +193,7 @@ class ServerProcess:
                 self._changed.wait(min(left, 0.5))
 
     def _expectedListeners(self):
-        expected = {}
+        expected = dict(self.expect)
         argv = self.argv
         for i, arg in enumerate(argv):
             name = _LISTENER_OPTIONS.get(arg.split("=", 1)[0])
@@ -260,12 +265,14 @@ class ServerStarter:
         self.backend = "postgres" if self.database.startswith(("postgresql:", "postgres:")) else "sqlite"
         self.servers = []
 
-    def __call__(self, *options, database=None):
+    def __call__(self, *options, database=None, expect=None):
         """
-        Start C{twistd mailgate [options]} and wait until it listens.
+        Start C{twistd mailgate [options]} and wait until it listens (on
+        what the options name, and on the listeners C{expect} counts by
+        protocol, C{{"SMTP": 1}}, set elsewhere).
         @return: the L{ServerProcess}, with its C{port}.
         """
-        server = ServerProcess(database or self.database, options, cwd=self.tmp_path)
+        server = ServerProcess(database or self.database, options, cwd=self.tmp_path, expect=expect)
         self.servers.append(server)
         server.start()
         return server

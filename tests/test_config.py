@@ -350,7 +350,7 @@ def test_twistdReadsTheFile(mailgate_server, tmp_path):
         'smtp = ["tcp:0:interface=127.0.0.1"]\n'
         'hostname = "from-file.test"\n',
     )
-    server = mailgate_server("--config", path, "--hostname", "from-cli.test")
+    server = mailgate_server("--config", path, "--hostname", "from-cli.test", expect={"SMTP": 1})
     # The file's SMTP listener is there, and the command line's host name
     # won over the file's.
     with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=10) as s:
