@@ -373,7 +373,7 @@ class MetricsResource(_NotFound):
         return _NotFound()
 
 
-class _QuietSite(server.Site):
+class MetricsSite(server.Site):
     """
     A site that writes no access log: a scraper's request every few
     seconds is not news.
@@ -389,6 +389,6 @@ def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
     """
     The HTTP factory for C{--metrics}.
     """
-    site = _QuietSite(MetricsResource(metrics, healthCheck, reactor, timeout))
+    site = MetricsSite(MetricsResource(metrics, healthCheck, reactor, timeout))
     site.displayTracebacks = False
     return site

@@ -180,15 +180,16 @@ class MailgateService(MultiService):
 
     def hangup(self):
         """
-        What SIGHUP does: reload the TLS certificate and key, run the
-        L{onHangup} actions.
+        What SIGHUP does: run the L{onHangup} actions (the log file is
+        reopened first, so what follows lands in the new one), then reload
+        the TLS certificate and key.
         """
-        self.reloadTLS()
         for action in self._hangupActions:
             try:
                 action()
             except Exception:
                 self.log.failure("SIGHUP action {action!r} failed", action=action)
+        self.reloadTLS()
 
     def reloadTLS(self):
         """

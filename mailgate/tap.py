@@ -13,11 +13,15 @@ checks and collects; L{makeService} opens the store and builds the services.
 import os
 
 import attr
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mailgate import config as settings
+from mailgate import logs
 from mailgate.errors import ConfigurationError
 from mailgate.service import makeService as _makeService
+
+_log = Logger()
 
 
 def _valueHandler(setting):
@@ -147,13 +151,32 @@ def makeService(options):
     """
     The service for C{twistd mailgate}.  Configuration errors, found now or
     when the listeners start, end the process with a one-line message.
+
+    Under twistd, the service brings its own log observer (in the
+    C{--log-format}, where twistd's options say, reopened on SIGHUP; see
+    L{mailgate.logs}).
     """
     raiseFileLimit()
+    config = options.toConfig()
+    parent = getattr(options, "parent", None)
+    destination = logs.twistdDestination(parent) if parent is not None else None
+    if destination is None and parent is not None and config.logFormat != "text":
+        raise SystemExit(
+            f"mailgate: --log-format {config.logFormat} writes to a file or standard "
+            "output; leave out --syslog and --logger"
+        )
     try:
-        service = _makeService(options.toConfig())
+        service = _makeService(config)
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True
-    parent = getattr(options, "parent", None)
     service.daemonized = parent is not None and not parent.get("nodaemon", False)
+    if destination is not None:
+        service.logObserver = logs.observerFor(config.logFormat, destination)
+        service.onHangup(lambda: _reopenLog(destination))
     return service
+
+
+def _reopenLog(destination):
+    if destination.reopen():
+        _log.info("log file reopened: {path}", path=destination.path, event="log.reopened")
