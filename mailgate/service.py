@@ -134,6 +134,7 @@ class MailgateService(MultiService):
 
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
     @ivar metrics: the L{mailgate.metrics.Metrics} everything reports to.
+    @ivar reactor: the reactor it runs on.
     @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
         C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
@@ -157,7 +158,7 @@ class MailgateService(MultiService):
         self.tls = tls
         self.metrics = metrics
         self.listeners = {}
-        self._reactor = reactor
+        self.reactor = self._reactor = reactor
         self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandler = None
         self._hangupActions = []

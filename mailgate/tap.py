@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailgate import config as settings
-from mailgate import logs
+from mailgate import logs, systemd
 from mailgate.errors import ConfigurationError
 from mailgate.service import makeService as _makeService
 
@@ -154,7 +154,9 @@ def makeService(options):
 
     Under twistd, the service brings its own log observer (in the
     C{--log-format}, where twistd's options say, reopened on SIGHUP; see
-    L{mailgate.logs}).
+    L{mailgate.logs}); run by systemd as a notify service (C{$NOTIFY_SOCKET}
+    set), it tells systemd when it is ready and stopping
+    (L{mailgate.systemd}).
     """
     raiseFileLimit()
     config = options.toConfig()
@@ -174,6 +176,10 @@ def makeService(options):
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)
         service.onHangup(lambda: _reopenLog(destination))
+    notifier = systemd.Notifier.fromEnvironment()
+    if notifier is not None:
+        watchdog = systemd.watchdogInterval()
+        systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
 
 

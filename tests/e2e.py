@@ -55,10 +55,14 @@ def databaseURL(path):
 def childEnvironment():
     """
     The environment for child processes: unbuffered output, and no
-    C{MAILGATE_DATABASE} leaking in from the developer's shell.
+    C{MAILGATE_DATABASE} (or systemd's variables) leaking in from the
+    developer's shell.
     """
     env = dict(os.environ)
     env.pop("MAILGATE_DATABASE", None)
+    # Nor the service manager's variables, should the suite run under one.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -98,8 +102,10 @@ class ServerProcess:
     @ivar database: the database URL it serves.
     """
 
-    def __init__(self, database, options=(), cwd=None, listen=True, expect=None):
+    def __init__(self, database, options=(), cwd=None, listen=True, expect=None, env=None):
         self.database = database
+        # Variables added to the child's environment.
+        self.env = dict(env or {})
         self.options = list(options)
         self.cwd = cwd
         self.listen = listen
@@ -111,6 +117,9 @@ class ServerProcess:
         self.process = None
         self._changed = threading.Condition()
         self._ended = 0
+
+    #: descriptors the child inherits (socket activation)
+    passFds = ()
 
     @property
     def argv(self):
@@ -156,8 +165,9 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.cwd,
-            env=childEnvironment(),
+            env={**childEnvironment(), **self.env},
             start_new_session=True,
+            pass_fds=self.passFds,
         )
         self._out = _Drain(self.process.stdout, self._line)
         self._err = _Drain(self.process.stderr, self._line)
@@ -169,6 +179,13 @@ class ServerProcess:
         Start the process and wait until it listens; return the port.
         """
         self.spawn()
+        return self.waitUntilListening()
+
+    def waitUntilListening(self):
+        """
+        Wait until the spawned process logged every listener; return the
+        POP3 port.
+        """
         deadline = time.monotonic() + DEADLINE
         expected = self._expectedListeners()
         with self._changed:
