@@ -538,9 +538,13 @@ def setting(name):
 # -- the configuration ------------------------------------------------------------
 
 
-def _configClass():
+def makeConfigClass(settings):
+    """
+    The configuration class of C{settings}: one attribute per setting,
+    defaulting to its declared default, plus C{reloadOnSIGHUP}.
+    """
     attributes = {}
-    for s in SETTINGS:
+    for s in settings:
         attributes[s.attribute] = attr.ib(factory=s.defaultValue, converter=s.converter)
     attributes["reloadOnSIGHUP"] = attr.ib(default=False)
     cls = attr.make_class("MailgateConfig", attributes, kw_only=True)
@@ -553,7 +557,7 @@ def _configClass():
             initial_indent="    ",
             subsequent_indent="        ",
         )
-        for s in SETTINGS
+        for s in settings
     )
     cls.__doc__ = (
         "\n    Everything mailgate can be told, with its defaults: one attribute per\n"
@@ -566,7 +570,7 @@ def _configClass():
     return cls
 
 
-MailgateConfig = _configClass()
+MailgateConfig = makeConfigClass(SETTINGS)
 
 
 def checkConfig(config):
@@ -593,9 +597,9 @@ class ConfigFileError(ConfigurationError):
     """
 
 
-def readFile(path):
+def readFile(path, settings=SETTINGS):
     """
-    Read a TOML configuration file.
+    Read a TOML configuration file whose keys name C{settings}.
 
     @return: C{{setting name: value}} for the keys the file sets.
     @raise ConfigFileError: the file cannot be read or parsed, has a key
@@ -609,11 +613,12 @@ def readFile(path):
         raise ConfigFileError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"{path}: not valid TOML: {_oneLine(e)}") from None
+    byName = {s.name: s for s in settings}
     values = {}
     for key, value in document.items():
-        s = _BY_NAME.get(key)
+        s = byName.get(key)
         if s is None:
-            close = difflib.get_close_matches(key, _BY_NAME, n=1)
+            close = difflib.get_close_matches(key, byName, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else " (keys are the long option names of twistd mailgate)"
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
         try:
@@ -627,7 +632,7 @@ def _oneLine(error):
     return " ".join(str(error).split())
 
 
-def resolve(given, fileValues=None, environ=None):
+def resolve(given, fileValues=None, environ=None, settings=SETTINGS, configClass=MailgateConfig):
     """
     The configuration from the command line, a configuration file and the
     environment, each overriding the ones after it, then the defaults.
@@ -636,13 +641,15 @@ def resolve(given, fileValues=None, environ=None):
         already checked.
     @param fileValues: what L{readFile} returned, or C{None}.
     @param environ: the environment (L{os.environ} by default).
+    @param settings: the declarations, and C{configClass} the class made
+        from them (L{makeConfigClass}).
     @raise ConfigurationError: an environment variable's value is invalid,
         or the settings do not fit together (L{checkConfig}).
     """
     environ = os.environ if environ is None else environ
     fileValues = fileValues or {}
     values = {}
-    for s in SETTINGS:
+    for s in settings:
         if s.name in given:
             value = given[s.name]
         elif s.name in fileValues:
@@ -655,7 +662,7 @@ def resolve(given, fileValues=None, environ=None):
         else:
             value = s.defaultValue()
         values[s.attribute] = list(value) if s.repeated else value
-    return checkConfig(MailgateConfig(**values))
+    return checkConfig(configClass(**values))
 
 
 # -- the example file ----------------------------------------------------------------
@@ -677,13 +684,13 @@ EXAMPLE_HEADER = """\
 """
 
 
-def exampleFile():
+def exampleFile(settings=SETTINGS):
     """
     The commented example configuration file: every key with its help text
     and its default (or an example value where it has none).
     """
     parts = [EXAMPLE_HEADER]
-    for s in SETTINGS:
+    for s in settings:
         lines = textwrap.wrap(s.help, 76, break_on_hyphens=False)
         if s.repeated:
             lines += ["An array: repeat the option on the command line for several."]

@@ -16,7 +16,7 @@ import attr
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgate import config as settings
+from mailgate import config as configuration
 from mailgate import logs, systemd
 from mailgate.errors import ConfigurationError
 from mailgate.service import makeService as _makeService
@@ -60,15 +60,37 @@ def _help(setting):
     return f"{text}  Default: {setting.describeDefault()}."
 
 
+def _installHandlers(cls):
+    """
+    Give C{cls} one C{opt_} method per setting of its C{settings} (two for
+    the APOP flags), which is how L{usage.Options} finds options.
+    """
+    for setting in cls.settings:
+        if setting.flags:
+            for flag, value in setting.flags.items():
+                setattr(cls, "opt_" + flag.replace("-", "_"), _flagHandler(setting, flag, value))
+        else:
+            setattr(cls, "opt_" + setting.name.replace("-", "_"), _valueHandler(setting))
+
+
 class Options(usage.Options):
     """
     The options of C{twistd mailgate}: one per L{mailgate.config.Setting},
     plus C{--config}.
 
+    @cvar settings: the declarations the options are made from; a subclass
+        with other C{settings} (and the C{configClass} made from them by
+        L{mailgate.config.makeConfigClass}) gets its options made too.
     @ivar given: the settings given on the command line, by name.
-    @ivar config: the resolved L{mailgate.config.MailgateConfig}, after
-        parsing.
+    @ivar config: the resolved configuration, after parsing.
     """
+
+    settings = configuration.SETTINGS
+    configClass = configuration.MailgateConfig
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _installHandlers(cls)
 
     synopsis = "[options]"
     longdesc = (
@@ -101,14 +123,14 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            fileValues = settings.readFile(self.configPath) if self.configPath else None
-            self.config = settings.resolve(self.given, fileValues, os.environ)
-        except settings.ConfigFileError as e:
+            fileValues = configuration.readFile(self.configPath, self.settings) if self.configPath else None
+            self.config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+        except configuration.ConfigFileError as e:
             # One line, not twistd's usage text: the file is at fault.
             raise SystemExit(f"mailgate: {e}") from None
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None
-        for setting in settings.SETTINGS:
+        for setting in self.settings:
             self[setting.name] = getattr(self.config, setting.attribute)
 
     def toConfig(self):
@@ -118,13 +140,7 @@ class Options(usage.Options):
         return attr.evolve(self.config, reloadOnSIGHUP=True)
 
 
-for _setting in settings.SETTINGS:
-    if _setting.flags:
-        for _flag, _value in _setting.flags.items():
-            setattr(Options, "opt_" + _flag.replace("-", "_"), _flagHandler(_setting, _flag, _value))
-    else:
-        setattr(Options, "opt_" + _setting.name.replace("-", "_"), _valueHandler(_setting))
-del _setting
+_installHandlers(Options)
 
 
 def raiseFileLimit():

@@ -60,6 +60,39 @@ def test_everySettingIsAnOptionAndAnAttribute():
     assert fields == {s.attribute for s in settings.SETTINGS} | {"reloadOnSIGHUP"}
 
 
+def test_addingASettingIsOneDeclaration(tmp_path):
+    """
+    One more L{Setting} gives a command-line option, a configuration file
+    key, a configuration attribute and an entry in the example file.
+    """
+    grace = settings.Setting(
+        "shutdown-grace", "shutdownGrace", settings.Number(), 30.0,
+        "Seconds open sessions get to finish when mailgate stops.",
+    )
+    extended = settings.SETTINGS + (grace,)
+    Config = settings.makeConfigClass(extended)
+
+    class Extended(tap.Options):
+        settings = extended
+        configClass = Config
+
+    assert Config().shutdownGrace == 30.0
+    assert "--shutdown-grace=" in Extended().getUsage()
+    options = Extended()
+    options.parseOptions(["--shutdown-grace", "5"])
+    assert options.toConfig().shutdownGrace == 5.0
+    path = writeConfig(tmp_path, "shutdown-grace = 12\n")
+    options = Extended()
+    options.parseOptions(["--config", path])
+    assert options.toConfig().shutdownGrace == 12.0
+    assert "#shutdown-grace = 30.0\n" in settings.exampleFile(extended)
+    # The original options know nothing of it.
+    with pytest.raises(usage.UsageError):
+        parse("--shutdown-grace", "5")
+    with pytest.raises(SystemExit, match="unknown key 'shutdown-grace'"):
+        parse("--config", path)
+
+
 def test_defaultsAreTheDeclaredOnes():
     assert parse().toConfig() == MailgateConfig(reloadOnSIGHUP=True)
 
