@@ -169,6 +169,27 @@ class Number(Kind):
         return float(value)
 
 
+class Boolean(Kind):
+    """
+    True or false: a TOML boolean; on the command line, a flag (declare the
+    setting with C{flags={"name": True}}) or C{yes}/C{no}.
+    """
+
+    metavar = "yes|no"
+    expected = "true or false"
+    tomlTypes = (bool,)
+    _words = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+    def fromText(self, text):
+        try:
+            return self._words[text.strip().lower()]
+        except KeyError:
+            raise ValueError(f"must be yes or no, not {text!r}") from None
+
+    def toTOML(self, value):
+        return "true" if value else "false"
+
+
 class Choice(Kind):
     """
     One of a few words.

@@ -93,6 +93,33 @@ def test_addingASettingIsOneDeclaration(tmp_path):
         parse("--config", path)
 
 
+def test_aBooleanSettingIsAFlag(tmp_path):
+    verbose = settings.Setting(
+        "verbose-sessions", "verboseSessions", settings.Boolean(), False,
+        "Log every command.", flags={"verbose-sessions": True},
+    )
+    extended = settings.SETTINGS + (verbose,)
+    Config = settings.makeConfigClass(extended)
+
+    class Extended(tap.Options):
+        settings = extended
+        configClass = Config
+
+    options = Extended()
+    options.parseOptions([])
+    assert options.toConfig().verboseSessions is False
+    options = Extended()
+    options.parseOptions(["--verbose-sessions"])
+    assert options.toConfig().verboseSessions is True
+    for text, value in (("verbose-sessions = true\n", True), ("verbose-sessions = false\n", False)):
+        options = Extended()
+        options.parseOptions(["--config", writeConfig(tmp_path, text)])
+        assert options.toConfig().verboseSessions is value
+    with pytest.raises(SystemExit, match="expected true or false"):
+        Extended().parseOptions(["--config", writeConfig(tmp_path, 'verbose-sessions = "yes"\n')])
+    assert "#verbose-sessions = false\n" in settings.exampleFile(extended)
+
+
 def test_defaultsAreTheDeclaredOnes():
     assert parse().toConfig() == MailgateConfig(reloadOnSIGHUP=True)
 
