@@ -15,7 +15,7 @@ $(BIN)/python:
 # Third-party dependencies, installed once (again when setup.cfg changes).
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=21.1' 'attrs>=22' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
+		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
 		'setuptools>=68' wheel
 	touch $@
 

@@ -11,79 +11,41 @@ and that C{twistd mailgate} runs on its own.
 import signal
 import sys
 
-import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
+from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
+from mailgate.metrics import Metrics, metricsSite
 from mailgate.pop3 import POP3Factory
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
+from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
-from mailgate.smtp.protocol import SMTPServer
-from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.store import openStore
 from mailgate.tls import ServerTLS
 
-DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
 APOP_REFRESH = 30
-
-
-@attr.s(kw_only=True)
-class MailgateConfig:
-    """
-    Everything C{twistd mailgate} can be told, with its defaults.
-
-    @ivar pop3: strports descriptions of the POP3 listeners.
-    @ivar apop: offer APOP (the greeting carries a timestamp): C{True},
-        C{False}, or C{"auto"} (the default: only while some user has APOP
-        enabled, checked every L{APOP_REFRESH} seconds).
-    @ivar authFailureDelay: seconds before a failed login is answered.
-    @ivar idleTimeout: POP3 autologout, in seconds.
-    @ivar loginDelay: minimum seconds between a user's logins, or C{None}.
-    @ivar smtp: strports descriptions of the SMTP listeners.
-    @ivar lmtp: strports descriptions of the LMTP listeners.
-    @ivar domains: the domains SMTP and LMTP accept mail for; C{None} (or
-        empty) accepts the domains of existing users.
-    @ivar maxMessageSize: octets of message content SMTP and LMTP accept.
-    @ivar maxRecipients: recipients per SMTP or LMTP transaction.
-    @ivar pop3s: strports descriptions of implicit-TLS POP3 listeners (the
-        TLS is mailgate's, from C{tlsCertificate} and C{tlsKey}).
-    @ivar tlsCertificate: PEM certificate, optionally followed by its chain.
-    @ivar tlsKey: PEM private key.
-    @ivar trustedNetworks: CIDR networks from which plaintext passwords are
-        accepted without TLS.
-    @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
-    """
-
-    database = attr.ib(default=DEFAULT_DATABASE)
-    pop3 = attr.ib(factory=lambda: [DEFAULT_POP3])
-    smtp = attr.ib(factory=list)
-    lmtp = attr.ib(factory=list)
-    hostname = attr.ib(default=None)
-    apop = attr.ib(default="auto")
-    authFailureDelay = attr.ib(default=1.0)
-    idleTimeout = attr.ib(default=600)
-    loginDelay = attr.ib(default=None)
-    domains = attr.ib(default=None)
-    maxMessageSize = attr.ib(default=SMTPServer.maxMessageSize)
-    maxRecipients = attr.ib(default=SMTPServer.maxRecipients)
-    pop3s = attr.ib(factory=list)
-    tlsCertificate = attr.ib(default=None)
-    tlsKey = attr.ib(default=None)
-    trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
-    reloadOnSIGHUP = attr.ib(default=False)
+#: seconds the database has to answer the health check and readiness probe
+HEALTH_TIMEOUT = 1.0
+#: the listeners that take mail connections (closed first at shutdown)
+MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 
 
 class ListeningService(StreamServerEndpointService):
     """
     A listener that says where it listens, and fails start-up (rather than
     logging and carrying on deaf) when it cannot.
+
+    @ivar port: the listening port, once bound.
     """
 
     log = Logger()
@@ -94,6 +56,7 @@ class ListeningService(StreamServerEndpointService):
         self.protocolName = name
         self.description = description
         self.port = None
+        self._waiters = []
 
     def privilegedStartService(self):
         try:
@@ -103,6 +66,16 @@ class ListeningService(StreamServerEndpointService):
                 f"cannot listen for {self.protocolName} on {self.description}: {e}"
             ) from e
         self._waitingForPort.addCallback(self._listening)
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires with the port once it is bound.
+        """
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     def _listening(self, port):
         self.port = port
@@ -118,7 +91,11 @@ class ListeningService(StreamServerEndpointService):
             protocol=self.protocolName,
             where=where,
             description=self.description,
+            event="listener.started",
         )
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(port)
         return port
 
 
@@ -135,29 +112,85 @@ class StoreService(Service):
         return self.store.close()
 
 
+class ShuttingDown(Exception):
+    """
+    The service is stopping: not healthy, whatever the database says.
+    """
+
+
 class MailgateService(MultiService):
     """
     The root of mailgate's services.
 
+    Stopping (SIGTERM under twistd) goes in this order, each step waiting
+    for the one before:
+      1. the L{onStopping} callbacks run (systemd hears C{STOPPING=1});
+      2. the mail listeners close: new connections are refused at once;
+      3. L{drainSessions}: the sessions still open finish (the session
+         core's grace period);
+      4. the other services stop (timers, the metrics endpoint, which
+         answers until then);
+      5. the store closes.
+
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
-    @ivar listeners: the L{ListeningService}s, by protocol name.
+    @ivar metrics: the L{mailgate.metrics.Metrics} everything reports to.
+    @ivar reactor: the reactor it runs on.
+    @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
+        C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
+    @ivar logObserver: an L{ILogObserver} for the application this service
+        joins, or C{None}: twistd logs through an application's observer
+        component (see L{mailgate.logs}).
     """
 
     exitOnStartupError = False
     daemonized = False
+    logObserver = None
     log = Logger()
 
-    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
+    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None):
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
         self.store = store
         self.tls = tls
+        self.metrics = metrics
         self.listeners = {}
-        self._reactor = reactor
-        self._reloadOnSIGHUP = reloadOnSIGHUP and tls is not None
+        self.reactor = self._reactor = reactor
+        self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandler = None
+        self._hangupActions = []
+        self._stoppingCallbacks = []
+        self._storeService = None
+
+    def setServiceParent(self, parent):
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
+
+    # -- SIGHUP ----------------------------------------------------------------
+
+    def onHangup(self, action):
+        """
+        Call C{action()} on SIGHUP as well (reopening the log file), when
+        SIGHUP handling is on.
+        """
+        self._hangupActions.append(action)
+
+    def hangup(self):
+        """
+        What SIGHUP does: run the L{onHangup} actions (the log file is
+        reopened first, so what follows lands in the new one), then reload
+        the TLS certificate and key.
+        """
+        for action in self._hangupActions:
+            try:
+                action()
+            except Exception:
+                self.log.failure("SIGHUP action {action!r} failed", action=action)
+        self.reloadTLS()
 
     def reloadTLS(self):
         """
@@ -172,30 +205,31 @@ class MailgateService(MultiService):
         try:
             self.tls.reload()
         except ConfigurationError as e:
-            self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
+            self.log.error(
+                "TLS reload failed, keeping the previous certificate: {error}",
+                error=e,
+                event="tls.reload_failed",
+            )
             return False
         self.log.info(
             "TLS certificate reloaded: {subject} sha256 {fingerprint}",
             subject=self.tls.subject,
             fingerprint=self.tls.fingerprint,
+            event="tls.reloaded",
         )
         return True
 
+    # -- starting ----------------------------------------------------------------
+
     def startService(self):
         super().startService()
-        if self._reloadOnSIGHUP:
+        if self._reloadOnSIGHUP and (self.tls is not None or self._hangupActions):
             reactor = self._reactor
 
             def onSIGHUP(signum, frame):
-                reactor.callFromThread(self.reloadTLS)
+                reactor.callFromThread(self.hangup)
 
             self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
-
-    def stopService(self):
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
-        return super().stopService()
 
     def privilegedStartService(self):
         try:
@@ -215,27 +249,108 @@ class MailgateService(MultiService):
         listener.setServiceParent(self)
         self.listeners.setdefault(listener.protocolName, []).append(listener)
 
+    def setStore(self, storeService):
+        """
+        Make C{storeService} the service that closes the store, last.
+        """
+        storeService.setServiceParent(self)
+        self._storeService = storeService
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires once every listener is bound.
+        """
+        waiting = [l.whenListening() for ls in self.listeners.values() for l in ls]
+        return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None)
+
+    def databaseAnswers(self, timeout=HEALTH_TIMEOUT):
+        """
+        Ask the database a trivial question (one indexed read).
+
+        @return: a L{Deferred} that fires when it answered within
+            C{timeout} seconds, and fails otherwise (or at once, with
+            L{ShuttingDown}, once the service is stopping).
+        """
+        if not self.running:
+            return defer.fail(ShuttingDown("mailgate is shutting down"))
+        d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
+        d.addTimeout(timeout, self._reactor)
+        return d.addCallback(lambda _: None)
+
+    # -- stopping ------------------------------------------------------------------
+
+    def onStopping(self, callback):
+        """
+        Call C{callback()} first thing when the service starts stopping.
+        """
+        self._stoppingCallbacks.append(callback)
+
+    def drainSessions(self):
+        """
+        Wait for the sessions still open once the listeners are closed.
+        The session core's shutdown grace plugs in here; until then there
+        is nothing to wait for.
+
+        @return: a L{Deferred} that fires when they are done.
+        """
+        return defer.succeed(None)
+
+    def stopService(self):
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        Service.stopService(self)
+        for callback in self._stoppingCallbacks:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("stopping callback {callback!r} failed", callback=callback)
+        return self._stopInOrder()
+
+    @defer.inlineCallbacks
+    def _stopInOrder(self):
+        mail = [s for s in self if isinstance(s, ListeningService) and s.protocolName in MAIL_PROTOCOLS]
+        yield self._stopAll(mail)
+        yield self.drainSessions()
+        yield self._stopAll([s for s in self if s not in mail and s is not self._storeService])
+        if self._storeService is not None:
+            yield self._stopAll([self._storeService])
+
+    def _stopAll(self, services):
+        stopping = [defer.maybeDeferred(s.stopService) for s in reversed(services) if s.running]
+
+        def logFailures(results):
+            for ok, result in results:
+                if not ok:
+                    self.log.failure("a service failed to stop", result)
+
+        return defer.DeferredList(stopping, consumeErrors=True).addCallback(logFailures)
+
 
 def _endpoint(reactor, description):
     try:
+        checkEndpoint(description)
         return serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
+    except Exception as e:
+        raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None):
+def makePOP3Factory(store, config, reactor, tls=None, metrics=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
     the session policy from C{config}.
     """
     portal = makePortal(
-        store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
+        store,
+        threadRunner(reactor),
+        cache=VerifiedCredentialCache(metrics=metrics),
+        apop=config.apop.checked,
+        loginDelay=config.loginDelay,
     )
-    apop = APOPAdvertiser(store) if config.apop == "auto" else bool(config.apop)
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         hostname=config.hostname,
-        apop=apop,
+        apop=config.apop.advertiser(store),
         idleTimeout=config.idleTimeout,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
@@ -244,14 +359,16 @@ def makePOP3Factory(store, config, reactor, tls=None):
         sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
     )
+    factory.metrics = metrics
+    return factory
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
-    return factoryClass(
+    factory = factoryClass(
         LocalDelivery(store, config.domains or None),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
@@ -259,25 +376,24 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
         reactor=reactor,
         tls=tls,
     )
+    factory.metrics = metrics
+    return factory
 
 
 def makeTLS(config):
     """
     The server TLS from C{config}, or C{None} if no certificate is set.
 
-    @raise ConfigurationError: if only one of certificate and key is set,
-        or they cannot be loaded.
+    @raise ConfigurationError: if only one of certificate and key is set
+        (see L{checkConfig}), or they cannot be loaded.
     """
-    if (config.tlsCertificate is None) != (config.tlsKey is None):
-        raise ConfigurationError("TLS needs both a certificate and a key")
+    checkConfig(config)
     if config.tlsCertificate is None:
-        if config.pop3s:
-            raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
         return None
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
-def makeService(config, reactor=None, store=None):
+def makeService(config, reactor=None, store=None, metrics=None):
     """
     Build mailgate's service hierarchy.
 
@@ -285,6 +401,8 @@ def makeService(config, reactor=None, store=None):
     @param reactor: the reactor to listen with; the global one by default.
     @param store: an already opened store to use instead of opening
         C{config.database}.
+    @param metrics: the L{Metrics} to report to; a new one (with its own
+        registry) by default.
     @raise ConfigurationError: if the database cannot be opened or an
         endpoint description is invalid.
     """
@@ -297,18 +415,21 @@ def makeService(config, reactor=None, store=None):
             ("POP3S", config.pop3s),
             ("SMTP", config.smtp),
             ("LMTP", config.lmtp),
+            ("METRICS", [config.metrics] if config.metrics else []),
         )
     }
     tls = makeTLS(config)
+    if metrics is None:
+        metrics = Metrics()
     if store is None:
-        store = openStore(config.database, reactor)
-    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
-    StoreService(store).setServiceParent(root)
+        store = openStore(config.database, reactor, metrics=metrics)
+    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics)
+    root.setStore(StoreService(store))
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls)
+            factory = makePOP3Factory(store, config, reactor, tls, metrics=metrics)
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -320,8 +441,9 @@ def makeService(config, reactor=None, store=None):
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls, metrics=metrics),
+        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls, metrics=metrics),
+        "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
     }
     for name, endpoints in listeners.items():
         if endpoints:

@@ -68,7 +68,7 @@ def openSynchronousStore(url, migrate=True):
     return SQLMailStore(database, engine.makeLocks(database))
 
 
-def openStore(url, reactor=None, server=True):
+def openStore(url, reactor=None, server=True, metrics=None):
     """
     A store whose operations run on a thread pool, for the running gateway.
 
@@ -78,6 +78,8 @@ def openStore(url, reactor=None, server=True):
 
     @param server: claim the database for this server process where the
         engine requires one server per database (embedded SQLite).
+    @param metrics: a L{mailgate.metrics.Metrics} the store reports its
+        operations, errors, group commits and maildrop locks to.
     """
     engine = engineFromURL(url)
     if server:
@@ -89,11 +91,13 @@ def openStore(url, reactor=None, server=True):
                 upgrade(upgrading)
             finally:
                 upgrading.close()
-        database = Database(engine, reactor)
+        database = Database(engine, reactor, metrics=metrics)
     except TemporaryFailure as e:
         engine.releaseServer()
         raise ConfigurationError(str(e)) from e
     except BaseException:
         engine.releaseServer()
         raise
-    return SQLMailStore(database, engine.makeLocks(database))
+    store = SQLMailStore(database, engine.makeLocks(database))
+    store.metrics = metrics
+    return store

@@ -27,12 +27,13 @@ import contextlib
 import queue
 import threading
 from collections import deque
+from time import monotonic
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import MailgateError, TemporaryFailure
 
 MAX_BATCH = 256
 RETRIES = 3
@@ -49,6 +50,24 @@ def _translate(engine, exc):
         failure.__cause__ = exc
         return failure
     return exc
+
+
+def operationName(function):
+    """
+    The name an interaction is measured under (C{mailgate_database_seconds}):
+    its function's name without the leading underscore, from the fixed set
+    of interactions the code defines.
+    """
+    return getattr(function, "__name__", "other").lstrip("_") or "other"
+
+
+def _isDatabaseError(exc):
+    """
+    Whether a failed interaction counts as a database error: anything but
+    mailgate's own verdicts (an existing user, a maildrop in use), which
+    are answers, not failures.  A temporary failure is one.
+    """
+    return isinstance(exc, TemporaryFailure) or not isinstance(exc, MailgateError)
 
 
 def _raiseTranslated(engine, exc):
@@ -319,14 +338,19 @@ class Database:
     SQL interactions on bounded worker threads, with group commit for writes.
 
     @ivar engine: the dialect: how to connect, begin and classify errors.
+    @ivar metrics: a L{mailgate.metrics.Metrics} told the time of every
+        operation, failures and group-commit sizes (from the worker
+        threads), or C{None}.
     """
 
     log = Logger()
+    metrics = None
 
-    def __init__(self, engine, reactor=None):
+    def __init__(self, engine, reactor=None, metrics=None):
         if reactor is None:
             from twisted.internet import reactor
         self.engine = engine
+        self.metrics = metrics
         self._reactor = reactor
         self._writer = WorkerThreads(reactor, 1, f"mailgate-db-{engine.name}-writer")
         readers = engine.readers
@@ -404,15 +428,49 @@ class Database:
                 _raiseTranslated(self.engine, e)
 
     def _read(self, function, args, kwargs):
-        return self._attempt(
-            lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
-            retryDisconnects=True,
-        )
+        metrics = self.metrics
+        if metrics is None:
+            return self._attempt(
+                lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
+                retryDisconnects=True,
+            )
+        started = monotonic()
+        try:
+            return self._attempt(
+                lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
+                retryDisconnects=True,
+            )
+        except Exception as e:
+            if _isDatabaseError(e):
+                metrics.databaseError()
+            raise
+        finally:
+            metrics.databaseOperation(operationName(function), monotonic() - started)
 
     def _write(self, batch):
         # A write that lost its connection may or may not have committed:
         # it is not retried; its caller reports a temporary failure.
-        return self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        metrics = self.metrics
+        if metrics is None:
+            return self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        started = monotonic()
+        try:
+            results = self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        except Exception:
+            # The transaction failed as a whole: every write in it failed.
+            for _ in batch:
+                metrics.databaseError()
+            raise
+        finally:
+            # Each write waited for the whole commit it shared.
+            seconds = monotonic() - started
+            for function, _, _ in batch:
+                metrics.databaseOperation(operationName(function), seconds)
+        metrics.groupCommit(len(batch))
+        for ok, value in results:
+            if not ok and _isDatabaseError(value.value):
+                metrics.databaseError()
+        return results
 
     # -- reactor side ----------------------------------------------------
 

@@ -542,12 +542,18 @@ class SQLMailStore:
     @param database: a L{Database} or L{SynchronousDatabase}.
     @param locks: the L{IMaildropLocks} guarding POP3 sessions.
     @param clock: returns the time in seconds (for arrival stamps).
+    @ivar metrics: a L{mailgate.metrics.Metrics} told how many maildrop
+        locks this store's sessions hold, or C{None}.
     """
+
+    metrics = None
 
     def __init__(self, database, locks, clock=time.time):
         self.database = database
         self.locks = locks
         self._clock = clock
+        # Maildrops opened and not yet released (for the metrics).
+        self._opened = 0
         # Address to user id, used and kept by the writer thread alone.
         self._userIds = {}
 
@@ -613,7 +619,16 @@ class SQLMailStore:
                 return read.addErrback(failed)
 
             d.addCallback(snapshot)
-        return d.addCallback(lambda result: SQLMaildrop(self, identity, *result))
+        return d.addCallback(self._maildropOpened, identity)
+
+    def _maildropOpened(self, result, identity):
+        self._lockCountChanged(1)
+        return SQLMaildrop(self, identity, *result)
+
+    def _lockCountChanged(self, change):
+        self._opened += change
+        if self.metrics is not None:
+            self.metrics.maildropLocks(self._opened)
 
     def close(self):
         d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
@@ -715,6 +730,7 @@ class SQLMaildrop:
         if self._released:
             return defer.succeed(None)
         self._released = True
+        self._store._lockCountChanged(-1)
         return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 
