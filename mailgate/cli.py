@@ -244,9 +244,7 @@ def _dbCopy(store, args, out, stdin):
 
 
 def _dbVersion(store, args, out, stdin):
-    from mailgate.store.database import runTransaction
-
-    version = runTransaction(store.engine, store.database._conn, currentVersion, (), {}, False)
+    version = store.database.run(currentVersion)
     out.write(f"schema version {version} (this mailgate: {LATEST})\n")
 
 

@@ -128,12 +128,12 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
     with psycopg.connect(url, autocommit=True) as conn:
         expected = conn.execute("SELECT uid, size FROM maildrop WHERE user_id = %s", (bob,)).fetchall()
     assert len(expected) == 300 and len({size for _, size in expected}) > 100
-    uids, got = reactor.wait(locks.acquireAndSnapshot(bob))
+    uids, got = reactor.wait(locks.acquireAndSnapshot(bob, None))
     assert list(zip(uids, got)) == sorted(expected)
     reactor.wait(locks.release(bob))
     # An empty maildrop.
     alice = ids[0]
-    uids, got = reactor.wait(locks.acquireAndSnapshot(alice))
+    uids, got = reactor.wait(locks.acquireAndSnapshot(alice, None))
     assert (list(uids), list(got)) == ([], [])
     assert lockHolders(url) != []
     reactor.wait(locks.release(alice))
@@ -143,7 +143,7 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
 def test_aPasswordChangedSinceItWasVerifiedGivesTheLockBack(node):
     locks, reactor, ids, url = node
     alice = ids[0]
-    failure = reactor.wait(locks.acquireAndSnapshot(alice, passwordHash="$scrypt$not-the-stored-one"))
+    failure = reactor.wait(locks.acquireAndSnapshot(alice, "$scrypt$not-the-stored-one"))
     assert failure.check(CredentialsChanged)
     reactor.turnUntil(lambda: lockHolders(url) == [] and locks._routes == {}, timeout=10)
     assert alice not in locks._held

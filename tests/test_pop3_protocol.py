@@ -567,9 +567,9 @@ def test_twistedDefect_quitFailureIsReportedAndRemovesNothing(store, three):
     every message is still there.
     """
     three.command("DELE 1")
-    store.database._conn.execute("PRAGMA query_only = 1")
+    store.database.connection.execute("PRAGMA query_only = 1")
     reply = three.command("QUIT")
-    store.database._conn.execute("PRAGMA query_only = 0")
+    store.database.connection.execute("PRAGMA query_only = 0")
     assert reply == "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
     assert three.disconnected
     assert len(resultOf(store.listMessages(ALICE))) == 3
@@ -773,11 +773,11 @@ def test_topZeroOfALargeMessageReadsOnlyTheHeader(store, dbpath, alice):
     deliver(store, [ALICE], header + b"x" * 70 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 3000)
     s = logged_in(store)
     statements = []
-    store.database._conn.set_trace_callback(statements.append)
+    store.database.connection.set_trace_callback(statements.append)
     try:
         reply = s.send(b"TOP 1 0\r\n")
     finally:
-        store.database._conn.set_trace_callback(None)
+        store.database.connection.set_trace_callback(None)
     assert reply == b"+OK top of message follows\r\n" + header + b".\r\n"
     reads = [q for q in statements if "body_chunks" in q]
     assert len(reads) == 1 and "seq = 0" in reads[0]
@@ -802,11 +802,11 @@ def test_readAheadServesTheNextMessagesWithoutAskingTheStoreAgain(store, dbpath,
             "(SELECT body_id FROM maildrop ORDER BY uid LIMIT 1 OFFSET 3)"
         )
     statements = []
-    store.database._conn.set_trace_callback(statements.append)
+    store.database.connection.set_trace_callback(statements.append)
     try:
         replies = [s.command(f"RETR {n}") for n in (1, 2, 3)]
     finally:
-        store.database._conn.set_trace_callback(None)
+        store.database.connection.set_trace_callback(None)
     for n, reply in enumerate(replies, 1):
         assert reply.endswith(f"body {n}\r\n.\r\n"), reply
     # One statement read messages 1 to 3 (and 5; 4 is damaged).

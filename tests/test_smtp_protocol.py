@@ -883,11 +883,11 @@ def test_replyComesOnlyAfterCommit(users, dbpath, store):
     """
     s = session(users)
     envelope(s, [ALICE, BOB])
-    store.database._conn.execute("PRAGMA query_only = 1")
+    store.database.connection.execute("PRAGMA query_only = 1")
     try:
         reply = s.send(stuff(b"Subject: retry\r\n\r\nbody\r\n"))
     finally:
-        store.database._conn.execute("PRAGMA query_only = 0")
+        store.database.connection.execute("PRAGMA query_only = 0")
     assert reply == b"451 4.3.0 temporary failure storing the message; try again later\r\n"
     assert nothingStored(dbpath)
     # The client retries in the same session.
@@ -902,11 +902,11 @@ def test_replyComesOnlyAfterCommit(users, dbpath, store):
 def test_lmtpCommitFailureIsTemporaryForEveryRecipient(users, dbpath, store):
     s = lmtp(users)
     envelope(s, [ALICE, BOB])
-    store.database._conn.execute("PRAGMA query_only = 1")
+    store.database.connection.execute("PRAGMA query_only = 1")
     try:
         reply = s.send(b"x\r\n.\r\n")
     finally:
-        store.database._conn.execute("PRAGMA query_only = 0")
+        store.database.connection.execute("PRAGMA query_only = 0")
     out = lines(reply)
     assert out and all(line.startswith("451 4.3.0 ") for line in out), out
     assert nothingStored(dbpath)
@@ -925,7 +925,7 @@ def test_recipientLookupFailureIsTemporary(users, dbpath):
     failing = memoryStore(f"sqlite:///{dbpath}")
     s = session(failing)
     assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
-    failing.database._conn.close()
+    failing.database.connection.close()
     reply = s.command(f"RCPT TO:<{ALICE}>")
     assert reply.startswith("451 4.3.0 ")
     assert s.command(f"RCPT TO:<{BOB}>").startswith("451 4.3.0 ")
