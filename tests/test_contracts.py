@@ -174,3 +174,25 @@ def test_consecutiveCallsOfABatchableWriteAreMadeAsOne(tmp_path):
         assert pipelines == [conn]
     finally:
         conn.close()
+
+
+def test_noGlobalReactorBelowTheService():
+    """
+    Below L{mailgate.service} the reactor is an argument, as in Twisted's
+    endpoints: no module reaches for the global one (only the wiring on
+    top, service.py, tap.py and cli.py, may).
+    """
+    import pathlib
+
+    import mailgate
+
+    root = pathlib.Path(mailgate.__file__).parent
+    top = {"service.py", "tap.py", "cli.py"}
+    reaching = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in top:
+            continue
+        text = path.read_text()
+        if "import reactor" in text or "internet.reactor" in text:
+            reaching.append(path.relative_to(root).as_posix())
+    assert reaching == []

@@ -469,7 +469,7 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
+            ".git", ".venv", ".pgtest", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
         ),
     )
     wheels = tmp_path / "wheels"
@@ -487,8 +487,6 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "mailgate/pop3/protocol.py" in names
-    for sql in (REPO / "mailgate" / "store").glob("*.sql"):
-        assert f"mailgate/store/{sql.name}" in names
 
 
 # -- 8. start-up errors --------------------------------------------------

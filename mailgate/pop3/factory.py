@@ -48,7 +48,8 @@ class POP3Factory(ServerFactory):
         C{False}, or an L{APOPAdvertiser} that decides from the store.
     @param idleTimeout: seconds before an idle session is logged out.
     @param authFailureDelay: seconds before a failed login is answered.
-    @param reactor: the reactor (or a clock, in tests) for timers.
+    @param reactor: the reactor (or a clock, in tests) for timers; required,
+        as for Twisted's endpoints.
     @param loginDelay: the LOGIN-DELAY the realm enforces, to advertise.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STLS with, or C{None}.
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
@@ -62,19 +63,17 @@ class POP3Factory(ServerFactory):
     def __init__(
         self,
         portal,
+        reactor,
         hostname=None,
         apop=True,
         idleTimeout=POP3Server.idleTimeout,
         authFailureDelay=POP3Server.authFailureDelay,
-        reactor=None,
         greeting="mailgate POP3 server ready",
         loginDelay=None,
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self.portal = portal
         self.hostname = hostname or socket.getfqdn()
         self.apop = apop
