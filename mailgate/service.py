@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_tap -*-
 """
 Building mailgate's service hierarchy: the one place that wires storage,
 authentication and protocols together.

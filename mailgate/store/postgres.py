@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_postgres -*-
+# -*- test-case-name: tests.test_locks,tests.test_store -*-
 """
 The PostgreSQL engine: several mailgate nodes, one database.
 
