@@ -29,6 +29,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
 from mailgate.tls import ServerTLS
+from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
 APOP_REFRESH = 30
@@ -87,10 +88,10 @@ class ListeningService(StreamServerEndpointService):
     """
 
     log = Logger()
-    _raiseSynchronously = True
 
     def __init__(self, name, description, endpoint, factory):
         super().__init__(endpoint, factory)
+        raiseListenErrorsAtOnce(self)
         self.protocolName = name
         self.description = description
         self.port = None
@@ -102,7 +103,7 @@ class ListeningService(StreamServerEndpointService):
             raise ConfigurationError(
                 f"cannot listen for {self.protocolName} on {self.description}: {e}"
             ) from e
-        self._waitingForPort.addCallback(self._listening)
+        whenListening(self, self._listening)
 
     def _listening(self, port):
         self.port = port
