@@ -20,7 +20,6 @@ import hashlib
 import io
 import re
 
-import pytest
 
 from e2e import MAILGATE, runCommand
 from mailgate.cli import run

@@ -9,7 +9,6 @@ went out before it, against a real SQLite store; the L{ServerTLS} is real,
 made from a certificate of L{certs} (C{tests/certs.py}).
 """
 
-import base64
 import hashlib
 import hmac
 import io
@@ -25,6 +24,7 @@ from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Fac
 from mailgate.tls import ServerTLS
 
 from certs import makeCertificate
+from saslclients import ScramClient, b64, unb64
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -33,16 +33,6 @@ PASSWORD = "wonderland"
 UNTRUSTED = IPv4Address("TCP", "198.51.100.7", 1234)
 REFUSED = "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
 INVALID = "-ERR [AUTH] invalid user name or password\r\n"
-
-
-def b64(data):
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
-
-
-def unb64(text):
-    return base64.b64decode(text, validate=True)
 
 
 def plain(authcid, password, authzid=""):
@@ -89,73 +79,13 @@ def untrusted(store, **options):
     return POP3Session(store, peer=UNTRUSTED, **options)
 
 
-# -- a SCRAM-SHA-256 client (RFC 5802, RFC 7677) -----------------------------
-
-
-def _hmac(key, message):
-    return hmac.new(key, message, hashlib.sha256).digest()
-
-
-def _xor(a, b):
-    return bytes(x ^ y for x, y in zip(a, b))
-
-
-def saslname(name):
-    return name.replace("=", "=3D").replace(",", "=2C")
-
-
-class ScramClient:
-    """
-    The client side of SCRAM-SHA-256 without channel binding.
-    """
-
-    def __init__(self, username, password, nonce="fyko+d2lbbFgONRv9qkxdawL", gs2="n,,"):
-        self.username = username
-        self.password = password
-        self.clientNonce = nonce
-        self.gs2 = gs2
-        self.clientFirstBare = f"n={saslname(username)},r={nonce}"
-        self.serverSignature = None
-
-    def first(self):
-        return (self.gs2 + self.clientFirstBare).encode("utf-8")
-
-    def parseServerFirst(self, message):
-        text = message.decode("utf-8")
-        attributes = dict(item.split("=", 1) for item in text.split(","))
-        assert set(attributes) == {"r", "s", "i"}, text
-        assert text == f"r={attributes['r']},s={attributes['s']},i={attributes['i']}"
-        return attributes["r"], unb64(attributes["s"]), int(attributes["i"])
-
-    def final(self, serverFirst, nonce=None, channelBinding=None):
-        """
-        The client-final-message answering C{serverFirst}; C{nonce} and
-        C{channelBinding} replace the correct values, for tampering.
-        """
-        serverNonce, salt, iterations = self.parseServerFirst(serverFirst)
-        assert serverNonce.startswith(self.clientNonce) and len(serverNonce) > len(self.clientNonce)
-        binding = channelBinding if channelBinding is not None else b64(self.gs2)
-        withoutProof = f"c={binding},r={nonce if nonce is not None else serverNonce}"
-        authMessage = ",".join([self.clientFirstBare, serverFirst.decode("utf-8"), withoutProof]).encode("utf-8")
-        salted = hashlib.pbkdf2_hmac("sha256", self.password.encode("utf-8"), salt, iterations)
-        clientKey = _hmac(salted, b"Client Key")
-        storedKey = hashlib.sha256(clientKey).digest()
-        proof = _xor(clientKey, _hmac(storedKey, authMessage))
-        serverKey = _hmac(salted, b"Server Key")
-        self.serverSignature = _hmac(serverKey, authMessage)
-        return f"{withoutProof},p={b64(proof)}".encode("utf-8")
-
-    def verify(self, serverFinal):
-        return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
-
-
 def scramExchange(session, username, password, initial=True, **tamper):
     """
     Run AUTH SCRAM-SHA-256 up to and including the client-final-message.
 
     @return: C{(client, serverFirst, reply to the client-final-message)}.
     """
-    client = ScramClient(username, password)
+    client = ScramClient(username, password, nonce="fyko+d2lbbFgONRv9qkxdawL")
     if initial:
         serverFirst = challenge(session.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
     else:
@@ -201,7 +131,7 @@ def test_rfc7677VectorClientProofChecks():
 
 def test_rfc7677VectorServerSignature():
     _, serverKey = rfc7677Keys()
-    assert b64(_hmac(serverKey, RFC7677_AUTH_MESSAGE)) == RFC7677_SERVER_SIGNATURE
+    assert b64(hmac.new(serverKey, RFC7677_AUTH_MESSAGE, hashlib.sha256).digest()) == RFC7677_SERVER_SIGNATURE
 
 
 def test_rfc7677VectorWrongProofOrMessageFails():
