@@ -129,6 +129,12 @@ class MessageSpool:
                 return
             yield chunk
 
+    def getvalue(self):
+        """
+        The whole message as L{bytes}; for tests and small messages only.
+        """
+        return b"".join(self.chunks(1 << 20))
+
     def close(self):
         """
         Discard the spooled octets.
