@@ -233,7 +233,7 @@ def makePOP3Factory(store, config, reactor, tls=None):
         store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
     )
     apop = APOPAdvertiser(store) if config.apop == "auto" else bool(config.apop)
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         hostname=config.hostname,
         apop=apop,
@@ -242,9 +242,11 @@ def makePOP3Factory(store, config, reactor, tls=None):
         reactor=reactor,
         loginDelay=config.loginDelay,
         tls=tls,
-        sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
     )
+    # CRAM-MD5 needs what APOP needs: offered by the same rule.
+    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersAPOP)
+    return factory
 
 
 def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):

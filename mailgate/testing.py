@@ -400,19 +400,22 @@ class SMTPSession(_Session):
 def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=True, **options):
     """
     A mailgate POP3 server factory over C{store} whose password hashing
-    runs inline and whose timers run on C{clock}; with SASL (PLAIN and
-    SCRAM-SHA-256) unless C{sasl=False}.
+    runs inline and whose timers run on C{clock}; with SASL (SCRAM-SHA-256,
+    PLAIN and LOGIN, and CRAM-MD5 while APOP is offered) unless
+    C{sasl=False}.
     """
     portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
     options.setdefault("authFailureDelay", 0)
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         hostname=hostname,
         reactor=clock or Clock(),
         apop=apop,
-        sasl=SASLServer(store.findUser) if sasl else None,
         **options,
     )
+    if sasl:
+        factory.sasl = SASLServer(store.findUser, hostname, offerCramMD5=factory.offersAPOP)
+    return factory
 
 
 def smtpFactory(store, clock=None, lmtp=False, domains=None, hostname="mailgate.test", **options):

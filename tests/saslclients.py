@@ -85,3 +85,12 @@ class ScramClient:
 
     def verify(self, serverFinal):
         return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
+
+
+def cramMD5Response(username, secret, challenge):
+    """
+    The client's answer to a CRAM-MD5 challenge (RFC 2195): the user name,
+    a space and HMAC-MD5(secret, challenge) in lower-case hex.
+    """
+    digest = hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+    return f"{username} {digest}".encode("utf-8")

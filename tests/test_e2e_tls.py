@@ -305,7 +305,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     trusted = POP3Wire(server.port)
     capabilities = trusted.capabilities()
     assert "USER" in capabilities and "STLS" in capabilities, capabilities
-    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities, capabilities
     trusted.close()
 
     wire = POP3Wire(server.port, source=UNTRUSTED_SOURCE)
@@ -313,7 +313,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     assert "STLS" in capabilities, capabilities
     assert "USER" not in capabilities, capabilities
     [saslLine] = [line for line in capabilities if line.startswith("SASL")]
-    assert "PLAIN" not in saslLine.split(), capabilities
+    assert "PLAIN" not in saslLine.split() and "LOGIN" not in saslLine.split(), capabilities
     assert wire.command(f"USER {ALICE}") == PLAINTEXT_REFUSED
     assert wire.command(f"PASS {ALICE_PW}") == PLAINTEXT_REFUSED
     assert sasl(wire, "PLAIN", f"\0{ALICE}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
@@ -324,7 +324,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     assert peerCertificate(wire.sock) == der(certificatePath)
     capabilities = wire.capabilities()
     assert "USER" in capabilities and "STLS" not in capabilities, capabilities
-    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities, capabilities
     assert wire.command(f"USER {ALICE}").startswith(b"+OK")
     assert wire.command(f"PASS {ALICE_PW}").startswith(b"+OK")
     assert wire.command("STAT") == b"+OK 0 0\r\n"
