@@ -95,7 +95,10 @@ class ServerProcess:
     @ivar ports: every listener's port (or Unix socket path) by protocol:
         C{{"POP3": [...], "SMTP": [...], ...}} in the order they started.
     @ivar database: the database URL it serves.
+    @cvar command: how the server is started, before its options.
     """
+
+    command = (TWISTD, "-n", "--pidfile=", "mailgate")
 
     def __init__(self, database, options=(), cwd=None, listen=True):
         self.database = database
@@ -110,7 +113,7 @@ class ServerProcess:
 
     @property
     def argv(self):
-        argv = [TWISTD, "-n", "--pidfile=", "mailgate", "--database", self.database]
+        argv = [*self.command, "--database", self.database]
         if self.listen:
             argv += ["--pop3", "tcp:0:interface=127.0.0.1"]
         if "--hostname" not in self.options:
