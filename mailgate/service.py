@@ -244,8 +244,8 @@ def makePOP3Factory(store, config, reactor, tls=None):
         tls=tls,
         trustedNetworks=config.trustedNetworks,
     )
-    # CRAM-MD5 needs what APOP needs: offered by the same rule.
-    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersAPOP)
+    # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
+    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
     return factory
 
 

@@ -414,7 +414,7 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
         **options,
     )
     if sasl:
-        factory.sasl = SASLServer(store.findUser, hostname, offerCramMD5=factory.offersAPOP)
+        factory.sasl = SASLServer(store.findUser, hostname, offerCramMD5=factory.offersCramMD5)
     return factory
 
 

@@ -5,6 +5,7 @@ ports instead of 1110 and 2525: a user added, a message sent by SMTP with
 curl, and read back by POP3 with curl.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,14 +22,20 @@ PASSWORD = "quick start"
 
 def makeRun():
     """
-    What C{make run} would print, and the command it would run last, from
-    C{make -n run} (nothing is run).
+    What C{make run} would print, and the server command it would run,
+    from C{make -n run}: nothing is run but the C{echo} and C{printf}
+    lines, to see what they print.
     """
-    done = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run"],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith('echo "mailgate: POP3 on'))
-    *printing, server = lines[start:]
+    printing = [line for line in lines[start:] if line.startswith(("echo ", "printf "))]
+    [server] = [line for line in lines[start:] if "twistd" in line]
     shown = subprocess.run(
         ["sh", "-c", "\n".join(printing)], capture_output=True, text=True, timeout=60
     ).stdout

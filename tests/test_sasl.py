@@ -656,7 +656,7 @@ def test_cramMD5IsOfferedWhenAPOPIs(store, alice):
     """
     CRAM-MD5 needs what APOP needs, so it is offered by the rule the
     greeting's APOP timestamp follows: never with APOP off, and by default
-    only while some user has APOP enabled.
+    only while some user has APOP enabled (once the store has said so).
     """
     from mailgate.pop3.factory import APOPAdvertiser
 
@@ -665,6 +665,12 @@ def test_cramMD5IsOfferedWhenAPOPIs(store, alice):
     assert s.command("AUTH CRAM-MD5").startswith("-ERR unsupported authentication mechanism")
 
     advertiser = APOPAdvertiser(store)
+    addUser(store, BOB, "builder", apop=True)
+    # Before the store's first answer: the timestamp, but no CRAM-MD5.
+    s = POP3Session(store, apop=advertiser)
+    assert s.challenge is not None
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
+    resultOf(store.deleteUser(BOB))
     resultOf(advertiser.refresh())
     s = POP3Session(store, apop=advertiser)
     assert s.challenge is None

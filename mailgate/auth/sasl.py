@@ -352,8 +352,8 @@ class SASLServer:
         qualified name by default.
     @param offerCramMD5: a callable saying whether CRAM-MD5 is offered now;
         give it the rule the greeting's APOP timestamp follows (the POP3
-        factory's C{offersAPOP}), since CRAM-MD5 works for the same users.
-        Not offered by default.
+        factory's C{offersCramMD5}), since CRAM-MD5 works for the same
+        users.  Not offered by default.
     """
 
     def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False):

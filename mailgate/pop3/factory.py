@@ -23,17 +23,20 @@ class APOPAdvertiser:
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
+    @ivar known: whether the store has answered yet.
     """
 
     def __init__(self, store):
         self._store = store
         self.enabled = True
+        self.known = False
 
     def refresh(self):
         d = self._store.hasAPOPUsers()
 
         def got(enabled):
             self.enabled = bool(enabled)
+            self.known = True
 
         return d.addCallbacks(got, lambda failure: None)
 
@@ -99,6 +102,19 @@ class POP3Factory(ServerFactory):
         """
         apop = self.apop
         return apop.enabled if isinstance(apop, APOPAdvertiser) else bool(apop)
+
+    def offersCramMD5(self):
+        """
+        Whether SASL CRAM-MD5 is offered now: where APOP is, since it works
+        for the same users, but by default only once the store has said
+        that some user has APOP.  (An APOP timestamp nobody can use costs
+        clients nothing; a SASL mechanism offered in vain makes clients
+        that prefer it, curl among them, fail.)
+        """
+        apop = self.apop
+        if isinstance(apop, APOPAdvertiser):
+            return apop.known and apop.enabled
+        return bool(apop)
 
     def isTrusted(self, address):
         """
