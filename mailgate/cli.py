@@ -10,10 +10,12 @@ C{mailgate}: the administrator's command.
   mailgate mailbox list ADDRESS
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
+  mailgate serve [options of twistd mailgate]
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server
-is up.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
+is up.  C{mailgate serve} is the exception: it runs the server itself, in
+the foreground, as C{twistd -n mailgate} would.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
 understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
 """
 
@@ -244,10 +246,66 @@ def _dbCopy(store, args, out, stdin):
 
 
 def _dbVersion(store, args, out, stdin):
-    from mailgate.store.database import runTransaction
-
-    version = runTransaction(store.engine, store.database._conn, currentVersion, (), {}, False)
+    version = store.database.run(currentVersion)
     out.write(f"schema version {version} (this mailgate: {LATEST})\n")
+
+
+SERVE_DESCRIPTION = "POP3 / SMTP / LMTP mail gateway over SQLite or PostgreSQL"
+
+
+def _serveOptions():
+    """
+    The options of C{twistd mailgate}, introduced as C{mailgate serve}'s.
+    """
+    from mailgate.tap import Options
+
+    class ServeOptions(Options):
+        synopsis = "Usage: mailgate serve [options]"
+
+    return ServeOptions()
+
+
+def _serve(argv, database, stdout, stderr):
+    """
+    Run the server in the foreground with C{twistd mailgate}'s options, as
+    C{twistd -n --pidfile= mailgate} does, logging to standard output.
+
+    It needs no twistd plugin: the service maker is given to twistd's
+    runner here, so this works where Twisted's plugin scan cannot find
+    C{twisted/plugins/mailgate_plugin.py} (an editable install).
+
+    @param database: the C{--database} given to C{mailgate} itself, if
+        any; C{serve}'s own C{--database} wins.
+    @return: the exit status once the server has stopped.
+    """
+    from twisted.python import usage
+
+    if database is not None:
+        argv = ["--database", database, *argv]
+    options = _serveOptions()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            options.parseOptions(argv)
+    except usage.UsageError as e:
+        stderr.write(f"mailgate serve: {e}\n{options.getSynopsis()}\n(see mailgate serve --help)\n")
+        return EX_USAGE
+    except SystemExit as e:
+        # --help, --version
+        return EX_OK if not e.code else EX_USAGE
+
+    from twisted.application.service import ServiceMaker
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    maker = ServiceMaker("mailgate", "mailgate.tap", SERVE_DESCRIPTION, "mailgate")
+
+    class ServeServerOptions(ServerOptions):
+        def _getPlugins(self, interface):
+            return [maker]
+
+    config = ServeServerOptions()
+    config.parseOptions(["--nodaemon", "--pidfile=", "mailgate", *argv])
+    runApp(config)
+    return EX_OK
 
 
 def buildParser():
@@ -331,6 +389,15 @@ def buildParser():
     dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
     dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
     dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+
+    # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
+    # they are (see run).
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="run the server in the foreground, with the options of twistd mailgate "
+        "(mailgate serve --help lists them)",
+    ).set_defaults(run=None)
     return parser
 
 
@@ -347,9 +414,13 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         # argparse writes help and usage errors to sys.stdout/sys.stderr;
         # send them to the streams this run was given.
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(argv)
+            args, rest = parser.parse_known_args(argv)
+            if args.command != "serve":
+                args = parser.parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
+    if args.command == "serve":
+        return _serve(rest, args.database, stdout, stderr)
     url = args.database or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
     delivering = args.run is _deliver
     store = None

@@ -117,6 +117,22 @@ class IMaildropLocks(Interface):
         fails with L{MaildropInUse}.
         """
 
+    def acquireAndSnapshot(userId, passwordHash):
+        """
+        Lock a maildrop and, with the lock held, read the snapshot a POP3
+        session works on (see L{mailgate.store.snapshot}), in as few trips
+        to the database as the implementation can manage: on PostgreSQL
+        both run on the lock's own connection.
+
+        @param passwordHash: the password hash the login was verified
+            against, or C{None}; if given and no longer the user's stored
+            hash (or the user is gone), the lock is given back and this
+            fails with L{mailgate.errors.CredentialsChanged}.
+        @return: a L{Deferred} of C{(uids, sizes)}: the maildrop's message
+            uids in order and their sizes, two C{array("q")}; fails with
+            L{MaildropInUse} if another session holds the lock.
+        """
+
     def release(userId):
         """
         Unlock a maildrop this process holds.  Unlocking one that is not held
@@ -130,6 +146,12 @@ class IMaildropLocks(Interface):
         Whether this process still holds the lock: a L{Deferred} L{bool}.
         Checked before a session's deletions are applied, in case the lock
         was lost (a broken connection to a shared database).
+        """
+
+    def close():
+        """
+        Forget every lock this process holds and give back what holds them
+        (connections, threads): a L{Deferred} that fires when done.
         """
 
 
@@ -229,6 +251,199 @@ class IMailStore(Interface):
     def close():
         """
         Release connections and locks: a L{Deferred} that fires when done.
+        """
+
+
+class IEngine(Interface):
+    """
+    A database dialect: how mailgate connects to one kind of database,
+    runs transactions on it and reads its errors.  L{mailgate.store.sqlite.
+    SQLiteEngine} and L{mailgate.store.postgres.PostgresEngine} provide it;
+    L{mailgate.store.database} and L{mailgate.store.schema} use nothing
+    else of them.
+
+    An interface rather than a base class (the way Synapse's
+    C{BaseDatabaseEngine} is one): the two engines share no code, every
+    member is a dialect decision, so a base class would hold only abstract
+    methods; as an interface the contract sits with the others, and
+    C{verifyObject} checks each engine against it.  What only one engine
+    has (SQLite's C{path}, PostgreSQL's lock connections and lock
+    namespace) stays its own.
+
+    Methods taking a connection or cursor run on a worker thread.
+    """
+
+    name = Attribute("A short name for the dialect (C{sqlite}, C{postgres}): thread names, logs.")
+    readers = Attribute(
+        "How many reader connections (and threads) a L{mailgate.store.database."
+        "Database} opens; 0 runs reads on the writer's connection."
+    )
+    types = Attribute(
+        "The dialect's SQL fragments by placeholder name, filled into the SQL "
+        "that is written once for both engines (the schema's column types, "
+        "the snapshot's packing of uids and sizes)."
+    )
+    ephemeral = Attribute(
+        "Whether each connection is a database of its own that ends with it "
+        "(SQLite's C{:memory:}): its schema is made as it connects, not upgraded "
+        "ahead."
+    )
+
+    def connect():
+        """
+        A new DB-API connection, set up by L{onConnect}.
+
+        @raise mailgate.errors.TemporaryFailure: the server cannot be reached
+            now (it may come back).
+        @raise mailgate.errors.ConfigurationError: the database cannot be
+            used as configured.
+        """
+
+    def onConnect(conn):
+        """
+        Per-connection settings (timeouts, durability, keepalives).
+        """
+
+    def begin(conn, write):
+        """
+        Start a transaction on C{conn}, a read or a write one, and return the
+        cursor to run it with.  Cursors take C{?} placeholders.
+        """
+
+    def commit(conn):
+        """
+        Commit the transaction L{begin} started.
+        """
+
+    def rollback(conn):
+        """
+        Roll the transaction back; harmless when none is open.
+        """
+
+    def pipeline(conn):
+        """
+        A context manager inside which statements whose answers are not
+        needed yet may be sent without waiting for them (PostgreSQL's
+        pipeline mode; nothing for an in-process database).
+        """
+
+    def lockSchema(cursor):
+        """
+        Serialise schema upgrades started at the same time (several nodes).
+        """
+
+    def resetIdentity(cursor, table, column):
+        """
+        After rows were inserted with explicit ids, make C{table}'s generated
+        C{column} continue after the largest.
+        """
+
+    def isTransient(exc):
+        """
+        Whether the driver error C{exc} may heal (server down, lock timeout,
+        disk full): reported as L{mailgate.errors.TemporaryFailure}.
+        """
+
+    def isRetryable(exc):
+        """
+        Whether C{exc} failed a transaction before it changed anything and
+        it may simply be run again (a deadlock, a serialisation failure).
+        """
+
+    def isDisconnect(exc):
+        """
+        Whether C{exc} means the connection itself is lost (rather than one
+        statement failed).
+        """
+
+    def isBroken(conn):
+        """
+        Whether C{conn} can no longer be used and must be replaced.
+        """
+
+    def isUniqueViolation(exc):
+        """
+        Whether C{exc} is a unique constraint violation.
+        """
+
+    def claimServer():
+        """
+        Claim the database for this server process where the engine allows
+        one server per database (embedded SQLite); raise
+        L{mailgate.errors.ConfigurationError} if another has it.
+        """
+
+    def releaseServer():
+        """
+        Give back what L{claimServer} took.
+        """
+
+    def makeLocks(database):
+        """
+        The L{IMaildropLocks} for a store on C{database} (an L{IDatabase}):
+        driven by the database's C{reactor}, or inline when it has none.
+        """
+
+
+class IDatabase(Interface):
+    """
+    SQL interactions run for the store: a function of a cursor, run in one
+    transaction.  L{mailgate.store.database.Database} runs them on worker
+    threads; L{mailgate.store.database.SynchronousDatabase} inline.
+    """
+
+    engine = Attribute("The L{IEngine}.")
+    reactor = Attribute(
+        "The reactor results are delivered on, or C{None} when interactions "
+        "run inline and every L{Deferred} has fired on return."
+    )
+
+    def runInteraction(function, *args, **kwargs):
+        """
+        Run C{function(cursor, *args, **kwargs)} as one read transaction: a
+        L{Deferred} of its result.
+        """
+
+    def runWrite(function, *args, **kwargs):
+        """
+        Run a write transaction; the L{Deferred} fires once it is durably
+        committed.  C{function} is a function of a cursor, or an
+        L{IBatchableWrite}, which the database may run together with other
+        calls of it and in a pipeline.
+        """
+
+    def close():
+        """
+        Close the connections: a L{Deferred} that fires when done.
+        """
+
+
+class IBatchableWrite(Interface):
+    """
+    A write that the group-commit writer may batch: consecutive calls of
+    it waiting for the same commit are made as one call, and it may run in
+    the engine's pipeline.  Plain functions run one by one, outside the
+    pipeline.
+    """
+
+    pipelined = Attribute(
+        "Whether it may run in the engine's pipeline: it waits for the answers "
+        "it needs itself (fetching them), so a failure is noticed in time."
+    )
+
+    def __call__(cursor, *args, **kwargs):
+        """
+        Run one call.
+        """
+
+    def together(cursor, calls):
+        """
+        Run several calls as one.
+
+        @param calls: a list of C{(args, kwargs)}, one per call.
+        @return: their results, in order.
+        @raise Exception: if one of them fails (the writer then runs each
+            alone, so that only that one fails).
         """
 
 

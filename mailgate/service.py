@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_tap -*-
 """
 Building mailgate's service hierarchy: the one place that wires storage,
 authentication and protocols together.
@@ -32,6 +32,7 @@ from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.tls import ServerTLS
+from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
 APOP_REFRESH = 30
 #: seconds the database has to answer the health check and readiness probe
@@ -49,10 +50,10 @@ class ListeningService(StreamServerEndpointService):
     """
 
     log = Logger()
-    _raiseSynchronously = True
 
     def __init__(self, name, description, endpoint, factory):
         super().__init__(endpoint, factory)
+        raiseListenErrorsAtOnce(self)
         self.protocolName = name
         self.description = description
         self.port = None
@@ -65,7 +66,7 @@ class ListeningService(StreamServerEndpointService):
             raise ConfigurationError(
                 f"cannot listen for {self.protocolName} on {self.description}: {e}"
             ) from e
-        self._waitingForPort.addCallback(self._listening)
+        whenListening(self, self._listening)
 
     def whenListening(self):
         """
@@ -356,10 +357,11 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None):
         reactor=reactor,
         loginDelay=config.loginDelay,
         tls=tls,
-        sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
     )
     factory.metrics = metrics
+    # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
+    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
     return factory
 
 

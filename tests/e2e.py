@@ -13,6 +13,7 @@ with what the process wrote so far.
 """
 
 import os
+import poplib
 import re
 import signal
 import socket
@@ -100,7 +101,10 @@ class ServerProcess:
     @ivar ports: every listener's port (or Unix socket path) by protocol:
         C{{"POP3": [...], "SMTP": [...], ...}} in the order they started.
     @ivar database: the database URL it serves.
+    @cvar command: how the server is started, before its options.
     """
+
+    command = (TWISTD, "-n", "--pidfile=", "mailgate")
 
     def __init__(self, database, options=(), cwd=None, listen=True, expect=None, env=None):
         self.database = database
@@ -123,7 +127,7 @@ class ServerProcess:
 
     @property
     def argv(self):
-        argv = [TWISTD, "-n", "--pidfile=", "mailgate", "--database", self.database]
+        argv = [*self.command, "--database", self.database]
         if self.listen:
             argv += ["--pop3", "tcp:0:interface=127.0.0.1"]
         if "--hostname" not in self.options:
@@ -433,6 +437,35 @@ def mailgate_cli(mailgate_server):
 
 
 # -- sockets -------------------------------------------------------------
+
+
+def pop(server, timeout=DEADLINE):
+    """
+    A poplib client connected to C{server}'s POP3 listener.
+    """
+    return poplib.POP3("127.0.0.1", server.port, timeout=timeout)
+
+
+def popLogin(server, address, password):
+    """
+    A poplib client logged in to C{server} with USER and PASS.
+    """
+    client = pop(server)
+    client.user(address)
+    client.pass_(password)
+    return client
+
+
+def retrieve(client, number):
+    """
+    Message C{number} as the octets the server holds (CRLF line ends, dots
+    un-stuffed by poplib), checked against the size the server announced.
+    """
+    status, lines, _ = client.retr(number)
+    data = b"".join(line + b"\r\n" for line in lines)
+    match = re.match(rb"\+OK (\d+) octets", status)
+    assert match and int(match.group(1)) == len(data), (status, len(data))
+    return data
 
 
 def connect(port, timeout=DEADLINE):

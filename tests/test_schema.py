@@ -13,7 +13,6 @@ the real database catalog of a freshly migrated database, on both backends:
 import pytest
 
 from mailgate.store import openSynchronousStore
-from mailgate.store.database import runTransaction
 from mailgate.testing import addUser, deliver, resultOf
 
 # Tables that grow with mail, and the column holding their owner's key.
@@ -47,7 +46,7 @@ def catalog(store, function):
     Run C{function(cursor)} in a read transaction on the store's own
     connection.
     """
-    return runTransaction(store.engine, store.database._conn, function, (), {}, False)
+    return store.database.run(function)
 
 
 def _sqlitePrimaryKeys(cursor):

@@ -14,7 +14,7 @@ import pytest
 from twisted.logger import Logger, formatEvent
 
 from mailgate.smtp.protocol import SMTPServer
-from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore, resultOf
+from mailgate.testing import POP3Session, SMTPSession, addUser, resultOf
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -872,66 +872,6 @@ def test_messagesArriveInOrderWithDistinctIds(users, dbpath):
 
 
 # -- failures: never a 250 before the commit, never a 5xx for a failure ---------
-
-
-def test_replyComesOnlyAfterCommit(users, dbpath, store):
-    """
-    The database refuses writes (PRAGMA query_only: every INSERT fails like
-    a full or read-only disk).  The answer to the final dot is a temporary
-    451, nothing is stored, and once writes work again the client's retry
-    stores exactly one copy.
-    """
-    s = session(users)
-    envelope(s, [ALICE, BOB])
-    store.database._conn.execute("PRAGMA query_only = 1")
-    try:
-        reply = s.send(stuff(b"Subject: retry\r\n\r\nbody\r\n"))
-    finally:
-        store.database._conn.execute("PRAGMA query_only = 0")
-    assert reply == b"451 4.3.0 temporary failure storing the message; try again later\r\n"
-    assert nothingStored(dbpath)
-    # The client retries in the same session.
-    out = envelope(s, [ALICE, BOB])
-    assert out[0].startswith("250 2.1.0 "), out
-    assert s.send(stuff(b"Subject: retry\r\n\r\nbody\r\n")).startswith(b"250 2.0.0 ")
-    assert len(storedMessages(dbpath, ALICE)) == 1
-    assert len(storedMessages(dbpath, BOB)) == 1
-    assert rowCounts(dbpath)["bodies"] == 1
-
-
-def test_lmtpCommitFailureIsTemporaryForEveryRecipient(users, dbpath, store):
-    s = lmtp(users)
-    envelope(s, [ALICE, BOB])
-    store.database._conn.execute("PRAGMA query_only = 1")
-    try:
-        reply = s.send(b"x\r\n.\r\n")
-    finally:
-        store.database._conn.execute("PRAGMA query_only = 0")
-    out = lines(reply)
-    assert out and all(line.startswith("451 4.3.0 ") for line in out), out
-    assert nothingStored(dbpath)
-
-
-def test_recipientLookupFailureIsTemporary(users, dbpath):
-    """
-    The database goes away under a running session: here the session's own
-    store has its connection closed (as when a database server drops it).
-    SQLite in WAL mode offers no quicker real way: another connection cannot
-    lock readers out (an exclusive lock is refused while the store is
-    connected, and blocking WAL read marks costs ten seconds of retries
-    before SQLITE_PROTOCOL).  The recipient is answered with a temporary
-    451, never a 5xx, and the session goes on.
-    """
-    failing = memoryStore(f"sqlite:///{dbpath}")
-    s = session(failing)
-    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
-    failing.database._conn.close()
-    reply = s.command(f"RCPT TO:<{ALICE}>")
-    assert reply.startswith("451 4.3.0 ")
-    assert s.command(f"RCPT TO:<{BOB}>").startswith("451 4.3.0 ")
-    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
-    assert s.command("QUIT").startswith("221 ")
-    assert nothingStored(dbpath)
 
 
 def test_vanishedRecipientFailsTheWholeSMTPDelivery(users, dbpath, store):

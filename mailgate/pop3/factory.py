@@ -23,17 +23,20 @@ class APOPAdvertiser:
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
+    @ivar known: whether the store has answered yet.
     """
 
     def __init__(self, store):
         self._store = store
         self.enabled = True
+        self.known = False
 
     def refresh(self):
         d = self._store.hasAPOPUsers()
 
         def got(enabled):
             self.enabled = bool(enabled)
+            self.known = True
 
         return d.addCallbacks(got, lambda failure: None)
 
@@ -48,7 +51,8 @@ class POP3Factory(ServerFactory):
         C{False}, or an L{APOPAdvertiser} that decides from the store.
     @param idleTimeout: seconds before an idle session is logged out.
     @param authFailureDelay: seconds before a failed login is answered.
-    @param reactor: the reactor (or a clock, in tests) for timers.
+    @param reactor: the reactor (or a clock, in tests) for timers; required,
+        as for Twisted's endpoints.
     @param loginDelay: the LOGIN-DELAY the realm enforces, to advertise.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STLS with, or C{None}.
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
@@ -62,19 +66,17 @@ class POP3Factory(ServerFactory):
     def __init__(
         self,
         portal,
+        reactor,
         hostname=None,
         apop=True,
         idleTimeout=POP3Server.idleTimeout,
         authFailureDelay=POP3Server.authFailureDelay,
-        reactor=None,
         greeting="mailgate POP3 server ready",
         loginDelay=None,
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self.portal = portal
         self.hostname = hostname or socket.getfqdn()
         self.apop = apop
@@ -100,6 +102,19 @@ class POP3Factory(ServerFactory):
         """
         apop = self.apop
         return apop.enabled if isinstance(apop, APOPAdvertiser) else bool(apop)
+
+    def offersCramMD5(self):
+        """
+        Whether SASL CRAM-MD5 is offered now: where APOP is, since it works
+        for the same users, but by default only once the store has said
+        that some user has APOP.  (An APOP timestamp nobody can use costs
+        clients nothing; a SASL mechanism offered in vain makes clients
+        that prefer it, curl among them, fail.)
+        """
+        apop = self.apop
+        if isinstance(apop, APOPAdvertiser):
+            return apop.known and apop.enabled
+        return bool(apop)
 
     def isTrusted(self, address):
         """

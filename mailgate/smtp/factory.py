@@ -18,7 +18,8 @@ class SMTPFactory(ServerFactory):
     @param maxMessageSize: octets of content accepted (advertised as SIZE).
     @param maxRecipients: recipients per transaction.
     @param idleTimeout: seconds of silence before a session is closed.
-    @param reactor: the reactor (or a clock, in tests) for timers.
+    @param reactor: the reactor (or a clock, in tests) for timers; required,
+        as for Twisted's endpoints.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STARTTLS with.
     """
 
@@ -28,15 +29,13 @@ class SMTPFactory(ServerFactory):
     def __init__(
         self,
         delivery,
+        reactor,
         hostname=None,
         maxMessageSize=SMTPServer.maxMessageSize,
         maxRecipients=SMTPServer.maxRecipients,
         idleTimeout=SMTPServer.idleTimeout,
-        reactor=None,
         tls=None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self.delivery = delivery
         self.hostname = hostname or socket.getfqdn()
         self.maxMessageSize = maxMessageSize

@@ -139,7 +139,7 @@ def upgrade(database):
 
     @return: the list of migrations applied.
     """
-    return upgradeConnection(database.engine, database._conn)
+    return upgradeConnection(database.engine, database.connection)
 
 
 def upgradeConnection(engine, conn):

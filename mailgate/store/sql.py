@@ -11,14 +11,14 @@ another style.
 
 import secrets
 import time
-from array import array
 from collections import Counter
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import CredentialsChanged, NoSuchUser, TemporaryFailure, UserExists
+from mailgate.errors import NoSuchUser, TemporaryFailure, UserExists
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.store.database import BatchableWrite
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 
 CHUNK_SIZE = 128 * 1024
@@ -382,7 +382,7 @@ def _deliverMessages(cursor, messages, userIds):
     return outcomes
 
 
-def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
+def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None):
     """
     Store the body once and give each known recipient a maildrop entry.
 
@@ -404,7 +404,7 @@ def _deliver(cursor, addresses, source, now, partial=True, userIds=None):
 
 def _deliverTogether(cursor, calls):
     """
-    Run several L{_deliver} calls as one: the group-commit writer hands
+    Run several L{_deliverOne} calls as one: the group-commit writer hands
     over every delivery waiting for the same commit.  The counters, bodies
     and maildrop entries of all of them take one statement each, so the
     writer pays per batch, not per message, for each trip into the
@@ -427,8 +427,7 @@ def _deliverArguments(addresses, source, now, partial=True, userIds=None):
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
-_deliver.pipelined = True
-_deliver.together = _deliverTogether
+_deliver = BatchableWrite(_deliverOne, _deliverTogether, pipelined=True, name="deliver")
 
 
 def _recordLogin(cursor, userId, now, minimumInterval):
@@ -438,27 +437,6 @@ def _recordLogin(cursor, userId, now, minimumInterval):
         (now, userId, now - minimumInterval),
     )
     return cursor.rowcount == 1
-
-
-def _snapshot(cursor, userId, passwordHash=None):
-    """
-    The uids and sizes of a maildrop's messages; first, when a password
-    hash is given, confirm it is still the user's.
-    """
-    if passwordHash is not None:
-        cursor.execute("SELECT password_hash FROM users WHERE user_id = ?", (userId,))
-        row = cursor.fetchone()
-        if row is None or row[0] != passwordHash:
-            raise CredentialsChanged(userId)
-    cursor.execute(
-        "SELECT uid, size FROM maildrop WHERE user_id = ? ORDER BY uid", (userId,)
-    )
-    uids = array("q")
-    sizes = array("q")
-    for uid, size in cursor.fetchall():
-        uids.append(uid)
-        sizes.append(size)
-    return uids, sizes
 
 
 def _uniqueIds(cursor, userId, low, high):
@@ -601,24 +579,7 @@ class SQLMailStore:
         # The password hash the login was verified against: the snapshot
         # confirms it is still the user's (see PasswordChecker).
         passwordHash = identity.passwordHash
-        acquireAndSnapshot = getattr(self.locks, "acquireAndSnapshot", None)
-        if acquireAndSnapshot is not None:
-            # Lock and snapshot on the lock's own connection, where the locks
-            # offer it.
-            d = acquireAndSnapshot(userId, passwordHash=passwordHash)
-        else:
-            d = self.locks.acquire(userId)
-
-            def snapshot(_):
-                read = self.database.runInteraction(_snapshot, userId, passwordHash)
-
-                def failed(failure):
-                    self.locks.release(userId)
-                    return failure
-
-                return read.addErrback(failed)
-
-            d.addCallback(snapshot)
+        d = self.locks.acquireAndSnapshot(userId, passwordHash)
         return d.addCallback(self._maildropOpened, identity)
 
     def _maildropOpened(self, result, identity):
@@ -631,7 +592,7 @@ class SQLMailStore:
             self.metrics.maildropLocks(self._opened)
 
     def close(self):
-        d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
+        d = defer.maybeDeferred(self.locks.close)
         d.addBoth(lambda _: self.database.close())
         d.addBoth(lambda _: self.engine.releaseServer())
         return d

@@ -13,16 +13,17 @@ import fcntl
 import os
 import sqlite3
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse
-from mailgate.interfaces import IMaildropLocks
-
-from twisted.internet import defer
+from mailgate.interfaces import IEngine, IMaildropLocks
+from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
 
 
+@implementer(IEngine)
 class SQLiteEngine:
     """
     How mailgate talks to SQLite.
@@ -36,10 +37,13 @@ class SQLiteEngine:
         "bigint": "INTEGER",
         "blob": "BLOB",
         "without_rowid": "WITHOUT ROWID",
+        # SQLite formats no binary: the pairs travel as hexadecimal text.
+        "uid_size_pairs": "group_concat(printf('%016x%016x', uid, size), '')",
     }
 
     def __init__(self, path, readers=2):
         self.path = path
+        self.ephemeral = path == ":memory:"
         self._guard = None
         # WAL lets readers work while the single writer commits; an
         # in-memory database lives in one connection, so it has none.
@@ -189,7 +193,7 @@ class SQLiteEngine:
             self._guard = None
 
     def makeLocks(self, database):
-        return InProcessLocks()
+        return InProcessLocks(database)
 
 
 @implementer(IMaildropLocks)
@@ -197,10 +201,15 @@ class InProcessLocks:
     """
     Maildrop locks held in this process's memory: exact and free for a
     single-process deployment, which is what the embedded store is (see
-    L{SQLiteEngine.claimServer}).
+    L{SQLiteEngine.claimServer}).  The snapshot taken with a lock is read
+    through the store's database, on a reader.
+
+    @param database: the store's L{mailgate.interfaces.IDatabase}.
     """
 
-    def __init__(self):
+    def __init__(self, database):
+        self._database = database
+        self._snapshot = snapshotQuery(database.engine)
         self._held = set()
 
     def acquire(self, userId):
@@ -208,6 +217,20 @@ class InProcessLocks:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
         return defer.succeed(userId)
+
+    def acquireAndSnapshot(self, userId, passwordHash):
+        d = self.acquire(userId)
+
+        def snapshot(_):
+            read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash)
+
+            def giveBack(failure):
+                self._held.discard(userId)
+                return failure
+
+            return read.addErrback(giveBack)
+
+        return d.addCallback(snapshot)
 
     def release(self, userId):
         self._held.discard(userId)
