@@ -15,7 +15,6 @@ import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -25,6 +24,7 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
+from mailgate.session.endpoints import serverEndpoint
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, openStore
@@ -218,7 +218,7 @@ class MailgateService(MultiService):
 
 def _endpoint(reactor, description):
     try:
-        return serverFromString(reactor, description)
+        return serverEndpoint(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
 

@@ -469,7 +469,7 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
+            ".git", ".venv", ".pgtest", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
         ),
     )
     wheels = tmp_path / "wheels"
