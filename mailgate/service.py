@@ -15,6 +15,7 @@ import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -24,6 +25,7 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
+from mailgate.session import SessionTracker
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
@@ -59,6 +61,9 @@ class MailgateConfig:
     @ivar trustedNetworks: CIDR networks from which plaintext passwords are
         accepted without TLS.
     @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
+    @ivar shutdownGrace: seconds sessions get to finish when the server
+        stops (a POP3 QUIT in that time applies its deletions; an SMTP or
+        LMTP transaction whose data is arriving is committed).
     """
 
     database = attr.ib(default=DEFAULT_DATABASE)
@@ -78,6 +83,7 @@ class MailgateConfig:
     tlsKey = attr.ib(default=None)
     trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     reloadOnSIGHUP = attr.ib(default=False)
+    shutdownGrace = attr.ib(default=30.0)
 
 
 class ListeningService(StreamServerEndpointService):
@@ -144,17 +150,24 @@ class MailgateService(MultiService):
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
+    @ivar sessions: the L{SessionTracker} every protocol factory registers
+        its sessions with.
+    @ivar shutdownGrace: seconds sessions get to finish when it stops.
     """
 
     exitOnStartupError = False
     daemonized = False
     log = Logger()
 
-    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
+    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False, shutdownGrace=30.0):
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
         self.store = store
         self.tls = tls
         self.listeners = {}
+        self.sessions = SessionTracker(reactor)
+        self.shutdownGrace = shutdownGrace
         self._reactor = reactor
         self._reloadOnSIGHUP = reloadOnSIGHUP and tls is not None
         self._previousHandler = None
@@ -192,10 +205,22 @@ class MailgateService(MultiService):
             self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
 
     def stopService(self):
+        """
+        Stop gracefully: close the listening sockets first (new connections
+        are refused), give the open sessions L{shutdownGrace} seconds to
+        finish (see L{SessionTracker.shutdown}), then stop the rest, the
+        store last.
+        """
         if self._previousHandler is not None:
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
-        return super().stopService()
+        listeners = [l for group in self.listeners.values() for l in group if l.running]
+        stopped = defer.DeferredList(
+            [defer.maybeDeferred(l.stopService) for l in listeners], consumeErrors=True
+        )
+        stopped.addCallback(lambda _: self.sessions.shutdown(self.shutdownGrace))
+        stopped.addCallback(lambda _: MultiService.stopService(self))
+        return stopped
 
     def privilegedStartService(self):
         try:
@@ -223,10 +248,11 @@ def _endpoint(reactor, description):
         raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None):
+def makePOP3Factory(store, config, reactor, tls=None, tracker=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
-    the session policy from C{config}.
+    the session policy from C{config}; its sessions are registered with
+    C{tracker}.
     """
     portal = makePortal(
         store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
@@ -243,10 +269,11 @@ def makePOP3Factory(store, config, reactor, tls=None):
         tls=tls,
         sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
+        tracker=tracker,
     )
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, tracker=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
@@ -258,6 +285,7 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
         maxRecipients=config.maxRecipients,
         reactor=reactor,
         tls=tls,
+        tracker=tracker,
     )
 
 
@@ -302,13 +330,13 @@ def makeService(config, reactor=None, store=None):
     tls = makeTLS(config)
     if store is None:
         store = openStore(config.database, reactor)
-    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
+    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP, config.shutdownGrace)
     StoreService(store).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls)
+            factory = makePOP3Factory(store, config, reactor, tls, root.sessions)
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -320,8 +348,10 @@ def makeService(config, reactor=None, store=None):
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls, tracker=root.sessions),
+        "LMTP": lambda: makeSMTPFactory(
+            store, config, reactor, lmtp=True, tls=tls, tracker=root.sessions
+        ),
     }
     for name, endpoints in listeners.items():
         if endpoints:

@@ -126,6 +126,15 @@ class Options(usage.Options):
             "SIGHUP reloads both files.",
         ],
         ["tls-key", None, None, "PEM file with the private key of --tls-cert."],
+        [
+            "shutdown-grace",
+            None,
+            30.0,
+            "Seconds open sessions get to finish when the server stops (SIGTERM): "
+            "a POP3 QUIT in that time applies its deletions, an SMTP/LMTP message "
+            "being received is committed; new connections are refused at once.",
+            _positive(float),
+        ],
     ]
 
     def __init__(self):
@@ -233,6 +242,7 @@ class Options(usage.Options):
             authFailureDelay=self["auth-failure-delay"],
             idleTimeout=self["idle-timeout"],
             loginDelay=self["login-delay"],
+            shutdownGrace=self["shutdown-grace"],
         )
 
 
