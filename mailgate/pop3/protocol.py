@@ -143,13 +143,13 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
 
     def lineReceived(self, line):
-        if self._inSASL:
+        if self._sasl is not None or self._saslFinishing:
             return self._saslResponse(line)
-        return super().lineReceived(line)
+        return CommandSession.lineReceived(self, line)
 
     def dispatch(self, verb, argument):
         self.factory.metrics.pop3Command(verb if verb in ALL_COMMANDS else "OTHER")
-        handler = self.lookupCommand(verb)
+        handler = getattr(self, "pop3_" + verb, None)
         if handler is None:
             return self.unknownCommand(verb)
         if verb not in self.commandStates[self.state]:

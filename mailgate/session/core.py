@@ -372,7 +372,8 @@ class CommandSession(Protocol):
 
     def lineLimit(self):
         """
-        The longest line accepted now, in octets, line end included.
+        The longest line accepted now, in octets, line end included: at
+        least L{maxCommandLength} (asked only of lines longer than that).
         """
         return self.maxCommandLength
 
@@ -411,9 +412,8 @@ class CommandSession(Protocol):
                     buffer = self._buffer
                     start = self._pos
                     newline = buffer.find(b"\n", start)
-                    limit = self.lineLimit()
                     if newline < 0:
-                        if len(buffer) - start >= limit:
+                        if len(buffer) - start >= self.lineLimit():
                             # Too long whatever follows: drop it as it comes.
                             self._buffer = b""
                             self._pos = 0
@@ -422,11 +422,22 @@ class CommandSession(Protocol):
                                 self._run(self.lineTooLong)
                         break
                     self._pos = newline + 1
-                    if newline + 1 - start > limit:
+                    length = newline + 1 - start
+                    if length > self.maxCommandLength and length > self.lineLimit():
                         self._run(self.lineTooLong)
                         continue
                     end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
-                    self._run(self.lineReceived, buffer[start:end])
+                    # _run, inline: this is the path of every command.
+                    try:
+                        result = self.lineReceived(buffer[start:end])
+                    except CommandError as e:
+                        result = self.syntaxError(str(e))
+                    except Exception:
+                        result = defer.fail()
+                    if result is not None and isinstance(result, defer.Deferred):
+                        self._busy = True
+                        result.addErrback(self._internalError)
+                        result.addBoth(self._commandDone)
                 if out.heldSize > self.maxHeldOutput:
                     # Let the transport see it (and push back) before the
                     # replies to a whole read pile up here.
@@ -447,7 +458,7 @@ class CommandSession(Protocol):
         except Exception:
             # A bug must cost the client one reply, not its session.
             result = defer.fail()
-        if isinstance(result, defer.Deferred):
+        if result is not None and isinstance(result, defer.Deferred):
             self._busy = True
             result.addErrback(self._internalError)
             result.addBoth(self._commandDone)
@@ -489,17 +500,16 @@ class CommandSession(Protocol):
         """
         Run the handler of C{verb} (upper case) with C{argument}.
         """
-        handler = self.lookupCommand(verb)
+        handler = getattr(self, self.commandPrefix + verb, None)
         if handler is None:
             return self.unknownCommand(verb)
         return handler(argument)
 
     def lookupCommand(self, verb):
         """
-        The handler method for C{verb} (upper case), or C{None}.
+        The handler method for C{verb} (upper case), or C{None}.  Only
+        attributes named with L{commandPrefix} can be found this way.
         """
-        if not (verb.isascii() and verb.isalpha()):
-            return None
         return getattr(self, self.commandPrefix + verb, None)
 
     def countBadCommand(self):
