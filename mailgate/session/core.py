@@ -498,19 +498,14 @@ class CommandSession(Protocol):
 
     def dispatch(self, verb, argument):
         """
-        Run the handler of C{verb} (upper case) with C{argument}.
+        Run the handler of C{verb} (upper case) with C{argument}: the
+        method named L{commandPrefix} + C{verb}.  Only attributes with that
+        prefix can be reached this way.
         """
         handler = getattr(self, self.commandPrefix + verb, None)
         if handler is None:
             return self.unknownCommand(verb)
         return handler(argument)
-
-    def lookupCommand(self, verb):
-        """
-        The handler method for C{verb} (upper case), or C{None}.  Only
-        attributes named with L{commandPrefix} can be found this way.
-        """
-        return getattr(self, self.commandPrefix + verb, None)
 
     def countBadCommand(self):
         """

@@ -285,7 +285,7 @@ class SMTPServer(CommandSession):
                 return self._bad(555, "5.5.4", f"unsupported MAIL parameter {keyword}")
         self._envelope = Envelope(
             helo=self._helo,
-            peer=self.transport.getPeer(),
+            peer=self.peer,
             protocol=self._protocolName(),
             sender=sender,
             parameters=parameters,
