@@ -539,6 +539,12 @@ SETTINGS = (
         defaultText="no limit", example=300,
     ),
     Setting(
+        "shutdown-grace", "shutdownGrace", Number(), 30.0,
+        "Seconds open sessions get to finish when the server stops (SIGTERM): "
+        "a POP3 QUIT in that time applies its deletions, an SMTP/LMTP message "
+        "being received is committed; new connections are refused at once.",
+    ),
+    Setting(
         "log-format", "logFormat", Choice(LOG_FORMATS), "text",
         "How twistd's log is written: text (human lines) or json (one JSON "
         "object per line, with time, level, event, session, protocol, peer "

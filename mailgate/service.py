@@ -15,7 +15,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,6 +28,8 @@ from mailgate.errors import ConfigurationError
 from mailgate.metrics import Metrics, metricsSite
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
+from mailgate.session import SessionTracker
+from mailgate.session.endpoints import serverEndpoint
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.tls import ServerTLS
@@ -144,6 +145,9 @@ class MailgateService(MultiService):
     @ivar logObserver: an L{ILogObserver} for the application this service
         joins, or C{None}: twistd logs through an application's observer
         component (see L{mailgate.logs}).
+    @ivar sessions: the L{SessionTracker} every protocol factory registers
+        its sessions with.
+    @ivar shutdownGrace: seconds sessions get to finish when it stops.
     """
 
     exitOnStartupError = False
@@ -151,7 +155,9 @@ class MailgateService(MultiService):
     logObserver = None
     log = Logger()
 
-    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None):
+    def __init__(
+        self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None, shutdownGrace=30.0
+    ):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -160,6 +166,8 @@ class MailgateService(MultiService):
         self.metrics = metrics
         self.listeners = {}
         self.reactor = self._reactor = reactor
+        self.sessions = SessionTracker(reactor)
+        self.shutdownGrace = shutdownGrace
         self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandler = None
         self._hangupActions = []
@@ -288,13 +296,13 @@ class MailgateService(MultiService):
 
     def drainSessions(self):
         """
-        Wait for the sessions still open once the listeners are closed.
-        The session core's shutdown grace plugs in here; until then there
-        is nothing to wait for.
+        Wait for the sessions still open once the listeners are closed:
+        they get L{shutdownGrace} seconds to finish (see
+        L{SessionTracker.shutdown}).
 
         @return: a L{Deferred} that fires when they are done.
         """
-        return defer.succeed(None)
+        return self.sessions.shutdown(self.shutdownGrace)
 
     def stopService(self):
         if self._previousHandler is not None:
@@ -331,15 +339,16 @@ class MailgateService(MultiService):
 def _endpoint(reactor, description):
     try:
         checkEndpoint(description)
-        return serverFromString(reactor, description)
+        return serverEndpoint(reactor, description)
     except Exception as e:
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None, metrics=None):
+def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
-    the session policy from C{config}.
+    the session policy from C{config}; its sessions are registered with
+    C{tracker}.
     """
     portal = makePortal(
         store,
@@ -358,14 +367,15 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None):
         loginDelay=config.loginDelay,
         tls=tls,
         trustedNetworks=config.trustedNetworks,
+        metrics=metrics,
+        tracker=tracker,
     )
-    factory.metrics = metrics
     # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
     factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
     return factory
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None, tracker=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
@@ -377,8 +387,9 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None):
         maxRecipients=config.maxRecipients,
         reactor=reactor,
         tls=tls,
+        metrics=metrics,
+        tracker=tracker,
     )
-    factory.metrics = metrics
     return factory
 
 
@@ -425,13 +436,15 @@ def makeService(config, reactor=None, store=None, metrics=None):
         metrics = Metrics()
     if store is None:
         store = openStore(config.database, reactor, metrics=metrics)
-    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics)
+    root = MailgateService(
+        store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
+    )
     root.setStore(StoreService(store))
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls, metrics=metrics)
+            factory = makePOP3Factory(store, config, reactor, tls, metrics=metrics, tracker=root.sessions)
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -443,8 +456,12 @@ def makeService(config, reactor=None, store=None, metrics=None):
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls, metrics=metrics),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls, metrics=metrics),
+        "SMTP": lambda: makeSMTPFactory(
+            store, config, reactor, tls=tls, metrics=metrics, tracker=root.sessions
+        ),
+        "LMTP": lambda: makeSMTPFactory(
+            store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions
+        ),
         "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
     }
     for name, endpoints in listeners.items():

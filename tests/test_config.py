@@ -65,31 +65,31 @@ def test_addingASettingIsOneDeclaration(tmp_path):
     One more L{Setting} gives a command-line option, a configuration file
     key, a configuration attribute and an entry in the example file.
     """
-    grace = settings.Setting(
-        "shutdown-grace", "shutdownGrace", settings.Number(), 30.0,
-        "Seconds open sessions get to finish when mailgate stops.",
+    warning = settings.Setting(
+        "drain-warning", "drainWarning", settings.Number(), 30.0,
+        "Seconds before the end of the shutdown grace at which sessions are warned.",
     )
-    extended = settings.SETTINGS + (grace,)
+    extended = settings.SETTINGS + (warning,)
     Config = settings.makeConfigClass(extended)
 
     class Extended(tap.Options):
         settings = extended
         configClass = Config
 
-    assert Config().shutdownGrace == 30.0
-    assert "--shutdown-grace=" in Extended().getUsage()
+    assert Config().drainWarning == 30.0
+    assert "--drain-warning=" in Extended().getUsage()
     options = Extended()
-    options.parseOptions(["--shutdown-grace", "5"])
-    assert options.toConfig().shutdownGrace == 5.0
-    path = writeConfig(tmp_path, "shutdown-grace = 12\n")
+    options.parseOptions(["--drain-warning", "5"])
+    assert options.toConfig().drainWarning == 5.0
+    path = writeConfig(tmp_path, "drain-warning = 12\n")
     options = Extended()
     options.parseOptions(["--config", path])
-    assert options.toConfig().shutdownGrace == 12.0
-    assert "#shutdown-grace = 30.0\n" in settings.exampleFile(extended)
+    assert options.toConfig().drainWarning == 12.0
+    assert "#drain-warning = 30.0\n" in settings.exampleFile(extended)
     # The original options know nothing of it.
     with pytest.raises(usage.UsageError):
-        parse("--shutdown-grace", "5")
-    with pytest.raises(SystemExit, match="unknown key 'shutdown-grace'"):
+        parse("--drain-warning", "5")
+    with pytest.raises(SystemExit, match="unknown key 'drain-warning'"):
         parse("--config", path)
 
 

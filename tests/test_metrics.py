@@ -394,7 +394,6 @@ def test_scrapeARunningServer(mailgate_server, mailgate_cli):
     assert scrape(server, "/")[0] == 404
 
 
-@pytest.mark.xfail(strict=True, reason="protocol metric calls arrive with the session core")
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 def test_protocolCountersMove(mailgate_server, mailgate_cli):
     server = startScraped(mailgate_server)

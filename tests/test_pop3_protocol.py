@@ -81,11 +81,21 @@ def test_twistedDefect_capaAdvertisesPipeliningNotPipeline(session):
     assert any(line.startswith("IMPLEMENTATION mailgate-") for line in lines)
 
 
-def test_capaAfterLoginDropsUser(store, alice):
-    s = logged_in(store)
+def test_capaAfterLoginStillAnnouncesTheAuthorizationCapabilities(store, alice):
+    """
+    RFC 2449 section 5: capabilities of the AUTHORIZATION state are
+    announced in both states; USER and AUTH themselves stay refused.
+    """
+    s = POP3Session(store)
+    _, before = multiline(s.command("CAPA"))
+    assert s.login(ALICE, "wonderland").startswith("+OK")
     status, lines = multiline(s.command("CAPA"))
-    assert "USER" not in lines
-    assert "PIPELINING" in lines and "TOP" in lines
+    assert status.startswith("+OK")
+    assert lines == before
+    assert "USER" in lines and "PIPELINING" in lines and "TOP" in lines
+    assert any(line.startswith("SASL ") for line in lines)
+    assert s.command(f"USER {ALICE}") == "-ERR USER is not valid in the TRANSACTION state\r\n"
+    assert s.command("AUTH PLAIN").startswith("-ERR AUTH is not valid in the TRANSACTION state")
 
 
 def test_capaAdvertisesLoginDelayWhenConfigured(store, alice):
@@ -734,7 +744,7 @@ def test_aBugInACommandCostsOneErrorNotTheSession(three, monkeypatch):
     def broken(self, argument):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setitem(POP3Server._handlers["TRANSACTION"], "NOOP", broken)
+    monkeypatch.setattr(POP3Server, "pop3_NOOP", broken)
     reply = three.command("NOOP")
     assert reply == "-ERR [SYS/TEMP] internal server error\r\n"
     assert "secret" not in reply

@@ -1120,7 +1120,7 @@ def test_aBugInACommandCostsOneReplyNotTheSession(users, monkeypatch):
     def broken(self, argument):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setitem(SMTPServer._commands, "NOOP", broken)
+    monkeypatch.setattr(SMTPServer, "smtp_NOOP", broken)
     s = session(users)
     reply = s.command("NOOP")
     assert reply == "451 4.3.0 internal server error; try again later\r\n"
@@ -1129,17 +1129,33 @@ def test_aBugInACommandCostsOneReplyNotTheSession(users, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["smtp", "lmtp"])
-def test_eachDeliveryIsLoggedOnce(users, kind):
+def test_eachDeliveryIsLoggedOnceWithTheIdsTheClientWasTold(users, kind):
+    """
+    One log line per delivered message, naming the id(s) in the 250
+    replies after DATA, so an MTA's log line can be matched to mailgate's.
+    """
     s = session(users) if kind == "smtp" else lmtp(users)
     events = []
     s.protocol.log = Logger(observer=events.append)
     envelope(s, [ALICE, BOB])
-    s.command(stuff(b"Subject: logged\r\n\r\nbody\r\n").decode())
+    replies = lines(s.send(stuff(b"Subject: logged\r\n\r\nbody\r\n")))
     [event] = events
     text = formatEvent(event)
-    assert re.fullmatch(
-        rf"{kind} delivered id=\S+ from=<{re.escape(SENDER)}> to={re.escape(ALICE)},{re.escape(BOB)}"
-        + (r" peer=\S+" if kind == "smtp" else ""),
-        text,
-    ), text
+    told = [reply.split()[-1] for reply in replies]
+    if kind == "smtp":
+        [transactionId] = told
+        expected = (
+            rf"smtp delivered id={transactionId} from=<{re.escape(SENDER)}> "
+            rf"to={re.escape(ALICE)},{re.escape(BOB)} peer=127\.0\.0\.1:40000"
+        )
+    else:
+        expected = (
+            rf"lmtp delivered id=\S+ from=<{re.escape(SENDER)}> "
+            rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={told[0]},{told[1]}"
+        )
+        assert event["uniqueIds"] == {ALICE: told[0], BOB: told[1]}
+    assert re.fullmatch(expected, text), text
     assert event["recipients"] == f"{ALICE},{BOB}" and event["sender"] == SENDER
+    assert event["event"] == f"{kind}.delivered"
+    assert event["protocol"] == kind and event["peer"] == "127.0.0.1:40000"
+    assert event["session"] == s.protocol.sessionId

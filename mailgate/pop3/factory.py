@@ -7,9 +7,8 @@ the per-listener policy every session reads.
 import ipaddress
 import socket
 
-from twisted.internet.protocol import ServerFactory
-
 from mailgate.pop3.protocol import POP3Server
+from mailgate.session import SessionFactory
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
@@ -41,7 +40,7 @@ class APOPAdvertiser:
         return d.addCallbacks(got, lambda failure: None)
 
 
-class POP3Factory(ServerFactory):
+class POP3Factory(SessionFactory):
     """
     @param portal: a L{Portal} whose realm provides
         L{mailgate.interfaces.IMaildrop} avatars (see
@@ -58,10 +57,15 @@ class POP3Factory(ServerFactory):
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
     @param trustedNetworks: networks (L{ipaddress} objects or CIDR text)
         from which plaintext passwords are accepted without TLS.
+    @param policy: the L{mailgate.interfaces.IConnectionPolicy} (connection
+        limits, the authentication penalty, bans); admits everyone if not
+        given.
+    @param metrics: the L{mailgate.metrics.Metrics} to count with.
+    @param tracker: the L{mailgate.session.SessionTracker} of the server,
+        for a graceful shutdown.
     """
 
     protocol = POP3Server
-    noisy = False
 
     def __init__(
         self,
@@ -76,13 +80,16 @@ class POP3Factory(ServerFactory):
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
+        policy=None,
+        metrics=None,
+        tracker=None,
     ):
+        super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.portal = portal
         self.hostname = hostname or socket.getfqdn()
         self.apop = apop
         self.idleTimeout = idleTimeout
         self.authFailureDelay = authFailureDelay
-        self.reactor = reactor
         self.greeting = greeting
         self.loginDelay = loginDelay
         self.tls = tls
