@@ -23,7 +23,10 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.errors import ConfigurationError
+from mailgate.policy import settings as policyDefaults
+from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 from mailgate.pop3 import POP3Factory
+from mailgate.policy.service import PolicyService
 from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.smtp.protocol import SMTPServer
@@ -59,6 +62,17 @@ class MailgateConfig:
     @ivar trustedNetworks: CIDR networks from which plaintext passwords are
         accepted without TLS.
     @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
+    @ivar maxConnections: connections served at once, in all; 0 for no limit.
+    @ivar maxConnectionsPerAddress: connections from one client address
+        (the real one behind a PROXY header); 0 for no limit.
+    @ivar authPenaltyMax: the longest authentication penalty (Dovecot's:
+        2 s after a failure, doubling), in seconds; 0 turns it off.
+    @ivar banAfter: the failed login (within C{banWindow}) that bans the
+        address; 0 for no bans.
+    @ivar banWindow: seconds over which failed logins are counted.
+    @ivar banTime: seconds a ban lasts.
+    @ivar exemptNetworks: CIDR networks never penalised, banned or limited
+        per address (C{["none"]} for none).
     """
 
     database = attr.ib(default=DEFAULT_DATABASE)
@@ -78,6 +92,13 @@ class MailgateConfig:
     tlsKey = attr.ib(default=None)
     trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     reloadOnSIGHUP = attr.ib(default=False)
+    maxConnections = attr.ib(default=policyDefaults.MAX_CONNECTIONS)
+    maxConnectionsPerAddress = attr.ib(default=policyDefaults.MAX_CONNECTIONS_PER_ADDRESS)
+    authPenaltyMax = attr.ib(default=policyDefaults.AUTH_PENALTY_MAX)
+    banAfter = attr.ib(default=policyDefaults.BAN_AFTER)
+    banWindow = attr.ib(default=policyDefaults.BAN_WINDOW)
+    banTime = attr.ib(default=policyDefaults.BAN_TIME)
+    exemptNetworks = attr.ib(factory=lambda: list(DEFAULT_EXEMPT_NETWORKS))
 
 
 class ListeningService(StreamServerEndpointService):
@@ -141,6 +162,8 @@ class MailgateService(MultiService):
 
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
     @ivar listeners: the L{ListeningService}s, by protocol name.
+    @ivar policy: the L{mailgate.interfaces.IConnectionPolicy} every
+        listener's sessions consult.
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
@@ -148,6 +171,7 @@ class MailgateService(MultiService):
 
     exitOnStartupError = False
     daemonized = False
+    policy = None
     log = Logger()
 
     def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
@@ -223,7 +247,37 @@ def _endpoint(reactor, description):
         raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None):
+def makePolicy(store, config, reactor):
+    """
+    The connection policy from C{config}: limits, the authentication
+    penalty and bans, shared through C{store}'s database (in this process's
+    memory for a store without one).
+
+    @raise ConfigurationError: for settings out of range.
+    """
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+    from mailgate.store.policy import SQLPolicyStore
+
+    try:
+        settings = PolicySettings(
+            maxConnections=config.maxConnections,
+            maxConnectionsPerAddress=config.maxConnectionsPerAddress,
+            authPenaltyMax=config.authPenaltyMax,
+            banAfter=config.banAfter,
+            banWindow=config.banWindow,
+            banTime=config.banTime,
+            exemptNetworks=config.exemptNetworks,
+        )
+    except ValueError as e:
+        raise ConfigurationError(f"connection policy: {e}") from None
+    database = getattr(store, "database", None)
+    policyStore = MemoryPolicyStore() if database is None else SQLPolicyStore(database)
+    return ConnectionPolicy(policyStore, reactor, settings)
+
+
+def makePOP3Factory(store, config, reactor, tls=None, policy=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
     the session policy from C{config}.
@@ -243,10 +297,11 @@ def makePOP3Factory(store, config, reactor, tls=None):
         tls=tls,
         sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
+        policy=policy,
     )
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
+def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, policy=None):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
@@ -258,6 +313,7 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
         maxRecipients=config.maxRecipients,
         reactor=reactor,
         tls=tls,
+        policy=policy,
     )
 
 
@@ -304,11 +360,16 @@ def makeService(config, reactor=None, store=None):
         store = openStore(config.database, reactor)
     root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
     StoreService(store).setServiceParent(root)
+    # After the store's service: it stops (its refresh timer with it)
+    # before the store closes.
+    policy = makePolicy(store, config, reactor)
+    root.policy = policy
+    PolicyService(policy, reactor).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls)
+            factory = makePOP3Factory(store, config, reactor, tls, policy=policy)
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -320,8 +381,8 @@ def makeService(config, reactor=None, store=None):
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
+        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls, policy=policy),
+        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls, policy=policy),
     }
     for name, endpoints in listeners.items():
         if endpoints:

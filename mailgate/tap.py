@@ -13,6 +13,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
 from mailgate.errors import ConfigurationError
+from mailgate.policy import settings as policyDefaults
+from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
 from mailgate.service import DEFAULT_POP3, MailgateConfig, makeService as _makeService
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
@@ -126,6 +128,53 @@ class Options(usage.Options):
             "SIGHUP reloads both files.",
         ],
         ["tls-key", None, None, "PEM file with the private key of --tls-cert."],
+        [
+            "max-connections",
+            None,
+            policyDefaults.MAX_CONNECTIONS,
+            "Most connections (POP3, SMTP and LMTP together) served at once; "
+            "more are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.",
+            _positive(int),
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            policyDefaults.MAX_CONNECTIONS_PER_ADDRESS,
+            "Most connections from one client address (the real one behind a "
+            "haproxy: listener), except from --exempt-network.  0 for no limit.",
+            _positive(int),
+        ],
+        [
+            "auth-penalty-max",
+            None,
+            policyDefaults.AUTH_PENALTY_MAX,
+            "After failed logins from an address (or against one name from many "
+            "addresses), its next login waits 2 seconds, doubling per failure, at "
+            "most this many seconds.  0 turns the growing delay off.",
+            _positive(float),
+        ],
+        [
+            "ban-after",
+            None,
+            policyDefaults.BAN_AFTER,
+            "Ban a client address at its Nth failed login within --ban-window "
+            "(counted across every node on the database).  0 for no bans.",
+            _positive(int),
+        ],
+        [
+            "ban-window",
+            None,
+            policyDefaults.BAN_WINDOW,
+            "Seconds over which failed logins are counted.",
+            _positive(int),
+        ],
+        [
+            "ban-time",
+            None,
+            policyDefaults.BAN_TIME,
+            "Seconds a ban lasts (see also: mailgate ban list|add|del).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self):
@@ -136,6 +185,7 @@ class Options(usage.Options):
         self["domain"] = []
         self["pop3s"] = []
         self["trusted-network"] = []
+        self["exempt-network"] = []
 
     def opt_pop3s(self, description):
         """
@@ -156,6 +206,21 @@ class Options(usage.Options):
             self["trusted-network"].append(str(ipaddress.ip_network(cidr, strict=False)))
         except ValueError as e:
             raise usage.UsageError(f"invalid --trusted-network {cidr!r}: {e}")
+
+    def opt_exempt_network(self, cidr):
+        """
+        A network (CIDR) never penalised, banned or limited per address
+        (webmail, monitoring); repeat for several.  Default: 127.0.0.0/8 and
+        ::1/128; giving the option replaces the default, and "none" exempts
+        nothing.
+        """
+        from mailgate.policy.addresses import NO_NETWORKS, parseNetworks
+
+        try:
+            networks = parseNetworks(self["exempt-network"] + [cidr])
+        except ValueError as e:
+            raise usage.UsageError(f"invalid --exempt-network {cidr!r}: {e}")
+        self["exempt-network"] = [str(n) for n in networks] or [NO_NETWORKS]
 
     def opt_pop3(self, description):
         """
@@ -213,6 +278,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-recipients must be at least 1")
         if self["hostname"] is not None and not self["hostname"].strip():
             raise usage.UsageError("--hostname must not be empty")
+        for name in ("ban-window", "ban-time"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
 
     def toConfig(self):
         return MailgateConfig(
@@ -233,6 +301,13 @@ class Options(usage.Options):
             authFailureDelay=self["auth-failure-delay"],
             idleTimeout=self["idle-timeout"],
             loginDelay=self["login-delay"],
+            maxConnections=self["max-connections"],
+            maxConnectionsPerAddress=self["max-connections-per-ip"],
+            authPenaltyMax=self["auth-penalty-max"],
+            banAfter=self["ban-after"],
+            banWindow=self["ban-window"],
+            banTime=self["ban-time"],
+            exemptNetworks=list(self["exempt-network"]) or list(DEFAULT_EXEMPT_NETWORKS),
         )
 
 

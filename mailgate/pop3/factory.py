@@ -9,6 +9,7 @@ import socket
 
 from twisted.internet.protocol import ServerFactory
 
+from mailgate.policy import OpenPolicy
 from mailgate.pop3.protocol import POP3Server
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
@@ -54,6 +55,8 @@ class POP3Factory(ServerFactory):
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
     @param trustedNetworks: networks (L{ipaddress} objects or CIDR text)
         from which plaintext passwords are accepted without TLS.
+    @param policy: the L{mailgate.interfaces.IConnectionPolicy} sessions
+        consult (limits, penalty, bans); L{OpenPolicy} by default.
     """
 
     protocol = POP3Server
@@ -72,6 +75,7 @@ class POP3Factory(ServerFactory):
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
+        policy=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -86,6 +90,7 @@ class POP3Factory(ServerFactory):
         self.tls = tls
         self.sasl = sasl
         self.trustedNetworks = [ipaddress.ip_network(n) for n in trustedNetworks]
+        self.policy = OpenPolicy() if policy is None else policy
 
     def buildProtocol(self, addr):
         protocol = self.protocol()

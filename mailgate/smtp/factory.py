@@ -7,6 +7,7 @@ import socket
 
 from twisted.internet.protocol import ServerFactory
 
+from mailgate.policy import OpenPolicy
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
 
@@ -20,6 +21,8 @@ class SMTPFactory(ServerFactory):
     @param idleTimeout: seconds of silence before a session is closed.
     @param reactor: the reactor (or a clock, in tests) for timers.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STARTTLS with.
+    @param policy: the L{mailgate.interfaces.IConnectionPolicy} sessions
+        consult (limits, penalty, bans); L{OpenPolicy} by default.
     """
 
     protocol = SMTPServer
@@ -34,6 +37,7 @@ class SMTPFactory(ServerFactory):
         idleTimeout=SMTPServer.idleTimeout,
         reactor=None,
         tls=None,
+        policy=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -44,6 +48,7 @@ class SMTPFactory(ServerFactory):
         self.idleTimeout = idleTimeout
         self.reactor = reactor
         self.tls = tls
+        self.policy = OpenPolicy() if policy is None else policy
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
