@@ -630,6 +630,18 @@ def test_refreshRunsOnTheGivenReactor():
     assert clock.getDelayedCalls() == []
 
 
+def test_serviceStoppedBeforeTheReactorRunsNeverRefreshes():
+    store = Counting()
+    clock = MemoryReactorClock()
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    service = PolicyService(policy, clock)
+    service.startService()
+    service.stopService()
+    clock.run()
+    clock.advance(10)
+    assert store.reads == 0
+
+
 def test_slowStoreRefreshesDoNotPileUp():
     class Slow(Counting):
         def changes(self, *args):
