@@ -11,6 +11,9 @@ C{mailgate}: the administrator's command.
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
   mailgate serve [options of twistd mailgate]
+  mailgate ban list
+  mailgate ban add ADDRESS [--for SECONDS]
+  mailgate ban del ADDRESS
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server
@@ -308,6 +311,95 @@ def _serve(argv, database, stdout, stderr):
     return EX_OK
 
 
+# -- bans (the connection policy's, shared through the database) -----------
+
+
+def _banAddress(text):
+    from mailgate.policy.addresses import addressText
+
+    try:
+        return addressText(text)
+    except ValueError:
+        raise CommandError(f"not an IP address: {text!r}", EX_DATAERR)
+
+
+def _utc(at):
+    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _policyStore(store):
+    from mailgate.store.policy import SQLPolicyStore
+
+    return SQLPolicyStore(store.database)
+
+
+def _banList(store, args, out, stdin):
+    import time
+
+    bans = _result(_policyStore(store).listBans(time.time()))
+    out.write(f"{'ADDRESS':<39} {'REASON':<14} {'FAILURES':>8}  EXPIRES\n")
+    for ban in bans:
+        out.write(f"{ban.address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
+
+
+def _banAdd(store, args, out, stdin):
+    import ipaddress
+    import time
+
+    from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
+
+    address = _banAddress(args.address)
+    if args.duration <= 0:
+        raise CommandError("--for takes a positive number of seconds", EX_USAGE)
+    ban = _result(_policyStore(store).addBan(address, time.time(), args.duration))
+    out.write(f"banned {address} until {_utc(ban.expires)}\n")
+    ip = ipaddress.ip_address(address)
+    if any(ip in ipaddress.ip_network(n) for n in DEFAULT_EXEMPT_NETWORKS):
+        out.write(
+            f"note: {address} is in the default --exempt-network; servers exempting it "
+            f"do not enforce this ban\n"
+        )
+
+
+def _banDel(store, args, out, stdin):
+    address = _banAddress(args.address)
+    if not _result(_policyStore(store).removeBan(address)):
+        raise CommandError(f"no ban for {address}")
+    out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
+
+
+def _addBanCommands(commands):
+    """
+    C{mailgate ban list|add|del}: running servers (every node) enforce a
+    change within seconds.
+    """
+    from mailgate.policy.settings import BAN_TIME
+
+    ban = commands.add_parser(
+        "ban",
+        help="list, add and lift bans of client addresses",
+        description="Bans of client addresses, shared by every server on the database: "
+        "a running server enforces a ban added or lifted here within 5 seconds.",
+    ).add_subparsers(dest="action", metavar="ACTION")
+    ban.required = True
+    banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
+    banList.set_defaults(run=_banList, migrate=True)
+    banAdd = ban.add_parser("add", help="ban an address (replacing a ban it has)")
+    banAdd.add_argument("address", metavar="ADDRESS")
+    banAdd.add_argument(
+        "--for",
+        dest="duration",
+        type=int,
+        default=BAN_TIME,
+        metavar="SECONDS",
+        help=f"how long the ban lasts (default: {BAN_TIME})",
+    )
+    banAdd.set_defaults(run=_banAdd, migrate=True)
+    banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
+    banDel.add_argument("address", metavar="ADDRESS")
+    banDel.set_defaults(run=_banDel, migrate=True)
+
+
 def buildParser():
     parser = argparse.ArgumentParser(
         prog="mailgate",
@@ -398,6 +490,7 @@ def buildParser():
         help="run the server in the foreground, with the options of twistd mailgate "
         "(mailgate serve --help lists them)",
     ).set_defaults(run=None)
+    _addBanCommands(commands)
     return parser
 
 

@@ -38,6 +38,8 @@ import attr
 from twisted.internet.endpoints import serverFromString
 
 from mailgate.errors import ConfigurationError, InvalidAddress
+from mailgate.policy import settings as _policy
+from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
@@ -238,6 +240,17 @@ class Network(Kind):
             return str(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError as e:
             raise ValueError(f"not a network: {e}") from None
+
+
+class ExemptNetwork(Network):
+    """
+    A network in CIDR notation, or C{none} (given alone: no network).
+    """
+
+    def check(self, value):
+        if value.strip().lower() == NO_NETWORKS:
+            return NO_NETWORKS
+        return Network.check(self, value)
 
 
 class Domain(Kind):
@@ -539,6 +552,42 @@ SETTINGS = (
         defaultText="no limit", example=300,
     ),
     Setting(
+        "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
+        "Most connections (POP3, SMTP and LMTP together) served at once; more "
+        "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.",
+    ),
+    Setting(
+        "max-connections-per-ip", "maxConnectionsPerAddress", Integer(),
+        _policy.MAX_CONNECTIONS_PER_ADDRESS,
+        "Most connections from one client address (the real one behind a "
+        "haproxy: listener), except from exempt-network.  0 for no limit.",
+    ),
+    Setting(
+        "auth-penalty-max", "authPenaltyMax", Number(), _policy.AUTH_PENALTY_MAX,
+        "After failed logins from an address (or against one name from many "
+        "addresses), its next login waits 2 seconds, doubling per failure, at "
+        "most this many seconds.  0 turns the growing delay off.",
+    ),
+    Setting(
+        "ban-after", "banAfter", Integer(), _policy.BAN_AFTER,
+        "Ban a client address at its Nth failed login within ban-window "
+        "(counted across every node on the database).  0 for no bans.",
+    ),
+    Setting(
+        "ban-window", "banWindow", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_WINDOW,
+        "Seconds over which failed logins are counted.",
+    ),
+    Setting(
+        "ban-time", "banTime", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_TIME,
+        "Seconds a ban lasts (see also: mailgate ban list|add|del).",
+    ),
+    Setting(
+        "exempt-network", "exemptNetworks", ExemptNetwork(), tuple(DEFAULT_EXEMPT_NETWORKS),
+        "A network (CIDR) never penalised, banned or limited per address "
+        "(webmail, monitoring); none exempts nothing.",
+        repeated=True,
+    ),
+    Setting(
         "shutdown-grace", "shutdownGrace", Number(), 30.0,
         "Seconds open sessions get to finish when the server stops (SIGTERM): "
         "a POP3 QUIT in that time applies its deletions, an SMTP/LMTP message "
@@ -611,6 +660,10 @@ def checkConfig(config):
         raise ConfigurationError("TLS needs both a certificate and a key")
     if config.pop3s and config.tlsCertificate is None:
         raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
+    if NO_NETWORKS in config.exemptNetworks and len(config.exemptNetworks) > 1:
+        raise ConfigurationError(
+            f"exempt-network: {NO_NETWORKS!r} exempts nothing: it cannot be combined with networks"
+        )
     return config
 
 

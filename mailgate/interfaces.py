@@ -499,3 +499,77 @@ class IConnectionPolicy(Interface):
         """
         Record a successful authentication.
         """
+
+
+class IPolicyStore(Interface):
+    """
+    Where the connection policy keeps what every node sharing a database
+    must see: failed authentications and bans (see L{mailgate.policy}).
+
+    The policy never waits for these calls: it records failures in the
+    background and refreshes its in-memory view with L{changes} on a timer,
+    so every method may take a database trip.  Times are seconds since the
+    epoch from the caller's clock (nodes are expected to keep their clocks
+    in sync, as NTP does).  Addresses are normalised text
+    (L{mailgate.policy.addresses.addressText}); the records are those of
+    L{mailgate.store.records}.
+    """
+
+    def recordFailure(failure, banAfter, banWindow, banTime, ban=False):
+        """
+        Record one failed authentication and, if it is the C{banAfter}th
+        from its address within C{banWindow} seconds (counting every node's
+        failures), ban the address for C{banTime} seconds.  Failures from an
+        address already banned are not recorded (they cannot add anything).
+
+        @param failure: an L{AuthFailure}.
+        @param banAfter: failures that make a ban; 0 for no bans.
+        @param ban: ban the address whatever the count (the caller's own
+            view already reached the threshold).
+        @return: a L{Deferred} L{FailureOutcome}.
+        """
+
+    def addBan(address, at, duration, reason="admin"):
+        """
+        Ban an address from C{at} for C{duration} seconds, replacing a ban
+        it may have.
+
+        @return: a L{Deferred} of the new L{BanRecord}.
+        """
+
+    def removeBan(address):
+        """
+        Lift an address's ban, and forget its failures so that it starts
+        afresh.
+
+        @return: a L{Deferred} L{bool}: whether there was a ban in force or
+            expired but not yet swept away.
+        """
+
+    def listBans(at):
+        """
+        The bans in force at C{at}: a L{Deferred} list of L{BanRecord}s,
+        ordered by address.
+        """
+
+    def changes(version, failuresSince, at):
+        """
+        What a node needs to refresh its view, in one cheap read: the ban
+        version, the bans in force at C{at} if the version differs from
+        C{version}, and the failures recorded at or after C{failuresSince}.
+
+        Every change to the set of bans (made, replaced, lifted) raises the
+        version, so an unchanged version means unchanged bans (expired ones
+        aside, which the node sees from their times).
+
+        @param version: the version the node has, or C{None} for none yet.
+        @return: a L{Deferred} L{PolicyChanges}.
+        """
+
+    def expire(at, failuresBefore):
+        """
+        Remove the failures recorded before C{failuresBefore} and the bans
+        ended by C{at}, so that the tables stay bounded under attack.
+
+        @return: a L{Deferred} of the number of rows removed.
+        """

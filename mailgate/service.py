@@ -26,6 +26,7 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
 from mailgate.metrics import Metrics, metricsSite
+from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.session import SessionTracker
@@ -147,11 +148,14 @@ class MailgateService(MultiService):
         component (see L{mailgate.logs}).
     @ivar sessions: the L{SessionTracker} every protocol factory registers
         its sessions with.
+    @ivar policy: the L{mailgate.interfaces.IConnectionPolicy} every
+        listener's sessions consult.
     @ivar shutdownGrace: seconds sessions get to finish when it stops.
     """
 
     exitOnStartupError = False
     daemonized = False
+    policy = None
     logObserver = None
     log = Logger()
 
@@ -344,7 +348,37 @@ def _endpoint(reactor, description):
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None):
+def makePolicy(store, config, reactor, metrics=None):
+    """
+    The connection policy from C{config}: limits, the authentication
+    penalty and bans, shared through C{store}'s database (in this process's
+    memory for a store without one).
+
+    @raise ConfigurationError: for settings out of range.
+    """
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+    from mailgate.store.policy import SQLPolicyStore
+
+    try:
+        settings = PolicySettings(
+            maxConnections=config.maxConnections,
+            maxConnectionsPerAddress=config.maxConnectionsPerAddress,
+            authPenaltyMax=config.authPenaltyMax,
+            banAfter=config.banAfter,
+            banWindow=config.banWindow,
+            banTime=config.banTime,
+            exemptNetworks=config.exemptNetworks,
+        )
+    except ValueError as e:
+        raise ConfigurationError(f"connection policy: {e}") from None
+    database = getattr(store, "database", None)
+    policyStore = MemoryPolicyStore() if database is None else SQLPolicyStore(database)
+    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics)
+
+
+def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None, policy=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
     the session policy from C{config}; its sessions are registered with
@@ -369,13 +403,16 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None
         trustedNetworks=config.trustedNetworks,
         metrics=metrics,
         tracker=tracker,
+        policy=policy,
     )
     # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
     factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
     return factory
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None, tracker=None):
+def makeSMTPFactory(
+    store, config, reactor, lmtp=False, tls=None, metrics=None, tracker=None, policy=None
+):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
@@ -389,6 +426,7 @@ def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None, metrics=None, 
         tls=tls,
         metrics=metrics,
         tracker=tracker,
+        policy=policy,
     )
     return factory
 
@@ -440,11 +478,15 @@ def makeService(config, reactor=None, store=None, metrics=None):
         store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
     )
     root.setStore(StoreService(store))
+    policy = root.policy = makePolicy(store, config, reactor, metrics)
+    PolicyService(policy, reactor).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls, metrics=metrics, tracker=root.sessions)
+            factory = makePOP3Factory(
+                store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy
+            )
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
@@ -457,10 +499,10 @@ def makeService(config, reactor=None, store=None, metrics=None):
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
         "SMTP": lambda: makeSMTPFactory(
-            store, config, reactor, tls=tls, metrics=metrics, tracker=root.sessions
+            store, config, reactor, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),
         "LMTP": lambda: makeSMTPFactory(
-            store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions
+            store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),
         "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
     }

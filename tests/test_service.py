@@ -63,7 +63,9 @@ def test_stopOrder(tmp_path):
     assert not stopped.called
     assert root.listeners["METRICS"][0].running
     drained.callback(None)
-    assert events[4:] == ["METRICS", "store"]
+    # Timers and the metrics endpoint go next (in reverse order of
+    # addition), the store last.
+    assert events[4:] == ["METRICS", "PolicyService", "store"]
     assert resultOf(stopped) is None
 
 

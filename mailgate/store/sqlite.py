@@ -5,6 +5,11 @@ The embedded SQLite engine: zero set-up, one file, one writer.
 Durability: WAL journal with C{synchronous=FULL}, so a transaction that has
 committed (a delivery acknowledged with 250, a POP3 deletion acknowledged
 with +OK) survives a power cut, not only a process crash.
+
+Privacy: the database holds every message and the password hashes, so its
+file is created readable and writable by its owner only (0600), whatever
+the umask; SQLite gives the -wal and -shm files it makes beside it the
+database file's mode, and the server's lock file is made the same way.
 """
 
 import contextlib
@@ -21,6 +26,26 @@ from mailgate.interfaces import IEngine, IMaildropLocks
 from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
+FILE_MODE = 0o600
+
+
+def createPrivately(path):
+    """
+    Create C{path} (empty) readable and writable by its owner only, unless
+    it exists.  The mode is set explicitly, so neither a permissive umask
+    nor SQLite's default (0644) applies.  Where it cannot be created,
+    SQLite's own attempt reports why.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 @implementer(IEngine)
@@ -62,6 +87,7 @@ class SQLiteEngine:
     def connect(self):
         args, kwargs = self._connectArguments()
         try:
+            createPrivately(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
         except sqlite3.Error as e:
@@ -169,7 +195,7 @@ class SQLiteEngine:
             return
         lockPath = self.path + ".lock"
         try:
-            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
         try:
@@ -183,6 +209,11 @@ class SQLiteEngine:
                     f"PostgreSQL for several nodes)"
                 ) from None
             raise
+        try:
+            # Whatever the umask was when it was made.
+            os.fchmod(fd, FILE_MODE)
+        except OSError:
+            pass
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._guard = fd
