@@ -1,5 +1,5 @@
-# mailgate: `make run` serves POP3 on embedded SQLite; `make test` runs the
-# whole suite.  Both set up everything they need in .venv first.
+# mailgate: `make run` serves POP3 and SMTP on embedded SQLite; `make test`
+# runs the whole suite.  Both set up everything they need in .venv first.
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ $(BIN)/python:
 # Third-party dependencies, installed once (again when setup.cfg changes).
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=21.1' 'attrs>=22' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
+		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
 		'setuptools>=68' wheel
 	touch $@
 
@@ -29,10 +29,18 @@ install: venv
 	rm -rf build
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
+# The whole gateway on loopback: mail in by SMTP on 2525, out by POP3 on
+# 1110.  The lines printed are the README's quick start (tests/test_quickstart.py
+# runs them).
 run: install
-	@echo "mailgate: POP3 on 127.0.0.1:1110, database ./mailgate.sqlite3"
-	@echo "mailgate: add a user with: $(BIN)/mailgate user add you@example.org"
-	$(BIN)/twistd --pidfile= -n mailgate
+	@echo "mailgate: POP3 on 127.0.0.1:1110, SMTP on 127.0.0.1:2525, database ./mailgate.sqlite3"
+	@echo "mailgate: add a user with:"
+	@printf '%s\n' "  $(BIN)/mailgate user add you@example.org"
+	@echo "mailgate: send it a message by SMTP with:"
+	@printf '%s\n' "  printf 'Subject: hello\r\n\r\nfirst message\r\n' | curl -sS smtp://127.0.0.1:2525 --mail-from me@example.net --mail-rcpt you@example.org -T -"
+	@echo "mailgate: read it by POP3 with:"
+	@printf '%s\n' "  curl -u you@example.org pop3://127.0.0.1:1110/1"
+	$(BIN)/twistd --pidfile= -n mailgate --smtp tcp:2525:interface=127.0.0.1
 
 # PostgreSQL for the suite: tests/pgserver.py starts the machine's cluster
 # (or a private one) and exports MAILGATE_TEST_POSTGRES; it fails loudly if

@@ -27,7 +27,6 @@ import asyncio
 import os
 import re
 import secrets
-import socket
 import sys
 import time
 from collections import Counter

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_address -*-
+# -*- test-case-name: tests.test_auth -*-
 """
 Mailbox addresses: the one place that decides what a user name looks like.
 

@@ -20,10 +20,15 @@ C{mailgate}: the administrator's command.
   mailgate kick ADDRESS [--wait SECONDS]
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
+  mailgate serve [options of twistd mailgate]
+  mailgate ban list
+  mailgate ban add ADDRESS [--for SECONDS]
+  mailgate ban del ADDRESS
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server
-is up.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
+is up.  C{mailgate serve} is the exception: it runs the server itself, in
+the foreground, as C{twistd -n mailgate} would.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
 understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
 """
 
@@ -548,10 +553,155 @@ def _dbCopy(store, args, out, stdin):
 
 
 def _dbVersion(store, args, out, stdin):
-    from mailgate.store.database import runTransaction
-
-    version = runTransaction(store.engine, store.database._conn, currentVersion, (), {}, False)
+    version = store.database.run(currentVersion)
     out.write(f"schema version {version} (this mailgate: {LATEST})\n")
+
+
+SERVE_DESCRIPTION = "POP3 / SMTP / LMTP mail gateway over SQLite or PostgreSQL"
+
+
+def _serveOptions():
+    """
+    The options of C{twistd mailgate}, introduced as C{mailgate serve}'s.
+    """
+    from mailgate.tap import Options
+
+    class ServeOptions(Options):
+        synopsis = "Usage: mailgate serve [options]"
+
+    return ServeOptions()
+
+
+def _serve(argv, database, stdout, stderr):
+    """
+    Run the server in the foreground with C{twistd mailgate}'s options, as
+    C{twistd -n --pidfile= mailgate} does, logging to standard output.
+
+    It needs no twistd plugin: the service maker is given to twistd's
+    runner here, so this works where Twisted's plugin scan cannot find
+    C{twisted/plugins/mailgate_plugin.py} (an editable install).
+
+    @param database: the C{--database} given to C{mailgate} itself, if
+        any; C{serve}'s own C{--database} wins.
+    @return: the exit status once the server has stopped.
+    """
+    from twisted.python import usage
+
+    if database is not None:
+        argv = ["--database", database, *argv]
+    options = _serveOptions()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            options.parseOptions(argv)
+    except usage.UsageError as e:
+        stderr.write(f"mailgate serve: {e}\n{options.getSynopsis()}\n(see mailgate serve --help)\n")
+        return EX_USAGE
+    except SystemExit as e:
+        # --help, --version
+        return EX_OK if not e.code else EX_USAGE
+
+    from twisted.application.service import ServiceMaker
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    maker = ServiceMaker("mailgate", "mailgate.tap", SERVE_DESCRIPTION, "mailgate")
+
+    class ServeServerOptions(ServerOptions):
+        def _getPlugins(self, interface):
+            return [maker]
+
+    config = ServeServerOptions()
+    config.parseOptions(["--nodaemon", "--pidfile=", "mailgate", *argv])
+    runApp(config)
+    return EX_OK
+
+
+# -- bans (the connection policy's, shared through the database) -----------
+
+
+def _banAddress(text):
+    from mailgate.policy.addresses import addressText
+
+    try:
+        return addressText(text)
+    except ValueError:
+        raise CommandError(f"not an IP address: {text!r}", EX_DATAERR)
+
+
+def _utc(at):
+    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _policyStore(store):
+    from mailgate.store.policy import SQLPolicyStore
+
+    return SQLPolicyStore(store.database)
+
+
+def _banList(store, args, out, stdin):
+    import time
+
+    bans = _result(_policyStore(store).listBans(time.time()))
+    out.write(f"{'ADDRESS':<39} {'REASON':<14} {'FAILURES':>8}  EXPIRES\n")
+    for ban in bans:
+        out.write(f"{ban.address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
+
+
+def _banAdd(store, args, out, stdin):
+    import ipaddress
+    import time
+
+    from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
+
+    address = _banAddress(args.address)
+    if args.duration <= 0:
+        raise CommandError("--for takes a positive number of seconds", EX_USAGE)
+    ban = _result(_policyStore(store).addBan(address, time.time(), args.duration))
+    out.write(f"banned {address} until {_utc(ban.expires)}\n")
+    ip = ipaddress.ip_address(address)
+    if any(ip in ipaddress.ip_network(n) for n in DEFAULT_EXEMPT_NETWORKS):
+        out.write(
+            f"note: {address} is in the default --exempt-network; servers exempting it "
+            f"do not enforce this ban\n"
+        )
+
+
+def _banDel(store, args, out, stdin):
+    address = _banAddress(args.address)
+    if not _result(_policyStore(store).removeBan(address)):
+        raise CommandError(f"no ban for {address}")
+    out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
+
+
+def _addBanCommands(commands):
+    """
+    C{mailgate ban list|add|del}: running servers (every node) enforce a
+    change within seconds.
+    """
+    from mailgate.policy.settings import BAN_TIME
+
+    ban = commands.add_parser(
+        "ban",
+        help="list, add and lift bans of client addresses",
+        description="Bans of client addresses, shared by every server on the database: "
+        "a running server enforces a ban added or lifted here within 5 seconds.",
+    ).add_subparsers(dest="action", metavar="ACTION")
+    ban.required = True
+    banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
+    banList.set_defaults(run=_banList, migrate=True)
+    banAdd = ban.add_parser("add", help="ban an address (replacing a ban it has)")
+    banAdd.add_argument("address", metavar="ADDRESS")
+    banAdd.add_argument(
+        "--for",
+        dest="duration",
+        type=int,
+        default=BAN_TIME,
+        metavar="SECONDS",
+        help=f"how long the ban lasts (default: {BAN_TIME})",
+    )
+    banAdd.set_defaults(run=_banAdd, migrate=True)
+    banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
+    banDel.add_argument("address", metavar="ADDRESS")
+    banDel.set_defaults(run=_banDel, migrate=True)
 
 
 def buildParser():
@@ -757,6 +907,16 @@ def buildParser():
     dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
     dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
     dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+
+    # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
+    # they are (see run).
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="run the server in the foreground, with the options of twistd mailgate "
+        "(mailgate serve --help lists them)",
+    ).set_defaults(run=None)
+    _addBanCommands(commands)
     return parser
 
 
@@ -773,9 +933,13 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         # argparse writes help and usage errors to sys.stdout/sys.stderr;
         # send them to the streams this run was given.
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(argv)
+            args, rest = parser.parse_known_args(argv)
+            if args.command != "serve":
+                args = parser.parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
+    if args.command == "serve":
+        return _serve(rest, args.database, stdout, stderr)
     url = args.database or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
     delivering = args.run is _deliver
     store = None

@@ -87,11 +87,31 @@ class IMaildrop(Interface):
             the body then reports the header's size as its size.
         """
 
-    def expunge(indexes):
+    expireDays = Attribute(
+        "The owner's retention in days (RFC 2449 EXPIRE, as CAPA shows it "
+        "after login), or C{None} for never."
+    )
+
+    def sessionStarted(peer, end):
+        """
+        The POP3 session working on this maildrop has begun (called once,
+        at login; synchronous).
+
+        @param peer: the client's address, C{"host:port"}: shown by
+            C{mailgate who}, and recorded with what the session deletes.
+        @param end: a callable that ends the session without applying its
+            deletions (C{mailgate kick}), or C{None}.
+        """
+
+    def expunge(indexes, peer=None):
         """
         Remove the given messages, all in one transaction (the RFC 1939
         UPDATE state).  The L{Deferred} fires once the removal is durable; if
         it fails, nothing was removed.
+
+        @param peer: the client's address, C{"host:port"}, recorded with
+            the messages where the store keeps deleted mail for recovery
+            (by default the one given to L{sessionStarted}).
         """
 
     def release():
@@ -117,6 +137,25 @@ class IMaildropLocks(Interface):
         fails with L{MaildropInUse}.
         """
 
+    def acquireAndSnapshot(userId, passwordHash, address=None):
+        """
+        Lock a maildrop and, with the lock held, read the snapshot a POP3
+        session works on (see L{mailgate.store.snapshot}), in as few trips
+        to the database as the implementation can manage: on PostgreSQL
+        both run on the lock's own connection.
+
+        @param passwordHash: the password hash the login was verified
+            against, or C{None}; if given and no longer the user's stored
+            hash (or the user is gone), the lock is given back and this
+            fails with L{mailgate.errors.CredentialsChanged}.
+        @param address: the address the login was made under, or C{None};
+            with C{passwordHash}, if the user no longer has that address
+            (renamed), this fails the same way.
+        @return: a L{Deferred} of C{(uids, sizes)}: the maildrop's message
+            uids in order and their sizes, two C{array("q")}; fails with
+            L{MaildropInUse} if another session holds the lock.
+        """
+
     def release(userId):
         """
         Unlock a maildrop this process holds.  Unlocking one that is not held
@@ -130,6 +169,12 @@ class IMaildropLocks(Interface):
         Whether this process still holds the lock: a L{Deferred} L{bool}.
         Checked before a session's deletions are applied, in case the lock
         was lost (a broken connection to a shared database).
+        """
+
+    def close():
+        """
+        Forget every lock this process holds and give back what holds them
+        (connections, threads): a L{Deferred} that fires when done.
         """
 
 
@@ -232,6 +277,326 @@ class IMailStore(Interface):
         """
 
 
+class ILifecycleStore(Interface):
+    """
+    A maildrop's life besides delivery and POP3 (see
+    L{mailgate.store.lifecycle}): storage quotas, retention (RFC 2449
+    EXPIRE), deleted mail kept for recovery, moving mail in from another
+    server, renaming, expunging, and the registry of POP3 sessions every
+    node shares (C{mailgate who}, C{mailgate kick}).  The SQL store
+    provides it beside L{IMailStore}; the admin commands, the importers,
+    SMTP/LMTP intake (quotas at RCPT) and the service's background tasks
+    use it.
+
+    Limits a user sets are a number, L{mailgate.store.lifecycle.UNLIMITED}
+    (-1: none, or NEVER) or L{mailgate.store.lifecycle.DEFAULT} (C{None}:
+    the server's).
+    """
+
+    limits = Attribute(
+        "The server's defaults, a L{mailgate.store.lifecycle.StoreLimits} "
+        "(quota, retention, days deleted mail is kept); the service sets them "
+        "from its configuration."
+    )
+    retention = Attribute(
+        "The L{mailgate.store.lifecycle.Retention}: what POP3 advertises as "
+        "EXPIRE, answered from memory and refreshed by L{Retention.refresh}."
+    )
+    sessions = Attribute(
+        "This node's L{mailgate.store.registry.SessionRegistry}: the POP3 "
+        "sessions it serves, written out with its heartbeat."
+    )
+
+    def setQuota(address, octets, messages):
+        """
+        Set a user's own quota in octets and in messages (an argument not
+        given is left as it is).  Mail already stored stays.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def setExpire(address, days):
+        """
+        Set a user's own retention in days.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def quotaOf(address):
+        """
+        A user's storage use and the limits that apply to it now: a
+        L{Deferred} L{mailgate.store.records.QuotaStatus}, or C{None} if
+        there is no such user.
+        """
+
+    def expireMessages(users=100, messagesPerTransaction=500):
+        """
+        One pass of the retention task: remove messages older than their
+        user's retention, under each maildrop's POP3 lock taken without
+        waiting (busy maildrops are skipped).
+
+        @return: a L{Deferred} of C{(messages removed, maildrops skipped)}.
+        """
+
+    def purgeDeleted(limit=500):
+        """
+        Remove kept deleted mail past its time, at most C{limit} messages:
+        a L{Deferred} of how many.
+        """
+
+    def listDeleted(address):
+        """
+        A user's kept deleted messages: a L{Deferred} list of
+        L{mailgate.store.records.DeletedMessage}.
+        """
+
+    def restoreDeleted(address, uidls=None, since=None, asNew=False):
+        """
+        Bring kept deleted messages back (all, or those with the unique ids
+        C{uidls}; deleted at or after C{since}), under their own unique ids
+        or, with C{asNew}, new ones.
+
+        @return: a L{Deferred} of C{(restored, missing)}.
+        """
+
+    def listSessions(address=None):
+        """
+        The POP3 sessions in progress on every live node: a L{Deferred}
+        list of L{mailgate.store.records.SessionInfo}.
+        """
+
+    def kickSessions(address):
+        """
+        Ask the nodes serving C{address}'s POP3 sessions to end them
+        without applying their deletions: a L{Deferred} of how many.
+        """
+
+    def importMessages(address, items):
+        """
+        Add messages from another server keeping their unique ids, in one
+        transaction; ids already present are skipped.
+
+        @param items: C{(uidl, source, arrived)} per message.
+        @return: a L{Deferred} of C{(imported, skipped)} unique ids.
+        """
+
+    def existingUidls(address, uidls):
+        """
+        Which of C{uidls} a user's maildrop holds (or keeps deleted): a
+        L{Deferred} set.
+        """
+
+    def renameUser(old, new):
+        """
+        Give a user a new address, keeping the maildrop; refused while the
+        user is in a POP3 session.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser},
+            L{mailgate.errors.UserExists} or L{MaildropInUse}.
+        """
+
+    def expungeMessages(address, olderThanDays=None):
+        """
+        Remove a user's messages for good (all, or those older than
+        C{olderThanDays}); refused while the user is in a POP3 session.
+
+        @return: a L{Deferred} of how many were removed.
+        """
+
+
+class IEngine(Interface):
+    """
+    A database dialect: how mailgate connects to one kind of database,
+    runs transactions on it and reads its errors.  L{mailgate.store.sqlite.
+    SQLiteEngine} and L{mailgate.store.postgres.PostgresEngine} provide it;
+    L{mailgate.store.database} and L{mailgate.store.schema} use nothing
+    else of them.
+
+    An interface rather than a base class (the way Synapse's
+    C{BaseDatabaseEngine} is one): the two engines share no code, every
+    member is a dialect decision, so a base class would hold only abstract
+    methods; as an interface the contract sits with the others, and
+    C{verifyObject} checks each engine against it.  What only one engine
+    has (SQLite's C{path}, PostgreSQL's lock connections and lock
+    namespace) stays its own.
+
+    Methods taking a connection or cursor run on a worker thread.
+    """
+
+    name = Attribute("A short name for the dialect (C{sqlite}, C{postgres}): thread names, logs.")
+    readers = Attribute(
+        "How many reader connections (and threads) a L{mailgate.store.database."
+        "Database} opens; 0 runs reads on the writer's connection."
+    )
+    types = Attribute(
+        "The dialect's SQL fragments by placeholder name, filled into the SQL "
+        "that is written once for both engines (the schema's column types, "
+        "the snapshot's packing of uids and sizes)."
+    )
+    ephemeral = Attribute(
+        "Whether each connection is a database of its own that ends with it "
+        "(SQLite's C{:memory:}): its schema is made as it connects, not upgraded "
+        "ahead."
+    )
+
+    def connect():
+        """
+        A new DB-API connection, set up by L{onConnect}.
+
+        @raise mailgate.errors.TemporaryFailure: the server cannot be reached
+            now (it may come back).
+        @raise mailgate.errors.ConfigurationError: the database cannot be
+            used as configured.
+        """
+
+    def onConnect(conn):
+        """
+        Per-connection settings (timeouts, durability, keepalives).
+        """
+
+    def begin(conn, write):
+        """
+        Start a transaction on C{conn}, a read or a write one, and return the
+        cursor to run it with.  Cursors take C{?} placeholders.
+        """
+
+    def commit(conn):
+        """
+        Commit the transaction L{begin} started.
+        """
+
+    def rollback(conn):
+        """
+        Roll the transaction back; harmless when none is open.
+        """
+
+    def pipeline(conn):
+        """
+        A context manager inside which statements whose answers are not
+        needed yet may be sent without waiting for them (PostgreSQL's
+        pipeline mode; nothing for an in-process database).
+        """
+
+    def lockSchema(cursor):
+        """
+        Serialise schema upgrades started at the same time (several nodes).
+        """
+
+    def resetIdentity(cursor, table, column):
+        """
+        After rows were inserted with explicit ids, make C{table}'s generated
+        C{column} continue after the largest.
+        """
+
+    def isTransient(exc):
+        """
+        Whether the driver error C{exc} may heal (server down, lock timeout,
+        disk full): reported as L{mailgate.errors.TemporaryFailure}.
+        """
+
+    def isRetryable(exc):
+        """
+        Whether C{exc} failed a transaction before it changed anything and
+        it may simply be run again (a deadlock, a serialisation failure).
+        """
+
+    def isDisconnect(exc):
+        """
+        Whether C{exc} means the connection itself is lost (rather than one
+        statement failed).
+        """
+
+    def isBroken(conn):
+        """
+        Whether C{conn} can no longer be used and must be replaced.
+        """
+
+    def isUniqueViolation(exc):
+        """
+        Whether C{exc} is a unique constraint violation.
+        """
+
+    def claimServer():
+        """
+        Claim the database for this server process where the engine allows
+        one server per database (embedded SQLite); raise
+        L{mailgate.errors.ConfigurationError} if another has it.
+        """
+
+    def releaseServer():
+        """
+        Give back what L{claimServer} took.
+        """
+
+    def makeLocks(database):
+        """
+        The L{IMaildropLocks} for a store on C{database} (an L{IDatabase}):
+        driven by the database's C{reactor}, or inline when it has none.
+        """
+
+
+class IDatabase(Interface):
+    """
+    SQL interactions run for the store: a function of a cursor, run in one
+    transaction.  L{mailgate.store.database.Database} runs them on worker
+    threads; L{mailgate.store.database.SynchronousDatabase} inline.
+    """
+
+    engine = Attribute("The L{IEngine}.")
+    reactor = Attribute(
+        "The reactor results are delivered on, or C{None} when interactions "
+        "run inline and every L{Deferred} has fired on return."
+    )
+
+    def runInteraction(function, *args, **kwargs):
+        """
+        Run C{function(cursor, *args, **kwargs)} as one read transaction: a
+        L{Deferred} of its result.
+        """
+
+    def runWrite(function, *args, **kwargs):
+        """
+        Run a write transaction; the L{Deferred} fires once it is durably
+        committed.  C{function} is a function of a cursor, or an
+        L{IBatchableWrite}, which the database may run together with other
+        calls of it and in a pipeline.
+        """
+
+    def close():
+        """
+        Close the connections: a L{Deferred} that fires when done.
+        """
+
+
+class IBatchableWrite(Interface):
+    """
+    A write that the group-commit writer may batch: consecutive calls of
+    it waiting for the same commit are made as one call, and it may run in
+    the engine's pipeline.  Plain functions run one by one, outside the
+    pipeline.
+    """
+
+    pipelined = Attribute(
+        "Whether it may run in the engine's pipeline: it waits for the answers "
+        "it needs itself (fetching them), so a failure is noticed in time."
+    )
+
+    def __call__(cursor, *args, **kwargs):
+        """
+        Run one call.
+        """
+
+    def together(cursor, calls):
+        """
+        Run several calls as one.
+
+        @param calls: a list of C{(args, kwargs)}, one per call.
+        @return: their results, in order.
+        @raise Exception: if one of them fails (the writer then runs each
+            alone, so that only that one fails).
+        """
+
+
 class IConnectionPolicy(Interface):
     """
     Who may connect and how hard they may try: connection limits, the
@@ -283,4 +648,78 @@ class IConnectionPolicy(Interface):
     def authenticationSucceeded(address, login):
         """
         Record a successful authentication.
+        """
+
+
+class IPolicyStore(Interface):
+    """
+    Where the connection policy keeps what every node sharing a database
+    must see: failed authentications and bans (see L{mailgate.policy}).
+
+    The policy never waits for these calls: it records failures in the
+    background and refreshes its in-memory view with L{changes} on a timer,
+    so every method may take a database trip.  Times are seconds since the
+    epoch from the caller's clock (nodes are expected to keep their clocks
+    in sync, as NTP does).  Addresses are normalised text
+    (L{mailgate.policy.addresses.addressText}); the records are those of
+    L{mailgate.store.records}.
+    """
+
+    def recordFailure(failure, banAfter, banWindow, banTime, ban=False):
+        """
+        Record one failed authentication and, if it is the C{banAfter}th
+        from its address within C{banWindow} seconds (counting every node's
+        failures), ban the address for C{banTime} seconds.  Failures from an
+        address already banned are not recorded (they cannot add anything).
+
+        @param failure: an L{AuthFailure}.
+        @param banAfter: failures that make a ban; 0 for no bans.
+        @param ban: ban the address whatever the count (the caller's own
+            view already reached the threshold).
+        @return: a L{Deferred} L{FailureOutcome}.
+        """
+
+    def addBan(address, at, duration, reason="admin"):
+        """
+        Ban an address from C{at} for C{duration} seconds, replacing a ban
+        it may have.
+
+        @return: a L{Deferred} of the new L{BanRecord}.
+        """
+
+    def removeBan(address):
+        """
+        Lift an address's ban, and forget its failures so that it starts
+        afresh.
+
+        @return: a L{Deferred} L{bool}: whether there was a ban in force or
+            expired but not yet swept away.
+        """
+
+    def listBans(at):
+        """
+        The bans in force at C{at}: a L{Deferred} list of L{BanRecord}s,
+        ordered by address.
+        """
+
+    def changes(version, failuresSince, at):
+        """
+        What a node needs to refresh its view, in one cheap read: the ban
+        version, the bans in force at C{at} if the version differs from
+        C{version}, and the failures recorded at or after C{failuresSince}.
+
+        Every change to the set of bans (made, replaced, lifted) raises the
+        version, so an unchanged version means unchanged bans (expired ones
+        aside, which the node sees from their times).
+
+        @param version: the version the node has, or C{None} for none yet.
+        @return: a L{Deferred} L{PolicyChanges}.
+        """
+
+    def expire(at, failuresBefore):
+        """
+        Remove the failures recorded before C{failuresBefore} and the bans
+        ended by C{at}, so that the tables stay bounded under attack.
+
+        @return: a L{Deferred} of the number of rows removed.
         """

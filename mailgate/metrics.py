@@ -3,10 +3,12 @@
 What mailgate counts, for Prometheus.
 
 The protocols, the store and the policy report what happens through the
-methods of L{Metrics}; this module alone knows how it is exported.  Metric
-names and label values are a contract (dashboards and alerts depend on
-them) and every label value comes from a small fixed set: never a user
-name or an address.
+methods of L{Metrics}; this module alone knows how it is exported (with
+prometheus-client).  Metric names and label values are a contract
+(dashboards and alerts depend on them) and every label value comes from a
+small fixed set: never a user name or an address.  A value outside its set
+is counted under C{"other"} (C{"OTHER"} for POP3 commands), so a caller's
+mistake can never make the number of series grow without bound.
 
 Label values used by callers:
   - C{protocol}: C{"pop3"}, C{"smtp"}, C{"lmtp"}
@@ -18,50 +20,193 @@ Label values used by callers:
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
+  - database C{operation}: the name of the store's interaction (the
+    function run on a worker thread, without its leading underscore:
+    C{"findUser"}, C{"deliver"}, C{"openMessages"}, ...), a set fixed by
+    the code.
 
-This is the interface the rest of mailgate codes against; the methods
-are filled in by the metrics work (issue 12).  Until then they do nothing.
+Every method may be called from any thread (the store reports from its
+worker threads); prometheus-client's metrics are thread-safe.
+
+L{MetricsResource} serves C{GET /metrics} and C{GET /healthz} over HTTP.
 """
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+PROTOCOLS = ("pop3", "smtp", "lmtp")
+MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
+LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "tempfail")
+DELIVERY_RESULTS = ("accepted", "rejected", "tempfail")
+POP3_COMMANDS = (
+    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
+    "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
+)
+OTHER = "other"
+OTHER_COMMAND = "OTHER"
+#: distinct database operations labelled before the rest count as "other"
+MAX_OPERATIONS = 64
+
+# Seconds: from a millisecond (an SQLite read) to ten seconds (a stalled
+# commit); sizes: how many writes shared one commit.
+DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+GROUP_COMMIT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _bounded(value, allowed, other=OTHER):
+    return value if value in allowed else other
 
 
 class Metrics:
     """
-    One server's metrics (one registry; several servers in one process,
-    as in tests, each have their own).
+    One server's metrics: its own L{CollectorRegistry} (several servers in
+    one process, as in tests, each have their own), with the client
+    library's process, platform and garbage-collector metrics.
+
+    @ivar registry: the registry to export.
     """
+
+    def __init__(self):
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+        def counter(name, documentation, labels=()):
+            return Counter(name, documentation, labels, registry=registry)
+
+        self._connections = Gauge(
+            "mailgate_connections", "Connections open now.", ["protocol"], registry=registry
+        )
+        self._sessions = counter("mailgate_sessions_total", "Connections admitted.", ["protocol"])
+        self._logins = counter(
+            "mailgate_logins_total", "Authentication attempts, by outcome.",
+            ["protocol", "mechanism", "result"],
+        )
+        self._pop3Commands = counter("mailgate_pop3_commands_total", "POP3 commands run.", ["command"])
+        self._retrievedBytes = counter(
+            "mailgate_pop3_retrieved_bytes_total", "Octets of messages sent by RETR."
+        )
+        self._deletedMessages = counter(
+            "mailgate_pop3_deleted_messages_total", "Messages removed by QUIT."
+        )
+        self._deliveries = counter(
+            "mailgate_deliveries_total", "SMTP and LMTP deliveries, by outcome.", ["protocol", "result"]
+        )
+        self._deliveredBytes = counter(
+            "mailgate_delivered_bytes_total", "Octets of messages accepted by SMTP and LMTP."
+        )
+        self._deliverySeconds = Histogram(
+            "mailgate_delivery_seconds", "From the end of DATA to the commit of the message.",
+            buckets=DELIVERY_BUCKETS, registry=registry,
+        )
+        self._databaseSeconds = Histogram(
+            "mailgate_database_seconds", "Time of one store operation on its worker thread.",
+            ["operation"], buckets=DATABASE_BUCKETS, registry=registry,
+        )
+        self._databaseErrors = counter(
+            "mailgate_database_errors_total", "Store operations that failed in the database."
+        )
+        self._groupCommitSize = Histogram(
+            "mailgate_group_commit_size", "Writes made durable by one commit.",
+            buckets=GROUP_COMMIT_BUCKETS, registry=registry,
+        )
+        self._authCache = counter(
+            "mailgate_auth_cache_total", "Lookups in the verified-credential cache.", ["result"]
+        )
+        self._maildropLocks = Gauge(
+            "mailgate_maildrop_locks", "Maildrop locks this node holds (POP3 sessions logged in).",
+            registry=registry,
+        )
+        self._bans = Gauge("mailgate_bans", "Addresses banned now.", registry=registry)
+
+        # Every series of a small label set exists from the start, at zero,
+        # so that rate() and alerts see it before the first event.
+        self._open = {}
+        for protocol in PROTOCOLS:
+            self._connections.labels(protocol)
+            self._sessions.labels(protocol)
+            self._open[protocol] = 0
+        for mechanism in MECHANISMS:
+            for result in LOGIN_RESULTS:
+                self._logins.labels("pop3", mechanism, result)
+        for command in POP3_COMMANDS + (OTHER_COMMAND,):
+            self._pop3Commands.labels(command)
+        for protocol in ("smtp", "lmtp"):
+            for result in DELIVERY_RESULTS:
+                self._deliveries.labels(protocol, result)
+        self._cacheHit = self._authCache.labels("hit")
+        self._cacheMiss = self._authCache.labels("miss")
+        # Operation name to its histogram child, looked up without a lock.
+        self._operations = {}
 
     def connectionOpened(self, protocol):
         """
         A connection was admitted: C{mailgate_connections{protocol}} up,
         C{mailgate_sessions_total{protocol}} counted.
         """
+        protocol = _bounded(protocol, PROTOCOLS)
+        self._connections.labels(protocol).inc()
+        self._sessions.labels(protocol).inc()
+        self._open[protocol] = self._open.get(protocol, 0) + 1
 
     def connectionClosed(self, protocol):
         """
         An admitted connection ended: C{mailgate_connections{protocol}} down.
         """
+        protocol = _bounded(protocol, PROTOCOLS)
+        self._connections.labels(protocol).dec()
+        self._open[protocol] = self._open.get(protocol, 0) - 1
+
+    def openConnections(self):
+        """
+        The connections open now, by protocol (for systemd's status line).
+        """
+        return dict(self._open)
 
     def login(self, protocol, mechanism, result):
         """
         An authentication attempt ended (C{mailgate_logins_total}).
         """
+        self._logins.labels(
+            _bounded(protocol, PROTOCOLS),
+            _bounded(mechanism, MECHANISMS),
+            _bounded(result, LOGIN_RESULTS),
+        ).inc()
 
     def pop3Command(self, command):
         """
         A POP3 command was run (C{mailgate_pop3_commands_total}).
         """
+        if not isinstance(command, str):
+            command = OTHER_COMMAND
+        self._pop3Commands.labels(_bounded(command.upper(), POP3_COMMANDS, OTHER_COMMAND)).inc()
 
     def retrieved(self, octets):
         """
         A RETR sent a message of C{octets} octets
         (C{mailgate_pop3_retrieved_bytes_total}).
         """
+        self._retrievedBytes.inc(octets)
 
     def deleted(self, count):
         """
         A QUIT removed C{count} messages
         (C{mailgate_pop3_deleted_messages_total}).
         """
+        self._deletedMessages.inc(count)
 
     def delivery(self, protocol, result, octets=0, seconds=None):
         """
@@ -69,35 +214,181 @@ class Metrics:
         also C{mailgate_delivered_bytes_total} and, given C{seconds} from
         the end of DATA to the commit, C{mailgate_delivery_seconds}.
         """
+        result = _bounded(result, DELIVERY_RESULTS)
+        self._deliveries.labels(_bounded(protocol, PROTOCOLS), result).inc()
+        if result == "accepted":
+            if octets:
+                self._deliveredBytes.inc(octets)
+            if seconds is not None:
+                self._deliverySeconds.observe(seconds)
 
     def databaseOperation(self, operation, seconds):
         """
         One store operation took C{seconds} (C{mailgate_database_seconds}).
         """
+        child = self._operations.get(operation)
+        if child is None:
+            label = operation if len(self._operations) < MAX_OPERATIONS else OTHER
+            child = self._databaseSeconds.labels(label)
+            if label != OTHER:
+                self._operations[operation] = child
+        child.observe(seconds)
 
     def databaseError(self):
         """
         A store operation failed (C{mailgate_database_errors_total}).
         """
+        self._databaseErrors.inc()
 
     def groupCommit(self, size):
         """
         One commit carried C{size} writes (C{mailgate_group_commit_size}).
         """
+        self._groupCommitSize.observe(size)
 
     def authCache(self, hit):
         """
         The verified-credential cache was consulted
         (C{mailgate_auth_cache_total{result}}).
         """
+        (self._cacheHit if hit else self._cacheMiss).inc()
 
     def maildropLocks(self, count):
         """
         This node now holds C{count} maildrop locks
         (C{mailgate_maildrop_locks}).
         """
+        self._maildropLocks.set(count)
 
     def bans(self, count):
         """
         C{count} addresses are banned now (C{mailgate_bans}).
         """
+        self._bans.set(count)
+
+
+# -- HTTP: /metrics and /healthz -----------------------------------------------------
+
+
+class _Exposition(resource.Resource):
+    """
+    C{GET /metrics}: the registry in the text format the scraper asks for
+    (Prometheus text by default, OpenMetrics when accepted).
+    """
+
+    def __init__(self, registry):
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request):
+        accept = request.getHeader("accept")
+        encoder, contentType = choose_encoder(accept)
+        body = encoder(self._registry)
+        request.setHeader("content-type", contentType)
+        return body
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+
+class _Health(resource.Resource):
+    """
+    C{GET /healthz}: 200 C{ok} when the database answers within
+    C{timeout} seconds, 503 otherwise, for load balancers.
+    """
+
+    log = Logger()
+
+    def __init__(self, check, reactor, timeout):
+        super().__init__()
+        self._check = check
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def render_GET(self, request):
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.maybeDeferred(self._check)
+        d.addTimeout(self._timeout, self._reactor)
+
+        def answer(code, text):
+            if gone:
+                return
+            request.setResponseCode(code)
+            request.setHeader("content-type", "text/plain; charset=utf-8")
+            request.setHeader("cache-control", "no-store")
+            request.write(text.encode("utf-8"))
+            request.finish()
+
+        def healthy(_):
+            answer(200, "ok\n")
+
+        def unhealthy(failure):
+            if failure.check(defer.TimeoutError):
+                reason = f"the database did not answer within {self._timeout:g} s"
+            else:
+                reason = f"the database failed: {' '.join(str(failure.value).split())}"
+            self.log.warn("health check: {reason}", reason=reason, event="health.failed")
+            answer(503, f"unavailable: {reason}\n")
+
+        d.addCallbacks(healthy, unhealthy)
+        return server.NOT_DONE_YET
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+
+class _NotFound(resource.Resource):
+    """
+    Everything else: 404.
+    """
+
+    def getChild(self, path, request):
+        return self
+
+    def render(self, request):
+        request.setResponseCode(404)
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        return b"not found: this endpoint serves /metrics and /healthz\n"
+
+
+class MetricsResource(_NotFound):
+    """
+    The root of the metrics endpoint: C{/metrics}, C{/healthz}, and 404 for
+    anything else.
+
+    @param metrics: the L{Metrics} to export.
+    @param healthCheck: returns a L{Deferred} that fires when the database
+        answered (and fails otherwise).
+    @param reactor: for the health check's deadline.
+    @param timeout: seconds the database has to answer.
+    """
+
+    def __init__(self, metrics, healthCheck, reactor, timeout=1.0):
+        super().__init__()
+        self.putChild(b"metrics", _Exposition(metrics.registry))
+        self.putChild(b"healthz", _Health(healthCheck, reactor, timeout))
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+
+class MetricsSite(server.Site):
+    """
+    A site that writes no access log: a scraper's request every few
+    seconds is not news.
+    """
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
+    """
+    The HTTP factory for C{--metrics}.
+    """
+    site = MetricsSite(MetricsResource(metrics, healthCheck, reactor, timeout))
+    site.displayTracebacks = False
+    return site

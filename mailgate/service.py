@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_tap -*-
 """
 Building mailgate's service hierarchy: the one place that wires storage,
 authentication and protocols together.
@@ -11,104 +11,58 @@ and that C{twistd mailgate} runs on its own.
 import signal
 import sys
 
-import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.internet import defer
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
+from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
+from mailgate.interfaces import ILifecycleStore
+from mailgate.metrics import Metrics, metricsSite
+from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
+from mailgate.pop3.factory import APOPAdvertiser
+from mailgate.session import SessionTracker
+from mailgate.session.endpoints import serverEndpoint
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
-from mailgate.smtp.protocol import SMTPServer
-from mailgate.store import DEFAULT_DATABASE, openStore
+from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
 from mailgate.tls import ServerTLS
+from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
-DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
 APOP_REFRESH = 30
-
-
-@attr.s(kw_only=True)
-class MailgateConfig:
-    """
-    Everything C{twistd mailgate} can be told, with its defaults.
-
-    @ivar pop3: strports descriptions of the POP3 listeners.
-    @ivar apop: offer APOP (the greeting carries a timestamp): C{True},
-        C{False}, or C{"auto"} (the default: only while some user has APOP
-        enabled, checked every L{APOP_REFRESH} seconds).
-    @ivar authFailureDelay: seconds before a failed login is answered.
-    @ivar idleTimeout: POP3 autologout, in seconds.
-    @ivar loginDelay: minimum seconds between a user's logins, or C{None}.
-    @ivar smtp: strports descriptions of the SMTP listeners.
-    @ivar lmtp: strports descriptions of the LMTP listeners.
-    @ivar domains: the domains SMTP and LMTP accept mail for; C{None} (or
-        empty) accepts the domains of existing users.
-    @ivar maxMessageSize: octets of message content SMTP and LMTP accept.
-    @ivar maxRecipients: recipients per SMTP or LMTP transaction.
-    @ivar pop3s: strports descriptions of implicit-TLS POP3 listeners (the
-        TLS is mailgate's, from C{tlsCertificate} and C{tlsKey}).
-    @ivar tlsCertificate: PEM certificate, optionally followed by its chain.
-    @ivar tlsKey: PEM private key.
-    @ivar trustedNetworks: CIDR networks from which plaintext passwords are
-        accepted without TLS.
-    @ivar reloadOnSIGHUP: reload the certificate and key on SIGHUP.
-    @ivar defaultQuota: the storage quota, in octets, of users who have
-        none of their own; C{None}: no limit.
-    @ivar quotaExceeded: how a recipient over quota is refused:
-        C{"temporary"} (C{452 4.2.2}) or C{"permanent"} (C{552 5.2.2}).
-    @ivar expireDays: days messages are kept before the retention task
-        removes them, for users who have no value of their own (RFC 2449
-        EXPIRE); C{None}: never.
-    @ivar keepDeletedDays: days messages deleted by POP3 are kept for
-        C{mailgate mailbox restore}; 0: removed at once.
-    """
-
-    database = attr.ib(default=DEFAULT_DATABASE)
-    pop3 = attr.ib(factory=lambda: [DEFAULT_POP3])
-    smtp = attr.ib(factory=list)
-    lmtp = attr.ib(factory=list)
-    hostname = attr.ib(default=None)
-    apop = attr.ib(default="auto")
-    authFailureDelay = attr.ib(default=1.0)
-    idleTimeout = attr.ib(default=600)
-    loginDelay = attr.ib(default=None)
-    domains = attr.ib(default=None)
-    maxMessageSize = attr.ib(default=SMTPServer.maxMessageSize)
-    maxRecipients = attr.ib(default=SMTPServer.maxRecipients)
-    pop3s = attr.ib(factory=list)
-    tlsCertificate = attr.ib(default=None)
-    tlsKey = attr.ib(default=None)
-    trustedNetworks = attr.ib(factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
-    reloadOnSIGHUP = attr.ib(default=False)
-    defaultQuota = attr.ib(default=None)
-    quotaExceeded = attr.ib(default="temporary")
-    expireDays = attr.ib(default=None)
-    keepDeletedDays = attr.ib(default=0)
+#: seconds the database has to answer the health check and readiness probe
+HEALTH_TIMEOUT = 1.0
+#: the listeners that take mail connections (closed first at shutdown)
+MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 
 
 class ListeningService(StreamServerEndpointService):
     """
     A listener that says where it listens, and fails start-up (rather than
     logging and carrying on deaf) when it cannot.
+
+    @ivar port: the listening port, once bound.
     """
 
     log = Logger()
-    _raiseSynchronously = True
 
     def __init__(self, name, description, endpoint, factory):
         super().__init__(endpoint, factory)
+        raiseListenErrorsAtOnce(self)
         self.protocolName = name
         self.description = description
         self.port = None
+        self._waiters = []
 
     def privilegedStartService(self):
         try:
@@ -117,7 +71,17 @@ class ListeningService(StreamServerEndpointService):
             raise ConfigurationError(
                 f"cannot listen for {self.protocolName} on {self.description}: {e}"
             ) from e
-        self._waitingForPort.addCallback(self._listening)
+        whenListening(self, self._listening)
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires with the port once it is bound.
+        """
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     def _listening(self, port):
         self.port = port
@@ -133,7 +97,11 @@ class ListeningService(StreamServerEndpointService):
             protocol=self.protocolName,
             where=where,
             description=self.description,
+            event="listener.started",
         )
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(port)
         return port
 
 
@@ -150,29 +118,96 @@ class StoreService(Service):
         return self.store.close()
 
 
+class ShuttingDown(Exception):
+    """
+    The service is stopping: not healthy, whatever the database says.
+    """
+
+
 class MailgateService(MultiService):
     """
     The root of mailgate's services.
 
+    Stopping (SIGTERM under twistd) goes in this order, each step waiting
+    for the one before:
+      1. the L{onStopping} callbacks run (systemd hears C{STOPPING=1});
+      2. the mail listeners close: new connections are refused at once;
+      3. L{drainSessions}: the sessions still open finish (the session
+         core's grace period);
+      4. the other services stop (timers, the metrics endpoint, which
+         answers until then; the retention task finishes the transaction
+         it is in, and the node leaves the POP3 session registry);
+      5. the store closes.
+
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
-    @ivar listeners: the L{ListeningService}s, by protocol name.
+    @ivar metrics: the L{mailgate.metrics.Metrics} everything reports to.
+    @ivar reactor: the reactor it runs on.
+    @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
+        C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
+    @ivar logObserver: an L{ILogObserver} for the application this service
+        joins, or C{None}: twistd logs through an application's observer
+        component (see L{mailgate.logs}).
+    @ivar sessions: the L{SessionTracker} every protocol factory registers
+        its sessions with.
+    @ivar policy: the L{mailgate.interfaces.IConnectionPolicy} every
+        listener's sessions consult.
+    @ivar shutdownGrace: seconds sessions get to finish when it stops.
     """
 
     exitOnStartupError = False
     daemonized = False
+    policy = None
+    logObserver = None
     log = Logger()
 
-    def __init__(self, store, tls=None, reactor=None, reloadOnSIGHUP=False):
+    def __init__(
+        self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None, shutdownGrace=30.0
+    ):
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
         self.store = store
         self.tls = tls
+        self.metrics = metrics
         self.listeners = {}
-        self._reactor = reactor
-        self._reloadOnSIGHUP = reloadOnSIGHUP and tls is not None
+        self.reactor = self._reactor = reactor
+        self.sessions = SessionTracker(reactor)
+        self.shutdownGrace = shutdownGrace
+        self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandler = None
+        self._hangupActions = []
+        self._stoppingCallbacks = []
+        self._storeService = None
+
+    def setServiceParent(self, parent):
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
+
+    # -- SIGHUP ----------------------------------------------------------------
+
+    def onHangup(self, action):
+        """
+        Call C{action()} on SIGHUP as well (reopening the log file), when
+        SIGHUP handling is on.
+        """
+        self._hangupActions.append(action)
+
+    def hangup(self):
+        """
+        What SIGHUP does: run the L{onHangup} actions (the log file is
+        reopened first, so what follows lands in the new one), then reload
+        the TLS certificate and key.
+        """
+        for action in self._hangupActions:
+            try:
+                action()
+            except Exception:
+                self.log.failure("SIGHUP action {action!r} failed", action=action)
+        self.reloadTLS()
 
     def reloadTLS(self):
         """
@@ -187,30 +222,31 @@ class MailgateService(MultiService):
         try:
             self.tls.reload()
         except ConfigurationError as e:
-            self.log.error("TLS reload failed, keeping the previous certificate: {error}", error=e)
+            self.log.error(
+                "TLS reload failed, keeping the previous certificate: {error}",
+                error=e,
+                event="tls.reload_failed",
+            )
             return False
         self.log.info(
             "TLS certificate reloaded: {subject} sha256 {fingerprint}",
             subject=self.tls.subject,
             fingerprint=self.tls.fingerprint,
+            event="tls.reloaded",
         )
         return True
 
+    # -- starting ----------------------------------------------------------------
+
     def startService(self):
         super().startService()
-        if self._reloadOnSIGHUP:
+        if self._reloadOnSIGHUP and (self.tls is not None or self._hangupActions):
             reactor = self._reactor
 
             def onSIGHUP(signum, frame):
-                reactor.callFromThread(self.reloadTLS)
+                reactor.callFromThread(self.hangup)
 
             self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
-
-    def stopService(self):
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
-        return super().stopService()
 
     def privilegedStartService(self):
         try:
@@ -230,70 +266,192 @@ class MailgateService(MultiService):
         listener.setServiceParent(self)
         self.listeners.setdefault(listener.protocolName, []).append(listener)
 
+    def setStore(self, storeService):
+        """
+        Make C{storeService} the service that closes the store, last.
+        """
+        storeService.setServiceParent(self)
+        self._storeService = storeService
+
+    def whenListening(self):
+        """
+        A L{Deferred} that fires once every listener is bound.
+        """
+        waiting = [l.whenListening() for ls in self.listeners.values() for l in ls]
+        return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None)
+
+    def databaseAnswers(self, timeout=HEALTH_TIMEOUT):
+        """
+        Ask the database a trivial question (one indexed read).
+
+        @return: a L{Deferred} that fires when it answered within
+            C{timeout} seconds, and fails otherwise (or at once, with
+            L{ShuttingDown}, once the service is stopping).
+        """
+        if not self.running:
+            return defer.fail(ShuttingDown("mailgate is shutting down"))
+        d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
+        d.addTimeout(timeout, self._reactor)
+        return d.addCallback(lambda _: None)
+
+    # -- stopping ------------------------------------------------------------------
+
+    def onStopping(self, callback):
+        """
+        Call C{callback()} first thing when the service starts stopping.
+        """
+        self._stoppingCallbacks.append(callback)
+
+    def drainSessions(self):
+        """
+        Wait for the sessions still open once the listeners are closed:
+        they get L{shutdownGrace} seconds to finish (see
+        L{SessionTracker.shutdown}).
+
+        @return: a L{Deferred} that fires when they are done.
+        """
+        return self.sessions.shutdown(self.shutdownGrace)
+
+    def stopService(self):
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        Service.stopService(self)
+        for callback in self._stoppingCallbacks:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("stopping callback {callback!r} failed", callback=callback)
+        return self._stopInOrder()
+
+    @defer.inlineCallbacks
+    def _stopInOrder(self):
+        mail = [s for s in self if isinstance(s, ListeningService) and s.protocolName in MAIL_PROTOCOLS]
+        yield self._stopAll(mail)
+        yield self.drainSessions()
+        yield self._stopAll([s for s in self if s not in mail and s is not self._storeService])
+        if self._storeService is not None:
+            yield self._stopAll([self._storeService])
+
+    def _stopAll(self, services):
+        stopping = [defer.maybeDeferred(s.stopService) for s in reversed(services) if s.running]
+
+        def logFailures(results):
+            for ok, result in results:
+                if not ok:
+                    self.log.failure("a service failed to stop", result)
+
+        return defer.DeferredList(stopping, consumeErrors=True).addCallback(logFailures)
+
 
 def _endpoint(reactor, description):
     try:
-        return serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigurationError(f"invalid endpoint {description!r}: {e}") from None
+        checkEndpoint(description)
+        return serverEndpoint(reactor, description)
+    except Exception as e:
+        raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePOP3Factory(store, config, reactor, tls=None):
+def makePolicy(store, config, reactor, metrics=None):
+    """
+    The connection policy from C{config}: limits, the authentication
+    penalty and bans, shared through C{store}'s database (in this process's
+    memory for a store without one).
+
+    @raise ConfigurationError: for settings out of range.
+    """
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+    from mailgate.store.policy import SQLPolicyStore
+
+    try:
+        settings = PolicySettings(
+            maxConnections=config.maxConnections,
+            maxConnectionsPerAddress=config.maxConnectionsPerAddress,
+            authPenaltyMax=config.authPenaltyMax,
+            banAfter=config.banAfter,
+            banWindow=config.banWindow,
+            banTime=config.banTime,
+            exemptNetworks=config.exemptNetworks,
+        )
+    except ValueError as e:
+        raise ConfigurationError(f"connection policy: {e}") from None
+    database = getattr(store, "database", None)
+    policyStore = MemoryPolicyStore() if database is None else SQLPolicyStore(database)
+    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics)
+
+
+def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None, policy=None):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
-    the session policy from C{config}.
+    the session policy from C{config}; its sessions are registered with
+    C{tracker}.
     """
     portal = makePortal(
-        store, threadRunner(reactor), apop=bool(config.apop), loginDelay=config.loginDelay
+        store,
+        threadRunner(reactor),
+        cache=VerifiedCredentialCache(metrics=metrics),
+        apop=config.apop.checked,
+        loginDelay=config.loginDelay,
     )
-    apop = APOPAdvertiser(store) if config.apop == "auto" else bool(config.apop)
-    return POP3Factory(
+    # EXPIRE in CAPA: the store's retention, where it has one.
+    expire = store.retention.capability if ILifecycleStore.providedBy(store) else None
+    factory = POP3Factory(
         portal,
         hostname=config.hostname,
-        apop=apop,
+        apop=config.apop.advertiser(store),
         idleTimeout=config.idleTimeout,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
         loginDelay=config.loginDelay,
         tls=tls,
-        sasl=SASLServer(store.findUser),
         trustedNetworks=config.trustedNetworks,
-        expire=store.retention.capability,
+        metrics=metrics,
+        tracker=tracker,
+        policy=policy,
+        expire=expire,
     )
+    # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
+    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
+    return factory
 
 
-def makeSMTPFactory(store, config, reactor, lmtp=False, tls=None):
+def makeSMTPFactory(
+    store, config, reactor, lmtp=False, tls=None, metrics=None, tracker=None, policy=None
+):
     """
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
-    return factoryClass(
+    factory = factoryClass(
         LocalDelivery(store, config.domains or None, quotaExceeded=config.quotaExceeded),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
         reactor=reactor,
         tls=tls,
+        metrics=metrics,
+        tracker=tracker,
+        policy=policy,
     )
+    return factory
 
 
 def makeTLS(config):
     """
     The server TLS from C{config}, or C{None} if no certificate is set.
 
-    @raise ConfigurationError: if only one of certificate and key is set,
-        or they cannot be loaded.
+    @raise ConfigurationError: if only one of certificate and key is set
+        (see L{checkConfig}), or they cannot be loaded.
     """
-    if (config.tlsCertificate is None) != (config.tlsKey is None):
-        raise ConfigurationError("TLS needs both a certificate and a key")
+    checkConfig(config)
     if config.tlsCertificate is None:
-        if config.pop3s:
-            raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
         return None
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
-def makeService(config, reactor=None, store=None):
+def makeService(config, reactor=None, store=None, metrics=None):
     """
     Build mailgate's service hierarchy.
 
@@ -301,6 +459,8 @@ def makeService(config, reactor=None, store=None):
     @param reactor: the reactor to listen with; the global one by default.
     @param store: an already opened store to use instead of opening
         C{config.database}.
+    @param metrics: the L{Metrics} to report to; a new one (with its own
+        registry) by default.
     @raise ConfigurationError: if the database cannot be opened or an
         endpoint description is invalid.
     """
@@ -313,45 +473,58 @@ def makeService(config, reactor=None, store=None):
             ("POP3S", config.pop3s),
             ("SMTP", config.smtp),
             ("LMTP", config.lmtp),
+            ("METRICS", [config.metrics] if config.metrics else []),
         )
     }
     tls = makeTLS(config)
-    if config.quotaExceeded not in ("temporary", "permanent"):
-        raise ConfigurationError(
-            f"quotaExceeded must be 'temporary' or 'permanent', not {config.quotaExceeded!r}"
-        )
+    if metrics is None:
+        metrics = Metrics()
     if store is None:
-        store = openStore(config.database, reactor)
-    store.limits = StoreLimits(
-        quotaOctets=config.defaultQuota,
-        expireDays=config.expireDays,
-        keepDeletedDays=config.keepDeletedDays,
+        store = openStore(config.database, reactor, metrics=metrics)
+    root = MailgateService(
+        store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
     )
-    root = MailgateService(store, tls, reactor, config.reloadOnSIGHUP)
-    StoreService(store).setServiceParent(root)
-    # The store's background work: retention, and what POP3 advertises of
-    # it (refreshed like the APOP advertiser).
-    RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
+    root.setStore(StoreService(store))
+    policy = root.policy = makePolicy(store, config, reactor, metrics)
+    PolicyService(policy, reactor).setServiceParent(root)
+    lifecycle = ILifecycleStore.providedBy(store)
+    if lifecycle:
+        store.limits = StoreLimits(
+            quotaOctets=config.defaultQuota,
+            expireDays=config.expireDays,
+            keepDeletedDays=config.keepDeletedDays,
+        )
+        # The store's background work: retention, and what POP3 advertises
+        # of it (refreshed like the APOP advertiser).
+        RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
         if not pop3:
-            factory = makePOP3Factory(store, config, reactor, tls)
+            factory = makePOP3Factory(
+                store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy
+            )
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
                 refresh.clock = reactor
                 refresh.setServiceParent(root)
-            # The registry of POP3 sessions (mailgate who, mailgate kick).
-            RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
+            if lifecycle:
+                # The registry of POP3 sessions (mailgate who, mailgate kick).
+                RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
             pop3.append(factory)
         return pop3[0]
 
     builders = {
         "POP3": pop3Factory,
         "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
-        "SMTP": lambda: makeSMTPFactory(store, config, reactor, tls=tls),
-        "LMTP": lambda: makeSMTPFactory(store, config, reactor, lmtp=True, tls=tls),
+        "SMTP": lambda: makeSMTPFactory(
+            store, config, reactor, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
+        ),
+        "LMTP": lambda: makeSMTPFactory(
+            store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
+        ),
+        "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
     }
     for name, endpoints in listeners.items():
         if endpoints:

@@ -2,60 +2,96 @@
 """
 C{twistd mailgate}: command-line options and the service maker.
 
+The options are generated from L{mailgate.config.SETTINGS}, where each one
+is declared once; C{--config PATH} adds a TOML file whose keys are the same
+long option names, and the command line overrides it.
+
 Parsing has no side effects (no reactor, no database): L{Options} only
 checks and collects; L{makeService} opens the store and builds the services.
 """
 
 import os
 
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
+import attr
+from twisted.logger import Logger
 from twisted.python import usage
 
+from mailgate import config as configuration
+from mailgate import logs, systemd
 from mailgate.errors import ConfigurationError
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
-from mailgate.service import DEFAULT_POP3, MailgateConfig, makeService as _makeService
-from mailgate.store import DEFAULT_DATABASE, engineFromURL
+from mailgate.service import makeService as _makeService
+
+_log = Logger()
 
 
-def _checkEndpoint(description):
-    """
-    Parse an endpoint description against a reactor that never listens,
-    so that typos are reported while parsing options.
-    """
-    try:
-        serverFromString(MemoryReactor(), description)
-    except Exception as e:
-        raise usage.UsageError(f"invalid endpoint {description!r}: {e}")
-    return description
-
-
-def _positive(kind):
-    def convert(value):
+def _valueHandler(setting):
+    def handler(self, text):
         try:
-            number = kind(value)
-        except ValueError:
-            raise ValueError(f"not a number: {value!r}")
-        if number < 0:
-            raise ValueError(f"must not be negative: {value!r}")
-        return number
+            value = setting.kind.fromText(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--{setting.name}: {e}") from None
+        if setting.repeated:
+            self.given.setdefault(setting.name, []).append(value)
+        else:
+            self.given[setting.name] = value
 
-    return convert
-
-
-def _size(value):
-    from mailgate.store.lifecycle import parseSize
-
-    return parseSize(value)
+    handler.__doc__ = _help(setting)
+    return handler
 
 
-def _daysOrNever(value):
-    if value.strip().lower() == "never":
-        return None
-    return _positive(int)(value)
+def _flagHandler(setting, flag, value):
+    def handler(self):
+        previous = self._flagsGiven.setdefault(setting.name, flag)
+        if previous != flag:
+            raise usage.UsageError(f"--{previous} and --{flag} contradict each other")
+        self.given[setting.name] = value
+
+    handler.__doc__ = (
+        f"Same as {setting.name} = {setting.kind.toTOML(value)} in a configuration file.  "
+        + _help(setting)
+    )
+    return handler
+
+
+def _help(setting):
+    text = setting.help
+    if setting.repeated:
+        text += "  Repeat for several; given here, replaces the configuration file's list."
+    return f"{text}  Default: {setting.describeDefault()}."
+
+
+def _installHandlers(cls):
+    """
+    Give C{cls} one C{opt_} method per setting of its C{settings} (two for
+    the APOP flags), which is how L{usage.Options} finds options.
+    """
+    for setting in cls.settings:
+        if setting.flags:
+            for flag, value in setting.flags.items():
+                setattr(cls, "opt_" + flag.replace("-", "_"), _flagHandler(setting, flag, value))
+        else:
+            setattr(cls, "opt_" + setting.name.replace("-", "_"), _valueHandler(setting))
 
 
 class Options(usage.Options):
+    """
+    The options of C{twistd mailgate}: one per L{mailgate.config.Setting},
+    plus C{--config}.
+
+    @cvar settings: the declarations the options are made from; a subclass
+        with other C{settings} (and the C{configClass} made from them by
+        L{mailgate.config.makeConfigClass}) gets its options made too.
+    @ivar given: the settings given on the command line, by name.
+    @ivar config: the resolved configuration, after parsing.
+    """
+
+    settings = configuration.SETTINGS
+    configClass = configuration.MailgateConfig
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _installHandlers(cls)
+
     synopsis = "[options]"
     longdesc = (
         "mailgate serves POP3 from a database of maildrops (embedded SQLite "
@@ -63,228 +99,48 @@ class Options(usage.Options):
         "Twisted strports descriptions, e.g. "
         "tcp:110, tcp:1110:interface=127.0.0.1, "
         "ssl:995:privateKey=key.pem:certKey=cert.pem, "
-        "unix:/run/mailgate/lmtp, systemd:domain=INET:index=0."
+        "unix:/run/mailgate/lmtp, systemd:domain=INET:index=0, "
+        "haproxy:tcp:110.  Every option can also be set in a TOML file "
+        "(--config), under its long name; the command line wins."
     )
-
-    optFlags = [
-        ["no-apop", None, "Never offer APOP: no timestamp in the greeting."],
-        [
-            "apop",
-            None,
-            "Always offer APOP.  Default: offer it (a timestamp in the greeting) "
-            "only while some user has APOP enabled.",
-        ],
-    ]
-    optParameters = [
-        [
-            "database",
-            None,
-            None,
-            "Database URL: sqlite:///FILE (relative), sqlite:////ABSOLUTE/FILE "
-            "or postgresql://USER@HOST/DB.  Default: $MAILGATE_DATABASE, "
-            f"else {DEFAULT_DATABASE}.",
-        ],
-        [
-            "hostname",
-            None,
-            None,
-            "Host name used in greetings and in the APOP timestamp "
-            "(default: this machine's fully qualified name).",
-        ],
-        [
-            "auth-failure-delay",
-            None,
-            1.0,
-            "Seconds to wait before answering a failed login (the same for an "
-            "unknown user and a wrong password; other sessions are not held up).",
-            _positive(float),
-        ],
-        [
-            "idle-timeout",
-            None,
-            600,
-            "Seconds of inactivity before a POP3 session is logged out "
-            "(RFC 1939: at least 600).",
-            _positive(int),
-        ],
-        [
-            "login-delay",
-            None,
-            None,
-            "Minimum seconds between two logins of the same user; advertised "
-            "as LOGIN-DELAY (RFC 2449).  Default: no limit.",
-            _positive(int),
-        ],
-        [
-            "max-message-size",
-            None,
-            50 * 1024 * 1024,
-            "Largest message SMTP and LMTP accept, in octets (advertised as SIZE).",
-            _positive(int),
-        ],
-        [
-            "max-recipients",
-            None,
-            100,
-            "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
-            _positive(int),
-        ],
-        [
-            "tls-cert",
-            None,
-            None,
-            "PEM file with the server certificate, optionally followed by its "
-            "chain.  With --tls-key, enables STLS, STARTTLS and --pop3s; "
-            "SIGHUP reloads both files.",
-        ],
-        ["tls-key", None, None, "PEM file with the private key of --tls-cert."],
-        [
-            "default-quota",
-            None,
-            None,
-            "Storage quota of users without one of their own (mailgate user "
-            "quota), e.g. 1G or 500M.  Default: none.",
-            _size,
-        ],
-        [
-            "quota-exceeded",
-            None,
-            "temporary",
-            "How SMTP and LMTP refuse a recipient over quota: temporary "
-            "(452 4.2.2, the MTA retries) or permanent (552 5.2.2).",
-        ],
-        [
-            "expire-days",
-            None,
-            None,
-            "Days a message is kept before it is removed, for users without "
-            "a value of their own (mailgate user expire); advertised as "
-            "EXPIRE (RFC 2449).  Default: never.",
-            _daysOrNever,
-        ],
-        [
-            "keep-deleted-days",
-            None,
-            0,
-            "Days messages deleted by POP3 clients are kept for mailgate "
-            "mailbox restore (not counting towards the quota).  Default: 0, "
-            "removed at once.",
-            _positive(int),
-        ],
-    ]
 
     def __init__(self):
         super().__init__()
-        self["pop3"] = []
-        self["smtp"] = []
-        self["lmtp"] = []
-        self["domain"] = []
-        self["pop3s"] = []
-        self["trusted-network"] = []
+        self.given = {}
+        self._flagsGiven = {}
+        self.configPath = None
+        self.config = None
 
-    def opt_pop3s(self, description):
-        """
-        A POP3 listener with implicit TLS from the first byte (e.g. tcp:995),
-        using --tls-cert and --tls-key; repeat for several.
-        """
-        self["pop3s"].append(_checkEndpoint(description))
+    def opt_config(self, path):
+        self.configPath = path
 
-    def opt_trusted_network(self, cidr):
-        """
-        A network (CIDR) from which plaintext passwords (USER/PASS, AUTH
-        PLAIN) are accepted without TLS; repeat for several.  Default:
-        127.0.0.0/8 and ::1/128.  Elsewhere plaintext logins need TLS.
-        """
-        import ipaddress
-
-        try:
-            self["trusted-network"].append(str(ipaddress.ip_network(cidr, strict=False)))
-        except ValueError as e:
-            raise usage.UsageError(f"invalid --trusted-network {cidr!r}: {e}")
-
-    def opt_pop3(self, description):
-        """
-        A POP3 listener, as a strports description; repeat for several.
-        Default: tcp:1110:interface=127.0.0.1.
-        """
-        self["pop3"].append(_checkEndpoint(description))
-
-    def opt_smtp(self, description):
-        """
-        An SMTP listener (e.g. tcp:2525:interface=127.0.0.1); repeat for
-        several.  Default: none.
-        """
-        self["smtp"].append(_checkEndpoint(description))
-
-    def opt_lmtp(self, description):
-        """
-        An LMTP listener, for an MTA such as Postfix (e.g.
-        unix:/run/mailgate/lmtp or tcp:2424:interface=127.0.0.1); repeat for
-        several.  Default: none.
-        """
-        self["lmtp"].append(_checkEndpoint(description))
-
-    def opt_domain(self, name):
-        """
-        A domain SMTP and LMTP accept mail for; repeat for several.
-        Default: the domains of existing users.
-        """
-        from mailgate.address import normalizeDomain
-        from mailgate.errors import InvalidAddress
-
-        try:
-            self["domain"].append(normalizeDomain(name))
-        except InvalidAddress as e:
-            raise usage.UsageError(str(e))
+    opt_config.__doc__ = (
+        "A TOML configuration file whose keys are the long option names "
+        '(database = "...", pop3 = ["tcp:110"], max-recipients = 100, ...).  '
+        "Options given on the command line override it.  An unknown key, a "
+        "wrong type or an invalid value stops start-up.  Default: none."
+    )
 
     def postOptions(self):
-        if self["database"] is None:
-            self["database"] = os.environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
         try:
-            engineFromURL(self["database"])
+            fileValues = configuration.readFile(self.configPath, self.settings) if self.configPath else None
+            self.config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+        except configuration.ConfigFileError as e:
+            # One line, not twistd's usage text: the file is at fault.
+            raise SystemExit(f"mailgate: {e}") from None
         except ConfigurationError as e:
-            raise usage.UsageError(str(e))
-        if not self["pop3"]:
-            self["pop3"] = [DEFAULT_POP3]
-        if self["apop"] and self["no-apop"]:
-            raise usage.UsageError("--apop and --no-apop contradict each other")
-        if (self["tls-cert"] is None) != (self["tls-key"] is None):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
-        if self["pop3s"] and self["tls-cert"] is None:
-            raise usage.UsageError("--pop3s needs --tls-cert and --tls-key")
-        if self["max-message-size"] < 1:
-            raise usage.UsageError("--max-message-size must be at least 1")
-        if self["max-recipients"] < 1:
-            raise usage.UsageError("--max-recipients must be at least 1")
-        if self["hostname"] is not None and not self["hostname"].strip():
-            raise usage.UsageError("--hostname must not be empty")
-        if self["quota-exceeded"] not in ("temporary", "permanent"):
-            raise usage.UsageError("--quota-exceeded must be temporary or permanent")
+            raise usage.UsageError(str(e)) from None
+        for setting in self.settings:
+            self[setting.name] = getattr(self.config, setting.attribute)
 
     def toConfig(self):
-        return MailgateConfig(
-            database=self["database"],
-            pop3=list(self["pop3"]),
-            smtp=list(self["smtp"]),
-            lmtp=list(self["lmtp"]),
-            domains=list(self["domain"]) or None,
-            maxMessageSize=self["max-message-size"],
-            maxRecipients=self["max-recipients"],
-            pop3s=list(self["pop3s"]),
-            tlsCertificate=self["tls-cert"],
-            tlsKey=self["tls-key"],
-            trustedNetworks=list(self["trusted-network"]) or list(DEFAULT_TRUSTED_NETWORKS),
-            reloadOnSIGHUP=True,
-            hostname=self["hostname"],
-            apop=False if self["no-apop"] else (True if self["apop"] else "auto"),
-            authFailureDelay=self["auth-failure-delay"],
-            idleTimeout=self["idle-timeout"],
-            loginDelay=self["login-delay"],
-            defaultQuota=self["default-quota"],
-            quotaExceeded=self["quota-exceeded"],
-            expireDays=self["expire-days"],
-            keepDeletedDays=self["keep-deleted-days"],
-        )
+        """
+        The configuration to serve, with SIGHUP handling on.
+        """
+        return attr.evolve(self.config, reloadOnSIGHUP=True)
+
+
+_installHandlers(Options)
 
 
 def raiseFileLimit():
@@ -311,13 +167,38 @@ def makeService(options):
     """
     The service for C{twistd mailgate}.  Configuration errors, found now or
     when the listeners start, end the process with a one-line message.
+
+    Under twistd, the service brings its own log observer (in the
+    C{--log-format}, where twistd's options say, reopened on SIGHUP; see
+    L{mailgate.logs}); run by systemd as a notify service (C{$NOTIFY_SOCKET}
+    set), it tells systemd when it is ready and stopping
+    (L{mailgate.systemd}).
     """
     raiseFileLimit()
+    config = options.toConfig()
+    parent = getattr(options, "parent", None)
+    destination = logs.twistdDestination(parent) if parent is not None else None
+    if destination is None and parent is not None and config.logFormat != "text":
+        raise SystemExit(
+            f"mailgate: --log-format {config.logFormat} writes to a file or standard "
+            "output; leave out --syslog and --logger"
+        )
     try:
-        service = _makeService(options.toConfig())
+        service = _makeService(config)
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True
-    parent = getattr(options, "parent", None)
     service.daemonized = parent is not None and not parent.get("nodaemon", False)
+    if destination is not None:
+        service.logObserver = logs.observerFor(config.logFormat, destination)
+        service.onHangup(lambda: _reopenLog(destination))
+    notifier = systemd.Notifier.fromEnvironment()
+    if notifier is not None:
+        watchdog = systemd.watchdogInterval()
+        systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def _reopenLog(destination):
+    if destination.reopen():
+        _log.info("log file reopened: {path}", path=destination.path, event="log.reopened")

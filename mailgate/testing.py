@@ -15,6 +15,14 @@ real SQLite database (in memory, or a file you name) driven synchronously,
 and protocols talk over L{StringTransport} with a L{Clock} for timers.  This
 is the same machinery mailgate's own protocol tests use.
 
+To see how a protocol copes when storage fails, wrap the store in a
+L{FaultInjectingStore} and name the operations that should fail:
+
+    store = FaultInjectingStore(memoryStore())
+    store.fail("expunge")
+    ...
+    assert session.command("QUIT").startswith("-ERR [SYS/TEMP]")
+
     from mailgate.testing import memoryStore, addUser, deliver, POP3Session
 
     store = memoryStore()
@@ -35,6 +43,8 @@ from twisted.test import iosim
 from zope.interface import directlyProvides, implementer
 
 from mailgate.auth.passwords import makeCredentials
+from mailgate.errors import TemporaryFailure
+from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.message import spoolBytes
@@ -90,6 +100,173 @@ def deliver(store, addresses, message):
     @return: a dict of address to unique id.
     """
     return resultOf(store.deliver(addresses, spoolBytes(message)))
+
+
+class _Faults:
+    """
+    The failures a L{FaultInjectingStore} injects, and the calls it saw.
+    """
+
+    operations = frozenset(IMailStore.names()) | frozenset(IMaildrop.names()) | frozenset(IMessageBody.names())
+
+    def __init__(self):
+        self.calls = []
+        self._failing = {}
+
+    def fail(self, operation, error=None, when=None):
+        if operation not in self.operations:
+            raise ValueError(f"no storage operation is called {operation!r}")
+        if error is None:
+            error = TemporaryFailure(f"injected failure of {operation}")
+        self._failing[operation] = (error, when)
+
+    def heal(self, operation=None):
+        if operation is None:
+            self._failing.clear()
+        else:
+            self._failing.pop(operation, None)
+
+    def call(self, operation, method, *args):
+        self.calls.append((operation, args))
+        failing = self._failing.get(operation)
+        if failing is not None:
+            error, when = failing
+            if when is None or when(*args):
+                return defer.fail(error() if isinstance(error, type) else error)
+        return method(*args)
+
+
+@implementer(IMailStore)
+class FaultInjectingStore:
+    """
+    An L{IMailStore} that passes every call on to a real store and fails the
+    ones a test names, the way a failing database would fail them: with a
+    L{Deferred} that fails (by default with L{TemporaryFailure}), having
+    changed nothing.  It also records every call, so a test can say what a
+    protocol asked of its store without looking at SQL.
+
+    The maildrops it opens and the message bodies they open are wrapped
+    alike: their operations (C{openMessage}, C{uniqueIds}, C{expunge},
+    C{release}, and the body's C{read}) can be made to fail too.
+
+    @ivar store: the real store underneath.
+    @ivar calls: every call, in order, as C{(operation, args)}.
+    """
+
+    def __init__(self, store=None):
+        self.store = memoryStore() if store is None else store
+        self._faults = _Faults()
+
+    @property
+    def calls(self):
+        return self._faults.calls
+
+    def fail(self, operation, error=None, when=None):
+        """
+        From now on, fail calls of C{operation}.
+
+        @param operation: a method name of L{IMailStore}, L{IMaildrop} or
+            L{IMessageBody} (e.g. C{"deliver"}, C{"expunge"}, C{"read"}).
+        @param error: the exception (an instance, or a class to make one
+            per call); a L{TemporaryFailure} if not given.
+        @param when: fail only calls for which C{when(*args)} is true.
+        @raise ValueError: for a name that is no storage operation.
+        """
+        self._faults.fail(operation, error, when)
+
+    def heal(self, operation=None):
+        """
+        Stop failing C{operation}, or every operation.
+        """
+        self._faults.heal(operation)
+
+    def _call(self, name, *args):
+        return self._faults.call(name, getattr(self.store, name), *args)
+
+    def findUser(self, address):
+        return self._call("findUser", address)
+
+    def hasDomain(self, domain):
+        return self._call("hasDomain", domain)
+
+    def hasAPOPUsers(self):
+        return self._call("hasAPOPUsers")
+
+    def addUser(self, address, credentials):
+        return self._call("addUser", address, credentials)
+
+    def setCredentials(self, address, credentials):
+        return self._call("setCredentials", address, credentials)
+
+    def deleteUser(self, address):
+        return self._call("deleteUser", address)
+
+    def listUsers(self):
+        return self._call("listUsers")
+
+    def listMessages(self, address):
+        return self._call("listMessages", address)
+
+    def deliver(self, addresses, source, partial=True):
+        return self._call("deliver", addresses, source, partial)
+
+    def openMaildrop(self, identity):
+        d = self._call("openMaildrop", identity)
+        return d.addCallback(_FaultInjectingMaildrop, self._faults)
+
+    def recordLogin(self, identity, minimumInterval):
+        return self._call("recordLogin", identity, minimumInterval)
+
+    def close(self):
+        return self._call("close")
+
+
+@implementer(IMaildrop)
+class _FaultInjectingMaildrop:
+    def __init__(self, maildrop, faults):
+        self._maildrop = maildrop
+        self._faults = faults
+        self.address = maildrop.address
+        self.sizes = maildrop.sizes
+
+    def _call(self, name, *args):
+        return self._faults.call(name, getattr(self._maildrop, name), *args)
+
+    def uniqueIds(self, first, count):
+        return self._call("uniqueIds", first, count)
+
+    def openMessage(self, index, headerOnly=False):
+        d = self._call("openMessage", index, headerOnly)
+        return d.addCallback(_FaultInjectingBody, self._faults)
+
+    @property
+    def expireDays(self):
+        return self._maildrop.expireDays
+
+    def sessionStarted(self, peer, end):
+        # Synchronous, and no storage work of its own: passed straight on.
+        self._faults.calls.append(("sessionStarted", (peer, end)))
+        self._maildrop.sessionStarted(peer, end)
+
+    def expunge(self, indexes, peer=None):
+        return self._call("expunge", indexes, peer)
+
+    def release(self):
+        return self._call("release")
+
+
+@implementer(IMessageBody)
+class _FaultInjectingBody:
+    def __init__(self, body, faults):
+        self._body = body
+        self._faults = faults
+        self.size = body.size
+        self.headerSize = body.headerSize
+        # A body that came whole is never read: it can fail only if read.
+        self.whole = None if "read" in faults._failing else body.whole
+
+    def read(self):
+        return self._faults.call("read", self._body.read)
 
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -232,19 +409,22 @@ class SMTPSession(_Session):
 def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=True, **options):
     """
     A mailgate POP3 server factory over C{store} whose password hashing
-    runs inline and whose timers run on C{clock}; with SASL (PLAIN and
-    SCRAM-SHA-256) unless C{sasl=False}.
+    runs inline and whose timers run on C{clock}; with SASL (SCRAM-SHA-256,
+    PLAIN and LOGIN, and CRAM-MD5 while APOP is offered) unless
+    C{sasl=False}.
     """
     portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
     options.setdefault("authFailureDelay", 0)
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         hostname=hostname,
         reactor=clock or Clock(),
         apop=apop,
-        sasl=SASLServer(store.findUser) if sasl else None,
         **options,
     )
+    if sasl:
+        factory.sasl = SASLServer(store.findUser, hostname, offerCramMD5=factory.offersCramMD5)
+    return factory
 
 
 def smtpFactory(store, clock=None, lmtp=False, domains=None, hostname="mailgate.test", **options):

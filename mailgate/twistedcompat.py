@@ -42,3 +42,28 @@ def sendNow(transport, data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def raiseListenErrorsAtOnce(service):
+    """
+    Make a C{StreamServerEndpointService} raise from its
+    C{privilegedStartService} when its endpoint fails to listen at once (a
+    port in use, a permission refused), instead of logging the error and
+    carrying on deaf.  Call it before the service starts.
+
+    Relies on the service's private C{_raiseSynchronously} flag, which
+    Twisted reads in C{privilegedStartService} (and resets after it).
+    """
+    service._raiseSynchronously = True
+
+
+def whenListening(service, callback):
+    """
+    Call C{callback(port)} with the C{IListeningPort} of a
+    C{StreamServerEndpointService} once its endpoint listens; call it
+    after C{privilegedStartService}.
+
+    Relies on the service's private C{_waitingForPort}: the L{Deferred} of
+    C{endpoint.listen}, which C{privilegedStartService} keeps there.
+    """
+    service._waitingForPort.addCallback(callback)

@@ -1,10 +1,12 @@
 """
-Shared fixtures: real databases.
+Shared fixtures: real databases, and a real TCP connection.
 
   - C{store}: a synchronous store on a SQLite file in a temporary directory.
   - C{databaseURL}: the URL of an empty database, once for SQLite and once
     for PostgreSQL; tests that use it run on both backends.
   - C{postgresURL}: an empty PostgreSQL database only.
+  - C{tcpConnection}: Twisted's own server-side TCP transport around one
+    end of a loopback connection, and the client's socket.
 
 PostgreSQL comes from C{MAILGATE_TEST_POSTGRES}, which C{make test} sets
 (see tests/pgserver.py).  Each test gets a schema of its own, dropped
@@ -17,9 +19,13 @@ import glob
 import os
 import secrets
 import shutil
+import socket
 from urllib.parse import quote
 
+import attr
 import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
 
 from mailgate.testing import memoryStore
 
@@ -97,3 +103,69 @@ def store(dbpath):
     s = memoryStore(f"sqlite:///{dbpath}")
     yield s
     s.close()
+
+
+class WriterRecordingReactor:
+    """
+    The part of a reactor a TCP transport uses (C{IReactorFDSet}),
+    recording the descriptors it would watch, so a test plays the reactor.
+    """
+
+    def __init__(self):
+        self.readers = set()
+        self.writers = set()
+
+    def addReader(self, reader):
+        self.readers.add(reader)
+
+    def removeReader(self, reader):
+        self.readers.discard(reader)
+
+    def addWriter(self, writer):
+        self.writers.add(writer)
+
+    def removeWriter(self, writer):
+        self.writers.discard(writer)
+
+
+@attr.s
+class TCPConnection:
+    transport = attr.ib()
+    protocol = attr.ib()
+    client = attr.ib()
+    reactor = attr.ib()
+
+    def receive(self, count):
+        """
+        Exactly C{count} octets from the client's socket (blocking, with the
+        socket's timeout).
+        """
+        data = b""
+        while len(data) < count:
+            piece = self.client.recv(count - len(data))
+            assert piece, "connection closed early"
+            data += piece
+        return data
+
+
+@pytest.fixture
+def tcpConnection():
+    """
+    A L{TCPConnection}: Twisted's C{tcp.Server} transport for one end of a
+    loopback connection (its protocol a plain L{Protocol}, its reactor a
+    L{WriterRecordingReactor}), and the client's socket.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    accepted, peer = listener.accept()
+    listener.close()
+    accepted.setblocking(False)
+    reactor = WriterRecordingReactor()
+    protocol = Protocol()
+    transport = tcp.Server(accepted, protocol, peer, None, 1, reactor)
+    protocol.makeConnection(transport)
+    yield TCPConnection(transport, protocol, client, reactor)
+    client.close()
+    accepted.close()

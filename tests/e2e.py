@@ -13,6 +13,7 @@ with what the process wrote so far.
 """
 
 import os
+import poplib
 import re
 import signal
 import socket
@@ -38,8 +39,10 @@ HOSTNAME = "mailgate.test"
 # runs it on both): it overrides the parameters of conftest's databaseURL.
 sqliteOnly = pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 postgresOnly = pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
-_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP) listening on (\S+?)(?::(\d+))? \(")
-_LISTENER_OPTIONS = {"--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP"}
+_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP|METRICS) listening on (\S+?)(?::(\d+))? \(")
+_LISTENER_OPTIONS = {
+    "--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP", "--metrics": "METRICS",
+}
 _LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
 
 
@@ -53,10 +56,14 @@ def databaseURL(path):
 def childEnvironment():
     """
     The environment for child processes: unbuffered output, and no
-    C{MAILGATE_DATABASE} leaking in from the developer's shell.
+    C{MAILGATE_DATABASE} (or systemd's variables) leaking in from the
+    developer's shell.
     """
     env = dict(os.environ)
     env.pop("MAILGATE_DATABASE", None)
+    # Nor the service manager's variables, should the suite run under one.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -94,22 +101,33 @@ class ServerProcess:
     @ivar ports: every listener's port (or Unix socket path) by protocol:
         C{{"POP3": [...], "SMTP": [...], ...}} in the order they started.
     @ivar database: the database URL it serves.
+    @cvar command: how the server is started, before its options.
     """
 
-    def __init__(self, database, options=(), cwd=None, listen=True):
+    command = (TWISTD, "-n", "--pidfile=", "mailgate")
+
+    def __init__(self, database, options=(), cwd=None, listen=True, expect=None, env=None):
         self.database = database
+        # Variables added to the child's environment.
+        self.env = dict(env or {})
         self.options = list(options)
         self.cwd = cwd
         self.listen = listen
+        # Listeners to wait for beyond those on the command line (set in a
+        # configuration file): {"SMTP": 1, ...}.
+        self.expect = dict(expect or {})
         self.port = None
         self.ports = {}
         self.process = None
         self._changed = threading.Condition()
         self._ended = 0
 
+    #: descriptors the child inherits (socket activation)
+    passFds = ()
+
     @property
     def argv(self):
-        argv = [TWISTD, "-n", "--pidfile=", "mailgate", "--database", self.database]
+        argv = [*self.command, "--database", self.database]
         if self.listen:
             argv += ["--pop3", "tcp:0:interface=127.0.0.1"]
         if "--hostname" not in self.options:
@@ -151,8 +169,9 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.cwd,
-            env=childEnvironment(),
+            env={**childEnvironment(), **self.env},
             start_new_session=True,
+            pass_fds=self.passFds,
         )
         self._out = _Drain(self.process.stdout, self._line)
         self._err = _Drain(self.process.stderr, self._line)
@@ -164,6 +183,13 @@ class ServerProcess:
         Start the process and wait until it listens; return the port.
         """
         self.spawn()
+        return self.waitUntilListening()
+
+    def waitUntilListening(self):
+        """
+        Wait until the spawned process logged every listener; return the
+        POP3 port.
+        """
         deadline = time.monotonic() + DEADLINE
         expected = self._expectedListeners()
         with self._changed:
@@ -188,7 +214,7 @@ class ServerProcess:
                 self._changed.wait(min(left, 0.5))
 
     def _expectedListeners(self):
-        expected = {}
+        expected = dict(self.expect)
         argv = self.argv
         for i, arg in enumerate(argv):
             name = _LISTENER_OPTIONS.get(arg.split("=", 1)[0])
@@ -260,12 +286,14 @@ class ServerStarter:
         self.backend = "postgres" if self.database.startswith(("postgresql:", "postgres:")) else "sqlite"
         self.servers = []
 
-    def __call__(self, *options, database=None):
+    def __call__(self, *options, database=None, expect=None):
         """
-        Start C{twistd mailgate [options]} and wait until it listens.
+        Start C{twistd mailgate [options]} and wait until it listens (on
+        what the options name, and on the listeners C{expect} counts by
+        protocol, C{{"SMTP": 1}}, set elsewhere).
         @return: the L{ServerProcess}, with its C{port}.
         """
-        server = ServerProcess(database or self.database, options, cwd=self.tmp_path)
+        server = ServerProcess(database or self.database, options, cwd=self.tmp_path, expect=expect)
         self.servers.append(server)
         server.start()
         return server
@@ -411,6 +439,35 @@ def mailgate_cli(mailgate_server):
 
 
 # -- sockets -------------------------------------------------------------
+
+
+def pop(server, timeout=DEADLINE):
+    """
+    A poplib client connected to C{server}'s POP3 listener.
+    """
+    return poplib.POP3("127.0.0.1", server.port, timeout=timeout)
+
+
+def popLogin(server, address, password):
+    """
+    A poplib client logged in to C{server} with USER and PASS.
+    """
+    client = pop(server)
+    client.user(address)
+    client.pass_(password)
+    return client
+
+
+def retrieve(client, number):
+    """
+    Message C{number} as the octets the server holds (CRLF line ends, dots
+    un-stuffed by poplib), checked against the size the server announced.
+    """
+    status, lines, _ = client.retr(number)
+    data = b"".join(line + b"\r\n" for line in lines)
+    match = re.match(rb"\+OK (\d+) octets", status)
+    assert match and int(match.group(1)) == len(data), (status, len(data))
+    return data
 
 
 def connect(port, timeout=DEADLINE):

@@ -31,7 +31,7 @@ from mailgate.auth.passwords import (
 from mailgate.auth.realm import makePortal
 from mailgate.errors import InvalidAddress
 from mailgate.interfaces import IMaildrop
-from mailgate.testing import TEST_HASH_COST, addUser, memoryStore, resultOf, runInline
+from mailgate.testing import TEST_HASH_COST, FaultInjectingStore, addUser, memoryStore, resultOf, runInline
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -529,24 +529,22 @@ def test_normalizeDomain():
 def test_rememberedLoginNeedsNoUserLookup(users):
     """
     A password verified recently is accepted without looking the user up
-    again: the only database work of the second login is opening the
+    again: the only store work of the second login is opening the
     maildrop, which also confirms the stored hash is still the same.
     """
     runner = RecordingRunner()
-    portal = makePortal(users, runner)
+    store = FaultInjectingStore(users)
+    portal = makePortal(store, runner)
     _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
     logout()
-    statements = []
-    users.database._conn.set_trace_callback(statements.append)
-    try:
-        _, maildrop, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
-    finally:
-        users.database._conn.set_trace_callback(None)
+    del store.calls[:]
+    _, maildrop, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
     logout()
     assert maildrop.address == BOB
     assert len(runner.calls) == 1  # one scrypt verification in all
-    assert not [s for s in statements if "WHERE address" in s]
-    assert [s for s in statements if s.startswith("SELECT password_hash") and "FROM users WHERE user_id" in s]
+    [(operation, (identity,)), release] = store.calls
+    assert operation == "openMaildrop" and release == ("release", ())
+    assert identity.passwordHash == resultOf(users.findUser(BOB)).passwordHash
 
 
 def test_staleRememberedPasswordIsForgotten(users):

@@ -20,13 +20,11 @@ import hashlib
 import io
 import re
 
-import pytest
 
 from e2e import MAILGATE, runCommand
 from mailgate.cli import run
 from mailgate.store import openSynchronousStore
 from mailgate.store.copy import CHUNKS_PER_READ, ROWS_PER_READ
-from mailgate.store.database import runTransaction
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, deliver, resultOf
 
@@ -132,7 +130,7 @@ def query(store, sql, args=()):
         cursor.execute(sql, args)
         return [tuple(row) for row in cursor.fetchall()]
 
-    return runTransaction(store.engine, store.database._conn, rows, (), {}, False)
+    return store.database.run(rows)
 
 
 def retr(session, number):

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
-    DEADLINE,
     TWISTD,
     LineReader,
     connect,
@@ -35,6 +34,8 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     dotStuffed,
     mailgate_cli,
     mailgate_server,
+    pop,
+    popLogin as login,
     runCommand,
     sqliteOnly,
     waitFor,
@@ -65,17 +66,6 @@ def crlf(data):
     What C{mailgate deliver} stores for C{data}: every line end CRLF.
     """
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def pop(server, timeout=DEADLINE):
-    return poplib.POP3("127.0.0.1", server.port, timeout=timeout)
-
-
-def login(server, address, password):
-    client = pop(server)
-    client.user(address)
-    client.pass_(password)
-    return client
 
 
 def octetsIn(response):
@@ -469,8 +459,7 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__",
-            ".pgtest",  # a private PostgreSQL cluster: its socket cannot be copied
+            ".git", ".venv", ".pgtest", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__"
         ),
     )
     wheels = tmp_path / "wheels"
@@ -488,8 +477,6 @@ def test_wheelShipsThePluginButNoNamespaceInit(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "mailgate/pop3/protocol.py" in names
-    for sql in (REPO / "mailgate" / "store").glob("*.sql"):
-        assert f"mailgate/store/{sql.name}" in names
 
 
 # -- 8. start-up errors --------------------------------------------------

@@ -35,6 +35,7 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     databaseURL,
     mailgate_cli,
     mailgate_server,
+    retrieve,
     waitFor,
 )
 
@@ -72,18 +73,6 @@ def popLogin(server, address, password=None):
     client.user(address)
     client.pass_(password or PASSWORDS[address])
     return client
-
-
-def retrieve(client, number):
-    """
-    Message C{number} as the octets the server holds (CRLF line ends, dots
-    un-stuffed by poplib), checked against the size the server announced.
-    """
-    status, lines, _ = client.retr(number)
-    data = b"".join(line + b"\r\n" for line in lines)
-    match = re.match(rb"\+OK (\d+) octets", status)
-    assert match and int(match.group(1)) == len(data), (status, len(data))
-    return data
 
 
 def fetchAll(server, address, password=None):

@@ -12,8 +12,6 @@ nothing asserts on wall-clock time.
 """
 
 import base64
-import hashlib
-import hmac
 import os
 import poplib
 import re
@@ -26,11 +24,13 @@ import ssl
 import pytest
 
 from certs import certificateFingerprint, makeCertificate
+from saslclients import ScramClient
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
     LineReader,
     mailgate_cli,
     mailgate_server,
+    retrieve,
     runCommand,
     waitFor,
 )
@@ -145,42 +145,6 @@ def challengeOf(reply):
     return base64.b64decode(reply[2:-2], validate=True)
 
 
-# -- a SCRAM-SHA-256 client (RFC 5802, RFC 7677), written from the RFC ---------
-
-
-class ScramClient:
-    def __init__(self, username, password):
-        self.password = password.encode("utf-8")
-        self.nonce = base64.b64encode(os.urandom(18)).decode("ascii")
-        name = username.replace("=", "=3D").replace(",", "=2C")
-        self.clientFirstBare = f"n={name},r={self.nonce}"
-        self.serverSignature = None
-
-    def first(self):
-        return b"n,," + self.clientFirstBare.encode("utf-8")
-
-    def final(self, serverFirst):
-        text = serverFirst.decode("utf-8")
-        attributes = dict(item.split("=", 1) for item in text.split(","))
-        nonce = attributes["r"]
-        assert nonce.startswith(self.nonce) and len(nonce) > len(self.nonce), text
-        salt = base64.b64decode(attributes["s"])
-        iterations = int(attributes["i"])
-        withoutProof = f"c={base64.b64encode(b'n,,').decode('ascii')},r={nonce}"
-        authMessage = ",".join([self.clientFirstBare, text, withoutProof]).encode("utf-8")
-        salted = hashlib.pbkdf2_hmac("sha256", self.password, salt, iterations)
-        clientKey = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-        storedKey = hashlib.sha256(clientKey).digest()
-        signature = hmac.new(storedKey, authMessage, hashlib.sha256).digest()
-        proof = bytes(a ^ b for a, b in zip(clientKey, signature))
-        serverKey = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-        self.serverSignature = hmac.new(serverKey, authMessage, hashlib.sha256).digest()
-        return f"{withoutProof},p={base64.b64encode(proof).decode('ascii')}".encode("ascii")
-
-    def verify(self, serverFinal):
-        return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
-
-
 def scram(wire, username, password):
     """
     Run AUTH SCRAM-SHA-256 to the end; return the final reply line (after
@@ -212,11 +176,6 @@ def receivedOf(stored):
     match = re.search(rb"^Received: .*?(?=\r\n[^\t ])", stored, re.S | re.M)
     assert match, stored[:400]
     return match.group(0).decode("utf-8")
-
-
-def retrieve(client, number):
-    _, lines, _ = client.retr(number)
-    return b"".join(line + b"\r\n" for line in lines)
 
 
 def logLines(server, text):
@@ -346,7 +305,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     trusted = POP3Wire(server.port)
     capabilities = trusted.capabilities()
     assert "USER" in capabilities and "STLS" in capabilities, capabilities
-    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities, capabilities
     trusted.close()
 
     wire = POP3Wire(server.port, source=UNTRUSTED_SOURCE)
@@ -354,7 +313,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     assert "STLS" in capabilities, capabilities
     assert "USER" not in capabilities, capabilities
     [saslLine] = [line for line in capabilities if line.startswith("SASL")]
-    assert "PLAIN" not in saslLine.split(), capabilities
+    assert "PLAIN" not in saslLine.split() and "LOGIN" not in saslLine.split(), capabilities
     assert wire.command(f"USER {ALICE}") == PLAINTEXT_REFUSED
     assert wire.command(f"PASS {ALICE_PW}") == PLAINTEXT_REFUSED
     assert sasl(wire, "PLAIN", f"\0{ALICE}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
@@ -365,7 +324,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     assert peerCertificate(wire.sock) == der(certificatePath)
     capabilities = wire.capabilities()
     assert "USER" in capabilities and "STLS" not in capabilities, capabilities
-    assert "SASL SCRAM-SHA-256 PLAIN" in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities, capabilities
     assert wire.command(f"USER {ALICE}").startswith(b"+OK")
     assert wire.command(f"PASS {ALICE_PW}").startswith(b"+OK")
     assert wire.command("STAT") == b"+OK 0 0\r\n"

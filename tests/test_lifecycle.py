@@ -57,6 +57,29 @@ def users(store):
     return {u.address: u for u in resultOf(store.listUsers())}
 
 
+# -- contracts -------------------------------------------------------------------
+
+
+def test_theStoreProvidesILifecycleStoreAndItsMaildropsIMaildrop(store):
+    """
+    What the lifecycle adds to the store and to a session's maildrop is
+    declared (mailgate.interfaces), not found by duck typing.
+    """
+    from zope.interface.verify import verifyObject
+
+    from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore
+
+    assert verifyObject(IMailStore, store)
+    assert verifyObject(ILifecycleStore, store)
+    identity = resultOf(store.findUser(ALICE))
+    maildrop = resultOf(store.openMaildrop(identity))
+    try:
+        assert verifyObject(IMaildrop, maildrop)
+        assert maildrop.expireDays is None
+    finally:
+        resultOf(maildrop.release())
+
+
 # -- sizes ---------------------------------------------------------------------
 
 
@@ -95,19 +118,25 @@ def test_useFollowsDeliveriesAndDeletions(store):
 
 def test_useSurvivesTheMigrationOfAnExistingDatabase(databaseURL):
     """
-    A database made before quotas existed gets its use computed once, by
-    the migration.
+    A database made before quotas existed (at version 2, the connection
+    policy's tables, as main left it) is upgraded to version 3 and gets its
+    use computed once, by the migration.
     """
     from mailgate.store import openSynchronousStore
     from mailgate.store.database import runTransaction
-    from mailgate.store.schema import MIGRATIONS, applyMigration
+    from mailgate.store.schema import MIGRATIONS, _ensureVersionTable, applyMigration, currentVersion
 
+    assert [m.version for m in MIGRATIONS[:3]] == [1, 2, 3]
     engine = engineFromURL(databaseURL)
     conn = engine.connect()
     try:
-        from mailgate.store.schema import _ensureVersionTable
 
-        runTransaction(engine, conn, lambda c: (_ensureVersionTable(c), applyMigration(c, engine, MIGRATIONS[0])), (), {}, True)
+        def atVersion2(cursor):
+            _ensureVersionTable(cursor)
+            for migration in MIGRATIONS[:2]:
+                applyMigration(cursor, engine, migration)
+
+        runTransaction(engine, conn, atVersion2, (), {}, True)
 
         def old(cursor):
             cursor.execute(
@@ -122,13 +151,21 @@ def test_useSurvivesTheMigrationOfAnExistingDatabase(databaseURL):
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (userId, uid, f"u{uid}", userId, f"b{uid}", size, 10, 1000 + uid),
                 )
+            return currentVersion(cursor)
 
-        runTransaction(engine, conn, old, (), {}, True)
+        assert runTransaction(engine, conn, old, (), {}, True) == 2
     finally:
         conn.close()
     upgraded = openSynchronousStore(databaseURL)
     try:
+        assert upgraded.database.run(currentVersion) == 3
         assert usage(upgraded, ALICE) == (2, 350)
+        # The policy's tables, made by version 2, are still there.
+        def banVersion(cursor):
+            cursor.execute("SELECT version FROM ban_version")
+            return [tuple(row) for row in cursor.fetchall()]
+
+        assert upgraded.database.run(banVersion) == [(0,)]
     finally:
         upgraded.close()
 
@@ -226,7 +263,8 @@ def test_quotaOfAnUnknownUser(store):
 
 def threadedStore(url, reactor):
     engine = engineFromURL(url)
-    return SQLMailStore(Database(engine, reactor), engine.makeLocks(None) if engine.name == "sqlite" else None)
+    database = Database(engine, reactor)
+    return SQLMailStore(database, engine.makeLocks(database))
 
 
 @pytest.mark.parametrize("partial", [False, True])
@@ -287,7 +325,7 @@ def test_concurrentDeliveriesNeverSqueezeUnderTheLimit(databaseURL, partial):
 SENDER = "sender@example.net"
 
 
-def intake(store, lmtp=False, quotaExceeded="temporary"):
+def intake(store, lmtp=False, quotaExceeded="temporary", metrics=None):
     from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
     from mailgate.testing import SMTPSession
     from twisted.internet.task import Clock
@@ -297,8 +335,9 @@ def intake(store, lmtp=False, quotaExceeded="temporary"):
         LocalDelivery(store, ["example.org"], quotaExceeded=quotaExceeded),
         hostname="mailgate.test",
         reactor=Clock(),
+        metrics=metrics,
     )
-    session = SMTPSession(store, factory=factory)
+    session = SMTPSession(store, factory=factory, clock=factory.reactor)
     assert session.command("LHLO client.test" if lmtp else "EHLO client.test").startswith("250")
     return session
 
@@ -386,6 +425,78 @@ def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
     assert len(resultOf(store.listMessages(BOB))) == 1
 
 
+@pytest.fixture
+def events():
+    from twisted.logger import globalLogPublisher
+
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        yield captured
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+
+
+def named(events, name):
+    return [e for e in events if e.get("event") == name]
+
+
+def test_aRecipientOverQuotaIsNotABadCommand(store):
+    """
+    A recipient refused for its quota is a fair request refused: an MTA
+    with many full recipients is not closed as a client sending bad
+    commands.
+    """
+    resultOf(store.setQuota(ALICE, 10))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
+    limit = session.protocol.maxBadCommands
+    for _ in range(limit + 5):
+        assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert not session.disconnected
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+
+
+@pytest.mark.parametrize("permanent", [False, True], ids=["temporary", "permanent"])
+def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, events, permanent):
+    from test_observability import RecordingMetrics
+
+    metrics = RecordingMetrics()
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, quotaExceeded="permanent" if permanent else "temporary", metrics=metrics)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(1, 800)).startswith("552 5.2.2" if permanent else "452 4.2.2")
+    assert metrics.named("delivery") == [("smtp", "rejected" if permanent else "tempfail")]
+    [event] = named(events, "smtp.delivery_failed")
+    assert event["reason"] == "mailbox full" and event["session"] == session.protocol.sessionId
+    assert not named(events, "smtp.delivered")
+
+
+def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, events):
+    from test_observability import RecordingMetrics
+
+    metrics = RecordingMetrics()
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, lmtp=True, metrics=metrics)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    data(session, message(1, 800))
+    accepted, refused = metrics.named("delivery")
+    # Bob's copy was stored (its octets and time counted), Alice's refused.
+    assert accepted[:2] == ("lmtp", "accepted") and accepted[2][0] == "octets"
+    assert refused == ("lmtp", "tempfail")
+    [event] = named(events, "lmtp.delivered")
+    assert event["full"] == [ALICE] and list(event["uniqueIds"]) == [BOB]
+    # Only a full recipient: no accepted delivery at all.
+    del metrics.calls[:]
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(2, 800)).startswith("452 4.2.2")
+    assert metrics.named("delivery") == [("lmtp", "tempfail")]
+
+
 # -- options ------------------------------------------------------------------------
 
 
@@ -421,6 +532,38 @@ def test_twistdOptions(monkeypatch):
     ):
         with pytest.raises(usage.UsageError):
             parse(*argv)
+
+
+def test_theOptionsInAConfigurationFile(tmp_path, monkeypatch):
+    """
+    The same settings as configuration file keys: sizes as a number of
+    octets or with a unit, days as a number or "never"; a wrong value
+    names its key.
+    """
+    from mailgate import tap
+
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+    def parse(text):
+        path = tmp_path / "mailgate.toml"
+        path.write_text(text)
+        options = tap.Options()
+        options.parseOptions(["--config", str(path)])
+        return options.toConfig()
+
+    config = parse('default-quota = "500M"\nexpire-days = "never"\nkeep-deleted-days = 2\n')
+    assert (config.defaultQuota, config.expireDays, config.keepDeletedDays) == (500 << 20, None, 2)
+    config = parse('default-quota = 1048576\nexpire-days = 14\nquota-exceeded = "permanent"\n')
+    assert (config.defaultQuota, config.expireDays, config.quotaExceeded) == (1 << 20, 14, "permanent")
+    for text, key in (
+        ('default-quota = "lots"\n', "default-quota"),
+        ("default-quota = true\n", "default-quota"),
+        ('expire-days = "soon"\n', "expire-days"),
+        ("keep-deleted-days = -1\n", "keep-deleted-days"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse(text)
+        assert f"key {key!r}" in str(e.value)
 
 
 def test_serviceGivesTheStoreItsLimits(databaseURL):
@@ -577,16 +720,19 @@ def test_retentionOnSeveralNodesAtOnce(databaseURL):
 
 
 def test_retentionServiceRunsPeriodically(store):
-    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactorClock
 
     from mailgate.store.housekeeping import RetentionService
 
     clock = Clocked(store)
     deliver(store, [ALICE], message(1))
     store.limits.expireDays = 1
-    reactor = Clock()
+    reactor = MemoryReactorClock()
     service = RetentionService(store, reactor, interval=60)
     service.startService()
+    # Nothing runs before the reactor does (twistd starts services first).
+    assert not reactor.getDelayedCalls()
+    reactor.run()
     try:
         reactor.advance(60)
         assert len(resultOf(store.listMessages(ALICE))) == 1
@@ -901,7 +1047,7 @@ def test_whoShowsSessionsOfLiveNodesOnly(databaseURL, store):
         admin.close()
 
 
-def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store):
+def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
     deliver(store, [ALICE], message(1))
     session = POP3Session(store)
     assert session.login(ALICE, "wonderland").startswith("+OK")
@@ -913,10 +1059,13 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store):
         assert resultOf(admin.kickSessions(ALICE)) == 1
     finally:
         admin.close()
-    # The node finds the mark and ends the session: no UPDATE state.
+    # The node finds the mark and ends the session: no UPDATE state; its
+    # logout says why.
     assert resultOf(store.sessions.poll()) == 1
     assert session.disconnected
     assert session.transport.value().decode().startswith("-ERR [SYS/TEMP] session ended by the administrator")
+    [logout] = named(events, "pop3.logout")
+    assert (logout["why"], logout["user"], logout["deleted"]) == ("kicked by the administrator", ALICE, 0)
     resultOf(store.sessions.flush())
     assert resultOf(store.listSessions()) == []
     # The lock is free and nothing was deleted.
@@ -925,13 +1074,15 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store):
 
 
 def test_registryServiceWritesAndKicks(store):
-    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactorClock
 
     from mailgate.store.housekeeping import RegistryService
 
-    reactor = Clock()
+    reactor = MemoryReactorClock()
     service = RegistryService(store, reactor, name="node-x")
     service.startService()
+    assert not reactor.getDelayedCalls()
+    reactor.run()
     try:
         session = POP3Session(store)
         assert session.login(ALICE, "wonderland").startswith("+OK")

@@ -128,12 +128,12 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
     with psycopg.connect(url, autocommit=True) as conn:
         expected = conn.execute("SELECT uid, size FROM maildrop WHERE user_id = %s", (bob,)).fetchall()
     assert len(expected) == 300 and len({size for _, size in expected}) > 100
-    uids, got = reactor.wait(locks.acquireAndSnapshot(bob))
+    uids, got = reactor.wait(locks.acquireAndSnapshot(bob, None))
     assert list(zip(uids, got)) == sorted(expected)
     reactor.wait(locks.release(bob))
     # An empty maildrop.
     alice = ids[0]
-    uids, got = reactor.wait(locks.acquireAndSnapshot(alice))
+    uids, got = reactor.wait(locks.acquireAndSnapshot(alice, None))
     assert (list(uids), list(got)) == ([], [])
     assert lockHolders(url) != []
     reactor.wait(locks.release(alice))
@@ -143,7 +143,7 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
 def test_aPasswordChangedSinceItWasVerifiedGivesTheLockBack(node):
     locks, reactor, ids, url = node
     alice = ids[0]
-    failure = reactor.wait(locks.acquireAndSnapshot(alice, passwordHash="$scrypt$not-the-stored-one"))
+    failure = reactor.wait(locks.acquireAndSnapshot(alice, "$scrypt$not-the-stored-one"))
     assert failure.check(CredentialsChanged)
     reactor.turnUntil(lambda: lockHolders(url) == [] and locks._routes == {}, timeout=10)
     assert alice not in locks._held
@@ -174,3 +174,70 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     assert reactor.wait(locks.acquire(alice)) == alice
     assert lockHolders(url) != [pid]
     reactor.wait(locks.release(alice))
+
+
+class RecordingReactor(IteratedReactor):
+    """
+    A reactor of the test's own that notes every reader, timer and call
+    from a worker thread handed to it.
+    """
+
+    def __init__(self):
+        self.readersAdded = []
+        self.timers = []
+        self.fromThreads = 0
+        super().__init__()
+
+    def addReader(self, reader):
+        self.readersAdded.append(reader)
+        return super().addReader(reader)
+
+    def callLater(self, delay, function, *args, **kwargs):
+        self.timers.append(function)
+        return super().callLater(delay, function, *args, **kwargs)
+
+    def callFromThread(self, function, *args, **kwargs):
+        self.fromThreads += 1
+        return super().callFromThread(function, *args, **kwargs)
+
+
+def test_openStoreRunsTheLocksOnTheReactorItIsGiven(postgresURL):
+    """
+    C{openStore(url, reactor)} hands its reactor to everything below it:
+    a whole POP3 login, QUIT and close on PostgreSQL run on a reactor that
+    is neither installed nor running, turned by the test.  The lock
+    connections' sockets are watched by it, their deadlines are its
+    timers, the worker threads hand their results to it, and the global
+    reactor never sees a lock connection.
+    """
+    from twisted.internet import reactor as globalReactor
+
+    from mailgate.store import openStore
+    from mailgate.store.pgreactor import ReactorConnection
+
+    setup = memoryStore(postgresURL)
+    try:
+        addUser(setup, USERS[0], "pw")
+        for n in range(3):
+            deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    finally:
+        setup.close()
+    reactor = RecordingReactor()
+    store = openStore(postgresURL, reactor)
+    try:
+        user = reactor.wait(store.findUser(USERS[0]))
+        assert user.address == USERS[0]
+        maildrop = reactor.wait(store.openMaildrop(user))
+        assert len(maildrop.sizes) == 3
+        assert len(lockHolders(postgresURL)) == 1
+        assert reactor.wait(maildrop.expunge([0])) == 1
+        assert reactor.wait(maildrop.release()) is None
+        assert lockHolders(postgresURL) == []
+    finally:
+        reactor.wait(store.close())
+        reactor.close()
+    lockConnections = [r for r in reactor.readersAdded if isinstance(r, ReactorConnection)]
+    assert len(lockConnections) == 1
+    assert any(getattr(t, "__self__", None) is lockConnections[0] for t in reactor.timers)
+    assert reactor.fromThreads >= 3  # the user lookup, the lock connection, the expunge
+    assert not [r for r in globalReactor.getReaders() if isinstance(r, ReactorConnection)]

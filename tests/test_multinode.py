@@ -22,7 +22,6 @@ import poplib
 import re
 import shlex
 import smtplib
-import socket
 import subprocess
 import threading
 
@@ -34,7 +33,10 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     connect,
     mailgate_cli,
     mailgate_server,
+    pop,
+    popLogin as login,
     postgresOnly,
+    retrieve,
     waitFor,
 )
 from mailgate.store.postgres import LOCK_RELEASE_BOUND
@@ -83,17 +85,6 @@ def send(server, recipients, message):
         client.quit()
 
 
-def pop(server):
-    return poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
-
-
-def login(server, address, password):
-    client = pop(server)
-    client.user(address)
-    client.pass_(password)
-    return client
-
-
 def refusedLogin(server, address, password):
     """
     A login that must fail: the -ERR line it got.
@@ -110,16 +101,6 @@ def refusedLogin(server, address, password):
 
 def uidl(client):
     return [line.split()[1].decode() for line in client.uidl()[1]]
-
-
-def retr(client, number):
-    """
-    A message as RETR gives it, CRLF line ends, dot-stuffing undone.
-    """
-    status, lines, octets = client.retr(number)
-    data = b"".join(line + b"\r\n" for line in lines)
-    assert re.match(rb"\+OK %d octets" % len(data), status), (status, len(data))
-    return data
 
 
 def message(subject, body=b"hello\r\n"):
@@ -153,7 +134,7 @@ def test_smtpIntoOneNodePop3FromTheOther(mailgate_server, mailgate_cli):
 
     client = login(b, ALICE, ALICE_PW)
     assert client.stat()[0] == 1
-    received = retr(client, 1)
+    received = retrieve(client, 1)
     client.quit()
     assert received.endswith(sent)
     trace = received[: -len(sent)]
@@ -256,7 +237,7 @@ def test_killedNodeReleasesItsLocksAndLosesNothing(mailgate_server, mailgate_cli
     b = node(mailgate_server, "node-b")
 
     client = login(a, ALICE, ALICE_PW)
-    assert retr(client, 1).endswith(message("m0"))
+    assert retrieve(client, 1).endswith(message("m0"))
     assert client.dele(1).startswith(b"+OK")
     assert client.dele(2).startswith(b"+OK")
     assert client.stat()[0] == 1
@@ -281,7 +262,7 @@ def test_killedNodeReleasesItsLocksAndLosesNothing(mailgate_server, mailgate_cli
     client = waitFor(attempt, "node B to get the lock of the killed node A", timeout=LOCK_RELEASE_BOUND)
     assert client.stat()[0] == 3
     assert uidl(client) == uids
-    assert retr(client, 2).endswith(message("m1"))
+    assert retrieve(client, 2).endswith(message("m1"))
     assert client.quit().startswith(b"+OK")
     assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == uids
     assert b.running(), b.log()
@@ -372,7 +353,7 @@ def test_deletionAtQuitIsVisibleOnTheOtherNode(mailgate_server, mailgate_cli):
 
     client = login(a, ALICE, ALICE_PW)
     assert uidl(client) == [uids[2]]
-    assert retr(client, 1).endswith(message("m2"))
+    assert retrieve(client, 1).endswith(message("m2"))
     assert client.quit().startswith(b"+OK")
 
 

@@ -1,15 +1,14 @@
 """
 TLS and SASL as clients see them, without sockets: STLS and the plaintext
-policy in POP3, AUTH PLAIN and SCRAM-SHA-256 (with a small RFC 5802 client
-written here from the RFC, not from mailgate's code), and STARTTLS in SMTP
-and LMTP.
+policy in POP3, AUTH PLAIN, LOGIN, CRAM-MD5 and SCRAM-SHA-256 (with small
+clients written from the RFCs, not from mailgate's code: see
+C{tests/saslclients.py}), and STARTTLS in SMTP and LMTP.
 
 Sessions run over L{TLSStringTransport}, which records C{startTLS} and what
 went out before it, against a real SQLite store; the L{ServerTLS} is real,
 made from a certificate of L{certs} (C{tests/certs.py}).
 """
 
-import base64
 import hashlib
 import hmac
 import io
@@ -21,10 +20,11 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from mailgate.auth.passwords import parseScramSecret, scramSha256Secret
 from mailgate.auth.sasl import ScramCredentials
 from mailgate.cli import run as runCLI
-from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf
 from mailgate.tls import ServerTLS
 
 from certs import makeCertificate
+from saslclients import ScramClient, b64, cramMD5Response, unb64
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -33,16 +33,6 @@ PASSWORD = "wonderland"
 UNTRUSTED = IPv4Address("TCP", "198.51.100.7", 1234)
 REFUSED = "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
 INVALID = "-ERR [AUTH] invalid user name or password\r\n"
-
-
-def b64(data):
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
-
-
-def unb64(text):
-    return base64.b64decode(text, validate=True)
 
 
 def plain(authcid, password, authzid=""):
@@ -89,73 +79,13 @@ def untrusted(store, **options):
     return POP3Session(store, peer=UNTRUSTED, **options)
 
 
-# -- a SCRAM-SHA-256 client (RFC 5802, RFC 7677) -----------------------------
-
-
-def _hmac(key, message):
-    return hmac.new(key, message, hashlib.sha256).digest()
-
-
-def _xor(a, b):
-    return bytes(x ^ y for x, y in zip(a, b))
-
-
-def saslname(name):
-    return name.replace("=", "=3D").replace(",", "=2C")
-
-
-class ScramClient:
-    """
-    The client side of SCRAM-SHA-256 without channel binding.
-    """
-
-    def __init__(self, username, password, nonce="fyko+d2lbbFgONRv9qkxdawL", gs2="n,,"):
-        self.username = username
-        self.password = password
-        self.clientNonce = nonce
-        self.gs2 = gs2
-        self.clientFirstBare = f"n={saslname(username)},r={nonce}"
-        self.serverSignature = None
-
-    def first(self):
-        return (self.gs2 + self.clientFirstBare).encode("utf-8")
-
-    def parseServerFirst(self, message):
-        text = message.decode("utf-8")
-        attributes = dict(item.split("=", 1) for item in text.split(","))
-        assert set(attributes) == {"r", "s", "i"}, text
-        assert text == f"r={attributes['r']},s={attributes['s']},i={attributes['i']}"
-        return attributes["r"], unb64(attributes["s"]), int(attributes["i"])
-
-    def final(self, serverFirst, nonce=None, channelBinding=None):
-        """
-        The client-final-message answering C{serverFirst}; C{nonce} and
-        C{channelBinding} replace the correct values, for tampering.
-        """
-        serverNonce, salt, iterations = self.parseServerFirst(serverFirst)
-        assert serverNonce.startswith(self.clientNonce) and len(serverNonce) > len(self.clientNonce)
-        binding = channelBinding if channelBinding is not None else b64(self.gs2)
-        withoutProof = f"c={binding},r={nonce if nonce is not None else serverNonce}"
-        authMessage = ",".join([self.clientFirstBare, serverFirst.decode("utf-8"), withoutProof]).encode("utf-8")
-        salted = hashlib.pbkdf2_hmac("sha256", self.password.encode("utf-8"), salt, iterations)
-        clientKey = _hmac(salted, b"Client Key")
-        storedKey = hashlib.sha256(clientKey).digest()
-        proof = _xor(clientKey, _hmac(storedKey, authMessage))
-        serverKey = _hmac(salted, b"Server Key")
-        self.serverSignature = _hmac(serverKey, authMessage)
-        return f"{withoutProof},p={b64(proof)}".encode("utf-8")
-
-    def verify(self, serverFinal):
-        return serverFinal == b"v=" + base64.b64encode(self.serverSignature)
-
-
 def scramExchange(session, username, password, initial=True, **tamper):
     """
     Run AUTH SCRAM-SHA-256 up to and including the client-final-message.
 
     @return: C{(client, serverFirst, reply to the client-final-message)}.
     """
-    client = ScramClient(username, password)
+    client = ScramClient(username, password, nonce="fyko+d2lbbFgONRv9qkxdawL")
     if initial:
         serverFirst = challenge(session.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
     else:
@@ -201,7 +131,7 @@ def test_rfc7677VectorClientProofChecks():
 
 def test_rfc7677VectorServerSignature():
     _, serverKey = rfc7677Keys()
-    assert b64(_hmac(serverKey, RFC7677_AUTH_MESSAGE)) == RFC7677_SERVER_SIGNATURE
+    assert b64(hmac.new(serverKey, RFC7677_AUTH_MESSAGE, hashlib.sha256).digest()) == RFC7677_SERVER_SIGNATURE
 
 
 def test_rfc7677VectorWrongProofOrMessageFails():
@@ -233,15 +163,15 @@ def test_rfc7677VectorTestClient():
 def test_capaFromTrustedPeer(store, alice):
     lines = capabilities(POP3Session(store))
     assert "USER" in lines
-    assert "SASL SCRAM-SHA-256 PLAIN" in lines
+    assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in lines
     assert "STLS" not in lines  # no TLS configured
 
 
 def test_capaFromUntrustedPeerWithoutTLS(store, alice):
     lines = capabilities(untrusted(store))
     assert "USER" not in lines
-    assert "SASL SCRAM-SHA-256" in lines
-    assert not any("PLAIN" in line for line in lines)
+    assert "SASL SCRAM-SHA-256 CRAM-MD5" in lines
+    assert not any("PLAIN" in line or "LOGIN" in line for line in lines)
     assert "STLS" not in lines
 
 
@@ -271,8 +201,10 @@ def test_refusedPlaintextDoesNotReachTheChecker(store, alice):
 
 
 def test_authWithoutMechanismListsMechanisms(store, alice):
-    assert POP3Session(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nPLAIN\r\n.\r\n"
-    assert untrusted(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\n.\r\n"
+    assert POP3Session(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nCRAM-MD5\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+    assert untrusted(store).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nCRAM-MD5\r\n.\r\n"
+    # Without APOP, no CRAM-MD5 either.
+    assert POP3Session(store, apop=False).command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nPLAIN\r\nLOGIN\r\n.\r\n"
 
 
 def test_apopWorksForUntrustedPeer(store):
@@ -325,7 +257,7 @@ def test_capaListsSTLSBeforeLogin(store, alice, tls):
     # Before STLS, an untrusted peer is still offered no plaintext login.
     lines = capabilities(untrusted(store, tls=tls))
     assert "USER" not in lines
-    assert "SASL SCRAM-SHA-256" in lines
+    assert "SASL SCRAM-SHA-256 CRAM-MD5" in lines
 
 
 def test_stlsAfterAFailedLoginInTheSamePacket(store, alice, tls):
@@ -355,8 +287,8 @@ def test_afterSTLSTheSessionIsSecure(store, alice, tls):
     lines = capabilities(s)
     assert "STLS" not in lines
     assert "USER" in lines
-    assert "SASL SCRAM-SHA-256 PLAIN" in lines
-    assert s.command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nPLAIN\r\n.\r\n"
+    assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in lines
+    assert s.command("AUTH") == "+OK\r\nSCRAM-SHA-256\r\nCRAM-MD5\r\nPLAIN\r\nLOGIN\r\n.\r\n"
     assert s.command("STLS") == "-ERR already using TLS\r\n"
     assert s.login(ALICE, PASSWORD).startswith(f"+OK {ALICE} has 0 messages")
 
@@ -545,7 +477,7 @@ def test_authUnknownMechanism(store, alice):
     s = POP3Session(store)
     reply = s.command("AUTH KERBEROS_V4")
     assert reply.startswith("-ERR ") and reply.count("\r\n") == 1
-    assert s.command("AUTH CRAM-MD5 abcd").startswith("-ERR ")
+    assert s.command("AUTH DIGEST-MD5").startswith("-ERR unsupported authentication mechanism")
     assert s.login(ALICE, PASSWORD).startswith("+OK")
 
 
@@ -570,6 +502,186 @@ def test_saslResponseMayBeLongerThanACommand(store, alice):
     s = POP3Session(store)
     assert s.command("AUTH PLAIN") == "+ \r\n"
     assert s.command(plain(BOB, 'x' * 400)).startswith(f"+OK {BOB}")
+
+
+# -- AUTH LOGIN --------------------------------------------------------------------
+
+
+def test_authLoginAsksForNameThenPassword(store, alice):
+    s = POP3Session(store)
+    assert challenge(s.command("AUTH LOGIN")) == b"Username:"
+    assert challenge(s.command(b64(ALICE))) == b"Password:"
+    assert s.command(b64(PASSWORD)) == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+    assert s.command("STAT") == "+OK 0 0\r\n"
+
+
+def test_authLoginWithTheNameAsInitialResponse(store, alice):
+    s = POP3Session(store)
+    assert challenge(s.command(f"AUTH LOGIN {b64(ALICE)}")) == b"Password:"
+    assert s.command(b64(PASSWORD)).startswith(f"+OK {ALICE} has 0 messages")
+
+
+def test_authLoginFailuresLookLikeAnyFailedLogin(store, alice):
+    """
+    A wrong password and an unknown user get the same answer, after the
+    same delay, as USER/PASS and PLAIN, and count towards the limit.
+    """
+    s = POP3Session(store, authFailureDelay=5)
+    for name, password in ((ALICE, "wrong"), ("nobody@example.org", PASSWORD), (ALICE, "")):
+        s.command("AUTH LOGIN")
+        s.command(b64(name))
+        assert s.command(b64(password)) == ""
+        assert s.advance(4.9) == b""
+        expected = INVALID.encode()
+        if name == ALICE and password == "":
+            expected += b"-ERR too many failed logins; closing the connection\r\n"
+        assert s.advance(0.1) == expected
+    assert s.disconnected
+
+
+def test_authLoginNeedsAName(store, alice):
+    s = POP3Session(store)
+    s.command("AUTH LOGIN")
+    assert s.command("=").startswith("-ERR [AUTH] ")
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authLoginCancel(store, alice):
+    s = POP3Session(store)
+    s.command("AUTH LOGIN")
+    s.command(b64(ALICE))
+    assert s.command("*") == "-ERR authentication cancelled\r\n"
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_authLoginIsPlaintext(store, alice, tls):
+    """
+    LOGIN sends the password itself: refused (before anything is asked)
+    where plaintext passwords are, and accepted once the session is secure.
+    """
+    s = untrusted(store, tls=tls)
+    assert s.command("AUTH LOGIN") == REFUSED
+    assert s.command(f"AUTH LOGIN {b64(ALICE)}") == REFUSED
+    s.command("STLS")
+    assert challenge(s.command(f"AUTH LOGIN {b64(ALICE)}")) == b"Password:"
+    assert s.command(b64(PASSWORD)).startswith("+OK")
+
+
+# -- AUTH CRAM-MD5 -------------------------------------------------------------------
+
+
+def test_rfc2195Vector():
+    """
+    The example exchange of RFC 2195 section 2.
+    """
+    from mailgate.auth.credentials import CramMD5Credentials
+
+    credentials = CramMD5Credentials(
+        b"<1896.697170952@postoffice.reston.mci.net>", b"tim", b"b913a602c7eda7a495b4e6e7334d3890"
+    )
+    assert credentials.checkPassword(b"tanstaaftanstaaf")
+    assert not credentials.checkPassword(b"tanstaaftanstaag")
+    assert cramMD5Response("tim", "tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>") == (
+        b"tim b913a602c7eda7a495b4e6e7334d3890"
+    )
+
+
+@pytest.fixture
+def bobWithAPOP(store):
+    """
+    A user with APOP enabled: the one kind CRAM-MD5 works for.
+    """
+    addUser(store, BOB, "builder", apop=True)
+    return BOB
+
+
+def cramChallenge(session):
+    data = challenge(session.command("AUTH CRAM-MD5"))
+    assert data.startswith(b"<") and data.endswith(b"@mailgate.test>"), data
+    return data
+
+
+def test_cramMD5ForAUserWithAPOP(store, bobWithAPOP):
+    s = POP3Session(store)
+    data = cramChallenge(s)
+    assert s.command(b64(cramMD5Response(BOB, "builder", data))) == f"+OK {BOB} has 0 messages (0 octets)\r\n"
+
+
+def test_cramMD5WorksWithoutTLS(store, bobWithAPOP):
+    """
+    Like APOP and SCRAM, CRAM-MD5 never sends the password: offered to and
+    accepted from an untrusted peer without TLS.
+    """
+    s = untrusted(store)
+    data = cramChallenge(s)
+    assert s.command(b64(cramMD5Response(BOB, "builder", data))).startswith("+OK")
+
+
+def test_cramMD5ChallengesAreFresh(store, bobWithAPOP):
+    first = cramChallenge(POP3Session(store))
+    s = POP3Session(store)
+    second = cramChallenge(s)
+    assert first != second
+    # An answer to another challenge is a failed login.
+    assert s.command(b64(cramMD5Response(BOB, "builder", first))) == INVALID
+
+
+def test_cramMD5FailuresLookLikeAnyFailedLogin(store, alice, bobWithAPOP):
+    """
+    A wrong password, an unknown user, and a user without APOP (who has no
+    secret CRAM-MD5 could be checked against, even with the right
+    password) all get the answer of any failed login, after its delay.
+    """
+    for name, password in ((BOB, "wrong"), ("nobody@example.org", "builder"), (ALICE, PASSWORD)):
+        s = POP3Session(store, authFailureDelay=5)
+        data = cramChallenge(s)
+        assert s.command(b64(cramMD5Response(name, password, data))) == ""
+        assert s.advance(4.9) == b""
+        assert s.advance(0.1) == INVALID.encode()
+        assert s.login(ALICE, PASSWORD).startswith("+OK")
+        s.command("QUIT")
+
+
+def test_cramMD5MalformedResponses(store, bobWithAPOP):
+    s = POP3Session(store)
+    assert s.command(f"AUTH CRAM-MD5 {b64('bob 0123')}").startswith("-ERR [AUTH] ")
+    for bad in ("no-digest", f"{BOB} {'x' * 32}", f"{BOB}  ", ""):
+        cramChallenge(s)
+        assert s.command(b64(bad) if bad else "=").startswith("-ERR [AUTH] "), bad
+    data = cramChallenge(s)
+    assert s.command(b64(cramMD5Response(BOB, "builder", data))).startswith("+OK")
+
+
+def test_cramMD5IsOfferedWhenAPOPIs(store, alice):
+    """
+    CRAM-MD5 needs what APOP needs, so it is offered by the rule the
+    greeting's APOP timestamp follows: never with APOP off, and by default
+    only while some user has APOP enabled (once the store has said so).
+    """
+    from mailgate.pop3.factory import APOPAdvertiser
+
+    s = POP3Session(store, apop=False)
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
+    assert s.command("AUTH CRAM-MD5").startswith("-ERR unsupported authentication mechanism")
+
+    advertiser = APOPAdvertiser(store)
+    addUser(store, BOB, "builder", apop=True)
+    # Before the store's first answer: the timestamp, but no CRAM-MD5.
+    s = POP3Session(store, apop=advertiser)
+    assert s.challenge is not None
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
+    resultOf(store.deleteUser(BOB))
+    resultOf(advertiser.refresh())
+    s = POP3Session(store, apop=advertiser)
+    assert s.challenge is None
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
+    addUser(store, BOB, "builder", apop=True)
+    resultOf(advertiser.refresh())
+    s = POP3Session(store, apop=advertiser)
+    assert s.challenge is not None
+    assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in capabilities(s)
+    data = cramChallenge(s)
+    assert s.command(b64(cramMD5Response(BOB, "builder", data))).startswith("+OK")
 
 
 # -- SCRAM-SHA-256 ------------------------------------------------------------------
@@ -1010,7 +1122,7 @@ def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
     _, lines = multiline(command("CAPA"))
     assert "STLS" not in lines
     assert "USER" in lines
-    assert "SASL SCRAM-SHA-256 PLAIN" in lines
+    assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in lines
     assert command("STLS") == "-ERR already using TLS\r\n"
     assert command(f"USER {ALICE}") == "+OK send PASS\r\n"
     assert command(f"PASS {PASSWORD}") == f"+OK {ALICE} has 0 messages (0 octets)\r\n"

@@ -105,8 +105,8 @@ def query(store, statement, args=()):
     store's own connection.)
     """
     engine = store.engine
-    if getattr(engine, "path", None) == ":memory:":
-        return runTransaction(engine, store.database._conn, _rows, (statement, args), {}, False)
+    if engine.ephemeral:
+        return store.database.run(_rows, statement, args)
     return sql(engine, statement, args)
 
 
@@ -501,7 +501,7 @@ def test_newerSchemaIsRefusedByTheServerStore(databaseURL):
 
 
 def test_filePragmas(store):
-    conn = store.database._conn
+    conn = store.database.connection
     assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -519,7 +519,7 @@ def test_walIsPersistentInTheFile(store, dbpath):
 def test_memoryPragmas():
     s = memoryStore()
     try:
-        assert s.database._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert s.database.connection.execute("PRAGMA synchronous").fetchone()[0] == 2
     finally:
         s.close()
 

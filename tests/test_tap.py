@@ -11,6 +11,7 @@ from twisted.python import usage
 from zope.interface.verify import verifyObject
 
 from mailgate import tap
+from mailgate.config import APOPPolicy
 from mailgate.errors import ConfigurationError
 from mailgate.pop3 import POP3Factory
 from mailgate.service import MailgateConfig, makeService
@@ -39,7 +40,7 @@ def test_defaults():
     assert options["database"] == DEFAULT_DATABASE == "sqlite:///mailgate.sqlite3"
     assert options["pop3"] == ["tcp:1110:interface=127.0.0.1"]
     assert options["hostname"] is None
-    assert options["no-apop"] in (0, False)
+    assert options["apop"] is APOPPolicy.AUTO
     assert options["auth-failure-delay"] == 1.0
     assert options["idle-timeout"] == 600
     assert options["login-delay"] is None
@@ -47,7 +48,7 @@ def test_defaults():
     assert config.database == "sqlite:///mailgate.sqlite3"
     assert config.pop3 == ["tcp:1110:interface=127.0.0.1"]
     assert config.hostname is None
-    assert config.apop == "auto"
+    assert config.apop is APOPPolicy.AUTO
     assert config.authFailureDelay == 1.0
     assert config.idleTimeout == 600
     assert config.loginDelay is None
@@ -135,11 +136,13 @@ def test_numericOptions():
 
 
 def test_apopModes():
-    assert parse("--no-apop").toConfig().apop is False
-    assert parse("--apop").toConfig().apop is True
-    assert parse().toConfig().apop == "auto"
+    assert parse("--no-apop").toConfig().apop is APOPPolicy.NEVER
+    assert parse("--apop").toConfig().apop is APOPPolicy.ALWAYS
+    assert parse().toConfig().apop is APOPPolicy.AUTO
     with pytest.raises(usage.UsageError):
         parse("--apop", "--no-apop")
+    # Giving the same flag twice is no contradiction.
+    assert parse("--apop", "--apop").toConfig().apop is APOPPolicy.ALWAYS
 
 
 def test_hostname():
@@ -190,7 +193,7 @@ def config(tmp_path, **kw):
     kw.setdefault("database", f"sqlite:///{tmp_path / 'service.sqlite3'}")
     # A memory reactor runs no threads: keep the automatic APOP check (a
     # database read on a worker thread) out of these service tests.
-    kw.setdefault("apop", True)
+    kw.setdefault("apop", APOPPolicy.ALWAYS)
     return MailgateConfig(**kw)
 
 

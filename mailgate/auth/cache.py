@@ -24,9 +24,12 @@ class VerifiedCredentialCache:
     """
     @ivar maxEntries: the bound on remembered logins.
     @ivar lifetime: seconds an entry stays valid.
+    @ivar metrics: a L{mailgate.metrics.Metrics} told of every lookup's
+        hit or miss, or C{None}.
     """
 
-    def __init__(self, maxEntries=10000, lifetime=3600.0, clock=time.monotonic):
+    def __init__(self, maxEntries=10000, lifetime=3600.0, clock=time.monotonic, metrics=None):
+        self.metrics = metrics
         self.maxEntries = maxEntries
         self.lifetime = lifetime
         self._clock = clock
@@ -39,6 +42,12 @@ class VerifiedCredentialCache:
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def _entry(self, address, password):
+        entry = self._find(address, password)
+        if self.metrics is not None:
+            self.metrics.authCache(entry is not None)
+        return entry
+
+    def _find(self, address, password):
         if self.maxEntries <= 0:
             return None
         digest = self._digest(address, password)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mailgate.address import normalizeAddress
 from mailgate.auth.cache import VerifiedCredentialCache
-from mailgate.auth.credentials import IAPOPCredentials
+from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials
 from mailgate.auth.passwords import dummyHash, verifyPassword
 from mailgate.errors import InvalidAddress
 
@@ -104,12 +104,13 @@ class PasswordChecker:
 @implementer(ICredentialsChecker)
 class APOPChecker:
     """
-    Checks an APOP digest against the user's APOP secret.  Users who have
-    not opted in to APOP have no secret, and their APOP logins fail exactly
-    like a wrong digest.
+    Checks an APOP digest, or a CRAM-MD5 response, against the user's APOP
+    secret: both prove knowledge of a secret the server must be able to
+    recover.  Users who have not opted in to APOP have no secret, and these
+    logins of theirs fail exactly like a wrong digest.
     """
 
-    credentialInterfaces = (IAPOPCredentials,)
+    credentialInterfaces = (IAPOPCredentials, ICramMD5Credentials)
 
     def __init__(self, store):
         self._store = store

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_passwords -*-
+# -*- test-case-name: tests.test_auth -*-
 """
 Password material as the database keeps it.
 

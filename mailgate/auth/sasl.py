@@ -1,13 +1,18 @@
 # -*- test-case-name: tests.test_sasl -*-
 """
-SASL mechanisms (RFC 4422) for POP3 AUTH (RFC 5034): PLAIN (RFC 4616) and
-SCRAM-SHA-256 (RFC 5802, RFC 7677).
+SASL mechanisms (RFC 4422) for POP3 AUTH (RFC 5034): PLAIN (RFC 4616),
+LOGIN, SCRAM-SHA-256 (RFC 5802, RFC 7677) and CRAM-MD5 (RFC 2195).
 
 A mechanism runs the exchange and ends with cred credentials; the portal's
-checkers decide.  PLAIN yields ordinary L{UsernamePassword} credentials, so
-it is checked by the same scrypt checker as USER/PASS.  SCRAM yields
+checkers decide.  PLAIN and LOGIN yield ordinary L{UsernamePassword}
+credentials, so they are checked by the same scrypt checker as USER/PASS,
+and like USER/PASS they send the password itself: they are offered and
+accepted only where plaintext passwords are.  SCRAM yields
 L{ScramCredentials}, checked against the stored SCRAM-SHA-256 keys: the
 server never needs the password, and the password never crosses the wire.
+CRAM-MD5 yields L{mailgate.auth.credentials.CramMD5Credentials}, which,
+like APOP, need the user's recoverable APOP secret: it works exactly for
+users with APOP enabled, and is offered when APOP is.
 
 Each exchange step returns a L{Challenge} (send it, wait for the client's
 response) or L{Authenticate} (log in with these credentials); it may return
@@ -18,7 +23,10 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import socket
+import time
 
 import attr
 from twisted.cred.checkers import ICredentialsChecker
@@ -28,6 +36,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, implementer
 
 from mailgate.address import normalizeAddress
+from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
 from mailgate.errors import InvalidAddress
 
@@ -72,6 +81,80 @@ class PlainMechanism:
         if authzid and authzid != authcid:
             raise SASLError("authorising as another user is not supported")
         return Authenticate(UsernamePassword(authcid, password))
+
+    def successData(self):
+        return None
+
+
+class LoginMechanism:
+    """
+    LOGIN (draft-murchison-sasl-login, as Outlook and older clients speak
+    it): the server asks for the user name, then the password, each
+    answered in a response of its own.  A client may send the user name as
+    its initial response.
+    """
+
+    name = "LOGIN"
+    plaintext = True
+
+    USERNAME = b"Username:"
+    PASSWORD = b"Password:"
+
+    def __init__(self):
+        self._username = None
+
+    def start(self, initial):
+        if not initial:
+            return Challenge(self.USERNAME)
+        return self.step(initial)
+
+    def step(self, response):
+        if self._username is None:
+            if not response:
+                raise SASLError("LOGIN needs a user name")
+            self._username = response
+            return Challenge(self.PASSWORD)
+        return Authenticate(UsernamePassword(self._username, response))
+
+    def successData(self):
+        return None
+
+
+_CRAM_RESPONSE = re.compile(rb"^(.+) ([0-9a-fA-F]{32})$")
+
+
+class CramMD5Mechanism:
+    """
+    CRAM-MD5 (RFC 2195): the server sends a challenge in the form of an
+    RFC 5322 message id, the client answers with its user name and the
+    HMAC-MD5 of the challenge keyed with the shared secret.
+
+    @param hostname: the name in the challenge.
+    """
+
+    name = "CRAM-MD5"
+    plaintext = False
+
+    def __init__(self, hostname):
+        self._challenge = (
+            f"<{secrets.randbelow(10**10)}.{time.time_ns()}@{hostname}>".encode("ascii", "replace")
+        )
+        self._sent = False
+
+    def start(self, initial):
+        if initial:
+            raise SASLError("CRAM-MD5 takes no initial response")
+        self._sent = True
+        return Challenge(self._challenge)
+
+    def step(self, response):
+        if not self._sent:
+            raise SASLError("unexpected CRAM-MD5 response")
+        match = _CRAM_RESPONSE.match(response)
+        if match is None:
+            raise SASLError("expected: user name, a space and 32 hex digits")
+        self._sent = False
+        return Authenticate(CramMD5Credentials(self._challenge, match.group(1), match.group(2)))
 
     def successData(self):
         return None
@@ -265,30 +348,44 @@ class SASLServer:
     The mechanisms a server offers, and a fresh exchange for each AUTH.
 
     @param findUser: user lookup for SCRAM (the store's C{findUser}).
+    @param hostname: the name in CRAM-MD5 challenges; this machine's fully
+        qualified name by default.
+    @param offerCramMD5: a callable saying whether CRAM-MD5 is offered now;
+        give it the rule the greeting's APOP timestamp follows (the POP3
+        factory's C{offersCramMD5}), since CRAM-MD5 works for the same
+        users.  Not offered by default.
     """
 
-    plaintextMechanisms = ("PLAIN",)
-
-    def __init__(self, findUser):
+    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False):
         self._findUser = findUser
         self._fakeKey = os.urandom(32)
+        self._hostname = hostname or socket.getfqdn()
+        self._offerCramMD5 = offerCramMD5
 
     def mechanisms(self, plaintextAllowed):
         """
-        The names to advertise: PLAIN only where plaintext logins are
-        allowed.
+        The names to advertise, strongest first: PLAIN and LOGIN only where
+        plaintext logins are allowed, CRAM-MD5 only while it is offered.
         """
         names = ["SCRAM-SHA-256"]
+        if self._offerCramMD5():
+            names.append("CRAM-MD5")
         if plaintextAllowed:
-            names.append("PLAIN")
+            names += ["PLAIN", "LOGIN"]
         return names
 
     def create(self, name):
         """
-        A new exchange for mechanism C{name}, or C{None} if unknown.
+        A new exchange for mechanism C{name}, or C{None} if it is unknown
+        or not offered now.  (Whether a plaintext one may run here is the
+        protocol's to decide, from its C{plaintext} flag.)
         """
         if name == "PLAIN":
             return PlainMechanism()
+        if name == "LOGIN":
+            return LoginMechanism()
         if name == "SCRAM-SHA-256":
             return ScramSHA256Mechanism(self._findUser, self._fakeKey)
+        if name == "CRAM-MD5" and self._offerCramMD5():
+            return CramMD5Mechanism(self._hostname)
         return None

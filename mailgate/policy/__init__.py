@@ -2,9 +2,12 @@
 """
 Connection limits, the authentication penalty and bans.
 
-L{OpenPolicy} admits everyone and never delays: what a protocol factory
-uses when it is given no policy (an embedder's tests, the in-memory test
-sessions).
+L{ConnectionPolicy} (in L{mailgate.policy.connection}) is what
+C{twistd mailgate} runs: limits per process and per client address,
+Dovecot's authentication penalty, and bans shared by every node through
+the store.  L{OpenPolicy} admits everyone and never delays: what a
+protocol factory uses when it is given no policy (an embedder's tests, the
+in-memory test sessions).
 """
 
 from zope.interface import implementer

@@ -7,9 +7,8 @@ the per-listener policy every session reads.
 import ipaddress
 import socket
 
-from twisted.internet.protocol import ServerFactory
-
 from mailgate.pop3.protocol import POP3Server
+from mailgate.session import SessionFactory
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
@@ -23,22 +22,25 @@ class APOPAdvertiser:
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
+    @ivar known: whether the store has answered yet.
     """
 
     def __init__(self, store):
         self._store = store
         self.enabled = True
+        self.known = False
 
     def refresh(self):
         d = self._store.hasAPOPUsers()
 
         def got(enabled):
             self.enabled = bool(enabled)
+            self.known = True
 
         return d.addCallbacks(got, lambda failure: None)
 
 
-class POP3Factory(ServerFactory):
+class POP3Factory(SessionFactory):
     """
     @param portal: a L{Portal} whose realm provides
         L{mailgate.interfaces.IMaildrop} avatars (see
@@ -48,12 +50,19 @@ class POP3Factory(ServerFactory):
         C{False}, or an L{APOPAdvertiser} that decides from the store.
     @param idleTimeout: seconds before an idle session is logged out.
     @param authFailureDelay: seconds before a failed login is answered.
-    @param reactor: the reactor (or a clock, in tests) for timers.
+    @param reactor: the reactor (or a clock, in tests) for timers; required,
+        as for Twisted's endpoints.
     @param loginDelay: the LOGIN-DELAY the realm enforces, to advertise.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STLS with, or C{None}.
     @param sasl: a L{mailgate.auth.sasl.SASLServer} for AUTH, or C{None}.
     @param trustedNetworks: networks (L{ipaddress} objects or CIDR text)
         from which plaintext passwords are accepted without TLS.
+    @param policy: the L{mailgate.interfaces.IConnectionPolicy} (connection
+        limits, the authentication penalty, bans); admits everyone if not
+        given.
+    @param metrics: the L{mailgate.metrics.Metrics} to count with.
+    @param tracker: the L{mailgate.session.SessionTracker} of the server,
+        for a graceful shutdown.
     @param expire: the RFC 2449 EXPIRE line, as a callable given the
         session's maildrop (C{None} before login), e.g.
         L{mailgate.store.lifecycle.Retention.capability}; C{None}: always
@@ -61,31 +70,31 @@ class POP3Factory(ServerFactory):
     """
 
     protocol = POP3Server
-    noisy = False
 
     def __init__(
         self,
         portal,
+        reactor,
         hostname=None,
         apop=True,
         idleTimeout=POP3Server.idleTimeout,
         authFailureDelay=POP3Server.authFailureDelay,
-        reactor=None,
         greeting="mailgate POP3 server ready",
         loginDelay=None,
         tls=None,
         sasl=None,
         trustedNetworks=DEFAULT_TRUSTED_NETWORKS,
+        policy=None,
+        metrics=None,
+        tracker=None,
         expire=None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.portal = portal
         self.hostname = hostname or socket.getfqdn()
         self.apop = apop
         self.idleTimeout = idleTimeout
         self.authFailureDelay = authFailureDelay
-        self.reactor = reactor
         self.greeting = greeting
         self.loginDelay = loginDelay
         self.tls = tls
@@ -106,6 +115,19 @@ class POP3Factory(ServerFactory):
         """
         apop = self.apop
         return apop.enabled if isinstance(apop, APOPAdvertiser) else bool(apop)
+
+    def offersCramMD5(self):
+        """
+        Whether SASL CRAM-MD5 is offered now: where APOP is, since it works
+        for the same users, but by default only once the store has said
+        that some user has APOP.  (An APOP timestamp nobody can use costs
+        clients nothing; a SASL mechanism offered in vain makes clients
+        that prefer it, curl among them, fail.)
+        """
+        apop = self.apop
+        if isinstance(apop, APOPAdvertiser):
+            return apop.known and apop.enabled
+        return bool(apop)
 
     def isTrusted(self, address):
         """

@@ -29,7 +29,24 @@ from twisted.internet import defer
 
 from mailgate.address import normalizeAddress
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
+from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
+
+
+class MailboxFull(SMTPReply):
+    """
+    The refusal of a recipient over quota (RFC 3463 "mailbox full"): a
+    client's fair request, not a bad command, and, at the end of DATA, a
+    delivery that ended as L{outcome}.
+    """
+
+    @property
+    def outcome(self):
+        """
+        How the metrics count the refused delivery: C{"tempfail"} for
+        C{452 4.2.2}, C{"rejected"} for C{552 5.2.2}.
+        """
+        return "tempfail" if self.code < 500 else "rejected"
 
 
 class LocalDelivery:
@@ -57,14 +74,17 @@ class LocalDelivery:
         self._clock = clock
         self._known = {}
         self.quotaExceeded = quotaExceeded
+        # Quotas are checked at RCPT where the store keeps them; any store
+        # still checks what it keeps when the message is committed.
+        self._quotas = ILifecycleStore.providedBy(store)
 
     def mailboxFull(self, mailbox):
         """
         The reply refusing C{mailbox} for its quota.
         """
         if self.quotaExceeded == "permanent":
-            return SMTPReply(552, "5.2.2", f"<{mailbox}>: mailbox full")
-        return SMTPReply(452, "4.2.2", f"<{mailbox}>: mailbox full")
+            return MailboxFull(552, "5.2.2", f"<{mailbox}>: mailbox full")
+        return MailboxFull(452, "4.2.2", f"<{mailbox}>: mailbox full")
 
     def _remembered(self, key):
         expires = self._known.get(key)
@@ -121,12 +141,14 @@ class LocalDelivery:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
             if address is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
+            if not self._quotas:
+                return self._store.findUser(address).addCallback(userChecked)
             return self._store.quotaOf(address).addCallback(userChecked)
 
         def userChecked(status):
             if status is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            if status.quotaOctets is None and status.quotaMessages is None:
+            if not self._quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address)
             elif not status.fits(max(size or 0, 1)):
                 raise self.mailboxFull(mailbox)
@@ -144,9 +166,9 @@ class LocalDelivery:
             C{False}, a vanished recipient fails the whole delivery, so an
             SMTP client retries and nobody gets two copies.
         @return: a L{Deferred} of address to unique id, L{NoSuchUser}, or
-            the L{SMTPReply} refusing a recipient over quota (with
+            the L{MailboxFull} refusing a recipient over quota (with
             C{partial}); without C{partial}, a recipient over quota fails
-            the whole delivery with that L{SMTPReply}.
+            the whole delivery with a L{MailboxFull}.
         """
         d = self._store.deliver(envelope.recipients, source, partial=partial)
 

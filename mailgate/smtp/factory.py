@@ -5,12 +5,11 @@ Factories for SMTP and LMTP listeners.
 
 import socket
 
-from twisted.internet.protocol import ServerFactory
-
+from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
 
-class SMTPFactory(ServerFactory):
+class SMTPFactory(SessionFactory):
     """
     @param delivery: the policy deciding recipients and committing mail
         (L{mailgate.smtp.delivery.LocalDelivery}).
@@ -18,31 +17,37 @@ class SMTPFactory(ServerFactory):
     @param maxMessageSize: octets of content accepted (advertised as SIZE).
     @param maxRecipients: recipients per transaction.
     @param idleTimeout: seconds of silence before a session is closed.
-    @param reactor: the reactor (or a clock, in tests) for timers.
+    @param reactor: the reactor (or a clock, in tests) for timers; required,
+        as for Twisted's endpoints.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STARTTLS with.
+    @param policy: the L{mailgate.interfaces.IConnectionPolicy} admitting
+        connections; admits everyone if not given.
+    @param metrics: the L{mailgate.metrics.Metrics} to count with.
+    @param tracker: the L{mailgate.session.SessionTracker} of the server,
+        for a graceful shutdown.
     """
 
     protocol = SMTPServer
-    noisy = False
 
     def __init__(
         self,
         delivery,
+        reactor,
         hostname=None,
         maxMessageSize=SMTPServer.maxMessageSize,
         maxRecipients=SMTPServer.maxRecipients,
         idleTimeout=SMTPServer.idleTimeout,
-        reactor=None,
         tls=None,
+        policy=None,
+        metrics=None,
+        tracker=None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
+        super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.delivery = delivery
         self.hostname = hostname or socket.getfqdn()
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients
         self.idleTimeout = idleTimeout
-        self.reactor = reactor
         self.tls = tls
 
     def buildProtocol(self, addr):

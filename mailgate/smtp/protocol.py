@@ -10,12 +10,14 @@ and the limits are named class attributes a factory can override.
 mailgate does not build on C{twisted.mail.smtp.ESMTP}: it leaves DATA mode
 on an over-long body line (so the rest of the body runs as commands), has
 no SIZE, PIPELINING, 8BITMIME or ENHANCEDSTATUSCODES, no LMTP, and turns
-storage failures into permanent 550 replies.  Here:
+storage failures into permanent 550 replies.  Here, on the session core
+(L{mailgate.session.CommandSession}):
 
   - Input is taken from the buffer one command at a time, so a mode switch
     (DATA) takes effect exactly where it happens in the byte stream.
   - Commands run one after another; one waiting on the store (RCPT, the end
     of DATA) holds the rest back, and replies come in order (PIPELINING).
+  - Handlers are found by name (C{smtp_MAIL}); LMTP is only what differs.
   - Every reply carries an RFC 3463 enhanced status code.
   - The 250 after DATA is sent only once the store has committed the
     message; a storage failure is a 451, never a 5xx.
@@ -23,23 +25,19 @@ storage failures into permanent 550 replies.  Here:
 
 import re
 
-from twisted.internet import defer
-from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
-
 from mailgate.errors import NoSuchUser, TemporaryFailure
 from mailgate.message import MessageSpool
+from mailgate.session import CommandSession
 from mailgate.smtp.data import DataReader
+from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
-from mailgate.session import IdleTimer, ReplyWriter, setNoDelay
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
 from mailgate.tls import isSecure
 
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SIZE = re.compile(r"^[0-9]{1,20}$")
 
 
-class SMTPServer(Protocol):
+class SMTPServer(CommandSession):
     """
     One SMTP session.
 
@@ -57,6 +55,8 @@ class SMTPServer(Protocol):
         waits, before the server stops reading from the connection.
     """
 
+    protocolName = "smtp"
+    commandPrefix = "smtp_"
     lmtp = False
     helloVerb = "EHLO"
     maxCommandLength = 512
@@ -66,68 +66,85 @@ class SMTPServer(Protocol):
     maxBadCommands = 20
     idleTimeout = 300
     maxBufferedInput = 64 * 1024
-
-    log = Logger()
+    refuseLongLineAtOnce = True
 
     def __init__(self):
-        self._buffer = b""
-        self._discarding = False
-        self._busy = False
-        self._processing = False
-        self._closed = False
-        self._readingPaused = False
+        super().__init__()
         self._helo = None
         self._esmtp = False
         self._envelope = None
-        self._reader = None
-        self._badCommands = 0
-        self._idle = None
-
-    # -- connection ------------------------------------------------------
-
-    @property
-    def _reactor(self):
-        return self.factory.reactor
+        self._dataEnd = None
 
     @property
     def hostname(self):
         return self.factory.hostname
 
-    def connectionMade(self):
-        setNoDelay(self.transport)
-        self._out = ReplyWriter(self)
-        self._idle = IdleTimer(self._reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
+    # -- the session core's hooks ------------------------------------------
+
+    def greet(self):
         kind = "LMTP" if self.lmtp else "ESMTP"
         self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
-        self._idle.start()
 
-    def connectionLost(self, reason):
-        self._closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+    def refusal(self, reason):
+        if reason == "shutting down":
+            self._reply(421, "4.3.2", f"{self.hostname} service shutting down")
+        else:
+            self._reply(421, "4.7.0", reason)
+
+    def syntaxError(self, text):
+        return self._bad(500, "5.5.2", text)
+
+    def lineTooLong(self):
+        return self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
+
+    def unknownCommand(self, verb):
+        return self._bad(500, "5.5.2", "command not recognized")
+
+    def tooManyBadCommands(self):
+        self._reply(421, "4.7.0", f"{self.hostname} too many errors, closing connection")
+
+    def internalError(self):
+        self._reply(451, "4.3.0", "internal server error; try again later")
+
+    def idleTimedOut(self, stalled):
+        if not stalled:
+            self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
+
+    def sessionEnded(self):
         self._discardData()
 
+    def close(self, abort=False):
+        self._discardData()
+        super().close(abort)
+
     def _discardData(self):
-        reader, self._reader = self._reader, None
+        reader, self.rawReceiver = self.rawReceiver, None
         if reader is not None:
             reader.spool.close()
 
-    def _close(self):
-        self._closed = True
-        self._discardData()
-        self._out.flush()
-        self.transport.loseConnection()
+    def beginShutdown(self):
+        """
+        An idle session is told C{421} at once.  A transaction whose data
+        is arriving (or being committed) is finished first, and the next
+        command is told C{421} (see L{dispatch}).
+        """
+        if self.rawReceiver is None and not self._busy:
+            self._shutdownReply()
+            self.close()
 
-    # -- timer -----------------------------------------------------------
+    def _shutdownReply(self):
+        self._reply(421, "4.3.2", f"{self.hostname} service shutting down")
 
-    def _activity(self):
-        self._idle.activity()
+    def shutdownNow(self, stalled):
+        if not stalled:
+            self._shutdownReply()
 
-    def _timedOut(self):
-        if self._closed:
-            return
-        self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
-        self._close()
+    def dispatch(self, verb, argument):
+        if self.stopping and verb != "QUIT":
+            self._shutdownReply()
+            self.close()
+            return None
+        return super().dispatch(verb, argument)
 
     # -- output ----------------------------------------------------------
 
@@ -144,115 +161,8 @@ class SMTPServer(Protocol):
 
     def _bad(self, code, enhanced, text):
         self._reply(code, enhanced, text)
-        self._badCommands += 1
-        if self._badCommands >= self.maxBadCommands:
-            self._reply(421, "4.7.0", f"{self.hostname} too many errors, closing connection")
-            self._close()
+        self.countBadCommand()
         return None
-
-    # -- input -----------------------------------------------------------
-
-    def dataReceived(self, data):
-        if self._closed:
-            return
-        self._activity()
-        if self._discarding:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return
-            data = data[newline + 1:]
-            self._discarding = False
-        self._buffer = self._buffer + data if self._buffer else data
-        self._process()
-
-    def _process(self):
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            # The replies to pipelined commands leave in one write.
-            with self._out.holding():
-                self._processBuffer()
-        finally:
-            self._processing = False
-        self._flowControl()
-
-    def _processBuffer(self):
-        while not self._busy and not self._closed and self._buffer:
-            if self._reader is not None:
-                data, self._buffer = self._buffer, b""
-                rest = self._reader.feed(data)
-                if rest is None:
-                    break
-                self._buffer = rest
-                self._run(self._guarded(self._dataEnded))
-                continue
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                if len(self._buffer) >= self.maxCommandLength:
-                    self._buffer = b""
-                    self._discarding = True
-                    self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
-                break
-            line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
-            if len(line) + 1 > self.maxCommandLength:
-                self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
-                continue
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            self._run(self._guarded(self._dispatch, line))
-
-    @staticmethod
-    def _guarded(function, *args):
-        """
-        Run a command; a bug in it costs the client one 451, not its
-        session (the failure is logged by L{_internalError}).
-        """
-        try:
-            return function(*args)
-        except Exception:
-            return defer.fail()
-
-    def _run(self, result):
-        if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._internalError)
-            result.addBoth(self._commandDone)
-
-    def _commandDone(self, _):
-        self._busy = False
-        if not self._closed:
-            self._activity()
-            self._process()
-
-    def _flowControl(self):
-        if self._closed:
-            return
-        if self._busy and len(self._buffer) > self.maxBufferedInput and not self._readingPaused:
-            self._readingPaused = True
-            self.transport.pauseProducing()
-        elif self._readingPaused and not self._busy:
-            self._readingPaused = False
-            self.transport.resumeProducing()
-
-    def _internalError(self, failure):
-        self.log.failure("smtp command failed", failure)
-        if not self._closed:
-            self._reply(451, "4.3.0", "internal server error; try again later")
-        return None
-
-    def _dispatch(self, line):
-        if _CONTROL.search(line):
-            return self._bad(500, "5.5.2", "invalid characters in command")
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._bad(500, "5.5.2", "command is not valid UTF-8")
-        verb, _, argument = text.partition(" ")
-        handler = self._commands.get(verb.upper())
-        if handler is None:
-            return self._bad(500, "5.5.2", "command not recognized")
-        return handler(self, argument)
 
     # -- session commands ------------------------------------------------
 
@@ -305,7 +215,7 @@ class SMTPServer(Protocol):
 
     def smtp_QUIT(self, argument):
         self._reply(221, "2.0.0", f"{self.hostname} closing connection")
-        self._close()
+        self.close()
 
     def smtp_STARTTLS(self, argument):
         """
@@ -320,14 +230,10 @@ class SMTPServer(Protocol):
         if isSecure(self.transport):
             return self._bad(503, "5.5.1", "already using TLS")
         self._reply(220, "2.0.0", "ready to start TLS")
-        self._buffer = b""
-        self._discarding = False
         self._helo = None
         self._esmtp = False
         self._envelope = None
-        # The reply goes out in the clear, before the handshake.
-        self._out.flush()
-        self.transport.startTLS(self.factory.tls)
+        self.startTLS(self.factory.tls)
         return None
 
     def smtp_VRFY(self, argument):
@@ -380,7 +286,7 @@ class SMTPServer(Protocol):
                 return self._bad(555, "5.5.4", f"unsupported MAIL parameter {keyword}")
         self._envelope = Envelope(
             helo=self._helo,
-            peer=self.transport.getPeer(),
+            peer=self.peer,
             protocol=self._protocolName(),
             sender=sender,
             parameters=parameters,
@@ -411,14 +317,30 @@ class SMTPServer(Protocol):
             self._reply(250, "2.1.5", f"recipient <{mailbox}> OK")
 
         def refused(failure):
-            if failure.check(SMTPReply):
+            if failure.check(MailboxFull):
+                # Over quota: a fair request refused, not a bad command.
+                reply = failure.value
+                self.logInfo(
+                    f"{self.protocolName}.recipient_refused",
+                    f"{self.protocolName} recipient refused: {reply}",
+                    reason="mailbox full",
+                )
+                self._reply(reply.code, reply.enhanced, reply.text)
+            elif failure.check(SMTPReply):
                 reply = failure.value
                 self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
-                self.log.warn("smtp recipient lookup failed: {reason}", reason=failure.value)
+                self.logWarning(
+                    f"{self.protocolName}.recipient_failed",
+                    f"{self.protocolName} recipient lookup failed: {failure.value}",
+                )
                 self._reply(451, "4.3.0", "temporary failure looking up the recipient; try again later")
             else:
-                self.log.failure("smtp recipient check failed", failure)
+                self.logFailure(
+                    f"{self.protocolName}.recipient_failed",
+                    f"{self.protocolName} recipient check failed",
+                    failure,
+                )
                 self._reply(451, "4.3.0", "internal error checking the recipient; try again later")
 
         d.addCallbacks(accepted, refused)
@@ -434,35 +356,47 @@ class SMTPServer(Protocol):
             return self._bad(554, "5.5.1", "no valid recipients")
         spool = MessageSpool()
         spool.writeLines(traceHeaders(envelope, self.hostname))
-        self._reader = DataReader(spool, self.maxMessageSize, self.maxLineLength)
+        self.rawReceiver = DataReader(spool, self.maxMessageSize, self.maxLineLength)
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
         return None
 
-    def _dataEnded(self):
+    def rawDataEnded(self, reader):
         """
         The end of the data: refuse it, or commit it and answer once the
         store has made it durable.
         """
-        reader, self._reader = self._reader, None
         envelope, self._envelope = self._envelope, None
+        metrics = self.factory.metrics
         if reader.tooLarge:
             reader.spool.close()
+            metrics.delivery(self.protocolName, "rejected")
             return self._dataReplies(
                 envelope, 552, "5.3.4", f"message size exceeds the limit of {self.maxMessageSize} octets"
             )
         if reader.lineTooLong:
             reader.spool.close()
+            metrics.delivery(self.protocolName, "rejected")
             return self._dataReplies(
                 envelope, 500, "5.5.2", f"line too long (the limit is {self.maxLineLength} octets)"
             )
         if reader.storageFailed:
-            self.log.error("smtp cannot spool message data (is the temporary directory full?)")
+            metrics.delivery(self.protocolName, "tempfail")
+            self.logError(
+                f"{self.protocolName}.spool_failed",
+                f"{self.protocolName} cannot spool message data (is the temporary directory full?)",
+            )
             return self._dataReplies(
                 envelope, 452, "4.3.1", "insufficient system storage; try again later"
             )
         spool = reader.spool.finish()
+        started = self._clock.seconds()
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
-        d.addCallbacks(self._delivered, self._deliveryFailed, callbackArgs=(envelope,), errbackArgs=(envelope,))
+        d.addCallbacks(
+            self._delivered,
+            self._deliveryFailed,
+            callbackArgs=(envelope, spool.size, started),
+            errbackArgs=(envelope,),
+        )
         d.addBoth(lambda _: spool.close())
         return d
 
@@ -470,67 +404,78 @@ class SMTPServer(Protocol):
         self._reply(code, enhanced, text)
         return None
 
-    def _delivered(self, results, envelope):
-        self._reply(250, "2.0.0", f"OK: message accepted as {envelope.transactionId}")
-        self._logDelivery("smtp", envelope, peer=getattr(envelope.peer, "host", envelope.peer))
+    def _delivered(self, results, envelope, octets, started):
+        metrics = self.factory.metrics
+        # LMTP answers per recipient: one over quota is a refused delivery
+        # of its own (SMTP refuses the whole message instead, see
+        # _deliveryFailed).
+        refused = [r for r in results.values() if isinstance(r, MailboxFull)]
+        if len(refused) < len(envelope.recipients):
+            metrics.delivery(
+                self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
+            )
+        for reply in refused:
+            metrics.delivery(self.protocolName, reply.outcome)
+        self._acknowledge(results, envelope)
 
-    def _logDelivery(self, protocol, envelope, **extra):
+    def _acknowledge(self, results, envelope):
         """
-        One line per delivered message.  The text is made here in one
-        piece (Twisted's formatting of many fields costs more than the
-        rest of a small delivery's logging); the fields go along for
-        structured observers.
+        The replies to a committed message, and its log line.
         """
-        fields = dict(
+        self._reply(250, "2.0.0", f"OK: message accepted as {envelope.transactionId}")
+        self._logDelivery(envelope, f" peer={self.peerText}")
+
+    def _logDelivery(self, envelope, tail="", **extra):
+        """
+        One line per delivered message, naming the id the client was told.
+        The text is made here in one piece (Twisted's formatting of many
+        fields costs more than the rest of a small delivery's logging); the
+        fields go along for structured observers.
+        """
+        recipients = ",".join(envelope.recipients)
+        line = (
+            f"{self.protocolName} delivered id={envelope.transactionId} "
+            f"from=<{envelope.sender}> to={recipients}{tail}"
+        )
+        self.logInfo(
+            f"{self.protocolName}.delivered",
+            line,
             id=envelope.transactionId,
             sender=envelope.sender,
-            recipients=",".join(envelope.recipients),
+            recipients=recipients,
             **extra,
         )
-        line = f"{protocol} delivered id={fields['id']} from=<{fields['sender']}> to={fields['recipients']}"
-        if "peer" in extra:
-            line += f" peer={extra['peer']}"
-        self.log.info("{line}", line=line, **fields)
 
     def _deliveryFailed(self, failure, envelope):
-        if failure.check(SMTPReply):
+        event = f"{self.protocolName}.delivery_failed"
+        if failure.check(MailboxFull):
+            # A recipient over quota: nothing was stored, the message is
+            # refused as a whole (452 4.2.2, or 552 5.2.2 if permanent).
             reply = failure.value
+            self.logInfo(event, f"{self.protocolName} message refused: {reply}", reason="mailbox full")
+            self.factory.metrics.delivery(self.protocolName, reply.outcome)
             return self._dataReplies(envelope, reply.code, reply.enhanced, reply.text)
         if failure.check(NoSuchUser):
-            self.log.warn("smtp recipient vanished before commit: {reason}", reason=failure.value)
+            self.logWarning(event, f"{self.protocolName} recipient vanished before commit: {failure.value}")
             text = "a recipient no longer exists; try again"
         elif failure.check(TemporaryFailure):
-            self.log.warn("smtp delivery failed: {reason}", reason=failure.value)
+            self.logWarning(event, f"{self.protocolName} delivery failed: {failure.value}")
             text = "temporary failure storing the message; try again later"
         else:
-            self.log.failure("smtp delivery failed", failure)
+            self.logFailure(event, f"{self.protocolName} delivery failed", failure)
             text = "internal error storing the message; try again later"
+        self.factory.metrics.delivery(self.protocolName, "tempfail")
         self._dataReplies(envelope, 451, "4.3.0", text)
-
-    _commands = {
-        "EHLO": smtp_EHLO,
-        "HELO": smtp_HELO,
-        "LHLO": smtp_LHLO,
-        "MAIL": smtp_MAIL,
-        "RCPT": smtp_RCPT,
-        "DATA": smtp_DATA,
-        "RSET": smtp_RSET,
-        "NOOP": smtp_NOOP,
-        "QUIT": smtp_QUIT,
-        "STARTTLS": smtp_STARTTLS,
-        "VRFY": smtp_VRFY,
-        "EXPN": smtp_EXPN,
-        "HELP": smtp_HELP,
-    }
 
 
 class LMTPServer(SMTPServer):
     """
-    LMTP (RFC 2033): LHLO instead of EHLO, and after DATA one reply per
-    accepted recipient, in RCPT order, so one recipient's failure does not
-    fail the others.
+    LMTP (RFC 2033): what differs from SMTP.  LHLO instead of EHLO, and
+    after DATA one reply per accepted recipient, in RCPT order, so one
+    recipient's failure does not fail the others.
     """
 
+    protocolName = "lmtp"
     lmtp = True
     helloVerb = "LHLO"
 
@@ -547,7 +492,8 @@ class LMTPServer(SMTPServer):
             self._reply(code, enhanced, f"<{address}> {text}")
         return None
 
-    def _delivered(self, results, envelope):
+    def _acknowledge(self, results, envelope):
+        uniqueIds = {}
         for address in envelope.recipients:
             result = results.get(address)
             if isinstance(result, NoSuchUser) or result is None:
@@ -555,12 +501,13 @@ class LMTPServer(SMTPServer):
             elif isinstance(result, SMTPReply):
                 self._reply(result.code, result.enhanced, result.text)
             else:
+                uniqueIds[address] = result
                 self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
-        self._logDelivery("lmtp", envelope)
-
-    _commands = dict(
-        SMTPServer._commands,
-        LHLO=smtp_LHLO,
-        EHLO=smtp_EHLO,
-        HELO=smtp_HELO,
-    )
+        # Each recipient's reply names its message's unique id: so does
+        # the log line, for matching it with the MTA's (and it names the
+        # recipients refused for their quota).
+        full = [a for a in envelope.recipients if isinstance(results.get(a), MailboxFull)]
+        tail = f" uids={','.join(uniqueIds.values())}"
+        if full:
+            tail += f" full={','.join(full)}"
+        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full)

@@ -68,32 +68,40 @@ def openSynchronousStore(url, migrate=True):
     return SQLMailStore(database, engine.makeLocks(database))
 
 
-def openStore(url, reactor=None, server=True):
+def openStore(url, reactor, server=True, metrics=None):
     """
-    A store whose operations run on a thread pool, for the running gateway.
+    A store whose operations run on worker threads and reactor-driven
+    connections, for the running gateway.
 
     The schema is brought up to date first, synchronously, so that a
     database that cannot be reached or upgraded stops start-up with a clear
     error instead of failing every session later.
 
+    @param reactor: the reactor everything below runs on: the database's
+        worker threads hand their results to it, and PostgreSQL's maildrop
+        lock connections are driven by it.
     @param server: claim the database for this server process where the
         engine requires one server per database (embedded SQLite).
+    @param metrics: a L{mailgate.metrics.Metrics} the store reports its
+        operations, errors, group commits and maildrop locks to.
     """
     engine = engineFromURL(url)
     if server:
         engine.claimServer()
     try:
-        if getattr(engine, "path", None) != ":memory:":
+        if not engine.ephemeral:
             upgrading = SynchronousDatabase(engine)
             try:
                 upgrade(upgrading)
             finally:
                 upgrading.close()
-        database = Database(engine, reactor)
+        database = Database(engine, reactor, metrics=metrics)
     except TemporaryFailure as e:
         engine.releaseServer()
         raise ConfigurationError(str(e)) from e
     except BaseException:
         engine.releaseServer()
         raise
-    return SQLMailStore(database, engine.makeLocks(database))
+    store = SQLMailStore(database, engine.makeLocks(database))
+    store.metrics = metrics
+    return store

@@ -15,7 +15,6 @@ whatever the size of the messages.
 import attr
 
 from mailgate.errors import MailgateError
-from mailgate.store.database import runTransaction
 
 CHUNKS_PER_READ = 8
 ROWS_PER_READ = 500
@@ -107,8 +106,7 @@ def copyDatabase(source, target):
     @return: a L{CopyReport}.
     @raise CopyError: if the target already has users.
     """
-    sourceEngine, sourceConn = source.database.engine, source.database._conn
-    targetEngine, targetConn = target.database.engine, target.database._conn
+    targetEngine = target.database.engine
     report = CopyReport()
 
     def write(targetCursor):
@@ -131,9 +129,9 @@ def copyDatabase(source, target):
                             _copyChunks(sourceCursor, targetCursor, row[0], row[1])
             targetEngine.resetIdentity(targetCursor, "users", "user_id")
 
-        runTransaction(sourceEngine, sourceConn, read, (), {}, False)
+        source.database.run(read)
 
-    runTransaction(targetEngine, targetConn, write, (), {}, True)
+    target.database.run(write, write=True)
     return report
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_database -*-
+# -*- test-case-name: tests.test_store -*-
 """
 Running SQL off the reactor thread.
 
@@ -11,7 +11,9 @@ go through a group-commit queue on the writer: writes that arrive while a
 commit is in flight are run together in one transaction (each in a
 savepoint of its own only if one of them fails), and made durable by a
 single commit.  Under load this turns N fsyncs into one without weakening
-the rule that a write's L{Deferred} fires only once it is durable.
+the rule that a write's L{Deferred} fires only once it is durable.  A write
+declared as a L{BatchableWrite} goes further: consecutive calls of it in a
+batch are made as one call, and it may run in the engine's pipeline.
 
 L{SynchronousDatabase} runs the same interactions inline on one connection.
 The admin command uses it (there is no reactor to hand work to), and so do
@@ -27,12 +29,15 @@ import contextlib
 import queue
 import threading
 from collections import deque
+from time import monotonic
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import MailgateError, TemporaryFailure
+from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
 RETRIES = 3
@@ -49,6 +54,24 @@ def _translate(engine, exc):
         failure.__cause__ = exc
         return failure
     return exc
+
+
+def operationName(function):
+    """
+    The name an interaction is measured under (C{mailgate_database_seconds}):
+    its function's name without the leading underscore, from the fixed set
+    of interactions the code defines.
+    """
+    return getattr(function, "__name__", "other").lstrip("_") or "other"
+
+
+def _isDatabaseError(exc):
+    """
+    Whether a failed interaction counts as a database error: anything but
+    mailgate's own verdicts (an existing user, a maildrop in use), which
+    are answers, not failures.  A temporary failure is one.
+    """
+    return isinstance(exc, TemporaryFailure) or not isinstance(exc, MailgateError)
 
 
 def _raiseTranslated(engine, exc):
@@ -74,6 +97,37 @@ def runTransaction(engine, conn, function, args, kwargs, write):
         return result
     except Exception as e:
         _raiseTranslated(engine, e)
+
+
+@implementer(IBatchableWrite)
+class BatchableWrite:
+    """
+    A write interaction that the group-commit writer may batch (see
+    L{IBatchableWrite}).
+
+    @param run: the interaction, a function of a cursor.
+    @param together: runs several calls as one: C{together(cursor,
+        [(args, kwargs), ...])} returns their results in order.
+    @param name: the operation's name in metrics (the function's name by
+        default).
+    @ivar pipelined: whether it may run in the engine's pipeline.
+    """
+
+    def __init__(self, run, together, pipelined=False, name=None):
+        self._run = run
+        self._together = together
+        self.pipelined = pipelined
+        # Measured (mailgate_database_seconds) under this name.
+        self.__name__ = name or getattr(run, "__name__", "other")
+
+    def __call__(self, cursor, *args, **kwargs):
+        return self._run(cursor, *args, **kwargs)
+
+    def together(self, cursor, calls):
+        return self._together(cursor, calls)
+
+    def __repr__(self):
+        return f"<BatchableWrite {getattr(self._run, '__name__', self._run)}>"
 
 
 class _ItemFailed(Exception):
@@ -115,7 +169,7 @@ def runBatch(engine, conn, batch):
 
 def _runBatch(engine, conn, batch, savepoints):
     results = []
-    pipelined = not savepoints and all(getattr(f, "pipelined", False) for f, _, _ in batch)
+    pipelined = not savepoints and all(isinstance(f, BatchableWrite) and f.pipelined for f, _, _ in batch)
     try:
         cursor = engine.begin(conn, True)
     except Exception:
@@ -152,15 +206,14 @@ def _nothing():
 
 def _together(batch):
     """
-    Split a batch into runs of interactions to be made as one call: a
-    function with a C{together} attribute takes C{(cursor, [(args,
-    kwargs), ...])} for consecutive calls of it and returns their results
-    in order.  Everything else runs alone.
+    Split a batch into runs of interactions to be made as one call:
+    consecutive calls of the same L{BatchableWrite}.  Everything else runs
+    alone.
     """
     run = []
     for item in batch:
         function = item[0]
-        if run and function is run[0][0] and getattr(function, "together", None) is not None:
+        if run and function is run[0][0] and isinstance(function, BatchableWrite):
             run.append(item)
             continue
         if run:
@@ -314,20 +367,26 @@ class WorkerThreads:
         self._threads = []
 
 
+@implementer(IDatabase)
 class Database:
     """
     SQL interactions on bounded worker threads, with group commit for writes.
 
-    @ivar engine: the dialect: how to connect, begin and classify errors.
+    @ivar engine: the dialect (an L{mailgate.interfaces.IEngine}): how to
+        connect, begin and classify errors.
+    @ivar reactor: the reactor results are handed back to.
+    @ivar metrics: a L{mailgate.metrics.Metrics} told the time of every
+        operation, failures and group-commit sizes (from the worker
+        threads), or C{None}.
     """
 
     log = Logger()
+    metrics = None
 
-    def __init__(self, engine, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, engine, reactor, metrics=None):
         self.engine = engine
-        self._reactor = reactor
+        self.metrics = metrics
+        self.reactor = reactor
         self._writer = WorkerThreads(reactor, 1, f"mailgate-db-{engine.name}-writer")
         readers = engine.readers
         # Without readers of its own (an in-memory SQLite database exists in
@@ -352,7 +411,7 @@ class Database:
             self._writer.start()
             if self._readers is not self._writer:
                 self._readers.start()
-            self._shutdownTrigger = self._reactor.addSystemEventTrigger(
+            self._shutdownTrigger = self.reactor.addSystemEventTrigger(
                 "during", "shutdown", self._stopThreads
             )
 
@@ -404,15 +463,49 @@ class Database:
                 _raiseTranslated(self.engine, e)
 
     def _read(self, function, args, kwargs):
-        return self._attempt(
-            lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
-            retryDisconnects=True,
-        )
+        metrics = self.metrics
+        if metrics is None:
+            return self._attempt(
+                lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
+                retryDisconnects=True,
+            )
+        started = monotonic()
+        try:
+            return self._attempt(
+                lambda conn: runTransaction(self.engine, conn, function, args, kwargs, False),
+                retryDisconnects=True,
+            )
+        except Exception as e:
+            if _isDatabaseError(e):
+                metrics.databaseError()
+            raise
+        finally:
+            metrics.databaseOperation(operationName(function), monotonic() - started)
 
     def _write(self, batch):
         # A write that lost its connection may or may not have committed:
         # it is not retried; its caller reports a temporary failure.
-        return self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        metrics = self.metrics
+        if metrics is None:
+            return self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        started = monotonic()
+        try:
+            results = self._attempt(lambda conn: runBatch(self.engine, conn, batch), retryDisconnects=False)
+        except Exception:
+            # The transaction failed as a whole: every write in it failed.
+            for _ in batch:
+                metrics.databaseError()
+            raise
+        finally:
+            # Each write waited for the whole commit it shared.
+            seconds = monotonic() - started
+            for function, _, _ in batch:
+                metrics.databaseOperation(operationName(function), seconds)
+        metrics.groupCommit(len(batch))
+        for ok, value in results:
+            if not ok and _isDatabaseError(value.value):
+                metrics.databaseError()
+        return results
 
     # -- reactor side ----------------------------------------------------
 
@@ -495,37 +588,52 @@ class Database:
             trigger = getattr(self, "_shutdownTrigger", None)
             if trigger is not None:
                 try:
-                    self._reactor.removeSystemEventTrigger(trigger)
+                    self.reactor.removeSystemEventTrigger(trigger)
                 except (ValueError, KeyError):
                     pass
             self._stopThreads()
         return defer.succeed(None)
 
 
+@implementer(IDatabase)
 class SynchronousDatabase:
     """
     The same interactions as L{Database}, run inline on one connection.
 
     Every method returns an already-fired L{Deferred}.
+
+    @ivar connection: the DB-API connection, for work that spans
+        transactions of its own (schema upgrades, copying a database) or
+        runs outside the store (L{runTransaction}).
+    @ivar reactor: C{None}: nothing here waits for a reactor.
     """
+
+    reactor = None
 
     def __init__(self, engine):
         self.engine = engine
         try:
-            self._conn = engine.connect()
+            self.connection = engine.connect()
         except Exception as e:
             _raiseTranslated(engine, e)
 
+    def run(self, function, *args, write=False):
+        """
+        Run C{function(cursor, *args)} in one transaction, now, and return
+        its result (or raise its exception).
+        """
+        return runTransaction(self.engine, self.connection, function, args, {}, write)
+
     def runInteraction(self, function, *args, **kwargs):
         return defer.maybeDeferred(
-            runTransaction, self.engine, self._conn, function, args, kwargs, False
+            runTransaction, self.engine, self.connection, function, args, kwargs, False
         )
 
     def runWrite(self, function, *args, **kwargs):
         return defer.maybeDeferred(
-            runTransaction, self.engine, self._conn, function, args, kwargs, True
+            runTransaction, self.engine, self.connection, function, args, kwargs, True
         )
 
     def close(self):
-        self._conn.close()
+        self.connection.close()
         return defer.succeed(None)

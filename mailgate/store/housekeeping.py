@@ -8,6 +8,10 @@ It is safe to run on every node at once: a maildrop is worked on only
 under its POP3 lock, taken without waiting (a maildrop in use is skipped
 until the next pass), and every removal is a C{DELETE ... RETURNING}, so
 no message is ever released twice.
+
+Both services are given their reactor, and start their timers once it
+runs (C{twistd} starts services before it runs the reactor; an embedder's
+running reactor starts them at once), as L{mailgate.policy.service} does.
 """
 
 import os
@@ -51,8 +55,12 @@ class RetentionService(Service):
 
     def startService(self):
         Service.startService(self)
-        self._schedule(random.uniform(0, self.interval / 10))
-        self._refreshCall = self._reactor.callLater(0, self._refresh)
+        self._reactor.callWhenRunning(self._start)
+
+    def _start(self):
+        if self.running:
+            self._schedule(random.uniform(0, self.interval / 10))
+            self._refreshCall = self._reactor.callLater(0, self._refresh)
 
     def _refresh(self):
         """
@@ -163,7 +171,7 @@ class RegistryService(Service):
 
     def startService(self):
         Service.startService(self)
-        self._schedule(0)
+        self._reactor.callWhenRunning(self._schedule, 0)
 
     def stopService(self):
         Service.stopService(self)

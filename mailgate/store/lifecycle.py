@@ -604,7 +604,7 @@ class Retention:
         the session's maildrop), the user's own.
         """
         if maildrop is not None:
-            days = getattr(maildrop, "expireDays", self.defaultDays)
+            days = maildrop.expireDays
             return "EXPIRE " + ("NEVER" if days is None else str(days))
         line = "EXPIRE " + ("NEVER" if self.defaultDays is None else str(self.defaultDays))
         return line + " USER" if self.variesPerUser() else line

@@ -105,3 +105,83 @@ class SessionInfo:
     node = attr.ib()
     peer = attr.ib()
     since = attr.ib()  # seconds since the epoch
+
+
+@attr.s(frozen=True, slots=True)
+class AuthFailure:
+    """
+    One failed authentication, as every node sharing the store sees it.
+
+    @ivar failureId: a random id made by the node that saw it, unique
+        across nodes (so a node reading failures back can tell which it
+        already knows).
+    @ivar address: the client's address, normalised (see
+        L{mailgate.policy.addresses.addressText}).
+    @ivar login: the login name tried, normalised, or C{None}.
+    @ivar at: when, in seconds since the epoch.
+    """
+
+    failureId = attr.ib()
+    address = attr.ib()
+    login = attr.ib()
+    at = attr.ib()
+
+
+# Why an address is banned (L{BanRecord.reason}).
+REASON_FAILURES = "auth-failures"
+REASON_ADMIN = "admin"
+
+
+@attr.s(frozen=True, slots=True)
+class BanRecord:
+    """
+    A banned client address: a line of C{mailgate ban list}.
+
+    @ivar reason: C{"auth-failures"} (made by a node after too many failed
+        logins) or C{"admin"} (C{mailgate ban add}).
+    @ivar failures: the failed logins within the window when it was made.
+    @ivar created: when it was made, in seconds since the epoch.
+    @ivar expires: when it ends, in seconds since the epoch.
+    """
+
+    address = attr.ib()
+    reason = attr.ib()
+    failures = attr.ib()
+    created = attr.ib()
+    expires = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class FailureOutcome:
+    """
+    What recording a failed authentication did.
+
+    @ivar failures: the address's failures within the ban window, this one
+        included.
+    @ivar ban: the L{BanRecord} this failure made, or C{None}.
+    @ivar banned: whether the address is banned now (by this failure or
+        an earlier ban).
+    @ivar version: the store's ban version after the write (see
+        L{mailgate.interfaces.IPolicyStore.changes}).
+    """
+
+    failures = attr.ib()
+    ban = attr.ib()
+    banned = attr.ib()
+    version = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class PolicyChanges:
+    """
+    What a node's refresh read from the store.
+
+    @ivar version: the ban version read (before the bans).
+    @ivar bans: every ban in force, as L{BanRecord}s, or C{None} when the
+        version is the one the node already had.
+    @ivar failures: the L{AuthFailure}s recorded since the time asked for.
+    """
+
+    version = attr.ib()
+    bans = attr.ib()
+    failures = attr.ib()

@@ -96,6 +96,55 @@ MIGRATIONS = [
     ),
     Migration(
         2,
+        "failed authentications and bans, shared by every node",
+        [
+            # One row per failed login, kept for the ban window and then
+            # expired (mailgate.store.policy): bounded under attack, since
+            # an address stops adding rows once it is banned.  The id is
+            # made by the node (random), so no node waits on a sequence
+            # and a node reading failures back knows which it has.
+            """
+            CREATE TABLE auth_failures (
+                failure_id TEXT NOT NULL PRIMARY KEY,
+                address TEXT NOT NULL,
+                login TEXT,
+                failed_at {bigint} NOT NULL
+            )
+            """,
+            "CREATE INDEX auth_failures_address ON auth_failures (address, failed_at)",
+            "CREATE INDEX auth_failures_time ON auth_failures (failed_at)",
+            # An address's row is written first by every failure from it:
+            # its lock makes concurrent failures from one address, on any
+            # node, count one after the other, so the Nth failure is seen
+            # as the Nth.
+            """
+            CREATE TABLE failing_addresses (
+                address TEXT NOT NULL PRIMARY KEY,
+                last_failure {bigint} NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE bans (
+                address TEXT NOT NULL PRIMARY KEY,
+                reason TEXT NOT NULL,
+                failures INTEGER NOT NULL,
+                created_at {bigint} NOT NULL,
+                expires_at {bigint} NOT NULL
+            )
+            """,
+            # Raised by every change to the bans: what a node's refresh
+            # reads first (one row), fetching the bans only when it moved.
+            """
+            CREATE TABLE ban_version (
+                singleton INTEGER NOT NULL PRIMARY KEY CHECK (singleton = 1),
+                version {bigint} NOT NULL
+            )
+            """,
+            "INSERT INTO ban_version (singleton, version) VALUES (1, 0)",
+        ],
+    ),
+    Migration(
+        3,
         "quotas, retention, kept deleted mail and the POP3 session registry",
         [
             # Usage is kept with every delivery and removal, in the row the
@@ -207,7 +256,7 @@ def upgrade(database):
 
     @return: the list of migrations applied.
     """
-    return upgradeConnection(database.engine, database._conn)
+    return upgradeConnection(database.engine, database.connection)
 
 
 def upgradeConnection(engine, conn):

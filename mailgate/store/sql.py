@@ -11,15 +11,15 @@ another style.
 
 import secrets
 import time
-from array import array
 from collections import Counter
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import CredentialsChanged, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
-from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.errors import NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
+from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle
+from mailgate.store.database import BatchableWrite
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 
 CHUNK_SIZE = 128 * 1024
@@ -482,7 +482,7 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     return outcomes
 
 
-def _deliver(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
+def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
     """
     Store the body once and give each known recipient a maildrop entry.
 
@@ -493,6 +493,7 @@ def _deliver(cursor, addresses, source, now, partial=True, userIds=None, quota=N
     @param userIds: a cache of address to user id, kept by the writer
         thread; an id that no longer has a mailbox (the user was deleted,
         perhaps by another process) is found out by the counter update.
+    @param quota: the server's default limits (see L{_takeUids}).
     """
     userIds = {} if userIds is None else userIds
     try:
@@ -504,7 +505,7 @@ def _deliver(cursor, addresses, source, now, partial=True, userIds=None, quota=N
 
 def _deliverTogether(cursor, calls):
     """
-    Run several L{_deliver} calls as one: the group-commit writer hands
+    Run several L{_deliverOne} calls as one: the group-commit writer hands
     over every delivery waiting for the same commit.  The counters, bodies
     and maildrop entries of all of them take one statement each, so the
     writer pays per batch, not per message, for each trip into the
@@ -528,8 +529,7 @@ def _deliverArguments(addresses, source, now, partial=True, userIds=None, quota=
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
-_deliver.pipelined = True
-_deliver.together = _deliverTogether
+_deliver = BatchableWrite(_deliverOne, _deliverTogether, pipelined=True, name="deliver")
 
 
 def _recordLogin(cursor, userId, now, minimumInterval):
@@ -539,29 +539,6 @@ def _recordLogin(cursor, userId, now, minimumInterval):
         (now, userId, now - minimumInterval),
     )
     return cursor.rowcount == 1
-
-
-def _snapshot(cursor, userId, passwordHash=None, address=None):
-    """
-    The uids and sizes of a maildrop's messages; first, when a password
-    hash is given, confirm it is still the user's (and, when an address
-    is given, that the user still has it: renamed, the old name no longer
-    logs in).
-    """
-    if passwordHash is not None:
-        cursor.execute("SELECT password_hash, address FROM users WHERE user_id = ?", (userId,))
-        row = cursor.fetchone()
-        if row is None or row[0] != passwordHash or address not in (None, row[1]):
-            raise CredentialsChanged(userId)
-    cursor.execute(
-        "SELECT uid, size FROM maildrop WHERE user_id = ? ORDER BY uid", (userId,)
-    )
-    uids = array("q")
-    sizes = array("q")
-    for uid, size in cursor.fetchall():
-        uids.append(uid)
-        sizes.append(size)
-    return uids, sizes
 
 
 def _uniqueIds(cursor, userId, low, high):
@@ -637,7 +614,7 @@ def _readChunks(cursor, owner, bodyId, seq, count):
 # -- the store -------------------------------------------------------------
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, ILifecycleStore)
 class SQLMailStore(lifecycle.LifecycleStore):
     """
     L{IMailStore} on a L{Database}.
@@ -645,12 +622,18 @@ class SQLMailStore(lifecycle.LifecycleStore):
     @param database: a L{Database} or L{SynchronousDatabase}.
     @param locks: the L{IMaildropLocks} guarding POP3 sessions.
     @param clock: returns the time in seconds (for arrival stamps).
+    @ivar metrics: a L{mailgate.metrics.Metrics} told how many maildrop
+        locks this store's sessions hold, or C{None}.
     """
+
+    metrics = None
 
     def __init__(self, database, locks, clock=time.time):
         self.database = database
         self.locks = locks
         self._clock = clock
+        # Maildrops opened and not yet released (for the metrics).
+        self._opened = 0
         # Address to user id, used and kept by the writer thread alone.
         self._userIds = {}
         self.limits = lifecycle.StoreLimits()
@@ -700,28 +683,20 @@ class SQLMailStore(lifecycle.LifecycleStore):
         # The password hash the login was verified against: the snapshot
         # confirms it is still the user's (see PasswordChecker).
         passwordHash = identity.passwordHash
-        acquireAndSnapshot = getattr(self.locks, "acquireAndSnapshot", None)
-        if acquireAndSnapshot is not None:
-            # Lock and snapshot on the lock's own connection, where the locks
-            # offer it.
-            d = acquireAndSnapshot(userId, passwordHash=passwordHash, address=identity.address)
-        else:
-            d = self.locks.acquire(userId)
+        d = self.locks.acquireAndSnapshot(userId, passwordHash, identity.address)
+        return d.addCallback(self._maildropOpened, identity)
 
-            def snapshot(_):
-                read = self.database.runInteraction(_snapshot, userId, passwordHash, identity.address)
+    def _maildropOpened(self, result, identity):
+        self._lockCountChanged(1)
+        return SQLMaildrop(self, identity, *result)
 
-                def failed(failure):
-                    self.locks.release(userId)
-                    return failure
-
-                return read.addErrback(failed)
-
-            d.addCallback(snapshot)
-        return d.addCallback(lambda result: SQLMaildrop(self, identity, *result))
+    def _lockCountChanged(self, change):
+        self._opened += change
+        if self.metrics is not None:
+            self.metrics.maildropLocks(self._opened)
 
     def close(self):
-        d = defer.maybeDeferred(getattr(self.locks, "close", lambda: None))
+        d = defer.maybeDeferred(self.locks.close)
         d.addBoth(lambda _: self.database.close())
         d.addBoth(lambda _: self.engine.releaseServer())
         return d
@@ -856,6 +831,7 @@ class SQLMaildrop:
         if self._released:
             return defer.succeed(None)
         self._released = True
+        self._store._lockCountChanged(-1)
         session, self._session = self._session, None
         if session is not None:
             self._store.sessions.ended(session)

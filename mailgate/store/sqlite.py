@@ -5,6 +5,11 @@ The embedded SQLite engine: zero set-up, one file, one writer.
 Durability: WAL journal with C{synchronous=FULL}, so a transaction that has
 committed (a delivery acknowledged with 250, a POP3 deletion acknowledged
 with +OK) survives a power cut, not only a process crash.
+
+Privacy: the database holds every message and the password hashes, so its
+file is created readable and writable by its owner only (0600), whatever
+the umask; SQLite gives the -wal and -shm files it makes beside it the
+database file's mode, and the server's lock file is made the same way.
 """
 
 import contextlib
@@ -13,16 +18,37 @@ import fcntl
 import os
 import sqlite3
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse
-from mailgate.interfaces import IMaildropLocks
-
-from twisted.internet import defer
+from mailgate.interfaces import IEngine, IMaildropLocks
+from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
+FILE_MODE = 0o600
 
 
+def createPrivately(path):
+    """
+    Create C{path} (empty) readable and writable by its owner only, unless
+    it exists.  The mode is set explicitly, so neither a permissive umask
+    nor SQLite's default (0644) applies.  Where it cannot be created,
+    SQLite's own attempt reports why.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+@implementer(IEngine)
 class SQLiteEngine:
     """
     How mailgate talks to SQLite.
@@ -36,10 +62,13 @@ class SQLiteEngine:
         "bigint": "INTEGER",
         "blob": "BLOB",
         "without_rowid": "WITHOUT ROWID",
+        # SQLite formats no binary: the pairs travel as hexadecimal text.
+        "uid_size_pairs": "group_concat(printf('%016x%016x', uid, size), '')",
     }
 
     def __init__(self, path, readers=2):
         self.path = path
+        self.ephemeral = path == ":memory:"
         self._guard = None
         # WAL lets readers work while the single writer commits; an
         # in-memory database lives in one connection, so it has none.
@@ -58,6 +87,7 @@ class SQLiteEngine:
     def connect(self):
         args, kwargs = self._connectArguments()
         try:
+            createPrivately(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
         except sqlite3.Error as e:
@@ -165,7 +195,7 @@ class SQLiteEngine:
             return
         lockPath = self.path + ".lock"
         try:
-            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
         try:
@@ -179,6 +209,11 @@ class SQLiteEngine:
                     f"PostgreSQL for several nodes)"
                 ) from None
             raise
+        try:
+            # Whatever the umask was when it was made.
+            os.fchmod(fd, FILE_MODE)
+        except OSError:
+            pass
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._guard = fd
@@ -189,7 +224,7 @@ class SQLiteEngine:
             self._guard = None
 
     def makeLocks(self, database):
-        return InProcessLocks()
+        return InProcessLocks(database)
 
 
 @implementer(IMaildropLocks)
@@ -197,10 +232,15 @@ class InProcessLocks:
     """
     Maildrop locks held in this process's memory: exact and free for a
     single-process deployment, which is what the embedded store is (see
-    L{SQLiteEngine.claimServer}).
+    L{SQLiteEngine.claimServer}).  The snapshot taken with a lock is read
+    through the store's database, on a reader.
+
+    @param database: the store's L{mailgate.interfaces.IDatabase}.
     """
 
-    def __init__(self):
+    def __init__(self, database):
+        self._database = database
+        self._snapshot = snapshotQuery(database.engine)
         self._held = set()
 
     def acquire(self, userId):
@@ -208,6 +248,20 @@ class InProcessLocks:
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
         return defer.succeed(userId)
+
+    def acquireAndSnapshot(self, userId, passwordHash, address=None):
+        d = self.acquire(userId)
+
+        def snapshot(_):
+            read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
+
+            def giveBack(failure):
+                self._held.discard(userId)
+                return failure
+
+            return read.addErrback(giveBack)
+
+        return d.addCallback(snapshot)
 
     def release(self, userId):
         self._held.discard(userId)

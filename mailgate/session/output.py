@@ -1,6 +1,7 @@
-# -*- test-case-name: tests.test_pop3_protocol,tests.test_smtp_protocol -*-
+# -*- test-case-name: tests.test_session -*-
 """
-Connection-level pieces every mailgate protocol needs.
+A session's output: replies sent at once, and held together for the
+commands of one read.
 """
 
 from mailgate.twistedcompat import sendNow as _sendNow
@@ -20,51 +21,6 @@ def setNoDelay(transport):
             pass
 
 
-class IdleTimer:
-    """
-    A session's inactivity timer: one timer per session, rescheduled
-    lazily.  Activity only records a time stamp, so a busy session does not
-    pay for cancelling and rescheduling a timer on every command.
-
-    @param clock: provides C{seconds} and C{callLater} (the reactor).
-    @param timeout: seconds of inactivity allowed; 0 for none.
-    @param expired: called once the session has been idle for C{timeout}.
-    @param busy: returns whether the session is working on something the
-        client is waiting for (then it is not idle, whatever the time).
-    """
-
-    def __init__(self, clock, timeout, expired, busy):
-        self._clock = clock
-        self.timeout = timeout
-        self._expired = expired
-        self._busy = busy
-        self._call = None
-        self.lastActivity = 0
-
-    def activity(self):
-        self.lastActivity = self._clock.seconds()
-
-    def start(self):
-        self.activity()
-        if self.timeout and self._call is None:
-            self._call = self._clock.callLater(self.timeout, self._check)
-
-    def cancel(self):
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-
-    def _check(self):
-        self._call = None
-        idle = self._clock.seconds() - self.lastActivity
-        if idle < self.timeout or self._busy():
-            delay = self.timeout - idle if idle < self.timeout else self.timeout
-            self._call = self._clock.callLater(delay, self._check)
-            return
-        self._expired()
-
-
 class ReplyWriter:
     """
     A session's output, sent as soon as it is ready.
@@ -78,16 +34,25 @@ class ReplyWriter:
     are gathered while L{holding} and sent together.
 
     @param protocol: the session; its C{transport} is looked up for each
-        write, as it may change (a wrapper installed after connecting).
+        write, as it may change (TLS started after connecting).
+
+    @ivar heldSize: octets held now, waiting for the end of L{holding}.
     """
 
     def __init__(self, protocol):
         self._protocol = protocol
         self._held = None
+        self.heldSize = 0
 
     @property
     def transport(self):
-        return self._protocol.transport
+        """
+        Where replies go: the session's transport, or the connection
+        beneath a PROXY-header wrapper (which only relays writes), so that
+        the immediate-send path applies behind a balancer too.
+        """
+        transport = self._protocol.transport
+        return getattr(transport, "relayedTransport", transport)
 
     def write(self, data):
         """
@@ -95,6 +60,7 @@ class ReplyWriter:
         """
         if self._held is not None:
             self._held.append(data)
+            self.heldSize += len(data)
         else:
             _sendNow(self.transport, data)
 
@@ -113,6 +79,7 @@ class ReplyWriter:
         if self._held:
             data = b"".join(self._held)
             del self._held[:]
+            self.heldSize = 0
             _sendNow(self.transport, data)
 
     def holding(self):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pop3_protocol -*-
+# -*- test-case-name: tests.test_session_core,tests.test_pop3_protocol -*-
 """
 Writing a long multi-line response without holding it in memory.
 

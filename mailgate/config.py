@@ -1,0 +1,865 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+mailgate's settings, each declared once.
+
+Every setting of C{twistd mailgate} is one L{Setting} in L{SETTINGS}: its
+long option name (which is also its key in a configuration file), the
+attribute of L{MailgateConfig} it fills, its default, the L{Kind} of value
+it takes (which reads and checks the value from the command line and from
+TOML alike) and its help text.  From that one list come:
+
+  - L{MailgateConfig}, the configuration the service is built from (an
+    embedding application constructs it directly);
+  - the options of C{twistd mailgate} (L{mailgate.tap.Options});
+  - the configuration file, C{--config PATH}, read by L{readFile};
+  - the commented example file C{contrib/mailgate.toml}
+    (L{exampleFile}; C{python -m mailgate.config} prints it, and a test
+    checks the shipped copy against it).
+
+Adding an option is adding one L{Setting} to L{SETTINGS} (then
+regenerating the example file).  Checks that involve several settings
+(TLS) live in L{checkConfig}, the one place they are made.
+
+Precedence: the command line, then the configuration file, then a
+setting's environment variable (C{$MAILGATE_DATABASE}), then the default.
+"""
+
+import difflib
+import enum
+import ipaddress
+import json
+import math
+import os
+import sys
+import textwrap
+import tomllib
+
+import attr
+from twisted.internet.endpoints import serverFromString
+
+from mailgate.errors import ConfigurationError, InvalidAddress
+from mailgate.policy import settings as _policy
+from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
+from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
+from mailgate.pop3.protocol import POP3Server
+from mailgate.smtp.protocol import SMTPServer
+from mailgate.store import DEFAULT_DATABASE
+
+
+# -- kinds of values -------------------------------------------------------
+
+
+class Kind:
+    """
+    How one kind of value is read, from command-line text or from a TOML
+    value, and checked.  Each method raises L{ValueError} with a message
+    (no newline) saying what is wrong.
+
+    @cvar metavar: the placeholder in help texts.
+    @cvar expected: what a TOML value must be, for error messages.
+    @cvar tomlTypes: the Python types a TOML value of this kind may have.
+    """
+
+    metavar = "TEXT"
+    expected = "a string"
+    tomlTypes = (str,)
+
+    def fromText(self, text):
+        """
+        The value of command-line C{text}.
+        """
+        return self.check(text)
+
+    def fromTOML(self, value):
+        """
+        The value of a TOML value (already parsed by L{tomllib}).
+        """
+        if isinstance(value, bool) and bool not in self.tomlTypes:
+            raise ValueError(f"expected {self.expected}, got {_shown(value)}")
+        if not isinstance(value, self.tomlTypes):
+            raise ValueError(f"expected {self.expected}, got {_shown(value)}")
+        return self.check(value)
+
+    def check(self, value):
+        """
+        Check (and normalise) a value of the right type.
+        """
+        return value
+
+    def toTOML(self, value):
+        """
+        C{value} written as TOML (for the example file).
+        """
+        return json.dumps(value, ensure_ascii=False)
+
+
+def _shown(value):
+    """
+    A TOML value as an error message shows it: the value and its type.
+    """
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    kind = names.get(type(value), type(value).__name__)
+    text = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kind})"
+
+
+class Text(Kind):
+    """
+    Any non-blank text.
+    """
+
+    def __init__(self, metavar="TEXT"):
+        self.metavar = metavar
+
+    def check(self, value):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class Integer(Kind):
+    """
+    A whole number, at least C{minimum}.
+    """
+
+    tomlTypes = (int,)
+
+    def __init__(self, minimum=0, metavar="N"):
+        self.minimum = minimum
+        self.metavar = metavar
+        self.expected = f"a whole number of at least {minimum}"
+
+    def fromText(self, text):
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise ValueError(f"not a whole number: {text!r}") from None
+        return self.check(number)
+
+    def check(self, value):
+        if value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}, not {value}")
+        return value
+
+
+class Number(Kind):
+    """
+    A number (a whole number is taken as it is), at least C{minimum}.
+    """
+
+    tomlTypes = (int, float)
+
+    def __init__(self, minimum=0, metavar="SECONDS"):
+        self.minimum = minimum
+        self.metavar = metavar
+        self.expected = f"a number of at least {minimum}"
+
+    def fromText(self, text):
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise ValueError(f"not a number: {text!r}") from None
+        return self.check(number)
+
+    def check(self, value):
+        if not math.isfinite(value):
+            raise ValueError(f"not a finite number: {value}")
+        if value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}, not {value}")
+        return float(value)
+
+
+class Boolean(Kind):
+    """
+    True or false: a TOML boolean; on the command line, a flag (declare the
+    setting with C{flags={"name": True}}) or C{yes}/C{no}.
+    """
+
+    metavar = "yes|no"
+    expected = "true or false"
+    tomlTypes = (bool,)
+    _words = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+    def fromText(self, text):
+        try:
+            return self._words[text.strip().lower()]
+        except KeyError:
+            raise ValueError(f"must be yes or no, not {text!r}") from None
+
+    def toTOML(self, value):
+        return "true" if value else "false"
+
+
+class Choice(Kind):
+    """
+    One of a few words.
+
+    @param values: the words, or an L{enum.Enum} whose values are the words
+        (the value is then the enum member).
+    """
+
+    def __init__(self, values):
+        self.enum = values if isinstance(values, type) and issubclass(values, enum.Enum) else None
+        self.words = [m.value for m in values] if self.enum else list(values)
+        self.metavar = "|".join(self.words)
+        self.expected = "one of " + ", ".join(json.dumps(w) for w in self.words)
+
+    def check(self, value):
+        word = value.strip().lower()
+        if word not in self.words:
+            raise ValueError(f"must be {self.expected}, not {value!r}")
+        return self.enum(word) if self.enum else word
+
+    def toTOML(self, value):
+        return json.dumps(value.value if isinstance(value, enum.Enum) else value)
+
+
+class Size(Kind):
+    """
+    A size in octets: a whole number, or one with a unit as Dovecot's quota
+    settings write it (C{64K}, C{500M}, C{1G}; units of 1024).  In TOML, a
+    number of octets or such a string.
+    """
+
+    metavar = "SIZE"
+    expected = "a size (octets, or a string such as \"500M\" or \"1G\")"
+    tomlTypes = (int, str)
+
+    def check(self, value):
+        from mailgate.store.lifecycle import parseSize
+
+        return parseSize(str(value))
+
+    def toTOML(self, value):
+        from mailgate.store.lifecycle import formatSize
+
+        return json.dumps(formatSize(value))
+
+
+class Days(Integer):
+    """
+    A whole number of days, or C{never} (C{None}).
+    """
+
+    tomlTypes = (int, str)
+
+    def __init__(self):
+        Integer.__init__(self, minimum=0, metavar="DAYS|never")
+        self.expected = 'a whole number of days or "never"'
+
+    def fromText(self, text):
+        return self.check(text)
+
+    def check(self, value):
+        if isinstance(value, str):
+            if value.strip().lower() == "never":
+                return None
+            return Integer.fromText(self, value)
+        return Integer.check(self, value)
+
+    def toTOML(self, value):
+        return '"never"' if value is None else str(value)
+
+
+class Endpoint(Kind):
+    """
+    A Twisted server endpoint description (strports), checked for syntax.
+    """
+
+    metavar = "ENDPOINT"
+    expected = "an endpoint description (a string such as \"tcp:110\")"
+
+    def check(self, value):
+        return checkEndpoint(value)
+
+
+class Network(Kind):
+    """
+    An IP network in CIDR notation (host bits are dropped).
+    """
+
+    metavar = "CIDR"
+
+    def check(self, value):
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as e:
+            raise ValueError(f"not a network: {e}") from None
+
+
+class ExemptNetwork(Network):
+    """
+    A network in CIDR notation, or C{none} (given alone: no network).
+    """
+
+    def check(self, value):
+        if value.strip().lower() == NO_NETWORKS:
+            return NO_NETWORKS
+        return Network.check(self, value)
+
+
+class Domain(Kind):
+    """
+    A mail domain, normalised (lower case, IDNA).
+    """
+
+    metavar = "NAME"
+
+    def check(self, value):
+        from mailgate.address import normalizeDomain
+
+        try:
+            return normalizeDomain(value)
+        except InvalidAddress as e:
+            raise ValueError(str(e)) from None
+
+
+class DatabaseURL(Kind):
+    """
+    A database URL mailgate has an engine for.
+    """
+
+    metavar = "URL"
+
+    def check(self, value):
+        from mailgate.store import engineFromURL
+
+        try:
+            engineFromURL(value)
+        except ConfigurationError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+
+def checkEndpoint(description):
+    """
+    Check the syntax of a server endpoint description without listening.
+
+    The description is parsed by Twisted's own parsers, with no reactor at
+    all: they only record the reactor for later (test_config pins that for
+    every kind mailgate documents), so nothing can listen or connect here.
+
+    @return: the description.
+    @raise ValueError: with what is wrong.
+    """
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError("an empty endpoint description")
+    try:
+        serverFromString(None, description)
+    except (IndexError, KeyError) as e:
+        if description.split(":", 1)[0].strip().lower() == "systemd":
+            raise ValueError(
+                f"{description!r}: systemd passed no socket with that index or name "
+                f"(start mailgate through its socket unit, or use another endpoint)"
+            ) from None
+        raise ValueError(f"invalid endpoint {description!r}: {type(e).__name__} {e}") from None
+    except Exception as e:
+        reason = str(e).replace("\n", " ") or type(e).__name__
+        raise ValueError(f"invalid endpoint {description!r}: {reason}") from None
+    return description
+
+
+# -- the APOP policy ---------------------------------------------------------
+
+
+class APOPPolicy(enum.Enum):
+    """
+    When the POP3 greeting offers APOP (carries a timestamp).
+
+    @cvar AUTO: only while some user has APOP enabled (checked every
+        L{mailgate.service.APOP_REFRESH} seconds): clients that prefer APOP
+        whenever it is offered never try it where it cannot work.
+    @cvar ALWAYS: always.
+    @cvar NEVER: never; APOP logins are not even checked.
+    """
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+    @classmethod
+    def of(cls, value):
+        """
+        The policy C{value} names: a policy, its word, or (as older
+        configurations said) C{True} for always and C{False} for never.
+        """
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls.ALWAYS
+        if value is False or value is None:
+            return cls.NEVER
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ValueError(f"APOP policy must be auto, always or never, not {value!r}") from None
+
+    @property
+    def checked(self):
+        """
+        Whether APOP logins are verified at all (the portal has an APOP
+        checker).
+        """
+        return self is not APOPPolicy.NEVER
+
+    def advertiser(self, store):
+        """
+        What the POP3 factory is given as its C{apop}: C{True}, C{False},
+        or an L{APOPAdvertiser} asking C{store}.
+        """
+        if self is APOPPolicy.AUTO:
+            from mailgate.pop3.factory import APOPAdvertiser
+
+            return APOPAdvertiser(store)
+        return self is APOPPolicy.ALWAYS
+
+
+LOG_FORMATS = ("text", "json")
+
+
+# -- settings ------------------------------------------------------------------
+
+
+@attr.s(frozen=True)
+class Setting:
+    """
+    One setting, declared once.
+
+    @ivar name: the long option (C{--name}) and the configuration file key.
+    @ivar attribute: the L{MailgateConfig} attribute.
+    @ivar kind: the L{Kind} of its value (of each value, if C{repeated}).
+    @ivar default: the default value (a tuple for a repeated setting; the
+        configuration gets a fresh list), or C{None} for "not set".
+    @ivar help: what it does, one or more sentences.
+    @ivar repeated: a list: the option may be given several times, and the
+        file gives an array.  Given on the command line, it replaces the
+        file's list and the default.
+    @ivar flags: command-line flags that set it, instead of C{--name VALUE}:
+        C{{flag: value}} (C{--apop} and C{--no-apop}).  Giving two of them
+        is an error.
+    @ivar environment: an environment variable consulted before the
+        default (by C{twistd mailgate}, not by L{MailgateConfig}).
+    @ivar defaultText: how help texts describe the default, when the
+        value alone does not say it.
+    @ivar example: a value the example file shows for a setting whose
+        default is unset or empty.
+    @ivar converter: turns what an embedding application passes to
+        L{MailgateConfig} into the setting's type.
+    """
+
+    name = attr.ib()
+    attribute = attr.ib()
+    kind = attr.ib()
+    default = attr.ib()
+    help = attr.ib()
+    repeated = attr.ib(default=False)
+    flags = attr.ib(factory=dict)
+    environment = attr.ib(default=None)
+    defaultText = attr.ib(default=None)
+    example = attr.ib(default=None)
+    converter = attr.ib(default=None)
+
+    def defaultValue(self):
+        """
+        A fresh default value (a new list for a repeated setting).
+        """
+        return list(self.default) if self.repeated else self.default
+
+    def describeDefault(self):
+        if self.defaultText is not None:
+            return self.defaultText
+        if self.default is None or (self.repeated and not self.default):
+            return "none"
+        if self.repeated:
+            return ", ".join(str(v) for v in self.default)
+        if isinstance(self.default, enum.Enum):
+            return self.default.value
+        return str(self.default)
+
+    def fromTOML(self, value):
+        """
+        The value of this setting's key in a configuration file.
+
+        @raise ValueError: saying what is wrong with it.
+        """
+        if not self.repeated:
+            return self.kind.fromTOML(value)
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array (of {self.kind.expected} each), got {_shown(value)}")
+        return [self.kind.fromTOML(item) for item in value]
+
+
+DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
+# Where a protocol class already has a default (for embedders using it
+# directly), the setting's default is that one, not a copy.
+_TRUSTED, _POP3, _SMTP, _DATABASE = DEFAULT_TRUSTED_NETWORKS, POP3Server, SMTPServer, DEFAULT_DATABASE
+
+#: Every setting, in the order help texts and the example file list them.
+SETTINGS = (
+    Setting(
+        "database", "database", DatabaseURL(), _DATABASE,
+        "Database URL: sqlite:///FILE (relative to the working directory), "
+        "sqlite:////ABSOLUTE/FILE or postgresql://USER:PASSWORD@HOST:PORT/DB.",
+        environment="MAILGATE_DATABASE",
+        defaultText=f"$MAILGATE_DATABASE, else {_DATABASE}",
+    ),
+    Setting(
+        "pop3", "pop3", Endpoint(), (DEFAULT_POP3,),
+        "A POP3 listener, as a strports description (tcp:110, "
+        "tcp:1110:interface=127.0.0.1, unix:/run/mailgate/pop3, "
+        "haproxy:tcp:110, systemd:domain=INET:index=0).",
+        repeated=True,
+    ),
+    Setting(
+        "pop3s", "pop3s", Endpoint(), (),
+        "A POP3 listener with implicit TLS from the first byte (e.g. tcp:995), "
+        "using tls-cert and tls-key.",
+        repeated=True, example=["tcp:995"],
+    ),
+    Setting(
+        "smtp", "smtp", Endpoint(), (),
+        "An SMTP listener (e.g. tcp:25, tcp:2525:interface=127.0.0.1).",
+        repeated=True, example=["tcp:2525:interface=127.0.0.1"],
+    ),
+    Setting(
+        "lmtp", "lmtp", Endpoint(), (),
+        "An LMTP listener, for an MTA such as Postfix (e.g. "
+        "unix:/var/spool/postfix/private/mailgate:mode=660 or "
+        "tcp:2424:interface=127.0.0.1).",
+        repeated=True, example=["unix:/var/spool/postfix/private/mailgate:mode=660"],
+    ),
+    Setting(
+        "metrics", "metrics", Endpoint(), None,
+        "Serve Prometheus metrics (GET /metrics) and a health check "
+        "(GET /healthz: 200 while the database answers within a second, "
+        "503 otherwise) over HTTP on this endpoint.",
+        example="tcp:9101:interface=127.0.0.1",
+    ),
+    Setting(
+        "hostname", "hostname", Text("NAME"), None,
+        "Host name used in greetings, the APOP timestamp and Received: fields.",
+        defaultText="this machine's fully qualified name", example="mail.example.org",
+    ),
+    Setting(
+        "domain", "domains", Domain(), (),
+        "A domain SMTP and LMTP accept mail for.",
+        repeated=True, defaultText="the domains of existing users", example=["example.org"],
+    ),
+    Setting(
+        "max-message-size", "maxMessageSize", Integer(minimum=1, metavar="OCTETS"),
+        _SMTP.maxMessageSize,
+        "Largest message SMTP and LMTP accept, in octets (advertised as SIZE).",
+    ),
+    Setting(
+        "max-recipients", "maxRecipients", Integer(minimum=1), _SMTP.maxRecipients,
+        "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
+    ),
+    Setting(
+        "tls-cert", "tlsCertificate", Text("PEM"), None,
+        "PEM file with the server certificate, optionally followed by its "
+        "chain.  With tls-key, enables STLS, STARTTLS and pop3s listeners; "
+        "SIGHUP reloads both files.",
+        example="/etc/mailgate/cert.pem",
+    ),
+    Setting(
+        "tls-key", "tlsKey", Text("PEM"), None,
+        "PEM file with the private key of tls-cert.",
+        example="/etc/mailgate/key.pem",
+    ),
+    Setting(
+        "trusted-network", "trustedNetworks", Network(), tuple(_TRUSTED),
+        "A network (CIDR) from which plaintext passwords (USER/PASS, AUTH "
+        "PLAIN) are accepted without TLS; elsewhere plaintext logins need TLS.",
+        repeated=True,
+    ),
+    Setting(
+        "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,
+        "When the POP3 greeting offers APOP: auto (only while some user has "
+        "APOP enabled), always, or never.  On the command line: --apop "
+        "(always) or --no-apop (never).",
+        flags={"apop": APOPPolicy.ALWAYS, "no-apop": APOPPolicy.NEVER},
+        converter=APOPPolicy.of,
+    ),
+    Setting(
+        "auth-failure-delay", "authFailureDelay", Number(), _POP3.authFailureDelay,
+        "Seconds to wait before answering a failed login (the same for an "
+        "unknown user and a wrong password; other sessions are not held up).",
+    ),
+    Setting(
+        "idle-timeout", "idleTimeout", Integer(metavar="SECONDS"), _POP3.idleTimeout,
+        "Seconds of inactivity before a POP3 session is logged out "
+        "(RFC 1939: at least 600).",
+    ),
+    Setting(
+        "login-delay", "loginDelay", Integer(metavar="SECONDS"), None,
+        "Minimum seconds between two logins of the same user, advertised as "
+        "LOGIN-DELAY (RFC 2449).",
+        defaultText="no limit", example=300,
+    ),
+    Setting(
+        "default-quota", "defaultQuota", Size(), None,
+        "Storage quota of users who have none of their own (mailgate user "
+        "quota), e.g. 1G or 500M.  SMTP and LMTP refuse a recipient it would "
+        "take over quota: at RCPT for the size the client declares, at the end "
+        "of DATA for the real one.",
+        defaultText="no limit", example=1 << 30,
+    ),
+    Setting(
+        "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",
+        "How SMTP and LMTP refuse a recipient over quota: temporary (452 4.2.2, "
+        "the MTA retries after the user made room) or permanent (552 5.2.2).",
+    ),
+    Setting(
+        "expire-days", "expireDays", Days(), None,
+        "Days a message is kept before the retention task removes it, for "
+        "users without a value of their own (mailgate user expire); "
+        "advertised as EXPIRE (RFC 2449).  never keeps mail until clients "
+        "delete it.",
+        defaultText="never", example=30,
+    ),
+    Setting(
+        "keep-deleted-days", "keepDeletedDays", Integer(metavar="DAYS"), 0,
+        "Days messages deleted by POP3 clients are kept (outside the quota) "
+        "for mailgate mailbox deleted / restore; 0 removes them at once.",
+    ),
+    Setting(
+        "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
+        "Most connections (POP3, SMTP and LMTP together) served at once; more "
+        "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.",
+    ),
+    Setting(
+        "max-connections-per-ip", "maxConnectionsPerAddress", Integer(),
+        _policy.MAX_CONNECTIONS_PER_ADDRESS,
+        "Most connections from one client address (the real one behind a "
+        "haproxy: listener), except from exempt-network.  0 for no limit.",
+    ),
+    Setting(
+        "auth-penalty-max", "authPenaltyMax", Number(), _policy.AUTH_PENALTY_MAX,
+        "After failed logins from an address (or against one name from many "
+        "addresses), its next login waits 2 seconds, doubling per failure, at "
+        "most this many seconds.  0 turns the growing delay off.",
+    ),
+    Setting(
+        "ban-after", "banAfter", Integer(), _policy.BAN_AFTER,
+        "Ban a client address at its Nth failed login within ban-window "
+        "(counted across every node on the database).  0 for no bans.",
+    ),
+    Setting(
+        "ban-window", "banWindow", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_WINDOW,
+        "Seconds over which failed logins are counted.",
+    ),
+    Setting(
+        "ban-time", "banTime", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_TIME,
+        "Seconds a ban lasts (see also: mailgate ban list|add|del).",
+    ),
+    Setting(
+        "exempt-network", "exemptNetworks", ExemptNetwork(), tuple(DEFAULT_EXEMPT_NETWORKS),
+        "A network (CIDR) never penalised, banned or limited per address "
+        "(webmail, monitoring); none exempts nothing.",
+        repeated=True,
+    ),
+    Setting(
+        "shutdown-grace", "shutdownGrace", Number(), 30.0,
+        "Seconds open sessions get to finish when the server stops (SIGTERM): "
+        "a POP3 QUIT in that time applies its deletions, an SMTP/LMTP message "
+        "being received is committed; new connections are refused at once.",
+    ),
+    Setting(
+        "log-format", "logFormat", Choice(LOG_FORMATS), "text",
+        "How twistd's log is written: text (human lines) or json (one JSON "
+        "object per line, with time, level, event, session, protocol, peer "
+        "and user).",
+    ),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def setting(name):
+    """
+    The L{Setting} of a long option name.
+    """
+    return _BY_NAME[name]
+
+
+# -- the configuration ------------------------------------------------------------
+
+
+def makeConfigClass(settings):
+    """
+    The configuration class of C{settings}: one attribute per setting,
+    defaulting to its declared default, plus C{reloadOnSIGHUP}.
+    """
+    attributes = {}
+    for s in settings:
+        attributes[s.attribute] = attr.ib(factory=s.defaultValue, converter=s.converter)
+    attributes["reloadOnSIGHUP"] = attr.ib(default=False)
+    cls = attr.make_class("MailgateConfig", attributes, kw_only=True)
+    cls.__module__ = __name__
+    fields = "\n".join(
+        textwrap.fill(
+            f"@ivar {s.attribute}: {s.help} (C{{--{s.name}}}; default: {s.describeDefault()}.)",
+            76,
+            break_on_hyphens=False,
+            initial_indent="    ",
+            subsequent_indent="        ",
+        )
+        for s in settings
+    )
+    cls.__doc__ = (
+        "\n    Everything mailgate can be told, with its defaults: one attribute per\n"
+        "    L{Setting} of L{SETTINGS} (the defaults are declared there), plus\n"
+        "    C{reloadOnSIGHUP}.\n\n"
+        f"{fields}\n"
+        "    @ivar reloadOnSIGHUP: reload the certificate and key (and reopen the\n"
+        "        log file) on SIGHUP.\n    "
+    )
+    return cls
+
+
+MailgateConfig = makeConfigClass(SETTINGS)
+
+
+def checkConfig(config):
+    """
+    The checks that involve several settings, made once for every way a
+    configuration is built (command line, file, embedding).
+
+    @raise ConfigurationError: saying what does not fit.
+    """
+    if (config.tlsCertificate is None) != (config.tlsKey is None):
+        raise ConfigurationError("TLS needs both a certificate and a key")
+    if config.pop3s and config.tlsCertificate is None:
+        raise ConfigurationError("implicit-TLS listeners need a certificate and a key")
+    if NO_NETWORKS in config.exemptNetworks and len(config.exemptNetworks) > 1:
+        raise ConfigurationError(
+            f"exempt-network: {NO_NETWORKS!r} exempts nothing: it cannot be combined with networks"
+        )
+    return config
+
+
+# -- the configuration file --------------------------------------------------------
+
+
+class ConfigFileError(ConfigurationError):
+    """
+    The configuration file cannot be used; the message names the file and,
+    where one is at fault, the key.
+    """
+
+
+def readFile(path, settings=SETTINGS):
+    """
+    Read a TOML configuration file whose keys name C{settings}.
+
+    @return: C{{setting name: value}} for the keys the file sets.
+    @raise ConfigFileError: the file cannot be read or parsed, has a key
+        that names no setting, or a value of the wrong type or an invalid
+        one (the first such key is named).
+    """
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigFileError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path}: not valid TOML: {_oneLine(e)}") from None
+    byName = {s.name: s for s in settings}
+    values = {}
+    for key, value in document.items():
+        s = byName.get(key)
+        if s is None:
+            close = difflib.get_close_matches(key, byName, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else " (keys are the long option names of twistd mailgate)"
+            raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
+        try:
+            values[key] = s.fromTOML(value)
+        except ValueError as e:
+            raise ConfigFileError(f"{path}: key {key!r}: {_oneLine(e)}") from None
+    return values
+
+
+def _oneLine(error):
+    return " ".join(str(error).split())
+
+
+def resolve(given, fileValues=None, environ=None, settings=SETTINGS, configClass=MailgateConfig):
+    """
+    The configuration from the command line, a configuration file and the
+    environment, each overriding the ones after it, then the defaults.
+
+    @param given: C{{setting name: value}} given on the command line,
+        already checked.
+    @param fileValues: what L{readFile} returned, or C{None}.
+    @param environ: the environment (L{os.environ} by default).
+    @param settings: the declarations, and C{configClass} the class made
+        from them (L{makeConfigClass}).
+    @raise ConfigurationError: an environment variable's value is invalid,
+        or the settings do not fit together (L{checkConfig}).
+    """
+    environ = os.environ if environ is None else environ
+    fileValues = fileValues or {}
+    values = {}
+    for s in settings:
+        if s.name in given:
+            value = given[s.name]
+        elif s.name in fileValues:
+            value = fileValues[s.name]
+        elif s.environment and environ.get(s.environment):
+            try:
+                value = s.kind.fromText(environ[s.environment])
+            except ValueError as e:
+                raise ConfigurationError(f"${s.environment}: {_oneLine(e)}") from None
+        else:
+            value = s.defaultValue()
+        values[s.attribute] = list(value) if s.repeated else value
+    return checkConfig(configClass(**values))
+
+
+# -- the example file ----------------------------------------------------------------
+
+
+EXAMPLE_HEADER = """\
+# mailgate configuration: twistd mailgate --config /etc/mailgate/mailgate.toml
+#
+# Every key is a long option of `twistd mailgate` (see `twistd mailgate
+# --help`); an option given on the command line wins over this file.  An
+# unknown key, a value of the wrong type or an invalid value stops start-up
+# with one line naming the key and this file.
+#
+# Each key below is shown commented out with its default value; where there
+# is no default, with an example.  Lists replace the default, they do not
+# add to it.
+#
+# This file is generated from mailgate/config.py (python -m mailgate.config).
+"""
+
+
+def exampleFile(settings=SETTINGS):
+    """
+    The commented example configuration file: every key with its help text
+    and its default (or an example value where it has none).
+    """
+    parts = [EXAMPLE_HEADER]
+    for s in settings:
+        lines = textwrap.wrap(s.help, 76, break_on_hyphens=False)
+        if s.repeated:
+            lines += ["An array: repeat the option on the command line for several."]
+        unset = s.default is None or (s.repeated and not s.default)
+        value = s.example if unset else s.default
+        if unset:
+            lines.append(f"Default: {s.describeDefault()}; for example:")
+        elif s.defaultText is not None:
+            lines.append(f"Default: {s.defaultText}.")
+        if s.repeated:
+            shown = "[" + ", ".join(s.kind.toTOML(v) for v in value) + "]"
+        else:
+            shown = s.kind.toTOML(value)
+        parts.append("\n" + "".join(f"# {line}\n" for line in lines) + f"#{s.name} = {shown}\n")
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(exampleFile())

@@ -1,0 +1,222 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Where twistd's log goes and what a line looks like: human text (the
+default) or one JSON object per line (C{--log-format json}).
+
+twistd picks its log observer before the plugin's service exists, but it
+asks the application first: an L{ILogObserver} component set on the
+application wins over the one twistd would build from C{--logfile},
+C{--nodaemon} and C{--syslog} (C{twisted.application.app.AppLogger.start}).
+L{mailgate.tap.makeService} therefore builds the observer itself, with
+L{twistdDestination} honouring those same options (C{-l FILE}, C{-l -},
+standard output under C{--nodaemon}, C{twistd.log} when daemonizing), and
+L{mailgate.service.MailgateService} sets it on the application it joins.
+Every line, twistd's own start-up lines included, then goes through it.
+C{--logger} and C{--syslog} are left to twistd (with the text format).
+
+Taking the file over also means SIGHUP can reopen it, which is what
+logrotate's C{postrotate} needs; twistd's own size-based rotation (and its
+SIGUSR1) is not used.
+
+A JSON line holds C{time} (RFC 3339, UTC), C{level}, C{event} (the event's
+stable C{event} key, such as C{pop3.login}; for events without one, their
+logger's namespace), C{session}, C{protocol}, C{peer} and C{user} where
+the event has them, the event's other fields made JSON-safe, C{text} (the
+formatted message) and, for failures, C{traceback}.  Fields whose names
+say they hold a password, secret or credential are never written.
+"""
+
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import threading
+
+from twisted.logger import FileLogObserver, formatEvent, textFileLogObserver
+
+#: the keys every connection's events carry (the logging contract)
+CONTEXT_KEYS = ("session", "protocol", "peer", "user")
+# Keys of legacy (twisted.python.log) events that repeat what the record
+# already says.
+_LEGACY_KEYS = frozenset({"message", "isError", "format", "printed", "time", "why", "failure"})
+# Field names that must never reach a log, whatever a caller passed.
+# (A SASL exchange's client messages are "responses".)
+_SECRET = re.compile(r"pass(word|wd)|^pass$|secret|credential|response$", re.IGNORECASE)
+_MAX_TEXT = 2000
+_MAX_ITEMS = 50
+
+
+class LogStream:
+    """
+    A text stream for log lines, written whole under a lock (events come
+    from worker threads too), that can be reopened by path.
+
+    @ivar path: the file, or C{None} for a stream given as is (standard
+        output), which L{reopen} leaves alone.
+    """
+
+    def __init__(self, path=None, stream=None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stream = stream if path is None else self._open(path)
+
+    @staticmethod
+    def _open(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def write(self, text):
+        with self._lock:
+            self._stream.write(text)
+
+    def flush(self):
+        with self._lock:
+            self._stream.flush()
+
+    def reopen(self):
+        """
+        Open the path again (after logrotate moved the file away): later
+        lines go to a new file of that name.  The old stream is closed only
+        once the new one is open, so a failure loses nothing.
+
+        @return: whether a file was reopened.
+        """
+        if self.path is None:
+            return False
+        replacement = self._open(self.path)
+        with self._lock:
+            old, self._stream = self._stream, replacement
+        old.close()
+        return True
+
+    def close(self):
+        if self.path is not None:
+            with self._lock:
+                self._stream.close()
+
+
+def twistdDestination(twistdOptions):
+    """
+    Where twistd would write its log, given its options, as a L{LogStream};
+    or C{None} where twistd must keep its own observer (C{--syslog},
+    C{--logger}).
+
+    @param twistdOptions: twistd's C{ServerOptions} (a mapping).
+    @raise SystemExit: C{-l -} without C{--nodaemon}, as twistd refuses it.
+    """
+    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
+        return None
+    logfile = twistdOptions.get("logfile") or ""
+    nodaemon = twistdOptions.get("nodaemon", False)
+    if logfile == "-":
+        if not nodaemon:
+            raise SystemExit("Daemons cannot log to stdout, exiting!")
+        return LogStream(stream=sys.stdout)
+    if nodaemon and not logfile:
+        return LogStream(stream=sys.stdout)
+    return LogStream(path=os.path.abspath(logfile or "twistd.log"))
+
+
+def observerFor(logFormat, stream):
+    """
+    The observer writing events to C{stream} in C{logFormat} (C{"text"} or
+    C{"json"}).
+    """
+    if logFormat == "json":
+        return jsonFileLogObserver(stream)
+    return textFileLogObserver(stream)
+
+
+def jsonFileLogObserver(stream):
+    """
+    An observer writing one JSON object per event and line to C{stream}.
+    """
+    return FileLogObserver(stream, eventAsJSONLine)
+
+
+def eventAsJSONLine(event):
+    """
+    An event as one line of JSON (see L{eventAsRecord}).
+    """
+    return json.dumps(eventAsRecord(event), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def eventAsRecord(event):
+    """
+    The JSON object of one log event: C{time}, C{level}, C{event}, the
+    connection's context keys, the event's own fields, C{text}, and
+    C{traceback} for a failure.
+    """
+    record = {
+        "time": _rfc3339(event.get("log_time")),
+        "level": getattr(event.get("log_level"), "name", "info"),
+    }
+    name = event.get("event")
+    if not isinstance(name, str) or not name:
+        name = event.get("log_namespace") or "log"
+    record["event"] = name
+    for key in CONTEXT_KEYS:
+        if key in event and event[key] is not None:
+            record[key] = _jsonSafe(event[key])
+    legacy = "log_legacy" in event or "isError" in event
+    for key, value in event.items():
+        if key in record or key == "event" or key.startswith("log_") or _SECRET.search(key):
+            continue
+        if legacy and key in _LEGACY_KEYS:
+            continue
+        if key == "system" and value == "-":
+            continue
+        record[key] = _jsonSafe(value)
+    text = formatEvent(event)
+    record["text"] = text
+    failure = event.get("log_failure")
+    if failure is None and legacy:
+        failure = event.get("failure")
+    if failure is not None and hasattr(failure, "getTraceback"):
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = _shortText(repr(failure))
+    return record
+
+
+def _rfc3339(timestamp):
+    if not isinstance(timestamp, (int, float)):
+        timestamp = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _shortText(text):
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
+
+
+def _jsonSafe(value, depth=0):
+    """
+    C{value} as JSON can hold it: numbers, text, lists and objects as they
+    are (bounded), anything else as its text.
+    """
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return _shortText(value)
+    if isinstance(value, bytes):
+        return _shortText(value.decode("utf-8", "backslashreplace"))
+    if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonSafe(v, depth + 1) for v in list(value)[:_MAX_ITEMS]]
+    if depth < 3 and isinstance(value, dict):
+        return {
+            str(k): _jsonSafe(v, depth + 1)
+            for k, v in list(value.items())[:_MAX_ITEMS]
+            if not _SECRET.search(str(k))
+        }
+    if isinstance(value, BaseException):
+        return _shortText(f"{type(value).__name__}: {value}")
+    try:
+        return _shortText(str(value))
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"

@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_policy -*-
+"""
+Client addresses as the policy counts them, and the networks it exempts.
+
+A connection's address arrives as a Twisted address object; the policy
+keys everything on one text form of the IP address, so that the same
+client is one client whatever the listener: an IPv4 client reaching a
+dual-stack IPv6 listener (C{::ffff:192.0.2.1}) is C{192.0.2.1}, and IPv6
+addresses are in their compressed form without a zone.  Peers without an
+IP address (Unix sockets: an MTA's LMTP, a local webmail) have no key and
+are never counted, penalised or banned per address.
+"""
+
+import ipaddress
+
+# Loopback, as fail2ban's ignoreip default and Postfix's mynetworks: local
+# webmail or monitoring never locks itself out.
+DEFAULT_EXEMPT_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+# What --exempt-network takes to exempt nothing.
+NO_NETWORKS = "none"
+
+
+def parseAddress(text):
+    """
+    The normalised form of an IP address given as text.
+
+    @raise ValueError: if C{text} is not an IP address.
+    """
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def addressText(text):
+    """
+    The key the policy and the store use for an address given as text
+    (e.g. on the admin command line).
+
+    @raise ValueError: if C{text} is not an IP address.
+    """
+    return str(parseAddress(text))
+
+
+def clientKey(address):
+    """
+    The key of a connection's address, or C{None} if it has no IP address
+    (a Unix socket peer, or an address of a form the policy does not know).
+
+    @param address: a Twisted address (C{IPv4Address}, C{IPv6Address},
+        C{UNIXAddress}) or C{None}.
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        return addressText(host)
+    except ValueError:
+        return None
+
+
+class ExemptNetworks:
+    """
+    The networks never penalised, banned or limited per address.
+
+    @ivar networks: the L{ipaddress} networks.
+    """
+
+    def __init__(self, networks=DEFAULT_EXEMPT_NETWORKS):
+        self.networks = tuple(parseNetworks(networks))
+        self._cache = {}
+
+    def __contains__(self, key):
+        """
+        Whether the address with key C{key} (see L{clientKey}) is exempt.
+        """
+        if key is None or not self.networks:
+            return False
+        exempt = self._cache.get(key)
+        if exempt is None:
+            ip = ipaddress.ip_address(key)
+            exempt = any(ip in network for network in self.networks)
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[key] = exempt
+        return exempt
+
+    def __repr__(self):
+        return f"<ExemptNetworks {', '.join(map(str, self.networks)) or NO_NETWORKS}>"
+
+
+def parseNetworks(specs):
+    """
+    Networks from their CIDR texts; C{"none"} (alone) stands for no network.
+
+    @raise ValueError: for a text that is not a network, or C{"none"} given
+        with networks.
+    """
+    specs = list(specs)
+    if any(spec.strip().lower() == NO_NETWORKS for spec in specs):
+        if len(specs) > 1:
+            raise ValueError(f"{NO_NETWORKS!r} exempts nothing: it cannot be combined with networks")
+        return []
+    networks = []
+    for spec in specs:
+        network = ipaddress.ip_network(spec.strip(), strict=False)
+        mapped = getattr(network.network_address, "ipv4_mapped", None)
+        if mapped is not None and network.prefixlen >= 96:
+            # Clients are keyed by their IPv4 form: so are their networks.
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
+    return networks

@@ -1,0 +1,154 @@
+# -*- test-case-name: tests.test_policy -*-
+"""
+L{ConnectionPolicy}: mailgate's connection policy, the parts of this
+package put together behind L{mailgate.interfaces.IConnectionPolicy}.
+
+  - L{mailgate.policy.limits}: connections in all and per client address;
+  - L{mailgate.policy.penalty}: the authentication penalty, per address
+    and per login name;
+  - L{mailgate.policy.bans}: the bans enforced;
+  - L{mailgate.policy.failures}: the recent failures they are worked out
+    from;
+  - L{mailgate.policy.refresh}: the shared store, read and written in the
+    background;
+  - L{mailgate.policy.addresses}: client addresses and the exempt networks.
+
+Every method the session core calls is synchronous and answers from
+memory: a connection is refused, or a login delayed, without a database
+trip and without hashing a password.
+"""
+
+import secrets
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgate.interfaces import IConnectionPolicy
+from mailgate.metrics import Metrics
+from mailgate.policy.addresses import ExemptNetworks, clientKey
+from mailgate.policy.bans import BanList
+from mailgate.policy.failures import FailureLog
+from mailgate.policy.limits import ConnectionLimits
+from mailgate.policy.penalty import AuthPenalty
+from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
+from mailgate.policy.settings import PolicySettings
+from mailgate.store.records import REASON_FAILURES, AuthFailure, BanRecord
+
+BANNED = "banned"
+TOO_MANY = "too many connections"
+
+MAX_LOGIN = 255
+
+
+def loginKey(login):
+    """
+    The form a login name is counted under: case-folded, trimmed, at most
+    L{MAX_LOGIN} characters; C{None} for none.
+    """
+    if login is None:
+        return None
+    if isinstance(login, bytes):
+        login = login.decode("utf-8", "replace")
+    login = str(login).strip().lower()[:MAX_LOGIN]
+    return login or None
+
+
+@implementer(IConnectionPolicy)
+class ConnectionPolicy:
+    """
+    @param store: where failures and bans are shared, an
+        L{mailgate.interfaces.IPolicyStore}.
+    @param reactor: the reactor (a L{twisted.internet.task.Clock} in
+        tests): the time, and the refresh timer.
+    @param settings: L{PolicySettings}.
+    @param metrics: a L{Metrics}.
+    @param refreshInterval: seconds between refreshes from the store.
+
+    @ivar limits: the L{ConnectionLimits}.
+    @ivar bans: the L{BanList}.
+    @ivar failures: the L{FailureLog}.
+    @ivar penalty: the L{AuthPenalty}.
+    @ivar sync: the L{StoreSync}.
+    """
+
+    log = Logger(namespace="mailgate.policy")
+
+    def __init__(self, store, reactor, settings=None, metrics=None, refreshInterval=REFRESH_INTERVAL):
+        settings = PolicySettings() if settings is None else settings
+        self.settings = settings
+        self._clock = reactor
+        self.exempt = ExemptNetworks(settings.exemptNetworks)
+        self.limits = ConnectionLimits(settings.maxConnections, settings.maxConnectionsPerAddress)
+        self.failures = FailureLog(settings.banWindow)
+        self.penalty = AuthPenalty(self.failures, settings.authPenaltyMax, reactor)
+        self.bans = BanList(reactor, Metrics() if metrics is None else metrics)
+        self.sync = StoreSync(
+            store, reactor, settings, self.failures, self.bans, self.penalty, interval=refreshInterval
+        )
+
+    def start(self):
+        """
+        Start refreshing from the store (at once, then on the timer).
+        """
+        self.sync.start()
+
+    def stop(self):
+        self.sync.stop()
+
+    def _key(self, address):
+        """
+        The key of C{address} if the policy applies to it per address:
+        C{None} for exempt networks and peers without an IP address.
+        """
+        key = clientKey(address)
+        return None if key in self.exempt else key
+
+    # IConnectionPolicy
+
+    def admit(self, protocol, address):
+        key = clientKey(address)
+        exempt = key in self.exempt
+        if key is not None and not exempt and self.bans.isBanned(key):
+            return BANNED
+        if not self.limits.open(key, perAddress=not exempt):
+            return TOO_MANY
+        return None
+
+    def connectionClosed(self, protocol, address):
+        self.limits.close(clientKey(address))
+
+    def isBanned(self, address):
+        key = self._key(address)
+        return key is not None and self.bans.isBanned(key)
+
+    def authenticationDelay(self, address, login):
+        key = self._key(address)
+        if key is None:
+            return 0.0
+        return self.penalty.delay(key, loginKey(login))
+
+    def authenticationFailed(self, address, login):
+        try:
+            self._failed(self._key(address), loginKey(login))
+        except Exception:
+            self.log.failure("connection policy: recording a failed login")
+
+    def _failed(self, key, login):
+        if key is None or self.bans.isBanned(key):
+            # Exempt, local, or already banned: nothing to count.
+            return
+        settings = self.settings
+        now = self._clock.seconds()
+        failure = AuthFailure(secrets.token_hex(8), key, login, now)
+        self.failures.add(failure)
+        count = self.failures.fromAddress(key, now - settings.banWindow)
+        ban = bool(settings.banAfter) and count >= settings.banAfter
+        if ban:
+            self.bans.made(BanRecord(key, REASON_FAILURES, count, now, now + settings.banTime))
+        d = self.sync.record(failure, ban)
+        d.addErrback(lambda f: self.log.failure("connection policy: recording a failed login", f))
+
+    def authenticationSucceeded(self, address, login):
+        key = self._key(address)
+        if key is not None:
+            self.penalty.succeeded(key)

@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_policy -*-
+"""
+L{FailureLog}: the recent failed authentications this node knows of, its
+own and (read back from the store) every other node's, kept in memory so
+that the penalty is worked out without a database trip.
+
+Failures are known by their ids, so one read back again (refreshes
+overlap a little) or one this node recorded itself counts once.  The log
+forgets failures older than the window and never holds more than
+L{FailureLog.capacity} of them, whatever an attack sends.
+"""
+
+from collections import deque
+
+
+class FailureLog:
+    """
+    @param window: seconds a failure is remembered.
+    @param capacity: failures kept at most; the oldest go first.
+    """
+
+    capacity = 100_000
+
+    def __init__(self, window, capacity=None):
+        self.window = window
+        if capacity is not None:
+            self.capacity = capacity
+        # Every failure known, in the order learnt (about the order of
+        # time: pruned from the front).
+        self._order = deque()
+        self._ids = set()
+        # Address to the times of its failures, in the order learnt.
+        self._byAddress = {}
+        # Login name to {address: time of its latest failure on it}.
+        self._byLogin = {}
+
+    def __len__(self):
+        return len(self._order)
+
+    def add(self, failure):
+        """
+        Remember an L{mailgate.store.records.AuthFailure}.
+
+        @return: whether it was new.
+        """
+        if failure.failureId in self._ids:
+            return False
+        self._ids.add(failure.failureId)
+        self._order.append(failure)
+        self._byAddress.setdefault(failure.address, deque()).append(failure.at)
+        if failure.login is not None:
+            addresses = self._byLogin.setdefault(failure.login, {})
+            if addresses.get(failure.address, failure.at) <= failure.at:
+                addresses[failure.address] = failure.at
+        while len(self._order) > self.capacity:
+            self._drop()
+        return True
+
+    def _drop(self):
+        failure = self._order.popleft()
+        self._ids.discard(failure.failureId)
+        times = self._byAddress.get(failure.address)
+        if times is not None:
+            try:
+                times.remove(failure.at)
+            except ValueError:
+                pass
+            if not times:
+                del self._byAddress[failure.address]
+        addresses = self._byLogin.get(failure.login)
+        if addresses is not None and addresses.get(failure.address) == failure.at:
+            del addresses[failure.address]
+            if not addresses:
+                del self._byLogin[failure.login]
+
+    def prune(self, now):
+        """
+        Forget the failures that fell out of the window.
+        """
+        cutoff = now - self.window
+        while self._order and self._order[0].at <= cutoff:
+            self._drop()
+
+    def forget(self, address):
+        """
+        Forget every failure from C{address} (its ban was lifted).
+        """
+        if address not in self._byAddress:
+            return
+        kept = deque(f for f in self._order if f.address != address)
+        for failure in self._order:
+            if failure.address == address:
+                self._ids.discard(failure.failureId)
+                addresses = self._byLogin.get(failure.login)
+                if addresses is not None:
+                    addresses.pop(address, None)
+                    if not addresses:
+                        del self._byLogin[failure.login]
+        self._order = kept
+        del self._byAddress[address]
+
+    def fromAddress(self, address, after):
+        """
+        How many failures from C{address} happened after C{after} (and
+        within the window of which the caller's C{after} is the start).
+        """
+        times = self._byAddress.get(address)
+        if not times:
+            return 0
+        return sum(1 for at in times if at > after)
+
+    def addressesAgainst(self, login, after, enough=None):
+        """
+        How many different addresses failed to log in as C{login} after
+        C{after}; counting stops at C{enough}.
+        """
+        addresses = self._byLogin.get(login)
+        if not addresses:
+            return 0
+        count = 0
+        for at in addresses.values():
+            if at > after:
+                count += 1
+                if enough is not None and count >= enough:
+                    break
+        return count

@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_policy -*-
+"""
+L{PolicySettings}: the numbers an operator sets for the connection policy
+(C{twistd mailgate} options of the same names), with their defaults.
+"""
+
+import attr
+
+from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, parseNetworks
+
+MAX_CONNECTIONS = 5000
+# Postfix's default per-client limit (smtpd_client_connection_count_limit).
+MAX_CONNECTIONS_PER_ADDRESS = 50
+AUTH_PENALTY_MAX = 15.0
+BAN_AFTER = 10
+BAN_WINDOW = 600
+BAN_TIME = 3600
+
+
+def _notNegative(instance, attribute, value):
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative: {value!r}")
+
+
+def _positive(instance, attribute, value):
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive: {value!r}")
+
+
+@attr.s(frozen=True, kw_only=True)
+class PolicySettings:
+    """
+    @ivar maxConnections: connections this process serves at once; 0 for
+        no limit.
+    @ivar maxConnectionsPerAddress: connections from one client address;
+        0 for no limit.
+    @ivar authPenaltyMax: the longest authentication penalty, in seconds;
+        0 turns the growing delay off.
+    @ivar banAfter: the failure (within C{banWindow}) that bans an address;
+        0 for no bans.
+    @ivar banWindow: seconds over which failures are counted (and
+        remembered for the penalty).
+    @ivar banTime: seconds a ban lasts.
+    @ivar exemptNetworks: CIDR texts of the networks never penalised,
+        banned or limited per address (C{["none"]} for none).
+    """
+
+    maxConnections = attr.ib(default=MAX_CONNECTIONS, validator=_notNegative)
+    maxConnectionsPerAddress = attr.ib(default=MAX_CONNECTIONS_PER_ADDRESS, validator=_notNegative)
+    authPenaltyMax = attr.ib(default=AUTH_PENALTY_MAX, validator=_notNegative)
+    banAfter = attr.ib(default=BAN_AFTER, validator=_notNegative)
+    banWindow = attr.ib(default=BAN_WINDOW, validator=_positive)
+    banTime = attr.ib(default=BAN_TIME, validator=_positive)
+    exemptNetworks = attr.ib(default=DEFAULT_EXEMPT_NETWORKS, converter=tuple)
+
+    @exemptNetworks.validator
+    def _checkNetworks(self, attribute, value):
+        parseNetworks(value)

@@ -1,0 +1,32 @@
+# -*- test-case-name: tests.test_pop3_protocol -*-
+"""
+Parsing POP3 command arguments.  Each function raises
+L{mailgate.session.CommandError}, whose text is the C{-ERR} reason.
+"""
+
+import re
+
+from mailgate.session import CommandError
+
+_DIGITS = re.compile(r"^[0-9]{1,10}$")
+
+
+def noArguments(argument):
+    if argument.strip():
+        raise CommandError("this command takes no arguments")
+
+
+def number(text, what="message number"):
+    if not _DIGITS.match(text):
+        raise CommandError(f"invalid {what}: {text[:20]!r}" if text else f"missing {what}")
+    return int(text)
+
+
+def arguments(argument, count, names):
+    """
+    Exactly C{count} arguments separated by single spaces.
+    """
+    parts = argument.split()
+    if len(parts) != count or argument != " ".join(parts):
+        raise CommandError(f"expected: {names}")
+    return parts

@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_pop3_protocol,tests.test_sasl,tests.test_pop3_policy -*-
+"""
+The POP3 AUTHORIZATION state: USER/PASS, APOP, AUTH (SASL, RFC 5034) and
+STLS (RFC 2595), and the login every one of them ends in.
+
+Every way in goes through L{AuthorizationCommands._login}, which asks the
+connection policy first: a banned address is refused and closed before
+any credential is checked, and an address (or login name) with recent
+failures waits the policy's penalty before its credentials are checked.
+The wait holds this session's command queue only, never the reactor.
+"""
+
+import base64
+import binascii
+import re
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer, task
+
+from mailgate.auth.credentials import APOPCredentials
+from mailgate.auth.sasl import Challenge, SASLError
+from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
+from mailgate.interfaces import IMaildrop
+from mailgate.pop3.arguments import noArguments
+from mailgate.session import CommandError
+from mailgate.tls import isSecure
+
+AUTHORIZATION = "AUTHORIZATION"
+TRANSACTION = "TRANSACTION"
+UPDATE = "UPDATE"
+
+_APOP_DIGEST = re.compile(r"^[0-9A-Fa-f]{32}$")
+
+PLAINTEXT_REFUSED = (
+    "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
+)
+INVALID_LOGIN = "[AUTH] invalid user name or password"
+
+
+class AuthorizationCommands:
+    """
+    The commands of the AUTHORIZATION state, for L{mailgate.pop3.POP3Server}.
+    """
+
+    def _plaintextAllowed(self):
+        """
+        Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only over
+        TLS or from a trusted network, as Dovecot does by default.
+        """
+        if self._trustedPeer is None:
+            self._trustedPeer = self.factory.isTrusted(self.peer)
+        return self._trustedPeer or isSecure(self.transport)
+
+    @property
+    def _inSASL(self):
+        return self._sasl is not None or self._saslFinishing
+
+    # -- USER/PASS and APOP --------------------------------------------------
+
+    def pop3_USER(self, argument):
+        if not self._plaintextAllowed():
+            return self._bad(PLAINTEXT_REFUSED)
+        name = argument.strip()
+        if not name:
+            raise CommandError("USER needs a user name")
+        self._pendingUser = name
+        self._ok("send PASS")
+
+    def pop3_PASS(self, argument):
+        if not self._plaintextAllowed():
+            return self._bad(PLAINTEXT_REFUSED)
+        if self._pendingUser is None:
+            raise CommandError("send USER first")
+        user, self._pendingUser = self._pendingUser, None
+        credentials = UsernamePassword(user.encode("utf-8"), argument.encode("utf-8"))
+        return self._login(credentials, user, "user")
+
+    def pop3_APOP(self, argument):
+        if self.challenge is None:
+            raise CommandError("APOP is not available on this server")
+        name, _, digest = argument.rpartition(" ")
+        if not name.strip() or not _APOP_DIGEST.match(digest):
+            raise CommandError("expected: APOP name digest (32 hex digits)")
+        credentials = APOPCredentials(
+            self.challenge.encode("ascii"), name.strip().encode("utf-8"), digest.encode("ascii")
+        )
+        return self._login(credentials, name.strip(), "apop")
+
+    # -- STLS ----------------------------------------------------------------
+
+    def pop3_STLS(self, argument):
+        """
+        RFC 2595: switch to TLS.  Whatever the client sent after STLS in
+        the same packet is discarded, never run after the handshake as if
+        it had been protected (the STARTTLS injection attack).
+        """
+        noArguments(argument)
+        if self.factory.tls is None:
+            raise CommandError("STLS is not available on this server")
+        if isSecure(self.transport):
+            raise CommandError("already using TLS")
+        self._ok("begin TLS negotiation")
+        self._pendingUser = None
+        self.startTLS(self.factory.tls)
+        return None
+
+    # -- AUTH ----------------------------------------------------------------
+
+    def pop3_AUTH(self, argument):
+        """
+        RFC 5034 SASL authentication.  Without a mechanism, lists the
+        mechanisms (the older RFC 1734 form some clients still use).
+        """
+        sasl = self.factory.sasl
+        if sasl is None:
+            raise CommandError("AUTH is not available on this server")
+        plaintext = self._plaintextAllowed()
+        if not argument.strip():
+            names = sasl.mechanisms(plaintext)
+            body = "".join(name + "\r\n" for name in names)
+            self._out.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
+            return None
+        name, _, initial = argument.partition(" ")
+        name = name.upper()
+        mechanism = sasl.create(name)
+        if mechanism is None:
+            raise CommandError(f"unsupported authentication mechanism {name[:20]!r}")
+        if mechanism.plaintext and not plaintext:
+            return self._bad(PLAINTEXT_REFUSED)
+        data = None
+        if initial:
+            data = self._decodeSASL(initial.encode("ascii", "replace"))
+            if data is None:
+                return None
+        self._sasl = mechanism
+        return self._saslStep(mechanism.start, data)
+
+    def _decodeSASL(self, line):
+        if line == b"=":
+            return b""
+        try:
+            return base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            self._bad("[AUTH] invalid base64 data")
+            return None
+
+    def _saslResponse(self, line):
+        """
+        A line while a SASL exchange is under way: the client's response.
+        """
+        if self._saslFinishing:
+            self._saslFinishing = False
+            if line == b"":
+                self._enterTransaction()
+            else:
+                self._endSession("authentication cancelled")
+                self._err("[AUTH] authentication cancelled")
+            return None
+        if line == b"*":
+            self._sasl = None
+            self._err("authentication cancelled")
+            return None
+        data = self._decodeSASL(line)
+        if data is None:
+            return None
+        return self._saslStep(self._sasl.step, data)
+
+    def _saslTooLong(self):
+        self._sasl = None
+        if self._saslFinishing:
+            self._saslFinishing = False
+            self._endSession("authentication abandoned")
+        return self._bad("[AUTH] SASL response too long")
+
+    def _saslStep(self, step, data):
+        mechanism = self._sasl
+        d = defer.maybeDeferred(step, data)
+
+        def next(result):
+            if isinstance(result, Challenge):
+                self._out.write(b"+ " + base64.b64encode(result.data) + b"\r\n")
+                return None
+            name = getattr(result.credentials, "username", b"")
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            return self._login(result.credentials, name, mechanism.name.lower())
+
+        def failed(failure):
+            self._sasl = None
+            if failure.check(SASLError):
+                return self._bad(f"[AUTH] {failure.value}")
+            return self._loginFailed(failure, "(sasl)", mechanism.name.lower())
+
+        return d.addCallbacks(next, failed)
+
+    # -- the login -------------------------------------------------------------
+
+    def _login(self, credentials, login, mechanism):
+        """
+        Check credentials and open the maildrop, after what the connection
+        policy asks: refuse a banned address outright, and hold an address
+        with recent failures for its penalty before checking anything.
+        """
+        policy = self.factory.policy
+        if policy.isBanned(self.peer):
+            return self._refuseBanned(login, mechanism)
+        delay = policy.authenticationDelay(self.peer, login)
+        if delay and delay > 0:
+            return task.deferLater(self._clock, delay, self._check, credentials, login, mechanism)
+        return self._check(credentials, login, mechanism)
+
+    def _check(self, credentials, login, mechanism):
+        if self._closed:
+            return None
+        if self.factory.policy.isBanned(self.peer):
+            # Banned while it waited.
+            return self._refuseBanned(login, mechanism)
+        d = self.factory.portal.login(credentials, None, IMaildrop)
+        d.addCallbacks(
+            self._loggedIn,
+            self._loginFailed,
+            callbackArgs=(login, mechanism),
+            errbackArgs=(login, mechanism),
+        )
+        return d
+
+    def _loginMetric(self, mechanism, result):
+        self.factory.metrics.login(self.protocolName, mechanism, result)
+
+    def _refuseBanned(self, login, mechanism):
+        self._sasl = None
+        self._loginMetric(mechanism, "banned")
+        self.logInfo(
+            "auth.failed",
+            f"pop3 login refused user={login[:64]!r} peer={self.peerText}: the address is banned",
+            user=login[:64],
+            mechanism=mechanism,
+            reason="banned",
+        )
+        self._err("[SYS/TEMP] banned")
+        self._endSession("banned")
+        self.close()
+        return None
+
+    def _loggedIn(self, result, login, mechanism):
+        _, maildrop, logout = result
+        sasl, self._sasl = self._sasl, None
+        self.factory.policy.authenticationSucceeded(self.peer, login)
+        if self._closed:
+            logout()
+            return
+        self._loginMetric(mechanism, "ok")
+        self._maildrop = maildrop
+        self._logout = logout
+        self.user = maildrop.address
+        self.logInfo(
+            "pop3.login",
+            f"pop3 login user={maildrop.address} peer={self.peerText} mechanism={mechanism}",
+            mechanism=mechanism,
+            messages=len(maildrop.sizes),
+        )
+        data = sasl.successData() if sasl is not None else None
+        if data:
+            # SASL "additional data with success" (RFC 5034 section 4): a
+            # last challenge, answered by an empty line, then +OK.
+            self._saslFinishing = True
+            self._out.write(b"+ " + base64.b64encode(data) + b"\r\n")
+            return
+        self._enterTransaction()
+
+    def _enterTransaction(self):
+        maildrop = self._maildrop
+        self._deleted = set()
+        self._count = len(maildrop.sizes)
+        self._octets = sum(maildrop.sizes)
+        self.state = TRANSACTION
+        # The store learns who the session is (the client's address goes
+        # with what it deletes, and mailgate who shows it) and how to end
+        # it (mailgate kick).
+        maildrop.sessionStarted(self.peerText, self._kicked)
+        self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
+
+    def _loginFailed(self, failure, login, mechanism):
+        self._sasl = None
+        policy = self.factory.policy
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            self._authFailures += 1
+            policy.authenticationFailed(self.peer, login)
+            self._loginMetric(mechanism, "failed")
+            self.logInfo(
+                "auth.failed",
+                f"pop3 authentication failed user={login[:64]!r} peer={self.peerText}",
+                user=login[:64],
+                mechanism=mechanism,
+                reason="failed",
+            )
+            return task.deferLater(self._clock, self.authFailureDelay, self._refuseLogin)
+        if failure.check(MaildropInUse):
+            # The credentials were right; the maildrop is busy.
+            policy.authenticationSucceeded(self.peer, login)
+            self._loginMetric(mechanism, "in_use")
+            self._err("[IN-USE] maildrop is locked by another POP3 session")
+        elif failure.check(LoginDelayed):
+            policy.authenticationSucceeded(self.peer, login)
+            self._loginMetric(mechanism, "tempfail")
+            self._err(f"[LOGIN-DELAY] {failure.value}")
+        elif failure.check(TemporaryFailure):
+            self._loginMetric(mechanism, "tempfail")
+            self.logWarning(
+                "pop3.login_failed",
+                f"pop3 login of {login[:64]!r}: {failure.value}",
+                user=login[:64],
+                mechanism=mechanism,
+            )
+            self._err("[SYS/TEMP] the mail store is unavailable; try again later")
+        else:
+            self._loginMetric(mechanism, "tempfail")
+            self.logFailure(
+                "pop3.login_failed",
+                f"pop3 login of {login[:64]!r} failed",
+                failure,
+                user=login[:64],
+                mechanism=mechanism,
+            )
+            self._err("[SYS/TEMP] internal server error")
+        return None
+
+    def _refuseLogin(self):
+        if self._closed:
+            return
+        self._err(INVALID_LOGIN)
+        if self._authFailures >= self.maxAuthFailures:
+            self._err("too many failed logins; closing the connection")
+            self.close()

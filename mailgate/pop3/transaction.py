@@ -1,0 +1,240 @@
+# -*- test-case-name: tests.test_pop3_protocol -*-
+"""
+The POP3 TRANSACTION state's commands (STAT, LIST, UIDL, RETR, TOP, DELE,
+RSET, NOOP) and the UPDATE state a QUIT enters.
+
+Storage is reached only through the L{mailgate.interfaces.IMaildrop} the
+login returned; deletion marks are this session's own until QUIT applies
+them, all at once.
+"""
+
+from twisted.internet import defer
+
+from mailgate.errors import TemporaryFailure
+from mailgate.pop3.arguments import arguments, noArguments, number
+from mailgate.pop3.responses import END, MessageBlocks, terminated
+from mailgate.session import CommandError, SendAborted
+
+UPDATE = "UPDATE"
+
+
+class TransactionCommands:
+    """
+    The commands of the TRANSACTION state, for L{mailgate.pop3.POP3Server}.
+    """
+
+    def _messageIndex(self, text):
+        """
+        Parse a message number and check it names a message of this session
+        that is not marked deleted.  Returns the 0-based index.
+        """
+        n = number(text.strip())
+        if not 1 <= n <= len(self._maildrop.sizes):
+            raise CommandError(f"no such message: {n}")
+        index = n - 1
+        if index in self._deleted:
+            raise CommandError(f"message {n} is deleted")
+        return index
+
+    def pop3_STAT(self, argument):
+        noArguments(argument)
+        self._ok(f"{self._count} {self._octets}")
+
+    def pop3_NOOP(self, argument):
+        noArguments(argument)
+        self._ok()
+
+    def pop3_RSET(self, argument):
+        noArguments(argument)
+        self._deleted.clear()
+        self._count = len(self._maildrop.sizes)
+        self._octets = sum(self._maildrop.sizes)
+        self._ok(f"maildrop has {self._count} messages ({self._octets} octets)")
+
+    def pop3_DELE(self, argument):
+        index = self._messageIndex(argument)
+        self._deleted.add(index)
+        self._count -= 1
+        self._octets -= self._maildrop.sizes[index]
+        self._ok(f"message {index + 1} deleted")
+
+    def pop3_LIST(self, argument):
+        if argument:
+            index = self._messageIndex(argument)
+            self._ok(f"{index + 1} {self._maildrop.sizes[index]}")
+            return None
+        sizes = self._maildrop.sizes
+        deleted = self._deleted
+        batch = self.listBatch
+        status = f"+OK {self._count} messages ({self._octets} octets)\r\n".encode("ascii")
+        if len(sizes) <= batch:
+            # The usual case: the whole listing in one write.
+            lines = [b"%d %d\r\n" % (i + 1, size) for i, size in enumerate(sizes) if i not in deleted]
+            self._out.write(status + b"".join(lines) + b".\r\n")
+            return None
+        self._out.write(status)
+        positions = iter(range(0, len(sizes), batch))
+
+        def nextBlock():
+            for start in positions:
+                lines = [
+                    b"%d %d\r\n" % (i + 1, sizes[i])
+                    for i in range(start, min(start + batch, len(sizes)))
+                    if i not in deleted
+                ]
+                if lines:
+                    return b"".join(lines)
+            return END
+
+        return self.stream(terminated(nextBlock))
+
+    def pop3_UIDL(self, argument):
+        if argument:
+            index = self._messageIndex(argument)
+            d = self._maildrop.uniqueIds(index, 1)
+            d.addCallback(lambda ids: self._ok(f"{index + 1} {ids[0]}"))
+            d.addErrback(self._storeError, "unique id")
+            return d
+        total = len(self._maildrop.sizes)
+        deleted = self._deleted
+        batch = self.uidlBatch
+        positions = iter(range(0, total, batch))
+
+        def format(ids, start):
+            return b"".join(
+                b"%d %s\r\n" % (start + offset + 1, uid.encode("ascii"))
+                for offset, uid in enumerate(ids)
+                if start + offset not in deleted
+            )
+
+        def nextBlock():
+            start = next(positions, None)
+            if start is None:
+                return END
+            return self._maildrop.uniqueIds(start, min(batch, total - start)).addCallback(format, start)
+
+        # Read the first batch before answering +OK, so a store failure
+        # can still be reported as -ERR.
+        first = nextBlock()
+        if first is END:
+            self._ok("unique-id listing follows")
+            self._out.write(b".\r\n")
+            return None
+
+        def begin(block):
+            status = b"+OK unique-id listing follows\r\n"
+            if total <= batch:
+                self._out.write(status + block + b".\r\n")
+                return None
+            self._out.write(status + block)
+            return self.stream(terminated(nextBlock))
+
+        first.addCallback(begin)
+        first.addErrback(self._storeError, "unique ids")
+        return first
+
+    def pop3_RETR(self, argument):
+        index = self._messageIndex(argument)
+        return self._sendMessage(index, None)
+
+    def pop3_TOP(self, argument):
+        n, lines = arguments(argument, 2, "TOP message-number lines")
+        index = self._messageIndex(n)
+        count = number(lines, "line count")
+        return self._sendMessage(index, count)
+
+    def _sendMessage(self, index, bodyLines):
+        d = self._maildrop.openMessage(index, headerOnly=bodyLines == 0)
+        metrics = self.factory.metrics
+
+        def opened(body):
+            if self._closed:
+                return None
+            if bodyLines is None:
+                self._stats["retr"] += 1
+                self._stats["retrBytes"] += body.size
+                status = b"+OK %d octets\r\n" % body.size
+            else:
+                self._stats["top"] += 1
+                status = b"+OK top of message follows\r\n"
+            source = MessageBlocks(body, bodyLines)
+            whole = source.whole()
+            if whole is not None:
+                # The message (or all TOP wants of it) came in one piece:
+                # one write, no producer.
+                self._out.write(status + whole)
+                if bodyLines is None:
+                    metrics.retrieved(body.size)
+                return None
+            self._out.write(status)
+            sent = self.stream(source.nextBlock)
+            if bodyLines is None:
+                sent.addCallback(lambda _: metrics.retrieved(body.size))
+            return sent.addErrback(self._streamBroken, index)
+
+        d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
+        return d
+
+    def _streamBroken(self, failure, index):
+        """
+        The message could not be read after +OK went out.  There is no way
+        to say -ERR in the middle of a multi-line response, so the session
+        ends; the client sees a truncated response, and nothing is deleted.
+        """
+        if failure.check(SendAborted):
+            return None
+        self.logFailure(
+            "pop3.read_failed", f"pop3 reading message {index + 1} failed mid-response", failure
+        )
+        self._endSession("message read failed")
+        self.close(abort=True)
+        return None
+
+    def _storeError(self, failure, what):
+        if failure.check(TemporaryFailure):
+            self.logWarning("pop3.read_failed", f"pop3 cannot read {what}: {failure.value}", what=what)
+            self._err(f"[SYS/TEMP] cannot read the {what} now; try again later")
+        else:
+            self.logFailure("pop3.read_failed", f"pop3 reading {what} failed", failure, what=what)
+            self._err("[SYS/TEMP] internal server error")
+        return None
+
+    def _update(self):
+        """
+        QUIT in the TRANSACTION state: the UPDATE state.  Marked messages
+        are removed in one transaction, and +OK goes out only once that
+        transaction has committed.
+        """
+        self.state = UPDATE
+        deleted = sorted(self._deleted)
+        # The client's address goes with what it deletes, where the store
+        # keeps deleted mail for recovery.
+        d = self._maildrop.expunge(deleted, peer=self.peerText)
+
+        def removed(_):
+            self._stats["deleted"] = len(deleted)
+            self.factory.metrics.deleted(len(deleted))
+            return f"+OK mailgate POP3 server signing off ({self._count} messages left)\r\n"
+
+        def failed(failure):
+            if failure.check(TemporaryFailure):
+                self.logWarning("pop3.update_failed", f"pop3 update failed: {failure.value}")
+            else:
+                self.logFailure("pop3.update_failed", "pop3 update failed", failure)
+            return "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
+
+        def finish(reply):
+            # The lock is released before the reply goes out, so a client
+            # that logs in again (on any node) as soon as it reads +OK finds
+            # the maildrop free.
+            released = self._endSession("quit")
+
+            def answer(_):
+                self._out.write(reply.encode("utf-8"))
+                self.close()
+
+            return released.addBoth(answer)
+
+        d.addCallbacks(removed, failed)
+        d.addCallback(finish)
+        return d

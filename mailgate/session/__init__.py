@@ -1,0 +1,34 @@
+"""
+The one command-session core every mailgate protocol (POP3, SMTP, LMTP)
+is built on: framing, the pipelined command queue, back-pressure, limits,
+the idle timer, admission, session ids and log context, graceful shutdown,
+and the PROXY-protocol header in front of it all.
+
+  - L{CommandSession} (L{mailgate.session.core}): the base of every session.
+  - L{SessionFactory}: what a session finds on its factory.
+  - L{SessionTracker}: the open sessions, for a graceful shutdown.
+  - L{ReplyWriter}, L{IdleTimer}, L{setNoDelay}, L{BlockSender}: the
+    pieces, usable on their own.
+"""
+
+from mailgate.session.core import CommandError, CommandSession
+from mailgate.session.factory import SessionFactory
+from mailgate.session.idle import IdleTimer
+from mailgate.session.ids import describeAddress, newSessionId
+from mailgate.session.output import ReplyWriter, setNoDelay
+from mailgate.session.sender import BlockSender, SendAborted
+from mailgate.session.tracker import SessionTracker
+
+__all__ = [
+    "BlockSender",
+    "CommandError",
+    "CommandSession",
+    "IdleTimer",
+    "ReplyWriter",
+    "SendAborted",
+    "SessionFactory",
+    "SessionTracker",
+    "describeAddress",
+    "newSessionId",
+    "setNoDelay",
+]

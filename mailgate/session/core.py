@@ -1,0 +1,690 @@
+# -*- test-case-name: tests.test_session_core,tests.test_pop3_protocol,tests.test_smtp_protocol -*-
+"""
+The one command-session core: what a POP3, SMTP or LMTP session does that
+is not the protocol itself.
+
+L{CommandSession} owns, once for every protocol:
+
+  - B{Admission.}  Once the client's real address is known (after a PROXY
+    header, see L{mailgate.session.proxy}), the factory's connection policy
+    admits the connection or the client gets one refusal reply and is
+    closed, before any database work or password hashing.
+  - B{Framing.}  Input is cut into lines one at a time, as they are run, so
+    a mode switch (SMTP DATA, a SASL exchange) takes effect exactly where it
+    happens in the byte stream.  A line longer than the limit is dropped as
+    it arrives, never buffered.  In raw mode (L{rawReceiver}) input goes to
+    a receiver instead (the SMTP DATA reader) until it says it is done.
+  - B{The command queue.}  Commands run one after another.  A command that
+    returns a L{Deferred} holds the queue until it fires; the replies to
+    the commands of one read leave in one write.
+  - B{Dispatch} by method name, the way aiosmtpd finds C{smtp_*} methods:
+    the verb C{MAIL} runs C{smtp_MAIL} when L{commandPrefix} is C{"smtp_"}.
+  - B{Limits}, as named class attributes a factory may override, and the
+    bad-command count that closes a session.
+  - B{Bounded memory.}  The session is its transport's streaming producer:
+    while the transport holds more unsent output than its buffer size
+    (64 KiB on TCP), the session stops running queued commands and stops
+    reading from the connection (as soon as there is input to hold back),
+    and goes on when the client has read.
+    Unread input is bounded as well.  The two reasons to stop reading are
+    kept apart, so one never resumes what the other paused.  A long
+    response streamed by a L{BlockSender} is that sender's to pace.
+  - B{The idle timer}, B{internal errors} (one reply, never a traceback to
+    the client, never a dead session), B{closing}, and B{starting TLS}
+    (input pipelined in the clear after STLS/STARTTLS is discarded).
+  - B{Session ids and log context}: every event a session logs carries
+    C{event}, C{session}, C{protocol}, C{peer} and, once known, C{user}.
+  - B{Graceful shutdown}: the session is registered with the factory's
+    L{mailgate.session.tracker.SessionTracker}, which tells it when the
+    server stops (L{shutdownRequested}, then the protocol's L{beginShutdown})
+    and when the grace period is over (L{graceExpired}, then the protocol's
+    L{shutdownNow}).
+
+A protocol subclasses L{CommandSession} and provides the hooks documented
+below (C{greet}, C{refusal}, C{syntaxError}, C{lineTooLong} ...).
+"""
+
+import re
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgate.session.idle import IdleTimer
+from mailgate.session.ids import describeAddress, newSessionId
+from mailgate.session.output import ReplyWriter, setNoDelay
+from mailgate.session.sender import BlockSender, SendAborted
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Why reading from the connection is paused.
+INPUT = "input"
+OUTPUT = "output"
+
+
+class CommandError(Exception):
+    """
+    Raised by a command handler to refuse the command: its text is the
+    reason given to the client (see L{CommandSession.syntaxError}), and the
+    refusal counts as a bad command.
+    """
+
+
+@implementer(IPushProducer)
+class CommandSession(Protocol):
+    """
+    One command session.  Subclasses set the class attributes and provide
+    the hooks.
+
+    @cvar protocolName: C{"pop3"}, C{"smtp"} or C{"lmtp"}: what the policy,
+        the metrics and the logs call it.
+    @cvar commandPrefix: the prefix of command handler names.
+    @cvar maxCommandLength: octets in a command line, line end included.
+    @cvar maxBufferedInput: octets of input held unread (while a command
+        waits, or while the client does not read its replies) before the
+        session stops reading from the connection.
+    @cvar maxQueuedCommands: complete lines held unread before the session
+        stops reading, or C{None} for no limit but L{maxBufferedInput}.
+    @cvar maxHeldOutput: octets of replies to one read's commands gathered
+        before they are written (and the transport can push back).
+    @cvar maxBadCommands: refused commands tolerated before the session is
+        closed.
+    @cvar idleTimeout: seconds of silence before the session is closed.
+    @cvar refuseLongLineAtOnce: answer an over-long line as soon as it is
+        seen (SMTP), rather than when it ends (POP3).
+    @cvar invalidCharacters: the refusal text for control characters.
+    @cvar invalidUTF8: the refusal text for a line that is not UTF-8.
+
+    @ivar sessionId: the id every log event of this connection carries.
+    @ivar peer: the client's address (the real one, behind a balancer
+        speaking the PROXY protocol).
+    @ivar user: the authenticated user, once there is one, for the logs.
+    @ivar stopping: the server is shutting down.
+    @ivar rawReceiver: while set, input goes to its C{feed(data)} instead of
+        being cut into lines; C{feed} returns C{None} while it wants more,
+        and the octets after its end once done, when the session leaves raw
+        mode and runs L{rawDataEnded}.
+    """
+
+    protocolName = None
+    commandPrefix = None
+    maxCommandLength = 512
+    maxBufferedInput = 64 * 1024
+    maxQueuedCommands = None
+    maxHeldOutput = 64 * 1024
+    maxBadCommands = 20
+    idleTimeout = 300
+    refuseLongLineAtOnce = False
+    invalidCharacters = "invalid characters in command"
+    invalidUTF8 = "command is not valid UTF-8"
+
+    log = Logger()
+
+    def __init__(self):
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+        self._tooLongPending = False
+        self._busy = False
+        self._processing = False
+        self._closed = False
+        self._admitted = False
+        self._paused = set()
+        self._outputPaused = False
+        self._producing = None
+        self._streaming = False
+        self._expireAfterCommand = False
+        self._badCommands = 0
+        self._idle = None
+        self.rawReceiver = None
+        self.sessionId = None
+        self.peer = None
+        self.peerText = None
+        self.user = None
+        self.stopping = False
+
+    # -- hooks a protocol provides ------------------------------------------
+
+    def greet(self):
+        """
+        Send the greeting of an admitted connection.
+        """
+        raise NotImplementedError()
+
+    def refusal(self, reason):
+        """
+        Send the reply that refuses a connection (C{reason} is the policy's,
+        e.g. C{"too many connections"}); the core closes it.
+        """
+        raise NotImplementedError()
+
+    def syntaxError(self, text):
+        """
+        Refuse a malformed command with C{text}, counting it (see
+        L{countBadCommand}).
+        """
+        raise NotImplementedError()
+
+    def lineTooLong(self):
+        """
+        A line over the limit ended (or, with L{refuseLongLineAtOnce}, was
+        seen): refuse it.
+        """
+        raise NotImplementedError()
+
+    def unknownCommand(self, verb):
+        """
+        Refuse a verb that has no handler.
+        """
+        raise NotImplementedError()
+
+    def tooManyBadCommands(self):
+        """
+        Say goodbye to a client that sent L{maxBadCommands} bad commands;
+        the core closes the session.
+        """
+        raise NotImplementedError()
+
+    def internalError(self):
+        """
+        Reply to a command that failed unexpectedly (the failure is logged).
+        """
+        raise NotImplementedError()
+
+    def idleTimedOut(self, stalled):
+        """
+        The idle timer ran out; send the protocol's reply unless C{stalled}
+        (the client is not reading, nothing more can be said).  The core
+        closes the session.
+        """
+        raise NotImplementedError()
+
+    def sessionEnded(self):
+        """
+        The connection is gone: let go of what the session holds.
+
+        @return: C{None}, or a L{Deferred} that fires once it is let go
+            (the shutdown waits for it).
+        """
+
+    def rawDataEnded(self, receiver):
+        """
+        L{rawReceiver} C{receiver} has read its end: act on it (a command
+        of its own: it may return a L{Deferred}).
+        """
+
+    def beginShutdown(self):
+        """
+        The server is stopping: L{stopping} is set.  The default is to wait
+        for the grace period to end.
+        """
+
+    def shutdownNow(self, stalled):
+        """
+        Close the session for the shutdown: send the protocol's goodbye
+        (unless C{stalled}) and end it; the core closes the connection.
+        """
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def _clock(self):
+        return self.factory.reactor
+
+    def connectionMade(self):
+        self.sessionId = newSessionId()
+        self.peer = self.transport.getPeer()
+        self.peerText = describeAddress(self.peer)
+        self._out = ReplyWriter(self)
+        factory = self.factory
+        if factory.tracker.stopping:
+            self._refuse("shutting down")
+            return
+        reason = factory.policy.admit(self.protocolName, self.peer)
+        if reason is not None:
+            self._refuse(reason)
+            return
+        self._admitted = True
+        factory.metrics.connectionOpened(self.protocolName)
+        setNoDelay(self.transport)
+        self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn)
+        self._registerProducer()
+        self.greet()
+        self._idle.start()
+        factory.tracker.add(self)
+
+    def _refuse(self, reason):
+        self.logInfo(
+            "session.refused",
+            f"{self.protocolName} connection refused peer={self.peerText} reason={reason}",
+            reason=reason,
+        )
+        self._closed = True
+        self.refusal(reason)
+        self._out.flush()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self._buffer = b""
+        self._pos = 0
+        self.rawReceiver = None
+        ended = self.sessionEnded()
+        if self._admitted:
+            self._admitted = False
+            factory = self.factory
+            factory.policy.connectionClosed(self.protocolName, self.peer)
+            factory.metrics.connectionClosed(self.protocolName)
+            if isinstance(ended, defer.Deferred):
+                ended.addBoth(lambda _: factory.tracker.remove(self))
+            else:
+                factory.tracker.remove(self)
+
+    @property
+    def closed(self):
+        """
+        Whether the session has ended (it reads nothing more).
+        """
+        return self._closed
+
+    def close(self, abort=False):
+        """
+        End the session: send what is held and close the connection once it
+        is written, or at once with C{abort} (when the client does not read
+        what it is sent).
+        """
+        self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self._out.flush()
+        # A registered producer would keep a TLS connection open forever.
+        self._unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- logs ----------------------------------------------------------------
+
+    def logContext(self, **fields):
+        """
+        The fields every log event of this session carries, with C{fields}.
+        """
+        context = {"session": self.sessionId, "protocol": self.protocolName, "peer": self.peerText}
+        if self.user is not None:
+            context["user"] = self.user
+        context.update(fields)
+        return context
+
+    def logInfo(self, event, text, **fields):
+        """
+        Log C{text} (already formatted: Twisted's formatting of many fields
+        costs more than the rest of a small command) as event C{event}.
+        """
+        self.log.info("{line}", line=text, event=event, **self.logContext(**fields))
+
+    def logWarning(self, event, text, **fields):
+        self.log.warn("{line}", line=text, event=event, **self.logContext(**fields))
+
+    def logError(self, event, text, **fields):
+        self.log.error("{line}", line=text, event=event, **self.logContext(**fields))
+
+    def logFailure(self, event, text, failure, **fields):
+        self.log.failure("{line}", failure, line=text, event=event, **self.logContext(**fields))
+
+    # -- the idle timer ------------------------------------------------------
+
+    def _waitedOn(self):
+        # A command the client waits for (a slow store) is not idleness; a
+        # response the client does not read is.
+        return self._busy and not self._streaming
+
+    def _timedOut(self):
+        if self._closed:
+            return
+        stalled = self._streaming or self._outputPaused
+        self.idleTimedOut(stalled)
+        self.close(abort=stalled)
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._closed:
+            return
+        self._idle.activity()
+        if self._discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            data = data[newline + 1:]
+            self._discarding = False
+            if not self.refuseLongLineAtOnce:
+                self._tooLongPending = True
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
+        self._process()
+
+    def lineLimit(self):
+        """
+        The longest line accepted now, in octets, line end included: at
+        least L{maxCommandLength} (asked only of lines longer than that).
+        """
+        return self.maxCommandLength
+
+    def _process(self):
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            # The replies to pipelined commands leave in one write.
+            with self._out.holding():
+                self._runQueue()
+        finally:
+            self._processing = False
+        self._flowControl()
+
+    def _runQueue(self):
+        out = self._out
+        try:
+            while not (self._busy or self._closed or self._outputPaused):
+                if self._tooLongPending:
+                    self._tooLongPending = False
+                    self._run(self.lineTooLong)
+                elif self.rawReceiver is not None:
+                    if self._pos >= len(self._buffer):
+                        break
+                    data = self._buffer[self._pos:] if self._pos else self._buffer
+                    self._buffer = b""
+                    self._pos = 0
+                    rest = self.rawReceiver.feed(data)
+                    if rest is None:
+                        break
+                    self._buffer = rest
+                    receiver, self.rawReceiver = self.rawReceiver, None
+                    self._run(self.rawDataEnded, receiver)
+                else:
+                    buffer = self._buffer
+                    start = self._pos
+                    newline = buffer.find(b"\n", start)
+                    if newline < 0:
+                        if len(buffer) - start >= self.lineLimit():
+                            # Too long whatever follows: drop it as it comes.
+                            self._buffer = b""
+                            self._pos = 0
+                            self._discarding = True
+                            if self.refuseLongLineAtOnce:
+                                self._run(self.lineTooLong)
+                        break
+                    self._pos = newline + 1
+                    length = newline + 1 - start
+                    if length > self.maxCommandLength and length > self.lineLimit():
+                        self._run(self.lineTooLong)
+                        continue
+                    end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
+                    # _run, inline: this is the path of every command.
+                    try:
+                        result = self.lineReceived(buffer[start:end])
+                    except CommandError as e:
+                        result = self.syntaxError(str(e))
+                    except Exception:
+                        result = defer.fail()
+                    if result is not None and isinstance(result, defer.Deferred):
+                        self._busy = True
+                        result.addErrback(self._internalError)
+                        result.addBoth(self._commandDone)
+                if out.heldSize > self.maxHeldOutput:
+                    # Let the transport see it (and push back) before the
+                    # replies to a whole read pile up here.
+                    out.flush()
+        finally:
+            if self._pos:
+                self._buffer = self._buffer[self._pos:]
+                self._pos = 0
+
+    def _run(self, function, *args):
+        """
+        Run one command; a Deferred result holds the queue until it fires.
+        """
+        try:
+            result = function(*args)
+        except CommandError as e:
+            result = self.syntaxError(str(e))
+        except Exception:
+            # A bug must cost the client one reply, not its session.
+            result = defer.fail()
+        if result is not None and isinstance(result, defer.Deferred):
+            self._busy = True
+            result.addErrback(self._internalError)
+            result.addBoth(self._commandDone)
+
+    def _commandDone(self, _):
+        self._busy = False
+        if self._closed:
+            return
+        self._idle.activity()
+        if self._expireAfterCommand:
+            self._expireAfterCommand = False
+            self._shutdownNow()
+            return
+        self._process()
+
+    def _internalError(self, failure):
+        if failure.check(SendAborted):
+            return None
+        self.logFailure("session.error", f"{self.protocolName} command failed", failure)
+        if not self._closed:
+            self.internalError()
+        return None
+
+    def lineReceived(self, line):
+        """
+        Run one command line (without its line end): check it, find the
+        handler for its verb, call it with the rest of the line.
+        """
+        if _CONTROL.search(line):
+            return self.syntaxError(self.invalidCharacters)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.syntaxError(self.invalidUTF8)
+        verb, _, argument = text.partition(" ")
+        return self.dispatch(verb.upper(), argument)
+
+    def dispatch(self, verb, argument):
+        """
+        Run the handler of C{verb} (upper case) with C{argument}: the
+        method named L{commandPrefix} + C{verb}.  Only attributes with that
+        prefix can be reached this way.
+        """
+        handler = getattr(self, self.commandPrefix + verb, None)
+        if handler is None:
+            return self.unknownCommand(verb)
+        return handler(argument)
+
+    def countBadCommand(self):
+        """
+        Count a refused command; close the session at L{maxBadCommands}.
+        """
+        self._badCommands += 1
+        if self._badCommands >= self.maxBadCommands and not self._closed:
+            self.tooManyBadCommands()
+            self.close()
+
+    # -- flow control ----------------------------------------------------------
+
+    def _flowControl(self):
+        if self._closed:
+            return
+        pending = len(self._buffer) - self._pos
+        if self._outputPaused and pending:
+            # Input the session cannot run while the client does not read.
+            self._pauseReading(OUTPUT)
+        over = pending > self.maxBufferedInput
+        limit = self.maxQueuedCommands
+        if not over and limit is not None and pending > limit:
+            over = self._buffer.count(b"\n", self._pos) > limit
+        if over:
+            self._pauseReading(INPUT)
+        else:
+            self._resumeReading(INPUT)
+
+    def _pauseReading(self, reason):
+        if reason in self._paused or self._closed:
+            return
+        if not self._paused:
+            self.transport.pauseProducing()
+        self._paused.add(reason)
+
+    def _resumeReading(self, reason):
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and not self._closed:
+            self.transport.resumeProducing()
+
+    @property
+    def readingPaused(self):
+        """
+        Why reading from the connection is paused now: a set of
+        C{"input"} (too much unread input) and C{"output"} (the client is
+        not reading its replies); empty while reading.
+        """
+        return frozenset(self._paused)
+
+    def _registerProducer(self):
+        if self._producing is None and not self._closed:
+            self._producing = transport = self.transport
+            transport.registerProducer(self, True)
+
+    def _unregisterProducer(self):
+        # From the transport it was registered with (a test may have put
+        # another in its place since).
+        transport, self._producing = self._producing, None
+        if transport is not None:
+            transport.unregisterProducer()
+
+    # IPushProducer: the transport's buffer of unsent output.
+
+    def pauseProducing(self):
+        """
+        The transport holds more unsent output than it should: stop running
+        commands, and stop reading as soon as there is input to hold back.
+
+        Reading stops only then (at once if commands are waiting, else when
+        the next one arrives), not on the pause itself: a TLS layer pauses
+        its producer while a handshake is under way (the greeting of an
+        implicit-TLS listener waits for it), and the handshake needs the
+        connection read.
+        """
+        if self._outputPaused or self._closed:
+            return
+        self._outputPaused = True
+        if len(self._buffer) > self._pos:
+            self._pauseReading(OUTPUT)
+
+    def resumeProducing(self):
+        """
+        The client has read its replies: go on.
+        """
+        if not self._outputPaused:
+            return
+        self._outputPaused = False
+        if self._closed:
+            return
+        self._idle.activity()
+        self._resumeReading(OUTPUT)
+        self._process()
+
+    def stopProducing(self):
+        # The connection is gone; connectionLost does the rest.
+        self._producing = None
+
+    # -- responses too long to hold ------------------------------------------
+
+    def stream(self, nextBlock):
+        """
+        Write a long response block by block, paced by the transport: while
+        it streams, the L{BlockSender} is the transport's producer.
+
+        @param nextBlock: see L{BlockSender}.
+        @return: a L{Deferred} that fires once the last block is written.
+        """
+        if self._closed:
+            return defer.succeed(None)
+        self._streaming = True
+        self._unregisterProducer()
+        idle = self._idle
+
+        def progress(block):
+            idle.activity()
+            return block
+
+        def source():
+            block = nextBlock()
+            if isinstance(block, defer.Deferred):
+                return block.addCallback(progress)
+            return progress(block)
+
+        def finished(result):
+            self._streaming = False
+            self._registerProducer()
+            return result
+
+        sender = BlockSender(self.transport, source, self._out.send)
+        return sender.start().addBoth(finished)
+
+    # -- TLS -------------------------------------------------------------------
+
+    def startTLS(self, contextFactory):
+        """
+        Start TLS after the reply that said so.  Whatever the client sent
+        after the command in the clear is discarded, never run as if it had
+        come over TLS (the STARTTLS injection attack).
+        """
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+        self._tooLongPending = False
+        self.rawReceiver = None
+        # The reply goes out in the clear, before the handshake.
+        self._out.flush()
+        self.transport.startTLS(contextFactory)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def shutdownRequested(self):
+        """
+        Called by the L{SessionTracker} when the server starts shutting
+        down: set L{stopping} and let the protocol decide (L{beginShutdown}).
+        """
+        if self._closed or self.stopping:
+            return
+        self.stopping = True
+        self.beginShutdown()
+
+    def graceExpired(self):
+        """
+        Called by the L{SessionTracker} when the grace period is over: close now,
+        after the command under way if it waits on the store (a commit, a
+        QUIT's deletions) so nothing is cut in half.
+        """
+        if self._closed:
+            return
+        self.stopping = True
+        if self._busy and not (self._streaming or self._outputPaused):
+            self._expireAfterCommand = True
+            return
+        self._shutdownNow()
+
+    def _shutdownNow(self):
+        if self._closed:
+            return
+        stalled = self._streaming or self._outputPaused
+        self.shutdownNow(stalled)
+        self.close(abort=stalled)

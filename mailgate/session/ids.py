@@ -1,0 +1,52 @@
+# -*- test-case-name: tests.test_session_core -*-
+"""
+Naming a connection in the logs: its session id and the client's address.
+
+A session id is unique across every node sharing a database and across
+restarts: a random prefix drawn once per process, then a counter.  An
+administrator follows one connection through the logs of many nodes by it,
+the way Dovecot's C{session=<...>} is used.
+"""
+
+import itertools
+import os
+import secrets
+
+from twisted.internet.address import UNIXAddress
+
+_state = {"pid": None, "prefix": None, "counter": None}
+
+
+def newSessionId():
+    """
+    A new session id, such as C{"3f9a2c71b04e.17"}: 48 random bits for
+    this process, a dot, and the number of the connection in it.
+    """
+    state = _state
+    pid = os.getpid()
+    if state["pid"] != pid:
+        # First use, or a forked child (twistd daemonizing): a prefix of
+        # its own, so that no two processes ever hand out the same id.
+        state["pid"] = pid
+        state["prefix"] = secrets.token_hex(6)
+        state["counter"] = itertools.count(1)
+    return f"{state['prefix']}.{next(state['counter'])}"
+
+
+def describeAddress(address):
+    """
+    An address as logs show it: C{host:port}, C{[v6 host]:port}, or
+    C{unix:PATH} (C{unix} for an unnamed socket).
+    """
+    host = getattr(address, "host", None)
+    if host is not None:
+        port = getattr(address, "port", None)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return f"unix:{name}" if name else "unix"
+    return str(address)

@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The PROXY protocol header (HAProxy's, versions 1 and 2) in front of a
+session: the client's real address, told by the balancer that relays it.
+
+Twisted's own C{haproxy:} wrapper connects the wrapped protocol as soon as
+the TCP connection is made, before the header has been read: the session
+would greet, be admitted, check its trusted networks and log with the
+balancer's address.  L{ProxyHeaderProtocol} connects the session only once
+the header is read, so that everything the session does sees the real
+client address.  The header is bounded in size and must arrive within
+L{ProxyHeaderFactory.headerTimeout} seconds; anything else closes the
+connection.
+
+A C{LOCAL} header (version 2, the balancer's own health checks) and an
+C{UNKNOWN} one (version 1) keep the connection's own addresses.
+"""
+
+import ipaddress
+import struct
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import directlyProvides, implementer, providedBy
+
+from mailgate.session.ids import describeAddress
+
+V1_PREFIX = b"PROXY "
+V1_MAX = 107
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+class InvalidProxyHeader(Exception):
+    """
+    What the connection began with is not a PROXY protocol header.
+    """
+
+
+def parseProxyHeader(data, maxLength=4096):
+    """
+    Read a PROXY protocol header at the start of C{data}.
+
+    @param maxLength: the most octets a header may take.
+    @return: C{None} if more octets are needed; else C{(source,
+        destination, length)}: the client's and the server's addresses as
+        Twisted address objects (both C{None} for a LOCAL or UNKNOWN
+        header: the connection's own addresses apply) and the length of
+        the header.
+    @raise InvalidProxyHeader: if C{data} does not begin with a valid
+        header of at most C{maxLength} octets.
+    """
+    if data[:1] == b"P":
+        if not V1_PREFIX.startswith(data[: len(V1_PREFIX)]):
+            raise InvalidProxyHeader("not a PROXY header")
+        return _parseV1(data)
+    if data[:1] == b"\r":
+        if not V2_SIGNATURE.startswith(data[: len(V2_SIGNATURE)]):
+            raise InvalidProxyHeader("not a PROXY header")
+        return _parseV2(data, maxLength)
+    if data:
+        raise InvalidProxyHeader("not a PROXY header")
+    return None
+
+
+def _parseV1(data):
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise InvalidProxyHeader("PROXY v1 header too long")
+        return None
+    fields = data[:end].split(b" ")
+    if len(fields) >= 2 and fields[1] == b"UNKNOWN":
+        return None, None, end + 2
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
+        raise InvalidProxyHeader("malformed PROXY v1 header")
+    _, family, source, destination, sourcePort, destinationPort = fields
+    try:
+        version = 4 if family == b"TCP4" else 6
+        hosts = [ipaddress.ip_address(h.decode("ascii")) for h in (source, destination)]
+        ports = [_port(p) for p in (sourcePort, destinationPort)]
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidProxyHeader("malformed PROXY v1 header") from None
+    if any(h.version != version for h in hosts):
+        raise InvalidProxyHeader("PROXY v1 addresses do not match their family")
+    make = IPv4Address if version == 4 else IPv6Address
+    return (
+        make("TCP", str(hosts[0]), ports[0]),
+        make("TCP", str(hosts[1]), ports[1]),
+        end + 2,
+    )
+
+
+def _port(text):
+    if not text.isdigit() or len(text) > 5 or (len(text) > 1 and text[:1] == b"0"):
+        raise ValueError(text)
+    port = int(text)
+    if port > 65535:
+        raise ValueError(text)
+    return port
+
+
+def _parseV2(data, maxLength):
+    if len(data) < 16:
+        return None
+    versionCommand, family, length = struct.unpack("!BBH", data[12:16])
+    if versionCommand >> 4 != 2:
+        raise InvalidProxyHeader("unsupported PROXY header version")
+    command = versionCommand & 0x0F
+    if command not in (0, 1):
+        raise InvalidProxyHeader("unsupported PROXY v2 command")
+    total = 16 + length
+    if total > maxLength:
+        raise InvalidProxyHeader("PROXY v2 header too long")
+    if len(data) < total:
+        return None
+    body = data[16:total]
+    if command == 0:
+        # LOCAL: the balancer speaking for itself (a health check).
+        return None, None, total
+    transport = family & 0x0F
+    if transport != 1:
+        # Only stream connections are relayed; UNSPEC means "no address".
+        if family == 0:
+            return None, None, total
+        raise InvalidProxyHeader("unsupported PROXY v2 transport")
+    addressFamily = family >> 4
+    if addressFamily == 1:
+        if len(body) < 12:
+            raise InvalidProxyHeader("short PROXY v2 IPv4 addresses")
+        source, destination = body[0:4], body[4:8]
+        sourcePort, destinationPort = struct.unpack("!HH", body[8:12])
+        return (
+            IPv4Address("TCP", str(ipaddress.IPv4Address(source)), sourcePort),
+            IPv4Address("TCP", str(ipaddress.IPv4Address(destination)), destinationPort),
+            total,
+        )
+    if addressFamily == 2:
+        if len(body) < 36:
+            raise InvalidProxyHeader("short PROXY v2 IPv6 addresses")
+        source, destination = body[0:16], body[16:32]
+        sourcePort, destinationPort = struct.unpack("!HH", body[32:36])
+        return (
+            IPv6Address("TCP", str(ipaddress.IPv6Address(source)), sourcePort),
+            IPv6Address("TCP", str(ipaddress.IPv6Address(destination)), destinationPort),
+            total,
+        )
+    if addressFamily == 3:
+        if len(body) < 216:
+            raise InvalidProxyHeader("short PROXY v2 UNIX addresses")
+        source = body[0:108].split(b"\0", 1)[0]
+        destination = body[108:216].split(b"\0", 1)[0]
+        return UNIXAddress(source or None), UNIXAddress(destination or None), total
+    if addressFamily == 0:
+        return None, None, total
+    raise InvalidProxyHeader("unsupported PROXY v2 address family")
+
+
+class ProxyHeaderProtocol(ProtocolWrapper):
+    """
+    Reads the PROXY header, then connects the wrapped protocol, to which
+    it is the transport: its C{getPeer} and C{getHost} are the addresses
+    the header gave.
+    """
+
+    def __init__(self, factory, wrappedProtocol):
+        super().__init__(factory, wrappedProtocol)
+        self._header = b""
+        self._source = None
+        self._destination = None
+        self._relaying = False
+        self._timeout = None
+
+    @property
+    def relayedTransport(self):
+        """
+        The connection beneath: writes to this wrapper go straight to it.
+        """
+        return self.transport
+
+    def makeConnection(self, transport):
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        # The wrapped protocol is connected once the header has been read.
+
+    def connectionMade(self):
+        factory = self.factory
+        self._timeout = factory.clock.callLater(factory.headerTimeout, self._tooSlow)
+
+    def _tooSlow(self):
+        self._timeout = None
+        self._drop("no PROXY header in time")
+
+    def _drop(self, reason):
+        self.factory.log.info(
+            "PROXY header refused from {balancer}: {reason}",
+            balancer=describeAddress(self.transport.getPeer()),
+            reason=reason,
+            event="session.proxy_refused",
+        )
+        self._cancelTimeout()
+        self.transport.abortConnection()
+
+    def _cancelTimeout(self):
+        if self._timeout is not None:
+            if self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+
+    def dataReceived(self, data):
+        if self._relaying:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._timeout is None:
+            # Refused or lost already.
+            return
+        self._header += data
+        try:
+            parsed = parseProxyHeader(self._header, self.factory.maxHeaderLength)
+        except InvalidProxyHeader as e:
+            self._header = b""
+            self._drop(str(e))
+            return
+        if parsed is None:
+            return
+        self._source, self._destination, length = parsed
+        rest, self._header = self._header[length:], b""
+        self._cancelTimeout()
+        self._relaying = True
+        self.wrappedProtocol.makeConnection(self)
+        if rest and self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(rest)
+
+    def getPeer(self):
+        return self._source or self.transport.getPeer()
+
+    def getHost(self):
+        return self._destination or self.transport.getHost()
+
+    def connectionLost(self, reason):
+        self._cancelTimeout()
+        self.factory.unregisterProtocol(self)
+        if self._relaying:
+            self.wrappedProtocol.connectionLost(reason)
+        self.wrappedProtocol = None
+
+
+class ProxyHeaderFactory(WrappingFactory):
+    """
+    Wraps a factory's protocols in L{ProxyHeaderProtocol}s.
+
+    @cvar headerTimeout: seconds the balancer has to send the header.
+    @cvar maxHeaderLength: the most octets a header may take (version 2
+        headers carry optional fields after the addresses).
+    """
+
+    protocol = ProxyHeaderProtocol
+    headerTimeout = 10.0
+    maxHeaderLength = 4096
+    log = Logger()
+
+    def __init__(self, wrappedFactory, clock):
+        super().__init__(wrappedFactory)
+        self.clock = clock
+
+    def logPrefix(self):
+        return f"{super().logPrefix()} (PROXY)"
+
+
+@implementer(IStreamServerEndpoint)
+class ProxyHeaderEndpoint:
+    """
+    A listening endpoint whose connections begin with a PROXY header.
+
+    @param clock: the reactor, for the header timeout.
+    @param wrapped: the endpoint that really listens.
+    """
+
+    def __init__(self, clock, wrapped):
+        self._clock = clock
+        self._wrapped = wrapped
+
+    def listen(self, protocolFactory):
+        return self._wrapped.listen(ProxyHeaderFactory(protocolFactory, self._clock))

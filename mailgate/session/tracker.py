@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_shutdown -*-
+"""
+Every open session of a server, for a graceful shutdown.
+
+Factories register their sessions with one L{SessionTracker}; when the
+server stops, L{SessionTracker.shutdown} asks each to finish (a POP3
+session gets the grace period to QUIT, an SMTP transaction whose data is
+arriving is committed, an idle SMTP session is told C{421} at once), closes
+what is still open when the grace period ends, and fires once every session
+is gone, so that the store is closed only after the last of them.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+
+class SessionTracker:
+    """
+    The open sessions of one server (any number of factories may share it).
+
+    @param clock: the reactor, or a L{twisted.internet.task.Clock} in tests.
+    @ivar stopping: whether a shutdown has begun; sessions connecting now
+        are refused.
+    @cvar abortDelay: seconds after the grace period ends before sessions
+        that were told to close but have not (a client that does not read)
+        are aborted, and the shutdown is over whatever remains.
+    """
+
+    abortDelay = 5.0
+    log = Logger()
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._sessions = set()
+        self._waiting = []
+        self._calls = []
+        self.stopping = False
+
+    def __len__(self):
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions))
+
+    def add(self, session):
+        """
+        Register an admitted session.
+        """
+        self._sessions.add(session)
+        if self.stopping:
+            session.shutdownRequested()
+
+    def remove(self, session):
+        """
+        A session is gone (its connection closed, what it held let go).
+        """
+        self._sessions.discard(session)
+        if not self._sessions and self._waiting:
+            self._finished()
+
+    def shutdown(self, grace):
+        """
+        Stop every session gracefully.
+
+        @param grace: seconds sessions get to finish what they are doing.
+        @return: a L{Deferred} that fires when every session is gone (or,
+            at the latest, L{abortDelay} seconds after the grace period).
+        """
+        d = defer.Deferred()
+        self._waiting.append(d)
+        if self.stopping:
+            if not self._sessions:
+                self._finished()
+            return d
+        self.stopping = True
+        if self._sessions:
+            self.log.info(
+                "shutting down: {count} sessions get {grace} seconds to finish",
+                count=len(self._sessions),
+                grace=grace,
+                event="session.shutdown",
+            )
+        for session in list(self._sessions):
+            session.shutdownRequested()
+        if not self._sessions:
+            self._finished()
+            return d
+        self._calls.append(self._clock.callLater(grace, self._graceOver))
+        return d
+
+    def _graceOver(self):
+        for session in list(self._sessions):
+            session.graceExpired()
+        if self._sessions:
+            self._calls.append(self._clock.callLater(self.abortDelay, self._abort))
+
+    def _abort(self):
+        remaining = list(self._sessions)
+        for session in remaining:
+            transport = getattr(session, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        if self._sessions:
+            self.log.warn(
+                "shutdown: {count} sessions did not end in time",
+                count=len(self._sessions),
+                event="session.shutdown",
+            )
+            self._sessions.clear()
+        self._finished()
+
+    def _finished(self):
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        del self._calls[:]
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)

@@ -1,0 +1,195 @@
+# -*- test-case-name: tests.test_policy_store -*-
+"""
+Failed authentications and bans in the database: the policy's shared
+state (L{mailgate.interfaces.IPolicyStore}) over SQL, for SQLite and
+PostgreSQL alike.
+
+Every method is one interaction handed to the store's L{Database}: reads
+on a reader thread, writes through the group-commit writer, never on the
+reactor thread.  With the embedded SQLite store the state is in the
+database file, so a restart keeps bans; with PostgreSQL every node sharing
+the database sees every failure and ban.
+
+Times are whole seconds since the epoch in the database (as elsewhere in
+the schema); the records carry them as given back.
+"""
+
+import math
+
+from zope.interface import implementer
+
+from mailgate.interfaces import IPolicyStore
+from mailgate.store.records import (
+    REASON_ADMIN,
+    REASON_FAILURES,
+    AuthFailure,
+    BanRecord,
+    FailureOutcome,
+    PolicyChanges,
+)
+
+
+def _seconds(at):
+    return int(math.floor(at))
+
+
+def _ends(at):
+    return int(math.ceil(at))
+
+
+# -- interactions ----------------------------------------------------------
+# Each runs on a worker thread with a cursor inside a transaction.
+
+
+def _version(cursor):
+    cursor.execute("SELECT version FROM ban_version WHERE singleton = 1")
+    return cursor.fetchone()[0]
+
+
+def _bump(cursor):
+    cursor.execute("UPDATE ban_version SET version = version + 1 WHERE singleton = 1 RETURNING version")
+    return cursor.fetchone()[0]
+
+
+def _banRecord(row):
+    address, reason, failures, created, expires = row
+    return BanRecord(address, reason, failures, created, expires)
+
+
+def _banOf(cursor, address):
+    cursor.execute(
+        "SELECT address, reason, failures, created_at, expires_at FROM bans WHERE address = ?",
+        (address,),
+    )
+    row = cursor.fetchone()
+    return None if row is None else _banRecord(row)
+
+
+def _putBan(cursor, ban):
+    cursor.execute(
+        "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, failures = excluded.failures, "
+        "created_at = excluded.created_at, expires_at = excluded.expires_at",
+        (ban.address, ban.reason, ban.failures, ban.created, ban.expires),
+    )
+    return _bump(cursor)
+
+
+def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
+    at = _seconds(failure.at)
+    # First the address's own row: its lock orders concurrent failures from
+    # one address (on PostgreSQL, across nodes), so the count below sees
+    # every one committed before it.
+    cursor.execute(
+        "INSERT INTO failing_addresses (address, last_failure) VALUES (?, ?) "
+        "ON CONFLICT (address) DO UPDATE SET last_failure = excluded.last_failure",
+        (failure.address, at),
+    )
+    existing = _banOf(cursor, failure.address)
+    if existing is not None and existing.expires > at:
+        cursor.execute(
+            "SELECT count(*) FROM auth_failures WHERE address = ? AND failed_at > ?",
+            (failure.address, at - banWindow),
+        )
+        (count,) = cursor.fetchone()
+        return FailureOutcome(count, None, True, _version(cursor))
+    cursor.execute(
+        "INSERT INTO auth_failures (failure_id, address, login, failed_at) VALUES (?, ?, ?, ?)",
+        (failure.failureId, failure.address, failure.login, at),
+    )
+    cursor.execute(
+        "SELECT count(*) FROM auth_failures WHERE address = ? AND failed_at > ?",
+        (failure.address, at - banWindow),
+    )
+    (count,) = cursor.fetchone()
+    if ban or (banAfter > 0 and count >= banAfter):
+        made = BanRecord(failure.address, REASON_FAILURES, count, at, _ends(failure.at + banTime))
+        return FailureOutcome(count, made, True, _putBan(cursor, made))
+    return FailureOutcome(count, None, False, _version(cursor))
+
+
+def _addBan(cursor, ban):
+    _putBan(cursor, ban)
+    return ban
+
+
+def _removeBan(cursor, address):
+    cursor.execute("DELETE FROM bans WHERE address = ?", (address,))
+    removed = cursor.rowcount > 0
+    # A lifted ban is a fresh start: the failures that made it would
+    # otherwise make it again at the next one.
+    cursor.execute("DELETE FROM auth_failures WHERE address = ?", (address,))
+    cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (address,))
+    if removed:
+        _bump(cursor)
+    return removed
+
+
+def _listBans(cursor, at):
+    cursor.execute(
+        "SELECT address, reason, failures, created_at, expires_at FROM bans "
+        "WHERE expires_at > ? ORDER BY address",
+        (_seconds(at),),
+    )
+    return [_banRecord(row) for row in cursor.fetchall()]
+
+
+def _changes(cursor, version, failuresSince, at):
+    # The version is read before the bans: a ban committed in between is
+    # then in the list with the old version noted, and read again next
+    # time, never missed (PostgreSQL runs each read statement on a snapshot
+    # of its own).
+    current = _version(cursor)
+    bans = None if current == version else tuple(_listBans(cursor, at))
+    cursor.execute(
+        "SELECT failure_id, address, login, failed_at FROM auth_failures WHERE failed_at >= ?",
+        (_seconds(failuresSince),),
+    )
+    failures = tuple(AuthFailure(*row) for row in cursor.fetchall())
+    return PolicyChanges(current, bans, failures)
+
+
+def _expire(cursor, at, failuresBefore):
+    before = _seconds(failuresBefore)
+    cursor.execute("DELETE FROM auth_failures WHERE failed_at < ?", (before,))
+    removed = cursor.rowcount
+    cursor.execute("DELETE FROM failing_addresses WHERE last_failure < ?", (before,))
+    removed += cursor.rowcount
+    # Ended bans need no version change: every node already treats them
+    # as ended, from their times.
+    cursor.execute("DELETE FROM bans WHERE expires_at <= ?", (_seconds(at),))
+    removed += cursor.rowcount
+    return removed
+
+
+@implementer(IPolicyStore)
+class SQLPolicyStore:
+    """
+    Failures and bans in the tables of schema migration 2.
+
+    @param database: the mail store's L{mailgate.store.database.Database}
+        (or L{SynchronousDatabase}, for the admin command).
+    """
+
+    def __init__(self, database):
+        self.database = database
+
+    def recordFailure(self, failure, banAfter, banWindow, banTime, ban=False):
+        return self.database.runWrite(_recordFailure, failure, banAfter, banWindow, banTime, ban)
+
+    def addBan(self, address, at, duration, reason=REASON_ADMIN):
+        ban = BanRecord(address, reason, 0, _seconds(at), _ends(at + duration))
+        return self.database.runWrite(_addBan, ban)
+
+    def removeBan(self, address):
+        return self.database.runWrite(_removeBan, address)
+
+    def listBans(self, at):
+        return self.database.runInteraction(_listBans, at)
+
+    def changes(self, version, failuresSince, at):
+        return self.database.runInteraction(_changes, version, failuresSince, at)
+
+    def expire(self, at, failuresBefore):
+        return self.database.runWrite(_expire, at, failuresBefore)
+

@@ -1,0 +1,210 @@
+# -*- test-case-name: tests.test_systemd -*-
+"""
+Telling systemd how mailgate is doing (C{Type=notify} units), without a
+library: the protocol is one datagram of C{KEY=VALUE} lines to the Unix
+socket named by C{$NOTIFY_SOCKET} (a path, or C{@name} in the abstract
+namespace).  See sd_notify(3).
+
+  - C{READY=1} once every listener is bound and the database has answered;
+  - C{STATUS=...} with the number of open sessions, when it changes;
+  - C{STOPPING=1} first thing when shutdown begins;
+  - C{WATCHDOG=1} every half of C{$WATCHDOG_USEC} while the reactor runs
+    (a reactor that hangs stops the pings, and systemd restarts the
+    service).
+
+Socket activation needs nothing here: Twisted's
+C{systemd:domain=INET:index=0} (or C{name=...}) endpoints adopt the sockets
+systemd passes (C{contrib/systemd/mailgate.socket}).
+"""
+
+import os
+import socket
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+#: seconds between two checks of the session count for C{STATUS=}
+STATUS_INTERVAL = 1.0
+#: seconds between two attempts to reach the database before C{READY=1}
+READY_RETRY = 1.0
+
+
+class Notifier:
+    """
+    Sends notifications to systemd's socket.
+
+    @ivar address: the socket address (a path, or C{"\\0name"}).
+    """
+
+    log = Logger()
+
+    def __init__(self, address):
+        self.address = address
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.setblocking(False)
+        self._failed = False
+
+    @classmethod
+    def fromEnvironment(cls, environ=None):
+        """
+        The notifier C{$NOTIFY_SOCKET} names, or C{None} when it is unset
+        (mailgate is not run by systemd as a notify service).
+        """
+        environ = os.environ if environ is None else environ
+        name = environ.get("NOTIFY_SOCKET")
+        if not name:
+            return None
+        if name.startswith("@"):
+            name = "\0" + name[1:]
+        return cls(name)
+
+    def notify(self, *lines):
+        """
+        Send C{lines} (C{"READY=1"}, C{"STATUS=..."}) in one datagram.
+
+        @return: whether it was sent.  A failure is logged once, never
+            raised: systemd being away must not take mailgate down.
+        """
+        message = "\n".join(lines).encode("utf-8")
+        try:
+            self._socket.sendto(message, self.address)
+        except OSError as e:
+            if not self._failed:
+                self._failed = True
+                self.log.warn(
+                    "cannot notify systemd at {address}: {error}",
+                    address=self.address.replace("\0", "@"),
+                    error=e,
+                    event="systemd.notify_failed",
+                )
+            return False
+        return True
+
+    def close(self):
+        self._socket.close()
+
+
+def watchdogInterval(environ=None, pid=None):
+    """
+    Seconds between two C{WATCHDOG=1}: half of C{$WATCHDOG_USEC}, or
+    C{None} when systemd watches no process or another one
+    (C{$WATCHDOG_PID}).
+    """
+    environ = os.environ if environ is None else environ
+    pid = os.getpid() if pid is None else pid
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    watched = environ.get("WATCHDOG_PID")
+    if watched and watched != str(pid):
+        return None
+    return usec / 1e6 / 2
+
+
+def describeSessions(counts):
+    """
+    The C{STATUS=} text for open sessions by protocol.
+    """
+    total = sum(counts.values())
+    detail = ", ".join(f"{protocol} {n}" for protocol, n in sorted(counts.items()))
+    return f"{total} session{'' if total == 1 else 's'} ({detail})"
+
+
+class SystemdService(Service):
+    """
+    The notifications of one mailgate service to systemd.
+
+    @param root: the L{mailgate.service.MailgateService}: its
+        C{whenListening}, C{databaseAnswers}, C{onStopping} and C{metrics}.
+    @param notifier: a L{Notifier}.
+    @param reactor: for timers.
+    @param watchdog: seconds between C{WATCHDOG=1}, or C{None}.
+    """
+
+    log = Logger()
+    name = "systemd"
+
+    def __init__(self, root, notifier, reactor, watchdog=None):
+        self._root = root
+        self._notifier = notifier
+        self._reactor = reactor
+        self._watchdogInterval = watchdog
+        self._loops = []
+        self._lastStatus = None
+        self.ready = False
+        self.stopping = False
+        root.onStopping(self.shutdownBegins)
+
+    def startService(self):
+        Service.startService(self)
+        self._notifier.notify("STATUS=starting")
+        d = self._root.whenListening()
+        d.addCallback(lambda _: self._waitForDatabase())
+        d.addCallback(self._ready)
+        d.addErrback(lambda failure: self.log.failure("not telling systemd READY=1", failure))
+        if self._watchdogInterval:
+            self._every(self._watchdogInterval, lambda: self._notifier.notify("WATCHDOG=1"))
+
+    def _every(self, seconds, function):
+        loop = task.LoopingCall(function)
+        loop.clock = self._reactor
+        loop.start(seconds, now=True).addErrback(
+            lambda failure: self.log.failure("systemd notification loop failed", failure)
+        )
+        self._loops.append(loop)
+
+    @defer.inlineCallbacks
+    def _waitForDatabase(self):
+        while self.running and not self.stopping:
+            try:
+                yield self._root.databaseAnswers()
+                return True
+            except Exception as e:
+                self.log.warn(
+                    "database not answering yet, not ready: {error}", error=e, event="systemd.waiting"
+                )
+                self._notifier.notify(f"STATUS=waiting for the database: {' '.join(str(e).split())}")
+                yield task.deferLater(self._reactor, READY_RETRY, lambda: None)
+        return False
+
+    def _ready(self, answered):
+        if not answered:
+            return
+        self.ready = True
+        self._lastStatus = self._status()
+        self._notifier.notify("READY=1", f"STATUS={self._lastStatus}")
+        self.log.info("told systemd READY=1", event="systemd.ready")
+        self._every(STATUS_INTERVAL, self._statusIfChanged)
+
+    def _status(self):
+        metrics = getattr(self._root, "metrics", None)
+        counts = metrics.openConnections() if metrics is not None else {}
+        return ("stopping: " if self.stopping else "serving: ") + describeSessions(counts)
+
+    def _statusIfChanged(self):
+        status = self._status()
+        if status != self._lastStatus:
+            self._lastStatus = status
+            self._notifier.notify(f"STATUS={status}")
+
+    def shutdownBegins(self):
+        """
+        Shutdown begins: C{STOPPING=1}, before anything closes.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        self._lastStatus = self._status()
+        self._notifier.notify("STOPPING=1", f"STATUS={self._lastStatus}")
+
+    def stopService(self):
+        Service.stopService(self)
+        self.shutdownBegins()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []

@@ -1,0 +1,146 @@
+"""
+C{mailgate ban list|add|del}, through L{mailgate.cli.run} on both
+backends: what the administrator sees, and that a running server's policy
+(here one on a L{Clock}) follows the change at its next refresh.
+"""
+
+import datetime
+import io
+import re
+import time
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+
+from mailgate.cli import EX_DATAERR, EX_USAGE, run
+from mailgate.policy.connection import BANNED, ConnectionPolicy
+from mailgate.policy.refresh import REFRESH_INTERVAL
+from mailgate.policy.settings import PolicySettings
+from mailgate.store import openSynchronousStore
+from mailgate.store.policy import SQLPolicyStore
+from mailgate.store.records import AuthFailure
+from mailgate.testing import resultOf
+
+_LINE = re.compile(r"^(\S+)\s+(\S+)\s+(\d+)\s+(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
+
+
+class Result:
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"<exit {self.code} out={self.out!r} err={self.err!r}>"
+
+
+@pytest.fixture
+def cli(databaseURL):
+    def call(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", databaseURL, *argv], stdin=io.StringIO(""), stdout=out, stderr=err, environ={})
+        result = Result(code, out.getvalue(), err.getvalue())
+        assert "Traceback" not in result.err, result
+        return result
+
+    call.url = databaseURL
+    return call
+
+
+def banList(cli):
+    result = cli("ban", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["ADDRESS", "REASON", "FAILURES", "EXPIRES"], result
+    rows = []
+    for line in lines[1:]:
+        match = _LINE.match(line)
+        assert match, line
+        address, reason, failures, expires = match.groups()
+        at = datetime.datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        rows.append((address, reason, int(failures), at.timestamp()))
+    return rows
+
+
+def test_noBans(cli):
+    assert banList(cli) == []
+
+
+def test_addListDelete(cli):
+    before = time.time()
+    result = cli("ban", "add", "192.0.2.7", "--for", "120")
+    assert result.code == 0, result
+    assert result.out.startswith("banned 192.0.2.7 until ")
+    cli("ban", "add", "2001:DB8::0:1")
+    rows = banList(cli)
+    assert [(a, r, f) for a, r, f, _ in rows] == [("192.0.2.7", "admin", 0), ("2001:db8::1", "admin", 0)]
+    assert before + 120 - 1 <= rows[0][3] <= time.time() + 121
+    # --for defaults to --ban-time's default, an hour.
+    assert before + 3600 - 1 <= rows[1][3] <= time.time() + 3601
+    result = cli("ban", "del", "192.0.2.7")
+    assert result.code == 0, result
+    assert "lifted the ban of 192.0.2.7" in result.out
+    assert [a for a, _, _, _ in banList(cli)] == ["2001:db8::1"]
+
+
+def test_bansMadeByFailuresAreListed(cli):
+    store = openSynchronousStore(cli.url)
+    try:
+        policyStore = SQLPolicyStore(store.database)
+        now = time.time()
+        for n in range(4):
+            resultOf(policyStore.recordFailure(AuthFailure(f"f{n}", "203.0.113.9", "bob", now), 4, 600, 900))
+    finally:
+        store.close()
+    [(address, reason, failures, expires)] = banList(cli)
+    assert (address, reason, failures) == ("203.0.113.9", "auth-failures", 4)
+    assert now + 899 <= expires <= now + 901
+
+
+def test_deleteWithoutABan(cli):
+    result = cli("ban", "del", "192.0.2.8")
+    assert result.code == 1
+    assert result.err == "mailgate: no ban for 192.0.2.8\n"
+
+
+def test_badAddresses(cli):
+    for argv in (("ban", "add", "mail.example.org"), ("ban", "del", "300.1.1.1")):
+        result = cli(*argv)
+        assert result.code == EX_DATAERR, result
+        assert "not an IP address" in result.err
+    result = cli("ban", "add", "192.0.2.1", "--for", "0")
+    assert result.code == EX_USAGE, result
+    result = cli("ban", "add", "192.0.2.1", "--for", "soon")
+    assert result.code == EX_USAGE, result
+    assert banList(cli) == []
+
+
+def test_loopbackBanSaysItIsExemptByDefault(cli):
+    result = cli("ban", "add", "127.0.0.2")
+    assert result.code == 0
+    assert "note: 127.0.0.2 is in the default --exempt-network" in result.out
+
+
+def test_aRunningServerFollowsTheCommandWithinOneRefresh(cli):
+    """
+    The server's policy (its own store connection, a clock of its own)
+    enforces a ban added by the command at its next refresh, and lets the
+    address in again at the refresh after C{ban del}.
+    """
+    store = openSynchronousStore(cli.url)
+    clock = Clock()
+    clock.advance(time.time())
+    policy = ConnectionPolicy(SQLPolicyStore(store.database), clock, PolicySettings(exemptNetworks=["none"]))
+    client = IPv4Address("TCP", "192.0.2.44", 40000)
+    policy.start()
+    try:
+        assert policy.admit("pop3", client) is None
+        policy.connectionClosed("pop3", client)
+        assert cli("ban", "add", "192.0.2.44").code == 0
+        clock.advance(REFRESH_INTERVAL)
+        assert policy.admit("pop3", client) == BANNED
+        assert cli("ban", "del", "192.0.2.44").code == 0
+        clock.advance(REFRESH_INTERVAL)
+        assert policy.admit("pop3", client) is None
+    finally:
+        policy.stop()
+        store.close()

@@ -1,0 +1,431 @@
+"""
+mailgate.config: settings declared once, used by the command line, the
+TOML configuration file and L{MailgateConfig}; the shipped example file
+generated from the declarations; endpoint syntax checked with no reactor.
+"""
+
+import os
+import pathlib
+import re
+import socket
+import tomllib
+
+import pytest
+from twisted.python import usage
+
+from certs import makeCertificate
+from e2e import TWISTD, databaseURL, runCommand, sqliteOnly
+from e2e import mailgate_server  # noqa: F401 (fixture)
+from mailgate import config as settings
+from mailgate import tap
+from mailgate.config import APOPPolicy, MailgateConfig
+from mailgate.errors import ConfigurationError
+from mailgate.pop3.factory import APOPAdvertiser
+from mailgate.testing import memoryStore
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "contrib" / "mailgate.toml"
+
+
+@pytest.fixture(autouse=True)
+def noEnvironmentDatabase(monkeypatch):
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+
+def parse(*argv):
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def writeConfig(tmp_path, text, name="mailgate.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# -- one declaration per setting ------------------------------------------------
+
+
+def test_everySettingIsAnOptionAndAnAttribute():
+    usageText = tap.Options().getUsage()
+    fields = {a.name for a in MailgateConfig.__attrs_attrs__}
+    for s in settings.SETTINGS:
+        names = list(s.flags) if s.flags else [s.name]
+        for name in names:
+            assert f"--{name}" in usageText, name
+        assert s.attribute in fields, s.attribute
+        # The default as the configuration holds it is the declared one.
+        assert getattr(MailgateConfig(), s.attribute) == s.defaultValue()
+    assert fields == {s.attribute for s in settings.SETTINGS} | {"reloadOnSIGHUP"}
+
+
+def test_addingASettingIsOneDeclaration(tmp_path):
+    """
+    One more L{Setting} gives a command-line option, a configuration file
+    key, a configuration attribute and an entry in the example file.
+    """
+    warning = settings.Setting(
+        "drain-warning", "drainWarning", settings.Number(), 30.0,
+        "Seconds before the end of the shutdown grace at which sessions are warned.",
+    )
+    extended = settings.SETTINGS + (warning,)
+    Config = settings.makeConfigClass(extended)
+
+    class Extended(tap.Options):
+        settings = extended
+        configClass = Config
+
+    assert Config().drainWarning == 30.0
+    assert "--drain-warning=" in Extended().getUsage()
+    options = Extended()
+    options.parseOptions(["--drain-warning", "5"])
+    assert options.toConfig().drainWarning == 5.0
+    path = writeConfig(tmp_path, "drain-warning = 12\n")
+    options = Extended()
+    options.parseOptions(["--config", path])
+    assert options.toConfig().drainWarning == 12.0
+    assert "#drain-warning = 30.0\n" in settings.exampleFile(extended)
+    # The original options know nothing of it.
+    with pytest.raises(usage.UsageError):
+        parse("--drain-warning", "5")
+    with pytest.raises(SystemExit, match="unknown key 'drain-warning'"):
+        parse("--config", path)
+
+
+def test_aBooleanSettingIsAFlag(tmp_path):
+    verbose = settings.Setting(
+        "verbose-sessions", "verboseSessions", settings.Boolean(), False,
+        "Log every command.", flags={"verbose-sessions": True},
+    )
+    extended = settings.SETTINGS + (verbose,)
+    Config = settings.makeConfigClass(extended)
+
+    class Extended(tap.Options):
+        settings = extended
+        configClass = Config
+
+    options = Extended()
+    options.parseOptions([])
+    assert options.toConfig().verboseSessions is False
+    options = Extended()
+    options.parseOptions(["--verbose-sessions"])
+    assert options.toConfig().verboseSessions is True
+    for text, value in (("verbose-sessions = true\n", True), ("verbose-sessions = false\n", False)):
+        options = Extended()
+        options.parseOptions(["--config", writeConfig(tmp_path, text)])
+        assert options.toConfig().verboseSessions is value
+    with pytest.raises(SystemExit, match="expected true or false"):
+        Extended().parseOptions(["--config", writeConfig(tmp_path, 'verbose-sessions = "yes"\n')])
+    assert "#verbose-sessions = false\n" in settings.exampleFile(extended)
+
+
+def test_defaultsAreTheDeclaredOnes():
+    assert parse().toConfig() == MailgateConfig(reloadOnSIGHUP=True)
+
+
+def test_repeatedDefaultsAreNotShared():
+    first, second = MailgateConfig(), MailgateConfig()
+    first.pop3.append("tcp:2110")
+    assert second.pop3 == ["tcp:1110:interface=127.0.0.1"]
+
+
+def test_embeddersMayStillSayTrueFalseOrAuto():
+    assert MailgateConfig(apop=True).apop is APOPPolicy.ALWAYS
+    assert MailgateConfig(apop=False).apop is APOPPolicy.NEVER
+    assert MailgateConfig(apop="auto").apop is APOPPolicy.AUTO
+    assert MailgateConfig(apop="never").apop is APOPPolicy.NEVER
+    with pytest.raises(ValueError):
+        MailgateConfig(apop="sometimes")
+
+
+def test_apopPolicy():
+    store = memoryStore()
+    assert isinstance(APOPPolicy.AUTO.advertiser(store), APOPAdvertiser)
+    assert APOPPolicy.ALWAYS.advertiser(store) is True
+    assert APOPPolicy.NEVER.advertiser(store) is False
+    assert APOPPolicy.AUTO.checked and APOPPolicy.ALWAYS.checked
+    assert not APOPPolicy.NEVER.checked
+
+
+def test_checkConfigIsWhereTLSIsChecked(tmp_path):
+    with pytest.raises(ConfigurationError, match="both a certificate and a key"):
+        settings.checkConfig(MailgateConfig(tlsKey="key.pem"))
+    with pytest.raises(ConfigurationError, match="implicit-TLS"):
+        settings.checkConfig(MailgateConfig(pop3s=["tcp:995"]))
+    # The command line goes through the same check.
+    with pytest.raises(usage.UsageError, match="both a certificate and a key"):
+        parse("--tls-cert", "cert.pem")
+    with pytest.raises(usage.UsageError, match="implicit-TLS"):
+        parse("--pop3s", "tcp:995")
+
+
+# -- endpoints checked without a reactor -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:110",
+        "tcp:1110:interface=127.0.0.1:backlog=128",
+        "tcp6:110:interface=\\:\\:1",
+        "unix:/run/mailgate/lmtp:mode=660",
+        "haproxy:tcp:110",
+        "haproxy:unix:/run/mailgate/pop3",
+    ],
+)
+def test_endpointSyntaxAccepted(description):
+    assert settings.checkEndpoint(description) == description
+
+
+def test_sslEndpointLoadsItsFilesWithoutListening(tmp_path):
+    cert, key = makeCertificate(tmp_path, "mail.example.test")
+    description = f"ssl:995:privateKey={key}:certKey={cert}"
+    assert settings.checkEndpoint(description) == description
+    with pytest.raises(ValueError, match="invalid endpoint"):
+        settings.checkEndpoint(f"ssl:995:privateKey={tmp_path / 'missing.key'}:certKey={cert}")
+
+
+def test_systemdEndpointOutsideSystemd():
+    """
+    Outside socket activation (this test process was given no sockets)
+    the description is refused with a reason; test_systemd starts a real
+    twistd the way systemd does, where it is accepted.
+    """
+    for description in ("systemd:domain=INET:index=0", "systemd:domain=INET:name=pop3"):
+        with pytest.raises(ValueError, match="systemd passed no socket with that index or name"):
+            settings.checkEndpoint(description)
+    with pytest.raises(ValueError, match="exactly one of descriptor index or name"):
+        settings.checkEndpoint("systemd:domain=INET")
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["tcp:notaport", "bogus:110", "tcp:110:nosuchoption=1", "", "   ", "haproxy:nothing:1"],
+)
+def test_endpointSyntaxRefused(description):
+    with pytest.raises(ValueError):
+        settings.checkEndpoint(description)
+    with pytest.raises(usage.UsageError, match="--smtp"):
+        parse("--smtp", description)
+
+
+def test_checkingAnEndpointListensOnNothing():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.checkEndpoint(f"tcp:{port}:interface=127.0.0.1")
+    # Nothing took the port: binding it again works.
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+
+
+def test_tapNoLongerUsesATestReactor():
+    source = (REPO / "mailgate" / "tap.py").read_text() + (REPO / "mailgate" / "config.py").read_text()
+    assert "MemoryReactor" not in source
+    assert "twisted.internet.testing" not in source
+
+
+# -- the configuration file ---------------------------------------------------------
+
+
+def test_fileSetsOptions(tmp_path):
+    path = writeConfig(
+        tmp_path,
+        'database = "sqlite:////var/lib/mailgate/mail.sqlite3"\n'
+        'pop3 = ["tcp:110", "tcp:1110:interface=127.0.0.1"]\n'
+        'smtp = ["tcp:25"]\n'
+        "max-recipients = 250\n"
+        "auth-failure-delay = 2\n"
+        'apop = "never"\n'
+        'domain = ["Example.ORG"]\n'
+        'trusted-network = ["10.1.2.3/8"]\n'
+        'log-format = "json"\n'
+        'metrics = "tcp:9101:interface=127.0.0.1"\n',
+    )
+    config = parse("--config", path).toConfig()
+    assert config.database == "sqlite:////var/lib/mailgate/mail.sqlite3"
+    assert config.pop3 == ["tcp:110", "tcp:1110:interface=127.0.0.1"]
+    assert config.smtp == ["tcp:25"]
+    assert config.maxRecipients == 250
+    assert config.authFailureDelay == 2.0
+    assert config.apop is APOPPolicy.NEVER
+    assert config.domains == ["example.org"]
+    assert config.trustedNetworks == ["10.0.0.0/8"]
+    assert config.logFormat == "json"
+    assert config.metrics == "tcp:9101:interface=127.0.0.1"
+    # What the file does not set keeps its default.
+    assert config.idleTimeout == 600
+    assert config.lmtp == []
+
+
+def test_commandLineOverridesTheFile(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAILGATE_DATABASE", "sqlite:///from-environment.sqlite3")
+    path = writeConfig(
+        tmp_path,
+        'database = "sqlite:///from-file.sqlite3"\n'
+        'pop3 = ["tcp:110"]\n'
+        "max-recipients = 250\n"
+        'apop = "never"\n'
+        'hostname = "file.example.org"\n',
+    )
+    config = parse(
+        "--config", path, "--pop3", "tcp:2110", "--pop3", "tcp:3110", "--max-recipients", "300", "--apop"
+    ).toConfig()
+    assert config.pop3 == ["tcp:2110", "tcp:3110"]
+    assert config.maxRecipients == 300
+    assert config.apop is APOPPolicy.ALWAYS
+    # Not given on the command line: the file's, over the environment's.
+    assert config.hostname == "file.example.org"
+    assert config.database == "sqlite:///from-file.sqlite3"
+    assert parse("--config", path, "--database", "sqlite:///cli.sqlite3").toConfig().database == (
+        "sqlite:///cli.sqlite3"
+    )
+    # Without the file, the environment is used.
+    assert parse().toConfig().database == "sqlite:///from-environment.sqlite3"
+
+
+def test_optionOrderDoesNotMatter(tmp_path):
+    path = writeConfig(tmp_path, "max-recipients = 250\n")
+    assert parse("--max-recipients", "300", "--config", path).toConfig().maxRecipients == 300
+
+
+def test_emptyFileMeansDefaults(tmp_path):
+    path = writeConfig(tmp_path, "# nothing set\n")
+    assert parse("--config", path).toConfig() == parse().toConfig()
+
+
+def fileError(tmp_path, text):
+    path = writeConfig(tmp_path, text)
+    with pytest.raises(SystemExit) as e:
+        parse("--config", path)
+    message = e.value.code
+    assert isinstance(message, str)
+    assert message.startswith("mailgate: ")
+    assert "\n" not in message
+    assert path in message
+    return message
+
+
+def test_unknownKey(tmp_path):
+    message = fileError(tmp_path, "max-recipient = 10\n")
+    assert "unknown key 'max-recipient'" in message
+    assert "did you mean 'max-recipients'" in message
+    assert "unknown key 'config'" in fileError(tmp_path, 'config = "other.toml"\n')
+    # Attribute names are not keys: the file speaks the options' language.
+    assert "unknown key 'maxRecipients'" in fileError(tmp_path, "maxRecipients = 10\n")
+
+
+@pytest.mark.parametrize(
+    "text, key, reason",
+    [
+        ('max-recipients = "100"\n', "max-recipients", "expected a whole number"),
+        ("max-recipients = 1.5\n", "max-recipients", "expected a whole number"),
+        ("max-recipients = true\n", "max-recipients", "expected a whole number"),
+        ("max-recipients = 0\n", "max-recipients", "must be at least 1"),
+        ("idle-timeout = -5\n", "idle-timeout", "must be at least 0"),
+        ('auth-failure-delay = "soon"\n', "auth-failure-delay", "expected a number"),
+        ('pop3 = "tcp:110"\n', "pop3", "expected an array"),
+        ("pop3 = [110]\n", "pop3", "expected an endpoint"),
+        ('pop3 = ["tcp:notaport"]\n', "pop3", "invalid endpoint 'tcp:notaport'"),
+        ('smtp = ["bogus:25"]\n', "smtp", "invalid endpoint 'bogus:25'"),
+        ('metrics = "tcp:9101:nosuch=1"\n', "metrics", "invalid endpoint"),
+        ('apop = "sometimes"\n', "apop", "must be one of"),
+        ("apop = true\n", "apop", "expected one of"),
+        ('log-format = "xml"\n', "log-format", "must be one of"),
+        ('database = "mysql://localhost/mail"\n', "database", "unsupported database URL"),
+        ('trusted-network = ["10.0.0.0/33"]\n', "trusted-network", "not a network"),
+        ('domain = ["not a domain"]\n', "domain", "domain"),
+        ('hostname = "  "\n', "hostname", "must not be empty"),
+        ("[pop3]\nport = 110\n", "pop3", "got {...} (table)"),
+    ],
+)
+def test_wrongValues(tmp_path, text, key, reason):
+    message = fileError(tmp_path, text)
+    assert f"key {key!r}" in message
+    assert reason in message
+
+
+def test_notTOML(tmp_path):
+    message = fileError(tmp_path, "pop3 = [tcp:110\n")
+    assert "not valid TOML" in message
+    assert "line 1" in message
+
+
+def test_missingFile(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(tmp_path / "absent.toml"))
+    assert e.value.code.startswith(f"mailgate: {tmp_path / 'absent.toml'}: cannot read")
+
+
+def test_badEnvironmentIsNamed(monkeypatch):
+    monkeypatch.setenv("MAILGATE_DATABASE", "mysql://localhost/mail")
+    with pytest.raises(usage.UsageError, match=r"\$MAILGATE_DATABASE"):
+        parse()
+
+
+# -- the example file ------------------------------------------------------------------
+
+
+def test_exampleFileIsGeneratedFromTheDeclarations():
+    """
+    contrib/mailgate.toml is exactly what the declarations produce; after
+    adding or changing a setting, regenerate it:
+    .venv/bin/python -m mailgate.config > contrib/mailgate.toml
+    """
+    assert EXAMPLE.read_text() == settings.exampleFile(), (
+        "contrib/mailgate.toml is out of date: run "
+        "`.venv/bin/python -m mailgate.config > contrib/mailgate.toml`"
+    )
+
+
+def test_exampleFileHasEveryKeyAndItsDefault(tmp_path):
+    text = EXAMPLE.read_text()
+    keys = re.findall(r"^#([a-z0-9-]+) = ", text, re.MULTILINE)
+    assert keys == [s.name for s in settings.SETTINGS]
+    # Uncommented, it is a valid configuration file; where a setting has a
+    # default, the value shown is that default.
+    uncommented = re.sub(r"^#([a-z0-9-]+ = )", r"\1", text, flags=re.MULTILINE)
+    document = tomllib.loads(uncommented)
+    for s in settings.SETTINGS:
+        value = s.fromTOML(document[s.name])
+        unset = s.default is None or (s.repeated and not s.default)
+        if not unset:
+            assert value == s.defaultValue(), s.name
+    path = writeConfig(tmp_path, uncommented.replace("/etc/mailgate/", str(tmp_path) + "/"))
+    cert, key = makeCertificate(tmp_path, "mail.example.test")
+    os.replace(cert, tmp_path / "cert.pem")
+    os.replace(key, tmp_path / "key.pem")
+    parse("--config", path)
+
+
+# -- with the real twistd --------------------------------------------------------------
+
+
+@sqliteOnly
+def test_twistdReadsTheFile(mailgate_server, tmp_path):
+    path = writeConfig(
+        tmp_path,
+        'pop3 = ["tcp:0:interface=127.0.0.1"]\n'
+        'smtp = ["tcp:0:interface=127.0.0.1"]\n'
+        'hostname = "from-file.test"\n',
+    )
+    server = mailgate_server("--config", path, "--hostname", "from-cli.test", expect={"SMTP": 1})
+    # The file's SMTP listener is there, and the command line's host name
+    # won over the file's.
+    with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=10) as s:
+        assert s.recv(512).startswith(b"220 from-cli.test ")
+
+
+def test_twistdStopsOnABadFileWithOneLine(tmp_path):
+    path = writeConfig(tmp_path, 'pop3 = ["tcp:notaport"]\n')
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", path],
+        cwd=tmp_path,
+    )
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"mailgate: {path}: key 'pop3': invalid endpoint 'tcp:notaport': "
+                     "invalid literal for int() with base 10: 'notaport'"], (out, err)
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "m.sqlite3").exists()

@@ -1,0 +1,208 @@
+"""
+The contracts between the store's layers, checked against every
+implementation: the engines (L{IEngine}), the databases (L{IDatabase}), the
+maildrop locks (L{IMaildropLocks}) and the batchable delivery write
+(L{IBatchableWrite}); and the lock-and-snapshot path they share, on both
+backends.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyClass, verifyObject
+
+from mailgate.errors import CredentialsChanged, MaildropInUse
+from mailgate.interfaces import IBatchableWrite, IDatabase, IEngine, IMaildropLocks
+from mailgate.store import engineFromURL
+from mailgate.store.database import Database, SynchronousDatabase
+from mailgate.store.snapshot import unpackSnapshot
+from mailgate.store.sql import _deliver
+from mailgate.testing import addUser, deliver, memoryStore, resultOf
+
+ALICE = "alice@example.org"
+
+
+@pytest.fixture
+def postgresEngine(postgresURL):
+    return engineFromURL(postgresURL)
+
+
+def test_sqliteEngineProvidesIEngine(tmp_path):
+    for url in (f"sqlite:///{tmp_path / 'mail.sqlite3'}", "sqlite:///:memory:"):
+        engine = engineFromURL(url)
+        assert verifyObject(IEngine, engine)
+    assert engineFromURL("sqlite:///:memory:").ephemeral
+    assert not engineFromURL(f"sqlite:///{tmp_path / 'mail.sqlite3'}").ephemeral
+
+
+def test_postgresEngineProvidesIEngine(postgresEngine):
+    assert verifyObject(IEngine, postgresEngine)
+    assert not postgresEngine.ephemeral
+
+
+def test_databasesProvideIDatabase(databaseURL):
+    engine = engineFromURL(databaseURL)
+    synchronous = SynchronousDatabase(engine)
+    try:
+        assert verifyObject(IDatabase, synchronous)
+        assert synchronous.reactor is None
+    finally:
+        synchronous.close()
+    clock = Clock()
+    clock.callWhenRunning = lambda f, *a: None
+    threaded = Database(engine, clock)
+    assert verifyObject(IDatabase, threaded)
+    assert threaded.reactor is clock
+    threaded.close()
+
+
+def test_theDeliveryWriteIsDeclaredBatchable():
+    """
+    Deliveries are what the group-commit writer batches and pipelines: the
+    declaration it reads, not a function attribute it probes for.
+    """
+    assert verifyObject(IBatchableWrite, _deliver)
+    assert _deliver.pipelined
+    assert verifyClass(IBatchableWrite, type(_deliver))
+
+
+def test_synchronousStoresLocksProvideIMaildropLocks(databaseURL):
+    store = memoryStore(databaseURL)
+    try:
+        assert verifyObject(IMaildropLocks, store.locks)
+    finally:
+        store.close()
+
+
+def test_reactorDrivenLocksProvideIMaildropLocks(postgresEngine):
+    from mailgate.store.postgres import AdvisoryLocks
+
+    locks = AdvisoryLocks(postgresEngine, Clock())
+    assert verifyObject(IMaildropLocks, locks)
+    resultOf(locks.close())
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres", "memory"], indirect=True)
+def test_lockAndSnapshot(databaseURL):
+    """
+    The one snapshot statement, on each backend: the uids and sizes in uid
+    order, large values included; the lock held; a changed password, or an
+    address the user no longer has (renamed), gives the lock back.
+    """
+    store = memoryStore(databaseURL)
+    try:
+        user = addUser(store, ALICE, "pw")
+        empty = resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
+        assert [list(part) for part in empty] == [[], []]
+        resultOf(store.locks.release(user.userId))
+        bodies = [b"x" * n + b"\r\n" for n in (10, 0, 300000, 7)]
+        for body in bodies:
+            deliver(store, [ALICE], body)
+        uids, sizes = resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
+        assert list(sizes) == [len(b) for b in bodies]
+        assert list(uids) == sorted(uids) and len(set(uids)) == 4
+        # Held: a second session is refused.
+        with pytest.raises(MaildropInUse):
+            resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
+        resultOf(store.locks.release(user.userId))
+        with pytest.raises(CredentialsChanged):
+            resultOf(store.locks.acquireAndSnapshot(user.userId, "$scrypt$not-the-stored-one"))
+        # ... and the lock was given back.
+        assert resultOf(store.locks.verify(user.userId)) is False
+        resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, ALICE))
+        resultOf(store.locks.release(user.userId))
+        with pytest.raises(CredentialsChanged):
+            resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, "old@example.org"))
+        assert resultOf(store.locks.verify(user.userId)) is False
+        resultOf(store.locks.acquireAndSnapshot(user.userId, None))
+        resultOf(store.locks.release(user.userId))
+    finally:
+        store.close()
+
+
+def test_unpackSnapshot():
+    """
+    The packing both engines produce: big-endian 64-bit pairs, as binary
+    (PostgreSQL) or as hexadecimal text (SQLite).
+    """
+    packed = bytes.fromhex("0000000000000001" "000000012a05f200" "0000000000000009" "0000000000000000")
+    for form in (packed, packed.hex()):
+        uids, sizes = unpackSnapshot([("h", form, "a@example.org")], 1, "h", "a@example.org")
+        assert (list(uids), list(sizes)) == ([1, 9], [5000000000, 0])
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org")], 1, "h")] == [[], []]
+    with pytest.raises(CredentialsChanged):
+        unpackSnapshot([], 1, None)
+    with pytest.raises(CredentialsChanged):
+        unpackSnapshot([(b"other", None, b"a@example.org")], 1, "h")
+    # The address is checked with the password hash: a renamed user's old
+    # name no longer opens the maildrop.
+    with pytest.raises(CredentialsChanged):
+        unpackSnapshot([(b"h", None, b"new@example.org")], 1, "h", "a@example.org")
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"new@example.org")], 1, None, "a@example.org")] == [[], []]
+
+
+def test_consecutiveCallsOfABatchableWriteAreMadeAsOne(tmp_path):
+    """
+    The group-commit writer hands consecutive calls of a L{BatchableWrite}
+    to its C{together} at once, runs a plain function alone, and enters
+    the engine's pipeline only when every write of the batch allows it.
+    """
+    from mailgate.store.database import BatchableWrite, runBatch
+
+    engine = engineFromURL(f"sqlite:///{tmp_path / 'batch.sqlite3'}")
+    conn = engine.connect()
+    made = []
+    pipelines = []
+    realPipeline = engine.pipeline
+
+    def pipeline(connection):
+        pipelines.append(connection)
+        return realPipeline(connection)
+
+    engine.pipeline = pipeline
+
+    def one(cursor, n):
+        made.append(("one", n))
+        return n
+
+    def together(cursor, calls):
+        made.append(("together", [args[0] for args, _ in calls]))
+        return [args[0] * 10 for args, _ in calls]
+
+    def plain(cursor, n):
+        made.append(("plain", n))
+        return -n
+
+    write = BatchableWrite(one, together, pipelined=True)
+    try:
+        batch = [(write, (1,), {}), (write, (2,), {}), (write, (3,), {}), (plain, (4,), {}), (write, (5,), {})]
+        results = runBatch(engine, conn, batch)
+        assert results == [(True, 10), (True, 20), (True, 30), (True, -4), (True, 5)]
+        assert made == [("together", [1, 2, 3]), ("plain", 4), ("one", 5)]
+        assert pipelines == []
+        made.clear()
+        assert runBatch(engine, conn, batch[:3]) == [(True, 10), (True, 20), (True, 30)]
+        assert pipelines == [conn]
+    finally:
+        conn.close()
+
+
+def test_noGlobalReactorBelowTheService():
+    """
+    Below L{mailgate.service} the reactor is an argument, as in Twisted's
+    endpoints: no module reaches for the global one (only the wiring on
+    top, service.py, tap.py and cli.py, may).
+    """
+    import pathlib
+
+    import mailgate
+
+    root = pathlib.Path(mailgate.__file__).parent
+    top = {"service.py", "tap.py", "cli.py"}
+    reaching = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in top:
+            continue
+        text = path.read_text()
+        if "import reactor" in text or "internet.reactor" in text:
+            reaching.append(path.relative_to(root).as_posix())
+    assert reaching == []

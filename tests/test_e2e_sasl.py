@@ -1,0 +1,146 @@
+"""
+SASL LOGIN and CRAM-MD5 against a real C{twistd mailgate}: raw exchanges
+over a socket (poplib has no AUTH), and curl choosing each mechanism with
+C{--login-options}.
+
+Alice has no APOP secret, Bob has one: CRAM-MD5, like APOP, works for Bob
+only; LOGIN, like USER/PASS, for both.
+"""
+
+import base64
+import poplib
+import shutil
+
+import pytest
+
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    LineReader,
+    connect,
+    mailgate_cli,
+    mailgate_server,
+    runCommand,
+    sqliteOnly,
+    waitFor,
+)
+from saslclients import cramMD5Response
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+ALICE_PW = "wonder land"
+BOB_PW = "builder"
+FAST_FAILURES = ("--auth-failure-delay", "0.2")
+INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
+CURL = shutil.which("curl")
+
+
+def b64(data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data)
+
+
+class Wire:
+    """
+    A raw POP3 connection to the server.
+    """
+
+    def __init__(self, port):
+        self.sock = connect(port)
+        self.reader = LineReader(self.sock)
+        assert self.reader.line().startswith(b"+OK ")
+
+    def command(self, line):
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.sock.sendall(line + b"\r\n")
+        return self.reader.line()
+
+    def challenge(self, reply):
+        assert reply.startswith(b"+ ") and reply.endswith(b"\r\n"), reply
+        return base64.b64decode(reply[2:-2], validate=True)
+
+    def close(self):
+        self.command("QUIT")
+        self.sock.close()
+
+
+@pytest.fixture
+def server(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
+    for address in (ALICE, BOB):
+        mailgate_cli.deliver(address, b"From: sender@example.net\nSubject: hi\n\nfor " + address.encode() + b"\n")
+    started = mailgate_server(*FAST_FAILURES)
+
+    def mechanisms():
+        client = poplib.POP3("127.0.0.1", started.port, timeout=20)
+        try:
+            return client.capa()["SASL"]
+        finally:
+            client.quit()
+
+    # CRAM-MD5 is offered from the server's first look at the users on.
+    offered = waitFor(lambda: "CRAM-MD5" in mechanisms() and mechanisms(), "CRAM-MD5 to be offered")
+    assert offered == ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN"], offered
+    return started
+
+
+@sqliteOnly
+def test_loginAndCramMD5OnTheWire(server):
+
+    # LOGIN, the name asked for and as an initial response.
+    wire = Wire(server.port)
+    assert wire.challenge(wire.command("AUTH LOGIN")) == b"Username:"
+    assert wire.challenge(wire.command(b64(ALICE))) == b"Password:"
+    assert wire.command(b64(ALICE_PW)).startswith(f"+OK {ALICE} has 1 messages".encode())
+    assert wire.command("STAT").startswith(b"+OK 1 ")
+    wire.close()
+    wire = Wire(server.port)
+    assert wire.challenge(wire.command(b"AUTH LOGIN " + b64(BOB))) == b"Password:"
+    assert wire.command(b64(BOB_PW)).startswith(f"+OK {BOB} has 1 messages".encode())
+    wire.close()
+
+    # CRAM-MD5: Bob, with APOP, gets in; Alice, without, fails like a wrong password.
+    wire = Wire(server.port)
+    challenge = wire.challenge(wire.command("AUTH CRAM-MD5"))
+    assert challenge.startswith(b"<") and challenge.endswith(b">"), challenge
+    assert wire.command(b64(cramMD5Response(BOB, BOB_PW, challenge))).startswith(f"+OK {BOB}".encode())
+    wire.close()
+    wire = Wire(server.port)
+    challenge = wire.challenge(wire.command("AUTH CRAM-MD5"))
+    assert wire.command(b64(cramMD5Response(ALICE, ALICE_PW, challenge))) == INVALID
+    challenge = wire.challenge(wire.command("AUTH CRAM-MD5"))
+    assert wire.command(b64(cramMD5Response(BOB, "wrong", challenge))) == INVALID
+    # LOGIN with a wrong password, the same answer.
+    wire.command("AUTH LOGIN")
+    wire.command(b64(ALICE))
+    assert wire.command(b64("wrong")) == INVALID
+    wire.sock.close()
+
+
+@sqliteOnly
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
+def test_curlLogsInWithLoginAndCramMD5(server):
+    """
+    curl fetches with the mechanism it is told to use (its -v trace shows
+    the AUTH command it sent); CRAM-MD5 works for the user with APOP and
+    fails, as a denied login, for the one without.
+    """
+
+    def curl(address, password, mechanism):
+        return runCommand(
+            [CURL, "-v", "-s", "-S", "--max-time", "15", "-u", f"{address}:{password}",
+             "--login-options", f"AUTH={mechanism}", f"pop3://127.0.0.1:{server.port}/1"]
+        )
+
+    for address, password in ((ALICE, ALICE_PW), (BOB, BOB_PW)):
+        code, out, err = curl(address, password, "LOGIN")
+        assert code == 0, err
+        assert "> AUTH LOGIN" in err and out.endswith(f"for {address}\r\n"), (out, err)
+    code, out, err = curl(BOB, BOB_PW, "CRAM-MD5")
+    assert code == 0, err
+    assert "> AUTH CRAM-MD5" in err and out.endswith(f"for {BOB}\r\n"), (out, err)
+    code, out, err = curl(ALICE, ALICE_PW, "CRAM-MD5")
+    assert code == 67, (code, err)  # CURLE_LOGIN_DENIED
+    code, out, err = curl(ALICE, "wrong", "LOGIN")
+    assert code == 67, (code, err)

@@ -1,0 +1,355 @@
+"""
+mailgate.logs: JSON lines with the connection's context, where twistd's
+options say (standard output, -l FILE, twistd.log when daemonizing), and
+the log file reopened on SIGHUP for logrotate; the real twistd in both
+formats.
+"""
+
+import datetime
+import io
+import json
+import os
+import poplib
+import re
+import signal
+import time
+
+import pytest
+from twisted.logger import LogLevel, Logger, LogPublisher
+from twisted.python import log as legacyLog
+from twisted.python.failure import Failure
+
+from certs import makeCertificate
+from e2e import (
+    DEADLINE, HOSTNAME, STOP_GRACE, TWISTD, ServerProcess, databaseURL,
+    runCommand, sqliteOnly, waitFor,
+)
+from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+from mailgate import logs, tap
+
+
+def publish(emit):
+    """
+    The JSON records of what C{emit(logger)} logs.
+    """
+    stream = io.StringIO()
+    publisher = LogPublisher(logs.jsonFileLogObserver(stream))
+    emit(Logger(namespace="mailgate.test", observer=publisher))
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def parseTime(text):
+    assert text.endswith("Z")
+    return datetime.datetime.fromisoformat(text[:-1] + "+00:00")
+
+
+# -- the JSON record ---------------------------------------------------------------
+
+
+def test_aSessionEvent():
+    before = time.time()
+    [record] = publish(
+        lambda log: log.info(
+            "{user} logged in from {peer}",
+            event="pop3.login",
+            session="node1-42",
+            protocol="pop3",
+            peer="192.0.2.7:40123",
+            user="alice@example.org",
+            mechanism="scram-sha-256",
+            messages=3,
+        )
+    )
+    assert list(record)[:7] == ["time", "level", "event", "session", "protocol", "peer", "user"]
+    assert record["level"] == "info"
+    assert record["event"] == "pop3.login"
+    assert record["session"] == "node1-42"
+    assert record["protocol"] == "pop3"
+    assert record["peer"] == "192.0.2.7:40123"
+    assert record["user"] == "alice@example.org"
+    assert record["mechanism"] == "scram-sha-256"
+    assert record["messages"] == 3
+    assert record["text"] == "alice@example.org logged in from 192.0.2.7:40123"
+    assert abs(parseTime(record["time"]).timestamp() - before) < 60
+
+
+def test_levels():
+    records = publish(lambda log: (log.debug("d"), log.warn("w"), log.error("e"), log.critical("c")))
+    assert [r["level"] for r in records] == ["debug", "warn", "error", "critical"]
+
+
+def test_eventsWithoutAnEventKeyAreNamedByNamespace():
+    [record] = publish(lambda log: log.info("plain {x}", x=1))
+    assert record["event"] == "mailgate.test"
+    assert record["x"] == 1
+    assert "session" not in record and "user" not in record
+
+
+def test_fieldsAreMadeJSONSafe():
+    class Thing:
+        def __str__(self):
+            return "a thing"
+
+    [record] = publish(
+        lambda log: log.info(
+            "odd fields",
+            thing=Thing(),
+            data=b"\xff\xfebytes",
+            nested={"a": [1, 2.5, None, Thing()], 3: "int key"},
+            error=ValueError("bad value"),
+            big="x" * 10000,
+            nan=float("nan"),
+        )
+    )
+    assert record["thing"] == "a thing"
+    assert record["data"] == "\\xff\\xfebytes"
+    assert record["nested"] == {"a": [1, 2.5, None, "a thing"], "3": "int key"}
+    assert record["error"] == "ValueError: bad value"
+    assert len(record["big"]) == 2000
+    assert record["nan"] == "nan"
+
+
+def test_secretsAreNeverWritten():
+    [record] = publish(
+        lambda log: log.info(
+            "login attempt by {user}",
+            user="alice@example.org",
+            password="hunter2",
+            pass_="x",
+            apopSecret="s3cret",
+            credentials="AGFsaWNlAGh1bnRlcjI=",
+            saslResponse="AGFsaWNlAGh1bnRlcjI=",
+            response="AGFsaWNlAGh1bnRlcjI=",
+            details={"password": "hunter2", "ok": True},
+        )
+    )
+    line = json.dumps(record)
+    for secret in ("hunter2", "s3cret", "AGFsaWNlAGh1bnRlcjI="):
+        assert secret not in line
+    assert record["details"] == {"ok": True}
+    assert record["user"] == "alice@example.org"
+
+
+def test_failuresCarryTheirTraceback():
+    def emit(log):
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke", event="store.failed")
+
+    [record] = publish(emit)
+    assert record["level"] == "critical"
+    assert record["event"] == "store.failed"
+    assert "ZeroDivisionError" in record["traceback"]
+    assert record["text"] == "it broke"
+
+
+def test_legacyEvents():
+    stream = io.StringIO()
+    observer = logs.jsonFileLogObserver(stream)
+    from twisted.logger import globalLogPublisher
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        legacyLog.msg("old-style message", system="POP3Factory")
+        legacyLog.err(Failure(KeyError("k")), "old-style error")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    message, error = records[-2:]
+    assert message["text"] == "old-style message"
+    assert message["level"] == "info"
+    assert message["system"] == "POP3Factory"
+    assert "isError" not in message and "message" not in message
+    assert error["level"] == "critical"
+    assert "KeyError" in error["traceback"]
+
+
+def test_textObserverIsTwistedsClassicFormat():
+    stream = logs.LogStream(stream=io.StringIO())
+    observer = logs.observerFor("text", stream)
+    observer({"log_format": "hello {who}", "who": "world", "log_time": 0.0,
+              "log_level": LogLevel.info, "log_namespace": "mailgate.test"})
+    assert stream._stream.getvalue().endswith("[mailgate.test#info] hello world\n")
+
+
+# -- where the log goes -------------------------------------------------------------------
+
+
+def test_destinationFollowsTwistdsOptions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert logs.twistdDestination({"nodaemon": True, "logfile": ""}).path is None
+    assert logs.twistdDestination({"nodaemon": True, "logfile": "-"}).path is None
+    named = logs.twistdDestination({"nodaemon": True, "logfile": "mail.log"})
+    assert named.path == str(tmp_path / "mail.log")
+    daemon = logs.twistdDestination({"nodaemon": False, "logfile": ""})
+    assert daemon.path == str(tmp_path / "twistd.log")
+    with pytest.raises(SystemExit, match="Daemons cannot log to stdout"):
+        logs.twistdDestination({"nodaemon": False, "logfile": "-"})
+    # twistd keeps syslog and a --logger of its own.
+    assert logs.twistdDestination({"syslog": True, "logfile": ""}) is None
+    assert logs.twistdDestination({"logger": object(), "nodaemon": True}) is None
+
+
+def test_logFileIsReopened(tmp_path):
+    path = tmp_path / "mailgate.log"
+    stream = logs.LogStream(path=str(path))
+    try:
+        stream.write("first\n")
+        stream.flush()
+        os.rename(path, tmp_path / "mailgate.log.1")
+        stream.write("second\n")
+        stream.flush()
+        assert stream.reopen()
+        stream.write("third\n")
+        stream.flush()
+        assert (tmp_path / "mailgate.log.1").read_text() == "first\nsecond\n"
+        assert path.read_text() == "third\n"
+        # Owner and group only: the log names users and addresses.
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        stream.close()
+    assert not logs.LogStream(stream=io.StringIO()).reopen()
+
+
+def test_jsonNeedsAFileOrStandardOutput():
+    options = tap.Options()
+    options.parseOptions(["--log-format", "json"])
+    options.parent = {"syslog": True, "nodaemon": True}
+    with pytest.raises(SystemExit, match="--log-format json writes to a file or standard output"):
+        tap.makeService(options)
+
+
+# -- the real twistd ------------------------------------------------------------------------
+
+
+def jsonLines(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines
+    return [json.loads(line) for line in lines]
+
+
+@sqliteOnly
+def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
+    server = mailgate_server("--log-format", "json", "--no-apop")
+    mailgate_cli.addUser("alice@example.org", "correct horse")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("alice@example.org")
+    with pytest.raises(poplib.error_proto):
+        pop.pass_("wrong battery")
+    pop.quit()
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("alice@example.org")
+    pop.pass_("correct horse")
+    pop.quit()
+    assert server.stop() in (0, -signal.SIGTERM)
+    records = jsonLines(server.stdout)
+    # twistd's own start-up lines too.
+    assert "starting up" in records[0]["text"]
+    assert records[0]["event"].startswith("twisted.")
+    listening = [r for r in records if r["event"] == "listener.started"]
+    assert listening and listening[0]["protocol"] == "POP3"
+    assert records[-1]["text"] == "Server Shut Down."
+    for record in records:
+        assert {"time", "level", "event", "text"} <= set(record), record
+        parseTime(record["time"])
+    # No password, in any field.
+    assert "correct horse" not in server.stdout and "wrong battery" not in server.stdout
+
+
+class LoggingServer(ServerProcess):
+    """
+    A twistd whose log goes to a file (-l FILE), read back for the
+    listening lines as the harness reads standard output.
+    """
+
+    def __init__(self, database, logfile, options=(), cwd=None, daemon=False, pidfile=None):
+        super().__init__(database, options, cwd=cwd)
+        self.logfile = logfile
+        self.daemon = daemon
+        self.pidfile = pidfile
+
+    @property
+    def argv(self):
+        argv = super().argv
+        twistd = [TWISTD, "-l", str(self.logfile)]
+        twistd += ["--pidfile", str(self.pidfile)] if self.daemon else ["-n", "--pidfile="]
+        return twistd + argv[argv.index("mailgate"):]
+
+    @property
+    def stdout(self):
+        try:
+            logged = self.logfile.read_text()
+        except FileNotFoundError:
+            logged = ""
+        return logged + "".join(self._out.lines)
+
+
+@pytest.fixture
+def loggingServer(tmp_path):
+    servers = []
+
+    def start(*options, logfile, **kw):
+        server = LoggingServer(databaseURL(tmp_path / "mail.sqlite3"), logfile, options, cwd=tmp_path, **kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("logFormat", ["json", "text"])
+def test_hangupReopensTheLogFile(tmp_path, loggingServer, logFormat):
+    cert, key = makeCertificate(tmp_path, HOSTNAME)
+    logfile = tmp_path / "mailgate.log"
+    server = loggingServer(
+        "--log-format", logFormat, "--tls-cert", str(cert), "--tls-key", str(key), logfile=logfile
+    )
+    server.start()
+    assert server._out.lines == [], "with -l FILE nothing goes to standard output"
+    # logrotate: the file is moved away, then the server told.
+    rotated = tmp_path / "mailgate.log.1"
+    os.rename(logfile, rotated)
+    server.process.send_signal(signal.SIGHUP)
+    waitFor(lambda: logfile.exists() and "log file reopened" in logfile.read_text(), "a new log file")
+    new = logfile.read_text()
+    old = rotated.read_text()
+    assert "listening on" in old and "listening on" not in new
+    # The same SIGHUP still reloads the certificate, logged in the new file.
+    waitFor(lambda: "TLS certificate reloaded" in logfile.read_text(), "the reload line")
+    assert server.stop() in (0, -signal.SIGTERM)
+    new = logfile.read_text()
+    assert "Server Shut Down." in new
+    if logFormat == "json":
+        assert jsonLines(old)[0]["text"].startswith("twistd ")
+        records = jsonLines(new)
+        assert {"event": "log.reopened", "path": str(logfile)}.items() <= records[0].items()
+        assert records[1]["event"] == "tls.reloaded"
+    else:
+        assert new.splitlines()[0].endswith("[mailgate.tap#info] log file reopened: " + str(logfile))
+
+
+def test_daemonWritesJSONToItsLogFile(tmp_path, loggingServer):
+    """
+    Daemonized (no -n), twistd forks and the parent returns; the daemon's
+    log file holds JSON lines from the first to the last.
+    """
+    logfile = tmp_path / "daemon.log"
+    pidfile = tmp_path / "twistd.pid"
+    server = loggingServer("--log-format", "json", logfile=logfile, daemon=True, pidfile=pidfile)
+    code, out, err = runCommand(server.argv, cwd=tmp_path)
+    assert code == 0, (out, err)
+    pid = int(waitFor(lambda: pidfile.exists() and pidfile.read_text().strip(), "the pid file"))
+    try:
+        waitFor(lambda: logfile.exists() and "listening on" in logfile.read_text(), "the listening line")
+        # Greeted: the reactor runs (and handles SIGTERM).
+        port = int(re.search(r"POP3 listening on 127\.0\.0\.1:(\d+)", logfile.read_text()).group(1))
+        pop = poplib.POP3("127.0.0.1", port, timeout=DEADLINE)
+        pop.quit()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        waitFor(lambda: not pidfile.exists(), "the daemon to stop", timeout=STOP_GRACE)
+    records = jsonLines(logfile.read_text())
+    assert "starting up" in records[0]["text"]
+    assert records[-1]["text"] == "Server Shut Down."

@@ -1,0 +1,355 @@
+"""
+The pairings README documents, with the real programs: a private Postfix
+delivering into mailgate by LMTP (an unknown recipient bounced 5.1.1 by
+Postfix because mailgate refused it at RCPT), and a private HAProxy in
+front of a haproxy: listener, where the client's own address (not the
+balancer's) is what the logs and the trusted-network policy see.
+
+Both run on loopback only, in the test's own directories, in the
+foreground, and are stopped by their pid when the test ends.
+"""
+
+import os
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from e2e import DEADLINE, STOP_GRACE, sqliteOnly, waitFor
+from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+
+POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
+POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+
+
+def freePort():
+    """
+    A TCP port of 127.0.0.1 nobody listens on now (for programs that must
+    be told their port in a file).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def waitForPort(port, process, what):
+    """
+    Wait until something accepts connections on 127.0.0.1:port, failing
+    early if C{process} exited.
+    """
+
+    def accepting():
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with status {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    waitFor(accepting, f"{what} on port {port}")
+
+
+def stopProcess(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_GRACE)
+
+
+# -- Postfix ---------------------------------------------------------------------------
+
+
+MASTER_CF = """\
+127.0.0.1:{smtpPort} inet n - n - - smtpd
+pickup     unix  n - n 60 1 pickup
+cleanup    unix  n - n -  0 cleanup
+qmgr       unix  n - n 300 1 qmgr
+rewrite    unix  - - n -  - trivial-rewrite
+bounce     unix  - - n -  0 bounce
+defer      unix  - - n -  0 bounce
+trace      unix  - - n -  0 bounce
+verify     unix  - - n -  1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -  - proxymap
+proxywrite unix  - - n -  1 proxymap
+smtp       unix  - - n -  - smtp
+relay      unix  - - n -  - smtp
+showq      unix  n - n -  - showq
+error      unix  - - n -  - error
+retry      unix  - - n -  - error
+discard    unix  - - n -  - discard
+lmtp       unix  - - n -  - lmtp
+anvil      unix  - - n -  1 anvil
+scache     unix  - - n -  1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+myhostname = postfix.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+smtp_dns_support_level = disabled
+lmtp_host_lookup = native
+# The documented pairing: mailgate's domains delivered to it by LMTP.
+virtual_mailbox_domains = example.org
+virtual_transport = lmtp:inet:127.0.0.1:{lmtpPort}
+"""
+
+
+class PrivatePostfix:
+    """
+    A Postfix of the test's own: its configuration, queue and data
+    directories under C{root}, its log in C{root/maillog}, smtpd on a
+    loopback port, C{master -d} in the foreground.
+    """
+
+    def __init__(self, root, lmtpPort):
+        self.root = root
+        self.smtpPort = freePort()
+        self.lmtpPort = lmtpPort
+        self.config = root / "etc"
+        self.master = None
+
+    def start(self):
+        for name in ("etc", "queue", "data"):
+            (self.root / name).mkdir(parents=True)
+        shutil.chown(self.root / "data", user="postfix")
+        (self.config / "main.cf").write_text(MAIN_CF.format(root=self.root, lmtpPort=self.lmtpPort))
+        (self.config / "master.cf").write_text(MASTER_CF.format(smtpPort=self.smtpPort))
+        # Creates the queue's directories with Postfix's owners and modes.
+        check = subprocess.run(
+            [POSTFIX, "-c", str(self.config), "check"], capture_output=True, text=True, timeout=DEADLINE
+        )
+        assert check.returncode == 0, check.stdout + check.stderr + self.maillog()
+        self.master = subprocess.Popen(
+            [POSTFIX_MASTER, "-d", "-c", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        waitForPort(self.smtpPort, self.master, "Postfix's smtpd")
+
+    def maillog(self):
+        try:
+            return (self.root / "maillog").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        if self.master is not None:
+            stopProcess(self.master)
+
+
+@pytest.fixture
+def postfixRoot(tmp_path):
+    """
+    A directory for Postfix: its daemons run as the postfix user, which
+    must be able to reach it (pytest's own temporary directories are
+    private to the user running the suite).
+    """
+    if POSTFIX is None or not os.path.exists(POSTFIX_MASTER):
+        pytest.skip("Postfix is not installed (Debian package postfix; tests/sysdeps.sh installs it)")
+    assert os.geteuid() == 0, "a private Postfix's master runs as root"
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="mailgate-postfix-")
+    os.chmod(root, 0o755)
+    from pathlib import Path
+
+    yield Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@sqliteOnly
+def test_postfixDeliversByLMTP(mailgate_server, mailgate_cli, postfixRoot):
+    server = mailgate_server("--lmtp", "tcp:0:interface=127.0.0.1", "--no-apop")
+    mailgate_cli.addUser("alice@example.org", "alice's secret")
+    mailgate_cli.addUser("bob@example.org", "bob's secret")
+    postfix = PrivatePostfix(postfixRoot, server.portOf("LMTP"))
+    try:
+        postfix.start()
+        message = (
+            b"From: bob@example.org\r\nTo: alice@example.org, nobody@example.org\r\n"
+            b"Subject: through Postfix\r\nMessage-ID: <pairing@example.org>\r\n\r\n"
+            b"delivered by LMTP\r\n"
+        )
+        with smtplib.SMTP("127.0.0.1", postfix.smtpPort, timeout=DEADLINE) as smtp:
+            refused = smtp.sendmail("bob@example.org", ["alice@example.org", "nobody@example.org"], message)
+        # Postfix takes both (it does not know mailgate's users) ...
+        assert refused == {}
+        # ... then mailgate takes one and refuses the other at RCPT, and
+        # Postfix bounces it to the sender (also a mailgate user).
+        log = waitFor(
+            lambda: (lambda text: text if text.count("status=sent") >= 2 and "status=bounced" in text else None)(
+                postfix.maillog()
+            ),
+            "Postfix to deliver the message and the bounce",
+        )
+        bounced = [line for line in log.splitlines() if "to=<nobody@example.org>" in line]
+        assert len(bounced) == 1, log
+        assert "dsn=5.1.1, status=bounced" in bounced[0], log
+        assert f"relay=127.0.0.1[127.0.0.1]:{server.portOf('LMTP')}" in bounced[0], log
+        assert "550 5.1.1" in bounced[0] and "(in reply to RCPT TO command)" in bounced[0], log
+        sent = [line for line in log.splitlines() if "to=<alice@example.org>" in line]
+        assert len(sent) == 1 and "status=sent" in sent[0], log
+    finally:
+        postfix.stop()
+
+    # The message is in Alice's maildrop, as it was sent.
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("alice@example.org")
+    pop.pass_("alice's secret")
+    _, lines, _ = pop.retr(1)
+    pop.quit()
+    text = b"\r\n".join(lines)
+    assert b"Subject: through Postfix" in text
+    assert b"delivered by LMTP" in text
+    assert re.search(rb"^Received: from .*postfix\.test", text, re.MULTILINE | re.IGNORECASE)
+
+    # Bob has Postfix's bounce, naming the refused address and the 5.1.1.
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("bob@example.org")
+    pop.pass_("bob's secret")
+    count, _ = pop.stat()
+    assert count == 1
+    _, lines, _ = pop.retr(1)
+    pop.quit()
+    bounce = b"\r\n".join(lines)
+    assert b"Undelivered Mail Returned to Sender" in bounce
+    assert b"<nobody@example.org>" in bounce
+    assert b"Status: 5.1.1" in bounce
+
+
+# -- HAProxy -----------------------------------------------------------------------------
+
+
+HAPROXY_CFG = """\
+global
+    maxconn 100
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend pop3
+    bind 127.0.0.1:{frontPort}
+    default_backend mailgate
+
+backend mailgate
+    # The documented pairing: PROXY protocol v2 to a haproxy: listener.
+    server mailgate 127.0.0.1:{backPort} send-proxy-v2 source 127.0.0.1
+"""
+
+
+@pytest.fixture
+def haproxy(tmp_path):
+    if HAPROXY is None:
+        pytest.skip("HAProxy is not installed (Debian package haproxy; tests/sysdeps.sh installs it)")
+    processes = []
+
+    def start(backPort):
+        frontPort = freePort()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(HAPROXY_CFG.format(frontPort=frontPort, backPort=backPort))
+        check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=DEADLINE)
+        assert check.returncode == 0, check.stdout + check.stderr
+        process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes.append(process)
+        waitForPort(frontPort, process, "HAProxy")
+        return frontPort
+
+    yield start
+    for process in processes:
+        stopProcess(process)
+
+
+def popFrom(address, port):
+    """
+    A POP3 client whose connection comes from C{address} (a loopback
+    address other than the balancer's).
+    """
+    client = poplib.POP3.__new__(poplib.POP3)
+    client.host, client.port = "127.0.0.1", port
+    client._tls_established = False
+    client.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(address, 0))
+    client.file = client.sock.makefile("rb")
+    client._debugging = 0
+    client.welcome = client._getresp()
+    return client
+
+
+@sqliteOnly
+def test_haproxyPassesTheClientsAddress(mailgate_server, mailgate_cli, haproxy):
+    # Only the client's own address is trusted with plaintext passwords; the
+    # balancer (127.0.0.1) is not.
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server(
+        "--pop3", description, "--trusted-network", "127.0.0.3/32", "--no-apop", "--auth-failure-delay", "0"
+    )
+    mailgate_cli.addUser("alice@example.org", "alice's secret")
+    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    front = haproxy(backPort)
+
+    trusted = popFrom("127.0.0.3", front)
+    assert trusted.getwelcome().startswith(b"+OK")
+    assert "USER" in trusted.capa()
+    trusted.user("alice@example.org")
+    with pytest.raises(poplib.error_proto):
+        trusted.pass_("not alice's secret")
+    trusted.quit()
+    trusted = popFrom("127.0.0.3", front)
+    trusted.user("alice@example.org")
+    trusted.pass_("alice's secret")
+    assert trusted.stat() == (0, 0)
+    trusted.quit()
+
+    untrusted = popFrom("127.0.0.2", front)
+    assert "USER" not in untrusted.capa()
+    with pytest.raises(poplib.error_proto) as refused:
+        untrusted.user("alice@example.org")
+        untrusted.pass_("alice's secret")
+    assert b"Plaintext authentication disallowed" in refused.value.args[0]
+    untrusted.quit()
+
+    # The log names the client's own address, never the balancer's.
+    log = waitFor(
+        lambda: server.stdout if "pop3 logout user=alice@example.org" in server.stdout else None,
+        "the session's log line",
+    )
+    assert re.search(r"pop3 authentication failed user='alice@example\.org' peer=127\.0\.0\.3:\d+", log), log
+    assert re.search(r"pop3 logout user=alice@example\.org peer=127\.0\.0\.3:\d+", log), log
+    assert "peer=127.0.0.1:" not in log, log

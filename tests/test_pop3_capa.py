@@ -1,0 +1,56 @@
+"""
+CAPA in both states (RFC 2449 section 5): "Capabilities available in the
+AUTHORIZATION state MUST be announced in both states."  USER and SASL stay
+listed after login (the commands themselves are refused there); STLS is
+listed only where RFC 2595 permits it, in the AUTHORIZATION state of a
+connection that is not secure yet.
+"""
+
+from mailgate.testing import POP3Session
+
+from test_sasl import ALICE, PASSWORD, alice, capabilities, plain, scramLogin, tls, untrusted  # noqa: F401
+
+
+def test_trustedPeerWithTLSConfigured(store, alice, tls):
+    s = POP3Session(store, tls=tls)
+    before = capabilities(s)
+    assert "STLS" in before and "USER" in before
+    assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in before
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    after = capabilities(s)
+    assert "STLS" not in after
+    assert [line for line in before if line != "STLS"] == after
+    assert s.command("STLS").startswith("-ERR STLS is not valid in the TRANSACTION state")
+    assert s.command("AUTH PLAIN").startswith("-ERR AUTH is not valid in the TRANSACTION state")
+
+
+def test_untrustedPeerAfterSTLSAndLogin(store, alice, tls):
+    s = untrusted(store, tls=tls)
+    before = capabilities(s)
+    assert "STLS" in before and "USER" not in before
+    assert "SASL SCRAM-SHA-256 CRAM-MD5" in before
+    assert s.command("STLS").startswith("+OK")
+    secure = capabilities(s)
+    assert "STLS" not in secure and "USER" in secure and "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in secure
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}").startswith("+OK")
+    assert capabilities(s) == secure
+
+
+def test_untrustedPeerWithoutTLSAfterSCRAM(store, alice):
+    """
+    No plaintext allowed before login, so none announced after it either.
+    """
+    s = untrusted(store)
+    before = capabilities(s)
+    assert "USER" not in before
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+    assert capabilities(s) == before
+
+
+def test_withoutSASLNoSASLLineInEitherState(store, alice):
+    s = POP3Session(store, sasl=False)
+    assert not any(line.startswith("SASL") for line in capabilities(s))
+    s.login(ALICE, PASSWORD)
+    lines = capabilities(s)
+    assert not any(line.startswith("SASL") for line in lines)
+    assert "USER" in lines

@@ -1,0 +1,171 @@
+"""
+POP3 logins and the connection policy: the authentication penalty is
+waited out (on this session only) before any credential is checked, a
+banned address never gets in (a correct password included), and every
+outcome is reported to the policy, for every way of logging in.
+"""
+
+import hashlib
+
+import pytest
+from twisted.internet.address import IPv4Address
+
+from mailgate.testing import POP3Session, addUser, pop3Factory
+
+from test_admission import RecordingPolicy
+from test_sasl import b64, plain, scramExchange
+
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+CLIENT = IPv4Address("TCP", "127.0.0.5", 4711)
+INVALID = "-ERR [AUTH] invalid user name or password\r\n"
+
+
+class PenaltyPolicy(RecordingPolicy):
+    """
+    Delays every authentication by C{delay}; bans C{banned} (a set of
+    hosts that may grow while a session waits).
+    """
+
+    def __init__(self, delay=0.0):
+        super().__init__()
+        self.delay = delay
+        self.banned = set()
+
+    def isBanned(self, address):
+        super().isBanned(address)
+        return address.host in self.banned
+
+    def authenticationDelay(self, address, login):
+        super().authenticationDelay(address, login)
+        return self.delay
+
+
+@pytest.fixture
+def alice(store):
+    addUser(store, ALICE, PASSWORD, apop=True)
+    return ALICE
+
+
+def session(store, policy, **options):
+    factory = pop3Factory(store, policy=policy, **options)
+    return POP3Session(store, factory=factory, clock=factory.reactor, peer=CLIENT)
+
+
+def apop(s, password=PASSWORD):
+    digest = hashlib.md5(s.challenge.encode() + password.encode()).hexdigest()
+    return s.command(f"APOP {ALICE} {digest}")
+
+
+def userPass(s, password=PASSWORD):
+    assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    return s.command(f"PASS {password}")
+
+
+def authPlain(s, password=PASSWORD):
+    return s.command(f"AUTH PLAIN {plain(ALICE, password)}")
+
+
+def authPlainContinued(s, password=PASSWORD):
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    return s.command(plain(ALICE, password))
+
+
+def scram(s, password=PASSWORD):
+    return scramExchange(s, ALICE, password)[2]
+
+
+LOGINS = {"user": userPass, "apop": apop, "plain": authPlain, "plain-continued": authPlainContinued, "scram": scram}
+
+
+def checks(policy):
+    return [call for call in policy.calls if call[0].startswith("authentication") and call[0] != "authenticationDelay"]
+
+
+@pytest.mark.parametrize("login", LOGINS)
+def test_thePenaltyIsWaitedOutBeforeTheCredentialsAreChecked(store, alice, login):
+    policy = PenaltyPolicy(delay=4.0)
+    s = session(store, policy)
+    reply = LOGINS[login](s)
+    assert reply == ""
+    assert ("authenticationDelay", CLIENT, ALICE) in policy.calls
+    assert checks(policy) == []
+    assert s.advance(3.9) == b""
+    assert checks(policy) == []
+    out = s.advance(0.1).decode()
+    if login == "scram":
+        # The server's own proof first (RFC 5034's additional data).
+        assert out.startswith("+ "), out
+        out = s.command("")
+    assert out.startswith(f"+OK {ALICE} has 0 messages"), out
+    assert checks(policy) == [("authenticationSucceeded", CLIENT, ALICE)]
+
+
+def test_thePenaltyHoldsOnlyThisSession(store, alice):
+    policy = PenaltyPolicy(delay=30.0)
+    waiting = session(store, policy)
+    assert userPass(waiting) == ""
+    other = POP3Session(store, clock=waiting.clock, factory=pop3Factory(store, clock=waiting.clock))
+    assert other.login(ALICE, PASSWORD).startswith("+OK")
+    assert other.command("QUIT").startswith("+OK")
+    # The waiting session's pipelined commands wait their turn.
+    assert waiting.command("STAT") == ""
+    out = waiting.advance(30).decode()
+    assert out.startswith(f"+OK {ALICE} has 0 messages") and out.endswith("+OK 0 0\r\n")
+
+
+@pytest.mark.parametrize("login", LOGINS)
+def test_aBannedAddressDoesNotGetInWithTheRightPassword(store, alice, login):
+    policy = PenaltyPolicy()
+    policy.banned.add(CLIENT.host)
+    s = session(store, policy)
+    reply = LOGINS[login](s)
+    assert reply == "-ERR [SYS/TEMP] banned\r\n"
+    assert s.disconnected
+    assert checks(policy) == []
+    # Nothing was locked: the user gets in from elsewhere.
+    assert POP3Session(store).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aBanLandingDuringThePenaltyRefusesTheLogin(store, alice):
+    policy = PenaltyPolicy(delay=2.0)
+    s = session(store, policy)
+    assert userPass(s) == ""
+    policy.banned.add(CLIENT.host)
+    assert s.advance(2) == b"-ERR [SYS/TEMP] banned\r\n"
+    assert s.disconnected
+    assert checks(policy) == []
+
+
+@pytest.mark.parametrize("login", LOGINS)
+def test_failuresAreReported(store, alice, login):
+    policy = PenaltyPolicy()
+    s = session(store, policy, authFailureDelay=1.0)
+    assert LOGINS[login](s, password="wrong") == ""
+    assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
+    # The fixed failure delay keeps its meaning, after the check.
+    assert s.advance(1).decode() == INVALID
+
+
+def test_anUnknownUserIsReportedLikeAWrongPassword(store, alice):
+    policy = PenaltyPolicy()
+    s = session(store, policy)
+    s.command("USER nobody@example.org")
+    assert s.command("PASS x") == INVALID
+    assert checks(policy) == [("authenticationFailed", CLIENT, "nobody@example.org")]
+
+
+def test_penaltyAndFailureDelayAddUp(store, alice):
+    policy = PenaltyPolicy(delay=2.0)
+    s = session(store, policy, authFailureDelay=1.0)
+    assert userPass(s, "wrong") == ""
+    assert s.advance(2) == b""
+    assert s.advance(0.9) == b""
+    assert s.advance(0.1).decode() == INVALID
+
+
+def test_aMalformedSASLExchangeChecksNothing(store, alice):
+    policy = PenaltyPolicy()
+    s = session(store, policy)
+    assert s.command(f"AUTH PLAIN {b64(b'no-nuls')}").startswith("-ERR [AUTH] ")
+    assert checks(policy) == []

@@ -1,0 +1,283 @@
+"""
+The PROXY protocol header in front of a session (mailgate.session.proxy):
+the session is connected only once the header is read, so its greeting,
+its admission, its trusted-network check and its logs see the client's
+real address.  In memory first, then a real twistd with real PROXY v1 and
+v2 headers over sockets.
+"""
+
+import ipaddress
+import re
+import socket
+import struct
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from mailgate.session.endpoints import serverEndpoint
+from mailgate.session.proxy import (
+    InvalidProxyHeader,
+    ProxyHeaderEndpoint,
+    ProxyHeaderFactory,
+    parseProxyHeader,
+)
+from mailgate.testing import addUser, pop3Factory, smtpFactory
+
+from e2e import LineReader, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
+
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+BALANCER = IPv4Address("TCP", "127.0.0.1", 50000)
+
+
+def v1(source, destination="192.0.2.1", sourcePort=40001, destinationPort=110, family=b"TCP4"):
+    return b"PROXY %s %s %s %d %d\r\n" % (
+        family, source.encode(), destination.encode(), sourcePort, destinationPort
+    )
+
+
+def v2(source, destination, sourcePort=40001, destinationPort=110, command=1, tlvs=b""):
+    """
+    A version 2 header: PROXY (or LOCAL with C{command=0}) over TCP.
+    """
+    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
+    family = 0x11 if src.version == 4 else 0x21
+    body = src.packed + dst.packed + struct.pack("!HH", sourcePort, destinationPort) + tlvs
+    return (
+        b"\r\n\r\n\x00\r\nQUIT\n"
+        + bytes([0x20 | command, family])
+        + struct.pack("!H", len(body))
+        + body
+    )
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def test_parseV1():
+    header = v1("203.0.113.9")
+    source, destination, length = parseProxyHeader(header + b"CAPA\r\n")
+    assert source == IPv4Address("TCP", "203.0.113.9", 40001)
+    assert destination == IPv4Address("TCP", "192.0.2.1", 110)
+    assert length == len(header)
+
+
+def test_parseV1IPv6AndUnknown():
+    source, _, _ = parseProxyHeader(v1("2001:db8::7", "2001:db8::1", family=b"TCP6"))
+    assert source == IPv6Address("TCP", "2001:db8::7", 40001)
+    assert parseProxyHeader(b"PROXY UNKNOWN\r\n") == (None, None, 15)
+    assert parseProxyHeader(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n")[:2] == (None, None)
+
+
+def test_parseV2():
+    header = v2("198.51.100.7", "192.0.2.1", 5555, 25, tlvs=b"\x04\x00\x03abc")
+    source, destination, length = parseProxyHeader(header + b"EHLO x\r\n")
+    assert source == IPv4Address("TCP", "198.51.100.7", 5555)
+    assert destination == IPv4Address("TCP", "192.0.2.1", 25)
+    assert length == len(header)
+    source, _, _ = parseProxyHeader(v2("2001:db8::9", "2001:db8::1", 6000))
+    assert source == IPv6Address("TCP", "2001:db8::9", 6000)
+    # LOCAL: the balancer's own health check keeps the real addresses.
+    assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1", command=0))[:2] == (None, None)
+
+
+@pytest.mark.parametrize("header", [v1("203.0.113.9"), v2("198.51.100.7", "192.0.2.1")])
+def test_parseIncompleteHeadersAskForMore(header):
+    for end in range(len(header)):
+        assert parseProxyHeader(header[:end]) is None, end
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"CAPA\r\n",
+        b"GET / HTTP/1.0\r\n",
+        b"PROXY TCP4 203.0.113.9\r\n",
+        b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 99999\r\n",
+        b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
+        b"PROXY TCP5 203.0.113.9 192.0.2.1 1 2\r\n",
+        b"PROXY TCP4 " + b"1" * 200,
+        b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
+        b"\r\n\r\nx",
+    ],
+)
+def test_parseRefusesWhatIsNotAHeader(data):
+    with pytest.raises(InvalidProxyHeader):
+        parseProxyHeader(data)
+
+
+# -- the wrapper, in memory --------------------------------------------------------
+
+
+def wrapped(factory, clock):
+    proxy = ProxyHeaderFactory(factory, clock)
+    protocol = proxy.buildProtocol(BALANCER)
+    transport = StringTransport(peerAddress=BALANCER, hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize(
+    "header", [v1("203.0.113.9"), v2("203.0.113.9", "192.0.2.1")], ids=["v1", "v2"]
+)
+def test_theSessionIsConnectedOnlyOnceTheHeaderIsRead(store, header):
+    clock = Clock()
+    admitted = []
+
+    class Recording:
+        def admit(self, protocol, address):
+            admitted.append((protocol, address))
+
+        def connectionClosed(self, protocol, address):
+            pass
+
+    factory = pop3Factory(store, clock, policy=Recording())
+    protocol, transport = wrapped(factory, clock)
+    # Byte by byte, as TCP may deliver it: no greeting before the end.
+    for i in range(len(header) - 1):
+        protocol.dataReceived(header[i:i + 1])
+        assert transport.value() == b""
+    protocol.dataReceived(header[-1:] + b"CAPA\r\n")
+    out = transport.value()
+    assert out.startswith(b"+OK mailgate POP3 server ready")
+    assert b"+OK capability list follows" in out
+    session = protocol.wrappedProtocol
+    assert session.peer == IPv4Address("TCP", "203.0.113.9", 40001)
+    assert admitted == [("pop3", IPv4Address("TCP", "203.0.113.9", 40001))]
+    # The plaintext policy sees the client's address, not the balancer's
+    # (127.0.0.1, trusted): no USER from 203.0.113.9 without TLS.
+    transport.clear()
+    protocol.dataReceived(f"USER {ALICE}\r\n".encode())
+    assert transport.value().startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+
+
+def test_aTrustedClientBehindTheBalancerMayLogIn(store):
+    addUser(store, ALICE, PASSWORD)
+    clock = Clock()
+    factory = pop3Factory(store, clock, trustedNetworks=["203.0.113.0/24"])
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v1("203.0.113.9") + f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+    assert transport.value().endswith(f"+OK {ALICE} has 0 messages (0 octets)\r\n".encode())
+
+
+def test_smtpBehindTheBalancerRecordsTheClientInTheTraceField(store):
+    addUser(store, ALICE, PASSWORD)
+    clock = Clock()
+    protocol, transport = wrapped(smtpFactory(store, clock), clock)
+    protocol.dataReceived(v2("198.51.100.7", "192.0.2.1", 5555, 25))
+    assert transport.value().startswith(b"220 ")
+    session = protocol.wrappedProtocol
+    assert session.peerText == "198.51.100.7:5555"
+
+
+@pytest.mark.parametrize("garbage", [b"CAPA\r\n", b"PROXY TCP4 nonsense\r\n", b"\x16\x03\x01\x00"])
+def test_somethingElseThanAHeaderIsDropped(store, garbage):
+    clock = Clock()
+    protocol, transport = wrapped(pop3Factory(store, clock), clock)
+    protocol.dataReceived(garbage)
+    assert transport.value() == b""
+    assert transport.disconnecting
+    assert protocol.wrappedProtocol.transport is None  # never connected
+
+
+def test_noHeaderInTimeIsDropped(store):
+    clock = Clock()
+    protocol, transport = wrapped(pop3Factory(store, clock), clock)
+    protocol.dataReceived(b"PROXY TCP4 203.0.113.9")
+    clock.advance(ProxyHeaderFactory.headerTimeout - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_anEndlessHeaderIsNotBuffered(store):
+    clock = Clock()
+    protocol, transport = wrapped(pop3Factory(store, clock), clock)
+    protocol.dataReceived(b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x10\x00")
+    for _ in range(10):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"\x00" * 1000)
+    assert transport.disconnecting
+    assert len(protocol._header) == 0
+
+
+def test_haproxyDescriptionsListenThroughMailgatesWrapper(store):
+    reactor = MemoryReactorClock()
+    endpoint = serverEndpoint(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+    assert isinstance(endpoint, ProxyHeaderEndpoint)
+    factory = pop3Factory(store, reactor)
+    endpoint.listen(factory)
+    [(port, listening, backlog, interface)] = reactor.tcpServers
+    assert isinstance(listening, ProxyHeaderFactory)
+    assert listening.wrappedFactory is factory
+    assert (port, backlog, interface) == (0, 1024, "127.0.0.1")
+
+
+# -- a real server, real headers ----------------------------------------------------
+
+
+def proxied(port, header):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(header)
+    return sock, LineReader(sock)
+
+
+@sqliteOnly
+def test_realPROXYv1AndV2Headers(mailgate_server, mailgate_cli):
+    """
+    twistd with haproxy: listeners; a POP3 client announced by a v1 header
+    and an SMTP client announced by a v2 header.  The session sees the
+    client's address: the POP3 client on a trusted network may send its
+    password in the clear, the one elsewhere may not; the logs and the
+    stored message's trace field name the client, not the balancer.
+    """
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    server = mailgate_server(
+        "--pop3", "haproxy:tcp:0:interface=127.0.0.1",
+        "--smtp", "haproxy:tcp:0:interface=127.0.0.1",
+        "--trusted-network", "203.0.113.0/24",
+        "--auth-failure-delay", "0",
+    )
+    pop3Port = server.portOf("POP3", 1)
+    smtpPort = server.portOf("SMTP")
+
+    sock, reader = proxied(smtpPort, v2("198.51.100.7", "192.0.2.1", 5555, 25))
+    with sock:
+        assert reader.line().startswith(b"220 ")
+        sock.sendall(
+            b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n"
+            + f"RCPT TO:<{ALICE}>\r\nDATA\r\n".encode()
+        )
+        while not reader.line().startswith(b"354"):
+            pass
+        sock.sendall(b"Subject: proxied\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        assert reader.line().startswith(b"250 2.0.0 OK")
+    waitFor(lambda: "peer=198.51.100.7:5555" in server.stdout, "the delivery logged with the client")
+
+    sock, reader = proxied(pop3Port, v1("198.51.100.9"))
+    with sock:
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\n".encode())
+        assert reader.line().startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+
+    sock, reader = proxied(pop3Port, v1("203.0.113.9"))
+    with sock:
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 1\r\n".encode())
+        assert reader.line().startswith(b"+OK")
+        assert reader.line().startswith(f"+OK {ALICE} has 1 messages".encode())
+        assert reader.line().startswith(b"+OK")
+        message = reader.multiline()
+        assert re.search(rb"Received: from client\.test \(\[198\.51\.100\.7\]\)", message), message
+        sock.sendall(b"QUIT\r\n")
+        assert reader.line().startswith(b"+OK")
+    waitFor(
+        lambda: re.search(rf"pop3 logout user={re.escape(ALICE)} peer=203\.0\.113\.9:40001 ", server.stdout),
+        "the logout logged with the client's address",
+    )
+    assert "peer=127.0.0.1" not in server.stdout

@@ -1,0 +1,145 @@
+"""
+mailgate.service: the order of shutdown (listeners, then sessions, then
+helpers, then the store), readiness, the health probe, SIGHUP actions, and
+the log observer handed to twistd's application.
+"""
+
+from twisted.application.service import Application
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
+
+from mailgate.config import APOPPolicy, MailgateConfig
+from mailgate.metrics import Metrics
+from mailgate.service import ListeningService, ShuttingDown, StoreService, makeService
+from mailgate.testing import memoryStore, resultOf
+
+
+def build(tmp_path, **kw):
+    kw.setdefault("database", f"sqlite:///{tmp_path / 'service.sqlite3'}")
+    kw.setdefault("apop", APOPPolicy.ALWAYS)
+    kw.setdefault("pop3", ["tcp:1110"])
+    kw.setdefault("smtp", ["tcp:2525"])
+    kw.setdefault("metrics", "tcp:9101")
+    reactor = MemoryReactorClock()
+    return makeService(MailgateConfig(**kw), reactor=reactor, store=memoryStore()), reactor
+
+
+def recordStops(root, events):
+    for service in root:
+        stop = service.stopService
+        if isinstance(service, ListeningService):
+            name = service.protocolName
+        elif isinstance(service, StoreService):
+            name = "store"
+        else:
+            name = type(service).__name__
+
+        def recorded(stop=stop, name=name):
+            events.append(name)
+            return stop()
+
+        service.stopService = recorded
+
+
+def test_stopOrder(tmp_path):
+    root, reactor = build(tmp_path)
+    events = []
+    root.onStopping(lambda: events.append("stopping announced"))
+    drained = defer.Deferred()
+
+    def drainSessions():
+        events.append("draining")
+        return drained
+
+    root.drainSessions = drainSessions
+    recordStops(root, events)
+    root.privilegedStartService()
+    root.startService()
+    stopped = root.stopService()
+    # Announced first, then the mail listeners closed, then the sessions
+    # are waited for: the metrics endpoint and the store are still up.
+    assert events == ["stopping announced", "SMTP", "POP3", "draining"]
+    assert not stopped.called
+    assert root.listeners["METRICS"][0].running
+    drained.callback(None)
+    # Timers, the metrics endpoint and the store's background work (the
+    # session registry, retention) go next (in reverse order of addition),
+    # the store last.
+    assert events[4:] == ["METRICS", "RegistryService", "RetentionService", "PolicyService", "store"]
+    assert resultOf(stopped) is None
+
+
+def test_whenListening(tmp_path):
+    root, reactor = build(tmp_path)
+    ready = root.whenListening()
+    assert not ready.called
+    root.privilegedStartService()
+    root.startService()
+    try:
+        assert ready.called
+        assert {l.protocolName for ls in root.listeners.values() for l in ls} == {"POP3", "SMTP", "METRICS"}
+        assert all(l.port is not None for ls in root.listeners.values() for l in ls)
+    finally:
+        root.stopService()
+
+
+def test_databaseAnswers(tmp_path):
+    root, reactor = build(tmp_path)
+    root.startService()
+    assert resultOf(root.databaseAnswers()) is None
+    # A database that does not answer within the timeout.
+    root.store.hasDomain = lambda domain: defer.Deferred()
+    slow = []
+    root.databaseAnswers(timeout=1.0).addBoth(slow.append)
+    reactor.advance(0.9)
+    assert slow == []
+    reactor.advance(0.1)
+    assert slow[0].check(defer.TimeoutError)
+    root.stopService()
+    # Once stopping, never healthy.
+    stopping = []
+    root.databaseAnswers().addBoth(stopping.append)
+    assert stopping[0].check(ShuttingDown)
+
+
+def test_metricsAreShared(tmp_path):
+    metrics = Metrics()
+    reactor = MemoryReactorClock()
+    root = makeService(
+        MailgateConfig(pop3=["tcp:1110"], smtp=["tcp:25"], lmtp=["tcp:24"], apop=False),
+        reactor=reactor,
+        store=memoryStore(),
+        metrics=metrics,
+    )
+    assert root.metrics is metrics
+    for name in ("POP3", "SMTP", "LMTP"):
+        assert root.listeners[name][0].factory.metrics is metrics
+    pop3 = root.listeners["POP3"][0].factory
+    assert pop3.portal.passwordChecker.cache.metrics is metrics
+
+
+def test_hangupActionsThenTLS(tmp_path):
+    root, reactor = build(tmp_path)
+    done = []
+    root.onHangup(lambda: done.append("reopened"))
+    root.onHangup(lambda: 1 / 0)
+    root.onHangup(lambda: done.append("after a failing action"))
+    root.reloadTLS = lambda: done.append("tls") or True
+    root.hangup()
+    assert done == ["reopened", "after a failing action", "tls"]
+
+
+def test_logObserverBecomesTheApplications(tmp_path):
+    root, reactor = build(tmp_path)
+    events = []
+    observer = events.append
+    root.logObserver = observer
+    application = Application("mailgate")
+    root.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is observer
+    # Without one, the application keeps whatever twistd chooses.
+    other, _ = build(tmp_path)
+    plain = Application("mailgate")
+    other.setServiceParent(plain)
+    assert plain.getComponent(ILogObserver) is None

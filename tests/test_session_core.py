@@ -1,0 +1,287 @@
+"""
+The command-session core on its own: a small line protocol built on
+L{mailgate.session.CommandSession}, so what is checked is the core's part
+(framing, the queue, dispatch, limits, errors, the idle timer, raw mode,
+TLS reset, ids), whatever POP3 and SMTP add to it.
+"""
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from mailgate.session import CommandError, CommandSession, SessionFactory, describeAddress, newSessionId
+from mailgate.testing import TLSStringTransport
+
+PEER = IPv4Address("TCP", "192.0.2.9", 1234)
+
+
+class Echo(CommandSession):
+    protocolName = "echo"
+    commandPrefix = "echo_"
+    maxCommandLength = 32
+    maxBadCommands = 4
+    idleTimeout = 60
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def greet(self):
+        self.say("hello")
+
+    def refusal(self, reason):
+        self.say(f"refused {reason}")
+
+    def say(self, text):
+        self._out.write(text.encode() + b"\r\n")
+
+    def syntaxError(self, text):
+        self.say(f"bad {text}")
+        self.countBadCommand()
+
+    def lineTooLong(self):
+        self.syntaxError("too long")
+
+    def unknownCommand(self, verb):
+        self.syntaxError(f"unknown {verb!r}")
+
+    def tooManyBadCommands(self):
+        self.say("bye, too many")
+
+    def internalError(self):
+        self.say("oops")
+
+    def idleTimedOut(self, stalled):
+        self.say(f"idle stalled={stalled}")
+
+    def echo_SAY(self, argument):
+        self.say(argument)
+
+    def echo_WAIT(self, argument):
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d.addCallback(lambda _: self.say(f"waited {argument}"))
+
+    def echo_FAIL(self, argument):
+        raise RuntimeError("the secret " + argument)
+
+    def echo_REFUSE(self, argument):
+        raise CommandError("refused " + argument)
+
+    def echo_RAW(self, argument):
+        self.rawReceiver = Counted(int(argument))
+        self.say("go")
+
+    def rawDataEnded(self, receiver):
+        self.say(f"raw {receiver.data!r}")
+
+    def echo_TLS(self, argument):
+        self.say("tls")
+        self.startTLS(object())
+
+
+class Counted:
+    """
+    A raw receiver that takes exactly C{count} octets.
+    """
+
+    def __init__(self, count):
+        self.count = count
+        self.data = b""
+
+    def feed(self, data):
+        want = self.count - len(self.data)
+        self.data += data[:want]
+        if len(self.data) < self.count:
+            return None
+        return data[want:]
+
+
+class CountingTransport(TLSStringTransport):
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+def connect():
+    clock = Clock()
+    factory = SessionFactory(clock)
+    factory.protocol = Echo
+    protocol = factory.buildProtocol(PEER)
+    transport = CountingTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    assert transport.value() == b"hello\r\n"
+    transport.clear()
+    return protocol, transport, clock
+
+
+def take(transport):
+    value = transport.value()
+    transport.clear()
+    return value
+
+
+def test_handlersAreFoundByName():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"say hi there\r\nSay again\r\nNOPE\r\n__init__ x\r\n")
+    assert take(transport) == (
+        b"hi there\r\nagain\r\nbad unknown 'NOPE'\r\nbad unknown '__INIT__'\r\n"
+    )
+
+
+def test_theRepliesToOneReadLeaveInOneWrite():
+    protocol, transport, _ = connect()
+    transport.writes = 0
+    protocol.dataReceived(b"SAY a\r\nSAY b\r\nSAY c\r\n")
+    assert transport.writes == 1
+    assert take(transport) == b"a\r\nb\r\nc\r\n"
+
+
+def test_aWaitingCommandHoldsTheQueue():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"WAIT 1\r\nSAY after\r\nWAIT 2\r\nSAY last\r\n")
+    assert take(transport) == b""
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\nafter\r\n"
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 2\r\nlast\r\n"
+
+
+def test_aLineSplitAnywhereIsOneLine():
+    protocol, transport, _ = connect()
+    for piece in (b"S", b"AY sp", b"lit\r", b"\nSAY x\n"):
+        protocol.dataReceived(piece)
+    assert take(transport) == b"split\r\nx\r\n"
+
+
+def test_anOverLongLineIsDroppedAsItArrivesAndAnsweredWhereItEnds():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"SAY ok\r\nSAY " + b"x" * 100)
+    assert take(transport) == b"ok\r\n"
+    assert len(protocol._buffer) < Echo.maxCommandLength
+    protocol.dataReceived(b"y" * 100000)
+    assert len(protocol._buffer) < Echo.maxCommandLength
+    protocol.dataReceived(b"z\r\nSAY next\r\n")
+    assert take(transport) == b"bad too long\r\nnext\r\n"
+
+
+def test_exactlyTheLimitIsAccepted():
+    protocol, transport, _ = connect()
+    line = b"SAY " + b"x" * (Echo.maxCommandLength - 6) + b"\r\n"
+    assert len(line) == Echo.maxCommandLength
+    protocol.dataReceived(line + b"SAY " + b"x" * (Echo.maxCommandLength - 5) + b"\r\n")
+    assert take(transport) == line[4:] + b"bad too long\r\n"
+
+
+def test_badCommandsAreCountedAndCloseTheSession():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"REFUSE a\r\n\x00\r\n\xff\r\n")
+    assert take(transport) == b"bad refused a\r\nbad invalid characters in command\r\nbad command is not valid UTF-8\r\n"
+    assert not protocol.closed
+    protocol.dataReceived(b"NOPE\r\nSAY never\r\n")
+    assert take(transport) == b"bad unknown 'NOPE'\r\nbye, too many\r\n"
+    assert protocol.closed and transport.disconnecting
+
+
+def test_anInternalErrorCostsOneReplyAndIsLoggedWithTheContext():
+    protocol, transport, _ = connect()
+    events = []
+    protocol.log = Logger(observer=events.append)
+    protocol.dataReceived(b"FAIL detail\r\nSAY still here\r\n")
+    assert take(transport) == b"oops\r\nstill here\r\n"
+    [event] = events
+    assert event["event"] == "session.error"
+    assert event["session"] == protocol.sessionId
+    assert event["protocol"] == "echo" and event["peer"] == "192.0.2.9:1234"
+    assert event["log_failure"].check(RuntimeError)
+
+
+def test_rawModeTakesEffectExactlyWhereItStarts():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"RAW 10\r\n0123456789SAY after\r\n")
+    assert take(transport) == b"go\r\nraw b'0123456789'\r\nafter\r\n"
+    protocol.dataReceived(b"RAW 4\r\nSAY ")
+    protocol.dataReceived(b"xSAY y\r\n")
+    assert take(transport) == b"go\r\nraw b'SAY '\r\nbad unknown 'XSAY'\r\n"
+
+
+def test_startTLSDiscardsWhatWasPipelinedInTheClear():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"TLS\r\nSAY injected\r\nSAY partial")
+    assert transport.clearText == b"tls\r\n"
+    assert transport.value() == b"tls\r\n"
+    protocol.dataReceived(b"SAY over tls\r\n")
+    assert transport.value() == b"tls\r\nover tls\r\n"
+
+
+def test_theIdleTimerCountsFromTheLastInput():
+    protocol, transport, clock = connect()
+    clock.advance(50)
+    protocol.dataReceived(b"SAY x\r\n")
+    take(transport)
+    clock.advance(59)
+    assert not protocol.closed
+    clock.advance(1)
+    assert take(transport) == b"idle stalled=False\r\n"
+    assert protocol.closed and transport.disconnecting
+
+
+def test_aCommandTheClientWaitsForIsNotIdleness():
+    protocol, transport, clock = connect()
+    protocol.dataReceived(b"WAIT x\r\n")
+    clock.advance(600)
+    assert not protocol.closed
+    protocol.pending.pop().callback(None)
+    assert take(transport) == b"waited x\r\n"
+
+
+def test_aClientThatDoesNotReadIsAbortedWhenIdle():
+    protocol, transport, clock = connect()
+    protocol.pauseProducing()  # the transport's buffer is full
+    clock.advance(60)
+    # Nothing more can be said to it: the protocol is told so, and the
+    # connection is aborted rather than closed after a write that would
+    # never leave.
+    assert take(transport) == b"idle stalled=True\r\n"
+    assert protocol.closed and transport.disconnected
+
+
+def test_thePolicyRefusesBeforeTheGreeting():
+    class Refusing:
+        def admit(self, protocol, address):
+            return "not today"
+
+    clock = Clock()
+    factory = SessionFactory(clock, policy=Refusing())
+    factory.protocol = Echo
+    protocol = factory.buildProtocol(PEER)
+    transport = TLSStringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    assert transport.value() == b"refused not today\r\n"
+    assert transport.disconnecting
+    protocol.dataReceived(b"SAY x\r\n")
+    assert transport.value() == b"refused not today\r\n"
+
+
+def test_sessionIds():
+    first, second = newSessionId(), newSessionId()
+    prefix, _, number = first.partition(".")
+    assert second == f"{prefix}.{int(number) + 1}"
+    assert len(prefix) == 12 and int(prefix, 16) >= 0
+
+
+@pytest.mark.parametrize(
+    "address, text",
+    [
+        (IPv4Address("TCP", "192.0.2.1", 110), "192.0.2.1:110"),
+        (IPv6Address("TCP", "2001:db8::1", 995), "[2001:db8::1]:995"),
+        (UNIXAddress(b"/run/mailgate/lmtp"), "unix:/run/mailgate/lmtp"),
+        (UNIXAddress(None), "unix"),
+    ],
+)
+def test_addressesInTheLogs(address, text):
+    assert describeAddress(address) == text

@@ -1,0 +1,346 @@
+"""
+Graceful shutdown: SessionTracker.shutdown(grace) and the service that
+calls it.  POP3 sessions get the grace period (a QUIT in it applies its
+deletions as usual; a session still open at its end is closed without
+applying any); an SMTP/LMTP transaction whose data is arriving is
+committed and acknowledged, and the next command is told 421 4.3.2; idle
+SMTP/LMTP sessions are told 421 4.3.2 at once.  In memory with a clock,
+then a real twistd getting SIGTERM.
+"""
+
+import signal
+import socket
+import time
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from mailgate.service import MailgateConfig, makeService
+from mailgate.session import SessionTracker
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
+
+from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401
+from test_observability import SlowDelivery
+
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+SHUTTING_DOWN = b"421 4.3.2 mailgate.test service shutting down\r\n"
+
+
+class Server:
+    """
+    A POP3, an SMTP and an LMTP factory sharing one tracker and one clock,
+    and the sessions made with them.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.clock = Clock()
+        self.tracker = SessionTracker(self.clock)
+
+    def pop3(self):
+        factory = pop3Factory(self.store, self.clock, tracker=self.tracker)
+        return POP3Session(self.store, clock=self.clock, factory=factory)
+
+    def smtp(self, lmtp=False, hello=True):
+        factory = smtpFactory(self.store, self.clock, lmtp=lmtp, tracker=self.tracker)
+        s = SMTPSession(self.store, factory=factory, clock=self.clock)
+        if hello:
+            assert s.command("LHLO c.test" if lmtp else "EHLO c.test").startswith("250")
+        return s
+
+
+def gone(*sessions):
+    """
+    What the transport would do once closed: the connection is lost.
+    """
+    for s in sessions:
+        if s.transport.disconnecting and s.protocol.transport is not None:
+            s.protocol.connectionLost(None)
+
+
+def fired(d):
+    box = []
+    d.addBoth(box.append)
+    return bool(box)
+
+
+@pytest.fixture
+def server(store):
+    addUser(store, ALICE, PASSWORD)
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    return Server(store)
+
+
+def messages(store):
+    return len(resultOf(store.listMessages(ALICE)))
+
+
+def test_aQuitDuringTheGracePeriodAppliesItsDeletions(server):
+    s = server.pop3()
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    assert s.command("DELE 1").startswith("+OK")
+    done = server.tracker.shutdown(30)
+    assert s.advance(29) == b""
+    assert not s.disconnected and not fired(done)
+    assert s.command("DELE 2").startswith("+OK")
+    assert s.command("QUIT") == "+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 1
+
+
+def test_aSessionStillOpenWhenTheGraceEndsIsClosedWithoutDeleting(server):
+    s = server.pop3()
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    s.command("DELE 1")
+    s.command("DELE 2")
+    waiting = server.pop3()
+    done = server.tracker.shutdown(30)
+    assert s.advance(30) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert waiting.transport.value() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert s.disconnected and waiting.disconnected
+    assert not fired(done)
+    gone(s, waiting)
+    assert fired(done)
+    assert messages(server.store) == 3
+    # The lock was let go.
+    assert POP3Session(server.store).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aQuitWhoseDeletionsAreBeingAppliedIsNotCutShort(server):
+    """
+    The grace period ends while QUIT's deletions are being committed: the
+    commit finishes, the client is told so, and only then is it closed.
+    """
+    s = server.pop3()
+    s.login(ALICE, PASSWORD)
+    s.command("DELE 3")
+    maildrop = s.protocol._maildrop
+    pending = defer.Deferred()
+    expunge = maildrop.expunge
+    maildrop.expunge = lambda indexes, **kw: pending.addCallback(lambda _: expunge(indexes, **kw))
+    done = server.tracker.shutdown(10)
+    assert s.command("QUIT") == ""
+    assert s.advance(10) == b""
+    pending.callback(None)
+    assert s.advance(0) == b"+OK mailgate POP3 server signing off (2 messages left)\r\n"
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 2
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_idleSMTPSessionsAreToldAtOnce(server, lmtp):
+    s = server.smtp(lmtp)
+    fresh = server.smtp(lmtp, hello=False)
+    done = server.tracker.shutdown(30)
+    assert s.advance(0) == SHUTTING_DOWN
+    assert fresh.advance(0) == SHUTTING_DOWN
+    assert s.disconnected and fresh.disconnected
+    gone(s, fresh)
+    assert fired(done)
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_aMessageBeingReceivedIsCommittedThenTheNextCommandIsTold(server, lmtp):
+    s = server.smtp(lmtp)
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    assert s.send(b"Subject: in flight\r\n\r\nfirst half\r\n") == b""
+    done = server.tracker.shutdown(30)
+    assert s.advance(1) == b""
+    assert not s.disconnected
+    reply = s.send(b"second half\r\n.\r\n")
+    assert reply.startswith(b"250 2.0.0 ")
+    assert messages(server.store) == 4
+    assert s.command("MAIL FROM:<x@remote.test>").encode() == SHUTTING_DOWN
+    assert s.disconnected
+    gone(s)
+    assert fired(done)
+
+
+def test_pipelinedCommandsAfterTheCommittedMessageAreTold(server):
+    s = server.smtp()
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    server.tracker.shutdown(30)
+    out = s.send(b"body\r\n.\r\nMAIL FROM:<y@remote.test>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert out.startswith(b"250 2.0.0 ") and out.endswith(SHUTTING_DOWN)
+    assert s.disconnected
+
+
+def test_quitIsStillAnsweredWhileStopping(server):
+    s = server.smtp()
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    server.tracker.shutdown(30)
+    out = s.send(b"body\r\n.\r\nQUIT\r\n")
+    assert out.startswith(b"250 2.0.0 ") and out.endswith(b"221 2.0.0 mailgate.test closing connection\r\n")
+
+
+def test_aCommitUnderWayWhenTheGraceEndsIsFinishedAndAcknowledged(server):
+    s = server.smtp()
+    slow = SlowDelivery(s.factory.delivery)
+    s.factory.delivery = slow
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    assert s.send(b"Subject: slow\r\n\r\nbody\r\n.\r\n") == b""
+    done = server.tracker.shutdown(5)
+    assert s.advance(5) == b""
+    assert not s.disconnected
+    slow.commit()
+    out = s.advance(0)
+    assert out.startswith(b"250 2.0.0 ") and out.endswith(SHUTTING_DOWN)
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 4
+
+
+def test_dataStillArrivingWhenTheGraceEndsIsNotStored(server):
+    s = server.smtp()
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    s.send(b"Subject: cut\r\n\r\nhalf")
+    server.tracker.shutdown(5)
+    assert s.advance(5) == SHUTTING_DOWN
+    assert s.disconnected
+    assert s.send(b" more\r\n.\r\n") == b""
+    assert messages(server.store) == 3
+
+
+def test_connectionsArrivingWhileStoppingAreRefused(server):
+    server.tracker.shutdown(30)
+    assert server.pop3().greeting == "-ERR [SYS/TEMP] shutting down\r\n"
+    s = server.smtp(hello=False)
+    assert s.greeting == "421 4.3.2 mailgate.test service shutting down\r\n"
+    assert s.disconnected
+
+
+def test_withoutSessionsTheShutdownIsOverAtOnce():
+    tracker = SessionTracker(Clock())
+    assert fired(tracker.shutdown(30))
+
+
+def test_aSessionThatWillNotCloseIsAbortedAfterTheGrace(server):
+    """
+    A client that reads nothing cannot even be told goodbye: it is aborted
+    and the shutdown is over at most abortDelay seconds after the grace.
+    """
+    s = server.pop3()
+    s.login(ALICE, PASSWORD)
+    s.protocol.pauseProducing()  # the transport's buffer is full
+    s.send(b"NOOP\r\n")
+    done = server.tracker.shutdown(30)
+    s.advance(30)
+    assert s.transport.disconnecting
+    assert not fired(done)
+    s.advance(SessionTracker.abortDelay)
+    assert fired(done)
+
+
+# -- the service -----------------------------------------------------------------
+
+
+def test_theServiceStopsListeningThenDrainsThenClosesTheStore(tmp_path):
+    reactor = MemoryReactorClock()
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        apop=True,
+        pop3=["tcp:1110:interface=127.0.0.1"],
+        smtp=["tcp:2525:interface=127.0.0.1"],
+        shutdownGrace=12,
+    )
+    root = makeService(config, reactor=reactor)
+    root.privilegedStartService()
+    root.startService()
+    factories = {port: factory for port, factory, _, _ in reactor.tcpServers}
+    assert factories[1110].tracker is factories[2525].tracker is root.sessions
+    session = factories[1110].buildProtocol(None)
+    transport = StringTransport()
+    session.makeConnection(transport)
+    closed = []
+    original = root.store.close
+    root.store.close = lambda: closed.append(True) or original()
+    stoppedListening = []
+    for group in root.listeners.values():
+        for listener in group:
+            listener.port.stopListening = lambda name=listener.protocolName: stoppedListening.append(name)
+    done = root.stopService()
+    # The listeners first; the session is still open, the store too.
+    assert sorted(stoppedListening) == ["POP3", "SMTP"]
+    assert not fired(done) and not closed
+    reactor.advance(12)
+    assert transport.value().endswith(b"-ERR [SYS/TEMP] server shutting down\r\n")
+    session.connectionLost(None)
+    assert fired(done) and closed
+
+
+def test_shutdownGraceOption():
+    from mailgate import tap
+
+    options = tap.Options()
+    options.parseOptions([])
+    assert options.toConfig().shutdownGrace == 30
+    options = tap.Options()
+    options.parseOptions(["--shutdown-grace", "2.5"])
+    assert options.toConfig().shutdownGrace == 2.5
+
+
+# -- a real twistd gets SIGTERM -----------------------------------------------------
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@sqliteOnly
+def test_sigtermLetsTheSessionsFinish(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    for n in range(3):
+        mailgate_cli.deliver(ALICE, b"Subject: %d\n\nbody\n" % n)
+    server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1", "--shutdown-grace", "20")
+    pop3 = connect(server.port)
+    pop3Reader = LineReader(pop3)
+    assert pop3Reader.line().startswith(b"+OK")
+    pop3.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 1\r\nDELE 3\r\n".encode())
+    for _ in range(4):
+        assert pop3Reader.line().startswith(b"+OK")
+    smtp = connect(server.portOf("SMTP"))
+    smtpReader = LineReader(smtp)
+    assert smtpReader.line().startswith(b"220 ")
+    smtp.sendall(b"EHLO c.test\r\nMAIL FROM:<x@remote.test>\r\n" + f"RCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+    while not smtpReader.line().startswith(b"354 "):
+        pass
+    smtp.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + DEADLINE
+    while not (_refused(server.port) and _refused(server.portOf("SMTP"))):
+        assert time.monotonic() < deadline, "the listeners stayed open"
+        time.sleep(0.05)
+    assert server.running()
+
+    smtp.sendall(b"second half\r\n.\r\n")
+    assert smtpReader.line().startswith(b"250 2.0.0 OK: message accepted as ")
+    smtp.sendall(b"NOOP\r\n")
+    assert smtpReader.line() == SHUTTING_DOWN
+    assert smtpReader.closed()
+    pop3.sendall(b"QUIT\r\n")
+    assert pop3Reader.line() == b"+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    assert pop3Reader.closed()
+    pop3.close()
+    smtp.close()
+
+    # twistd ends with the signal it got, as Twisted does since 16.x.
+    assert server.wait() in (0, -signal.SIGTERM), server.log()
+    subjects = [row for row in mailgate_cli.mailbox(ALICE)]
+    assert len(subjects) == 2, subjects
+    assert "shutting down: 2 sessions get 20.0 seconds to finish" in server.stdout

@@ -1,0 +1,79 @@
+"""
+The SQLite database holds every message, the password hashes and the APOP
+secrets: its file, the -wal and -shm files beside it and the server's lock
+file are created readable by their owner only (0600), whatever the umask.
+Checked under a permissive umask (0), through the admin command's store
+and the server's (threaded) store.
+"""
+
+import os
+import stat
+
+import pytest
+
+from iterated import IteratedReactor
+from mailgate.store import engineFromURL, openStore, openSynchronousStore
+from mailgate.testing import addUser, deliver
+
+
+@pytest.fixture
+def permissiveUmask():
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def modes(dbpath):
+    """
+    The permission bits of the database's files that exist, by suffix.
+    """
+    found = {}
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        path = f"{dbpath}{suffix}"
+        if os.path.exists(path):
+            found[suffix] = stat.S_IMODE(os.stat(path).st_mode)
+    return found
+
+
+def test_adminCommandCreatesPrivateFiles(tmp_path, permissiveUmask):
+    dbpath = tmp_path / "mail.sqlite3"
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+        deliver(store, ["alice@example.org"], b"Subject: secret\r\n\r\nbody\r\n")
+        found = modes(dbpath)
+    finally:
+        store.close()
+    assert set(found) >= {"", "-wal", "-shm"}, found
+    assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
+
+
+def test_serverCreatesPrivateFiles(tmp_path, permissiveUmask):
+    dbpath = tmp_path / "mail.sqlite3"
+    reactor = IteratedReactor()
+    store = openStore(f"sqlite:///{dbpath}", reactor)
+    try:
+        reactor.wait(store.hasDomain("example.org"))
+        found = modes(dbpath)
+    finally:
+        reactor.wait(store.close())
+        store.engine.releaseServer()
+        reactor.close()
+    assert set(found) == {"", "-wal", "-shm", ".lock"}, found
+    assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
+
+
+def test_aLockFileLeftWithAWiderModeIsNarrowed(tmp_path, permissiveUmask):
+    dbpath = tmp_path / "mail.sqlite3"
+    lock = f"{dbpath}.lock"
+    with open(lock, "w"):
+        pass
+    os.chmod(lock, 0o644)
+    engine = engineFromURL(f"sqlite:///{dbpath}")
+    engine.claimServer()
+    try:
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+    finally:
+        engine.releaseServer()

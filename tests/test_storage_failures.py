@@ -1,0 +1,365 @@
+"""
+When storage fails: what POP3, SMTP and LMTP clients see, and what the SQL
+store does underneath.
+
+The protocol tests put a L{FaultInjectingStore} (from L{mailgate.testing})
+in front of a real SQLite store and name the operation that fails, as a
+database failing would fail it; they never reach into the database.  What
+the protocols asked of the store is read from its record of calls.
+
+The store tests below them break a real database (rows deleted, writes
+refused) and check that the SQL store answers with
+L{mailgate.errors.TemporaryFailure} and changes nothing.
+"""
+
+import sqlite3
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from mailgate.errors import TemporaryFailure
+from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.store.sql import CHUNK_SIZE
+from mailgate.testing import (
+    FaultInjectingStore,
+    POP3Session,
+    SMTPSession,
+    addUser,
+    deliver,
+    memoryStore,
+    resultOf,
+)
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+PASSWORD = "wonderland"
+SENDER = "sender@remote.test"
+
+
+@pytest.fixture
+def faulty(store):
+    """
+    A fault-injecting store over a real SQLite file, with Alice and Bob.
+    """
+    addUser(store, ALICE, PASSWORD)
+    addUser(store, BOB, PASSWORD)
+    return FaultInjectingStore(store)
+
+
+def loggedIn(store):
+    session = POP3Session(store)
+    reply = session.login(ALICE, PASSWORD)
+    assert reply.startswith("+OK "), reply
+    return session
+
+
+def stored(store, address):
+    return [m.size for m in resultOf(store.listMessages(address))]
+
+
+def mail(session, recipients, message, lmtp=False):
+    """
+    One transaction up to the end of DATA: the replies to the envelope, and
+    the reply (or replies) to the final dot.
+    """
+    out = session.command("LHLO client.test" if lmtp else "EHLO client.test")
+    out += session.command(f"MAIL FROM:<{SENDER}>")
+    for recipient in recipients:
+        out += session.command(f"RCPT TO:<{recipient}>")
+    out += session.command("DATA")
+    return out, session.send(message + b".\r\n").decode()
+
+
+# -- the fault-injecting store -------------------------------------------------
+
+
+def test_theFaultInjectingStoreProvidesTheInterfaces(faulty):
+    assert verifyObject(IMailStore, faulty)
+    deliver(faulty, [ALICE], b"Subject: x\r\n\r\ny\r\n")
+    user = resultOf(faulty.findUser(ALICE))
+    maildrop = resultOf(faulty.openMaildrop(user))
+    assert verifyObject(IMaildrop, maildrop)
+    body = resultOf(maildrop.openMessage(0))
+    assert verifyObject(IMessageBody, body)
+    resultOf(maildrop.release())
+    assert [name for name, _ in faulty.calls] == ["deliver", "findUser", "openMaildrop", "openMessage", "release"]
+
+
+def test_theFaultInjectingStoreRefusesUnknownOperations(faulty):
+    with pytest.raises(ValueError):
+        faulty.fail("delivr")
+
+
+# -- POP3 ----------------------------------------------------------------------
+
+
+def test_twistedDefect_unreadableMessageGetsAnAnswer(faulty):
+    """
+    Twisted sent nothing at all when a message could not be read, and the
+    client hung.  Here the store cannot open message 1: the client gets
+    -ERR, without the store's own words, and the session goes on.
+    """
+    deliver(faulty, [ALICE], b"Subject: doomed\r\n\r\nbody\r\n")
+    deliver(faulty, [ALICE], b"Subject: fine\r\n\r\nbody\r\n")
+    faulty.fail(
+        "openMessage",
+        TemporaryFailure("message body 5f3a chunk 0 is missing"),
+        when=lambda index, headerOnly: index == 0,
+    )
+    s = loggedIn(faulty)
+    reply = s.command("RETR 1")
+    assert reply == "-ERR [SYS/TEMP] cannot read the message now; try again later\r\n"
+    assert "chunk" not in reply  # internal detail stays in the log
+    assert s.command("RETR 2").startswith("+OK")
+
+
+def test_aMessageThatFailsHalfWayEndsTheSession(faulty):
+    """
+    A message longer than one piece whose later piece cannot be read: the
+    client has already had +OK and part of the message, so no -ERR can
+    follow; the connection is closed without the terminating dot, which
+    the client sees as a failed retrieval, and nothing is deleted.
+    """
+    message = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (3 * CHUNK_SIZE // 80)
+    deliver(faulty, [ALICE], message)
+    s = loggedIn(faulty)
+    reads = []
+    faulty.fail("read", when=lambda: reads.append(None) or len(reads) > 1)
+    reply = s.send(b"RETR 1\r\n")
+    status, _, sent = reply.partition(b"\r\n")
+    assert status == b"+OK %d octets" % len(message)
+    assert 0 < len(sent) < len(message) and message.startswith(sent)
+    assert s.disconnected
+    assert stored(faulty, ALICE) == [len(message)]
+
+
+def test_twistedDefect_quitFailureIsReportedAndRemovesNothing(faulty):
+    """
+    Twisted answered +OK to QUIT before (and whatever) its deletions did.
+    Here the store cannot apply them: QUIT answers -ERR [SYS/TEMP] and
+    every message is still there.
+    """
+    for n in range(3):
+        deliver(faulty, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    s = loggedIn(faulty)
+    s.command("DELE 1")
+    faulty.fail("expunge")
+    reply = s.command("QUIT")
+    assert reply == "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
+    assert s.disconnected
+    assert len(stored(faulty, ALICE)) == 3
+    # And the lock was released.
+    faulty.heal()
+    assert POP3Session(faulty).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aLoginTheStoreCannotAnswerIsATemporaryFailure(faulty):
+    """
+    The store cannot open the maildrop at login: -ERR [SYS/TEMP], not
+    [AUTH] (the password was right), and the client may try again.
+    """
+    faulty.fail("openMaildrop")
+    s = POP3Session(faulty)
+    assert s.login(ALICE, PASSWORD) == "-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n"
+    faulty.heal()
+    assert s.login(ALICE, PASSWORD).startswith("+OK ")
+
+
+def test_topZeroAsksTheStoreForTheHeaderOnly(faulty):
+    """
+    TOP n 0 opens the message for its header only (the store then reads
+    nothing more: see test_aHeaderOnlyOpeningReadsOnlyTheHeader) and sends
+    exactly the header.
+    """
+    header = b"From: a\r\nSubject: big\r\n\r\n"
+    deliver(faulty, [ALICE], header + (b"y" * 78 + b"\r\n") * 3000)
+    s = loggedIn(faulty)
+    del faulty.calls[:]
+    reply = s.send(b"TOP 1 0\r\n")
+    assert reply == b"+OK top of message follows\r\n" + header + b".\r\n"
+    assert faulty.calls == [("openMessage", (0, True))]
+
+
+# -- SMTP and LMTP ---------------------------------------------------------------
+
+
+def test_replyComesOnlyAfterCommit(faulty):
+    """
+    The store cannot commit the message (as with a full or read-only
+    disk).  The answer to the final dot is a temporary 451, nothing is
+    stored, and once the store works again the client's retry stores
+    exactly one copy.
+    """
+    s = SMTPSession(faulty)
+    faulty.fail("deliver")
+    message = b"Subject: retry\r\n\r\nbody\r\n"
+    _, reply = mail(s, [ALICE, BOB], message)
+    assert reply == "451 4.3.0 temporary failure storing the message; try again later\r\n"
+    assert stored(faulty, ALICE) == stored(faulty, BOB) == []
+    # The client retries in the same session.
+    faulty.heal()
+    out, reply = mail(s, [ALICE, BOB], message)
+    assert reply.startswith("250 2.0.0 "), (out, reply)
+    assert len(stored(faulty, ALICE)) == len(stored(faulty, BOB)) == 1
+
+
+def test_lmtpCommitFailureIsTemporaryForEveryRecipient(faulty):
+    s = SMTPSession(faulty, lmtp=True)
+    faulty.fail("deliver")
+    _, reply = mail(s, [ALICE, BOB], b"x\r\n", lmtp=True)
+    lines = reply.split("\r\n")[:-1]
+    assert len(lines) == 2 and all(line.startswith("451 4.3.0 ") for line in lines), lines
+    assert stored(faulty, ALICE) == stored(faulty, BOB) == []
+
+
+def test_recipientLookupFailureIsTemporary(faulty):
+    """
+    The store stops answering under a running session.  Each recipient is
+    answered with a temporary 451, never a 5xx, and the session goes on.
+    """
+    s = SMTPSession(faulty)
+    assert s.command("EHLO client.test").startswith("250")
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    faulty.fail("hasDomain")
+    faulty.fail("findUser")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("451 4.3.0 ")
+    assert s.command(f"RCPT TO:<{BOB}>").startswith("451 4.3.0 ")
+    assert s.command("DATA") == "554 5.5.1 no valid recipients\r\n"
+    assert s.command("QUIT").startswith("221 ")
+    assert stored(faulty, ALICE) == []
+
+
+# -- the SQL store on a broken database ------------------------------------------
+
+
+def test_aMessageWhoseRowsAreGoneFailsTemporarilyAndAlone(store, dbpath):
+    """
+    A message whose chunks have gone from the database: opening it fails
+    with TemporaryFailure (the protocol's [SYS/TEMP]), and the next one
+    still opens.
+    """
+    addUser(store, ALICE, PASSWORD)
+    deliver(store, [ALICE], b"Subject: doomed\r\n\r\nbody\r\n")
+    deliver(store, [ALICE], b"Subject: fine\r\n\r\nbody\r\n")
+    with sqlite3.connect(dbpath) as other:
+        other.execute(
+            "DELETE FROM body_chunks WHERE body_id = (SELECT body_id FROM maildrop ORDER BY uid LIMIT 1)"
+        )
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    try:
+        with pytest.raises(TemporaryFailure):
+            resultOf(maildrop.openMessage(0))
+        assert resultOf(maildrop.openMessage(1)).whole.endswith(b"fine\r\n\r\nbody\r\n")
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_readAheadServesTheNextMessagesInOneTrip(store, dbpath, monkeypatch):
+    """
+    Opening message 1 reads messages 2.. ahead, in one trip to the
+    database; a damaged message further on does not fail the ones before
+    it, and fails when it is asked for.
+    """
+    addUser(store, ALICE, PASSWORD)
+    for n in range(1, 6):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n))
+    with sqlite3.connect(dbpath) as other:
+        other.execute(
+            "DELETE FROM body_chunks WHERE body_id = "
+            "(SELECT body_id FROM maildrop ORDER BY uid LIMIT 1 OFFSET 3)"
+        )
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    trips = []
+    realInteraction = store.database.runInteraction
+
+    def counted(function, *args, **kwargs):
+        trips.append(function.__name__)
+        return realInteraction(function, *args, **kwargs)
+
+    monkeypatch.setattr(store.database, "runInteraction", counted)
+    try:
+        bodies = [resultOf(maildrop.openMessage(n)) for n in (0, 1, 2)]
+        assert [b.whole.endswith(b"body %d\r\n" % n) for n, b in enumerate(bodies, 1)] == [True] * 3
+        assert trips == ["_openMessages"]
+        with pytest.raises(TemporaryFailure):
+            resultOf(maildrop.openMessage(3))
+        assert resultOf(maildrop.openMessage(4)).whole.endswith(b"body 5\r\n")
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_aHeaderOnlyOpeningReadsOnlyTheHeader(store, dbpath):
+    """
+    A message longer than one chunk is stored with its header section as a
+    chunk of its own, so TOP n 0 reads the header's octets and nothing more
+    (a database reads a whole value even to return a part of it): the
+    header comes whole, in the one read that opened it.
+    """
+    addUser(store, ALICE, PASSWORD)
+    header = b"From: a\r\nSubject: big\r\n\r\n"
+    message = header + b"x" * 70 + b"\r\n" + (b"y" * 78 + b"\r\n") * 3000
+    deliver(store, [ALICE], message)
+    with sqlite3.connect(dbpath) as db:
+        (first,) = db.execute("SELECT length(data) FROM body_chunks WHERE seq = 0").fetchone()
+    assert first == len(header)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    try:
+        top = resultOf(maildrop.openMessage(0, headerOnly=True))
+        assert (top.size, top.whole) == (len(header), header)
+        assert resultOf(top.read()) == header and resultOf(top.read()) == b""
+        # The whole message still comes back byte for byte.
+        body = resultOf(maildrop.openMessage(0))
+        pieces = []
+        while True:
+            piece = resultOf(body.read())
+            if not piece:
+                break
+            pieces.append(piece)
+        assert b"".join(pieces) == message
+    finally:
+        resultOf(maildrop.release())
+
+
+@pytest.mark.parametrize("operation", ["deliver", "expunge"])
+def test_aDatabaseRefusingWritesChangesNothing(store, operation):
+    """
+    The database refuses writes (SQLite's query_only: every statement that
+    writes fails, like a read-only disk): a delivery or an expunge fails
+    with TemporaryFailure and nothing changes; once writes work again, so
+    does the store.
+    """
+    addUser(store, ALICE, PASSWORD)
+    addUser(store, BOB, PASSWORD)
+    deliver(store, [ALICE], b"Subject: first\r\n\r\nbody\r\n")
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    store.database.connection.execute("PRAGMA query_only = 1")
+    try:
+        with pytest.raises(TemporaryFailure):
+            if operation == "deliver":
+                deliver(store, [ALICE, BOB], b"Subject: second\r\n\r\nbody\r\n")
+            else:
+                resultOf(maildrop.expunge([0]))
+    finally:
+        store.database.connection.execute("PRAGMA query_only = 0")
+    assert (len(stored(store, ALICE)), len(stored(store, BOB))) == (1, 0)
+    if operation == "deliver":
+        deliver(store, [ALICE, BOB], b"Subject: second\r\n\r\nbody\r\n")
+        assert (len(stored(store, ALICE)), len(stored(store, BOB))) == (2, 1)
+    else:
+        assert resultOf(maildrop.expunge([0])) == 1
+        assert stored(store, ALICE) == []
+    resultOf(maildrop.release())
+
+
+def test_aStoreWhoseConnectionIsGoneFailsLookups(dbpath):
+    """
+    The database connection is lost under a running store (SQLite in WAL
+    mode offers no quicker real way to lock readers out): lookups fail,
+    and nothing was stored.
+    """
+    store = memoryStore(f"sqlite:///{dbpath}")
+    addUser(store, ALICE, PASSWORD)
+    store.database.connection.close()
+    with pytest.raises(Exception) as failure:
+        resultOf(store.findUser(ALICE))
+    assert "closed" in str(failure.value)

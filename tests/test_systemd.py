@@ -1,0 +1,365 @@
+"""
+mailgate.systemd: notifications to a datagram socket the test made (READY=1
+after the ports answer, STATUS=, STOPPING=1 on SIGTERM, WATCHDOG=1), the
+abstract namespace, socket activation through a systemd: endpoint, and the
+shipped units.
+"""
+
+import configparser
+import pathlib
+import poplib
+import signal
+import socket
+import sys
+import time
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from e2e import DEADLINE, ServerProcess, databaseURL
+from mailgate import systemd
+from mailgate.metrics import Metrics
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+UNITS = REPO / "contrib" / "systemd"
+
+
+class NotifySocket:
+    """
+    The test's end of $NOTIFY_SOCKET: a bound datagram socket.
+    """
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.messages = []
+
+    def receive(self, timeout=DEADLINE):
+        """
+        The next datagram's lines, or C{None} after C{timeout} seconds.
+        """
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return None
+        lines = data.decode("utf-8").split("\n")
+        self.messages.append(lines)
+        return lines
+
+    def waitFor(self, line, timeout=DEADLINE, server=None):
+        """
+        Receive until a datagram holds C{line}; return that datagram.  With
+        C{server}, give up as soon as it exited.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (server is not None and not server.running()):
+                log = server.log() if server is not None else ""
+                pytest.fail(f"no {line!r} within {timeout} s; received {self.messages}\n{log}")
+            lines = self.receive(min(left, 0.5))
+            if lines is not None and line in lines:
+                return lines
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def notifySocket(tmp_path):
+    sock = NotifySocket(str(tmp_path / "notify"))
+    yield sock
+    sock.close()
+
+
+# -- the notifier -----------------------------------------------------------------
+
+
+def test_notifierSendsOneDatagram(notifySocket):
+    notifier = systemd.Notifier.fromEnvironment({"NOTIFY_SOCKET": notifySocket.sock.getsockname()})
+    try:
+        assert notifier.notify("READY=1", "STATUS=serving")
+        assert notifySocket.receive() == ["READY=1", "STATUS=serving"]
+    finally:
+        notifier.close()
+
+
+def test_abstractNamespace():
+    name = f"mailgate-test-{time.monotonic_ns()}"
+    sock = NotifySocket("\0" + name)
+    notifier = systemd.Notifier.fromEnvironment({"NOTIFY_SOCKET": "@" + name})
+    try:
+        assert notifier.notify("WATCHDOG=1")
+        assert sock.receive() == ["WATCHDOG=1"]
+    finally:
+        notifier.close()
+        sock.close()
+
+
+def test_noSocketNoNotifier():
+    assert systemd.Notifier.fromEnvironment({}) is None
+    assert systemd.Notifier.fromEnvironment({"NOTIFY_SOCKET": ""}) is None
+
+
+def test_systemdGoneIsNotAnError(tmp_path):
+    notifier = systemd.Notifier(str(tmp_path / "nobody-listens"))
+    try:
+        assert notifier.notify("READY=1") is False
+        assert notifier.notify("STOPPING=1") is False
+    finally:
+        notifier.close()
+
+
+def test_watchdogInterval():
+    assert systemd.watchdogInterval({}) is None
+    assert systemd.watchdogInterval({"WATCHDOG_USEC": "30000000"}, pid=42) == 15.0
+    assert systemd.watchdogInterval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=42) == 15.0
+    # Watching another process: not ours to ping.
+    assert systemd.watchdogInterval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "41"}, pid=42) is None
+    assert systemd.watchdogInterval({"WATCHDOG_USEC": "0"}) is None
+    assert systemd.watchdogInterval({"WATCHDOG_USEC": "soon"}) is None
+
+
+def test_describeSessions():
+    assert systemd.describeSessions({"pop3": 2, "smtp": 1, "lmtp": 0}) == "3 sessions (lmtp 0, pop3 2, smtp 1)"
+    assert systemd.describeSessions({"pop3": 1}) == "1 session (pop3 1)"
+
+
+# -- the service, on a clock -------------------------------------------------------------
+
+
+class RecordingNotifier:
+    def __init__(self):
+        self.sent = []
+
+    def notify(self, *lines):
+        self.sent.append(list(lines))
+        return True
+
+
+class Root:
+    """
+    The parts of MailgateService the notifications use, driven by the test.
+    """
+
+    def __init__(self):
+        self.metrics = Metrics()
+        self.listening = defer.Deferred()
+        self.answers = []
+        self.stopping = []
+
+    def whenListening(self):
+        return self.listening
+
+    def databaseAnswers(self):
+        d = defer.Deferred()
+        self.answers.append(d)
+        return d
+
+    def onStopping(self, callback):
+        self.stopping.append(callback)
+
+
+def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock, watchdog=None)
+    service.startService()
+    assert notifier.sent == [["STATUS=starting"]]
+    assert root.answers == []
+    root.listening.callback(None)
+    # Bound, but the database has not answered: not ready; retried.
+    root.answers[0].errback(TimeoutError("the database did not answer within 1 s"))
+    assert not service.ready
+    assert notifier.sent[-1] == ["STATUS=waiting for the database: the database did not answer within 1 s"]
+    clock.advance(systemd.READY_RETRY)
+    root.answers[1].callback(None)
+    assert service.ready
+    assert notifier.sent[-1] == ["READY=1", "STATUS=serving: 0 sessions (lmtp 0, pop3 0, smtp 0)"]
+    # STATUS follows the sessions, sent when it changes.
+    sent = len(notifier.sent)
+    clock.advance(systemd.STATUS_INTERVAL)
+    assert len(notifier.sent) == sent
+    root.metrics.connectionOpened("pop3")
+    root.metrics.connectionOpened("smtp")
+    clock.advance(systemd.STATUS_INTERVAL)
+    assert notifier.sent[-1] == ["STATUS=serving: 2 sessions (lmtp 0, pop3 1, smtp 1)"]
+    # Shutdown: STOPPING=1 first, when the root starts stopping.
+    for callback in root.stopping:
+        callback()
+    assert notifier.sent[-1] == ["STOPPING=1", "STATUS=stopping: 2 sessions (lmtp 0, pop3 1, smtp 1)"]
+    service.stopService()
+    assert notifier.sent.count(["STOPPING=1", "STATUS=stopping: 2 sessions (lmtp 0, pop3 1, smtp 1)"]) == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_watchdogWhileTheReactorRuns():
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock, watchdog=5.0)
+    service.startService()
+    clock.advance(5.0)
+    clock.advance(5.0)
+    assert notifier.sent.count(["WATCHDOG=1"]) == 3
+    service.stopService()
+    clock.advance(5.0)
+    assert notifier.sent.count(["WATCHDOG=1"]) == 3
+
+
+def test_stoppingBeforeReadyIsNeverReady():
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock)
+    service.startService()
+    service.stopService()
+    root.listening.callback(None)
+    assert not service.ready
+    assert ["READY=1"] not in [m[:1] for m in notifier.sent]
+
+
+# -- a real twistd -----------------------------------------------------------------------
+
+
+def greeting(port):
+    pop = poplib.POP3("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        return pop.getwelcome()
+    finally:
+        pop.quit()
+
+
+def test_twistdTellsSystemd(tmp_path, notifySocket):
+    server = ServerProcess(
+        databaseURL(tmp_path / "mail.sqlite3"),
+        ["--smtp", "tcp:0:interface=127.0.0.1", "--no-apop"],
+        cwd=tmp_path,
+        env={"NOTIFY_SOCKET": notifySocket.sock.getsockname(), "WATCHDOG_USEC": "400000"},
+    )
+    server.spawn()
+    try:
+        ready = notifySocket.waitFor("READY=1", server=server)
+        # By READY=1 every port answers.
+        server.waitUntilListening()
+        assert greeting(server.port).startswith(b"+OK")
+        with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE) as smtp:
+            assert smtp.recv(512).startswith(b"220 ")
+        assert any(line.startswith("STATUS=serving: ") for line in ready)
+        assert ["STATUS=starting"] in notifySocket.messages
+        # The watchdog is fed every 0.2 s while the reactor runs.
+        for _ in range(3):
+            notifySocket.waitFor("WATCHDOG=1", timeout=5)
+        server.process.send_signal(signal.SIGTERM)
+        stopping = notifySocket.waitFor("STOPPING=1")
+        assert any(line.startswith("STATUS=stopping: ") for line in stopping)
+        assert server.process.wait(DEADLINE) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
+# Put the socket at descriptor 3, say so in the environment for this very
+# process, and become twistd (exec keeps the pid).
+_ACTIVATE = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class ActivatedServer(ServerProcess):
+    """
+    twistd started the way systemd starts a socket-activated service: the
+    listening socket as descriptor 3, LISTEN_FDS=1, LISTEN_PID its pid.
+    """
+
+    def __init__(self, database, listening, options=(), **kw):
+        super().__init__(database, options, listen=False, **kw)
+        self.fd = listening.fileno()
+        self.passFds = (self.fd,)
+        self.env.update({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "pop3"})
+
+    @property
+    def argv(self):
+        return [sys.executable, "-c", _ACTIVATE, str(self.fd)] + super().argv
+
+
+def test_socketActivation(tmp_path, notifySocket):
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(16)
+    port = listening.getsockname()[1]
+    server = ActivatedServer(
+        databaseURL(tmp_path / "mail.sqlite3"),
+        listening,
+        ["--pop3", "systemd:domain=INET:name=pop3", "--no-apop"],
+        cwd=tmp_path,
+        env={"NOTIFY_SOCKET": notifySocket.sock.getsockname()},
+    )
+    server.spawn()
+    listening.close()
+    try:
+        notifySocket.waitFor("READY=1", server=server)
+        server.waitUntilListening()
+        assert server.port == port
+        assert f"POP3 listening on 127.0.0.1:{port} (systemd:domain=INET:name=pop3)" in server.stdout
+        assert greeting(port).startswith(b"+OK")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
+# -- the shipped units ---------------------------------------------------------------------
+
+
+def unit(name):
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str
+    parser.read_string((UNITS / name).read_text())
+    return parser
+
+
+def test_serviceUnit():
+    service = unit("mailgate.service")["Service"]
+    assert service["Type"] == "notify"
+    assert service["User"] == "mailgate"
+    command = service["ExecStart"]
+    assert " -n " in command and "--pidfile=" in command and "mailgate --config /etc/mailgate/mailgate.toml" in command
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["ProtectSystem"] == "strict"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["PrivateTmp"] == "yes"
+    assert "/var/lib/mailgate" in service["ReadWritePaths"]
+    assert service["WatchdogSec"]
+    assert service["Restart"] == "on-failure"
+
+
+def test_socketUnit():
+    parsed = unit("mailgate.socket")
+    sockets = parsed["Socket"]
+    assert sockets["FileDescriptorName"] == "pop3"
+    assert parsed["Install"]["WantedBy"] == "sockets.target"
+    # The service's systemd: endpoint names the socket the unit passes.
+    example = (UNITS / "mailgate.socket").read_text()
+    assert "systemd:domain=INET6:name=pop3" in example or "systemd:domain=INET:name=pop3" in example
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/bin/systemd-analyze").exists(), reason="systemd-analyze is not installed")
+def test_unitsVerify(tmp_path):
+    import subprocess
+
+    for name in ("mailgate.service", "mailgate.socket"):
+        (tmp_path / name).write_text((UNITS / name).read_text())
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "mailgate.socket")],
+        capture_output=True, timeout=DEADLINE, text=True,
+    )
+    # The units name programs and users of an installed system; only
+    # syntax errors and unknown settings matter here.
+    problems = [
+        line for line in (done.stdout + done.stderr).splitlines()
+        if "Unknown" in line or "Invalid" in line or "Failed to parse" in line
+    ]
+    assert problems == [], done.stdout + done.stderr

@@ -1,0 +1,177 @@
+"""
+The Twisted behaviour behind each reach into Twisted's private fields
+(L{mailgate.twistedcompat}), pinned on Twisted's own classes: if an upgrade
+changes what these fields mean, a test here fails rather than mail
+delivery.
+
+  - L{sendNow}: C{tcp.Connection}'s C{dataBuffer}, C{_tempDataBuffer} and
+    C{_writeDisconnected}, and its C{TLS} flag.
+  - L{raiseListenErrorsAtOnce} and L{whenListening}:
+    C{StreamServerEndpointService}'s C{_raiseSynchronously} and
+    C{_waitingForPort}.
+"""
+
+import select
+import socket
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.testing import MemoryReactor
+from zope.interface import implementer
+
+from mailgate.twistedcompat import raiseListenErrorsAtOnce, sendNow, whenListening
+
+# -- tcp.Connection, for sendNow ---------------------------------------------------
+
+
+def test_anIdleConnectionHasEmptyBuffers(tcpConnection):
+    """
+    What sendNow takes for "nothing is queued": both write buffers empty
+    and the write side open.
+    """
+    transport = tcpConnection.transport
+    assert transport.dataBuffer == b""
+    assert transport._tempDataBuffer == []
+    assert transport._writeDisconnected is False
+    assert not transport.TLS
+    assert isinstance(transport.socket, socket.socket)
+
+
+def test_aWriteWaitsInTheTemporaryBuffer(tcpConnection):
+    """
+    C{write} only queues, in C{_tempDataBuffer}, until the reactor says the
+    socket is writable: sendNow must then queue behind it, never send
+    ahead of it.
+    """
+    transport, client = tcpConnection.transport, tcpConnection.client
+    transport.write(b"first ")
+    assert transport._tempDataBuffer == [b"first "]
+    assert transport in tcpConnection.reactor.writers
+    sendNow(transport, b"second")
+    assert transport._tempDataBuffer == [b"first ", b"second"]
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(100)
+    client.setblocking(True)
+    transport.doWrite()
+    assert tcpConnection.receive(12) == b"first second"
+
+
+def test_whatTheSocketDidNotTakeWaitsInTheDataBuffer(tcpConnection):
+    """
+    Once the reactor has written part of a large write, the rest is in
+    C{dataBuffer}: sendNow must queue behind that too.
+    """
+    transport, client = tcpConnection.transport, tcpConnection.client
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 4096
+    transport.write(big)
+    transport.doWrite()
+    assert transport.dataBuffer and transport._tempDataBuffer == []
+    sendNow(transport, b"TAIL")
+    assert transport._tempDataBuffer == [b"TAIL"]
+    received = b""
+    for _ in range(100000):
+        if len(received) >= len(big) + 4:
+            break
+        if transport in tcpConnection.reactor.writers:
+            transport.doWrite()
+        if select.select([client], [], [], 0.01)[0]:
+            received += client.recv(65536)
+    assert received == big + b"TAIL"
+
+
+def test_anIdleConnectionSendsAtOnce(tcpConnection):
+    transport = tcpConnection.transport
+    sendNow(transport, b"+OK ready\r\n")
+    assert tcpConnection.receive(11) == b"+OK ready\r\n"
+    assert transport not in tcpConnection.reactor.writers
+    assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
+
+
+def test_aHalfClosedConnectionSetsWriteDisconnected(tcpConnection):
+    """
+    After the write side is shut down, C{_writeDisconnected} is set and
+    C{write} drops data: sendNow must not send it directly either.
+    """
+    transport, client = tcpConnection.transport, tcpConnection.client
+    transport.loseWriteConnection()
+    transport.doWrite()
+    assert transport._writeDisconnected is True
+    sendNow(transport, b"too late")
+    assert transport._tempDataBuffer == []
+    assert client.recv(100) == b""  # the end of the stream, nothing else
+
+
+def test_aTLSConnectionSaysSo(tcpConnection, tmp_path):
+    """
+    After C{startTLS} the transport's C{TLS} flag is set: sendNow then
+    leaves the writing to it (a direct send would go out in the clear).
+    """
+    from certs import makeCertificate
+
+    from mailgate.tls import ServerTLS
+
+    certificatePath, keyPath = makeCertificate(tmp_path)
+    transport = tcpConnection.transport
+    transport.startTLS(ServerTLS(str(certificatePath), str(keyPath)))
+    assert transport.TLS
+    sendNow(transport, b"secret")
+    # Written into the TLS layer, not onto the socket.
+    tcpConnection.client.setblocking(False)
+    try:
+        data = tcpConnection.client.recv(100)
+    except BlockingIOError:
+        data = b""
+    assert b"secret" not in data
+
+
+# -- StreamServerEndpointService, for the listeners ------------------------------
+
+
+@implementer(IStreamServerEndpoint)
+class RefusingEndpoint:
+    """
+    An endpoint that cannot listen, and says so at once.
+    """
+
+    def listen(self, factory):
+        return defer.fail(CannotListenError("127.0.0.1", 110, OSError("address in use")))
+
+
+def test_aListenErrorIsLoggedUnlessRaisedAtOnce():
+    """
+    By default the service only logs a failure to listen and starts deaf;
+    with the flag L{raiseListenErrorsAtOnce} sets, it raises.
+    """
+    deaf = StreamServerEndpointService(RefusingEndpoint(), ServerFactory())
+    assert deaf._raiseSynchronously is False
+    deaf.privilegedStartService()  # no exception: logged, and carrying on
+
+    service = StreamServerEndpointService(RefusingEndpoint(), ServerFactory())
+    raiseListenErrorsAtOnce(service)
+    with pytest.raises(CannotListenError):
+        service.privilegedStartService()
+
+
+def test_whenListeningGivesThePort():
+    """
+    C{privilegedStartService} keeps the Deferred of C{endpoint.listen} in
+    C{_waitingForPort}: L{whenListening} gets the listening port from it.
+    """
+    reactor = MemoryReactor()
+    service = StreamServerEndpointService(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1"), ServerFactory()
+    )
+    raiseListenErrorsAtOnce(service)
+    service.privilegedStartService()
+    ports = []
+    whenListening(service, ports.append)
+    [port] = ports
+    assert IListeningPort.providedBy(port)
+    assert reactor.tcpServers[0][3] == "127.0.0.1"
