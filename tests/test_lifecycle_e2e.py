@@ -53,8 +53,14 @@ def pop(port, address=ALICE, password=PASSWORD, source="127.0.0.1"):
     client.file = sock.makefile("rb")
     client._debugging = 0
     client.welcome = client._getresp()
-    client.user(address)
-    client.pass_(password)
+    try:
+        client.user(address)
+        client.pass_(password)
+    except Exception:
+        # A refused login: hang up, or the session would hold the server's
+        # shutdown for its grace period.
+        client.close()
+        raise
     return client
 
 

@@ -74,9 +74,6 @@ class LocalDelivery:
         self._clock = clock
         self._known = {}
         self.quotaExceeded = quotaExceeded
-        # Quotas are checked at RCPT where the store keeps them; any store
-        # still checks what it keeps when the message is committed.
-        self._quotas = ILifecycleStore.providedBy(store)
 
     def mailboxFull(self, mailbox):
         """
@@ -134,6 +131,9 @@ class LocalDelivery:
             address = None
         if address is not None and self._remembered(address):
             return defer.succeed(address)
+        # Quotas are checked here where the store keeps them; any store
+        # still checks what it keeps when the message is committed.
+        quotas = ILifecycleStore.providedBy(self._store)
         d = self._acceptsDomain(domain)
 
         def domainChecked(accepted):
@@ -141,14 +141,14 @@ class LocalDelivery:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
             if address is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            if not self._quotas:
+            if not quotas:
                 return self._store.findUser(address).addCallback(userChecked)
             return self._store.quotaOf(address).addCallback(userChecked)
 
         def userChecked(status):
             if status is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            if not self._quotas or (status.quotaOctets is None and status.quotaMessages is None):
+            if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address)
             elif not status.fits(max(size or 0, 1)):
                 raise self.mailboxFull(mailbox)
