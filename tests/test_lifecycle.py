@@ -1073,6 +1073,40 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
     assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
 
 
+def test_aKickWaitsForTheCommandUnderWay(store, events):
+    """
+    A kick arriving while a command waits on the store ends the session
+    once that command has answered (as the shutdown's grace does), so the
+    client never sees half a reply.
+    """
+    from twisted.internet import defer
+
+    deliver(store, [ALICE], message(1))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert session.command("DELE 1").startswith("+OK")
+    maildrop = session.protocol._maildrop
+    pending = defer.Deferred()
+    uniqueIds = maildrop.uniqueIds
+    maildrop.uniqueIds = lambda first, count: pending.addCallback(lambda _: uniqueIds(first, count))
+    assert session.command("UIDL 1") == "-ERR message 1 is deleted\r\n"
+    assert session.command("RSET").startswith("+OK")
+    assert session.command("UIDL 1") == ""
+    # Kicked while UIDL waits: nothing yet.
+    [registered] = store.sessions.local.values()
+    registered.end()
+    assert session.transport.value() == b"" and not session.disconnected
+    pending.callback(None)
+    reply = session.advance(0).decode()
+    assert reply.startswith("+OK 1 ")
+    assert reply.endswith("-ERR [SYS/TEMP] session ended by the administrator\r\n")
+    assert session.disconnected
+    [logout] = named(events, "pop3.logout")
+    assert logout["why"] == "kicked by the administrator"
+    again = POP3Session(store)
+    assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
+
+
 def test_registryServiceWritesAndKicks(store):
     from twisted.internet.testing import MemoryReactorClock
 
