@@ -218,7 +218,9 @@ def checkMailbox(bindir, database, corpus):
     """
     for index, user in enumerate(corpus.users):
         output = mailgateCLI(bindir, database, ["mailbox", "list", user])
-        sizes = [int(line.split()[1]) for line in output.splitlines()[1:] if line.strip()]
+        # The messages, then (after an empty line) the maildrop's use.
+        listing = output.split("\n\n", 1)[0]
+        sizes = [int(line.split()[1]) for line in listing.splitlines()[1:] if line.strip()]
         wanted = [len(m) for m in corpus.messages(index)]
         if sizes != wanted:
             raise RuntimeError(f"{user}: mailbox list shows sizes {sizes[:5]}..., the corpus has {wanted[:5]}...")

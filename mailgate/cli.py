@@ -7,7 +7,17 @@ C{mailgate}: the administrator's command.
   mailgate user del ADDRESS
   mailgate user list
   mailgate user apop ADDRESS on|off [--password-stdin]
+  mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
+  mailgate user expire ADDRESS N|never|default
+  mailgate user rename OLD NEW
   mailgate mailbox list ADDRESS
+  mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
+  mailgate mailbox deleted ADDRESS
+  mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
+  mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
+  mailgate who
+  mailgate kick ADDRESS [--wait SECONDS]
   mailgate deliver ADDRESS... < message
   mailgate db upgrade
   mailgate serve [options of twistd mailgate]
@@ -27,7 +37,9 @@ import contextlib
 import datetime
 import getpass
 import os
+import re
 import sys
+import time
 
 from mailgate import __version__
 from mailgate.address import normalizeAddress
@@ -35,19 +47,24 @@ from mailgate.auth.passwords import StoredCredentials, makeCredentials, verifyPa
 from mailgate.errors import (
     ConfigurationError,
     InvalidAddress,
+    MaildropInUse,
     MailgateError,
     NoSuchUser,
+    QuotaExceeded,
     TemporaryFailure,
     UserExists,
 )
 from mailgate.message import spoolFile
 from mailgate.store import DEFAULT_DATABASE, openSynchronousStore
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit, parseSize
 from mailgate.store.schema import LATEST, currentVersion, upgrade
 
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_NOUSER = 67
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
@@ -145,12 +162,66 @@ def _userDel(store, args, out, stdin):
 
 def _userList(store, args, out, stdin):
     users = _result(store.listUsers())
-    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP\n")
+    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} EXPIRE\n")
     for user in users:
         out.write(
             f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
-            f"{'on' if user.apop else 'off'}\n"
+            f"{'on' if user.apop else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
+            f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days')}\n"
         )
+
+
+def _limit(text, parse, what):
+    """
+    A limit as the store keeps it, from C{default}, C{none} / C{never} or
+    a value.
+    """
+    word = text.strip().lower()
+    if word == "default":
+        return DEFAULT
+    if word in ("none", "never", "unlimited"):
+        return UNLIMITED
+    try:
+        value = parse(text)
+    except ValueError as e:
+        raise CommandError(f"bad {what}: {e}", EX_USAGE)
+    if value < 0:
+        raise CommandError(f"bad {what}: must not be negative", EX_USAGE)
+    return value
+
+
+def _count(text):
+    if not text.strip().isdigit():
+        raise ValueError(f"not a number: {text!r}")
+    return int(text)
+
+
+def _userQuota(store, args, out, stdin):
+    address = _address(args.address)
+    octets = _limit(args.size, parseSize, "size")
+    changes = {"octets": octets}
+    if args.messages is not None:
+        changes["messages"] = _limit(args.messages, _count, "message count")
+    try:
+        _result(store.setQuota(address, **changes))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    status = _result(store.quotaOf(address))
+    text = f"quota of {address}: {describeLimit(octets, 'octets')}"
+    if "messages" in changes:
+        text += f", {describeLimit(changes['messages'])} messages"
+    out.write(f"{text}; in use: {status.usedMessages} messages, {status.usedOctets} octets\n")
+
+
+def _userExpire(store, args, out, stdin):
+    address = _address(args.address)
+    days = _limit(args.days, _count, "number of days")
+    try:
+        _result(store.setExpire(address, days))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
+              f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
 
 
 def _userApop(store, args, out, stdin):
@@ -179,11 +250,240 @@ def _mailboxList(store, args, out, stdin):
         raise CommandError(f"no such user: {address}", EX_NOUSER)
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
     for message in messages:
-        arrived = datetime.datetime.fromtimestamp(message.arrived, datetime.timezone.utc)
         out.write(
             f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
-            f"{arrived.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+            f"{_time(message.arrived)}\n"
         )
+    status = _result(store.quotaOf(address))
+    if status is not None:
+        limits = []
+        if status.quotaOctets is not None:
+            limits.append(f"{status.quotaOctets} octets")
+        if status.quotaMessages is not None:
+            limits.append(f"{status.quotaMessages} messages")
+        out.write(
+            f"\nin use: {status.usedMessages} messages, {status.usedOctets} octets; "
+            f"quota: {', '.join(limits) if limits else 'server default'}\n"
+        )
+
+
+def _mailboxDeleted(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        messages = _result(store.listDeleted(address))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} {'DELETED':<20} FROM\n")
+    for message in messages:
+        out.write(
+            f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
+            f"{_time(message.deletedAt):<20} {message.deletedBy or '-'}\n"
+        )
+
+
+_AGO = re.compile(r"^([0-9]+)([smhd])$")
+_AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parseTime(text, now):
+    """
+    Seconds since the epoch from an ISO 8601 time (UTC unless it says
+    otherwise: C{2024-05-01T10:00:00Z}, C{2024-05-01 10:00}, C{2024-05-01})
+    or a time ago (C{90m}, C{2h}, C{3d}).
+    """
+    match = _AGO.match(text.strip().lower())
+    if match:
+        return int(now - int(match.group(1)) * _AGO_UNITS[match.group(2)])
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(
+            f"bad time {text!r}: use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)", EX_USAGE
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def _mailboxRestore(store, args, out, stdin):
+    address = _address(args.address)
+    since = None if args.since is None else _parseTime(args.since, time.time())
+    try:
+        restored, missing = _result(
+            store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
+        )
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    for old, new in restored:
+        out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
+    out.write(f"{len(restored)} messages restored to {address}\n")
+    if missing:
+        raise CommandError(
+            f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR
+        )
+
+
+def _importReport(report, out, stderr, who=None):
+    prefix = f"{who}: " if who else ""
+    for failure in report.failures:
+        stderr.write(f"mailgate: {prefix}{failure}\n")
+    out.write(f"{prefix}{report.summary()}\n")
+
+
+def _importTarget(store, address):
+    user = _result(store.findUser(address))
+    if user is None:
+        raise CommandError(f"no such user: {address} (add it with mailgate user add first)", EX_NOUSER)
+
+
+def _importMaildir(store, args, out, stdin):
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.maildir import importMaildir
+
+    address = _address(args.address)
+    _importTarget(store, address)
+    try:
+        report = importMaildir(
+            store, args.directory, address, args.uidl_format, int(time.time()),
+            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+        )
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_NOINPUT)
+    _importReport(report, out, args.stderr)
+    if report.failures:
+        raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
+
+
+def _readUsers(path):
+    """
+    C{(address, password)} per line of a C{--users} file: the address, a
+    space, and the password (the rest of the line); empty lines and lines
+    starting with C{#} are skipped.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+    users = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        address, _, password = line.strip().partition(" ")
+        if not password:
+            raise CommandError(f"{path} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
+        users.append((_address(address), password))
+    return users
+
+
+def _importPOP3(store, args, out, stdin):
+    from mailgate.importers import ImportFailed, ImportReport
+    from mailgate.importers.pop3 import importPOP3, parseURL
+
+    try:
+        urlUser = parseURL(args.url)[3]
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_USAGE)
+    if args.users is not None:
+        if args.address is not None:
+            raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
+        if urlUser is not None:
+            raise CommandError("with --users, each user logs in as its ADDRESS: no user in the URL", EX_USAGE)
+        users = _readUsers(args.users)
+    else:
+        if args.address is None:
+            raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
+        users = [(_address(args.address), None)]
+    total = ImportReport()
+    failedUsers = []
+    for address, password in users:
+        try:
+            _importTarget(store, address)
+            if password is None:
+                password = _readPassword(args, stdin, confirm=False)
+            report = importPOP3(
+                store, args.url, address, password, insecure=args.insecure, delete=args.delete,
+                warn=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+            )
+        except (CommandError, ImportFailed) as e:
+            if args.users is None:
+                raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
+            args.stderr.write(f"mailgate: {address}: {e}\n")
+            failedUsers.append(address)
+            out.write(f"{address}: failed\n")
+            continue
+        _importReport(report, out, args.stderr, address if args.users is not None else None)
+        if report.failures:
+            failedUsers.append(address)
+        total.add(report)
+    if args.users is not None:
+        out.write(f"{len(users)} users: {total.summary()}\n")
+    if failedUsers or total.failures:
+        raise CommandError(
+            f"the import of {', '.join(failedUsers)} did not complete; run it again to finish",
+            EX_TEMPFAIL,
+        )
+
+
+def _userRename(store, args, out, stdin):
+    old, new = _address(args.old), _address(args.new)
+    try:
+        _result(store.renameUser(old, new))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {old}", EX_NOUSER)
+    except UserExists:
+        raise CommandError(f"user {new} already exists", EX_CANTCREAT)
+    except MaildropInUse:
+        raise CommandError(
+            f"{old} is in a POP3 session; try again once it ended (or end it: mailgate kick {old})",
+            EX_TEMPFAIL,
+        )
+    out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
+
+
+def _mailboxExpunge(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        removed = _result(store.expungeMessages(address, None if args.all else args.older_than))
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    except MaildropInUse:
+        raise CommandError(f"{address} is in a POP3 session; try again once it ended", EX_TEMPFAIL)
+    what = "every message" if args.all else f"messages older than {args.older_than} days"
+    out.write(f"removed {removed} messages ({what}) from {address}\n")
+
+
+def _who(store, args, out, stdin):
+    sessions = _result(store.listSessions())
+    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<24} SINCE\n")
+    for session in sessions:
+        out.write(
+            f"{session.address:<40} {session.node:<30} {session.peer or '-':<24} {_time(session.since)}\n"
+        )
+
+
+def _kick(store, args, out, stdin):
+    address = _address(args.address)
+    _existingUser(store, address)
+    marked = _result(store.kickSessions(address))
+    if not marked:
+        raise CommandError(f"{address} has no POP3 session in progress", 1)
+    # The node serving the session looks for the mark about once a second.
+    deadline = time.monotonic() + args.wait
+    while True:
+        if not _result(store.listSessions(address)):
+            out.write(f"ended the POP3 session of {address}; nothing it deleted was removed\n")
+            return
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                f"asked the node to end the POP3 session of {address}; it has not ended yet", EX_TEMPFAIL
+            )
+        time.sleep(0.2)
+
+
+def _time(seconds):
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _deliver(store, args, out, stdin):
@@ -209,15 +509,19 @@ def _deliver(store, args, out, stdin):
         trace = traceHeaders(envelope, socket.getfqdn())
     source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
     try:
-        results = _result(store.deliver(addresses, source))
+        # All or nothing, here too: a recipient vanished or over quota
+        # since the check above stores nothing for anyone.
+        results = _result(store.deliver(addresses, source, partial=False))
+    except NoSuchUser as e:
+        raise CommandError(f"no such user: {e}", EX_NOUSER)
+    except QuotaExceeded as e:
+        # Temporary: the MTA keeps the message and retries once the user
+        # has made room (Dovecot's default for a full mailbox).
+        raise CommandError(f"{e}; try again later", EX_TEMPFAIL)
     finally:
         source.close()
-    missing = [a for a, r in results.items() if isinstance(r, NoSuchUser)]
     for address, uniqueId in results.items():
-        if not isinstance(uniqueId, NoSuchUser):
-            out.write(f"delivered to {address} as {uniqueId}\n")
-    if missing:
-        raise CommandError(f"no such user: {', '.join(missing)}", EX_NOUSER)
+        out.write(f"delivered to {address} as {uniqueId}\n")
 
 
 def _dbUpgrade(store, args, out, stdin):
@@ -441,6 +745,39 @@ def buildParser():
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     apop.set_defaults(run=_userApop, migrate=True)
+    rename = user.add_parser(
+        "rename",
+        help="give a user a new address (maildrop, unique ids and quota follow)",
+        description="Give a user a new address.  The maildrop, its unique ids, quota and "
+        "retention follow; the next login must use the new address, on running servers "
+        "too.  Refused while the user is in a POP3 session.",
+    )
+    rename.add_argument("old", metavar="OLD")
+    rename.add_argument("new", metavar="NEW")
+    rename.set_defaults(run=_userRename, migrate=True)
+    quota = user.add_parser(
+        "quota",
+        help="set a user's storage quota",
+        description="Set a user's storage quota: a size (1G, 500M, 64K or octets), "
+        "'none' for no limit, or 'default' for the server's --default-quota.  Mail "
+        "already stored is kept whatever the new quota; only new mail is refused.",
+    )
+    quota.add_argument("address")
+    quota.add_argument("size", metavar="SIZE|none|default")
+    quota.add_argument(
+        "--messages", metavar="N|none|default", help="also limit the number of messages"
+    )
+    quota.set_defaults(run=_userQuota, migrate=True)
+    expire = user.add_parser(
+        "expire",
+        help="set how many days a user's messages are kept",
+        description="Set after how many days a user's messages are removed by the "
+        "retention task (advertised to the user's POP3 clients as EXPIRE): a number "
+        "of days, 'never', or 'default' for the server's --expire-days.",
+    )
+    expire.add_argument("address")
+    expire.add_argument("days", metavar="N|never|default")
+    expire.set_defaults(run=_userExpire, migrate=True)
 
     mailbox = commands.add_parser("mailbox", help="inspect maildrops").add_subparsers(
         dest="action", metavar="ACTION"
@@ -449,6 +786,95 @@ def buildParser():
     mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
     mlist.add_argument("address")
     mlist.set_defaults(run=_mailboxList, migrate=True)
+    mdeleted = mailbox.add_parser(
+        "deleted",
+        help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
+    )
+    mdeleted.add_argument("address")
+    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
+    mrestore = mailbox.add_parser(
+        "restore",
+        help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
+        description="Bring back kept deleted messages: those with the given unique ids, "
+        "or all of them (optionally only those deleted since TIME).  They come back "
+        "under their own unique ids, so that POP3 clients that leave mail on the server "
+        "treat them as already downloaded; with --as-new under new ids, so that they "
+        "download them again.",
+    )
+    mrestore.add_argument("address")
+    mrestore.add_argument("uidls", nargs="*", metavar="UIDL")
+    mrestore.add_argument(
+        "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
+    )
+    mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
+    mrestore.set_defaults(run=_mailboxRestore, migrate=True)
+    mexpunge = mailbox.add_parser(
+        "expunge",
+        help="remove a user's messages for good (all, or older than DAYS)",
+        description="Remove messages from a user's maildrop for good (they are not kept "
+        "for mailbox restore).  Refused while the user is in a POP3 session.",
+    )
+    mexpunge.add_argument("address")
+    which = mexpunge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", type=int, metavar="DAYS", help="messages that arrived more than DAYS days ago")
+    which.add_argument("--all", action="store_true", help="every message")
+    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+
+    who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
+    who.set_defaults(run=_who, migrate=True)
+    kick = commands.add_parser(
+        "kick",
+        help="end a user's POP3 session, wherever it runs, without applying its deletions",
+    )
+    kick.add_argument("address")
+    kick.add_argument(
+        "--wait", type=float, default=30.0, metavar="SECONDS", help="how long to wait for it to end (default 30)"
+    )
+    kick.set_defaults(run=_kick, migrate=True)
+
+    imports = commands.add_parser(
+        "import", help="move maildrops from another server, keeping unique ids"
+    ).add_subparsers(dest="action", metavar="ACTION")
+    imports.required = True
+    imaildir = imports.add_parser(
+        "maildir",
+        help="import a Maildir (e.g. Dovecot's) into a user's maildrop",
+        description="Import a Maildir's messages (cur/ and new/) into a user's maildrop, "
+        "in the order Dovecot serves them, with the unique ids it serves (read from "
+        "dovecot-uidlist and formatted like Dovecot's pop3_uidl_format).  Safe to run "
+        "again: messages already imported are skipped.",
+    )
+    imaildir.add_argument("directory", metavar="DIR")
+    imaildir.add_argument("address")
+    imaildir.add_argument(
+        "--uidl-format",
+        metavar="FORMAT",
+        help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
+        "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
+        "a dovecot-uidlist)",
+    )
+    imaildir.set_defaults(run=_importMaildir, migrate=True)
+    ipop3 = imports.add_parser(
+        "pop3",
+        help="copy a live POP3 server's maildrop into a user's",
+        description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
+        "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
+        "(a user name containing @ written %%40; without one, the ADDRESS).  STLS is used "
+        "when offered; certificates are verified unless --insecure.  Resumable: messages "
+        "already imported are skipped.  The source is left untouched unless --delete.",
+    )
+    ipop3.add_argument("url", metavar="URL")
+    ipop3.add_argument("address", nargs="?")
+    ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    ipop3.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument(
+        "--users",
+        metavar="FILE",
+        help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
+        "source as ADDRESS",
+    )
+    ipop3.set_defaults(run=_importPOP3, migrate=True)
 
     deliver = commands.add_parser(
         "deliver", help="deliver a message from standard input to local users"
@@ -518,6 +944,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     delivering = args.run is _deliver
     store = None
     try:
+        args.stderr = stderr
         if getattr(args, "store", True):
             store = openSynchronousStore(url, migrate=args.migrate)
         args.run(store, args, stdout, stdin)

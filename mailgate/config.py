@@ -216,6 +216,53 @@ class Choice(Kind):
         return json.dumps(value.value if isinstance(value, enum.Enum) else value)
 
 
+class Size(Kind):
+    """
+    A size in octets: a whole number, or one with a unit as Dovecot's quota
+    settings write it (C{64K}, C{500M}, C{1G}; units of 1024).  In TOML, a
+    number of octets or such a string.
+    """
+
+    metavar = "SIZE"
+    expected = "a size (octets, or a string such as \"500M\" or \"1G\")"
+    tomlTypes = (int, str)
+
+    def check(self, value):
+        from mailgate.store.lifecycle import parseSize
+
+        return parseSize(str(value))
+
+    def toTOML(self, value):
+        from mailgate.store.lifecycle import formatSize
+
+        return json.dumps(formatSize(value))
+
+
+class Days(Integer):
+    """
+    A whole number of days, or C{never} (C{None}).
+    """
+
+    tomlTypes = (int, str)
+
+    def __init__(self):
+        Integer.__init__(self, minimum=0, metavar="DAYS|never")
+        self.expected = 'a whole number of days or "never"'
+
+    def fromText(self, text):
+        return self.check(text)
+
+    def check(self, value):
+        if isinstance(value, str):
+            if value.strip().lower() == "never":
+                return None
+            return Integer.fromText(self, value)
+        return Integer.check(self, value)
+
+    def toTOML(self, value):
+        return '"never"' if value is None else str(value)
+
+
 class Endpoint(Kind):
     """
     A Twisted server endpoint description (strports), checked for syntax.
@@ -550,6 +597,32 @@ SETTINGS = (
         "Minimum seconds between two logins of the same user, advertised as "
         "LOGIN-DELAY (RFC 2449).",
         defaultText="no limit", example=300,
+    ),
+    Setting(
+        "default-quota", "defaultQuota", Size(), None,
+        "Storage quota of users who have none of their own (mailgate user "
+        "quota), e.g. 1G or 500M.  SMTP and LMTP refuse a recipient it would "
+        "take over quota: at RCPT for the size the client declares, at the end "
+        "of DATA for the real one.",
+        defaultText="no limit", example=1 << 30,
+    ),
+    Setting(
+        "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",
+        "How SMTP and LMTP refuse a recipient over quota: temporary (452 4.2.2, "
+        "the MTA retries after the user made room) or permanent (552 5.2.2).",
+    ),
+    Setting(
+        "expire-days", "expireDays", Days(), None,
+        "Days a message is kept before the retention task removes it, for "
+        "users without a value of their own (mailgate user expire); "
+        "advertised as EXPIRE (RFC 2449).  never keeps mail until clients "
+        "delete it.",
+        defaultText="never", example=30,
+    ),
+    Setting(
+        "keep-deleted-days", "keepDeletedDays", Integer(metavar="DAYS"), 0,
+        "Days messages deleted by POP3 clients are kept (outside the quota) "
+        "for mailgate mailbox deleted / restore; 0 removes them at once.",
     ),
     Setting(
         "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,

@@ -67,3 +67,21 @@ class CredentialsChanged(MailgateError):
     changed, or the user deleted, since it was verified and remembered).
     The login fails like a wrong password.
     """
+
+
+class QuotaExceeded(MailgateError):
+    """
+    The message would take a recipient's maildrop over its quota (RFC 3463
+    "mailbox full": SMTP and LMTP answer C{452 4.2.2}, or C{552 5.2.2}
+    where over-quota refusals are configured to be permanent).  Nothing was
+    stored for that recipient.
+
+    @ivar addresses: the recipients that are over quota.
+    """
+
+    def __init__(self, *addresses):
+        super().__init__(*addresses)
+        self.addresses = addresses
+
+    def __str__(self):
+        return "mailbox full: " + ", ".join(self.addresses)

@@ -87,11 +87,31 @@ class IMaildrop(Interface):
             the body then reports the header's size as its size.
         """
 
-    def expunge(indexes):
+    expireDays = Attribute(
+        "The owner's retention in days (RFC 2449 EXPIRE, as CAPA shows it "
+        "after login), or C{None} for never."
+    )
+
+    def sessionStarted(peer, end):
+        """
+        The POP3 session working on this maildrop has begun (called once,
+        at login; synchronous).
+
+        @param peer: the client's address, C{"host:port"}: shown by
+            C{mailgate who}, and recorded with what the session deletes.
+        @param end: a callable that ends the session without applying its
+            deletions (C{mailgate kick}), or C{None}.
+        """
+
+    def expunge(indexes, peer=None):
         """
         Remove the given messages, all in one transaction (the RFC 1939
         UPDATE state).  The L{Deferred} fires once the removal is durable; if
         it fails, nothing was removed.
+
+        @param peer: the client's address, C{"host:port"}, recorded with
+            the messages where the store keeps deleted mail for recovery
+            (by default the one given to L{sessionStarted}).
         """
 
     def release():
@@ -117,7 +137,7 @@ class IMaildropLocks(Interface):
         fails with L{MaildropInUse}.
         """
 
-    def acquireAndSnapshot(userId, passwordHash):
+    def acquireAndSnapshot(userId, passwordHash, address=None):
         """
         Lock a maildrop and, with the lock held, read the snapshot a POP3
         session works on (see L{mailgate.store.snapshot}), in as few trips
@@ -128,6 +148,9 @@ class IMaildropLocks(Interface):
             against, or C{None}; if given and no longer the user's stored
             hash (or the user is gone), the lock is given back and this
             fails with L{mailgate.errors.CredentialsChanged}.
+        @param address: the address the login was made under, or C{None};
+            with C{passwordHash}, if the user no longer has that address
+            (renamed), this fails the same way.
         @return: a L{Deferred} of C{(uids, sizes)}: the maildrop's message
             uids in order and their sizes, two C{array("q")}; fails with
             L{MaildropInUse} if another session holds the lock.
@@ -251,6 +274,133 @@ class IMailStore(Interface):
     def close():
         """
         Release connections and locks: a L{Deferred} that fires when done.
+        """
+
+
+class ILifecycleStore(Interface):
+    """
+    A maildrop's life besides delivery and POP3 (see
+    L{mailgate.store.lifecycle}): storage quotas, retention (RFC 2449
+    EXPIRE), deleted mail kept for recovery, moving mail in from another
+    server, renaming, expunging, and the registry of POP3 sessions every
+    node shares (C{mailgate who}, C{mailgate kick}).  The SQL store
+    provides it beside L{IMailStore}; the admin commands, the importers,
+    SMTP/LMTP intake (quotas at RCPT) and the service's background tasks
+    use it.
+
+    Limits a user sets are a number, L{mailgate.store.lifecycle.UNLIMITED}
+    (-1: none, or NEVER) or L{mailgate.store.lifecycle.DEFAULT} (C{None}:
+    the server's).
+    """
+
+    limits = Attribute(
+        "The server's defaults, a L{mailgate.store.lifecycle.StoreLimits} "
+        "(quota, retention, days deleted mail is kept); the service sets them "
+        "from its configuration."
+    )
+    retention = Attribute(
+        "The L{mailgate.store.lifecycle.Retention}: what POP3 advertises as "
+        "EXPIRE, answered from memory and refreshed by L{Retention.refresh}."
+    )
+    sessions = Attribute(
+        "This node's L{mailgate.store.registry.SessionRegistry}: the POP3 "
+        "sessions it serves, written out with its heartbeat."
+    )
+
+    def setQuota(address, octets, messages):
+        """
+        Set a user's own quota in octets and in messages (an argument not
+        given is left as it is).  Mail already stored stays.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def setExpire(address, days):
+        """
+        Set a user's own retention in days.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def quotaOf(address):
+        """
+        A user's storage use and the limits that apply to it now: a
+        L{Deferred} L{mailgate.store.records.QuotaStatus}, or C{None} if
+        there is no such user.
+        """
+
+    def expireMessages(users=100, messagesPerTransaction=500):
+        """
+        One pass of the retention task: remove messages older than their
+        user's retention, under each maildrop's POP3 lock taken without
+        waiting (busy maildrops are skipped).
+
+        @return: a L{Deferred} of C{(messages removed, maildrops skipped)}.
+        """
+
+    def purgeDeleted(limit=500):
+        """
+        Remove kept deleted mail past its time, at most C{limit} messages:
+        a L{Deferred} of how many.
+        """
+
+    def listDeleted(address):
+        """
+        A user's kept deleted messages: a L{Deferred} list of
+        L{mailgate.store.records.DeletedMessage}.
+        """
+
+    def restoreDeleted(address, uidls=None, since=None, asNew=False):
+        """
+        Bring kept deleted messages back (all, or those with the unique ids
+        C{uidls}; deleted at or after C{since}), under their own unique ids
+        or, with C{asNew}, new ones.
+
+        @return: a L{Deferred} of C{(restored, missing)}.
+        """
+
+    def listSessions(address=None):
+        """
+        The POP3 sessions in progress on every live node: a L{Deferred}
+        list of L{mailgate.store.records.SessionInfo}.
+        """
+
+    def kickSessions(address):
+        """
+        Ask the nodes serving C{address}'s POP3 sessions to end them
+        without applying their deletions: a L{Deferred} of how many.
+        """
+
+    def importMessages(address, items):
+        """
+        Add messages from another server keeping their unique ids, in one
+        transaction; ids already present are skipped.
+
+        @param items: C{(uidl, source, arrived)} per message.
+        @return: a L{Deferred} of C{(imported, skipped)} unique ids.
+        """
+
+    def existingUidls(address, uidls):
+        """
+        Which of C{uidls} a user's maildrop holds (or keeps deleted): a
+        L{Deferred} set.
+        """
+
+    def renameUser(old, new):
+        """
+        Give a user a new address, keeping the maildrop; refused while the
+        user is in a POP3 session.
+
+        @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser},
+            L{mailgate.errors.UserExists} or L{MaildropInUse}.
+        """
+
+    def expungeMessages(address, olderThanDays=None):
+        """
+        Remove a user's messages for good (all, or those older than
+        C{olderThanDays}); refused while the user is in a POP3 session.
+
+        @return: a L{Deferred} of how many were removed.
         """
 
 

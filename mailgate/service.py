@@ -25,6 +25,7 @@ from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
+from mailgate.interfaces import ILifecycleStore
 from mailgate.metrics import Metrics, metricsSite
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -33,6 +34,8 @@ from mailgate.session import SessionTracker
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
+from mailgate.store.housekeeping import RegistryService, RetentionService
+from mailgate.store.lifecycle import StoreLimits
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
@@ -132,7 +135,8 @@ class MailgateService(MultiService):
       3. L{drainSessions}: the sessions still open finish (the session
          core's grace period);
       4. the other services stop (timers, the metrics endpoint, which
-         answers until then);
+         answers until then; the retention task finishes the transaction
+         it is in, and the node leaves the POP3 session registry);
       5. the store closes.
 
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
@@ -391,6 +395,8 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None
         apop=config.apop.checked,
         loginDelay=config.loginDelay,
     )
+    # EXPIRE in CAPA: the store's retention, where it has one.
+    expire = store.retention.capability if ILifecycleStore.providedBy(store) else None
     factory = POP3Factory(
         portal,
         hostname=config.hostname,
@@ -404,6 +410,7 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None
         metrics=metrics,
         tracker=tracker,
         policy=policy,
+        expire=expire,
     )
     # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
     factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
@@ -418,7 +425,7 @@ def makeSMTPFactory(
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
     factory = factoryClass(
-        LocalDelivery(store, config.domains or None),
+        LocalDelivery(store, config.domains or None, quotaExceeded=config.quotaExceeded),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
@@ -480,6 +487,16 @@ def makeService(config, reactor=None, store=None, metrics=None):
     root.setStore(StoreService(store))
     policy = root.policy = makePolicy(store, config, reactor, metrics)
     PolicyService(policy, reactor).setServiceParent(root)
+    lifecycle = ILifecycleStore.providedBy(store)
+    if lifecycle:
+        store.limits = StoreLimits(
+            quotaOctets=config.defaultQuota,
+            expireDays=config.expireDays,
+            keepDeletedDays=config.keepDeletedDays,
+        )
+        # The store's background work: retention, and what POP3 advertises
+        # of it (refreshed like the APOP advertiser).
+        RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
@@ -492,6 +509,9 @@ def makeService(config, reactor=None, store=None, metrics=None):
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
                 refresh.clock = reactor
                 refresh.setServiceParent(root)
+            if lifecycle:
+                # The registry of POP3 sessions (mailgate who, mailgate kick).
+                RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
             pop3.append(factory)
         return pop3[0]
 

@@ -239,8 +239,17 @@ class _FaultInjectingMaildrop:
         d = self._call("openMessage", index, headerOnly)
         return d.addCallback(_FaultInjectingBody, self._faults)
 
-    def expunge(self, indexes):
-        return self._call("expunge", indexes)
+    @property
+    def expireDays(self):
+        return self._maildrop.expireDays
+
+    def sessionStarted(self, peer, end):
+        # Synchronous, and no storage work of its own: passed straight on.
+        self._faults.calls.append(("sessionStarted", (peer, end)))
+        self._maildrop.sessionStarted(peer, end)
+
+    def expunge(self, indexes, peer=None):
+        return self._call("expunge", indexes, peer)
 
     def release(self):
         return self._call("release")

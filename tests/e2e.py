@@ -410,6 +410,8 @@ class AdminCommand:
         assert lines and lines[0].split()[:3] == ["NUMBER", "OCTETS", "UNIQUE-ID"], out
         rows = []
         for line in lines[1:]:
+            if not line.strip():
+                break  # the summary of use and quota follows
             number, octets, uid = line.split()[:3]
             rows.append((int(number), int(octets), uid))
         return rows
@@ -420,10 +422,10 @@ class AdminCommand:
         """
         out = self.check("user", "list")
         lines = out.splitlines()
-        assert lines and lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"], out
+        assert lines and lines[0].split()[:4] == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"], out
         users = {}
         for line in lines[1:]:
-            address, messages, octets, apop = line.split()
+            address, messages, octets, apop = line.split()[:4]
             users[address] = (int(messages), int(octets), apop)
         return users
 

@@ -289,18 +289,18 @@ def test_userList(cli):
     result = cli("user", "list")
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"]
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE"]
     size = len(message.replace(b"\n", b"\r\n"))
     assert [line.split() for line in lines[1:]] == [
-        [ALICE, "2", str(2 * size), "on"],
-        [BOB, "0", "0", "off"],
+        [ALICE, "2", str(2 * size), "on", "default", "default", "default"],
+        [BOB, "0", "0", "off", "default", "default", "default"],
     ]
 
 
 def test_userListEmpty(cli):
     result = cli("user", "list")
     assert result.code == 0
-    assert result.out.splitlines()[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"]
+    assert result.out.splitlines()[0].split()[:4] == ["ADDRESS", "MESSAGES", "OCTETS", "APOP"]
     assert len(result.out.splitlines()) == 1
 
 
@@ -369,8 +369,10 @@ def test_mailboxList(cli):
         infos = resultOf(store.listMessages(ALICE))
     finally:
         store.close()
-    rows = [line.split() for line in lines[1:]]
-    assert len(rows) == 2
+    rows = [line.split() for line in lines[1:3]]
+    sizes = [len(m.replace(b"\n", b"\r\n")) for m in (first, second)]
+    # Then, after an empty line, the maildrop's use and quota.
+    assert lines[3:] == ["", f"in use: 2 messages, {sum(sizes)} octets; quota: server default"]
     for row, info, raw in zip(rows, infos, (first, second)):
         number, octets, uniqueId, arrived = row
         assert int(number) == info.number
@@ -386,7 +388,7 @@ def test_mailboxListEmpty(cli):
     cli.add(ALICE, PASSWORD)
     result = cli("mailbox", "list", ALICE)
     assert result.code == 0
-    assert len(result.out.splitlines()) == 1
+    assert result.out.splitlines()[1:] == ["", "in use: 0 messages, 0 octets; quota: server default"]
 
 
 def test_mailboxListUnknownUser(cli):
@@ -441,7 +443,8 @@ def test_deliverToSeveralRecipientsStoresTheMessageOnce(cli):
     assert cli.messages(ALICE) == cli.messages(BOB) == [b"Subject: both\r\n\r\nhi\r\n"]
     for address in (ALICE, BOB):
         listing = cli("mailbox", "list", address)
-        assert len(listing.out.splitlines()) == 2
+        assert listing.out.split("\n\n")[0].count("\n") == 1
+        assert "in use: 1 messages, 21 octets" in listing.out
 
 
 def test_deliverToUnknownRecipientDeliversNothing(cli):

@@ -85,8 +85,8 @@ def test_reactorDrivenLocksProvideIMaildropLocks(postgresEngine):
 def test_lockAndSnapshot(databaseURL):
     """
     The one snapshot statement, on each backend: the uids and sizes in uid
-    order, large values included; the lock held; a changed password gives
-    the lock back.
+    order, large values included; the lock held; a changed password, or an
+    address the user no longer has (renamed), gives the lock back.
     """
     store = memoryStore(databaseURL)
     try:
@@ -108,6 +108,11 @@ def test_lockAndSnapshot(databaseURL):
             resultOf(store.locks.acquireAndSnapshot(user.userId, "$scrypt$not-the-stored-one"))
         # ... and the lock was given back.
         assert resultOf(store.locks.verify(user.userId)) is False
+        resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, ALICE))
+        resultOf(store.locks.release(user.userId))
+        with pytest.raises(CredentialsChanged):
+            resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, "old@example.org"))
+        assert resultOf(store.locks.verify(user.userId)) is False
         resultOf(store.locks.acquireAndSnapshot(user.userId, None))
         resultOf(store.locks.release(user.userId))
     finally:
@@ -121,13 +126,18 @@ def test_unpackSnapshot():
     """
     packed = bytes.fromhex("0000000000000001" "000000012a05f200" "0000000000000009" "0000000000000000")
     for form in (packed, packed.hex()):
-        uids, sizes = unpackSnapshot([("h", form)], 1, "h")
+        uids, sizes = unpackSnapshot([("h", form, "a@example.org")], 1, "h", "a@example.org")
         assert (list(uids), list(sizes)) == ([1, 9], [5000000000, 0])
-    assert [list(a) for a in unpackSnapshot([(b"h", None)], 1, "h")] == [[], []]
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org")], 1, "h")] == [[], []]
     with pytest.raises(CredentialsChanged):
         unpackSnapshot([], 1, None)
     with pytest.raises(CredentialsChanged):
-        unpackSnapshot([(b"other", None)], 1, "h")
+        unpackSnapshot([(b"other", None, b"a@example.org")], 1, "h")
+    # The address is checked with the password hash: a renamed user's old
+    # name no longer opens the maildrop.
+    with pytest.raises(CredentialsChanged):
+        unpackSnapshot([(b"h", None, b"new@example.org")], 1, "h", "a@example.org")
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"new@example.org")], 1, None, "a@example.org")] == [[], []]
 
 
 def test_consecutiveCallsOfABatchableWriteAreMadeAsOne(tmp_path):

@@ -121,7 +121,8 @@ def snapshot(url):
 
 
 def uniqueIds(listing):
-    return [line.split()[2] for line in listing.splitlines()[1:]]
+    # The messages, then (after an empty line) the maildrop's use.
+    return [line.split()[2] for line in listing.split("\n\n", 1)[0].splitlines()[1:]]
 
 
 def query(store, sql, args=()):

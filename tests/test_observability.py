@@ -155,8 +155,8 @@ class SlowDelivery:
         self._delivery = delivery
         self.pending = []
 
-    def checkRecipient(self, mailbox):
-        return self._delivery.checkRecipient(mailbox)
+    def checkRecipient(self, mailbox, size=None):
+        return self._delivery.checkRecipient(mailbox, size)
 
     def deliver(self, envelope, source, partial=True):
         d = defer.Deferred()

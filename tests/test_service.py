@@ -63,9 +63,10 @@ def test_stopOrder(tmp_path):
     assert not stopped.called
     assert root.listeners["METRICS"][0].running
     drained.callback(None)
-    # Timers and the metrics endpoint go next (in reverse order of
-    # addition), the store last.
-    assert events[4:] == ["METRICS", "PolicyService", "store"]
+    # Timers, the metrics endpoint and the store's background work (the
+    # session registry, retention) go next (in reverse order of addition),
+    # the store last.
+    assert events[4:] == ["METRICS", "RegistryService", "RetentionService", "PolicyService", "store"]
     assert resultOf(stopped) is None
 
 

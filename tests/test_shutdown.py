@@ -122,7 +122,7 @@ def test_aQuitWhoseDeletionsAreBeingAppliedIsNotCutShort(server):
     maildrop = s.protocol._maildrop
     pending = defer.Deferred()
     expunge = maildrop.expunge
-    maildrop.expunge = lambda indexes: pending.addCallback(lambda _: expunge(indexes))
+    maildrop.expunge = lambda indexes, **kw: pending.addCallback(lambda _: expunge(indexes, **kw))
     done = server.tracker.shutdown(10)
     assert s.command("QUIT") == ""
     assert s.advance(10) == b""

@@ -275,6 +275,10 @@ class AuthorizationCommands:
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
         self.state = TRANSACTION
+        # The store learns who the session is (the client's address goes
+        # with what it deletes, and mailgate who shows it) and how to end
+        # it (mailgate kick).
+        maildrop.sessionStarted(self.peerText, self._kicked)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _loginFailed(self, failure, login, mechanism):

@@ -63,6 +63,10 @@ class POP3Factory(SessionFactory):
     @param metrics: the L{mailgate.metrics.Metrics} to count with.
     @param tracker: the L{mailgate.session.SessionTracker} of the server,
         for a graceful shutdown.
+    @param expire: the RFC 2449 EXPIRE line, as a callable given the
+        session's maildrop (C{None} before login), e.g.
+        L{mailgate.store.lifecycle.Retention.capability}; C{None}: always
+        C{EXPIRE NEVER}.
     """
 
     protocol = POP3Server
@@ -83,6 +87,7 @@ class POP3Factory(SessionFactory):
         policy=None,
         metrics=None,
         tracker=None,
+        expire=None,
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.portal = portal
@@ -95,6 +100,7 @@ class POP3Factory(SessionFactory):
         self.tls = tls
         self.sasl = sasl
         self.trustedNetworks = [ipaddress.ip_network(n) for n in trustedNetworks]
+        self.expire = expire
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -139,12 +145,14 @@ class POP3Factory(SessionFactory):
             ip = ip.ipv4_mapped
         return any(ip in network for network in self.trustedNetworks)
 
-    def extraCapabilities(self):
+    def extraCapabilities(self, maildrop=None):
         """
-        CAPA lines that depend on configuration (RFC 2449 section 6).
+        CAPA lines that depend on configuration (RFC 2449 section 6), and
+        after login on the user (C{maildrop}, the session's avatar).
         """
-        # mailgate never deletes mail on its own: only clients do, with DELE.
-        lines = ["EXPIRE NEVER"]
+        # Without a retention policy mailgate never deletes mail on its
+        # own: only clients do, with DELE.
+        lines = ["EXPIRE NEVER" if self.expire is None else self.expire(maildrop)]
         if self.loginDelay:
             lines.append(f"LOGIN-DELAY {self.loginDelay}")
         return lines

@@ -107,6 +107,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._octets = 0
         self._sasl = None
         self._saslFinishing = False
+        self._kickRequested = False
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
 
     # -- the session core's hooks ------------------------------------------
@@ -178,6 +179,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
+        if self._kickRequested:
+            if not stalled:
+                self._err("[SYS/TEMP] session ended by the administrator")
+            self._endSession("kicked by the administrator")
+            return
         if not stalled:
             self._err("[SYS/TEMP] server shutting down")
         self._endSession("shutdown")
@@ -227,6 +233,23 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self.logInfo("pop3.logout", line, **fields)
         return released
 
+    def _kicked(self):
+        """
+        The administrator ended the session (C{mailgate kick}; the maildrop
+        was told how, at login): it ends the way the shutdown's grace
+        ends it, through the core (after the command under way if that
+        waits on the store, at once otherwise), without the UPDATE state,
+        so nothing marked deleted is deleted, and the maildrop's lock is
+        released.  A session already applying a QUIT is left to finish.
+        """
+        if self._closed or self.state != TRANSACTION:
+            return
+        self._kickRequested = True
+        if self._busy and not (self._streaming or self._outputPaused):
+            self._expireAfterCommand = True
+            return
+        self._shutdownNow()
+
     def _releaseFailed(self, failure):
         self.logFailure("pop3.release_failed", "releasing the maildrop lock failed", failure)
 
@@ -251,7 +274,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             lines.append("USER")
         if self.factory.sasl is not None:
             lines.append("SASL " + " ".join(self.factory.sasl.mechanisms(plaintext)))
-        lines.extend(self.factory.extraCapabilities())
+        lines.extend(self.factory.extraCapabilities(self._maildrop))
         lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
         self._out.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))

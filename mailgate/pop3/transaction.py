@@ -207,7 +207,9 @@ class TransactionCommands:
         """
         self.state = UPDATE
         deleted = sorted(self._deleted)
-        d = self._maildrop.expunge(deleted)
+        # The client's address goes with what it deletes, where the store
+        # keeps deleted mail for recovery.
+        d = self._maildrop.expunge(deleted, peer=self.peerText)
 
         def removed(_):
             self._stats["deleted"] = len(deleted)

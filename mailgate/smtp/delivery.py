@@ -11,6 +11,16 @@ intake does not query the database for every RCPT.  Only positive answers
 are remembered: a user created a moment ago is never refused.  A user
 deleted within that while is caught when the message is committed (the
 delivery transaction checks every recipient again).
+
+Quotas are checked twice.  At RCPT, with the size the client declared
+(C{MAIL FROM ... SIZE=}) when it did: a recipient already over quota, or
+whom the message would put over it, is refused there, before any data is
+sent (recipients with a quota are therefore never answered from memory).
+At the end of DATA, the store checks again with the real size, inside
+the delivery's transaction, which is exact however many deliveries to
+the same user run at once on however many nodes.  Either refusal is RFC
+3463's "mailbox full": C{452 4.2.2} (temporary: the MTA retries after the
+user made room), or C{552 5.2.2} when configured permanent.
 """
 
 import time
@@ -18,8 +28,25 @@ import time
 from twisted.internet import defer
 
 from mailgate.address import normalizeAddress
-from mailgate.errors import InvalidAddress, NoSuchUser
+from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
+from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
+
+
+class MailboxFull(SMTPReply):
+    """
+    The refusal of a recipient over quota (RFC 3463 "mailbox full"): a
+    client's fair request, not a bad command, and, at the end of DATA, a
+    delivery that ended as L{outcome}.
+    """
+
+    @property
+    def outcome(self):
+        """
+        How the metrics count the refused delivery: C{"tempfail"} for
+        C{452 4.2.2}, C{"rejected"} for C{552 5.2.2}.
+        """
+        return "tempfail" if self.code < 500 else "rejected"
 
 
 class LocalDelivery:
@@ -28,6 +55,9 @@ class LocalDelivery:
     @param domains: the domains to accept mail for; C{None} accepts the
         domains of existing users.
     @param clock: a monotonic clock, for the recipient cache.
+    @param quotaExceeded: C{"temporary"} (the default) to refuse a
+        recipient over quota with C{452 4.2.2}, C{"permanent"} for
+        C{552 5.2.2}.
     @cvar knownLifetime: seconds a recipient (or domain) found in the store
         is accepted without asking it again.
     @cvar maxKnown: the bound on remembered recipients.
@@ -36,11 +66,22 @@ class LocalDelivery:
     knownLifetime = 30.0
     maxKnown = 100000
 
-    def __init__(self, store, domains=None, clock=time.monotonic):
+    def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary"):
+        if quotaExceeded not in ("temporary", "permanent"):
+            raise ValueError(f"quotaExceeded must be 'temporary' or 'permanent', not {quotaExceeded!r}")
         self._store = store
         self.domains = None if domains is None else frozenset(d.lower() for d in domains)
         self._clock = clock
         self._known = {}
+        self.quotaExceeded = quotaExceeded
+
+    def mailboxFull(self, mailbox):
+        """
+        The reply refusing C{mailbox} for its quota.
+        """
+        if self.quotaExceeded == "permanent":
+            return MailboxFull(552, "5.2.2", f"<{mailbox}>: mailbox full")
+        return MailboxFull(452, "4.2.2", f"<{mailbox}>: mailbox full")
 
     def _remembered(self, key):
         expires = self._known.get(key)
@@ -73,10 +114,12 @@ class LocalDelivery:
 
         return self._store.hasDomain(domain).addCallback(found)
 
-    def checkRecipient(self, mailbox):
+    def checkRecipient(self, mailbox, size=None):
         """
         Accept or refuse a RCPT TO mailbox.
 
+        @param size: the message size the client declared with C{SIZE=},
+            if it did: a recipient whose quota it would exceed is refused.
         @return: a L{Deferred} firing with the normalised address; fails
             with L{SMTPReply} for a refusal, or with the store's
             L{mailgate.errors.TemporaryFailure}.
@@ -88,6 +131,9 @@ class LocalDelivery:
             address = None
         if address is not None and self._remembered(address):
             return defer.succeed(address)
+        # Quotas are checked here where the store keeps them; any store
+        # still checks what it keeps when the message is committed.
+        quotas = ILifecycleStore.providedBy(self._store)
         d = self._acceptsDomain(domain)
 
         def domainChecked(accepted):
@@ -95,12 +141,17 @@ class LocalDelivery:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
             if address is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            return self._store.findUser(address).addCallback(userChecked)
+            if not quotas:
+                return self._store.findUser(address).addCallback(userChecked)
+            return self._store.quotaOf(address).addCallback(userChecked)
 
-        def userChecked(user):
-            if user is None:
+        def userChecked(status):
+            if status is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            self._remember(address)
+            if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
+                self._remember(address)
+            elif not status.fits(max(size or 0, 1)):
+                raise self.mailboxFull(mailbox)
             return address
 
         return d.addCallback(domainChecked)
@@ -114,6 +165,10 @@ class LocalDelivery:
             one has vanished since RCPT (LMTP reports each recipient); with
             C{False}, a vanished recipient fails the whole delivery, so an
             SMTP client retries and nobody gets two copies.
+        @return: a L{Deferred} of address to unique id, L{NoSuchUser}, or
+            the L{MailboxFull} refusing a recipient over quota (with
+            C{partial}); without C{partial}, a recipient over quota fails
+            the whole delivery with a L{MailboxFull}.
         """
         d = self._store.deliver(envelope.recipients, source, partial=partial)
 
@@ -121,6 +176,9 @@ class LocalDelivery:
             for address, result in results.items():
                 if isinstance(result, NoSuchUser):
                     self._known.pop(address, None)
+                elif isinstance(result, QuotaExceeded):
+                    # A recipient's own reply (LMTP answers per recipient).
+                    results[address] = self.mailboxFull(address)
             return results
 
         def failed(failure):
@@ -128,6 +186,10 @@ class LocalDelivery:
                 # Someone vanished since RCPT: ask the store again next time.
                 for address in envelope.recipients:
                     self._known.pop(address, None)
+            if failure.check(QuotaExceeded):
+                # Nothing was stored: refuse the message with the reply
+                # for a full mailbox.
+                raise self.mailboxFull(", ".join(failure.value.addresses)) from None
             return failure
 
         return d.addCallbacks(delivered, failed)

@@ -29,6 +29,7 @@ from mailgate.errors import NoSuchUser, TemporaryFailure
 from mailgate.message import MessageSpool
 from mailgate.session import CommandSession
 from mailgate.smtp.data import DataReader
+from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
 from mailgate.tls import isSecure
@@ -307,7 +308,8 @@ class SMTPServer(CommandSession):
         if len(envelope.recipients) >= self.maxRecipients:
             self._reply(452, "4.5.3", f"too many recipients (the limit is {self.maxRecipients})")
             return None
-        d = self.factory.delivery.checkRecipient(mailbox)
+        declared = envelope.parameters.get("SIZE")
+        d = self.factory.delivery.checkRecipient(mailbox, int(declared) if declared else None)
 
         def accepted(address):
             if self._envelope is envelope:
@@ -315,7 +317,16 @@ class SMTPServer(CommandSession):
             self._reply(250, "2.1.5", f"recipient <{mailbox}> OK")
 
         def refused(failure):
-            if failure.check(SMTPReply):
+            if failure.check(MailboxFull):
+                # Over quota: a fair request refused, not a bad command.
+                reply = failure.value
+                self.logInfo(
+                    f"{self.protocolName}.recipient_refused",
+                    f"{self.protocolName} recipient refused: {reply}",
+                    reason="mailbox full",
+                )
+                self._reply(reply.code, reply.enhanced, reply.text)
+            elif failure.check(SMTPReply):
                 reply = failure.value
                 self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
@@ -394,9 +405,17 @@ class SMTPServer(CommandSession):
         return None
 
     def _delivered(self, results, envelope, octets, started):
-        self.factory.metrics.delivery(
-            self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
-        )
+        metrics = self.factory.metrics
+        # LMTP answers per recipient: one over quota is a refused delivery
+        # of its own (SMTP refuses the whole message instead, see
+        # _deliveryFailed).
+        refused = [r for r in results.values() if isinstance(r, MailboxFull)]
+        if len(refused) < len(envelope.recipients):
+            metrics.delivery(
+                self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
+            )
+        for reply in refused:
+            metrics.delivery(self.protocolName, reply.outcome)
         self._acknowledge(results, envelope)
 
     def _acknowledge(self, results, envelope):
@@ -429,6 +448,13 @@ class SMTPServer(CommandSession):
 
     def _deliveryFailed(self, failure, envelope):
         event = f"{self.protocolName}.delivery_failed"
+        if failure.check(MailboxFull):
+            # A recipient over quota: nothing was stored, the message is
+            # refused as a whole (452 4.2.2, or 552 5.2.2 if permanent).
+            reply = failure.value
+            self.logInfo(event, f"{self.protocolName} message refused: {reply}", reason="mailbox full")
+            self.factory.metrics.delivery(self.protocolName, reply.outcome)
+            return self._dataReplies(envelope, reply.code, reply.enhanced, reply.text)
         if failure.check(NoSuchUser):
             self.logWarning(event, f"{self.protocolName} recipient vanished before commit: {failure.value}")
             text = "a recipient no longer exists; try again"
@@ -472,11 +498,16 @@ class LMTPServer(SMTPServer):
             result = results.get(address)
             if isinstance(result, NoSuchUser) or result is None:
                 self._reply(550, "5.1.1", f"<{address}> no such user here")
+            elif isinstance(result, SMTPReply):
+                self._reply(result.code, result.enhanced, result.text)
             else:
                 uniqueIds[address] = result
                 self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
         # Each recipient's reply names its message's unique id: so does
-        # the log line, for matching it with the MTA's.
-        self._logDelivery(
-            envelope, f" uids={','.join(uniqueIds.values())}", uniqueIds=uniqueIds
-        )
+        # the log line, for matching it with the MTA's (and it names the
+        # recipients refused for their quota).
+        full = [a for a in envelope.recipients if isinstance(results.get(a), MailboxFull)]
+        tail = f" uids={','.join(uniqueIds.values())}"
+        if full:
+            tail += f" full={','.join(full)}"
+        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full)

@@ -72,12 +72,27 @@ _TABLES = [
         ("user_id",),
         ("user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "created_at"),
     ),
-    ("mailboxes", ("user_id",), ("user_id", "uid_validity", "next_uid", "last_login")),
+    (
+        "mailboxes",
+        ("user_id",),
+        (
+            "user_id", "uid_validity", "next_uid", "last_login", "used_octets", "used_messages",
+            "quota_octets", "quota_messages", "expire_days", "oldest_arrival",
+        ),
+    ),
     ("bodies", ("owner_id", "body_id"), ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")),
     (
         "maildrop",
         ("user_id", "uid"),
         ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at"),
+    ),
+    (
+        "deleted_mail",
+        ("user_id", "uid"),
+        (
+            "user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at",
+            "deleted_at", "deleted_by",
+        ),
     ),
 ]
 

@@ -443,7 +443,7 @@ class AdvisoryLocks:
 
         return d.addCallbacks(done, failed)
 
-    def acquireAndSnapshot(self, userId, passwordHash):
+    def acquireAndSnapshot(self, userId, passwordHash, address=None):
         """
         Take the lock and, with it held, read the maildrop's snapshot on
         the same connection: a POP3 login costs two short trips.  See
@@ -453,7 +453,7 @@ class AdvisoryLocks:
 
         def snapshot(_):
             read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")])
-            return read.addCallback(unpackSnapshot, userId, passwordHash).addErrback(giveBack)
+            return read.addCallback(unpackSnapshot, userId, passwordHash, address).addErrback(giveBack)
 
         def giveBack(failure):
             self.release(userId)

@@ -143,6 +143,74 @@ MIGRATIONS = [
             "INSERT INTO ban_version (singleton, version) VALUES (1, 0)",
         ],
     ),
+    Migration(
+        3,
+        "quotas, retention, kept deleted mail and the POP3 session registry",
+        [
+            # Usage is kept with every delivery and removal, in the row the
+            # delivery already locks for its uid counter: a quota check
+            # costs no statement of its own and no scan.  The limits are
+            # NULL for the server's default and -1 for none (or NEVER).
+            "ALTER TABLE mailboxes ADD COLUMN used_octets {bigint} NOT NULL DEFAULT 0",
+            "ALTER TABLE mailboxes ADD COLUMN used_messages {bigint} NOT NULL DEFAULT 0",
+            "ALTER TABLE mailboxes ADD COLUMN quota_octets {bigint}",
+            "ALTER TABLE mailboxes ADD COLUMN quota_messages {bigint}",
+            "ALTER TABLE mailboxes ADD COLUMN expire_days {bigint}",
+            # A lower bound of the arrival time of the maildrop's oldest
+            # message (set by deliveries, made exact by the retention
+            # task): the task finds the maildrops it has work in without
+            # reading every maildrop.
+            "ALTER TABLE mailboxes ADD COLUMN oldest_arrival {bigint}",
+            """
+            UPDATE mailboxes SET
+                used_octets = coalesce((SELECT sum(m.size) FROM maildrop m WHERE m.user_id = mailboxes.user_id), 0),
+                used_messages = (SELECT count(*) FROM maildrop m WHERE m.user_id = mailboxes.user_id),
+                oldest_arrival = (SELECT min(m.arrived_at) FROM maildrop m WHERE m.user_id = mailboxes.user_id)
+            """,
+            # Messages a POP3 QUIT deleted, kept for --keep-deleted-days:
+            # the maildrop row as it was (its uid and unique id stay the
+            # message's, and its body reference stays counted), when and
+            # from where it was deleted.
+            """
+            CREATE TABLE deleted_mail (
+                user_id {bigint} NOT NULL,
+                uid {bigint} NOT NULL,
+                uidl TEXT NOT NULL,
+                body_owner {bigint} NOT NULL,
+                body_id TEXT NOT NULL,
+                size {bigint} NOT NULL,
+                header_size {bigint} NOT NULL,
+                arrived_at {bigint} NOT NULL,
+                deleted_at {bigint} NOT NULL,
+                deleted_by TEXT,
+                PRIMARY KEY (user_id, uid)
+            ) {without_rowid}
+            """,
+            "CREATE INDEX deleted_mail_deleted_at ON deleted_mail (deleted_at)",
+            # The nodes serving POP3, each with a heartbeat, and the POP3
+            # sessions in progress on them (mailgate who, mailgate kick).
+            """
+            CREATE TABLE mailgate_nodes (
+                node_id TEXT NOT NULL PRIMARY KEY,
+                name TEXT NOT NULL,
+                started_at {bigint} NOT NULL,
+                seen_at {bigint} NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE pop3_sessions (
+                user_id {bigint} NOT NULL,
+                session_id TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                peer TEXT,
+                since {bigint} NOT NULL,
+                kick_at {bigint},
+                PRIMARY KEY (user_id, session_id)
+            )
+            """,
+            "CREATE INDEX pop3_sessions_node ON pop3_sessions (node_id)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

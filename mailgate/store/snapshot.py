@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_store -*-
 """
 The snapshot a POP3 session works on: the maildrop's message uids and
-sizes at login, and the user's password hash to confirm the login was
-verified against the current one.
+sizes at login, and the user's password hash and address to confirm the
+login was verified against the current password of a user still known by
+that name (a user renamed since, by C{mailgate user rename}, no longer
+logs in under the old one, even with a password a server remembered).
 
 One statement for both engines, written once here.  The uids and sizes
 come packed into one value, pairs of 64-bit integers in uid order, so that
@@ -23,7 +25,7 @@ from mailgate.errors import CredentialsChanged
 SNAPSHOT = (
     "SELECT password_hash, "
     "(SELECT {uid_size_pairs} FROM (SELECT uid, size FROM maildrop WHERE user_id = $1 ORDER BY uid) AS m) "
-    "FROM users WHERE user_id = $1"
+    ", address FROM users WHERE user_id = $1"
 )
 
 
@@ -35,26 +37,29 @@ def snapshotQuery(engine):
     return SNAPSHOT.format(**engine.types)
 
 
-def unpackSnapshot(rows, userId, passwordHash):
+def unpackSnapshot(rows, userId, passwordHash, address=None):
     """
     The uids and sizes from the snapshot statement's answer.
 
     @param rows: the rows it returned: none if the user is gone, else one
-        with the stored password hash and the packed pairs (C{bytes}, or
-        hexadecimal text), each as C{str} or as UTF-8 C{bytes}.
+        with the stored password hash, the packed pairs (C{bytes}, or
+        hexadecimal text) and the user's address, each as C{str} or as
+        UTF-8 C{bytes}.
     @param passwordHash: the hash the login was verified against, or
-        C{None} to skip that check.
+        C{None} to skip the checks.
+    @param address: the address the login was made under, or C{None} not
+        to check it (checked only with C{passwordHash}).
     @return: C{(uids, sizes)}, two C{array("q")}.
-    @raise CredentialsChanged: the user is gone, or their hash is no
-        longer C{passwordHash}.
+    @raise CredentialsChanged: the user is gone, their hash is no longer
+        C{passwordHash}, or their address no longer C{address}.
     """
     if not rows:
         raise CredentialsChanged(userId)
-    storedHash, packed = rows[0]
+    storedHash, packed, storedAddress = rows[0]
     if passwordHash is not None:
-        if isinstance(storedHash, bytes):
-            storedHash = storedHash.decode("utf-8")
-        if storedHash != passwordHash:
+        if _text(storedHash) != passwordHash:
+            raise CredentialsChanged(userId)
+        if address is not None and _text(storedAddress) != address:
             raise CredentialsChanged(userId)
     pairs = array("q")
     if packed:
@@ -66,7 +71,11 @@ def unpackSnapshot(rows, userId, passwordHash):
     return pairs[0::2], pairs[1::2]
 
 
-def readSnapshot(cursor, query, userId, passwordHash):
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def readSnapshot(cursor, query, userId, passwordHash, address=None):
     """
     Run the snapshot statement on a DB-API cursor that takes C{$1} as a
     named parameter (SQLite's): an interaction for
@@ -76,4 +85,4 @@ def readSnapshot(cursor, query, userId, passwordHash):
     @param query: L{snapshotQuery} of the cursor's engine.
     """
     cursor.execute(query, {"1": userId})
-    return unpackSnapshot(cursor.fetchall(), userId, passwordHash)
+    return unpackSnapshot(cursor.fetchall(), userId, passwordHash, address)

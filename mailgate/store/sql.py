@@ -16,8 +16,9 @@ from collections import Counter
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import NoSuchUser, TemporaryFailure, UserExists
-from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.errors import NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
+from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
+from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
 from mailgate.store.records import MessageInfo, UserRecord, UserSummary
 
@@ -110,18 +111,41 @@ def _setCredentials(cursor, address, credentials):
 
 def _removeMessages(cursor, userId, uids):
     """
-    Delete maildrop entries and drop each body whose last reference went.
+    Delete maildrop entries, give their octets back to the user's quota,
+    and drop each body whose last reference went.
     """
     references = Counter()
+    octets = 0
     for batch in _batches(uids):
         # RETURNING counts only rows this transaction really removed, so a
         # message is never released twice.
         cursor.execute(
             f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({_placeholders(len(batch))}) "
-            "RETURNING body_owner, body_id",
+            "RETURNING body_owner, body_id, size",
             (userId, *batch),
         )
-        references.update(tuple(row) for row in cursor.fetchall())
+        for owner, bodyId, size in cursor.fetchall():
+            references[(owner, bodyId)] += 1
+            octets += size
+    if references:
+        _releaseUsage(cursor, userId, sum(references.values()), octets)
+    _releaseBodies(cursor, references)
+    return sum(references.values())
+
+
+def _releaseUsage(cursor, userId, messages, octets):
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = used_messages - ?, used_octets = used_octets - ? "
+        "WHERE user_id = ?",
+        (messages, octets, userId),
+    )
+
+
+def _releaseBodies(cursor, references):
+    """
+    Drop one reference per count in C{references} (C{(owner, body id)} to
+    count) from each body, and the bodies nobody references any more.
+    """
     for (owner, bodyId), count in sorted(references.items()):
         cursor.execute(
             "UPDATE bodies SET refcount = refcount - ? "
@@ -138,7 +162,6 @@ def _removeMessages(cursor, userId, uids):
                 "DELETE FROM bodies WHERE owner_id = ? AND body_id = ?",
                 (owner, bodyId),
             )
-    return sum(references.values())
 
 
 def _deleteUser(cursor, address, userIds=None):
@@ -149,18 +172,22 @@ def _deleteUser(cursor, address, userIds=None):
         raise NoSuchUser(address)
     cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
     _removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
+    lifecycle._forgetUser(cursor, user.userId)
     cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
     cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
 
 
 def _listUsers(cursor):
+    # Each maildrop's use is kept up to date with its deliveries and
+    # removals: no scan of the maildrops.
     cursor.execute(
-        "SELECT u.address, count(m.uid), CAST(coalesce(sum(m.size), 0) AS BIGINT), "
-        "u.apop_secret IS NOT NULL "
-        "FROM users u LEFT JOIN maildrop m ON m.user_id = u.user_id "
-        "GROUP BY u.user_id, u.address, u.apop_secret ORDER BY u.address"
+        "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
+        "b.quota_octets, b.quota_messages, b.expire_days "
+        "FROM users u JOIN mailboxes b ON b.user_id = u.user_id ORDER BY u.address"
     )
-    return [UserSummary(a, n, s, bool(apop)) for a, n, s, apop in cursor.fetchall()]
+    return [
+        UserSummary(a, n, s, bool(apop), qo, qm, e) for a, n, s, apop, qo, qm, e in cursor.fetchall()
+    ]
 
 
 def _listMessages(cursor, address):
@@ -256,63 +283,121 @@ def _userIdsOf(cursor, addresses, userIds):
     return known
 
 
-def _takeUids(cursor, wanted):
-    """
-    Advance the per-user message counters: C{wanted} maps a user id to how
-    many uids it needs.  A row lock on these users only, never a global
-    sequence per message.
+# The server's default limits as the delivery statement takes them:
+# (octets, messages), -1 for none.
+NO_QUOTA = (-1, -1)
+# Rows of the counter update per statement (5 values each).
+_USERS_PER_UPDATE = 100
 
-    @return: user id to C{(first uid, uid validity)}; an id missing from
-        the answer has no mailbox (the user is gone).
+
+def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA):
     """
+    Advance the per-user message counters and storage use, within each
+    user's quota: C{wanted} maps a user id to how many uids (messages) it
+    needs, C{octets} to how many octets they add.  A row lock on these
+    users only, never a global sequence per message; the quota is checked
+    and the use added in the same statement, on the locked row, so that
+    concurrent deliveries (on any node) never both squeeze under a limit.
+
+    @param addresses: user id to the address it was found under; a user
+        no longer known by that address (renamed) counts as gone.
+    @param quota: the server's default limits, C{(octets, messages)}, -1
+        for none; a user's own limits (C{mailboxes.quota_*}) come first.
+    @return: C{(taken, full)}: user id to C{(first uid, uid validity)},
+        and the set of user ids refused for their quota (nothing taken);
+        an id in neither has no mailbox (the user is gone).
+    """
+    octets = octets or {}
+    addresses = addresses or {}
+    octetLimit, messageLimit = quota
     taken = {}
-    byCount = {}
-    for userId, n in wanted.items():
-        byCount.setdefault(n, []).append(userId)
-    for n, ids in sorted(byCount.items()):
-        for batch in _batches(sorted(ids)):
-            cursor.execute(
-                f"UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id IN ({_placeholders(len(batch))}) "
-                "RETURNING user_id, next_uid, uid_validity",
-                [n, *batch],
-            )
-            for userId, following, validity in cursor.fetchall():
-                taken[userId] = (following - n, validity)
-    return taken
+    ids = sorted(wanted)
+    for start in range(0, len(ids), _USERS_PER_UPDATE):
+        batch = ids[start : start + _USERS_PER_UPDATE]
+        params = []
+        for userId in batch:
+            params += [userId, wanted[userId], octets.get(userId, 0), now, addresses.get(userId, "")]
+        params += [octetLimit, octetLimit, messageLimit, messageLimit]
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = mailboxes.next_uid + v.column2, "
+            "used_messages = mailboxes.used_messages + v.column2, "
+            "used_octets = mailboxes.used_octets + v.column3, "
+            "oldest_arrival = coalesce(mailboxes.oldest_arrival, v.column4) "
+            f"FROM (VALUES {','.join(['(?, ?, ?, ?, ?)'] * len(batch))}) AS v JOIN users u "
+            "ON u.user_id = v.column1 AND (v.column5 = '' OR u.address = v.column5) "
+            "WHERE mailboxes.user_id = v.column1 "
+            "AND (coalesce(mailboxes.quota_octets, ?) < 0 "
+            "OR mailboxes.used_octets + v.column3 <= coalesce(mailboxes.quota_octets, ?)) "
+            "AND (coalesce(mailboxes.quota_messages, ?) < 0 "
+            "OR mailboxes.used_messages + v.column2 <= coalesce(mailboxes.quota_messages, ?)) "
+            "RETURNING mailboxes.user_id, mailboxes.next_uid, mailboxes.uid_validity",
+            params,
+        )
+        for userId, following, validity in cursor.fetchall():
+            taken[userId] = (following - wanted[userId], validity)
+    full = set()
+    missing = [userId for userId in ids if userId not in taken]
+    # The rare case: someone was refused.  Over quota, or gone?
+    for batch in _batches(missing):
+        cursor.execute(
+            "SELECT b.user_id, u.address FROM mailboxes b JOIN users u ON u.user_id = b.user_id "
+            f"WHERE b.user_id IN ({_placeholders(len(batch))})",
+            batch,
+        )
+        for userId, address in cursor.fetchall():
+            if addresses.get(userId, "") in ("", address):
+                full.add(userId)
+    return taken, full
 
 
-def _recipientsOf(cursor, addressLists, userIds):
+def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUOTA):
     """
     Resolve the recipients of one or more messages and take a uid for each
     delivery.
 
     @param addressLists: one list of distinct addresses per message.
-    @return: C{(known, taken)}: address to user id for the recipients that
-        exist, and user id to C{(first uid, uid validity)}; each user gets
-        one uid per message it is a recipient of, from the first on.
+    @param sizes: the size of each message, for the recipients' quotas.
+    @return: C{(known, taken, full)}: address to user id for the
+        recipients that exist, user id to C{(first uid, uid validity)}
+        (each user gets one uid per message it is a recipient of, from the
+        first on), and the user ids whose quota refused their messages.
     """
+    sizes = sizes or [0] * len(addressLists)
     everyone = list(dict.fromkeys(a for addresses in addressLists for a in addresses))
     known = _userIdsOf(cursor, everyone, userIds)
 
-    counts = Counter(known[a] for addresses in addressLists for a in addresses if a in known)
-    taken = _takeUids(cursor, counts)
+    def needs(wanted):
+        counts, octets = Counter(), Counter()
+        for addresses, size in zip(addressLists, sizes):
+            for a in addresses:
+                if a in wanted and a in known:
+                    counts[known[a]] += 1
+                    octets[known[a]] += size
+        return counts, octets
+
+    counts, octets = needs(set(everyone))
+    byId = {known[a]: a for a in everyone if a in known}
+    taken, full = _takeUids(cursor, counts, octets, now, byId, quota)
     # A remembered id with no mailbox: the user was deleted (perhaps by
-    # another process), and perhaps created again under a new id.
-    stale = [a for a in everyone if a in known and known[a] not in taken]
+    # another process), and perhaps created again under a new id; or
+    # renamed, and the address is now someone else's or no one's.
+    stale = [a for a in everyone if a in known and known[a] not in taken and known[a] not in full]
     if stale:
         for address in stale:
             del known[address]
             userIds.pop(address, None)
         known.update(_userIdsOf(cursor, stale, userIds))
-        again = Counter(
-            known[a] for addresses in addressLists for a in addresses if a in stale and a in known
-        )
-        taken.update(_takeUids(cursor, {u: n for u, n in again.items() if u not in taken}))
+        counts, octets = needs(set(stale))
+        counts = {u: n for u, n in counts.items() if u not in taken and u not in full}
+        byId = {known[a]: a for a in stale if a in known}
+        again, moreFull = _takeUids(cursor, counts, octets, now, byId, quota)
+        taken.update(again)
+        full |= moreFull
     for address in everyone:
-        if known.get(address) not in taken:
+        if known.get(address) not in taken and known.get(address) not in full:
             known.pop(address, None)
             userIds.pop(address, None)
-    return known, taken
+    return known, taken, full
 
 
 _BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
@@ -332,19 +417,30 @@ def _storeLargeBody(cursor, owner, source, refcount, now):
     return bodyId
 
 
-def _deliverMessages(cursor, messages, userIds):
+def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     """
     Store several messages, each body once, and give each known recipient a
     maildrop entry; a handful of statements whatever the number of
     messages.
 
     @param messages: C{(addresses, source, now, partial)} per message.
-    @return: per message, address to unique id or L{NoSuchUser}.
+    @param quota: the server's default limits (see L{_takeUids}).
+    @return: per message, address to unique id, L{NoSuchUser} or
+        L{QuotaExceeded}.
     @raise _Separately: when a message with C{partial} false has a
-        recipient that no longer exists (that message alone must fail).
+        recipient that no longer exists (that message alone must fail),
+        or when several messages were run together and a quota refused
+        some (run alone, each fits or not on its own).
+    @raise QuotaExceeded: when the message (alone) has C{partial} false
+        and a recipient is over quota: nothing is stored.
     """
     addressLists = [list(dict.fromkeys(m[0])) for m in messages]
-    known, taken = _recipientsOf(cursor, addressLists, userIds)
+    sizes = [m[1].size for m in messages]
+    known, taken, full = _recipientsOf(
+        cursor, addressLists, userIds, sizes, min(m[2] for m in messages), quota
+    )
+    if full and len(messages) > 1:
+        raise _Separately()
     nextUid = {userId: first for userId, (first, _) in taken.items()}
     outcomes = []
     bodies, chunks, entries = [], [], []
@@ -353,7 +449,11 @@ def _deliverMessages(cursor, messages, userIds):
         results = {a: NoSuchUser(a) for a in addresses if a not in known}
         if results and not partial:
             raise _Separately(sorted(results))
-        recipients = [a for a in unique if a in known]
+        refused = [a for a in unique if a in known and known[a] in full]
+        if refused and not partial:
+            raise QuotaExceeded(*refused)
+        results.update((a, QuotaExceeded(a)) for a in refused)
+        recipients = [a for a in unique if a in known and known[a] not in full]
         outcomes.append(results)
         if not recipients:
             continue
@@ -382,7 +482,7 @@ def _deliverMessages(cursor, messages, userIds):
     return outcomes
 
 
-def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None):
+def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
     """
     Store the body once and give each known recipient a maildrop entry.
 
@@ -393,10 +493,11 @@ def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None):
     @param userIds: a cache of address to user id, kept by the writer
         thread; an id that no longer has a mailbox (the user was deleted,
         perhaps by another process) is found out by the counter update.
+    @param quota: the server's default limits (see L{_takeUids}).
     """
     userIds = {} if userIds is None else userIds
     try:
-        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds)
+        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds, quota)
     except _Separately as e:
         raise NoSuchUser(", ".join(e.missing)) from None
     return results
@@ -411,19 +512,20 @@ def _deliverTogether(cursor, calls):
     database engine.
     """
     messages = []
-    userIds = None
+    userIds = quota = None
     for args, kwargs in calls:
-        addresses, source, now, partial, ids = _deliverArguments(*args, **kwargs)
+        addresses, source, now, partial, ids, limits = _deliverArguments(*args, **kwargs)
         messages.append((addresses, source, now, partial))
         if userIds is None:
             userIds = {} if ids is None else ids
-        elif ids is not userIds:
+            quota = limits
+        elif ids is not userIds or limits != quota:
             raise _Separately()
-    return _deliverMessages(cursor, messages, userIds)
+    return _deliverMessages(cursor, messages, userIds, quota)
 
 
-def _deliverArguments(addresses, source, now, partial=True, userIds=None):
-    return addresses, source, now, partial, userIds
+def _deliverArguments(addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
+    return addresses, source, now, partial, userIds, quota
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
@@ -512,8 +614,8 @@ def _readChunks(cursor, owner, bodyId, seq, count):
 # -- the store -------------------------------------------------------------
 
 
-@implementer(IMailStore)
-class SQLMailStore:
+@implementer(IMailStore, ILifecycleStore)
+class SQLMailStore(lifecycle.LifecycleStore):
     """
     L{IMailStore} on a L{Database}.
 
@@ -534,6 +636,7 @@ class SQLMailStore:
         self._opened = 0
         # Address to user id, used and kept by the writer thread alone.
         self._userIds = {}
+        self.limits = lifecycle.StoreLimits()
 
     @property
     def engine(self):
@@ -568,7 +671,8 @@ class SQLMailStore:
 
     def deliver(self, addresses, source, partial=True):
         return self.database.runWrite(
-            _deliver, list(addresses), source, self._now(), partial, self._userIds
+            _deliver, list(addresses), source, self._now(), partial, self._userIds,
+            self.limits.deliveryQuota(),
         )
 
     def recordLogin(self, identity, minimumInterval):
@@ -579,7 +683,7 @@ class SQLMailStore:
         # The password hash the login was verified against: the snapshot
         # confirms it is still the user's (see PasswordChecker).
         passwordHash = identity.passwordHash
-        d = self.locks.acquireAndSnapshot(userId, passwordHash)
+        d = self.locks.acquireAndSnapshot(userId, passwordHash, identity.address)
         return d.addCallback(self._maildropOpened, identity)
 
     def _maildropOpened(self, result, identity):
@@ -618,6 +722,30 @@ class SQLMaildrop:
         self.sizes = sizes
         self._released = False
         self._ahead = {}
+        self.peer = None
+        self._session = None
+
+    def sessionStarted(self, peer, end=None):
+        """
+        The POP3 session working on this maildrop has begun: C{peer} is
+        the client's address (C{"host:port"}), recorded with what the
+        session deletes and shown by C{mailgate who}; C{end()}, if given,
+        ends the session without applying its deletions (C{mailgate kick}).
+        """
+        self.peer = peer
+        self._session = self._store.sessions.started(self, peer, end)
+
+    @property
+    def userId(self):
+        return self._userId
+
+    @property
+    def expireDays(self):
+        """
+        The owner's retention in days (RFC 2449 EXPIRE after login), or
+        C{None} for never.
+        """
+        return self._store.retention.daysFor(self._userId)
 
     def uniqueIds(self, first, count):
         uids = self._uids[first : first + count]
@@ -674,15 +802,27 @@ class SQLMaildrop:
             uids.append(self._uids[i])
         return uids
 
-    def expunge(self, indexes):
+    def expunge(self, indexes, peer=None):
+        """
+        Remove the messages at C{indexes}, in one transaction.  Where the
+        server keeps deleted mail (L{lifecycle.StoreLimits.keepDeletedDays}),
+        they leave the maildrop (and the quota) all the same but are kept
+        for recovery, with the time and C{peer}, the client's address
+        (by default the one given to L{sessionStarted}).
+        """
         uids = [self._uids[i] for i in indexes]
         if not uids:
             return defer.succeed(0)
+        peer = self.peer if peer is None else peer
         d = self._store.locks.verify(self._userId)
 
         def remove(held):
             if not held:
                 raise TemporaryFailure("the maildrop lock was lost; nothing removed")
+            if self._store.limits.keepDeletedDays > 0:
+                return self._store.database.runWrite(
+                    lifecycle._keepDeleted, self._userId, uids, self._store._now(), peer
+                )
             return self._store.database.runWrite(_removeMessages, self._userId, uids)
 
         return d.addCallback(remove)
@@ -692,6 +832,9 @@ class SQLMaildrop:
             return defer.succeed(None)
         self._released = True
         self._store._lockCountChanged(-1)
+        session, self._session = self._session, None
+        if session is not None:
+            self._store.sessions.ended(session)
         return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 

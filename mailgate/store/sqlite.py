@@ -249,11 +249,11 @@ class InProcessLocks:
         self._held.add(userId)
         return defer.succeed(userId)
 
-    def acquireAndSnapshot(self, userId, passwordHash):
+    def acquireAndSnapshot(self, userId, passwordHash, address=None):
         d = self.acquire(userId)
 
         def snapshot(_):
-            read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash)
+            read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
 
             def giveBack(failure):
                 self._held.discard(userId)

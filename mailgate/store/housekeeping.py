@@ -1,0 +1,228 @@
+# -*- test-case-name: tests.test_lifecycle -*-
+"""
+The store's background work on every node: the retention task (messages
+older than their user's EXPIRE, and kept deleted mail past its time), and
+the node's part of the POP3 session registry.
+
+It is safe to run on every node at once: a maildrop is worked on only
+under its POP3 lock, taken without waiting (a maildrop in use is skipped
+until the next pass), and every removal is a C{DELETE ... RETURNING}, so
+no message is ever released twice.
+
+Both services are given their reactor, and start their timers once it
+runs (C{twistd} starts services before it runs the reactor; an embedder's
+running reactor starts them at once), as L{mailgate.policy.service} does.
+"""
+
+import os
+import random
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailgate.errors import TemporaryFailure
+
+
+class RetentionService(Service):
+    """
+    Runs the retention task every L{interval} seconds (the first pass
+    after a random part of it, so that nodes started together spread
+    out), in small batches: each pass works on at most L{usersPerPass}
+    maildrops, and passes follow each other only while they find work, up
+    to L{maxPasses}.
+
+    @ivar running: the L{Deferred} of the pass under way, if any.
+    """
+
+    interval = 600.0
+    refreshInterval = 30.0
+    usersPerPass = 100
+    messagesPerTransaction = 500
+    maxPasses = 20
+    log = Logger()
+
+    def __init__(self, store, reactor, interval=None, refreshInterval=None):
+        self._store = store
+        self._reactor = reactor
+        if interval is not None:
+            self.interval = interval
+        if refreshInterval is not None:
+            self.refreshInterval = refreshInterval
+        self._call = None
+        self._refreshCall = None
+        self.active = None
+
+    def startService(self):
+        Service.startService(self)
+        self._reactor.callWhenRunning(self._start)
+
+    def _start(self):
+        if self.running:
+            self._schedule(random.uniform(0, self.interval / 10))
+            self._refreshCall = self._reactor.callLater(0, self._refresh)
+
+    def _refresh(self):
+        """
+        Reload the users' own retention values, for EXPIRE in CAPA.
+        """
+        d = self._store.retention.refresh()
+
+        def again(_):
+            if self.running:
+                self._refreshCall = self._reactor.callLater(self.refreshInterval, self._refresh)
+
+        d.addBoth(again)
+
+    def stopService(self):
+        Service.stopService(self)
+        for call in (self._call, self._refreshCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._refreshCall = None
+        # Let a pass under way finish its transaction.
+        return self.active
+
+    def _schedule(self, delay):
+        if self.running:
+            self._call = self._reactor.callLater(delay, self._tick)
+
+    def _tick(self):
+        self._call = None
+        d = self.runOnce()
+        d.addBoth(lambda _: self._schedule(self.interval))
+
+    def runOnce(self):
+        """
+        One round of the task; the L{Deferred} fires with C{(expired,
+        purged)} and never fails (failures are logged: the next round
+        tries again).
+        """
+        if self.active is not None:
+            return self.active
+        self.active = d = self._run()
+
+        def failed(failure):
+            if failure.check(TemporaryFailure):
+                # The database is away (or closing at shutdown): the next
+                # round tries again.
+                self.log.warn("retention task: {reason}", reason=failure.value)
+            else:
+                self.log.failure("retention task failed", failure)
+            return (0, 0)
+
+        def done(result):
+            self.active = None
+            return result
+
+        return d.addErrback(failed).addBoth(done)
+
+    @defer.inlineCallbacks
+    def _run(self):
+        store = self._store
+        expired = busy = 0
+        for _ in range(self.maxPasses):
+            removed, skipped = yield store.expireMessages(self.usersPerPass, self.messagesPerTransaction)
+            expired += removed
+            busy = skipped
+            if not removed:
+                break
+        purged = 0
+        for _ in range(self.maxPasses):
+            removed = yield store.purgeDeleted(self.messagesPerTransaction)
+            purged += removed
+            if removed < self.messagesPerTransaction:
+                break
+        if expired or purged:
+            self.log.info(
+                "retention: removed {expired} expired messages and {purged} kept deleted messages"
+                "{busy}",
+                expired=expired,
+                purged=purged,
+                busy=f"; {busy} maildrops in use skipped" if busy else "",
+                event="retention.removed",
+            )
+        return expired, purged
+
+
+class RegistryService(Service):
+    """
+    Keeps this node's part of the POP3 session registry in the database
+    (L{mailgate.store.registry}): every L{interval} seconds, writes the
+    sessions that came and went (and the heartbeat, when due), and ends
+    the sessions C{mailgate kick} marked.  At shutdown, the node's rows go.
+    """
+
+    interval = 1.0
+    log = Logger()
+
+    def __init__(self, store, reactor, name=None, interval=None):
+        self._store = store
+        self._reactor = reactor
+        if name is not None:
+            # The configured host name, and the process (several may run
+            # on one machine).
+            store.sessions.name = f"{name}[{os.getpid()}]"
+        if interval is not None:
+            self.interval = interval
+        self._call = None
+        self.active = None
+        self._failing = False
+
+    def startService(self):
+        Service.startService(self)
+        self._reactor.callWhenRunning(self._schedule, 0)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        d = defer.maybeDeferred(lambda: self.active)
+        d.addBoth(lambda _: self._store.sessions.leave())
+        d.addErrback(lambda failure: self.log.warn("leaving the session registry: {reason}", reason=failure.value))
+        return d
+
+    def _schedule(self, delay):
+        if self.running:
+            self._call = self._reactor.callLater(delay, self._tick)
+
+    def _tick(self):
+        self._call = None
+        d = self.runOnce()
+        d.addBoth(lambda _: self._schedule(self.interval))
+
+    def runOnce(self):
+        """
+        Write what changed and end the kicked sessions; never fails
+        (failures are logged once, until the next success).
+        """
+        if self.active is not None:
+            return self.active
+        registry = self._store.sessions
+        self.active = d = defer.Deferred()
+        d.addCallback(lambda _: registry.flush() if registry.due() else None)
+        d.addCallback(lambda _: registry.poll())
+
+        def done(result):
+            if self._failing:
+                self._failing = False
+                self.log.info("session registry: written again")
+            return result
+
+        def failed(failure):
+            if not self._failing:
+                self._failing = True
+                if failure.check(TemporaryFailure):
+                    self.log.warn("session registry: {reason}", reason=failure.value)
+                else:
+                    self.log.failure("session registry", failure)
+            return None
+
+        def finished(result):
+            self.active = None
+            return result
+
+        d.addCallbacks(done, failed).addBoth(finished)
+        d.callback(None)
+        return d

@@ -1,0 +1,852 @@
+# -*- test-case-name: tests.test_lifecycle -*-
+"""
+A maildrop's life besides delivery and POP3: quotas, retention (RFC 2449
+EXPIRE), deleted mail kept for recovery, renaming, and the registry of
+POP3 sessions in progress.
+
+The interactions here run, like those of L{mailgate.store.sql}, on a
+cursor inside a transaction, handed to the L{Database} by the store's
+methods (L{LifecycleStore}, which L{mailgate.store.sql.SQLMailStore}
+inherits).  The rules they keep:
+
+  - Storage use (C{mailboxes.used_octets}, C{used_messages}) changes in the
+    same transaction as the mail it counts, on the row the delivery
+    already locks for its uid counter; quotas are checked there too (see
+    L{mailgate.store.sql._takeUids}).
+  - Limits stored per user are C{NULL} for the server's default and C{-1}
+    for none (C{EXPIRE NEVER}); the server's defaults are L{StoreLimits}.
+  - A message's uid and unique id are never given to another message:
+    kept deleted mail keeps its own, restored mail gets them back.
+"""
+
+import re
+
+import attr
+
+from mailgate.errors import NoSuchUser
+
+#: A stored limit meaning "the server's default".
+DEFAULT = None
+#: A stored limit meaning "no limit" (or, for retention, NEVER).
+UNLIMITED = -1
+
+DAY = 86400
+
+
+@attr.s
+class StoreLimits:
+    """
+    The server's defaults for what users have not set themselves, and
+    how long deleted mail is kept.  C{None}: no limit.
+
+    @ivar quotaOctets: the default storage quota, in octets.
+    @ivar quotaMessages: the default quota in messages.
+    @ivar expireDays: the default retention (RFC 2449 EXPIRE), in days.
+    @ivar keepDeletedDays: days messages deleted by POP3 are kept for
+        recovery (0: removed at once).
+    """
+
+    quotaOctets = attr.ib(default=None)
+    quotaMessages = attr.ib(default=None)
+    expireDays = attr.ib(default=None)
+    keepDeletedDays = attr.ib(default=0)
+
+    def deliveryQuota(self):
+        """
+        The defaults as the delivery statement takes them: C{(octets,
+        messages)}, -1 for none.
+        """
+        return (
+            UNLIMITED if self.quotaOctets is None else self.quotaOctets,
+            UNLIMITED if self.quotaMessages is None else self.quotaMessages,
+        )
+
+    def effective(self, own, default):
+        """
+        A limit as it applies: the user's C{own} (C{None}: the default,
+        C{-1}: none), else C{default}; C{None} for no limit.
+        """
+        if own is None:
+            return default
+        return None if own < 0 else own
+
+
+# -- sizes as administrators write them ------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parseSize(text):
+    """
+    Octets from C{1G}, C{500M}, C{64k} or a plain number (units of 1024,
+    as Dovecot's quota settings count them).
+
+    @raise ValueError: for anything else.
+    """
+    match = _SIZE.match(text or "")
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1G, 500M, 64K or octets)")
+    number, unit, _ = match.groups()
+    return int(number) * _UNITS[unit.lower()]
+
+
+def formatSize(octets):
+    """
+    A size the way L{parseSize} reads it, exact: C{1G}, C{1536K}, C{1000}.
+    """
+    for unit in ("T", "G", "M", "K"):
+        factor = _UNITS[unit.lower()]
+        if octets and octets % factor == 0:
+            return f"{octets // factor}{unit}"
+    return str(octets)
+
+
+def describeLimit(own, unit=None):
+    """
+    A user's own limit for listings: C{default}, C{none} (C{never} for
+    retention) or the value.
+    """
+    if own is None:
+        return "default"
+    if own < 0:
+        return "never" if unit == "days" else "none"
+    if unit == "octets":
+        return formatSize(own)
+    return str(own)
+
+
+# -- interactions ------------------------------------------------------------
+
+
+def _userId(cursor, address):
+    cursor.execute("SELECT user_id FROM users WHERE address = ?", (address,))
+    row = cursor.fetchone()
+    if row is None:
+        raise NoSuchUser(address)
+    return row[0]
+
+
+def _forgetUser(cursor, userId):
+    """
+    What a user's deletion removes besides the maildrop: kept deleted
+    mail (releasing its bodies) and the registry's sessions.
+    """
+    from mailgate.store.sql import _releaseBodies
+
+    cursor.execute(
+        "DELETE FROM deleted_mail WHERE user_id = ? RETURNING body_owner, body_id", (userId,)
+    )
+    references = {}
+    for owner, bodyId in cursor.fetchall():
+        references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
+    _releaseBodies(cursor, references)
+    cursor.execute("DELETE FROM pop3_sessions WHERE user_id = ?", (userId,))
+
+
+_KEEP = object()
+
+
+def _setLimits(cursor, address, quotaOctets=_KEEP, quotaMessages=_KEEP, expireDays=_KEEP):
+    userId = _userId(cursor, address)
+    changes = [
+        (column, value)
+        for column, value in (
+            ("quota_octets", quotaOctets),
+            ("quota_messages", quotaMessages),
+            ("expire_days", expireDays),
+        )
+        if value is not _KEEP
+    ]
+    if changes:
+        cursor.execute(
+            f"UPDATE mailboxes SET {', '.join(f'{c} = ?' for c, _ in changes)} WHERE user_id = ?",
+            [v for _, v in changes] + [userId],
+        )
+
+
+def _quotaOf(cursor, address):
+    cursor.execute(
+        "SELECT b.user_id, b.used_octets, b.used_messages, b.quota_octets, b.quota_messages "
+        "FROM users u JOIN mailboxes b ON b.user_id = u.user_id WHERE u.address = ?",
+        (address,),
+    )
+    return cursor.fetchone()
+
+
+def _expireOverrides(cursor):
+    """
+    The users with a retention of their own: user id to days (-1 never).
+    """
+    cursor.execute("SELECT user_id, expire_days FROM mailboxes WHERE expire_days IS NOT NULL")
+    return dict(cursor.fetchall())
+
+
+def _expireCandidates(cursor, now, defaultDays, limit):
+    """
+    Users whose maildrop may hold messages older than their retention
+    allows, judged by each maildrop's C{oldest_arrival} (a lower bound:
+    a maildrop found here may turn out to have nothing to remove).
+    """
+    cursor.execute(
+        "SELECT user_id FROM mailboxes WHERE oldest_arrival IS NOT NULL "
+        "AND coalesce(expire_days, ?) >= 0 "
+        "AND oldest_arrival < ? - coalesce(expire_days, ?) * ? "
+        "ORDER BY oldest_arrival LIMIT ?",
+        (defaultDays, now, defaultDays, DAY, limit),
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _expireUser(cursor, userId, now, defaultDays, limit):
+    """
+    Remove at most C{limit} of a user's messages that are older than the
+    user's retention, oldest first, and make C{oldest_arrival} exact once
+    nothing older is left.
+
+    @return: C{(messages removed, whether more may be left)}.
+    """
+    from mailgate.store.sql import _removeMessages
+
+    cursor.execute("SELECT coalesce(expire_days, ?) FROM mailboxes WHERE user_id = ?", (defaultDays, userId))
+    row = cursor.fetchone()
+    if row is None or row[0] < 0:
+        return 0, False
+    cutoff = now - row[0] * DAY
+    cursor.execute(
+        "SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ? ORDER BY uid LIMIT ?",
+        (userId, cutoff, limit),
+    )
+    uids = [r[0] for r in cursor.fetchall()]
+    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    if len(uids) < limit:
+        cursor.execute(
+            "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
+            "WHERE user_id = ?",
+            (userId, userId),
+        )
+        return removed, False
+    return removed, True
+
+
+def _purgeDeleted(cursor, before, limit):
+    """
+    Remove at most C{limit} kept deleted messages deleted before
+    C{before}, releasing their bodies.
+
+    @return: how many were removed.
+    """
+    from mailgate.store.sql import _releaseBodies
+
+    cursor.execute(
+        "SELECT user_id, uid FROM deleted_mail WHERE deleted_at < ? ORDER BY deleted_at LIMIT ?",
+        (before, limit),
+    )
+    byUser = {}
+    for userId, uid in cursor.fetchall():
+        byUser.setdefault(userId, []).append(uid)
+    references = {}
+    removed = 0
+    for userId, uids in sorted(byUser.items()):
+        for batch in _batches(uids):
+            cursor.execute(
+                f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({','.join('?' * len(batch))}) "
+                "RETURNING body_owner, body_id",
+                (userId, *batch),
+            )
+            for owner, bodyId in cursor.fetchall():
+                references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
+                removed += 1
+    _releaseBodies(cursor, references)
+    return removed
+
+
+def _keepDeleted(cursor, userId, uids, now, peer):
+    """
+    The UPDATE state of a POP3 session where deleted mail is kept: the
+    messages leave the maildrop (and the user's quota) but their rows, with
+    their uid, unique id and body reference, move to C{deleted_mail}.
+
+    @return: how many were removed.
+    """
+    from mailgate.store.sql import _releaseUsage
+
+    removed = octets = 0
+    for batch in _batches(uids):
+        marks = ",".join("?" * len(batch))
+        cursor.execute(
+            "INSERT INTO deleted_mail (user_id, uid, uidl, body_owner, body_id, size, header_size, "
+            "arrived_at, deleted_at, deleted_by) "
+            "SELECT user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at, ?, ? "
+            f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})",
+            (now, peer, userId, *batch),
+        )
+        cursor.execute(
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({marks}) RETURNING size",
+            (userId, *batch),
+        )
+        sizes = [row[0] for row in cursor.fetchall()]
+        removed += len(sizes)
+        octets += sum(sizes)
+    if removed:
+        _releaseUsage(cursor, userId, removed, octets)
+    return removed
+
+
+def _listDeleted(cursor, address):
+    from mailgate.store.records import DeletedMessage
+
+    userId = _userId(cursor, address)
+    cursor.execute(
+        "SELECT size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        "WHERE user_id = ? ORDER BY uid",
+        (userId,),
+    )
+    return [DeletedMessage(n, *row) for n, row in enumerate(cursor.fetchall(), 1)]
+
+
+_DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
+
+
+def _restoreDeleted(cursor, address, uidls, since, asNew, now):
+    """
+    Bring kept deleted messages back into the maildrop: those with the
+    unique ids C{uidls} (all if C{None}), deleted at or after C{since}
+    (if given).  They come back under their own uid and unique id, in
+    their old place among the others, or with C{asNew} under new ones
+    (after every other message), so that clients that leave mail on the
+    server download them again.  Restoring is never refused for the
+    quota: the mail was already stored.
+
+    @return: C{(restored, missing)}: a list of C{(old unique id, unique id
+        now)}, and the requested unique ids that are not kept.
+    """
+    from mailgate.store.sql import _placeholders, formatUniqueId
+
+    userId = _userId(cursor, address)
+    where, params = "user_id = ?", [userId]
+    if since is not None:
+        where += " AND deleted_at >= ?"
+        params.append(since)
+    rows = []
+    if uidls is None:
+        cursor.execute(f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} ORDER BY uid", params)
+        rows = cursor.fetchall()
+    else:
+        for batch in _batches(sorted(set(uidls))):
+            cursor.execute(
+                f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} "
+                f"AND uidl IN ({_placeholders(len(batch))})",
+                params + batch,
+            )
+            rows += cursor.fetchall()
+        rows.sort()
+    found = {row[1] for row in rows}
+    missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
+    if not rows:
+        return [], missing
+    if asNew:
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+            (len(rows), userId),
+        )
+        following, validity = cursor.fetchone()
+        first = following - len(rows)
+        entries = [
+            (userId, first + n, formatUniqueId(first + n, validity), *row[2:])
+            for n, row in enumerate(rows)
+        ]
+    else:
+        entries = [(userId, *row) for row in rows]
+    from mailgate.store.sql import _MAILDROP_COLUMNS, _insertRows
+
+    for batch in _batches([row[0] for row in rows]):
+        cursor.execute(
+            f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            (userId, *batch),
+        )
+    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
+        "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
+        "ELSE oldest_arrival END WHERE user_id = ?",
+        (len(rows), sum(row[4] for row in rows), min(row[6] for row in rows),
+         min(row[6] for row in rows), userId),
+    )
+    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
+
+
+def _presentUidls(cursor, userId, uidls):
+    """
+    Which of C{uidls} a user's maildrop already has, or keeps deleted.
+    """
+    from mailgate.store.sql import _placeholders
+
+    present = set()
+    for batch in _batches(sorted(set(uidls))):
+        marks = _placeholders(len(batch))
+        for table in ("maildrop", "deleted_mail"):
+            cursor.execute(
+                f"SELECT uidl FROM {table} WHERE user_id = ? AND uidl IN ({marks})", (userId, *batch)
+            )
+            present.update(row[0] for row in cursor.fetchall())
+    return present
+
+
+def _existingUidls(cursor, address, uidls):
+    return _presentUidls(cursor, _userId(cursor, address), uidls)
+
+
+def generatedUid(uidl, validity):
+    """
+    The uid whose generated unique id (L{mailgate.store.sql.formatUniqueId}
+    under C{validity}) is C{uidl}, or C{None} if mailgate could never
+    generate it there.
+    """
+    suffix = f"{validity:08x}"
+    if len(uidl) < 16 or not uidl.endswith(suffix):
+        return None
+    prefix = uidl[: -len(suffix)]
+    try:
+        uid = int(prefix, 16)
+    except ValueError:
+        return None
+    return uid if f"{uid:08x}" == prefix else None
+
+
+def _importMessages(cursor, address, items):
+    """
+    Add messages from another server to a user's maildrop, keeping the
+    unique ids that server gave them, in one transaction.  Ids the
+    maildrop already has (a resumed import) are skipped.  The messages
+    take the next uids, in the order given (POP3 numbers them so), and
+    count towards the user's storage use, but no quota refuses them: a
+    migration must not lose mail.
+
+    An imported id must never collide with one mailgate generates later:
+    where an imported id has the shape of mailgate's own ids for this
+    maildrop (L{generatedUid}), the uid counter is moved past it.
+
+    @param items: C{(uidl, source, arrived)} per message, the source an
+        L{mailgate.interfaces.IMessageSource}.
+    @return: C{(imported, skipped)}: the unique ids added, and those
+        skipped as already present.
+    """
+    from mailgate.store.sql import (
+        _BODY_COLUMNS,
+        _CHUNK_COLUMNS,
+        _MAILDROP_COLUMNS,
+        CHUNK_SIZE,
+        _insertRows,
+        _pieces,
+        _storeLargeBody,
+    )
+
+    import secrets
+
+    userId = _userId(cursor, address)
+    present = _presentUidls(cursor, userId, [item[0] for item in items])
+    fresh, seen = [], set()
+    for item in items:
+        if item[0] not in present and item[0] not in seen:
+            seen.add(item[0])
+            fresh.append(item)
+    skipped = [item[0] for item in items if item[0] in present]
+    if not fresh:
+        return [], skipped
+    octets = sum(source.size for _, source, _ in fresh)
+    oldest = min(arrived for _, _, arrived in fresh)
+    cursor.execute(
+        "UPDATE mailboxes SET next_uid = next_uid + ?, used_messages = used_messages + ?, "
+        "used_octets = used_octets + ?, "
+        "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
+        "ELSE oldest_arrival END WHERE user_id = ? RETURNING next_uid, uid_validity",
+        (len(fresh), len(fresh), octets, oldest, oldest, userId),
+    )
+    following, validity = cursor.fetchone()
+    first = following - len(fresh)
+    colliding = [generatedUid(uidl, validity) for uidl, _, _ in fresh]
+    colliding = [uid for uid in colliding if uid is not None and uid >= following]
+    if colliding:
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = ? WHERE user_id = ? AND next_uid <= ?",
+            (max(colliding) + 1, userId, max(colliding)),
+        )
+    bodies, chunks, entries = [], [], []
+    for n, (uidl, source, arrived) in enumerate(fresh):
+        if source.size <= CHUNK_SIZE:
+            bodyId = secrets.token_hex(16)
+            bodies.append((userId, bodyId, source.size, source.headerSize, 1, arrived))
+            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
+        else:
+            bodyId = _storeLargeBody(cursor, userId, source, 1, arrived)
+        entries.append((userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived))
+    _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
+    _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
+    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    return [uidl for uidl, _, _ in fresh], skipped
+
+
+def _inSession(cursor, userId, aliveSince):
+    """
+    Whether a live node's registry shows a POP3 session of the user.
+    """
+    cursor.execute(
+        "SELECT 1 FROM pop3_sessions s JOIN mailgate_nodes n ON n.node_id = s.node_id "
+        "WHERE s.user_id = ? AND n.seen_at >= ? LIMIT 1",
+        (userId, aliveSince),
+    )
+    return cursor.fetchone() is not None
+
+
+def _renameUser(cursor, engine, old, new, aliveSince):
+    """
+    Give a user a new address: the maildrop, its unique ids, quota and
+    retention stay with the user (they hang on the user id).
+
+    @raise NoSuchUser: if there is no C{old}.
+    @raise UserExists: if C{new} is taken.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    from mailgate.errors import MaildropInUse, UserExists
+
+    userId = _userId(cursor, old)
+    cursor.execute("SELECT 1 FROM users WHERE address = ?", (new,))
+    if cursor.fetchone() is not None:
+        raise UserExists(new)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(old)
+    try:
+        cursor.execute(
+            "UPDATE users SET address = ?, domain = ? WHERE user_id = ?",
+            (new, new.rpartition("@")[2], userId),
+        )
+    except Exception as e:
+        if engine.isUniqueViolation(e):
+            raise UserExists(new) from None
+        raise
+
+
+def _expungeUser(cursor, address, before, aliveSince):
+    """
+    Remove a user's messages for good: all of them, or those that arrived
+    before C{before}.
+
+    @return: how many were removed.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    from mailgate.errors import MaildropInUse
+    from mailgate.store.sql import _removeMessages
+
+    userId = _userId(cursor, address)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(address)
+    if before is None:
+        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (userId,))
+    else:
+        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ?", (userId, before))
+    uids = [row[0] for row in cursor.fetchall()]
+    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
+        "WHERE user_id = ?",
+        (userId, userId),
+    )
+    return removed
+
+
+def _batches(items, size=500):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Retention:
+    """
+    What POP3 advertises as EXPIRE (RFC 2449 section 6.7), answered from
+    memory: the users who have a retention of their own, loaded from the
+    store and refreshed periodically (like the APOP advertiser), so that
+    neither CAPA nor a login costs a trip to the database.
+
+    @ivar overrides: user id to the user's own days (-1: never).
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.overrides = {}
+
+    def refresh(self):
+        d = self._store.database.runInteraction(_expireOverrides)
+
+        def got(overrides):
+            self.overrides = overrides
+
+        return d.addCallbacks(got, lambda failure: None)
+
+    @property
+    def defaultDays(self):
+        return self._store.limits.expireDays
+
+    def daysFor(self, userId):
+        """
+        A user's retention in days, or C{None} for never.
+        """
+        return self._store.limits.effective(self.overrides.get(userId), self.defaultDays)
+
+    def variesPerUser(self):
+        default = self.defaultDays
+        return any(self._store.limits.effective(days, default) != default for days in self.overrides.values())
+
+    def capability(self, maildrop=None):
+        """
+        The CAPA line: before login, the server's default, followed by
+        C{USER} when some users have another value; after login (given
+        the session's maildrop), the user's own.
+        """
+        if maildrop is not None:
+            days = maildrop.expireDays
+            return "EXPIRE " + ("NEVER" if days is None else str(days))
+        line = "EXPIRE " + ("NEVER" if self.defaultDays is None else str(self.defaultDays))
+        return line + " USER" if self.variesPerUser() else line
+
+
+class LifecycleStore:
+    """
+    The lifecycle half of L{mailgate.store.sql.SQLMailStore}.
+
+    @ivar limits: the server's L{StoreLimits}; the service sets them from
+        its configuration.
+    """
+
+    def setQuota(self, address, octets=_KEEP, messages=_KEEP):
+        """
+        Set a user's own quota: a number, L{UNLIMITED} or L{DEFAULT} (the
+        server's), for octets and for messages; an argument not given is
+        left as it is.  Mail already stored stays, whatever the new quota.
+
+        @return: a L{Deferred}; fails with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_setLimits, address, quotaOctets=octets, quotaMessages=messages)
+
+    def setExpire(self, address, days):
+        """
+        Set a user's own retention: days, L{UNLIMITED} (never) or
+        L{DEFAULT}.
+
+        @return: a L{Deferred}; fails with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_setLimits, address, expireDays=days)
+
+    def quotaOf(self, address):
+        """
+        A user's storage use and the limits that apply to it now: a
+        L{Deferred} L{mailgate.store.records.QuotaStatus}, or C{None} if
+        there is no such user.
+        """
+        from mailgate.store.records import QuotaStatus
+
+        def status(row):
+            if row is None:
+                return None
+            userId, octets, messages, quotaOctets, quotaMessages = row
+            return QuotaStatus(
+                userId,
+                octets,
+                messages,
+                self.limits.effective(quotaOctets, self.limits.quotaOctets),
+                self.limits.effective(quotaMessages, self.limits.quotaMessages),
+            )
+
+        return self.database.runInteraction(_quotaOf, address).addCallback(status)
+
+    @property
+    def retention(self):
+        """
+        The store's L{Retention}: what POP3 advertises as EXPIRE.
+        """
+        retention = self.__dict__.get("_retention")
+        if retention is None:
+            retention = self.__dict__["_retention"] = Retention(self)
+        return retention
+
+    def expireMessages(self, users=100, messagesPerTransaction=500):
+        """
+        One pass of the retention task: remove messages older than their
+        user's retention from at most C{users} maildrops, a transaction
+        of at most C{messagesPerTransaction} removals at a time, skipping
+        every maildrop a POP3 session holds (its lock is taken without
+        waiting, through the store's locks, so this is safe on several
+        nodes at once).
+
+        @return: a L{Deferred} of C{(messages removed, maildrops skipped
+            because busy)}.
+        """
+        from twisted.internet import defer
+
+        from mailgate.errors import MaildropInUse
+
+        now = self._now()
+        default = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
+
+        @defer.inlineCallbacks
+        def run():
+            candidates = yield self.database.runInteraction(_expireCandidates, now, default, users)
+            removed = busy = 0
+            for userId in candidates:
+                try:
+                    yield self.locks.acquire(userId)
+                except MaildropInUse:
+                    busy += 1
+                    continue
+                try:
+                    more = True
+                    while more:
+                        count, more = yield self.database.runWrite(
+                            _expireUser, userId, now, default, messagesPerTransaction
+                        )
+                        removed += count
+                finally:
+                    yield self.locks.release(userId)
+            return removed, busy
+
+        return run()
+
+    def purgeDeleted(self, limit=500):
+        """
+        Remove kept deleted mail older than L{StoreLimits.keepDeletedDays}
+        (all of it when that is 0), at most C{limit} messages.
+
+        @return: a L{Deferred} of how many were removed.
+        """
+        before = self._now() - self.limits.keepDeletedDays * DAY
+        return self.database.runWrite(_purgeDeleted, before, limit)
+
+    def listDeleted(self, address):
+        """
+        A user's kept deleted messages: a L{Deferred} list of
+        L{mailgate.store.records.DeletedMessage}, in their maildrop order.
+        Fails with L{NoSuchUser}.
+        """
+        return self.database.runInteraction(_listDeleted, address)
+
+    def restoreDeleted(self, address, uidls=None, since=None, asNew=False):
+        """
+        Bring kept deleted messages back; see L{_restoreDeleted}.
+
+        @param uidls: the unique ids to restore; C{None} for all.
+        @param since: only those deleted at or after this time (seconds).
+        @return: a L{Deferred} of C{(restored, missing)}.
+        """
+        return self.database.runWrite(
+            _restoreDeleted, address, None if uidls is None else list(uidls), since, asNew, self._now()
+        )
+
+    @property
+    def sessions(self):
+        """
+        This store's part of the registry of POP3 sessions
+        (L{mailgate.store.registry.SessionRegistry}).
+        """
+        sessions = self.__dict__.get("_sessions")
+        if sessions is None:
+            from mailgate.store.registry import SessionRegistry
+
+            sessions = self.__dict__["_sessions"] = SessionRegistry(self)
+        return sessions
+
+    def listSessions(self, address=None):
+        """
+        The POP3 sessions in progress on every live node (of C{address}
+        only, if given): a L{Deferred} list of
+        L{mailgate.store.records.SessionInfo}, oldest first.
+        """
+        from mailgate.store.registry import STALE_AFTER, _sessions
+
+        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address)
+
+    def kickSessions(self, address):
+        """
+        Ask the nodes serving C{address}'s POP3 sessions to end them
+        (without applying their deletions): a L{Deferred} of how many were
+        marked.
+        """
+        from mailgate.store.registry import STALE_AFTER, _kick
+
+        now = self._now()
+        return self.database.runWrite(_kick, address, now, now - STALE_AFTER)
+
+    def importMessages(self, address, items):
+        """
+        Add messages from another server, keeping their unique ids; see
+        L{_importMessages}.  One transaction: all of C{items} or none.
+
+        @return: a L{Deferred} of C{(imported, skipped)} unique ids; fails
+            with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_importMessages, address, list(items))
+
+    def existingUidls(self, address, uidls):
+        """
+        Which of C{uidls} a user's maildrop already holds (or keeps
+        deleted): a L{Deferred} set.
+        """
+        return self.database.runInteraction(_existingUidls, address, list(uidls))
+
+    def _underLock(self, address, work):
+        """
+        Run C{work()} (a L{Deferred}) holding the maildrop's POP3 lock,
+        taken without waiting: fails with L{MaildropInUse} if a session
+        holds it.  (Where locks are per process, as with the embedded
+        SQLite store, the session registry is checked as well, inside the
+        work's transaction.)
+        """
+        from twisted.internet import defer
+
+        @defer.inlineCallbacks
+        def run():
+            user = yield self.findUser(address)
+            if user is None:
+                raise NoSuchUser(address)
+            yield self.locks.acquire(user.userId)
+            try:
+                result = yield work()
+            finally:
+                yield self.locks.release(user.userId)
+            return result
+
+        return run()
+
+    def renameUser(self, old, new):
+        """
+        Rename a user; refused (L{MaildropInUse}) while the user is in a
+        POP3 session.  The next login must use the new address, also on a
+        running server: a password remembered for the old one no longer
+        opens the maildrop (see L{mailgate.store.sql._snapshot}).
+
+        @return: a L{Deferred}; fails with L{NoSuchUser}, L{UserExists} or
+            L{MaildropInUse}.
+        """
+        from mailgate.store.registry import STALE_AFTER
+
+        return self._underLock(
+            old,
+            lambda: self.database.runWrite(_renameUser, self.engine, old, new, self._now() - STALE_AFTER),
+        )
+
+    def expungeMessages(self, address, olderThanDays=None):
+        """
+        Remove a user's messages for good (all of them, or those older
+        than C{olderThanDays}), not while a POP3 session holds the
+        maildrop.
+
+        @return: a L{Deferred} of how many were removed; fails with
+            L{NoSuchUser} or L{MaildropInUse}.
+        """
+        from mailgate.store.registry import STALE_AFTER
+
+        now = self._now()
+        before = None if olderThanDays is None else now - olderThanDays * DAY
+        return self._underLock(
+            address,
+            lambda: self.database.runWrite(_expungeUser, address, before, now - STALE_AFTER),
+        )

@@ -1,0 +1,252 @@
+# -*- test-case-name: tests.test_lifecycle -*-
+"""
+The registry of POP3 sessions in progress, kept in the database so that
+every node's sessions can be listed (C{mailgate who}) and ended
+(C{mailgate kick}) from anywhere.
+
+Each node (each store of a running server) writes its own rows: a heartbeat
+in C{mailgate_nodes}, and one row per POP3 session in C{pop3_sessions}.
+Logins and logouts are not each a write of their own: the registry
+collects them in memory and writes them out together with the heartbeat,
+about once a second while anything changed (a POP3 login must not wait
+for a commit, nor cost one), so the database's view lags behind by about
+that.  A node whose heartbeat stopped (killed, or its machine gone) is
+dead: its rows are no longer shown, and are removed after a while by any
+other node.
+
+C{mailgate kick} marks a session's row; its node finds the mark when it
+next looks (about once a second) and ends the session the way the POP3
+protocol asked to be ended (without the UPDATE state: nothing it marked
+deleted is deleted), which releases the maildrop's lock.
+"""
+
+import os
+import secrets
+import socket
+
+import attr
+
+from mailgate.store.records import SessionInfo
+
+#: seconds between heartbeats of a node
+HEARTBEAT = 10
+#: a node whose heartbeat is older than this is dead
+STALE_AFTER = 3 * HEARTBEAT
+#: the rows of nodes dead this long are removed
+FORGET_AFTER = 600
+
+
+@attr.s(eq=False)
+class Session:
+    sessionId = attr.ib()
+    userId = attr.ib()
+    peer = attr.ib()
+    since = attr.ib()
+    end = attr.ib(repr=False)
+
+
+# -- interactions ----------------------------------------------------------------
+
+
+def _sync(cursor, node, now, added, removed, forgetBefore):
+    """
+    One write of a node's registry: its heartbeat, the sessions that
+    began and ended since the last one; and the rows of long-dead nodes.
+    """
+    nodeId, name, started = node
+    cursor.execute(
+        "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (node_id) DO UPDATE SET seen_at = excluded.seen_at",
+        (nodeId, name, started, now),
+    )
+    for start in range(0, len(added), 100):
+        part = added[start : start + 100]
+        cursor.execute(
+            "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) VALUES "
+            + ",".join(["(?, ?, ?, ?, ?)"] * len(part)),
+            [v for s in part for v in (s.userId, s.sessionId, nodeId, s.peer, s.since)],
+        )
+    for session in removed:
+        cursor.execute(
+            "DELETE FROM pop3_sessions WHERE user_id = ? AND session_id = ?",
+            (session.userId, session.sessionId),
+        )
+    if forgetBefore is not None:
+        cursor.execute(
+            "DELETE FROM pop3_sessions WHERE node_id IN "
+            "(SELECT node_id FROM mailgate_nodes WHERE seen_at < ?)",
+            (forgetBefore,),
+        )
+        cursor.execute("DELETE FROM mailgate_nodes WHERE seen_at < ?", (forgetBefore,))
+
+
+def _leave(cursor, nodeId):
+    cursor.execute("DELETE FROM pop3_sessions WHERE node_id = ?", (nodeId,))
+    cursor.execute("DELETE FROM mailgate_nodes WHERE node_id = ?", (nodeId,))
+
+
+def _kicked(cursor, nodeId):
+    cursor.execute(
+        "SELECT session_id FROM pop3_sessions WHERE node_id = ? AND kick_at IS NOT NULL", (nodeId,)
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _sessions(cursor, aliveSince, address=None):
+    where = "WHERE n.seen_at >= ?"
+    params = [aliveSince]
+    if address is not None:
+        where += " AND u.address = ?"
+        params.append(address)
+    cursor.execute(
+        "SELECT u.address, n.name, s.peer, s.since FROM pop3_sessions s "
+        "JOIN users u ON u.user_id = s.user_id JOIN mailgate_nodes n ON n.node_id = s.node_id "
+        f"{where} ORDER BY s.since, u.address",
+        params,
+    )
+    return [SessionInfo(*row) for row in cursor.fetchall()]
+
+
+def _kick(cursor, address, now, aliveSince):
+    """
+    Mark every live session of C{address} to be ended: how many.
+    """
+    cursor.execute(
+        "UPDATE pop3_sessions SET kick_at = ? WHERE user_id IN (SELECT user_id FROM users WHERE address = ?) "
+        "AND node_id IN (SELECT node_id FROM mailgate_nodes WHERE seen_at >= ?)",
+        (now, address, aliveSince),
+    )
+    return cursor.rowcount
+
+
+class SessionRegistry:
+    """
+    One store's part of the registry: the POP3 sessions this process
+    serves, written out by L{flush} (the node's heartbeat), and ended when
+    L{poll} finds them marked by C{mailgate kick}.
+
+    @ivar nodeId: this node's id, unique across nodes and restarts.
+    @ivar name: what C{mailgate who} shows for this node.
+    """
+
+    def __init__(self, store, name=None):
+        self._store = store
+        self.nodeId = secrets.token_hex(8)
+        self.name = name or f"{socket.gethostname()}[{os.getpid()}]"
+        self._started = None
+        self._sessions = {}
+        self._added = {}
+        self._removed = {}
+        self._lastBeat = None
+
+    def started(self, maildrop, peer, end):
+        """
+        A POP3 session began on C{maildrop}; returns its L{Session}.
+        """
+        now = self._store._now()
+        if self._started is None:
+            self._started = now
+        session = Session(secrets.token_hex(8), maildrop.userId, peer, now, end)
+        self._sessions[session.sessionId] = session
+        self._added[session.sessionId] = session
+        return session
+
+    def ended(self, session):
+        """
+        The session has ended (its maildrop was released).
+        """
+        self._sessions.pop(session.sessionId, None)
+        if self._added.pop(session.sessionId, None) is None:
+            self._removed[session.sessionId] = session
+
+    @property
+    def local(self):
+        """
+        The sessions of this process, by id.
+        """
+        return dict(self._sessions)
+
+    def due(self):
+        """
+        Whether L{flush} has something to write: sessions came or went,
+        or the heartbeat is due.
+        """
+        now = self._store._now()
+        return bool(self._added or self._removed or self._lastBeat is None or now - self._lastBeat >= HEARTBEAT)
+
+    def flush(self):
+        """
+        Write the heartbeat and the sessions that came and went.
+
+        @return: a L{Deferred} that fires once written; on failure the
+            changes are kept for the next flush.
+        """
+        now = self._store._now()
+        if self._started is None:
+            self._started = now
+        added, self._added = self._added, {}
+        removed, self._removed = self._removed, {}
+        forget = None
+        if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
+            forget = now - FORGET_AFTER
+        d = self._store.database.runWrite(
+            _sync,
+            (self.nodeId, self.name, self._started),
+            now,
+            list(added.values()),
+            list(removed.values()),
+            forget,
+        )
+
+        def written(_):
+            self._lastBeat = now
+
+        def failed(failure):
+            # Try again with the next flush: what is still current.
+            for sessionId, session in added.items():
+                if sessionId in self._sessions:
+                    self._added.setdefault(sessionId, session)
+                else:
+                    self._removed.pop(sessionId, None)
+            for sessionId, session in removed.items():
+                self._removed.setdefault(sessionId, session)
+            return failure
+
+        return d.addCallbacks(written, failed)
+
+    def poll(self):
+        """
+        End the sessions of this node that C{mailgate kick} marked.
+
+        @return: a L{Deferred} of how many were ended.
+        """
+        if not self._sessions:
+            from twisted.internet import defer
+
+            return defer.succeed(0)
+        d = self._store.database.runInteraction(_kicked, self.nodeId)
+
+        def kick(sessionIds):
+            ended = 0
+            for sessionId in sessionIds:
+                session = self._sessions.get(sessionId)
+                if session is not None and session.end is not None:
+                    session.end()
+                    ended += 1
+            return ended
+
+        return d.addCallback(kick)
+
+    def leave(self):
+        """
+        This node stops: its rows go (a clean shutdown needs no timeout).
+        Nothing to do for a node that never wrote any.
+        """
+        self._added.clear()
+        self._removed.clear()
+        if self._lastBeat is None:
+            from twisted.internet import defer
+
+            return defer.succeed(None)
+        self._lastBeat = None
+        return self._store.database.runWrite(_leave, self.nodeId)

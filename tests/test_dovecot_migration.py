@@ -1,0 +1,283 @@
+"""
+Moving from Dovecot, against a real one: Debian's Dovecot 2.3, private on
+loopback (tests/dovecotserver.py), its maildir filled the way an MTA fills
+it (through its own LMTP) plus files dropped in by hand (which Dovecot
+numbers only when it next looks).
+
+What a user must see: after the switch, mailgate answers UIDL and LIST
+exactly as Dovecot did and serves the same octets, whether the maildir
+was imported from its files or through Dovecot's POP3; and a client that
+left its mail on the server (Python's poplib with its saved UIDL list,
+and fetchmail with keep and uidl) downloads nothing again, and then
+exactly the one message that is really new.
+"""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from dovecotserver import PrivateDovecot, answers, requireDovecot
+from e2e import DEADLINE, MAILGATE, childEnvironment, mailgate_server, sqliteOnly  # noqa: F401
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore
+
+pytestmark = requireDovecot
+
+ALICE = "alice@example.org"
+PASSWORD = "wonder land"
+
+
+def lmtpMessages():
+    """
+    What an MTA hands Dovecot: awkward content included (dot lines, 8-bit
+    octets, a long line, a body over mailgate's 128 KiB chunk).
+    """
+    return [
+        b"Subject: plain\r\n\r\nhello\r\n",
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.leading\r\nend\r\n",
+        b"Subject: =?utf-8?q?=C3=A9t=C3=A9?=\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n\xe9t\xe9 \xff\r\n",
+        b"Subject: long line\r\n\r\n" + b"L" * 1900 + b"\r\n",
+        b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a big message\r\n" % n for n in range(12000)),
+    ]
+
+
+def droppedFiles(now):
+    """
+    Files put into new/ by hand (as another delivery agent would): in an
+    order only Dovecot's own sorting explains, LF and CRLF line ends, one
+    without a final line end.
+    """
+    return [
+        (f"{now}.M500000P1.drop", b"Subject: dropped late in the second\n\nbody\n"),
+        (f"{now}.M40P1.drop", b"Subject: dropped early in the second\n\nbody\n"),
+        (f"{now - 100}.P1.earlier", b"Subject: dropped, older, no microseconds\r\n\r\nCRLF body\r\n"),
+        (f"{now}.M40P1.drop2", b"Subject: no final line end\n\nlast line"),
+    ]
+
+
+@pytest.fixture
+def dovecot():
+    server = PrivateDovecot()
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        yield server
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+
+
+def cli(database, *argv, input=b""):
+    done = subprocess.run(
+        [MAILGATE, "--database", database, *argv],
+        input=input, capture_output=True, timeout=DEADLINE * 3, env=childEnvironment(),
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def fetchmail(directory, port, out):
+    """
+    Run fetchmail once (keep, uidl) against 127.0.0.1:port; its ids file
+    lives in C{directory}; every message it fetches becomes a file in
+    C{out}.  Returns how many it fetched this time.
+    """
+    rc = os.path.join(directory, "fetchmailrc")
+    with open(rc, "w") as f:
+        f.write(
+            "set no syslog\n"
+            f"poll 127.0.0.1 with proto POP3 port {port} uidl\n"
+            f'  user "{ALICE}" there with password "{PASSWORD}" is root here\n'
+            "  keep\n"
+            # Plain POP3 on loopback: neither server here has TLS.
+            '  sslproto ""\n'
+            f"  mda \"/bin/sh -c 'cat > $(mktemp -p {out} msg.XXXXXX)'\"\n"
+        )
+    os.chmod(rc, 0o600)
+    before = len(os.listdir(out))
+    done = subprocess.run(
+        ["fetchmail", "-f", rc, "-i", os.path.join(directory, "fetchids"), "--nodetach"],
+        capture_output=True, text=True, timeout=DEADLINE * 3, env=dict(childEnvironment(), HOME=directory),
+    )
+    # 0: mail fetched; 1: no new mail.
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    return len(os.listdir(out)) - before
+
+
+def mailgateAnswers(port):
+    import poplib
+
+    client = poplib.POP3("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        client.user(ALICE)
+        client.pass_(PASSWORD)
+        return answers(client)
+    finally:
+        client.quit()
+
+
+def newDatabase(tmp_path, name):
+    url = f"sqlite:///{tmp_path / name}"
+    store = memoryStore(url)
+    try:
+        addUser(store, ALICE, PASSWORD)
+    finally:
+        store.close()
+    return url
+
+
+@sqliteOnly
+def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
+    for message in lmtpMessages():
+        dovecot.deliver(ALICE, message)
+    now = int(time.time())
+    new = os.path.join(dovecot.maildir(ALICE), "new")
+    for name, data in droppedFiles(now):
+        with open(os.path.join(new, name), "wb") as f:
+            f.write(data)
+    dovecot.own(dovecot.maildir(ALICE))
+    # The maildir as it is on disk before Dovecot has seen the dropped
+    # files: they are not in its dovecot-uidlist yet.
+    files = dovecot.copyMaildir(ALICE, tmp_path / "Maildir")
+
+    # What Dovecot serves, and what a leave-on-server client has seen.
+    client = dovecot.pop3(ALICE, PASSWORD)
+    expected = answers(client)
+    client.quit()
+    uidl, listing, messages = expected
+    assert len(uidl) == len(listing) == 9
+    seenByClient = {line.split()[1] for line in uidl}
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    assert fetchmail(str(tmp_path), dovecot.pop3Port, fetched) == 9
+
+    # Both ways into mailgate: the files, and Dovecot's POP3.
+    fromFiles = newDatabase(tmp_path, "files.sqlite3")
+    code, out, err = cli(fromFiles, "import", "maildir", files, ALICE)
+    assert (code, err) == (0, ""), out
+    assert out.startswith("9 messages imported (")
+    fromPOP3 = newDatabase(tmp_path, "pop3.sqlite3")
+    source = f"pop3://alice%40example.org@127.0.0.1:{dovecot.pop3Port}"
+    code, out, err = cli(fromPOP3, "import", "pop3", source, ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")
+    assert (code, err) == (0, ""), out
+    assert out.startswith("9 messages imported (")
+    # The maildir once Dovecot has worked on it (files moved to cur/,
+    # flags added, every file in dovecot-uidlist) imports the same way.
+    synced = memoryStore()
+    try:
+        addUser(synced, ALICE, PASSWORD)
+        from mailgate.importers.maildir import importMaildir
+
+        assert importMaildir(synced, dovecot.maildir(ALICE), ALICE).messages == 9
+        session = POP3Session(synced)
+        session.login(ALICE, PASSWORD)
+        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
+        assert session.command("LIST").split("\r\n")[1:-2] == listing
+    finally:
+        synced.close()
+
+    # The switch: mailgate answers exactly as Dovecot did.
+    servers = [mailgate_server(database=database) for database in (fromFiles, fromPOP3)]
+    for server in servers:
+        assert mailgateAnswers(server.port) == expected
+
+    # The leave-on-server clients: nothing new...
+    server = servers[0]
+    import poplib
+
+    client = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    client.user(ALICE)
+    client.pass_(PASSWORD)
+    assert {line.split()[1].decode() for line in client.uidl()[1]} - seenByClient == set()
+    client.quit()
+    assert fetchmail(str(tmp_path), server.port, fetched) == 0
+    # ...until something is.
+    store = memoryStore(fromFiles)
+    try:
+        deliver(store, [ALICE], b"Subject: the first after the switch\r\n\r\nnew\r\n")
+    finally:
+        store.close()
+    assert fetchmail(str(tmp_path), server.port, fetched) == 1
+    assert fetchmail(str(tmp_path), server.port, fetched) == 0
+
+
+def test_maildirWithoutUidListLikeDovecotsFileNameIds(tmp_path):
+    """
+    A maildir Dovecot has never seen (no dovecot-uidlist): imported with
+    file-name ids, in the order Dovecot numbers such files, as a Dovecot
+    with pop3_uidl_format = %f serves them.
+    """
+    server = PrivateDovecot(uidlFormat="%f")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        now = int(time.time())
+        maildir = server.maildir(ALICE)
+        for sub, (name, data) in zip(["new", "cur", "new", "cur"], droppedFiles(now)):
+            with open(os.path.join(maildir, sub, name + (":2,S" if sub == "cur" else "")), "wb") as f:
+                f.write(data)
+        server.own(maildir)
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        assert not os.path.exists(os.path.join(files, "dovecot-uidlist"))
+        server.start()
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, messages = answers(client)
+        client.quit()
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    assert [line.split()[1] for line in uidl][0] == f"{now - 100}.P1.earlier"
+
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        from mailgate.importers.maildir import importMaildir
+
+        assert importMaildir(store, files, ALICE).messages == 4
+        session = POP3Session(store)
+        session.login(ALICE, PASSWORD)
+        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
+        assert session.command("LIST").split("\r\n")[1:-2] == listing
+    finally:
+        store.close()
+
+
+def test_savedUidlsWinOverTheFormat(tmp_path):
+    """
+    Dovecot with pop3_save_uidl keeps the ids it served in
+    dovecot-uidlist (P fields): after its format changes it still serves
+    them, and so does mailgate after the import.
+    """
+    server = PrivateDovecot(uidlFormat="%f", extra="pop3_save_uidl = yes")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:3]:
+            server.deliver(ALICE, message)
+        client = server.pop3(ALICE, PASSWORD)
+        before = answers(client)
+        client.quit()
+        server.stop()
+        server.uidlFormat = "%08Xu%08Xv"
+        server.start()
+        client = server.pop3(ALICE, PASSWORD)
+        after = answers(client)
+        client.quit()
+        assert after == before  # the saved ids, not the new format
+        assert server.errorsLogged() == []
+        with open(os.path.join(server.maildir(ALICE), "dovecot-uidlist")) as f:
+            assert " P" in f.read()
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+    finally:
+        server.cleanup()
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        from mailgate.importers.maildir import importMaildir
+
+        assert importMaildir(store, files, ALICE).messages == 3
+        session = POP3Session(store)
+        session.login(ALICE, PASSWORD)
+        assert session.command("UIDL").split("\r\n")[1:-2] == before[0]
+        assert session.command("LIST").split("\r\n")[1:-2] == before[1]
+    finally:
+        store.close()

@@ -1,0 +1,519 @@
+"""
+Importing maildrops from elsewhere, keeping unique ids (mailgate/importers):
+the pieces on their own (dovecot-uidlist, pop3_uidl_format, Dovecot's
+order of new files, LF to CRLF), the maildir import into a store on both
+backends (resumable, batch by batch, ids that never collide with
+mailgate's own), and the live POP3 import against a real mailgate server
+(STLS with a verified certificate, --insecure, --delete, --users).
+
+The comparison with a real Dovecot is in test_dovecot_migration.py.
+"""
+
+import functools
+import os
+import random
+
+import pytest
+
+from mailgate.cli import run
+from mailgate.importers import FileSource, toCRLF
+from mailgate.importers.maildir import (
+    dovecotOrder,
+    formatUidl,
+    importMaildir,
+    readUidList,
+)
+from mailgate.importers.pop3 import parseURL
+from mailgate.store.lifecycle import generatedUid
+from mailgate.store.sql import formatUniqueId
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
+
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+
+
+# -- the pieces ------------------------------------------------------------------
+
+
+def test_uidlFormatLikeDovecot():
+    values = {"u": "26", "v": "1700000000", "f": "1700000000.M1P2.host,S=20", "g": "abc", "m": None}
+    assert formatUidl("%08Xu%08Xv", values) == "0000001a6553f100"
+    assert formatUidl("%08Xv%08Xu", values) == "6553f1000000001a"  # UW
+    assert formatUidl("%v-%u", values) == "1700000000-26"  # Courier
+    assert formatUidl("%v.%u", values) == "1700000000.26"  # Cyrus
+    assert formatUidl("%f", values) == "1700000000.M1P2.host,S=20"
+    assert formatUidl("%{uidvalidity}%{uid}%%%g", values) == "170000000026%abc"
+    assert formatUidl("%Uf", values) == "1700000000.M1P2.HOST,S=20"
+    assert formatUidl("%Mu", values) == "4e732ced3463d06de0ca9a15b6153677"
+    assert formatUidl("%.4f|%3f|%05u", values) == "1700|170|00026"
+    with pytest.raises(ValueError):
+        formatUidl("%m", values)
+    with pytest.raises(ValueError):
+        formatUidl("%q", values)
+
+
+def test_uidListVersions(tmp_path):
+    path = tmp_path / "dovecot-uidlist"
+    path.write_bytes(
+        b"3 V1234 N9 G0123456789abcdef\n"
+        b"1 :1700000000.M1P1.h,S=5,W=6:2,S\n"
+        b"4 W120 Pold-server-id-7 GX :1700000005.M2P1.h\n"
+    )
+    uids = readUidList(str(path))
+    assert (uids.uidValidity, uids.nextUid, uids.guid) == (1234, 9, "0123456789abcdef")
+    assert uids.records["1700000000.M1P1.h,S=5,W=6"].uid == 1
+    assert uids.records["1700000005.M2P1.h"].fields == {"W": "120", "P": "old-server-id-7", "G": "X"}
+    path.write_bytes(b"1 77 3\n2 1600000000.123.h\n")
+    old = readUidList(str(path))
+    assert (old.uidValidity, old.nextUid, old.records["1600000000.123.h"].uid) == (77, 3, 2)
+    assert readUidList(str(tmp_path / "missing")) is None
+
+
+def test_dovecotOrderOfNewFiles():
+    names = [
+        "1700000001.M500P9.b",
+        "999999999.M1P1.a",  # fewer digits, earlier: numeric, not text order
+        "1700000001.M40P9.c",
+        "1700000001.P9.a",  # no microseconds: the rest of the name decides
+        "1700000000.M900P1.z",
+        "1700000001.M40P9.b:2,S",
+    ]
+    random.Random(4).shuffle(names)
+    ordered = sorted(names, key=functools.cmp_to_key(dovecotOrder))
+    assert ordered[:2] == ["999999999.M1P1.a", "1700000000.M900P1.z"]
+    assert ordered.index("1700000001.M40P9.b:2,S") < ordered.index("1700000001.M40P9.c")
+    assert ordered.index("1700000001.M40P9.c") < ordered.index("1700000001.M500P9.b")
+    # A name that is a prefix of another comes after it: Dovecot compares
+    # the flags separator (":", which it adds when it moves the file to
+    # cur/) as an octet.
+    assert sorted(["1.M1P1.drop", "1.M1P1.drop2"], key=functools.cmp_to_key(dovecotOrder)) == [
+        "1.M1P1.drop2", "1.M1P1.drop",
+    ]
+
+
+def test_lineEndsAsPOP3ServesThem(tmp_path):
+    assert toCRLF(b"a\nb\r\nc\rd\n") == b"a\r\nb\r\nc\rd\r\n"
+    # A CRLF split across two reads stays one CRLF.
+    path = tmp_path / "m"
+    data = b"Subject: x\n\n" + b"".join(b"line %d\r\n" % n for n in range(500)) + b"last\n" + b"z" * 3
+    path.write_bytes(data)
+    for blockSize in (1, 2, 3, 7, 64, 1 << 20):
+        FileSource.blockSize = blockSize
+        try:
+            source = FileSource(str(path))
+            whole = b"".join(source.chunks(5))
+        finally:
+            FileSource.blockSize = 1 << 20
+        assert whole == toCRLF(data), blockSize
+        assert source.size == len(whole)
+        assert source.headerSize == len(b"Subject: x\r\n\r\n")
+
+
+def test_popURLs():
+    assert parseURL("pop3://alice%40example.org@mail.example.net") == (
+        False, "mail.example.net", 110, "alice@example.org", None,
+    )
+    assert parseURL("pop3s://bob:s%3Acret@10.0.0.1:1995") == (True, "10.0.0.1", 1995, "bob", "s:cret")
+    assert parseURL("pop3://mail.example.net")[3] is None
+    from mailgate.importers import ImportFailed
+
+    for bad in ("imap://x", "pop3://", "pop3://host:notaport"):
+        with pytest.raises(ImportFailed):
+            parseURL(bad)
+
+
+def test_generatedIdsAreRecognised():
+    assert generatedUid(formatUniqueId(26, 0x1234), 0x1234) == 26
+    assert generatedUid(formatUniqueId(2**33, 7), 7) == 2**33
+    assert generatedUid(formatUniqueId(26, 0x1234), 0x1235) is None
+    assert generatedUid("000000001a00001234", 0x1234) is None  # not how mailgate writes 26
+    assert generatedUid("xyz", 1) is None
+
+
+# -- maildir into a store ------------------------------------------------------------
+
+
+def writeMaildir(root, messages, uidList=None):
+    """
+    A maildir: C{messages} is a list of C{(subdir, file name, octets)}.
+    """
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(root / sub, exist_ok=True)
+    for sub, name, data in messages:
+        (root / sub / name).write_bytes(data)
+    if uidList is not None:
+        (root / "dovecot-uidlist").write_bytes(uidList)
+    return str(root)
+
+
+MESSAGES = [
+    ("cur", "1700000000.M1P1.host,S=40:2,S", b"Subject: first\n\n.leading dot\nbody\n"),
+    ("cur", "1700000100.M1P1.host:2,", b"Subject: second\r\n\r\nalready CRLF\r\n"),
+    ("new", "1700000200.M5P1.host", b"Subject: third\n\nno final line end"),
+    ("new", "1700000150.M9P1.host", b"Subject: unlisted, earlier\n\n\xe9t\xe9 8-bit\n"),
+]
+UIDLIST = (
+    b"3 V1700000000 N7 Gffff\n"
+    b"3 :1700000000.M1P1.host,S=40:2,S\n"
+    b"5 Pkept-from-before :1700000100.M1P1.host\n"
+    b"6 :1700000200.M5P1.host\n"
+)
+
+
+@pytest.fixture
+def store(databaseURL):
+    s = memoryStore(databaseURL)
+    addUser(s, ALICE, PASSWORD)
+    yield s
+    s.close()
+
+
+def pop3(store):
+    session = POP3Session(store)
+    assert session.login(ALICE, PASSWORD).startswith("+OK")
+    uidl = [line.split()[1] for line in session.command("UIDL").split("\r\n")[1:-2]]
+    sizes = [int(line.split()[1]) for line in session.command("LIST").split("\r\n")[1:-2]]
+    bodies = []
+    for n in range(1, len(sizes) + 1):
+        reply = session.send(b"RETR %d\r\n" % n)
+        status, _, rest = reply.partition(b"\r\n")
+        assert status.startswith(b"+OK")
+        body = rest[: -len(b".\r\n")]
+        body = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n"))
+        bodies.append(body)
+    session.command("QUIT")
+    return uidl, sizes, bodies
+
+
+def test_maildirWithUidList(store, tmp_path):
+    directory = writeMaildir(tmp_path / "Maildir", MESSAGES, UIDLIST)
+    report = importMaildir(store, directory, ALICE)
+    assert report.failures == []
+    assert (report.messages, report.skipped) == (4, 0)
+    uidl, sizes, bodies = pop3(store)
+    # Listed first, by uid (an explicit P id wins); the unlisted file
+    # after them, with the next uid (7).
+    assert uidl == [
+        formatUidl("%08Xu%08Xv", {"u": "3", "v": "1700000000"}),
+        "kept-from-before",
+        formatUidl("%08Xu%08Xv", {"u": "6", "v": "1700000000"}),
+        formatUidl("%08Xu%08Xv", {"u": "7", "v": "1700000000"}),
+    ]
+    expected = [toCRLF(MESSAGES[i][2]) for i in (0, 1, 2, 3)]
+    assert sizes == [len(e) for e in expected]
+    # RETR gives a message without a final line end one, as Dovecot does.
+    assert bodies == [e if e.endswith(b"\r\n") else e + b"\r\n" for e in expected]
+    assert report.octets == sum(sizes)
+    status = resultOf(store.quotaOf(ALICE))
+    assert (status.usedMessages, status.usedOctets) == (4, sum(sizes))
+    # Arrival: the delivery time in the name.
+    assert [m.arrived for m in resultOf(store.listMessages(ALICE))] == [1700000000, 1700000100, 1700000200, 1700000150]
+
+
+def test_maildirWithoutUidListUsesFileNames(store, tmp_path):
+    directory = writeMaildir(tmp_path / "Maildir", MESSAGES)
+    report = importMaildir(store, directory, ALICE)
+    assert report.failures == []
+    uidl, sizes, _ = pop3(store)
+    assert uidl == [
+        "1700000000.M1P1.host,S=40",
+        "1700000100.M1P1.host",
+        "1700000150.M9P1.host",
+        "1700000200.M5P1.host",
+    ]
+    from mailgate.importers import ImportFailed
+
+    with pytest.raises(ImportFailed):
+        importMaildir(store, directory, ALICE, uidlFormat="%u")
+
+
+def test_importIsResumableAndBatched(store, tmp_path, monkeypatch):
+    from mailgate.importers import BatchWriter
+
+    messages = [("new", f"17000{n:05d}.M1P1.h", b"Subject: %d\n\nbody\n" % n) for n in range(25)]
+    directory = writeMaildir(tmp_path / "Maildir", messages)
+    monkeypatch.setattr(BatchWriter, "maxMessages", 10)
+    calls = []
+    importMessages = store.importMessages
+
+    def failingThird(address, items):
+        calls.append(len(items))
+        if len(calls) == 3:
+            from mailgate.errors import TemporaryFailure
+            from twisted.internet import defer
+
+            return defer.fail(TemporaryFailure("disk full"))
+        return importMessages(address, items)
+
+    store.importMessages = failingThird
+    report = importMaildir(store, directory, ALICE)
+    assert calls == [10, 10, 5]
+    assert (report.messages, len(report.failures)) == (20, 1)
+    assert "disk full" in report.failures[0]
+    # The failed batch left nothing behind; the first two are complete.
+    assert len(resultOf(store.listMessages(ALICE))) == 20
+    del store.importMessages
+    again = importMaildir(store, directory, ALICE)
+    assert (again.messages, again.skipped, again.failures) == (5, 20, [])
+    uidl, _, _ = pop3(store)
+    assert uidl == [name for _, name, _ in messages]
+
+
+def test_importedIdsNeverCollideWithGeneratedOnes(store, tmp_path):
+    """
+    An imported id that has the shape of mailgate's own ids for this
+    maildrop (same validity stamp) moves the uid counter past it.
+    """
+    from test_store import query
+
+    validity = query(store, "SELECT uid_validity FROM mailboxes")[0][0]
+    taken = [formatUniqueId(n, validity) for n in (2, 40)]
+    messages = [("new", f"17000000{n}.M1P1.h", b"Subject: %d\n\nx\n" % n) for n in range(2)]
+    directory = writeMaildir(tmp_path / "Maildir", messages)
+    uidList = b"3 V%d N3\n1 P%s :%s\n2 P%s :%s\n" % (
+        validity, taken[0].encode(), messages[0][1].encode(), taken[1].encode(), messages[1][1].encode(),
+    )
+    (tmp_path / "Maildir" / "dovecot-uidlist").write_bytes(uidList)
+    assert importMaildir(store, directory, ALICE).messages == 2
+    later = [deliver(store, [ALICE], b"Subject: new\r\n\r\nx\r\n")[ALICE] for _ in range(3)]
+    assert not set(later) & set(taken)
+    assert [generatedUid(u, validity) for u in later] == [41, 42, 43]
+    uidl, _, _ = pop3(store)
+    assert uidl == taken + later
+
+
+def test_invalidIdsAreFailuresAndTheRestIsImported(store, tmp_path):
+    messages = [("new", f"170000000{n}.M1P1.h", b"Subject: %d\n\nx\n" % n) for n in range(2)]
+    directory = writeMaildir(
+        tmp_path / "Maildir", messages, b"3 V1 N3\n1 Pbad\x01id :%s\n2 :%s\n" % (
+            messages[0][1].encode(), messages[1][1].encode()
+        ),
+    )
+    report = importMaildir(store, directory, ALICE)
+    assert report.messages == 1 and len(report.failures) == 1
+    assert "is not one POP3 can carry" in report.failures[0]
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+def cli(url, *argv, stdin=""):
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", url, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
+    assert "Traceback" not in err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_importMaildirCommand(databaseURL, store, tmp_path):
+    directory = writeMaildir(tmp_path / "Maildir", MESSAGES, UIDLIST)
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    assert (code, err) == (0, "")
+    octets = sum(len(toCRLF(data)) for _, _, data in MESSAGES)
+    assert out == f"4 messages imported ({octets} octets), 0 skipped as already present\n"
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    assert out == "0 messages imported (0 octets), 4 skipped as already present\n"
+    code, out, err = cli(databaseURL, "import", "maildir", directory, "nobody@example.org")
+    assert code == 67
+    code, out, err = cli(databaseURL, "import", "maildir", str(tmp_path / "nothing"), ALICE)
+    assert code == 66 and "is not a maildir" in err
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%{nope}")
+    assert code == 66 and "bad --uidl-format" in err
+
+
+# -- live POP3, from a real mailgate server --------------------------------------------
+
+# The source server's own backend does not matter here (the import's
+# store work is tested on both above): these run on SQLite only.
+from e2e import mailgate_cli, mailgate_server, sqliteOnly  # noqa: E402,F401 (fixtures)
+
+BOB = "bob@example.org"
+BOB_PASSWORD = "builder"
+
+
+def sourceServer(mailgate_server, mailgate_cli, tmp_path, count=3):
+    """
+    A mailgate server whose POP3 needs TLS (loopback is not a trusted
+    network here), holding C{count} messages for Alice and one for Bob.
+    """
+    from certs import makeCertificate
+
+    (tmp_path / "certs").mkdir(exist_ok=True)
+    certificate, key = makeCertificate(tmp_path / "certs", "localhost", name="server")
+    s = memoryStore(mailgate_server.database)
+    try:
+        addUser(s, ALICE, PASSWORD)
+        addUser(s, BOB, BOB_PASSWORD)
+        for n in range(count):
+            deliver(s, [ALICE], b"Subject: %d\n\n.dot line %d\n" % (n, n) + b"x" * (100 * n) + b"\n")
+        deliver(s, [BOB], b"Subject: for bob\n\nhi\n")
+    finally:
+        s.close()
+    server = mailgate_server(
+        "--tls-cert", str(certificate), "--tls-key", str(key), "--trusted-network", "192.0.2.0/24",
+        "--pop3s", "tcp:0:interface=127.0.0.1",
+    )
+    return server, certificate
+
+
+def target(tmp_path, *users):
+    url = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    s = memoryStore(url)
+    for address, password in users:
+        addUser(s, address, password)
+    return url, s
+
+
+def served(url, address, password):
+    s = memoryStore(url)
+    try:
+        session = POP3Session(s)
+        assert session.login(address, password).startswith("+OK")
+        uidl = session.command("UIDL").split("\r\n")[1:-2]
+        listing = session.command("LIST").split("\r\n")[1:-2]
+        session.command("QUIT")
+        return uidl, listing
+    finally:
+        s.close()
+
+
+@sqliteOnly
+def test_importPOP3WithVerifiedSTLS(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path)
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@localhost:{server.port}"
+
+    # Not trusted: refused, nothing imported.
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 69, (out, err)
+    assert "certificate of localhost cannot be verified" in err
+    assert served(url, ALICE, PASSWORD) == ([], [])
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), (out, err)
+    assert out.startswith("3 messages imported (")
+    # Exactly what the source serves (and its login only works over TLS:
+    # STLS was used).
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
+    assert len(served(server.database, ALICE, PASSWORD)[0]) == 3
+
+    # Wrong password: a clear failure.
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin="wrong\n")
+    assert code == 69 and "refused the login" in err
+
+
+@sqliteOnly
+def test_importPOP3S(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3s://alice%40example.org@localhost:{server.portOf('POP3S')}"
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), out
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
+
+
+@sqliteOnly
+def test_importPOP3Insecure(mailgate_server, mailgate_cli, tmp_path):
+    server, _ = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=1)
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@127.0.0.1:{server.port}"
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--insecure", "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 0, (out, err)
+    assert served(url, ALICE, PASSWORD) == served(server.database, ALICE, PASSWORD)
+
+
+@sqliteOnly
+def test_importPOP3ResumesAndDeletesOnlyWhenAsked(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    source = f"pop3://alice%40example.org@localhost:{server.port}"
+    before = served(server.database, ALICE, PASSWORD)
+    assert cli(url, "import", "pop3", source, ALICE, "--password-stdin", stdin=PASSWORD + "\n")[0] == 0
+    # The source is untouched.
+    assert served(server.database, ALICE, PASSWORD) == before
+
+    s = memoryStore(server.database)
+    deliver(s, [ALICE], b"Subject: later\n\nlate\n")
+    s.close()
+    after = served(server.database, ALICE, PASSWORD)
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--delete", "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 0, (out, err)
+    assert out.startswith("1 messages imported (") and out.endswith(", 3 skipped as already present\n")
+    assert served(url, ALICE, PASSWORD) == after
+    # Everything now safely in mailgate is gone from the source.
+    assert served(server.database, ALICE, PASSWORD) == ([], [])
+
+
+@sqliteOnly
+def test_importPOP3ManyUsers(mailgate_server, mailgate_cli, tmp_path, monkeypatch):
+    server, certificate = sourceServer(mailgate_server, mailgate_cli, tmp_path, count=2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    carol = "carol@example.org"
+    url, store = target(tmp_path, (ALICE, PASSWORD), (BOB, BOB_PASSWORD), (carol, "c"))
+    store.close()
+    users = tmp_path / "users.txt"
+    users.write_text(f"# address password\n{ALICE} {PASSWORD}\n\n{carol} not-at-the-source\n{BOB} {BOB_PASSWORD}\n")
+    code, out, err = cli(url, "import", "pop3", f"pop3://localhost:{server.port}", "--users", str(users))
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{ALICE}: 2 messages imported (")
+    assert lines[1] == f"{carol}: failed"
+    assert lines[2].startswith(f"{BOB}: 1 messages imported (")
+    assert lines[3].startswith("3 users: 3 messages imported (")
+    assert code == 75
+    assert f"{carol}: localhost refused the login" in err
+    assert served(url, BOB, BOB_PASSWORD) == served(server.database, BOB, BOB_PASSWORD)
+
+
+def test_anEmptySavedIdIsTheFileName(store, tmp_path):
+    name = "1700000000.M1P1.host,S=20,W=21"
+    directory = writeMaildir(
+        tmp_path / "Maildir", [("cur", name + ":2,S", b"Subject: x\n\nbody\n")], b"3 V9 N2\n1 P :%s\n" % name.encode()
+    )
+    assert importMaildir(store, directory, ALICE).messages == 1
+    assert pop3(store)[0] == [name]
+
+
+def test_importPOP3CommandUsage(databaseURL, store, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} pw\n")
+    for argv in (
+        ["import", "pop3", "imap://host", ALICE],
+        ["import", "pop3", "pop3://host"],
+        ["import", "pop3", "pop3://host", ALICE, "--users", str(users)],
+        ["import", "pop3", "pop3://someone@host", "--users", str(users)],
+    ):
+        code, out, err = cli(databaseURL, *argv)
+        assert code == 64, (argv, out, err)
+        assert err.startswith("mailgate: ") and err.count("\n") == 1, err
+    users.write_text("no-password-here@example.org\n")
+    assert cli(databaseURL, "import", "pop3", "pop3://host", "--users", str(users))[0] == 65
+
+
+def test_retrievedMessagesSpillToDiskAndLoseOnlyTheAddedLineEnd():
+    from mailgate.importers.pop3 import SpoolSource
+
+    spool = SpoolSource()
+    spool._file._max_size = 64  # spill to a file at once
+    lines = [b"Subject: big\r\n", b"\r\n"] + [b"line %03d\r\n" % n for n in range(50)] + [b"no end\r\n"]
+    for line in lines:
+        spool.write(line)
+    data = b"".join(lines)
+    # LIST said two octets less: the server added the final line end.
+    spool.finish(len(data) - 2)
+    assert spool._file._rolled
+    assert b"".join(spool.chunks(100)) == data[:-2]
+    assert (spool.size, spool.headerSize) == (len(data) - 2, len(b"Subject: big\r\n\r\n"))
+    spool.close()
+    whole = SpoolSource()
+    for line in lines:
+        whole.write(line)
+    whole.finish(len(data))
+    assert b"".join(whole.chunks(7)) == data

@@ -1,0 +1,1135 @@
+"""
+A maildrop's lifecycle in the store, on both backends (the C{databaseURL}
+fixture): storage use and quotas, retention, kept deleted mail, renaming,
+expunging and the registry of POP3 sessions.
+
+The store is driven synchronously here; where concurrency is the point
+(two nodes delivering to one user at once), real worker threads run
+against the real database.
+"""
+
+import pytest
+from twisted.python.failure import Failure
+
+from mailgate.errors import NoSuchUser, QuotaExceeded
+from mailgate.message import spoolBytes
+from mailgate.store import engineFromURL
+from mailgate.store.database import Database
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED, formatSize, parseSize
+from mailgate.store.sql import SQLMailStore
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
+from pumped import PumpedReactor
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+
+
+def message(n, filler=0):
+    return b"Subject: message %d\r\n\r\n" % n + b"x" * filler + b"body\r\n"
+
+
+@pytest.fixture
+def store(databaseURL):
+    s = memoryStore(databaseURL)
+    addUser(s, ALICE, "wonderland")
+    addUser(s, BOB, "builder")
+    yield s
+    s.close()
+
+
+def failureOf(d):
+    """
+    The failure of an already-fired L{Deferred} that must have failed.
+    """
+    box = []
+    d.addBoth(box.append)
+    assert box and isinstance(box[0], Failure), box
+    return box[0]
+
+
+def usage(store, address):
+    status = resultOf(store.quotaOf(address))
+    return status.usedMessages, status.usedOctets
+
+
+def users(store):
+    return {u.address: u for u in resultOf(store.listUsers())}
+
+
+# -- contracts -------------------------------------------------------------------
+
+
+def test_theStoreProvidesILifecycleStoreAndItsMaildropsIMaildrop(store):
+    """
+    What the lifecycle adds to the store and to a session's maildrop is
+    declared (mailgate.interfaces), not found by duck typing.
+    """
+    from zope.interface.verify import verifyObject
+
+    from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore
+
+    assert verifyObject(IMailStore, store)
+    assert verifyObject(ILifecycleStore, store)
+    identity = resultOf(store.findUser(ALICE))
+    maildrop = resultOf(store.openMaildrop(identity))
+    try:
+        assert verifyObject(IMaildrop, maildrop)
+        assert maildrop.expireDays is None
+    finally:
+        resultOf(maildrop.release())
+
+
+# -- sizes ---------------------------------------------------------------------
+
+
+def test_sizesAsAdministratorsWriteThem():
+    assert parseSize("1G") == 1 << 30
+    assert parseSize("500M") == 500 << 20
+    assert parseSize("64k") == 64 << 10
+    assert parseSize("1GiB") == 1 << 30
+    assert parseSize("12345") == 12345
+    for bad in ("", "G", "1.5G", "-1", "10X", "1 G B"):
+        with pytest.raises(ValueError):
+            parseSize(bad)
+    assert [formatSize(n) for n in (1 << 30, 1536 << 10, 1000, 0)] == ["1G", "1536K", "1000", "0"]
+
+
+# -- storage use -----------------------------------------------------------------
+
+
+def test_useFollowsDeliveriesAndDeletions(store):
+    one, two = message(1), message(2, 100)
+    deliver(store, [ALICE, BOB], one)
+    deliver(store, [ALICE], two)
+    assert usage(store, ALICE) == (2, len(one) + len(two))
+    assert usage(store, BOB) == (1, len(one))
+    listed = users(store)
+    assert (listed[ALICE].messages, listed[ALICE].octets) == (2, len(one) + len(two))
+
+    session = POP3Session(store)
+    session.login(ALICE, "wonderland")
+    assert session.command("DELE 2").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    assert usage(store, ALICE) == (1, len(one))
+    # The other recipient's copy is not touched.
+    assert usage(store, BOB) == (1, len(one))
+
+
+def test_useSurvivesTheMigrationOfAnExistingDatabase(databaseURL):
+    """
+    A database made before quotas existed (at version 2, the connection
+    policy's tables, as main left it) is upgraded to version 3 and gets its
+    use computed once, by the migration.
+    """
+    from mailgate.store import openSynchronousStore
+    from mailgate.store.database import runTransaction
+    from mailgate.store.schema import MIGRATIONS, _ensureVersionTable, applyMigration, currentVersion
+
+    assert [m.version for m in MIGRATIONS[:3]] == [1, 2, 3]
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+
+        def atVersion2(cursor):
+            _ensureVersionTable(cursor)
+            for migration in MIGRATIONS[:2]:
+                applyMigration(cursor, engine, migration)
+
+        runTransaction(engine, conn, atVersion2, (), {}, True)
+
+        def old(cursor):
+            cursor.execute(
+                "INSERT INTO users (address, domain, password_hash, created_at) VALUES (?, ?, ?, ?) RETURNING user_id",
+                (ALICE, "example.org", "x", 0),
+            )
+            (userId,) = cursor.fetchone()
+            cursor.execute("INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, 7, 3)", (userId,))
+            for uid, size in ((1, 100), (2, 250)):
+                cursor.execute(
+                    "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (userId, uid, f"u{uid}", userId, f"b{uid}", size, 10, 1000 + uid),
+                )
+            return currentVersion(cursor)
+
+        assert runTransaction(engine, conn, old, (), {}, True) == 2
+    finally:
+        conn.close()
+    upgraded = openSynchronousStore(databaseURL)
+    try:
+        assert upgraded.database.run(currentVersion) == 3
+        assert usage(upgraded, ALICE) == (2, 350)
+        # The policy's tables, made by version 2, are still there.
+        def banVersion(cursor):
+            cursor.execute("SELECT version FROM ban_version")
+            return [tuple(row) for row in cursor.fetchall()]
+
+        assert upgraded.database.run(banVersion) == [(0,)]
+    finally:
+        upgraded.close()
+
+
+# -- quotas at delivery --------------------------------------------------------
+
+
+def test_aFullMailboxRefusesOnlyItsOwnCopy(store):
+    """
+    LMTP-style delivery (partial): the recipient over quota gets a
+    QuotaExceeded result and nothing; the others get the message.
+    """
+    first = message(1)
+    deliver(store, [ALICE], first)
+    resultOf(store.setQuota(ALICE, len(first) + 10))
+    results = resultOf(store.deliver([ALICE, BOB], spoolBytes(message(2))))
+    assert isinstance(results[ALICE], QuotaExceeded)
+    assert results[ALICE].addresses == (ALICE,)
+    assert isinstance(results[BOB], str)
+    assert usage(store, ALICE) == (1, len(first))
+    assert [m.size for m in resultOf(store.listMessages(ALICE))] == [len(first)]
+    assert usage(store, BOB) == (1, len(message(2)))
+
+
+def test_aFullMailboxRefusesTheWholeMessageWhenNotPartial(store):
+    """
+    SMTP-style delivery: one recipient over quota and nobody gets it.
+    """
+    resultOf(store.setQuota(ALICE, 10))
+    d = store.deliver([BOB, ALICE], spoolBytes(message(1)), partial=False)
+    failure = failureOf(d)
+    assert failure.check(QuotaExceeded)
+    assert failure.value.addresses == (ALICE,)
+    assert resultOf(store.listMessages(BOB)) == []
+    assert usage(store, BOB) == (0, 0)
+
+
+def test_aMessageThatFitsExactlyIsAccepted(store):
+    body = message(1)
+    resultOf(store.setQuota(ALICE, 2 * len(body)))
+    assert isinstance(deliver(store, [ALICE], body)[ALICE], str)
+    assert isinstance(deliver(store, [ALICE], body)[ALICE], str)
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(b"x\r\n")))[ALICE], QuotaExceeded)
+
+
+def test_messageCountQuota(store):
+    resultOf(store.setQuota(ALICE, messages=2))
+    outcomes = [resultOf(store.deliver([ALICE], spoolBytes(message(n))))[ALICE] for n in range(3)]
+    assert [isinstance(o, str) for o in outcomes] == [True, True, False]
+    assert isinstance(outcomes[2], QuotaExceeded)
+
+
+def test_defaultQuotaAndTheUsersOwn(store):
+    body = message(1)
+    store.limits.quotaOctets = len(body)
+    deliver(store, [ALICE], body)
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(body)))[ALICE], QuotaExceeded)
+    # Her own quota replaces the default, in either direction.
+    resultOf(store.setQuota(ALICE, UNLIMITED))
+    assert isinstance(deliver(store, [ALICE], body)[ALICE], str)
+    resultOf(store.setQuota(ALICE, DEFAULT))
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(body)))[ALICE], QuotaExceeded)
+    status = resultOf(store.quotaOf(ALICE))
+    assert (status.quotaOctets, status.quotaMessages) == (len(body), None)
+    listed = users(store)
+    assert listed[ALICE].quotaOctets is None and listed[BOB].quotaOctets is None
+
+
+def test_lowerQuotaKeepsStoredMail(store):
+    """
+    Mail already stored is never refused or lost because of a quota
+    change: it stays, POP3 serves it, and only new mail is refused.
+    """
+    bodies = [message(n, 50) for n in range(3)]
+    for body in bodies:
+        deliver(store, [ALICE], body)
+    resultOf(store.setQuota(ALICE, 1, messages=1))
+    assert usage(store, ALICE) == (3, sum(map(len, bodies)))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 3 messages")
+    for n, body in enumerate(bodies, 1):
+        assert session.command(f"RETR {n}").endswith(body.decode() + ".\r\n")
+    assert session.command("QUIT").startswith("+OK")
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(b"x\r\n")))[ALICE], QuotaExceeded)
+
+
+def test_quotaOfAnUnknownUser(store):
+    assert resultOf(store.quotaOf(CAROL)) is None
+    failure = failureOf(store.setQuota(CAROL, 5))
+    assert failure.check(NoSuchUser)
+
+
+# -- exact under concurrency ------------------------------------------------------
+
+
+def threadedStore(url, reactor):
+    engine = engineFromURL(url)
+    database = Database(engine, reactor)
+    return SQLMailStore(database, engine.makeLocks(database))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_concurrentDeliveriesNeverSqueezeUnderTheLimit(databaseURL, partial):
+    """
+    Two stores (two nodes) on one database, each with its own writer and
+    group commit, deliver the same user's mail at the same time: exactly
+    as many messages as fit are stored, however the deliveries interleave
+    and batch, and her use is exact.  With a second recipient (partial),
+    the full mailbox does not cost the other one anything.
+    """
+    setup = memoryStore(databaseURL)
+    try:
+        addUser(setup, ALICE, "pw")
+        addUser(setup, BOB, "pw")
+        body = message(0, 200)
+        fit = 17
+        resultOf(setup.setQuota(ALICE, fit * len(body)))
+    finally:
+        setup.close()
+
+    reactor = PumpedReactor()
+    nodes = [threadedStore(databaseURL, reactor) for _ in range(2)]
+    outcomes = []
+    try:
+        recipients = [ALICE, BOB] if partial else [ALICE]
+        for n in range(30):
+            for node in nodes:
+                node.deliver(recipients, spoolBytes(body), partial=partial).addBoth(outcomes.append)
+        reactor.pump(lambda: len(outcomes) == 60, timeout=60)
+    finally:
+        for node in nodes:
+            node.database.close()
+
+    if partial:
+        accepted = [o for o in outcomes if isinstance(o[ALICE], str)]
+        refused = [o for o in outcomes if isinstance(o[ALICE], QuotaExceeded)]
+        assert all(isinstance(o[BOB], str) for o in outcomes)
+    else:
+        accepted = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, Failure) and o.check(QuotaExceeded)]
+    assert len(accepted) == fit
+    assert len(refused) == 60 - fit
+
+    check = memoryStore(databaseURL)
+    try:
+        assert usage(check, ALICE) == (fit, fit * len(body))
+        assert len(resultOf(check.listMessages(ALICE))) == fit
+        uids = [m.uniqueId for m in resultOf(check.listMessages(ALICE))]
+        assert len(set(uids)) == fit
+        assert usage(check, BOB) == ((60, 60 * len(body)) if partial else (0, 0))
+    finally:
+        check.close()
+
+
+# -- quotas at SMTP and LMTP --------------------------------------------------------
+
+SENDER = "sender@example.net"
+
+
+def intake(store, lmtp=False, quotaExceeded="temporary", metrics=None):
+    from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
+    from mailgate.testing import SMTPSession
+    from twisted.internet.task import Clock
+
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    factory = factoryClass(
+        LocalDelivery(store, ["example.org"], quotaExceeded=quotaExceeded),
+        hostname="mailgate.test",
+        reactor=Clock(),
+        metrics=metrics,
+    )
+    session = SMTPSession(store, factory=factory, clock=factory.reactor)
+    assert session.command("LHLO client.test" if lmtp else "EHLO client.test").startswith("250")
+    return session
+
+
+def data(session, body):
+    assert session.command("DATA").startswith("354")
+    return session.send(body + b".\r\n").decode()
+
+
+def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
+    resultOf(store.setQuota(ALICE, 1000))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1001").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert session.command("RSET").startswith("250")
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1000").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
+    body = message(1)
+    deliver(store, [ALICE], body)
+    session = intake(store)
+    # No quota yet: she is accepted (and remembered as unlimited).
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command("RSET").startswith("250")
+    # A quota set meanwhile (by the admin command, say) counts at once:
+    # recipients with a quota are never answered from memory.
+    resultOf(store.setQuota(ALICE, len(body)))
+    session.protocol.factory.delivery._known.clear()
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_permanentQuotaRefusals(store):
+    resultOf(store.setQuota(ALICE, 10))
+    session = intake(store, quotaExceeded="permanent")
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_smtpRefusesTheWholeMessageWhenTheRealSizeIsOverQuota(store):
+    """
+    The size declared was small (or none was), the data is larger: at the
+    end of DATA the real size decides, and with SMTP nobody gets the
+    message (one reply for all recipients).
+    """
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=50").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    reply = data(session, message(1, 800))
+    assert reply == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert resultOf(store.listMessages(BOB)) == []
+    assert usage(store, BOB) == (0, 0)
+    # The session goes on: a message that fits is delivered.
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, b"Subject: small\r\n\r\nhi\r\n").startswith("250 2.0.0")
+
+
+def test_smtpPermanentRefusalAtTheEndOfData(store):
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, quotaExceeded="permanent")
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(1, 800)) == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, lmtp=True)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    replies = data(session, message(1, 800)).splitlines()
+    assert replies[0] == f"452 4.2.2 <{ALICE}>: mailbox full"
+    assert replies[1].startswith(f"250 2.0.0 <{BOB}> delivered as ")
+    assert len(replies) == 2
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert len(resultOf(store.listMessages(BOB))) == 1
+
+
+@pytest.fixture
+def events():
+    from twisted.logger import globalLogPublisher
+
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        yield captured
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+
+
+def named(events, name):
+    return [e for e in events if e.get("event") == name]
+
+
+def test_aRecipientOverQuotaIsNotABadCommand(store):
+    """
+    A recipient refused for its quota is a fair request refused: an MTA
+    with many full recipients is not closed as a client sending bad
+    commands.
+    """
+    resultOf(store.setQuota(ALICE, 10))
+    session = intake(store)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
+    limit = session.protocol.maxBadCommands
+    for _ in range(limit + 5):
+        assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    assert not session.disconnected
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+
+
+@pytest.mark.parametrize("permanent", [False, True], ids=["temporary", "permanent"])
+def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, events, permanent):
+    from test_observability import RecordingMetrics
+
+    metrics = RecordingMetrics()
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, quotaExceeded="permanent" if permanent else "temporary", metrics=metrics)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(1, 800)).startswith("552 5.2.2" if permanent else "452 4.2.2")
+    assert metrics.named("delivery") == [("smtp", "rejected" if permanent else "tempfail")]
+    [event] = named(events, "smtp.delivery_failed")
+    assert event["reason"] == "mailbox full" and event["session"] == session.protocol.sessionId
+    assert not named(events, "smtp.delivered")
+
+
+def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, events):
+    from test_observability import RecordingMetrics
+
+    metrics = RecordingMetrics()
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, lmtp=True, metrics=metrics)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    data(session, message(1, 800))
+    accepted, refused = metrics.named("delivery")
+    # Bob's copy was stored (its octets and time counted), Alice's refused.
+    assert accepted[:2] == ("lmtp", "accepted") and accepted[2][0] == "octets"
+    assert refused == ("lmtp", "tempfail")
+    [event] = named(events, "lmtp.delivered")
+    assert event["full"] == [ALICE] and list(event["uniqueIds"]) == [BOB]
+    # Only a full recipient: no accepted delivery at all.
+    del metrics.calls[:]
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(session, message(2, 800)).startswith("452 4.2.2")
+    assert metrics.named("delivery") == [("lmtp", "tempfail")]
+
+
+# -- options ------------------------------------------------------------------------
+
+
+def test_twistdOptions(monkeypatch):
+    from twisted.python import usage
+
+    from mailgate import tap
+
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+    def parse(*argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options.toConfig()
+
+    config = parse()
+    assert (config.defaultQuota, config.quotaExceeded, config.expireDays, config.keepDeletedDays) == (
+        None, "temporary", None, 0,
+    )
+    config = parse(
+        "--default-quota", "1G", "--quota-exceeded", "permanent",
+        "--expire-days", "30", "--keep-deleted-days", "7",
+    )
+    assert (config.defaultQuota, config.quotaExceeded, config.expireDays, config.keepDeletedDays) == (
+        1 << 30, "permanent", 30, 7,
+    )
+    assert parse("--expire-days", "never").expireDays is None
+    for argv in (
+        ["--default-quota", "lots"],
+        ["--quota-exceeded", "sometimes"],
+        ["--expire-days", "-1"],
+        ["--keep-deleted-days", "x"],
+    ):
+        with pytest.raises(usage.UsageError):
+            parse(*argv)
+
+
+def test_theOptionsInAConfigurationFile(tmp_path, monkeypatch):
+    """
+    The same settings as configuration file keys: sizes as a number of
+    octets or with a unit, days as a number or "never"; a wrong value
+    names its key.
+    """
+    from mailgate import tap
+
+    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
+
+    def parse(text):
+        path = tmp_path / "mailgate.toml"
+        path.write_text(text)
+        options = tap.Options()
+        options.parseOptions(["--config", str(path)])
+        return options.toConfig()
+
+    config = parse('default-quota = "500M"\nexpire-days = "never"\nkeep-deleted-days = 2\n')
+    assert (config.defaultQuota, config.expireDays, config.keepDeletedDays) == (500 << 20, None, 2)
+    config = parse('default-quota = 1048576\nexpire-days = 14\nquota-exceeded = "permanent"\n')
+    assert (config.defaultQuota, config.expireDays, config.quotaExceeded) == (1 << 20, 14, "permanent")
+    for text, key in (
+        ('default-quota = "lots"\n', "default-quota"),
+        ("default-quota = true\n", "default-quota"),
+        ('expire-days = "soon"\n', "expire-days"),
+        ("keep-deleted-days = -1\n", "keep-deleted-days"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse(text)
+        assert f"key {key!r}" in str(e.value)
+
+
+def test_serviceGivesTheStoreItsLimits(databaseURL):
+    from twisted.internet.testing import MemoryReactor
+
+    from mailgate.service import MailgateConfig, makeService
+
+    s = memoryStore(databaseURL)
+    try:
+        makeService(
+            MailgateConfig(database=databaseURL, pop3=[], defaultQuota=5000, expireDays=9, keepDeletedDays=3),
+            reactor=MemoryReactor(),
+            store=s,
+        )
+        assert (s.limits.quotaOctets, s.limits.expireDays, s.limits.keepDeletedDays) == (5000, 9, 3)
+    finally:
+        s.close()
+
+
+# -- retention -------------------------------------------------------------------------
+
+T0 = 1_700_000_000
+
+
+class Clocked:
+    """
+    A store's clock, set by the test.
+    """
+
+    def __init__(self, store, now=T0):
+        self.now = now
+        store._clock = lambda: self.now
+
+    def days(self, n):
+        self.now += n * 86400
+
+
+def test_retentionRemovesOldMessagesOnly(store):
+    clock = Clocked(store)
+    old = [message(n, 30) for n in range(3)]
+    for body in old:
+        deliver(store, [ALICE, BOB], body)
+    clock.days(5)
+    recent = message(9)
+    deliver(store, [ALICE], recent)
+    resultOf(store.setExpire(ALICE, 3))
+    clock.days(0.5)
+    assert resultOf(store.expireMessages()) == (3, 0)
+    assert [m.size for m in resultOf(store.listMessages(ALICE))] == [len(recent)]
+    assert usage(store, ALICE) == (1, len(recent))
+    # Bob never set a retention and the server has none: all his stay.
+    assert len(resultOf(store.listMessages(BOB))) == 3
+    # Nothing left to do.
+    assert resultOf(store.expireMessages()) == (0, 0)
+
+
+def test_retentionDefaultAndNever(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE, BOB], message(1))
+    store.limits.expireDays = 2
+    resultOf(store.setExpire(BOB, UNLIMITED))
+    clock.days(1)
+    assert resultOf(store.expireMessages()) == (0, 0)
+    clock.days(2)
+    assert resultOf(store.expireMessages()) == (1, 0)
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert len(resultOf(store.listMessages(BOB))) == 1
+    resultOf(store.setExpire(BOB, DEFAULT))
+    assert resultOf(store.expireMessages()) == (1, 0)
+    assert resultOf(store.listMessages(BOB)) == []
+
+
+def test_retentionWorksInSmallTransactions(store):
+    clock = Clocked(store)
+    for n in range(7):
+        deliver(store, [ALICE], message(n))
+    store.limits.expireDays = 1
+    clock.days(2)
+    transactions = []
+    runWrite = store.database.runWrite
+
+    def counting(function, *args, **kwargs):
+        transactions.append(function.__name__)
+        return runWrite(function, *args, **kwargs)
+
+    store.database.runWrite = counting
+    assert resultOf(store.expireMessages(messagesPerTransaction=3)) == (7, 0)
+    assert transactions == ["_expireUser"] * 3
+    assert usage(store, ALICE) == (0, 0)
+
+
+def test_retentionSkipsAMaildropInUse(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    store.limits.expireDays = 1
+    clock.days(2)
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert resultOf(store.expireMessages()) == (0, 1)
+    assert session.command("RETR 1").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    assert resultOf(store.expireMessages()) == (1, 0)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_retentionOnSeveralNodesAtOnce(databaseURL):
+    """
+    Two nodes: a maildrop locked by a POP3 session on one is skipped by
+    the other; and both running the task at the same time remove each
+    old message exactly once (use and bodies stay exact).
+    """
+    import threading
+
+    nodes = [memoryStore(databaseURL) for _ in range(2)]
+    try:
+        a, b = nodes
+        addUser(a, ALICE, "wonderland")
+        addUser(a, BOB, "builder")
+        for node in nodes:
+            Clocked(node)
+            node.limits.expireDays = 1
+        for n in range(40):
+            deliver(a, [ALICE, BOB], message(n, n))
+        deliver(a, [BOB], message(99))
+        for node in nodes:
+            node._clock = lambda: T0 + 2 * 86400
+
+        session = POP3Session(a)
+        assert session.login(ALICE, "wonderland").startswith("+OK")
+        removed, busy = resultOf(b.expireMessages(messagesPerTransaction=7))
+        assert (removed, busy) == (41, 1)
+        assert session.command("QUIT").startswith("+OK")
+
+        results = []
+
+        def expire(node):
+            results.append(resultOf(node.expireMessages(messagesPerTransaction=3)))
+
+        threads = [threading.Thread(target=expire, args=(node,)) for node in nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sum(r[0] for r in results) == 40, results
+        assert resultOf(a.listMessages(ALICE)) == [] and resultOf(a.listMessages(BOB)) == []
+        assert usage(a, ALICE) == usage(a, BOB) == (0, 0)
+        from test_store import query
+
+        assert query(a, "SELECT count(*) FROM bodies") == [(0,)]
+        assert query(a, "SELECT count(*) FROM body_chunks") == [(0,)]
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_retentionServiceRunsPeriodically(store):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.store.housekeeping import RetentionService
+
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    store.limits.expireDays = 1
+    reactor = MemoryReactorClock()
+    service = RetentionService(store, reactor, interval=60)
+    service.startService()
+    # Nothing runs before the reactor does (twistd starts services first).
+    assert not reactor.getDelayedCalls()
+    reactor.run()
+    try:
+        reactor.advance(60)
+        assert len(resultOf(store.listMessages(ALICE))) == 1
+        clock.days(2)
+        reactor.advance(60)
+        assert resultOf(store.listMessages(ALICE)) == []
+    finally:
+        service.stopService()
+    assert not reactor.getDelayedCalls()
+
+
+def test_expireCapability(store):
+    def capa(session):
+        return [line for line in session.command("CAPA").split("\r\n") if line.startswith("EXPIRE")]
+
+    def sessionFactory():
+        from mailgate.testing import pop3Factory
+
+        return pop3Factory(store, expire=store.retention.capability)
+
+    # No retention anywhere: NEVER, as before.
+    assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE NEVER"]
+    store.limits.expireDays = 30
+    assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE 30"]
+    # Alice keeps mail 7 days: before login, USER says values differ.
+    resultOf(store.setExpire(ALICE, 7))
+    resultOf(store.retention.refresh())
+    session = POP3Session(store, factory=sessionFactory())
+    assert capa(session) == ["EXPIRE 30 USER"]
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert capa(session) == ["EXPIRE 7"]
+    session.command("QUIT")
+    session = POP3Session(store, factory=sessionFactory())
+    assert session.login(BOB, "builder").startswith("+OK")
+    assert capa(session) == ["EXPIRE 30"]
+    session.command("QUIT")
+    resultOf(store.setExpire(BOB, UNLIMITED))
+    resultOf(store.retention.refresh())
+    session = POP3Session(store, factory=sessionFactory())
+    assert session.login(BOB, "builder").startswith("+OK")
+    assert capa(session) == ["EXPIRE NEVER"]
+
+
+# -- kept deleted mail -----------------------------------------------------------------
+
+
+def popDelete(store, address, password, *numbers):
+    """
+    A POP3 session that deletes C{numbers} and quits; its UIDL listing
+    before the deletions.
+    """
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    listing = session.command("UIDL").split("\r\n")[1:-2]
+    for n in numbers:
+        assert session.command(f"DELE {n}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    return [line.split()[1] for line in listing]
+
+
+def uidlOf(store, address, password):
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    listing = session.command("UIDL").split("\r\n")[1:-2]
+    session.command("QUIT")
+    return [line.split()[1] for line in listing]
+
+
+def bodyCount(store):
+    from test_store import query
+
+    return query(store, "SELECT count(*) FROM bodies")[0][0], query(store, "SELECT count(*) FROM body_chunks")[0][0]
+
+
+def test_deletedMailIsKeptOutOfPop3AndOutOfTheQuota(store):
+    Clocked(store)
+    store.limits.keepDeletedDays = 3
+    bodies = [message(n, 10 * n) for n in range(4)]
+    for body in bodies:
+        deliver(store, [ALICE], body)
+    ids = popDelete(store, ALICE, "wonderland", 2, 3)
+    assert uidlOf(store, ALICE, "wonderland") == [ids[0], ids[3]]
+    assert usage(store, ALICE) == (2, len(bodies[0]) + len(bodies[3]))
+    kept = resultOf(store.listDeleted(ALICE))
+    assert [(k.number, k.size, k.uniqueId, k.deletedAt, k.deletedBy) for k in kept] == [
+        (1, len(bodies[1]), ids[1], T0, "127.0.0.1:40000"),
+        (2, len(bodies[2]), ids[2], T0, "127.0.0.1:40000"),
+    ]
+
+
+def test_restoreUnderTheOriginalUniqueIds(store):
+    store.limits.keepDeletedDays = 3
+    bodies = [message(n, 10 * n) for n in range(4)]
+    for body in bodies:
+        deliver(store, [ALICE], body)
+    ids = popDelete(store, ALICE, "wonderland", 1, 3)
+    restored, missing = resultOf(store.restoreDeleted(ALICE, [ids[2], "no-such-id"]))
+    assert restored == [(ids[2], ids[2])]
+    assert missing == ["no-such-id"]
+    # Back in its place, under its own id.
+    assert uidlOf(store, ALICE, "wonderland") == [ids[1], ids[2], ids[3]]
+    assert usage(store, ALICE) == (3, sum(map(len, bodies[1:])))
+    session = POP3Session(store)
+    session.login(ALICE, "wonderland")
+    assert session.command("RETR 2").endswith(bodies[2].decode() + ".\r\n")
+    session.command("QUIT")
+    assert [k.uniqueId for k in resultOf(store.listDeleted(ALICE))] == [ids[0]]
+
+
+def test_restoreAllSinceATime(store):
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 3
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    ids = popDelete(store, ALICE, "wonderland", 1)
+    clock.days(1)
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    restored, missing = resultOf(store.restoreDeleted(ALICE, since=T0 + 3600))
+    assert [old for old, _ in restored] == ids[1:]
+    assert missing == []
+    assert uidlOf(store, ALICE, "wonderland") == ids[1:]
+    restored, _ = resultOf(store.restoreDeleted(ALICE))
+    assert [old for old, _ in restored] == ids[:1]
+    assert uidlOf(store, ALICE, "wonderland") == ids
+
+
+def test_restoreAsNew(store):
+    store.limits.keepDeletedDays = 3
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    ids = popDelete(store, ALICE, "wonderland", 1, 2)
+    restored, _ = resultOf(store.restoreDeleted(ALICE, asNew=True))
+    assert [old for old, _ in restored] == ids[:2]
+    newIds = [new for _, new in restored]
+    assert not set(newIds) & set(ids)
+    # After the message that stayed, as if just delivered; a later
+    # delivery gets yet another id.
+    assert uidlOf(store, ALICE, "wonderland") == [ids[2], *newIds]
+    later = deliver(store, [ALICE], message(9))[ALICE]
+    assert later not in ids + newIds
+
+
+def test_keptDeletedMailIsPurgedInTime(store):
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 2
+    body = message(1)
+    deliver(store, [ALICE, BOB], body)
+    deliver(store, [ALICE], message(2))
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    assert bodyCount(store) == (2, 2)
+    clock.days(1)
+    assert resultOf(store.purgeDeleted()) == 0
+    clock.days(1.5)
+    assert resultOf(store.purgeDeleted()) == 2
+    assert resultOf(store.listDeleted(ALICE)) == []
+    # Bob's copy keeps the shared body; Alice's own body is gone.
+    assert bodyCount(store) == (1, 1)
+    assert resultOf(store.restoreDeleted(ALICE)) == ([], [])
+    session = POP3Session(store)
+    session.login(BOB, "builder")
+    assert session.command("RETR 1").endswith(body.decode() + ".\r\n")
+
+
+def test_withoutKeepingDeletedMailIsRemovedAtOnce(store):
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    assert resultOf(store.listDeleted(ALICE)) == []
+    assert bodyCount(store) == (0, 0)
+
+
+def test_deletingAUserDropsTheirKeptMail(store):
+    store.limits.keepDeletedDays = 5
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    resultOf(store.deleteUser(ALICE))
+    assert bodyCount(store) == (0, 0)
+    from test_store import query
+
+    assert query(store, "SELECT count(*) FROM deleted_mail") == [(0,)]
+
+
+# -- renaming -------------------------------------------------------------------------------
+
+
+def test_renameKeepsTheMaildropItsIdsAndQuota(store):
+    ids = [deliver(store, [ALICE], message(n))[ALICE] for n in range(3)]
+    resultOf(store.setQuota(ALICE, 5000, messages=10))
+    resultOf(store.setExpire(ALICE, 9))
+    resultOf(store.renameUser(ALICE, CAROL))
+    assert resultOf(store.findUser(ALICE)) is None
+    assert [m.uniqueId for m in resultOf(store.listMessages(CAROL))] == ids
+    status = resultOf(store.quotaOf(CAROL))
+    assert (status.quotaOctets, status.quotaMessages, status.usedMessages) == (5000, 10, 3)
+    assert users(store)[CAROL].expireDays == 9
+    assert uidlOf(store, CAROL, "wonderland") == ids
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("-ERR [AUTH]")
+    # Mail for the old address is refused; for the new one delivered.
+    assert isinstance(resultOf(store.deliver([ALICE], spoolBytes(message(9))))[ALICE], NoSuchUser)
+    assert isinstance(deliver(store, [CAROL], message(9))[CAROL], str)
+
+
+def test_renameRefusals(store):
+    from mailgate.errors import MaildropInUse, UserExists
+
+    assert failureOf(store.renameUser(ALICE, BOB)).check(UserExists)
+    assert failureOf(store.renameUser(CAROL, "dave@example.org")).check(NoSuchUser)
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert failureOf(store.renameUser(ALICE, CAROL)).check(MaildropInUse)
+    session.command("QUIT")
+    resultOf(store.renameUser(ALICE, CAROL))
+
+
+def test_renameIsRefusedWhileAnotherProcessServesTheUser(databaseURL, store):
+    """
+    The admin command is another process: it sees the server's sessions
+    in the registry (and, on PostgreSQL, the maildrop lock itself).
+    """
+    from mailgate.errors import MaildropInUse
+
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        assert failureOf(admin.renameUser(ALICE, CAROL)).check(MaildropInUse)
+        assert failureOf(admin.expungeMessages(ALICE)).check(MaildropInUse)
+        session.command("QUIT")
+        resultOf(store.sessions.flush())
+        resultOf(admin.renameUser(ALICE, CAROL))
+    finally:
+        admin.close()
+
+
+def test_aRememberedPasswordDoesNotLogInUnderTheOldName(databaseURL, store):
+    """
+    A running server remembers verified passwords (the auth cache): after
+    a rename made elsewhere, the old name with that password must fail
+    at once, and the new one work.
+    """
+    from mailgate.testing import pop3Factory
+
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    session.command("QUIT")
+    assert len(factory.portal.passwordChecker.cache) == 1
+    admin = memoryStore(databaseURL)
+    try:
+        resultOf(admin.renameUser(ALICE, CAROL))
+    finally:
+        admin.close()
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(ALICE, "wonderland").startswith("-ERR [AUTH]")
+    # ... and the stale memory is forgotten.
+    assert len(factory.portal.passwordChecker.cache) == 0
+    session = POP3Session(store, clock=clock, factory=factory)
+    assert session.login(CAROL, "wonderland").startswith("+OK")
+
+
+# -- expunging by the administrator ------------------------------------------------------------
+
+
+def test_expungeOlderThanAndAll(store):
+    clock = Clocked(store)
+    deliver(store, [ALICE], message(1))
+    clock.days(10)
+    kept = deliver(store, [ALICE], message(2))[ALICE]
+    clock.days(1)
+    assert resultOf(store.expungeMessages(ALICE, 5)) == 1
+    assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == [kept]
+    assert resultOf(store.expungeMessages(ALICE)) == 1
+    assert usage(store, ALICE) == (0, 0)
+    assert bodyCount(store) == (0, 0)
+    assert failureOf(store.expungeMessages(CAROL)).check(NoSuchUser)
+
+
+# -- the session registry: who and kick --------------------------------------------------------
+
+
+def test_whoShowsSessionsOfLiveNodesOnly(databaseURL, store):
+    from mailgate.store.registry import STALE_AFTER
+    from twisted.internet.address import IPv4Address
+
+    clock = Clocked(store)
+    store.sessions.name = "node-a"
+    session = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.2", 50123))
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert resultOf(store.listSessions()) == []  # not written yet
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        Clocked(admin, T0 + 5)
+        [info] = resultOf(admin.listSessions())
+        assert (info.address, info.node, info.peer, info.since) == (ALICE, "node-a", "127.0.0.2:50123", T0)
+        # The node stops beating (killed): its sessions are no longer shown.
+        Clocked(admin, T0 + STALE_AFTER + 1)
+        assert resultOf(admin.listSessions()) == []
+        # A node that goes on beating keeps them shown.
+        clock.now = T0 + STALE_AFTER
+        resultOf(store.sessions.flush())
+        assert len(resultOf(admin.listSessions())) == 1
+        # Logout: gone at the next write.
+        session.command("QUIT")
+        resultOf(store.sessions.flush())
+        assert resultOf(admin.listSessions()) == []
+    finally:
+        admin.close()
+
+
+def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
+    deliver(store, [ALICE], message(1))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert session.command("DELE 1").startswith("+OK")
+    resultOf(store.sessions.flush())
+    admin = memoryStore(databaseURL)
+    try:
+        assert resultOf(admin.kickSessions(BOB)) == 0
+        assert resultOf(admin.kickSessions(ALICE)) == 1
+    finally:
+        admin.close()
+    # The node finds the mark and ends the session: no UPDATE state; its
+    # logout says why.
+    assert resultOf(store.sessions.poll()) == 1
+    assert session.disconnected
+    assert session.transport.value().decode().startswith("-ERR [SYS/TEMP] session ended by the administrator")
+    [logout] = named(events, "pop3.logout")
+    assert (logout["why"], logout["user"], logout["deleted"]) == ("kicked by the administrator", ALICE, 0)
+    resultOf(store.sessions.flush())
+    assert resultOf(store.listSessions()) == []
+    # The lock is free and nothing was deleted.
+    again = POP3Session(store)
+    assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
+
+
+def test_aKickWaitsForTheCommandUnderWay(store, events):
+    """
+    A kick arriving while a command waits on the store ends the session
+    once that command has answered (as the shutdown's grace does), so the
+    client never sees half a reply.
+    """
+    from twisted.internet import defer
+
+    deliver(store, [ALICE], message(1))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert session.command("DELE 1").startswith("+OK")
+    maildrop = session.protocol._maildrop
+    pending = defer.Deferred()
+    uniqueIds = maildrop.uniqueIds
+    maildrop.uniqueIds = lambda first, count: pending.addCallback(lambda _: uniqueIds(first, count))
+    assert session.command("UIDL 1") == "-ERR message 1 is deleted\r\n"
+    assert session.command("RSET").startswith("+OK")
+    assert session.command("UIDL 1") == ""
+    # Kicked while UIDL waits: nothing yet.
+    [registered] = store.sessions.local.values()
+    registered.end()
+    assert session.transport.value() == b"" and not session.disconnected
+    pending.callback(None)
+    reply = session.advance(0).decode()
+    assert reply.startswith("+OK 1 ")
+    assert reply.endswith("-ERR [SYS/TEMP] session ended by the administrator\r\n")
+    assert session.disconnected
+    [logout] = named(events, "pop3.logout")
+    assert logout["why"] == "kicked by the administrator"
+    again = POP3Session(store)
+    assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
+
+
+def test_registryServiceWritesAndKicks(store):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.store.housekeeping import RegistryService
+
+    reactor = MemoryReactorClock()
+    service = RegistryService(store, reactor, name="node-x")
+    service.startService()
+    assert not reactor.getDelayedCalls()
+    reactor.run()
+    try:
+        session = POP3Session(store)
+        assert session.login(ALICE, "wonderland").startswith("+OK")
+        reactor.advance(1)
+        [info] = resultOf(store.listSessions())
+        assert info.node.startswith("node-x[")
+        resultOf(store.kickSessions(ALICE))
+        reactor.advance(1)
+        assert session.disconnected
+        reactor.advance(1)
+        assert resultOf(store.listSessions()) == []
+    finally:
+        resultOf(service.stopService())
+    from test_store import query
+
+    assert query(store, "SELECT count(*) FROM mailgate_nodes") == [(0,)]

@@ -1,0 +1,219 @@
+"""
+The lifecycle commands of C{mailgate} (user quota, user expire, mailbox
+deleted / restore / expunge, user rename, who, kick), driven through
+L{mailgate.cli.run} on both backends, with what the store then holds
+checked through the store itself.
+"""
+
+import pytest
+
+from mailgate.testing import addUser, deliver, memoryStore, resultOf
+from test_cli import CLI
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+@pytest.fixture
+def cli(databaseURL, tmp_path):
+    c = CLI(tmp_path / "unused.sqlite3")
+    c.url = databaseURL
+    return c
+
+
+@pytest.fixture
+def store(cli):
+    s = memoryStore(cli.url)
+    addUser(s, ALICE, "wonderland")
+    addUser(s, BOB, "builder")
+    yield s
+    s.close()
+
+
+def listed(cli):
+    """
+    C{mailgate user list} as {address: [columns after the address]}.
+    """
+    result = cli("user", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE"]
+    return {line.split()[0]: line.split()[1:] for line in lines[1:]}
+
+
+# -- user quota ------------------------------------------------------------------
+
+
+def test_userQuota(cli, store):
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    result = cli("user", "quota", ALICE, "500M")
+    assert result.code == 0, result
+    assert result.out == f"quota of {ALICE}: 500M; in use: 1 messages, 21 octets\n"
+    assert listed(cli)[ALICE] == ["1", "21", "off", "500M", "default", "default"]
+    status = resultOf(store.quotaOf(ALICE))
+    assert (status.quotaOctets, status.quotaMessages) == (500 << 20, None)
+
+    assert cli("user", "quota", ALICE, "none", "--messages", "1000").code == 0
+    assert listed(cli)[ALICE][3:5] == ["none", "1000"]
+    assert cli("user", "quota", ALICE, "default", "--messages", "default").code == 0
+    assert listed(cli)[ALICE][3:5] == ["default", "default"]
+    assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
+
+
+def test_userQuotaRefusesNonsense(cli, store):
+    for argv, code in (
+        (["user", "quota", ALICE, "lots"], 64),
+        (["user", "quota", ALICE, "-5"], 64),
+        (["user", "quota", ALICE, "1G", "--messages", "many"], 64),
+        (["user", "quota", "nobody@example.org", "1G"], 67),
+    ):
+        result = cli(*argv)
+        assert result.code == code, (argv, result)
+        assert result.err.startswith("mailgate: ") and result.err.count("\n") == 1, result
+    assert listed(cli)[ALICE][3] == "default"
+
+
+def test_deliverOverQuotaIsATemporaryFailureAndStoresNothing(cli, store):
+    resultOf(store.setQuota(ALICE, 10))
+    result = cli("deliver", BOB, ALICE, stdin=b"Subject: x\n\nhello\n")
+    assert result.code == 75, result
+    assert result.err == f"mailgate: mailbox full: {ALICE}; try again later\n"
+    assert resultOf(store.listMessages(BOB)) == []
+
+
+# -- user expire -------------------------------------------------------------------
+
+
+def test_userExpire(cli, store):
+    result = cli("user", "expire", ALICE, "30")
+    assert result.code == 0, result
+    assert result.out == f"messages of {ALICE} expire after: 30 days\n"
+    assert listed(cli)[ALICE][5] == "30"
+    assert cli("user", "expire", ALICE, "never").out == f"messages of {ALICE} expire after: never\n"
+    assert listed(cli)[ALICE][5] == "never"
+    assert cli("user", "expire", ALICE, "default").code == 0
+    assert listed(cli)[ALICE][5] == "default"
+    assert cli("user", "expire", ALICE, "soon").code == 64
+    assert cli("user", "expire", "nobody@example.org", "3").code == 67
+
+
+# -- mailbox deleted / restore ----------------------------------------------------------
+
+
+def keptDeleted(store, address, password, *numbers):
+    from mailgate.testing import POP3Session
+
+    store.limits.keepDeletedDays = 7
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    ids = [line.split()[1] for line in session.command("UIDL").split("\r\n")[1:-2]]
+    for n in numbers:
+        assert session.command(f"DELE {n}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    return ids
+
+
+def test_mailboxDeletedAndRestore(cli, store):
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    ids = keptDeleted(store, ALICE, "wonderland", 1, 3)
+
+    result = cli("mailbox", "deleted", ALICE)
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["NUMBER", "OCTETS", "UNIQUE-ID", "DELETED", "FROM"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("1", "21", ids[0], "127.0.0.1:40000"),
+        ("2", "21", ids[2], "127.0.0.1:40000"),
+    ]
+
+    result = cli("mailbox", "restore", ALICE, ids[2])
+    assert result.code == 0, result
+    assert result.out == f"restored {ids[2]}\n1 messages restored to {ALICE}\n"
+    assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == ids[1:]
+
+    result = cli("mailbox", "restore", ALICE, "--as-new")
+    assert result.code == 0, result
+    new = resultOf(store.listMessages(ALICE))[-1].uniqueId
+    assert new not in ids
+    assert result.out == f"restored {ids[0]} as {new}\n1 messages restored to {ALICE}\n"
+    assert cli("mailbox", "deleted", ALICE).out.count("\n") == 1
+
+
+def test_mailboxRestoreSince(cli, store):
+    for n in range(2):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    keptDeleted(store, ALICE, "wonderland", 1, 2)
+    # Deleted just now: nothing was deleted since tomorrow, all since an hour ago.
+    assert cli("mailbox", "restore", ALICE, "--since", "2999-01-01").out == f"0 messages restored to {ALICE}\n"
+    assert cli("mailbox", "restore", ALICE, "--since", "1h").out.endswith(f"2 messages restored to {ALICE}\n")
+    assert cli("mailbox", "restore", ALICE, "--since", "yesterday-ish").code == 64
+
+
+def test_mailboxRestoreUnknownId(cli, store):
+    result = cli("mailbox", "restore", ALICE, "nope")
+    assert result.code == 65, result
+    assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: nope\n"
+    assert cli("mailbox", "deleted", "nobody@example.org").code == 67
+
+
+# -- user rename, mailbox expunge, who, kick --------------------------------------------
+
+
+def test_userRename(cli, store):
+    uid = deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")[ALICE]
+    result = cli("user", "rename", ALICE, "Alice.New@Example.org")
+    assert result.code == 0, result
+    assert result.out == f"renamed {ALICE} to alice.new@example.org; the maildrop, its unique ids and quota follow\n"
+    assert [m.uniqueId for m in resultOf(store.listMessages("alice.new@example.org"))] == [uid]
+    assert cli("user", "rename", ALICE, "x@example.org").code == 67
+    assert cli("user", "rename", "alice.new@example.org", BOB).code == 73
+
+
+def test_userRenameRefusedInSession(cli, store):
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    result = cli("user", "rename", ALICE, "x@example.org")
+    assert result.code == 75, result
+    assert result.err == (
+        f"mailgate: {ALICE} is in a POP3 session; try again once it ended (or end it: mailgate kick {ALICE})\n"
+    )
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert result.code == 75, result
+
+
+def test_mailboxExpunge(cli, store):
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    result = cli("mailbox", "expunge", ALICE, "--older-than", "1")
+    assert (result.code, result.out) == (0, f"removed 0 messages (messages older than 1 days) from {ALICE}\n")
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert (result.code, result.out) == (0, f"removed 3 messages (every message) from {ALICE}\n")
+    assert resultOf(store.listMessages(ALICE)) == []
+    assert cli("mailbox", "expunge", ALICE).code == 64
+    assert cli("mailbox", "expunge", ALICE, "--all", "--older-than", "3").code == 64
+
+
+def test_whoAndKickWithoutAServingNode(cli, store):
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.testing import POP3Session
+
+    result = cli("who")
+    assert result.out.split() == ["USER", "NODE", "CLIENT", "SINCE"]
+    store.sessions.name = "node-a"
+    session = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.3", 41000))
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    resultOf(store.sessions.flush())
+    lines = cli("who").out.splitlines()
+    assert lines[1].split()[:3] == [ALICE, "node-a", "127.0.0.3:41000"]
+    assert cli("kick", BOB).code == 1
+    assert cli("kick", "nobody@example.org").code == 67
+    # Nobody serves the session here to end it: asked, not ended.
+    result = cli("kick", ALICE, "--wait", "0")
+    assert result.code == 75
+    assert result.err == f"mailgate: asked the node to end the POP3 session of {ALICE}; it has not ended yet\n"
