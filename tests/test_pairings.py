@@ -353,3 +353,41 @@ def test_haproxyPassesTheClientsAddress(mailgate_server, mailgate_cli, haproxy):
     assert re.search(r"pop3 authentication failed user='alice@example\.org' peer=127\.0\.0\.3:\d+", log), log
     assert re.search(r"pop3 logout user=alice@example\.org peer=127\.0\.0\.3:\d+", log), log
     assert "peer=127.0.0.1:" not in log, log
+
+
+def _greetingFrom(address, port):
+    """
+    The first line a connection from C{address} through the balancer
+    gets, and the socket (still open).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(address, 0))
+    return sock.makefile("rb").readline(), sock
+
+
+def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
+    """
+    Behind the balancer, the per-address connection limit counts each
+    client's own address: a second connection from 127.0.0.3 is refused
+    while one from 127.0.0.2 is served, though all of them reach mailgate
+    from the balancer's address.
+    """
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server(
+        "--pop3", description, "--max-connections-per-ip", "1", "--exempt-network", "none", "--no-apop"
+    )
+    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    front = haproxy(backPort)
+    opened = []
+    try:
+        first, sock = _greetingFrom("127.0.0.3", front)
+        opened.append(sock)
+        assert first.startswith(b"+OK"), first
+        second, sock = _greetingFrom("127.0.0.3", front)
+        opened.append(sock)
+        assert second == b"-ERR [SYS/TEMP] too many connections\r\n"
+        other, sock = _greetingFrom("127.0.0.2", front)
+        opened.append(sock)
+        assert other.startswith(b"+OK"), other
+    finally:
+        for sock in opened:
+            sock.close()
