@@ -1144,10 +1144,14 @@ def test_eachDeliveryIsLoggedOnceWithTheIdsTheClientWasTold(users, kind):
     told = [reply.split()[-1] for reply in replies]
     if kind == "smtp":
         [transactionId] = told
+        # The message's id as the client was told, and each copy's unique
+        # id as POP3 will show it.
+        uids = [m.uniqueId for m in resultOf(users.listMessages(ALICE)) + resultOf(users.listMessages(BOB))]
         expected = (
             rf"smtp delivered id={transactionId} from=<{re.escape(SENDER)}> "
-            rf"to={re.escape(ALICE)},{re.escape(BOB)} peer=127\.0\.0\.1:40000"
+            rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={uids[0]},{uids[1]} peer=127\.0\.0\.1:40000"
         )
+        assert event["uniqueIds"] == {ALICE: uids[0], BOB: uids[1]}
     else:
         expected = (
             rf"lmtp delivered id=\S+ from=<{re.escape(SENDER)}> "

@@ -423,7 +423,12 @@ class SMTPServer(CommandSession):
         The replies to a committed message, and its log line.
         """
         self._reply(250, "2.0.0", f"OK: message accepted as {envelope.transactionId}")
-        self._logDelivery(envelope, f" peer={self.peerText}")
+        # The id in the reply (and in the Received field) is the message's;
+        # the log line adds the unique id each recipient's copy got.
+        uniqueIds = {a: r for a, r in results.items() if isinstance(r, str)}
+        self._logDelivery(
+            envelope, f" uids={','.join(uniqueIds.values())} peer={self.peerText}", uniqueIds=uniqueIds
+        )
 
     def _logDelivery(self, envelope, tail="", **extra):
         """
