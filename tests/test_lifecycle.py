@@ -325,14 +325,16 @@ def test_concurrentDeliveriesNeverSqueezeUnderTheLimit(databaseURL, partial):
 SENDER = "sender@example.net"
 
 
-def intake(store, lmtp=False, quotaExceeded="temporary", metrics=None):
+def intake(store, lmtp=False, quotaExceeded="temporary", metrics=None, clock=None):
     from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
     from mailgate.testing import SMTPSession
     from twisted.internet.task import Clock
 
     factoryClass = LMTPFactory if lmtp else SMTPFactory
+    timing = {} if clock is None else {"clock": clock.seconds}
+    delivery = LocalDelivery(store, ["example.org"], quotaExceeded=quotaExceeded, **timing)
     factory = factoryClass(
-        LocalDelivery(store, ["example.org"], quotaExceeded=quotaExceeded),
+        delivery,
         hostname="mailgate.test",
         reactor=Clock(),
         metrics=metrics,
@@ -359,17 +361,27 @@ def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
 
 
 def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
+    from mailgate.smtp import LocalDelivery
+    from twisted.internet.task import Clock
+
     body = message(1)
     deliver(store, [ALICE], body)
-    session = intake(store)
-    # No quota yet: she is accepted (and remembered as unlimited).
+    clock = Clock()
+    session = intake(store, clock=clock)
+    # No quota yet: she is accepted (and remembered as unlimited, for
+    # LocalDelivery.knownLifetime seconds).
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
     assert session.command("RSET").startswith("250")
-    # A quota set meanwhile (by the admin command, say) counts at once:
-    # recipients with a quota are never answered from memory.
+    # A quota set meanwhile (by the admin command, say) counts at RCPT once
+    # that while is over (within it, the end of DATA checks it).
     resultOf(store.setQuota(ALICE, len(body)))
-    session.protocol.factory.delivery._known.clear()
+    clock.advance(LocalDelivery.knownLifetime + 1)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+    # A recipient with a quota is never answered from memory: the next
+    # RCPT asks again, and is refused again.
+    assert session.command("RSET").startswith("250")
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
 
@@ -409,6 +421,31 @@ def test_smtpPermanentRefusalAtTheEndOfData(store):
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
     assert data(session, message(1, 800)) == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+
+
+def test_smtpPermanentRefusalNeverBouncesRecipientsWithRoom(store):
+    """
+    With permanent refusals, an SMTP message over one recipient's quota at
+    the end of DATA is still refused only temporarily when another
+    recipient has room: one reply answers for all, and a 552 would bounce
+    it for her too.  The MTA's next attempt declares the size, the full
+    recipient is refused at RCPT, and the other gets the message.
+    """
+    resultOf(store.setQuota(ALICE, 600))
+    session = intake(store, quotaExceeded="permanent")
+    body = message(1, 800)
+    assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert data(session, body) == f"452 4.2.2 <{ALICE}>: mailbox full; try the others again\r\n"
+    assert resultOf(store.listMessages(BOB)) == []
+    # The retry, as an MTA makes it.
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE={len(body)}").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+    assert data(session, body).startswith("250 2.0.0")
+    assert len(resultOf(store.listMessages(BOB))) == 1
+    assert resultOf(store.listMessages(ALICE)) == []
 
 
 def test_lmtpAnswersEachRecipientForItsOwnQuota(store):

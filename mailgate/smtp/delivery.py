@@ -20,7 +20,9 @@ At the end of DATA, the store checks again with the real size, inside
 the delivery's transaction, which is exact however many deliveries to
 the same user run at once on however many nodes.  Either refusal is RFC
 3463's "mailbox full": C{452 4.2.2} (temporary: the MTA retries after the
-user made room), or C{552 5.2.2} when configured permanent.
+user made room), or C{552 5.2.2} when configured permanent.  An SMTP
+message refused at the end of DATA for some of its recipients is refused
+temporarily whatever the setting, so the others never see it bounced.
 """
 
 import time
@@ -168,7 +170,8 @@ class LocalDelivery:
         @return: a L{Deferred} of address to unique id, L{NoSuchUser}, or
             the L{MailboxFull} refusing a recipient over quota (with
             C{partial}); without C{partial}, a recipient over quota fails
-            the whole delivery with a L{MailboxFull}.
+            the whole delivery with a L{MailboxFull} (a temporary one when
+            other recipients had room).
         """
         d = self._store.deliver(envelope.recipients, source, partial=partial)
 
@@ -189,7 +192,18 @@ class LocalDelivery:
             if failure.check(QuotaExceeded):
                 # Nothing was stored: refuse the message with the reply
                 # for a full mailbox.
-                raise self.mailboxFull(", ".join(failure.value.addresses)) from None
+                full = failure.value.addresses
+                refusal = self.mailboxFull(", ".join(full))
+                if refusal.code >= 500 and set(envelope.recipients) - set(full):
+                    # One reply answers every recipient (SMTP): a permanent
+                    # one would bounce the message for those with room too.
+                    # A temporary one makes the MTA try again, and then the
+                    # full recipient is refused at RCPT (by the size its
+                    # MAIL command declares) while the others get it.
+                    refusal = MailboxFull(
+                        452, "4.2.2", f"<{', '.join(full)}>: mailbox full; try the others again"
+                    )
+                raise refusal from None
             return failure
 
         return d.addCallbacks(delivered, failed)
