@@ -189,7 +189,7 @@ class IMailStore(Interface):
 
     def findUser(address):
         """
-        Look up a user: a L{Deferred} L{mailgate.store.records.UserRecord},
+        Look up a user: a L{Deferred} L{mailgate.records.UserRecord},
         or C{None} if there is no such user.
         """
 
@@ -224,13 +224,13 @@ class IMailStore(Interface):
     def listUsers():
         """
         All users: a L{Deferred} list of
-        L{mailgate.store.records.UserSummary}, ordered by address.
+        L{mailgate.records.UserSummary}, ordered by address.
         """
 
     def listMessages(address):
         """
         A user's maildrop as the administrator sees it: a L{Deferred} list of
-        L{mailgate.store.records.MessageInfo} in POP3 order.
+        L{mailgate.records.MessageInfo} in POP3 order.
         """
 
     def deliver(addresses, source, partial=True):
@@ -253,7 +253,7 @@ class IMailStore(Interface):
         """
         Lock a user's maildrop and take the snapshot a POP3 session works on.
 
-        @param identity: the L{mailgate.store.records.UserRecord} a credential
+        @param identity: the L{mailgate.records.UserRecord} a credential
             checker authenticated.  Its password hash must still be the
             user's (a checker may answer from a cache of verified
             passwords); otherwise this fails with
@@ -325,7 +325,7 @@ class ILifecycleStore(Interface):
     def quotaOf(address):
         """
         A user's storage use and the limits that apply to it now: a
-        L{Deferred} L{mailgate.store.records.QuotaStatus}, or C{None} if
+        L{Deferred} L{mailgate.records.QuotaStatus}, or C{None} if
         there is no such user.
         """
 
@@ -347,7 +347,7 @@ class ILifecycleStore(Interface):
     def listDeleted(address):
         """
         A user's kept deleted messages: a L{Deferred} list of
-        L{mailgate.store.records.DeletedMessage}.
+        L{mailgate.records.DeletedMessage}.
         """
 
     def restoreDeleted(address, uidls=None, since=None, asNew=False):
@@ -362,7 +362,7 @@ class ILifecycleStore(Interface):
     def listSessions(address=None):
         """
         The POP3 sessions in progress on every live node: a L{Deferred}
-        list of L{mailgate.store.records.SessionInfo}.
+        list of L{mailgate.records.SessionInfo}.
         """
 
     def kickSessions(address):
@@ -662,7 +662,7 @@ class IPolicyStore(Interface):
     epoch from the caller's clock (nodes are expected to keep their clocks
     in sync, as NTP does).  Addresses are normalised text
     (L{mailgate.policy.addresses.addressText}); the records are those of
-    L{mailgate.store.records}.
+    L{mailgate.records}.
     """
 
     def recordFailure(failure, banAfter, banWindow, banTime, ban=False):

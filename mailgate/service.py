@@ -352,18 +352,17 @@ def _endpoint(reactor, description):
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePolicy(store, config, reactor, metrics=None):
+def makePolicy(policyStore, config, reactor, metrics=None):
     """
     The connection policy from C{config}: limits, the authentication
-    penalty and bans, shared through C{store}'s database (in this process's
-    memory for a store without one).
+    penalty and bans, kept in C{policyStore} (an
+    L{mailgate.interfaces.IPolicyStore}: in the database, every node shares
+    them).
 
     @raise ConfigurationError: for settings out of range.
     """
     from mailgate.policy.connection import ConnectionPolicy
-    from mailgate.policy.memory import MemoryPolicyStore
     from mailgate.policy.settings import PolicySettings
-    from mailgate.store.policy import SQLPolicyStore
 
     try:
         settings = PolicySettings(
@@ -377,8 +376,6 @@ def makePolicy(store, config, reactor, metrics=None):
         )
     except ValueError as e:
         raise ConfigurationError(f"connection policy: {e}") from None
-    database = getattr(store, "database", None)
-    policyStore = MemoryPolicyStore() if database is None else SQLPolicyStore(database)
     return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics)
 
 
@@ -451,7 +448,7 @@ def makeTLS(config):
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
-def makeService(config, reactor=None, store=None, metrics=None):
+def makeService(config, reactor=None, store=None, metrics=None, policyStore=None):
     """
     Build mailgate's service hierarchy.
 
@@ -459,6 +456,11 @@ def makeService(config, reactor=None, store=None, metrics=None):
     @param reactor: the reactor to listen with; the global one by default.
     @param store: an already opened store to use instead of opening
         C{config.database}.
+    @param policyStore: where the connection policy keeps failed logins and
+        bans (an L{mailgate.interfaces.IPolicyStore}): by default, the
+        database of C{config.database} when mailgate opens it, shared by
+        every node; for a C{store} given here, this process's memory unless
+        its policy store is given too.
     @param metrics: the L{Metrics} to report to; a new one (with its own
         registry) by default.
     @raise ConfigurationError: if the database cannot be opened or an
@@ -481,11 +483,19 @@ def makeService(config, reactor=None, store=None, metrics=None):
         metrics = Metrics()
     if store is None:
         store = openStore(config.database, reactor, metrics=metrics)
+        if policyStore is None:
+            from mailgate.store.policy import SQLPolicyStore
+
+            policyStore = SQLPolicyStore(store.database)
+    if policyStore is None:
+        from mailgate.policy.memory import MemoryPolicyStore
+
+        policyStore = MemoryPolicyStore()
     root = MailgateService(
         store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
     )
     root.setStore(StoreService(store))
-    policy = root.policy = makePolicy(store, config, reactor, metrics)
+    policy = root.policy = makePolicy(policyStore, config, reactor, metrics)
     PolicyService(policy, reactor).setServiceParent(root)
     lifecycle = ILifecycleStore.providedBy(store)
     if lifecycle:

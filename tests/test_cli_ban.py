@@ -19,7 +19,7 @@ from mailgate.policy.refresh import REFRESH_INTERVAL
 from mailgate.policy.settings import PolicySettings
 from mailgate.store import openSynchronousStore
 from mailgate.store.policy import SQLPolicyStore
-from mailgate.store.records import AuthFailure
+from mailgate.records import AuthFailure
 from mailgate.testing import resultOf
 
 _LINE = re.compile(r"^(\S+)\s+(\S+)\s+(\d+)\s+(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")

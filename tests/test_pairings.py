@@ -175,7 +175,8 @@ def postfixRoot(tmp_path):
     """
     if POSTFIX is None or not os.path.exists(POSTFIX_MASTER):
         pytest.skip("Postfix is not installed (Debian package postfix; tests/sysdeps.sh installs it)")
-    assert os.geteuid() == 0, "a private Postfix's master runs as root"
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix's master must run as root (make test runs as root in CI)")
     import tempfile
 
     root = tempfile.mkdtemp(prefix="mailgate-postfix-")

@@ -28,7 +28,7 @@ from mailgate.policy.penalty import penaltyDelay
 from mailgate.policy.refresh import EXPIRE_INTERVAL, REFRESH_INTERVAL
 from mailgate.policy.service import PolicyService
 from mailgate.policy.settings import PolicySettings
-from mailgate.store.records import AuthFailure
+from mailgate.records import AuthFailure
 
 START = 1_700_000_000.0
 NO_EXEMPTIONS = ("none",)

@@ -25,7 +25,7 @@ from mailgate.policy.settings import PolicySettings
 from mailgate.store import openStore, openSynchronousStore
 from mailgate.store import policy as sqlpolicy
 from mailgate.store.policy import SQLPolicyStore
-from mailgate.store.records import AuthFailure
+from mailgate.records import AuthFailure
 from mailgate.testing import resultOf
 
 NOW = 1_700_000_000

@@ -32,7 +32,7 @@ from mailgate.interfaces import IMaildrop, IMaildropLocks, IMailStore, IMessageB
 from mailgate.message import MessageSpool, spoolBytes
 from mailgate.store import engineFromURL, openStore, openSynchronousStore
 from mailgate.store.database import Database, WorkerThreads, runBatch, runTransaction
-from mailgate.store.records import MessageInfo, UserRecord, UserSummary
+from mailgate.records import MessageInfo, UserRecord, UserSummary
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
 from mailgate.store import sql as sqlStore
 from mailgate.store.sql import CHUNK_SIZE, SQLMailStore, formatUniqueId
@@ -1191,3 +1191,15 @@ def test_deliveryNoticesAUserRecreatedByAnotherProcess(databaseURL):
     finally:
         server.close()
         admin.close()
+
+
+def test_aBadPostgreSQLURLIsReportedWithoutItsPassword():
+    """
+    A URL refused at start-up is named in the one-line error mailgate
+    prints (to standard error, often to a log): never with its password.
+    """
+    with pytest.raises(ConfigurationError) as refused:
+        engineFromURL("postgresql://mailgate:s3cret-word@db.internal:5433/")
+    message = str(refused.value)
+    assert "s3cret-word" not in message
+    assert "postgresql://mailgate:***@db.internal:5433/" in message

@@ -3,7 +3,7 @@
 Credential checkers over the mail store.
 
 Both checkers answer a successful login with the user's
-L{mailgate.store.records.UserRecord} as avatar id, and every failure with
+L{mailgate.records.UserRecord} as avatar id, and every failure with
 the same L{UnauthorizedLogin}, whatever the reason: an unknown user and a
 wrong password must look alike.  The unknown user even pays for a password
 hash, so the two take the same time.

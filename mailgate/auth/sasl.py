@@ -212,7 +212,7 @@ class ScramSHA256Mechanism:
     SCRAM-SHA-256 without channel binding.
 
     @param findUser: looks a user up by address; a L{Deferred}
-        L{mailgate.store.records.UserRecord} or C{None}.
+        L{mailgate.records.UserRecord} or C{None}.
     @param fakeKey: secret for the made-up salt an unknown user gets, so
         the exchange does not reveal whether a user exists.
     """

@@ -32,7 +32,7 @@ from mailgate.policy.limits import ConnectionLimits
 from mailgate.policy.penalty import AuthPenalty
 from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
 from mailgate.policy.settings import PolicySettings
-from mailgate.store.records import REASON_FAILURES, AuthFailure, BanRecord
+from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
 
 BANNED = "banned"
 TOO_MANY = "too many connections"

@@ -39,7 +39,7 @@ class FailureLog:
 
     def add(self, failure):
         """
-        Remember an L{mailgate.store.records.AuthFailure}.
+        Remember an L{mailgate.records.AuthFailure}.
 
         @return: whether it was new.
         """

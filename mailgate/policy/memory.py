@@ -15,7 +15,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailgate.interfaces import IPolicyStore
-from mailgate.store.records import REASON_ADMIN, REASON_FAILURES, BanRecord, FailureOutcome, PolicyChanges
+from mailgate.records import REASON_ADMIN, REASON_FAILURES, BanRecord, FailureOutcome, PolicyChanges
 
 
 @implementer(IPolicyStore)

@@ -169,7 +169,7 @@ def runBatch(engine, conn, batch):
 
 def _runBatch(engine, conn, batch, savepoints):
     results = []
-    pipelined = not savepoints and all(isinstance(f, BatchableWrite) and f.pipelined for f, _, _ in batch)
+    pipelined = not savepoints and all(IBatchableWrite.providedBy(f) and f.pipelined for f, _, _ in batch)
     try:
         cursor = engine.begin(conn, True)
     except Exception:
@@ -213,7 +213,7 @@ def _together(batch):
     run = []
     for item in batch:
         function = item[0]
-        if run and function is run[0][0] and isinstance(function, BatchableWrite):
+        if run and function is run[0][0] and IBatchableWrite.providedBy(function):
             run.append(item)
             continue
         if run:

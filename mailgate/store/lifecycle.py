@@ -294,7 +294,7 @@ def _keepDeleted(cursor, userId, uids, now, peer):
 
 
 def _listDeleted(cursor, address):
-    from mailgate.store.records import DeletedMessage
+    from mailgate.records import DeletedMessage
 
     userId = _userId(cursor, address)
     cursor.execute(
@@ -640,10 +640,10 @@ class LifecycleStore:
     def quotaOf(self, address):
         """
         A user's storage use and the limits that apply to it now: a
-        L{Deferred} L{mailgate.store.records.QuotaStatus}, or C{None} if
+        L{Deferred} L{mailgate.records.QuotaStatus}, or C{None} if
         there is no such user.
         """
-        from mailgate.store.records import QuotaStatus
+        from mailgate.records import QuotaStatus
 
         def status(row):
             if row is None:
@@ -724,7 +724,7 @@ class LifecycleStore:
     def listDeleted(self, address):
         """
         A user's kept deleted messages: a L{Deferred} list of
-        L{mailgate.store.records.DeletedMessage}, in their maildrop order.
+        L{mailgate.records.DeletedMessage}, in their maildrop order.
         Fails with L{NoSuchUser}.
         """
         return self.database.runInteraction(_listDeleted, address)
@@ -758,7 +758,7 @@ class LifecycleStore:
         """
         The POP3 sessions in progress on every live node (of C{address}
         only, if given): a L{Deferred} list of
-        L{mailgate.store.records.SessionInfo}, oldest first.
+        L{mailgate.records.SessionInfo}, oldest first.
         """
         from mailgate.store.registry import STALE_AFTER, _sessions
 

@@ -19,7 +19,7 @@ import math
 from zope.interface import implementer
 
 from mailgate.interfaces import IPolicyStore
-from mailgate.store.records import (
+from mailgate.records import (
     REASON_ADMIN,
     REASON_FAILURES,
     AuthFailure,

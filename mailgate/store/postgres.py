@@ -84,8 +84,23 @@ def _conninfo(url):
     """
     parts = urlsplit(url)
     if not parts.path.strip("/") and not dict(parse_qsl(parts.query)).get("dbname"):
-        raise ConfigurationError(f"PostgreSQL URL without a database name: {url!r}")
+        raise ConfigurationError(f"PostgreSQL URL without a database name: {_withoutPassword(url)!r}")
     return url
+
+
+def _withoutPassword(url):
+    """
+    C{url} as it may be shown (in an error on standard error, a log line):
+    its password, if any, replaced by C{***}.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 @implementer(IEngine)

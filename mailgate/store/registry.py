@@ -26,7 +26,7 @@ import socket
 
 import attr
 
-from mailgate.store.records import SessionInfo
+from mailgate.records import SessionInfo
 
 #: seconds between heartbeats of a node
 HEARTBEAT = 10

@@ -20,7 +20,7 @@ from mailgate.errors import NoSuchUser, QuotaExceeded, TemporaryFailure, UserExi
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
-from mailgate.store.records import MessageInfo, UserRecord, UserSummary
+from mailgate.records import MessageInfo, UserRecord, UserSummary
 
 CHUNK_SIZE = 128 * 1024
 _IN_BATCH = 500

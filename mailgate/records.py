@@ -1,5 +1,8 @@
 """
-Plain records the store hands out.  They carry data, never a connection.
+Plain records that cross the interfaces of L{mailgate.interfaces}: what
+the stores hand out and the policy and protocols read.  They carry data,
+never a connection, and depend on nothing of mailgate's, so every layer
+may use them.
 """
 
 import attr
