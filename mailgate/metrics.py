@@ -29,6 +29,12 @@ Every method may be called from any thread (the store reports from its
 worker threads); prometheus-client's metrics are thread-safe.
 
 L{MetricsResource} serves C{GET /metrics} and C{GET /healthz} over HTTP.
+It renders the exposition with prometheus-client's own encoders
+(C{choose_encoder}) rather than through C{prometheus_client.twisted}: that
+resource wraps the library's WSGI application in a C{WSGIResource} bound to
+the global reactor and its thread pool, which an embedder's reactor and
+mailgate's rule (the reactor is passed in, never a global) both exclude,
+and a thread hand-off buys nothing for a render that takes microseconds.
 """
 
 from prometheus_client import (

@@ -365,6 +365,7 @@ def _greetingFrom(address, port):
     return sock.makefile("rb").readline(), sock
 
 
+@sqliteOnly
 def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
     """
     Behind the balancer, the per-address connection limit counts each

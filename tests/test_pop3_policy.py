@@ -169,3 +169,46 @@ def test_aMalformedSASLExchangeChecksNothing(store, alice):
     s = session(store, policy)
     assert s.command(f"AUTH PLAIN {b64(b'no-nuls')}").startswith("-ERR [AUTH] ")
     assert checks(policy) == []
+
+
+def test_theRealPenaltyHoldsTheNextLoginFromThatAddress(store, alice):
+    """
+    The real connection policy, not a stand-in: after failed logins from
+    an address, its next attempt waits Dovecot's doubling penalty (2 s
+    after one failure, 4 s after two) before the password is looked at,
+    on this session only; another address logs in at once.
+    """
+    from twisted.internet.task import Clock
+
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = ConnectionPolicy(
+        MemoryPolicyStore(), clock, PolicySettings(exemptNetworks=["none"], banAfter=10, authPenaltyMax=15)
+    )
+
+    def connect(peer):
+        factory = pop3Factory(store, clock=clock, policy=policy)
+        return POP3Session(store, factory=factory, clock=clock, peer=peer)
+
+    s = connect(CLIENT)
+    # The first attempt is not delayed.
+    assert userPass(s, "wrong") == INVALID
+    # The second waits 2 s: nothing is answered before.
+    assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    assert s.command("PASS wrong") == ""
+    assert s.advance(1.9) == b""
+    assert s.advance(0.2) == INVALID.encode()
+    # The third waits 4 s, even with the right password.
+    assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    assert s.command(f"PASS {PASSWORD}") == ""
+    assert s.advance(3.9) == b""
+    assert s.advance(0.2).startswith(b"+OK")
+    assert s.command("QUIT").startswith("+OK")
+
+    # Another address is not held up.
+    other = connect(IPv4Address("TCP", "127.0.0.6", 4712))
+    assert userPass(other).startswith("+OK")
