@@ -169,3 +169,19 @@ def tcpConnection():
     yield TCPConnection(transport, protocol, client, reactor)
     client.close()
     accepted.close()
+
+
+@pytest.fixture
+def logEvents():
+    """
+    Every log event published while the test runs (twisted.logger's
+    global publisher), in order.
+    """
+    from twisted.logger import globalLogPublisher
+
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        yield captured
+    finally:
+        globalLogPublisher.removeObserver(captured.append)

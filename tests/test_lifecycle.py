@@ -462,17 +462,6 @@ def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
     assert len(resultOf(store.listMessages(BOB))) == 1
 
 
-@pytest.fixture
-def events():
-    from twisted.logger import globalLogPublisher
-
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(captured.append)
-
 
 def named(events, name):
     return [e for e in events if e.get("event") == name]
@@ -495,7 +484,7 @@ def test_aRecipientOverQuotaIsNotABadCommand(store):
 
 
 @pytest.mark.parametrize("permanent", [False, True], ids=["temporary", "permanent"])
-def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, events, permanent):
+def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, logEvents, permanent):
     from test_observability import RecordingMetrics
 
     metrics = RecordingMetrics()
@@ -505,12 +494,12 @@ def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, events, permanent):
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
     assert data(session, message(1, 800)).startswith("552 5.2.2" if permanent else "452 4.2.2")
     assert metrics.named("delivery") == [("smtp", "rejected" if permanent else "tempfail")]
-    [event] = named(events, "smtp.delivery_failed")
+    [event] = named(logEvents, "smtp.delivery_failed")
     assert event["reason"] == "mailbox full" and event["session"] == session.protocol.sessionId
-    assert not named(events, "smtp.delivered")
+    assert not named(logEvents, "smtp.delivered")
 
 
-def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, events):
+def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, logEvents):
     from test_observability import RecordingMetrics
 
     metrics = RecordingMetrics()
@@ -524,7 +513,7 @@ def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, events):
     # Bob's copy was stored (its octets and time counted), Alice's refused.
     assert accepted[:2] == ("lmtp", "accepted") and accepted[2][0] == "octets"
     assert refused == ("lmtp", "tempfail")
-    [event] = named(events, "lmtp.delivered")
+    [event] = named(logEvents, "lmtp.delivered")
     assert event["full"] == [ALICE] and list(event["uniqueIds"]) == [BOB]
     # Only a full recipient: no accepted delivery at all.
     del metrics.calls[:]
@@ -1084,7 +1073,7 @@ def test_whoShowsSessionsOfLiveNodesOnly(databaseURL, store):
         admin.close()
 
 
-def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
+def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, logEvents):
     deliver(store, [ALICE], message(1))
     session = POP3Session(store)
     assert session.login(ALICE, "wonderland").startswith("+OK")
@@ -1101,7 +1090,7 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
     assert resultOf(store.sessions.poll()) == 1
     assert session.disconnected
     assert session.transport.value().decode().startswith("-ERR [SYS/TEMP] session ended by the administrator")
-    [logout] = named(events, "pop3.logout")
+    [logout] = named(logEvents, "pop3.logout")
     assert (logout["why"], logout["user"], logout["deleted"]) == ("kicked by the administrator", ALICE, 0)
     resultOf(store.sessions.flush())
     assert resultOf(store.listSessions()) == []
@@ -1110,7 +1099,7 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, events):
     assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
 
 
-def test_aKickWaitsForTheCommandUnderWay(store, events):
+def test_aKickWaitsForTheCommandUnderWay(store, logEvents):
     """
     A kick arriving while a command waits on the store ends the session
     once that command has answered (as the shutdown's grace does), so the
@@ -1138,7 +1127,7 @@ def test_aKickWaitsForTheCommandUnderWay(store, events):
     assert reply.startswith("+OK 1 ")
     assert reply.endswith("-ERR [SYS/TEMP] session ended by the administrator\r\n")
     assert session.disconnected
-    [logout] = named(events, "pop3.logout")
+    [logout] = named(logEvents, "pop3.logout")
     assert logout["why"] == "kicked by the administrator"
     again = POP3Session(store)
     assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")

@@ -10,7 +10,7 @@ import hashlib
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from mailgate.errors import TemporaryFailure
 from mailgate.metrics import Metrics
@@ -213,15 +213,6 @@ def test_refusedConnectionsAreNotCounted(users):
 # -- log events ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def events():
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    try:
-        yield captured
-    finally:
-        globalLogPublisher.removeObserver(captured.append)
-
 
 def sessionEvents(captured):
     return [e for e in captured if e.get("log_namespace", "").startswith("mailgate.")]
@@ -230,7 +221,7 @@ def sessionEvents(captured):
 BODY = b"Subject: private\r\n\r\nthe-secret-body-CONTENT-4711\r\n"
 
 
-def test_noPasswordSASLResponseOrMessageContentIsEverLogged(users, events):
+def test_noPasswordSASLResponseOrMessageContentIsEverLogged(users, logEvents):
     metrics = RecordingMetrics()
     # USER/PASS, right and wrong; AUTH PLAIN, right and wrong (the
     # response carries the password); a delivery; a logout.
@@ -251,7 +242,7 @@ def test_noPasswordSASLResponseOrMessageContentIsEverLogged(users, events):
     p.login(ALICE, PASSWORD)
     assert b"the-secret-body-CONTENT-4711" in p.send(b"RETR 1\r\nQUIT\r\n")
 
-    logged = sessionEvents(events)
+    logged = sessionEvents(logEvents)
     names = {e.get("event") for e in logged}
     assert {"pop3.login", "pop3.logout", "auth.failed", "smtp.delivered", "lmtp.delivered"} <= names
     secrets = [
@@ -267,7 +258,7 @@ def test_noPasswordSASLResponseOrMessageContentIsEverLogged(users, events):
             assert secret not in text, (secret, event)
 
 
-def test_everyEventOfAConnectionCarriesItsContext(users, events):
+def test_everyEventOfAConnectionCarriesItsContext(users, logEvents):
     s = pop3(users, RecordingMetrics(), authFailureDelay=0)
     s.login(ALICE, "wrong")
     s.login(ALICE, PASSWORD)
@@ -276,7 +267,7 @@ def test_everyEventOfAConnectionCarriesItsContext(users, events):
     for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{BOB}>", "DATA"):
         m.command(line)
     m.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
-    logged = sessionEvents(events)
+    logged = sessionEvents(logEvents)
     assert len(logged) == 4
     for event in logged:
         assert event["event"] and event["peer"] == "192.0.2.44:6110"

@@ -8,55 +8,20 @@ import select
 import socket
 
 import pytest
-from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 
 from mailgate.session import ReplyWriter
 
 
-class RecordingReactor:
-    """
-    The L{IReactorFDSet} part a transport uses, recording the writers.
-    """
-
-    def __init__(self):
-        self.readers = set()
-        self.writers = set()
-
-    def addReader(self, reader):
-        self.readers.add(reader)
-
-    def removeReader(self, reader):
-        self.readers.discard(reader)
-
-    def addWriter(self, writer):
-        self.writers.add(writer)
-
-    def removeWriter(self, writer):
-        self.writers.discard(writer)
-
-
 @pytest.fixture
-def connection():
+def connection(tcpConnection):
     """
-    A Twisted TCP server transport for one end of a loopback connection,
-    and the client's socket.
+    conftest's L{TCPConnection}, unpacked: the transport, its protocol, the
+    client's socket and the recording reactor.
     """
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = socket.create_connection(listener.getsockname(), timeout=10)
-    accepted, peer = listener.accept()
-    listener.close()
-    accepted.setblocking(False)
-    reactor = RecordingReactor()
-    protocol = Protocol()
-    transport = tcp.Server(accepted, protocol, peer, None, 1, reactor)
-    protocol.makeConnection(transport)
-    yield transport, protocol, client, reactor
-    client.close()
-    accepted.close()
+    c = tcpConnection
+    return c.transport, c.protocol, c.client, c.reactor
 
 
 def receive(client, count):
