@@ -625,6 +625,18 @@ SETTINGS = (
         "for mailgate mailbox deleted / restore; 0 removes them at once.",
     ),
     Setting(
+        "auth-cache-size", "authCacheSize", Integer(), 10000,
+        "Verified logins remembered (as keyed digests, never passwords), so "
+        "a user's password hash is computed once per auth-cache-ttl rather "
+        "than at every login, as Dovecot's auth_cache_size does.  0 turns the "
+        "cache off: every login pays for the hash.",
+    ),
+    Setting(
+        "auth-cache-ttl", "authCacheTTL", Integer(minimum=1, metavar="SECONDS"), 3600,
+        "Seconds a remembered login stays valid.  A password change takes "
+        "effect at once whatever this says.",
+    ),
+    Setting(
         "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
         "Most connections (POP3, SMTP and LMTP together) served at once; more "
         "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.",

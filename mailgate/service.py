@@ -388,7 +388,9 @@ def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None
     portal = makePortal(
         store,
         threadRunner(reactor),
-        cache=VerifiedCredentialCache(metrics=metrics),
+        cache=VerifiedCredentialCache(
+            maxEntries=config.authCacheSize, lifetime=float(config.authCacheTTL), metrics=metrics
+        ),
         apop=config.apop.checked,
         loginDelay=config.loginDelay,
     )

@@ -448,3 +448,25 @@ def test_healthFollowsTheDatabase(mailgate_server):
         assert status == 503
         assert text == "unavailable: the database did not answer within 1 s\n"
     waitFor(lambda: scrape(server, "/healthz") == (200, "ok\n"), "/healthz back at 200")
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("cacheSize, hits", [(None, 2), ("0", 0)])
+def test_authCacheSizeZeroHashesEveryLogin(mailgate_server, mailgate_cli, cacheSize, hits):
+    """
+    --auth-cache-size 0 (what the benchmarks' cold-login rows use): every
+    login verifies the password hash again; by default the second and
+    third logins are remembered ones.
+    """
+    options = ["--auth-cache-size", cacheSize] if cacheSize is not None else []
+    server = mailgate_server("--metrics", "tcp:0:interface=127.0.0.1", "--no-apop", *options)
+    mailgate_cli.addUser("alice@example.org", "secret")
+    for _ in range(3):
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        pop.user("alice@example.org")
+        pop.pass_("secret")
+        pop.quit()
+    _, text = scrape(server)
+    assert sample(text, "mailgate_logins_total", protocol="pop3", mechanism="user", result="ok") == 3
+    assert sample(text, "mailgate_auth_cache_total", result="hit") == hits
+    assert sample(text, "mailgate_auth_cache_total", result="miss") == 3 - hits
