@@ -148,8 +148,14 @@ class Metrics:
         for mechanism in MECHANISMS:
             for result in LOGIN_RESULTS:
                 self._logins.labels("pop3", mechanism, result)
-        for command in POP3_COMMANDS + (OTHER_COMMAND,):
-            self._pop3Commands.labels(command)
+        # Children looked up once: labels() costs more than the rest of
+        # counting a command.
+        self._commandCounters = {
+            command: self._pop3Commands.labels(command) for command in POP3_COMMANDS + (OTHER_COMMAND,)
+        }
+        self._loginCounters = {}
+        self._connectionGauges = {p: self._connections.labels(p) for p in PROTOCOLS}
+        self._sessionCounters = {p: self._sessions.labels(p) for p in PROTOCOLS}
         for protocol in ("smtp", "lmtp"):
             for result in DELIVERY_RESULTS:
                 self._deliveries.labels(protocol, result)
@@ -158,14 +164,22 @@ class Metrics:
         # Operation name to its histogram child, looked up without a lock.
         self._operations = {}
 
+    @staticmethod
+    def _child(children, metric, label):
+        # The label is one of a fixed set (bounded before): kept once made.
+        child = children.get(label)
+        if child is None:
+            child = children[label] = metric.labels(label)
+        return child
+
     def connectionOpened(self, protocol):
         """
         A connection was admitted: C{mailgate_connections{protocol}} up,
         C{mailgate_sessions_total{protocol}} counted.
         """
         protocol = _bounded(protocol, PROTOCOLS)
-        self._connections.labels(protocol).inc()
-        self._sessions.labels(protocol).inc()
+        self._child(self._connectionGauges, self._connections, protocol).inc()
+        self._child(self._sessionCounters, self._sessions, protocol).inc()
         self._open[protocol] = self._open.get(protocol, 0) + 1
 
     def connectionClosed(self, protocol):
@@ -173,7 +187,7 @@ class Metrics:
         An admitted connection ended: C{mailgate_connections{protocol}} down.
         """
         protocol = _bounded(protocol, PROTOCOLS)
-        self._connections.labels(protocol).dec()
+        self._child(self._connectionGauges, self._connections, protocol).dec()
         self._open[protocol] = self._open.get(protocol, 0) - 1
 
     def openConnections(self):
@@ -186,19 +200,33 @@ class Metrics:
         """
         An authentication attempt ended (C{mailgate_logins_total}).
         """
-        self._logins.labels(
-            _bounded(protocol, PROTOCOLS),
-            _bounded(mechanism, MECHANISMS),
-            _bounded(result, LOGIN_RESULTS),
-        ).inc()
+        key = (protocol, mechanism, result)
+        child = self._loginCounters.get(key)
+        if child is None:
+            child = self._logins.labels(
+                _bounded(protocol, PROTOCOLS),
+                _bounded(mechanism, MECHANISMS),
+                _bounded(result, LOGIN_RESULTS),
+            )
+            # Bounded: only label values of the fixed sets are kept.
+            if key == (
+                _bounded(protocol, PROTOCOLS),
+                _bounded(mechanism, MECHANISMS),
+                _bounded(result, LOGIN_RESULTS),
+            ):
+                self._loginCounters[key] = child
+        child.inc()
 
     def pop3Command(self, command):
         """
         A POP3 command was run (C{mailgate_pop3_commands_total}).
         """
-        if not isinstance(command, str):
-            command = OTHER_COMMAND
-        self._pop3Commands.labels(_bounded(command.upper(), POP3_COMMANDS, OTHER_COMMAND)).inc()
+        counter = self._commandCounters.get(command)
+        if counter is None:
+            if not isinstance(command, str):
+                command = OTHER_COMMAND
+            counter = self._commandCounters[_bounded(command.upper(), POP3_COMMANDS, OTHER_COMMAND)]
+        counter.inc()
 
     def retrieved(self, octets):
         """

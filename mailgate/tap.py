@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailgate import config as configuration
-from mailgate import logs, systemd
+from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError
 from mailgate.service import makeService as _makeService
 
@@ -188,6 +188,9 @@ def makeService(options):
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True
+    # twistd's reactor is mailgate's own: skip the legacy log context per
+    # event (see twistedcompat.leanEventDispatch).
+    twistedcompat.leanEventDispatch(service.reactor)
     service.daemonized = parent is not None and not parent.get("nodaemon", False)
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)

@@ -67,3 +67,56 @@ def whenListening(service, callback):
     C{endpoint.listen}, which C{privilegedStartService} keeps there.
     """
     service._waitingForPort.addCallback(callback)
+
+
+def leanEventDispatch(reactor):
+    """
+    Make C{reactor}, if it is Twisted's epoll reactor, hand each ready
+    descriptor to its connection directly, without wrapping every event
+    in the legacy logging context (C{log.callWithLogger}: a C{logPrefix}
+    call, a context dictionary copied and a context stack pushed, for each
+    read).  That context only adds a C{system} field to legacy
+    C{twisted.python.log} messages; mailgate's events carry their own
+    session fields.  An exception that escapes a connection's handler is
+    still logged, and the loop goes on, as before.
+
+    Used by C{twistd mailgate}, which owns its reactor; an application
+    embedding mailgate's services keeps its reactor as it is.
+
+    Relies on C{EPollReactor}'s private C{_poller}, C{_selectables} and
+    C{_doReadOrWrite}, read by its C{doPoll}, which the main loop calls as
+    C{doIteration}.
+
+    @return: whether the reactor was changed.
+    """
+    import errno
+
+    from twisted.internet import epollreactor
+    from twisted.python import log
+
+    if not isinstance(reactor, epollreactor.EPollReactor):
+        return False
+    poller = reactor._poller
+    selectables = reactor._selectables
+    doReadOrWrite = reactor._doReadOrWrite
+
+    def doPoll(timeout):
+        if timeout is None:
+            timeout = -1
+        try:
+            events = poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                doReadOrWrite(selectable, fd, event)
+            except Exception:
+                log.err(None, "unhandled error handling a ready descriptor")
+
+    reactor.doPoll = reactor.doIteration = doPoll
+    return True

@@ -363,3 +363,4 @@ def test_aStoreWhoseConnectionIsGoneFailsLookups(dbpath):
     with pytest.raises(Exception) as failure:
         resultOf(store.findUser(ALICE))
     assert "closed" in str(failure.value)
+

@@ -1203,3 +1203,39 @@ def test_aBadPostgreSQLURLIsReportedWithoutItsPassword():
     message = str(refused.value)
     assert "s3cret-word" not in message
     assert "postgresql://mailgate:***@db.internal:5433/" in message
+
+
+def test_headersAreReadAheadWithinTheirBudget(anyStore, monkeypatch):
+    """
+    TOP n 0 for a maildrop's messages one after another (what a client
+    listing headers does): one trip to the database serves as many as fit
+    in the header budget, each exactly its header; the message after the
+    budget is read by the next trip.
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    headers = []
+    for n in range(1, 8):
+        header = b"Subject: %d\r\nX-Pad: %s\r\n\r\n" % (n, b"p" * 300)
+        headers.append(header)
+        deliver(store, [ALICE], header + b"body %d\r\n.dot line\r\n" % n)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    # Room for the first four headers only.
+    maildrop.headerReadAheadOctets = sum(len(h) for h in headers[:4])
+    trips = []
+    realInteraction = store.database.runInteraction
+
+    def counted(function, *args, **kwargs):
+        trips.append(function.__name__)
+        return realInteraction(function, *args, **kwargs)
+
+    monkeypatch.setattr(store.database, "runInteraction", counted)
+    try:
+        tops = [resultOf(maildrop.openMessage(n, headerOnly=True)) for n in range(7)]
+        assert [(t.size, t.whole) for t in tops] == [(len(h), h) for h in headers]
+        assert trips == ["_openMessages", "_openMessages"]
+        # A whole message after its header: read anew, whole.
+        body = resultOf(maildrop.openMessage(2))
+        assert body.whole == headers[2] + b"body 3\r\n.dot line\r\n"
+    finally:
+        resultOf(maildrop.release())

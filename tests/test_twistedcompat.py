@@ -16,15 +16,15 @@ import socket
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer
+from twisted.internet import defer, epollreactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactor
 from zope.interface import implementer
 
-from mailgate.twistedcompat import raiseListenErrorsAtOnce, sendNow, whenListening
+from mailgate.twistedcompat import leanEventDispatch, raiseListenErrorsAtOnce, sendNow, whenListening
 
 # -- tcp.Connection, for sendNow ---------------------------------------------------
 
@@ -175,3 +175,68 @@ def test_whenListeningGivesThePort():
     [port] = ports
     assert IListeningPort.providedBy(port)
     assert reactor.tcpServers[0][3] == "127.0.0.1"
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data):
+        if data.startswith(b"boom"):
+            raise RuntimeError("a bug in a protocol")
+        self.transport.write(data)
+
+
+def _iterateUntil(reactor, done, rounds=200):
+    for _ in range(rounds):
+        if done():
+            return True
+        reactor.doIteration(0.02)
+    return done()
+
+
+def test_leanEventDispatchServesConnectionsAndSurvivesABug():
+    """
+    An epoll reactor with the lean dispatch still reads, writes and
+    accepts; a protocol's exception closes that connection only (what
+    Twisted's own handling does), and the reactor goes on.
+    """
+    reactor = epollreactor.EPollReactor()
+    assert leanEventDispatch(reactor) is True
+    factory = ServerFactory.forProtocol(_Echo)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) for _ in range(2)]
+        for client in clients:
+            client.setblocking(False)
+        assert _iterateUntil(reactor, lambda: len(reactor.getReaders()) >= 3)
+        clients[0].sendall(b"boom\r\n")
+        clients[1].sendall(b"hello\r\n")
+        received = []
+
+        def echoed():
+            try:
+                received.append(clients[1].recv(100))
+            except BlockingIOError:
+                pass
+            return b"".join(received) == b"hello\r\n"
+
+        assert _iterateUntil(reactor, echoed)
+
+        def closed():
+            try:
+                return clients[0].recv(100) == b""
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                return True
+
+        assert _iterateUntil(reactor, closed)
+        for client in clients:
+            client.close()
+    finally:
+        port.stopListening()
+        reactor.disconnectAll()
+
+
+def test_leanEventDispatchLeavesOtherReactorsAlone():
+    reactor = MemoryReactor()
+    assert leanEventDispatch(reactor) is False
+    assert not hasattr(reactor, "doPoll")

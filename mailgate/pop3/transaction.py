@@ -8,7 +8,7 @@ login returned; deletion marks are this session's own until QUIT applies
 them, all at once.
 """
 
-from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
 from mailgate.pop3.arguments import arguments, noArguments, number
@@ -172,6 +172,12 @@ class TransactionCommands:
                 sent.addCallback(lambda _: metrics.retrieved(body.size))
             return sent.addErrback(self._streamBroken, index)
 
+        if d.called and not isinstance(d.result, Failure):
+            # Read ahead: the message is here already.  Answering at once,
+            # without a callback chain, is most of what a TOP or RETR of a
+            # small message costs.
+            body, d.result = d.result, None
+            return opened(body)
         d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
         return d
 

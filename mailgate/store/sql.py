@@ -549,7 +549,7 @@ def _uniqueIds(cursor, userId, low, high):
     return dict(cursor.fetchall())
 
 
-def _openMessages(cursor, userId, uids, headerOnly):
+def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
     """
     Open the first of C{uids} and, with it, the ones after it (read ahead:
     the caller chose them small enough to come in one piece): a client
@@ -557,19 +557,40 @@ def _openMessages(cursor, userId, uids, headerOnly):
     ones already read.  One statement whatever the number of messages,
     their rows joined with their first chunks.
 
+    For C{headerOnly} (TOP n 0) only the header's octets are returned, and
+    the messages after the first are read ahead while their headers add up
+    to at most C{headerBudget} octets (the database sums them, so the
+    caller need not know the sizes).
+
     @return: a list of C{(uid, (owner, bodyId, size, headerSize, first))},
         in the order of C{uids}, the requested message first; it stops
         before the first message that has vanished or is damaged (empty if
         the requested one has).
     """
     marks = ",".join("?" * len(uids))
-    cursor.execute(
-        "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, c.data "
-        "FROM maildrop m LEFT JOIN body_chunks c "
-        "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
-        f"WHERE m.user_id = ? AND m.uid IN ({marks})",
-        (userId, *uids),
-    )
+    if headerOnly:
+        # A header longer than a chunk spans chunks; such a message's first
+        # chunk is returned whole, and cut by the protocol.
+        cursor.execute(
+            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, "
+            f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
+            "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
+            "FROM (SELECT uid, body_owner, body_id, size, header_size, "
+            "SUM(header_size) OVER (ORDER BY uid) AS running "
+            f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})) r "
+            "LEFT JOIN body_chunks c "
+            "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
+            "WHERE r.running <= ? OR r.uid = ?",
+            (userId, *uids, headerBudget, uids[0]),
+        )
+    else:
+        cursor.execute(
+            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, c.data "
+            "FROM maildrop m LEFT JOIN body_chunks c "
+            "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
+            f"WHERE m.user_id = ? AND m.uid IN ({marks})",
+            (userId, *uids),
+        )
     rows = {row[0]: row[1:] for row in cursor.fetchall()}
     opened = []
     for uid in uids:
@@ -713,6 +734,10 @@ class SQLMaildrop:
     #: messages read ahead per trip to the database, and their octets
     readAhead = 8
     readAheadOctets = 256 * 1024
+    #: for TOP n 0, messages whose headers are read per trip, and the
+    #: octets of those headers (a client listing headers asks for them all)
+    headerReadAhead = 100
+    headerReadAheadOctets = 256 * 1024
 
     def __init__(self, store, identity, uids, sizes):
         self._store = store
@@ -770,7 +795,11 @@ class SQLMaildrop:
             return defer.succeed(SQLMessageBody(self._store.database, *ahead))
         self._ahead = {}
         d = self._store.database.runInteraction(
-            _openMessages, self._userId, self._readingAhead(index, headerOnly), headerOnly
+            _openMessages,
+            self._userId,
+            self._readingAhead(index, headerOnly),
+            headerOnly,
+            self.headerReadAheadOctets,
         )
 
         def opened(rows):
@@ -786,16 +815,18 @@ class SQLMaildrop:
         """
         The uids to read in one trip from message C{index} on: the next
         ones while each comes in one piece and all stay within
-        L{readAheadOctets}, judged by the snapshot's sizes (for TOP, every
-        message's first chunk holds its header, and a chunk is never more
-        than L{CHUNK_SIZE}).
+        L{readAheadOctets}, judged by the snapshot's sizes; for TOP n 0,
+        the next L{headerReadAhead}, of which the database returns those
+        within L{headerReadAheadOctets} of headers.
         """
+        if headerOnly:
+            # The database stops at the header budget (sizes are unknown
+            # here); the count bounds the statement.
+            return list(self._uids[index : index + self.headerReadAhead])
         uids = [self._uids[index]]
         budget = self.readAheadOctets - min(self.sizes[index], CHUNK_SIZE)
         for i in range(index + 1, min(index + self.readAhead, len(self._uids))):
             size = self.sizes[i]
-            if headerOnly:
-                size = min(size, CHUNK_SIZE)
             if size > CHUNK_SIZE or size > budget:
                 break
             budget -= size
