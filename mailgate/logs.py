@@ -34,7 +34,7 @@ import re
 import sys
 import threading
 
-from twisted.logger import FileLogObserver, formatEvent, textFileLogObserver
+from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 
 #: the keys every connection's events carry (the logging contract)
 CONTEXT_KEYS = ("session", "protocol", "peer", "user")
@@ -126,7 +126,46 @@ def observerFor(logFormat, stream):
     """
     if logFormat == "json":
         return jsonFileLogObserver(stream)
-    return textFileLogObserver(stream)
+    return FileLogObserver(stream, classicTextLine)
+
+
+class _SecondStamps:
+    """
+    Twisted's text log time stamps (RFC 3339, to the second, local time),
+    made once per second rather than once per line.
+    """
+
+    def __init__(self):
+        self._second = None
+        self._stamp = "-"
+
+    def __call__(self, when):
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._stamp = formatTime(second)
+            self._second = second
+        return self._stamp
+
+
+def classicTextLine(event, _stamps=_SecondStamps()):
+    """
+    An event as the line Twisted's text log observer writes
+    (C{"{time} [{system}] {text}"}), the same octets, made faster for
+    mailgate's own events, which carry their text already formatted (a
+    session logs two or more per connection: formatting them Twisted's
+    way cost a tenth of a short POP3 session).
+    """
+    line = event.get("line")
+    if event.get("log_format") != "{line}" or not isinstance(line, str) or "log_failure" in event:
+        return formatEventAsClassicLogText(event, formatTime=_stamps)
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+    text = f"{_stamps(event.get('log_time'))} [{system}] {line}"
+    return text.replace("\n", "\n\t") + "\n"
 
 
 def jsonFileLogObserver(stream):

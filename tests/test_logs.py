@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from twisted.logger import LogLevel, Logger, LogPublisher
+from twisted.logger import LogLevel, Logger, LogPublisher, textFileLogObserver
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 
@@ -171,6 +171,30 @@ def test_textObserverIsTwistedsClassicFormat():
     observer({"log_format": "hello {who}", "who": "world", "log_time": 0.0,
               "log_level": LogLevel.info, "log_namespace": "mailgate.test"})
     assert stream._stream.getvalue().endswith("[mailgate.test#info] hello world\n")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"log_format": "{line}", "line": "pop3 login user=a", "log_time": 1764700000.25,
+         "log_level": LogLevel.info, "log_namespace": "mailgate.session.core.POP3Server"},
+        {"log_format": "{line}", "line": "two\nlines", "log_time": 1764700001.5,
+         "log_level": LogLevel.warn, "log_namespace": "n", "log_system": "POP3Factory"},
+        {"log_format": "{line}", "line": "no time, no level"},
+        {"log_format": "not {line}", "line": "x", "log_time": 1764700002.0},
+        {"log_format": "{line}", "line": 42, "log_time": 1764700003.0},
+    ],
+)
+def test_textObserverWritesWhatTwistedsWould(event):
+    """
+    The text log's faster path for mailgate's pre-formatted events writes
+    the octets Twisted's own text observer writes.
+    """
+    ours = io.StringIO()
+    logs.observerFor("text", logs.LogStream(stream=ours))(dict(event))
+    theirs = io.StringIO()
+    textFileLogObserver(theirs)(dict(event))
+    assert ours.getvalue() == theirs.getvalue() != ""
 
 
 # -- where the log goes -------------------------------------------------------------------

@@ -11,6 +11,7 @@ IP address (Unix sockets: an MTA's LMTP, a local webmail) have no key and
 are never counted, penalised or banned per address.
 """
 
+import functools
 import ipaddress
 
 # Loopback, as fail2ban's ignoreip default and Postfix's mynetworks: local
@@ -56,6 +57,14 @@ def clientKey(address):
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return None
+    return _keyOfHost(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _keyOfHost(host):
+    # Each connection's address is asked for its key several times (the
+    # limits, the penalty, the bans), and clients come back: parsing it
+    # once per client is most of what admitting a connection costs.
     try:
         return addressText(host)
     except ValueError:

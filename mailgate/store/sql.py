@@ -732,7 +732,7 @@ class SQLMaildrop:
     """
 
     #: messages read ahead per trip to the database, and their octets
-    readAhead = 8
+    readAhead = 32
     readAheadOctets = 256 * 1024
     #: for TOP n 0, messages whose headers are read per trip, and the
     #: octets of those headers (a client listing headers asks for them all)
