@@ -613,7 +613,7 @@ class Suite:
             )
             server.start()
             targets.append(Target("mailgate", "sqlite", "cold", mailgatePorts(server), [server.pid]))
-            if "dovecot" in self.args.only:
+            if self.args.dovecot:
                 dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot-cold"), variant="hp", credentials="cold")
                 dv.loadCorpus(self.corpus)
                 dv.start()
@@ -861,7 +861,12 @@ async def firstLogin(port, user, password, messages, timeout=600.0):
 # template row and reported, in case the schema grew something (a counter)
 # that needs a real value.
 _KNOWN_USER_COLUMNS = {"user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "created_at"}
-_KNOWN_MAILBOX_COLUMNS = {"user_id", "uid_validity", "next_uid", "last_login"}
+_KNOWN_MAILBOX_COLUMNS = {
+    "user_id", "uid_validity", "next_uid", "last_login", "used_octets", "used_messages", "oldest_arrival",
+    "quota_octets", "quota_messages", "expire_days",
+}
+#: usage counters kept in step with the rows written here
+_USAGE_COLUMNS = ("used_octets", "used_messages", "oldest_arrival")
 
 
 def _columns(cur, table):
@@ -899,7 +904,8 @@ def fillBigPostgres(url, bigUser, messages):
             FROM u WHERE bodies.owner_id = u.body_owner AND bodies.body_id = u.body_id
             RETURNING 1
         )
-        UPDATE mailboxes SET next_uid = u.uid + {messages}
+        UPDATE mailboxes SET next_uid = u.uid + {messages}, used_messages = {messages},
+            used_octets = {messages} * u.size, oldest_arrival = u.arrived_at
         FROM u WHERE mailboxes.user_id = u.user_id
     """, timeout=600)
     psql(url, "ANALYZE")
@@ -910,7 +916,8 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
     Direct SQL (the schema of mailgate/store/schema.py), for speed: give
     C{bigUser}, who has one message delivered by the CLI, C{messages - 1}
     more maildrop entries sharing its body (sizes and unique ids as a
-    delivery writes them), and create the idle users as copies of
+    delivery writes them; the mailbox's usage counters to match), and
+    create the idle users as copies of
     C{bigUser}'s row (same password hash, APOP secret), each with an empty
     mailbox.
 
@@ -949,6 +956,11 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
         )
         cur.execute("UPDATE bodies SET refcount = ? WHERE owner_id = ? AND body_id = ?", (messages, owner, bodyId))
         cur.execute("UPDATE mailboxes SET next_uid = ? WHERE user_id = ?", (uid + messages, userId))
+        if set(_USAGE_COLUMNS) <= set(mailboxColumns):
+            cur.execute(
+                "UPDATE mailboxes SET used_messages = ?, used_octets = ?, oldest_arrival = ? WHERE user_id = ?",
+                (messages, messages * size, arrived, userId),
+            )
         now = int(time.time())
         for address in idleUsers:
             values = {c: v for c, v in userTemplate.items() if c != "user_id"}
@@ -958,6 +970,7 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
             _insert(cur, "users", values)
             box = dict(mailboxTemplate)
             box.update(user_id=cur.lastrowid, uid_validity=secrets.randbits(31), next_uid=1, last_login=None)
+            box.update({c: (None if c == "oldest_arrival" else 0) for c in _USAGE_COLUMNS if c in box})
             _insert(cur, "mailboxes", box)
         conn.commit()
     finally:
@@ -1141,6 +1154,8 @@ def extrasText(extra):
         if key.startswith("verify"):
             versions = f" ({', '.join(sorted(value.get('tlsVersions') or {}))})" if value.get("tlsVersions") else ""
             lines.append(f"{key}: {'OK' if value['ok'] else 'FAILED ' + repr(value)}{versions}")
+        elif key == "phase seconds":
+            lines.append("seconds per phase: " + ", ".join(f"{k} {v}" for k, v in value.items()))
         elif key.endswith("seconds"):
             lines.append(f"{key}: {value}")
     return "\n".join(lines)
@@ -1332,23 +1347,33 @@ def main(argv=None):
         tls = None
         if "tls" in args.transports or any(spec.endswith("+tls") for spec in args.profile):
             tls = tlscert.makeCertificate(os.path.join(workdir, "tls"))
+        phases = suite.extra.setdefault("phase seconds", {})
+
+        def phase(name, function, *arguments):
+            began = time.monotonic()
+            try:
+                function(*arguments)
+            finally:
+                phases[name] = round(time.monotonic() - began, 1)
+
         if args.only & {"sqlite", "postgres", "dovecot"}:
-            suite.comparison(workdir, sqliteURL, pgURL, tls if "tls" in args.transports else None)
+            phase("comparison", suite.comparison, workdir, sqliteURL, pgURL, tls if "tls" in args.transports else None)
         if "cold" in args.only:
-            suite.cold(workdir, sqlitePath)
+            phase("cold logins", suite.cold, workdir, sqlitePath)
         if args.only & {"big", "idle"}:
-            suite.big(workdir, maildrop="big" in args.only, idle="idle" in args.only)
+            phase("big maildrop and idle sessions (SQLite)", lambda: suite.big(
+                workdir, maildrop="big" in args.only, idle="idle" in args.only))
         if "big" in args.only and "postgres" in args.only:
             bigSchema = "bench_big_" + secrets.token_hex(4)
             psql(postgres, f"CREATE SCHEMA {bigSchema}")
             try:
-                suite.bigPostgres(workdir, withSchema(postgres, bigSchema))
+                phase("big maildrop (PostgreSQL)", suite.bigPostgres, workdir, withSchema(postgres, bigSchema))
             finally:
                 psql(postgres, f"DROP SCHEMA {bigSchema} CASCADE")
-        if "big" in args.only and "dovecot" in args.only:
-            suite.bigDovecot(workdir)
+        if "big" in args.only and args.dovecot:
+            phase("big maildrop (Dovecot)", suite.bigDovecot, workdir)
         if "profile" in args.only and args.profile:
-            suite.profile(workdir, sqliteURL, output or os.path.join(workdir, "profile"), tls)
+            phase("profile", suite.profile, workdir, sqliteURL, output or os.path.join(workdir, "profile"), tls)
     finally:
         if schema is not None:
             try:
@@ -1358,6 +1383,7 @@ def main(argv=None):
         with open("/proc/loadavg") as f:
             info["loadavgAfter"] = f.read().split()[:3]
         plainArgs = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
+        suite.extra["total seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
         results = {
             "started": started.isoformat(timespec="seconds"),
             "argv": sys.argv,
