@@ -1194,7 +1194,8 @@ def renderResults(rows, extra, notes, info, args, summary, markdown=False):
     targets, verifications, profiles and notes.
     """
     targets = report.targetLines(rows, extra)
-    sections = [report.header(info, args, summary)]
+    top = report.header(info, args, summary)
+    sections = [top.replace("\n", "\n\n") if markdown else top]
     if rows:
         sections.append(("**Every measurement** (medians over the rounds)\n\n" if markdown else "Every measurement (medians over the rounds):\n")
                         + report.detailTable(rows, markdown))
@@ -1205,14 +1206,15 @@ def renderResults(rows, extra, notes, info, args, summary, markdown=False):
         bullet = "- " if markdown else "  "
         sections.append(("**Targets (issue 15)**\n\n" if markdown else "Targets (issue 15):\n")
                         + "\n".join(bullet + line for line in targets))
+    verbatim = (lambda text: f"```\n{text}\n```") if markdown else (lambda text: text)
     extras = extrasText(extra)
     if extras:
-        sections.append(extras)
+        sections.append(verbatim(extras))
     profiles = profileText(extra)
     if profiles:
-        sections.append(profiles)
+        sections.append(verbatim(profiles))
     if notes:
-        sections.append("\n".join("note: " + n for n in notes))
+        sections.append(verbatim("\n".join("note: " + n for n in notes)))
     return "\n\n".join(sections) + "\n"
 
 
