@@ -54,9 +54,13 @@ test: install sysdeps
 	$(BIN)/python -m pytest tests
 
 # The benchmark suite (benchmarks/run.py): PostgreSQL started as for `make
-# test`, Dovecot compared if installed.  Figures go to benchmarks/last-run/;
-# `make bench BENCH_ARGS=--quick` is a smoke run.
+# test`, Dovecot compared if installed, mailgate profiled with py-spy
+# (installed into .venv here; without it the profile is skipped).  Figures
+# go to benchmarks/last-run/; `make bench BENCH_ARGS=--quick` is a smoke run.
+PYSPY := py-spy==0.4.3
+
 bench: install
+	@test -x $(BIN)/py-spy || $(BIN)/pip install --quiet '$(PYSPY)' || echo "bench: could not install $(PYSPY); no profile"
 	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
 	$(BIN)/python benchmarks/run.py --output benchmarks/last-run $(BENCH_ARGS)
 

@@ -17,6 +17,13 @@ Scenarios:
   fetchall  login, UIDL, LIST, RETR every message, QUIT
   retr1     login, LIST 1, RETR 1, QUIT (a one-message session)
 
+With C{tls} (C{--tls}) every session is POP3 over implicit TLS (POP3S,
+RFC 8314): the TLS handshake first, through asyncio's C{ssl=} with a
+context that accepts TLS 1.3 only (L{tlsContext}); the server certificate
+is verified against C{tlsCA} when given, else not at all (the benchmarks'
+certificate is self-signed).  The result counts the protocol versions
+negotiated (C{tlsVersions}).  Bytes received are counted after decryption.
+
 Multi-line responses are parsed exactly: the terminating '.' line, dot-
 unstuffing, and a line starting with '.' that was not stuffed is a protocol
 error.  Each RETR's octet count (after unstuffing) must equal the message's
@@ -46,6 +53,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -208,12 +216,16 @@ class BufferedClient(asyncio.Protocol):
         self.transport = None
         self._waiter = None
         self._lost = None
+        self.tlsVersion = None
 
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sslObject = transport.get_extra_info("ssl_object")
+        if sslObject is not None:
+            self.tlsVersion = sslObject.version()
 
     def data_received(self, data):
         self.buffer.feed(data)
@@ -277,10 +289,31 @@ class POP3Client(BufferedClient):
             self.transport.close()
 
 
-async def connect(host, port, timeout=30.0):
+def tlsContext(cafile=None):
+    """
+    A client context for the TLS mode: TLS 1.3 only; the server's
+    certificate checked against C{cafile} (host name included), or not
+    checked at all without one.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cafile:
+        context.load_verify_locations(cafile)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect(host, port, timeout=30.0, tls=None):
+    """
+    A connected L{POP3Client}; with C{tls} (an C{ssl.SSLContext}), over
+    TLS from the first octet.
+    """
     loop = asyncio.get_running_loop()
+    extra = {"ssl": tls, "server_hostname": host, "ssl_handshake_timeout": timeout} if tls is not None else {}
     _, client = await asyncio.wait_for(
-        loop.create_connection(POP3Client, host, port), timeout
+        loop.create_connection(POP3Client, host, port, **extra), timeout
     )
     return client
 
@@ -531,6 +564,9 @@ class LoadConfig:
         C{None} if one of them ended during the run.
     @ivar sessions: stop after this many sessions instead of (or before)
         the end of C{duration}.
+    @ivar tls: every session over implicit TLS (TLS 1.3 only).
+    @ivar tlsCA: a CA file to verify the server's certificate against
+        (with C{tls}); without it the certificate is not checked.
     """
 
     port: int
@@ -548,6 +584,8 @@ class LoadConfig:
     sessions: int = None
     shareUsers: bool = False
     settle: float = 0.2
+    tls: bool = False
+    tlsCA: str = None
 
 
 class LatencyPercentiles:
@@ -585,6 +623,8 @@ class LoadResult(LatencyPercentiles):
     users: int
     clientCpuSeconds: float = 0.0
     systemCpuSeconds: float = 0.0
+    tls: bool = False
+    tlsVersions: dict = field(default_factory=dict)
 
     @property
     def backgroundCores(self):
@@ -641,6 +681,8 @@ class LoadResult(LatencyPercentiles):
             "clientCpuSeconds": round(self.clientCpuSeconds, 3),
             "clientCpuShare": round(self.clientCpuSeconds / self.elapsed, 3) if self.elapsed else None,
             "backgroundCores": _round(self.backgroundCores, 2),
+            "tls": self.tls,
+            "tlsVersions": self.tlsVersions,
         }
 
     def summary(self):
@@ -648,7 +690,8 @@ class LoadResult(LatencyPercentiles):
         p99 = "-" if self.p99 is None else f"{self.p99:.2f}"
         cpu = "-" if self.cpuMsPerSession is None else f"{self.cpuMsPerSession:.3f}"
         text = (
-            f"{self.scenario} x{self.concurrency}{' APOP' if self.apop else ''}: "
+            f"{self.scenario} x{self.concurrency}{' APOP' if self.apop else ''}"
+            f"{' TLS ' + '/'.join(sorted(self.tlsVersions)) if self.tls else ''}: "
             f"{self.sessions} sessions in {self.elapsed:.2f} s = "
             f"{self.sessionsPerSecond:.1f}/s, {self.megabytesPerSecond:.2f} MB/s, "
             f"p50 {p50} ms, p99 {p99} ms, server CPU {cpu} ms/session, "
@@ -735,8 +778,10 @@ async def runLoad(config):
     pool = UserPool(config.users, config.shareUsers)
     latencies = []
     errors = Counter()
+    tlsVersions = Counter()
     totals = {"bytes": 0, "messages": 0, "sessions": 0, "started": 0}
     loop = asyncio.get_running_loop()
+    context = tlsContext(config.tlsCA) if config.tls else None
 
     if config.settle:
         await asyncio.sleep(config.settle)
@@ -754,7 +799,7 @@ async def runLoad(config):
         client = None
         began = time.perf_counter()
         try:
-            client = await connect(config.host, config.port, config.sessionTimeout)
+            client = await connect(config.host, config.port, config.sessionTimeout, context)
             fetched = await asyncio.wait_for(
                 session(client, config.scenario, user, config.password, config.apop, expected),
                 config.sessionTimeout,
@@ -762,6 +807,8 @@ async def runLoad(config):
         finally:
             if client is not None:
                 totals["bytes"] += client.buffer.received
+                if client.tlsVersion is not None:
+                    tlsVersions[client.tlsVersion] += 1
                 client.close()
         latencies.append(time.perf_counter() - began)
         totals["messages"] += fetched
@@ -811,6 +858,8 @@ async def runLoad(config):
         users=len(config.users),
         clientCpuSeconds=clientAfter - clientBefore,
         systemCpuSeconds=systemAfter - systemBefore,
+        tls=config.tls,
+        tlsVersions=dict(tlsVersions),
     )
 
 
@@ -838,6 +887,8 @@ def main(argv=None):
     parser.add_argument("--verify-corpus", metavar="USERSxMESSAGES", help="verify every RETR against the corpus of that shape, e.g. 20x50")
     parser.add_argument("--server-pid", type=int, action="append", default=[], help="a server process (tree) to measure CPU of; repeat")
     parser.add_argument("--share-users", action="store_true", help="allow concurrent sessions on one maildrop")
+    parser.add_argument("--tls", action="store_true", help="implicit TLS (POP3S), TLS 1.3 only")
+    parser.add_argument("--tls-ca", default=None, help="verify the server certificate against this CA file (default: no verification)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
 
@@ -861,6 +912,8 @@ def main(argv=None):
         expected=expected,
         serverPids=args.server_pid,
         shareUsers=args.share_users,
+        tls=args.tls,
+        tlsCA=args.tls_ca,
     )
     if args.json:
         import json

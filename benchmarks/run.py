@@ -1,7 +1,7 @@
 """
 The mailgate benchmark suite (what C{make bench} runs).
 
-    .venv/bin/python benchmarks/run.py [--quick] [--duration 5] [--dovecot]
+    .venv/bin/python benchmarks/run.py [--quick] [--duration 4] [--rounds 3] [--output DIR]
 
   1. Writes the standard corpus (20 users x 50 messages, benchmarks/corpus.py)
      and loads it into a fresh SQLite database with the mailgate CLI
@@ -9,20 +9,33 @@ The mailgate benchmark suite (what C{make bench} runs).
      checks every maildrop with C{mailgate mailbox list}, and copies it to a
      fresh PostgreSQL schema with C{mailgate db copy} when
      C{MAILGATE_TEST_POSTGRES} is set (C{make bench} starts PostgreSQL the
-     way C{make test} does).
-  2. For each server -- mailgate on SQLite, mailgate on PostgreSQL, Dovecot
-     in its high-performance and its default login mode -- verifies every
-     message once through POP3 against the corpus, then runs each POP3
-     scenario (stat, list, top, fetchall) at 1, 10 and 50 concurrent
-     clients for a fixed time, a one-message RETR session at concurrency
-     1, and the intake benchmark (LMTP, and SMTP for mailgate) at 10
-     sessions with 4 KB messages, verified afterwards.  APOP logins are
-     compared separately (Dovecot needs {PLAIN} passwords for them).
-  3. On SQLite: a 100,000-message maildrop (login to STAT answer, LIST and
-     UIDL), and 10,000 concurrent idle POP3 sessions in one mailgate
-     process (RSS) while another client measures short sessions.
-  4. Prints one table, and writes results.json and results.md into the
-     output directory.
+     way C{make test} does).  Makes a self-signed RSA 2048 certificate
+     (benchmarks/tlscert.py) for POP3 over TLS.
+  2. The comparison, in interleaved rounds: mailgate on SQLite, mailgate
+     on PostgreSQL and Dovecot hp (benchmarks/dovecot.py) run at once, with
+     warm credentials on both sides (mailgate's verified-login cache, warmed
+     by a verification pass that also checks every message octet for octet;
+     Dovecot's {PLAIN} passwords and auth cache).  Each round makes every
+     measurement on each server in turn: the POP3 scenarios (stat, list,
+     top, fetchall) at each concurrency (1 and 10) over plain TCP and over
+     implicit TLS (TLS 1.3), a one-message RETR session at one client, and
+     LMTP and SMTP intake (10 sessions, 4 KB messages, verified after the
+     rounds).  A row is the medians over the rounds; so a slow spell of
+     the machine falls on every server alike.
+  3. Cold logins, interleaved the same way: mailgate with
+     C{--auth-cache-size 0} against Dovecot hp with {SHA512-CRYPT} and no
+     auth cache, the stat scenario at 1 and 10 clients.
+  4. A 100,000-message maildrop side by side: mailgate on SQLite and on
+     PostgreSQL, and Dovecot hp on a maildir of the same messages (indexed
+     by a first login): login to STAT answer, LIST and UIDL.  10,000
+     concurrent idle POP3 sessions in one mailgate process (RSS) while
+     another client measures short sessions.
+  5. With py-spy (C{make bench} installs it): a profile of the mailgate
+     server while one scenario runs (C{--profile}), the top entries by own
+     time written to profile-SCENARIO.txt.
+  6. Prints the tables (every row, then the side-by-side comparison with
+     the targets), and writes results.json and results.md into the output
+     directory.
 
 Every server is started here and stopped in a finally block; every wait is
 bounded.  Nothing is asserted about timings: the figures are printed.
@@ -42,11 +55,11 @@ import secrets
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from urllib.parse import quote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +69,10 @@ sys.path.insert(0, HERE)
 import corpus as corpusModule  # noqa: E402
 import dovecot as dovecotModule  # noqa: E402
 import pop3load  # noqa: E402
+import pyspy  # noqa: E402
+import report  # noqa: E402
 import smtpload  # noqa: E402
+import tlscert  # noqa: E402
 
 DEADLINE = 60.0
 STOP_GRACE = 15.0
@@ -88,12 +104,13 @@ class MailgateServer:
     "X listening on 127.0.0.1:PORT" log lines.
     """
 
-    def __init__(self, bindir, database, logPath, lmtp=True, smtp=True, options=()):
+    def __init__(self, bindir, database, logPath, lmtp=True, smtp=True, options=(), tls=None):
         self.bindir = bindir
         self.database = database
         self.logPath = logPath
         self.lmtp = lmtp
         self.smtp = smtp
+        self.tls = tls
         self.options = list(options)
         self.process = None
         self.ports = {}
@@ -113,10 +130,13 @@ class MailgateServer:
             argv += ["--lmtp", "tcp:0:interface=127.0.0.1"]
         if self.smtp:
             argv += ["--smtp", "tcp:0:interface=127.0.0.1"]
+        if self.tls:
+            argv += ["--pop3s", "tcp:0:interface=127.0.0.1", "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         return argv + self.options
 
     def start(self):
         expected = {"POP3"} | ({"LMTP"} if self.lmtp else set()) | ({"SMTP"} if self.smtp else set())
+        expected |= {"POP3S"} if self.tls else set()
         offset = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
         env = dict(os.environ)
         env.pop("MAILGATE_DATABASE", None)
@@ -295,20 +315,93 @@ def waitQuiet(maxWait, threshold):
             return {"waited": round(waited, 1), "busyCores": round(busy, 2)}
 
 
-def verifyPop3(port, corpus, digests, apop=False):
+def verifyPop3(port, corpus, digests, apop=False, tls=False):
     """
     Every user's maildrop once through POP3 (fetchall), octet for octet
-    against the corpus; also warms the server up (caches, indexes).
+    against the corpus; also warms the server up (caches, indexes, and
+    mailgate's verified-login cache).
     """
     result = runLoad(
         port=port, users=corpus.users, password=corpus.password, scenario="fetchall",
         concurrency=min(4, len(corpus.users)), duration=600, sessions=len(corpus.users),
-        expected=digests, apop=apop, settle=0,
+        expected=digests, apop=apop, settle=0, tls=tls,
     )
     ok = result.errors == 0 and result.sessions == len(corpus.users)
+    if tls:
+        ok = ok and set(result.tlsVersions) == {"TLSv1.3"}
     if not ok:
         log(f"VERIFICATION FAILED on port {port}: {result.summary()}")
-    return {"ok": ok, "sessions": result.sessions, "errors": result.errorKinds}
+    return {"ok": ok, "sessions": result.sessions, "errors": result.errorKinds, "tlsVersions": result.tlsVersions}
+
+
+# -- what is measured, on what -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """
+    One measurement of a round: a POP3 scenario (over plain TCP or TLS,
+    with USER/PASS or APOP) at a concurrency, or intake (C{scenario}
+    "lmtp" or "smtp", C{concurrency} sessions).
+    """
+
+    kind: str
+    scenario: str
+    concurrency: int
+    transport: str = "plain"
+    login: str = "USER/PASS"
+
+    def describe(self):
+        if self.kind == "intake":
+            return f"{self.scenario} x{self.concurrency}"
+        login = " APOP" if self.login == "APOP" else ""
+        return f"{self.scenario} {self.transport}{login} x{self.concurrency}"
+
+
+class Target:
+    """
+    A running server the rounds measure: its name in the tables, its
+    listeners (C{pop3}, C{pop3s}, C{lmtp}, C{smtp}; absent ones are not
+    measured), the process trees whose CPU counts, and how to read back
+    what intake delivered (C{tokens()}, for the verification).
+    """
+
+    def __init__(self, server, backend, credentials, ports, pids, extraPids=(), tokens=None):
+        self.server = server
+        self.backend = backend
+        self.credentials = credentials
+        self.ports = {k: v for k, v in ports.items() if v}
+        self.pids = list(pids)
+        self.extraPids = extraPids
+        self.tokens = tokens
+
+    @property
+    def name(self):
+        cold = " (cold)" if self.credentials == "cold" else ""
+        return f"{self.server}/{self.backend}{cold}"
+
+    def port(self, measurement):
+        if measurement.kind == "intake":
+            return self.ports.get(measurement.scenario)
+        return self.ports.get("pop3s" if measurement.transport == "tls" else "pop3")
+
+
+def mailgatePorts(server):
+    return {name.lower(): port for name, port in server.ports.items()}
+
+
+def copySqlite(source, destination):
+    """
+    A consistent copy of a SQLite database (the backup API), for a second
+    server that must not share the first one's file.
+    """
+    src = sqlite3.connect(source, timeout=30)
+    dst = sqlite3.connect(destination)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
 
 
 class Suite:
@@ -321,24 +414,6 @@ class Suite:
         self.digests = self.corpus.digests()
         self.bindir = args.bin
         self._lastQuiet = None
-
-    # One row of the table.
-    def addPop3(self, server, backend, login, result):
-        row = {"server": server, "backend": backend, "kind": "pop3", "login": login, **result.asDict(),
-               "quiet": self._lastQuiet}
-        self.rows.append(row)
-        log(f"{server}/{backend}: {result.summary()}")
-        return row
-
-    def addIntake(self, server, backend, result):
-        row = {
-            "server": server, "backend": backend, "kind": "intake",
-            "scenario": f"{result.protocol.lower()} {result.size // 1024}KB",
-            "concurrency": result.sessions, **result.asDict(), "quiet": self._lastQuiet,
-        }
-        self.rows.append(row)
-        log(f"{server}/{backend}: {result.summary()}")
-        return row
 
     def quiet(self):
         """
@@ -354,189 +429,210 @@ class Suite:
             return
         self._lastQuiet = waitQuiet(self.args.quiet_wait, self.args.quiet_threshold)
 
-    def pop3Matrix(self, server, backend, port, pids, extraPids=(), apop=False):
+    # -- the interleaved rounds ---------------------------------------------------
+
+    def warmMeasurements(self):
+        """
+        What each round of the comparison measures, in order: the POP3
+        scenarios over each transport at each concurrency, the one-message
+        session, APOP (with --apop), then intake.
+        """
         args = self.args
-        login = "APOP" if apop else "USER/PASS"
-        for scenario in args.scenarios:
-            for concurrency in args.concurrency:
-                self.quiet()
-                result = runLoad(
-                    port=port, users=self.corpus.users, password=self.corpus.password,
-                    scenario=scenario, concurrency=concurrency, duration=args.duration,
-                    serverPids=pids, extraPids=extraPids, apop=apop,
+        measurements = []
+        for transport in args.transports:
+            for scenario in args.scenarios:
+                for concurrency in args.concurrency:
+                    measurements.append(Measurement("pop3", scenario, concurrency, transport))
+        measurements.append(Measurement("pop3", "retr1", 1))
+        if args.apop:
+            for scenario in ("stat", "fetchall"):
+                measurements.append(Measurement("pop3", scenario, 10, "plain", "APOP"))
+        if not args.no_intake:
+            for protocol in ("lmtp", "smtp"):
+                measurements.append(Measurement("intake", protocol, args.intake_sessions))
+        return measurements
+
+    def measure(self, target, port, m):
+        if m.kind == "intake":
+            return asyncio.run(
+                smtpload.runIntake(
+                    port, intakeUsers(), lmtp=m.scenario == "lmtp", sessions=m.concurrency,
+                    messages=self.args.intake_messages, size=self.args.intake_size,
+                    serverPids=target.pids, extraPids=target.extraPids,
                 )
-                self.addPop3(server, backend, login, result)
-        self.quiet()
-        result = runLoad(
-            port=port, users=self.corpus.users, password=self.corpus.password,
-            scenario="retr1", concurrency=1, duration=args.duration,
-            serverPids=pids, extraPids=extraPids, apop=apop,
-        )
-        self.addPop3(server, backend, login, result)
-
-    def apopRuns(self, server, backend, port, pids, extraPids=()):
-        for scenario in ("stat", "fetchall"):
-            self.quiet()
-            result = runLoad(
-                port=port, users=self.corpus.users, password=self.corpus.password,
-                scenario=scenario, concurrency=10, duration=self.args.duration,
-                serverPids=pids, extraPids=extraPids, apop=True,
             )
-            self.addPop3(server, backend, "APOP", result)
-
-    def intake(self, server, backend, port, lmtp, pids, extraPids=(), verifyWith=None):
-        self.quiet()
-        result = asyncio.run(
-            smtpload.runIntake(
-                port, intakeUsers(), lmtp=lmtp, sessions=self.args.intake_sessions,
-                messages=self.args.intake_messages, size=self.args.intake_size,
-                serverPids=pids, extraPids=extraPids,
-            )
+        return runLoad(
+            port=port, users=self.corpus.users, password=self.corpus.password, scenario=m.scenario,
+            concurrency=m.concurrency, duration=self.args.duration, serverPids=target.pids,
+            extraPids=target.extraPids, apop=m.login == "APOP", tls=m.transport == "tls",
         )
-        if verifyWith is not None:
-            smtpload.verify(result, verifyWith())
-            if not result.verified:
-                log(f"INTAKE VERIFICATION FAILED: {result.verification}")
-        return self.addIntake(server, backend, result)
 
-    # -- mailgate ----------------------------------------------------------
-
-    def mailgate(self, backend, database, workdir, extraPids=()):
-        server = MailgateServer(self.bindir, database, os.path.join(workdir, f"mailgate-{backend}.log"))
-        try:
-            server.start()
-            log(f"mailgate on {backend}: pid {server.pid}, ports {server.ports}")
-            port = server.ports["POP3"]
-            self.extra[f"verify mailgate/{backend}"] = verifyPop3(port, self.corpus, self.digests)
-            self.pop3Matrix("mailgate", backend, port, [server.pid], extraPids)
-            if backend == "sqlite" or self.args.apop_all:
-                self.apopRuns("mailgate", backend, port, [server.pid], extraPids)
-
-            def viaPop3():
-                return asyncio.run(smtpload.tokensFromPOP3(port, intakeUsers(), self.corpus.password))
-
-            self.intake("mailgate", backend, server.ports["LMTP"], True, [server.pid], extraPids, viaPop3)
-            self.intake("mailgate", backend, server.ports["SMTP"], False, [server.pid], extraPids, viaPop3)
-            errors = server.errorsLogged()
-            if errors:
-                self.notes.append(f"mailgate/{backend} logged errors: {errors[:5]}")
-        finally:
-            server.stop()
-
-    # -- Dovecot -------------------------------------------------------------
-
-    def dovecot(self, workdir):
-        dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot"))
-        try:
-            dv.loadCorpus(self.corpus)
-            dv.addUsers(intakeUsers(), self.corpus.password)
-            maildirs = {u: dv.maildir(u) for u in intakeUsers()}
-
-            def viaMaildir():
-                return smtpload.tokensFromMaildirs(maildirs)
-
-            for variant in self.args.dovecot_variants:
-                dv.start(variant=variant, scheme="SHA512-CRYPT")
-                try:
-                    name = f"dovecot-{variant}"
-                    log(f"{name}: master pid {dv.pid}, POP3 {dv.pop3Port}, LMTP {dv.lmtpPort}")
-                    self.extra[f"verify {name}"] = verifyPop3(dv.pop3Port, self.corpus, self.digests)
-                    self.pop3Matrix(name, "maildir", dv.pop3Port, [dv.pid])
-                    self.intake(name, "maildir", dv.lmtpPort, True, [dv.pid], verifyWith=viaMaildir)
-                    errors = dv.errorsLogged()
-                    if errors:
-                        self.notes.append(f"{name} logged errors: {errors[:5]}")
-                finally:
-                    dv.stop()
-            # APOP needs cleartext passwords in the passdb.
-            dv.start(variant="hp", scheme="PLAIN")
-            try:
-                self.extra["verify dovecot-hp APOP"] = verifyPop3(dv.pop3Port, self.corpus, self.digests, apop=True)
-                self.apopRuns("dovecot-hp", "maildir", dv.pop3Port, [dv.pid])
-            finally:
-                dv.stop()
-        finally:
-            dv.stop()
-
-    # -- interleaved rounds ------------------------------------------------
-
-    #: what the interleaved rounds measure: POP3 scenarios at one client,
-    #: then intake
-    interleavedPop3 = ("stat", "list", "retr1", "top", "fetchall")
-
-    def interleaved(self, workdir, sqliteURL, pgURL):
+    def rounds(self, targets, measurements, label):
         """
-        The targets that compare servers (intake against Dovecot's LMTP,
-        PostgreSQL against SQLite, RETR1 p99) measured again with the
-        servers interleaved: mailgate on SQLite, mailgate on PostgreSQL and
-        Dovecot hp all run at once, each measurement is made on each server
-        in turn, and that --rounds times.  The phases above measure one
-        server after another for minutes each, so a slow spell of the
-        machine (this VM has them: a third slower for minutes) falls on one
-        server only; here it falls on all alike, and the medians over the
-        rounds are what the ratios use.
+        --rounds rounds; in each, every measurement on each target in
+        turn (the targets' order rotated from round to round).  Then the
+        intake runs are verified (every acknowledged message exactly once
+        in its recipient's maildrop), and one row per target and
+        measurement (the medians over the rounds, L{report.aggregate}) is
+        added, grouped by measurement.
         """
-        servers = {}
-        running = []
-        dv = None
+        results = {}
+        total = self.args.rounds
+        for number in range(total):
+            shift = number % len(targets)
+            order = targets[shift:] + targets[:shift]
+            for m in measurements:
+                for target in order:
+                    port = target.port(m)
+                    if port is None:
+                        continue
+                    self.quiet()
+                    result = self.measure(target, port, m)
+                    results.setdefault((target.name, m), []).append((result, self._lastQuiet))
+                    log(f"{label} round {number + 1}/{total}, {target.name}: {result.summary()}")
+        for target in targets:
+            intakes = [r for (name, m), runs in results.items() if name == target.name and m.kind == "intake"
+                       for r, _ in runs]
+            if intakes and target.tokens is not None:
+                found = target.tokens()
+                for result in intakes:
+                    smtpload.verify(result, found)
+                    if not result.verified:
+                        log(f"INTAKE VERIFICATION FAILED, {target.name}: {result.verification}")
+        for m in measurements:
+            for target in targets:
+                runs = results.get((target.name, m))
+                if not runs:
+                    continue
+                dicts = []
+                for result, quiet in runs:
+                    d = result.asDict()
+                    d["quietWaited"] = quiet["waited"] if quiet else None
+                    dicts.append(d)
+                row = {
+                    "server": target.server, "backend": target.backend, "credentials": target.credentials,
+                    "kind": m.kind, "transport": m.transport, "login": m.login if m.kind == "pop3" else "-",
+                    **report.aggregate(dicts),
+                }
+                if m.kind == "intake":
+                    row["scenario"] = f"{m.scenario} {self.args.intake_size // 1024}KB"
+                    row["concurrency"] = row["sessions"] = m.concurrency
+                self.rows.append(row)
+
+    def verifyTargets(self, targets, apop=False):
+        """
+        Every target serves every maildrop once, octet for octet against
+        the corpus, over each transport it listens on (and with APOP).
+        """
+        for target in targets:
+            for transport, key in (("plain", "pop3"), ("tls", "pop3s")):
+                if key in target.ports:
+                    self.extra[f"verify {target.name} {transport}"] = verifyPop3(
+                        target.ports[key], self.corpus, self.digests, tls=transport == "tls"
+                    )
+            if apop and target.credentials == "warm":
+                self.extra[f"verify {target.name} APOP"] = verifyPop3(
+                    target.ports["pop3"], self.corpus, self.digests, apop=True
+                )
+
+    def comparison(self, workdir, sqliteURL, pgURL, tls):
+        """
+        Mailgate on SQLite (and PostgreSQL) and Dovecot hp, warm
+        credentials, all running at once; verified, then measured in
+        interleaved rounds.
+        """
+        only = self.args.only
+        targets, mailgates, dovecots = [], [], []
         try:
-            databases = [("sqlite", sqliteURL, ())]
+            databases = []
+            if "sqlite" in only:
+                databases.append(("sqlite", sqliteURL, ()))
             if pgURL is not None:
                 databases.append(("postgres", pgURL, postgresRoots))
             for backend, url, extraPids in databases:
-                server = MailgateServer(self.bindir, url, os.path.join(workdir, f"interleaved-{backend}.log"))
+                server = MailgateServer(self.bindir, url, os.path.join(workdir, f"mailgate-{backend}.log"), tls=tls)
+                mailgates.append(server)
                 server.start()
-                running.append(server)
-                servers[f"mailgate/{backend}"] = {
-                    "pop3": server.ports["POP3"], "lmtp": server.ports["LMTP"], "smtp": server.ports["SMTP"],
-                    "pids": [server.pid], "extraPids": extraPids,
-                }
-            if "dovecot" in self.args.only:
-                dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot-interleaved"))
-                dv.loadCorpus(self.corpus)
-                dv.addUsers(intakeUsers(), self.corpus.password)
-                dv.start(variant="hp", scheme="SHA512-CRYPT")
-                servers["dovecot-hp/maildir"] = {
-                    "pop3": dv.pop3Port, "lmtp": dv.lmtpPort, "smtp": None, "pids": [dv.pid], "extraPids": (),
-                }
-            figures = {}
-            for round in range(self.args.rounds):
-                for what in self.interleavedPop3 + ("lmtp", "smtp"):
-                    for name, server in servers.items():
-                        if what == "smtp" and server["smtp"] is None:
-                            continue
-                        self.quiet()
-                        if what in ("lmtp", "smtp"):
-                            result = asyncio.run(
-                                smtpload.runIntake(
-                                    server[what], intakeUsers(), lmtp=what == "lmtp",
-                                    sessions=self.args.intake_sessions, messages=self.args.intake_messages,
-                                    size=self.args.intake_size, serverPids=server["pids"],
-                                    extraPids=server["extraPids"],
-                                )
-                            )
-                            figure = {"rate": result.messagesPerSecond, "cpuMs": result.cpuMsPerMessage,
-                                      "p99ms": result.p99, "errors": result.errors}
-                        else:
-                            result = runLoad(
-                                port=server["pop3"], users=self.corpus.users, password=self.corpus.password,
-                                scenario=what, concurrency=1, duration=self.args.duration,
-                                serverPids=server["pids"], extraPids=server["extraPids"],
-                            )
-                            figure = {"rate": result.sessionsPerSecond, "cpuMs": result.cpuMsPerSession,
-                                      "p99ms": result.p99, "errors": result.errors}
-                        figures.setdefault(f"{name} {what}", []).append(figure)
-                        log(f"interleaved round {round + 1}, {name}: {result.summary()}")
-            self.extra["interleaved"] = {"rounds": self.args.rounds, "figures": figures}
+                log(f"mailgate on {backend}: pid {server.pid}, ports {server.ports}")
+                port = server.ports["POP3"]
+
+                def viaPop3(port=port):
+                    return asyncio.run(smtpload.tokensFromPOP3(port, intakeUsers(), self.corpus.password))
+
+                targets.append(Target("mailgate", backend, "warm", mailgatePorts(server), [server.pid],
+                                      extraPids, viaPop3))
+            if "dovecot" in only:
+                variants = ["hp"] + (["default"] if self.args.dovecot_default else [])
+                for variant in variants:
+                    dv = dovecotModule.Dovecot(os.path.join(workdir, f"dovecot-{variant}"), variant=variant,
+                                               credentials="warm", tls=tls)
+                    dovecots.append(dv)
+                    dv.loadCorpus(self.corpus)
+                    dv.addUsers(intakeUsers(), self.corpus.password)
+                    dv.start()
+                    log(f"dovecot-{variant}: master pid {dv.pid}, POP3 {dv.pop3Port}, POP3S {dv.pop3sPort}, "
+                        f"LMTP {dv.lmtpPort}")
+                    maildirs = {u: dv.maildir(u) for u in intakeUsers()}
+                    targets.append(Target(
+                        f"dovecot-{variant}", "maildir", "warm",
+                        {"pop3": dv.pop3Port, "pop3s": dv.pop3sPort, "lmtp": dv.lmtpPort}, [dv.pid],
+                        tokens=lambda maildirs=maildirs: smtpload.tokensFromMaildirs(maildirs),
+                    ))
+            if not targets:
+                return
+            self.verifyTargets(targets, apop=self.args.apop)
+            self.rounds(targets, self.warmMeasurements(), "comparison")
+            for server in mailgates:
+                errors = server.errorsLogged()
+                if errors:
+                    self.notes.append(f"{os.path.basename(server.logPath)} logged errors: {errors[:5]}")
+            for dv in dovecots:
+                errors = dv.errorsLogged()
+                if errors:
+                    self.notes.append(f"dovecot-{dv.variant} logged errors: {errors[:5]}")
         finally:
-            for server in running:
+            for server in mailgates:
+                server.stop()
+            for dv in dovecots:
+                dv.stop()
+
+    def cold(self, workdir, sqlitePath):
+        """
+        The cold-login figure: mailgate with --auth-cache-size 0 (on a
+        copy of the SQLite database) against Dovecot hp with
+        {SHA512-CRYPT} passwords and no auth cache, the stat scenario at
+        the run's concurrencies up to 10, in interleaved rounds.
+        """
+        targets, server, dv = [], None, None
+        try:
+            coldPath = os.path.join(workdir, "cold.sqlite3")
+            copySqlite(sqlitePath, coldPath)
+            server = MailgateServer(
+                self.bindir, "sqlite:///" + coldPath, os.path.join(workdir, "mailgate-cold.log"),
+                lmtp=False, smtp=False, options=["--auth-cache-size", "0"],
+            )
+            server.start()
+            targets.append(Target("mailgate", "sqlite", "cold", mailgatePorts(server), [server.pid]))
+            if self.args.dovecot:
+                dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot-cold"), variant="hp", credentials="cold")
+                dv.loadCorpus(self.corpus)
+                dv.start()
+                targets.append(Target("dovecot-hp", "maildir", "cold", {"pop3": dv.pop3Port}, [dv.pid]))
+            self.verifyTargets(targets)
+            levels = [c for c in self.args.concurrency if c <= 10] or self.args.concurrency[:1]
+            self.rounds(targets, [Measurement("pop3", "stat", c) for c in levels], "cold logins")
+            errors = server.errorsLogged()
+            if errors:
+                self.notes.append(f"mailgate (cold) logged errors: {errors[:5]}")
+        finally:
+            if server is not None:
                 server.stop()
             if dv is not None:
                 dv.stop()
 
     # -- big maildrop, idle sessions --------------------------------------
 
-    def big(self, workdir):
+    def big(self, workdir, maildrop=True, idle=True):
         args = self.args
         path = os.path.join(workdir, "big.sqlite3")
         database = "sqlite:///" + path
@@ -547,21 +643,23 @@ class Suite:
         for user in (bigUser, probe):
             mailgateCLI(self.bindir, database, ["user", "add", user, "--password-stdin", "--apop"], password + "\n")
             mailgateCLI(self.bindir, database, ["deliver", user], self.corpus.message(0, 1))
-        idleUsers = [f"idle{i:05d}@{corpusModule.DOMAIN}" for i in range(1, args.idle_sessions + 1)]
+        idleUsers = [f"idle{i:05d}@{corpusModule.DOMAIN}" for i in range(1, args.idle_sessions + 1)] if idle else []
         self.notes.extend(fillBigDatabase(path, bigUser, args.big_messages, idleUsers, password))
         self.extra["big load seconds"] = round(time.monotonic() - began, 1)
         server = MailgateServer(self.bindir, database, os.path.join(workdir, "mailgate-big.log"), lmtp=False, smtp=False)
         try:
             server.start()
             port = server.ports["POP3"]
-            self.quiet()
-            self.extra["big maildrop"] = asyncio.run(bigMaildrop(port, bigUser, password, args.big_messages, args.big_repeats))
-            log(f"100k maildrop: {self.extra['big maildrop']}")
-            self.quiet()
-            self.extra["idle sessions"] = asyncio.run(
-                idleSessions(server.pid, port, idleUsers, password, probe, args.duration)
-            )
-            log(f"idle sessions: {self.extra['idle sessions']}")
+            if maildrop:
+                self.quiet()
+                self.extra["big maildrop"] = asyncio.run(bigMaildrop(port, bigUser, password, args.big_messages, args.big_repeats))
+                log(f"big maildrop on SQLite: {self.extra['big maildrop']}")
+            if idle:
+                self.quiet()
+                self.extra["idle sessions"] = asyncio.run(
+                    idleSessions(server.pid, port, idleUsers, password, probe, args.duration)
+                )
+                log(f"idle sessions: {self.extra['idle sessions']}")
             errors = server.errorsLogged()
             if errors:
                 self.notes.append(f"mailgate/big logged errors: {errors[:5]}")
@@ -589,12 +687,186 @@ class Suite:
         finally:
             server.stop()
 
+    def bigDovecot(self, workdir):
+        """
+        The same big maildrop in Dovecot hp (warm credentials): the same
+        message --big-messages times in one user's maildir (hard links of
+        a few files), indexed by a first login (timed apart), then the
+        same timed sessions as mailgate's.
+        """
+        args = self.args
+        password = self.corpus.password
+        bigUser = f"big@{corpusModule.DOMAIN}"
+        dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot-big"), variant="hp", credentials="warm")
+        try:
+            dv.addUsers([bigUser], password)
+            began = time.monotonic()
+            writeBigMaildir(dv.maildir(bigUser), self.corpus.message(0, 1), args.big_messages, dv.uid, dv.gid)
+            written = time.monotonic() - began
+            dv.start()
+            self.quiet()
+            indexSeconds = asyncio.run(firstLogin(dv.pop3Port, bigUser, password, args.big_messages))
+            log(f"big maildrop in Dovecot: {args.big_messages} files written in {written:.1f} s, "
+                f"indexed by a first login in {indexSeconds:.1f} s")
+            self.quiet()
+            result = asyncio.run(bigMaildrop(dv.pop3Port, bigUser, password, args.big_messages, args.big_repeats))
+            result["indexSeconds"] = round(indexSeconds, 2)
+            result["writeSeconds"] = round(written, 2)
+            self.extra["big maildrop dovecot"] = result
+            log(f"big maildrop in Dovecot: {result}")
+            errors = dv.errorsLogged()
+            if errors:
+                self.notes.append(f"dovecot-big logged errors: {errors[:5]}")
+        finally:
+            dv.stop()
+
+    # -- profile ---------------------------------------------------------------
+
+    def profile(self, workdir, sqliteURL, outputDir, tls):
+        """
+        py-spy on a mailgate server (SQLite, warm credentials) while
+        --profile-clients clients run each --profile scenario ("fetchall",
+        or "fetchall+tls" over TLS) for --profile-seconds, once per
+        --profile-modes mode (L{pyspy.MODES}: the GIL holder's samples, all
+        active samples).  profile-SCENARIO.txt in the output directory gets
+        the top entries by own time of each mode; the raw stacks go to
+        profile-SCENARIO-MODE.raw.
+        """
+        args = self.args
+        executable = pyspy.find(self.bindir)
+        if executable is None:
+            self.notes.append("profile skipped: py-spy is not installed (make bench installs it into .venv)")
+            return
+        os.makedirs(outputDir, exist_ok=True)
+        server = MailgateServer(self.bindir, sqliteURL, os.path.join(workdir, "mailgate-profile.log"),
+                                lmtp=False, smtp=False, tls=tls)
+        try:
+            server.start()
+            for spec in args.profile:
+                scenario, _, mode = spec.partition("+")
+                overTLS = mode == "tls"
+                if overTLS and not tls:
+                    self.notes.append(f"profile {spec} skipped: no TLS in this run")
+                    continue
+                port = server.ports["POP3S" if overTLS else "POP3"]
+                verifyPop3(port, self.corpus, self.digests, tls=overTLS)  # warms the login cache
+                sections, modes = [], {}
+                for pyspyMode in args.profile_modes:
+                    section = self._profileOnce(executable, server, port, spec, scenario, overTLS, pyspyMode, outputDir)
+                    if section is not None:
+                        sections.append(section[0])
+                        modes[pyspyMode] = section[1]
+                if not sections:
+                    continue
+                path = os.path.join(outputDir, f"profile-{spec}.txt")
+                with open(path, "w") as f:
+                    f.write("\n\n".join(sections) + "\n")
+                self.extra[f"profile {spec}"] = {"file": path, "modes": modes}
+                log(f"profile {spec}: summary in {path}")
+        finally:
+            server.stop()
+
+    def _profileOnce(self, executable, server, port, spec, scenario, overTLS, mode, outputDir):
+        """
+        One py-spy recording while the load runs: C{(text, summary)}, or
+        C{None} (and a note) if py-spy failed.
+        """
+        args = self.args
+        seconds = args.profile_seconds
+        raw = os.path.join(outputDir, f"profile-{spec}-{mode}.raw")
+        self.quiet()
+        spy = pyspy.record(executable, server.pid, raw, seconds, mode=mode)
+        try:
+            time.sleep(0.3)  # py-spy attaches
+            result = runLoad(
+                port=port, users=self.corpus.users, password=self.corpus.password, scenario=scenario,
+                concurrency=args.profile_clients, duration=seconds + 0.5, serverPids=[server.pid],
+                tls=overTLS, settle=0,
+            )
+            output, _ = spy.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(STOP_GRACE)
+            self.notes.append(f"profile {spec} ({mode}): py-spy did not finish in time")
+            return None
+        if spy.returncode != 0 or not os.path.exists(raw):
+            self.notes.append(f"profile {spec} ({mode}): py-spy failed ({spy.returncode}): "
+                              f"{output.decode(errors='replace').strip()[-300:]}")
+            return None
+        with open(raw, errors="replace") as f:
+            summary = pyspy.summarise(f.read(), args.profile_top)
+        title = (
+            f"== {pyspy.MODE_TITLES[mode]}\n"
+            f"{pyspy.version(executable)}: {' '.join(pyspy.command('py-spy', server.pid, os.path.basename(raw), seconds, mode=mode))}\n"
+            f"on twistd mailgate (SQLite, warm credentials) while {args.profile_clients} client(s) ran "
+            f"'{scenario}' over {'TLS' if overTLS else 'plain TCP'} (corpus {self.corpus.userCount} users x "
+            f"{self.corpus.messageCount} messages); the load meanwhile: {result.summary()}"
+        )
+        log(f"profile {spec} ({mode}): {summary['samples']} samples; {result.summary()}")
+        return pyspy.formatSummary(summary, title), {
+            "samples": summary["samples"], "raw": raw, "errors": result.errors,
+            "top": [{k: e[k] for k in ("function", "where", "ownShare", "inclusiveShare")} for e in summary["entries"]],
+        }
+
+
+def writeBigMaildir(maildir, message, count, uid, gid, linksPerFile=50_000):
+    """
+    C{count} copies of C{message} in C{maildir}/cur, named as
+    L{corpus.Corpus.writeMaildirs} names them (LF line ends on disk, both
+    sizes in the name, already seen): hard links of one file per
+    C{linksPerFile} (a file system limits an inode's links; a new file is
+    written wherever a link fails).
+    """
+    onDisk = message.replace(b"\r\n", b"\n")
+    cur = os.path.join(maildir, "cur")
+    os.makedirs(cur, exist_ok=True)
+    source, links = None, 0
+    for n in range(1, count + 1):
+        path = os.path.join(cur, f"{1_600_000_000 + n}.M{n:06d}P1.bigbench,S={len(onDisk)},W={len(message)}:2,S")
+        if source is not None and links < linksPerFile:
+            try:
+                os.link(source, path)
+                links += 1
+                continue
+            except OSError:
+                pass
+        with open(path, "wb") as f:
+            f.write(onDisk)
+        os.chown(path, uid, gid)
+        source, links = path, 1
+    for directory in (os.path.dirname(maildir), maildir, cur, os.path.join(maildir, "new"), os.path.join(maildir, "tmp")):
+        if os.path.isdir(directory):
+            os.chown(directory, uid, gid)
+
+
+async def firstLogin(port, user, password, messages, timeout=600.0):
+    """
+    One untimed-for-the-table session (login, STAT, QUIT) that lets a
+    server build its indexes; returns its seconds.
+    """
+    began = time.perf_counter()
+    client = await pop3load.connect("127.0.0.1", port, DEADLINE)
+    try:
+        await asyncio.wait_for(pop3load.login(client, user, password), timeout)
+        count, _ = pop3load._stat(await asyncio.wait_for(client.command("STAT"), timeout))
+        await asyncio.wait_for(client.command("QUIT"), DEADLINE)
+    finally:
+        client.close()
+    if count != messages:
+        raise RuntimeError(f"{user}: STAT says {count} messages, {messages} were written")
+    return time.perf_counter() - began
+
 
 # Columns whose meaning fillBigDatabase knows; others are copied from a
 # template row and reported, in case the schema grew something (a counter)
 # that needs a real value.
 _KNOWN_USER_COLUMNS = {"user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "created_at"}
-_KNOWN_MAILBOX_COLUMNS = {"user_id", "uid_validity", "next_uid", "last_login"}
+_KNOWN_MAILBOX_COLUMNS = {
+    "user_id", "uid_validity", "next_uid", "last_login", "used_octets", "used_messages", "oldest_arrival",
+    "quota_octets", "quota_messages", "expire_days",
+}
+#: usage counters kept in step with the rows written here
+_USAGE_COLUMNS = ("used_octets", "used_messages", "oldest_arrival")
 
 
 def _columns(cur, table):
@@ -632,7 +904,8 @@ def fillBigPostgres(url, bigUser, messages):
             FROM u WHERE bodies.owner_id = u.body_owner AND bodies.body_id = u.body_id
             RETURNING 1
         )
-        UPDATE mailboxes SET next_uid = u.uid + {messages}
+        UPDATE mailboxes SET next_uid = u.uid + {messages}, used_messages = {messages},
+            used_octets = {messages} * u.size, oldest_arrival = u.arrived_at
         FROM u WHERE mailboxes.user_id = u.user_id
     """, timeout=600)
     psql(url, "ANALYZE")
@@ -643,7 +916,8 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
     Direct SQL (the schema of mailgate/store/schema.py), for speed: give
     C{bigUser}, who has one message delivered by the CLI, C{messages - 1}
     more maildrop entries sharing its body (sizes and unique ids as a
-    delivery writes them), and create the idle users as copies of
+    delivery writes them; the mailbox's usage counters to match), and
+    create the idle users as copies of
     C{bigUser}'s row (same password hash, APOP secret), each with an empty
     mailbox.
 
@@ -682,6 +956,11 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
         )
         cur.execute("UPDATE bodies SET refcount = ? WHERE owner_id = ? AND body_id = ?", (messages, owner, bodyId))
         cur.execute("UPDATE mailboxes SET next_uid = ? WHERE user_id = ?", (uid + messages, userId))
+        if set(_USAGE_COLUMNS) <= set(mailboxColumns):
+            cur.execute(
+                "UPDATE mailboxes SET used_messages = ?, used_octets = ?, oldest_arrival = ? WHERE user_id = ?",
+                (messages, messages * size, arrived, userId),
+            )
         now = int(time.time())
         for address in idleUsers:
             values = {c: v for c, v in userTemplate.items() if c != "user_id"}
@@ -691,6 +970,7 @@ def fillBigDatabase(path, bigUser, messages, idleUsers, password):
             _insert(cur, "users", values)
             box = dict(mailboxTemplate)
             box.update(user_id=cur.lastrowid, uid_validity=secrets.randbits(31), next_uid=1, last_login=None)
+            box.update({c: (None if c == "oldest_arrival" else 0) for c in _USAGE_COLUMNS if c in box})
             _insert(cur, "mailboxes", box)
         conn.commit()
     finally:
@@ -705,6 +985,7 @@ async def bigMaildrop(port, user, password, messages, repeats):
     first one, which pays for the password hash, is reported apart).
     """
     runs = []
+    octets = None
     for attempt in range(repeats + 1):
         client = await pop3load.connect("127.0.0.1", port)
         try:
@@ -738,6 +1019,7 @@ async def bigMaildrop(port, user, password, messages, repeats):
         "listMs": round(median("listMs"), 2),
         "uidlMs": round(median("uidlMs"), 2),
         "sessions": len(warm),
+        "octets": octets,
         "ok": all(r["ok"] for r in runs),
     }
 
@@ -827,6 +1109,7 @@ async def idleSessions(pid, port, users, password, probe, duration, batch=50):
     return report
 
 
+
 # -- the report ----------------------------------------------------------------------
 
 
@@ -861,348 +1144,155 @@ def machineInfo(bindir):
     return info
 
 
-def _fmt(value, digits=2):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-COLUMNS = (
-    ("server", "server"), ("backend", "backend"), ("login", "login"), ("scenario", "scenario"),
-    ("conc", "conc"), ("rate", "sess/s"), ("mbs", "MB/s"), ("p50", "p50 ms"), ("p99", "p99 ms"),
-    ("cpu", "CPU ms/sess"), ("dbcpu", "+DB ms"), ("client", "client CPU"), ("bg", "bg cores"), ("errors", "errors"),
-    ("xhp", "CPU x dv-hp"), ("xdef", "CPU x dv-def"),
-)
-
-
-def _verified(row):
-    """
-    The intake verification mark: "ok" when every acknowledged message was
-    found exactly once (and there were some).
-    """
-    report = row.get("verification")
-    if row["kind"] != "intake" or report is None:
-        return ""
-    if not report["ok"]:
-        return " VERIFY-FAILED"
-    return " ok" if row.get("acknowledged") else " (nothing delivered)"
-
-
-def tableRows(rows):
-    """
-    The rows of the one table, as dicts of strings; ratios against Dovecot
-    (high-performance and default) for the same scenario, concurrency and
-    login kind.
-    """
-    reference = {}
-    for row in rows:
-        if row["server"].startswith("dovecot"):
-            key = (row["server"], row["scenario"], row["concurrency"], row.get("login"))
-            reference[key] = row.get("cpuMsPerSession", row.get("cpuMsPerMessage"))
-    out = []
-    for row in rows:
-        intake = row["kind"] == "intake"
-        cpu = row["cpuMsPerMessage"] if intake else row["cpuMsPerSession"]
-        dbcpu = row.get("extraCpuMsPerMessage") if intake else row.get("extraCpuMsPerSession")
-        ratios = []
-        for variant in ("dovecot-hp", "dovecot-default"):
-            ref = reference.get((variant, row["scenario"], row["concurrency"], row.get("login")))
-            ratios.append(f"{cpu / ref:.2f}" if cpu is not None and ref else "-")
-        concurrency = str(row["concurrency"])
-        if not intake and row.get("peak") and row["peak"] < row["concurrency"]:
-            concurrency += f" ({row['peak']})"
-        out.append({
-            "server": row["server"], "backend": row["backend"],
-            "login": row.get("login", "-") if not intake else "-",
-            "scenario": row["scenario"], "conc": concurrency,
-            "rate": _fmt(row["messagesPerSecond"] if intake else row["sessionsPerSecond"], 1),
-            "mbs": "-" if intake else _fmt(row["megabytesPerSecond"], 2),
-            "p50": _fmt(row["p50ms"]), "p99": _fmt(row["p99ms"]),
-            "cpu": _fmt(cpu, 3),
-            "dbcpu": _fmt(dbcpu, 3) if dbcpu else "-",
-            "client": f"{row['clientCpuShare']:.0%}" if row.get("clientCpuShare") is not None else "-",
-            "bg": _fmt(row.get("backgroundCores"), 2),
-            "errors": str(row["errors"]) + _verified(row),
-            "xhp": ratios[0], "xdef": ratios[1],
-        })
-    return out
-
-
-def textTable(rows):
-    cells = tableRows(rows)
-    widths = {key: max([len(title)] + [len(c[key]) for c in cells]) for key, title in COLUMNS}
-    lines = ["  ".join(title.ljust(widths[key]) for key, title in COLUMNS)]
-    lines.append("  ".join("-" * widths[key] for key, _ in COLUMNS))
-    for c in cells:
-        lines.append("  ".join(
-            c[key].ljust(widths[key]) if key in ("server", "backend", "login", "scenario") else c[key].rjust(widths[key])
-            for key, _ in COLUMNS
-        ))
-    return "\n".join(lines)
-
-
-def markdownTable(rows):
-    cells = tableRows(rows)
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |"]
-    lines.append("|" + "|".join("---" if key in ("server", "backend", "login", "scenario") else "---:" for key, _ in COLUMNS) + "|")
-    for c in cells:
-        lines.append("| " + " | ".join(c[key] for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
 
 def extrasText(extra):
+    """
+    The verification passes and the load times, one line each.
+    """
     lines = []
-    big = extra.get("big maildrop")
-    if big:
-        lines.append(
-            f"big maildrop ({big['messages']} messages, SQLite): login->STAT {big['loginToStatMs']} ms "
-            f"(median of {big['sessions']}, max {big['loginToStatMaxMs']} ms; first login incl. "
-            f"password hash {big['firstLoginToStatMs']} ms), LIST {big['listMs']} ms, "
-            f"UIDL {big['uidlMs']} ms, ok={big['ok']}"
-        )
-    big = extra.get("big maildrop postgres")
-    if big:
-        lines.append(
-            f"big maildrop ({big['messages']} messages, PostgreSQL): login->STAT {big['loginToStatMs']} ms "
-            f"(median of {big['sessions']}, max {big['loginToStatMaxMs']} ms; first login incl. "
-            f"password hash {big['firstLoginToStatMs']} ms), LIST {big['listMs']} ms, "
-            f"UIDL {big['uidlMs']} ms, ok={big['ok']}"
-        )
-    idle = extra.get("idle sessions")
-    if idle:
-        lines.append(
-            f"{idle['sessions']} idle POP3 sessions (one mailgate process, SQLite): RSS baseline "
-            f"{idle['rssBaselineMiB']} MiB, greeted {idle.get('rssGreetedMiB')} MiB, logged in (APOP) "
-            f"{idle.get('rssLoggedInMiB')} MiB ({idle.get('rssPerSessionKiB')} KiB/session), after close "
-            f"{idle.get('rssAfterCloseMiB')} MiB; logged in {idle.get('loggedIn')}, failures "
-            f"{idle.get('failures')}; short stat sessions p50/p99 "
-            f"{idle['probeWithoutIdle']['p50ms']}/{idle['probeWithoutIdle']['p99ms']} ms without, "
-            f"{idle.get('probeWithIdle', {}).get('p50ms')}/{idle.get('probeWithIdle', {}).get('p99ms')} ms "
-            f"with the idle sessions (errors {idle.get('probeWithIdle', {}).get('errors')})"
-        )
-    interleaved = interleavedText(extra)
-    if interleaved:
-        lines.append(interleaved)
     for key, value in extra.items():
         if key.startswith("verify"):
-            lines.append(f"{key}: {'OK' if value['ok'] else 'FAILED ' + repr(value)}")
+            versions = f" ({', '.join(sorted(value.get('tlsVersions') or {}))})" if value.get("tlsVersions") else ""
+            lines.append(f"{key}: {'OK' if value['ok'] else 'FAILED ' + repr(value)}{versions}")
+        elif key == "phase seconds":
+            lines.append("seconds per phase: " + ", ".join(f"{k} {v}" for k, v in value.items()))
         elif key.endswith("seconds"):
             lines.append(f"{key}: {value}")
     return "\n".join(lines)
 
 
-def _interleavedMedians(extra):
+def profileText(extra, top=8):
     """
-    Per "server what" key of the interleaved rounds: the medians of rate,
-    CPU and p99 over the rounds, the rates of every round, and the errors.
+    The first entries of each profile, and where the full summary is.
     """
-    block = extra.get("interleaved")
-    if not block:
-        return {}
-    medians = {}
-    for key, figures in block["figures"].items():
-        def median(field):
-            values = [f[field] for f in figures if f[field] is not None]
-            return statistics.median(values) if values else None
-
-        medians[key] = {
-            "rate": median("rate"), "cpuMs": median("cpuMs"), "p99ms": median("p99ms"),
-            "rates": [f["rate"] for f in figures], "errors": sum(f["errors"] for f in figures),
-        }
-    return medians
+    parts = []
+    for key, value in extra.items():
+        if not key.startswith("profile "):
+            continue
+        for mode, summary in value["modes"].items():
+            lines = [f"{key}, {mode} ({summary['samples']} samples; top {min(top, len(summary['top']))} by own time; "
+                     f"{len(summary['top'])} in {value['file']}):"]
+            for e in summary["top"][:top]:
+                lines.append(f"  {e['ownShare']:6.1%} own {e['inclusiveShare']:6.1%} incl  {e['function']}  ({e['where']})")
+            parts.append("\n".join(lines))
+    return "\n".join(parts)
 
 
-def interleavedText(extra):
-    medians = _interleavedMedians(extra)
-    if not medians:
-        return ""
-    rounds = extra["interleaved"]["rounds"]
-    lines = [f"interleaved rounds ({rounds}; every measurement on each server in turn; medians, then each round's rate):"]
-    for key, m in medians.items():
-        unit = "msgs/s" if key.endswith(("lmtp", "smtp")) else "sessions/s"
-        cpu = "-" if m["cpuMs"] is None else f"{m['cpuMs']:.3f}"
-        p99 = "-" if m["p99ms"] is None else f"{m['p99ms']:.2f}"
-        each = ", ".join(f"{r:.0f}" for r in m["rates"])
-        lines.append(f"  {key}: {m['rate']:.1f} {unit}, CPU {cpu} ms, p99 {p99} ms, errors {m['errors']} ({each})")
-    return "\n".join(lines)
+def writeResults(output, results, text, markdown):
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(output, "results.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(output, "results.txt"), "w") as f:
+        f.write(text)
 
 
-def interleavedTargets(extra):
+def renderResults(rows, extra, notes, info, args, summary, markdown=False):
     """
-    The targets that compare servers, read from the interleaved rounds.
+    The whole report: header, every row, the side-by-side comparison, the
+    targets, verifications, profiles and notes.
     """
-    medians = _interleavedMedians(extra)
-    if not medians:
-        return []
-    lines = []
-    reference = medians.get("dovecot-hp/maildir lmtp")
-    if reference and reference["rate"]:
-        for backend in ("sqlite", "postgres"):
-            for protocol in ("lmtp", "smtp"):
-                m = medians.get(f"mailgate/{backend} {protocol}")
-                if m:
-                    ratio = m["rate"] / reference["rate"]
-                    lines.append(
-                        f"interleaved: intake >= 2x Dovecot LMTP, mailgate/{backend} {protocol.upper()}: "
-                        f"{m['rate']:.0f} vs {reference['rate']:.0f} msgs/s = {ratio:.2f}x -> {_verdict(ratio >= 2)}"
-                    )
-    ratios = []
-    for what in Suite.interleavedPop3 + ("lmtp", "smtp"):
-        base, pg = medians.get(f"mailgate/sqlite {what}"), medians.get(f"mailgate/postgres {what}")
-        if base and pg and pg["rate"]:
-            ratios.append((base["rate"] / pg["rate"], what))
-    if ratios:
-        parts = ", ".join(f"{what} {ratio:.2f}x" for ratio, what in ratios)
-        lines.append(
-            f"interleaved: PostgreSQL within 1.5x SQLite (rate SQLite/PG, one client; intake 10 sessions): "
-            f"{parts} -> {_verdict(max(ratios)[0] <= 1.5)}"
-        )
-    for backend in ("sqlite", "postgres"):
-        m = medians.get(f"mailgate/{backend} retr1")
-        if m and m["p99ms"] is not None:
-            lines.append(
-                f"interleaved: one-message RETR session p99 < 5 ms, mailgate/{backend}: "
-                f"{m['p99ms']:.2f} ms (median of the rounds) -> {_verdict(m['p99ms'] < 5)}"
-            )
-    return lines
-
-
-def _rows(rows, **match):
-    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-
-
-def _verdict(ok):
-    return "met" if ok else "NOT met"
-
-
-def targetsText(rows, extra):
-    """
-    The issue's targets against this run's figures (a reading, not a test).
-    """
-    lines = []
-    for backend in ("sqlite", "postgres"):
-        parts, worst = [], []
-        for scenario in ("stat", "list", "top", "fetchall"):
-            ratios = []
-            for r in _rows(rows, server="mailgate", backend=backend, scenario=scenario, login="USER/PASS"):
-                ref = _rows(rows, server="dovecot-hp", scenario=scenario, concurrency=r["concurrency"], login="USER/PASS")
-                if r["errors"] or (ref and ref[0]["errors"]):
-                    continue  # a disturbed run (see the table)
-                if ref and ref[0]["cpuMsPerSession"] and r["cpuMsPerSession"]:
-                    ratios.append(r["cpuMsPerSession"] / ref[0]["cpuMsPerSession"])
-            if ratios:
-                parts.append(f"{scenario} {min(ratios):.2f}-{max(ratios):.2f}x")
-                worst.append(max(ratios))
-        if parts:
-            lines.append(
-                f"CPU per POP3 session <= 1.0x Dovecot hp, mailgate/{backend} (its own process): "
-                f"{', '.join(parts)} -> {_verdict(max(worst) <= 1.0)}"
-            )
-    reference = [r for r in _rows(rows, server="dovecot-hp", kind="intake") if r["scenario"].startswith("lmtp")]
-    if reference:
-        ref = reference[0]["messagesPerSecond"]
-        for r in _rows(rows, server="mailgate", kind="intake"):
-            ratio = r["messagesPerSecond"] / ref if ref else 0
-            lines.append(
-                f"intake >= 2x Dovecot LMTP msgs/s (10 sessions, 4 KB), mailgate/{r['backend']} "
-                f"{r['protocol']}: {r['messagesPerSecond']:.0f} vs {ref:.0f} msgs/s = {ratio:.2f}x -> {_verdict(ratio >= 2)}"
-            )
-    for r in _rows(rows, server="mailgate", scenario="retr1", concurrency=1):
-        if r["p99ms"] is not None:
-            lines.append(
-                f"one-message RETR session p99 < 5 ms at concurrency 1, mailgate/{r['backend']}: "
-                f"{r['p99ms']:.2f} ms -> {_verdict(r['p99ms'] < 5)}"
-            )
-    for key, backend in (("big maildrop", "SQLite"), ("big maildrop postgres", "PostgreSQL")):
-        big = extra.get(key)
-        if big:
-            lines.append(
-                f"{big['messages']}-message maildrop login->STAT < 100 ms ({backend}): {big['loginToStatMs']:.1f} ms "
-                f"-> {_verdict(big['loginToStatMs'] < 100 and big['ok'])}"
-            )
-    idle = extra.get("idle sessions")
-    if idle and idle.get("rssLoggedInMiB") is not None:
-        p99 = idle.get("probeWithIdle", {}).get("p99ms")
-        lines.append(
-            f"{idle['sessions']} idle sessions < 1 GiB RSS and p99 < 50 ms for others: "
-            f"{idle['rssLoggedInMiB']:.0f} MiB, p99 {p99} ms -> "
-            f"{_verdict(idle['rssLoggedInMiB'] < 1024 and p99 is not None and p99 < 50 and idle.get('loggedIn') == idle['sessions'])}"
-        )
-    rates, cpus = [], []
-    for r in _rows(rows, server="mailgate", backend="postgres", kind="pop3", login="USER/PASS"):
-        base = _rows(rows, server="mailgate", backend="sqlite", kind="pop3", login="USER/PASS",
-                     scenario=r["scenario"], concurrency=r["concurrency"])
-        if r["errors"] or (base and base[0]["errors"]):
-            continue  # a disturbed run (see the table)
-        if base and r["sessionsPerSecond"] and base[0]["cpuMsPerSession"]:
-            rates.append((base[0]["sessionsPerSecond"] / r["sessionsPerSecond"], r["scenario"], r["concurrency"]))
-            total = r["cpuMsPerSession"] + (r.get("extraCpuMsPerSession") or 0)
-            cpus.append((r["cpuMsPerSession"] / base[0]["cpuMsPerSession"], total / base[0]["cpuMsPerSession"], r["scenario"], r["concurrency"]))
-    if rates:
-        worstRate = max(rates)
-        worstCpu = max(cpus)
-        worstTotal = max(cpus, key=lambda c: c[1])
-        lines.append(
-            f"PostgreSQL within 1.5x SQLite: sessions/s SQLite/PG up to {worstRate[0]:.2f}x ({worstRate[1]} x{worstRate[2]}); "
-            f"mailgate CPU/session PG/SQLite up to {worstCpu[0]:.2f}x ({worstCpu[2]} x{worstCpu[3]}), "
-            f"with PostgreSQL's own CPU up to {worstTotal[1]:.2f}x ({worstTotal[2]} x{worstTotal[3]}) "
-            f"-> throughput {_verdict(worstRate[0] <= 1.5)}, mailgate CPU {_verdict(worstCpu[0] <= 1.5)}"
-        )
-    lines += interleavedTargets(extra)
-    return "\n".join(lines)
+    targets = report.targetLines(rows, extra)
+    top = report.header(info, args, summary)
+    sections = [top.replace("\n", "\n\n") if markdown else top]
+    if rows:
+        sections.append(("**Every measurement** (medians over the rounds)\n\n" if markdown else "Every measurement (medians over the rounds):\n")
+                        + report.detailTable(rows, markdown))
+    comparison = report.sideBySide(rows, extra, markdown)
+    if comparison:
+        sections.append(("## Side by side\n" if markdown else "Side by side:") + "\n" + comparison)
+    if targets:
+        bullet = "- " if markdown else "  "
+        sections.append(("**Targets (issue 15)**\n\n" if markdown else "Targets (issue 15):\n")
+                        + "\n".join(bullet + line for line in targets))
+    verbatim = (lambda text: f"```\n{text}\n```") if markdown else (lambda text: text)
+    extras = extrasText(extra)
+    if extras:
+        sections.append(verbatim(extras))
+    profiles = profileText(extra)
+    if profiles:
+        sections.append(verbatim(profiles))
+    if notes:
+        sections.append(verbatim("\n".join("note: " + n for n in notes)))
+    return "\n\n".join(sections) + "\n"
 
 
 # -- main ------------------------------------------------------------------------------
 
+PARTS = ("sqlite", "postgres", "dovecot", "cold", "big", "idle", "profile")
+
 
 def parseArgs(argv):
     parser = argparse.ArgumentParser(description="The mailgate benchmark suite.")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, short runs")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 5, --quick 0.5)")
-    parser.add_argument("--concurrency", default=None, help="comma-separated (default 1,10,50; --quick 1,4)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, short runs, one round")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 4, --quick 0.5)")
+    parser.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,10; --quick 1,4)")
     parser.add_argument("--scenarios", default="stat,list,top,fetchall")
+    parser.add_argument("--transports", default="plain,tls", help="POP3 over plain TCP and/or implicit TLS (default plain,tls)")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--intake-messages", type=int, default=None, help="messages per intake run (default 2000; --quick 60)")
     parser.add_argument("--intake-sessions", type=int, default=10)
     parser.add_argument("--intake-size", type=int, default=4096)
+    parser.add_argument("--no-intake", action="store_true", help="no LMTP/SMTP intake measurements")
     parser.add_argument("--big-messages", type=int, default=None, help="default 100000; --quick 2000")
     parser.add_argument("--big-repeats", type=int, default=5)
     parser.add_argument("--idle-sessions", type=int, default=None, help="default 10000; --quick 200")
     parser.add_argument("--dovecot", dest="dovecot", action="store_true", default=None, help="run the Dovecot comparison (default: if installed)")
     parser.add_argument("--no-dovecot", dest="dovecot", action="store_false")
-    parser.add_argument("--dovecot-variants", default="hp,default")
+    parser.add_argument("--dovecot-default", action="store_true", help="also Dovecot with the stock process settings in the rounds")
+    parser.add_argument("--apop", action="store_true", help="also APOP logins (stat and fetchall at 10 clients) in the rounds")
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL even if MAILGATE_TEST_POSTGRES is set")
-    parser.add_argument("--no-big", action="store_true", help="skip the 100k maildrop and idle sessions")
-    parser.add_argument("--only", default="sqlite,postgres,dovecot,big", help="parts to run")
-    parser.add_argument("--apop-all", action="store_true", help="APOP runs on PostgreSQL too")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the targets that compare servers (default 3; --quick 1; 0: none)")
+    parser.add_argument("--no-big", action="store_true", help="skip the big maildrop and the idle sessions")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run (default {','.join(PARTS)})")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--quiet-wait", type=float, default=None, help="before each measurement, wait up to this many seconds for the machine to be idle (default 10; --quick 0)")
     parser.add_argument("--quiet-threshold", type=float, default=0.25, help="idle means at most this many cores busy (default 0.25)")
+    parser.add_argument("--profile", default="top,fetchall", help="scenarios to profile mailgate in with py-spy, e.g. top,fetchall+tls; 'none' for none (default top,fetchall)")
+    parser.add_argument("--profile-seconds", type=float, default=None, help="seconds per profile (default 10; --quick 2)")
+    parser.add_argument("--profile-clients", type=int, default=1)
+    parser.add_argument("--profile-top", type=int, default=25, help="entries in each profile summary")
+    parser.add_argument("--profile-modes", default="gil,all", help="py-spy recordings per profiled scenario: gil (--gil, Python work) and/or all (default gil,all)")
     parser.add_argument("--bin", default=os.path.dirname(sys.executable), help="where twistd and mailgate are")
     parser.add_argument("--workdir", default=None, help="keep data here (default: a temporary directory, removed)")
-    parser.add_argument("--output", default=None, help="write results.json and results.md here")
+    parser.add_argument("--output", default=None, help="write results.{json,md,txt} and the profiles here")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.duration = args.duration or (0.5 if quick else 5.0)
-    args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,10,50")).split(",")]
+    args.duration = args.duration or (0.5 if quick else 4.0)
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,10")).split(",")]
     args.scenarios = args.scenarios.split(",")
+    unknown = [s for s in args.scenarios if s not in pop3load.SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; use {pop3load.SCENARIOS}")
+    args.transports = [t for t in args.transports.split(",") if t]
+    if not set(args.transports) <= {"plain", "tls"}:
+        parser.error("--transports takes plain and/or tls")
     args.users = args.users or (3 if quick else corpusModule.STANDARD_USERS)
     args.messages = args.messages or (6 if quick else corpusModule.STANDARD_MESSAGES)
     args.intake_messages = args.intake_messages or (60 if quick else 2000)
     args.big_messages = args.big_messages or (2000 if quick else 100_000)
     args.idle_sessions = args.idle_sessions or (200 if quick else 10_000)
     args.big_repeats = 2 if quick else args.big_repeats
+    args.profile_seconds = args.profile_seconds or (2.0 if quick else 10.0)
+    args.profile = [] if args.profile in ("", "none") else args.profile.split(",")
+    args.profile_modes = [m for m in args.profile_modes.split(",") if m]
+    if not args.profile_modes or not set(args.profile_modes) <= set(pyspy.MODES):
+        parser.error(f"--profile-modes takes {','.join(pyspy.MODES)}")
+    for spec in args.profile:
+        if spec.partition("+")[0] not in pop3load.SCENARIOS or spec.partition("+")[2] not in ("", "tls"):
+            parser.error(f"--profile: {spec!r} is not SCENARIO or SCENARIO+tls")
     if args.rounds is None:
         args.rounds = 1 if quick else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.quiet_wait is None:
         args.quiet_wait = 0 if quick else 10
-    args.dovecot_variants = args.dovecot_variants.split(",")
     args.only = set(args.only.split(","))
+    if not args.only <= set(PARTS):
+        parser.error(f"--only takes {','.join(PARTS)}")
     if args.no_big:
-        args.only.discard("big")
+        args.only -= {"big", "idle"}
     if args.no_postgres:
         args.only.discard("postgres")
     if args.dovecot is None:
@@ -1227,7 +1317,9 @@ def main(argv=None):
     suite = Suite(args)
     started = datetime.datetime.now(datetime.timezone.utc)
     info = machineInfo(args.bin)
-    info["loadavgBefore"] = open("/proc/loadavg").read().split()[:3]
+    info["started"] = f"{started:%Y-%m-%d %H:%M} UTC"
+    with open("/proc/loadavg") as f:
+        info["loadavgBefore"] = f.read().split()[:3]
     log(f"work directory {workdir}; machine {info}")
     summary = suite.corpus.summary()
     log(f"corpus {summary}")
@@ -1235,11 +1327,13 @@ def main(argv=None):
     if "postgres" in args.only and not postgres:
         suite.notes.append("PostgreSQL skipped: MAILGATE_TEST_POSTGRES is not set (make bench sets it)")
         args.only.discard("postgres")
+    output = args.output or (workdir if not ownWorkdir else None)
     schema = None
+    pgURL = None
     try:
         sqlitePath = os.path.join(workdir, "corpus.sqlite3")
         sqliteURL = "sqlite:///" + sqlitePath
-        if args.only & {"sqlite", "postgres"}:
+        if args.only & {"sqlite", "postgres", "cold", "profile"}:
             seconds = loadMailgate(args.bin, sqliteURL, suite.corpus, os.path.join(workdir, "files"), intakeUsers())
             suite.extra["corpus load seconds (mailgate CLI)"] = round(seconds, 1)
             log(f"corpus loaded into SQLite with the mailgate CLI in {seconds:.1f} s")
@@ -1252,74 +1346,74 @@ def main(argv=None):
             checkMailbox(args.bin, pgURL, suite.corpus)
             suite.extra["postgres copy seconds (mailgate db copy)"] = round(time.monotonic() - began, 1)
             info["postgresql"] = psql(postgres, "SHOW server_version")
-        if "sqlite" in args.only:
-            suite.mailgate("sqlite", sqliteURL, workdir)
-        if "postgres" in args.only:
-            suite.mailgate("postgres", pgURL, workdir, extraPids=postgresRoots)
-        if "dovecot" in args.only:
-            suite.dovecot(workdir)
-        if args.rounds and args.only & {"sqlite", "postgres"}:
-            suite.interleaved(workdir, sqliteURL, pgURL if "postgres" in args.only else None)
-        if "big" in args.only:
-            suite.big(workdir)
-            if postgres and "postgres" in args.only:
-                bigSchema = "bench_big_" + secrets.token_hex(4)
-                psql(postgres, f"CREATE SCHEMA {bigSchema}")
-                try:
-                    suite.bigPostgres(workdir, withSchema(postgres, bigSchema))
-                finally:
-                    psql(postgres, f"DROP SCHEMA {bigSchema} CASCADE")
+        tls = None
+        if "tls" in args.transports or any(spec.endswith("+tls") for spec in args.profile):
+            tls = tlscert.makeCertificate(os.path.join(workdir, "tls"))
+        phases = suite.extra.setdefault("phase seconds", {})
+
+        def phase(name, function, *arguments):
+            began = time.monotonic()
+            try:
+                function(*arguments)
+            finally:
+                phases[name] = round(time.monotonic() - began, 1)
+
+        if args.only & {"sqlite", "postgres", "dovecot"}:
+            phase("comparison", suite.comparison, workdir, sqliteURL, pgURL, tls if "tls" in args.transports else None)
+        if "cold" in args.only:
+            phase("cold logins", suite.cold, workdir, sqlitePath)
+        if args.only & {"big", "idle"}:
+            phase("big maildrop and idle sessions (SQLite)", lambda: suite.big(
+                workdir, maildrop="big" in args.only, idle="idle" in args.only))
+        if "big" in args.only and "postgres" in args.only:
+            bigSchema = "bench_big_" + secrets.token_hex(4)
+            psql(postgres, f"CREATE SCHEMA {bigSchema}")
+            try:
+                phase("big maildrop (PostgreSQL)", suite.bigPostgres, workdir, withSchema(postgres, bigSchema))
+            finally:
+                psql(postgres, f"DROP SCHEMA {bigSchema} CASCADE")
+        if "big" in args.only and args.dovecot:
+            phase("big maildrop (Dovecot)", suite.bigDovecot, workdir)
+        if "profile" in args.only and args.profile:
+            phase("profile", suite.profile, workdir, sqliteURL, output or os.path.join(workdir, "profile"), tls)
     finally:
         if schema is not None:
             try:
                 psql(postgres, f"DROP SCHEMA {schema} CASCADE")
             except Exception as e:  # noqa: BLE001
                 log(f"could not drop schema {schema}: {e}")
-        info["loadavgAfter"] = open("/proc/loadavg").read().split()[:3]
+        with open("/proc/loadavg") as f:
+            info["loadavgAfter"] = f.read().split()[:3]
+        plainArgs = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
+        suite.extra["total seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
         results = {
             "started": started.isoformat(timespec="seconds"),
             "argv": sys.argv,
-            "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
+            "args": plainArgs,
             "machine": info,
             "corpus": summary,
             "rows": suite.rows,
+            "comparison": {
+                "pop3": report.pop3Cells(suite.rows), "throughput": report.throughputCells(suite.rows),
+                "intake": report.intakeCells(suite.rows), "cold": report.coldCells(suite.rows),
+                "big": report.bigCells(suite.extra), "targets": report.targetLines(suite.rows, suite.extra),
+            },
             "extra": suite.extra,
             "notes": suite.notes,
         }
-        output = args.output or (workdir if not ownWorkdir else None)
+        text = renderResults(suite.rows, suite.extra, suite.notes, info, plainArgs, summary)
         if output:
-            os.makedirs(output, exist_ok=True)
-            with open(os.path.join(output, "results.json"), "w") as f:
-                json.dump(results, f, indent=1, default=str)
-            with open(os.path.join(output, "results.md"), "w") as f:
-                f.write(
-                    markdownTable(suite.rows) + "\n\n" + extrasText(suite.extra) + "\n\n"
-                    + targetsText(suite.rows, suite.extra) + "\n"
-                )
+            writeResults(output, results, text,
+                         renderResults(suite.rows, suite.extra, suite.notes, info, plainArgs, summary, markdown=True))
         if ownWorkdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print(f"mailgate benchmarks, {started:%Y-%m-%d %H:%M} UTC; {info['nproc']} x {info['cpu']}, "
-          f"Linux {info['kernel']}, Python {info['python']}, Twisted {info['twisted']}, "
-          f"Dovecot {info['dovecot'] or '-'}, PostgreSQL {info.get('postgresql', '-')}")
-    print(f"corpus: {summary}; {args.duration} s per measurement; CPU = server process tree "
-          f"(utime+stime, /proc); '+DB ms' = PostgreSQL processes; conc (n) = n sessions at once at most")
-    print(textTable(suite.rows))
-    extras = extrasText(suite.extra)
-    if extras:
-        print()
-        print(extras)
-    targets = targetsText(suite.rows, suite.extra)
-    if targets:
-        print()
-        print("Targets (issue \"Performance\"):")
-        print(targets)
-    for note in suite.notes:
-        print("note:", note)
+    print(text, end="")
     if output:
-        print(f"\nresults written to {output}/results.json and results.md")
+        print(f"\nresults written to {output}/results.json, results.md and results.txt")
     failed = [k for k, v in suite.extra.items() if k.startswith("verify") and not v["ok"]]
-    failed += [r["server"] + "/" + r["scenario"] for r in suite.rows if r.get("verification") and not r["verification"]["ok"]]
+    failed += [f"{r['server']}/{r['backend']} {r['scenario']}" for r in suite.rows
+               if r.get("verification") and not r["verification"]["ok"]]
     if failed:
         print("VERIFICATION FAILED:", ", ".join(failed))
         return 1

@@ -1,8 +1,12 @@
 """
 The benchmark tools (benchmarks/) keep working: the corpus generator, the
 POP3 response parser and load generator (against canned bytes, a scripted
-in-process server and one real C{twistd mailgate}), the SMTP reply parser
-and the intake verification.  Behaviour only, never timings.
+in-process server and one real C{twistd mailgate}, over plain TCP and over
+TLS 1.3, also against a real Dovecot where installed), the SMTP reply
+parser and the intake verification, the generated Dovecot configuration,
+the report's ratios and verdicts on synthetic rows, the interleaving of
+the rounds, and the py-spy profile summary.  Behaviour only, never
+timings.
 """
 
 import asyncio
@@ -410,5 +414,446 @@ def test_againstMailgate(tmp_path):
         result = asyncio.run(intake())
         assert result.errors == 0 and len(result.acknowledged) == 6
         assert result.verified, result.verification
+    finally:
+        server.stop()
+
+
+# -- TLS: the load generator really talks TLS 1.3 -------------------------------------
+
+
+def _tlsFiles(tmp_path):
+    import tlscert
+
+    return tlscert.makeCertificate(str(tmp_path / "tls"))
+
+
+def test_certificateIsRSA2048ForLoopback(tmp_path):
+    from cryptography import x509
+
+    certificate, key = _tlsFiles(tmp_path)
+    cert = x509.load_pem_x509_certificate(open(certificate, "rb").read())
+    assert cert.public_key().key_size == 2048
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert b"PRIVATE KEY" in open(key, "rb").read()
+
+
+def test_tlsContextRefusesBelowTLS13():
+    import ssl
+
+    context = pop3load.tlsContext()
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode == ssl.CERT_NONE
+
+
+def test_loadOverTLSAgainstScriptedServer(tmp_path):
+    """
+    The TLS mode completes sessions with a TLS 1.3 server (verifying the
+    certificate when given one), and fails against a server that offers
+    only TLS 1.2.
+    """
+    import ssl
+
+    certificate, key = _tlsFiles(tmp_path)
+
+    async def go(maximum):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        context.maximum_version = maximum
+        server = ScriptedPOP3(SMALL)
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            return await pop3load.runLoad(pop3load.LoadConfig(
+                port=port, users=SMALL.users, password=SMALL.password, scenario="fetchall",
+                duration=30, sessions=3, concurrency=1, settle=0, expected=SMALL.digests(),
+                tls=True, tlsCA=certificate, sessionTimeout=10,
+            ))
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    result = asyncio.run(go(ssl.TLSVersion.TLSv1_3))
+    assert (result.sessions, result.errors) == (3, 0), result.errorKinds
+    assert result.tls and result.tlsVersions == {"TLSv1.3": 3}
+    assert result.asDict()["tlsVersions"] == {"TLSv1.3": 3}
+    result = asyncio.run(go(ssl.TLSVersion.TLSv1_2))
+    assert result.sessions == 0 and result.errors == 3
+
+
+# -- Dovecot's configuration ---------------------------------------------------------
+
+
+def _block(text, header):
+    """
+    The lines of the top-level C{header {...}} block of a Dovecot config
+    (nested blocks included).
+    """
+    lines = text.splitlines()
+    start = lines.index(header + " {")
+    depth, body = 0, []
+    for line in lines[start:]:
+        depth += line.count("{") - line.count("}")
+        body.append(line.strip())
+        if depth == 0:
+            return body
+    raise AssertionError(f"unterminated {header}")
+
+
+def test_dovecotHighPerformanceWarmConfig(tmp_path):
+    import dovecot
+
+    certificate, key = _tlsFiles(tmp_path)
+    with dovecot.Dovecot(variant="hp", credentials="warm", tls=(certificate, key)) as dv:
+        dv.pop3Port, dv.pop3sPort, dv.lmtpPort = 1100, 9950, 2400
+        text = dv.configText()
+        assert (dv.scheme, dv.authCache, dv.credentials) == ("PLAIN", True, "warm")
+    lines = [line.strip() for line in text.splitlines()]
+    login = _block(text, "service pop3-login")
+    for setting in ("service_count = 0", "process_min_avail = 2", "client_limit = 1000"):
+        assert setting in login
+    pop3 = _block(text, "service pop3")
+    assert "service_count = 0" in pop3 and "process_min_avail = 2" in pop3
+    for setting in ("pop3_no_flag_updates = yes", "mail_max_userip_connections = 1000",
+                    "auth_cache_size = 1M", "auth_cache_ttl = 1 hour", "ssl = yes",
+                    f"ssl_cert = <{certificate}", f"ssl_key = <{key}", "mail_fsync = always"):
+        assert setting in lines, setting
+    pop3s = login[login.index("inet_listener pop3s {"):]
+    assert pop3s[1:3] == ["address = 127.0.0.1", "port = 9950"]
+    assert dovecot.hashPassword("secret", "PLAIN") == "{PLAIN}secret"
+
+
+def test_dovecotColdAndDefaultConfig():
+    import dovecot
+
+    with dovecot.Dovecot(variant="hp", credentials="cold") as dv:
+        dv.pop3Port, dv.lmtpPort = 1100, 2400
+        cold = dv.configText()
+        assert (dv.scheme, dv.credentials) == ("SHA512-CRYPT", "cold")
+        dv.variant = "default"
+        stock = dv.configText()
+    assert "auth_cache_size = 0" in cold.splitlines() and "ssl = no" in cold.splitlines()
+    assert "auth_cache_ttl" not in cold
+    assert "client_limit" not in stock and "service pop3 {" not in stock
+    assert "pop3_no_flag_updates" not in stock
+    with pytest.raises(ValueError):
+        dovecot.Dovecot(variant="fast")
+
+
+@pytest.mark.skipif(
+    not os.access("/usr/sbin/dovecot", os.X_OK), reason="Dovecot is not installed (tests/sysdeps.sh)"
+)
+def test_againstDovecotOverTLS(tmp_path):
+    import dovecot
+
+    certificate, key = _tlsFiles(tmp_path)
+    c = corpus.Corpus(2, 2)
+    with dovecot.Dovecot(variant="hp", credentials="warm", tls=(certificate, key)) as dv:
+        dv.loadCorpus(c)
+        dv.start()
+        names = dv.processNames()
+        assert names.count("pop3-login") >= 2 and names.count("pop3") >= 2
+        for tls, port in ((True, dv.pop3sPort), (False, dv.pop3Port)):
+            result = pop3load.load(
+                port=port, users=c.users, password=c.password, scenario="fetchall", duration=30,
+                sessions=4, settle=0, expected=c.digests(), serverPids=[dv.pid], tls=tls, tlsCA=certificate,
+            )
+            assert (result.sessions, result.errors) == (4, 0), result.errorKinds
+            assert result.tlsVersions == ({"TLSv1.3": 4} if tls else {})
+        # Plain POP3 on the TLS port is not answered as POP3.
+        result = pop3load.load(port=dv.pop3sPort, users=c.users, password=c.password, duration=30,
+                               sessions=1, settle=0, sessionTimeout=2)
+        assert result.errors == 1
+        assert dv.errorsLogged() == []
+
+
+# -- the report's arithmetic on synthetic rows --------------------------------------------
+
+
+def _row(server, backend, scenario, concurrency, cpu, transport="plain", credentials="warm", **more):
+    row = {
+        "server": server, "backend": backend, "kind": "pop3", "credentials": credentials, "transport": transport,
+        "login": "USER/PASS", "scenario": scenario, "concurrency": concurrency, "cpuMsPerSession": cpu,
+        "sessionsPerSecond": 100.0, "megabytesPerSecond": 10.0, "errors": 0, "backgroundCores": 0.1,
+        "extraCpuMsPerSession": None, "rounds": 3,
+    }
+    row.update(more)
+    return row
+
+
+def _intake(server, backend, protocol, rate, cpu):
+    return {
+        "server": server, "backend": backend, "kind": "intake", "credentials": "warm", "transport": "plain",
+        "login": "-", "scenario": f"{protocol} 4KB", "concurrency": 10, "messagesPerSecond": rate,
+        "cpuMsPerMessage": cpu, "errors": 0, "backgroundCores": 0.0, "verification": {"ok": True},
+        "acknowledged": 100,
+    }
+
+
+def _syntheticRows():
+    import report
+
+    return [
+        _row("mailgate", "sqlite", "stat", 1, 0.4),
+        _row("mailgate", "postgres", "stat", 1, 0.5, extraCpuMsPerSession=0.3),
+        _row(report.REFERENCE, "maildir", "stat", 1, 1.0),
+        _row("mailgate", "sqlite", "top", 10, 0.9, transport="tls"),
+        _row("mailgate", "postgres", "top", 10, 1.8, transport="tls"),
+        _row(report.REFERENCE, "maildir", "top", 10, 1.0, transport="tls"),
+        _row("mailgate", "sqlite", "fetchall", 10, 1.0, megabytesPerSecond=300.0),
+        _row(report.REFERENCE, "maildir", "fetchall", 10, 2.0, megabytesPerSecond=250.0, errors=2),
+        _row("mailgate", "sqlite", "stat", 10, 90.0, credentials="cold"),
+        _row(report.REFERENCE, "maildir", "stat", 10, 9.0, credentials="cold"),
+        _intake("mailgate", "sqlite", "lmtp", 2000.0, 0.2),
+        _intake("mailgate", "postgres", "smtp", 1500.0, 0.25),
+        _intake("mailgate", "sqlite", "smtp", 2500.0, 0.2),
+        _intake(report.REFERENCE, "maildir", "lmtp", 900.0, 1.0),
+    ]
+
+
+def test_sideBySideRatiosAndVerdicts():
+    import report
+
+    rows = _syntheticRows()
+    cells = {(c["scenario"], c["transport"], c["concurrency"]): c for c in report.pop3Cells(rows)}
+    stat = cells[("stat", "plain", 1)]
+    assert stat["ratio"] == pytest.approx(0.4) and stat["target"] == 0.5 and stat["verdict"] == "met"
+    assert stat["pgRatio"] == pytest.approx(1.25) and stat["pgVerdict"] == "met"
+    assert stat["pgTotalRatio"] == pytest.approx(2.0)
+    top = cells[("top", "tls", 10)]
+    assert top["ratio"] == pytest.approx(0.9) and top["verdict"] == "NOT met"
+    assert top["pgRatio"] == pytest.approx(2.0) and top["pgVerdict"] == "NOT met"
+    fetch = cells[("fetchall", "plain", 10)]
+    assert fetch["ratio"] == pytest.approx(0.5) and fetch["verdict"] == "errors"
+    assert fetch["postgres"] is None and fetch["pgVerdict"] == "-"
+    # Cold rows stay out of the scenario cells.
+    assert ("stat", "plain", 10) not in cells
+    [plain] = report.throughputCells(rows)
+    assert plain["concurrency"] == 10 and plain["ratio"] == pytest.approx(1.2)
+    assert plain["verdict"] == "errors"
+    intake = {(c["backend"], c["protocol"]): c for c in report.intakeCells(rows)}
+    assert intake[("sqlite", "LMTP")]["ratio"] == pytest.approx(2000 / 900)
+    assert intake[("sqlite", "LMTP")]["verdict"] == "met"
+    assert intake[("postgres", "SMTP")]["verdict"] == "NOT met"  # 1500 / 900 < 2
+    assert intake[("postgres", "SMTP")]["pgRatio"] == pytest.approx(1.25)
+    [cold] = report.coldCells(rows)
+    assert cold["concurrency"] == 10 and cold["ratio"] == pytest.approx(10.0)
+    lines = report.targetLines(rows, {})
+    assert any(line.startswith("stat (plain)") and line.endswith("-> met") for line in lines)
+    assert any(line.startswith("top (tls)") and line.endswith("-> NOT met") for line in lines)
+    assert any("PostgreSQL within 1.5x" in line and "worst 2.00x (top/tls/x10)" in line for line in lines)
+    text = report.sideBySide(rows, {})
+    assert "warm credentials on both sides" in text and "Cold logins" in text
+    assert "| scenario | transport |" in report.sideBySide(rows, {}, markdown=True)
+
+
+def test_verdicts():
+    import report
+
+    assert report.verdict(0.5, 0.5) == "met"
+    assert report.verdict(0.51, 0.5) == "NOT met"
+    assert report.verdict(1.1, 1.1, atLeast=True) == "met"
+    assert report.verdict(None, 0.5) == "-" and report.verdict(0.2, None) == "-"
+    assert report.verdict(0.2, 0.5, errors=1) == "errors"
+
+
+def test_aggregateRounds():
+    import report
+
+    rounds = [
+        {"scenario": "top", "sessionsPerSecond": 10.0, "cpuMsPerSession": 3.0, "errors": 0, "sessions": 50,
+         "backgroundCores": 0.1, "peak": 1, "errorKinds": {}, "tlsVersions": {"TLSv1.3": 50}, "p99ms": 9.0},
+        {"scenario": "top", "sessionsPerSecond": 30.0, "cpuMsPerSession": 1.0, "errors": 1, "sessions": 40,
+         "backgroundCores": 0.6, "peak": 2, "errorKinds": {"timeout": 1}, "tlsVersions": {"TLSv1.3": 40}, "p99ms": None},
+        {"scenario": "top", "sessionsPerSecond": 20.0, "cpuMsPerSession": 2.0, "errors": 0, "sessions": 45,
+         "backgroundCores": 0.2, "peak": 1, "errorKinds": {}, "tlsVersions": {"TLSv1.3": 45}, "p99ms": 5.0},
+    ]
+    row = report.aggregate(rounds)
+    assert row["sessionsPerSecond"] == 20.0 and row["cpuMsPerSession"] == 2.0
+    assert row["p99ms"] == 7.0  # the median of the rounds that have one
+    assert (row["errors"], row["sessions"], row["peak"], row["backgroundCores"]) == (1, 135, 2, 0.6)
+    assert row["errorKinds"] == {"timeout": 1} and row["tlsVersions"] == {"TLSv1.3": 135}
+    assert row["rounds"] == 3 and [r["rate"] for r in row["perRound"]] == [10.0, 30.0, 20.0]
+    intake = report.aggregate([
+        {"messagesPerSecond": 5.0, "cpuMsPerMessage": 1.0, "verification": {"ok": True}},
+        {"messagesPerSecond": 7.0, "cpuMsPerMessage": 1.0, "verification": {"ok": False}},
+    ])
+    assert intake["messagesPerSecond"] == 6.0 and intake["verification"]["ok"] is False
+
+
+def test_detailAndBigTables():
+    import report
+
+    rows = _syntheticRows()
+    text = report.detailTable(rows)
+    assert text.splitlines()[0].split()[:4] == ["server", "backend", "cred", "transport"]
+    mine = [line for line in text.splitlines() if line.startswith("mailgate ") and " stat " in line and " cold " not in line]
+    assert mine[0].rstrip().endswith("0.40")  # x dv-hp
+    big = {"messages": 100, "loginToStatMs": 2.0, "uidlMs": 30.0, "listMs": 20.0, "firstLoginToStatMs": 90.0,
+           "sessions": 5, "ok": True, "octets": 1000}
+    extra = {"big maildrop": big, "big maildrop dovecot": dict(big, loginToStatMs=4.0, uidlMs=20.0, indexSeconds=1.5)}
+    cells = {c["server"]: c for c in report.bigCells(extra)}
+    assert cells["mailgate/sqlite"]["statRatio"] == pytest.approx(0.5)
+    assert cells["mailgate/sqlite"]["uidlRatio"] == pytest.approx(1.5)
+    assert "index 1.5 s" in report.bigTable(list(cells.values()))
+    assert any("login->STAT < 100 ms, mailgate/sqlite: 2.0 ms (Dovecot 4.0 ms) -> met" in line
+               for line in report.targetLines([], extra))
+
+
+# -- the profile summary --------------------------------------------------------------------
+
+
+RAW = """\
+<module> (twistd:1);mainLoop (twisted/internet/base.py:690);doPoll (twisted/internet/epollreactor.py:215) 50
+<module> (twistd:1);mainLoop (twisted/internet/base.py:690);doPoll (twisted/internet/epollreactor.py:215);stuff (mailgate/pop3/dotstuff.py:23) 30
+<module> (twistd:1);mainLoop (twisted/internet/base.py:690);rec (a.py:5);rec (a.py:5) 15
+_work (mailgate/store/database.py:328);0x7f00 (libc.so.6) 5
+not a stack line
+"""
+
+
+def test_profileSummary():
+    import pyspy
+
+    summary = pyspy.summarise(RAW, top=3)
+    assert summary["samples"] == 100
+    top = [(e["function"], e["where"], e["own"]) for e in summary["entries"]]
+    assert top == [
+        ("doPoll", "twisted/internet/epollreactor.py:215", 50),
+        ("stuff", "mailgate/pop3/dotstuff.py:23", 30),
+        ("rec", "a.py:5", 15),
+    ]
+    doPoll = summary["entries"][0]
+    assert doPoll["ownShare"] == 0.5 and doPoll["inclusiveShare"] == 0.8
+    assert summary["entries"][2]["inclusiveShare"] == 0.15  # a recursive frame counts once per stack
+    assert pyspy.parseFrame("0x7f00 (libc.so.6)") == ("0x7f00", "libc.so.6")
+    assert pyspy.parseFrame("thread (0x1)") == ("thread", "0x1")
+    text = pyspy.formatSummary(summary, "title")
+    assert text.splitlines()[0] == "title"
+    assert "  50.0%   80.0%  doPoll  (twisted/internet/epollreactor.py:215)" in text
+    assert "mailgate/pop3/dotstuff.py" in text.split("own time by file:")[1]
+    argv = pyspy.command("py-spy", 42, "out.raw", 10, mode="gil")
+    assert argv[:3] == ["py-spy", "record", "--pid"] and "--gil" in argv and "raw" in argv
+    assert "--gil" not in pyspy.command("py-spy", 42, "out.raw", 10, mode="all")
+
+
+# -- run.py's pieces ----------------------------------------------------------------------------
+
+
+def test_runArguments():
+    import run
+
+    full = run.parseArgs([])
+    assert (full.concurrency, full.rounds, full.duration, full.transports) == ([1, 10], 3, 4.0, ["plain", "tls"])
+    assert full.profile == ["top", "fetchall"] and full.profile_modes == ["gil", "all"]
+    assert {"cold", "big", "idle", "profile"} <= full.only
+    quick = run.parseArgs(["--quick", "--profile", "none", "--no-big"])
+    assert (quick.concurrency, quick.rounds, quick.profile) == ([1, 4], 1, [])
+    assert not {"big", "idle"} & quick.only
+    with pytest.raises(SystemExit):
+        run.parseArgs(["--profile", "nosuch"])
+
+
+def test_bigMaildirLinks(tmp_path):
+    import run
+
+    message = corpus.Corpus(1, 1).message(0, 1)
+    maildir = tmp_path / "home" / "Maildir"
+    run.writeBigMaildir(str(maildir), message, 7, os.getuid(), os.getgid(), linksPerFile=3)
+    names = sorted(os.listdir(maildir / "cur"))
+    assert len(names) == 7
+    onDisk = len(message.replace(b"\r\n", b"\n"))
+    assert all(f",S={onDisk},W={len(message)}:2,S" in n for n in names)
+    assert len({os.stat(maildir / "cur" / n).st_ino for n in names}) == 3
+    assert (maildir / "cur" / names[-1]).read_bytes().replace(b"\n", b"\r\n") == message
+
+
+class _FakeResult:
+    def __init__(self, target, m, number):
+        self.d = {"scenario": m.scenario, "concurrency": m.concurrency, "sessionsPerSecond": float(number),
+                  "cpuMsPerSession": 1.0, "errors": 0, "target": target}
+
+    def asDict(self):
+        return dict(self.d)
+
+    def summary(self):
+        return "fake"
+
+
+def test_roundsInterleaveAndAggregate(monkeypatch):
+    import run
+
+    args = run.parseArgs(["--quick", "--rounds", "2"])
+    suite = run.Suite(args)
+    calls = []
+
+    def measure(target, port, m):
+        calls.append((target.name, m.describe()))
+        return _FakeResult(target.name, m, len(calls))
+
+    monkeypatch.setattr(suite, "measure", measure)
+    a = run.Target("mailgate", "sqlite", "warm", {"pop3": 1, "pop3s": 2}, [])
+    b = run.Target("dovecot-hp", "maildir", "warm", {"pop3": 3}, [])
+    measurements = [run.Measurement("pop3", "stat", 1), run.Measurement("pop3", "stat", 1, "tls")]
+    suite.rounds([a, b], measurements, "test")
+    assert calls == [
+        ("mailgate/sqlite", "stat plain x1"), ("dovecot-hp/maildir", "stat plain x1"),
+        ("mailgate/sqlite", "stat tls x1"),
+        ("dovecot-hp/maildir", "stat plain x1"), ("mailgate/sqlite", "stat plain x1"),
+        ("mailgate/sqlite", "stat tls x1"),
+    ]
+    rows = [(r["server"], r["transport"], r["rounds"], r["sessionsPerSecond"]) for r in suite.rows]
+    assert rows == [("mailgate", "plain", 2, 3.0), ("dovecot-hp", "plain", 2, 3.0), ("mailgate", "tls", 2, 4.5)]
+
+
+@pytest.mark.skipif(
+    not os.access(os.path.join(BIN, "twistd"), os.X_OK) or not os.access(os.path.join(BIN, "mailgate"), os.X_OK),
+    reason="twistd and mailgate are not installed next to this Python (make install)",
+)
+def test_againstMailgateOverTLS(tmp_path):
+    """
+    mailgate's --pop3s listener as the suite starts it: the TLS load
+    generator's scenarios verify octet for octet over TLS 1.3; plain POP3
+    on that port fails; the cold-login server (--auth-cache-size 0)
+    serves logins too.
+    """
+    import run
+
+    certificate, key = _tlsFiles(tmp_path)
+    c = corpus.Corpus(2, 2)
+    database = "sqlite:///" + str(tmp_path / "bench.sqlite3")
+    for user in c.users:
+        run.mailgateCLI(BIN, database, ["user", "add", user, "--password-stdin"], c.password + "\n")
+    for index, user in enumerate(c.users):
+        for data in c.messages(index):
+            run.mailgateCLI(BIN, database, ["deliver", user], data)
+    server = run.MailgateServer(BIN, database, str(tmp_path / "mailgate.log"), lmtp=False, smtp=False,
+                                tls=(certificate, key))
+    try:
+        server.start()
+        assert set(server.ports) == {"POP3", "POP3S"}
+        for scenario in ("stat", "top", "fetchall"):
+            result = pop3load.load(
+                port=server.ports["POP3S"], users=c.users, password=c.password, scenario=scenario,
+                duration=30, sessions=2, settle=0, expected=c.digests(), serverPids=[server.pid],
+                tls=True, tlsCA=certificate,
+            )
+            assert (result.sessions, result.errors) == (2, 0), result.errorKinds
+            assert result.tlsVersions == {"TLSv1.3": 2}
+        result = pop3load.load(port=server.ports["POP3S"], users=c.users, password=c.password,
+                               duration=30, sessions=1, settle=0, sessionTimeout=2)
+        assert result.errors == 1
+    finally:
+        server.stop()
+    cold = tmp_path / "cold.sqlite3"
+    run.copySqlite(str(tmp_path / "bench.sqlite3"), str(cold))
+    server = run.MailgateServer(BIN, "sqlite:///" + str(cold), str(tmp_path / "cold.log"), lmtp=False,
+                                smtp=False, options=["--auth-cache-size", "0"])
+    try:
+        server.start()
+        result = pop3load.load(port=server.ports["POP3"], users=c.users, password=c.password, duration=30,
+                               sessions=2, settle=0, serverPids=[server.pid])
+        assert (result.sessions, result.errors) == (2, 0), result.errorKinds
     finally:
         server.stop()
