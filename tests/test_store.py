@@ -1239,3 +1239,77 @@ def test_headersAreReadAheadWithinTheirBudget(anyStore, monkeypatch):
         assert body.whole == headers[2] + b"body 3\r\n.dot line\r\n"
     finally:
         resultOf(maildrop.release())
+
+
+def test_chunksSurviveTheMoveToARowidTable(databaseURL):
+    """
+    Migration 4 moves SQLite's message chunks into a rowid table (and
+    leaves PostgreSQL as it is): a database made at version 3 keeps every
+    message octet for octet, and mail is still delivered and read after.
+    """
+    from mailgate.store.schema import _ensureVersionTable, applyMigration, currentVersion
+
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    header = b"Subject: old\r\n\r\n"
+    first = header + b"a" * 100 + b"\r\n"
+    big = [b"x" * 1000, b"y" * 500]
+    try:
+
+        def atVersion3(cursor):
+            _ensureVersionTable(cursor)
+            for migration in MIGRATIONS[:3]:
+                applyMigration(cursor, engine, migration)
+            cursor.execute(
+                "INSERT INTO users (address, domain, password_hash, created_at) VALUES (?, ?, ?, ?) RETURNING user_id",
+                (ALICE, "example.org", credentials("pw").passwordHash, 0),
+            )
+            (userId,) = cursor.fetchone()
+            cursor.execute(
+                "INSERT INTO mailboxes (user_id, uid_validity, next_uid, used_octets, used_messages) "
+                "VALUES (?, 7, 3, ?, 2)",
+                (userId, len(first) + len(header) + sum(map(len, big))),
+            )
+            bodies = [("b1", [first], len(header)), ("b2", [header] + big, len(header))]
+            for uid, (bodyId, chunks, headerSize) in enumerate(bodies, 1):
+                size = sum(map(len, chunks))
+                cursor.execute(
+                    "INSERT INTO bodies (owner_id, body_id, size, header_size, refcount, created_at) "
+                    "VALUES (?, ?, ?, ?, 1, 0)",
+                    (userId, bodyId, size, headerSize),
+                )
+                for seq, chunk in enumerate(chunks):
+                    cursor.execute(
+                        "INSERT INTO body_chunks (owner_id, body_id, seq, data) VALUES (?, ?, ?, ?)",
+                        (userId, bodyId, seq, chunk),
+                    )
+                cursor.execute(
+                    "INSERT INTO maildrop (user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                    (userId, uid, f"old{uid}", userId, bodyId, size, headerSize),
+                )
+            return currentVersion(cursor)
+
+        assert runTransaction(engine, conn, atVersion3, (), {}, True) == 3
+    finally:
+        conn.close()
+    store = openSynchronousStore(databaseURL)
+    try:
+        assert store.database.run(lambda c: currentVersion(c)) == LATEST
+        if store.engine.name == "sqlite":
+            (definition,) = store.database.run(
+                lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name = 'body_chunks'").fetchone()
+            )
+            assert "WITHOUT ROWID" not in definition.upper()
+        deliver(store, [ALICE], b"Subject: new\r\n\r\nnew\r\n")
+        maildrop = openFor(store, ALICE)
+        try:
+            assert resultOf(maildrop.uniqueIds(0, 2)) == ["old1", "old2"]
+            assert readAll(resultOf(maildrop.openMessage(0))) == first
+            assert readAll(resultOf(maildrop.openMessage(1))) == header + b"".join(big)
+            assert resultOf(maildrop.openMessage(1, headerOnly=True)).whole == header
+            assert readAll(resultOf(maildrop.openMessage(2))) == b"Subject: new\r\n\r\nnew\r\n"
+        finally:
+            maildrop.release()
+    finally:
+        store.close()
