@@ -646,7 +646,13 @@ class Suite:
         idleUsers = [f"idle{i:05d}@{corpusModule.DOMAIN}" for i in range(1, args.idle_sessions + 1)] if idle else []
         self.notes.extend(fillBigDatabase(path, bigUser, args.big_messages, idleUsers, password))
         self.extra["big load seconds"] = round(time.monotonic() - began, 1)
-        server = MailgateServer(self.bindir, database, os.path.join(workdir, "mailgate-big.log"), lmtp=False, smtp=False)
+        # The idle sessions are more than --max-connections allows by
+        # default (5000): the limit is raised for this server, as an
+        # administrator expecting that many clients would.
+        server = MailgateServer(
+            self.bindir, database, os.path.join(workdir, "mailgate-big.log"), lmtp=False, smtp=False,
+            options=["--max-connections", str(2 * args.idle_sessions + 100)],
+        )
         try:
             server.start()
             port = server.ports["POP3"]

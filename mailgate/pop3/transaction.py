@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
 from mailgate.pop3.arguments import arguments, noArguments, number
+from mailgate.pop3.dotstuff import stuffed
 from mailgate.pop3.responses import END, MessageBlocks, terminated
 from mailgate.session import CommandError, SendAborted
 
@@ -145,41 +146,51 @@ class TransactionCommands:
 
     def _sendMessage(self, index, bodyLines):
         d = self._maildrop.openMessage(index, headerOnly=bodyLines == 0)
-        metrics = self.factory.metrics
-
-        def opened(body):
-            if self._closed:
-                return None
-            if bodyLines is None:
-                self._stats["retr"] += 1
-                self._stats["retrBytes"] += body.size
-                status = b"+OK %d octets\r\n" % body.size
-            else:
-                self._stats["top"] += 1
-                status = b"+OK top of message follows\r\n"
-            source = MessageBlocks(body, bodyLines)
-            whole = source.whole()
-            if whole is not None:
-                # The message (or all TOP wants of it) came in one piece:
-                # one write, no producer.
-                self._out.write(status + whole)
-                if bodyLines is None:
-                    metrics.retrieved(body.size)
-                return None
-            self._out.write(status)
-            sent = self.stream(source.nextBlock)
-            if bodyLines is None:
-                sent.addCallback(lambda _: metrics.retrieved(body.size))
-            return sent.addErrback(self._streamBroken, index)
-
         if d.called and not isinstance(d.result, Failure):
             # Read ahead: the message is here already.  Answering at once,
             # without a callback chain, is most of what a TOP or RETR of a
             # small message costs.
             body, d.result = d.result, None
-            return opened(body)
-        d.addCallbacks(opened, self._storeError, errbackArgs=("message",))
+            return self._messageOpened(body, index, bodyLines)
+        d.addCallbacks(
+            self._messageOpened,
+            self._storeError,
+            callbackArgs=(index, bodyLines),
+            errbackArgs=("message",),
+        )
         return d
+
+    def _messageOpened(self, body, index, bodyLines):
+        if self._closed:
+            return None
+        stats = self._stats
+        if bodyLines is None:
+            stats["retr"] += 1
+            stats["retrBytes"] += body.size
+            status = b"+OK %d octets\r\n" % body.size
+        else:
+            stats["top"] += 1
+            status = b"+OK top of message follows\r\n"
+        whole = body.whole
+        if whole is not None and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize)):
+            # The whole message, or for TOP n 0 its whole header, in one
+            # piece (nearly every message): stuffed and sent in one write.
+            self._out.write(status + stuffed(whole))
+            if bodyLines is None:
+                self.factory.metrics.retrieved(body.size)
+            return None
+        source = MessageBlocks(body, bodyLines)
+        whole = source.whole()
+        if whole is not None:
+            # All TOP wants of it came in one piece: one write, no producer.
+            self._out.write(status + whole)
+            return None
+        self._out.write(status)
+        sent = self.stream(source.nextBlock)
+        if bodyLines is None:
+            metrics = self.factory.metrics
+            sent.addCallback(lambda _: metrics.retrieved(body.size))
+        return sent.addErrback(self._streamBroken, index)
 
     def _streamBroken(self, failure, index):
         """
