@@ -7,7 +7,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from zope.interface import implementer
 
-from twisted.internet import defer
 
 from mailgate.auth.checkers import APOPChecker, PasswordChecker
 from mailgate.auth.sasl import ScramChecker
@@ -36,28 +35,42 @@ class MaildropRealm:
             raise NotImplementedError("mailgate's realm only provides IMaildrop")
         return self._open(avatarId)
 
-    @defer.inlineCallbacks
     def _open(self, identity):
-        try:
-            maildrop = yield self._store.openMaildrop(identity)
-        except CredentialsChanged:
-            # A remembered password that is no longer the user's: a failed
-            # login like any other, and nothing more to remember about it.
-            if self._onStaleCredentials is not None:
-                self._onStaleCredentials(identity)
-            raise UnauthorizedLogin() from None
+        # Callbacks rather than a generator: this runs at every login.
+        d = self._store.openMaildrop(identity)
+        d.addErrback(self._credentialsChanged, identity)
         if self._loginDelay:
-            try:
-                allowed = yield self._store.recordLogin(identity, self._loginDelay)
-            except BaseException:
-                maildrop.release()
-                raise
+            d.addCallback(self._checkLoginDelay, identity)
+        return d.addCallback(_avatar)
+
+    def _credentialsChanged(self, failure, identity):
+        failure.trap(CredentialsChanged)
+        # A remembered password that is no longer the user's: a failed
+        # login like any other, and nothing more to remember about it.
+        if self._onStaleCredentials is not None:
+            self._onStaleCredentials(identity)
+        raise UnauthorizedLogin()
+
+    def _checkLoginDelay(self, maildrop, identity):
+        d = self._store.recordLogin(identity, self._loginDelay)
+
+        def checked(allowed):
             if not allowed:
                 maildrop.release()
                 raise LoginDelayed(
                     f"the minimum time between logins is {self._loginDelay} seconds"
                 )
-        return (IMaildrop, maildrop, maildrop.release)
+            return maildrop
+
+        def failed(failure):
+            maildrop.release()
+            return failure
+
+        return d.addCallbacks(checked, failed)
+
+
+def _avatar(maildrop):
+    return (IMaildrop, maildrop, maildrop.release)
 
 
 def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None):

@@ -129,6 +129,8 @@ class POP3Factory(SessionFactory):
             return apop.known and apop.enabled
         return bool(apop)
 
+    _trustedCache = None
+
     def isTrusted(self, address):
         """
         Whether a peer is on a trusted network.  Local (Unix socket) peers
@@ -137,13 +139,16 @@ class POP3Factory(SessionFactory):
         host = getattr(address, "host", None)
         if host is None:
             return getattr(address, "type", None) != "TCP"
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if getattr(ip, "ipv4_mapped", None) is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.trustedNetworks)
+        # Clients come back: the answer is kept per address (for the
+        # networks it was found for), not worked out at every login.
+        networks = self.trustedNetworks
+        cache = self._trustedCache
+        if cache is None or cache[0] is not networks or len(cache[1]) > 4096:
+            cache = self._trustedCache = (networks, {})
+        trusted = cache[1].get(host)
+        if trusted is None:
+            trusted = cache[1][host] = _onNetworks(host, networks)
+        return trusted
 
     def extraCapabilities(self, maildrop=None):
         """
@@ -156,3 +161,13 @@ class POP3Factory(SessionFactory):
         if self.loginDelay:
             lines.append(f"LOGIN-DELAY {self.loginDelay}")
         return lines
+
+
+def _onNetworks(host, networks):
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None) is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
