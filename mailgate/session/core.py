@@ -381,12 +381,15 @@ class CommandSession(Protocol):
         if self._processing:
             return
         self._processing = True
+        # The replies to pipelined commands leave in one write.
+        out = self._out
+        outer = out.hold()
         try:
-            # The replies to pipelined commands leave in one write.
-            with self._out.holding():
-                self._runQueue()
+            self._runQueue()
         finally:
             self._processing = False
+            if outer:
+                out.release()
         self._flowControl()
 
     def _runQueue(self):
@@ -522,6 +525,9 @@ class CommandSession(Protocol):
         if self._closed:
             return
         pending = len(self._buffer) - self._pos
+        if not pending and not self._paused:
+            # The usual case: every command run, reading not paused.
+            return
         if self._outputPaused and pending:
             # Input the session cannot run while the client does not read.
             self._pauseReading(OUTPUT)

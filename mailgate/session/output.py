@@ -82,6 +82,25 @@ class ReplyWriter:
             self.heldSize = 0
             _sendNow(self.transport, data)
 
+    def hold(self):
+        """
+        Keep writes until L{release}, to send them together.
+
+        @return: whether this call began holding (only that caller
+            releases: holds nest).
+        """
+        if self._held is not None:
+            return False
+        self._held = []
+        return True
+
+    def release(self):
+        """
+        Send what was kept since L{hold}, and send at once again.
+        """
+        self.flush()
+        self._held = None
+
     def holding(self):
         """
         A context manager: writes inside it go out together at its end.
@@ -95,12 +114,9 @@ class _Holding:
         self._outer = False
 
     def __enter__(self):
-        if self._writer._held is None:
-            self._outer = True
-            self._writer._held = []
+        self._outer = self._writer.hold()
 
     def __exit__(self, *exc):
         if self._outer:
-            self._writer.flush()
-            self._writer._held = None
+            self._writer.release()
         return False
