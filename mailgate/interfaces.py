@@ -28,6 +28,10 @@ class IMessageSource(Interface):
         "Octets of the header section, including the empty line that ends it "
         "(the whole message if it has no body).  TOP reads only this far."
     )
+    dotLines = Attribute(
+        "Whether some line of the message starts with \".\" (POP3 must "
+        "dot-stuff it), or C{None} if not known."
+    )
 
     def chunks(chunkSize):
         """
@@ -43,6 +47,10 @@ class IMessageBody(Interface):
 
     size = Attribute("Length in octets (CRLF line ends, before dot-stuffing).")
     headerSize = Attribute("Octets of the header section, blank line included.")
+    needsStuffing = Attribute(
+        "Whether a line of the message may start with \".\": C{False} only "
+        "when the store knows none does, so the message goes out as it is."
+    )
     whole = Attribute(
         "The entire message as L{bytes} if it was read in one piece when "
         "opened (then L{read} need not be called), else C{None}."

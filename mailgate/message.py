@@ -25,6 +25,8 @@ class MessageSpool:
     @ivar size: octets written so far.
     @ivar headerSize: octets of the header section including its ending
         empty line, once that line has been seen; the whole size until then.
+    @ivar dotLines: whether some line starts with ".", so that POP3 must
+        dot-stuff the message (learnt once here, not at every RETR).
     """
 
     def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
@@ -36,6 +38,7 @@ class MessageSpool:
         self.size = 0
         self._headerSize = None
         self._partial = b""
+        self.dotLines = False
 
     def _write(self, data):
         if self._file is not None:
@@ -57,6 +60,8 @@ class MessageSpool:
         Append one line, given without its line end.
         """
         self._write(line + b"\r\n")
+        if line[:1] == b".":
+            self.dotLines = True
         self.size += len(line) + 2
         if self._headerSize is None and not line:
             self._headerSize = self.size
@@ -73,6 +78,8 @@ class MessageSpool:
                 end = block.find(b"\n\r\n")
                 if end >= 0:
                     self._headerSize = self.size + end + 3
+        if not self.dotLines and (block[:1] == b"." or b"\n." in block):
+            self.dotLines = True
         self._write(block)
         self.size += len(block)
 

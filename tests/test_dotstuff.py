@@ -64,3 +64,16 @@ def test_unterminatedLastLineGetsItsLineEndBeforeTheTerminator():
     stuffer = DotStuffer()
     assert stuffer.stuff(b"no line end") == b"no line end"
     assert stuffer.terminator() == b"\r\n.\r\n"
+
+
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").lstrip(b".")), max_size=20),
+       st.booleans())
+def test_aMessageKnownToHaveNoDotLinesGoesOutAsStuffingWouldSendIt(lines, unterminated):
+    """
+    Sent without the stuffing pass (the store knows no line starts with
+    "."), a message is octet for octet what stuffing would have sent.
+    """
+    data = b"".join(line + b"\r\n" for line in lines)
+    if unterminated and lines:
+        data = data[:-2]
+    assert stuffed(data, needsStuffing=False) == stuffed(data)

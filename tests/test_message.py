@@ -194,3 +194,31 @@ def test_spoolFileMatchesSpoolBytes():
         spool = spoolFile(io.BytesIO(MESSAGE), blockSize=blockSize)
         assert spool.getvalue() == EXPECTED, blockSize
         assert spool.headerSize == spoolBytes(MESSAGE).headerSize
+
+
+@pytest.mark.parametrize(
+    "write, expected",
+    [
+        (lambda s: s.writeData(b"Subject: a.b\n\nno dots at line starts. here\n"), False),
+        (lambda s: s.writeData(b"Subject: x\n\n.a dot line\n"), True),
+        (lambda s: s.writeData(b".first line\n"), True),
+        (lambda s: s.writeLine(b".line"), True),
+        (lambda s: s.writeLine(b"a.line"), False),
+        (lambda s: s.writeBlock(b"Subject: x\r\n\r\nbody\r\n..stuffed by SMTP, unstuffed here\r\n"), True),
+        (lambda s: s.writeBlock(b".at the block's start\r\n"), True),
+        (lambda s: s.writeBlock(b"Subject: x\r\n\r\nplain.\r\n"), False),
+        # Split across writes: the line start is in the second piece.
+        (lambda s: (s.writeData(b"Subject: x\n\nab"), s.writeData(b"c\n.dot\n")), True),
+    ],
+)
+def test_dotLinesAreNoticedOnceAtIntake(write, expected):
+    """
+    The spool says whether some line starts with "." (POP3 then
+    dot-stuffs the message; without such a line it is sent as stored).
+    """
+    spool = MessageSpool()
+    write(spool)
+    spool.finish()
+    assert spool.dotLines is expected
+    data = spool.getvalue()
+    assert (data.startswith(b".") or b"\n." in data) is expected

@@ -1313,3 +1313,24 @@ def test_chunksSurviveTheMoveToARowidTable(databaseURL):
             maildrop.release()
     finally:
         store.close()
+
+
+def test_whetherAMessageNeedsStuffingIsKnownFromItsDelivery(anyStore):
+    """
+    A delivered message says whether POP3 must dot-stuff it (a line
+    starting with "."), learnt at delivery; a row that does not know
+    (stored before, or restored) is stuffed as before.
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    deliver(store, [ALICE], b"Subject: plain\r\n\r\nnothing. to stuff\r\n")
+    deliver(store, [ALICE], b"Subject: dotted\r\n\r\n.a dot line\r\n")
+    deliver(store, [ALICE], b"Subject: plain too\r\n\r\nbody\r\n")
+    query(store, "UPDATE maildrop SET dot_lines = NULL WHERE uid = (SELECT max(uid) FROM maildrop)")
+    maildrop = openFor(store, ALICE)
+    try:
+        bodies = [resultOf(maildrop.openMessage(i)) for i in range(3)]
+        assert [b.needsStuffing for b in bodies] == [False, True, True]
+        assert resultOf(maildrop.openMessage(0, headerOnly=True)).needsStuffing is False
+    finally:
+        maildrop.release()

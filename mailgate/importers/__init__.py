@@ -111,6 +111,7 @@ class BytesSource:
         self.size = len(data)
         header = headerSizeOf(data)
         self.headerSize = self.size if header is None else header
+        self.dotLines = data[:1] == b"." or b"\n." in data
 
     def chunks(self, chunkSize):
         for start in range(0, len(self._data), chunkSize):
@@ -129,6 +130,8 @@ class FileSource:
     """
 
     blockSize = 1 << 20
+    #: not measured: POP3 dot-stuffs it as it goes
+    dotLines = None
 
     def __init__(self, path):
         self.path = path

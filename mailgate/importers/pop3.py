@@ -76,6 +76,9 @@ class SpoolSource:
     file beyond a megabyte.
     """
 
+    #: not measured: POP3 dot-stuffs it as it goes
+    dotLines = None
+
     def __init__(self):
         self._file = tempfile.SpooledTemporaryFile(max_size=1 << 20)
         self.size = 0

@@ -46,10 +46,15 @@ class DotStuffer:
         return b".\r\n" if self.atLineStart else b"\r\n.\r\n"
 
 
-def stuffed(data):
+def stuffed(data, needsStuffing=True):
     """
     A whole message, stuffed and terminated: what the wire carries after
     the C{+OK} line.
+
+    @param needsStuffing: C{False} when it is known that no line of
+        C{data} starts with ".": then only the terminator is added.
     """
+    if not needsStuffing:
+        return data + (b".\r\n" if not data or data[-1] == 0x0A else b"\r\n.\r\n")
     stuffer = DotStuffer()
     return stuffer.stuff(data) + stuffer.terminator()

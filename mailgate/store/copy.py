@@ -84,7 +84,7 @@ _TABLES = [
     (
         "maildrop",
         ("user_id", "uid"),
-        ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at"),
+        ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at", "dot_lines"),
     ),
     (
         "deleted_mail",

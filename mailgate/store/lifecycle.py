@@ -435,8 +435,9 @@ def _importMessages(cursor, address, items):
     from mailgate.store.sql import (
         _BODY_COLUMNS,
         _CHUNK_COLUMNS,
-        _MAILDROP_COLUMNS,
+        _DELIVERED_COLUMNS,
         CHUNK_SIZE,
+        _dotLines,
         _insertRows,
         _pieces,
         _storeLargeBody,
@@ -480,10 +481,12 @@ def _importMessages(cursor, address, items):
             chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
         else:
             bodyId = _storeLargeBody(cursor, userId, source, 1, arrived)
-        entries.append((userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived))
+        entries.append(
+            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, _dotLines(source))
+        )
     _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
     _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
-    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    _insertRows(cursor, "maildrop", _DELIVERED_COLUMNS, entries)
     return [uidl for uidl, _, _ in fresh], skipped
 
 

@@ -243,6 +243,16 @@ MIGRATIONS = [
         ],
         dialects=("sqlite",),
     ),
+    Migration(
+        5,
+        "whether a message has lines that POP3 must dot-stuff",
+        [
+            # Learnt once at delivery: 0 for none (sent as stored), 1 for
+            # some; NULL (mail stored before, restored or copied without
+            # it) for unknown, stuffed as before.
+            "ALTER TABLE maildrop ADD COLUMN dot_lines INTEGER",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -403,6 +403,18 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
 _BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
 _CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
 _MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
+# What a delivery or an import writes: the above, and whether the message
+# has lines to dot-stuff.
+_DELIVERED_COLUMNS = _MAILDROP_COLUMNS + ("dot_lines",)
+
+
+def _dotLines(source):
+    """
+    The C{dot_lines} value of a message source: 0, 1, or C{None} if it
+    does not say.
+    """
+    dotLines = getattr(source, "dotLines", None)
+    return None if dotLines is None else int(bool(dotLines))
 
 
 def _storeLargeBody(cursor, owner, source, refcount, now):
@@ -474,11 +486,13 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
             uid = nextUid[userId]
             nextUid[userId] = uid + 1
             uidl = formatUniqueId(uid, taken[userId][1])
-            entries.append((userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now))
+            entries.append(
+                (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, _dotLines(source))
+            )
             results[address] = uidl
     _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
     _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
-    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    _insertRows(cursor, "maildrop", _DELIVERED_COLUMNS, entries)
     return outcomes
 
 
@@ -572,10 +586,10 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         # A header longer than a chunk spans chunks; such a message's first
         # chunk is returned whole, and cut by the protocol.
         cursor.execute(
-            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, "
+            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, "
             f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
             "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
-            "FROM (SELECT uid, body_owner, body_id, size, header_size, "
+            "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, "
             "SUM(header_size) OVER (ORDER BY uid) AS running "
             f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})) r "
             "LEFT JOIN body_chunks c "
@@ -585,7 +599,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         )
     else:
         cursor.execute(
-            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, c.data "
+            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, c.data "
             "FROM maildrop m LEFT JOIN body_chunks c "
             "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
             f"WHERE m.user_id = ? AND m.uid IN ({marks})",
@@ -597,7 +611,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         row = rows.get(uid)
         if row is None:
             break
-        owner, bodyId, size, headerSize, data = row
+        owner, bodyId, size, headerSize, dotLines, data = row
         # TOP n 0 wants the header's octets and nothing more; a message
         # longer than a chunk stores its header as its first chunk.
         length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
@@ -612,7 +626,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
             if length < size:
                 first = first[:length]
                 size = length
-        opened.append((uid, (owner, bodyId, size, headerSize, first)))
+        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0)))
     return opened
 
 
@@ -879,12 +893,14 @@ class SQLMessageBody:
 
     chunksPerRead = 4
 
-    def __init__(self, database, owner, bodyId, size, headerSize, first):
+    def __init__(self, database, owner, bodyId, size, headerSize, first, needsStuffing=True):
         self._database = database
         self._owner = owner
         self._bodyId = bodyId
         self.size = size
         self.headerSize = headerSize
+        # Unknown (NULL) counts as needing it.
+        self.needsStuffing = needsStuffing
         self._pending = first
         self._sent = 0
         self._seq = 1
