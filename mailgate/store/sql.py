@@ -576,8 +576,10 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
     to at most C{headerBudget} octets (the database sums them, so the
     caller need not know the sizes).
 
-    @return: a list of C{(uid, (owner, bodyId, size, headerSize, first))},
-        in the order of C{uids}, the requested message first; it stops
+    @return: a list of C{(uid, (owner, bodyId, size, headerSize, first,
+        needsStuffing))}, in the order of C{uids}, the requested message
+        first (C{needsStuffing} is false only for a message known to have
+        no line starting with "."); it stops
         before the first message that has vanished or is damaged (empty if
         the requested one has).
     """
