@@ -185,3 +185,25 @@ def logEvents():
         yield captured
     finally:
         globalLogPublisher.removeObserver(captured.append)
+
+
+
+@pytest.fixture
+def tripsTo(monkeypatch):
+    """
+    C{tripsTo(store)}: count the read trips C{store} makes to its database
+    from then on; the returned list gets the name of each interaction run.
+    """
+
+    def start(store):
+        trips = []
+        realInteraction = store.database.runInteraction
+
+        def counted(function, *args, **kwargs):
+            trips.append(function.__name__)
+            return realInteraction(function, *args, **kwargs)
+
+        monkeypatch.setattr(store.database, "runInteraction", counted)
+        return trips
+
+    return start

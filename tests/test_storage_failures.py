@@ -254,7 +254,7 @@ def test_aMessageWhoseRowsAreGoneFailsTemporarilyAndAlone(store, dbpath):
         resultOf(maildrop.release())
 
 
-def test_readAheadServesTheNextMessagesInOneTrip(store, dbpath, monkeypatch):
+def test_readAheadServesTheNextMessagesInOneTrip(store, dbpath, tripsTo):
     """
     Opening message 1 reads messages 2.. ahead, in one trip to the
     database; a damaged message further on does not fail the ones before
@@ -269,14 +269,7 @@ def test_readAheadServesTheNextMessagesInOneTrip(store, dbpath, monkeypatch):
             "(SELECT body_id FROM maildrop ORDER BY uid LIMIT 1 OFFSET 3)"
         )
     maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
-    trips = []
-    realInteraction = store.database.runInteraction
-
-    def counted(function, *args, **kwargs):
-        trips.append(function.__name__)
-        return realInteraction(function, *args, **kwargs)
-
-    monkeypatch.setattr(store.database, "runInteraction", counted)
+    trips = tripsTo(store)
     try:
         bodies = [resultOf(maildrop.openMessage(n)) for n in (0, 1, 2)]
         assert [b.whole.endswith(b"body %d\r\n" % n) for n, b in enumerate(bodies, 1)] == [True] * 3

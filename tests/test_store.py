@@ -1205,7 +1205,7 @@ def test_aBadPostgreSQLURLIsReportedWithoutItsPassword():
     assert "postgresql://mailgate:***@db.internal:5433/" in message
 
 
-def test_headersAreReadAheadWithinTheirBudget(anyStore, monkeypatch):
+def test_headersAreReadAheadWithinTheirBudget(anyStore, tripsTo):
     """
     TOP n 0 for a maildrop's messages one after another (what a client
     listing headers does): one trip to the database serves as many as fit
@@ -1222,14 +1222,7 @@ def test_headersAreReadAheadWithinTheirBudget(anyStore, monkeypatch):
     maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
     # Room for the first four headers only.
     maildrop.headerReadAheadOctets = sum(len(h) for h in headers[:4])
-    trips = []
-    realInteraction = store.database.runInteraction
-
-    def counted(function, *args, **kwargs):
-        trips.append(function.__name__)
-        return realInteraction(function, *args, **kwargs)
-
-    monkeypatch.setattr(store.database, "runInteraction", counted)
+    trips = tripsTo(store)
     try:
         tops = [resultOf(maildrop.openMessage(n, headerOnly=True)) for n in range(7)]
         assert [(t.size, t.whole) for t in tops] == [(len(h), h) for h in headers]
