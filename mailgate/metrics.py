@@ -165,11 +165,13 @@ class Metrics:
         self._operations = {}
 
     @staticmethod
-    def _child(children, metric, label):
-        # The label is one of a fixed set (bounded before): kept once made.
-        child = children.get(label)
+    def _child(children, metric, labels):
+        # Label values of fixed sets (bounded before): each child is kept
+        # once made.  C{labels} is one value, or a tuple of them.
+        child = children.get(labels)
         if child is None:
-            child = children[label] = metric.labels(label)
+            values = labels if isinstance(labels, tuple) else (labels,)
+            child = children[labels] = metric.labels(*values)
         return child
 
     def connectionOpened(self, protocol):
@@ -200,22 +202,12 @@ class Metrics:
         """
         An authentication attempt ended (C{mailgate_logins_total}).
         """
-        key = (protocol, mechanism, result)
-        child = self._loginCounters.get(key)
-        if child is None:
-            child = self._logins.labels(
-                _bounded(protocol, PROTOCOLS),
-                _bounded(mechanism, MECHANISMS),
-                _bounded(result, LOGIN_RESULTS),
-            )
-            # Bounded: only label values of the fixed sets are kept.
-            if key == (
-                _bounded(protocol, PROTOCOLS),
-                _bounded(mechanism, MECHANISMS),
-                _bounded(result, LOGIN_RESULTS),
-            ):
-                self._loginCounters[key] = child
-        child.inc()
+        labels = (
+            _bounded(protocol, PROTOCOLS),
+            _bounded(mechanism, MECHANISMS),
+            _bounded(result, LOGIN_RESULTS),
+        )
+        self._child(self._loginCounters, self._logins, labels).inc()
 
     def pop3Command(self, command):
         """

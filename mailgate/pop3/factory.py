@@ -4,6 +4,7 @@ The POP3 server factory: one per set of listeners, holding the portal and
 the per-listener policy every session reads.
 """
 
+import functools
 import ipaddress
 import socket
 
@@ -99,7 +100,7 @@ class POP3Factory(SessionFactory):
         self.loginDelay = loginDelay
         self.tls = tls
         self.sasl = sasl
-        self.trustedNetworks = [ipaddress.ip_network(n) for n in trustedNetworks]
+        self.trustedNetworks = tuple(ipaddress.ip_network(n) for n in trustedNetworks)
         self.expire = expire
 
     def buildProtocol(self, addr):
@@ -129,8 +130,6 @@ class POP3Factory(SessionFactory):
             return apop.known and apop.enabled
         return bool(apop)
 
-    _trustedCache = None
-
     def isTrusted(self, address):
         """
         Whether a peer is on a trusted network.  Local (Unix socket) peers
@@ -139,16 +138,7 @@ class POP3Factory(SessionFactory):
         host = getattr(address, "host", None)
         if host is None:
             return getattr(address, "type", None) != "TCP"
-        # Clients come back: the answer is kept per address (for the
-        # networks it was found for), not worked out at every login.
-        networks = self.trustedNetworks
-        cache = self._trustedCache
-        if cache is None or cache[0] is not networks or len(cache[1]) > 4096:
-            cache = self._trustedCache = (networks, {})
-        trusted = cache[1].get(host)
-        if trusted is None:
-            trusted = cache[1][host] = _onNetworks(host, networks)
-        return trusted
+        return _onNetworks(host, self.trustedNetworks)
 
     def extraCapabilities(self, maildrop=None):
         """
@@ -163,7 +153,10 @@ class POP3Factory(SessionFactory):
         return lines
 
 
+@functools.lru_cache(maxsize=4096)
 def _onNetworks(host, networks):
+    # Clients come back: the answer is kept per address and networks, not
+    # worked out at every login.
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
