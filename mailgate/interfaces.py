@@ -32,6 +32,11 @@ class IMessageSource(Interface):
         "Whether some line of the message starts with \".\" (POP3 must "
         "dot-stuff it), or C{None} if not known."
     )
+    dotOffsets = Attribute(
+        "Where the lines that start with \".\" begin (ascending offsets), "
+        "or C{None} if not known; optional (a source without it is not "
+        "measured)."
+    )
 
     def chunks(chunkSize):
         """
@@ -50,6 +55,11 @@ class IMessageBody(Interface):
     needsStuffing = Attribute(
         "Whether a line of the message may start with \".\": C{False} only "
         "when the store knows none does, so the message goes out as it is."
+    )
+    dotOffsets = Attribute(
+        "Where the lines that start with \".\" begin (ascending offsets, "
+        "empty if none do), so that POP3 stuffs by copying slices; or "
+        "C{None} if the store does not know, and POP3 searches."
     )
     whole = Attribute(
         "The entire message as L{bytes} if it was read in one piece when "

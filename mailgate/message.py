@@ -16,6 +16,56 @@ from mailgate.interfaces import IMessageSource
 
 SPOOL_MEMORY_LIMIT = 1 << 20
 
+#: The most line positions a message's L{MessageSpool.dotOffsets} keeps; a
+#: message with more lines that start with "." (nearly always a crafted
+#: one) is stuffed by searching it, as one stored without them.
+MAX_DOT_OFFSETS = 10_000
+
+
+def dotLineOffsets(data, base=0):
+    """
+    Where the lines of C{data} that start with "." begin, as offsets from
+    C{base}; C{data} begins a line.
+    """
+    found = [base] if data[:1] == b"." else []
+    at = data.find(b"\n.")
+    while at >= 0:
+        found.append(base + at + 1)
+        at = data.find(b"\n.", at + 2)
+    return found
+
+
+class DotLineFinder:
+    """
+    L{dotLineOffsets} over a message given in pieces cut anywhere, for the
+    sources that read a message as it comes (files, another server).
+
+    @ivar dotLines: whether a line seen so far starts with ".".
+    @ivar dotOffsets: where such lines begin; C{None} once there are more
+        than L{MAX_DOT_OFFSETS}.
+    """
+
+    def __init__(self):
+        self.dotLines = False
+        self.dotOffsets = []
+        self._position = 0
+        self._atLineStart = True
+
+    def feed(self, piece):
+        if not piece:
+            return
+        if (self._atLineStart and piece[:1] == b".") or b"\n." in piece:
+            self.dotLines = True
+            if self.dotOffsets is not None:
+                found = dotLineOffsets(piece, self._position)
+                if found and found[0] == self._position and not self._atLineStart:
+                    found.pop(0)
+                self.dotOffsets.extend(found)
+                if len(self.dotOffsets) > MAX_DOT_OFFSETS:
+                    self.dotOffsets = None
+        self._position += len(piece)
+        self._atLineStart = piece[-1:] == b"\n"
+
 
 @implementer(IMessageSource)
 class MessageSpool:
@@ -27,6 +77,9 @@ class MessageSpool:
         empty line, once that line has been seen; the whole size until then.
     @ivar dotLines: whether some line starts with ".", so that POP3 must
         dot-stuff the message (learnt once here, not at every RETR).
+    @ivar dotOffsets: where those lines begin (a list of offsets, so that
+        POP3 stuffs by copying slices), or C{None} if there were more than
+        L{MAX_DOT_OFFSETS}.
     """
 
     def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
@@ -39,6 +92,7 @@ class MessageSpool:
         self._headerSize = None
         self._partial = b""
         self.dotLines = False
+        self.dotOffsets = []
 
     def _write(self, data):
         if self._file is not None:
@@ -62,6 +116,7 @@ class MessageSpool:
         self._write(line + b"\r\n")
         if line[:1] == b".":
             self.dotLines = True
+            self._noteDotLines([self.size])
         self.size += len(line) + 2
         if self._headerSize is None and not line:
             self._headerSize = self.size
@@ -78,10 +133,19 @@ class MessageSpool:
                 end = block.find(b"\n\r\n")
                 if end >= 0:
                     self._headerSize = self.size + end + 3
-        if not self.dotLines and (block[:1] == b"." or b"\n." in block):
+        if block[:1] == b"." or b"\n." in block:
             self.dotLines = True
+            if self.dotOffsets is not None:
+                self._noteDotLines(dotLineOffsets(block, self.size))
         self._write(block)
         self.size += len(block)
+
+    def _noteDotLines(self, offsets):
+        if self.dotOffsets is None:
+            return
+        self.dotOffsets.extend(offsets)
+        if len(self.dotOffsets) > MAX_DOT_OFFSETS:
+            self.dotOffsets = None
 
     def writeLines(self, lines):
         """

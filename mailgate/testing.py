@@ -263,6 +263,7 @@ class _FaultInjectingBody:
         self.size = body.size
         self.headerSize = body.headerSize
         self.needsStuffing = body.needsStuffing
+        self.dotOffsets = body.dotOffsets
         # A body that came whole is never read: it can fail only if read.
         self.whole = None if "read" in faults._failing else body.whole
 

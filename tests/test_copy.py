@@ -242,10 +242,26 @@ def assertLivesOn(url, copied):
     assert uniqueIds(mailbox(url, ERIN)) == [fresh[ERIN]]
 
 
+def dotColumns(url):
+    """
+    What each maildrop row knows of its lines that start with "." (what
+    lets POP3 stuff a message without searching it).
+    """
+    store = openSynchronousStore(url)
+    try:
+        rows = query(store, "SELECT user_id, uid, dot_lines, dot_at FROM maildrop ORDER BY user_id, uid")
+    finally:
+        store.close()
+    return [(u, i, d, None if at is None else bytes(at)) for u, i, d, at in rows]
+
+
 def test_sqliteToPostgresAndBack(tmp_path, postgresURL):
     source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
     populate(source)
     original = snapshot(source)
+    dots = dotColumns(source)
+    # The large message and the numbered ones have dot lines.
+    assert sum(at is not None for _, _, _, at in dots) > MANY
     originalUsers = storedUsers(source)
     bodies = bodyCount(source)
 
@@ -259,6 +275,7 @@ def test_sqliteToPostgresAndBack(tmp_path, postgresURL):
     # Ids, password hashes, SCRAM verifiers and APOP secrets, as stored.
     assert storedUsers(postgresURL) == originalUsers
     assert bodyCount(postgresURL) == bodies
+    assert dotColumns(postgresURL) == dots
     # The source is untouched.
     assert snapshot(source) == original
 
@@ -267,6 +284,7 @@ def test_sqliteToPostgresAndBack(tmp_path, postgresURL):
     assertServedLikeTheOriginal(back, original)
     assert storedUsers(back) == originalUsers
     assert bodyCount(back) == bodies
+    assert dotColumns(back) == dots
 
     assertLivesOn(postgresURL, original)
     assertLivesOn(back, original)

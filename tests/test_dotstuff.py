@@ -77,3 +77,60 @@ def test_aMessageKnownToHaveNoDotLinesGoesOutAsStuffingWouldSendIt(lines, unterm
     if unterminated and lines:
         data = data[:-2]
     assert stuffed(data, needsStuffing=False) == stuffed(data)
+
+
+def offsetsOf(message):
+    return [i for i in range(len(message)) if message[i : i + 1] == b"." and (i == 0 or message[i - 1 : i] == b"\n")]
+
+
+def inChunksAt(message, cuts, offsets):
+    stuffer = DotStuffer(offsets)
+    out = []
+    start = 0
+    for cut in sorted(set(cuts)) + [len(message)]:
+        out.append(stuffer.stuff(message[start:cut]))
+        start = cut
+    return b"".join(out) + stuffer.terminator()
+
+
+@given(st.one_of(lines, dotty), st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_stuffingAtKnownOffsetsIsStuffingBySearch(messageLines, cuts):
+    """
+    Given where its dot lines begin (as the store learns at delivery), a
+    message chunked anywhere is stuffed octet for octet as the search
+    would, without searching.
+    """
+    message = b"".join(line + b"\r\n" for line in messageLines)
+    cuts = [c for c in cuts if c <= len(message)]
+    offsets = offsetsOf(message)
+    assert inChunksAt(message, cuts, offsets) == reference(message)
+    assert stuffed(message, True, offsets) == reference(message)
+    # The start of a message (what TOP sends) likewise.
+    for end in cuts:
+        assert inChunksAt(message[:end], [c for c in cuts if c <= end], offsets) == inChunks(message[:end], [])
+
+
+def test_knownOffsetsAreCopiedNotSearched():
+    """
+    The offsets are what is used: a chunk without a known position goes
+    out as it is, even with a "." in it (the store knows better).
+    """
+    chunk = b"a.b\r\nc.d\r\n" * 10
+    stuffer = DotStuffer(())
+    assert stuffer.stuff(chunk) is chunk
+    assert DotStuffer([5]).stuff(b"a.b\r\n.d\r\n") == b"a.b\r\n..d\r\n"
+
+
+@given(st.one_of(lines, dotty), st.lists(st.integers(min_value=0, max_value=200), max_size=8), st.integers(0, 60))
+def test_offsetsThatDoNotMatchTheMessageAreGivenUp(messageLines, cuts, wrong):
+    """
+    A position that does not hold a "." (a store out of step with its
+    bodies) stops their use: the rest of the message is searched, and the
+    response is still right.
+    """
+    message = b"".join(line + b"\r\n" for line in messageLines)
+    cuts = [c for c in cuts if c <= len(message)]
+    offsets = offsetsOf(message)
+    if wrong < len(message) and message[wrong : wrong + 1] != b".":
+        offsets = sorted(set(offsets) | {wrong})
+    assert inChunksAt(message, cuts, offsets) == reference(message)

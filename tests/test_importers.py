@@ -109,6 +109,33 @@ def test_lineEndsAsPOP3ServesThem(tmp_path):
         assert source.headerSize == len(b"Subject: x\r\n\r\n")
 
 
+def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):
+    """
+    A maildir file is measured for POP3's dot-stuffing as it is read, in
+    blocks cut anywhere; so is a message retrieved from another server.
+    """
+    from mailgate.importers.pop3 import SpoolSource
+    from mailgate.message import dotLineOffsets
+
+    path = tmp_path / "m"
+    data = b"Subject: x\n\n.one\nplain\n..two\n" + b"".join(b"%s%d\n" % (b"." * (n % 3 == 0), n) for n in range(200))
+    path.write_bytes(data)
+    expected = dotLineOffsets(toCRLF(data))
+    assert len(expected) > 60
+    for blockSize in (1, 2, 3, 7, 64, 1 << 20):
+        FileSource.blockSize = blockSize
+        try:
+            source = FileSource(str(path))
+        finally:
+            FileSource.blockSize = 1 << 20
+        assert (source.dotLines, source.dotOffsets) == (True, expected), blockSize
+    spool = SpoolSource()
+    for line in toCRLF(data).splitlines(keepends=True):
+        spool.write(line)
+    spool.finish(None)
+    assert (spool.dotLines, spool.dotOffsets) == (True, expected)
+
+
 def test_popURLs():
     assert parseURL("pop3://alice%40example.org@mail.example.net") == (
         False, "mail.example.net", 110, "alice@example.org", None,

@@ -6,10 +6,12 @@ chunked reading of messages on their way into the store.
 import io
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from mailgate.interfaces import IMessageSource
-from mailgate.message import MessageSpool, spoolBytes, spoolFile
+from mailgate.message import MAX_DOT_OFFSETS, DotLineFinder, MessageSpool, dotLineOffsets, spoolBytes, spoolFile
 
 
 def spooled(*pieces, memoryLimit=None):
@@ -222,3 +224,49 @@ def test_dotLinesAreNoticedOnceAtIntake(write, expected):
     assert spool.dotLines is expected
     data = spool.getvalue()
     assert (data.startswith(b".") or b"\n." in data) is expected
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s.writeData(b"Subject: x\n\n.a dot line\nplain\n..two\n.\n"),
+        lambda s: s.writeLines([b".one", b"two", b".three"]),
+        lambda s: (s.writeBlock(b".at the start\r\nmid\r\n.x\r\n"), s.writeBlock(b".next block\r\n")),
+        lambda s: (s.writeData(b"Subject: x\n\nab"), s.writeData(b"c\n.dot\n.")),
+        lambda s: s.writeData(b"no dot lines. at all\n"),
+    ],
+)
+def test_whereDotLinesBeginIsNotedAtIntake(write):
+    """
+    The spool notes where each line that starts with "." begins, so that
+    POP3 can stuff the message without searching it.
+    """
+    spool = MessageSpool()
+    write(spool)
+    spool.finish()
+    data = spool.getvalue()
+    expected = [i for i in range(len(data)) if data[i : i + 1] == b"." and (i == 0 or data[i - 1 : i] == b"\n")]
+    assert spool.dotOffsets == expected
+    assert dotLineOffsets(data) == expected
+
+
+def test_tooManyDotLinesAreNotNoted():
+    spool = MessageSpool()
+    spool.writeBlock(b".\r\n" * (MAX_DOT_OFFSETS + 1))
+    spool.finish()
+    assert spool.dotLines is True
+    assert spool.dotOffsets is None
+
+
+@given(
+    st.lists(st.sampled_from([b"", b".", b"..x", b"a.b", b"\r\n", b"x"]), max_size=30).map(lambda p: b"\r\n".join(p)),
+    st.lists(st.integers(min_value=0, max_value=120), max_size=6),
+)
+def test_dotLineFinderOverPiecesCutAnywhere(data, cuts):
+    finder = DotLineFinder()
+    start = 0
+    for cut in sorted(set(c for c in cuts if c <= len(data))) + [len(data)]:
+        finder.feed(data[start:cut])
+        start = cut
+    assert finder.dotOffsets == dotLineOffsets(data)
+    assert finder.dotLines is bool(dotLineOffsets(data))

@@ -1327,3 +1327,39 @@ def test_whetherAMessageNeedsStuffingIsKnownFromItsDelivery(anyStore):
         assert resultOf(maildrop.openMessage(0, headerOnly=True)).needsStuffing is False
     finally:
         maildrop.release()
+
+
+def test_whereDotLinesBeginIsKeptFromDelivery(anyStore):
+    """
+    A delivered message keeps where its lines that start with "." begin
+    (POP3 then stuffs it by copying slices), for a message of one chunk
+    and of several, and what POP3 sends from them is what stuffing by
+    search sends; a row that does not know them gives C{None}.
+    """
+    from mailgate.pop3.dotstuff import stuffed
+    from mailgate.pop3.responses import MessageBlocks
+
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    small = b"Subject: dotted\r\n\r\n.a dot line\r\nplain\r\n..two\r\n"
+    line = b".x" + b"y" * 70 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + (line + b"z" * 70 + b"\r\n") * (3 * CHUNK_SIZE // 146)
+    for data in (small, big, small):
+        deliver(store, [ALICE], data)
+    query(store, "UPDATE maildrop SET dot_at = NULL WHERE uid = (SELECT max(uid) FROM maildrop)")
+    maildrop = openFor(store, ALICE)
+    try:
+        for index, data in enumerate((small, big)):
+            body = resultOf(maildrop.openMessage(index))
+            expected = [i for i in range(len(data)) if data[i] == 0x2E and (i == 0 or data[i - 1] == 0x0A)]
+            assert list(body.dotOffsets) == expected
+            source = MessageBlocks(body, None)
+            sent = source.whole()
+            while sent is None or not sent.endswith(b"\r\n.\r\n"):
+                block = resultOf(source.nextBlock())
+                sent = (sent or b"") + block
+            assert sent == stuffed(data)
+        assert resultOf(maildrop.openMessage(2)).dotOffsets is None
+        assert resultOf(maildrop.openMessage(2)).needsStuffing is True
+    finally:
+        maildrop.release()

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from mailgate.errors import MailgateError
 from mailgate.interfaces import IMessageSource
+from mailgate.message import MAX_DOT_OFFSETS, DotLineFinder, dotLineOffsets
 
 #: RFC 1939 section 7: 1 to 70 characters from 0x21 to 0x7E.
 _UIDL = re.compile(r"^[\x21-\x7e]{1,70}$")
@@ -112,6 +113,8 @@ class BytesSource:
         header = headerSizeOf(data)
         self.headerSize = self.size if header is None else header
         self.dotLines = data[:1] == b"." or b"\n." in data
+        offsets = dotLineOffsets(data) if self.dotLines else []
+        self.dotOffsets = offsets if len(offsets) <= MAX_DOT_OFFSETS else None
 
     def chunks(self, chunkSize):
         for start in range(0, len(self._data), chunkSize):
@@ -130,21 +133,23 @@ class FileSource:
     """
 
     blockSize = 1 << 20
-    #: not measured: POP3 dot-stuffs it as it goes
-    dotLines = None
 
     def __init__(self, path):
         self.path = path
         size = 0
         head = b""
         header = None
+        dots = DotLineFinder()
         for block in self._blocks():
             if header is None:
                 head = (head + block)[: 1 << 20]
                 header = headerSizeOf(head)
             size += len(block)
+            dots.feed(block)
         self.size = size
         self.headerSize = size if header is None else header
+        self.dotLines = dots.dotLines
+        self.dotOffsets = dots.dotOffsets
 
     def _blocks(self):
         pendingCR = False

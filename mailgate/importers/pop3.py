@@ -34,6 +34,7 @@ from zope.interface import implementer
 from mailgate.errors import MailgateError
 from mailgate.importers import BatchWriter, ImportFailed, ImportReport, validUidl
 from mailgate.interfaces import IMessageSource
+from mailgate.message import DotLineFinder
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 TIMEOUT = 60
@@ -76,18 +77,27 @@ class SpoolSource:
     file beyond a megabyte.
     """
 
-    #: not measured: POP3 dot-stuffs it as it goes
-    dotLines = None
-
     def __init__(self):
         self._file = tempfile.SpooledTemporaryFile(max_size=1 << 20)
         self.size = 0
         self.headerSize = None
         self._atLineStart = True
+        self._dots = DotLineFinder()
+
+    @property
+    def dotLines(self):
+        return self._dots.dotLines
+
+    @property
+    def dotOffsets(self):
+        offsets = self._dots.dotOffsets
+        # finish() may have taken a line break off the end.
+        return None if offsets is None else [o for o in offsets if o < self.size]
 
     def write(self, piece):
         if self.headerSize is None and self._atLineStart and piece == b"\r\n":
             self.headerSize = self.size + 2
+        self._dots.feed(piece)
         self._file.write(piece)
         self.size += len(piece)
         self._atLineStart = piece.endswith(b"\n")

@@ -48,7 +48,7 @@ class MessageBlocks:
 
     def __init__(self, body, bodyLines):
         self._body = body
-        self._stuffer = DotStuffer()
+        self._stuffer = DotStuffer(getattr(body, "dotOffsets", None))
         self._headerLeft = body.headerSize
         self._linesLeft = bodyLines
         self._ended = False

@@ -175,7 +175,7 @@ class TransactionCommands:
         if whole is not None and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize)):
             # The whole message, or for TOP n 0 its whole header, in one
             # piece (nearly every message): stuffed and sent in one write.
-            self._out.write(status + stuffed(whole, body.needsStuffing))
+            self._out.write(status + stuffed(whole, body.needsStuffing, getattr(body, "dotOffsets", None)))
             if bodyLines is None:
                 self.factory.metrics.retrieved(body.size)
             return None

@@ -84,7 +84,10 @@ _TABLES = [
     (
         "maildrop",
         ("user_id", "uid"),
-        ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at", "dot_lines"),
+        (
+            "user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at",
+            "dot_lines", "dot_at",
+        ),
     ),
     (
         "deleted_mail",

@@ -482,7 +482,7 @@ def _importMessages(cursor, address, items):
         else:
             bodyId = _storeLargeBody(cursor, userId, source, 1, arrived)
         entries.append(
-            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, _dotLines(source))
+            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, *_dotLines(source))
         )
     _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
     _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)

@@ -253,6 +253,18 @@ MIGRATIONS = [
             "ALTER TABLE maildrop ADD COLUMN dot_lines INTEGER",
         ],
     ),
+    Migration(
+        6,
+        "where a message's lines that POP3 must dot-stuff begin",
+        [
+            # With dot_lines = 1: the offsets of those lines, 4-octet
+            # little-endian integers, so that RETR and TOP stuff by
+            # copying the slices between them.  NULL (mail stored before,
+            # or more than mailgate.message.MAX_DOT_OFFSETS such lines):
+            # POP3 searches the message for them as before.
+            "ALTER TABLE maildrop ADD COLUMN dot_at {blob}",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

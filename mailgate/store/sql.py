@@ -10,6 +10,7 @@ another style.
 """
 
 import secrets
+import struct
 import time
 from collections import Counter
 
@@ -405,16 +406,45 @@ _CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
 _MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
 # What a delivery or an import writes: the above, and whether the message
 # has lines to dot-stuff.
-_DELIVERED_COLUMNS = _MAILDROP_COLUMNS + ("dot_lines",)
+_DELIVERED_COLUMNS = _MAILDROP_COLUMNS + ("dot_lines", "dot_at")
 
 
 def _dotLines(source):
     """
-    The C{dot_lines} value of a message source: 0, 1, or C{None} if it
-    does not say.
+    The C{dot_lines} and C{dot_at} values of a message source: 0, 1, or
+    C{None} if it does not say; the packed offsets of its lines that
+    start with ".", or C{None}.
     """
     dotLines = getattr(source, "dotLines", None)
-    return None if dotLines is None else int(bool(dotLines))
+    if dotLines is None:
+        return None, None
+    if not dotLines:
+        return 0, None
+    return 1, packOffsets(getattr(source, "dotOffsets", None))
+
+
+def packOffsets(offsets):
+    """
+    C{dot_at}'s form of a list of offsets (C{None} stays C{None}).
+    """
+    if offsets is None:
+        return None
+    return struct.pack(f"<{len(offsets)}I", *offsets)
+
+
+def unpackOffsets(dotLines, packed):
+    """
+    What L{IMessageBody.dotOffsets} says, from C{dot_lines} and C{dot_at}:
+    C{()} for none, the offsets, or C{None} if unknown.
+    """
+    if dotLines == 0:
+        return ()
+    if packed is None or dotLines is None:
+        return None
+    packed = bytes(packed)
+    if len(packed) % 4:
+        return None
+    return struct.unpack(f"<{len(packed) // 4}I", packed)
 
 
 def _storeLargeBody(cursor, owner, source, refcount, now):
@@ -481,13 +511,14 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
                 bodies, chunks, pending = [], [], 0
         else:
             bodyId = _storeLargeBody(cursor, owner, source, len(recipients), now)
+        dotColumns = _dotLines(source)
         for address in recipients:
             userId = known[address]
             uid = nextUid[userId]
             nextUid[userId] = uid + 1
             uidl = formatUniqueId(uid, taken[userId][1])
             entries.append(
-                (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, _dotLines(source))
+                (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, *dotColumns)
             )
             results[address] = uidl
     _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
@@ -577,9 +608,9 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
     caller need not know the sizes).
 
     @return: a list of C{(uid, (owner, bodyId, size, headerSize, first,
-        needsStuffing))}, in the order of C{uids}, the requested message
-        first (C{needsStuffing} is false only for a message known to have
-        no line starting with "."); it stops
+        needsStuffing, dotOffsets))}, in the order of C{uids}, the requested
+        message first (C{needsStuffing} is false only for a message known
+        to have no line starting with "."; see L{unpackOffsets}); it stops
         before the first message that has vanished or is damaged (empty if
         the requested one has).
     """
@@ -588,10 +619,10 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         # A header longer than a chunk spans chunks; such a message's first
         # chunk is returned whole, and cut by the protocol.
         cursor.execute(
-            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, "
+            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, "
             f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
             "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
-            "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, "
+            "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
             "SUM(header_size) OVER (ORDER BY uid) AS running "
             f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})) r "
             "LEFT JOIN body_chunks c "
@@ -601,7 +632,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         )
     else:
         cursor.execute(
-            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, c.data "
+            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, c.data "
             "FROM maildrop m LEFT JOIN body_chunks c "
             "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
             f"WHERE m.user_id = ? AND m.uid IN ({marks})",
@@ -613,7 +644,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
         row = rows.get(uid)
         if row is None:
             break
-        owner, bodyId, size, headerSize, dotLines, data = row
+        owner, bodyId, size, headerSize, dotLines, dotAt, data = row
         # TOP n 0 wants the header's octets and nothing more; a message
         # longer than a chunk stores its header as its first chunk.
         length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
@@ -628,7 +659,7 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
             if length < size:
                 first = first[:length]
                 size = length
-        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0)))
+        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0, unpackOffsets(dotLines, dotAt))))
     return opened
 
 
@@ -895,7 +926,7 @@ class SQLMessageBody:
 
     chunksPerRead = 4
 
-    def __init__(self, database, owner, bodyId, size, headerSize, first, needsStuffing=True):
+    def __init__(self, database, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None):
         self._database = database
         self._owner = owner
         self._bodyId = bodyId
@@ -903,6 +934,7 @@ class SQLMessageBody:
         self.headerSize = headerSize
         # Unknown (NULL) counts as needing it.
         self.needsStuffing = needsStuffing
+        self.dotOffsets = dotOffsets
         self._pending = first
         self._sent = 0
         self._seq = 1
