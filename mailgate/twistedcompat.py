@@ -12,6 +12,10 @@ delivery.
 from twisted.internet import tcp
 
 
+#: The most pieces one C{sendmsg} takes (Linux's IOV_MAX).
+_MOST_PIECES = 1024
+
+
 def sendNow(transport, data):
     """
     Write C{data} to C{transport}, handing it to the kernel at once when
@@ -19,10 +23,15 @@ def sendNow(transport, data):
     take (and everything on a TLS or non-TCP transport) goes through the
     transport's C{write} as usual.
 
+    @param data: L{bytes}, or a list of bytes-like pieces to send in
+        order: one C{sendmsg} takes them without their being joined (a
+        large reply is not copied once more on its way out).
+
     Relies on C{tcp.Connection}'s private C{dataBuffer}, C{_tempDataBuffer}
     and C{_writeDisconnected}: when all are empty and false, nothing is
     queued and a direct C{send} keeps the byte order.
     """
+    pieces = type(data) is list
     if (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
@@ -33,15 +42,44 @@ def sendNow(transport, data):
         and not transport._tempDataBuffer
     ):
         try:
-            sent = transport.socket.send(data)
+            if not pieces:
+                sent = transport.socket.send(data)
+            elif len(data) <= _MOST_PIECES:
+                sent = transport.socket.sendmsg(data)
+            else:
+                data = b"".join(data)
+                pieces = False
+                sent = transport.socket.send(data)
         except OSError:
             # Would block, or the connection is broken: the transport's own
             # write path finds out and reports it the usual way.
             sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
+        if not pieces:
+            if sent == len(data):
+                return
+            data = data[sent:]
+        else:
+            data = _after(data, sent)
+            if not data:
+                return
+    elif pieces:
+        data = b"".join(data)
     transport.write(data)
+
+
+def _after(pieces, sent):
+    """
+    What is left of C{pieces} once their first C{sent} octets are gone,
+    joined (empty if nothing is).
+    """
+    for index, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            rest = pieces[index:]
+            rest[0] = memoryview(piece)[sent:]
+            return b"".join(rest)
+        sent -= size
+    return b""
 
 
 def raiseListenErrorsAtOnce(service):

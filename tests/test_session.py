@@ -97,6 +97,54 @@ def test_whatTheSocketCannotTakeWaitsInTheTransportInOrder(connection):
     assert transport not in reactor.writers
 
 
+def test_piecesLeaveInOneSendWithoutBeingJoined(connection):
+    """
+    A reply in pieces (a stuffed message: views of the stored octets with
+    the added dots between them) goes out in order, sent at once, and
+    held with the other replies of a read.
+    """
+    transport, protocol, client, reactor = connection
+    writer = ReplyWriter(protocol)
+    body = b"..a\r\n.b\r\n"
+    view = memoryview(body)
+    writer.writeParts([b"+OK\r\n", view[:5], b".", view[5:], b".\r\n"])
+    assert receive(client, 18) == b"+OK\r\n..a\r\n..b\r\n.\r\n"
+    assert transport not in reactor.writers
+    with writer.holding():
+        writer.write(b"+OK 1\r\n")
+        writer.writeParts([b"x", view[5:7], b"\r\n"])
+        assert writer.heldSize == 12
+    assert receive(client, 12) == b"+OK 1\r\nx.b\r\n"
+
+
+def test_piecesTheSocketCannotTakeWaitInTheTransportInOrder(connection):
+    """
+    Pieces larger together than the kernel's buffer: what the socket did
+    not take waits in the transport, from the right octet on, and later
+    writes queue behind it.
+    """
+    transport, protocol, client, reactor = connection
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = ReplyWriter(protocol)
+    big = bytes(range(256)) * 4096  # 1 MiB
+    view = memoryview(big)
+    pieces = [view[n : n + 100000] for n in range(0, len(big), 100000)]
+    writer.writeParts([b"+OK\r\n"] + pieces)
+    assert transport in reactor.writers
+    writer.write(b"TAIL")
+    received = b""
+    for _ in range(100000):
+        if len(received) >= len(big) + 9:
+            break
+        if transport in reactor.writers:
+            transport.doWrite()
+        readable, _, _ = select.select([client], [], [], 0.01)
+        if readable:
+            received += client.recv(65536)
+    assert received == b"+OK\r\n" + big + b"TAIL"
+    assert transport not in reactor.writers
+
+
 def test_otherTransportsAreWrittenAsUsual():
     protocol = Protocol()
     transport = StringTransport()
@@ -108,6 +156,8 @@ def test_otherTransportsAreWrittenAsUsual():
         writer.write(b"c")
         assert transport.value() == b"a"
     assert transport.value() == b"abc"
+    writer.writeParts([b"d", memoryview(b"ef")[1:]])
+    assert transport.value() == b"abcdf"
 
 
 def test_aClosedConnectionIsLeftToTheTransport(connection):

@@ -39,10 +39,19 @@ class DotStuffer:
         ".", wherever the line starts.  The chunks must be given in order,
         from the start of the message.
         """
+        parts = self.parts(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def parts(self, chunk):
+        """
+        L{stuff}, as a list of bytes-like pieces to send one after the
+        other: at known positions, views of C{chunk} with the added "."
+        between them, so that the message is not copied to be stuffed.
+        """
         if not chunk:
-            return b""
+            return [b""]
         if self._offsets is not None:
-            out = self._stuffAt(chunk)
+            out = self._partsAt(chunk)
             if out is not None:
                 self.atLineStart = chunk[-1] == 0x0A
                 return out
@@ -50,15 +59,15 @@ class DotStuffer:
             # Most octets of most mail (base64 above all) hold no "." at
             # all; looking for one byte is many times faster than looking
             # for the pair, which a line end every 76 octets slows down.
-            out = chunk
+            out = [chunk]
         else:
-            out = chunk.replace(b"\n.", b"\n..")
+            out = [chunk.replace(b"\n.", b"\n..")]
             if self.atLineStart and chunk[0] == 0x2E:
-                out = b"." + out
+                out.insert(0, b".")
         self.atLineStart = chunk[-1] == 0x0A
         return out
 
-    def _stuffAt(self, chunk):
+    def _partsAt(self, chunk):
         """
         Stuff C{chunk} at the known positions, or return C{None} (and give
         the positions up) if one of them does not hold a ".".
@@ -70,21 +79,22 @@ class DotStuffer:
         index = self._next
         count = len(offsets)
         if index >= count or offsets[index] >= end:
-            return chunk
-        pieces = []
+            return [chunk]
+        view = memoryview(chunk)
+        parts = []
         last = 0
         while index < count and offsets[index] < end:
             cut = offsets[index] - start
             if cut < 0 or chunk[cut] != 0x2E:
                 self._offsets = None
                 return None
-            pieces.append(chunk[last:cut])
+            parts.append(view[last:cut])
+            parts.append(b".")
             last = cut
             index += 1
-        pieces.append(chunk[last:])
+        parts.append(view[last:])
         self._next = index
-        # Joining with "." puts one before each line that starts with one.
-        return b".".join(pieces)
+        return parts
 
     def terminator(self):
         """
@@ -103,7 +113,17 @@ def stuffed(data, needsStuffing=True, offsets=None):
     @param offsets: where the lines that start with "." begin, if known
         (see L{DotStuffer}).
     """
+    return b"".join(stuffedParts(data, needsStuffing, offsets))
+
+
+def stuffedParts(data, needsStuffing=True, offsets=None):
+    """
+    L{stuffed} as a list of bytes-like pieces (see L{DotStuffer.parts}),
+    for a writer that sends them without joining them first.
+    """
     if not needsStuffing:
-        return data + (b".\r\n" if not data or data[-1] == 0x0A else b"\r\n.\r\n")
+        return [data, b".\r\n" if not data or data[-1] == 0x0A else b"\r\n.\r\n"]
     stuffer = DotStuffer(offsets)
-    return stuffer.stuff(data) + stuffer.terminator()
+    parts = stuffer.parts(data)
+    parts.append(stuffer.terminator())
+    return parts

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
 from mailgate.pop3.arguments import arguments, noArguments, number
-from mailgate.pop3.dotstuff import stuffed
+from mailgate.pop3.dotstuff import stuffedParts
 from mailgate.pop3.responses import END, MessageBlocks, terminated
 from mailgate.session import CommandError, SendAborted
 
@@ -175,7 +175,9 @@ class TransactionCommands:
         if whole is not None and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize)):
             # The whole message, or for TOP n 0 its whole header, in one
             # piece (nearly every message): stuffed and sent in one write.
-            self._out.write(status + stuffed(whole, body.needsStuffing, getattr(body, "dotOffsets", None)))
+            parts = stuffedParts(whole, body.needsStuffing, getattr(body, "dotOffsets", None))
+            parts.insert(0, status)
+            self._out.writeParts(parts)
             if bodyLines is None:
                 self.factory.metrics.retrieved(body.size)
             return None

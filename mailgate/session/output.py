@@ -64,6 +64,18 @@ class ReplyWriter:
         else:
             _sendNow(self.transport, data)
 
+    def writeParts(self, parts):
+        """
+        Send the bytes-like C{parts} one after the other, or keep them with
+        the others if L{holding}: a large reply made of pieces (a stuffed
+        message) goes to the kernel without being joined first.
+        """
+        if self._held is not None:
+            self._held.extend(parts)
+            self.heldSize += sum(map(len, parts))
+        else:
+            _sendNow(self.transport, parts)
+
     def send(self, data):
         """
         Send C{data} now, after anything held (for streamed responses,
@@ -77,10 +89,10 @@ class ReplyWriter:
         Send what is held now: before the connection closes or TLS starts.
         """
         if self._held:
-            data = b"".join(self._held)
-            del self._held[:]
+            held = self._held
+            self._held = []
             self.heldSize = 0
-            _sendNow(self.transport, data)
+            _sendNow(self.transport, held[0] if len(held) == 1 and type(held[0]) is bytes else held)
 
     def hold(self):
         """
