@@ -169,9 +169,13 @@ class IMaildropLocks(Interface):
         @param address: the address the login was made under, or C{None};
             with C{passwordHash}, if the user no longer has that address
             (renamed), this fails the same way.
-        @return: a L{Deferred} of C{(uids, sizes)}: the maildrop's message
-            uids in order and their sizes, two C{array("q")}; fails with
-            L{MaildropInUse} if another session holds the lock.
+        @return: a L{Deferred} of C{(uids, sizes, uniqueIds)}: the
+            maildrop's message uids in order and their sizes, two
+            C{array("q")}, and their unique ids (a list in the same order)
+            if the maildrop is small enough to read them with the rest
+            (see L{mailgate.store.snapshot.SNAPSHOT_UNIQUE_IDS}), else
+            C{None}; fails with L{MaildropInUse} if another session holds
+            the lock.
         """
 
     def release(userId):
@@ -449,7 +453,7 @@ class IEngine(Interface):
     types = Attribute(
         "The dialect's SQL fragments by placeholder name, filled into the SQL "
         "that is written once for both engines (the schema's column types, "
-        "the snapshot's packing of uids and sizes)."
+        "the snapshot's packing of uids and sizes and its list of unique ids)."
     )
     ephemeral = Attribute(
         "Whether each connection is a database of its own that ends with it "

@@ -92,14 +92,16 @@ def test_lockAndSnapshot(databaseURL):
     try:
         user = addUser(store, ALICE, "pw")
         empty = resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
-        assert [list(part) for part in empty] == [[], []]
+        assert [list(part) for part in empty] == [[], [], []]
         resultOf(store.locks.release(user.userId))
         bodies = [b"x" * n + b"\r\n" for n in (10, 0, 300000, 7)]
         for body in bodies:
             deliver(store, [ALICE], body)
-        uids, sizes = resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
+        uids, sizes, uniqueIds = resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
         assert list(sizes) == [len(b) for b in bodies]
         assert list(uids) == sorted(uids) and len(set(uids)) == 4
+        # ... and, the maildrop being small, their unique ids with them.
+        assert uniqueIds == [m.uniqueId for m in resultOf(store.listMessages(ALICE))] and len(set(uniqueIds)) == 4
         # Held: a second session is refused.
         with pytest.raises(MaildropInUse):
             resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash))
@@ -126,18 +128,21 @@ def test_unpackSnapshot():
     """
     packed = bytes.fromhex("0000000000000001" "000000012a05f200" "0000000000000009" "0000000000000000")
     for form in (packed, packed.hex()):
-        uids, sizes = unpackSnapshot([("h", form, "a@example.org")], 1, "h", "a@example.org")
-        assert (list(uids), list(sizes)) == ([1, 9], [5000000000, 0])
-    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org")], 1, "h")] == [[], []]
+        uids, sizes, uniqueIds = unpackSnapshot([("h", form, "a@example.org", "u1 u9")], 1, "h", "a@example.org")
+        assert (list(uids), list(sizes), uniqueIds) == ([1, 9], [5000000000, 0], ["u1", "u9"])
+    # Fewer unique ids than messages (the snapshot carries those of a small
+    # maildrop only): the session reads them when asked.
+    assert unpackSnapshot([("h", packed, "a@example.org", b"u1")], 1, "h")[2] is None
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org", None)], 1, "h")] == [[], [], []]
     with pytest.raises(CredentialsChanged):
         unpackSnapshot([], 1, None)
     with pytest.raises(CredentialsChanged):
-        unpackSnapshot([(b"other", None, b"a@example.org")], 1, "h")
+        unpackSnapshot([(b"other", None, b"a@example.org", None)], 1, "h")
     # The address is checked with the password hash: a renamed user's old
     # name no longer opens the maildrop.
     with pytest.raises(CredentialsChanged):
-        unpackSnapshot([(b"h", None, b"new@example.org")], 1, "h", "a@example.org")
-    assert [list(a) for a in unpackSnapshot([(b"h", None, b"new@example.org")], 1, None, "a@example.org")] == [[], []]
+        unpackSnapshot([(b"h", None, b"new@example.org", None)], 1, "h", "a@example.org")
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"new@example.org", None)], 1, None, "a@example.org")] == [[], [], []]
 
 
 def test_consecutiveCallsOfABatchableWriteAreMadeAsOne(tmp_path):

@@ -126,15 +126,15 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
         store.close()
     bob = ids[1]
     with psycopg.connect(url, autocommit=True) as conn:
-        expected = conn.execute("SELECT uid, size FROM maildrop WHERE user_id = %s", (bob,)).fetchall()
-    assert len(expected) == 300 and len({size for _, size in expected}) > 100
-    uids, got = reactor.wait(locks.acquireAndSnapshot(bob, None))
-    assert list(zip(uids, got)) == sorted(expected)
+        expected = conn.execute("SELECT uid, size, uidl FROM maildrop WHERE user_id = %s", (bob,)).fetchall()
+    assert len(expected) == 300 and len({size for _, size, _ in expected}) > 100
+    uids, got, uniqueIds = reactor.wait(locks.acquireAndSnapshot(bob, None))
+    assert list(zip(uids, got, uniqueIds)) == sorted(expected)
     reactor.wait(locks.release(bob))
     # An empty maildrop.
     alice = ids[0]
-    uids, got = reactor.wait(locks.acquireAndSnapshot(alice, None))
-    assert (list(uids), list(got)) == ([], [])
+    uids, got, uniqueIds = reactor.wait(locks.acquireAndSnapshot(alice, None))
+    assert (list(uids), list(got), uniqueIds) == ([], [], [])
     assert lockHolders(url) != []
     reactor.wait(locks.release(alice))
     assert lockHolders(url) == []

@@ -1363,3 +1363,37 @@ def test_whereDotLinesBeginIsKeptFromDelivery(anyStore):
         assert resultOf(maildrop.openMessage(2)).needsStuffing is True
     finally:
         maildrop.release()
+
+
+def test_aSmallMaildropsUniqueIdsComeWithTheLogin(anyStore, tripsTo):
+    """
+    The unique ids of a maildrop of up to SNAPSHOT_UNIQUE_IDS messages are
+    read with the login's snapshot, so UIDL (asked by nearly every client
+    that leaves mail on the server) costs no trip to the database; a
+    larger maildrop's are read when asked, a range at a time.
+    """
+    from mailgate.store.snapshot import SNAPSHOT_UNIQUE_IDS
+
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    delivered = [deliver(store, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)[ALICE] for n in range(5)]
+    maildrop = openFor(store, ALICE)
+    try:
+        trips = tripsTo(store)
+        assert resultOf(maildrop.uniqueIds(0, 5)) == delivered
+        assert resultOf(maildrop.uniqueIds(3, 1)) == delivered[3:4]
+        assert resultOf(maildrop.uniqueIds(5, 1)) == []
+        assert trips == []
+    finally:
+        maildrop.release()
+    message = spoolBytes(b"Subject: many\r\n\r\nbody\r\n")
+    for _ in range(SNAPSHOT_UNIQUE_IDS + 1 - len(delivered)):
+        delivered.append(resultOf(store.deliver([ALICE], message))[ALICE])
+    maildrop = openFor(store, ALICE)
+    try:
+        trips = tripsTo(store)
+        assert resultOf(maildrop.uniqueIds(0, len(delivered))) == delivered
+        assert resultOf(maildrop.uniqueIds(1000, 2)) == delivered[1000:]
+        assert trips == ["_uniqueIds", "_uniqueIds"]
+    finally:
+        maildrop.release()

@@ -123,6 +123,7 @@ class PostgresEngine:
         "without_rowid": "",
         # Big-endian 64-bit pairs, as binary: decoded in C on arrival.
         "uid_size_pairs": "string_agg(int8send(uid) || int8send(size), '' ORDER BY uid)",
+        "uidl_list": "string_agg(uidl, ' ' ORDER BY uid)",
     }
 
     def __init__(self, url):

@@ -22,10 +22,19 @@ from array import array
 
 from mailgate.errors import CredentialsChanged
 
+#: The most messages whose unique ids come with the snapshot: a client
+#: that asks for UIDL (nearly every one that leaves mail on the server)
+#: then has them without another trip to the database; a larger maildrop
+#: reads them when asked, so that a login never reads megabytes of ids.
+SNAPSHOT_UNIQUE_IDS = 1000
+
 SNAPSHOT = (
     "SELECT password_hash, "
     "(SELECT {uid_size_pairs} FROM (SELECT uid, size FROM maildrop WHERE user_id = $1 ORDER BY uid) AS m) "
-    ", address FROM users WHERE user_id = $1"
+    ", address, "
+    "(SELECT {uidl_list} FROM (SELECT uid, uidl FROM maildrop WHERE user_id = $1 ORDER BY uid "
+    f"LIMIT {SNAPSHOT_UNIQUE_IDS}) AS u) "
+    "FROM users WHERE user_id = $1"
 )
 
 
@@ -43,19 +52,22 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
 
     @param rows: the rows it returned: none if the user is gone, else one
         with the stored password hash, the packed pairs (C{bytes}, or
-        hexadecimal text) and the user's address, each as C{str} or as
-        UTF-8 C{bytes}.
+        hexadecimal text), the user's address and the unique ids
+        separated by spaces (the first L{SNAPSHOT_UNIQUE_IDS}),
+        each as C{str} or as UTF-8 C{bytes}.
     @param passwordHash: the hash the login was verified against, or
         C{None} to skip the checks.
     @param address: the address the login was made under, or C{None} not
         to check it (checked only with C{passwordHash}).
-    @return: C{(uids, sizes)}, two C{array("q")}.
+    @return: C{(uids, sizes, uniqueIds)}: two C{array("q")}, and a list
+        of the messages' unique ids in the same order, or C{None} if the
+        maildrop has more than L{SNAPSHOT_UNIQUE_IDS} messages.
     @raise CredentialsChanged: the user is gone, their hash is no longer
         C{passwordHash}, or their address no longer C{address}.
     """
     if not rows:
         raise CredentialsChanged(userId)
-    storedHash, packed, storedAddress = rows[0]
+    storedHash, packed, storedAddress, listed = rows[0]
     if passwordHash is not None:
         if _text(storedHash) != passwordHash:
             raise CredentialsChanged(userId)
@@ -68,7 +80,13 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
         pairs.frombytes(packed)
         if sys.byteorder == "little":
             pairs.byteswap()
-    return pairs[0::2], pairs[1::2]
+    uids = pairs[0::2]
+    # RFC 1939 unique ids are printable characters without spaces.
+    uniqueIds = _text(listed).split(" ") if listed else []
+    if len(uniqueIds) != len(uids):
+        # Not all of them: a large maildrop's are read when asked.
+        uniqueIds = None
+    return uids, pairs[1::2], uniqueIds
 
 
 def _text(value):

@@ -775,7 +775,8 @@ class SQLMaildrop:
     """
     One session's snapshot of a maildrop: the ids and sizes of the messages
     present at login, in two compact arrays (a 100,000-message maildrop costs
-    about 1.6 MB).  Unique ids and bodies are read on demand.
+    about 1.6 MB), and a small maildrop's unique ids.  Bodies, and a large
+    maildrop's unique ids, are read on demand.
     """
 
     #: messages read ahead per trip to the database, and their octets
@@ -786,12 +787,16 @@ class SQLMaildrop:
     headerReadAhead = 100
     headerReadAheadOctets = 256 * 1024
 
-    def __init__(self, store, identity, uids, sizes):
+    def __init__(self, store, identity, uids, sizes, uniqueIds=None):
         self._store = store
         self._userId = identity.userId
         self.address = identity.address
         self._uids = uids
         self.sizes = sizes
+        # A small maildrop's unique ids came with the snapshot (its rows are
+        # the session's while the lock is held); a large one's are read
+        # when asked for.
+        self._uniqueIds = uniqueIds
         self._released = False
         self._ahead = {}
         self.peer = None
@@ -820,6 +825,8 @@ class SQLMaildrop:
         return self._store.retention.daysFor(self._userId)
 
     def uniqueIds(self, first, count):
+        if self._uniqueIds is not None:
+            return defer.succeed(self._uniqueIds[first : first + count])
         uids = self._uids[first : first + count]
         if not uids:
             return defer.succeed([])

@@ -69,6 +69,7 @@ class SQLiteEngine:
         "without_rowid": "WITHOUT ROWID",
         # SQLite formats no binary: the pairs travel as hexadecimal text.
         "uid_size_pairs": "group_concat(printf('%016x%016x', uid, size), '')",
+        "uidl_list": "group_concat(uidl, ' ')",
     }
 
     def __init__(self, path, readers=2):
