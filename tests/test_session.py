@@ -101,10 +101,17 @@ def test_piecesLeaveInOneSendWithoutBeingJoined(connection):
     """
     A reply in pieces (a stuffed message: views of the stored octets with
     the added dots between them) goes out in order, sent at once, and
-    held with the other replies of a read.
+    held with the other replies of a read; small ones joined, large ones
+    as they are.
     """
     transport, protocol, client, reactor = connection
     writer = ReplyWriter(protocol)
+    for joinBelow in (0, 100):
+        writer.joinBelow = joinBelow
+        sendPieces(writer, client, reactor, transport)
+
+
+def sendPieces(writer, client, reactor, transport):
     body = b"..a\r\n.b\r\n"
     view = memoryview(body)
     writer.writeParts([b"+OK\r\n", view[:5], b".", view[5:], b".\r\n"])

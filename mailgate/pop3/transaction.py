@@ -175,9 +175,13 @@ class TransactionCommands:
         if whole is not None and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize)):
             # The whole message, or for TOP n 0 its whole header, in one
             # piece (nearly every message): stuffed and sent in one write.
+            out = self._out
             parts = stuffedParts(whole, body.needsStuffing, getattr(body, "dotOffsets", None))
-            parts.insert(0, status)
-            self._out.writeParts(parts)
+            if len(whole) <= out.joinBelow:
+                out.write(status + b"".join(parts))
+            else:
+                parts.insert(0, status)
+                out.writeParts(parts)
             if bodyLines is None:
                 self.factory.metrics.retrieved(body.size)
             return None

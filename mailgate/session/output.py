@@ -39,6 +39,10 @@ class ReplyWriter:
     @ivar heldSize: octets held now, waiting for the end of L{holding}.
     """
 
+    #: pieces given to L{writeParts} that add up to at most this many
+    #: octets are joined and written as one
+    joinBelow = 16 * 1024
+
     def __init__(self, protocol):
         self._protocol = protocol
         self._held = None
@@ -70,9 +74,14 @@ class ReplyWriter:
         the others if L{holding}: a large reply made of pieces (a stuffed
         message) goes to the kernel without being joined first.
         """
-        if self._held is not None:
+        size = sum(map(len, parts))
+        if size <= self.joinBelow:
+            # Small (a header for TOP): one copy costs less than handing
+            # the kernel several pieces.
+            self.write(b"".join(parts))
+        elif self._held is not None:
             self._held.extend(parts)
-            self.heldSize += sum(map(len, parts))
+            self.heldSize += size
         else:
             _sendNow(self.transport, parts)
 
