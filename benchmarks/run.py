@@ -1238,7 +1238,7 @@ def parseArgs(argv):
     parser.add_argument("--transports", default="plain,tls", help="POP3 over plain TCP and/or implicit TLS (default plain,tls)")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--messages", type=int, default=None)
-    parser.add_argument("--intake-messages", type=int, default=None, help="messages per intake run (default 2000; --quick 60)")
+    parser.add_argument("--intake-messages", type=int, default=None, help="messages per intake run (default 6000, a few seconds like a POP3 measurement; --quick 60)")
     parser.add_argument("--intake-sessions", type=int, default=10)
     parser.add_argument("--intake-size", type=int, default=4096)
     parser.add_argument("--no-intake", action="store_true", help="no LMTP/SMTP intake measurements")
@@ -1276,7 +1276,7 @@ def parseArgs(argv):
         parser.error("--transports takes plain and/or tls")
     args.users = args.users or (3 if quick else corpusModule.STANDARD_USERS)
     args.messages = args.messages or (6 if quick else corpusModule.STANDARD_MESSAGES)
-    args.intake_messages = args.intake_messages or (60 if quick else 2000)
+    args.intake_messages = args.intake_messages or (60 if quick else 6000)
     args.big_messages = args.big_messages or (2000 if quick else 100_000)
     args.idle_sessions = args.idle_sessions or (200 if quick else 10_000)
     args.big_repeats = 2 if quick else args.big_repeats
