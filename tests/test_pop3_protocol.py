@@ -13,6 +13,7 @@ import pytest
 from twisted.logger import Logger, formatEvent
 
 from mailgate.pop3.protocol import POP3Server
+from mailgate.pop3.responses import numberedLines
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, addUser, deliver, resultOf
 
@@ -515,11 +516,24 @@ def test_largeListingIsComplete(store, alice, monkeypatch):
     s.command("DELE 5")
     status, lines = multiline(s.command("LIST"))
     total = POP3Server.listBatch * 2 + 7
-    assert len(lines) == total - 1
-    assert lines[0].startswith("1 ") and lines[-1].startswith(f"{total} ")
+    numbers = [n for n in range(1, total + 1) if n != 5]
+    # Every message of every batch under its own number, with its size.
+    assert lines == [f"{n} {len(b'S: %d' % (n - 1)) + 2}" for n in numbers]
     status, lines = multiline(s.command("UIDL"))
-    assert len(lines) == total - 1
+    assert [int(line.split()[0]) for line in lines] == numbers
     assert len({line.split()[1] for line in lines}) == total - 1
+    for n in (1, POP3Server.listBatch + 1, total):
+        assert s.command(f"UIDL {n}") == f"+OK {lines[numbers.index(n)]}\r\n"
+
+
+def test_numberedLinesOfAListing():
+    assert numberedLines(1, [120, 7]) == b"1 120\r\n2 7\r\n"
+    # Numbered from where the batch starts; deleted messages (0-based
+    # indexes) left out.
+    assert numberedLines(1001, ["a1", "b2", "c3"], {1001}) == b"1001 a1\r\n1003 c3\r\n"
+    assert numberedLines(5, [], {1}) == b""
+    with pytest.raises(UnicodeEncodeError):
+        numberedLines(1, ["caf\u00e9"])
 
 
 # -- the UPDATE state ------------------------------------------------------

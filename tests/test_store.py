@@ -1395,5 +1395,11 @@ def test_aSmallMaildropsUniqueIdsComeWithTheLogin(anyStore, tripsTo):
         assert resultOf(maildrop.uniqueIds(0, len(delivered))) == delivered
         assert resultOf(maildrop.uniqueIds(1000, 2)) == delivered[1000:]
         assert trips == ["_uniqueIds", "_uniqueIds"]
+        # A message gone behind the session's back (not by its own QUIT)
+        # is a temporary failure of the listing, not a listing without it.
+        query(store, "DELETE FROM maildrop WHERE uidl = ?", (delivered[500],))
+        with pytest.raises(TemporaryFailure, match="vanished"):
+            resultOf(maildrop.uniqueIds(0, len(delivered)))
+        assert resultOf(maildrop.uniqueIds(501, 3)) == delivered[501:504]
     finally:
         maildrop.release()

@@ -32,6 +32,25 @@ def terminated(nextBlock):
     return blocks
 
 
+def numberedLines(first, values, deleted=()):
+    """
+    The lines of a LIST or UIDL listing, C{"n value\\r\\n"}: C{values}
+    (sizes or unique ids) numbered from message number C{first}, without
+    the messages whose 0-based index is in C{deleted}.
+
+    Formatted as text and encoded once: a listing of 100,000 unique ids
+    costs a few milliseconds less than formatting each line as bytes.
+    Unique ids are ASCII (RFC 1939: 0x21 to 0x7E); one that is not
+    raises L{UnicodeEncodeError}.
+    """
+    numbers = range(first, first + len(values))
+    if deleted:
+        lines = [f"{n} {v}\r\n" for n, v in zip(numbers, values) if n - 1 not in deleted]
+    else:
+        lines = [f"{n} {v}\r\n" for n, v in zip(numbers, values)]
+    return "".join(lines).encode("ascii")
+
+
 def _endIfNone(block, state):
     if block is None:
         state["ended"] = True

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from mailgate.errors import TemporaryFailure
 from mailgate.pop3.arguments import arguments, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
-from mailgate.pop3.responses import END, MessageBlocks, terminated
+from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
 from mailgate.session import CommandError, SendAborted
 
 UPDATE = "UPDATE"
@@ -70,21 +70,16 @@ class TransactionCommands:
         status = f"+OK {self._count} messages ({self._octets} octets)\r\n".encode("ascii")
         if len(sizes) <= batch:
             # The usual case: the whole listing in one write.
-            lines = [b"%d %d\r\n" % (i + 1, size) for i, size in enumerate(sizes) if i not in deleted]
-            self._out.write(status + b"".join(lines) + b".\r\n")
+            self._out.write(status + numberedLines(1, sizes, deleted) + b".\r\n")
             return None
         self._out.write(status)
         positions = iter(range(0, len(sizes), batch))
 
         def nextBlock():
             for start in positions:
-                lines = [
-                    b"%d %d\r\n" % (i + 1, sizes[i])
-                    for i in range(start, min(start + batch, len(sizes)))
-                    if i not in deleted
-                ]
+                lines = numberedLines(start + 1, sizes[start : start + batch], deleted)
                 if lines:
-                    return b"".join(lines)
+                    return lines
             return END
 
         return self.stream(terminated(nextBlock))
@@ -102,11 +97,7 @@ class TransactionCommands:
         positions = iter(range(0, total, batch))
 
         def format(ids, start):
-            return b"".join(
-                b"%d %s\r\n" % (start + offset + 1, uid.encode("ascii"))
-                for offset, uid in enumerate(ids)
-                if start + offset not in deleted
-            )
+            return numberedLines(start + 1, ids, deleted)
 
         def nextBlock():
             start = next(positions, None)

@@ -835,10 +835,11 @@ class SQLMaildrop:
         )
 
         def inOrder(found):
-            missing = [uid for uid in uids if uid not in found]
-            if missing:
-                raise TemporaryFailure(f"messages {missing[:5]} vanished from the maildrop")
-            return [found[uid] for uid in uids]
+            try:
+                return [found[uid] for uid in uids]
+            except KeyError:
+                missing = [uid for uid in uids if uid not in found]
+                raise TemporaryFailure(f"messages {missing[:5]} vanished from the maildrop") from None
 
         return d.addCallback(inOrder)
 
