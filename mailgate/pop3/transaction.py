@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from mailgate.errors import TemporaryFailure
 from mailgate.pop3.arguments import arguments, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
-from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
+from mailgate.pop3.responses import END, MessageBlocks, keptForLater, numberedLines, terminated
 from mailgate.session import CommandError, SendAborted
 
 UPDATE = "UPDATE"
@@ -99,11 +99,22 @@ class TransactionCommands:
         def format(ids, start):
             return numberedLines(start + 1, ids, deleted)
 
+        def read(start):
+            return self._maildrop.uniqueIds(start, min(batch, total - start)).addCallback(format, start)
+
+        # A long listing asks for each batch one ahead: its trip to the
+        # store overlaps the sending of the one before (one batch, about
+        # 150 KB, waits at most).
+        ahead = []
+
         def nextBlock():
             start = next(positions, None)
             if start is None:
                 return END
-            return self._maildrop.uniqueIds(start, min(batch, total - start)).addCallback(format, start)
+            block = ahead.pop()() if ahead else read(start)
+            if start + batch < total:
+                ahead.append(keptForLater(read(start + batch)))
+            return block
 
         # Read the first batch before answering +OK, so a store failure
         # can still be reported as -ERR.
@@ -119,10 +130,11 @@ class TransactionCommands:
                 self._out.write(status + block + b".\r\n")
                 return None
             self._out.write(status + block)
-            return self.stream(terminated(nextBlock))
+            # Past +OK, a batch that cannot be read ends the session.
+            listed = self.stream(terminated(nextBlock))
+            return listed.addErrback(self._streamBroken, "unique ids")
 
-        first.addCallback(begin)
-        first.addErrback(self._storeError, "unique ids")
+        first.addCallbacks(begin, self._storeError, errbackArgs=("unique ids",))
         return first
 
     def pop3_RETR(self, argument):
@@ -187,19 +199,18 @@ class TransactionCommands:
         if bodyLines is None:
             metrics = self.factory.metrics
             sent.addCallback(lambda _: metrics.retrieved(body.size))
-        return sent.addErrback(self._streamBroken, index)
+        return sent.addErrback(self._streamBroken, f"message {index + 1}")
 
-    def _streamBroken(self, failure, index):
+    def _streamBroken(self, failure, what):
         """
-        The message could not be read after +OK went out.  There is no way
-        to say -ERR in the middle of a multi-line response, so the session
-        ends; the client sees a truncated response, and nothing is deleted.
+        The message (or listing) could not be read after +OK went out.
+        There is no way to say -ERR in the middle of a multi-line response,
+        so the session ends; the client sees a truncated response, and
+        nothing is deleted.
         """
         if failure.check(SendAborted):
             return None
-        self.logFailure(
-            "pop3.read_failed", f"pop3 reading message {index + 1} failed mid-response", failure
-        )
+        self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response", failure)
         self._endSession("message read failed")
         self.close(abort=True)
         return None
