@@ -12,9 +12,8 @@ import hashlib
 import pytest
 from twisted.logger import Logger, formatEvent
 
-from mailgate.errors import TemporaryFailure
 from mailgate.pop3.protocol import POP3Server
-from mailgate.pop3.responses import keptForLater, numberedLines
+from mailgate.pop3.responses import numberedLines
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, addUser, deliver, resultOf
 
@@ -535,44 +534,6 @@ def test_numberedLinesOfAListing():
     assert numberedLines(5, [], {1}) == b""
     with pytest.raises(UnicodeEncodeError):
         numberedLines(1, ["caf\u00e9"])
-
-
-def test_aBlockKeptForLater():
-    from twisted.internet import defer
-
-    early = defer.succeed(b"early")
-    assert resultOf(keptForLater(early)()) == b"early"
-    pending = defer.Deferred()
-    later = keptForLater(pending)
-    wanted = later()
-    pending.callback(b"late")
-    assert resultOf(wanted) == b"late"
-    failed = defer.fail(TemporaryFailure("gone"))
-    with pytest.raises(TemporaryFailure):
-        resultOf(keptForLater(failed)())
-
-
-def test_aBlockNeverWantedFailsQuietly():
-    """
-    A batch asked for ahead whose session ended first: its failure is
-    dropped, not logged as an unhandled error when it is collected.
-    """
-    import gc
-
-    from twisted.internet import defer
-    from twisted.logger import globalLogPublisher
-
-    logged = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
-        pending = defer.Deferred()
-        keptForLater(pending)
-        pending.errback(TemporaryFailure("gone"))
-        del pending
-        gc.collect()
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
-    assert [e for e in logged if e.get("log_failure") is not None] == []
 
 
 # -- the UPDATE state ------------------------------------------------------

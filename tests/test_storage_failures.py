@@ -15,13 +15,12 @@ L{mailgate.errors.TemporaryFailure} and changes nothing.
 import sqlite3
 
 import pytest
-from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailgate.errors import TemporaryFailure
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
 from mailgate.pop3.protocol import POP3Server
-from mailgate.store.sql import CHUNK_SIZE, SQLMaildrop
+from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import (
     FaultInjectingStore,
     POP3Session,
@@ -133,38 +132,6 @@ def test_aMessageThatFailsHalfWayEndsTheSession(faulty):
     assert 0 < len(sent) < len(message) and message.startswith(sent)
     assert s.disconnected
     assert stored(faulty, ALICE) == [len(message)]
-
-
-def test_aLongUIDLListingAsksForEachBatchOneAhead(store, monkeypatch):
-    """
-    A listing longer than a batch asks the store for the next batch as it
-    takes one, before the one taken is written: the next batch's trip to
-    the database overlaps the sending of this one.  (Here each trip takes
-    a second of the session's clock.)
-    """
-    monkeypatch.setattr(POP3Server, "uidlBatch", 3)
-    addUser(store, ALICE, PASSWORD)
-    for n in range(8):
-        deliver(store, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)
-    s = loggedIn(store)
-    asked = []
-    immediate = SQLMaildrop.uniqueIds
-
-    def slow(maildrop, first, count):
-        asked.append(first)
-        d = defer.Deferred()
-        s.clock.callLater(1, lambda: immediate(maildrop, first, count).chainDeferred(d))
-        return d
-
-    monkeypatch.setattr(SQLMaildrop, "uniqueIds", slow)
-    assert s.send(b"UIDL\r\n") == b""
-    assert asked == [0, 3]
-    sent = s.advance(1)
-    assert sent.startswith(b"+OK unique-id listing follows\r\n1 ")
-    assert sent.count(b"\r\n") == 7 and asked == [0, 3, 6]
-    rest = s.advance(1)
-    assert rest.startswith(b"7 ") and rest.endswith(b"\r\n.\r\n")
-    assert asked == [0, 3, 6]
 
 
 def test_aUIDLListingThatFailsHalfWayEndsTheSession(faulty, monkeypatch):

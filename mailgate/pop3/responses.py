@@ -8,7 +8,6 @@ L{mailgate.session.CommandSession.stream} sends, paced by the transport.
 """
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from mailgate.pop3.dotstuff import DotStuffer
 
@@ -31,28 +30,6 @@ def terminated(nextBlock):
         return _endIfNone(block, state)
 
     return blocks
-
-
-def keptForLater(d):
-    """
-    Hold what the L{Deferred} C{d} fires with until it is wanted: a block
-    asked of the store ahead of time, so that its trip to the database
-    overlaps the sending of the block before it.
-
-    @return: a function that returns a L{Deferred} of C{d}'s result, to be
-        called once.  If it is never called (the session ended first), a
-        failure of C{d} is dropped, not logged as unhandled.
-    """
-    box = []
-    d.addBoth(box.append)
-
-    def later():
-        if box:
-            value = box[0]
-            return defer.fail(value) if isinstance(value, Failure) else defer.succeed(value)
-        return d.addCallback(lambda _: box[0])
-
-    return later
 
 
 def numberedLines(first, values, deleted=()):
