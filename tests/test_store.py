@@ -1308,6 +1308,33 @@ def test_chunksSurviveTheMoveToARowidTable(databaseURL):
         store.close()
 
 
+def test_postgresCompressesMessageChunksWithLz4(postgresURL):
+    """
+    Schema 7: on PostgreSQL a delivered message's chunks are compressed
+    with lz4 (cheaper than the default pglz at delivery and at RETR), and
+    read back as they were delivered.  (Debian's PostgreSQL, the one CI
+    runs, is built with lz4; a server without it keeps pglz.)
+    """
+    store = openSynchronousStore(postgresURL)
+    try:
+        assert query(
+            store,
+            "SELECT attcompression FROM pg_attribute "
+            "WHERE attrelid = 'body_chunks'::regclass AND attname = 'data'",
+        ) == [("l",)]
+        addUser(store, ALICE, "pw")
+        message = b"Subject: text\r\n\r\n" + b"a line of plain text mail\r\n" * 400
+        deliver(store, [ALICE], message)
+        assert query(store, "SELECT pg_column_compression(data) FROM body_chunks") == [("lz4",)]
+        maildrop = openFor(store, ALICE)
+        try:
+            assert readAll(resultOf(maildrop.openMessage(0))) == message
+        finally:
+            maildrop.release()
+    finally:
+        store.close()
+
+
 def test_whetherAMessageNeedsStuffingIsKnownFromItsDelivery(anyStore):
     """
     A delivered message says whether POP3 must dot-stuff it (a line

