@@ -204,7 +204,7 @@ class TransactionCommands:
         if failure.check(SendAborted):
             return None
         self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response", failure)
-        self._endSession("message read failed")
+        self._endSession(f"{what} could not be read")
         self.close(abort=True)
         return None
 
