@@ -273,6 +273,51 @@ def test_aMessageWhoseRowsAreGoneFailsTemporarilyAndAlone(store, dbpath):
     finally:
         resultOf(maildrop.release())
 
+def _readWhole(body):
+    pieces = []
+    while True:
+        piece = resultOf(body.read())
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+
+
+def test_aLargeMessageMissingAChunkInTheMiddleFailsAtThatChunk(store, dbpath):
+    """
+    A message of many chunks, one of them gone from the database: reading
+    it gives every octet before the gap and then fails with
+    TemporaryFailure, never the chunks after the gap in its place (the
+    client would get a message with a hole, its size still announced).
+    """
+    addUser(store, ALICE, PASSWORD)
+    line = b"z" * 98 + b"\r\n"
+    body = b"Subject: long\r\n\r\n" + line * (CHUNK_SIZE * 7 // len(line))
+    deliver(store, [ALICE], body)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    try:
+        whole = _readWhole(resultOf(maildrop.openMessage(0)))
+        assert whole == body
+        with sqlite3.connect(dbpath) as other:
+            other.execute("DELETE FROM body_chunks WHERE seq = 3")
+        opened = resultOf(maildrop.openMessage(0))
+        pieces = []
+        with pytest.raises(TemporaryFailure, match="chunk 3 is missing"):
+            while True:
+                piece = resultOf(opened.read())
+                assert piece, "the message ended without its missing chunk"
+                pieces.append(piece)
+        got = b"".join(pieces)
+        assert body.startswith(got)
+        chunkSizes = [
+            length for (length,) in sqlite3.connect(dbpath).execute(
+                "SELECT length(data) FROM body_chunks ORDER BY seq"
+            )
+        ]
+        assert len(got) == sum(chunkSizes[:3])
+    finally:
+        resultOf(maildrop.release())
+
+
 
 def test_readAheadServesTheNextMessagesInOneTrip(store, dbpath, tripsTo):
     """

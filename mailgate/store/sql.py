@@ -665,8 +665,9 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
 
 def _readChunks(cursor, owner, bodyId, seq, count):
     """
-    Chunks C{seq} to C{seq + count - 1}, joined; fewer at the end of the
-    body.
+    Chunks C{seq} to C{seq + count - 1}, a list in order; fewer at the end
+    of the body.  Not joined: each goes out as it is, and joining them
+    would copy every octet of a large message once more.
     """
     cursor.execute(
         "SELECT seq, data FROM body_chunks WHERE owner_id = ? AND body_id = ? "
@@ -674,9 +675,14 @@ def _readChunks(cursor, owner, bodyId, seq, count):
         (owner, bodyId, seq, seq + count),
     )
     rows = cursor.fetchall()
-    if not rows or rows[0][0] != seq:
+    chunks = []
+    for expected, (got, data) in enumerate(rows, seq):
+        if got != expected:
+            break
+        chunks.append(bytes(data))
+    if not chunks:
         raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
-    return b"".join(bytes(data) for _, data in rows)
+    return chunks
 
 
 # -- the store -------------------------------------------------------------
@@ -943,26 +949,32 @@ class SQLMessageBody:
         # Unknown (NULL) counts as needing it.
         self.needsStuffing = needsStuffing
         self.dotOffsets = dotOffsets
-        self._pending = first
+        # Chunks read and not yet handed out, the next one last.
+        self._pending = [first]
         self._sent = 0
         self._seq = 1
         # The whole message, when its first piece is all of it.
         self.whole = first if len(first) >= size else None
 
     def read(self):
-        if self._pending is not None:
-            chunk, self._pending = self._pending, None
+        if self._pending:
+            chunk = self._pending.pop()
             self._sent += len(chunk)
             return defer.succeed(chunk)
         if self._sent >= self.size:
             return defer.succeed(b"")
         seq = self._seq
-        self._seq += self.chunksPerRead
         d = self._database.runInteraction(
             _readChunks, self._owner, self._bodyId, seq, self.chunksPerRead
         )
 
-        def got(chunk):
+        def got(chunks):
+            # A chunk missing in the middle ends what this trip returns;
+            # the next read asks for it again, and fails if it is gone.
+            self._seq = seq + len(chunks)
+            chunks.reverse()
+            self._pending = chunks
+            chunk = chunks.pop()
             self._sent += len(chunk)
             return chunk
 
