@@ -44,7 +44,7 @@ def threaded(url, threads):
 
 def reactorDriven(url, threads):
     engine = engineFromURL(url)
-    conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectForLocks, [LOCK, UNLOCK]), "bench")
+    conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectPrepared, [LOCK, UNLOCK]), "bench")
 
     @defer.inlineCallbacks
     def one():

@@ -73,6 +73,36 @@ class IMessageBody(Interface):
         """
 
 
+class IMessageReads(Interface):
+    """
+    Where a store's POP3 sessions read messages from: the statements of
+    L{mailgate.store.reads}, run as the engine runs them best (on the
+    database's reader threads, or on connections the reactor drives).
+    Each fails with L{mailgate.errors.TemporaryFailure} when the database
+    cannot answer.
+    """
+
+    def openMessages(userId, uids, headerOnly, headerBudget):
+        """
+        Open the first of C{uids} (the user's message uids, in order) and
+        read the others ahead: a L{Deferred} of what
+        L{mailgate.store.reads.openedMessages} returns.  For
+        C{headerOnly}, the headers' octets only, while they add up to
+        C{headerBudget}.
+        """
+
+    def readChunks(owner, bodyId, seq, count):
+        """
+        A L{Deferred} of a body's chunks from C{seq}, at most C{count}, a
+        list in order (see L{mailgate.store.reads.chunksInOrder}).
+        """
+
+    def close():
+        """
+        Let go of any connection; reads asked for after this fail.
+        """
+
+
 class IMaildrop(Interface):
     """
     A POP3 session's view of one user's maildrop: the avatar the realm
@@ -554,6 +584,12 @@ class IEngine(Interface):
         """
         The L{IMaildropLocks} for a store on C{database} (an L{IDatabase}):
         driven by the database's C{reactor}, or inline when it has none.
+        """
+
+    def makeMessageReads(database):
+        """
+        The L{IMessageReads} for a store on C{database} (an L{IDatabase}):
+        how its POP3 sessions read messages.
         """
 
 

@@ -33,7 +33,7 @@ def connection(postgresURL):
     threads = WorkerThreads(reactor, 1, "test-connect")
     threads.start()
     conn = ReactorConnection(
-        reactor, lambda: threads.submit(engine.connectForLocks, [ECHO, DIVIDE, SLEEP, BLOB, LENGTH]), "test connection"
+        reactor, lambda: threads.submit(engine.connectPrepared, [ECHO, DIVIDE, SLEEP, BLOB, LENGTH]), "test connection"
     )
     yield conn, reactor, postgresURL
     reactor.wait(conn.close())
@@ -150,7 +150,7 @@ def test_anUnreachableServerFailsEverythingQueued():
     try:
         # Port 1 on loopback: nothing listens there.
         engine = engineFromURL("postgresql://nobody@127.0.0.1:1/nothing")
-        conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectForLocks, [ECHO]), "test")
+        conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectPrepared, [ECHO]), "test")
         pending = [echo(conn, n) for n in range(3)]
         for d in pending:
             failure = reactor.wait(d)

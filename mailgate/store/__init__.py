@@ -65,7 +65,7 @@ def openSynchronousStore(url, migrate=True):
     except BaseException:
         database.close()
         raise
-    return SQLMailStore(database, engine.makeLocks(database))
+    return SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
 
 
 def openStore(url, reactor, server=True, metrics=None):
@@ -102,6 +102,6 @@ def openStore(url, reactor, server=True, metrics=None):
     except BaseException:
         engine.releaseServer()
         raise
-    store = SQLMailStore(database, engine.makeLocks(database))
+    store = SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
     store.metrics = metrics
     return store

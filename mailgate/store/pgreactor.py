@@ -33,8 +33,11 @@ from zope.interface import implementer
 from mailgate.errors import TemporaryFailure
 
 #: parameter type OIDs, for L{Statement.types}
+INT4 = 23
 INT8 = 20
+TEXT = 25
 OID = 26
+INT8_ARRAY = 1016
 
 
 def oneLine(error):

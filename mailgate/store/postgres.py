@@ -22,10 +22,20 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse, TemporaryFailure
-from mailgate.interfaces import IEngine, IMaildropLocks
-from mailgate.store import pgreactor
+from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
+from mailgate.store import pgreactor, reads
 from mailgate.store.database import WorkerThreads
-from mailgate.store.pgreactor import INT8, OID, BlockingConnection, ReactorConnection, Statement, oneLine
+from mailgate.store.pgreactor import (
+    INT4,
+    INT8,
+    INT8_ARRAY,
+    OID,
+    TEXT,
+    BlockingConnection,
+    ReactorConnection,
+    Statement,
+    oneLine,
+)
 from mailgate.store.snapshot import snapshotQuery, unpackSnapshot
 
 CONNECT_TIMEOUT = 10
@@ -232,10 +242,11 @@ class PostgresEngine:
     def releaseServer(self):
         pass
 
-    def connectForLocks(self, statements):
+    def connectPrepared(self, statements):
         """
-        A connection for L{AdvisoryLocks}, made in blocking mode (on a
-        worker thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
+        A connection for the reactor to drive (L{AdvisoryLocks},
+        L{ReactorMessageReads}), made in blocking mode (on a worker
+        thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
         """
         setup = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
         setup += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
@@ -259,6 +270,15 @@ class PostgresEngine:
         if self._namespace is None:
             raise RuntimeError("the lock namespace is known once a lock connection is made")
         return self._namespace
+
+    def makeMessageReads(self, database):
+        """
+        Message reads on connections of their own driven by the database's
+        reactor, or as read transactions for a database without one.
+        """
+        if database.reactor is None:
+            return reads.ThreadedMessageReads(database)
+        return ReactorMessageReads(self, database.reactor, database.metrics)
 
     def makeLocks(self, database):
         """
@@ -372,7 +392,7 @@ class AdvisoryLocks:
     # Connecting
 
     def _connectNow(self):
-        return self._engine.connectForLocks(_LOCK_STATEMENTS)
+        return self._engine.connectPrepared(_LOCK_STATEMENTS)
 
     def _connectLater(self):
         if not self._started:
@@ -542,3 +562,159 @@ class AdvisoryLocks:
 
 
 
+
+
+# What a POP3 session reads (see mailgate.store.reads), as prepared
+# statements whose answers come in binary: the octets as they are stored.
+_OPEN = Statement(
+    "mailgate_open", reads.OPEN.format(user="$1", inUids="= ANY($2)"), [INT8, INT8_ARRAY], binary=True
+)
+_OPEN_HEADERS = Statement(
+    "mailgate_open_headers",
+    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4"),
+    [INT8, INT8_ARRAY, INT8, INT8],
+    binary=True,
+)
+_CHUNKS = Statement(
+    "mailgate_chunks",
+    reads.CHUNKS.format(owner="$1", body="$2", low="$3", high="$4"),
+    [INT8, TEXT, INT4, INT4],
+    binary=True,
+)
+_READ_STATEMENTS = (_OPEN, _OPEN_HEADERS, _CHUNKS)
+
+
+def _integer(value):
+    return None if value is None else int.from_bytes(value, "big", signed=True)
+
+
+def _text(value):
+    return str(value).encode("ascii")
+
+
+def _openedRow(row):
+    uid, owner, bodyId, size, headerSize, dotLines, dotAt, data = row
+    return (
+        _integer(uid),
+        _integer(owner),
+        bodyId.decode("utf-8"),
+        _integer(size),
+        _integer(headerSize),
+        _integer(dotLines),
+        dotAt,
+        data,
+    )
+
+
+@implementer(IMessageReads)
+class ReactorMessageReads:
+    """
+    POP3 message reads on a few connections of their own (L{connections}),
+    driven by the reactor like the lock connections: a read is a write to a
+    socket and an answer decoded by libpq in C when it arrives, without
+    the two hand-overs between threads and the driver's Python per
+    statement that a read on a worker thread costs.  A fetch of a whole
+    maildrop makes a trip per few messages, and per 512 KiB of a large
+    one, so this is most of what a session costs the node besides its own
+    protocol work.
+
+    A read goes to the least busy connection.  Reads change nothing, so
+    one whose connection was lost under it is asked once more (of a new
+    connection), as a read transaction on a worker thread would be.
+
+    @cvar connections: read connections per node.
+    """
+
+    connections = 4
+
+    def __init__(self, engine, reactor, metrics=None):
+        self._engine = engine
+        self._metrics = metrics
+        self._reactor = reactor
+        # Connections are made on a thread of their own, as the locks' are.
+        self._connector = WorkerThreads(reactor, 1, "mailgate-read-connect")
+        self._started = False
+        self._slots = [
+            _LockSlot(ReactorConnection(reactor, self._connectLater, f"message read connection {i}"))
+            for i in range(self.connections)
+        ]
+
+    def _connectLater(self):
+        if not self._started:
+            self._started = True
+            self._connector.start()
+        return self._connector.submit(self._engine.connectPrepared, _READ_STATEMENTS)
+
+    def _execute(self, statement, params, retry=True):
+        slot = min(self._slots, key=lambda slot: slot.busy)
+        slot.busy += 1
+        d = slot.connection.execute(statement, params)
+
+        def finished(result):
+            slot.busy -= 1
+            return result
+
+        def failed(failure):
+            # Lost: the connection was (the statement's own error may be the
+            # first to say so: the server's "terminating connection").
+            lost = not slot.connection.connected
+            if failure.check(psycopg.Error):
+                lost = lost or self._engine.isDisconnect(failure.value)
+            elif not failure.check(TemporaryFailure):
+                lost = False
+            if retry and lost:
+                return self._execute(statement, params, retry=False)
+            if failure.check(psycopg.Error):
+                raise TemporaryFailure(f"reading messages: {oneLine(failure.value)}") from failure.value
+            return failure
+
+        return d.addBoth(finished).addErrback(failed)
+
+    def _run(self, operation, statement, params, decode):
+        """
+        Run C{statement}, C{decode} its rows, and tell the metrics how long
+        it took (as C{operation}, the name a read on a worker thread has)
+        or that it failed.
+        """
+        metrics = self._metrics
+        if metrics is None:
+            return self._execute(statement, params).addCallback(decode)
+        started = self._reactor.seconds()
+
+        def failed(failure):
+            metrics.databaseError()
+            return failure
+
+        def measured(result):
+            metrics.databaseOperation(operation, self._reactor.seconds() - started)
+            return result
+
+        return self._execute(statement, params).addCallbacks(decode, failed).addBoth(measured)
+
+    def openMessages(self, userId, uids, headerOnly, headerBudget):
+        params = [_text(userId), ("{" + ",".join(map(str, uids)) + "}").encode("ascii")]
+        if headerOnly:
+            statement = _OPEN_HEADERS
+            params += [_text(headerBudget), _text(uids[0])]
+        else:
+            statement = _OPEN
+
+        def decode(rows):
+            return reads.openedMessages([_openedRow(row) for row in rows], uids, headerOnly)
+
+        return self._run("openMessages", statement, params, decode)
+
+    def readChunks(self, owner, bodyId, seq, count):
+        params = [_text(owner), bodyId.encode("utf-8"), _text(seq), _text(seq + count)]
+
+        def decode(rows):
+            return reads.chunksInOrder([(_integer(got), data) for got, data in rows], bodyId, seq)
+
+        return self._run("readChunks", _CHUNKS, params, decode)
+
+    def close(self):
+        closing = [slot.connection.close() for slot in self._slots]
+        if self._started:
+            self._started = False
+            self._connector.stop()
+        return defer.DeferredList(closing, consumeErrors=True).addBoth(lambda _: None)

@@ -21,9 +21,9 @@ from mailgate.errors import NoSuchUser, QuotaExceeded, TemporaryFailure, UserExi
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
+from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads
 from mailgate.records import MessageInfo, UserRecord, UserSummary
 
-CHUNK_SIZE = 128 * 1024
 _IN_BATCH = 500
 
 
@@ -432,21 +432,6 @@ def packOffsets(offsets):
     return struct.pack(f"<{len(offsets)}I", *offsets)
 
 
-def unpackOffsets(dotLines, packed):
-    """
-    What L{IMessageBody.dotOffsets} says, from C{dot_lines} and C{dot_at}:
-    C{()} for none, the offsets, or C{None} if unknown.
-    """
-    if dotLines == 0:
-        return ()
-    if packed is None or dotLines is None:
-        return None
-    packed = bytes(packed)
-    if len(packed) % 4:
-        return None
-    return struct.unpack(f"<{len(packed) // 4}I", packed)
-
-
 def _storeLargeBody(cursor, owner, source, refcount, now):
     """
     A body of more than one chunk, streamed from the spool a chunk at a
@@ -594,97 +579,6 @@ def _uniqueIds(cursor, userId, low, high):
     return dict(cursor.fetchall())
 
 
-def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
-    """
-    Open the first of C{uids} and, with it, the ones after it (read ahead:
-    the caller chose them small enough to come in one piece): a client
-    that fetches messages in order, as nearly all do, then finds the next
-    ones already read.  One statement whatever the number of messages,
-    their rows joined with their first chunks.
-
-    For C{headerOnly} (TOP n 0) only the header's octets are returned, and
-    the messages after the first are read ahead while their headers add up
-    to at most C{headerBudget} octets (the database sums them, so the
-    caller need not know the sizes).
-
-    @return: a list of C{(uid, (owner, bodyId, size, headerSize, first,
-        needsStuffing, dotOffsets))}, in the order of C{uids}, the requested
-        message first (C{needsStuffing} is false only for a message known
-        to have no line starting with "."; see L{unpackOffsets}); it stops
-        before the first message that has vanished or is damaged (empty if
-        the requested one has).
-    """
-    marks = ",".join("?" * len(uids))
-    if headerOnly:
-        # A header longer than a chunk spans chunks; such a message's first
-        # chunk is returned whole, and cut by the protocol.
-        cursor.execute(
-            "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, "
-            f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
-            "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
-            "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
-            "SUM(header_size) OVER (ORDER BY uid) AS running "
-            f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})) r "
-            "LEFT JOIN body_chunks c "
-            "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
-            "WHERE r.running <= ? OR r.uid = ?",
-            (userId, *uids, headerBudget, uids[0]),
-        )
-    else:
-        cursor.execute(
-            "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, c.data "
-            "FROM maildrop m LEFT JOIN body_chunks c "
-            "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
-            f"WHERE m.user_id = ? AND m.uid IN ({marks})",
-            (userId, *uids),
-        )
-    rows = {row[0]: row[1:] for row in cursor.fetchall()}
-    opened = []
-    for uid in uids:
-        row = rows.get(uid)
-        if row is None:
-            break
-        owner, bodyId, size, headerSize, dotLines, dotAt, data = row
-        # TOP n 0 wants the header's octets and nothing more; a message
-        # longer than a chunk stores its header as its first chunk.
-        length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
-        if not length:
-            first = b""
-        elif data is None:
-            if not opened:
-                raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
-            break  # a damaged message further on must not fail this one
-        else:
-            first = bytes(data)
-            if length < size:
-                first = first[:length]
-                size = length
-        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0, unpackOffsets(dotLines, dotAt))))
-    return opened
-
-
-def _readChunks(cursor, owner, bodyId, seq, count):
-    """
-    Chunks C{seq} to C{seq + count - 1}, a list in order; fewer at the end
-    of the body.  Not joined: each goes out as it is, and joining them
-    would copy every octet of a large message once more.
-    """
-    cursor.execute(
-        "SELECT seq, data FROM body_chunks WHERE owner_id = ? AND body_id = ? "
-        "AND seq >= ? AND seq < ? ORDER BY seq",
-        (owner, bodyId, seq, seq + count),
-    )
-    rows = cursor.fetchall()
-    chunks = []
-    for expected, (got, data) in enumerate(rows, seq):
-        if got != expected:
-            break
-        chunks.append(bytes(data))
-    if not chunks:
-        raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
-    return chunks
-
-
 # -- the store -------------------------------------------------------------
 
 
@@ -702,9 +596,15 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     metrics = None
 
-    def __init__(self, database, locks, clock=time.time):
+    def __init__(self, database, locks, clock=time.time, reads=None):
+        """
+        @param reads: the L{mailgate.interfaces.IMessageReads} POP3
+            sessions read messages through; by default read transactions
+            of C{database}.
+        """
         self.database = database
         self.locks = locks
+        self.reads = ThreadedMessageReads(database) if reads is None else reads
         self._clock = clock
         # Maildrops opened and not yet released (for the metrics).
         self._opened = 0
@@ -771,6 +671,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def close(self):
         d = defer.maybeDeferred(self.locks.close)
+        d.addBoth(lambda _: self.reads.close())
         d.addBoth(lambda _: self.database.close())
         d.addBoth(lambda _: self.engine.releaseServer())
         return d
@@ -851,16 +752,13 @@ class SQLMaildrop:
 
     def openMessage(self, index, headerOnly=False):
         key = (index, headerOnly)
+        reads = self._store.reads
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
-            return defer.succeed(SQLMessageBody(self._store.database, *ahead))
+            return defer.succeed(SQLMessageBody(reads, *ahead))
         self._ahead = {}
-        d = self._store.database.runInteraction(
-            _openMessages,
-            self._userId,
-            self._readingAhead(index, headerOnly),
-            headerOnly,
-            self.headerReadAheadOctets,
+        d = reads.openMessages(
+            self._userId, self._readingAhead(index, headerOnly), headerOnly, self.headerReadAheadOctets
         )
 
         def opened(rows):
@@ -868,7 +766,7 @@ class SQLMaildrop:
                 raise TemporaryFailure("message vanished from the maildrop")
             for offset, (uid, row) in enumerate(rows[1:], 1):
                 self._ahead[(index + offset, headerOnly)] = row
-            return SQLMessageBody(self._store.database, *rows[0][1])
+            return SQLMessageBody(reads, *rows[0][1])
 
         return d.addCallback(opened)
 
@@ -940,8 +838,11 @@ class SQLMessageBody:
 
     chunksPerRead = 4
 
-    def __init__(self, database, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None):
-        self._database = database
+    def __init__(self, reads, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None):
+        """
+        @param reads: the store's L{mailgate.interfaces.IMessageReads}.
+        """
+        self._reads = reads
         self._owner = owner
         self._bodyId = bodyId
         self.size = size
@@ -964,9 +865,7 @@ class SQLMessageBody:
         if self._sent >= self.size:
             return defer.succeed(b"")
         seq = self._seq
-        d = self._database.runInteraction(
-            _readChunks, self._owner, self._bodyId, seq, self.chunksPerRead
-        )
+        d = self._reads.readChunks(self._owner, self._bodyId, seq, self.chunksPerRead)
 
         def got(chunks):
             # A chunk missing in the middle ends what this trip returns;

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse
 from mailgate.interfaces import IEngine, IMaildropLocks
+from mailgate.store.reads import ThreadedMessageReads
 from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
@@ -232,6 +233,10 @@ class SQLiteEngine:
 
     def makeLocks(self, database):
         return InProcessLocks(database)
+
+    def makeMessageReads(self, database):
+        # SQLite answers from its page cache on the reader threads.
+        return ThreadedMessageReads(database)
 
 
 @implementer(IMaildropLocks)

@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+How a POP3 session reads its messages: the statements that open messages
+(with read-ahead) and read a large body's further chunks, what their rows
+become, and the L{IMessageReads} that runs them as read transactions on
+the database's worker threads (SQLite; PostgreSQL without a reactor).
+
+The statements are written once here; the engines differ only in their
+placeholders: SQLite takes C{?} and a list of them for the uids,
+PostgreSQL's prepared statements C{$n} and an array
+(L{mailgate.store.postgres.ReactorMessageReads}).
+"""
+
+import struct
+
+from zope.interface import implementer
+
+from mailgate.errors import TemporaryFailure
+from mailgate.interfaces import IMessageReads
+
+#: octets per stored chunk of a message body
+CHUNK_SIZE = 128 * 1024
+
+# The message rows of a read-ahead, with the first chunk of each.
+OPEN = (
+    "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, c.data "
+    "FROM maildrop m LEFT JOIN body_chunks c "
+    "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
+    "WHERE m.user_id = {user} AND m.uid {inUids}"
+)
+
+# For TOP n 0: the headers' octets, while they add up to the budget.  A
+# header longer than a chunk spans chunks; such a message's first chunk is
+# returned whole, and cut by the protocol.
+OPEN_HEADERS = (
+    "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, "
+    f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
+    "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
+    "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
+    "SUM(header_size) OVER (ORDER BY uid) AS running "
+    "FROM maildrop WHERE user_id = {user} AND uid {inUids}) r "
+    "LEFT JOIN body_chunks c "
+    "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
+    "WHERE r.running <= {budget} OR r.uid = {first}"
+)
+
+CHUNKS = (
+    "SELECT seq, data FROM body_chunks WHERE owner_id = {owner} AND body_id = {body} "
+    "AND seq >= {low} AND seq < {high} ORDER BY seq"
+)
+
+
+def unpackOffsets(dotLines, packed):
+    """
+    What L{IMessageBody.dotOffsets} says, from C{dot_lines} and C{dot_at}:
+    C{()} for none, the offsets, or C{None} if unknown.
+    """
+    if dotLines == 0:
+        return ()
+    if packed is None or dotLines is None:
+        return None
+    packed = bytes(packed)
+    if len(packed) % 4:
+        return None
+    return struct.unpack(f"<{len(packed) // 4}I", packed)
+
+
+def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
+    """
+    Open the first of C{uids} and, with it, the ones after it (read ahead:
+    the caller chose them small enough to come in one piece): a client
+    that fetches messages in order, as nearly all do, then finds the next
+    ones already read.  One statement whatever the number of messages,
+    their rows joined with their first chunks.
+
+    For C{headerOnly} (TOP n 0) only the header's octets are returned, and
+    the messages after the first are read ahead while their headers add up
+    to at most C{headerBudget} octets (the database sums them, so the
+    caller need not know the sizes).
+
+    @return: see L{openedMessages}.
+    """
+    inUids = "IN (" + ",".join("?" * len(uids)) + ")"
+    if headerOnly:
+        cursor.execute(
+            OPEN_HEADERS.format(user="?", inUids=inUids, budget="?", first="?"),
+            (userId, *uids, headerBudget, uids[0]),
+        )
+    else:
+        cursor.execute(OPEN.format(user="?", inUids=inUids), (userId, *uids))
+    return openedMessages(cursor.fetchall(), uids, headerOnly)
+
+
+def openedMessages(rows, uids, headerOnly):
+    """
+    What opening C{uids} gives, from the rows of L{OPEN} or
+    L{OPEN_HEADERS}, in any order.
+
+    @return: a list of C{(uid, (owner, bodyId, size, headerSize, first,
+        needsStuffing, dotOffsets))}, in the order of C{uids}, the requested
+        message first (C{needsStuffing} is false only for a message known
+        to have no line starting with "."; see L{unpackOffsets}); it stops
+        before the first message that has vanished or is damaged (empty if
+        the requested one has).
+    @raise TemporaryFailure: if the requested message's first chunk is
+        missing.
+    """
+    rows = {row[0]: row[1:] for row in rows}
+    opened = []
+    for uid in uids:
+        row = rows.get(uid)
+        if row is None:
+            break
+        owner, bodyId, size, headerSize, dotLines, dotAt, data = row
+        # TOP n 0 wants the header's octets and nothing more; a message
+        # longer than a chunk stores its header as its first chunk.
+        length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
+        if not length:
+            first = b""
+        elif data is None:
+            if not opened:
+                raise TemporaryFailure(f"message body {bodyId} chunk 0 is missing")
+            break  # a damaged message further on must not fail this one
+        else:
+            first = bytes(data)
+            if length < size:
+                first = first[:length]
+                size = length
+        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0, unpackOffsets(dotLines, dotAt))))
+    return opened
+
+
+def _readChunks(cursor, owner, bodyId, seq, count):
+    """
+    Chunks C{seq} to C{seq + count - 1}: see L{chunksInOrder}.
+    """
+    cursor.execute(CHUNKS.format(owner="?", body="?", low="?", high="?"), (owner, bodyId, seq, seq + count))
+    return chunksInOrder(cursor.fetchall(), bodyId, seq)
+
+
+def chunksInOrder(rows, bodyId, seq):
+    """
+    The chunks from C{seq} on, from the rows C{(seq, data)} of L{CHUNKS},
+    up to the first one missing: a list in order, fewer than asked for at
+    the end of the body.  Not joined: each goes out as it is, and joining
+    them would copy every octet of a large message once more.
+
+    @raise TemporaryFailure: if chunk C{seq} itself is missing.
+    """
+    chunks = []
+    for expected, (got, data) in enumerate(rows, seq):
+        if got != expected:
+            break
+        chunks.append(bytes(data))
+    if not chunks:
+        raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
+    return chunks
+
+
+@implementer(IMessageReads)
+class ThreadedMessageReads:
+    """
+    Message reads as read transactions of the L{mailgate.interfaces.
+    IDatabase}: on its reader threads, or inline for a synchronous one.
+    """
+
+    def __init__(self, database):
+        self._database = database
+
+    def openMessages(self, userId, uids, headerOnly, headerBudget):
+        return self._database.runInteraction(_openMessages, userId, uids, headerOnly, headerBudget)
+
+    def readChunks(self, owner, bodyId, seq, count):
+        return self._database.runInteraction(_readChunks, owner, bodyId, seq, count)
+
+    def close(self):
+        pass
