@@ -98,7 +98,10 @@ class ResponseBuffer:
 
     def __init__(self):
         self._buffer = bytearray()
+        # Where to look on from, and whether a line of the multi-line
+        # response under way starts with "."
         self._scan = 0
+        self._stuffed = False
         self.received = 0
 
     def feed(self, data):
@@ -147,32 +150,41 @@ class ResponseBuffer:
             del buf[:3]
             self._scan = 0
             return b""
-        # The terminator is CRLF "." CRLF, the CRLF ending the last line.  A
-        # stuffed line never looks like it: it starts with "..".
-        end = buf.find(b"\r\n.\r\n", max(0, self._scan - 4))
-        if end < 0:
-            self._scan = len(buf)
-            return None
-        raw = bytes(buf[: end + 2])
-        del buf[: end + 5]
+        # The terminator is CRLF "." CRLF, the CRLF ending the last line.
+        # One scan finds it and the lines starting with "." before it (a
+        # stuffed line starts with ".."): most messages have none, and are
+        # then returned as they came.
+        position = self._scan
+        while True:
+            dot = buf.find(b"\r\n.", position)
+            if dot < 0:
+                self._scan = max(0, len(buf) - 2)
+                return None
+            after = buf[dot + 3 : dot + 5]
+            if len(after) < 2:
+                self._scan = dot
+                return None
+            if after == b"\r\n":
+                break
+            if after[:1] != b".":
+                raise POP3ProtocolError("a line starts with an unstuffed '.'")
+            self._stuffed = True
+            position = dot + 3
+        # One copy out of the buffer (a slice of it would be a second).
+        with memoryview(buf) as view:
+            raw = bytes(view[: dot + 2])
+        del buf[: dot + 5]
         self._scan = 0
-        return unstuff(raw)
-
-
-def unstuff(raw):
-    """
-    Undo dot-stuffing of the lines in C{raw} (CRLF-terminated lines, without
-    the terminating "." line).
-
-    @raise POP3ProtocolError: if a line starts with a single '.'.
-    """
-    if raw.count(b"\r\n.") != raw.count(b"\r\n.."):
-        raise POP3ProtocolError("a line starts with an unstuffed '.'")
-    if raw[:1] == b".":
-        if raw[:2] != b"..":
-            raise POP3ProtocolError("the first line starts with an unstuffed '.'")
-        raw = raw[1:]
-    return raw.replace(b"\r\n..", b"\r\n.")
+        stuffed, self._stuffed = self._stuffed, False
+        if raw[:1] == b".":
+            if raw[:2] != b"..":
+                raise POP3ProtocolError("the first line starts with an unstuffed '.'")
+            raw = raw[1:]
+        if stuffed:
+            # Every line after the first that starts with "." was seen to
+            # start with "..".
+            raw = raw.replace(b"\r\n..", b"\r\n.")
+        return raw
 
 
 def parseListing(body, what):
