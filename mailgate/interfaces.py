@@ -4,7 +4,8 @@ The contracts between mailgate's layers.
 Protocol code (POP3, SMTP, LMTP) talks to storage only through these
 interfaces, so the SQLite and PostgreSQL stores are interchangeable and
 neither protocol knows which one it runs on.  Every storage method returns a
-L{Deferred}: the work runs off the reactor thread.
+L{Deferred}: the work runs off the reactor thread, or on database
+connections the reactor drives without ever waiting on them.
 
 Failures are reported with the exceptions of L{mailgate.errors}:
 L{TemporaryFailure} when the store cannot answer now (the client should retry),
