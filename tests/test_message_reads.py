@@ -171,3 +171,33 @@ def test_aReadWhoseConnectionIsLostIsAskedAgainOnce(running):
     assert not isinstance(results[0], Failure), results[0]
     assert results[0] == inline.reads.readChunks(owner, bodyId, 1, 4).result
     assert len(results[0]) == 4
+
+
+def test_anUnreachableServerFailsAReadOnceWithoutAskingAgain():
+    """
+    PostgreSQL cannot be reached: a read fails with TemporaryFailure after
+    one attempt to connect, not two (each may take the connect timeout).
+    """
+    from mailgate.store import engineFromURL
+    from mailgate.store.postgres import ReactorMessageReads
+
+    reactor = IteratedReactor()
+    # Port 1 on loopback: nothing listens there.
+    engine = engineFromURL("postgresql://nobody@127.0.0.1:1/nothing")
+    attempts = []
+    realConnect = engine.connectPrepared
+
+    def counted(statements):
+        attempts.append(statements)
+        return realConnect(statements)
+
+    engine.connectPrepared = counted
+    reads = ReactorMessageReads(engine, reactor)
+    try:
+        failure = reactor.wait(reads.readChunks(1, "0" * 32, 1, 4))
+        assert isinstance(failure, Failure) and failure.check(TemporaryFailure)
+        assert "cannot connect" in str(failure.value)
+        assert len(attempts) == 1
+    finally:
+        reactor.wait(reads.close())
+        reactor.close()

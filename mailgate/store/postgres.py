@@ -620,7 +620,8 @@ class ReactorMessageReads:
 
     A read goes to the least busy connection.  Reads change nothing, so
     one whose connection was lost under it is asked once more (of a new
-    connection), as a read transaction on a worker thread would be.
+    connection), as a read transaction on a worker thread would be; one
+    that found no connection and could not make one fails at once.
 
     @cvar connections: read connections per node.
     """
@@ -648,6 +649,10 @@ class ReactorMessageReads:
     def _execute(self, statement, params, retry=True):
         slot = min(self._slots, key=lambda slot: slot.busy)
         slot.busy += 1
+        # Only a read sent on a live connection is asked again: one that
+        # waited for a connection that could not be made would wait for the
+        # connect timeout twice.
+        live = slot.connection.connected
         d = slot.connection.execute(statement, params)
 
         def finished(result):
@@ -662,7 +667,7 @@ class ReactorMessageReads:
                 lost = lost or self._engine.isDisconnect(failure.value)
             elif not failure.check(TemporaryFailure):
                 lost = False
-            if retry and lost:
+            if retry and live and lost:
                 return self._execute(statement, params, retry=False)
             if failure.check(psycopg.Error):
                 raise TemporaryFailure(f"reading messages: {oneLine(failure.value)}") from failure.value
