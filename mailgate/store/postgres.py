@@ -310,13 +310,14 @@ _SNAPSHOT = Statement("mailgate_snapshot", snapshotQuery(PostgresEngine), [INT8]
 _LOCK_STATEMENTS = (_LOCK, _UNLOCK, _HELD, _SNAPSHOT)
 
 
-class _LockSlot:
+class _Slot:
     """
-    One lock connection, and how many operations are queued on it or under
-    way (counted on the reactor thread).  A maildrop's lock is taken,
-    checked and released through the same slot (chosen when it is taken,
-    see L{AdvisoryLocks}), because an advisory lock belongs to a database
-    session.
+    One reactor-driven connection, and how many operations are queued on
+    it or under way (counted on the reactor thread), so that work goes to
+    the least busy.  A maildrop's lock is taken, checked and released
+    through the same slot (chosen when it is taken, see L{AdvisoryLocks}),
+    because an advisory lock belongs to a database session; a message read
+    (L{ReactorMessageReads}) goes to whichever is least busy then.
     """
 
     def __init__(self, connection):
@@ -380,7 +381,7 @@ class AdvisoryLocks:
 
     def _setUp(self, engine, connections):
         self._engine = engine
-        self._slots = [_LockSlot(connection) for connection in connections]
+        self._slots = [_Slot(connection) for connection in connections]
         # User id to the lock connection's generation (its count of
         # connections made) when the lock was granted, None while asked.
         self._held = {}
@@ -636,7 +637,7 @@ class ReactorMessageReads:
         self._connector = WorkerThreads(reactor, 1, "mailgate-read-connect")
         self._started = False
         self._slots = [
-            _LockSlot(ReactorConnection(reactor, self._connectLater, f"message read connection {i}"))
+            _Slot(ReactorConnection(reactor, self._connectLater, f"message read connection {i}"))
             for i in range(self.connections)
         ]
 
