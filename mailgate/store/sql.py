@@ -4,7 +4,9 @@ The mail store over SQL, shared by the SQLite and PostgreSQL engines.
 
 Each public method hands one interaction (a function of a cursor) to the
 L{Database}, which runs it off the reactor thread: reads as a transaction of
-their own, writes through the group-commit queue.  Queries use C{?}
+their own, writes through the group-commit queue.  A POP3 session's message
+reads go through the store's L{mailgate.interfaces.IMessageReads} instead
+(L{mailgate.store.reads}), which the engine chooses.  Queries use C{?}
 placeholders; the engine's cursor translates them where the driver wants
 another style.
 """
