@@ -310,6 +310,31 @@ _SNAPSHOT = Statement("mailgate_snapshot", snapshotQuery(PostgresEngine), [INT8]
 _LOCK_STATEMENTS = (_LOCK, _UNLOCK, _HELD, _SNAPSHOT)
 
 
+class _Connector:
+    """
+    Makes the connections the reactor drives, on a worker thread of its own
+    started at the first (libpq resolves names and negotiates TLS with
+    blocking calls).  Called by a L{ReactorConnection} whenever it needs a
+    connection: a L{Deferred} of a C{pq.PGconn}.
+    """
+
+    def __init__(self, reactor, name, connect):
+        self._threads = WorkerThreads(reactor, 1, name)
+        self._connect = connect
+        self._started = False
+
+    def __call__(self):
+        if not self._started:
+            self._started = True
+            self._threads.start()
+        return self._threads.submit(self._connect)
+
+    def stop(self):
+        if self._started:
+            self._started = False
+            self._threads.stop()
+
+
 class _Slot:
     """
     One reactor-driven connection, and how many operations are queued on
@@ -356,13 +381,11 @@ class AdvisoryLocks:
         @param reactor: the reactor that drives the lock connections and
             hands back the connections made on a worker thread.
         """
-        # Connections are made on a thread of their own (libpq resolves
-        # names and negotiates TLS with blocking calls).
-        self._connector = WorkerThreads(reactor, 1, "mailgate-lock-connect")
+        self._connector = _Connector(reactor, "mailgate-lock-connect", self._connectNow)
         self._setUp(
             engine,
             [
-                ReactorConnection(reactor, self._connectLater, f"maildrop lock connection {i}")
+                ReactorConnection(reactor, self._connector, f"maildrop lock connection {i}")
                 for i in range(self.slots)
             ],
         )
@@ -388,18 +411,11 @@ class AdvisoryLocks:
         # User id to [slot, operations in flight] while its lock is held or
         # an operation on it is under way.
         self._routes = {}
-        self._started = False
 
     # Connecting
 
     def _connectNow(self):
         return self._engine.connectPrepared(_LOCK_STATEMENTS)
-
-    def _connectLater(self):
-        if not self._started:
-            self._started = True
-            self._connector.start()
-        return self._connector.submit(self._connectNow)
 
     def _key(self, userId):
         # The namespace is known once a connection has been made, which is
@@ -556,8 +572,7 @@ class AdvisoryLocks:
         self._held.clear()
         self._routes.clear()
         closing = [slot.connection.close() for slot in self._slots]
-        if self._started:
-            self._started = False
+        if self._connector is not None:
             self._connector.stop()
         return defer.DeferredList(closing, consumeErrors=True).addBoth(lambda _: None)
 
@@ -633,19 +648,13 @@ class ReactorMessageReads:
         self._engine = engine
         self._metrics = metrics
         self._reactor = reactor
-        # Connections are made on a thread of their own, as the locks' are.
-        self._connector = WorkerThreads(reactor, 1, "mailgate-read-connect")
-        self._started = False
+        self._connector = _Connector(
+            reactor, "mailgate-read-connect", lambda: engine.connectPrepared(_READ_STATEMENTS)
+        )
         self._slots = [
-            _Slot(ReactorConnection(reactor, self._connectLater, f"message read connection {i}"))
+            _Slot(ReactorConnection(reactor, self._connector, f"message read connection {i}"))
             for i in range(self.connections)
         ]
-
-    def _connectLater(self):
-        if not self._started:
-            self._started = True
-            self._connector.start()
-        return self._connector.submit(self._engine.connectPrepared, _READ_STATEMENTS)
 
     def _execute(self, statement, params, retry=True):
         slot = min(self._slots, key=lambda slot: slot.busy)
@@ -720,7 +729,5 @@ class ReactorMessageReads:
 
     def close(self):
         closing = [slot.connection.close() for slot in self._slots]
-        if self._started:
-            self._started = False
-            self._connector.stop()
+        self._connector.stop()
         return defer.DeferredList(closing, consumeErrors=True).addBoth(lambda _: None)
