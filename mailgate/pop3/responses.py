@@ -71,6 +71,9 @@ class MessageBlocks:
         self._headerLeft = body.headerSize
         self._linesLeft = bodyLines
         self._ended = False
+        if bodyLines is None and getattr(body, "whole", None) is None:
+            # RETR reads it all: the store may read on while it goes out.
+            body.readAhead()
 
     def nextBlock(self):
         if self._ended:
