@@ -36,7 +36,7 @@ def sendNow(transport, data):
     pieces = type(data) is list
     tls = _tlsLayer(transport)
     if tls is not None:
-        _sendThroughTLS(tls, b"".join(data) if pieces else data)
+        _sendThroughTLS(tls, data if pieces else [data])
         return
     if (
         isinstance(transport, tcp.Connection)
@@ -102,10 +102,10 @@ def _tlsLayer(transport):
     return None
 
 
-def _sendThroughTLS(layer, data):
+def _sendThroughTLS(layer, pieces):
     """
-    Write C{data} through a TLS layer over TCP and hand the records it
-    makes to the kernel at once.
+    Write the bytes-like C{pieces} through a TLS layer over TCP, one after
+    the other, and hand the records they make to the kernel at once.
 
     Twisted's TLS transport keeps small writes for the reactor's next turn
     (C{BufferingTLSTransport}: a C{callLater(0)} per reply) to make fewer
@@ -123,7 +123,8 @@ def _sendThroughTLS(layer, data):
     """
     protocol, sink, connection = layer
     if "write" in vars(sink) or not connection.connected:
-        protocol.write(data)
+        for piece in pieces:
+            protocol.write(piece)
         return
     aggregator = getattr(protocol, "_aggregator", None)
     if aggregator is not None and getattr(aggregator, "_buffer", None):
@@ -132,7 +133,8 @@ def _sendThroughTLS(layer, data):
     records = []
     sink.write = records.append
     try:
-        TLSMemoryBIOProtocol.write(protocol, data)
+        for piece in pieces:
+            TLSMemoryBIOProtocol.write(protocol, piece)
     finally:
         del sink.write
     if not records:

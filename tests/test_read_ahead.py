@@ -11,10 +11,12 @@ trip still under way, the store's reads are held until the test lets them
 answer.
 """
 
+import gc
 import sqlite3
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -106,7 +108,8 @@ def blocks(source):
         block = source.nextBlock()
         if block is END:
             return b"".join(out)
-        out.append(resultOf(block))
+        block = resultOf(block)
+        out.extend(block if isinstance(block, list) else [block])
 
 
 def test_heldReadsProvideIMessageReads(alice):
@@ -286,3 +289,95 @@ def test_aChunkReadAheadThatFailsFailsTheReadThatWantsIt(alice, monkeypatch):
                 resultOf(body.read())
     finally:
         resultOf(maildrop.release())
+
+
+def nextBlockNow(source):
+    """
+    The next block of C{source}, which must be ready: a list of the parts
+    written together.
+    """
+    block = source.nextBlock()
+    assert answered(block)
+    block = resultOf(block)
+    return block if isinstance(block, list) else [block]
+
+
+def test_theChunksAtHandGoOutAsOneBlock(alice, monkeypatch):
+    deliver(alice, [ALICE], LONG)
+    held = HeldReads(alice.reads)
+    monkeypatch.setattr(alice, "reads", held)
+    maildrop = opened(alice)
+    try:
+        first = maildrop.openMessage(0)
+        held.answer()
+        source = MessageBlocks(resultOf(first), None)
+        sent = [nextBlockNow(source)]
+        # The header chunk was at hand; the next chunks are on their way.
+        assert sent == [[b"Subject: long\r\n\r\n"]]
+        waiting = source.nextBlock()
+        assert not answered(waiting)
+        held.answer()
+        sent.append([resultOf(waiting)])
+        # The three other chunks of that trip were at hand: one block.
+        sent.append(nextBlockNow(source))
+        assert [len(part) for part in sent[-1]] == [CHUNK_SIZE] * 3
+        while True:
+            block = source.nextBlock()
+            if block is END:
+                break
+            if not answered(block):
+                held.answer()
+            block = resultOf(block)
+            sent.append(block if isinstance(block, list) else [block])
+    finally:
+        resultOf(maildrop.release())
+    assert b"".join(b"".join(block) for block in sent) == LONG + b".\r\n"
+
+
+def test_aReadThatFailsAfterTheChunksAtHandFailsTheNextBlock(alice, monkeypatch):
+    deliver(alice, [ALICE], LONG)
+    held = HeldReads(alice.reads)
+    monkeypatch.setattr(alice, "reads", held)
+    maildrop = opened(alice)
+    try:
+        first = maildrop.openMessage(0)
+        held.answer()
+        source = MessageBlocks(resultOf(first), None)
+        nextBlockNow(source)
+        block = source.nextBlock()
+        held.answer()
+        resultOf(block)
+        # Chunks 2 to 4 are at hand, the trip for 5 and 6 under way.
+        assert len(nextBlockNow(source)) == 3
+        held.fail(TemporaryFailure("the database went away"))
+        with pytest.raises(TemporaryFailure, match="went away"):
+            resultOf(source.nextBlock())
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_aReadNobodyAsksForOnceTheClientLeftFailsUnsaid(alice, monkeypatch):
+    deliver(alice, [ALICE], LONG)
+    held = HeldReads(alice.reads)
+    monkeypatch.setattr(alice, "reads", held)
+    maildrop = opened(alice)
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        first = maildrop.openMessage(0)
+        held.answer()
+        source = MessageBlocks(resultOf(first), None)
+        nextBlockNow(source)
+        block = source.nextBlock()
+        held.answer()
+        resultOf(block)
+        nextBlockNow(source)
+        # The client went away: no block is asked for again, and the read
+        # under way fails.
+        held.fail(TemporaryFailure("the database went away"))
+        del source, block, first
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        resultOf(maildrop.release())
+    assert [event for event in logged if "log_failure" in event] == []
