@@ -73,13 +73,6 @@ class IMessageBody(Interface):
         with C{b""} once the whole message has been read.
         """
 
-    def readAhead():
-        """
-        Say that the whole message will be read (RETR), so the pieces after
-        the first may be read while the first goes out.  Only a hint: an
-        error reading them is reported by the L{read} that wants them.
-        """
-
 
 class IMessageReads(Interface):
     """

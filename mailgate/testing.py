@@ -270,9 +270,6 @@ class _FaultInjectingBody:
     def read(self):
         return self._faults.call("read", self._body.read)
 
-    def readAhead(self):
-        self._body.readAhead()
-
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
 

@@ -1392,8 +1392,7 @@ def test_whereDotLinesBeginIsKeptFromDelivery(anyStore):
             sent = source.whole()
             while sent is None or not sent.endswith(b"\r\n.\r\n"):
                 block = resultOf(source.nextBlock())
-                # A block is bytes, or parts written together.
-                sent = (sent or b"") + (b"".join(block) if isinstance(block, list) else block)
+                sent = (sent or b"") + block
             assert sent == stuffed(data)
         assert resultOf(maildrop.openMessage(2)).dotOffsets is None
         assert resultOf(maildrop.openMessage(2)).needsStuffing is True

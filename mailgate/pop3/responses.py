@@ -3,20 +3,15 @@
 Multi-line responses as blocks, for responses too long to build at once.
 
 A response source is a callable returning the next block (L{bytes}, or a
-list of bytes-like parts written together, or a L{Deferred} firing with
-either), or L{END} once done: what L{mailgate.session.CommandSession.stream}
-sends, paced by the transport.
+L{Deferred} firing with one), or L{END} once done: what
+L{mailgate.session.CommandSession.stream} sends, paced by the transport.
 """
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from mailgate.pop3.dotstuff import DotStuffer
 
 END = None
-
-#: Nothing kept (see L{MessageBlocks}).
-_NOTHING = object()
 
 
 def terminated(nextBlock):
@@ -56,15 +51,6 @@ def numberedLines(first, values, deleted=()):
     return "".join(lines).encode("ascii")
 
 
-def _seen(result, box):
-    box.append(result)
-    return result
-
-
-def _handled(failure):
-    return None
-
-
 def _endIfNone(block, state):
     if block is None:
         state["ended"] = True
@@ -79,80 +65,17 @@ class MessageBlocks:
     terminated.
     """
 
-    #: at most about this many octets go in one block, whatever the body has
-    #: at hand (the transport's flow control acts between blocks)
-    blockOctets = 512 * 1024
-
     def __init__(self, body, bodyLines):
         self._body = body
         self._stuffer = DotStuffer(getattr(body, "dotOffsets", None))
         self._headerLeft = body.headerSize
         self._linesLeft = bodyLines
         self._ended = False
-        # A read that had not answered when the last block was made: whether
-        # one is under way, what it gave if not asked for yet, and the
-        # next block waiting for it.
-        self._reading = False
-        self._kept = _NOTHING
-        self._asking = None
-        if bodyLines is None and getattr(body, "whole", None) is None:
-            # RETR reads it all: the store may read on while it goes out.
-            body.readAhead()
 
     def nextBlock(self):
         if self._ended:
             return END
-        kept = self._kept
-        if kept is not _NOTHING:
-            self._kept = _NOTHING
-            if isinstance(kept, Failure):
-                return defer.fail(kept)
-            return defer.succeed(self._encode(kept))
-        if self._reading:
-            self._asking = asking = defer.Deferred()
-            return asking.addCallback(self._encode)
-        # The pieces the body has at hand go out together, as one block of
-        # several parts (written at once): fewer writes, and fewer wake-ups
-        # of the client.
-        parts = []
-        size = 0
-        while not self._ended and size < self.blockOctets:
-            read = self._body.read()
-            box = []
-            read.addBoth(_seen, box)
-            if not box:
-                if not parts:
-                    return read.addCallback(self._encode)
-                # Not here yet: it goes in the next block.
-                self._reading = True
-                read.addBoth(self._answered)
-                break
-            read.addErrback(_handled)
-            if isinstance(box[0], Failure):
-                if not parts:
-                    return defer.fail(box[0])
-                self._kept = box[0]
-                break
-            part = self._encode(box[0])
-            parts.append(part)
-            size += len(part)
-        return defer.succeed(parts[0] if len(parts) == 1 else parts)
-
-    def _answered(self, result):
-        """
-        The read the last block did not wait for has answered: to the next
-        block if it was asked for already, else kept for it (a failure
-        nobody asks for, the client gone, is then dropped unsaid).
-        """
-        self._reading = False
-        asking, self._asking = self._asking, None
-        if asking is None:
-            self._kept = result
-        elif isinstance(result, Failure):
-            asking.errback(result)
-        else:
-            asking.callback(result)
-        return None
+        return self._body.read().addCallback(self._encode)
 
     def whole(self):
         """

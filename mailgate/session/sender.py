@@ -26,8 +26,7 @@ class BlockSender:
     @param transport: where the blocks go.
     @param nextBlock: a callable returning the next block as L{bytes}, a
         L{Deferred} firing with one, or C{None} at the end (directly or
-        through the L{Deferred}).  With a C{write} that takes them (the
-        session's), a block may also be a list of parts written together.
+        through the L{Deferred}).
     @param write: writes a block to C{transport} (its own C{write} if not
         given); the transport still does the flow control.
     """

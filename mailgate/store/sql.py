@@ -708,9 +708,6 @@ class SQLMaildrop:
         self._uniqueIds = uniqueIds
         self._released = False
         self._ahead = {}
-        # The batch being read ahead: (headerOnly, first index, index after
-        # the last, the reads waiting for it), or None.
-        self._aheadTrip = None
         self.peer = None
         self._session = None
 
@@ -760,17 +757,7 @@ class SQLMaildrop:
         reads = self._store.reads
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
-            if (index + 1, headerOnly) not in self._ahead:
-                # The last one read ahead: the next ones are read while
-                # this one goes out, so a client fetching in order does not
-                # wait for the database.
-                self._readAheadFrom(index + 1, headerOnly)
             return defer.succeed(SQLMessageBody(reads, *ahead))
-        trip = self._aheadTrip
-        if trip is not None and trip[0] == headerOnly and trip[1] <= index < trip[2]:
-            waiting = defer.Deferred()
-            trip[3].append(waiting)
-            return waiting.addCallback(lambda _: self.openMessage(index, headerOnly))
         self._ahead = {}
         d = reads.openMessages(
             self._userId, self._readingAhead(index, headerOnly), headerOnly, self.headerReadAheadOctets
@@ -784,35 +771,6 @@ class SQLMaildrop:
             return SQLMessageBody(reads, *rows[0][1])
 
         return d.addCallback(opened)
-
-    def _readAheadFrom(self, index, headerOnly):
-        """
-        Read the messages from C{index} on ahead of the client asking for
-        them (one trip at a time).  Only a guess: what it reads waits in
-        C{_ahead}; if it fails, nothing is said, and the message is read
-        again when asked for, which reports the error.
-        """
-        if self._aheadTrip is not None or self._released or index >= len(self._uids):
-            return
-        uids = self._readingAhead(index, headerOnly)
-        waiting = []
-        self._aheadTrip = (headerOnly, index, index + len(uids), waiting)
-        d = self._store.reads.openMessages(self._userId, uids, headerOnly, self.headerReadAheadOctets)
-
-        def landed(rows):
-            self._aheadTrip = None
-            if not self._released:
-                for offset, (uid, row) in enumerate(rows):
-                    self._ahead[(index + offset, headerOnly)] = row
-            for waiter in waiting:
-                waiter.callback(None)
-
-        def failed(failure):
-            self._aheadTrip = None
-            for waiter in waiting:
-                waiter.callback(None)
-
-        d.addCallbacks(landed, failed)
 
     def _readingAhead(self, index, headerOnly):
         """
@@ -877,21 +835,10 @@ class SQLMessageBody:
     """
     A message read a few chunks at a time (L{chunksPerRead} × 128 KiB per
     trip to the database), so a 50 MB message streams through in bounded
-    memory.  Once the whole message is wanted (L{readAhead}, or a second
-    L{read}), the next trip starts as the last chunk of one is handed out,
-    so the database reads while the transport sends: at most one trip's
-    chunks wait here besides the one going out.
+    memory.
     """
 
     chunksPerRead = 4
-
-    # Whether the reader goes on to the end (see readAhead); the trip under
-    # way, the read waiting for it, and a trip's failure.  Class defaults: a
-    # body is made for every message sent, nearly all read in one piece.
-    _streaming = False
-    _trip = False
-    _waiting = None
-    _failure = None
 
     def __init__(self, reads, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None):
         """
@@ -908,69 +855,28 @@ class SQLMessageBody:
         # Chunks read and not yet handed out, the next one last.
         self._pending = [first]
         self._sent = 0
-        self._received = len(first)
         self._seq = 1
         # The whole message, when its first piece is all of it.
         self.whole = first if len(first) >= size else None
-
-    def readAhead(self):
-        self._streaming = True
-        self._fetch()
 
     def read(self):
         if self._pending:
             chunk = self._pending.pop()
             self._sent += len(chunk)
-            if not self._pending and self._streaming:
-                self._fetch()
             return defer.succeed(chunk)
         if self._sent >= self.size:
             return defer.succeed(b"")
-        if self._failure is not None:
-            return defer.fail(self._failure)
-        # Asked for more than the first piece: the reader streams on.
-        self._streaming = True
-        self._waiting = waiting = defer.Deferred()
-        self._fetch()
-        return waiting
-
-    def _fetch(self):
-        """
-        Start the trip for the next chunks, unless one is under way or
-        all were read.
-        """
-        if self._trip or self._failure is not None or self._received >= self.size:
-            return
-        self._trip = True
         seq = self._seq
         d = self._reads.readChunks(self._owner, self._bodyId, seq, self.chunksPerRead)
-        d.addCallbacks(self._arrived, self._failed, callbackArgs=(seq,))
 
-    def _arrived(self, chunks, seq):
-        # A chunk missing in the middle ends what this trip returns; the
-        # next trip asks for it again, and fails if it is gone.
-        self._trip = False
-        self._seq = seq + len(chunks)
-        self._received += sum(map(len, chunks))
-        # After any still pending (the first, when read ahead at once).
-        chunks.reverse()
-        chunks.extend(self._pending)
-        self._pending = chunks
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            chunk = self._pending.pop()
+        def got(chunks):
+            # A chunk missing in the middle ends what this trip returns;
+            # the next read asks for it again, and fails if it is gone.
+            self._seq = seq + len(chunks)
+            chunks.reverse()
+            self._pending = chunks
+            chunk = chunks.pop()
             self._sent += len(chunk)
-            if not self._pending:
-                self._fetch()
-            waiting.callback(chunk)
-        return None
+            return chunk
 
-    def _failed(self, failure):
-        # Kept for the read that wants these chunks (if none ever does,
-        # nothing is said: the client went away or wanted no more).
-        self._trip = False
-        self._failure = failure
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.errback(failure)
-        return None
+        return d.addCallback(got)
