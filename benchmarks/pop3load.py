@@ -502,6 +502,17 @@ def systemBusySeconds():
     return (user + nice + system + irq + softirq) / _CLOCK_TICK
 
 
+def systemStealSeconds():
+    """
+    CPU seconds this virtual machine's processors wanted to run but the
+    hypervisor ran something else (steal, /proc/stat; 0 on bare metal):
+    on a shared host, what makes a slow spell, for every server at once.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / _CLOCK_TICK if len(fields) > 8 else 0.0
+
+
 def _ownCpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -635,6 +646,7 @@ class LoadResult(LatencyPercentiles):
     users: int
     clientCpuSeconds: float = 0.0
     systemCpuSeconds: float = 0.0
+    stealSeconds: float = 0.0
     tls: bool = False
     tlsVersions: dict = field(default_factory=dict)
 
@@ -650,6 +662,14 @@ class LoadResult(LatencyPercentiles):
             return None
         other = self.systemCpuSeconds - self.cpuSeconds - self.extraCpuSeconds - self.clientCpuSeconds
         return max(0.0, other) / self.elapsed
+
+    @property
+    def stealCores(self):
+        """
+        Processor cores taken by the hypervisor on average during the run
+        (see L{systemStealSeconds}).
+        """
+        return self.stealSeconds / self.elapsed if self.elapsed else None
 
     @property
     def sessionsPerSecond(self):
@@ -693,6 +713,7 @@ class LoadResult(LatencyPercentiles):
             "clientCpuSeconds": round(self.clientCpuSeconds, 3),
             "clientCpuShare": round(self.clientCpuSeconds / self.elapsed, 3) if self.elapsed else None,
             "backgroundCores": _round(self.backgroundCores, 2),
+            "stealCores": _round(self.stealCores, 2),
             "tls": self.tls,
             "tlsVersions": self.tlsVersions,
         }
@@ -708,7 +729,7 @@ class LoadResult(LatencyPercentiles):
             f"{self.sessionsPerSecond:.1f}/s, {self.megabytesPerSecond:.2f} MB/s, "
             f"p50 {p50} ms, p99 {p99} ms, server CPU {cpu} ms/session, "
             f"errors {self.errors}, client CPU {self.clientCpuSeconds / self.elapsed if self.elapsed else 0:.0%}, "
-            f"background {self.backgroundCores or 0:.2f} cores"
+            f"background {self.backgroundCores or 0:.2f} cores, steal {self.stealCores or 0:.2f} cores"
         )
         if self.errorKinds:
             text += " " + repr(dict(self.errorKinds))
@@ -802,6 +823,7 @@ async def runLoad(config):
     extraBefore = cpuSnapshot(extraRoots)
     clientBefore = _ownCpu()
     systemBefore = systemBusySeconds()
+    stealBefore = systemStealSeconds()
     start = loop.time()
     deadline = start + config.duration
 
@@ -853,6 +875,7 @@ async def runLoad(config):
     cpuAfter = cpuSeconds(config.serverPids)
     extraAfter = cpuSnapshot(extraRoots)
     systemAfter = systemBusySeconds()
+    stealAfter = systemStealSeconds()
     return LoadResult(
         scenario=config.scenario,
         concurrency=config.concurrency,
@@ -870,6 +893,7 @@ async def runLoad(config):
         users=len(config.users),
         clientCpuSeconds=clientAfter - clientBefore,
         systemCpuSeconds=systemAfter - systemBefore,
+        stealSeconds=stealAfter - stealBefore,
         tls=config.tls,
         tlsVersions=dict(tlsVersions),
     )

@@ -1326,6 +1326,7 @@ def main(argv=None):
     info["started"] = f"{started:%Y-%m-%d %H:%M} UTC"
     with open("/proc/loadavg") as f:
         info["loadavgBefore"] = f.read().split()[:3]
+    stealBefore = pop3load.systemStealSeconds()
     log(f"work directory {workdir}; machine {info}")
     summary = suite.corpus.summary()
     log(f"corpus {summary}")
@@ -1392,6 +1393,9 @@ def main(argv=None):
             info["loadavgAfter"] = f.read().split()[:3]
         plainArgs = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
         suite.extra["total seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+        # Time the hypervisor gave to others: a run's slow spells.
+        info["stealCoreSeconds"] = round(pop3load.systemStealSeconds() - stealBefore, 1)
+        info["runSeconds"] = suite.extra["total seconds"]
         results = {
             "started": started.isoformat(timespec="seconds"),
             "argv": sys.argv,

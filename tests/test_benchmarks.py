@@ -323,6 +323,26 @@ def test_cpuOfProcessTree():
     assert pop3load.rssBytes(os.getpid()) > 0
 
 
+def test_stealIsReadFromProcStat():
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    first = pop3load.systemStealSeconds()
+    assert first >= 0
+    assert pop3load.systemStealSeconds() >= first
+    if len(fields) > 8:
+        assert first >= int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def test_theHeaderSaysWhatTheHypervisorTook():
+    import report
+
+    args = {"quiet_wait": 10, "quiet_threshold": 0.25, "duration": 4.0, "rounds": 3}
+    info = {"nproc": 2, "loadavgBefore": ["0.1", "0.2", "0.3"]}
+    assert "steal" not in report.header(info, args, {})
+    info.update(stealCoreSeconds=12.0, runSeconds=600.0)
+    assert "VM steal during the run: 12.0 core-seconds, 1.0% of the machine's time" in report.header(info, args, {})
+
+
 # -- SMTP replies and intake verification -------------------------------------------
 
 
