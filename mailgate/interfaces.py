@@ -85,8 +85,9 @@ class IMessageReads(Interface):
 
     def openMessages(userId, uids, headerOnly, headerBudget):
         """
-        Open the first of C{uids} (the user's message uids, in order) and
-        read the others ahead: a L{Deferred} of what
+        Open the first of C{uids} (the user's message uids, ascending, or
+        descending for a client going from the newest back) and read the
+        others ahead: a L{Deferred} of what
         L{mailgate.store.reads.openedMessages} returns.  For
         C{headerOnly}, the headers' octets only, while they add up to
         C{headerBudget}.

@@ -93,11 +93,18 @@ def test_openingAndReadingGiveWhatTheStatementsGiveInline(running):
     userId, uids = snapshot(inline)
     for headerOnly, budget in [(False, 0), (True, 1 << 20), (True, 30)]:
         for start in range(len(uids)):
-            asked = uids[start:]
-            got = reactor.wait(store.reads.openMessages(userId, asked, headerOnly, budget))
-            assert not isinstance(got, Failure), got
-            assert got == inline.reads.openMessages(userId, asked, headerOnly, budget).result
-            assert got[0][0] == asked[0]
+            # Forward, and from the newest back (a client fetching the
+            # newest first).
+            for asked in (uids[start:], uids[start::-1]):
+                got = reactor.wait(store.reads.openMessages(userId, asked, headerOnly, budget))
+                assert not isinstance(got, Failure), got
+                assert got == inline.reads.openMessages(userId, asked, headerOnly, budget).result
+                assert got[0][0] == asked[0]
+    # Going back, the header budget counts from the first asked for: the
+    # last two headers fit in it, the large one before them does not.
+    lastTwo = sum(len(m[: m.index(b"\r\n\r\n") + 4]) for m in MESSAGES[3:])
+    back = reactor.wait(store.reads.openMessages(userId, uids[::-1], True, lastTwo))
+    assert [(uid, row[4]) for uid, row in back] == [(uids[4], b"Subject: last\r\n\r\n"), (uids[3], MESSAGES[3])]
     opened = dict(reactor.wait(store.reads.openMessages(userId, uids, False, 0)))
     stored = [readAll(reactor, store.reads, opened[uid]) for uid in uids]
     assert stored == [m for m in MESSAGES]

@@ -1234,6 +1234,81 @@ def test_headersAreReadAheadWithinTheirBudget(anyStore, tripsTo):
         resultOf(maildrop.release())
 
 
+@pytest.fixture
+def openingsOf(monkeypatch):
+    """
+    C{openingsOf(store)}: record the trips C{store}'s maildrops make to
+    open messages from then on; the returned list gets, for each, the
+    message numbers (1-based, in the maildrop C{maildrop}) it asked for.
+    """
+
+    def start(store, maildrop):
+        openings = []
+        realOpen = store.reads.openMessages
+
+        def recorded(userId, uids, headerOnly, headerBudget):
+            openings.append([maildrop._uids.index(uid) + 1 for uid in uids])
+            return realOpen(userId, uids, headerOnly, headerBudget)
+
+        monkeypatch.setattr(store.reads, "openMessages", recorded)
+        return openings
+
+    return start
+
+
+def _sevenMessages(store):
+    addUser(store, ALICE, "pw")
+    messages = [b"Subject: %d\r\n\r\nbody %d\r\n.dot line\r\n" % (n, n) for n in range(1, 8)]
+    for message in messages:
+        deliver(store, [ALICE], message)
+    return messages, resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+
+
+def test_aClientGoingFromTheNewestBackIsReadAheadBackwards(anyStore, openingsOf):
+    """
+    A client fetching the newest message first, then the one before, and
+    so on (headers, then whole messages): each kind is read in one trip,
+    the run going back from the last message, and every message is whole.
+    """
+    messages, maildrop = _sevenMessages(anyStore)
+    openings = openingsOf(anyStore, maildrop)
+    try:
+        tops = [resultOf(maildrop.openMessage(n, headerOnly=True)).whole for n in range(6, -1, -1)]
+        assert tops == [m[: m.index(b"\r\n\r\n") + 4] for m in reversed(messages)]
+        whole = [resultOf(maildrop.openMessage(n)).whole for n in range(6, -1, -1)]
+        assert whole == messages[::-1]
+        assert openings == [[7, 6, 5, 4, 3, 2, 1]] * 2
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_aClientPickingMessagesIsReadOnlyWhatItPicks(anyStore, openingsOf):
+    """
+    A client picking messages here and there (after reading headers, it
+    fetches a few; or it asks for one again) costs a trip for the message
+    it asks for and nothing more: read ahead, the messages it skips would
+    be read for nothing, again at every pick.  The run it left is kept:
+    back to its headers, it finds them read.
+    """
+    messages, maildrop = _sevenMessages(anyStore)
+    openings = openingsOf(anyStore, maildrop)
+    try:
+        for n in (0, 1, 2):
+            resultOf(maildrop.openMessage(n, headerOnly=True))
+        assert openings == [[1, 2, 3, 4, 5, 6, 7]]
+        picked = [resultOf(maildrop.openMessage(n)).whole for n in (4, 1, 5, 5)]
+        assert picked == [messages[4], messages[1], messages[5], messages[5]]
+        assert openings[1:] == [[5], [2], [6], [6]]
+        # Back to the headers: what the first trip read ahead.
+        assert resultOf(maildrop.openMessage(3, headerOnly=True)).whole == b"Subject: 4\r\n\r\n"
+        assert len(openings) == 5
+        # The same header twice: the second time, that header alone.
+        resultOf(maildrop.openMessage(3, headerOnly=True))
+        assert openings[5:] == [[4]]
+    finally:
+        resultOf(maildrop.release())
+
+
 def test_chunksSurviveTheMoveToARowidTable(databaseURL):
     """
     Migration 4 moves SQLite's message chunks into a rowid table (and

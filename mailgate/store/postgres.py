@@ -587,7 +587,13 @@ _OPEN = Statement(
 )
 _OPEN_HEADERS = Statement(
     "mailgate_open_headers",
-    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4"),
+    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4", order="ASC"),
+    [INT8, INT8_ARRAY, INT8, INT8],
+    binary=True,
+)
+_OPEN_HEADERS_BACK = Statement(
+    "mailgate_open_headers_back",
+    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4", order="DESC"),
     [INT8, INT8_ARRAY, INT8, INT8],
     binary=True,
 )
@@ -597,7 +603,7 @@ _CHUNKS = Statement(
     [INT8, TEXT, INT4, INT4],
     binary=True,
 )
-_READ_STATEMENTS = (_OPEN, _OPEN_HEADERS, _CHUNKS)
+_READ_STATEMENTS = (_OPEN, _OPEN_HEADERS, _OPEN_HEADERS_BACK, _CHUNKS)
 
 
 def _integer(value):
@@ -709,7 +715,7 @@ class ReactorMessageReads:
     def openMessages(self, userId, uids, headerOnly, headerBudget):
         params = [_text(userId), ("{" + ",".join(map(str, uids)) + "}").encode("ascii")]
         if headerOnly:
-            statement = _OPEN_HEADERS
+            statement = _OPEN_HEADERS_BACK if reads.descending(uids) else _OPEN_HEADERS
             params += [_text(headerBudget), _text(uids[0])]
         else:
             statement = _OPEN

@@ -29,15 +29,17 @@ OPEN = (
     "WHERE m.user_id = {user} AND m.uid {inUids}"
 )
 
-# For TOP n 0: the headers' octets, while they add up to the budget.  A
-# header longer than a chunk spans chunks; such a message's first chunk is
-# returned whole, and cut by the protocol.
+# For TOP n 0: the headers' octets, while they add up to the budget, summed
+# in the order the messages are read ({order}: ASC for a client going
+# forward, DESC for one going from the newest back).  A header longer than
+# a chunk spans chunks; such a message's first chunk is returned whole, and
+# cut by the protocol.
 OPEN_HEADERS = (
     "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, "
     f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
     "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
     "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
-    "SUM(header_size) OVER (ORDER BY uid) AS running "
+    "SUM(header_size) OVER (ORDER BY uid {order}) AS running "
     "FROM maildrop WHERE user_id = {user} AND uid {inUids}) r "
     "LEFT JOIN body_chunks c "
     "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
@@ -65,13 +67,20 @@ def unpackOffsets(dotLines, packed):
     return struct.unpack(f"<{len(packed) // 4}I", packed)
 
 
+def descending(uids):
+    """
+    Whether C{uids}, a read-ahead, goes from the newest message back.
+    """
+    return len(uids) > 1 and uids[1] < uids[0]
+
+
 def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
     """
-    Open the first of C{uids} and, with it, the ones after it (read ahead:
-    the caller chose them small enough to come in one piece): a client
-    that fetches messages in order, as nearly all do, then finds the next
-    ones already read.  One statement whatever the number of messages,
-    their rows joined with their first chunks.
+    Open the first of C{uids} and, with it, the ones after it in the list
+    (read ahead: the caller chose them small enough to come in one piece):
+    a client that fetches messages in order, or from the newest back,
+    then finds the next ones already read.  One statement whatever the
+    number of messages, their rows joined with their first chunks.
 
     For C{headerOnly} (TOP n 0) only the header's octets are returned, and
     the messages after the first are read ahead while their headers add up
@@ -82,8 +91,9 @@ def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
     """
     inUids = "IN (" + ",".join("?" * len(uids)) + ")"
     if headerOnly:
+        order = "DESC" if descending(uids) else "ASC"
         cursor.execute(
-            OPEN_HEADERS.format(user="?", inUids=inUids, budget="?", first="?"),
+            OPEN_HEADERS.format(user="?", inUids=inUids, budget="?", first="?", order=order),
             (userId, *uids, headerBudget, uids[0]),
         )
     else:

@@ -707,7 +707,10 @@ class SQLMaildrop:
         # when asked for.
         self._uniqueIds = uniqueIds
         self._released = False
+        # Messages read ahead, by (index, headerOnly), and the index last
+        # opened of each kind (the run a client is on).
         self._ahead = {}
+        self._lastOpened = {False: None, True: None}
         self.peer = None
         self._session = None
 
@@ -755,44 +758,82 @@ class SQLMaildrop:
     def openMessage(self, index, headerOnly=False):
         key = (index, headerOnly)
         reads = self._store.reads
+        step = self._step(index, headerOnly)
+        self._lastOpened[headerOnly] = index
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
             return defer.succeed(SQLMessageBody(reads, *ahead))
-        self._ahead = {}
-        d = reads.openMessages(
-            self._userId, self._readingAhead(index, headerOnly), headerOnly, self.headerReadAheadOctets
-        )
+        if step:
+            uids = self._readingAhead(index, headerOnly, step)
+        else:
+            # Not a run: this message alone, and what was read ahead stays
+            # for the client's return to its run.
+            uids = [self._uids[index]]
+        d = reads.openMessages(self._userId, uids, headerOnly, self.headerReadAheadOctets)
 
         def opened(rows):
             if not rows:
                 raise TemporaryFailure("message vanished from the maildrop")
-            for offset, (uid, row) in enumerate(rows[1:], 1):
-                self._ahead[(index + offset, headerOnly)] = row
+            if step:
+                self._ahead = {
+                    (index + offset * step, headerOnly): row for offset, (uid, row) in enumerate(rows[1:], 1)
+                }
             return SQLMessageBody(reads, *rows[0][1])
 
         return d.addCallback(opened)
 
-    def _readingAhead(self, index, headerOnly):
+    def _step(self, index, headerOnly):
         """
-        The uids to read in one trip from message C{index} on: the next
-        ones while each comes in one piece and all stay within
-        L{readAheadOctets}, judged by the snapshot's sizes; for TOP n 0,
-        the next L{headerReadAhead}, of which the database returns those
-        within L{headerReadAheadOctets} of headers.
+        Which way to read ahead from message C{index}: C{1} for a client
+        going forward (it opened the message before, or this is the
+        first), C{-1} for one going from the newest back (it opened the one
+        after, or this is the last), C{0} (this message alone) for one
+        picking messages here and there: what it skips would be read for
+        nothing, again at each pick.  Kept apart for whole messages and for
+        headers (TOP n 0), so that a client listing headers and then
+        fetching a few messages keeps its headers' run.
+        """
+        last = self._lastOpened[headerOnly]
+        if last is None:
+            if index == 0:
+                return 1
+            return -1 if index == len(self._uids) - 1 else 0
+        if index == last + 1:
+            return 1
+        if index == last - 1:
+            return -1
+        return 0
+
+    def _readingAhead(self, index, headerOnly, step):
+        """
+        The uids to read in one trip from message C{index} on, going
+        C{step} (1 or -1): the next ones while each comes in one piece and
+        all stay within L{readAheadOctets}, judged by the snapshot's sizes;
+        for TOP n 0, the next L{headerReadAhead}, of which the database
+        returns those within L{headerReadAheadOctets} of headers.
         """
         if headerOnly:
             # The database stops at the header budget (sizes are unknown
             # here); the count bounds the statement.
-            return list(self._uids[index : index + self.headerReadAhead])
+            return [self._uids[i] for i in range(index, self._runEnd(index, step, self.headerReadAhead), step)]
         uids = [self._uids[index]]
         budget = self.readAheadOctets - min(self.sizes[index], CHUNK_SIZE)
-        for i in range(index + 1, min(index + self.readAhead, len(self._uids))):
+        for i in range(index + step, self._runEnd(index, step, self.readAhead), step):
             size = self.sizes[i]
             if size > CHUNK_SIZE or size > budget:
                 break
             budget -= size
             uids.append(self._uids[i])
         return uids
+
+    def _runEnd(self, index, step, count):
+        """
+        Where a run of at most C{count} messages from C{index}, going
+        C{step}, stops (a C{range} end): at the maildrop's end or start.
+        """
+        if step > 0:
+            return min(index + count, len(self._uids))
+        return max(index - count, -1)
 
     def expunge(self, indexes, peer=None):
         """
