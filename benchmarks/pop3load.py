@@ -16,6 +16,11 @@ Scenarios:
   top       login, STAT, TOP n 0 for every message, QUIT
   fetchall  login, UIDL, LIST, RETR every message, QUIT
   retr1     login, LIST 1, RETR 1, QUIT (a one-message session)
+  newest    login, UIDL, LIST, RETR every message from the newest back, QUIT
+            (a client fetching the newest first)
+  pick      login, STAT, TOP n 0 for every message, then RETR every fifth
+            message in a scattered order, QUIT (a client showing headers
+            and fetching the ones its user opens)
 
 With C{tls} (C{--tls}) every session is POP3 over implicit TLS (POP3S,
 RFC 8314): the TLS handshake first, through asyncio's C{ssl=} with a
@@ -59,7 +64,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-SCENARIOS = ("stat", "list", "top", "fetchall", "retr1")
+SCENARIOS = ("stat", "list", "top", "fetchall", "retr1", "newest", "pick")
 
 # The longest status line accepted from a server (RFC 2449 says 512).
 MAX_STATUS_LINE = 8192
@@ -364,31 +369,23 @@ async def session(client, scenario, user, password, apop=False, expected=None):
     """
     await login(client, user, password, apop)
     fetched = 0
-    if scenario == "fetchall":
+    if scenario in ("fetchall", "newest"):
         uidl = parseListing(await client.multiline("UIDL"), "UIDL")
         listing = parseListing(await client.multiline("LIST"), "LIST")
         if len(uidl) != len(listing):
             raise VerificationError(f"UIDL has {len(uidl)} lines, LIST {len(listing)}")
         if expected is not None and len(listing) != len(expected):
             raise VerificationError(f"{user}: {len(listing)} messages, expected {len(expected)}")
+        if scenario == "newest":
+            listing.reverse()
         for number, size in listing:
-            body = await client.multiline(f"RETR {number}")
-            if len(body) != int(size):
-                raise VerificationError(
-                    f"RETR {number}: {len(body)} octets, LIST said {int(size)}"
-                )
-            if expected is not None:
-                _verify(body, expected[number - 1], user, number)
+            await _retrieve(client, number, int(size), user, expected)
             fetched += 1
     elif scenario == "retr1":
         listed = (await client.command("LIST 1")).split()
         if len(listed) < 2 or listed[0] != "1" or not listed[1].isdigit():
             raise POP3ProtocolError(f"malformed LIST 1 answer: {listed!r}")
-        body = await client.multiline("RETR 1")
-        if len(body) != int(listed[1]):
-            raise VerificationError(f"RETR 1: {len(body)} octets, LIST said {listed[1]}")
-        if expected is not None:
-            _verify(body, expected[0], user, 1)
+        await _retrieve(client, 1, int(listed[1]), user, expected)
         fetched += 1
     else:
         count, octets = _stat(await client.command("STAT"))
@@ -403,24 +400,54 @@ async def session(client, scenario, user, password, apop=False, expected=None):
                 )
             if sum(int(size) for _, size in listing) != octets:
                 raise VerificationError("LIST sizes do not add up to STAT's octets")
-        elif scenario == "top":
+        elif scenario in ("top", "pick"):
             for number in range(1, count + 1):
-                body = await client.multiline(f"TOP {number} 0")
-                if not body.endswith(b"\r\n\r\n"):
-                    raise VerificationError(
-                        f"TOP {number} 0 does not end with the empty line after the header"
-                    )
-                if expected is not None:
-                    headerSize = expected[number - 1][2]
-                    if len(body) != headerSize:
-                        raise VerificationError(
-                            f"TOP {number} 0: {len(body)} octets, the header is {headerSize}"
-                        )
+                await _header(client, number, expected)
                 fetched += 1
+            if scenario == "pick":
+                for number in picks(count):
+                    size = int((await client.command(f"LIST {number}")).split()[1])
+                    await _retrieve(client, number, size, user, expected)
+                    fetched += 1
         elif scenario != "stat":
             raise ValueError(f"unknown scenario {scenario!r}")
     await client.command("QUIT")
     return fetched
+
+
+def picks(count):
+    """
+    The messages the pick scenario fetches of C{count}: every fifth, from
+    the third, in a scattered order (the odd places, then the even ones).
+    """
+    chosen = list(range(3, count + 1, 5))
+    return chosen[::2] + chosen[1::2][::-1]
+
+
+async def _retrieve(client, number, size, user, expected):
+    """
+    RETR message C{number}, checked against the C{size} LIST gave (and
+    against the corpus with C{expected}).
+    """
+    body = await client.multiline(f"RETR {number}")
+    if len(body) != size:
+        raise VerificationError(f"RETR {number}: {len(body)} octets, LIST said {size}")
+    if expected is not None:
+        _verify(body, expected[number - 1], user, number)
+
+
+async def _header(client, number, expected):
+    """
+    TOP C{number} 0, checked to be the message's header and the empty
+    line after it (and its size against the corpus with C{expected}).
+    """
+    body = await client.multiline(f"TOP {number} 0")
+    if not body.endswith(b"\r\n\r\n"):
+        raise VerificationError(f"TOP {number} 0 does not end with the empty line after the header")
+    if expected is not None:
+        headerSize = expected[number - 1][2]
+        if len(body) != headerSize:
+            raise VerificationError(f"TOP {number} 0: {len(body)} octets, the header is {headerSize}")
 
 
 def _verify(body, expected, user, number):

@@ -18,7 +18,9 @@ The mailgate benchmark suite (what C{make bench} runs).
      Dovecot's {PLAIN} passwords and auth cache).  Each round makes every
      measurement on each server in turn: the POP3 scenarios (stat, list,
      top, fetchall) at each concurrency (1 and 10) over plain TCP and over
-     implicit TLS (TLS 1.3), a one-message RETR session at one client, and
+     implicit TLS (TLS 1.3), a one-message RETR session at one client,
+     two access patterns at one client (every message from the newest
+     back; every header, then a few messages here and there), and
      LMTP and SMTP intake (10 sessions, 4 KB messages, verified after the
      rounds).  A row is the medians over the rounds; so a slow spell of
      the machine falls on every server alike.
@@ -444,6 +446,10 @@ class Suite:
                 for concurrency in args.concurrency:
                     measurements.append(Measurement("pop3", scenario, concurrency, transport))
         measurements.append(Measurement("pop3", "retr1", 1))
+        # Clients that do not go through the maildrop from the first
+        # message on: the read-ahead's worst cases beside its best.
+        for scenario in ("newest", "pick"):
+            measurements.append(Measurement("pop3", scenario, 1))
         if args.apop:
             for scenario in ("stat", "fetchall"):
                 measurements.append(Measurement("pop3", scenario, 10, "plain", "APOP"))

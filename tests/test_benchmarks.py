@@ -187,6 +187,8 @@ class ScriptedPOP3:
         self.refuse = refuse
         self.corrupt = corrupt
         self.sessions = 0
+        #: every RETR and TOP asked for, in order
+        self.fetches = []
 
     async def handle(self, reader, writer):
         self.sessions += 1
@@ -200,6 +202,8 @@ class ScriptedPOP3:
                     return
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
+                if verb in ("RETR", "TOP"):
+                    self.fetches.append(line)
                 if verb == "USER":
                     user = arg
                     writer.write(b"+OK\r\n")
@@ -269,11 +273,28 @@ def test_loadScenarios(scenario):
     assert (result.sessions, result.errors) == (4, 0), result.errorKinds
     assert len(result.latencies) == 4 and result.p99 >= result.p50 > 0
     assert result.peak == 2
-    fetched = {"stat": 0, "list": 0, "top": 3, "fetchall": 3, "retr1": 1}[scenario]
+    fetched = {"stat": 0, "list": 0, "top": 3, "fetchall": 3, "retr1": 1, "newest": 3, "pick": 4}[scenario]
     assert result.messages == 4 * fetched
     if scenario == "fetchall":
         assert result.bytesReceived > 2 * sum(map(len, SMALL.messages(0)))
     assert result.cpuSeconds >= 0 and result.cpuMsPerSession is not None
+
+
+def test_theNewestAndPickScenariosFetchInTheirOrder():
+    """
+    newest fetches every message from the last back; pick lists every
+    header, then fetches every fifth message from the third, here and
+    there: both verified octet for octet.
+    """
+    c = corpus.Corpus(1, 20)
+    server = ScriptedPOP3(c)
+    result = asyncio.run(scriptedLoad(server, scenario="newest", expected=c.digests(), sessions=1))
+    assert (result.sessions, result.errors, result.messages) == (1, 0, 20), result.errorKinds
+    assert server.fetches == [f"RETR {n}" for n in range(20, 0, -1)]
+    server.fetches.clear()
+    result = asyncio.run(scriptedLoad(server, scenario="pick", expected=c.digests(), sessions=1))
+    assert (result.sessions, result.errors, result.messages) == (1, 0, 24), result.errorKinds
+    assert server.fetches == [f"TOP {n} 0" for n in range(1, 21)] + ["RETR 3", "RETR 13", "RETR 18", "RETR 8"]
 
 
 def test_loadAPOP():
