@@ -1309,6 +1309,27 @@ def test_aClientPickingMessagesIsReadOnlyWhatItPicks(anyStore, openingsOf):
         resultOf(maildrop.release())
 
 
+def test_aClientTakingHeadersAndWholeMessagesInTurnKeepsBothRuns(anyStore, openingsOf):
+    """
+    A client going through the maildrop taking one message's header
+    (TOP n 0, as for a large message it will not download) and the next
+    one whole, in turn: the headers and the whole messages are each read
+    ahead once, neither run dropping the other's.
+    """
+    messages, maildrop = _sevenMessages(anyStore)
+    openings = openingsOf(anyStore, maildrop)
+    try:
+        got = []
+        for n in range(7):
+            top = resultOf(maildrop.openMessage(n, headerOnly=True)).whole
+            whole = resultOf(maildrop.openMessage(n)).whole
+            got.append((top, whole))
+        assert got == [(m[: m.index(b"\r\n\r\n") + 4], m) for m in messages]
+        assert openings == [[1, 2, 3, 4, 5, 6, 7]] * 2
+    finally:
+        resultOf(maildrop.release())
+
+
 def test_chunksSurviveTheMoveToARowidTable(databaseURL):
     """
     Migration 4 moves SQLite's message chunks into a rowid table (and

@@ -707,9 +707,10 @@ class SQLMaildrop:
         # when asked for.
         self._uniqueIds = uniqueIds
         self._released = False
-        # Messages read ahead, by (index, headerOnly), and the index last
-        # opened of each kind (the run a client is on).
-        self._ahead = {}
+        # For whole messages (False) and headers (True) apart: the messages
+        # read ahead, by index, and the index last opened (the run a client
+        # is on).
+        self._ahead = {False: {}, True: {}}
         self._lastOpened = {False: None, True: None}
         self.peer = None
         self._session = None
@@ -756,11 +757,10 @@ class SQLMaildrop:
         return d.addCallback(inOrder)
 
     def openMessage(self, index, headerOnly=False):
-        key = (index, headerOnly)
         reads = self._store.reads
         step = self._step(index, headerOnly)
         self._lastOpened[headerOnly] = index
-        ahead = self._ahead.pop(key, None)
+        ahead = self._ahead[headerOnly].pop(index, None)
         if ahead is not None:
             return defer.succeed(SQLMessageBody(reads, *ahead))
         if step:
@@ -775,9 +775,7 @@ class SQLMaildrop:
             if not rows:
                 raise TemporaryFailure("message vanished from the maildrop")
             if step:
-                self._ahead = {
-                    (index + offset * step, headerOnly): row for offset, (uid, row) in enumerate(rows[1:], 1)
-                }
+                self._ahead[headerOnly] = {index + offset * step: row for offset, (uid, row) in enumerate(rows[1:], 1)}
             return SQLMessageBody(reads, *rows[0][1])
 
         return d.addCallback(opened)
@@ -790,8 +788,10 @@ class SQLMaildrop:
         after, or this is the last), C{0} (this message alone) for one
         picking messages here and there: what it skips would be read for
         nothing, again at each pick.  Kept apart for whole messages and for
-        headers (TOP n 0), so that a client listing headers and then
-        fetching a few messages keeps its headers' run.
+        headers (TOP n 0), as what was read ahead is: a client listing
+        headers and then fetching a few messages keeps its headers' run,
+        and one taking each message's header or whole message in turn
+        (the header alone of a large one) keeps both runs.
         """
         last = self._lastOpened[headerOnly]
         if last is None:
