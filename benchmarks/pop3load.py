@@ -21,6 +21,9 @@ Scenarios:
   pick      login, STAT, TOP n 0 for every message, then RETR every fifth
             message in a scattered order, QUIT (a client showing headers
             and fetching the ones its user opens)
+  limit     login, UIDL, LIST, then every message in order: RETR if it is
+            at most 50 KB, else TOP n 0, QUIT (a client with a download
+            size limit)
 
 With C{tls} (C{--tls}) every session is POP3 over implicit TLS (POP3S,
 RFC 8314): the TLS handshake first, through asyncio's C{ssl=} with a
@@ -64,7 +67,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-SCENARIOS = ("stat", "list", "top", "fetchall", "retr1", "newest", "pick")
+SCENARIOS = ("stat", "list", "top", "fetchall", "retr1", "newest", "pick", "limit")
+
+#: the limit scenario's download limit, octets
+SIZE_LIMIT = 50 * 1024
 
 # The longest status line accepted from a server (RFC 2449 says 512).
 MAX_STATUS_LINE = 8192
@@ -369,7 +375,7 @@ async def session(client, scenario, user, password, apop=False, expected=None):
     """
     await login(client, user, password, apop)
     fetched = 0
-    if scenario in ("fetchall", "newest"):
+    if scenario in ("fetchall", "newest", "limit"):
         uidl = parseListing(await client.multiline("UIDL"), "UIDL")
         listing = parseListing(await client.multiline("LIST"), "LIST")
         if len(uidl) != len(listing):
@@ -379,7 +385,10 @@ async def session(client, scenario, user, password, apop=False, expected=None):
         if scenario == "newest":
             listing.reverse()
         for number, size in listing:
-            await _retrieve(client, number, int(size), user, expected)
+            if scenario == "limit" and int(size) > SIZE_LIMIT:
+                await _header(client, number, expected)
+            else:
+                await _retrieve(client, number, int(size), user, expected)
             fetched += 1
     elif scenario == "retr1":
         listed = (await client.command("LIST 1")).split()

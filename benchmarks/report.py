@@ -24,7 +24,7 @@ RETR1_P99_MS = 5.0
 #: big maildrop login -> STAT, milliseconds, below
 BIG_LOGIN_MS = 100.0
 
-SCENARIO_ORDER = ("stat", "list", "top", "fetchall", "retr1", "newest", "pick")
+SCENARIO_ORDER = ("stat", "list", "top", "fetchall", "retr1", "newest", "pick", "limit")
 TRANSPORTS = ("plain", "tls")
 REFERENCE = "dovecot-hp"
 

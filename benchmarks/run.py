@@ -19,8 +19,9 @@ The mailgate benchmark suite (what C{make bench} runs).
      measurement on each server in turn: the POP3 scenarios (stat, list,
      top, fetchall) at each concurrency (1 and 10) over plain TCP and over
      implicit TLS (TLS 1.3), a one-message RETR session at one client,
-     two access patterns at one client (every message from the newest
-     back; every header, then a few messages here and there), and
+     three access patterns at one client (every message from the newest
+     back; every header, then a few messages here and there; every
+     message in order, the large ones' headers only), and
      LMTP and SMTP intake (10 sessions, 4 KB messages, verified after the
      rounds).  A row is the medians over the rounds; so a slow spell of
      the machine falls on every server alike.
@@ -448,7 +449,7 @@ class Suite:
         measurements.append(Measurement("pop3", "retr1", 1))
         # Clients that do not go through the maildrop from the first
         # message on: the read-ahead's worst cases beside its best.
-        for scenario in ("newest", "pick"):
+        for scenario in ("newest", "pick", "limit"):
             measurements.append(Measurement("pop3", scenario, 1))
         if args.apop:
             for scenario in ("stat", "fetchall"):

@@ -20,6 +20,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 
 import corpus  # noqa: E402
+import floor  # noqa: E402
 import pop3load  # noqa: E402
 import smtpload  # noqa: E402
 from pop3load import POP3ProtocolError, ResponseBuffer  # noqa: E402
@@ -273,18 +274,19 @@ def test_loadScenarios(scenario):
     assert (result.sessions, result.errors) == (4, 0), result.errorKinds
     assert len(result.latencies) == 4 and result.p99 >= result.p50 > 0
     assert result.peak == 2
-    fetched = {"stat": 0, "list": 0, "top": 3, "fetchall": 3, "retr1": 1, "newest": 3, "pick": 4}[scenario]
+    fetched = {"stat": 0, "list": 0, "top": 3, "fetchall": 3, "retr1": 1, "newest": 3, "pick": 4, "limit": 3}[scenario]
     assert result.messages == 4 * fetched
     if scenario == "fetchall":
         assert result.bytesReceived > 2 * sum(map(len, SMALL.messages(0)))
     assert result.cpuSeconds >= 0 and result.cpuMsPerSession is not None
 
 
-def test_theNewestAndPickScenariosFetchInTheirOrder():
+def test_theAccessPatternScenariosFetchInTheirOrder():
     """
     newest fetches every message from the last back; pick lists every
     header, then fetches every fifth message from the third, here and
-    there: both verified octet for octet.
+    there; limit goes through in order, fetching the messages up to 50 KB
+    and the headers of the larger ones: all verified octet for octet.
     """
     c = corpus.Corpus(1, 20)
     server = ScriptedPOP3(c)
@@ -295,6 +297,15 @@ def test_theNewestAndPickScenariosFetchInTheirOrder():
     result = asyncio.run(scriptedLoad(server, scenario="pick", expected=c.digests(), sessions=1))
     assert (result.sessions, result.errors, result.messages) == (1, 0, 24), result.errorKinds
     assert server.fetches == [f"TOP {n} 0" for n in range(1, 21)] + ["RETR 3", "RETR 13", "RETR 18", "RETR 8"]
+    # limit: in order, the messages over 50 KB by their headers alone.
+    server.fetches.clear()
+    result = asyncio.run(scriptedLoad(server, scenario="limit", expected=c.digests(), sessions=1))
+    assert (result.sessions, result.errors, result.messages) == (1, 0, 20), result.errorKinds
+    sizes = [len(m) for m in c.messages(0)]
+    assert min(sizes) <= pop3load.SIZE_LIMIT < max(sizes)
+    assert server.fetches == [
+        f"TOP {n} 0" if size > pop3load.SIZE_LIMIT else f"RETR {n}" for n, size in enumerate(sizes, 1)
+    ]
 
 
 def test_loadAPOP():
@@ -898,3 +909,57 @@ def test_againstMailgateOverTLS(tmp_path):
         assert (result.sessions, result.errors) == (2, 0), result.errorKinds
     finally:
         server.stop()
+
+
+# -- benchmarks/floor.py: the floor at one client ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["twisted", "c"])
+def test_theFixedServersAnswerLikeAPOP3Server(kind, tmp_path):
+    """
+    The floor's fixed servers (bare Twisted, and C where a compiler is)
+    greet, take USER, PASS and NOOP with +OK, answer TOP and STAT with the
+    fixed multi-line reply of the size asked for, and close after QUIT;
+    the measurements run on them and give a CPU figure per command and per
+    session.
+    """
+    if kind == "c":
+        executable, why = floor.compileC(str(tmp_path))
+        if executable is None:
+            pytest.skip(f"the C floor server cannot be built here: {why}")
+        argv = [executable, "300"]
+    else:
+        argv = [sys.executable, floor.__file__, "--serve-twisted", "300"]
+    process, port = floor.startFixed(argv)
+    try:
+        client = floor.Client(port)
+        client.login("someone", "anything")
+        assert client.command(b"NOOP") == len(b"+OK\r\n")
+        assert client.command(b"TOP 1 0", multi=True) == 300 == len(floor.fixedReply(300))
+        client.command(b"QUIT")
+        assert client.file.readline() == b""
+        client.close()
+        lines = floor.commandLines("TOP", 300, 7)
+        assert lines[:2] == [b"TOP 1 0", b"TOP 2 0"] and lines[7] == b"TOP 1 0"
+        perCommand = floor.perCommand(port, [process.pid], "someone", "pw", lines)
+        perSession = floor.perSession(port, [process.pid], ["a", "b"], "pw", 20)
+        assert perCommand >= 0 and perSession >= 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_theFloorTableGivesMediansAndRatiosToDovecot():
+    figures = {
+        ("NOOP", "twisted-fixed"): [30.0, 10.0, 20.0],
+        ("NOOP", "dovecot-hp"): [40.0, 40.0, 50.0],
+        ("NOOP", "mailgate"): [60.0, 20.0, 50.0],
+    }
+    text = floor.table(figures, ["twisted-fixed", "dovecot-hp", "mailgate"], ["NOOP"], 512)
+    rows = text.splitlines()[-3:]
+    assert rows == [
+        "| twisted-fixed | 20.0 (0.50x) |",
+        "| dovecot-hp | 40.0 |",
+        "| mailgate | 50.0 (1.25x) |",
+    ]
+    assert "512 octets" in text
