@@ -1296,15 +1296,34 @@ def test_aClientPickingMessagesIsReadOnlyWhatItPicks(anyStore, openingsOf):
         for n in (0, 1, 2):
             resultOf(maildrop.openMessage(n, headerOnly=True))
         assert openings == [[1, 2, 3, 4, 5, 6, 7]]
-        picked = [resultOf(maildrop.openMessage(n)).whole for n in (4, 1, 5, 5)]
-        assert picked == [messages[4], messages[1], messages[5], messages[5]]
-        assert openings[1:] == [[5], [2], [6], [6]]
+        # Five messages or more apart: picks.
+        picked = [resultOf(maildrop.openMessage(n)).whole for n in (5, 0, 6, 6)]
+        assert picked == [messages[5], messages[0], messages[6], messages[6]]
+        assert openings[1:] == [[6], [1], [7], [7]]
         # Back to the headers: what the first trip read ahead.
         assert resultOf(maildrop.openMessage(3, headerOnly=True)).whole == b"Subject: 4\r\n\r\n"
         assert len(openings) == 5
         # The same header twice: the second time, that header alone.
         resultOf(maildrop.openMessage(3, headerOnly=True))
         assert openings[5:] == [[4]]
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_aClientSkippingAFewMessagesIsStillOnItsRun(anyStore, openingsOf):
+    """
+    A client going forward that passes over a message (deleted, or one
+    it takes the header of alone) is still on its run: the trip after the
+    read-ahead's end reads ahead again.
+    """
+    messages, maildrop = _sevenMessages(anyStore)
+    # Room for three messages per trip.
+    maildrop.readAheadOctets = sum(len(m) for m in messages[:3])
+    openings = openingsOf(anyStore, maildrop)
+    try:
+        got = [resultOf(maildrop.openMessage(n)).whole for n in (0, 1, 2, 4, 5, 6)]
+        assert got == messages[:3] + messages[4:]
+        assert openings == [[1, 2, 3], [5, 6, 7]]
     finally:
         resultOf(maildrop.release())
 

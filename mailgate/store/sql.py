@@ -695,6 +695,10 @@ class SQLMaildrop:
     #: octets of those headers (a client listing headers asks for them all)
     headerReadAhead = 100
     headerReadAheadOctets = 256 * 1024
+    #: a client that skips at most this many messages is still on its run
+    #: (it passes over deleted ones, or takes only the header of a large
+    #: one); one that jumps further is picking
+    runGap = 4
 
     def __init__(self, store, identity, uids, sizes, uniqueIds=None):
         self._store = store
@@ -783,24 +787,26 @@ class SQLMaildrop:
     def _step(self, index, headerOnly):
         """
         Which way to read ahead from message C{index}: C{1} for a client
-        going forward (it opened the message before, or this is the
-        first), C{-1} for one going from the newest back (it opened the one
-        after, or this is the last), C{0} (this message alone) for one
-        picking messages here and there: what it skips would be read for
-        nothing, again at each pick.  Kept apart for whole messages and for
-        headers (TOP n 0), as what was read ahead is: a client listing
+        going forward (this is the first message, or it opened one a
+        little before), C{-1} for one going from the newest back (this is
+        the last, or it opened one a little after), C{0} (this message
+        alone) for one picking messages here and there: what it skips
+        would be read for nothing, again at each pick.  "A little" is at
+        most L{runGap} messages skipped.  Kept apart for whole messages and
+        for headers (TOP n 0), as what was read ahead is: a client listing
         headers and then fetching a few messages keeps its headers' run,
-        and one taking each message's header or whole message in turn
-        (the header alone of a large one) keeps both runs.
+        and one taking the header alone of each large message and the
+        others whole keeps both runs.
         """
         last = self._lastOpened[headerOnly]
         if last is None:
             if index == 0:
                 return 1
             return -1 if index == len(self._uids) - 1 else 0
-        if index == last + 1:
+        distance = index - last
+        if 0 < distance <= self.runGap + 1:
             return 1
-        if index == last - 1:
+        if 0 < -distance <= self.runGap + 1:
             return -1
         return 0
 
