@@ -653,17 +653,26 @@ def targetLines(rows, extra):
     return lines
 
 
-def steal(info):
+def steal(info, args=None):
     """
     What the hypervisor took during the run, as a clause of the header
     (nothing where not recorded): CPU time measured in a VM whose host is
-    busy is longer for every server, so a run with much of it says so.
+    busy is longer for every server, so a run with much of it says so;
+    and how many measurements were taken again for it (--steal-limit).
     """
+    args = args or {}
     seconds, run = info.get("stealCoreSeconds"), info.get("runSeconds")
     if seconds is None or not run:
         return ""
     share = seconds / (run * (info.get("nproc") or 1))
-    return f"; VM steal during the run: {seconds} core-seconds, {share:.1%} of the machine's time"
+    text = f"; VM steal during the run: {seconds} core-seconds, {share:.1%} of the machine's time"
+    limit = args.get("steal_limit")
+    if limit and info.get("stealRepeats") is not None:
+        text += (
+            f"; a measurement with more than {limit:g} cores of steal was taken again (at most "
+            f"{args.get('steal_retries')} times): {info['stealRepeats']} taken again"
+        )
+    return text
 
 
 def header(info, args, summary):
@@ -681,7 +690,7 @@ def header(info, args, summary):
         f"mailgate benchmarks, {info.get('started', '')}; {info.get('nproc')} x {info.get('cpu')}, "
         f"Linux {info.get('kernel')}, Python {info.get('python')}, Twisted {info.get('twisted')}, "
         f"Dovecot {info.get('dovecot') or '-'}, PostgreSQL {info.get('postgresql', '-')}, git {info.get('git') or '-'}",
-        f"load average before the run: {' '.join(load)} (1/5/15 min); {quiet}{steal(info)}",
+        f"load average before the run: {' '.join(load)} (1/5/15 min); {quiet}{steal(info, args)}",
         f"corpus: {summary}; {args['duration']} s per measurement, {args['rounds']} interleaved rounds "
         f"(every measurement on each server in turn; medians); CPU = server process tree (utime+stime, /proc); "
         f"'+DB' = PostgreSQL's processes; conc (n) = at most n sessions at once",

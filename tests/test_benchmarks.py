@@ -373,6 +373,13 @@ def test_theHeaderSaysWhatTheHypervisorTook():
     assert "steal" not in report.header(info, args, {})
     info.update(stealCoreSeconds=12.0, runSeconds=600.0)
     assert "VM steal during the run: 12.0 core-seconds, 1.0% of the machine's time" in report.header(info, args, {})
+    assert "taken again" not in report.header(info, args, {})
+    info.update(stealRepeats=5)
+    args.update(steal_limit=0.1, steal_retries=2)
+    assert (
+        "a measurement with more than 0.1 cores of steal was taken again (at most 2 times): 5 taken again"
+        in report.header(info, args, {})
+    )
 
 
 # -- SMTP replies and intake verification -------------------------------------------
@@ -963,3 +970,37 @@ def test_theFloorTableGivesMediansAndRatiosToDovecot():
         "| mailgate | 50.0 (1.25x) |",
     ]
     assert "512 octets" in text
+
+
+def test_aMeasurementDisturbedByStealIsTakenAgain(monkeypatch):
+    """
+    A measurement during which the hypervisor took more than
+    --steal-limit cores is taken again, at most --steal-retries times;
+    the last is kept whatever its steal, and the run counts the repeats.
+    """
+    import run
+
+    args = run.parseArgs(["--quick", "--rounds", "1", "--steal-limit", "0.1", "--steal-retries", "2"])
+    suite = run.Suite(args)
+    steals = iter([0.5, 0.05, 0.3, 0.4, 0.9])
+    taken = []
+
+    def measure(target, port, m):
+        result = _FakeResult(target.name, m, len(taken) + 1)
+        result.stealCores = next(steals)
+        taken.append((target.name, result.stealCores))
+        return result
+
+    monkeypatch.setattr(suite, "measure", measure)
+    a = run.Target("mailgate", "sqlite", "warm", {"pop3": 1}, [])
+    b = run.Target("dovecot-hp", "maildir", "warm", {"pop3": 3}, [])
+    suite.rounds([a, b], [run.Measurement("pop3", "stat", 1)], "test")
+    assert taken == [
+        ("mailgate/sqlite", 0.5), ("mailgate/sqlite", 0.05),
+        ("dovecot-hp/maildir", 0.3), ("dovecot-hp/maildir", 0.4), ("dovecot-hp/maildir", 0.9),
+    ]
+    assert suite.stealRepeats == 3
+    # The kept measurements: the calm one, and the last of the disturbed.
+    assert [r["sessionsPerSecond"] for r in suite.rows] == [2.0, 5.0]
+    # --quick never measures again.
+    assert run.parseArgs(["--quick"]).steal_limit == 0 and run.parseArgs([]).steal_limit == 0.1

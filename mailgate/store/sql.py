@@ -779,7 +779,8 @@ class SQLMaildrop:
             if not rows:
                 raise TemporaryFailure("message vanished from the maildrop")
             if step:
-                self._ahead[headerOnly] = {index + offset * step: row for offset, (uid, row) in enumerate(rows[1:], 1)}
+                following = enumerate(rows[1:], 1)
+                self._ahead[headerOnly] = {index + offset * step: row for offset, (_, row) in following}
             return SQLMessageBody(reads, *rows[0][1])
 
         return d.addCallback(opened)
