@@ -24,7 +24,9 @@ The mailgate benchmark suite (what C{make bench} runs).
      message in order, the large ones' headers only), and
      LMTP and SMTP intake (10 sessions, 4 KB messages, verified after the
      rounds).  A row is the medians over the rounds; so a slow spell of
-     the machine falls on every server alike.
+     the machine falls on every server alike, and a measurement during
+     which the hypervisor took more than --steal-limit cores is taken
+     again (L{Suite.measureCalm}).
   3. Cold logins, interleaved the same way: mailgate with
      C{--auth-cache-size 0} against Dovecot hp with {SHA512-CRYPT} and no
      auth cache, the stat scenario at 1 and 10 clients.
