@@ -396,6 +396,7 @@ def main(argv=None):
         return 0
     figures, servers, measurements, size, notes = measure(args)
     print(table(figures, servers, measurements, size))
+    print(f"\ncorpus: {args.users} users x {args.messages} messages of the standard kind (benchmarks/corpus.py)")
     for note in notes:
         print(f"\nnote: {note}")
     return 0
