@@ -17,7 +17,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
@@ -32,6 +31,7 @@ from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.session import SessionTracker
 from mailgate.session.endpoints import serverEndpoint
+from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
@@ -529,7 +529,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
 
     builders = {
         "POP3": pop3Factory,
-        "POP3S": lambda: TLSMemoryBIOFactory(tls, False, pop3Factory()),
+        "POP3S": lambda: TLSLayerFactory(tls, pop3Factory(), reactor),
         "SMTP": lambda: makeSMTPFactory(
             store, config, reactor, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),

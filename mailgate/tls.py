@@ -7,35 +7,32 @@ Twisted.  It builds each new TLS connection from the certificate it loaded
 last, so L{ServerTLS.reload} (run on SIGHUP) makes a renewed certificate
 take effect for new connections while established sessions carry on.
 
-Defaults (Twisted's L{CertificateOptions}, made explicit where it matters):
-TLS 1.2 at least, no TLS compression, the server's cipher preference,
-Twisted's default cipher list (forward-secret AEAD suites first).
+The context is Python's C{ssl}, used by L{mailgate.session.tlslayer}.
+Settings: TLS 1.2 at least, no TLS compression, no renegotiation, the
+server's cipher preference, forward-secret AEAD suites first (TLS 1.3
+suites are OpenSSL's defaults).
 """
+
+import ssl
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError
 
-# Forward-secret suites first, AEAD before CBC; no NULL, MD5 or DSS (the
-# list Twisted uses by default).  TLS 1.3 suites are OpenSSL's defaults.
+# Forward-secret suites first, AEAD before CBC; no NULL, MD5 or DSS.
 CIPHERS = (
     "ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
     "ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS"
 )
 OPTIONS = (
-    SSL.OP_NO_SSLv2
-    | SSL.OP_NO_SSLv3
-    | SSL.OP_NO_TLSv1
-    | SSL.OP_NO_TLSv1_1
-    | SSL.OP_NO_COMPRESSION
-    | SSL.OP_CIPHER_SERVER_PREFERENCE
-    | SSL.OP_SINGLE_DH_USE
-    | SSL.OP_SINGLE_ECDH_USE
+    ssl.OP_NO_COMPRESSION
+    | ssl.OP_NO_RENEGOTIATION
+    | ssl.OP_CIPHER_SERVER_PREFERENCE
+    | ssl.OP_SINGLE_DH_USE
+    | ssl.OP_SINGLE_ECDH_USE
 )
 
 
@@ -57,7 +54,7 @@ def _read(path):
 
 def makeContext(certificatePath, keyPath):
     """
-    An OpenSSL server context: the certificate (and the chain after it in
+    A server C{ssl.SSLContext}: the certificate (and the chain after it in
     the same file), the key, and the settings above.
 
     @return: the context and the leaf certificate (a C{cryptography}
@@ -76,23 +73,25 @@ def makeContext(certificatePath, keyPath):
         serialization.load_pem_private_key(keyPEM, password=None)
     except (ValueError, TypeError) as e:
         raise ConfigurationError(f"{keyPath}: invalid private key: {e}") from None
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(OPTIONS)
-    context.set_cipher_list(CIPHERS.encode("ascii"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= OPTIONS
+    context.set_ciphers(CIPHERS)
     try:
-        context.use_certificate_chain_file(certificatePath)
-    except SSL.Error as e:
-        raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
-    try:
-        context.use_privatekey_file(keyPath)
-        context.check_privatekey()
-    except SSL.Error as e:
+        # The key was checked above to need no passphrase; the callable
+        # keeps OpenSSL from ever asking for one on a terminal.
+        context.load_cert_chain(certificatePath, keyPath, password=_noPassphrase)
+    except ssl.SSLError as e:
         raise ConfigurationError(f"unusable TLS certificate/key pair: {e}") from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
     return context, leaf
 
 
-@implementer(IOpenSSLServerConnectionCreator)
+def _noPassphrase():
+    raise ConfigurationError("the TLS private key must not need a passphrase")
+
+
 class ServerTLS:
     """
     The server side of TLS, from a PEM certificate (optionally followed by
@@ -126,11 +125,10 @@ class ServerTLS:
         self.subject = names[0].value if names else leaf.subject.rfc4514_string()
         self.fingerprint = ":".join(f"{b:02X}" for b in leaf.fingerprint(hashes.SHA256()))
 
-    def serverConnectionForTLS(self, tlsProtocol):
-        return SSL.Connection(self._context, None)
-
-    def getContext(self):
+    @property
+    def context(self):
         """
-        The current OpenSSL context, for APIs that want a context factory.
+        The current C{ssl.SSLContext}: each new TLS connection is made from
+        it (L{mailgate.session.tlslayer}).
         """
         return self._context

@@ -10,8 +10,6 @@ delivery.
 """
 
 from twisted.internet import tcp
-from twisted.internet._newtls import _BypassTLS
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 #: The most pieces one C{sendmsg} takes (Linux's IOV_MAX).
@@ -22,8 +20,9 @@ def sendNow(transport, data):
     """
     Write C{data} to C{transport}, handing it to the kernel at once when
     nothing is waiting in the transport's buffer; what the socket does not
-    take (and everything on a TLS or non-TCP transport) goes through the
-    transport's C{write} as usual.
+    take (and everything on another kind of transport, Twisted's TLS
+    included) goes through the transport's C{write} as usual.  mailgate's
+    own TLS layer (L{mailgate.session.tlslayer}) hands its records here.
 
     @param data: L{bytes}, or a list of bytes-like pieces to send in
         order: one C{sendmsg} takes them without their being joined (a
@@ -34,10 +33,6 @@ def sendNow(transport, data):
     queued and a direct C{send} keeps the byte order.
     """
     pieces = type(data) is list
-    tls = _tlsLayer(transport)
-    if tls is not None:
-        _sendThroughTLS(tls, data if pieces else [data])
-        return
     if (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
@@ -71,90 +66,6 @@ def sendNow(transport, data):
     elif pieces:
         data = b"".join(data)
     transport.write(data)
-
-
-def _tlsLayer(transport):
-    """
-    For a TLS connection over TCP, C{(protocol, sink, connection)}: the
-    C{TLSMemoryBIOProtocol}, the object whose C{write} it hands its records
-    to, and the TCP connection beneath; else C{None}.
-
-    Implicit TLS (POP3S, through C{TLSMemoryBIOFactory}): the session's
-    transport is the TLS protocol, its own transport the TCP connection.
-    TLS started on a connection (STLS, C{_newtls}): the session's transport
-    is the TCP connection, with C{TLS} set, its C{protocol} the TLS
-    protocol, writing through a C{_BypassTLS} of that connection.
-    """
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        connection = transport.transport
-        if isinstance(connection, tcp.Connection) and not connection.TLS:
-            return transport, connection, connection
-        return None
-    if isinstance(transport, tcp.Connection) and transport.TLS:
-        protocol = transport.protocol
-        sink = getattr(protocol, "transport", None)
-        if (
-            isinstance(protocol, TLSMemoryBIOProtocol)
-            and isinstance(sink, _BypassTLS)
-            and sink._connection is transport
-        ):
-            return protocol, sink, transport
-    return None
-
-
-def _sendThroughTLS(layer, pieces):
-    """
-    Write the bytes-like C{pieces} through a TLS layer over TCP, one after
-    the other, and hand the records they make to the kernel at once.
-
-    Twisted's TLS transport keeps small writes for the reactor's next turn
-    (C{BufferingTLSTransport}: a C{callLater(0)} per reply) to make fewer
-    records of them; the session already gathers the replies of one read,
-    so here that only costs a timer and a trip through the loop and, for
-    the records, two C{epoll_ctl} calls and another trip, per command.
-
-    Relies on C{TLSMemoryBIOProtocol} writing its records with
-    C{self.transport.write} (C{_flushSendBIO}), on C{BufferingTLSTransport}
-    keeping the writes it holds in C{_aggregator} (flushed first, to keep
-    the order), and on C{_newtls}'s C{_BypassTLS} (see L{_tlsLayer}).  For
-    the length of the write, the sink's C{write} is shadowed by an instance
-    attribute collecting the records; what the socket does not take goes
-    to the sink as before.
-    """
-    protocol, sink, connection = layer
-    if "write" in vars(sink) or not connection.connected:
-        for piece in pieces:
-            protocol.write(piece)
-        return
-    aggregator = getattr(protocol, "_aggregator", None)
-    if aggregator is not None and getattr(aggregator, "_buffer", None):
-        # Written by someone else and not sent yet: it goes first.
-        aggregator.flush()
-    records = []
-    sink.write = records.append
-    try:
-        for piece in pieces:
-            TLSMemoryBIOProtocol.write(protocol, piece)
-    finally:
-        del sink.write
-    if not records:
-        return
-    if (
-        not connection.disconnecting
-        and not connection._writeDisconnected
-        and not connection.dataBuffer
-        and not connection._tempDataBuffer
-        and len(records) <= _MOST_PIECES
-    ):
-        try:
-            sent = connection.socket.sendmsg(records)
-        except OSError:
-            sent = 0
-        rest = _after(records, sent)
-    else:
-        rest = b"".join(records)
-    if rest:
-        sink.write(rest)
 
 
 def _after(pieces, sent):

@@ -257,6 +257,53 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     assertClientRefuses(server.port, clientContext(other))
 
 
+def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate_cli, certificate):
+    """
+    Over implicit TLS a message of several MB (streamed, paced by the
+    client's reading) arrives octet for octet, dot-stuffed lines included.
+    A client speaking plain POP3 to the TLS port gets no POP3 answer: the
+    handshake fails, the connection is closed, the server logs why and
+    goes on serving.
+    """
+    certificatePath, keyPath = certificate
+    context = clientContext(certificatePath)
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP,
+        "--smtp", LOOPBACK_TCP,
+        "--domain", "example.org",
+    )
+    lines = b"".join(b"%s line %06d of a long message\r\n" % (b"." if i % 7 == 0 else b"", i) for i in range(100000))
+    big = message("large") + lines
+    assert len(big) > 3_000_000
+    smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
+    assert smtp.sendmail(SENDER, [ALICE], big) == {}
+    smtp.quit()
+
+    plain = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+    plain.sendall(b"USER " + ALICE.encode() + b"\r\n")
+    answered = b""
+    try:
+        while len(answered) < 65536:
+            chunk = plain.recv(4096)
+            if not chunk:
+                break
+            answered += chunk
+    except ConnectionResetError:
+        pass
+    plain.close()
+    assert b"+OK" not in answered and b"-ERR" not in answered, answered
+    waitFor(lambda: logLines(server, "pop3 TLS failed peer=127.0.0.1"), "the failed handshake in the log")
+
+    pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
+    pops.user(ALICE)
+    assert pops.pass_(ALICE_PW).startswith(b"+OK")
+    stored = retrieve(pops, 1)
+    assert stored.endswith(big)
+    assert pops.quit().startswith(b"+OK")
+
+
 # -- 2. curl ---------------------------------------------------------------------
 
 CURL = shutil.which("curl")

@@ -1068,7 +1068,7 @@ def test_lmtpReceivedWithoutTLS(store, bob, tls):
 
 def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
     """
-    POP3 behind TLSMemoryBIOFactory, as the pop3s listeners are built: a
+    POP3 behind a TLSLayerFactory, as the pop3s listeners are built: a
     real TLS client completes the handshake, sees the server certificate,
     and an untrusted peer may log in with USER/PASS; STLS is neither
     offered nor accepted.
@@ -1077,6 +1077,7 @@ def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
     from twisted.internet.ssl import Certificate, optionsForClientTLS
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from mailgate.session.tlslayer import TLSLayerFactory
     from mailgate.testing import connectClient
     from certs import certificateFingerprint
 
@@ -1097,12 +1098,10 @@ def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
     clientCreator = optionsForClientTLS(
         "mail.example.test", trustRoot=Certificate.loadPEM(certificatePath.read_bytes())
     )
-    # TLSMemoryBIOFactory aggregates small writes until the clock turns.
+    # The client's TLSMemoryBIOFactory aggregates small writes until the clock turns.
     clock = pop3.reactor
     client = TLSMemoryBIOFactory(clientCreator, True, Factory.forProtocol(Client), clock=clock).buildProtocol(None)
-    connection = connectClient(
-        TLSMemoryBIOFactory(serverTLS, False, pop3, clock=clock), client, peer=("198.51.100.7", 1234)
-    )
+    connection = connectClient(TLSLayerFactory(serverTLS, pop3, clock), client, peer=("198.51.100.7", 1234))
 
     def pump():
         for _ in range(10):

@@ -110,16 +110,26 @@ def test_aHalfClosedConnectionSetsWriteDisconnected(tcpConnection):
 
 def test_aTLSConnectionSaysSo(tcpConnection, tmp_path):
     """
-    After C{startTLS} the transport's C{TLS} flag is set: sendNow then
+    After Twisted's own C{startTLS} (an embedding application's, not
+    mailgate's TLS layer) the transport's C{TLS} flag is set: sendNow then
     leaves the writing to it (a direct send would go out in the clear).
     """
     from certs import makeCertificate
-
-    from mailgate.tls import ServerTLS
+    from OpenSSL import SSL
+    from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 
     certificatePath, keyPath = makeCertificate(tmp_path)
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate_file(str(certificatePath))
+    context.use_privatekey_file(str(keyPath))
+
+    @implementer(IOpenSSLServerConnectionCreator)
+    class ServerSide:
+        def serverConnectionForTLS(self, protocol):
+            return SSL.Connection(context, None)
+
     transport = tcpConnection.transport
-    transport.startTLS(ServerTLS(str(certificatePath), str(keyPath)))
+    transport.startTLS(ServerSide())
     assert transport.TLS
     sendNow(transport, b"secret")
     # Written into the TLS layer, not onto the socket.
@@ -240,140 +250,3 @@ def test_leanEventDispatchLeavesOtherReactorsAlone():
     reactor = MemoryReactor()
     assert leanEventDispatch(reactor) is False
     assert not hasattr(reactor, "doPoll")
-
-
-# -- TLS over tcp.Connection, for sendNow ------------------------------------------
-
-
-def _tlsSession(tcpConnection, tmp_path, layout):
-    """
-    TLS on Twisted's server transport in one of the two layouts mailgate
-    sees: C{"implicit"} (POP3S: a C{TLSMemoryBIOFactory} protocol over the
-    TCP connection, itself the session's transport) or C{"started"} (STLS:
-    C{startTLS} on the TCP connection, the session's transport).  The
-    client's handshake runs in a thread while the test plays the reactor.
-    Returns the session's transport and the client's TLS socket.
-    """
-    import ssl
-    import threading
-
-    from certs import makeCertificate
-    from twisted.internet.protocol import Factory, Protocol
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    from mailgate.tls import ServerTLS
-
-    certificatePath, keyPath = makeCertificate(tmp_path)
-    contextFactory = ServerTLS(str(certificatePath), str(keyPath))
-    connection = tcpConnection.transport
-    if layout == "implicit":
-        tlsProtocol = TLSMemoryBIOFactory(contextFactory, False, Factory.forProtocol(Protocol)).buildProtocol(None)
-        connection.protocol = tlsProtocol
-        tlsProtocol.makeConnection(connection)
-        session = tlsProtocol
-    else:
-        connection.startTLS(contextFactory)
-        tlsProtocol = connection.protocol
-        session = connection
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    shaken = {}
-
-    def handshake():
-        try:
-            shaken["socket"] = context.wrap_socket(tcpConnection.client)
-        except Exception as e:  # reported by the assertion below
-            shaken["error"] = e
-
-    thread = threading.Thread(target=handshake, daemon=True)
-    thread.start()
-    pump(connection, tcpConnection.reactor, lambda: not thread.is_alive())
-    thread.join(10)
-    assert "socket" in shaken, shaken
-    # TLS 1.3: the server's session tickets follow the handshake.
-    pump(connection, tcpConnection.reactor, lambda: tlsProtocol._handshakeDone and not connection.dataBuffer)
-    return session, tlsProtocol, shaken["socket"]
-
-
-def pump(connection, reactor, done, rounds=2000):
-    """
-    Play the reactor for C{connection} until C{done()} (bounded).
-    """
-    import select
-
-    for _ in range(rounds):
-        if connection in reactor.writers:
-            connection.doWrite()
-        if done():
-            return
-        readable, _, _ = select.select([connection.socket], [], [], 0.01)
-        if readable:
-            connection.doRead()
-    raise AssertionError("the TLS connection did not get there")
-
-
-@pytest.mark.parametrize("layout", ["implicit", "started"])
-def test_aTLSReplyGoesOutAtOnce(tcpConnection, tmp_path, layout):
-    """
-    On TLS over TCP, sendNow hands the reply's records to the kernel at
-    once: nothing waits for the reactor's next turn (no write watched, no
-    timer of Twisted's small-write aggregation), and the client reads the
-    reply, decrypted, in order.
-    """
-    session, tlsProtocol, client = _tlsSession(tcpConnection, tmp_path, layout)
-    connection, reactor = tcpConnection.transport, tcpConnection.reactor
-    sendNow(session, b"+OK one\r\n")
-    sendNow(session, [b"+OK ", memoryview(b"two\r\n")])
-    assert connection not in reactor.writers
-    assert not connection.dataBuffer and not connection._tempDataBuffer
-    aggregator = getattr(tlsProtocol, "_aggregator", None)
-    assert aggregator is None or (not aggregator._buffer and aggregator._scheduled is None)
-    received = b""
-    client.settimeout(10)
-    while len(received) < 18:
-        received += client.recv(100)
-    assert received == b"+OK one\r\n+OK two\r\n"
-    # What Twisted's own write had held goes first (through the
-    # transport's buffer, as Twisted sends it).
-    tlsProtocol.write(b"held\r\n")
-    sendNow(session, b"after\r\n")
-    pump(connection, reactor, lambda: connection not in reactor.writers)
-    received = b""
-    while len(received) < 13:
-        received += client.recv(100)
-    assert received == b"held\r\nafter\r\n"
-    client.close()
-
-
-@pytest.mark.parametrize("layout", ["implicit", "started"])
-def test_whatTheSocketDoesNotTakeOfTLSRecordsWaitsInOrder(tcpConnection, tmp_path, layout):
-    """
-    Records the kernel's buffer cannot take wait in the TCP transport (not
-    encrypted twice), and later replies queue behind them.
-    """
-    import socket
-
-    session, tlsProtocol, client = _tlsSession(tcpConnection, tmp_path, layout)
-    connection, reactor = tcpConnection.transport, tcpConnection.reactor
-    connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    big = bytes(range(256)) * 1024  # 256 KiB
-    sendNow(session, big)
-    assert connection in reactor.writers
-    sendNow(session, b"TAIL")
-    client.setblocking(False)
-    received = b""
-
-    def gotAll():
-        nonlocal received
-        try:
-            received += client.recv(1 << 16)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            pass
-        return len(received) >= len(big) + 4
-
-    import ssl
-
-    pump(connection, reactor, gotAll, rounds=20000)
-    assert received == big + b"TAIL"
-    client.close()

@@ -45,6 +45,7 @@ below (C{greet}, C{refusal}, C{syntaxError}, C{lineTooLong} ...).
 """
 
 import re
+import ssl
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -56,6 +57,7 @@ from mailgate.session.idle import IdleTimer
 from mailgate.session.ids import describeAddress, newSessionId
 from mailgate.session.output import ReplyWriter, setNoDelay
 from mailgate.session.sender import BlockSender, SendAborted
+from mailgate.session.tlslayer import startTLS
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -270,6 +272,16 @@ class CommandSession(Protocol):
         self._closed = True
         if self._idle is not None:
             self._idle.cancel()
+        if reason is not None and reason.check(ssl.SSLError):
+            # A failed handshake (a client speaking something else than
+            # TLS, or only versions refused) or a corrupt record.
+            error = reason.value
+            why = getattr(error, "reason", None) or str(error)
+            self.logInfo(
+                "session.tls_failed",
+                f"{self.protocolName} TLS failed peer={self.peerText} reason={why}",
+                reason=why,
+            )
         self._buffer = b""
         self._pos = 0
         self.rawReceiver = None
@@ -583,10 +595,9 @@ class CommandSession(Protocol):
         commands, and stop reading as soon as there is input to hold back.
 
         Reading stops only then (at once if commands are waiting, else when
-        the next one arrives), not on the pause itself: a TLS layer pauses
-        its producer while a handshake is under way (the greeting of an
-        implicit-TLS listener waits for it), and the handshake needs the
-        connection read.
+        the next one arrives), not on the pause itself: a transport may
+        pause its producer for output of its own (a TLS layer's handshake,
+        which needs the connection read).
         """
         if self._outputPaused or self._closed:
             return
@@ -647,11 +658,13 @@ class CommandSession(Protocol):
 
     # -- TLS -------------------------------------------------------------------
 
-    def startTLS(self, contextFactory):
+    def startTLS(self, tls):
         """
         Start TLS after the reply that said so.  Whatever the client sent
         after the command in the clear is discarded, never run as if it had
         come over TLS (the STARTTLS injection attack).
+
+        @param tls: the L{mailgate.tls.ServerTLS} to start it with.
         """
         self._buffer = b""
         self._pos = 0
@@ -660,7 +673,7 @@ class CommandSession(Protocol):
         self.rawReceiver = None
         # The reply goes out in the clear, before the handshake.
         self._out.flush()
-        self.transport.startTLS(contextFactory)
+        startTLS(self, tls, self._clock)
 
     # -- shutdown ----------------------------------------------------------------
 

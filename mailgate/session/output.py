@@ -4,6 +4,7 @@ A session's output: replies sent at once, and held together for the
 commands of one read.
 """
 
+from mailgate.session.tlslayer import TLSLayer
 from mailgate.twistedcompat import sendNow as _sendNow
 
 
@@ -58,6 +59,14 @@ class ReplyWriter:
         transport = self._protocol.transport
         return getattr(transport, "relayedTransport", transport)
 
+    def _send(self, data):
+        transport = self.transport
+        if type(transport) is TLSLayer:
+            # Encrypted and handed to the kernel at once, the same way.
+            transport.send(data)
+        else:
+            _sendNow(transport, data)
+
     def write(self, data):
         """
         Send C{data}, or keep it with the others if L{holding}.
@@ -66,7 +75,7 @@ class ReplyWriter:
             self._held.append(data)
             self.heldSize += len(data)
         else:
-            _sendNow(self.transport, data)
+            self._send(data)
 
     def writeParts(self, parts):
         """
@@ -83,7 +92,7 @@ class ReplyWriter:
             self._held.extend(parts)
             self.heldSize += size
         else:
-            _sendNow(self.transport, parts)
+            self._send(parts)
 
     def send(self, data):
         """
@@ -91,7 +100,7 @@ class ReplyWriter:
         whose flow control is the transport's).
         """
         self.flush()
-        _sendNow(self.transport, data)
+        self._send(data)
 
     def flush(self):
         """
@@ -101,7 +110,7 @@ class ReplyWriter:
             held = self._held
             self._held = []
             self.heldSize = 0
-            _sendNow(self.transport, held[0] if len(held) == 1 and type(held[0]) is bytes else held)
+            self._send(held[0] if len(held) == 1 and type(held[0]) is bytes else held)
 
     def hold(self):
         """

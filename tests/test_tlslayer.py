@@ -1,0 +1,508 @@
+"""
+L{mailgate.session.tlslayer}: TLS between a connection and its session.
+
+In memory: the layer over a C{StringTransport}, a client made of Python's
+C{ssl} module on memory BIOs on the other side, a L{Clock} for its timer.
+Over a real loopback socket: the layer on Twisted's TCP transport, in both
+layouts mailgate uses (implicit TLS, and TLS started on a connection), with
+a real TLS client socket.  The end-to-end tests (tests/test_e2e_tls.py)
+run POP3S, STLS and STARTTLS with real mail clients.
+"""
+
+import select
+import socket
+import ssl
+import threading
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+
+from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
+from mailgate.testing import TLSStringTransport
+from mailgate.tls import ServerTLS, isSecure
+
+from certs import makeCertificate
+
+HOST = "mail.example.test"
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return makeCertificate(tmp_path, HOST)
+
+
+@pytest.fixture
+def tls(pair):
+    return ServerTLS(str(pair[0]), str(pair[1]))
+
+
+class Session(Protocol):
+    """
+    What a session above the layer sees: what it read, and how it ended.
+    Its greeting (if any) is written when it is connected.
+    """
+
+    def __init__(self, greeting=None, closeAtOnce=False):
+        self.received = b""
+        self.lost = None
+        self.greeting = greeting
+        self.closeAtOnce = closeAtOnce
+
+    def connectionMade(self):
+        if self.greeting is not None:
+            self.transport.write(self.greeting)
+        if self.closeAtOnce:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class Client:
+    """
+    A TLS client on memory BIOs, trusting the test certificate.
+    """
+
+    def __init__(self, cafile, maximum=None):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(cafile))
+        if maximum is not None:
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            context.maximum_version = maximum
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=HOST)
+        self.error = None
+
+    def step(self):
+        try:
+            self.tls.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as e:
+            self.error = e
+            return False
+
+    def read(self):
+        """
+        Everything readable now; C{None} once the server's close_notify came.
+        """
+        data = b""
+        try:
+            while True:
+                chunk = self.tls.read(1 << 16)
+                if not chunk:
+                    return None if not data else data
+                data += chunk
+        except ssl.SSLWantReadError:
+            return data
+
+
+class Wire:
+    """
+    A layer over a C{StringTransport} and a L{Client}, and the moving of
+    octets between them.
+    """
+
+    def __init__(self, tls, cafile, session, maximum=None):
+        self.clock = Clock()
+        self.transport = StringTransport()
+        self.session = session
+        self.layer = TLSLayer(tls.context, session, self.clock)
+        self.layer.makeConnection(self.transport)
+        self.client = Client(cafile, maximum)
+
+    def move(self):
+        """
+        Move octets both ways until neither side has more to say.
+        """
+        for _ in range(20):
+            toServer = self.client.outgoing.read()
+            if toServer:
+                self.layer.dataReceived(toServer)
+            toClient = self.transport.value()
+            self.transport.clear()
+            if toClient:
+                self.client.incoming.write(toClient)
+            if not toServer and not toClient:
+                return
+        raise AssertionError("the two sides kept talking")
+
+    def handshake(self):
+        for _ in range(10):
+            done = self.client.step()
+            self.move()
+            if done or self.client.error is not None:
+                return done
+        raise AssertionError("the handshake neither completed nor failed")
+
+    def send(self, data):
+        self.client.tls.write(data)
+        self.move()
+
+    def lose(self, reason=ConnectionDone):
+        """
+        The connection below reports its end, as Twisted's would.
+        """
+        self.layer.connectionLost(Failure(reason()))
+
+
+# -- the handshake -------------------------------------------------------------
+
+
+def test_theGreetingWaitsForTheHandshake(tls, pair):
+    """
+    Implicit TLS: the session is connected at once and writes its greeting;
+    nothing goes out before the client speaks, and the greeting arrives
+    encrypted once the handshake is over.
+    """
+    wire = Wire(tls, pair[0], Session(b"+OK ready\r\n"))
+    assert wire.session.transport is wire.layer
+    assert wire.transport.value() == b""
+    assert wire.handshake()
+    assert wire.client.read() == b"+OK ready\r\n"
+    assert wire.layer.version == "TLSv1.3"
+    assert isSecure(wire.layer)
+
+
+def test_bothWaysAfterTheHandshake(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.layer.version is None and wire.layer.cipher is None
+    assert wire.handshake()
+    wire.send(b"CAPA\r\nUSER alice\r\n")
+    assert wire.session.received == b"CAPA\r\nUSER alice\r\n"
+    wire.layer.write(b"+OK\r\n")
+    wire.layer.send([b"+OK ", memoryview(b"two"), b"\r\n"])
+    wire.layer.writeSequence([b"three\r\n"])
+    wire.move()
+    assert wire.client.read() == b"+OK\r\n+OK two\r\nthree\r\n"
+    # Nothing was written in the clear.
+    assert b"alice" not in wire.transport.value()
+
+
+def test_aLargeReplyArrivesWhole(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.handshake()
+    big = bytes(range(256)) * 1024 + b"\r\n.\r\n"
+    wire.layer.send([b"+OK\r\n", big[:1000], memoryview(big)[1000:]])
+    received = b""
+    for _ in range(100):
+        wire.move()
+        chunk = wire.client.read()
+        received += chunk
+        if len(received) >= len(big) + 5:
+            break
+    assert received == b"+OK\r\n" + big
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1:DeprecationWarning")
+def test_aTLS11ClientIsRefusedWithAnAlert(tls, pair):
+    """
+    A client offering at most TLS 1.1 gets OpenSSL's protocol_version
+    alert, the connection is closed, and the session learns why.
+    """
+    wire = Wire(tls, pair[0], Session(b"+OK ready\r\n"), maximum=ssl.TLSVersion.TLSv1_1)
+    assert not wire.handshake()
+    assert wire.client.error is not None
+    assert "protocol version" in str(wire.client.error)
+    assert wire.transport.disconnecting
+    wire.lose()
+    assert wire.session.lost.check(ssl.SSLError)
+    assert wire.session.received == b""
+
+
+def test_somethingElseThanTLSIsDropped(tls, pair):
+    """
+    A client speaking plain POP3 to the TLS port: the handshake fails,
+    the connection closes, nothing reaches the session, no traceback.
+    """
+    wire = Wire(tls, pair[0], Session(b"+OK ready\r\n"))
+    wire.layer.dataReceived(b"USER alice\r\nPASS secret\r\n")
+    assert wire.transport.disconnecting
+    wire.lose()
+    assert wire.session.received == b""
+    assert isinstance(wire.session.lost.value, ssl.SSLError)
+    # Input after the failure is ignored.
+    wire.layer.dataReceived(b"more\r\n")
+    assert wire.session.received == b""
+
+
+# -- closing ---------------------------------------------------------------------
+
+
+def test_closingSendsWhatWasWrittenThenCloseNotify(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.handshake()
+    wire.layer.write(b"+OK bye\r\n")
+    wire.layer.loseConnection()
+    assert wire.layer.disconnecting and wire.transport.disconnecting
+    wire.move()
+    assert wire.client.read() == b"+OK bye\r\n"
+    assert wire.client.read() is None  # the close_notify
+    # Writes after the close go nowhere.
+    wire.layer.write(b"late\r\n")
+    assert wire.transport.value() == b""
+    wire.lose()
+    assert wire.session.lost.check(ConnectionDone)
+
+
+def test_aCloseDuringTheHandshakeWaitsForIt(tls, pair):
+    """
+    A session that refuses the connection at once (too many connections)
+    over implicit TLS: the connection stays open for the handshake, the
+    client reads the refusal, then the close.
+    """
+    wire = Wire(tls, pair[0], Session(b"-ERR [SYS/TEMP] too many connections\r\n", closeAtOnce=True))
+    assert not wire.transport.disconnecting
+    assert wire.handshake()
+    assert wire.transport.disconnecting
+    assert wire.client.read() == b"-ERR [SYS/TEMP] too many connections\r\n"
+    assert wire.client.read() is None
+    # The timer for a handshake that never ends was cancelled.
+    assert wire.clock.getDelayedCalls() == []
+
+
+def test_aHandshakeThatNeverComesIsAbortedAfterAClose(tls, pair):
+    wire = Wire(tls, pair[0], Session(b"-ERR go away\r\n", closeAtOnce=True))
+    wire.clock.advance(TLSLayer.closeTimeout - 1)
+    assert not wire.transport.disconnecting
+    wire.clock.advance(1)
+    assert wire.transport.disconnected  # aborted
+    assert wire.transport.value() == b""
+
+
+def test_theClientsCloseNotifyClosesTheConnection(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.handshake()
+    wire.send(b"QUIT\r\n")
+    try:
+        wire.client.tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    wire.move()
+    assert wire.session.received == b"QUIT\r\n"
+    assert wire.transport.disconnecting
+
+
+def test_aCorruptRecordEndsTheSession(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.handshake()
+    wire.client.tls.write(b"USER alice\r\n")
+    record = bytearray(wire.client.outgoing.read())
+    record[-1] ^= 0x01  # the authentication tag no longer matches
+    wire.layer.dataReceived(bytes(record))
+    assert wire.session.received == b""
+    assert wire.transport.disconnecting
+    wire.lose()
+    assert wire.session.lost.check(ssl.SSLError)
+
+
+def test_abortClosesAtOnce(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.handshake()
+    wire.layer.abortConnection()
+    assert wire.transport.disconnected
+    wire.layer.write(b"late\r\n")
+    assert wire.transport.value() == b""
+
+
+# -- what passes through -----------------------------------------------------------
+
+
+def test_flowControlIsTheConnections(tls, pair):
+    """
+    Producers registered with the layer are the connection's, and pausing
+    the layer pauses reading from the connection.
+    """
+    wire = Wire(tls, pair[0], Session())
+    producer = object()
+    wire.layer.registerProducer(producer, True)
+    assert wire.transport.producer is producer and wire.transport.streaming
+    wire.layer.unregisterProducer()
+    assert wire.transport.producer is None
+    wire.layer.pauseProducing()
+    assert wire.transport.producerState == "paused"
+    wire.layer.resumeProducing()
+    assert wire.transport.producerState == "producing"
+
+
+def test_addressesAreTheConnections(tls, pair):
+    wire = Wire(tls, pair[0], Session())
+    assert wire.layer.getPeer() == wire.transport.getPeer()
+    assert wire.layer.getHost() == wire.transport.getHost()
+    assert wire.layer.getPeerCertificate() is None
+
+
+def test_smallPiecesAreJoinedIntoRecords():
+    pieces = [b"a" * 100, b"b" * 200, memoryview(b"c" * 300)]
+    assert list(_records(pieces)) == [b"a" * 100 + b"b" * 200 + b"c" * 300]
+    big = b"x" * (RECORD + 1)
+    out = list(_records([b"head", big, b"tail", b"y" * (RECORD - 2), b"z" * 10]))
+    # A piece of a record's size or more goes alone; neighbours are joined
+    # only while they fit in one record; the order is kept.
+    assert out == [b"head", big, b"tail", b"y" * (RECORD - 2), b"z" * 10]
+    assert list(_records([b"+OK\r\n", b"z" * 10, b".\r\n"])) == [b"+OK\r\n" + b"z" * 10 + b".\r\n"]
+    assert list(_records([])) == []
+
+
+def test_theFactoryPutsALayerUnderEverySession(tls):
+    sessions = Factory.forProtocol(Session)
+    factory = TLSLayerFactory(tls, sessions, Clock())
+    layer = factory.buildProtocol(None)
+    assert isinstance(layer, TLSLayer) and isinstance(layer.protocol, Session)
+
+    class Refusing(Factory):
+        def buildProtocol(self, addr):
+            return None
+
+    assert TLSLayerFactory(tls, Refusing(), Clock()).buildProtocol(None) is None
+
+
+# -- starting TLS on a connected session -----------------------------------------------
+
+
+def test_startTLSOnATCPConnection(tcpConnection, tls):
+    session = tcpConnection.protocol
+    connection = tcpConnection.transport
+    layer = startTLS(session, tls, Clock())
+    assert session.transport is layer
+    assert connection.protocol is layer
+    assert layer.transport is connection
+
+
+def test_startTLSBehindAWrapper(tls):
+    """
+    Behind a wrapper (the PROXY-header reader), the wrapper's reads go to
+    the layer.
+    """
+    session = Session()
+    wrapper = ProtocolWrapper(WrappingFactory(Factory()), session)
+    below = StringTransport()
+    wrapper.makeConnection(below)
+    assert session.transport is wrapper
+    layer = startTLS(session, tls, Clock())
+    assert wrapper.wrappedProtocol is layer
+    assert session.transport is layer
+
+
+def test_startTLSOnAnotherTransportLeavesItToIt(tls):
+    session = Session()
+    transport = TLSStringTransport()
+    session.makeConnection(transport)
+    assert startTLS(session, tls, Clock()) is None
+    assert transport.tlsStarted is tls
+    assert session.transport is transport
+
+
+# -- over a real socket ------------------------------------------------------------------
+
+
+def _tlsSession(tcpConnection, tls, layout):
+    """
+    The layer on Twisted's TCP transport: C{"implicit"} (POP3S, the layer
+    the connection's protocol from the start) or C{"started"} (STLS, put
+    under the connection's protocol).  The client's handshake runs in a
+    thread while the test plays the reactor.
+
+    @return: the layer and the client's TLS socket.
+    """
+    connection = tcpConnection.transport
+    if layout == "implicit":
+        layer = TLSLayer(tls.context, Session(), Clock())
+        connection.protocol = layer
+        layer.makeConnection(connection)
+    else:
+        layer = startTLS(tcpConnection.protocol, tls, Clock())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    shaken = {}
+
+    def handshake():
+        try:
+            shaken["socket"] = context.wrap_socket(tcpConnection.client)
+        except Exception as e:  # reported by the assertion below
+            shaken["error"] = e
+
+    thread = threading.Thread(target=handshake, daemon=True)
+    thread.start()
+    pump(connection, tcpConnection.reactor, lambda: not thread.is_alive())
+    thread.join(10)
+    assert "socket" in shaken, shaken
+    pump(connection, tcpConnection.reactor, lambda: layer.version is not None and not connection.dataBuffer)
+    return layer, shaken["socket"]
+
+
+def pump(connection, reactor, done, rounds=2000):
+    """
+    Play the reactor for C{connection} until C{done()} (bounded).
+    """
+    for _ in range(rounds):
+        if connection in reactor.writers:
+            connection.doWrite()
+        if done():
+            return
+        readable, _, _ = select.select([connection.socket], [], [], 0.01)
+        if readable:
+            connection.doRead()
+    raise AssertionError("the TLS connection did not get there")
+
+
+@pytest.mark.parametrize("layout", ["implicit", "started"])
+def test_aTLSReplyGoesOutAtOnce(tcpConnection, tls, layout):
+    """
+    The records of a reply go to the kernel at once: nothing waits for the
+    reactor's next turn (no write watched), and the client reads the reply,
+    decrypted, in order.
+    """
+    layer, client = _tlsSession(tcpConnection, tls, layout)
+    connection, reactor = tcpConnection.transport, tcpConnection.reactor
+    layer.send(b"+OK one\r\n")
+    layer.send([b"+OK ", memoryview(b"two\r\n")])
+    assert connection not in reactor.writers
+    assert not connection.dataBuffer and not connection._tempDataBuffer
+    received = b""
+    client.settimeout(10)
+    while len(received) < 18:
+        received += client.recv(100)
+    assert received == b"+OK one\r\n+OK two\r\n"
+    client.close()
+
+
+@pytest.mark.parametrize("layout", ["implicit", "started"])
+def test_whatTheSocketDoesNotTakeOfTLSRecordsWaitsInOrder(tcpConnection, tls, layout):
+    """
+    Records the kernel's buffer cannot take wait in the TCP transport (not
+    encrypted twice), and later replies queue behind them.
+    """
+    layer, client = _tlsSession(tcpConnection, tls, layout)
+    connection, reactor = tcpConnection.transport, tcpConnection.reactor
+    connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 1024  # 256 KiB
+    layer.send(big)
+    assert connection in reactor.writers
+    layer.send(b"TAIL")
+    client.setblocking(False)
+    received = b""
+
+    def gotAll():
+        nonlocal received
+        try:
+            received += client.recv(1 << 16)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        return len(received) >= len(big) + 4
+
+    pump(connection, reactor, gotAll, rounds=20000)
+    assert received == big + b"TAIL"
+    client.close()
