@@ -294,7 +294,10 @@ def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate
         pass
     plain.close()
     assert b"+OK" not in answered and b"-ERR" not in answered, answered
-    waitFor(lambda: logLines(server, "pop3 TLS failed peer=127.0.0.1"), "the failed handshake in the log")
+    waitFor(
+        lambda: logLines(server, "pop3 TLS failed peer=127.0.0.1 reason=WRONG_VERSION_NUMBER"),
+        "the failed handshake in the log",
+    )
 
     pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
     pops.user(ALICE)

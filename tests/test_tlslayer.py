@@ -232,6 +232,7 @@ def test_somethingElseThanTLSIsDropped(tls, pair):
     wire.lose()
     assert wire.session.received == b""
     assert isinstance(wire.session.lost.value, ssl.SSLError)
+    assert wire.session.lost.value.reason == "WRONG_VERSION_NUMBER"
     # Input after the failure is ignored.
     wire.layer.dataReceived(b"more\r\n")
     assert wire.session.received == b""
