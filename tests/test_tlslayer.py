@@ -361,6 +361,8 @@ def test_theFactoryPutsALayerUnderEverySession(tls):
     factory = TLSLayerFactory(tls, sessions, Clock())
     layer = factory.buildProtocol(None)
     assert isinstance(layer, TLSLayer) and isinstance(layer.protocol, Session)
+    # What the listener's "starting on" log line calls it.
+    assert factory.logPrefix() == "Factory (TLS)"
 
     class Refusing(Factory):
         def buildProtocol(self, addr):

@@ -40,7 +40,7 @@ What it does, as Twisted's layer did:
 import ssl
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import ILoggingContext, ISSLTransport
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -370,6 +370,7 @@ def _records(pieces):
         yield batch[0] if len(batch) == 1 else b"".join(batch)
 
 
+@implementer(ILoggingContext)
 class TLSLayerFactory:
     """
     Implicit TLS (POP3S): every connection the wrapped factory serves gets
@@ -387,8 +388,9 @@ class TLSLayerFactory:
         self.clock = clock
 
     def logPrefix(self):
-        prefix = getattr(self.wrappedFactory, "logPrefix", None)
-        return prefix() if prefix is not None else self.wrappedFactory.__class__.__name__
+        wrapped = self.wrappedFactory
+        prefix = wrapped.logPrefix() if ILoggingContext.providedBy(wrapped) else wrapped.__class__.__name__
+        return f"{prefix} (TLS)"
 
     def doStart(self):
         self.wrappedFactory.doStart()
