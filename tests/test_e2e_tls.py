@@ -259,8 +259,9 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
 
 def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate_cli, certificate):
     """
-    Over implicit TLS a message of several MB (streamed, paced by the
-    client's reading) arrives octet for octet, dot-stuffed lines included.
+    A message of several MB goes in over STARTTLS (the DATA reader paced
+    by the spool) and comes out over implicit TLS (streamed, paced by the
+    client's reading) octet for octet, dot-stuffed lines included.
     A client speaking plain POP3 to the TLS port gets no POP3 answer: the
     handshake fails, the connection is closed, the server logs why and
     goes on serving.
@@ -278,6 +279,8 @@ def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate
     big = message("large") + lines
     assert len(big) > 3_000_000
     smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
+    assert smtp.starttls(context=context)[0] == 220
+    smtp.ehlo()
     assert smtp.sendmail(SENDER, [ALICE], big) == {}
     smtp.quit()
 

@@ -236,9 +236,9 @@ class TLSLayer:
         self._flush()
 
     def _flush(self):
-        data = self._outgoing.read()
-        if data:
-            sendNow(self._sink, data)
+        outgoing = self._outgoing
+        if outgoing.pending:
+            sendNow(self._sink, outgoing.read())
 
     def loseConnection(self):
         """
