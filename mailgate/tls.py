@@ -2,13 +2,13 @@
 """
 TLS for every listener: one server certificate, reloadable at run time.
 
-L{ServerTLS} is what STLS, STARTTLS and the implicit-TLS listeners hand to
-Twisted.  It builds each new TLS connection from the certificate it loaded
-last, so L{ServerTLS.reload} (run on SIGHUP) makes a renewed certificate
-take effect for new connections while established sessions carry on.
+L{ServerTLS} is what STLS, STARTTLS and the implicit-TLS listeners start
+TLS with (L{mailgate.session.tlslayer}).  Each new TLS connection is made
+from the certificate it loaded last, so L{ServerTLS.reload} (run on
+SIGHUP) makes a renewed certificate take effect for new connections while
+established sessions carry on.
 
-The context is Python's C{ssl}, used by L{mailgate.session.tlslayer}.
-Settings: TLS 1.2 at least, no TLS compression, no renegotiation, the
+The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least, no TLS compression, no renegotiation, the
 server's cipher preference, forward-secret AEAD suites first (TLS 1.3
 suites are OpenSSL's defaults).
 """
