@@ -515,11 +515,17 @@ def bigTable(cells, markdown=False):
 
 
 def idleText(extra):
-    idle = extra.get("idle sessions")
+    return "\n\n".join(
+        text for text in (_idleText(extra.get("idle sessions"), ""), _idleText(extra.get("idle sessions tls"), " over TLS"))
+        if text
+    )
+
+
+def _idleText(idle, how):
     if not idle:
         return ""
     return (
-        f"{idle['sessions']} idle POP3 sessions (one mailgate process, SQLite): RSS baseline "
+        f"{idle['sessions']} idle POP3 sessions{how} (one mailgate process, SQLite): RSS baseline "
         f"{idle['rssBaselineMiB']} MiB, greeted {idle.get('rssGreetedMiB')} MiB, logged in (APOP) "
         f"{idle.get('rssLoggedInMiB')} MiB ({idle.get('rssPerSessionKiB')} KiB/session), after close "
         f"{idle.get('rssAfterCloseMiB')} MiB; logged in {idle.get('loggedIn')}, failures "
@@ -638,12 +644,14 @@ def targetLines(rows, extra):
                 f"{c['loginToStatMs']:.1f} ms (Dovecot {fmt(next((d['loginToStatMs'] for d in bigCells(extra) if d['server'].startswith('dovecot')), None), 1)} ms) "
                 f"-> {'met' if ok else 'NOT met'}"
             )
-    idle = extra.get("idle sessions")
-    if idle and idle.get("rssLoggedInMiB") is not None:
+    for key, how in (("idle sessions", ""), ("idle sessions tls", " over TLS")):
+        idle = extra.get(key)
+        if not idle or idle.get("rssLoggedInMiB") is None:
+            continue
         p99 = idle.get("probeWithIdle", {}).get("p99ms")
         ok = idle["rssLoggedInMiB"] < 1024 and p99 is not None and p99 < 50 and idle.get("loggedIn") == idle["sessions"]
         lines.append(
-            f"{idle['sessions']} idle sessions < 1 GiB RSS and an active session's p99 < 50 ms: "
+            f"{idle['sessions']} idle sessions{how} < 1 GiB RSS and an active session's p99 < 50 ms: "
             f"{idle['rssLoggedInMiB']:.0f} MiB, p99 {p99} ms -> {'met' if ok else 'NOT met'}"
         )
     cold = coldCells(rows)

@@ -663,7 +663,12 @@ class Suite:
 
     # -- big maildrop, idle sessions --------------------------------------
 
-    def big(self, workdir, maildrop=True, idle=True):
+    def big(self, workdir, maildrop=True, idle=True, tls=None):
+        """
+        The big maildrop's login and listing, then the idle sessions: over
+        plain TCP and, with C{tls} (certificate and key paths), once more
+        over implicit TLS, where each session also holds its TLS state.
+        """
         args = self.args
         path = os.path.join(workdir, "big.sqlite3")
         database = "sqlite:///" + path
@@ -682,7 +687,7 @@ class Suite:
         # administrator expecting that many clients would.
         server = MailgateServer(
             self.bindir, database, os.path.join(workdir, "mailgate-big.log"), lmtp=False, smtp=False,
-            options=["--max-connections", str(2 * args.idle_sessions + 100)],
+            options=["--max-connections", str(2 * args.idle_sessions + 100)], tls=tls,
         )
         try:
             server.start()
@@ -697,6 +702,13 @@ class Suite:
                     idleSessions(server.pid, port, idleUsers, password, probe, args.duration)
                 )
                 log(f"idle sessions: {self.extra['idle sessions']}")
+                if tls is not None:
+                    self.quiet()
+                    self.extra["idle sessions tls"] = asyncio.run(
+                        idleSessions(server.pid, port, idleUsers, password, probe, args.duration,
+                                     tlsPort=server.ports["POP3S"])
+                    )
+                    log(f"idle sessions over TLS: {self.extra['idle sessions tls']}")
             errors = server.errorsLogged()
             if errors:
                 self.notes.append(f"mailgate/big logged errors: {errors[:5]}")
@@ -1061,12 +1073,13 @@ async def bigMaildrop(port, user, password, messages, repeats):
     }
 
 
-async def idleSessions(pid, port, users, password, probe, duration, batch=50):
+async def idleSessions(pid, port, users, password, probe, duration, batch=50, tlsPort=None):
     """
     Open one POP3 session per idle user and keep them open: RSS of the
     server with them greeted (AUTHORIZATION state) and then logged in with
     APOP (TRANSACTION state, each holding its maildrop); meanwhile a probe
-    client runs short stat sessions and reports their p99.
+    client runs short stat sessions (on C{port}) and reports their p99.
+    With C{tlsPort}, the idle sessions are made over implicit TLS there.
     """
     pop3load.raiseFileLimit(len(users) + 256)
     report = {"sessions": len(users)}
@@ -1093,8 +1106,10 @@ async def idleSessions(pid, port, users, password, probe, duration, batch=50):
     failures = 0
     began = time.perf_counter()
     try:
+        tls = pop3load.tlsContext() if tlsPort is not None else None
+
         async def greet():
-            client = await pop3load.connect("127.0.0.1", port, DEADLINE)
+            client = await pop3load.connect("127.0.0.1", tlsPort or port, DEADLINE, tls=tls)
             clients.append(client)
             ok, text = await asyncio.wait_for(client.status(), DEADLINE)
             return client, text
@@ -1406,7 +1421,8 @@ def main(argv=None):
             phase("cold logins", suite.cold, workdir, sqlitePath)
         if args.only & {"big", "idle"}:
             phase("big maildrop and idle sessions (SQLite)", lambda: suite.big(
-                workdir, maildrop="big" in args.only, idle="idle" in args.only))
+                workdir, maildrop="big" in args.only, idle="idle" in args.only,
+                tls=tls if "tls" in args.transports else None))
         if "big" in args.only and "postgres" in args.only:
             bigSchema = "bench_big_" + secrets.token_hex(4)
             psql(postgres, f"CREATE SCHEMA {bigSchema}")

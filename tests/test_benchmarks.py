@@ -760,6 +760,25 @@ def test_detailAndBigTables():
                for line in report.targetLines([], extra))
 
 
+def test_idleSessionsOverTLSAreReportedApart():
+    import report
+
+    def idle(rss, p99):
+        return {"sessions": 100, "rssBaselineMiB": 60.0, "rssGreetedMiB": 70.0, "rssLoggedInMiB": rss,
+                "rssPerSessionKiB": 20.0, "rssAfterCloseMiB": 65.0, "loggedIn": 100, "failures": 0,
+                "probeWithoutIdle": {"p50ms": 1.0, "p99ms": 2.0},
+                "probeWithIdle": {"p50ms": 1.1, "p99ms": p99, "errors": 0}}
+
+    extra = {"idle sessions": idle(80.0, 3.0), "idle sessions tls": idle(1100.0, 4.0)}
+    plain, overTLS = report.idleText(extra).split("\n\n")
+    assert plain.startswith("100 idle POP3 sessions (one mailgate process, SQLite): RSS baseline 60.0 MiB")
+    assert overTLS.startswith("100 idle POP3 sessions over TLS (one mailgate process, SQLite)")
+    lines = report.targetLines([], extra)
+    assert "100 idle sessions < 1 GiB RSS and an active session's p99 < 50 ms: 80 MiB, p99 3.0 ms -> met" in lines
+    assert "100 idle sessions over TLS < 1 GiB RSS and an active session's p99 < 50 ms: 1100 MiB, p99 4.0 ms -> NOT met" in lines
+    assert report.idleText({"idle sessions": idle(80.0, 3.0)}) == plain
+
+
 # -- the profile summary --------------------------------------------------------------------
 
 
