@@ -34,7 +34,8 @@ The mailgate benchmark suite (what C{make bench} runs).
      PostgreSQL, and Dovecot hp on a maildir of the same messages (indexed
      by a first login): login to STAT answer, LIST and UIDL.  10,000
      concurrent idle POP3 sessions in one mailgate process (RSS) while
-     another client measures short sessions.
+     another client measures short sessions, over plain TCP and then
+     over implicit TLS.
   5. With py-spy (C{make bench} installs it): a profile of the mailgate
      server while one scenario runs (C{--profile}), the top entries by own
      time written to profile-SCENARIO.txt.
