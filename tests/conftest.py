@@ -172,6 +172,27 @@ def tcpConnection():
 
 
 @pytest.fixture
+def pair(tmp_path):
+    """
+    A self-signed certificate for mail.example.test (and 127.0.0.1) and
+    its key, as paths (tests/certs.py); its own trust anchor.
+    """
+    from certs import makeCertificate
+
+    return makeCertificate(tmp_path, "mail.example.test")
+
+
+@pytest.fixture
+def tls(pair):
+    """
+    A L{mailgate.tls.ServerTLS} from L{pair}.
+    """
+    from mailgate.tls import ServerTLS
+
+    return ServerTLS(str(pair[0]), str(pair[1]))
+
+
+@pytest.fixture
 def logEvents():
     """
     Every log event published while the test runs (twisted.logger's

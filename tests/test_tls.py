@@ -120,16 +120,6 @@ def connect(tls, cafile, **versions):
     return handshake(tls.context, clientContext(cafile, **versions))
 
 
-@pytest.fixture
-def pair(tmp_path):
-    return makeCertificate(tmp_path, HOST)
-
-
-@pytest.fixture
-def tls(pair):
-    return ServerTLS(str(pair[0]), str(pair[1]))
-
-
 # -- loading ---------------------------------------------------------------
 
 

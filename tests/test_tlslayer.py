@@ -24,21 +24,9 @@ from twisted.python.failure import Failure
 
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
-from mailgate.tls import ServerTLS, isSecure
-
-from certs import makeCertificate
+from mailgate.tls import isSecure
 
 HOST = "mail.example.test"
-
-
-@pytest.fixture
-def pair(tmp_path):
-    return makeCertificate(tmp_path, HOST)
-
-
-@pytest.fixture
-def tls(pair):
-    return ServerTLS(str(pair[0]), str(pair[1]))
 
 
 class Session(Protocol):
