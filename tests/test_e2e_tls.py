@@ -182,6 +182,21 @@ def logLines(server, text):
     return [line for line in server.stdout.splitlines() if text in line]
 
 
+def serveAliceOverTLS(mailgate_server, mailgate_cli, certificate):
+    """
+    A server with Alice's maildrop, the certificate, POP3 (STLS), POP3S
+    and SMTP (STARTTLS).
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    return mailgate_server(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP,
+        "--smtp", LOOPBACK_TCP,
+        "--domain", "example.org",
+    )
+
+
 # -- 1. STLS, implicit TLS and STARTTLS ------------------------------------------
 
 
@@ -192,15 +207,9 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     so in its Received field.  STLS is refused once logged in or once TLS
     is on.
     """
-    certificatePath, keyPath = certificate
+    certificatePath, _ = certificate
     context = clientContext(certificatePath)
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    server = mailgate_server(
-        *tlsOptions(certificatePath, keyPath),
-        "--pop3s", LOOPBACK_TCP,
-        "--smtp", LOOPBACK_TCP,
-        "--domain", "example.org",
-    )
+    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
 
     smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
     smtp.ehlo()
@@ -266,15 +275,9 @@ def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate
     handshake fails, the connection is closed, the server logs why and
     goes on serving.
     """
-    certificatePath, keyPath = certificate
+    certificatePath, _ = certificate
     context = clientContext(certificatePath)
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    server = mailgate_server(
-        *tlsOptions(certificatePath, keyPath),
-        "--pop3s", LOOPBACK_TCP,
-        "--smtp", LOOPBACK_TCP,
-        "--domain", "example.org",
-    )
+    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
     lines = b"".join(b"%s line %06d of a long message\r\n" % (b"." if i % 7 == 0 else b"", i) for i in range(100000))
     big = message("large") + lines
     assert len(big) > 3_000_000
