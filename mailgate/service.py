@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from mailgate.affinity import AffinityService, CPUAffinity, parseCPUs
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
@@ -379,15 +380,20 @@ def makePolicy(policyStore, config, reactor, metrics=None):
     return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics)
 
 
-def makePOP3Factory(store, config, reactor, tls=None, metrics=None, tracker=None, policy=None):
+def makePOP3Factory(
+    store, config, reactor, tls=None, metrics=None, tracker=None, policy=None, affinity=None
+):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
     the session policy from C{config}; its sessions are registered with
     C{tracker}.
+
+    @param affinity: the L{CPUAffinity} of the reactor thread, if pinned
+        (password hashes then run on threads freed of it).
     """
     portal = makePortal(
         store,
-        threadRunner(reactor),
+        threadRunner(reactor, affinity),
         cache=VerifiedCredentialCache(
             maxEntries=config.authCacheSize, lifetime=float(config.authCacheTTL), metrics=metrics
         ),
@@ -450,6 +456,21 @@ def makeTLS(config):
     return ServerTLS(config.tlsCertificate, config.tlsKey)
 
 
+def makeAffinity(config):
+    """
+    The L{CPUAffinity} of C{config.cpuAffinity}, or C{None} if unset.
+
+    @raise ConfigurationError: a CPU this process may not run on, or a
+        system without CPU affinity.
+    """
+    if config.cpuAffinity is None:
+        return None
+    try:
+        return CPUAffinity(parseCPUs(config.cpuAffinity))
+    except ValueError as e:
+        raise ConfigurationError(f"cpu-affinity: {e}") from None
+
+
 def makeService(config, reactor=None, store=None, metrics=None, policyStore=None):
     """
     Build mailgate's service hierarchy.
@@ -481,6 +502,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         )
     }
     tls = makeTLS(config)
+    affinity = makeAffinity(config)
     if metrics is None:
         metrics = Metrics()
     if store is None:
@@ -496,6 +518,10 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     root = MailgateService(
         store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
     )
+    if affinity is not None:
+        # First, so that the threads started after it (the database's, when
+        # the reactor starts) are started pinned.
+        AffinityService(affinity).setServiceParent(root)
     root.setStore(StoreService(store))
     policy = root.policy = makePolicy(policyStore, config, reactor, metrics)
     PolicyService(policy, reactor).setServiceParent(root)
@@ -514,7 +540,8 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     def pop3Factory():
         if not pop3:
             factory = makePOP3Factory(
-                store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy
+                store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy,
+                affinity=affinity,
             )
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.

@@ -24,14 +24,21 @@ from mailgate.auth.passwords import dummyHash, verifyPassword
 from mailgate.errors import InvalidAddress
 
 
-def threadRunner(reactor):
+def threadRunner(reactor, affinity=None):
     """
     A callable that runs a function on C{reactor}'s thread pool and returns
     a L{Deferred}: slow hashes never run on the reactor thread.
+
+    @param affinity: the L{mailgate.affinity.CPUAffinity} the reactor
+        thread is pinned with, if any: the pool's threads (started by the
+        reactor thread, so pinned like it) are freed to run anywhere, so
+        that a cold login's hash never waits for the reactor's CPU.
     """
     from twisted.internet.threads import deferToThreadPool
 
     def run(function, *args):
+        if affinity is not None:
+            function = affinity.unpinned(function)
         return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
     return run
