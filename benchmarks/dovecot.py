@@ -469,6 +469,27 @@ class Dovecot:
                 pass
         return names
 
+    def pin(self, cpus):
+        """
+        Run every process of the running instance on C{cpus} (a set of
+        CPU numbers): the master and its children now, and (inherited
+        from the master) every child it starts later.  The comparison's
+        fair counterpart of mailgate's C{--cpu-affinity}.
+        """
+        from pop3load import processTree
+
+        for pid in processTree([self.pid]):
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    os.sched_setaffinity(int(tid), cpus)
+                except OSError:
+                    # It ended meanwhile.
+                    pass
+
     def _waitForLoginProcesses(self, deadline):
         """
         Let the master start its process_min_avail login and pop3

@@ -79,6 +79,7 @@ import pyspy  # noqa: E402
 import report  # noqa: E402
 import smtpload  # noqa: E402
 import tlscert  # noqa: E402
+from mailgate.affinity import formatCPUs, parseCPUs  # noqa: E402
 
 DEADLINE = 60.0
 STOP_GRACE = 15.0
@@ -110,14 +111,14 @@ class MailgateServer:
     "X listening on 127.0.0.1:PORT" log lines.
     """
 
-    def __init__(self, bindir, database, logPath, lmtp=True, smtp=True, options=(), tls=None):
+    def __init__(self, bindir, database, logPath, lmtp=True, smtp=True, options=(), tls=None, cpus=None):
         self.bindir = bindir
         self.database = database
         self.logPath = logPath
         self.lmtp = lmtp
         self.smtp = smtp
         self.tls = tls
-        self.options = list(options)
+        self.options = list(options) + (["--cpu-affinity", cpus] if cpus else [])
         self.process = None
         self.ports = {}
 
@@ -582,7 +583,8 @@ class Suite:
             if pgURL is not None:
                 databases.append(("postgres", pgURL, postgresRoots))
             for backend, url, extraPids in databases:
-                server = MailgateServer(self.bindir, url, os.path.join(workdir, f"mailgate-{backend}.log"), tls=tls)
+                server = MailgateServer(self.bindir, url, os.path.join(workdir, f"mailgate-{backend}.log"), tls=tls,
+                                        cpus=self.args.mailgate_cpus)
                 mailgates.append(server)
                 server.start()
                 log(f"mailgate on {backend}: pid {server.pid}, ports {server.ports}")
@@ -594,19 +596,25 @@ class Suite:
                 targets.append(Target("mailgate", backend, "warm", mailgatePorts(server), [server.pid],
                                       extraPids, viaPop3))
             if "dovecot" in only:
-                variants = ["hp"] + (["default"] if self.args.dovecot_default else [])
-                for variant in variants:
-                    dv = dovecotModule.Dovecot(os.path.join(workdir, f"dovecot-{variant}"), variant=variant,
+                # With --mailgate-cpus, Dovecot hp runs twice: as it is, and
+                # pinned to the same CPUs; each cell compares with the better.
+                variants = [("hp", None)] + ([("hp", "pinned")] if self.args.mailgate_cpus else [])
+                variants += [("default", None)] if self.args.dovecot_default else []
+                for variant, pinned in variants:
+                    name = f"dovecot-{variant}" + (f"-{pinned}" if pinned else "")
+                    dv = dovecotModule.Dovecot(os.path.join(workdir, name), variant=variant,
                                                credentials="warm", tls=tls)
                     dovecots.append(dv)
                     dv.loadCorpus(self.corpus)
                     dv.addUsers(intakeUsers(), self.corpus.password)
                     dv.start()
-                    log(f"dovecot-{variant}: master pid {dv.pid}, POP3 {dv.pop3Port}, POP3S {dv.pop3sPort}, "
-                        f"LMTP {dv.lmtpPort}")
+                    if pinned:
+                        dv.pin(parseCPUs(self.args.mailgate_cpus))
+                    log(f"{name}: master pid {dv.pid}, POP3 {dv.pop3Port}, POP3S {dv.pop3sPort}, "
+                        f"LMTP {dv.lmtpPort}" + (f", on CPU {self.args.mailgate_cpus}" if pinned else ""))
                     maildirs = {u: dv.maildir(u) for u in intakeUsers()}
                     targets.append(Target(
-                        f"dovecot-{variant}", "maildir", "warm",
+                        name, "maildir", "warm",
                         {"pop3": dv.pop3Port, "pop3s": dv.pop3sPort, "lmtp": dv.lmtpPort}, [dv.pid],
                         tokens=lambda maildirs=maildirs: smtpload.tokensFromMaildirs(maildirs),
                     ))
@@ -641,7 +649,7 @@ class Suite:
             copySqlite(sqlitePath, coldPath)
             server = MailgateServer(
                 self.bindir, "sqlite:///" + coldPath, os.path.join(workdir, "mailgate-cold.log"),
-                lmtp=False, smtp=False, options=["--auth-cache-size", "0"],
+                lmtp=False, smtp=False, options=["--auth-cache-size", "0"], cpus=self.args.mailgate_cpus,
             )
             server.start()
             targets.append(Target("mailgate", "sqlite", "cold", mailgatePorts(server), [server.pid]))
@@ -688,7 +696,7 @@ class Suite:
         # administrator expecting that many clients would.
         server = MailgateServer(
             self.bindir, database, os.path.join(workdir, "mailgate-big.log"), lmtp=False, smtp=False,
-            options=["--max-connections", str(2 * args.idle_sessions + 100)], tls=tls,
+            options=["--max-connections", str(2 * args.idle_sessions + 100)], tls=tls, cpus=args.mailgate_cpus,
         )
         try:
             server.start()
@@ -726,7 +734,8 @@ class Suite:
         mailgateCLI(self.bindir, url, ["user", "add", bigUser, "--password-stdin"], password + "\n")
         mailgateCLI(self.bindir, url, ["deliver", bigUser], self.corpus.message(0, 1))
         fillBigPostgres(url, bigUser, args.big_messages)
-        server = MailgateServer(self.bindir, url, os.path.join(workdir, "mailgate-big-postgres.log"), lmtp=False, smtp=False)
+        server = MailgateServer(self.bindir, url, os.path.join(workdir, "mailgate-big-postgres.log"), lmtp=False, smtp=False,
+                                cpus=self.args.mailgate_cpus)
         try:
             server.start()
             self.quiet()
@@ -789,7 +798,7 @@ class Suite:
             return
         os.makedirs(outputDir, exist_ok=True)
         server = MailgateServer(self.bindir, sqliteURL, os.path.join(workdir, "mailgate-profile.log"),
-                                lmtp=False, smtp=False, tls=tls)
+                                lmtp=False, smtp=False, tls=tls, cpus=args.mailgate_cpus)
         try:
             server.start()
             for spec in args.profile:
@@ -1295,6 +1304,7 @@ def parseArgs(argv):
     parser.add_argument("--dovecot", dest="dovecot", action="store_true", default=None, help="run the Dovecot comparison (default: if installed)")
     parser.add_argument("--no-dovecot", dest="dovecot", action="store_false")
     parser.add_argument("--dovecot-default", action="store_true", help="also Dovecot with the stock process settings in the rounds")
+    parser.add_argument("--mailgate-cpus", default=None, metavar="CPUS", help="run every mailgate with --cpu-affinity CPUS (e.g. 0), and Dovecot hp in the comparison twice, as it is and pinned to the same CPUs, each cell against the better of the two (default: nothing pinned)")
     parser.add_argument("--apop", action="store_true", help="also APOP logins (stat and fetchall at 10 clients) in the rounds")
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL even if MAILGATE_TEST_POSTGRES is set")
     parser.add_argument("--no-big", action="store_true", help="skip the big maildrop and the idle sessions")
@@ -1345,6 +1355,11 @@ def parseArgs(argv):
         args.quiet_wait = 0 if quick else 10
     if args.steal_limit is None:
         args.steal_limit = 0 if quick else 0.1
+    if args.mailgate_cpus is not None:
+        try:
+            args.mailgate_cpus = formatCPUs(parseCPUs(args.mailgate_cpus))
+        except ValueError as e:
+            parser.error(f"--mailgate-cpus: {e}")
     args.only = set(args.only.split(","))
     if not args.only <= set(PARTS):
         parser.error(f"--only takes {','.join(PARTS)}")

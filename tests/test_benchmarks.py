@@ -627,6 +627,33 @@ def test_againstDovecotOverTLS(tmp_path):
         assert dv.errorsLogged() == []
 
 
+@pytest.mark.skipif(
+    not os.access("/usr/sbin/dovecot", os.X_OK), reason="Dovecot is not installed (tests/sysdeps.sh)"
+)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning shows only with two CPUs or more")
+def test_dovecotPinnedWithEveryProcess():
+    """
+    The comparison's pinned Dovecot: every process of its tree on the
+    CPU given, those started before the pinning and after it.
+    """
+    import dovecot
+    from pop3load import processTree
+
+    cpu = max(os.sched_getaffinity(0))
+    c = corpus.Corpus(2, 2)
+    with dovecot.Dovecot(variant="hp", credentials="warm") as dv:
+        dv.loadCorpus(c)
+        dv.start()
+        dv.pin({cpu})
+        # Sessions make the master start processes (auth, the mail ones).
+        result = pop3load.load(port=dv.pop3Port, users=c.users, password=c.password, scenario="stat",
+                               duration=30, sessions=4, settle=0)
+        assert (result.sessions, result.errors) == (4, 0), result.errorKinds
+        pids = processTree([dv.pid])
+        assert len(pids) > 4
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in pids} == {frozenset({cpu})}
+
+
 # -- the report's arithmetic on synthetic rows --------------------------------------------
 
 
@@ -705,6 +732,51 @@ def test_sideBySideRatiosAndVerdicts():
     text = report.sideBySide(rows, {})
     assert "warm credentials on both sides" in text and "Cold logins" in text
     assert "| scenario | transport |" in report.sideBySide(rows, {}, markdown=True)
+
+
+def test_eachCellAgainstTheBetterOfTheTwoDovecots():
+    """
+    With Dovecot hp measured as it runs and pinned to mailgate's CPUs,
+    each cell compares with the better of the two, and says when that is
+    the pinned one.
+    """
+    import report
+
+    pinned = report.PINNED_REFERENCE
+    rows = [
+        _row("mailgate", "sqlite", "stat", 1, 0.4),
+        _row(report.REFERENCE, "maildir", "stat", 1, 1.0),
+        _row(pinned, "maildir", "stat", 1, 0.8),
+        _row("mailgate", "sqlite", "top", 10, 1.0),
+        _row(report.REFERENCE, "maildir", "top", 10, 2.0),
+        _row(pinned, "maildir", "top", 10, 2.5),
+        _row("mailgate", "sqlite", "fetchall", 10, 1.0, megabytesPerSecond=300.0),
+        # Less CPU per session when pinned, but fewer MB/s: each figure
+        # against the better one.
+        _row(report.REFERENCE, "maildir", "fetchall", 10, 2.0, megabytesPerSecond=250.0),
+        _row(pinned, "maildir", "fetchall", 10, 1.9, megabytesPerSecond=200.0),
+        _intake("mailgate", "sqlite", "lmtp", 2000.0, 0.2),
+        _intake(report.REFERENCE, "maildir", "lmtp", 900.0, 1.0),
+        _intake(pinned, "maildir", "lmtp", 1000.0, 1.0),
+    ]
+    cells = {(c["scenario"], c["concurrency"]): c for c in report.pop3Cells(rows)}
+    assert cells[("stat", 1)]["dovecot"] == 0.8 and cells[("stat", 1)]["ratio"] == pytest.approx(0.5)
+    assert cells[("stat", 1)]["dovecotMark"] == " (p)"
+    assert cells[("top", 10)]["dovecot"] == 2.0 and cells[("top", 10)]["dovecotMark"] == ""
+    assert cells[("fetchall", 10)]["ratio"] == pytest.approx(1.0 / 1.9)
+    [throughput] = report.throughputCells(rows)
+    assert throughput["dovecot"] == 250.0 and throughput["ratio"] == pytest.approx(1.2)
+    [intake] = report.intakeCells(rows)
+    assert intake["dovecotRate"] == 1000.0 and intake["ratio"] == pytest.approx(2.0)
+    table = report.sideBySide(rows, {})
+    assert "0.800 (p)" in table and "1000 (p)" in table
+    # Without the pinned Dovecot, as before.
+    alone = [r for r in rows if r["server"] != pinned]
+    assert {c["dovecotMark"] for c in report.pop3Cells(alone)} == {""}
+    assert report.pop3Cells(alone)[0]["ratio"] == pytest.approx(0.4)
+    args = {"quiet_wait": 0, "quiet_threshold": 0.25, "duration": 4.0, "rounds": 3, "mailgate_cpus": "0"}
+    assert "every mailgate with --cpu-affinity 0" in report.header({}, args, {})
+    assert "cpu-affinity" not in report.header({}, dict(args, mailgate_cpus=None), {})
 
 
 def test_verdicts():
