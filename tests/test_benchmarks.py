@@ -903,6 +903,14 @@ def test_runArguments():
     assert not {"big", "idle"} & quick.only
     with pytest.raises(SystemExit):
         run.parseArgs(["--profile", "nosuch"])
+    # Nothing pinned unless asked; a CPU list normalised, a bad one refused.
+    assert full.mailgate_cpus is None
+    assert run.parseArgs(["--mailgate-cpus", "1,0"]).mailgate_cpus == "0-1"
+    with pytest.raises(SystemExit):
+        run.parseArgs(["--mailgate-cpus", "first"])
+    server = run.MailgateServer("/bin", "sqlite:///x", "/tmp/x.log", cpus="0")
+    assert server.argv[-2:] == ["--cpu-affinity", "0"]
+    assert "--cpu-affinity" not in run.MailgateServer("/bin", "sqlite:///x", "/tmp/x.log").argv
 
 
 def test_bigMaildirLinks(tmp_path):
