@@ -9,8 +9,8 @@ some tens of microseconds of work and wakes the reactor with the answer.
 When the two wake each other across CPUs, each wake-up is an
 inter-processor interrupt and, on a virtual machine, an idle virtual CPU
 that the hypervisor has to bring back: on the 2-core VM the benchmarks
-run on, a bare hand-over there and back costs 75-80 µs of CPU across two
-CPUs and 16 µs on one.  mailgate's Python runs in one thread at a time
+run on, a bare hand-over there and back costs about 80 µs of CPU across
+two CPUs and 16 µs on one.  mailgate's Python runs in one thread at a time
 anyway, so pinning these threads to one CPU costs little parallelism
 and saves those wake-ups (see C{benchmarks/RESULTS.md}).
 
