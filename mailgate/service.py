@@ -156,10 +156,16 @@ class MailgateService(MultiService):
     @ivar policy: the L{mailgate.interfaces.IConnectionPolicy} every
         listener's sessions consult.
     @ivar shutdownGrace: seconds sessions get to finish when it stops.
+    @ivar ownsStopSignals: the process is mailgate's (C{twistd mailgate}):
+        once stopping, a further SIGTERM or SIGINT is logged and otherwise
+        ignored, instead of asking the reactor to stop again (which Twisted
+        answers with a C{ReactorNotRunning} traceback); the sessions keep
+        their shutdown grace, and SIGKILL stops at once.
     """
 
     exitOnStartupError = False
     daemonized = False
+    ownsStopSignals = False
     policy = None
     logObserver = None
     log = Logger()
@@ -318,12 +324,30 @@ class MailgateService(MultiService):
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
         Service.stopService(self)
+        if self.ownsStopSignals:
+            self._ignoreFurtherStopSignals()
         for callback in self._stoppingCallbacks:
             try:
                 callback()
             except Exception:
                 self.log.failure("stopping callback {callback!r} failed", callback=callback)
         return self._stopInOrder()
+
+    def _ignoreFurtherStopSignals(self):
+        grace = self.shutdownGrace
+
+        def again(signum, frame):
+            name = signal.Signals(signum).name
+            self.log.info(
+                "{signal} again: already stopping; open sessions have at most {grace} seconds "
+                "in all to finish (SIGKILL stops at once)",
+                signal=name,
+                grace=grace,
+                event="service.stopping_already",
+            )
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, again)
 
     @defer.inlineCallbacks
     def _stopInOrder(self):

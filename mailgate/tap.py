@@ -188,6 +188,7 @@ def makeService(options):
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True
+    service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per
     # event (see twistedcompat.leanEventDispatch).
     twistedcompat.leanEventDispatch(service.reactor)

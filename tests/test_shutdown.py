@@ -21,7 +21,7 @@ from mailgate.service import MailgateConfig, makeService
 from mailgate.session import SessionTracker
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
 
-from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401
+from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
 from test_observability import SlowDelivery
 
 ALICE = "alice@example.org"
@@ -344,3 +344,38 @@ def test_sigtermLetsTheSessionsFinish(mailgate_server, mailgate_cli):
     subjects = [row for row in mailgate_cli.mailbox(ALICE)]
     assert len(subjects) == 2, subjects
     assert "shutting down: 2 sessions get 20.0 seconds to finish" in server.stdout
+
+
+@sqliteOnly
+def test_aSecondSigtermWhileDrainingIsLoggedNotATraceback(mailgate_server, mailgate_cli):
+    """
+    An impatient operator's second SIGTERM (or Ctrl-C) during the drain
+    does not cut the sessions' grace short, and is one plain log line,
+    not Twisted's ReactorNotRunning traceback (the fixture fails the test
+    on a logged traceback).
+    """
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    mailgate_cli.deliver(ALICE, b"Subject: kept\n\nbody\n")
+    server = mailgate_server("--shutdown-grace", "20")
+    pop3 = connect(server.port)
+    reader = LineReader(pop3)
+    assert reader.line().startswith(b"+OK")
+    pop3.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 1\r\n".encode())
+    for _ in range(3):
+        assert reader.line().startswith(b"+OK")
+
+    server.process.send_signal(signal.SIGTERM)
+    waitFor(lambda: _refused(server.port), "the listener to close")
+    server.process.send_signal(signal.SIGTERM)
+    server.process.send_signal(signal.SIGINT)
+    waitFor(lambda: "SIGINT again: already stopping" in server.stdout, "the second signals logged")
+    assert "SIGTERM again: already stopping; open sessions have at most 20.0 seconds" in server.stdout
+    assert server.running()
+
+    # The session still ends as a client expects: its deletion applied.
+    pop3.sendall(b"QUIT\r\n")
+    assert reader.line() == b"+OK mailgate POP3 server signing off (0 messages left)\r\n"
+    pop3.close()
+    assert server.wait() in (0, -signal.SIGTERM), server.log()
+    assert mailgate_cli.mailbox(ALICE) == []
+    assert "ReactorNotRunning" not in server.stdout + server.stderr
