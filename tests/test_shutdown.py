@@ -301,18 +301,28 @@ def _refused(port):
     return False
 
 
+def _aliceDeleting(server, *numbers):
+    """
+    A POP3 session of Alice's on C{server} that has marked C{numbers} for
+    deletion: the socket and its L{LineReader}.
+    """
+    pop3 = connect(server.port)
+    reader = LineReader(pop3)
+    assert reader.line().startswith(b"+OK")
+    commands = [f"USER {ALICE}", f"PASS {PASSWORD}"] + [f"DELE {n}" for n in numbers]
+    pop3.sendall("".join(c + "\r\n" for c in commands).encode())
+    for _ in commands:
+        assert reader.line().startswith(b"+OK")
+    return pop3, reader
+
+
 @sqliteOnly
 def test_sigtermLetsTheSessionsFinish(mailgate_server, mailgate_cli):
     mailgate_cli.addUser(ALICE, PASSWORD)
     for n in range(3):
         mailgate_cli.deliver(ALICE, b"Subject: %d\n\nbody\n" % n)
     server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1", "--shutdown-grace", "20")
-    pop3 = connect(server.port)
-    pop3Reader = LineReader(pop3)
-    assert pop3Reader.line().startswith(b"+OK")
-    pop3.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 1\r\nDELE 3\r\n".encode())
-    for _ in range(4):
-        assert pop3Reader.line().startswith(b"+OK")
+    pop3, pop3Reader = _aliceDeleting(server, 1, 3)
     smtp = connect(server.portOf("SMTP"))
     smtpReader = LineReader(smtp)
     assert smtpReader.line().startswith(b"220 ")
@@ -357,12 +367,7 @@ def test_aSecondSigtermWhileDrainingIsLoggedNotATraceback(mailgate_server, mailg
     mailgate_cli.addUser(ALICE, PASSWORD)
     mailgate_cli.deliver(ALICE, b"Subject: kept\n\nbody\n")
     server = mailgate_server("--shutdown-grace", "20")
-    pop3 = connect(server.port)
-    reader = LineReader(pop3)
-    assert reader.line().startswith(b"+OK")
-    pop3.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 1\r\n".encode())
-    for _ in range(3):
-        assert reader.line().startswith(b"+OK")
+    pop3, reader = _aliceDeleting(server, 1)
 
     server.process.send_signal(signal.SIGTERM)
     waitFor(lambda: _refused(server.port), "the listener to close")
