@@ -136,10 +136,16 @@ def reference(rows, better, **where):
     there is.
     """
     candidates = [find(rows, server=name, **where) for name in (REFERENCE, PINNED_REFERENCE)]
-    measured = [r for r in candidates if r is not None and better(r) is not None]
-    if not measured:
-        return candidates[0]
-    return max(measured, key=better)
+    return _best(candidates, better) or candidates[0]
+
+
+def _best(rows, better):
+    """
+    The row with the largest C{better(row)} among those that have one, or
+    C{None}.
+    """
+    measured = [r for r in rows if r is not None and better(r) is not None]
+    return max(measured, key=better) if measured else None
 
 
 def _lowerCpu(row):
@@ -286,9 +292,8 @@ def intakeCells(rows):
     hp's LMTP: msgs/s ratio (target at least 2); CPU per message; on
     PostgreSQL, CPU per message against SQLite's for the same protocol.
     """
-    lmtp = [r for r in rows if r["kind"] == "intake" and r["server"] in (REFERENCE, PINNED_REFERENCE)
-            and r["scenario"].startswith("lmtp") and rate(r) is not None]
-    dv = max(lmtp, key=rate) if lmtp else None
+    dv = _best((r for r in rows if r["kind"] == "intake" and r["server"] in (REFERENCE, PINNED_REFERENCE)
+                and r["scenario"].startswith("lmtp")), rate)
     cells = []
     for backend in ("sqlite", "postgres"):
         for protocol in ("lmtp", "smtp"):
