@@ -25,7 +25,7 @@ from mailgate.importers.maildir import (
 )
 from mailgate.importers.pop3 import parseURL
 from mailgate.store.lifecycle import generatedUid
-from mailgate.store.sql import formatUniqueId
+from mailgate.store.rows import formatUniqueId
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 
 ALICE = "alice@example.org"

@@ -35,7 +35,8 @@ from mailgate.store.database import Database, WorkerThreads, runBatch, runTransa
 from mailgate.records import MessageInfo, UserRecord, UserSummary
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
 from mailgate.store import sql as sqlStore
-from mailgate.store.sql import CHUNK_SIZE, SQLMailStore, formatUniqueId
+from mailgate.store.rows import formatUniqueId
+from mailgate.store.sql import CHUNK_SIZE, SQLMailStore
 from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, resultOf
 from pumped import PumpedReactor
 

@@ -20,10 +20,30 @@ inherits).  The rules they keep:
 """
 
 import re
+import secrets
 
 import attr
 
-from mailgate.errors import NoSuchUser
+from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
+from mailgate.records import DeletedMessage, QuotaStatus
+from mailgate.store.reads import CHUNK_SIZE
+from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _sessions
+from mailgate.store.rows import (
+    BODY_COLUMNS,
+    CHUNK_COLUMNS,
+    DELIVERED_COLUMNS,
+    MAILDROP_COLUMNS,
+    batches,
+    bodyPieces,
+    dotLineColumns,
+    formatUniqueId,
+    insertRows,
+    placeholders,
+    releaseBodies,
+    releaseUsage,
+    removeMessages,
+    storeLargeBody,
+)
 
 #: A stored limit meaning "the server's default".
 DEFAULT = None
@@ -132,15 +152,13 @@ def _forgetUser(cursor, userId):
     What a user's deletion removes besides the maildrop: kept deleted
     mail (releasing its bodies) and the registry's sessions.
     """
-    from mailgate.store.sql import _releaseBodies
-
     cursor.execute(
         "DELETE FROM deleted_mail WHERE user_id = ? RETURNING body_owner, body_id", (userId,)
     )
     references = {}
     for owner, bodyId in cursor.fetchall():
         references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
-    _releaseBodies(cursor, references)
+    releaseBodies(cursor, references)
     cursor.execute("DELETE FROM pop3_sessions WHERE user_id = ?", (userId,))
 
 
@@ -206,8 +224,6 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
 
     @return: C{(messages removed, whether more may be left)}.
     """
-    from mailgate.store.sql import _removeMessages
-
     cursor.execute("SELECT coalesce(expire_days, ?) FROM mailboxes WHERE user_id = ?", (defaultDays, userId))
     row = cursor.fetchone()
     if row is None or row[0] < 0:
@@ -218,7 +234,7 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
         (userId, cutoff, limit),
     )
     uids = [r[0] for r in cursor.fetchall()]
-    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    removed = removeMessages(cursor, userId, uids) if uids else 0
     if len(uids) < limit:
         cursor.execute(
             "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
@@ -236,8 +252,6 @@ def _purgeDeleted(cursor, before, limit):
 
     @return: how many were removed.
     """
-    from mailgate.store.sql import _releaseBodies
-
     cursor.execute(
         "SELECT user_id, uid FROM deleted_mail WHERE deleted_at < ? ORDER BY deleted_at LIMIT ?",
         (before, limit),
@@ -248,16 +262,16 @@ def _purgeDeleted(cursor, before, limit):
     references = {}
     removed = 0
     for userId, uids in sorted(byUser.items()):
-        for batch in _batches(uids):
+        for batch in batches(uids):
             cursor.execute(
-                f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({','.join('?' * len(batch))}) "
+                f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
                 "RETURNING body_owner, body_id",
                 (userId, *batch),
             )
             for owner, bodyId in cursor.fetchall():
                 references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
                 removed += 1
-    _releaseBodies(cursor, references)
+    releaseBodies(cursor, references)
     return removed
 
 
@@ -269,11 +283,9 @@ def _keepDeleted(cursor, userId, uids, now, peer):
 
     @return: how many were removed.
     """
-    from mailgate.store.sql import _releaseUsage
-
     removed = octets = 0
-    for batch in _batches(uids):
-        marks = ",".join("?" * len(batch))
+    for batch in batches(uids):
+        marks = placeholders(len(batch))
         cursor.execute(
             "INSERT INTO deleted_mail (user_id, uid, uidl, body_owner, body_id, size, header_size, "
             "arrived_at, deleted_at, deleted_by) "
@@ -289,13 +301,11 @@ def _keepDeleted(cursor, userId, uids, now, peer):
         removed += len(sizes)
         octets += sum(sizes)
     if removed:
-        _releaseUsage(cursor, userId, removed, octets)
+        releaseUsage(cursor, userId, removed, octets)
     return removed
 
 
 def _listDeleted(cursor, address):
-    from mailgate.records import DeletedMessage
-
     userId = _userId(cursor, address)
     cursor.execute(
         "SELECT size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
@@ -321,8 +331,6 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     @return: C{(restored, missing)}: a list of C{(old unique id, unique id
         now)}, and the requested unique ids that are not kept.
     """
-    from mailgate.store.sql import _placeholders, formatUniqueId
-
     userId = _userId(cursor, address)
     where, params = "user_id = ?", [userId]
     if since is not None:
@@ -333,10 +341,10 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         cursor.execute(f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} ORDER BY uid", params)
         rows = cursor.fetchall()
     else:
-        for batch in _batches(sorted(set(uidls))):
+        for batch in batches(sorted(set(uidls))):
             cursor.execute(
                 f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} "
-                f"AND uidl IN ({_placeholders(len(batch))})",
+                f"AND uidl IN ({placeholders(len(batch))})",
                 params + batch,
             )
             rows += cursor.fetchall()
@@ -358,14 +366,12 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         ]
     else:
         entries = [(userId, *row) for row in rows]
-    from mailgate.store.sql import _MAILDROP_COLUMNS, _insertRows
-
-    for batch in _batches([row[0] for row in rows]):
+    for batch in batches([row[0] for row in rows]):
         cursor.execute(
-            f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({_placeholders(len(batch))})",
+            f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({placeholders(len(batch))})",
             (userId, *batch),
         )
-    _insertRows(cursor, "maildrop", _MAILDROP_COLUMNS, entries)
+    insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
     cursor.execute(
         "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
         "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
@@ -380,11 +386,9 @@ def _presentUidls(cursor, userId, uidls):
     """
     Which of C{uidls} a user's maildrop already has, or keeps deleted.
     """
-    from mailgate.store.sql import _placeholders
-
     present = set()
-    for batch in _batches(sorted(set(uidls))):
-        marks = _placeholders(len(batch))
+    for batch in batches(sorted(set(uidls))):
+        marks = placeholders(len(batch))
         for table in ("maildrop", "deleted_mail"):
             cursor.execute(
                 f"SELECT uidl FROM {table} WHERE user_id = ? AND uidl IN ({marks})", (userId, *batch)
@@ -399,7 +403,7 @@ def _existingUidls(cursor, address, uidls):
 
 def generatedUid(uidl, validity):
     """
-    The uid whose generated unique id (L{mailgate.store.sql.formatUniqueId}
+    The uid whose generated unique id (L{mailgate.store.rows.formatUniqueId}
     under C{validity}) is C{uidl}, or C{None} if mailgate could never
     generate it there.
     """
@@ -432,19 +436,6 @@ def _importMessages(cursor, address, items):
     @return: C{(imported, skipped)}: the unique ids added, and those
         skipped as already present.
     """
-    from mailgate.store.sql import (
-        _BODY_COLUMNS,
-        _CHUNK_COLUMNS,
-        _DELIVERED_COLUMNS,
-        CHUNK_SIZE,
-        _dotLines,
-        _insertRows,
-        _pieces,
-        _storeLargeBody,
-    )
-
-    import secrets
-
     userId = _userId(cursor, address)
     present = _presentUidls(cursor, userId, [item[0] for item in items])
     fresh, seen = [], set()
@@ -478,15 +469,15 @@ def _importMessages(cursor, address, items):
         if source.size <= CHUNK_SIZE:
             bodyId = secrets.token_hex(16)
             bodies.append((userId, bodyId, source.size, source.headerSize, 1, arrived))
-            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
+            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(source)))
         else:
-            bodyId = _storeLargeBody(cursor, userId, source, 1, arrived)
+            bodyId = storeLargeBody(cursor, userId, source, 1, arrived)
         entries.append(
-            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, *_dotLines(source))
+            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, *dotLineColumns(source))
         )
-    _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
-    _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
-    _insertRows(cursor, "maildrop", _DELIVERED_COLUMNS, entries)
+    insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
+    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
+    insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
     return [uidl for uidl, _, _ in fresh], skipped
 
 
@@ -511,8 +502,6 @@ def _renameUser(cursor, engine, old, new, aliveSince):
     @raise UserExists: if C{new} is taken.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    from mailgate.errors import MaildropInUse, UserExists
-
     userId = _userId(cursor, old)
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (new,))
     if cursor.fetchone() is not None:
@@ -538,9 +527,6 @@ def _expungeUser(cursor, address, before, aliveSince):
     @return: how many were removed.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    from mailgate.errors import MaildropInUse
-    from mailgate.store.sql import _removeMessages
-
     userId = _userId(cursor, address)
     if _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
@@ -549,19 +535,13 @@ def _expungeUser(cursor, address, before, aliveSince):
     else:
         cursor.execute("SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ?", (userId, before))
     uids = [row[0] for row in cursor.fetchall()]
-    removed = _removeMessages(cursor, userId, uids) if uids else 0
+    removed = removeMessages(cursor, userId, uids) if uids else 0
     cursor.execute(
         "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
         "WHERE user_id = ?",
         (userId, userId),
     )
     return removed
-
-
-def _batches(items, size=500):
-    items = list(items)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 class Retention:
@@ -646,8 +626,6 @@ class LifecycleStore:
         L{Deferred} L{mailgate.records.QuotaStatus}, or C{None} if
         there is no such user.
         """
-        from mailgate.records import QuotaStatus
-
         def status(row):
             if row is None:
                 return None
@@ -685,8 +663,6 @@ class LifecycleStore:
             because busy)}.
         """
         from twisted.internet import defer
-
-        from mailgate.errors import MaildropInUse
 
         now = self._now()
         default = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
@@ -752,8 +728,6 @@ class LifecycleStore:
         """
         sessions = self.__dict__.get("_sessions")
         if sessions is None:
-            from mailgate.store.registry import SessionRegistry
-
             sessions = self.__dict__["_sessions"] = SessionRegistry(self)
         return sessions
 
@@ -763,8 +737,6 @@ class LifecycleStore:
         only, if given): a L{Deferred} list of
         L{mailgate.records.SessionInfo}, oldest first.
         """
-        from mailgate.store.registry import STALE_AFTER, _sessions
-
         return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address)
 
     def kickSessions(self, address):
@@ -773,8 +745,6 @@ class LifecycleStore:
         (without applying their deletions): a L{Deferred} of how many were
         marked.
         """
-        from mailgate.store.registry import STALE_AFTER, _kick
-
         now = self._now()
         return self.database.runWrite(_kick, address, now, now - STALE_AFTER)
 
@@ -824,13 +794,11 @@ class LifecycleStore:
         Rename a user; refused (L{MaildropInUse}) while the user is in a
         POP3 session.  The next login must use the new address, also on a
         running server: a password remembered for the old one no longer
-        opens the maildrop (see L{mailgate.store.sql._snapshot}).
+        opens the maildrop (see L{mailgate.store.snapshot}).
 
         @return: a L{Deferred}; fails with L{NoSuchUser}, L{UserExists} or
             L{MaildropInUse}.
         """
-        from mailgate.store.registry import STALE_AFTER
-
         return self._underLock(
             old,
             lambda: self.database.runWrite(_renameUser, self.engine, old, new, self._now() - STALE_AFTER),
@@ -845,8 +813,6 @@ class LifecycleStore:
         @return: a L{Deferred} of how many were removed; fails with
             L{NoSuchUser} or L{MaildropInUse}.
         """
-        from mailgate.store.registry import STALE_AFTER
-
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
         return self._underLock(

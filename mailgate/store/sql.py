@@ -12,7 +12,6 @@ another style.
 """
 
 import secrets
-import struct
 import time
 from collections import Counter
 
@@ -24,30 +23,20 @@ from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessage
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads
+from mailgate.store.rows import (
+    BODY_COLUMNS,
+    CHUNK_COLUMNS,
+    DELIVERED_COLUMNS,
+    batches,
+    bodyPieces,
+    dotLineColumns,
+    formatUniqueId,
+    insertRows,
+    placeholders,
+    removeMessages,
+    storeLargeBody,
+)
 from mailgate.records import MessageInfo, UserRecord, UserSummary
-
-_IN_BATCH = 500
-
-
-def _batches(items, size=_IN_BATCH):
-    items = list(items)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _placeholders(n):
-    return ",".join("?" * n)
-
-
-def formatUniqueId(uid, uidValidity):
-    """
-    The unique id POP3 shows for a message: 16 hex digits, the per-user
-    message counter then the maildrop's validity stamp (the same shape as
-    Dovecot's default C{%08Xu%08Xv}).  The counter never goes back and the
-    stamp changes when a user is re-created, so an id is never reused.
-    """
-    return f"{uid:08x}{uidValidity:08x}"
-
 
 # -- interactions ----------------------------------------------------------
 # Each runs on a worker thread with a cursor inside a transaction.
@@ -112,61 +101,6 @@ def _setCredentials(cursor, address, credentials):
         raise NoSuchUser(address)
 
 
-def _removeMessages(cursor, userId, uids):
-    """
-    Delete maildrop entries, give their octets back to the user's quota,
-    and drop each body whose last reference went.
-    """
-    references = Counter()
-    octets = 0
-    for batch in _batches(uids):
-        # RETURNING counts only rows this transaction really removed, so a
-        # message is never released twice.
-        cursor.execute(
-            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({_placeholders(len(batch))}) "
-            "RETURNING body_owner, body_id, size",
-            (userId, *batch),
-        )
-        for owner, bodyId, size in cursor.fetchall():
-            references[(owner, bodyId)] += 1
-            octets += size
-    if references:
-        _releaseUsage(cursor, userId, sum(references.values()), octets)
-    _releaseBodies(cursor, references)
-    return sum(references.values())
-
-
-def _releaseUsage(cursor, userId, messages, octets):
-    cursor.execute(
-        "UPDATE mailboxes SET used_messages = used_messages - ?, used_octets = used_octets - ? "
-        "WHERE user_id = ?",
-        (messages, octets, userId),
-    )
-
-
-def _releaseBodies(cursor, references):
-    """
-    Drop one reference per count in C{references} (C{(owner, body id)} to
-    count) from each body, and the bodies nobody references any more.
-    """
-    for (owner, bodyId), count in sorted(references.items()):
-        cursor.execute(
-            "UPDATE bodies SET refcount = refcount - ? "
-            "WHERE owner_id = ? AND body_id = ? RETURNING refcount",
-            (count, owner, bodyId),
-        )
-        row = cursor.fetchone()
-        if row is not None and row[0] <= 0:
-            cursor.execute(
-                "DELETE FROM body_chunks WHERE owner_id = ? AND body_id = ?",
-                (owner, bodyId),
-            )
-            cursor.execute(
-                "DELETE FROM bodies WHERE owner_id = ? AND body_id = ?",
-                (owner, bodyId),
-            )
-
-
 def _deleteUser(cursor, address, userIds=None):
     if userIds is not None:
         userIds.pop(address, None)
@@ -174,7 +108,7 @@ def _deleteUser(cursor, address, userIds=None):
     if user is None:
         raise NoSuchUser(address)
     cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
-    _removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
+    removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
     lifecycle._forgetUser(cursor, user.userId)
     cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
     cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
@@ -207,34 +141,6 @@ def _listMessages(cursor, address):
     ]
 
 
-def _pieces(source):
-    """
-    The stored chunks of a message: at most L{CHUNK_SIZE} octets each, and
-    for a message longer than one chunk, the header section alone first, so
-    that TOP n 0 reads exactly the header (a database reads a whole value
-    to return part of it).
-    """
-    chunks = source.chunks(CHUNK_SIZE)
-    if source.size <= CHUNK_SIZE or not 0 < source.headerSize <= CHUNK_SIZE:
-        yield from chunks
-        return
-    rest = b""
-    header = b""
-    for chunk in chunks:
-        if len(header) < source.headerSize:
-            need = source.headerSize - len(header)
-            header += chunk[:need]
-            chunk = chunk[need:]
-            if len(header) == source.headerSize:
-                yield header
-        rest += chunk
-        while len(rest) >= CHUNK_SIZE:
-            yield rest[:CHUNK_SIZE]
-            rest = rest[CHUNK_SIZE:]
-    if rest:
-        yield rest
-
-
 class _Separately(Exception):
     """
     Deliveries run together cannot all succeed: run them one by one, so
@@ -248,25 +154,8 @@ class _Separately(Exception):
         self.missing = missing
 
 
-# 100 rows of at most 8 values stay within the 999 parameters older SQLite
-# builds allow per statement.
-_ROWS_PER_INSERT = 100
 # Small bodies of a batch are inserted together once this much is waiting.
 _CHUNK_OCTETS_PER_INSERT = 1 << 20
-
-
-def _insertRows(cursor, table, columns, rows):
-    """
-    Insert C{rows} with as few statements as possible: each statement is one
-    step of the database engine, where C{executemany} is one per row.
-    """
-    row = f"({_placeholders(len(columns))})"
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        part = rows[start : start + _ROWS_PER_INSERT]
-        cursor.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES {','.join([row] * len(part))}",
-            [value for r in part for value in r],
-        )
 
 
 def _userIdsOf(cursor, addresses, userIds):
@@ -276,9 +165,9 @@ def _userIdsOf(cursor, addresses, userIds):
     """
     known = {a: userIds[a] for a in addresses if a in userIds}
     unknown = [a for a in addresses if a not in known]
-    for batch in _batches(unknown):
+    for batch in batches(unknown):
         cursor.execute(
-            f"SELECT user_id, address FROM users WHERE address IN ({_placeholders(len(batch))})",
+            f"SELECT user_id, address FROM users WHERE address IN ({placeholders(len(batch))})",
             batch,
         )
         for userId, address in cursor.fetchall():
@@ -341,10 +230,10 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
     full = set()
     missing = [userId for userId in ids if userId not in taken]
     # The rare case: someone was refused.  Over quota, or gone?
-    for batch in _batches(missing):
+    for batch in batches(missing):
         cursor.execute(
             "SELECT b.user_id, u.address FROM mailboxes b JOIN users u ON u.user_id = b.user_id "
-            f"WHERE b.user_id IN ({_placeholders(len(batch))})",
+            f"WHERE b.user_id IN ({placeholders(len(batch))})",
             batch,
         )
         for userId, address in cursor.fetchall():
@@ -403,49 +292,6 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
     return known, taken, full
 
 
-_BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
-_CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
-_MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
-# What a delivery or an import writes: the above, and whether the message
-# has lines to dot-stuff.
-_DELIVERED_COLUMNS = _MAILDROP_COLUMNS + ("dot_lines", "dot_at")
-
-
-def _dotLines(source):
-    """
-    The C{dot_lines} and C{dot_at} values of a message source: 0, 1, or
-    C{None} if it does not say; the packed offsets of its lines that
-    start with ".", or C{None}.
-    """
-    dotLines = getattr(source, "dotLines", None)
-    if dotLines is None:
-        return None, None
-    if not dotLines:
-        return 0, None
-    return 1, packOffsets(getattr(source, "dotOffsets", None))
-
-
-def packOffsets(offsets):
-    """
-    C{dot_at}'s form of a list of offsets (C{None} stays C{None}).
-    """
-    if offsets is None:
-        return None
-    return struct.pack(f"<{len(offsets)}I", *offsets)
-
-
-def _storeLargeBody(cursor, owner, source, refcount, now):
-    """
-    A body of more than one chunk, streamed from the spool a chunk at a
-    time.
-    """
-    bodyId = secrets.token_hex(16)
-    _insertRows(cursor, "bodies", _BODY_COLUMNS, [(owner, bodyId, source.size, source.headerSize, refcount, now)])
-    for seq, chunk in enumerate(_pieces(source)):
-        _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, [(owner, bodyId, seq, chunk)])
-    return bodyId
-
-
 def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     """
     Store several messages, each body once, and give each known recipient a
@@ -490,15 +336,15 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
         if source.size <= CHUNK_SIZE:
             bodyId = secrets.token_hex(16)
             bodies.append((owner, bodyId, source.size, source.headerSize, len(recipients), now))
-            chunks.extend((owner, bodyId, seq, chunk) for seq, chunk in enumerate(_pieces(source)))
+            chunks.extend((owner, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(source)))
             pending += source.size
             if pending >= _CHUNK_OCTETS_PER_INSERT:
-                _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
-                _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
+                insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
+                insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
                 bodies, chunks, pending = [], [], 0
         else:
-            bodyId = _storeLargeBody(cursor, owner, source, len(recipients), now)
-        dotColumns = _dotLines(source)
+            bodyId = storeLargeBody(cursor, owner, source, len(recipients), now)
+        dotColumns = dotLineColumns(source)
         for address in recipients:
             userId = known[address]
             uid = nextUid[userId]
@@ -508,9 +354,9 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
                 (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, *dotColumns)
             )
             results[address] = uidl
-    _insertRows(cursor, "bodies", _BODY_COLUMNS, bodies)
-    _insertRows(cursor, "body_chunks", _CHUNK_COLUMNS, chunks)
-    _insertRows(cursor, "maildrop", _DELIVERED_COLUMNS, entries)
+    insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
+    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
+    insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
     return outcomes
 
 
@@ -863,7 +709,7 @@ class SQLMaildrop:
                 return self._store.database.runWrite(
                     lifecycle._keepDeleted, self._userId, uids, self._store._now(), peer
                 )
-            return self._store.database.runWrite(_removeMessages, self._userId, uids)
+            return self._store.database.runWrite(removeMessages, self._userId, uids)
 
         return d.addCallback(remove)
 

@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_store,tests.test_lifecycle -*-
+"""
+A maildrop's rows, written and removed: the cursor-level pieces that
+delivery and POP3's UPDATE state (L{mailgate.store.sql}) share with the
+lifecycle operations (L{mailgate.store.lifecycle}: import, restoring
+deleted mail, retention), so that a message's rows, its body's chunks and
+the user's storage use are written and released one way whatever the path.
+
+Each function runs on a worker thread with a cursor inside a transaction.
+Queries use C{?} placeholders; the engine's cursor translates them.
+"""
+
+import secrets
+import struct
+from collections import Counter
+
+from mailgate.store.reads import CHUNK_SIZE
+
+#: Values in one C{IN (...)} list at most.
+IN_BATCH = 500
+
+
+def batches(items, size=IN_BATCH):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def placeholders(n):
+    return ",".join("?" * n)
+
+
+def formatUniqueId(uid, uidValidity):
+    """
+    The unique id POP3 shows for a message: 16 hex digits, the per-user
+    message counter then the maildrop's validity stamp (the same shape as
+    Dovecot's default C{%08Xu%08Xv}).  The counter never goes back and the
+    stamp changes when a user is re-created, so an id is never reused.
+    """
+    return f"{uid:08x}{uidValidity:08x}"
+
+
+def removeMessages(cursor, userId, uids):
+    """
+    Delete maildrop entries, give their octets back to the user's quota,
+    and drop each body whose last reference went.
+    """
+    references = Counter()
+    octets = 0
+    for batch in batches(uids):
+        # RETURNING counts only rows this transaction really removed, so a
+        # message is never released twice.
+        cursor.execute(
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
+            "RETURNING body_owner, body_id, size",
+            (userId, *batch),
+        )
+        for owner, bodyId, size in cursor.fetchall():
+            references[(owner, bodyId)] += 1
+            octets += size
+    if references:
+        releaseUsage(cursor, userId, sum(references.values()), octets)
+    releaseBodies(cursor, references)
+    return sum(references.values())
+
+
+def releaseUsage(cursor, userId, messages, octets):
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = used_messages - ?, used_octets = used_octets - ? "
+        "WHERE user_id = ?",
+        (messages, octets, userId),
+    )
+
+
+def releaseBodies(cursor, references):
+    """
+    Drop one reference per count in C{references} (C{(owner, body id)} to
+    count) from each body, and the bodies nobody references any more.
+    """
+    for (owner, bodyId), count in sorted(references.items()):
+        cursor.execute(
+            "UPDATE bodies SET refcount = refcount - ? "
+            "WHERE owner_id = ? AND body_id = ? RETURNING refcount",
+            (count, owner, bodyId),
+        )
+        row = cursor.fetchone()
+        if row is not None and row[0] <= 0:
+            cursor.execute(
+                "DELETE FROM body_chunks WHERE owner_id = ? AND body_id = ?",
+                (owner, bodyId),
+            )
+            cursor.execute(
+                "DELETE FROM bodies WHERE owner_id = ? AND body_id = ?",
+                (owner, bodyId),
+            )
+
+def bodyPieces(source):
+    """
+    The stored chunks of a message: at most L{CHUNK_SIZE} octets each, and
+    for a message longer than one chunk, the header section alone first, so
+    that TOP n 0 reads exactly the header (a database reads a whole value
+    to return part of it).
+    """
+    chunks = source.chunks(CHUNK_SIZE)
+    if source.size <= CHUNK_SIZE or not 0 < source.headerSize <= CHUNK_SIZE:
+        yield from chunks
+        return
+    rest = b""
+    header = b""
+    for chunk in chunks:
+        if len(header) < source.headerSize:
+            need = source.headerSize - len(header)
+            header += chunk[:need]
+            chunk = chunk[need:]
+            if len(header) == source.headerSize:
+                yield header
+        rest += chunk
+        while len(rest) >= CHUNK_SIZE:
+            yield rest[:CHUNK_SIZE]
+            rest = rest[CHUNK_SIZE:]
+    if rest:
+        yield rest
+
+
+# 100 rows of at most 8 values stay within the 999 parameters older SQLite
+# builds allow per statement.
+ROWS_PER_INSERT = 100
+
+
+def insertRows(cursor, table, columns, rows):
+    """
+    Insert C{rows} with as few statements as possible: each statement is one
+    step of the database engine, where C{executemany} is one per row.
+    """
+    row = f"({placeholders(len(columns))})"
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        part = rows[start : start + ROWS_PER_INSERT]
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES {','.join([row] * len(part))}",
+            [value for r in part for value in r],
+        )
+
+BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
+CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
+MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
+# What a delivery or an import writes: the above, and whether the message
+# has lines to dot-stuff.
+DELIVERED_COLUMNS = MAILDROP_COLUMNS + ("dot_lines", "dot_at")
+
+
+def dotLineColumns(source):
+    """
+    The C{dot_lines} and C{dot_at} values of a message source: 0, 1, or
+    C{None} if it does not say; the packed offsets of its lines that
+    start with ".", or C{None}.
+    """
+    dotLines = getattr(source, "dotLines", None)
+    if dotLines is None:
+        return None, None
+    if not dotLines:
+        return 0, None
+    return 1, packOffsets(getattr(source, "dotOffsets", None))
+
+
+def packOffsets(offsets):
+    """
+    C{dot_at}'s form of a list of offsets (C{None} stays C{None}).
+    """
+    if offsets is None:
+        return None
+    return struct.pack(f"<{len(offsets)}I", *offsets)
+
+
+def storeLargeBody(cursor, owner, source, refcount, now):
+    """
+    A body of more than one chunk, streamed from the spool a chunk at a
+    time.
+    """
+    bodyId = secrets.token_hex(16)
+    insertRows(cursor, "bodies", BODY_COLUMNS, [(owner, bodyId, source.size, source.headerSize, refcount, now)])
+    for seq, chunk in enumerate(bodyPieces(source)):
+        insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(owner, bodyId, seq, chunk)])
+    return bodyId
