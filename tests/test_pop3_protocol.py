@@ -8,14 +8,18 @@ a test here named after it (C{test_twistedDefect_*}).
 """
 
 import hashlib
+import weakref
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
 
 from mailgate.pop3.protocol import POP3Server
 from mailgate.pop3.responses import numberedLines
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, addUser, deliver, resultOf
+from refcounting import withoutCycleCollector
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -782,3 +786,33 @@ def test_aSessionEndsWithOneLogLine(three):
     assert text.startswith(f"pop3 logout user={ALICE} peer=")
     assert f"reason='quit' messages=3 retr=1/{SIZES[0]} top=1 deleted=1" in text
     assert (event["user"], event["why"], event["deleted"], event["retr"]) == (ALICE, "quit", 1, 1)
+
+
+# -- what an ended session leaves --------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["quit", "disconnect"])
+def test_anEndedSessionIsFreedWithoutTheCycleCollector(store, alice, ending, monkeypatch):
+    """
+    A POP3 session that read mail and ended (QUIT, or the client gone) is
+    freed as soon as its connection lets go, by reference counting alone:
+    nothing it leaves behind (the maildrop, its lock, the store's registry
+    of sessions, the timers) refers back to it.
+    """
+    # A log event names the session it came from.  This test process has
+    # not begun logging, so Twisted keeps its events in memory (its
+    # start-up buffer), and with them the session; under twistd they are
+    # written out and dropped.  The session's events go nowhere here.
+    monkeypatch.setattr(POP3Server, "log", Logger(observer=lambda event: None))
+    deliver(store, [ALICE], b"Subject: one\r\n\r\nbody\r\n")
+    with withoutCycleCollector():
+        s = logged_in(store)
+        assert s.command("RETR 1").startswith("+OK")
+        assert s.command("TOP 1 0").startswith("+OK")
+        if ending == "quit":
+            assert s.command("QUIT").startswith("+OK")
+        s.transport.loseConnection()
+        s.protocol.connectionLost(Failure(ConnectionDone()))
+        ended = weakref.ref(s.protocol)
+        del s
+        assert ended() is None

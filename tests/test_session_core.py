@@ -5,14 +5,19 @@ L{mailgate.session.CommandSession}, so what is checked is the core's part
 TLS reset, ids), whatever POP3 and SMTP add to it.
 """
 
+import weakref
+
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailgate.session import CommandError, CommandSession, SessionFactory, describeAddress, newSessionId
 from mailgate.testing import TLSStringTransport
+from refcounting import withoutCycleCollector
 
 PEER = IPv4Address("TCP", "192.0.2.9", 1234)
 
@@ -285,3 +290,36 @@ def test_sessionIds():
 )
 def test_addressesInTheLogs(address, text):
     assert describeAddress(address) == text
+
+
+# -- what an ended session leaves --------------------------------------------
+
+
+def test_anEndedSessionIsFreedWithoutTheCycleCollector():
+    """
+    Once its connection is lost, nothing of a session refers back to it
+    (its reply writer, its idle timer): it is freed as soon as the
+    connection lets go, by reference counting alone, not at Python's next
+    full garbage collection, which on a busy server comes thousands of
+    sessions later (and, over TLS, with each one's OpenSSL buffers).
+    """
+    with withoutCycleCollector():
+        protocol, transport, _ = connect()
+        protocol.dataReceived(b"SAY hi\r\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        ended = weakref.ref(protocol)
+        del protocol
+        assert ended() is None
+
+
+def test_aReplyMadeAfterTheEndIsDropped():
+    """
+    A command that was waiting (on the store) when the client went away
+    finishes without error, and its reply goes nowhere.
+    """
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"WAIT x\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    transport.clear()
+    protocol.pending[0].callback(None)
+    assert take(transport) == b""

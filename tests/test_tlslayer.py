@@ -13,6 +13,7 @@ import select
 import socket
 import ssl
 import threading
+import weakref
 
 import pytest
 from twisted.internet.error import ConnectionDone
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
 from mailgate.tls import isSecure
+from refcounting import withoutCycleCollector
 
 HOST = "mail.example.test"
 
@@ -294,6 +296,32 @@ def test_aCorruptRecordEndsTheSession(tls, pair):
     assert wire.transport.disconnecting
     wire.lose()
     assert wire.session.lost.check(ssl.SSLError)
+
+
+def test_anEndedConnectionLetsGoOfOpenSSLAndTheSession(tls, pair):
+    """
+    Once the connection below is lost and the session told, the layer keeps
+    neither OpenSSL's state for the connection (some 20 KiB of buffers) nor
+    the session above: both are freed by reference counting alone, not at
+    Python's next full garbage collection, and the layer answers only that
+    it is closed.
+    """
+    with withoutCycleCollector():
+        wire = Wire(tls, pair[0], Session())
+        assert wire.handshake()
+        wire.send(b"QUIT\r\n")
+        assert wire.layer.version == "TLSv1.3"
+        openssl = weakref.ref(wire.layer._tls)
+        session = weakref.ref(wire.session)
+        wire.lose()
+        assert wire.session.lost.check(ConnectionDone)
+        assert openssl() is None
+        assert wire.layer.version is None and wire.layer.cipher is None
+        wire.layer.send(b"late\r\n")
+        wire.layer.dataReceived(b"late")
+        assert wire.transport.value() == b""
+        del wire.session
+        assert session() is None
 
 
 def test_abortClosesAtOnce(tls, pair):

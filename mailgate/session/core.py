@@ -140,6 +140,7 @@ class CommandSession(Protocol):
         self._expireAfterCommand = False
         self._badCommands = 0
         self._idle = None
+        self._out = None
         self.rawReceiver = None
         self.sessionId = None
         self.peer = None
@@ -295,6 +296,16 @@ class CommandSession(Protocol):
                 ended.addBoth(lambda _: factory.tracker.remove(self))
             else:
                 factory.tracker.remove(self)
+        # The timer, the reply writer and the transport (as its producer)
+        # refer back to the session: let go of them now, and a session
+        # that has ended is freed at once by reference counting (with,
+        # over TLS, its OpenSSL buffers), not at Python's next full garbage
+        # collection, which on a busy server comes only after many
+        # thousands of sessions have piled up.
+        self._idle = None
+        if self._out is not None:
+            self._out.detach()
+        self._unregisterProducer()
 
     @property
     def closed(self):

@@ -60,6 +60,9 @@ class ReplyWriter:
         return getattr(transport, "relayedTransport", transport)
 
     def _send(self, data):
+        if self._protocol is None:
+            # The session has ended (L{detach}).
+            return
         transport = self.transport
         if type(transport) is TLSLayer:
             # Encrypted and handed to the kernel at once, the same way.
@@ -111,6 +114,17 @@ class ReplyWriter:
             self._held = []
             self.heldSize = 0
             self._send(held[0] if len(held) == 1 and type(held[0]) is bytes else held)
+
+    def detach(self):
+        """
+        The session has ended: let go of it (the writer is part of it, so
+        holding it back would keep both for the cyclic garbage collector),
+        and drop whatever is written from now on, as a closed connection
+        would.
+        """
+        self._protocol = None
+        self._held = None
+        self.heldSize = 0
 
     def hold(self):
         """

@@ -196,7 +196,17 @@ class TLSLayer:
         self._cancelCloseTimer()
         if self._error is not None:
             reason = Failure(self._error)
-        self.protocol.connectionLost(reason)
+        try:
+            self.protocol.connectionLost(reason)
+        finally:
+            # The session above keeps this layer as its transport: let go
+            # of it, and of OpenSSL's state for the connection (some 20 KiB
+            # of buffers), so that both are freed as soon as the session
+            # is, not at Python's next full garbage collection.  From here
+            # on the layer only answers that it is closed.
+            self.protocol = None
+            self._tls = self._incoming = self._outgoing = None
+            self._held = []
 
     # -- above: the layer is the session's transport --------------------------
 
@@ -337,14 +347,14 @@ class TLSLayer:
         The protocol negotiated (C{"TLSv1.3"}), or C{None} before the
         handshake completes.
         """
-        return None if self._handshaking else self._tls.version()
+        return None if self._handshaking or self._tls is None else self._tls.version()
 
     @property
     def cipher(self):
         """
         The cipher suite's name, or C{None} before the handshake completes.
         """
-        return None if self._handshaking else self._tls.cipher()[0]
+        return None if self._handshaking or self._tls is None else self._tls.cipher()[0]
 
 
 def _records(pieces):
