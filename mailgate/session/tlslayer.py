@@ -345,14 +345,15 @@ class TLSLayer:
     def version(self):
         """
         The protocol negotiated (C{"TLSv1.3"}), or C{None} before the
-        handshake completes.
+        handshake completes and once the connection has ended.
         """
         return None if self._handshaking or self._tls is None else self._tls.version()
 
     @property
     def cipher(self):
         """
-        The cipher suite's name, or C{None} before the handshake completes.
+        The cipher suite's name, or C{None} before the handshake completes
+        and once the connection has ended.
         """
         return None if self._handshaking or self._tls is None else self._tls.cipher()[0]
 
