@@ -236,7 +236,8 @@ class MailgateService(MultiService):
             )
             return False
         self.log.info(
-            "TLS certificate reloaded: {subject} sha256 {fingerprint}",
+            "TLS certificate reloaded: {certificates}",
+            certificates=self.tls.describe(),
             subject=self.tls.subject,
             fingerprint=self.tls.fingerprint,
             event="tls.reloaded",
@@ -477,7 +478,8 @@ def makeTLS(config):
     checkConfig(config)
     if config.tlsCertificate is None:
         return None
-    return ServerTLS(config.tlsCertificate, config.tlsKey)
+    alternative = None if config.tlsAltCertificate is None else (config.tlsAltCertificate, config.tlsAltKey)
+    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative)
 
 
 def makeAffinity(config):

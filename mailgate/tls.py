@@ -1,12 +1,22 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-TLS for every listener: one server certificate, reloadable at run time.
+TLS for every listener: one server certificate, and optionally an
+alternative one with a key of another type, reloadable at run time.
 
 L{ServerTLS} is what STLS, STARTTLS and the implicit-TLS listeners start
 TLS with (L{mailgate.session.tlslayer}).  Each new TLS connection is made
-from the certificate it loaded last, so L{ServerTLS.reload} (run on
+from the certificates it loaded last, so L{ServerTLS.reload} (run on
 SIGHUP) makes a renewed certificate take effect for new connections while
 established sessions carry on.
+
+Why an alternative certificate (Dovecot's C{ssl_alt_cert}): most of a full
+handshake's server CPU is the signature made with the certificate's key,
+and an ECDSA P-256 signature costs a fraction of an RSA-2048 one (a whole
+TLS 1.3 handshake here: about 200 µs against 460, see
+benchmarks/RESULTS.md).  With an RSA certificate and an ECDSA one loaded
+together, OpenSSL signs with ECDSA for every client that accepts it
+(nearly all of today's) and with RSA for the others, so no client is left
+out for the saving.
 
 The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least, no TLS compression, no renegotiation, the
 server's cipher preference, forward-secret AEAD suites first (TLS 1.3
@@ -15,8 +25,10 @@ suites are OpenSSL's defaults).
 
 import ssl
 
+import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
@@ -52,31 +64,90 @@ def _read(path):
         raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
 
 
-def makeContext(certificatePath, keyPath):
+def makeContext(certificatePath, keyPath, alternative=None):
     """
     A server C{ssl.SSLContext}: the certificate (and the chain after it in
-    the same file), the key, and the settings above.
+    the same file), the key, and the settings above; and the alternative
+    certificate and key, if given, beside them.
 
-    @return: the context and the leaf certificate (a C{cryptography}
-        certificate, for logging its name and fingerprint).
-    @raise ConfigurationError: if the files cannot be used.
+    @param alternative: C{(certificatePath, keyPath)} of a second
+        certificate whose key is of another type than the first's (an
+        ECDSA key beside an RSA one), or C{None}.
+    @return: the context and the leaf certificates, first the main one
+        then the alternative one if any (C{cryptography} certificates, for
+        logging their names and fingerprints).
+    @raise ConfigurationError: if the files cannot be used, or the two
+        keys are of one type (OpenSSL keeps one certificate per type of
+        key: the second would silently replace the first).
     """
-    chainPEM = _read(certificatePath)
-    keyPEM = _read(keyPath)
-    if b"-----BEGIN CERTIFICATE-----" not in chainPEM:
-        raise ConfigurationError(f"{certificatePath}: no PEM certificate found")
-    try:
-        leaf = x509.load_pem_x509_certificates(chainPEM)[0]
-    except ValueError as e:
-        raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
-    try:
-        serialization.load_pem_private_key(keyPEM, password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigurationError(f"{keyPath}: invalid private key: {e}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= OPTIONS
     context.set_ciphers(CIPHERS)
+    pairs = [(certificatePath, keyPath)] + ([tuple(alternative)] if alternative is not None else [])
+    leaves = [_readLeaf(certificate) for certificate, _ in pairs]
+    if len(leaves) == 2:
+        mainType, altType = (keyType(leaf.public_key()) for leaf in leaves)
+        if altType == mainType:
+            raise ConfigurationError(
+                f"{pairs[1][0]}: the alternative certificate's key is {altType}, like the "
+                f"main certificate's; it must be of another type (e.g. ECDSA beside RSA), "
+                f"since a server holds one certificate per type of key"
+            )
+    for (certificate, key), leaf in zip(pairs, leaves):
+        _loadPair(context, certificate, key, leaf)
+    return context, leaves
+
+
+def keyType(publicKey):
+    """
+    The name of a public key's type (C{"RSA"}, C{"ECDSA"}, C{"Ed25519"},
+    ...): what OpenSSL holds one certificate for.
+    """
+    if isinstance(publicKey, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(publicKey, ec.EllipticCurvePublicKey):
+        return "ECDSA"
+    return type(publicKey).__name__.lstrip("_").replace("PublicKey", "")
+
+
+def _readLeaf(certificatePath):
+    """
+    The first certificate of a PEM file (the leaf, before its chain).
+
+    @raise ConfigurationError: if there is none, or it cannot be parsed.
+    """
+    chainPEM = _read(certificatePath)
+    if b"-----BEGIN CERTIFICATE-----" not in chainPEM:
+        raise ConfigurationError(f"{certificatePath}: no PEM certificate found")
+    try:
+        return x509.load_pem_x509_certificates(chainPEM)[0]
+    except ValueError as e:
+        raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
+
+
+def _loadPair(context, certificatePath, keyPath, leaf):
+    """
+    Check a key against its certificate, and load both into C{context}.
+
+    OpenSSL's own check is not enough with two certificates: it files a
+    key beside the certificate of the key's type, so the RSA key given
+    with the ECDSA certificate would pass, checked against the RSA
+    certificate loaded before, and the ECDSA certificate would go out with
+    no key to sign with.
+
+    @param leaf: the certificate file's first certificate.
+    @raise ConfigurationError: if they cannot be used.
+    """
+    keyPEM = _read(keyPath)
+    try:
+        key = serialization.load_pem_private_key(keyPEM, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigurationError(f"{keyPath}: invalid private key: {e}") from None
+    if _publicBytes(key.public_key()) != _publicBytes(leaf.public_key()):
+        raise ConfigurationError(
+            f"unusable TLS certificate/key pair: {keyPath} is not the key of {certificatePath}"
+        )
     try:
         # The key was checked above to need no passphrase; the callable
         # keeps OpenSSL from ever asking for one on a terminal.
@@ -85,7 +156,10 @@ def makeContext(certificatePath, keyPath):
         raise ConfigurationError(f"unusable TLS certificate/key pair: {e}") from None
     except OSError as e:
         raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
-    return context, leaf
+
+
+def _publicBytes(publicKey):
+    return publicKey.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _noPassphrase():
@@ -95,35 +169,53 @@ def _noPassphrase():
 class ServerTLS:
     """
     The server side of TLS, from a PEM certificate (optionally followed by
-    its chain) and a PEM private key.
+    its chain) and a PEM private key, and optionally an alternative pair
+    whose key is of another type (see the module's docstring).
 
     @ivar certificatePath: the certificate (and chain) file.
     @ivar keyPath: the private key file.
+    @ivar alternative: C{(certificatePath, keyPath)} of the alternative
+        certificate, or C{None}.
     @ivar subject: the certificate's common name, for logs.
     @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
+    @ivar certificates: for each certificate loaded, the main one first,
+        its key's type, common name and fingerprint (for logs).
     """
 
     log = Logger()
 
-    def __init__(self, certificatePath, keyPath):
+    def __init__(self, certificatePath, keyPath, alternative=None):
         self.certificatePath = certificatePath
         self.keyPath = keyPath
+        self.alternative = tuple(alternative) if alternative is not None else None
         self._context = None
         self.reload()
 
     def reload(self):
         """
-        Load the certificate and key again.  If the new files are unusable
-        the previous certificate stays in service and the error is raised.
+        Load the certificates and keys again.  If the new files are
+        unusable the previous certificates stay in service and the error
+        is raised.
 
-        @raise ConfigurationError: the files cannot be read, parsed, or do
-            not belong together.
+        @raise ConfigurationError: the files cannot be read, parsed, do
+            not belong together, or the alternative key is of the main
+            key's type.
         """
-        context, leaf = makeContext(self.certificatePath, self.keyPath)
+        context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative)
         self._context = context
-        names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        self.subject = names[0].value if names else leaf.subject.rfc4514_string()
-        self.fingerprint = ":".join(f"{b:02X}" for b in leaf.fingerprint(hashes.SHA256()))
+        self.certificates = [
+            CertificateSummary(keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf))
+            for leaf in leaves
+        ]
+        self.subject = self.certificates[0].subject
+        self.fingerprint = self.certificates[0].fingerprint
+
+    def describe(self):
+        """
+        The certificates in service, for a log line: each one's key type,
+        common name and SHA-256 fingerprint.
+        """
+        return "; ".join(f"{c.keyType} {c.subject} sha256 {c.fingerprint}" for c in self.certificates)
 
     @property
     def context(self):
@@ -132,3 +224,23 @@ class ServerTLS:
         it (L{mailgate.session.tlslayer}).
         """
         return self._context
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CertificateSummary:
+    """
+    What a log says of a certificate in service.
+    """
+
+    keyType: str
+    subject: str
+    fingerprint: str
+
+
+def _commonName(leaf):
+    names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return names[0].value if names else leaf.subject.rfc4514_string()
+
+
+def _fingerprint(leaf):
+    return ":".join(f"{b:02X}" for b in leaf.fingerprint(hashes.SHA256()))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK_IP = ipaddress.ip_address("127.0.0.1")
@@ -56,7 +56,9 @@ def _name(commonName):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
 
 
-def _newKey():
+def _newKey(keyType="ec"):
+    if keyType == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -114,9 +116,10 @@ def _write(path, data):
     return path
 
 
-def makeCertificate(directory, commonName="localhost", name=None, days=30, issuer=None):
+def makeCertificate(directory, commonName="localhost", name=None, days=30, issuer=None, keyType="ec"):
     """
-    Write a certificate and its EC (P-256) private key as PEM files.
+    Write a certificate and its private key as PEM files: an EC (P-256)
+    key, or with C{keyType="rsa"} an RSA 2048 one.
 
     @param directory: where to write them.
     @param commonName: the subject CN and DNS subjectAltName (127.0.0.1 is
@@ -126,11 +129,12 @@ def makeCertificate(directory, commonName="localhost", name=None, days=30, issue
         reload tests).
     @param days: validity from now.
     @param issuer: an L{Authority} to sign with; self-signed by default.
+    @param keyType: C{"ec"} or C{"rsa"}.
     @return: C{(certificatePath, keyPath)} as L{Path}s.
     """
     directory = Path(directory)
     stem = name or commonName
-    key = _newKey()
+    key = _newKey(keyType)
     if issuer is None:
         certificate = _leaf(commonName, key, _name(commonName), key, days)
     else:

@@ -344,6 +344,44 @@ def test_curlOverTLS(mailgate_server, mailgate_cli, certificate):
     assert code == 60, (code, err)  # CURLE_PEER_FAILED_VERIFICATION
 
 
+def test_anECDSACertificateBesideTheRSAOne(mailgate_server, mailgate_cli, tmp_path):
+    """
+    With --tls-alt-cert/--tls-alt-key, clients that check ECDSA signatures
+    (Python's default client here, over TLS 1.3) get the ECDSA
+    certificate, over POP3S and STLS alike, and a TLS 1.2 client offering
+    only RSA suites still gets the RSA one; both read their mail.
+    """
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    rsaCertificate, rsaKey = makeCertificate(directory, "localhost", name="rsa", keyType="rsa")
+    ecCertificate, ecKey = makeCertificate(directory, "localhost", name="ecdsa")
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    sent = message("for both kinds of client")
+    mailgate_cli.deliver(ALICE, sent)
+    server = mailgate_server(
+        *tlsOptions(rsaCertificate, rsaKey),
+        "--tls-alt-cert", str(ecCertificate), "--tls-alt-key", str(ecKey),
+        "--pop3s", LOOPBACK_TCP,
+    )
+    modern = clientContext(rsaCertificate, ecCertificate)
+    rsaOnly = clientContext(rsaCertificate, ecCertificate)
+    rsaOnly.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsaOnly.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+
+    for context, expected, version in ((modern, ecCertificate, "TLSv1.3"), (rsaOnly, rsaCertificate, "TLSv1.2")):
+        pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        assert pop.stls(context).startswith(b"+OK")
+        for session in (pops, pop):
+            assert peerCertificate(session.sock) == der(expected)
+            assert session.sock.version() == version
+            session.user(ALICE)
+            assert session.pass_(ALICE_PW).startswith(b"+OK")
+            assert retrieve(session, 1).endswith(sent)
+            assert session.quit().startswith(b"+OK")
+    assert server.running(), server.log()
+
+
 # -- 3. the plaintext policy -------------------------------------------------------
 
 

@@ -350,6 +350,132 @@ def test_clientVerifiesTheHostName(tls, pair):
     assert "certificate verify failed" in str(result.clientError)
 
 
+# -- an alternative certificate (an ECDSA one beside an RSA one) --------------
+
+
+@pytest.fixture
+def dual(tmp_path):
+    """
+    An RSA certificate and an ECDSA one for the same name, and a file
+    trusting both: C{(rsaPair, ecPair, bothPath)}.
+    """
+    rsaPair = makeCertificate(tmp_path, HOST, name="rsa", keyType="rsa")
+    ecPair = makeCertificate(tmp_path, HOST, name="ecdsa")
+    both = tmp_path / "both.crt"
+    both.write_bytes(rsaPair[0].read_bytes() + ecPair[0].read_bytes())
+    return rsaPair, ecPair, both
+
+
+def tls12Client(cafile, ciphers):
+    """
+    A TLS 1.2 client offering only C{ciphers}: C{ECDHE-RSA-...} suites
+    are what a client that cannot check an ECDSA signature offers.
+    """
+    context = clientContext(cafile, maximum=ssl.TLSVersion.TLSv1_2)
+    context.set_ciphers(ciphers)
+    return context
+
+
+RSA_ONLY = "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384"
+ECDSA_ONLY = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
+
+
+@pytest.mark.parametrize("main", ["rsa", "ecdsa"])
+def test_eachClientGetsTheCertificateItCanCheck(dual, main):
+    """
+    With both certificates loaded (either as the main one), a TLS 1.3
+    client of today and a TLS 1.2 client offering ECDSA suites get the
+    ECDSA certificate, the cheaper handshake; a client offering only RSA
+    suites gets the RSA certificate.
+    """
+    rsaPair, ecPair, both = dual
+    first, second = (rsaPair, ecPair) if main == "rsa" else (ecPair, rsaPair)
+    tls = ServerTLS(str(first[0]), str(first[1]), (str(second[0]), str(second[1])))
+    rsaPrint, ecPrint = certificateFingerprint(rsaPair[0]), certificateFingerprint(ecPair[0])
+
+    modern = connect(tls, both)
+    assert modern.ok, (modern.clientError, modern.serverError)
+    assert modern.version == "TLSv1.3"
+    assert fingerprint(modern.peerCertificate) == ecPrint
+
+    for ciphers, expected in ((ECDSA_ONLY, ecPrint), (RSA_ONLY, rsaPrint)):
+        result = handshake(tls.context, tls12Client(both, ciphers))
+        assert result.ok, (ciphers, result.clientError, result.serverError)
+        assert result.version == "TLSv1.2"
+        assert fingerprint(result.peerCertificate) == expected, ciphers
+
+
+def test_withoutAnAlternativeAnRSAOnlyClientFailsAgainstAnECDSACertificate(dual):
+    """
+    What the alternative is for: a server with only an ECDSA certificate
+    cannot serve a client that checks only RSA signatures.
+    """
+    _, (ecCertificate, ecKey), both = dual
+    tls = ServerTLS(str(ecCertificate), str(ecKey))
+    assert not handshake(tls.context, tls12Client(both, RSA_ONLY)).ok
+
+
+def test_bothCertificatesAreDescribedForTheLog(dual):
+    (rsaCertificate, rsaKey), (ecCertificate, ecKey), _ = dual
+    tls = ServerTLS(str(rsaCertificate), str(rsaKey), (str(ecCertificate), str(ecKey)))
+    assert [(c.keyType, c.subject, c.fingerprint) for c in tls.certificates] == [
+        ("RSA", HOST, certificateFingerprint(rsaCertificate)),
+        ("ECDSA", HOST, certificateFingerprint(ecCertificate)),
+    ]
+    # The main certificate is still what subject and fingerprint name.
+    assert tls.fingerprint == certificateFingerprint(rsaCertificate)
+    described = tls.describe()
+    assert described.startswith("RSA ") and "; ECDSA " in described
+    assert certificateFingerprint(ecCertificate) in described
+
+
+def test_anAlternativeWithAKeyOfTheSameTypeIsRefused(tmp_path, dual):
+    """
+    OpenSSL holds one certificate per type of key: a second ECDSA
+    certificate would silently replace the first, so it is refused.
+    """
+    _, (ecCertificate, ecKey), _ = dual
+    other = makeCertificate(tmp_path, HOST, name="other-ecdsa")
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(ecCertificate), str(ecKey), (str(other[0]), str(other[1])))
+    assert "ECDSA, like the main certificate's" in str(e.value)
+    assert str(other[0]) in str(e.value)
+
+
+def test_anAlternativeWithAKeyNotItsOwnIsRefused(dual):
+    (rsaCertificate, rsaKey), (ecCertificate, _), _ = dual
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(rsaCertificate), str(rsaKey), (str(ecCertificate), str(rsaKey)))
+    assert "unusable TLS certificate/key pair" in str(e.value)
+
+
+def test_reloadPicksUpARenewedAlternative(tmp_path, dual):
+    (rsaCertificate, rsaKey), (ecCertificate, ecKey), _ = dual
+    tls = ServerTLS(str(rsaCertificate), str(rsaKey), (str(ecCertificate), str(ecKey)))
+    old = tls.certificates[1].fingerprint
+    makeCertificate(tmp_path, HOST, name="ecdsa")  # renewed in place
+    tls.reload()
+    renewed = certificateFingerprint(ecCertificate)
+    assert renewed != old and tls.certificates[1].fingerprint == renewed
+    result = connect(tls, ecCertificate)
+    assert result.ok and fingerprint(result.peerCertificate) == renewed
+
+
+def test_failedReloadOfTheAlternativeKeepsBoth(dual):
+    (rsaCertificate, rsaKey), (ecCertificate, ecKey), both = dual
+    tls = ServerTLS(str(rsaCertificate), str(rsaKey), (str(ecCertificate), str(ecKey)))
+    before = list(tls.certificates)
+    kept = ecCertificate.read_bytes()
+    ecCertificate.write_bytes(b"not a certificate\n")
+    with pytest.raises(ConfigurationError):
+        tls.reload()
+    assert tls.certificates == before
+    ecCertificate.write_bytes(kept)
+    for context, expected in ((clientContext(both), ecCertificate), (tls12Client(both, RSA_ONLY), rsaCertificate)):
+        result = handshake(tls.context, context)
+        assert result.ok and fingerprint(result.peerCertificate) == certificateFingerprint(expected)
+
+
 # -- reload ------------------------------------------------------------------
 
 
@@ -499,6 +625,25 @@ def test_makeTLSRefusesPOP3SWithoutCertificate():
 
 def test_makeTLSWithoutCertificate():
     assert makeTLS(MailgateConfig()) is None
+
+
+def test_makeTLSRefusesAnAlternativeCertificateWithoutKey(pair):
+    with pytest.raises(ConfigurationError, match="needs both tls-alt-cert and tls-alt-key"):
+        makeTLS(MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1]), tlsAltCertificate=str(pair[0])))
+
+
+def test_makeTLSRefusesAnAlternativeWithoutTheMainCertificate(pair):
+    with pytest.raises(ConfigurationError, match="beside tls-cert and tls-key, which are not set"):
+        makeTLS(MailgateConfig(tlsAltCertificate=str(pair[0]), tlsAltKey=str(pair[1])))
+
+
+def test_makeTLSLoadsTheAlternative(dual):
+    (rsaCertificate, rsaKey), (ecCertificate, ecKey), _ = dual
+    tls = makeTLS(MailgateConfig(
+        tlsCertificate=str(rsaCertificate), tlsKey=str(rsaKey),
+        tlsAltCertificate=str(ecCertificate), tlsAltKey=str(ecKey),
+    ))
+    assert [c.keyType for c in tls.certificates] == ["RSA", "ECDSA"]
 
 
 def test_makeTLSLoadsThePair(pair):
