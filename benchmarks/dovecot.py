@@ -32,7 +32,10 @@ Credentials (the passdb is a passwd-file):
   C{authCache}).
 
 With C{tls=(certificate, key)}: C{ssl = yes} with that certificate and
-key, and a C{pop3s} listener (implicit TLS) on a free port of 127.0.0.1.
+key, and a C{pop3s} listener (implicit TLS) on a free port of 127.0.0.1;
+with C{tls=(certificate, key, altCertificate, altKey)} the second pair as
+C{ssl_alt_cert} and C{ssl_alt_key} too (an ECDSA certificate beside an
+RSA one, as mailgate's C{--tls-alt-cert}).
 
 LMTP deliveries are fsync'ed (C{mail_fsync = always}), so they are durable
 when acknowledged, like mailgate's.
@@ -341,8 +344,10 @@ class Dovecot:
         """
         hp = self.variant == "hp"
         if self.tls:
-            certificate, key = (os.path.abspath(p) for p in self.tls)
+            certificate, key, *alternative = (os.path.abspath(p) for p in self.tls)
             ssl = f"ssl = yes\nssl_cert = <{certificate}\nssl_key = <{key}\nssl_min_protocol = TLSv1.2"
+            if alternative:
+                ssl += f"\nssl_alt_cert = <{alternative[0]}\nssl_alt_key = <{alternative[1]}"
             pop3s = f"    address = 127.0.0.1\n    port = {self.pop3sPort}\n"
         else:
             ssl = "ssl = no"

@@ -739,6 +739,11 @@ def header(info, args, summary):
         f"'+DB' = PostgreSQL's processes; conc (n) = at most n sessions at once",
         f"{WARM}; {DOVECOT_HP}",
     ] + ([
+        "TLS: both servers with the same self-signed RSA 2048 certificate"
+        + (" and an ECDSA P-256 one beside it (mailgate --tls-alt-cert, Dovecot ssl_alt_cert), "
+           "which the load generator (TLS 1.3) is given" if args.get("tls_certificates") == "rsa+ecdsa" else "")
+        + "; TLS 1.3, X25519, a full handshake per session on both"
+    ] if "tls" in str(args.get("transports", "")) else []) + ([
         f"CPUs: every mailgate with --cpu-affinity {args['mailgate_cpus']} (its reactor and database threads); "
         f"Dovecot hp run twice, as it is and with all its processes on CPU {args['mailgate_cpus']}, each cell "
         f"against the better of the two ('(p)': the pinned one)"

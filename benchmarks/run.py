@@ -139,6 +139,8 @@ class MailgateServer:
             argv += ["--smtp", "tcp:0:interface=127.0.0.1"]
         if self.tls:
             argv += ["--pop3s", "tcp:0:interface=127.0.0.1", "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
+            if len(self.tls) == 4:
+                argv += ["--tls-alt-cert", self.tls[2], "--tls-alt-key", self.tls[3]]
         return argv + self.options
 
     def start(self):
@@ -1292,6 +1294,10 @@ def parseArgs(argv):
     parser.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,10; --quick 1,4)")
     parser.add_argument("--scenarios", default="stat,list,top,fetchall")
     parser.add_argument("--transports", default="plain,tls", help="POP3 over plain TCP and/or implicit TLS (default plain,tls)")
+    parser.add_argument("--tls-certificates", default="rsa", choices=tlscert.CERTIFICATE_CHOICES,
+                        help="the certificates both servers serve POP3S with: rsa (RSA 2048), or rsa+ecdsa "
+                             "(an ECDSA P-256 one beside it: mailgate --tls-alt-cert, Dovecot ssl_alt_cert; "
+                             "the TLS 1.3 load generator is given the ECDSA one) (default rsa)")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--intake-messages", type=int, default=None, help="messages per intake run (default 6000, a few seconds like a POP3 measurement; --quick 60)")
@@ -1421,7 +1427,7 @@ def main(argv=None):
             info["postgresql"] = psql(postgres, "SHOW server_version")
         tls = None
         if "tls" in args.transports or any(spec.endswith("+tls") for spec in args.profile):
-            tls = tlscert.makeCertificate(os.path.join(workdir, "tls"))
+            tls = tlscert.makeCertificates(os.path.join(workdir, "tls"), args.tls_certificates)
         phases = suite.extra.setdefault("phase seconds", {})
 
         def phase(name, function, *arguments):

@@ -498,6 +498,39 @@ def test_certificateIsRSA2048ForLoopback(tmp_path):
     assert b"PRIVATE KEY" in open(key, "rb").read()
 
 
+def test_rsaAndECDSACertificatesForLoopback(tmp_path):
+    """
+    --tls-certificates rsa+ecdsa: the RSA 2048 pair, then an ECDSA P-256
+    pair for the same names, which both servers load as the alternative.
+    """
+    import tlscert
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    paths = tlscert.makeCertificates(str(tmp_path / "tls"), "rsa+ecdsa")
+    assert len(paths) == 4 and len(set(paths)) == 4
+    rsaCert, ecCert = (x509.load_pem_x509_certificate(open(p, "rb").read()) for p in paths[0::2])
+    assert rsaCert.public_key().key_size == 2048
+    assert isinstance(ecCert.public_key(), ec.EllipticCurvePublicKey)
+    assert ecCert.public_key().curve.name == "secp256r1"
+    assert ecCert.subject == rsaCert.subject
+    assert tlscert.makeCertificates(str(tmp_path / "rsa"), "rsa")[0].endswith("bench-cert.pem")
+    with pytest.raises(ValueError):
+        tlscert.makeCertificates(str(tmp_path / "x"), "dsa")
+
+
+def test_mailgateIsGivenTheAlternativeCertificate(tmp_path):
+    import run
+    import tlscert
+
+    paths = tlscert.makeCertificates(str(tmp_path / "tls"), "rsa+ecdsa")
+    argv = run.MailgateServer(BIN, "sqlite:///x", "log", tls=paths).argv
+    assert argv[argv.index("--tls-cert") + 1] == paths[0] and argv[argv.index("--tls-key") + 1] == paths[1]
+    assert argv[argv.index("--tls-alt-cert") + 1] == paths[2]
+    assert argv[argv.index("--tls-alt-key") + 1] == paths[3]
+    assert "--tls-alt-cert" not in run.MailgateServer(BIN, "sqlite:///x", "log", tls=paths[:2]).argv
+
+
 def test_tlsContextRefusesBelowTLS13():
     import ssl
 
@@ -583,6 +616,19 @@ def test_dovecotHighPerformanceWarmConfig(tmp_path):
     assert dovecot.hashPassword("secret", "PLAIN") == "{PLAIN}secret"
 
 
+def test_dovecotAlternativeCertificateConfig(tmp_path):
+    import dovecot
+    import tlscert
+
+    paths = tlscert.makeCertificates(str(tmp_path / "tls"), "rsa+ecdsa")
+    with dovecot.Dovecot(variant="hp", credentials="warm", tls=paths) as dv:
+        dv.pop3Port, dv.pop3sPort, dv.lmtpPort = 1100, 9950, 2400
+        lines = [line.strip() for line in dv.configText().splitlines()]
+    for setting in (f"ssl_cert = <{paths[0]}", f"ssl_key = <{paths[1]}",
+                    f"ssl_alt_cert = <{paths[2]}", f"ssl_alt_key = <{paths[3]}"):
+        assert setting in lines, setting
+
+
 def test_dovecotColdAndDefaultConfig():
     import dovecot
 
@@ -624,6 +670,41 @@ def test_againstDovecotOverTLS(tmp_path):
         result = pop3load.load(port=dv.pop3sPort, users=c.users, password=c.password, duration=30,
                                sessions=1, settle=0, sessionTimeout=2)
         assert result.errors == 1
+        assert dv.errorsLogged() == []
+
+
+@pytest.mark.skipif(
+    not os.access("/usr/sbin/dovecot", os.X_OK), reason="Dovecot is not installed (tests/sysdeps.sh)"
+)
+def test_dovecotServesTheAlternativeCertificate(tmp_path):
+    """
+    The comparison with --tls-certificates rsa+ecdsa is even: the real
+    Dovecot, like mailgate, gives a TLS 1.3 client the ECDSA certificate
+    and a client offering only RSA suites the RSA one.
+    """
+    import socket
+    import ssl
+
+    import dovecot
+    import tlscert
+
+    paths = tlscert.makeCertificates(str(tmp_path / "tls"), "rsa+ecdsa")
+    with dovecot.Dovecot(variant="hp", credentials="warm", tls=paths) as dv:
+        dv.loadCorpus(corpus.Corpus(1, 1))
+        dv.start()
+        modern = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        modern.load_verify_locations(cafile=paths[0])
+        modern.load_verify_locations(cafile=paths[2])
+        rsaOnly = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        rsaOnly.load_verify_locations(cafile=paths[0])
+        rsaOnly.maximum_version = ssl.TLSVersion.TLSv1_2
+        rsaOnly.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+        for context, expected, version in ((modern, paths[2], "TLSv1.3"), (rsaOnly, paths[0], "TLSv1.2")):
+            with socket.create_connection(("127.0.0.1", dv.pop3sPort), timeout=30) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    assert tls.version() == version
+                    assert tls.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(open(expected).read())
+                    assert tls.recv(100).startswith(b"+OK")
         assert dv.errorsLogged() == []
 
 
