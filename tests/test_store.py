@@ -1350,6 +1350,150 @@ def test_aClientTakingHeadersAndWholeMessagesInTurnKeepsBothRuns(anyStore, openi
         resultOf(maildrop.release())
 
 
+def test_aHeaderIsCutFromTheWholeMessageReadAhead(anyStore, openingsOf):
+    """
+    A client that downloads the small messages whole and takes only the
+    header of the others (a download size limit), in order: the header of
+    a message already read ahead whole is cut from it, without a trip,
+    and is exactly what reading that header alone gives (octets, size,
+    and what dot-stuffing needs to know).
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    messages = [b"Subject: %d\r\n.Dotted: %d\r\n\r\nbody %d\r\n.dot line\r\n" % (n, n, n) for n in range(1, 8)]
+    for message in messages:
+        deliver(store, [ALICE], message)
+    user = resultOf(store.findUser(ALICE))
+    maildrop = resultOf(store.openMaildrop(user))
+    openings = openingsOf(store, maildrop)
+    try:
+        got = [resultOf(maildrop.openMessage(n, headerOnly=n % 2 == 1)) for n in range(7)]
+        assert openings == [[1, 2, 3, 4, 5, 6, 7]]
+        headers = [m[: m.index(b"\r\n\r\n") + 4] for m in messages]
+        assert [body.whole for body in got] == [headers[n] if n % 2 else messages[n] for n in range(7)]
+        # The whole message stays read ahead: RETR after TOP needs no trip.
+        assert resultOf(maildrop.openMessage(3)).whole == messages[3]
+        assert len(openings) == 1
+    finally:
+        resultOf(maildrop.release())
+
+    def described(body):
+        return (body.whole, body.size, body.headerSize, body.needsStuffing, body.dotOffsets)
+
+    alone = resultOf(store.openMaildrop(user))
+    try:
+        for n in (1, 3, 5):
+            assert described(resultOf(alone.openMessage(n, headerOnly=True))) == described(got[n])
+    finally:
+        resultOf(alone.release())
+
+
+def _readWhole(body):
+    """
+    Every octet of an opened message, its first piece then its chunks.
+    """
+    pieces = []
+    while True:
+        piece = resultOf(body.read())
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+
+
+def test_aLongMessageOnTheRunIsReadAheadAsItsFirstPiece(anyStore, openingsOf, tripsTo):
+    """
+    The run of a client downloading in order does not stop at a message
+    longer than a chunk: its first piece (its header) comes with the
+    others, so downloading it costs only the trips for the rest of its
+    chunks, and the messages after it are read ahead with it.
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    line = b"y" * 70 + b"\r\n"
+    long = b"Subject: long\r\n\r\n" + line * (2 * CHUNK_SIZE // len(line) + 10)
+    messages = [b"Subject: 1\r\n\r\none\r\n", b"Subject: 2\r\n\r\ntwo\r\n", long,
+                b"Subject: 4\r\n\r\nfour\r\n", b"Subject: 5\r\n\r\n.five\r\n"]
+    for message in messages:
+        deliver(store, [ALICE], message)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    openings = openingsOf(store, maildrop)
+    trips = tripsTo(store)
+    try:
+        got = [_readWhole(resultOf(maildrop.openMessage(n))) for n in range(5)]
+        assert got == messages
+        assert openings == [[1, 2, 3, 4, 5]]
+        # The long message's two further chunks, in one trip.
+        assert trips == ["_openMessages", "_readChunks"]
+    finally:
+        resultOf(maildrop.release())
+
+
+def test_aClientWithADownloadLimitGetsTheHeadersOfLongMessagesReadAhead(anyStore, openingsOf):
+    """
+    A client that downloads the short messages and takes only the header
+    of the long ones (TOP n 0), in order: one trip serves it all, and each
+    header is exactly what reading it alone gives.
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    line = b"z" * 70 + b"\r\n"
+    messages = []
+    for n in range(1, 7):
+        if n % 2:
+            messages.append(b"Subject: %d\r\n\r\nshort %d\r\n" % (n, n))
+        else:
+            body = line * (CHUNK_SIZE // len(line) + 100)
+            messages.append(b"Subject: %d\r\n.Dotted: long\r\n\r\n" % n + body)
+    for message in messages:
+        deliver(store, [ALICE], message)
+    user = resultOf(store.findUser(ALICE))
+    maildrop = resultOf(store.openMaildrop(user))
+    # Room for the three long ones' first pieces (a chunk each, at most).
+    maildrop.readAheadOctets = 4 * CHUNK_SIZE
+    openings = openingsOf(store, maildrop)
+    try:
+        got = [resultOf(maildrop.openMessage(n, headerOnly=n % 2 == 1)) for n in range(6)]
+        assert openings == [[1, 2, 3, 4, 5, 6]]
+        headers = [m[: m.index(b"\r\n\r\n") + 4] for m in messages]
+        assert [body.whole for body in got] == [headers[n] if n % 2 else messages[n] for n in range(6)]
+    finally:
+        resultOf(maildrop.release())
+    alone = resultOf(store.openMaildrop(user))
+    try:
+        for n in (1, 3, 5):
+            header = resultOf(alone.openMessage(n, headerOnly=True))
+            assert (header.whole, header.size, header.headerSize, header.needsStuffing, header.dotOffsets) == (
+                got[n].whole, got[n].size, got[n].headerSize, got[n].needsStuffing, got[n].dotOffsets)
+    finally:
+        resultOf(alone.release())
+
+
+def test_aHeaderLongerThanAChunkIsReadAloneForTOP(anyStore, openingsOf):
+    """
+    A message whose header alone is longer than a chunk is stored in
+    plain chunks: read ahead, it is its first chunk like any long
+    message, and TOP n 0 reads its header from the database, not from
+    that chunk; downloading it still needs no trip to open it.
+    """
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    hugeHeader = b"Subject: huge\r\n" + (b"X-Pad: " + b"h" * 70 + b"\r\n") * (CHUNK_SIZE // 79 + 50) + b"\r\n"
+    messages = [b"Subject: 1\r\n\r\none\r\n", hugeHeader + b"body\r\n", b"Subject: 3\r\n\r\nthree\r\n"]
+    for message in messages:
+        deliver(store, [ALICE], message)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    openings = openingsOf(store, maildrop)
+    try:
+        assert _readWhole(resultOf(maildrop.openMessage(0))) == messages[0]
+        header = resultOf(maildrop.openMessage(1, headerOnly=True))
+        assert header.headerSize == len(hugeHeader) and _readWhole(header).startswith(hugeHeader)
+        assert openings == [[1, 2, 3], [2]]
+        assert [_readWhole(resultOf(maildrop.openMessage(n))) for n in (1, 2)] == messages[1:]
+        assert len(openings) == 2
+    finally:
+        resultOf(maildrop.release())
+
+
 def test_chunksSurviveTheMoveToARowidTable(databaseURL):
     """
     Migration 4 moves SQLite's message chunks into a rowid table (and

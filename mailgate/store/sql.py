@@ -611,6 +611,8 @@ class SQLMaildrop:
         step = self._step(index, headerOnly)
         self._lastOpened[headerOnly] = index
         ahead = self._ahead[headerOnly].pop(index, None)
+        if ahead is None and headerOnly:
+            ahead = _headerOf(self._ahead[False].get(index))
         if ahead is not None:
             return defer.succeed(SQLMessageBody(reads, *ahead))
         if step:
@@ -660,10 +662,17 @@ class SQLMaildrop:
     def _readingAhead(self, index, headerOnly, step):
         """
         The uids to read in one trip from message C{index} on, going
-        C{step} (1 or -1): the next ones while each comes in one piece and
-        all stay within L{readAheadOctets}, judged by the snapshot's sizes;
-        for TOP n 0, the next L{headerReadAhead}, of which the database
-        returns those within L{headerReadAheadOctets} of headers.
+        C{step} (1 or -1): the next ones while their first pieces stay
+        within L{readAheadOctets}, judged by the snapshot's sizes; for TOP
+        n 0, the next L{headerReadAhead}, of which the database returns
+        those within L{headerReadAheadOctets} of headers.
+
+        A message longer than a chunk is read ahead too, as its first
+        piece (its header, stored as a chunk of its own), counted as a
+        whole chunk: a client that takes such a message's header only
+        (TOP n 0, beyond its download limit) finds it read, and one that
+        downloads it finds its start read and goes on with its chunks.
+        Either way the run does not stop at it.
         """
         if headerOnly:
             # The database stops at the header budget (sizes are unknown
@@ -672,10 +681,10 @@ class SQLMaildrop:
         uids = [self._uids[index]]
         budget = self.readAheadOctets - min(self.sizes[index], CHUNK_SIZE)
         for i in range(index + step, self._runEnd(index, step, self.readAhead), step):
-            size = self.sizes[i]
-            if size > CHUNK_SIZE or size > budget:
+            piece = min(self.sizes[i], CHUNK_SIZE)
+            if piece > budget:
                 break
-            budget -= size
+            budget -= piece
             uids.append(self._uids[i])
         return uids
 
@@ -722,6 +731,34 @@ class SQLMaildrop:
         if session is not None:
             self._store.sessions.ended(session)
         return defer.maybeDeferred(self._store.locks.release, self._userId)
+
+
+def _headerOf(row):
+    """
+    What opening a message for TOP n 0 gives, made from the row of the
+    message read ahead for RETR (the whole message, or the first piece of
+    a long one): a client that takes only the header of the messages
+    beyond its download limit, and the others whole, gets the header of
+    one read ahead with the others without another trip.
+
+    @param row: a message's C{(owner, bodyId, size, headerSize, first,
+        needsStuffing, dotOffsets)} (see L{reads.openedMessages}), or
+        C{None}.
+    @return: the row L{reads.openedMessages} gives for its header alone
+        (cut the same way), or C{None} if C{row} is C{None} or its first
+        piece does not hold the whole header.
+    """
+    if row is None:
+        return None
+    owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets = row
+    if headerSize > CHUNK_SIZE or len(first) < min(headerSize, size):
+        return None
+    if not headerSize:
+        first = b""
+    elif headerSize < size:
+        first = first[:headerSize]
+        size = headerSize
+    return owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets
 
 
 @implementer(IMessageBody)
