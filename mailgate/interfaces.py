@@ -83,14 +83,15 @@ class IMessageReads(Interface):
     cannot answer.
     """
 
-    def openMessages(userId, uids, headerOnly, headerBudget):
+    def openMessages(userId, uids, headerOnly, budget):
         """
         Open the first of C{uids} (the user's message uids, ascending, or
         descending for a client going from the newest back) and read the
-        others ahead: a L{Deferred} of what
-        L{mailgate.store.reads.openedMessages} returns.  For
-        C{headerOnly}, the headers' octets only, while they add up to
-        C{headerBudget}.
+        others ahead while what is read of them adds up to at most
+        C{budget} octets: a L{Deferred} of what
+        L{mailgate.store.reads.openedMessages} returns.  Whole messages
+        come as their first chunks (a long one's header); for
+        C{headerOnly}, the headers' octets only.
         """
 
     def readChunks(owner, bodyId, seq, count):

@@ -91,7 +91,7 @@ def test_openingAndReadingGiveWhatTheStatementsGiveInline(running):
     """
     store, reactor, inline, _ = running
     userId, uids = snapshot(inline)
-    for headerOnly, budget in [(False, 0), (True, 1 << 20), (True, 30)]:
+    for headerOnly, budget in [(False, 0), (False, 1 << 20), (False, 300), (True, 1 << 20), (True, 30)]:
         for start in range(len(uids)):
             # Forward, and from the newest back (a client fetching the
             # newest first).
@@ -105,7 +105,16 @@ def test_openingAndReadingGiveWhatTheStatementsGiveInline(running):
     lastTwo = sum(len(m[: m.index(b"\r\n\r\n") + 4]) for m in MESSAGES[3:])
     back = reactor.wait(store.reads.openMessages(userId, uids[::-1], True, lastTwo))
     assert [(uid, row[4]) for uid, row in back] == [(uids[4], b"Subject: last\r\n\r\n"), (uids[3], MESSAGES[3])]
-    opened = dict(reactor.wait(store.reads.openMessages(userId, uids, False, 0)))
+    # Whole messages, forward: the budget counts the first chunks read (a
+    # long message's is its header), from the first asked for.
+    firstTwo = len(MESSAGES[0]) + len(MESSAGES[1])
+    forward = reactor.wait(store.reads.openMessages(userId, uids, False, firstTwo))
+    assert [row[4] for _, row in forward] == MESSAGES[:2]
+    withLong = firstTwo + len(MESSAGES[2][: MESSAGES[2].index(b"\r\n\r\n") + 4])
+    forward = reactor.wait(store.reads.openMessages(userId, uids, False, withLong))
+    assert [uid for uid, _ in forward] == uids[:3]
+    opened = dict(reactor.wait(store.reads.openMessages(userId, uids, False, 1 << 30)))
+    assert list(opened) == uids
     stored = [readAll(reactor, store.reads, opened[uid]) for uid in uids]
     assert stored == [m for m in MESSAGES]
     # The large message's header is what TOP n 0 is given.

@@ -1240,16 +1240,23 @@ def openingsOf(monkeypatch):
     """
     C{openingsOf(store)}: record the trips C{store}'s maildrops make to
     open messages from then on; the returned list gets, for each, the
-    message numbers (1-based, in the maildrop C{maildrop}) it asked for.
+    message numbers (1-based, in the maildrop C{maildrop}) it read: the
+    one asked for, and those read ahead within the budget.
     """
 
     def start(store, maildrop):
         openings = []
         realOpen = store.reads.openMessages
 
-        def recorded(userId, uids, headerOnly, headerBudget):
-            openings.append([maildrop._uids.index(uid) + 1 for uid in uids])
-            return realOpen(userId, uids, headerOnly, headerBudget)
+        def recorded(userId, uids, headerOnly, budget):
+            numbers = []
+            openings.append(numbers)
+
+            def read(rows):
+                numbers.extend(maildrop._uids.index(uid) + 1 for uid, _ in rows)
+                return rows
+
+            return realOpen(userId, uids, headerOnly, budget).addCallback(read)
 
         monkeypatch.setattr(store.reads, "openMessages", recorded)
         return openings

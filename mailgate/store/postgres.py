@@ -582,28 +582,28 @@ class AdvisoryLocks:
 
 # What a POP3 session reads (see mailgate.store.reads), as prepared
 # statements whose answers come in binary: the octets as they are stored.
-_OPEN = Statement(
-    "mailgate_open", reads.OPEN.format(user="$1", inUids="= ANY($2)"), [INT8, INT8_ARRAY], binary=True
-)
-_OPEN_HEADERS = Statement(
-    "mailgate_open_headers",
-    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4", order="ASC"),
-    [INT8, INT8_ARRAY, INT8, INT8],
-    binary=True,
-)
-_OPEN_HEADERS_BACK = Statement(
-    "mailgate_open_headers_back",
-    reads.OPEN_HEADERS.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4", order="DESC"),
-    [INT8, INT8_ARRAY, INT8, INT8],
-    binary=True,
-)
+def _openStatement(name, text, order):
+    return Statement(
+        name,
+        text.format(user="$1", inUids="= ANY($2)", budget="$3", first="$4", order=order),
+        [INT8, INT8_ARRAY, INT8, INT8],
+        binary=True,
+    )
+
+
+# Forward, and from the newest back: the read-ahead's budget is summed in
+# the order the messages are read.
+_OPEN = _openStatement("mailgate_open", reads.OPEN, "ASC")
+_OPEN_BACK = _openStatement("mailgate_open_back", reads.OPEN, "DESC")
+_OPEN_HEADERS = _openStatement("mailgate_open_headers", reads.OPEN_HEADERS, "ASC")
+_OPEN_HEADERS_BACK = _openStatement("mailgate_open_headers_back", reads.OPEN_HEADERS, "DESC")
 _CHUNKS = Statement(
     "mailgate_chunks",
     reads.CHUNKS.format(owner="$1", body="$2", low="$3", high="$4"),
     [INT8, TEXT, INT4, INT4],
     binary=True,
 )
-_READ_STATEMENTS = (_OPEN, _OPEN_HEADERS, _OPEN_HEADERS_BACK, _CHUNKS)
+_READ_STATEMENTS = (_OPEN, _OPEN_BACK, _OPEN_HEADERS, _OPEN_HEADERS_BACK, _CHUNKS)
 
 
 def _integer(value):
@@ -712,13 +712,15 @@ class ReactorMessageReads:
 
         return self._execute(statement, params).addCallbacks(decode, failed).addBoth(measured)
 
-    def openMessages(self, userId, uids, headerOnly, headerBudget):
-        params = [_text(userId), ("{" + ",".join(map(str, uids)) + "}").encode("ascii")]
+    def openMessages(self, userId, uids, headerOnly, budget):
+        params = [
+            _text(userId), ("{" + ",".join(map(str, uids)) + "}").encode("ascii"), _text(budget), _text(uids[0]),
+        ]
+        back = reads.descending(uids)
         if headerOnly:
-            statement = _OPEN_HEADERS_BACK if reads.descending(uids) else _OPEN_HEADERS
-            params += [_text(headerBudget), _text(uids[0])]
+            statement = _OPEN_HEADERS_BACK if back else _OPEN_HEADERS
         else:
-            statement = _OPEN
+            statement = _OPEN_BACK if back else _OPEN
 
         def decode(rows):
             return reads.openedMessages([_openedRow(row) for row in rows], uids, headerOnly)

@@ -21,12 +21,22 @@ from mailgate.interfaces import IMessageReads
 #: octets per stored chunk of a message body
 CHUNK_SIZE = 128 * 1024
 
-# The message rows of a read-ahead, with the first chunk of each.
+# The message rows of a read-ahead, with the first chunk of each (the whole
+# message, or a long message's header), while those chunks add up to the
+# budget, summed in the order the messages are read ({order}, as below);
+# the first one asked for comes whatever its size.  The sum takes the
+# chunks' lengths, not their contents (neither engine reads a value to
+# know its length), so the candidates past the budget cost next to nothing.
 OPEN = (
-    "SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, c.data "
-    "FROM maildrop m LEFT JOIN body_chunks c "
-    "ON c.owner_id = m.body_owner AND c.body_id = m.body_id AND c.seq = 0 "
-    "WHERE m.user_id = {user} AND m.uid {inUids}"
+    "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, c.data "
+    "FROM (SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, "
+    "SUM(COALESCE(length(f.data), 0)) OVER (ORDER BY m.uid {order}) AS running "
+    "FROM maildrop m LEFT JOIN body_chunks f "
+    "ON f.owner_id = m.body_owner AND f.body_id = m.body_id AND f.seq = 0 "
+    "WHERE m.user_id = {user} AND m.uid {inUids}) r "
+    "LEFT JOIN body_chunks c "
+    "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
+    "WHERE r.running <= {budget} OR r.uid = {first}"
 )
 
 # For TOP n 0: the headers' octets, while they add up to the budget, summed
@@ -74,30 +84,28 @@ def descending(uids):
     return len(uids) > 1 and uids[1] < uids[0]
 
 
-def _openMessages(cursor, userId, uids, headerOnly, headerBudget=0):
+def _openMessages(cursor, userId, uids, headerOnly, budget=0):
     """
     Open the first of C{uids} and, with it, the ones after it in the list
-    (read ahead: the caller chose them small enough to come in one piece):
-    a client that fetches messages in order, or from the newest back,
-    then finds the next ones already read.  One statement whatever the
-    number of messages, their rows joined with their first chunks.
+    (read ahead): a client that fetches messages in order, or from the
+    newest back, then finds the next ones already read.  One statement
+    whatever the number of messages, their rows joined with their first
+    chunks (the whole message, or a long one's header).
 
-    For C{headerOnly} (TOP n 0) only the header's octets are returned, and
-    the messages after the first are read ahead while their headers add up
-    to at most C{headerBudget} octets (the database sums them, so the
-    caller need not know the sizes).
+    The messages after the first are read ahead while what is returned of
+    them adds up to at most C{budget} octets: their first chunks, or for
+    C{headerOnly} (TOP n 0) their headers' octets only.  The database sums
+    them, so the caller need not know the sizes.
 
     @return: see L{openedMessages}.
     """
     inUids = "IN (" + ",".join("?" * len(uids)) + ")"
-    if headerOnly:
-        order = "DESC" if descending(uids) else "ASC"
-        cursor.execute(
-            OPEN_HEADERS.format(user="?", inUids=inUids, budget="?", first="?", order=order),
-            (userId, *uids, headerBudget, uids[0]),
-        )
-    else:
-        cursor.execute(OPEN.format(user="?", inUids=inUids), (userId, *uids))
+    statement = OPEN_HEADERS if headerOnly else OPEN
+    order = "DESC" if descending(uids) else "ASC"
+    cursor.execute(
+        statement.format(user="?", inUids=inUids, budget="?", first="?", order=order),
+        (userId, *uids, budget, uids[0]),
+    )
     return openedMessages(cursor.fetchall(), uids, headerOnly)
 
 
@@ -177,8 +185,8 @@ class ThreadedMessageReads:
     def __init__(self, database):
         self._database = database
 
-    def openMessages(self, userId, uids, headerOnly, headerBudget):
-        return self._database.runInteraction(_openMessages, userId, uids, headerOnly, headerBudget)
+    def openMessages(self, userId, uids, headerOnly, budget):
+        return self._database.runInteraction(_openMessages, userId, uids, headerOnly, budget)
 
     def readChunks(self, owner, bodyId, seq, count):
         return self._database.runInteraction(_readChunks, owner, bodyId, seq, count)

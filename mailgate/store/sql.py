@@ -534,7 +534,8 @@ class SQLMaildrop:
     maildrop's unique ids, are read on demand.
     """
 
-    #: messages read ahead per trip to the database, and their octets
+    #: messages read ahead per trip to the database, and the octets of
+    #: their first chunks (whole messages, or long messages' headers)
     readAhead = 32
     readAheadOctets = 256 * 1024
     #: for TOP n 0, messages whose headers are read per trip, and the
@@ -621,7 +622,8 @@ class SQLMaildrop:
             # Not a run: this message alone, and what was read ahead stays
             # for the client's return to its run.
             uids = [self._uids[index]]
-        d = reads.openMessages(self._userId, uids, headerOnly, self.headerReadAheadOctets)
+        budget = self.headerReadAheadOctets if headerOnly else self.readAheadOctets
+        d = reads.openMessages(self._userId, uids, headerOnly, budget)
 
         def opened(rows):
             if not rows:
@@ -661,32 +663,20 @@ class SQLMaildrop:
 
     def _readingAhead(self, index, headerOnly, step):
         """
-        The uids to read in one trip from message C{index} on, going
-        C{step} (1 or -1): the next ones while their first pieces stay
-        within L{readAheadOctets}, judged by the snapshot's sizes; for TOP
-        n 0, the next L{headerReadAhead}, of which the database returns
-        those within L{headerReadAheadOctets} of headers.
+        The uids to ask for in one trip from message C{index} on, going
+        C{step} (1 or -1): the next L{readAhead} (L{headerReadAhead} for
+        TOP n 0), of which the database returns those within
+        L{readAheadOctets} (L{headerReadAheadOctets}) of what is read: the
+        whole messages, a long message's first chunk (its header), or the
+        headers.
 
-        A message longer than a chunk is read ahead too, as its first
-        piece (its header, stored as a chunk of its own), counted as a
-        whole chunk: a client that takes such a message's header only
-        (TOP n 0, beyond its download limit) finds it read, and one that
-        downloads it finds its start read and goes on with its chunks.
-        Either way the run does not stop at it.
+        So the run does not stop at a long message: its header is read
+        ahead too, and a client that takes only that (TOP n 0, beyond its
+        download limit) finds it read, while one that downloads it finds
+        its start read and goes on with its chunks.
         """
-        if headerOnly:
-            # The database stops at the header budget (sizes are unknown
-            # here); the count bounds the statement.
-            return [self._uids[i] for i in range(index, self._runEnd(index, step, self.headerReadAhead), step)]
-        uids = [self._uids[index]]
-        budget = self.readAheadOctets - min(self.sizes[index], CHUNK_SIZE)
-        for i in range(index + step, self._runEnd(index, step, self.readAhead), step):
-            piece = min(self.sizes[i], CHUNK_SIZE)
-            if piece > budget:
-                break
-            budget -= piece
-            uids.append(self._uids[i])
-        return uids
+        count = self.headerReadAhead if headerOnly else self.readAhead
+        return [self._uids[i] for i in range(index, self._runEnd(index, step, count), step)]
 
     def _runEnd(self, index, step, count):
         """
