@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import threading
+from time import time as _now
 
 from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 
@@ -95,6 +96,31 @@ class LogStream:
         if self.path is not None:
             with self._lock:
                 self._stream.close()
+
+
+def emitLine(logger, level, text, fields):
+    """
+    Emit an event whose text is already formatted: the event
+    C{logger.emit(level, "{line}", line=text, **fields)} would emit, the
+    same keys and values, to the same observer, for a third of the cost
+    (Twisted's C{emit} checks the level against every L{LogLevel} and
+    copies its keyword arguments; a short POP3 session logs two events,
+    and their emitting cost more than their writing).
+
+    @param logger: the L{Logger} whose namespace, source and observer the
+        event gets.
+    @param level: a L{LogLevel} constant.
+    @param fields: the event's other fields, a L{dict} that becomes the
+        event (the caller's own, not to be used again).
+    """
+    fields["line"] = text
+    fields["log_logger"] = logger
+    fields["log_level"] = level
+    fields["log_namespace"] = logger.namespace
+    fields["log_source"] = logger.source
+    fields["log_format"] = "{line}"
+    fields["log_time"] = _now()
+    logger.observer(fields)
 
 
 def twistdDestination(twistdOptions):

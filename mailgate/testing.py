@@ -71,6 +71,22 @@ def resultOf(d):
     return value
 
 
+def readWhole(body, limit=10000):
+    """
+    Every octet of an opened message (an L{IMessageBody} whose reads have
+    already fired), read piece by piece until the empty one; at most
+    C{limit} pieces, so a body that never ends fails the test instead of
+    hanging it.
+    """
+    pieces = []
+    for _ in range(limit):
+        piece = resultOf(body.read())
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+    raise AssertionError(f"{body!r} did not end within {limit} reads")
+
+
 def runInline(function, *args):
     """
     Stand-in for a thread pool: run C{function} now, in this thread.

@@ -20,7 +20,7 @@ from mailgate import __version__
 from mailgate.auth.passwords import verifyPassword
 from mailgate.cli import run
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE
-from mailgate.testing import memoryStore, resultOf
+from mailgate.testing import memoryStore, readWhole, resultOf
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -98,14 +98,7 @@ class CLI:
             maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(address))))
             found = []
             for index in range(len(maildrop.sizes)):
-                body = resultOf(maildrop.openMessage(index))
-                pieces = []
-                for _ in range(10000):
-                    piece = resultOf(body.read())
-                    if not piece:
-                        break
-                    pieces.append(piece)
-                found.append(b"".join(pieces))
+                found.append(readWhole(resultOf(maildrop.openMessage(index))))
             maildrop.release()
             return found
         finally:

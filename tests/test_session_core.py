@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from mailgate.session import CommandError, CommandSession, SessionFactory, describeAddress, newSessionId
@@ -203,6 +203,32 @@ def test_anInternalErrorCostsOneReplyAndIsLoggedWithTheContext():
     assert event["session"] == protocol.sessionId
     assert event["protocol"] == "echo" and event["peer"] == "192.0.2.9:1234"
     assert event["log_failure"].check(RuntimeError)
+
+
+@pytest.mark.parametrize("method, twistedMethod", [
+    ("logInfo", "info"), ("logWarning", "warn"), ("logError", "error"),
+])
+def test_aSessionEventIsTheEventTwistedsLoggerWouldEmit(method, twistedMethod):
+    """
+    A session's events skip L{Logger.emit}'s checks, not its fields: the
+    same keys and values (but the time) reach the same observer, and
+    Twisted formats the same text from them.
+    """
+    protocol, transport, _ = connect()
+    events = []
+    protocol.log = Logger(namespace="mailgate.test", source=protocol, observer=events.append)
+    protocol.user = "alice@example.org"
+    getattr(protocol, method)("session.test", "did {this}", count=3)
+    getattr(protocol.log, twistedMethod)(
+        "{line}", line="did {this}", event="session.test", **protocol.logContext(count=3)
+    )
+    ours, twisteds = events
+    assert ours["log_time"] == pytest.approx(twisteds["log_time"], abs=5)
+    assert {k: v for k, v in ours.items() if k != "log_time"} == {
+        k: v for k, v in twisteds.items() if k != "log_time"
+    }
+    assert ours["user"] == "alice@example.org" and ours["count"] == 3
+    assert formatEvent(ours) == formatEvent(twisteds) == "did {this}"
 
 
 def test_rawModeTakesEffectExactlyWhereItStarts():

@@ -28,6 +28,7 @@ from mailgate.testing import (
     addUser,
     deliver,
     memoryStore,
+    readWhole,
     resultOf,
 )
 
@@ -273,14 +274,6 @@ def test_aMessageWhoseRowsAreGoneFailsTemporarilyAndAlone(store, dbpath):
     finally:
         resultOf(maildrop.release())
 
-def _readWhole(body):
-    pieces = []
-    while True:
-        piece = resultOf(body.read())
-        if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
-
 
 def test_aLargeMessageMissingAChunkInTheMiddleFailsAtThatChunk(store, dbpath):
     """
@@ -295,7 +288,7 @@ def test_aLargeMessageMissingAChunkInTheMiddleFailsAtThatChunk(store, dbpath):
     deliver(store, [ALICE], body)
     maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
     try:
-        whole = _readWhole(resultOf(maildrop.openMessage(0)))
+        whole = readWhole(resultOf(maildrop.openMessage(0)))
         assert whole == body
         with sqlite3.connect(dbpath) as other:
             other.execute("DELETE FROM body_chunks WHERE seq = 3")
@@ -366,14 +359,7 @@ def test_aHeaderOnlyOpeningReadsOnlyTheHeader(store, dbpath):
         assert (top.size, top.whole) == (len(header), header)
         assert resultOf(top.read()) == header and resultOf(top.read()) == b""
         # The whole message still comes back byte for byte.
-        body = resultOf(maildrop.openMessage(0))
-        pieces = []
-        while True:
-            piece = resultOf(body.read())
-            if not piece:
-                break
-            pieces.append(piece)
-        assert b"".join(pieces) == message
+        assert readWhole(resultOf(maildrop.openMessage(0))) == message
     finally:
         resultOf(maildrop.release())
 

@@ -37,7 +37,7 @@ from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, upgrade
 from mailgate.store import sql as sqlStore
 from mailgate.store.rows import formatUniqueId
 from mailgate.store.sql import CHUNK_SIZE, SQLMailStore
-from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, resultOf
+from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, readWhole, resultOf
 from pumped import PumpedReactor
 
 ALICE = "alice@example.org"
@@ -109,16 +109,6 @@ def query(store, statement, args=()):
     if engine.ephemeral:
         return store.database.run(_rows, statement, args)
     return sql(engine, statement, args)
-
-
-def readAll(body, limit=10000):
-    pieces = []
-    for _ in range(limit):
-        piece = resultOf(body.read())
-        if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
-    raise AssertionError("message never ended")
 
 
 def openFor(store, address):
@@ -216,7 +206,7 @@ def test_deleteUserKeepsBodiesOthersHold(anyStore):
     resultOf(anyStore.deleteUser(ALICE))
     assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
     maildrop = openFor(anyStore, BOB)
-    assert readAll(resultOf(maildrop.openMessage(0))) == MESSAGE
+    assert readWhole(resultOf(maildrop.openMessage(0))) == MESSAGE
     maildrop.release()
 
 
@@ -306,7 +296,7 @@ def test_messageToThreeRecipientsIsStoredOnce(anyStore):
     assert query(anyStore, "SELECT refcount FROM bodies") == [(1,)]
     assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(3,)]
     maildrop = openFor(anyStore, CAROL)
-    assert readAll(resultOf(maildrop.openMessage(0))) == body
+    assert readWhole(resultOf(maildrop.openMessage(0))) == body
     maildrop.release()
 
     removeFirst(anyStore, CAROL)
@@ -332,7 +322,7 @@ def test_largeMessageIsChunked(anyStore):
     message = resultOf(maildrop.openMessage(0))
     assert message.size == len(body)
     assert message.headerSize == len(b"Subject: big\r\n\r\n")
-    assert readAll(message) == body
+    assert readWhole(message) == body
     maildrop.release()
 
 
@@ -343,7 +333,7 @@ def test_emptyMessage(anyStore):
     assert list(maildrop.sizes) == [0]
     message = resultOf(maildrop.openMessage(0))
     assert (message.size, message.headerSize) == (0, 0)
-    assert readAll(message) == b""
+    assert readWhole(message) == b""
     maildrop.release()
 
 
@@ -383,7 +373,7 @@ def test_maildropSnapshot(anyStore):
     assert resultOf(maildrop.uniqueIds(0, 3)) == ids
     assert resultOf(maildrop.uniqueIds(1, 1)) == ids[1:2]
     assert resultOf(maildrop.uniqueIds(3, 5)) == []
-    assert readAll(resultOf(maildrop.openMessage(2))) == MESSAGE + b"xx\r\n"
+    assert readWhole(resultOf(maildrop.openMessage(2))) == MESSAGE + b"xx\r\n"
     # Mail arriving now is not part of this session's snapshot.
     deliver(anyStore, [ALICE], MESSAGE)
     assert len(maildrop.sizes) == 3
@@ -1006,7 +996,7 @@ def test_threadedWritesAreCommittedTogether(databaseURL):
 def _contents(store, address):
     maildrop = openFor(store, address)
     try:
-        return [readAll(resultOf(maildrop.openMessage(i))) for i in range(len(maildrop.sizes))]
+        return [readWhole(resultOf(maildrop.openMessage(i))) for i in range(len(maildrop.sizes))]
     finally:
         maildrop.release()
 
@@ -1395,18 +1385,6 @@ def test_aHeaderIsCutFromTheWholeMessageReadAhead(anyStore, openingsOf):
         resultOf(alone.release())
 
 
-def _readWhole(body):
-    """
-    Every octet of an opened message, its first piece then its chunks.
-    """
-    pieces = []
-    while True:
-        piece = resultOf(body.read())
-        if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
-
-
 def test_aLongMessageOnTheRunIsReadAheadAsItsFirstPiece(anyStore, openingsOf, tripsTo):
     """
     The run of a client downloading in order does not stop at a message
@@ -1426,7 +1404,7 @@ def test_aLongMessageOnTheRunIsReadAheadAsItsFirstPiece(anyStore, openingsOf, tr
     openings = openingsOf(store, maildrop)
     trips = tripsTo(store)
     try:
-        got = [_readWhole(resultOf(maildrop.openMessage(n))) for n in range(5)]
+        got = [readWhole(resultOf(maildrop.openMessage(n))) for n in range(5)]
         assert got == messages
         assert openings == [[1, 2, 3, 4, 5]]
         # The long message's two further chunks, in one trip.
@@ -1491,11 +1469,11 @@ def test_aHeaderLongerThanAChunkIsReadAloneForTOP(anyStore, openingsOf):
     maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
     openings = openingsOf(store, maildrop)
     try:
-        assert _readWhole(resultOf(maildrop.openMessage(0))) == messages[0]
+        assert readWhole(resultOf(maildrop.openMessage(0))) == messages[0]
         header = resultOf(maildrop.openMessage(1, headerOnly=True))
-        assert header.headerSize == len(hugeHeader) and _readWhole(header).startswith(hugeHeader)
+        assert header.headerSize == len(hugeHeader) and readWhole(header).startswith(hugeHeader)
         assert openings == [[1, 2, 3], [2]]
-        assert [_readWhole(resultOf(maildrop.openMessage(n))) for n in (1, 2)] == messages[1:]
+        assert [readWhole(resultOf(maildrop.openMessage(n))) for n in (1, 2)] == messages[1:]
         assert len(openings) == 2
     finally:
         resultOf(maildrop.release())
@@ -1565,10 +1543,10 @@ def test_chunksSurviveTheMoveToARowidTable(databaseURL):
         maildrop = openFor(store, ALICE)
         try:
             assert resultOf(maildrop.uniqueIds(0, 2)) == ["old1", "old2"]
-            assert readAll(resultOf(maildrop.openMessage(0))) == first
-            assert readAll(resultOf(maildrop.openMessage(1))) == header + b"".join(big)
+            assert readWhole(resultOf(maildrop.openMessage(0))) == first
+            assert readWhole(resultOf(maildrop.openMessage(1))) == header + b"".join(big)
             assert resultOf(maildrop.openMessage(1, headerOnly=True)).whole == header
-            assert readAll(resultOf(maildrop.openMessage(2))) == b"Subject: new\r\n\r\nnew\r\n"
+            assert readWhole(resultOf(maildrop.openMessage(2))) == b"Subject: new\r\n\r\nnew\r\n"
         finally:
             maildrop.release()
     finally:
@@ -1602,8 +1580,8 @@ def test_postgresStoresMessageChunksUncompressed(postgresURL):
         ) == [(None,), ("pglz",)]
         maildrop = openFor(store, ALICE)
         try:
-            assert readAll(resultOf(maildrop.openMessage(0))) == text
-            assert readAll(resultOf(maildrop.openMessage(1))) == older
+            assert readWhole(resultOf(maildrop.openMessage(0))) == text
+            assert readWhole(resultOf(maildrop.openMessage(1))) == older
         finally:
             maildrop.release()
     finally:

@@ -50,9 +50,10 @@ import ssl
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from mailgate.logs import emitLine
 from mailgate.session.idle import IdleTimer
 from mailgate.session.ids import describeAddress, newSessionId
 from mailgate.session.output import ReplyWriter, setNoDelay
@@ -348,13 +349,13 @@ class CommandSession(Protocol):
         Log C{text} (already formatted: Twisted's formatting of many fields
         costs more than the rest of a small command) as event C{event}.
         """
-        self.log.info("{line}", line=text, event=event, **self.logContext(**fields))
+        emitLine(self.log, LogLevel.info, text, self.logContext(event=event, **fields))
 
     def logWarning(self, event, text, **fields):
-        self.log.warn("{line}", line=text, event=event, **self.logContext(**fields))
+        emitLine(self.log, LogLevel.warn, text, self.logContext(event=event, **fields))
 
     def logError(self, event, text, **fields):
-        self.log.error("{line}", line=text, event=event, **self.logContext(**fields))
+        emitLine(self.log, LogLevel.error, text, self.logContext(event=event, **fields))
 
     def logFailure(self, event, text, failure, **fields):
         self.log.failure("{line}", failure, line=text, event=event, **self.logContext(**fields))
