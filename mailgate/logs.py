@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.test_logs,tests.test_session_core -*-
 """
 Where twistd's log goes and what a line looks like: human text (the
 default) or one JSON object per line (C{--log-format json}).
@@ -102,10 +102,12 @@ def emitLine(logger, level, text, fields):
     """
     Emit an event whose text is already formatted: the event
     C{logger.emit(level, "{line}", line=text, **fields)} would emit, the
-    same keys and values, to the same observer, for a third of the cost
-    (Twisted's C{emit} checks the level against every L{LogLevel} and
-    copies its keyword arguments; a short POP3 session logs two events,
-    and their emitting cost more than their writing).
+    same keys and values, to the same observer, without what C{emit}
+    does besides (it checks the level against a list of every L{LogLevel}
+    made anew, and copies its keyword arguments).  A short POP3 session
+    logs two events, and emitting them cost more than writing them: a
+    session's event, text observer and file included, went from 6.7 to
+    4.0 µs.
 
     @param logger: the L{Logger} whose namespace, source and observer the
         event gets.
