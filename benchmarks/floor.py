@@ -25,6 +25,15 @@ connection each time, greeting, USER, PASS, STAT, QUIT.  The fixed servers
 answer USER, PASS and NOOP with C{+OK} and every other line (STAT, TOP)
 with the fixed reply.
 
+Where each runs (C{--server-cpus}, C{--client-cpus}): by default nothing is
+pinned.  C{--server-cpus 0} puts every server on CPU 0 (mailgate with
+C{--cpu-affinity}, Dovecot's processes and the fixed servers with
+C{sched_setaffinity}), and C{--client-cpus} the measuring client where it
+is said: on the servers' CPU or on another.  When the client is on another
+CPU, every reply wakes it there, and every command wakes the server; in a
+virtual machine those cross-CPU wake-ups are a large part of what one
+client costs a server, whatever the server is.
+
 Nothing here is a target: it says how much of a one-client figure is left
 for a server's own work once the kernel and the framework have had theirs.
 """
@@ -287,8 +296,17 @@ def startFixed(argv):
     return process, int(line)
 
 
+def pinProcess(pid, cpus):
+    """
+    Every thread of process C{pid} on C{cpus} (a set of CPU numbers).
+    """
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def measure(args):
     corpus = corpusModule.Corpus(args.users, args.messages)
+    serverCPUs = run.parseCPUs(args.server_cpus) if args.server_cpus else None
     workdir = tempfile.mkdtemp(prefix="mailgate-floor-")
     # Dovecot's unprivileged processes must reach their files.
     os.chmod(workdir, 0o755)
@@ -298,12 +316,15 @@ def measure(args):
         database = "sqlite:///" + os.path.join(workdir, "mailgate.sqlite3")
         run.log(f"loading {args.users} x {args.messages} messages into mailgate")
         run.loadMailgate(args.bin, database, corpus, os.path.join(workdir, "files"))
-        mailgate = run.MailgateServer(args.bin, database, os.path.join(workdir, "mailgate.log"), lmtp=False, smtp=False)
+        mailgate = run.MailgateServer(args.bin, database, os.path.join(workdir, "mailgate.log"),
+                                      lmtp=False, smtp=False, cpus=args.server_cpus)
         mailgate.start()
         if dovecotModule.available():
             dv = dovecotModule.Dovecot(os.path.join(workdir, "dovecot"), variant="hp", credentials="warm")
             dv.loadCorpus(corpus)
             dv.start()
+            if serverCPUs:
+                dv.pin(serverCPUs)
         else:
             notes.append("Dovecot is not installed: no dovecot-hp row")
         size = meanTopSize(mailgate.ports["POP3"], corpus.users[0], corpus.password, args.messages)
@@ -313,13 +334,20 @@ def measure(args):
         else:
             process, port = startFixed([executable, str(size)])
             processes.append(process)
+            if serverCPUs:
+                pinProcess(process.pid, serverCPUs)
             servers["c-fixed"] = (port, [process.pid])
         process, port = startFixed([sys.executable, os.path.abspath(__file__), "--serve-twisted", str(size)])
         processes.append(process)
+        if serverCPUs:
+            pinProcess(process.pid, serverCPUs)
         servers["twisted-fixed"] = (port, [process.pid])
         if dv is not None:
             servers["dovecot-hp"] = (dv.pop3Port, [dv.pid])
         servers["mailgate"] = (mailgate.ports["POP3"], [mailgate.pid])
+        if args.client_cpus:
+            # Only now: the servers started above would have inherited it.
+            os.sched_setaffinity(0, run.parseCPUs(args.client_cpus))
         measurements = {
             "TOP n 0": lambda port, pids: perCommand(
                 port, pids, corpus.users[0], corpus.password, commandLines("TOP", args.commands, args.messages)),
@@ -347,6 +375,15 @@ def measure(args):
         if dv is not None:
             dv.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def placement(args):
+    """
+    Where the servers and the client ran, in words.
+    """
+    servers = f"servers on CPU {args.server_cpus}" if args.server_cpus else "servers where the kernel put them"
+    client = f"the client on CPU {args.client_cpus}" if args.client_cpus else "the client where the kernel put it"
+    return f"{servers}, {client}"
 
 
 def table(figures, servers, measurements, size):
@@ -385,8 +422,20 @@ def parseArgs(argv):
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--messages", type=int, default=50)
     parser.add_argument("--bin", default=os.path.dirname(sys.executable), help="where twistd and mailgate are")
+    parser.add_argument("--server-cpus", default=None, metavar="CPUS",
+                        help="run every server on these CPUs, e.g. 0 (default: not pinned)")
+    parser.add_argument("--client-cpus", default=None, metavar="CPUS",
+                        help="run the measuring client on these CPUs, e.g. 0 or 1 (default: not pinned)")
     parser.add_argument("--serve-twisted", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option in ("server_cpus", "client_cpus"):
+        value = getattr(args, option)
+        if value is not None:
+            try:
+                setattr(args, option, run.formatCPUs(run.parseCPUs(value)))
+            except ValueError as e:
+                parser.error(f"--{option.replace('_', '-')}: {e}")
+    return args
 
 
 def main(argv=None):
@@ -396,7 +445,8 @@ def main(argv=None):
         return 0
     figures, servers, measurements, size, notes = measure(args)
     print(table(figures, servers, measurements, size))
-    print(f"\ncorpus: {args.users} users x {args.messages} messages of the standard kind (benchmarks/corpus.py)")
+    print(f"\ncorpus: {args.users} users x {args.messages} messages of the standard kind (benchmarks/corpus.py); "
+          f"{placement(args)}")
     for note in notes:
         print(f"\nnote: {note}")
     return 0

@@ -1152,6 +1152,33 @@ def test_theFloorTableGivesMediansAndRatiosToDovecot():
     assert "512 octets" in text
 
 
+def test_theFloorPinsAFixedServerWhereItIsTold():
+    """
+    C{--server-cpus} and C{--client-cpus} are CPU lists, checked like
+    mailgate's C{--cpu-affinity} (a wrong one stops the run with a
+    message), and said in the report; a fixed server pinned with them has
+    every thread on those CPUs.
+    """
+    args = floor.parseArgs(["--server-cpus", "0", "--client-cpus", "0"])
+    assert floor.placement(args) == "servers on CPU 0, the client on CPU 0"
+    assert floor.placement(floor.parseArgs([])) == (
+        "servers where the kernel put them, the client where the kernel put it"
+    )
+    with pytest.raises(SystemExit):
+        floor.parseArgs(["--client-cpus", "one"])
+    process, port = floor.startFixed([sys.executable, floor.__file__, "--serve-twisted", "100"])
+    try:
+        floor.pinProcess(process.pid, {0})
+        for tid in os.listdir(f"/proc/{process.pid}/task"):
+            assert os.sched_getaffinity(int(tid)) == {0}
+        client = floor.Client(port)
+        assert client.command(b"NOOP") == len(b"+OK\r\n")
+        client.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_aMeasurementDisturbedByStealIsTakenAgain(monkeypatch):
     """
     A measurement during which the hypervisor took more than
