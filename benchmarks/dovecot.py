@@ -481,19 +481,9 @@ class Dovecot:
         from the master) every child it starts later.  The comparison's
         fair counterpart of mailgate's C{--cpu-affinity}.
         """
-        from pop3load import processTree
+        from pop3load import pinProcessTrees
 
-        for pid in processTree([self.pid]):
-            try:
-                tasks = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for tid in tasks:
-                try:
-                    os.sched_setaffinity(int(tid), cpus)
-                except OSError:
-                    # It ended meanwhile.
-                    pass
+        pinProcessTrees([self.pid], cpus)
 
     def _waitForLoginProcesses(self, deadline):
         """

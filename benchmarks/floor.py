@@ -296,14 +296,6 @@ def startFixed(argv):
     return process, int(line)
 
 
-def pinProcess(pid, cpus):
-    """
-    Every thread of process C{pid} on C{cpus} (a set of CPU numbers).
-    """
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
-
-
 def measure(args):
     corpus = corpusModule.Corpus(args.users, args.messages)
     serverCPUs = run.parseCPUs(args.server_cpus) if args.server_cpus else None
@@ -335,12 +327,12 @@ def measure(args):
             process, port = startFixed([executable, str(size)])
             processes.append(process)
             if serverCPUs:
-                pinProcess(process.pid, serverCPUs)
+                pop3load.pinProcessTrees([process.pid], serverCPUs)
             servers["c-fixed"] = (port, [process.pid])
         process, port = startFixed([sys.executable, os.path.abspath(__file__), "--serve-twisted", str(size)])
         processes.append(process)
         if serverCPUs:
-            pinProcess(process.pid, serverCPUs)
+            pop3load.pinProcessTrees([process.pid], serverCPUs)
         servers["twisted-fixed"] = (port, [process.pid])
         if dv is not None:
             servers["dovecot-hp"] = (dv.pop3Port, [dv.pid])

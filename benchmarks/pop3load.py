@@ -509,6 +509,24 @@ def processTree(roots):
     return found
 
 
+def pinProcessTrees(roots, cpus):
+    """
+    Every thread of the process trees under C{roots} on C{cpus} (a set of
+    CPU numbers); processes started later by them inherit it.  A thread
+    that ends meanwhile is skipped.
+    """
+    for pid in processTree(roots):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+
 def cpuSeconds(roots):
     """
     CPU seconds (user+system, all threads) used so far by the process trees

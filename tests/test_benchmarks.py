@@ -1168,7 +1168,7 @@ def test_theFloorPinsAFixedServerWhereItIsTold():
         floor.parseArgs(["--client-cpus", "one"])
     process, port = floor.startFixed([sys.executable, floor.__file__, "--serve-twisted", "100"])
     try:
-        floor.pinProcess(process.pid, {0})
+        pop3load.pinProcessTrees([process.pid], {0})
         for tid in os.listdir(f"/proc/{process.pid}/task"):
             assert os.sched_getaffinity(int(tid)) == {0}
         client = floor.Client(port)
