@@ -314,6 +314,35 @@ def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate
     assert pops.quit().startswith(b"+OK")
 
 
+def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certificate):
+    """
+    A client that keeps its TLS session resumes it on its next connection
+    (no certificate signature for the server to make), again and again:
+    each connection's ticket serves the next.  The resumed sessions are
+    POP3 sessions like any other.
+    """
+    certificatePath, _ = certificate
+    context = clientContext(certificatePath)
+    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
+    session = None
+    reused = []
+    for _ in range(4):
+        raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+        sock = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
+        replies = [reader.line() for _ in range(4)]
+        assert all(reply.startswith(b"+OK") for reply in replies), replies
+        assert replies[2] == b"+OK 0 0\r\n"
+        reused.append(sock.session_reused)
+        assert peerCertificate(sock) == der(certificatePath)
+        session = sock.session
+        assert session.has_ticket
+        sock.close()
+    assert reused == [False, True, True, True]
+
+
 # -- 2. curl ---------------------------------------------------------------------
 
 CURL = shutil.which("curl")

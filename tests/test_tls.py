@@ -29,6 +29,9 @@ class Handshake:
     @ivar serverError: the C{ssl.SSLError} the server raised, if any.
     @ivar version: the negotiated protocol (C{"TLSv1.3"}...), if completed.
     @ivar peerCertificate: the server certificate (DER) the client saw.
+    @ivar client: the client's C{ssl.SSLObject}.
+    @ivar serverLastFlight: what the server sent after its side of the
+        handshake completed (in TLS 1.3, its session tickets).
     """
 
     ok = False
@@ -36,6 +39,8 @@ class Handshake:
     serverError = None
     version = None
     peerCertificate = None
+    client = None
+    serverLastFlight = b""
 
 
 def clientContext(cafile, minimum=None, maximum=None, legacy=False):
@@ -68,17 +73,19 @@ class Server:
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
 
 
-def handshake(server, context, hostname=HOST, rounds=20):
+def handshake(server, context, hostname=HOST, rounds=20, session=None):
     """
     Run a TLS handshake between C{server} (a L{Server}, or a server
-    C{ssl.SSLContext} to make one from) and a client from C{context},
-    moving bytes until both are done or one fails.
+    C{ssl.SSLContext} to make one from) and a client from C{context}
+    (resuming C{session} if given), moving bytes until both are done or
+    one fails.
     """
     if isinstance(server, ssl.SSLContext):
         server = Server(server)
     result = Handshake()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = context.wrap_bio(incoming, outgoing, server_hostname=hostname)
+    client = context.wrap_bio(incoming, outgoing, server_hostname=hostname, session=session)
+    result.client = client
     clientDone = serverDone = False
     for _ in range(rounds):
         if not clientDone and result.clientError is None:
@@ -92,15 +99,18 @@ def handshake(server, context, hostname=HOST, rounds=20):
         toServer = outgoing.read()
         if toServer:
             server.incoming.write(toServer)
+        completed = False
         if not serverDone and result.serverError is None:
             try:
                 server.tls.do_handshake()
-                serverDone = True
+                serverDone = completed = True
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError as e:
                 result.serverError = e
         toClient = server.outgoing.read()
+        if completed:
+            result.serverLastFlight = toClient
         if toClient:
             incoming.write(toClient)
         if clientDone and serverDone:
@@ -336,6 +346,62 @@ def test_bestProtocolIsNegotiated(tls, pair):
     result = connect(tls, pair[0], minimum=ssl.TLSVersion.TLSv1, legacy=True)
     assert result.ok, (result.clientError, result.serverError)
     assert result.version == "TLSv1.3"
+
+
+def records(data):
+    """
+    The TLS records in C{data}, as C{(content type, length)}.
+    """
+    found = []
+    while data:
+        kind, length = data[0], int.from_bytes(data[3:5], "big")
+        found.append((kind, length))
+        data = data[5 + length:]
+    return found
+
+
+def test_aTLS13ClientGetsOneSessionTicketAndResumesWithIt(tls, pair):
+    """
+    After a full TLS 1.3 handshake the client is given one session ticket
+    (OpenSSL would send two, for clients that open connections in
+    parallel; a POP3 client holds one session per maildrop).  Its next
+    connection resumes with it, without the certificate's signature, and
+    is given a new ticket for the one after.
+    """
+    context = clientContext(pair[0], minimum=ssl.TLSVersion.TLSv1_3)
+    first = handshake(tls.context, context)
+    assert first.ok and first.version == "TLSv1.3"
+    assert not first.client.session_reused
+    # The tickets follow the handshake, one encrypted record each.
+    assert [kind for kind, _ in records(first.serverLastFlight)] == [23]
+    session = first.client.session
+    for _ in range(3):
+        with pytest.raises(ssl.SSLWantReadError):
+            first.client.read()  # takes in the ticket
+        assert first.client.session.has_ticket
+        session = first.client.session
+        resumed = handshake(tls.context, context, session=session)
+        assert resumed.ok and resumed.client.session_reused
+        assert resumed.peerCertificate == first.peerCertificate
+        assert len(records(resumed.serverLastFlight)) == 1
+        first = resumed
+
+
+def test_aTicketFromBeforeAReloadGetsAFullHandshake(tls, pair):
+    """
+    The ticket key is the context's: after a reload, a client resuming
+    with an older ticket is given a full handshake, and a new ticket.
+    """
+    context = clientContext(pair[0], minimum=ssl.TLSVersion.TLSv1_3)
+    first = handshake(tls.context, context)
+    with pytest.raises(ssl.SSLWantReadError):
+        first.client.read()
+    assert first.client.session.has_ticket
+    tls.reload()
+    again = handshake(tls.context, context, session=first.client.session)
+    assert again.ok and not again.client.session_reused
+    assert again.peerCertificate == first.peerCertificate
+    assert len(records(again.serverLastFlight)) == 1
 
 
 def test_clientVerifiesTheHostName(tls, pair):
