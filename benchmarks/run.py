@@ -51,7 +51,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -1177,22 +1176,65 @@ async def idleSessions(pid, port, users, password, probe, duration, batch=50, tl
 # -- the report ----------------------------------------------------------------------
 
 
+# Run by the interpreter that serves: what the report's header names.
+_SERVER_VERSIONS = """
+import importlib.metadata, json, platform
+def version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+print(json.dumps({"implementation": platform.python_implementation(), "python": platform.python_version(),
+                  "twisted": version("twisted"), "mailgate": version("mailgate")}))
+"""
+
+
+def serverInterpreter(bindir):
+    """
+    The interpreter that runs C{bindir}'s C{twistd} (its C{#!} line), or
+    C{bindir}'s C{python}: the one every mailgate of the run is served by,
+    which need not be the one running the benchmarks (C{--bin}).
+    """
+    try:
+        with open(os.path.join(bindir, "twistd"), "rb") as f:
+            first = f.readline()
+        if first.startswith(b"#!"):
+            words = first[2:].decode().split()
+            # "#!/usr/bin/env python3": the interpreter is env's argument.
+            return words[1] if os.path.basename(words[0]) == "env" else words[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        pass
+    return os.path.join(bindir, "python")
+
+
+def serverVersions(bindir):
+    """
+    The implementation and version of the serving interpreter, and the
+    Twisted and mailgate it has installed; C{None} where it cannot say.
+    """
+    try:
+        done = subprocess.run(
+            [serverInterpreter(bindir), "-c", _SERVER_VERSIONS],
+            capture_output=True, text=True, timeout=60,
+            # Not from here: a source checkout's egg-info would answer
+            # for an interpreter that has no mailgate installed.
+            cwd=bindir,
+        )
+        return json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def machineInfo(bindir):
-    info = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    info = {"nproc": os.cpu_count(), "kernel": platform.release()}
     try:
         with open("/proc/cpuinfo") as f:
             models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         info["cpu"] = models[0] if models else platform.processor()
     except OSError:
         info["cpu"] = platform.processor()
-    try:
-        info["twisted"] = importlib.metadata.version("twisted")
-    except importlib.metadata.PackageNotFoundError:
-        info["twisted"] = None
-    try:
-        info["mailgate"] = importlib.metadata.version("mailgate")
-    except importlib.metadata.PackageNotFoundError:
-        info["mailgate"] = None
+    # The server's interpreter and packages, not this one's.
+    info.update(serverVersions(bindir) or {"implementation": None, "python": None, "twisted": None, "mailgate": None})
     info["dovecot"] = dovecotModule.version() if dovecotModule.available() else None
     try:
         with open("/proc/meminfo") as f:

@@ -382,6 +382,51 @@ def test_theHeaderSaysWhatTheHypervisorTook():
     )
 
 
+def test_theHeaderNamesTheInterpreterThatServes(tmp_path):
+    """
+    The header names the Python that runs the servers (C{--bin}'s
+    C{twistd}) and the Twisted and mailgate it has, not the benchmarks'
+    own: a run with another interpreter's C{--bin} says so.
+    """
+    import platform
+    import subprocess
+
+    import report
+    import run
+
+    args = {"quiet_wait": 10, "quiet_threshold": 0.25, "duration": 4.0, "rounds": 3}
+    own = run.machineInfo(BIN)
+    assert (own["implementation"], own["python"]) == (platform.python_implementation(), platform.python_version())
+    assert own["mailgate"] is not None
+    assert f"{platform.python_implementation()} {platform.python_version()}, Twisted {own['twisted']}," in report.header(own, args, {})
+
+    other = "/usr/bin/python3"
+    if not os.access(other, os.X_OK):
+        pytest.skip("no system Python at /usr/bin/python3 to serve as another interpreter")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "twistd").write_text(f"#!{other}\nprint('twistd')\n")
+    itsVersion = subprocess.run(
+        [other, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    info = run.machineInfo(str(bindir))
+    assert info["python"] == itsVersion
+    # The system Python has no mailgate installed: the benchmarks' own
+    # interpreter, which has, would say otherwise.
+    assert info["mailgate"] is None
+    assert f" {itsVersion}, Twisted {info['twisted']}," in report.header(info, args, {})
+
+    # A script run through env names its interpreter after it.
+    (bindir / "twistd").write_text(f"#!/usr/bin/env {other}\nprint('twistd')\n")
+    assert run.machineInfo(str(bindir))["python"] == itsVersion
+
+    # Nothing to ask: the header says it does not know rather than guess.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unknown = run.machineInfo(str(empty))
+    assert (unknown["python"], unknown["twisted"], unknown["mailgate"]) == (None, None, None)
+
+
 # -- SMTP replies and intake verification -------------------------------------------
 
 
