@@ -37,6 +37,8 @@ mailgate's rule (the reactor is passed in, never a global) both exclude,
 and a thread hand-off buys nothing for a render that takes microseconds.
 """
 
+import io
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -399,13 +401,55 @@ class MetricsResource(_NotFound):
         return _NotFound()
 
 
+class MetricsRequest(server.Request):
+    """
+    A request to the metrics site, which answers C{GET} (and C{HEAD}) only:
+    one that announces a body (C{Content-Length} above 0, or chunked) is
+    answered C{413} as soon as its headers are read, and its connection
+    closed, the body unread.  Twisted would otherwise keep a body of any
+    size (past 100 KB in a temporary file) until it had all arrived, only
+    to answer C{405}: a client on the metrics port could fill the disk.
+    """
+
+    refused = False
+
+    def gotLength(self, length):
+        if length == 0:
+            super().gotLength(length)
+            return
+        self.refused = True
+        self.content = io.BytesIO()
+        # No "100 Continue" after the refusal (Twisted sends it after this
+        # call for a request that expects it).
+        self.requestHeaders.removeHeader(b"expect")
+        reason = b"request bodies are not accepted here: GET /metrics or /healthz\n"
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(reason), reason)
+        )
+        self.channel.loseConnection()
+
+    def handleContentChunk(self, data):
+        if not self.refused:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        # A refused request's body may still end in the bytes already read:
+        # it has had its answer.
+        if not self.refused:
+            super().requestReceived(command, path, version)
+
+
 class MetricsSite(server.Site):
     """
-    A site that writes no access log: a scraper's request every few
-    seconds is not news.
+    A site that writes no access log (a scraper's request every few
+    seconds is not news) and reads no request body (L{MetricsRequest}).
     """
 
     noisy = False
+    requestFactory = MetricsRequest
 
     def log(self, request):
         pass

@@ -7,6 +7,7 @@ resource, and a real twistd scraped over HTTP and checked by promtool.
 
 import poplib
 import shutil
+import socket
 import smtplib
 import subprocess
 import urllib.error
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
@@ -28,7 +31,7 @@ from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import TemporaryFailure
 from mailgate.message import spoolBytes
-from mailgate.metrics import MAX_OPERATIONS, Metrics, MetricsResource
+from mailgate.metrics import MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
 from mailgate.store import openStore
 from mailgate.store.sql import _findUser
 from mailgate.testing import TEST_HASH_COST
@@ -308,6 +311,49 @@ def test_anythingElseIsNotFound(path):
     assert get(root, path).responseCode == 404
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [
+        # A body far larger than anything kept in memory, announced, with
+        # the first 200 KB of it sent at once.
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n"
+        b"Expect: 100-continue\r\n\r\n" + b"x" * 200_000,
+        # Chunked, and whole in the same read.
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        # A GET with a body.
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["huge", "chunked", "get-with-body"],
+)
+def test_aRequestBodyIsRefusedAtItsHeaders(request_):
+    """
+    The metrics site reads no request body: one that announces a body is
+    answered 413 once, with the reason, and the connection closed, whatever
+    of the body came with the headers; a GET without one is answered as
+    ever on the next connection.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+
+    def send(data):
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+        return transport
+
+    refused = send(request_)
+    answer = refused.value()
+    assert answer.startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close" in answer
+    assert answer.endswith(b"\r\n\r\nrequest bodies are not accepted here: GET /metrics or /healthz\n")
+    assert refused.disconnecting
+
+    fine = send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert fine.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert not fine.disconnecting
+
+
 # -- a real twistd, scraped --------------------------------------------------------------
 
 
@@ -392,6 +438,26 @@ def test_scrapeARunningServer(mailgate_server, mailgate_cli):
     assert "alice" not in after and "example.org" not in after
     assert scrape(server, "/healthz") == (200, "ok\n")
     assert scrape(server, "/")[0] == 404
+
+
+
+
+def test_aRunningServerRefusesARequestBody(mailgate_server):
+    """
+    Over a real socket: a POST announcing 10 GB gets its 413 after the
+    headers, without the server waiting for (or storing) the body, and
+    the server goes on answering scrapes.
+    """
+    server = startScraped(mailgate_server)
+    with socket.create_connection(("127.0.0.1", server.portOf("METRICS")), timeout=DEADLINE) as s:
+        s.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n" + b"x" * 65536)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(4096)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert scrape(server, "/healthz") == (200, "ok\n")
 
 
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
