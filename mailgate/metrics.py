@@ -455,10 +455,18 @@ class MetricsSite(server.Site):
         pass
 
 
+#: seconds an HTTP connection to the metrics site may stay idle: a scraper
+#: that keeps its connection between scrapes (every 15 s or so) keeps it,
+#: one that went away does not hold a descriptor for long.
+IDLE_TIMEOUT = 60
+
+
 def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
     """
-    The HTTP factory for C{--metrics}.
+    The HTTP factory for C{--metrics}, its timers on C{reactor}.
     """
-    site = MetricsSite(MetricsResource(metrics, healthCheck, reactor, timeout))
+    site = MetricsSite(
+        MetricsResource(metrics, healthCheck, reactor, timeout), timeout=IDLE_TIMEOUT, reactor=reactor
+    )
     site.displayTracebacks = False
     return site

@@ -31,7 +31,7 @@ from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import TemporaryFailure
 from mailgate.message import spoolBytes
-from mailgate.metrics import MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
+from mailgate.metrics import IDLE_TIMEOUT, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
 from mailgate.store import openStore
 from mailgate.store.sql import _findUser
 from mailgate.testing import TEST_HASH_COST
@@ -352,6 +352,24 @@ def test_aRequestBodyIsRefusedAtItsHeaders(request_):
     fine = send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     assert fine.value().startswith(b"HTTP/1.1 200 OK\r\n")
     assert not fine.disconnecting
+
+
+def test_anIdleConnectionIsClosedOnTheGivenReactor():
+    """
+    A connection that sends nothing is closed after L{IDLE_TIMEOUT}
+    seconds of the reactor given to the site (not the global one's).
+    """
+    clock = Clock()
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
+    site.startFactory()
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+    site.stopFactory()
 
 
 # -- a real twistd, scraped --------------------------------------------------------------
