@@ -51,6 +51,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.web import resource, server
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
@@ -461,6 +462,24 @@ class MetricsSite(server.Site):
 IDLE_TIMEOUT = 60
 
 
+#: HTTP connections the metrics site holds at once; one more is closed as
+#: it arrives.  Scrapers and health checks need a few: the limit keeps a
+#: client on the metrics port from taking the descriptors the mail
+#: listeners need (their own limits do not count this port).
+MAX_CONNECTIONS = 32
+
+
+class _LimitedSite(policies.WrappingFactory):
+    """
+    The metrics site behind L{MAX_CONNECTIONS}.
+    """
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= MAX_CONNECTIONS:
+            return None
+        return super().buildProtocol(addr)
+
+
 def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
     """
     The HTTP factory for C{--metrics}, its timers on C{reactor}.
@@ -469,4 +488,4 @@ def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
         MetricsResource(metrics, healthCheck, reactor, timeout), timeout=IDLE_TIMEOUT, reactor=reactor
     )
     site.displayTracebacks = False
-    return site
+    return _LimitedSite(site)

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -31,7 +32,7 @@ from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import TemporaryFailure
 from mailgate.message import spoolBytes
-from mailgate.metrics import IDLE_TIMEOUT, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
+from mailgate.metrics import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
 from mailgate.store import openStore
 from mailgate.store.sql import _findUser
 from mailgate.testing import TEST_HASH_COST
@@ -369,6 +370,30 @@ def test_anIdleConnectionIsClosedOnTheGivenReactor():
     assert not transport.disconnecting
     clock.advance(2)
     assert transport.disconnecting
+    site.stopFactory()
+
+
+def test_connectionsBeyondTheLimitAreClosedAsTheyArrive():
+    """
+    At L{MAX_CONNECTIONS} open connections the site builds no protocol for
+    the next (Twisted closes it at once); when one closes, a new one is
+    served again.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+    site.startFactory()
+    address = IPv4Address("TCP", "127.0.0.1", 4321)
+    held = []
+    for _ in range(MAX_CONNECTIONS):
+        protocol = site.buildProtocol(address)
+        protocol.makeConnection(StringTransport())
+        held.append(protocol)
+    assert site.buildProtocol(address) is None
+    held.pop().connectionLost(Failure(ConnectionDone()))
+    again = site.buildProtocol(address)
+    transport = StringTransport()
+    again.makeConnection(transport)
+    again.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
     site.stopFactory()
 
 
