@@ -623,6 +623,13 @@ SETTINGS = (
         "(RFC 1939: at least 600).",
     ),
     Setting(
+        "login-timeout", "loginTimeout", Integer(metavar="SECONDS"), _POP3.loginTimeout,
+        "Seconds a POP3 client has from the greeting to complete its login; "
+        "one still not logged in then is told so and disconnected, whatever "
+        "it sent meanwhile (as Dovecot's login processes do after three "
+        "minutes).  0: no limit.",
+    ),
+    Setting(
         "login-delay", "loginDelay", Integer(metavar="SECONDS"), None,
         "Minimum seconds between two logins of the same user, advertised as "
         "LOGIN-DELAY (RFC 2449).",

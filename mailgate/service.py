@@ -432,6 +432,7 @@ def makePOP3Factory(
         hostname=config.hostname,
         apop=config.apop.advertiser(store),
         idleTimeout=config.idleTimeout,
+        loginTimeout=config.loginTimeout,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
         loginDelay=config.loginDelay,

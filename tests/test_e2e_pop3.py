@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -561,6 +562,35 @@ def test_secondServerOnTheSameDatabase(mailgate_server, mailgate_cli):
 
 
 # -- 9. pipelining -------------------------------------------------------
+
+
+@sqliteOnly
+def test_aClientThatDoesNotLogInInTimeIsDisconnected(mailgate_server, mailgate_cli):
+    """
+    --login-timeout: a client that has not logged in a second after the
+    greeting (it sent CAPA meanwhile) gets -ERR and the connection closes,
+    and the log says why; one that logged in in time is not cut off.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server("--login-timeout", "1")
+    with connect(server.port) as sock:
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(b"CAPA\r\n")
+        assert reader.line() == b"+OK capability list follows\r\n"
+        while reader.line() != b".\r\n":
+            pass
+        # Read within the socket's timeout (DEADLINE), which the second
+        # of the login timeout is well inside.
+        assert reader.line() == b"-ERR no login within 1 second; closing the connection\r\n"
+        with pytest.raises(EOFError):
+            reader.line()
+    waitFor(lambda: "pop3 login timeout" in server.stdout, "the login timeout to be logged")
+
+    client = login(server, ALICE, ALICE_PW)
+    time.sleep(1.5)
+    assert client.stat() == (0, 0)
+    client.quit()
 
 
 def test_pipeliningOverARealSocket(mailgate_server, mailgate_cli):

@@ -716,11 +716,13 @@ def test_floodOfPipelinedCommandsPausesReading(session):
 # -- timeouts --------------------------------------------------------------
 
 
-def test_twistedDefect_idleTimeoutIsTenMinutes(session):
+def test_twistedDefect_idleTimeoutIsTenMinutes(store, alice):
+    # RFC 1939's autologout: a logged-in session idle for ten minutes.
+    session = logged_in(store)
     assert POP3Server.idleTimeout >= 600
     assert session.advance(599) == b""
     assert not session.disconnected
-    assert session.command("NOOP") == "-ERR NOOP is not valid in the AUTHORIZATION state\r\n"
+    assert session.command("NOOP") == "+OK\r\n"
     assert session.advance(599) == b""
     out = session.advance(1)
     assert out == b"-ERR autologout: idle for too long\r\n"
@@ -731,6 +733,58 @@ def test_idleTimeoutIsConfigurable(store, alice):
     s = POP3Session(store, idleTimeout=30)
     assert s.advance(29) == b""
     assert s.advance(1).startswith(b"-ERR autologout")
+
+
+def test_aClientThatDoesNotLogInIsDisconnectedAfterThreeMinutes(session):
+    """
+    Three minutes from the greeting, as Dovecot's login processes allow,
+    and commands meanwhile do not buy more time: a client cannot hold a
+    connection it never logs in on by sending CAPA now and then.
+    """
+    assert POP3Server.loginTimeout == 180
+    session.advance(100)
+    assert session.command("CAPA").startswith("+OK")
+    session.command(f"USER {ALICE}")
+    assert session.advance(79) == b""
+    assert not session.disconnected
+    out = session.advance(1)
+    assert out == b"-ERR no login within 180 seconds; closing the connection\r\n"
+    assert session.disconnected
+
+
+def test_aLoginInTimeIsNotCutOff(store, alice):
+    session = POP3Session(store)
+    session.advance(179)
+    assert session.login(ALICE, "wonderland").startswith("+OK ")
+    # Logged in: the idle timer alone applies from here.
+    assert session.advance(300) == b""
+    assert not session.disconnected
+    assert session.command("STAT").startswith("+OK 0 ")
+
+
+def test_aLoginAnswerDueAfterTheDeadlineIsNotSent(store, alice):
+    """
+    A login whose answer comes after the deadline (it waits on the failure
+    delay here) finds the session closed and says nothing more; the user
+    can log in on the next connection.
+    """
+    session = POP3Session(store, loginTimeout=10, authFailureDelay=20)
+    session.command(f"USER {ALICE}")
+    assert session.command("PASS wrong") == ""
+    out = session.advance(10)
+    assert out == b"-ERR no login within 10 seconds; closing the connection\r\n"
+    assert session.disconnected
+    assert session.advance(20) == b""
+    assert logged_in(store).command("STAT").startswith("+OK")
+
+
+def test_theLoginTimeoutIsConfigurableAndZeroTurnsItOff(store, alice):
+    short = POP3Session(store, loginTimeout=5)
+    assert short.advance(5) == b"-ERR no login within 5 seconds; closing the connection\r\n"
+    unlimited = POP3Session(store, loginTimeout=0)
+    assert unlimited.advance(599) == b""
+    assert not unlimited.disconnected
+    assert unlimited.login(ALICE, "wonderland").startswith("+OK ")
 
 
 # -- APOP offered only where it can work -----------------------------------

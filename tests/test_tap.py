@@ -43,6 +43,7 @@ def test_defaults():
     assert options["apop"] is APOPPolicy.AUTO
     assert options["auth-failure-delay"] == 1.0
     assert options["idle-timeout"] == 600
+    assert options["login-timeout"] == 180
     assert options["login-delay"] is None
     config = options.toConfig()
     assert config.database == "sqlite:///mailgate.sqlite3"
@@ -51,6 +52,7 @@ def test_defaults():
     assert config.apop is APOPPolicy.AUTO
     assert config.authFailureDelay == 1.0
     assert config.idleTimeout == 600
+    assert config.loginTimeout == 180
     assert config.loginDelay is None
 
 
@@ -115,6 +117,12 @@ def test_badIdleTimeout(value):
         parse("--idle-timeout", value)
 
 
+@pytest.mark.parametrize("value", ["-1", "abc", "2.5", ""])
+def test_badLoginTimeout(value):
+    with pytest.raises(usage.UsageError):
+        parse("--login-timeout", value)
+
+
 @pytest.mark.parametrize("value", ["-0.5", "soon"])
 def test_badAuthFailureDelay(value):
     with pytest.raises(usage.UsageError):
@@ -128,9 +136,13 @@ def test_badLoginDelay(value):
 
 
 def test_numericOptions():
-    options = parse("--idle-timeout", "900", "--auth-failure-delay", "0.25", "--login-delay", "300")
+    options = parse(
+        "--idle-timeout", "900", "--auth-failure-delay", "0.25", "--login-delay", "300", "--login-timeout", "60"
+    )
     config = options.toConfig()
     assert config.idleTimeout == 900
+    assert config.loginTimeout == 60
+    assert parse("--login-timeout", "0").toConfig().loginTimeout == 0
     assert config.authFailureDelay == 0.25
     assert config.loginDelay == 300
 
@@ -165,6 +177,7 @@ def test_usageDocumentsEveryOption():
         "--no-apop",
         "--auth-failure-delay",
         "--idle-timeout",
+        "--login-timeout",
         "--login-delay",
         "--help",
     ):
@@ -231,6 +244,7 @@ def test_serviceFactoryFollowsTheConfiguration(tmp_path):
             hostname="pop.example.org",
             apop=False,
             idleTimeout=900,
+            loginTimeout=45,
             authFailureDelay=2.5,
             loginDelay=60,
         ),
@@ -242,6 +256,7 @@ def test_serviceFactoryFollowsTheConfiguration(tmp_path):
         assert factory.hostname == "pop.example.org"
         assert factory.apop is False
         assert factory.idleTimeout == 900
+        assert factory.buildProtocol(None).loginTimeout == 45
         assert factory.authFailureDelay == 2.5
         assert "LOGIN-DELAY 60" in factory.extraCapabilities()
     finally:

@@ -270,6 +270,7 @@ class AuthorizationCommands:
         self._enterTransaction()
 
     def _enterTransaction(self):
+        self._cancelLoginTimer()
         maildrop = self._maildrop
         self._deleted = set()
         self._count = len(maildrop.sizes)

@@ -50,6 +50,8 @@ class POP3Factory(SessionFactory):
     @param apop: offer APOP: put a timestamp in the greeting.  C{True} or
         C{False}, or an L{APOPAdvertiser} that decides from the store.
     @param idleTimeout: seconds before an idle session is logged out.
+    @param loginTimeout: seconds a client has from the greeting to a
+        completed login (L{POP3Server.loginTimeout}); C{0}: no limit.
     @param authFailureDelay: seconds before a failed login is answered.
     @param reactor: the reactor (or a clock, in tests) for timers; required,
         as for Twisted's endpoints.
@@ -79,6 +81,7 @@ class POP3Factory(SessionFactory):
         hostname=None,
         apop=True,
         idleTimeout=POP3Server.idleTimeout,
+        loginTimeout=POP3Server.loginTimeout,
         authFailureDelay=POP3Server.authFailureDelay,
         greeting="mailgate POP3 server ready",
         loginDelay=None,
@@ -95,6 +98,7 @@ class POP3Factory(SessionFactory):
         self.hostname = hostname or socket.getfqdn()
         self.apop = apop
         self.idleTimeout = idleTimeout
+        self.loginTimeout = loginTimeout
         self.authFailureDelay = authFailureDelay
         self.greeting = greeting
         self.loginDelay = loginDelay
@@ -107,6 +111,7 @@ class POP3Factory(SessionFactory):
         protocol = self.protocol()
         protocol.factory = self
         protocol.idleTimeout = self.idleTimeout
+        protocol.loginTimeout = self.loginTimeout
         protocol.authFailureDelay = self.authFailureDelay
         return protocol
 

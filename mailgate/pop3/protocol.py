@@ -64,6 +64,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     @cvar maxAuthFailures: failed logins before the session is closed.
     @cvar idleTimeout: seconds of silence before autologout (RFC 1939
         requires at least ten minutes).
+    @cvar loginTimeout: seconds from the greeting to a completed login; a
+        client still in the AUTHORIZATION state then is told so and
+        disconnected, whatever it sent meanwhile, so that connections that
+        never log in cannot be held open by a CAPA now and then (Dovecot's
+        login processes allow three minutes).  C{0} or C{None}: no limit.
     @cvar authFailureDelay: seconds before a failed login is answered; the
         same for an unknown user as for a wrong password.
     @cvar listBatch: lines of LIST produced per write.
@@ -81,6 +86,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     maxBadCommands = 20
     maxAuthFailures = 3
     idleTimeout = 600
+    loginTimeout = 180
     authFailureDelay = 1.0
     listBatch = 1000
     uidlBatch = 5000
@@ -108,6 +114,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._sasl = None
         self._saslFinishing = False
         self._kickRequested = False
+        self._loginTimer = None
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
 
     # -- the session core's hooks ------------------------------------------
@@ -118,6 +125,29 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             self.challenge = self._makeChallenge()
             greeting += " " + self.challenge
         self._ok(greeting)
+        if self.loginTimeout:
+            self._loginTimer = self._clock.callLater(self.loginTimeout, self._loginTimedOut)
+
+    def _loginTimedOut(self):
+        self._loginTimer = None
+        if self._closed or self.state != AUTHORIZATION:
+            return
+        self.logInfo(
+            "pop3.login_timeout",
+            f"pop3 login timeout peer={self.peerText} seconds={self.loginTimeout:g}",
+            seconds=self.loginTimeout,
+        )
+        unit = "second" if self.loginTimeout == 1 else "seconds"
+        self._err(f"no login within {self.loginTimeout:g} {unit}; closing the connection")
+        # A login under way (its answer from the store still to come) finds
+        # the session closed and gives the maildrop back.  A client that
+        # does not read is not waited for.
+        self.close(abort=self._outputPaused)
+
+    def _cancelLoginTimer(self):
+        timer, self._loginTimer = self._loginTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _makeChallenge(self):
         """
@@ -175,6 +205,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._endSession("idle timeout")
 
     def sessionEnded(self):
+        self._cancelLoginTimer()
         return self._endSession("connection lost")
 
     def shutdownNow(self, stalled):
