@@ -586,6 +586,12 @@ SETTINGS = (
         example="/etc/mailgate/key.pem",
     ),
     Setting(
+        "tls-min-version", "tlsMinVersion", Choice(("1.2", "1.3")), "1.2",
+        "The oldest TLS version accepted on STLS, STARTTLS and pop3s: 1.2 "
+        "(as Dovecot's default), or 1.3 where a policy asks for it (clients "
+        "from before about 2018 then cannot connect).",
+    ),
+    Setting(
         "tls-alt-cert", "tlsAltCertificate", Text("PEM"), None,
         "A second certificate (and chain), whose key is of another type than "
         "tls-cert's: typically ECDSA beside RSA.  Clients that accept it (nearly "

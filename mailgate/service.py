@@ -480,7 +480,7 @@ def makeTLS(config):
     if config.tlsCertificate is None:
         return None
     alternative = None if config.tlsAltCertificate is None else (config.tlsAltCertificate, config.tlsAltKey)
-    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative)
+    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative, config.tlsMinVersion)
 
 
 def makeAffinity(config):

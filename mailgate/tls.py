@@ -18,7 +18,8 @@ together, OpenSSL signs with ECDSA for every client that accepts it
 (nearly all of today's) and with RSA for the others, so no client is left
 out for the saving.
 
-The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least, no TLS compression, no renegotiation, the
+The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least
+(or 1.3, by choice), no TLS compression, no renegotiation, the
 server's cipher preference, forward-secret AEAD suites first (TLS 1.3
 suites are OpenSSL's defaults).
 """
@@ -64,7 +65,11 @@ def _read(path):
         raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
 
 
-def makeContext(certificatePath, keyPath, alternative=None):
+#: the C{tls-min-version} words and the versions they stand for.
+MINIMUM_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"):
     """
     A server C{ssl.SSLContext}: the certificate (and the chain after it in
     the same file), the key, and the settings above; and the alternative
@@ -73,6 +78,9 @@ def makeContext(certificatePath, keyPath, alternative=None):
     @param alternative: C{(certificatePath, keyPath)} of a second
         certificate whose key is of another type than the first's (an
         ECDSA key beside an RSA one), or C{None}.
+    @param minimumVersion: the oldest TLS version accepted, C{"1.2"} (the
+        default, as Dovecot's) or C{"1.3"} (for a policy that asks for
+        TLS 1.3 only: clients of before about 2018 cannot connect).
     @return: the context and the leaf certificates, first the main one
         then the alternative one if any (C{cryptography} certificates, for
         logging their names and fingerprints).
@@ -81,7 +89,7 @@ def makeContext(certificatePath, keyPath, alternative=None):
         key: the second would silently replace the first).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_VERSIONS[minimumVersion]
     context.options |= OPTIONS
     # One TLS 1.3 session ticket per full handshake, not OpenSSL's two
     # (meant for clients that open several connections at once): a POP3
@@ -183,6 +191,8 @@ class ServerTLS:
     @ivar keyPath: the private key file.
     @ivar alternative: C{(certificatePath, keyPath)} of the alternative
         certificate, or C{None}.
+    @ivar minimumVersion: the oldest TLS version accepted (C{"1.2"} or
+        C{"1.3"}), kept across reloads.
     @ivar subject: the certificate's common name, for logs.
     @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
     @ivar certificates: for each certificate loaded, the main one first,
@@ -191,10 +201,15 @@ class ServerTLS:
 
     log = Logger()
 
-    def __init__(self, certificatePath, keyPath, alternative=None):
+    def __init__(self, certificatePath, keyPath, alternative=None, minimumVersion="1.2"):
+        if minimumVersion not in MINIMUM_VERSIONS:
+            raise ConfigurationError(
+                f"TLS minimum version must be one of {', '.join(MINIMUM_VERSIONS)}, not {minimumVersion!r}"
+            )
         self.certificatePath = certificatePath
         self.keyPath = keyPath
         self.alternative = tuple(alternative) if alternative is not None else None
+        self.minimumVersion = minimumVersion
         self._context = None
         self.reload()
 
@@ -208,7 +223,7 @@ class ServerTLS:
             not belong together, or the alternative key is of the main
             key's type.
         """
-        context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative)
+        context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative, self.minimumVersion)
         self._context = context
         self.certificates = [
             CertificateSummary(keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf))

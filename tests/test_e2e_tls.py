@@ -343,6 +343,29 @@ def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certifi
     assert reused == [False, True, True, True]
 
 
+def test_tlsMinVersion13RefusesATLS12Client(mailgate_server, mailgate_cli, certificate):
+    """
+    twistd mailgate --tls-min-version 1.3: a client that speaks at most
+    TLS 1.2 gets a protocol-version alert on the POP3S port; a TLS 1.3
+    client logs in.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP, "--tls-min-version", "1.3")
+    old = clientContext(certificatePath)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE) as raw:
+        with pytest.raises(ssl.SSLError, match="(?i)protocol version|unsupported protocol"):
+            old.wrap_socket(raw, server_hostname="127.0.0.1")
+    raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+    with clientContext(certificatePath).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        assert sock.version() == "TLSv1.3"
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nQUIT\r\n".encode())
+        assert [reader.line()[:3] for _ in range(3)] == [b"+OK"] * 3
+
+
 # -- 2. curl ---------------------------------------------------------------------
 
 CURL = shutil.which("curl")

@@ -123,6 +123,14 @@ def test_badLoginTimeout(value):
         parse("--login-timeout", value)
 
 
+def test_tlsMinimumVersion():
+    assert parse().toConfig().tlsMinVersion == "1.2"
+    assert parse("--tls-min-version", "1.3").toConfig().tlsMinVersion == "1.3"
+    for value in ("1.1", "1.0", "tls1.3", ""):
+        with pytest.raises(usage.UsageError):
+            parse("--tls-min-version", value)
+
+
 @pytest.mark.parametrize("value", ["-0.5", "soon"])
 def test_badAuthFailureDelay(value):
     with pytest.raises(usage.UsageError):

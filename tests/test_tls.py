@@ -689,6 +689,37 @@ def test_makeTLSRefusesPOP3SWithoutCertificate():
     assert "implicit-TLS listeners need a certificate and a key" in str(e.value)
 
 
+def test_aMinimumOfTLS13RefusesTLS12ClientsAndSurvivesAReload(pair):
+    """
+    tls-min-version 1.3: a client that speaks at most TLS 1.2 fails its
+    handshake (the server says why), a TLS 1.3 client gets in, and a
+    reload (SIGHUP) keeps the minimum.
+    """
+    config = MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1]), tlsMinVersion="1.3")
+    tls = makeTLS(config)
+    assert tls.minimumVersion == "1.3"
+    for _ in range(2):
+        old = connect(tls, pair[0], maximum=ssl.TLSVersion.TLSv1_2)
+        assert not old.ok
+        assert "UNSUPPORTED_PROTOCOL" in str(old.serverError), old.serverError
+        new = connect(tls, pair[0], minimum=ssl.TLSVersion.TLSv1_3)
+        assert new.ok, (new.clientError, new.serverError)
+        assert new.version == "TLSv1.3"
+        tls.reload()
+
+
+def test_theDefaultMinimumIsTLS12(pair):
+    tls = makeTLS(MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1])))
+    assert tls.minimumVersion == "1.2"
+    result = connect(tls, pair[0], maximum=ssl.TLSVersion.TLSv1_2)
+    assert result.ok and result.version == "TLSv1.2"
+
+
+def test_anUnknownMinimumVersionIsRefused(pair):
+    with pytest.raises(ConfigurationError, match="TLS minimum version must be one of 1.2, 1.3, not '1.1'"):
+        ServerTLS(str(pair[0]), str(pair[1]), minimumVersion="1.1")
+
+
 def test_makeTLSWithoutCertificate():
     assert makeTLS(MailgateConfig()) is None
 
