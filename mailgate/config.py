@@ -45,6 +45,7 @@ from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE
+from mailgate.tls import MINIMUM_VERSIONS
 
 
 # -- kinds of values -------------------------------------------------------
@@ -586,7 +587,7 @@ SETTINGS = (
         example="/etc/mailgate/key.pem",
     ),
     Setting(
-        "tls-min-version", "tlsMinVersion", Choice(("1.2", "1.3")), "1.2",
+        "tls-min-version", "tlsMinVersion", Choice(tuple(MINIMUM_VERSIONS)), "1.2",
         "The oldest TLS version accepted on STLS, STARTTLS and pop3s: 1.2 "
         "(as Dovecot's default), or 1.3 where a policy asks for it (clients "
         "from before about 2018 then cannot connect).",
