@@ -571,6 +571,14 @@ SETTINGS = (
         "Largest message SMTP and LMTP accept, in octets (advertised as SIZE).",
     ),
     Setting(
+        "min-data-rate", "minDataRate", Integer(metavar="OCTETS"), _SMTP.minDataRate,
+        "Octets per second the data of an SMTP or LMTP message must average, "
+        "beyond an allowance of the session's idle timeout (five minutes), as "
+        "Postfix's smtpd_min_data_rate: a client sending slower is told 421 "
+        "and disconnected, so that no connection is held by trickling a "
+        "message in.  0: no limit.",
+    ),
+    Setting(
         "max-recipients", "maxRecipients", Integer(minimum=1), _SMTP.maxRecipients,
         "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
     ),

@@ -460,6 +460,7 @@ def makeSMTPFactory(
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
+        minDataRate=config.minDataRate,
         reactor=reactor,
         tls=tls,
         metrics=metrics,

@@ -236,6 +236,9 @@ def test_fileSetsOptions(tmp_path):
         'pop3 = ["tcp:110", "tcp:1110:interface=127.0.0.1"]\n'
         'smtp = ["tcp:25"]\n'
         "max-recipients = 250\n"
+        "min-data-rate = 2000\n"
+        "login-timeout = 60\n"
+        'tls-min-version = "1.3"\n'
         "auth-failure-delay = 2\n"
         'apop = "never"\n'
         'domain = ["Example.ORG"]\n'
@@ -244,6 +247,7 @@ def test_fileSetsOptions(tmp_path):
         'metrics = "tcp:9101:interface=127.0.0.1"\n',
     )
     config = parse("--config", path).toConfig()
+    assert (config.minDataRate, config.loginTimeout, config.tlsMinVersion) == (2000, 60, "1.3")
     assert config.database == "sqlite:////var/lib/mailgate/mail.sqlite3"
     assert config.pop3 == ["tcp:110", "tcp:1110:interface=127.0.0.1"]
     assert config.smtp == ["tcp:25"]

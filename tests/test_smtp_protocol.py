@@ -746,6 +746,86 @@ def test_configuredIdleTimeout(users):
     assert s.advance(1).startswith(b"421 4.4.2 ")
 
 
+def test_dataTrickledInIsCutOffAtTheMinimumRate(users, dbpath):
+    """
+    A client that keeps its data alive with a few octets every four
+    minutes (which the idle timer alone allows forever) is told 421 once
+    its data has taken longer than the idle timeout plus its octets at 500
+    octets per second; nothing is stored.
+    """
+    assert SMTPServer.minDataRate == 500
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: slow\r\n") == b""
+    sent = len(b"Subject: slow\r\n")
+    elapsed = 0
+    while True:
+        out = s.advance(240)
+        elapsed += 240
+        if out or elapsed > 2000:
+            break
+        s.send(b"x\r\n")
+        sent += 3
+    # Cut at the first check past 300 s + sent/500 s: at 480 s here.
+    assert elapsed == 480
+    assert out == (
+        b"421 4.4.2 mailgate.test message data too slow (%d octets in 480 s; "
+        b"at least 500 octets/s needed), closing connection\r\n" % sent
+    )
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_dataAtAnHonestPaceIsNotCutOff(users, dbpath):
+    """
+    200 KB over eight minutes (about 420 octets per second, below the rate
+    but within the allowance it buys: 300 s + 200,000 / 500 s = 700 s) is
+    delivered.
+    """
+    s = session(users)
+    envelope(s, [ALICE])
+    s.send(b"Subject: steady\r\n\r\n")
+    line = b"y" * 998 + b"\r\n"
+    for _ in range(8):
+        assert s.advance(60) == b""
+        assert s.send(line * 25) == b""
+    reply = s.send(b".\r\n")
+    assert reply.startswith(b"250 2.0.0"), reply
+    assert len(storedMessages(dbpath, ALICE)) == 1
+
+
+def test_theMinimumDataRateIsConfigurableAndZeroTurnsItOff(users, dbpath):
+    s = session(users, minDataRate=0)
+    envelope(s, [ALICE])
+    s.send(b"Subject: patient\r\n\r\n")
+    for _ in range(10):
+        assert s.advance(240) == b""
+        s.send(b"z\r\n")
+    assert s.send(b".\r\n").startswith(b"250 2.0.0")
+    # A high rate leaves the allowance alone: cut just after it, although
+    # the client was not idle.
+    strict = session(users, minDataRate=100_000)
+    envelope(strict, [ALICE])
+    strict.send(b"Subject: small\r\n\r\nbody\r\n")
+    assert strict.advance(200) == b""
+    strict.send(b"more\r\n")
+    assert strict.advance(101).startswith(b"421 4.4.2 mailgate.test message data too slow")
+
+
+def test_theDataRateClockStopsWithTheData(users, dbpath):
+    """
+    Once the data has ended, the time the store takes, and the next
+    transaction's commands, are not counted against it.
+    """
+    s = session(users)
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: quick\r\n\r\nbody\r\n.\r\n").startswith(b"250 2.0.0")
+    assert s.advance(299) == b""
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert s.advance(299) == b""
+    assert not s.disconnected
+
+
 # -- what is stored ------------------------------------------------------------
 
 

@@ -123,6 +123,24 @@ def test_badLoginTimeout(value):
         parse("--login-timeout", value)
 
 
+def test_minDataRateReachesSMTPAndLMTP(tmp_path):
+    assert parse().toConfig().minDataRate == 500
+    for value in ("-1", "fast", "1.5"):
+        with pytest.raises(usage.UsageError):
+            parse("--min-data-rate", value)
+    reactor = MemoryReactor()
+    root = makeService(
+        config(tmp_path, pop3=[], smtp=["tcp:2525"], lmtp=["tcp:2424"], minDataRate=1234), reactor=reactor
+    )
+    root.startService()
+    try:
+        factories = [factory for _, factory, *_ in reactor.tcpServers]
+        assert len(factories) == 2
+        assert [f.buildProtocol(None).minDataRate for f in factories] == [1234, 1234]
+    finally:
+        root.stopService()
+
+
 def test_tlsMinimumVersion():
     assert parse().toConfig().tlsMinVersion == "1.2"
     assert parse("--tls-min-version", "1.3").toConfig().tlsMinVersion == "1.3"

@@ -30,6 +30,7 @@ class DataReader:
     @ivar lineTooLong: a line exceeded C{maxLineLength} octets (CRLF
         included); nothing more is stored.
     @ivar received: octets of content received (after un-stuffing).
+    @ivar wireOctets: octets read from the connection, as sent.
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
     @ivar storageFailed: the spool could not be written (a full disk);
         nothing more is stored, the rest of the data is read and dropped.
@@ -42,6 +43,7 @@ class DataReader:
         self.tooLarge = False
         self.lineTooLong = False
         self.received = 0
+        self.wireOctets = 0
         self.bareLineFeeds = False
         self.storageFailed = False
         self._carry = b""
@@ -60,6 +62,7 @@ class DataReader:
         @return: C{None} while the data section goes on; once its end has
             been read, the octets that followed it (pipelined commands).
         """
+        self.wireOctets += len(data)
         if self._skippingLine:
             newline = data.find(b"\n")
             if newline < 0:

@@ -17,6 +17,9 @@ class SMTPFactory(SessionFactory):
     @param maxMessageSize: octets of content accepted (advertised as SIZE).
     @param maxRecipients: recipients per transaction.
     @param idleTimeout: seconds of silence before a session is closed.
+    @param minDataRate: octets per second a message's data must average
+        beyond an allowance of C{idleTimeout} (L{SMTPServer.minDataRate});
+        C{0}: no limit.
     @param reactor: the reactor (or a clock, in tests) for timers; required,
         as for Twisted's endpoints.
     @param tls: a L{mailgate.tls.ServerTLS} to offer STARTTLS with.
@@ -37,6 +40,7 @@ class SMTPFactory(SessionFactory):
         maxMessageSize=SMTPServer.maxMessageSize,
         maxRecipients=SMTPServer.maxRecipients,
         idleTimeout=SMTPServer.idleTimeout,
+        minDataRate=SMTPServer.minDataRate,
         tls=None,
         policy=None,
         metrics=None,
@@ -48,6 +52,7 @@ class SMTPFactory(SessionFactory):
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients
         self.idleTimeout = idleTimeout
+        self.minDataRate = minDataRate
         self.tls = tls
 
     def buildProtocol(self, addr):
@@ -56,6 +61,7 @@ class SMTPFactory(SessionFactory):
         protocol.maxMessageSize = self.maxMessageSize
         protocol.maxRecipients = self.maxRecipients
         protocol.idleTimeout = self.idleTimeout
+        protocol.minDataRate = self.minDataRate
         return protocol
 
     def extraExtensions(self, protocol):

@@ -53,6 +53,13 @@ class SMTPServer(CommandSession):
         (RFC 5321 section 4.5.3.2.7: at least five minutes).
     @cvar maxBufferedInput: octets of pipelined input held while a command
         waits, before the server stops reading from the connection.
+    @cvar minDataRate: octets per second a message's data must average
+        beyond an allowance of L{idleTimeout} seconds: the data of N octets
+        may take C{idleTimeout + N / minDataRate} seconds.  A client that
+        sends slower is told C{421} and disconnected, so that a connection
+        cannot be held by trickling a message in a byte at a time, which
+        the idle timer alone allows.  Postfix's C{smtpd_min_data_rate}
+        default; C{0}: no limit.
     """
 
     protocolName = "smtp"
@@ -66,6 +73,7 @@ class SMTPServer(CommandSession):
     maxBadCommands = 20
     idleTimeout = 300
     maxBufferedInput = 64 * 1024
+    minDataRate = 500
     refuseLongLineAtOnce = True
 
     def __init__(self):
@@ -74,6 +82,7 @@ class SMTPServer(CommandSession):
         self._esmtp = False
         self._envelope = None
         self._dataEnd = None
+        self._dataTimer = None
 
     @property
     def hostname(self):
@@ -118,9 +127,45 @@ class SMTPServer(CommandSession):
         super().close(abort)
 
     def _discardData(self):
+        self._cancelDataTimer()
         reader, self.rawReceiver = self.rawReceiver, None
         if reader is not None:
             reader.spool.close()
+
+    # -- the data's minimum rate -------------------------------------------
+
+    def _startDataTimer(self, reader):
+        if self.minDataRate:
+            started = self._clock.seconds()
+            self._dataTimer = self._clock.callLater(self.idleTimeout, self._checkDataRate, reader, started)
+
+    def _checkDataRate(self, reader, started):
+        self._dataTimer = None
+        if self._closed or self.rawReceiver is not reader:
+            return
+        elapsed = self._clock.seconds() - started
+        allowed = self.idleTimeout + reader.wireOctets / self.minDataRate
+        if elapsed < allowed:
+            self._dataTimer = self._clock.callLater(allowed - elapsed, self._checkDataRate, reader, started)
+            return
+        self.logInfo(
+            f"{self.protocolName}.data_too_slow",
+            f"{self.protocolName} data too slow peer={self.peerText} "
+            f"octets={reader.wireOctets} seconds={elapsed:.0f}",
+            octets=reader.wireOctets,
+            seconds=round(elapsed),
+        )
+        self._reply(
+            421, "4.4.2",
+            f"{self.hostname} message data too slow ({reader.wireOctets} octets in {elapsed:.0f} s; "
+            f"at least {self.minDataRate} octets/s needed), closing connection",
+        )
+        self.close()
+
+    def _cancelDataTimer(self):
+        timer, self._dataTimer = self._dataTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def beginShutdown(self):
         """
@@ -357,6 +402,7 @@ class SMTPServer(CommandSession):
         spool = MessageSpool()
         spool.writeLines(traceHeaders(envelope, self.hostname))
         self.rawReceiver = DataReader(spool, self.maxMessageSize, self.maxLineLength)
+        self._startDataTimer(self.rawReceiver)
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
         return None
 
@@ -365,6 +411,7 @@ class SMTPServer(CommandSession):
         The end of the data: refuse it, or commit it and answer once the
         store has made it durable.
         """
+        self._cancelDataTimer()
         envelope, self._envelope = self._envelope, None
         metrics = self.factory.metrics
         if reader.tooLarge:
