@@ -18,6 +18,7 @@ Label values used by callers:
   - login C{result}: C{"ok"}, C{"failed"}, C{"banned"}, C{"in_use"},
     C{"tempfail"}
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
+  - timeout C{kind}: C{"idle"}, C{"login"}, C{"data_rate"}
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
   - database C{operation}: the name of the store's interaction (the
@@ -58,6 +59,9 @@ PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
 LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "tempfail")
 DELIVERY_RESULTS = ("accepted", "rejected", "tempfail")
+#: why a session was closed by a timer: silence (every protocol), no login
+#: in time (POP3), message data arriving too slowly (SMTP, LMTP)
+TIMEOUT_KINDS = ("idle", "login", "data_rate")
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
@@ -140,6 +144,9 @@ class Metrics:
             registry=registry,
         )
         self._bans = Gauge("mailgate_bans", "Addresses banned now.", registry=registry)
+        self._timeouts = counter(
+            "mailgate_timeouts_total", "Sessions closed by a timer, by protocol and kind.", ["protocol", "kind"]
+        )
 
         # Every series of a small label set exists from the start, at zero,
         # so that rate() and alerts see it before the first event.
@@ -162,6 +169,9 @@ class Metrics:
         for protocol in ("smtp", "lmtp"):
             for result in DELIVERY_RESULTS:
                 self._deliveries.labels(protocol, result)
+        for protocol, kind in (("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
+                               ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")):
+            self._timeouts.labels(protocol, kind)
         self._cacheHit = self._authCache.labels("hit")
         self._cacheMiss = self._authCache.labels("miss")
         # Operation name to its histogram child, looked up without a lock.
@@ -288,6 +298,14 @@ class Metrics:
         (C{mailgate_maildrop_locks}).
         """
         self._maildropLocks.set(count)
+
+    def timedOut(self, protocol, kind):
+        """
+        A session was closed by one of its timers: C{kind} is one of
+        L{TIMEOUT_KINDS}.  A rise in C{login} or C{data_rate} is clients
+        holding connections without using them.
+        """
+        self._timeouts.labels(_bounded(protocol, PROTOCOLS), _bounded(kind, TIMEOUT_KINDS)).inc()
 
     def bans(self, count):
         """

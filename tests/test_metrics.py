@@ -56,6 +56,7 @@ CONTRACT = {
     "mailgate_auth_cache": ("counter", {"result"}),
     "mailgate_maildrop_locks": ("gauge", set()),
     "mailgate_bans": ("gauge", set()),
+    "mailgate_timeouts": ("counter", {"protocol", "kind"}),
 }
 
 
@@ -147,6 +148,13 @@ def test_callsMoveTheirSeries():
     m.bans(2)
     assert value(m, "mailgate_maildrop_locks") == 7
     assert value(m, "mailgate_bans") == 2
+    assert value(m, "mailgate_timeouts_total", protocol="smtp", kind="data_rate") == 0
+    m.timedOut("smtp", "data_rate")
+    m.timedOut("pop3", "login")
+    m.timedOut("pop3", "no-such-kind")
+    assert value(m, "mailgate_timeouts_total", protocol="smtp", kind="data_rate") == 1
+    assert value(m, "mailgate_timeouts_total", protocol="pop3", kind="login") == 1
+    assert value(m, "mailgate_timeouts_total", protocol="pop3", kind="other") == 1
 
 
 def test_labelValuesAreBounded():

@@ -727,6 +727,8 @@ def test_twistedDefect_idleTimeoutIsTenMinutes(store, alice):
     out = session.advance(1)
     assert out == b"-ERR autologout: idle for too long\r\n"
     assert session.disconnected
+    registry = session.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_timeouts_total", {"protocol": "pop3", "kind": "idle"}) == 1
 
 
 def test_idleTimeoutIsConfigurable(store, alice):
@@ -750,6 +752,9 @@ def test_aClientThatDoesNotLogInIsDisconnectedAfterThreeMinutes(session):
     out = session.advance(1)
     assert out == b"-ERR no login within 180 seconds; closing the connection\r\n"
     assert session.disconnected
+    registry = session.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_timeouts_total", {"protocol": "pop3", "kind": "login"}) == 1
+    assert registry.get_sample_value("mailgate_timeouts_total", {"protocol": "pop3", "kind": "idle"}) == 0
 
 
 def test_aLoginInTimeIsNotCutOff(store, alice):

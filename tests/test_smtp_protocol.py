@@ -774,6 +774,9 @@ def test_dataTrickledInIsCutOffAtTheMinimumRate(users, dbpath):
     )
     assert s.disconnected
     assert nothingStored(dbpath)
+    registry = s.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_timeouts_total", {"protocol": "smtp", "kind": "data_rate"}) == 1
+    assert registry.get_sample_value("mailgate_timeouts_total", {"protocol": "smtp", "kind": "idle"}) == 0
 
 
 def test_dataAtAnHonestPaceIsNotCutOff(users, dbpath):

@@ -132,6 +132,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._loginTimer = None
         if self._closed or self.state != AUTHORIZATION:
             return
+        self.factory.metrics.timedOut("pop3", "login")
         self.logInfo(
             "pop3.login_timeout",
             f"pop3 login timeout peer={self.peerText} seconds={self.loginTimeout:g}",

@@ -371,6 +371,7 @@ class CommandSession(Protocol):
         if self._closed:
             return
         stalled = self._streaming or self._outputPaused
+        self.factory.metrics.timedOut(self.protocolName, "idle")
         self.idleTimedOut(stalled)
         self.close(abort=stalled)
 

@@ -148,6 +148,7 @@ class SMTPServer(CommandSession):
         if elapsed < allowed:
             self._dataTimer = self._clock.callLater(allowed - elapsed, self._checkDataRate, reader, started)
             return
+        self.factory.metrics.timedOut(self.protocolName, "data_rate")
         self.logInfo(
             f"{self.protocolName}.data_too_slow",
             f"{self.protocolName} data too slow peer={self.peerText} "
