@@ -786,6 +786,8 @@ def test_aLoginAnswerDueAfterTheDeadlineIsNotSent(store, alice):
 def test_theLoginTimeoutIsConfigurableAndZeroTurnsItOff(store, alice):
     short = POP3Session(store, loginTimeout=5)
     assert short.advance(5) == b"-ERR no login within 5 seconds; closing the connection\r\n"
+    one = POP3Session(store, loginTimeout=1)
+    assert one.advance(1) == b"-ERR no login within 1 second; closing the connection\r\n"
     unlimited = POP3Session(store, loginTimeout=0)
     assert unlimited.advance(599) == b""
     assert not unlimited.disconnected
