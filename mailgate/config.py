@@ -41,7 +41,7 @@ from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
-from mailgate.pop3.factory import DEFAULT_TRUSTED_NETWORKS
+from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE
@@ -118,6 +118,25 @@ class Text(Kind):
     def check(self, value):
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+
+class Line(Text):
+    """
+    Non-blank text for one protocol line: no control characters (no CR or
+    LF that would end the line early), at most C{maximum} characters.
+    """
+
+    def __init__(self, maximum, metavar="TEXT"):
+        super().__init__(metavar)
+        self.maximum = maximum
+
+    def check(self, value):
+        value = super().check(value)
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain control characters (such as a line break)")
+        if len(value) > self.maximum:
+            raise ValueError(f"must be at most {self.maximum} characters, not {len(value)}")
         return value
 
 
@@ -636,6 +655,12 @@ SETTINGS = (
         "idle-timeout", "idleTimeout", Integer(metavar="SECONDS"), _POP3.idleTimeout,
         "Seconds of inactivity before a POP3 session is logged out "
         "(RFC 1939: at least 600).",
+    ),
+    Setting(
+        "greeting", "greeting", Line(200), DEFAULT_GREETING,
+        "The POP3 greeting's text after +OK (Dovecot's login_greeting), e.g. "
+        "one that does not name the software; the APOP timestamp, when "
+        "offered, follows it.",
     ),
     Setting(
         "login-timeout", "loginTimeout", Integer(metavar="SECONDS"), _POP3.loginTimeout,

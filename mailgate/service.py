@@ -433,6 +433,7 @@ def makePOP3Factory(
         apop=config.apop.advertiser(store),
         idleTimeout=config.idleTimeout,
         loginTimeout=config.loginTimeout,
+        greeting=config.greeting,
         authFailureDelay=config.authFailureDelay,
         reactor=reactor,
         loginDelay=config.loginDelay,

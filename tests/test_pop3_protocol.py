@@ -737,6 +737,20 @@ def test_idleTimeoutIsConfigurable(store, alice):
     assert s.advance(1).startswith(b"-ERR autologout")
 
 
+def test_theGreetingIsTheAdministrators(store, alice):
+    """
+    --greeting replaces the text after +OK; the APOP timestamp still
+    follows it, and APOP works with it.
+    """
+    s = POP3Session(store, greeting="Mail service ready.")
+    assert s.greeting.startswith("+OK Mail service ready. <")
+    assert s.challenge is not None and s.greeting == f"+OK Mail service ready. {s.challenge}\r\n"
+    digest = hashlib.md5(s.challenge.encode() + b"wonderland").hexdigest()
+    assert s.command(f"APOP {ALICE} {digest}").startswith("+OK ")
+    plain = POP3Session(store, greeting="Ready", apop=False)
+    assert plain.greeting == "+OK Ready\r\n"
+
+
 def test_aClientThatDoesNotLogInIsDisconnectedAfterThreeMinutes(session):
     """
     Three minutes from the greeting, as Dovecot's login processes allow,

@@ -141,6 +141,14 @@ def test_minDataRateReachesSMTPAndLMTP(tmp_path):
         root.stopService()
 
 
+def test_greeting():
+    assert parse().toConfig().greeting == "mailgate POP3 server ready"
+    assert parse("--greeting", "POP3 ready.").toConfig().greeting == "POP3 ready."
+    for value in ("", "   ", "two\r\nlines", "tab\there", "x" * 201):
+        with pytest.raises(usage.UsageError):
+            parse("--greeting", value)
+
+
 def test_tlsMinimumVersion():
     assert parse().toConfig().tlsMinVersion == "1.2"
     assert parse("--tls-min-version", "1.3").toConfig().tlsMinVersion == "1.3"
@@ -271,6 +279,7 @@ def test_serviceFactoryFollowsTheConfiguration(tmp_path):
             apop=False,
             idleTimeout=900,
             loginTimeout=45,
+            greeting="Mail service ready.",
             authFailureDelay=2.5,
             loginDelay=60,
         ),
@@ -283,6 +292,7 @@ def test_serviceFactoryFollowsTheConfiguration(tmp_path):
         assert factory.apop is False
         assert factory.idleTimeout == 900
         assert factory.buildProtocol(None).loginTimeout == 45
+        assert factory.greeting == "Mail service ready."
         assert factory.authFailureDelay == 2.5
         assert "LOGIN-DELAY 60" in factory.extraCapabilities()
     finally:

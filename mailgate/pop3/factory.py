@@ -12,6 +12,8 @@ from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
+#: the text of the greeting after C{+OK} (the APOP timestamp follows it)
+DEFAULT_GREETING = "mailgate POP3 server ready"
 
 
 class APOPAdvertiser:
@@ -83,7 +85,7 @@ class POP3Factory(SessionFactory):
         idleTimeout=POP3Server.idleTimeout,
         loginTimeout=POP3Server.loginTimeout,
         authFailureDelay=POP3Server.authFailureDelay,
-        greeting="mailgate POP3 server ready",
+        greeting=DEFAULT_GREETING,
         loginDelay=None,
         tls=None,
         sasl=None,
