@@ -36,6 +36,7 @@ from mailgate.pop3.authorization import (
 )
 from mailgate.pop3.transaction import TransactionCommands
 from mailgate.session import CommandError, CommandSession
+from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
 __all__ = ["AUTHORIZATION", "TRANSACTION", "UPDATE", "PLAINTEXT_REFUSED", "POP3Server"]
@@ -146,9 +147,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self.close(abort=self._outputPaused)
 
     def _cancelLoginTimer(self):
-        timer, self._loginTimer = self._loginTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._loginTimer = cancelled(self._loginTimer)
 
     def _makeChallenge(self):
         """

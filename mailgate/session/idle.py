@@ -3,6 +3,8 @@
 The inactivity timer every session has.
 """
 
+from mailgate.timers import cancelled
+
 
 class IdleTimer:
     """
@@ -34,10 +36,7 @@ class IdleTimer:
             self._call = self._clock.callLater(self.timeout, self._check)
 
     def cancel(self):
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
+        self._call = cancelled(self._call)
 
     def _check(self):
         self._call = None

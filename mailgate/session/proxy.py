@@ -27,6 +27,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
 from mailgate.session.ids import describeAddress
+from mailgate.timers import cancelled
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107
@@ -205,10 +206,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self.transport.abortConnection()
 
     def _cancelTimeout(self):
-        if self._timeout is not None:
-            if self._timeout.active():
-                self._timeout.cancel()
-            self._timeout = None
+        self._timeout = cancelled(self._timeout)
 
     def dataReceived(self, data):
         if self._relaying:

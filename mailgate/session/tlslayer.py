@@ -45,6 +45,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgate.timers import cancelled
 from mailgate.twistedcompat import sendNow
 
 #: The most plaintext one TLS record carries.
@@ -270,10 +271,7 @@ class TLSLayer:
         self.transport.abortConnection()
 
     def _cancelCloseTimer(self):
-        if self._closeTimer is not None:
-            if self._closeTimer.active():
-                self._closeTimer.cancel()
-            self._closeTimer = None
+        self._closeTimer = cancelled(self._closeTimer)
 
     def _shutdown(self):
         self._shutDown = True

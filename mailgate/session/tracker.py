@@ -13,6 +13,8 @@ is gone, so that the store is closed only after the last of them.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailgate.timers import cancelled
+
 
 class SessionTracker:
     """
@@ -111,8 +113,7 @@ class SessionTracker:
 
     def _finished(self):
         for call in self._calls:
-            if call.active():
-                call.cancel()
+            cancelled(call)
         del self._calls[:]
         waiting, self._waiting = self._waiting, []
         for d in waiting:

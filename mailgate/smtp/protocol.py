@@ -32,6 +32,7 @@ from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
 from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
+from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
@@ -164,9 +165,7 @@ class SMTPServer(CommandSession):
         self.close()
 
     def _cancelDataTimer(self):
-        timer, self._dataTimer = self._dataTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._dataTimer = cancelled(self._dataTimer)
 
     def beginShutdown(self):
         """

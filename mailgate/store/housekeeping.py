@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgate.errors import TemporaryFailure
+from mailgate.timers import cancelled
 
 
 class RetentionService(Service):
@@ -76,10 +77,8 @@ class RetentionService(Service):
 
     def stopService(self):
         Service.stopService(self)
-        for call in (self._call, self._refreshCall):
-            if call is not None and call.active():
-                call.cancel()
-        self._call = self._refreshCall = None
+        self._call = cancelled(self._call)
+        self._refreshCall = cancelled(self._refreshCall)
         # Let a pass under way finish its transaction.
         return self.active
 
@@ -175,9 +174,7 @@ class RegistryService(Service):
 
     def stopService(self):
         Service.stopService(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._call = cancelled(self._call)
         d = defer.maybeDeferred(lambda: self.active)
         d.addBoth(lambda _: self._store.sessions.leave())
         d.addErrback(lambda failure: self.log.warn("leaving the session registry: {reason}", reason=failure.value))

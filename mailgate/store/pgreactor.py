@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.errors import TemporaryFailure
+from mailgate.timers import cancelled
 
 #: parameter type OIDs, for L{Statement.types}
 INT4 = 23
@@ -244,9 +245,7 @@ class ReactorConnection(_Connection):
         if self._pg is not None:
             self._lose("closed", log=False)
         self._failQueued(TemporaryFailure(f"{self._name}: connection closed"))
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancelled(self._timer)
         return defer.succeed(None)
 
     # Sending
