@@ -39,6 +39,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.errors import ConfigurationError, InvalidAddress
+from mailgate.memory import TRIM_INTERVAL
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS
@@ -765,6 +766,14 @@ SETTINGS = (
         "Give each mailgate process on a machine its own CPU.  Unset: the "
         "kernel places every thread.",
         example="2",
+    ),
+    Setting(
+        "memory-trim-interval", "memoryTrimInterval", Integer(metavar="SECONDS"), TRIM_INTERVAL,
+        "Seconds between returns of freed memory to the system: when sessions "
+        "have ended since the last one, the C library's free memory (OpenSSL's "
+        "buffers above all) is handed back, so that the RSS falls again after "
+        "a burst of connections instead of staying at its peak.  glibc only; "
+        "0: never.",
     ),
     Setting(
         "log-format", "logFormat", Choice(LOG_FORMATS), "text",

@@ -26,6 +26,7 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
 from mailgate.errors import ConfigurationError
 from mailgate.interfaces import ILifecycleStore
+from mailgate.memory import MemoryTrimmer
 from mailgate.metrics import Metrics, metricsSite
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -552,6 +553,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         # the reactor starts) are started pinned.
         AffinityService(affinity).setServiceParent(root)
     root.setStore(StoreService(store))
+    MemoryTrimmer(reactor, root.sessions, interval=config.memoryTrimInterval).setServiceParent(root)
     policy = root.policy = makePolicy(policyStore, config, reactor, metrics)
     PolicyService(policy, reactor).setServiceParent(root)
     lifecycle = ILifecycleStore.providedBy(store)

