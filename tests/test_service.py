@@ -66,7 +66,7 @@ def test_stopOrder(tmp_path):
     # Timers, the metrics endpoint and the store's background work (the
     # session registry, retention) go next (in reverse order of addition),
     # the store last.
-    assert events[4:] == ["METRICS", "RegistryService", "RetentionService", "PolicyService", "store"]
+    assert events[4:] == ["METRICS", "RegistryService", "RetentionService", "PolicyService", "MemoryTrimmer", "store"]
     assert resultOf(stopped) is None
 
 
