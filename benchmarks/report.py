@@ -556,14 +556,20 @@ def idleText(extra):
     )
 
 
+def _afterTrim(idle):
+    if idle.get("rssAfterTrimMiB") is None:
+        return ""
+    return f", after the next memory trim {idle['rssAfterTrimMiB']} MiB"
+
+
 def _idleText(idle, how):
     if not idle:
         return ""
     return (
         f"{idle['sessions']} idle POP3 sessions{how} (one mailgate process, SQLite): RSS baseline "
         f"{idle['rssBaselineMiB']} MiB, greeted {idle.get('rssGreetedMiB')} MiB, logged in (APOP) "
-        f"{idle.get('rssLoggedInMiB')} MiB ({idle.get('rssPerSessionKiB')} KiB/session), after close "
-        f"{idle.get('rssAfterCloseMiB')} MiB; logged in {idle.get('loggedIn')}, failures "
+        f"{idle.get('rssLoggedInMiB')} MiB ({idle.get('rssPerSessionKiB')} KiB/session), 1 s after close "
+        f"{idle.get('rssAfterCloseMiB')} MiB{_afterTrim(idle)}; logged in {idle.get('loggedIn')}, failures "
         f"{idle.get('failures')}; an active client's stat sessions p50/p99 "
         f"{idle['probeWithoutIdle']['p50ms']}/{idle['probeWithoutIdle']['p99ms']} ms without, "
         f"{idle.get('probeWithIdle', {}).get('p50ms')}/{idle.get('probeWithIdle', {}).get('p99ms')} ms "

@@ -975,6 +975,12 @@ def test_idleSessionsOverTLSAreReportedApart():
     assert "100 idle sessions < 1 GiB RSS and an active session's p99 < 50 ms: 80 MiB, p99 3.0 ms -> met" in lines
     assert "100 idle sessions over TLS < 1 GiB RSS and an active session's p99 < 50 ms: 1100 MiB, p99 4.0 ms -> NOT met" in lines
     assert report.idleText({"idle sessions": idle(80.0, 3.0)}) == plain
+    # 1 s after close and, where measured, after the server's memory trim.
+    assert "1 s after close 65.0 MiB; logged in 100" in plain
+    trimmed = dict(idle(80.0, 3.0), rssAfterTrimMiB=61.5)
+    assert "1 s after close 65.0 MiB, after the next memory trim 61.5 MiB; logged in 100" in report.idleText(
+        {"idle sessions": trimmed}
+    )
 
 
 # -- the profile summary --------------------------------------------------------------------
