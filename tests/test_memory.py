@@ -229,6 +229,37 @@ def test_stoppedItTrimsNoMore():
     assert t.running == [] and t.clock.getDelayedCalls() == []
 
 
+def test_theTrimRunsInTheReactorsThreadPoolNotOnTheReactorThread():
+    """
+    By default the trim (which can take tens of milliseconds after a big
+    burst) is handed to the reactor's thread pool; the timer's tick only
+    queues it.
+    """
+    queued, calls = [], []
+
+    class Pool:
+        def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
+            queued.append((onResult, function))
+
+    class Reactor(Clock):
+        def getThreadPool(self):
+            return Pool()
+
+        def callFromThread(self, function, *args, **kwargs):
+            function(*args, **kwargs)
+
+    reactor, tracker = Reactor(), _Ended()
+    service = MemoryTrimmer(reactor, tracker, interval=1, trim=lambda: calls.append(1), resident=lambda: None)
+    service.startService()
+    tracker.ended += 1
+    reactor.advance(1)
+    assert calls == [] and len(queued) == 1
+    onResult, function = queued[0]
+    # What the pool's thread does: run it, then report back.
+    onResult(True, function())
+    assert calls == [1] and service.trims == 1
+
+
 def test_theTrackerCountsEachEndedSessionOnce():
     tracker = SessionTracker(Clock())
     a, b = object(), object()
