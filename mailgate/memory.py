@@ -23,11 +23,10 @@ done.
 """
 
 import ctypes
-import ctypes.util
 import os
 
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -41,14 +40,12 @@ def glibcTrim(library=None):
     glibc's C{malloc_trim(0)} as a function of no arguments, or C{None}
     where the C library has none.
 
-    @param library: the C library's name (for tests); by default the one
-        this process uses.
+    @param library: a shared library's name (for tests); by default the
+        symbols this process already has, its C library's among them (no
+        search for the library's file, which would run C{ldconfig}).
     """
-    name = library if library is not None else ctypes.util.find_library("c")
-    if not name:
-        return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
+        function = ctypes.CDLL(library).malloc_trim
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_size_t]
@@ -72,7 +69,7 @@ def residentBytes():
         return None
 
 
-class MemoryTrimmer(Service):
+class MemoryTrimmer(TimerService):
     """
     Every C{interval} seconds, if sessions have ended since the previous
     trim, hands the C library's free memory back to the system.
@@ -94,32 +91,36 @@ class MemoryTrimmer(Service):
     def __init__(
         self, reactor, tracker, interval=TRIM_INTERVAL, trim=GLIBC_TRIM, inThread=None, resident=residentBytes
     ):
-        self._reactor = reactor
+        super().__init__(interval, self.check)
+        self.clock = reactor
         self._tracker = tracker
-        self.interval = interval
         self._trim = trim
         self._inThread = inThread or (lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
         self._resident = resident
-        self._loop = None
         self._seen = 0
         self._trimming = False
         self.trims = 0
 
+    @property
+    def interval(self):
+        return self.step
+
+    @property
+    def _off(self):
+        # A step of 0 would be a call at every turn of the loop.
+        return self._trim is None or not self.step
+
     def startService(self):
-        super().startService()
-        if self._trim is None or not self.interval:
-            return
         self._seen = self._tracker.ended
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._reactor
-        self._loop.start(self.interval, now=False)
+        if self._off:
+            Service.startService(self)
+        else:
+            super().startService()
 
     def stopService(self):
-        super().stopService()
-        if self._loop is not None:
-            loop, self._loop = self._loop, None
-            if loop.running:
-                loop.stop()
+        if self._off:
+            return Service.stopService(self)
+        return super().stopService()
 
     def check(self):
         """
@@ -132,7 +133,7 @@ class MemoryTrimmer(Service):
         self._seen = ended
         self._trimming = True
         d = self._inThread(self._trimAndMeasure)
-        d.addCallbacks(self._trimmed, self._failed)
+        d.addCallbacks(self._trimmed, self._trimFailed)
 
     def _trimAndMeasure(self):
         before = self._resident()
@@ -153,6 +154,6 @@ class MemoryTrimmer(Service):
             afterMiB=round(after / 2**20, 1),
         )
 
-    def _failed(self, failure):
+    def _trimFailed(self, failure):
         self._trimming = False
         self.log.failure("giving memory back to the system failed", failure, event="memory.trim_failed")

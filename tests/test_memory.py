@@ -218,6 +218,8 @@ def test_offWhenZeroOrWhereThereIsNothingToCall(interval, trim):
     tracker.ended += 3
     clock.advance(3600)
     assert calls == [] and clock.getDelayedCalls() == []
+    service.stopService()
+    assert not service.running
 
 
 def test_stoppedItTrimsNoMore():
