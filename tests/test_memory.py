@@ -321,15 +321,13 @@ def _openGreeted(port, context, count):
 
 
 @sqliteOnly
-def test_afterABurstOfTLSSessionsTheRSSFallsAgain(mailgate_server, tmp_path):
+def test_afterABurstOfTLSSessionsTheRSSFallsAgain(mailgate_server, pair):
     """
     1,000 POP3S sessions opened (each with OpenSSL's buffers) and closed:
     within a few seconds the server's RSS is back down by more than half
     of what they added, where glibc alone would keep it at its peak.
     """
-    from certs import makeCertificate
-
-    certificate, key = makeCertificate(tmp_path, "mail.example.test")
+    certificate, key = pair
     server = mailgate_server(
         "--tls-cert", str(certificate), "--tls-key", str(key),
         "--pop3s", "tcp:0:interface=127.0.0.1",
