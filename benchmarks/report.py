@@ -724,6 +724,13 @@ def steal(info, args=None):
     return text
 
 
+def executableText(info):
+    """
+    The serving interpreter's binary, where the run knows it.
+    """
+    return f" ({info['executable']})" if info.get("executable") else ""
+
+
 def header(info, args, summary):
     """
     The lines above the tables: machine, software, corpus, load average
@@ -737,7 +744,7 @@ def header(info, args, summary):
     )
     return "\n".join([
         f"mailgate benchmarks, {info.get('started', '')}; {info.get('nproc')} x {info.get('cpu')}, "
-        f"Linux {info.get('kernel')}, {info.get('implementation') or 'Python'} {info.get('python')}, Twisted {info.get('twisted')}, "
+        f"Linux {info.get('kernel')}, {info.get('implementation') or 'Python'} {info.get('python')}{executableText(info)}, Twisted {info.get('twisted')}, "
         f"Dovecot {info.get('dovecot') or '-'}, PostgreSQL {info.get('postgresql', '-')}, git {info.get('git') or '-'}",
         f"load average before the run: {' '.join(load)} (1/5/15 min); {quiet}{steal(info, args)}",
         f"corpus: {summary}; {args['duration']} s per measurement, {args['rounds']} interleaved rounds "

@@ -1190,13 +1190,17 @@ async def idleSessions(pid, port, users, password, probe, duration, batch=50, tl
 
 # Run by the interpreter that serves: what the report's header names.
 _SERVER_VERSIONS = """
-import importlib.metadata, json, platform
+import importlib.metadata, json, os, platform, sys
 def version(name):
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+# The binary behind the venv's link: two builds of one version (a
+# distribution's, optimised, and one built from source without) differ in
+# speed by more than the changes measured here.
 print(json.dumps({"implementation": platform.python_implementation(), "python": platform.python_version(),
+                  "executable": os.path.realpath(sys.executable),
                   "twisted": version("twisted"), "mailgate": version("mailgate")}))
 """
 
@@ -1246,7 +1250,7 @@ def machineInfo(bindir):
     except OSError:
         info["cpu"] = platform.processor()
     # The server's interpreter and packages, not this one's.
-    info.update(serverVersions(bindir) or {"implementation": None, "python": None, "twisted": None, "mailgate": None})
+    info.update(serverVersions(bindir) or {"implementation": None, "python": None, "executable": None, "twisted": None, "mailgate": None})
     info["dovecot"] = dovecotModule.version() if dovecotModule.available() else None
     try:
         with open("/proc/meminfo") as f:

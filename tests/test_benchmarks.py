@@ -397,8 +397,13 @@ def test_theHeaderNamesTheInterpreterThatServes(tmp_path):
     args = {"quiet_wait": 10, "quiet_threshold": 0.25, "duration": 4.0, "rounds": 3}
     own = run.machineInfo(BIN)
     assert (own["implementation"], own["python"]) == (platform.python_implementation(), platform.python_version())
+    # The binary behind the venv's link, which tells one build from another.
+    assert own["executable"] == os.path.realpath(sys.executable)
     assert own["mailgate"] is not None
-    assert f"{platform.python_implementation()} {platform.python_version()}, Twisted {own['twisted']}," in report.header(own, args, {})
+    assert (
+        f"{platform.python_implementation()} {platform.python_version()} ({own['executable']}), Twisted {own['twisted']},"
+        in report.header(own, args, {})
+    )
 
     other = "/usr/bin/python3"
     if not os.access(other, os.X_OK):
@@ -411,10 +416,11 @@ def test_theHeaderNamesTheInterpreterThatServes(tmp_path):
     ).stdout.strip()
     info = run.machineInfo(str(bindir))
     assert info["python"] == itsVersion
+    assert info["executable"] == os.path.realpath(other)
     # The system Python has no mailgate installed: the benchmarks' own
     # interpreter, which has, would say otherwise.
     assert info["mailgate"] is None
-    assert f" {itsVersion}, Twisted {info['twisted']}," in report.header(info, args, {})
+    assert f" {itsVersion} ({info['executable']}), Twisted {info['twisted']}," in report.header(info, args, {})
 
     # A script run through env names its interpreter after it.
     (bindir / "twistd").write_text(f"#!/usr/bin/env {other}\nprint('twistd')\n")
@@ -424,7 +430,8 @@ def test_theHeaderNamesTheInterpreterThatServes(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     unknown = run.machineInfo(str(empty))
-    assert (unknown["python"], unknown["twisted"], unknown["mailgate"]) == (None, None, None)
+    assert (unknown["python"], unknown["executable"], unknown["twisted"], unknown["mailgate"]) == (None, None, None, None)
+    assert "Python None, Twisted None," in report.header(unknown, args, {})
 
 
 # -- SMTP replies and intake verification -------------------------------------------
