@@ -4,9 +4,9 @@
 # The interpreter .venv is made from.  Debian's own python3.11 where it can
 # make a venv (package python3.11-venv): Debian builds it with profile-guided
 # and link-time optimisation and links libpython into its binary, and
-# mailgate's POP3 sessions cost 6-14 % less CPU on it than on a Python 3.11
-# built from source without them, as pyenv builds by default
-# (benchmarks/RESULTS.md).  Elsewhere, python3.  `make PYTHON=...` picks
+# mailgate's POP3 sessions cost 5-13 % less CPU on it (0-10 % over TLS)
+# than on a Python 3.11 built from source without them, as pyenv builds by
+# default (benchmarks/RESULTS.md).  Elsewhere, python3.  `make PYTHON=...` picks
 # another; after changing it, `make clean` so that .venv is made again.
 DEBIAN_PYTHON := /usr/bin/python3.11
 PYTHON ?= $(shell $(DEBIAN_PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo $(DEBIAN_PYTHON) || echo python3)
