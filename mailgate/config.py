@@ -249,10 +249,16 @@ class Size(Kind):
     expected = "a size (octets, or a string such as \"500M\" or \"1G\")"
     tomlTypes = (int, str)
 
+    def __init__(self, minimum=0):
+        self.minimum = minimum
+
     def check(self, value):
         from mailgate.store.lifecycle import parseSize
 
-        return parseSize(str(value))
+        octets = parseSize(str(value))
+        if octets < self.minimum:
+            raise ValueError(f"must be at least {self.minimum} octets, not {value!r}")
+        return octets
 
     def toTOML(self, value):
         from mailgate.store.lifecycle import formatSize
@@ -586,9 +592,11 @@ SETTINGS = (
         repeated=True, defaultText="the domains of existing users", example=["example.org"],
     ),
     Setting(
-        "max-message-size", "maxMessageSize", Integer(minimum=1, metavar="OCTETS"),
+        "max-message-size", "maxMessageSize", Size(minimum=1),
         _SMTP.maxMessageSize,
-        "Largest message SMTP and LMTP accept, in octets (advertised as SIZE).",
+        "Largest message SMTP and LMTP accept: octets, or with a unit as "
+        "default-quota takes it (50M; units of 1024).  Advertised in octets "
+        "as SIZE.",
     ),
     Setting(
         "min-data-rate", "minDataRate", Integer(metavar="OCTETS"), _SMTP.minDataRate,

@@ -289,6 +289,20 @@ def test_commandLineOverridesTheFile(tmp_path, monkeypatch):
     assert parse().toConfig().database == "sqlite:///from-environment.sqlite3"
 
 
+def test_messageSizeTakesAUnit(tmp_path):
+    """
+    C{max-message-size} reads sizes as C{default-quota} does (Dovecot's
+    units of 1024), on the command line and in the file, as octets or as
+    a string.
+    """
+    assert parse("--max-message-size", "10M").toConfig().maxMessageSize == 10 * 1024 * 1024
+    assert parse("--max-message-size", "2048").toConfig().maxMessageSize == 2048
+    assert parse("--config", writeConfig(tmp_path, 'max-message-size = "1G"\n')).toConfig().maxMessageSize == 2**30
+    assert parse("--config", writeConfig(tmp_path, "max-message-size = 4096\n")).toConfig().maxMessageSize == 4096
+    with pytest.raises(usage.UsageError, match="at least 1 octets"):
+        parse("--max-message-size", "0")
+
+
 def test_optionOrderDoesNotMatter(tmp_path):
     path = writeConfig(tmp_path, "max-recipients = 250\n")
     assert parse("--max-recipients", "300", "--config", path).toConfig().maxRecipients == 300
@@ -328,6 +342,8 @@ def test_unknownKey(tmp_path):
         ("max-recipients = true\n", "max-recipients", "expected a whole number"),
         ("max-recipients = 0\n", "max-recipients", "must be at least 1"),
         ("idle-timeout = -5\n", "idle-timeout", "must be at least 0"),
+        ("max-message-size = 0\n", "max-message-size", "must be at least 1 octets"),
+        ('max-message-size = "lots"\n', "max-message-size", "not a size: 'lots'"),
         ('auth-failure-delay = "soon"\n', "auth-failure-delay", "expected a number"),
         ('pop3 = "tcp:110"\n', "pop3", "expected an array"),
         ("pop3 = [110]\n", "pop3", "expected an endpoint"),

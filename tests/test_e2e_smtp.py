@@ -309,7 +309,8 @@ def test_smtpIntoPop3ByteForByte(mailgate_server, mailgate_cli):
 
 # -- 2. EHLO, SIZE, and refusals -----------------------------------------------
 
-LIMIT = 100_000
+# Given as "100K" (units of 1024, as default-quota reads them).
+LIMIT = 100 * 1024
 
 
 def test_ehloSizeLimitAndRefusals(mailgate_server, mailgate_cli):
@@ -321,7 +322,7 @@ def test_ehloSizeLimitAndRefusals(mailgate_server, mailgate_cli):
     """
     mailgate_cli.addUser(ALICE, ALICE_PW)
     mailgate_cli.addUser(BOB, BOB_PW)
-    server = mailgate_server(*SMTP_OPTIONS, "--max-message-size", str(LIMIT))
+    server = mailgate_server(*SMTP_OPTIONS, "--max-message-size", "100K")
 
     client = smtpClient(server)
     code, _ = client.ehlo()
