@@ -191,9 +191,12 @@ def _limit(text, parse, what):
 
 
 def _count(text):
-    if not text.strip().isdigit():
-        raise ValueError(f"not a number: {text!r}")
-    return int(text)
+    # A sign is read, so that -3 is told it must not be negative (by
+    # _limit) rather than that it is not a number.
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
 
 
 def _userQuota(store, args, out, stdin):

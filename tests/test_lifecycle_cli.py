@@ -93,7 +93,14 @@ def test_userExpire(cli, store):
     assert listed(cli)[ALICE][5] == "never"
     assert cli("user", "expire", ALICE, "default").code == 0
     assert listed(cli)[ALICE][5] == "default"
-    assert cli("user", "expire", ALICE, "soon").code == 64
+    soon = cli("user", "expire", ALICE, "soon")
+    assert (soon.code, soon.err) == (64, "mailgate: bad number of days: not a whole number: 'soon'\n")
+    negative = cli("user", "expire", ALICE, "-3")
+    assert (negative.code, negative.err) == (64, "mailgate: bad number of days: must not be negative\n")
+    assert cli("user", "quota", ALICE, "1G", "--messages", "-1").err == (
+        "mailgate: bad message count: must not be negative\n"
+    )
+    assert listed(cli)[ALICE][5] == "default"
     assert cli("user", "expire", "nobody@example.org", "3").code == 67
 
 
