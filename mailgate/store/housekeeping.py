@@ -25,7 +25,25 @@ from mailgate.errors import TemporaryFailure
 from mailgate.timers import cancelled
 
 
-class RetentionService(Service):
+class _Repeating(Service):
+    """
+    A service that runs its C{runOnce} every C{interval} seconds, each pass
+    timed from the end of the one before, so that passes never pile up
+    behind a slow database.  Subclasses set C{_reactor} and C{_call} (the
+    timer, cancelled when they stop).
+    """
+
+    def _schedule(self, delay):
+        if self.running:
+            self._call = self._reactor.callLater(delay, self._tick)
+
+    def _tick(self):
+        self._call = None
+        d = self.runOnce()
+        d.addBoth(lambda _: self._schedule(self.interval))
+
+
+class RetentionService(_Repeating):
     """
     Runs the retention task every L{interval} seconds (the first pass
     after a random part of it, so that nodes started together spread
@@ -82,15 +100,6 @@ class RetentionService(Service):
         # Let a pass under way finish its transaction.
         return self.active
 
-    def _schedule(self, delay):
-        if self.running:
-            self._call = self._reactor.callLater(delay, self._tick)
-
-    def _tick(self):
-        self._call = None
-        d = self.runOnce()
-        d.addBoth(lambda _: self._schedule(self.interval))
-
     def runOnce(self):
         """
         One round of the task; the L{Deferred} fires with C{(expired,
@@ -144,7 +153,7 @@ class RetentionService(Service):
         return expired, purged
 
 
-class RegistryService(Service):
+class RegistryService(_Repeating):
     """
     Keeps this node's part of the POP3 session registry in the database
     (L{mailgate.store.registry}): every L{interval} seconds, writes the
@@ -179,15 +188,6 @@ class RegistryService(Service):
         d.addBoth(lambda _: self._store.sessions.leave())
         d.addErrback(lambda failure: self.log.warn("leaving the session registry: {reason}", reason=failure.value))
         return d
-
-    def _schedule(self, delay):
-        if self.running:
-            self._call = self._reactor.callLater(delay, self._tick)
-
-    def _tick(self):
-        self._call = None
-        d = self.runOnce()
-        d.addBoth(lambda _: self._schedule(self.interval))
 
     def runOnce(self):
         """
