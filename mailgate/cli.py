@@ -135,6 +135,17 @@ def _userAdd(store, args, out, stdin):
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
 
 
+def _forUser(address, d):
+    """
+    The result of C{d}, a store call about the account C{address}: the
+    store's L{NoSuchUser} becomes this command's "no such user" error.
+    """
+    try:
+        return _result(d)
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER) from None
+
+
 def _existingUser(store, address):
     user = _result(store.findUser(address))
     if user is None:
@@ -153,10 +164,7 @@ def _userPasswd(store, args, out, stdin):
 
 def _userDel(store, args, out, stdin):
     address = _address(args.address)
-    try:
-        _result(store.deleteUser(address))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    _forUser(address, store.deleteUser(address))
     out.write(f"deleted {address} and their maildrop\n")
 
 
@@ -205,10 +213,7 @@ def _userQuota(store, args, out, stdin):
     changes = {"octets": octets}
     if args.messages is not None:
         changes["messages"] = _limit(args.messages, _count, "message count")
-    try:
-        _result(store.setQuota(address, **changes))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    _forUser(address, store.setQuota(address, **changes))
     status = _result(store.quotaOf(address))
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"
     if "messages" in changes:
@@ -219,10 +224,7 @@ def _userQuota(store, args, out, stdin):
 def _userExpire(store, args, out, stdin):
     address = _address(args.address)
     days = _limit(args.days, _count, "number of days")
-    try:
-        _result(store.setExpire(address, days))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
               f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
 
@@ -247,10 +249,7 @@ def _userApop(store, args, out, stdin):
 
 def _mailboxList(store, args, out, stdin):
     address = _address(args.address)
-    try:
-        messages = _result(store.listMessages(address))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    messages = _forUser(address, store.listMessages(address))
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
     for message in messages:
         out.write(
@@ -272,10 +271,7 @@ def _mailboxList(store, args, out, stdin):
 
 def _mailboxDeleted(store, args, out, stdin):
     address = _address(args.address)
-    try:
-        messages = _result(store.listDeleted(address))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    messages = _forUser(address, store.listDeleted(address))
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} {'DELETED':<20} FROM\n")
     for message in messages:
         out.write(
@@ -311,12 +307,9 @@ def _parseTime(text, now):
 def _mailboxRestore(store, args, out, stdin):
     address = _address(args.address)
     since = None if args.since is None else _parseTime(args.since, time.time())
-    try:
-        restored, missing = _result(
-            store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
-        )
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    restored, missing = _forUser(
+        address, store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
+    )
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
     out.write(f"{len(restored)} messages restored to {address}\n")
@@ -431,9 +424,7 @@ def _importPOP3(store, args, out, stdin):
 def _userRename(store, args, out, stdin):
     old, new = _address(args.old), _address(args.new)
     try:
-        _result(store.renameUser(old, new))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {old}", EX_NOUSER)
+        _forUser(old, store.renameUser(old, new))
     except UserExists:
         raise CommandError(f"user {new} already exists", EX_CANTCREAT)
     except MaildropInUse:
@@ -447,9 +438,7 @@ def _userRename(store, args, out, stdin):
 def _mailboxExpunge(store, args, out, stdin):
     address = _address(args.address)
     try:
-        removed = _result(store.expungeMessages(address, None if args.all else args.older_than))
-    except NoSuchUser:
-        raise CommandError(f"no such user: {address}", EX_NOUSER)
+        removed = _forUser(address, store.expungeMessages(address, None if args.all else args.older_than))
     except MaildropInUse:
         raise CommandError(f"{address} is in a POP3 session; try again once it ended", EX_TEMPFAIL)
     what = "every message" if args.all else f"messages older than {args.older_than} days"
