@@ -26,12 +26,14 @@ class IAPOPCredentials(IUsernameHashedPassword):
     """
 
 
-@implementer(IAPOPCredentials)
-class APOPCredentials:
+class _SecretDigest:
     """
+    A user name and the client's digest of a challenge made with the
+    shared secret: checked by making the same digest, compared in constant
+    time.
+
     @ivar username: the name given, as L{bytes}.
-    @ivar challenge: the timestamp of this connection's greeting, brackets
-        included, as L{bytes}.
+    @ivar challenge: the challenge the client answered, as L{bytes}.
     @ivar digest: the client's 32 hex digits, as L{bytes}.
     """
 
@@ -43,8 +45,26 @@ class APOPCredentials:
     def checkPassword(self, secret):
         if isinstance(secret, str):
             secret = secret.encode("utf-8")
-        expected = hashlib.md5(self.challenge + secret).hexdigest().encode("ascii")
+        expected = self.digestOf(secret).encode("ascii")
         return hmac.compare_digest(expected, self.digest)
+
+    def digestOf(self, secret):
+        """
+        The digest, in lower-case hex, that C{secret} gives for the
+        challenge.
+        """
+        raise NotImplementedError()
+
+
+@implementer(IAPOPCredentials)
+class APOPCredentials(_SecretDigest):
+    """
+    The challenge is the timestamp of this connection's greeting, brackets
+    included.
+    """
+
+    def digestOf(self, secret):
+        return hashlib.md5(self.challenge + secret).hexdigest()
 
 
 class ICramMD5Credentials(IUsernameHashedPassword):
@@ -55,20 +75,10 @@ class ICramMD5Credentials(IUsernameHashedPassword):
 
 
 @implementer(ICramMD5Credentials)
-class CramMD5Credentials:
+class CramMD5Credentials(_SecretDigest):
     """
-    @ivar username: the name given, as L{bytes}.
-    @ivar challenge: the challenge the server sent, as L{bytes}.
-    @ivar digest: the client's 32 hex digits, as L{bytes}.
+    The challenge is the one the server sent.
     """
 
-    def __init__(self, challenge, username, digest):
-        self.challenge = challenge
-        self.username = username
-        self.digest = digest.lower()
-
-    def checkPassword(self, secret):
-        if isinstance(secret, str):
-            secret = secret.encode("utf-8")
-        expected = hmac.new(secret, self.challenge, hashlib.md5).hexdigest().encode("ascii")
-        return hmac.compare_digest(expected, self.digest)
+    def digestOf(self, secret):
+        return hmac.new(secret, self.challenge, hashlib.md5).hexdigest()
