@@ -193,12 +193,7 @@ class MessageSpool:
             for start in range(0, len(data), chunkSize):
                 yield data[start : start + chunkSize]
             return
-        self._file.seek(0)
-        while True:
-            chunk = self._file.read(chunkSize)
-            if not chunk:
-                return
-            yield chunk
+        yield from fileChunks(self._file, chunkSize)
 
     def getvalue(self):
         """
@@ -213,6 +208,19 @@ class MessageSpool:
         self._pieces = []
         if self._file is not None:
             self._file.close()
+
+
+def fileChunks(file, chunkSize):
+    """
+    The whole content of the binary C{file}, from its start, in pieces of
+    at most C{chunkSize} octets.
+    """
+    file.seek(0)
+    while True:
+        chunk = file.read(chunkSize)
+        if not chunk:
+            return
+        yield chunk
 
 
 def spoolBytes(data):

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from mailgate.errors import MailgateError
 from mailgate.importers import BatchWriter, ImportFailed, ImportReport, validUidl
 from mailgate.interfaces import IMessageSource
-from mailgate.message import DotLineFinder
+from mailgate.message import DotLineFinder, fileChunks
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 TIMEOUT = 60
@@ -119,12 +119,7 @@ class SpoolSource:
         return self
 
     def chunks(self, chunkSize):
-        self._file.seek(0)
-        while True:
-            chunk = self._file.read(chunkSize)
-            if not chunk:
-                return
-            yield chunk
+        return fileChunks(self._file, chunkSize)
 
     def close(self):
         self._file.close()
