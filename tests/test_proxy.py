@@ -109,6 +109,21 @@ def test_parseRefusesWhatIsNotAHeader(data):
         parseProxyHeader(data)
 
 
+@pytest.mark.parametrize(
+    "source, destination, name",
+    [("198.51.100.7", "192.0.2.1", "IPv4"), ("2001:db8::9", "2001:db8::1", "IPv6")],
+)
+def test_parseV2RefusesAddressesCutShort(source, destination, name):
+    """
+    A v2 header whose length leaves out part of its addresses and ports is
+    refused with the family named, not read past its end.
+    """
+    header = v2(source, destination)
+    short = header[:14] + struct.pack("!H", len(header) - 17) + header[16:-1]
+    with pytest.raises(InvalidProxyHeader, match=f"short PROXY v2 {name} addresses"):
+        parseProxyHeader(short + b"CAPA\r\n")
+
+
 # -- the wrapper, in memory --------------------------------------------------------
 
 

@@ -103,6 +103,14 @@ def _port(text):
     return port
 
 
+#: PROXY v2 address families of IP: octets per address, name, the Twisted
+#: address type and the parser of the packed address
+_INET_FAMILIES = {
+    1: (4, "IPv4", IPv4Address, ipaddress.IPv4Address),
+    2: (16, "IPv6", IPv6Address, ipaddress.IPv6Address),
+}
+
+
 def _parseV2(data, maxLength):
     if len(data) < 16:
         return None
@@ -128,24 +136,16 @@ def _parseV2(data, maxLength):
             return None, None, total
         raise InvalidProxyHeader("unsupported PROXY v2 transport")
     addressFamily = family >> 4
-    if addressFamily == 1:
-        if len(body) < 12:
-            raise InvalidProxyHeader("short PROXY v2 IPv4 addresses")
-        source, destination = body[0:4], body[4:8]
-        sourcePort, destinationPort = struct.unpack("!HH", body[8:12])
+    inet = _INET_FAMILIES.get(addressFamily)
+    if inet is not None:
+        width, name, addressType, parse = inet
+        if len(body) < 2 * width + 4:
+            raise InvalidProxyHeader(f"short PROXY v2 {name} addresses")
+        source, destination = body[0:width], body[width : 2 * width]
+        sourcePort, destinationPort = struct.unpack("!HH", body[2 * width : 2 * width + 4])
         return (
-            IPv4Address("TCP", str(ipaddress.IPv4Address(source)), sourcePort),
-            IPv4Address("TCP", str(ipaddress.IPv4Address(destination)), destinationPort),
-            total,
-        )
-    if addressFamily == 2:
-        if len(body) < 36:
-            raise InvalidProxyHeader("short PROXY v2 IPv6 addresses")
-        source, destination = body[0:16], body[16:32]
-        sourcePort, destinationPort = struct.unpack("!HH", body[32:36])
-        return (
-            IPv6Address("TCP", str(ipaddress.IPv6Address(source)), sourcePort),
-            IPv6Address("TCP", str(ipaddress.IPv6Address(destination)), destinationPort),
+            addressType("TCP", str(parse(source)), sourcePort),
+            addressType("TCP", str(parse(destination)), destinationPort),
             total,
         )
     if addressFamily == 3:
