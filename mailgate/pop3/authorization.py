@@ -228,15 +228,19 @@ class AuthorizationCommands:
     def _loginMetric(self, mechanism, result):
         self.factory.metrics.login(self.protocolName, mechanism, result)
 
+    def _authFailed(self, login, mechanism, reason, text):
+        """
+        Count and log a refused login: the one C{auth.failed} event, whose
+        C{reason} (C{failed} or C{banned}) is also the metric's result.
+        """
+        self._loginMetric(mechanism, reason)
+        self.logInfo("auth.failed", text, user=login[:64], mechanism=mechanism, reason=reason)
+
     def _refuseBanned(self, login, mechanism):
         self._sasl = None
-        self._loginMetric(mechanism, "banned")
-        self.logInfo(
-            "auth.failed",
+        self._authFailed(
+            login, mechanism, "banned",
             f"pop3 login refused user={login[:64]!r} peer={self.peerText}: the address is banned",
-            user=login[:64],
-            mechanism=mechanism,
-            reason="banned",
         )
         self._err("[SYS/TEMP] banned")
         self._endSession("banned")
@@ -288,13 +292,9 @@ class AuthorizationCommands:
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
             policy.authenticationFailed(self.peer, login)
-            self._loginMetric(mechanism, "failed")
-            self.logInfo(
-                "auth.failed",
+            self._authFailed(
+                login, mechanism, "failed",
                 f"pop3 authentication failed user={login[:64]!r} peer={self.peerText}",
-                user=login[:64],
-                mechanism=mechanism,
-                reason="failed",
             )
             return task.deferLater(self._clock, self.authFailureDelay, self._refuseLogin)
         if failure.check(MaildropInUse):
