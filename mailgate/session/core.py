@@ -441,7 +441,8 @@ class CommandSession(Protocol):
                     start = self._pos
                     newline = buffer.find(b"\n", start)
                     if newline < 0:
-                        if len(buffer) - start >= self.lineLimit():
+                        pending = len(buffer) - start
+                        if pending >= self.maxCommandLength and pending >= self.lineLimit():
                             # Too long whatever follows: drop it as it comes.
                             self._buffer = b""
                             self._pos = 0
