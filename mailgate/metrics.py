@@ -190,8 +190,8 @@ class Metrics:
             self._maildropLocks, self._bans, self._timeouts,
         ]))
 
-        # The store's worker threads report to these: prometheus-client's
-        # own types, which take a lock.
+        # The histograms, and the store's worker threads' counter:
+        # prometheus-client's own types, which take a lock.
         self._deliverySeconds = Histogram(
             "mailgate_delivery_seconds", "From the end of DATA to the commit of the message.",
             buckets=DELIVERY_BUCKETS, registry=registry,
