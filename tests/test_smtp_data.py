@@ -295,6 +295,28 @@ def test_lineOf999OctetsPlusCRLFIsTooLong():
         assert result["leftover"] == b""
 
 
+def test_stuffedLineOf998OctetsIsAccepted():
+    """
+    The dot a client doubles for transparency does not count towards the
+    1000 octets (RFC 5321 section 4.5.3.1.6): a stuffed line of 998
+    octets is 1001 on the wire and accepted, whole or in pieces.
+    """
+    line = b"." + b"a" * 997
+    wire = b"Subject: t\r\n\r\n." + line + b"\r\nnext\r\n.\r\n"
+    for pieces in ([wire], [wire[:20], wire[20:]], [bytes([b]) for b in wire]):
+        result = run(pieces)
+        assert not result["lineTooLong"]
+        assert result["stored"] == b"Subject: t\r\n\r\n" + line + b"\r\nnext\r\n"
+
+
+def test_stuffedLineOf999OctetsIsTooLong():
+    wire = b"." + b"." + b"a" * 998 + b"\r\n.\r\n"
+    for pieces in ([wire], [bytes([b]) for b in wire]):
+        result = run(pieces)
+        assert result["lineTooLong"]
+        assert result["leftover"] == b""
+
+
 def test_longLineInTheMiddleOfABlock():
     r = reader()
     assert r.feed(b"a\r\n" + b"x" * 1500 + b"\r\nb\r\n.\r\nNOOP\r\n") == b"NOOP\r\n"

@@ -92,7 +92,9 @@ class DataReader:
                 return complete[end + 3:] + partial
             self._store(complete)
             self._previousEndedCRLF = complete.endswith(b"\r\n")
-        if len(partial) >= self.maxLineLength:
+        # A leading dot is transparency's, not the line's (RFC 5321 section
+        # 4.5.3.1.6): such a line may be one octet longer on the wire.
+        if len(partial) >= self.maxLineLength + (partial[:1] == b"."):
             # A line this long is refused whatever follows: drop it as it
             # arrives instead of buffering it.
             self._refuseLongLine()
@@ -114,13 +116,15 @@ class DataReader:
         """
         if not block or self.failed:
             return
+        if block[0] == 0x2E or b"\n." in block:
+            block = _STUFFED_DOT.sub(b"", block)
+        # Measured without the dots taken away: they do not count towards
+        # the limit (RFC 5321 section 4.5.3.1.6).
         if len(block) >= self.maxLineLength:
             longest = max(map(len, block.split(b"\n")))
             if longest + 1 > self.maxLineLength:
                 self._refuseLongLine()
                 return
-        if block[0] == 0x2E or b"\n." in block:
-            block = _STUFFED_DOT.sub(b"", block)
         if block.count(b"\n") != block.count(b"\r\n"):
             self.bareLineFeeds = True
             block = _BARE_LF.sub(b"\r\n", block)
