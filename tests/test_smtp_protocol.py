@@ -242,6 +242,19 @@ def test_nestedMail(users):
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
 
 
+def test_lmtpDataWithoutAcceptedRecipientIs503(users, dbpath):
+    """
+    RFC 2033 section 4.2: in LMTP, DATA after no successful RCPT MUST fail
+    with 503 (SMTP answers 554); the transaction goes on.
+    """
+    s = lmtp(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("RCPT TO:<nobody@example.org>").startswith("550 ")
+    assert s.command("DATA") == "503 5.5.1 no valid recipients\r\n"
+    assert nothingStored(dbpath)
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 ")
+
+
 def test_rcptBeforeMail(users):
     s = session(users)
     assert s.command(f"RCPT TO:<{ALICE}>") == "503 5.5.1 need MAIL command first\r\n"
@@ -276,7 +289,8 @@ def test_mailParameters(users):
         ("BODY=BINARYMIME", "501 5.5.4 BODY must be 7BIT or 8BITMIME"),
         ("SMTPUTF8=yes", "501 5.5.4 SMTPUTF8 takes no value"),
         ("AUTH=<>", "555 5.5.4 unsupported MAIL parameter AUTH"),
-        ("SIZE=1 SIZE=2", "501 5.1.7 bad sender address syntax: duplicate parameter SIZE"),
+        ("SIZE=1 SIZE=2", "501 5.5.4 bad MAIL parameters: duplicate parameter SIZE"),
+        ("SIZE=", "501 5.5.4 bad MAIL parameters: malformed parameter 'SIZE='"),
     ]:
         assert s.command(f"MAIL FROM:<{SENDER}> {argument}").startswith(reply), argument
         s.command("RSET")
@@ -286,6 +300,7 @@ def test_rcptParametersAreRefused(users):
     s = session(users)
     s.command(f"MAIL FROM:<{SENDER}>")
     assert s.command(f"RCPT TO:<{ALICE}> NOTIFY=NEVER") == "555 5.5.4 unsupported RCPT parameter NOTIFY\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}> X=") == "501 5.5.4 bad RCPT parameters: malformed parameter 'X='\r\n"
 
 
 def test_malformedAddresses(users):
@@ -310,6 +325,22 @@ def test_nonASCIISenderNeedsSMTPUTF8(users):
     s = session(users)
     assert s.command("MAIL FROM:<jörg@remote.test>").startswith("501 5.1.7 ")
     assert s.command("MAIL FROM:<jörg@remote.test> SMTPUTF8") == "250 2.1.0 sender <jörg@remote.test> OK\r\n"
+
+
+def test_smtputf8AddressWithLineSeparatorsIsRefused(users, dbpath):
+    """
+    Unicode line ends in an address (NEL, U+2028) would reach the
+    Return-Path field, where a reader splitting on them sees fields the
+    sender made up: refused, and the transaction can go on.
+    """
+    s = session(users)
+    for sender in ('"a\u2028X-Evil: 1"@remote.test', "a\x85b@remote.test", "j\u00f6rg\u2029@remote.test"):
+        reply = s.command(f"MAIL FROM:<{sender}> SMTPUTF8")
+        assert reply.startswith("501 5.1.7 bad sender address syntax: control or line-separator"), reply
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    reply = s.command("RCPT TO:<b\u2028@example.org>")
+    assert reply.startswith("501 5.1.3 bad recipient address syntax: control or line-separator"), reply
+    assert nothingStored(dbpath)
 
 
 def test_smtputf8TransactionAllowsUTF8Recipients(users):

@@ -31,7 +31,7 @@ from mailgate.session import CommandSession
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
-from mailgate.smtp.syntax import EnvelopeSyntaxError, parseCommandPath
+from mailgate.smtp.syntax import EnvelopeSyntaxError, ParameterSyntaxError, parseCommandPath
 from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
@@ -67,6 +67,8 @@ class SMTPServer(CommandSession):
     commandPrefix = "smtp_"
     lmtp = False
     helloVerb = "EHLO"
+    # DATA after no accepted recipient: RFC 5321 section 3.3's 554.
+    noRecipientsCode = 554
     maxCommandLength = 512
     maxLineLength = 1000
     maxRecipients = 100
@@ -309,6 +311,8 @@ class SMTPServer(CommandSession):
             return self._bad(503, "5.5.1", "nested MAIL command")
         try:
             sender, parameters = parseCommandPath(argument, "FROM", allowEmpty=True)
+        except ParameterSyntaxError as e:
+            return self._bad(501, "5.5.4", f"bad MAIL parameters: {e}")
         except EnvelopeSyntaxError as e:
             return self._bad(501, "5.1.7", f"bad sender address syntax: {e}")
         if parameters and not self._esmtp:
@@ -346,6 +350,8 @@ class SMTPServer(CommandSession):
             return self._bad(503, "5.5.1", "need MAIL command first")
         try:
             mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False, utf8=envelope.utf8)
+        except ParameterSyntaxError as e:
+            return self._bad(501, "5.5.4", f"bad RCPT parameters: {e}")
         except EnvelopeSyntaxError as e:
             return self._bad(501, "5.1.3", f"bad recipient address syntax: {e}")
         if parameters:
@@ -398,7 +404,7 @@ class SMTPServer(CommandSession):
         if envelope is None:
             return self._bad(503, "5.5.1", "need MAIL command first")
         if not envelope.recipients:
-            return self._bad(554, "5.5.1", "no valid recipients")
+            return self._bad(self.noRecipientsCode, "5.5.1", "no valid recipients")
         spool = MessageSpool()
         spool.writeLines(traceHeaders(envelope, self.hostname))
         self.rawReceiver = DataReader(spool, self.maxMessageSize, self.maxLineLength)
@@ -530,6 +536,8 @@ class LMTPServer(SMTPServer):
     protocolName = "lmtp"
     lmtp = True
     helloVerb = "LHLO"
+    # RFC 2033 section 4.2: DATA without a successful RCPT MUST fail 503.
+    noRecipientsCode = 503
 
     def smtp_LHLO(self, argument):
         return self._hello(argument, True)

@@ -9,6 +9,7 @@ the colon, upper- or lower-case keywords).
 """
 
 import re
+import unicodedata
 
 from mailgate.address import normalizeDomain
 from mailgate.errors import InvalidAddress
@@ -20,12 +21,25 @@ class EnvelopeSyntaxError(ValueError):
     """
 
 
+class ParameterSyntaxError(EnvelopeSyntaxError):
+    """
+    The address parsed, but an ESMTP parameter after it did not: a
+    syntax error in the parameters (RFC 3463's X.5.4), not in the address.
+    """
+
+
 _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
 _DOT_STRING = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
 _ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(,@[^:,]+)*:")
+
+# Unicode's control characters and line and paragraph separators: RFC
+# 6531 admits any non-ASCII character in an address, but these would travel
+# into the Return-Path and Received fields, where a reader that splits on
+# Unicode line ends (NEL, U+2028) would see fields the sender made up.
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Zl", "Zp"))
 
 MAX_PATH = 256
 MAX_LOCAL_PART = 64
@@ -59,8 +73,11 @@ def checkMailbox(mailbox, utf8=False):
     @param utf8: allow UTF-8 (the client said SMTPUTF8).
     @raise EnvelopeSyntaxError: if malformed.
     """
-    if not utf8 and not mailbox.isascii():
-        raise EnvelopeSyntaxError("non-ASCII address without SMTPUTF8")
+    if not mailbox.isascii():
+        if not utf8:
+            raise EnvelopeSyntaxError("non-ASCII address without SMTPUTF8")
+        if any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in mailbox):
+            raise EnvelopeSyntaxError("control or line-separator character in the address")
     local, at, domain = mailbox.rpartition("@")
     if not at or not local or not domain:
         raise EnvelopeSyntaxError("the address must be local-part@domain")
@@ -89,10 +106,10 @@ def parseParameters(text):
     for item in text.split():
         keyword, eq, value = item.partition("=")
         if not _PARAM_KEYWORD.match(keyword) or (eq and not _PARAM_VALUE.match(value)):
-            raise EnvelopeSyntaxError(f"malformed parameter {item[:40]!r}")
+            raise ParameterSyntaxError(f"malformed parameter {item[:40]!r}")
         keyword = keyword.upper()
         if keyword in parameters:
-            raise EnvelopeSyntaxError(f"duplicate parameter {keyword}")
+            raise ParameterSyntaxError(f"duplicate parameter {keyword}")
         parameters[keyword] = value if eq else None
     return parameters
 
