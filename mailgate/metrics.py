@@ -55,7 +55,7 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import policies
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
@@ -486,13 +486,52 @@ class MetricsRequest(server.Request):
             super().requestReceived(command, path, version)
 
 
+class MetricsChannel(http.HTTPChannel):
+    """
+    An HTTP connection that answers no more pipelined requests while the
+    answers already written wait to be sent.
+
+    Twisted's channel stops reading while a request is in progress, but
+    the metrics site answers at once: every request of a read is answered
+    in the same call, and a client that sends requests without reading
+    the answers (each scrape is some 30 KB) made the server hold gigabytes
+    of unsent answers.  Here, once the transport says its buffer is full,
+    the rest of what was read waits unparsed, reading stops, and both go
+    on when the transport has drained: the memory a connection holds is
+    one read and one transport buffer.
+
+    (This uses the channel's own account of the transport's state,
+    C{_waitingForTransport}, and of the request in progress; the tests
+    of this class would show a Twisted that changes them.)
+    """
+
+    _heldForTransport = False
+
+    def requestDone(self, request):
+        if self._waitingForTransport:
+            # Stops LineReceiver's loop over what is left of this read.
+            self.paused = True
+            self._heldForTransport = True
+            self._networkProducer.pauseProducing()
+        super().requestDone(request)
+
+    def resumeProducing(self):
+        super().resumeProducing()
+        if self._heldForTransport and not self._handlingRequest:
+            self._heldForTransport = False
+            self.paused = False
+            self.dataReceived(b"")
+
+
 class MetricsSite(server.Site):
     """
     A site that writes no access log (a scraper's request every few
-    seconds is not news) and reads no request body (L{MetricsRequest}).
+    seconds is not news), reads no request body (L{MetricsRequest}) and
+    answers no faster than its client reads (L{MetricsChannel}).
     """
 
     noisy = False
+    protocol = MetricsChannel
     requestFactory = MetricsRequest
 
     def log(self, request):

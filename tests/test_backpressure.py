@@ -234,18 +234,33 @@ def _rss(pid):
     raise AssertionError("no VmRSS")
 
 
-def _floodUntilTheServerStopsReading(port, greetingStart, command, login=b""):
+def _cpuSeconds(pid):
+    """
+    The CPU time a process has used so far, user and system.
+    """
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _floodUntilTheServerStopsReading(port, greetingStart, command, login=b"", smallBuffers=True):
     """
     Connect, send C{login}, then C{command} over and over without reading
     anything, until the server has not taken a single octet for a second.
     Return the socket and the octets sent.
+
+    @param smallBuffers: shrink the client's socket buffers, so that the
+        server's writes fill them soon; with the kernel's defaults, the
+        server's reads are larger (more commands in one).
     """
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    if smallBuffers:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     sock.settimeout(DEADLINE)
     sock.connect(("127.0.0.1", port))
-    assert sock.recv(100).startswith(greetingStart)
+    if greetingStart:
+        assert sock.recv(100).startswith(greetingStart)
     if login:
         sock.sendall(login)
     sock.setblocking(False)
@@ -268,14 +283,18 @@ def _floodUntilTheServerStopsReading(port, greetingStart, command, login=b""):
 
 
 @sqliteOnly
-@pytest.mark.parametrize("protocol", ["pop3", "pop3-login", "smtp"])
+@pytest.mark.parametrize("protocol", ["pop3", "pop3-login", "smtp", "metrics"])
 def test_aClientThatNeverReadsStopsTheServerReading(mailgate_server, mailgate_cli, protocol):
     """
-    A client pipelines commands and reads nothing.  The server stops
+    A client pipelines commands (or HTTP requests to the metrics port,
+    some 30 KB of answer each) and reads nothing.  The server stops
     reading from it (the kernel holds what the client sent, unread),
     its memory stays bounded, and it goes on serving others meanwhile.
     """
-    server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1", "--auth-failure-delay", "0")
+    server = mailgate_server(
+        "--smtp", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1",
+        "--auth-failure-delay", "0",
+    )
     pid = server.process.pid
     if protocol == "pop3-login":
         mailgate_cli.addUser(ALICE, PASSWORD)
@@ -283,24 +302,36 @@ def test_aClientThatNeverReadsStopsTheServerReading(mailgate_server, mailgate_cl
     before = _rss(pid)
     if protocol == "smtp":
         port, greeting, command, login = server.portOf("SMTP"), b"220 ", b"EHLO x\r\n", b""
+    elif protocol == "metrics":
+        port, greeting, login = server.portOf("METRICS"), None, b""
+        command = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     elif protocol == "pop3":
         port, greeting, command, login = server.port, b"+OK", b"CAPA\r\n", b""
     else:
         port, greeting = server.port, b"+OK"
         command, login = b"RETR 1\r\n", f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode()
-    sock, sent = _floodUntilTheServerStopsReading(port, greeting, command, login)
+    # The metrics port with the kernel's buffer sizes: reads of many
+    # requests at once, which Twisted's own HTTP channel answers in one go.
+    sock, sent = _floodUntilTheServerStopsReading(port, greeting, command, login, smallBuffers=protocol != "metrics")
     with sock:
         clientPort = sock.getsockname()[1]
         unread = _serverReceiveQueue(port, clientPort)
         assert unread is not None and unread > 0, "the server's end holds nothing unread"
-        time.sleep(0.5)
-        # Still not reading: the same octets wait in the kernel.
+        busyBefore = _cpuSeconds(pid)
+        time.sleep(1.5)
+        # Still not reading: the same octets wait in the kernel, and the
+        # server is not busy making answers nobody reads either.
         assert _serverReceiveQueue(port, clientPort) == unread
+        assert _cpuSeconds(pid) - busyBefore < 0.5
         # Bounded: far less than a server that buffered everything would
         # have grown (the issue saw 300 MB and more).
         assert _rss(pid) - before < 48 * 1024 * 1024, (before, _rss(pid))
         # Others are served meanwhile.
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as other:
-            assert other.recv(100).startswith(greeting)
+            if greeting is None:
+                other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert other.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
+            else:
+                assert other.recv(100).startswith(greeting)
     assert sent < 64 * 1024 * 1024
     assert os.path.exists(f"/proc/{pid}")

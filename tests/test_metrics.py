@@ -363,6 +363,62 @@ def test_aRequestBodyIsRefusedAtItsHeaders(request_):
     assert not fine.disconnecting
 
 
+class _FillingTransport(StringTransport):
+    """
+    A transport whose send buffer fills: past C{limit} unsent octets it
+    pauses its producer, as a real one does, until L{drain}.
+    """
+
+    limit = 64 * 1024
+    full = False
+
+    def write(self, data):
+        super().write(data)
+        if not self.full and len(self.value()) > self.limit:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self):
+        sent = self.value()
+        self.clear()
+        self.full = False
+        self.producer.resumeProducing()
+        return sent
+
+
+def test_aClientThatReadsNoAnswersGetsNoMore():
+    """
+    Requests pipelined by a client that reads none of the answers: once
+    the transport's buffer is full, the site answers no more of them and
+    stops reading, instead of holding every answer; as the client reads,
+    the rest are answered, in order, none lost.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+    site.startFactory()
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = _FillingTransport()
+    protocol.makeConnection(transport)
+    requests = 300
+    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+    answered = transport.value().count(b"HTTP/1.1 200 OK\r\n")
+    held = len(transport.value())
+    assert 1 <= answered < 20, answered
+    assert held < 2 * transport.limit, held
+    assert transport.producerState == "paused"
+    total = answered
+    for _ in range(requests):
+        if total == requests:
+            break
+        transport.drain()
+        # What the client's reading let through: a bounded few more.
+        total += transport.value().count(b"HTTP/1.1 200 OK\r\n")
+        assert len(transport.value()) < 2 * transport.limit
+    assert total == requests
+    assert transport.producerState == "producing"
+    assert not transport.disconnecting
+    site.stopFactory()
+
+
 def test_anIdleConnectionIsClosedOnTheGivenReactor():
     """
     A connection that sends nothing is closed after L{IDLE_TIMEOUT}
