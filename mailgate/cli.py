@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import getpass
+import math
 import os
 import re
 import sys
@@ -55,8 +56,9 @@ from mailgate.errors import (
     UserExists,
 )
 from mailgate.message import spoolFile
-from mailgate.store import DEFAULT_DATABASE, openSynchronousStore
-from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit, parseSize
+from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
+from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseSize, parseWhole
+from mailgate.store.lifecycle import DAY, DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.schema import LATEST, currentVersion, upgrade
 
 EX_OK = 0
@@ -108,7 +110,10 @@ def _readPassword(args, stdin, confirm=True):
     else asked for twice on the terminal.
     """
     if args.password_stdin:
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError:
+            raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
         password = line.rstrip("\r\n")
     else:
         if not (hasattr(stdin, "isatty") and stdin.isatty()):
@@ -122,6 +127,12 @@ def _readPassword(args, stdin, confirm=True):
         raise CommandError("empty password", EX_DATAERR)
     if "\0" in password:
         raise CommandError("the password contains a NUL character", EX_DATAERR)
+    try:
+        # Python reads bytes that are not UTF-8 as lone surrogates
+        # (surrogateescape), which no password hash can take.
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
     return password
 
 
@@ -189,22 +200,44 @@ def _limit(text, parse, what):
         return DEFAULT
     if word in ("none", "never", "unlimited"):
         return UNLIMITED
+    return _number(text, parse, what)
+
+
+def _number(text, parse, what, minimum=0):
+    """
+    A number given on the command line, read by C{parse} (which refuses
+    what is not one, or too large, with L{ValueError}) and at least
+    C{minimum}: anything else is a usage error that says why.
+    """
     try:
         value = parse(text)
     except ValueError as e:
         raise CommandError(f"bad {what}: {e}", EX_USAGE)
-    if value < 0:
-        raise CommandError(f"bad {what}: must not be negative", EX_USAGE)
+    if value < minimum:
+        reason = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        raise CommandError(f"bad {what}: {reason}", EX_USAGE)
     return value
 
 
-def _count(text):
-    # A sign is read, so that -3 is told it must not be negative (by
-    # _limit) rather than that it is not a number.
+def _messageCount(text):
+    return parseWhole(text, MAX_MESSAGES)
+
+
+def _dayCount(text):
+    return parseWhole(text, MAX_DAYS)
+
+
+def _seconds(text):
+    """
+    A finite number of seconds, as a float.
+    """
     try:
-        return int(text.strip())
+        value = float(text.strip())
     except ValueError:
-        raise ValueError(f"not a whole number: {text!r}") from None
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
 
 
 def _userQuota(store, args, out, stdin):
@@ -212,7 +245,7 @@ def _userQuota(store, args, out, stdin):
     octets = _limit(args.size, parseSize, "size")
     changes = {"octets": octets}
     if args.messages is not None:
-        changes["messages"] = _limit(args.messages, _count, "message count")
+        changes["messages"] = _limit(args.messages, _messageCount, "message count")
     _forUser(address, store.setQuota(address, **changes))
     status = _result(store.quotaOf(address))
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"
@@ -223,7 +256,7 @@ def _userQuota(store, args, out, stdin):
 
 def _userExpire(store, args, out, stdin):
     address = _address(args.address)
-    days = _limit(args.days, _count, "number of days")
+    days = _limit(args.days, _dayCount, "number of days")
     _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
               f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
@@ -292,16 +325,20 @@ def _parseTime(text, now):
     """
     match = _AGO.match(text.strip().lower())
     if match:
-        return int(now - int(match.group(1)) * _AGO_UNITS[match.group(2)])
+        ago = int(match.group(1)) * _AGO_UNITS[match.group(2)]
+        if ago > MAX_DAYS * DAY:
+            raise CommandError(f"bad time {text[:30]!r}: at most {MAX_DAYS}d ago", EX_USAGE)
+        return int(now - ago)
     try:
         moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return int(moment.timestamp())
+    except (ValueError, OverflowError):
+        # OverflowError: a time zone that takes the first year before it.
         raise CommandError(
-            f"bad time {text!r}: use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)", EX_USAGE
+            f"bad time {text[:30]!r}: use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)", EX_USAGE
         )
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(moment.timestamp())
 
 
 def _mailboxRestore(store, args, out, stdin):
@@ -334,8 +371,15 @@ def _importTarget(store, address):
 
 def _importMaildir(store, args, out, stdin):
     from mailgate.importers import ImportFailed
-    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.maildir import formatUidl, importMaildir
 
+    if args.uidl_format is not None:
+        # Checked before the maildir is read, so that a format's own
+        # mistake is not taken for one the maildir cannot serve.
+        try:
+            formatUidl(args.uidl_format, {letter: "1" for letter in "uvmfg"})
+        except ValueError as e:
+            raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
     address = _address(args.address)
     _importTarget(store, address)
     try:
@@ -361,6 +405,9 @@ def _readUsers(path):
             lines = f.read().splitlines()
     except OSError as e:
         raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise CommandError(f"{path} line {line}: not UTF-8 text", EX_DATAERR)
     users = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -372,14 +419,31 @@ def _readUsers(path):
     return users
 
 
+def _pop3URL(url, parseURL, ImportFailed):
+    """
+    The parts of an import's source URL, as L{parseURL} finds them, or a
+    usage error: for what it refuses, what L{urllib.parse} cannot split
+    (C{pop3://[::1}) and port 0, which it would take for "no port".
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = parseURL(url)
+        port = urlsplit(url).port
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_USAGE)
+    except ValueError as e:
+        raise CommandError(f"bad URL {url!r}: {e}", EX_USAGE)
+    if port == 0:
+        raise CommandError(f"bad port in {url!r}: 0", EX_USAGE)
+    return parts
+
+
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
     from mailgate.importers.pop3 import importPOP3, parseURL
 
-    try:
-        urlUser = parseURL(args.url)[3]
-    except ImportFailed as e:
-        raise CommandError(str(e), EX_USAGE)
+    urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
     if args.users is not None:
         if args.address is not None:
             raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
@@ -423,6 +487,9 @@ def _importPOP3(store, args, out, stdin):
 
 def _userRename(store, args, out, stdin):
     old, new = _address(args.old), _address(args.new)
+    if old == new:
+        _existingUser(store, old)
+        raise CommandError(f"OLD and NEW are the same address, {old}: nothing to rename", EX_USAGE)
     try:
         _forUser(old, store.renameUser(old, new))
     except UserExists:
@@ -437,11 +504,12 @@ def _userRename(store, args, out, stdin):
 
 def _mailboxExpunge(store, args, out, stdin):
     address = _address(args.address)
+    days = None if args.all else _number(args.older_than, _dayCount, "--older-than")
     try:
-        removed = _forUser(address, store.expungeMessages(address, None if args.all else args.older_than))
+        removed = _forUser(address, store.expungeMessages(address, days))
     except MaildropInUse:
         raise CommandError(f"{address} is in a POP3 session; try again once it ended", EX_TEMPFAIL)
-    what = "every message" if args.all else f"messages older than {args.older_than} days"
+    what = "every message" if args.all else f"messages older than {days} days"
     out.write(f"removed {removed} messages ({what}) from {address}\n")
 
 
@@ -456,12 +524,13 @@ def _who(store, args, out, stdin):
 
 def _kick(store, args, out, stdin):
     address = _address(args.address)
+    wait = _number(args.wait, _seconds, "--wait")
     _existingUser(store, address)
     marked = _result(store.kickSessions(address))
     if not marked:
         raise CommandError(f"{address} has no POP3 session in progress", 1)
     # The node serving the session looks for the mark about once a second.
-    deadline = time.monotonic() + args.wait
+    deadline = time.monotonic() + wait
     while True:
         if not _result(store.listSessions(address)):
             out.write(f"ended the POP3 session of {address}; nothing it deleted was removed\n")
@@ -478,6 +547,25 @@ def _time(seconds):
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _sender(text):
+    """
+    The envelope sender of C{deliver -f}, checked as SMTP's MAIL FROM
+    checks it (it goes into the Return-Path: field): a mailbox, with or
+    without its angle brackets, or the null sender (C{''} or C{<>}).
+    """
+    from mailgate.smtp.syntax import MAX_PATH, EnvelopeSyntaxError, checkMailbox
+
+    inside = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    if not inside:
+        return ""
+    try:
+        if len(inside) > MAX_PATH:
+            raise EnvelopeSyntaxError("address too long")
+        return checkMailbox(inside, utf8=True)
+    except EnvelopeSyntaxError as e:
+        raise CommandError(f"bad sender {text[:60]!r}: {e}", EX_DATAERR) from None
+
+
 def _deliver(store, args, out, stdin):
     addresses = []
     for text in args.addresses:
@@ -487,17 +575,18 @@ def _deliver(store, args, out, stdin):
             raise CommandError(str(e), EX_NOUSER)
     # All or nothing: an unknown recipient fails the delivery before any copy
     # is stored, so the MTA's bounce tells the whole truth.
+    sender = None if args.sender is None else _sender(args.sender)
     for address in addresses:
         _existingUser(store, address)
     trace = ()
-    if args.sender is not None:
+    if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came
         # from, and that mailgate stored it.
         import socket
 
         from mailgate.smtp.envelope import Envelope, traceHeaders
 
-        envelope = Envelope(helo=None, peer=None, protocol="local", sender=args.sender, recipients=addresses)
+        envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
         trace = traceHeaders(envelope, socket.getfqdn())
     source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
     try:
@@ -527,7 +616,10 @@ def _dbUpgrade(store, args, out, stdin):
 def _dbCopy(store, args, out, stdin):
     from mailgate.store.copy import CopyError, copyDatabase
 
-    source = openSynchronousStore(args.source)
+    try:
+        source = openSynchronousStore(args.source, create=False)
+    except NoSuchDatabase as e:
+        raise CommandError(f"--from: {e}", EX_CONFIG) from None
     try:
         target = openSynchronousStore(args.target)
         try:
@@ -589,7 +681,10 @@ def _serve(argv, database, stdout, stderr):
         stderr.write(f"mailgate serve: {e}\n{options.getSynopsis()}\n(see mailgate serve --help)\n")
         return EX_USAGE
     except SystemExit as e:
-        # --help, --version
+        # --help and --version exit 0; a configuration file that cannot be
+        # used exits with its one line (see mailgate.tap.Options).
+        if isinstance(e.code, str):
+            stderr.write(f"{e.code}\n")
         return EX_OK if not e.code else EX_USAGE
 
     from twisted.application.service import ServiceMaker
@@ -620,7 +715,14 @@ def _banAddress(text):
 
 
 def _utc(at):
-    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """
+    A time as C{ban} shows it; one no date can hold (a ban stored by an
+    older mailgate, which took any length) as its number of seconds.
+    """
+    try:
+        return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{at:.0f} (seconds since 1970, past year 9999)"
 
 
 def _policyStore(store):
@@ -644,10 +746,11 @@ def _banAdd(store, args, out, stdin):
 
     from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 
+    from mailgate.policy.settings import MAX_BAN_TIME
+
     address = _banAddress(args.address)
-    if args.duration <= 0:
-        raise CommandError("--for takes a positive number of seconds", EX_USAGE)
-    ban = _result(_policyStore(store).addBan(address, time.time(), args.duration))
+    duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
+    ban = _result(_policyStore(store).addBan(address, time.time(), duration))
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
     ip = ipaddress.ip_address(address)
     if any(ip in ipaddress.ip_network(n) for n in DEFAULT_EXEMPT_NETWORKS):
@@ -685,10 +788,9 @@ def _addBanCommands(commands):
     banAdd.add_argument(
         "--for",
         dest="duration",
-        type=int,
-        default=BAN_TIME,
+        default=str(BAN_TIME),
         metavar="SECONDS",
-        help=f"how long the ban lasts (default: {BAN_TIME})",
+        help=f"how long the ban lasts, at most ten years (default: {BAN_TIME})",
     )
     banAdd.set_defaults(run=_banAdd, migrate=True)
     banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
@@ -722,7 +824,7 @@ def buildParser():
         action="store_true",
         help="also allow APOP; this keeps the password recoverable in the database (see README)",
     )
-    add.set_defaults(run=_userAdd, migrate=True)
+    add.set_defaults(run=_userAdd, migrate=True, create=True)
     passwd = user.add_parser("passwd", help="change a user's password")
     passwd.add_argument("address")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
@@ -808,7 +910,7 @@ def buildParser():
     )
     mexpunge.add_argument("address")
     which = mexpunge.add_mutually_exclusive_group(required=True)
-    which.add_argument("--older-than", type=int, metavar="DAYS", help="messages that arrived more than DAYS days ago")
+    which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
     mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
 
@@ -820,7 +922,7 @@ def buildParser():
     )
     kick.add_argument("address")
     kick.add_argument(
-        "--wait", type=float, default=30.0, metavar="SECONDS", help="how long to wait for it to end (default 30)"
+        "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
     )
     kick.set_defaults(run=_kick, migrate=True)
 
@@ -886,7 +988,7 @@ def buildParser():
     )
     db.required = True
     dbUpgrade = db.add_parser("upgrade", help="apply pending schema migrations")
-    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False)
+    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
     dbVersion = db.add_parser("version", help="show the schema version")
     dbVersion.set_defaults(run=_dbVersion, migrate=False)
     dbCopy = db.add_parser(
@@ -938,12 +1040,18 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     try:
         args.stderr = stderr
         if getattr(args, "store", True):
-            store = openSynchronousStore(url, migrate=args.migrate)
+            # Only the commands that start a database from nothing create
+            # its file: any other one on a mistyped path would make an
+            # empty database and report no users.
+            store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
         args.run(store, args, stdout, stdin)
         return EX_OK
     except CommandError as e:
         stderr.write(f"mailgate: {e}\n")
         return e.code
+    except NoSuchDatabase as e:
+        stderr.write(f"mailgate: {e} (check --database; mailgate user add or db upgrade creates it)\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
     except TemporaryFailure as e:
         stderr.write(f"mailgate: temporary failure, try again: {e}\n")
         return EX_TEMPFAIL

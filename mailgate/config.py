@@ -46,6 +46,7 @@ from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE
+from mailgate.store.bounds import MAX_DAYS, checkMaximum, parseWhole
 from mailgate.tls import MINIMUM_VERSIONS
 
 
@@ -88,6 +89,13 @@ class Kind:
         Check (and normalise) a value of the right type.
         """
         return value
+
+    def checkList(self, values):
+        """
+        Check the values of a repeated setting together (each one is
+        checked already): for what is wrong only in company.
+        """
+        return values
 
     def toTOML(self, value):
         """
@@ -141,29 +149,32 @@ class Line(Text):
         return value
 
 
+#: The largest whole number any setting takes unless it says less: what
+#: a database's 64-bit integers hold (and far more than any count or
+#: number of seconds means), so that no value fails later, where it is used.
+MAX_INTEGER = (1 << 63) - 1
+
+
 class Integer(Kind):
     """
-    A whole number, at least C{minimum}.
+    A whole number, at least C{minimum} and at most C{maximum}.
     """
 
     tomlTypes = (int,)
 
-    def __init__(self, minimum=0, metavar="N"):
+    def __init__(self, minimum=0, metavar="N", maximum=MAX_INTEGER):
         self.minimum = minimum
+        self.maximum = maximum
         self.metavar = metavar
         self.expected = f"a whole number of at least {minimum}"
 
     def fromText(self, text):
-        try:
-            number = int(text.strip())
-        except ValueError:
-            raise ValueError(f"not a whole number: {text!r}") from None
-        return self.check(number)
+        return self.check(parseWhole(text, self.maximum))
 
     def check(self, value):
         if value < self.minimum:
             raise ValueError(f"must be at least {self.minimum}, not {value}")
-        return value
+        return checkMaximum(value, self.maximum)
 
 
 class Number(Kind):
@@ -253,7 +264,7 @@ class Size(Kind):
         self.minimum = minimum
 
     def check(self, value):
-        from mailgate.store.lifecycle import parseSize
+        from mailgate.store.bounds import parseSize
 
         octets = parseSize(str(value))
         if octets < self.minimum:
@@ -274,7 +285,7 @@ class Days(Integer):
     tomlTypes = (int, str)
 
     def __init__(self):
-        Integer.__init__(self, minimum=0, metavar="DAYS|never")
+        Integer.__init__(self, minimum=0, metavar="DAYS|never", maximum=MAX_DAYS)
         self.expected = 'a whole number of days or "never"'
 
     def fromText(self, text):
@@ -342,6 +353,58 @@ class ExemptNetwork(Network):
         if value.strip().lower() == NO_NETWORKS:
             return NO_NETWORKS
         return Network.check(self, value)
+
+    def checkList(self, values):
+        if NO_NETWORKS in values and len(values) > 1:
+            raise ValueError(f"{NO_NETWORKS!r} exempts nothing: it cannot be combined with networks")
+        return values
+
+
+class HostName(Text):
+    """
+    A host name as greetings and trace fields carry it: a domain name
+    (letters, digits, hyphens and dots, as L{Domain}), or an address
+    literal (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}).  Kept as written:
+    it only has to be safe in a protocol line and in the APOP timestamp
+    (no space, no C{<>}, no line break).
+    """
+
+    def __init__(self):
+        super().__init__("NAME")
+
+    def check(self, value):
+        from mailgate.address import normalizeDomain
+
+        name = super().check(value).strip()
+        if name.startswith("[") and name.endswith("]"):
+            return _addressLiteral(name)
+        try:
+            normalizeDomain(name)
+        except InvalidAddress:
+            raise ValueError(
+                f"not a host name: {_shortText(name)!r} (letters, digits, hyphens and dots, "
+                f"or an address literal such as [192.0.2.1])"
+            ) from None
+        return name
+
+
+def _addressLiteral(name):
+    """
+    C{name} if it is an address literal of RFC 5321 (section 4.1.3).
+    """
+    inside = name[1:-1]
+    text = inside[len("IPv6:"):] if inside[:5].lower() == "ipv6:" else inside
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"not an address literal: {_shortText(name)!r}") from None
+    if (address.version == 6) != (text is not inside):
+        raise ValueError(f"not an address literal: {_shortText(name)!r} (IPv6 ones are written [IPv6:...])")
+    return name
+
+
+def _shortText(text):
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Domain(Kind):
@@ -532,7 +595,7 @@ class Setting:
             return self.kind.fromTOML(value)
         if not isinstance(value, list):
             raise ValueError(f"expected an array (of {self.kind.expected} each), got {_shown(value)}")
-        return [self.kind.fromTOML(item) for item in value]
+        return self.kind.checkList([self.kind.fromTOML(item) for item in value])
 
 
 DEFAULT_POP3 = "tcp:1110:interface=127.0.0.1"
@@ -582,7 +645,7 @@ SETTINGS = (
         example="tcp:9101:interface=127.0.0.1",
     ),
     Setting(
-        "hostname", "hostname", Text("NAME"), None,
+        "hostname", "hostname", HostName(), None,
         "Host name used in greetings, the APOP timestamp and Received: fields.",
         defaultText="this machine's fully qualified name", example="mail.example.org",
     ),
@@ -706,7 +769,7 @@ SETTINGS = (
         defaultText="never", example=30,
     ),
     Setting(
-        "keep-deleted-days", "keepDeletedDays", Integer(metavar="DAYS"), 0,
+        "keep-deleted-days", "keepDeletedDays", Integer(metavar="DAYS", maximum=MAX_DAYS), 0,
         "Days messages deleted by POP3 clients are kept (outside the quota) "
         "for mailgate mailbox deleted / restore; 0 removes them at once.",
     ),
@@ -745,12 +808,14 @@ SETTINGS = (
         "(counted across every node on the database).  0 for no bans.",
     ),
     Setting(
-        "ban-window", "banWindow", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_WINDOW,
-        "Seconds over which failed logins are counted.",
+        "ban-window", "banWindow", Integer(minimum=1, metavar="SECONDS", maximum=_policy.MAX_BAN_TIME),
+        _policy.BAN_WINDOW,
+        "Seconds over which failed logins are counted (at most ten years).",
     ),
     Setting(
-        "ban-time", "banTime", Integer(minimum=1, metavar="SECONDS"), _policy.BAN_TIME,
-        "Seconds a ban lasts (see also: mailgate ban list|add|del).",
+        "ban-time", "banTime", Integer(minimum=1, metavar="SECONDS", maximum=_policy.MAX_BAN_TIME),
+        _policy.BAN_TIME,
+        "Seconds a ban lasts, at most ten years (see also: mailgate ban list|add|del).",
     ),
     Setting(
         "exempt-network", "exemptNetworks", ExemptNetwork(), tuple(DEFAULT_EXEMPT_NETWORKS),
@@ -839,13 +904,20 @@ def makeConfigClass(settings):
 MailgateConfig = makeConfigClass(SETTINGS)
 
 
-def checkConfig(config):
+def checkConfig(config, settings=SETTINGS):
     """
-    The checks that involve several settings, made once for every way a
-    configuration is built (command line, file, embedding).
+    The checks that involve several settings (or several values of one),
+    made once for every way a configuration is built (command line, file,
+    embedding).
 
     @raise ConfigurationError: saying what does not fit.
     """
+    for s in settings:
+        if s.repeated:
+            try:
+                s.kind.checkList(getattr(config, s.attribute))
+            except ValueError as e:
+                raise ConfigurationError(f"{s.name}: {_oneLine(e)}") from None
     if (config.tlsCertificate is None) != (config.tlsKey is None):
         raise ConfigurationError("TLS needs both a certificate and a key")
     if config.pop3s and config.tlsCertificate is None:
@@ -854,10 +926,6 @@ def checkConfig(config):
         raise ConfigurationError("the alternative TLS certificate needs both tls-alt-cert and tls-alt-key")
     if config.tlsAltCertificate is not None and config.tlsCertificate is None:
         raise ConfigurationError("tls-alt-cert and tls-alt-key go beside tls-cert and tls-key, which are not set")
-    if NO_NETWORKS in config.exemptNetworks and len(config.exemptNetworks) > 1:
-        raise ConfigurationError(
-            f"exempt-network: {NO_NETWORKS!r} exempts nothing: it cannot be combined with networks"
-        )
     return config
 
 
@@ -885,6 +953,12 @@ def readFile(path, settings=SETTINGS):
             document = tomllib.load(f)
     except OSError as e:
         raise ConfigFileError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        # tomllib decodes the whole file first: TOML is UTF-8 text.
+        raise ConfigFileError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+            "a configuration file is TOML, which is UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"{path}: not valid TOML: {_oneLine(e)}") from None
     byName = {s.name: s for s in settings}
@@ -936,7 +1010,7 @@ def resolve(given, fileValues=None, environ=None, settings=SETTINGS, configClass
         else:
             value = s.defaultValue()
         values[s.attribute] = list(value) if s.repeated else value
-    return checkConfig(configClass(**values))
+    return checkConfig(configClass(**values), settings)
 
 
 # -- the example file ----------------------------------------------------------------

@@ -43,6 +43,9 @@ def cli(databaseURL):
         return result
 
     call.url = databaseURL
+    # The database exists, as a server's start makes it: ban commands do
+    # not create one (see test_cli.test_missingDatabaseFileIsNotCreated).
+    assert call("db", "upgrade").code == 0
     return call
 
 

@@ -345,8 +345,9 @@ def test_importMaildirCommand(databaseURL, store, tmp_path):
     assert code == 67
     code, out, err = cli(databaseURL, "import", "maildir", str(tmp_path / "nothing"), ALICE)
     assert code == 66 and "is not a maildir" in err
+    # A usage error: the option is wrong, not the maildir.
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%{nope}")
-    assert code == 66 and "bad --uidl-format" in err
+    assert code == 64 and "bad --uidl-format" in err
 
 
 # -- live POP3, from a real mailgate server --------------------------------------------

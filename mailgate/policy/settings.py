@@ -15,6 +15,11 @@ AUTH_PENALTY_MAX = 15.0
 BAN_AFTER = 10
 BAN_WINDOW = 600
 BAN_TIME = 3600
+#: The longest ban, and the longest window failures are counted over: ten
+#: years.  A ban ends at a time that must stay a date (logs and mailgate
+#: ban list show it) and a number the database stores; "for ever" is ten
+#: years, renewed by mailgate ban add if it ever matters.
+MAX_BAN_TIME = 10 * 365 * 86400
 
 
 def _notNegative(instance, attribute, value):
@@ -25,6 +30,12 @@ def _notNegative(instance, attribute, value):
 def _positive(instance, attribute, value):
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive: {value!r}")
+
+
+def _duration(instance, attribute, value):
+    _positive(instance, attribute, value)
+    if value > MAX_BAN_TIME:
+        raise ValueError(f"{attribute.name} must be at most {MAX_BAN_TIME} seconds: {value!r}")
 
 
 @attr.s(frozen=True, kw_only=True)
@@ -49,8 +60,8 @@ class PolicySettings:
     maxConnectionsPerAddress = attr.ib(default=MAX_CONNECTIONS_PER_ADDRESS, validator=_notNegative)
     authPenaltyMax = attr.ib(default=AUTH_PENALTY_MAX, validator=_notNegative)
     banAfter = attr.ib(default=BAN_AFTER, validator=_notNegative)
-    banWindow = attr.ib(default=BAN_WINDOW, validator=_positive)
-    banTime = attr.ib(default=BAN_TIME, validator=_positive)
+    banWindow = attr.ib(default=BAN_WINDOW, validator=_duration)
+    banTime = attr.ib(default=BAN_TIME, validator=_duration)
     exemptNetworks = attr.ib(default=DEFAULT_EXEMPT_NETWORKS, converter=tuple)
 
     @exemptNetworks.validator

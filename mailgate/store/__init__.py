@@ -9,6 +9,7 @@ URLs:
   - C{postgresql://user:password@host:port/dbname}: PostgreSQL
 """
 
+import os
 from urllib.parse import urlsplit
 
 from mailgate.errors import ConfigurationError, TemporaryFailure
@@ -50,14 +51,27 @@ def engineFromURL(url):
     )
 
 
-def openSynchronousStore(url, migrate=True):
+class NoSuchDatabase(ConfigurationError):
+    """
+    The SQLite file a database URL names does not exist, and was not to be
+    created.
+    """
+
+
+def openSynchronousStore(url, migrate=True, create=True):
     """
     A store whose operations run inline and return fired Deferreds: for the
     admin command and for tests.
 
     @param migrate: apply pending schema migrations first.
+    @param create: create an SQLite file that does not exist yet.  Without,
+        a missing file is an error: a mistyped path must not become an
+        empty database that reads as one without users.
+    @raise NoSuchDatabase: the file is missing and C{create} is false.
     """
     engine = engineFromURL(url)
+    if not create and _missingFile(engine):
+        raise NoSuchDatabase(f"no such database file: {engine.path}")
     database = SynchronousDatabase(engine)
     try:
         if migrate:
@@ -66,6 +80,15 @@ def openSynchronousStore(url, migrate=True):
         database.close()
         raise
     return SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
+
+
+def _missingFile(engine):
+    """
+    Whether C{engine} is SQLite on a file that does not exist.
+    """
+    from mailgate.store.sqlite import SQLiteEngine
+
+    return isinstance(engine, SQLiteEngine) and not engine.ephemeral and not os.path.exists(engine.path)
 
 
 def openStore(url, reactor, server=True, metrics=None):
