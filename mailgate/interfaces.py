@@ -429,16 +429,19 @@ class ILifecycleStore(Interface):
     def importMessages(address, items):
         """
         Add messages from another server keeping their unique ids, in one
-        transaction; ids already present are skipped.
+        transaction; ids already present with the same content are
+        skipped, ids present with other content (or given twice) are
+        conflicts and not added.
 
         @param items: C{(uidl, source, arrived)} per message.
-        @return: a L{Deferred} of C{(imported, skipped)} unique ids.
+        @return: a L{Deferred} of C{(imported, skipped, conflicts)}: unique
+            ids, unique ids, and C{(uidl, reason)}.
         """
 
     def existingUidls(address, uidls):
         """
         Which of C{uidls} a user's maildrop holds (or keeps deleted): a
-        L{Deferred} set.
+        L{Deferred} dict, unique id to the set of sizes held under it.
         """
 
     def renameUser(old, new):

@@ -19,7 +19,9 @@ Importers run in the admin command, synchronously, against a store from
 L{mailgate.store.openSynchronousStore}.
 """
 
+import os
 import re
+import stat
 
 import attr
 from zope.interface import implementer
@@ -44,6 +46,35 @@ def validUidl(uidl):
     Whether C{uidl} is a unique id POP3 can carry (RFC 1939 section 7).
     """
     return bool(_UIDL.match(uidl))
+
+
+def renameDuplicates(uidls):
+    """
+    The unique ids to import C{uidls} under, in order: each the same,
+    except for a repeat, renamed the way Dovecot's
+    C{pop3_uidl_duplicates = rename} does (C{-2}, C{-3}..., the suffix
+    added again while the name is taken).
+
+    The whole list is known first, so a new name is never one the source
+    itself gives another message later: with C{X, X, X-2}, the second is
+    C{X-2-2}, not the third's C{X-2}.  (An id the target already holds
+    is the store's to judge: the same message from an earlier run, or a
+    conflict; see L{mailgate.store.lifecycle._sortImports}.)
+
+    @return: a list as long as C{uidls}.
+    """
+    given = set(uidls)
+    taken = set()
+    repeats = {}
+    renamed = []
+    for uidl in uidls:
+        name = uidl
+        while name in taken or (name != uidl and name in given):
+            repeats[name] = repeats.get(name, 1) + 1
+            name = f"{name}-{repeats[name]}"
+        taken.add(name)
+        renamed.append(name)
+    return renamed
 
 
 @attr.s
@@ -124,18 +155,89 @@ class BytesSource:
         self._data = b""
 
 
+class NotAFile(ImportFailed):
+    """
+    A message file that is not a regular file (a symbolic link, a FIFO, a
+    device...): refused.
+    """
+
+
+_KINDS = [
+    (stat.S_ISLNK, "a symbolic link (not followed)"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+]
+
+
+def _checkRegular(mode):
+    if stat.S_ISREG(mode):
+        return
+    for test, kind in _KINDS:
+        if test(mode):
+            raise NotAFile(f"{kind}, not a regular file: not imported")
+    raise NotAFile("not a regular file: not imported")
+
+
+def openRegularFile(path):
+    """
+    A descriptor of the regular file at C{path} itself, and its C{stat}.
+
+    A maildir belongs to its user, and the import may run as root: a
+    symbolic link would let the user import any file of the machine (and
+    a FIFO or a device would hang or never end).  So the name is checked
+    without following links, and opened without following them and
+    without blocking, and what was opened is checked again.
+
+    @raise NotAFile: if it is not a regular file.
+    @raise OSError: if it cannot be opened.
+    """
+    _checkRegular(os.lstat(path).st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise NotAFile("a symbolic link (not followed), not a regular file: not imported") from None
+        raise
+    try:
+        status = os.fstat(fd)
+        _checkRegular(status.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, status
+
+
 @implementer(IMessageSource)
 class FileSource:
     """
     A message file with LF (or CRLF) line ends, read in blocks and served
     in CRLF form: never held in memory whole.  Its size and header size
     are measured once, at construction.
+
+    The file is opened once, at construction (see L{openRegularFile}),
+    and read through that descriptor until L{close}: a file the mail
+    server renames meanwhile (Dovecot does, to change its flags) is still
+    the one read.
+
+    @ivar mtime: the file's modification time.
     """
 
     blockSize = 1 << 20
 
     def __init__(self, path):
         self.path = path
+        self._fd, status = openRegularFile(path)
+        self.mtime = status.st_mtime
+        try:
+            self._measure()
+        except BaseException:
+            self.close()
+            raise
+
+    def _measure(self):
         size = 0
         head = b""
         header = None
@@ -153,14 +255,15 @@ class FileSource:
 
     def _blocks(self):
         pendingCR = False
-        with open(self.path, "rb") as f:
-            while True:
-                block = f.read(self.blockSize)
-                if not block:
-                    return
-                converted = toCRLF(block, pendingCR)
-                pendingCR = block.endswith(b"\r")
-                yield converted
+        offset = 0
+        while True:
+            block = os.pread(self._fd, self.blockSize, offset)
+            if not block:
+                return
+            offset += len(block)
+            converted = toCRLF(block, pendingCR)
+            pendingCR = block.endswith(b"\r")
+            yield converted
 
     def chunks(self, chunkSize):
         rest = b""
@@ -173,7 +276,9 @@ class FileSource:
             yield rest
 
     def close(self):
-        pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def fired(d):
@@ -207,14 +312,18 @@ class BatchWriter:
         self._address = address
         self.report = report
         self._pending = []
+        self._names = {}
         self._octets = 0
         self._onBatch = onBatch
 
-    def add(self, uidl, source, arrived):
+    def add(self, uidl, source, arrived, what=None):
         """
         Queue a message; write the batch once it is full.
+
+        @param what: the message, for the report (a file, a number).
         """
         self._pending.append((uidl, source, arrived))
+        self._names[uidl] = what or uidl
         self._octets += source.size
         if len(self._pending) >= self.maxMessages or self._octets >= self.maxOctets:
             self.flush()
@@ -224,13 +333,15 @@ class BatchWriter:
         Write what is queued, in one transaction.
 
         @return: the unique ids of the batch that are now in the maildrop
-            (imported by it, or present before).
+            (imported by it, or present before with the same content); the
+            others are failures in the report.
         """
         batch, self._pending, self._octets = self._pending, [], 0
+        names, self._names = self._names, {}
         if not batch:
             return []
         try:
-            imported, skipped = fired(self._store.importMessages(self._address, batch))
+            imported, skipped, conflicts = fired(self._store.importMessages(self._address, batch))
         finally:
             for _, source, _ in batch:
                 source.close()
@@ -238,6 +349,8 @@ class BatchWriter:
         self.report.messages += len(imported)
         self.report.octets += sum(sizes[u] for u in imported)
         self.report.skipped += len(skipped)
+        for uidl, reason in conflicts:
+            self.report.failures.append(f"{names[uidl]}: unique id {uidl}: {reason}; not imported")
         done = list(imported) + list(skipped)
         if self._onBatch is not None:
             self._onBatch(done)

@@ -25,11 +25,20 @@ import functools
 import hashlib
 import os
 import re
+import time
 
 import attr
 
 from mailgate.errors import MailgateError
-from mailgate.importers import BatchWriter, FileSource, ImportFailed, ImportReport, validUidl
+from mailgate.importers import (
+    BatchWriter,
+    FileSource,
+    ImportFailed,
+    ImportReport,
+    NotAFile,
+    renameDuplicates,
+    validUidl,
+)
 
 UIDLIST = "dovecot-uidlist"
 DEFAULT_FORMAT = "%08Xu%08Xv"
@@ -65,6 +74,22 @@ def baseName(filename):
     return filename.split(INFO_SEPARATOR, 1)[0]
 
 
+_NUMBER = re.compile(r"[0-9]{1,10}")
+_UINT32 = (1 << 32) - 1
+
+
+def _number(text, what, lowest=1):
+    """
+    One of the list's numbers, which Dovecot keeps in 32 bits (uids,
+    uidvalidity) and writes in decimal digits.
+
+    @raise ValueError: for anything else.
+    """
+    if _NUMBER.fullmatch(text) and lowest <= int(text) <= _UINT32:
+        return int(text)
+    raise ValueError(f"{what} {text[:20]!r} is not a number from {lowest} to {_UINT32}")
+
+
 def readUidList(path):
     """
     Parse a C{dovecot-uidlist} (version 3, or the old version 1).
@@ -85,10 +110,10 @@ def readUidList(path):
     try:
         version = int(header[0])
         if version == 1:
-            uidList = UidList(int(header[1]), int(header[2]))
+            uidList = UidList(_number(header[1], "uidvalidity"), _number(header[2], "next uid"))
         elif version == 3:
             fields = {item[0]: item[1:] for item in header[1:] if item}
-            uidList = UidList(int(fields["V"]), int(fields["N"]), fields.get("G"))
+            uidList = UidList(_number(fields["V"], "uidvalidity"), _number(fields["N"], "next uid"), fields.get("G"))
         else:
             raise ImportFailed(f"{path}: unknown dovecot-uidlist version {version}")
         for number, line in enumerate(lines[1:], 2):
@@ -104,7 +129,9 @@ def readUidList(path):
                 parts = before.split(" ")
                 uid = parts[0]
                 fields = {part[0]: part[1:] for part in parts[1:] if part}
-            record = Record(int(uid), filename, fields)
+            if "O" in fields:
+                _number(fields["O"], f"line {number}: POP3 order", lowest=0)
+            record = Record(_number(uid, f"line {number}: uid"), filename, fields)
             uidList.records[baseName(filename)] = record
     except (IndexError, KeyError, ValueError) as e:
         raise ImportFailed(f"{path}: not a dovecot-uidlist Dovecot wrote: {e}") from None
@@ -197,11 +224,10 @@ def listMaildir(directory, uidList=None):
         except OSError as e:
             raise ImportFailed(f"cannot read {folder}: {e.strerror}") from None
         for name in names:
-            if name.startswith("."):
-                continue
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                found.setdefault(baseName(name), path)
+            if not name.startswith("."):
+                # Whatever it is: a link or a FIFO is refused, and said
+                # so, when it is opened.
+                found.setdefault(baseName(name), os.path.join(folder, name))
     if not found and not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
         raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
     listed, unlisted = [], []
@@ -345,32 +371,43 @@ def _headerMD5(source):
     return hashlib.md5(header[: source.headerSize]).hexdigest()
 
 
-def _arrival(message, default):
+#: Leading numbers below this (1973) are not delivery times.
+_EARLIEST_NAME_TIME = 100000000
+#: How far past now a time may be (clocks differ a little).
+_CLOCK_SLACK = 86400
+
+
+def _arrival(message, source, now):
     """
     When a message arrived: the delivery time its name starts with, else
-    the file's modification time.
+    the file's modification time, else C{now}.  A time after tomorrow
+    does not count: a broken name or clock would give the message a date
+    no listing can show (or the database hold).
     """
     seconds, _ = _leadingNumber(message.base)
-    if seconds >= 100000000:
+    if _EARLIEST_NAME_TIME <= seconds <= now + _CLOCK_SLACK:
         return seconds
-    try:
-        return int(os.stat(message.path).st_mtime)
-    except OSError:
-        return default
+    modified = int(source.mtime)
+    if 0 <= modified <= now + _CLOCK_SLACK:
+        return modified
+    return now
 
 
-def importMaildir(store, directory, address, uidlFormat=None, now=0, progress=None):
+def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
 
     @param uidlFormat: Dovecot's C{pop3_uidl_format} for the maildir;
         default C{%08Xu%08Xv}, or C{%f} without a C{dovecot-uidlist}.
+    @param now: the time (default: the clock's), for messages without a
+        plausible arrival time.
     @param progress: called with a line of text now and then.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
     """
+    now = int(time.time()) if now is None else now
     uidList = readUidList(os.path.join(directory, UIDLIST))
     if uidlFormat is None:
         uidlFormat = DEFAULT_FORMAT if uidList is not None else FILENAME_FORMAT
@@ -395,38 +432,113 @@ def importMaildir(store, directory, address, uidlFormat=None, now=0, progress=No
 
 
 def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress):
+    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress)
     writer = BatchWriter(store, address, report)
+    for message, uidl in zip(messages, uidls):
+        if uidl is None:
+            continue
+        source = _openMessage(message, report)
+        if source is not None:
+            writer.add(uidl, source, _arrival(message, source, now), message.path)
+    writer.flush()
+
+
+def _uniqueIds(messages, uidList, uidlFormat, report, progress):
+    """
+    Each message's unique id, or C{None} for one that has none POP3 can
+    carry (a failure in the report).  All are known before anything is
+    imported, so that a repeated id is renamed to one that no other
+    message has (L{renameDuplicates}).
+    """
     needsMD5 = usesVariable(uidlFormat, "m")
-    seen = {}
-    for message in messages:
+    own = [_ownUniqueId(message, uidList, uidlFormat, needsMD5, report) for message in messages]
+    renamed = iter(renameDuplicates([uidl for uidl in own if uidl is not None]))
+    uidls = []
+    for message, uidl in zip(messages, own):
+        name = None if uidl is None else next(renamed)
+        if name is not None and name != uidl:
+            if progress is not None:
+                progress(f"{message.path}: unique id {uidl} appears twice; imported as {name}")
+            name = _checked(message, name, report)
+        uidls.append(name)
+    return uidls
+
+
+def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report):
+    """
+    The unique id Dovecot serves for C{message} (repeats not renamed
+    yet), or C{None} (a failure in the report).
+    """
+    # A saved id; an empty one stands for the base file name.
+    uidl = message.fields.get("P")
+    if uidl == "":
+        uidl = message.base
+    if uidl is None:
+        variables = {
+            "u": None if message.uid is None else str(message.uid),
+            "v": None if uidList is None else str(uidList.uidValidity),
+            "f": message.base,
+            "g": message.fields.get("G") or message.base,
+            "m": None,
+        }
+        if needsMD5:
+            source = _openMessage(message, report)
+            if source is None:
+                return None
+            try:
+                variables["m"] = _headerMD5(source)
+            finally:
+                source.close()
+        uidl = formatUidl(uidlFormat, variables)
+    return _checked(message, uidl, report)
+
+
+def _checked(message, uidl, report):
+    if validUidl(uidl):
+        return uidl
+    report.failures.append(f"{message.path}: unique id {uidl[:80]!r} is not one POP3 can carry")
+    return None
+
+
+def _openMessage(message, report):
+    """
+    C{message}'s file as a L{FileSource}, or C{None} (a failure in the
+    report).  A file the mail server renamed since the listing (Dovecot
+    does, moving it from C{new/} to C{cur/} or changing its flags) is
+    looked for again under its base name, a few times at most.
+    """
+    for _ in range(3):
         try:
-            source = FileSource(message.path)
+            return FileSource(message.path)
+        except FileNotFoundError:
+            moved = _findAgain(message)
+            if moved is None:
+                report.failures.append(f"{message.path}: gone during the import (expunged?): not imported")
+                return None
+            message.path = moved
+        except NotAFile as e:
+            report.failures.append(f"{message.path}: {e}")
+            return None
         except OSError as e:
             report.failures.append(f"{message.path}: {e.strerror}")
+            return None
+    report.failures.append(f"{message.path}: renamed again and again during the import: not imported")
+    return None
+
+
+def _findAgain(message):
+    """
+    Where C{message}'s file is now: a name in C{cur/} or C{new/} with its
+    base name; C{None} if there is none.
+    """
+    directory = os.path.dirname(os.path.dirname(message.path))
+    for sub in ("cur", "new"):
+        folder = os.path.join(directory, sub)
+        try:
+            names = os.listdir(folder)
+        except OSError:
             continue
-        # A saved id; an empty one stands for the base file name.
-        uidl = message.fields.get("P")
-        if uidl == "":
-            uidl = message.base
-        if uidl is None:
-            variables = {
-                "u": None if message.uid is None else str(message.uid),
-                "v": None if uidList is None else str(uidList.uidValidity),
-                "f": message.base,
-                "g": message.fields.get("G") or message.base,
-                "m": _headerMD5(source) if needsMD5 else None,
-            }
-            uidl = formatUidl(uidlFormat, variables)
-        if not validUidl(uidl):
-            report.failures.append(f"{message.path}: unique id {uidl[:80]!r} is not one POP3 can carry")
-            continue
-        if uidl in seen:
-            # Dovecot's pop3_uidl_duplicates = rename: "-2", "-3"...
-            seen[uidl] += 1
-            renamed = f"{uidl}-{seen[uidl]}"
-            if progress is not None:
-                progress(f"{message.path}: unique id {uidl} appears twice; imported as {renamed}")
-            uidl = renamed
-        seen.setdefault(uidl, 1)
-        writer.add(uidl, source, _arrival(message, now))
-    writer.flush()
+        for name in names:
+            if not name.startswith(".") and baseName(name) == message.base:
+                return os.path.join(folder, name)
+    return None

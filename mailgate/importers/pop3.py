@@ -14,9 +14,13 @@ the ids the server gave them.
     marked with C{DELE} once it is committed in mailgate, and the server
     removes them at C{QUIT}.
   - Octets are kept exactly: the message as RETR sent it, dot-stuffing
-    undone; a message the server had to end with a line break it did not
-    have (its RETR is two octets longer than its LIST size) gets it taken
-    off again.
+    undone, whatever LIST said its size was; only a message the server
+    had to end with a line break it did not have (its RETR is two octets
+    longer than its LIST size) gets it taken off again, and mailgate's
+    RETR adds it back.  A message over C{maxSize} octets is a failure,
+    read to its end (and dropped) so that the import goes on.
+  - A message the server will not give (C{-ERR} to its RETR) is a
+    failure of its own: the others are imported.
 
 The client is a small blocking one (the admin command has no reactor), and
 reads every response in bounded memory: a long line is read in pieces, a
@@ -32,19 +36,37 @@ from urllib.parse import unquote, urlsplit
 from zope.interface import implementer
 
 from mailgate.errors import MailgateError
-from mailgate.importers import BatchWriter, ImportFailed, ImportReport, validUidl
+from mailgate.importers import BatchWriter, ImportFailed, ImportReport, renameDuplicates, validUidl
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 TIMEOUT = 60
 _MAX_STATUS = 4096
+#: Reads of a status line (of L{_MAX_STATUS} octets) before giving up.
+_MAX_STATUS_READS = 256
 _PIECE = 1 << 16
+#: The largest message imported: the mailgate server's own default
+#: (L{mailgate.smtp.protocol.SMTPServer.maxMessageSize}).
+MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 
 
 class POP3Failed(ImportFailed):
     """
     The POP3 server said no, or the connection failed.
+    """
+
+
+class POP3Refused(POP3Failed):
+    """
+    The POP3 server answered C{-ERR}: the session itself goes on.
+    """
+
+
+class TooLarge(ImportFailed):
+    """
+    A message over the largest size imported; it was read to its end, so
+    the session goes on.
     """
 
 
@@ -178,10 +200,23 @@ class POP3Client:
 
     def _status(self, what="command"):
         line = self._readline(_MAX_STATUS)
+        self._discardRestOf(line)
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if line.startswith(b"+OK"):
             return text
-        raise POP3Failed(f"{self.host} refused {what}: {text[:200]}")
+        raise POP3Refused(f"{self.host} refused {what}: {text[:200]}")
+
+    def _discardRestOf(self, line):
+        """
+        Read and drop the rest of a status line longer than one read: left
+        unread, it would be taken for the next response, or for the first
+        line of a message.
+        """
+        for _ in range(_MAX_STATUS_READS):
+            if line.endswith(b"\n"):
+                return
+            line = self._readline(_MAX_STATUS)
+        raise POP3Failed(f"{self.host} sent a status line of over {_MAX_STATUS * _MAX_STATUS_READS} octets")
 
     def command(self, line, what=None):
         self._send(line)
@@ -200,10 +235,11 @@ class POP3Client:
                 line = line[1:]
             yield line
 
-    def _multiline(self, spool):
+    def _pieces(self):
         """
-        A multi-line response's data, written to C{spool}, lines longer
-        than a read ending where they end; bare LF line ends made CRLF.
+        A multi-line response's data, in pieces: lines, lines longer than
+        a read cut where it ends; dot-stuffing undone, bare LF line ends
+        made CRLF.
         """
         atLineStart = True
         previousCR = False
@@ -218,6 +254,22 @@ class POP3Client:
                 piece = piece[:-1] + b"\r\n"
             atLineStart = piece.endswith(b"\n")
             previousCR = piece.endswith(b"\r")
+            yield piece
+
+    def _multiline(self, spool, maxSize):
+        """
+        A multi-line response's data, written to C{spool}, at most
+        C{maxSize} octets of it.
+
+        @raise TooLarge: if there is more; the rest has been read (and
+            dropped), so the session can go on.
+        """
+        pieces = self._pieces()
+        for piece in pieces:
+            if spool.size + len(piece) > maxSize:
+                for _ in pieces:
+                    pass
+                raise TooLarge(f"over {maxSize} octets, the largest message imported")
             spool.write(piece)
 
     # -- commands ----------------------------------------------------------------
@@ -249,11 +301,20 @@ class POP3Client:
         """
         self.command("UIDL")
         found = []
-        for line in self._lines():
+        numbers = set()
+        # Read to the end first: a refusal must not leave the rest of the
+        # listing to be taken for the next response.
+        for line in list(self._lines()):
             parts = line.decode("utf-8", "replace").split()
             if len(parts) != 2 or not parts[0].isdigit():
                 raise POP3Failed(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
-            found.append((int(parts[0]), parts[1]))
+            number = int(parts[0])
+            if number in numbers:
+                # Which of its ids would be the message's?  Importing it
+                # under both would store it twice.
+                raise POP3Failed(f"{self.host} sent a malformed UIDL listing: message {number} twice")
+            numbers.add(number)
+            found.append((number, parts[1]))
         return found
 
     def sizes(self):
@@ -268,14 +329,17 @@ class POP3Client:
                 sizes[int(parts[0])] = int(parts[1])
         return sizes
 
-    def retrieve(self, number, listedSize=None):
+    def retrieve(self, number, listedSize=None, maxSize=MAX_MESSAGE_SIZE):
         """
         Message C{number} as an L{IMessageSource}.
+
+        @raise POP3Refused: if the server will not give it.
+        @raise TooLarge: if it is over C{maxSize} octets.
         """
         self.command(f"RETR {number}", f"RETR {number}")
         spool = SpoolSource()
         try:
-            self._multiline(spool)
+            self._multiline(spool, maxSize)
         except BaseException:
             spool.close()
             raise
@@ -319,12 +383,17 @@ def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
     return client
 
 
-def importPOP3(store, url, address, password, user=None, insecure=False, delete=False, warn=None, now=None):
+def importPOP3(
+    store, url, address, password, user=None, insecure=False, delete=False, warn=None, now=None,
+    maxSize=MAX_MESSAGE_SIZE,
+):
     """
     Copy a live POP3 maildrop into C{address}'s, keeping its unique ids.
 
     @param user: the POP3 user name when the URL has none (default:
         C{address}).
+    @param maxSize: the largest message imported, in octets; a larger one
+        is a failure.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the server cannot be reached or refuses the
         login; failures later on are in the report.
@@ -334,7 +403,7 @@ def importPOP3(store, url, address, password, user=None, insecure=False, delete=
     report = ImportReport()
     try:
         try:
-            _copy(client, store, address, report, delete, now)
+            _copy(client, store, address, report, delete, now, maxSize, warn)
         except MailgateError as e:
             report.failures.append(str(e))
         try:
@@ -348,41 +417,73 @@ def importPOP3(store, url, address, password, user=None, insecure=False, delete=
     return report
 
 
-def _copy(client, store, address, report, delete, now):
+def _copy(client, store, address, report, delete, now, maxSize, warn):
     from mailgate.importers import fired
 
-    listing = client.uniqueIds()
+    listing = _importable(client.uniqueIds(), report, warn)
     sizes = client.sizes()
     present = fired(store.existingUidls(address, [uidl for _, uidl in listing]))
-    numbers = {}
-    pending = []
+    numbers = {uidl: number for number, uidl in listing}
     committed = []
     writer = BatchWriter(store, address, report, onBatch=committed.extend)
-    seen = {}
-    for number, uidl in listing:
-        if uidl in seen:
-            seen[uidl] += 1
-            uidl = f"{uidl}-{seen[uidl]}"
-        seen.setdefault(uidl, 1)
-        numbers[uidl] = number
-        if uidl in present:
-            report.skipped += 1
-            committed.append(uidl)
-            continue
+    try:
+        for number, uidl in listing:
+            if not delete and sizes.get(number) in present.get(uidl, ()):
+                # Imported by an earlier run, by its id and size.  (With
+                # delete, the content itself is compared, by the store,
+                # before the source may lose it.)
+                report.skipped += 1
+                continue
+            _fetch(client, writer, number, uidl, sizes.get(number), now, maxSize, report)
+    finally:
+        # What was fetched completely is stored, even if the connection
+        # broke after it.
+        try:
+            writer.flush()
+        finally:
+            if delete:
+                _deleteCommitted(client, [numbers[uidl] for uidl in committed])
+
+
+def _importable(listing, report, warn):
+    """
+    C{(number, unique id)} of the messages of a UIDL listing to import: an
+    id the server repeats renamed (L{renameDuplicates}); an id POP3 cannot
+    carry is a failure in the report.
+    """
+    renamed = renameDuplicates([uidl for _, uidl in listing])
+    importable = []
+    for (number, original), uidl in zip(listing, renamed):
         if not validUidl(uidl):
             report.failures.append(f"message {number}: unique id {uidl[:80]!r} is not one POP3 can carry")
             continue
-        pending.append((number, uidl))
+        if uidl != original and warn is not None:
+            warn(f"message {number}: unique id {original} appears twice; imported as {uidl}")
+        importable.append((number, uidl))
+    return importable
+
+
+def _fetch(client, writer, number, uidl, listedSize, now, maxSize, report):
+    """
+    RETR one message and queue it; one the server will not give, or too
+    large, is a failure of its own.
+    """
     try:
-        for number, uidl in pending:
-            writer.add(uidl, client.retrieve(number, sizes.get(number)), now)
-        writer.flush()
-    finally:
-        if delete:
-            # Only what is safely in mailgate; the server removes it at
-            # QUIT.  (A connection that broke has no deletions to apply.)
-            try:
-                for uidl in committed:
-                    client.delete(numbers[uidl])
-            except POP3Failed:
-                pass
+        source = client.retrieve(number, listedSize, maxSize)
+    except (POP3Refused, TooLarge) as e:
+        report.failures.append(f"message {number} ({uidl}): {e}; not imported")
+        return
+    writer.add(uidl, source, now, f"message {number}")
+
+
+def _deleteCommitted(client, numbers):
+    """
+    DELE what is safely in mailgate (imported, or there before with the
+    same content); the server removes it at QUIT.  A connection that
+    broke has no deletions to apply.
+    """
+    try:
+        for number in numbers:
+            client.delete(number)
+    except POP3Failed:
+        pass

@@ -19,6 +19,7 @@ inherits).  The rules they keep:
     kept deleted mail keeps its own, restored mail gets them back.
 """
 
+import hashlib
 import re
 import secrets
 
@@ -26,7 +27,7 @@ import attr
 
 from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
-from mailgate.store.reads import CHUNK_SIZE
+from mailgate.store.reads import CHUNK_SIZE, _readChunks
 from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _sessions
 from mailgate.store.rows import (
     BODY_COLUMNS,
@@ -382,23 +383,95 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
 
 
-def _presentUidls(cursor, userId, uidls):
+def _presentBodies(cursor, userId, uidls):
     """
-    Which of C{uidls} a user's maildrop already has, or keeps deleted.
+    What a user's maildrop holds (or keeps deleted) under each of
+    C{uidls} it has: unique id to a list of C{(size, owner, body id)}.
     """
-    present = set()
+    present = {}
     for batch in batches(sorted(set(uidls))):
         marks = placeholders(len(batch))
         for table in ("maildrop", "deleted_mail"):
             cursor.execute(
-                f"SELECT uidl FROM {table} WHERE user_id = ? AND uidl IN ({marks})", (userId, *batch)
+                f"SELECT uidl, size, body_owner, body_id FROM {table} WHERE user_id = ? AND uidl IN ({marks})",
+                (userId, *batch),
             )
-            present.update(row[0] for row in cursor.fetchall())
+            for uidl, size, owner, bodyId in cursor.fetchall():
+                present.setdefault(uidl, []).append((size, owner, bodyId))
     return present
 
 
 def _existingUidls(cursor, address, uidls):
-    return _presentUidls(cursor, _userId(cursor, address), uidls)
+    present = _presentBodies(cursor, _userId(cursor, address), uidls)
+    return {uidl: {size for size, _, _ in bodies} for uidl, bodies in present.items()}
+
+
+def _storedDigest(cursor, owner, bodyId, size):
+    """
+    The SHA-256 of a stored body, read a few chunks at a time.
+    """
+    digest = hashlib.sha256()
+    seq = read = 0
+    while read < size:
+        for chunk in _readChunks(cursor, owner, bodyId, seq, 8):
+            digest.update(chunk)
+            read += len(chunk)
+            seq += 1
+    return digest.digest()
+
+
+def _sourceDigest(source):
+    digest = hashlib.sha256()
+    for chunk in source.chunks(CHUNK_SIZE):
+        digest.update(chunk)
+    return digest.digest()
+
+
+def _conflictWith(cursor, stored, source):
+    """
+    Why C{source} is not the message the maildrop holds under its unique
+    id (C{stored}, from L{_presentBodies}), or C{None} if it is: the same
+    octets.  The id alone does not tell: another server (or another
+    mailbox) can have given it to other mail, and an importer deletes
+    from its source what is already present.
+    """
+    sizes = [size for size, _, _ in stored]
+    if source.size not in sizes:
+        return (
+            f"the maildrop already has another message under this unique id "
+            f"({' or '.join(map(str, sizes))} octets, this one {source.size})"
+        )
+    digest = _sourceDigest(source)
+    for size, owner, bodyId in stored:
+        if size == source.size and _storedDigest(cursor, owner, bodyId, size) == digest:
+            return None
+    return f"the maildrop already has another message of the same size ({source.size} octets) under this unique id"
+
+
+def _sortImports(cursor, userId, items):
+    """
+    Split C{items} into those to add, the unique ids already present with
+    the very same content (a resumed import), and C{(uidl, reason)} for
+    the conflicts: an id present with other content, or given twice.
+    Nothing is dropped without a word.
+    """
+    present = _presentBodies(cursor, userId, [item[0] for item in items])
+    fresh, skipped, conflicts, seen = [], [], [], set()
+    for item in items:
+        uidl, source = item[0], item[1]
+        if uidl in seen:
+            conflicts.append((uidl, "the same unique id is given to two messages"))
+            continue
+        seen.add(uidl)
+        if uidl not in present:
+            fresh.append(item)
+            continue
+        reason = _conflictWith(cursor, present[uidl], source)
+        if reason is None:
+            skipped.append(uidl)
+        else:
+            conflicts.append((uidl, reason))
+    return fresh, skipped, conflicts
 
 
 def generatedUid(uidl, validity):
@@ -422,7 +495,9 @@ def _importMessages(cursor, address, items):
     """
     Add messages from another server to a user's maildrop, keeping the
     unique ids that server gave them, in one transaction.  Ids the
-    maildrop already has (a resumed import) are skipped.  The messages
+    maildrop already has with the same content (a resumed import) are
+    skipped; with other content they are conflicts, and not added (see
+    L{_sortImports}).  The messages
     take the next uids, in the order given (POP3 numbers them so), and
     count towards the user's storage use, but no quota refuses them: a
     migration must not lose mail.
@@ -433,19 +508,14 @@ def _importMessages(cursor, address, items):
 
     @param items: C{(uidl, source, arrived)} per message, the source an
         L{mailgate.interfaces.IMessageSource}.
-    @return: C{(imported, skipped)}: the unique ids added, and those
-        skipped as already present.
+    @return: C{(imported, skipped, conflicts)}: the unique ids added,
+        those skipped as already present, and C{(uidl, reason)} for those
+        neither.
     """
     userId = _userId(cursor, address)
-    present = _presentUidls(cursor, userId, [item[0] for item in items])
-    fresh, seen = [], set()
-    for item in items:
-        if item[0] not in present and item[0] not in seen:
-            seen.add(item[0])
-            fresh.append(item)
-    skipped = [item[0] for item in items if item[0] in present]
+    fresh, skipped, conflicts = _sortImports(cursor, userId, items)
     if not fresh:
-        return [], skipped
+        return [], skipped, conflicts
     octets = sum(source.size for _, source, _ in fresh)
     oldest = min(arrived for _, _, arrived in fresh)
     cursor.execute(
@@ -478,7 +548,7 @@ def _importMessages(cursor, address, items):
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
-    return [uidl for uidl, _, _ in fresh], skipped
+    return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 
 def _inSession(cursor, userId, aliveSince):
@@ -753,7 +823,7 @@ class LifecycleStore:
         Add messages from another server, keeping their unique ids; see
         L{_importMessages}.  One transaction: all of C{items} or none.
 
-        @return: a L{Deferred} of C{(imported, skipped)} unique ids; fails
+        @return: a L{Deferred} of C{(imported, skipped, conflicts)}; fails
             with L{NoSuchUser}.
         """
         return self.database.runWrite(_importMessages, address, list(items))
@@ -761,7 +831,8 @@ class LifecycleStore:
     def existingUidls(self, address, uidls):
         """
         Which of C{uidls} a user's maildrop already holds (or keeps
-        deleted): a L{Deferred} set.
+        deleted): a L{Deferred} dict, unique id to the set of sizes of
+        what it holds under it.
         """
         return self.database.runInteraction(_existingUidls, address, list(uidls))
 
