@@ -722,7 +722,7 @@ def _utc(at):
     try:
         return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (ValueError, OverflowError, OSError):
-        return f"{at:.0f} (seconds since 1970, past year 9999)"
+        return f"{int(at)} (seconds since 1970, past year 9999)"
 
 
 def _policyStore(store):

@@ -704,3 +704,183 @@ def test_deliverWithSenderAddsTraceFields(tmp_path):
     assert lines[2].startswith("Received: by ") and "(mailgate) with local id " in lines[2]
     assert lines[3].startswith("\tfor <alice@example.org>; ")
     assert lines[4:7] == ["Subject: hi", "", "body"]
+
+
+# -- bad input: one line and the right exit code, never "internal error" ------------
+
+
+def _returnPath(cli, address):
+    [message] = cli.messages(address)
+    return message.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["evil\r\nX-Injected: yes", "evil\nX-Injected: yes@example.net", "a b@example.net", "bob@example.net>", "bob", "@example.net"],
+)
+def test_deliverRefusesASenderMailFromWouldRefuse(cli, sender):
+    """
+    The sender goes into Return-Path:, so it is checked as SMTP's MAIL FROM
+    checks it; nothing is delivered.
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", "-f", sender, ALICE, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 65, result
+    assert oneLineError(result).startswith("mailgate: bad sender ")
+    assert cli.messages(ALICE) == []
+
+
+@pytest.mark.parametrize("sender, returnPath", [("", b"<>"), ("<>", b"<>"), ("<bob@example.net>", b"<bob@example.net>")])
+def test_deliverTakesTheNullSenderAndAngleBrackets(cli, sender, returnPath):
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", "-f", sender, ALICE, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 0, result
+    assert _returnPath(cli, ALICE) == b"Return-Path: " + returnPath
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_aPasswordThatIsNotUTF8(cli, errors):
+    """
+    Bytes that are not UTF-8 on standard input: a data error, whether the
+    stream refuses them (strict) or passes them on as Python's own
+    standard input does in a C locale (surrogateescape).
+    """
+    cli.add(BOB, BOB_PASSWORD)
+
+    def stdin():
+        return io.TextIOWrapper(io.BytesIO(b"p\xffw\n"), encoding="utf-8", errors=errors, newline="")
+
+    for argv in (
+        ["user", "add", ALICE, "--password-stdin"],
+        ["user", "passwd", BOB, "--password-stdin"],
+        ["user", "apop", BOB, "on", "--password-stdin"],
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", cli.url, *argv], stdin=stdin(), stdout=out, stderr=err, environ={})
+        result = Result(code, out.getvalue(), err.getvalue())
+        assert code == 65, (argv, result)
+        assert oneLineError(result) == "mailgate: the password is not UTF-8 text\n"
+    assert cli.user(ALICE) is None
+    assert verifyPassword(BOB_PASSWORD, cli.user(BOB).passwordHash)
+
+
+def test_importUsersFileThatIsNotUTF8(cli, tmp_path):
+    cli.create()
+    users = tmp_path / "users.txt"
+    users.write_bytes(b"# users\nalice@example.org p\xffw\n")
+    result = cli("import", "pop3", "pop3://127.0.0.1:9", "--users", str(users))
+    assert result.code == 65, result
+    assert oneLineError(result) == f"mailgate: {users} line 2: not UTF-8 text\n"
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [("pop3://[::1", "bad URL"), ("pop3://mail.example.org:0", "bad port"), ("pop3s://[::1]:0", "bad port")],
+)
+def test_importPOP3RefusesABadURL(cli, url, reason):
+    cli.add(ALICE, PASSWORD)
+    result = cli("import", "pop3", url, ALICE, "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 64, result
+    assert oneLineError(result).startswith(f"mailgate: {reason}")
+
+
+@pytest.mark.parametrize("uidlFormat", ["%q", "%{nope}", "%08Xu%{unterminated"])
+def test_importMaildirRefusesABadUidlFormatUpFront(cli, tmp_path, uidlFormat):
+    """
+    The format's own mistake, not "the maildir has no dovecot-uidlist"
+    (which a format with an unknown variable was taken to need).
+    """
+    cli.add(ALICE, PASSWORD)
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    result = cli("import", "maildir", str(maildir), ALICE, "--uidl-format", uidlFormat)
+    assert result.code == 64, result
+    message = oneLineError(result)
+    assert message.startswith(f"mailgate: bad --uidl-format {uidlFormat!r}: ")
+    assert "dovecot-uidlist" not in message
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-inf", "-1", "soon"])
+def test_kickWaitIsAFiniteNumberOfSeconds(cli, wait):
+    cli.add(ALICE, PASSWORD)
+    result = cli("kick", ALICE, f"--wait={wait}")
+    assert result.code == 64, result
+    assert oneLineError(result).startswith("mailgate: bad --wait: ")
+
+
+def test_renameToTheSameAddress(cli):
+    """
+    Renaming a user to its own address is a mistake worth saying so, not
+    "already exists"; in any case of letters, since addresses are compared
+    without it.
+    """
+    cli.add(ALICE, PASSWORD)
+    for new in (ALICE, ALICE.upper()):
+        result = cli("user", "rename", ALICE, new)
+        assert result.code == 64, result
+        assert oneLineError(result) == f"mailgate: OLD and NEW are the same address, {ALICE}: nothing to rename\n"
+    assert cli.user(ALICE) is not None
+    result = cli("user", "rename", BOB, BOB)
+    assert result.code == 67, result
+
+
+# -- a missing database file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["user", "list"], 78),
+        (["db", "version"], 78),
+        (["mailbox", "list", ALICE], 78),
+        (["mailbox", "deleted", ALICE], 78),
+        (["user", "passwd", ALICE, "--password-stdin"], 78),
+        (["user", "del", ALICE], 78),
+        (["who"], 78),
+        (["ban", "list"], 78),
+        (["ban", "add", "192.0.2.1"], 78),
+        (["deliver", ALICE], 75),
+    ],
+)
+def test_missingDatabaseFileIsNotCreated(cli, argv, code):
+    """
+    A mistyped --database is an error, not a new empty database that
+    answers "no users" (or, to an MTA, "no such user": a bounce).
+    """
+    result = cli(*argv, stdin=f"{PASSWORD}\n")
+    assert result.code == code, result
+    assert oneLineError(result).startswith(f"mailgate: no such database file: {cli.path} ")
+    assert not cli.path.exists()
+
+
+def test_userAddAndDbUpgradeCreateTheDatabase(cli, tmp_path):
+    assert cli("db", "upgrade").code == 0
+    assert cli.path.exists()
+    other = CLI(tmp_path / "other.sqlite3")
+    other.add(ALICE, PASSWORD)
+    assert other.path.exists()
+
+
+def test_dbCopyFromAMissingFile(cli, tmp_path):
+    source, target = tmp_path / "mistyped.sqlite3", tmp_path / "copy.sqlite3"
+    result = cli("db", "copy", "--from", f"sqlite:///{source}", "--to", f"sqlite:///{target}")
+    assert result.code == 78, result
+    assert oneLineError(result) == f"mailgate: --from: no such database file: {source}\n"
+    assert result.out == ""
+    assert not source.exists() and not target.exists()
+
+
+# -- mailgate serve ---------------------------------------------------------------
+
+
+def test_serveSaysWhyTheConfigurationFileIsRefused(cli, tmp_path):
+    """
+    The one line twistd mailgate prints, not silence.
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_text('pop3 = ["tcp:notaport"]\n')
+    result = cli("serve", "--config", str(path))
+    assert result.code == 64, result
+    assert oneLineError(result).startswith(f"mailgate: {path}: key 'pop3': invalid endpoint 'tcp:notaport'")
+    assert not cli.path.exists()

@@ -147,3 +147,46 @@ def test_aRunningServerFollowsTheCommandWithinOneRefresh(cli):
     finally:
         policy.stop()
         store.close()
+
+
+@pytest.mark.parametrize("duration", ["300000000000", "99999999999999999999", "315360001", "-5"])
+def test_banDurationIsBounded(cli, duration):
+    """
+    At most ten years: a longer ban was stored, then failed to show (a
+    year past 9999), and one past the database's integers failed to store.
+    """
+    result = cli("ban", "add", "192.0.2.10", f"--for={duration}")
+    assert result.code == EX_USAGE, result
+    assert result.err.startswith("mailgate: bad --for: ") and result.err.count("\n") == 1, result
+    assert banList(cli) == []
+
+
+def test_banForTenYears(cli):
+    before = time.time()
+    assert cli("ban", "add", "192.0.2.10", "--for", "315360000").code == 0
+    [(_, _, _, expires)] = banList(cli)
+    assert before + 315360000 - 1 <= expires <= time.time() + 315360001
+
+
+def test_banListShowsABanBeyondYear9999(cli):
+    """
+    A ban an older mailgate stored for longer than a date can say: shown
+    in seconds, and the others still listed.
+    """
+    store = openSynchronousStore(cli.url)
+    try:
+        policyStore = SQLPolicyStore(store.database)
+        now = time.time()
+        resultOf(policyStore.addBan("192.0.2.10", now, 300000000000))
+        resultOf(policyStore.addBan("192.0.2.11", now, 60))
+    finally:
+        store.close()
+    result = cli("ban", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    address, reason, failures, seconds = lines[1].split()[:4]
+    assert (address, reason, failures) == ("192.0.2.10", "admin", "0")
+    assert now + 300000000000 - 1 <= int(seconds) <= now + 300000000000 + 2
+    assert lines[1].endswith("(seconds since 1970, past year 9999)")
+    assert lines[2].split()[0] == "192.0.2.11"
+    assert cli("ban", "del", "192.0.2.10").code == 0

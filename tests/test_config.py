@@ -357,6 +357,20 @@ def test_unknownKey(tmp_path):
         ('trusted-network = ["10.0.0.0/33"]\n', "trusted-network", "not a network"),
         ('domain = ["not a domain"]\n', "domain", "domain"),
         ('hostname = "  "\n', "hostname", "must not be empty"),
+        ('hostname = "evil\\r\\n+OK injected"\n', "hostname", "not a host name"),
+        ('hostname = "a b<c>"\n', "hostname", "not a host name"),
+        ('hostname = "[mail.example.org]"\n', "hostname", "not an address literal"),
+        ('default-quota = "99999999999999999999T"\n', "default-quota", "too large"),
+        ('default-quota = "8388608T"\n', "default-quota", "at most 1024T"),
+        ("default-quota = 9223372036854775807\n", "default-quota", "at most 1024T"),
+        ('max-message-size = "2048T"\n', "max-message-size", "at most 1024T"),
+        ("expire-days = 99999999999999999999\n", "expire-days", "must be at most 36500"),
+        ('expire-days = "99999999999999999999"\n', "expire-days", "must be at most 36500"),
+        ("keep-deleted-days = 99999999999999999999\n", "keep-deleted-days", "must be at most 36500"),
+        ("ban-time = 1000000000000\n", "ban-time", "must be at most 315360000"),
+        ("ban-window = 315360001\n", "ban-window", "must be at most 315360000"),
+        ("idle-timeout = 99999999999999999999\n", "idle-timeout", "must be at most 9223372036854775807"),
+        ('exempt-network = ["none", "10.0.0.0/8"]\n', "exempt-network", "cannot be combined with networks"),
         ("[pop3]\nport = 110\n", "pop3", "got {...} (table)"),
     ],
 )
@@ -370,6 +384,19 @@ def test_notTOML(tmp_path):
     message = fileError(tmp_path, "pop3 = [tcp:110\n")
     assert "not valid TOML" in message
     assert "line 1" in message
+
+
+def test_notUTF8(tmp_path):
+    """
+    Not a UnicodeDecodeError traceback: one line naming the file.
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_bytes(b"\xff\xfed\x00")
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(path))
+    assert e.value.code == (
+        f"mailgate: {path}: not UTF-8 text (byte 0 is b'\\xff'); a configuration file is TOML, which is UTF-8"
+    )
 
 
 def test_missingFile(tmp_path):
@@ -437,6 +464,12 @@ def test_twistdReadsTheFile(mailgate_server, tmp_path):
         assert s.recv(512).startswith(b"220 from-cli.test ")
 
 
+def test_exemptNetworkNoneWithNetworksOnTheCommandLine():
+    with pytest.raises(usage.UsageError, match="exempt-network: 'none' exempts nothing"):
+        parse("--exempt-network", "none", "--exempt-network", "10.0.0.0/8")
+    assert parse("--exempt-network", "none").toConfig().exemptNetworks == ["none"]
+
+
 def test_twistdStopsOnABadFileWithOneLine(tmp_path):
     path = writeConfig(tmp_path, 'pop3 = ["tcp:notaport"]\n')
     code, out, err = runCommand(
@@ -449,3 +482,25 @@ def test_twistdStopsOnABadFileWithOneLine(tmp_path):
                      "invalid literal for int() with base 10: 'notaport'"], (out, err)
     assert "Traceback" not in out + err
     assert not (tmp_path / "m.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"\xff\xfed\x00", "not UTF-8 text (byte 0 is b'\\xff'); a configuration file is TOML, which is UTF-8"),
+        (b'exempt-network = ["none", "10.0.0.0/8"]\n',
+         "key 'exempt-network': 'none' exempts nothing: it cannot be combined with networks"),
+    ],
+)
+def test_twistdStopsOnAFileWithOneLineNamingIt(tmp_path, content, reason):
+    """
+    Neither a traceback nor twistd's usage text: the one line.
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_bytes(content)
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", str(path)],
+        cwd=tmp_path,
+    )
+    assert code != 0
+    assert [line for line in (out + err).splitlines() if line.strip()] == [f"mailgate: {path}: {reason}"]

@@ -224,3 +224,61 @@ def test_whoAndKickWithoutAServingNode(cli, store):
     result = cli("kick", ALICE, "--wait", "0")
     assert result.code == 75
     assert result.err == f"mailgate: asked the node to end the POP3 session of {ALICE}; it has not ended yet\n"
+
+
+# -- numbers out of range -----------------------------------------------------------------
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["user", "quota", ALICE, HUGE + "T"],
+        ["user", "quota", ALICE, "8388608T"],
+        ["user", "quota", ALICE, "9223372036854775808"],
+        ["user", "quota", ALICE, "1025T"],
+        ["user", "quota", ALICE, "1G", "--messages", HUGE],
+        ["user", "expire", ALICE, HUGE],
+        ["user", "expire", ALICE, "36501"],
+        ["mailbox", "expunge", ALICE, "--older-than", HUGE],
+        ["mailbox", "restore", ALICE, "--since", HUGE + "999d"],
+        ["mailbox", "restore", ALICE, "--since", "36501d"],
+    ],
+)
+def test_numbersTooLargeForTheDatabaseAreUsageErrors(cli, store, argv):
+    """
+    Larger than the database's 64-bit integers (or than any sane limit):
+    a usage error saying so, not "internal error: OverflowError"; nothing
+    changes.
+    """
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    keptDeleted(store, ALICE, "wonderland", 1)
+    deliver(store, [ALICE], b"Subject: y\r\n\r\nhello\r\n")
+    result = cli(*argv)
+    assert result.code == 64, result
+    assert result.err.startswith("mailgate: bad ") and result.err.count("\n") == 1, result
+    assert listed(cli)[ALICE][3:] == ["default", "default", "default"]
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    assert len(resultOf(store.listDeleted(ALICE))) == 1
+
+
+def test_largestLimitsAreTaken(cli, store):
+    assert cli("user", "quota", ALICE, "1024T", "--messages", str(10**12)).code == 0
+    assert cli("user", "expire", ALICE, "36500").code == 0
+    assert listed(cli)[ALICE][3:] == ["1024T", str(10**12), "36500"]
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    assert cli("mailbox", "expunge", ALICE, "--older-than", "36500").out.startswith("removed 0 messages")
+
+
+def test_expungeRefusesANegativeAge(cli, store):
+    """
+    --older-than -5 meant "arrived before five days from now": every
+    message, one delivered a second ago too.
+    """
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    result = cli("mailbox", "expunge", ALICE, "--older-than", "-5")
+    assert result.code == 64, result
+    assert result.err == "mailgate: bad --older-than: must not be negative\n"
+    assert cli("mailbox", "expunge", ALICE, "--older-than", "soon").code == 64
+    assert len(resultOf(store.listMessages(ALICE))) == 1

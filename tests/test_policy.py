@@ -716,3 +716,18 @@ def test_banMetricCountsBansInForce():
     clock.advance(10)
     assert metrics.banCounts == [2, 1, 0]
     policy.stop()
+
+
+def test_banTimesAreBounded():
+    """
+    An embedder's PolicySettings are held to the bounds of --ban-time and
+    --ban-window: a ban must end at a time a date can show.
+    """
+    from mailgate.policy.settings import MAX_BAN_TIME
+
+    assert PolicySettings(banTime=MAX_BAN_TIME, banWindow=MAX_BAN_TIME).banTime == MAX_BAN_TIME
+    for name in ("banTime", "banWindow"):
+        with pytest.raises(ValueError, match=f"{name} must be at most {MAX_BAN_TIME} seconds"):
+            PolicySettings(**{name: MAX_BAN_TIME + 1})
+        with pytest.raises(ValueError, match=f"{name} must be positive"):
+            PolicySettings(**{name: 0})

@@ -197,6 +197,57 @@ def test_hostname():
         parse("--hostname", "  ")
 
 
+@pytest.mark.parametrize("name", ["Mail.Example.ORG", "localhost", "mx-1.example.org", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_hostnameAcceptedAsWritten(name):
+    assert parse("--hostname", name).toConfig().hostname == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a\r\nb", "evil\r\n+OK injected", "a b<c>", "<x>", "mail_1.example.org", "-mail.example.org",
+     "mail..example.org", "[192.0.2.1", "[2001:db8::1]", "[IPv6:192.0.2.1]", "[999.0.2.1]", "x" * 254],
+)
+def test_hostnameRefused(name):
+    """
+    It goes raw into the POP3 greeting, the SMTP banner and the APOP
+    timestamp: a line break would end the line, a space or <> would break
+    the timestamp.
+    """
+    with pytest.raises(usage.UsageError, match="--hostname: not a"):
+        parse("--hostname", name)
+
+
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("--default-quota", "99999999999999999999T", "too large"),
+        ("--default-quota", "8388608T", "at most 1024T"),
+        ("--max-message-size", "9223372036854775808", "at most 1024T"),
+        ("--expire-days", "99999999999999999999", "must be at most 36500"),
+        ("--keep-deleted-days", "99999999999999999999", "must be at most 36500"),
+        ("--ban-time", "1000000000000", "must be at most 315360000"),
+        ("--ban-window", "99999999999999999999", "must be at most 315360000"),
+        ("--login-timeout", "99999999999999999999", "must be at most 9223372036854775807"),
+    ],
+)
+def test_valuesOutOfRange(option, value, reason):
+    """
+    Refused at start-up, not taken to fail every delivery (quota), every
+    retention pass (days) or the first ban (ban-time) later.
+    """
+    with pytest.raises(usage.UsageError, match=f"{option}: .*{reason}"):
+        parse(option, value)
+
+
+def test_largestValuesInRange():
+    config = parse(
+        "--default-quota", "1024T", "--expire-days", "36500", "--keep-deleted-days", "36500",
+        "--ban-time", "315360000", "--ban-window", "315360000",
+    ).toConfig()
+    assert (config.defaultQuota, config.expireDays, config.keepDeletedDays) == (1 << 50, 36500, 36500)
+    assert (config.banTime, config.banWindow) == (315360000, 315360000)
+
+
 def test_unknownOption():
     with pytest.raises(usage.UsageError):
         parse("--no-such-option")
