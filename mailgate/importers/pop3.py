@@ -8,11 +8,13 @@ the ids the server gave them.
     a user name with C{@} is written C{%40}.  With C{pop3://}, C{STLS} is
     used when the server offers it.  Certificates are verified (against
     the system's trust store, or C{SSL_CERT_FILE}) unless C{insecure}.
-  - Resumable: ids the maildrop already has are not fetched again, so an
-    interrupted import is finished by running it again.
+  - Resumable: ids the maildrop already has, with the size LIST gives,
+    are not fetched again, so an interrupted import is finished by
+    running it again.
   - The source is left as it was, unless C{delete}: then each message is
-    marked with C{DELE} once it is committed in mailgate, and the server
-    removes them at C{QUIT}.
+    marked with C{DELE} once mailgate holds its very content (committed
+    by this run, or compared octet for octet with what an earlier one
+    stored), and the server removes them at C{QUIT}.
   - Octets are kept exactly: the message as RETR sent it, dot-stuffing
     undone, whatever LIST said its size was; only a message the server
     had to end with a line break it did not have (its RETR is two octets
