@@ -149,19 +149,16 @@ def test_aRunningServerFollowsTheCommandWithinOneRefresh(cli):
         store.close()
 
 
-@pytest.mark.parametrize("duration", ["300000000000", "99999999999999999999", "315360001", "-5"])
-def test_banDurationIsBounded(cli, duration):
+def test_banDurationIsBounded(cli):
     """
     At most ten years: a longer ban was stored, then failed to show (a
     year past 9999), and one past the database's integers failed to store.
     """
-    result = cli("ban", "add", "192.0.2.10", f"--for={duration}")
-    assert result.code == EX_USAGE, result
-    assert result.err.startswith("mailgate: bad --for: ") and result.err.count("\n") == 1, result
+    for duration in ("300000000000", "99999999999999999999", "315360001", "-5"):
+        result = cli("ban", "add", "192.0.2.10", f"--for={duration}")
+        assert result.code == EX_USAGE, result
+        assert result.err.startswith("mailgate: bad --for: ") and result.err.count("\n") == 1, result
     assert banList(cli) == []
-
-
-def test_banForTenYears(cli):
     before = time.time()
     assert cli("ban", "add", "192.0.2.10", "--for", "315360000").code == 0
     [(_, _, _, expires)] = banList(cli)

@@ -231,9 +231,7 @@ def test_whoAndKickWithoutAServingNode(cli, store):
 HUGE = "99999999999999999999"
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
+OUT_OF_RANGE = [
         ["user", "quota", ALICE, HUGE + "T"],
         ["user", "quota", ALICE, "8388608T"],
         ["user", "quota", ALICE, "9223372036854775808"],
@@ -244,26 +242,26 @@ HUGE = "99999999999999999999"
         ["mailbox", "expunge", ALICE, "--older-than", HUGE],
         ["mailbox", "restore", ALICE, "--since", HUGE + "999d"],
         ["mailbox", "restore", ALICE, "--since", "36501d"],
-    ],
-)
-def test_numbersTooLargeForTheDatabaseAreUsageErrors(cli, store, argv):
+]
+
+
+def test_numbersTooLargeForTheDatabaseAreUsageErrors(cli, store):
     """
     Larger than the database's 64-bit integers (or than any sane limit):
     a usage error saying so, not "internal error: OverflowError"; nothing
-    changes.
+    changes.  The largest values are taken.
     """
     deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
     keptDeleted(store, ALICE, "wonderland", 1)
     deliver(store, [ALICE], b"Subject: y\r\n\r\nhello\r\n")
-    result = cli(*argv)
-    assert result.code == 64, result
-    assert result.err.startswith("mailgate: bad ") and result.err.count("\n") == 1, result
+    for argv in OUT_OF_RANGE:
+        result = cli(*argv)
+        assert result.code == 64, (argv, result)
+        assert result.err.startswith("mailgate: bad ") and result.err.count("\n") == 1, result
     assert listed(cli)[ALICE][3:] == ["default", "default", "default"]
     assert len(resultOf(store.listMessages(ALICE))) == 1
     assert len(resultOf(store.listDeleted(ALICE))) == 1
 
-
-def test_largestLimitsAreTaken(cli, store):
     assert cli("user", "quota", ALICE, "1024T", "--messages", str(10**12)).code == 0
     assert cli("user", "expire", ALICE, "36500").code == 0
     assert listed(cli)[ALICE][3:] == ["1024T", str(10**12), "36500"]
