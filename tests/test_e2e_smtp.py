@@ -542,6 +542,69 @@ def test_killedMidDataLeavesNothingAndRetryDeliversOnce(mailgate_server, mailgat
     assertDelivered(stored[1], interrupted, SENDER, recipient=ALICE)
 
 
+def _sendAllThenHalfClose(port, wire):
+    """
+    What C{printf ... | nc -N} does: send everything, close the sending
+    side, read until the server closes.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(wire)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        for _ in range(1000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return answer.decode()
+            answer += chunk
+    raise AssertionError(f"the server did not close: {answer!r}")
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+def test_aClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli, protocol):
+    """
+    A client sends a whole transaction and QUIT, then closes its side of
+    the connection without waiting: the message is stored once and the
+    client gets every reply, the 250 for its message and the 221 among
+    them (closed at once, the client would not know its message was
+    taken, and send it again).
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    hello = "LHLO" if protocol == "lmtp" else "EHLO"
+    message = headers("half-closed") + b"\r\nsent, then the end of input\r\n"
+    wire = (
+        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode()
+        + message + b".\r\nQUIT\r\n"
+    )
+    answer = _sendAllThenHalfClose(server.portOf(protocol.upper()), wire)
+    codes = [line[:4] for line in answer.splitlines() if line[3:4] == " "]
+    assert codes == ["220 ", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "], answer
+    stored = fetchAll(server, ALICE)
+    assert len(stored) == 1
+    assertDelivered(stored[0], message, SENDER, protocol=protocol.upper() if protocol == "lmtp" else "ESMTP", recipient=ALICE)
+
+    # An unfinished message before the end of input is not stored.
+    answer = _sendAllThenHalfClose(
+        server.portOf(protocol.upper()),
+        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode() + message,
+    )
+    assert answer.splitlines()[-1].startswith("354 "), answer
+    assert len(fetchAll(server, ALICE)) == 1
+
+
+def test_aPop3ClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.deliver(ALICE, b"Subject: one\r\n\r\nbody\r\n")
+    server = mailgate_server()
+    answer = _sendAllThenHalfClose(
+        server.port, f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode()
+    )
+    lines = answer.splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["+OK"] * 6, answer
+    assert lines[3].startswith("+OK 1 "), answer
+    assert len(mailgate_cli.mailbox(ALICE)) == 0
+
+
 # -- 5. the README's .tac example ------------------------------------------------
 
 

@@ -188,6 +188,28 @@ def test_smtpBehindTheBalancerRecordsTheClientInTheTraceField(store):
     assert session.peerText == "198.51.100.7:5555"
 
 
+def test_aClientThatHalfClosesBehindTheBalancerIsAnswered(store):
+    """
+    The client's end of input, relayed by the balancer, reaches the
+    session: it answers the commands it was sent, then closes.  Before the
+    whole header, the connection is just closed.
+    """
+    clock = Clock()
+    protocol, transport = wrapped(pop3Factory(store, clock), clock)
+    protocol.dataReceived(v1("203.0.113.9") + b"CAPA\r\nNOOP\r\n")
+    protocol.readConnectionLost()
+    out = transport.value()
+    assert b"+OK capability list follows" in out
+    assert out.endswith(b"\r\n.\r\n-ERR NOOP is not valid in the AUTHORIZATION state\r\n")
+    assert transport.disconnecting
+
+    protocol, transport = wrapped(pop3Factory(store, clock), clock)
+    protocol.dataReceived(b"PROXY TCP4 203.0.113.9")
+    protocol.readConnectionLost()
+    assert transport.value() == b""
+    assert transport.disconnecting
+
+
 @pytest.mark.parametrize("garbage", [b"CAPA\r\n", b"PROXY TCP4 nonsense\r\n", b"\x16\x03\x01\x00"])
 def test_somethingElseThanAHeaderIsDropped(store, garbage):
     clock = Clock()

@@ -182,6 +182,47 @@ def test_exactlyTheLimitIsAccepted():
     assert take(transport) == line[4:] + b"bad too long\r\n"
 
 
+def test_aClientThatHalfClosesIsAnsweredThenClosed():
+    """
+    Commands followed by the client's end of input (a half-close): each
+    runs and is answered, a waiting one included, and only then does the
+    session close; an unfinished last line is dropped.
+    """
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"SAY a\r\nWAIT 1\r\nSAY b\r\nSAY unfinish")
+    protocol.readConnectionLost()
+    assert take(transport) == b"a\r\n"
+    assert not transport.disconnecting
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\nb\r\n"
+    assert transport.disconnecting
+
+
+def test_aClientThatHalfClosesWhileNotReadingIsClosedOnceItReads():
+    """
+    The client's end of input arrives while its replies wait for it to
+    read (the transport paused the session): the session closes when
+    they have gone, not before.
+    """
+    protocol, transport, _ = connect()
+    protocol.pauseProducing()
+    protocol.dataReceived(b"SAY a\r\nSAY b\r\n")
+    protocol.readConnectionLost()
+    assert take(transport) == b""
+    assert not transport.disconnecting
+    protocol.resumeProducing()
+    assert take(transport) == b"a\r\nb\r\n"
+    assert transport.disconnecting
+
+
+def test_aHalfCloseInRawModeEndsTheSession():
+    protocol, transport, _ = connect()
+    protocol.dataReceived(b"RAW 10\r\nabc")
+    protocol.readConnectionLost()
+    assert take(transport) == b"go\r\n"
+    assert transport.disconnecting
+
+
 def test_badCommandsAreCountedAndCloseTheSession():
     protocol, transport, _ = connect()
     protocol.dataReceived(b"REFUSE a\r\n\x00\r\n\xff\r\n")

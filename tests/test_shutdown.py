@@ -16,6 +16,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 
 from mailgate.service import MailgateConfig, makeService
 from mailgate.session import SessionTracker
@@ -223,6 +224,32 @@ def test_connectionsArrivingWhileStoppingAreRefused(server):
 def test_withoutSessionsTheShutdownIsOverAtOnce():
     tracker = SessionTracker(Clock())
     assert fired(tracker.shutdown(30))
+
+
+def test_theShutdownCountsOnlySessionsThatAreNotClosingAlready():
+    """
+    A session whose connection is being let go (a client that closed its
+    side, answered and closed) has nothing to finish: the shutdown's log
+    line counts the others.
+    """
+
+    class Session:
+        def __init__(self, closed):
+            self.closed = closed
+            self.asked = 0
+
+        def shutdownRequested(self):
+            self.asked += 1
+
+    tracker = SessionTracker(Clock())
+    open_, closing = Session(False), Session(True)
+    tracker.add(open_)
+    tracker.add(closing)
+    with capturedLogs() as events:
+        tracker.shutdown(30)
+    assert [formatEvent(e) for e in events if e.get("event") == "session.shutdown"] == [
+        "shutting down: 1 sessions get 30 seconds to finish"
+    ]
 
 
 def test_aSessionThatWillNotCloseIsAbortedAfterTheGrace(server):

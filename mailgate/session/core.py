@@ -29,6 +29,9 @@ L{CommandSession} owns, once for every protocol:
     Unread input is bounded as well.  The two reasons to stop reading are
     kept apart, so one never resumes what the other paused.  A long
     response streamed by a L{BlockSender} is that sender's to pace.
+  - B{A client that half-closes} (C{nc -N}, a script piping commands in):
+    the commands it sent before its end run and are answered, then the
+    session closes (L{readConnectionLost}).
   - B{The idle timer}, B{internal errors} (one reply, never a traceback to
     the client, never a dead session), B{closing}, and B{starting TLS}
     (input pipelined in the clear after STLS/STARTTLS is discarded).
@@ -48,7 +51,7 @@ import re
 import ssl
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
@@ -75,7 +78,7 @@ class CommandError(Exception):
     """
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class CommandSession(Protocol):
     """
     One command session.  Subclasses set the class attributes and provide
@@ -133,6 +136,7 @@ class CommandSession(Protocol):
         self._busy = False
         self._processing = False
         self._closed = False
+        self._inputEnded = False
         self._admitted = False
         self._paused = set()
         self._outputPaused = False
@@ -416,6 +420,38 @@ class CommandSession(Protocol):
             if outer:
                 out.release()
         self._flowControl()
+        if self._inputEnded:
+            self._endOnceAnswered()
+
+    # -- the client's end of input (IHalfCloseableProtocol) -------------------
+
+    def readConnectionLost(self):
+        """
+        The client has sent all it will send and closed its side (a
+        half-close): the commands it sent before that still run and their
+        replies still go out, then the session closes.  Closed at once,
+        the client would lose those replies, among them an SMTP C{250}
+        for a message already committed (it would send it again).
+        """
+        if self._closed:
+            return
+        self._inputEnded = True
+        self._process()
+
+    def writeConnectionLost(self):
+        # The session never closes only its writing side.
+        pass
+
+    def _endOnceAnswered(self):
+        """
+        Close once every command the client sent has run: not while one is
+        running or the client's replies wait for it to read (the idle timer
+        bounds that); what is left is an unfinished line or message, which
+        nothing can complete now.
+        """
+        if self._closed or self._busy or self._outputPaused:
+            return
+        self.close()
 
     def _runQueue(self):
         out = self._out

@@ -20,7 +20,7 @@ import ipaddress
 import struct
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -159,6 +159,7 @@ def _parseV2(data, maxLength):
     raise InvalidProxyHeader("unsupported PROXY v2 address family")
 
 
+@implementer(IHalfCloseableProtocol)
 class ProxyHeaderProtocol(ProtocolWrapper):
     """
     Reads the PROXY header, then connects the wrapped protocol, to which
@@ -237,6 +238,22 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     def getHost(self):
         return self._destination or self.transport.getHost()
+
+    def readConnectionLost(self):
+        """
+        The client (through the balancer) has closed its side: the session
+        answers what it was sent, if it can (see
+        L{mailgate.session.core.CommandSession.readConnectionLost}); a
+        connection still without its whole header is closed.
+        """
+        halfCloseable = IHalfCloseableProtocol(self.wrappedProtocol, None) if self._relaying else None
+        if halfCloseable is None:
+            self.transport.loseConnection()
+        else:
+            halfCloseable.readConnectionLost()
+
+    def writeConnectionLost(self):
+        pass
 
     def connectionLost(self, reason):
         self._cancelTimeout()

@@ -80,10 +80,13 @@ class SessionTracker:
                 self._finished()
             return d
         self.stopping = True
-        if self._sessions:
+        # Sessions closing already (their connection is being let go) have
+        # nothing left to finish: the count is of the others.
+        finishing = sum(1 for session in self._sessions if not session.closed)
+        if finishing:
             self.log.info(
                 "shutting down: {count} sessions get {grace} seconds to finish",
-                count=len(self._sessions),
+                count=finishing,
                 grace=grace,
                 event="session.shutdown",
             )
