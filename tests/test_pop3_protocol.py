@@ -343,6 +343,8 @@ def test_top(store, alice):
     assert s.command("TOP 1 2") == "+OK top of message follows\r\nFrom: a\r\nSubject: s\r\n\r\nl1\r\nl2\r\n.\r\n"
     full = "From: a\r\nSubject: s\r\n\r\nl1\r\nl2\r\nl3\r\n"
     assert s.command("TOP 1 99") == f"+OK top of message follows\r\n{full}.\r\n"
+    # However many lines are asked for: the whole message (RFC 1939).
+    assert s.command("TOP 1 " + "9" * 40) == f"+OK top of message follows\r\n{full}.\r\n"
 
 
 def test_topOfMessageWithoutBody(store, alice):
@@ -360,6 +362,7 @@ def test_topStuffsDots(store, alice):
 def test_topMalformed(three):
     assert three.command("TOP 1").startswith("-ERR expected: TOP message-number lines")
     assert three.command("TOP 1 -1").startswith("-ERR invalid line count")
+    assert three.command("TOP 1 \u0661").startswith("-ERR invalid line count")
     assert three.command("TOP x 1").startswith("-ERR invalid message number")
     assert three.command("TOP 9 1") == "-ERR no such message: 9\r\n"
 
@@ -413,6 +416,20 @@ def test_twistedDefect_malformedDeleKeepsTheSession(three):
     assert three.command("DELE -1") == "-ERR invalid message number: '-1'\r\n"
     assert three.command("DELE 99999999999999999999").startswith("-ERR invalid message number")
     assert not three.disconnected
+    assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
+
+
+def test_onlyASCIISpacesAroundAMessageNumber(three):
+    """
+    Spaces around a message number are forgiven, for LIST and UIDL
+    without one too; other white space (a tab, a no-break space) is not
+    part of a number.
+    """
+    assert three.command("LIST  2 ") == f"+OK 2 {SIZES[1]}\r\n"
+    assert three.command("LIST   ").startswith("+OK 3 messages")
+    assert three.command("UIDL   ").startswith("+OK")
+    assert three.command("LIST \u00a01") == "-ERR invalid message number: '\\xa01'\r\n"
+    assert three.command("RETR 1\t").startswith("-ERR invalid message number")
     assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
 
 

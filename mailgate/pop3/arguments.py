@@ -22,6 +22,16 @@ def number(text, what="message number"):
     return int(text)
 
 
+def lineCount(text):
+    """
+    TOP's count of body lines: any count, however large (RFC 1939: more
+    lines than the body has sends the whole message).
+    """
+    if not text.isascii() or not text.isdigit():
+        raise CommandError(f"invalid line count: {text[:20]!r}" if text else "missing line count")
+    return int(text)
+
+
 def arguments(argument, count, names):
     """
     Exactly C{count} arguments separated by single spaces.

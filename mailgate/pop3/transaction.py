@@ -11,7 +11,7 @@ them, all at once.
 from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
-from mailgate.pop3.arguments import arguments, noArguments, number
+from mailgate.pop3.arguments import arguments, lineCount, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
 from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
 from mailgate.session import CommandError, SendAborted
@@ -29,7 +29,9 @@ class TransactionCommands:
         Parse a message number and check it names a message of this session
         that is not marked deleted.  Returns the 0-based index.
         """
-        n = number(text.strip())
+        # Spaces around it are forgiven; other white space (a tab, Unicode's
+        # no-break space) is not a message number's.
+        n = number(text.strip(" "))
         if not 1 <= n <= len(self._maildrop.sizes):
             raise CommandError(f"no such message: {n}")
         index = n - 1
@@ -60,7 +62,7 @@ class TransactionCommands:
         self._ok(f"message {index + 1} deleted")
 
     def pop3_LIST(self, argument):
-        if argument:
+        if argument.strip(" "):
             index = self._messageIndex(argument)
             self._ok(f"{index + 1} {self._maildrop.sizes[index]}")
             return None
@@ -85,7 +87,7 @@ class TransactionCommands:
         return self.stream(terminated(nextBlock))
 
     def pop3_UIDL(self, argument):
-        if argument:
+        if argument.strip(" "):
             index = self._messageIndex(argument)
             d = self._maildrop.uniqueIds(index, 1)
             d.addCallback(lambda ids: self._ok(f"{index + 1} {ids[0]}"))
@@ -137,7 +139,7 @@ class TransactionCommands:
     def pop3_TOP(self, argument):
         n, lines = arguments(argument, 2, "TOP message-number lines")
         index = self._messageIndex(n)
-        count = number(lines, "line count")
+        count = lineCount(lines)
         return self._sendMessage(index, count)
 
     def _sendMessage(self, index, bodyLines):
