@@ -454,6 +454,7 @@ def _importPOP3(store, args, out, stdin):
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
         users = [(_address(args.address), None)]
+    maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     total = ImportReport()
     failedUsers = []
     for address, password in users:
@@ -463,7 +464,7 @@ def _importPOP3(store, args, out, stdin):
                 password = _readPassword(args, stdin, confirm=False)
             report = importPOP3(
                 store, args.url, address, password, insecure=args.insecure, delete=args.delete,
-                warn=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+                warn=lambda line: args.stderr.write(f"mailgate: {line}\n"), maxSize=maxSize,
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:
@@ -962,6 +963,13 @@ def buildParser():
     ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     ipop3.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument(
+        "--max-message-size",
+        metavar="SIZE",
+        default="50M",
+        help="the largest message imported (octets, or with a unit: 100M, 1G); a larger one is "
+        "reported and left on the source (default: 50M, the server's own default limit)",
+    )
     ipop3.add_argument(
         "--users",
         metavar="FILE",

@@ -394,3 +394,28 @@ def test_pop3AListingThatRepeatsANumberIsRefused(store, source):
     assert report.messages == 0
     assert report.failures == ["127.0.0.1 sent a malformed UIDL listing: message 1 twice"]
     assert (pop3(store)[0], server.deleted) == ([], [])
+
+
+def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
+    """
+    C{mailgate import pop3 --max-message-size}: a message above it is
+    reported and left out (the import says it did not complete); with a
+    larger limit, the next run imports it; a limit that is no size is a
+    usage error.
+    """
+    from test_importers import cli, target
+
+    big = b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n"
+    server = source({1: ("U1", message(1)), 2: ("U2", big)})
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    command = ["import", "pop3", server.url, ALICE, "--password-stdin", "--max-message-size"]
+    code, out, err = cli(url, *command, "1000", stdin=PASSWORD + "\n")
+    assert code == 75, (out, err)
+    assert "message 2 (U2): over 1000 octets, the largest message imported; not imported" in err
+    assert out.startswith("1 messages imported")
+    code, out, err = cli(url, *command, "1M", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), (out, err)
+    assert out.startswith("1 messages imported") and "1 skipped as already present" in out
+    code, out, err = cli(url, *command, "0", stdin=PASSWORD + "\n")
+    assert code == 64 and "bad --max-message-size" in err, (out, err)
