@@ -130,6 +130,14 @@ class Options(usage.Options):
             raise SystemExit(f"mailgate: {e}") from None
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None
+        config = self.config
+        if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
+            # An empty pop3 list (in a file, say) turns the default listener
+            # off: a server on nothing is a mistake, not a deployment.
+            raise SystemExit(
+                "mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty"
+                + (f" (in {self.configPath})" if self.configPath else "")
+            )
         for setting in self.settings:
             self[setting.name] = getattr(self.config, setting.attribute)
 

@@ -488,6 +488,23 @@ def test_twistdStopsOnABadFileWithOneLine(tmp_path):
     assert "Traceback" not in out + err
     assert not (tmp_path / "m.sqlite3").exists()
 
+def test_twistdRefusesToListenOnNothing(tmp_path):
+    """
+    A file that empties the POP3 list, with no other listener: refused
+    in one line, not a server that listens on nothing.
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_text("pop3 = []\n")
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", str(path)],
+        cwd=tmp_path,
+    )
+    assert code != 0
+    assert [line for line in (out + err).splitlines() if line.strip()] == [
+        f"mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty (in {path})"
+    ]
+
+
 
 @pytest.mark.parametrize(
     "content, reason",
