@@ -343,6 +343,73 @@ def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certifi
     assert reused == [False, True, True, True]
 
 
+def _tlsOverSocket(context, sock):
+    """
+    A TLS client on memory BIOs over a real socket: what C{SSLSocket}
+    cannot do, send its close_notify and read on.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+
+    def flush():
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+
+    def receive():
+        data = sock.recv(65536)
+        if data:
+            incoming.write(data)
+        else:
+            incoming.write_eof()
+        return data
+
+    for _ in range(100):
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            flush()
+            assert receive(), "the server closed during the handshake"
+    flush()
+    return tls, flush, receive
+
+
+def test_aPOP3SClientThatSendsCloseNotifyGetsEveryReply(mailgate_server, mailgate_cli, certificate):
+    """
+    A POP3S client sends its commands and then its close_notify (TLS 1.3
+    lets it read on): it gets every reply, the deletion its QUIT asked
+    for is applied, and the server ends with its own close_notify.
+    """
+    certificatePath, _ = certificate
+    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
+    mailgate_cli.deliver(ALICE, message("to be deleted"))
+    raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+    with raw:
+        tls, flush, receive = _tlsOverSocket(clientContext(certificatePath), raw)
+        tls.write(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode())
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        flush()
+        answer = b""
+        closeNotify = False
+        for _ in range(1000):
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not receive():
+                    break
+            except ssl.SSLZeroReturnError:
+                closeNotify = True
+                break
+    lines = answer.decode().splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["+OK"] * 6, answer
+    assert lines[3].startswith("+OK 1 "), answer
+    assert closeNotify
+    assert mailgate_cli.mailbox(ALICE) == []
+
+
 def test_tlsMinVersion13RefusesATLS12Client(mailgate_server, mailgate_cli, certificate):
     """
     twistd mailgate --tls-min-version 1.3: a client that speaks at most

@@ -17,11 +17,13 @@ import weakref
 
 import pytest
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
@@ -283,6 +285,73 @@ def test_theClientsCloseNotifyClosesTheConnection(tls, pair):
     wire.move()
     assert wire.session.received == b"QUIT\r\n"
     assert wire.transport.disconnecting
+
+
+@implementer(IHalfCloseableProtocol)
+class Answering(Session):
+    """
+    A session that, told the client sent all it will, answers and closes
+    (as mailgate's sessions do with the commands they were sent).
+    """
+
+    inputEnded = 0
+
+    def readConnectionLost(self):
+        self.inputEnded += 1
+        self.transport.write(b"+OK bye\r\n")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+def test_theClientsCloseNotifyStillGetsTheAnswers(tls, pair):
+    """
+    TLS 1.3 lets a client close its side with close_notify and read on: a
+    session that can answer what it was sent does, then closes with its
+    own close_notify.
+    """
+    wire = Wire(tls, pair[0], Answering())
+    assert wire.handshake()
+    wire.send(b"QUIT\r\n")
+    try:
+        wire.client.tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    wire.move()
+    assert wire.session.received == b"QUIT\r\n"
+    assert wire.session.inputEnded == 1
+    # The answer, then the server's close_notify (which a client that has
+    # sent its own is told of by SSLZeroReturnError).
+    answer = b""
+    with pytest.raises(ssl.SSLZeroReturnError):
+        for _ in range(10):
+            answer += wire.client.tls.read(1 << 16)
+    assert answer == b"+OK bye\r\n"
+    assert wire.transport.disconnecting
+
+
+def test_theEndOfTheConnectionBeneathIsTheEndOfInput(tls, pair):
+    """
+    The connection beneath reports the client's end (a TCP half-close,
+    no close_notify): the session above is told, answers and closes.  In
+    the handshake, the connection is aborted: nothing can complete it.
+    """
+    wire = Wire(tls, pair[0], Answering())
+    assert wire.handshake()
+    wire.send(b"STAT\r\n")
+    wire.layer.readConnectionLost()
+    wire.move()
+    assert wire.session.inputEnded == 1
+    assert wire.client.read() == b"+OK bye\r\n"
+    assert wire.transport.disconnecting
+
+    early = Wire(tls, pair[0], Answering())
+    early.client.step()
+    early.layer.dataReceived(early.client.outgoing.read())
+    early.layer.readConnectionLost()
+    assert early.session.inputEnded == 0
+    assert early.transport.disconnecting
 
 
 def test_aCorruptRecordEndsTheSession(tls, pair):

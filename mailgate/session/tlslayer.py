@@ -40,7 +40,7 @@ What it does, as Twisted's layer did:
 import ssl
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import ILoggingContext, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext, ISSLTransport
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -52,7 +52,7 @@ from mailgate.twistedcompat import sendNow
 RECORD = 16 * 1024
 
 
-@implementer(ISSLTransport)
+@implementer(ISSLTransport, IHalfCloseableProtocol)
 class TLSLayer:
     """
     The server side of TLS on one connection.
@@ -176,7 +176,34 @@ class TLSLayer:
         if chunks:
             self.protocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if closed:
+            self._inputEnded()
+
+    def _inputEnded(self):
+        """
+        The client will send nothing more (its close_notify, or the end of
+        the connection beneath): a session above that can answer what it
+        was sent first is told so (TLS 1.3 lets the server write after the
+        client's close_notify); otherwise, or mid-handshake, close.
+        """
+        halfCloseable = None if self._handshaking else IHalfCloseableProtocol(self.protocol, None)
+        if halfCloseable is None or self.disconnecting:
             self.loseConnection()
+        else:
+            halfCloseable.readConnectionLost()
+
+    # IHalfCloseableProtocol, for the connection beneath.
+
+    def readConnectionLost(self):
+        if self._shutDown or not self.connected:
+            return
+        if self._handshaking:
+            # Nothing to finish: the handshake cannot complete now.
+            self.abortConnection()
+            return
+        self._inputEnded()
+
+    def writeConnectionLost(self):
+        pass
 
     def _fail(self, error):
         """
