@@ -142,6 +142,17 @@ class Wire:
         self.client.tls.write(data)
         self.move()
 
+    def closeNotify(self):
+        """
+        The client sends its close_notify (and does not wait for the
+        server's).
+        """
+        try:
+            self.client.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.move()
+
     def lose(self, reason=ConnectionDone):
         """
         The connection below reports its end, as Twisted's would.
@@ -278,11 +289,7 @@ def test_theClientsCloseNotifyClosesTheConnection(tls, pair):
     wire = Wire(tls, pair[0], Session())
     assert wire.handshake()
     wire.send(b"QUIT\r\n")
-    try:
-        wire.client.tls.unwrap()
-    except ssl.SSLWantReadError:
-        pass
-    wire.move()
+    wire.closeNotify()
     assert wire.session.received == b"QUIT\r\n"
     assert wire.transport.disconnecting
 
@@ -314,11 +321,7 @@ def test_theClientsCloseNotifyStillGetsTheAnswers(tls, pair):
     wire = Wire(tls, pair[0], Answering())
     assert wire.handshake()
     wire.send(b"QUIT\r\n")
-    try:
-        wire.client.tls.unwrap()
-    except ssl.SSLWantReadError:
-        pass
-    wire.move()
+    wire.closeNotify()
     assert wire.session.received == b"QUIT\r\n"
     assert wire.session.inputEnded == 1
     # The answer, then the server's close_notify (which a client that has
