@@ -173,9 +173,23 @@ def _userPasswd(store, args, out, stdin):
     out.write(f"password changed for {address}\n")
 
 
+def _inSession(address):
+    """
+    The refusal of a command that would change a maildrop a POP3 session
+    has open.
+    """
+    return CommandError(
+        f"{address} is in a POP3 session; try again once it ended (or end it: mailgate kick {address})",
+        EX_TEMPFAIL,
+    )
+
+
 def _userDel(store, args, out, stdin):
     address = _address(args.address)
-    _forUser(address, store.deleteUser(address))
+    try:
+        _forUser(address, store.deleteUser(address))
+    except MaildropInUse:
+        raise _inSession(address)
     out.write(f"deleted {address} and their maildrop\n")
 
 
@@ -496,10 +510,7 @@ def _userRename(store, args, out, stdin):
     except UserExists:
         raise CommandError(f"user {new} already exists", EX_CANTCREAT)
     except MaildropInUse:
-        raise CommandError(
-            f"{old} is in a POP3 session; try again once it ended (or end it: mailgate kick {old})",
-            EX_TEMPFAIL,
-        )
+        raise _inSession(old)
     out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
 
 
@@ -509,7 +520,7 @@ def _mailboxExpunge(store, args, out, stdin):
     try:
         removed = _forUser(address, store.expungeMessages(address, days))
     except MaildropInUse:
-        raise CommandError(f"{address} is in a POP3 session; try again once it ended", EX_TEMPFAIL)
+        raise _inSession(address)
     what = "every message" if args.all else f"messages older than {days} days"
     out.write(f"removed {removed} messages ({what}) from {address}\n")
 
@@ -830,7 +841,11 @@ def buildParser():
     passwd.add_argument("address")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     passwd.set_defaults(run=_userPasswd, migrate=True)
-    delete = user.add_parser("del", help="delete a user and their maildrop")
+    delete = user.add_parser(
+        "del",
+        help="delete a user and their maildrop",
+        description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
+    )
     delete.add_argument("address")
     delete.set_defaults(run=_userDel, migrate=True)
     listing = user.add_parser("list", help="list users")

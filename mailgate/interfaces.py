@@ -273,7 +273,9 @@ class IMailStore(Interface):
     def deleteUser(address):
         """
         Remove a user and their maildrop.  Message bodies still referenced by
-        other maildrops stay.  Fails with L{mailgate.errors.NoSuchUser}.
+        other maildrops stay.  Fails with L{mailgate.errors.NoSuchUser}, or
+        L{mailgate.errors.MaildropInUse} while the user is in a POP3 session
+        (which would go on answering for mail that is gone).
         """
 
     def listUsers():

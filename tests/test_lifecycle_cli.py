@@ -191,6 +191,16 @@ def test_userRenameRefusedInSession(cli, store):
     )
     result = cli("mailbox", "expunge", ALICE, "--all")
     assert result.code == 75, result
+    assert result.err.startswith(f"mailgate: {ALICE} is in a POP3 session; try again once it ended")
+    # Deleting the user would leave the session answering for mail that
+    # is gone: refused too, and the session goes on.
+    result = cli("user", "del", ALICE)
+    assert result.code == 75, result
+    assert result.err.startswith(f"mailgate: {ALICE} is in a POP3 session; try again once it ended")
+    assert session.command("STAT").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    resultOf(store.sessions.flush())
+    assert cli("user", "del", ALICE).code == 0
 
 
 def test_mailboxExpunge(cli, store):

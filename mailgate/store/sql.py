@@ -18,10 +18,11 @@ from collections import Counter
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
+from mailgate.errors import MaildropInUse, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
+from mailgate.store.registry import STALE_AFTER
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads
 from mailgate.store.rows import (
     BODY_COLUMNS,
@@ -101,12 +102,20 @@ def _setCredentials(cursor, address, credentials):
         raise NoSuchUser(address)
 
 
-def _deleteUser(cursor, address, userIds=None):
+def _deleteUser(cursor, address, userIds=None, aliveSince=None):
+    """
+    Remove a user, their maildrop and what hangs on them; not while a
+    live node shows them in a POP3 session (C{aliveSince}: see
+    L{lifecycle._inSession}), which would go on answering for mail that
+    is gone.
+    """
     if userIds is not None:
         userIds.pop(address, None)
     user = _findUser(cursor, address)
     if user is None:
         raise NoSuchUser(address)
+    if aliveSince is not None and lifecycle._inSession(cursor, user.userId, aliveSince):
+        raise MaildropInUse(address)
     cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
     removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
     lifecycle._forgetUser(cursor, user.userId)
@@ -483,7 +492,10 @@ class SQLMailStore(lifecycle.LifecycleStore):
         return self.database.runWrite(_setCredentials, address, credentials)
 
     def deleteUser(self, address):
-        return self.database.runWrite(_deleteUser, address, self._userIds)
+        return self._underLock(
+            address,
+            lambda: self.database.runWrite(_deleteUser, address, self._userIds, self._now() - STALE_AFTER),
+        )
 
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
