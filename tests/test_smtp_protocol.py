@@ -1277,3 +1277,21 @@ def test_eachDeliveryIsLoggedOnceWithTheIdsTheClientWasTold(users, kind):
     assert event["event"] == f"{kind}.delivered"
     assert event["protocol"] == kind and event["peer"] == "127.0.0.1:40000"
     assert event["session"] == s.protocol.sessionId
+
+
+def test_anLmtpLogLineNamesEachRecipientsIdInItsPlace(users):
+    """
+    A recipient refused for its quota gets no unique id: the log line's
+    uids= holds a C{-} in its place, so each id stands beside its
+    recipient in to=.
+    """
+    resultOf(users.setQuota(ALICE, octets=10))
+    s = lmtp(users)
+    events = []
+    s.protocol.log = Logger(observer=events.append)
+    envelope(s, [ALICE, BOB])
+    replies = lines(s.send(stuff(b"Subject: logged\r\n\r\nbody\r\n")))
+    assert replies[0].startswith("452 ") and replies[1].startswith("250 ")
+    [event] = events
+    told = replies[1].split()[-1]
+    assert formatEvent(event).endswith(f"to={ALICE},{BOB} uids=-,{told} full={ALICE}")

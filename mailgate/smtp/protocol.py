@@ -479,9 +479,7 @@ class SMTPServer(CommandSession):
         # The id in the reply (and in the Received field) is the message's;
         # the log line adds the unique id each recipient's copy got.
         uniqueIds = {a: r for a, r in results.items() if isinstance(r, str)}
-        self._logDelivery(
-            envelope, f" uids={','.join(uniqueIds.values())} peer={self.peerText}", uniqueIds=uniqueIds
-        )
+        self._logDelivery(envelope, f" uids={_uidsField(envelope, uniqueIds)} peer={self.peerText}", uniqueIds=uniqueIds)
 
     def _logDelivery(self, envelope, tail="", **extra):
         """
@@ -526,6 +524,15 @@ class SMTPServer(CommandSession):
         self._dataReplies(envelope, 451, "4.3.0", text)
 
 
+def _uidsField(envelope, uniqueIds):
+    """
+    The log line's unique ids, one per recipient in the order of its
+    C{to=} field, C{-} for a recipient that got none (refused for its
+    quota, say): read side by side, each id names its recipient.
+    """
+    return ",".join(uniqueIds.get(address, "-") for address in envelope.recipients)
+
+
 class LMTPServer(SMTPServer):
     """
     LMTP (RFC 2033): what differs from SMTP.  LHLO instead of EHLO, and
@@ -567,7 +574,7 @@ class LMTPServer(SMTPServer):
         # the log line, for matching it with the MTA's (and it names the
         # recipients refused for their quota).
         full = [a for a in envelope.recipients if isinstance(results.get(a), MailboxFull)]
-        tail = f" uids={','.join(uniqueIds.values())}"
+        tail = f" uids={_uidsField(envelope, uniqueIds)}"
         if full:
             tail += f" full={','.join(full)}"
         self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full)
