@@ -264,7 +264,7 @@ def _userQuota(store, args, out, stdin):
     status = _result(store.quotaOf(address))
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"
     if "messages" in changes:
-        text += f", {describeLimit(changes['messages'])} messages"
+        text += f", messages: {describeLimit(changes['messages'])}"
     out.write(f"{text}; in use: {status.usedMessages} messages, {status.usedOctets} octets\n")
 
 

@@ -53,8 +53,11 @@ def test_userQuota(cli, store):
     status = resultOf(store.quotaOf(ALICE))
     assert (status.quotaOctets, status.quotaMessages) == (500 << 20, None)
 
-    assert cli("user", "quota", ALICE, "none", "--messages", "1000").code == 0
+    result = cli("user", "quota", ALICE, "none", "--messages", "1000")
+    assert result.out == f"quota of {ALICE}: none, messages: 1000; in use: 1 messages, 21 octets\n"
     assert listed(cli)[ALICE][3:5] == ["none", "1000"]
+    result = cli("user", "quota", ALICE, "500", "--messages", "none")
+    assert result.out == f"quota of {ALICE}: 500, messages: none; in use: 1 messages, 21 octets\n"
     assert cli("user", "quota", ALICE, "default", "--messages", "default").code == 0
     assert listed(cli)[ALICE][3:5] == ["default", "default"]
     assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
