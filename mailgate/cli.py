@@ -534,13 +534,22 @@ def _who(store, args, out, stdin):
         )
 
 
+#: seconds C{mailgate kick} looks for a session it did not find at once
+KICK_LOOK_AGAIN = 2.5
+
+
 def _kick(store, args, out, stdin):
     address = _address(args.address)
     wait = _number(args.wait, _seconds, "--wait")
     _existingUser(store, address)
-    marked = _result(store.kickSessions(address))
-    if not marked:
-        raise CommandError(f"{address} has no POP3 session in progress", 1)
+    # A session that logged in a moment ago appears in the registry with
+    # its node's next write (about a second): look again for a little
+    # while before saying there is none.
+    lookUntil = time.monotonic() + KICK_LOOK_AGAIN
+    while not _result(store.kickSessions(address)):
+        if time.monotonic() >= lookUntil:
+            raise CommandError(f"{address} has no POP3 session in progress", 1)
+        time.sleep(0.25)
     # The node serving the session looks for the mark about once a second.
     deadline = time.monotonic() + wait
     while True:

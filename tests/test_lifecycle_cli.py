@@ -239,6 +239,30 @@ def test_whoAndKickWithoutAServingNode(cli, store):
     assert result.err == f"mailgate: asked the node to end the POP3 session of {ALICE}; it has not ended yet\n"
 
 
+def test_kickFindsASessionThatJustLoggedIn(cli, store, monkeypatch):
+    """
+    A session appears in the registry with its node's next write, about a
+    second after its login: kick looks again for a little while, and
+    finds it.
+    """
+    from mailgate import cli as command
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    assert session.login(BOB, "builder").startswith("+OK")
+    waited = []
+
+    def sleep(seconds):
+        # The node writes its sessions while kick waits.
+        waited.append(seconds)
+        resultOf(store.sessions.flush())
+
+    monkeypatch.setattr(command.time, "sleep", sleep)
+    result = cli("kick", BOB, "--wait", "0")
+    assert waited
+    assert result.err == f"mailgate: asked the node to end the POP3 session of {BOB}; it has not ended yet\n"
+
+
 # -- numbers out of range -----------------------------------------------------------------
 
 HUGE = "99999999999999999999"
