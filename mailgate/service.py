@@ -185,7 +185,7 @@ class MailgateService(MultiService):
         self.sessions = SessionTracker(reactor)
         self.shutdownGrace = shutdownGrace
         self._reloadOnSIGHUP = reloadOnSIGHUP
-        self._previousHandler = None
+        self._previousHandlers = {}
         self._hangupActions = []
         self._stoppingCallbacks = []
         self._storeService = None
@@ -210,12 +210,30 @@ class MailgateService(MultiService):
         reopened first, so what follows lands in the new one), then reload
         the TLS certificate and key.
         """
+        self._runHangupActions("SIGHUP")
+        if self.tls is None and not self._hangupActions:
+            self.log.info(
+                "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's)",
+                event="service.nothing_to_reload",
+            )
+        self.reloadTLS()
+
+    def reopenLogs(self):
+        """
+        What SIGUSR1 does: the L{onHangup} actions only (the log file is
+        reopened), for a logrotate rule written for another twistd service,
+        which sends SIGUSR1 to have its log rotated.
+        """
+        if not self._hangupActions:
+            self.log.info("SIGUSR1: no log file of mailgate's to reopen", event="service.nothing_to_reload")
+        self._runHangupActions("SIGUSR1")
+
+    def _runHangupActions(self, name):
         for action in self._hangupActions:
             try:
                 action()
             except Exception:
-                self.log.failure("SIGHUP action {action!r} failed", action=action)
-        self.reloadTLS()
+                self.log.failure("{signal}: a reload action failed", signal=name, event="service.reload_failed")
 
     def reloadTLS(self):
         """
@@ -249,13 +267,14 @@ class MailgateService(MultiService):
 
     def startService(self):
         super().startService()
-        if self._reloadOnSIGHUP and (self.tls is not None or self._hangupActions):
+        if self._reloadOnSIGHUP:
+            # Always, whatever there is to reload: SIGHUP's default action
+            # ends the process (systemctl reload sends it), and so does
+            # SIGUSR1's (twistd's own log rotation signal, which twistd
+            # does not install once mailgate has the log).
             reactor = self._reactor
-
-            def onSIGHUP(signum, frame):
-                reactor.callFromThread(self.hangup)
-
-            self._previousHandler = signal.signal(signal.SIGHUP, onSIGHUP)
+            for signum, action in ((signal.SIGHUP, self.hangup), (signal.SIGUSR1, self.reopenLogs)):
+                self._handle(signum, lambda signum, frame, action=action: reactor.callFromThread(action))
 
     def privilegedStartService(self):
         try:
@@ -321,10 +340,34 @@ class MailgateService(MultiService):
         """
         return self.sessions.shutdown(self.shutdownGrace)
 
+    def _handle(self, signum, handler):
+        previous = signal.signal(signum, handler)
+        self._previousHandlers.setdefault(signum, previous)
+
+    def _restoreHandlers(self):
+        for signum, previous in self._previousHandlers.items():
+            signal.signal(signum, previous)
+        self._previousHandlers = {}
+
+    def _ignoreReloadsWhileStopping(self):
+        """
+        While the sessions finish, SIGHUP and SIGUSR1 are logged and
+        ignored: their default action would end the process there and then,
+        and with it the sessions the grace period is for.
+        """
+
+        def ignored(signum, frame):
+            self.log.info(
+                "{signal} ignored: stopping",
+                signal=signal.Signals(signum).name,
+                event="service.stopping_already",
+            )
+
+        for signum in list(self._previousHandlers):
+            signal.signal(signum, ignored)
+
     def stopService(self):
-        if self._previousHandler is not None:
-            signal.signal(signal.SIGHUP, self._previousHandler)
-            self._previousHandler = None
+        self._ignoreReloadsWhileStopping()
         Service.stopService(self)
         if self.ownsStopSignals:
             self._ignoreFurtherStopSignals()
@@ -359,6 +402,8 @@ class MailgateService(MultiService):
         yield self._stopAll([s for s in self if s not in mail and s is not self._storeService])
         if self._storeService is not None:
             yield self._stopAll([self._storeService])
+        # Nothing is left to interrupt: the handlers before ours again.
+        self._restoreHandlers()
 
     def _stopAll(self, services):
         stopping = [defer.maybeDeferred(s.stopService) for s in reversed(services) if s.running]

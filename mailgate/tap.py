@@ -212,5 +212,16 @@ def makeService(options):
 
 
 def _reopenLog(destination):
-    if destination.reopen():
+    try:
+        reopened = destination.reopen()
+    except OSError as e:
+        # The old file stays in use (nothing is lost); say which and why.
+        _log.error(
+            "log file not reopened, still writing to the old one: {path}: {error}",
+            path=destination.path,
+            error=e.strerror or e,
+            event="log.reopen_failed",
+        )
+        return
+    if reopened:
         _log.info("log file reopened: {path}", path=destination.path, event="log.reopened")

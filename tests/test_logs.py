@@ -354,6 +354,47 @@ def test_hangupReopensTheLogFile(tmp_path, loggingServer, logFormat):
         assert new.splitlines()[0].endswith("[mailgate.tap#info] log file reopened: " + str(logfile))
 
 
+def test_aLogFileThatCannotBeReopenedKeepsTheOldOneAndSaysWhy(tmp_path):
+    """
+    The log's directory is gone when the server is told to reopen it:
+    lines go on to the old file, and one error names the path and the
+    reason (not a traceback of an anonymous action).
+    """
+    from twisted.logger import capturedLogs, formatEvent
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    stream = logs.LogStream(str(directory / "mailgate.log"))
+    os.rename(directory, tmp_path / "moved")
+    with capturedLogs() as events:
+        tap._reopenLog(stream)
+    [event] = [e for e in events if e.get("event") == "log.reopen_failed"]
+    assert formatEvent(event) == (
+        f"log file not reopened, still writing to the old one: {directory / 'mailgate.log'}: "
+        "No such file or directory"
+    )
+    stream.write("still written\n")
+    stream.flush()
+    assert "still written" in (tmp_path / "moved" / "mailgate.log").read_text()
+
+
+def test_usr1ReopensTheLogFile(tmp_path, loggingServer):
+    """
+    SIGUSR1, which a logrotate rule written for another twistd service
+    sends, reopens the log file too (and does not end the server, as its
+    default action would).
+    """
+    logfile = tmp_path / "mailgate.log"
+    server = loggingServer(logfile=logfile)
+    server.start()
+    os.rename(logfile, tmp_path / "mailgate.log.1")
+    server.process.send_signal(signal.SIGUSR1)
+    waitFor(lambda: logfile.exists() and "log file reopened" in logfile.read_text(), "a new log file")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.quit()
+    assert server.stop() in (0, -signal.SIGTERM)
+
+
 def test_daemonWritesJSONToItsLogFile(tmp_path, loggingServer):
     """
     Daemonized (no -n), twistd forks and the parent returns; the daemon's

@@ -4,10 +4,12 @@ helpers, then the store), readiness, the health probe, SIGHUP actions, and
 the log observer handed to twistd's application.
 """
 
+import signal
+
 from twisted.application.service import Application
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger, formatEvent
 
 from mailgate.config import APOPPolicy, MailgateConfig
 from mailgate.metrics import Metrics
@@ -128,6 +130,36 @@ def test_hangupActionsThenTLS(tmp_path):
     root.reloadTLS = lambda: done.append("tls") or True
     root.hangup()
     assert done == ["reopened", "after a failing action", "tls"]
+
+
+def test_sighupAndSigusr1AreHandledWhateverThereIsToReload(tmp_path):
+    """
+    Under twistd, SIGHUP and SIGUSR1 are always handled, also with no TLS
+    and no log file of mailgate's (--syslog): their default action ends
+    the process.  While stopping they are ignored (logged), and once
+    stopped the handlers before ours are back.
+    """
+    before = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
+    root, reactor = build(tmp_path, pop3=[], smtp=[], metrics=None, reloadOnSIGHUP=True)
+    events = []
+    root.log = Logger(observer=events.append)
+    root.startService()
+    try:
+        for signum in before:
+            assert signal.getsignal(signum) not in (signal.SIG_DFL, before[signum])
+        root.hangup()
+        assert [formatEvent(e) for e in events] == [
+            "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's)"
+        ]
+        # What a SIGHUP does while the service stops.
+        root.onStopping(lambda: signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None))
+        del events[:]
+        resultOf(root.stopService())
+        assert [formatEvent(e) for e in events] == ["SIGHUP ignored: stopping"]
+    finally:
+        if root.running:
+            root.stopService()
+    assert {n: signal.getsignal(n) for n in before} == before
 
 
 def test_logObserverBecomesTheApplications(tmp_path):

@@ -364,6 +364,13 @@ def test_sigtermLetsTheSessionsFinish(mailgate_server, mailgate_cli):
         assert time.monotonic() < deadline, "the listeners stayed open"
         time.sleep(0.05)
     assert server.running()
+    # A reload or a log rotation asked for meanwhile is ignored, not the
+    # end of the process (their default action) and of its sessions.
+    server.process.send_signal(signal.SIGHUP)
+    server.process.send_signal(signal.SIGUSR1)
+    waitFor(lambda: "SIGUSR1 ignored: stopping" in server.stdout, "the signals logged")
+    assert "SIGHUP ignored: stopping" in server.stdout
+    assert server.running()
 
     smtp.sendall(b"second half\r\n.\r\n")
     assert smtpReader.line().startswith(b"250 2.0.0 OK: message accepted as ")
