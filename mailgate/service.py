@@ -166,6 +166,11 @@ class MailgateService(MultiService):
 
     exitOnStartupError = False
     daemonized = False
+    #: a daemonising twistd's terminal (a duplicate of its standard error,
+    #: made before the fork): twistd hands the waiting parent only the
+    #: first 100 octets of a start-up error, so mailgate writes it whole
+    #: there itself.  Closed once the service has started.
+    startupErrors = None
     ownsStopSignals = False
     policy = None
     logObserver = None
@@ -267,6 +272,7 @@ class MailgateService(MultiService):
 
     def startService(self):
         super().startService()
+        self._closeStartupErrors()
         if self._reloadOnSIGHUP:
             # Always, whatever there is to reload: SIGHUP's default action
             # ends the process (systemctl reload sends it), and so does
@@ -280,6 +286,8 @@ class MailgateService(MultiService):
         try:
             super().privilegedStartService()
         except ConfigurationError as e:
+            if self.daemonized:
+                self._reportStartupError(e)
             if not self.exitOnStartupError or self.daemonized:
                 # A daemonized twistd reports exceptions (not SystemExit)
                 # back to the waiting parent, which prints them and exits 1.
@@ -289,6 +297,23 @@ class MailgateService(MultiService):
             stderr.write(f"mailgate: {e}\n")
             stderr.flush()
             raise SystemExit(1)
+
+    def _reportStartupError(self, error):
+        self.log.error("mailgate: {error}", error=error, event="service.start_failed")
+        if self.startupErrors is not None:
+            try:
+                self.startupErrors.write(f"mailgate: {error}\n")
+                self.startupErrors.flush()
+            except OSError:
+                pass
+
+    def _closeStartupErrors(self):
+        if self.startupErrors is not None:
+            try:
+                self.startupErrors.close()
+            except OSError:
+                pass
+            self.startupErrors = None
 
     def addListener(self, listener):
         listener.setServiceParent(self)

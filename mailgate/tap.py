@@ -201,6 +201,11 @@ def makeService(options):
     # event (see twistedcompat.leanEventDispatch).
     twistedcompat.leanEventDispatch(service.reactor)
     service.daemonized = parent is not None and not parent.get("nodaemon", False)
+    if service.daemonized:
+        try:
+            service.startupErrors = os.fdopen(os.dup(2), "w")
+        except OSError:
+            pass
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)
         service.onHangup(lambda: _reopenLog(destination))

@@ -544,7 +544,13 @@ def test_portInUse_daemon(tmp_path):
                     pass
     assert code != 0
     assert "Traceback" not in err
-    assert "mailgate:" in err or "An error has occurred" in err, err
+    # The whole reason, not the 100 octets twistd's parent is handed.
+    assert f"mailgate: cannot listen for POP3 on tcp:{port}:interface=127.0.0.1: " in err, err
+    assert "Address already in use" in err, err
+    # And the log says it in one line of its own (before twistd's traceback).
+    assert f"[mailgate.service.MailgateService#error] mailgate: cannot listen for POP3 on tcp:{port}" in (
+        logfile.read_text()
+    )
 
 
 @sqliteOnly
