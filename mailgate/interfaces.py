@@ -613,6 +613,10 @@ class IDatabase(Interface):
         "The reactor results are delivered on, or C{None} when interactions "
         "run inline and every L{Deferred} has fired on return."
     )
+    writeFailure = Attribute(
+        "Why the latest write transaction failed, or C{None} once one has "
+        "committed since (or none failed): the health check's view of writes."
+    )
 
     def runInteraction(function, *args, **kwargs):
         """

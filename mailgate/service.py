@@ -24,7 +24,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
-from mailgate.errors import ConfigurationError
+from mailgate.errors import ConfigurationError, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
 from mailgate.metrics import Metrics, metricsSite
@@ -343,6 +343,13 @@ class MailgateService(MultiService):
         """
         if not self.running:
             return defer.fail(ShuttingDown("mailgate is shutting down"))
+        failure = getattr(getattr(self.store, "database", None), "writeFailure", None)
+        if failure is not None:
+            # Reads may still work on a database that takes no writes (a
+            # full disk): mail cannot be delivered, so this node is not
+            # healthy until a write commits again (its heartbeat writes
+            # every ten seconds).
+            return defer.fail(TemporaryFailure(f"writes fail: {failure}"))
         d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
         d.addTimeout(timeout, self._reactor)
         return d.addCallback(lambda _: None)

@@ -30,6 +30,13 @@ class PumpedReactor:
     def callFromThread(self, function, *args):
         self.calls.put((function, args))
 
+    def callLater(self, delay, function, *args, **kwargs):
+        """
+        A timer that never fires (a timeout the test does not reach):
+        L{pump}'s own deadline bounds every wait.
+        """
+        return _NeverCalled()
+
     def pump(self, done, timeout=30):
         """
         Run the calls handed over until C{done()} is true.
@@ -52,3 +59,11 @@ class PumpedReactor:
         d.addBoth(results.append)
         self.pump(lambda: results, timeout)
         return results[0]
+
+
+class _NeverCalled:
+    def active(self):
+        return True
+
+    def cancel(self):
+        pass

@@ -243,6 +243,41 @@ def test_storeReports(databaseURL):
         reactor.wait(store.close())
 
 
+def _brokenWrite(cursor):
+    cursor.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+def test_healthFollowsTheWrites(databaseURL):
+    """
+    A database that answers reads but refuses writes (a full disk) is not
+    healthy: the health check reports why the last write transaction
+    failed, until one commits again.  A refusal (an existing user) is an
+    answer, not a failure.
+    """
+    from mailgate.service import MailgateService
+
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    root = MailgateService(store, reactor=reactor)
+    root.running = True
+    try:
+        credentials = makeCredentials(b"secret", logN=TEST_HASH_COST)
+        reactor.wait(store.addUser("alice@example.org", credentials))
+        assert reactor.wait(root.databaseAnswers()) is None
+        assert isinstance(reactor.wait(store.database.runWrite(_brokenWrite)), Failure)
+        unhealthy = reactor.wait(root.databaseAnswers())
+        assert isinstance(unhealthy, Failure) and unhealthy.check(TemporaryFailure)
+        assert str(unhealthy.value).startswith("writes fail: ")
+        assert "no_such_table" in str(unhealthy.value)
+        # Still unhealthy after a refusal; healthy once a write commits.
+        assert isinstance(reactor.wait(store.addUser("alice@example.org", credentials)), Failure)
+        assert isinstance(reactor.wait(root.databaseAnswers()), Failure)
+        reactor.wait(store.addUser("bob@example.org", credentials))
+        assert reactor.wait(root.databaseAnswers()) is None
+    finally:
+        reactor.wait(store.close())
+
+
 def test_authCacheReports():
     metrics = Metrics()
     cache = VerifiedCredentialCache(metrics=metrics)

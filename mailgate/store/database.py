@@ -382,6 +382,10 @@ class Database:
 
     log = Logger()
     metrics = None
+    #: why the latest write transaction failed, or C{None} once one has
+    #: committed since (what the health check reports: reads may still
+    #: work on a database that takes no writes, a full disk say)
+    writeFailure = None
 
     def __init__(self, engine, reactor, metrics=None):
         self.engine = engine
@@ -547,6 +551,10 @@ class Database:
         d = self._run(self._writer, self._write, work)
 
         def delivered(results):
+            if any(ok for ok, _ in results):
+                self.writeFailure = None
+            else:
+                self._writesFailed([value for _, value in results])
             for (_, _, _, waiting), (ok, value) in zip(batch, results):
                 if ok:
                     waiting.callback(value)
@@ -554,6 +562,7 @@ class Database:
                     waiting.errback(value)
 
         def failed(failure):
+            self._writesFailed([failure])
             for _, _, _, waiting in batch:
                 waiting.errback(failure)
 
@@ -564,6 +573,14 @@ class Database:
 
         d.addCallbacks(delivered, failed)
         d.addBoth(next)
+
+    def _writesFailed(self, failures):
+        # mailgate's own verdicts (a quota, an unknown user) are answers:
+        # only the database's failures count.
+        for failure in failures:
+            if _isDatabaseError(failure.value):
+                self.writeFailure = failure.getErrorMessage()
+                return
 
     def _stopThreads(self):
         if self._started:
@@ -609,6 +626,8 @@ class SynchronousDatabase:
     """
 
     reactor = None
+    # Inline: a failed write fails its caller at once.
+    writeFailure = None
 
     def __init__(self, engine):
         self.engine = engine
