@@ -266,13 +266,32 @@ class MailgateService(MultiService):
             fingerprint=self.tls.fingerprint,
             event="tls.reloaded",
         )
+        self._warnOfExpiry()
         return True
+
+    def _warnOfExpiry(self):
+        """
+        A certificate that has expired is accepted for service (an
+        administrator may be about to replace it) but refused by clients:
+        say so, and say it some days ahead.
+        """
+        for warning in self.tls.expiryWarnings():
+            self.log.warn("{warning}", warning=warning, event="tls.expiry")
 
     # -- starting ----------------------------------------------------------------
 
     def startService(self):
         super().startService()
         self._closeStartupErrors()
+        if self.tls is not None:
+            self.log.info(
+                "TLS certificate in service: {certificates}",
+                certificates=self.tls.describe(),
+                subject=self.tls.subject,
+                fingerprint=self.tls.fingerprint,
+                event="tls.loaded",
+            )
+            self._warnOfExpiry()
         if self._reloadOnSIGHUP:
             # Always, whatever there is to reload: SIGHUP's default action
             # ends the process (systemctl reload sends it), and so does

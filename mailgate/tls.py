@@ -24,6 +24,7 @@ server's cipher preference, forward-secret AEAD suites first (TLS 1.3
 suites are OpenSSL's defaults).
 """
 
+import datetime
 import ssl
 
 import attr
@@ -226,7 +227,7 @@ class ServerTLS:
         context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative, self.minimumVersion)
         self._context = context
         self.certificates = [
-            CertificateSummary(keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf))
+            CertificateSummary(keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc)
             for leaf in leaves
         ]
         self.subject = self.certificates[0].subject
@@ -237,7 +238,17 @@ class ServerTLS:
         The certificates in service, for a log line: each one's key type,
         common name and SHA-256 fingerprint.
         """
-        return "; ".join(f"{c.keyType} {c.subject} sha256 {c.fingerprint}" for c in self.certificates)
+        return "; ".join(
+            f"{c.keyType} {c.subject} sha256 {c.fingerprint} valid until {c.notAfter:%Y-%m-%d}" for c in self.certificates
+        )
+
+    def expiryWarnings(self, now=None):
+        """
+        The warnings of L{CertificateSummary.expiryWarning} for the
+        certificates in service.
+        """
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return [w for w in (c.expiryWarning(now) for c in self.certificates) if w]
 
     @property
     def context(self):
@@ -257,6 +268,30 @@ class CertificateSummary:
     keyType: str
     subject: str
     fingerprint: str
+    notAfter: datetime.datetime = None
+
+    def expiryWarning(self, now):
+        """
+        What to warn of, if anything, at C{now} (an aware datetime): that
+        the certificate has expired (clients refuse it), or will within
+        L{EXPIRY_WARNING_DAYS} days.
+        """
+        if self.notAfter is None:
+            return None
+        if self.notAfter <= now:
+            return f"the TLS certificate {self.subject} ({self.keyType}) expired on {self.notAfter:%Y-%m-%d %H:%M} UTC"
+        left = self.notAfter - now
+        if left < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+            return (
+                f"the TLS certificate {self.subject} ({self.keyType}) expires in {left.days} days, "
+                f"on {self.notAfter:%Y-%m-%d %H:%M} UTC"
+            )
+        return None
+
+
+#: days before a certificate's end that its start-up and reload lines
+#: warn of it
+EXPIRY_WARNING_DAYS = 14
 
 
 def _commonName(leaf):

@@ -6,6 +6,7 @@ module, both over memory BIOs, so what is checked is what a real client
 negotiates.
 """
 
+import datetime
 import ssl
 
 import pytest
@@ -495,6 +496,27 @@ def test_bothCertificatesAreDescribedForTheLog(dual):
     assert certificateFingerprint(ecCertificate) in described
 
 
+def test_expiredAndExpiringCertificatesAreWarnedOf(tmp_path):
+    """
+    A certificate is described with its end of validity; one that has
+    ended, or ends within EXPIRY_WARNING_DAYS, is warned of (it is still
+    served: the administrator may be about to replace it).
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, days=30)
+    tls = ServerTLS(str(certificate), str(key))
+    [summary] = tls.certificates
+    assert f"valid until {summary.notAfter:%Y-%m-%d}" in tls.describe()
+    assert tls.expiryWarnings() == []
+    soon = summary.notAfter - datetime.timedelta(days=3, hours=1)
+    assert tls.expiryWarnings(now=soon) == [
+        f"the TLS certificate {HOST} (ECDSA) expires in 3 days, on {summary.notAfter:%Y-%m-%d %H:%M} UTC"
+    ]
+    later = summary.notAfter + datetime.timedelta(seconds=1)
+    assert tls.expiryWarnings(now=later) == [
+        f"the TLS certificate {HOST} (ECDSA) expired on {summary.notAfter:%Y-%m-%d %H:%M} UTC"
+    ]
+
+
 def test_anAlternativeWithAKeyOfTheSameTypeIsRefused(tmp_path, dual):
     """
     OpenSSL holds one certificate per type of key: a second ECDSA
@@ -648,6 +670,24 @@ def test_serviceReloadTLS(tmp_path):
     text = formatEvent(event)
     assert "TLS certificate reloaded" in text
     assert HOST in text and tls.fingerprint in text
+
+
+def test_theCertificateInServiceIsLoggedAtStartAndWarnedOfWhenEnding(tmp_path, monkeypatch):
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    service, events = serviceWithLog(tls)
+    service.startService()
+    [event] = events
+    assert event["event"] == "tls.loaded" and event["log_level"] == LogLevel.info
+    assert formatEvent(event) == f"TLS certificate in service: {tls.describe()}"
+    # Reloaded into the last days of its validity: warned of.
+    del events[:]
+    ending = tls.certificates[0].notAfter - datetime.timedelta(days=2)
+    monkeypatch.setattr(tls, "expiryWarnings", lambda now=ending, real=tls.expiryWarnings: real(now))
+    assert service.reloadTLS() is True
+    assert [e["event"] for e in events] == ["tls.reloaded", "tls.expiry"]
+    assert events[1]["log_level"] == LogLevel.warn
+    assert formatEvent(events[1]).startswith(f"the TLS certificate {HOST} (ECDSA) expires in 2 days, on ")
 
 
 def test_serviceReloadTLSFailureIsLoggedAndKeepsTheOldCertificate(tmp_path):
