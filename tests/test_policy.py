@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
 from mailgate.interfaces import IConnectionPolicy, IPolicyStore
@@ -552,6 +552,27 @@ def test_adminBanAndLiftAreHonouredWithinOneRefresh():
     assert [e["how"] for e in events(logs, "ban.removed")] == ["lifted"] * 2
     a.stop()
     b.stop()
+
+
+def test_bansFoundAtStartAreOneLineNotNews():
+    """
+    A node starting on a store that holds bans logs them as one
+    ban.loaded line, not a ban.added each (an alert on new bans would see
+    an attack at every restart); a ban made afterwards is news.
+    """
+    store = MemoryPolicyStore()
+    clock = makeClock()
+    store.addBan("192.0.2.66", clock.seconds(), 600)
+    store.addBan("192.0.2.67", clock.seconds(), 600)
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    with capturedLogs() as logs:
+        policy.start()
+        assert policy.admit("pop3", ATTACKER) == BANNED
+        store.addBan("192.0.2.68", clock.seconds(), 600)
+        clock.advance(REFRESH_INTERVAL)
+    assert [formatEvent(e) for e in events(logs, "ban.loaded")] == ["2 bans in force, read from the database"]
+    assert [e["address"] for e in events(logs, "ban.added")] == ["192.0.2.68"]
+    policy.stop()
 
 
 def test_liftedBanStartsAfresh():

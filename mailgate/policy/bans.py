@@ -84,15 +84,24 @@ class BanList:
         @return: the addresses whose ban was lifted before its end (their
             failures are forgotten by the caller: a fresh start).
         """
+        first = self.version is None
         if bans is not None:
             self._stored = {ban.address: ban for ban in bans}
             self.version = version
             for address, (_, written) in list(self._made.items()):
                 if written is not None and written <= version:
                     del self._made[address]
-        return self._settle()
+        return self._settle(loading=first and bans is not None)
 
-    def _settle(self):
+    def _settle(self, loading=False):
+        """
+        Work out what is enforced now, and log what changed.
+
+        @param loading: this is the first read of the store's bans (at
+            start-up): the bans found there are not news, and are logged
+            as one C{ban.loaded} line, not a C{ban.added} each, which an
+            alert on new bans would take for an attack at every restart.
+        """
         now = self._clock.seconds()
         enforced = {a: b for a, b in self._stored.items() if b.expires > now}
         for address, (ban, _) in list(self._made.items()):
@@ -115,7 +124,18 @@ class BanList:
                     how="ended" if ended else "lifted",
                     reason=ban.reason,
                 )
+        if loading and enforced and not self._enforced:
+            self.log.info(
+                "{count} bans in force, read from the database",
+                event="ban.loaded",
+                count=len(enforced),
+            )
+            loaded = enforced
+        else:
+            loaded = {}
         for address, ban in enforced.items():
+            if address in loaded:
+                continue
             previous = self._enforced.get(address)
             # The store keeps whole seconds: the record it gives back for a
             # ban made here is the same ban, not a new one.
