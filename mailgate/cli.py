@@ -799,7 +799,7 @@ def _addBanCommands(commands):
         "ban",
         help="list, add and lift bans of client addresses",
         description="Bans of client addresses, shared by every server on the database: "
-        "a running server enforces a ban added or lifted here within 5 seconds.",
+        "a running server enforces a ban added or lifted here within a second.",
     ).add_subparsers(dest="action", metavar="ACTION")
     ban.required = True
     banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
