@@ -14,6 +14,13 @@ class MailgateError(Exception):
     """
 
 
+class ShuttingDown(MailgateError):
+    """
+    The service is stopping: not healthy, whatever the database says (and
+    not the database's failure either).
+    """
+
+
 class TemporaryFailure(MailgateError):
     """
     The operation failed for a reason that may go away: the database is

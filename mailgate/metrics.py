@@ -57,6 +57,8 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
 
+from mailgate.errors import ShuttingDown
+
 PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
 LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "tempfail")
@@ -396,6 +398,10 @@ class _Health(resource.Resource):
             answer(200, "ok\n")
 
         def unhealthy(failure):
+            if failure.check(ShuttingDown):
+                # Nothing failed: the 503 tells balancers to go elsewhere.
+                answer(503, "unavailable: shutting down\n")
+                return
             if failure.check(defer.TimeoutError):
                 reason = f"the database did not answer within {self._timeout:g} s"
             else:

@@ -24,7 +24,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
-from mailgate.errors import ConfigurationError, TemporaryFailure
+from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
 from mailgate.metrics import Metrics, metricsSite
@@ -118,12 +118,6 @@ class StoreService(Service):
     def stopService(self):
         Service.stopService(self)
         return self.store.close()
-
-
-class ShuttingDown(Exception):
-    """
-    The service is stopping: not healthy, whatever the database says.
-    """
 
 
 class MailgateService(MultiService):

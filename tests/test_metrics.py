@@ -21,6 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
@@ -30,7 +31,7 @@ from e2e import DEADLINE, postgresOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import ShuttingDown, TemporaryFailure
 from mailgate.message import spoolBytes
 from mailgate.metrics import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
 from mailgate.store import openStore
@@ -340,6 +341,14 @@ def test_metricsAndHealth():
     answers["d"].errback(TemporaryFailure("database unavailable: connection refused"))
     assert failing.responseCode == 503
     assert b"".join(failing.written).startswith(b"unavailable: the database failed: database unavailable")
+
+    # Stopping is no failure: 503 for the balancers, nothing blamed.
+    with capturedLogs() as logs:
+        stopping = get(root, b"/healthz")
+        answers["d"].errback(ShuttingDown("mailgate is shutting down"))
+    assert stopping.responseCode == 503
+    assert b"".join(stopping.written) == b"unavailable: shutting down\n"
+    assert [e for e in logs if e.get("event") == "health.failed"] == []
 
     slow = get(root, b"/healthz")
     clock.advance(0.9)
