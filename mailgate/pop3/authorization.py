@@ -228,12 +228,13 @@ class AuthorizationCommands:
     def _loginMetric(self, mechanism, result):
         self.factory.metrics.login(self.protocolName, mechanism, result)
 
-    def _authFailed(self, login, mechanism, reason, text):
+    def _authFailed(self, login, mechanism, reason, text, result=None):
         """
         Count and log a refused login: the one C{auth.failed} event, whose
-        C{reason} (C{failed} or C{banned}) is also the metric's result.
+        C{reason} (C{failed}, C{banned}, C{in_use} or C{login_delay}) is
+        also the metric's result unless C{result} says otherwise.
         """
-        self._loginMetric(mechanism, reason)
+        self._loginMetric(mechanism, result or reason)
         self.logInfo("auth.failed", text, user=login[:64], mechanism=mechanism, reason=reason)
 
     def _refuseBanned(self, login, mechanism):
@@ -300,29 +301,43 @@ class AuthorizationCommands:
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
             policy.authenticationSucceeded(self.peer, login)
-            self._loginMetric(mechanism, "in_use")
+            self._authFailed(
+                login, mechanism, "in_use",
+                f"pop3 login refused user={login[:64]!r} peer={self.peerText}: "
+                f"maildrop in use by another POP3 session",
+            )
             self._err("[IN-USE] maildrop is locked by another POP3 session")
         elif failure.check(LoginDelayed):
             policy.authenticationSucceeded(self.peer, login)
-            self._loginMetric(mechanism, "tempfail")
+            self._authFailed(
+                login, mechanism, "login_delay",
+                f"pop3 login refused user={login[:64]!r} peer={self.peerText}: "
+                f"login delay ({failure.value})",
+                result="tempfail",
+            )
             self._err(f"[LOGIN-DELAY] {failure.value}")
         elif failure.check(TemporaryFailure):
+            # Logged once, as the store's failure (a warning), with the
+            # reason auth.failed would give it.
             self._loginMetric(mechanism, "tempfail")
             self.logWarning(
                 "pop3.login_failed",
-                f"pop3 login of {login[:64]!r}: {failure.value}",
+                f"pop3 login failed user={login[:64]!r} peer={self.peerText}: "
+                f"tempfail ({failure.value})",
                 user=login[:64],
                 mechanism=mechanism,
+                reason="tempfail",
             )
             self._err("[SYS/TEMP] the mail store is unavailable; try again later")
         else:
             self._loginMetric(mechanism, "tempfail")
             self.logFailure(
                 "pop3.login_failed",
-                f"pop3 login of {login[:64]!r} failed",
+                f"pop3 login failed user={login[:64]!r} peer={self.peerText}: internal error",
                 failure,
                 user=login[:64],
                 mechanism=mechanism,
+                reason="internal_error",
             )
             self._err("[SYS/TEMP] internal server error")
         return None

@@ -37,6 +37,38 @@ from mailgate.tls import isSecure
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
 
+# Why a RCPT was refused, by the refusal's enhanced code, for its log line.
+_RCPT_REASONS = {
+    "5.1.1": "no such user",
+    "5.7.1": "relay denied",
+    "4.2.2": "mailbox full",
+    "5.2.2": "mailbox full",
+}
+
+
+def _bounded(text, limit=256):
+    """
+    Client-supplied text fit for a log line: at most C{limit} characters,
+    anything unprintable (an escape sequence, say) shown as C{?}.
+    """
+    text = text[:limit]
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text
+
+
+def _rawPath(argument):
+    """
+    The recipient of a RCPT command that could not be parsed, as the
+    client wrote it, for the log: C{TO:} and the angle brackets taken off.
+    """
+    path = argument.strip()
+    if path[:3].upper() == "TO:":
+        path = path[3:].strip()
+    if path.startswith("<"):
+        path = path[1:].partition(">")[0]
+    return path
+
 
 class SMTPServer(CommandSession):
     """
@@ -152,10 +184,9 @@ class SMTPServer(CommandSession):
             self._dataTimer = self._clock.callLater(allowed - elapsed, self._checkDataRate, reader, started)
             return
         self.factory.metrics.timedOut(self.protocolName, "data_rate")
-        self.logInfo(
-            f"{self.protocolName}.data_too_slow",
-            f"{self.protocolName} data too slow peer={self.peerText} "
-            f"octets={reader.wireOctets} seconds={elapsed:.0f}",
+        self._logRefusedMessage(
+            self._envelope, "data_too_slow", "data too slow", 421, "4.4.2", "data too slow",
+            tail=f" octets={reader.wireOctets} seconds={elapsed:.0f}",
             octets=reader.wireOctets,
             seconds=round(elapsed),
         )
@@ -351,12 +382,16 @@ class SMTPServer(CommandSession):
         try:
             mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False, utf8=envelope.utf8)
         except ParameterSyntaxError as e:
+            self._logRecipientRefused(envelope, _rawPath(argument), 501, "5.5.4", "bad parameters")
             return self._bad(501, "5.5.4", f"bad RCPT parameters: {e}")
         except EnvelopeSyntaxError as e:
+            self._logRecipientRefused(envelope, _rawPath(argument), 501, "5.1.3", "bad address syntax")
             return self._bad(501, "5.1.3", f"bad recipient address syntax: {e}")
         if parameters:
+            self._logRecipientRefused(envelope, mailbox, 555, "5.5.4", "bad parameters")
             return self._bad(555, "5.5.4", f"unsupported RCPT parameter {next(iter(parameters))}")
         if len(envelope.recipients) >= self.maxRecipients:
+            self._logRecipientRefused(envelope, mailbox, 452, "4.5.3", "too many recipients")
             self._reply(452, "4.5.3", f"too many recipients (the limit is {self.maxRecipients})")
             return None
         declared = envelope.parameters.get("SIZE")
@@ -368,22 +403,22 @@ class SMTPServer(CommandSession):
             self._reply(250, "2.1.5", f"recipient <{mailbox}> OK")
 
         def refused(failure):
-            if failure.check(MailboxFull):
-                # Over quota: a fair request refused, not a bad command.
+            if failure.check(SMTPReply):
                 reply = failure.value
-                self.logInfo(
-                    f"{self.protocolName}.recipient_refused",
-                    f"{self.protocolName} recipient refused: {reply}",
-                    reason="mailbox full",
-                )
-                self._reply(reply.code, reply.enhanced, reply.text)
-            elif failure.check(SMTPReply):
-                reply = failure.value
-                self._bad(reply.code, reply.enhanced, reply.text)
+                reason = _RCPT_REASONS.get(reply.enhanced, "refused")
+                self._logRecipientRefused(envelope, mailbox, reply.code, reply.enhanced, reason)
+                if failure.check(MailboxFull):
+                    # Over quota: a fair request refused, not a bad command.
+                    self._reply(reply.code, reply.enhanced, reply.text)
+                else:
+                    self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
                 self.logWarning(
                     f"{self.protocolName}.recipient_failed",
-                    f"{self.protocolName} recipient lookup failed: {failure.value}",
+                    f"{self.protocolName} recipient lookup failed from=<{_bounded(envelope.sender)}> "
+                    f"to=<{_bounded(mailbox)}> peer={self.peerText}: {failure.value}",
+                    sender=_bounded(envelope.sender),
+                    recipient=_bounded(mailbox),
                 )
                 self._reply(451, "4.3.0", "temporary failure looking up the recipient; try again later")
             else:
@@ -396,6 +431,27 @@ class SMTPServer(CommandSession):
 
         d.addCallbacks(accepted, refused)
         return d
+
+    def _logRecipientRefused(self, envelope, recipient, code, enhanced, reason):
+        """
+        One line per refused RCPT: who sent to whom, the reply and why.
+
+        @param recipient: the recipient's mailbox, or for one that could
+            not be parsed what the client wrote (bounded and made printable
+            here).
+        """
+        sender = _bounded(envelope.sender)
+        recipient = _bounded(recipient)
+        self.logInfo(
+            f"{self.protocolName}.recipient_refused",
+            f"{self.protocolName} recipient refused from=<{sender}> to=<{recipient}> "
+            f"peer={self.peerText}: {code} {enhanced} {reason}",
+            sender=sender,
+            recipient=recipient,
+            code=code,
+            enhanced=enhanced,
+            reason=reason,
+        )
 
     def smtp_DATA(self, argument):
         if argument.strip():
@@ -423,20 +479,23 @@ class SMTPServer(CommandSession):
         if reader.tooLarge:
             reader.spool.close()
             metrics.delivery(self.protocolName, "rejected")
+            self._logRefusedMessage(envelope, "rejected", "rejected", 552, "5.3.4", "message too large")
             return self._dataReplies(
                 envelope, 552, "5.3.4", f"message size exceeds the limit of {self.maxMessageSize} octets"
             )
         if reader.lineTooLong:
             reader.spool.close()
             metrics.delivery(self.protocolName, "rejected")
+            self._logRefusedMessage(envelope, "rejected", "rejected", 500, "5.5.2", "line too long")
             return self._dataReplies(
                 envelope, 500, "5.5.2", f"line too long (the limit is {self.maxLineLength} octets)"
             )
         if reader.storageFailed:
             metrics.delivery(self.protocolName, "tempfail")
-            self.logError(
-                f"{self.protocolName}.spool_failed",
-                f"{self.protocolName} cannot spool message data (is the temporary directory full?)",
+            self._logRefusedMessage(
+                envelope, "spool_failed", "spool failed", 452, "4.3.1", "spool failed",
+                detail="cannot spool message data (is the temporary directory full?)",
+                level="error",
             )
             return self._dataReplies(
                 envelope, 452, "4.3.1", "insufficient system storage; try again later"
@@ -503,25 +562,70 @@ class SMTPServer(CommandSession):
         )
 
     def _deliveryFailed(self, failure, envelope):
-        event = f"{self.protocolName}.delivery_failed"
+        event, what = "delivery_failed", "delivery failed"
         if failure.check(MailboxFull):
             # A recipient over quota: nothing was stored, the message is
             # refused as a whole (452 4.2.2, or 552 5.2.2 if permanent).
             reply = failure.value
-            self.logInfo(event, f"{self.protocolName} message refused: {reply}", reason="mailbox full")
+            self._logRefusedMessage(
+                envelope, event, what, reply.code, reply.enhanced, "mailbox full", detail=reply.text
+            )
             self.factory.metrics.delivery(self.protocolName, reply.outcome)
             return self._dataReplies(envelope, reply.code, reply.enhanced, reply.text)
         if failure.check(NoSuchUser):
-            self.logWarning(event, f"{self.protocolName} recipient vanished before commit: {failure.value}")
+            self._logRefusedMessage(
+                envelope, event, what, 451, "4.3.0", "recipient vanished",
+                detail=f"recipient vanished before commit: {failure.value}", level="warn",
+            )
             text = "a recipient no longer exists; try again"
         elif failure.check(TemporaryFailure):
-            self.logWarning(event, f"{self.protocolName} delivery failed: {failure.value}")
+            self._logRefusedMessage(
+                envelope, event, what, 451, "4.3.0", "store unavailable",
+                detail=f"store unavailable: {failure.value}", level="warn",
+            )
             text = "temporary failure storing the message; try again later"
         else:
-            self.logFailure(event, f"{self.protocolName} delivery failed", failure)
+            self._logRefusedMessage(
+                envelope, event, what, 451, "4.3.0", "internal error", failure=failure
+            )
             text = "internal error storing the message; try again later"
         self.factory.metrics.delivery(self.protocolName, "tempfail")
         self._dataReplies(envelope, 451, "4.3.0", text)
+
+    def _logRefusedMessage(self, envelope, event, what, code, enhanced, reason,
+                           detail=None, tail="", level="info", failure=None, **extra):
+        """
+        The one line for a message refused at or after DATA (too large, a
+        line too long, its data too slow, its spool or its store failing,
+        a recipient over quota), naming its transaction as C{_logDelivery}
+        does and the reply the client got.
+
+        @param event: the event's name after the protocol's, e.g.
+            C{"rejected"} for C{smtp.rejected}.
+        @param what: the line's words after the protocol's name.
+        @param reason: the short reason (the event's C{reason} field).
+        @param detail: what the line says instead of C{reason}, if more.
+        @param tail: text before the reply, for C{extra} fields.
+        """
+        sender = _bounded(envelope.sender)
+        recipients = ",".join(envelope.recipients)
+        line = (
+            f"{self.protocolName} {what} id={envelope.transactionId} from=<{sender}> "
+            f"to={recipients} peer={self.peerText}{tail}: {code} {enhanced} {detail or reason}"
+        )
+        fields = dict(
+            id=envelope.transactionId, sender=sender, recipients=recipients,
+            code=code, enhanced=enhanced, reason=reason, **extra,
+        )
+        event = f"{self.protocolName}.{event}"
+        if failure is not None:
+            self.logFailure(event, line, failure, **fields)
+        elif level == "error":
+            self.logError(event, line, **fields)
+        elif level == "warn":
+            self.logWarning(event, line, **fields)
+        else:
+            self.logInfo(event, line, **fields)
 
 
 def _uidsField(envelope, uniqueIds):
@@ -561,9 +665,11 @@ class LMTPServer(SMTPServer):
 
     def _acknowledge(self, results, envelope):
         uniqueIds = {}
+        gone = []
         for address in envelope.recipients:
             result = results.get(address)
             if isinstance(result, NoSuchUser) or result is None:
+                gone.append(address)
                 self._reply(550, "5.1.1", f"<{address}> no such user here")
             elif isinstance(result, SMTPReply):
                 self._reply(result.code, result.enhanced, result.text)
@@ -572,9 +678,14 @@ class LMTPServer(SMTPServer):
                 self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
         # Each recipient's reply names its message's unique id: so does
         # the log line, for matching it with the MTA's (and it names the
-        # recipients refused for their quota).
+        # recipients refused for their quota, and those refused 550 5.1.1
+        # because they were deleted since RCPT).
         full = [a for a in envelope.recipients if isinstance(results.get(a), MailboxFull)]
         tail = f" uids={_uidsField(envelope, uniqueIds)}"
         if full:
             tail += f" full={','.join(full)}"
-        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full)
+        extra = {}
+        if gone:
+            tail += f" gone={','.join(gone)}"
+            extra["gone"] = gone
+        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full, **extra)
