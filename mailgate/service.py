@@ -253,22 +253,22 @@ class MailgateService(MultiService):
                 event="tls.reload_failed",
             )
             return False
+        self._logCertificates("TLS certificate reloaded", "tls.reloaded")
+        return True
+
+    def _logCertificates(self, what, event):
+        """
+        Name the certificates in service, then warn of one that has
+        expired (it is served all the same, its replacement may be on the
+        way, but clients refuse it) or soon will.
+        """
         self.log.info(
-            "TLS certificate reloaded: {certificates}",
+            what + ": {certificates}",
             certificates=self.tls.describe(),
             subject=self.tls.subject,
             fingerprint=self.tls.fingerprint,
-            event="tls.reloaded",
+            event=event,
         )
-        self._warnOfExpiry()
-        return True
-
-    def _warnOfExpiry(self):
-        """
-        A certificate that has expired is accepted for service (an
-        administrator may be about to replace it) but refused by clients:
-        say so, and say it some days ahead.
-        """
         for warning in self.tls.expiryWarnings():
             self.log.warn("{warning}", warning=warning, event="tls.expiry")
 
@@ -278,14 +278,7 @@ class MailgateService(MultiService):
         super().startService()
         self._closeStartupErrors()
         if self.tls is not None:
-            self.log.info(
-                "TLS certificate in service: {certificates}",
-                certificates=self.tls.describe(),
-                subject=self.tls.subject,
-                fingerprint=self.tls.fingerprint,
-                event="tls.loaded",
-            )
-            self._warnOfExpiry()
+            self._logCertificates("TLS certificate in service", "tls.loaded")
         if self._reloadOnSIGHUP:
             # Always, whatever there is to reload: SIGHUP's default action
             # ends the process (systemctl reload sends it), and so does
