@@ -865,6 +865,31 @@ def test_scramCancelAfterServerFinal(store, alice):
     assert other.login(ALICE, PASSWORD).startswith(f"+OK {ALICE}")
 
 
+def test_scramLoginCountsOnceTheClientTookTheServersProof(store, alice):
+    """
+    The login is logged (and counted) when the client has answered the
+    server's final message, not before: one that cancels there is logged
+    as abandoned, never as logged in.
+    """
+    from twisted.logger import Logger, formatEvent
+
+    for answer, expected in (("", "pop3.login"), ("*", "auth.abandoned")):
+        s = POP3Session(store)
+        events = []
+        s.protocol.log = Logger(observer=events.append)
+        _, _, reply = scramExchange(s, ALICE, PASSWORD)
+        challenge(reply)
+        assert [e["event"] for e in events] == []
+        s.command(answer)
+        assert [e["event"] for e in events] == [expected]
+        if answer == "*":
+            assert formatEvent(events[0]) == (
+                f"pop3 login abandoned user={ALICE} peer={s.protocol.peerText} "
+                "mechanism=scram-sha-256: authentication cancelled"
+            )
+        s.command("QUIT")
+
+
 def test_scramWithAuthzid(store, alice):
     s = POP3Session(store)
     client = ScramClient(ALICE, PASSWORD, gs2=f"n,a={ALICE},")

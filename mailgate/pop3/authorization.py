@@ -153,9 +153,10 @@ class AuthorizationCommands:
         if self._saslFinishing:
             self._saslFinishing = False
             if line == b"":
+                self._loginCompleted(self._finishingMechanism)
                 self._enterTransaction()
             else:
-                self._endSession("authentication cancelled")
+                self._loginAbandoned("authentication cancelled")
                 self._err("[AUTH] authentication cancelled")
             return None
         if line == b"*":
@@ -171,7 +172,7 @@ class AuthorizationCommands:
         self._sasl = None
         if self._saslFinishing:
             self._saslFinishing = False
-            self._endSession("authentication abandoned")
+            self._loginAbandoned("authentication abandoned")
         return self._bad("[AUTH] SASL response too long")
 
     def _saslStep(self, step, data):
@@ -255,24 +256,44 @@ class AuthorizationCommands:
         if self._closed:
             logout()
             return
-        self._loginMetric(mechanism, "ok")
         self._maildrop = maildrop
         self._logout = logout
         self.user = maildrop.address
-        self.logInfo(
-            "pop3.login",
-            f"pop3 login user={maildrop.address} peer={self.peerText} mechanism={mechanism}",
-            mechanism=mechanism,
-            messages=len(maildrop.sizes),
-        )
         data = sasl.successData() if sasl is not None else None
         if data:
             # SASL "additional data with success" (RFC 5034 section 4): a
-            # last challenge, answered by an empty line, then +OK.
+            # last challenge, answered by an empty line, then +OK.  The
+            # login counts once the client has taken the server's proof
+            # (SCRAM's): one that cancels here did not log in.
             self._saslFinishing = True
+            self._finishingMechanism = mechanism
             self._out.write(b"+ " + base64.b64encode(data) + b"\r\n")
             return
+        self._loginCompleted(mechanism)
         self._enterTransaction()
+
+    def _loginCompleted(self, mechanism):
+        self._loginMetric(mechanism, "ok")
+        self.logInfo(
+            "pop3.login",
+            f"pop3 login user={self.user} peer={self.peerText} mechanism={mechanism}",
+            mechanism=mechanism,
+            messages=len(self._maildrop.sizes),
+        )
+
+    def _loginAbandoned(self, why):
+        """
+        The client did not take the server's last SASL message (it may have
+        found the server's proof wrong): no login, and the maildrop goes.
+        """
+        self.logInfo(
+            "auth.abandoned",
+            f"pop3 login abandoned user={self.user} peer={self.peerText} "
+            f"mechanism={self._finishingMechanism}: {why}",
+            mechanism=self._finishingMechanism,
+            reason=why,
+        )
+        self._endSession(why, loggedIn=False)
 
     def _enterTransaction(self):
         self._cancelLoginTimer()

@@ -114,6 +114,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._octets = 0
         self._sasl = None
         self._saslFinishing = False
+        self._finishingMechanism = None
         self._kickRequested = False
         self._loginTimer = None
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
@@ -234,9 +235,13 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     # -- the end of a session ------------------------------------------------
 
-    def _endSession(self, why):
+    def _endSession(self, why, loggedIn=True):
         """
         Release the maildrop (and its lock) exactly once.
+
+        @param loggedIn: the session had logged in (its end is the
+            C{pop3.logout} line); not for a login abandoned at SASL's last
+            step, which has its own line.
 
         @return: a L{Deferred} that fires once the lock is released (at
             once for locks held in this process; after the database has
@@ -247,6 +252,8 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             return defer.succeed(None)
         maildrop, self._maildrop = self._maildrop, None
         released = defer.maybeDeferred(logout).addErrback(self._releaseFailed)
+        if not loggedIn:
+            return released
         # One line per session, at its end, written while a lock held in
         # the database is being released.  The text is made here, in one
         # piece, and the fields go along for structured observers.
