@@ -171,6 +171,36 @@ def test_pop3StreamedMessageHandsTheTransportBackToTheSession(store, alice):
     assert transport.producer is protocol
 
 
+def test_aStreamedMessageTheClientStoppedReadingIsNotCountedAsRetrieved(store, alice):
+    """
+    A client that stops reading halfway through a long RETR, then goes
+    idle: the session's logout line and the retrieved-octets metric count
+    the messages that went out whole, not the one it abandoned.
+    """
+    from twisted.logger import Logger
+
+    line = b"y" * 78 + b"\r\n"
+    deliver(store, [ALICE], b"Subject: big\r\n\r\n" + line * 20000)
+    deliver(store, [ALICE], b"Subject: small\r\n\r\nhello\r\n")
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    protocol, transport = connect(factory)
+    events = []
+    protocol.log = Logger(observer=events.append)
+    protocol.dataReceived(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 2\r\n".encode())
+    readAll(protocol, transport, clock)
+    protocol.dataReceived(b"RETR 1\r\n")
+    clock.advance(0)
+    # Some of it is out; the rest waits for a client that does not read.
+    assert transport.value().startswith(b"+OK %d octets\r\n" % (16 + 80 * 20000))
+    assert not transport.value().endswith(b"\r\n.\r\n")
+    clock.advance(protocol.idleTimeout + 1)
+    [logout] = [e for e in events if e.get("event") == "pop3.logout"]
+    small = len(b"Subject: small\r\n\r\nhello\r\n")
+    assert (logout["retr"], logout["retrBytes"]) == (1, small)
+    assert factory.metrics.registry.get_sample_value("mailgate_pop3_retrieved_bytes_total") == small
+
+
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
 def test_smtpHelloFloodPausesReadingUntilTheClientReads(store, alice, lmtp):
     clock = Clock()

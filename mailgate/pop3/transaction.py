@@ -163,8 +163,6 @@ class TransactionCommands:
             return None
         stats = self._stats
         if bodyLines is None:
-            stats["retr"] += 1
-            stats["retrBytes"] += body.size
             status = b"+OK %d octets\r\n" % body.size
         else:
             stats["top"] += 1
@@ -181,7 +179,7 @@ class TransactionCommands:
                 parts.insert(0, status)
                 out.writeParts(parts)
             if bodyLines is None:
-                self.factory.metrics.retrieved(body.size)
+                self._retrieved(body.size)
             return None
         source = MessageBlocks(body, bodyLines)
         whole = source.whole()
@@ -192,9 +190,19 @@ class TransactionCommands:
         self._out.write(status)
         sent = self.stream(source.nextBlock)
         if bodyLines is None:
-            metrics = self.factory.metrics
-            sent.addCallback(lambda _: metrics.retrieved(body.size))
+            sent.addCallback(lambda _: self._retrieved(body.size))
         return sent.addErrback(self._streamBroken, f"message {index + 1}")
+
+    def _retrieved(self, octets):
+        """
+        A RETR's message has gone out whole (to the transport): counted
+        then, for the metrics and the session's logout line, not when it
+        began (a client that stops reading halfway has not retrieved it).
+        """
+        stats = self._stats
+        stats["retr"] += 1
+        stats["retrBytes"] += octets
+        self.factory.metrics.retrieved(octets)
 
     def _streamBroken(self, failure, what):
         """
