@@ -423,6 +423,23 @@ class Domain(Kind):
             raise ValueError(str(e)) from None
 
 
+class MailAddress(Kind):
+    """
+    A user's address, normalised (C{local@domain}, the domain in lower
+    case), as the store keeps it.
+    """
+
+    metavar = "ADDRESS"
+
+    def check(self, value):
+        from mailgate.address import normalizeAddress
+
+        try:
+            return normalizeAddress(value)
+        except InvalidAddress as e:
+            raise ValueError(str(e)) from None
+
+
 class DatabaseURL(Kind):
     """
     A database URL mailgate has an engine for.
@@ -754,6 +771,14 @@ SETTINGS = (
         "take over quota: at RCPT for the size the client declares, at the end "
         "of DATA for the real one.",
         defaultText="no limit", example=1 << 30,
+    ),
+    Setting(
+        "postmaster", "postmaster", MailAddress(), None,
+        "The user who receives mail to postmaster (RFC 5321 section 4.5.1: "
+        "every SMTP server accepts it): <postmaster> without a domain, and "
+        "postmaster@ any domain mailgate accepts mail for that has no user "
+        "of that name.  Without it, such mail is refused (550).",
+        defaultText="none", example="admin@example.org",
     ),
     Setting(
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",

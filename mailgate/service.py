@@ -541,7 +541,9 @@ def makeSMTPFactory(
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
     factory = factoryClass(
-        LocalDelivery(store, config.domains or None, quotaExceeded=config.quotaExceeded),
+        LocalDelivery(
+            store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster
+        ),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,

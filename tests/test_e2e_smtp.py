@@ -605,6 +605,22 @@ def test_aPop3ClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli):
     assert len(mailgate_cli.mailbox(ALICE)) == 0
 
 
+def test_mailToPostmasterReachesTheConfiguredUser(mailgate_server, mailgate_cli):
+    """
+    RFC 5321 section 4.5.1: an SMTP server accepts mail for <postmaster>,
+    without a domain: with --postmaster, smtplib's message reaches that
+    user's maildrop.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(*SMTP_OPTIONS, "--postmaster", ALICE)
+    message = headers("for the postmaster", to="postmaster") + b"\r\nabuse report\r\n"
+    client = smtpClient(server)
+    assert client.sendmail(SENDER, ["postmaster"], message) == {}
+    client.quit()
+    [stored] = fetchAll(server, ALICE)
+    assertDelivered(stored, message, SENDER, recipient=ALICE)
+
+
 # -- 5. the README's .tac example ------------------------------------------------
 
 

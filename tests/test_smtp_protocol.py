@@ -1295,3 +1295,59 @@ def test_anLmtpLogLineNamesEachRecipientsIdInItsPlace(users):
     [event] = events
     told = replies[1].split()[-1]
     assert formatEvent(event).endswith(f"to={ALICE},{BOB} uids=-,{told} full={ALICE}")
+
+
+# -- postmaster (RFC 5321 section 4.5.1) ------------------------------------------
+
+
+def postmasterSession(store, postmaster, lmtp=False):
+    from twisted.internet.task import Clock
+
+    from mailgate.smtp.delivery import LocalDelivery
+    from mailgate.smtp.factory import LMTPFactory, SMTPFactory
+
+    clock = Clock()
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    factory = factoryClass(LocalDelivery(store, postmaster=postmaster), hostname="mailgate.test", reactor=clock)
+    s = SMTPSession(store, factory=factory, clock=clock)
+    assert s.command("LHLO client.test" if lmtp else "EHLO client.test").startswith("250")
+    return s
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_postmasterGoesToTheConfiguredUser(users, dbpath, lmtp):
+    """
+    <Postmaster>, of no domain and in any case, and postmaster@ a domain
+    mailgate accepts mail for, are delivered to --postmaster's user.
+    """
+    s = postmasterSession(users, ALICE, lmtp)
+    for recipient in ("Postmaster", "POSTMASTER@example.org"):
+        replies = envelope(s, [recipient])
+        assert replies[1].startswith("250 2.1.5"), replies
+        assert lines(s.send(stuff(b"Subject: to the postmaster\r\n\r\nhello\r\n")))[0].startswith("250 ")
+    stored = storedMessages(dbpath, ALICE)
+    assert len(stored) == 2
+    assert all(m.endswith(b"Subject: to the postmaster\r\n\r\nhello\r\n") for m in stored)
+
+
+def test_aUserNamedPostmasterGetsItsOwnMail(users, dbpath):
+    addUser(users, "postmaster@example.org", PASSWORD)
+    s = postmasterSession(users, ALICE)
+    envelope(s, ["postmaster@example.org"])
+    s.send(stuff(b"Subject: mine\r\n\r\nhello\r\n"))
+    assert len(storedMessages(dbpath, "postmaster@example.org")) == 1
+    assert storedMessages(dbpath, ALICE) == []
+
+
+def test_withoutAPostmasterItsMailIsRefusedSayingWhy(users, dbpath):
+    s = postmasterSession(users, None)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    for recipient in ("postmaster", "Postmaster@example.org"):
+        assert s.command(f"RCPT TO:<{recipient}>") == (
+            f"550 5.1.1 <{recipient}>: no postmaster mailbox here (the server has no --postmaster)\r\n"
+        )
+    # A domain mailgate does not serve is still not relayed for.
+    s = postmasterSession(users, ALICE)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command("RCPT TO:<postmaster@elsewhere.test>").startswith("550 5.7.1 ")
+    assert nothingStored(dbpath)

@@ -51,6 +51,11 @@ class MailboxFull(SMTPReply):
         return "tempfail" if self.code < 500 else "rejected"
 
 
+#: the local part (and the whole of RFC 5321's domainless form) of the
+#: address every SMTP server accepts mail for
+POSTMASTER = "postmaster"
+
+
 class LocalDelivery:
     """
     @param store: the L{mailgate.interfaces.IMailStore}.
@@ -60,6 +65,10 @@ class LocalDelivery:
     @param quotaExceeded: C{"temporary"} (the default) to refuse a
         recipient over quota with C{452 4.2.2}, C{"permanent"} for
         C{552 5.2.2}.
+    @param postmaster: the address (a user's) that mail to postmaster
+        goes to: C{<postmaster>} and C{postmaster@} an accepted domain
+        without a user of that name (RFC 5321 section 4.5.1); C{None}
+        refuses them.
     @cvar knownLifetime: seconds a recipient (or domain) found in the store
         is accepted without asking it again.
     @cvar maxKnown: the bound on remembered recipients.
@@ -68,7 +77,7 @@ class LocalDelivery:
     knownLifetime = 30.0
     maxKnown = 100000
 
-    def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary"):
+    def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary", postmaster=None):
         if quotaExceeded not in ("temporary", "permanent"):
             raise ValueError(f"quotaExceeded must be 'temporary' or 'permanent', not {quotaExceeded!r}")
         self._store = store
@@ -76,6 +85,7 @@ class LocalDelivery:
         self._clock = clock
         self._known = {}
         self.quotaExceeded = quotaExceeded
+        self.postmaster = postmaster
 
     def mailboxFull(self, mailbox):
         """
@@ -102,6 +112,19 @@ class LocalDelivery:
                 self._known.clear()
         self._known[key] = self._clock() + self.knownLifetime
 
+    def _toPostmaster(self, mailbox, size):
+        """
+        Mail to postmaster with no user of that name: to L{postmaster}, as
+        that user's mail (quota and all).
+        """
+        if self.postmaster is None:
+            return defer.fail(
+                SMTPReply(550, "5.1.1", f"<{mailbox}>: no postmaster mailbox here (the server has no --postmaster)")
+            )
+        if self._remembered(self.postmaster):
+            return defer.succeed(self.postmaster)
+        return self._checkUser(mailbox, self.postmaster, size)
+
     def _acceptsDomain(self, domain):
         if self.domains is not None:
             return defer.succeed(domain in self.domains)
@@ -126,29 +149,39 @@ class LocalDelivery:
             with L{SMTPReply} for a refusal, or with the store's
             L{mailgate.errors.TemporaryFailure}.
         """
-        domain = mailbox.rpartition("@")[2].lower()
+        local, _, domain = mailbox.rpartition("@")
+        domain = domain.lower()
+        if mailbox.lower() == POSTMASTER:
+            # RFC 5321's <postmaster>, of no domain: the server's own.
+            return self._toPostmaster(mailbox, size)
         try:
             address = normalizeAddress(mailbox)
         except InvalidAddress:
             address = None
         if address is not None and self._remembered(address):
             return defer.succeed(address)
-        # Quotas are checked here where the store keeps them; any store
-        # still checks what it keeps when the message is committed.
-        quotas = ILifecycleStore.providedBy(self._store)
-        d = self._acceptsDomain(domain)
 
         def domainChecked(accepted):
             if not accepted:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
             if address is None:
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            if not quotas:
-                return self._store.findUser(address).addCallback(userChecked)
-            return self._store.quotaOf(address).addCallback(userChecked)
+            return self._checkUser(mailbox, address, size, postmasterIfMissing=local.lower() == POSTMASTER)
+
+        return self._acceptsDomain(domain).addCallback(domainChecked)
+
+    def _checkUser(self, mailbox, address, size, postmasterIfMissing=False):
+        """
+        Accept C{address} if it is a user's with room for C{size} octets.
+        """
+        # Quotas are checked here where the store keeps them; any store
+        # still checks what it keeps when the message is committed.
+        quotas = ILifecycleStore.providedBy(self._store)
 
         def userChecked(status):
             if status is None:
+                if postmasterIfMissing:
+                    return self._toPostmaster(mailbox, size)
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
             if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address)
@@ -156,7 +189,9 @@ class LocalDelivery:
                 raise self.mailboxFull(mailbox)
             return address
 
-        return d.addCallback(domainChecked)
+        if not quotas:
+            return self._store.findUser(address).addCallback(userChecked)
+        return self._store.quotaOf(address).addCallback(userChecked)
 
     def deliver(self, envelope, source, partial=True):
         """

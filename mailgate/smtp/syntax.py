@@ -137,6 +137,9 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     if len(inside) > MAX_PATH:
         raise EnvelopeSyntaxError("address too long")
     inside = _SOURCE_ROUTE.sub("", inside, count=1)
+    if keyword == "TO" and inside.lower() == "postmaster":
+        # RFC 5321 section 4.1.1.3: RCPT TO:<Postmaster>, of no domain.
+        return "postmaster", parameters
     if not inside:
         if not allowEmpty:
             raise EnvelopeSyntaxError("empty address")
