@@ -15,8 +15,10 @@ L{mailgate.errors.TemporaryFailure} and changes nothing.
 import sqlite3
 
 import pytest
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from e2e import postgresOnly
 from mailgate.errors import TemporaryFailure
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
 from mailgate.pop3.protocol import POP3Server
@@ -408,3 +410,46 @@ def test_aStoreWhoseConnectionIsGoneFailsLookups(dbpath):
         resultOf(store.findUser(ALICE))
     assert "closed" in str(failure.value)
 
+
+
+# -- a connection lost while idle ---------------------------------------------------
+
+
+def _writerBackend(cursor):
+    cursor.execute("SELECT pg_backend_pid()")
+    return cursor.fetchone()[0]
+
+
+@postgresOnly
+def test_aWriteWhoseConnectionDiedWhileIdleRunsAgainOnAFreshOne(databaseURL):
+    """
+    The writer's connection died while idle (PostgreSQL restarted, or an
+    administrator ended the backend): the next write finds out with its
+    first statement, before any COMMIT, so nothing of it took effect and
+    it runs again on a fresh connection.  The client gets its 250, not a
+    451 for a database that is back.
+    """
+    import psycopg
+
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.message import spoolBytes
+    from mailgate.store import openStore
+    from mailgate.store.postgres import _conninfo
+    from mailgate.testing import TEST_HASH_COST
+    from pumped import PumpedReactor
+
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    try:
+        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        backend = reactor.wait(store.database.runWrite(_writerBackend))
+        with psycopg.connect(_conninfo(databaseURL), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        delivered = reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: after\r\n\r\nbody\r\n")))
+        assert not isinstance(delivered, Failure), delivered
+        assert list(delivered) == [ALICE]
+        assert reactor.wait(store.database.runWrite(_writerBackend)) != backend
+        assert len(reactor.wait(store.listMessages(ALICE))) == 1
+        assert store.database.writeFailure is None
+    finally:
+        reactor.wait(store.close())

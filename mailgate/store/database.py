@@ -81,20 +81,54 @@ def _raiseTranslated(engine, exc):
     raise translated from exc
 
 
+class _LostBeforeCommit(Exception):
+    """
+    A write transaction's connection was lost before its COMMIT was sent:
+    nothing of it can have taken effect, so it may run again on a fresh
+    connection (most often the connection had died while idle, a database
+    restarted since: its first statement is what finds out).
+
+    @ivar error: the driver's error.
+    """
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _lostBeforeCommit(engine, exc):
+    """
+    Raise L{_LostBeforeCommit} if C{exc}, raised before a write's COMMIT
+    was sent, is the connection's loss.
+    """
+    if engine.isDisconnect(exc.__cause__ or exc):
+        raise _LostBeforeCommit(exc) from exc
+
+
 def runTransaction(engine, conn, function, args, kwargs, write):
     """
     Run C{function(cursor, *args, **kwargs)} in one transaction on C{conn}
     and commit it.  Runs on a worker thread.
+
+    @raise _LostBeforeCommit: (a write) the connection was lost before
+        the COMMIT was sent.
     """
     try:
-        cursor = engine.begin(conn, write)
         try:
-            result = function(cursor, *args, **kwargs)
-        except BaseException:
-            engine.rollback(conn)
+            cursor = engine.begin(conn, write)
+            try:
+                result = function(cursor, *args, **kwargs)
+            except BaseException:
+                _rollbackQuietly(engine, conn)
+                raise
+        except Exception as e:
+            if write:
+                _lostBeforeCommit(engine, e)
             raise
         engine.commit(conn)
         return result
+    except _LostBeforeCommit:
+        raise
     except Exception as e:
         _raiseTranslated(engine, e)
 
@@ -172,18 +206,23 @@ def _runBatch(engine, conn, batch, savepoints):
     pipelined = not savepoints and all(IBatchableWrite.providedBy(f) and f.pipelined for f, _, _ in batch)
     try:
         cursor = engine.begin(conn, True)
-    except Exception:
+    except Exception as e:
         _rollbackQuietly(engine, conn)
+        _lostBeforeCommit(engine, e)
         raise
+    committing = False
     try:
         with engine.pipeline(conn) if pipelined else _nothing():
             results = _runItems(engine, cursor, batch, savepoints)
+        committing = True
         engine.commit(conn)
     except _ItemFailed:
         _rollbackQuietly(engine, conn)
         raise
     except Exception as e:
         _rollbackQuietly(engine, conn)
+        if not committing:
+            _lostBeforeCommit(engine, e)
         if not savepoints and not (engine.isRetryable(e) or engine.isDisconnect(e)):
             # A failure the optimistic pass cannot attribute (a pipelined
             # statement's error arrives later): let the careful pass decide.
@@ -455,6 +494,13 @@ class Database:
             conn = self._connection()
             try:
                 return work(conn)
+            except _LostBeforeCommit as e:
+                # Nothing of the write took effect: again, on a fresh
+                # connection (whatever retryDisconnects says).
+                self._forget(conn)
+                if attempt < RETRIES - 1:
+                    continue
+                _raiseTranslated(self.engine, e.error)
             except Exception as e:
                 cause = e.__cause__ or e
                 last = attempt == RETRIES - 1
