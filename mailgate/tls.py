@@ -227,7 +227,9 @@ class ServerTLS:
         context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative, self.minimumVersion)
         self._context = context
         self.certificates = [
-            CertificateSummary(keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc)
+            CertificateSummary(
+                keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc
+            )
             for leaf in leaves
         ]
         self.subject = self.certificates[0].subject
@@ -239,7 +241,8 @@ class ServerTLS:
         common name and SHA-256 fingerprint.
         """
         return "; ".join(
-            f"{c.keyType} {c.subject} sha256 {c.fingerprint} valid until {c.notAfter:%Y-%m-%d}" for c in self.certificates
+            f"{c.keyType} {c.subject} sha256 {c.fingerprint} valid until {c.notAfter:%Y-%m-%d}"
+            for c in self.certificates
         )
 
     def expiryWarnings(self, now=None):

@@ -538,7 +538,9 @@ class SMTPServer(CommandSession):
         # The id in the reply (and in the Received field) is the message's;
         # the log line adds the unique id each recipient's copy got.
         uniqueIds = {a: r for a, r in results.items() if isinstance(r, str)}
-        self._logDelivery(envelope, f" uids={_uidsField(envelope, uniqueIds)} peer={self.peerText}", uniqueIds=uniqueIds)
+        self._logDelivery(
+            envelope, f" uids={_uidsField(envelope, uniqueIds)} peer={self.peerText}", uniqueIds=uniqueIds
+        )
 
     def _logDelivery(self, envelope, tail="", **extra):
         """
