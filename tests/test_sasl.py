@@ -783,6 +783,24 @@ def test_scramUnknownUserGetsAStableSalt(store):
     assert salts[0] == salts[1]
 
 
+def test_scramUnknownUserSaltIgnoresCase(store, alice):
+    """
+    A real user's salt is the same however the address is capitalised
+    (the lookup normalises it): an unknown user's made-up salt must be too,
+    or asking with two spellings would tell them apart.
+    """
+    factory = pop3Factory(store)
+
+    def saltOf(name):
+        s = POP3Session(store, factory=factory)
+        client = ScramClient(name, "x")
+        _, salt, _ = client.parseServerFirst(challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")))
+        return salt
+
+    assert saltOf(ALICE) == saltOf(ALICE.upper()) == saltOf("Alice@Example.ORG")
+    assert saltOf("nobody@example.org") == saltOf("NOBODY@example.org") == saltOf("Nobody@Example.ORG ")
+
+
 def test_scramTamperedNonce(store, alice):
     s = POP3Session(store)
     client = ScramClient(ALICE, PASSWORD)

@@ -266,6 +266,7 @@ class ScramSHA256Mechanism:
             address = normalizeAddress(username)
         except InvalidAddress:
             address = None
+        self._address = address
         d = self._findUser(address) if address else defer.succeed(None)
         return d.addCallback(self._serverFirst)
 
@@ -276,8 +277,11 @@ class ScramSHA256Mechanism:
         except ValueError:
             iterations = None
         if iterations is None:
+            # Made from the name as the lookup saw it: "Bob@x" and "bob@x"
+            # get one salt, as a real user's spellings do.
+            name = self._address or self._username
             iterations = SCRAM_ITERATIONS
-            salt = hmac.new(self._fakeKey, b"salt:" + self._username.encode("utf-8"), hashlib.sha256).digest()[:16]
+            salt = hmac.new(self._fakeKey, b"salt:" + name.encode("utf-8"), hashlib.sha256).digest()[:16]
             serverKey = secrets.token_bytes(32)
         self._serverKey = serverKey
         self._serverFirstMessage = (
