@@ -111,6 +111,24 @@ class Options(usage.Options):
         self.configPath = None
         self.config = None
 
+    def parseOptions(self, options=None):
+        """
+        Parse, as L{usage.Options} does; under twistd (a C{parent} set),
+        a usage error ends the process with one line on standard error.
+
+        twistd itself would print its whole usage text (over two hundred
+        lines, on standard output) before the error, which then scrolls by
+        unseen or fills a journal; a configuration file's errors are one
+        line already (see L{postOptions}).  Parsed alone (tests,
+        C{mailgate serve}), the L{usage.UsageError} is raised as usual.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit(f"mailgate: {e} (twistd mailgate --help lists the options)") from None
+
     def opt_config(self, path):
         self.configPath = path
 

@@ -526,3 +526,25 @@ def test_twistdStopsOnAFileWithOneLineNamingIt(tmp_path, content, reason):
     )
     assert code != 0
     assert [line for line in (out + err).splitlines() if line.strip()] == [f"mailgate: {path}: {reason}"]
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["--tls-cert", "cert.pem"], "TLS needs both a certificate and a key"),
+        (["--apop", "--no-apop"], "--apop and --no-apop contradict each other"),
+        (["--pop3", "tcp:11O"], "--pop3: invalid endpoint 'tcp:11O': invalid literal for int() with base 10: '11O'"),
+        (["--bogus"], "option --bogus not recognized"),
+    ],
+)
+def test_twistdStopsOnABadCommandLineWithOneLine(tmp_path, argv, reason):
+    """
+    As for a file: the one line on standard error, not twistd's usage text
+    of some two hundred lines on standard output with the reason last.
+    """
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), *argv],
+        cwd=tmp_path,
+    )
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [f"mailgate: {reason} (twistd mailgate --help lists the options)"]
