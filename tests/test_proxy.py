@@ -124,6 +124,25 @@ def test_parseV2RefusesAddressesCutShort(source, destination, name):
         parseProxyHeader(short + b"CAPA\r\n")
 
 
+def v2Unix(source=b"/run/client.sock", destination=b"/run/haproxy.sock"):
+    """
+    A version 2 PROXY header over AF_UNIX stream sockets.
+    """
+    body = source.ljust(108, b"\0") + destination.ljust(108, b"\0")
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x31" + struct.pack("!H", len(body)) + body
+
+
+def test_parseV2UnixAddressesKeepTheConnectionsOwn():
+    """
+    Unix socket paths say nothing about where the client is; taken as the
+    peer they would make it a local one (trusted for plaintext, never
+    limited, penalised or banned per address), whatever sent the header.
+    The connection's own addresses apply, as for LOCAL.
+    """
+    header = v2Unix()
+    assert parseProxyHeader(header + b"CAPA\r\n") == (None, None, len(header))
+
+
 # -- the wrapper, in memory --------------------------------------------------------
 
 
@@ -167,6 +186,22 @@ def test_theSessionIsConnectedOnlyOnceTheHeaderIsRead(store, header):
     transport.clear()
     protocol.dataReceived(f"USER {ALICE}\r\n".encode())
     assert transport.value().startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+
+
+def test_aUnixHeaderDoesNotMakeTheClientLocal(store):
+    """
+    A header naming Unix sockets leaves the session with the balancer's
+    address: not a local peer allowed plaintext passwords, and counted
+    against the balancer's address.
+    """
+    clock = Clock()
+    factory = pop3Factory(store, clock, trustedNetworks=["203.0.113.0/24"])
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v2Unix() + f"USER {ALICE}\r\n".encode())
+    assert protocol.wrappedProtocol.peer == BALANCER
+    assert transport.value().endswith(
+        b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+    )
 
 
 def test_aTrustedClientBehindTheBalancerMayLogIn(store):

@@ -12,14 +12,15 @@ client address.  The header is bounded in size and must arrive within
 L{ProxyHeaderFactory.headerTimeout} seconds; anything else closes the
 connection.
 
-A C{LOCAL} header (version 2, the balancer's own health checks) and an
-C{UNKNOWN} one (version 1) keep the connection's own addresses.
+A C{LOCAL} header (version 2, the balancer's own health checks), an
+C{UNKNOWN} one (version 1) and one naming Unix sockets (version 2) keep
+the connection's own addresses.
 """
 
 import ipaddress
 import struct
 
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -47,9 +48,9 @@ def parseProxyHeader(data, maxLength=4096):
     @param maxLength: the most octets a header may take.
     @return: C{None} if more octets are needed; else C{(source,
         destination, length)}: the client's and the server's addresses as
-        Twisted address objects (both C{None} for a LOCAL or UNKNOWN
-        header: the connection's own addresses apply) and the length of
-        the header.
+        Twisted address objects (both C{None} for a LOCAL, UNKNOWN or Unix
+        socket header: the connection's own addresses apply) and the length
+        of the header.
     @raise InvalidProxyHeader: if C{data} does not begin with a valid
         header of at most C{maxLength} octets.
     """
@@ -149,11 +150,14 @@ def _parseV2(data, maxLength):
             total,
         )
     if addressFamily == 3:
+        # Socket paths on the balancer's machine.  Taken as the peer, they
+        # would make the client a local one, allowed plaintext passwords
+        # and never limited, penalised or banned per address, on the word
+        # of whatever sent the header: the connection's own addresses
+        # (the balancer's) apply, as for LOCAL.
         if len(body) < 216:
             raise InvalidProxyHeader("short PROXY v2 UNIX addresses")
-        source = body[0:108].split(b"\0", 1)[0]
-        destination = body[108:216].split(b"\0", 1)[0]
-        return UNIXAddress(source or None), UNIXAddress(destination or None), total
+        return None, None, total
     if addressFamily == 0:
         return None, None, total
     raise InvalidProxyHeader("unsupported PROXY v2 address family")
