@@ -282,3 +282,49 @@ def test_failuresOnEveryNodeCountTowardsOneBan(mailgate_server, mailgate_cli):
     for server in (a, b):
         waitFor(lambda: banned(server, ATTACKER), "both nodes to enforce the ban")
     assert banList(mailgate_cli)[ATTACKER][:2] == ["auth-failures", "3"]
+
+
+def cramMD5Response(client, address, secret):
+    """
+    CRAM-MD5 (RFC 2195) as fetchmail sends it: the name and the HMAC-MD5
+    of the server's challenge keyed with the password.
+    """
+    import base64
+    import hmac
+
+    challenge = client._shortcmd("AUTH CRAM-MD5")
+    assert challenge.startswith(b"+ "), challenge
+    digest = hmac.new(secret.encode(), base64.b64decode(challenge[2:]), "md5").hexdigest()
+    return base64.b64encode(f"{address} {digest}".encode()).decode()
+
+
+@sqliteOnly
+def test_fetchmailsCramMD5BeforeUSERIsNotABannableFailure(mailgate_server, mailgate_cli):
+    """
+    fetchmail's default (C{auth any}) tries CRAM-MD5 whenever CAPA offers
+    it (mailgate does while some user has APOP), then falls back to
+    USER/PASS.  For a user without APOP that CRAM-MD5 cannot succeed, and
+    it guessed nothing: polling such accounts must not ban the address
+    (a fetchmail polling ten accounts used to be banned at the tenth).
+    A wrong digest for a user who has APOP still counts.
+    """
+    server = mailgate_server(*STRICT, "--apop")
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    mailgate_cli.addUser("apop@example.org", PASSWORD, apop=True)
+    for _ in range(4):
+        client = BoundPOP3(server.port, USER)
+        assert "CRAM-MD5" in client.capa()["SASL"]
+        with pytest.raises(poplib.error_proto) as refused:
+            client._shortcmd(cramMD5Response(client, ALICE, PASSWORD))
+        assert refused.value.args[0] == b"-ERR [AUTH] invalid user name or password"
+        client.user(ALICE)
+        assert client.pass_(PASSWORD).startswith(b"+OK")
+        client.quit()
+    assert admitted(server, USER)
+
+    for _ in range(3):
+        client = BoundPOP3(server.port, ATTACKER)
+        with pytest.raises(poplib.error_proto):
+            client._shortcmd(cramMD5Response(client, "apop@example.org", WRONG))
+        client.close()
+    assert banned(server, ATTACKER)

@@ -18,6 +18,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, task
 
+from mailgate.auth.checkers import NoAPOPSecret
 from mailgate.auth.credentials import APOPCredentials
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
@@ -313,7 +314,11 @@ class AuthorizationCommands:
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
-            policy.authenticationFailed(self.peer, login)
+            if not failure.check(NoAPOPSecret):
+                # An APOP or CRAM-MD5 login without a secret to match
+                # guessed nothing: answered alike, never penalised or
+                # banned (see NoAPOPSecret).
+                policy.authenticationFailed(self.peer, login)
             self._authFailed(
                 login, mechanism, "failed",
                 f"pop3 authentication failed user={login[:64]!r} peer={self.peerText}",
