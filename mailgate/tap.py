@@ -226,7 +226,10 @@ def makeService(options):
             pass
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)
-        service.onHangup(lambda: _reopenLog(destination))
+        if destination.path is not None:
+            # Standard output (-n, as under systemd) has nothing to reopen:
+            # a SIGHUP there says so rather than passing unremarked.
+            service.onHangup(lambda: _reopenLog(destination))
     notifier = systemd.Notifier.fromEnvironment()
     if notifier is not None:
         watchdog = systemd.watchdogInterval()

@@ -418,3 +418,21 @@ def test_daemonWritesJSONToItsLogFile(tmp_path, loggingServer):
     records = jsonLines(logfile.read_text())
     assert "starting up" in records[0]["text"]
     assert records[-1]["text"] == "Server Shut Down."
+
+
+@sqliteOnly
+def test_hangupWithTheLogOnStandardOutputSaysThereIsNothingToReload(mailgate_server):
+    """
+    As the shipped systemd unit runs it (-n, the log on standard output to
+    the journal, here without TLS): C{systemctl reload} is answered with a
+    line saying there was nothing to reload, not silence; SIGUSR1 says
+    there is no log file to reopen.  Neither ends the server.
+    """
+    server = mailgate_server()
+    # Greeted: the reactor runs, and the signal handlers are in place.
+    poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE).quit()
+    server.process.send_signal(signal.SIGHUP)
+    waitFor(lambda: "SIGHUP: nothing to reload" in server.stdout, "the SIGHUP line")
+    server.process.send_signal(signal.SIGUSR1)
+    waitFor(lambda: "SIGUSR1: no log file of mailgate's to reopen" in server.stdout, "the SIGUSR1 line")
+    poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE).quit()
