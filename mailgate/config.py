@@ -728,6 +728,14 @@ SETTINGS = (
         repeated=True,
     ),
     Setting(
+        "proxy-network", "proxyNetworks", Network(), (),
+        "A network (CIDR) of the load balancers that may connect to haproxy: "
+        "listeners (Dovecot's haproxy_trusted_networks): a connection from "
+        "elsewhere is closed unread, since its PROXY header would choose the "
+        "client address every policy sees.",
+        repeated=True, example=["10.0.0.2/32"], defaultText="any peer that can reach the listener",
+    ),
+    Setting(
         "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,
         "When the POP3 greeting offers APOP: auto (only while some user has "
         "APOP enabled), always, or never.  On the command line: --apop "

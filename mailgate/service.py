@@ -454,10 +454,10 @@ class MailgateService(MultiService):
         return defer.DeferredList(stopping, consumeErrors=True).addCallback(logFailures)
 
 
-def _endpoint(reactor, description):
+def _endpoint(reactor, description, balancers=()):
     try:
         checkEndpoint(description)
-        return serverEndpoint(reactor, description)
+        return serverEndpoint(reactor, description, balancers=balancers)
     except Exception as e:
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
@@ -607,7 +607,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     if reactor is None:
         from twisted.internet import reactor
     listeners = {
-        name: [(d, _endpoint(reactor, d)) for d in descriptions]
+        name: [(d, _endpoint(reactor, d, config.proxyNetworks)) for d in descriptions]
         for name, descriptions in (
             ("POP3", config.pop3),
             ("POP3S", config.pop3s),

@@ -146,10 +146,10 @@ def test_parseV2UnixAddressesKeepTheConnectionsOwn():
 # -- the wrapper, in memory --------------------------------------------------------
 
 
-def wrapped(factory, clock):
-    proxy = ProxyHeaderFactory(factory, clock)
-    protocol = proxy.buildProtocol(BALANCER)
-    transport = StringTransport(peerAddress=BALANCER, hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
+def wrapped(factory, clock, balancers=(), peer=BALANCER):
+    proxy = ProxyHeaderFactory(factory, clock, balancers)
+    protocol = proxy.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -278,6 +278,38 @@ def test_anEndlessHeaderIsNotBuffered(store):
     assert len(protocol._header) == 0
 
 
+def test_aPeerOutsideTheBalancersNetworksIsClosedUnread(store):
+    """
+    With balancer networks configured, a connection from elsewhere is
+    closed before its header is read: it cannot claim to be a loopback
+    (trusted, exempt) client.
+    """
+    clock = Clock()
+    protocol, transport = wrapped(pop3Factory(store, clock), clock, balancers=["192.0.2.0/24"])
+    assert transport.disconnecting
+    protocol.dataReceived(v1("127.0.0.1") + b"CAPA\r\n")
+    assert transport.value() == b""
+    assert protocol.wrappedProtocol.transport is None  # never connected
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        IPv4Address("TCP", "192.0.2.10", 50000),
+        IPv6Address("TCP", "::ffff:192.0.2.10", 50000),
+        IPv6Address("TCP", "2001:db8::5", 50000),
+    ],
+)
+def test_aBalancerOnItsNetworksIsRelayed(store, peer):
+    clock = Clock()
+    protocol, transport = wrapped(
+        pop3Factory(store, clock), clock, balancers=["192.0.2.0/24", "2001:db8::/32"], peer=peer
+    )
+    protocol.dataReceived(v1("203.0.113.9") + b"CAPA\r\n")
+    assert transport.value().startswith(b"+OK mailgate POP3 server ready")
+    assert protocol.wrappedProtocol.peer == IPv4Address("TCP", "203.0.113.9", 40001)
+
+
 def test_haproxyDescriptionsListenThroughMailgatesWrapper(store):
     reactor = MemoryReactorClock()
     endpoint = serverEndpoint(reactor, "haproxy:tcp:0:interface=127.0.0.1")
@@ -353,3 +385,27 @@ def test_realPROXYv1AndV2Headers(mailgate_server, mailgate_cli):
         "the logout logged with the client's address",
     )
     assert "peer=127.0.0.1" not in server.stdout
+
+
+@sqliteOnly
+def test_proxyNetworkRefusesHeadersFromAnyoneElse(mailgate_server):
+    """
+    twistd with --proxy-network: a client that reaches the haproxy:
+    listener itself, not through the balancer, and claims to be a loopback
+    client (trusted with plaintext passwords, never limited or banned) is
+    closed without a greeting, and the refusal is logged; the plain
+    listener beside it serves that client as usual.
+    """
+    server = mailgate_server("--pop3", "haproxy:tcp:0:interface=127.0.0.1", "--proxy-network", "192.0.2.0/24")
+    sock, reader = proxied(server.portOf("POP3", 1), v1("127.0.0.1") + b"CAPA\r\n")
+    with sock:
+        with pytest.raises((EOFError, ConnectionResetError)):
+            reader.line()
+        assert reader.buffer == b""
+    waitFor(
+        lambda: re.search(r"PROXY header refused from 127\.0\.0\.1:\d+: not from a balancer's network", server.stdout),
+        "the refusal logged",
+    )
+    sock = socket.create_connection(("127.0.0.1", server.portOf("POP3")), timeout=20)
+    with sock:
+        assert LineReader(sock).line().startswith(b"+OK")

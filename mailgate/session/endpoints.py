@@ -64,15 +64,17 @@ def withBacklog(description, backlog=DEFAULT_BACKLOG):
     return f"{description}:backlog={backlog}"
 
 
-def serverEndpoint(reactor, description, backlog=DEFAULT_BACKLOG):
+def serverEndpoint(reactor, description, backlog=DEFAULT_BACKLOG, balancers=()):
     """
     The listening endpoint for C{description}.
 
+    @param balancers: for a C{haproxy:} description, the networks its
+        connections may come from; empty for any.
     @raise ValueError: (or another exception of Twisted's parser) for a
         description Twisted does not understand.
     """
     description = withBacklog(description, backlog)
     if description[: len(_PROXY_PREFIX)].lower() == _PROXY_PREFIX:
         inner = description[len(_PROXY_PREFIX):]
-        return ProxyHeaderEndpoint(reactor, serverEndpoint(reactor, inner, backlog))
+        return ProxyHeaderEndpoint(reactor, serverEndpoint(reactor, inner, backlog), balancers)
     return serverFromString(reactor, description)

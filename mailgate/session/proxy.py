@@ -15,6 +15,13 @@ connection.
 A C{LOCAL} header (version 2, the balancer's own health checks), an
 C{UNKNOWN} one (version 1) and one naming Unix sockets (version 2) keep
 the connection's own addresses.
+
+Whoever sends the header chooses the address every policy sees: one
+claiming a loopback client is allowed plaintext passwords and exempt from
+limits, penalties and bans.  With balancer networks configured
+(C{--proxy-network}, Dovecot's C{haproxy_trusted_networks}), a connection
+from anywhere else is closed before a byte of it is read; without them,
+any peer that can reach the listener is believed.
 """
 
 import ipaddress
@@ -195,6 +202,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def connectionMade(self):
         factory = self.factory
         self._timeout = factory.clock.callLater(factory.headerTimeout, self._tooSlow)
+        if not isBalancer(self.transport.getPeer(), factory.balancers):
+            # Its header would choose the address every policy sees.
+            self._drop("not from a balancer's network (--proxy-network)")
 
     def _tooSlow(self):
         self._timeout = None
@@ -267,6 +277,42 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self.wrappedProtocol = None
 
 
+def parseBalancers(networks):
+    """
+    The networks allowed to send PROXY headers, from their CIDR texts (or
+    L{ipaddress} networks); IPv4-mapped IPv6 networks in their IPv4 form,
+    as peers are compared in theirs.
+    """
+    parsed = []
+    for network in networks:
+        network = ipaddress.ip_network(network, strict=False)
+        mapped = getattr(network.network_address, "ipv4_mapped", None)
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        parsed.append(network)
+    return tuple(parsed)
+
+
+def isBalancer(address, balancers):
+    """
+    Whether the peer C{address} may send a PROXY header: any peer when no
+    C{balancers} are configured; else an IP peer on one of them, or a Unix
+    socket peer (the socket's permissions say who may connect).
+    """
+    if not balancers:
+        return True
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "type", None) != "TCP"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None) is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in balancers)
+
+
 class ProxyHeaderFactory(WrappingFactory):
     """
     Wraps a factory's protocols in L{ProxyHeaderProtocol}s.
@@ -274,6 +320,8 @@ class ProxyHeaderFactory(WrappingFactory):
     @cvar headerTimeout: seconds the balancer has to send the header.
     @cvar maxHeaderLength: the most octets a header may take (version 2
         headers carry optional fields after the addresses).
+    @ivar balancers: the networks connections may come from (see
+        L{isBalancer}); empty for any.
     """
 
     protocol = ProxyHeaderProtocol
@@ -281,9 +329,10 @@ class ProxyHeaderFactory(WrappingFactory):
     maxHeaderLength = 4096
     log = Logger()
 
-    def __init__(self, wrappedFactory, clock):
+    def __init__(self, wrappedFactory, clock, balancers=()):
         super().__init__(wrappedFactory)
         self.clock = clock
+        self.balancers = parseBalancers(balancers)
 
     def logPrefix(self):
         return f"{super().logPrefix()} (PROXY)"
@@ -296,11 +345,14 @@ class ProxyHeaderEndpoint:
 
     @param clock: the reactor, for the header timeout.
     @param wrapped: the endpoint that really listens.
+    @param balancers: the networks connections may come from; empty for
+        any (see L{isBalancer}).
     """
 
-    def __init__(self, clock, wrapped):
+    def __init__(self, clock, wrapped, balancers=()):
         self._clock = clock
         self._wrapped = wrapped
+        self._balancers = balancers
 
     def listen(self, protocolFactory):
-        return self._wrapped.listen(ProxyHeaderFactory(protocolFactory, self._clock))
+        return self._wrapped.listen(ProxyHeaderFactory(protocolFactory, self._clock, self._balancers))
