@@ -2,7 +2,7 @@
 """
 C{mailgate}: the administrator's command.
 
-  mailgate [--database URL] user add ADDRESS [--password-stdin] [--apop]
+  mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop]
   mailgate user passwd ADDRESS [--password-stdin]
   mailgate user del ADDRESS
   mailgate user list
@@ -828,7 +828,15 @@ def buildParser():
     parser.add_argument(
         "--database",
         metavar="URL",
-        help="database URL (default: $MAILGATE_DATABASE, else " + DEFAULT_DATABASE + ")",
+        help="database URL (default: the --config file's database, else $MAILGATE_DATABASE, "
+        "else " + DEFAULT_DATABASE + ")",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the server's configuration file (twistd mailgate --config FILE): its database is "
+        "used, so the URL and its password need not be repeated; the file is checked as the "
+        "server checks it",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -1046,6 +1054,22 @@ def buildParser():
     return parser
 
 
+def _configDatabase(path):
+    """
+    The database URL the server's configuration file at C{path} sets, or
+    C{None} (no file given, or no database in it).  The whole file is read
+    and checked as C{twistd mailgate --config} reads it, so a file the
+    server would refuse is refused here too, in the same words.
+
+    @raise ConfigurationError: the file cannot be used.
+    """
+    if path is None:
+        return None
+    from mailgate import config
+
+    return config.readFile(path).get("database")
+
+
 def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     """
     Run the command; return its exit code.
@@ -1065,9 +1089,16 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
     if args.command == "serve":
+        if args.config is not None:
+            # Before serve's own options, so that a --config of its own wins.
+            rest = ["--config", args.config, *rest]
         return _serve(rest, args.database, stdout, stderr)
-    url = args.database or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
     delivering = args.run is _deliver
+    try:
+        url = args.database or _configDatabase(args.config) or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
+    except ConfigurationError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
     store = None
     try:
         args.stderr = stderr

@@ -888,3 +888,70 @@ def test_serveSaysWhyTheConfigurationFileIsRefused(cli, tmp_path):
     assert result.code == 64, result
     assert oneLineError(result).startswith(f"mailgate: {path}: key 'pop3': invalid endpoint 'tcp:notaport'")
     assert not cli.path.exists()
+
+
+# -- --config: the server's configuration file -------------------------------------
+
+
+def test_configFileGivesTheDatabase(tmp_path):
+    """
+    C{mailgate --config FILE} works on the database the server's file
+    names, so an administrator need not repeat the URL (and its password)
+    on every command line; C{--database} still wins, and the file wins
+    over C{$MAILGATE_DATABASE}, as for the server.
+    """
+    fromFile, fromOption, fromEnvironment = (tmp_path / f"{n}.sqlite3" for n in ("file", "option", "env"))
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{fromFile}"\npop3 = ["tcp:110"]\n')
+    environ = {"MAILGATE_DATABASE": f"sqlite:///{fromEnvironment}"}
+
+    def mailgate(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(list(argv), stdin=io.StringIO(f"{PASSWORD}\n"), stdout=out, stderr=err, environ=environ)
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("--config", str(config), "user", "add", ALICE, "--password-stdin").code == 0
+    assert CLI(fromFile).user(ALICE) is not None
+    listed = mailgate("--config", str(config), "user", "list")
+    assert listed.code == 0 and ALICE in listed.out, listed
+    given = mailgate("--config", str(config), "--database", f"sqlite:///{fromOption}", "user", "add", BOB,
+                     "--password-stdin")
+    assert given.code == 0, given
+    assert CLI(fromOption).user(BOB) is not None and CLI(fromFile).user(BOB) is None
+    assert not fromEnvironment.exists()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("pop4 = []\n", "unknown key 'pop4' (did you mean 'pop3'?)"),
+        ('database = "mysql://db/mail"\n',
+         "key 'database': unsupported database URL 'mysql://db/mail': use sqlite:///FILE or postgresql://..."),
+    ],
+)
+def test_aConfigFileTheServerWouldRefuseIsRefusedInOneLine(tmp_path, content, reason):
+    config = tmp_path / "mailgate.toml"
+    config.write_text(content)
+    for argv, code in ((["user", "list"], 78), (["deliver", ALICE], 75)):
+        out, err = io.StringIO(), io.StringIO()
+        status = run(["--config", str(config), *argv], stdin=io.StringIO(""), stdout=out, stderr=err, environ={})
+        result = Result(status, out.getvalue(), err.getvalue())
+        assert (result.code, result.out) == (code, ""), result
+        assert oneLineError(result) == f"mailgate: {config}: {reason}\n"
+    missing = tmp_path / "missing.toml"
+    out, err = io.StringIO(), io.StringIO()
+    status = run(["--config", str(missing), "user", "list"], stdout=out, stderr=err, environ={})
+    assert status == 78
+    assert err.getvalue() == f"mailgate: {missing}: cannot read the configuration file: No such file or directory\n"
+
+
+def test_serveTakesMailgatesConfigFile(tmp_path):
+    """
+    C{mailgate --config FILE serve} serves with that file, as
+    C{mailgate serve --config FILE} does: here one it refuses, in one line.
+    """
+    config = tmp_path / "mailgate.toml"
+    config.write_text("pop4 = []\n")
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--config", str(config), "serve"], stdout=out, stderr=err, environ={})
+    assert (code, err.getvalue()) == (64, f"mailgate: {config}: unknown key 'pop4' (did you mean 'pop3'?)\n")
