@@ -732,7 +732,7 @@ def _banAddress(text):
     try:
         return addressText(text)
     except ValueError:
-        raise CommandError(f"not an IP address: {text!r}", EX_DATAERR)
+        raise CommandError(f"not an IP address (nor an IPv6 /64 network): {text!r}", EX_DATAERR)
 
 
 def _utc(at):
@@ -773,8 +773,8 @@ def _banAdd(store, args, out, stdin):
     duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
     ban = _result(_policyStore(store).addBan(address, time.time(), duration))
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
-    ip = ipaddress.ip_address(address)
-    if any(ip in ipaddress.ip_network(n) for n in DEFAULT_EXEMPT_NETWORKS):
+    banned = ipaddress.ip_network(address)
+    if any(banned.overlaps(ipaddress.ip_network(n)) for n in DEFAULT_EXEMPT_NETWORKS):
         out.write(
             f"note: {address} is in the default --exempt-network; servers exempting it "
             f"do not enforce this ban\n"
@@ -782,8 +782,17 @@ def _banAdd(store, args, out, stdin):
 
 
 def _banDel(store, args, out, stdin):
+    from mailgate.policy.addresses import parseAddress
+
     address = _banAddress(args.address)
-    if not _result(_policyStore(store).removeBan(address)):
+    policy = _policyStore(store)
+    removed = _result(policy.removeBan(address))
+    if "/" not in args.address:
+        # A ban stored by an earlier mailgate names the IPv6 address alone.
+        single = str(parseAddress(args.address))
+        if single != address:
+            removed = _result(policy.removeBan(single)) or removed
+    if not removed:
         raise CommandError(f"no ban for {address}")
     out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
 
@@ -804,7 +813,9 @@ def _addBanCommands(commands):
     ban.required = True
     banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
     banList.set_defaults(run=_banList, migrate=True)
-    banAdd = ban.add_parser("add", help="ban an address (replacing a ban it has)")
+    banAdd = ban.add_parser(
+        "add", help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)"
+    )
     banAdd.add_argument("address", metavar="ADDRESS")
     banAdd.add_argument(
         "--for",

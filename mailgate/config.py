@@ -826,7 +826,7 @@ SETTINGS = (
     Setting(
         "max-connections-per-ip", "maxConnectionsPerAddress", Integer(),
         _policy.MAX_CONNECTIONS_PER_ADDRESS,
-        "Most connections from one client address (the real one behind a "
+        "Most connections from one client address (an IPv6 client's /64; the real one behind a "
         "haproxy: listener), except from exempt-network.  0 for no limit.",
     ),
     Setting(

@@ -75,14 +75,34 @@ def test_addListDelete(cli):
     assert result.out.startswith("banned 192.0.2.7 until ")
     cli("ban", "add", "2001:DB8::0:1")
     rows = banList(cli)
-    assert [(a, r, f) for a, r, f, _ in rows] == [("192.0.2.7", "admin", 0), ("2001:db8::1", "admin", 0)]
+    # An IPv6 address is banned with its /64 network.
+    assert [(a, r, f) for a, r, f, _ in rows] == [("192.0.2.7", "admin", 0), ("2001:db8::/64", "admin", 0)]
     assert before + 120 - 1 <= rows[0][3] <= time.time() + 121
     # --for defaults to --ban-time's default, an hour.
     assert before + 3600 - 1 <= rows[1][3] <= time.time() + 3601
     result = cli("ban", "del", "192.0.2.7")
     assert result.code == 0, result
     assert "lifted the ban of 192.0.2.7" in result.out
-    assert [a for a, _, _, _ in banList(cli)] == ["2001:db8::1"]
+    assert [a for a, _, _, _ in banList(cli)] == ["2001:db8::/64"]
+    # Any address of the network, or the network itself, names the ban.
+    result = cli("ban", "del", "2001:db8::ffff")
+    assert result.code == 0, result
+    assert "lifted the ban of 2001:db8::/64" in result.out
+    assert cli("ban", "add", "2001:db8:1:2::/64").code == 0
+    assert [a for a, _, _, _ in banList(cli)] == ["2001:db8:1:2::/64"]
+    assert cli("ban", "del", "2001:db8:1:2::/64").code == 0
+    assert banList(cli) == []
+
+
+def test_aSingleIPv6AddressBannedByAnEarlierVersionIsLifted(cli):
+    store = openSynchronousStore(cli.url)
+    try:
+        resultOf(SQLPolicyStore(store.database).addBan("2001:db8::5", time.time(), 600))
+    finally:
+        store.close()
+    result = cli("ban", "del", "2001:db8::5")
+    assert result.code == 0, result
+    assert banList(cli) == []
 
 
 def test_bansMadeByFailuresAreListed(cli):
@@ -106,7 +126,12 @@ def test_deleteWithoutABan(cli):
 
 
 def test_badAddresses(cli):
-    for argv in (("ban", "add", "mail.example.org"), ("ban", "del", "300.1.1.1")):
+    for argv in (
+        ("ban", "add", "mail.example.org"),
+        ("ban", "del", "300.1.1.1"),
+        ("ban", "add", "2001:db8::/48"),
+        ("ban", "add", "192.0.2.0/24"),
+    ):
         result = cli(*argv)
         assert result.code == EX_DATAERR, result
         assert "not an IP address" in result.err

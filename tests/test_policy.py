@@ -92,14 +92,60 @@ def test_clientKeys():
     assert clientKey(tcp("192.0.2.1")) == "192.0.2.1"
     # An IPv4 client on a dual-stack listener is the same client.
     assert clientKey(tcp("::ffff:192.0.2.1")) == "192.0.2.1"
-    assert clientKey(tcp("2001:DB8:0:0::1")) == "2001:db8::1"
-    assert clientKey(tcp("fe80::1%eth0")) == "fe80::1"
+    # An IPv6 client is its /64 network.
+    assert clientKey(tcp("2001:DB8:0:0::1")) == "2001:db8::/64"
+    assert clientKey(tcp("2001:db8:1:2:aaaa:bbbb:cccc:dddd")) == "2001:db8:1:2::/64"
+    assert clientKey(tcp("fe80::1%eth0")) == "fe80::/64"
     assert clientKey(UNIXAddress(b"/run/mailgate/lmtp")) is None
     assert clientKey(UNIXAddress(None)) is None
     assert clientKey(None) is None
-    assert addressText(" [2001:db8::1] ") == "2001:db8::1"
-    with pytest.raises(ValueError):
-        addressText("mail.example.org")
+    assert addressText(" [2001:db8::1] ") == "2001:db8::/64"
+    assert addressText("2001:db8:0:0:ffff::/64") == "2001:db8::/64"
+    assert addressText("192.0.2.1") == "192.0.2.1"
+    for text in ("mail.example.org", "2001:db8::/48", "2001:db8::/96", "192.0.2.0/24"):
+        with pytest.raises(ValueError):
+            addressText(text)
+
+
+def test_anIPv6AttackerCannotEscapeTheBanByChangingAddressesInItsNetwork():
+    policy, store, _ = makePolicy(banAfter=3)
+    for n in range(3):
+        fail(policy, tcp(f"2001:db8:1:2::{n + 1:x}"), f"user{n}@example.org")
+    # Every address of the /64 is banned; a neighbouring /64 is not.
+    assert policy.admit("pop3", tcp("2001:db8:1:2:ffff::99")) == BANNED
+    assert policy.isBanned(tcp("2001:db8:1:2::1"))
+    assert policy.admit("pop3", tcp("2001:db8:1:3::1")) is None
+    assert list(store.bans) == ["2001:db8:1:2::/64"]
+
+
+def test_anIPv6NetworkSharesOneConnectionLimitAndOnePenalty():
+    policy, _, _ = makePolicy(maxConnectionsPerAddress=2)
+    assert policy.admit("pop3", tcp("2001:db8::1")) is None
+    assert policy.admit("pop3", tcp("2001:db8::2")) is None
+    assert policy.admit("pop3", tcp("2001:db8::3")) == TOO_MANY
+    assert policy.admit("pop3", tcp("2001:db8:0:1::3")) is None
+    fail(policy, tcp("2001:db8::1"), "alice@example.org")
+    assert policy.authenticationDelay(tcp("2001:db8::7"), "bob@example.org") > 0
+
+
+def test_anExemptIPv6AddressStaysExemptWhenItsNetworkIsBanned():
+    webmail, neighbour = tcp("2001:db8::10"), tcp("2001:db8::11")
+    policy, _, _ = makePolicy(banAfter=2, exemptNetworks=["2001:db8::10/128"])
+    fail(policy, webmail, "alice@example.org", times=5)
+    assert policy.authenticationDelay(webmail, "alice@example.org") == 0
+    fail(policy, neighbour, "bob@example.org", times=2)
+    assert policy.admit("pop3", neighbour) == BANNED
+    assert policy.admit("pop3", webmail) is None
+    assert not policy.isBanned(webmail)
+
+
+def test_aBanOfOneIPv6AddressStoredByAnEarlierVersionCoversItsNetwork():
+    policy, store, clock = makePolicy()
+    store.addBan("2001:db8::1", clock.seconds(), 3600)
+    policy.sync.refresh()
+    assert policy.admit("pop3", tcp("2001:db8::1")) == BANNED
+    assert policy.admit("pop3", tcp("2001:db8::2")) == BANNED
+    assert policy.admit("pop3", tcp("2001:db8:0:1::1")) is None
 
 
 def test_exemptNetworksDefaultToLoopback():

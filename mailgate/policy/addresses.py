@@ -3,12 +3,19 @@
 Client addresses as the policy counts them, and the networks it exempts.
 
 A connection's address arrives as a Twisted address object; the policy
-keys everything on one text form of the IP address, so that the same
-client is one client whatever the listener: an IPv4 client reaching a
-dual-stack IPv6 listener (C{::ffff:192.0.2.1}) is C{192.0.2.1}, and IPv6
-addresses are in their compressed form without a zone.  Peers without an
-IP address (Unix sockets: an MTA's LMTP, a local webmail) have no key and
-are never counted, penalised or banned per address.
+keys everything on one text form of the client's address, so that the
+same client is one client whatever the listener: an IPv4 client reaching a
+dual-stack IPv6 listener (C{::ffff:192.0.2.1}) is C{192.0.2.1}.  Peers
+without an IP address (Unix sockets: an MTA's LMTP, a local webmail) have
+no key and are never counted, penalised or banned per address.
+
+An IPv6 client is keyed by its /64 network (C{2001:db8:1:2::/64}), not by
+its address: a /64 is the smallest network a provider gives a subscriber
+or a virtual server, and its owner has 2**64 addresses to choose from, so
+failures counted and bans made per address would cost an attacker nothing
+to evade.  (Dovecot's authentication penalty counts IPv6 clients by /48 for
+the same reason.)  The exempt networks, on the other hand, are matched
+against the client's own address.
 """
 
 import functools
@@ -17,6 +24,9 @@ import ipaddress
 # Loopback, as fail2ban's ignoreip default and Postfix's mynetworks: local
 # webmail or monitoring never locks itself out.
 DEFAULT_EXEMPT_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+#: The prefix length an IPv6 client is counted, penalised and banned by.
+IPV6_PREFIX = 64
 
 # What --exempt-network takes to exempt nothing.
 NO_NETWORKS = "none"
@@ -39,11 +49,37 @@ def parseAddress(text):
 def addressText(text):
     """
     The key the policy and the store use for an address given as text
-    (e.g. on the admin command line).
+    (e.g. on the admin command line): an IPv4 address as it is, an IPv6
+    address as its /64 network.  The /64 network itself, written as such,
+    is its own key.
 
-    @raise ValueError: if C{text} is not an IP address.
+    @raise ValueError: if C{text} is neither an IP address nor an IPv6
+        network of prefix length L{IPV6_PREFIX}.
     """
-    return str(parseAddress(text))
+    if "/" in text:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+        if network.version != 6 or network.prefixlen != IPV6_PREFIX:
+            raise ValueError(f"not an IP address or an IPv6 /{IPV6_PREFIX}: {text!r}")
+        return str(network)
+    return _keyOfIP(parseAddress(text))
+
+
+def _keyOfIP(ip):
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
+
+
+def storedKey(text):
+    """
+    The key of an address the store holds: bans stored by an earlier
+    mailgate name a single IPv6 address, enforced now for its whole /64.
+    Text that is not an address is kept as it is.
+    """
+    try:
+        return addressText(text)
+    except ValueError:
+        return text
 
 
 def clientKey(address):
@@ -57,18 +93,31 @@ def clientKey(address):
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return None
-    return _keyOfHost(host)
+    return _ofHost(host)[0]
+
+
+def clientIP(address):
+    """
+    The normalised text of a connection's IP address (an IPv4 client on a
+    dual-stack listener in its IPv4 form), or C{None} if it has none:
+    what the exempt networks are matched against.
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    return _ofHost(host)[1]
 
 
 @functools.lru_cache(maxsize=4096)
-def _keyOfHost(host):
+def _ofHost(host):
     # Each connection's address is asked for its key several times (the
     # limits, the penalty, the bans), and clients come back: parsing it
     # once per client is most of what admitting a connection costs.
     try:
-        return addressText(host)
+        ip = parseAddress(host)
     except ValueError:
-        return None
+        return None, None
+    return _keyOfIP(ip), str(ip)
 
 
 class ExemptNetworks:
@@ -82,19 +131,20 @@ class ExemptNetworks:
         self.networks = tuple(parseNetworks(networks))
         self._cache = {}
 
-    def __contains__(self, key):
+    def __contains__(self, address):
         """
-        Whether the address with key C{key} (see L{clientKey}) is exempt.
+        Whether the client at C{address} (normalised IP text, see
+        L{clientIP}) is exempt.
         """
-        if key is None or not self.networks:
+        if address is None or not self.networks:
             return False
-        exempt = self._cache.get(key)
+        exempt = self._cache.get(address)
         if exempt is None:
-            ip = ipaddress.ip_address(key)
+            ip = ipaddress.ip_address(address)
             exempt = any(ip in network for network in self.networks)
             if len(self._cache) >= 4096:
                 self._cache.clear()
-            self._cache[key] = exempt
+            self._cache[address] = exempt
         return exempt
 
     def __repr__(self):

@@ -19,6 +19,8 @@ import datetime
 
 from twisted.logger import Logger
 
+from mailgate.policy.addresses import storedKey
+
 
 def _when(at):
     return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -86,7 +88,12 @@ class BanList:
         """
         first = self.version is None
         if bans is not None:
-            self._stored = {ban.address: ban for ban in bans}
+            self._stored = {}
+            for ban in bans:
+                key = storedKey(ban.address)
+                known = self._stored.get(key)
+                if known is None or known.expires < ban.expires:
+                    self._stored[key] = ban
             self.version = version
             for address, (_, written) in list(self._made.items()):
                 if written is not None and written <= version:

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from mailgate.interfaces import IConnectionPolicy
 from mailgate.metrics import Metrics
-from mailgate.policy.addresses import ExemptNetworks, clientKey
+from mailgate.policy.addresses import ExemptNetworks, clientIP, clientKey
 from mailgate.policy.bans import BanList
 from mailgate.policy.failures import FailureLog
 from mailgate.policy.limits import ConnectionLimits
@@ -100,14 +100,13 @@ class ConnectionPolicy:
         The key of C{address} if the policy applies to it per address:
         C{None} for exempt networks and peers without an IP address.
         """
-        key = clientKey(address)
-        return None if key in self.exempt else key
+        return None if clientIP(address) in self.exempt else clientKey(address)
 
     # IConnectionPolicy
 
     def admit(self, protocol, address):
         key = clientKey(address)
-        exempt = key in self.exempt
+        exempt = clientIP(address) in self.exempt
         if key is not None and not exempt and self.bans.isBanned(key):
             return BANNED
         if not self.limits.open(key, perAddress=not exempt):
