@@ -9,11 +9,14 @@ import hashlib
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from mailgate.testing import POP3Session, addUser, pop3Factory
 
 from test_admission import RecordingPolicy
-from test_sasl import b64, plain, scramExchange
+from saslclients import cramMD5Response
+from test_sasl import b64, challenge, plain, scramExchange
 
 ALICE = "alice@example.org"
 PASSWORD = "wonderland"
@@ -137,14 +140,110 @@ def test_aBanLandingDuringThePenaltyRefusesTheLogin(store, alice):
     assert checks(policy) == []
 
 
+def endSession(s):
+    s.protocol.connectionLost(Failure(ConnectionDone()))
+
+
 @pytest.mark.parametrize("login", LOGINS)
 def test_failuresAreReported(store, alice, login):
     policy = PenaltyPolicy()
     s = session(store, policy, authFailureDelay=1.0)
     assert LOGINS[login](s, password="wrong") == ""
+    if login == "apop":
+        # Held until the session fails again or ends: see
+        # test_aFailedDigestLoginIsForgivenOnlyByThatUsersOwnLogin.
+        assert checks(policy) == []
+        assert s.advance(1).decode() == INVALID
+        endSession(s)
+        assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
+        return
     assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
     # The fixed failure delay keeps its meaning, after the check.
     assert s.advance(1).decode() == INVALID
+
+
+def cramMD5(s, name, secret):
+    data = challenge(s.command("AUTH CRAM-MD5"))
+    return s.command(b64(cramMD5Response(name, secret, data)))
+
+
+BOB = "bob@example.org"
+
+
+@pytest.mark.parametrize("digestLogin", ["apop", "cram-md5"])
+@pytest.mark.parametrize("user", [ALICE, BOB], ids=["with-apop", "without-apop"])
+def test_aFailedDigestLoginIsForgivenOnlyByThatUsersOwnLogin(store, alice, digestLogin, user):
+    """
+    fetchmail (auth any) tries CRAM-MD5 whenever it is offered, then
+    USER/PASS: a failed APOP or CRAM-MD5 login followed, in the same
+    session, by that user's own login counts nothing, so polling does not
+    get the address banned.  A guesser cannot log in as the user; another
+    user's login, a further failure or the end of the session counts it.
+    """
+    addUser(store, BOB, PASSWORD)
+
+    def failDigest(s):
+        if digestLogin == "apop":
+            digest = hashlib.md5(s.challenge.encode() + b"wrong").hexdigest()
+            return s.command(f"APOP {user} {digest}")
+        return cramMD5(s, user, "wrong")
+
+    policy = PenaltyPolicy()
+    s = session(store, policy, apop=True)
+    assert failDigest(s) == INVALID
+    assert s.command(f"USER {user}") == "+OK send PASS\r\n"
+    assert s.command(f"PASS {PASSWORD}").startswith(f"+OK {user} has 0 messages")
+    assert checks(policy) == [("authenticationSucceeded", CLIENT, user)]
+
+    other = ALICE if user == BOB else BOB
+    policy = PenaltyPolicy()
+    s = session(store, policy, apop=True)
+    assert failDigest(s) == INVALID
+    assert s.command(f"USER {other}") == "+OK send PASS\r\n"
+    assert s.command(f"PASS {PASSWORD}").startswith(f"+OK {other} has 0 messages")
+    assert checks(policy) == [("authenticationFailed", CLIENT, user), ("authenticationSucceeded", CLIENT, other)]
+
+    policy = PenaltyPolicy()
+    s = session(store, policy, apop=True)
+    assert failDigest(s) == INVALID
+    assert userPass(s, "wrong") == INVALID
+    assert checks(policy) == [("authenticationFailed", CLIENT, user), ("authenticationFailed", CLIENT, ALICE)]
+
+
+@pytest.mark.parametrize("name", [ALICE, "bob@example.org", "nobody@example.org"])
+def test_aFailedAPOPLoginWeighsTheSameWhoeverItNames(store, alice, name):
+    """
+    A wrong APOP digest for a user with APOP (alice), for a user without
+    (bob) and for no user at all hold the address's next attempt alike:
+    were the last two not counted, the next attempt's penalty would tell
+    anyone which users have APOP.
+    """
+    from twisted.internet.task import Clock
+
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+
+    addUser(store, "bob@example.org", PASSWORD)
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = ConnectionPolicy(
+        MemoryPolicyStore(), clock, PolicySettings(exemptNetworks=["none"], banAfter=10, authPenaltyMax=15)
+    )
+
+    def connect():
+        factory = pop3Factory(store, clock=clock, policy=policy, apop=True, authFailureDelay=0)
+        return POP3Session(store, factory=factory, clock=clock, peer=CLIENT)
+
+    s = connect()
+    digest = hashlib.md5(s.challenge.encode() + b"wrong").hexdigest()
+    assert s.command(f"APOP {name} {digest}") == INVALID
+    endSession(s)
+    s = connect()
+    assert s.command("USER nobody@example.org") == "+OK send PASS\r\n"
+    assert s.command("PASS x") == ""
+    assert s.advance(1.9) == b""
+    assert s.advance(0.2) == INVALID.encode()
 
 
 def test_anUnknownUserIsReportedLikeAWrongPassword(store, alice):

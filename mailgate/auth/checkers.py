@@ -108,27 +108,13 @@ class PasswordChecker:
         return user
 
 
-class NoAPOPSecret(UnauthorizedLogin):
-    """
-    An APOP or CRAM-MD5 login for a name that has no APOP secret: an
-    unknown user, or one who never opted in to APOP.  The client sees a
-    wrong password; the connection policy does not count it as a failed
-    login, since no digest could have matched (nothing was guessed).
-    Clients that prefer CRAM-MD5 whenever it is offered, and then fall
-    back to USER/PASS (fetchmail's default C{auth any}), send one at
-    every poll of every account: counted, they would get their address
-    banned.
-    """
-
-
 @implementer(ICredentialsChecker)
 class APOPChecker:
     """
     Checks an APOP digest, or a CRAM-MD5 response, against the user's APOP
     secret: both prove knowledge of a secret the server must be able to
     recover.  Users who have not opted in to APOP have no secret, and these
-    logins of theirs fail exactly like a wrong digest, but as
-    L{NoAPOPSecret}: with no secret to match, the attempt was no guess.
+    logins of theirs fail exactly like a wrong digest.
     """
 
     credentialInterfaces = (IAPOPCredentials, ICramMD5Credentials)
@@ -141,7 +127,7 @@ class APOPChecker:
         address = _addressOf(credentials.username)
         user = None if address is None else (yield self._store.findUser(address))
         if user is None or user.apopSecret is None:
-            raise NoAPOPSecret()
+            raise UnauthorizedLogin()
         if not credentials.checkPassword(user.apopSecret):
             raise UnauthorizedLogin()
         return user

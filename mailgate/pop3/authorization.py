@@ -18,10 +18,10 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, task
 
-from mailgate.auth.checkers import NoAPOPSecret
+from mailgate.address import normalizeAddress
 from mailgate.auth.credentials import APOPCredentials
 from mailgate.auth.sasl import Challenge, SASLError
-from mailgate.errors import LoginDelayed, MaildropInUse, TemporaryFailure
+from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
 from mailgate.session import CommandError
@@ -32,6 +32,9 @@ TRANSACTION = "TRANSACTION"
 UPDATE = "UPDATE"
 
 _APOP_DIGEST = re.compile(r"^[0-9A-Fa-f]{32}$")
+
+# Logins that prove knowledge of the APOP secret without sending it.
+DIGEST_MECHANISMS = frozenset(["apop", "cram-md5"])
 
 PLAINTEXT_REFUSED = (
     "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
@@ -253,6 +256,7 @@ class AuthorizationCommands:
     def _loggedIn(self, result, login, mechanism):
         _, maildrop, logout = result
         sasl, self._sasl = self._sasl, None
+        self._settleHeldFailure(maildrop.address)
         self.factory.policy.authenticationSucceeded(self.peer, login)
         if self._closed:
             logout()
@@ -314,10 +318,10 @@ class AuthorizationCommands:
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
-            if not failure.check(NoAPOPSecret):
-                # An APOP or CRAM-MD5 login without a secret to match
-                # guessed nothing: answered alike, never penalised or
-                # banned (see NoAPOPSecret).
+            self._settleHeldFailure()
+            if mechanism in DIGEST_MECHANISMS:
+                self._heldFailure = login
+            else:
                 policy.authenticationFailed(self.peer, login)
             self._authFailed(
                 login, mechanism, "failed",
@@ -326,6 +330,7 @@ class AuthorizationCommands:
             return task.deferLater(self._clock, self.authFailureDelay, self._refuseLogin)
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
+            self._settleHeldFailure(login)
             policy.authenticationSucceeded(self.peer, login)
             self._authFailed(
                 login, mechanism, "in_use",
@@ -334,6 +339,7 @@ class AuthorizationCommands:
             )
             self._err("[IN-USE] maildrop is locked by another POP3 session")
         elif failure.check(LoginDelayed):
+            self._settleHeldFailure(login)
             policy.authenticationSucceeded(self.peer, login)
             self._authFailed(
                 login, mechanism, "login_delay",
@@ -368,6 +374,30 @@ class AuthorizationCommands:
             self._err("[SYS/TEMP] internal server error")
         return None
 
+    def _settleHeldFailure(self, succeededAs=None):
+        """
+        Count the failed APOP or CRAM-MD5 login this session holds, if
+        any, towards the policy's penalties and bans; unless the session
+        has since proven, with other credentials, to be that user
+        (C{succeededAs}).
+
+        Clients that prefer CRAM-MD5 whenever it is offered (fetchmail's
+        C{auth any}) try it for users without APOP, then log in with
+        USER/PASS: counted at once, a fetchmail polling ten accounts got
+        its address banned.  Telling users without a secret apart (not
+        counting their failures) would answer, to anyone watching the
+        next attempt's penalty, which users have APOP.  So every digest
+        failure is held alike, and counted when the session fails
+        again, ends, or logs in as someone else; only that user's own
+        login forgives it, which a guesser cannot make.
+        """
+        held, self._heldFailure = self._heldFailure, None
+        if held is None:
+            return
+        if succeededAs is not None and _sameUser(held, succeededAs):
+            return
+        self.factory.policy.authenticationFailed(self.peer, held)
+
     def _refuseLogin(self):
         if self._closed:
             return
@@ -375,3 +405,17 @@ class AuthorizationCommands:
         if self._authFailures >= self.maxAuthFailures:
             self._err("too many failed logins; closing the connection")
             self.close()
+
+
+def _sameUser(first, second):
+    """
+    Whether two login names are the same user's (addresses compared in
+    their normal form).
+    """
+    def normal(name):
+        try:
+            return normalizeAddress(name)
+        except InvalidAddress:
+            return name.strip().lower()
+
+    return normal(first) == normal(second)

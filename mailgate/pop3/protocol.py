@@ -107,6 +107,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._pendingUser = None
         self._trustedPeer = None
         self._authFailures = 0
+        self._heldFailure = None
         self._maildrop = None
         self._logout = None
         self._deleted = set()
@@ -207,6 +208,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def sessionEnded(self):
         self._cancelLoginTimer()
+        self._settleHeldFailure()
         return self._endSession("connection lost")
 
     def shutdownNow(self, stalled):
