@@ -269,8 +269,13 @@ def _userQuota(store, args, out, stdin):
 
 
 def _userExpire(store, args, out, stdin):
+    from mailgate.config import ZERO_DAYS
+
     address = _address(args.address)
     days = _limit(args.days, _dayCount, "number of days")
+    if days == 0:
+        # As for --expire-days: not "no limit" but all of the user's mail.
+        raise CommandError(f"bad number of days: {ZERO_DAYS}", EX_USAGE)
     _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
               f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")

@@ -279,13 +279,18 @@ class Size(Kind):
 
 class Days(Integer):
     """
-    A whole number of days, or C{never} (C{None}).
+    A whole number of days, at least one, or C{never} (C{None}): how long
+    messages are kept.
+
+    Not 0: where most of mailgate's limits take 0 for "no limit", a
+    retention of 0 days would remove every message, read or not, at the
+    retention task's next pass; C{never} is how mail is kept.
     """
 
     tomlTypes = (int, str)
 
     def __init__(self):
-        Integer.__init__(self, minimum=0, metavar="DAYS|never", maximum=MAX_DAYS)
+        Integer.__init__(self, minimum=1, metavar="DAYS|never", maximum=MAX_DAYS)
         self.expected = 'a whole number of days or "never"'
 
     def fromText(self, text):
@@ -295,11 +300,20 @@ class Days(Integer):
         if isinstance(value, str):
             if value.strip().lower() == "never":
                 return None
-            return Integer.fromText(self, value)
+            return self.check(parseWhole(value, self.maximum))
+        if value == 0:
+            raise ValueError(ZERO_DAYS)
         return Integer.check(self, value)
 
     def toTOML(self, value):
         return '"never"' if value is None else str(value)
+
+
+#: why a retention of 0 days is refused
+ZERO_DAYS = (
+    "must be at least 1, not 0: 0 days would remove every message at the next "
+    "retention pass; never keeps mail"
+)
 
 
 class Endpoint(Kind):

@@ -548,3 +548,26 @@ def test_twistdStopsOnABadCommandLineWithOneLine(tmp_path, argv, reason):
     )
     assert (code, out) == (1, "")
     assert err.splitlines() == [f"mailgate: {reason} (twistd mailgate --help lists the options)"]
+
+
+def test_expireDaysZeroIsRefused(tmp_path):
+    """
+    On the command line and in a file alike: 0 days of retention would
+    remove every message, read or not, at the retention task's next pass
+    (where 0 means "no limit" for most other settings); never keeps mail.
+    """
+    reason = (
+        "must be at least 1, not 0: 0 days would remove every message at the next retention pass; "
+        "never keeps mail"
+    )
+    with pytest.raises(usage.UsageError) as e:
+        parse("--expire-days", "0")
+    assert str(e.value) == f"--expire-days: {reason}"
+    for text in ("expire-days = 0\n", 'expire-days = "0"\n'):
+        path = tmp_path / "mailgate.toml"
+        path.write_text(text)
+        with pytest.raises(settings.ConfigFileError) as e:
+            settings.readFile(path)
+        assert str(e.value) == f"{path}: key 'expire-days': {reason}"
+    assert parse("--expire-days", "1").config.expireDays == 1
+    assert parse("--expire-days", "never").config.expireDays is None

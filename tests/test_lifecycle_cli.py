@@ -317,3 +317,18 @@ def test_expungeRefusesANegativeAge(cli, store):
     assert result.err == "mailgate: bad --older-than: must not be negative\n"
     assert cli("mailbox", "expunge", ALICE, "--older-than", "soon").code == 64
     assert len(resultOf(store.listMessages(ALICE))) == 1
+
+
+def test_userExpireZeroIsRefused(cli, store):
+    """
+    Not "no limit", as 0 is for most of mailgate's limits: 0 days would
+    have the retention task remove all of the user's mail, read or not,
+    within ten minutes.  Nothing changes; never keeps mail.
+    """
+    zero = cli("user", "expire", ALICE, "0")
+    assert (zero.code, zero.out) == (64, ""), zero
+    assert zero.err == (
+        "mailgate: bad number of days: must be at least 1, not 0: 0 days would remove every "
+        "message at the next retention pass; never keeps mail\n"
+    )
+    assert listed(cli)[ALICE][5] == "default"
