@@ -260,7 +260,8 @@ class MailgateService(MultiService):
         """
         Name the certificates in service, then warn of one that has
         expired (it is served all the same, its replacement may be on the
-        way, but clients refuse it) or soon will.
+        way, but clients refuse it) or soon will, and of a private key
+        file others may read or replace.
         """
         self.log.info(
             what + ": {certificates}",
@@ -271,6 +272,8 @@ class MailgateService(MultiService):
         )
         for warning in self.tls.expiryWarnings():
             self.log.warn("{warning}", warning=warning, event="tls.expiry")
+        for warning in self.tls.keyWarnings:
+            self.log.warn("{warning}", warning=warning, event="tls.key_permissions")
 
     # -- starting ----------------------------------------------------------------
 

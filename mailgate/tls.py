@@ -25,7 +25,9 @@ suites are OpenSSL's defaults).
 """
 
 import datetime
+import os
 import ssl
+import stat
 
 import attr
 from cryptography import x509
@@ -234,6 +236,8 @@ class ServerTLS:
         ]
         self.subject = self.certificates[0].subject
         self.fingerprint = self.certificates[0].fingerprint
+        keys = [self.keyPath] + ([self.alternative[1]] if self.alternative is not None else [])
+        self.keyWarnings = [w for w in map(keyFileWarning, keys) if w]
 
     def describe(self):
         """
@@ -260,6 +264,33 @@ class ServerTLS:
         it (L{mailgate.session.tlslayer}).
         """
         return self._context
+
+
+def keyFileWarning(path):
+    """
+    What to warn of, if anything, in the permissions of a private key
+    file: every user of the machine may read it (whoever holds it can
+    impersonate the server and, with a non-forward-secret suite, read
+    recorded sessions), or others than its owner may replace it.  A key
+    its group may read is left alone: Debian's C{ssl-cert} group is the
+    usual way to share one key between servers.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    permissions = stat.S_IMODE(mode)
+    if permissions & 0o004:
+        return (
+            f"the TLS private key {path} is readable by every user (mode {permissions:04o}): "
+            f"chmod o-rwx it"
+        )
+    if permissions & 0o022:
+        return (
+            f"the TLS private key {path} may be replaced by others than its owner "
+            f"(mode {permissions:04o}): chmod go-w it"
+        )
+    return None
 
 
 @attr.s(frozen=True, auto_attribs=True)

@@ -143,6 +143,8 @@ def makeCertificate(directory, commonName="localhost", name=None, days=30, issue
         directory / f"{stem}.crt", certificate.public_bytes(serialization.Encoding.PEM)
     )
     keyPath = _write(directory / f"{stem}.key", _keyPEM(key))
+    # As a key should be kept: mailgate warns of one every user may read.
+    keyPath.chmod(0o600)
     return certificatePath, keyPath
 
 

@@ -690,6 +690,34 @@ def test_theCertificateInServiceIsLoggedAtStartAndWarnedOfWhenEnding(tmp_path, m
     assert formatEvent(events[1]).startswith(f"the TLS certificate {HOST} (ECDSA) expires in 2 days, on ")
 
 
+@pytest.mark.parametrize(
+    "mode, warning",
+    [
+        (0o600, None),
+        (0o640, None),
+        (0o644, "is readable by every user (mode 0644): chmod o-rwx it"),
+        (0o660, "may be replaced by others than its owner (mode 0660): chmod go-w it"),
+    ],
+)
+def test_aKeyFileOthersMayReadIsWarnedOfAtStart(tmp_path, mode, warning):
+    """
+    A private key every user of the machine may read (or others than its
+    owner may replace) is warned of when it is loaded; one its group may
+    read (Debian's ssl-cert group) is not.
+    """
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
+    keyPath.chmod(mode)
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    service, events = serviceWithLog(tls)
+    service.startService()
+    warnings = [formatEvent(e) for e in events if e["event"] == "tls.key_permissions"]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert warnings == [f"the TLS private key {keyPath} {warning}"]
+        assert [e["log_level"] for e in events if e["event"] == "tls.key_permissions"] == [LogLevel.warn]
+
+
 def test_serviceReloadTLSFailureIsLoggedAndKeepsTheOldCertificate(tmp_path):
     certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
     tls = ServerTLS(str(certificatePath), str(keyPath))
