@@ -709,10 +709,17 @@ class IConnectionPolicy(Interface):
         yet) before checking it: the penalty for recent failures.
         """
 
-    def authenticationFailed(address, login):
+    def authenticationFailed(address, login, password=None):
         """
         Record a failed authentication (unknown user and wrong password
         alike).  May ban the address; never raises.
+
+        @param password: the password tried, when the mechanism carried it
+            (USER/PASS, SASL PLAIN and LOGIN), else C{None}: a failure that
+            repeats one of the address's last few, name and password alike,
+            is not counted again (a client with an old password guesses
+            nothing).  The policy keeps only a keyed digest of it, in
+            memory.
         """
 
     def authenticationSucceeded(address, login):

@@ -27,6 +27,8 @@ class RecordingPolicy(OpenPolicy):
     def __init__(self, refuse=None):
         self.refuse = refuse
         self.calls = []
+        # The password given with each authenticationFailed.
+        self.passwords = []
 
     def admit(self, protocol, address):
         self.calls.append(("admit", protocol, address))
@@ -43,8 +45,9 @@ class RecordingPolicy(OpenPolicy):
         self.calls.append(("authenticationDelay", address, login))
         return 0
 
-    def authenticationFailed(self, address, login):
+    def authenticationFailed(self, address, login, password=None):
         self.calls.append(("authenticationFailed", address, login))
+        self.passwords.append(password)
 
     def authenticationSucceeded(self, address, login):
         self.calls.append(("authenticationSucceeded", address, login))

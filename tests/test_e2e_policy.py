@@ -17,11 +17,13 @@ These rely on the session core calling the policy
 Every wait is bounded (L{DEADLINE}); no time is asserted.
 """
 
+import itertools
 import poplib
 import smtplib
 import socket
 
 import pytest
+from test_sasl import plain
 
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
@@ -74,12 +76,19 @@ def login(server, source, password=PASSWORD):
     return client
 
 
-def failLogin(server, source):
+_guesses = itertools.count()
+
+
+def failLogin(server, source, password=None):
+    """
+    A failed USER/PASS login from C{source}: a new wrong password each
+    time, as a guesser sends (the same one again is not counted again).
+    """
     client = BoundPOP3(server.port, source)
     try:
         client.user(ALICE)
         with pytest.raises(poplib.error_proto) as failure:
-            client.pass_(WRONG)
+            client.pass_(password or f"{WRONG} {next(_guesses)}")
         assert failure.value.args[0].startswith(b"-ERR")
     finally:
         client.close()
@@ -154,6 +163,32 @@ def test_bannedAddressIsRefusedWhileAnotherLogsIn(mailgate_server, mailgate_cli)
     assert smtpRefused(server, USER) is None
 
     assert banList(mailgate_cli)[ATTACKER][:2] == ["auth-failures", "3"]
+
+
+@sqliteOnly
+def test_aClientWithAnOldPasswordIsNotBannedForRepeatingIt(mailgate_server, mailgate_cli):
+    """
+    A phone left with the password from before a change polls with it,
+    again and again: it guesses nothing, and must not get its address
+    (perhaps a whole office's) banned.  A guesser still is.
+    """
+    server = mailgate_server(*STRICT)
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    for _ in range(10):
+        failLogin(server, ATTACKER, password="the password before the change")
+        client = BoundPOP3(server.port, ATTACKER)
+        # SASL PLAIN carries the password too: the same one again.
+        with pytest.raises(poplib.error_proto) as failure:
+            client._shortcmd("AUTH PLAIN " + plain(ALICE, "the password before the change"))
+        assert failure.value.args[0].startswith(b"-ERR [AUTH]"), failure.value
+        client.close()
+    assert admitted(server, ATTACKER)
+    login(server, ATTACKER).quit()
+    # The old password counted once; two guesses make the third failure.
+    failLogin(server, ATTACKER)
+    assert admitted(server, ATTACKER)
+    failLogin(server, ATTACKER)
+    assert banned(server, ATTACKER)
 
 
 @sqliteOnly

@@ -798,3 +798,58 @@ def test_banTimesAreBounded():
             PolicySettings(**{name: MAX_BAN_TIME + 1})
         with pytest.raises(ValueError, match=f"{name} must be positive"):
             PolicySettings(**{name: 0})
+
+
+# -- the same wrong password again -----------------------------------------
+
+
+def test_theSameWrongPasswordAgainIsNotCountedAgain():
+    policy, store, _ = makePolicy(banAfter=3)
+    for _ in range(20):
+        policy.authenticationFailed(ATTACKER, "Alice@example.org", b"old password")
+        policy.authenticationFailed(ATTACKER, "alice@example.org", b"other old password")
+    assert len(store.failures) == 2
+    assert not policy.isBanned(ATTACKER)
+    # A third password is a guess.
+    policy.authenticationFailed(ATTACKER, "alice@example.org", b"guess")
+    assert policy.isBanned(ATTACKER)
+
+
+def test_guessesAreAllCountedAndPasswordsAreNotKept():
+    policy, store, _ = makePolicy(banAfter=10)
+    for n in range(9):
+        policy.authenticationFailed(ATTACKER, "alice@example.org", f"guess {n}".encode())
+    # The same password against another name is another guess (spraying).
+    policy.authenticationFailed(ATTACKER, "bob@example.org", b"guess 0")
+    assert policy.isBanned(ATTACKER)
+    assert len(store.failures) == 10
+    remembered = b"".join(b"".join(d) for d in policy.repeats._byAddress.values())
+    assert b"guess" not in remembered
+
+
+def test_failuresWithoutThePasswordAreAllCounted():
+    policy, store, _ = makePolicy(banAfter=3)
+    fail(policy, times=3)
+    assert policy.isBanned(ATTACKER)
+
+
+def test_aRepeatFromAnotherAddressCounts():
+    policy, store, _ = makePolicy(banAfter=0)
+    policy.authenticationFailed(ATTACKER, "alice@example.org", b"old")
+    policy.authenticationFailed(OTHER, "alice@example.org", b"old")
+    assert len(store.failures) == 2
+
+
+def test_onlyTheLastFewFailuresOfAnAddressAreRemembered():
+    from mailgate.policy.repeats import REMEMBERED, RepeatedCredentials
+
+    repeats = RepeatedCredentials(capacity=2)
+    for n in range(REMEMBERED + 1):
+        assert not repeats.repeated("192.0.2.1", "alice", f"p{n}")
+    # The first has been forgotten; the last is remembered.
+    assert not repeats.repeated("192.0.2.1", "alice", "p0")
+    assert repeats.repeated("192.0.2.1", "alice", f"p{REMEMBERED}")
+    repeats.repeated("192.0.2.2", "alice", "x")
+    repeats.repeated("192.0.2.3", "alice", "x")
+    assert len(repeats) == 2
+    assert not repeats.repeated("192.0.2.1", "alice", f"p{REMEMBERED}")

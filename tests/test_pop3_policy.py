@@ -158,6 +158,9 @@ def test_failuresAreReported(store, alice, login):
         assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
         return
     assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
+    # The password goes with the failure where the mechanism carried it,
+    # so that the policy can recognise the same one tried again.
+    assert policy.passwords == [None if login == "scram" else b"wrong"]
     # The fixed failure delay keeps its meaning, after the check.
     assert s.advance(1).decode() == INVALID
 
@@ -298,7 +301,7 @@ def test_theRealPenaltyHoldsTheNextLoginFromThatAddress(store, alice):
     assert userPass(s, "wrong") == INVALID
     # The second waits 2 s: nothing is answered before.
     assert s.command(f"USER {ALICE}") == "+OK send PASS\r\n"
-    assert s.command("PASS wrong") == ""
+    assert s.command("PASS another wrong one") == ""
     assert s.advance(1.9) == b""
     assert s.advance(0.2) == INVALID.encode()
     # The third waits 4 s, even with the right password.

@@ -33,7 +33,7 @@ class OpenPolicy:
     def authenticationDelay(self, address, login):
         return 0.0
 
-    def authenticationFailed(self, address, login):
+    def authenticationFailed(self, address, login, password=None):
         pass
 
     def authenticationSucceeded(self, address, login):

@@ -9,6 +9,8 @@ package put together behind L{mailgate.interfaces.IConnectionPolicy}.
   - L{mailgate.policy.bans}: the bans enforced;
   - L{mailgate.policy.failures}: the recent failures they are worked out
     from;
+  - L{mailgate.policy.repeats}: failures that repeat one already counted
+    (the same wrong password again), not counted twice;
   - L{mailgate.policy.refresh}: the shared store, read and written in the
     background;
   - L{mailgate.policy.addresses}: client addresses and the exempt networks.
@@ -31,6 +33,7 @@ from mailgate.policy.failures import FailureLog
 from mailgate.policy.limits import ConnectionLimits
 from mailgate.policy.penalty import AuthPenalty
 from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
+from mailgate.policy.repeats import RepeatedCredentials
 from mailgate.policy.settings import PolicySettings
 from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
 
@@ -68,6 +71,7 @@ class ConnectionPolicy:
     @ivar bans: the L{BanList}.
     @ivar failures: the L{FailureLog}.
     @ivar penalty: the L{AuthPenalty}.
+    @ivar repeats: the L{RepeatedCredentials}: failures not counted again.
     @ivar sync: the L{StoreSync}.
     """
 
@@ -81,6 +85,7 @@ class ConnectionPolicy:
         self.limits = ConnectionLimits(settings.maxConnections, settings.maxConnectionsPerAddress)
         self.failures = FailureLog(settings.banWindow)
         self.penalty = AuthPenalty(self.failures, settings.authPenaltyMax, reactor)
+        self.repeats = RepeatedCredentials()
         self.bans = BanList(reactor, Metrics() if metrics is None else metrics)
         self.sync = StoreSync(
             store, reactor, settings, self.failures, self.bans, self.penalty, interval=refreshInterval
@@ -126,15 +131,23 @@ class ConnectionPolicy:
             return 0.0
         return self.penalty.delay(key, loginKey(login))
 
-    def authenticationFailed(self, address, login):
+    def authenticationFailed(self, address, login, password=None):
         try:
-            self._failed(self._key(address), loginKey(login))
+            self._failed(self._key(address), loginKey(login), password)
         except Exception:
             self.log.failure("connection policy: recording a failed login")
 
-    def _failed(self, key, login):
+    def _failed(self, key, login, password):
         if key is None or self.bans.isBanned(key):
             # Exempt, local, or already banned: nothing to count.
+            return
+        if self.repeats.repeated(key, login, password):
+            # The same wrong password again (a client with an old one):
+            # it guesses nothing, and is not counted again.
+            self.log.debug(
+                "connection policy: a repeated failed login from {address} not counted",
+                address=key,
+            )
             return
         settings = self.settings
         now = self._clock.seconds()

@@ -222,11 +222,15 @@ class AuthorizationCommands:
             # Banned while it waited.
             return self._refuseBanned(login, mechanism)
         d = self.factory.portal.login(credentials, None, IMaildrop)
+        # The policy recognises a password tried again (a client with an
+        # old one) by a keyed digest of it: only the mechanisms that carry
+        # the password itself can repeat themselves.
+        password = credentials.password if isinstance(credentials, UsernamePassword) else None
         d.addCallbacks(
             self._loggedIn,
             self._loginFailed,
             callbackArgs=(login, mechanism),
-            errbackArgs=(login, mechanism),
+            errbackArgs=(login, mechanism, password),
         )
         return d
 
@@ -313,7 +317,7 @@ class AuthorizationCommands:
         maildrop.sessionStarted(self.peerText, self._kicked)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
-    def _loginFailed(self, failure, login, mechanism):
+    def _loginFailed(self, failure, login, mechanism, password=None):
         self._sasl = None
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
@@ -322,7 +326,7 @@ class AuthorizationCommands:
             if mechanism in DIGEST_MECHANISMS:
                 self._heldFailure = login
             else:
-                policy.authenticationFailed(self.peer, login)
+                policy.authenticationFailed(self.peer, login, password)
             self._authFailed(
                 login, mechanism, "failed",
                 f"pop3 authentication failed user={login[:64]!r} peer={self.peerText}",
