@@ -276,13 +276,32 @@ def test_contextOptions(tls):
 def test_cipherSuitesAreForwardSecretAEADFirst(tls):
     """
     TLS 1.2 suites offered: ECDHE with AES-GCM or ChaCha20 first, nothing
-    without authentication, MD5 or DSS anywhere.
+    without authentication, forward secrecy, MD5 or DSS anywhere.
     """
     names = [c["name"] for c in tls.context.get_ciphers() if c["protocol"] == "TLSv1.2"]
     assert names, names
     assert names[0].startswith("ECDHE-") and ("GCM" in names[0] or "CHACHA20" in names[0])
     for name in names:
         assert "NULL" not in name and "MD5" not in name and "DSS" not in name, name
+        assert name.startswith(("ECDHE-", "DHE-")), name
+
+
+def test_aClientWithoutForwardSecrecyIsRefused(tmp_path):
+    """
+    RSA key exchange lets whoever gets the key later read every recorded
+    session: a TLS 1.2 client offering only such suites is refused, even
+    by a server with an RSA certificate; offering ECDHE as well, it gets
+    in.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    tls = ServerTLS(str(certificate), str(key))
+    client = clientContext(certificate, maximum=ssl.TLSVersion.TLSv1_2)
+    client.set_ciphers("AES256-GCM-SHA384:AES128-GCM-SHA256:AES256-SHA256:AES128-SHA")
+    refused = handshake(tls.context, client)
+    assert not refused.ok and refused.serverError is not None
+    client.set_ciphers("AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256")
+    accepted = handshake(tls.context, client)
+    assert accepted.ok and accepted.client.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
 
 
 # The client side of these tests uses protocol versions Python deprecates.
