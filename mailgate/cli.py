@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import getpass
+import json
 import math
 import os
 import re
@@ -193,8 +194,41 @@ def _userDel(store, args, out, stdin):
     out.write(f"deleted {address} and their maildrop\n")
 
 
+def _jsonLines(out, records):
+    """
+    C{--json}: one JSON object per line, for scripts (C{jq}, or a line at a
+    time): the same rows as the table, whose widths and words are for
+    people and may change, under keys that do not.
+    """
+    for record in records:
+        out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def _limitValue(own, unit=None):
+    """
+    A user's own limit as C{--json} gives it: a number, C{"default"}, or
+    C{"none"} (C{"never"} for days).
+    """
+    if own is None or own < 0:
+        return describeLimit(own, unit)
+    return own
+
+
 def _userList(store, args, out, stdin):
     users = _result(store.listUsers())
+    if args.json:
+        return _jsonLines(out, (
+            {
+                "address": user.address,
+                "messages": user.messages,
+                "octets": user.octets,
+                "apop": bool(user.apop),
+                "quota_octets": _limitValue(user.quotaOctets),
+                "quota_messages": _limitValue(user.quotaMessages),
+                "expire_days": _limitValue(user.expireDays, "days"),
+            }
+            for user in users
+        ))
     out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} EXPIRE\n")
     for user in users:
         out.write(
@@ -302,6 +336,11 @@ def _userApop(store, args, out, stdin):
 def _mailboxList(store, args, out, stdin):
     address = _address(args.address)
     messages = _forUser(address, store.listMessages(address))
+    if args.json:
+        return _jsonLines(out, (
+            {"number": m.number, "octets": m.size, "unique_id": m.uniqueId, "arrived": _time(m.arrived)}
+            for m in messages
+        ))
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
     for message in messages:
         out.write(
@@ -324,6 +363,17 @@ def _mailboxList(store, args, out, stdin):
 def _mailboxDeleted(store, args, out, stdin):
     address = _address(args.address)
     messages = _forUser(address, store.listDeleted(address))
+    if args.json:
+        return _jsonLines(out, (
+            {
+                "number": m.number,
+                "octets": m.size,
+                "unique_id": m.uniqueId,
+                "deleted": _time(m.deletedAt),
+                "from": m.deletedBy,
+            }
+            for m in messages
+        ))
     out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} {'DELETED':<20} FROM\n")
     for message in messages:
         out.write(
@@ -532,6 +582,10 @@ def _mailboxExpunge(store, args, out, stdin):
 
 def _who(store, args, out, stdin):
     sessions = _result(store.listSessions())
+    if args.json:
+        return _jsonLines(out, (
+            {"user": s.address, "node": s.node, "client": s.peer, "since": _time(s.since)} for s in sessions
+        ))
     out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<24} SINCE\n")
     for session in sessions:
         out.write(
@@ -761,6 +815,11 @@ def _banList(store, args, out, stdin):
     import time
 
     bans = _result(_policyStore(store).listBans(time.time()))
+    if args.json:
+        return _jsonLines(out, (
+            {"address": b.address, "reason": b.reason, "failures": b.failures, "expires": _utc(b.expires)}
+            for b in bans
+        ))
     out.write(f"{'ADDRESS':<39} {'REASON':<14} {'FAILURES':>8}  EXPIRES\n")
     for ban in bans:
         out.write(f"{ban.address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
@@ -817,6 +876,7 @@ def _addBanCommands(commands):
     ).add_subparsers(dest="action", metavar="ACTION")
     ban.required = True
     banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
+    _addJSON(banList)
     banList.set_defaults(run=_banList, migrate=True)
     banAdd = ban.add_parser(
         "add", help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)"
@@ -833,6 +893,14 @@ def _addBanCommands(commands):
     banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
     banDel.add_argument("address", metavar="ADDRESS")
     banDel.set_defaults(run=_banDel, migrate=True)
+
+
+def _addJSON(parser):
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line, for scripts, instead of the table",
+    )
 
 
 def buildParser():
@@ -882,6 +950,7 @@ def buildParser():
     delete.add_argument("address")
     delete.set_defaults(run=_userDel, migrate=True)
     listing = user.add_parser("list", help="list users")
+    _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True)
     apop = user.add_parser("apop", help="switch APOP on or off for a user")
     apop.add_argument("address")
@@ -928,12 +997,14 @@ def buildParser():
     mailbox.required = True
     mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
     mlist.add_argument("address")
+    _addJSON(mlist)
     mlist.set_defaults(run=_mailboxList, migrate=True)
     mdeleted = mailbox.add_parser(
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
     )
     mdeleted.add_argument("address")
+    _addJSON(mdeleted)
     mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
     mrestore = mailbox.add_parser(
         "restore",
@@ -964,6 +1035,7 @@ def buildParser():
     mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
 
     who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
+    _addJSON(who)
     who.set_defaults(run=_who, migrate=True)
     kick = commands.add_parser(
         "kick",

@@ -955,3 +955,45 @@ def test_serveTakesMailgatesConfigFile(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     code = run(["--config", str(config), "serve"], stdout=out, stderr=err, environ={})
     assert (code, err.getvalue()) == (64, f"mailgate: {config}: unknown key 'pop4' (did you mean 'pop3'?)\n")
+
+
+# -- --json: listings for scripts ---------------------------------------------------
+
+
+def test_listingsForScriptsAreJSONLines(cli):
+    """
+    C{--json}: one object per line with fixed keys, whatever the table's
+    widths (an address longer than its column) or words.
+    """
+    import json
+
+    long = "a-rather-long-local-part-for-a-column@example.org"
+    cli.add(ALICE, PASSWORD, "--apop")
+    cli.add(long, BOB_PASSWORD)
+    assert cli("user", "quota", ALICE, "1M", "--messages", "none").code == 0
+    assert cli("user", "expire", long, "never").code == 0
+    assert cli("deliver", ALICE, stdin=b"Subject: one\r\n\r\nbody\r\n").code == 0
+    assert cli("ban", "add", "192.0.2.7", "--for", "60").code == 0
+
+    def records(*argv):
+        result = cli(*argv, "--json")
+        assert (result.code, result.err) == (0, ""), result
+        return [json.loads(line) for line in result.out.splitlines()]
+
+    [message] = records("mailbox", "list", ALICE)
+    assert set(message) == {"number", "octets", "unique_id", "arrived"}
+    table = cli("mailbox", "list", ALICE).out.splitlines()[1].split()
+    assert [message["number"], message["octets"], message["unique_id"]] == [1, int(table[1]), table[2]]
+    assert records("user", "list") == [
+        {"address": long, "messages": 0, "octets": 0, "apop": False,
+         "quota_octets": "default", "quota_messages": "default", "expire_days": "never"},
+        {"address": ALICE, "messages": 1, "octets": message["octets"],
+         "apop": True, "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default"},
+    ]
+    assert datetime.datetime.fromisoformat(message["arrived"].replace("Z", "+00:00"))
+    assert records("mailbox", "deleted", ALICE) == []
+    assert records("who") == []
+    [ban] = records("ban", "list")
+    assert {k: ban[k] for k in ("address", "reason", "failures")} == {
+        "address": "192.0.2.7", "reason": "admin", "failures": 0,
+    }
