@@ -363,6 +363,9 @@ class ExemptNetwork(Network):
     A network in CIDR notation, or C{none} (given alone: no network).
     """
 
+    #: what C{none} means, for the error that combines it with networks
+    noneMeans = "exempts nothing"
+
     def check(self, value):
         if value.strip().lower() == NO_NETWORKS:
             return NO_NETWORKS
@@ -370,8 +373,25 @@ class ExemptNetwork(Network):
 
     def checkList(self, values):
         if NO_NETWORKS in values and len(values) > 1:
-            raise ValueError(f"{NO_NETWORKS!r} exempts nothing: it cannot be combined with networks")
+            raise ValueError(f"{NO_NETWORKS!r} {self.noneMeans}: it cannot be combined with networks")
         return values
+
+
+class TrustedNetwork(ExemptNetwork):
+    """
+    A network trusted with plaintext passwords, or C{none} (given alone:
+    plaintext passwords only over TLS).
+    """
+
+    noneMeans = "trusts no network"
+
+
+def networksOf(values):
+    """
+    The networks of an L{ExemptNetwork} list, without the C{none} that
+    stands for no network.
+    """
+    return [value for value in values if value != NO_NETWORKS]
 
 
 class HostName(Text):
@@ -736,9 +756,11 @@ SETTINGS = (
         example="/etc/mailgate/key-ecdsa.pem",
     ),
     Setting(
-        "trusted-network", "trustedNetworks", Network(), tuple(_TRUSTED),
+        "trusted-network", "trustedNetworks", TrustedNetwork(), tuple(_TRUSTED),
         "A network (CIDR) from which plaintext passwords (USER/PASS, AUTH "
-        "PLAIN) are accepted without TLS; elsewhere plaintext logins need TLS.",
+        "PLAIN) are accepted without TLS; elsewhere plaintext logins need TLS.  "
+        "none: plaintext logins need TLS from every network, loopback "
+        "included (Unix socket peers excepted).",
         repeated=True,
     ),
     Setting(

@@ -24,6 +24,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
+from mailgate.config import networksOf
 from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -525,7 +526,7 @@ def makePOP3Factory(
         reactor=reactor,
         loginDelay=config.loginDelay,
         tls=tls,
-        trustedNetworks=config.trustedNetworks,
+        trustedNetworks=networksOf(config.trustedNetworks),
         metrics=metrics,
         tracker=tracker,
         policy=policy,

@@ -473,6 +473,9 @@ def test_exemptNetworkNoneWithNetworks(tmp_path):
     with pytest.raises(usage.UsageError, match="exempt-network: 'none' exempts nothing"):
         parse("--exempt-network", "none", "--exempt-network", "10.0.0.0/8")
     assert parse("--exempt-network", "none").toConfig().exemptNetworks == ["none"]
+    assert parse("--trusted-network", "none").toConfig().trustedNetworks == ["none"]
+    with pytest.raises(usage.UsageError, match="trusted-network: 'none' trusts no network"):
+        parse("--trusted-network", "none", "--trusted-network", "10.0.0.0/8")
 
 
 def test_twistdStopsOnABadFileWithOneLine(tmp_path):

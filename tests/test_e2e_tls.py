@@ -547,6 +547,29 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     wire.close()
 
 
+def test_trustedNetworkNoneAsksTLSOfLoopbackToo(mailgate_server, mailgate_cli, certificate):
+    """
+    With --trusted-network none, plaintext passwords need TLS from every
+    network, loopback included: a client on 127.0.0.1 is offered neither
+    USER nor PLAIN, is refused them in clear, and logs in after STLS.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--trusted-network", "none", *FAST_FAILURES)
+
+    wire = POP3Wire(server.port)
+    capabilities = wire.capabilities()
+    assert "STLS" in capabilities and "USER" not in capabilities, capabilities
+    assert "SASL SCRAM-SHA-256" in capabilities, capabilities
+    assert wire.command(f"USER {ALICE}") == PLAINTEXT_REFUSED
+    assert sasl(wire, "PLAIN", f"\0{ALICE}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
+    wire.stls(clientContext(certificatePath))
+    assert wire.command(f"USER {ALICE}").startswith(b"+OK")
+    assert wire.command(f"PASS {ALICE_PW}").startswith(b"+OK")
+    assert wire.command("QUIT").startswith(b"+OK")
+    wire.close()
+
+
 # -- 4. AUTH PLAIN and SCRAM-SHA-256 -------------------------------------------------
 
 
