@@ -430,6 +430,11 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     runs inline and whose timers run on C{clock}; with SASL (SCRAM-SHA-256,
     PLAIN and LOGIN, and CRAM-MD5 while APOP is offered) unless
     C{sasl=False}.
+
+    APOP is offered (as C{--apop}) unless C{apop=False}.  Twisted's
+    C{AdvancedPOP3Client} logs in with APOP whenever the greeting offers
+    it, which works only for a user added with C{apop=True}; for USER/PASS
+    give C{apop=False} here and set the client's C{allowInsecureLogin}.
     """
     portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
     options.setdefault("authFailureDelay", 0)
