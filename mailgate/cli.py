@@ -758,7 +758,8 @@ def _serve(argv, database, stdout, stderr):
         with contextlib.redirect_stdout(stdout):
             options.parseOptions(argv)
     except usage.UsageError as e:
-        stderr.write(f"mailgate serve: {e}\n{options.getSynopsis()}\n(see mailgate serve --help)\n")
+        # One line, as twistd mailgate says it (see mailgate.tap.Options).
+        stderr.write(f"mailgate serve: {e} (mailgate serve --help lists the options)\n")
         return EX_USAGE
     except SystemExit as e:
         # --help and --version exit 0; a configuration file that cannot be
