@@ -5,23 +5,26 @@ C{mailgate}: the administrator's command.
   mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop]
   mailgate user passwd ADDRESS [--password-stdin]
   mailgate user del ADDRESS
-  mailgate user list
+  mailgate user list [--json]
   mailgate user apop ADDRESS on|off [--password-stdin]
   mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
   mailgate user expire ADDRESS N|never|default
   mailgate user rename OLD NEW
-  mailgate mailbox list ADDRESS
+  mailgate mailbox list ADDRESS [--json]
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
-  mailgate mailbox deleted ADDRESS
+  mailgate mailbox deleted ADDRESS [--json]
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
-  mailgate who
+                       [--max-message-size SIZE]
+  mailgate who [--json]
   mailgate kick ADDRESS [--wait SECONDS]
-  mailgate deliver ADDRESS... < message
+  mailgate deliver [-f SENDER] ADDRESS... < message
   mailgate db upgrade
+  mailgate db version
+  mailgate db copy --from URL --to URL
   mailgate serve [options of twistd mailgate]
-  mailgate ban list
+  mailgate ban list [--json]
   mailgate ban add ADDRESS [--for SECONDS]
   mailgate ban del ADDRESS
 
@@ -931,7 +934,7 @@ def buildParser():
     )
     user.required = True
     add = user.add_parser("add", help="add a user")
-    add.add_argument("address")
+    add.add_argument("address", metavar="ADDRESS")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add.add_argument(
         "--apop",
@@ -940,7 +943,7 @@ def buildParser():
     )
     add.set_defaults(run=_userAdd, migrate=True, create=True)
     passwd = user.add_parser("passwd", help="change a user's password")
-    passwd.add_argument("address")
+    passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     passwd.set_defaults(run=_userPasswd, migrate=True)
     delete = user.add_parser(
@@ -948,13 +951,13 @@ def buildParser():
         help="delete a user and their maildrop",
         description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
     )
-    delete.add_argument("address")
+    delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(run=_userDel, migrate=True)
     listing = user.add_parser("list", help="list users")
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True)
     apop = user.add_parser("apop", help="switch APOP on or off for a user")
-    apop.add_argument("address")
+    apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     apop.set_defaults(run=_userApop, migrate=True)
@@ -975,7 +978,7 @@ def buildParser():
         "'none' for no limit, or 'default' for the server's --default-quota.  Mail "
         "already stored is kept whatever the new quota; only new mail is refused.",
     )
-    quota.add_argument("address")
+    quota.add_argument("address", metavar="ADDRESS")
     quota.add_argument("size", metavar="SIZE|none|default")
     quota.add_argument(
         "--messages", metavar="N|none|default", help="also limit the number of messages"
@@ -988,7 +991,7 @@ def buildParser():
         "retention task (advertised to the user's POP3 clients as EXPIRE): a number "
         "of days, 'never', or 'default' for the server's --expire-days.",
     )
-    expire.add_argument("address")
+    expire.add_argument("address", metavar="ADDRESS")
     expire.add_argument("days", metavar="N|never|default")
     expire.set_defaults(run=_userExpire, migrate=True)
 
@@ -997,14 +1000,14 @@ def buildParser():
     )
     mailbox.required = True
     mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
-    mlist.add_argument("address")
+    mlist.add_argument("address", metavar="ADDRESS")
     _addJSON(mlist)
     mlist.set_defaults(run=_mailboxList, migrate=True)
     mdeleted = mailbox.add_parser(
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
     )
-    mdeleted.add_argument("address")
+    mdeleted.add_argument("address", metavar="ADDRESS")
     _addJSON(mdeleted)
     mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
     mrestore = mailbox.add_parser(
@@ -1016,7 +1019,7 @@ def buildParser():
         "treat them as already downloaded; with --as-new under new ids, so that they "
         "download them again.",
     )
-    mrestore.add_argument("address")
+    mrestore.add_argument("address", metavar="ADDRESS")
     mrestore.add_argument("uidls", nargs="*", metavar="UIDL")
     mrestore.add_argument(
         "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
@@ -1029,7 +1032,7 @@ def buildParser():
         description="Remove messages from a user's maildrop for good (they are not kept "
         "for mailbox restore).  Refused while the user is in a POP3 session.",
     )
-    mexpunge.add_argument("address")
+    mexpunge.add_argument("address", metavar="ADDRESS")
     which = mexpunge.add_mutually_exclusive_group(required=True)
     which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
@@ -1042,7 +1045,7 @@ def buildParser():
         "kick",
         help="end a user's POP3 session, wherever it runs, without applying its deletions",
     )
-    kick.add_argument("address")
+    kick.add_argument("address", metavar="ADDRESS")
     kick.add_argument(
         "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
     )
@@ -1061,7 +1064,7 @@ def buildParser():
         "again: messages already imported are skipped.",
     )
     imaildir.add_argument("directory", metavar="DIR")
-    imaildir.add_argument("address")
+    imaildir.add_argument("address", metavar="ADDRESS")
     imaildir.add_argument(
         "--uidl-format",
         metavar="FORMAT",
@@ -1075,12 +1078,12 @@ def buildParser():
         help="copy a live POP3 server's maildrop into a user's",
         description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
         "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
-        "(a user name containing @ written %%40; without one, the ADDRESS).  STLS is used "
+        "(a user name containing @ written %40; without one, the ADDRESS).  STLS is used "
         "when offered; certificates are verified unless --insecure.  Resumable: messages "
         "already imported are skipped.  The source is left untouched unless --delete.",
     )
     ipop3.add_argument("url", metavar="URL")
-    ipop3.add_argument("address", nargs="?")
+    ipop3.add_argument("address", nargs="?", metavar="ADDRESS")
     ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     ipop3.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")

@@ -997,3 +997,17 @@ def test_listingsForScriptsAreJSONLines(cli):
     assert {k: ban[k] for k in ("address", "reason", "failures")} == {
         "address": "192.0.2.7", "reason": "admin", "failures": 0,
     }
+
+
+def test_helpTextsSayWhatTheREADMESays(cli):
+    """
+    The argument names of the README's synopsis (ADDRESS), and a URL's
+    @ written as the URL has it (%40, not the %%40 of a format string
+    that is not formatted).
+    """
+    for argv in (["user", "add"], ["user", "quota"], ["mailbox", "list"], ["kick"], ["import", "maildir"]):
+        usage = cli(*argv, "--help").out.split("\n\n")[0]
+        assert " ADDRESS" in usage and "address" not in usage, usage
+    text = " ".join(cli("import", "pop3", "--help").out.split())
+    assert "URL [ADDRESS]" in text
+    assert "a user name containing @ written %40;" in text and "%%" not in text
