@@ -98,10 +98,11 @@ class Options(usage.Options):
         "by default) and takes mail in over SMTP and LMTP.  Listeners are "
         "Twisted strports descriptions, e.g. "
         "tcp:110, tcp:1110:interface=127.0.0.1, "
-        "ssl:995:privateKey=key.pem:certKey=cert.pem, "
         "unix:/run/mailgate/lmtp, systemd:domain=INET:index=0, "
-        "haproxy:tcp:110.  Every option can also be set in a TOML file "
-        "(--config), under its long name; the command line wins."
+        "haproxy:tcp:110; for POP3 with TLS from the first byte, --pop3s "
+        "tcp:995 with --tls-cert and --tls-key (reloaded on SIGHUP).  Every "
+        "option can also be set in a TOML file (--config), under its long "
+        "name; the command line wins."
     )
 
     def __init__(self):
