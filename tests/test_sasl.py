@@ -859,6 +859,24 @@ def test_scramMalformedClientFirst(store, alice):
     assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
 
 
+def test_scramMandatoryExtensionsFail(store, alice):
+    """
+    RFC 5802 section 5.1: an m= attribute, wherever it stands, MUST make
+    the exchange fail; the session can still log in.
+    """
+    s = POP3Session(store)
+    for bad in (f"n,,m=ext,n={ALICE},r=abc", f"n,,n={ALICE},r=abc,m=ext"):
+        reply = s.command(f"AUTH SCRAM-SHA-256 {b64(bad)}")
+        assert reply.startswith("-ERR [AUTH] mandatory SCRAM extensions"), (bad, reply)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    final = client.final(serverFirst).decode("utf-8")
+    withoutProof, _, proof = final.rpartition(",")
+    reply = s.command(b64(f"{withoutProof},m=ext,{proof}"))
+    assert reply.startswith("-ERR [AUTH] mandatory SCRAM extensions"), reply
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
 def test_scramCancelAfterServerFirst(store, alice):
     s = POP3Session(store)
     client = ScramClient(ALICE, PASSWORD)

@@ -203,6 +203,10 @@ def _attributes(message):
     for item in message.split(","):
         if len(item) < 2 or item[1] != "=" or not item[0].isalpha():
             raise SASLError("malformed SCRAM message")
+        if item[0] == "m":
+            # RFC 5802 section 5.1: reserved for mandatory extensions, which
+            # this version of SCRAM does not have; its presence MUST fail.
+            raise SASLError("mandatory SCRAM extensions (m=) are not supported")
         pairs.append((item[0], item[2:]))
     return pairs
 
