@@ -1095,7 +1095,9 @@ EXAMPLE_HEADER = """\
 #
 # Each key below is shown commented out with its default value; where there
 # is no default, with an example.  Lists replace the default, they do not
-# add to it.
+# add to it.  A relative path (sqlite:///FILE, tls-cert, unix:PATH) is
+# relative to the server's working directory (/var/lib/mailgate under the
+# systemd unit), not to this file; $VARIABLES are not expanded.
 #
 # This file is generated from mailgate/config.py (python -m mailgate.config).
 """
