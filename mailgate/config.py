@@ -982,11 +982,20 @@ def checkConfig(config, settings=SETTINGS):
     @raise ConfigurationError: saying what does not fit.
     """
     for s in settings:
+        value = getattr(config, s.attribute)
         if s.repeated:
             try:
-                s.kind.checkList(getattr(config, s.attribute))
+                s.kind.checkList(value)
             except ValueError as e:
                 raise ConfigurationError(f"{s.name}: {_oneLine(e)}") from None
+        elif isinstance(s.kind, (Integer, Number)) and isinstance(value, (int, float)) and value is not True:
+            # The bounds the command line and the file enforce hold for an
+            # embedding application's MailgateConfig(...) too (a retention
+            # of 0 days, a negative count), named as it names them.
+            try:
+                s.kind.check(value)
+            except ValueError as e:
+                raise ConfigurationError(f"{s.attribute}: {_oneLine(e)}") from None
     if (config.tlsCertificate is None) != (config.tlsKey is None):
         raise ConfigurationError("TLS needs both a certificate and a key")
     if config.pop3s and config.tlsCertificate is None:

@@ -574,3 +574,26 @@ def test_expireDaysZeroIsRefused(tmp_path):
         assert str(e.value) == f"{path}: key 'expire-days': {reason}"
     assert parse("--expire-days", "1").config.expireDays == 1
     assert parse("--expire-days", "never").config.expireDays is None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"expireDays": 0}, "expireDays: must be at least 1, not 0: 0 days would remove every message"),
+        ({"maxRecipients": -5}, "maxRecipients: must be at least 1, not -5"),
+        ({"authFailureDelay": float("nan")}, "authFailureDelay: not a finite number: nan"),
+    ],
+)
+def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, message):
+    """
+    MailgateConfig(...) of an embedding application reaches makeService
+    without the command line's or the file's checks: the same bounds
+    hold there, named by attribute, before anything is opened.
+    """
+    from mailgate.service import makeService
+
+    config = MailgateConfig(database=f"sqlite:///{tmp_path / 'm.sqlite3'}", **values)
+    with pytest.raises(ConfigurationError) as e:
+        makeService(config)
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "m.sqlite3").exists()
