@@ -684,9 +684,10 @@ SETTINGS = (
     Setting(
         "lmtp", "lmtp", Endpoint(), (),
         "An LMTP listener, for an MTA such as Postfix (e.g. "
-        "unix:/var/spool/postfix/private/mailgate:mode=660 or "
-        "tcp:2424:interface=127.0.0.1).",
-        repeated=True, example=["unix:/var/spool/postfix/private/mailgate:mode=660"],
+        "tcp:2424:interface=127.0.0.1, or "
+        "unix:/var/spool/postfix/mailgate/lmtp:mode=666 in a directory of "
+        "mailgate's that only Postfix may enter: see README).",
+        repeated=True, example=["tcp:2424:interface=127.0.0.1"],
     ),
     Setting(
         "metrics", "metrics", Endpoint(), None,
