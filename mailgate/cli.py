@@ -1162,6 +1162,25 @@ def _configDatabase(path):
     return config.readFile(path).get("database")
 
 
+def _databaseURL(args, environ):
+    """
+    The database URL to work on, and where it came from, for messages
+    about it: C{--database}, else the C{--config} file's, else
+    C{$MAILGATE_DATABASE}, else the default, as for the server.
+    """
+    if args.database:
+        return args.database, "--database"
+    fromFile = _configDatabase(args.config)
+    if fromFile:
+        return fromFile, f"database in {args.config}"
+    if environ.get("MAILGATE_DATABASE"):
+        return environ["MAILGATE_DATABASE"], "$MAILGATE_DATABASE"
+    return DEFAULT_DATABASE, (
+        f"--database: none was given, nor $MAILGATE_DATABASE, and the default, {DEFAULT_DATABASE}, "
+        "is in the working directory"
+    )
+
+
 def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     """
     Run the command; return its exit code.
@@ -1187,7 +1206,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         return _serve(rest, args.database, stdout, stderr)
     delivering = args.run is _deliver
     try:
-        url = args.database or _configDatabase(args.config) or environ.get("MAILGATE_DATABASE") or DEFAULT_DATABASE
+        url, source = _databaseURL(args, environ)
     except ConfigurationError as e:
         stderr.write(f"mailgate: {e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
@@ -1205,13 +1224,15 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         stderr.write(f"mailgate: {e}\n")
         return e.code
     except NoSuchDatabase as e:
-        stderr.write(f"mailgate: {e} (check --database; mailgate user add or db upgrade creates it)\n")
+        stderr.write(f"mailgate: {e} (check {source}; mailgate user add or db upgrade creates it)\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except TemporaryFailure as e:
         stderr.write(f"mailgate: temporary failure, try again: {e}\n")
         return EX_TEMPFAIL
     except ConfigurationError as e:
-        stderr.write(f"mailgate: {e}\n")
+        # A database that cannot be opened: say whose URL it was.
+        where = "" if store is not None or source.startswith("--database") else f"{source}: "
+        stderr.write(f"mailgate: {where}{e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except MailgateError as e:
         stderr.write(f"mailgate: {e}\n")

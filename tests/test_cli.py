@@ -1011,3 +1011,38 @@ def test_helpTextsSayWhatTheREADMESays(cli):
     text = " ".join(cli("import", "pop3", "--help").out.split())
     assert "URL [ADDRESS]" in text
     assert "a user name containing @ written %40;" in text and "%%" not in text
+
+
+def test_aDatabaseThatCannotBeOpenedIsTracedToWhereItsURLCameFrom(tmp_path, monkeypatch):
+    """
+    "check --database" misled an administrator who gave none: the URL came
+    from $MAILGATE_DATABASE, the --config file, or is the default, which is
+    relative to the working directory they happen to be in.
+    """
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "mailgate.toml"
+    config.write_text('database = "sqlite:///from-file.sqlite3"\n')
+
+    def error(*argv, environ):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(list(argv), stdin=io.StringIO(""), stdout=out, stderr=err, environ=environ)
+        assert (code, out.getvalue()) == (78, ""), err.getvalue()
+        return err.getvalue()
+
+    created = "mailgate user add or db upgrade creates it"
+    assert error("user", "list", environ={}) == (
+        "mailgate: no such database file: mailgate.sqlite3 (check --database: none was given, nor "
+        "$MAILGATE_DATABASE, and the default, sqlite:///mailgate.sqlite3, is in the working directory; "
+        f"{created})\n"
+    )
+    assert error("user", "list", environ={"MAILGATE_DATABASE": "sqlite:///from-env.sqlite3"}) == (
+        f"mailgate: no such database file: from-env.sqlite3 (check $MAILGATE_DATABASE; {created})\n"
+    )
+    assert error("--config", str(config), "user", "list", environ={}) == (
+        f"mailgate: no such database file: from-file.sqlite3 (check database in {config}; {created})\n"
+    )
+    assert error("user", "list", environ={"MAILGATE_DATABASE": "mysql://db/mail"}) == (
+        "mailgate: $MAILGATE_DATABASE: unsupported database URL 'mysql://db/mail': "
+        "use sqlite:///FILE or postgresql://...\n"
+    )
+    assert list(tmp_path.iterdir()) == [config]
