@@ -10,8 +10,10 @@ from twisted.mail.pop3 import AdvancedPOP3Client
 from twisted.mail.smtp import ESMTPSenderFactory, SMTPDeliveryError, SMTPSenderFactory
 
 from mailgate.testing import (
+    FaultInjectingStore,
     addUser,
     connectClient,
+    deliver,
     memoryStore,
     pop3Factory,
     resultOf,
@@ -80,3 +82,25 @@ def test_twistedSMTPClientSeesRelayRefusal():
     done.addErrback(failures.append)
     assert failures and failures[0].check(SMTPDeliveryError)
     assert failures[0].value.code == 550
+
+
+def test_theInMemoryStoresProvideTheirInterfaces():
+    """
+    What an embedder's tests are handed keeps the contracts the protocols
+    rely on: the synchronous store, and the fault-injecting wrappers of
+    it, its maildrops and their message bodies.
+    """
+    from zope.interface.verify import verifyObject
+
+    from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
+
+    store = memoryStore()
+    assert verifyObject(IMailStore, store) and verifyObject(ILifecycleStore, store)
+    faulty = FaultInjectingStore(store)
+    assert verifyObject(IMailStore, faulty)
+    addUser(faulty, "alice@example.org", "secret")
+    deliver(faulty, ["alice@example.org"], b"Subject: x\r\n\r\nbody\r\n")
+    maildrop = resultOf(faulty.openMaildrop(resultOf(faulty.findUser("alice@example.org"))))
+    assert verifyObject(IMaildrop, maildrop)
+    assert verifyObject(IMessageBody, resultOf(maildrop.openMessage(0)))
+    resultOf(maildrop.release())
