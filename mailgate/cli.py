@@ -1079,13 +1079,19 @@ def buildParser():
         description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
         "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
         "(a user name containing @ written %40; without one, the ADDRESS).  STLS is used "
-        "when offered; certificates are verified unless --insecure.  Resumable: messages "
+        "when offered (a server without it is refused, except on this machine, unless "
+        "--insecure); certificates are verified unless --insecure.  Resumable: messages "
         "already imported are skipped.  The source is left untouched unless --delete.",
     )
     ipop3.add_argument("url", metavar="URL")
     ipop3.add_argument("address", nargs="?", metavar="ADDRESS")
     ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    ipop3.add_argument("--insecure", action="store_true", help="do not verify the server's certificate")
+    ipop3.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate, and send the password to a server "
+        "that offers no STLS in the clear (refused otherwise, except to this machine)",
+    )
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
     ipop3.add_argument(
         "--max-message-size",

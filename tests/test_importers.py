@@ -11,6 +11,7 @@ The comparison with a real Dovecot is in test_dovecot_migration.py.
 
 import functools
 import os
+import socket
 import random
 
 import pytest
@@ -545,3 +546,43 @@ def test_retrievedMessagesSpillToDiskAndLoseOnlyTheAddedLineEnd():
         whole.write(line)
     whole.finish(len(data))
     assert b"".join(whole.chunks(7)) == data
+
+
+def test_aPasswordGoesInTheClearOnlyToThisMachineOrWhenTheAdministratorSaysSo():
+    """
+    A source server that offers no STLS gets the password in the clear:
+    only on this machine (it never crosses a network), unless --insecure.
+    (Decided on the address the client connected to; a test may not reach
+    another machine, so the decision is checked on its own here, and its
+    loopback side end to end by the other imports in this file.)
+    """
+    from mailgate.importers.pop3 import cleartextAllowed
+
+    for address in ("127.0.0.1", "127.0.0.2", "::1"):
+        assert cleartextAllowed(address, insecure=False), address
+    for address in ("192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1", "fe80::1%eth0"):
+        assert not cleartextAllowed(address, insecure=False), address
+        assert cleartextAllowed(address, insecure=True), address
+
+
+def test_aUserNameWithALineBreakIsRefusedBeforeConnecting(databaseURL, tmp_path):
+    """
+    A line break in the user name (or the password: the same check) would
+    end the USER (PASS) command early and send the rest to the source as
+    commands of its own.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        assert cli(databaseURL, "user", "add", ALICE, "--password-stdin", stdin=PASSWORD + "\n")[0] == 0
+        url = f"pop3://alice%0D%0ADELE%201@127.0.0.1:{port}"
+        code, out, err = cli(databaseURL, "import", "pop3", url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+        assert code != 0 and "the user name holds a line break" in err, (code, out, err)
+        # Nothing connected.
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()

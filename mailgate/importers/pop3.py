@@ -29,6 +29,7 @@ reads every response in bounded memory: a long line is read in pieces, a
 large message goes to a temporary file.
 """
 
+import ipaddress
 import socket
 import ssl
 import tempfile
@@ -170,6 +171,12 @@ class POP3Client:
             self._startTLS()
         self._reader = self._socket.makefile("rb")
         self.greeting = self._status()
+
+    def peerAddress(self):
+        """
+        The IP address (text) of the server this client is connected to.
+        """
+        return self._socket.getpeername()[0]
 
     def _startTLS(self):
         try:
@@ -364,6 +371,26 @@ class POP3Client:
                 pass
 
 
+def isLoopback(address):
+    """
+    Whether C{address} (the connected server's IP address, as text) is
+    this machine's.
+    """
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def cleartextAllowed(address, insecure):
+    """
+    Whether a password may be sent in the clear to a server at C{address}
+    that offers no STLS: only to this machine (it never crosses a
+    network), or when the administrator said C{insecure}.
+    """
+    return insecure or isLoopback(address)
+
+
 def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
     """
     A logged-in L{POP3Client} for C{url}.
@@ -371,12 +398,22 @@ def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
     tls, host, port, urlUser, urlPassword = parseURL(url)
     user = urlUser or user
     password = urlPassword if password is None else password
+    for what, value in (("user name", user), ("password", password)):
+        if value is not None and any(c in value for c in "\r\n\0"):
+            # Sent as it is, a line break would end the command there and
+            # send the rest to the server as commands of its own.
+            raise ImportFailed(f"the {what} holds a line break or a NUL, which POP3 cannot send")
     client = POP3Client(host, port, tls=tls, insecure=insecure, timeout=timeout)
     try:
         if not tls:
             if "STLS" in client.capabilities():
                 client.startTLS()
-            elif warn is not None and host not in ("127.0.0.1", "::1", "localhost"):
+            elif not cleartextAllowed(client.peerAddress(), insecure):
+                raise POP3Failed(
+                    f"{host} offers no STLS: the password would go over the network in the clear "
+                    f"(use pop3s:// if the server has it; --insecure sends it anyway)"
+                )
+            elif warn is not None and not isLoopback(client.peerAddress()):
                 warn(f"{host} offers no STLS: the password goes in the clear")
         client.login(user, password)
     except BaseException:
