@@ -130,6 +130,17 @@ class Options(usage.Options):
                 raise
             raise SystemExit(f"mailgate: {e} (twistd mailgate --help lists the options)") from None
 
+    def opt_version(self):
+        """
+        Display mailgate's version, and Twisted's, and exit.
+        """
+        from twisted import copyright
+
+        from mailgate import __version__
+
+        print(f"mailgate {__version__} (Twisted {copyright.version})")
+        raise SystemExit(0)
+
     def opt_config(self, path):
         self.configPath = path
 

@@ -440,3 +440,19 @@ def test_pluginIsFound():
     assert maker.options is tap.Options
     assert maker.makeService is tap.makeService
     assert maker.description
+
+
+def test_versionIsMailgates(capsys):
+    """
+    C{twistd mailgate --version} (and C{mailgate serve --version}) names
+    mailgate's version, not only Twisted's, which is what an administrator
+    asks for.
+    """
+    from twisted import copyright
+
+    from mailgate import __version__
+
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mailgate {__version__} (Twisted {copyright.version})\n"
