@@ -1109,7 +1109,13 @@ def buildParser():
     ipop3.set_defaults(run=_importPOP3, migrate=True)
 
     deliver = commands.add_parser(
-        "deliver", help="deliver a message from standard input to local users"
+        "deliver",
+        help="deliver a message from standard input to local users",
+        description="Deliver a message from standard input to local users, all or none of "
+        "them, for an MTA's pipe transport (give it one recipient at a time, so that an "
+        "unknown one bounces alone).  Exit status (sysexits): 0 delivered, 67 no such user (nothing "
+        "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
+        "MTA tries again), 65 a sender SMTP would refuse.",
     )
     deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
     deliver.add_argument(

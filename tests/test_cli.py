@@ -1046,3 +1046,9 @@ def test_aDatabaseThatCannotBeOpenedIsTracedToWhereItsURLCameFrom(tmp_path, monk
         "use sqlite:///FILE or postgresql://...\n"
     )
     assert list(tmp_path.iterdir()) == [config]
+
+
+def test_deliverHelpGivesTheExitStatusesAPipeTransportActsOn(cli):
+    text = " ".join(cli("deliver", "--help").out.split())
+    for status in ("0 delivered", "67 no such user", "75 a temporary failure", "65 a sender"):
+        assert status in text, status
