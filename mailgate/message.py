@@ -22,12 +22,12 @@ SPOOL_MEMORY_LIMIT = 1 << 20
 MAX_DOT_OFFSETS = 10_000
 
 
-def dotLineOffsets(data, base=0):
+def dotLineOffsets(data, base=0, atLineStart=True):
     """
     Where the lines of C{data} that start with "." begin, as offsets from
-    C{base}; C{data} begins a line.
+    C{base}; C{atLineStart}: C{data} begins a line (else it continues one).
     """
-    found = [base] if data[:1] == b"." else []
+    found = [base] if atLineStart and data[:1] == b"." else []
     at = data.find(b"\n.")
     while at >= 0:
         found.append(base + at + 1)
@@ -121,22 +121,25 @@ class MessageSpool:
         if self._headerSize is None and not line:
             self._headerSize = self.size
 
-    def writeBlock(self, block):
+    def writeBlock(self, block, atLineStart=True):
         """
-        Append octets made of complete CRLF-terminated lines, as they are
-        (the fast path for SMTP DATA).
+        Append octets with CRLF line ends, as they are (the fast path for
+        SMTP DATA): complete lines, or a piece of a long line.
+
+        @param atLineStart: C{block} begins a line; else it continues the
+            last one written (whose first octets do not begin a line).
         """
         if self._headerSize is None:
-            if block.startswith(b"\r\n"):
+            if atLineStart and block.startswith(b"\r\n"):
                 self._headerSize = self.size + 2
             else:
                 end = block.find(b"\n\r\n")
                 if end >= 0:
                     self._headerSize = self.size + end + 3
-        if block[:1] == b"." or b"\n." in block:
+        if (atLineStart and block[:1] == b".") or b"\n." in block:
             self.dotLines = True
             if self.dotOffsets is not None:
-                self._noteDotLines(dotLineOffsets(block, self.size))
+                self._noteDotLines(dotLineOffsets(block, self.size, atLineStart))
         self._write(block)
         self.size += len(block)
 

@@ -307,6 +307,39 @@ def test_smtpIntoPop3ByteForByte(mailgate_server, mailgate_cli):
     assert NOBODY not in mailgate_cli.users()
 
 
+def test_longLinesAreAcceptedAndServedByteForByte(mailgate_server, mailgate_cli, monkeypatch):
+    """
+    Lines past RFC 5321's 1000 octets, as bulk mailers' HTML, a long To:
+    field or a forwarding fetchmail send them, are accepted by SMTP and
+    LMTP (as Postfix and Dovecot accept them: refusing would bounce real
+    mail) and served back by POP3 as they were sent: a 300 KB line, and a
+    long line that begins with a dot, which SMTP and POP3 both stuff.
+    """
+    # poplib, like many clients, refuses lines over 2048 octets; fetchmail
+    # and Thunderbird do not.
+    monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
+    mailgate_cli.addUser(ALICE, PASSWORDS[ALICE])
+    server = mailgate_server(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    recipients = ", ".join(f"user{n}@example.org" for n in range(400))
+    message = (
+        headers("long lines", to=recipients)
+        + b"\r\n<html>" + b"<p>wide</p>" * 30_000 + b"</html>\r\n"
+        + b"." + b"d" * 5000 + b"\r\n"
+        + b"end\r\n"
+    )
+    client = smtpClient(server)
+    assert client.sendmail(SENDER, [ALICE], message) == {}
+    client.quit()
+    lmtp = smtplib.LMTP(timeout=DEADLINE, local_hostname=CLIENT)
+    assert lmtp.connect("127.0.0.1", server.portOf("LMTP"))[0] == 220
+    assert lmtp.sendmail(SENDER, [ALICE], message) == {}
+    lmtp.quit()
+    stored = fetchAll(server, ALICE)
+    assert len(stored) == 2
+    assertDelivered(stored[0], message, SENDER, recipient=ALICE)
+    assertDelivered(stored[1], message, SENDER, protocol="LMTP", recipient=ALICE)
+
+
 # -- 2. EHLO, SIZE, and refusals -----------------------------------------------
 
 # Given as "100K" (units of 1024, as default-quota reads them).

@@ -433,3 +433,100 @@ def test_headerSizeAcrossPieces():
         r = reader()
         feedAll(r, pieces)
         assert r.spool.headerSize == 12 + 3 + 500 + 2 + 2, len(pieces[0])
+
+
+# -- lines of any length (no maxLineLength: the protocols' default) ----------
+
+
+def unlimited(**kw):
+    return DataReader(MessageSpool(), kw.pop("maxSize", LIMIT), None)
+
+
+def runUnlimited(pieces, **kw):
+    r = unlimited(**kw)
+    result = outcome(r, feedAll(r, pieces))
+    if not r.failed:
+        result.update(dotLines=r.spool.dotLines, dotOffsets=r.spool.dotOffsets)
+    return result
+
+
+# Long lines around everything the reader must recognise at a line's start
+# or across a piece's edge: stuffed dots, a lone dot next to a bare LF, a
+# CR at the end of a piece, bare LFs, the end of the header section, and
+# the terminator right after a long line.
+LONG_LINES = (
+    b"Subject: " + b"s" * 40 + b"\r\nX-Long: " + b"h" * 30 + b"\r\n\r\n"
+    + b"." + b"." + b"d" * 25 + b"\r\n"
+    + b"b" * 23 + b"\r" + b"c" * 9 + b"\r\n"
+    + b".." + b"\r\n"
+    + b"e" * 19 + b"\n." + b"f" * 21 + b"\n"
+    + b"." * 30 + b"\r\n"
+    + b"g" * 50 + b"\r\n"
+)
+
+
+def test_aLongLineIsStoredWholeWithoutALimit():
+    """
+    A 3 MB line (HTML from a bulk mailer, a long To: field) is stored as
+    it was sent, and the reader never holds more than a piece of it.
+    """
+    from mailgate.smtp.data import FLUSH_PARTIAL_LINE
+
+    line = bytes(range(33, 127)) * 32_000
+    r = unlimited()
+    assert r.feed(b"Subject: long\r\n\r\n") is None
+    for at in range(0, len(line), 1460):
+        assert r.feed(line[at:at + 1460]) is None
+        assert len(r._carry) <= FLUSH_PARTIAL_LINE + 1460
+    assert r.feed(b"\r\n.\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert not r.failed and not r.lineTooLong
+    assert stored(r) == b"Subject: long\r\n\r\n" + line + b"\r\n"
+
+
+def test_longLinesInPiecesAreStoredAsWholeOnes(monkeypatch):
+    """
+    However a message with long lines is split on the wire, and however
+    small the pieces a long line is stored in, what is stored (and what the
+    spool learns of it: the header section's size, the lines that begin
+    with a dot) is what the same data gives read at once.
+    """
+    import mailgate.smtp.data
+
+    wire = LONG_LINES + b".\r\nQUIT\r\n"
+    expected = runUnlimited([wire])
+    assert expected["leftover"] == b"QUIT\r\n" and not expected["lineTooLong"]
+    assert expected["dotLines"]
+    for flush in (1, 2, 3, 7, 16):
+        monkeypatch.setattr(mailgate.smtp.data, "FLUSH_PARTIAL_LINE", flush)
+        assert runUnlimited([wire]) == expected, flush
+        for pieces in splitsOf(wire):
+            assert runUnlimited(pieces) == expected, (flush, len(pieces[0]))
+        octets = [bytes([b]) for b in wire]
+        assert runUnlimited(octets) == expected, flush
+
+
+def test_theTerminatorRightAfterALongLineEndsTheData(monkeypatch):
+    """
+    Smuggling through a long line: what follows it is data up to the real
+    terminator, however it arrives, and a "." after a bare LF is not the
+    end.
+    """
+    import mailgate.smtp.data
+
+    monkeypatch.setattr(mailgate.smtp.data, "FLUSH_PARTIAL_LINE", 4)
+    body = b"x" * 40 + b"\n.\r\nRSET\r\nMAIL FROM:<evil@x.test>\r\n" + b"y" * 40 + b"\r\n"
+    wire = b"Subject: x\r\n\r\n" + body + b".\r\nQUIT\r\n"
+    for pieces in splitsOf(wire):
+        result = runUnlimited(pieces)
+        assert result["leftover"] == b"QUIT\r\n", len(pieces[0])
+        assert result["stored"] == b"Subject: x\r\n\r\n" + body.replace(b"x\n", b"x\r\n"), len(pieces[0])
+
+
+def test_aLongLineStillCountsTowardsTheSizeLimit():
+    r = unlimited(maxSize=100_000)
+    assert r.feed(b"Subject: long\r\n\r\n") is None
+    for _ in range(100):
+        assert r.feed(b"z" * 10_000) is None
+        assert len(r._carry) <= 80_000
+    assert r.tooLarge
+    assert r.feed(b"\r\n.\r\n") == b""

@@ -586,9 +586,11 @@ def test_smuggling_overLongLineDoesNotDropIntoCommandMode(users, dbpath, piece):
     """
     Twisted's ESMTP leaves DATA mode at an over-long body line, so the rest
     of the body runs as commands.  Here the smuggled commands stay data:
-    one reply, at the real end of the data, and nothing is stored.
+    one reply, at the real end of the data, and nothing is stored (with a
+    line length limit set; without one, see
+    test_smuggling_aLongLineIsStoredAndDoesNotDropIntoCommandMode).
     """
-    s = session(users)
+    s = session(users, maxLineLength=1000)
     assert envelope(s, [ALICE])[-1].startswith("354 ")
     body = b"Subject: innocent\r\n\r\n" + b"A" * 2000 + b"\r\n" + SMUGGLED
     pieces = [body] if piece is None else [body[i:i + piece] for i in range(0, len(body), piece)]
@@ -600,8 +602,32 @@ def test_smuggling_overLongLineDoesNotDropIntoCommandMode(users, dbpath, piece):
     assert s.command(f"RCPT TO:<{BOB}>") == "503 5.5.1 need MAIL command first\r\n"
 
 
-def test_smuggling_overLongLineAndSmuggledCommandsInOnePacketWithTheEnd(users, dbpath):
+@pytest.mark.parametrize("piece", [None, 1, 512, 1460], ids=["one-packet", "octets", "512", "1460"])
+def test_smuggling_aLongLineIsStoredAndDoesNotDropIntoCommandMode(users, dbpath, piece):
+    """
+    Without a line length limit (the default), a 200 KB line is stored,
+    stored in pieces as it arrives, and what follows it is still data:
+    the smuggled commands are the message's text, one 250 at the real end,
+    and POP3 serves the message back as it was sent, dots stuffed again.
+    """
     s = session(users)
+    assert envelope(s, [ALICE])[-1].startswith("354 ")
+    text = b"Subject: innocent\r\n\r\n" + b"A" * 200_000 + b"\r\n" + SMUGGLED + b"." + b"B" * 70_000 + b"\r\n"
+    body = text.replace(b"\r\n.", b"\r\n..")
+    pieces = [body] if piece is None else [body[i:i + piece] for i in range(0, len(body), piece)]
+    out = b"".join(s.send(p) for p in pieces)
+    assert out == b""
+    assert s.send(b".\r\n").startswith(b"250 ")
+    assert s.command(f"RCPT TO:<{BOB}>") == "503 5.5.1 need MAIL command first\r\n"
+    raw, message = retr(users, ALICE)
+    # The trace fields, then the text as it was sent.
+    assert message.endswith(text)
+    trace(message)
+    assert storedMessages(dbpath, BOB) == []
+
+
+def test_smuggling_overLongLineAndSmuggledCommandsInOnePacketWithTheEnd(users, dbpath):
+    s = session(users, maxLineLength=1000)
     envelope(s, [ALICE])
     body = b"Subject: innocent\r\n\r\n" + b"A" * 2000 + b"\r\n" + SMUGGLED + b".\r\nQUIT\r\n"
     assert lines(s.send(body)) == [
@@ -618,7 +644,7 @@ def test_overLongLineRightBeforeTheEndSplitBetweenCRAndLF(users, dbpath):
     stream anywhere).  The client must still get its answer at the end of
     the data, not be left waiting in DATA mode until the idle timeout.
     """
-    s = session(users)
+    s = session(users, maxLineLength=1000)
     envelope(s, [ALICE])
     assert s.send(b"Subject: x\r\n\r\n" + b"A" * 2000 + b"\r") == b""
     assert s.send(b"\n.\r\n") == b"500 5.5.2 line too long (the limit is 1000 octets)\r\n"
@@ -1105,7 +1131,7 @@ def test_lmtpDeclaredSizeOverTheLimit(users):
 
 
 def test_lmtpOverLongLineIsReportedPerRecipient(users, dbpath):
-    s = lmtp(users)
+    s = lmtp(users, maxLineLength=1000)
     envelope(s, [ALICE, BOB])
     out = lines(s.send(b"a\r\n" + b"x" * 1200 + b"\r\n" + SMUGGLED + b".\r\n"))
     assert out == [

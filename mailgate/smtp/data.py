@@ -8,8 +8,16 @@ the cost of copying it to the spool.
 
 It is strict where strictness prevents SMTP smuggling: only CRLF "." CRLF
 ends the data, never a "." line next to a bare LF, and an over-long line
-never drops the reader out of DATA mode; the rest of the data is read (and
-discarded) up to the real end, and the transaction is refused there.
+never drops the reader out of DATA mode.
+
+Lines of any length are accepted by default, as Postfix and Dovecot's LMTP
+accept them: RFC 5321 asks senders to keep lines within 1000 octets, but
+mail with longer ones (HTML from bulk mailers, a forwarding fetchmail, a
+long To: field) is common, and refusing it bounces real mail.  Memory stays
+bounded: a line longer than L{FLUSH_PARTIAL_LINE} is stored in pieces as it
+arrives.  With a C{maxLineLength}, a longer line is refused instead: the
+rest of the data is read (and discarded) up to the real end, and the
+transaction is refused there.
 """
 
 import re
@@ -19,6 +27,12 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 # follow it on the line; a lone "." that did not end the data (it sat next
 # to a bare LF) stays as it is.
 _STUFFED_DOT = re.compile(rb"^\.(?!\r?\n)", re.MULTILINE)
+# The same, in a block that begins in the middle of a line.
+_STUFFED_DOT_AFTER_LF = re.compile(rb"(?<=\n)\.(?!\r?\n)")
+
+#: Octets of a line without its end held before they are stored: a longer
+#: line is stored in pieces as it arrives.
+FLUSH_PARTIAL_LINE = 64 * 1024
 
 
 class DataReader:
@@ -28,7 +42,8 @@ class DataReader:
 
     @ivar tooLarge: the content exceeded C{maxSize}; nothing more is stored.
     @ivar lineTooLong: a line exceeded C{maxLineLength} octets (CRLF
-        included); nothing more is stored.
+        included); nothing more is stored.  Never, without a
+        C{maxLineLength} (C{None}: lines of any length).
     @ivar received: octets of content received (after un-stuffing).
     @ivar wireOctets: octets read from the connection, as sent.
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
@@ -36,7 +51,7 @@ class DataReader:
         nothing more is stored, the rest of the data is read and dropped.
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=1000):
+    def __init__(self, spool, maxSize, maxLineLength=None):
         self.spool = spool
         self.maxSize = maxSize
         self.maxLineLength = maxLineLength
@@ -50,6 +65,9 @@ class DataReader:
         self._previousEndedCRLF = True
         self._skippingLine = False
         self._skippedCR = False
+        # Part of the current line has been stored already (a long line
+        # stored in pieces): what comes next does not begin a line.
+        self._midLine = False
 
     @property
     def failed(self):
@@ -88,13 +106,25 @@ class DataReader:
                 found = complete.find(b"\r\n.\r\n")
                 end = found + 2 if found >= 0 else -1
             if end >= 0:
-                self._store(complete[:end])
+                self._store(complete[:end], not self._midLine)
                 return complete[end + 3:] + partial
-            self._store(complete)
+            self._store(complete, not self._midLine)
+            self._midLine = False
             self._previousEndedCRLF = complete.endswith(b"\r\n")
+        if self.maxLineLength is None:
+            # Three octets at least: the piece stored then keeps an octet
+            # after a stuffing dot, so it begins the stored line.
+            if len(partial) > max(FLUSH_PARTIAL_LINE, 2):
+                # Store all but its last octet (a CR whose LF is still to
+                # come stays with it).
+                self._store(partial[:-1], not self._midLine)
+                partial = partial[-1:]
+                self._midLine = True
+                self._previousEndedCRLF = False
+            self._carry = partial
         # A leading dot is transparency's, not the line's (RFC 5321 section
         # 4.5.3.1.6): such a line may be one octet longer on the wire.
-        if len(partial) >= self.maxLineLength + (partial[:1] == b"."):
+        elif len(partial) >= self.maxLineLength + (partial[:1] == b"."):
             # A line this long is refused whatever follows: drop it as it
             # arrives instead of buffering it.
             self._refuseLongLine()
@@ -109,18 +139,23 @@ class DataReader:
             self.lineTooLong = True
             self.spool.close()
 
-    def _store(self, block):
+    def _store(self, block, atLineStart=True):
         """
-        Store a block of complete lines: un-stuff, make line ends CRLF, and
-        enforce the limits.
+        Store a block of lines: un-stuff, make line ends CRLF, and enforce
+        the limits.  The block ends a line, or is a piece of a long one;
+        C{atLineStart}: it begins a line (else it continues one stored in
+        pieces).
         """
         if not block or self.failed:
             return
-        if block[0] == 0x2E or b"\n." in block:
-            block = _STUFFED_DOT.sub(b"", block)
+        if atLineStart:
+            if block[0] == 0x2E or b"\n." in block:
+                block = _STUFFED_DOT.sub(b"", block)
+        elif b"\n." in block:
+            block = _STUFFED_DOT_AFTER_LF.sub(b"", block)
         # Measured without the dots taken away: they do not count towards
         # the limit (RFC 5321 section 4.5.3.1.6).
-        if len(block) >= self.maxLineLength:
+        if self.maxLineLength is not None and len(block) >= self.maxLineLength:
             longest = max(map(len, block.split(b"\n")))
             if longest + 1 > self.maxLineLength:
                 self._refuseLongLine()
@@ -134,7 +169,7 @@ class DataReader:
             self.spool.close()
             return
         try:
-            self.spool.writeBlock(block)
+            self.spool.writeBlock(block, atLineStart)
         except OSError:
             self.storageFailed = True
             self.spool.close()

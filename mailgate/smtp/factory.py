@@ -16,6 +16,8 @@ class SMTPFactory(SessionFactory):
     @param hostname: the name in the greeting and in trace headers.
     @param maxMessageSize: octets of content accepted (advertised as SIZE).
     @param maxRecipients: recipients per transaction.
+    @param maxLineLength: octets in a line of message text beyond which a
+        message is refused; C{None}: any length (L{SMTPServer.maxLineLength}).
     @param idleTimeout: seconds of silence before a session is closed.
     @param minDataRate: octets per second a message's data must average
         beyond an allowance of C{idleTimeout} (L{SMTPServer.minDataRate});
@@ -39,6 +41,7 @@ class SMTPFactory(SessionFactory):
         hostname=None,
         maxMessageSize=SMTPServer.maxMessageSize,
         maxRecipients=SMTPServer.maxRecipients,
+        maxLineLength=SMTPServer.maxLineLength,
         idleTimeout=SMTPServer.idleTimeout,
         minDataRate=SMTPServer.minDataRate,
         tls=None,
@@ -51,6 +54,7 @@ class SMTPFactory(SessionFactory):
         self.hostname = hostname or socket.getfqdn()
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients
+        self.maxLineLength = maxLineLength
         self.idleTimeout = idleTimeout
         self.minDataRate = minDataRate
         self.tls = tls
@@ -60,6 +64,7 @@ class SMTPFactory(SessionFactory):
         protocol.factory = self
         protocol.maxMessageSize = self.maxMessageSize
         protocol.maxRecipients = self.maxRecipients
+        protocol.maxLineLength = self.maxLineLength
         protocol.idleTimeout = self.idleTimeout
         protocol.minDataRate = self.minDataRate
         return protocol

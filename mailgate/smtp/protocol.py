@@ -76,8 +76,12 @@ class SMTPServer(CommandSession):
 
     @cvar maxCommandLength: octets in a command line, CRLF included
         (RFC 5321 section 4.5.3.1.4).
-    @cvar maxLineLength: octets in a line of message text, CRLF included
-        (RFC 5321 section 4.5.3.1.6).
+    @cvar maxLineLength: octets in a line of message text, CRLF included,
+        beyond which the message is refused; C{None} (the default): lines
+        of any length are accepted, as Postfix and Dovecot accept them,
+        stored in pieces as they arrive (RFC 5321 section 4.5.3.1.6 sets
+        1000 for senders, and asks receivers to impose no limit where they
+        can).
     @cvar maxRecipients: recipients per transaction (RFC 5321 requires at
         least 100 to be accepted).
     @cvar maxMessageSize: octets of message content, advertised as SIZE.
@@ -102,7 +106,7 @@ class SMTPServer(CommandSession):
     # DATA after no accepted recipient: RFC 5321 section 3.3's 554.
     noRecipientsCode = 554
     maxCommandLength = 512
-    maxLineLength = 1000
+    maxLineLength = None
     maxRecipients = 100
     maxMessageSize = 50 * 1024 * 1024
     maxBadCommands = 20
