@@ -43,6 +43,7 @@ from mailgate.memory import TRIM_INTERVAL
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS
+from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE
@@ -765,12 +766,13 @@ SETTINGS = (
         repeated=True,
     ),
     Setting(
-        "proxy-network", "proxyNetworks", Network(), (),
+        "proxy-network", "proxyNetworks", Network(), DEFAULT_BALANCER_NETWORKS,
         "A network (CIDR) of the load balancers that may connect to haproxy: "
         "listeners (Dovecot's haproxy_trusted_networks): a connection from "
         "elsewhere is closed unread, since its PROXY header would choose the "
-        "client address every policy sees.",
-        repeated=True, example=["10.0.0.2/32"], defaultText="any peer that can reach the listener",
+        "client address every policy sees.  Giving it replaces the default "
+        "(a HAProxy on this machine).",
+        repeated=True, example=["10.0.0.2/32"],
     ),
     Setting(
         "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,

@@ -310,6 +310,34 @@ def test_aBalancerOnItsNetworksIsRelayed(store, peer):
     assert protocol.wrappedProtocol.peer == IPv4Address("TCP", "203.0.113.9", 40001)
 
 
+@pytest.mark.parametrize(
+    "peer, relayed",
+    [
+        (IPv4Address("TCP", "127.0.0.1", 50000), True),
+        (IPv4Address("TCP", "127.0.0.7", 50000), True),
+        (IPv6Address("TCP", "::1", 50000), True),
+        (IPv4Address("TCP", "192.0.2.10", 50000), False),
+        (IPv6Address("TCP", "2001:db8::5", 50000), False),
+    ],
+)
+def test_byDefaultOnlyABalancerOnThisMachineMaySendAHeader(store, peer, relayed):
+    """
+    As Dovecot's haproxy_trusted_networks, nothing beyond what is named is
+    believed: without --proxy-network, a HAProxy on this machine; a header
+    from anywhere else would let a client claim any address.
+    """
+    from mailgate.config import MailgateConfig
+
+    clock = Clock()
+    balancers = MailgateConfig().proxyNetworks
+    protocol, transport = wrapped(pop3Factory(store, clock), clock, balancers=balancers, peer=peer)
+    protocol.dataReceived(v1("203.0.113.9") + b"CAPA\r\n")
+    if relayed:
+        assert transport.value().startswith(b"+OK mailgate POP3 server ready")
+    else:
+        assert transport.disconnecting and transport.value() == b""
+
+
 def test_haproxyDescriptionsListenThroughMailgatesWrapper(store):
     reactor = MemoryReactorClock()
     endpoint = serverEndpoint(reactor, "haproxy:tcp:0:interface=127.0.0.1")

@@ -18,11 +18,16 @@ the connection's own addresses.
 
 Whoever sends the header chooses the address every policy sees: one
 claiming a loopback client is allowed plaintext passwords and exempt from
-limits, penalties and bans.  With balancer networks configured
-(C{--proxy-network}, Dovecot's C{haproxy_trusted_networks}), a connection
-from anywhere else is closed before a byte of it is read; without them,
-any peer that can reach the listener is believed.
+limits, penalties and bans.  So only the balancers' networks
+(C{--proxy-network}, Dovecot's C{haproxy_trusted_networks}; by default
+this machine's loopback, where a local HAProxy connects from) may send
+one: a connection from anywhere else is closed before a byte of it is
+read.
 """
+
+#: The balancers believed unless others are named: a HAProxy on this
+#: machine.
+DEFAULT_BALANCER_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 import ipaddress
 import struct
@@ -296,8 +301,9 @@ def parseBalancers(networks):
 def isBalancer(address, balancers):
     """
     Whether the peer C{address} may send a PROXY header: any peer when no
-    C{balancers} are configured; else an IP peer on one of them, or a Unix
-    socket peer (the socket's permissions say who may connect).
+    C{balancers} are given (an embedder's choice); else an IP peer on one
+    of them, or a Unix socket peer (the socket's permissions say who may
+    connect).
     """
     if not balancers:
         return True
