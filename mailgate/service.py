@@ -283,19 +283,33 @@ class MailgateService(MultiService):
         self._closeStartupErrors()
         if self.tls is not None:
             self._logCertificates("TLS certificate in service", "tls.loaded")
-        if self._reloadOnSIGHUP:
-            # Always, whatever there is to reload: SIGHUP's default action
-            # ends the process (systemctl reload sends it), and so does
-            # SIGUSR1's (twistd's own log rotation signal, which twistd
-            # does not install once mailgate has the log).
-            reactor = self._reactor
-            for signum, action in ((signal.SIGHUP, self.hangup), (signal.SIGUSR1, self.reopenLogs)):
-                self._handle(signum, lambda signum, frame, action=action: reactor.callFromThread(action))
+        self._handleReloadSignals()
+
+    def _handleReloadSignals(self):
+        """
+        Handle SIGHUP and SIGUSR1, when SIGHUP handling is on: always,
+        whatever there is to reload, as their default action ends the
+        process (systemctl reload sends SIGHUP; SIGUSR1 is twistd's own log
+        rotation signal, which twistd does not install once mailgate has
+        the log).
+
+        From L{privilegedStartService} on, before the listeners bind: once
+        one has said it listens, a script (or logrotate) may send SIGHUP,
+        and the reactor, which runs L{startService}, is not running yet.
+        The action waits for it.
+        """
+        if not self._reloadOnSIGHUP:
+            return
+        reactor = self._reactor
+        for signum, action in ((signal.SIGHUP, self.hangup), (signal.SIGUSR1, self.reopenLogs)):
+            self._handle(signum, lambda signum, frame, action=action: reactor.callFromThread(action))
 
     def privilegedStartService(self):
+        self._handleReloadSignals()
         try:
             super().privilegedStartService()
         except ConfigurationError as e:
+            self._restoreHandlers()
             if self.daemonized:
                 self._reportStartupError(e)
             if not self.exitOnStartupError or self.daemonized:

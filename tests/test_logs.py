@@ -428,9 +428,9 @@ def test_hangupWithTheLogOnStandardOutputSaysThereIsNothingToReload(mailgate_ser
     line saying there was nothing to reload, not silence; SIGUSR1 says
     there is no log file to reopen.  Neither ends the server.
     """
+    # At once on the "listening" line, before the reactor may run: the
+    # handlers are in place from the moment the listeners bind.
     server = mailgate_server()
-    # Greeted: the reactor runs, and the signal handlers are in place.
-    poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE).quit()
     server.process.send_signal(signal.SIGHUP)
     waitFor(lambda: "SIGHUP: nothing to reload" in server.stdout, "the SIGHUP line")
     server.process.send_signal(signal.SIGUSR1)

@@ -6,12 +6,14 @@ the log observer handed to twistd's application.
 
 import signal
 
+import pytest
 from twisted.application.service import Application
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, formatEvent
 
 from mailgate.config import APOPPolicy, MailgateConfig
+from mailgate.errors import ConfigurationError
 from mailgate.metrics import Metrics
 from mailgate.service import ListeningService, ShuttingDown, StoreService, makeService
 from mailgate.testing import memoryStore, resultOf
@@ -175,3 +177,36 @@ def test_logObserverBecomesTheApplications(tmp_path):
     plain = Application("mailgate")
     other.setServiceParent(plain)
     assert plain.getComponent(ILogObserver) is None
+
+
+def test_reloadSignalsAreHandledFromTheMomentTheListenersBind(tmp_path):
+    """
+    Under twistd the listeners bind (and say so) in privilegedStartService,
+    before the reactor runs startService: a SIGHUP sent on seeing that
+    line, by a script or logrotate, ended the process.  The handlers are
+    in place from then on (the action waits for the reactor); a start-up
+    that fails puts the previous handlers back.
+    """
+    before = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
+    root, reactor = build(tmp_path, smtp=[], metrics=None, reloadOnSIGHUP=True)
+    root.privilegedStartService()
+    try:
+        assert reactor.tcpServers, "the listener is bound"
+        for signum in before:
+            assert signal.getsignal(signum) not in (signal.SIG_DFL, before[signum])
+        root.startService()
+        resultOf(root.stopService())
+    finally:
+        if root.running:
+            root.stopService()
+    assert {n: signal.getsignal(n) for n in before} == before
+
+    failing, _ = build(tmp_path, smtp=[], metrics=None, reloadOnSIGHUP=True)
+
+    def cannotListen():
+        raise ConfigurationError("cannot listen for POP3 on tcp:1110: in use")
+
+    failing.listeners["POP3"][0].privilegedStartService = cannotListen
+    with pytest.raises(ConfigurationError):
+        failing.privilegedStartService()
+    assert {n: signal.getsignal(n) for n in before} == before
