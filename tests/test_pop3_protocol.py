@@ -11,7 +11,9 @@ import hashlib
 import weakref
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
@@ -843,6 +845,81 @@ def test_autoAPOPOffersTimestampOnlyWhileSomeUserHasAPOP(store):
     assert session.challenge is not None
     digest = hashlib.md5(session.challenge.encode() + b"wonderland").hexdigest()
     assert session.command(f"APOP {ALICE} {digest}").startswith("+OK")
+
+
+class SlowAPOPStore:
+    """
+    A store that answers whether some user has APOP only when the test
+    says (a database still starting).
+    """
+
+    def __init__(self):
+        self.asked = []
+
+    def hasAPOPUsers(self):
+        d = defer.Deferred()
+        self.asked.append(d)
+        return d
+
+
+@pytest.mark.parametrize("hasAPOP", [False, True])
+def test_atStartTheGreetingWaitsForTheStoreToSayWhetherAPOPIsOffered(store, hasAPOP):
+    """
+    Clients waiting when the server starts (queued by socket activation)
+    are greeted once the store has said whether any user has APOP, not
+    with a guess: a timestamp offered in vain makes curl try APOP for a
+    user without it, and fail.  Commands sent meanwhile wait their turn.
+    """
+    from mailgate.pop3.factory import APOPAdvertiser
+    from mailgate.testing import pop3Factory
+
+    slow = SlowAPOPStore()
+    advertiser = APOPAdvertiser(slow)
+    clock = Clock()
+    factory = pop3Factory(store, clock, apop=advertiser)
+    advertiser.refresh()
+    waiting = [POP3Session(store, clock=clock, factory=factory) for _ in range(2)]
+    gone = POP3Session(store, clock=clock, factory=factory)
+    assert [s.greeting for s in waiting + [gone]] == ["", "", ""]
+    assert waiting[0].send(b"CAPA\r\n") == b""
+    gone.protocol.transport.loseConnection()
+    gone.protocol.connectionLost(None)
+    slow.asked[0].callback(hasAPOP)
+    out = waiting[0].advance(0).decode()
+    greeting, _, capa = out.partition("\r\n")
+    assert greeting.startswith("+OK mailgate POP3 server ready")
+    assert ("<" in greeting) is hasAPOP
+    assert capa.startswith("+OK") and "\r\nUIDL\r\n" in capa
+    assert (waiting[0].protocol.challenge is not None) is hasAPOP
+    assert waiting[1].advance(0).decode().startswith("+OK mailgate POP3 server ready")
+    assert gone.advance(0) == b""
+    # From then on, greetings go at once.
+    assert POP3Session(store, clock=clock, factory=factory).greeting.startswith("+OK")
+
+
+def test_aStoreThatDoesNotAnswerAtStartHoldsTheGreetingOnlyAWhile(store):
+    from mailgate.pop3.factory import APOP_DECISION_WAIT, APOPAdvertiser
+    from mailgate.testing import pop3Factory
+
+    slow = SlowAPOPStore()
+    advertiser = APOPAdvertiser(slow)
+    clock = Clock()
+    factory = pop3Factory(store, clock, apop=advertiser)
+    advertiser.refresh()
+    s = POP3Session(store, clock=clock, factory=factory)
+    assert s.greeting == ""
+    assert s.advance(APOP_DECISION_WAIT - 0.1) == b""
+    # As assumed until the store answers: with a timestamp.
+    assert s.advance(0.1).startswith(b"+OK mailgate POP3 server ready <")
+    assert s.command("CAPA").startswith("+OK")
+    # A store that fails at start does not hold greetings either.
+    failing = SlowAPOPStore()
+    advertiser = APOPAdvertiser(failing)
+    factory = pop3Factory(store, clock, apop=advertiser)
+    advertiser.refresh()
+    s = POP3Session(store, clock=clock, factory=factory)
+    failing.asked[0].errback(RuntimeError("database starting"))
+    assert s.advance(0).startswith(b"+OK mailgate POP3 server ready <")
 
 
 def test_aBugInACommandCostsOneErrorNotTheSession(three, monkeypatch):

@@ -658,7 +658,7 @@ def test_cramMD5IsOfferedWhenAPOPIs(store, alice):
     greeting's APOP timestamp follows: never with APOP off, and by default
     only while some user has APOP enabled (once the store has said so).
     """
-    from mailgate.pop3.factory import APOPAdvertiser
+    from mailgate.pop3.factory import APOP_DECISION_WAIT, APOPAdvertiser
 
     s = POP3Session(store, apop=False)
     assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
@@ -666,8 +666,11 @@ def test_cramMD5IsOfferedWhenAPOPIs(store, alice):
 
     advertiser = APOPAdvertiser(store)
     addUser(store, BOB, "builder", apop=True)
-    # Before the store's first answer: the timestamp, but no CRAM-MD5.
+    # No answer from the store at start (the greeting waits for it a
+    # while): the timestamp, but no CRAM-MD5.
     s = POP3Session(store, apop=advertiser)
+    assert s.greeting == ""
+    s.advance(APOP_DECISION_WAIT)
     assert s.challenge is not None
     assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities(s)
     resultOf(store.deleteUser(BOB))

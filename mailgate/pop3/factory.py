@@ -8,12 +8,18 @@ import functools
 import ipaddress
 import socket
 
+from twisted.internet import defer
+
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 #: the text of the greeting after C{+OK} (the APOP timestamp follows it)
 DEFAULT_GREETING = "mailgate POP3 server ready"
+
+#: Seconds a greeting waits at most, at start, for the store to say whether
+#: APOP is offered.
+APOP_DECISION_WAIT = 5.0
 
 
 class APOPAdvertiser:
@@ -22,6 +28,11 @@ class APOPAdvertiser:
     at least one user has APOP enabled.  Clients that prefer APOP whenever
     a timestamp is offered (curl, Twisted's own client) then never try it
     on a server where it cannot work.
+
+    Until the store's first answer, greetings wait for it (see
+    L{whenKnown}): the clients a server finds waiting when it starts (a
+    restart under systemd's socket activation queues them) would otherwise
+    all be greeted before anything is known.
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
@@ -32,6 +43,7 @@ class APOPAdvertiser:
         self._store = store
         self.enabled = True
         self.known = False
+        self._waiting = []
 
     def refresh(self):
         d = self._store.hasAPOPUsers()
@@ -39,8 +51,30 @@ class APOPAdvertiser:
         def got(enabled):
             self.enabled = bool(enabled)
             self.known = True
+            self._wake()
 
-        return d.addCallbacks(got, lambda failure: None)
+        def failed(failure):
+            # The database is not there yet: greet with what is assumed
+            # rather than hold clients until it is.
+            self._wake()
+
+        return d.addCallbacks(got, failed)
+
+    def whenKnown(self):
+        """
+        A L{Deferred} that fires once the store has answered (or failed to)
+        for the first time; C{None} if it already has.
+        """
+        if self.known:
+            return None
+        d = defer.Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        return d
+
+    def _wake(self):
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
 
 class POP3Factory(SessionFactory):
@@ -116,6 +150,26 @@ class POP3Factory(SessionFactory):
         protocol.loginTimeout = self.loginTimeout
         protocol.authFailureDelay = self.authFailureDelay
         return protocol
+
+    def apopDecided(self):
+        """
+        C{None} if L{offersAPOP} can answer now; else (at start, before the
+        store's first answer) a L{Deferred} that fires once it can, after
+        L{APOP_DECISION_WAIT} seconds at the most.
+        """
+        apop = self.apop
+        if not isinstance(apop, APOPAdvertiser):
+            return None
+        d = apop.whenKnown()
+        if d is None:
+            return None
+        d.addTimeout(APOP_DECISION_WAIT, self.reactor)
+
+        def waitedLongEnough(failure):
+            failure.trap(defer.TimeoutError)
+            return None
+
+        return d.addErrback(waitedLongEnough)
 
     def offersAPOP(self):
         """

@@ -123,6 +123,15 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     # -- the session core's hooks ------------------------------------------
 
     def greet(self):
+        decided = self.factory.apopDecided()
+        if decided is not None:
+            # At start: the greeting says whether APOP is offered, which
+            # the store tells; commands sent meanwhile wait their turn.
+            return decided.addCallback(lambda _: None if self._closed else self._greet())
+        self._greet()
+        return None
+
+    def _greet(self):
         greeting = f"{self.factory.greeting}"
         if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()

@@ -157,7 +157,9 @@ class CommandSession(Protocol):
 
     def greet(self):
         """
-        Send the greeting of an admitted connection.
+        Send the greeting of an admitted connection; or return a
+        L{Deferred} that fires once it has been sent, the commands the
+        client sends meanwhile waiting as behind a running command.
         """
         raise NotImplementedError()
 
@@ -259,7 +261,7 @@ class CommandSession(Protocol):
         setNoDelay(self.transport)
         self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn)
         self._registerProducer()
-        self.greet()
+        self._run(self.greet)
         self._idle.start()
         factory.tracker.add(self)
 
