@@ -14,7 +14,7 @@ from twisted.logger import formatEvent
 
 from mailgate.errors import TemporaryFailure
 from mailgate.metrics import Metrics
-from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, smtpFactory
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
 
 from test_admission import RecordingPolicy
 from test_sasl import plain, scramExchange
@@ -201,6 +201,29 @@ def test_deliveryMetrics(users, lmtp):
         s.command(line)
     assert b"451 4.3.0" in s.send(b"Subject: m\r\n\r\nhello\r\n.\r\n")
     assert metrics.named("delivery") == [(name, "tempfail")]
+
+
+def test_anLMTPRecipientDeletedSinceItsRCPTIsRejectedNotDelivered(users):
+    """
+    LMTP answers each recipient: one deleted between its RCPT and the end
+    of DATA gets 550 5.1.1, a rejected delivery; a message that reached
+    nobody is not counted accepted (nor its octets).
+    """
+    metrics = RecordingMetrics()
+    s = smtp(users, metrics, lmtp=True)
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", f"RCPT TO:<{BOB}>", "DATA"):
+        s.command(line)
+    resultOf(users.deleteUser(BOB))
+    replies = s.send(b"Subject: m\r\n\r\nhello\r\n.\r\n")
+    assert replies.startswith(b"250 2.0.0") and f"550 5.1.1 <{BOB}>".encode() in replies
+    assert [call[:2] for call in metrics.named("delivery")] == [("lmtp", "accepted"), ("lmtp", "rejected")]
+    del metrics.calls[:]
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+    resultOf(users.deleteUser(ALICE))
+    reply = s.send(b"Subject: m\r\n\r\nhello\r\n.\r\n")
+    assert reply == f"550 5.1.1 <{ALICE}> no such user here\r\n".encode()
+    assert metrics.named("delivery") == [("lmtp", "rejected")]
 
 
 def test_refusedConnectionsAreNotCounted(users):

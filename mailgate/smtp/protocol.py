@@ -522,16 +522,20 @@ class SMTPServer(CommandSession):
 
     def _delivered(self, results, envelope, octets, started):
         metrics = self.factory.metrics
-        # LMTP answers per recipient: one over quota is a refused delivery
-        # of its own (SMTP refuses the whole message instead, see
-        # _deliveryFailed).
-        refused = [r for r in results.values() if isinstance(r, MailboxFull)]
-        if len(refused) < len(envelope.recipients):
+        # LMTP answers per recipient: one over quota, or deleted since its
+        # RCPT (550 5.1.1), is a refused delivery of its own (SMTP refuses
+        # the whole message instead, see _deliveryFailed); the message is
+        # accepted once if anyone got it, never when nobody did.
+        outcomes = [results.get(address) for address in envelope.recipients]
+        if any(isinstance(result, str) for result in outcomes):
             metrics.delivery(
                 self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
             )
-        for reply in refused:
-            metrics.delivery(self.protocolName, reply.outcome)
+        for result in outcomes:
+            if isinstance(result, MailboxFull):
+                metrics.delivery(self.protocolName, result.outcome)
+            elif result is None or isinstance(result, NoSuchUser):
+                metrics.delivery(self.protocolName, "rejected")
         self._acknowledge(results, envelope)
 
     def _acknowledge(self, results, envelope):
