@@ -228,8 +228,13 @@ def eventAsRecord(event):
         if key in event and event[key] is not None:
             record[key] = _jsonSafe(event[key])
     legacy = "log_legacy" in event or "isError" in event
+    # An event made by emitLine carries its text as "line": it is the
+    # record's "text", not a field of its own.
+    preformatted = event.get("log_format") == "{line}"
     for key, value in event.items():
         if key in record or key == "event" or key.startswith("log_") or _SECRET.search(key):
+            continue
+        if preformatted and key == "line":
             continue
         if legacy and key in _LEGACY_KEYS:
             continue

@@ -73,6 +73,20 @@ def test_aSessionEvent():
     assert abs(parseTime(record["time"]).timestamp() - before) < 60
 
 
+def test_aPreformattedEventsTextIsWrittenOnce():
+    """
+    mailgate's session events carry their text already made (emitLine):
+    the record has it as C{text}, not a second time as a C{line} field.
+    """
+    def emit(log):
+        logs.emitLine(log, LogLevel.info, "pop3 login user=alice", {"event": "pop3.login", "messages": 2})
+
+    [record] = publish(emit)
+    assert record["text"] == "pop3 login user=alice"
+    assert record["messages"] == 2
+    assert "line" not in record
+
+
 def test_levels():
     records = publish(lambda log: (log.debug("d"), log.warn("w"), log.error("e"), log.critical("c")))
     assert [r["level"] for r in records] == ["debug", "warn", "error", "critical"]
