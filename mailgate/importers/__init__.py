@@ -30,8 +30,15 @@ from mailgate.errors import MailgateError
 from mailgate.interfaces import IMessageSource
 from mailgate.message import MAX_DOT_OFFSETS, DotLineFinder, dotLineOffsets
 
-#: RFC 1939 section 7: 1 to 70 characters from 0x21 to 0x7E.
-_UIDL = re.compile(r"^[\x21-\x7e]{1,70}$")
+#: The longest unique id imported.  RFC 1939 says 70 octets, but servers
+#: serve longer ones (Dovecot's C{%f} is a maildir file name, past 70
+#: octets with a long host name, up to 255), and their clients stored
+#: them as served: refused, such a message could never be moved, and
+#: renamed, it would be downloaded again.  So any length up to this
+#: bound, which keeps a UIDL line of mailgate's well within one read.
+MAX_UIDL = 1000
+#: RFC 1939 section 7: characters from 0x21 to 0x7E.
+_UIDL = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_UIDL)
 
 
 class ImportFailed(MailgateError):
@@ -43,7 +50,9 @@ class ImportFailed(MailgateError):
 
 def validUidl(uidl):
     """
-    Whether C{uidl} is a unique id POP3 can carry (RFC 1939 section 7).
+    Whether C{uidl} is a unique id POP3 can carry: the characters of RFC
+    1939 section 7 (no space, no control, ASCII), at most L{MAX_UIDL} of
+    them.
     """
     return bool(_UIDL.match(uidl))
 

@@ -66,6 +66,30 @@ class POP3Refused(POP3Failed):
     """
 
 
+class NoUniqueIds(POP3Failed):
+    """
+    The server has no UIDL: its messages have no unique ids to keep.
+    Importing them under new ids would give leave-on-server clients every
+    message again, so nothing is imported (exit status 69, the server
+    cannot be used).
+    """
+
+
+class SourceBusy(POP3Failed):
+    """
+    The server will not open the maildrop for now (RFC 2449's C{[IN-USE]}:
+    another client has it; C{[LOGIN-DELAY]}; C{[SYS/TEMP]}): running the
+    import again later finishes it, so its exit status is 75, a temporary
+    failure, not 69.
+    """
+
+    code = 75
+
+
+#: The response codes (RFC 2449, 3206) of a refusal that passes.
+_TEMPORARY_CODES = ("[IN-USE]", "[LOGIN-DELAY]", "[SYS/TEMP]")
+
+
 class TooLarge(ImportFailed):
     """
     A message over the largest size imported; it was read to its end, so
@@ -301,29 +325,52 @@ class POP3Client:
         self._reader = self._socket.makefile("rb")
 
     def login(self, user, password):
-        self.command(f"USER {user}", "the user name")
-        self.command(f"PASS {password}", "the login")
+        """
+        USER and PASS.
+
+        @raise SourceBusy: for a refusal that says it passes.
+        @raise POP3Refused: for any other.
+        """
+        try:
+            self.command(f"USER {user}", "the user name")
+            self.command(f"PASS {password}", "the login")
+        except POP3Refused as e:
+            text = str(e)
+            if any(f"-ERR {code}" in text.upper() for code in _TEMPORARY_CODES):
+                raise SourceBusy(
+                    f"{text}: the server cannot open the maildrop now; run the import again later"
+                ) from None
+            raise
 
     def uniqueIds(self):
         """
-        C{[(number, unique id)]} from UIDL.
+        C{[(number, unique id)]} from UIDL, the id as the line has it after
+        the number (even empty, or with spaces: L{_importable} judges it).
+
+        @raise NoUniqueIds: if the server has no UIDL.
         """
-        self.command("UIDL")
+        try:
+            self.command("UIDL")
+        except POP3Refused as e:
+            raise NoUniqueIds(
+                f"{e}: without UIDL the messages have no unique ids to keep (new ones would make "
+                f"every leave-on-server client download them all again); nothing was imported"
+            ) from None
         found = []
         numbers = set()
         # Read to the end first: a refusal must not leave the rest of the
         # listing to be taken for the next response.
         for line in list(self._lines()):
-            parts = line.decode("utf-8", "replace").split()
-            if len(parts) != 2 or not parts[0].isdigit():
+            number, _, uidl = line.decode("utf-8", "replace").strip().partition(" ")
+            if not number.isdigit():
                 raise POP3Failed(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
-            number = int(parts[0])
+            number = int(number)
             if number in numbers:
                 # Which of its ids would be the message's?  Importing it
                 # under both would store it twice.
                 raise POP3Failed(f"{self.host} sent a malformed UIDL listing: message {number} twice")
             numbers.add(number)
-            found.append((number, parts[1]))
+            found.append((number, uidl.strip()))
         return found
 
     def sizes(self):
@@ -443,6 +490,8 @@ def importPOP3(
     try:
         try:
             _copy(client, store, address, report, delete, now, maxSize, warn)
+        except NoUniqueIds:
+            raise
         except MailgateError as e:
             report.failures.append(str(e))
         try:
@@ -487,9 +536,19 @@ def _copy(client, store, address, report, delete, now, maxSize, warn):
 def _importable(listing, report, warn):
     """
     C{(number, unique id)} of the messages of a UIDL listing to import: an
-    id the server repeats renamed (L{renameDuplicates}); an id POP3 cannot
-    carry is a failure in the report.
+    id with spaces cut at the first (what clients keep: fetchmail and
+    Thunderbird read the id as one word); an id the server repeats renamed
+    (L{renameDuplicates}); an id POP3 cannot carry is a failure in the
+    report.
     """
+    words = []
+    for number, uidl in listing:
+        word = uidl.split(None, 1)[0] if uidl.strip() else ""
+        if word != uidl and warn is not None:
+            warn(f"message {number}: unique id {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
+                 f"its first word, which clients keep")
+        words.append((number, word))
+    listing = words
     renamed = renameDuplicates([uidl for _, uidl in listing])
     importable = []
     for (number, original), uidl in zip(listing, renamed):

@@ -1,0 +1,138 @@
+"""
+Importing from the old servers an administrator really has: what their
+leave-on-server clients stored must be what mailgate serves after the
+move, and what cannot be moved is said clearly, with the exit status the
+README documents.
+
+  - unique ids longer than RFC 1939's 70 octets (Dovecot's C{%f} with a
+    long host name serves them): kept, not refused;
+  - unique ids with every legal character: kept octet for octet;
+  - a UIDL line whose id has spaces: imported under its first word, what
+    clients (fetchmail, Thunderbird) read and keep;
+  - a server without UIDL: refused before anything is imported (69), not
+    "run it again" (75), which would never help;
+  - a maildrop another client holds (C{[IN-USE]}, C{[LOGIN-DELAY]}): a
+    temporary failure (75), said so.
+
+The POP3 servers are scripted ones on 127.0.0.1 (tests/test_importer_faults.py)
+that answer C{-ERR} to CAPA, as RFC 1939-only servers do.
+"""
+
+import pytest
+
+from mailgate.importers import ImportFailed, validUidl
+from mailgate.importers.maildir import importMaildir
+from mailgate.importers.pop3 import importPOP3
+from test_importer_faults import ScriptedPOP3, message, source, threeMessages  # noqa: F401 (fixture)
+from test_importers import ALICE, PASSWORD, cli, pop3, store, target, writeMaildir  # noqa: F401 (fixture)
+
+LEGAL = "".join(chr(c) for c in range(0x21, 0x7F))
+LONG_NAME = "1700000000.M7P12345Q1R2345abcdef.mx-01.mailstore.eu-west-3.hosting-provider.example.com,S=23"
+
+
+def test_idsLongerThan70OctetsAreKept(store, tmp_path):
+    """
+    A maildir file name past 70 octets is the id Dovecot serves with
+    C{pop3_uidl_format = %f} (the suite's real Dovecot does, see
+    test_dovecot_migration.py); mailgate serves it the same after the move.
+    """
+    assert len(LONG_NAME) > 70
+    directory = writeMaildir(tmp_path / "Maildir", [("cur", LONG_NAME + ":2,S", b"Subject: long\n\nbody\n")])
+    report = importMaildir(store, directory, ALICE, uidlFormat="%f")
+    assert (report.messages, report.failures) == (1, [])
+    assert pop3(store)[0] == [LONG_NAME]
+
+
+def test_pop3IdsOfEveryLegalCharacterAndLengthAreKept(store, source):
+    server = source(threeMessages((LEGAL, "L" * 200, "short")))
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.failures) == (3, [])
+    assert pop3(store)[0] == [LEGAL, "L" * 200, "short"]
+
+
+def test_overlongAndIllegalIdsAreStillFailures(store, source):
+    assert validUidl("x" * 1000) and not validUidl("x" * 1001)
+    server = source(threeMessages(("x" * 1001, "ok", "caf\u00e9")))
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert report.messages == 1
+    assert [failure.split(":")[0] for failure in report.failures] == ["message 1", "message 3"]
+    assert pop3(store)[0] == ["ok"]
+
+
+def test_anIdWithSpacesIsImportedUnderItsFirstWord(store, source):
+    server = source(threeMessages())
+    server.uidlLines = [b"1 U1 extra words", b"2 U2", b"3  U3\t"]
+    warnings = []
+    report = importPOP3(store, server.url, ALICE, PASSWORD, warn=warnings.append)
+    assert (report.messages, report.failures) == (3, [])
+    assert warnings == [
+        "message 1: unique id 'U1 extra words' has a space; imported as 'U1', its first word, which clients keep"
+    ]
+    assert pop3(store)[0] == ["U1", "U2", "U3"]
+
+
+class OldServer(ScriptedPOP3):
+    """
+    A scripted server that refuses UIDL, or refuses the login with a
+    response code.
+    """
+
+    refuseUIDL = False
+    loginRefusal = None
+
+    def _answer(self, verb, argument, marked):
+        if verb == "UIDL" and self.refuseUIDL:
+            return b"-ERR unknown command\r\n"
+        if verb == "PASS" and self.loginRefusal is not None:
+            return self.loginRefusal + b"\r\n"
+        return super()._answer(verb, argument, marked)
+
+
+@pytest.fixture
+def oldServer():
+    servers = []
+
+    def start(**quirks):
+        server = OldServer(threeMessages())
+        for name, value in quirks.items():
+            setattr(server, name, value)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_aServerWithoutUIDLIsRefusedAndNothingImported(oldServer, store, tmp_path):
+    server = oldServer(refuseUIDL=True)
+    with pytest.raises(ImportFailed) as failed:
+        importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    assert "refused UIDL: -ERR unknown command: without UIDL the messages have no unique ids" in str(failed.value)
+    assert (pop3(store)[0], server.deleted) == ([], [])
+    url, target_ = target(tmp_path, (ALICE, PASSWORD))
+    target_.close()
+    code, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 69, (out, err)
+    assert "nothing was imported" in err and "run it again" not in err
+
+
+@pytest.mark.parametrize("refusal", [b"-ERR [IN-USE] Mailbox is locked by another POP3 session",
+                                     b"-ERR [LOGIN-DELAY] wait 15 minutes"])
+def test_aMaildropInUseIsATemporaryFailure(oldServer, store, tmp_path, refusal):
+    server = oldServer(loginRefusal=refusal)
+    with pytest.raises(ImportFailed) as failed:
+        importPOP3(store, server.url, ALICE, PASSWORD)
+    assert getattr(failed.value, "code", None) == 75
+    url, target_ = target(tmp_path, (ALICE, PASSWORD))
+    target_.close()
+    code, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 75, (out, err)
+    assert refusal.decode() in err and "run the import again later" in err
+
+
+def test_aWrongPasswordIsStillNotTemporary(oldServer, store):
+    server = oldServer(loginRefusal=b"-ERR [AUTH] invalid credentials")
+    with pytest.raises(ImportFailed) as failed:
+        importPOP3(store, server.url, ALICE, PASSWORD)
+    assert getattr(failed.value, "code", None) is None
