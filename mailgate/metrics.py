@@ -19,6 +19,8 @@ Label values used by callers:
     C{"tempfail"}
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
   - timeout C{kind}: C{"idle"}, C{"login"}, C{"data_rate"}
+  - refusal C{reason}: C{"banned"}, C{"too_many"} (C{--max-connections}
+    or C{--max-connections-per-ip}), C{"shutting_down"}
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
   - database C{operation}: the name of the store's interaction (the
@@ -66,6 +68,9 @@ DELIVERY_RESULTS = ("accepted", "rejected", "tempfail")
 #: why a session was closed by a timer: silence (every protocol), no login
 #: in time (POP3), message data arriving too slowly (SMTP, LMTP)
 TIMEOUT_KINDS = ("idle", "login", "data_rate")
+#: why a connection was refused as it arrived: the reason the policy (or
+#: the shutdown) gives, to its label value
+REFUSAL_REASONS = {"banned": "banned", "too many connections": "too_many", "shutting down": "shutting_down"}
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
@@ -151,6 +156,11 @@ class Metrics:
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
         self._open = _Series(gauge, "mailgate_connections", "Connections open now.", ["protocol"], PROTOCOLS)
         self._sessions = _Series(counter, "mailgate_sessions", "Connections admitted.", ["protocol"], PROTOCOLS)
+        self._refused = _Series(
+            counter, "mailgate_connections_refused", "Connections refused as they arrived, by reason.",
+            ["protocol", "reason"],
+            [(protocol, reason) for protocol in PROTOCOLS for reason in REFUSAL_REASONS.values()],
+        )
         self._logins = _Series(
             counter, "mailgate_logins", "Authentication attempts, by outcome.",
             ["protocol", "mechanism", "result"],
@@ -187,7 +197,7 @@ class Metrics:
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
         registry.register(_ReactorSeries([
-            self._open, self._sessions, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._open, self._sessions, self._refused, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._timeouts,
         ]))
@@ -232,6 +242,16 @@ class Metrics:
         An admitted connection ended: C{mailgate_connections{protocol}} down.
         """
         self._count(self._open, _bounded(protocol, PROTOCOLS), -1)
+
+    def connectionRefused(self, protocol, reason):
+        """
+        A connection was refused as it arrived, told why (the reason the
+        policy gives, or C{"shutting down"}): it never opened a session,
+        so only C{mailgate_connections_refused_total{protocol,reason}}
+        counts it.  A rise in C{too_many} is the connection limits
+        turning clients away.
+        """
+        self._count(self._refused, (_bounded(protocol, PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
 
     def openConnections(self):
         """

@@ -44,6 +44,7 @@ from pumped import PumpedReactor
 CONTRACT = {
     "mailgate_connections": ("gauge", {"protocol"}),
     "mailgate_sessions": ("counter", {"protocol"}),
+    "mailgate_connections_refused": ("counter", {"protocol", "reason"}),
     "mailgate_logins": ("counter", {"protocol", "mechanism", "result"}),
     "mailgate_pop3_commands": ("counter", {"command"}),
     "mailgate_pop3_retrieved_bytes": ("counter", set()),
@@ -115,6 +116,14 @@ def test_callsMoveTheirSeries():
     assert value(m, "mailgate_connections", protocol="pop3") == 1
     assert value(m, "mailgate_sessions_total", protocol="pop3") == 2
     assert m.openConnections() == {"pop3": 1, "smtp": 1, "lmtp": 0}
+    m.connectionRefused("pop3", "banned")
+    m.connectionRefused("smtp", "too many connections")
+    m.connectionRefused("smtp", "too many connections")
+    m.connectionRefused("lmtp", "shutting down")
+    assert value(m, "mailgate_connections_refused_total", protocol="pop3", reason="banned") == 1
+    assert value(m, "mailgate_connections_refused_total", protocol="smtp", reason="too_many") == 2
+    assert value(m, "mailgate_connections_refused_total", protocol="lmtp", reason="shutting_down") == 1
+    assert value(m, "mailgate_connections", protocol="smtp") == 1
     m.login("pop3", "user", "ok")
     m.login("pop3", "apop", "failed")
     assert value(m, "mailgate_logins_total", protocol="pop3", mechanism="user", result="ok") == 1
@@ -165,10 +174,12 @@ def test_labelValuesAreBounded():
     m.pop3Command("XYZZY")
     m.pop3Command(None)
     m.delivery("smtp", "lost")
+    m.connectionRefused("pop3", "a reason nobody wrote down")
     assert value(m, "mailgate_sessions_total", protocol="other") == 1
     assert value(m, "mailgate_logins_total", protocol="other", mechanism="other", result="other") == 1
     assert value(m, "mailgate_pop3_commands_total", command="OTHER") == 2
     assert value(m, "mailgate_deliveries_total", protocol="smtp", result="other") == 1
+    assert value(m, "mailgate_connections_refused_total", protocol="pop3", reason="other") == 1
     for n in range(MAX_OPERATIONS + 10):
         m.databaseOperation(f"operation{n}", 0.001)
     operations = {
@@ -458,6 +469,9 @@ def test_aClientThatReadsNoAnswersGetsNoMore():
         total += transport.value().count(b"HTTP/1.1 200 OK\r\n")
         assert len(transport.value()) < 2 * transport.limit
     assert total == requests
+    # The last answers read too (they may have filled the buffer again),
+    # reading goes on.
+    transport.drain()
     assert transport.producerState == "producing"
     assert not transport.disconnecting
     site.stopFactory()
@@ -636,6 +650,28 @@ def test_protocolCountersMove(mailgate_server, mailgate_cli):
         lambda: sample(scrape(server)[1], "mailgate_connections", protocol="pop3") == 0,
         "the POP3 connection gauge back at 0",
     )
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aConnectionBeyondTheLimitIsCountedRefused(mailgate_server):
+    """
+    With --max-connections 1, a second POP3 client is refused as it
+    arrives: counted in mailgate_connections_refused_total with the
+    reason, and neither as a session nor as an open connection.
+    """
+    server = mailgate_server(
+        "--metrics", "tcp:0:interface=127.0.0.1", "--no-apop", "--max-connections", "1"
+    )
+    first = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+        poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    _, text = scrape(server)
+    promtoolCheck(text)
+    assert sample(text, "mailgate_connections_refused_total", protocol="pop3", reason="too_many") == 1
+    assert sample(text, "mailgate_connections_refused_total", protocol="pop3", reason="banned") == 0
+    assert sample(text, "mailgate_sessions_total", protocol="pop3") == 1
+    assert sample(text, "mailgate_connections", protocol="pop3") == 1
+    first.quit()
 
 
 @contextmanager

@@ -40,7 +40,7 @@ class RecordingMetrics(Metrics):
         return record
 
     for _name in (
-        "connectionOpened", "connectionClosed", "login", "pop3Command", "retrieved",
+        "connectionOpened", "connectionClosed", "connectionRefused", "login", "pop3Command", "retrieved",
         "deleted", "delivery", "databaseOperation", "databaseError", "groupCommit",
         "authCache", "maildropLocks", "bans",
     ):
@@ -226,11 +226,16 @@ def test_anLMTPRecipientDeletedSinceItsRCPTIsRejectedNotDelivered(users):
     assert metrics.named("delivery") == [("lmtp", "rejected")]
 
 
-def test_refusedConnectionsAreNotCounted(users):
+def test_refusedConnectionsAreCountedAsRefusedOnly(users):
+    """
+    A connection the policy refuses opens no session (neither the open
+    connections nor the sessions count it): it is counted as refused,
+    with the policy's reason.
+    """
     metrics = RecordingMetrics()
     s = pop3(users, metrics, policy=RecordingPolicy(refuse="too many connections"))
     s.protocol.connectionLost(None)
-    assert metrics.calls == []
+    assert metrics.calls == [("connectionRefused", "pop3", "too many connections")]
 
 
 # -- log events ---------------------------------------------------------------------------

@@ -266,6 +266,7 @@ class CommandSession(Protocol):
         factory.tracker.add(self)
 
     def _refuse(self, reason):
+        self.factory.metrics.connectionRefused(self.protocolName, reason)
         self.logInfo(
             "session.refused",
             f"{self.protocolName} connection refused peer={self.peerText} reason={reason}",
