@@ -136,3 +136,19 @@ def test_aWrongPasswordIsStillNotTemporary(oldServer, store):
     with pytest.raises(ImportFailed) as failed:
         importPOP3(store, server.url, ALICE, PASSWORD)
     assert getattr(failed.value, "code", None) is None
+
+
+def test_aTwoLineMessageKeepsItsLastEmptyLineWhenLISTCountsLFs(store, source):
+    """
+    A server whose LIST counts LF line ends lists a two-line message two
+    octets short, as if it had added the final line break itself; but a
+    message ending with an empty line did end with a line break, so
+    nothing is taken off.  (A message without a final line break, from a
+    server that adds one, still loses it: see test_importers.py.)
+    """
+    headersOnly = b"Subject: y\r\n\r\n"
+    server = source({1: ("U1", headersOnly), 2: ("U2", message(2))})
+    server.listSizes = {n: len(data.replace(b"\r\n", b"\n")) for n, (_, data) in server.messages.items()}
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.failures) == (2, [])
+    assert pop3(store)[2] == [headersOnly, message(2)]

@@ -155,11 +155,15 @@ class SpoolSource:
         """
         The message is complete.  If the server ended it with a line break
         it did not have (RETR is two octets longer than LIST said), take
-        that off again.
+        that off again.  Not when another line break comes before it: a
+        server adds one only to a message that does not end with one, and
+        a two-line message from a server whose LIST counts LF line ends is
+        two octets longer too (its empty last line would be lost).
         """
-        if listedSize is not None and self.size == listedSize + 2:
-            self._file.seek(self.size - 2)
-            if self._file.read(2) == b"\r\n":
+        if listedSize is not None and self.size == listedSize + 2 and self.size >= 2:
+            self._file.seek(max(self.size - 3, 0))
+            end = self._file.read(3)
+            if end.endswith(b"\r\n") and not (len(end) == 3 and end[0:1] == b"\n"):
                 self._file.truncate(listedSize)
                 self._file.seek(0, 2)
                 self.size = listedSize
