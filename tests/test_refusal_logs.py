@@ -272,6 +272,23 @@ def test_aLoginRefusedInUseIsAnAuthFailedLine(users):
     assert PASSWORD not in repr(event) and plain(ALICE, PASSWORD) not in repr(event)
 
 
+def test_aRefusedLoginNameIsLoggedBoundedAndPrintable(users):
+    """
+    The login name of a refused login is the client's text: in the line
+    and in the C{user} field, at most 64 characters, and nothing that
+    would disguise the line (a terminal escape, a right-to-left override)
+    gets into it.
+    """
+    s = pop3(users)
+    events = capture(s)
+    name = "al\x1b[31mice\u202e\u2028" + "x" * 100
+    assert s.command(f"AUTH PLAIN {plain(name, 'wrong')}").startswith("-ERR [AUTH]")
+    [event] = events
+    shown = ("al?[31mice??" + "x" * 100)[:64]
+    assert event["user"] == shown
+    assert formatEvent(event) == f"pop3 authentication failed user='{shown}' peer={PEER}"
+
+
 def test_aLoginRefusedForItsLoginDelayIsAnAuthFailedLine(users):
     first = pop3(users, loginDelay=3600)
     assert first.login(ALICE, PASSWORD).startswith("+OK")

@@ -244,13 +244,13 @@ class AuthorizationCommands:
         also the metric's result unless C{result} says otherwise.
         """
         self._loginMetric(mechanism, result or reason)
-        self.logInfo("auth.failed", text, user=login[:64], mechanism=mechanism, reason=reason)
+        self.logInfo("auth.failed", text, user=_logName(login), mechanism=mechanism, reason=reason)
 
     def _refuseBanned(self, login, mechanism):
         self._sasl = None
         self._authFailed(
             login, mechanism, "banned",
-            f"pop3 login refused user={login[:64]!r} peer={self.peerText}: the address is banned",
+            f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: the address is banned",
         )
         self._err("[SYS/TEMP] banned")
         self._endSession("banned")
@@ -329,7 +329,7 @@ class AuthorizationCommands:
                 policy.authenticationFailed(self.peer, login, password)
             self._authFailed(
                 login, mechanism, "failed",
-                f"pop3 authentication failed user={login[:64]!r} peer={self.peerText}",
+                f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}",
             )
             return task.deferLater(self._clock, self.authFailureDelay, self._refuseLogin)
         if failure.check(MaildropInUse):
@@ -338,7 +338,7 @@ class AuthorizationCommands:
             policy.authenticationSucceeded(self.peer, login)
             self._authFailed(
                 login, mechanism, "in_use",
-                f"pop3 login refused user={login[:64]!r} peer={self.peerText}: "
+                f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: "
                 f"maildrop in use by another POP3 session",
             )
             self._err("[IN-USE] maildrop is locked by another POP3 session")
@@ -347,7 +347,7 @@ class AuthorizationCommands:
             policy.authenticationSucceeded(self.peer, login)
             self._authFailed(
                 login, mechanism, "login_delay",
-                f"pop3 login refused user={login[:64]!r} peer={self.peerText}: "
+                f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: "
                 f"login delay ({failure.value})",
                 result="tempfail",
             )
@@ -358,9 +358,9 @@ class AuthorizationCommands:
             self._loginMetric(mechanism, "tempfail")
             self.logWarning(
                 "pop3.login_failed",
-                f"pop3 login failed user={login[:64]!r} peer={self.peerText}: "
+                f"pop3 login failed user={_logName(login)!r} peer={self.peerText}: "
                 f"tempfail ({failure.value})",
-                user=login[:64],
+                user=_logName(login),
                 mechanism=mechanism,
                 reason="tempfail",
             )
@@ -369,9 +369,9 @@ class AuthorizationCommands:
             self._loginMetric(mechanism, "tempfail")
             self.logFailure(
                 "pop3.login_failed",
-                f"pop3 login failed user={login[:64]!r} peer={self.peerText}: internal error",
+                f"pop3 login failed user={_logName(login)!r} peer={self.peerText}: internal error",
                 failure,
-                user=login[:64],
+                user=_logName(login),
                 mechanism=mechanism,
                 reason="internal_error",
             )
@@ -409,6 +409,18 @@ class AuthorizationCommands:
         if self._authFailures >= self.maxAuthFailures:
             self._err("too many failed logins; closing the connection")
             self.close()
+
+
+def _logName(login):
+    """
+    A login name as the client sent it, fit for a log line: at most 64
+    characters, anything unprintable (an escape sequence, a right-to-left
+    override, a line separator) shown as C{?}, as SMTP's addresses are.
+    """
+    name = login[:64]
+    if not name.isprintable():
+        name = "".join(ch if ch.isprintable() else "?" for ch in name)
+    return name
 
 
 def _sameUser(first, second):
