@@ -161,6 +161,10 @@ class Metrics:
             ["protocol", "reason"],
             [(protocol, reason) for protocol in PROTOCOLS for reason in REFUSAL_REASONS.values()],
         )
+        self._tlsFailures = _Series(
+            counter, "mailgate_tls_failures", "TLS handshakes that failed, and corrupt TLS records.",
+            ["protocol"], PROTOCOLS,
+        )
         self._logins = _Series(
             counter, "mailgate_logins", "Authentication attempts, by outcome.",
             ["protocol", "mechanism", "result"],
@@ -197,7 +201,7 @@ class Metrics:
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
         registry.register(_ReactorSeries([
-            self._open, self._sessions, self._refused, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._timeouts,
         ]))
@@ -252,6 +256,14 @@ class Metrics:
         turning clients away.
         """
         self._count(self._refused, (_bounded(protocol, PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
+
+    def tlsFailed(self, protocol):
+        """
+        A connection's TLS failed (C{mailgate_tls_failures_total}): its
+        handshake (pop3s, STLS, STARTTLS), mostly, or a corrupt record
+        later.  A rise after a certificate change is clients refusing it.
+        """
+        self._count(self._tlsFailures, _bounded(protocol, PROTOCOLS))
 
     def openConnections(self):
         """

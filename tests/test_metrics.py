@@ -45,6 +45,7 @@ CONTRACT = {
     "mailgate_connections": ("gauge", {"protocol"}),
     "mailgate_sessions": ("counter", {"protocol"}),
     "mailgate_connections_refused": ("counter", {"protocol", "reason"}),
+    "mailgate_tls_failures": ("counter", {"protocol"}),
     "mailgate_logins": ("counter", {"protocol", "mechanism", "result"}),
     "mailgate_pop3_commands": ("counter", {"command"}),
     "mailgate_pop3_retrieved_bytes": ("counter", set()),
@@ -124,6 +125,9 @@ def test_callsMoveTheirSeries():
     assert value(m, "mailgate_connections_refused_total", protocol="smtp", reason="too_many") == 2
     assert value(m, "mailgate_connections_refused_total", protocol="lmtp", reason="shutting_down") == 1
     assert value(m, "mailgate_connections", protocol="smtp") == 1
+    m.tlsFailed("pop3")
+    assert value(m, "mailgate_tls_failures_total", protocol="pop3") == 1
+    assert value(m, "mailgate_tls_failures_total", protocol="smtp") == 0
     m.login("pop3", "user", "ok")
     m.login("pop3", "apop", "failed")
     assert value(m, "mailgate_logins_total", protocol="pop3", mechanism="user", result="ok") == 1

@@ -6,11 +6,13 @@ which never carry a password, a SASL response or message content.
 """
 
 import hashlib
+import ssl
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
 from mailgate.metrics import Metrics
@@ -40,7 +42,7 @@ class RecordingMetrics(Metrics):
         return record
 
     for _name in (
-        "connectionOpened", "connectionClosed", "connectionRefused", "login", "pop3Command", "retrieved",
+        "connectionOpened", "connectionClosed", "connectionRefused", "tlsFailed", "login", "pop3Command", "retrieved",
         "deleted", "delivery", "databaseOperation", "databaseError", "groupCommit",
         "authCache", "maildropLocks", "bans",
     ):
@@ -236,6 +238,21 @@ def test_refusedConnectionsAreCountedAsRefusedOnly(users):
     s = pop3(users, metrics, policy=RecordingPolicy(refuse="too many connections"))
     s.protocol.connectionLost(None)
     assert metrics.calls == [("connectionRefused", "pop3", "too many connections")]
+
+
+def test_aFailedTLSHandshakeIsCountedOnce(users):
+    """
+    A connection whose TLS fails (here a client that sent something else
+    than a handshake) counts in the TLS failures, and the connection
+    gauge goes back down as for any other end.
+    """
+    metrics = RecordingMetrics()
+    s = smtp(users, metrics)
+    error = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    error.reason = "WRONG_VERSION_NUMBER"
+    s.protocol.connectionLost(Failure(error))
+    assert metrics.named("tlsFailed") == [("smtp",)]
+    assert metrics.named("connectionClosed") == [("smtp",)]
 
 
 # -- log events ---------------------------------------------------------------------------

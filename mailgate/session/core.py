@@ -286,6 +286,7 @@ class CommandSession(Protocol):
             # TLS, or only versions refused) or a corrupt record.
             error = reason.value
             why = getattr(error, "reason", None) or str(error)
+            self.factory.metrics.tlsFailed(self.protocolName)
             self.logInfo(
                 "session.tls_failed",
                 f"{self.protocolName} TLS failed peer={self.peerText} reason={why}",
