@@ -18,6 +18,8 @@ The POP3 servers are scripted ones on 127.0.0.1 (tests/test_importer_faults.py)
 that answer C{-ERR} to CAPA, as RFC 1939-only servers do.
 """
 
+import hashlib
+
 import pytest
 
 from mailgate.importers import ImportFailed, validUidl
@@ -74,15 +76,23 @@ def test_anIdWithSpacesIsImportedUnderItsFirstWord(store, source):
 class OldServer(ScriptedPOP3):
     """
     A scripted server that refuses UIDL, or refuses the login with a
-    response code.
+    response code, or takes APOP only.
     """
 
     refuseUIDL = False
     loginRefusal = None
+    apopOnly = False
+    stamp = "<1896.697170952@dbc.mtview.ca.us>"
 
     def _answer(self, verb, argument, marked):
         if verb == "UIDL" and self.refuseUIDL:
             return b"-ERR unknown command\r\n"
+        if self.apopOnly and verb in ("USER", "PASS"):
+            return b"-ERR [AUTH] this user logs in with APOP only\r\n"
+        if verb == "APOP":
+            digest = hashlib.md5((self.stamp + PASSWORD).encode()).hexdigest()
+            self.apopAnswered = argument == f"alice {digest}"
+            return b"+OK maildrop locked\r\n" if self.apopAnswered else b"-ERR [AUTH] no\r\n"
         if verb == "PASS" and self.loginRefusal is not None:
             return self.loginRefusal + b"\r\n"
         return super()._answer(verb, argument, marked)
@@ -152,3 +162,33 @@ def test_aTwoLineMessageKeepsItsLastEmptyLineWhenLISTCountsLFs(store, source):
     report = importPOP3(store, server.url, ALICE, PASSWORD)
     assert (report.messages, report.failures) == (2, [])
     assert pop3(store)[2] == [headersOnly, message(2)]
+
+
+def test_anAPOPOnlyServer(oldServer, store):
+    """
+    A server that keeps a user to APOP (qpopper can) refuses USER: the
+    greeting's timestamp is used for APOP instead.
+    """
+    server = oldServer(apopOnly=True)
+    server.greeting = f"+OK POP3 server ready {server.stamp}".encode()
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.failures) == (3, [])
+    assert server.apopAnswered
+    # Without a timestamp, the refusal is the one USER got.
+    other = oldServer(apopOnly=True)
+    with pytest.raises(ImportFailed) as failed:
+        importPOP3(store, other.url, ALICE, PASSWORD)
+    assert str(failed.value) == "127.0.0.1 refused the user name: -ERR [AUTH] this user logs in with APOP only"
+
+
+def test_aGreetingOfSeveralLines(source, store):
+    """
+    A banner of several lines (a quirk of some old servers and proxies):
+    its other lines are not taken for the answer to the first command,
+    which would shift every answer after it.
+    """
+    server = source(threeMessages())
+    server.greeting = b"+OK hello\r\nWelcome to the mail service.\r\nUnauthorised use is forbidden."
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.failures) == (3, [])
+    assert pop3(store)[0] == ["U1", "U2", "U3"]

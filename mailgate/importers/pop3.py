@@ -29,7 +29,9 @@ reads every response in bounded memory: a long line is read in pieces, a
 large message goes to a temporary file.
 """
 
+import hashlib
 import ipaddress
+import re
 import socket
 import ssl
 import tempfile
@@ -49,6 +51,8 @@ _MAX_STATUS = 4096
 #: Reads of a status line (of L{_MAX_STATUS} octets) before giving up.
 _MAX_STATUS_READS = 256
 _PIECE = 1 << 16
+#: Lines after the greeting's own that are dropped as more of it.
+_MAX_GREETING_LINES = 32
 #: The largest message imported: the mailgate server's own default
 #: (L{mailgate.smtp.protocol.SMTPServer.maxMessageSize}).
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024
@@ -88,6 +92,21 @@ class SourceBusy(POP3Failed):
 
 #: The response codes (RFC 2449, 3206) of a refusal that passes.
 _TEMPORARY_CODES = ("[IN-USE]", "[LOGIN-DELAY]", "[SYS/TEMP]")
+
+
+def _temporary(refusal):
+    """
+    C{refusal} (a L{POP3Refused} of the login) as a L{SourceBusy} if its
+    response code says it passes.
+    """
+    text = str(refusal)
+    if any(f"-ERR {code}" in text.upper() for code in _TEMPORARY_CODES):
+        return SourceBusy(f"{text}: the server cannot open the maildrop now; run the import again later")
+    return refusal
+
+
+#: An APOP timestamp in a greeting (RFC 1939 section 7: a msg-id).
+_APOP_TIMESTAMP = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 
 
 class TooLarge(ImportFailed):
@@ -195,10 +214,14 @@ class POP3Client:
         except OSError as e:
             raise POP3Failed(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
         self.secure = False
+        self._strayLines = 0
         if tls:
             self._startTLS()
         self._reader = self._socket.makefile("rb")
         self.greeting = self._status()
+        # Lines some servers send after their greeting's line (a banner
+        # of several lines) are dropped before the first response.
+        self._strayLines = _MAX_GREETING_LINES
 
     def peerAddress(self):
         """
@@ -238,6 +261,14 @@ class POP3Client:
     def _status(self, what="command"):
         line = self._readline(_MAX_STATUS)
         self._discardRestOf(line)
+        while self._strayLines and not line.startswith((b"+OK", b"-ERR")):
+            # More of a greeting of several lines: taken for this
+            # response, it would make every later one the answer to the
+            # command before.
+            self._strayLines -= 1
+            line = self._readline(_MAX_STATUS)
+            self._discardRestOf(line)
+        self._strayLines = 0
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if line.startswith(b"+OK"):
             return text
@@ -330,7 +361,9 @@ class POP3Client:
 
     def login(self, user, password):
         """
-        USER and PASS.
+        USER and PASS; if they are refused and the greeting has an APOP
+        timestamp, APOP (RFC 1939 section 7): a server may keep APOP users
+        from logging in any other way.
 
         @raise SourceBusy: for a refusal that says it passes.
         @raise POP3Refused: for any other.
@@ -338,13 +371,20 @@ class POP3Client:
         try:
             self.command(f"USER {user}", "the user name")
             self.command(f"PASS {password}", "the login")
+            return
         except POP3Refused as e:
-            text = str(e)
-            if any(f"-ERR {code}" in text.upper() for code in _TEMPORARY_CODES):
-                raise SourceBusy(
-                    f"{text}: the server cannot open the maildrop now; run the import again later"
-                ) from None
-            raise
+            refusal = _temporary(e)
+        stamp = _APOP_TIMESTAMP.search(self.greeting)
+        if stamp is None or isinstance(refusal, SourceBusy):
+            raise refusal
+        digest = hashlib.md5((stamp.group(0) + password).encode("utf-8")).hexdigest()
+        try:
+            self.command(f"APOP {user} {digest}", "APOP")
+        except POP3Refused as e:
+            raise _temporary(POP3Refused(f"{refusal}; {e}")) from None
+        except POP3Failed:
+            # Closed after the first refusal, as some servers do.
+            raise refusal from None
 
     def uniqueIds(self):
         """
