@@ -544,13 +544,18 @@ def _importPOP3(store, args, out, stdin):
             args.stderr.write(f"mailgate: {address}: {e}\n")
             failedUsers.append(address)
             out.write(f"{address}: failed\n")
+            out.flush()
             continue
         _importReport(report, out, args.stderr, address if args.users is not None else None)
+        # The progress of a long run, as it goes: through a pipe (tee, a
+        # log), the lines would wait for the end, or be lost with a kill.
+        out.flush()
         if report.failures:
             failedUsers.append(address)
         total.add(report)
     if args.users is not None:
-        out.write(f"{len(users)} users: {total.summary()}\n")
+        incomplete = f"; {len(failedUsers)} of the users not complete" if failedUsers else ""
+        out.write(f"{len(users)} users: {total.summary()}{incomplete}\n")
     if failedUsers or total.failures:
         raise CommandError(
             f"the import of {', '.join(failedUsers)} did not complete; run it again to finish",

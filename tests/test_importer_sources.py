@@ -192,3 +192,72 @@ def test_aGreetingOfSeveralLines(source, store):
     report = importPOP3(store, server.url, ALICE, PASSWORD)
     assert (report.messages, report.failures) == (3, [])
     assert pop3(store)[0] == ["U1", "U2", "U3"]
+
+
+class HeldLogins(ScriptedPOP3):
+    """
+    A scripted server that holds the login of C{held} until C{release} is
+    set (for DEADLINE at most).
+    """
+
+    held = None
+
+    def __init__(self, messages):
+        import threading
+
+        self.release = threading.Event()
+        self._user = None
+        super().__init__(messages)
+
+    def _answer(self, verb, argument, marked):
+        if verb == "USER":
+            self._user = argument
+        if verb == "PASS" and self._user == self.held:
+            from e2e import DEADLINE
+
+            self.release.wait(DEADLINE)
+        return super()._answer(verb, argument, marked)
+
+
+def test_manyUsersShowTheirProgressAsTheyGo(tmp_path):
+    """
+    C{import pop3 --users} through a pipe (C{| tee migration.log}), as an
+    administrator runs a long migration: each user's line comes out when
+    that user is done, not all at the end (nor never, after a kill).
+    """
+    import os
+    import selectors
+    import subprocess
+
+    from e2e import DEADLINE, MAILGATE, childEnvironment
+
+    bob = "bob@example.org"
+    server = HeldLogins(threeMessages())
+    server.held = bob
+    try:
+        url, target_ = target(tmp_path, (ALICE, PASSWORD), (bob, PASSWORD))
+        target_.close()
+        users = tmp_path / "users.txt"
+        users.write_text(f"{ALICE} {PASSWORD}\n{bob} {PASSWORD}\n")
+        environment = childEnvironment()
+        del environment["PYTHONUNBUFFERED"]
+        command = [MAILGATE, "--database", url, "import", "pop3", f"pop3://127.0.0.1:{server.port}", "--users", str(users)]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment) as child:
+            try:
+                selector = selectors.DefaultSelector()
+                selector.register(child.stdout, selectors.EVENT_READ)
+                ready = selector.select(DEADLINE)
+                first = os.read(child.stdout.fileno(), 4096).decode() if ready else ""
+                server.release.set()
+                rest, err = child.communicate(timeout=DEADLINE * 3)
+            finally:
+                server.release.set()
+                if child.poll() is None:
+                    child.kill()
+        assert first.startswith(f"{ALICE}: 3 messages imported ("), (first, err)
+        assert (child.returncode, err) == (0, b"")
+        lines = (first + rest.decode()).splitlines()
+        assert lines[1].startswith(f"{bob}: 3 messages imported (")
+        assert lines[2].startswith("2 users: 6 messages imported (") and "not complete" not in lines[2]
+    finally:
+        server.stop()

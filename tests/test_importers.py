@@ -496,6 +496,7 @@ def test_importPOP3ManyUsers(mailgate_server, mailgate_cli, tmp_path, monkeypatc
     assert lines[1] == f"{carol}: failed"
     assert lines[2].startswith(f"{BOB}: 1 messages imported (")
     assert lines[3].startswith("3 users: 3 messages imported (")
+    assert lines[3].endswith("; 1 of the users not complete")
     assert code == 75
     assert f"{carol}: localhost refused the login" in err
     assert served(url, BOB, BOB_PASSWORD) == served(server.database, BOB, BOB_PASSWORD)
