@@ -678,6 +678,23 @@ def test_aConnectionBeyondTheLimitIsCountedRefused(mailgate_server):
     first.quit()
 
 
+@postgresOnly
+def test_aPostgresLoginsTripsToTheDatabaseAreMeasured(mailgate_server, mailgate_cli):
+    """
+    On PostgreSQL a POP3 login takes its maildrop's lock and reads the
+    maildrop on a lock connection, and QUIT checks the lock before its
+    deletions and unlocks: those trips count in mailgate_database_seconds
+    as the ones on worker threads do (a slow or failing lock connection
+    showed in no metric).
+    """
+    server = startScraped(mailgate_server)
+    exercise(server, mailgate_cli)
+    _, text = scrape(server)
+    for operation in ("lockMaildrop", "readSnapshot", "verifyLock", "unlockMaildrop"):
+        assert sample(text, "mailgate_database_seconds_count", operation=operation) == 1, operation
+    assert sample(text, "mailgate_database_errors_total") == 0
+
+
 @contextmanager
 def usersTableLocked(database):
     """

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse, TemporaryFailure
@@ -287,7 +288,23 @@ class PostgresEngine:
         """
         if database.reactor is None:
             return AdvisoryLocks.blocking(self)
-        return AdvisoryLocks(self, database.reactor)
+        return AdvisoryLocks(self, database.reactor, database.metrics)
+
+
+def _measure(d, metrics, operation, reactor):
+    """
+    Tell C{metrics} how long the statement C{d} waits for takes, from now,
+    as C{operation}, and whether it failed; C{d}'s result is left as it is.
+    """
+    started = reactor.seconds()
+
+    def measured(result):
+        if isinstance(result, Failure):
+            metrics.databaseError()
+        metrics.databaseOperation(operation, reactor.seconds() - started)
+        return result
+
+    d.addBoth(measured)
 
 
 def _key(text):
@@ -375,11 +392,15 @@ class AdvisoryLocks:
     slots = 4
     log = Logger()
 
-    def __init__(self, engine, reactor):
+    def __init__(self, engine, reactor, metrics=None):
         """
         @param engine: the L{PostgresEngine}.
         @param reactor: the reactor that drives the lock connections and
             hands back the connections made on a worker thread.
+        @param metrics: the L{mailgate.metrics.Metrics} told how long each
+            statement took (C{lockMaildrop}, C{readSnapshot},
+            C{unlockMaildrop}, C{verifyLock}) or that it failed: a POP3
+            login's trips to the database, as those on worker threads are.
         """
         self._connector = _Connector(reactor, "mailgate-lock-connect", self._connectNow)
         self._setUp(
@@ -389,6 +410,8 @@ class AdvisoryLocks:
                 for i in range(self.slots)
             ],
         )
+        self._metrics = metrics
+        self._reactor = reactor
 
     @classmethod
     def blocking(cls, engine):
@@ -404,6 +427,7 @@ class AdvisoryLocks:
 
     def _setUp(self, engine, connections):
         self._engine = engine
+        self._metrics = None
         self._slots = [_Slot(connection) for connection in connections]
         # User id to the lock connection's generation (its count of
         # connections made) when the lock was granted, None while asked.
@@ -442,9 +466,11 @@ class AdvisoryLocks:
         if route is not None and route[1] == 0 and userId not in self._held:
             del self._routes[userId]
 
-    def _run(self, userId, statement, params):
+    def _run(self, userId, statement, params, operation):
         """
-        Run C{statement} on the connection that C{userId}'s lock uses.
+        Run C{statement} on the connection that C{userId}'s lock uses, and
+        tell the metrics how long it took (as C{operation}) or that it
+        failed.
         """
         route = self._route(userId)
         slot = route[0]
@@ -462,7 +488,10 @@ class AdvisoryLocks:
             return failure
 
         d = slot.connection.execute(statement, params)
-        return d.addBoth(finished).addErrback(failed)
+        d.addBoth(finished).addErrback(failed)
+        if self._metrics is not None:
+            _measure(d, self._metrics, operation, self._reactor)
+        return d
 
     # IMaildropLocks
 
@@ -476,7 +505,7 @@ class AdvisoryLocks:
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
         self._held[userId] = None
-        d = self._run(userId, _LOCK, self._keyParams(userId))
+        d = self._run(userId, _LOCK, self._keyParams(userId), "lockMaildrop")
         connection = self._routes[userId][0].connection
 
         def done(rows):
@@ -505,7 +534,7 @@ class AdvisoryLocks:
         d = self.acquire(userId)
 
         def snapshot(_):
-            read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")])
+            read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")], "readSnapshot")
             return read.addCallback(unpackSnapshot, userId, passwordHash, address).addErrback(giveBack)
 
         def giveBack(failure):
@@ -524,7 +553,7 @@ class AdvisoryLocks:
         # Forget it here at once: the unlock is queued on the slot's
         # connection ahead of any later acquire of this maildrop on this node.
         del self._held[userId]
-        d = self._run(userId, _UNLOCK, self._keyParams(userId))
+        d = self._run(userId, _UNLOCK, self._keyParams(userId), "unlockMaildrop")
 
         def failed(failure):
             # The connection is gone, and the lock with it.
@@ -565,7 +594,7 @@ class AdvisoryLocks:
                 return False
             return failure
 
-        d = self._run(userId, _HELD, params)
+        d = self._run(userId, _HELD, params, "verifyLock")
         return d.addCallbacks(lambda rows: rows[0][0] == b"t", failed)
 
     def close(self):
