@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
 
+from mailgate import __version__
 from mailgate.errors import ShuttingDown
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
@@ -154,6 +155,10 @@ class Metrics:
         GCCollector(registry=registry)
 
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        # 1, labelled with the version: which nodes run which release, as
+        # an upgrade rolls through a cluster.
+        self._info = _Series(gauge, "mailgate_build_info", "The mailgate release running.", ["version"])
+        self._info.values = {__version__: 1}
         self._open = _Series(gauge, "mailgate_connections", "Connections open now.", ["protocol"], PROTOCOLS)
         self._sessions = _Series(counter, "mailgate_sessions", "Connections admitted.", ["protocol"], PROTOCOLS)
         self._refused = _Series(
@@ -201,7 +206,7 @@ class Metrics:
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
         registry.register(_ReactorSeries([
-            self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._info, self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._timeouts,
         ]))

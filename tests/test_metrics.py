@@ -29,6 +29,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from e2e import DEADLINE, postgresOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+import mailgate
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import ShuttingDown, TemporaryFailure
@@ -42,6 +43,7 @@ from pumped import PumpedReactor
 # The contract: name (as the exposition shows it, without _total for
 # counters' families), type, labels.
 CONTRACT = {
+    "mailgate_build_info": ("gauge", {"version"}),
     "mailgate_connections": ("gauge", {"protocol"}),
     "mailgate_sessions": ("counter", {"protocol"}),
     "mailgate_connections_refused": ("counter", {"protocol", "reason"}),
@@ -99,6 +101,10 @@ def test_smallLabelSetsStartAtZero():
     assert metrics.registry.get_sample_value("mailgate_deliveries_total", {"protocol": "smtp", "result": "tempfail"}) == 0
     assert metrics.registry.get_sample_value("mailgate_pop3_commands_total", {"command": "RETR"}) == 0
     assert metrics.registry.get_sample_value("mailgate_auth_cache_total", {"result": "hit"}) == 0
+
+
+def test_theReleaseRunningIsExported():
+    assert value(Metrics(), "mailgate_build_info", version=mailgate.__version__) == 1
 
 
 def test_eachServerHasItsOwnRegistry():
