@@ -281,3 +281,55 @@ def test_savedUidlsWinOverTheFormat(tmp_path):
         assert session.command("LIST").split("\r\n")[1:-2] == before[1]
     finally:
         store.close()
+
+
+#: A maildir file name as Dovecot makes it on a host with a long name:
+#: past RFC 1939's 70 octets, and served so by %f and %g.
+LONG_NAME = "{now}.M7P12345Q1R2345abcdef.mx-01.mailstore.eu-west-3.hosting-provider.example.com,S=23"
+
+
+@pytest.mark.parametrize("uidlFormat", ["%f", "%g", "%v.%u", "%v-%u", "%08Xv%08Xu", "%u", "%Mf"])
+def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat):
+    """
+    For each pop3_uidl_format of the README's list: the ids and sizes
+    mailgate serves after the move, from the files (before and after
+    Dovecot has seen them) and through Dovecot's POP3, are Dovecot's.
+    """
+    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.pop3 import importPOP3
+
+    server = PrivateDovecot(uidlFormat=uidlFormat)
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:3]:
+            server.deliver(ALICE, message)
+        name = LONG_NAME.format(now=int(time.time()))
+        with open(os.path.join(server.maildir(ALICE), "new", name), "wb") as f:
+            f.write(b"Subject: dropped\n\nbody\n")
+        server.own(server.maildir(ALICE))
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert len(uidl) == 4
+        imports = [
+            lambda store: importMaildir(store, files, ALICE, uidlFormat),
+            lambda store: importMaildir(store, server.maildir(ALICE), ALICE, uidlFormat),
+            lambda store: importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD),
+        ]
+        for how in imports:
+            store = memoryStore()
+            try:
+                addUser(store, ALICE, PASSWORD)
+                report = how(store)
+                assert (report.messages, report.failures) == (4, [])
+                session = POP3Session(store)
+                session.login(ALICE, PASSWORD)
+                assert session.command("UIDL").split("\r\n")[1:-2] == uidl
+                assert session.command("LIST").split("\r\n")[1:-2] == listing
+            finally:
+                store.close()
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
