@@ -261,3 +261,28 @@ def test_manyUsersShowTheirProgressAsTheyGo(tmp_path):
         assert lines[2].startswith("2 users: 6 messages imported (") and "not complete" not in lines[2]
     finally:
         server.stop()
+
+
+def test_aMaildirFileNamedTwiceIsNotDropped(store, tmp_path):
+    """
+    Two files of one base name, one in cur/ and one in new/ (a message
+    put back by hand, a crashed move): both are imported, the second
+    after the others, as Dovecot numbers it once it has renamed it; two
+    names of one file (a link) are one message.
+    """
+    import os
+
+    name = "1700000000.M1P1.h"
+    directory = writeMaildir(tmp_path / "Maildir", [
+        ("cur", name + ":2,S", b"Subject: first\n\nx\n"),
+        ("new", name, b"Subject: the other\n\ny\n"),
+        ("cur", "1700000001.M1P1.h:2,S", b"Subject: linked\n\nz\n"),
+    ])
+    os.link(tmp_path / "Maildir" / "cur" / "1700000001.M1P1.h:2,S", tmp_path / "Maildir" / "new" / "1700000001.M1P1.h")
+    lines = []
+    report = importMaildir(store, directory, ALICE, progress=lines.append)
+    assert (report.messages, report.failures) == (3, [])
+    assert lines == [f"{directory}/new/{name}: unique id {name} appears twice; imported as {name}-2"]
+    uidl, _, bodies = pop3(store)
+    assert uidl == [name, "1700000001.M1P1.h", name + "-2"]
+    assert bodies == [b"Subject: first\r\n\r\nx\r\n", b"Subject: linked\r\n\r\nz\r\n", b"Subject: the other\r\n\r\ny\r\n"]

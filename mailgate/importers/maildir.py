@@ -215,6 +215,7 @@ def listMaildir(directory, uidList=None):
     @raise ImportFailed: if C{directory} is not a maildir.
     """
     found = {}
+    twins = []
     for sub in ("cur", "new"):
         folder = os.path.join(directory, sub)
         try:
@@ -227,7 +228,12 @@ def listMaildir(directory, uidList=None):
             if not name.startswith("."):
                 # Whatever it is: a link or a FIFO is refused, and said
                 # so, when it is opened.
-                found.setdefault(baseName(name), os.path.join(folder, name))
+                path = os.path.join(folder, name)
+                base = baseName(name)
+                if base not in found:
+                    found[base] = path
+                elif not _sameFile(found[base], path):
+                    twins.append(path)
     if not found and not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
         raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
     listed, unlisted = [], []
@@ -239,6 +245,10 @@ def listMaildir(directory, uidList=None):
             unlisted.append(MaildirMessage(path, base, None))
     listed.sort(key=lambda m: m.uid)
     unlisted.sort(key=functools.cmp_to_key(lambda a, b: dovecotOrder(a.base, b.base)))
+    # Another file with a base name already seen (in cur/ and new/ both):
+    # Dovecot renames it and numbers it after the others; it comes last
+    # here too, its id renamed as a repeat's (never dropped).
+    unlisted += [MaildirMessage(path, baseName(os.path.basename(path)), None) for path in sorted(twins)]
     if uidList is not None:
         nextUid = max([uidList.nextUid] + [m.uid + 1 for m in listed])
         for offset, message in enumerate(unlisted):
@@ -248,6 +258,19 @@ def listMaildir(directory, uidList=None):
         # A POP3 order saved by the pop3-migration plugin comes first.
         messages.sort(key=lambda m: (0, int(m.fields["O"]), m.uid) if "O" in m.fields else (1, 0, m.uid))
     return messages
+
+
+def _sameFile(path1, path2):
+    """
+    Whether two names are links to one file (a delivery that links the
+    file into place and crashed before removing the old name): one
+    message, not two.
+    """
+    try:
+        one, two = os.lstat(path1), os.lstat(path2)
+    except OSError:
+        return False
+    return (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
 
 
 # -- pop3_uidl_format -----------------------------------------------------------
