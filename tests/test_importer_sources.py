@@ -286,3 +286,28 @@ def test_aMaildirFileNamedTwiceIsNotDropped(store, tmp_path):
     uidl, _, bodies = pop3(store)
     assert uidl == [name, "1700000001.M1P1.h", name + "-2"]
     assert bodies == [b"Subject: first\r\n\r\nx\r\n", b"Subject: linked\r\n\r\nz\r\n", b"Subject: the other\r\n\r\ny\r\n"]
+
+
+def test_aLaterRunDoesNotBringBackWhatUsersDeletedWhileItIsKept(store, source):
+    """
+    The final run of a move, after the switch, for what reached the old
+    server meanwhile: with deleted mail kept (--keep-deleted-days, as the
+    README advises while moving), what a user deleted in mailgate since
+    the first run is skipped, not imported again (its client would
+    download it once more).
+    """
+    from mailgate.store.lifecycle import StoreLimits
+
+    store.limits = StoreLimits(keepDeletedDays=30)
+    server = source(threeMessages())
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    assert session.command("DELE 1").startswith("+OK")
+    session.command("QUIT")
+    server.messages[4] = ("U4", message(4))
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.skipped, report.failures) == (1, 3, [])
+    assert pop3(store)[0] == ["U2", "U3", "U4"]
