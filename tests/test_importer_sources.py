@@ -311,3 +311,15 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedWhileItIsKept(store, source):
     report = importPOP3(store, server.url, ALICE, PASSWORD)
     assert (report.messages, report.skipped, report.failures) == (1, 3, [])
     assert pop3(store)[0] == ["U2", "U3", "U4"]
+
+
+def test_aWrongPasswordIsNotTriedAgainWithAPOP(oldServer, store):
+    """
+    A refused PASS that says nothing of APOP is a wrong password: trying
+    it again with APOP would count twice against the source's limits.
+    """
+    server = oldServer(loginRefusal=b"-ERR [AUTH] invalid credentials")
+    server.greeting = f"+OK POP3 server ready {server.stamp}".encode()
+    with pytest.raises(ImportFailed):
+        importPOP3(store, server.url, ALICE, PASSWORD)
+    assert not hasattr(server, "apopAnswered")

@@ -361,21 +361,25 @@ class POP3Client:
 
     def login(self, user, password):
         """
-        USER and PASS; if they are refused and the greeting has an APOP
-        timestamp, APOP (RFC 1939 section 7): a server may keep APOP users
-        from logging in any other way.
+        USER and PASS; if the greeting has an APOP timestamp and USER is
+        refused, or PASS with a word of APOP, APOP (RFC 1939 section 7): a
+        server may keep APOP users from logging in any other way.  (Not
+        after any refused PASS: a wrong password would count twice
+        against the source's limits.)
 
         @raise SourceBusy: for a refusal that says it passes.
         @raise POP3Refused: for any other.
         """
+        passRefused = False
         try:
             self.command(f"USER {user}", "the user name")
+            passRefused = True
             self.command(f"PASS {password}", "the login")
             return
         except POP3Refused as e:
             refusal = _temporary(e)
         stamp = _APOP_TIMESTAMP.search(self.greeting)
-        if stamp is None or isinstance(refusal, SourceBusy):
+        if stamp is None or isinstance(refusal, SourceBusy) or (passRefused and "APOP" not in str(refusal).upper()):
             raise refusal
         digest = hashlib.md5((stamp.group(0) + password).encode("utf-8")).hexdigest()
         try:
