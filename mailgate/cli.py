@@ -462,6 +462,9 @@ def _importMaildir(store, args, out, stdin):
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
     _importReport(report, out, args.stderr)
+    if report.interrupted:
+        # The database, not the maildir: the run can simply be repeated.
+        raise CommandError("the import was interrupted; run it again to finish", EX_TEMPFAIL)
     if report.failures:
         raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
 

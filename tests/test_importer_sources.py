@@ -323,3 +323,45 @@ def test_aWrongPasswordIsNotTriedAgainWithAPOP(oldServer, store):
     with pytest.raises(ImportFailed):
         importPOP3(store, server.url, ALICE, PASSWORD)
     assert not hasattr(server, "apopAnswered")
+
+
+def test_anImportTheDatabaseInterruptedIsATemporaryFailure(databaseURL, store, tmp_path, monkeypatch):
+    """
+    import maildir: a batch the database fails to write (a PostgreSQL
+    restart, a full disk) is a temporary failure, 75, like import pop3's,
+    not 65, which says the maildir holds messages that cannot be taken;
+    the next run finishes it.
+    """
+    import mailgate.cli
+    from twisted.internet import defer
+
+    from mailgate.errors import TemporaryFailure
+    from mailgate.importers import BatchWriter
+
+    monkeypatch.setattr(BatchWriter, "maxMessages", 2)
+    messages = [("new", f"17000000{n:02d}.M1P1.h", b"Subject: %d\n\nx\n" % n) for n in range(5)]
+    directory = writeMaildir(tmp_path / "Maildir", messages)
+    opened = []
+    realOpen = mailgate.cli.openSynchronousStore
+
+    def failingSecondBatch(url, **kwargs):
+        target_ = realOpen(url, **kwargs)
+        write = target_.importMessages
+
+        def importMessages(address, items):
+            opened.append(len(items))
+            if len(opened) == 2:
+                return defer.fail(TemporaryFailure("the database went away"))
+            return write(address, items)
+
+        target_.importMessages = importMessages
+        return target_
+
+    monkeypatch.setattr(mailgate.cli, "openSynchronousStore", failingSecondBatch)
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    assert code == 75, (out, err)
+    assert "the database went away" in err and err.endswith("the import was interrupted; run it again to finish\n")
+    monkeypatch.undo()
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    assert (code, err) == (0, "")
+    assert out.startswith("3 messages imported") and "2 skipped as already present" in out

@@ -96,18 +96,22 @@ class ImportReport:
     @ivar skipped: messages already present (an earlier run imported them).
     @ivar failures: one line per message (or user) that could not be
         imported.
+    @ivar interrupted: whether writing to the store failed, which stopped
+        the import (a temporary failure: running it again finishes it).
     """
 
     messages = attr.ib(default=0)
     octets = attr.ib(default=0)
     skipped = attr.ib(default=0)
     failures = attr.ib(factory=list)
+    interrupted = attr.ib(default=False)
 
     def add(self, other):
         self.messages += other.messages
         self.octets += other.octets
         self.skipped += other.skipped
         self.failures += other.failures
+        self.interrupted = self.interrupted or other.interrupted
 
     def summary(self):
         text = f"{self.messages} messages imported ({self.octets} octets), {self.skipped} skipped as already present"
