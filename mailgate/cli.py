@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import select
 import sys
 import time
 
@@ -75,6 +76,9 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+#: What a shell reports for a command killed by SIGPIPE (C{ls | head}):
+#: the reader of standard output went away before the command was done.
+EXIT_READER_GONE = 128 + 13
 
 
 class CommandError(Exception):
@@ -1239,6 +1243,8 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # empty database and report no users.
             store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
         args.run(store, args, stdout, stdin)
+        # Here rather than at exit, so that a reader gone is seen below.
+        stdout.flush()
         return EX_OK
     except CommandError as e:
         stderr.write(f"mailgate: {e}\n")
@@ -1261,6 +1267,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         stderr.write("mailgate: interrupted\n")
         return 130
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _readerGone(stdout):
+            # mailgate mailbox list ... | head: nothing failed.  deliver
+            # writes only once the message is stored: a retry would store
+            # it twice.
+            return EX_OK if delivering else EXIT_READER_GONE
         stderr.write(f"mailgate: internal error: {e.__class__.__name__}: {e}\n")
         return EX_TEMPFAIL if delivering else EX_SOFTWARE
     finally:
@@ -1268,5 +1279,26 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             store.close()
 
 
+def _readerGone(stream):
+    """
+    Whether C{stream} is a pipe (or socket) that nothing reads any more,
+    rather than some other part of the command having met a broken pipe.
+    (Asked of the descriptor: what failed to be written may be gone from
+    the stream's buffer, so flushing it again can succeed.)
+    """
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except Exception:
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
 def main():
-    sys.exit(run(sys.argv[1:]))
+    status = run(sys.argv[1:])
+    if _readerGone(sys.stdout):
+        # The interpreter flushes standard output once more on exit, and
+        # would report the broken pipe as an exception ignored.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(status)

@@ -672,6 +672,58 @@ def test_consoleScript(tmp_path):
     ]
 
 
+def test_aReaderThatGoesAwayIsNotAnError(tmp_path):
+    """
+    C{mailgate user list | head -1}: a reader that stops reading (here one
+    gone before anything was written) ends the command quietly with the
+    status a shell reports for C{ls | head} (128 + SIGPIPE), not with
+    C{internal error: BrokenPipeError} and 70 as if mailgate had failed;
+    C{deliver}, whose message is stored by then, exits 0 (not 75: retried,
+    it would be stored twice).
+    """
+    script = Path(sys.executable).parent / "mailgate"
+    assert script.exists(), f"{script} is missing: run `make install`"
+    url = f"sqlite:///{tmp_path / 'pipe.sqlite3'}"
+    assert run(["--database", url, "user", "add", ALICE, "--password-stdin"], stdin=io.StringIO(PASSWORD + "\n"),
+               stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # Buffered (the error comes at exit) and unbuffered (at the first write).
+    for env in (environ, {**environ, "PYTHONUNBUFFERED": "1"}):
+        for command in (["user", "list"], ["who"], ["mailbox", "list", ALICE]):
+            readEnd, writeEnd = os.pipe()
+            os.close(readEnd)
+            try:
+                listed = subprocess.run(
+                    [str(script), "--database", url, *command],
+                    stdout=writeEnd,
+                    stderr=subprocess.PIPE,
+                    cwd=tmp_path,
+                    env=env,
+                    timeout=120,
+                )
+            finally:
+                os.close(writeEnd)
+            assert (listed.returncode, listed.stderr) == (141, b""), (command, env.get("PYTHONUNBUFFERED"))
+        # deliver reports only once the message is stored: 0, or the MTA
+        # would deliver it again.
+        readEnd, writeEnd = os.pipe()
+        os.close(readEnd)
+        try:
+            delivered = subprocess.run(
+                [str(script), "--database", url, "deliver", ALICE],
+                input=b"Subject: piped\n\nonce\n",
+                stdout=writeEnd,
+                stderr=subprocess.PIPE,
+                cwd=tmp_path,
+                env=env,
+                timeout=120,
+            )
+        finally:
+            os.close(writeEnd)
+        assert (delivered.returncode, delivered.stderr) == (0, b""), env.get("PYTHONUNBUFFERED")
+    assert len(CLI(tmp_path / "pipe.sqlite3").messages(ALICE)) == 2
+
+
 def test_deliverWithSenderAddsTraceFields(tmp_path):
     """
     With -f, a local delivery gets the Return-Path: and Received: fields an
