@@ -63,7 +63,7 @@ def test_overlongAndIllegalIdsAreStillFailures(store, source):
 
 def test_anIdWithSpacesIsImportedUnderItsFirstWord(store, source):
     server = source(threeMessages())
-    server.uidlLines = [b"1 U1 extra words", b"2 U2", b"3  U3\t"]
+    server.uidlLines = [b"1 U1 extra words", b"2\tU2", b"3  U3\t"]
     warnings = []
     report = importPOP3(store, server.url, ALICE, PASSWORD, warn=warnings.append)
     assert (report.messages, report.failures) == (3, [])

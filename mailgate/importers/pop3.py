@@ -409,10 +409,11 @@ class POP3Client:
         # Read to the end first: a refusal must not leave the rest of the
         # listing to be taken for the next response.
         for line in list(self._lines()):
-            number, _, uidl = line.decode("utf-8", "replace").strip().partition(" ")
+            number, *rest = line.decode("utf-8", "replace").split(None, 1) or [""]
             if not number.isdigit():
                 raise POP3Failed(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
             number = int(number)
+            uidl = rest[0] if rest else ""
             if number in numbers:
                 # Which of its ids would be the message's?  Importing it
                 # under both would store it twice.
