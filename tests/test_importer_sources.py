@@ -80,13 +80,14 @@ class OldServer(ScriptedPOP3):
     """
 
     refuseUIDL = False
+    uidlRefusal = b"-ERR unknown command"
     loginRefusal = None
     apopOnly = False
     stamp = "<1896.697170952@dbc.mtview.ca.us>"
 
     def _answer(self, verb, argument, marked):
         if verb == "UIDL" and self.refuseUIDL:
-            return b"-ERR unknown command\r\n"
+            return self.uidlRefusal + b"\r\n"
         if self.apopOnly and verb in ("USER", "PASS"):
             return b"-ERR [AUTH] this user logs in with APOP only\r\n"
         if verb == "APOP":
@@ -365,3 +366,18 @@ def test_anImportTheDatabaseInterruptedIsATemporaryFailure(databaseURL, store, t
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
     assert (code, err) == (0, "")
     assert out.startswith("3 messages imported") and "2 skipped as already present" in out
+
+
+def test_aUIDLThatFailsIsNotAMissingUIDL(oldServer, store, tmp_path):
+    """
+    Dovecot answers UIDL with C{-ERR [SYS/TEMP]} when it cannot read the
+    maildrop (a broken size in a file name does it): the server has UIDL,
+    so the import is a temporary failure to run again, not a refusal
+    saying the server has none.
+    """
+    server = oldServer(refuseUIDL=True, uidlRefusal=b"-ERR [SYS/TEMP] Internal error occurred.")
+    url, target_ = target(tmp_path, (ALICE, PASSWORD))
+    target_.close()
+    code, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 75, (out, err)
+    assert "refused UIDL: -ERR [SYS/TEMP] Internal error occurred." in err and "without UIDL" not in err

@@ -395,11 +395,16 @@ class POP3Client:
         C{[(number, unique id)]} from UIDL, the id as the line has it after
         the number (even empty, or with spaces: L{_importable} judges it).
 
-        @raise NoUniqueIds: if the server has no UIDL.
+        @raise NoUniqueIds: if the server has no UIDL (a refusal without
+            a response code).
         """
         try:
             self.command("UIDL")
         except POP3Refused as e:
+            if "-ERR [" in str(e):
+                # A response code ([SYS/TEMP]: Dovecot's, when it cannot
+                # read the maildrop): the server has UIDL, but failed.
+                raise
             raise NoUniqueIds(
                 f"{e}: without UIDL the messages have no unique ids to keep (new ones would make "
                 f"every leave-on-server client download them all again); nothing was imported"
