@@ -625,9 +625,11 @@ def _kick(store, args, out, stdin):
             raise CommandError(f"{address} has no POP3 session in progress", 1)
         time.sleep(0.25)
     # The node serving the session looks for the mark about once a second.
+    # Only the marked sessions are waited for: a client that logs in again
+    # at once (they do) has a new session, which was not asked to end.
     deadline = time.monotonic() + wait
     while True:
-        if not _result(store.listSessions(address)):
+        if not _result(store.listSessions(address, kicked=True)):
             out.write(f"ended the POP3 session of {address}; nothing it deleted was removed\n")
             return
         if time.monotonic() >= deadline:

@@ -416,10 +416,12 @@ class ILifecycleStore(Interface):
         @return: a L{Deferred} of C{(restored, missing)}.
         """
 
-    def listSessions(address=None):
+    def listSessions(address=None, kicked=False):
         """
-        The POP3 sessions in progress on every live node: a L{Deferred}
-        list of L{mailgate.records.SessionInfo}.
+        The POP3 sessions in progress on every live node (of C{address}
+        only, if given; with C{kicked}, only those L{kickSessions} marked
+        and not yet ended): a L{Deferred} list of
+        L{mailgate.records.SessionInfo}.
         """
 
     def kickSessions(address):

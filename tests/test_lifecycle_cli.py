@@ -263,6 +263,43 @@ def test_kickFindsASessionThatJustLoggedIn(cli, store, monkeypatch):
     assert result.err == f"mailgate: asked the node to end the POP3 session of {BOB}; it has not ended yet\n"
 
 
+def test_kickEndsWhenItsSessionDidThoughTheClientIsBack(cli, store, monkeypatch):
+    """
+    A mail client that is kicked out often logs in again at once: kick
+    waits for the session it marked to end, not for the user to have no
+    session at all, and says it ended it (before, it waited out --wait
+    and failed with 75, "it has not ended yet", and the client's new
+    session looked like the one it had failed to end).
+    """
+    from mailgate import cli as command
+    from mailgate.testing import POP3Session
+
+    kicked = POP3Session(store)
+    assert kicked.login(BOB, "builder").startswith("+OK")
+    resultOf(store.sessions.flush())
+    sleep = command.time.sleep
+    back = []
+
+    def nodeTurns(seconds):
+        if not back:
+            # The node ends the marked session; the client logs in again.
+            assert resultOf(store.sessions.poll()) == 1
+            assert kicked.disconnected
+            back.append(POP3Session(store))
+            assert back[0].login(BOB, "builder").startswith("+OK")
+            resultOf(store.sessions.flush())
+        sleep(seconds)
+
+    monkeypatch.setattr(command.time, "sleep", nodeTurns)
+    result = cli("kick", BOB, "--wait", "3")
+    assert (result.code, result.out) == (0, f"ended the POP3 session of {BOB}; nothing it deleted was removed\n"), result
+    assert back
+    # The new session is left alone.
+    assert len(resultOf(store.listSessions(BOB))) == 1
+    assert resultOf(store.sessions.poll()) == 0
+    assert back[0].command("STAT").startswith("+OK")
+
+
 # -- numbers out of range -----------------------------------------------------------------
 
 HUGE = "99999999999999999999"

@@ -801,13 +801,13 @@ class LifecycleStore:
             sessions = self.__dict__["_sessions"] = SessionRegistry(self)
         return sessions
 
-    def listSessions(self, address=None):
+    def listSessions(self, address=None, kicked=False):
         """
         The POP3 sessions in progress on every live node (of C{address}
-        only, if given): a L{Deferred} list of
-        L{mailgate.records.SessionInfo}, oldest first.
+        only, if given; with C{kicked}, only those a kick marked): a
+        L{Deferred} list of L{mailgate.records.SessionInfo}, oldest first.
         """
-        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address)
+        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address, kicked)
 
     def kickSessions(self, address):
         """

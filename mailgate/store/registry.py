@@ -92,12 +92,14 @@ def _kicked(cursor, nodeId):
     return [row[0] for row in cursor.fetchall()]
 
 
-def _sessions(cursor, aliveSince, address=None):
+def _sessions(cursor, aliveSince, address=None, kicked=False):
     where = "WHERE n.seen_at >= ?"
     params = [aliveSince]
     if address is not None:
         where += " AND u.address = ?"
         params.append(address)
+    if kicked:
+        where += " AND s.kick_at IS NOT NULL"
     cursor.execute(
         "SELECT u.address, n.name, s.peer, s.since FROM pop3_sessions s "
         "JOIN users u ON u.user_id = s.user_id JOIN mailgate_nodes n ON n.node_id = s.node_id "
