@@ -461,7 +461,7 @@ def _importMaildir(store, args, out, stdin):
     try:
         report = importMaildir(
             store, args.directory, address, args.uidl_format, int(time.time()),
-            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"),
+            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"), uidListPath=args.uidlist,
         )
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
@@ -1085,6 +1085,12 @@ def buildParser():
         help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
         "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
         "a dovecot-uidlist)",
+    )
+    imaildir.add_argument(
+        "--uidlist",
+        metavar="FILE",
+        help="the maildir's dovecot-uidlist, where Dovecot keeps it outside the maildir (CONTROL= in "
+        "mail_location, e.g. ~/control/.INBOX/dovecot-uidlist; default: DIR/dovecot-uidlist)",
     )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(

@@ -333,3 +333,41 @@ def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat):
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
+
+
+def test_aUidListDovecotKeepsElsewhere(tmp_path):
+    """
+    mail_location with CONTROL= keeps dovecot-uidlist out of the maildir
+    (its index stays in it): import maildir refuses to guess file-name
+    ids, which would all differ from the ones Dovecot served, and with
+    --uidlist serves Dovecot's.
+    """
+    server = PrivateDovecot(extra="mail_location = maildir:~/Maildir:CONTROL=~/control")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:3]:
+            server.deliver(ALICE, message)
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        uidList = os.path.join(os.path.dirname(server.maildir(ALICE)), "control", ".INBOX", "dovecot-uidlist")
+        assert not os.path.exists(os.path.join(files, "dovecot-uidlist")) and os.path.exists(uidList)
+        assert server.errorsLogged() == []
+        database = newDatabase(tmp_path, "target.sqlite3")
+        code, out, err = cli(database, "import", "maildir", files, ALICE)
+        assert code == 66, (out, err)
+        assert "has Dovecot's index (dovecot.index" in err and "give it with --uidlist" in err
+        code, out, err = cli(database, "import", "maildir", files, ALICE, "--uidlist", uidList)
+        assert (code, err) == (0, ""), out
+    finally:
+        server.cleanup()
+    store = memoryStore(database)
+    try:
+        session = POP3Session(store)
+        session.login(ALICE, PASSWORD)
+        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
+        assert session.command("LIST").split("\r\n")[1:-2] == listing
+    finally:
+        store.close()

@@ -281,7 +281,7 @@ def test_aMaildirFileNamedTwiceIsNotDropped(store, tmp_path):
     ])
     os.link(tmp_path / "Maildir" / "cur" / "1700000001.M1P1.h:2,S", tmp_path / "Maildir" / "new" / "1700000001.M1P1.h")
     lines = []
-    report = importMaildir(store, directory, ALICE, progress=lines.append)
+    report = importMaildir(store, directory, ALICE, "%f", progress=lines.append)
     assert (report.messages, report.failures) == (3, [])
     assert lines == [f"{directory}/new/{name}: unique id {name} appears twice; imported as {name}-2"]
     uidl, _, bodies = pop3(store)
@@ -359,11 +359,11 @@ def test_anImportTheDatabaseInterruptedIsATemporaryFailure(databaseURL, store, t
         return target_
 
     monkeypatch.setattr(mailgate.cli, "openSynchronousStore", failingSecondBatch)
-    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
     assert code == 75, (out, err)
     assert "the database went away" in err and err.endswith("the import was interrupted; run it again to finish\n")
     monkeypatch.undo()
-    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
     assert (code, err) == (0, "")
     assert out.startswith("3 messages imported") and "2 skipped as already present" in out
 
@@ -381,3 +381,21 @@ def test_aUIDLThatFailsIsNotAMissingUIDL(oldServer, store, tmp_path):
     code, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
     assert code == 75, (out, err)
     assert "refused UIDL: -ERR [SYS/TEMP] Internal error occurred." in err and "without UIDL" not in err
+
+
+def test_aMaildirWithoutUidListSaysWhichIdsItGets(databaseURL, store, tmp_path):
+    """
+    A maildir without dovecot-uidlist (nor Dovecot's index) is imported
+    with file-name ids, and the command says so, naming --uidlist for a
+    uid list kept elsewhere; a --uidlist that is not there is refused.
+    """
+    directory = writeMaildir(tmp_path / "Maildir", [("cur", "1700000000.M1P1.h:2,S", b"Subject: x\n\ny\n")])
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
+    assert code == 0 and out.startswith("1 messages imported")
+    assert err == (
+        f"mailgate: {directory} has no dovecot-uidlist: the unique ids are the file names (%f); if Dovecot "
+        f"keeps its dovecot-uidlist elsewhere (CONTROL= in mail_location), give it with --uidlist\n"
+    )
+    missing = str(tmp_path / "control" / "dovecot-uidlist")
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidlist", missing)
+    assert (code, err) == (66, f"mailgate: no such file: {missing}\n")

@@ -416,13 +416,16 @@ def _arrival(message, source, now):
     return now
 
 
-def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None):
+def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
 
     @param uidlFormat: Dovecot's C{pop3_uidl_format} for the maildir;
         default C{%08Xu%08Xv}, or C{%f} without a C{dovecot-uidlist}.
+    @param uidListPath: the maildir's C{dovecot-uidlist} where Dovecot
+        keeps it elsewhere (C{CONTROL=} in C{mail_location}); default:
+        the one in C{directory}.
     @param now: the time (default: the clock's), for messages without a
         plausible arrival time.
     @param progress: called with a line of text now and then.
@@ -431,7 +434,11 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         needs what it has not (uids without a uid list).
     """
     now = int(time.time()) if now is None else now
-    uidList = readUidList(os.path.join(directory, UIDLIST))
+    uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
+    if uidListPath is not None and uidList is None:
+        raise ImportFailed(f"no such file: {uidListPath}")
+    if uidList is None and uidlFormat is None:
+        _noUidList(directory, progress)
     if uidlFormat is None:
         uidlFormat = DEFAULT_FORMAT if uidList is not None else FILENAME_FORMAT
     if uidList is None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
@@ -453,6 +460,35 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         )
         report.interrupted = True
     return report
+
+
+#: Files of Dovecot's index, in a maildir it has served (unless INDEX=
+#: puts them elsewhere too).
+_DOVECOT_INDEX = ("dovecot.index", "dovecot.index.log", "dovecot.index.cache")
+
+
+def _noUidList(directory, progress):
+    """
+    A maildir without C{dovecot-uidlist}, and no format given: its ids
+    will be the file names.  Where Dovecot's index shows that Dovecot has
+    served it, its uid list is elsewhere (C{CONTROL=}), and file names
+    would be other ids than the ones it served (every leave-on-server
+    client would download everything again): refused.
+
+    @raise ImportFailed: if Dovecot's index is there.
+    """
+    index = [name for name in _DOVECOT_INDEX if os.path.exists(os.path.join(directory, name))]
+    if index:
+        raise ImportFailed(
+            f"{directory} has Dovecot's index ({index[0]}) but no {UIDLIST}: Dovecot keeps that elsewhere "
+            f"(CONTROL= in mail_location, e.g. ~/control/.INBOX/{UIDLIST}); give it with --uidlist (or, "
+            f"if Dovecot serves file names, --uidl-format %f)"
+        )
+    if progress is not None:
+        progress(
+            f"{directory} has no {UIDLIST}: the unique ids are the file names (%f); if Dovecot keeps its "
+            f"{UIDLIST} elsewhere (CONTROL= in mail_location), give it with --uidlist"
+        )
 
 
 def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress):
