@@ -371,3 +371,26 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
         assert session.command("LIST").split("\r\n")[1:-2] == listing
     finally:
         store.close()
+
+
+def test_aMaildropAnotherClientHoldsIsATemporaryFailure(tmp_path):
+    """
+    Dovecot with pop3_lock_session answers -ERR [IN-USE] while a client
+    polls: import pop3 says to run it again later, and exits 75.
+    """
+    server = PrivateDovecot(extra="pop3_lock_session = yes")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        server.deliver(ALICE, lmtpMessages()[0])
+        holder = server.pop3(ALICE, PASSWORD)
+        try:
+            database = newDatabase(tmp_path, "target.sqlite3")
+            source = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
+            code, out, err = cli(database, "import", "pop3", source, ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")
+        finally:
+            holder.quit()
+        assert code == 75, (out, err)
+        assert "-ERR [IN-USE]" in err and "run the import again later" in err
+    finally:
+        server.cleanup()
