@@ -77,3 +77,27 @@ def test_aLockFileLeftWithAWiderModeIsNarrowed(tmp_path, permissiveUmask):
         assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
     finally:
         engine.releaseServer()
+
+
+def test_theWriteAheadLogShrinksBackAfterABigMessage(tmp_path):
+    """
+    The WAL grows to hold a big message's transaction; once checkpointed,
+    the next write truncates it to the limit instead of keeping the space
+    for good (a 50 MB message would otherwise leave a 50 MB WAL beside the
+    database for the life of the server).
+    """
+    from mailgate.store.sqlite import WAL_SIZE_LIMIT
+
+    dbpath = tmp_path / "mail.sqlite3"
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (2 * WAL_SIZE_LIMIT // 1000)
+        deliver(store, ["alice@example.org"], big)
+        grown = os.path.getsize(f"{dbpath}-wal")
+        assert grown > WAL_SIZE_LIMIT
+        for n in range(3):
+            deliver(store, ["alice@example.org"], b"Subject: small %d\r\n\r\nbody\r\n" % n)
+        assert os.path.getsize(f"{dbpath}-wal") <= WAL_SIZE_LIMIT
+    finally:
+        store.close()

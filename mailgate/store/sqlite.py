@@ -53,6 +53,11 @@ def createPrivately(path):
 # chunks span many overflow pages, each otherwise a system call and a copy.
 MMAP_SIZE = 256 * 1024 * 1024
 
+# The size the write-ahead log is truncated to once checkpointed (SQLite's
+# journal_size_limit): room for a busy moment's small messages, not for the
+# largest message ever received.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
 
 @implementer(IEngine)
 class SQLiteEngine:
@@ -112,6 +117,11 @@ class SQLiteEngine:
             if mode.lower() != "wal":
                 raise ConfigurationError(f"{self.path}: cannot switch to WAL mode")
         conn.execute("PRAGMA synchronous = FULL")
+        # A checkpointed WAL is reused from its start, not shrunk: without a
+        # limit it stays as large as the largest burst ever written (a 50 MB
+        # message: at least 50 MB on disk for good).  Past the limit it is
+        # truncated to it when reused.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
         if self.path == ":memory:":
