@@ -7,8 +7,9 @@ happens when a lock connection is lost.
 
 import psycopg
 import pytest
+from twisted.python.failure import Failure
 
-from mailgate.errors import CredentialsChanged, MaildropInUse
+from mailgate.errors import CredentialsChanged, MaildropInUse, TemporaryFailure
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks, _key
 from mailgate.testing import addUser, deliver, memoryStore, resultOf
@@ -174,6 +175,53 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     assert reactor.wait(locks.acquire(alice)) == alice
     assert lockHolders(url) != [pid]
     reactor.wait(locks.release(alice))
+
+
+def backendGone(url, pid):
+    with psycopg.connect(url, autocommit=True) as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0
+
+
+def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
+    """
+    The lock connection's backend was ended (an administrator, a database
+    restart) and the node has not noticed yet: the next login's lock
+    statement fails with the connection.  The lock, if it was taken, went
+    with the old connection, so the login runs once more on a fresh one
+    and the client gets in instead of -ERR [SYS/TEMP].
+    """
+    locks, reactor, ids, url = node
+    alice = ids[0]
+    reactor.wait(locks.acquireAndSnapshot(alice, None))
+    reactor.wait(locks.release(alice))
+    [slot] = openConnections(locks)
+    pid = slot.connection.backendPid
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    # Gone at the server; the reactor has not turned since, so the node
+    # has not seen the connection close.
+    deadline = 100
+    while not backendGone(url, pid):
+        deadline -= 1
+        assert deadline, "the backend did not end"
+    assert slot.connection.connected
+    result = reactor.wait(locks.acquireAndSnapshot(alice, None))
+    assert not isinstance(result, Failure), result
+    assert slot.connection.backendPid != pid
+    assert lockHolders(url) == [slot.connection.backendPid]
+    assert reactor.wait(locks.verify(alice)) is True
+    reactor.wait(locks.release(alice))
+    assert lockHolders(url) == []
+    # Lost again with a second chance used: the failure reaches the login.
+    pid = slot.connection.backendPid
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = 100
+    while not backendGone(url, pid):
+        deadline -= 1
+        assert deadline, "the backend did not end"
+    failure = reactor.wait(locks.acquireAndSnapshot(alice, None, again=False))
+    assert failure.check(TemporaryFailure)
 
 
 class RecordingReactor(IteratedReactor):

@@ -525,13 +525,23 @@ class AdvisoryLocks:
 
         return d.addCallbacks(done, failed)
 
-    def acquireAndSnapshot(self, userId, passwordHash, address=None):
+    def acquireAndSnapshot(self, userId, passwordHash, address=None, again=True):
         """
         Take the lock and, with it held, read the maildrop's snapshot on
         the same connection: a POP3 login costs two short trips.  See
         L{IMaildropLocks.acquireAndSnapshot}.
+
+        If the lock connection turns out lost while they run (the server
+        ended its backend, or restarted, and the node had not noticed yet),
+        they run once more on a fresh connection: the lock, if taken, went
+        with the old one, so nothing is held twice.
+
+        @param again: whether to run once more after such a loss.
         """
         d = self.acquire(userId)
+        route = self._routes.get(userId)
+        connection = route[0].connection if route is not None else None
+        generation = connection.connections if connection is not None else None
 
         def snapshot(_):
             read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")], "readSnapshot")
@@ -541,7 +551,17 @@ class AdvisoryLocks:
             self.release(userId)
             return failure
 
-        return d.addCallback(snapshot)
+        def lostConnection(failure):
+            failure.trap(TemporaryFailure)
+            if not again or connection is None or connection.connected and connection.connections == generation:
+                return failure
+            self.log.info(
+                "maildrop lock connection lost during a login ({reason}); trying again on a fresh one",
+                reason=failure.value,
+            )
+            return self.acquireAndSnapshot(userId, passwordHash, address, again=False)
+
+        return d.addCallback(snapshot).addErrback(lostConnection)
 
     def release(self, userId):
         """
