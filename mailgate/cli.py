@@ -541,9 +541,11 @@ def _importPOP3(store, args, out, stdin):
             _importTarget(store, address)
             if password is None:
                 password = _readPassword(args, stdin, confirm=False)
+            # With --users, a warning names its user, as the failures do.
+            who = f"{address}: " if args.users is not None else ""
             report = importPOP3(
                 store, args.url, address, password, insecure=args.insecure, delete=args.delete,
-                warn=lambda line: args.stderr.write(f"mailgate: {line}\n"), maxSize=maxSize,
+                warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{line}\n"), maxSize=maxSize,
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:

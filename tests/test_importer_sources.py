@@ -399,3 +399,22 @@ def test_aMaildirWithoutUidListSaysWhichIdsItGets(databaseURL, store, tmp_path):
     missing = str(tmp_path / "control" / "dovecot-uidlist")
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidlist", missing)
     assert (code, err) == (66, f"mailgate: no such file: {missing}\n")
+
+
+def test_manyUsersWarningsNameTheirUser(source, tmp_path):
+    """
+    import pop3 --users: a warning (an id renamed, an id cut at a space)
+    names the user it is about, as a failure does; out of fifty users, a
+    bare "message 2: ..." says nothing of whose message.
+    """
+    bob = "bob@example.org"
+    server = source(threeMessages(("X", "X", "U3")))
+    url, target_ = target(tmp_path, (ALICE, PASSWORD), (bob, PASSWORD))
+    target_.close()
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} {PASSWORD}\n{bob} {PASSWORD}\n")
+    code, out, err = cli(url, "import", "pop3", f"pop3://127.0.0.1:{server.port}", "--users", str(users))
+    assert code == 0, (out, err)
+    assert err.splitlines() == [
+        f"mailgate: {who}: message 2: unique id X appears twice; imported as X-2" for who in (ALICE, bob)
+    ]
