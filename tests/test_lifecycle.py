@@ -1159,3 +1159,121 @@ def test_registryServiceWritesAndKicks(store):
     from test_store import query
 
     assert query(store, "SELECT count(*) FROM mailgate_nodes") == [(0,)]
+
+
+# -- races between the lifecycle's writers (PostgreSQL: several processes) -----
+
+
+def _whileBlocked(url, work, blocker):
+    """
+    Run C{work()} on a thread until one of its statements waits for a
+    lock that C{blocker} (a transaction begun and not yet
+    committed, on a connection of its own) holds; then commit C{blocker}
+    and return C{work}'s result once it has finished.  The interleaving
+    is forced by PostgreSQL's row locks, not by timing.
+    """
+    import threading
+    import time
+
+    import psycopg
+
+    from mailgate.store.postgres import _conninfo
+
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(work()), daemon=True)
+    with psycopg.connect(_conninfo(url), autocommit=True) as watcher:
+        thread.start()
+        deadline = time.monotonic() + 20
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        while watcher.execute(waiting).fetchone()[0] == 0:
+            assert thread.is_alive() and time.monotonic() < deadline, "the work never waited for the lock"
+            time.sleep(0.01)
+    blocker.commit()
+    thread.join(20)
+    assert not thread.is_alive() and outcome, "the work did not finish"
+    return outcome[0]
+
+
+def _readable(store, address, password):
+    """
+    What a POP3 client of C{address} finds: for each message, whether
+    RETR gives it (C{+OK}), and the messages STAT counts against the
+    octets the quota counts.
+    """
+    session = POP3Session(store)
+    assert session.login(address, password).startswith("+OK")
+    count = int(session.command("STAT").split()[1])
+    retrieved = [session.command(f"RETR {n}").startswith("+OK") for n in range(1, count + 1)]
+    session.command("QUIT")
+    return retrieved
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aRestoreRacingThePurgeOfTheSameMessageBringsBackNothingThePurgeRemoved(store, databaseURL):
+    """
+    C{mailgate mailbox restore} runs while the retention task purges the
+    same kept message on another node: the purge commits between the
+    restore's reading of the kept rows and its removal of them.  The
+    restore then must not put back a message whose body reference the
+    purge already let go: with a body shared with Bob, that reference
+    was counted once for two copies, and when Bob deleted his, Alice's
+    restored copy was left pointing at a body that was gone (RETR -ERR
+    for good, its octets in her quota).
+    """
+    from mailgate.store.lifecycle import _purgeDeleted
+
+    store.limits.keepDeletedDays = 3
+    body = message(1)
+    deliver(store, [ALICE, BOB], body)
+    popDelete(store, ALICE, "wonderland", 1)
+    purger = memoryStore(databaseURL)
+    try:
+        conn = purger.database.connection
+        cursor = purger.engine.begin(conn, True)
+        assert _purgeDeleted(cursor, 2**40, 500) == 1
+        restored, missing = _whileBlocked(
+            databaseURL, lambda: resultOf(store.restoreDeleted(ALICE)), conn
+        )
+    finally:
+        purger.close()
+    # The purge won: nothing came back.
+    assert (restored, missing) == ([], [])
+    assert usage(store, ALICE) == (0, 0)
+    # Bob deletes his copy for good: the last reference to the body.
+    store.limits.keepDeletedDays = 0
+    popDelete(store, BOB, "builder", 1)
+    assert _readable(store, ALICE, "wonderland") == []
+    assert bodyCount(store) == (0, 0)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_twoRestoresAsNewOfTheSameMessageBringItBackOnce(store, databaseURL):
+    """
+    Two C{mailgate mailbox restore --as-new} of the same kept message at
+    once (two administrators, or a retried command): it comes back once.
+    Each used to read the kept row and then insert a copy under a new
+    unique id, two maildrop entries sharing one body reference: the
+    client downloaded it twice, and deleting one copy released the body
+    the other still showed.
+    """
+    store.limits.keepDeletedDays = 3
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    other = memoryStore(databaseURL)
+    try:
+        conn = other.database.connection
+        cursor = other.engine.begin(conn, True)
+        from mailgate.store.lifecycle import _restoreDeleted
+
+        first, _ = _restoreDeleted(cursor, ALICE, None, None, True, T0)
+        second, _ = _whileBlocked(
+            databaseURL, lambda: resultOf(store.restoreDeleted(ALICE, asNew=True)), conn
+        )
+    finally:
+        other.close()
+    assert len(first) == 1 and second == []
+    assert usage(store, ALICE) == (1, len(message(1)))
+    assert _readable(store, ALICE, "wonderland") == [True]

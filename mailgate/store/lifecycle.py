@@ -337,19 +337,23 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     if since is not None:
         where += " AND deleted_at >= ?"
         params.append(since)
+    # The kept rows are taken by deleting them, and only those this
+    # transaction deleted come back: another restore, or the purge on
+    # another node, that took a row first (and let go of its body
+    # reference) leaves nothing here to restore twice.
     rows = []
     if uidls is None:
-        cursor.execute(f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} ORDER BY uid", params)
+        cursor.execute(f"DELETE FROM deleted_mail WHERE {where} RETURNING {_DELETED_COLUMNS}", params)
         rows = cursor.fetchall()
     else:
         for batch in batches(sorted(set(uidls))):
             cursor.execute(
-                f"SELECT {_DELETED_COLUMNS} FROM deleted_mail WHERE {where} "
-                f"AND uidl IN ({placeholders(len(batch))})",
+                f"DELETE FROM deleted_mail WHERE {where} "
+                f"AND uidl IN ({placeholders(len(batch))}) RETURNING {_DELETED_COLUMNS}",
                 params + batch,
             )
             rows += cursor.fetchall()
-        rows.sort()
+    rows.sort()
     found = {row[1] for row in rows}
     missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
     if not rows:
@@ -367,11 +371,6 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         ]
     else:
         entries = [(userId, *row) for row in rows]
-    for batch in batches([row[0] for row in rows]):
-        cursor.execute(
-            f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({placeholders(len(batch))})",
-            (userId, *batch),
-        )
     insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
     cursor.execute(
         "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
