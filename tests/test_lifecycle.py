@@ -1277,3 +1277,38 @@ def test_twoRestoresAsNewOfTheSameMessageBringItBackOnce(store, databaseURL):
     assert len(first) == 1 and second == []
     assert usage(store, ALICE) == (1, len(message(1)))
     assert _readable(store, ALICE, "wonderland") == [True]
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aQuitKeepingMailKeepsOnlyWhatItRemoved(store, databaseURL):
+    """
+    A QUIT where deleted mail is kept, while another transaction removes
+    the same message (the user deleted by C{mailgate user delete} before
+    the session registry showed the session): the QUIT keeps only the
+    messages it really took out of the maildrop.  It used to copy the
+    message into the kept mail before removing it, so the copy stayed
+    although the other transaction had removed the message and let go of
+    its body reference; the purge then let go of it a second time, and a
+    body shared with Bob vanished under Bob's copy.
+    """
+    from mailgate.store.sql import _deleteUser
+
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 3
+    body = message(1)
+    deliver(store, [ALICE, BOB], body)
+    maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+    remover = memoryStore(databaseURL)
+    try:
+        conn = remover.database.connection
+        cursor = remover.engine.begin(conn, True)
+        _deleteUser(cursor, ALICE)
+        removed = _whileBlocked(databaseURL, lambda: resultOf(maildrop.expunge([0])), conn)
+    finally:
+        resultOf(maildrop.release())
+        remover.close()
+    assert removed == 0
+    clock.days(4)
+    resultOf(store.purgeDeleted())
+    assert _readable(store, BOB, "builder") == [True]
+    assert bodyCount(store) == (1, 1)

@@ -284,23 +284,21 @@ def _keepDeleted(cursor, userId, uids, now, peer):
 
     @return: how many were removed.
     """
-    removed = octets = 0
+    # Only the rows this transaction removed are kept: one that another
+    # transaction removed meanwhile (a user deletion, say) has had its
+    # body reference let go already, and keeping it would let go of it
+    # again at the purge.
+    kept = []
     for batch in batches(uids):
-        marks = placeholders(len(batch))
         cursor.execute(
-            "INSERT INTO deleted_mail (user_id, uid, uidl, body_owner, body_id, size, header_size, "
-            "arrived_at, deleted_at, deleted_by) "
-            "SELECT user_id, uid, uidl, body_owner, body_id, size, header_size, arrived_at, ?, ? "
-            f"FROM maildrop WHERE user_id = ? AND uid IN ({marks})",
-            (now, peer, userId, *batch),
-        )
-        cursor.execute(
-            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({marks}) RETURNING size",
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
+            f"RETURNING {', '.join(MAILDROP_COLUMNS)}",
             (userId, *batch),
         )
-        sizes = [row[0] for row in cursor.fetchall()]
-        removed += len(sizes)
-        octets += sum(sizes)
+        kept += [(*row, now, peer) for row in cursor.fetchall()]
+    insertRows(cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by"), kept)
+    removed = len(kept)
+    octets = sum(row[5] for row in kept)
     if removed:
         releaseUsage(cursor, userId, removed, octets)
     return removed
