@@ -1312,3 +1312,35 @@ def test_aQuitKeepingMailKeepsOnlyWhatItRemoved(store, databaseURL):
     resultOf(store.purgeDeleted())
     assert _readable(store, BOB, "builder") == [True]
     assert bodyCount(store) == (1, 1)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aUserDeletedWhileAMessageToThemIsBeingCommittedLeavesNothingBehind(store, databaseURL):
+    """
+    C{mailgate user delete} while a delivery to the user (and Bob) is
+    committing on a node: the deletion waits for it and removes the
+    message with the rest.  It used to list the maildrop before waiting,
+    so the message committed meanwhile stayed behind, a maildrop entry of
+    a user who no longer exists holding a reference to the body: its
+    storage was never given back, even after Bob deleted his copy.
+    """
+    from test_store import query
+
+    from mailgate.message import spoolBytes
+    from mailgate.store.sql import _deliverOne
+
+    body = message(1, 1000)
+    sender = memoryStore(databaseURL)
+    try:
+        conn = sender.database.connection
+        cursor = sender.engine.begin(conn, True)
+        delivered = _deliverOne(cursor, [ALICE, BOB], spoolBytes(body), T0)
+        assert sorted(delivered) == [ALICE, BOB]
+        _whileBlocked(databaseURL, lambda: resultOf(store.deleteUser(ALICE)), conn)
+    finally:
+        sender.close()
+    assert ALICE not in users(store)
+    store.limits.keepDeletedDays = 0
+    popDelete(store, BOB, "builder", 1)
+    assert query(store, "SELECT count(*) FROM maildrop")[0][0] == 0
+    assert bodyCount(store) == (0, 0)

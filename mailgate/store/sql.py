@@ -116,10 +116,14 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None):
         raise NoSuchUser(address)
     if aliveSince is not None and lifecycle._inSession(cursor, user.userId, aliveSince):
         raise MaildropInUse(address)
+    # The mailbox row goes first: its removal waits for the deliveries to
+    # the user that are committing (they hold it), and the maildrop listed
+    # next includes what they stored; the deliveries that come after find
+    # no mailbox and store nothing.
+    cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
     cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
     removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
     lifecycle._forgetUser(cursor, user.userId)
-    cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
     cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
 
 
