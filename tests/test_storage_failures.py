@@ -453,3 +453,62 @@ def test_aWriteWhoseConnectionDiedWhileIdleRunsAgainOnAFreshOne(databaseURL):
         assert store.database.writeFailure is None
     finally:
         reactor.wait(store.close())
+
+
+# -- one failing write in a group commit ---------------------------------------------
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_aDeliveryTheDatabaseRefusesFailsAloneInItsGroupCommit(databaseURL):
+    """
+    Deliveries that wait for the same commit run together (on PostgreSQL
+    in one pipeline); the database refuses one of them (here a CHECK
+    constraint refuses its size, as a corrupt row or a full table would
+    refuse it): that one fails, and the others of the batch are stored
+    and reported stored, once each.
+    """
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.message import spoolBytes
+    from mailgate.store import openStore
+    from mailgate.testing import TEST_HASH_COST
+    from pumped import PumpedReactor
+
+    refused = b"Subject: refused\r\n\r\n" + b"x" * 300 + b"\r\n"
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    try:
+        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+
+        def refuseTheSize(cursor):
+            cursor.execute(
+                "CREATE TRIGGER refuse_size BEFORE INSERT ON bodies FOR EACH ROW "
+                f"WHEN (NEW.size = {len(refused)}) "
+                + (
+                    "EXECUTE FUNCTION refuse_size()"
+                    if "postgres" in databaseURL
+                    else "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                )
+            )
+
+        if "postgres" in databaseURL:
+            reactor.wait(store.database.runWrite(_createRefusingFunction))
+        assert not isinstance(reactor.wait(store.database.runWrite(refuseTheSize)), Failure)
+        messages = [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(4)]
+        messages.insert(2, refused)
+        # All asked for in one turn: the first goes alone, the others wait
+        # for the next commit together.
+        pending = [store.deliver([ALICE], spoolBytes(m)) for m in messages]
+        results = [reactor.wait(d) for d in pending]
+        outcomes = [not isinstance(r, Failure) for r in results]
+        assert outcomes == [True, True, False, True, True], results
+        stored = reactor.wait(store.listMessages(ALICE))
+        assert sorted(m.size for m in stored) == sorted(len(m) for m in messages if m is not refused)
+    finally:
+        reactor.wait(store.close())
+
+
+def _createRefusingFunction(cursor):
+    cursor.execute(
+        "CREATE FUNCTION refuse_size() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation'; END $$"
+    )
