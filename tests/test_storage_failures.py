@@ -512,3 +512,35 @@ def _createRefusingFunction(cursor):
         "CREATE FUNCTION refuse_size() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation'; END $$"
     )
+
+
+@postgresOnly
+def test_aCommandWhoseConnectionWasEndedFailsTemporarily(databaseURL):
+    """
+    The mailgate command's store (one connection, no reactor) whose
+    backend an administrator ended, or a restart closed: its next write
+    fails with TemporaryFailure, which the command reports as "temporary
+    failure, try again" and exit 75 (an import: "interrupted; run it
+    again"), and nothing is stored.  The write used to escape as the
+    store's internal _LostBeforeCommit: "internal error", exit 70, which
+    an import reported instead of what it had imported.
+    """
+    import psycopg
+
+    from mailgate.store.postgres import _conninfo
+
+    store = memoryStore(databaseURL)
+    try:
+        addUser(store, ALICE, PASSWORD)
+        backend = store.database.connection.info.backend_pid
+        with psycopg.connect(_conninfo(databaseURL), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with pytest.raises(TemporaryFailure):
+            deliver(store, [ALICE], b"Subject: lost\r\n\r\nbody\r\n")
+    finally:
+        store.close()
+    store = memoryStore(databaseURL)
+    try:
+        assert stored(store, ALICE) == []
+    finally:
+        store.close()

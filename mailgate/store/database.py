@@ -682,22 +682,27 @@ class SynchronousDatabase:
         except Exception as e:
             _raiseTranslated(engine, e)
 
+    def _transaction(self, function, args, kwargs, write):
+        try:
+            return runTransaction(self.engine, self.connection, function, args, kwargs, write)
+        except _LostBeforeCommit as e:
+            # Nothing of the write took effect; the one connection is gone,
+            # so this command cannot go on: a temporary failure (75 from
+            # the mailgate command), as a lost read is.
+            _raiseTranslated(self.engine, e.error)
+
     def run(self, function, *args, write=False):
         """
         Run C{function(cursor, *args)} in one transaction, now, and return
         its result (or raise its exception).
         """
-        return runTransaction(self.engine, self.connection, function, args, {}, write)
+        return self._transaction(function, args, {}, write)
 
     def runInteraction(self, function, *args, **kwargs):
-        return defer.maybeDeferred(
-            runTransaction, self.engine, self.connection, function, args, kwargs, False
-        )
+        return defer.maybeDeferred(self._transaction, function, args, kwargs, False)
 
     def runWrite(self, function, *args, **kwargs):
-        return defer.maybeDeferred(
-            runTransaction, self.engine, self.connection, function, args, kwargs, True
-        )
+        return defer.maybeDeferred(self._transaction, function, args, kwargs, True)
 
     def close(self):
         self.connection.close()
