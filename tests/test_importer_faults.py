@@ -218,6 +218,7 @@ class ScriptedPOP3:
         self.messages = messages
         self.greeting = b"+OK ready"
         self.uidlLines = None
+        self.listLines = None
         self.listSizes = {}
         self.retrStatus = b"+OK"
         self.refused = set()
@@ -278,7 +279,8 @@ class ScriptedPOP3:
             return b"+OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b".\r\n"
         if verb == "LIST":
             sizes = {n: len(data) for n, (_, data) in self.messages.items()} | self.listSizes
-            return b"+OK\r\n" + b"".join(b"%d %d\r\n" % item for item in sizes.items()) + b".\r\n"
+            lines = self.listLines or [b"%d %d" % item for item in sizes.items()]
+            return b"+OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b".\r\n"
         if verb == "RETR":
             number = int(argument)
             if number == self.breakAt:
@@ -394,6 +396,25 @@ def test_pop3AListingThatRepeatsANumberIsRefused(store, source):
     assert report.messages == 0
     assert report.failures == ["127.0.0.1 sent a malformed UIDL listing: message 1 twice"]
     assert (pop3(store)[0], server.deleted) == ([], [])
+
+
+def test_pop3AListingNumberOfOtherDigitsIsMalformed(store, source):
+    """
+    A message number in digits Python's C{str.isdigit} takes but C{int}
+    does not ("²") is a malformed line: the import used to end in a
+    ValueError traceback, in UIDL's listing and in LIST's.
+    """
+    server = source(threeMessages())
+    server.uidlLines = ["\u00b2 U1".encode(), b"2 U2", b"3 U3"]
+    report = importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    assert report.messages == 0
+    assert report.failures == ["127.0.0.1 sent a malformed UIDL line: b'\\xc2\\xb2 U1\\r\\n'"]
+    assert (pop3(store)[0], server.deleted) == ([], [])
+    server = source(threeMessages())
+    server.listLines = [b"1 77", "\u00b2 5".encode(), b"3 \xd9\xa1", b"2 77", b"3 77"]
+    report = importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    assert (report.messages, report.failures) == (3, [])
+    assert sorted(server.deleted) == [1, 2, 3]
 
 
 def test_importCommandTakesTheLargestMessageSize(source, tmp_path):

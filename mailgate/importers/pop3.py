@@ -56,6 +56,10 @@ _MAX_GREETING_LINES = 32
 #: The largest message imported: the mailgate server's own default
 #: (L{mailgate.smtp.protocol.SMTPServer.maxMessageSize}).
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024
+#: A message number or size in a listing: ASCII digits, as many as a size
+#: can take.  (C{str.isdigit} also takes "²" or "١", which C{int} refuses
+#: or reads as another number.)
+_LISTED_NUMBER = re.compile(r"[0-9]{1,20}")
 
 
 class POP3Failed(ImportFailed):
@@ -415,7 +419,7 @@ class POP3Client:
         # listing to be taken for the next response.
         for line in list(self._lines()):
             number, *rest = line.decode("utf-8", "replace").split(None, 1) or [""]
-            if not number.isdigit():
+            if not _LISTED_NUMBER.fullmatch(number):
                 raise POP3Failed(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
             number = int(number)
             uidl = rest[0] if rest else ""
@@ -435,7 +439,7 @@ class POP3Client:
         sizes = {}
         for line in self._lines():
             parts = line.decode("utf-8", "replace").split()
-            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            if len(parts) >= 2 and all(_LISTED_NUMBER.fullmatch(part) for part in parts[:2]):
                 sizes[int(parts[0])] = int(parts[1])
         return sizes
 
