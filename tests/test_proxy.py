@@ -97,6 +97,11 @@ def test_parseIncompleteHeadersAskForMore(header):
         b"PROXY TCP4 203.0.113.9\r\n",
         b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 99999\r\n",
         b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
+        # A scope id is no part of an address in a header (inet_ntop's
+        # form); Python's parser takes any octets in one, a line break too.
+        b"PROXY TCP6 fe80::1%eth0 2001:db8::1 1 2\r\n",
+        b"PROXY TCP6 2001:db8::7%x\nX-Forged:yes 2001:db8::1 1 2\r\n",
+        b"PROXY TCP6 2001:db8::7 2001:db8::1%\x1b[31m 1 2\r\n",
         b"PROXY TCP5 203.0.113.9 192.0.2.1 1 2\r\n",
         b"PROXY TCP4 " + b"1" * 200,
         b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
@@ -245,7 +250,15 @@ def test_aClientThatHalfClosesBehindTheBalancerIsAnswered(store):
     assert transport.disconnecting
 
 
-@pytest.mark.parametrize("garbage", [b"CAPA\r\n", b"PROXY TCP4 nonsense\r\n", b"\x16\x03\x01\x00"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"CAPA\r\n",
+        b"PROXY TCP4 nonsense\r\n",
+        b"\x16\x03\x01\x00",
+        b"PROXY TCP6 2001:db8::7%x\nX-Forged:yes 2001:db8::1 1 25\r\nEHLO x\r\n",
+    ],
+)
 def test_somethingElseThanAHeaderIsDropped(store, garbage):
     clock = Clock()
     protocol, transport = wrapped(pop3Factory(store, clock), clock)

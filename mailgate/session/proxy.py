@@ -91,6 +91,11 @@ def _parseV1(data):
     if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
         raise InvalidProxyHeader("malformed PROXY v1 header")
     _, family, source, destination, sourcePort, destinationPort = fields
+    # An address as inet_ntop writes it: no "%scope" suffix, which Python
+    # would take with any octets in it (a line break into the Received
+    # field, an escape sequence into the logs).
+    if b"%" in source or b"%" in destination:
+        raise InvalidProxyHeader("malformed PROXY v1 header")
     try:
         version = 4 if family == b"TCP4" else 6
         hosts = [ipaddress.ip_address(h.decode("ascii")) for h in (source, destination)]
