@@ -210,7 +210,12 @@ class MessageSpool:
         """
         self._pieces = []
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                # Closing flushes first: what the full disk refused is
+                # discarded anyway, and the file is closed all the same.
+                pass
 
 
 def fileChunks(file, chunkSize):

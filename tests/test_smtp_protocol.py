@@ -1377,3 +1377,35 @@ def test_withoutAPostmasterItsMailIsRefusedSayingWhy(users, dbpath):
     s.command(f"MAIL FROM:<{SENDER}>")
     assert s.command("RCPT TO:<postmaster@elsewhere.test>").startswith("550 5.7.1 ")
     assert nothingStored(dbpath)
+
+
+def test_aSpoolThatFillsUpAtItsLastOctetsIsATemporaryRefusal(users, dbpath):
+    """
+    The disk holding the spool fills up just as the message ends: its
+    last octets, held in the file's buffer, fail to be written when the
+    spool is completed.  The client gets 452 4.3.1 as for any spool
+    failure, nothing is stored, and the session goes on; it got a 451
+    "internal server error" and the log a traceback.  The full disk is
+    the kernel's file size limit (RLIMIT_FSIZE), set just above what the
+    spool holds before the last line.
+    """
+    import resource
+    import signal
+
+    s = session(users)
+    envelope(s, [ALICE])
+    # Past the in-memory limit: spooled to a file, in one write.
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1500
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        assert s.send(body) == b""
+        resource.setrlimit(resource.RLIMIT_FSIZE, (s.protocol.rawReceiver.spool.size + 10, hard))
+        reply = s.send(b"the last line, past the room left\r\n.\r\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert reply == b"452 4.3.1 insufficient system storage; try again later\r\n"
+    assert nothingStored(dbpath)
+    envelope(s, [ALICE])
+    assert s.send(body + b".\r\n").startswith(b"250 2.0.0 ")

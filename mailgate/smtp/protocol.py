@@ -494,6 +494,14 @@ class SMTPServer(CommandSession):
             return self._dataReplies(
                 envelope, 500, "5.5.2", f"line too long (the limit is {self.maxLineLength} octets)"
             )
+        if not reader.storageFailed:
+            try:
+                spool = reader.spool.finish()
+            except OSError:
+                # Its last octets, held in the file's buffer until now,
+                # could not be written (the disk filled up).
+                reader.storageFailed = True
+                reader.spool.close()
         if reader.storageFailed:
             metrics.delivery(self.protocolName, "tempfail")
             self._logRefusedMessage(
@@ -504,7 +512,6 @@ class SMTPServer(CommandSession):
             return self._dataReplies(
                 envelope, 452, "4.3.1", "insufficient system storage; try again later"
             )
-        spool = reader.spool.finish()
         started = self._clock.seconds()
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
         d.addCallbacks(
