@@ -1283,9 +1283,11 @@ def test_twoRestoresAsNewOfTheSameMessageBringItBackOnce(store, databaseURL):
 def test_aQuitKeepingMailKeepsOnlyWhatItRemoved(store, databaseURL):
     """
     A QUIT where deleted mail is kept, while another transaction removes
-    the same message (the user deleted by C{mailgate user delete} before
-    the session registry showed the session): the QUIT keeps only the
-    messages it really took out of the maildrop.  It used to copy the
+    the same message (C{mailgate user del} on another node, which took
+    the maildrop's lock after the session's lock connection was lost
+    between QUIT's check of the lock and its write; the deletion is run
+    here without the lock, to hold it open at the right moment): the
+    QUIT keeps only the messages it really took out of the maildrop.  It used to copy the
     message into the kept mail before removing it, so the copy stayed
     although the other transaction had removed the message and let go of
     its body reference; the purge then let go of it a second time, and a
