@@ -544,3 +544,74 @@ def test_aCommandWhoseConnectionWasEndedFailsTemporarily(databaseURL):
         assert stored(store, ALICE) == []
     finally:
         store.close()
+
+
+@postgresOnly
+def test_aDeliveryWhoseBackendIsEndedMidTransactionIsStoredOnce(databaseURL):
+    """
+    The writer's backend is ended while a delivery's transaction is under
+    way (it waits for a lock an administrator's transaction holds): its
+    COMMIT was never sent, so it runs again on a fresh connection, and
+    once the lock is let go the message is stored once and the delivery
+    reported stored; the user's storage use counts it once.
+    """
+    import psycopg
+
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.message import spoolBytes
+    from mailgate.store import openStore
+    from mailgate.store.postgres import _conninfo
+    from mailgate.testing import TEST_HASH_COST
+    from pumped import PumpedReactor
+
+    body = b"Subject: once\r\n\r\nbody\r\n"
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    try:
+        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database() AND query LIKE 'UPDATE mailboxes%'"
+        )
+        with psycopg.connect(_conninfo(databaseURL)) as admin, psycopg.connect(
+            _conninfo(databaseURL), autocommit=True
+        ) as watcher:
+            admin.execute("LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")
+            results = []
+            store.deliver([ALICE], spoolBytes(body)).addBoth(results.append)
+            _pumpUntil(reactor, lambda: watcher.execute(waiting).fetchall())
+            [(backend,)] = watcher.execute(waiting).fetchall()
+            watcher.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            # Run again on a new connection, which waits for the lock too.
+            _pumpUntil(
+                reactor, lambda: results or [pid for (pid,) in watcher.execute(waiting).fetchall() if pid != backend]
+            )
+            assert results == []
+            admin.rollback()
+        reactor.pump(lambda: results, timeout=20)
+        assert not isinstance(results[0], Failure), results[0]
+        assert list(results[0]) == [ALICE]
+        assert [m.size for m in reactor.wait(store.listMessages(ALICE))] == [len(body)]
+        status = reactor.wait(store.quotaOf(ALICE))
+        assert (status.usedMessages, status.usedOctets) == (1, len(body))
+    finally:
+        reactor.wait(store.close())
+
+
+def _pumpUntil(reactor, done, timeout=20):
+    """
+    Run what the worker threads hand over until C{done()}, which watches
+    the database, is true: asked again every few milliseconds, since
+    nothing may be handed over meanwhile.
+    """
+    import queue
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the database never got there"
+        try:
+            function, args = reactor.calls.get(timeout=0.01)
+        except queue.Empty:
+            continue
+        function(*args)
