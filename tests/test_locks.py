@@ -289,3 +289,46 @@ def test_openStoreRunsTheLocksOnTheReactorItIsGiven(postgresURL):
     assert any(getattr(t, "__self__", None) is lockConnections[0] for t in reactor.timers)
     assert reactor.fromThreads >= 3  # the user lookup, the lock connection, the expunge
     assert not [r for r in globalReactor.getReaders() if isinstance(r, ReactorConnection)]
+
+
+def test_aQuitWhoseLockWentWithItsConnectionDeletesNothing(postgresURL):
+    """
+    A session's lock connection is ended (an administrator, a restart)
+    and another node's session takes the maildrop: the first session's
+    QUIT finds its lock gone and removes nothing, with a temporary
+    failure (-ERR [SYS/TEMP]); the other session's view stays whole.
+    """
+    from mailgate.store import openStore
+
+    setup = memoryStore(postgresURL)
+    try:
+        addUser(setup, USERS[0], "pw")
+        for n in range(3):
+            deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    finally:
+        setup.close()
+    reactor = RecordingReactor()
+    store = openStore(postgresURL, reactor)
+    other = openStore(postgresURL, reactor)
+    try:
+        user = reactor.wait(store.findUser(USERS[0]))
+        maildrop = reactor.wait(store.openMaildrop(user))
+        [pid] = lockHolders(postgresURL)
+        with psycopg.connect(postgresURL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        reactor.turnUntil(lambda: lockHolders(postgresURL) == [], timeout=20)
+        second = reactor.wait(other.openMaildrop(user))
+        assert not isinstance(second, Failure), second
+        failed = reactor.wait(maildrop.expunge([0, 2]))
+        assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
+        assert len(reactor.wait(store.listMessages(USERS[0]))) == 3
+        reactor.wait(maildrop.release())
+        # The other node's session still holds the maildrop, and its
+        # deletions apply.
+        assert reactor.wait(second.expunge([1])) == 1
+        reactor.wait(second.release())
+        assert len(reactor.wait(store.listMessages(USERS[0]))) == 2
+    finally:
+        reactor.wait(other.close())
+        reactor.wait(store.close())
+        reactor.close()
