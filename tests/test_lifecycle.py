@@ -1346,3 +1346,36 @@ def test_aUserDeletedWhileAMessageToThemIsBeingCommittedLeavesNothingBehind(stor
     popDelete(store, BOB, "builder", 1)
     assert query(store, "SELECT count(*) FROM maildrop")[0][0] == 0
     assert bodyCount(store) == (0, 0)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aMessageCommittedWhileRetentionLooksAtItsMaildropStillExpires(store, databaseURL):
+    """
+    The retention task looks at a maildrop whose old mail the user has
+    already deleted, and finds nothing to remove, while a delivery to the
+    user is committing: the new message must still expire in its time.
+    The task used to write down "no message" as the maildrop's oldest
+    arrival (it had counted without the message committing), and a
+    maildrop with no oldest arrival is never looked at again: the message
+    stayed for good, until some later delivery.
+    """
+    from mailgate.message import spoolBytes
+    from mailgate.store.sql import _deliverOne
+
+    clock = Clocked(store)
+    store.limits.expireDays = 3
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    clock.days(5)
+    sender = memoryStore(databaseURL)
+    try:
+        conn = sender.database.connection
+        cursor = sender.engine.begin(conn, True)
+        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
+        assert _whileBlocked(databaseURL, lambda: resultOf(store.expireMessages()), conn) == (0, 0)
+    finally:
+        sender.close()
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    clock.days(4)
+    assert resultOf(store.expireMessages()) == (1, 0)
+    assert resultOf(store.listMessages(ALICE)) == []

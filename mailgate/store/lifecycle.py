@@ -225,7 +225,15 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
 
     @return: C{(messages removed, whether more may be left)}.
     """
-    cursor.execute("SELECT coalesce(expire_days, ?) FROM mailboxes WHERE user_id = ?", (defaultDays, userId))
+    # The mailbox row is locked first (an update that changes nothing):
+    # a delivery to the user that is committing holds it, and what the
+    # statements below see then includes its message, which the oldest
+    # arrival written at the end must count.
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ? "
+        "RETURNING coalesce(expire_days, ?)",
+        (userId, defaultDays),
+    )
     row = cursor.fetchone()
     if row is None or row[0] < 0:
         return 0, False
