@@ -1379,3 +1379,31 @@ def test_aMessageCommittedWhileRetentionLooksAtItsMaildropStillExpires(store, da
     clock.days(4)
     assert resultOf(store.expireMessages()) == (1, 0)
     assert resultOf(store.listMessages(ALICE)) == []
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aMessageCommittedWhileAnExpungeLooksAtItsMaildropStillExpires(store, databaseURL):
+    """
+    As for the retention task: C{mailgate mailbox expunge --older-than}
+    that finds nothing to remove while a delivery to the user commits
+    must not write "no message" as the maildrop's oldest arrival.
+    """
+    from mailgate.message import spoolBytes
+    from mailgate.store.sql import _deliverOne
+
+    clock = Clocked(store)
+    store.limits.expireDays = 3
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    clock.days(5)
+    sender = memoryStore(databaseURL)
+    try:
+        conn = sender.database.connection
+        cursor = sender.engine.begin(conn, True)
+        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
+        assert _whileBlocked(databaseURL, lambda: resultOf(store.expungeMessages(ALICE, 3)), conn) == 0
+    finally:
+        sender.close()
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    clock.days(4)
+    assert resultOf(store.expireMessages()) == (1, 0)

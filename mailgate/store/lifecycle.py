@@ -605,6 +605,9 @@ def _expungeUser(cursor, address, before, aliveSince):
     userId = _userId(cursor, address)
     if _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
+    # Locked first, as in _expireUser: a delivery committing meanwhile is
+    # in the oldest arrival written at the end.
+    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
     if before is None:
         cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (userId,))
     else:
