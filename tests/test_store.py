@@ -1683,3 +1683,45 @@ def test_aSmallMaildropsUniqueIdsComeWithTheLogin(anyStore, tripsTo):
         assert resultOf(maildrop.uniqueIds(501, 3)) == delivered[501:504]
     finally:
         maildrop.release()
+
+
+def _insertOrNote(cursor, key):
+    # A write that goes on after its own statement failed (as one that
+    # catches a unique violation does): in PostgreSQL's pipeline, what it
+    # runs next is refused as "pipeline aborted".
+    try:
+        cursor.execute("INSERT INTO t (k, v) VALUES (?, 0)", (key,))
+        cursor.execute("SELECT 1").fetchone()
+    except Exception:
+        pass
+    cursor.execute("SELECT count(*) FROM t").fetchone()
+    return key
+
+
+def _insertTogether(cursor, calls):
+    return [_insert(cursor, *args, **kwargs) for args, kwargs in calls]
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aPipelinedBatchWhoseOneWriteIsAbortedCommitsTheOthers(batchConnection):
+    """
+    A batch run in PostgreSQL's pipeline where one write goes on after
+    its failed statement, and so meets "pipeline aborted": that is the
+    write failing, not the connection lost.  The batch runs again with
+    savepoints, the others are committed, on the same connection; taken
+    for a lost connection, the batch ran three times on new connections
+    and every write in it failed.
+    """
+    from mailgate.store.database import BatchableWrite
+
+    engine, conn, _, path = batchConnection
+    runBatch(engine, conn, [(_insert, ("a", 1), {})])
+    insert = BatchableWrite(_insert, _insertTogether, pipelined=True)
+    aborted = BatchableWrite(_insertOrNote, None, pipelined=True)
+    results = runBatch(
+        engine, conn, [(insert, ("b", 2), {}), (aborted, ("a",), {}), (insert, ("c", 3), {})]
+    )
+    assert results[0] == (True, "b") and results[2] == (True, "c")
+    assert not results[1][0]
+    assert _committedRows(path) == {"a": 1, "b": 2, "c": 3}
+    assert not conn.closed and not _inTransaction(engine, conn)

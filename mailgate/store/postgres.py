@@ -216,6 +216,10 @@ class PostgresEngine:
             return True
         if not isinstance(exc, psycopg.OperationalError) or isinstance(exc, _RETRYABLE):
             return False
+        if isinstance(exc, pgerrors.PipelineAborted):
+            # An OperationalError without a state, as a lost connection's
+            # are, but it says a statement before it in the pipeline failed.
+            return False
         state = getattr(exc, "sqlstate", None)
         return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
