@@ -1184,11 +1184,9 @@ def _whileBlocked(url, work, blocker):
     with psycopg.connect(_conninfo(url), autocommit=True) as watcher:
         thread.start()
         deadline = time.monotonic() + 20
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database()"
-        )
-        while watcher.execute(waiting).fetchone()[0] == 0:
+        # Waiting for C{blocker} itself, whatever other tests do meanwhile.
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        while watcher.execute(waiting, (blocker.info.backend_pid,)).fetchone()[0] == 0:
             assert thread.is_alive() and time.monotonic() < deadline, "the work never waited for the lock"
             time.sleep(0.01)
     blocker.commit()

@@ -569,9 +569,10 @@ def test_aDeliveryWhoseBackendIsEndedMidTransactionIsStoredOnce(databaseURL):
     store = openStore(databaseURL, reactor=reactor)
     try:
         reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        # Waiting for the administrator's lock, whatever other tests do.
         waiting = (
-            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database() AND query LIKE 'UPDATE mailboxes%'"
+            "SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() <> pid "
+            "AND %s = ANY(pg_blocking_pids(pid))"
         )
         with psycopg.connect(_conninfo(databaseURL)) as admin, psycopg.connect(
             _conninfo(databaseURL), autocommit=True
@@ -579,12 +580,14 @@ def test_aDeliveryWhoseBackendIsEndedMidTransactionIsStoredOnce(databaseURL):
             admin.execute("LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")
             results = []
             store.deliver([ALICE], spoolBytes(body)).addBoth(results.append)
-            _pumpUntil(reactor, lambda: watcher.execute(waiting).fetchall())
-            [(backend,)] = watcher.execute(waiting).fetchall()
+            blocking = (admin.info.backend_pid,)
+            _pumpUntil(reactor, lambda: watcher.execute(waiting, blocking).fetchall())
+            [(backend,)] = watcher.execute(waiting, blocking).fetchall()
             watcher.execute("SELECT pg_terminate_backend(%s)", (backend,))
             # Run again on a new connection, which waits for the lock too.
             _pumpUntil(
-                reactor, lambda: results or [pid for (pid,) in watcher.execute(waiting).fetchall() if pid != backend]
+                reactor,
+                lambda: results or [pid for (pid,) in watcher.execute(waiting, blocking).fetchall() if pid != backend],
             )
             assert results == []
             admin.rollback()
