@@ -7,9 +7,10 @@ the number of examples is bounded so the suite stays fast.)
 
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mailgate.smtp import data
 from mailgate.smtp.data import DataReader
 from mailgate.message import MessageSpool
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore
@@ -107,3 +108,94 @@ def test_dataEndsOnlyAtCRLFDotCRLF(body, cuts):
         rest = reader.feed(piece)
     assert rest is not None
     assert rest == wire[expectedEnd + 3 :]
+
+
+def _rfc5321Data(wire):
+    """
+    RFC 5321 section 4.5.2, one line at a time: the content DATA stores
+    for C{wire} (CRLF line ends; a bare LF made CRLF, a leading dot taken
+    away unless the line is a lone "."), the octets after the end, and
+    whether a bare LF was seen; or C{None} if C{wire} never ends the data.
+    """
+    position, previousCRLF, lines, bare = 0, True, [], False
+    while True:
+        newline = wire.find(b"\n", position)
+        if newline < 0:
+            return None
+        line, position = wire[position : newline + 1], newline + 1
+        if previousCRLF and line == b".\r\n":
+            return b"".join(lines), wire[position:], bare
+        previousCRLF = line.endswith(b"\r\n")
+        if line[:1] == b"." and line not in (b".\n", b".\r\n"):
+            line = line[1:]
+        if not line.endswith(b"\r\n"):
+            bare, line = True, line[:-1] + b"\r\n"
+        lines.append(line)
+
+
+def _readData(pieces, flushAt):
+    saved = data.FLUSH_PARTIAL_LINE
+    data.FLUSH_PARTIAL_LINE = flushAt
+    try:
+        reader = DataReader(MessageSpool(), maxSize=10**6)
+        rest = None
+        for piece in pieces:
+            if rest is not None:
+                rest += piece
+                continue
+            rest = reader.feed(piece)
+            # A long line is stored as it comes, not held.
+            assert len(reader._carry) <= max(flushAt, 2)
+        return reader, rest
+    finally:
+        data.FLUSH_PARTIAL_LINE = saved
+
+
+dataWire = st.lists(
+    st.one_of(
+        # Mostly the octets that matter (a dense mix makes every pairing of
+        # them, at every piece boundary, likely), some other text.
+        st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"a", b"\r\n.\r\n", b"\xff"]),
+        st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"a", b"\r\n.\r\n", b"\xff"]),
+        st.sampled_from([b"\n.\n", b"\n.\r\n", b"Subject: x", b"x" * 20, b"\r\r\n", b"\x00"]),
+        st.binary(max_size=8),
+    ),
+    max_size=40,
+).map(b"".join)
+# Pieces of a few octets end pieces of a long line at every kind of octet:
+# after a ".", between CR and LF.
+smallSplits = st.lists(st.integers(min_value=1, max_value=4), max_size=60)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(body=dataWire, cuts=smallSplits, flushAt=st.integers(min_value=1, max_value=6), ended=st.booleans())
+# A piece of a long line that ends in "." (not the start of a line, nor
+# of ".\r\n"), and one whose next piece holds lines that do start so.
+@example(body=b"abc.\r\n", cuts=[4], flushAt=1, ended=True)
+@example(body=b"ab.x\r\n..y\r\n", cuts=[3], flushAt=1, ended=True)
+def test_dataStoredInPiecesIsRFC5321sContent(body, cuts, flushAt, ended):
+    """
+    Long lines stored in pieces (any L{data.FLUSH_PARTIAL_LINE}, any split
+    of the wire) come out as RFC 5321 reads the data line by line, and as
+    the reader reads it in one piece: the same content, the same octets
+    after the end, the same header size and "." line positions.
+    """
+    wire = body + (b"\r\n.\r\nQUIT\r\n" if ended else b"")
+    expected = _rfc5321Data(wire)
+    whole, wholeRest = _readData([wire], data.FLUSH_PARTIAL_LINE)
+    reader, rest = _readData(list(_pieces(wire, cuts)), flushAt)
+    if expected is None:
+        assert rest is None and wholeRest is None
+        return
+    content, after, bareLineFeeds = expected
+    for r, tail in ((whole, wholeRest), (reader, rest)):
+        assert tail == after
+        assert r.spool.getvalue() == content
+        assert r.received == r.spool.size == len(content)
+        assert r.bareLineFeeds == bareLineFeeds
+    blank = content.find(b"\r\n\r\n")
+    headerSize = 2 if content.startswith(b"\r\n") else blank + 4 if blank >= 0 else len(content)
+    assert reader.spool.headerSize == whole.spool.headerSize == headerSize
+    assert (reader.spool.dotLines, reader.spool.dotOffsets) == (whole.spool.dotLines, whole.spool.dotOffsets)
+    lineStarts = [0] + [i + 2 for i in range(len(content)) if content.startswith(b"\r\n", i)][:-1]
+    assert reader.spool.dotOffsets == [i for i in lineStarts if content[i : i + 1] == b"."]
