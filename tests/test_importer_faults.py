@@ -440,3 +440,47 @@ def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     assert out.startswith("1 messages imported") and "1 skipped as already present" in out
     code, out, err = cli(url, *command, "0", stdin=PASSWORD + "\n")
     assert code == 64 and "bad --max-message-size" in err, (out, err)
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_pop3DeleteRemovesFromTheSourceOnlyWhatWasCommitted(store, source, monkeypatch):
+    """
+    import pop3 --delete whose second batch cannot be written (another
+    process holds the database's write lock from the moment message 3 is
+    fetched, longer than the store waits for it): the first batch,
+    committed, is deleted from the source; the refused batch and what
+    follows stay there, and the failure is reported.  Run again,
+    it imports and deletes the rest.
+    """
+    import sqlite3
+
+    from mailgate.importers import BatchWriter
+
+    monkeypatch.setattr(BatchWriter, "maxMessages", 2)
+    server = source({n: (f"U{n}", message(n)) for n in range(1, 6)})
+    store.database.connection.execute("PRAGMA busy_timeout = 200")
+    holder = sqlite3.connect(store.engine.path, isolation_level=None, check_same_thread=False)
+    answer = server._answer
+
+    def lockingAtThree(verb, argument, marked):
+        if verb == "RETR" and argument == "3":
+            holder.execute("BEGIN IMMEDIATE")
+        return answer(verb, argument, marked)
+
+    server._answer = lockingAtThree
+    try:
+        report = importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert report.messages == 2
+    assert len(report.failures) == 1 and "locked" in report.failures[0], report.failures
+    assert pop3(store)[0] == ["U1", "U2"]
+    assert sorted(server.deleted) == [1, 2]
+    server._answer = answer
+    server.messages = {n: server.messages[n] for n in (3, 4, 5)}
+    server.deleted = []
+    report = importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    assert (report.messages, report.failures) == (3, [])
+    assert pop3(store)[0] == ["U1", "U2", "U3", "U4", "U5"]
+    assert sorted(server.deleted) == [3, 4, 5]
