@@ -396,6 +396,35 @@ def test_anEndedConnectionLetsGoOfOpenSSLAndTheSession(tls, pair):
         assert session() is None
 
 
+@pytest.mark.parametrize("failure", ["handshake", "record"])
+def test_aFailedSessionIsFreedByReferenceCountingToo(tls, pair, failure):
+    """
+    A failed handshake (a scanner, a client speaking plain POP3 to the
+    POP3S port) or a corrupt record: once the connection below is lost,
+    the layer and its OpenSSL state are freed at once, like those of a
+    session that ended well; the session above still learns why.
+    """
+    with withoutCycleCollector():
+        wire = Wire(tls, pair[0], Session(greeting=b"+OK\r\n"))
+        if failure == "handshake":
+            wire.layer.dataReceived(b"USER alice\r\n")
+        else:
+            assert wire.handshake()
+            wire.client.tls.write(b"USER alice\r\n")
+            record = bytearray(wire.client.outgoing.read())
+            record[-1] ^= 0x01
+            wire.layer.dataReceived(bytes(record))
+        assert wire.transport.disconnecting
+        openssl = weakref.ref(wire.layer._tls)
+        layer = weakref.ref(wire.layer)
+        session = weakref.ref(wire.session)
+        wire.lose()
+        assert wire.session.lost.check(ssl.SSLError)
+        assert openssl() is None
+        del wire.session, wire.layer
+        assert session() is None and layer() is None
+
+
 def test_abortClosesAtOnce(tls, pair):
     wire = Wire(tls, pair[0], Session())
     assert wire.handshake()

@@ -209,8 +209,13 @@ class TLSLayer:
         """
         The handshake failed or a record was corrupt: send OpenSSL's alert
         and close; the session learns why in C{connectionLost}.
+
+        The error is kept without its traceback: its frames hold this
+        layer and the C{SSLObject}, a cycle that only Python's rare full
+        collections would free, for every scanner and plain-text client
+        that fails a handshake.
         """
-        self._error = error
+        self._error = error.with_traceback(None)
         self._flush()
         self._held = []
         self._shutDown = True
