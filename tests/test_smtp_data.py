@@ -353,6 +353,26 @@ def test_longLineFollowedByTheTerminatorAtEverySplit():
         assert result == {"leftover": b"QUIT\r\n", "tooLarge": False, "lineTooLong": True}, len(pieces[0])
 
 
+def test_theEndOfDataIsNeverALongLine():
+    """
+    However small the limit, the "." line that ends the data is the end,
+    also when its CR and LF come apart: it was refused as a long line and
+    skipped, and the reader went on reading commands as message text.  A
+    limit of 0 (which means "none" for most of mailgate's limits) made
+    every line after the first an IndexError.
+    """
+    for limit in (0, 1, 2):
+        r = reader(maxLineLength=limit)
+        assert feedAll(r, [b".\r", b"\nQUIT\r\n"]) == b"QUIT\r\n"
+        assert (r.lineTooLong, stored(r)) == (False, b"")
+        r = reader(maxLineLength=limit)
+        assert feedAll(r, [b".", b"\r\nQUIT\r\n"]) == b"QUIT\r\n"
+        # Lines (each too long) before it: refused, not an IndexError.
+        r = reader(maxLineLength=limit)
+        assert feedAll(r, [b"a\r\n", b"b\r\n.\r", b"\nQUIT\r\n"]) == b"QUIT\r\n"
+        assert r.lineTooLong
+
+
 def test_longLineDoesNotDropIntoCommandMode():
     """
     Smuggling through an over-long line: what follows it is still data up to

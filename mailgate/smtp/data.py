@@ -123,8 +123,13 @@ class DataReader:
                 self._previousEndedCRLF = False
             self._carry = partial
         # A leading dot is transparency's, not the line's (RFC 5321 section
-        # 4.5.3.1.6): such a line may be one octet longer on the wire.
-        elif len(partial) >= self.maxLineLength + (partial[:1] == b"."):
+        # 4.5.3.1.6): such a line may be one octet longer on the wire.  No line
+        # yet, or the start of the "." line that ends the data, is never
+        # refused, whatever the limit.
+        elif (
+            len(partial) >= self.maxLineLength + (partial[:1] == b".")
+            and partial not in (b"", b".", b".\r")
+        ):
             # A line this long is refused whatever follows: drop it as it
             # arrives instead of buffering it.
             self._refuseLongLine()
