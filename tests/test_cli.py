@@ -837,11 +837,12 @@ def test_importPOP3RefusesABadURL(cli, url, reason):
     assert oneLineError(result).startswith(f"mailgate: {reason}")
 
 
-@pytest.mark.parametrize("uidlFormat", ["%q", "%{nope}", "%08Xu%{unterminated"])
+@pytest.mark.parametrize("uidlFormat", ["%q", "%{nope}", "%08Xu%{unterminated", "%099999999999u"])
 def test_importMaildirRefusesABadUidlFormatUpFront(cli, tmp_path, uidlFormat):
     """
     The format's own mistake, not "the maildir has no dovecot-uidlist"
-    (which a format with an unknown variable was taken to need).
+    (which a format with an unknown variable was taken to need); a width
+    no unique id can have, not a MemoryError padding one to it.
     """
     cli.add(ALICE, PASSWORD)
     maildir = tmp_path / "Maildir"

@@ -31,6 +31,7 @@ import attr
 
 from mailgate.errors import MailgateError
 from mailgate.importers import (
+    MAX_UIDL,
     BatchWriter,
     FileSource,
     ImportFailed,
@@ -333,6 +334,10 @@ def formatUidl(template, variables):
             while i < n and template[i].isdigit():
                 width, i = width * 10 + int(template[i]), i + 1
             width *= sign
+        if width > MAX_UIDL:
+            # Padded to it, one id would take that much memory (a typo's
+            # extra digits: gigabytes), for an id too long to import.
+            raise ValueError(f"a width of {width} is over {MAX_UIDL}, the longest unique id")
         modifiers = []
         while i < n and template[i] in _MODIFIERS:
             modifiers.append(template[i])
