@@ -454,6 +454,41 @@ def test_flowControlIsTheConnections(tls, pair):
     assert wire.transport.producerState == "producing"
 
 
+def test_recordsSplitAtEveryOctetOrManyInOneRead(tls, pair):
+    """
+    However the connection cuts what the client sent (the handshake and
+    its records one octet at a time, or many records and the client's
+    close_notify in one read), the session reads exactly what was sent.
+    """
+    wire = Wire(tls, pair[0], Session(greeting=b"+OK\r\n"))
+    for _ in range(10):
+        done = wire.client.step()
+        toServer = wire.client.outgoing.read()
+        for octet in range(len(toServer)):
+            wire.layer.dataReceived(toServer[octet : octet + 1])
+        wire.client.incoming.write(wire.transport.value())
+        wire.transport.clear()
+        if done and not toServer:
+            break
+    assert wire.layer.version == "TLSv1.3"
+    assert wire.client.read() == b"+OK\r\n"
+    commands = [b"TOP %d 0\r\n" % number for number in range(100)]
+    for command in commands:
+        wire.client.tls.write(command)
+    records = wire.client.outgoing.read()
+    for octet in range(len(records)):
+        wire.layer.dataReceived(records[octet : octet + 1])
+    assert wire.session.received == b"".join(commands)
+    for command in commands:
+        wire.client.tls.write(command)
+    wire.client.tls.write(b"x" * 100000)
+    with pytest.raises(ssl.SSLWantReadError):
+        wire.client.tls.unwrap()
+    wire.layer.dataReceived(wire.client.outgoing.read())
+    assert wire.session.received == b"".join(commands) * 2 + b"x" * 100000
+    assert wire.transport.disconnecting
+
+
 def test_addressesAreTheConnections(tls, pair):
     wire = Wire(tls, pair[0], Session())
     assert wire.layer.getPeer() == wire.transport.getPeer()
