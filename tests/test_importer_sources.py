@@ -73,6 +73,24 @@ def test_anIdWithSpacesIsImportedUnderItsFirstWord(store, source):
     assert pop3(store)[0] == ["U1", "U2", "U3"]
 
 
+def test_anIdCutOnlyAtTheSpacesClientsCutAt(store, source):
+    """
+    A control character or a Unicode space inside an id does not end its
+    first word, as it does not for fetchmail: such an id is one POP3 cannot
+    carry, reported, not imported under a part of it no client knows it by.
+    """
+    server = source(threeMessages())
+    server.uidlLines = [b"1 U1\x1cmore", "2 U2\u00a0x".encode(), b"3 U3\x0b"]
+    warnings = []
+    report = importPOP3(store, server.url, ALICE, PASSWORD, warn=warnings.append)
+    assert report.messages == 1
+    assert report.failures == [
+        "message 1: unique id 'U1\\x1cmore' is not one POP3 can carry",
+        "message 2: unique id 'U2\\xa0x' is not one POP3 can carry",
+    ]
+    assert (warnings, pop3(store)[0]) == ([], ["U3"])
+
+
 class OldServer(ScriptedPOP3):
     """
     A scripted server that refuses UIDL, or refuses the login with a

@@ -60,6 +60,11 @@ MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: can take.  (C{str.isdigit} also takes "²" or "١", which C{int} refuses
 #: or reads as another number.)
 _LISTED_NUMBER = re.compile(r"[0-9]{1,20}")
+#: The white space that ends a word of a unique id, as clients read one
+#: (C's isspace: fetchmail's sscanf): not Python's, which also takes
+#: control characters such as 0x1C and Unicode's spaces.
+_SPACES = " \t\r\n\v\f"
+_SPACE = re.compile(r"[ \t\r\n\v\f]+")
 
 
 class POP3Failed(ImportFailed):
@@ -428,7 +433,7 @@ class POP3Client:
                 # under both would store it twice.
                 raise POP3Failed(f"{self.host} sent a malformed UIDL listing: message {number} twice")
             numbers.add(number)
-            found.append((number, uidl.strip()))
+            found.append((number, uidl.strip(_SPACES)))
         return found
 
     def sizes(self):
@@ -601,7 +606,7 @@ def _importable(listing, report, warn):
     """
     words = []
     for number, uidl in listing:
-        word = uidl.split(None, 1)[0] if uidl.strip() else ""
+        word = _SPACE.split(uidl.strip(_SPACES), 1)[0]
         if word != uidl and warn is not None:
             warn(f"message {number}: unique id {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
                  f"its first word, which clients keep")
