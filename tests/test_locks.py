@@ -177,9 +177,17 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     reactor.wait(locks.release(alice))
 
 
-def backendGone(url, pid):
+def endBackend(url, pid):
+    """
+    End the backend C{pid} and wait until the server has let it go, without
+    turning the test's reactor: the node does not see its connection close.
+    """
     with psycopg.connect(url, autocommit=True) as admin:
-        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(100):
+            if admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0:
+                return
+        raise AssertionError(f"backend {pid} did not end")
 
 
 def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
@@ -196,14 +204,8 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     reactor.wait(locks.release(alice))
     [slot] = openConnections(locks)
     pid = slot.connection.backendPid
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    # Gone at the server; the reactor has not turned since, so the node
-    # has not seen the connection close.
-    deadline = 100
-    while not backendGone(url, pid):
-        deadline -= 1
-        assert deadline, "the backend did not end"
+    endBackend(url, pid)
+    # Gone at the server; the node has not seen the connection close.
     assert slot.connection.connected
     result = reactor.wait(locks.acquireAndSnapshot(alice, None))
     assert not isinstance(result, Failure), result
@@ -213,13 +215,7 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     reactor.wait(locks.release(alice))
     assert lockHolders(url) == []
     # Lost again with a second chance used: the failure reaches the login.
-    pid = slot.connection.backendPid
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    deadline = 100
-    while not backendGone(url, pid):
-        deadline -= 1
-        assert deadline, "the backend did not end"
+    endBackend(url, slot.connection.backendPid)
     failure = reactor.wait(locks.acquireAndSnapshot(alice, None, again=False))
     assert failure.check(TemporaryFailure)
 
