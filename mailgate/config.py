@@ -30,6 +30,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import tomllib
@@ -178,6 +179,10 @@ class Integer(Kind):
         return checkMaximum(value, self.maximum)
 
 
+# A number as settings are written: ASCII digits, a point, an exponent.
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]{1,30}(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?\s*\Z", re.ASCII)
+
+
 class Number(Kind):
     """
     A number (a whole number is taken as it is), at least C{minimum}.
@@ -191,11 +196,10 @@ class Number(Kind):
         self.expected = f"a number of at least {minimum}"
 
     def fromText(self, text):
-        try:
-            number = float(text.strip())
-        except ValueError:
-            raise ValueError(f"not a number: {text!r}") from None
-        return self.check(number)
+        # float() would also take "1_0", other scripts' digits and "nan".
+        if _DECIMAL.match(text) is None:
+            raise ValueError(f"not a number: {text[:30]!r}")
+        return self.check(float(text.strip()))
 
     def check(self, value):
         if not math.isfinite(value):

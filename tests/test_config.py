@@ -597,3 +597,29 @@ def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, m
         makeService(config)
     assert str(e.value).startswith(message)
     assert not (tmp_path / "m.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--max-recipients", "1_000"), "--max-recipients: not a whole number: '1_000'"),
+        (("--max-recipients", "\u0661\u0662"), "--max-recipients: not a whole number: '\u0661\u0662'"),
+        (("--max-recipients", "\uff11\uff12"), "--max-recipients: not a whole number: '\uff11\uff12'"),
+        (("--max-recipients", "9" * 5000), "--max-recipients: must be at most "),
+        (("--auth-failure-delay", "1_0"), "--auth-failure-delay: not a number: '1_0'"),
+        (("--auth-failure-delay", "\u0661"), "--auth-failure-delay: not a number: '\u0661'"),
+        (("--max-message-size", "9" * 5000), "--max-message-size: too large: "),
+    ],
+)
+def test_numbersAreWrittenInASCIIDigits(argv, message):
+    """
+    Python's int() and float() also take "1_000", other scripts' digits
+    and full-width ones, and give up past 4300 digits with a message of
+    their own: a setting is plain digits, and an endless one is too large.
+    """
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert str(e.value).startswith(message), str(e.value)
+    assert parse("--max-recipients", " 0100 ").config.maxRecipients == 100
+    assert parse("--auth-failure-delay", "2.5").config.authFailureDelay == 2.5
+    assert parse("--auth-failure-delay", "1e1").config.authFailureDelay == 10.0

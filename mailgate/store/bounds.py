@@ -13,6 +13,8 @@ where "no limit" is meant, the limits say so in words (C{none},
 C{never}).
 """
 
+import re
+
 from mailgate.store.lifecycle import formatSize, parseSize as _parseSize
 
 #: The largest size (a quota, a message): 1024T, 2**50 octets.
@@ -24,6 +26,13 @@ MAX_MESSAGES = 10**12
 MAX_DAYS = 36500
 
 
+# A whole number as settings are written: ASCII digits, a sign allowed (so
+# that "-3" is told it must not be negative, not that it is no number).
+_WHOLE = re.compile(r"\s*([+-]?)0*([0-9]+)\s*\Z", re.ASCII)
+# More digits than any bound has.
+_DIGITS = 30
+
+
 def parseSize(text):
     """
     Octets from a size as L{mailgate.store.lifecycle.parseSize} reads it
@@ -31,6 +40,9 @@ def parseSize(text):
 
     @raise ValueError: saying what is wrong.
     """
+    digits = re.match(r"\s*0*([0-9]*)", text or "", re.ASCII).group(1)
+    if len(digits) > _DIGITS:
+        raise ValueError(f"too large: {_shortened(text.strip())} (at most {formatSize(MAX_SIZE)})")
     octets = _parseSize(text)
     if octets > MAX_SIZE:
         raise ValueError(f"too large: {_shortened(text.strip())} (at most {formatSize(MAX_SIZE)})")
@@ -45,11 +57,15 @@ def parseWhole(text, maximum):
 
     @raise ValueError: saying what is wrong.
     """
-    try:
-        number = int(text.strip())
-    except ValueError:
-        raise ValueError(f"not a whole number: {_shortened(text)!r}") from None
-    return checkMaximum(number, maximum)
+    match = _WHOLE.match(text)
+    if match is None:
+        # int() would also take "1_000" and other scripts' digits ("١٢"):
+        # what an administrator writes in a configuration is ASCII.
+        raise ValueError(f"not a whole number: {_shortened(text)!r}")
+    if len(match.group(2)) > _DIGITS:
+        # Past any maximum, and past what int() converts (4300 digits).
+        raise ValueError(f"must be at most {maximum}, not {_shortened(match.group(2))}")
+    return checkMaximum(int(match.group(1) + match.group(2)), maximum)
 
 
 def checkMaximum(number, maximum):
