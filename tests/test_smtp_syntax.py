@@ -95,6 +95,9 @@ def test_quotedGreaterThanDoesNotEndThePath():
         "postmaster@[192.0.2.1]",
         "postmaster@[IPv6:2001:db8::1]",
         "postmaster@[IPv6:::1]",
+        "postmaster@[255.255.255.255]",
+        "postmaster@[010.0.0.1]",
+        "postmaster@[IPv6:::ffff:192.0.2.1]",
     ],
 )
 def test_addressLiterals(mailbox):
@@ -143,6 +146,11 @@ def test_validDotAtoms(mailbox):
         ("TO:<bob@exa_mple.org>", "invalid domain"),
         ("TO:<bob@[192.0.2.1>", "invalid domain"),
         ("TO:<bob@[not a literal]>", "invalid domain"),
+        ("TO:<bob@[300.1.1.1]>", "invalid address literal"),
+        ("TO:<bob@[192.0.2.256]>", "invalid address literal"),
+        ("TO:<bob@[IPv6:::::]>", "invalid address literal"),
+        ("TO:<bob@[IPv6:2001:db8::1::2]>", "invalid address literal"),
+        ("TO:<bob@[IPv6:12345::1]>", "invalid address literal"),
         ("TO:<" + "b" * 65 + "@example.org>", "local part too long"),
         ("TO:<b@" + "x" * 260 + ".org>", "address too long"),
         ("TO:<bob@example.org> SIZE", None),  # parses: RCPT parameters are the protocol's to refuse

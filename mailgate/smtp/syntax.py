@@ -8,6 +8,7 @@ parameters) and lenient where real clients commonly differ (a space after
 the colon, upper- or lower-case keywords).
 """
 
+import ipaddress
 import re
 import unicodedata
 
@@ -40,6 +41,21 @@ _SOURCE_ROUTE = re.compile(r"^@[^:,]+(,@[^:,]+)*:")
 # into the Return-Path and Received fields, where a reader that splits on
 # Unicode line ends (NEL, U+2028) would see fields the sender made up.
 _UNSAFE_CATEGORIES = frozenset(("Cc", "Zl", "Zp"))
+
+def _validLiteral(text):
+    """
+    Whether the inside of an address literal (RFC 5321 section 4.1.3) is an
+    address: each IPv4 number at most 255, an IPv6 address in one of its
+    written forms.
+    """
+    if text.startswith("IPv6:"):
+        try:
+            ipaddress.IPv6Address(text[5:])
+        except ValueError:
+            return False
+        return True
+    return all(int(number) <= 255 for number in text.split("."))
+
 
 MAX_PATH = 256
 MAX_LOCAL_PART = 64
@@ -85,7 +101,10 @@ def checkMailbox(mailbox, utf8=False):
         raise EnvelopeSyntaxError("local part too long")
     if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
         raise EnvelopeSyntaxError("invalid local part")
-    if _ADDRESS_LITERAL.match(domain):
+    literal = _ADDRESS_LITERAL.match(domain)
+    if literal:
+        if not _validLiteral(literal.group(1)):
+            raise EnvelopeSyntaxError("invalid address literal")
         return mailbox
     try:
         if domain.isascii():
