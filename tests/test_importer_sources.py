@@ -332,6 +332,56 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedWhileItIsKept(store, source):
     assert pop3(store)[0] == ["U2", "U3", "U4"]
 
 
+def test_aLaterRunDoesNotBringBackWhatUsersDeletedSince(store, source):
+    """
+    The same without deleted mail kept (the default): mailgate remembers
+    the ids it imported, with each message's size and digest, after the
+    user deletes the message, so the run after the switch skips it.  Under
+    a remembered id, another message (the old server reused the id) is a
+    failure, not skipped and not imported.
+    """
+    server = source(threeMessages())
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    assert session.command("DELE 1").startswith("+OK")
+    assert session.command("DELE 2").startswith("+OK")
+    session.command("QUIT")
+    assert pop3(store)[0] == ["U3"]
+    server.messages[4] = ("U4", message(4))
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.skipped, report.failures) == (1, 3, [])
+    assert pop3(store)[0] == ["U3", "U4"]
+    # U2 given to other octets of the same size (the old server reused the
+    # id): with --delete, which compares octets, a failure, and the source
+    # keeps it.
+    uidl, octets = server.messages[2]
+    server.messages[2] = (uidl, octets.replace(b"body of", b"BODY of"))
+    report = importPOP3(store, server.url, ALICE, PASSWORD, delete=True)
+    assert report.messages == 0
+    [failure] = report.failures
+    assert "unique id U2: an earlier import brought in another message" in failure, failure
+    assert 2 not in server.deleted and sorted(server.deleted) == [1, 3, 4]
+    assert pop3(store)[0] == ["U3", "U4"]
+
+
+def test_theIdsImportedForAUserGoWithTheUser(store, source):
+    """
+    Deleting a user forgets what was imported for them: the same address
+    added again starts afresh, and an import brings everything in.
+    """
+    from mailgate.testing import addUser, resultOf
+
+    server = source(threeMessages())
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
+    resultOf(store.deleteUser(ALICE))
+    addUser(store, ALICE, PASSWORD)
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
+    assert pop3(store)[0] == ["U1", "U2", "U3"]
+
+
 def test_aWrongPasswordIsNotTriedAgainWithAPOP(oldServer, store):
     """
     A refused PASS that says nothing of APOP is a wrong password: trying

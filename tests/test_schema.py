@@ -28,6 +28,7 @@ GROWING = {
     "body_chunks": "owner_id",
     "deleted_mail": "user_id",
     "pop3_sessions": "user_id",
+    "imported_ids": "user_id",
 }
 
 # The registry of live nodes (migration 3): one row per running server.

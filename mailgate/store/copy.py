@@ -97,6 +97,7 @@ _TABLES = [
             "deleted_at", "deleted_by",
         ),
     ),
+    ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at")),
 ]
 
 

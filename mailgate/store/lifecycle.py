@@ -22,6 +22,7 @@ inherits).  The rules they keep:
 import hashlib
 import re
 import secrets
+import time
 
 import attr
 
@@ -161,6 +162,7 @@ def _forgetUser(cursor, userId):
         references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
     releaseBodies(cursor, references)
     cursor.execute("DELETE FROM pop3_sessions WHERE user_id = ?", (userId,))
+    cursor.execute("DELETE FROM imported_ids WHERE user_id = ?", (userId,))
 
 
 _KEEP = object()
@@ -388,10 +390,15 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
 
 
+IMPORTED_COLUMNS = ("user_id", "uidl", "size", "digest", "imported_at")
+
+
 def _presentBodies(cursor, userId, uidls):
     """
     What a user's maildrop holds (or keeps deleted) under each of
-    C{uidls} it has: unique id to a list of C{(size, owner, body id)}.
+    C{uidls} it has: unique id to a list of C{(size, owner, body id,
+    None)}; or, for an id an earlier import brought in whose message is
+    gone since, C{[(size, None, None, SHA-256 of its octets)]}.
     """
     present = {}
     for batch in batches(sorted(set(uidls))):
@@ -402,13 +409,20 @@ def _presentBodies(cursor, userId, uidls):
                 (userId, *batch),
             )
             for uidl, size, owner, bodyId in cursor.fetchall():
-                present.setdefault(uidl, []).append((size, owner, bodyId))
+                present.setdefault(uidl, []).append((size, owner, bodyId, None))
+        cursor.execute(
+            f"SELECT uidl, size, digest FROM imported_ids WHERE user_id = ? AND uidl IN ({marks})",
+            (userId, *batch),
+        )
+        for uidl, size, digest in cursor.fetchall():
+            if uidl not in present:
+                present[uidl] = [(size, None, None, bytes(digest))]
     return present
 
 
 def _existingUidls(cursor, address, uidls):
     present = _presentBodies(cursor, _userId(cursor, address), uidls)
-    return {uidl: {size for size, _, _ in bodies} for uidl, bodies in present.items()}
+    return {uidl: {size for size, _, _, _ in bodies} for uidl, bodies in present.items()}
 
 
 def _storedDigest(cursor, owner, bodyId, size):
@@ -440,15 +454,26 @@ def _conflictWith(cursor, stored, source):
     mailbox) can have given it to other mail, and an importer deletes
     from its source what is already present.
     """
-    sizes = [size for size, _, _ in stored]
+    sizes = [size for size, _, _, _ in stored]
     if source.size not in sizes:
         return (
             f"the maildrop already has another message under this unique id "
             f"({' or '.join(map(str, sizes))} octets, this one {source.size})"
         )
     digest = _sourceDigest(source)
-    for size, owner, bodyId in stored:
-        if size == source.size and _storedDigest(cursor, owner, bodyId, size) == digest:
+    for size, owner, bodyId, importedDigest in stored:
+        if size != source.size:
+            continue
+        if importedDigest is not None:
+            # Imported before and deleted here since: the same message
+            # again is skipped, not brought back.
+            if importedDigest == digest:
+                return None
+            return (
+                f"an earlier import brought in another message of the same size ({size} octets) "
+                f"under this unique id"
+            )
+        if _storedDigest(cursor, owner, bodyId, size) == digest:
             return None
     return f"the maildrop already has another message of the same size ({source.size} octets) under this unique id"
 
@@ -553,6 +578,13 @@ def _importMessages(cursor, address, items):
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
+    # Remembered after the message is gone: a later run must not bring
+    # back what the user deletes here meanwhile.
+    now = int(time.time())
+    insertRows(
+        cursor, "imported_ids", IMPORTED_COLUMNS,
+        [(userId, uidl, source.size, _sourceDigest(source), now) for uidl, source, _ in fresh],
+    )
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 

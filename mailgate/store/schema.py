@@ -282,6 +282,27 @@ MIGRATIONS = [
         ],
         dialects=("postgres",),
     ),
+    Migration(
+        8,
+        "the unique ids imported from another server, remembered after their messages are gone",
+        [
+            # A later run of an import (the last one after the switch)
+            # skips what an earlier one brought in, also once the user has
+            # deleted it here: it must not come back.  The size and the
+            # SHA-256 of the octets tell the same message from another one
+            # the old server gave the same id.
+            """
+            CREATE TABLE imported_ids (
+                user_id {bigint} NOT NULL,
+                uidl TEXT NOT NULL,
+                size {bigint} NOT NULL,
+                digest {blob} NOT NULL,
+                imported_at {bigint} NOT NULL,
+                PRIMARY KEY (user_id, uidl)
+            ) {without_rowid}
+            """,
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
