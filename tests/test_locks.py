@@ -220,6 +220,19 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     assert failure.check(TemporaryFailure)
 
 
+def addUserWithThreeMessages(url):
+    """
+    The first of L{USERS}, with three messages, made on a store of its own.
+    """
+    setup = memoryStore(url)
+    try:
+        addUser(setup, USERS[0], "pw")
+        for n in range(3):
+            deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    finally:
+        setup.close()
+
+
 class RecordingReactor(IteratedReactor):
     """
     A reactor of the test's own that notes every reader, timer and call
@@ -259,13 +272,7 @@ def test_openStoreRunsTheLocksOnTheReactorItIsGiven(postgresURL):
     from mailgate.store import openStore
     from mailgate.store.pgreactor import ReactorConnection
 
-    setup = memoryStore(postgresURL)
-    try:
-        addUser(setup, USERS[0], "pw")
-        for n in range(3):
-            deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
-    finally:
-        setup.close()
+    addUserWithThreeMessages(postgresURL)
     reactor = RecordingReactor()
     store = openStore(postgresURL, reactor)
     try:
@@ -296,13 +303,7 @@ def test_aQuitWhoseLockWentWithItsConnectionDeletesNothing(postgresURL):
     """
     from mailgate.store import openStore
 
-    setup = memoryStore(postgresURL)
-    try:
-        addUser(setup, USERS[0], "pw")
-        for n in range(3):
-            deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
-    finally:
-        setup.close()
+    addUserWithThreeMessages(postgresURL)
     reactor = RecordingReactor()
     store = openStore(postgresURL, reactor)
     other = openStore(postgresURL, reactor)
