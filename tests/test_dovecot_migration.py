@@ -127,6 +127,19 @@ def newDatabase(tmp_path, name):
 
 
 @sqliteOnly
+
+def servedByMailgate(store):
+    """
+    The UIDL and LIST listings (their lines) mailgate serves ALICE from
+    C{store}, for comparing with what Dovecot served.
+    """
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    return (
+        session.command("UIDL").split("\r\n")[1:-2],
+        session.command("LIST").split("\r\n")[1:-2],
+    )
+
 def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
     for message in lmtpMessages():
         dovecot.deliver(ALICE, message)
@@ -169,10 +182,7 @@ def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
         from mailgate.importers.maildir import importMaildir
 
         assert importMaildir(synced, dovecot.maildir(ALICE), ALICE).messages == 9
-        session = POP3Session(synced)
-        session.login(ALICE, PASSWORD)
-        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
-        assert session.command("LIST").split("\r\n")[1:-2] == listing
+        assert servedByMailgate(synced) == (uidl, listing)
     finally:
         synced.close()
 
@@ -233,10 +243,7 @@ def test_maildirWithoutUidListLikeDovecotsFileNameIds(tmp_path):
         from mailgate.importers.maildir import importMaildir
 
         assert importMaildir(store, files, ALICE).messages == 4
-        session = POP3Session(store)
-        session.login(ALICE, PASSWORD)
-        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
-        assert session.command("LIST").split("\r\n")[1:-2] == listing
+        assert servedByMailgate(store) == (uidl, listing)
     finally:
         store.close()
 
@@ -275,10 +282,7 @@ def test_savedUidlsWinOverTheFormat(tmp_path):
         from mailgate.importers.maildir import importMaildir
 
         assert importMaildir(store, files, ALICE).messages == 3
-        session = POP3Session(store)
-        session.login(ALICE, PASSWORD)
-        assert session.command("UIDL").split("\r\n")[1:-2] == before[0]
-        assert session.command("LIST").split("\r\n")[1:-2] == before[1]
+        assert servedByMailgate(store) == (before[0], before[1])
     finally:
         store.close()
 
@@ -324,10 +328,7 @@ def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat):
                 addUser(store, ALICE, PASSWORD)
                 report = how(store)
                 assert (report.messages, report.failures) == (4, [])
-                session = POP3Session(store)
-                session.login(ALICE, PASSWORD)
-                assert session.command("UIDL").split("\r\n")[1:-2] == uidl
-                assert session.command("LIST").split("\r\n")[1:-2] == listing
+                assert servedByMailgate(store) == (uidl, listing)
             finally:
                 store.close()
         assert server.errorsLogged() == []
@@ -365,10 +366,7 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
         server.cleanup()
     store = memoryStore(database)
     try:
-        session = POP3Session(store)
-        session.login(ALICE, PASSWORD)
-        assert session.command("UIDL").split("\r\n")[1:-2] == uidl
-        assert session.command("LIST").split("\r\n")[1:-2] == listing
+        assert servedByMailgate(store) == (uidl, listing)
     finally:
         store.close()
 

@@ -1346,6 +1346,25 @@ def test_aUserDeletedWhileAMessageToThemIsBeingCommittedLeavesNothingBehind(stor
     assert bodyCount(store) == (0, 0)
 
 
+def _whileADeliveryCommits(databaseURL, clock, work):
+    """
+    The result of C{work()} (a store call) run while another connection's
+    delivery of a second message to ALICE is committing (its transaction
+    open, holding the mailbox row).
+    """
+    from mailgate.message import spoolBytes
+    from mailgate.store.sql import _deliverOne
+
+    sender = memoryStore(databaseURL)
+    try:
+        conn = sender.database.connection
+        cursor = sender.engine.begin(conn, True)
+        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
+        return _whileBlocked(databaseURL, lambda: resultOf(work()), conn)
+    finally:
+        sender.close()
+
+
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 def test_aMessageCommittedWhileRetentionLooksAtItsMaildropStillExpires(store, databaseURL):
     """
@@ -1357,22 +1376,12 @@ def test_aMessageCommittedWhileRetentionLooksAtItsMaildropStillExpires(store, da
     maildrop with no oldest arrival is never looked at again: the message
     stayed for good, until some later delivery.
     """
-    from mailgate.message import spoolBytes
-    from mailgate.store.sql import _deliverOne
-
     clock = Clocked(store)
     store.limits.expireDays = 3
     deliver(store, [ALICE], message(1))
     popDelete(store, ALICE, "wonderland", 1)
     clock.days(5)
-    sender = memoryStore(databaseURL)
-    try:
-        conn = sender.database.connection
-        cursor = sender.engine.begin(conn, True)
-        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
-        assert _whileBlocked(databaseURL, lambda: resultOf(store.expireMessages()), conn) == (0, 0)
-    finally:
-        sender.close()
+    assert _whileADeliveryCommits(databaseURL, clock, store.expireMessages) == (0, 0)
     assert len(resultOf(store.listMessages(ALICE))) == 1
     clock.days(4)
     assert resultOf(store.expireMessages()) == (1, 0)
@@ -1386,22 +1395,12 @@ def test_aMessageCommittedWhileAnExpungeLooksAtItsMaildropStillExpires(store, da
     that finds nothing to remove while a delivery to the user commits
     must not write "no message" as the maildrop's oldest arrival.
     """
-    from mailgate.message import spoolBytes
-    from mailgate.store.sql import _deliverOne
-
     clock = Clocked(store)
     store.limits.expireDays = 3
     deliver(store, [ALICE], message(1))
     popDelete(store, ALICE, "wonderland", 1)
     clock.days(5)
-    sender = memoryStore(databaseURL)
-    try:
-        conn = sender.database.connection
-        cursor = sender.engine.begin(conn, True)
-        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
-        assert _whileBlocked(databaseURL, lambda: resultOf(store.expungeMessages(ALICE, 3)), conn) == 0
-    finally:
-        sender.close()
+    assert _whileADeliveryCommits(databaseURL, clock, lambda: store.expungeMessages(ALICE, 3)) == 0
     assert len(resultOf(store.listMessages(ALICE))) == 1
     clock.days(4)
     assert resultOf(store.expireMessages()) == (1, 0)

@@ -34,6 +34,7 @@ from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
     DELIVERED_COLUMNS,
+    IMPORTED_COLUMNS,
     MAILDROP_COLUMNS,
     batches,
     bodyPieces,
@@ -388,9 +389,6 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
          min(row[6] for row in rows), userId),
     )
     return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
-
-
-IMPORTED_COLUMNS = ("user_id", "uidl", "size", "digest", "imported_at")
 
 
 def _presentBodies(cursor, userId, uidls):
