@@ -126,8 +126,6 @@ def newDatabase(tmp_path, name):
     return url
 
 
-@sqliteOnly
-
 def servedByMailgate(store):
     """
     The UIDL and LIST listings (their lines) mailgate serves ALICE from
@@ -140,6 +138,8 @@ def servedByMailgate(store):
         session.command("LIST").split("\r\n")[1:-2],
     )
 
+
+@sqliteOnly
 def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
     for message in lmtpMessages():
         dovecot.deliver(ALICE, message)
