@@ -29,6 +29,17 @@ class TemporaryFailure(MailgateError):
     """
 
 
+class CommitUncertain(TemporaryFailure):
+    """
+    The connection to the database was lost while a write's COMMIT was on
+    its way: the change may or may not have taken effect, and only asking
+    the database again can tell.  Unlike other temporary failures, it is
+    not certain that nothing changed, so replies must not say so (POP3's
+    QUIT says the deleted messages may or may not have been removed; a
+    client that retries a delivery may store it twice, as with any MTA).
+    """
+
+
 class MaildropInUse(MailgateError):
     """
     Another session holds the maildrop's exclusive lock (RFC 1939 section 8,

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from e2e import postgresOnly
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import CommitUncertain, TemporaryFailure
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
 from mailgate.pop3.protocol import POP3Server
 from mailgate.store.sql import CHUNK_SIZE
@@ -172,6 +172,28 @@ def test_twistedDefect_quitFailureIsReportedAndRemovesNothing(faulty):
     assert s.disconnected
     assert len(stored(faulty, ALICE)) == 3
     # And the lock was released.
+    faulty.heal()
+    assert POP3Session(faulty).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aQuitWhoseRemovalMayHaveCommittedDoesNotSayNoneWereRemoved(faulty):
+    """
+    The database connection was lost while the removal's COMMIT was on its
+    way: the deleted messages may or may not be gone, and QUIT says so
+    (with [SYS/TEMP]) rather than "none were removed", which could be
+    false.
+    """
+    for n in range(3):
+        deliver(faulty, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    s = loggedIn(faulty)
+    s.command("DELE 1")
+    faulty.fail("expunge", CommitUncertain("database connection lost while committing"))
+    reply = s.command("QUIT")
+    assert reply == (
+        "-ERR [SYS/TEMP] lost the database while removing the deleted messages; "
+        "they may or may not have been removed\r\n"
+    )
+    assert s.disconnected
     faulty.heal()
     assert POP3Session(faulty).login(ALICE, PASSWORD).startswith("+OK")
 
@@ -618,3 +640,101 @@ def _pumpUntil(reactor, done, timeout=20):
         except queue.Empty:
             continue
         function(*args)
+
+
+# -- a connection lost while a COMMIT is on its way ---------------------------------
+
+
+def _slowCommits(cursor):
+    # A deferred constraint trigger runs inside COMMIT: removing a message
+    # then makes COMMIT wait, long enough to end its backend meanwhile.
+    cursor.execute(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$"
+    )
+    cursor.execute(
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER DELETE ON maildrop "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    )
+
+
+def _fastCommits(cursor):
+    cursor.execute("DROP TRIGGER slow_commit ON maildrop")
+    cursor.execute("DROP FUNCTION slow_commit()")
+
+
+def _firstMessage(cursor):
+    cursor.execute("SELECT user_id, uid FROM maildrop ORDER BY uid LIMIT 1")
+    return tuple(cursor.fetchone())
+
+
+def _endTheCommittingBackend(conninfo, ended):
+    """
+    End the backend that is inside COMMIT, from another thread (the test's
+    reactor is busy waiting for the removal), within a bounded time.
+    """
+    import time
+
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            row = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active' "
+                "AND wait_event = 'PgSleep'"
+            ).fetchone()
+            if row is not None:
+                admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                ended.append(row[0])
+                return
+            time.sleep(0.05)
+
+
+@postgresOnly
+def test_aRemovalWhoseConnectionIsLostDuringCommitIsUncertain(databaseURL):
+    """
+    The writer's backend is ended while it runs the COMMIT of a QUIT's
+    removal (a database restart or failover at that moment): whether the
+    COMMIT took effect is unknown, so it is not run again and the failure
+    is CommitUncertain, which POP3 reports as "may or may not have been
+    removed".  A write whose connection was lost before its COMMIT is
+    still run again (test above); this one is not, as running a removal
+    twice, or a delivery, could do it twice.
+    """
+    import threading
+
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.message import spoolBytes
+    from mailgate.store import openStore
+    from mailgate.store.postgres import _conninfo
+    from mailgate.store.rows import removeMessages
+    from mailgate.testing import TEST_HASH_COST
+    from pumped import PumpedReactor
+
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    try:
+        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        for n in range(3):
+            reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: %d\r\n\r\nbody\r\n" % n)))
+        assert not isinstance(reactor.wait(store.database.runWrite(_slowCommits)), Failure)
+        userId, uid = reactor.wait(store.database.runInteraction(_firstMessage))
+        ended = []
+        ender = threading.Thread(target=_endTheCommittingBackend, args=(_conninfo(databaseURL), ended))
+        ender.start()
+        try:
+            # What a QUIT's removal runs (behind the maildrop lock's check).
+            outcome = reactor.wait(store.database.runWrite(removeMessages, userId, [uid]))
+        finally:
+            ender.join(20)
+        assert ended, "no COMMIT was seen waiting in the trigger"
+        assert isinstance(outcome, Failure) and outcome.check(CommitUncertain), outcome
+        assert not isinstance(reactor.wait(store.database.runWrite(_fastCommits)), Failure)
+        # Asked again, the database tells: here the COMMIT had not
+        # completed, so the three messages are there; the store works on.
+        assert len(reactor.wait(store.listMessages(ALICE))) == 3
+        delivered = reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: after\r\n\r\nbody\r\n")))
+        assert not isinstance(delivered, Failure), delivered
+    finally:
+        reactor.wait(store.close())

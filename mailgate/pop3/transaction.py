@@ -10,7 +10,7 @@ them, all at once.
 
 from twisted.python.failure import Failure
 
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import CommitUncertain, TemporaryFailure
 from mailgate.pop3.arguments import arguments, lineCount, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
 from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
@@ -249,6 +249,13 @@ class TransactionCommands:
                 self.logWarning("pop3.update_failed", f"pop3 update failed: {failure.value}")
             else:
                 self.logFailure("pop3.update_failed", "pop3 update failed", failure)
+            if failure.check(CommitUncertain):
+                # The removal's COMMIT went out and its answer was lost:
+                # "none were removed" could be false.
+                return (
+                    "-ERR [SYS/TEMP] lost the database while removing the deleted messages; "
+                    "they may or may not have been removed\r\n"
+                )
             return "-ERR [SYS/TEMP] could not remove the deleted messages; none were removed\r\n"
 
         def finish(reply):

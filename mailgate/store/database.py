@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import MailgateError, TemporaryFailure
+from mailgate.errors import CommitUncertain, MailgateError, TemporaryFailure
 from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
@@ -125,9 +125,9 @@ def runTransaction(engine, conn, function, args, kwargs, write):
             if write:
                 _lostBeforeCommit(engine, e)
             raise
-        engine.commit(conn)
+        _commit(engine, conn)
         return result
-    except _LostBeforeCommit:
+    except (_LostBeforeCommit, CommitUncertain):
         raise
     except Exception as e:
         _raiseTranslated(engine, e)
@@ -215,8 +215,8 @@ def _runBatch(engine, conn, batch, savepoints):
         with engine.pipeline(conn) if pipelined else _nothing():
             results = _runItems(engine, cursor, batch, savepoints)
         committing = True
-        engine.commit(conn)
-    except _ItemFailed:
+        _commit(engine, conn)
+    except (_ItemFailed, CommitUncertain):
         _rollbackQuietly(engine, conn)
         raise
     except Exception as e:
@@ -229,6 +229,22 @@ def _runBatch(engine, conn, batch, savepoints):
             raise _ItemFailed() from e
         raise
     return results
+
+
+def _commit(engine, conn):
+    """
+    Commit on C{conn}; a connection lost meanwhile leaves the outcome
+    unknown.
+
+    @raise CommitUncertain: the connection was lost while the COMMIT was
+        on its way.
+    """
+    try:
+        engine.commit(conn)
+    except Exception as e:
+        if engine.isDisconnect(e):
+            raise CommitUncertain(f"database connection lost while committing: {e}".strip()) from e
+        raise
 
 
 def _rollbackQuietly(engine, conn):
