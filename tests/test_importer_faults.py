@@ -25,6 +25,7 @@ from mailgate.importers import ImportFailed, renameDuplicates
 from mailgate.importers import maildir as maildirImporter
 from mailgate.importers.maildir import importMaildir
 from mailgate.importers.pop3 import importPOP3
+from mailgate.message import spoolBytes
 from mailgate.testing import resultOf
 from test_importers import ALICE, PASSWORD, pop3, store, writeMaildir  # noqa: F401 (fixture)
 
@@ -60,9 +61,7 @@ def test_maildirDuplicateIdsAreAllImported(store, tmp_path):
 
 
 def test_theStoreNeverDropsAnIdGivenTwice(store):
-    from mailgate.importers import BytesSource
-
-    items = [("same", BytesSource(b"Subject: %d\r\n\r\nx\r\n" % n), NOW) for n in range(2)]
+    items = [("same", spoolBytes(b"Subject: %d\r\n\r\nx\r\n" % n), NOW) for n in range(2)]
     imported, skipped, conflicts = resultOf(store.importMessages(ALICE, items))
     assert (imported, skipped) == (["same"], [])
     assert conflicts == [("same", "the same unique id is given to two messages")]

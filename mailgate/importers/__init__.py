@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from mailgate.errors import MailgateError
 from mailgate.interfaces import IMessageSource
-from mailgate.message import MAX_DOT_OFFSETS, DotLineFinder, dotLineOffsets
+from mailgate.message import DotLineFinder
 
 #: The longest unique id imported.  RFC 1939 says 70 octets, but servers
 #: serve longer ones (Dovecot's C{%f} is a maildir file name, past 70
@@ -143,29 +143,6 @@ def headerSizeOf(head):
         return 2
     end = head.find(b"\r\n\r\n")
     return None if end < 0 else end + 4
-
-
-@implementer(IMessageSource)
-class BytesSource:
-    """
-    A message held in memory, already in CRLF form.
-    """
-
-    def __init__(self, data):
-        self._data = data
-        self.size = len(data)
-        header = headerSizeOf(data)
-        self.headerSize = self.size if header is None else header
-        self.dotLines = data[:1] == b"." or b"\n." in data
-        offsets = dotLineOffsets(data) if self.dotLines else []
-        self.dotOffsets = offsets if len(offsets) <= MAX_DOT_OFFSETS else None
-
-    def chunks(self, chunkSize):
-        for start in range(0, len(self._data), chunkSize):
-            yield self._data[start : start + chunkSize]
-
-    def close(self):
-        self._data = b""
 
 
 class NotAFile(ImportFailed):
