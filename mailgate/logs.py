@@ -180,20 +180,40 @@ class _SecondStamps:
 def classicTextLine(event, _stamps=_SecondStamps()):
     """
     An event as the line Twisted's text log observer writes
-    (C{"{time} [{system}] {text}"}), the same octets, made faster for
-    mailgate's own events, which carry their text already formatted (a
-    session logs two or more per connection: formatting them Twisted's
-    way cost a tenth of a short POP3 session).
+    (C{"{time} [{system}] {text}"}), made faster for mailgate's own
+    events, which carry their text already formatted (a session logs two
+    or more per connection: formatting them Twisted's way cost a tenth of
+    a short POP3 session).
+
+    A connection's events name their session in the brackets
+    (C{"[mailgate.pop3#info session=3f9a2c71b04e.17]"}), as Dovecot's
+    lines carry C{session=<...>}: an administrator follows one connection
+    through a busy log, or the logs of several nodes, with one C{grep}
+    (the JSON format has it as its C{session} key).
     """
     line = event.get("line")
+    session = event.get("session")
     if event.get("log_format") != "{line}" or not isinstance(line, str) or "log_failure" in event:
+        if isinstance(session, str):
+            event = dict(event, log_system=f"{_system(event)} session={session}")
         return formatEventAsClassicLogText(event, formatTime=_stamps)
+    system = _system(event)
+    if isinstance(session, str):
+        system = f"{system} session={session}"
+    text = f"{_stamps(event.get('log_time'))} [{system}] {line}"
+    return text.replace("\n", "\n\t") + "\n"
+
+
+def _system(event):
+    """
+    What Twisted's text lines show in brackets: the event's C{log_system},
+    or its namespace and level.
+    """
     system = event.get("log_system")
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    text = f"{_stamps(event.get('log_time'))} [{system}] {line}"
-    return text.replace("\n", "\n\t") + "\n"
+    return system
 
 
 def jsonFileLogObserver(stream):

@@ -295,6 +295,41 @@ def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
     assert "correct horse" not in server.stdout and "wrong battery" not in server.stdout
 
 
+@sqliteOnly
+def test_textLinesNameTheirSession(mailgate_server, mailgate_cli):
+    """
+    In the text format each line of a connection names its session
+    (C{session=<id>} in the brackets), so one client's lines can be picked
+    out of a busy log: a refused login and a good one are two sessions,
+    and every line of each carries its own id.
+    """
+    server = mailgate_server("--no-apop")
+    mailgate_cli.addUser("alice@example.org", "correct horse")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("alice@example.org")
+    with pytest.raises(poplib.error_proto):
+        pop.pass_("wrong battery")
+    pop.quit()
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user("alice@example.org")
+    pop.pass_("correct horse")
+    pop.stat()
+    pop.quit()
+    assert server.stop() in (0, -signal.SIGTERM)
+    sessions = {}
+    for line in server.stdout.splitlines():
+        found = re.search(r"^\S+ \[[^\]]* session=([0-9a-f]{12}\.\d+)\] (.*)$", line)
+        if found:
+            sessions.setdefault(found.group(1), []).append(found.group(2))
+    failed = [i for i, lines in sessions.items() if any("alice@example.org" in t and "fail" in t for t in lines)]
+    good = [i for i, lines in sessions.items() if any("pop3 login user=alice@example.org" in t for t in lines)]
+    assert len(failed) == 1 and len(good) == 1 and failed != good, sessions
+    # The good session's end carries its id too.
+    assert any(t.startswith("pop3 logout user=alice@example.org") for t in sessions[good[0]]), sessions
+    # Lines of no connection name none.
+    assert any("listening on" in line and "session=" not in line for line in server.stdout.splitlines())
+
+
 class LoggingServer(ServerProcess):
     """
     A twistd whose log goes to a file (-l FILE), read back for the
