@@ -47,13 +47,15 @@ def test_heldRepliesLeaveTogether(connection):
     transport, protocol, client, reactor = connection
     writer = ReplyWriter(protocol)
     client.setblocking(False)
-    with writer.holding():
-        writer.write(b"250 one\r\n")
-        with writer.holding():
-            writer.write(b"250 two\r\n")
-        with pytest.raises(BlockingIOError):
-            client.recv(100)
-        writer.write(b"354 go on\r\n")
+    assert writer.hold()
+    writer.write(b"250 one\r\n")
+    # Holds nest: only the call that began holding releases.
+    assert not writer.hold()
+    writer.write(b"250 two\r\n")
+    with pytest.raises(BlockingIOError):
+        client.recv(100)
+    writer.write(b"354 go on\r\n")
+    writer.release()
     client.setblocking(True)
     assert receive(client, 29) == b"250 one\r\n250 two\r\n354 go on\r\n"
     assert transport not in reactor.writers
@@ -62,11 +64,12 @@ def test_heldRepliesLeaveTogether(connection):
 def test_flushSendsWhatIsHeld(connection):
     transport, protocol, client, reactor = connection
     writer = ReplyWriter(protocol)
-    with writer.holding():
-        writer.write(b"+OK begin TLS negotiation\r\n")
-        writer.flush()
-        assert receive(client, 27) == b"+OK begin TLS negotiation\r\n"
-        writer.write(b"+OK later\r\n")
+    writer.hold()
+    writer.write(b"+OK begin TLS negotiation\r\n")
+    writer.flush()
+    assert receive(client, 27) == b"+OK begin TLS negotiation\r\n"
+    writer.write(b"+OK later\r\n")
+    writer.release()
     assert receive(client, 11) == b"+OK later\r\n"
 
 
@@ -117,10 +120,11 @@ def sendPieces(writer, client, reactor, transport):
     writer.writeParts([b"+OK\r\n", view[:5], b".", view[5:], b".\r\n"])
     assert receive(client, 18) == b"+OK\r\n..a\r\n..b\r\n.\r\n"
     assert transport not in reactor.writers
-    with writer.holding():
-        writer.write(b"+OK 1\r\n")
-        writer.writeParts([b"x", view[5:7], b"\r\n"])
-        assert writer.heldSize == 12
+    writer.hold()
+    writer.write(b"+OK 1\r\n")
+    writer.writeParts([b"x", view[5:7], b"\r\n"])
+    assert writer.heldSize == 12
+    writer.release()
     assert receive(client, 12) == b"+OK 1\r\nx.b\r\n"
 
 
@@ -158,10 +162,11 @@ def test_otherTransportsAreWrittenAsUsual():
     protocol.makeConnection(transport)
     writer = ReplyWriter(protocol)
     writer.write(b"a")
-    with writer.holding():
-        writer.write(b"b")
-        writer.write(b"c")
-        assert transport.value() == b"a"
+    writer.hold()
+    writer.write(b"b")
+    writer.write(b"c")
+    assert transport.value() == b"a"
+    writer.release()
     assert transport.value() == b"abc"
     writer.writeParts([b"d", memoryview(b"ef")[1:]])
     assert transport.value() == b"abcdf"

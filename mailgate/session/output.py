@@ -32,12 +32,12 @@ class ReplyWriter:
     through the loop, for each command.  Like asyncio's transports, this
     sends at once when the kernel's buffer has room, which it nearly always
     has.  The replies to the commands of one read (a pipelining client's)
-    are gathered while L{holding} and sent together.
+    are gathered between L{hold} and L{release} and sent together.
 
     @param protocol: the session; its C{transport} is looked up for each
         write, as it may change (TLS started after connecting).
 
-    @ivar heldSize: octets held now, waiting for the end of L{holding}.
+    @ivar heldSize: octets held now, waiting for L{release}.
     """
 
     #: pieces given to L{writeParts} that add up to at most this many
@@ -72,7 +72,7 @@ class ReplyWriter:
 
     def write(self, data):
         """
-        Send C{data}, or keep it with the others if L{holding}.
+        Send C{data}, or keep it with the others while held (L{hold}).
         """
         if self._held is not None:
             self._held.append(data)
@@ -83,7 +83,7 @@ class ReplyWriter:
     def writeParts(self, parts):
         """
         Send the bytes-like C{parts} one after the other, or keep them with
-        the others if L{holding}: a large reply made of pieces (a stuffed
+        the others while held: a large reply made of pieces (a stuffed
         message) goes to the kernel without being joined first.
         """
         size = sum(map(len, parts))
@@ -144,23 +144,3 @@ class ReplyWriter:
         """
         self.flush()
         self._held = None
-
-    def holding(self):
-        """
-        A context manager: writes inside it go out together at its end.
-        """
-        return _Holding(self)
-
-
-class _Holding:
-    def __init__(self, writer):
-        self._writer = writer
-        self._outer = False
-
-    def __enter__(self):
-        self._outer = self._writer.hold()
-
-    def __exit__(self, *exc):
-        if self._outer:
-            self._writer.release()
-        return False
