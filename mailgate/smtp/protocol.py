@@ -120,7 +120,6 @@ class SMTPServer(CommandSession):
         self._helo = None
         self._esmtp = False
         self._envelope = None
-        self._dataEnd = None
         self._dataTimer = None
 
     @property
