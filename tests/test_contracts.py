@@ -211,3 +211,48 @@ def test_noGlobalReactorBelowTheService():
         if "import reactor" in text or "internet.reactor" in text:
             reaching.append(path.relative_to(root).as_posix())
     assert reaching == []
+
+
+def test_everyInterfaceHasAnInMemoryImplementation():
+    """
+    Each contract of L{mailgate.interfaces} has an implementation a test
+    or an embedder can use without a database server or a reactor, and it
+    provides the whole contract: a new interface without one fails here.
+    """
+    from zope.interface.interface import InterfaceClass
+
+    from mailgate import interfaces
+    from mailgate.message import spoolBytes
+    from mailgate.policy import OpenPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, "pw")
+        deliver(store, [ALICE], b"Subject: x\r\n\r\nbody\r\n")
+        maildrop = resultOf(store.openMaildrop(resultOf(store.findUser(ALICE))))
+        inMemory = {
+            interfaces.IMessageSource: spoolBytes(b"Subject: x\n\nbody\n"),
+            interfaces.IMessageBody: resultOf(maildrop.openMessage(0)),
+            interfaces.IMessageReads: store.reads,
+            interfaces.IMaildrop: maildrop,
+            interfaces.IMaildropLocks: store.locks,
+            interfaces.IMailStore: store,
+            interfaces.ILifecycleStore: store,
+            interfaces.IEngine: store.database.engine,
+            interfaces.IDatabase: store.database,
+            interfaces.IBatchableWrite: _deliver,
+            interfaces.IConnectionPolicy: OpenPolicy(),
+            interfaces.IPolicyStore: MemoryPolicyStore(),
+        }
+        declared = {
+            value for value in vars(interfaces).values()
+            if isinstance(value, InterfaceClass) and value.__module__ == interfaces.__name__
+        }
+        assert set(inMemory) == declared
+        for interface, provider in inMemory.items():
+            assert verifyObject(interface, provider), interface
+        assert store.database.engine.ephemeral and store.database.reactor is None
+        resultOf(maildrop.release())
+    finally:
+        store.close()
