@@ -70,7 +70,13 @@ class IMessageBody(Interface):
     def read():
         """
         Return a L{Deferred} firing with the next piece of the message, or
-        with C{b""} once the whole message has been read.
+        with C{b""} once the whole message has been read (and again at
+        every call after that).  The pieces add up to L{size} octets.
+
+        The caller asks for the next piece only once the previous one has
+        arrived: a body keeps no queue of reads.  Fails with
+        L{mailgate.errors.TemporaryFailure} when the store cannot read the
+        message now.
         """
 
 
@@ -102,7 +108,8 @@ class IMessageReads(Interface):
 
     def close():
         """
-        Let go of any connection; reads asked for after this fail.
+        Let go of any connection; reads asked for after this fail.  May
+        return a L{Deferred} that fires once they are closed.
         """
 
 
@@ -127,13 +134,22 @@ class IMaildrop(Interface):
     def uniqueIds(first, count):
         """
         The persistent unique ids (RFC 1939 section 7) of C{count} messages
-        starting at index C{first}, as a L{Deferred} list of L{str}.
+        starting at index C{first}, as a L{Deferred} list of L{str}: fewer
+        where the snapshot ends first.  A message's id is the same in every
+        session, and never another message's in the same maildrop.  Fails
+        with L{mailgate.errors.TemporaryFailure} when the store cannot
+        answer now.
         """
 
     def openMessage(index, headerOnly=False):
         """
-        Open a message for reading: a L{Deferred} L{IMessageBody}.
+        Open a message for reading: a L{Deferred} L{IMessageBody}.  Each
+        call gives a body of its own, read from the start; a message may
+        be opened again (a client's second RETR).  Fails with
+        L{mailgate.errors.TemporaryFailure} when the store cannot read it
+        now.
 
+        @param index: a message number minus one, within L{sizes}.
         @param headerOnly: read only the header section (for C{TOP n 0});
             the body then reports the header's size as its size.
         """
@@ -185,7 +201,8 @@ class IMaildropLocks(Interface):
     def acquire(userId):
         """
         Lock a maildrop: a L{Deferred} that fires when the lock is held, or
-        fails with L{MaildropInUse}.
+        fails with L{MaildropInUse} at once (it never waits for another
+        session to end).
         """
 
     def acquireAndSnapshot(userId, passwordHash, address=None):
@@ -258,21 +275,34 @@ class IMailStore(Interface):
         Whether any user has APOP enabled: a L{Deferred} L{bool}.
         """
 
+    def sharedSecret(name):
+        """
+        The deployment's random secret named C{name} (a L{Deferred} of 32
+        octets): made by the first caller, then the same for every node
+        sharing the database, and after restarts.  For keys whose output
+        must agree across nodes, such as the SCRAM salt made up for
+        unknown users.
+        """
+
     def addUser(address, credentials):
         """
-        Create a user with the given L{mailgate.auth.passwords.StoredCredentials}.
-        Fails with L{mailgate.errors.UserExists} if the address is taken.
+        Create a user with the given L{mailgate.auth.passwords.StoredCredentials}:
+        a L{Deferred} that fires once the user is durably committed.  Fails
+        with L{mailgate.errors.UserExists} if the address is taken.
         """
 
     def setCredentials(address, credentials):
         """
         Replace a user's stored password material (hash, SCRAM keys, APOP
-        secret).  Fails with L{mailgate.errors.NoSuchUser}.
+        secret): a L{Deferred} that fires once committed.  A POP3 session
+        opened after that must use the new password (see L{openMaildrop}).
+        Fails with L{mailgate.errors.NoSuchUser}.
         """
 
     def deleteUser(address):
         """
-        Remove a user and their maildrop.  Message bodies still referenced by
+        Remove a user and their maildrop, in one transaction: a L{Deferred}
+        that fires once committed.  Message bodies still referenced by
         other maildrops stay.  Fails with L{mailgate.errors.NoSuchUser}, or
         L{mailgate.errors.MaildropInUse} while the user is in a POP3 session
         (which would go on answering for mail that is gone).
