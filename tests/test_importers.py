@@ -137,6 +137,29 @@ def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):
     assert (spool.dotLines, spool.dotOffsets) == (True, expected)
 
 
+def test_importSourcesProvideIMessageSource(tmp_path):
+    """
+    What the importers hand the store is a whole L{IMessageSource}, as
+    SMTP's spool is: the store reads nothing else of it.
+    """
+    from zope.interface.verify import verifyObject
+
+    from mailgate.importers.pop3 import SpoolSource
+    from mailgate.interfaces import IMessageSource
+
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: x\n\nbody\n")
+    source = FileSource(str(path))
+    try:
+        assert verifyObject(IMessageSource, source)
+    finally:
+        source.close()
+    spool = SpoolSource()
+    spool.write(b"Subject: x\r\n")
+    assert verifyObject(IMessageSource, spool.finish(None))
+    spool.close()
+
+
 def test_popURLs():
     assert parseURL("pop3://alice%40example.org@mail.example.net") == (
         False, "mail.example.net", 110, "alice@example.org", None,
