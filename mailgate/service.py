@@ -547,7 +547,9 @@ def makePOP3Factory(
         expire=expire,
     )
     # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
-    factory.sasl = SASLServer(store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5)
+    factory.sasl = SASLServer(
+        store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret
+    )
     return factory
 
 

@@ -208,6 +208,9 @@ class FaultInjectingStore:
     def hasAPOPUsers(self):
         return self._call("hasAPOPUsers")
 
+    def sharedSecret(self, name):
+        return self._call("sharedSecret", name)
+
     def addUser(self, address, credentials):
         return self._call("addUser", address, credentials)
 
@@ -446,7 +449,9 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
         **options,
     )
     if sasl:
-        factory.sasl = SASLServer(store.findUser, hostname, offerCramMD5=factory.offersCramMD5)
+        factory.sasl = SASLServer(
+            store.findUser, hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret
+        )
     return factory
 
 

@@ -20,7 +20,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from mailgate.auth.passwords import parseScramSecret, scramSha256Secret
 from mailgate.auth.sasl import ScramCredentials
 from mailgate.cli import run as runCLI
-from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, resultOf
 from mailgate.tls import ServerTLS
 
 from certs import makeCertificate
@@ -784,6 +784,35 @@ def test_scramUnknownUserGetsAStableSalt(store):
         _, salt, _ = client.parseServerFirst(challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")))
         salts.append(salt)
     assert salts[0] == salts[1]
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_scramUnknownUserSaltIsTheSameOnEveryNode(databaseURL, tmp_path):
+    """
+    Nodes sharing a database (or one node restarted) make up the same salt
+    for an unknown user, as each serves a real user's stored salt: a
+    client asking two of them behind a balancer cannot tell an unknown
+    user by salts that differ.  Another deployment makes up its own.
+    """
+
+    def saltOf(store, name):
+        s = POP3Session(store, factory=pop3Factory(store))
+        client = ScramClient(name, "x")
+        _, salt, _ = client.parseServerFirst(challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}")))
+        return salt
+
+    nodes = [memoryStore(databaseURL), memoryStore(databaseURL)]
+    elsewhere = memoryStore(f"sqlite:///{tmp_path / 'elsewhere.sqlite3'}")
+    try:
+        addUser(nodes[0], ALICE, PASSWORD)
+        assert saltOf(nodes[0], ALICE) == saltOf(nodes[1], ALICE)
+        made = [saltOf(node, "nobody@example.org") for node in nodes]
+        assert made[0] == made[1]
+        assert saltOf(elsewhere, "nobody@example.org") != made[0]
+        assert saltOf(nodes[1], "other@example.org") != made[0]
+    finally:
+        for store in nodes + [elsewhere]:
+            store.close()
 
 
 def test_scramUnknownUserSaltIgnoresCase(store, alice):

@@ -217,8 +217,9 @@ class ScramSHA256Mechanism:
 
     @param findUser: looks a user up by address; a L{Deferred}
         L{mailgate.records.UserRecord} or C{None}.
-    @param fakeKey: secret for the made-up salt an unknown user gets, so
-        the exchange does not reveal whether a user exists.
+    @param fakeKey: a function giving (as a L{Deferred}) the secret of
+        the made-up salt an unknown user gets, so the exchange does not
+        reveal whether a user exists.
     """
 
     name = "SCRAM-SHA-256"
@@ -281,12 +282,19 @@ class ScramSHA256Mechanism:
         except ValueError:
             iterations = None
         if iterations is None:
-            # Made from the name as the lookup saw it: "Bob@x" and "bob@x"
-            # get one salt, as a real user's spellings do.
-            name = self._address or self._username
-            iterations = SCRAM_ITERATIONS
-            salt = hmac.new(self._fakeKey, b"salt:" + name.encode("utf-8"), hashlib.sha256).digest()[:16]
-            serverKey = secrets.token_bytes(32)
+            return self._fakeKey().addCallback(self._madeUpFirst)
+        return self._first(iterations, salt, serverKey)
+
+    def _madeUpFirst(self, key):
+        # Made from the name as the lookup saw it: "Bob@x" and "bob@x" get
+        # one salt, as a real user's spellings do; with the key every node
+        # shares, every node makes up the same one, as each serves a real
+        # user's stored salt.
+        name = self._address or self._username
+        salt = hmac.new(key, b"salt:" + name.encode("utf-8"), hashlib.sha256).digest()[:16]
+        return self._first(SCRAM_ITERATIONS, salt, secrets.token_bytes(32))
+
+    def _first(self, iterations, salt, serverKey):
         self._serverKey = serverKey
         self._serverFirstMessage = (
             f"r={self._nonce},s={base64.b64encode(salt).decode('ascii')},i={iterations}"
@@ -362,13 +370,35 @@ class SASLServer:
         give it the rule the greeting's APOP timestamp follows (the POP3
         factory's C{offersCramMD5}), since CRAM-MD5 works for the same
         users.  Not offered by default.
+    @param sharedSecret: the store's C{sharedSecret}, for the key of the
+        salt SCRAM makes up for unknown users: nodes sharing a database
+        then make up the same salt for a name, so a client asking two of
+        them (or one before and after a restart) sees a stable salt, as
+        for a real user.  Without it, a key of this process's own.
     """
 
-    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False):
+    #: the name of the made-up salts' key among the store's shared secrets
+    UNKNOWN_USER_SALT_KEY = "scram-unknown-user-salt"
+
+    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None):
         self._findUser = findUser
-        self._fakeKey = os.urandom(32)
+        self._sharedSecret = sharedSecret
+        self._saltKey = None if sharedSecret is not None else os.urandom(32)
         self._hostname = hostname or socket.getfqdn()
         self._offerCramMD5 = offerCramMD5
+
+    def _unknownUserSaltKey(self):
+        """
+        The key of made-up salts, read from the store once (a L{Deferred}).
+        """
+        if self._saltKey is not None:
+            return defer.succeed(self._saltKey)
+
+        def remember(key):
+            self._saltKey = key
+            return key
+
+        return self._sharedSecret(self.UNKNOWN_USER_SALT_KEY).addCallback(remember)
 
     def mechanisms(self, plaintextAllowed):
         """
@@ -393,7 +423,7 @@ class SASLServer:
         if name == "LOGIN":
             return LoginMechanism()
         if name == "SCRAM-SHA-256":
-            return ScramSHA256Mechanism(self._findUser, self._fakeKey)
+            return ScramSHA256Mechanism(self._findUser, self._unknownUserSaltKey)
         if name == "CRAM-MD5" and self._offerCramMD5():
             return CramMD5Mechanism(self._hostname)
         return None

@@ -303,6 +303,22 @@ MIGRATIONS = [
             """,
         ],
     ),
+    Migration(
+        9,
+        "secrets the nodes sharing the database share",
+        [
+            # Made by the first node that asks (see SQLStore.sharedSecret):
+            # what must be the same on every node, such as the key of the
+            # SCRAM salt made up for unknown users, which would otherwise
+            # tell them from real users to a client that asks two nodes.
+            """
+            CREATE TABLE shared_secrets (
+                name TEXT PRIMARY KEY,
+                value {blob} NOT NULL
+            ) {without_rowid}
+            """,
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -63,6 +63,17 @@ def _hasAPOPUsers(cursor):
     return cursor.fetchone() is not None
 
 
+def _sharedSecret(cursor, name, candidate):
+    # The first node to ask stores its candidate; every node, then and
+    # later, reads back the one stored.
+    cursor.execute(
+        "INSERT INTO shared_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        (name, candidate),
+    )
+    cursor.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,))
+    return bytes(cursor.fetchone()[0])
+
+
 def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
@@ -488,6 +499,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def hasAPOPUsers(self):
         return self.database.runInteraction(_hasAPOPUsers)
+
+    def sharedSecret(self, name):
+        return self.database.runWrite(_sharedSecret, name, secrets.token_bytes(32))
 
     def addUser(self, address, credentials):
         return self.database.runWrite(_addUser, self.engine, address, credentials, self._now())
