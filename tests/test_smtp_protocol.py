@@ -322,9 +322,61 @@ def test_commandsAreCaseInsensitive(users, dbpath):
 
 
 def test_nonASCIISenderNeedsSMTPUTF8(users):
+    """
+    A non-ASCII address without SMTPUTF8 is not permitted (RFC 6531's
+    X.6.7), which Postfix answers with 553 5.6.7: a client that knows the
+    code retries with SMTPUTF8 or bounces, it did not make a syntax error.
+    """
     s = session(users)
-    assert s.command("MAIL FROM:<jörg@remote.test>").startswith("501 5.1.7 ")
+    assert s.command("MAIL FROM:<jörg@remote.test>") == (
+        "553 5.6.7 bad sender address: non-ASCII address without SMTPUTF8\r\n"
+    )
     assert s.command("MAIL FROM:<jörg@remote.test> SMTPUTF8") == "250 2.1.0 sender <jörg@remote.test> OK\r\n"
+
+
+def test_nonASCIIRecipientNeedsSMTPUTF8(users):
+    s = session(users)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    assert s.command("RCPT TO:<jörg@example.org>") == (
+        "553 5.6.7 bad recipient address: non-ASCII address without SMTPUTF8\r\n"
+    )
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+def test_nonASCIIHelloNameIsNotEchoedNorStoredInAnASCIIMessage(users, dbpath):
+    """
+    The client cannot have asked for UTF-8 replies before MAIL, and a
+    message without SMTPUTF8 has ASCII header fields (RFC 5322 section
+    2.2): a non-ASCII EHLO name shows as C{?} in the reply and in the
+    Received field, and as sent in the Received field of an SMTPUTF8
+    message.
+    """
+    s = SMTPSession(users)
+    reply = s.send("EHLO bücher.example\r\n".encode("utf-8"))
+    assert reply.startswith(b"250-mailgate.test greets b?cher.example\r\n"), reply
+    assert reply.isascii()
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: ascii\r\n\r\n.\r\n").startswith(b"250 ")
+    s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8")
+    s.command(f"RCPT TO:<{ALICE}>")
+    s.command("DATA")
+    assert s.send(b"Subject: utf8\r\n\r\n.\r\n").startswith(b"250 ")
+    ascii, utf8 = storedMessages(dbpath, ALICE)
+    assert trace(ascii)["helo"] == b"b?cher.example"
+    assert ascii.isascii()
+    assert trace(utf8)["helo"] == "bücher.example".encode("utf-8")
+
+
+def test_helloReplyStaysWithinTheReplyLineLimit(store):
+    """
+    RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF
+    included; the longest EHLO name a command line can carry is not
+    echoed whole after the server's own name.
+    """
+    s = SMTPSession(store, hostname="h" * 63 + "." + "o" * 63 + "." + "s" * 63 + "." + "t" * 61)
+    reply = lines(s.command("EHLO " + "c" * 255))
+    assert reply[0].startswith("250-")
+    assert all(len(line) + 2 <= 512 for line in reply), [len(line) for line in reply]
 
 
 def test_smtputf8AddressWithLineSeparatorsIsRefused(users, dbpath):
@@ -372,6 +424,32 @@ def test_recipientsAreMatchedWithoutRegardToCase(users, dbpath):
     s.command("DATA")
     assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0")
     assert len(storedMessages(dbpath, ALICE)) == 1
+
+
+@pytest.mark.parametrize("quoted", ['"alice"', '"ali\\ce"', '"Alice"'])
+def test_quotedLocalPartIsTheSameMailbox(users, dbpath, quoted):
+    """
+    The quotes (and backslashes) of a quoted local part are not part of the
+    mailbox's name (RFC 5322 section 3.2.4, which RFC 5321's Quoted-string
+    is): C{"alice"@example.org} is alice's mailbox, as Postfix delivers
+    it, not an unknown user; the sender's is unquoted alike.
+    """
+    s = session(users)
+    assert s.command('MAIL FROM:<"bob"@remote.test>') == "250 2.1.0 sender <bob@remote.test> OK\r\n"
+    reply = s.command(f"RCPT TO:<{quoted}@example.org>")
+    assert reply.startswith("250 2.1.5 recipient <"), reply
+    s.command("DATA")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0")
+    [message] = storedMessages(dbpath, ALICE)
+    assert trace(message)["sender"] == b"bob@remote.test"
+
+
+def test_quotedLocalPartThatNeedsItsQuotesIsAnotherMailbox(users):
+    s = session(users)
+    s.command(f"MAIL FROM:<{SENDER}>")
+    assert s.command('RCPT TO:<"alice smith"@example.org>') == (
+        '550 5.1.1 <"alice smith"@example.org>: no such user here\r\n'
+    )
 
 
 def test_explicitDomains(users):
@@ -440,6 +518,17 @@ def test_vrfyRevealsNothing(users):
     assert known == unknown
     assert known.startswith("252 2.5.0 ")
     assert s.command("EXPN staff") == "502 5.5.1 EXPN is not supported\r\n"
+
+
+def test_vrfyNeedsAnArgument(users):
+    """
+    RFC 5321 section 4.1.1.6: C{VRFY SP String}; without one it is a
+    syntax error (Postfix: 501 5.5.4), not a 252 about nobody.
+    """
+    s = session(users)
+    assert s.command("VRFY") == "501 5.5.4 syntax: VRFY address\r\n"
+    assert s.command("VRFY ") == "501 5.5.4 syntax: VRFY address\r\n"
+    assert s.command("VRFY alice").startswith("252 2.5.0 ")
 
 
 # -- size --------------------------------------------------------------------

@@ -52,13 +52,19 @@ class Envelope:
     utf8 = attr.ib(default=False)
 
 
-def _clean(text):
+def fieldText(text, utf8=False):
     """
-    Make client-supplied text safe inside a header field: printable, no
-    line breaks, bounded.
+    Make client-supplied text (an EHLO name) safe inside a header field
+    or a reply: printable, no line breaks, bounded; and ASCII unless the
+    transaction is SMTPUTF8 (C{utf8}): a header field of any other
+    message is ASCII (RFC 5322 section 2.2), and so is a reply to a
+    client that has not asked for SMTPUTF8 (RFC 6531).
     """
-    text = "".join(ch if ch.isprintable() and ch not in "()\\" else "?" for ch in text)
-    return text[:100]
+    text = text[:100]
+    return "".join(
+        ch if ch.isprintable() and ch not in "()\\" and (utf8 or ch.isascii()) else "?"
+        for ch in text
+    )
 
 
 _lastDate = [None, None]
@@ -91,7 +97,7 @@ def traceHeaders(envelope, hostname, now=None):
     date = _date(int(now))
     # A local hand-over (mailgate deliver) has no client to name.
     origin = "" if envelope.helo is None and envelope.peer is None else (
-        f"from {_clean(envelope.helo or 'unknown')} ({peerText})\r\n\t"
+        f"from {fieldText(envelope.helo or 'unknown', envelope.utf8)} ({peerText})\r\n\t"
     )
     received = (
         f"Received: {origin}"

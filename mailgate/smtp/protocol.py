@@ -30,8 +30,13 @@ from mailgate.message import MessageSpool
 from mailgate.session import CommandSession
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
-from mailgate.smtp.envelope import Envelope, SMTPReply, traceHeaders
-from mailgate.smtp.syntax import EnvelopeSyntaxError, ParameterSyntaxError, parseCommandPath
+from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, traceHeaders
+from mailgate.smtp.syntax import (
+    EnvelopeSyntaxError,
+    NonASCIIAddress,
+    ParameterSyntaxError,
+    parseCommandPath,
+)
 from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
@@ -269,7 +274,10 @@ class SMTPServer(CommandSession):
         self._helo = name
         self._esmtp = esmtp
         self._envelope = None
-        greeting = f"{self.hostname} greets {name}"
+        # The name as the Received field will show it: the client has not
+        # asked for UTF-8 replies (it cannot before MAIL), and the line
+        # stays within RFC 5321's 512 octets whatever the name's length.
+        greeting = f"{self.hostname} greets {fieldText(name)}"
         if esmtp:
             self._replyLines(250, [greeting] + self.extensions())
         else:
@@ -318,6 +326,10 @@ class SMTPServer(CommandSession):
         return None
 
     def smtp_VRFY(self, argument):
+        if not argument.strip():
+            # RFC 5321 section 4.1.1.6: VRFY takes a string (Postfix's
+            # "501 5.5.4 Syntax: VRFY address").
+            return self._bad(501, "5.5.4", "syntax: VRFY address")
         # Never confirm or deny that an address exists.
         self._reply(252, "2.5.0", "cannot VRFY user; send some mail and it will be delivered if possible")
 
@@ -347,6 +359,8 @@ class SMTPServer(CommandSession):
             sender, parameters = parseCommandPath(argument, "FROM", allowEmpty=True)
         except ParameterSyntaxError as e:
             return self._bad(501, "5.5.4", f"bad MAIL parameters: {e}")
+        except NonASCIIAddress as e:
+            return self._bad(553, "5.6.7", f"bad sender address: {e}")
         except EnvelopeSyntaxError as e:
             return self._bad(501, "5.1.7", f"bad sender address syntax: {e}")
         if parameters and not self._esmtp:
@@ -387,6 +401,9 @@ class SMTPServer(CommandSession):
         except ParameterSyntaxError as e:
             self._logRecipientRefused(envelope, _rawPath(argument), 501, "5.5.4", "bad parameters")
             return self._bad(501, "5.5.4", f"bad RCPT parameters: {e}")
+        except NonASCIIAddress as e:
+            self._logRecipientRefused(envelope, _rawPath(argument), 553, "5.6.7", "non-ASCII address")
+            return self._bad(553, "5.6.7", f"bad recipient address: {e}")
         except EnvelopeSyntaxError as e:
             self._logRecipientRefused(envelope, _rawPath(argument), 501, "5.1.3", "bad address syntax")
             return self._bad(501, "5.1.3", f"bad recipient address syntax: {e}")

@@ -29,10 +29,19 @@ class ParameterSyntaxError(EnvelopeSyntaxError):
     """
 
 
+class NonASCIIAddress(EnvelopeSyntaxError):
+    """
+    A non-ASCII address in a transaction without SMTPUTF8: not malformed,
+    but not permitted there (RFC 6531's X.6.7, "non-ASCII addresses not
+    permitted for that sender/recipient"; Postfix answers C{553 5.6.7}).
+    """
+
+
 _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
 _DOT_STRING = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(,@[^:,]+)*:")
 
@@ -91,7 +100,7 @@ def checkMailbox(mailbox, utf8=False):
     """
     if not mailbox.isascii():
         if not utf8:
-            raise EnvelopeSyntaxError("non-ASCII address without SMTPUTF8")
+            raise NonASCIIAddress("non-ASCII address without SMTPUTF8")
         if any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in mailbox):
             raise EnvelopeSyntaxError("control or line-separator character in the address")
     local, at, domain = mailbox.rpartition("@")
@@ -99,8 +108,11 @@ def checkMailbox(mailbox, utf8=False):
         raise EnvelopeSyntaxError("the address must be local-part@domain")
     if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise EnvelopeSyntaxError("local part too long")
-    if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
-        raise EnvelopeSyntaxError("invalid local part")
+    if not _DOT_STRING.match(local):
+        if not _QUOTED.match(local):
+            raise EnvelopeSyntaxError("invalid local part")
+        local = _unquoted(local)
+        mailbox = f"{local}@{domain}"
     literal = _ADDRESS_LITERAL.match(domain)
     if literal:
         if not _validLiteral(literal.group(1)):
@@ -114,6 +126,17 @@ def checkMailbox(mailbox, utf8=False):
     except (InvalidAddress, UnicodeError):
         raise EnvelopeSyntaxError("invalid domain") from None
     return mailbox
+
+
+def _unquoted(local):
+    """
+    A quoted local part in the form without quotes, if it has one: the
+    quotes and backslashes are not part of the mailbox's name (RFC 5322
+    section 3.2.4), so C{"alice"@example.org} is alice's mailbox, as
+    Postfix delivers it.  One that needs them (C{"john doe"}) is kept.
+    """
+    content = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return content if _DOT_STRING.match(content) else local
 
 
 def parseParameters(text):
