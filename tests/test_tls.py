@@ -586,12 +586,24 @@ def test_failedReloadOfTheAlternativeKeepsBoth(dual):
 # -- reload ------------------------------------------------------------------
 
 
-def test_reloadPresentsTheNewCertificate(tmp_path):
+def servingWithACopy(tmp_path):
+    """
+    A server's TLS from a new certificate in tmp_path, and a copy of that
+    certificate elsewhere, for a client to verify the old one against once
+    the files are renewed in place.
+
+    @return: C{(certificatePath, keyPath, tls, oldCertificate)}.
+    """
     certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
     tls = ServerTLS(str(certificatePath), str(keyPath))
-    old = tls.fingerprint
     oldCertificate = tmp_path / "old.crt"
     oldCertificate.write_bytes(certificatePath.read_bytes())
+    return certificatePath, keyPath, tls, oldCertificate
+
+
+def test_reloadPresentsTheNewCertificate(tmp_path):
+    certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
+    old = tls.fingerprint
 
     makeCertificate(tmp_path, HOST, name="server")  # renewed in place
     tls.reload()
@@ -619,11 +631,8 @@ def test_reloadDoesNotDisturbAnEstablishedConnection(tmp_path):
     A connection created before the reload finishes its handshake with the
     certificate it started with.
     """
-    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
-    tls = ServerTLS(str(certificatePath), str(keyPath))
+    certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
     old = tls.fingerprint
-    oldCertificate = tmp_path / "old.crt"
-    oldCertificate.write_bytes(certificatePath.read_bytes())
     earlier = Server(tls.context)
     makeCertificate(tmp_path, HOST, name="server")
     tls.reload()
@@ -633,11 +642,8 @@ def test_reloadDoesNotDisturbAnEstablishedConnection(tmp_path):
 
 
 def test_failedReloadKeepsTheOldCertificate(tmp_path):
-    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
-    tls = ServerTLS(str(certificatePath), str(keyPath))
+    certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
     old = tls.fingerprint
-    oldCertificate = tmp_path / "old.crt"
-    oldCertificate.write_bytes(certificatePath.read_bytes())
 
     # A renewal caught half-way: new certificate, old key.
     oldKey = keyPath.read_bytes()
@@ -654,11 +660,8 @@ def test_failedReloadKeepsTheOldCertificate(tmp_path):
 
 
 def test_reloadWithMissingFilesKeepsTheOldCertificate(tmp_path):
-    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
-    tls = ServerTLS(str(certificatePath), str(keyPath))
+    certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
     old = tls.fingerprint
-    oldCertificate = tmp_path / "old.crt"
-    oldCertificate.write_bytes(certificatePath.read_bytes())
     certificatePath.unlink()
     with pytest.raises(ConfigurationError):
         tls.reload()
