@@ -33,6 +33,24 @@ def receive(client, count):
     return data
 
 
+def drain(transport, client, reactor, count):
+    """
+    Read C{count} octets as the client, writing what waits in the transport
+    as the reactor would (when the transport asks to): a bounded number of
+    turns.
+    """
+    received = b""
+    for _ in range(100000):
+        if len(received) >= count:
+            break
+        if transport in reactor.writers:
+            transport.doWrite()
+        readable, _, _ = select.select([client], [], [], 0.01)
+        if readable:
+            received += client.recv(65536)
+    return received
+
+
 def test_aReplyIsSentAtOnce(connection):
     transport, protocol, client, reactor = connection
     writer = ReplyWriter(protocol)
@@ -86,17 +104,7 @@ def test_whatTheSocketCannotTakeWaitsInTheTransportInOrder(connection):
     writer.send(big)
     assert transport in reactor.writers
     writer.write(b"TAIL")
-    received = b""
-    for _ in range(100000):
-        if len(received) >= len(big) + 4:
-            break
-        # What the reactor would do: write when the transport asks to.
-        if transport in reactor.writers:
-            transport.doWrite()
-        readable, _, _ = select.select([client], [], [], 0.01)
-        if readable:
-            received += client.recv(65536)
-    assert received == big + b"TAIL"
+    assert drain(transport, client, reactor, len(big) + 4) == big + b"TAIL"
     assert transport not in reactor.writers
 
 
@@ -143,16 +151,7 @@ def test_piecesTheSocketCannotTakeWaitInTheTransportInOrder(connection):
     writer.writeParts([b"+OK\r\n"] + pieces)
     assert transport in reactor.writers
     writer.write(b"TAIL")
-    received = b""
-    for _ in range(100000):
-        if len(received) >= len(big) + 9:
-            break
-        if transport in reactor.writers:
-            transport.doWrite()
-        readable, _, _ = select.select([client], [], [], 0.01)
-        if readable:
-            received += client.recv(65536)
-    assert received == b"+OK\r\n" + big + b"TAIL"
+    assert drain(transport, client, reactor, len(big) + 9) == b"+OK\r\n" + big + b"TAIL"
     assert transport not in reactor.writers
 
 
