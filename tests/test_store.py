@@ -689,6 +689,7 @@ def test_sqlErrorsAreNotTransient(batchConnection):
 
     engine, conn, _, _ = batchConnection
     results = runBatch(engine, conn, [(badSQL, (), {}), (noSuchTable, (), {})])
+    assert len(results) == 2, results
     for ok, failure in results:
         assert not ok
         assert not failure.check(TemporaryFailure), failure.value
