@@ -138,7 +138,8 @@ class MailgateService(MultiService):
 
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
     @ivar metrics: the L{mailgate.metrics.Metrics} everything reports to.
-    @ivar reactor: the reactor it runs on.
+    @ivar reactor: the reactor it runs on: given by L{makeService}, never
+        looked up here.
     @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
         C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
@@ -172,11 +173,9 @@ class MailgateService(MultiService):
     log = Logger()
 
     def __init__(
-        self, store, tls=None, reactor=None, reloadOnSIGHUP=False, metrics=None, shutdownGrace=30.0
+        self, store, tls=None, *, reactor, reloadOnSIGHUP=False, metrics=None, shutdownGrace=30.0
     ):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
         self.store = store
         self.tls = tls
         self.metrics = metrics
@@ -651,7 +650,8 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
 
         policyStore = MemoryPolicyStore()
     root = MailgateService(
-        store, tls, reactor, config.reloadOnSIGHUP, metrics=metrics, shutdownGrace=config.shutdownGrace
+        store, tls, reactor=reactor, reloadOnSIGHUP=config.reloadOnSIGHUP, metrics=metrics,
+        shutdownGrace=config.shutdownGrace,
     )
     if affinity is not None:
         # First, so that the threads started after it (the database's, when

@@ -221,8 +221,12 @@ def makeService(options):
             f"mailgate: --log-format {config.logFormat} writes to a file or standard "
             "output; leave out --syslog and --logger"
         )
+    # twistd's reactor, installed by now: taken here, at the top, and
+    # passed down like every other part.
+    from twisted.internet import reactor
+
     try:
-        service = _makeService(config)
+        service = _makeService(config, reactor=reactor)
     except ConfigurationError as e:
         raise SystemExit(f"mailgate: {e}")
     service.exitOnStartupError = True

@@ -10,6 +10,7 @@ import datetime
 import ssl
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from mailgate.errors import ConfigurationError
@@ -675,7 +676,7 @@ def test_reloadWithMissingFilesKeepsTheOldCertificate(tmp_path):
 
 def serviceWithLog(tls):
     events = []
-    service = MailgateService(store=None, tls=tls)
+    service = MailgateService(store=None, tls=tls, reactor=Clock())
     service.log = Logger(observer=events.append)
     return service, events
 
