@@ -24,6 +24,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
 		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
+		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=21.2' \
 		'setuptools>=68' wheel
 	touch $@
 

@@ -299,6 +299,15 @@ class IMailStore(Interface):
         Fails with L{mailgate.errors.NoSuchUser}.
         """
 
+    def upgradeCredentials(address, oldHash, credentials):
+        """
+        Replace a user's stored password material only if their password
+        hash is still C{oldHash}: a hash imported from another server,
+        replaced by mailgate's own at a successful login.  A L{Deferred}
+        L{bool}: whether it was replaced (not if the password was changed,
+        or the user deleted, meanwhile).
+        """
+
     def deleteUser(address):
         """
         Remove a user and their maildrop, in one transaction: a L{Deferred}

@@ -217,6 +217,9 @@ class FaultInjectingStore:
     def setCredentials(self, address, credentials):
         return self._call("setCredentials", address, credentials)
 
+    def upgradeCredentials(self, address, oldHash, credentials):
+        return self._call("upgradeCredentials", address, oldHash, credentials)
+
     def deleteUser(self, address):
         return self._call("deleteUser", address)
 

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from mailgate.address import normalizeAddress
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials
-from mailgate.auth.passwords import dummyHash, verifyPassword
+from mailgate.auth.passwords import SCRYPT_LOG_N, dummyHash, makeCredentials, needsUpgrade, verifyPassword
 from mailgate.errors import InvalidAddress
 
 
@@ -55,7 +55,12 @@ def _verifyOrDummy(password, storedHash):
     if storedHash is None:
         verifyPassword(password, dummyHash())
         return False
-    return verifyPassword(password, storedHash)
+    matched = verifyPassword(password, storedHash)
+    if not matched and needsUpgrade(storedHash):
+        # A hash imported from another server is often cheaper than
+        # scrypt: a wrong password costs what an unknown user's does.
+        verifyPassword(password, dummyHash())
+    return matched
 
 
 @implementer(ICredentialsChecker)
@@ -76,6 +81,9 @@ class PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
+
+    #: scrypt's cost (log2 of N) of the hashes that replace imported ones
+    hashCost = SCRYPT_LOG_N
 
     def __init__(self, store, runInThread, cache=None):
         self._store = store
@@ -102,10 +110,43 @@ class PasswordChecker:
         matched = yield self._runInThread(_verifyOrDummy, password, storedHash)
         if not matched:
             raise UnauthorizedLogin()
+        if needsUpgrade(storedHash):
+            user = yield self._upgrade(user, password)
         # Remember who this is, but not the user's other secrets.
         remembered = attr.evolve(user, scramSha256=None, apopSecret=None)
         self.cache.remember(user.address, user.passwordHash, password, remembered)
         return user
+
+
+    @defer.inlineCallbacks
+    def _upgrade(self, user, password):
+        """
+        Replace a hash imported from another server by mailgate's own
+        (scrypt, and SCRAM-SHA-256 keys, which an imported hash lacks), now
+        that the password is at hand.  Best effort: if the store cannot
+        take it now, the login goes on and the next one tries again.
+
+        @return: the user as the login goes on with it.
+        """
+        credentials = yield self._runInThread(
+            makeCredentials, password, user.apopSecret is not None, self.hashCost
+        )
+        try:
+            replaced = yield self._store.upgradeCredentials(user.address, user.passwordHash, credentials)
+        except Exception as e:
+            self.log.warn(
+                "could not replace {user}'s imported password hash: {error}",
+                user=user.address, error=str(e), event="auth.upgrade_failed",
+            )
+            return user
+        if not replaced:
+            # Changed meanwhile: opening the maildrop refuses this login.
+            return user
+        self.log.info(
+            "{user}'s imported password hash replaced by mailgate's own",
+            user=user.address, event="auth.hash_upgraded",
+        )
+        return attr.evolve(user, passwordHash=credentials.passwordHash, scramSha256=credentials.scramSha256)
 
 
 @implementer(ICredentialsChecker)

@@ -17,6 +17,8 @@ import os
 
 import attr
 
+from mailgate.auth import foreign
+
 SCRYPT_LOG_N = 15  # 32 MiB and about 0.1 s per hash on a 2020s core
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -75,6 +77,8 @@ def verifyPassword(password, encoded):
     @return: L{True} if it matches; L{False} if not or if C{encoded} is not
         a hash this version understands.
     """
+    if foreign.isForeign(encoded):
+        return foreign.verifyForeign(_bytes(password), encoded)
     try:
         if not encoded.startswith(_PREFIX):
             return False
@@ -129,6 +133,40 @@ def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N):
         scramSha256=scramSha256Secret(password),
         apopSecret=password.decode("utf-8") if apop else None,
     )
+
+
+def importedCredentials(text, logN=SCRYPT_LOG_N):
+    """
+    What the store keeps for a password hash imported from another server
+    (L{mailgate.auth.foreign}): the hash as it is, to be replaced by
+    mailgate's own at the user's first login; SCRAM-SHA-256 keys where the
+    hash is Dovecot's C{{SCRAM-SHA-256}} (so SCRAM works at once); and for
+    a password kept in clear (C{{PLAIN}}), mailgate's own hash made now.
+
+    @raise foreign.UnusableHash: a hash no password can be checked
+        against here; its message says why.
+    """
+    scheme, _, value = foreign.splitScheme(text)
+    if scheme in foreign.CLEARTEXT:
+        if not value:
+            raise foreign.UnusableHash("an empty password")
+        return makeCredentials(value, logN=logN)
+    foreign.checker(text)
+    keys = foreign.scramSha256Keys(text)
+    scram = None
+    if keys is not None:
+        iterations, salt, storedKey, serverKey = keys
+        scram = f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(storedKey)}:{_b64(serverKey)}"
+    stored = text if text.startswith("{") else "{CRYPT}" + text
+    return StoredCredentials(passwordHash=stored, scramSha256=scram)
+
+
+def needsUpgrade(encoded):
+    """
+    Whether a stored hash is to be replaced by mailgate's own at the next
+    successful login (one imported from another server).
+    """
+    return foreign.isForeign(encoded)
 
 
 _dummy = {}

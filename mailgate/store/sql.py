@@ -113,6 +113,17 @@ def _setCredentials(cursor, address, credentials):
         raise NoSuchUser(address)
 
 
+def _upgradeCredentials(cursor, address, oldHash, credentials):
+    # Only over the hash the password was checked against: a password
+    # changed meanwhile (the mailgate command) is not put back.
+    cursor.execute(
+        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ? "
+        "WHERE address = ? AND password_hash = ?",
+        (credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, address, oldHash),
+    )
+    return cursor.rowcount == 1
+
+
 def _deleteUser(cursor, address, userIds=None, aliveSince=None):
     """
     Remove a user, their maildrop and what hangs on them; not while a
@@ -508,6 +519,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def setCredentials(self, address, credentials):
         return self.database.runWrite(_setCredentials, address, credentials)
+
+    def upgradeCredentials(self, address, oldHash, credentials):
+        return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials)
 
     def deleteUser(self, address):
         return self._underLock(

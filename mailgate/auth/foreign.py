@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_foreign_hashes -*-
+"""
+Password hashes other servers made: Dovecot's schemes, so that users move
+to mailgate with the passwords they have.
+
+Dovecot writes a hash as C{{SCHEME}value} (C{doveadm pw -s SCHEME}); a
+passwd-file may also hold a bare crypt(3) string (C{$6$...}), its default
+scheme being C{CRYPT}.  mailgate keeps such a hash as it is (a "foreign"
+hash), checks logins against it, and replaces it with its own (scrypt and
+SCRAM-SHA-256 keys) at the user's first successful login, when the
+password is at hand (L{mailgate.auth.checkers.PasswordChecker}).
+
+The crypt(3) family is checked by passlib (MD5-, SHA256-, SHA512- and
+DES-CRYPT) and bcrypt (BLF-CRYPT), Argon2 by argon2-cffi; the salted and
+plain digests and PBKDF2 and SCRAM keys by C{hashlib}.  Schemes from which
+no password can be checked by a server that does not know it in clear
+(CRAM-MD5, DIGEST-MD5, HMAC-MD5, NTLM...) or that only old Unix systems
+wrote (yescrypt) are refused when the hash is imported, with the reason.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import warnings
+
+import argon2
+import bcrypt
+
+with warnings.catch_warnings():
+    # passlib uses Python's crypt module where there is one (deprecated in
+    # 3.11, gone in 3.13, where passlib computes the same hashes itself).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
+
+_BCRYPT = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}\Z")
+
+#: schemes whose value is the password itself (turned into mailgate's own
+#: hash as they are imported)
+CLEARTEXT = frozenset({"PLAIN", "CLEAR", "CLEARTEXT"})
+
+
+class UnusableHash(ValueError):
+    """
+    A hash mailgate cannot check passwords against; its message says why.
+    """
+
+
+def isForeign(encoded):
+    """
+    Whether a stored hash is one imported from another server.
+    """
+    return isinstance(encoded, str) and encoded.startswith("{")
+
+
+def splitScheme(text):
+    """
+    C{(scheme, encoding, value)} of a hash as Dovecot writes it: the
+    scheme's name in capitals, its encoding suffix (C{"HEX"}, C{"B64"}, or
+    C{None}), and the rest.  A bare crypt(3) string is C{CRYPT}.
+
+    @raise UnusableHash: no scheme, and no crypt(3) string either.
+    """
+    if text.startswith("{"):
+        end = text.find("}")
+        if end < 0:
+            raise UnusableHash("the {SCHEME} prefix is not closed")
+        name, value = text[1:end].upper(), text[end + 1:]
+        scheme, _, encoding = name.partition(".")
+        if encoding == "BASE64":
+            encoding = "B64"
+        if encoding not in ("", "HEX", "B64"):
+            raise UnusableHash(f"unknown encoding .{encoding} of {scheme}")
+        return scheme, encoding or None, value
+    if text.startswith("$") or len(text) == 13:
+        return "CRYPT", None, text
+    raise UnusableHash("not a hash: no {SCHEME} prefix, and no crypt(3) string either")
+
+
+def _crypt(value):
+    """
+    The checker of a crypt(3) string, found by its prefix.
+    """
+    if value.startswith(("$2a$", "$2b$", "$2y$")):
+        if not _BCRYPT.match(value):
+            raise UnusableHash("a malformed bcrypt string")
+        return _bcrypt
+    for handler in (md5_crypt, sha256_crypt, sha512_crypt, des_crypt):
+        if handler.identify(value):
+            return handler.verify
+    if value.startswith("$y$") or value.startswith("$7$"):
+        raise UnusableHash("yescrypt and scrypt crypt(3) strings are not supported; reset the password")
+    raise UnusableHash("not a crypt(3) string mailgate knows ($1$, $5$, $6$, $2y$ or DES)")
+
+
+def _bcrypt(password, value):
+    # crypt(3) uses the first 72 octets of a password, as bcrypt always
+    # did; the bcrypt package refuses longer ones rather than cut them.
+    return bcrypt.checkpw(password[:72], value.replace("$2y$", "$2b$", 1).encode("ascii"))
+
+
+def _argon2(password, value):
+    try:
+        return argon2.PasswordHasher().verify(value, password)
+    except argon2.exceptions.VerificationError:
+        return False
+
+
+#: digests of the password (and salt): the hash function, and the
+#: encoding Dovecot writes when the scheme names none
+_DIGESTS = {
+    "SHA": (hashlib.sha1, "B64"),
+    "SHA1": (hashlib.sha1, "B64"),
+    "SHA256": (hashlib.sha256, "B64"),
+    "SHA512": (hashlib.sha512, "B64"),
+    "LDAP-MD5": (hashlib.md5, "B64"),
+    "PLAIN-MD5": (hashlib.md5, "HEX"),
+}
+_SALTED = {
+    "SSHA": hashlib.sha1,
+    "SSHA256": hashlib.sha256,
+    "SSHA512": hashlib.sha512,
+    "SMD5": hashlib.md5,
+}
+_SCRAM = {"SCRAM-SHA-1": hashlib.sha1, "SCRAM-SHA-256": hashlib.sha256}
+
+
+def _decode(value, encoding, size=None):
+    """
+    The octets of a digest written in C{encoding}; one of exactly
+    C{2 * size} hexadecimal digits is read as hex whatever the scheme says,
+    as Dovecot reads it.
+    """
+    try:
+        if encoding == "HEX" or (size is not None and len(value) == 2 * size and _isHex(value)):
+            return bytes.fromhex(value)
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raise UnusableHash("the digest is not valid hex or base64") from None
+
+
+def _isHex(text):
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _scramKeys(scheme, value):
+    """
+    C{(iterations, salt, storedKey, serverKey)} of Dovecot's SCRAM value,
+    C{iterations,salt,storedKey,serverKey} in base64.
+    """
+    try:
+        iterations, salt, stored, server = value.split(",")
+        iterations = int(iterations)
+        keys = tuple(base64.b64decode(x.encode("ascii"), validate=True) for x in (salt, stored, server))
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raise UnusableHash(f"not a {scheme} value (iterations,salt,storedKey,serverKey)") from None
+    size = _SCRAM[scheme]().digest_size
+    if not 1 <= iterations <= 10_000_000 or len(keys[1]) != size or len(keys[2]) != size:
+        raise UnusableHash(f"not a {scheme} value (iterations,salt,storedKey,serverKey)")
+    return (iterations, *keys)
+
+
+def scramSha256Keys(text):
+    """
+    The SCRAM-SHA-256 keys of a Dovecot C{{SCRAM-SHA-256}} hash, as
+    C{(iterations, salt, storedKey, serverKey)}, or C{None} for a hash of
+    another scheme: a user imported with them logs in with SCRAM at once.
+    """
+    scheme, _, value = splitScheme(text)
+    return _scramKeys(scheme, value) if scheme == "SCRAM-SHA-256" else None
+
+
+def _pbkdf2(value):
+    # Dovecot's PBKDF2: $1$<salt as text>$<rounds>$<hex of PBKDF2-HMAC-SHA1>
+    parts = value.split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != "1":
+        raise UnusableHash("not a PBKDF2 value ($1$salt$rounds$hex)")
+    try:
+        rounds, digest = int(parts[3]), bytes.fromhex(parts[4])
+    except ValueError:
+        raise UnusableHash("not a PBKDF2 value ($1$salt$rounds$hex)") from None
+    if not 1 <= rounds <= 10_000_000 or not digest:
+        raise UnusableHash("not a PBKDF2 value ($1$salt$rounds$hex)")
+    return parts[2].encode("utf-8"), rounds, digest
+
+
+def checker(text, validate=True):
+    """
+    A function C{check(password)} (the password in octets) telling whether
+    the password is the one hashed in C{text}.
+
+    @param validate: also try a crypt(3) string once, so that a malformed
+        one (a hash cut off when copied) is refused as it is imported, not
+        at every login.
+    @raise UnusableHash: a scheme or value mailgate cannot check against.
+    """
+    scheme, encoding, value = splitScheme(text)
+    if scheme in CLEARTEXT:
+        expected = value.encode("utf-8")
+        return lambda password: hmac.compare_digest(password, expected)
+    if scheme in ("CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT"):
+        verify = _crypt(value)
+        if validate:
+            try:
+                verify(b"", value)
+            except ValueError:
+                raise UnusableHash(f"a malformed {scheme} string") from None
+        return lambda password: verify(password, value)
+    if scheme in ("ARGON2I", "ARGON2ID"):
+        try:
+            argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            raise UnusableHash(f"a malformed {scheme} string") from None
+        return lambda password: _argon2(password, value)
+    if scheme in _DIGESTS:
+        function, default = _DIGESTS[scheme]
+        expected = _decode(value, encoding or default, function().digest_size)
+        if len(expected) != function().digest_size:
+            raise UnusableHash(f"a {scheme} digest of the wrong length")
+        return lambda password: hmac.compare_digest(function(password).digest(), expected)
+    if scheme in _SALTED:
+        function = _SALTED[scheme]
+        size = function().digest_size
+        data = _decode(value, encoding or "B64")
+        if len(data) <= size:
+            raise UnusableHash(f"a {scheme} value without its salt")
+        expected, salt = data[:size], data[size:]
+        return lambda password: hmac.compare_digest(function(password + salt).digest(), expected)
+    if scheme == "PBKDF2":
+        salt, rounds, expected = _pbkdf2(value)
+        return lambda password: hmac.compare_digest(
+            hashlib.pbkdf2_hmac("sha1", password, salt, rounds, len(expected)), expected
+        )
+    if scheme in _SCRAM:
+        function = _SCRAM[scheme]
+        iterations, salt, storedKey, _ = _scramKeys(scheme, value)
+
+        def check(password):
+            salted = hashlib.pbkdf2_hmac(function().name, password, salt, iterations)
+            clientKey = hmac.new(salted, b"Client Key", function).digest()
+            return hmac.compare_digest(function(clientKey).digest(), storedKey)
+
+        return check
+    raise UnusableHash(
+        f"scheme {scheme} cannot be checked against a password mailgate does not know in clear"
+        if scheme in ("CRAM-MD5", "HMAC-MD5", "DIGEST-MD5", "PLAIN-MD4", "NTLM", "LANMAN", "OTP", "RPA")
+        else f"unknown scheme {scheme}"
+    )
+
+
+def verifyForeign(password, text):
+    """
+    Whether C{password} (octets) is the one hashed in C{text}, a foreign
+    hash; C{False} for a hash mailgate cannot check.  Slow by design for
+    most schemes: call it off the reactor thread.
+    """
+    try:
+        return bool(checker(text, validate=False)(password))
+    except ValueError:
+        return False
