@@ -48,7 +48,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.pop3.protocol import POP3Server
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE
-from mailgate.store.bounds import MAX_DAYS, checkMaximum, parseWhole
+from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
 from mailgate.tls import MINIMUM_VERSIONS
 
 
@@ -269,16 +269,12 @@ class Size(Kind):
         self.minimum = minimum
 
     def check(self, value):
-        from mailgate.store.bounds import parseSize
-
         octets = parseSize(str(value))
         if octets < self.minimum:
             raise ValueError(f"must be at least {self.minimum} octets, not {value!r}")
         return octets
 
     def toTOML(self, value):
-        from mailgate.store.lifecycle import formatSize
-
         return json.dumps(formatSize(value))
 
 

@@ -14,8 +14,9 @@ from twisted.python.failure import Failure
 from mailgate.errors import NoSuchUser, QuotaExceeded
 from mailgate.message import spoolBytes
 from mailgate.store import engineFromURL
+from mailgate.store.bounds import formatSize, parseSize
 from mailgate.store.database import Database
-from mailgate.store.lifecycle import DEFAULT, UNLIMITED, formatSize, parseSize
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED
 from mailgate.store.sql import SQLMailStore
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 from pumped import PumpedReactor

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The largest values the limits an administrator sets may take, and the
-parsers that refuse larger ones: one place for C{mailgate} and the
-settings of C{twistd mailgate} alike.
+The largest values the limits an administrator sets may take, the
+parsers that read them (sizes as C{1G}, whole numbers) and refuse larger
+ones, and sizes written back the same way: one place for C{mailgate} and
+the settings of C{twistd mailgate} alike.
 
 The database keeps limits in 64-bit integers, the retention task turns
 days into seconds, and bans end at a time that logs show as a date: a
@@ -15,8 +16,6 @@ C{never}).
 
 import re
 
-from mailgate.store.lifecycle import formatSize, parseSize as _parseSize
-
 #: The largest size (a quota, a message): 1024T, 2**50 octets.
 MAX_SIZE = 1 << 50
 #: The most messages a quota counts.
@@ -25,6 +24,11 @@ MAX_MESSAGES = 10**12
 #: be: about 100 years.
 MAX_DAYS = 36500
 
+
+# Sizes as administrators write them: units of 1024, as Dovecot's quota
+# settings count them.
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 # A whole number as settings are written: ASCII digits, a sign allowed (so
 # that "-3" is told it must not be negative, not that it is no number).
@@ -35,18 +39,34 @@ _DIGITS = 30
 
 def parseSize(text):
     """
-    Octets from a size as L{mailgate.store.lifecycle.parseSize} reads it
-    (C{1G}, C{500M}, octets), at most L{MAX_SIZE}.
+    Octets from C{1G}, C{500M}, C{64k}, C{1GiB} or a plain number (units
+    of 1024, as Dovecot's quota settings count them), at most
+    L{MAX_SIZE}.
 
     @raise ValueError: saying what is wrong.
     """
     digits = re.match(r"\s*0*([0-9]*)", text or "", re.ASCII).group(1)
     if len(digits) > _DIGITS:
         raise ValueError(f"too large: {_shortened(text.strip())} (at most {formatSize(MAX_SIZE)})")
-    octets = _parseSize(text)
+    match = _SIZE.match(text or "")
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1G, 500M, 64K or octets)")
+    number, unit, _ = match.groups()
+    octets = int(number) * _UNITS[unit.lower()]
     if octets > MAX_SIZE:
         raise ValueError(f"too large: {_shortened(text.strip())} (at most {formatSize(MAX_SIZE)})")
     return octets
+
+
+def formatSize(octets):
+    """
+    A size the way L{parseSize} reads it, exact: C{1G}, C{1536K}, C{1000}.
+    """
+    for unit in ("T", "G", "M", "K"):
+        factor = _UNITS[unit.lower()]
+        if octets and octets % factor == 0:
+            return f"{octets // factor}{unit}"
+    return str(octets)
 
 
 def parseWhole(text, maximum):

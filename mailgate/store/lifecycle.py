@@ -20,7 +20,6 @@ inherits).  The rules they keep:
 """
 
 import hashlib
-import re
 import secrets
 import time
 
@@ -28,6 +27,7 @@ import attr
 
 from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
+from mailgate.store.bounds import formatSize
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
 from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _sessions
 from mailgate.store.rows import (
@@ -92,37 +92,6 @@ class StoreLimits:
         if own is None:
             return default
         return None if own < 0 else own
-
-
-# -- sizes as administrators write them ------------------------------------
-
-_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parseSize(text):
-    """
-    Octets from C{1G}, C{500M}, C{64k} or a plain number (units of 1024,
-    as Dovecot's quota settings count them).
-
-    @raise ValueError: for anything else.
-    """
-    match = _SIZE.match(text or "")
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use e.g. 1G, 500M, 64K or octets)")
-    number, unit, _ = match.groups()
-    return int(number) * _UNITS[unit.lower()]
-
-
-def formatSize(octets):
-    """
-    A size the way L{parseSize} reads it, exact: C{1G}, C{1536K}, C{1000}.
-    """
-    for unit in ("T", "G", "M", "K"):
-        factor = _UNITS[unit.lower()]
-        if octets and octets % factor == 0:
-            return f"{octets // factor}{unit}"
-    return str(octets)
 
 
 def describeLimit(own, unit=None):
