@@ -38,16 +38,17 @@ import tomllib
 import attr
 from twisted.internet.endpoints import serverFromString
 
+from mailgate.address import normalizeAddress, normalizeDomain
 from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.memory import TRIM_INTERVAL
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
-from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS
-from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
+from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.pop3.protocol import POP3Server
+from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.protocol import SMTPServer
-from mailgate.store import DEFAULT_DATABASE
+from mailgate.store import DEFAULT_DATABASE, engineFromURL
 from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
 from mailgate.tls import MINIMUM_VERSIONS
 
@@ -408,8 +409,6 @@ class HostName(Text):
         super().__init__("NAME")
 
     def check(self, value):
-        from mailgate.address import normalizeDomain
-
         name = super().check(value).strip()
         if name.startswith("[") and name.endswith("]"):
             return _addressLiteral(name)
@@ -450,8 +449,6 @@ class Domain(Kind):
     metavar = "NAME"
 
     def check(self, value):
-        from mailgate.address import normalizeDomain
-
         try:
             return normalizeDomain(value)
         except InvalidAddress as e:
@@ -467,8 +464,6 @@ class MailAddress(Kind):
     metavar = "ADDRESS"
 
     def check(self, value):
-        from mailgate.address import normalizeAddress
-
         try:
             return normalizeAddress(value)
         except InvalidAddress as e:
@@ -483,8 +478,6 @@ class DatabaseURL(Kind):
     metavar = "URL"
 
     def check(self, value):
-        from mailgate.store import engineFromURL
-
         try:
             engineFromURL(value)
         except ConfigurationError as e:
@@ -569,8 +562,6 @@ class APOPPolicy(enum.Enum):
         or an L{APOPAdvertiser} asking C{store}.
         """
         if self is APOPPolicy.AUTO:
-            from mailgate.pop3.factory import APOPAdvertiser
-
             return APOPAdvertiser(store)
         return self is APOPPolicy.ALWAYS
 
