@@ -520,6 +520,33 @@ def test_vrfyRevealsNothing(users):
     assert s.command("EXPN staff") == "502 5.5.1 EXPN is not supported\r\n"
 
 
+def test_repliesNamingWhatTheClientSentStayWithinTheReplyLineLimit(users):
+    """
+    RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF
+    included, however long what it names: an unknown parameter's keyword
+    (ASCII, nearly the whole command line), or an address of multi-octet
+    characters in an SMTPUTF8 transaction (within RFC 5321's 256
+    characters, but up to twice as many octets as the reply can hold
+    around it).  The reply is cut at a character, not dropped.
+    """
+    s = session(users)
+    keyword = "X" + "K" * 490
+    reply = s.command(f"MAIL FROM:<> {keyword}")
+    assert reply.startswith("555 5.5.4 unsupported MAIL parameter XKKK"), reply[:60]
+    assert len(reply.encode("utf-8")) <= 512 and reply.endswith("K\r\n")
+    label = "\u4e2d" * 53
+    wide = f"a@{label}.{label}.{label}.example"
+    sender = s.command(f"MAIL FROM:<{wide}> SMTPUTF8")
+    recipient = s.command(f"RCPT TO:<{wide}>")
+    assert sender.startswith("250 2.1.0 sender <a@\u4e2d"), sender[:40]
+    assert recipient.startswith("550 5.7.1 <a@\u4e2d"), recipient[:40]
+    for reply in (sender, recipient):
+        assert reply.endswith("\r\n") and reply.count("\r\n") == 1
+        assert "\ufffd" not in reply
+        assert len(reply.encode("utf-8")) <= 512, len(reply.encode("utf-8"))
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
 def test_vrfyNeedsAnArgument(users):
     """
     RFC 5321 section 4.1.1.6: C{VRFY SP String}; without one it is a

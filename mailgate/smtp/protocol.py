@@ -62,6 +62,27 @@ def _bounded(text, limit=256):
     return text
 
 
+#: RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF
+#: included.
+MAX_REPLY_LINE = 512
+# A line of at most this many characters fits whatever they are (UTF-8
+# takes at most four octets for one).
+_SAFE_REPLY_CHARACTERS = (MAX_REPLY_LINE - 2) // 4
+
+
+def _fitReplyLine(line):
+    """
+    A reply line (without its CRLF) cut to L{MAX_REPLY_LINE} octets with
+    its CRLF, at a character's boundary: replies that name what the client
+    sent (a parameter's keyword, a recipient of multi-octet characters)
+    can be longer than the command that carried it.
+    """
+    encoded = line.encode("utf-8")
+    if len(encoded) <= MAX_REPLY_LINE - 2:
+        return line
+    return encoded[: MAX_REPLY_LINE - 2].decode("utf-8", "ignore")
+
+
 def _rawPath(argument):
     """
     The recipient of a RCPT command that could not be parsed, as the
@@ -238,7 +259,10 @@ class SMTPServer(CommandSession):
         self._out.write(text.encode("utf-8"))
 
     def _reply(self, code, enhanced, text):
-        self._send(f"{code} {enhanced} {text}\r\n")
+        line = f"{code} {enhanced} {text}"
+        if len(line) > _SAFE_REPLY_CHARACTERS:
+            line = _fitReplyLine(line)
+        self._send(line + "\r\n")
 
     def _replyLines(self, code, lines):
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
