@@ -20,8 +20,12 @@ def reference(message):
     return out + b".\r\n"
 
 
-def inChunks(message, cuts):
-    stuffer = DotStuffer()
+def inChunks(message, cuts, offsets=None):
+    """
+    C{message} stuffed in pieces cut at C{cuts}, then terminated; with
+    C{offsets}, the stuffer is told where its dot lines begin.
+    """
+    stuffer = DotStuffer(offsets)
     out = []
     start = 0
     for cut in sorted(set(cuts)) + [len(message)]:
@@ -83,16 +87,6 @@ def offsetsOf(message):
     return [i for i in range(len(message)) if message[i : i + 1] == b"." and (i == 0 or message[i - 1 : i] == b"\n")]
 
 
-def inChunksAt(message, cuts, offsets):
-    stuffer = DotStuffer(offsets)
-    out = []
-    start = 0
-    for cut in sorted(set(cuts)) + [len(message)]:
-        out.append(stuffer.stuff(message[start:cut]))
-        start = cut
-    return b"".join(out) + stuffer.terminator()
-
-
 @given(st.one_of(lines, dotty), st.lists(st.integers(min_value=0, max_value=200), max_size=8))
 def test_stuffingAtKnownOffsetsIsStuffingBySearch(messageLines, cuts):
     """
@@ -103,11 +97,11 @@ def test_stuffingAtKnownOffsetsIsStuffingBySearch(messageLines, cuts):
     message = b"".join(line + b"\r\n" for line in messageLines)
     cuts = [c for c in cuts if c <= len(message)]
     offsets = offsetsOf(message)
-    assert inChunksAt(message, cuts, offsets) == reference(message)
+    assert inChunks(message, cuts, offsets) == reference(message)
     assert stuffed(message, True, offsets) == reference(message)
     # The start of a message (what TOP sends) likewise.
     for end in cuts:
-        assert inChunksAt(message[:end], [c for c in cuts if c <= end], offsets) == inChunks(message[:end], [])
+        assert inChunks(message[:end], [c for c in cuts if c <= end], offsets) == inChunks(message[:end], [])
 
 
 def test_knownOffsetsAreCopiedNotSearched():
@@ -133,4 +127,4 @@ def test_offsetsThatDoNotMatchTheMessageAreGivenUp(messageLines, cuts, wrong):
     offsets = offsetsOf(message)
     if wrong < len(message) and message[wrong : wrong + 1] != b".":
         offsets = sorted(set(offsets) | {wrong})
-    assert inChunksAt(message, cuts, offsets) == reference(message)
+    assert inChunks(message, cuts, offsets) == reference(message)
