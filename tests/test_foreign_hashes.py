@@ -12,6 +12,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 
 from dovecotserver import requireDovecot
+from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from mailgate.auth import checkers as checkersModule
 from mailgate.auth.foreign import UnusableHash
 from mailgate.auth.passwords import importedCredentials, makeCredentials, verifyPassword
@@ -179,3 +180,117 @@ def test_anUpgradeDoesNotPutBackAPasswordChangedMeanwhile(databaseURL):
         assert resultOf(store.upgradeCredentials("nobody@example.org", "x", upgrade)) is False
     finally:
         store.close()
+
+
+# -- the mailgate command and a running server ---------------------------------------
+
+
+def scramLogin(port, address, password):
+    """
+    AUTH SCRAM-SHA-256 over a real connection: the final +OK or -ERR line.
+    """
+    import base64
+    import poplib
+
+    from saslclients import ScramClient
+
+    def b64(data):
+        return base64.b64encode(data).decode("ascii")
+
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        client = ScramClient(address, password)
+        serverFirst = base64.b64decode(pop._shortcmd(f"AUTH SCRAM-SHA-256 {b64(client.first())}")[2:])
+        try:
+            reply = pop._shortcmd(b64(client.final(serverFirst)))
+        except poplib.error_proto as e:
+            return e.args[0].decode("utf-8")
+        assert client.verify(base64.b64decode(reply[2:]))
+        return pop._shortcmd("").decode("utf-8")
+    finally:
+        pop.close()
+
+
+def passwordLogin(port, address, password):
+    import poplib
+
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        pop.user(address)
+        try:
+            return pop.pass_(password).decode("utf-8")
+        except poplib.error_proto as e:
+            return e.args[0].decode("utf-8")
+    finally:
+        pop.close()
+
+
+@requireDovecot
+def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_path):
+    """
+    An administrator moves the users of a Dovecot passwd-file with
+    C{mailgate user import}: each logs in to a running server with the
+    password they had; SCRAM works once they have (at once for Dovecot's
+    own SCRAM keys); lines that cannot be imported are named with the
+    reason, and no hash is ever printed.
+    """
+    server = mailgate_server("--no-apop")
+    mailgate_cli.addUser("erin@example.org", "erin's own")
+    hashes = {
+        "alice": doveadmHash("SHA512-CRYPT", "alice's"),
+        "bob@example.org": doveadmHash("BLF-CRYPT", "bob's"),
+        "carol": doveadmHash("SCRAM-SHA-256", "carol's"),
+        "dave": doveadmHash("CRAM-MD5", "dave's"),
+        "erin": doveadmHash("SSHA512", "not erin's"),
+    }
+    lines = ["# moved from mail1", ""]
+    lines += [f"{name}:{value}:1000:1000::/home/{name}::userdb_quota_rule=*:storage=1G" for name, value in hashes.items()]
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text("\n".join(lines) + "\n")
+    code, out, err = mailgate_cli("user", "import", str(passwd), "--domain", "Example.ORG")
+    assert code == 65, (code, out, err)
+    assert out.splitlines() == [
+        "added alice@example.org",
+        "added bob@example.org",
+        "added carol@example.org",
+        "exists erin@example.org",
+        "3 added, 1 already there, 1 failed",
+    ]
+    assert f"{passwd} line 6: dave@example.org: unusable password hash: scheme CRAM-MD5" in err
+    for value in hashes.values():
+        assert value.partition("}")[2][:12] not in out + err
+
+    assert scramLogin(server.port, "alice@example.org", "alice's").startswith("-ERR")
+    assert passwordLogin(server.port, "alice@example.org", "wrong").startswith("-ERR [AUTH]")
+    assert passwordLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
+    assert scramLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
+    assert passwordLogin(server.port, "bob@example.org", "bob's").startswith("+OK")
+    assert scramLogin(server.port, "carol@example.org", "carol's").startswith("+OK")
+    assert passwordLogin(server.port, "erin@example.org", "erin's own").startswith("+OK")
+
+    # Run again: nothing is added twice, and nobody's password goes back.
+    code, out, _ = mailgate_cli("user", "import", str(passwd), "--domain", "example.org")
+    assert code == 65 and out.splitlines()[-1] == "0 added, 4 already there, 1 failed"
+    assert passwordLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
+
+
+@requireDovecot
+def test_addingAndChangingAUserWithAHash(mailgate_server, mailgate_cli):
+    server = mailgate_server("--no-apop")
+    hashed = doveadmHash("ARGON2ID", "frank's")
+    mailgate_cli.check("user", "add", "frank@example.org", "--password-stdin", "--hashed", input=hashed + "\n")
+    assert passwordLogin(server.port, "frank@example.org", "frank's").startswith("+OK")
+    mailgate_cli.check(
+        "user", "passwd", "frank@example.org", "--password-stdin", "--hashed",
+        input=doveadmHash("SHA256-CRYPT", "new") + "\n",
+    )
+    assert passwordLogin(server.port, "frank@example.org", "frank's").startswith("-ERR")
+    assert passwordLogin(server.port, "frank@example.org", "new").startswith("+OK")
+    code, out, err = mailgate_cli(
+        "user", "add", "gina@example.org", "--password-stdin", "--hashed", input="{CRAM-MD5}00ff\n"
+    )
+    assert (code, out) == (65, "") and "unusable password hash: scheme CRAM-MD5" in err
+    code, _, err = mailgate_cli(
+        "user", "add", "gina@example.org", "--password-stdin", "--hashed", "--apop", input=hashed + "\n"
+    )
+    assert code == 64 and "APOP needs the password itself" in err
