@@ -687,31 +687,14 @@ def test_aReaderThatGoesAwayIsNotAnError(tmp_path):
     assert run(["--database", url, "user", "add", ALICE, "--password-stdin"], stdin=io.StringIO(PASSWORD + "\n"),
                stdout=io.StringIO(), stderr=io.StringIO()) == 0
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    # Buffered (the error comes at exit) and unbuffered (at the first write).
-    for env in (environ, {**environ, "PYTHONUNBUFFERED": "1"}):
-        for command in (["user", "list"], ["who"], ["mailbox", "list", ALICE]):
-            readEnd, writeEnd = os.pipe()
-            os.close(readEnd)
-            try:
-                listed = subprocess.run(
-                    [str(script), "--database", url, *command],
-                    stdout=writeEnd,
-                    stderr=subprocess.PIPE,
-                    cwd=tmp_path,
-                    env=env,
-                    timeout=120,
-                )
-            finally:
-                os.close(writeEnd)
-            assert (listed.returncode, listed.stderr) == (141, b""), (command, env.get("PYTHONUNBUFFERED"))
-        # deliver reports only once the message is stored: 0, or the MTA
-        # would deliver it again.
+
+    def intoAClosedPipe(command, env, data=None):
         readEnd, writeEnd = os.pipe()
         os.close(readEnd)
         try:
-            delivered = subprocess.run(
-                [str(script), "--database", url, "deliver", ALICE],
-                input=b"Subject: piped\n\nonce\n",
+            return subprocess.run(
+                [str(script), "--database", url, *command],
+                input=data,
                 stdout=writeEnd,
                 stderr=subprocess.PIPE,
                 cwd=tmp_path,
@@ -720,6 +703,15 @@ def test_aReaderThatGoesAwayIsNotAnError(tmp_path):
             )
         finally:
             os.close(writeEnd)
+
+    # Buffered (the error comes at exit) and unbuffered (at the first write).
+    for env in (environ, {**environ, "PYTHONUNBUFFERED": "1"}):
+        for command in (["user", "list"], ["who"], ["mailbox", "list", ALICE]):
+            listed = intoAClosedPipe(command, env)
+            assert (listed.returncode, listed.stderr) == (141, b""), (command, env.get("PYTHONUNBUFFERED"))
+        # deliver reports only once the message is stored: 0, or the MTA
+        # would deliver it again.
+        delivered = intoAClosedPipe(["deliver", ALICE], env, data=b"Subject: piped\n\nonce\n")
         assert (delivered.returncode, delivered.stderr) == (0, b""), env.get("PYTHONUNBUFFERED")
     assert len(CLI(tmp_path / "pipe.sqlite3").messages(ALICE)) == 2
 
