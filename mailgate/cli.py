@@ -2,8 +2,9 @@
 """
 C{mailgate}: the administrator's command.
 
-  mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop]
-  mailgate user passwd ADDRESS [--password-stdin]
+  mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
+  mailgate user passwd ADDRESS [--password-stdin] [--hashed]
+  mailgate user import PASSWD-FILE [--domain DOMAIN]
   mailgate user del ADDRESS
   mailgate user list [--json]
   mailgate user apop ADDRESS on|off [--password-stdin]
@@ -48,8 +49,9 @@ import sys
 import time
 
 from mailgate import __version__
-from mailgate.address import normalizeAddress
-from mailgate.auth.passwords import StoredCredentials, makeCredentials, verifyPassword
+from mailgate.address import normalizeAddress, normalizeDomain
+from mailgate.auth.foreign import UnusableHash
+from mailgate.auth.passwords import StoredCredentials, importedCredentials, makeCredentials, verifyPassword
 from mailgate.errors import (
     ConfigurationError,
     InvalidAddress,
@@ -144,14 +146,91 @@ def _readPassword(args, stdin, confirm=True):
     return password
 
 
+def _credentials(args, password, apop):
+    """
+    What the store keeps for what was read: a password, or with
+    C{--hashed} a hash another server made (Dovecot's C{{SCHEME}...}).
+    """
+    if not args.hashed:
+        return makeCredentials(password, apop=apop)
+    if apop:
+        raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
+    try:
+        return importedCredentials(password.strip())
+    except UnusableHash as e:
+        raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
+
+
 def _userAdd(store, args, out, stdin):
     address = _address(args.address)
+    if args.hashed and args.apop:
+        raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
     password = _readPassword(args, stdin)
     try:
-        _result(store.addUser(address, makeCredentials(password, apop=args.apop)))
+        _result(store.addUser(address, _credentials(args, password, args.apop)))
     except UserExists:
         raise CommandError(f"user {address} already exists", EX_CANTCREAT)
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
+
+
+def _userImport(store, args, out, stdin):
+    """
+    Add the users of a Dovecot passwd-file, keeping their password hashes
+    (replaced by mailgate's own at each user's first login).  Users that
+    exist already are left as they are, so a run can be repeated.
+    """
+    domain = None
+    if args.domain is not None:
+        try:
+            domain = normalizeDomain(args.domain)
+        except InvalidAddress as e:
+            raise CommandError(str(e), EX_USAGE) from None
+    try:
+        if args.file == "-":
+            lines = stdin.read().splitlines()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
+    except UnicodeDecodeError:
+        raise CommandError(f"{args.file}: not UTF-8 text", EX_DATAERR) from None
+    added = present = failed = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        # user:password:uid:gid:gecos:home:shell:extra_fields
+        name, _, rest = line.partition(":")
+        hashed = rest.partition(":")[0]
+        try:
+            if "@" not in name:
+                if domain is None:
+                    raise CommandError(f"{name!r} has no domain: give --domain", EX_DATAERR)
+                name = f"{name}@{domain}"
+            address = _address(name)
+            if not hashed:
+                raise CommandError(f"{address} has no password", EX_DATAERR)
+            try:
+                credentials = importedCredentials(hashed)
+            except UnusableHash as e:
+                raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
+            try:
+                _result(store.addUser(address, credentials))
+            except UserExists:
+                present += 1
+                out.write(f"exists {address}\n")
+                continue
+        except CommandError as e:
+            if e.code == EX_TEMPFAIL:
+                raise
+            failed += 1
+            args.stderr.write(f"mailgate: {args.file} line {number}: {e}\n")
+            continue
+        added += 1
+        out.write(f"added {address}\n")
+    out.write(f"{added} added, {present} already there, {failed} failed\n")
+    if failed:
+        raise CommandError(f"{failed} line(s) of {args.file} not imported", EX_DATAERR)
 
 
 def _forUser(address, d):
@@ -176,7 +255,9 @@ def _userPasswd(store, args, out, stdin):
     address = _address(args.address)
     user = _existingUser(store, address)
     password = _readPassword(args, stdin)
-    credentials = makeCredentials(password, apop=user.apopSecret is not None)
+    if args.hashed and user.apopSecret is not None:
+        raise CommandError(f"{address} has APOP, which needs the password itself, not a hash", EX_USAGE)
+    credentials = _credentials(args, password, user.apopSecret is not None)
     _result(store.setCredentials(address, credentials))
     out.write(f"password changed for {address}\n")
 
@@ -471,6 +552,16 @@ def _importMaildir(store, args, out, stdin):
         raise CommandError("the import was interrupted; run it again to finish", EX_TEMPFAIL)
     if report.failures:
         raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
+
+
+def _addHashed(parser):
+    parser.add_argument(
+        "--hashed",
+        action="store_true",
+        help="what is read is a password hash another server made, as Dovecot writes it "
+        "({SHA512-CRYPT}$6$..., {BLF-CRYPT}..., a bare $6$... crypt string, ...): kept, and "
+        "replaced by mailgate's own at the user's first login",
+    )
 
 
 def _readUsers(path):
@@ -957,11 +1048,25 @@ def buildParser():
         action="store_true",
         help="also allow APOP; this keeps the password recoverable in the database (see README)",
     )
+    _addHashed(add)
     add.set_defaults(run=_userAdd, migrate=True, create=True)
     passwd = user.add_parser("passwd", help="change a user's password")
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addHashed(passwd)
     passwd.set_defaults(run=_userPasswd, migrate=True)
+    imports = user.add_parser(
+        "import",
+        help="add the users of a Dovecot passwd-file, keeping their passwords",
+        description="Add the users of a Dovecot passwd-file (user:{SCHEME}hash:...; '-' reads "
+        "standard input), keeping their password hashes: each is replaced by mailgate's own "
+        "at the user's first login.  Users already there are left as they are, so the "
+        "command can be run again.  SCRAM-SHA-256 works for a user once they have logged "
+        "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).",
+    )
+    imports.add_argument("file", metavar="PASSWD-FILE")
+    imports.add_argument("--domain", help="the domain of user names without one")
+    imports.set_defaults(run=_userImport, migrate=True, create=True)
     delete = user.add_parser(
         "del",
         help="delete a user and their maildrop",
