@@ -66,7 +66,7 @@ from mailgate.message import spoolFile
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseSize, parseWhole
 from mailgate.store.lifecycle import DAY, DEFAULT, UNLIMITED, describeLimit
-from mailgate.store.schema import LATEST, currentVersion, upgrade
+from mailgate.store.schema import LATEST, recordedVersion, upgrade
 
 EX_OK = 0
 EX_USAGE = 64
@@ -827,8 +827,11 @@ def _dbCopy(store, args, out, stdin):
 
 
 def _dbVersion(store, args, out, stdin):
-    version = store.database.run(currentVersion)
-    out.write(f"schema version {version} (this mailgate: {LATEST})\n")
+    # Read without writing: on a database that is not mailgate's (a
+    # mistaken --database), the table of versions is not created.
+    version = store.database.run(recordedVersion) or 0
+    newer = "; newer than this mailgate: upgrade mailgate" if version > LATEST else ""
+    out.write(f"schema version {version} (this mailgate: {LATEST}){newer}\n")
 
 
 SERVE_DESCRIPTION = "POP3 / SMTP / LMTP mail gateway over SQLite or PostgreSQL"

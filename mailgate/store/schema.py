@@ -341,6 +341,23 @@ def currentVersion(cursor):
     return row[0] or 0
 
 
+def recordedVersion(cursor):
+    """
+    The schema version recorded in the database behind C{cursor}, read
+    without writing anything: C{None} if it records none (an empty
+    database, or one that is not mailgate's), rather than creating the
+    table that records it, as L{currentVersion} does.
+    """
+    try:
+        cursor.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}")
+    except Exception:
+        # No such table (the only statement of its transaction, so on
+        # PostgreSQL nothing is left aborted by it).
+        return None
+    row = cursor.fetchone()
+    return row[0] or 0
+
+
 def pendingMigrations(version):
     return [m for m in MIGRATIONS if m.version > version]
 
@@ -376,20 +393,19 @@ def upgradeConnection(engine, conn):
     @raise mailgate.errors.ConfigurationError: if the database is newer than
         this mailgate.
     """
-    from mailgate.errors import ConfigurationError
     from mailgate.store.database import runTransaction
 
+    # Nearly always the schema is up to date: learnt in a read, so that
+    # every start and every mailgate command (mailgate user list) does not
+    # wait for SQLite's write lock, which a server's long write (an
+    # expunge, a large import) or another upgrade holds, and then fail.
+    if _checkedVersion(runTransaction(engine, conn, recordedVersion, (), {}, False)) == LATEST:
+        return []
     applied = []
 
     def step(cursor):
         engine.lockSchema(cursor)
-        version = currentVersion(cursor)
-        if version > LATEST:
-            raise ConfigurationError(
-                f"database schema version {version} is newer than this "
-                f"mailgate supports ({LATEST}); upgrade mailgate"
-            )
-        pending = pendingMigrations(version)
+        pending = pendingMigrations(_checkedVersion(currentVersion(cursor)))
         if not pending:
             return None
         applyMigration(cursor, engine, pending[0])
@@ -400,3 +416,21 @@ def upgradeConnection(engine, conn):
         if migration is None:
             return applied
         applied.append(migration)
+
+
+def _checkedVersion(version):
+    """
+    C{version}, a schema version read from a database, unless this
+    mailgate cannot work on it.
+
+    @raise mailgate.errors.ConfigurationError: it is newer than this
+        mailgate (a newer node migrated the database).
+    """
+    from mailgate.errors import ConfigurationError
+
+    if version is not None and version > LATEST:
+        raise ConfigurationError(
+            f"database schema version {version} is newer than this "
+            f"mailgate supports ({LATEST}); upgrade mailgate"
+        )
+    return version or 0

@@ -1,0 +1,127 @@
+"""
+C{mailgate} on databases in the states an administrator meets them in: one
+whose write lock a server holds (SQLite), one that is empty or not
+mailgate's, through L{mailgate.cli.run} on real SQLite files and, where
+the state exists there, PostgreSQL.
+"""
+
+import io
+import json
+import sqlite3
+
+import pytest
+
+from mailgate.cli import EX_TEMPFAIL, run
+from mailgate.store import engineFromURL
+from mailgate.store.database import runTransaction
+from mailgate.store.schema import LATEST
+
+ALICE = "alice@example.org"
+
+
+def mailgate(url, *argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8", newline="")
+    code = run(["--database", url, *argv], stdin=stdin, stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def sqliteURL(tmp_path):
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    assert mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")[0] == 0
+    return url
+
+
+@pytest.fixture
+def writeLockHeld(sqliteURL):
+    """
+    Another connection holding the SQLite database's write lock, as a
+    server does during a long write (an expunge of a large maildrop, a
+    large import, a migration).
+    """
+    conn = sqlite3.connect(sqliteURL[len("sqlite:///"):], isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield sqliteURL
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["user", "list", "--json"], ["mailbox", "list", ALICE, "--json"], ["who", "--json"], ["ban", "list"]],
+)
+def test_listingsAnswerWhileAServerHoldsTheWriteLock(writeLockHeld, argv):
+    """
+    Reading needs no write lock (SQLite's WAL lets readers go on beside a
+    writer): a listing answers at once, rather than waiting for the lock
+    to check the schema, and failing when the writer takes longer than
+    the busy timeout.
+    """
+    code, out, err = mailgate(writeLockHeld, *argv)
+    assert (code, err) == (0, "")
+    if argv[0] != "ban":
+        for line in out.splitlines():
+            json.loads(line)
+    if argv[:2] == ["user", "list"]:
+        assert json.loads(out)["address"] == ALICE
+
+
+def test_aChangeWhileTheWriteLockIsHeldIsATemporaryFailure(writeLockHeld):
+    """
+    A change waits for the lock (the busy timeout), then says to try
+    again, and changes nothing.
+    """
+    code, out, err = mailgate(writeLockHeld, "user", "quota", ALICE, "1M")
+    assert code == EX_TEMPFAIL
+    assert err.startswith("mailgate: temporary failure, try again: ") and err.count("\n") == 1, err
+    assert out == ""
+
+
+def _tables(url):
+    engine = engineFromURL(url)
+    conn = engine.connect()
+
+    def tables(cursor):
+        if engine.name == "sqlite":
+            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        else:
+            cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return sorted(name for (name,) in cursor.fetchall())
+
+    try:
+        return runTransaction(engine, conn, tables, (), {}, False)
+    finally:
+        conn.close()
+
+
+def test_dbVersionOfADatabaseThatIsNotMailgatesChangesNothing(databaseURL):
+    """
+    C{db version} on an empty database (a new PostgreSQL database, or one
+    --database names by mistake) says it has no schema and leaves it as it
+    was: it does not create mailgate's version table there.
+    """
+    if databaseURL.startswith("sqlite"):
+        open(databaseURL[len("sqlite:///"):], "wb").close()
+    code, out, err = mailgate(databaseURL, "db", "version")
+    assert (code, out, err) == (0, f"schema version 0 (this mailgate: {LATEST})\n", "")
+    assert _tables(databaseURL) == []
+
+
+def test_dbVersionSaysADatabaseIsNewerThanThisMailgate(sqliteURL):
+    """
+    After a newer node migrated the database, C{db version} on an older
+    one says why every other command refuses it.
+    """
+    conn = sqlite3.connect(sqliteURL[len("sqlite:///"):])
+    with conn:
+        conn.execute("INSERT INTO mailgate_schema (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)", (LATEST + 1,))
+    conn.close()
+    code, out, err = mailgate(sqliteURL, "db", "version")
+    assert (code, err) == (0, "")
+    assert out == f"schema version {LATEST + 1} (this mailgate: {LATEST}); newer than this mailgate: upgrade mailgate\n"
+    code, out, err = mailgate(sqliteURL, "user", "list")
+    assert code == 78 and f"database schema version {LATEST + 1} is newer" in err
