@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from mailgate.policy import OpenPolicy
+from mailgate.session import OpenPolicy
 from mailgate.testing import POP3Session, SMTPSession, addUser, pop3Factory, smtpFactory
 
 ALICE = "alice@example.org"

@@ -223,7 +223,7 @@ def test_everyInterfaceHasAnInMemoryImplementation():
 
     from mailgate import interfaces
     from mailgate.message import spoolBytes
-    from mailgate.policy import OpenPolicy
+    from mailgate.session import OpenPolicy
     from mailgate.policy.memory import MemoryPolicyStore
 
     store = memoryStore()

@@ -19,7 +19,6 @@ from zope.interface.verify import verifyObject
 
 from mailgate.interfaces import IConnectionPolicy, IPolicyStore
 from mailgate.metrics import Metrics
-from mailgate.policy import OpenPolicy
 from mailgate.policy.addresses import ExemptNetworks, addressText, clientKey, parseNetworks
 from mailgate.policy.connection import BANNED, TOO_MANY, ConnectionPolicy, loginKey
 from mailgate.policy.failures import FailureLog
@@ -29,6 +28,7 @@ from mailgate.policy.refresh import EXPIRE_INTERVAL, REFRESH_INTERVAL
 from mailgate.policy.service import PolicyService
 from mailgate.policy.settings import PolicySettings
 from mailgate.records import AuthFailure
+from mailgate.session import OpenPolicy
 
 START = 1_700_000_000.0
 NO_EXEMPTIONS = ("none",)

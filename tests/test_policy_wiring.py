@@ -15,10 +15,10 @@ from twisted.python import usage
 
 from iterated import IteratedReactor
 from mailgate.errors import ConfigurationError
-from mailgate.policy import OpenPolicy
 from mailgate.policy.connection import BANNED, ConnectionPolicy
 from mailgate.pop3 import POP3Factory
 from mailgate.service import MailgateConfig, makeService
+from mailgate.session import OpenPolicy
 from mailgate.smtp import SMTPFactory
 from mailgate.store import openSynchronousStore
 from mailgate.store.policy import SQLPolicyStore

@@ -5,14 +5,15 @@ the idle timer, admission, session ids and log context, graceful shutdown,
 and the PROXY-protocol header in front of it all.
 
   - L{CommandSession} (L{mailgate.session.core}): the base of every session.
-  - L{SessionFactory}: what a session finds on its factory.
+  - L{SessionFactory}: what a session finds on its factory; its policy is
+    L{OpenPolicy} (admits everyone, never delays) unless it is given one.
   - L{SessionTracker}: the open sessions, for a graceful shutdown.
   - L{ReplyWriter}, L{IdleTimer}, L{setNoDelay}, L{BlockSender}: the
     pieces, usable on their own.
 """
 
 from mailgate.session.core import CommandError, CommandSession
-from mailgate.session.factory import SessionFactory
+from mailgate.session.factory import OpenPolicy, SessionFactory
 from mailgate.session.idle import IdleTimer
 from mailgate.session.ids import describeAddress, newSessionId
 from mailgate.session.output import ReplyWriter, setNoDelay
@@ -24,6 +25,7 @@ __all__ = [
     "CommandError",
     "CommandSession",
     "IdleTimer",
+    "OpenPolicy",
     "ReplyWriter",
     "SendAborted",
     "SessionFactory",

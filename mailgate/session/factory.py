@@ -6,10 +6,38 @@ open sessions.
 """
 
 from twisted.internet.protocol import ServerFactory
+from zope.interface import implementer
 
+from mailgate.interfaces import IConnectionPolicy
 from mailgate.metrics import Metrics
-from mailgate.policy import OpenPolicy
 from mailgate.session.tracker import SessionTracker
+
+
+@implementer(IConnectionPolicy)
+class OpenPolicy:
+    """
+    No limits, no penalty, no bans: what a factory given no policy uses
+    (an embedder's tests, the in-memory test sessions).  C{twistd mailgate}
+    runs L{mailgate.policy.connection.ConnectionPolicy}.
+    """
+
+    def admit(self, protocol, address):
+        return None
+
+    def connectionClosed(self, protocol, address):
+        pass
+
+    def isBanned(self, address):
+        return False
+
+    def authenticationDelay(self, address, login):
+        return 0.0
+
+    def authenticationFailed(self, address, login, password=None):
+        pass
+
+    def authenticationSucceeded(self, address, login):
+        pass
 
 
 class SessionFactory(ServerFactory):
