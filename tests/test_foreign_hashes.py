@@ -294,3 +294,35 @@ def test_addingAndChangingAUserWithAHash(mailgate_server, mailgate_cli):
         "user", "add", "gina@example.org", "--password-stdin", "--hashed", "--apop", input=hashed + "\n"
     )
     assert code == 64 and "APOP needs the password itself" in err
+
+
+class _RacingNode:
+    """
+    A store on which another node's login replaces the imported hash
+    just before this one's replacement is written.
+    """
+
+    def __init__(self, store, password):
+        self._store = store
+        self._password = password
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def upgradeCredentials(self, address, oldHash, credentials):
+        theirs = makeCredentials(self._password, logN=TEST_HASH_COST)
+        assert resultOf(self._store.upgradeCredentials(address, oldHash, theirs)) is True
+        return self._store.upgradeCredentials(address, oldHash, credentials)
+
+
+@requireDovecot
+def test_twoNodesReplacingTheSameImportedHashBothLogIn(store):
+    """
+    Two nodes check the same first login at once (two clients of one
+    user): the second finds the hash replaced by the first, and its login
+    goes on, with the first node's hash, rather than failing.
+    """
+    resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("SHA512-CRYPT"))))
+    maildrop = login(_RacingNode(store, PASSWORD), PASSWORD)
+    assert maildrop.address == ALICE
+    assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")

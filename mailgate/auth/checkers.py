@@ -140,7 +140,13 @@ class PasswordChecker:
             )
             return user
         if not replaced:
-            # Changed meanwhile: opening the maildrop refuses this login.
+            # Changed meanwhile: by another node's login replacing it too
+            # (the password then checks against what it stored), or by a
+            # new password (opening the maildrop refuses this login).
+            current = yield self._store.findUser(user.address)
+            if current is not None and not needsUpgrade(current.passwordHash):
+                if (yield self._runInThread(verifyPassword, password, current.passwordHash)):
+                    return current
             return user
         self.log.info(
             "{user}'s imported password hash replaced by mailgate's own",
