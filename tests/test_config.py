@@ -22,20 +22,10 @@ from mailgate.config import APOPPolicy, MailgateConfig
 from mailgate.errors import ConfigurationError
 from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.testing import memoryStore
+from test_tap import noEnvironmentDatabase, parse  # noqa: F401 (autouse fixture)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "contrib" / "mailgate.toml"
-
-
-@pytest.fixture(autouse=True)
-def noEnvironmentDatabase(monkeypatch):
-    monkeypatch.delenv("MAILGATE_DATABASE", raising=False)
-
-
-def parse(*argv):
-    options = tap.Options()
-    options.parseOptions(list(argv))
-    return options
 
 
 def writeConfig(tmp_path, text, name="mailgate.toml"):
