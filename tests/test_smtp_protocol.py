@@ -27,7 +27,7 @@ ENHANCED = re.compile(r"^[245][0-9]{2}[ -][245]\.[0-9]{1,3}\.[0-9]{1,3} ")
 TRACE = re.compile(
     rb"^Return-Path: <(?P<sender>[^>]*)>\r\n"
     rb"Received: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
-    rb"\tby mailgate\.test \(mailgate\) with (?P<protocol>E?SMTP|LMTP) id (?P<id>[0-9A-F]{12})"
+    rb"\tby mailgate\.test \(mailgate\) with (?P<protocol>E?SMTP|LMTP|UTF8SMTP|UTF8LMTP) id (?P<id>[0-9A-F]{12})"
     rb"(?:\r\n\tfor <(?P<for>[^>]+)>)?; (?P<date>[^\r\n]+)\r\n"
 )
 
@@ -365,6 +365,25 @@ def test_nonASCIIHelloNameIsNotEchoedNorStoredInAnASCIIMessage(users, dbpath):
     assert trace(ascii)["helo"] == b"b?cher.example"
     assert ascii.isascii()
     assert trace(utf8)["helo"] == "bücher.example".encode("utf-8")
+
+
+@pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
+def test_smtputf8MessageIsReceivedWithUTF8SMTP(users, dbpath, lmtpSession):
+    """
+    RFC 6531's "with" types: the Received field of a message that came with
+    SMTPUTF8 says so, C{with UTF8SMTP} (C{UTF8LMTP} for LMTP), as Postfix
+    writes it; other messages keep C{ESMTP} and C{LMTP}.
+    """
+    s = lmtp(users) if lmtpSession else session(users)
+    for parameter in ("", " SMTPUTF8"):
+        assert s.command(f"MAIL FROM:<{SENDER}>{parameter}").startswith("250 ")
+        s.command(f"RCPT TO:<{ALICE}>")
+        s.command("DATA")
+        assert s.send(b"Subject: x\r\n\r\n.\r\n").startswith(b"250 ")
+    plain, utf8 = storedMessages(dbpath, ALICE)
+    base = b"LMTP" if lmtpSession else b"ESMTP"
+    assert trace(plain)["protocol"] == base
+    assert trace(utf8)["protocol"] == b"UTF8" + base.lstrip(b"E")
 
 
 def test_helloReplyStaysWithinTheReplyLineLimit(store):

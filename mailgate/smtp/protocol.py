@@ -365,13 +365,17 @@ class SMTPServer(CommandSession):
 
     # -- the mail transaction --------------------------------------------
 
-    def _protocolName(self):
+    def _protocolName(self, utf8=False):
         """
-        The "with" of the Received field (RFC 3848).
+        The "with" of the Received field (RFC 3848), for a transaction with
+        SMTPUTF8 (C{utf8}) RFC 6531's C{UTF8SMTP} and C{UTF8LMTP} forms,
+        as Postfix writes them.
         """
         secure = "S" if isSecure(self.transport) else ""
         if self.lmtp:
-            return "LMTP" + secure
+            return ("UTF8LMTP" if utf8 else "LMTP") + secure
+        if utf8:
+            return "UTF8SMTP" + secure
         return ("ESMTP" + secure) if self._esmtp else "SMTP"
 
     def smtp_MAIL(self, argument):
@@ -408,7 +412,7 @@ class SMTPServer(CommandSession):
         self._envelope = Envelope(
             helo=self._helo,
             peer=self.peer,
-            protocol=self._protocolName(),
+            protocol=self._protocolName("SMTPUTF8" in parameters),
             sender=sender,
             parameters=parameters,
             utf8="SMTPUTF8" in parameters,
