@@ -187,7 +187,7 @@ def openRegularFile(path):
     _checkRegular(os.lstat(path).st_mode)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
+    except OSError:
         if os.path.islink(path):
             raise NotAFile("a symbolic link (not followed), not a regular file: not imported") from None
         raise
