@@ -152,6 +152,32 @@ class Line(Text):
         return value
 
 
+class CertificatePair(Text):
+    """
+    A certificate file and its key file, as C{CERT:KEY}.
+    """
+
+    metavar = "CERT:KEY"
+
+    def __init__(self):
+        pass
+
+    def check(self, value):
+        value = super().check(value)
+        certificate, _, key = value.rpartition(":")
+        if not certificate.strip() or not key.strip():
+            raise ValueError("must be a certificate file and its key file, as CERT:KEY")
+        return value
+
+
+def splitCertificatePair(value):
+    """
+    C{(certificatePath, keyPath)} of a L{CertificatePair} value.
+    """
+    certificate, _, key = value.rpartition(":")
+    return certificate, key
+
+
 #: The largest whole number any setting takes unless it says less: what
 #: a database's 64-bit integers hold (and far more than any count or
 #: number of seconds means), so that no value fails later, where it is used.
@@ -749,6 +775,17 @@ SETTINGS = (
         example="/etc/mailgate/key-ecdsa.pem",
     ),
     Setting(
+        "tls-sni-cert", "tlsNamedCertificates", CertificatePair(), (),
+        "A further certificate (and chain) and its key, as CERT:KEY, for "
+        "clients that ask (by SNI) for a host name this certificate lists in "
+        "its subjectAltName (*.example.net: any name one level below); other "
+        "clients get tls-cert.  For a gateway serving several domains, as "
+        "Dovecot's local_name blocks; the names are the certificate's own, so "
+        "none can be given a certificate that is not for it.  Reloaded with "
+        "tls-cert.",
+        repeated=True, example=["/etc/mailgate/example-net.pem:/etc/mailgate/example-net.key"],
+    ),
+    Setting(
         "trusted-network", "trustedNetworks", TrustedNetwork(), tuple(_TRUSTED),
         "A network (CIDR) from which plaintext passwords (USER/PASS, AUTH "
         "PLAIN) are accepted without TLS; elsewhere plaintext logins need TLS.  "
@@ -998,6 +1035,8 @@ def checkConfig(config, settings=SETTINGS):
         raise ConfigurationError("the alternative TLS certificate needs both tls-alt-cert and tls-alt-key")
     if config.tlsAltCertificate is not None and config.tlsCertificate is None:
         raise ConfigurationError("tls-alt-cert and tls-alt-key go beside tls-cert and tls-key, which are not set")
+    if config.tlsNamedCertificates and config.tlsCertificate is None:
+        raise ConfigurationError("tls-sni-cert goes beside tls-cert and tls-key, which are not set")
     return config
 
 

@@ -24,7 +24,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
-from mailgate.config import networksOf
+from mailgate.config import networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -587,7 +587,8 @@ def makeTLS(config):
     if config.tlsCertificate is None:
         return None
     alternative = None if config.tlsAltCertificate is None else (config.tlsAltCertificate, config.tlsAltKey)
-    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative, config.tlsMinVersion)
+    named = [splitCertificatePair(value) for value in config.tlsNamedCertificates]
+    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative, config.tlsMinVersion, named)
 
 
 def makeAffinity(config):

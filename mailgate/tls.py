@@ -18,6 +18,15 @@ together, OpenSSL signs with ECDSA for every client that accepts it
 (nearly all of today's) and with RSA for the others, so no client is left
 out for the saving.
 
+Why certificates chosen by name (Dovecot's C{local_name} blocks): a
+gateway serving several domains is reached as C{pop.example.org} by some
+clients and C{mail.example.net} by others, and a client checks that the
+certificate names the host it asked for.  Each further certificate serves
+the names its subjectAltName lists (C{*.example.net} for any name one
+level below), read from the certificate itself so that no name can be
+given a certificate that is not for it; a client asking for another name,
+or for none (SNI), gets the main certificate.
+
 The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least
 (or 1.3, by choice), no TLS compression, no renegotiation, the
 server's cipher preference, forward-secret suites only, AEAD first (TLS
@@ -188,16 +197,77 @@ def _noPassphrase():
     raise ConfigurationError("the TLS private key must not need a passphrase")
 
 
+def certificateNames(leaf):
+    """
+    The host names a certificate is for, in lower case: its
+    subjectAltName's DNS names, or its common name where it has none.
+    """
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = names.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        common = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        names = [common[0].value] if common else []
+    return [name.lower().rstrip(".") for name in names]
+
+
+class _ByName:
+    """
+    The SNI callback choosing a connection's context by the host name its
+    client asked for: a name a certificate lists, else a wildcard one
+    level up, else the main context (left as it is).
+
+    @ivar exact: host name to context.
+    @ivar wildcard: parent domain (C{example.net} for C{*.example.net}) to
+        context.
+    """
+
+    def __init__(self):
+        self.exact = {}
+        self.wildcard = {}
+
+    def add(self, names, context, certificatePath):
+        """
+        Serve C{names} with C{context}.
+
+        @raise ConfigurationError: a name another certificate serves.
+        """
+        for name in names:
+            table, key = (self.wildcard, name[2:]) if name.startswith("*.") else (self.exact, name)
+            if key in table:
+                raise ConfigurationError(
+                    f"{certificatePath}: {name} is named by another certificate too ({table[key][1]})"
+                )
+            table[key] = (context, certificatePath)
+
+    def __call__(self, connection, serverName, context):
+        if not serverName:
+            return None
+        name = serverName.lower().rstrip(".")
+        found = self.exact.get(name)
+        if found is None:
+            parent = name.partition(".")[2]
+            found = self.wildcard.get(parent) if parent else None
+        if found is not None:
+            connection.context = found[0]
+        return None
+
+
 class ServerTLS:
     """
     The server side of TLS, from a PEM certificate (optionally followed by
     its chain) and a PEM private key, and optionally an alternative pair
-    whose key is of another type (see the module's docstring).
+    whose key is of another type, and further pairs for other host names
+    (see the module's docstring).
 
     @ivar certificatePath: the certificate (and chain) file.
     @ivar keyPath: the private key file.
     @ivar alternative: C{(certificatePath, keyPath)} of the alternative
         certificate, or C{None}.
+    @ivar named: C{(certificatePath, keyPath)} of each certificate served
+        to clients asking for a host name it lists.
     @ivar minimumVersion: the oldest TLS version accepted (C{"1.2"} or
         C{"1.3"}), kept across reloads.
     @ivar subject: the certificate's common name, for logs.
@@ -208,7 +278,7 @@ class ServerTLS:
 
     log = Logger()
 
-    def __init__(self, certificatePath, keyPath, alternative=None, minimumVersion="1.2"):
+    def __init__(self, certificatePath, keyPath, alternative=None, minimumVersion="1.2", named=()):
         if minimumVersion not in MINIMUM_VERSIONS:
             raise ConfigurationError(
                 f"TLS minimum version must be one of {', '.join(MINIMUM_VERSIONS)}, not {minimumVersion!r}"
@@ -216,6 +286,7 @@ class ServerTLS:
         self.certificatePath = certificatePath
         self.keyPath = keyPath
         self.alternative = tuple(alternative) if alternative is not None else None
+        self.named = [tuple(pair) for pair in named]
         self.minimumVersion = minimumVersion
         self._context = None
         self.reload()
@@ -227,10 +298,17 @@ class ServerTLS:
         is raised.
 
         @raise ConfigurationError: the files cannot be read, parsed, do
-            not belong together, or the alternative key is of the main
-            key's type.
+            not belong together, the alternative key is of the main
+            key's type, or two named certificates name one host.
         """
         context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative, self.minimumVersion)
+        if self.named:
+            byName = _ByName()
+            for certificatePath, keyPath in self.named:
+                namedContext, namedLeaves = makeContext(certificatePath, keyPath, None, self.minimumVersion)
+                byName.add(certificateNames(namedLeaves[0]), namedContext, certificatePath)
+                leaves += namedLeaves
+            context.sni_callback = byName
         self._context = context
         self.certificates = [
             CertificateSummary(
@@ -241,6 +319,7 @@ class ServerTLS:
         self.subject = self.certificates[0].subject
         self.fingerprint = self.certificates[0].fingerprint
         keys = [self.keyPath] + ([self.alternative[1]] if self.alternative is not None else [])
+        keys += [key for _, key in self.named]
         self.keyWarnings = [w for w in map(keyFileWarning, keys) if w]
 
     def describe(self):

@@ -111,11 +111,11 @@ class POP3Wire:
         assert status.startswith(b"+OK"), status
         return self.reader.multiline().decode("ascii").split("\r\n")[:-2]
 
-    def stls(self, context):
+    def stls(self, context, hostname="127.0.0.1"):
         reply = self.command("STLS")
         assert reply.startswith(b"+OK"), reply
         assert self.reader.buffer == b""
-        self.sock = context.wrap_socket(self.sock, server_hostname="127.0.0.1")
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
         self.reader = LineReader(self.sock)
 
     def close(self):
@@ -498,6 +498,42 @@ def test_anECDSACertificateBesideTheRSAOne(mailgate_server, mailgate_cli, tmp_pa
             assert session.pass_(ALICE_PW).startswith(b"+OK")
             assert retrieve(session, 1).endswith(sent)
             assert session.quit().startswith(b"+OK")
+    assert server.running(), server.log()
+
+
+def test_eachDomainsHostNameGetsItsOwnCertificate(mailgate_server, mailgate_cli, tmp_path):
+    """
+    A gateway for several domains (--tls-sni-cert): a client that asks
+    for mail.example.net, or any name under example.com, gets that
+    domain's certificate and checks it, over POP3S and STLS alike; a
+    client asking for another name gets the main one; all read their mail.
+    """
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    main = makeCertificate(directory, "localhost", name="main")
+    net = makeCertificate(directory, "mail.example.net", name="net", keyType="rsa")
+    com = makeCertificate(directory, "*.example.com", name="com")
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(*main),
+        "--tls-sni-cert", f"{net[0]}:{net[1]}", "--tls-sni-cert", f"{com[0]}:{com[1]}",
+        "--pop3s", LOOPBACK_TCP,
+    )
+    for hostname, pair in (("mail.example.net", net), ("pop.example.com", com), ("localhost", main)):
+        context = clientContext(pair[0])
+        implicit = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+        implicit = context.wrap_socket(implicit, server_hostname=hostname)
+        wire = POP3Wire(server.port)
+        wire.stls(context, hostname)
+        for sock in (implicit, wire.sock):
+            assert peerCertificate(sock) == der(pair[0]), hostname
+            reader = LineReader(sock)
+            if sock is implicit:
+                assert reader.line().startswith(b"+OK")
+            for line, reply in ((f"USER {ALICE}", b"+OK"), (f"PASS {ALICE_PW}", b"+OK"), ("QUIT", b"+OK")):
+                sock.sendall(line.encode() + b"\r\n")
+                assert reader.line().startswith(reply), (hostname, line)
+            sock.close()
     assert server.running(), server.log()
 
 

@@ -602,6 +602,90 @@ def servingWithACopy(tmp_path):
     return certificatePath, keyPath, tls, oldCertificate
 
 
+# -- certificates chosen by the host name the client asks for (SNI) ----------
+
+
+@pytest.fixture
+def hosted(tmp_path):
+    """
+    A server for three domains: the main certificate for HOST, one for
+    mail.example.net and a wildcard one for *.example.com; and a file
+    trusting all three.
+    """
+    main = makeCertificate(tmp_path, HOST, name="main")
+    net = makeCertificate(tmp_path, "mail.example.net", name="net", keyType="rsa")
+    com = makeCertificate(tmp_path, "*.example.com", name="com")
+    trusted = tmp_path / "all.crt"
+    trusted.write_bytes(b"".join(pair[0].read_bytes() for pair in (main, net, com)))
+    tls = ServerTLS(str(main[0]), str(main[1]), named=[net, com])
+    return tls, main, net, com, trusted
+
+
+@pytest.mark.parametrize(
+    "asked, served",
+    [
+        ("mail.example.net", "net"),
+        ("MAIL.Example.NET", "net"),
+        ("pop.example.com", "com"),
+        (HOST, "main"),
+        ("example.com", "main"),
+        ("a.b.example.com", "main"),
+        ("other.example.net", "main"),
+    ],
+)
+def test_eachClientGetsTheCertificateOfTheNameItAskedFor(hosted, asked, served):
+    tls, main, net, com, trusted = hosted
+    expected = {"main": main, "net": net, "com": com}[served]
+    client = clientContext(trusted)
+    client.check_hostname = False
+    result = handshake(tls.context, client, asked)
+    assert result.ok, (result.clientError, result.serverError)
+    assert fingerprint(result.peerCertificate) == certificateFingerprint(expected[0])
+
+
+def test_aClientThatNamesNoHostGetsTheMainCertificate(hosted):
+    tls, main, _, _, trusted = hosted
+    client = clientContext(trusted)
+    client.check_hostname = False
+    result = handshake(tls.context, client, None)
+    assert result.ok and fingerprint(result.peerCertificate) == certificateFingerprint(main[0])
+
+
+def test_aVerifyingClientAcceptsEachNamesCertificate(hosted):
+    tls, main, net, com, _ = hosted
+    for pair, asked in ((net, "mail.example.net"), (com, "pop.example.com"), (main, HOST)):
+        result = handshake(tls.context, clientContext(pair[0]), asked)
+        assert result.ok, (asked, result.clientError)
+
+
+def test_twoCertificatesNamingOneHostAreRefused(tmp_path, hosted):
+    tls, main, net, _, _ = hosted
+    again = makeCertificate(tmp_path, "mail.example.net", name="net2")
+    with pytest.raises(ConfigurationError, match="mail.example.net is named by another certificate too"):
+        ServerTLS(str(main[0]), str(main[1]), named=[net, again])
+
+
+def test_namedCertificatesAreDescribedReloadedAndTheirKeysChecked(tmp_path, hosted):
+    tls, main, net, com, trusted = hosted
+    assert [c.subject for c in tls.certificates] == [HOST, "mail.example.net", "*.example.com"]
+    assert "RSA mail.example.net" in tls.describe()
+    old = certificateFingerprint(net[0])
+    makeCertificate(tmp_path, "mail.example.net", name="net")  # renewed in place
+    tls.reload()
+    client = clientContext(net[0])
+    result = handshake(tls.context, client, "mail.example.net")
+    assert result.ok and fingerprint(result.peerCertificate) != old
+    net[1].chmod(0o644)
+    tls.reload()
+    assert any(str(net[1]) in warning for warning in tls.keyWarnings)
+    # A named pair that does not belong together is refused, and the
+    # certificates in service stay.
+    net[1].write_bytes(com[1].read_bytes())
+    with pytest.raises(ConfigurationError, match="is not the key of"):
+        tls.reload()
+    assert handshake(tls.context, client, "mail.example.net").ok
+
+
 def test_reloadPresentsTheNewCertificate(tmp_path):
     certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
     old = tls.fingerprint
