@@ -17,8 +17,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import textwrap
-import time
 
 import pytest
 
