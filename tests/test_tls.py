@@ -928,3 +928,24 @@ def test_makeTLSReportsUnusableFiles(tmp_path, pair):
     with pytest.raises(ConfigurationError) as e:
         makeTLS(MailgateConfig(tlsCertificate=str(tmp_path / "nope.crt"), tlsKey=str(pair[1])))
     assert "cannot read TLS certificate or key" in str(e.value)
+
+
+def test_makeTLSRefusesNamedCertificatesWithoutTheMainOne(pair):
+    with pytest.raises(ConfigurationError, match="tls-sni-cert goes beside tls-cert and tls-key"):
+        makeTLS(MailgateConfig(tlsNamedCertificates=[f"{pair[0]}:{pair[1]}"]))
+
+
+@pytest.mark.parametrize("value", ["/etc/cert.pem", ":/etc/key.pem", "/etc/cert.pem:", "  "])
+def test_aNamedCertificateWithoutItsKeyIsRefusedAsAnOption(value):
+    from mailgate.tap import Options
+
+    with pytest.raises(Exception, match="CERT:KEY|must not be empty"):
+        Options().parseOptions(["--tls-sni-cert", value])
+
+
+def test_makeTLSLoadsNamedCertificates(tmp_path, pair):
+    net = makeCertificate(tmp_path, "mail.example.net", name="net")
+    tls = makeTLS(
+        MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1]), tlsNamedCertificates=[f"{net[0]}:{net[1]}"])
+    )
+    assert [c.subject for c in tls.certificates] == [HOST, "mail.example.net"]
