@@ -751,7 +751,7 @@ def _sender(text):
     try:
         if len(inside) > MAX_PATH:
             raise EnvelopeSyntaxError("address too long")
-        return checkMailbox(inside, utf8=True)
+        return checkMailbox(inside, utf8=True, maxLocalPart=None)
     except EnvelopeSyntaxError as e:
         raise CommandError(f"bad sender {text[:60]!r}: {e}", EX_DATAERR) from None
 

@@ -769,6 +769,18 @@ def test_deliverRefusesASenderMailFromWouldRefuse(cli, sender):
     assert cli.messages(ALICE) == []
 
 
+def test_deliverTakesASenderWithALongLocalPart(cli):
+    """
+    As MAIL FROM does: a forwarder's SRS sender is over 64 octets before
+    its @.
+    """
+    cli.add(ALICE, PASSWORD)
+    sender = "SRS0=Ab3d=XY=some-long-domain.example=a.rather.long.user.name+tag@forwarder.example"
+    result = cli("deliver", "-f", sender, ALICE, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 0, result
+    assert cli.messages(ALICE)[0].startswith(f"Return-Path: <{sender}>\r\n".encode("ascii"))
+
+
 def test_deliverTakesTheNullSenderAndAngleBrackets(cli):
     """
     The null sender as '' (as before) or <>, and a sender in its angle

@@ -1064,6 +1064,20 @@ def test_messageIsStoredByteForByte(users, dbpath, store):
     assert [m.size for m in info] == [len(stored)]
 
 
+def test_forwardersSRSSenderIsAccepted(users, dbpath):
+    """
+    A forwarder's SRS sender, its local part over 64 octets (RFC 5321
+    section 4.5.3.1 asks receivers not to insist): accepted as Postfix
+    accepts it, and in the Return-Path as sent, so bounces reach it.
+    """
+    sender = "SRS0=Ab3d=XY=some-long-domain.example=a.rather.long.user.name+tag@forwarder.example"
+    s = session(users)
+    envelope(s, [ALICE], sender=sender)
+    assert s.send(b"Subject: forwarded\r\n\r\n.\r\n").startswith(b"250 2.0.0 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert trace(stored)["sender"] == sender.encode("ascii")
+
+
 def test_nullSenderReturnPath(users, dbpath):
     s = session(users)
     envelope(s, [ALICE], sender="")

@@ -165,6 +165,24 @@ def test_malformedPaths(argument, reason):
     assert reason in str(caught.value)
 
 
+SRS_SENDER = "SRS0=Ab3d=XY=some-long-domain.example=a.rather.long.user.name+tag@forwarder.example"
+
+
+def test_aSenderLocalPartMayBeLongerThan64Octets():
+    """
+    RFC 5321 section 4.5.3.1 asks receivers to impose no length limits
+    where they can; forwarders' SRS and mailing lists' VERP senders are
+    often over the 64 octets of a local part, and Postfix takes them.  The
+    path's 256 still hold.
+    """
+    assert len(SRS_SENDER.partition("@")[0]) > 64
+    assert mailFrom(f"FROM:<{SRS_SENDER}>") == (SRS_SENDER, {})
+    with pytest.raises(EnvelopeSyntaxError, match="address too long"):
+        mailFrom("FROM:<" + "a" * 250 + "@example.org>")
+    with pytest.raises(EnvelopeSyntaxError, match="local part too long"):
+        rcptTo(f"TO:<{SRS_SENDER}>")
+
+
 def test_envelopeSyntaxErrorIsAValueError():
     with pytest.raises(ValueError):
         rcptTo("TO:garbage")

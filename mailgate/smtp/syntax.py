@@ -91,11 +91,13 @@ def _splitPath(text):
     raise EnvelopeSyntaxError("unterminated <address>")
 
 
-def checkMailbox(mailbox, utf8=False):
+def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART):
     """
     Check a C{local@domain} mailbox (RFC 5321 section 4.1.2).
 
     @param utf8: allow UTF-8 (the client said SMTPUTF8).
+    @param maxLocalPart: the longest local part accepted, in octets;
+        C{None} for no limit but the path's.
     @raise EnvelopeSyntaxError: if malformed.
     """
     if not mailbox.isascii():
@@ -106,7 +108,7 @@ def checkMailbox(mailbox, utf8=False):
     local, at, domain = mailbox.rpartition("@")
     if not at or not local or not domain:
         raise EnvelopeSyntaxError("the address must be local-part@domain")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+    if maxLocalPart is not None and len(local.encode("utf-8")) > maxLocalPart:
         raise EnvelopeSyntaxError("local part too long")
     if not _DOT_STRING.match(local):
         if not _QUOTED.match(local):
@@ -186,4 +188,10 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
         if not allowEmpty:
             raise EnvelopeSyntaxError("empty address")
         return "", parameters
-    return checkMailbox(inside, utf8), parameters
+    # A sender's local part may be longer than RFC 5321's 64 octets, which
+    # it asks receivers not to insist on where they can (section 4.5.3.1):
+    # the SRS and VERP addresses of forwarders and mailing lists often are,
+    # and Postfix takes them.  A recipient's names a user here, never that
+    # long.
+    limit = MAX_LOCAL_PART if keyword == "TO" else None
+    return checkMailbox(inside, utf8, limit), parameters
