@@ -10,10 +10,10 @@ download nothing again after the switch.
     (UIDL, then RETR of each message).
 
 What both share is here: messages are written in batches, each batch one
-transaction of the store (L{mailgate.store.lifecycle._importMessages}), so
-a failure leaves the maildrop as it was after the last whole batch, and a
-second run skips what the first one imported; and a report of what was
-done.
+transaction of the store
+(L{mailgate.interfaces.ILifecycleStore.importMessages}), so a failure
+leaves the maildrop as it was after the last whole batch, and a second
+run skips what the first one imported; and a report of what was done.
 
 Importers run in the admin command, synchronously, against a store from
 L{mailgate.store.openSynchronousStore}.
@@ -68,7 +68,7 @@ def renameDuplicates(uidls):
     itself gives another message later: with C{X, X, X-2}, the second is
     C{X-2-2}, not the third's C{X-2}.  (An id the target already holds
     is the store's to judge: the same message from an earlier run, or a
-    conflict; see L{mailgate.store.lifecycle._sortImports}.)
+    conflict; see L{mailgate.interfaces.ILifecycleStore.importMessages}.)
 
     @return: a list as long as C{uidls}.
     """

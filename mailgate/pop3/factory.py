@@ -103,9 +103,9 @@ class POP3Factory(SessionFactory):
     @param tracker: the L{mailgate.session.SessionTracker} of the server,
         for a graceful shutdown.
     @param expire: the RFC 2449 EXPIRE line, as a callable given the
-        session's maildrop (C{None} before login), e.g.
-        L{mailgate.store.lifecycle.Retention.capability}; C{None}: always
-        C{EXPIRE NEVER}.
+        session's maildrop (C{None} before login), e.g. the C{capability}
+        of a store's L{mailgate.interfaces.ILifecycleStore.retention};
+        C{None}: always C{EXPIRE NEVER}.
     """
 
     protocol = POP3Server
