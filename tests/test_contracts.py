@@ -256,3 +256,61 @@ def test_everyInterfaceHasAnInMemoryImplementation():
         resultOf(maildrop.release())
     finally:
         store.close()
+
+
+def _importsOf(package):
+    """
+    The mailgate modules each module of C{package} imports (at the top or
+    inside a function), read from its source: C{{module: {imported}}}.
+    """
+    import ast
+    import pathlib
+
+    import mailgate
+
+    root = pathlib.Path(mailgate.__file__).parent
+    found = {}
+    for path in sorted((root / package).rglob("*.py") if (root / package).is_dir() else [root / package]):
+        parts = ("mailgate",) + path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        here = parts[:-1]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1]) if node.level else ""
+                module = ".".join(filter(None, [base, node.module]))
+                imported.update(f"{module}.{alias.name}" for alias in node.names)
+        found[name] = {m for m in imported if m.startswith("mailgate.")}
+    return found
+
+
+def test_importsPointOneWay():
+    """
+    Protocols -> interfaces <- store: the protocols, the session core, the
+    policy and the importers know no storage module (they see the store
+    through L{mailgate.interfaces}); the store knows no protocol; and
+    nothing below the wiring imports it (service.py, tap.py, cli.py) or
+    the test helpers (testing.py).
+    """
+    wiring = ("mailgate.service", "mailgate.tap", "mailgate.cli", "mailgate.testing")
+    protocols = ("mailgate.pop3", "mailgate.smtp", "mailgate.auth", "mailgate.session")
+    forbidden = {
+        "pop3": ("mailgate.store", "mailgate.smtp", "mailgate.config") + wiring,
+        "smtp": ("mailgate.store", "mailgate.pop3", "mailgate.config") + wiring,
+        "auth": ("mailgate.store", "mailgate.pop3", "mailgate.smtp", "mailgate.config") + wiring,
+        "session": ("mailgate.store", "mailgate.policy", "mailgate.config") + protocols[:3] + wiring,
+        "policy": ("mailgate.store", "mailgate.config") + protocols + wiring,
+        "importers": ("mailgate.store", "mailgate.config") + protocols + wiring,
+        "store": ("mailgate.policy", "mailgate.importers", "mailgate.config") + protocols + wiring,
+        "interfaces.py": ("mailgate.store", "mailgate.policy", "mailgate.importers") + protocols + wiring,
+    }
+    wrong = sorted(
+        f"{module} imports {imported}"
+        for package, refused in forbidden.items()
+        for module, imports in _importsOf(package).items()
+        for imported in imports
+        if any(imported == r or imported.startswith(r + ".") for r in refused)
+    )
+    assert wrong == []
