@@ -23,7 +23,7 @@ from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
-from mailgate.config import DEFAULT_POP3, MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (re-exported)
+from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
 from mailgate.config import networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
