@@ -17,7 +17,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
-                       [--max-message-size SIZE]
+                       [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
   mailgate kick ADDRESS [--wait SECONDS]
   mailgate deliver [-f SENDER] ADDRESS... < message
@@ -564,11 +564,15 @@ def _addHashed(parser):
     )
 
 
-def _readUsers(path):
+def _readUsers(path, passwords=True):
     """
     C{(address, password)} per line of a C{--users} file: the address, a
     space, and the password (the rest of the line); empty lines and lines
     starting with C{#} are skipped.
+
+    @param passwords: whether lines have passwords; without (a master
+        user logs in for everyone), a line is an address alone, and
+        C{password} is C{None}.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -583,9 +587,14 @@ def _readUsers(path):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         address, _, password = line.strip().partition(" ")
-        if not password:
+        if passwords and not password:
             raise CommandError(f"{path} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
-        users.append((_address(address), password))
+        if not passwords and password:
+            raise CommandError(
+                f"{path} line {number}: expected an ADDRESS alone (the master user's password "
+                f"serves every user)", EX_DATAERR,
+            )
+        users.append((_address(address), password or None))
     return users
 
 
@@ -614,12 +623,20 @@ def _importPOP3(store, args, out, stdin):
     from mailgate.importers.pop3 import importPOP3, parseURL
 
     urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
+    master = args.master_user
+    if master is not None:
+        if urlUser is not None:
+            raise CommandError("with --master-user, each user logs in through it: no user in the URL", EX_USAGE)
+        if not master.strip() or not args.master_separator or any(c.isspace() for c in master):
+            raise CommandError("--master-user and --master-separator must be words", EX_USAGE)
+    elif args.master_separator != "*":
+        raise CommandError("--master-separator goes with --master-user", EX_USAGE)
     if args.users is not None:
         if args.address is not None:
             raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
         if urlUser is not None:
             raise CommandError("with --users, each user logs in as its ADDRESS: no user in the URL", EX_USAGE)
-        users = _readUsers(args.users)
+        users = _readUsers(args.users, passwords=master is None)
     else:
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
@@ -627,15 +644,23 @@ def _importPOP3(store, args, out, stdin):
     maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     total = ImportReport()
     failedUsers = []
+    masterPassword = None
     for address, password in users:
         try:
             _importTarget(store, address)
-            if password is None:
+            login = None
+            if master is not None:
+                # Dovecot's master users: "alice@example.org*migrator"
+                # logs in as alice with the master user's password.
+                if masterPassword is None:
+                    masterPassword = _readPassword(args, stdin, confirm=False)
+                password, login = masterPassword, f"{address}{args.master_separator}{master}"
+            elif password is None:
                 password = _readPassword(args, stdin, confirm=False)
             # With --users, a warning names its user, as the failures do.
             who = f"{address}: " if args.users is not None else ""
             report = importPOP3(
-                store, args.url, address, password, insecure=args.insecure, delete=args.delete,
+                store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
                 warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{line}\n"), maxSize=maxSize,
             )
         except (CommandError, ImportFailed) as e:
@@ -1234,7 +1259,21 @@ def buildParser():
         "--users",
         metavar="FILE",
         help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
-        "source as ADDRESS",
+        "source as ADDRESS (with --master-user, one ADDRESS per line)",
+    )
+    ipop3.add_argument(
+        "--master-user",
+        metavar="NAME",
+        help="log in to the source as each user through this master user (Dovecot's master "
+        "users: ADDRESS*NAME, with the master user's password), so that no user's own "
+        "password is needed",
+    )
+    ipop3.add_argument(
+        "--master-separator",
+        metavar="SEP",
+        default="*",
+        help="what joins the user and the master user, the source's auth_master_user_separator "
+        "(default: *)",
     )
     ipop3.set_defaults(run=_importPOP3, migrate=True)
 

@@ -392,3 +392,68 @@ def test_aMaildropAnotherClientHoldsIsATemporaryFailure(tmp_path):
         assert "-ERR [IN-USE]" in err and "run the import again later" in err
     finally:
         server.cleanup()
+
+
+BOB = "bob@example.org"
+
+
+@sqliteOnly
+def test_movingEveryUserWithTheirPasswordsThroughAMasterUser(mailgate_server, tmp_path):
+    """
+    The whole move without knowing any user's password: the users come
+    from Dovecot's own passwd-file (SHA512-CRYPT hashes), their mail
+    through Dovecot's POP3 as each of them by a master user
+    (C{alice@example.org*migrator}); then each logs in to mailgate with
+    the password they had and finds what Dovecot served, under the same
+    unique ids.
+    """
+    server = PrivateDovecot()
+    master = os.path.join(server.directory, "master-users")
+    server.extra = (
+        "auth_master_user_separator = *\n"
+        f"passdb {{\n  driver = passwd-file\n  args = {master}\n  master = yes\n  result_success = continue\n}}\n"
+    )
+    try:
+        server.addUsers([ALICE, BOB], PASSWORD)
+        with open(master, "w") as f:
+            f.write("migrator:{PLAIN}master key\n")
+        os.chmod(master, 0o644)
+        server.start(scheme="SHA512-CRYPT")
+        for n, message in enumerate(lmtpMessages()):
+            server.deliver(ALICE if n % 2 else BOB, message)
+        expected = {}
+        for user in (ALICE, BOB):
+            client = server.pop3(user, PASSWORD)
+            expected[user] = answers(client)
+            client.quit()
+
+        database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+        code, out, err = cli(database, "user", "import", os.path.join(server.directory, "passwd"))
+        assert (code, err) == (0, ""), out
+        assert out.splitlines()[-1] == "2 added, 0 already there, 0 failed"
+        addresses = tmp_path / "addresses"
+        addresses.write_text(f"# everyone\n{ALICE}\n{BOB}\n")
+        source = f"pop3://127.0.0.1:{server.pop3Port}"
+        argv = ["import", "pop3", source, "--users", str(addresses), "--master-user", "migrator", "--password-stdin"]
+        code, out, err = cli(database, *argv, input=b"wrong key\n")
+        assert code == 75 and "refused the login: -ERR [AUTH]" in err, (code, out, err)
+        code, out, err = cli(database, *argv, input=b"master key\n")
+        assert (code, err) == (0, ""), out
+        assert out.splitlines()[-1].startswith("2 users: 5 messages imported")
+        withPassword = tmp_path / "with-password"
+        withPassword.write_text(f"{ALICE} {PASSWORD}\n")
+        code, _, err = cli(database, "import", "pop3", source, "--users", str(withPassword), "--master-user", "migrator")
+        assert code == 65 and "expected an ADDRESS alone" in err
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+
+    mailgate = mailgate_server(database=database)
+    import poplib
+
+    for user in (ALICE, BOB):
+        client = poplib.POP3("127.0.0.1", mailgate.port, timeout=DEADLINE)
+        client.user(user)
+        client.pass_(PASSWORD)
+        assert answers(client) == expected[user]
+        client.quit()
