@@ -49,9 +49,18 @@ def normalizeAddress(address):
         except UnicodeDecodeError:
             raise InvalidAddress("address is not valid UTF-8") from None
     address = address.strip()
-    if len(address) > MAX_ADDRESS or address.count("@") != 1:
+    if len(address) > MAX_ADDRESS:
+        # Said as such: the address itself may be of the right form.
+        raise InvalidAddress(
+            f"address too long: {address[:40]!r}... ({len(address)} characters, at most {MAX_ADDRESS})"
+        )
+    if address.count("@") != 1:
         raise InvalidAddress(f"not an address of the form local@domain: {address!r}")
     local, domain = address.split("@")
-    if not local or len(local) > MAX_LOCAL_PART or not _LOCAL.match(local):
+    if len(local) > MAX_LOCAL_PART:
+        raise InvalidAddress(
+            f"local part too long in {address!r} ({len(local)} characters, at most {MAX_LOCAL_PART})"
+        )
+    if not local or not _LOCAL.match(local):
         raise InvalidAddress(f"invalid local part in {address!r}")
     return local.lower() + "@" + normalizeDomain(domain)
