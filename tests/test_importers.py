@@ -610,3 +610,19 @@ def test_aUserNameWithALineBreakIsRefusedBeforeConnecting(databaseURL, tmp_path)
             listener.accept()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["pop3://migrator@127.0.0.1:1", ALICE, "--master-user", "m"], "no user in the URL"),
+        (["pop3://127.0.0.1:1", ALICE, "--master-separator", "+"], "--master-separator goes with --master-user"),
+        (["pop3://127.0.0.1:1", ALICE, "--master-user", "two words"], "must be words"),
+        (["pop3://127.0.0.1:1", ALICE, "--master-user", "m", "--master-separator", ""], "must be words"),
+    ],
+)
+def test_masterUserUsageErrors(tmp_path, argv, error):
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    code, out, err = cli(url, "import", "pop3", *argv, "--password-stdin", stdin="key\n")
+    assert (code, out) == (64, "") and error in err, (code, out, err)
