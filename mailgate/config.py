@@ -114,9 +114,7 @@ def _shown(value):
     names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
     kind = names.get(type(value), type(value).__name__)
     text = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({kind})"
+    return f"{_shortText(text)} ({kind})"
 
 
 class Text(Kind):
@@ -464,6 +462,9 @@ def _addressLiteral(name):
 
 
 def _shortText(text):
+    """
+    Text for an error message, cut short past 60 characters.
+    """
     return text if len(text) <= 60 else text[:57] + "..."
 
 
