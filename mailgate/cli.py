@@ -831,12 +831,9 @@ def _dbUpgrade(store, args, out, stdin):
 def _dbCopy(store, args, out, stdin):
     from mailgate.store.copy import CopyError, copyDatabase
 
+    source = _copySide(args.source, "--from", create=False)
     try:
-        source = openSynchronousStore(args.source, create=False)
-    except NoSuchDatabase as e:
-        raise CommandError(f"--from: {e}", EX_CONFIG) from None
-    try:
-        target = openSynchronousStore(args.target)
+        target = _copySide(args.target, "--to", create=True)
         try:
             report = copyDatabase(source, target)
         except CopyError as e:
@@ -849,6 +846,19 @@ def _dbCopy(store, args, out, stdin):
         f"copied {report.users} users and {report.messages} messages "
         f"({report.bodies} bodies, {report.octets} octets); unique ids preserved\n"
     )
+
+
+def _copySide(url, option, create):
+    """
+    The store of one side of C{db copy}, or an error that says which side
+    cannot be opened, as C{--database}'s would.
+    """
+    try:
+        return openSynchronousStore(url, create=create)
+    except TemporaryFailure as e:
+        raise CommandError(f"{option}: temporary failure, try again: {e}", EX_TEMPFAIL) from None
+    except ConfigurationError as e:
+        raise CommandError(f"{option}: {e}", EX_CONFIG) from None
 
 
 def _dbVersion(store, args, out, stdin):
@@ -1144,7 +1154,7 @@ def buildParser():
     expire.add_argument("days", metavar="N|never|default")
     expire.set_defaults(run=_userExpire, migrate=True)
 
-    mailbox = commands.add_parser("mailbox", help="inspect maildrops").add_subparsers(
+    mailbox = commands.add_parser("mailbox", help="list, expunge and restore a user's messages").add_subparsers(
         dest="action", metavar="ACTION"
     )
     mailbox.required = True

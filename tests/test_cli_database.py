@@ -125,3 +125,23 @@ def test_dbVersionSaysADatabaseIsNewerThanThisMailgate(sqliteURL):
     assert out == f"schema version {LATEST + 1} (this mailgate: {LATEST}); newer than this mailgate: upgrade mailgate\n"
     code, out, err = mailgate(sqliteURL, "user", "list")
     assert code == 78 and f"database schema version {LATEST + 1} is newer" in err
+
+
+@pytest.mark.parametrize(
+    "side, url, code, reason",
+    [
+        ("--to", "sqlite:////nonexistent/directory/copy.sqlite3", 78, "cannot open SQLite database"),
+        ("--to", "postgresql://mailgate@127.0.0.1:1/mailgate", EX_TEMPFAIL, "temporary failure, try again: "),
+        ("--from", "postgresql://mailgate@127.0.0.1:1/mailgate", EX_TEMPFAIL, "temporary failure, try again: "),
+        ("--from", "mysql://localhost/mail", 78, "unsupported database URL"),
+    ],
+)
+def test_dbCopySaysWhichDatabaseItCannotOpen(sqliteURL, side, url, code, reason):
+    """
+    C{db copy} opens two databases: its error names the one that failed.
+    """
+    urls = {"--from": sqliteURL, "--to": f"{sqliteURL}.copy"}
+    urls[side] = url
+    code_, out, err = mailgate(sqliteURL, "db", "copy", "--from", urls["--from"], "--to", urls["--to"])
+    assert (code_, out) == (code, "")
+    assert err.startswith(f"mailgate: {side}: {reason}") and err.count("\n") == 1, err
