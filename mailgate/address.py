@@ -36,6 +36,28 @@ def normalizeDomain(domain):
     return domain
 
 
+def loginAddress(name, defaultRealm=None):
+    """
+    The address a login name stands for: the name itself, normalised; or,
+    with a default realm (Dovecot's C{auth_default_realm}), a name without
+    a domain in that domain, so that clients set up with the bare user
+    name of a server that took it go on logging in after a move.
+
+    @param name: the name the client gave, as L{str} or UTF-8 L{bytes}.
+    @param defaultRealm: a normalised domain, or C{None}.
+    @raise InvalidAddress: if it names no address.
+    """
+    if defaultRealm is not None:
+        if isinstance(name, bytes):
+            try:
+                name = name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidAddress("address is not valid UTF-8") from None
+        if "@" not in name and name.strip():
+            name = f"{name.strip()}@{defaultRealm}"
+    return normalizeAddress(name)
+
+
 def normalizeAddress(address):
     """
     Return the canonical form of a user's address.

@@ -875,6 +875,14 @@ SETTINGS = (
         "for mailgate mailbox deleted / restore; 0 removes them at once.",
     ),
     Setting(
+        "auth-default-realm", "authDefaultRealm", Domain(), None,
+        "The domain of a POP3 login name given without one (USER alice, as "
+        "Dovecot's auth_default_realm): alice logs in as alice@DOMAIN.  For "
+        "clients set up with the bare user name of a server that took it.  "
+        "Names with a domain are as they are.",
+        example="example.org",
+    ),
+    Setting(
         "auth-cache-size", "authCacheSize", Integer(), 10000,
         "Verified logins remembered (as keyed digests, never passwords), so "
         "a user's password hash is computed once per auth-cache-ttl rather "

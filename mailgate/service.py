@@ -525,6 +525,7 @@ def makePOP3Factory(
         ),
         apop=config.apop.checked,
         loginDelay=config.loginDelay,
+        defaultRealm=config.authDefaultRealm,
     )
     # EXPIRE in CAPA: the store's retention, where it has one.
     expire = store.retention.capability if ILifecycleStore.providedBy(store) else None
@@ -547,7 +548,8 @@ def makePOP3Factory(
     )
     # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
     factory.sasl = SASLServer(
-        store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret
+        store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
+        defaultRealm=config.authDefaultRealm,
     )
     return factory
 

@@ -594,3 +594,27 @@ def test_staleRememberedPasswordFailsOnBothBackends(databaseURL):
         resultOf(defer.maybeDeferred(logout))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "given, realm, address",
+    [
+        ("alice", "example.org", "alice@example.org"),
+        (" Alice ", "example.org", "alice@example.org"),
+        (b"alice", "example.org", "alice@example.org"),
+        ("alice@example.net", "example.org", "alice@example.net"),
+        ("Alice@Example.NET", None, "alice@example.net"),
+    ],
+)
+def test_loginAddressAppliesTheDefaultRealmToBareNamesOnly(given, realm, address):
+    from mailgate.address import loginAddress
+
+    assert loginAddress(given, realm) == address
+
+
+@pytest.mark.parametrize("given, realm", [("alice", None), ("", "example.org"), ("a b", "example.org"), (b"\xff", "example.org")])
+def test_loginAddressRefusesWhatNamesNoAddress(given, realm):
+    from mailgate.address import loginAddress
+
+    with pytest.raises(InvalidAddress):
+        loginAddress(given, realm)

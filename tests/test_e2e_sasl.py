@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
     LineReader,
     connect,
     mailgate_cli,
@@ -144,3 +145,41 @@ def test_curlLogsInWithLoginAndCramMD5(server):
     assert code == 67, (code, err)  # CURLE_LOGIN_DENIED
     code, out, err = curl(ALICE, "wrong", "LOGIN")
     assert code == 67, (code, err)
+
+
+def test_aDefaultRealmLetsBareUserNamesLogIn(mailgate_server, mailgate_cli):
+    """
+    --auth-default-realm (Dovecot's auth_default_realm): a client set up
+    with the bare user name of the server it moved from logs in by every
+    mechanism; full addresses still work, and an unknown bare name fails
+    like any wrong login.
+    """
+    from saslclients import ScramClient
+
+    server = mailgate_server("--auth-default-realm", "Example.ORG", "--apop", "--auth-failure-delay", "0.1")
+    mailgate_cli.addUser("alice@example.org", "wonder land", apop=True)
+    for name in ("alice", "Alice", "alice@example.org"):
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        pop.user(name)
+        assert pop.pass_("wonder land").startswith(b"+OK"), name
+        assert pop.stat() == (0, 0)
+        pop.quit()
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    assert pop.apop("alice", "wonder land").startswith(b"+OK")
+    pop.quit()
+    wire = Wire(server.port)
+    assert wire.command(b"AUTH PLAIN " + b64(b"\0alice\0wonder land")).startswith(b"+OK")
+    wire.close()
+    wire = Wire(server.port)
+    client = ScramClient("alice", "wonder land")
+    serverFirst = wire.challenge(wire.command(b"AUTH SCRAM-SHA-256 " + b64(client.first())))
+    serverFinal = wire.challenge(wire.command(b64(client.final(serverFirst))))
+    assert client.verify(serverFinal)
+    assert wire.command(b"").startswith(b"+OK")
+    wire.close()
+    for name, password in (("bob", "wonder land"), ("alice", "wrong")):
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        pop.user(name)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\] invalid user name or password"):
+            pop.pass_(password)
+        pop.quit()

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgate.address import normalizeAddress
+from mailgate.address import loginAddress
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials
 from mailgate.auth.passwords import SCRYPT_LOG_N, dummyHash, makeCredentials, needsUpgrade, verifyPassword
@@ -44,9 +44,9 @@ def threadRunner(reactor, affinity=None):
     return run
 
 
-def _addressOf(username):
+def _addressOf(username, defaultRealm=None):
     try:
-        return normalizeAddress(username)
+        return loginAddress(username, defaultRealm)
     except InvalidAddress:
         return None
 
@@ -85,16 +85,17 @@ class PasswordChecker:
     #: scrypt's cost (log2 of N) of the hashes that replace imported ones
     hashCost = SCRYPT_LOG_N
 
-    def __init__(self, store, runInThread, cache=None):
+    def __init__(self, store, runInThread, cache=None, defaultRealm=None):
         self._store = store
         self._runInThread = runInThread
         self.cache = VerifiedCredentialCache() if cache is None else cache
+        self._defaultRealm = defaultRealm
 
     def requestAvatarId(self, credentials):
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
-        address = _addressOf(credentials.username)
+        address = _addressOf(credentials.username, self._defaultRealm)
         if address is not None:
             user = self.cache.lookup(address, password)
             if user is not None:
@@ -166,12 +167,13 @@ class APOPChecker:
 
     credentialInterfaces = (IAPOPCredentials, ICramMD5Credentials)
 
-    def __init__(self, store):
+    def __init__(self, store, defaultRealm=None):
         self._store = store
+        self._defaultRealm = defaultRealm
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
-        address = _addressOf(credentials.username)
+        address = _addressOf(credentials.username, self._defaultRealm)
         user = None if address is None else (yield self._store.findUser(address))
         if user is None or user.apopSecret is None:
             raise UnauthorizedLogin()

@@ -73,19 +73,22 @@ def _avatar(maildrop):
     return (IMaildrop, maildrop, maildrop.release)
 
 
-def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None):
+def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defaultRealm=None):
     """
     The POP3 portal: the maildrop realm with the password checker (USER/PASS
     and SASL PLAIN), the SCRAM-SHA-256 checker and, unless switched off, the
     APOP checker.
 
+    @param defaultRealm: the domain of a login name without one (Dovecot's
+        C{auth_default_realm}), or C{None}.
+
     @return: the L{Portal}; its password checker is its C{passwordChecker}
         attribute, whose C{cache} tests and embedders can tune.
     """
-    passwords = PasswordChecker(store, runInThread, cache)
-    checkers = [passwords, ScramChecker(store)]
+    passwords = PasswordChecker(store, runInThread, cache, defaultRealm)
+    checkers = [passwords, ScramChecker(store, defaultRealm)]
     if apop:
-        checkers.append(APOPChecker(store))
+        checkers.append(APOPChecker(store, defaultRealm))
     realm = MaildropRealm(
         store, loginDelay, onStaleCredentials=lambda user: passwords.cache.forgetUser(user.address)
     )

@@ -35,7 +35,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import Attribute, implementer
 
-from mailgate.address import normalizeAddress
+from mailgate.address import loginAddress
 from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
 from mailgate.errors import InvalidAddress
@@ -220,14 +220,17 @@ class ScramSHA256Mechanism:
     @param fakeKey: a function giving (as a L{Deferred}) the secret of
         the made-up salt an unknown user gets, so the exchange does not
         reveal whether a user exists.
+    @param defaultRealm: the domain of a user name without one (see
+        L{mailgate.address.loginAddress}), or C{None}.
     """
 
     name = "SCRAM-SHA-256"
     plaintext = False
 
-    def __init__(self, findUser, fakeKey):
+    def __init__(self, findUser, fakeKey, defaultRealm=None):
         self._findUser = findUser
         self._fakeKey = fakeKey
+        self._defaultRealm = defaultRealm
         self._state = "first"
         self._serverKey = None
 
@@ -268,7 +271,7 @@ class ScramSHA256Mechanism:
         self._username = username
         self._nonce = nonce + base64.b64encode(os.urandom(18)).decode("ascii")
         try:
-            address = normalizeAddress(username)
+            address = loginAddress(username, self._defaultRealm)
         except InvalidAddress:
             address = None
         self._address = address
@@ -338,13 +341,14 @@ class ScramChecker:
 
     credentialInterfaces = (IScramCredentials,)
 
-    def __init__(self, store):
+    def __init__(self, store, defaultRealm=None):
         self._store = store
+        self._defaultRealm = defaultRealm
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
         try:
-            address = normalizeAddress(credentials.username)
+            address = loginAddress(credentials.username, self._defaultRealm)
         except InvalidAddress:
             raise UnauthorizedLogin() from None
         user = yield self._store.findUser(address)
@@ -375,13 +379,16 @@ class SASLServer:
         then make up the same salt for a name, so a client asking two of
         them (or one before and after a restart) sees a stable salt, as
         for a real user.  Without it, a key of this process's own.
+    @param defaultRealm: the domain of a user name without one (see
+        L{mailgate.address.loginAddress}), or C{None}.
     """
 
     #: the name of the made-up salts' key among the store's shared secrets
     UNKNOWN_USER_SALT_KEY = "scram-unknown-user-salt"
 
-    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None):
+    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None, defaultRealm=None):
         self._findUser = findUser
+        self._defaultRealm = defaultRealm
         self._sharedSecret = sharedSecret
         self._saltKey = None if sharedSecret is not None else os.urandom(32)
         self._hostname = hostname or socket.getfqdn()
@@ -423,7 +430,7 @@ class SASLServer:
         if name == "LOGIN":
             return LoginMechanism()
         if name == "SCRAM-SHA-256":
-            return ScramSHA256Mechanism(self._findUser, self._unknownUserSaltKey)
+            return ScramSHA256Mechanism(self._findUser, self._unknownUserSaltKey, self._defaultRealm)
         if name == "CRAM-MD5" and self._offerCramMD5():
             return CramMD5Mechanism(self._hostname)
         return None
