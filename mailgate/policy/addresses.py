@@ -21,6 +21,8 @@ against the client's own address.
 import functools
 import ipaddress
 
+from mailgate.networks import parseNetwork, unmapped
+
 # Loopback, as fail2ban's ignoreip default and Postfix's mynetworks: local
 # webmail or monitoring never locks itself out.
 DEFAULT_EXEMPT_NETWORKS = ("127.0.0.0/8", "::1/128")
@@ -41,9 +43,7 @@ def parseAddress(text):
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped if mapped is not None else ip
+    return unmapped(ipaddress.ip_address(text.split("%", 1)[0]))
 
 
 def addressText(text):
@@ -163,12 +163,5 @@ def parseNetworks(specs):
         if len(specs) > 1:
             raise ValueError(f"{NO_NETWORKS!r} exempts nothing: it cannot be combined with networks")
         return []
-    networks = []
-    for spec in specs:
-        network = ipaddress.ip_network(spec.strip(), strict=False)
-        mapped = getattr(network.network_address, "ipv4_mapped", None)
-        if mapped is not None and network.prefixlen >= 96:
-            # Clients are keyed by their IPv4 form: so are their networks.
-            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-        networks.append(network)
-    return networks
+    # Clients are keyed by their IPv4 form: so are their networks.
+    return [parseNetwork(spec.strip()) for spec in specs]

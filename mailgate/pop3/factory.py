@@ -10,6 +10,7 @@ import socket
 
 from twisted.internet import defer
 
+from mailgate.networks import unmapped
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
 
@@ -219,9 +220,7 @@ def _onNetworks(host, networks):
     # Clients come back: the answer is kept per address and networks, not
     # worked out at every login.
     try:
-        ip = ipaddress.ip_address(host)
+        ip = unmapped(ipaddress.ip_address(host))
     except ValueError:
         return False
-    if getattr(ip, "ipv4_mapped", None) is not None:
-        ip = ip.ipv4_mapped
     return any(ip in network for network in networks)

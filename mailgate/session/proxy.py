@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
+from mailgate.networks import parseNetwork, unmapped
 from mailgate.session.ids import describeAddress
 from mailgate.timers import cancelled
 
@@ -293,14 +294,7 @@ def parseBalancers(networks):
     L{ipaddress} networks); IPv4-mapped IPv6 networks in their IPv4 form,
     as peers are compared in theirs.
     """
-    parsed = []
-    for network in networks:
-        network = ipaddress.ip_network(network, strict=False)
-        mapped = getattr(network.network_address, "ipv4_mapped", None)
-        if mapped is not None and network.prefixlen >= 96:
-            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-        parsed.append(network)
-    return tuple(parsed)
+    return tuple(parseNetwork(network) for network in networks)
 
 
 def isBalancer(address, balancers):
@@ -316,11 +310,9 @@ def isBalancer(address, balancers):
     if host is None:
         return getattr(address, "type", None) != "TCP"
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
     except ValueError:
         return False
-    if getattr(ip, "ipv4_mapped", None) is not None:
-        ip = ip.ipv4_mapped
     return any(ip in network for network in balancers)
 
 
