@@ -701,6 +701,31 @@ def test_tooManyErrorsCloseTheSession(users):
     assert s.command("NOOP") == ""
 
 
+@pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
+def test_errorsAreCountedUntilMailIsDelivered(users, dbpath, lmtpSession):
+    """
+    As Postfix's smtpd_hard_error_limit, "errors ... without delivering
+    mail": an MTA that keeps one connection for message after message
+    (Postfix's LMTP connection cache), each with a recipient unknown here,
+    is not cut off with 421 after the twentieth such refusal, in the middle
+    of a transaction; without a delivery in between, twenty still end the
+    session.
+    """
+    s = lmtp(users) if lmtpSession else session(users)
+    for i in range(SMTPServer.maxBadCommands + 5):
+        assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+        assert s.command(f"RCPT TO:<nobody{i}@example.org>").startswith("550 5.1.1 ")
+        assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+        assert s.command("DATA").startswith("354 ")
+        assert s.send(b"Subject: %d\r\n\r\n.\r\n" % i).startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, ALICE)) == SMTPServer.maxBadCommands + 5
+    s.command(f"MAIL FROM:<{SENDER}>")
+    for i in range(SMTPServer.maxBadCommands - 1):
+        assert s.command(f"RCPT TO:<nobody{i}@example.org>").startswith("550 5.1.1 ")
+    assert lines(s.command("RCPT TO:<nobody@example.org>"))[-1].startswith("421 4.7.0 ")
+    assert s.disconnected
+
+
 # -- SMTP smuggling ----------------------------------------------------------
 
 

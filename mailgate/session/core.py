@@ -585,6 +585,14 @@ class CommandSession(Protocol):
             self.tooManyBadCommands()
             self.close()
 
+    def forgiveBadCommands(self):
+        """
+        Start counting refused commands afresh: the client has done what it
+        came for (an SMTP client delivered a message), so its earlier
+        errors are not held against the next transaction.
+        """
+        self._badCommands = 0
+
     # -- flow control ----------------------------------------------------------
 
     def _flowControl(self):

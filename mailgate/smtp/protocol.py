@@ -111,7 +111,8 @@ class SMTPServer(CommandSession):
     @cvar maxRecipients: recipients per transaction (RFC 5321 requires at
         least 100 to be accepted).
     @cvar maxMessageSize: octets of message content, advertised as SIZE.
-    @cvar maxBadCommands: errors tolerated before the session is closed.
+    @cvar maxBadCommands: errors tolerated before the session is closed,
+        counted since the session's start or its last delivered message.
     @cvar idleTimeout: seconds of silence before the session is closed
         (RFC 5321 section 4.5.3.2.7: at least five minutes).
     @cvar maxBufferedInput: octets of pipelined input held while a command
@@ -582,6 +583,12 @@ class SMTPServer(CommandSession):
             metrics.delivery(
                 self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
             )
+            # Errors count towards maxBadCommands until mail is delivered,
+            # as Postfix's smtpd_hard_error_limit does: an MTA that keeps
+            # its (LMTP) connection open for message after message, some
+            # of them to unknown users (550 5.1.1), is not cut off with
+            # 421 halfway through a later one.
+            self.forgiveBadCommands()
         for result in outcomes:
             if isinstance(result, MailboxFull):
                 metrics.delivery(self.protocolName, result.outcome)
