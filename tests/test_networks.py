@@ -36,3 +36,21 @@ def test_aDualStackClientIsFoundOnANetworkWrittenEitherWay():
         assert clientIP(client) in ExemptNetworks([written]), written
     assert not isBalancer(client, parseBalancers(["192.0.2.0/24"]))
     assert clientIP(client) not in ExemptNetworks(["::ffff:192.0.2.0/120"])
+
+
+def test_aTrustedNetworkWrittenMappedTrustsItsDualStackClients(store):
+    """
+    C{--trusted-network ::ffff:10.0.0.0/104} names 10.0.0.0/8 as the
+    exempt and balancer networks read it: a client there, on a dual-stack
+    listener, may log in with USER/PASS without TLS.
+    """
+    from mailgate.testing import POP3Session, addUser
+
+    addUser(store, "alice@example.org", "wonderland")
+    for written in ("10.0.0.0/8", "::ffff:10.0.0.0/104"):
+        s = POP3Session(
+            store, peer=IPv6Address("TCP", "::ffff:10.1.2.3", 40000), trustedNetworks=[written]
+        )
+        assert s.command("USER alice@example.org").startswith("+OK"), written
+        assert s.command("PASS wonderland").startswith("+OK alice@example.org has 0 messages"), written
+        assert s.command("QUIT").startswith("+OK")

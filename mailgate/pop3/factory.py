@@ -10,7 +10,7 @@ import socket
 
 from twisted.internet import defer
 
-from mailgate.networks import unmapped
+from mailgate.networks import parseNetwork, unmapped
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
 
@@ -141,7 +141,7 @@ class POP3Factory(SessionFactory):
         self.loginDelay = loginDelay
         self.tls = tls
         self.sasl = sasl
-        self.trustedNetworks = tuple(ipaddress.ip_network(n) for n in trustedNetworks)
+        self.trustedNetworks = tuple(parseNetwork(n) for n in trustedNetworks)
         self.expire = expire
 
     def buildProtocol(self, addr):
