@@ -377,11 +377,18 @@ def _seconds(text):
 
 
 def _userQuota(store, args, out, stdin):
+    from mailgate.config import ZERO_QUOTA
+
     address = _address(args.address)
     octets = _limit(args.size, parseSize, "size")
     changes = {"octets": octets}
     if args.messages is not None:
         changes["messages"] = _limit(args.messages, _messageCount, "message count")
+    for what, value in (("size", octets), ("message count", changes.get("messages"))):
+        if value == 0:
+            # As for --default-quota: not "no limit" (Dovecot's 0) but a
+            # mailbox that refuses all mail.
+            raise CommandError(f"bad {what}: {ZERO_QUOTA}", EX_USAGE)
     _forUser(address, store.setQuota(address, **changes))
     status = _result(store.quotaOf(address))
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"

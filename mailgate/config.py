@@ -290,11 +290,14 @@ class Size(Kind):
     expected = "a size (octets, or a string such as \"500M\" or \"1G\")"
     tomlTypes = (int, str)
 
-    def __init__(self, minimum=0):
+    def __init__(self, minimum=0, zero=None):
         self.minimum = minimum
+        self.zero = zero
 
     def check(self, value):
         octets = parseSize(str(value))
+        if octets == 0 and self.zero is not None:
+            raise ValueError(self.zero)
         if octets < self.minimum:
             raise ValueError(f"must be at least {self.minimum} octets, not {value!r}")
         return octets
@@ -339,6 +342,13 @@ class Days(Integer):
 ZERO_DAYS = (
     "must be at least 1, not 0: 0 days would remove every message at the next "
     "retention pass; never keeps mail"
+)
+
+#: why a quota of 0 is refused: it would refuse every message (for ever: a
+#: full mailbox is a temporary failure), where Dovecot reads 0 as no limit
+ZERO_QUOTA = (
+    "must be at least 1, not 0: a quota of 0 would refuse every message (no limit: no "
+    "--default-quota, or a user's quota none)"
 )
 
 
@@ -841,7 +851,7 @@ SETTINGS = (
         defaultText="no limit", example=300,
     ),
     Setting(
-        "default-quota", "defaultQuota", Size(), None,
+        "default-quota", "defaultQuota", Size(zero=ZERO_QUOTA), None,
         "Storage quota of users who have none of their own (mailgate user "
         "quota), e.g. 1G or 500M.  SMTP and LMTP refuse a recipient it would "
         "take over quota: at RCPT for the size the client declares, at the end "

@@ -566,6 +566,30 @@ def test_expireDaysZeroIsRefused(tmp_path):
     assert parse("--expire-days", "never").config.expireDays is None
 
 
+def test_defaultQuotaZeroIsRefused(tmp_path):
+    """
+    A default quota of 0 would have every user without a quota of their
+    own refuse every message (452 for ever), where Dovecot reads 0 as no
+    limit: refused on the command line and in a file alike.
+    """
+    reason = (
+        "must be at least 1, not 0: a quota of 0 would refuse every message (no limit: no "
+        "--default-quota, or a user's quota none)"
+    )
+    for value in ("0", "0M"):
+        with pytest.raises(usage.UsageError) as e:
+            parse("--default-quota", value)
+        assert str(e.value) == f"--default-quota: {reason}"
+    for text in ("default-quota = 0\n", 'default-quota = "0K"\n'):
+        path = tmp_path / "mailgate.toml"
+        path.write_text(text)
+        with pytest.raises(settings.ConfigFileError) as e:
+            settings.readFile(path)
+        assert str(e.value) == f"{path}: key 'default-quota': {reason}"
+    assert parse("--default-quota", "1").config.defaultQuota == 1
+    assert parse().config.defaultQuota is None
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

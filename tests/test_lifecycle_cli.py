@@ -369,3 +369,28 @@ def test_userExpireZeroIsRefused(cli, store):
         "message at the next retention pass; never keeps mail\n"
     )
     assert listed(cli)[ALICE][5] == "default"
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["0"], "size"),
+        (["0K"], "size"),
+        (["1M", "--messages", "0"], "message count"),
+        (["none", "--messages", "0"], "message count"),
+    ],
+)
+def test_userQuotaZeroIsRefused(cli, store, argv, what):
+    """
+    Not "no limit", as Dovecot reads a quota of 0: a mailbox that refuses
+    every message, a temporary failure for ever (the MTA retries for days,
+    then bounces).  Nothing changes; none is no limit.
+    """
+    zero = cli("user", "quota", ALICE, *argv)
+    assert (zero.code, zero.out) == (64, ""), zero
+    assert zero.err == (
+        f"mailgate: bad {what}: must be at least 1, not 0: a quota of 0 would refuse every message "
+        "(no limit: no --default-quota, or a user's quota none)\n"
+    )
+    assert listed(cli)[ALICE][3:5] == ["default", "default"]
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
