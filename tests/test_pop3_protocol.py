@@ -435,6 +435,22 @@ def test_onlyASCIISpacesAroundAMessageNumber(three):
     assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
 
 
+def test_argumentsEchoedInRepliesAreASCII(store, three):
+    """
+    A refused argument is named in the reply with its non-ASCII characters
+    escaped: no UTF-8 reaches a client that has not asked for it (POP3
+    has no UTF8 here, RFC 6856).
+    """
+    for command, reply in [
+        ("LIST \u00fc", "-ERR invalid message number: '\\xfc'\r\n"),
+        ("TOP 1 \u0661", "-ERR invalid line count: '\\u0661'\r\n"),
+    ]:
+        out = three.send(command.encode("utf-8") + b"\r\n")
+        assert out == reply.encode("ascii"), (command, out)
+    out = POP3Session(store).send("AUTH \u00fc\r\n".encode("utf-8"))
+    assert out == b"-ERR unsupported authentication mechanism '\\xdc'\r\n"
+
+
 def test_outOfRangeAndMalformedArguments(three):
     for command in ("RETR 4", "LIST 4", "UIDL 4", "RETR 0"):
         assert three.command(command).startswith("-ERR no such message"), command

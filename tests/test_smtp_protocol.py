@@ -566,6 +566,16 @@ def test_repliesNamingWhatTheClientSentStayWithinTheReplyLineLimit(users):
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
 
 
+def test_malformedParameterIsNamedInASCII(users):
+    """
+    RFC 6531: no UTF-8 in a reply to a client that has not asked for
+    SMTPUTF8; a malformed parameter is named with its non-ASCII escaped.
+    """
+    s = session(users)
+    reply = s.send("MAIL FROM:<> \u00fc=1\r\n".encode("utf-8"))
+    assert reply == b"501 5.5.4 bad MAIL parameters: malformed parameter '\\xfc=1'\r\n"
+
+
 def test_vrfyNeedsAnArgument(users):
     """
     RFC 5321 section 4.1.1.6: C{VRFY SP String}; without one it is a

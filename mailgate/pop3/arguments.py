@@ -18,7 +18,7 @@ def noArguments(argument):
 
 def number(text, what="message number"):
     if not _DIGITS.match(text):
-        raise CommandError(f"invalid {what}: {text[:20]!r}" if text else f"missing {what}")
+        raise CommandError(f"invalid {what}: {ascii(text[:20])}" if text else f"missing {what}")
     return int(text)
 
 
@@ -28,7 +28,7 @@ def lineCount(text):
     lines than the body has sends the whole message).
     """
     if not text.isascii() or not text.isdigit():
-        raise CommandError(f"invalid line count: {text[:20]!r}" if text else "missing line count")
+        raise CommandError(f"invalid line count: {ascii(text[:20])}" if text else "missing line count")
     return int(text)
 
 

@@ -129,7 +129,7 @@ class AuthorizationCommands:
         name = name.upper()
         mechanism = sasl.create(name)
         if mechanism is None:
-            raise CommandError(f"unsupported authentication mechanism {name[:20]!r}")
+            raise CommandError(f"unsupported authentication mechanism {ascii(name[:20])}")
         if mechanism.plaintext and not plaintext:
             return self._bad(PLAINTEXT_REFUSED)
         data = None

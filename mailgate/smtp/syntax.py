@@ -150,7 +150,7 @@ def parseParameters(text):
     for item in text.split():
         keyword, eq, value = item.partition("=")
         if not _PARAM_KEYWORD.match(keyword) or (eq and not _PARAM_VALUE.match(value)):
-            raise ParameterSyntaxError(f"malformed parameter {item[:40]!r}")
+            raise ParameterSyntaxError(f"malformed parameter {ascii(item[:40])}")
         keyword = keyword.upper()
         if keyword in parameters:
             raise ParameterSyntaxError(f"duplicate parameter {keyword}")
