@@ -80,6 +80,14 @@ def messages(store):
     return len(resultOf(store.listMessages(ALICE)))
 
 
+def startData(s):
+    """
+    Bring the SMTP session C{s} into DATA for a message to Alice.
+    """
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        s.command(line)
+
+
 def test_aQuitDuringTheGracePeriodAppliesItsDeletions(server):
     s = server.pop3()
     assert s.login(ALICE, PASSWORD).startswith("+OK")
@@ -149,8 +157,7 @@ def test_idleSMTPSessionsAreToldAtOnce(server, lmtp):
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
 def test_aMessageBeingReceivedIsCommittedThenTheNextCommandIsTold(server, lmtp):
     s = server.smtp(lmtp)
-    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
-        s.command(line)
+    startData(s)
     assert s.send(b"Subject: in flight\r\n\r\nfirst half\r\n") == b""
     done = server.tracker.shutdown(30)
     assert s.advance(1) == b""
@@ -166,8 +173,7 @@ def test_aMessageBeingReceivedIsCommittedThenTheNextCommandIsTold(server, lmtp):
 
 def test_pipelinedCommandsAfterTheCommittedMessageAreTold(server):
     s = server.smtp()
-    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
-        s.command(line)
+    startData(s)
     server.tracker.shutdown(30)
     out = s.send(b"body\r\n.\r\nMAIL FROM:<y@remote.test>\r\nRCPT TO:<alice@example.org>\r\n")
     assert out.startswith(b"250 2.0.0 ") and out.endswith(SHUTTING_DOWN)
@@ -176,8 +182,7 @@ def test_pipelinedCommandsAfterTheCommittedMessageAreTold(server):
 
 def test_quitIsStillAnsweredWhileStopping(server):
     s = server.smtp()
-    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
-        s.command(line)
+    startData(s)
     server.tracker.shutdown(30)
     out = s.send(b"body\r\n.\r\nQUIT\r\n")
     assert out.startswith(b"250 2.0.0 ") and out.endswith(b"221 2.0.0 mailgate.test closing connection\r\n")
@@ -187,8 +192,7 @@ def test_aCommitUnderWayWhenTheGraceEndsIsFinishedAndAcknowledged(server):
     s = server.smtp()
     slow = SlowDelivery(s.factory.delivery)
     s.factory.delivery = slow
-    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
-        s.command(line)
+    startData(s)
     assert s.send(b"Subject: slow\r\n\r\nbody\r\n.\r\n") == b""
     done = server.tracker.shutdown(5)
     assert s.advance(5) == b""
@@ -203,8 +207,7 @@ def test_aCommitUnderWayWhenTheGraceEndsIsFinishedAndAcknowledged(server):
 
 def test_dataStillArrivingWhenTheGraceEndsIsNotStored(server):
     s = server.smtp()
-    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
-        s.command(line)
+    startData(s)
     s.send(b"Subject: cut\r\n\r\nhalf")
     server.tracker.shutdown(5)
     assert s.advance(5) == SHUTTING_DOWN
