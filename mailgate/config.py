@@ -150,6 +150,26 @@ class Line(Text):
         return value
 
 
+class Greeting(Line):
+    """
+    The POP3 greeting's text: a L{Line} of at most C{maximum} octets in
+    UTF-8 (the whole greeting, APOP timestamp included, stays within RFC
+    1939's 512 octets), without angle brackets: clients take the first
+    C{<...>} of the greeting for its APOP timestamp (fetchmail the first,
+    Python's poplib everything from the first C{<} to the last C{>}), so
+    one in the text would make every APOP login fail.
+    """
+
+    def check(self, value):
+        value = super().check(value)
+        octets = len(value.encode("utf-8"))
+        if octets > self.maximum:
+            raise ValueError(f"must be at most {self.maximum} octets in UTF-8, not {octets}")
+        if "<" in value or ">" in value:
+            raise ValueError("must not contain < or > (clients would take them for the APOP timestamp)")
+        return value
+
+
 class CertificatePair(Text):
     """
     A certificate file and its key file, as C{CERT:KEY}.
@@ -832,10 +852,11 @@ SETTINGS = (
         "(RFC 1939: at least 600).",
     ),
     Setting(
-        "greeting", "greeting", Line(200), DEFAULT_GREETING,
+        "greeting", "greeting", Greeting(200), DEFAULT_GREETING,
         "The POP3 greeting's text after +OK (Dovecot's login_greeting), e.g. "
-        "one that does not name the software; the APOP timestamp, when "
-        "offered, follows it.",
+        "one that does not name the software; at most 200 octets, without "
+        "< or > (clients would take them for the APOP timestamp, which, "
+        "when offered, follows it).",
     ),
     Setting(
         "login-timeout", "loginTimeout", Integer(metavar="SECONDS"), _POP3.loginTimeout,

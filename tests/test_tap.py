@@ -149,6 +149,20 @@ def test_greeting():
             parse("--greeting", value)
 
 
+@pytest.mark.parametrize("value", ["Welcome to <mail.example.org>", "POP3 > all", "\u4e2d" * 67])
+def test_aGreetingThatWouldBreakAPOPOrTheLineLimitIsRefused(value):
+    """
+    Clients take the first <...> of the greeting for the APOP timestamp
+    (poplib: from the first < to the last >), so angle brackets in the
+    text would fail every APOP login; and 200 characters of three octets
+    each would take the greeting past RFC 1939's 512 octets.
+    """
+    with pytest.raises(usage.UsageError) as refused:
+        parse("--greeting", value)
+    assert "greeting" in str(refused.value)
+    assert parse("--greeting", "Willkommen, Müller").toConfig().greeting == "Willkommen, Müller"
+
+
 def test_tlsMinimumVersion():
     assert parse().toConfig().tlsMinVersion == "1.2"
     assert parse("--tls-min-version", "1.3").toConfig().tlsMinVersion == "1.3"
