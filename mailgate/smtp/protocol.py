@@ -517,6 +517,19 @@ class SMTPServer(CommandSession):
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
         return None
 
+    def _dataRefusal(self, reader):
+        """
+        Why the data, as it arrived, is refused for good, as C{(code,
+        enhanced status, the log's reason, the reply's text)}; C{None} if
+        it is not.
+        """
+        if reader.tooLarge:
+            limit = f"message size exceeds the limit of {self.maxMessageSize} octets"
+            return 552, "5.3.4", "message too large", limit
+        if reader.lineTooLong:
+            return 500, "5.5.2", "line too long", f"line too long (the limit is {self.maxLineLength} octets)"
+        return None
+
     def rawDataEnded(self, reader):
         """
         The end of the data: refuse it, or commit it and answer once the
@@ -525,20 +538,13 @@ class SMTPServer(CommandSession):
         self._cancelDataTimer()
         envelope, self._envelope = self._envelope, None
         metrics = self.factory.metrics
-        if reader.tooLarge:
+        refusal = self._dataRefusal(reader)
+        if refusal is not None:
+            code, enhanced, reason, reply = refusal
             reader.spool.close()
             metrics.delivery(self.protocolName, "rejected")
-            self._logRefusedMessage(envelope, "rejected", "rejected", 552, "5.3.4", "message too large")
-            return self._dataReplies(
-                envelope, 552, "5.3.4", f"message size exceeds the limit of {self.maxMessageSize} octets"
-            )
-        if reader.lineTooLong:
-            reader.spool.close()
-            metrics.delivery(self.protocolName, "rejected")
-            self._logRefusedMessage(envelope, "rejected", "rejected", 500, "5.5.2", "line too long")
-            return self._dataReplies(
-                envelope, 500, "5.5.2", f"line too long (the limit is {self.maxLineLength} octets)"
-            )
+            self._logRefusedMessage(envelope, "rejected", "rejected", code, enhanced, reason)
+            return self._dataReplies(envelope, code, enhanced, reply)
         if not reader.storageFailed:
             try:
                 spool = reader.spool.finish()
