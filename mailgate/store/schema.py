@@ -22,6 +22,9 @@ Layout, with scaling out in mind:
 
 import attr
 
+from mailgate.errors import ConfigurationError
+from mailgate.store.database import runTransaction
+
 SCHEMA_TABLE = "mailgate_schema"
 
 
@@ -393,8 +396,6 @@ def upgradeConnection(engine, conn):
     @raise mailgate.errors.ConfigurationError: if the database is newer than
         this mailgate.
     """
-    from mailgate.store.database import runTransaction
-
     # Nearly always the schema is up to date: learnt in a read, so that
     # every start and every mailgate command (mailgate user list) does not
     # wait for SQLite's write lock, which a server's long write (an
@@ -426,8 +427,6 @@ def _checkedVersion(version):
     @raise mailgate.errors.ConfigurationError: it is newer than this
         mailgate (a newer node migrated the database).
     """
-    from mailgate.errors import ConfigurationError
-
     if version is not None and version > LATEST:
         raise ConfigurationError(
             f"database schema version {version} is newer than this "

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from mailgate.errors import ConfigurationError, MaildropInUse
 from mailgate.interfaces import IEngine, IMaildropLocks
 from mailgate.store.reads import ThreadedMessageReads
+from mailgate.store.schema import upgradeConnection
 from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
@@ -127,8 +128,6 @@ class SQLiteEngine:
         if self.path == ":memory:":
             # Each connection to ":memory:" is a database of its own: it
             # needs its schema here, not from a separate upgrade step.
-            from mailgate.store.schema import upgradeConnection
-
             upgradeConnection(self, conn)
 
     def lockSchema(self, cursor):
