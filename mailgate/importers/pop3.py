@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 from zope.interface import implementer
 
 from mailgate.errors import MailgateError
-from mailgate.importers import BatchWriter, ImportFailed, ImportReport, renameDuplicates, validUidl
+from mailgate.importers import BatchWriter, ImportFailed, ImportReport, fired, renameDuplicates, validUidl
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
 
@@ -569,8 +569,6 @@ def importPOP3(
 
 
 def _copy(client, store, address, report, delete, now, maxSize, warn):
-    from mailgate.importers import fired
-
     listing = _importable(client.uniqueIds(), report, warn)
     sizes = client.sizes()
     present = fired(store.existingUidls(address, [uidl for _, uidl in listing]))

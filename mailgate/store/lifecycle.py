@@ -24,6 +24,7 @@ import secrets
 import time
 
 import attr
+from twisted.internet import defer
 
 from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
@@ -739,8 +740,6 @@ class LifecycleStore:
         @return: a L{Deferred} of C{(messages removed, maildrops skipped
             because busy)}.
         """
-        from twisted.internet import defer
-
         now = self._now()
         default = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
 
@@ -851,8 +850,6 @@ class LifecycleStore:
         SQLite store, the session registry is checked as well, inside the
         work's transaction.)
         """
-        from twisted.internet import defer
-
         @defer.inlineCallbacks
         def run():
             user = yield self.findUser(address)

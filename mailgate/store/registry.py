@@ -25,6 +25,7 @@ import secrets
 import socket
 
 import attr
+from twisted.internet import defer
 
 from mailgate.records import SessionInfo
 
@@ -223,8 +224,6 @@ class SessionRegistry:
         @return: a L{Deferred} of how many were ended.
         """
         if not self._sessions:
-            from twisted.internet import defer
-
             return defer.succeed(0)
         d = self._store.database.runInteraction(_kicked, self.nodeId)
 
@@ -247,8 +246,6 @@ class SessionRegistry:
         self._added.clear()
         self._removed.clear()
         if self._lastBeat is None:
-            from twisted.internet import defer
-
             return defer.succeed(None)
         self._lastBeat = None
         return self._store.database.runWrite(_leave, self.nodeId)
