@@ -173,8 +173,11 @@ class IMaildrop(Interface):
     def expunge(indexes, peer=None):
         """
         Remove the given messages, all in one transaction (the RFC 1939
-        UPDATE state).  The L{Deferred} fires once the removal is durable; if
-        it fails, nothing was removed.
+        UPDATE state).  The L{Deferred} fires once the removal is durable.
+        If it fails, nothing was removed, except with
+        L{mailgate.errors.CommitUncertain}: the connection was lost during
+        the commit, and the removal may or may not have happened (the
+        client is told so, not that none were removed).
 
         @param peer: the client's address, C{"host:port"}, recorded with
             the messages where the store keeps deleted mail for recovery
@@ -342,7 +345,11 @@ class IMailStore(Interface):
         @return: a L{Deferred} that fires once the delivery is durably
             committed, with a dict mapping each address to its new unique id,
             or to a L{mailgate.errors.NoSuchUser} instance for an address
-            that has no user (those get no copy; the others still do).
+            that has no user (those get no copy; the others still do).  A
+            failure means nothing was stored, except with
+            L{mailgate.errors.CommitUncertain} (a temporary failure too):
+            the message may have been stored, and a retry may store it
+            twice, as with any MTA.
         """
 
     def openMaildrop(identity):
@@ -670,7 +677,10 @@ class IDatabase(Interface):
     def runWrite(function, *args, **kwargs):
         """
         Run a write transaction; the L{Deferred} fires once it is durably
-        committed.  C{function} is a function of a cursor, or an
+        committed.  It fails with L{mailgate.errors.CommitUncertain} when
+        the connection was lost while the commit was on its way (the
+        change may have taken effect), with another exception when nothing
+        changed.  C{function} is a function of a cursor, or an
         L{IBatchableWrite}, which the database may run together with other
         calls of it and in a pipeline.
         """
