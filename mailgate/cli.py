@@ -64,7 +64,7 @@ from mailgate.errors import (
 )
 from mailgate.message import spoolFile
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
-from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseSize, parseWhole
+from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, MAX_SIZE, parseSize, parseWhole
 from mailgate.store.lifecycle import DAY, DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.schema import LATEST, recordedVersion, upgrade
 
@@ -173,6 +173,47 @@ def _userAdd(store, args, out, stdin):
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
 
 
+def _dovecotQuota(extra):
+    """
+    The quota of a Dovecot passwd-file line, from its extra fields'
+    C{userdb_quota_rule} (or C{quota_rule}) for all mailboxes (C{*} or
+    C{?}): C{storage} (kilobytes unless a unit says otherwise, as Dovecot
+    counts it), C{bytes} and C{messages}; 0 and C{ignore} are no limit, as
+    in Dovecot.  The changes for L{IMailStore.setQuota}, or C{{}} where
+    the line sets none.
+
+    @raise ValueError: a rule mailgate cannot keep (a percentage, another
+        unit), saying why.
+    """
+    changes = {}
+    for field in extra.split():
+        key, _, value = field.partition("=")
+        if key not in ("userdb_quota_rule", "quota_rule"):
+            continue
+        mask, _, limits = value.partition(":")
+        if mask not in ("*", "?"):
+            continue
+        if limits == "ignore":
+            changes.update(octets=UNLIMITED, messages=UNLIMITED)
+            continue
+        for limit in limits.split(":"):
+            name, _, amount = limit.partition("=")
+            found = re.fullmatch(r"([0-9]+)([bBkKmMgGtT]?)", amount)
+            if name not in ("storage", "bytes", "messages") or found is None:
+                raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
+            number, unit = int(found.group(1)), found.group(2).upper()
+            if name == "messages":
+                if unit or number > MAX_MESSAGES:
+                    raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
+                changes["messages"] = number or UNLIMITED
+                continue
+            scale = {"": 1024 if name == "storage" else 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+            if number * scale[unit] > MAX_SIZE:
+                raise ValueError(f"quota rule {value!r} is larger than mailgate keeps")
+            changes["octets"] = number * scale[unit] or UNLIMITED
+    return changes
+
+
 def _userImport(store, args, out, stdin):
     """
     Add the users of a Dovecot passwd-file, keeping their password hashes
@@ -202,6 +243,8 @@ def _userImport(store, args, out, stdin):
         # user:password:uid:gid:gecos:home:shell:extra_fields
         name, _, rest = line.partition(":")
         hashed = rest.partition(":")[0]
+        fields = rest.split(":", 6)
+        extra = fields[6] if len(fields) == 7 else ""
         try:
             if "@" not in name:
                 if domain is None:
@@ -215,11 +258,17 @@ def _userImport(store, args, out, stdin):
             except UnusableHash as e:
                 raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
             try:
+                quota = _dovecotQuota(extra)
+            except ValueError as e:
+                raise CommandError(f"{address}: {e}", EX_DATAERR) from None
+            try:
                 _result(store.addUser(address, credentials))
             except UserExists:
                 present += 1
                 out.write(f"exists {address}\n")
                 continue
+            if quota:
+                _result(store.setQuota(address, **quota))
         except CommandError as e:
             if e.code == EX_TEMPFAIL:
                 raise

@@ -326,3 +326,49 @@ def test_twoNodesReplacingTheSameImportedHashBothLogIn(store):
     maildrop = login(_RacingNode(store, PASSWORD), PASSWORD)
     assert maildrop.address == ALICE
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")
+
+
+def test_quotasComeAlongFromThePasswdFilesExtraFields(tmp_path):
+    """
+    A passwd-file's per-user quota (userdb_quota_rule, Dovecot's own
+    units: storage in kilobytes unless a unit is given, bytes, messages;
+    0 and ignore for no limit) becomes the user's quota; a rule for one
+    folder is not one a POP3 maildrop has, and a percentage cannot be
+    kept: that line is refused with the reason.
+    """
+    import io
+    import json
+
+    from mailgate.cli import run
+
+    passwd = tmp_path / "users"
+    rest = ":1000:1000::/home/x::"
+    passwd.write_text("\n".join([
+        "alice:{PLAIN}a" + rest + "userdb_quota_rule=*:storage=1048576 userdb_mail=maildir:~/Maildir",
+        "bob:{PLAIN}b" + rest + "quota_rule=*:bytes=5000:messages=100",
+        "carol:{PLAIN}c" + rest + "userdb_quota_rule=*:storage=2G",
+        "dave:{PLAIN}d" + rest + "userdb_quota_rule=*:storage=10%",
+        "erin:{PLAIN}e" + rest + "userdb_quota_rule=*:ignore",
+        "frank:{PLAIN}f" + rest + "userdb_quota_rule=Trash:storage=+100M",
+        "gina:{PLAIN}g" + rest + "userdb_quota_rule=*:storage=0",
+    ]) + "\n")
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+
+    def cli(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", url, *argv], stdin=io.StringIO(""), stdout=out, stderr=err, environ={})
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = cli("user", "import", str(passwd), "--domain", "example.org")
+    assert code == 65 and out.splitlines()[-1] == "6 added, 0 already there, 1 failed", (out, err)
+    assert "line 4: dave@example.org: quota rule '*:storage=10%' is not one mailgate can keep" in err
+    code, out, _ = cli("user", "list", "--json")
+    quotas = {r["address"].split("@")[0]: (r["quota_octets"], r["quota_messages"]) for r in map(json.loads, out.splitlines())}
+    assert quotas == {
+        "alice": (1 << 30, "default"),
+        "bob": (5000, 100),
+        "carol": (2 << 30, "default"),
+        "erin": ("none", "none"),
+        "frank": ("default", "default"),
+        "gina": ("none", "default"),
+    }
