@@ -737,6 +737,24 @@ def test_tooManyBadCommandsCloseTheSession(session):
     assert session.disconnected
 
 
+def test_onlyBadCommandsInARowCloseTheSession(session):
+    """
+    As Dovecot counts them: a command that succeeds starts the count of
+    bad ones again, so a long session with an occasional unknown command
+    is not cut off.
+    """
+    session.login(ALICE, "wonderland")
+    for _ in range(3):
+        for _ in range(POP3Server.maxBadCommands - 1):
+            assert session.command("XTND XMIT").startswith("-ERR")
+        assert session.command("NOOP") == "+OK\r\n"
+    assert not session.disconnected
+    for _ in range(POP3Server.maxBadCommands - 1):
+        session.command("LAST")
+    assert session.command("LAST").endswith("-ERR too many bad commands; closing the connection\r\n")
+    assert session.disconnected
+
+
 def test_floodOfPipelinedCommandsPausesReading(session):
     session.command(f"USER {ALICE}")
     session.protocol.authFailureDelay = 1

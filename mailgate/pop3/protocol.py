@@ -60,8 +60,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         beyond this.
     @cvar maxQueuedCommands: pipelined commands held before the server
         stops reading from the connection.
-    @cvar maxBadCommands: unknown, malformed or out-of-state commands
-        tolerated before the session is closed.
+    @cvar maxBadCommands: unknown, malformed or out-of-state commands in
+        a row (a +OK starts the count again) tolerated before the session
+        is closed.
     @cvar maxAuthFailures: failed logins before the session is closed.
     @cvar idleTimeout: seconds of silence before autologout (RFC 1939
         requires at least ten minutes).
@@ -234,6 +235,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     # -- output ------------------------------------------------------------
 
     def _ok(self, text=""):
+        # Bad commands close the session only one after the other, as
+        # Dovecot counts them: a long session's occasional unknown command
+        # (an old client's LAST or XTND) is not held against it forever.
+        self._badCommands = 0
         self._out.write(b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n")
 
     def _err(self, text):
