@@ -188,6 +188,9 @@ class MailgateService(MultiService):
         self._hangupActions = []
         self._stoppingCallbacks = []
         self._storeService = None
+        #: C{(event, text)} of what the configuration leaves that an
+        #: administrator should know of, logged as warnings at start
+        self.startupWarnings = []
 
     def setServiceParent(self, parent):
         if self.logObserver is not None and isinstance(parent, Componentized):
@@ -282,6 +285,8 @@ class MailgateService(MultiService):
         self._closeStartupErrors()
         if self.tls is not None:
             self._logCertificates("TLS certificate in service", "tls.loaded")
+        for event, warning in self.startupWarnings:
+            self.log.warn("{warning}", warning=warning, event=event)
         self._handleReloadSignals()
 
     def _handleReloadSignals(self):
@@ -656,6 +661,13 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         store, tls, reactor=reactor, reloadOnSIGHUP=config.reloadOnSIGHUP, metrics=metrics,
         shutdownGrace=config.shutdownGrace,
     )
+    if config.smtp and config.postmaster is None:
+        root.startupWarnings.append((
+            "smtp.no_postmaster",
+            "SMTP listens without --postmaster: mail to postmaster, which RFC 5321 requires "
+            "every SMTP server to accept, is refused (550) unless a user of that name exists; "
+            "name the user who receives it with --postmaster",
+        ))
     if affinity is not None:
         # First, so that the threads started after it (the database's, when
         # the reactor starts) are started pinned.

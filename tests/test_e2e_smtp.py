@@ -654,6 +654,25 @@ def test_mailToPostmasterReachesTheConfiguredUser(mailgate_server, mailgate_cli)
     assertDelivered(stored, message, SENDER, recipient=ALICE)
 
 
+def test_anSMTPListenerWithoutAPostmasterIsWarnedOfAtStart(mailgate_server, mailgate_cli):
+    """
+    Without --postmaster, mail to postmaster is refused, which RFC 5321
+    does not allow an SMTP server: the start-up log says so, once, and
+    not where --postmaster is given.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    warning = "SMTP listens without --postmaster"
+    warned = mailgate_server(*SMTP_OPTIONS)
+    waitFor(lambda: warning in warned.stdout, what="the postmaster warning")
+    warned.stop()
+    assert warned.stdout.count(warning) == 1
+    told = mailgate_server(*SMTP_OPTIONS, "--postmaster", ALICE)
+    # A line the running reactor writes, after the start-up's own.
+    told.process.send_signal(signal.SIGHUP)
+    waitFor(lambda: "SIGHUP: nothing to reload" in told.stdout, what="the SIGHUP line")
+    assert warning not in told.stdout
+
+
 # -- 5. the README's .tac example ------------------------------------------------
 
 
