@@ -32,7 +32,7 @@ def node(postgresURL):
     reactor = IteratedReactor()
     locks = AdvisoryLocks(engineFromURL(postgresURL), reactor)
     yield locks, reactor, ids, postgresURL
-    reactor.wait(locks.close())
+    reactor.resultOf(locks.close())
     reactor.close()
     store.close()
 
@@ -76,7 +76,7 @@ def test_locksTakenTogetherSpreadOverTheConnections(node):
     holders = lockHolders(url)
     assert len(holders) == 4 and len(set(holders)) == 4
     for userId in ids[:4]:
-        reactor.wait(locks.release(userId))
+        reactor.resultOf(locks.release(userId))
     assert lockHolders(url) == []
     assert locks._routes == {}
 
@@ -96,7 +96,7 @@ def test_reloginBeforeTheUnlockCompletesFollowsIt(node):
     assert reactor.wait(released) is None
     assert openConnections(locks) == [locks._slots[0]]
     assert len(lockHolders(url)) == 1
-    reactor.wait(locks.release(alice))
+    reactor.resultOf(locks.release(alice))
     assert lockHolders(url) == []
 
 
@@ -109,11 +109,11 @@ def test_anotherNodeWaitsForTheUnlock(node, postgresURL):
         refused = reactor.wait(other.acquire(alice))
         assert refused.check(MaildropInUse)
         assert other._routes == {}
-        reactor.wait(locks.release(alice))
+        reactor.resultOf(locks.release(alice))
         assert reactor.wait(other.acquire(alice)) == alice
-        reactor.wait(other.release(alice))
+        reactor.resultOf(other.release(alice))
     finally:
-        reactor.wait(other.close())
+        reactor.resultOf(other.close())
 
 
 def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
@@ -131,13 +131,13 @@ def test_theSnapshotTakenWithTheLockListsTheMaildropInOrder(node):
     assert len(expected) == 300 and len({size for _, size, _ in expected}) > 100
     uids, got, uniqueIds = reactor.wait(locks.acquireAndSnapshot(bob, None))
     assert list(zip(uids, got, uniqueIds)) == sorted(expected)
-    reactor.wait(locks.release(bob))
+    reactor.resultOf(locks.release(bob))
     # An empty maildrop.
     alice = ids[0]
     uids, got, uniqueIds = reactor.wait(locks.acquireAndSnapshot(alice, None))
     assert (list(uids), list(got), uniqueIds) == ([], [], [])
     assert lockHolders(url) != []
-    reactor.wait(locks.release(alice))
+    reactor.resultOf(locks.release(alice))
     assert lockHolders(url) == []
 
 
@@ -167,14 +167,14 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     other = AdvisoryLocks(engineFromURL(url), reactor)
     try:
         assert reactor.wait(other.acquire(alice)) == alice
-        reactor.wait(locks.release(alice))
+        reactor.resultOf(locks.release(alice))
         assert reactor.wait(locks.acquire(alice)).check(MaildropInUse)
-        reactor.wait(other.release(alice))
+        reactor.resultOf(other.release(alice))
     finally:
-        reactor.wait(other.close())
+        reactor.resultOf(other.close())
     assert reactor.wait(locks.acquire(alice)) == alice
     assert lockHolders(url) != [pid]
-    reactor.wait(locks.release(alice))
+    reactor.resultOf(locks.release(alice))
 
 
 def endBackend(url, pid):
@@ -200,8 +200,8 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     """
     locks, reactor, ids, url = node
     alice = ids[0]
-    reactor.wait(locks.acquireAndSnapshot(alice, None))
-    reactor.wait(locks.release(alice))
+    reactor.resultOf(locks.acquireAndSnapshot(alice, None))
+    reactor.resultOf(locks.release(alice))
     [slot] = openConnections(locks)
     pid = slot.connection.backendPid
     endBackend(url, pid)
@@ -212,7 +212,7 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     assert slot.connection.backendPid != pid
     assert lockHolders(url) == [slot.connection.backendPid]
     assert reactor.wait(locks.verify(alice)) is True
-    reactor.wait(locks.release(alice))
+    reactor.resultOf(locks.release(alice))
     assert lockHolders(url) == []
     # Lost again with a second chance used: the failure reaches the login.
     endBackend(url, slot.connection.backendPid)
@@ -285,7 +285,7 @@ def test_openStoreRunsTheLocksOnTheReactorItIsGiven(postgresURL):
         assert reactor.wait(maildrop.release()) is None
         assert lockHolders(postgresURL) == []
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
         reactor.close()
     lockConnections = [r for r in reactor.readersAdded if isinstance(r, ReactorConnection)]
     assert len(lockConnections) == 1
@@ -319,13 +319,13 @@ def test_aQuitWhoseLockWentWithItsConnectionDeletesNothing(postgresURL):
         failed = reactor.wait(maildrop.expunge([0, 2]))
         assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
         assert len(reactor.wait(store.listMessages(USERS[0]))) == 3
-        reactor.wait(maildrop.release())
+        reactor.resultOf(maildrop.release())
         # The other node's session still holds the maildrop, and its
         # deletions apply.
         assert reactor.wait(second.expunge([1])) == 1
-        reactor.wait(second.release())
+        reactor.resultOf(second.release())
         assert len(reactor.wait(store.listMessages(USERS[0]))) == 2
     finally:
-        reactor.wait(other.close())
-        reactor.wait(store.close())
+        reactor.resultOf(other.close())
+        reactor.resultOf(store.close())
         reactor.close()

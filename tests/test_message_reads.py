@@ -46,7 +46,7 @@ def running(databaseURL):
     try:
         yield store, reactor, inline, databaseURL
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
         reactor.close()
         inline.close()
 
@@ -215,5 +215,5 @@ def test_anUnreachableServerFailsAReadOnceWithoutAskingAgain():
         assert "cannot connect" in str(failure.value)
         assert len(attempts) == 1
     finally:
-        reactor.wait(reads.close())
+        reactor.resultOf(reads.close())
         reactor.close()

@@ -226,7 +226,7 @@ def test_storeReports(databaseURL):
             store.deliver(["alice@example.org"], spoolBytes(b"Subject: %d\r\n\r\nbody\r\n" % n))
             for n in range(20)
         ]
-        reactor.wait(defer.gatherResults(deliveries))
+        reactor.resultOf(defer.gatherResults(deliveries))
         assert value(metrics, "mailgate_database_seconds_count", operation="addUser") == 1
         assert value(metrics, "mailgate_database_seconds_count", operation="findUser") == 1
         assert value(metrics, "mailgate_database_seconds_count", operation="deliver") == 20
@@ -257,12 +257,12 @@ def test_storeReports(databaseURL):
         second = reactor.wait(store.openMaildrop(identity))
         assert isinstance(second, Failure)
         assert value(metrics, "mailgate_maildrop_locks") == 1
-        reactor.wait(maildrop.release())
+        reactor.resultOf(maildrop.release())
         assert value(metrics, "mailgate_maildrop_locks") == 0
-        reactor.wait(maildrop.release())
+        reactor.resultOf(maildrop.release())
         assert value(metrics, "mailgate_maildrop_locks") == 0
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 def _brokenWrite(cursor):
@@ -284,7 +284,7 @@ def test_healthFollowsTheWrites(databaseURL):
     root.running = True
     try:
         credentials = makeCredentials(b"secret", logN=TEST_HASH_COST)
-        reactor.wait(store.addUser("alice@example.org", credentials))
+        reactor.resultOf(store.addUser("alice@example.org", credentials))
         assert reactor.wait(root.databaseAnswers()) is None
         assert isinstance(reactor.wait(store.database.runWrite(_brokenWrite)), Failure)
         unhealthy = reactor.wait(root.databaseAnswers())
@@ -294,10 +294,10 @@ def test_healthFollowsTheWrites(databaseURL):
         # Still unhealthy after a refusal; healthy once a write commits.
         assert isinstance(reactor.wait(store.addUser("alice@example.org", credentials)), Failure)
         assert isinstance(reactor.wait(root.databaseAnswers()), Failure)
-        reactor.wait(store.addUser("bob@example.org", credentials))
+        reactor.resultOf(store.addUser("bob@example.org", credentials))
         assert reactor.wait(root.databaseAnswers()) is None
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 def test_authCacheReports():
@@ -318,7 +318,7 @@ def test_databaseWithoutMetricsStillWorks(tmp_path):
         assert reactor.wait(store.findUser("nobody@example.org")) is None
         assert reactor.wait(store.database.runInteraction(_findUser, "nobody@example.org")) is None
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 # -- the HTTP resource, in memory ------------------------------------------------------

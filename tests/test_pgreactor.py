@@ -36,7 +36,7 @@ def connection(postgresURL):
         reactor, lambda: threads.submit(engine.connectPrepared, [ECHO, DIVIDE, SLEEP, BLOB, LENGTH]), "test connection"
     )
     yield conn, reactor, postgresURL
-    reactor.wait(conn.close())
+    reactor.resultOf(conn.close())
     threads.stop()
     reactor.close()
 
@@ -98,7 +98,7 @@ def test_aConnectionTheServerClosesIsNoticedWhileIdle(connection):
     known at once; the next statement gets a new connection.
     """
     conn, reactor, url = connection
-    reactor.wait(echo(conn, 1))
+    reactor.resultOf(echo(conn, 1))
     pid = conn.backendPid
     terminate(url, pid)
     reactor.turnUntil(lambda: not conn.connected, timeout=10)
@@ -109,7 +109,7 @@ def test_aConnectionTheServerClosesIsNoticedWhileIdle(connection):
 
 def test_aConnectionLostMidStatementFailsThatStatementOnly(connection):
     conn, reactor, url = connection
-    reactor.wait(echo(conn, 1))
+    reactor.resultOf(echo(conn, 1))
     pid = conn.backendPid
     sleeping = conn.execute(SLEEP, [b"30"])
     queued = echo(conn, 5)
@@ -171,14 +171,14 @@ def test_anUnreachableServerFailsEverythingQueued():
 
 def test_losingAndClosingLeaveNoDescriptorBehind(connection):
     conn, reactor, url = connection
-    reactor.wait(echo(conn, 1))
+    reactor.resultOf(echo(conn, 1))
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
         terminate(url, conn.backendPid)
         reactor.turnUntil(lambda: not conn.connected, timeout=10)
-        reactor.wait(echo(conn, 1))
+        reactor.resultOf(echo(conn, 1))
     assert len(os.listdir("/proc/self/fd")) == before
-    reactor.wait(conn.close())
+    reactor.resultOf(conn.close())
     assert len(os.listdir("/proc/self/fd")) == before - 2  # the socket and its duplicate
     failure = reactor.wait(echo(conn, 1))
     assert failure.check(TemporaryFailure)

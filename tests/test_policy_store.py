@@ -273,7 +273,7 @@ def test_workRunsOffTheReactorThread(databaseURL, monkeypatch):
         assert [b.address for b in changes.bans] == [ADDRESS]
         assert threads and all(name.startswith("mailgate-db-") for name in threads), threads
     finally:
-        reactor.wait(mail.close())
+        reactor.resultOf(mail.close())
         reactor.close()
 
 

@@ -156,6 +156,6 @@ def test_refreshTimerRunsWithTheService(tmp_path):
         reactor.turnUntil(lambda: policy.sync.refreshes >= 1)
         assert policy.admit("pop3", IPv4Address("TCP", "192.0.2.9", 1)) == BANNED
     finally:
-        reactor.wait(root.stopService())
+        reactor.resultOf(root.stopService())
         reactor.close()
     assert not policy.sync._loop

@@ -55,10 +55,10 @@ def test_serverCreatesPrivateFiles(tmp_path, permissiveUmask):
     reactor = IteratedReactor()
     store = openStore(f"sqlite:///{dbpath}", reactor)
     try:
-        reactor.wait(store.hasDomain("example.org"))
+        reactor.resultOf(store.hasDomain("example.org"))
         found = modes(dbpath)
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
         store.engine.releaseServer()
         reactor.close()
     assert set(found) == {"", "-wal", "-shm", ".lock"}, found

@@ -5,6 +5,7 @@ chance on a slow or loaded machine.
 
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,3 +26,25 @@ def test_aSlowHypothesisExampleIsNotAFailure():
 
     property()
     assert stalled
+
+
+def test_aStepATestOnlyWaitsForCannotFailUnnoticed():
+    """
+    The test reactors' C{wait} hands a failure back (for the tests that
+    expect one); C{resultOf}, which the steps a test only waits for use,
+    raises it.
+    """
+    from twisted.internet import defer
+
+    from iterated import IteratedReactor
+    from pumped import PumpedReactor
+
+    iterated = IteratedReactor()
+    try:
+        for reactor in (PumpedReactor(), iterated):
+            assert reactor.wait(defer.fail(ValueError("lost"))).check(ValueError)
+            with pytest.raises(ValueError, match="lost"):
+                reactor.resultOf(defer.fail(ValueError("lost")))
+            assert reactor.resultOf(defer.succeed(7)) == 7
+    finally:
+        iterated.close()
