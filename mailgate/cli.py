@@ -360,6 +360,7 @@ def _userList(store, args, out, stdin):
                 "messages": user.messages,
                 "octets": user.octets,
                 "apop": bool(user.apop),
+                "password": "imported" if user.passwordImported else "mailgate",
                 "quota_octets": _limitValue(user.quotaOctets),
                 "quota_messages": _limitValue(user.quotaMessages),
                 "expire_days": _limitValue(user.expireDays, "days"),

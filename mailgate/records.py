@@ -43,6 +43,9 @@ class UserSummary:
     quotaOctets = attr.ib(default=None)
     quotaMessages = attr.ib(default=None)
     expireDays = attr.ib(default=None)
+    #: whether the password hash is still one imported from another server
+    #: (the user has not logged in with it since)
+    passwordImported = attr.ib(default=False)
 
 
 @attr.s(frozen=True, slots=True)

@@ -5,6 +5,7 @@ they are, logins are checked against them, and the first successful login
 replaces each by mailgate's own scrypt hash and SCRAM-SHA-256 keys.
 """
 
+import json
 import subprocess
 
 import pytest
@@ -267,6 +268,16 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
     assert passwordLogin(server.port, "bob@example.org", "bob's").startswith("+OK")
     assert scramLogin(server.port, "carol@example.org", "carol's").startswith("+OK")
     assert passwordLogin(server.port, "erin@example.org", "erin's own").startswith("+OK")
+
+    # Who still has the hash brought from Dovecot: those who have not
+    # logged in with their password (carol used SCRAM only).
+    listed = [json.loads(line) for line in mailgate_cli.check("user", "list", "--json").splitlines()]
+    assert {r["address"]: r["password"] for r in listed} == {
+        "alice@example.org": "mailgate",
+        "bob@example.org": "mailgate",
+        "carol@example.org": "imported",
+        "erin@example.org": "mailgate",
+    }
 
     # Run again: nothing is added twice, and nobody's password goes back.
     code, out, _ = mailgate_cli("user", "import", str(passwd), "--domain", "example.org")

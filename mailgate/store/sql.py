@@ -152,13 +152,16 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None):
 def _listUsers(cursor):
     # Each maildrop's use is kept up to date with its deliveries and
     # removals: no scan of the maildrops.
+    # A password hash written {SCHEME}... is one imported from another
+    # server (mailgate.auth.foreign), not yet replaced by a login.
     cursor.execute(
         "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
-        "b.quota_octets, b.quota_messages, b.expire_days "
+        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{' "
         "FROM users u JOIN mailboxes b ON b.user_id = u.user_id ORDER BY u.address"
     )
     return [
-        UserSummary(a, n, s, bool(apop), qo, qm, e) for a, n, s, apop, qo, qm, e in cursor.fetchall()
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported))
+        for a, n, s, apop, qo, qm, e, imported in cursor.fetchall()
     ]
 
 
