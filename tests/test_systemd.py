@@ -246,7 +246,7 @@ def test_twistdTellsSystemd(tmp_path, notifySocket):
         assert ["STATUS=starting"] in notifySocket.messages
         # The watchdog is fed every 0.2 s while the reactor runs.
         for _ in range(3):
-            notifySocket.waitFor("WATCHDOG=1", timeout=5)
+            notifySocket.waitFor("WATCHDOG=1", server=server)
         server.process.send_signal(signal.SIGTERM)
         stopping = notifySocket.waitFor("STOPPING=1")
         assert any(line.startswith("STATUS=stopping: ") for line in stopping)
