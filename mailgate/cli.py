@@ -5,6 +5,7 @@ C{mailgate}: the administrator's command.
   mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
   mailgate user passwd ADDRESS [--password-stdin] [--hashed]
   mailgate user import PASSWD-FILE [--domain DOMAIN]
+  mailgate user test ADDRESS [--password-stdin]
   mailgate user del ADDRESS
   mailgate user list [--json]
   mailgate user apop ADDRESS on|off [--password-stdin]
@@ -51,7 +52,13 @@ import time
 from mailgate import __version__
 from mailgate.address import normalizeAddress, normalizeDomain
 from mailgate.auth.foreign import UnusableHash
-from mailgate.auth.passwords import StoredCredentials, importedCredentials, makeCredentials, verifyPassword
+from mailgate.auth.passwords import (
+    StoredCredentials,
+    importedCredentials,
+    makeCredentials,
+    needsUpgrade,
+    verifyPassword,
+)
 from mailgate.errors import (
     ConfigurationError,
     InvalidAddress,
@@ -77,6 +84,7 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 #: What a shell reports for a command killed by SIGPIPE (C{ls | head}):
 #: the reader of standard output went away before the command was done.
@@ -458,6 +466,20 @@ def _userExpire(store, args, out, stdin):
     _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
               f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
+
+
+def _userTest(store, args, out, stdin):
+    """
+    Check a password as a login would (Dovecot's C{doveadm auth test}),
+    without logging in: nothing is changed, not even an imported hash.
+    """
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    password = _readPassword(args, stdin, confirm=False)
+    if not verifyPassword(password.encode("utf-8"), user.passwordHash):
+        raise CommandError(f"that is not the password of {address}", EX_NOPERM)
+    kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
+    out.write(f"the password of {address} is correct (kept as {kept})\n")
 
 
 def _userApop(store, args, out, stdin):
@@ -1172,6 +1194,15 @@ def buildParser():
     listing = user.add_parser("list", help="list users")
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True)
+    test = user.add_parser(
+        "test",
+        help="check a user's password without logging in",
+        description="Check a user's password as a POP3 login would (as doveadm auth test): exit "
+        "0 if it is right, 77 if not.  Nothing is changed, not even an imported hash.",
+    )
+    test.add_argument("address", metavar="ADDRESS")
+    test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    test.set_defaults(run=_userTest, migrate=True)
     apop = user.add_parser("apop", help="switch APOP on or off for a user")
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])

@@ -383,3 +383,39 @@ def test_quotasComeAlongFromThePasswdFilesExtraFields(tmp_path):
         "frank": ("default", "default"),
         "gina": ("none", "default"),
     }
+
+
+@requireDovecot
+def test_checkingAPasswordAsDoveadmAuthTestDoes(tmp_path):
+    """
+    mailgate user test: 0 and which hash it was checked against for the
+    right password, 77 for a wrong one, 67 for no such user; nothing is
+    changed, not even the imported hash.
+    """
+    import io
+
+    from mailgate.cli import run
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+
+    def cli(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", url, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
+        return code, out.getvalue(), err.getvalue()
+
+    hashed = doveadmHash("SHA512-CRYPT")
+    assert cli("user", "add", ALICE, "--password-stdin", "--hashed", stdin=hashed + "\n")[0] == 0
+    code, out, err = cli("user", "test", ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (code, err) == (0, "")
+    assert out == f"the password of {ALICE} is correct (kept as the hash imported from another server)\n"
+    code, out, err = cli("user", "test", ALICE, "--password-stdin", stdin="wrong\n")
+    assert (code, out) == (77, "") and f"that is not the password of {ALICE}" in err
+    assert cli("user", "test", "nobody@example.org", "--password-stdin", stdin="x\n")[0] == 67
+    store = memoryStore(url)
+    try:
+        assert resultOf(store.findUser(ALICE)).passwordHash == hashed
+    finally:
+        store.close()
+    assert cli("user", "passwd", ALICE, "--password-stdin", stdin="new one\n")[0] == 0
+    code, out, _ = cli("user", "test", ALICE, "--password-stdin", stdin="new one\n")
+    assert (code, out) == (0, f"the password of {ALICE} is correct (kept as mailgate's own hash)\n")
