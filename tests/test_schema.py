@@ -11,14 +11,17 @@ the real database catalog of a freshly migrated database, on both backends:
 """
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 
 import mailgate
+from mailgate.errors import ConfigurationError
 from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.database import runTransaction
 from mailgate.store.lifecycle import UNLIMITED
@@ -603,5 +606,79 @@ def test_aMigrationKilledMidwayLeavesTheDatabaseAsItWas(version3):
         assert store.database.run(currentVersion) == LATEST
         (retr,) = _pop3(store, "alice@example.org", "RETR 2")
         assert retr.endswith("\r\n" + _served(OLD_BODIES["big"]))
+    finally:
+        store.close()
+
+
+# -- a PostgreSQL role that may read and write mail, not change the schema ---
+
+
+@pytest.fixture
+def mailOnlyRole(postgresURL):
+    """
+    C{grant(url)}: the URL of a new role on the schema of C{postgresURL}
+    that may read and write the tables there (as a DBA gives the nodes),
+    but not create or alter any: the schema is changed by its owner.
+    """
+    import psycopg
+
+    from conftest import POSTGRES, withSchema
+
+    schema = parse_qs(urlsplit(postgresURL).query)["options"][0].split("=", 1)[1]
+    role = "mail_" + secrets.token_hex(4)
+
+    def grant():
+        with psycopg.connect(postgresURL, autocommit=True) as conn:
+            conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}")
+            conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+        parts = urlsplit(POSTGRES)
+        host = parts.netloc.rpartition("@")[2]
+        return withSchema(urlunsplit(parts._replace(netloc=f"{role}:secret@{host}")), schema)
+
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'secret'")
+    try:
+        yield grant
+    finally:
+        with psycopg.connect(postgresURL, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_nodesThatMayNotChangeTheSchemaServeAnUpToDateDatabase(databaseURL, mailOnlyRole):
+    """
+    Once the schema's owner has upgraded it (mailgate db upgrade), nodes
+    and commands whose role may only read and write mail start and work:
+    finding the schema up to date takes no privilege to change it.
+    """
+    openSynchronousStore(databaseURL).close()
+    store = openSynchronousStore(mailOnlyRole())
+    try:
+        addUser(store, "alice@example.org", "pw")
+        deliver(store, ["alice@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+        assert len(resultOf(store.listMessages("alice@example.org"))) == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aRoleThatMayNotChangeTheSchemaIsToldWhoMay(version3, mailOnlyRole):
+    """
+    A node of a newer mailgate whose role may not change the schema says so
+    in one line, and what to do, rather than fail with the driver's
+    traceback; the database stays as it was.
+    """
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(mailOnlyRole())
+    assert str(e.value) == (
+        f"cannot upgrade the database schema from version 3 to {LATEST}: permission denied for schema "
+        f"{parse_qs(urlsplit(version3).query)['options'][0].split('=', 1)[1]} "
+        "(run mailgate db upgrade as a database user allowed to change the schema)"
+    )
+    store = openSynchronousStore(version3, migrate=False)
+    try:
+        assert store.database.run(currentVersion) == 3
     finally:
         store.close()

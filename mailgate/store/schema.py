@@ -22,7 +22,7 @@ Layout, with scaling out in mind:
 
 import attr
 
-from mailgate.errors import ConfigurationError
+from mailgate.errors import ConfigurationError, MailgateError
 from mailgate.store.database import runTransaction
 
 SCHEMA_TABLE = "mailgate_schema"
@@ -400,7 +400,8 @@ def upgradeConnection(engine, conn):
     # every start and every mailgate command (mailgate user list) does not
     # wait for SQLite's write lock, which a server's long write (an
     # expunge, a large import) or another upgrade holds, and then fail.
-    if _checkedVersion(runTransaction(engine, conn, recordedVersion, (), {}, False)) == LATEST:
+    version = _checkedVersion(runTransaction(engine, conn, recordedVersion, (), {}, False))
+    if version == LATEST:
         return []
     applied = []
 
@@ -413,10 +414,33 @@ def upgradeConnection(engine, conn):
         return pending[0]
 
     while True:
-        migration = runTransaction(engine, conn, step, (), {}, True)
+        try:
+            migration = runTransaction(engine, conn, step, (), {}, True)
+        except MailgateError:
+            raise
+        except Exception as e:
+            if engine.isTransient(getattr(e, "error", e)):
+                raise
+            raise _cannotUpgrade(version, e) from e
         if migration is None:
             return applied
         applied.append(migration)
+
+
+def _cannotUpgrade(version, error):
+    """
+    What a database refusing a migration is, said in one line: the role
+    the nodes use may read and write mail but not change the schema
+    (PostgreSQL: permission denied), or the schema is not what the
+    migration expects.
+    """
+    # PostgreSQL's own words, without the statement quoted after them.
+    reason = getattr(getattr(error, "diag", None), "message_primary", None) or str(error)
+    reason = " ".join(reason.split())
+    return ConfigurationError(
+        f"cannot upgrade the database schema from version {version} to {LATEST}: {reason} "
+        f"(run mailgate db upgrade as a database user allowed to change the schema)"
+    )
 
 
 def _checkedVersion(version):
