@@ -145,3 +145,33 @@ def test_dbCopySaysWhichDatabaseItCannotOpen(sqliteURL, side, url, code, reason)
     code_, out, err = mailgate(sqliteURL, "db", "copy", "--from", urls["--from"], "--to", urls["--to"])
     assert (code_, out) == (code, "")
     assert err.startswith(f"mailgate: {side}: {reason}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("postgressql://mailgate:s3cret-pw@db.example.org/mail", "unsupported database URL "
+         "'postgressql://mailgate:***@db.example.org/mail'"),
+        ("mysql://db.example.org/mail?password=s3cret-pw", "unsupported database URL "
+         "'mysql://db.example.org/mail?password=***'"),
+        ("postgresql://mailgate:s3cret-pw@[::1/mail", "bad database URL 'postgresql://mailgate:***@[::1/mail'"),
+    ],
+)
+def test_aMistypedDatabaseURLIsShownWithoutItsPassword(url, reason):
+    """
+    An administrator's typo in the scheme or the host (and the server's
+    start-up line in the journal, which says the same) does not print the
+    database's password, and one Python cannot split is a configuration
+    error, not an internal one.
+    """
+    code, out, err = mailgate(url, "user", "list")
+    assert (code, out) == (78, "")
+    assert err.startswith(f"mailgate: {reason}: ") and err.count("\n") == 1, err
+    assert "s3cret" not in err
+    from twisted.python import usage
+
+    from mailgate.tap import Options
+
+    with pytest.raises(usage.UsageError) as e:
+        Options().parseOptions(["--database", url])
+    assert "s3cret" not in str(e.value) and reason in str(e.value)

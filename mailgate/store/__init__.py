@@ -10,6 +10,7 @@ URLs:
 """
 
 import os
+import re
 from urllib.parse import urlsplit
 
 from mailgate.errors import ConfigurationError, TemporaryFailure
@@ -26,7 +27,12 @@ def engineFromURL(url):
 
     @raise ConfigurationError: for an unknown scheme or a malformed URL.
     """
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as e:
+        # Python's words for what it cannot split (an unclosed [ of an
+        # IPv6 host): a mistyped URL, not an internal error.
+        raise ConfigurationError(f"bad database URL {shownURL(url)!r}: {e}") from None
     if scheme == "sqlite":
         if not url.lower().startswith("sqlite:///"):
             raise ConfigurationError(
@@ -47,8 +53,27 @@ def engineFromURL(url):
             ) from None
         return PostgresEngine(url)
     raise ConfigurationError(
-        f"unsupported database URL {url!r}: use sqlite:///FILE or postgresql://..."
+        f"unsupported database URL {shownURL(url)!r}: use sqlite:///FILE or postgresql://..."
     )
+
+
+def shownURL(url):
+    """
+    C{url} as an error or a log line may show it: the password of its
+    user, if any, replaced by C{***}.  Read without L{urlsplit}, which
+    refuses some of the URLs there are errors to report about.
+    """
+    # libpq also takes it as a parameter: ?password=...
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userInfo, at, host = rest[:end].rpartition("@")
+    if not at or ":" not in userInfo:
+        return url
+    user = userInfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{rest[end:]}"
 
 
 class NoSuchDatabase(ConfigurationError):

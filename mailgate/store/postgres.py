@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
-from mailgate.store import pgreactor, reads
+from mailgate.store import pgreactor, reads, shownURL
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pgreactor import (
     INT4,
@@ -95,23 +95,8 @@ def _conninfo(url):
     """
     parts = urlsplit(url)
     if not parts.path.strip("/") and not dict(parse_qsl(parts.query)).get("dbname"):
-        raise ConfigurationError(f"PostgreSQL URL without a database name: {_withoutPassword(url)!r}")
+        raise ConfigurationError(f"PostgreSQL URL without a database name: {shownURL(url)!r}")
     return url
-
-
-def _withoutPassword(url):
-    """
-    C{url} as it may be shown (in an error on standard error, a log line):
-    its password, if any, replaced by C{***}.
-    """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 @implementer(IEngine)
