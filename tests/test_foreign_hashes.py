@@ -29,7 +29,7 @@ SCHEMES = [
     "CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT",
     "ARGON2I", "ARGON2ID", "PBKDF2", "SSHA", "SSHA256", "SSHA512", "SMD5", "SHA", "SHA1", "SHA256",
     "SHA512", "LDAP-MD5", "PLAIN-MD5", "SHA256.HEX", "SSHA512.HEX", "SHA512.B64", "SCRAM-SHA-1",
-    "SCRAM-SHA-256", "PLAIN", "CLEAR", "CLEARTEXT",
+    "SCRAM-SHA-256", "PLAIN", "CLEAR", "CLEARTEXT", "CRAM-MD5", "HMAC-MD5",
 ]
 
 
@@ -76,6 +76,20 @@ def test_dovecotsHashesCheckTheRightPasswordOnly(scheme):
 
 
 @requireDovecot
+@pytest.mark.parametrize("password", ["", "x", "é" * 32, "a" * 64, "a" * 65, "日本語" * 30])
+def test_cramMD5HashesCheckPasswordsOfAnyLength(password):
+    """
+    Dovecot's {CRAM-MD5} (postfixadmin's dovecot:CRAM-MD5) keeps HMAC-MD5's
+    keyed states, not a digest; a key longer than MD5's 64-octet block is
+    hashed first.  Users moved with one log in with their password.
+    """
+    stored = importedCredentials(doveadmHash("CRAM-MD5", password), logN=TEST_HASH_COST)
+    assert verifyPassword(password.encode("utf-8"), stored.passwordHash)
+    assert not verifyPassword(password.encode("utf-8") + b"a", stored.passwordHash)
+    assert not password or not verifyPassword(password.encode("utf-8")[:-1], stored.passwordHash)
+
+
+@requireDovecot
 @pytest.mark.parametrize("scheme", ["PLAIN", "CLEAR", "CLEARTEXT"])
 def test_aPasswordInClearIsHashedAsItIsImported(scheme):
     stored = importedCredentials(doveadmHash(scheme), logN=TEST_HASH_COST)
@@ -100,8 +114,9 @@ def test_dovecotsScramKeysServeScramAtOnce():
 @pytest.mark.parametrize(
     "given, reason",
     [
-        (lambda: doveadmHash("CRAM-MD5"), "cannot be checked"),
-        (lambda: "{DIGEST-MD5}0123456789abcdef0123456789abcdef", "cannot be checked"),
+        (lambda: "{DIGEST-MD5}0123456789abcdef0123456789abcdef", "DIGEST-MD5 is not one mailgate checks"),
+        (lambda: doveadmHash("PLAIN-MD4"), "PLAIN-MD4 is not one mailgate checks"),
+        (lambda: doveadmHash("CRAM-MD5")[:-2], "CRAM-MD5 context of the wrong length"),
         (lambda: "{FOO}bar", "unknown scheme FOO"),
         (lambda: "{SHA256.ROT13}abc", "unknown encoding"),
         (lambda: "{SHA512-CRYPT", "not closed"),
@@ -241,8 +256,9 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
         "alice": doveadmHash("SHA512-CRYPT", "alice's"),
         "bob@example.org": doveadmHash("BLF-CRYPT", "bob's"),
         "carol": doveadmHash("SCRAM-SHA-256", "carol's"),
-        "dave": doveadmHash("CRAM-MD5", "dave's"),
+        "dave": "{DIGEST-MD5}0123456789abcdef0123456789abcdef",
         "erin": doveadmHash("SSHA512", "not erin's"),
+        "fay": doveadmHash("CRAM-MD5", "fay's"),
     }
     lines = ["# moved from mail1", ""]
     lines += [f"{name}:{value}:1000:1000::/home/{name}::userdb_quota_rule=*:storage=1G" for name, value in hashes.items()]
@@ -255,9 +271,10 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
         "added bob@example.org",
         "added carol@example.org",
         "exists erin@example.org",
-        "3 added, 1 already there, 1 failed",
+        "added fay@example.org",
+        "4 added, 1 already there, 1 failed",
     ]
-    assert f"{passwd} line 6: dave@example.org: unusable password hash: scheme CRAM-MD5" in err
+    assert f"{passwd} line 6: dave@example.org: unusable password hash: scheme DIGEST-MD5" in err
     for value in hashes.values():
         assert value.partition("}")[2][:12] not in out + err
 
@@ -268,6 +285,8 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
     assert passwordLogin(server.port, "bob@example.org", "bob's").startswith("+OK")
     assert scramLogin(server.port, "carol@example.org", "carol's").startswith("+OK")
     assert passwordLogin(server.port, "erin@example.org", "erin's own").startswith("+OK")
+    assert passwordLogin(server.port, "fay@example.org", "fays").startswith("-ERR [AUTH]")
+    assert passwordLogin(server.port, "fay@example.org", "fay's").startswith("+OK")
 
     # Who still has the hash brought from Dovecot: those who have not
     # logged in with their password (carol used SCRAM only).
@@ -277,11 +296,12 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
         "bob@example.org": "mailgate",
         "carol@example.org": "imported",
         "erin@example.org": "mailgate",
+        "fay@example.org": "mailgate",
     }
 
     # Run again: nothing is added twice, and nobody's password goes back.
     code, out, _ = mailgate_cli("user", "import", str(passwd), "--domain", "example.org")
-    assert code == 65 and out.splitlines()[-1] == "0 added, 4 already there, 1 failed"
+    assert code == 65 and out.splitlines()[-1] == "0 added, 5 already there, 1 failed"
     assert passwordLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
 
 
@@ -300,7 +320,7 @@ def test_addingAndChangingAUserWithAHash(mailgate_server, mailgate_cli):
     code, out, err = mailgate_cli(
         "user", "add", "gina@example.org", "--password-stdin", "--hashed", input="{CRAM-MD5}00ff\n"
     )
-    assert (code, out) == (65, "") and "unusable password hash: scheme CRAM-MD5" in err
+    assert (code, out) == (65, "") and "unusable password hash: a CRAM-MD5 context of the wrong length" in err
     code, _, err = mailgate_cli(
         "user", "add", "gina@example.org", "--password-stdin", "--hashed", "--apop", input=hashed + "\n"
     )

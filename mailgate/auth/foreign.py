@@ -12,10 +12,11 @@ password is at hand (L{mailgate.auth.checkers.PasswordChecker}).
 
 The crypt(3) family is checked by passlib (MD5-, SHA256-, SHA512- and
 DES-CRYPT) and bcrypt (BLF-CRYPT), Argon2 by argon2-cffi; the salted and
-plain digests and PBKDF2 and SCRAM keys by C{hashlib}.  Schemes from which
-no password can be checked by a server that does not know it in clear
-(CRAM-MD5, DIGEST-MD5, HMAC-MD5, NTLM...) or that only old Unix systems
-wrote (yescrypt) are refused when the hash is imported, with the reason.
+plain digests and PBKDF2 and SCRAM keys by C{hashlib}, CRAM-MD5's HMAC-MD5
+context by L{mailgate.auth.md5state}.  Schemes mailgate does not check
+(DIGEST-MD5, made with the user name and realm; PLAIN-MD4, NTLM and
+LANMAN; OTP, RPA) and yescrypt are refused when the hash is imported,
+with the reason.
 """
 
 import base64
@@ -27,6 +28,8 @@ import warnings
 
 import argon2
 import bcrypt
+
+from mailgate.auth.md5state import hmacMD5Context
 
 with warnings.catch_warnings():
     # passlib uses Python's crypt module where there is one (deprecated in
@@ -242,9 +245,17 @@ def checker(text, validate=True):
             return hmac.compare_digest(function(clientKey).digest(), storedKey)
 
         return check
+    if scheme in ("CRAM-MD5", "HMAC-MD5"):
+        # Dovecot keeps HMAC-MD5's two MD5 states keyed with the password
+        # (for CRAM-MD5 logins); the same states made from the password
+        # given at a login prove it, as Dovecot checks a plaintext one.
+        expected = _decode(value, encoding or "HEX", 32)
+        if len(expected) != 32:
+            raise UnusableHash(f"a {scheme} context of the wrong length")
+        return lambda password: hmac.compare_digest(hmacMD5Context(password), expected)
     raise UnusableHash(
-        f"scheme {scheme} cannot be checked against a password mailgate does not know in clear"
-        if scheme in ("CRAM-MD5", "HMAC-MD5", "DIGEST-MD5", "PLAIN-MD4", "NTLM", "LANMAN", "OTP", "RPA")
+        f"scheme {scheme} is not one mailgate checks; set a new password (mailgate user passwd)"
+        if scheme in ("DIGEST-MD5", "PLAIN-MD4", "NTLM", "LANMAN", "OTP", "RPA", "SKEY")
         else f"unknown scheme {scheme}"
     )
 
