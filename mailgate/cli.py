@@ -12,6 +12,7 @@ C{mailgate}: the administrator's command.
   mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
   mailgate user expire ADDRESS N|never|default
   mailgate user rename OLD NEW
+  mailgate user recount (ADDRESS... | --all)
   mailgate mailbox list ADDRESS [--json]
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS [--json]
@@ -480,6 +481,26 @@ def _userTest(store, args, out, stdin):
         raise CommandError(f"that is not the password of {address}", EX_NOPERM)
     kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
     out.write(f"the password of {address} is correct (kept as {kept})\n")
+
+
+def _userRecount(store, args, out, stdin):
+    if args.all == bool(args.addresses):
+        raise CommandError("give the ADDRESSes to recount, or --all", EX_USAGE)
+    if args.all:
+        addresses = [user.address for user in _result(store.listUsers())]
+    else:
+        addresses = [_address(text) for text in args.addresses]
+    wrong = 0
+    for address in addresses:
+        before, after = _forUser(address, store.recountUsage(address))
+        counted = f"{address}: {after[0]} messages, {after[1]} octets"
+        if before == after:
+            out.write(f"{counted}, as kept\n")
+        else:
+            wrong += 1
+            out.write(f"{counted} (was kept as {before[0]} messages, {before[1]} octets)\n")
+    if args.all:
+        out.write(f"recounted {len(addresses)} users; the use kept for {wrong} was wrong\n")
 
 
 def _userApop(store, args, out, stdin):
@@ -1241,6 +1262,19 @@ def buildParser():
     expire.add_argument("address", metavar="ADDRESS")
     expire.add_argument("days", metavar="N|never|default")
     expire.set_defaults(run=_userExpire, migrate=True)
+
+    recount = user.add_parser(
+        "recount",
+        help="count users' storage use again from their messages",
+        description="Count each user's storage use (messages and octets, what quotas and user "
+        "list go by) again from the messages in the maildrop, and keep that, as doveadm quota "
+        "recalc does.  Use is kept with every delivery and removal; a node of a mailgate from "
+        "before quotas (schema version 3) that goes on delivering after the upgrade does not "
+        "keep it.",
+    )
+    recount.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    recount.add_argument("--all", action="store_true", help="every user")
+    recount.set_defaults(run=_userRecount, migrate=True)
 
     mailbox = commands.add_parser("mailbox", help="list, expunge and restore a user's messages").add_subparsers(
         dest="action", metavar="ACTION"

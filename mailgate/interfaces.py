@@ -513,6 +513,17 @@ class ILifecycleStore(Interface):
         @return: a L{Deferred} of how many were removed.
         """
 
+    def recountUsage(address):
+        """
+        Count a user's storage use again from the messages in the
+        maildrop, and keep that (as Dovecot's C{doveadm quota recalc}):
+        for use kept wrong, by nodes of a mailgate from before quotas
+        delivering after the upgrade, or by hand.
+
+        @return: a L{Deferred} of C{(before, after)}, each C{(messages,
+            octets)}; fails with L{mailgate.errors.NoSuchUser}.
+        """
+
 
 class IEngine(Interface):
     """

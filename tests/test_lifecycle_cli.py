@@ -394,3 +394,72 @@ def test_userQuotaZeroIsRefused(cli, store, argv, what):
     )
     assert listed(cli)[ALICE][3:5] == ["default", "default"]
     deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+
+
+# -- user recount ------------------------------------------------------------
+
+
+def _keptWrong(store, address, messages, octets):
+    """
+    Make the use kept for C{address} wrong, as a node of a mailgate from
+    before quotas leaves it when it delivers or deletes after the upgrade.
+    """
+
+    def write(cursor):
+        cursor.execute(
+            "UPDATE mailboxes SET used_messages = ?, used_octets = ? "
+            "WHERE user_id = (SELECT user_id FROM users WHERE address = ?)",
+            (messages, octets, address),
+        )
+
+    store.database.run(write, write=True)
+
+
+def test_userRecountKeepsWhatTheMaildropHolds(cli, store):
+    """
+    As doveadm quota recalc: the use kept wrong is counted again from the
+    messages, and quotas and user list go by the count from then on.
+    """
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    deliver(store, [ALICE], b"Subject: y\r\n\r\nhello again\r\n")
+    _keptWrong(store, ALICE, 7, 99999)
+    assert cli("user", "quota", ALICE, "500", "--messages", "5").code == 0
+    assert listed(cli)[ALICE][:2] == ["7", "99999"]
+
+    result = cli("user", "recount", ALICE.upper(), BOB)
+    assert (result.code, result.err) == (0, ""), result
+    assert result.out == (
+        f"{ALICE}: 2 messages, 48 octets (was kept as 7 messages, 99999 octets)\n"
+        f"{BOB}: 0 messages, 0 octets, as kept\n"
+    )
+    status = resultOf(store.quotaOf(ALICE))
+    assert (status.usedMessages, status.usedOctets) == (2, 48)
+    # Over quota no longer: another message is taken, and counted.
+    deliver(store, [ALICE], b"Subject: z\r\n\r\nthird\r\n")
+    assert listed(cli)[ALICE][:2] == ["3", "69"]
+
+
+def test_userRecountAll(cli, store):
+    deliver(store, [BOB], b"Subject: x\r\n\r\nhello\r\n")
+    _keptWrong(store, BOB, 0, 0)
+    result = cli("user", "recount", "--all")
+    assert (result.code, result.err) == (0, ""), result
+    assert result.out == (
+        f"{ALICE}: 0 messages, 0 octets, as kept\n"
+        f"{BOB}: 1 messages, 21 octets (was kept as 0 messages, 0 octets)\n"
+        "recounted 2 users; the use kept for 1 was wrong\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, code, error",
+    [
+        ([], 64, "give the ADDRESSes to recount, or --all"),
+        (["--all", ALICE], 64, "give the ADDRESSes to recount, or --all"),
+        (["carol@example.org"], 67, "no such user: carol@example.org"),
+        (["not an address"], 65, "not an address of the form local@domain: 'not an address'"),
+    ],
+)
+def test_userRecountRefuses(cli, store, argv, code, error):
+    result = cli("user", "recount", *argv)
+    assert (result.code, result.out, result.err) == (code, "", f"mailgate: {error}\n")

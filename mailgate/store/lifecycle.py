@@ -622,6 +622,30 @@ def _expungeUser(cursor, address, before, aliveSince):
     return removed
 
 
+def _recountUsage(cursor, address):
+    """
+    Set a user's storage use to what the maildrop holds.
+
+    @return: C{(before, after)}, each C{(messages, octets)}.
+    """
+    userId = _userId(cursor, address)
+    # Locked first, as in _expungeUser: a delivery or a QUIT committing
+    # meanwhile is counted once, before the count or after it.
+    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
+    cursor.execute("SELECT used_messages, used_octets FROM mailboxes WHERE user_id = ?", (userId,))
+    before = tuple(cursor.fetchone())
+    cursor.execute(
+        "SELECT count(*), coalesce(sum(size), 0), min(arrived_at) FROM maildrop WHERE user_id = ?", (userId,)
+    )
+    messages, octets, oldest = cursor.fetchone()
+    after = (int(messages), int(octets))
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = ?, used_octets = ?, oldest_arrival = ? WHERE user_id = ?",
+        (*after, oldest, userId),
+    )
+    return before, after
+
+
 class Retention:
     """
     What POP3 advertises as EXPIRE (RFC 2449 section 6.7), answered from
@@ -894,3 +918,12 @@ class LifecycleStore:
             address,
             lambda: self.database.runWrite(_expungeUser, address, before, now - STALE_AFTER),
         )
+
+    def recountUsage(self, address):
+        """
+        Count a user's storage use again from the maildrop's messages.
+
+        @return: a L{Deferred} of C{(before, after)}, each C{(messages,
+            octets)}; fails with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_recountUsage, address)
