@@ -246,6 +246,9 @@ def _userImport(store, args, out, stdin):
     except UnicodeDecodeError:
         raise CommandError(f"{args.file}: not UTF-8 text", EX_DATAERR) from None
     added = present = failed = 0
+    # Dovecot keeps a user's first line and logs the others as errors
+    # ("exists more than once"): so does this, saying where the first is.
+    firstLines = {}
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -260,6 +263,11 @@ def _userImport(store, args, out, stdin):
                     raise CommandError(f"{name!r} has no domain: give --domain", EX_DATAERR)
                 name = f"{name}@{domain}"
             address = _address(name)
+            if address in firstLines:
+                raise CommandError(
+                    f"{address} is on line {firstLines[address]} already (that line is the one kept)", EX_DATAERR
+                )
+            firstLines[address] = number
             if not hashed:
                 raise CommandError(f"{address} has no password", EX_DATAERR)
             try:

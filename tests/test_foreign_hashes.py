@@ -439,3 +439,56 @@ def test_checkingAPasswordAsDoveadmAuthTestDoes(tmp_path):
     assert cli("user", "passwd", ALICE, "--password-stdin", stdin="new one\n")[0] == 0
     code, out, _ = cli("user", "test", ALICE, "--password-stdin", stdin="new one\n")
     assert (code, out) == (0, f"the password of {ALICE} is correct (kept as mailgate's own hash)\n")
+
+
+@requireDovecot
+def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
+    """
+    A passwd-file edited by hand: CRLF line ends, comments and blank
+    lines, names with and without their domain, a scheme in lower case,
+    extra fields, a userdb-only line without a password, and a user on two
+    lines.  Dovecot keeps a user's first line and logs the others as
+    errors; so does the import, saying which line was kept, instead of
+    counting the second as a user already there.
+    """
+    import io
+
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    rest = ":1000:1000::/home/x::"
+    passwd = tmp_path / "users"
+    passwd.write_bytes("\r\n".join([
+        "# users of mail1",
+        "",
+        "alice:" + doveadmHash("SHA512-CRYPT", "alice's") + rest + "userdb_mail=maildir:~/Maildir nodelay",
+        "bob@example.org:{ssha512}" + doveadmHash("SSHA512", "bob's").partition("}")[2] + ":::",
+        "   # indented comment",
+        "carol::1000:1000::/home/carol::",
+        "alice@example.org:" + doveadmHash("SHA512-CRYPT", "another") + rest,
+        "Bob@Example.org:{PLAIN}another" + rest,
+    ]).encode("utf-8") + b"\r\n")
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    out, err = io.StringIO(), io.StringIO()
+    code = run(
+        ["--database", url, "user", "import", str(passwd), "--domain", "example.org"],
+        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+    )
+    assert code == 65, (out.getvalue(), err.getvalue())
+    assert out.getvalue().splitlines() == [
+        "added alice@example.org", "added bob@example.org", "2 added, 0 already there, 3 failed",
+    ]
+    assert err.getvalue().splitlines() == [
+        f"mailgate: {passwd} line 6: carol@example.org has no password",
+        f"mailgate: {passwd} line 7: alice@example.org is on line 3 already (that line is the one kept)",
+        f"mailgate: {passwd} line 8: bob@example.org is on line 4 already (that line is the one kept)",
+        f"mailgate: 3 line(s) of {passwd} not imported",
+    ]
+    store = openSynchronousStore(url)
+    try:
+        alice = resultOf(store.findUser(ALICE))
+        bob = resultOf(store.findUser("bob@example.org"))
+    finally:
+        store.close()
+    assert verifyPassword(b"alice's", alice.passwordHash) and not verifyPassword(b"another", alice.passwordHash)
+    assert verifyPassword(b"bob's", bob.passwordHash) and not verifyPassword(b"another", bob.passwordHash)
