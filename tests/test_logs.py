@@ -444,6 +444,18 @@ def test_usr1ReopensTheLogFile(tmp_path, loggingServer):
     assert server.stop() in (0, -signal.SIGTERM)
 
 
+def _processEnded(pid):
+    """
+    Whether process C{pid} (not a child of the test: a daemon) has ended:
+    gone, or a zombie its new parent has yet to reap.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_daemonWritesJSONToItsLogFile(tmp_path, loggingServer):
     """
     Daemonized (no -n), twistd forks and the parent returns; the daemon's
@@ -463,7 +475,10 @@ def test_daemonWritesJSONToItsLogFile(tmp_path, loggingServer):
         pop.quit()
     finally:
         os.kill(pid, signal.SIGTERM)
-        waitFor(lambda: not pidfile.exists(), "the daemon to stop", timeout=STOP_GRACE)
+        # Not the pid file's removal: twistd removes it before it logs
+        # "Server Shut Down.", the line this test looks for last.
+        waitFor(lambda: _processEnded(pid), "the daemon to stop", timeout=STOP_GRACE)
+    assert not pidfile.exists()
     records = jsonLines(logfile.read_text())
     assert "starting up" in records[0]["text"]
     assert records[-1]["text"] == "Server Shut Down."
