@@ -682,3 +682,50 @@ def test_aRoleThatMayNotChangeTheSchemaIsToldWhoMay(version3, mailOnlyRole):
         assert store.database.run(currentVersion) == 3
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypatch):
+    """
+    A migration of a large database may outlast the statement timeout
+    every other statement has: nodes starting meanwhile wait for the
+    schema's lock until it is done, then find the schema up to date,
+    rather than each fail its start (a temporary failure, again at every
+    restart while the migration runs).  Here the other node's migration
+    is a connection holding the schema's lock, and the timeout 0.2 s.
+    """
+    import time
+
+    import psycopg
+
+    from mailgate.store import postgres
+
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_MS", 200)
+    outcome = []
+
+    def start():
+        try:
+            outcome.append(openSynchronousStore(version3))
+        except Exception as e:
+            outcome.append(e)
+
+    node = threading.Thread(target=start, daemon=True)
+    with psycopg.connect(version3) as migrating, psycopg.connect(version3, autocommit=True) as watcher:
+        migrating.execute("SELECT pg_advisory_xact_lock(%s)", (postgres._key("mailgate-schema"),))
+        node.start()
+        deadline = time.monotonic() + 20
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        while watcher.execute(waiting, (migrating.info.backend_pid,)).fetchone()[0] == 0:
+            assert node.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        # Several times the timeout: the node is still waiting.
+        node.join(1)
+        assert node.is_alive(), outcome
+        migrating.commit()
+    node.join(20)
+    assert not node.is_alive()
+    (store,) = outcome
+    try:
+        assert store.database.run(currentVersion) == LATEST
+    finally:
+        store.close()

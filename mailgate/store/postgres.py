@@ -180,7 +180,14 @@ class PostgresEngine:
     def lockSchema(self, cursor):
         """
         Serialise schema upgrades of nodes starting at the same time.
+
+        Without the statement timeout, for this transaction only: a
+        migration rewriting a large table takes as long as it takes, and
+        the nodes starting meanwhile wait for it here, rather than each
+        giving up after C{STATEMENT_TIMEOUT_MS} (a temporary failure that
+        comes back at every start).
         """
+        cursor.execute("SET LOCAL statement_timeout = 0")
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
 
     def isTransient(self, exc):
