@@ -726,9 +726,26 @@ def _pop3URL(url, parseURL, ImportFailed):
     return parts
 
 
+def _masterRefused(address, master, refusal):
+    """
+    The end of an import through a master user whose first login was
+    refused: with a wrong master password or separator every login would
+    be, each after the source's delay for failed logins (Dovecot's grows to
+    15 seconds), hours of refusals for a few thousand users, ending in a
+    "run it again" that could not help.
+    """
+    return CommandError(
+        f"{address}: {refusal}; stopped: no login through the master user {master} has worked yet, "
+        f"and with a wrong master password or --master-separator (the source's "
+        f"auth_master_user_separator) every one would be refused; check them (or, if the source "
+        f"has no {address}, take it off the list) and run the import again",
+        EX_NOPERM,
+    )
+
+
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
-    from mailgate.importers.pop3 import importPOP3, parseURL
+    from mailgate.importers.pop3 import LoginRefused, importPOP3, parseURL
 
     urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
     master = args.master_user
@@ -753,6 +770,8 @@ def _importPOP3(store, args, out, stdin):
     total = ImportReport()
     failedUsers = []
     masterPassword = None
+    # Whether a user's mail came through the master user in this run.
+    masterWorks = False
     for address, password in users:
         try:
             _importTarget(store, address)
@@ -774,11 +793,14 @@ def _importPOP3(store, args, out, stdin):
         except (CommandError, ImportFailed) as e:
             if args.users is None:
                 raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
+            if master is not None and not masterWorks and isinstance(e, LoginRefused):
+                raise _masterRefused(address, master, e) from None
             args.stderr.write(f"mailgate: {address}: {e}\n")
             failedUsers.append(address)
             out.write(f"{address}: failed\n")
             out.flush()
             continue
+        masterWorks = True
         _importReport(report, out, args.stderr, address if args.users is not None else None)
         # The progress of a long run, as it goes: through a pipe (tee, a
         # log), the lines would wait for the end, or be lost with a kill.

@@ -79,6 +79,13 @@ class POP3Refused(POP3Failed):
     """
 
 
+class LoginRefused(POP3Refused):
+    """
+    The server refused the user name or the password, for good (not with
+    a response code that says the refusal passes, L{SourceBusy}).
+    """
+
+
 class NoUniqueIds(POP3Failed):
     """
     The server has no UIDL: its messages have no unique ids to keep.
@@ -106,12 +113,12 @@ _TEMPORARY_CODES = ("[IN-USE]", "[LOGIN-DELAY]", "[SYS/TEMP]")
 def _temporary(refusal):
     """
     C{refusal} (a L{POP3Refused} of the login) as a L{SourceBusy} if its
-    response code says it passes.
+    response code says it passes, else as a L{LoginRefused}.
     """
     text = str(refusal)
     if any(f"-ERR {code}" in text.upper() for code in _TEMPORARY_CODES):
         return SourceBusy(f"{text}: the server cannot open the maildrop now; run the import again later")
-    return refusal
+    return LoginRefused(text)
 
 
 #: An APOP timestamp in a greeting (RFC 1939 section 7: a msg-id).
@@ -377,7 +384,7 @@ class POP3Client:
         against the source's limits.)
 
         @raise SourceBusy: for a refusal that says it passes.
-        @raise POP3Refused: for any other.
+        @raise LoginRefused: for any other.
         """
         passRefused = False
         try:
