@@ -39,6 +39,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
+from mailgate.store.sqlite import databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
@@ -661,6 +662,11 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         store, tls, reactor=reactor, reloadOnSIGHUP=config.reloadOnSIGHUP, metrics=metrics,
         shutdownGrace=config.shutdownGrace,
     )
+    databaseFile = getattr(store.engine, "path", None)
+    if databaseFile:
+        warning = databaseFileWarning(databaseFile)
+        if warning:
+            root.startupWarnings.append(("database.file_permissions", warning))
     if config.smtp and config.postmaster is None:
         root.startupWarnings.append((
             "smtp.no_postmaster",

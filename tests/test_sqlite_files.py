@@ -101,3 +101,55 @@ def test_theWriteAheadLogShrinksBackAfterABigMessage(tmp_path):
         assert os.path.getsize(f"{dbpath}-wal") <= WAL_SIZE_LIMIT
     finally:
         store.close()
+
+
+def test_anEmptyFileMadeBeforehandIsNarrowedBeforeMailGoesIn(tmp_path, permissiveUmask):
+    """
+    An administrator (or a package script) made the database file with
+    touch, 0644 under the usual umask: it holds no mail yet, so mailgate
+    narrows it to 0600 before writing any, and its -wal and -shm files
+    follow.
+    """
+    dbpath = tmp_path / "mail.sqlite3"
+    dbpath.touch()
+    os.chmod(dbpath, 0o644)
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+        deliver(store, ["alice@example.org"], b"Subject: secret\r\n\r\nbody\r\n")
+        found = modes(dbpath)
+    finally:
+        store.close()
+    assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
+
+
+def test_aDatabaseOthersMayReadIsWarnedOfAtEveryStart(tmp_path):
+    """
+    A database holding mail that others may read is left as it is (an
+    administrator may mean it) but warned of whenever a server starts on
+    it, with what to do.
+    """
+    from mailgate.service import MailgateConfig, makeService
+
+    dbpath = tmp_path / "mail.sqlite3"
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+    finally:
+        store.close()
+    for mode, warned in ((0o600, False), (0o640, True), (0o644, True)):
+        os.chmod(dbpath, mode)
+        reactor = IteratedReactor()
+        try:
+            service = makeService(MailgateConfig(database=f"sqlite:///{dbpath}", pop3=[]), reactor=reactor)
+            service.store.engine.releaseServer()
+        finally:
+            reactor.close()
+        warnings = [text for event, text in service.startupWarnings if event == "database.file_permissions"]
+        assert bool(warnings) == warned, (oct(mode), warnings)
+        if warned:
+            assert warnings == [
+                f"the database {dbpath} holds mail and password hashes, and others than its owner "
+                f"may read or change it (mode {mode:04o}): chmod 600 it"
+            ]
+        assert stat.S_IMODE(os.stat(dbpath).st_mode) == mode

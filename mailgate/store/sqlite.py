@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import stat
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -37,17 +38,47 @@ def createPrivately(path):
     it exists.  The mode is set explicitly, so neither a permissive umask
     nor SQLite's default (0644) applies.  Where it cannot be created,
     SQLite's own attempt reports why.
+
+    An empty file that exists already (made with C{touch}, or by a
+    package's post-install script, under the umask) holds no mail yet: it
+    is narrowed the same way before mailgate writes any.
     """
     if path == ":memory:" or path.startswith("file:"):
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        try:
+            if os.stat(path).st_size == 0:
+                os.chmod(path, FILE_MODE)
+        except OSError:
+            pass
+        return
     except OSError:
         return
     try:
         os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)
+
+
+def databaseFileWarning(path):
+    """
+    What to warn of, if anything, in the permissions of a database file
+    that holds mail: others than its owner may read it (every message and
+    the password hashes) or change it.  Left as it is (an administrator
+    may mean it, for a backup group), but said at every start.
+    """
+    try:
+        permissions = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if permissions & 0o077:
+        return (
+            f"the database {path} holds mail and password hashes, and others than its owner "
+            f"may read or change it (mode {permissions:04o}): chmod 600 it"
+        )
+    return None
 
 
 # Reads through a memory map rather than a read() per page: a message's
