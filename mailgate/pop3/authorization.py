@@ -47,6 +47,9 @@ class AuthorizationCommands:
     The commands of the AUTHORIZATION state, for L{mailgate.pop3.POP3Server}.
     """
 
+    #: when the login being checked was asked (the clock's seconds)
+    _loginAsked = None
+
     def _plaintextAllowed(self):
         """
         Plaintext passwords (USER/PASS, AUTH PLAIN) are accepted only over
@@ -221,6 +224,7 @@ class AuthorizationCommands:
         if self.factory.policy.isBanned(self.peer):
             # Banned while it waited.
             return self._refuseBanned(login, mechanism)
+        self._loginAsked = self._clock.seconds()
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
@@ -317,6 +321,19 @@ class AuthorizationCommands:
         maildrop.sessionStarted(self.peerText, self._kicked)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
+    def _failureDelayLeft(self):
+        """
+        The seconds still to wait before answering a failed login: the
+        failure delay counts from when the login was asked, so a refusal
+        comes as long after the question whatever the check cost (an
+        unknown user's, a mailgate hash's, a costlier Argon2 hash imported
+        from Dovecot), and its timing does not tell who exists.
+        """
+        asked, self._loginAsked = self._loginAsked, None
+        if asked is None:
+            return self.authFailureDelay
+        return max(0.0, self.authFailureDelay - (self._clock.seconds() - asked))
+
     def _loginFailed(self, failure, login, mechanism, password=None):
         self._sasl = None
         policy = self.factory.policy
@@ -331,7 +348,7 @@ class AuthorizationCommands:
                 login, mechanism, "failed",
                 f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}",
             )
-            return task.deferLater(self._clock, self.authFailureDelay, self._refuseLogin)
+            return task.deferLater(self._clock, self._failureDelayLeft(), self._refuseLogin)
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
             self._settleHeldFailure(login)
