@@ -13,6 +13,7 @@ module's errors) stay SQLite-only.
 
 import sqlite3
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -918,6 +919,31 @@ def test_workerThreadsKeepLightWorkOnOneThread():
         threads = list(workers._threads)
         workers.stop()
     assert not any(thread.is_alive() for thread in threads)
+
+
+def test_aWorkerDescheduledAfterHandingBackItsResultIsStillTheOneIdleLast():
+    """
+    A worker that the system deschedules right after handing a result
+    back (as on a loaded machine) is already idle: the job submitted as
+    soon as the result arrives goes to it, not to a cold thread.  Before,
+    it put itself back among the idle only after the hand-back, and the
+    next job went to another thread.
+    """
+    reactor = PumpedReactor()
+    handBack = reactor.callFromThread
+
+    def descheduledAfterHandingBack(function, *args):
+        handBack(function, *args)
+        time.sleep(0.05)
+
+    reactor.callFromThread = descheduledAfterHandingBack
+    workers = WorkerThreads(reactor, 3, "test-workers")
+    workers.start()
+    try:
+        names = [reactor.resultOf(workers.submit(lambda: threading.current_thread().name)) for _ in range(5)]
+        assert names == ["test-workers-0"] * 5
+    finally:
+        workers.stop()
 
 
 def _insertSlowly(cursor, key, value, commits):

@@ -392,13 +392,19 @@ class WorkerThreads:
                     result = Failure()
                     result.cleanFailure()
                     ok = False
-                self._reactor.callFromThread(self._fire, d, ok, result)
+                # Idle (or on the next job waiting) before the result is
+                # handed back: the job a caller submits as soon as it has
+                # this result then finds this thread, and its warm
+                # connection, even when this thread is descheduled just
+                # after handing the result back.
                 with self._lock:
                     if self._backlog:
-                        job = self._backlog.popleft()
+                        following = self._backlog.popleft()
                     else:
                         self._idle.append(mailbox)
-                        job = None
+                        following = None
+                self._reactor.callFromThread(self._fire, d, ok, result)
+                job = following
             if self._stopping:
                 return
 
