@@ -529,7 +529,7 @@ def test_portInUse_daemon(tmp_path):
             "--pop3", f"tcp:{port}:interface=127.0.0.1",
         ]
         try:
-            code, out, err = runCommand(argv, timeout=10, cwd=tmp_path)
+            code, out, err = runCommand(argv, cwd=tmp_path)
         except pytest.fail.Exception as e:
             log = logfile.read_text() if logfile.exists() else "(no log file)"
             pytest.fail(f"twistd (daemon mode) did not exit after a failed start-up: {e}\n"
