@@ -4,7 +4,7 @@ C{mailgate}: the administrator's command.
 
   mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
   mailgate user passwd ADDRESS [--password-stdin] [--hashed]
-  mailgate user import PASSWD-FILE [--domain DOMAIN]
+  mailgate user import PASSWD-FILE [--domain DOMAIN] [--apop]
   mailgate user test ADDRESS [--password-stdin]
   mailgate user del ADDRESS
   mailgate user list [--json]
@@ -271,7 +271,7 @@ def _userImport(store, args, out, stdin):
             if not hashed:
                 raise CommandError(f"{address} has no password", EX_DATAERR)
             try:
-                credentials = importedCredentials(hashed)
+                credentials = importedCredentials(hashed, apop=args.apop)
             except UnusableHash as e:
                 raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
             try:
@@ -286,6 +286,7 @@ def _userImport(store, args, out, stdin):
                 continue
             if quota:
                 _result(store.setQuota(address, **quota))
+            apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
         except CommandError as e:
             if e.code == EX_TEMPFAIL:
                 raise
@@ -293,7 +294,7 @@ def _userImport(store, args, out, stdin):
             args.stderr.write(f"mailgate: {args.file} line {number}: {e}\n")
             continue
         added += 1
-        out.write(f"added {address}\n")
+        out.write(f"added {address}{apop}\n")
     out.write(f"{added} added, {present} already there, {failed} failed\n")
     if failed:
         raise CommandError(f"{failed} line(s) of {args.file} not imported", EX_DATAERR)
@@ -1234,6 +1235,12 @@ def buildParser():
     )
     imports.add_argument("file", metavar="PASSWD-FILE")
     imports.add_argument("--domain", help="the domain of user names without one")
+    imports.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP (and CRAM-MD5) for the users whose password is in clear ({PLAIN}), "
+        "as Dovecot did; this keeps it recoverable in the database (see README)",
+    )
     imports.set_defaults(run=_userImport, migrate=True, create=True)
     delete = user.add_parser(
         "del",

@@ -492,3 +492,66 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
         store.close()
     assert verifyPassword(b"alice's", alice.passwordHash) and not verifyPassword(b"another", alice.passwordHash)
     assert verifyPassword(b"bob's", bob.passwordHash) and not verifyPassword(b"another", bob.passwordHash)
+
+
+def apopLogin(port, address, password):
+    import poplib
+
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        try:
+            return pop.apop(address, password).decode("utf-8")
+        except poplib.error_proto as e:
+            return e.args[0] if isinstance(e.args[0], str) else e.args[0].decode("utf-8")
+    finally:
+        pop.close()
+
+
+def cramLogin(port, address, password):
+    """
+    AUTH CRAM-MD5 (RFC 2195) over a real connection: the final line.
+    """
+    import base64
+    import hmac
+    import poplib
+
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        challenge = pop._shortcmd("AUTH CRAM-MD5").decode("ascii")
+        assert challenge.startswith("+ "), challenge
+        digest = hmac.new(password.encode("utf-8"), base64.b64decode(challenge[2:]), "md5").hexdigest()
+        try:
+            return pop._shortcmd(base64.b64encode(f"{address} {digest}".encode()).decode()).decode("utf-8")
+        except poplib.error_proto as e:
+            return e.args[0].decode("utf-8")
+    finally:
+        pop.close()
+
+
+@requireDovecot
+def test_usersWithPasswordsInClearKeepAPOPWhenAskedTo(mailgate_server, mailgate_cli, tmp_path):
+    """
+    A Dovecot that keeps passwords in clear ({PLAIN}) serves APOP and
+    CRAM-MD5, and its users' clients may be set up for them; user import
+    --apop keeps those passwords recoverable, so they go on logging in
+    that way.  A hash gives no password to keep: that user has no APOP,
+    and the import says who has it.
+    """
+    server = mailgate_server("--apop")
+    passwd = tmp_path / "users"
+    passwd.write_text(
+        "alice:{PLAIN}alice's:::\n"
+        f"bob:{doveadmHash('SHA512-CRYPT', 'bob s')}:::\n"
+    )
+    code, out, err = mailgate_cli("user", "import", str(passwd), "--domain", "example.org", "--apop")
+    assert (code, err) == (0, ""), (out, err)
+    assert out.splitlines() == [
+        "added alice@example.org (APOP enabled)", "added bob@example.org", "2 added, 0 already there, 0 failed",
+    ]
+    assert apopLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
+    assert cramLogin(server.port, "alice@example.org", "alice's").startswith("+OK")
+    assert apopLogin(server.port, "alice@example.org", "wrong").startswith("-ERR")
+    assert apopLogin(server.port, "bob@example.org", "bob s").startswith("-ERR")
+    assert passwordLogin(server.port, "bob@example.org", "bob s").startswith("+OK")
+    # Bob's first login replaced his hash; he still has no APOP.
+    assert apopLogin(server.port, "bob@example.org", "bob s").startswith("-ERR")

@@ -135,7 +135,7 @@ def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N):
     )
 
 
-def importedCredentials(text, logN=SCRYPT_LOG_N):
+def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
     """
     What the store keeps for a password hash imported from another server
     (L{mailgate.auth.foreign}): the hash as it is, to be replaced by
@@ -143,6 +143,9 @@ def importedCredentials(text, logN=SCRYPT_LOG_N):
     hash is Dovecot's C{{SCRAM-SHA-256}} (so SCRAM works at once); and for
     a password kept in clear (C{{PLAIN}}), mailgate's own hash made now.
 
+    @param apop: keep a password in clear recoverable too, for APOP and
+        CRAM-MD5, which Dovecot serves only to such users (a hash gets no
+        APOP: there is no password to keep).
     @raise foreign.UnusableHash: a hash no password can be checked
         against here; its message says why.
     """
@@ -150,7 +153,7 @@ def importedCredentials(text, logN=SCRYPT_LOG_N):
     if scheme in foreign.CLEARTEXT:
         if not value:
             raise foreign.UnusableHash("an empty password")
-        return makeCredentials(value, logN=logN)
+        return makeCredentials(value, apop=apop, logN=logN)
     foreign.checker(text)
     keys = foreign.scramSha256Keys(text)
     scram = None
