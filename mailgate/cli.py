@@ -52,7 +52,7 @@ import time
 
 from mailgate import __version__
 from mailgate.address import normalizeAddress, normalizeDomain
-from mailgate.auth.foreign import UnusableHash
+from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
 from mailgate.auth.passwords import (
     StoredCredentials,
     importedCredentials,
@@ -155,6 +155,20 @@ def _readPassword(args, stdin, confirm=True):
     return password
 
 
+def _pastedHash(text):
+    """
+    A hash as given to C{--hashed}, without the spaces a paste brings
+    around it, except those ending a password kept in clear
+    (C{{PLAIN}secret }), which are the password's.
+    """
+    hashed = text.strip()
+    try:
+        scheme, encoding, _ = splitScheme(hashed)
+    except UnusableHash:
+        return hashed
+    return text.lstrip() if scheme in CLEARTEXT and encoding is None else hashed
+
+
 def _credentials(args, password, apop):
     """
     What the store keeps for what was read: a password, or with
@@ -165,7 +179,7 @@ def _credentials(args, password, apop):
     if apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
     try:
-        return importedCredentials(password.strip())
+        return importedCredentials(_pastedHash(password))
     except UnusableHash as e:
         raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
 

@@ -29,7 +29,8 @@ SCHEMES = [
     "CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT",
     "ARGON2I", "ARGON2ID", "PBKDF2", "SSHA", "SSHA256", "SSHA512", "SMD5", "SHA", "SHA1", "SHA256",
     "SHA512", "LDAP-MD5", "PLAIN-MD5", "SHA256.HEX", "SSHA512.HEX", "SHA512.B64", "SCRAM-SHA-1",
-    "SCRAM-SHA-256", "PLAIN", "CLEAR", "CLEARTEXT", "CRAM-MD5", "HMAC-MD5",
+    "SCRAM-SHA-256", "PLAIN", "CLEAR", "CLEARTEXT", "CRAM-MD5", "HMAC-MD5", "PLAIN.B64", "PLAIN.HEX",
+    "CLEAR.B64",
 ]
 
 
@@ -555,3 +556,35 @@ def test_usersWithPasswordsInClearKeepAPOPWhenAskedTo(mailgate_server, mailgate_
     assert passwordLogin(server.port, "bob@example.org", "bob s").startswith("+OK")
     # Bob's first login replaced his hash; he still has no APOP.
     assert apopLogin(server.port, "bob@example.org", "bob s").startswith("-ERR")
+
+
+@pytest.mark.parametrize("given, password", [
+    ("  {PLAIN}pass word \n", b"pass word "),
+    (" {SSHA}" + "tpC6Kxm5mNYI0+ZgiMbnVGFBYD5zYWx0" + "  \n", None),
+])
+def test_aHashGivenToHashedKeepsTheSpacesOfAPasswordInClear(tmp_path, given, password):
+    """
+    user add --hashed takes a pasted hash without the spaces around it,
+    except those ending a password in clear, which are the password's
+    (Dovecot's {PLAIN}pass word  is 'pass word ').
+    """
+    import io
+
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code = run(
+        ["--database", url, "user", "add", ALICE, "--hashed", "--password-stdin"],
+        stdin=io.StringIO(given), stdout=io.StringIO(), stderr=io.StringIO(), environ={},
+    )
+    assert code == 0
+    store = openSynchronousStore(url)
+    try:
+        stored = resultOf(store.findUser(ALICE)).passwordHash
+    finally:
+        store.close()
+    if password is None:
+        assert stored == given.strip()
+    else:
+        assert verifyPassword(password, stored) and not verifyPassword(password.strip(), stored)

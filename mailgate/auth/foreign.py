@@ -81,6 +81,19 @@ def splitScheme(text):
     raise UnusableHash("not a hash: no {SCHEME} prefix, and no crypt(3) string either")
 
 
+def cleartext(encoding, value):
+    """
+    The password (octets) of a C{{PLAIN}} hash: C{value} itself, or
+    decoded from the C{.B64} or C{.HEX} encoding C{{PLAIN.B64}} names, as
+    Dovecot reads it (not the encoded text, which no user types).
+
+    @raise UnusableHash: not valid in its encoding.
+    """
+    if encoding is None:
+        return value.encode("utf-8")
+    return _decode(value, encoding)
+
+
 def _crypt(value):
     """
     The checker of a crypt(3) string, found by its prefix.
@@ -200,7 +213,7 @@ def checker(text, validate=True):
     """
     scheme, encoding, value = splitScheme(text)
     if scheme in CLEARTEXT:
-        expected = value.encode("utf-8")
+        expected = cleartext(encoding, value)
         return lambda password: hmac.compare_digest(password, expected)
     if scheme in ("CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT"):
         verify = _crypt(value)

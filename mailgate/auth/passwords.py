@@ -149,11 +149,17 @@ def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
     @raise foreign.UnusableHash: a hash no password can be checked
         against here; its message says why.
     """
-    scheme, _, value = foreign.splitScheme(text)
+    scheme, encoding, value = foreign.splitScheme(text)
     if scheme in foreign.CLEARTEXT:
-        if not value:
+        password = foreign.cleartext(encoding, value)
+        if not password:
             raise foreign.UnusableHash("an empty password")
-        return makeCredentials(value, apop=apop, logN=logN)
+        try:
+            password.decode("utf-8")
+        except UnicodeDecodeError:
+            # What POP3 clients send is UTF-8 text (and APOP keeps text).
+            raise foreign.UnusableHash("the password in clear is not UTF-8 text") from None
+        return makeCredentials(password, apop=apop, logN=logN)
     foreign.checker(text)
     keys = foreign.scramSha256Keys(text)
     scram = None
