@@ -284,6 +284,12 @@ def _userImport(store, args, out, stdin):
             firstLines[address] = number
             if not hashed:
                 raise CommandError(f"{address} has no password", EX_DATAERR)
+            if any(field.partition("=")[0] == "nologin" for field in extra.split()):
+                # An account Dovecot keeps from logging in (disabled, or
+                # served elsewhere): imported, it would log in here.
+                raise CommandError(
+                    f"{address} has nologin (Dovecot refuses their logins); not imported", EX_DATAERR
+                )
             try:
                 credentials = importedCredentials(hashed, apop=args.apop)
             except UnusableHash as e:

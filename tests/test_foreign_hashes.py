@@ -447,10 +447,12 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
     """
     A passwd-file edited by hand: CRLF line ends, comments and blank
     lines, names with and without their domain, a scheme in lower case,
-    extra fields, a userdb-only line without a password, and a user on two
-    lines.  Dovecot keeps a user's first line and logs the others as
-    errors; so does the import, saying which line was kept, instead of
-    counting the second as a user already there.
+    extra fields, a userdb-only line without a password, a user on two
+    lines, and a disabled account.  Dovecot keeps a user's first line and
+    logs the others as errors; so does the import, saying which line was
+    kept, instead of counting the second as a user already there.  An
+    account with nologin, whose logins Dovecot refused, is not imported to
+    log in here.
     """
     import io
 
@@ -468,6 +470,7 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
         "carol::1000:1000::/home/carol::",
         "alice@example.org:" + doveadmHash("SHA512-CRYPT", "another") + rest,
         "Bob@Example.org:{PLAIN}another" + rest,
+        "dave:{PLAIN}dave's" + rest + "nologin reason=Account\\ disabled",
     ]).encode("utf-8") + b"\r\n")
     url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
     out, err = io.StringIO(), io.StringIO()
@@ -477,13 +480,14 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
     )
     assert code == 65, (out.getvalue(), err.getvalue())
     assert out.getvalue().splitlines() == [
-        "added alice@example.org", "added bob@example.org", "2 added, 0 already there, 3 failed",
+        "added alice@example.org", "added bob@example.org", "2 added, 0 already there, 4 failed",
     ]
     assert err.getvalue().splitlines() == [
         f"mailgate: {passwd} line 6: carol@example.org has no password",
         f"mailgate: {passwd} line 7: alice@example.org is on line 3 already (that line is the one kept)",
         f"mailgate: {passwd} line 8: bob@example.org is on line 4 already (that line is the one kept)",
-        f"mailgate: 3 line(s) of {passwd} not imported",
+        f"mailgate: {passwd} line 9: dave@example.org has nologin (Dovecot refuses their logins); not imported",
+        f"mailgate: 4 line(s) of {passwd} not imported",
     ]
     store = openSynchronousStore(url)
     try:
