@@ -592,3 +592,42 @@ def test_aHashGivenToHashedKeepsTheSpacesOfAPasswordInClear(tmp_path, given, pas
         assert stored == given.strip()
     else:
         assert verifyPassword(password, stored) and not verifyPassword(password.strip(), stored)
+
+
+def _md5(text):
+    import hashlib
+
+    return hashlib.md5(text.encode("utf-8")).digest()
+
+
+def _b64(data):
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+@requireDovecot
+@pytest.mark.parametrize("written", [
+    lambda: "{MD5}" + _b64(_md5(PASSWORD)),
+    lambda: "{MD5}" + _md5(PASSWORD).hex(),
+    lambda: "{md5}" + _b64(_md5(PASSWORD)),
+    lambda: "{PLAIN-MD5}" + _b64(_md5(PASSWORD)),
+    lambda: "{LDAP-MD5}" + _md5(PASSWORD).hex(),
+])
+def test_md5DigestsAsLDAPAndSQLPassdbsWriteThem(written):
+    """
+    LDAP's {MD5} (slappasswd, and SQL passdbs that copied it) is an MD5
+    digest in base64 or hex, which Dovecot's MD5 scheme takes when the
+    value is not an MD5-CRYPT string; and PLAIN-MD5 and LDAP-MD5 each
+    take the other's encoding.  Dovecot itself (doveadm pw -t) checks
+    each hash here against the password, and so does mailgate.
+    """
+    hashed = written()
+    checked = subprocess.run(
+        ["doveadm", "-c", "/dev/null", "pw", "-t", hashed, "-p", PASSWORD],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    stored = importedCredentials(hashed, logN=TEST_HASH_COST)
+    assert verifyPassword(PASSWORD.encode("utf-8"), stored.passwordHash)
+    assert not verifyPassword(b"wrong", stored.passwordHash)

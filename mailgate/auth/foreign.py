@@ -123,15 +123,16 @@ def _argon2(password, value):
         return False
 
 
-#: digests of the password (and salt): the hash function, and the
-#: encoding Dovecot writes when the scheme names none
+#: digests of the password (and salt): the hash function (the encoding,
+#: hex or base64, is read from the value, as Dovecot reads it: PLAIN-MD5
+#: is written in hex and LDAP-MD5 in base64, but each takes the other)
 _DIGESTS = {
-    "SHA": (hashlib.sha1, "B64"),
-    "SHA1": (hashlib.sha1, "B64"),
-    "SHA256": (hashlib.sha256, "B64"),
-    "SHA512": (hashlib.sha512, "B64"),
-    "LDAP-MD5": (hashlib.md5, "B64"),
-    "PLAIN-MD5": (hashlib.md5, "HEX"),
+    "SHA": hashlib.sha1,
+    "SHA1": hashlib.sha1,
+    "SHA256": hashlib.sha256,
+    "SHA512": hashlib.sha512,
+    "LDAP-MD5": hashlib.md5,
+    "PLAIN-MD5": hashlib.md5,
 }
 _SALTED = {
     "SSHA": hashlib.sha1,
@@ -212,6 +213,10 @@ def checker(text, validate=True):
     @raise UnusableHash: a scheme or value mailgate cannot check against.
     """
     scheme, encoding, value = splitScheme(text)
+    if scheme == "MD5" and not value.startswith("$1$"):
+        # Dovecot's MD5 is MD5-CRYPT, or else an MD5 digest in hex or
+        # base64: LDAP's {MD5}, as slappasswd and SQL passdbs write it.
+        scheme = "PLAIN-MD5"
     if scheme in CLEARTEXT:
         expected = cleartext(encoding, value)
         return lambda password: hmac.compare_digest(password, expected)
@@ -230,8 +235,8 @@ def checker(text, validate=True):
             raise UnusableHash(f"a malformed {scheme} string") from None
         return lambda password: _argon2(password, value)
     if scheme in _DIGESTS:
-        function, default = _DIGESTS[scheme]
-        expected = _decode(value, encoding or default, function().digest_size)
+        function = _DIGESTS[scheme]
+        expected = _decode(value, encoding, function().digest_size)
         if len(expected) != function().digest_size:
             raise UnusableHash(f"a {scheme} digest of the wrong length")
         return lambda password: hmac.compare_digest(function(password).digest(), expected)
