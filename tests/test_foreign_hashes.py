@@ -631,3 +631,40 @@ def test_md5DigestsAsLDAPAndSQLPassdbsWriteThem(written):
     stored = importedCredentials(hashed, logN=TEST_HASH_COST)
     assert verifyPassword(PASSWORD.encode("utf-8"), stored.passwordHash)
     assert not verifyPassword(b"wrong", stored.passwordHash)
+
+
+class _UnconfirmedCommit:
+    """
+    A store whose replacement of the imported hash is committed, but whose
+    connection is lost before the commit is confirmed (a database restart
+    or failover at that moment): the login is told CommitUncertain.
+    """
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def upgradeCredentials(self, address, oldHash, credentials):
+        from twisted.internet import defer
+
+        from mailgate.errors import CommitUncertain
+
+        assert resultOf(self._store.upgradeCredentials(address, oldHash, credentials)) is True
+        return defer.fail(CommitUncertain("database connection lost while committing"))
+
+
+@requireDovecot
+def test_aReplacementWhoseCommitWentUnconfirmedStillLogsIn(store):
+    """
+    The first login's replacement of the imported hash took effect, but
+    the store could not confirm it: the login goes on with the hash now
+    stored, rather than failing as a wrong password (the maildrop's check
+    of the hash it was verified against would have refused the old one).
+    """
+    resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("SHA512-CRYPT"))))
+    maildrop = login(_UnconfirmedCommit(store), PASSWORD)
+    assert maildrop.address == ALICE
+    assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")
+    assert login(store, PASSWORD).address == ALICE

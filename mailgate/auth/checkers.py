@@ -139,12 +139,18 @@ class PasswordChecker:
                 "could not replace {user}'s imported password hash: {error}",
                 user=user.address, error=str(e), event="auth.upgrade_failed",
             )
-            return user
+            # It may have been replaced all the same (CommitUncertain: the
+            # connection was lost while the COMMIT was on its way).
+            replaced = False
         if not replaced:
             # Changed meanwhile: by another node's login replacing it too
-            # (the password then checks against what it stored), or by a
-            # new password (opening the maildrop refuses this login).
-            current = yield self._store.findUser(user.address)
+            # (the password then checks against what it stored), by this
+            # replacement whose commit went unconfirmed, or by a new
+            # password (opening the maildrop refuses this login).
+            try:
+                current = yield self._store.findUser(user.address)
+            except Exception:
+                return user
             if current is not None and not needsUpgrade(current.passwordHash):
                 if (yield self._runInThread(verifyPassword, password, current.passwordHash)):
                     return current
