@@ -237,6 +237,18 @@ def _dovecotQuota(extra):
     return changes
 
 
+def _isText(text):
+    """
+    Whether C{text} was read from UTF-8 (holds no octet that was not,
+    kept as a lone surrogate).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _userImport(store, args, out, stdin):
     """
     Add the users of a Dovecot passwd-file, keeping their password hashes
@@ -253,7 +265,10 @@ def _userImport(store, args, out, stdin):
         if args.file == "-":
             lines = stdin.read().splitlines()
         else:
-            with open(args.file, encoding="utf-8") as f:
+            # Octets that are not UTF-8 (a gecos field in Latin-1, copied
+            # from an old /etc/passwd) are kept as they are, and refuse
+            # only a line whose name or hash has some.
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
                 lines = f.read().splitlines()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
@@ -272,6 +287,8 @@ def _userImport(store, args, out, stdin):
         fields = rest.split(":", 6)
         extra = fields[6] if len(fields) == 7 else ""
         try:
+            if not _isText(name + hashed):
+                raise CommandError("the user name or password hash is not UTF-8 text", EX_DATAERR)
             if "@" not in name:
                 if domain is None:
                     raise CommandError(f"{name!r} has no domain: give --domain", EX_DATAERR)

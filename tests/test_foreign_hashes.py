@@ -668,3 +668,30 @@ def test_aReplacementWhoseCommitWentUnconfirmedStillLogsIn(store):
     assert maildrop.address == ALICE
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")
     assert login(store, PASSWORD).address == ALICE
+
+
+def test_aPasswdFileWithLatin1InItsGecosFields(tmp_path):
+    """
+    An old passwd-file whose gecos fields were copied in Latin-1 from
+    /etc/passwd: mailgate reads nothing from them, so its users are
+    imported; only a line whose user name or hash is not UTF-8 is refused,
+    with its number, instead of the whole file.
+    """
+    import io
+
+    from mailgate.cli import run
+
+    passwd = tmp_path / "users"
+    passwd.write_bytes(
+        b"alice:{PLAIN}alice's:1000:1000:J\xfcrgen M\xfcller:/home/alice::\n"
+        b"b\xf6b:{PLAIN}bob's:1001:1001::/home/bob::\n"
+    )
+    out, err = io.StringIO(), io.StringIO()
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code = run(
+        ["--database", url, "user", "import", str(passwd), "--domain", "example.org"],
+        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+    )
+    assert code == 65
+    assert out.getvalue().splitlines() == ["added alice@example.org", "1 added, 0 already there, 1 failed"]
+    assert f"{passwd} line 2: the user name or password hash is not UTF-8 text" in err.getvalue()
