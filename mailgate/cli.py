@@ -272,8 +272,6 @@ def _userImport(store, args, out, stdin):
                 lines = f.read().splitlines()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
-    except UnicodeDecodeError:
-        raise CommandError(f"{args.file}: not UTF-8 text", EX_DATAERR) from None
     added = present = failed = 0
     # Dovecot keeps a user's first line and logs the others as errors
     # ("exists more than once"): so does this, saying where the first is.
