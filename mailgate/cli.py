@@ -790,6 +790,10 @@ def _importPOP3(store, args, out, stdin):
             raise CommandError("with --master-user, each user logs in through it: no user in the URL", EX_USAGE)
         if not master.strip() or not args.master_separator or any(c.isspace() for c in master):
             raise CommandError("--master-user and --master-separator must be words", EX_USAGE)
+        if len(args.master_separator) != 1 or args.master_separator.isspace():
+            # Dovecot's auth_master_user_separator is one character: the
+            # source would split "alice**migrator" at the first.
+            raise CommandError("--master-separator is one character, as Dovecot's", EX_USAGE)
     elif args.master_separator != "*":
         raise CommandError("--master-separator goes with --master-user", EX_USAGE)
     if args.users is not None:
@@ -815,6 +819,13 @@ def _importPOP3(store, args, out, stdin):
             if master is not None:
                 # Dovecot's master users: "alice@example.org*migrator"
                 # logs in as alice with the master user's password.
+                if args.master_separator in address:
+                    # The source splits the login at the first one.
+                    raise CommandError(
+                        f"the address has the master separator {args.master_separator!r} in it, where "
+                        f"the source would split the login; import it with its own password",
+                        EX_DATAERR,
+                    )
                 if masterPassword is None:
                     masterPassword = _readPassword(args, stdin, confirm=False)
                 password, login = masterPassword, f"{address}{args.master_separator}{master}"

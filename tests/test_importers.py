@@ -619,6 +619,7 @@ def test_aUserNameWithALineBreakIsRefusedBeforeConnecting(databaseURL, tmp_path)
         (["pop3://127.0.0.1:1", ALICE, "--master-separator", "+"], "--master-separator goes with --master-user"),
         (["pop3://127.0.0.1:1", ALICE, "--master-user", "two words"], "must be words"),
         (["pop3://127.0.0.1:1", ALICE, "--master-user", "m", "--master-separator", ""], "must be words"),
+        (["pop3://127.0.0.1:1", ALICE, "--master-user", "m", "--master-separator", "**"], "one character"),
     ],
 )
 def test_masterUserUsageErrors(tmp_path, argv, error):
@@ -626,3 +627,33 @@ def test_masterUserUsageErrors(tmp_path, argv, error):
     store.close()
     code, out, err = cli(url, "import", "pop3", *argv, "--password-stdin", stdin="key\n")
     assert (code, out) == (64, "") and error in err, (code, out, err)
+
+
+def test_anAddressHoldingTheMasterSeparatorIsNotLoggedInThroughIt(tmp_path):
+    """
+    Dovecot splits a login at the first master separator: through the
+    master user, bob+lists@example.org would log in (with separator +) as
+    bob, and be refused.  That user is reported, without a connection, and
+    the others go on.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    odd = "bob+lists@example.org"
+    try:
+        url, store = target(tmp_path, (odd, PASSWORD))
+        store.close()
+        users = tmp_path / "users"
+        users.write_text(odd + "\n")
+        code, out, err = cli(
+            url, "import", "pop3", f"pop3://127.0.0.1:{port}", "--users", str(users),
+            "--master-user", "migrator", "--master-separator", "+", "--password-stdin", stdin="key\n",
+        )
+        assert code != 0 and out.splitlines()[0] == f"{odd}: failed", (code, out, err)
+        assert f"{odd}: the address has the master separator '+' in it" in err
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
