@@ -463,7 +463,7 @@ def test_aWriteWhoseConnectionDiedWhileIdleRunsAgainOnAFreshOne(databaseURL):
     reactor = PumpedReactor()
     store = openStore(databaseURL, reactor=reactor)
     try:
-        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        reactor.resultOf(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
         backend = reactor.wait(store.database.runWrite(_writerBackend))
         with psycopg.connect(_conninfo(databaseURL), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
@@ -474,7 +474,7 @@ def test_aWriteWhoseConnectionDiedWhileIdleRunsAgainOnAFreshOne(databaseURL):
         assert len(reactor.wait(store.listMessages(ALICE))) == 1
         assert store.database.writeFailure is None
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 # -- one failing write in a group commit ---------------------------------------------
@@ -499,7 +499,7 @@ def test_aDeliveryTheDatabaseRefusesFailsAloneInItsGroupCommit(databaseURL):
     reactor = PumpedReactor()
     store = openStore(databaseURL, reactor=reactor)
     try:
-        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        reactor.resultOf(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
 
         def refuseTheSize(cursor):
             cursor.execute(
@@ -513,7 +513,7 @@ def test_aDeliveryTheDatabaseRefusesFailsAloneInItsGroupCommit(databaseURL):
             )
 
         if "postgres" in databaseURL:
-            reactor.wait(store.database.runWrite(_createRefusingFunction))
+            reactor.resultOf(store.database.runWrite(_createRefusingFunction))
         assert not isinstance(reactor.wait(store.database.runWrite(refuseTheSize)), Failure)
         messages = [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(4)]
         messages.insert(2, refused)
@@ -526,7 +526,7 @@ def test_aDeliveryTheDatabaseRefusesFailsAloneInItsGroupCommit(databaseURL):
         stored = reactor.wait(store.listMessages(ALICE))
         assert sorted(m.size for m in stored) == sorted(len(m) for m in messages if m is not refused)
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 def _createRefusingFunction(cursor):
@@ -590,7 +590,7 @@ def test_aDeliveryWhoseBackendIsEndedMidTransactionIsStoredOnce(databaseURL):
     reactor = PumpedReactor()
     store = openStore(databaseURL, reactor=reactor)
     try:
-        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        reactor.resultOf(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
         # Waiting for the administrator's lock, whatever other tests do.
         waiting = (
             "SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() <> pid "
@@ -620,7 +620,7 @@ def test_aDeliveryWhoseBackendIsEndedMidTransactionIsStoredOnce(databaseURL):
         status = reactor.wait(store.quotaOf(ALICE))
         assert (status.usedMessages, status.usedOctets) == (1, len(body))
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
 
 
 def _pumpUntil(reactor, done, timeout=20):
@@ -715,9 +715,9 @@ def test_aRemovalWhoseConnectionIsLostDuringCommitIsUncertain(databaseURL):
     reactor = PumpedReactor()
     store = openStore(databaseURL, reactor=reactor)
     try:
-        reactor.wait(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        reactor.resultOf(store.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
         for n in range(3):
-            reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: %d\r\n\r\nbody\r\n" % n)))
+            reactor.resultOf(store.deliver([ALICE], spoolBytes(b"Subject: %d\r\n\r\nbody\r\n" % n)))
         assert not isinstance(reactor.wait(store.database.runWrite(_slowCommits)), Failure)
         userId, uid = reactor.wait(store.database.runInteraction(_firstMessage))
         ended = []
@@ -737,4 +737,4 @@ def test_aRemovalWhoseConnectionIsLostDuringCommitIsUncertain(databaseURL):
         delivered = reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: after\r\n\r\nbody\r\n")))
         assert not isinstance(delivered, Failure), delivered
     finally:
-        reactor.wait(store.close())
+        reactor.resultOf(store.close())
