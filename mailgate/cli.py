@@ -4,7 +4,7 @@ C{mailgate}: the administrator's command.
 
   mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
   mailgate user passwd ADDRESS [--password-stdin] [--hashed]
-  mailgate user import PASSWD-FILE [--domain DOMAIN] [--apop]
+  mailgate user import PASSWD-FILE [--domain DOMAIN] [--apop] [--refresh]
   mailgate user test ADDRESS [--password-stdin]
   mailgate user del ADDRESS
   mailgate user list [--json]
@@ -249,6 +249,21 @@ def _isText(text):
     return True
 
 
+def _refreshHash(store, address, credentials):
+    """
+    Replace the password hash of a user imported before by the one the
+    passwd-file has now (the user changed their password on the old server
+    while the move went on), if it still is the one imported, and differs:
+    a user who has logged in to mailgate since has mailgate's own, which
+    stays.  Whether it was replaced.
+    """
+    user = _result(store.findUser(address))
+    if user is None or not needsUpgrade(user.passwordHash) or user.passwordHash == credentials.passwordHash:
+        return False
+    # Over the hash read just now only: a first login meanwhile wins.
+    return _result(store.upgradeCredentials(address, user.passwordHash, credentials))
+
+
 def _userImport(store, args, out, stdin):
     """
     Add the users of a Dovecot passwd-file, keeping their password hashes
@@ -272,7 +287,7 @@ def _userImport(store, args, out, stdin):
                 lines = f.read().splitlines()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
-    added = present = failed = 0
+    added = updated = present = failed = 0
     # Dovecot keeps a user's first line and logs the others as errors
     # ("exists more than once"): so does this, saying where the first is.
     firstLines = {}
@@ -316,8 +331,12 @@ def _userImport(store, args, out, stdin):
             try:
                 _result(store.addUser(address, credentials))
             except UserExists:
-                present += 1
-                out.write(f"exists {address}\n")
+                if args.refresh and _refreshHash(store, address, credentials):
+                    updated += 1
+                    out.write(f"updated {address}\n")
+                else:
+                    present += 1
+                    out.write(f"exists {address}\n")
                 continue
             if quota:
                 _result(store.setQuota(address, **quota))
@@ -330,7 +349,8 @@ def _userImport(store, args, out, stdin):
             continue
         added += 1
         out.write(f"added {address}{apop}\n")
-    out.write(f"{added} added, {present} already there, {failed} failed\n")
+    refreshed = f"{updated} updated, " if args.refresh else ""
+    out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
     if failed:
         raise CommandError(f"{failed} line(s) of {args.file} not imported", EX_DATAERR)
 
@@ -1281,6 +1301,13 @@ def buildParser():
     )
     imports.add_argument("file", metavar="PASSWD-FILE")
     imports.add_argument("--domain", help="the domain of user names without one")
+    imports.add_argument(
+        "--refresh",
+        action="store_true",
+        help="replace the password of users already there whose password is still the one "
+        "imported (they have not logged in to mailgate since) with the file's, for passwords "
+        "changed on the old server while the move goes on",
+    )
     imports.add_argument(
         "--apop",
         action="store_true",

@@ -695,3 +695,59 @@ def test_aPasswdFileWithLatin1InItsGecosFields(tmp_path):
     assert code == 65
     assert out.getvalue().splitlines() == ["added alice@example.org", "1 added, 0 already there, 1 failed"]
     assert f"{passwd} line 2: the user name or password hash is not UTF-8 text" in err.getvalue()
+
+
+@requireDovecot
+def test_aRefreshTakesPasswordsChangedOnTheOldServerMeanwhile(tmp_path):
+    """
+    A move takes days; users change their passwords on Dovecot meanwhile.
+    user import --refresh, run again on the new passwd-file, replaces the
+    hashes of the users who have not logged in to mailgate yet (their
+    password is still the one imported); one who has keeps the password
+    mailgate has.
+    """
+    import io
+
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    passwd = tmp_path / "users"
+
+    def userImport(*options):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(
+            ["--database", url, "user", "import", str(passwd), "--domain", "example.org", *options],
+            stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+        )
+        assert (code, err.getvalue()) == (0, "")
+        return out.getvalue().splitlines()
+
+    passwd.write_text(
+        f"alice:{doveadmHash('SHA512-CRYPT', 'old')}:::\nbob:{doveadmHash('SHA512-CRYPT', 'bob old')}:::\n"
+    )
+    userImport()
+    store = openSynchronousStore(url)
+    try:
+        portal = makePortal(store, runInline)
+        _, _, logout = resultOf(portal.login(UsernamePassword(b"bob@example.org", b"bob old"), None, IMaildrop))
+        logout()
+    finally:
+        store.close()
+    passwd.write_text(
+        f"alice:{doveadmHash('SHA512-CRYPT', 'new')}:::\nbob:{doveadmHash('SHA512-CRYPT', 'bob new')}:::\n"
+        f"carol:{doveadmHash('SHA512-CRYPT', 'carol')}:::\n"
+    )
+    assert userImport()[-1] == "1 added, 2 already there, 0 failed"
+    assert userImport("--refresh") == [
+        "updated alice@example.org", "exists bob@example.org", "exists carol@example.org",
+        "0 added, 1 updated, 2 already there, 0 failed",
+    ]
+    store = openSynchronousStore(url)
+    try:
+        alice = resultOf(store.findUser(ALICE)).passwordHash
+        bob = resultOf(store.findUser("bob@example.org")).passwordHash
+    finally:
+        store.close()
+    assert verifyPassword(b"new", alice) and not verifyPassword(b"old", alice)
+    assert verifyPassword(b"bob old", bob) and not verifyPassword(b"bob new", bob)
