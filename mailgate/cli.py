@@ -221,19 +221,23 @@ def _dovecotQuota(extra):
             continue
         for limit in limits.split(":"):
             name, _, amount = limit.partition("=")
-            found = re.fullmatch(r"([0-9]+)([bBkKmMgGtT]?)", amount)
+            # Dovecot reads a unit by its first letter: 1G, 1GB and 1GiB
+            # alike, for messages too (10k messages are 10240).
+            found = re.fullmatch(r"([0-9]+)(?:([bBkKmMgGtT])[a-zA-Z]*)?", amount)
             if name not in ("storage", "bytes", "messages") or found is None:
                 raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
-            number, unit = int(found.group(1)), found.group(2).upper()
+            number, unit = int(found.group(1)), (found.group(2) or "").upper()
+            default = 1024 if name == "storage" else 1
+            scale = {"": default, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+            amount = number * scale[unit]
             if name == "messages":
-                if unit or number > MAX_MESSAGES:
-                    raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
-                changes["messages"] = number or UNLIMITED
+                if amount > MAX_MESSAGES:
+                    raise ValueError(f"quota rule {value!r} is larger than mailgate keeps")
+                changes["messages"] = amount or UNLIMITED
                 continue
-            scale = {"": 1024 if name == "storage" else 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-            if number * scale[unit] > MAX_SIZE:
+            if amount > MAX_SIZE:
                 raise ValueError(f"quota rule {value!r} is larger than mailgate keeps")
-            changes["octets"] = number * scale[unit] or UNLIMITED
+            changes["octets"] = amount or UNLIMITED
     return changes
 
 

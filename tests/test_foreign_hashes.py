@@ -383,6 +383,8 @@ def test_quotasComeAlongFromThePasswdFilesExtraFields(tmp_path):
         "erin:{PLAIN}e" + rest + "userdb_quota_rule=*:ignore",
         "frank:{PLAIN}f" + rest + "userdb_quota_rule=Trash:storage=+100M",
         "gina:{PLAIN}g" + rest + "userdb_quota_rule=*:storage=0",
+        "hank:{PLAIN}h" + rest + "userdb_quota_rule=*:storage=100MB:messages=10k",
+        "ivy:{PLAIN}i" + rest + "userdb_quota_rule=*:bytes=2GiB",
     ]) + "\n")
     url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
 
@@ -392,7 +394,7 @@ def test_quotasComeAlongFromThePasswdFilesExtraFields(tmp_path):
         return code, out.getvalue(), err.getvalue()
 
     code, out, err = cli("user", "import", str(passwd), "--domain", "example.org")
-    assert code == 65 and out.splitlines()[-1] == "6 added, 0 already there, 1 failed", (out, err)
+    assert code == 65 and out.splitlines()[-1] == "8 added, 0 already there, 1 failed", (out, err)
     assert "line 4: dave@example.org: quota rule '*:storage=10%' is not one mailgate can keep" in err
     code, out, _ = cli("user", "list", "--json")
     quotas = {r["address"].split("@")[0]: (r["quota_octets"], r["quota_messages"]) for r in map(json.loads, out.splitlines())}
@@ -403,6 +405,9 @@ def test_quotasComeAlongFromThePasswdFilesExtraFields(tmp_path):
         "erin": ("none", "none"),
         "frank": ("default", "default"),
         "gina": ("none", "default"),
+        # As Dovecot reads them: a unit by its first letter, for messages too.
+        "hank": (100 << 20, 10240),
+        "ivy": (2 << 30, "default"),
     }
 
 
