@@ -253,19 +253,17 @@ def _isText(text):
     return True
 
 
-def _refreshHash(store, address, credentials):
+def _staleImport(store, address, credentials):
     """
-    Replace the password hash of a user imported before by the one the
-    passwd-file has now (the user changed their password on the old server
-    while the move went on), if it still is the one imported, and differs:
-    a user who has logged in to mailgate since has mailgate's own, which
-    stays.  Whether it was replaced.
+    The stored hash of a user imported before, if it still is the one
+    imported (they have not logged in to mailgate since) and is not the
+    one the passwd-file has now (they changed their password on the old
+    server while the move went on); else C{None}.
     """
     user = _result(store.findUser(address))
     if user is None or not needsUpgrade(user.passwordHash) or user.passwordHash == credentials.passwordHash:
-        return False
-    # Over the hash read just now only: a first login meanwhile wins.
-    return _result(store.upgradeCredentials(address, user.passwordHash, credentials))
+        return None
+    return user.passwordHash
 
 
 def _userImport(store, args, out, stdin):
@@ -335,12 +333,18 @@ def _userImport(store, args, out, stdin):
             try:
                 _result(store.addUser(address, credentials))
             except UserExists:
-                if args.refresh and _refreshHash(store, address, credentials):
+                stale = _staleImport(store, address, credentials)
+                if stale is not None and args.refresh and _result(
+                    # Over the hash read just now only: a first login
+                    # meanwhile wins.
+                    store.upgradeCredentials(address, stale, credentials)
+                ):
                     updated += 1
                     out.write(f"updated {address}\n")
-                else:
-                    present += 1
-                    out.write(f"exists {address}\n")
+                    continue
+                present += 1
+                hint = "" if stale is None or args.refresh else " (its imported password is not the file's: --refresh)"
+                out.write(f"exists {address}{hint}\n")
                 continue
             if quota:
                 _result(store.setQuota(address, **quota))
