@@ -759,3 +759,46 @@ def test_aRefreshTakesPasswordsChangedOnTheOldServerMeanwhile(tmp_path):
         store.close()
     assert verifyPassword(b"new", alice) and not verifyPassword(b"old", alice)
     assert verifyPassword(b"bob old", bob) and not verifyPassword(b"bob new", bob)
+
+
+class _UpgradeFailsOnce:
+    """
+    A store that cannot take the first replacement of an imported hash
+    (the database briefly unavailable), and takes the next.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.refused = 0
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def upgradeCredentials(self, address, oldHash, credentials):
+        from twisted.internet import defer
+
+        from mailgate.errors import TemporaryFailure
+
+        if not self.refused:
+            self.refused += 1
+            return defer.fail(TemporaryFailure("database unavailable"))
+        return self._store.upgradeCredentials(address, oldHash, credentials)
+
+
+@requireDovecot
+def test_anUpgradeThatFailedIsTriedAgainAtTheNextLogin(store):
+    """
+    The first login's replacement of the imported hash fails: that login
+    goes on, and the next one (through the same checker, whose cache
+    remembers recent logins) replaces it.
+    """
+    from mailgate.auth.cache import VerifiedCredentialCache
+
+    resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("SHA512-CRYPT"))))
+    flaky = _UpgradeFailsOnce(store)
+    cache = VerifiedCredentialCache()
+    assert login(flaky, PASSWORD, cache=cache).address == ALICE
+    assert flaky.refused == 1
+    assert resultOf(store.findUser(ALICE)).passwordHash.startswith("{SHA512-CRYPT}")
+    assert login(flaky, PASSWORD, cache=cache).address == ALICE
+    assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")

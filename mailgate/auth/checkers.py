@@ -113,9 +113,12 @@ class PasswordChecker:
             raise UnauthorizedLogin()
         if needsUpgrade(storedHash):
             user = yield self._upgrade(user, password)
-        # Remember who this is, but not the user's other secrets.
-        remembered = attr.evolve(user, scramSha256=None, apopSecret=None)
-        self.cache.remember(user.address, user.passwordHash, password, remembered)
+        if not needsUpgrade(user.passwordHash):
+            # Remember who this is, but not the user's other secrets.  (An
+            # imported hash the upgrade could not replace is not: the next
+            # login, answered from the cache, would not try again.)
+            remembered = attr.evolve(user, scramSha256=None, apopSecret=None)
+            self.cache.remember(user.address, user.passwordHash, password, remembered)
         return user
 
 
