@@ -34,6 +34,11 @@ SCHEMES = [
 ]
 
 
+#: "secret pw" hashed with yescrypt, as mkpasswd (and /etc/shadow) makes
+#: it on Debian 12; Dovecot's CRYPT checks it through crypt(3)
+YESCRYPT = "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$WjrDtkbzLac28EL8XpZiOr9KhK9vtHND612NbERaBw0"
+
+
 def doveadmHash(scheme, password=PASSWORD):
     """
     The hash Dovecot itself makes of C{password} with C{scheme}.
@@ -122,7 +127,8 @@ def test_dovecotsScramKeysServeScramAtOnce():
         (lambda: "{SHA256.ROT13}abc", "unknown encoding"),
         (lambda: "{SHA512-CRYPT", "not closed"),
         (lambda: "secret", "no {SCHEME} prefix"),
-        (lambda: "$y$j9T$abcdefgh$0123456789012345678901234567890123456789012", "yescrypt"),
+        (lambda: YESCRYPT[:-3], "yescrypt .* or cut off"),
+        (lambda: "$y$j9T$", "yescrypt .* or cut off"),
         (lambda: doveadmHash("SHA512-CRYPT")[:40], "malformed"),
         (lambda: doveadmHash("BLF-CRYPT")[:40], "malformed"),
         (lambda: "{ARGON2ID}$argon2id$v=19$m=65536", "malformed"),
@@ -802,3 +808,22 @@ def test_anUpgradeThatFailedIsTriedAgainAtTheNextLogin(store):
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("{SHA512-CRYPT}")
     assert login(flaky, PASSWORD, cache=cache).address == ALICE
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")
+
+
+@requireDovecot
+@pytest.mark.parametrize("written", [YESCRYPT, "{CRYPT}" + YESCRYPT, "{crypt}" + YESCRYPT])
+def test_yescryptAsMkpasswdWritesItOnDebian(written):
+    """
+    yescrypt, mkpasswd's and /etc/shadow's default on Debian 11 and later
+    (and Ubuntu and Fedora): Dovecot's CRYPT scheme checks it through the
+    system's crypt(3) (doveadm pw -t, here), and so does mailgate.
+    """
+    checked = subprocess.run(
+        ["doveadm", "-c", "/dev/null", "pw", "-t", "{CRYPT}" + YESCRYPT, "-p", "secret pw"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    stored = importedCredentials(written, logN=TEST_HASH_COST)
+    assert verifyPassword(b"secret pw", stored.passwordHash)
+    assert not verifyPassword(b"secret pW", stored.passwordHash)
+    assert not verifyPassword(b"", stored.passwordHash)

@@ -11,12 +11,12 @@ SCRAM-SHA-256 keys) at the user's first successful login, when the
 password is at hand (L{mailgate.auth.checkers.PasswordChecker}).
 
 The crypt(3) family is checked by passlib (MD5-, SHA256-, SHA512- and
-DES-CRYPT) and bcrypt (BLF-CRYPT), Argon2 by argon2-cffi; the salted and
+DES-CRYPT), bcrypt (BLF-CRYPT) and the system's crypt(3) (yescrypt,
+L{mailgate.auth.systemcrypt}), Argon2 by argon2-cffi; the salted and
 plain digests and PBKDF2 and SCRAM keys by C{hashlib}, CRAM-MD5's HMAC-MD5
 context by L{mailgate.auth.md5state}.  Schemes mailgate does not check
 (DIGEST-MD5, made with the user name and realm; PLAIN-MD4, NTLM and
-LANMAN; OTP, RPA) and yescrypt are refused when the hash is imported,
-with the reason.
+LANMAN; OTP, RPA) are refused when the hash is imported, with the reason.
 """
 
 import base64
@@ -29,6 +29,7 @@ import warnings
 import argon2
 import bcrypt
 
+from mailgate.auth import systemcrypt
 from mailgate.auth.md5state import hmacMD5Context
 
 with warnings.catch_warnings():
@@ -94,9 +95,12 @@ def cleartext(encoding, value):
     return _decode(value, encoding)
 
 
-def _crypt(value):
+def _crypt(value, validate=True):
     """
     The checker of a crypt(3) string, found by its prefix.
+
+    @param validate: whether to make sure the system's crypt(3) can check
+        one only it computes (which costs a hash).
     """
     if value.startswith(("$2a$", "$2b$", "$2y$")):
         if not _BCRYPT.match(value):
@@ -105,9 +109,11 @@ def _crypt(value):
     for handler in (md5_crypt, sha256_crypt, sha512_crypt, des_crypt):
         if handler.identify(value):
             return handler.verify
-    if value.startswith("$y$") or value.startswith("$7$"):
-        raise UnusableHash("yescrypt and scrypt crypt(3) strings are not supported; reset the password")
-    raise UnusableHash("not a crypt(3) string mailgate knows ($1$, $5$, $6$, $2y$ or DES)")
+    if value.startswith(systemcrypt.PREFIXES):
+        if validate and not systemcrypt.usable(value):
+            raise UnusableHash("a yescrypt (or $7$, $gy$) string this system's crypt(3) cannot check, or cut off")
+        return lambda password, value: systemcrypt.verify(password, value)
+    raise UnusableHash("not a crypt(3) string mailgate knows ($1$, $5$, $6$, $2y$, $y$ or DES)")
 
 
 def _bcrypt(password, value):
@@ -221,7 +227,7 @@ def checker(text, validate=True):
         expected = cleartext(encoding, value)
         return lambda password: hmac.compare_digest(password, expected)
     if scheme in ("CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT"):
-        verify = _crypt(value)
+        verify = _crypt(value, validate)
         if validate:
             try:
                 verify(b"", value)
