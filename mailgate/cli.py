@@ -4,7 +4,7 @@ C{mailgate}: the administrator's command.
 
   mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
   mailgate user passwd ADDRESS [--password-stdin] [--hashed]
-  mailgate user import PASSWD-FILE [--domain DOMAIN] [--apop] [--refresh]
+  mailgate user import PASSWD-FILE [--domain DOMAIN] [--scheme SCHEME] [--apop] [--refresh]
   mailgate user test ADDRESS [--password-stdin]
   mailgate user del ADDRESS
   mailgate user list [--json]
@@ -272,6 +272,11 @@ def _userImport(store, args, out, stdin):
     (replaced by mailgate's own at each user's first login).  Users that
     exist already are left as they are, so a run can be repeated.
     """
+    # Dovecot's passwd-file passdb reads a password without a {SCHEME}
+    # prefix in the scheme its args give (scheme=PLAIN), CRYPT by default.
+    scheme = args.scheme
+    if scheme is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", scheme):
+        raise CommandError(f"--scheme {scheme!r} is not a scheme's name (PLAIN, SHA512-CRYPT...)", EX_USAGE)
     domain = None
     if args.domain is not None:
         try:
@@ -316,6 +321,8 @@ def _userImport(store, args, out, stdin):
             firstLines[address] = number
             if not hashed:
                 raise CommandError(f"{address} has no password", EX_DATAERR)
+            if scheme is not None and not hashed.startswith("{"):
+                hashed = f"{{{scheme}}}{hashed}"
             if any(field.partition("=")[0] == "nologin" for field in extra.split()):
                 # An account Dovecot keeps from logging in (disabled, or
                 # served elsewhere): imported, it would log in here.
@@ -1309,6 +1316,11 @@ def buildParser():
     )
     imports.add_argument("file", metavar="PASSWD-FILE")
     imports.add_argument("--domain", help="the domain of user names without one")
+    imports.add_argument(
+        "--scheme",
+        help="the scheme of passwords written without a {SCHEME} prefix, as the passdb's "
+        "args = scheme=... says (PLAIN for passwords in clear); crypt(3) strings by default",
+    )
     imports.add_argument(
         "--refresh",
         action="store_true",

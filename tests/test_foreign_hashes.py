@@ -827,3 +827,46 @@ def test_yescryptAsMkpasswdWritesItOnDebian(written):
     assert verifyPassword(b"secret pw", stored.passwordHash)
     assert not verifyPassword(b"secret pW", stored.passwordHash)
     assert not verifyPassword(b"", stored.passwordHash)
+
+
+@requireDovecot
+def test_passwordsWithoutASchemePrefixTakeTheSchemeGiven(tmp_path):
+    """
+    A passwd-file passdb with args = scheme=PLAIN holds passwords in clear
+    without a {PLAIN} prefix (and scheme=SHA256 bare digests): --scheme
+    reads them so, as Dovecot does (without it, as without the passdb's
+    scheme=, they would be taken for crypt(3) strings, this 13-character
+    one for DES); a prefixed hash keeps its own scheme.
+    """
+    import io
+
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    passwd = tmp_path / "users"
+    passwd.write_text(
+        "alice:mypassword123:::\n"  # 13 characters, as a DES crypt string has
+        f"bob:{doveadmHash('SHA512-CRYPT', 'bob s')}:::\n"
+    )
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+
+    def userImport(*options):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(
+            ["--database", url, "user", "import", str(passwd), "--domain", "example.org", *options],
+            stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    code, _, err = userImport("--scheme", "{PLAIN}")
+    assert code == 64 and "is not a scheme's name" in err
+    code, out, err = userImport("--scheme", "plain")
+    assert (code, err) == (0, ""), (out, err)
+    store = openSynchronousStore(url)
+    try:
+        alice = resultOf(store.findUser(ALICE)).passwordHash
+        bob = resultOf(store.findUser("bob@example.org")).passwordHash
+    finally:
+        store.close()
+    assert verifyPassword(b"mypassword123", alice)
+    assert verifyPassword(b"bob s", bob)
