@@ -289,8 +289,9 @@ def _userImport(store, args, out, stdin):
         else:
             # Octets that are not UTF-8 (a gecos field in Latin-1, copied
             # from an old /etc/passwd) are kept as they are, and refuse
-            # only a line whose name or hash has some.
-            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+            # only a line whose name or hash has some; the byte order mark
+            # an editor may put first is not part of the first user's name.
+            with open(args.file, encoding="utf-8-sig", errors="surrogateescape") as f:
                 lines = f.read().splitlines()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)

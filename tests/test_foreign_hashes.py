@@ -686,7 +686,8 @@ def test_aPasswdFileWithLatin1InItsGecosFields(tmp_path):
     An old passwd-file whose gecos fields were copied in Latin-1 from
     /etc/passwd: mailgate reads nothing from them, so its users are
     imported; only a line whose user name or hash is not UTF-8 is refused,
-    with its number, instead of the whole file.
+    with its number, instead of the whole file.  A byte order mark before
+    the first user is not part of their name.
     """
     import io
 
@@ -694,7 +695,8 @@ def test_aPasswdFileWithLatin1InItsGecosFields(tmp_path):
 
     passwd = tmp_path / "users"
     passwd.write_bytes(
-        b"alice:{PLAIN}alice's:1000:1000:J\xfcrgen M\xfcller:/home/alice::\n"
+        # Saved by an editor that starts the file with a byte order mark.
+        b"\xef\xbb\xbfalice:{PLAIN}alice's:1000:1000:J\xfcrgen M\xfcller:/home/alice::\n"
         b"b\xf6b:{PLAIN}bob's:1001:1001::/home/bob::\n"
     )
     out, err = io.StringIO(), io.StringIO()
