@@ -270,7 +270,8 @@ def _userImport(store, args, out, stdin):
     """
     Add the users of a Dovecot passwd-file, keeping their password hashes
     (replaced by mailgate's own at each user's first login).  Users that
-    exist already are left as they are, so a run can be repeated.
+    exist already are left as they are, so a run can be repeated; with
+    C{--refresh}, those still with an imported hash take the file's.
     """
     # Dovecot's passwd-file passdb reads a password without a {SCHEME}
     # prefix in the scheme its args give (scheme=PLAIN), CRYPT by default.
