@@ -818,7 +818,7 @@ def _masterRefused(address, master, refusal):
 
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
-    from mailgate.importers.pop3 import LoginRefused, importPOP3, parseURL
+    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL
 
     urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
     master = args.master_user
@@ -879,6 +879,8 @@ def _importPOP3(store, args, out, stdin):
                 raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
             if master is not None and not masterWorks and isinstance(e, LoginRefused):
                 raise _masterRefused(address, master, e) from None
+            # A maildrop in use ([IN-USE]) answers a login that was right.
+            masterWorks = masterWorks or isinstance(e, SourceBusy)
             args.stderr.write(f"mailgate: {address}: {e}\n")
             failedUsers.append(address)
             out.write(f"{address}: failed\n")

@@ -462,3 +462,48 @@ def test_movingEveryUserWithTheirPasswordsThroughAMasterUser(mailgate_server, tm
         client.pass_(PASSWORD)
         assert answers(client) == expected[user]
         client.quit()
+
+
+def test_aMaildropInUseShowsTheMasterUserWorks(tmp_path):
+    """
+    Through a master user, the first user's maildrop is held by a client
+    (Dovecot answers [IN-USE], after the login was right): the master user
+    works, so a later user the source refuses (not there) is one failure
+    of the run, which goes on to the next, rather than ending it as a
+    wrong master password would.
+    """
+    server = PrivateDovecot(extra="pop3_lock_session = yes")
+    master = os.path.join(server.directory, "master-users")
+    server.extra += (
+        "\nauth_master_user_separator = *\n"
+        f"passdb {{\n  driver = passwd-file\n  args = {master}\n  master = yes\n  result_success = continue\n}}\n"
+    )
+    ghost = "ghost@example.org"
+    try:
+        server.addUsers([ALICE, BOB], PASSWORD)
+        with open(master, "w") as f:
+            f.write("migrator:{PLAIN}master key\n")
+        os.chmod(master, 0o644)
+        server.start()
+        server.deliver(BOB, lmtpMessages()[0])
+        database = newDatabase(tmp_path, "target.sqlite3")
+        for user in (ghost, BOB):
+            code, out, err = cli(database, "user", "add", user, "--password-stdin", input=b"x\n")
+            assert code == 0, err
+        addresses = tmp_path / "addresses"
+        addresses.write_text(f"{ALICE}\n{ghost}\n{BOB}\n")
+        source = f"pop3://127.0.0.1:{server.pop3Port}"
+        holder = server.pop3(ALICE, PASSWORD)
+        try:
+            code, out, err = cli(
+                database, "import", "pop3", source, "--users", str(addresses), "--master-user", "migrator",
+                "--password-stdin", input=b"master key\n",
+            )
+        finally:
+            holder.quit()
+        assert code == 75, (code, out, err)
+        assert f"{ALICE}: " in err and "[IN-USE]" in err
+        assert f"{ghost}: 127.0.0.1 refused the login" in err and "no login through the master user" not in err
+        assert out.splitlines()[-1].startswith("3 users: 1 messages imported"), out
+    finally:
+        server.cleanup()
