@@ -879,8 +879,9 @@ def _importPOP3(store, args, out, stdin):
                 raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
             if master is not None and not masterWorks and isinstance(e, LoginRefused):
                 raise _masterRefused(address, master, e) from None
-            # A maildrop in use ([IN-USE]) answers a login that was right.
-            masterWorks = masterWorks or isinstance(e, SourceBusy)
+            # A maildrop in use ([IN-USE], or [LOGIN-DELAY]) answers a
+            # login that was right; [SYS/TEMP] may come before any check.
+            masterWorks = masterWorks or (isinstance(e, SourceBusy) and "[SYS/TEMP]" not in str(e).upper())
             args.stderr.write(f"mailgate: {address}: {e}\n")
             failedUsers.append(address)
             out.write(f"{address}: failed\n")
