@@ -14,8 +14,9 @@ import ctypes
 import ctypes.util
 import hmac
 
-#: the size of libxcrypt's struct crypt_data
-_CRYPT_DATA_SIZE = 32768
+#: room for a struct crypt_data, zeroed as crypt_r wants it: libxcrypt's
+#: is 32 KiB, the older glibc libcrypt's about 128 KiB
+_CRYPT_DATA_SIZE = 256 * 1024
 
 #: crypt(3) methods handed to the system's crypt
 PREFIXES = ("$y$", "$gy$", "$7$")
