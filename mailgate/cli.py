@@ -70,6 +70,7 @@ from mailgate.errors import (
     TemporaryFailure,
     UserExists,
 )
+from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.message import spoolFile
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, MAX_SIZE, parseSize, parseWhole
@@ -196,61 +197,19 @@ def _userAdd(store, args, out, stdin):
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
 
 
-def _dovecotQuota(extra):
+def _storedQuota(address, quota):
     """
-    The quota of a Dovecot passwd-file line, from its extra fields'
-    C{userdb_quota_rule} (or C{quota_rule}) for all mailboxes (C{*} or
-    C{?}): C{storage} (kilobytes unless a unit says otherwise, as Dovecot
-    counts it), C{bytes} and C{messages}; 0 and C{ignore} are no limit, as
-    in Dovecot.  The changes for L{IMailStore.setQuota}, or C{{}} where
-    the line sets none.
+    The C{setQuota} changes of a passwd-file account's quota (numbers, 0
+    for no limit, as Dovecot has them).
 
-    @raise ValueError: a rule mailgate cannot keep (a percentage, another
-        unit), saying why.
+    @raise CommandError: a quota larger than mailgate keeps.
     """
     changes = {}
-    for field in extra.split():
-        key, _, value = field.partition("=")
-        if key not in ("userdb_quota_rule", "quota_rule"):
-            continue
-        mask, _, limits = value.partition(":")
-        if mask not in ("*", "?"):
-            continue
-        if limits == "ignore":
-            changes.update(octets=UNLIMITED, messages=UNLIMITED)
-            continue
-        for limit in limits.split(":"):
-            name, _, amount = limit.partition("=")
-            # Dovecot reads a unit by its first letter: 1G, 1GB and 1GiB
-            # alike, for messages too (10k messages are 10240).
-            found = re.fullmatch(r"([0-9]+)(?:([bBkKmMgGtT])[a-zA-Z]*)?", amount)
-            if name not in ("storage", "bytes", "messages") or found is None:
-                raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
-            number, unit = int(found.group(1)), (found.group(2) or "").upper()
-            default = 1024 if name == "storage" else 1
-            scale = {"": default, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-            amount = number * scale[unit]
-            if name == "messages":
-                if amount > MAX_MESSAGES:
-                    raise ValueError(f"quota rule {value!r} is larger than mailgate keeps")
-                changes["messages"] = amount or UNLIMITED
-                continue
-            if amount > MAX_SIZE:
-                raise ValueError(f"quota rule {value!r} is larger than mailgate keeps")
-            changes["octets"] = amount or UNLIMITED
+    for what, amount in quota.items():
+        if amount > (MAX_MESSAGES if what == "messages" else MAX_SIZE):
+            raise CommandError(f"{address}: its quota ({amount} {what}) is larger than mailgate keeps", EX_DATAERR)
+        changes[what] = amount or UNLIMITED
     return changes
-
-
-def _isText(text):
-    """
-    Whether C{text} was read from UTF-8 (holds no octet that was not,
-    kept as a lone surrogate).
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _staleImport(store, address, credentials):
@@ -297,48 +256,16 @@ def _userImport(store, args, out, stdin):
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
     added = updated = present = failed = 0
-    # Dovecot keeps a user's first line and logs the others as errors
-    # ("exists more than once"): so does this, saying where the first is.
-    firstLines = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        # user:password:uid:gid:gecos:home:shell:extra_fields
-        name, _, rest = line.partition(":")
-        hashed = rest.partition(":")[0]
-        fields = rest.split(":", 6)
-        extra = fields[6] if len(fields) == 7 else ""
+    for account in readPasswdFile(lines, domain, scheme):
         try:
-            if not _isText(name + hashed):
-                raise CommandError("the user name or password hash is not UTF-8 text", EX_DATAERR)
-            if "@" not in name:
-                if domain is None:
-                    raise CommandError(f"{name!r} has no domain: give --domain", EX_DATAERR)
-                name = f"{name}@{domain}"
-            address = _address(name)
-            if address in firstLines:
-                raise CommandError(
-                    f"{address} is on line {firstLines[address]} already (that line is the one kept)", EX_DATAERR
-                )
-            firstLines[address] = number
-            if not hashed:
-                raise CommandError(f"{address} has no password", EX_DATAERR)
-            if scheme is not None and not hashed.startswith("{"):
-                hashed = f"{{{scheme}}}{hashed}"
-            if any(field.partition("=")[0] == "nologin" for field in extra.split()):
-                # An account Dovecot keeps from logging in (disabled, or
-                # served elsewhere): imported, it would log in here.
-                raise CommandError(
-                    f"{address} has nologin (Dovecot refuses their logins); not imported", EX_DATAERR
-                )
+            if isinstance(account, RefusedLine):
+                raise CommandError(account.reason, EX_DATAERR)
+            address = account.address
             try:
-                credentials = importedCredentials(hashed, apop=args.apop)
+                credentials = importedCredentials(account.password, apop=args.apop)
             except UnusableHash as e:
                 raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
-            try:
-                quota = _dovecotQuota(extra)
-            except ValueError as e:
-                raise CommandError(f"{address}: {e}", EX_DATAERR) from None
+            quota = _storedQuota(address, account.quota)
             try:
                 _result(store.addUser(address, credentials))
             except UserExists:
@@ -362,7 +289,7 @@ def _userImport(store, args, out, stdin):
             if e.code == EX_TEMPFAIL:
                 raise
             failed += 1
-            args.stderr.write(f"mailgate: {args.file} line {number}: {e}\n")
+            args.stderr.write(f"mailgate: {args.file} line {account.number}: {e}\n")
             continue
         added += 1
         out.write(f"added {address}{apop}\n")

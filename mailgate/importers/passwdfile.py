@@ -1,0 +1,162 @@
+# -*- test-case-name: tests.test_foreign_hashes -*-
+"""
+Dovecot's passwd-file, read as its passwd-file passdb and userdb read it,
+for C{mailgate user import}: each account's address, password hash (kept
+as it is, see L{mailgate.auth.foreign}) and quota.  What the store keeps of
+them is the command's to make (L{mailgate.cli}): this module reads.
+
+A line is C{user:password:uid:gid:gecos:home:shell:extra_fields}; only the
+user, the password and the extra fields matter here.  Lines that cannot
+be imported are reported with their number and the reason, never dropped
+without a word, and the others are read on.
+"""
+
+import re
+
+import attr
+
+from mailgate.address import normalizeAddress
+from mailgate.errors import InvalidAddress
+
+
+@attr.s(frozen=True, slots=True)
+class PasswdAccount:
+    """
+    One account of a passwd-file.
+
+    @ivar number: its line number.
+    @ivar address: the user's address.
+    @ivar password: its password hash as Dovecot reads it, C{{SCHEME}...}
+        (with the passwd-file's default scheme put in front where the line
+        names none), or a bare crypt(3) string.
+    @ivar quota: what its quota rule for all mailboxes sets, C{octets} and
+        C{messages}, each a number, 0 for no limit (as in Dovecot); C{{}}
+        where it sets none.
+    """
+
+    number = attr.ib()
+    address = attr.ib()
+    password = attr.ib(repr=False)
+    quota = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class RefusedLine:
+    """
+    A line that cannot be imported, and why.
+    """
+
+    number = attr.ib()
+    reason = attr.ib()
+
+
+def readPasswdFile(lines, domain=None, scheme=None):
+    """
+    The accounts of a passwd-file's lines, in order: a L{PasswdAccount}
+    or a L{RefusedLine} for each line that is not blank or a comment.
+
+    @param lines: the file's lines (L{str}; octets that were not UTF-8
+        kept as lone surrogates, so that only a line whose name or hash
+        has some is refused: a gecos field in Latin-1 is read past).
+    @param domain: the (normalised) domain of user names without one, or
+        C{None} to refuse them.
+    @param scheme: the scheme of passwords written without a C{{SCHEME}}
+        prefix (the passdb's C{args = scheme=...}); without it, such a
+        password is a crypt(3) string, as Dovecot's default C{CRYPT}.
+    """
+    # Dovecot keeps a user's first line and logs the others as errors
+    # ("exists more than once"): so does this, saying where the first is.
+    firstLines = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            yield _account(number, line, domain, scheme, firstLines)
+        except _Refused as e:
+            yield RefusedLine(number, str(e))
+
+
+class _Refused(Exception):
+    pass
+
+
+def _account(number, line, domain, scheme, firstLines):
+    name, _, rest = line.partition(":")
+    fields = rest.split(":", 6)
+    hashed = fields[0]
+    extra = fields[6] if len(fields) == 7 else ""
+    if not _isText(name + hashed):
+        raise _Refused("the user name or password hash is not UTF-8 text")
+    if "@" not in name:
+        if domain is None:
+            raise _Refused(f"{name!r} has no domain: give --domain")
+        name = f"{name}@{domain}"
+    try:
+        address = normalizeAddress(name)
+    except InvalidAddress as e:
+        raise _Refused(str(e)) from None
+    if address in firstLines:
+        raise _Refused(f"{address} is on line {firstLines[address]} already (that line is the one kept)")
+    firstLines[address] = number
+    if not hashed:
+        raise _Refused(f"{address} has no password")
+    if scheme is not None and not hashed.startswith("{"):
+        hashed = f"{{{scheme}}}{hashed}"
+    if any(field.partition("=")[0] == "nologin" for field in extra.split()):
+        # An account Dovecot keeps from logging in (disabled, or served
+        # elsewhere): imported, it would log in here.
+        raise _Refused(f"{address} has nologin (Dovecot refuses their logins); not imported")
+    try:
+        quota = dovecotQuota(extra)
+    except ValueError as e:
+        raise _Refused(f"{address}: {e}") from None
+    return PasswdAccount(number, address, hashed, quota)
+
+
+def _isText(text):
+    """
+    Whether C{text} was read from UTF-8 (holds no octet that was not,
+    kept as a lone surrogate).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def dovecotQuota(extra):
+    """
+    The quota of a passwd-file line, from its extra fields'
+    C{userdb_quota_rule} (or C{quota_rule}) for all mailboxes (C{*} or
+    C{?}): C{storage} (kilobytes unless a unit says otherwise, as Dovecot
+    counts it), C{bytes} and C{messages}; 0 and C{ignore} are no limit, as
+    in Dovecot.  C{octets} and C{messages} as numbers, 0 for no limit; or
+    C{{}} where the line sets none.
+
+    @raise ValueError: a rule mailgate cannot keep (a percentage, another
+        unit), saying why.
+    """
+    changes = {}
+    for field in extra.split():
+        key, _, value = field.partition("=")
+        if key not in ("userdb_quota_rule", "quota_rule"):
+            continue
+        mask, _, limits = value.partition(":")
+        if mask not in ("*", "?"):
+            continue
+        if limits == "ignore":
+            changes.update(octets=0, messages=0)
+            continue
+        for limit in limits.split(":"):
+            name, _, amount = limit.partition("=")
+            # Dovecot reads a unit by its first letter: 1G, 1GB and 1GiB
+            # alike, for messages too (10k messages are 10240).
+            found = re.fullmatch(r"([0-9]+)(?:([bBkKmMgGtT])[a-zA-Z]*)?", amount)
+            if name not in ("storage", "bytes", "messages") or found is None:
+                raise ValueError(f"quota rule {value!r} is not one mailgate can keep")
+            number, unit = int(found.group(1)), (found.group(2) or "").upper()
+            default = 1024 if name == "storage" else 1
+            scale = {"": default, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+            changes["messages" if name == "messages" else "octets"] = number * scale[unit]
+    return changes

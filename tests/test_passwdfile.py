@@ -1,0 +1,43 @@
+"""
+Reading Dovecot's passwd-file (mailgate.importers.passwdfile), without a
+store: what each line becomes, and why a line is refused.
+"""
+
+from mailgate.importers.passwdfile import PasswdAccount, RefusedLine, dovecotQuota, readPasswdFile
+
+
+def test_eachLineBecomesAnAccountOrARefusalWithItsNumber():
+    lines = [
+        "# moved from mail1",
+        "",
+        "alice:{SHA512-CRYPT}$6$x$y:1000:1000:Alice \udce9:/home/alice::userdb_quota_rule=*:storage=1024",
+        "Bob@Example.NET:secret:1000:1000::/home/bob::",
+        "alice:{PLAIN}again:::::",
+        "carol::::::",
+        "dave:{PLAIN}d::::::nologin",
+        "erin:{PLAIN}e::::::userdb_quota_rule=*:storage=10%",
+        "fr\udcffank:{PLAIN}f:::::",
+    ]
+    read = list(readPasswdFile(lines, domain="example.org", scheme="PLAIN"))
+    assert read[:2] == [
+        PasswdAccount(3, "alice@example.org", "{SHA512-CRYPT}$6$x$y", {"octets": 1 << 20}),
+        PasswdAccount(4, "bob@example.net", "{PLAIN}secret", {}),
+    ]
+    assert read[2:] == [
+        RefusedLine(5, "alice@example.org is on line 3 already (that line is the one kept)"),
+        RefusedLine(6, "carol@example.org has no password"),
+        RefusedLine(7, "dave@example.org has nologin (Dovecot refuses their logins); not imported"),
+        RefusedLine(8, "erin@example.org: quota rule '*:storage=10%' is not one mailgate can keep"),
+        RefusedLine(9, "the user name or password hash is not UTF-8 text"),
+    ]
+
+
+def test_aBareNameNeedsADomain():
+    assert list(readPasswdFile(["alice:{PLAIN}a"])) == [RefusedLine(1, "'alice' has no domain: give --domain")]
+
+
+def test_quotaRulesInDovecotsUnits():
+    assert dovecotQuota("userdb_quota_rule=*:storage=2G:messages=10k") == {"octets": 2 << 30, "messages": 10240}
+    assert dovecotQuota("quota_rule=?:bytes=5000") == {"octets": 5000}
+    assert dovecotQuota("userdb_quota_rule=*:ignore") == {"octets": 0, "messages": 0}
+    assert dovecotQuota("userdb_quota_rule=Trash:storage=+100M userdb_mail=maildir:~/Maildir") == {}
