@@ -245,7 +245,7 @@ def test_kickFindsASessionThatJustLoggedIn(cli, store, monkeypatch):
     second after its login: kick looks again for a little while, and
     finds it.
     """
-    from mailgate import cli as command
+    from mailgate.cli import sessions as command
     from mailgate.testing import POP3Session
 
     session = POP3Session(store)
@@ -271,7 +271,7 @@ def test_kickEndsWhenItsSessionDidThoughTheClientIsBack(cli, store, monkeypatch)
     and failed with 75, "it has not ended yet", and the client's new
     session looked like the one it had failed to end).
     """
-    from mailgate import cli as command
+    from mailgate.cli import sessions as command
     from mailgate.testing import POP3Session
 
     kicked = POP3Session(store)

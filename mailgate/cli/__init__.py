@@ -1,0 +1,565 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate}: the administrator's command.
+
+  mailgate [--database URL | --config FILE] user add ADDRESS [--password-stdin] [--apop] [--hashed]
+  mailgate user passwd ADDRESS [--password-stdin] [--hashed]
+  mailgate user import PASSWD-FILE [--domain DOMAIN] [--scheme SCHEME] [--apop] [--refresh]
+  mailgate user test ADDRESS [--password-stdin]
+  mailgate user del ADDRESS
+  mailgate user list [--json]
+  mailgate user apop ADDRESS on|off [--password-stdin]
+  mailgate user quota ADDRESS SIZE|none|default [--messages N|none|default]
+  mailgate user expire ADDRESS N|never|default
+  mailgate user rename OLD NEW
+  mailgate user recount (ADDRESS... | --all)
+  mailgate mailbox list ADDRESS [--json]
+  mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
+  mailgate mailbox deleted ADDRESS [--json]
+  mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
+  mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
+                       [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
+  mailgate who [--json]
+  mailgate kick ADDRESS [--wait SECONDS]
+  mailgate deliver [-f SENDER] ADDRESS... < message
+  mailgate db upgrade
+  mailgate db version
+  mailgate db copy --from URL --to URL
+  mailgate serve [options of twistd mailgate]
+  mailgate ban list [--json]
+  mailgate ban add ADDRESS [--for SECONDS]
+  mailgate ban del ADDRESS
+
+It works on the database directly and synchronously (no reactor), through
+the same store code the server uses, so it is safe to run while the server
+is up.  C{mailgate serve} is the exception: it runs the server itself, in
+the foreground, as C{twistd -n mailgate} would.  Exit codes follow sysexits(3), which is what an MTA's pipe transport
+understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
+"""
+
+import argparse
+import contextlib
+import os
+import select
+import sys
+
+from mailgate import __version__
+from mailgate.cli.bans import _addBanCommands
+from mailgate.cli.common import (
+    CommandError,
+    EXIT_READER_GONE,
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    _addHashed,
+    _addJSON,
+)
+from mailgate.cli.database import _dbCopy, _dbUpgrade, _dbVersion
+from mailgate.cli.deliver import _deliver
+from mailgate.cli.imports import _importMaildir, _importPOP3
+from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExpunge, _mailboxList, _mailboxRestore
+from mailgate.cli.serve import _serve
+from mailgate.cli.sessions import _kick, _who
+from mailgate.cli.users import (
+    _userAdd,
+    _userApop,
+    _userDel,
+    _userExpire,
+    _userImport,
+    _userList,
+    _userPasswd,
+    _userQuota,
+    _userRecount,
+    _userRename,
+    _userTest,
+)
+from mailgate.errors import ConfigurationError, MailgateError, TemporaryFailure
+from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
+
+#: what this package offers: the command, its parser, and the exit codes
+#: (sysexits(3)) scripts and tests compare with
+__all__ = [
+    "buildParser",
+    "main",
+    "run",
+    "EXIT_READER_GONE",
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_DATAERR",
+    "EX_NOINPUT",
+    "EX_NOPERM",
+    "EX_NOUSER",
+    "EX_OK",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
+    "EX_USAGE",
+]
+
+
+def buildParser():
+    parser = argparse.ArgumentParser(
+        prog="mailgate",
+        description="Administer a mailgate database: users, maildrops, local delivery.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="database URL (default: the --config file's database, else $MAILGATE_DATABASE, "
+        "else " + DEFAULT_DATABASE + ")",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the server's configuration file (twistd mailgate --config FILE): its database is "
+        "used, so the URL and its password need not be repeated; the file is checked as the "
+        "server checks it",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    user.required = True
+    add = user.add_parser("add", help="add a user")
+    add.add_argument("address", metavar="ADDRESS")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP; this keeps the password recoverable in the database (see README)",
+    )
+    _addHashed(add)
+    add.set_defaults(run=_userAdd, migrate=True, create=True)
+    passwd = user.add_parser("passwd", help="change a user's password")
+    passwd.add_argument("address", metavar="ADDRESS")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addHashed(passwd)
+    passwd.set_defaults(run=_userPasswd, migrate=True)
+    imports = user.add_parser(
+        "import",
+        help="add the users of a Dovecot passwd-file, keeping their passwords",
+        description="Add the users of a Dovecot passwd-file (user:{SCHEME}hash:...; '-' reads "
+        "standard input), keeping their password hashes: each is replaced by mailgate's own "
+        "at the user's first login.  Users already there are left as they are, so the "
+        "command can be run again.  SCRAM-SHA-256 works for a user once they have logged "
+        "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).",
+    )
+    imports.add_argument("file", metavar="PASSWD-FILE")
+    imports.add_argument("--domain", help="the domain of user names without one")
+    imports.add_argument(
+        "--scheme",
+        help="the scheme of passwords written without a {SCHEME} prefix, as the passdb's "
+        "args = scheme=... says (PLAIN for passwords in clear); crypt(3) strings by default",
+    )
+    imports.add_argument(
+        "--refresh",
+        action="store_true",
+        help="replace the password of users already there whose password is still the one "
+        "imported (they have not logged in to mailgate since) with the file's, for passwords "
+        "changed on the old server while the move goes on",
+    )
+    imports.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP (and CRAM-MD5) for the users whose password is in clear ({PLAIN}), "
+        "as Dovecot did; this keeps it recoverable in the database (see README)",
+    )
+    imports.set_defaults(run=_userImport, migrate=True, create=True)
+    delete = user.add_parser(
+        "del",
+        help="delete a user and their maildrop",
+        description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
+    )
+    delete.add_argument("address", metavar="ADDRESS")
+    delete.set_defaults(run=_userDel, migrate=True)
+    listing = user.add_parser("list", help="list users")
+    _addJSON(listing)
+    listing.set_defaults(run=_userList, migrate=True)
+    test = user.add_parser(
+        "test",
+        help="check a user's password without logging in",
+        description="Check a user's password as a POP3 login would (as doveadm auth test): exit "
+        "0 if it is right, 77 if not.  Nothing is changed, not even an imported hash.",
+    )
+    test.add_argument("address", metavar="ADDRESS")
+    test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    test.set_defaults(run=_userTest, migrate=True)
+    apop = user.add_parser("apop", help="switch APOP on or off for a user")
+    apop.add_argument("address", metavar="ADDRESS")
+    apop.add_argument("state", choices=["on", "off"])
+    apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    apop.set_defaults(run=_userApop, migrate=True)
+    rename = user.add_parser(
+        "rename",
+        help="give a user a new address (maildrop, unique ids and quota follow)",
+        description="Give a user a new address.  The maildrop, its unique ids, quota and "
+        "retention follow; the next login must use the new address, on running servers "
+        "too.  Refused while the user is in a POP3 session.",
+    )
+    rename.add_argument("old", metavar="OLD")
+    rename.add_argument("new", metavar="NEW")
+    rename.set_defaults(run=_userRename, migrate=True)
+    quota = user.add_parser(
+        "quota",
+        help="set a user's storage quota",
+        description="Set a user's storage quota: a size (1G, 500M, 64K or octets), "
+        "'none' for no limit, or 'default' for the server's --default-quota.  Mail "
+        "already stored is kept whatever the new quota; only new mail is refused.",
+    )
+    quota.add_argument("address", metavar="ADDRESS")
+    quota.add_argument("size", metavar="SIZE|none|default")
+    quota.add_argument(
+        "--messages", metavar="N|none|default", help="also limit the number of messages"
+    )
+    quota.set_defaults(run=_userQuota, migrate=True)
+    expire = user.add_parser(
+        "expire",
+        help="set how many days a user's messages are kept",
+        description="Set after how many days a user's messages are removed by the "
+        "retention task (advertised to the user's POP3 clients as EXPIRE): a number "
+        "of days, 'never', or 'default' for the server's --expire-days.",
+    )
+    expire.add_argument("address", metavar="ADDRESS")
+    expire.add_argument("days", metavar="N|never|default")
+    expire.set_defaults(run=_userExpire, migrate=True)
+
+    recount = user.add_parser(
+        "recount",
+        help="count users' storage use again from their messages",
+        description="Count each user's storage use (messages and octets, what quotas and user "
+        "list go by) again from the messages in the maildrop, and keep that, as doveadm quota "
+        "recalc does.  Use is kept with every delivery and removal; a node of a mailgate from "
+        "before quotas (schema version 3) that goes on delivering after the upgrade does not "
+        "keep it.",
+    )
+    recount.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    recount.add_argument("--all", action="store_true", help="every user")
+    recount.set_defaults(run=_userRecount, migrate=True)
+
+    mailbox = commands.add_parser("mailbox", help="list, expunge and restore a user's messages").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    mailbox.required = True
+    mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
+    mlist.add_argument("address", metavar="ADDRESS")
+    _addJSON(mlist)
+    mlist.set_defaults(run=_mailboxList, migrate=True)
+    mdeleted = mailbox.add_parser(
+        "deleted",
+        help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
+    )
+    mdeleted.add_argument("address", metavar="ADDRESS")
+    _addJSON(mdeleted)
+    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
+    mrestore = mailbox.add_parser(
+        "restore",
+        help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
+        description="Bring back kept deleted messages: those with the given unique ids, "
+        "or all of them (optionally only those deleted since TIME).  They come back "
+        "under their own unique ids, so that POP3 clients that leave mail on the server "
+        "treat them as already downloaded; with --as-new under new ids, so that they "
+        "download them again.",
+    )
+    mrestore.add_argument("address", metavar="ADDRESS")
+    mrestore.add_argument("uidls", nargs="*", metavar="UIDL")
+    mrestore.add_argument(
+        "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
+    )
+    mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
+    mrestore.set_defaults(run=_mailboxRestore, migrate=True)
+    mexpunge = mailbox.add_parser(
+        "expunge",
+        help="remove a user's messages for good (all, or older than DAYS)",
+        description="Remove messages from a user's maildrop for good (they are not kept "
+        "for mailbox restore).  Refused while the user is in a POP3 session.",
+    )
+    mexpunge.add_argument("address", metavar="ADDRESS")
+    which = mexpunge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
+    which.add_argument("--all", action="store_true", help="every message")
+    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+
+    who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
+    _addJSON(who)
+    who.set_defaults(run=_who, migrate=True)
+    kick = commands.add_parser(
+        "kick",
+        help="end a user's POP3 session, wherever it runs, without applying its deletions",
+    )
+    kick.add_argument("address", metavar="ADDRESS")
+    kick.add_argument(
+        "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
+    )
+    kick.set_defaults(run=_kick, migrate=True)
+
+    imports = commands.add_parser(
+        "import", help="move maildrops from another server, keeping unique ids"
+    ).add_subparsers(dest="action", metavar="ACTION")
+    imports.required = True
+    imaildir = imports.add_parser(
+        "maildir",
+        help="import a Maildir (e.g. Dovecot's) into a user's maildrop",
+        description="Import a Maildir's messages (cur/ and new/) into a user's maildrop, "
+        "in the order Dovecot serves them, with the unique ids it serves (read from "
+        "dovecot-uidlist and formatted like Dovecot's pop3_uidl_format).  Safe to run "
+        "again: messages already imported are skipped.",
+    )
+    imaildir.add_argument("directory", metavar="DIR")
+    imaildir.add_argument("address", metavar="ADDRESS")
+    imaildir.add_argument(
+        "--uidl-format",
+        metavar="FORMAT",
+        help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
+        "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
+        "a dovecot-uidlist)",
+    )
+    imaildir.add_argument(
+        "--uidlist",
+        metavar="FILE",
+        help="the maildir's dovecot-uidlist, where Dovecot keeps it outside the maildir (CONTROL= in "
+        "mail_location, e.g. ~/control/.INBOX/dovecot-uidlist; default: DIR/dovecot-uidlist)",
+    )
+    imaildir.set_defaults(run=_importMaildir, migrate=True)
+    ipop3 = imports.add_parser(
+        "pop3",
+        help="copy a live POP3 server's maildrop into a user's",
+        description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
+        "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
+        "(a user name containing @ written %40; without one, the ADDRESS).  STLS is used "
+        "when offered (a server without it is refused, except on this machine, unless "
+        "--insecure); certificates are verified unless --insecure.  Resumable: messages "
+        "already imported are skipped.  The source is left untouched unless --delete.",
+    )
+    ipop3.add_argument("url", metavar="URL")
+    ipop3.add_argument("address", nargs="?", metavar="ADDRESS")
+    ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    ipop3.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate, and send the password to a server "
+        "that offers no STLS in the clear (refused otherwise, except to this machine)",
+    )
+    ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument(
+        "--max-message-size",
+        metavar="SIZE",
+        default="50M",
+        help="the largest message imported (octets, or with a unit: 100M, 1G); a larger one is "
+        "reported and left on the source (default: 50M, the server's own default limit)",
+    )
+    ipop3.add_argument(
+        "--users",
+        metavar="FILE",
+        help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
+        "source as ADDRESS (with --master-user, one ADDRESS per line)",
+    )
+    ipop3.add_argument(
+        "--master-user",
+        metavar="NAME",
+        help="log in to the source as each user through this master user (Dovecot's master "
+        "users: ADDRESS*NAME, with the master user's password), so that no user's own "
+        "password is needed",
+    )
+    ipop3.add_argument(
+        "--master-separator",
+        metavar="SEP",
+        default="*",
+        help="what joins the user and the master user, the source's auth_master_user_separator "
+        "(default: *)",
+    )
+    ipop3.set_defaults(run=_importPOP3, migrate=True)
+
+    deliver = commands.add_parser(
+        "deliver",
+        help="deliver a message from standard input to local users",
+        description="Deliver a message from standard input to local users, all or none of "
+        "them, for an MTA's pipe transport (give it one recipient at a time, so that an "
+        "unknown one bounces alone).  Exit status (sysexits): 0 delivered, 67 no such user (nothing "
+        "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
+        "MTA tries again), 65 a sender SMTP would refuse.",
+    )
+    deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    deliver.add_argument(
+        "-f",
+        "--sender",
+        metavar="ADDRESS",
+        help="the envelope sender (e.g. Postfix's ${sender}); adds Return-Path: and Received: "
+        "fields, as SMTP and LMTP delivery do (use '' for the null sender)",
+    )
+    deliver.set_defaults(run=_deliver, migrate=True)
+
+    db = commands.add_parser("db", help="database maintenance").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    db.required = True
+    dbUpgrade = db.add_parser("upgrade", help="apply pending schema migrations")
+    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
+    dbVersion = db.add_parser("version", help="show the schema version")
+    dbVersion.set_defaults(run=_dbVersion, migrate=False)
+    dbCopy = db.add_parser(
+        "copy",
+        help="copy users and maildrops to another (empty) database, keeping unique ids",
+        description="Copy every user and maildrop from one database to another, "
+        "e.g. from SQLite to PostgreSQL, preserving message numbers and unique ids. "
+        "Stop the servers using either database first.",
+    )
+    dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
+    dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
+    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+
+    # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
+    # they are (see run).
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="run the server in the foreground, with the options of twistd mailgate "
+        "(mailgate serve --help lists them)",
+    ).set_defaults(run=None)
+    _addBanCommands(commands)
+    return parser
+
+
+def _configDatabase(path):
+    """
+    The database URL the server's configuration file at C{path} sets, or
+    C{None} (no file given, or no database in it).  The whole file is read
+    and checked as C{twistd mailgate --config} reads it, so a file the
+    server would refuse is refused here too, in the same words.
+
+    @raise ConfigurationError: the file cannot be used.
+    """
+    if path is None:
+        return None
+    from mailgate import config
+
+    return config.readFile(path).get("database")
+
+
+def _databaseURL(args, environ):
+    """
+    The database URL to work on, and where it came from, for messages
+    about it: C{--database}, else the C{--config} file's, else
+    C{$MAILGATE_DATABASE}, else the default, as for the server.
+    """
+    if args.database:
+        return args.database, "--database"
+    fromFile = _configDatabase(args.config)
+    if fromFile:
+        return fromFile, f"database in {args.config}"
+    if environ.get("MAILGATE_DATABASE"):
+        return environ["MAILGATE_DATABASE"], "$MAILGATE_DATABASE"
+    return DEFAULT_DATABASE, (
+        f"--database: none was given, nor $MAILGATE_DATABASE, and the default, {DEFAULT_DATABASE}, "
+        "is in the working directory"
+    )
+
+
+def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
+    """
+    Run the command; return its exit code.
+    """
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    environ = os.environ if environ is None else environ
+    parser = buildParser()
+    try:
+        # argparse writes help and usage errors to sys.stdout/sys.stderr;
+        # send them to the streams this run was given.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args, rest = parser.parse_known_args(argv)
+            if args.command != "serve":
+                args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EX_USAGE if e.code else EX_OK
+    if args.command == "serve":
+        if args.config is not None:
+            # Before serve's own options, so that a --config of its own wins.
+            rest = ["--config", args.config, *rest]
+        return _serve(rest, args.database, stdout, stderr)
+    delivering = args.run is _deliver
+    try:
+        url, source = _databaseURL(args, environ)
+    except ConfigurationError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    store = None
+    try:
+        args.stderr = stderr
+        if getattr(args, "store", True):
+            # Only the commands that start a database from nothing create
+            # its file: any other one on a mistyped path would make an
+            # empty database and report no users.
+            store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
+        args.run(store, args, stdout, stdin)
+        # Here rather than at exit, so that a reader gone is seen below.
+        stdout.flush()
+        return EX_OK
+    except CommandError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return e.code
+    except NoSuchDatabase as e:
+        stderr.write(f"mailgate: {e} (check {source}; mailgate user add or db upgrade creates it)\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    except TemporaryFailure as e:
+        stderr.write(f"mailgate: temporary failure, try again: {e}\n")
+        return EX_TEMPFAIL
+    except ConfigurationError as e:
+        # A database that cannot be opened: say whose URL it was.
+        where = "" if store is not None or source.startswith("--database") else f"{source}: "
+        stderr.write(f"mailgate: {where}{e}\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    except MailgateError as e:
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+    except KeyboardInterrupt:
+        stderr.write("mailgate: interrupted\n")
+        return 130
+    except Exception as e:
+        if isinstance(e, BrokenPipeError) and _readerGone(stdout):
+            # mailgate mailbox list ... | head: nothing failed.  deliver
+            # writes only once the message is stored: a retry would store
+            # it twice.
+            return EX_OK if delivering else EXIT_READER_GONE
+        stderr.write(f"mailgate: internal error: {e.__class__.__name__}: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _readerGone(stream):
+    """
+    Whether C{stream} is a pipe (or socket) that nothing reads any more,
+    rather than some other part of the command having met a broken pipe.
+    (Asked of the descriptor: what failed to be written may be gone from
+    the stream's buffer, so flushing it again can succeed.)
+    """
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except Exception:
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
+def main():
+    status = run(sys.argv[1:])
+    if _readerGone(sys.stdout):
+        # The interpreter flushes standard output once more on exit, and
+        # would report the broken pipe as an exception ignored.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(status)

@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate ban ...}: the addresses banned by every node.
+"""
+
+import datetime
+import time
+
+from mailgate.cli.common import CommandError, EX_DATAERR, _addJSON, _jsonLines, _number, _result
+from mailgate.store.bounds import parseWhole
+
+
+# -- bans (the connection policy's, shared through the database) -----------
+
+
+def _banAddress(text):
+    from mailgate.policy.addresses import addressText
+
+    try:
+        return addressText(text)
+    except ValueError:
+        raise CommandError(f"not an IP address (nor an IPv6 /64 network): {text!r}", EX_DATAERR)
+
+
+def _utc(at):
+    """
+    A time as C{ban} shows it; one no date can hold (a ban stored by an
+    older mailgate, which took any length) as its number of seconds.
+    """
+    try:
+        return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{int(at)} (seconds since 1970, past year 9999)"
+
+
+def _policyStore(store):
+    from mailgate.store.policy import SQLPolicyStore
+
+    return SQLPolicyStore(store.database)
+
+
+def _banList(store, args, out, stdin):
+    bans = _result(_policyStore(store).listBans(time.time()))
+    if args.json:
+        return _jsonLines(out, (
+            {"address": b.address, "reason": b.reason, "failures": b.failures, "expires": _utc(b.expires)}
+            for b in bans
+        ))
+    out.write(f"{'ADDRESS':<39} {'REASON':<14} {'FAILURES':>8}  EXPIRES\n")
+    for ban in bans:
+        out.write(f"{ban.address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
+
+
+def _banAdd(store, args, out, stdin):
+    import ipaddress
+
+    from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
+
+    from mailgate.policy.settings import MAX_BAN_TIME
+
+    address = _banAddress(args.address)
+    duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
+    ban = _result(_policyStore(store).addBan(address, time.time(), duration))
+    out.write(f"banned {address} until {_utc(ban.expires)}\n")
+    banned = ipaddress.ip_network(address)
+    if any(banned.overlaps(ipaddress.ip_network(n)) for n in DEFAULT_EXEMPT_NETWORKS):
+        out.write(
+            f"note: {address} is in the default --exempt-network; servers exempting it "
+            f"do not enforce this ban\n"
+        )
+
+
+def _banDel(store, args, out, stdin):
+    from mailgate.policy.addresses import parseAddress
+
+    address = _banAddress(args.address)
+    policy = _policyStore(store)
+    removed = _result(policy.removeBan(address))
+    if "/" not in args.address:
+        # A ban stored by an earlier mailgate names the IPv6 address alone.
+        single = str(parseAddress(args.address))
+        if single != address:
+            removed = _result(policy.removeBan(single)) or removed
+    if not removed:
+        raise CommandError(f"no ban for {address}")
+    out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
+
+
+def _addBanCommands(commands):
+    """
+    C{mailgate ban list|add|del}: running servers (every node) enforce a
+    change within seconds.
+    """
+    from mailgate.policy.settings import BAN_TIME
+
+    ban = commands.add_parser(
+        "ban",
+        help="list, add and lift bans of client addresses",
+        description="Bans of client addresses, shared by every server on the database: "
+        "a running server enforces a ban added or lifted here within a second.",
+    ).add_subparsers(dest="action", metavar="ACTION")
+    ban.required = True
+    banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
+    _addJSON(banList)
+    banList.set_defaults(run=_banList, migrate=True)
+    banAdd = ban.add_parser(
+        "add", help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)"
+    )
+    banAdd.add_argument("address", metavar="ADDRESS")
+    banAdd.add_argument(
+        "--for",
+        dest="duration",
+        default=str(BAN_TIME),
+        metavar="SECONDS",
+        help=f"how long the ban lasts, at most ten years (default: {BAN_TIME})",
+    )
+    banAdd.set_defaults(run=_banAdd, migrate=True)
+    banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
+    banDel.add_argument("address", metavar="ADDRESS")
+    banDel.set_defaults(run=_banDel, migrate=True)

@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+Shared by the commands of C{mailgate}: the exit codes (sysexits(3)), the
+one-line command error, and reading what an administrator gives (addresses,
+passwords, numbers, limits) and writing what a command answers.
+"""
+
+import datetime
+import getpass
+import json
+import math
+
+from mailgate.address import normalizeAddress
+from mailgate.errors import InvalidAddress, NoSuchUser
+from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+#: What a shell reports for a command killed by SIGPIPE (C{ls | head}):
+#: the reader of standard output went away before the command was done.
+EXIT_READER_GONE = 128 + 13
+
+
+class CommandError(Exception):
+    """
+    A failure to report in one line, with its exit code.
+    """
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+def _result(d):
+    """
+    The result of an already-fired L{Deferred} from a synchronous store.
+    """
+    box = []
+    d.addBoth(box.append)
+    if not box:
+        raise RuntimeError("store returned an unfired Deferred")
+    value = box[0]
+    if hasattr(value, "raiseException"):
+        value.raiseException()
+    return value
+
+
+def _address(text):
+    try:
+        return normalizeAddress(text)
+    except InvalidAddress as e:
+        raise CommandError(str(e), EX_DATAERR)
+
+
+def _readPassword(args, stdin, confirm=True):
+    """
+    The password: one line from standard input with C{--password-stdin},
+    else asked for twice on the terminal.
+    """
+    if args.password_stdin:
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError:
+            raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
+        password = line.rstrip("\r\n")
+    else:
+        if not (hasattr(stdin, "isatty") and stdin.isatty()):
+            raise CommandError(
+                "no terminal to ask for a password on; use --password-stdin", EX_USAGE
+            )
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ", EX_DATAERR)
+    if not password:
+        raise CommandError("empty password", EX_DATAERR)
+    if "\0" in password:
+        raise CommandError("the password contains a NUL character", EX_DATAERR)
+    try:
+        # Python reads bytes that are not UTF-8 as lone surrogates
+        # (surrogateescape), which no password hash can take.
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
+    return password
+
+
+def _forUser(address, d):
+    """
+    The result of C{d}, a store call about the account C{address}: the
+    store's L{NoSuchUser} becomes this command's "no such user" error.
+    """
+    try:
+        return _result(d)
+    except NoSuchUser:
+        raise CommandError(f"no such user: {address}", EX_NOUSER) from None
+
+
+def _existingUser(store, address):
+    user = _result(store.findUser(address))
+    if user is None:
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    return user
+
+
+def _inSession(address):
+    """
+    The refusal of a command that would change a maildrop a POP3 session
+    has open.
+    """
+    return CommandError(
+        f"{address} is in a POP3 session; try again once it ended (or end it: mailgate kick {address})",
+        EX_TEMPFAIL,
+    )
+
+
+def _jsonLines(out, records):
+    """
+    C{--json}: one JSON object per line, for scripts (C{jq}, or a line at a
+    time): the same rows as the table, whose widths and words are for
+    people and may change, under keys that do not.
+    """
+    for record in records:
+        out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def _limitValue(own, unit=None):
+    """
+    A user's own limit as C{--json} gives it: a number, C{"default"}, or
+    C{"none"} (C{"never"} for days).
+    """
+    if own is None or own < 0:
+        return describeLimit(own, unit)
+    return own
+
+
+def _limit(text, parse, what):
+    """
+    A limit as the store keeps it, from C{default}, C{none} / C{never} or
+    a value.
+    """
+    word = text.strip().lower()
+    if word == "default":
+        return DEFAULT
+    if word in ("none", "never", "unlimited"):
+        return UNLIMITED
+    return _number(text, parse, what)
+
+
+def _number(text, parse, what, minimum=0):
+    """
+    A number given on the command line, read by C{parse} (which refuses
+    what is not one, or too large, with L{ValueError}) and at least
+    C{minimum}: anything else is a usage error that says why.
+    """
+    try:
+        value = parse(text)
+    except ValueError as e:
+        raise CommandError(f"bad {what}: {e}", EX_USAGE)
+    if value < minimum:
+        reason = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        raise CommandError(f"bad {what}: {reason}", EX_USAGE)
+    return value
+
+
+def _messageCount(text):
+    return parseWhole(text, MAX_MESSAGES)
+
+
+def _dayCount(text):
+    return parseWhole(text, MAX_DAYS)
+
+
+def _seconds(text):
+    """
+    A finite number of seconds, as a float.
+    """
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+def _addHashed(parser):
+    parser.add_argument(
+        "--hashed",
+        action="store_true",
+        help="what is read is a password hash another server made, as Dovecot writes it "
+        "({SHA512-CRYPT}$6$..., {BLF-CRYPT}..., a bare $6$... crypt string, ...): kept, and "
+        "replaced by mailgate's own at the user's first login",
+    )
+
+
+def _time(seconds):
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _addJSON(parser):
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line, for scripts, instead of the table",
+    )

@@ -1,0 +1,59 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate db ...}: the schema's version and upgrade, and copying a
+database to another.
+"""
+
+from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL
+from mailgate.errors import ConfigurationError, TemporaryFailure
+from mailgate.store import openSynchronousStore
+from mailgate.store.schema import LATEST, recordedVersion, upgrade
+
+
+def _dbUpgrade(store, args, out, stdin):
+    database = store.database
+    applied = upgrade(database)
+    for migration in applied:
+        out.write(f"applied migration {migration.version}: {migration.description}\n")
+    out.write(f"schema is at version {LATEST}\n")
+
+
+def _dbCopy(store, args, out, stdin):
+    from mailgate.store.copy import CopyError, copyDatabase
+
+    source = _copySide(args.source, "--from", create=False)
+    try:
+        target = _copySide(args.target, "--to", create=True)
+        try:
+            report = copyDatabase(source, target)
+        except CopyError as e:
+            raise CommandError(str(e), EX_CANTCREAT)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    out.write(
+        f"copied {report.users} users and {report.messages} messages "
+        f"({report.bodies} bodies, {report.octets} octets); unique ids preserved\n"
+    )
+
+
+def _copySide(url, option, create):
+    """
+    The store of one side of C{db copy}, or an error that says which side
+    cannot be opened, as C{--database}'s would.
+    """
+    try:
+        return openSynchronousStore(url, create=create)
+    except TemporaryFailure as e:
+        raise CommandError(f"{option}: temporary failure, try again: {e}", EX_TEMPFAIL) from None
+    except ConfigurationError as e:
+        raise CommandError(f"{option}: {e}", EX_CONFIG) from None
+
+
+def _dbVersion(store, args, out, stdin):
+    # Read without writing: on a database that is not mailgate's (a
+    # mistaken --database), the table of versions is not created.
+    version = store.database.run(recordedVersion) or 0
+    newer = "; newer than this mailgate: upgrade mailgate" if version > LATEST else ""
+    out.write(f"schema version {version} (this mailgate: {LATEST}){newer}\n")

@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate deliver}: a message from standard input into local maildrops,
+for an MTA's pipe transport.
+"""
+
+from mailgate.address import normalizeAddress
+from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, _existingUser, _result
+from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
+from mailgate.message import spoolFile
+
+
+def _sender(text):
+    """
+    The envelope sender of C{deliver -f}, checked as SMTP's MAIL FROM
+    checks it (it goes into the Return-Path: field): a mailbox, with or
+    without its angle brackets, or the null sender (C{''} or C{<>}).
+    """
+    from mailgate.smtp.syntax import MAX_PATH, EnvelopeSyntaxError, checkMailbox
+
+    inside = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    if not inside:
+        return ""
+    try:
+        if len(inside) > MAX_PATH:
+            raise EnvelopeSyntaxError("address too long")
+        return checkMailbox(inside, utf8=True, maxLocalPart=None)
+    except EnvelopeSyntaxError as e:
+        raise CommandError(f"bad sender {text[:60]!r}: {e}", EX_DATAERR) from None
+
+
+def _deliver(store, args, out, stdin):
+    addresses = []
+    for text in args.addresses:
+        try:
+            addresses.append(normalizeAddress(text))
+        except InvalidAddress as e:
+            raise CommandError(str(e), EX_NOUSER)
+    # All or nothing: an unknown recipient fails the delivery before any copy
+    # is stored, so the MTA's bounce tells the whole truth.
+    sender = None if args.sender is None else _sender(args.sender)
+    for address in addresses:
+        _existingUser(store, address)
+    trace = ()
+    if sender is not None:
+        # Like the final delivery of SMTP and LMTP: where the message came
+        # from, and that mailgate stored it.
+        import socket
+
+        from mailgate.smtp.envelope import Envelope, traceHeaders
+
+        envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
+        trace = traceHeaders(envelope, socket.getfqdn())
+    source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
+    try:
+        # All or nothing, here too: a recipient vanished or over quota
+        # since the check above stores nothing for anyone.
+        results = _result(store.deliver(addresses, source, partial=False))
+    except NoSuchUser as e:
+        raise CommandError(f"no such user: {e}", EX_NOUSER)
+    except QuotaExceeded as e:
+        # Temporary: the MTA keeps the message and retries once the user
+        # has made room (Dovecot's default for a full mailbox).
+        raise CommandError(f"{e}; try again later", EX_TEMPFAIL)
+    finally:
+        source.close()
+    for address, uniqueId in results.items():
+        out.write(f"delivered to {address} as {uniqueId}\n")

@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate import ...}: bringing maildrops over from a maildir or a live
+POP3 server, keeping their unique ids.
+"""
+
+import time
+
+from mailgate.cli.common import (
+    CommandError,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    _address,
+    _number,
+    _readPassword,
+    _result,
+)
+from mailgate.store.bounds import parseSize
+
+
+def _importReport(report, out, stderr, who=None):
+    prefix = f"{who}: " if who else ""
+    for failure in report.failures:
+        stderr.write(f"mailgate: {prefix}{failure}\n")
+    out.write(f"{prefix}{report.summary()}\n")
+
+
+def _importTarget(store, address):
+    user = _result(store.findUser(address))
+    if user is None:
+        raise CommandError(f"no such user: {address} (add it with mailgate user add first)", EX_NOUSER)
+
+
+def _importMaildir(store, args, out, stdin):
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.maildir import formatUidl, importMaildir
+
+    if args.uidl_format is not None:
+        # Checked before the maildir is read, so that a format's own
+        # mistake is not taken for one the maildir cannot serve.
+        try:
+            formatUidl(args.uidl_format, {letter: "1" for letter in "uvmfg"})
+        except ValueError as e:
+            raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
+    address = _address(args.address)
+    _importTarget(store, address)
+    try:
+        report = importMaildir(
+            store, args.directory, address, args.uidl_format, int(time.time()),
+            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"), uidListPath=args.uidlist,
+        )
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_NOINPUT)
+    _importReport(report, out, args.stderr)
+    if report.interrupted:
+        # The database, not the maildir: the run can simply be repeated.
+        raise CommandError("the import was interrupted; run it again to finish", EX_TEMPFAIL)
+    if report.failures:
+        raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
+
+
+def _readUsers(path, passwords=True):
+    """
+    C{(address, password)} per line of a C{--users} file: the address, a
+    space, and the password (the rest of the line); empty lines and lines
+    starting with C{#} are skipped.
+
+    @param passwords: whether lines have passwords; without (a master
+        user logs in for everyone), a line is an address alone, and
+        C{password} is C{None}.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise CommandError(f"{path} line {line}: not UTF-8 text", EX_DATAERR)
+    users = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        address, _, password = line.strip().partition(" ")
+        if passwords and not password:
+            raise CommandError(f"{path} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
+        if not passwords and password:
+            raise CommandError(
+                f"{path} line {number}: expected an ADDRESS alone (the master user's password "
+                f"serves every user)", EX_DATAERR,
+            )
+        users.append((_address(address), password or None))
+    return users
+
+
+def _pop3URL(url, parseURL, ImportFailed):
+    """
+    The parts of an import's source URL, as L{parseURL} finds them, or a
+    usage error: for what it refuses, what L{urllib.parse} cannot split
+    (C{pop3://[::1}) and port 0, which it would take for "no port".
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = parseURL(url)
+        port = urlsplit(url).port
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_USAGE)
+    except ValueError as e:
+        raise CommandError(f"bad URL {url!r}: {e}", EX_USAGE)
+    if port == 0:
+        raise CommandError(f"bad port in {url!r}: 0", EX_USAGE)
+    return parts
+
+
+def _masterRefused(address, master, refusal):
+    """
+    The end of an import through a master user whose first login was
+    refused: with a wrong master password or separator every login would
+    be, each after the source's delay for failed logins (Dovecot's grows to
+    15 seconds), hours of refusals for a few thousand users, ending in a
+    "run it again" that could not help.
+    """
+    return CommandError(
+        f"{address}: {refusal}; stopped: no login through the master user {master} has worked yet, "
+        f"and with a wrong master password or --master-separator (the source's "
+        f"auth_master_user_separator) every one would be refused; check them (or, if the source "
+        f"has no {address}, take it off the list) and run the import again",
+        EX_NOPERM,
+    )
+
+
+def _importPOP3(store, args, out, stdin):
+    from mailgate.importers import ImportFailed, ImportReport
+    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL
+
+    urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
+    master = args.master_user
+    if master is not None:
+        if urlUser is not None:
+            raise CommandError("with --master-user, each user logs in through it: no user in the URL", EX_USAGE)
+        if not master.strip() or not args.master_separator or any(c.isspace() for c in master):
+            raise CommandError("--master-user and --master-separator must be words", EX_USAGE)
+        if len(args.master_separator) != 1 or args.master_separator.isspace():
+            # Dovecot's auth_master_user_separator is one character: the
+            # source would split "alice**migrator" at the first.
+            raise CommandError("--master-separator is one character, as Dovecot's", EX_USAGE)
+    elif args.master_separator != "*":
+        raise CommandError("--master-separator goes with --master-user", EX_USAGE)
+    if args.users is not None:
+        if args.address is not None:
+            raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
+        if urlUser is not None:
+            raise CommandError("with --users, each user logs in as its ADDRESS: no user in the URL", EX_USAGE)
+        users = _readUsers(args.users, passwords=master is None)
+    else:
+        if args.address is None:
+            raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
+        users = [(_address(args.address), None)]
+    maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+    total = ImportReport()
+    failedUsers = []
+    masterPassword = None
+    # Whether a user's mail came through the master user in this run.
+    masterWorks = False
+    for address, password in users:
+        try:
+            _importTarget(store, address)
+            login = None
+            if master is not None:
+                # Dovecot's master users: "alice@example.org*migrator"
+                # logs in as alice with the master user's password.
+                if args.master_separator in address:
+                    # The source splits the login at the first one.
+                    raise CommandError(
+                        f"the address has the master separator {args.master_separator!r} in it, where "
+                        f"the source would split the login; import it with its own password",
+                        EX_DATAERR,
+                    )
+                if masterPassword is None:
+                    masterPassword = _readPassword(args, stdin, confirm=False)
+                password, login = masterPassword, f"{address}{args.master_separator}{master}"
+            elif password is None:
+                password = _readPassword(args, stdin, confirm=False)
+            # With --users, a warning names its user, as the failures do.
+            who = f"{address}: " if args.users is not None else ""
+            report = importPOP3(
+                store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
+                warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{line}\n"), maxSize=maxSize,
+            )
+        except (CommandError, ImportFailed) as e:
+            if args.users is None:
+                raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
+            if master is not None and not masterWorks and isinstance(e, LoginRefused):
+                raise _masterRefused(address, master, e) from None
+            # A maildrop in use ([IN-USE], or [LOGIN-DELAY]) answers a
+            # login that was right; [SYS/TEMP] may come before any check.
+            masterWorks = masterWorks or (isinstance(e, SourceBusy) and "[SYS/TEMP]" not in str(e).upper())
+            args.stderr.write(f"mailgate: {address}: {e}\n")
+            failedUsers.append(address)
+            out.write(f"{address}: failed\n")
+            out.flush()
+            continue
+        masterWorks = True
+        _importReport(report, out, args.stderr, address if args.users is not None else None)
+        # The progress of a long run, as it goes: through a pipe (tee, a
+        # log), the lines would wait for the end, or be lost with a kill.
+        out.flush()
+        if report.failures:
+            failedUsers.append(address)
+        total.add(report)
+    if args.users is not None:
+        incomplete = f"; {len(failedUsers)} of the users not complete" if failedUsers else ""
+        out.write(f"{len(users)} users: {total.summary()}{incomplete}\n")
+    if failedUsers or total.failures:
+        raise CommandError(
+            f"the import of {', '.join(failedUsers)} did not complete; run it again to finish",
+            EX_TEMPFAIL,
+        )

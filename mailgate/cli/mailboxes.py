@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate mailbox ...}: listing a maildrop, its kept deleted mail,
+restoring it, and expunging.
+"""
+
+import datetime
+import re
+import time
+
+from mailgate.cli.common import (
+    CommandError,
+    EX_DATAERR,
+    EX_USAGE,
+    _address,
+    _dayCount,
+    _forUser,
+    _inSession,
+    _jsonLines,
+    _number,
+    _result,
+    _time,
+)
+from mailgate.errors import MaildropInUse
+from mailgate.store.bounds import MAX_DAYS
+from mailgate.store.lifecycle import DAY
+
+
+def _mailboxList(store, args, out, stdin):
+    address = _address(args.address)
+    messages = _forUser(address, store.listMessages(address))
+    if args.json:
+        return _jsonLines(out, (
+            {"number": m.number, "octets": m.size, "unique_id": m.uniqueId, "arrived": _time(m.arrived)}
+            for m in messages
+        ))
+    out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} ARRIVED\n")
+    for message in messages:
+        out.write(
+            f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
+            f"{_time(message.arrived)}\n"
+        )
+    status = _result(store.quotaOf(address))
+    if status is not None:
+        limits = []
+        if status.quotaOctets is not None:
+            limits.append(f"{status.quotaOctets} octets")
+        if status.quotaMessages is not None:
+            limits.append(f"{status.quotaMessages} messages")
+        out.write(
+            f"\nin use: {status.usedMessages} messages, {status.usedOctets} octets; "
+            f"quota: {', '.join(limits) if limits else 'server default'}\n"
+        )
+
+
+def _mailboxDeleted(store, args, out, stdin):
+    address = _address(args.address)
+    messages = _forUser(address, store.listDeleted(address))
+    if args.json:
+        return _jsonLines(out, (
+            {
+                "number": m.number,
+                "octets": m.size,
+                "unique_id": m.uniqueId,
+                "deleted": _time(m.deletedAt),
+                "from": m.deletedBy,
+            }
+            for m in messages
+        ))
+    out.write(f"{'NUMBER':>6} {'OCTETS':>10}  {'UNIQUE-ID':<20} {'DELETED':<20} FROM\n")
+    for message in messages:
+        out.write(
+            f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
+            f"{_time(message.deletedAt):<20} {message.deletedBy or '-'}\n"
+        )
+
+
+_AGO = re.compile(r"^([0-9]+)([smhd])$")
+_AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parseTime(text, now):
+    """
+    Seconds since the epoch from an ISO 8601 time (UTC unless it says
+    otherwise: C{2024-05-01T10:00:00Z}, C{2024-05-01 10:00}, C{2024-05-01})
+    or a time ago (C{90m}, C{2h}, C{3d}).
+    """
+    match = _AGO.match(text.strip().lower())
+    if match:
+        ago = int(match.group(1)) * _AGO_UNITS[match.group(2)]
+        if ago > MAX_DAYS * DAY:
+            raise CommandError(f"bad time {text[:30]!r}: at most {MAX_DAYS}d ago", EX_USAGE)
+        return int(now - ago)
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return int(moment.timestamp())
+    except (ValueError, OverflowError):
+        # OverflowError: a time zone that takes the first year before it.
+        raise CommandError(
+            f"bad time {text[:30]!r}: use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)", EX_USAGE
+        )
+
+
+def _mailboxRestore(store, args, out, stdin):
+    address = _address(args.address)
+    since = None if args.since is None else _parseTime(args.since, time.time())
+    restored, missing = _forUser(
+        address, store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
+    )
+    for old, new in restored:
+        out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
+    out.write(f"{len(restored)} messages restored to {address}\n")
+    if missing:
+        raise CommandError(
+            f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR
+        )
+
+
+def _mailboxExpunge(store, args, out, stdin):
+    address = _address(args.address)
+    days = None if args.all else _number(args.older_than, _dayCount, "--older-than")
+    try:
+        removed = _forUser(address, store.expungeMessages(address, days))
+    except MaildropInUse:
+        raise _inSession(address)
+    what = "every message" if args.all else f"messages older than {days} days"
+    out.write(f"removed {removed} messages ({what}) from {address}\n")

@@ -1,0 +1,329 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+C{mailgate user ...}: adding, changing and removing users, their passwords
+(kept, or as another server hashed them), quotas and retention.
+"""
+
+import re
+
+from mailgate.address import normalizeDomain
+from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
+from mailgate.auth.passwords import (
+    StoredCredentials,
+    importedCredentials,
+    makeCredentials,
+    needsUpgrade,
+    verifyPassword,
+)
+from mailgate.cli.common import (
+    CommandError,
+    EX_CANTCREAT,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    _address,
+    _dayCount,
+    _existingUser,
+    _forUser,
+    _inSession,
+    _jsonLines,
+    _limit,
+    _limitValue,
+    _messageCount,
+    _readPassword,
+    _result,
+)
+from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
+from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
+from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, parseSize
+from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
+
+
+def _pastedHash(text):
+    """
+    A hash as given to C{--hashed}, without the spaces a paste brings
+    around it, except those ending a password kept in clear
+    (C{{PLAIN}secret }), which are the password's.
+    """
+    hashed = text.strip()
+    try:
+        scheme, encoding, _ = splitScheme(hashed)
+    except UnusableHash:
+        return hashed
+    return text.lstrip() if scheme in CLEARTEXT and encoding is None else hashed
+
+
+def _credentials(args, password, apop):
+    """
+    What the store keeps for what was read: a password, or with
+    C{--hashed} a hash another server made (Dovecot's C{{SCHEME}...}).
+    """
+    if not args.hashed:
+        return makeCredentials(password, apop=apop)
+    if apop:
+        raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
+    try:
+        return importedCredentials(_pastedHash(password))
+    except UnusableHash as e:
+        raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
+
+
+def _userAdd(store, args, out, stdin):
+    address = _address(args.address)
+    if args.hashed and args.apop:
+        raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
+    password = _readPassword(args, stdin)
+    try:
+        _result(store.addUser(address, _credentials(args, password, args.apop)))
+    except UserExists:
+        raise CommandError(f"user {address} already exists", EX_CANTCREAT)
+    out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
+
+
+def _storedQuota(address, quota):
+    """
+    The C{setQuota} changes of a passwd-file account's quota (numbers, 0
+    for no limit, as Dovecot has them).
+
+    @raise CommandError: a quota larger than mailgate keeps.
+    """
+    changes = {}
+    for what, amount in quota.items():
+        if amount > (MAX_MESSAGES if what == "messages" else MAX_SIZE):
+            raise CommandError(f"{address}: its quota ({amount} {what}) is larger than mailgate keeps", EX_DATAERR)
+        changes[what] = amount or UNLIMITED
+    return changes
+
+
+def _staleImport(store, address, credentials):
+    """
+    The stored hash of a user imported before, if it still is the one
+    imported (they have not logged in to mailgate since) and is not the
+    one the passwd-file has now (they changed their password on the old
+    server while the move went on); else C{None}.
+    """
+    user = _result(store.findUser(address))
+    if user is None or not needsUpgrade(user.passwordHash) or user.passwordHash == credentials.passwordHash:
+        return None
+    return user.passwordHash
+
+
+def _userImport(store, args, out, stdin):
+    """
+    Add the users of a Dovecot passwd-file, keeping their password hashes
+    (replaced by mailgate's own at each user's first login).  Users that
+    exist already are left as they are, so a run can be repeated; with
+    C{--refresh}, those still with an imported hash take the file's.
+    """
+    # Dovecot's passwd-file passdb reads a password without a {SCHEME}
+    # prefix in the scheme its args give (scheme=PLAIN), CRYPT by default.
+    scheme = args.scheme
+    if scheme is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", scheme):
+        raise CommandError(f"--scheme {scheme!r} is not a scheme's name (PLAIN, SHA512-CRYPT...)", EX_USAGE)
+    domain = None
+    if args.domain is not None:
+        try:
+            domain = normalizeDomain(args.domain)
+        except InvalidAddress as e:
+            raise CommandError(str(e), EX_USAGE) from None
+    try:
+        if args.file == "-":
+            lines = stdin.read().splitlines()
+        else:
+            # Octets that are not UTF-8 (a gecos field in Latin-1, copied
+            # from an old /etc/passwd) are kept as they are, and refuse
+            # only a line whose name or hash has some; the byte order mark
+            # an editor may put first is not part of the first user's name.
+            with open(args.file, encoding="utf-8-sig", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
+    added = updated = present = failed = 0
+    for account in readPasswdFile(lines, domain, scheme):
+        try:
+            if isinstance(account, RefusedLine):
+                raise CommandError(account.reason, EX_DATAERR)
+            address = account.address
+            try:
+                credentials = importedCredentials(account.password, apop=args.apop)
+            except UnusableHash as e:
+                raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
+            quota = _storedQuota(address, account.quota)
+            try:
+                _result(store.addUser(address, credentials))
+            except UserExists:
+                stale = _staleImport(store, address, credentials)
+                if stale is not None and args.refresh and _result(
+                    # Over the hash read just now only: a first login
+                    # meanwhile wins.
+                    store.upgradeCredentials(address, stale, credentials)
+                ):
+                    updated += 1
+                    out.write(f"updated {address}\n")
+                    continue
+                present += 1
+                hint = "" if stale is None or args.refresh else " (its imported password is not the file's: --refresh)"
+                out.write(f"exists {address}{hint}\n")
+                continue
+            if quota:
+                _result(store.setQuota(address, **quota))
+            apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
+        except CommandError as e:
+            if e.code == EX_TEMPFAIL:
+                raise
+            failed += 1
+            args.stderr.write(f"mailgate: {args.file} line {account.number}: {e}\n")
+            continue
+        added += 1
+        out.write(f"added {address}{apop}\n")
+    refreshed = f"{updated} updated, " if args.refresh else ""
+    out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
+    if failed:
+        raise CommandError(f"{failed} line(s) of {args.file} not imported", EX_DATAERR)
+
+
+def _userPasswd(store, args, out, stdin):
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    password = _readPassword(args, stdin)
+    if args.hashed and user.apopSecret is not None:
+        raise CommandError(f"{address} has APOP, which needs the password itself, not a hash", EX_USAGE)
+    credentials = _credentials(args, password, user.apopSecret is not None)
+    _result(store.setCredentials(address, credentials))
+    out.write(f"password changed for {address}\n")
+
+
+def _userDel(store, args, out, stdin):
+    address = _address(args.address)
+    try:
+        _forUser(address, store.deleteUser(address))
+    except MaildropInUse:
+        raise _inSession(address)
+    out.write(f"deleted {address} and their maildrop\n")
+
+
+def _userList(store, args, out, stdin):
+    users = _result(store.listUsers())
+    if args.json:
+        return _jsonLines(out, (
+            {
+                "address": user.address,
+                "messages": user.messages,
+                "octets": user.octets,
+                "apop": bool(user.apop),
+                "password": "imported" if user.passwordImported else "mailgate",
+                "quota_octets": _limitValue(user.quotaOctets),
+                "quota_messages": _limitValue(user.quotaMessages),
+                "expire_days": _limitValue(user.expireDays, "days"),
+            }
+            for user in users
+        ))
+    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} EXPIRE\n")
+    for user in users:
+        out.write(
+            f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
+            f"{'on' if user.apop else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
+            f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days')}\n"
+        )
+
+
+def _userQuota(store, args, out, stdin):
+    from mailgate.config import ZERO_QUOTA
+
+    address = _address(args.address)
+    octets = _limit(args.size, parseSize, "size")
+    changes = {"octets": octets}
+    if args.messages is not None:
+        changes["messages"] = _limit(args.messages, _messageCount, "message count")
+    for what, value in (("size", octets), ("message count", changes.get("messages"))):
+        if value == 0:
+            # As for --default-quota: not "no limit" (Dovecot's 0) but a
+            # mailbox that refuses all mail.
+            raise CommandError(f"bad {what}: {ZERO_QUOTA}", EX_USAGE)
+    _forUser(address, store.setQuota(address, **changes))
+    status = _result(store.quotaOf(address))
+    text = f"quota of {address}: {describeLimit(octets, 'octets')}"
+    if "messages" in changes:
+        text += f", messages: {describeLimit(changes['messages'])}"
+    out.write(f"{text}; in use: {status.usedMessages} messages, {status.usedOctets} octets\n")
+
+
+def _userExpire(store, args, out, stdin):
+    from mailgate.config import ZERO_DAYS
+
+    address = _address(args.address)
+    days = _limit(args.days, _dayCount, "number of days")
+    if days == 0:
+        # As for --expire-days: not "no limit" but all of the user's mail.
+        raise CommandError(f"bad number of days: {ZERO_DAYS}", EX_USAGE)
+    _forUser(address, store.setExpire(address, days))
+    out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
+              f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
+
+
+def _userTest(store, args, out, stdin):
+    """
+    Check a password as a login would (Dovecot's C{doveadm auth test}),
+    without logging in: nothing is changed, not even an imported hash.
+    """
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    password = _readPassword(args, stdin, confirm=False)
+    if not verifyPassword(password.encode("utf-8"), user.passwordHash):
+        raise CommandError(f"that is not the password of {address}", EX_NOPERM)
+    kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
+    out.write(f"the password of {address} is correct (kept as {kept})\n")
+
+
+def _userRecount(store, args, out, stdin):
+    if args.all == bool(args.addresses):
+        raise CommandError("give the ADDRESSes to recount, or --all", EX_USAGE)
+    if args.all:
+        addresses = [user.address for user in _result(store.listUsers())]
+    else:
+        addresses = [_address(text) for text in args.addresses]
+    wrong = 0
+    for address in addresses:
+        before, after = _forUser(address, store.recountUsage(address))
+        counted = f"{address}: {after[0]} messages, {after[1]} octets"
+        if before == after:
+            out.write(f"{counted}, as kept\n")
+        else:
+            wrong += 1
+            out.write(f"{counted} (was kept as {before[0]} messages, {before[1]} octets)\n")
+    if args.all:
+        out.write(f"recounted {len(addresses)} users; the use kept for {wrong} was wrong\n")
+
+
+def _userApop(store, args, out, stdin):
+    address = _address(args.address)
+    user = _existingUser(store, address)
+    if args.state == "off":
+        credentials = StoredCredentials(user.passwordHash, user.scramSha256, None)
+        _result(store.setCredentials(address, credentials))
+        out.write(f"APOP disabled for {address}; its stored secret is erased\n")
+        return
+    # The database holds only a hash, so APOP needs the password once more:
+    # it must be the user's current password.
+    password = _readPassword(args, stdin, confirm=False)
+    if not verifyPassword(password.encode("utf-8"), user.passwordHash):
+        raise CommandError(f"that is not the current password of {address}", EX_DATAERR)
+    credentials = StoredCredentials(user.passwordHash, user.scramSha256, password)
+    _result(store.setCredentials(address, credentials))
+    out.write(f"APOP enabled for {address}\n")
+
+
+def _userRename(store, args, out, stdin):
+    old, new = _address(args.old), _address(args.new)
+    if old == new:
+        _existingUser(store, old)
+        raise CommandError(f"OLD and NEW are the same address, {old}: nothing to rename", EX_USAGE)
+    try:
+        _forUser(old, store.renameUser(old, new))
+    except UserExists:
+        raise CommandError(f"user {new} already exists", EX_CANTCREAT)
+    except MaildropInUse:
+        raise _inSession(old)
+    out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
