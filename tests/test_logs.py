@@ -267,9 +267,11 @@ def jsonLines(text):
     return [json.loads(line) for line in lines]
 
 
-@sqliteOnly
-def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
-    server = mailgate_server("--log-format", "json", "--no-apop")
+def refusedThenRightLogin(server, mailgate_cli):
+    """
+    Two POP3 sessions of alice's: one refused (a wrong password), then one
+    that logs in, asks STAT and quits.
+    """
     mailgate_cli.addUser("alice@example.org", "correct horse")
     pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
     pop.user("alice@example.org")
@@ -279,7 +281,14 @@ def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
     pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
     pop.user("alice@example.org")
     pop.pass_("correct horse")
+    pop.stat()
     pop.quit()
+
+
+@sqliteOnly
+def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
+    server = mailgate_server("--log-format", "json", "--no-apop")
+    refusedThenRightLogin(server, mailgate_cli)
     assert server.stop() in (0, -signal.SIGTERM)
     records = jsonLines(server.stdout)
     # twistd's own start-up lines too.
@@ -304,17 +313,7 @@ def test_textLinesNameTheirSession(mailgate_server, mailgate_cli):
     and every line of each carries its own id.
     """
     server = mailgate_server("--no-apop")
-    mailgate_cli.addUser("alice@example.org", "correct horse")
-    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
-    pop.user("alice@example.org")
-    with pytest.raises(poplib.error_proto):
-        pop.pass_("wrong battery")
-    pop.quit()
-    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
-    pop.user("alice@example.org")
-    pop.pass_("correct horse")
-    pop.stat()
-    pop.quit()
+    refusedThenRightLogin(server, mailgate_cli)
     assert server.stop() in (0, -signal.SIGTERM)
     sessions = {}
     for line in server.stdout.splitlines():

@@ -37,15 +37,23 @@ def modes(dbpath):
     return found
 
 
-def test_adminCommandCreatesPrivateFiles(tmp_path, permissiveUmask):
-    dbpath = tmp_path / "mail.sqlite3"
+def modesAfterMail(dbpath):
+    """
+    The modes of the database's files once the admin command's store has
+    added a user and delivered a message to them.
+    """
     store = openSynchronousStore(f"sqlite:///{dbpath}")
     try:
         addUser(store, "alice@example.org", "pw")
         deliver(store, ["alice@example.org"], b"Subject: secret\r\n\r\nbody\r\n")
-        found = modes(dbpath)
+        return modes(dbpath)
     finally:
         store.close()
+
+
+def test_adminCommandCreatesPrivateFiles(tmp_path, permissiveUmask):
+    dbpath = tmp_path / "mail.sqlite3"
+    found = modesAfterMail(dbpath)
     assert set(found) >= {"", "-wal", "-shm"}, found
     assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
 
@@ -113,13 +121,7 @@ def test_anEmptyFileMadeBeforehandIsNarrowedBeforeMailGoesIn(tmp_path, permissiv
     dbpath = tmp_path / "mail.sqlite3"
     dbpath.touch()
     os.chmod(dbpath, 0o644)
-    store = openSynchronousStore(f"sqlite:///{dbpath}")
-    try:
-        addUser(store, "alice@example.org", "pw")
-        deliver(store, ["alice@example.org"], b"Subject: secret\r\n\r\nbody\r\n")
-        found = modes(dbpath)
-    finally:
-        store.close()
+    found = modesAfterMail(dbpath)
     assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
 
 
