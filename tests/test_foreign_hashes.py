@@ -794,13 +794,15 @@ class _UpgradeFailsOnce:
 
 
 @requireDovecot
-def test_anUpgradeThatFailedIsTriedAgainAtTheNextLogin(store):
+def test_anUpgradeThatFailedIsTriedAgainAtTheNextLogin(store, logEvents):
     """
     The first login's replacement of the imported hash fails: that login
     goes on, and the next one (through the same checker, whose cache
-    remembers recent logins) replaces it.
+    remembers recent logins) replaces it.  Each is logged, by the events
+    README names, with the user and never the password.
     """
     from mailgate.auth.cache import VerifiedCredentialCache
+    from twisted.logger import formatEvent
 
     resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("SHA512-CRYPT"))))
     flaky = _UpgradeFailsOnce(store)
@@ -810,6 +812,9 @@ def test_anUpgradeThatFailedIsTriedAgainAtTheNextLogin(store):
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("{SHA512-CRYPT}")
     assert login(flaky, PASSWORD, cache=cache).address == ALICE
     assert resultOf(store.findUser(ALICE)).passwordHash.startswith("$scrypt$")
+    logged = [e for e in logEvents if str(e.get("event", "")).startswith("auth.")]
+    assert [e["event"] for e in logged] == ["auth.upgrade_failed", "auth.hash_upgraded"]
+    assert all(e["user"] == ALICE and PASSWORD not in formatEvent(e) for e in logged)
 
 
 @requireDovecot
