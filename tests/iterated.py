@@ -6,10 +6,10 @@ from the reactor thread (the PostgreSQL lock connections).
 import time
 
 from twisted.internet.epollreactor import EPollReactor
-from twisted.python.failure import Failure
+from waiting import MustSucceed
 
 
-class IteratedReactor(EPollReactor):
+class IteratedReactor(MustSucceed, EPollReactor):
     """
     An epoll reactor that is neither installed nor run: L{wait} turns it,
     one iteration at a time, until a L{Deferred} has fired.  Calls from
@@ -25,17 +25,6 @@ class IteratedReactor(EPollReactor):
         d.addBoth(results.append)
         self.turnUntil(lambda: results, timeout)
         return results[0]
-
-    def resultOf(self, d, timeout=30):
-        """
-        The result of C{d}, which must succeed: its failure is raised, so
-        a step the test only waits for cannot fail unnoticed (L{wait}
-        hands a failure back, for the tests that expect one).
-        """
-        result = self.wait(d, timeout)
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
 
     def turnUntil(self, done, timeout=30):
         deadline = time.monotonic() + timeout

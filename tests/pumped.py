@@ -6,10 +6,10 @@ real worker threads (the database's, the lock slots').
 import queue
 import time
 
-from twisted.python.failure import Failure
+from waiting import MustSucceed
 
 
-class PumpedReactor:
+class PumpedReactor(MustSucceed):
     """
     Just enough of a reactor for L{mailgate.store.database.Database} and
     L{mailgate.store.postgres.AdvisoryLocks}: calls from the worker threads
@@ -61,17 +61,6 @@ class PumpedReactor:
         d.addBoth(results.append)
         self.pump(lambda: results, timeout)
         return results[0]
-
-    def resultOf(self, d, timeout=30):
-        """
-        The result of C{d}, which must succeed: its failure is raised, so
-        a step the test only waits for cannot fail unnoticed (L{wait}
-        hands a failure back, for the tests that expect one).
-        """
-        result = self.wait(d, timeout)
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
 
 
 class _NeverCalled:
