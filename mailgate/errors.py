@@ -40,6 +40,16 @@ class CommitUncertain(TemporaryFailure):
     """
 
 
+class MaildropLockLost(TemporaryFailure):
+    """
+    A session's deletions were not applied: its maildrop lock was lost on
+    the way (its connection to a shared database broke), and another
+    session may have the maildrop now.  Nothing was removed.  A temporary
+    failure for the client; not a failure of the database that was
+    written to.
+    """
+
+
 class MaildropInUse(MailgateError):
     """
     Another session holds the maildrop's exclusive lock (RFC 1939 section 8,

@@ -239,11 +239,19 @@ class IMaildropLocks(Interface):
         @return: a L{Deferred} that fires once the lock is free for others.
         """
 
-    def verify(userId):
+    def writeGuard(userId):
         """
-        Whether this process still holds the lock: a L{Deferred} L{bool}.
-        Checked before a session's deletions are applied, in case the lock
-        was lost (a broken connection to a shared database).
+        What the transaction applying a session's deletions runs first,
+        so that it commits only while this process holds the lock: a
+        callable taking the transaction's cursor and returning whether the
+        lock is still held (if not, the transaction must not go on), or
+        C{None} if the lock is already known lost (a broken connection to
+        a shared database) or not held.
+
+        Where other processes share the lock, the guard also keeps any of
+        them that takes the lock after it was lost from reading its
+        snapshot until the transaction has ended: that session sees the
+        deletions committed, or none of them.
         """
 
     def close():

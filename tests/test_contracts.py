@@ -109,12 +109,12 @@ def test_lockAndSnapshot(databaseURL):
         with pytest.raises(CredentialsChanged):
             resultOf(store.locks.acquireAndSnapshot(user.userId, "$scrypt$not-the-stored-one"))
         # ... and the lock was given back.
-        assert resultOf(store.locks.verify(user.userId)) is False
+        assert store.locks.writeGuard(user.userId) is None
         resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, ALICE))
         resultOf(store.locks.release(user.userId))
         with pytest.raises(CredentialsChanged):
             resultOf(store.locks.acquireAndSnapshot(user.userId, user.passwordHash, "old@example.org"))
-        assert resultOf(store.locks.verify(user.userId)) is False
+        assert store.locks.writeGuard(user.userId) is None
         resultOf(store.locks.acquireAndSnapshot(user.userId, None))
         resultOf(store.locks.release(user.userId))
     finally:

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from mailgate.errors import CredentialsChanged, MaildropInUse, TemporaryFailure
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks, _key
+from mailgate.store.rows import removeMessages
 from mailgate.testing import addUser, deliver, memoryStore, resultOf
 from iterated import IteratedReactor
 
@@ -150,20 +151,62 @@ def test_aPasswordChangedSinceItWasVerifiedGivesTheLockBack(node):
     assert alice not in locks._held
 
 
+def endBackend(url, pid):
+    """
+    End the backend C{pid} and wait until the server has let it go, without
+    turning the test's reactor: the node does not see its connection close.
+    """
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(100):
+            if admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0:
+                return
+        raise AssertionError(f"backend {pid} did not end")
+
+
+def waitingForAnAdvisoryLock(url):
+    """
+    Whether a backend of the test database waits for an advisory lock.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+        ).fetchone()[0] > 0
+
+
+def guardHolds(url, guard):
+    """
+    What a write guard says in a transaction of its own on another
+    connection, as a session's deletions run it (rolled back after).
+    """
+    engine = engineFromURL(url)
+    conn = engine.connect()
+    try:
+        return guard(engine.begin(conn, True))
+    finally:
+        engine.rollback(conn)
+        conn.close()
+
+
 def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     """
-    Killing the backend that holds a lock releases it at the database: this
-    node's check before deleting anything says so, another node can take
-    the lock, and after the session ends this node can lock it again.
+    Killing the backend that holds a lock releases it at the database: the
+    guard of this node's deletions says so, whether or not the node has
+    noticed yet; another node can take the lock, and after the session
+    ends this node can lock it again.
     """
     locks, reactor, ids, url = node
     alice = ids[0]
+    assert locks.writeGuard(alice) is None
     assert reactor.wait(locks.acquire(alice)) == alice
-    assert reactor.wait(locks.verify(alice)) is True
+    guard = locks.writeGuard(alice)
+    assert guardHolds(url, guard) is True
     [pid] = lockHolders(url)
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert reactor.wait(locks.verify(alice)) is False
+    endBackend(url, pid)
+    # The node has not seen its connection close: its guard asks the database.
+    assert guardHolds(url, locks.writeGuard(alice)) is False
+    reactor.turnUntil(lambda: locks.writeGuard(alice) is None, timeout=10)
     other = AdvisoryLocks(engineFromURL(url), reactor)
     try:
         assert reactor.wait(other.acquire(alice)) == alice
@@ -177,17 +220,48 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     reactor.resultOf(locks.release(alice))
 
 
-def endBackend(url, pid):
+def test_aNodeTakingALostLockSeesTheDeletionsBeingWrittenWholeOrNotAtAll(node):
     """
-    End the backend C{pid} and wait until the server has let it go, without
-    turning the test's reactor: the node does not see its connection close.
+    A session's deletions were checked by their guard and are being
+    written when the session's lock connection dies: the lock is free at
+    the database at once, but another node that takes it waits for that
+    write to end before reading its snapshot, which then does not list the
+    removed message (before, it read the snapshot at once, listed a
+    message about to vanish, and its client's RETR of it failed).
     """
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        for _ in range(100):
-            if admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0:
-                return
-        raise AssertionError(f"backend {pid} did not end")
+    locks, reactor, ids, url = node
+    setup = memoryStore(url)
+    for n in range(3):
+        deliver(setup, [USERS[0]], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    setup.close()
+    alice = ids[0]
+    uids, _, _ = reactor.wait(locks.acquireAndSnapshot(alice, None))
+    assert len(uids) == 3
+    engine = engineFromURL(url)
+    writer = engine.connect()
+    other = AdvisoryLocks(engineFromURL(url), reactor)
+    try:
+        cursor = engine.begin(writer, True)
+        assert locks.writeGuard(alice)(cursor) is True
+        removeMessages(cursor, alice, [uids[0]])
+        [pid] = lockHolders(url)
+        endBackend(url, pid)
+        taking = other.acquireAndSnapshot(alice, None)
+        taken = []
+        taking.addBoth(taken.append)
+        # The other node's lock statement took the lock and waits at the
+        # database for the write to end; its snapshot is not read meanwhile.
+        reactor.turnUntil(lambda: taken or waitingForAnAdvisoryLock(url), timeout=10)
+        assert taken == []
+        engine.commit(writer)
+        reactor.turnUntil(lambda: taken, timeout=10)
+        [(seen, _, _)] = taken
+        assert list(seen) == list(uids[1:])
+        reactor.resultOf(other.release(alice))
+    finally:
+        engine.rollback(writer)
+        writer.close()
+        reactor.resultOf(other.close())
 
 
 def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
@@ -211,7 +285,7 @@ def test_aLoginWhoseLockConnectionDiedUnnoticedRunsAgainOnAFreshOne(node):
     assert not isinstance(result, Failure), result
     assert slot.connection.backendPid != pid
     assert lockHolders(url) == [slot.connection.backendPid]
-    assert reactor.wait(locks.verify(alice)) is True
+    assert guardHolds(url, locks.writeGuard(alice)) is True
     reactor.resultOf(locks.release(alice))
     assert lockHolders(url) == []
     # Lost again with a second chance used: the failure reaches the login.
@@ -292,6 +366,43 @@ def test_openStoreRunsTheLocksOnTheReactorItIsGiven(postgresURL):
     assert any(getattr(t, "__self__", None) is lockConnections[0] for t in reactor.timers)
     assert reactor.fromThreads >= 3  # the user lookup, the lock connection, the expunge
     assert not [r for r in globalReactor.getReaders() if isinstance(r, ReactorConnection)]
+
+
+def test_aQuitWhoseLockWentUnnoticedDeletesNothing(postgresURL):
+    """
+    As below, but the node has not yet seen its lock connection close when
+    the client QUITs (the other node's session runs on a reactor of its
+    own): the removal's own transaction finds the lock no longer held by
+    that connection and removes nothing, with a temporary failure that
+    does not count against the database the removal was written to.
+    """
+    from mailgate.errors import MaildropLockLost
+    from mailgate.store import openStore
+
+    addUserWithThreeMessages(postgresURL)
+    reactor, otherReactor = RecordingReactor(), RecordingReactor()
+    store = openStore(postgresURL, reactor)
+    other = openStore(postgresURL, otherReactor)
+    try:
+        user = reactor.wait(store.findUser(USERS[0]))
+        maildrop = reactor.wait(store.openMaildrop(user))
+        [pid] = lockHolders(postgresURL)
+        endBackend(postgresURL, pid)
+        second = otherReactor.wait(other.openMaildrop(user))
+        assert not isinstance(second, Failure), second
+        failed = reactor.wait(maildrop.expunge([0, 2]))
+        assert isinstance(failed, Failure) and failed.check(MaildropLockLost), failed
+        assert store.database.writeFailure is None
+        assert len(reactor.wait(store.listMessages(USERS[0]))) == 3
+        reactor.resultOf(maildrop.release())
+        assert otherReactor.wait(second.expunge([1])) == 1
+        otherReactor.resultOf(second.release())
+        assert len(reactor.wait(store.listMessages(USERS[0]))) == 2
+    finally:
+        otherReactor.resultOf(other.close())
+        reactor.resultOf(store.close())
+        otherReactor.close()
+        reactor.close()
 
 
 def test_aQuitWhoseLockWentWithItsConnectionDeletesNothing(postgresURL):

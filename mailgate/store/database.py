@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import CommitUncertain, MailgateError, TemporaryFailure
+from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, TemporaryFailure
 from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
@@ -71,6 +71,9 @@ def _isDatabaseError(exc):
     mailgate's own verdicts (an existing user, a maildrop in use), which
     are answers, not failures.  A temporary failure is one.
     """
+    if isinstance(exc, MaildropLockLost):
+        # Lost on the lock's connection; the write's own was fine.
+        return False
     return isinstance(exc, TemporaryFailure) or not isinstance(exc, MailgateError)
 
 

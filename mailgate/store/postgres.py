@@ -30,7 +30,6 @@ from mailgate.store.pgreactor import (
     INT4,
     INT8,
     INT8_ARRAY,
-    OID,
     TEXT,
     BlockingConnection,
     ReactorConnection,
@@ -310,17 +309,56 @@ def _key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
 
 
-_LOCK = Statement("mailgate_lock", "SELECT pg_try_advisory_lock($1)", [INT8])
-_UNLOCK = Statement("mailgate_unlock", "SELECT pg_advisory_unlock($1)", [INT8])
-_HELD = Statement(
-    "mailgate_held",
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-    "AND pid = pg_backend_pid() AND granted AND classid = $1 AND objid = $2 AND objsubid = 1)",
-    [OID, OID],
+# The maildrop lock ($1), and once it is taken a wait for any transaction
+# that holds the maildrop's write key ($2): a session's deletions whose
+# lock was lost while they were being written (see WriteGuard).  The
+# snapshot, read by the next statement, then sees them whole.  CASE, whose
+# branches are evaluated in order, so a refused lock does not wait.
+_LOCK = Statement(
+    "mailgate_lock",
+    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN pg_advisory_xact_lock_shared($2)::text = '' ELSE false END",
+    [INT8, INT8],
 )
+_UNLOCK = Statement("mailgate_unlock", "SELECT pg_advisory_unlock($1)", [INT8])
 # The snapshot (see mailgate.store.snapshot), read on the lock's connection.
 _SNAPSHOT = Statement("mailgate_snapshot", snapshotQuery(PostgresEngine), [INT8], binary=True)
-_LOCK_STATEMENTS = (_LOCK, _UNLOCK, _HELD, _SNAPSHOT)
+_LOCK_STATEMENTS = (_LOCK, _UNLOCK, _SNAPSHOT)
+
+
+class WriteGuard:
+    """
+    What a session's deletions run first, in their own transaction on a
+    worker's connection, so that they commit only while this node holds
+    the maildrop's lock (see L{IMaildropLocks.writeGuard}).
+
+    A check made on the lock's connection before the write (what this
+    replaced) left a window: the lock connection lost between the check
+    and the commit let another node take the lock and read a snapshot
+    still listing the messages being removed.  Here the write transaction
+    first takes the maildrop's write key, an advisory lock held to its
+    end, and then checks, by the lock connection's backend pid, that the
+    lock is still held.  A node that takes the lock afterwards waits for
+    the write key before reading its snapshot (L{_LOCK}): it sees the
+    deletions committed, or none of them.
+
+    @ivar writeKey: the maildrop's write key.
+    @ivar lockKey: the maildrop's lock key.
+    @ivar pid: the backend pid of the connection holding the lock.
+    """
+
+    def __init__(self, writeKey, lockKey, pid):
+        self.writeKey = writeKey
+        self.lockKey = lockKey
+        self.pid = pid
+
+    def __call__(self, cursor):
+        cursor.execute("SELECT pg_advisory_xact_lock(?)", (self.writeKey,))
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = ? AND granted "
+            "AND classid = ?::oid AND objid = ?::oid AND objsubid = 1)",
+            (self.pid, (self.lockKey >> 32) & 0xFFFFFFFF, self.lockKey & 0xFFFFFFFF),
+        )
+        return bool(cursor.fetchone()[0])
 
 
 class _Connector:
@@ -378,7 +416,7 @@ class AdvisoryLocks:
     PostgreSQL backend is then awake and warm (a session costs three trips to
     it), while under load, or behind the snapshot of a huge maildrop, the
     work spreads over the others.  Every later operation on that lock (the
-    check, the unlock) and any acquire of the same maildrop issued before
+    unlock) and any acquire of the same maildrop issued before
     the unlock has completed go to the same slot, so that they run in the
     order they were issued, on the connection that holds the lock.
 
@@ -395,7 +433,7 @@ class AdvisoryLocks:
             hands back the connections made on a worker thread.
         @param metrics: the L{mailgate.metrics.Metrics} told how long each
             statement took (C{lockMaildrop}, C{readSnapshot},
-            C{unlockMaildrop}, C{verifyLock}) or that it failed: a POP3
+            C{unlockMaildrop}) or that it failed: a POP3
             login's trips to the database, as those on worker threads are.
         """
         self._connector = _Connector(reactor, "mailgate-lock-connect", self._connectNow)
@@ -442,8 +480,14 @@ class AdvisoryLocks:
         # before any statement is sent.
         return _key(f"{self._engine.namespace()}:maildrop:{userId}")
 
+    def _writeKey(self, userId):
+        return _key(f"{self._engine.namespace()}:maildrop-write:{userId}")
+
     def _keyParams(self, userId):
         return lambda: [str(self._key(userId)).encode("ascii")]
+
+    def _lockParams(self, userId):
+        return lambda: [str(self._key(userId)).encode("ascii"), str(self._writeKey(userId)).encode("ascii")]
 
     # Routing
 
@@ -501,7 +545,7 @@ class AdvisoryLocks:
         if userId in self._held:
             return defer.fail(MaildropInUse(userId))
         self._held[userId] = None
-        d = self._run(userId, _LOCK, self._keyParams(userId), "lockMaildrop")
+        d = self._run(userId, _LOCK, self._lockParams(userId), "lockMaildrop")
         connection = self._routes[userId][0].connection
 
         def done(rows):
@@ -581,37 +625,19 @@ class AdvisoryLocks:
 
         return d.addCallbacks(lambda _: None, failed).addBoth(settled)
 
-    def verify(self, userId):
+    def writeGuard(self, userId):
         """
-        Whether this node still holds the lock at the database: false once
-        the lock connection has been lost (and another node may have taken
-        the lock).  Checked before the UPDATE state deletes anything.
-
-        A lock connection lost before or during the check took the lock
-        with it: the answer is then false without asking.
+        A L{WriteGuard} for this node's lock on C{userId}'s maildrop, or
+        C{None} if the lock is not held or its connection is known lost
+        (another node may have taken the lock since).
         """
         generation = self._held.get(userId)
         if generation is None:
-            return defer.succeed(False)
+            return None
         connection = self._routes[userId][0].connection
-
-        def lost():
-            return not connection.connected or connection.connections != generation
-
-        if lost():
-            return defer.succeed(False)
-
-        def params():
-            key = self._key(userId)
-            return [str((key >> 32) & 0xFFFFFFFF).encode("ascii"), str(key & 0xFFFFFFFF).encode("ascii")]
-
-        def failed(failure):
-            if failure.check(TemporaryFailure) and lost():
-                return False
-            return failure
-
-        d = self._run(userId, _HELD, params, "verifyLock")
-        return d.addCallbacks(lambda rows: rows[0][0] == b"t", failed)
+        if not connection.connected or connection.connections != generation:
+            return None
+        return WriteGuard(self._writeKey(userId), self._key(userId), connection.backendPid)
 
     def close(self):
         self._held.clear()

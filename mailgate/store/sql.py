@@ -18,7 +18,7 @@ from collections import Counter
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import MaildropInUse, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
+from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
@@ -746,18 +746,14 @@ class SQLMaildrop:
         if not uids:
             return defer.succeed(0)
         peer = self.peer if peer is None else peer
-        d = self._store.locks.verify(self._userId)
-
-        def remove(held):
-            if not held:
-                raise TemporaryFailure("the maildrop lock was lost; nothing removed")
-            if self._store.limits.keepDeletedDays > 0:
-                return self._store.database.runWrite(
-                    lifecycle._keepDeleted, self._userId, uids, self._store._now(), peer
-                )
-            return self._store.database.runWrite(removeMessages, self._userId, uids)
-
-        return d.addCallback(remove)
+        guard = self._store.locks.writeGuard(self._userId)
+        if guard is None:
+            return defer.fail(MaildropLockLost(_LOCK_LOST))
+        if self._store.limits.keepDeletedDays > 0:
+            return self._store.database.runWrite(
+                _Guarded(guard, lifecycle._keepDeleted), self._userId, uids, self._store._now(), peer
+            )
+        return self._store.database.runWrite(_Guarded(guard, removeMessages), self._userId, uids)
 
     def release(self):
         if self._released:
@@ -768,6 +764,27 @@ class SQLMaildrop:
         if session is not None:
             self._store.sessions.ended(session)
         return defer.maybeDeferred(self._store.locks.release, self._userId)
+
+
+_LOCK_LOST = "the maildrop lock was lost; nothing removed"
+
+
+class _Guarded:
+    """
+    A session's deletions, C{remove(cursor, *args)}, made in a transaction
+    that holds the maildrop's lock (see L{IMaildropLocks.writeGuard}); it
+    is measured under C{remove}'s name.
+    """
+
+    def __init__(self, guard, remove):
+        self._guard = guard
+        self._remove = remove
+        self.__name__ = remove.__name__
+
+    def __call__(self, cursor, *args):
+        if not self._guard(cursor):
+            raise MaildropLockLost(_LOCK_LOST)
+        return self._remove(cursor, *args)
 
 
 def _headerOf(row):

@@ -319,8 +319,12 @@ class InProcessLocks:
         self._held.discard(userId)
         return defer.succeed(None)
 
-    def verify(self, userId):
-        return defer.succeed(userId in self._held)
+    def writeGuard(self, userId):
+        # One process, one writer: nothing else can take the lock while
+        # this session's deletions are written.
+        if userId not in self._held:
+            return None
+        return lambda cursor: userId in self._held
 
     def close(self):
         self._held.clear()
