@@ -286,6 +286,13 @@ class IMailStore(Interface):
         Whether any user has APOP enabled: a L{Deferred} L{bool}.
         """
 
+    def hasCramMD5Users():
+        """
+        Whether any user can log in with CRAM-MD5 (has APOP enabled, or
+        the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from
+        Dovecot): a L{Deferred} L{bool}.
+        """
+
     def sharedSecret(name):
         """
         The deployment's random secret named C{name} (a L{Deferred} of 32
@@ -305,7 +312,7 @@ class IMailStore(Interface):
     def setCredentials(address, credentials):
         """
         Replace a user's stored password material (hash, SCRAM keys, APOP
-        secret): a L{Deferred} that fires once committed.  A POP3 session
+        secret, CRAM-MD5 states): a L{Deferred} that fires once committed.  A POP3 session
         opened after that must use the new password (see L{openMaildrop}).
         Fails with L{mailgate.errors.NoSuchUser}.
         """

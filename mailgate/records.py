@@ -22,6 +22,10 @@ class UserRecord:
     passwordHash = attr.ib()
     scramSha256 = attr.ib(default=None)
     apopSecret = attr.ib(default=None)
+    #: the HMAC-MD5 states keyed with the password, in hex, as Dovecot's
+    #: C{{CRAM-MD5}} hash holds them (the user's CRAM-MD5 secret when it
+    #: came from Dovecot; see L{mailgate.auth.passwords.StoredCredentials})
+    cramMD5 = attr.ib(default=None)
 
     def __repr__(self):
         # Never let password material reach a log line.
@@ -46,6 +50,9 @@ class UserSummary:
     #: whether the password hash is still one imported from another server
     #: (the user has not logged in with it since)
     passwordImported = attr.ib(default=False)
+    #: whether the user keeps the HMAC-MD5 states of a C{{CRAM-MD5}} hash
+    #: imported from Dovecot, for CRAM-MD5 (as users with APOP can)
+    cramMD5 = attr.ib(default=False)
 
 
 @attr.s(frozen=True, slots=True)

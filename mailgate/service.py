@@ -552,7 +552,8 @@ def makePOP3Factory(
         policy=policy,
         expire=expire,
     )
-    # CRAM-MD5 needs what APOP needs: offered by (nearly) the same rule.
+    # CRAM-MD5 works for users with APOP (and for those with Dovecot's CRAM-MD5
+    # states): offered by nearly the same rule as APOP.
     factory.sasl = SASLServer(
         store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
         defaultRealm=config.authDefaultRealm,

@@ -208,6 +208,9 @@ class FaultInjectingStore:
     def hasAPOPUsers(self):
         return self._call("hasAPOPUsers")
 
+    def hasCramMD5Users(self):
+        return self._call("hasCramMD5Users")
+
     def sharedSecret(self, name):
         return self._call("sharedSecret", name)
 

@@ -1042,10 +1042,10 @@ def test_listingsForScriptsAreJSONLines(cli):
     table = cli("mailbox", "list", ALICE).out.splitlines()[1].split()
     assert [message["number"], message["octets"], message["unique_id"]] == [1, int(table[1]), table[2]]
     assert records("user", "list") == [
-        {"address": long, "messages": 0, "octets": 0, "apop": False, "password": "mailgate",
+        {"address": long, "messages": 0, "octets": 0, "apop": False, "cram_md5": False, "password": "mailgate",
          "quota_octets": "default", "quota_messages": "default", "expire_days": "never"},
-        {"address": ALICE, "messages": 1, "octets": message["octets"],
-         "apop": True, "password": "mailgate", "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default"},
+        {"address": ALICE, "messages": 1, "octets": message["octets"], "apop": True, "cram_md5": True,
+         "password": "mailgate", "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default"},
     ]
     assert datetime.datetime.fromisoformat(message["arrived"].replace("Z", "+00:00"))
     assert records("mailbox", "deleted", ALICE) == []

@@ -278,7 +278,7 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
         "added bob@example.org",
         "added carol@example.org",
         "exists erin@example.org",
-        "added fay@example.org",
+        "added fay@example.org (CRAM-MD5 enabled)",
         "4 added, 1 already there, 1 failed",
     ]
     assert f"{passwd} line 6: dave@example.org: unusable password hash: scheme DIGEST-MD5" in err

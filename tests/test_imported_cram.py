@@ -7,14 +7,27 @@ before and after their first plaintext login.
 """
 
 import hmac
+import io
+import json
 import os
+import poplib
+import shutil
 
 import pytest
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 
 from dovecotserver import requireDovecot
+from e2e import mailgate_cli, mailgate_server, runCommand  # noqa: F401 (fixtures)
+from mailgate.auth import checkers as checkersModule
+from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.foreign import splitScheme
 from mailgate.auth.md5state import hmacMD5Context, hmacMD5WithContext
-from test_foreign_hashes import doveadmHash
+from mailgate.auth.passwords import importedCredentials
+from mailgate.auth.realm import makePortal
+from mailgate.interfaces import IMaildrop
+from mailgate.testing import TEST_HASH_COST, memoryStore, resultOf, runInline
+from test_foreign_hashes import cramLogin, doveadmHash, passwordLogin
 
 #: challenges of every length around MD5's block boundaries: up to 55
 #: octets the padding fits the last block, 56 to 63 need one more, and
@@ -52,3 +65,224 @@ def test_dovecotsStoredStatesAnswerACramMD5Challenge(password):
     for challenge in (b"<1896.697170952@postoffice.example.net>", os.urandom(56), os.urandom(64), b"x" * 300):
         expected = hmac.new(password.encode("utf-8"), challenge, "md5").digest()
         assert hmacMD5WithContext(context, challenge) == expected
+
+
+# -- the checkers, over a real SQLite file ----------------------------------------
+
+ALICE = "alice@example.org"
+CHALLENGE = b"<1896.697170952@postoffice.example.net>"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = memoryStore(f"sqlite:///{tmp_path / 'mail.sqlite3'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def cheapUpgrades(monkeypatch):
+    monkeypatch.setattr(checkersModule.PasswordChecker, "hashCost", TEST_HASH_COST)
+
+
+def cramLoginWith(store, address, password, challenge=CHALLENGE):
+    """
+    A CRAM-MD5 login through the portal the server makes: the user, or
+    C{None} if refused.
+    """
+    digest = hmac.new(password.encode("utf-8"), challenge, "md5").hexdigest().encode("ascii")
+    portal = makePortal(store, runInline)
+    try:
+        _, maildrop, logout = resultOf(
+            portal.login(CramMD5Credentials(challenge, address.encode(), digest), None, IMaildrop)
+        )
+    except UnauthorizedLogin:
+        return None
+    logout()
+    return maildrop
+
+
+def passwordLoginWith(store, address, password):
+    portal = makePortal(store, runInline)
+    _, maildrop, logout = resultOf(
+        portal.login(UsernamePassword(address.encode(), password.encode("utf-8")), None, IMaildrop)
+    )
+    logout()
+    return maildrop
+
+
+@requireDovecot
+def test_aCramMD5LoginIsCheckedAgainstTheImportedStates(store, logEvents):
+    """
+    A user imported with Dovecot's {CRAM-MD5} hash logs in with CRAM-MD5;
+    a wrong response, a user without such states and an unknown user are
+    refused alike.  The login learns no password: the imported hash stays
+    for the first plaintext login to replace, and nothing is logged about
+    it.
+    """
+    imported = importedCredentials(doveadmHash("CRAM-MD5", "fay's"))
+    resultOf(store.addUser(ALICE, imported))
+    resultOf(store.addUser("gus@example.org", importedCredentials(doveadmHash("SHA512-CRYPT", "gus's"))))
+    for length in (0, 40, 53, 54, 62, 63, 200):
+        challenge = b"<" + b"1" * length + b">"
+        assert cramLoginWith(store, ALICE, "fay's", challenge) is not None
+    assert cramLoginWith(store, ALICE, "fays") is None
+    assert cramLoginWith(store, "gus@example.org", "gus's") is None
+    assert cramLoginWith(store, "nobody@example.org", "fay's") is None
+    assert resultOf(store.findUser(ALICE)).passwordHash == imported.passwordHash
+    assert not [e for e in logEvents if str(e.get("event", "")).startswith("auth.")]
+
+
+@requireDovecot
+def test_thePlaintextLoginThatReplacesTheHashKeepsCramMD5(store):
+    """
+    The first plaintext login replaces the imported hash by mailgate's
+    own, and the user's CRAM-MD5 goes on working with the states kept;
+    no password is kept in clear for it (no APOP).
+    """
+    resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("CRAM-MD5", "fay's"))))
+    passwordLoginWith(store, ALICE, "fay's")
+    user = resultOf(store.findUser(ALICE))
+    assert user.passwordHash.startswith("$scrypt$") and user.apopSecret is None
+    assert user.cramMD5 == hmacMD5Context(b"fay's").hex()
+    assert cramLoginWith(store, ALICE, "fay's") is not None
+    assert cramLoginWith(store, ALICE, "fays") is None
+    assert resultOf(store.hasCramMD5Users()) and not resultOf(store.hasAPOPUsers())
+
+
+# -- a running server, the mailgate command and real clients -----------------------
+
+CURL = shutil.which("curl")
+INVALID = "-ERR [AUTH] invalid user name or password"
+
+
+def curlCramMD5(port, address, password):
+    """
+    curl fetching message 1 with AUTH CRAM-MD5: (exit status, message).
+    """
+    code, out, err = runCommand(
+        [CURL, "-v", "-s", "-S", "--max-time", "15", "-u", f"{address}:{password}",
+         "--login-options", "AUTH=CRAM-MD5", f"pop3://127.0.0.1:{port}/1"]
+    )
+    assert code != 0 or "> AUTH CRAM-MD5" in err, err
+    return code, out
+
+
+def listed(mailgate_cli):
+    return {
+        row["address"]: (row["password"], row["cram_md5"], row["apop"])
+        for row in map(json.loads, mailgate_cli.check("user", "list", "--json").splitlines())
+    }
+
+
+@requireDovecot
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
+def test_usersMovedWithDovecotsCramMD5HashKeepLoggingInWithCramMD5(mailgate_server, mailgate_cli, tmp_path):
+    """
+    Fay's Dovecot passdb entry is postfixadmin's dovecot:CRAM-MD5, and
+    her client logs in with CRAM-MD5.  Moved with user import, she logs in
+    to mailgate the same way, before her first plaintext login (which
+    replaces the hash) and after it; a changed password keeps it; turning
+    APOP off takes it away.  The greeting offers no APOP (nobody's
+    password is known); CAPA offers CRAM-MD5; refusals all look alike.
+    """
+    mailgate_cli.check("db", "upgrade")
+    passwd = tmp_path / "users"
+    passwd.write_text(
+        f"fay:{doveadmHash('CRAM-MD5', 'fay s')}:::\n"
+        f"gus:{doveadmHash('SHA512-CRYPT', 'gus s')}:::\n"
+    )
+    out = mailgate_cli.check("user", "import", str(passwd), "--domain", "example.org")
+    assert out.splitlines()[:2] == ["added fay@example.org (CRAM-MD5 enabled)", "added gus@example.org"]
+    for address in ("fay@example.org", "gus@example.org"):
+        mailgate_cli.deliver(address, b"Subject: hi\n\nfor " + address.encode() + b"\n")
+    server = mailgate_server("--auth-failure-delay", "0.1")
+
+    client = poplib.POP3("127.0.0.1", server.port, timeout=20)
+    try:
+        assert "<" not in client.getwelcome().decode()
+        assert client.capa()["SASL"] == ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN"]
+    finally:
+        client.quit()
+
+    assert curlCramMD5(server.port, "fay@example.org", "fay s") == (0, "Subject: hi\r\n\r\nfor fay@example.org\r\n")
+    assert cramLogin(server.port, "fay@example.org", "fay s").startswith("+OK")
+    assert cramLogin(server.port, "fay@example.org", "fays") == INVALID
+    assert passwordLogin(server.port, "gus@example.org", "gus s").startswith("+OK")
+    assert cramLogin(server.port, "gus@example.org", "gus s") == INVALID
+    assert passwordLogin(server.port, "gus@example.org", "gus s").startswith("+OK")
+    assert cramLogin(server.port, "nobody@example.org", "fay s") == INVALID
+    # CRAM-MD5 learnt no password: the hash is still the one imported.
+    assert listed(mailgate_cli)["fay@example.org"] == ("imported", True, False)
+
+    assert passwordLogin(server.port, "fay@example.org", "fay s").startswith("+OK")
+    assert listed(mailgate_cli)["fay@example.org"] == ("mailgate", True, False)
+    assert curlCramMD5(server.port, "fay@example.org", "fay s")[0] == 0
+    assert cramLogin(server.port, "fay@example.org", "fay s").startswith("+OK")
+
+    mailgate_cli.check("user", "passwd", "fay@example.org", "--password-stdin", input="new fay\n")
+    assert cramLogin(server.port, "fay@example.org", "new fay").startswith("+OK")
+    assert cramLogin(server.port, "fay@example.org", "fay s") == INVALID
+    assert cramLogin(server.port, "fay@example.org", "new fay").startswith("+OK")
+
+    mailgate_cli.check("user", "apop", "fay@example.org", "off")
+    assert listed(mailgate_cli)["fay@example.org"] == ("mailgate", False, False)
+    assert cramLogin(server.port, "fay@example.org", "new fay") == INVALID
+    assert passwordLogin(server.port, "fay@example.org", "new fay").startswith("+OK")
+    assert "upgrade_failed" not in server.stdout + server.stderr
+
+
+@requireDovecot
+def test_aCopiedDatabaseKeepsTheCramMD5States(tmp_path):
+    """
+    C{db copy} takes the states along: a user moved to another database
+    goes on logging in with CRAM-MD5 there.
+    """
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    source, target = (f"sqlite:///{tmp_path / name}" for name in ("from.sqlite3", "to.sqlite3"))
+    for argv, given in (
+        (["--database", source, "user", "add", ALICE, "--password-stdin", "--hashed"],
+         doveadmHash("CRAM-MD5", "fay's") + "\n"),
+        (["db", "copy", "--from", source, "--to", target], ""),
+    ):
+        err = io.StringIO()
+        assert run(argv, stdin=io.StringIO(given), stdout=io.StringIO(), stderr=err, environ={}) == 0, err.getvalue()
+    store = openSynchronousStore(target)
+    try:
+        assert resultOf(store.findUser(ALICE)).cramMD5 == hmacMD5Context(b"fay's").hex()
+        assert cramLoginWith(store, ALICE, "fay's") is not None
+    finally:
+        store.close()
+
+
+def mailgate(*argv, given=""):
+    from mailgate.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), stdin=io.StringIO(given), stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+@requireDovecot
+def test_aNewHashOfAnotherSchemeWouldLoseCramMD5AndIsRefused(tmp_path):
+    """
+    C{user passwd --hashed} with a hash that has no CRAM-MD5 states would
+    silently break the client of a user who logs in with CRAM-MD5: it is
+    refused with what to do; a {CRAM-MD5} hash is taken.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    passwd = ["--database", url, "user", "passwd", ALICE, "--password-stdin", "--hashed"]
+    code, _, err = mailgate("--database", url, "user", "add", ALICE, "--password-stdin", "--hashed",
+                            given=doveadmHash("CRAM-MD5", "fay's") + "\n")
+    assert code == 0, err
+    code, out, err = mailgate(*passwd, given=doveadmHash("SHA512-CRYPT", "new") + "\n")
+    assert (code, out) == (64, "") and f"{ALICE} has CRAM-MD5 (from Dovecot)" in err, err
+    code, _, err = mailgate(*passwd, given=doveadmHash("CRAM-MD5", "new") + "\n")
+    assert code == 0, err
+    store = memoryStore(url)
+    try:
+        assert cramLoginWith(store, ALICE, "new") is not None
+    finally:
+        store.close()

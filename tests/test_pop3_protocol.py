@@ -895,6 +895,9 @@ class SlowAPOPStore:
         self.asked.append(d)
         return d
 
+    def hasCramMD5Users(self):
+        return defer.succeed(False)
+
 
 @pytest.mark.parametrize("hasAPOP", [False, True])
 def test_atStartTheGreetingWaitsForTheStoreToSayWhetherAPOPIsOffered(store, hasAPOP):

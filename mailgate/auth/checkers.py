@@ -117,7 +117,7 @@ class PasswordChecker:
             # Remember who this is, but not the user's other secrets.  (An
             # imported hash the upgrade could not replace is not: the next
             # login, answered from the cache, would not try again.)
-            remembered = attr.evolve(user, scramSha256=None, apopSecret=None)
+            remembered = attr.evolve(user, scramSha256=None, apopSecret=None, cramMD5=None)
             self.cache.remember(user.address, user.passwordHash, password, remembered)
         return user
 
@@ -130,11 +130,22 @@ class PasswordChecker:
         that the password is at hand.  Best effort: if the store cannot
         take it now, the login goes on and the next one tries again.
 
+        What else the user logs in with stays as it was: an APOP secret,
+        and the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from
+        Dovecot, which served CRAM-MD5 from them.  Their mail clients are
+        likely set up for CRAM-MD5: dropping the states would break them
+        at the first login from another client (a webmail, a phone), and
+        keeping the password in clear for it instead (an APOP secret) would
+        keep more than Dovecot did and start offering APOP.  The states are
+        kept as they are (the same the password makes, since it matched);
+        C{mailgate user apop ADDRESS off} erases them.
+
         @return: the user as the login goes on with it.
         """
         credentials = yield self._runInThread(
             makeCredentials, password, user.apopSecret is not None, self.hashCost
         )
+        credentials = attr.evolve(credentials, cramMD5=user.cramMD5)
         try:
             replaced = yield self._store.upgradeCredentials(user.address, user.passwordHash, credentials)
         except Exception as e:
@@ -165,13 +176,24 @@ class PasswordChecker:
         return attr.evolve(user, passwordHash=credentials.passwordHash, scramSha256=credentials.scramSha256)
 
 
+#: the HMAC-MD5 states a CRAM-MD5 response is checked against when the
+#: user has none (or is unknown), so that every refusal costs the same
+_DUMMY_CRAM_CONTEXT = bytes(32)
+
+
 @implementer(ICredentialsChecker)
 class APOPChecker:
     """
     Checks an APOP digest, or a CRAM-MD5 response, against the user's APOP
     secret: both prove knowledge of a secret the server must be able to
-    recover.  Users who have not opted in to APOP have no secret, and these
-    logins of theirs fail exactly like a wrong digest.
+    recover.  A CRAM-MD5 response is also checked against the HMAC-MD5
+    states of a user imported from Dovecot with a C{{CRAM-MD5}} hash (kept
+    after their first login replaced it; see L{PasswordChecker._upgrade}):
+    CRAM-MD5 needs no more than them.  Users with neither fail exactly
+    like a wrong digest, after the same work.
+
+    Such a login learns no password, so an imported hash stays as it is
+    until a login that gives one (USER/PASS, PLAIN, LOGIN).
     """
 
     credentialInterfaces = (IAPOPCredentials, ICramMD5Credentials)
@@ -184,8 +206,13 @@ class APOPChecker:
     def requestAvatarId(self, credentials):
         address = _addressOf(credentials.username, self._defaultRealm)
         user = None if address is None else (yield self._store.findUser(address))
-        if user is None or user.apopSecret is None:
-            raise UnauthorizedLogin()
-        if not credentials.checkPassword(user.apopSecret):
+        if user is not None and user.apopSecret is not None:
+            matched = credentials.checkPassword(user.apopSecret)
+        elif ICramMD5Credentials.providedBy(credentials):
+            context = _DUMMY_CRAM_CONTEXT if user is None or user.cramMD5 is None else bytes.fromhex(user.cramMD5)
+            matched = credentials.checkContext(context) and context is not _DUMMY_CRAM_CONTEXT
+        else:
+            matched = False
+        if not matched:
             raise UnauthorizedLogin()
         return user

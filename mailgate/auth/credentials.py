@@ -9,7 +9,8 @@ is ever asked to handle it.  Twisted's C{CramMD5Credentials} compares with
 C{==}; this one in constant time, under an interface of its own too.
 
 Both are checked against the user's recoverable APOP secret (see
-L{mailgate.auth.checkers.APOPChecker}).
+L{mailgate.auth.checkers.APOPChecker}); a CRAM-MD5 response also against
+the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from Dovecot.
 """
 
 import hashlib
@@ -17,6 +18,8 @@ import hmac
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from zope.interface import implementer
+
+from mailgate.auth.md5state import hmacMD5WithContext
 
 
 class IAPOPCredentials(IUsernameHashedPassword):
@@ -82,3 +85,12 @@ class CramMD5Credentials(_SecretDigest):
 
     def digestOf(self, secret):
         return hmac.new(secret, self.challenge, hashlib.md5).hexdigest()
+
+    def checkContext(self, context):
+        """
+        Whether the response is the one the password whose HMAC-MD5
+        C{context} (32 octets, as Dovecot's C{{CRAM-MD5}} hash holds it)
+        gives: made without the password, in constant time.
+        """
+        expected = hmacMD5WithContext(context, self.challenge).hex().encode("ascii")
+        return hmac.compare_digest(expected, self.digest)

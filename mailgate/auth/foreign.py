@@ -194,6 +194,26 @@ def scramSha256Keys(text):
     return _scramKeys(scheme, value) if scheme == "SCRAM-SHA-256" else None
 
 
+_CRAM = ("CRAM-MD5", "HMAC-MD5")
+
+
+def _cramContext(scheme, encoding, value):
+    context = _decode(value, encoding or "HEX", 32)
+    if len(context) != 32:
+        raise UnusableHash(f"a {scheme} context of the wrong length")
+    return context
+
+
+def cramMD5Context(text):
+    """
+    The HMAC-MD5 states (64 hex digits) of a Dovecot C{{CRAM-MD5}} (or
+    C{{HMAC-MD5}}) hash, or C{None} for a hash of another scheme: a user
+    imported with them logs in with CRAM-MD5 as Dovecot let them.
+    """
+    scheme, encoding, value = splitScheme(text)
+    return _cramContext(scheme, encoding, value).hex() if scheme in _CRAM else None
+
+
 def _pbkdf2(value):
     # Dovecot's PBKDF2: $1$<salt as text>$<rounds>$<hex of PBKDF2-HMAC-SHA1>
     parts = value.split("$")
@@ -269,13 +289,11 @@ def checker(text, validate=True):
             return hmac.compare_digest(function(clientKey).digest(), storedKey)
 
         return check
-    if scheme in ("CRAM-MD5", "HMAC-MD5"):
+    if scheme in _CRAM:
         # Dovecot keeps HMAC-MD5's two MD5 states keyed with the password
         # (for CRAM-MD5 logins); the same states made from the password
         # given at a login prove it, as Dovecot checks a plaintext one.
-        expected = _decode(value, encoding or "HEX", 32)
-        if len(expected) != 32:
-            raise UnusableHash(f"a {scheme} context of the wrong length")
+        expected = _cramContext(scheme, encoding, value)
         return lambda password: hmac.compare_digest(hmacMD5Context(password), expected)
     raise UnusableHash(
         f"scheme {scheme} is not one mailgate checks; set a new password (mailgate user passwd)"

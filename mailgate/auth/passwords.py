@@ -7,7 +7,11 @@ and as SCRAM-SHA-256 keys (RFC 5803 format, for SASL SCRAM-SHA-256), neither
 of which reveals the password.  APOP is the exception: its digest is
 MD5(timestamp + secret), so the server must know the secret itself.  Users
 who opt in to APOP have their password kept recoverably in C{apop_secret};
-README says what that costs.
+README says what that costs.  CRAM-MD5 needs only HMAC-MD5's two states
+keyed with the password, which Dovecot's C{{CRAM-MD5}} hash is: users
+imported with one keep those states (C{cram_md5}) for CRAM-MD5, as
+Dovecot served it to them, even once their first login has replaced the
+hash itself.
 """
 
 import base64
@@ -18,6 +22,7 @@ import os
 import attr
 
 from mailgate.auth import foreign
+from mailgate.auth.md5state import hmacMD5Context
 
 SCRYPT_LOG_N = 15  # 32 MiB and about 0.1 s per hash on a 2020s core
 SCRYPT_R = 8
@@ -36,6 +41,9 @@ class StoredCredentials:
     passwordHash = attr.ib()
     scramSha256 = attr.ib(default=None)
     apopSecret = attr.ib(default=None)
+    #: HMAC-MD5's states keyed with the password (Dovecot's C{{CRAM-MD5}}
+    #: value, 64 hex digits), for CRAM-MD5 without the password in clear
+    cramMD5 = attr.ib(default=None)
 
     def __repr__(self):
         return "<StoredCredentials>"
@@ -121,17 +129,20 @@ def parseScramSecret(encoded):
     return int(iterations), _unb64(salt), _unb64(storedKey), _unb64(serverKey)
 
 
-def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N):
+def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N, cramMD5=False):
     """
     Everything the store keeps for a new password.
 
     @param apop: also keep the password recoverably, so APOP can work.
+    @param cramMD5: also keep HMAC-MD5's states keyed with it, so CRAM-MD5
+        can work (for a user who came from Dovecot with them).
     """
     password = _bytes(password)
     return StoredCredentials(
         passwordHash=hashPassword(password, logN),
         scramSha256=scramSha256Secret(password),
         apopSecret=password.decode("utf-8") if apop else None,
+        cramMD5=hmacMD5Context(password).hex() if cramMD5 else None,
     )
 
 
@@ -142,6 +153,8 @@ def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
     mailgate's own at the user's first login; SCRAM-SHA-256 keys where the
     hash is Dovecot's C{{SCRAM-SHA-256}} (so SCRAM works at once); and for
     a password kept in clear (C{{PLAIN}}), mailgate's own hash made now.
+    Dovecot's C{{CRAM-MD5}} hash also gives its states for CRAM-MD5 logins,
+    which Dovecot served from it.
 
     @param apop: keep a password in clear recoverable too, for APOP and
         CRAM-MD5, which Dovecot serves only to such users (a hash gets no
@@ -167,7 +180,7 @@ def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
         iterations, salt, storedKey, serverKey = keys
         scram = f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(storedKey)}:{_b64(serverKey)}"
     stored = text if text.startswith("{") else "{CRYPT}" + text
-    return StoredCredentials(passwordHash=stored, scramSha256=scram)
+    return StoredCredentials(passwordHash=stored, scramSha256=scram, cramMD5=foreign.cramMD5Context(text))
 
 
 def needsUpgrade(encoded):

@@ -11,8 +11,10 @@ accepted only where plaintext passwords are.  SCRAM yields
 L{ScramCredentials}, checked against the stored SCRAM-SHA-256 keys: the
 server never needs the password, and the password never crosses the wire.
 CRAM-MD5 yields L{mailgate.auth.credentials.CramMD5Credentials}, which,
-like APOP, need the user's recoverable APOP secret: it works exactly for
-users with APOP enabled, and is offered when APOP is.
+like APOP, need a secret the server keeps: the user's recoverable APOP
+secret, or the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from
+Dovecot.  It works exactly for those users, and is offered when APOP is
+(by default, while some user has either).
 
 Each exchange step returns a L{Challenge} (send it, wait for the client's
 response) or L{Authenticate} (log in with these credentials); it may return
@@ -371,9 +373,10 @@ class SASLServer:
     @param hostname: the name in CRAM-MD5 challenges; this machine's fully
         qualified name by default.
     @param offerCramMD5: a callable saying whether CRAM-MD5 is offered now;
-        give it the rule the greeting's APOP timestamp follows (the POP3
-        factory's C{offersCramMD5}), since CRAM-MD5 works for the same
-        users.  Not offered by default.
+        give the POP3 factory's C{offersCramMD5}, the rule the greeting's
+        APOP timestamp follows, since CRAM-MD5 works for the users with
+        APOP (and those with Dovecot's CRAM-MD5 states).  Not offered by
+        default.
     @param sharedSecret: the store's C{sharedSecret}, for the key of the
         salt SCRAM makes up for unknown users: nodes sharing a database
         then make up the same salt for a name, so a client asking two of

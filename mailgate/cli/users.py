@@ -55,13 +55,16 @@ def _pastedHash(text):
     return text.lstrip() if scheme in CLEARTEXT and encoding is None else hashed
 
 
-def _credentials(args, password, apop):
+def _credentials(args, password, apop, cramMD5=False):
     """
     What the store keeps for what was read: a password, or with
     C{--hashed} a hash another server made (Dovecot's C{{SCHEME}...}).
+
+    @param cramMD5: keep HMAC-MD5's states for CRAM-MD5 (a user who came
+        from Dovecot with them keeps CRAM-MD5 through a new password).
     """
     if not args.hashed:
-        return makeCredentials(password, apop=apop)
+        return makeCredentials(password, apop=apop, cramMD5=cramMD5)
     if apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
     try:
@@ -170,6 +173,8 @@ def _userImport(store, args, out, stdin):
             if quota:
                 _result(store.setQuota(address, **quota))
             apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
+            if credentials.cramMD5 is not None:
+                apop = " (CRAM-MD5 enabled)"
         except CommandError as e:
             if e.code == EX_TEMPFAIL:
                 raise
@@ -190,7 +195,13 @@ def _userPasswd(store, args, out, stdin):
     password = _readPassword(args, stdin)
     if args.hashed and user.apopSecret is not None:
         raise CommandError(f"{address} has APOP, which needs the password itself, not a hash", EX_USAGE)
-    credentials = _credentials(args, password, user.apopSecret is not None)
+    credentials = _credentials(args, password, user.apopSecret is not None, user.cramMD5 is not None)
+    if user.cramMD5 is not None and credentials.cramMD5 is None:
+        raise CommandError(
+            f"{address} has CRAM-MD5 (from Dovecot), which needs the password itself or a {{CRAM-MD5}} hash, "
+            f"not a hash of another scheme; or turn it off first (user apop {address} off)",
+            EX_USAGE,
+        )
     _result(store.setCredentials(address, credentials))
     out.write(f"password changed for {address}\n")
 
@@ -213,6 +224,7 @@ def _userList(store, args, out, stdin):
                 "messages": user.messages,
                 "octets": user.octets,
                 "apop": bool(user.apop),
+                "cram_md5": bool(user.apop or user.cramMD5),
                 "password": "imported" if user.passwordImported else "mailgate",
                 "quota_octets": _limitValue(user.quotaOctets),
                 "quota_messages": _limitValue(user.quotaMessages),
@@ -224,7 +236,7 @@ def _userList(store, args, out, stdin):
     for user in users:
         out.write(
             f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
-            f"{'on' if user.apop else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
+            f"{'on' if user.apop else 'cram' if user.cramMD5 else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
             f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days')}\n"
         )
 
@@ -301,7 +313,9 @@ def _userApop(store, args, out, stdin):
     address = _address(args.address)
     user = _existingUser(store, address)
     if args.state == "off":
-        credentials = StoredCredentials(user.passwordHash, user.scramSha256, None)
+        # CRAM-MD5's states from Dovecot go too: what is left proves
+        # nothing without the password.
+        credentials = StoredCredentials(user.passwordHash, user.scramSha256, None, None)
         _result(store.setCredentials(address, credentials))
         out.write(f"APOP disabled for {address}; its stored secret is erased\n")
         return

@@ -28,7 +28,11 @@ class APOPAdvertiser:
     The default APOP policy: greetings carry an APOP timestamp only while
     at least one user has APOP enabled.  Clients that prefer APOP whenever
     a timestamp is offered (curl, Twisted's own client) then never try it
-    on a server where it cannot work.
+    on a server where it cannot work.  It also says whether some user can
+    log in with SASL CRAM-MD5: those with APOP, and those imported from
+    Dovecot with the HMAC-MD5 states of a C{{CRAM-MD5}} hash, who have no
+    APOP (their password is not known) and so do not make the greeting
+    offer it.
 
     Until the store's first answer, greetings wait for it (see
     L{whenKnown}): the clients a server finds waiting when it starts (a
@@ -37,20 +41,27 @@ class APOPAdvertiser:
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
+    @ivar cramEnabled: whether some user can log in with CRAM-MD5, by the
+        same answer.
     @ivar known: whether the store has answered yet.
     """
 
     def __init__(self, store):
         self._store = store
         self.enabled = True
+        self.cramEnabled = False
         self.known = False
         self._waiting = []
 
     def refresh(self):
-        d = self._store.hasAPOPUsers()
+        d = defer.gatherResults(
+            [self._store.hasAPOPUsers(), self._store.hasCramMD5Users()], consumeErrors=True
+        )
 
-        def got(enabled):
-            self.enabled = bool(enabled)
+        def got(answers):
+            apop, cram = answers
+            self.enabled = bool(apop)
+            self.cramEnabled = bool(apop or cram)
             self.known = True
             self._wake()
 
@@ -181,15 +192,17 @@ class POP3Factory(SessionFactory):
 
     def offersCramMD5(self):
         """
-        Whether SASL CRAM-MD5 is offered now: where APOP is, since it works
-        for the same users, but by default only once the store has said
-        that some user has APOP.  (An APOP timestamp nobody can use costs
-        clients nothing; a SASL mechanism offered in vain makes clients
-        that prefer it, curl among them, fail.)
+        Whether SASL CRAM-MD5 is offered now: where APOP is (C{--apop},
+        never with C{--no-apop}), since it works for the users with APOP;
+        but by default only once the store has said that some user can use
+        it: one with APOP, or one imported from Dovecot with a
+        C{{CRAM-MD5}} hash's states.  (An APOP timestamp nobody can use
+        costs clients nothing; a SASL mechanism offered in vain makes
+        clients that prefer it, curl among them, fail.)
         """
         apop = self.apop
         if isinstance(apop, APOPAdvertiser):
-            return apop.known and apop.enabled
+            return apop.known and apop.cramEnabled
         return bool(apop)
 
     def isTrusted(self, address):

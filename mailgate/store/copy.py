@@ -70,7 +70,10 @@ _TABLES = [
     (
         "users",
         ("user_id",),
-        ("user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "created_at"),
+        (
+            "user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "cram_md5",
+            "created_at",
+        ),
     ),
     (
         "mailboxes",

@@ -322,6 +322,17 @@ MIGRATIONS = [
             """,
         ],
     ),
+    Migration(
+        10,
+        "the CRAM-MD5 states of users imported from Dovecot",
+        [
+            # HMAC-MD5's states keyed with the password, in hex, from a
+            # {CRAM-MD5} hash imported from Dovecot: what CRAM-MD5 logins
+            # are checked against, kept after the user's first login
+            # replaces the hash (mailgate.auth.checkers).
+            "ALTER TABLE users ADD COLUMN cram_md5 TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

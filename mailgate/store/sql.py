@@ -45,7 +45,7 @@ from mailgate.records import MessageInfo, UserRecord, UserSummary
 
 def _findUser(cursor, address):
     cursor.execute(
-        "SELECT user_id, address, password_hash, scram_sha256, apop_secret "
+        "SELECT user_id, address, password_hash, scram_sha256, apop_secret, cram_md5 "
         "FROM users WHERE address = ?",
         (address,),
     )
@@ -60,6 +60,11 @@ def _hasDomain(cursor, domain):
 
 def _hasAPOPUsers(cursor):
     cursor.execute("SELECT 1 FROM users WHERE apop_secret IS NOT NULL LIMIT 1")
+    return cursor.fetchone() is not None
+
+
+def _hasCramMD5Users(cursor):
+    cursor.execute("SELECT 1 FROM users WHERE apop_secret IS NOT NULL OR cram_md5 IS NOT NULL LIMIT 1")
     return cursor.fetchone() is not None
 
 
@@ -80,14 +85,15 @@ def _addUser(cursor, engine, address, credentials, now):
         raise UserExists(address)
     try:
         cursor.execute(
-            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING user_id",
+            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, cram_md5, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING user_id",
             (
                 address,
                 address.rpartition("@")[2],
                 credentials.passwordHash,
                 credentials.scramSha256,
                 credentials.apopSecret,
+                credentials.cramMD5,
                 now,
             ),
         )
@@ -105,9 +111,9 @@ def _addUser(cursor, engine, address, credentials, now):
 
 def _setCredentials(cursor, address, credentials):
     cursor.execute(
-        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ? "
+        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ?, cram_md5 = ? "
         "WHERE address = ?",
-        (credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, address),
+        (credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, credentials.cramMD5, address),
     )
     if cursor.rowcount != 1:
         raise NoSuchUser(address)
@@ -117,9 +123,12 @@ def _upgradeCredentials(cursor, address, oldHash, credentials):
     # Only over the hash the password was checked against: a password
     # changed meanwhile (the mailgate command) is not put back.
     cursor.execute(
-        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ? "
+        "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ?, cram_md5 = ? "
         "WHERE address = ? AND password_hash = ?",
-        (credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, address, oldHash),
+        (
+            credentials.passwordHash, credentials.scramSha256, credentials.apopSecret, credentials.cramMD5,
+            address, oldHash,
+        ),
     )
     return cursor.rowcount == 1
 
@@ -156,12 +165,13 @@ def _listUsers(cursor):
     # server (mailgate.auth.foreign), not yet replaced by a login.
     cursor.execute(
         "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
-        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{' "
+        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
+        "u.cram_md5 IS NOT NULL "
         "FROM users u JOIN mailboxes b ON b.user_id = u.user_id ORDER BY u.address"
     )
     return [
-        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported))
-        for a, n, s, apop, qo, qm, e, imported in cursor.fetchall()
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram))
+        for a, n, s, apop, qo, qm, e, imported, cram in cursor.fetchall()
     ]
 
 
@@ -513,6 +523,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def hasAPOPUsers(self):
         return self.database.runInteraction(_hasAPOPUsers)
+
+    def hasCramMD5Users(self):
+        return self.database.runInteraction(_hasCramMD5Users)
 
     def sharedSecret(self, name):
         return self.database.runWrite(_sharedSecret, name, secrets.token_bytes(32))
