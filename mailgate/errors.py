@@ -50,6 +50,19 @@ class MaildropLockLost(TemporaryFailure):
     """
 
 
+class DatabaseRefused(TemporaryFailure):
+    """
+    The database server answered and refused the connection for a reason
+    only a change of configuration ends: a wrong password, an unknown role
+    or database, no C{pg_hba.conf} entry (see
+    L{mailgate.store.pgrefusal}).  While mailgate runs it is a temporary
+    failure like any other (sessions get C{[SYS/TEMP]} or 451, and the
+    next operation connects again: the password may be put back), but
+    start-up and the C{mailgate} command stop with C{EX_CONFIG} (78), so
+    that neither a supervisor nor an administrator retries it for ever.
+    """
+
+
 class MaildropInUse(MailgateError):
     """
     Another session holds the maildrop's exclusive lock (RFC 1939 section 8,
@@ -79,6 +92,17 @@ class ConfigurationError(MailgateError):
     """
     The configuration cannot work: a bad database URL, an unusable option.
     Start-up reports it in one line and stops.
+    """
+
+
+class UnavailableAtStart(ConfigurationError):
+    """
+    Start-up cannot go on because the database cannot be reached for now
+    (the server down, starting up, out of connection slots), not because
+    the configuration is wrong: it stops all the same, as for any
+    L{ConfigurationError} (a server that would fail every session is
+    worse), but C{twistd mailgate} exits C{EX_TEMPFAIL} (75) rather than
+    C{EX_CONFIG} (78), so that a supervisor starts it again.
     """
 
 

@@ -11,6 +11,7 @@ checks and collects; L{makeService} opens the store and builds the services.
 """
 
 import os
+import sys
 
 import attr
 from twisted.logger import Logger
@@ -18,7 +19,7 @@ from twisted.python import usage
 
 from mailgate import config as configuration
 from mailgate import logs, systemd, twistedcompat
-from mailgate.errors import ConfigurationError
+from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import makeService as _makeService
 
 _log = Logger()
@@ -228,7 +229,7 @@ def makeService(options):
     try:
         service = _makeService(config, reactor=reactor)
     except ConfigurationError as e:
-        raise SystemExit(f"mailgate: {e}")
+        raise _stopped(e) from None
     service.exitOnStartupError = True
     service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per
@@ -251,6 +252,21 @@ def makeService(options):
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def _stopped(error):
+    """
+    End start-up on C{error} in one line on standard error, with the status
+    of sysexits(3) a supervisor acts on: C{EX_TEMPFAIL} (75) when the
+    database cannot be reached for now, so that it starts mailgate again
+    (systemd's C{Restart=on-failure}), C{EX_CONFIG} (78) when the
+    configuration must change first (a wrong database password, an unknown
+    database, a TLS key that cannot be read): the unit's
+    C{RestartPreventExitStatus=78} stops retrying then.
+    """
+    sys.stderr.write(f"mailgate: {error}\n")
+    sys.stderr.flush()
+    return SystemExit(os.EX_TEMPFAIL if isinstance(error, UnavailableAtStart) else os.EX_CONFIG)
 
 
 def _reopenLog(destination):

@@ -27,6 +27,7 @@ from mailgate.errors import (
     MaildropInUse,
     NoSuchUser,
     TemporaryFailure,
+    UnavailableAtStart,
     UserExists,
 )
 from mailgate.interfaces import IMaildrop, IMaildropLocks, IMailStore, IMessageBody
@@ -540,6 +541,8 @@ def test_unreachablePostgreSQLStopsTheServerStore():
     with pytest.raises(ConfigurationError) as e:
         openStore("postgresql://mailgate@127.0.0.1:1/nowhere", reactor=MemoryReactor())
     assert "127.0.0.1" in str(e.value)
+    # One that may go away: twistd mailgate exits 75, to be started again.
+    assert isinstance(e.value, UnavailableAtStart)
 
 
 # -- group commit ----------------------------------------------------------

@@ -284,14 +284,18 @@ def test_usageDocumentsEveryOption():
 # -- tap.makeService -------------------------------------------------------------
 
 
-def test_makeServiceWithUnopenableDatabase():
+def test_makeServiceWithUnopenableDatabase(capsys):
+    """
+    A database file that cannot be opened is a configuration error: one
+    line, and EX_CONFIG (78), which the systemd unit does not restart on.
+    """
     options = parse("--database", UNREACHABLE, "--pop3", "tcp:0:interface=127.0.0.1")
     with pytest.raises(SystemExit) as e:
         tap.makeService(options)
-    message = e.value.code
-    assert isinstance(message, str)
-    assert message.startswith("mailgate:")
-    assert "\n" not in message
+    assert e.value.code == 78
+    err = capsys.readouterr().err
+    assert err.startswith("mailgate: cannot open SQLite database /nonexistent/directory/x.sqlite3")
+    assert err.count("\n") == 1
 
 
 # -- service.makeService on a MemoryReactor -----------------------------------------

@@ -82,7 +82,7 @@ from mailgate.cli.users import (
     _userRename,
     _userTest,
 )
-from mailgate.errors import ConfigurationError, MailgateError, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseRefused, MailgateError, TemporaryFailure
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
 
 #: what this package offers: the command, its parser, and the exit codes
@@ -512,6 +512,12 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         return e.code
     except NoSuchDatabase as e:
         stderr.write(f"mailgate: {e} (check {source}; mailgate user add or db upgrade creates it)\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    except DatabaseRefused as e:
+        # PostgreSQL refused the URL's password, role or database: trying
+        # again changes nothing (deliver's MTA keeps the message all the
+        # same).
+        stderr.write(f"mailgate: {e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except TemporaryFailure as e:
         stderr.write(f"mailgate: temporary failure, try again: {e}\n")

@@ -5,7 +5,7 @@ database to another.
 """
 
 from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL
-from mailgate.errors import ConfigurationError, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
 from mailgate.store import openSynchronousStore
 from mailgate.store.schema import LATEST, recordedVersion, upgrade
 
@@ -45,6 +45,8 @@ def _copySide(url, option, create):
     """
     try:
         return openSynchronousStore(url, create=create)
+    except DatabaseRefused as e:
+        raise CommandError(f"{option}: {e}", EX_CONFIG) from None
     except TemporaryFailure as e:
         raise CommandError(f"{option}: temporary failure, try again: {e}", EX_TEMPFAIL) from None
     except ConfigurationError as e:

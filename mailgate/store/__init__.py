@@ -13,7 +13,7 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from mailgate.errors import ConfigurationError, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure, UnavailableAtStart
 from mailgate.store.database import Database, SynchronousDatabase
 from mailgate.store.schema import upgrade
 from mailgate.store.sql import SQLMailStore
@@ -123,7 +123,10 @@ def openStore(url, reactor, server=True, metrics=None):
 
     The schema is brought up to date first, synchronously, so that a
     database that cannot be reached or upgraded stops start-up with a clear
-    error instead of failing every session later.
+    error instead of failing every session later: an
+    L{UnavailableAtStart} when it may work later (the server down), a
+    plain L{ConfigurationError} when it cannot (PostgreSQL refused the
+    password, the role or the database name).
 
     @param reactor: the reactor everything below runs on: the database's
         worker threads hand their results to it, and PostgreSQL's maildrop
@@ -144,9 +147,12 @@ def openStore(url, reactor, server=True, metrics=None):
             finally:
                 upgrading.close()
         database = Database(engine, reactor, metrics=metrics)
-    except TemporaryFailure as e:
+    except DatabaseRefused as e:
         engine.releaseServer()
         raise ConfigurationError(str(e)) from e
+    except TemporaryFailure as e:
+        engine.releaseServer()
+        raise UnavailableAtStart(str(e)) from e
     except BaseException:
         engine.releaseServer()
         raise

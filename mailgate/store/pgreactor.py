@@ -21,6 +21,7 @@ names and negotiates TLS with blocking calls.
 """
 
 import os
+import time
 from collections import deque
 
 import psycopg
@@ -31,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.errors import TemporaryFailure
+from mailgate.store import pgrefusal
 from mailgate.timers import cancelled
 
 #: parameter type OIDs, for L{Statement.types}
@@ -74,20 +76,27 @@ def _ignoreNotice(result):
     """
 
 
-def connect(conninfo, setup, statements, connectTimeout):
+def connect(conninfo, setup, statements, connectTimeout, where="the database URL's server"):
     """
     Make a connection, in blocking mode: run on a worker thread.
 
     @param setup: statements run first (C{SET ...}), as C{str}.
     @param statements: the L{Statement}s to prepare.
+    @param where: the server, as an error names it (without the password).
     @return: the C{pq.PGconn}, in blocking mode.
-    @raise TemporaryFailure: if PostgreSQL cannot be reached or refuses.
+    @raise TemporaryFailure: if PostgreSQL cannot be reached or refuses
+        (a L{mailgate.errors.DatabaseRefused} if its configuration is at
+        fault: see L{mailgate.store.pgrefusal}).
     """
     info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
+    started = time.monotonic()
     pg = pq.PGconn.connect(info.encode("utf-8"))
     try:
         if pg.status != pq.ConnStatus.OK:
-            raise TemporaryFailure(f"cannot connect to PostgreSQL: {oneLine(pg.get_error_message())}")
+            raise pgrefusal.connectionFailure(
+                where, conninfo, oneLine(pg.get_error_message()), pgconn=pg,
+                timedOut=time.monotonic() - started >= connectTimeout, timeout=connectTimeout,
+            )
         pg.notice_handler = _ignoreNotice
         for sql in setup:
             resultRows(pg.exec_(sql.encode("utf-8")))

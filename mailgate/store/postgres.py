@@ -22,9 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import ConfigurationError, MaildropInUse, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
-from mailgate.store import pgreactor, reads, shownURL
+from mailgate.store import pgreactor, pgrefusal, reads, shownURL
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pgreactor import (
     INT4,
@@ -46,6 +46,8 @@ KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepa
 LOCK_RELEASE_BOUND = 10 + 5 * 3
 
 _RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
+# psycopg's own time-out of a connection attempt (psycopg >= 3.1.?).
+_CONNECTION_TIMEOUT = getattr(pgerrors, "ConnectionTimeout", ())
 
 
 class _Cursor:
@@ -136,8 +138,14 @@ class PostgresEngine:
             conn = psycopg.connect(
                 self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT
             )
+        except psycopg.ProgrammingError as e:
+            # psycopg could not read the connection string: nothing to retry.
+            raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {oneLine(e)}") from e
         except psycopg.Error as e:
-            raise TemporaryFailure(f"cannot connect to PostgreSQL at {self!r}: {oneLine(e)}") from e
+            raise pgrefusal.connectionFailure(
+                repr(self), self._conninfo, oneLine(e), pgconn=getattr(e, "pgconn", None),
+                timedOut=isinstance(e, _CONNECTION_TIMEOUT), timeout=CONNECT_TIMEOUT,
+            ) from e
         self.onConnect(conn)
         return conn
 
@@ -246,7 +254,7 @@ class PostgresEngine:
         """
         setup = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
         setup += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
-        pg = pgreactor.connect(self._conninfo, setup, statements, CONNECT_TIMEOUT)
+        pg = pgreactor.connect(self._conninfo, setup, statements, CONNECT_TIMEOUT, where=repr(self))
         if self._namespace is None:
             try:
                 result = pg.exec_(b"SELECT current_database(), current_schema()")

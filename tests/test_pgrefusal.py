@@ -1,0 +1,302 @@
+"""
+A PostgreSQL server that refuses mailgate for its configuration (a wrong
+password, an unknown role or database, a role that may not log in, no
+password at all) stops start-up and the C{mailgate} command with
+C{EX_CONFIG} (78) and one line saying why, so that neither systemd nor an
+administrator retries it for ever; one that cannot be reached, or refuses
+for now (no connection slot left), with C{EX_TEMPFAIL} (75).  A node
+already running whose password is changed under it logs why each attempt
+fails and keeps trying, and serves again once the password is put back.
+
+All on the suite's real PostgreSQL (tests/pgserver.py), with roles made
+for each test: the server's messages are in whatever language it was set
+up in, and nothing here depends on their words but on the SQLSTATE.
+"""
+
+import io
+import poplib
+import secrets
+import socket
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+
+from conftest import _requirePostgres, withSchema
+from e2e import DEADLINE, AdminCommand, ServerStarter, pop, waitFor
+from mailgate.cli import EX_CONFIG, EX_TEMPFAIL, run
+from mailgate.store import pgrefusal
+
+ALICE = "alice@example.org"
+ALICE_PW = "alice-pw"
+
+
+def asRole(base, user, password=None, database=None):
+    """
+    C{base} (the suite's PostgreSQL URL) as another role, password or
+    database.
+    """
+    parts = urlsplit(base)
+    host = parts.netloc.rpartition("@")[2]
+    userInfo = quote(user) + (f":{quote(password)}" if password is not None else "")
+    path = f"/{database}" if database is not None else parts.path
+    return urlunsplit(parts._replace(netloc=f"{userInfo}@{host}", path=path))
+
+
+def admin(sql):
+    import psycopg
+
+    with psycopg.connect(_requirePostgres(), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def roles():
+    """
+    Make PostgreSQL roles for a test, C{roles("LOGIN PASSWORD 'x'")}
+    returning each one's name; all are dropped (their sessions ended
+    first) when it ends.
+    """
+    made = []
+
+    def make(attributes):
+        name = "mgref_" + secrets.token_hex(4)
+        admin(f"CREATE ROLE {name} {attributes}")
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
+        admin(f"DROP OWNED BY {name}")
+        admin(f"DROP ROLE {name}")
+
+
+def unusedPort():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wrongPassword(roles):
+    return asRole(_requirePostgres(), urlsplit(_requirePostgres()).username, "wrong-" + secrets.token_hex(4))
+
+
+def _unknownRole(roles):
+    return asRole(_requirePostgres(), "nosuch_" + secrets.token_hex(4), "wrong-" + secrets.token_hex(4))
+
+
+def _unknownDatabase(roles):
+    parts = urlsplit(_requirePostgres())
+    return asRole(_requirePostgres(), parts.username, parts.password, "nosuch_" + secrets.token_hex(4))
+
+
+def _mayNotLogIn(roles):
+    return asRole(_requirePostgres(), roles("NOLOGIN PASSWORD 'pw-nologin'"), "pw-nologin")
+
+
+def _noPassword(roles):
+    return asRole(_requirePostgres(), roles("LOGIN PASSWORD 'pw-needed'"))
+
+
+def _noConnectionSlot(roles):
+    return asRole(_requirePostgres(), roles("LOGIN PASSWORD 'pw-limited' CONNECTION LIMIT 0"), "pw-limited")
+
+
+def _serverDown(roles):
+    parts = urlsplit(_requirePostgres())
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition(":")[0] + f":{unusedPort()}"))
+
+
+# (how the URL is made, the exit status, what the one line says)
+REFUSALS = {
+    "wrong password": (_wrongPassword, EX_CONFIG, "a configuration error (SQLSTATE 28P01): "),
+    # PostgreSQL answers an unknown role as it answers a wrong password.
+    "unknown role": (_unknownRole, EX_CONFIG, "a configuration error (SQLSTATE 28P01): "),
+    "unknown database": (_unknownDatabase, EX_CONFIG, "a configuration error (SQLSTATE 3D000): "),
+    "role that may not log in": (_mayNotLogIn, EX_CONFIG, "a configuration error (SQLSTATE 28000): "),
+    "no password": (_noPassword, EX_CONFIG, "the server asks for a password and the database URL gives none"),
+    "no connection slot": (_noConnectionSlot, EX_TEMPFAIL, "temporary failure, try again: "),
+    "server down": (_serverDown, EX_TEMPFAIL, "temporary failure, try again: "),
+}
+
+
+@pytest.mark.parametrize(
+    "sqlstate, configuration",
+    [
+        ("28P01", True),  # password authentication failed (or no such role)
+        ("28000", True),  # no pg_hba.conf entry; the role may not log in
+        ("3D000", True),  # no such database
+        ("42501", True),  # no CONNECT privilege on the database
+        ("42704", True),  # an unknown setting in the URL's options=-c...
+        ("22023", True),  # a setting's value refused
+        ("53300", False),  # too many connections (for the server or the role)
+        ("57P03", False),  # starting up, shutting down, in recovery
+        ("57P01", False),  # terminated by an administrator
+        ("08P01", False),  # protocol violation
+        ("XX000", False),  # an internal error
+    ],
+)
+def test_theVerdictOfEachSQLSTATE(sqlstate, configuration):
+    """
+    The classes that only a change of configuration ends, and the
+    others, which waiting may.
+    """
+    verdict = pgrefusal.verdictOf(sqlstate, tlsDeclined=False, needsPassword=False)
+    assert (verdict is not None) == configuration
+    if configuration:
+        assert verdict.startswith(f"a configuration error (SQLSTATE {sqlstate}): ")
+
+
+@pytest.fixture(autouse=True)
+def noPasswordFromElsewhere(monkeypatch, tmp_path):
+    """
+    libpq would take a password the URL lacks from C{$PGPASSWORD} or a
+    password file: not here.
+    """
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+
+
+def mailgate(url, *argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", url, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+def assertOneLine(err, expected, url):
+    assert err.startswith("mailgate: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assertNoPassword(err, url)
+
+
+def assertNoPassword(text, url):
+    password = urlsplit(url).password
+    if password:
+        assert f":{password}@" not in text, text
+        # The suite's own role is called what its password is.
+        if password != urlsplit(url).username:
+            assert password not in text, text
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_theCommandSaysWhetherToFixOrToRetry(case, roles):
+    """
+    C{mailgate user list} exits 78 when PostgreSQL refuses the URL's
+    password, role or database, 75 when it is down or full, with one line
+    that says which and never the password.
+    """
+    makeURL, code, expected = REFUSALS[case]
+    url = makeURL(roles)
+    code_, out, err = mailgate(url, "user", "list")
+    assert (code_, out) == (code, ""), err
+    assertOneLine(err, expected, url)
+
+
+def test_aURLParameterLibpqDoesNotKnowIsAConfigurationError():
+    """
+    Not a refusal of the server's, but no more worth retrying: a query
+    parameter the driver does not know (mistyped) exits 78, not 75.
+    """
+    base = _requirePostgres()
+    url = base + ("&" if "?" in base else "?") + "sslmod=require"
+    code, out, err = mailgate(url, "user", "list")
+    assert (code, out) == (EX_CONFIG, ""), err
+    assertOneLine(err, 'invalid URI query parameter: "sslmod"', url)
+
+
+def test_deliverLeavesTheMessageWithTheMTA(roles):
+    """
+    C{mailgate deliver} exits 75 whatever the refusal, as for its other
+    configuration errors: the MTA keeps the message until it is fixed
+    rather than bounce it.
+    """
+    url = _wrongPassword(roles)
+    code, out, err = mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")
+    assert (code, out) == (EX_TEMPFAIL, ""), err
+    assertOneLine(err, "(SQLSTATE 28P01)", url)
+
+
+@pytest.mark.parametrize("side", ["--from", "--to"])
+def test_dbCopyNamesTheSideRefused(side, roles, tmp_path):
+    url = _unknownDatabase(roles)
+    sqlite = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert mailgate(sqlite, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    urls = {"--from": sqlite, "--to": f"{sqlite}.copy"}
+    urls[side] = url
+    code, out, err = mailgate(sqlite, "db", "copy", "--from", urls["--from"], "--to", urls["--to"])
+    assert (code, out) == (EX_CONFIG, ""), err
+    assertOneLine(err, f"mailgate: {side}: cannot connect to PostgreSQL at ", url)
+    assert "(SQLSTATE 3D000)" in err
+
+
+@pytest.fixture
+def servers(tmp_path):
+    starter = ServerStarter(tmp_path, "sqlite:///unused")
+    try:
+        yield starter
+    finally:
+        starter.stopAll()
+
+
+@pytest.mark.parametrize("case", ["wrong password", "unknown database", "no password", "server down"])
+def test_startUpSaysWhetherToFixOrToRetry(case, roles, servers):
+    """
+    C{twistd -n mailgate --database postgresql://...} stops with one line
+    and 78 (the unit's C{RestartPreventExitStatus=78}: systemd stops
+    retrying) for a refusal of configuration, 75 (C{Restart=on-failure}
+    tries again) when PostgreSQL is down.
+    """
+    makeURL, code, expected = REFUSALS[case]
+    url = makeURL(roles)
+    server = servers.spawn(database=url)
+    assert server.wait() == code, server.log()
+    assert server.stdout == "", server.log()
+    assert "Traceback" not in server.stderr
+    [line] = [line for line in server.stderr.splitlines() if line.strip()]
+    assert line.startswith("mailgate: cannot connect to PostgreSQL at "), server.log()
+    assert expected.removeprefix("temporary failure, try again: ") in line, server.log()
+    assertNoPassword(line, url)
+
+
+def test_aRunningNodeWhosePasswordChangesKeepsTrying(roles, servers, tmp_path):
+    """
+    The password of a running node's role changes under it (and its
+    sessions with the server end): each login in the meantime gets
+    C{-ERR [SYS/TEMP]}, the log says why (the SQLSTATE and what to
+    correct, not the password), the process keeps running, and once the
+    password is put back logins work again, without a restart.
+    """
+    role = roles("LOGIN PASSWORD 'pw-first'")
+    schema = "s_" + secrets.token_hex(4)
+    admin(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+    url = withSchema(asRole(_requirePostgres(), role, "pw-first"), schema)
+    AdminCommand(url, cwd=tmp_path).addUser(ALICE, ALICE_PW)
+    server = servers(database=url)
+
+    def login():
+        client = pop(server)
+        try:
+            client.user(ALICE)
+            return client.pass_(ALICE_PW)
+        except poplib.error_proto as e:
+            return e.args[0]
+        finally:
+            client.close()
+
+    assert login().startswith(b"+OK")
+    admin(f"ALTER ROLE {role} PASSWORD 'pw-second'")
+    admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+    waitFor(
+        lambda: "(SQLSTATE 28P01): the user name or password in the database URL is wrong" in server.stdout
+        and login().startswith(b"-ERR [SYS/TEMP]"),
+        "a refused login, logged with the server's reason",
+        interval=0.2,
+    )
+    assert server.running(), server.log()
+    assert "pw-first" not in server.stdout + server.stderr
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+    admin(f"ALTER ROLE {role} PASSWORD 'pw-first'")
+    waitFor(lambda: login().startswith(b"+OK"), "a login once the password is back", timeout=DEADLINE, interval=0.2)
+    assert server.running()
