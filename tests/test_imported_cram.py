@@ -286,3 +286,16 @@ def test_aNewHashOfAnotherSchemeWouldLoseCramMD5AndIsRefused(tmp_path):
         assert cramLoginWith(store, ALICE, "new") is not None
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("written", ["", "not hex", "00" * 31, "00" * 33])
+def test_statesWrittenWrongByHandAreARefusalNotAnError(store, written):
+    """
+    States that are not 64 hex digits (set by hand in the database) make
+    CRAM-MD5 refuse that user like a wrong response, not fail.
+    """
+    from mailgate.auth.passwords import makeCredentials
+
+    resultOf(store.addUser(ALICE, makeCredentials("fay's", logN=TEST_HASH_COST)))
+    store.database.run(lambda cursor: cursor.execute("UPDATE users SET cram_md5 = ?", (written,)))
+    assert cramLoginWith(store, ALICE, "fay's") is None

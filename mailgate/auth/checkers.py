@@ -181,6 +181,21 @@ class PasswordChecker:
 _DUMMY_CRAM_CONTEXT = bytes(32)
 
 
+def _cramContextOf(user):
+    """
+    The user's CRAM-MD5 states (32 octets), or L{_DUMMY_CRAM_CONTEXT} for
+    an unknown user, one without, or states that are not 64 hex digits
+    (written by hand into the database: refused, not a traceback).
+    """
+    if user is None or user.cramMD5 is None:
+        return _DUMMY_CRAM_CONTEXT
+    try:
+        context = bytes.fromhex(user.cramMD5)
+    except (TypeError, ValueError):
+        return _DUMMY_CRAM_CONTEXT
+    return context if len(context) == 32 else _DUMMY_CRAM_CONTEXT
+
+
 @implementer(ICredentialsChecker)
 class APOPChecker:
     """
@@ -209,7 +224,7 @@ class APOPChecker:
         if user is not None and user.apopSecret is not None:
             matched = credentials.checkPassword(user.apopSecret)
         elif ICramMD5Credentials.providedBy(credentials):
-            context = _DUMMY_CRAM_CONTEXT if user is None or user.cramMD5 is None else bytes.fromhex(user.cramMD5)
+            context = _cramContextOf(user)
             matched = credentials.checkContext(context) and context is not _DUMMY_CRAM_CONTEXT
         else:
             matched = False
