@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 
 from conftest import _requirePostgres, withSchema
-from e2e import DEADLINE, AdminCommand, ServerStarter, pop, waitFor
+from e2e import DEADLINE, MAILGATE, AdminCommand, ServerStarter, pop, runCommand, waitFor
 from mailgate.cli import EX_CONFIG, EX_TEMPFAIL, run
 from mailgate.store import pgrefusal
 
@@ -203,6 +203,37 @@ def test_aURLParameterLibpqDoesNotKnowIsAConfigurationError():
     code, out, err = mailgate(url, "user", "list")
     assert (code, out) == (EX_CONFIG, ""), err
     assertOneLine(err, 'invalid URI query parameter: "sslmod"', url)
+
+
+def test_aURLThatRequiresTLSOfAServerWithoutIt():
+    """
+    C{sslmode=require} against a server that answers the request for TLS
+    with "no": nothing will change that but the configuration of one or
+    the other, so 78; read from the server's answer, not libpq's words.
+    """
+    import psycopg
+
+    with psycopg.connect(_requirePostgres(), autocommit=True) as conn:
+        if conn.execute("SHOW ssl").fetchone()[0] == "on":
+            pytest.skip("the suite's PostgreSQL offers TLS")
+    base = _requirePostgres()
+    url = base + ("&" if "?" in base else "?") + "sslmode=require"
+    code, out, err = mailgate(url, "user", "list")
+    assert (code, out) == (EX_CONFIG, ""), err
+    assertOneLine(err, "the database URL requires TLS (sslmode) and the server does not offer it", url)
+
+
+def test_mailgateServeSaysItToo(roles, tmp_path):
+    """
+    C{mailgate serve} (the server without twistd's plugin scan) exits as
+    C{twistd mailgate} does.
+    """
+    url = _wrongPassword(roles)
+    code, out, err = runCommand(
+        [MAILGATE, "serve", "--database", url, "--pop3", "tcp:0:interface=127.0.0.1"], cwd=tmp_path
+    )
+    assert code == EX_CONFIG, (out, err)
+    assertOneLine(err, "(SQLSTATE 28P01): the user name or password in the database URL is wrong", url)
 
 
 def test_deliverLeavesTheMessageWithTheMTA(roles):
