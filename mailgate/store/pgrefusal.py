@@ -148,9 +148,13 @@ def askWhy(conninfo, timeout):
         pg = pq.PGconn.connect_start(info.encode("utf-8"))
         try:
             traced = _trace(pg, trace)
-            _complete(pg, deadline)
-            if traced:
-                pg.untrace()
+            try:
+                _complete(pg, deadline)
+            finally:
+                if traced:
+                    # Flushes the stream: nothing of it is left for the
+                    # exit of the process to write to a reused descriptor.
+                    pg.untrace()
             needsPassword = pg.status != pq.ConnStatus.OK and pg.needs_password
             sslmode = _option(pg, b"sslmode")
         finally:
@@ -183,10 +187,9 @@ def _trace(pg, trace):
     only).
 
     psycopg hands libpq a C{FILE} opened on the descriptor and never closes
-    it (a few hundred octets, once per new message thanks to the verdicts
+    it (a few kilobytes, once per new message thanks to the verdicts
     kept): closing it would close the descriptor, which is ours to close.
-    Every line libpq writes ends in a newline, and the stream is line
-    buffered, so nothing is left in it to be flushed later.
+    C{PQuntrace} flushes it, so nothing is left in it to be written later.
     """
     try:
         pg.trace(trace.fileno())
