@@ -575,13 +575,16 @@ def checkEndpoint(description):
 
 class APOPPolicy(enum.Enum):
     """
-    When the POP3 greeting offers APOP (carries a timestamp).
+    When the POP3 greeting offers APOP (carries a timestamp), and SASL
+    offers CRAM-MD5 (which works for the same users, and for those
+    imported from Dovecot with a C{{CRAM-MD5}} hash's states).
 
     @cvar AUTO: only while some user has APOP enabled (checked every
         L{mailgate.service.APOP_REFRESH} seconds): clients that prefer APOP
-        whenever it is offered never try it where it cannot work.
+        whenever it is offered never try it where it cannot work; CRAM-MD5
+        while some user can use it.
     @cvar ALWAYS: always.
-    @cvar NEVER: never; APOP logins are not even checked.
+    @cvar NEVER: never; APOP and CRAM-MD5 logins are not even checked.
     """
 
     AUTO = "auto"
@@ -835,9 +838,10 @@ SETTINGS = (
     ),
     Setting(
         "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,
-        "When the POP3 greeting offers APOP: auto (only while some user has "
-        "APOP enabled), always, or never.  On the command line: --apop "
-        "(always) or --no-apop (never).",
+        "When the POP3 greeting offers APOP, and AUTH offers CRAM-MD5: auto "
+        "(only while some user has APOP enabled, or for CRAM-MD5 the states "
+        "of a {CRAM-MD5} hash from Dovecot), always, or never.  On the "
+        "command line: --apop (always) or --no-apop (never).",
         flags={"apop": APOPPolicy.ALWAYS, "no-apop": APOPPolicy.NEVER},
         converter=APOPPolicy.of,
     ),

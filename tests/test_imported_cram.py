@@ -299,3 +299,30 @@ def test_statesWrittenWrongByHandAreARefusalNotAnError(store, written):
     resultOf(store.addUser(ALICE, makeCredentials("fay's", logN=TEST_HASH_COST)))
     store.database.run(lambda cursor: cursor.execute("UPDATE users SET cram_md5 = ?", (written,)))
     assert cramLoginWith(store, ALICE, "fay's") is None
+
+
+@requireDovecot
+def test_userTestSaysWhetherCramMD5WorksWithThePassword(tmp_path):
+    """
+    C{user test} checks a password as a login would, and for a user with
+    CRAM-MD5 states also whether AUTH CRAM-MD5 takes it: the states are
+    kept apart from the hash, so the two could disagree.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    test = ["--database", url, "user", "test", ALICE, "--password-stdin"]
+    code, _, err = mailgate("--database", url, "user", "add", ALICE, "--password-stdin", "--hashed",
+                            given=doveadmHash("CRAM-MD5", "fay's") + "\n")
+    assert code == 0, err
+    assert mailgate(*test, given="fay's\n") == (0, (
+        f"the password of {ALICE} is correct "
+        "(kept as the hash imported from another server; CRAM-MD5 works with it too)\n"
+    ), "")
+    store = memoryStore(url)
+    try:
+        store.database.run(
+            lambda cursor: cursor.execute("UPDATE users SET cram_md5 = ?", (hmacMD5Context(b"old").hex(),))
+        )
+    finally:
+        store.close()
+    code, out, _ = mailgate(*test, given="fay's\n")
+    assert code == 0 and "; but not for CRAM-MD5, whose states were made from another password" in out, out

@@ -8,6 +8,7 @@ import re
 
 from mailgate.address import normalizeDomain
 from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
+from mailgate.auth.md5state import hmacMD5Context
 from mailgate.auth.passwords import (
     StoredCredentials,
     importedCredentials,
@@ -286,6 +287,14 @@ def _userTest(store, args, out, stdin):
     if not verifyPassword(password.encode("utf-8"), user.passwordHash):
         raise CommandError(f"that is not the password of {address}", EX_NOPERM)
     kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
+    if user.cramMD5 is not None:
+        # What AUTH CRAM-MD5 is checked against, kept apart from the hash:
+        # whether the password works there too.
+        matches = hmacMD5Context(password.encode("utf-8")).hex() == user.cramMD5
+        kept += (
+            "; CRAM-MD5 works with it too" if matches
+            else "; but not for CRAM-MD5, whose states were made from another password (user passwd makes new ones)"
+        )
     out.write(f"the password of {address} is correct (kept as {kept})\n")
 
 
