@@ -902,6 +902,122 @@ def test_restoreAsNew(store):
     assert later not in ids + newIds
 
 
+def test_nodesKeepMailAsLongAsTheLiveNodeThatKeepsItLongest(databaseURL):
+    """
+    Two nodes on one database, given different retention settings (one
+    restarted with a new configuration before the other): node A would
+    expire mail after a day and keep nothing deleted, node B never
+    expires and keeps deleted mail three days.  While B is alive, A's
+    sessions keep what they delete and A's retention task removes nothing
+    B would keep; once B has stopped, A goes by its own settings.
+    """
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        clocks = [Clocked(a), Clocked(b)]
+        a.limits.expireDays, a.limits.keepDeletedDays = 1, 0
+        b.limits.expireDays, b.limits.keepDeletedDays = None, 3
+        resultOf(b.sessions.flush())
+        assert resultOf(a.sessions.otherSettings()) == [
+            ("--expire-days", 1, b.sessions.name, -1),
+            ("--keep-deleted-days", 0, b.sessions.name, 3),
+        ]
+        assert resultOf(b.sessions.otherSettings()) == []
+        deliver(a, [ALICE], message(1))
+        deliver(a, [ALICE], message(2))
+        popDelete(a, ALICE, "wonderland", 1)
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+        for clock in clocks:
+            clock.days(2)
+        resultOf(b.sessions.flush())
+        assert resultOf(a.expireMessages()) == (0, 0)
+        assert resultOf(a.purgeDeleted()) == 0
+        assert len(resultOf(a.listMessages(ALICE))) == 1
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+        # B stops: A's own settings apply.
+        resultOf(b.sessions.leave())
+        assert resultOf(a.sessions.otherSettings()) == []
+        assert resultOf(a.expireMessages()) == (1, 0)
+        assert resultOf(a.purgeDeleted()) == 1
+        assert resultOf(a.listMessages(ALICE)) == resultOf(a.listDeleted(ALICE)) == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_aNodeWhoseHeartbeatStoppedNoLongerCounts(databaseURL):
+    """
+    A node killed outright leaves its row; once its heartbeat is older
+    than the registry's STALE_AFTER, its settings no longer hold back the
+    others' retention.
+    """
+    from mailgate.store.registry import STALE_AFTER
+
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        clocks = [Clocked(a), Clocked(b)]
+        a.limits.keepDeletedDays, b.limits.keepDeletedDays = 0, 3
+        deliver(a, [ALICE], message(1))
+        resultOf(b.sessions.flush())
+        resultOf(a.sessions.otherSettings())
+        popDelete(a, ALICE, "wonderland", 1)
+        clocks[0].now += STALE_AFTER - 1
+        assert resultOf(a.purgeDeleted()) == 0
+        clocks[0].now += 2
+        assert resultOf(a.purgeDeleted()) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
+    """
+    The registry service compares the settings the other live nodes
+    announce with its node's and warns when what differs changes (not at
+    every comparison), naming the option, both values and the node; and
+    says so when they are the same again.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger, formatEvent
+
+    from mailgate.store.housekeeping import RegistryService
+
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    reactor = MemoryReactorClock()
+    events = []
+    service = RegistryService(a, reactor, name="node-a")
+    service.log = Logger(observer=events.append)
+    try:
+        a.limits.quotaOctets = 1 << 30
+        b.limits.quotaOctets = 1 << 30
+        b.limits.expireDays = 30
+        resultOf(b.sessions.flush())
+        service.startService()
+        reactor.run()
+        reactor.advance(0)
+        [warning] = [e for e in events if e.get("event") == "node.settings_differ"]
+        assert warning["differences"] == [
+            {"option": "--expire-days", "here": -1, "node": b.sessions.name, "there": 30}
+        ]
+        assert "--expire-days none here, 30 on " + b.sessions.name in formatEvent(warning)
+        for _ in range(3):
+            reactor.advance(service.compareInterval)
+            resultOf(b.sessions.flush())
+        assert len([e for e in events if e.get("event") == "node.settings_differ"]) == 1
+        b.limits.expireDays = None
+        resultOf(b.sessions.flush())
+        reactor.advance(service.compareInterval)
+        assert [e["event"] for e in events if e.get("event", "").startswith("node.")] == [
+            "node.settings_differ",
+            "node.settings_same",
+        ]
+    finally:
+        resultOf(service.stopService())
+        a.close()
+        b.close()
+
+
 def test_keptDeletedMailIsPurgedInTime(store):
     clock = Clocked(store)
     store.limits.keepDeletedDays = 2

@@ -159,9 +159,17 @@ class RegistryService(_Repeating):
     (L{mailgate.store.registry}): every L{interval} seconds, writes the
     sessions that came and went (and the heartbeat, when due), and ends
     the sessions C{mailgate kick} marked.  At shutdown, the node's rows go.
+
+    Every L{compareInterval} seconds it also compares the settings the
+    other live nodes announce with this node's, and warns when they
+    differ (C{node.settings_differ}, once for each change of what
+    differs): nodes sharing a database with different quotas accept mail
+    the others refuse, and the retention task keeps mail as long as the
+    node that keeps it longest.
     """
 
     interval = 1.0
+    compareInterval = 30.0
     log = Logger()
 
     def __init__(self, store, reactor, name=None, interval=None):
@@ -176,10 +184,45 @@ class RegistryService(_Repeating):
         self._call = None
         self.active = None
         self._failing = False
+        self._compared = None
+        self.differences = []
 
     def startService(self):
         Service.startService(self)
         self._reactor.callWhenRunning(self._schedule, 0)
+
+    def _compareSettings(self):
+        """
+        Compare this node's settings with the other live nodes', when due,
+        and say so when what differs has changed.
+        """
+        now = self._reactor.seconds()
+        if self._compared is not None and now - self._compared < self.compareInterval:
+            return None
+        self._compared = now
+
+        def compared(differences):
+            if differences == self.differences:
+                return
+            self.differences = differences
+            if differences:
+                self.log.warn(
+                    "nodes sharing the database differ in settings: {described}; give every node the same "
+                    "(the retention task keeps mail as long as the node that keeps it longest)",
+                    described="; ".join(
+                        f"{option} {_shown(ours)} here, {_shown(theirs)} on {node}"
+                        for option, ours, node, theirs in differences
+                    ),
+                    differences=[
+                        {"option": option, "here": ours, "node": node, "there": theirs}
+                        for option, ours, node, theirs in differences
+                    ],
+                    event="node.settings_differ",
+                )
+            else:
+                self.log.info("nodes sharing the database: settings the same again", event="node.settings_same")
+
+        return self._store.sessions.otherSettings().addCallback(compared)
 
     def stopService(self):
         Service.stopService(self)
@@ -200,6 +243,7 @@ class RegistryService(_Repeating):
         self.active = d = defer.Deferred()
         d.addCallback(lambda _: registry.flush() if registry.due() else None)
         d.addCallback(lambda _: registry.poll())
+        d.addCallback(lambda _: self._compareSettings())
 
         def done(result):
             if self._failing:
@@ -223,3 +267,11 @@ class RegistryService(_Repeating):
         d.addCallbacks(done, failed).addBoth(finished)
         d.callback(None)
         return d
+
+
+def _shown(value):
+    """
+    A setting's value as L{mailgate.store.registry.nodeSettings} gives it,
+    for the warning: -1 is none.
+    """
+    return "none" if value == -1 else str(value)

@@ -30,7 +30,7 @@ from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
-from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _sessions
+from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _liveSettings, _sessions
 from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
@@ -172,6 +172,49 @@ def _expireOverrides(cursor):
     """
     cursor.execute("SELECT user_id, expire_days FROM mailboxes WHERE expire_days IS NOT NULL")
     return dict(cursor.fetchall())
+
+
+def _keptLongest(cursor, expireDays, keepDeletedDays, aliveSince, exceptNode):
+    """
+    The retention defaults the retention task goes by: this node's
+    C{expireDays} (-1: never) and C{keepDeletedDays}, or another live
+    node's where it keeps mail longer.
+
+    The nodes sharing a database should be given the same values; where
+    they are not (a node restarted with a new configuration before the
+    others), no node's task removes what another still keeps.  Each
+    node's heartbeat says what it keeps (L{mailgate.store.registry}); a
+    node that has stopped no longer counts.
+
+    @return: C{(expireDays, keepDeletedDays)}.
+    """
+    for _, settings in _liveSettings(cursor, aliveSince, exceptNode):
+        expire = settings.get("expire_days")
+        if type(expire) is int and expireDays != UNLIMITED:
+            expireDays = UNLIMITED if expire < 0 else max(expireDays, expire)
+        keep = settings.get("keep_deleted_days")
+        if type(keep) is int:
+            keepDeletedDays = max(keepDeletedDays, keep)
+    return expireDays, keepDeletedDays
+
+
+def _expirePass(cursor, now, ownDefaults, aliveSince, exceptNode, limit):
+    """
+    What a pass of the retention task removes expired messages by: the
+    default retention (L{_keptLongest}), and the users whose maildrop may
+    hold messages older than theirs (L{_expireCandidates}).
+    """
+    defaultDays, _ = _keptLongest(cursor, *ownDefaults, aliveSince, exceptNode)
+    return defaultDays, _expireCandidates(cursor, now, defaultDays, limit)
+
+
+def _purgeKept(cursor, now, ownDefaults, aliveSince, exceptNode, limit):
+    """
+    A pass of the retention task over kept deleted mail: what was deleted
+    longer ago than L{_keptLongest}'s days (all of it at 0).
+    """
+    _, keepDeletedDays = _keptLongest(cursor, *ownDefaults, aliveSince, exceptNode)
+    return _purgeDeleted(cursor, now - keepDeletedDays * DAY, limit)
 
 
 def _expireCandidates(cursor, now, defaultDays, limit):
@@ -765,11 +808,12 @@ class LifecycleStore:
             because busy)}.
         """
         now = self._now()
-        default = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
 
         @defer.inlineCallbacks
         def run():
-            candidates = yield self.database.runInteraction(_expireCandidates, now, default, users)
+            default, candidates = yield self.database.runInteraction(
+                _expirePass, now, self._ownRetention(), now - STALE_AFTER, self.sessions.nodeId, users
+            )
             removed = busy = 0
             for userId in candidates:
                 try:
@@ -793,12 +837,22 @@ class LifecycleStore:
     def purgeDeleted(self, limit=500):
         """
         Remove kept deleted mail older than L{StoreLimits.keepDeletedDays}
-        (all of it when that is 0), at most C{limit} messages.
+        (all of it when that is 0), or than a live node keeps it (see
+        L{_keptLongest}), at most C{limit} messages.
 
         @return: a L{Deferred} of how many were removed.
         """
-        before = self._now() - self.limits.keepDeletedDays * DAY
-        return self.database.runWrite(_purgeDeleted, before, limit)
+        now = self._now()
+        return self.database.runWrite(
+            _purgeKept, now, self._ownRetention(), now - STALE_AFTER, self.sessions.nodeId, limit
+        )
+
+    def _ownRetention(self):
+        """
+        This node's retention defaults, as L{_keptLongest} takes them.
+        """
+        expireDays = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
+        return expireDays, self.limits.keepDeletedDays
 
     def listDeleted(self, address):
         """

@@ -20,6 +20,7 @@ protocol asked to be ended (without the UPDATE state: nothing it marked
 deleted is deleted), which releases the maildrop's lock.
 """
 
+import json
 import os
 import secrets
 import socket
@@ -46,19 +47,84 @@ class Session:
     end = attr.ib(repr=False)
 
 
+# -- the settings a node works on shared data with -----------------------------
+
+#: The settings that change what a node does to data every node shares,
+#: by the name they have in C{mailgate_nodes.settings}: the defaults of
+#: L{mailgate.store.lifecycle.StoreLimits}, -1 for none (never).
+SHARED_SETTINGS = {
+    "quota_octets": ("--default-quota", "quotaOctets"),
+    "expire_days": ("--expire-days", "expireDays"),
+    "keep_deleted_days": ("--keep-deleted-days", "keepDeletedDays"),
+}
+
+
+def nodeSettings(limits):
+    """
+    What a node announces in its heartbeat: C{limits} (a
+    L{mailgate.store.lifecycle.StoreLimits}) as C{SHARED_SETTINGS}' names
+    to values, -1 for none.
+    """
+    values = {}
+    for name, (_, attribute) in SHARED_SETTINGS.items():
+        value = getattr(limits, attribute)
+        values[name] = -1 if value is None else value
+    return values
+
+
+def settingsDiffer(own, others):
+    """
+    Where other live nodes announce other settings than C{own}.
+
+    @param own: this node's L{nodeSettings}.
+    @param others: C{(name, settings)} of the other live nodes.
+    @return: a sorted list of C{(option, own value, node name, its value)},
+        values as L{nodeSettings} gives them.
+    """
+    found = []
+    for nodeName, theirs in others:
+        for name, (option, _) in SHARED_SETTINGS.items():
+            if name in theirs and theirs[name] != own[name]:
+                found.append((option, own[name], nodeName, theirs[name]))
+    return sorted(found)
+
+
+def _liveSettings(cursor, aliveSince, exceptNode):
+    """
+    The L{nodeSettings} of the live nodes other than C{exceptNode}, as
+    C{(name, settings)}; nodes of a version that announced none, or
+    announced something unreadable, are left out.
+    """
+    cursor.execute(
+        "SELECT name, settings FROM mailgate_nodes WHERE seen_at >= ? AND node_id <> ? AND settings IS NOT NULL "
+        "ORDER BY name",
+        (aliveSince, exceptNode),
+    )
+    live = []
+    for name, text in cursor.fetchall():
+        try:
+            settings = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(settings, dict):
+            live.append((name, settings))
+    return live
+
+
 # -- interactions ----------------------------------------------------------------
 
 
 def _sync(cursor, node, now, added, removed, forgetBefore):
     """
-    One write of a node's registry: its heartbeat, the sessions that
-    began and ended since the last one; and the rows of long-dead nodes.
+    One write of a node's registry: its heartbeat (and the settings it
+    works with), the sessions that began and ended since the last one;
+    and the rows of long-dead nodes.
     """
-    nodeId, name, started = node
+    nodeId, name, started, settings = node
     cursor.execute(
-        "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (node_id) DO UPDATE SET seen_at = excluded.seen_at",
-        (nodeId, name, started, now),
+        "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at, settings) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (node_id) DO UPDATE SET seen_at = excluded.seen_at, settings = excluded.settings",
+        (nodeId, name, started, now, settings),
     )
     for start in range(0, len(added), 100):
         part = added[start : start + 100]
@@ -130,6 +196,8 @@ class SessionRegistry:
 
     @ivar nodeId: this node's id, unique across nodes and restarts.
     @ivar name: what C{mailgate who} shows for this node.
+    @ivar others: C{(name, settings)} of the other live nodes, as
+        L{otherSettings} last read them.
     """
 
     def __init__(self, store, name=None):
@@ -141,6 +209,8 @@ class SessionRegistry:
         self._added = {}
         self._removed = {}
         self._lastBeat = None
+        # (name, settings) of the other live nodes, as last read.
+        self.others = []
 
     def started(self, maildrop, peer, end):
         """
@@ -192,9 +262,10 @@ class SessionRegistry:
         forget = None
         if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
             forget = now - FORGET_AFTER
+        settings = json.dumps(nodeSettings(self._store.limits), sort_keys=True)
         d = self._store.database.runWrite(
             _sync,
-            (self.nodeId, self.name, self._started),
+            (self.nodeId, self.name, self._started, settings),
             now,
             list(added.values()),
             list(removed.values()),
@@ -216,6 +287,29 @@ class SessionRegistry:
             return failure
 
         return d.addCallbacks(written, failed)
+
+    def otherSettings(self):
+        """
+        Read the settings the other live nodes announce (kept in
+        L{others}), and say where they differ from this node's: a
+        L{Deferred} of what L{settingsDiffer} gives.
+        """
+        d = self._store.database.runInteraction(_liveSettings, self._store._now() - STALE_AFTER, self.nodeId)
+
+        def read(others):
+            self.others = others
+            return settingsDiffer(nodeSettings(self._store.limits), others)
+
+        return d.addCallback(read)
+
+    def othersKeepDeleted(self):
+        """
+        Whether another live node keeps deleted mail for recovery, as last
+        read (L{otherSettings}): then this node keeps what its sessions
+        delete too, whatever its own C{--keep-deleted-days}, as that node
+        would not want it gone at once.
+        """
+        return any(type(s.get("keep_deleted_days")) is int and s["keep_deleted_days"] > 0 for _, s in self.others)
 
     def poll(self):
         """

@@ -333,6 +333,18 @@ MIGRATIONS = [
             "ALTER TABLE users ADD COLUMN cram_md5 TEXT",
         ],
     ),
+    Migration(
+        11,
+        "the settings each node works with",
+        [
+            # What each node's heartbeat announces of the settings that
+            # change what it does to shared data (mailgate.store.registry:
+            # default quota, retention), as JSON: nodes warn when theirs
+            # differ, and the retention task keeps mail as long as the
+            # live node that keeps it longest.
+            "ALTER TABLE mailgate_nodes ADD COLUMN settings TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -750,9 +750,9 @@ class SQLMaildrop:
     def expunge(self, indexes, peer=None):
         """
         Remove the messages at C{indexes}, in one transaction.  Where the
-        server keeps deleted mail (L{lifecycle.StoreLimits.keepDeletedDays}),
-        they leave the maildrop (and the quota) all the same but are kept
-        for recovery, with the time and C{peer}, the client's address
+        server keeps deleted mail (L{lifecycle.StoreLimits.keepDeletedDays},
+        or another live node's), they leave the maildrop (and the quota) all
+        the same but are kept for recovery, with the time and C{peer}, the client's address
         (by default the one given to L{sessionStarted}).
         """
         uids = [self._uids[i] for i in indexes]
@@ -762,7 +762,7 @@ class SQLMaildrop:
         guard = self._store.locks.writeGuard(self._userId)
         if guard is None:
             return defer.fail(MaildropLockLost(_LOCK_LOST))
-        if self._store.limits.keepDeletedDays > 0:
+        if self._store.limits.keepDeletedDays > 0 or self._store.sessions.othersKeepDeleted():
             return self._store.database.runWrite(
                 _Guarded(guard, lifecycle._keepDeleted), self._userId, uids, self._store._now(), peer
             )
