@@ -693,6 +693,11 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         # The store's background work: retention, and what POP3 advertises
         # of it (refreshed like the APOP advertiser).
         RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
+        # The node's heartbeat, with the settings it works with, and the
+        # registry of its POP3 sessions (mailgate who, mailgate kick):
+        # written by every node, so one that only takes mail in counts
+        # too where the nodes' retention settings are compared.
+        RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():
@@ -706,9 +711,6 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)
                 refresh.clock = reactor
                 refresh.setServiceParent(root)
-            if lifecycle:
-                # The registry of POP3 sessions (mailgate who, mailgate kick).
-                RegistryService(store, reactor, name=config.hostname).setServiceParent(root)
             pop3.append(factory)
         return pop3[0]
 

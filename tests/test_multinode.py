@@ -357,6 +357,39 @@ def test_deletionAtQuitIsVisibleOnTheOtherNode(mailgate_server, mailgate_cli):
     assert client.quit().startswith(b"+OK")
 
 
+def _liveNodes(database):
+    import psycopg
+
+    from mailgate.store.postgres import _conninfo
+
+    with psycopg.connect(_conninfo(database), autocommit=True) as conn:
+        return [row[0] for row in conn.execute("SELECT name FROM mailgate_nodes WHERE settings IS NOT NULL")]
+
+
+def test_nodesThatDifferInRetentionSaySoAndKeepWhatTheOtherKeeps(mailgate_server, mailgate_cli):
+    """
+    Node A keeps deleted mail a week; node B, whose configuration was not
+    updated, keeps none: B's log names the option, both values and node A,
+    and a message a POP3 client deletes through B is kept for recovery,
+    as A would keep it.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    uids = [mailgate_cli.deliver(ALICE, message(f"m{i}")) for i in range(2)]
+    a = node(mailgate_server, "node-a", "--keep-deleted-days", "7")
+    waitFor(lambda: any(name.startswith("node-a.test[") for name in _liveNodes(a.database)), "node A's heartbeat")
+    b = node(mailgate_server, "node-b")
+    waitFor(
+        lambda: re.search(r"--keep-deleted-days 0 here, 7 on node-a\.test\[\d+\]", b.log()),
+        "node B's warning",
+    )
+    assert "node-b.test[" in " ".join(_liveNodes(a.database))
+    client = login(b, ALICE, ALICE_PW)
+    assert client.dele(1).startswith(b"+OK")
+    assert client.quit().startswith(b"+OK")
+    deleted = mailgate_cli.check("mailbox", "deleted", ALICE)
+    assert uids[0] in deleted and uids[1] not in deleted
+
+
 # -- the database goes away and comes back --------------------------------
 
 
