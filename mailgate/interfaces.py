@@ -487,6 +487,13 @@ class ILifecycleStore(Interface):
         L{mailgate.records.SessionInfo}.
         """
 
+    def listNodes():
+        """
+        The live nodes sharing the database (those whose heartbeat is
+        recent) and the settings each announces: a L{Deferred} list of
+        L{mailgate.records.NodeInfo}.
+        """
+
     def kickSessions(address):
         """
         Ask the nodes serving C{address}'s POP3 sessions to end them

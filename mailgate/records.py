@@ -109,6 +109,21 @@ class DeletedMessage:
 
 
 @attr.s(frozen=True, slots=True)
+class NodeInfo:
+    """
+    A line of C{mailgate nodes}: a live node and the settings its
+    heartbeat announces (L{mailgate.store.registry.nodeSettings}: names
+    to values, -1 for none; C{None} for a node of a version that announces
+    none).
+    """
+
+    name = attr.ib()
+    started = attr.ib()  # seconds since the epoch
+    seen = attr.ib()  # its last heartbeat, seconds since the epoch
+    settings = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
 class SessionInfo:
     """
     A line of C{mailgate who}: a POP3 session in progress.

@@ -239,6 +239,42 @@ def test_whoAndKickWithoutAServingNode(cli, store):
     assert result.err == f"mailgate: asked the node to end the POP3 session of {ALICE}; it has not ended yet\n"
 
 
+def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
+    """
+    C{mailgate nodes}: each node whose heartbeat is recent, with the
+    default quota, EXPIRE and kept-deleted days it works with, and which
+    of these differ; a node that left is gone from the list.
+    """
+    import json
+
+    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED"]
+    other = memoryStore(cli.url)
+    try:
+        store.sessions.name, other.sessions.name = "node-a[1]", "node-b[2]"
+        store.limits.quotaOctets, store.limits.keepDeletedDays = 1 << 30, 7
+        other.limits.quotaOctets, other.limits.expireDays = 1 << 30, 30
+        resultOf(store.sessions.flush())
+        resultOf(other.sessions.flush())
+        result = cli("nodes")
+        assert result.code == 0, result
+        lines = result.out.splitlines()
+        assert [line.split()[:1] + line.split()[2:] for line in lines[1:3]] == [
+            ["node-a[1]", "1G", "never", "7"],
+            ["node-b[2]", "1G", "30", "0"],
+        ]
+        assert lines[3:] == ["", "the nodes differ in --expire-days, --keep-deleted-days: give every node the same"]
+        records = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
+        assert [(r["node"], r["settings"]) for r in records] == [
+            ("node-a[1]", {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7}),
+            ("node-b[2]", {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0}),
+        ]
+        resultOf(other.sessions.leave())
+        lines = cli("nodes").out.splitlines()
+        assert [line.split()[0] for line in lines[1:]] == ["node-a[1]"]
+    finally:
+        other.close()
+
+
 def test_kickFindsASessionThatJustLoggedIn(cli, store, monkeypatch):
     """
     A session appears in the registry with its node's next write, about a

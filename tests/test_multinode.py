@@ -383,6 +383,10 @@ def test_nodesThatDifferInRetentionSaySoAndKeepWhatTheOtherKeeps(mailgate_server
         "node B's warning",
     )
     assert "node-b.test[" in " ".join(_liveNodes(a.database))
+    listed = mailgate_cli.check("nodes")
+    assert re.search(r"^node-a\.test\[\d+\] .* 7$", listed, re.M), listed
+    assert re.search(r"^node-b\.test\[\d+\] .* 0$", listed, re.M), listed
+    assert "the nodes differ in --keep-deleted-days:" in listed
     client = login(b, ALICE, ALICE_PW)
     assert client.dele(1).startswith(b"+OK")
     assert client.quit().startswith(b"+OK")

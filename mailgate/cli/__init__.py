@@ -21,6 +21,7 @@ C{mailgate}: the administrator's command.
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
+  mailgate nodes [--json]
   mailgate kick ADDRESS [--wait SECONDS]
   mailgate deliver [-f SENDER] ADDRESS... < message
   mailgate db upgrade
@@ -68,7 +69,7 @@ from mailgate.cli.deliver import _deliver
 from mailgate.cli.imports import _importMaildir, _importPOP3
 from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExpunge, _mailboxList, _mailboxRestore
 from mailgate.cli.serve import _serve
-from mailgate.cli.sessions import _kick, _who
+from mailgate.cli.sessions import _kick, _nodes, _who
 from mailgate.cli.users import (
     _userAdd,
     _userApop,
@@ -294,6 +295,15 @@ def buildParser():
     who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
     _addJSON(who)
     who.set_defaults(run=_who, migrate=True)
+    nodes = commands.add_parser(
+        "nodes",
+        help="list the running nodes sharing the database and the settings they work with",
+        description="List the nodes whose heartbeat is recent, with the default quota, retention "
+        "(EXPIRE) and days deleted mail is kept that each works with; says which of these "
+        "differ between nodes.",
+    )
+    _addJSON(nodes)
+    nodes.set_defaults(run=_nodes, migrate=True)
     kick = commands.add_parser(
         "kick",
         help="end a user's POP3 session, wherever it runs, without applying its deletions",

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-C{mailgate who} and C{mailgate kick}: the POP3 sessions of every node.
+C{mailgate who} and C{mailgate kick}: the POP3 sessions of every node;
+C{mailgate nodes}: the nodes and the settings they work with.
 """
 
 import time
@@ -16,6 +17,8 @@ from mailgate.cli.common import (
     _seconds,
     _time,
 )
+from mailgate.store.bounds import formatSize
+from mailgate.store.registry import SHARED_SETTINGS
 
 
 def _who(store, args, out, stdin):
@@ -29,6 +32,48 @@ def _who(store, args, out, stdin):
         out.write(
             f"{session.address:<40} {session.node:<30} {session.peer or '-':<24} {_time(session.since)}\n"
         )
+
+
+#: What C{mailgate nodes} shows of the settings nodes announce
+#: (L{mailgate.store.registry.SHARED_SETTINGS}), in its columns' order.
+_NODE_SETTINGS = ("quota_octets", "expire_days", "keep_deleted_days")
+
+
+def _nodes(store, args, out, stdin):
+    nodes = _result(store.listNodes())
+    if args.json:
+        return _jsonLines(out, (
+            {"node": n.name, "started": _time(n.started), "seen": _time(n.seen), "settings": _jsonSettings(n.settings)}
+            for n in nodes
+        ))
+    out.write(f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} KEEP-DELETED\n")
+    for node in nodes:
+        quota, expire, keep = (_shownSetting(node.settings, name) for name in _NODE_SETTINGS)
+        out.write(f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep}\n")
+    announced = [n.settings for n in nodes if n.settings is not None]
+    differing = [name for name in _NODE_SETTINGS if len({str(s.get(name)) for s in announced}) > 1]
+    if differing:
+        options = ", ".join(SHARED_SETTINGS[name][0] for name in differing)
+        out.write(f"\nthe nodes differ in {options}: give every node the same\n")
+
+
+def _jsonSettings(settings):
+    """
+    A node's announced settings for C{--json}: C{null} for none (never),
+    and C{null} as a whole where the node announced none.
+    """
+    if settings is None:
+        return None
+    return {name: value if type(value) is not int or value >= 0 else None for name, value in settings.items()}
+
+
+def _shownSetting(settings, name):
+    value = None if settings is None else settings.get(name)
+    if type(value) is not int:
+        return "-"
+    if value < 0:
+        return "never" if name == "expire_days" else "none"
+    return formatSize(value) if name == "quota_octets" else str(value)
 
 
 #: seconds C{mailgate kick} looks for a session it did not find at once

@@ -30,7 +30,7 @@ from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
-from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _liveSettings, _sessions
+from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _liveSettings, _nodes, _sessions
 from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
@@ -892,6 +892,13 @@ class LifecycleStore:
         L{Deferred} list of L{mailgate.records.SessionInfo}, oldest first.
         """
         return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address, kicked)
+
+    def listNodes(self):
+        """
+        The live nodes and the settings they announce: a L{Deferred} list
+        of L{mailgate.records.NodeInfo}, by name.
+        """
+        return self.database.runInteraction(_nodes, self._now() - STALE_AFTER)
 
     def kickSessions(self, address):
         """

@@ -28,7 +28,7 @@ import socket
 import attr
 from twisted.internet import defer
 
-from mailgate.records import SessionInfo
+from mailgate.records import NodeInfo, SessionInfo
 
 #: seconds between heartbeats of a node
 HEARTBEAT = 10
@@ -89,6 +89,31 @@ def settingsDiffer(own, others):
     return sorted(found)
 
 
+def _nodes(cursor, aliveSince):
+    """
+    The live nodes, by name, as L{mailgate.records.NodeInfo}.
+    """
+    cursor.execute(
+        "SELECT name, started_at, seen_at, settings FROM mailgate_nodes WHERE seen_at >= ? ORDER BY name, started_at",
+        (aliveSince,),
+    )
+    return [NodeInfo(name, started, seen, _settings(text)) for name, started, seen, text in cursor.fetchall()]
+
+
+def _settings(text):
+    """
+    A node's announced settings, or C{None} if it announced none or
+    something unreadable.
+    """
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def _liveSettings(cursor, aliveSince, exceptNode):
     """
     The L{nodeSettings} of the live nodes other than C{exceptNode}, as
@@ -102,11 +127,8 @@ def _liveSettings(cursor, aliveSince, exceptNode):
     )
     live = []
     for name, text in cursor.fetchall():
-        try:
-            settings = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(settings, dict):
+        settings = _settings(text)
+        if settings is not None:
             live.append((name, settings))
     return live
 
