@@ -328,9 +328,21 @@ _LOCK = Statement(
     [INT8, INT8],
 )
 _UNLOCK = Statement("mailgate_unlock", "SELECT pg_advisory_unlock($1)", [INT8])
+# What undoes a L{_LOCK} that failed after it took the lock (its wait ended
+# by lock_timeout, statement_timeout or a cancel): a session-level lock
+# outlives the error of the statement that took it.  Only if this
+# connection holds it, so that nothing else is unlocked and the server
+# logs no warning.
+_UNDO_LOCK = Statement(
+    "mailgate_undo_lock",
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+    "AND granted AND classid = (($1 >> 32) & 4294967295)::oid AND objid = ($1 & 4294967295)::oid "
+    "AND objsubid = 1) THEN pg_advisory_unlock($1) ELSE false END",
+    [INT8],
+)
 # The snapshot (see mailgate.store.snapshot), read on the lock's connection.
 _SNAPSHOT = Statement("mailgate_snapshot", snapshotQuery(PostgresEngine), [INT8], binary=True)
-_LOCK_STATEMENTS = (_LOCK, _UNLOCK, _SNAPSHOT)
+_LOCK_STATEMENTS = (_LOCK, _UNDO_LOCK, _UNLOCK, _SNAPSHOT)
 
 
 class WriteGuard:
@@ -565,11 +577,25 @@ class AdvisoryLocks:
             return userId
 
         def failed(failure):
-            # Whether the lock was taken is unknown only if the connection
-            # was lost, and the lock with it.
+            if not connection.connected:
+                # Lost, and the lock with the connection if it was taken.
+                forget()
+                return failure
+            # The statement failed on a live connection, maybe once it had
+            # taken the lock, in its wait for a write (see _LOCK): undone,
+            # before any later operation on this maildrop (the same slot).
+            undo = self._run(userId, _UNDO_LOCK, self._keyParams(userId), "unlockMaildrop")
+            forget()
+
+            def notUndone(why):
+                self.log.warn("undoing a failed maildrop lock: {reason}", reason=why.value)
+
+            undo.addCallbacks(lambda _: None, notUndone).addCallback(lambda _: self._settle(userId))
+            return undo.addCallback(lambda _: failure)
+
+        def forget():
             self._held.pop(userId, None)
             self._settle(userId)
-            return failure
 
         return d.addCallbacks(done, failed)
 

@@ -1,0 +1,76 @@
+"""
+The maildrop lock of a shared PostgreSQL database and the writes it
+guards (L{mailgate.store.postgres.WriteGuard}), on real connections: what
+a node's lock statement leaves behind when its wait for a write fails, and
+the writes besides a QUIT's that remove messages under the lock.
+"""
+
+from urllib.parse import quote
+
+import psycopg
+from twisted.python.failure import Failure
+
+from mailgate.errors import TemporaryFailure
+from mailgate.store import engineFromURL
+from mailgate.store.postgres import AdvisoryLocks, _key
+from mailgate.testing import addUser, memoryStore, resultOf
+from iterated import IteratedReactor
+from test_locks import USERS, lockHolders, waitingForAnAdvisoryLock
+
+
+def withLockTimeout(url, milliseconds):
+    """
+    C{url} (whose C{options} set the test's schema) with a C{lock_timeout}
+    as well, as an administrator may set one for the role or in the URL.
+    """
+    return url.replace("options=", "options=" + quote(f"-c lock_timeout={milliseconds} "), 1)
+
+
+def writeKey(url, userId):
+    """
+    The advisory key a QUIT's deletions of C{userId}'s maildrop hold.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        namespace = ":".join(conn.execute("SELECT current_database(), current_schema()").fetchone())
+    return _key(f"{namespace}:maildrop-write:{userId}")
+
+
+def test_aLoginWhoseWaitForADeletionFailsLeavesNoLockBehind(postgresURL):
+    """
+    A login's lock statement takes the maildrop lock, then waits for
+    another session's deletions still being written (a commit waiting for
+    a synchronous standby, say).  When the server ends that wait with an
+    error (here the role's lock_timeout; statement_timeout or a cancel do
+    the same), the login fails as a temporary failure, and the lock is not
+    left held: before, the session-level lock the statement had taken
+    outlived its error, held by the node's lock connection until that
+    closed, and every node answered every later login of the user
+    "[IN-USE]".
+    """
+    store = memoryStore(postgresURL)
+    addUser(store, USERS[0], "pw")
+    alice = resultOf(store.findUser(USERS[0])).userId
+    store.close()
+    reactor = IteratedReactor()
+    locks = AdvisoryLocks(engineFromURL(withLockTimeout(postgresURL, 200)), reactor)
+    other = AdvisoryLocks(engineFromURL(postgresURL), reactor)
+    writer = psycopg.connect(postgresURL)
+    try:
+        # A QUIT's deletions being written: their transaction holds the key.
+        writer.execute("SELECT pg_advisory_xact_lock(%s)", (writeKey(postgresURL, alice),))
+        failed = reactor.wait(locks.acquire(alice))
+        assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
+        writer.commit()
+        assert lockHolders(postgresURL, [alice]) == []
+        assert locks._routes == {} and locks._held == {}
+        # Another node's login gets the maildrop, and after it this node's.
+        assert reactor.wait(other.acquire(alice)) == alice
+        reactor.resultOf(other.release(alice))
+        assert reactor.wait(locks.acquire(alice)) == alice
+        reactor.resultOf(locks.release(alice))
+        assert lockHolders(postgresURL, [alice]) == []
+    finally:
+        writer.close()
+        reactor.resultOf(other.close())
+        reactor.resultOf(locks.close())
+        reactor.close()
