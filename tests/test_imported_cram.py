@@ -326,3 +326,32 @@ def test_userTestSaysWhetherCramMD5WorksWithThePassword(tmp_path):
         store.close()
     code, out, _ = mailgate(*test, given="fay's\n")
     assert code == 0 and "; but not for CRAM-MD5, whose states were made from another password" in out, out
+
+
+@requireDovecot
+def test_userApopOffSaysThatItErasesTheCramMD5StatesToo(tmp_path):
+    """
+    C{user apop ADDRESS off} erases a user's CRAM-MD5 states with the APOP
+    secret (README's way to be rid of them), and says so, as its help does:
+    an administrator turning APOP off for a user who never had it learns
+    that their CRAM-MD5 client will now fail.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code, _, err = mailgate("--database", url, "user", "add", ALICE, "--password-stdin", "--hashed",
+                            given=doveadmHash("CRAM-MD5", "fay's") + "\n")
+    assert code == 0, err
+    assert mailgate("--database", url, "user", "apop", ALICE, "off") == (
+        0, f"APOP and CRAM-MD5 disabled for {ALICE}; its stored secret and CRAM-MD5 states are erased\n", ""
+    )
+    code, out, _ = mailgate("user", "--help")
+    assert code == 0
+    assert "switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot" in " ".join(
+        out.split()
+    )
+    code, out, _ = mailgate("user", "apop", "--help")
+    assert code == 0 and "the CRAM-MD5 states of a {CRAM-MD5} hash imported from Dovecot" in " ".join(out.split())
+    store = memoryStore(url)
+    try:
+        assert resultOf(store.findUser(ALICE)).cramMD5 is None
+    finally:
+        store.close()

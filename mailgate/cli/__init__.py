@@ -197,7 +197,13 @@ def buildParser():
     test.add_argument("address", metavar="ADDRESS")
     test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     test.set_defaults(run=_userTest, migrate=True)
-    apop = user.add_parser("apop", help="switch APOP on or off for a user")
+    apop = user.add_parser(
+        "apop",
+        help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",
+        description="on keeps the password recoverably, for APOP and CRAM-MD5 (it asks for the password); "
+        "off erases it, and the CRAM-MD5 states of a {CRAM-MD5} hash imported from Dovecot: the user "
+        "then has neither APOP nor CRAM-MD5.",
+    )
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")

@@ -326,7 +326,7 @@ def _userApop(store, args, out, stdin):
         # nothing without the password.
         credentials = StoredCredentials(user.passwordHash, user.scramSha256, None, None)
         _result(store.setCredentials(address, credentials))
-        out.write(f"APOP disabled for {address}; its stored secret is erased\n")
+        out.write(f"APOP and CRAM-MD5 disabled for {address}; its stored secret and CRAM-MD5 states are erased\n")
         return
     # The database holds only a hash, so APOP needs the password once more:
     # it must be the user's current password.
