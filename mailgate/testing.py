@@ -208,8 +208,8 @@ class FaultInjectingStore:
     def hasAPOPUsers(self):
         return self._call("hasAPOPUsers")
 
-    def hasCramMD5Users(self):
-        return self._call("hasCramMD5Users")
+    def digestLoginUsers(self):
+        return self._call("digestLoginUsers")
 
     def sharedSecret(self, name):
         return self._call("sharedSecret", name)

@@ -147,7 +147,39 @@ def test_thePlaintextLoginThatReplacesTheHashKeepsCramMD5(store):
     assert user.cramMD5 == hmacMD5Context(b"fay's").hex()
     assert cramLoginWith(store, ALICE, "fay's") is not None
     assert cramLoginWith(store, ALICE, "fays") is None
-    assert resultOf(store.hasCramMD5Users()) and not resultOf(store.hasAPOPUsers())
+    assert resultOf(store.digestLoginUsers()) == (False, True) and not resultOf(store.hasAPOPUsers())
+
+
+@requireDovecot
+def test_whetherToOfferAPOPAndCramMD5IsOneQuery(databaseURL):
+    """
+    Every node asks, every 30 seconds, whether to put an APOP timestamp in
+    the greeting and whether to offer CRAM-MD5: one query answers both
+    (SQLite's trace shows what the database was asked), right on each
+    backend, whoever has APOP or CRAM-MD5 states.
+    """
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.pop3.factory import APOPAdvertiser
+
+    store = memoryStore(databaseURL)
+    try:
+        asked = []
+        if databaseURL.startswith("sqlite"):
+            store.database.connection.set_trace_callback(asked.append)
+        advertiser = APOPAdvertiser(store)
+        for address, credentials, offered in (
+            ("gus@example.org", makeCredentials("gus's", logN=TEST_HASH_COST), (False, False)),
+            (ALICE, importedCredentials(doveadmHash("CRAM-MD5", "fay's")), (False, True)),
+            ("ann@example.org", makeCredentials("ann's", apop=True, logN=TEST_HASH_COST), (True, True)),
+        ):
+            resultOf(store.addUser(address, credentials))
+            del asked[:]
+            resultOf(advertiser.refresh())
+            assert (advertiser.enabled, advertiser.cramEnabled) == offered
+            if databaseURL.startswith("sqlite"):
+                assert len([sql for sql in asked if "FROM users" in sql]) == 1, asked
+    finally:
+        store.close()
 
 
 # -- a running server, the mailgate command and real clients -----------------------

@@ -890,13 +890,10 @@ class SlowAPOPStore:
     def __init__(self):
         self.asked = []
 
-    def hasAPOPUsers(self):
+    def digestLoginUsers(self):
         d = defer.Deferred()
         self.asked.append(d)
-        return d
-
-    def hasCramMD5Users(self):
-        return defer.succeed(False)
+        return d.addCallback(lambda hasAPOP: (hasAPOP, hasAPOP))
 
 
 @pytest.mark.parametrize("hasAPOP", [False, True])

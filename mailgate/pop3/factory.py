@@ -54,14 +54,12 @@ class APOPAdvertiser:
         self._waiting = []
 
     def refresh(self):
-        d = defer.gatherResults(
-            [self._store.hasAPOPUsers(), self._store.hasCramMD5Users()], consumeErrors=True
-        )
+        d = self._store.digestLoginUsers()
 
         def got(answers):
-            apop, cram = answers
+            apop, cramMD5 = answers
             self.enabled = bool(apop)
-            self.cramEnabled = bool(apop or cram)
+            self.cramEnabled = bool(apop or cramMD5)
             self.known = True
             self._wake()
 

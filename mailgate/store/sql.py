@@ -63,9 +63,15 @@ def _hasAPOPUsers(cursor):
     return cursor.fetchone() is not None
 
 
-def _hasCramMD5Users(cursor):
-    cursor.execute("SELECT 1 FROM users WHERE apop_secret IS NOT NULL OR cram_md5 IS NOT NULL LIMIT 1")
-    return cursor.fetchone() is not None
+def _digestLoginUsers(cursor):
+    # One statement (one round trip to PostgreSQL); each EXISTS stops at
+    # the first user it finds.
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE apop_secret IS NOT NULL), "
+        "EXISTS (SELECT 1 FROM users WHERE cram_md5 IS NOT NULL)"
+    )
+    apop, cramMD5 = cursor.fetchone()
+    return bool(apop), bool(apop or cramMD5)
 
 
 def _sharedSecret(cursor, name, candidate):
@@ -524,8 +530,8 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def hasAPOPUsers(self):
         return self.database.runInteraction(_hasAPOPUsers)
 
-    def hasCramMD5Users(self):
-        return self.database.runInteraction(_hasCramMD5Users)
+    def digestLoginUsers(self):
+        return self.database.runInteraction(_digestLoginUsers)
 
     def sharedSecret(self, name):
         return self.database.runWrite(_sharedSecret, name, secrets.token_bytes(32))
@@ -540,10 +546,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
         return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials)
 
     def deleteUser(self, address):
-        return self._underLock(
-            address,
-            lambda: self.database.runWrite(_deleteUser, address, self._userIds, self._now() - STALE_AFTER),
-        )
+        return self._underLock(address, _deleteUser, address, self._userIds, self._now() - STALE_AFTER)
 
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
@@ -779,25 +782,8 @@ class SQLMaildrop:
         return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 
-_LOCK_LOST = "the maildrop lock was lost; nothing removed"
-
-
-class _Guarded:
-    """
-    A session's deletions, C{remove(cursor, *args)}, made in a transaction
-    that holds the maildrop's lock (see L{IMaildropLocks.writeGuard}); it
-    is measured under C{remove}'s name.
-    """
-
-    def __init__(self, guard, remove):
-        self._guard = guard
-        self._remove = remove
-        self.__name__ = remove.__name__
-
-    def __call__(self, cursor, *args):
-        if not self._guard(cursor):
-            raise MaildropLockLost(_LOCK_LOST)
-        return self._remove(cursor, *args)
+_LOCK_LOST = lifecycle.LOCK_LOST
+_Guarded = lifecycle.Guarded
 
 
 def _headerOf(row):
