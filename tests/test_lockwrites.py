@@ -74,3 +74,68 @@ def test_aLoginWhoseWaitForADeletionFailsLeavesNoLockBehind(postgresURL):
         reactor.resultOf(other.close())
         reactor.resultOf(locks.close())
         reactor.close()
+
+
+def test_aNodeTakingALostLockWaitsForTheRetentionTasksRemovals(postgresURL):
+    """
+    The retention task removes a user's expired messages under the
+    maildrop lock, like a QUIT; its lock connection dies while it writes
+    them (held up here by a row lock, as a busy server does).  Another
+    node's login, which takes the lock at once, waits for that write and
+    then lists only what is left: before, the task's write did not guard
+    itself, the login listed the three messages being removed, and its
+    client's RETR of each failed.
+    """
+    from mailgate.store import openStore
+    from test_locks import RecordingReactor, addUserWithThreeMessages, endBackend
+
+    addUserWithThreeMessages(postgresURL)
+    with psycopg.connect(postgresURL, autocommit=True) as conn:
+        conn.execute("UPDATE maildrop SET arrived_at = arrived_at - 10 * 86400")
+        conn.execute("UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop)")
+    reactor, otherReactor = RecordingReactor(), RecordingReactor()
+    store = openStore(postgresURL, reactor)
+    store.limits.expireDays = 1
+    other = openStore(postgresURL, otherReactor)
+    blocker = psycopg.connect(postgresURL)
+    try:
+        user = reactor.wait(store.findUser(USERS[0]))
+        blocker.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE", (user.userId,))
+        expiring = []
+        store.expireMessages().addBoth(expiring.append)
+        reactor.turnUntil(lambda: expiring or waitingForARowLock(postgresURL), timeout=10)
+        assert expiring == []
+        [pid] = lockHolders(postgresURL, [user.userId])
+        endBackend(postgresURL, pid)
+        opening = []
+        other.openMaildrop(user).addBoth(opening.append)
+        otherReactor.turnUntil(lambda: opening or waitingForAnAdvisoryLock(postgresURL), timeout=10)
+        blocker.commit()
+        reactor.turnUntil(lambda: expiring, timeout=10)
+        otherReactor.turnUntil(lambda: opening, timeout=10)
+        [maildrop] = opening
+        assert not isinstance(maildrop, Failure), maildrop
+        left = len(otherReactor.wait(other.listMessages(USERS[0])))
+        assert len(maildrop.sizes) == left
+        for index in range(len(maildrop.sizes)):
+            opened = otherReactor.wait(maildrop.openMessage(index))
+            assert not isinstance(opened, Failure), opened
+        otherReactor.resultOf(maildrop.release())
+    finally:
+        blocker.close()
+        otherReactor.resultOf(other.close())
+        reactor.resultOf(store.close())
+        otherReactor.close()
+        reactor.close()
+
+
+def waitingForARowLock(url):
+    """
+    Whether a backend of the test database waits for another
+    transaction's row lock.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')"
+        ).fetchone()[0] > 0

@@ -26,7 +26,7 @@ import time
 import attr
 from twisted.internet import defer
 
-from mailgate.errors import MaildropInUse, NoSuchUser, UserExists
+from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
@@ -118,6 +118,41 @@ def _userId(cursor, address):
     if row is None:
         raise NoSuchUser(address)
     return row[0]
+
+
+LOCK_LOST = "the maildrop lock was lost; nothing removed"
+
+
+class Guarded:
+    """
+    A write made under a maildrop's lock, C{write(cursor, *args)}, in a
+    transaction that first runs the lock's guard (see
+    L{IMaildropLocks.writeGuard}): it commits only while the lock is held,
+    and another node that takes the lock once it is lost reads the
+    maildrop after it.  Measured under C{write}'s name.
+    """
+
+    def __init__(self, guard, write):
+        self._guard = guard
+        self._write = write
+        self.__name__ = write.__name__
+
+    def __call__(self, cursor, *args):
+        if not self._guard(cursor):
+            raise MaildropLockLost(LOCK_LOST)
+        return self._write(cursor, *args)
+
+    @classmethod
+    def under(cls, locks, userId, write):
+        """
+        C{write} guarded by this process's lock on C{userId}'s maildrop.
+
+        @raise MaildropLockLost: if the lock is not held, or known lost.
+        """
+        guard = locks.writeGuard(userId)
+        if guard is None:
+            raise MaildropLockLost(LOCK_LOST)
+        return cls(guard, write)
 
 
 def _forgetUser(cursor, userId):
@@ -824,10 +859,17 @@ class LifecycleStore:
                 try:
                     more = True
                     while more:
+                        # Each transaction guarded, as a QUIT's is: should
+                        # the lock be lost, a node that takes it reads the
+                        # maildrop after the removals, not before.
                         count, more = yield self.database.runWrite(
-                            _expireUser, userId, now, default, messagesPerTransaction
+                            Guarded.under(self.locks, userId, _expireUser), userId, now, default,
+                            messagesPerTransaction,
                         )
                         removed += count
+                except MaildropLockLost:
+                    # Another session may have the maildrop now.
+                    busy += 1
                 finally:
                     yield self.locks.release(userId)
             return removed, busy
@@ -927,13 +969,15 @@ class LifecycleStore:
         """
         return self.database.runInteraction(_existingUidls, address, list(uidls))
 
-    def _underLock(self, address, work):
+    def _underLock(self, address, write, *args):
         """
-        Run C{work()} (a L{Deferred}) holding the maildrop's POP3 lock,
+        Write, C{write(cursor, *args)}, holding the maildrop's POP3 lock,
         taken without waiting: fails with L{MaildropInUse} if a session
         holds it.  (Where locks are per process, as with the embedded
         SQLite store, the session registry is checked as well, inside the
-        work's transaction.)
+        write's transaction.)  The write is guarded (L{Guarded}): it fails
+        with L{MaildropLockLost}, having changed nothing, if the lock was
+        lost on the way.
         """
         @defer.inlineCallbacks
         def run():
@@ -942,7 +986,7 @@ class LifecycleStore:
                 raise NoSuchUser(address)
             yield self.locks.acquire(user.userId)
             try:
-                result = yield work()
+                result = yield self.database.runWrite(Guarded.under(self.locks, user.userId, write), *args)
             finally:
                 yield self.locks.release(user.userId)
             return result
@@ -959,10 +1003,7 @@ class LifecycleStore:
         @return: a L{Deferred}; fails with L{NoSuchUser}, L{UserExists} or
             L{MaildropInUse}.
         """
-        return self._underLock(
-            old,
-            lambda: self.database.runWrite(_renameUser, self.engine, old, new, self._now() - STALE_AFTER),
-        )
+        return self._underLock(old, _renameUser, self.engine, old, new, self._now() - STALE_AFTER)
 
     def expungeMessages(self, address, olderThanDays=None):
         """
@@ -975,10 +1016,7 @@ class LifecycleStore:
         """
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
-        return self._underLock(
-            address,
-            lambda: self.database.runWrite(_expungeUser, address, before, now - STALE_AFTER),
-        )
+        return self._underLock(address, _expungeUser, address, before, now - STALE_AFTER)
 
     def recountUsage(self, address):
         """

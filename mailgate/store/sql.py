@@ -546,10 +546,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
         return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials)
 
     def deleteUser(self, address):
-        return self._underLock(
-            address,
-            lambda: self.database.runWrite(_deleteUser, address, self._userIds, self._now() - STALE_AFTER),
-        )
+        return self._underLock(address, _deleteUser, address, self._userIds, self._now() - STALE_AFTER)
 
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
@@ -785,25 +782,8 @@ class SQLMaildrop:
         return defer.maybeDeferred(self._store.locks.release, self._userId)
 
 
-_LOCK_LOST = "the maildrop lock was lost; nothing removed"
-
-
-class _Guarded:
-    """
-    A session's deletions, C{remove(cursor, *args)}, made in a transaction
-    that holds the maildrop's lock (see L{IMaildropLocks.writeGuard}); it
-    is measured under C{remove}'s name.
-    """
-
-    def __init__(self, guard, remove):
-        self._guard = guard
-        self._remove = remove
-        self.__name__ = remove.__name__
-
-    def __call__(self, cursor, *args):
-        if not self._guard(cursor):
-            raise MaildropLockLost(_LOCK_LOST)
-        return self._remove(cursor, *args)
+_LOCK_LOST = lifecycle.LOCK_LOST
+_Guarded = lifecycle.Guarded
 
 
 def _headerOf(row):
