@@ -439,8 +439,9 @@ def test_movingEveryUserWithTheirPasswordsThroughAMasterUser(mailgate_server, tm
         assert (code, err) == (0, ""), out
         assert out.splitlines()[-1].startswith("2 users: 5 messages imported")
         # A wrong master password or separator would have every login
-        # refused, each after Dovecot's growing delay: the first stops it.
-        # (Last: Dovecot delays every login from this address after them.)
+        # refused, each after a growing delay where Dovecot's anti-guessing
+        # delays are on (they are off in this private one): the first
+        # refusal stops it.
         for wrong, password in ((argv, b"wrong key\n"), (argv + ["--master-separator", "+"], b"master key\n")):
             code, out, err = cli(database, *wrong, input=password)
             assert code == 77 and "refused the login: -ERR [AUTH]" in err, (code, out, err)
