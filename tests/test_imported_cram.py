@@ -134,6 +134,36 @@ def test_aCramMD5LoginIsCheckedAgainstTheImportedStates(store, logEvents):
 
 
 @requireDovecot
+def test_everyCramMD5CheckCostsTheSameMD5Work(store, monkeypatch):
+    """
+    A CRAM-MD5 response is checked with the same MD5 work (the blocks
+    carried on from states, in pure Python) whoever the user is: one with
+    states, one with APOP (whose secret's HMAC alone costs fifty times
+    less), one with neither, or nobody; right or wrong.  Timing, which the
+    failure delay hides only when it is not 0, then does not tell who has
+    APOP.
+    """
+    from mailgate.auth import md5state
+    from mailgate.auth.passwords import makeCredentials
+
+    resultOf(store.addUser(ALICE, importedCredentials(doveadmHash("CRAM-MD5", "fay's"))))
+    resultOf(store.addUser("ann@example.org", makeCredentials("ann's", apop=True, logN=TEST_HASH_COST)))
+    resultOf(store.addUser("gus@example.org", makeCredentials("gus's", logN=TEST_HASH_COST)))
+    blocks = []
+    compress = md5state._compress
+    monkeypatch.setattr(md5state, "_compress", lambda state, block: blocks.append(1) or compress(state, block))
+    cost = {}
+    for address, password in (
+        (ALICE, "fay's"), (ALICE, "wrong"), ("ann@example.org", "ann's"), ("ann@example.org", "wrong"),
+        ("gus@example.org", "gus's"), ("nobody@example.org", "x"),
+    ):
+        del blocks[:]
+        cramLoginWith(store, address, password)
+        cost[address, password] = len(blocks)
+    assert len(set(cost.values())) == 1 and cost[ALICE, "wrong"] > 0, cost
+
+
+@requireDovecot
 def test_thePlaintextLoginThatReplacesTheHashKeepsCramMD5(store):
     """
     The first plaintext login replaces the imported hash by mailgate's
