@@ -295,10 +295,11 @@ def test_usersMovedWithDovecotsCramMD5HashKeepLoggingInWithCramMD5(mailgate_serv
 
 
 @requireDovecot
-def test_aCopiedDatabaseKeepsTheCramMD5States(tmp_path):
+def test_aCopiedDatabaseKeepsTheCramMD5States(tmp_path, postgresURL):
     """
-    C{db copy} takes the states along: a user moved to another database
-    goes on logging in with CRAM-MD5 there.
+    C{db copy} takes the states along, from SQLite to PostgreSQL and back:
+    a user moved to another database goes on logging in with CRAM-MD5
+    there.
     """
     from mailgate.cli import run
     from mailgate.store import openSynchronousStore
@@ -307,16 +308,19 @@ def test_aCopiedDatabaseKeepsTheCramMD5States(tmp_path):
     for argv, given in (
         (["--database", source, "user", "add", ALICE, "--password-stdin", "--hashed"],
          doveadmHash("CRAM-MD5", "fay's") + "\n"),
-        (["db", "copy", "--from", source, "--to", target], ""),
+        (["db", "copy", "--from", source, "--to", postgresURL], ""),
+        (["db", "copy", "--from", postgresURL, "--to", target], ""),
     ):
         err = io.StringIO()
         assert run(argv, stdin=io.StringIO(given), stdout=io.StringIO(), stderr=err, environ={}) == 0, err.getvalue()
-    store = openSynchronousStore(target)
-    try:
-        assert resultOf(store.findUser(ALICE)).cramMD5 == hmacMD5Context(b"fay's").hex()
-        assert cramLoginWith(store, ALICE, "fay's") is not None
-    finally:
-        store.close()
+    for url in (postgresURL, target):
+        store = openSynchronousStore(url)
+        try:
+            assert resultOf(store.findUser(ALICE)).cramMD5 == hmacMD5Context(b"fay's").hex()
+            assert cramLoginWith(store, ALICE, "fay's") is not None
+            assert cramLoginWith(store, ALICE, "fays") is None
+        finally:
+            store.close()
 
 
 def mailgate(*argv, given=""):
