@@ -948,10 +948,10 @@ def test_nodesKeepMailAsLongAsTheLiveNodeThatKeepsItLongest(databaseURL):
 def test_aNodeWhoseHeartbeatStoppedNoLongerCounts(databaseURL):
     """
     A node killed outright leaves its row; once its heartbeat is older
-    than the registry's STALE_AFTER, its settings no longer hold back the
-    others' retention.
+    than the registry's SETTINGS_COUNT_FOR, its settings no longer hold
+    back the others' retention.
     """
-    from mailgate.store.registry import STALE_AFTER
+    from mailgate.store.registry import SETTINGS_COUNT_FOR
 
     a, b = memoryStore(databaseURL), memoryStore(databaseURL)
     try:
@@ -962,7 +962,7 @@ def test_aNodeWhoseHeartbeatStoppedNoLongerCounts(databaseURL):
         resultOf(b.sessions.flush())
         resultOf(a.sessions.otherSettings())
         popDelete(a, ALICE, "wonderland", 1)
-        clocks[0].now += STALE_AFTER - 1
+        clocks[0].now += SETTINGS_COUNT_FOR - 1
         assert resultOf(a.purgeDeleted()) == 0
         clocks[0].now += 2
         assert resultOf(a.purgeDeleted()) == 1

@@ -30,7 +30,15 @@ from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExi
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
-from mailgate.store.registry import STALE_AFTER, SessionRegistry, _kick, _liveSettings, _nodes, _sessions
+from mailgate.store.registry import (
+    SETTINGS_COUNT_FOR,
+    STALE_AFTER,
+    SessionRegistry,
+    _kick,
+    _liveSettings,
+    _nodes,
+    _sessions,
+)
 from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
@@ -219,7 +227,9 @@ def _keptLongest(cursor, expireDays, keepDeletedDays, aliveSince, exceptNode):
     they are not (a node restarted with a new configuration before the
     others), no node's task removes what another still keeps.  Each
     node's heartbeat says what it keeps (L{mailgate.store.registry}); a
-    node that has stopped no longer counts.
+    node that has stopped no longer counts once its last heartbeat is
+    older than C{aliveSince} (L{SETTINGS_COUNT_FOR} ago: a node whose
+    clock lags still counts).
 
     @return: C{(expireDays, keepDeletedDays)}.
     """
@@ -847,7 +857,7 @@ class LifecycleStore:
         @defer.inlineCallbacks
         def run():
             default, candidates = yield self.database.runInteraction(
-                _expirePass, now, self._ownRetention(), now - STALE_AFTER, self.sessions.nodeId, users
+                _expirePass, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, users
             )
             removed = busy = 0
             for userId in candidates:
@@ -886,7 +896,7 @@ class LifecycleStore:
         """
         now = self._now()
         return self.database.runWrite(
-            _purgeKept, now, self._ownRetention(), now - STALE_AFTER, self.sessions.nodeId, limit
+            _purgeKept, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, limit
         )
 
     def _ownRetention(self):

@@ -36,6 +36,13 @@ HEARTBEAT = 10
 STALE_AFTER = 3 * HEARTBEAT
 #: the rows of nodes dead this long are removed
 FORGET_AFTER = 600
+#: how long after its last heartbeat a node's announced settings still
+#: hold back what the others remove (and are compared with theirs): as
+#: long as its row is kept.  Each node writes its heartbeat by its own
+#: clock, so one whose clock lags the others' by more than STALE_AFTER
+#: looks dead to them; retention errs on keeping mail, and a node that
+#: stopped holds it back a few minutes longer at most.
+SETTINGS_COUNT_FOR = FORGET_AFTER
 
 
 @attr.s(eq=False)
@@ -316,7 +323,9 @@ class SessionRegistry:
         L{others}), and say where they differ from this node's: a
         L{Deferred} of what L{settingsDiffer} gives.
         """
-        d = self._store.database.runInteraction(_liveSettings, self._store._now() - STALE_AFTER, self.nodeId)
+        d = self._store.database.runInteraction(
+            _liveSettings, self._store._now() - SETTINGS_COUNT_FOR, self.nodeId
+        )
 
         def read(others):
             self.others = others

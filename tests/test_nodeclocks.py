@@ -1,0 +1,34 @@
+"""
+Nodes sharing a database whose clocks disagree: each writes its heartbeat
+by its own clock, and what one node keeps must still hold back what the
+others remove.
+"""
+
+from mailgate.testing import addUser, deliver, memoryStore, resultOf
+from test_lifecycle import ALICE, Clocked, message, popDelete
+
+
+def test_aNodeWhoseClockLagsAMinuteStillKeepsItsDeletedMail(databaseURL):
+    """
+    Node B keeps deleted mail three days, node A none; B's clock is a
+    minute behind A's, so its heartbeats, written by its clock, look older
+    than STALE_AFTER to A.  A's sessions still keep what they delete, and
+    A's retention task does not purge it: before, A took B for dead, and
+    the mail B's administrator counted on recovering was gone at A's
+    next purge.
+    """
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        clockA, clockB = Clocked(a), Clocked(b)
+        clockB.now -= 60
+        a.limits.keepDeletedDays, b.limits.keepDeletedDays = 0, 3
+        deliver(a, [ALICE], message(1))
+        resultOf(b.sessions.flush())
+        resultOf(a.sessions.otherSettings())
+        popDelete(a, ALICE, "wonderland", 1)
+        assert resultOf(a.purgeDeleted()) == 0
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+    finally:
+        a.close()
+        b.close()
