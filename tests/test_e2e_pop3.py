@@ -572,18 +572,18 @@ def test_secondServerOnTheSameDatabase(mailgate_server, mailgate_cli):
 @sqliteOnly
 def test_aClientThatDoesNotLogInInTimeIsDisconnected(mailgate_server, mailgate_cli):
     """
-    --login-timeout: a client that has not logged in five seconds after
+    --login-timeout: a client that has not logged in two seconds after
     the greeting (it sent CAPA meanwhile) gets -ERR and the connection
     closes, and the log says why; one that logged in in time is not cut
     off.
 
     The client that logs in was greeted first, so its login timer was due
     before the other's: once the other is cut off, it would have been too,
-    without the test sleeping for it.  Five seconds leave a slow machine
-    ample time for a USER/PASS with its password hash.
+    without the test sleeping for it.  Two seconds leave a slow machine
+    ample time for a USER/PASS with its password hash (about 0.1 s).
     """
     mailgate_cli.addUser(ALICE, ALICE_PW)
-    server = mailgate_server("--login-timeout", "5")
+    server = mailgate_server("--login-timeout", "2")
     client = login(server, ALICE, ALICE_PW)
     with connect(server.port) as sock:
         reader = LineReader(sock)
@@ -592,9 +592,9 @@ def test_aClientThatDoesNotLogInInTimeIsDisconnected(mailgate_server, mailgate_c
         assert reader.line() == b"+OK capability list follows\r\n"
         while reader.line() != b".\r\n":
             pass
-        # Read within the socket's timeout (DEADLINE), which the five
+        # Read within the socket's timeout (DEADLINE), which the two
         # seconds of the login timeout are well inside.
-        assert reader.line() == b"-ERR no login within 5 seconds; closing the connection\r\n"
+        assert reader.line() == b"-ERR no login within 2 seconds; closing the connection\r\n"
         with pytest.raises(EOFError):
             reader.line()
     waitFor(lambda: "pop3 login timeout" in server.stdout, "the login timeout to be logged")
