@@ -32,3 +32,30 @@ def test_aNodeWhoseClockLagsAMinuteStillKeepsItsDeletedMail(databaseURL):
     finally:
         a.close()
         b.close()
+
+
+def test_aNodeKilledAMinuteAgoIsNotNamedInTheWarningButStillCounts(databaseURL):
+    """
+    Node B, killed a minute ago, left its row: its settings still hold
+    back A's retention for a while (as those of a node whose clock lags),
+    but the comparison that A's warning reports names only the live
+    nodes, those C{mailgate nodes} lists: a node restarted in a loop
+    would otherwise be named once for each of its dead processes.
+    """
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        clockA, _ = Clocked(a), Clocked(b)
+        a.limits.keepDeletedDays, b.limits.keepDeletedDays = 0, 3
+        deliver(a, [ALICE], message(1))
+        resultOf(b.sessions.flush())
+        assert len(resultOf(a.sessions.otherSettings())) == 1
+        clockA.now += 60
+        assert resultOf(a.sessions.otherSettings()) == []
+        assert resultOf(a.listNodes()) == []
+        popDelete(a, ALICE, "wonderland", 1)
+        assert resultOf(a.purgeDeleted()) == 0
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+    finally:
+        a.close()
+        b.close()

@@ -140,6 +140,15 @@ def _liveSettings(cursor, aliveSince, exceptNode):
     return live
 
 
+def _otherSettings(cursor, now, exceptNode):
+    """
+    The L{_liveSettings} of the nodes other than C{exceptNode} whose
+    settings still count, and of those alive.
+    """
+    counting = _liveSettings(cursor, now - SETTINGS_COUNT_FOR, exceptNode)
+    return counting, _liveSettings(cursor, now - STALE_AFTER, exceptNode)
+
+
 # -- interactions ----------------------------------------------------------------
 
 
@@ -319,17 +328,18 @@ class SessionRegistry:
 
     def otherSettings(self):
         """
-        Read the settings the other live nodes announce (kept in
-        L{others}), and say where they differ from this node's: a
-        L{Deferred} of what L{settingsDiffer} gives.
+        Read the settings the other nodes announce (kept in L{others}:
+        those that still count, L{SETTINGS_COUNT_FOR}), and say where the
+        live ones' (L{STALE_AFTER}, the nodes C{mailgate nodes} lists)
+        differ from this node's: a L{Deferred} of what L{settingsDiffer}
+        gives.
         """
-        d = self._store.database.runInteraction(
-            _liveSettings, self._store._now() - SETTINGS_COUNT_FOR, self.nodeId
-        )
+        d = self._store.database.runInteraction(_otherSettings, self._store._now(), self.nodeId)
 
-        def read(others):
-            self.others = others
-            return settingsDiffer(nodeSettings(self._store.limits), others)
+        def read(found):
+            counting, live = found
+            self.others = counting
+            return settingsDiffer(nodeSettings(self._store.limits), live)
 
         return d.addCallback(read)
 
