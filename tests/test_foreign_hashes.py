@@ -208,6 +208,12 @@ def test_anUpgradeDoesNotPutBackAPasswordChangedMeanwhile(databaseURL):
 # -- the mailgate command and a running server ---------------------------------------
 
 
+#: A refused login is answered after this delay (the server's default is
+#: 1 s): short, as these tests are refused several logins each and assert
+#: what the refusal says, not when.
+FAST_FAILURES = ("--auth-failure-delay", "0.1")
+
+
 def scramLogin(port, address, password):
     """
     AUTH SCRAM-SHA-256 over a real connection: the final +OK or -ERR line.
@@ -257,7 +263,7 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
     own SCRAM keys); lines that cannot be imported are named with the
     reason, and no hash is ever printed.
     """
-    server = mailgate_server("--no-apop")
+    server = mailgate_server("--no-apop", *FAST_FAILURES)
     mailgate_cli.addUser("erin@example.org", "erin's own")
     hashes = {
         "alice": doveadmHash("SHA512-CRYPT", "alice's"),
@@ -314,7 +320,7 @@ def test_movingUsersFromADovecotPasswdFile(mailgate_server, mailgate_cli, tmp_pa
 
 @requireDovecot
 def test_addingAndChangingAUserWithAHash(mailgate_server, mailgate_cli):
-    server = mailgate_server("--no-apop")
+    server = mailgate_server("--no-apop", *FAST_FAILURES)
     hashed = doveadmHash("ARGON2ID", "frank's")
     mailgate_cli.check("user", "add", "frank@example.org", "--password-stdin", "--hashed", input=hashed + "\n")
     assert passwordLogin(server.port, "frank@example.org", "frank's").startswith("+OK")
@@ -553,7 +559,7 @@ def test_usersWithPasswordsInClearKeepAPOPWhenAskedTo(mailgate_server, mailgate_
     that way.  A hash gives no password to keep: that user has no APOP,
     and the import says who has it.
     """
-    server = mailgate_server("--apop")
+    server = mailgate_server("--apop", *FAST_FAILURES)
     passwd = tmp_path / "users"
     passwd.write_text(
         "alice:{PLAIN}alice's:::\n"
