@@ -319,13 +319,18 @@ class IMailStore(Interface):
         Fails with L{mailgate.errors.NoSuchUser}.
         """
 
-    def upgradeCredentials(address, oldHash, credentials):
+    def upgradeCredentials(address, oldHash, credentials, hashOnly=False):
         """
         Replace a user's stored password material only if their password
         hash is still C{oldHash}: a hash imported from another server,
         replaced by mailgate's own at a successful login.  A L{Deferred}
         L{bool}: whether it was replaced (not if the password was changed,
         or the user deleted, meanwhile).
+
+        @param hashOnly: replace only the hash and the SCRAM-SHA-256 keys,
+            leaving the APOP secret and CRAM-MD5 states as they are now (a
+            login's replacement, which means to keep them, must not put
+            back what C{mailgate user apop} changed meanwhile).
         """
 
     def deleteUser(address):

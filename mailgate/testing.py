@@ -220,8 +220,8 @@ class FaultInjectingStore:
     def setCredentials(self, address, credentials):
         return self._call("setCredentials", address, credentials)
 
-    def upgradeCredentials(self, address, oldHash, credentials):
-        return self._call("upgradeCredentials", address, oldHash, credentials)
+    def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
+        return self._call("upgradeCredentials", address, oldHash, credentials, hashOnly)
 
     def deleteUser(self, address):
         return self._call("deleteUser", address)

@@ -353,10 +353,10 @@ class _RacingNode:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def upgradeCredentials(self, address, oldHash, credentials):
+    def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
         theirs = makeCredentials(self._password, logN=TEST_HASH_COST)
-        assert resultOf(self._store.upgradeCredentials(address, oldHash, theirs)) is True
-        return self._store.upgradeCredentials(address, oldHash, credentials)
+        assert resultOf(self._store.upgradeCredentials(address, oldHash, theirs, hashOnly)) is True
+        return self._store.upgradeCredentials(address, oldHash, credentials, hashOnly)
 
 
 @requireDovecot
@@ -663,12 +663,12 @@ class _UnconfirmedCommit:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def upgradeCredentials(self, address, oldHash, credentials):
+    def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
         from twisted.internet import defer
 
         from mailgate.errors import CommitUncertain
 
-        assert resultOf(self._store.upgradeCredentials(address, oldHash, credentials)) is True
+        assert resultOf(self._store.upgradeCredentials(address, oldHash, credentials, hashOnly)) is True
         return defer.fail(CommitUncertain("database connection lost while committing"))
 
 
@@ -788,7 +788,7 @@ class _UpgradeFailsOnce:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def upgradeCredentials(self, address, oldHash, credentials):
+    def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
         from twisted.internet import defer
 
         from mailgate.errors import TemporaryFailure
@@ -796,7 +796,7 @@ class _UpgradeFailsOnce:
         if not self.refused:
             self.refused += 1
             return defer.fail(TemporaryFailure("database unavailable"))
-        return self._store.upgradeCredentials(address, oldHash, credentials)
+        return self._store.upgradeCredentials(address, oldHash, credentials, hashOnly)
 
 
 @requireDovecot

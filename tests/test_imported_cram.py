@@ -421,3 +421,50 @@ def test_userApopOffSaysThatItErasesTheCramMD5StatesToo(tmp_path):
         assert resultOf(store.findUser(ALICE)).cramMD5 is None
     finally:
         store.close()
+
+
+@requireDovecot
+@pytest.mark.parametrize("scheme, command, given", [
+    ("CRAM-MD5", ("off",), ""),
+    ("SHA512-CRYPT", ("on", "--password-stdin"), "fay's\n"),
+])
+def test_userApopDuringTheFirstLoginIsNotUndoneByIt(tmp_path, scheme, command, given):
+    """
+    C{mailgate user apop} lands while a user's first plaintext login makes
+    mailgate's hash to replace the imported one (scrypt, some 0.1 s): the
+    login replaces the hash and leaves what the command did.  (It wrote
+    back the APOP secret and CRAM-MD5 states it had read before: the
+    states the administrator had just erased worked again, or APOP just
+    enabled was gone.)
+    """
+    from mailgate.auth.passwords import makeCredentials
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code, _, err = mailgate("--database", url, "user", "add", ALICE, "--password-stdin", "--hashed",
+                            given=doveadmHash(scheme, "fay's") + "\n")
+    assert code == 0, err
+    ran = []
+
+    def commandMeanwhile(function, *args):
+        if function is makeCredentials and not ran:
+            ran.append(mailgate("--database", url, "user", "apop", ALICE, *command, given=given))
+        return runInline(function, *args)
+
+    store = memoryStore(url)
+    try:
+        portal = makePortal(store, commandMeanwhile)
+        _, maildrop, logout = resultOf(
+            portal.login(UsernamePassword(ALICE.encode(), b"fay's"), None, IMaildrop)
+        )
+        logout()
+        assert ran and ran[0][0] == 0, ran
+        user = resultOf(store.findUser(ALICE))
+        assert user.passwordHash.startswith("$scrypt$")
+        if command[0] == "off":
+            assert (user.apopSecret, user.cramMD5) == (None, None)
+            assert cramLoginWith(store, ALICE, "fay's") is None
+        else:
+            assert user.apopSecret == "fay's"
+            assert cramLoginWith(store, ALICE, "fay's") is not None
+    finally:
+        store.close()

@@ -138,16 +138,18 @@ class PasswordChecker:
         keeping the password in clear for it instead (an APOP secret) would
         keep more than Dovecot did and start offering APOP.  The states are
         kept as they are (the same the password makes, since it matched);
-        C{mailgate user apop ADDRESS off} erases them.
+        C{mailgate user apop ADDRESS off} erases them.  Only the hash and
+        the SCRAM keys are written, so that an APOP secret or states
+        erased (or set) by the mailgate command while the new hash was
+        made are not put back (or erased).
 
         @return: the user as the login goes on with it.
         """
-        credentials = yield self._runInThread(
-            makeCredentials, password, user.apopSecret is not None, self.hashCost
-        )
-        credentials = attr.evolve(credentials, cramMD5=user.cramMD5)
+        credentials = yield self._runInThread(makeCredentials, password, False, self.hashCost)
         try:
-            replaced = yield self._store.upgradeCredentials(user.address, user.passwordHash, credentials)
+            replaced = yield self._store.upgradeCredentials(
+                user.address, user.passwordHash, credentials, hashOnly=True
+            )
         except Exception as e:
             self.log.warn(
                 "could not replace {user}'s imported password hash: {error}",

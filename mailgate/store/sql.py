@@ -125,9 +125,17 @@ def _setCredentials(cursor, address, credentials):
         raise NoSuchUser(address)
 
 
-def _upgradeCredentials(cursor, address, oldHash, credentials):
+def _upgradeCredentials(cursor, address, oldHash, credentials, hashOnly):
     # Only over the hash the password was checked against: a password
     # changed meanwhile (the mailgate command) is not put back.
+    if hashOnly:
+        # Nor an APOP secret or CRAM-MD5 states erased (user apop off) or
+        # set (user apop on) meanwhile, which keep the same hash.
+        cursor.execute(
+            "UPDATE users SET password_hash = ?, scram_sha256 = ? WHERE address = ? AND password_hash = ?",
+            (credentials.passwordHash, credentials.scramSha256, address, oldHash),
+        )
+        return cursor.rowcount == 1
     cursor.execute(
         "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ?, cram_md5 = ? "
         "WHERE address = ? AND password_hash = ?",
@@ -542,8 +550,8 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def setCredentials(self, address, credentials):
         return self.database.runWrite(_setCredentials, address, credentials)
 
-    def upgradeCredentials(self, address, oldHash, credentials):
-        return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials)
+    def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
+        return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials, hashOnly)
 
     def deleteUser(self, address):
         return self._underLock(address, _deleteUser, address, self._userIds, self._now() - STALE_AFTER)
