@@ -8,6 +8,7 @@ the writes besides a QUIT's that remove messages under the lock.
 from urllib.parse import quote
 
 import psycopg
+import pytest
 from twisted.python.failure import Failure
 
 from mailgate.errors import TemporaryFailure
@@ -76,15 +77,22 @@ def test_aLoginWhoseWaitForADeletionFailsLeavesNoLockBehind(postgresURL):
         reactor.close()
 
 
-def test_aNodeTakingALostLockWaitsForTheRetentionTasksRemovals(postgresURL):
+@pytest.mark.parametrize(
+    "removal",
+    [
+        pytest.param(lambda store: store.expireMessages(), id="retention"),
+        pytest.param(lambda store: store.expungeMessages(USERS[0], olderThanDays=1), id="mailbox-expunge"),
+    ],
+)
+def test_aNodeTakingALostLockWaitsForTheRemovalsMadeUnderIt(postgresURL, removal):
     """
     The retention task removes a user's expired messages under the
-    maildrop lock, like a QUIT; its lock connection dies while it writes
-    them (held up here by a row lock, as a busy server does).  Another
-    node's login, which takes the lock at once, waits for that write and
-    then lists only what is left: before, the task's write did not guard
-    itself, the login listed the three messages being removed, and its
-    client's RETR of each failed.
+    maildrop lock, like a QUIT, and so does C{mailgate mailbox expunge};
+    the lock connection dies while they are written (held up here by a
+    row lock, as a busy server does).  Another node's login, which takes
+    the lock at once, waits for that write and then lists only what is
+    left: before, the write did not guard itself, the login listed the
+    three messages being removed, and its client's RETR of each failed.
     """
     from mailgate.store import openStore
     from test_locks import RecordingReactor, addUserWithThreeMessages, endBackend
@@ -102,7 +110,7 @@ def test_aNodeTakingALostLockWaitsForTheRetentionTasksRemovals(postgresURL):
         user = reactor.wait(store.findUser(USERS[0]))
         blocker.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE", (user.userId,))
         expiring = []
-        store.expireMessages().addBoth(expiring.append)
+        removal(store).addBoth(expiring.append)
         reactor.turnUntil(lambda: expiring or waitingForARowLock(postgresURL), timeout=10)
         assert expiring == []
         [pid] = lockHolders(postgresURL, [user.userId])
