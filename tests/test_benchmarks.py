@@ -499,7 +499,9 @@ def test_againstMailgate(tmp_path):
     for data in c.messages(0):
         run.mailgateCLI(BIN, database, ["deliver", user], data)
     run.checkMailbox(BIN, database, c)
-    server = run.MailgateServer(BIN, database, str(tmp_path / "mailgate.log"), smtp=False)
+    # The wrong password's -ERR without the default 1 s delay.
+    server = run.MailgateServer(BIN, database, str(tmp_path / "mailgate.log"), smtp=False,
+                                options=["--auth-failure-delay", "0.1"])
     try:
         server.start()
         port = server.ports["POP3"]
@@ -718,9 +720,10 @@ def test_againstDovecotOverTLS(tmp_path):
             )
             assert (result.sessions, result.errors) == (4, 0), result.errorKinds
             assert result.tlsVersions == ({"TLSv1.3": 4} if tls else {})
-        # Plain POP3 on the TLS port is not answered as POP3.
+        # Plain POP3 on the TLS port is not answered as POP3 (a greeting
+        # in clear would come within milliseconds, not half a second).
         result = pop3load.load(port=dv.pop3sPort, users=c.users, password=c.password, duration=30,
-                               sessions=1, settle=0, sessionTimeout=2)
+                               sessions=1, settle=0, sessionTimeout=0.5)
         assert result.errors == 1
         assert dv.errorsLogged() == []
 
@@ -1117,14 +1120,21 @@ def test_againstMailgateOverTLS(tmp_path):
     """
     import run
 
+    from mailgate.testing import addUser, deliver, memoryStore
+
     certificate, key = _tlsFiles(tmp_path)
     c = corpus.Corpus(2, 2)
     database = "sqlite:///" + str(tmp_path / "bench.sqlite3")
-    for user in c.users:
-        run.mailgateCLI(BIN, database, ["user", "add", user, "--password-stdin"], c.password + "\n")
-    for index, user in enumerate(c.users):
-        for data in c.messages(index):
-            run.mailgateCLI(BIN, database, ["deliver", user], data)
+    # Filled through the store in this process rather than eight runs of
+    # the mailgate command (test_againstMailgate runs those).
+    store = memoryStore(database)
+    try:
+        for index, user in enumerate(c.users):
+            addUser(store, user, c.password)
+            for data in c.messages(index):
+                deliver(store, [user], data)
+    finally:
+        store.close()
     server = run.MailgateServer(BIN, database, str(tmp_path / "mailgate.log"), lmtp=False, smtp=False,
                                 tls=(certificate, key))
     try:
@@ -1138,8 +1148,10 @@ def test_againstMailgateOverTLS(tmp_path):
             )
             assert (result.sessions, result.errors) == (2, 0), result.errorKinds
             assert result.tlsVersions == {"TLSv1.3": 2}
+        # Plain POP3 on that port: no greeting (one in clear would come
+        # within milliseconds, not half a second).
         result = pop3load.load(port=server.ports["POP3S"], users=c.users, password=c.password,
-                               duration=30, sessions=1, settle=0, sessionTimeout=2)
+                               duration=30, sessions=1, settle=0, sessionTimeout=0.5)
         assert result.errors == 1
     finally:
         server.stop()
