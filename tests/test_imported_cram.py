@@ -468,3 +468,26 @@ def test_userApopDuringTheFirstLoginIsNotUndoneByIt(tmp_path, scheme, command, g
             assert cramLoginWith(store, ALICE, "fay's") is not None
     finally:
         store.close()
+
+
+@requireDovecot
+def test_aNewPasswordInClearGivenAsAHashKeepsCramMD5(tmp_path):
+    """
+    C{user passwd --hashed '{PLAIN}...'} gives the password itself: for a
+    user with CRAM-MD5 states it makes the new password's, as a password
+    read without --hashed does.  (It was refused as "a hash of another
+    scheme", the password in clear being there to make them from.)
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code, _, err = mailgate("--database", url, "user", "add", ALICE, "--password-stdin", "--hashed",
+                            given=doveadmHash("CRAM-MD5", "fay's") + "\n")
+    assert code == 0, err
+    assert mailgate("--database", url, "user", "passwd", ALICE, "--password-stdin", "--hashed",
+                    given="{PLAIN}new fay\n") == (0, f"password changed for {ALICE}\n", "")
+    store = memoryStore(url)
+    try:
+        assert cramLoginWith(store, ALICE, "new fay") is not None
+        assert cramLoginWith(store, ALICE, "fay's") is None
+        assert passwordLoginWith(store, ALICE, "new fay").address == ALICE
+    finally:
+        store.close()

@@ -146,7 +146,7 @@ def makeCredentials(password, apop=False, logN=SCRYPT_LOG_N, cramMD5=False):
     )
 
 
-def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
+def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False, cramMD5=False):
     """
     What the store keeps for a password hash imported from another server
     (L{mailgate.auth.foreign}): the hash as it is, to be replaced by
@@ -159,6 +159,9 @@ def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
     @param apop: keep a password in clear recoverable too, for APOP and
         CRAM-MD5, which Dovecot serves only to such users (a hash gets no
         APOP: there is no password to keep).
+    @param cramMD5: make HMAC-MD5's states from a password in clear too
+        (a user who came from Dovecot with them keeps CRAM-MD5 through
+        C{user passwd --hashed {PLAIN}...}, as through a password).
     @raise foreign.UnusableHash: a hash no password can be checked
         against here; its message says why.
     """
@@ -172,7 +175,7 @@ def importedCredentials(text, logN=SCRYPT_LOG_N, apop=False):
         except UnicodeDecodeError:
             # What POP3 clients send is UTF-8 text (and APOP keeps text).
             raise foreign.UnusableHash("the password in clear is not UTF-8 text") from None
-        return makeCredentials(password, apop=apop, logN=logN)
+        return makeCredentials(password, apop=apop, logN=logN, cramMD5=cramMD5)
     foreign.checker(text)
     keys = foreign.scramSha256Keys(text)
     scram = None

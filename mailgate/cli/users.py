@@ -69,7 +69,7 @@ def _credentials(args, password, apop, cramMD5=False):
     if apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
     try:
-        return importedCredentials(_pastedHash(password))
+        return importedCredentials(_pastedHash(password), cramMD5=cramMD5)
     except UnusableHash as e:
         raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
 
