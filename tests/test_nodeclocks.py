@@ -59,3 +59,34 @@ def test_aNodeKilledAMinuteAgoIsNotNamedInTheWarningButStillCounts(databaseURL):
     finally:
         a.close()
         b.close()
+
+
+def test_settingsWrittenByHandThatCannotBeReadAreLeftOut(databaseURL):
+    """
+    A node row whose settings are not what nodes write (an object nested
+    past what the JSON reader takes, a list, a word) is left out of the
+    comparison, the retention task and mailgate nodes' settings, rather
+    than failing them.
+    """
+    from test_store import query
+
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        a.limits.keepDeletedDays = 1
+        b.sessions.name = "hand-written"
+        resultOf(b.sessions.flush())
+        deliver(a, [ALICE], message(1))
+        popDelete(a, ALICE, "wonderland", 1)
+        for text in ("[" * 100000 + "]" * 100000, "[7]", "seven"):
+            query(a, "UPDATE mailgate_nodes SET settings = ?", (text,))
+            assert resultOf(a.sessions.otherSettings()) == []
+            [node] = resultOf(a.listNodes())
+            assert (node.name, node.settings) == ("hand-written", None)
+        # The retention task's passes read them, and go on.
+        assert resultOf(a.expireMessages()) == (0, 0)
+        assert resultOf(a.purgeDeleted()) == 0
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+    finally:
+        a.close()
+        b.close()

@@ -116,7 +116,8 @@ def _settings(text):
         return None
     try:
         settings = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Written by hand (nodes write a flat object): not read.
         return None
     return settings if isinstance(settings, dict) else None
 
