@@ -331,3 +331,41 @@ def test_aRunningNodeWhosePasswordChangesKeepsTrying(roles, servers, tmp_path):
     admin(f"ALTER ROLE {role} PASSWORD 'pw-first'")
     waitFor(lambda: login().startswith(b"+OK"), "a login once the password is back", timeout=DEADLINE, interval=0.2)
     assert server.running()
+
+
+def test_workerThreadsRefusedTogetherAskWhyOnce(monkeypatch):
+    """
+    A node's worker threads whose connections were refused at the same
+    moment (the role's password changed under a busy node) make one
+    traced attempt between them, not one each: the others wait for its
+    verdict.
+    """
+    import threading
+
+    from mailgate.errors import DatabaseRefused
+    from mailgate.store.postgres import _conninfo
+
+    url = _wrongPassword(None)
+    asked = []
+    realAskWhy = pgrefusal.askWhy
+
+    def countedAskWhy(*args):
+        asked.append(threading.get_ident())
+        return realAskWhy(*args)
+
+    monkeypatch.setattr(pgrefusal, "askWhy", countedAskWhy)
+    monkeypatch.setattr(pgrefusal, "_verdicts", {})
+    together = threading.Barrier(6, timeout=DEADLINE)
+    verdicts = []
+
+    def refused():
+        together.wait()
+        verdicts.append(pgrefusal.connectionFailure("the test's server", _conninfo(url), "refused, as libpq said"))
+
+    threads = [threading.Thread(target=refused) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert len(verdicts) == 6 and all(isinstance(v, DatabaseRefused) for v in verdicts), verdicts
+    assert len(asked) == 1

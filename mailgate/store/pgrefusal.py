@@ -38,6 +38,7 @@ import os
 import re
 import select
 import tempfile
+import threading
 import time
 
 import psycopg
@@ -72,6 +73,7 @@ _TLS_REQUIRED = ("require", "verify-ca", "verify-full")
 # against a server that keeps refusing looks up instead of asking again.
 _verdicts = {}
 _MAX_VERDICTS = 64
+_asking = threading.Lock()
 
 
 def connectionFailure(where, conninfo, reason, pgconn=None, timedOut=False, timeout=10):
@@ -107,16 +109,23 @@ def _cachedVerdict(reason, conninfo, timeout):
         return _verdicts[reason]
     except KeyError:
         pass
-    try:
-        verdict = verdictOf(*askWhy(conninfo, timeout))
-    except Exception:
-        # Asking failed in a way of its own: the first failure is what
-        # there is to report, as a temporary one, and asked about again.
-        return None
-    if len(_verdicts) >= _MAX_VERDICTS:
-        _verdicts.clear()
-    _verdicts[reason] = verdict
-    return verdict
+    # One asks at a time (worker threads whose connections failed together
+    # would each ask): the others then find its verdict.
+    with _asking:
+        try:
+            return _verdicts[reason]
+        except KeyError:
+            pass
+        try:
+            verdict = verdictOf(*askWhy(conninfo, timeout))
+        except Exception:
+            # Asking failed in a way of its own: the first failure is what
+            # there is to report, as a temporary one, and asked about again.
+            return None
+        if len(_verdicts) >= _MAX_VERDICTS:
+            _verdicts.clear()
+        _verdicts[reason] = verdict
+        return verdict
 
 
 def verdictOf(sqlstate, tlsDeclined, needsPassword):
