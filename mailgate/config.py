@@ -50,7 +50,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
-from mailgate.tls import MINIMUM_VERSIONS
+from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
 
 
 # -- kinds of values -------------------------------------------------------
@@ -794,6 +794,15 @@ SETTINGS = (
         "The oldest TLS version accepted on STLS, STARTTLS and pop3s: 1.2 "
         "(as Dovecot's default), or 1.3 where a policy asks for it (clients "
         "from before about 2018 then cannot connect).",
+    ),
+    Setting(
+        "tls-ciphers", "tlsCiphers", Text("LIST"), CIPHERS,
+        "The TLS 1.2 cipher suites offered, as an OpenSSL cipher list "
+        "(Dovecot's ssl_cipher_list), e.g. ECDHE+AESGCM:ECDHE+CHACHA20 for AEAD "
+        "only.  Suites without authentication or encryption are never offered, "
+        "and a list none of whose suites the certificates can serve is refused.  "
+        "TLS 1.3's suites are OpenSSL's, all AEAD.",
+        defaultText="forward-secret suites, AEAD first",
     ),
     Setting(
         "tls-alt-cert", "tlsAltCertificate", Text("PEM"), None,

@@ -597,7 +597,9 @@ def makeTLS(config):
         return None
     alternative = None if config.tlsAltCertificate is None else (config.tlsAltCertificate, config.tlsAltKey)
     named = [splitCertificatePair(value) for value in config.tlsNamedCertificates]
-    return ServerTLS(config.tlsCertificate, config.tlsKey, alternative, config.tlsMinVersion, named)
+    return ServerTLS(
+        config.tlsCertificate, config.tlsKey, alternative, config.tlsMinVersion, named, config.tlsCiphers
+    )
 
 
 def makeAffinity(config):

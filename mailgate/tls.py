@@ -30,7 +30,10 @@ or for none (SNI), gets the main certificate.
 The context is Python's C{ssl.SSLContext}.  Settings: TLS 1.2 at least
 (or 1.3, by choice), no TLS compression, no renegotiation, the
 server's cipher preference, forward-secret suites only, AEAD first (TLS
-1.3 suites are OpenSSL's defaults).
+1.3 suites are OpenSSL's defaults); the TLS 1.2 list may be replaced
+(C{tls-ciphers}, Dovecot's C{ssl_cipher_list}), never by one that lets in
+suites without authentication or encryption, or none the certificates
+can serve.
 """
 
 import datetime
@@ -85,7 +88,45 @@ def _read(path):
 MINIMUM_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"):
+#: What a cipher list given by the administrator (C{tls-ciphers}) always
+#: keeps out: suites without authentication or without encryption.
+NEVER = ":!aNULL:!eNULL"
+
+
+def setCiphers(context, ciphers):
+    """
+    Offer C{ciphers} (an OpenSSL cipher list) for TLS 1.2, never those of
+    L{NEVER}; TLS 1.3's suites are OpenSSL's, all of them AEAD and
+    forward-secret.
+
+    @raise ConfigurationError: if OpenSSL selects no suite from it.
+    """
+    try:
+        context.set_ciphers(ciphers + NEVER)
+    except ssl.SSLError as e:
+        raise ConfigurationError(f"tls-ciphers {ciphers!r} selects no cipher suite OpenSSL has ({e})") from None
+
+
+def checkCiphersServeKeys(context, ciphers, keyTypes, minimumVersion):
+    """
+    Refuse a C{tls-ciphers} list under which no TLS 1.2 client could
+    complete a handshake with these certificates: one whose suites all
+    authenticate with a key of a type none of them has (ECDSA suites with
+    an RSA certificate only), where TLS 1.2 is accepted.
+    """
+    if minimumVersion != "1.2":
+        return
+    offered = {c["auth"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    usable = {f"auth-{t.lower()}" for t in keyTypes} & offered
+    if not usable:
+        served = ", ".join(sorted(offered)) or "none"
+        raise ConfigurationError(
+            f"tls-ciphers {ciphers!r}: no TLS 1.2 suite of it works with the certificate's "
+            f"{' or '.join(keyTypes)} key (it offers {served}); TLS 1.2 clients could not connect"
+        )
+
+
+def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2", ciphers=CIPHERS):
     """
     A server C{ssl.SSLContext}: the certificate (and the chain after it in
     the same file), the key, and the settings above; and the alternative
@@ -97,6 +138,8 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     @param minimumVersion: the oldest TLS version accepted, C{"1.2"} (the
         default, as Dovecot's) or C{"1.3"} (for a policy that asks for
         TLS 1.3 only: clients of before about 2018 cannot connect).
+    @param ciphers: the OpenSSL cipher list of TLS 1.2's suites (see
+        L{setCiphers}): L{CIPHERS} unless the administrator gives another.
     @return: the context and the leaf certificates, first the main one
         then the alternative one if any (C{cryptography} certificates, for
         logging their names and fingerprints).
@@ -114,7 +157,7 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     # encryption and a record: one fewer took 2-3 % off a TLS stat or list
     # session (benchmarks/RESULTS.md).
     context.num_tickets = 1
-    context.set_ciphers(CIPHERS)
+    setCiphers(context, ciphers)
     pairs = [(certificatePath, keyPath)] + ([tuple(alternative)] if alternative is not None else [])
     leaves = [_readLeaf(certificate) for certificate, _ in pairs]
     if len(leaves) == 2:
@@ -127,6 +170,7 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
             )
     for (certificate, key), leaf in zip(pairs, leaves):
         _loadPair(context, certificate, key, leaf)
+    checkCiphersServeKeys(context, ciphers, [keyType(leaf.public_key()) for leaf in leaves], minimumVersion)
     return context, leaves
 
 
@@ -270,6 +314,8 @@ class ServerTLS:
         to clients asking for a host name it lists.
     @ivar minimumVersion: the oldest TLS version accepted (C{"1.2"} or
         C{"1.3"}), kept across reloads.
+    @ivar ciphers: the OpenSSL cipher list of TLS 1.2's suites, kept
+        across reloads.
     @ivar subject: the certificate's common name, for logs.
     @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
     @ivar certificates: for each certificate loaded, the main one first,
@@ -278,7 +324,7 @@ class ServerTLS:
 
     log = Logger()
 
-    def __init__(self, certificatePath, keyPath, alternative=None, minimumVersion="1.2", named=()):
+    def __init__(self, certificatePath, keyPath, alternative=None, minimumVersion="1.2", named=(), ciphers=CIPHERS):
         if minimumVersion not in MINIMUM_VERSIONS:
             raise ConfigurationError(
                 f"TLS minimum version must be one of {', '.join(MINIMUM_VERSIONS)}, not {minimumVersion!r}"
@@ -288,6 +334,7 @@ class ServerTLS:
         self.alternative = tuple(alternative) if alternative is not None else None
         self.named = [tuple(pair) for pair in named]
         self.minimumVersion = minimumVersion
+        self.ciphers = ciphers
         self._context = None
         self.reload()
 
@@ -301,11 +348,13 @@ class ServerTLS:
             not belong together, the alternative key is of the main
             key's type, or two named certificates name one host.
         """
-        context, leaves = makeContext(self.certificatePath, self.keyPath, self.alternative, self.minimumVersion)
+        context, leaves = makeContext(
+            self.certificatePath, self.keyPath, self.alternative, self.minimumVersion, self.ciphers
+        )
         if self.named:
             byName = _ByName()
             for certificatePath, keyPath in self.named:
-                namedContext, namedLeaves = makeContext(certificatePath, keyPath, None, self.minimumVersion)
+                namedContext, namedLeaves = makeContext(certificatePath, keyPath, None, self.minimumVersion, self.ciphers)
                 byName.add(certificateNames(namedLeaves[0]), namedContext, certificatePath)
                 leaves += namedLeaves
             context.sni_callback = byName

@@ -32,6 +32,7 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     mailgate_server,
     retrieve,
     runCommand,
+    sqliteOnly,
     waitFor,
 )
 
@@ -427,6 +428,42 @@ def test_tlsMinVersion13RefusesATLS12Client(mailgate_server, mailgate_cli, certi
     raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
     with clientContext(certificatePath).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         assert sock.version() == "TLSv1.3"
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nQUIT\r\n".encode())
+        assert [reader.line()[:3] for _ in range(3)] == [b"+OK"] * 3
+
+
+@sqliteOnly  # TLS does not depend on the database
+def test_tlsCiphersIsWhatATLS12ClientGetsAndOneThatCannotWorkStopsTheStart(mailgate_server, mailgate_cli, certificate):
+    """
+    twistd mailgate --tls-ciphers ECDHE+AESGCM (AEAD only): a TLS 1.2
+    client offering only CBC suites gets a handshake failure on the POP3S
+    port, one offering AES-GCM logs in.  A list of RSA suites only, with
+    this ECDSA certificate, stops the start: one line, exit 78.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    refused = mailgate_server.spawn(
+        *tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP, "--tls-ciphers", "ECDHE-RSA-AES128-GCM-SHA256",
+        listen=False,
+    )
+    assert refused.wait() == 78, refused.log()
+    errors = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "no TLS 1.2 suite of it works with the certificate's ECDSA key" in errors[0], errors
+    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP, "--tls-ciphers", "ECDHE+AESGCM")
+    cbc = clientContext(certificatePath)
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA")
+    with socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE) as raw:
+        with pytest.raises(ssl.SSLError, match="(?i)handshake failure|no shared cipher"):
+            cbc.wrap_socket(raw, server_hostname="127.0.0.1")
+    aead = clientContext(certificatePath)
+    aead.maximum_version = ssl.TLSVersion.TLSv1_2
+    aead.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256")
+    raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+    with aead.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        assert sock.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
         reader = LineReader(sock)
         assert reader.line().startswith(b"+OK")
         sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nQUIT\r\n".encode())

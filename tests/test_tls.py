@@ -305,6 +305,57 @@ def test_aClientWithoutForwardSecrecyIsRefused(tmp_path):
     assert accepted.ok and accepted.client.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
 
 
+def test_anAdministratorsCipherListIsWhatTLS12ClientsGet(tmp_path):
+    """
+    C{tls-ciphers} replaces the TLS 1.2 list: under AEAD only, a client
+    offering only CBC suites is refused and one offering AES-GCM gets in;
+    TLS 1.3 is not affected; and the list survives a reload.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    tls = ServerTLS(str(certificate), str(key), ciphers="ECDHE+AESGCM:ECDHE+CHACHA20")
+    names = [c["name"] for c in tls.context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert names and all("GCM" in n or "CHACHA20" in n for n in names), names
+    for _ in range(2):
+        client = clientContext(certificate, maximum=ssl.TLSVersion.TLSv1_2)
+        client.set_ciphers("ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA")
+        refused = handshake(tls.context, client)
+        assert not refused.ok and refused.serverError is not None
+        client.set_ciphers("ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+        accepted = handshake(tls.context, client)
+        assert accepted.ok and accepted.client.cipher()[0] == "ECDHE-RSA-AES256-GCM-SHA384"
+        assert connect(tls, certificate).version == "TLSv1.3"
+        tls.reload()
+
+
+def test_aCipherListThatCannotWorkIsRefused(tmp_path):
+    """
+    A list OpenSSL selects nothing from, and one whose suites all need a
+    key of a type the certificates do not have (ECDSA suites with an RSA
+    certificate, where TLS 1.2 is accepted), are refused with the reason:
+    neither would let a TLS 1.2 client in.  Suites without authentication
+    or encryption asked for by name are never offered.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    with pytest.raises(ConfigurationError, match="selects no cipher suite"):
+        ServerTLS(str(certificate), str(key), ciphers="NO-SUCH-CIPHER")
+    with pytest.raises(ConfigurationError, match="no TLS 1.2 suite of it works with the certificate's RSA key"):
+        ServerTLS(str(certificate), str(key), ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+    # TLS 1.3 only: the TLS 1.2 list is never used.
+    ServerTLS(str(certificate), str(key), minimumVersion="1.3", ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+    tls = ServerTLS(str(certificate), str(key), ciphers="aNULL:eNULL:ECDHE-RSA-AES128-GCM-SHA256")
+    offered = [c["name"] for c in tls.context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert offered == ["ECDHE-RSA-AES128-GCM-SHA256"]
+
+
+def test_theCipherListComesFromTheConfiguration(tmp_path):
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    config = MailgateConfig(tlsCertificate=str(certificate), tlsKey=str(key), tlsCiphers="ECDHE+AESGCM")
+    names = [c["name"] for c in makeTLS(config).context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert names and all("GCM" in n for n in names), names
+    with pytest.raises(ConfigurationError, match="selects no cipher suite"):
+        makeTLS(MailgateConfig(tlsCertificate=str(certificate), tlsKey=str(key), tlsCiphers="NONE-AT-ALL"))
+
+
 # The client side of these tests uses protocol versions Python deprecates.
 legacyClient = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 
