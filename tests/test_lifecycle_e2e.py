@@ -104,7 +104,8 @@ def test_whoAndKick(mailgate_server, mailgate_cli):
 @sqliteOnly
 def test_renameOnARunningServer(mailgate_server, mailgate_cli):
     ids = prepare(mailgate_server.database)
-    server = mailgate_server()
+    # The refusal after the rename without the default second's delay.
+    server = mailgate_server("--auth-failure-delay", "0.1")
     # The server now remembers Alice's password.
     client = pop(server.port)
     client.quit()

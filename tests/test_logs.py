@@ -267,6 +267,11 @@ def jsonLines(text):
     return [json.loads(line) for line in lines]
 
 
+#: The refused login of L{refusedThenRightLogin} is answered after this
+#: delay, not the default second: what is logged is the same.
+FAST_FAILURES = ("--auth-failure-delay", "0.1")
+
+
 def refusedThenRightLogin(server, mailgate_cli):
     """
     Two POP3 sessions of alice's: one refused (a wrong password), then one
@@ -287,7 +292,7 @@ def refusedThenRightLogin(server, mailgate_cli):
 
 @sqliteOnly
 def test_everyStandardOutputLineIsJSON(mailgate_server, mailgate_cli):
-    server = mailgate_server("--log-format", "json", "--no-apop")
+    server = mailgate_server("--log-format", "json", "--no-apop", *FAST_FAILURES)
     refusedThenRightLogin(server, mailgate_cli)
     assert server.stop() in (0, -signal.SIGTERM)
     records = jsonLines(server.stdout)
@@ -312,7 +317,7 @@ def test_textLinesNameTheirSession(mailgate_server, mailgate_cli):
     out of a busy log: a refused login and a good one are two sessions,
     and every line of each carries its own id.
     """
-    server = mailgate_server("--no-apop")
+    server = mailgate_server("--no-apop", *FAST_FAILURES)
     refusedThenRightLogin(server, mailgate_cli)
     assert server.stop() in (0, -signal.SIGTERM)
     sessions = {}
