@@ -107,6 +107,11 @@ def setCiphers(context, ciphers):
         raise ConfigurationError(f"tls-ciphers {ciphers!r} selects no cipher suite OpenSSL has ({e})") from None
 
 
+# The authentication of the TLS 1.2 suites each type of key serves, as
+# OpenSSL names it: EdDSA keys sign ECDHE-ECDSA handshakes (RFC 8422).
+_TLS12_AUTH = {"RSA": "auth-rsa", "ECDSA": "auth-ecdsa", "Ed25519": "auth-ecdsa", "Ed448": "auth-ecdsa"}
+
+
 def checkCiphersServeKeys(context, ciphers, keyTypes, minimumVersion):
     """
     Refuse a C{tls-ciphers} list under which no TLS 1.2 client could
@@ -116,9 +121,12 @@ def checkCiphersServeKeys(context, ciphers, keyTypes, minimumVersion):
     """
     if minimumVersion != "1.2":
         return
+    needed = {_TLS12_AUTH.get(t) for t in keyTypes}
+    if None in needed:
+        # A key of a type not known here: not judged.
+        return
     offered = {c["auth"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
-    usable = {f"auth-{t.lower()}" for t in keyTypes} & offered
-    if not usable:
+    if not needed & offered:
         served = ", ".join(sorted(offered)) or "none"
         raise ConfigurationError(
             f"tls-ciphers {ciphers!r}: no TLS 1.2 suite of it works with the certificate's "

@@ -347,6 +347,42 @@ def test_aCipherListThatCannotWorkIsRefused(tmp_path):
     assert offered == ["ECDHE-RSA-AES128-GCM-SHA256"]
 
 
+def test_anEd25519CertificateServesECDSASuites(tmp_path):
+    """
+    An Ed25519 key signs TLS 1.2's ECDHE-ECDSA handshakes: the default
+    list serves it, a list of RSA suites only is refused for it.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
+        .sign(key, None)
+    )
+    certificatePath, keyPath = tmp_path / "ed.crt", tmp_path / "ed.key"
+    certificatePath.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    keyPath.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    keyPath.chmod(0o600)
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    assert tls.certificates[0].keyType == "Ed25519"
+    tls12 = handshake(tls.context, clientContext(certificatePath, maximum=ssl.TLSVersion.TLSv1_2))
+    assert tls12.ok and tls12.client.cipher()[0].startswith("ECDHE-ECDSA-"), tls12.clientError
+    with pytest.raises(ConfigurationError, match="no TLS 1.2 suite of it works with the certificate's Ed25519 key"):
+        ServerTLS(str(certificatePath), str(keyPath), ciphers="ECDHE-RSA-AES128-GCM-SHA256")
+
+
 def test_theCipherListComesFromTheConfiguration(tmp_path):
     certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
     config = MailgateConfig(tlsCertificate=str(certificate), tlsKey=str(key), tlsCiphers="ECDHE+AESGCM")
