@@ -76,6 +76,9 @@ POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
 )
+#: the settings nodes sharing a database announce and compare (the
+#: options' names, as labels)
+NODE_SETTINGS = ("default_quota", "expire_days", "keep_deleted_days")
 OTHER = "other"
 OTHER_COMMAND = "OTHER"
 #: distinct database operations labelled before the rest count as "other"
@@ -205,10 +208,15 @@ class Metrics:
             [("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
+        self._settingsDiffer = _Series(
+            gauge, "mailgate_node_settings_differ",
+            "1 where another live node sharing the database works with another value of the setting.",
+            ["setting"], NODE_SETTINGS,
+        )
         registry.register(_ReactorSeries([
             self._info, self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
-            self._maildropLocks, self._bans, self._timeouts,
+            self._maildropLocks, self._bans, self._timeouts, self._settingsDiffer,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -376,6 +384,17 @@ class Metrics:
         C{count} addresses are banned now (C{mailgate_bans}).
         """
         self._bans.values[()] = count
+
+    def settingsDiffer(self, settings):
+        """
+        Another live node works with other values of C{settings} (names
+        of L{NODE_SETTINGS}), and with the same values of the others
+        (C{mailgate_node_settings_differ}): what an alert on nodes
+        configured apart watches.
+        """
+        values = self._settingsDiffer.values
+        for name in NODE_SETTINGS:
+            values[(name,)] = 1 if name in settings else 0
 
 
 # -- HTTP: /metrics and /healthz -----------------------------------------------------

@@ -976,17 +976,28 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
     The registry service compares the settings the other live nodes
     announce with its node's and warns when what differs changes (not at
     every comparison), naming the option, both values and the node; and
-    says so when they are the same again.
+    says so when they are the same again.  Its metrics say which setting
+    differs meanwhile (mailgate_node_settings_differ), for an alert.
     """
     from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import Logger, formatEvent
 
+    from mailgate.metrics import Metrics
     from mailgate.store.housekeeping import RegistryService
+
+    def differing():
+        return {
+            labels["setting"]
+            for labels, value in samples(metrics, "mailgate_node_settings_differ")
+            if value == 1
+        }
 
     a, b = memoryStore(databaseURL), memoryStore(databaseURL)
     reactor = MemoryReactorClock()
     events = []
-    service = RegistryService(a, reactor, name="node-a")
+    metrics = Metrics()
+    assert differing() == set()
+    service = RegistryService(a, reactor, name="node-a", metrics=metrics)
     service.log = Logger(observer=events.append)
     try:
         a.limits.quotaOctets = 1 << 30
@@ -1001,6 +1012,7 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
             {"option": "--expire-days", "here": -1, "node": b.sessions.name, "there": 30}
         ]
         assert "--expire-days none here, 30 on " + b.sessions.name in formatEvent(warning)
+        assert differing() == {"expire_days"}
         for _ in range(3):
             reactor.advance(service.compareInterval)
             resultOf(b.sessions.flush())
@@ -1012,10 +1024,23 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
             "node.settings_differ",
             "node.settings_same",
         ]
+        assert differing() == set()
     finally:
         resultOf(service.stopService())
         a.close()
         b.close()
+
+
+def samples(metrics, name):
+    """
+    The samples of the metric family C{name}: C{(labels, value)}.
+    """
+    return [
+        (sample.labels, sample.value)
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def test_keptDeletedMailIsPurgedInTime(store):

@@ -172,9 +172,10 @@ class RegistryService(_Repeating):
     compareInterval = 30.0
     log = Logger()
 
-    def __init__(self, store, reactor, name=None, interval=None):
+    def __init__(self, store, reactor, name=None, interval=None, metrics=None):
         self._store = store
         self._reactor = reactor
+        self._metrics = metrics
         if name is not None:
             # The configured host name, and the process (several may run
             # on one machine).
@@ -202,6 +203,8 @@ class RegistryService(_Repeating):
         self._compared = now
 
         def compared(differences):
+            if self._metrics is not None:
+                self._metrics.settingsDiffer({option.lstrip("-").replace("-", "_") for option, _, _, _ in differences})
             if differences == self.differences:
                 return
             self.differences = differences
