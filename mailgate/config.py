@@ -172,26 +172,32 @@ class Greeting(Line):
 
 class CertificatePair(Text):
     """
-    A certificate file and its key file, as C{CERT:KEY}.
+    A certificate file and its key file, as C{CERT:KEY}, optionally
+    followed by an alternative certificate and its key (of another type
+    of key, as tls-alt-cert beside tls-cert), as C{CERT:KEY:ALTCERT:ALTKEY}.
     """
 
-    metavar = "CERT:KEY"
+    metavar = "CERT:KEY[:ALTCERT:ALTKEY]"
 
     def __init__(self):
         pass
 
     def check(self, value):
         value = super().check(value)
-        certificate, _, key = value.rpartition(":")
-        if not certificate.strip() or not key.strip():
-            raise ValueError("must be a certificate file and its key file, as CERT:KEY")
+        if not all(part.strip() for part in splitCertificatePair(value)):
+            raise ValueError("must be a certificate file and its key file, as CERT:KEY (or CERT:KEY:ALTCERT:ALTKEY)")
         return value
 
 
 def splitCertificatePair(value):
     """
-    C{(certificatePath, keyPath)} of a L{CertificatePair} value.
+    C{(certificatePath, keyPath)} of a L{CertificatePair} value, or
+    C{(certificatePath, keyPath, altCertificatePath, altKeyPath)} where it
+    has four parts.  A value of two parts may have colons in its
+    certificate's path (the key's is after the last); one of four, none.
     """
+    if value.count(":") == 3:
+        return tuple(value.split(":"))
     certificate, _, key = value.rpartition(":")
     return certificate, key
 
@@ -824,8 +830,10 @@ SETTINGS = (
         "its subjectAltName (*.example.net: any name one level below); other "
         "clients get tls-cert.  For a gateway serving several domains, as "
         "Dovecot's local_name blocks; the names are the certificate's own, so "
-        "none can be given a certificate that is not for it.  Reloaded with "
-        "tls-cert.",
+        "none can be given a certificate that is not for it.  "
+        "CERT:KEY:ALTCERT:ALTKEY adds an alternative certificate for the same "
+        "names with a key of another type (ECDSA beside RSA), as tls-alt-cert.  "
+        "Reloaded with tls-cert.",
         repeated=True, example=["/etc/mailgate/example-net.pem:/etc/mailgate/example-net.key"],
     ),
     Setting(

@@ -265,6 +265,20 @@ def certificateNames(leaf):
     return [name.lower().rstrip(".") for name in names]
 
 
+def _checkSameNames(names, alternativeLeaf, alternativePath, certificatePath):
+    """
+    Refuse an alternative certificate for a host name that does not list
+    every name of the certificate it goes beside: a client given it for
+    one of those names would find the name missing.
+    """
+    missing = sorted(set(names) - set(certificateNames(alternativeLeaf)))
+    if missing:
+        raise ConfigurationError(
+            f"{alternativePath}: the alternative certificate does not name {', '.join(missing)}, "
+            f"which {certificatePath} names"
+        )
+
+
 class _ByName:
     """
     The SNI callback choosing a connection's context by the host name its
@@ -319,7 +333,9 @@ class ServerTLS:
     @ivar alternative: C{(certificatePath, keyPath)} of the alternative
         certificate, or C{None}.
     @ivar named: C{(certificatePath, keyPath)} of each certificate served
-        to clients asking for a host name it lists.
+        to clients asking for a host name it lists, followed by
+        C{altCertificatePath, altKeyPath} where an alternative certificate
+        goes beside it.
     @ivar minimumVersion: the oldest TLS version accepted (C{"1.2"} or
         C{"1.3"}), kept across reloads.
     @ivar ciphers: the OpenSSL cipher list of TLS 1.2's suites, kept
@@ -361,9 +377,14 @@ class ServerTLS:
         )
         if self.named:
             byName = _ByName()
-            for certificatePath, keyPath in self.named:
-                namedContext, namedLeaves = makeContext(certificatePath, keyPath, None, self.minimumVersion, self.ciphers)
-                byName.add(certificateNames(namedLeaves[0]), namedContext, certificatePath)
+            for certificatePath, keyPath, *alternative in self.named:
+                namedContext, namedLeaves = makeContext(
+                    certificatePath, keyPath, alternative or None, self.minimumVersion, self.ciphers
+                )
+                names = certificateNames(namedLeaves[0])
+                if alternative:
+                    _checkSameNames(names, namedLeaves[1], alternative[0], certificatePath)
+                byName.add(names, namedContext, certificatePath)
                 leaves += namedLeaves
             context.sni_callback = byName
         self._context = context
@@ -376,7 +397,7 @@ class ServerTLS:
         self.subject = self.certificates[0].subject
         self.fingerprint = self.certificates[0].fingerprint
         keys = [self.keyPath] + ([self.alternative[1]] if self.alternative is not None else [])
-        keys += [key for _, key in self.named]
+        keys += [key for named in self.named for key in named[1::2]]
         self.keyWarnings = [w for w in map(keyFileWarning, keys) if w]
 
     def describe(self):

@@ -745,6 +745,48 @@ def test_aVerifyingClientAcceptsEachNamesCertificate(hosted):
         assert result.ok, (asked, result.clientError)
 
 
+def test_aNamedCertificateWithAnAlternativeServesEachClientTheOneItCanCheck(tmp_path, hosted):
+    """
+    CERT:KEY:ALTCERT:ALTKEY: for mail.example.net, an ECDSA certificate
+    beside the RSA one, as tls-alt-cert beside tls-cert: a client that
+    accepts ECDSA gets it, an RSA-only TLS 1.2 client the RSA one; both
+    are described, and their keys checked.  An alternative that does not
+    name every host of the certificate it goes beside is refused.
+    """
+    tls, main, net, com, trusted = hosted
+    netEC = makeCertificate(tmp_path, "mail.example.net", name="net-ec")
+    both = tmp_path / "both.crt"
+    both.write_bytes(trusted.read_bytes() + netEC[0].read_bytes())
+    tls = ServerTLS(str(main[0]), str(main[1]), named=[(*net, *netEC), com])
+    modern = handshake(tls.context, clientContext(both), "mail.example.net")
+    assert modern.ok and fingerprint(modern.peerCertificate) == certificateFingerprint(netEC[0])
+    rsaOnly = handshake(tls.context, tls12Client(both, RSA_ONLY), "mail.example.net")
+    assert rsaOnly.ok and fingerprint(rsaOnly.peerCertificate) == certificateFingerprint(net[0])
+    assert [c.keyType for c in tls.certificates] == ["ECDSA", "RSA", "ECDSA", "ECDSA"]
+    netEC[1].chmod(0o644)
+    tls.reload()
+    assert any(str(netEC[1]) in warning for warning in tls.keyWarnings)
+    elsewhere = makeCertificate(tmp_path, "pop.example.net", name="elsewhere")
+    with pytest.raises(ConfigurationError, match="does not name mail.example.net"):
+        ServerTLS(str(main[0]), str(main[1]), named=[(*net, *elsewhere)])
+
+
+def test_aNamedCertificateWithAnAlternativeFromTheConfiguration(tmp_path):
+    main = makeCertificate(tmp_path, HOST, name="main")
+    net = makeCertificate(tmp_path, "mail.example.net", name="net", keyType="rsa")
+    netEC = makeCertificate(tmp_path, "mail.example.net", name="net-ec")
+    config = MailgateConfig(
+        tlsCertificate=str(main[0]), tlsKey=str(main[1]),
+        tlsNamedCertificates=[f"{net[0]}:{net[1]}:{netEC[0]}:{netEC[1]}"],
+    )
+    assert [c.keyType for c in makeTLS(config).certificates] == ["ECDSA", "RSA", "ECDSA"]
+    from mailgate.config import CertificatePair
+
+    for bad in (f"{net[0]}:{net[1]}:{netEC[0]}:", f"{net[0]}::{netEC[0]}:{netEC[1]}"):
+        with pytest.raises(ValueError, match="CERT:KEY:ALTCERT:ALTKEY"):
+            CertificatePair().check(bad)
+
+
 def test_twoCertificatesNamingOneHostAreRefused(tmp_path, hosted):
     tls, main, net, _, _ = hosted
     again = makeCertificate(tmp_path, "mail.example.net", name="net2")
