@@ -101,6 +101,25 @@ def databaseURL(request, tmp_path):
 
 
 @pytest.fixture
+def cheapCommandHashes(monkeypatch):
+    """
+    The admin command, run in this process, hashes new passwords with the
+    suite's cheap scrypt cost (L{mailgate.testing.TEST_HASH_COST}) instead
+    of the production one, which costs about 0.1 s a hash and as much for
+    every check of it: for tests of what the command does, not of what a
+    hash costs (tests/test_auth.py checks that).  A hash carries its own
+    cost, so whatever checks it works as with a production hash.
+    """
+    import functools
+
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.cli import users
+    from mailgate.testing import TEST_HASH_COST
+
+    monkeypatch.setattr(users, "makeCredentials", functools.partial(makeCredentials, logN=TEST_HASH_COST))
+
+
+@pytest.fixture
 def dbpath(tmp_path):
     return tmp_path / "mail.sqlite3"
 

@@ -22,6 +22,9 @@ from mailgate.cli import run
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE
 from mailgate.testing import memoryStore, readWhole, resultOf
 
+# The command's new passwords are hashed cheaply here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
 

@@ -16,6 +16,9 @@ from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
 from mailgate.store.schema import LATEST
 
+# The command's new passwords are hashed cheaply here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
 ALICE = "alice@example.org"
 
 

@@ -10,6 +10,9 @@ import pytest
 
 from mailgate.cli import EX_DATAERR, EX_USAGE, run
 
+# The command's new passwords are hashed cheaply here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
 
 def mailgate(url, *argv, stdin=""):
     out, err = io.StringIO(), io.StringIO()

@@ -20,6 +20,7 @@ import hashlib
 import io
 import re
 
+import pytest
 
 from e2e import MAILGATE, runCommand
 from mailgate.cli import run
@@ -27,6 +28,9 @@ from mailgate.store import openSynchronousStore
 from mailgate.store.copy import CHUNKS_PER_READ, ROWS_PER_READ
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, deliver, resultOf
+
+# The command's new passwords are hashed cheaply here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
