@@ -12,6 +12,7 @@ and fetchmail with keep and uidl) downloads nothing again, and then
 exactly the one message that is really new.
 """
 
+import concurrent.futures
 import os
 import subprocess
 import time
@@ -371,30 +372,76 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
         store.close()
 
 
-def test_aMaildropAnotherClientHoldsIsATemporaryFailure(tmp_path):
+BOB = "bob@example.org"
+GHOST = "ghost@example.org"
+
+
+@pytest.fixture(scope="module")
+def importsOfAHeldMaildrop(tmp_path_factory):
+    """
+    One Dovecot with pop3_lock_session and a master user, alice's maildrop
+    held by a client throughout, and the two imports that find it so, run
+    side by side: C{import pop3} as alice, and C{import pop3 --users}
+    through the master user for alice, ghost (not there) and bob (one
+    message).  Each waits out Dovecot's POP3 session lock, a fixed 10 s in
+    its code (pop3-client.c, no setting shortens it), before [IN-USE]: at
+    once, the two cost one wait rather than two.  Neither import changes
+    what the other finds (each writes its own database).
+
+    @return: each import's (exit status, stdout, stderr), by how it logs in.
+    """
+    tmp_path = tmp_path_factory.mktemp("held")
+    server = PrivateDovecot(extra="pop3_lock_session = yes")
+    master = os.path.join(server.directory, "master-users")
+    server.extra += (
+        "\nauth_master_user_separator = *\n"
+        f"passdb {{\n  driver = passwd-file\n  args = {master}\n  master = yes\n  result_success = continue\n}}\n"
+    )
+    try:
+        server.addUsers([ALICE, BOB], PASSWORD)
+        with open(master, "w") as f:
+            f.write("migrator:{PLAIN}master key\n")
+        os.chmod(master, 0o644)
+        server.start()
+        server.deliver(ALICE, lmtpMessages()[0])
+        server.deliver(BOB, lmtpMessages()[0])
+        asTheUser = newDatabase(tmp_path, "as-the-user.sqlite3")
+        throughMaster = newDatabase(tmp_path, "through-master.sqlite3")
+        for user in (GHOST, BOB):
+            code, out, err = cli(throughMaster, "user", "add", user, "--password-stdin", input=b"x\n")
+            assert code == 0, err
+        addresses = tmp_path / "addresses"
+        addresses.write_text(f"{ALICE}\n{GHOST}\n{BOB}\n")
+        source = f"pop3://127.0.0.1:{server.pop3Port}"
+        holder = server.pop3(ALICE, PASSWORD)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                runs = {
+                    "as the user": pool.submit(
+                        cli, asTheUser, "import", "pop3", f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}",
+                        ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n",
+                    ),
+                    "through a master user": pool.submit(
+                        cli, throughMaster, "import", "pop3", source, "--users", str(addresses),
+                        "--master-user", "migrator", "--password-stdin", input=b"master key\n",
+                    ),
+                }
+                results = {name: run.result() for name, run in runs.items()}
+        finally:
+            holder.quit()
+    finally:
+        server.cleanup()
+    return results
+
+
+def test_aMaildropAnotherClientHoldsIsATemporaryFailure(importsOfAHeldMaildrop):
     """
     Dovecot with pop3_lock_session answers -ERR [IN-USE] while a client
     polls: import pop3 says to run it again later, and exits 75.
     """
-    server = PrivateDovecot(extra="pop3_lock_session = yes")
-    try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        server.deliver(ALICE, lmtpMessages()[0])
-        holder = server.pop3(ALICE, PASSWORD)
-        try:
-            database = newDatabase(tmp_path, "target.sqlite3")
-            source = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
-            code, out, err = cli(database, "import", "pop3", source, ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")
-        finally:
-            holder.quit()
-        assert code == 75, (out, err)
-        assert "-ERR [IN-USE]" in err and "run the import again later" in err
-    finally:
-        server.cleanup()
-
-
-BOB = "bob@example.org"
+    code, out, err = importsOfAHeldMaildrop["as the user"]
+    assert code == 75, (out, err)
+    assert "-ERR [IN-USE]" in err and "run the import again later" in err
 
 
 @sqliteOnly
@@ -466,7 +513,7 @@ def test_movingEveryUserWithTheirPasswordsThroughAMasterUser(mailgate_server, tm
         client.quit()
 
 
-def test_aMaildropInUseShowsTheMasterUserWorks(tmp_path):
+def test_aMaildropInUseShowsTheMasterUserWorks(importsOfAHeldMaildrop):
     """
     Through a master user, the first user's maildrop is held by a client
     (Dovecot answers [IN-USE], after the login was right): the master user
@@ -474,38 +521,9 @@ def test_aMaildropInUseShowsTheMasterUserWorks(tmp_path):
     of the run, which goes on to the next, rather than ending it as a
     wrong master password would.
     """
-    server = PrivateDovecot(extra="pop3_lock_session = yes")
-    master = os.path.join(server.directory, "master-users")
-    server.extra += (
-        "\nauth_master_user_separator = *\n"
-        f"passdb {{\n  driver = passwd-file\n  args = {master}\n  master = yes\n  result_success = continue\n}}\n"
-    )
-    ghost = "ghost@example.org"
-    try:
-        server.addUsers([ALICE, BOB], PASSWORD)
-        with open(master, "w") as f:
-            f.write("migrator:{PLAIN}master key\n")
-        os.chmod(master, 0o644)
-        server.start()
-        server.deliver(BOB, lmtpMessages()[0])
-        database = newDatabase(tmp_path, "target.sqlite3")
-        for user in (ghost, BOB):
-            code, out, err = cli(database, "user", "add", user, "--password-stdin", input=b"x\n")
-            assert code == 0, err
-        addresses = tmp_path / "addresses"
-        addresses.write_text(f"{ALICE}\n{ghost}\n{BOB}\n")
-        source = f"pop3://127.0.0.1:{server.pop3Port}"
-        holder = server.pop3(ALICE, PASSWORD)
-        try:
-            code, out, err = cli(
-                database, "import", "pop3", source, "--users", str(addresses), "--master-user", "migrator",
-                "--password-stdin", input=b"master key\n",
-            )
-        finally:
-            holder.quit()
-        assert code == 75, (code, out, err)
-        assert f"{ALICE}: " in err and "[IN-USE]" in err
-        assert f"{ghost}: 127.0.0.1 refused the login" in err and "no login through the master user" not in err
-        assert out.splitlines()[-1].startswith("3 users: 1 messages imported"), out
-    finally:
-        server.cleanup()
+    code, out, err = importsOfAHeldMaildrop["through a master user"]
+    assert code == 75, (code, out, err)
+    assert f"{ALICE}: " in err and "[IN-USE]" in err
+    assert f"{GHOST}: 127.0.0.1 refused the login" in err
+    assert "no login through the master user" not in err
+    assert out.splitlines()[-1].startswith("3 users: 1 messages imported"), out
