@@ -49,7 +49,7 @@ BOB_PW = "builder"
 CAROL_PW = "c4rol"
 
 # Failed logins are answered after this delay; short, to keep tests fast.
-FAST_FAILURES = ("--auth-failure-delay", "0.2")
+FAST_FAILURES = ("--auth-failure-delay", "0.05")
 
 REPO = Path(__file__).resolve().parent.parent
 

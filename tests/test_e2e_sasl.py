@@ -29,7 +29,7 @@ ALICE = "alice@example.org"
 BOB = "bob@example.org"
 ALICE_PW = "wonder land"
 BOB_PW = "builder"
-FAST_FAILURES = ("--auth-failure-delay", "0.2")
+FAST_FAILURES = ("--auth-failure-delay", "0.05")
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
 CURL = shutil.which("curl")
 

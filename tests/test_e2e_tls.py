@@ -44,7 +44,7 @@ LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 # A second loopback address: the source of an "untrusted" client when the
 # server trusts only 127.0.0.1/32.
 UNTRUSTED_SOURCE = "127.0.0.2"
-FAST_FAILURES = ("--auth-failure-delay", "0.2")
+FAST_FAILURES = ("--auth-failure-delay", "0.05")
 PLAINTEXT_REFUSED = (
     b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
 )
