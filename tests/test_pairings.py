@@ -17,6 +17,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -139,6 +140,13 @@ class PrivatePostfix:
         shutil.chown(self.root / "data", user="postfix")
         (self.config / "main.cf").write_text(MAIN_CF.format(root=self.root, lmtpPort=self.lmtpPort))
         (self.config / "master.cf").write_text(MASTER_CF.format(smtpPort=self.smtpPort))
+        # Postfix reads a main.cf changed within the last second or two
+        # again and again, 0.3 s apart, until it has "cooled down" (its
+        # load_file.c, against reading a file half written): these are
+        # written whole, so dated a minute back they are read at once.
+        aMinuteAgo = time.time() - 60
+        for name in ("main.cf", "master.cf"):
+            os.utime(self.config / name, (aMinuteAgo, aMinuteAgo))
         # Creates the queue's directories with Postfix's owners and modes.
         check = subprocess.run(
             [POSTFIX, "-c", str(self.config), "check"], capture_output=True, text=True, timeout=DEADLINE
