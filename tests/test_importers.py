@@ -387,7 +387,8 @@ BOB_PASSWORD = "builder"
 def sourceServer(mailgate_server, mailgate_cli, tmp_path, count=3):
     """
     A mailgate server whose POP3 needs TLS (loopback is not a trusted
-    network here), holding C{count} messages for Alice and one for Bob.
+    network here), holding C{count} messages for Alice and one for Bob;
+    it refuses a login after 0.1 s, not the default second.
     """
     from certs import makeCertificate
 
@@ -404,7 +405,7 @@ def sourceServer(mailgate_server, mailgate_cli, tmp_path, count=3):
         s.close()
     server = mailgate_server(
         "--tls-cert", str(certificate), "--tls-key", str(key), "--trusted-network", "192.0.2.0/24",
-        "--pop3s", "tcp:0:interface=127.0.0.1",
+        "--pop3s", "tcp:0:interface=127.0.0.1", "--auth-failure-delay", "0.1",
     )
     return server, certificate
 
