@@ -699,7 +699,9 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         # registry of its POP3 sessions (mailgate who, mailgate kick):
         # written by every node, so one that only takes mail in counts
         # too where the nodes' retention settings are compared.
-        RegistryService(store, reactor, name=config.hostname, metrics=metrics).setServiceParent(root)
+        RegistryService(
+            store, reactor, name=config.hostname, metrics=metrics, quotaExceeded=config.quotaExceeded
+        ).setServiceParent(root)
     pop3 = []
 
     def pop3Factory():

@@ -253,10 +253,11 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
     """
     import json
 
-    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED"]
+    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA"]
     other = memoryStore(cli.url)
     try:
         store.sessions.name, other.sessions.name = "node-a[1]", "node-b[2]"
+        store.sessions.quotaExceeded, other.sessions.quotaExceeded = "temporary", "permanent"
         store.limits.quotaOctets, store.limits.keepDeletedDays = 1 << 30, 7
         other.limits.quotaOctets, other.limits.expireDays = 1 << 30, 30
         resultOf(store.sessions.flush())
@@ -265,15 +266,25 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         assert result.code == 0, result
         lines = result.out.splitlines()
         assert [line.split()[:1] + line.split()[2:] for line in lines[1:3]] == [
-            ["node-a[1]", "1G", "never", "7"],
-            ["node-b[2]", "1G", "30", "0"],
+            ["node-a[1]", "1G", "never", "7", "temporary"],
+            ["node-b[2]", "1G", "30", "0", "permanent"],
         ]
-        assert lines[3:] == ["", "the nodes differ in --expire-days, --keep-deleted-days: give every node the same"]
+        assert lines[3:] == [
+            "",
+            "the nodes differ in --expire-days, --keep-deleted-days, --quota-exceeded: give every node the same",
+        ]
         records = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
         assert [(r["node"], r["settings"]) for r in records] == [
-            ("node-a[1]", {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7}),
-            ("node-b[2]", {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0}),
+            (
+                "node-a[1]",
+                {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7, "quota_exceeded": "temporary"},
+            ),
+            (
+                "node-b[2]",
+                {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0, "quota_exceeded": "permanent"},
+            ),
         ]
+        assert ("--quota-exceeded", "temporary", "node-b[2]", "permanent") in resultOf(store.sessions.otherSettings())
         resultOf(other.sessions.leave())
         lines = cli("nodes").out.splitlines()
         assert [line.split()[0] for line in lines[1:]] == ["node-a[1]"]

@@ -384,8 +384,8 @@ def test_nodesThatDifferInRetentionSaySoAndKeepWhatTheOtherKeeps(mailgate_server
     )
     assert "node-b.test[" in " ".join(_liveNodes(a.database))
     listed = mailgate_cli.check("nodes")
-    assert re.search(r"^node-a\.test\[\d+\] .* 7$", listed, re.M), listed
-    assert re.search(r"^node-b\.test\[\d+\] .* 0$", listed, re.M), listed
+    assert re.search(r"^node-a\.test\[\d+\] .* 7 temporary$", listed, re.M), listed
+    assert re.search(r"^node-b\.test\[\d+\] .* 0 temporary$", listed, re.M), listed
     assert "the nodes differ in --keep-deleted-days:" in listed
     client = login(b, ALICE, ALICE_PW)
     assert client.dele(1).startswith(b"+OK")

@@ -36,7 +36,7 @@ def _who(store, args, out, stdin):
 
 #: What C{mailgate nodes} shows of the settings nodes announce
 #: (L{mailgate.store.registry.SHARED_SETTINGS}), in its columns' order.
-_NODE_SETTINGS = ("quota_octets", "expire_days", "keep_deleted_days")
+_NODE_SETTINGS = ("quota_octets", "expire_days", "keep_deleted_days", "quota_exceeded")
 
 
 def _nodes(store, args, out, stdin):
@@ -46,10 +46,10 @@ def _nodes(store, args, out, stdin):
             {"node": n.name, "started": _time(n.started), "seen": _time(n.seen), "settings": _jsonSettings(n.settings)}
             for n in nodes
         ))
-    out.write(f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} KEEP-DELETED\n")
+    out.write(f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} OVER-QUOTA\n")
     for node in nodes:
-        quota, expire, keep = (_shownSetting(node.settings, name) for name in _NODE_SETTINGS)
-        out.write(f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep}\n")
+        quota, expire, keep, overQuota = (_shownSetting(node.settings, name) for name in _NODE_SETTINGS)
+        out.write(f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota}\n")
     announced = [n.settings for n in nodes if n.settings is not None]
     differing = [name for name in _NODE_SETTINGS if len({str(s.get(name)) for s in announced}) > 1]
     if differing:
@@ -69,6 +69,8 @@ def _jsonSettings(settings):
 
 def _shownSetting(settings, name):
     value = None if settings is None else settings.get(name)
+    if name == "quota_exceeded" and value in ("temporary", "permanent"):
+        return value
     if type(value) is not int:
         return "-"
     if value < 0:

@@ -172,10 +172,13 @@ class RegistryService(_Repeating):
     compareInterval = 30.0
     log = Logger()
 
-    def __init__(self, store, reactor, name=None, interval=None, metrics=None):
+    def __init__(self, store, reactor, name=None, interval=None, metrics=None, quotaExceeded=None):
         self._store = store
         self._reactor = reactor
         self._metrics = metrics
+        if quotaExceeded is not None:
+            # Announced with the store's limits (see registry.nodeSettings).
+            store.sessions.quotaExceeded = quotaExceeded
         if name is not None:
             # The configured host name, and the process (several may run
             # on one machine).

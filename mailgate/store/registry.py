@@ -63,19 +63,27 @@ SHARED_SETTINGS = {
     "quota_octets": ("--default-quota", "quotaOctets"),
     "expire_days": ("--expire-days", "expireDays"),
     "keep_deleted_days": ("--keep-deleted-days", "keepDeletedDays"),
+    # Not the store's, the SMTP and LMTP listeners': given to the registry.
+    "quota_exceeded": ("--quota-exceeded", None),
 }
 
 
-def nodeSettings(limits):
+def nodeSettings(limits, quotaExceeded=None):
     """
     What a node announces in its heartbeat: C{limits} (a
     L{mailgate.store.lifecycle.StoreLimits}) as C{SHARED_SETTINGS}' names
-    to values, -1 for none.
+    to values, -1 for none; and how its SMTP and LMTP refuse a recipient
+    over quota (C{"temporary"} or C{"permanent"}) where it is given: a node
+    that refuses permanently bounces mail the others would have had the
+    MTA retry.
     """
     values = {}
     for name, (_, attribute) in SHARED_SETTINGS.items():
-        value = getattr(limits, attribute)
-        values[name] = -1 if value is None else value
+        if attribute is not None:
+            value = getattr(limits, attribute)
+            values[name] = -1 if value is None else value
+    if quotaExceeded is not None:
+        values["quota_exceeded"] = quotaExceeded
     return values
 
 
@@ -91,7 +99,7 @@ def settingsDiffer(own, others):
     found = []
     for nodeName, theirs in others:
         for name, (option, _) in SHARED_SETTINGS.items():
-            if name in theirs and theirs[name] != own[name]:
+            if name in theirs and name in own and theirs[name] != own[name]:
                 found.append((option, own[name], nodeName, theirs[name]))
     return sorted(found)
 
@@ -237,7 +245,12 @@ class SessionRegistry:
     @ivar name: what C{mailgate who} shows for this node.
     @ivar others: C{(name, settings)} of the other live nodes, as
         L{otherSettings} last read them.
+    @ivar quotaExceeded: how this node's SMTP and LMTP refuse a recipient
+        over quota, announced with the store's limits (C{None}: not
+        announced).
     """
+
+    quotaExceeded = None
 
     def __init__(self, store, name=None):
         self._store = store
@@ -301,7 +314,7 @@ class SessionRegistry:
         forget = None
         if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
             forget = now - FORGET_AFTER
-        settings = json.dumps(nodeSettings(self._store.limits), sort_keys=True)
+        settings = json.dumps(nodeSettings(self._store.limits, self.quotaExceeded), sort_keys=True)
         d = self._store.database.runWrite(
             _sync,
             (self.nodeId, self.name, self._started, settings),
@@ -340,7 +353,7 @@ class SessionRegistry:
         def read(found):
             counting, live = found
             self.others = counting
-            return settingsDiffer(nodeSettings(self._store.limits), live)
+            return settingsDiffer(nodeSettings(self._store.limits, self.quotaExceeded), live)
 
         return d.addCallback(read)
 
