@@ -519,6 +519,14 @@ class ILifecycleStore(Interface):
             ids, unique ids, and C{(uidl, reason)}.
         """
 
+    def forgetImported(address, uidls=None):
+        """
+        Forget the unique ids imported for a user (those of C{uidls}, or
+        all), so that a later import brings such a message in again where
+        the maildrop no longer holds it: a L{Deferred} of how many; fails
+        with L{mailgate.errors.NoSuchUser}.
+        """
+
     def existingUidls(address, uidls):
         """
         Which of C{uidls} a user's maildrop holds (or keeps deleted): a

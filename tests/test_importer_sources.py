@@ -367,6 +367,35 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedSince(store, source):
     assert pop3(store)[0] == ["U3", "U4"]
 
 
+def test_forgottenIdsAreImportedAgainOnPurpose(store, source):
+    """
+    What the user deleted since the first run comes back once its ids are
+    forgotten (all of them, or those named): mailgate import forget, for
+    an administrator who wants the old server's copy back.  What the
+    maildrop still holds stays skipped.
+    """
+    from mailgate.errors import NoSuchUser
+    from mailgate.testing import POP3Session, resultOf
+
+    server = source(threeMessages())
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    assert session.command("DELE 1").startswith("+OK")
+    assert session.command("DELE 2").startswith("+OK")
+    session.command("QUIT")
+    assert resultOf(store.forgetImported(ALICE, ["U2", "nothing-like-it"])) == 1
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.skipped, report.failures) == (1, 2, [])
+    assert pop3(store)[0] == ["U3", "U2"]
+    assert resultOf(store.forgetImported(ALICE)) == 3
+    report = importPOP3(store, server.url, ALICE, PASSWORD)
+    assert (report.messages, report.skipped, report.failures) == (1, 2, [])
+    assert sorted(pop3(store)[0]) == ["U1", "U2", "U3"]
+    with pytest.raises(NoSuchUser):
+        resultOf(store.forgetImported("nobody@example.org"))
+
+
 def test_theIdsImportedForAUserGoWithTheUser(store, source):
     """
     Deleting a user forgets what was imported for them: the same address

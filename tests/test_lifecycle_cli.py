@@ -292,6 +292,29 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         other.close()
 
 
+def test_importForget(cli, store):
+    """
+    C{mailgate import forget ADDRESS [UIDL ...]}: says how many of the
+    user's remembered imported ids it forgot; an unknown user is refused.
+    """
+    import time
+
+    from mailgate.message import spoolBytes
+
+    items = [(f"U{n}", spoolBytes(b"Subject: %d\r\n\r\nx\r\n" % n), int(time.time())) for n in range(3)]
+    imported, _, _ = resultOf(store.importMessages(ALICE, items))
+    assert len(imported) == 3
+    result = cli("import", "forget", ALICE, "U0", "U9")
+    assert (result.code, result.out) == (
+        0,
+        f"forgot 1 imported unique ids of {ALICE} (of 2 given); the next import brings in again "
+        "those the maildrop no longer holds\n",
+    )
+    result = cli("import", "forget", ALICE)
+    assert result.code == 0 and result.out.startswith(f"forgot 2 imported unique ids of {ALICE};"), result
+    assert cli("import", "forget", "nobody@example.org").code == 67
+
+
 def test_kickFindsASessionThatJustLoggedIn(cli, store, monkeypatch):
     """
     A session appears in the registry with its node's next write, about a

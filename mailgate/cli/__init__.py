@@ -17,6 +17,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS [--json]
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
@@ -66,7 +67,7 @@ from mailgate.cli.common import (
 )
 from mailgate.cli.database import _dbCopy, _dbUpgrade, _dbVersion
 from mailgate.cli.deliver import _deliver
-from mailgate.cli.imports import _importMaildir, _importPOP3
+from mailgate.cli.imports import _importForget, _importMaildir, _importPOP3
 from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExpunge, _mailboxList, _mailboxRestore
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _kick, _nodes, _who
@@ -396,6 +397,19 @@ def buildParser():
         "(default: *)",
     )
     ipop3.set_defaults(run=_importPOP3, migrate=True)
+    iforget = imports.add_parser(
+        "forget",
+        help="forget the unique ids imported for a user, so that the next import brings back "
+        "what the user deleted since",
+        description="mailgate remembers the unique ids it imported for each user after the user "
+        "deletes the messages, so that a later import does not bring them back.  Forget them "
+        "(those given, or all) to import such messages again on purpose: messages the maildrop "
+        "still holds stay skipped; deleted mail mailgate keeps (--keep-deleted-days) comes back "
+        "with mailbox restore, not by importing.",
+    )
+    iforget.add_argument("address", metavar="ADDRESS")
+    iforget.add_argument("uidls", nargs="*", metavar="UIDL", help="only these unique ids (default: all)")
+    iforget.set_defaults(run=_importForget, migrate=True)
 
     deliver = commands.add_parser(
         "deliver",

@@ -16,6 +16,7 @@ from mailgate.cli.common import (
     EX_UNAVAILABLE,
     EX_USAGE,
     _address,
+    _forUser,
     _number,
     _readPassword,
     _result,
@@ -34,6 +35,16 @@ def _importTarget(store, address):
     user = _result(store.findUser(address))
     if user is None:
         raise CommandError(f"no such user: {address} (add it with mailgate user add first)", EX_NOUSER)
+
+
+def _importForget(store, args, out, stdin):
+    address = _address(args.address)
+    forgotten = _forUser(address, store.forgetImported(address, args.uidls or None))
+    which = "" if not args.uidls else f" (of {len(set(args.uidls))} given)"
+    out.write(
+        f"forgot {forgotten} imported unique ids of {address}{which}; the next import brings in "
+        "again those the maildrop no longer holds\n"
+    )
 
 
 def _importMaildir(store, args, out, stdin):

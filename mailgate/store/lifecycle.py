@@ -179,6 +179,28 @@ def _forgetUser(cursor, userId):
     cursor.execute("DELETE FROM imported_ids WHERE user_id = ?", (userId,))
 
 
+def _forgetImported(cursor, address, uidls):
+    """
+    Forget the unique ids imported for C{address} (those of C{uidls}, or
+    all): a later import brings such a message in again if the maildrop no
+    longer holds it.
+
+    @return: how many were forgotten.
+    """
+    userId = _userId(cursor, address)
+    if uidls is None:
+        cursor.execute("DELETE FROM imported_ids WHERE user_id = ?", (userId,))
+        return cursor.rowcount
+    forgotten = 0
+    for batch in batches(uidls):
+        cursor.execute(
+            f"DELETE FROM imported_ids WHERE user_id = ? AND uidl IN ({placeholders(len(batch))})",
+            (userId, *batch),
+        )
+        forgotten += cursor.rowcount
+    return forgotten
+
+
 _KEEP = object()
 
 
@@ -970,6 +992,14 @@ class LifecycleStore:
             with L{NoSuchUser}.
         """
         return self.database.runWrite(_importMessages, address, list(items))
+
+    def forgetImported(self, address, uidls=None):
+        """
+        Forget the unique ids imported for a user (C{uidls}, or all): see
+        L{_forgetImported}.  A L{Deferred} of how many; fails with
+        L{NoSuchUser}.
+        """
+        return self.database.runWrite(_forgetImported, address, None if uidls is None else list(uidls))
 
     def existingUidls(self, address, uidls):
         """
