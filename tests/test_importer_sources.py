@@ -332,6 +332,19 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedWhileItIsKept(store, source):
     assert pop3(store)[0] == ["U2", "U3", "U4"]
 
 
+def deleteInMailgate(store, *numbers):
+    """
+    A POP3 session of Alice's that deletes messages C{numbers} and quits.
+    """
+    from mailgate.testing import POP3Session
+
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    for number in numbers:
+        assert session.command(f"DELE {number}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+
+
 def test_aLaterRunDoesNotBringBackWhatUsersDeletedSince(store, source):
     """
     The same without deleted mail kept (the default): mailgate remembers
@@ -342,13 +355,7 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedSince(store, source):
     """
     server = source(threeMessages())
     assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
-    from mailgate.testing import POP3Session
-
-    session = POP3Session(store)
-    session.login(ALICE, PASSWORD)
-    assert session.command("DELE 1").startswith("+OK")
-    assert session.command("DELE 2").startswith("+OK")
-    session.command("QUIT")
+    deleteInMailgate(store, 1, 2)
     assert pop3(store)[0] == ["U3"]
     server.messages[4] = ("U4", message(4))
     report = importPOP3(store, server.url, ALICE, PASSWORD)
@@ -375,15 +382,11 @@ def test_forgottenIdsAreImportedAgainOnPurpose(store, source):
     maildrop still holds stays skipped.
     """
     from mailgate.errors import NoSuchUser
-    from mailgate.testing import POP3Session, resultOf
+    from mailgate.testing import resultOf
 
     server = source(threeMessages())
     assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 3
-    session = POP3Session(store)
-    session.login(ALICE, PASSWORD)
-    assert session.command("DELE 1").startswith("+OK")
-    assert session.command("DELE 2").startswith("+OK")
-    session.command("QUIT")
+    deleteInMailgate(store, 1, 2)
     assert resultOf(store.forgetImported(ALICE, ["U2", "nothing-like-it"])) == 1
     report = importPOP3(store, server.url, ALICE, PASSWORD)
     assert (report.messages, report.skipped, report.failures) == (1, 2, [])

@@ -130,32 +130,42 @@ def _settings(text):
     return settings if isinstance(settings, dict) else None
 
 
-def _liveSettings(cursor, aliveSince, exceptNode):
+def _announced(cursor, since, exceptNode):
     """
-    The L{nodeSettings} of the live nodes other than C{exceptNode}, as
-    C{(name, settings)}; nodes of a version that announced none, or
-    announced something unreadable, are left out.
+    The L{nodeSettings} of the nodes other than C{exceptNode} seen since
+    C{since}, as C{(name, seen, settings)}; nodes of a version that
+    announced none, or announced something unreadable, are left out.
     """
     cursor.execute(
-        "SELECT name, settings FROM mailgate_nodes WHERE seen_at >= ? AND node_id <> ? AND settings IS NOT NULL "
-        "ORDER BY name",
-        (aliveSince, exceptNode),
+        "SELECT name, seen_at, settings FROM mailgate_nodes WHERE seen_at >= ? AND node_id <> ? "
+        "AND settings IS NOT NULL ORDER BY name",
+        (since, exceptNode),
     )
-    live = []
-    for name, text in cursor.fetchall():
+    announced = []
+    for name, seen, text in cursor.fetchall():
         settings = _settings(text)
         if settings is not None:
-            live.append((name, settings))
-    return live
+            announced.append((name, seen, settings))
+    return announced
+
+
+def _liveSettings(cursor, aliveSince, exceptNode):
+    """
+    L{_announced}'s nodes as C{(name, settings)}.
+    """
+    return [(name, settings) for name, _, settings in _announced(cursor, aliveSince, exceptNode)]
 
 
 def _otherSettings(cursor, now, exceptNode):
     """
-    The L{_liveSettings} of the nodes other than C{exceptNode} whose
-    settings still count, and of those alive.
+    The C{(name, settings)} of the nodes other than C{exceptNode} whose
+    settings still count (L{SETTINGS_COUNT_FOR}), and of those alive
+    (L{STALE_AFTER}): one statement for both.
     """
-    counting = _liveSettings(cursor, now - SETTINGS_COUNT_FOR, exceptNode)
-    return counting, _liveSettings(cursor, now - STALE_AFTER, exceptNode)
+    announced = _announced(cursor, now - SETTINGS_COUNT_FOR, exceptNode)
+    counting = [(name, settings) for name, _, settings in announced]
+    alive = [(name, settings) for name, seen, settings in announced if seen >= now - STALE_AFTER]
+    return counting, alive
 
 
 # -- interactions ----------------------------------------------------------------
