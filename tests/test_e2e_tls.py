@@ -28,6 +28,7 @@ from saslclients import ScramClient
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
     LineReader,
+    connect,
     mailgate_cli,
     mailgate_server,
     retrieve,
@@ -789,3 +790,41 @@ def test_certificateReloadOnSIGHUP(mailgate_server, mailgate_cli, tmp_path):
     assert retrieve(old, 1).endswith(message("reload"))
     assert old.quit().startswith(b"+OK")
     assert server.running(), server.log()
+
+
+@sqliteOnly
+def test_connectionsThatHaveNotLoggedInDoNotHoldUpAStop(mailgate_server, mailgate_cli, certificate):
+    """
+    On SIGTERM, a POP3S connection still in its TLS handshake (a scanner
+    that connected and sent nothing) and a POP3 client that has not logged
+    in have nothing to finish: the server exits at once, not after the
+    grace period (ten minutes here) or the handshake's own timeout.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP,
+        "--shutdown-grace", "600",
+    )
+    scanner = connect(server.portOf("POP3S"))
+    pop3 = connect(server.port)
+    reader = LineReader(pop3)
+    assert reader.line().startswith(b"+OK")
+    pop3.sendall(f"USER {ALICE}\r\n".encode())
+    assert reader.line() == b"+OK send PASS\r\n"
+    # The scanner connected first: by the time USER is answered, the
+    # server has accepted its connection (two turns of the reactor).
+
+    server.process.send_signal(signal.SIGTERM)
+    assert reader.line() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert reader.closed()
+    scanner.settimeout(DEADLINE)
+    try:
+        assert scanner.recv(1024) == b""
+    except ConnectionResetError:
+        pass  # aborted: as good a close for a client that sent nothing
+    assert server.wait() in (0, -signal.SIGTERM), server.log()
+    assert "sessions get 600.0 seconds to finish" not in server.stdout
+    scanner.close()
+    pop3.close()

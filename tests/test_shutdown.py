@@ -16,10 +16,13 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.error import ConnectionAborted
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from mailgate.service import MailgateConfig, makeService
 from mailgate.session import SessionTracker
+from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
 
 from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
@@ -41,9 +44,11 @@ class Server:
         self.clock = Clock()
         self.tracker = SessionTracker(self.clock)
 
-    def pop3(self):
-        factory = pop3Factory(self.store, self.clock, tracker=self.tracker)
-        return POP3Session(self.store, clock=self.clock, factory=factory)
+    def pop3Factory(self, **options):
+        return pop3Factory(self.store, self.clock, tracker=self.tracker, **options)
+
+    def pop3(self, **options):
+        return POP3Session(self.store, clock=self.clock, factory=self.pop3Factory(**options))
 
     def smtp(self, lmtp=False, hello=True):
         factory = smtpFactory(self.store, self.clock, lmtp=lmtp, tracker=self.tracker)
@@ -109,11 +114,15 @@ def test_aSessionStillOpenWhenTheGraceEndsIsClosedWithoutDeleting(server):
     s.command("DELE 2")
     waiting = server.pop3()
     done = server.tracker.shutdown(30)
-    assert s.advance(30) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    # Not logged in, it has nothing to finish: told at once.
     assert waiting.transport.value() == b"-ERR [SYS/TEMP] server shutting down\r\n"
-    assert s.disconnected and waiting.disconnected
+    assert waiting.disconnected
+    gone(waiting)
+    assert s.advance(29) == b""
+    assert s.advance(1) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert s.disconnected
     assert not fired(done)
-    gone(s, waiting)
+    gone(s)
     assert fired(done)
     assert messages(server.store) == 3
     # The lock was let go.
@@ -140,6 +149,79 @@ def test_aQuitWhoseDeletionsAreBeingAppliedIsNotCutShort(server):
     gone(s)
     assert fired(done)
     assert messages(server.store) == 2
+
+
+def test_sessionsNotLoggedInDoNotHoldTheShutdown(server):
+    """
+    The grace period is for logged-in sessions to QUIT (only QUIT applies
+    deletions): a connection that has not logged in (an idle client, a
+    scanner, one half-way through a SASL exchange) is told at once, and a
+    shutdown with only such connections is over as soon as they close.
+    """
+    idle = server.pop3()
+    named = server.pop3()
+    assert named.command(f"USER {ALICE}") == "+OK send PASS\r\n"
+    sasl = server.pop3()
+    assert sasl.command("AUTH PLAIN") == "+ \r\n"
+    with capturedLogs() as events:
+        done = server.tracker.shutdown(30)
+    for s in (idle, named, sasl):
+        assert s.transport.value() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+        assert s.disconnected
+    # None of them is counted among the sessions the grace is for.
+    assert [e for e in events if e.get("event") == "session.shutdown"] == []
+    assert not fired(done)
+    gone(idle, named, sasl)
+    assert fired(done)
+
+
+def test_aLoginUnderWayIsAnsweredThenTheSessionIsTold(server):
+    failing = server.pop3(authFailureDelay=2)
+    failing.command(f"USER {ALICE}")
+    assert failing.command("PASS wrong") == ""  # answered after the delay
+    succeeding = server.pop3()
+    succeeding.command(f"USER {ALICE}")
+    opened = defer.Deferred()
+    openMaildrop = server.store.openMaildrop
+    server.store.openMaildrop = lambda *a, **kw: opened.addCallback(lambda _: openMaildrop(*a, **kw))
+    assert succeeding.command(f"PASS {PASSWORD}") == ""
+    done = server.tracker.shutdown(30)
+    assert failing.transport.value() == succeeding.transport.value() == b""
+    assert failing.advance(2) == (
+        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] server shutting down\r\n"
+    )
+    opened.callback(None)
+    reply = succeeding.advance(0)
+    assert reply.startswith(b"+OK ") and reply.endswith(b"\r\n-ERR [SYS/TEMP] server shutting down\r\n")
+    assert failing.disconnected and succeeding.disconnected
+    gone(failing, succeeding)
+    assert fired(done)
+    # The maildrop the login locked was given back.
+    assert POP3Session(server.store).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aClientStillInItsTLSHandshakeIsCutAtOnce(server, tls):
+    """
+    A connection to the POP3S port whose TLS handshake is not over (a
+    scanner that connected and sends nothing) has been told nothing: it is
+    aborted at once, instead of holding the shutdown up for the
+    handshake's own timeout.
+    """
+
+    class TCPStringTransport(StringTransport):
+        def setTcpNoDelay(self, enabled):
+            pass
+
+    layer = TLSLayerFactory(tls, server.pop3Factory(), server.clock).buildProtocol(None)
+    transport = TCPStringTransport()
+    layer.makeConnection(transport)
+    assert not transport.disconnecting
+    done = server.tracker.shutdown(30)
+    assert transport.disconnected  # aborted, not closed after a handshake
+    assert transport.value() == b""
+    layer.connectionLost(Failure(ConnectionAborted()))
+    assert fired(done)
+    assert server.clock.getDelayedCalls() == []
 
 
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])

@@ -221,6 +221,20 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._settleHeldFailure()
         return self._endSession("connection lost")
 
+    def beginShutdown(self):
+        """
+        A session not logged in has nothing to finish: it is told at once
+        (once the login under way, if any, is answered), so that idle
+        connections do not hold the shutdown for the whole grace period.
+        Logged-in sessions get the grace period to QUIT.
+        """
+        if self.state == TRANSACTION:
+            return
+        if self._busy:
+            self._expireAfterCommand = True
+            return
+        self._shutdownNow()
+
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
         if self._kickRequested:

@@ -747,6 +747,13 @@ class CommandSession(Protocol):
         if self._closed or self.stopping:
             return
         self.stopping = True
+        if getattr(self.transport, "handshaking", False):
+            # Still in its TLS handshake, the client has been told nothing
+            # and has asked nothing: a close would wait for the handshake
+            # (TLSLayer.closeTimeout) for a client that may never finish
+            # it, holding the whole shutdown up.
+            self.close(abort=True)
+            return
         self.beginShutdown()
 
     def graceExpired(self):

@@ -372,6 +372,14 @@ class TLSLayer:
     # -- what the session may ask ----------------------------------------------
 
     @property
+    def handshaking(self):
+        """
+        The handshake is not over: the client has been sent nothing the
+        session wrote, and has sent it nothing yet.
+        """
+        return self._handshaking and not self._shutDown
+
+    @property
     def version(self):
         """
         The protocol negotiated (C{"TLSv1.3"}), or C{None} before the

@@ -80,8 +80,11 @@ class SessionTracker:
                 self._finished()
             return d
         self.stopping = True
-        # Sessions closing already (their connection is being let go) have
-        # nothing left to finish: the count is of the others.
+        for session in list(self._sessions):
+            session.shutdownRequested()
+        # Sessions closing (their connection being let go, or closed just
+        # now: nothing to finish) are not counted: the count is of those
+        # the grace period is for.
         finishing = sum(1 for session in self._sessions if not session.closed)
         if finishing:
             self.log.info(
@@ -90,8 +93,6 @@ class SessionTracker:
                 grace=grace,
                 event="session.shutdown",
             )
-        for session in list(self._sessions):
-            session.shutdownRequested()
         if not self._sessions:
             self._finished()
             return d
