@@ -674,6 +674,14 @@ class IEngine(Interface):
         Whether C{exc} is a unique constraint violation.
         """
 
+    def serverClock(cursor):
+        """
+        The database server's clock, in seconds since the epoch (a
+        L{float}), or C{None} where it is no clock apart from the nodes'
+        own (embedded SQLite: one server on one machine).  Nodes sharing
+        the database tell by it whether their clocks agree.
+        """
+
     def claimServer():
         """
         Claim the database for this server process where the engine allows

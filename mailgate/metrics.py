@@ -213,10 +213,16 @@ class Metrics:
             "1 where another live node sharing the database works with another value of the setting.",
             ["setting"], NODE_SETTINGS,
         )
+        # No series until measured (never on SQLite: no clock of its own).
+        self._clockOffset = _Series(
+            gauge, "mailgate_node_clock_offset_seconds",
+            "This node's clock minus the database server's, as last measured (PostgreSQL; every 30 s).",
+            initial=(),
+        )
         registry.register(_ReactorSeries([
             self._info, self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
-            self._maildropLocks, self._bans, self._timeouts, self._settingsDiffer,
+            self._maildropLocks, self._bans, self._timeouts, self._settingsDiffer, self._clockOffset,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -395,6 +401,14 @@ class Metrics:
         values = self._settingsDiffer.values
         for name in NODE_SETTINGS:
             values[(name,)] = 1 if name in settings else 0
+
+    def clockOffset(self, seconds):
+        """
+        This node's clock is C{seconds} ahead of the database server's
+        (C{mailgate_node_clock_offset_seconds}; negative: behind): what an
+        alert on a node whose clock drifts watches.
+        """
+        self._clockOffset.values[()] = seconds
 
 
 # -- HTTP: /metrics and /healthz -----------------------------------------------------

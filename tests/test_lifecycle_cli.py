@@ -253,7 +253,7 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
     """
     import json
 
-    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA"]
+    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA", "CLOCK"]
     other = memoryStore(cli.url)
     try:
         store.sessions.name, other.sessions.name = "node-a[1]", "node-b[2]"
@@ -266,14 +266,15 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         assert result.code == 0, result
         lines = result.out.splitlines()
         assert [line.split()[:1] + line.split()[2:] for line in lines[1:3]] == [
-            ["node-a[1]", "1G", "never", "7", "temporary"],
-            ["node-b[2]", "1G", "30", "0", "permanent"],
+            ["node-a[1]", "1G", "never", "7", "temporary", "-"],
+            ["node-b[2]", "1G", "30", "0", "permanent", "-"],
         ]
         assert lines[3:] == [
             "",
             "the nodes differ in --expire-days, --keep-deleted-days, --quota-exceeded: give every node the same",
         ]
         records = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
+        assert [r["clock_offset"] for r in records] == [None, None]
         assert [(r["node"], r["settings"]) for r in records] == [
             (
                 "node-a[1]",
@@ -290,6 +291,39 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         assert [line.split()[0] for line in lines[1:]] == ["node-a[1]"]
     finally:
         other.close()
+
+
+def test_nodesShowsHowFarEachNodesClockIsFromTheDatabaseServers(cli, store, databaseURL):
+    """
+    Each node measures its clock against the PostgreSQL server's when it
+    compares settings (every 30 s) and announces the offset with its next
+    heartbeat: C{mailgate nodes} shows it (node ahead: positive).  SQLite
+    has no clock apart from the one machine's: nothing to show.
+    """
+    import json
+    import time
+
+    from test_lifecycle import Clocked
+
+    store.sessions.name = "node-a[1]"
+    clock = Clocked(store, now=time.time() + 62)
+    resultOf(store.sessions.otherSettings())
+    resultOf(store.sessions.flush())
+    [line] = cli("nodes").out.splitlines()[1:]
+    [record] = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
+    assert "clock_offset" not in record["settings"]
+    if databaseURL.startswith("sqlite"):
+        assert line.split()[-1] == "-"
+        assert record["clock_offset"] is None
+        return
+    assert line.split()[-1] in ("+62.0s", "+61.9s")
+    assert 61.5 < record["clock_offset"] <= 62
+    # Behind (by less than the 30 s after which the others, and the
+    # command, would take it for stopped).
+    clock.now = time.time() - 20
+    resultOf(store.sessions.otherSettings())
+    resultOf(store.sessions.flush())
+    assert cli("nodes").out.splitlines()[1].split()[-1] in ("-20.0s", "-20.1s")
 
 
 def test_importForget(cli, store):

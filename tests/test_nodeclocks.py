@@ -90,3 +90,71 @@ def test_settingsWrittenByHandThatCannotBeReadAreLeftOut(databaseURL):
     finally:
         a.close()
         b.close()
+
+
+def test_aNodeWhoseClockIsOffWarnsOnceAndSaysWhenItAgreesAgain(databaseURL):
+    """
+    Every comparison of settings (every 30 s) reads the PostgreSQL
+    server's clock: a node whose own is more than 5 s ahead of it or
+    behind it warns once (not at every comparison), with the offset, and
+    says when they agree again; the offset is a metric for an alert.
+    SQLite, one server on one machine, has no clock to compare with.
+    """
+    import time
+
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger, formatEvent
+
+    from mailgate.metrics import Metrics
+    from mailgate.store.housekeeping import RegistryService
+    from test_lifecycle import samples
+
+    store = memoryStore(databaseURL)
+    clock = Clocked(store, now=time.time() + 62)
+    reactor = MemoryReactorClock()
+    events = []
+    metrics = Metrics()
+    service = RegistryService(store, reactor, name="node-a", metrics=metrics)
+    service.log = Logger(observer=events.append)
+
+    def said(event):
+        return [e for e in events if e.get("event") == event]
+
+    def compare(offset):
+        clock.now = time.time() + offset
+        reactor.advance(service.compareInterval)
+
+    try:
+        service.startService()
+        reactor.run()
+        reactor.advance(0)
+        offsets = samples(metrics, "mailgate_node_clock_offset_seconds")
+        if databaseURL.startswith("sqlite"):
+            assert store.sessions.clockOffset is None
+            assert offsets == []
+            assert said("node.clock_skew") == []
+            return
+        [warning] = said("node.clock_skew")
+        assert 61.5 < warning["offset"] <= 62
+        text = formatEvent(warning)
+        assert text.startswith("this node's clock is 6") and "s ahead of the database server's" in text
+        assert "NTP" in text
+        [(labels, value)] = offsets
+        assert labels == {} and 61.5 < value <= 62
+        compare(62)
+        compare(5)  # between the two limits: neither skewed nor agreeing
+        assert len(said("node.clock_skew")) == 1
+        assert said("node.clock_agrees") == []
+        compare(0)
+        [agrees] = said("node.clock_agrees")
+        assert abs(agrees["offset"]) < 0.5
+        [(_, value)] = samples(metrics, "mailgate_node_clock_offset_seconds")
+        assert abs(value) < 0.5
+        compare(-40)
+        [_, behind] = said("node.clock_skew")
+        assert -40.5 < behind["offset"] <= -39.5
+        assert "s behind the database server's" in formatEvent(behind)
+    finally:
+        service.stopService()
+        reactor.advance(0)
+        store.close()

@@ -43,13 +43,22 @@ def _nodes(store, args, out, stdin):
     nodes = _result(store.listNodes())
     if args.json:
         return _jsonLines(out, (
-            {"node": n.name, "started": _time(n.started), "seen": _time(n.seen), "settings": _jsonSettings(n.settings)}
+            {
+                "node": n.name, "started": _time(n.started), "seen": _time(n.seen),
+                "settings": _jsonSettings(n.settings), "clock_offset": _clockOffset(n.settings),
+            }
             for n in nodes
         ))
-    out.write(f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} OVER-QUOTA\n")
+    out.write(
+        f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} {'OVER-QUOTA':<10} CLOCK\n"
+    )
     for node in nodes:
         quota, expire, keep, overQuota = (_shownSetting(node.settings, name) for name in _NODE_SETTINGS)
-        out.write(f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota}\n")
+        offset = _clockOffset(node.settings)
+        clock = "-" if offset is None else f"{offset:+.1f}s"
+        out.write(
+            f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota:<10} {clock}\n"
+        )
     announced = [n.settings for n in nodes if n.settings is not None]
     differing = [name for name in _NODE_SETTINGS if len({str(s.get(name)) for s in announced}) > 1]
     if differing:
@@ -64,7 +73,21 @@ def _jsonSettings(settings):
     """
     if settings is None:
         return None
-    return {name: value if type(value) is not int or value >= 0 else None for name, value in settings.items()}
+    return {
+        name: value if type(value) is not int or value >= 0 else None
+        for name, value in settings.items()
+        if name != "clock_offset"
+    }
+
+
+def _clockOffset(settings):
+    """
+    The node's clock minus the database server's, as the node last
+    measured and announced it (seconds), or C{None}: not measured (SQLite,
+    a node just started, or a version that does not).
+    """
+    value = None if settings is None else settings.get("clock_offset")
+    return float(value) if type(value) in (int, float) else None
 
 
 def _shownSetting(settings, name):

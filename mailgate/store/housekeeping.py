@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgate.errors import TemporaryFailure
+from mailgate.store import registry
 from mailgate.timers import cancelled
 
 
@@ -190,6 +191,7 @@ class RegistryService(_Repeating):
         self._failing = False
         self._compared = None
         self.differences = []
+        self.clockSkewed = False
 
     def startService(self):
         Service.startService(self)
@@ -228,7 +230,40 @@ class RegistryService(_Repeating):
             else:
                 self.log.info("nodes sharing the database: settings the same again", event="node.settings_same")
 
-        return self._store.sessions.otherSettings().addCallback(compared)
+        d = self._store.sessions.otherSettings().addCallback(compared)
+        return d.addCallback(lambda _: self._compareClocks())
+
+    def _compareClocks(self):
+        """
+        Say when this node's clock and the database server's come apart,
+        and when they agree again (measured by L{otherSettings}).
+        """
+        offset = self._store.sessions.clockOffset
+        if offset is None:
+            return
+        if self._metrics is not None:
+            self._metrics.clockOffset(offset.seconds)
+        if offset.skewed and not self.clockSkewed:
+            self.clockSkewed = True
+            self.log.warn(
+                "this node's clock is {seconds:.1f} s {direction} the database server's: nodes tell which of "
+                "them are alive by the times of their heartbeats, so with clocks more than {stale} s apart "
+                "`mailgate who` and `mailgate kick` miss the sessions of one node; keep every node's clock "
+                "in step (NTP)",
+                seconds=abs(offset.seconds),
+                direction="ahead of" if offset.seconds > 0 else "behind",
+                stale=registry.STALE_AFTER,
+                offset=round(offset.seconds, 1),
+                event="node.clock_skew",
+            )
+        elif offset.agrees and self.clockSkewed:
+            self.clockSkewed = False
+            self.log.info(
+                "this node's clock agrees with the database server's again (within {seconds:.1f} s)",
+                seconds=abs(offset.seconds),
+                offset=round(offset.seconds, 1),
+                event="node.clock_agrees",
+            )
 
     def stopService(self):
         Service.stopService(self)

@@ -238,6 +238,14 @@ class PostgresEngine:
             f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"
         )
 
+    def serverClock(self, cursor):
+        """
+        The server's wall clock as the statement runs (C{clock_timestamp},
+        not the transaction's start).
+        """
+        cursor.execute("SELECT extract(epoch FROM clock_timestamp())")
+        return float(cursor.fetchone()[0])
+
     def claimServer(self):
         """
         Any number of nodes may share a PostgreSQL database.

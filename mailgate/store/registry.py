@@ -43,6 +43,41 @@ FORGET_AFTER = 600
 #: looks dead to them; retention errs on keeping mail, and a node that
 #: stopped holds it back a few minutes longer at most.
 SETTINGS_COUNT_FOR = FORGET_AFTER
+#: seconds between a node's clock and the database server's beyond which
+#: the node warns (L{ClockOffset}): heartbeats are written by each node's
+#: clock, and two nodes STALE_AFTER apart take each other for dead
+CLOCK_SKEW = 5.0
+#: ... and within which it says they agree again (a second less, so that
+#: an offset near the limit does not warn at every look)
+CLOCK_AGREES = CLOCK_SKEW - 1.0
+
+
+@attr.s(frozen=True)
+class ClockOffset:
+    """
+    This node's clock minus the database server's, measured around one
+    statement: positive when this node's clock runs ahead.
+
+    @ivar seconds: the offset, from the middle of the round trip.
+    @ivar uncertainty: half the round trip: the offset is known within it.
+    """
+
+    seconds = attr.ib()
+    uncertainty = attr.ib()
+
+    @property
+    def skewed(self):
+        """
+        Surely more than L{CLOCK_SKEW} apart (however the round trip split).
+        """
+        return abs(self.seconds) - self.uncertainty > CLOCK_SKEW
+
+    @property
+    def agrees(self):
+        """
+        Surely within L{CLOCK_AGREES}.
+        """
+        return abs(self.seconds) + self.uncertainty < CLOCK_AGREES
 
 
 @attr.s(eq=False)
@@ -156,16 +191,17 @@ def _liveSettings(cursor, aliveSince, exceptNode):
     return [(name, settings) for name, _, settings in _announced(cursor, aliveSince, exceptNode)]
 
 
-def _otherSettings(cursor, now, exceptNode):
+def _otherSettings(cursor, engine, now, exceptNode):
     """
     The C{(name, settings)} of the nodes other than C{exceptNode} whose
     settings still count (L{SETTINGS_COUNT_FOR}), and of those alive
-    (L{STALE_AFTER}): one statement for both.
+    (L{STALE_AFTER}): one statement for both; and the database server's
+    clock (L{IEngine.serverClock}).
     """
     announced = _announced(cursor, now - SETTINGS_COUNT_FOR, exceptNode)
     counting = [(name, settings) for name, _, settings in announced]
     alive = [(name, settings) for name, seen, settings in announced if seen >= now - STALE_AFTER]
-    return counting, alive
+    return counting, alive, engine.serverClock(cursor)
 
 
 # -- interactions ----------------------------------------------------------------
@@ -258,6 +294,9 @@ class SessionRegistry:
     @ivar quotaExceeded: how this node's SMTP and LMTP refuse a recipient
         over quota, announced with the store's limits (C{None}: not
         announced).
+    @ivar clockOffset: the L{ClockOffset} L{otherSettings} last measured,
+        or C{None} (not yet, or the database has no clock of its own);
+        announced with the settings, as C{clock_offset}.
     """
 
     quotaExceeded = None
@@ -273,6 +312,7 @@ class SessionRegistry:
         self._lastBeat = None
         # (name, settings) of the other live nodes, as last read.
         self.others = []
+        self.clockOffset = None
 
     def started(self, maildrop, peer, end):
         """
@@ -324,7 +364,11 @@ class SessionRegistry:
         forget = None
         if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
             forget = now - FORGET_AFTER
-        settings = json.dumps(nodeSettings(self._store.limits, self.quotaExceeded), sort_keys=True)
+        announced = nodeSettings(self._store.limits, self.quotaExceeded)
+        if self.clockOffset is not None:
+            # For C{mailgate nodes}; not a setting the nodes compare.
+            announced["clock_offset"] = round(self.clockOffset.seconds, 1)
+        settings = json.dumps(announced, sort_keys=True)
         d = self._store.database.runWrite(
             _sync,
             (self.nodeId, self.name, self._started, settings),
@@ -356,13 +400,19 @@ class SessionRegistry:
         those that still count, L{SETTINGS_COUNT_FOR}), and say where the
         live ones' (L{STALE_AFTER}, the nodes C{mailgate nodes} lists)
         differ from this node's: a L{Deferred} of what L{settingsDiffer}
-        gives.
+        gives.  The same transaction reads the database server's clock
+        (kept in L{clockOffset}).
         """
-        d = self._store.database.runInteraction(_otherSettings, self._store._now(), self.nodeId)
+        clock = self._store._clock
+        before = clock()
+        d = self._store.database.runInteraction(_otherSettings, self._store.engine, int(before), self.nodeId)
 
         def read(found):
-            counting, live = found
+            counting, live, serverClock = found
             self.others = counting
+            if serverClock is not None:
+                after = clock()
+                self.clockOffset = ClockOffset((before + after) / 2 - serverClock, (after - before) / 2)
             return settingsDiffer(nodeSettings(self._store.limits, self.quotaExceeded), live)
 
         return d.addCallback(read)

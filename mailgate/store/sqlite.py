@@ -230,6 +230,13 @@ class SQLiteEngine:
         already continues after the largest.
         """
 
+    def serverClock(self, cursor):
+        """
+        None apart from the server's own: one server uses the file
+        (L{claimServer}), on the machine whose clock it reads.
+        """
+        return None
+
     def claimServer(self):
         """
         Make sure only one mailgate server uses this database file.
