@@ -200,6 +200,47 @@ def test_aLoginUnderWayIsAnsweredThenTheSessionIsTold(server):
     assert POP3Session(server.store).login(ALICE, PASSWORD).startswith("+OK")
 
 
+def test_aLoginHeldForItsPenaltyIsToldAtOnceUnchecked(store):
+    """
+    A scanner whose address failed before waits its penalty (2 s after one
+    failure, doubling up to --auth-penalty-max, 15 s) before its next
+    password is even looked at: a stop tells it at once, with nothing
+    checked, instead of waiting the penalty out.  An internet-facing
+    server nearly always has one in its penalty.
+    """
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+
+    addUser(store, ALICE, PASSWORD)
+    server = Server(store)
+    server.clock.advance(1_000_000)
+    settings = PolicySettings(exemptNetworks=["none"], banAfter=10, authPenaltyMax=15)
+    policy = ConnectionPolicy(MemoryPolicyStore(), server.clock, settings)
+
+    def attempt(password):
+        s = server.pop3(policy=policy)
+        s.command(f"USER {ALICE}")
+        return s, s.command(f"PASS {password}")
+
+    for _ in range(3):
+        s, reply = attempt("guess")
+        s.advance(15)
+        s.command("QUIT")
+        gone(s)
+    held, reply = attempt(PASSWORD)  # the right one: it must not get in now
+    assert reply == ""
+    done = server.tracker.shutdown(30)
+    assert held.advance(0) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert held.disconnected
+    gone(held)
+    assert fired(done)
+    assert server.clock.getDelayedCalls() == []
+    # Nothing was checked: the penalty did not grow, and Alice's maildrop
+    # was not opened (a session after the stop logs in).
+    assert POP3Session(store).login(ALICE, PASSWORD).startswith("+OK")
+
+
 def test_aClientStillInItsTLSHandshakeIsCutAtOnce(server, tls):
     """
     A connection to the POP3S port whose TLS handshake is not over (a

@@ -25,6 +25,7 @@ from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, Tempora
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
 from mailgate.session import CommandError
+from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
 AUTHORIZATION = "AUTHORIZATION"
@@ -49,6 +50,9 @@ class AuthorizationCommands:
 
     #: when the login being checked was asked (the clock's seconds)
     _loginAsked = None
+    #: C{(timer, Deferred)} of the penalty the login waits out
+    #: (L{_waitPenalty})
+    _penalty = None
 
     def _plaintextAllowed(self):
         """
@@ -215,11 +219,14 @@ class AuthorizationCommands:
             return self._refuseBanned(login, mechanism)
         delay = policy.authenticationDelay(self.peer, login)
         if delay and delay > 0:
-            return task.deferLater(self._clock, delay, self._check, credentials, login, mechanism)
+            return self._waitPenalty(delay, self._check, credentials, login, mechanism)
         return self._check(credentials, login, mechanism)
 
     def _check(self, credentials, login, mechanism):
-        if self._closed:
+        if self._closed or self.stopping:
+            # Gone, or the server stopped while the penalty held the login
+            # back: nothing has been checked, nothing is answered but the
+            # shutdown's -ERR.
             return None
         if self.factory.policy.isBanned(self.peer):
             # Banned while it waited.
@@ -418,6 +425,33 @@ class AuthorizationCommands:
         if succeededAs is not None and _sameUser(held, succeededAs):
             return
         self.factory.policy.authenticationFailed(self.peer, held)
+
+    def _waitPenalty(self, seconds, then, *args):
+        """
+        Run C{then(*args)} after the policy's penalty of C{seconds}: the
+        command waits on the L{Deferred} returned; L{endPenalty} ends the
+        wait early.
+        """
+        d = defer.Deferred()
+        d.addCallback(lambda _: then(*args))
+        self._penalty = (self._clock.callLater(seconds, self.endPenalty), d)
+        return d
+
+    def endPenalty(self):
+        """
+        End the penalty a login waits out now, if any.  When the server
+        starts stopping, a scanner held for its penalty (up to
+        C{--auth-penalty-max} seconds, and an internet-facing server nearly
+        always holds one) must not hold the stop up: its login is then
+        not checked (see L{_check}).  When the connection is lost, the
+        timer lets go of the session at once.
+        """
+        penalty, self._penalty = self._penalty, None
+        if penalty is None:
+            return
+        call, d = penalty
+        cancelled(call)
+        d.callback(None)
 
     def _refuseLogin(self):
         if self._closed:

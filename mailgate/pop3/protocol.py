@@ -218,6 +218,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def sessionEnded(self):
         self._cancelLoginTimer()
+        self.endPenalty()
         self._settleHeldFailure()
         return self._endSession("connection lost")
 
@@ -226,12 +227,16 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         A session not logged in has nothing to finish: it is told at once
         (once the login under way, if any, is answered), so that idle
         connections do not hold the shutdown for the whole grace period.
+        A login waiting out its penalty is not checked, and is told at
+        once: a scanner in its penalty would hold the stop for up to
+        C{--auth-penalty-max} seconds.
         Logged-in sessions get the grace period to QUIT.
         """
         if self.state == TRANSACTION:
             return
         if self._busy:
             self._expireAfterCommand = True
+            self.endPenalty()
             return
         self._shutdownNow()
 
