@@ -369,3 +369,65 @@ def test_workerThreadsRefusedTogetherAskWhyOnce(monkeypatch):
         thread.join(DEADLINE)
     assert len(verdicts) == 6 and all(isinstance(v, DatabaseRefused) for v in verdicts), verdicts
     assert len(asked) == 1
+
+
+# URLs libpq cannot read, each with the password "50%off" or "two words"
+# (written as administrators do, not percent-encoded) and the words libpq
+# quotes it, or the whole URL, in.  Nothing is connected to.
+UNREADABLE_URLS = {
+    "a bare %": ("postgresql://mailgate:50%off@127.0.0.1:1/mail", 'invalid percent-encoded token: "***"'),
+    "a space": ("postgresql://mailgate:two words@127.0.0.1:1/mail", 'unexpected spaces found in "***"'),
+    "as a parameter": ("postgresql://mailgate@127.0.0.1:1/mail?password=50%off", 'token: "***"'),
+}
+
+
+def _unreadablePassword(url):
+    return next(p for p in ("50%off", "two words") if p in url)
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE_URLS))
+def test_aURLLibpqCannotReadIsRefusedWithoutItsPassword(case):
+    """
+    A password with a bare C{%} or a space in the URL (libpq wants them
+    percent-encoded) is refused with libpq's reason, which quotes the
+    password or the whole URL: the password is not printed.
+    """
+    url, expected = UNREADABLE_URLS[case]
+    code, out, err = mailgate(url, "user", "list")
+    assert (code, out) == (EX_CONFIG, ""), err
+    assert err.startswith("mailgate: cannot connect to PostgreSQL at ") and err.count("\n") == 1, err
+    assert expected in err, err
+    password = _unreadablePassword(url)
+    assert password not in err and quote(password) not in err, err
+
+
+def test_theServerStartsWithoutLoggingIt(servers):
+    """
+    C{twistd mailgate} at start-up says the same, into its log (the
+    journal), without the password.
+    """
+    url, expected = UNREADABLE_URLS["a bare %"]
+    server = servers.spawn(database=url)
+    assert server.wait() == EX_CONFIG, server.log()
+    written = server.stdout + server.stderr
+    assert expected in written, server.log()
+    assert "50%off" not in written, server.log()
+
+
+def test_theReactorsConnectionsSayItWithoutThePassword():
+    """
+    The connections the reactor drives (maildrop locks, message reads)
+    read the URL themselves: their refusal is the same.
+    """
+    from mailgate.errors import DatabaseRefused
+    from mailgate.store import pgreactor
+
+    url, expected = UNREADABLE_URLS["a space"]
+    with pytest.raises(DatabaseRefused) as e:
+        pgreactor.connect(url, [], [], 1, where="the test's server")
+    assert expected in str(e.value) and "two words" not in str(e.value), str(e.value)
+    # libpq quotes the whole URL for some mistakes (Python's own parser
+    # refuses this one before the engine's connection; these do not ask it).
+    with pytest.raises(DatabaseRefused) as e:
+        pgreactor.connect("postgresql://mailgate:s3cret-pw@[]/mail", [], [], 1, where="the test's server")
+    assert '"postgresql://mailgate:***@[]/mail"' in str(e.value) and "s3cret" not in str(e.value), str(e.value)

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgate.errors import TemporaryFailure
+from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
 from mailgate.timers import cancelled
 
@@ -88,7 +88,15 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         (a L{mailgate.errors.DatabaseRefused} if its configuration is at
         fault: see L{mailgate.store.pgrefusal}).
     """
-    info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
+    try:
+        info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
+    except psycopg.Error as e:
+        from mailgate.store import withoutPassword
+
+        # Its words may quote the URL, or the password in it.
+        raise DatabaseRefused(
+            f"cannot connect to PostgreSQL at {where}: {withoutPassword(oneLine(e), conninfo)}"
+        ) from None
     started = time.monotonic()
     pg = pq.PGconn.connect(info.encode("utf-8"))
     try:

@@ -91,8 +91,11 @@ def connectionFailure(where, conninfo, reason, pgconn=None, timedOut=False, time
     @param timeout: seconds the attempt that asks may take.
     @return: a L{DatabaseRefused} for a refusal of configuration, else a
         L{TemporaryFailure}; each with one line naming the server and
-        libpq's reason (which never holds the password).
+        libpq's reason (the URL's password taken out of it).
     """
+    from mailgate.store import withoutPassword
+
+    reason = withoutPassword(reason, conninfo)
     message = f"cannot connect to PostgreSQL at {where}: {reason}"
     verdict = None
     if pgconn is not None and pgconn.needs_password:

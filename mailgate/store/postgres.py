@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
-from mailgate.store import pgreactor, pgrefusal, reads, shownURL
+from mailgate.store import pgreactor, pgrefusal, reads, shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pgreactor import (
     INT4,
@@ -140,7 +140,9 @@ class PostgresEngine:
             )
         except psycopg.ProgrammingError as e:
             # psycopg could not read the connection string: nothing to retry.
-            raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {oneLine(e)}") from e
+            # Its words may quote the URL, or the password in it.
+            reason = withoutPassword(oneLine(e), self.url)
+            raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {reason}") from None
         except psycopg.Error as e:
             raise pgrefusal.connectionFailure(
                 repr(self), self._conninfo, oneLine(e), pgconn=getattr(e, "pgconn", None),
