@@ -2,9 +2,10 @@
 Graceful shutdown: SessionTracker.shutdown(grace) and the service that
 calls it.  POP3 sessions get the grace period (a QUIT in it applies its
 deletions as usual; a session still open at its end is closed without
-applying any); an SMTP/LMTP transaction whose data is arriving is
-committed and acknowledged, and the next command is told 421 4.3.2; idle
-SMTP/LMTP sessions are told 421 4.3.2 at once.  In memory with a clock,
+applying any); POP3 sessions not logged in are told at once; an
+SMTP/LMTP transaction whose data is arriving is committed and
+acknowledged, and then told 421 4.3.2; idle SMTP/LMTP sessions are told
+421 4.3.2 at once.  In memory with a clock,
 then a real twistd getting SIGTERM.
 """
 
@@ -278,7 +279,13 @@ def test_idleSMTPSessionsAreToldAtOnce(server, lmtp):
 
 
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
-def test_aMessageBeingReceivedIsCommittedThenTheNextCommandIsTold(server, lmtp):
+def test_aMessageBeingReceivedIsCommittedAcknowledgedThenTheSessionIsTold(server, lmtp):
+    """
+    The message whose data is arriving is committed and acknowledged; the
+    session, idle then, is told 421 at once, not left waiting for a next
+    command (an MTA that keeps its connection for its next message would
+    hold the stop for the whole grace period).
+    """
     s = server.smtp(lmtp)
     startData(s)
     assert s.send(b"Subject: in flight\r\n\r\nfirst half\r\n") == b""
@@ -286,9 +293,45 @@ def test_aMessageBeingReceivedIsCommittedThenTheNextCommandIsTold(server, lmtp):
     assert s.advance(1) == b""
     assert not s.disconnected
     reply = s.send(b"second half\r\n.\r\n")
-    assert reply.startswith(b"250 2.0.0 ")
+    assert reply.startswith(b"250 2.0.0 ") and reply.endswith(b"\r\n" + SHUTTING_DOWN)
     assert messages(server.store) == 4
-    assert s.command("MAIL FROM:<x@remote.test>").encode() == SHUTTING_DOWN
+    assert s.disconnected
+    gone(s)
+    assert fired(done)
+
+
+def test_anLMTPMessageForSeveralRecipientsIsAcknowledgedForEachThenTheSessionIsTold(server):
+    addUser(server.store, "bob@example.org", PASSWORD)
+    s = server.smtp(lmtp=True)
+    slow = SlowDelivery(s.factory.delivery)
+    s.factory.delivery = slow
+    for line in ("MAIL FROM:<x@remote.test>", f"RCPT TO:<{ALICE}>", "RCPT TO:<bob@example.org>", "DATA"):
+        s.command(line)
+    assert s.send(b"Subject: both\r\n\r\nbody\r\n.\r\n") == b""
+    done = server.tracker.shutdown(30)
+    assert s.advance(0) == b""
+    slow.commit()
+    replies = s.advance(0).split(b"\r\n")
+    assert [r[:10] for r in replies] == [b"250 2.0.0 ", b"250 2.0.0 ", SHUTTING_DOWN[:10], b""]
+    assert s.disconnected
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 4
+    assert len(resultOf(server.store.listMessages("bob@example.org"))) == 1
+
+
+def test_aRecipientBeingLookedUpIsAnsweredThenTheSessionIsTold(server):
+    s = server.smtp()
+    s.command("MAIL FROM:<x@remote.test>")
+    looked = defer.Deferred()
+    check = s.factory.delivery.checkRecipient
+    s.factory.delivery.checkRecipient = lambda *a: looked.addCallback(lambda _: check(*a))
+    assert s.command(f"RCPT TO:<{ALICE}>") == ""
+    done = server.tracker.shutdown(30)
+    assert s.advance(0) == b""
+    looked.callback(None)
+    out = s.advance(0)
+    assert out.startswith(b"250 2.1.5 ") and out.endswith(b"\r\n" + SHUTTING_DOWN)
     assert s.disconnected
     gone(s)
     assert fired(done)

@@ -237,6 +237,13 @@ class CommandSession(Protocol):
         (unless C{stalled}) and end it; the core closes the connection.
         """
 
+    def idleWhileStopping(self):
+        """
+        The server is stopping and the session has just become idle: what
+        it was doing is answered, no command waits.  The default is to
+        wait for the grace period to end.
+        """
+
     # -- connection ----------------------------------------------------------
 
     @property
@@ -426,6 +433,10 @@ class CommandSession(Protocol):
         self._flowControl()
         if self._inputEnded:
             self._endOnceAnswered()
+        elif self.stopping and not (self._closed or self._busy or self._outputPaused) and (
+            self.rawReceiver is None
+        ):
+            self.idleWhileStopping()
 
     # -- the client's end of input (IHalfCloseableProtocol) -------------------
 

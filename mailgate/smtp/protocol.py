@@ -233,12 +233,20 @@ class SMTPServer(CommandSession):
     def beginShutdown(self):
         """
         An idle session is told C{421} at once.  A transaction whose data
-        is arriving (or being committed) is finished first, and the next
-        command is told C{421} (see L{dispatch}).
+        is arriving (or being committed), or a command waiting on the
+        store, is finished and answered first: the commands pipelined
+        after it are told C{421} (see L{dispatch}), QUIT excepted, and if
+        none is, C{421} follows the answer (L{idleWhileStopping}).
         """
         if self.rawReceiver is None and not self._busy:
-            self._shutdownReply()
-            self.close()
+            self.idleWhileStopping()
+
+    def idleWhileStopping(self):
+        # Not left waiting for a next command: an MTA keeping the
+        # connection for its next message would hold the stop up for the
+        # whole grace period.
+        self._shutdownReply()
+        self.close()
 
     def _shutdownReply(self):
         self._reply(421, "4.3.2", f"{self.hostname} service shutting down")
