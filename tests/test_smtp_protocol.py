@@ -878,6 +878,45 @@ def test_pipelining(users, dbpath):
     assert storedMessages(dbpath, ALICE) == storedMessages(dbpath, BOB)
 
 
+@pytest.mark.parametrize(
+    "lmtpMode, opening, refusal",
+    [
+        (False, f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<nobody@example.org>\r\n", "554 5.5.1 no valid recipients"),
+        (False, "MAIL FROM:<not an address>\r\nRCPT TO:<nobody@example.org>\r\n", "503 5.5.1 need MAIL command first"),
+        (True, f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<nobody@example.org>\r\n", "503 5.5.1 no valid recipients"),
+    ],
+    ids=["smtp-no-recipient", "smtp-no-transaction", "lmtp-no-recipient"],
+)
+def test_textSentBehindARefusedDataIsNotRunAsCommands(users, dbpath, lmtpMode, opening, refusal):
+    """
+    A client that sends its message right behind DATA, without waiting
+    for the 354, whose DATA is refused: the text's lines are never run as
+    commands (a RCPT in it would add its author's recipient to the open
+    transaction, and its DATA send his message).  The session ends there.
+    """
+    s = lmtp(users) if lmtpMode else session(users)
+    text = f"RCPT TO:<{BOB}>\r\nDATA\r\nSubject: smuggled\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+    reply = lines(s.send((opening + "DATA\r\n" + text).encode()))
+    assert reply[-2:] == [
+        refusal,
+        "421 4.5.0 mailgate.test input sent before the reply to a refused DATA (RFC 2920), closing connection",
+    ], reply
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_aClientWaitingForTheRefusalOfDataGoesOn(users, dbpath):
+    """
+    The same refusal to a client that waited for it: the session goes on.
+    """
+    s = session(users)
+    s.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n".encode())
+    assert not s.disconnected
+    assert lines(s.send(f"RCPT TO:<{BOB}>\r\nDATA\r\n".encode()))[-1].startswith("354 ")
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, BOB)) == 1
+
+
 SESSION = (
     b"EHLO client.test\r\n"
     b"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"

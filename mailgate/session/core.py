@@ -648,6 +648,15 @@ class CommandSession(Protocol):
         """
         return frozenset(self._paused)
 
+    @property
+    def inputPending(self):
+        """
+        Whether input the client sent waits to be run: in a command's
+        handler, input sent after the command without waiting for its
+        reply (pipelined behind it).
+        """
+        return len(self._buffer) > self._pos
+
     def _registerProducer(self):
         if self._producing is None and not self._closed:
             self._producing = transport = self.transport

@@ -511,13 +511,45 @@ class SMTPServer(CommandSession):
         )
 
     def smtp_DATA(self, argument):
-        if argument.strip():
-            return self._bad(501, "5.5.4", "DATA takes no arguments")
         envelope = self._envelope
-        if envelope is None:
-            return self._bad(503, "5.5.1", "need MAIL command first")
-        if not envelope.recipients:
-            return self._bad(self.noRecipientsCode, "5.5.1", "no valid recipients")
+        if argument.strip():
+            refusal = 501, "5.5.4", "DATA takes no arguments"
+        elif envelope is None:
+            refusal = 503, "5.5.1", "need MAIL command first"
+        elif not envelope.recipients:
+            refusal = self.noRecipientsCode, "5.5.1", "no valid recipients"
+        else:
+            return self._startData(envelope)
+        self._bad(*refusal)
+        if self.inputPending and not self.closed:
+            self._refuseEarlyData(envelope)
+        return None
+
+    def _refuseEarlyData(self, envelope):
+        """
+        DATA was refused, and the client had sent more without waiting for
+        that reply: the message's text, as a rule.  No client may (RFC 2920
+        puts DATA last in a group of pipelined commands, and RFC 5321
+        section 3.3 sends the text only after a 354), and run as commands
+        that text would be obeyed as the client's: a C{MAIL}, C{RCPT} or
+        C{DATA} line in a message would add its author's recipients to the
+        open transaction, or send mail of its own (SMTP smuggling).  As
+        Exim's synchronization check, none of it is run: the session ends.
+        """
+        sender = "" if envelope is None else _bounded(envelope.sender)
+        self.logInfo(
+            f"{self.protocolName}.early_data",
+            f"{self.protocolName} input sent before the reply to a refused DATA from=<{sender}> "
+            f"peer={self.peerText}: 421 4.5.0, closing",
+            sender=sender,
+        )
+        self._reply(
+            421, "4.5.0",
+            f"{self.hostname} input sent before the reply to a refused DATA (RFC 2920), closing connection",
+        )
+        self.close()
+
+    def _startData(self, envelope):
         spool = MessageSpool()
         spool.writeLines(traceHeaders(envelope, self.hostname))
         self.rawReceiver = DataReader(spool, self.maxMessageSize, self.maxLineLength)
