@@ -186,6 +186,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
 
     def lineReceived(self, line):
+        if self.stopping and self.state == AUTHORIZATION:
+            # Pipelined behind a login the stop let finish (and fail): not
+            # run, or a scanner's queue of guesses would hold the stop.
+            self._shutdownNow()
+            return None
         if self._sasl is not None or self._saslFinishing:
             return self._saslResponse(line)
         return CommandSession.lineReceived(self, line)
@@ -224,21 +229,26 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def beginShutdown(self):
         """
-        A session not logged in has nothing to finish: it is told at once
-        (once the login under way, if any, is answered), so that idle
-        connections do not hold the shutdown for the whole grace period.
-        A login waiting out its penalty is not checked, and is told at
-        once: a scanner in its penalty would hold the stop for up to
-        C{--auth-penalty-max} seconds.
-        Logged-in sessions get the grace period to QUIT.
+        A session not logged in has nothing to finish: it is told at once,
+        so that idle connections do not hold the shutdown for the whole
+        grace period.  A login under way is answered first: one that
+        succeeds has logged in (its login counts for C{--login-delay}) and
+        gets the grace period to QUIT as the others logged in; one that
+        fails is then told (L{idleWhileStopping}); one waiting out its
+        penalty is not checked, and is told at once (a scanner in its
+        penalty would hold the stop for up to C{--auth-penalty-max}
+        seconds).
         """
-        if self.state == TRANSACTION:
+        if self.state != AUTHORIZATION:
             return
         if self._busy:
-            self._expireAfterCommand = True
             self.endPenalty()
             return
         self._shutdownNow()
+
+    def idleWhileStopping(self):
+        if self.state == AUTHORIZATION:
+            self._shutdownNow()
 
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
