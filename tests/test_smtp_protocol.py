@@ -11,6 +11,7 @@ import re
 import sqlite3
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger, formatEvent
 
 from mailgate.smtp.protocol import SMTPServer
@@ -138,6 +139,28 @@ def trace(message):
     match = TRACE.match(message)
     assert match is not None, message[:300]
     return match
+
+
+@pytest.mark.parametrize(
+    "host, literal",
+    [
+        ("2001:db8::7", b"[IPv6:2001:db8::7]"),
+        ("::ffff:192.0.2.7", b"[192.0.2.7]"),
+        ("192.0.2.7", b"[192.0.2.7]"),
+    ],
+)
+def test_theReceivedFieldNamesTheClientByItsAddressLiteral(users, dbpath, host, literal):
+    """
+    RFC 5321 section 4.1.3: an IPv6 address in the Received field is
+    tagged C{IPv6:}, as Postfix writes it, or a reader takes it for
+    something else; an IPv4 client seen by a dual-stack listener is named
+    by its IPv4 address.
+    """
+    version = IPv6Address if ":" in host else IPv4Address
+    s = SMTPSession(users, peer=version("TCP", host, 40000))
+    assert "250 2.0.0 OK" in s.sendMail(SENDER, [ALICE], b"Subject: v6\r\n\r\nx\r\n")
+    [message] = storedMessages(dbpath, ALICE)
+    assert message.split(b"\r\n")[1] == b"Received: from client.test (" + literal + b")", message
 
 
 # -- greeting and hello ------------------------------------------------------

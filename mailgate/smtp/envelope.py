@@ -6,6 +6,7 @@ fields (RFC 5321 section 4.4) built from it.
 
 import datetime
 import email.utils
+import ipaddress
 import secrets
 import time
 
@@ -82,6 +83,25 @@ def _date(second):
     return _lastDate[1]
 
 
+def addressLiteral(host):
+    """
+    The client's address as the Received field names it: RFC 5321's
+    address-literal (section 4.1.3), C{[192.0.2.7]}, or C{[IPv6:2001:db8::7]}
+    with the tag a reader of the field needs to tell it from a domain (as
+    Postfix writes it); an IPv4 address that a dual-stack listener saw
+    mapped into IPv6 as the IPv4 address it is.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"[{host}]"
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return f"[{address.ipv4_mapped}]"
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
 def traceHeaders(envelope, hostname, now=None):
     """
     The C{Return-Path:} and C{Received:} fields the final delivery server
@@ -90,7 +110,7 @@ def traceHeaders(envelope, hostname, now=None):
     """
     now = time.time() if now is None else now
     peerHost = getattr(envelope.peer, "host", None)
-    peerText = f"[{peerHost}]" if peerHost else "local"
+    peerText = addressLiteral(peerHost) if peerHost else "local"
     forClause = ""
     if len(envelope.recipients) == 1:
         forClause = f"\r\n\tfor <{envelope.recipients[0]}>"
