@@ -1015,6 +1015,20 @@ SETTINGS = (
         "object per line, with time, level, event, session, protocol, peer "
         "and user).",
     ),
+    Setting(
+        "debug-peer", "debugPeers", Network(), (),
+        "A network (CIDR) whose clients' sessions are traced in the log "
+        "(session.trace: each command and the first line of each reply), as "
+        "Postfix's debug_peer_list: for finding out why one client fails.  "
+        "Passwords, SASL exchanges and message content are never shown.",
+        repeated=True, example=["192.0.2.7/32"],
+    ),
+    Setting(
+        "debug-user", "debugUsers", MailAddress(), (),
+        "A user whose POP3 sessions are traced in the log (as debug-peer) "
+        "from the USER command naming it, or the login as it, on.",
+        repeated=True, example=["alice@example.org"],
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

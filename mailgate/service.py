@@ -32,7 +32,7 @@ from mailgate.metrics import Metrics, metricsSite
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
-from mailgate.session import SessionTracker
+from mailgate.session import SessionTracker, TraceSelection
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -558,7 +558,17 @@ def makePOP3Factory(
         store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
         defaultRealm=config.authDefaultRealm,
     )
+    factory.trace = traceSelection(config)
     return factory
+
+
+def traceSelection(config):
+    """
+    The clients whose sessions are traced (C{--debug-peer},
+    C{--debug-user}), or C{None}.
+    """
+    selection = TraceSelection(config.debugPeers, config.debugUsers)
+    return selection if selection else None
 
 
 def makeSMTPFactory(
@@ -582,6 +592,7 @@ def makeSMTPFactory(
         tracker=tracker,
         policy=policy,
     )
+    factory.trace = traceSelection(config)
     return factory
 
 

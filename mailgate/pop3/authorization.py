@@ -24,7 +24,9 @@ from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
-from mailgate.session import CommandError
+from mailgate.session import CommandError, CommandSession
+from mailgate.session.trace import shown as shownInTrace
+from mailgate.session.trace import startTrace
 from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
@@ -67,6 +69,36 @@ class AuthorizationCommands:
     def _inSASL(self):
         return self._sasl is not None or self._saslFinishing
 
+    # -- traces --------------------------------------------------------------
+
+    def tracedCommand(self, line):
+        """
+        A trace shows no password: PASS's argument, APOP's digest, AUTH's
+        initial response and the client's SASL responses are hidden, also
+        in commands that will be refused (a tab for a space, a NUL).
+        """
+        if self._inSASL:
+            return "<SASL response>"
+        text = line.decode("utf-8", "replace")
+        verb = text.lstrip()[:4].upper()
+        if verb == "PASS":
+            return "PASS <password>"
+        if verb in ("APOP", "AUTH"):
+            words = text.split()
+            if words[0].upper() == "APOP" and len(words) == 3:
+                return f"APOP {shownInTrace(words[1])} <digest>"
+            if words[0].upper() == "AUTH" and len(words) <= 2:
+                return shownInTrace(" ".join(words))
+            if words[0].upper() == "AUTH" and len(words) == 3:
+                return f"AUTH {shownInTrace(words[1])} <initial response>"
+            return f"{verb} <arguments>"
+        return CommandSession.tracedCommand(self, line)
+
+    def _traceIfListed(self, name, why):
+        trace = self.factory.trace
+        if trace and not self.traced and trace.user(name):
+            startTrace(self, why)
+
     # -- USER/PASS and APOP --------------------------------------------------
 
     def pop3_USER(self, argument):
@@ -75,6 +107,7 @@ class AuthorizationCommands:
         name = argument.strip()
         if not name:
             raise CommandError("USER needs a user name")
+        self._traceIfListed(name, f"USER {shownInTrace(name)}, on --debug-user")
         self._pendingUser = name
         self._ok("send PASS")
 
@@ -279,6 +312,7 @@ class AuthorizationCommands:
         self._maildrop = maildrop
         self._logout = logout
         self.user = maildrop.address
+        self._traceIfListed(maildrop.address, f"logged in as {maildrop.address}, on --debug-user")
         data = sasl.successData() if sasl is not None else None
         if data:
             # SASL "additional data with success" (RFC 5034 section 4): a

@@ -8,6 +8,7 @@ and the PROXY-protocol header in front of it all.
   - L{SessionFactory}: what a session finds on its factory; its policy is
     L{OpenPolicy} (admits everyone, never delays) unless it is given one.
   - L{SessionTracker}: the open sessions, for a graceful shutdown.
+  - L{TraceSelection}: the clients whose sessions are traced in the log.
   - L{ReplyWriter}, L{IdleTimer}, L{setNoDelay}, L{BlockSender}: the
     pieces, usable on their own.
 """
@@ -18,6 +19,7 @@ from mailgate.session.idle import IdleTimer
 from mailgate.session.ids import describeAddress, newSessionId
 from mailgate.session.output import ReplyWriter, setNoDelay
 from mailgate.session.sender import BlockSender, SendAborted
+from mailgate.session.trace import TraceSelection
 from mailgate.session.tracker import SessionTracker
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "SendAborted",
     "SessionFactory",
     "SessionTracker",
+    "TraceSelection",
     "describeAddress",
     "newSessionId",
     "setNoDelay",

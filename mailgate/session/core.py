@@ -62,6 +62,8 @@ from mailgate.session.ids import describeAddress, newSessionId
 from mailgate.session.output import ReplyWriter, setNoDelay
 from mailgate.session.sender import BlockSender, SendAborted
 from mailgate.session.tlslayer import startTLS
+from mailgate.session.trace import shown as shownInTrace
+from mailgate.session.trace import startTrace
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -108,6 +110,8 @@ class CommandSession(Protocol):
         speaking the PROXY protocol).
     @ivar user: the authenticated user, once there is one, for the logs.
     @ivar stopping: the server is shutting down.
+    @ivar traced: the session's commands and replies are logged
+        (L{mailgate.session.trace}).
     @ivar rawReceiver: while set, input goes to its C{feed(data)} instead of
         being cut into lines; C{feed} returns C{None} while it wants more,
         and the octets after its end once done, when the session leaves raw
@@ -125,6 +129,7 @@ class CommandSession(Protocol):
     refuseLongLineAtOnce = False
     invalidCharacters = "invalid characters in command"
     invalidUTF8 = "command is not valid UTF-8"
+    traced = False
 
     log = Logger()
 
@@ -225,6 +230,14 @@ class CommandSession(Protocol):
         of its own: it may return a L{Deferred}).
         """
 
+    def tracedCommand(self, line):
+        """
+        How a trace shows the command line C{line} (octets, without its
+        line end): as it came, unless the protocol hides part of it (a
+        password).
+        """
+        return shownInTrace(line.decode("utf-8", "replace"))
+
     def beginShutdown(self):
         """
         The server is stopping: L{stopping} is set.  The default is to wait
@@ -268,6 +281,9 @@ class CommandSession(Protocol):
         setNoDelay(self.transport)
         self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn)
         self._registerProducer()
+        trace = factory.trace
+        if trace and trace.peer(self.peer):
+            startTrace(self, "the client is on --debug-peer")
         self._run(self.greet)
         self._idle.start()
         factory.tracker.add(self)

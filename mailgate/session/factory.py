@@ -53,6 +53,9 @@ class SessionFactory(ServerFactory):
     """
 
     noisy = False
+    #: the L{mailgate.session.trace.TraceSelection} of clients whose
+    #: sessions are traced, or C{None}
+    trace = None
 
     def __init__(self, reactor, policy=None, metrics=None, tracker=None):
         self.reactor = reactor

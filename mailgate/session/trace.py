@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_trace -*-
+"""
+Protocol traces of chosen clients, for an administrator finding out why
+one user's client fails: every command the client sends and the first
+line of every reply, logged as C{session.trace} events, as Postfix's
+C{debug_peer_list} and Dovecot's rawlog do.
+
+Which sessions are traced is L{TraceSelection}'s: those from given
+networks (C{--debug-peer}), from their first line, and POP3 sessions that
+name or log in as given users (C{--debug-user}), from then on.
+
+What a trace never holds: passwords (PASS's argument, APOP's digest,
+AUTH's initial response), SASL exchanges (the client's responses and the
+server's challenges), and message content (DATA's lines never reach the
+command parser, and of a reply only its first line, the status, is
+logged).  Each logged line is cut at L{LINE_LIMIT} characters, with
+anything unprintable shown as C{?}.
+
+An untraced session pays nothing for this beyond a look-up when it
+connects and when it logs in: tracing replaces the session's own
+C{lineReceived} and its reply writer's C{write} and C{writeParts} with
+logging ones, on that session alone.
+"""
+
+import ipaddress
+
+from mailgate.networks import parseNetwork, unmapped
+
+#: characters of a command or reply logged at most
+LINE_LIMIT = 256
+
+
+class TraceSelection:
+    """
+    The clients to trace.
+
+    @param networks: networks (CIDR text or L{ipaddress} networks) whose
+        clients' sessions are traced from their start.
+    @param users: addresses whose POP3 sessions are traced once they name
+        the user (USER) or log in as it.
+    """
+
+    def __init__(self, networks=(), users=()):
+        self.networks = tuple(parseNetwork(n) for n in networks)
+        self.users = frozenset(u.strip().lower() for u in users)
+
+    def __bool__(self):
+        return bool(self.networks or self.users)
+
+    def peer(self, address):
+        """
+        Whether the client at C{address} (a Twisted address) is traced.
+        """
+        host = getattr(address, "host", None)
+        if not self.networks or host is None:
+            return False
+        try:
+            ip = unmapped(ipaddress.ip_address(host))
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def user(self, name):
+        """
+        Whether the sessions of the user named C{name} are traced.
+        """
+        return bool(self.users) and name.strip().lower() in self.users
+
+
+def shown(text):
+    """
+    C{text} fit for a trace line: at most L{LINE_LIMIT} characters,
+    anything unprintable as C{?}.
+    """
+    cut = text[:LINE_LIMIT]
+    if not cut.isprintable():
+        cut = "".join(ch if ch.isprintable() else "?" for ch in cut)
+    return cut + "..." if len(text) > LINE_LIMIT else cut
+
+
+def replyLine(data):
+    """
+    What the trace shows of a reply written as C{data}: its first line (a
+    status line), or C{None} for the terminator of a listing whose status
+    went before; a SASL challenge is not shown.
+    """
+    if data == b".\r\n":
+        return None
+    if data[:2] == b"+ ":
+        return "+ <SASL challenge>"
+    end = data.find(b"\n")
+    first = data if end < 0 else data[:end]
+    if first.endswith(b"\r"):
+        first = first[:-1]
+    line = shown(first.decode("utf-8", "replace"))
+    return line + " ..." if 0 <= end < len(data) - 1 else line
+
+
+def startTrace(session, why):
+    """
+    Trace C{session} (a L{mailgate.session.CommandSession}) from now on;
+    nothing if it is traced already.  Its commands are shown as its
+    protocol's C{tracedCommand} gives them.
+
+    @param why: what made it traced, for the first line.
+    """
+    if session.traced:
+        return
+    session.traced = True
+    protocolLineReceived = session.lineReceived
+    out = session._out
+    writerWrite = out.write
+    writerWriteParts = out.writeParts
+
+    def trace(direction, line):
+        session.logInfo(
+            "session.trace",
+            f"{session.protocolName} trace peer={session.peerText} {direction}: {line}",
+            direction=direction,
+            trace=line,
+        )
+
+    def lineReceived(line):
+        trace("C", session.tracedCommand(line))
+        return protocolLineReceived(line)
+
+    def write(data):
+        line = replyLine(data)
+        if line is not None:
+            trace("S", line)
+        return writerWrite(data)
+
+    def writeParts(parts):
+        if parts:
+            line = replyLine(bytes(parts[0]))
+            if line is not None:
+                trace("S", line)
+        return writerWriteParts(parts)
+
+    session.lineReceived = lineReceived
+    out.write = write
+    out.writeParts = writeParts
+    session.logInfo(
+        "session.trace",
+        f"{session.protocolName} trace peer={session.peerText} started: {why}",
+        direction="-",
+        trace=f"started: {why}",
+    )

@@ -1,0 +1,274 @@
+"""
+Traces of chosen clients' sessions (C{--debug-peer}, C{--debug-user}):
+what they show, and what they never show (passwords, SASL exchanges,
+message content).  In memory, then once through a running server.
+"""
+
+import base64
+import hashlib
+import hmac
+import poplib
+import socket
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent
+
+from e2e import DEADLINE, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
+from mailgate.session import TraceSelection
+from mailgate.session.trace import LINE_LIMIT, replyLine
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, smtpFactory
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+PASSWORD = "wonderland"
+BODY = b"Subject: private\r\n\r\nthe secret body line\r\n"
+CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
+OTHER = IPv4Address("TCP", "192.0.2.8", 40000)
+
+
+@pytest.fixture
+def alice(store):
+    addUser(store, ALICE, PASSWORD, apop=True)
+    addUser(store, BOB, "builder")
+    deliver(store, [ALICE], BODY)
+    return ALICE
+
+
+def traced(events):
+    """
+    The trace of a session, as C{"C: ..."} and C{"S: ..."} lines (and the
+    line saying why it started).
+    """
+    return [
+        e["trace"] if e["direction"] == "-" else f"{e['direction']}: {e['trace']}"
+        for e in events
+        if e.get("event") == "session.trace"
+    ]
+
+
+def pop3(store, peer=CLIENT, networks=(), users=()):
+    clock = Clock()
+    factory = pop3Factory(store, clock, hostname="mailgate.test", trustedNetworks=["192.0.2.0/24"])
+    factory.trace = TraceSelection(networks, users)
+    return POP3Session(store, clock=clock, factory=factory, peer=peer)
+
+
+def neverShown(events, *secrets):
+    text = "\n".join(formatEvent(e) + repr(e) for e in events)
+    for secret in secrets:
+        assert secret not in text
+
+
+def test_aClientOnADebugNetworkIsTracedFromItsGreeting(store, alice, logEvents):
+    s = pop3(store, networks=["192.0.2.0/29"])
+    s.command("CAPA")
+    s.command(f"USER {ALICE}")
+    s.command(f"PASS {PASSWORD}")
+    s.command("STAT")
+    s.command("LIST")
+    s.command("RETR 1")
+    s.command("TOP 1 0")
+    s.command("QUIT")
+    lines = traced(logEvents)
+    assert lines[0] == "started: the client is on --debug-peer"
+    assert lines[1].startswith("S: +OK ") and s.challenge in lines[1]
+    assert lines[2:] == [
+        "C: CAPA",
+        "S: +OK capability list follows ...",
+        f"C: USER {ALICE}",
+        "S: +OK send PASS",
+        "C: PASS <password>",
+        lines[7],
+        "C: STAT",
+        f"S: +OK 1 {len(BODY)}",
+        "C: LIST",
+        "S: +OK 1 messages (%d octets) ..." % len(BODY),
+        "C: RETR 1",
+        "S: +OK %d octets ..." % len(BODY),
+        "C: TOP 1 0",
+        "S: +OK top of message follows ...",
+        "C: QUIT",
+        lines[-1],
+    ]
+    assert lines[7] == f"S: +OK {ALICE} has 1 messages ({len(BODY)} octets)"
+    assert lines[-1].startswith("S: +OK mailgate POP3 server signing off")
+    neverShown(logEvents, PASSWORD, "secret body", "private")
+    # Each line names the session and the client, as every session line.
+    event = [e for e in logEvents if e.get("event") == "session.trace"][4]
+    assert event["session"] == s.protocol.sessionId
+    assert formatEvent(event) == f"pop3 trace peer=192.0.2.7:40000 C: USER {ALICE}"
+
+
+def test_otherClientsAreNotTraced(store, alice, logEvents):
+    s = pop3(store, peer=OTHER, networks=["192.0.2.7/32"], users=[BOB])
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    s.command("RETR 1")
+    assert traced(logEvents) == []
+
+
+def test_secretsAreHiddenInEveryFormTheyCome(store, alice, logEvents):
+    """
+    PASS's argument, APOP's digest, AUTH's initial response, the client's
+    SASL responses and the server's challenges: hidden, including in
+    commands that will be refused (a tab instead of a space).
+    """
+    s = pop3(store, networks=["192.0.2.7/32"])
+    plain = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    assert s.command("PASS\twonderland").startswith("-ERR")
+    assert s.command("pass   wonderland").startswith("-ERR")
+    assert s.command(f"AUTH PLAIN {plain}").startswith("+OK")
+    s.command("QUIT")
+    s = pop3(store, networks=["192.0.2.7/32"])
+    assert s.command("AUTH PLAIN") == "+ \r\n"
+    assert s.command(plain).startswith("+OK")
+    s.command("QUIT")
+    s = pop3(store, networks=["192.0.2.7/32"])
+    digest = hashlib.md5(f"{s.challenge}{PASSWORD}".encode()).hexdigest()
+    assert s.command(f"APOP {ALICE} {digest}").startswith("+OK")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ") or line.startswith("S: + ")]
+    assert lines == [
+        "C: PASS <password>",
+        "C: PASS <password>",
+        "C: AUTH PLAIN <initial response>",
+        "C: QUIT",
+        "C: AUTH PLAIN",
+        "S: + <SASL challenge>",
+        "C: <SASL response>",
+        "C: QUIT",
+        f"C: APOP {ALICE} <digest>",
+    ]
+    neverShown(logEvents, PASSWORD, digest, plain)
+
+
+def test_aCRAMResponseIsHidden(store, alice, logEvents):
+    s = pop3(store, networks=["192.0.2.7/32"])
+    reply = s.command("AUTH CRAM-MD5")
+    challenge = base64.b64decode(reply[2:].strip())
+    digest = hmac.new(PASSWORD.encode(), challenge, hashlib.md5).hexdigest()
+    response = base64.b64encode(f"{ALICE} {digest}".encode()).decode()
+    assert s.command(response).startswith("+OK")
+    assert traced(logEvents)[-3:-1] == ["S: + <SASL challenge>", "C: <SASL response>"]
+    neverShown(logEvents, response, digest, challenge.decode())
+
+
+def test_aDebugUserIsTracedOnceNamed(store, alice, logEvents):
+    s = pop3(store, users=["Alice@Example.org"])
+    s.command("CAPA")
+    s.command(f"USER {BOB}")
+    assert traced(logEvents) == []
+    s.command("USER alice@EXAMPLE.org")
+    s.command(f"PASS {PASSWORD}")
+    s.command("STAT")
+    assert traced(logEvents) == [
+        "started: USER alice@EXAMPLE.org, on --debug-user",
+        "S: +OK send PASS",
+        "C: PASS <password>",
+        traced(logEvents)[3],
+        "C: STAT",
+        f"S: +OK 1 {len(BODY)}",
+    ]
+    # Bob, logging in, is not traced.
+    del logEvents[:]
+    other = pop3(store, users=[ALICE])
+    assert other.login(BOB, "builder").startswith("+OK")
+    assert traced(logEvents) == []
+
+
+def test_aDebugUserLoggingInWithoutUSERIsTracedFromItsLogin(store, alice, logEvents):
+    s = pop3(store, users=[ALICE])
+    digest = hashlib.md5(f"{s.challenge}{PASSWORD}".encode()).hexdigest()
+    assert s.command(f"APOP {ALICE} {digest}").startswith("+OK")
+    s.command("STAT")
+    lines = traced(logEvents)
+    assert lines[0] == f"started: logged in as {ALICE}, on --debug-user"
+    assert lines[1].startswith("S: +OK ")
+    assert lines[2:] == ["C: STAT", f"S: +OK 1 {len(BODY)}"]
+
+
+def test_anSMTPClientOnADebugNetworkIsTracedWithoutItsMessage(store, alice, logEvents):
+    clock = Clock()
+    factory = smtpFactory(store, clock, hostname="mailgate.test")
+    factory.trace = TraceSelection(["192.0.2.7/32"])
+    s = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    s.command("EHLO client.test")
+    s.command("MAIL FROM:<sender@remote.test>")
+    s.command(f"RCPT TO:<{ALICE}>")
+    s.command("DATA")
+    assert s.send(BODY + b".\r\n").startswith(b"250 ")
+    s.command("QUIT")
+    lines = traced(logEvents)
+    assert lines[:3] == [
+        "started: the client is on --debug-peer",
+        lines[1],
+        "C: EHLO client.test",
+    ]
+    assert lines[1].startswith("S: 220 mailgate.test")
+    assert lines[3] == "S: 250-mailgate.test greets client.test ..."
+    assert lines[4:9] == [
+        "C: MAIL FROM:<sender@remote.test>",
+        lines[5],
+        f"C: RCPT TO:<{ALICE}>",
+        lines[7],
+        "C: DATA",
+    ]
+    assert lines[9].startswith("S: 354 ")
+    assert lines[10].startswith("S: 250 2.0.0 OK: message accepted")
+    assert lines[11:] == ["C: QUIT", lines[12]] and lines[12].startswith("S: 221 ")
+    neverShown(logEvents, "secret body", "private")
+
+
+def test_aTraceLineIsCutAndShowsNothingUnprintable():
+    assert replyLine(b"+OK \x1b[31mred\r\nmore\r\n") == "+OK ?[31mred ..."
+    assert replyLine(b".\r\n") is None
+    assert replyLine(b"+ PDEyMzQ+\r\n") == "+ <SASL challenge>"
+    long = replyLine(b"-ERR " + b"x" * 1000 + b"\r\n")
+    assert len(long) == LINE_LIMIT + 3 and long.endswith("...")
+
+
+def test_traceSelection():
+    selection = TraceSelection(["10.0.0.0/8", "::ffff:192.0.2.0/120"], ["Alice@example.org"])
+    assert selection.peer(IPv4Address("TCP", "10.1.2.3", 1))
+    assert selection.peer(IPv4Address("TCP", "192.0.2.9", 1))
+    assert not selection.peer(IPv4Address("TCP", "127.0.0.1", 1))
+    assert selection.user(" alice@EXAMPLE.org")
+    assert not selection.user("bob@example.org")
+    assert not TraceSelection()
+
+
+# -- a running server -------------------------------------------------------------
+
+
+class BoundPOP3(poplib.POP3):
+    """
+    poplib's client, connecting from a given loopback address.
+    """
+
+    def __init__(self, port, source):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=DEADLINE)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+@sqliteOnly
+def test_debugPeerOnARunningServer(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    mailgate_cli.deliver(ALICE, b"Subject: private\n\nthe secret body line\n")
+    server = mailgate_server("--debug-peer", "127.0.0.2/32", "--log-format", "json")
+    for source in ("127.0.0.2", "127.0.0.3"):
+        client = BoundPOP3(server.port, source)
+        client.user(ALICE)
+        client.pass_(PASSWORD)
+        assert b"the secret body line" in b"\n".join(client.retr(1)[1])
+        client.quit()
+    server.stop()
+    log = server.stdout
+    assert '"event":"session.trace"' in log
+    assert '"peer":"127.0.0.2:' in log and '"trace":"PASS <password>"' in log
+    assert '"trace":"RETR 1"' in log
+    traces = [line for line in log.splitlines() if '"session.trace"' in line]
+    assert not [line for line in traces if "127.0.0.3" in line]
+    assert PASSWORD not in log and "secret body" not in log
