@@ -94,10 +94,11 @@ class AuthorizationCommands:
             return f"{verb} <arguments>"
         return CommandSession.tracedCommand(self, line)
 
-    def _traceIfListed(self, name, why):
+    def _traceIfListed(self, name, loggedIn):
         trace = self.factory.trace
         if trace and not self.traced and trace.user(name):
-            startTrace(self, why)
+            how = f"logged in as {name}" if loggedIn else f"USER {shownInTrace(name)}"
+            startTrace(self, f"{how}, on --debug-user")
 
     # -- USER/PASS and APOP --------------------------------------------------
 
@@ -107,7 +108,7 @@ class AuthorizationCommands:
         name = argument.strip()
         if not name:
             raise CommandError("USER needs a user name")
-        self._traceIfListed(name, f"USER {shownInTrace(name)}, on --debug-user")
+        self._traceIfListed(name, loggedIn=False)
         self._pendingUser = name
         self._ok("send PASS")
 
@@ -312,7 +313,7 @@ class AuthorizationCommands:
         self._maildrop = maildrop
         self._logout = logout
         self.user = maildrop.address
-        self._traceIfListed(maildrop.address, f"logged in as {maildrop.address}, on --debug-user")
+        self._traceIfListed(maildrop.address, loggedIn=True)
         data = sasl.successData() if sasl is not None else None
         if data:
             # SASL "additional data with success" (RFC 5034 section 4): a
