@@ -844,6 +844,29 @@ def test_importPOP3RefusesABadURL(cli, url, reason):
     assert oneLineError(result).startswith(f"mailgate: {reason}")
 
 
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("pop3://alice:s3cret-pw@[::1", "bad URL 'pop3://alice:***@[::1'"),
+        ("pop3://alice:s3cret-pw@mail.example.org:0", "bad port in 'pop3://alice:***@mail.example.org:0'"),
+        ("pop3://alice:s3cret-pw@mail.example.org:99999", "bad port in 'pop3://alice:***@mail.example.org:99999'"),
+        ("imap://alice:s3cret-pw@mail.example.org", "not a POP3 URL: 'imap://alice:***@mail.example.org'"),
+        ("pop3://alice:s3cret-pw@:110", "no host in 'pop3://alice:***@:110'"),
+    ],
+)
+def test_importPOP3RefusesABadURLWithoutShowingItsPassword(cli, url, shown):
+    """
+    A source URL may carry the source's password (pop3://user:password@host):
+    a mistake in it is shown with the password as ***, as the database
+    URL's is, not printed on standard error (a cron job's mail, the journal).
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("import", "pop3", url, ALICE, "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 64, result
+    assert oneLineError(result).startswith(f"mailgate: {shown}"), result
+    assert "s3cret" not in result.err and "s3cret" not in result.out
+
+
 @pytest.mark.parametrize("uidlFormat", ["%q", "%{nope}", "%08Xu%{unterminated", "%099999999999u"])
 def test_importMaildirRefusesABadUidlFormatUpFront(cli, tmp_path, uidlFormat):
     """

@@ -117,15 +117,17 @@ def _pop3URL(url, parseURL, ImportFailed):
     """
     from urllib.parse import urlsplit
 
+    from mailgate.store import shownURL
+
     try:
         parts = parseURL(url)
         port = urlsplit(url).port
     except ImportFailed as e:
         raise CommandError(str(e), EX_USAGE)
     except ValueError as e:
-        raise CommandError(f"bad URL {url!r}: {e}", EX_USAGE)
+        raise CommandError(f"bad URL {shownURL(url)!r}: {e}", EX_USAGE)
     if port == 0:
-        raise CommandError(f"bad port in {url!r}: 0", EX_USAGE)
+        raise CommandError(f"bad port in {shownURL(url)!r}: 0", EX_USAGE)
     return parts
 
 

@@ -44,6 +44,7 @@ from mailgate.errors import MailgateError
 from mailgate.importers import BatchWriter, ImportFailed, ImportReport, fired, renameDuplicates, validUidl
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
+from mailgate.store import shownURL
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 TIMEOUT = 60
@@ -141,14 +142,16 @@ def parseURL(url):
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    # A URL with the password in it is shown without.
+    shown = shownURL(url)
     if scheme not in DEFAULT_PORTS:
-        raise ImportFailed(f"not a POP3 URL: {url!r} (use pop3://user@host:port or pop3s://...)")
+        raise ImportFailed(f"not a POP3 URL: {shown!r} (use pop3://user@host:port or pop3s://...)")
     if not parts.hostname:
-        raise ImportFailed(f"no host in {url!r}")
+        raise ImportFailed(f"no host in {shown!r}")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
-        raise ImportFailed(f"bad port in {url!r}") from None
+        raise ImportFailed(f"bad port in {shown!r}") from None
     user = None if parts.username is None else unquote(parts.username)
     password = None if parts.password is None else unquote(parts.password)
     return scheme == "pop3s", parts.hostname, port, user, password
