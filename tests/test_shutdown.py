@@ -27,6 +27,7 @@ from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
 
 from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
+from test_e2e_tls import certificate  # noqa: F401
 from test_observability import SlowDelivery
 
 ALICE = "alice@example.org"
@@ -621,3 +622,62 @@ def test_aSecondSigtermWhileDrainingIsLoggedNotATraceback(mailgate_server, mailg
     assert server.wait() in (0, -signal.SIGTERM), server.log()
     assert mailgate_cli.mailbox(ALICE) == []
     assert "ReactorNotRunning" not in server.stdout + server.stderr
+
+
+@sqliteOnly
+def test_connectionsWithNothingToFinishDoNotHoldUpAStop(mailgate_server, mailgate_cli, certificate):
+    """
+    With ten minutes of grace, a stop still ends as soon as the sessions
+    that have something to finish are done, whatever else is connected:
+    an SMTP client in its STARTTLS handshake, connections to a PROXY
+    listener that have sent none or half of their header (no session yet),
+    an idle HTTP keep-alive client of the metrics endpoint, and an LMTP
+    client that has just delivered a message and keeps the connection for
+    its next one (told 421 once its 250 is out).
+    """
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    certificatePath, keyPath = certificate
+    loopback = "tcp:0:interface=127.0.0.1"
+    server = mailgate_server(
+        "--tls-cert", str(certificatePath), "--tls-key", str(keyPath),
+        "--smtp", loopback, "--lmtp", loopback, "--pop3", "haproxy:" + loopback,
+        "--metrics", loopback, "--shutdown-grace", "600",
+    )
+    smtp = connect(server.portOf("SMTP"))
+    smtpReader = LineReader(smtp)
+    assert smtpReader.line().startswith(b"220 ")
+    smtp.sendall(b"EHLO c.test\r\n")
+    while not smtpReader.line().startswith(b"250 "):
+        pass
+    smtp.sendall(b"STARTTLS\r\n")
+    assert smtpReader.line().startswith(b"220 2.0.0 ")
+    noHeader = connect(server.portOf("POP3", 1))
+    halfHeader = connect(server.portOf("POP3", 1))
+    halfHeader.sendall(b"PROXY TCP4 192.0.2.7 ")
+    metrics = connect(server.portOf("METRICS"))
+    metrics.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailgate.test\r\n\r\n")
+    metricsReader = LineReader(metrics)
+    assert metricsReader.line() == b"HTTP/1.1 200 OK\r\n"
+    lmtp = connect(server.portOf("LMTP"))
+    lmtpReader = LineReader(lmtp)
+    assert lmtpReader.line().startswith(b"220 ")
+    lmtp.sendall(
+        b"LHLO c.test\r\nMAIL FROM:<x@remote.test>\r\n" + f"RCPT TO:<{ALICE}>\r\nDATA\r\n".encode()
+    )
+    while not lmtpReader.line().startswith(b"354 "):
+        pass
+    lmtp.sendall(b"Subject: in flight\r\n\r\nbody\r\n")
+    # By the time LMTP's 354 is read, the server has accepted every
+    # connection made before.
+
+    server.process.send_signal(signal.SIGTERM)
+    lmtp.sendall(b".\r\n")
+    assert lmtpReader.line().startswith(b"250 2.0.0 ")
+    assert lmtpReader.line() == SHUTTING_DOWN
+    assert lmtpReader.closed()
+    assert server.wait() in (0, -signal.SIGTERM), server.log()
+    # Only the LMTP session had something to finish.
+    assert "shutting down: 1 sessions get 600.0 seconds to finish" in server.stdout
+    assert mailgate_cli.mailbox(ALICE)
+    for sock in (smtp, noHeader, halfHeader, metrics, lmtp):
+        sock.close()
