@@ -306,6 +306,21 @@ def test_idleSMTPSessionsAreToldAtOnce(server, lmtp):
     assert fired(done)
 
 
+def test_anIdleSMTPClientThatReadsNothingIsCutOffAtOnce(server):
+    """
+    A client that sends without reading its replies, until they fill the
+    connection's buffers, cannot be told 421: waiting to send it that
+    held the stop for the grace period and the abort delay after it.
+    """
+    s = server.smtp()
+    s.protocol.pauseProducing()  # the transport's buffer is full
+    done = server.tracker.shutdown(30)
+    assert s.transport.disconnected  # aborted, not closed after a 421
+    assert s.advance(0) == b""
+    gone(s)
+    assert fired(done)
+
+
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
 def test_aMessageBeingReceivedIsCommittedAcknowledgedThenTheSessionIsTold(server, lmtp):
     """

@@ -244,9 +244,11 @@ class SMTPServer(CommandSession):
     def idleWhileStopping(self):
         # Not left waiting for a next command: an MTA keeping the
         # connection for its next message would hold the stop up for the
-        # whole grace period.
-        self._shutdownReply()
-        self.close()
+        # whole grace period.  A client that reads nothing (its replies
+        # fill the connection's buffers) is cut off, as it would be at the
+        # grace's end: a close waiting to send it the 421 would hold the
+        # stop for the grace and more.
+        self._shutdownNow()
 
     def _shutdownReply(self):
         self._reply(421, "4.3.2", f"{self.hostname} service shutting down")
