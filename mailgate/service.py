@@ -39,7 +39,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
-from mailgate.store.sqlite import databaseFileWarning
+from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
@@ -681,6 +681,9 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         warning = databaseFileWarning(databaseFile)
         if warning:
             root.startupWarnings.append(("database.file_permissions", warning))
+        warning = databaseDirectoryWarning(databaseFile)
+        if warning:
+            root.startupWarnings.append(("database.directory_permissions", warning))
     if config.smtp and config.postmaster is None:
         root.startupWarnings.append((
             "smtp.no_postmaster",

@@ -155,3 +155,82 @@ def test_aDatabaseOthersMayReadIsWarnedOfAtEveryStart(tmp_path):
                 f"may read or change it (mode {mode:04o}): chmod 600 it"
             ]
         assert stat.S_IMODE(os.stat(dbpath).st_mode) == mode
+
+
+def test_aLinkInPlaceOfTheLockFileIsRefusedNotFollowed(tmp_path):
+    """
+    The server truncates and writes its lock file: a symbolic link put in
+    its place (by anyone who may write to the database's directory) stops
+    the start with one line saying so, and the file it points to (a
+    server running as root could reach any) is left as it was.
+    """
+    from e2e import ServerStarter
+
+    dbpath = tmp_path / "mail.sqlite3"
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+    finally:
+        store.close()
+    victim = tmp_path / "precious.conf"
+    victim.write_text("precious = yes\n")
+    os.chmod(victim, 0o644)
+    os.symlink(victim, f"{dbpath}.lock")
+    servers = ServerStarter(tmp_path)
+    try:
+        server = servers.spawn(database=f"sqlite:///{dbpath}")
+        assert server.wait() == 78, server.log()
+    finally:
+        servers.stopAll()
+    assert "Traceback" not in server.stderr, server.log()
+    [line] = [line for line in server.stderr.splitlines() if line.strip()]
+    assert line == f"mailgate: {dbpath}.lock is a symbolic link, not mailgate's lock file: remove it", server.log()
+    assert victim.read_text() == "precious = yes\n"
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+
+
+def test_aLockFileThatIsNotAFileIsRefused(tmp_path):
+    from mailgate.errors import ConfigurationError
+
+    dbpath = tmp_path / "mail.sqlite3"
+    os.mkfifo(f"{dbpath}.lock")
+    engine = engineFromURL(f"sqlite:///{dbpath}")
+    with pytest.raises(ConfigurationError) as e:
+        engine.claimServer()
+    assert str(e.value) == f"{dbpath}.lock is not a regular file, not mailgate's lock file: remove it"
+
+
+def test_aDatabaseDirectoryOthersMayWriteIsWarnedOfAtEveryStart(tmp_path):
+    """
+    Whoever may create files in the database's directory can put their
+    own -wal file there (SQLite then writes mail into a file they own) or
+    a link in place of the lock: warned of at every start, with what to do.
+    """
+    from mailgate.service import MailgateConfig, makeService
+
+    directory = tmp_path / "db"
+    directory.mkdir()
+    dbpath = directory / "mail.sqlite3"
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+    finally:
+        store.close()
+    for mode, warned in ((0o700, False), (0o755, False), (0o775, True), (0o1777, True), (0o757, True)):
+        os.chmod(directory, mode)
+        reactor = IteratedReactor()
+        try:
+            service = makeService(MailgateConfig(database=f"sqlite:///{dbpath}", pop3=[]), reactor=reactor)
+            service.store.engine.releaseServer()
+        finally:
+            reactor.close()
+        warnings = [text for event, text in service.startupWarnings if event == "database.directory_permissions"]
+        assert bool(warnings) == warned, (oct(mode), warnings)
+        if warned:
+            assert warnings == [
+                f"the directory {directory} of the database may be written by others than its owner "
+                f"(mode {mode:04o}): they could put their own files, or links to others, where "
+                f"mailgate writes mail and its lock beside the database; chmod go-w it, or move the "
+                f"database into a directory of mailgate's own"
+            ]
+    os.chmod(directory, 0o700)

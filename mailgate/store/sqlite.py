@@ -81,6 +81,31 @@ def databaseFileWarning(path):
     return None
 
 
+def databaseDirectoryWarning(path):
+    """
+    What to warn of, if anything, in the directory of a database file:
+    others than its owner may create files in it.  SQLite writes the mail
+    of uncheckpointed transactions beside the database (C{-wal}, C{-shm}),
+    and mailgate its lock: a file someone else put there first, or a
+    symbolic link, would be written to in their stead.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        permissions = stat.S_IMODE(os.stat(directory).st_mode)
+    except OSError:
+        return None
+    if permissions & 0o022:
+        return (
+            f"the directory {directory} of the database may be written by others than its owner "
+            f"(mode {permissions:04o}): they could put their own files, or links to others, where "
+            f"mailgate writes mail and its lock beside the database; chmod go-w it, or move the "
+            f"database into a directory of mailgate's own"
+        )
+    return None
+
+
 # Reads through a memory map rather than a read() per page: a message's
 # chunks span many overflow pages, each otherwise a system call and a copy.
 MMAP_SIZE = 256 * 1024 * 1024
@@ -250,9 +275,19 @@ class SQLiteEngine:
             return
         lockPath = self.path + ".lock"
         try:
-            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            # Never through a symbolic link: the lock is truncated and
+            # written, and a link put there (in a directory others may
+            # write) would have a server running as root clobber its target.
+            fd = os.open(lockPath, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigurationError(
+                    f"{lockPath} is a symbolic link, not mailgate's lock file: remove it"
+                ) from None
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigurationError(f"{lockPath} is not a regular file, not mailgate's lock file: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
