@@ -11,6 +11,7 @@ and that C{twistd mailgate} runs on its own.
 import signal
 import sys
 
+import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -24,7 +25,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import networksOf, splitCertificatePair
+from mailgate.config import SETTINGS, networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -39,7 +40,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
-from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
+from mailgate.store.sqlite import databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
@@ -48,6 +49,9 @@ APOP_REFRESH = 30
 HEALTH_TIMEOUT = 1.0
 #: the listeners that take mail connections (closed first at shutdown)
 MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
+#: the settings a SIGHUP applies to a running server when the
+#: configuration file changes them (the others need a restart)
+LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 
 
 class ListeningService(StreamServerEndpointService):
@@ -171,6 +175,11 @@ class MailgateService(MultiService):
     ownsStopSignals = False
     policy = None
     logObserver = None
+    #: the L{MailgateConfig} in service (for L{reloadConfig})
+    config = None
+    #: a function of no arguments returning the configuration as it is
+    #: now (the file read again), for SIGHUP; C{None}: none to read again
+    configSource = None
     log = Logger()
 
     def __init__(
@@ -189,6 +198,8 @@ class MailgateService(MultiService):
         self._hangupActions = []
         self._stoppingCallbacks = []
         self._storeService = None
+        #: the POP3, SMTP and LMTP factories, whose settings a reload changes
+        self.sessionFactories = []
         #: C{(event, text)} of what the configuration leaves that an
         #: administrator should know of, logged as warnings at start
         self.startupWarnings = []
@@ -210,16 +221,68 @@ class MailgateService(MultiService):
     def hangup(self):
         """
         What SIGHUP does: run the L{onHangup} actions (the log file is
-        reopened first, so what follows lands in the new one), then reload
-        the TLS certificate and key.
+        reopened first, so what follows lands in the new one), read the
+        configuration file again (L{reloadConfig}), then reload the TLS
+        certificate and key.
         """
         self._runHangupActions("SIGHUP")
-        if self.tls is None and not self._hangupActions:
+        if self.tls is None and not self._hangupActions and self.configSource is None:
             self.log.info(
-                "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's)",
+                "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's, "
+                "no configuration file)",
                 event="service.nothing_to_reload",
             )
+        self.reloadConfig()
         self.reloadTLS()
+
+    def reloadConfig(self):
+        """
+        Read the configuration again (L{configSource}: the file, under the
+        same command line and environment) and apply what can change while
+        sessions run (L{LIVE_SETTINGS}: which clients are traced); say which
+        other settings changed, and take effect at the next restart.  A
+        file that cannot be read or holds an invalid value is logged, and
+        the configuration in service stays.
+
+        @return: the names of the settings applied, or C{None} if the
+            configuration could not be read.
+        """
+        if self.configSource is None or self.config is None:
+            return None
+        try:
+            new = self.configSource()
+            checkConfig(new)
+        except ConfigurationError as e:
+            self.log.error(
+                "configuration reload failed, keeping the configuration in service: {error}",
+                error=e,
+                event="config.reload_failed",
+            )
+            return None
+        changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
+        applied = [s.name for s in changed if s.name in LIVE_SETTINGS]
+        later = [s.name for s in changed if s.name not in LIVE_SETTINGS]
+        if applied:
+            self.config = attr.evolve(
+                self.config, **{s.attribute: getattr(new, s.attribute) for s in changed if s.name in applied}
+            )
+            trace = traceSelection(self.config)
+            for factory in self.sessionFactories:
+                factory.trace = trace
+        self.log.info(
+            "configuration reloaded: {summary}",
+            summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
+            applied=applied,
+            event="config.reloaded",
+        )
+        if later:
+            self.log.warn(
+                "configuration changed: {names} take effect at the next restart",
+                names=", ".join(later),
+                settings=later,
+                event="config.restart_needed",
+            )
+        return applied
 
     def reopenLogs(self):
         """
@@ -676,14 +739,12 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         store, tls, reactor=reactor, reloadOnSIGHUP=config.reloadOnSIGHUP, metrics=metrics,
         shutdownGrace=config.shutdownGrace,
     )
+    root.config = config
     databaseFile = getattr(store.engine, "path", None)
     if databaseFile:
         warning = databaseFileWarning(databaseFile)
         if warning:
             root.startupWarnings.append(("database.file_permissions", warning))
-        warning = databaseDirectoryWarning(databaseFile)
-        if warning:
-            root.startupWarnings.append(("database.directory_permissions", warning))
     if config.smtp and config.postmaster is None:
         root.startupWarnings.append((
             "smtp.no_postmaster",
@@ -748,4 +809,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
             factory = builders[name]()
             for description, endpoint in endpoints:
                 root.addListener(ListeningService(name, description, endpoint, factory))
+            if name in ("SMTP", "LMTP"):
+                root.sessionFactories.append(factory)
+    root.sessionFactories.extend(pop3)
     return root

@@ -149,7 +149,9 @@ class Options(usage.Options):
         "A TOML configuration file whose keys are the long option names "
         '(database = "...", pop3 = ["tcp:110"], max-recipients = 100, ...).  '
         "Options given on the command line override it.  An unknown key, a "
-        "wrong type or an invalid value stops start-up.  Default: none."
+        "wrong type or an invalid value stops start-up.  SIGHUP reads it "
+        "again: debug-peer and debug-user apply at once, other changes at the "
+        "next restart.  Default: none."
     )
 
     def postOptions(self):
@@ -177,6 +179,17 @@ class Options(usage.Options):
         The configuration to serve, with SIGHUP handling on.
         """
         return attr.evolve(self.config, reloadOnSIGHUP=True)
+
+    def reread(self):
+        """
+        The configuration as it is now: the file read again, the command
+        line and the environment as at start (for SIGHUP).
+
+        @raise ConfigurationError: the file cannot be read or is invalid.
+        """
+        fileValues = configuration.readFile(self.configPath, self.settings)
+        config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+        return attr.evolve(config, reloadOnSIGHUP=True)
 
 
 _installHandlers(Options)
@@ -230,6 +243,9 @@ def makeService(options):
         service = _makeService(config, reactor=reactor)
     except ConfigurationError as e:
         raise _stopped(e) from None
+    if options.configPath:
+        # SIGHUP reads the file again, under the same command line.
+        service.configSource = options.reread
     service.exitOnStartupError = True
     service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per

@@ -134,6 +134,63 @@ def test_hangupActionsThenTLS(tmp_path):
     assert done == ["reopened", "after a failing action", "tls"]
 
 
+def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
+    """
+    With --config FILE, SIGHUP reads the file again under the same command
+    line: which clients are traced (debug-peer, debug-user) changes at
+    once for every protocol; another changed setting is named as taking
+    effect at the next restart (and is not applied); a file that cannot
+    be used is logged and changes nothing.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.tap import Options
+
+    client = IPv4Address("TCP", "192.0.2.7", 40000)
+    path = tmp_path / "mailgate.toml"
+    path.write_text("max-recipients = 100\n")
+    options = Options()
+    options.parseOptions(["--config", str(path), "--pop3", "tcp:1110", "--smtp", "tcp:2525", "--lmtp", "tcp:2424"])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    factories = [root.listeners[name][0].factory for name in ("POP3", "SMTP", "LMTP")]
+    assert [f.trace for f in factories] == [None, None, None]
+
+    def said(event):
+        return [e for e in logEvents if e.get("event") == event]
+
+    path.write_text('max-recipients = 100\ndebug-peer = ["192.0.2.0/24"]\ndebug-user = ["alice@example.org"]\n')
+    root.hangup()
+    assert all(f.trace.peer(client) and f.trace.user("alice@example.org") for f in factories)
+    [reloaded] = said("config.reloaded")
+    assert formatEvent(reloaded) == "configuration reloaded: applied debug-peer, debug-user"
+    assert said("config.restart_needed") == []
+
+    path.write_text("max-recipients = 5\n")
+    root.hangup()
+    assert [f.trace for f in factories] == [None, None, None]
+    assert root.listeners["SMTP"][0].factory.maxRecipients == 100
+    [later] = said("config.restart_needed")
+    assert formatEvent(later) == "configuration changed: max-recipients take effect at the next restart"
+
+    path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')
+    root.hangup()
+    [failed] = said("config.reload_failed")
+    assert "max-recipients" in formatEvent(failed)
+    assert formatEvent(failed).startswith("configuration reload failed, keeping the configuration in service")
+    assert [f.trace for f in factories] == [None, None, None]
+    path.unlink()
+    root.hangup()
+    assert len(said("config.reload_failed")) == 2
+
+
+def test_aHangupWithoutAConfigurationFileReadsNothing(tmp_path, logEvents):
+    root, _ = build(tmp_path)
+    assert root.reloadConfig() is None
+    root.hangup()
+    assert [e for e in logEvents if str(e.get("event", "")).startswith("config.")] == []
+
+
 def test_sighupAndSigusr1AreHandledWhateverThereIsToReload(tmp_path):
     """
     Under twistd, SIGHUP and SIGUSR1 are always handled, also with no TLS
@@ -151,7 +208,7 @@ def test_sighupAndSigusr1AreHandledWhateverThereIsToReload(tmp_path):
             assert signal.getsignal(signum) not in (signal.SIG_DFL, before[signum])
         root.hangup()
         assert [formatEvent(e) for e in events] == [
-            "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's)"
+            "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's, no configuration file)"
         ]
         # What a SIGHUP does while the service stops.
         root.onStopping(lambda: signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None))

@@ -272,3 +272,39 @@ def test_debugPeerOnARunningServer(mailgate_server, mailgate_cli):
     traces = [line for line in log.splitlines() if '"session.trace"' in line]
     assert not [line for line in traces if "127.0.0.3" in line]
     assert PASSWORD not in log and "secret body" not in log
+
+
+@sqliteOnly
+def test_tracingStartsOnAReloadWithoutARestart(mailgate_server, mailgate_cli, tmp_path):
+    """
+    C{systemctl reload} (SIGHUP) after the configuration file gains a
+    debug-peer: the running server traces that client's next session; the
+    sessions of others stay untraced, and nothing restarted.
+    """
+    import signal
+
+    from e2e import waitFor
+
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    path = tmp_path / "mailgate.toml"
+    path.write_text("max-recipients = 100\n")
+    server = mailgate_server("--config", str(path))
+    client = BoundPOP3(server.port, "127.0.0.2")
+    client.user(ALICE)
+    client.pass_(PASSWORD)
+    client.quit()
+    assert "session.trace" not in server.stdout and "trace peer=" not in server.stdout
+    path.write_text('max-recipients = 100\ndebug-peer = ["127.0.0.2/32"]\n')
+    server.process.send_signal(signal.SIGHUP)
+    waitFor(lambda: "configuration reloaded: applied debug-peer" in server.stdout, "the reload")
+    for source in ("127.0.0.2", "127.0.0.3"):
+        client = BoundPOP3(server.port, source)
+        client.user(ALICE)
+        client.pass_(PASSWORD)
+        client.quit()
+    waitFor(lambda: "trace peer=127.0.0.2:" in server.stdout and "S: +OK mailgate POP3 server signing off"
+            in server.stdout, "the trace")
+    assert "C: PASS <password>" in server.stdout
+    assert "trace peer=127.0.0.3" not in server.stdout
+    assert PASSWORD not in server.stdout
+    assert server.running()
