@@ -734,17 +734,15 @@ def test_tooManyErrorsCloseTheSession(users):
     assert s.command("NOOP") == ""
 
 
-@pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
-def test_errorsAreCountedUntilMailIsDelivered(users, dbpath, lmtpSession):
+def test_errorsAreCountedUntilMailIsDelivered(users, dbpath):
     """
     As Postfix's smtpd_hard_error_limit, "errors ... without delivering
-    mail": an MTA that keeps one connection for message after message
-    (Postfix's LMTP connection cache), each with a recipient unknown here,
-    is not cut off with 421 after the twentieth such refusal, in the middle
-    of a transaction; without a delivery in between, twenty still end the
-    session.
+    mail": an MTA that keeps one connection for message after message,
+    each with a recipient unknown here, is not cut off with 421 after the
+    twentieth such refusal, in the middle of a transaction; without a
+    delivery in between, twenty still end the session.
     """
-    s = lmtp(users) if lmtpSession else session(users)
+    s = session(users)
     for i in range(SMTPServer.maxBadCommands + 5):
         assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
         assert s.command(f"RCPT TO:<nobody{i}@example.org>").startswith("550 5.1.1 ")
@@ -756,6 +754,36 @@ def test_errorsAreCountedUntilMailIsDelivered(users, dbpath, lmtpSession):
     for i in range(SMTPServer.maxBadCommands - 1):
         assert s.command(f"RCPT TO:<nobody{i}@example.org>").startswith("550 5.1.1 ")
     assert lines(s.command("RCPT TO:<nobody@example.org>"))[-1].startswith("421 4.7.0 ")
+    assert s.disconnected
+
+
+def test_lmtpRecipientsRefusedAreNotHeldAgainstTheMTA(users, dbpath):
+    """
+    An LMTP client is the site's own MTA, handing over what it accepted: a
+    list's message for fifty members, thirty of whom have left, is
+    delivered to the others (it used to end with 421 at the twentieth
+    refusal, deferring them all), and so are messages over one cached
+    connection after many for unknown users only (each refused at RCPT,
+    and at the DATA pipelined behind); a malformed command still counts.
+    """
+    s = lmtp(users)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    for i in range(30):
+        assert s.command(f"RCPT TO:<gone{i}@example.org>").startswith("550 5.1.1 ")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+    assert s.command("DATA").startswith("354 ")
+    assert s.send(b"Subject: list\r\n\r\n.\r\n").startswith(b"250 2.0.0 <alice@example.org> ")
+    for i in range(SMTPServer.maxBadCommands + 5):
+        reply = s.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<spam{i}@example.org>\r\nDATA\r\n".encode())
+        assert lines(reply)[1:] == [
+            f"550 5.1.1 <spam{i}@example.org>: no such user here",
+            "503 5.5.1 no valid recipients",
+        ], reply
+        assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    assert len(storedMessages(dbpath, ALICE)) == 1
+    for _ in range(SMTPServer.maxBadCommands - 1):
+        assert s.command("DATA x").startswith("501 5.5.4 ")
+    assert lines(s.command("DATA x"))[-1].startswith("421 4.7.0 ")
     assert s.disconnected
 
 

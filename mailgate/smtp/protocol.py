@@ -141,6 +141,10 @@ class SMTPServer(CommandSession):
     maxBufferedInput = 64 * 1024
     minDataRate = 500
     refuseLongLineAtOnce = True
+    # A recipient refused (no such user, relaying) counts towards
+    # maxBadCommands, as Postfix's smtpd_hard_error_limit counts it: a
+    # client guessing addresses is cut off.
+    countRefusedRecipients = True
 
     def __init__(self):
         super().__init__()
@@ -466,8 +470,9 @@ class SMTPServer(CommandSession):
                 reply = failure.value
                 reason = _RCPT_REASONS.get(reply.enhanced, "refused")
                 self._logRecipientRefused(envelope, mailbox, reply.code, reply.enhanced, reason)
-                if failure.check(MailboxFull):
-                    # Over quota: a fair request refused, not a bad command.
+                if failure.check(MailboxFull) or not self.countRefusedRecipients:
+                    # Over quota (or LMTP): a fair request refused, not a
+                    # bad command.
                     self._reply(reply.code, reply.enhanced, reply.text)
                 else:
                     self._bad(reply.code, reply.enhanced, reply.text)
@@ -514,15 +519,20 @@ class SMTPServer(CommandSession):
 
     def smtp_DATA(self, argument):
         envelope = self._envelope
+        counted = True
         if argument.strip():
             refusal = 501, "5.5.4", "DATA takes no arguments"
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first"
         elif not envelope.recipients:
             refusal = self.noRecipientsCode, "5.5.1", "no valid recipients"
+            counted = self.countRefusedRecipients
         else:
             return self._startData(envelope)
-        self._bad(*refusal)
+        if counted:
+            self._bad(*refusal)
+        else:
+            self._reply(*refusal)
         if self.inputPending and not self.closed:
             self._refuseEarlyData(envelope)
         return None
@@ -765,6 +775,14 @@ class LMTPServer(SMTPServer):
     helloVerb = "LHLO"
     # RFC 2033 section 4.2: DATA without a successful RCPT MUST fail 503.
     noRecipientsCode = 503
+    # The client is the site's own MTA handing over what it accepted (a
+    # list's message for fifty members, twenty of whom have left; spam
+    # for unknown users, message after message over one cached
+    # connection): its refused recipients are answered, not held against
+    # it, and neither is the DATA it pipelined behind them when all were
+    # refused.  Counted, they closed the connection with 421 in the middle
+    # of a transaction, deferring its good recipients.
+    countRefusedRecipients = False
 
     def smtp_LHLO(self, argument):
         return self._hello(argument, True)
