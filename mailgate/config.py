@@ -635,6 +635,24 @@ class APOPPolicy(enum.Enum):
 LOG_FORMATS = ("text", "json")
 
 
+class RecipientDelimiter(Kind):
+    """
+    The characters that separate a user from a detail in an address's
+    local part: those a local part may hold besides letters and digits
+    (not the dot, which joins a name's parts), each at most once.
+    """
+
+    metavar = "CHARACTERS"
+    allowed = "!#$%&'*+-/=?^_`{|}~"
+
+    def check(self, value):
+        if not value or any(c not in self.allowed for c in value):
+            raise ValueError(f"must be one or more of {self.allowed} (such as +)")
+        if len(set(value)) != len(value):
+            raise ValueError("names a character twice")
+        return value
+
+
 # -- settings ------------------------------------------------------------------
 
 
@@ -907,6 +925,15 @@ SETTINGS = (
         "postmaster@ any domain mailgate accepts mail for that has no user "
         "of that name.  Without it, such mail is refused (550).",
         defaultText="none", example="admin@example.org",
+    ),
+    Setting(
+        "recipient-delimiter", "recipientDelimiter", RecipientDelimiter(), None,
+        "Characters that separate a user from a detail in a recipient's "
+        "address, as Postfix's and Dovecot's recipient_delimiter: with +, "
+        "SMTP and LMTP take mail for bob+lists@example.org as "
+        "bob@example.org's, unless a user of that whole name exists.  The "
+        "first of them in the local part counts.",
+        defaultText="none", example="+",
     ),
     Setting(
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",

@@ -643,7 +643,8 @@ def makeSMTPFactory(
     factoryClass = LMTPFactory if lmtp else SMTPFactory
     factory = factoryClass(
         LocalDelivery(
-            store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster
+            store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster,
+            recipientDelimiter=config.recipientDelimiter,
         ),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,

@@ -69,6 +69,11 @@ class LocalDelivery:
         goes to: C{<postmaster>} and C{postmaster@} an accepted domain
         without a user of that name (RFC 5321 section 4.5.1); C{None}
         refuses them.
+    @param recipientDelimiter: the characters that separate a user from
+        a detail in a recipient's local part (Postfix's and Dovecot's
+        C{recipient_delimiter}): with C{"+"}, C{bob+lists@example.org} is
+        bob@example.org's mail when there is no user of that whole name.
+        C{None}: addresses are taken whole.
     @cvar knownLifetime: seconds a recipient (or domain) found in the store
         is accepted without asking it again.
     @cvar maxKnown: the bound on remembered recipients.
@@ -77,7 +82,8 @@ class LocalDelivery:
     knownLifetime = 30.0
     maxKnown = 100000
 
-    def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary", postmaster=None):
+    def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary", postmaster=None,
+                 recipientDelimiter=None):
         if quotaExceeded not in ("temporary", "permanent"):
             raise ValueError(f"quotaExceeded must be 'temporary' or 'permanent', not {quotaExceeded!r}")
         self._store = store
@@ -86,6 +92,7 @@ class LocalDelivery:
         self._known = {}
         self.quotaExceeded = quotaExceeded
         self.postmaster = postmaster
+        self.recipientDelimiter = recipientDelimiter or ""
 
     def mailboxFull(self, mailbox):
         """
@@ -170,6 +177,21 @@ class LocalDelivery:
 
         return self._acceptsDomain(domain).addCallback(domainChecked)
 
+    def withoutDetail(self, address):
+        """
+        The address of the user that C{address} names with a detail
+        (C{bob@example.org} for C{bob+lists@example.org}, the delimiter
+        C{+}): its local part cut at the first delimiter; C{None} if it
+        has none, or one only as its first character (a detail of nobody).
+        """
+        if not self.recipientDelimiter:
+            return None
+        local, _, domain = address.rpartition("@")
+        cuts = [i for i in map(local.find, self.recipientDelimiter) if i > 0]
+        if not cuts:
+            return None
+        return f"{local[:min(cuts)]}@{domain}"
+
     def _checkUser(self, mailbox, address, size, postmasterIfMissing=False):
         """
         Accept C{address} if it is a user's with room for C{size} octets.
@@ -180,6 +202,13 @@ class LocalDelivery:
 
         def userChecked(status):
             if status is None:
+                # No user of the whole name: the user it names with a
+                # detail, if it does (--postmaster's is taken whole).
+                user = self.withoutDetail(address) if address != self.postmaster else None
+                if user is not None:
+                    return self._checkUser(
+                        mailbox, user, size, postmasterIfMissing=user.rpartition("@")[0] == POSTMASTER
+                    )
                 if postmasterIfMissing:
                     return self._toPostmaster(mailbox, size)
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")

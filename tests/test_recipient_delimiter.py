@@ -1,0 +1,129 @@
+"""
+Recipients with a detail (C{--recipient-delimiter}, Postfix's and Dovecot's
+C{recipient_delimiter}): C{bob+lists@example.org} is bob's mail.
+
+The protocol tests drive an L{SMTPSession} against a real SQLite file; the
+end-to-end one runs C{twistd mailgate} with the option and hands mail over
+with Python's C{smtplib.LMTP}, as an MTA does.
+"""
+
+import smtplib
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from e2e import DEADLINE, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
+from mailgate import tap
+from mailgate.smtp.delivery import LocalDelivery
+from mailgate.smtp.factory import LMTPFactory, SMTPFactory
+from mailgate.testing import SMTPSession, addUser, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+PASSWORD = "secret"
+SENDER = "sender@remote.test"
+
+
+@pytest.fixture
+def users(store):
+    for address in (ALICE, BOB):
+        addUser(store, address, PASSWORD)
+    return store
+
+
+def session(store, delimiter="+", lmtp=False, postmaster=None):
+    clock = Clock()
+    factoryClass = LMTPFactory if lmtp else SMTPFactory
+    delivery = LocalDelivery(store, postmaster=postmaster, recipientDelimiter=delimiter)
+    s = SMTPSession(store, factory=factoryClass(delivery, hostname="mailgate.test", reactor=clock), clock=clock)
+    assert s.command("LHLO client.test" if lmtp else "EHLO client.test").startswith("250")
+    return s
+
+
+def sizes(store, address):
+    return [m.size for m in resultOf(store.listMessages(address))]
+
+
+def send(s, recipients, body=b"Subject: detail\r\n\r\nhello\r\n"):
+    """
+    One transaction: the replies to the RCPTs, and those to the final dot.
+    """
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    replies = [s.command(f"RCPT TO:<{r}>").rstrip("\r\n") for r in recipients]
+    if not any(r.startswith("250 ") for r in replies):
+        s.command("RSET")
+        return replies, []
+    assert s.command("DATA").startswith("354 ")
+    return replies, s.send(body + b".\r\n").decode().split("\r\n")[:-1]
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_anAddressWithADetailIsTheUsersMail(users, lmtp):
+    s = session(users, "+-", lmtp=lmtp)
+    replies, final = send(s, ["bob+lists@example.org", "Bob-Work+x@Example.Org", "alice+@example.org"])
+    assert replies == [
+        "250 2.1.5 recipient <bob+lists@example.org> OK",
+        "250 2.1.5 recipient <Bob-Work+x@Example.Org> OK",
+        "250 2.1.5 recipient <alice+@example.org> OK",
+    ]
+    assert all(line.startswith("250 2.0.0 ") for line in final), final
+    assert len(sizes(users, BOB)) == 1 and len(sizes(users, ALICE)) == 1
+
+
+def test_aUserOfTheWholeNameGetsItsOwnMail(users):
+    addUser(users, "bob+lists@example.org", PASSWORD)
+    s = session(users)
+    send(s, ["bob+lists@example.org"])
+    assert len(sizes(users, "bob+lists@example.org")) == 1
+    assert sizes(users, BOB) == []
+
+
+def test_whatNamesNoUserIsStillRefused(users):
+    s = session(users)
+    replies, _ = send(s, ["nobody+lists@example.org", "+bob@example.org", "bob.lists@example.org"])
+    assert [r[:10] for r in replies] == ["550 5.1.1 "] * 3, replies
+
+
+def test_withoutADelimiterAddressesAreTakenWhole(users):
+    s = session(users, delimiter=None)
+    replies, _ = send(s, ["bob+lists@example.org"])
+    assert replies == ["550 5.1.1 <bob+lists@example.org>: no such user here"]
+
+
+def test_postmasterWithADetailGoesToThePostmaster(users):
+    s = session(users, postmaster=ALICE)
+    replies, final = send(s, ["postmaster+abuse@example.org"])
+    assert replies[0].startswith("250 ") and final[0].startswith("250 "), (replies, final)
+    assert len(sizes(users, ALICE)) == 1
+
+
+@pytest.mark.parametrize(
+    "value, accepted",
+    [("+", True), ("+-_", True), ("", False), (".", False), ("@", False), ("++", False), ("+ ", False)],
+)
+def test_theOptionTakesLocalPartSpecials(value, accepted):
+    options = tap.Options()
+    if accepted:
+        options.parseOptions(["--recipient-delimiter", value])
+        assert options.toConfig().recipientDelimiter == value
+    else:
+        with pytest.raises(usage.UsageError, match="recipient-delimiter"):
+            options.parseOptions(["--recipient-delimiter", value])
+
+
+@sqliteOnly
+def test_anMTAHandsOverMailForAUserWithADetail(mailgate_server, mailgate_cli):
+    """
+    twistd mailgate --recipient-delimiter +: an LMTP client's mail for
+    bob+lists@example.org lands in bob's maildrop.
+    """
+    server = mailgate_server("--lmtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org",
+                             "--recipient-delimiter", "+")
+    mailgate_cli.addUser(BOB, PASSWORD)
+    client = smtplib.LMTP(timeout=DEADLINE)
+    client.connect("127.0.0.1", server.portOf("LMTP"))
+    client.ehlo("mta.test")
+    assert client.sendmail(SENDER, ["bob+lists@example.org"], b"Subject: lists\r\n\r\nhello\r\n") == {}
+    client.quit()
+    assert len(mailgate_cli.mailbox(BOB)) == 1
