@@ -142,6 +142,73 @@ def test_secretsAreHiddenInEveryFormTheyCome(store, alice, logEvents):
     neverShown(logEvents, PASSWORD, digest, plain)
 
 
+def test_SASLResponsesThatComeAsCommandsAreHidden(store, alice, logEvents):
+    """
+    A client that sends its SASL responses whatever the reply to its AUTH
+    (pipelined, or going on after a refusal: plaintext refused on this
+    connection, a mechanism the server does not offer) has them read as
+    commands: the trace hides them, not knowing them from a password in
+    base64, until the client sends a command again.
+    """
+    outside = IPv4Address("TCP", "198.51.100.7", 40000)
+    plain = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    token = base64.b64encode(f"user={ALICE}\x01auth=Bearer tok-{PASSWORD}\x01\x01".encode()).decode()
+    login = base64.b64encode(PASSWORD.encode()).decode()
+    s = pop3(store, peer=outside, networks=["198.51.100.0/24"])
+    assert s.command("AUTH PLAIN").startswith("-ERR [AUTH] Plaintext authentication disallowed")
+    assert s.command(plain) == "-ERR unknown command\r\n"
+    assert s.command("AUTH XOAUTH2").startswith("-ERR unsupported authentication mechanism")
+    assert s.command(token) == "-ERR unknown command\r\n"
+    assert s.command("AUTH LOGIN").startswith("-ERR [AUTH] Plaintext")
+    s.command(base64.b64encode(ALICE.encode()).decode())
+    s.command(login)
+    assert s.command("capa").startswith("+OK")
+    s.command("XYZZY")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    assert lines == [
+        "C: AUTH PLAIN",
+        "C: <not a command: hidden after AUTH>",
+        "C: AUTH XOAUTH2",
+        "C: <not a command: hidden after AUTH>",
+        "C: AUTH LOGIN",
+        "C: <not a command: hidden after AUTH>",
+        "C: <not a command: hidden after AUTH>",
+        "C: capa",
+        "C: XYZZY",
+    ]
+    neverShown(logEvents, PASSWORD, plain, token, login)
+
+
+def test_anSMTPClientTryingAUTHHasItsPasswordHidden(store, alice, logEvents):
+    """
+    mailgate's SMTP offers no AUTH, but clients set up for a submission
+    server (and password guessers) send it all the same: its initial
+    response, and the lines after it that are no command, are hidden.
+    """
+    clock = Clock()
+    factory = smtpFactory(store, clock, hostname="mailgate.test")
+    factory.trace = TraceSelection(["192.0.2.7/32"])
+    s = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    plain = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    login = base64.b64encode(PASSWORD.encode()).decode()
+    s.command("EHLO client.test")
+    assert s.command(f"AUTH PLAIN {plain}").startswith("5")
+    assert s.command("AUTH LOGIN").startswith("5")
+    assert s.command(base64.b64encode(ALICE.encode()).decode()).startswith("500")
+    assert s.command(login).startswith("500")
+    s.command("NOOP")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    assert lines == [
+        "C: EHLO client.test",
+        "C: AUTH PLAIN <initial response>",
+        "C: AUTH LOGIN",
+        "C: <not a command: hidden after AUTH>",
+        "C: <not a command: hidden after AUTH>",
+        "C: NOOP",
+    ]
+    neverShown(logEvents, PASSWORD, plain, login)
+
+
 def test_aCRAMResponseIsHidden(store, alice, logEvents):
     s = pop3(store, networks=["192.0.2.7/32"])
     reply = s.command("AUTH CRAM-MD5")

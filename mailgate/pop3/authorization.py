@@ -75,7 +75,9 @@ class AuthorizationCommands:
         """
         A trace shows no password: PASS's argument, APOP's digest, AUTH's
         initial response and the client's SASL responses are hidden, also
-        in commands that will be refused (a tab for a space, a NUL).
+        in commands that will be refused (a tab for a space, a NUL), and
+        responses that come as commands (see
+        L{CommandSession.tracedCommand}).
         """
         if self._inSASL:
             return "<SASL response>"
@@ -83,15 +85,11 @@ class AuthorizationCommands:
         verb = text.lstrip()[:4].upper()
         if verb == "PASS":
             return "PASS <password>"
-        if verb in ("APOP", "AUTH"):
+        if verb == "APOP":
             words = text.split()
             if words[0].upper() == "APOP" and len(words) == 3:
                 return f"APOP {shownInTrace(words[1])} <digest>"
-            if words[0].upper() == "AUTH" and len(words) <= 2:
-                return shownInTrace(" ".join(words))
-            if words[0].upper() == "AUTH" and len(words) == 3:
-                return f"AUTH {shownInTrace(words[1])} <initial response>"
-            return f"{verb} <arguments>"
+            return "APOP <arguments>"
         return CommandSession.tracedCommand(self, line)
 
     def _traceIfListed(self, name, loggedIn):

@@ -230,13 +230,39 @@ class CommandSession(Protocol):
         of its own: it may return a L{Deferred}).
         """
 
+    #: whether lines a trace cannot tell from SASL responses are hidden:
+    #: from an AUTH command on, until a line that is a command
+    _traceAfterAuth = False
+
     def tracedCommand(self, line):
         """
         How a trace shows the command line C{line} (octets, without its
         line end): as it came, unless the protocol hides part of it (a
         password).
+
+        AUTH's initial response is hidden, and so, from an AUTH on, is
+        every line that is no command of the protocol's until one that
+        is: SASL responses that reach the command parser (sent along
+        with an AUTH refused before any exchange, a mechanism not
+        offered, plaintext refused, an SMTP server that has no AUTH,
+        or by a client going on after a refusal) are passwords in
+        base64.
         """
-        return shownInTrace(line.decode("utf-8", "replace"))
+        text = line.decode("utf-8", "replace")
+        if text.lstrip()[:4].upper() == "AUTH":
+            self._traceAfterAuth = True
+            words = text.split()
+            if words[0].upper() != "AUTH" or len(words) > 3:
+                return "AUTH <arguments>"
+            if len(words) == 3:
+                return f"AUTH {shownInTrace(words[1])} <initial response>"
+            return shownInTrace(" ".join(words))
+        if self._traceAfterAuth:
+            verb = text.partition(" ")[0].upper()
+            if not verb.isalpha() or getattr(self, self.commandPrefix + verb, None) is None:
+                return "<not a command: hidden after AUTH>"
+            self._traceAfterAuth = False
+        return shownInTrace(text)
 
     def beginShutdown(self):
         """
