@@ -477,6 +477,17 @@ class ILifecycleStore(Interface):
         L{mailgate.records.DeletedMessage}.
         """
 
+    def exportMessages(address):
+        """
+        A user's maildrop to copy out (C{mailgate mailbox export}), read
+        without the maildrop's lock, so while the user is in a POP3
+        session too: a L{Deferred} list of
+        L{mailgate.records.ExportedMessage} in POP3 order, each with a
+        body not read yet (a message deleted before it is read fails its
+        read with L{mailgate.errors.TemporaryFailure}).  Fails with
+        L{mailgate.errors.NoSuchUser}.
+        """
+
     def restoreDeleted(address, uidls=None, since=None, asNew=False):
         """
         Bring kept deleted messages back (all, or those with the unique ids

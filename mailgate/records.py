@@ -68,6 +68,20 @@ class MessageInfo:
 
 
 @attr.s(frozen=True, slots=True)
+class ExportedMessage:
+    """
+    A message of C{mailgate mailbox export}: what POP3 serves for it, and
+    its octets to read (an L{mailgate.interfaces.IMessageBody}).
+    """
+
+    number = attr.ib()
+    size = attr.ib()
+    uniqueId = attr.ib()
+    arrived = attr.ib()  # seconds since the epoch
+    body = attr.ib(repr=False)
+
+
+@attr.s(frozen=True, slots=True)
 class QuotaStatus:
     """
     A user's storage use and the limits that apply to it now (the user's

@@ -17,6 +17,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS [--json]
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate mailbox export ADDRESS DIR
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
@@ -68,7 +69,7 @@ from mailgate.cli.common import (
 from mailgate.cli.database import _dbCopy, _dbUpgrade, _dbVersion
 from mailgate.cli.deliver import _deliver
 from mailgate.cli.imports import _importForget, _importMaildir, _importPOP3
-from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExpunge, _mailboxList, _mailboxRestore
+from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExport, _mailboxExpunge, _mailboxList, _mailboxRestore
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _kick, _nodes, _who
 from mailgate.cli.users import (
@@ -256,7 +257,7 @@ def buildParser():
     recount.add_argument("--all", action="store_true", help="every user")
     recount.set_defaults(run=_userRecount, migrate=True)
 
-    mailbox = commands.add_parser("mailbox", help="list, expunge and restore a user's messages").add_subparsers(
+    mailbox = commands.add_parser("mailbox", help="list, expunge, restore and export a user's messages").add_subparsers(
         dest="action", metavar="ACTION"
     )
     mailbox.required = True
@@ -298,6 +299,19 @@ def buildParser():
     which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
     mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+    mexport = mailbox.add_parser(
+        "export",
+        help="copy a user's messages out as a Maildir that Dovecot serves with the same unique ids",
+        description="Write a user's messages into DIR (made if missing; refused if it holds a "
+        "mailbox already) as a Maildir with a dovecot-uidlist: Dovecot, or mailgate import "
+        "maildir, then serves the same messages in the same order under the same POP3 unique "
+        "ids, so clients that leave mail on the server download nothing again.  Reads without "
+        "the maildrop's lock: allowed while the user is in a POP3 session.  Files are "
+        "readable by their owner only: give them to the mail account that will serve them.",
+    )
+    mexport.add_argument("address", metavar="ADDRESS")
+    mexport.add_argument("directory", metavar="DIR")
+    mexport.set_defaults(run=_mailboxExport, migrate=True)
 
     who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
     _addJSON(who)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_cli -*-
 """
 C{mailgate mailbox ...}: listing a maildrop, its kept deleted mail,
-restoring it, and expunging.
+restoring it, expunging, and exporting it as a Maildir.
 """
 
 import datetime
@@ -10,7 +10,9 @@ import time
 
 from mailgate.cli.common import (
     CommandError,
+    EX_CANTCREAT,
     EX_DATAERR,
+    EX_TEMPFAIL,
     EX_USAGE,
     _address,
     _dayCount,
@@ -127,3 +129,26 @@ def _mailboxExpunge(store, args, out, stdin):
         raise _inSession(address)
     what = "every message" if args.all else f"messages older than {days} days"
     out.write(f"removed {removed} messages ({what}) from {address}\n")
+
+
+def _mailboxExport(store, args, out, stdin):
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.export import exportMaildir
+
+    address = _address(args.address)
+    messages = _forUser(address, store.exportMessages(address))
+    try:
+        report = exportMaildir(
+            messages, args.directory, progress=lambda line: args.stderr.write(f"mailgate: {line}\n")
+        )
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_CANTCREAT)
+    out.write(
+        f"exported {report.messages} messages ({report.octets} octets) of {address} to {args.directory}\n"
+    )
+    if report.failures:
+        raise CommandError(
+            f"{len(report.failures)} messages could not be read (deleted meanwhile, or the database "
+            "failed); export again into a new directory for a complete copy",
+            EX_TEMPFAIL,
+        )

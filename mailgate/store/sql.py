@@ -37,7 +37,7 @@ from mailgate.store.rows import (
     removeMessages,
     storeLargeBody,
 )
-from mailgate.records import MessageInfo, UserRecord, UserSummary
+from mailgate.records import ExportedMessage, MessageInfo, UserRecord, UserSummary
 
 # -- interactions ----------------------------------------------------------
 # Each runs on a worker thread with a cursor inside a transaction.
@@ -201,6 +201,18 @@ def _listMessages(cursor, address):
         MessageInfo(number, size, uidl, arrived)
         for number, (size, uidl, arrived) in enumerate(cursor.fetchall(), 1)
     ]
+
+
+def _exportedMessages(cursor, address):
+    user = _findUser(cursor, address)
+    if user is None:
+        raise NoSuchUser(address)
+    cursor.execute(
+        "SELECT size, uidl, arrived_at, body_owner, body_id, header_size FROM maildrop "
+        "WHERE user_id = ? ORDER BY uid",
+        (user.userId,),
+    )
+    return cursor.fetchall()
 
 
 class _Separately(Exception):
@@ -562,6 +574,19 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def listMessages(self, address):
         return self.database.runInteraction(_listMessages, address)
 
+    def exportMessages(self, address):
+        d = self.database.runInteraction(_exportedMessages, address)
+
+        def bodies(rows):
+            return [
+                ExportedMessage(
+                    number, size, uidl, arrived, SQLMessageBody.unread(self.reads, owner, bodyId, size, headerSize)
+                )
+                for number, (size, uidl, arrived, owner, bodyId, headerSize) in enumerate(rows, 1)
+            ]
+
+        return d.addCallback(bodies)
+
     def deliver(self, addresses, source, partial=True):
         return self.database.runWrite(
             _deliver, list(addresses), source, self._now(), partial, self._userIds,
@@ -850,6 +875,18 @@ class SQLMessageBody:
         self._seq = 1
         # The whole message, when its first piece is all of it.
         self.whole = first if len(first) >= size else None
+
+    @classmethod
+    def unread(cls, reads, owner, bodyId, size, headerSize):
+        """
+        A body none of which is read yet: its first L{read} reads from its
+        first chunk on.
+        """
+        body = cls(reads, owner, bodyId, size, headerSize, b"")
+        body._pending = []
+        body._seq = 0
+        body.whole = None if size else b""
+        return body
 
     def read(self):
         if self._pending:

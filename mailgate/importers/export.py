@@ -1,0 +1,197 @@
+# -*- test-case-name: tests.test_export -*-
+"""
+Moving a mailbox out of mailgate: a user's maildrop written as a Maildir
+with a C{dovecot-uidlist}, the formats L{mailgate.importers.maildir}
+reads, so that Dovecot (or mailgate again) serves the same messages in
+the same order with the same POP3 unique ids, and clients that leave
+mail on the server download nothing again after a move.
+
+  - Each message is a file in C{cur/}, its octets exactly as POP3 serves
+    them before dot-stuffing (CRLF line ends, which Dovecot reads as they
+    are), named C{<arrival>.M<n>P<pid>Q<n>.<host>,S=<size>,W=<size>:2,}
+    (Dovecot takes the size and the virtual size from the name), its
+    modification time the message's arrival.
+  - C{dovecot-uidlist} (version 3) numbers the messages in POP3 order and
+    saves each unique id in its C{P} field, which Dovecot's POP3 serves
+    before any C{pop3_uidl_format}.
+  - Files are written in C{tmp/}, synced, and moved into C{cur/}; the
+    list last, by rename.  Everything is readable by its owner only.
+
+Run from the admin command against a synchronous store (its L{Deferred}s
+have fired on return).
+"""
+
+import os
+import socket
+import time
+
+import attr
+
+from mailgate.errors import TemporaryFailure
+from mailgate.importers import ImportFailed, fired
+from mailgate.importers.maildir import UIDLIST
+
+
+@attr.s
+class ExportReport:
+    """
+    What an export did.
+
+    @ivar messages: messages written.
+    @ivar octets: their octets.
+    @ivar failures: one line per message that could not be read (deleted
+        while the export ran, say).
+    """
+
+    messages = attr.ib(default=0)
+    octets = attr.ib(default=0)
+    failures = attr.ib(factory=list)
+
+
+def _hostPart(name):
+    """
+    The host name as a maildir file name may hold it (the Maildir
+    specification's escapes for C{/} and C{:}).
+    """
+    return name.replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def _checkEmpty(directory):
+    """
+    Refuse a directory that already holds a mailbox: mixing two would give
+    Dovecot two sets of uids.
+    """
+    if os.path.exists(os.path.join(directory, UIDLIST)):
+        raise ImportFailed(f"{directory} already holds a mailbox ({UIDLIST}); export into a new directory")
+    for sub in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(directory, sub))
+        except (FileNotFoundError, NotADirectoryError):
+            # Nothing there yet (or nothing usable: making it says why).
+            continue
+        except OSError as e:
+            raise ImportFailed(f"cannot read {os.path.join(directory, sub)}: {e.strerror}") from None
+        if names:
+            raise ImportFailed(f"{directory}/{sub} is not empty; export into a new directory")
+
+
+def _makeDirectories(directory):
+    try:
+        for path in (directory, *(os.path.join(directory, sub) for sub in ("cur", "new", "tmp"))):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            if not os.path.isdir(path):
+                raise ImportFailed(f"{path} is not a directory")
+    except OSError as e:
+        raise ImportFailed(f"cannot make {e.filename or directory}: {e.strerror}") from None
+
+
+def _syncDirectory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writeBody(path, body):
+    """
+    Write a message's octets, read a piece at a time, to a new file.
+
+    @return: the octets written.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    written = 0
+    try:
+        while True:
+            piece = fired(body.read())
+            if not piece:
+                break
+            view = memoryview(piece)
+            while view:
+                count = os.write(fd, view)
+                view = view[count:]
+                written += count
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
+    """
+    Write C{messages} into the Maildir C{directory} (made if missing;
+    refused if it holds a mailbox already).
+
+    @param messages: L{mailgate.records.ExportedMessage}s, in POP3 order.
+    @param progress: called with a line for each message that could not
+        be written, as it happens.
+    @return: an L{ExportReport}.
+    @raise ImportFailed: if the directory cannot be used or written.
+    """
+    _checkEmpty(directory)
+    _makeDirectories(directory)
+    host = _hostPart(hostname or socket.gethostname())
+    now = int(time.time() if now is None else now)
+    pid = os.getpid()
+    report = ExportReport()
+    uidLines = []
+    tmp = os.path.join(directory, "tmp")
+    cur = os.path.join(directory, "cur")
+    for message in messages:
+        uid = len(uidLines) + 1
+        base = f"{int(message.arrived)}.M{message.number}P{pid}Q{uid}.{host},S={message.size},W={message.size}"
+        name = base + ":2,"
+        staged = os.path.join(tmp, base)
+        try:
+            written = _writeBody(staged, message.body)
+            if written != message.size:
+                raise TemporaryFailure(f"{written} octets read of {message.size}")
+            os.utime(staged, (message.arrived, message.arrived))
+            os.rename(staged, os.path.join(cur, name))
+        except TemporaryFailure as e:
+            _removeQuietly(staged)
+            line = f"message {message.number} (unique id {message.uniqueId}): not exported: {e}"
+            report.failures.append(line)
+            if progress is not None:
+                progress(line)
+            continue
+        except OSError as e:
+            _removeQuietly(staged)
+            raise ImportFailed(f"cannot write {e.filename or staged}: {e.strerror}") from None
+        uidLines.append(f"{uid} P{message.uniqueId} W{message.size} :{name}\n")
+        report.messages += 1
+        report.octets += message.size
+    _writeUidList(directory, now, uidLines)
+    try:
+        _syncDirectory(cur)
+        _syncDirectory(directory)
+    except OSError as e:
+        raise ImportFailed(f"cannot sync {directory}: {e.strerror}") from None
+    return report
+
+
+def _writeUidList(directory, uidValidity, lines):
+    """
+    The list, written whole under another name and renamed: Dovecot never
+    reads half of one.
+    """
+    path = os.path.join(directory, UIDLIST)
+    staged = path + ".tmp"
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"3 V{uidValidity} N{len(lines) + 1}\n")
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(staged, path)
+    except OSError as e:
+        _removeQuietly(staged)
+        raise ImportFailed(f"cannot write {path}: {e.strerror}") from None
+
+
+def _removeQuietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

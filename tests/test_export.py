@@ -1,0 +1,197 @@
+"""
+C{mailgate mailbox export ADDRESS DIR}: a user's maildrop written out as a
+Maildir with a C{dovecot-uidlist}, so that the mailbox can move on (to
+Dovecot, or to another mailgate) with every POP3 unique id kept.
+
+What a user must see after the move: the same UIDL and LIST answers and
+the same octets, from mailgate importing the export again (both
+backends) and from a real Dovecot serving it.
+"""
+
+import os
+import shutil
+import stat
+
+import pytest
+
+from dovecotserver import PrivateDovecot, answers, requireDovecot
+from mailgate.importers.export import exportMaildir
+from mailgate.importers.maildir import importMaildir, readUidList
+from mailgate.message import spoolBytes
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
+from test_cli import CLI
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+PASSWORD = "wonder land"
+ARRIVED = 1_700_000_000
+
+MESSAGES = [
+    b"Subject: plain\r\n\r\nhello\r\n",
+    b"Subject: dots\r\n\r\n.\r\n..two\r\n.leading\r\nend\r\n",
+    b"Subject: 8-bit\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n\xe9t\xe9 \xff\r\n",
+    # Over one 128 KiB chunk of the store.
+    b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a big message\r\n" % n for n in range(12000)),
+]
+
+
+@pytest.fixture
+def cli(databaseURL, tmp_path):
+    c = CLI(tmp_path / "unused.sqlite3")
+    c.url = databaseURL
+    return c
+
+
+@pytest.fixture
+def store(cli):
+    s = memoryStore(cli.url)
+    addUser(s, ALICE, PASSWORD)
+    addUser(s, BOB, PASSWORD)
+    # Unique ids of another server's, kept by an earlier import: odd
+    # characters, and not in the order of their arrival.
+    items = [
+        ("Zz:9/odd+id", spoolBytes(MESSAGES[0]), ARRIVED),
+        ("00000001a0b1c2d3", spoolBytes(MESSAGES[1]), ARRIVED + 60),
+    ]
+    imported, _, _ = resultOf(s.importMessages(ALICE, items))
+    assert len(imported) == 2
+    for message in MESSAGES[2:]:
+        deliver(s, [ALICE], message)
+    yield s
+    s.close()
+
+
+def served(store, address=ALICE):
+    """
+    UIDL, LIST and every message as mailgate's POP3 serves them.
+    """
+    session = POP3Session(store)
+    assert session.login(address, PASSWORD).startswith("+OK")
+    uidl = session.command("UIDL").split("\r\n")[1:-2]
+    listing = session.command("LIST").split("\r\n")[1:-2]
+    bodies = []
+    for n in range(1, len(listing) + 1):
+        reply = session.send(b"RETR %d\r\n" % n)
+        _, _, stuffed = reply.partition(b"\r\n")
+        bodies.append(stuffed[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n."))
+    session.command("QUIT")
+    return uidl, listing, bodies
+
+
+def test_exportThenImportGivesTheSameMailbox(cli, store, tmp_path):
+    before = served(store)
+    target = tmp_path / "export" / "Maildir"
+    result = cli("mailbox", "export", ALICE, str(target))
+    assert result.code == 0, result
+    octets = sum(len(m) for m in MESSAGES)
+    assert result.out == f"exported 4 messages ({octets} octets) of {ALICE} to {target}\n"
+    # A Maildir, readable by its owner only.
+    for path in (target, target / "cur", target / "new", target / "tmp"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    files = sorted(os.listdir(target / "cur"))
+    assert len(files) == 4 and os.listdir(target / "new") == [] and os.listdir(target / "tmp") == []
+    for name in files + ["../dovecot-uidlist"]:
+        assert stat.S_IMODE(os.stat(target / "cur" / name).st_mode) == 0o600
+    uidList = readUidList(target / "dovecot-uidlist")
+    assert uidList.nextUid == 5
+    records = sorted(uidList.records.values(), key=lambda r: r.uid)
+    assert [r.fields["P"] for r in records] == [line.split(" ", 1)[1] for line in before[0]]
+    for record, message in zip(records, MESSAGES):
+        name = record.filename
+        assert name.endswith(f",S={len(message)},W={len(message)}:2,")
+        assert (target / "cur" / name).read_bytes() == message
+    # The first message arrived when its first server had it.
+    assert int(os.stat(target / "cur" / records[0].filename).st_mtime) == ARRIVED
+
+    # Into another user (another mailgate), from the files alone.
+    report = importMaildir(store, str(target), BOB)
+    assert (report.messages, report.failures) == (4, [])
+    assert served(store, BOB) == before
+
+
+def test_exportWhileTheUserIsInASession(cli, store, tmp_path):
+    """
+    The export reads without the POP3 lock: a user logged in (a phone left
+    connected) does not stop it, and the session goes on.
+    """
+    session = POP3Session(store)
+    assert session.login(ALICE, PASSWORD).startswith("+OK")
+    result = cli("mailbox", "export", ALICE, str(tmp_path / "out"))
+    assert result.code == 0, result
+    assert len(os.listdir(tmp_path / "out" / "cur")) == 4
+    assert session.command("STAT").startswith("+OK 4 ")
+
+
+def test_aMessageDeletedWhileExportedIsReportedAndTheRestWritten(store, tmp_path):
+    messages = resultOf(store.exportMessages(ALICE))
+    session = POP3Session(store)
+    session.login(ALICE, PASSWORD)
+    session.command("DELE 4")
+    assert session.command("QUIT").startswith("+OK")
+    lines = []
+    report = exportMaildir(messages, str(tmp_path / "out"), progress=lines.append)
+    assert report.messages == 3
+    assert len(report.failures) == 1 and lines == report.failures
+    assert report.failures[0].startswith("message 4 (unique id ")
+    assert "not exported" in report.failures[0]
+    assert len(os.listdir(tmp_path / "out" / "cur")) == 3
+    assert os.listdir(tmp_path / "out" / "tmp") == []
+    assert readUidList(tmp_path / "out" / "dovecot-uidlist").nextUid == 4
+
+
+def test_aDirectoryHoldingAMailboxIsRefused(cli, store, tmp_path):
+    target = tmp_path / "out"
+    assert cli("mailbox", "export", ALICE, str(target)).code == 0
+    again = cli("mailbox", "export", ALICE, str(target))
+    assert again.code == 73
+    assert again.err == (
+        f"mailgate: {target} already holds a mailbox (dovecot-uidlist); export into a new directory\n"
+    )
+    other = tmp_path / "maildir"
+    (other / "new").mkdir(parents=True)
+    (other / "new" / "1.M1P1.host").write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    refused = cli("mailbox", "export", ALICE, str(other))
+    assert refused.code == 73 and "is not empty" in refused.err
+    assert len(os.listdir(other / "new")) == 1
+
+
+def test_anUnknownUserOrAnUnwritableDirectory(cli, store, tmp_path):
+    assert cli("mailbox", "export", "nobody@example.org", str(tmp_path / "x")).code == 67
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = cli("mailbox", "export", ALICE, str(blocker / "sub"))
+    assert result.code == 73 and result.err.startswith("mailgate: cannot make ")
+
+
+@requireDovecot
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_dovecotServesTheExportWithTheSameUniqueIds(cli, store, tmp_path):
+    """
+    Moving a user to Dovecot: its POP3 answers UIDL, LIST and RETR as
+    mailgate did (with its default pop3_uidl_format, which the list's
+    saved ids take precedence over).
+    """
+    before = served(store)
+    exported = tmp_path / "export"
+    assert cli("mailbox", "export", ALICE, str(exported)).code == 0
+    dovecot = PrivateDovecot()
+    try:
+        dovecot.addUsers([ALICE], PASSWORD)
+        maildir = dovecot.maildir(ALICE)
+        for sub in ("cur", "new", "tmp"):
+            os.rmdir(os.path.join(maildir, sub))
+        os.rmdir(maildir)
+        shutil.move(str(exported), maildir)
+        dovecot.own(maildir)
+        dovecot.start()
+        client = dovecot.pop3(ALICE, PASSWORD)
+        try:
+            uidl, listing, bodies = answers(client)
+        finally:
+            client.quit()
+        assert dovecot.errorsLogged() == []
+    finally:
+        dovecot.cleanup()
+    assert uidl == before[0]
+    assert listing == before[1]
+    assert [body + b"\r\n" for body in bodies] == before[2] == MESSAGES
