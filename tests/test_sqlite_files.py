@@ -234,3 +234,55 @@ def test_aDatabaseDirectoryOthersMayWriteIsWarnedOfAtEveryStart(tmp_path):
                 f"database into a directory of mailgate's own"
             ]
     os.chmod(directory, 0o700)
+
+
+def test_sideFilesLeftWiderThanTheDatabaseAreNarrowed(tmp_path):
+    """
+    A -wal and -shm made while the database was 0644 (an earlier version,
+    or before the administrator's chmod 600 of it) outlive the chmod while
+    anything uses the database, or after a crash: SQLite goes on writing
+    mail into them as they are.  The next connection narrows them to the
+    database's mode; what they hold is still read.
+    """
+    dbpath = tmp_path / "mail.sqlite3"
+    holder = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(holder, "alice@example.org", "pw")
+        deliver(holder, ["alice@example.org"], b"Subject: secret\r\n\r\nbody\r\n")
+        for suffix in ("-wal", "-shm"):
+            os.chmod(f"{dbpath}{suffix}", 0o644)
+        os.chmod(dbpath, 0o600)
+        reactor = IteratedReactor()
+        store = openStore(f"sqlite:///{dbpath}", reactor)
+        try:
+            user = reactor.resultOf(store.findUser("alice@example.org"))
+            found = modes(dbpath)
+        finally:
+            reactor.resultOf(store.close())
+            store.engine.releaseServer()
+            reactor.close()
+    finally:
+        holder.close()
+    assert user is not None
+    assert found["-wal"] == found["-shm"] == 0o600, {k: oct(v) for k, v in found.items()}
+
+
+def test_sideFilesOfADatabaseOpenOnPurposeAreLeftAsTheyAre(tmp_path):
+    """
+    A database the administrator opened to a group (0640, for a backup
+    job) keeps its side files' group read: only what the database itself
+    does not allow is taken away.
+    """
+    dbpath = tmp_path / "mail.sqlite3"
+    holder = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(holder, "alice@example.org", "pw")
+        os.chmod(dbpath, 0o640)
+        os.chmod(f"{dbpath}-wal", 0o644)
+        os.chmod(f"{dbpath}-shm", 0o640)
+        second = openSynchronousStore(f"sqlite:///{dbpath}")
+        second.close()
+        found = modes(dbpath)
+    finally:
+        holder.close()
+    assert (found["-wal"], found["-shm"]) == (0o640, 0o640), {k: oct(v) for k, v in found.items()}

@@ -62,6 +62,41 @@ def createPrivately(path):
         os.close(fd)
 
 
+#: the files SQLite keeps beside the database, holding its latest writes
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def narrowSideFiles(path):
+    """
+    Give the files SQLite keeps beside the database (L{SIDE_FILES}) no
+    permission the database file lacks.  SQLite gives those it creates
+    the database's mode, but leaves one that exists as it is: made while
+    the database was wider (before a C{chmod 600} of it, as the start-up
+    warning asks), and left by a crash or by a process still using the
+    database, it would keep the latest mail readable by others for as
+    long as it lives.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        allowed = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    for suffix in SIDE_FILES:
+        try:
+            fd = os.open(path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            found = os.fstat(fd)
+            if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & ~allowed:
+                os.fchmod(fd, stat.S_IMODE(found.st_mode) & allowed)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def databaseFileWarning(path):
     """
     What to warn of, if anything, in the permissions of a database file
@@ -157,6 +192,7 @@ class SQLiteEngine:
         args, kwargs = self._connectArguments()
         try:
             createPrivately(self.path)
+            narrowSideFiles(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
         except sqlite3.Error as e:
