@@ -117,7 +117,7 @@ def _pop3URL(url, parseURL, ImportFailed):
     """
     from urllib.parse import urlsplit
 
-    from mailgate.store import shownURL
+    from mailgate.urls import shownURL
 
     try:
         parts = parseURL(url)

@@ -44,7 +44,7 @@ from mailgate.errors import MailgateError
 from mailgate.importers import BatchWriter, ImportFailed, ImportReport, fired, renameDuplicates, validUidl
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
-from mailgate.store import shownURL
+from mailgate.urls import shownURL
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 TIMEOUT = 60

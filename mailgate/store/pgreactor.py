@@ -91,7 +91,7 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
     try:
         info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
     except psycopg.Error as e:
-        from mailgate.store import withoutPassword
+        from mailgate.urls import withoutPassword
 
         # Its words may quote the URL, or the password in it.
         raise DatabaseRefused(

@@ -93,7 +93,7 @@ def connectionFailure(where, conninfo, reason, pgconn=None, timedOut=False, time
         L{TemporaryFailure}; each with one line naming the server and
         libpq's reason (the URL's password taken out of it).
     """
-    from mailgate.store import withoutPassword
+    from mailgate.urls import withoutPassword
 
     reason = withoutPassword(reason, conninfo)
     message = f"cannot connect to PostgreSQL at {where}: {reason}"

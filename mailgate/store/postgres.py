@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
-from mailgate.store import pgreactor, pgrefusal, reads, shownURL, withoutPassword
+from mailgate.store import pgreactor, pgrefusal, reads
+from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pgreactor import (
     INT4,

@@ -1,0 +1,58 @@
+"""
+URLs that may hold a password (a database's, a POP3 server's to import
+from), as errors and log lines may show them: without it.  Apart from
+the store and the importers, which both show such URLs and know nothing
+of each other.
+"""
+
+import re
+from urllib.parse import unquote
+
+
+def shownURL(url):
+    """
+    C{url} as an error or a log line may show it: the password of its
+    user, if any, replaced by C{***}.  Read without L{urlsplit}, which
+    refuses some of the URLs there are errors to report about.
+    """
+    # libpq also takes it as a parameter: ?password=...
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userInfo, at, host = rest[:end].rpartition("@")
+    if not at or ":" not in userInfo:
+        return url
+    user = userInfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{rest[end:]}"
+
+
+def withoutPassword(text, url):
+    """
+    C{text}, an error about connecting to C{url}, with the URL's password
+    taken out wherever it shows.  libpq quotes what it cannot read of a
+    URL: the password itself when it holds a bare C{%} or a space
+    (C{invalid percent-encoded token: "50%off"}), or the whole URL; that
+    text goes to standard error and, at the server's start, into its log.
+    """
+    text = text.replace(url, shownURL(url))
+    for password in sorted(_passwordsIn(url), key=len, reverse=True):
+        text = text.replace(password, "***")
+    return text
+
+
+def _passwordsIn(url):
+    """
+    The password C{url} gives, as written and percent-decoded, in its user
+    part and in a C{password=} parameter.
+    """
+    found = set(re.findall(r"[?&]password=([^&#]*)", url, flags=re.IGNORECASE))
+    scheme, separator, rest = url.partition("://")
+    if separator:
+        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+        userInfo, at, _ = rest[:end].rpartition("@")
+        if at and ":" in userInfo:
+            found.add(userInfo.partition(":")[2])
+    found |= {unquote(password) for password in found}
+    return {password for password in found if password}
