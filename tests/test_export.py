@@ -163,6 +163,34 @@ def test_anUnknownUserOrAnUnwritableDirectory(cli, store, tmp_path):
     assert result.code == 73 and result.err.startswith("mailgate: cannot make ")
 
 
+def test_linksInTheDirectoryAreNeverWrittenThrough(cli, store, tmp_path):
+    """
+    An export into a directory someone else may write to (run as root):
+    a link in place of the list's staging file, or of cur/ or tmp/, does
+    not have mail or the list written where it points; the file it points
+    to is left as it was.
+    """
+    precious = tmp_path / "precious.conf"
+    precious.write_text("precious = yes\n")
+    target = tmp_path / "out"
+    target.mkdir()
+    os.symlink(precious, target / "dovecot-uidlist.tmp")
+    assert cli("mailbox", "export", ALICE, str(target)).code == 0
+    assert precious.read_text() == "precious = yes\n"
+    assert not os.path.islink(target / "dovecot-uidlist")
+    assert readUidList(target / "dovecot-uidlist").nextUid == len(MESSAGES) + 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for sub in ("cur", "tmp"):
+        linked = tmp_path / f"linked-{sub}"
+        linked.mkdir()
+        os.symlink(elsewhere, linked / sub)
+        result = cli("mailbox", "export", ALICE, str(linked))
+        assert result.code == 73, result
+        assert result.err == f"mailgate: {linked / sub} is a symbolic link; export into a new directory\n"
+    assert os.listdir(elsewhere) == []
+
+
 @requireDovecot
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 def test_dovecotServesTheExportWithTheSameUniqueIds(cli, store, tmp_path):

@@ -76,9 +76,17 @@ def _checkEmpty(directory):
 
 
 def _makeDirectories(directory):
+    """
+    Make the Maildir's directories.  Its C{cur}, C{new} and C{tmp} must
+    be directories of their own, not links: messages are written through
+    them, and a link put there by someone who may write to C{directory}
+    would have an export run as root write mail where it points.
+    """
     try:
         for path in (directory, *(os.path.join(directory, sub) for sub in ("cur", "new", "tmp"))):
             os.makedirs(path, mode=0o700, exist_ok=True)
+            if path != directory and os.path.islink(path):
+                raise ImportFailed(f"{path} is a symbolic link; export into a new directory")
             if not os.path.isdir(path):
                 raise ImportFailed(f"{path} is not a directory")
     except OSError as e:
@@ -178,7 +186,10 @@ def _writeUidList(directory, uidValidity, lines):
     path = os.path.join(directory, UIDLIST)
     staged = path + ".tmp"
     try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file, never through what is there already: a link left
+        # in its place would have its target truncated and written.
+        _removeQuietly(staged)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(f"3 V{uidValidity} N{len(lines) + 1}\n")
             f.writelines(lines)
