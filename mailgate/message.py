@@ -5,16 +5,65 @@ Messages on their way into the store.
 L{MessageSpool} collects a message as it arrives (line by line from SMTP
 DATA, or block by block from standard input), normalises every line end to
 CRLF, measures it, and keeps it in memory only while it is small: a large
-message spills to a temporary file, so intake never holds it whole.
+message spills to a temporary file, so intake never holds it whole.  The
+spools of the process share a budget of memory as well: past it, a spool
+spills however small its message, so that many messages arriving at once
+(a thousand connections each sending just under the limit, slowly) cannot
+hold a thousand times the limit.
 """
 
 import tempfile
+import threading
 
 from zope.interface import implementer
 
 from mailgate.interfaces import IMessageSource
 
 SPOOL_MEMORY_LIMIT = 1 << 20
+
+#: Octets all the spools of the process may hold in memory together.
+SPOOL_MEMORY_BUDGET = 64 << 20
+
+
+class _MemoryBudget:
+    """
+    The octets spools hold in memory now, across the process.  A spool
+    gives back what it holds when it spills, is closed, or is freed (if
+    nobody closed it): the count never drifts upward.
+    """
+
+    def __init__(self):
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, octets):
+        """
+        Hold C{octets} more, if the budget has room; whether it had.
+        """
+        with self._lock:
+            if self.held + octets > SPOOL_MEMORY_BUDGET:
+                return False
+            self.held += octets
+            return True
+
+    def giveBack(self, holding):
+        """
+        Give back what a spool holds (C{holding}: a one-item list, the
+        spool's count, set to zero).
+        """
+        with self._lock:
+            self.held -= holding[0]
+            holding[0] = 0
+
+
+_budget = _MemoryBudget()
+
+
+def spooledInMemory():
+    """
+    Octets the spools of this process hold in memory now.
+    """
+    return _budget.held
 
 #: The most line positions a message's L{MessageSpool.dotOffsets} keeps; a
 #: message with more lines that start with "." (nearly always a crafted
@@ -88,6 +137,8 @@ class MessageSpool:
         self._memoryLimit = memoryLimit
         self._pieces = []
         self._file = None
+        # What this spool holds of the process's budget.
+        self._holding = [0]
         self.size = 0
         self._headerSize = None
         self._partial = b""
@@ -99,11 +150,14 @@ class MessageSpool:
             self._file.write(data)
             return
         self._pieces.append(data)
-        if self.size + len(data) > self._memoryLimit:
+        if self.size + len(data) > self._memoryLimit or not _budget.take(len(data)):
             self._file = tempfile.TemporaryFile()
             for piece in self._pieces:
                 self._file.write(piece)
             self._pieces = None
+            _budget.giveBack(self._holding)
+        else:
+            self._holding[0] += len(data)
 
     @property
     def headerSize(self):
@@ -204,11 +258,17 @@ class MessageSpool:
         """
         return b"".join(self.chunks(1 << 20))
 
+    def __del__(self):
+        # A spool nobody closed gives its share back all the same.
+        if self._holding[0]:
+            _budget.giveBack(self._holding)
+
     def close(self):
         """
         Discard the spooled octets.
         """
         self._pieces = []
+        _budget.giveBack(self._holding)
         if self._file is not None:
             try:
                 self._file.close()

@@ -191,6 +191,28 @@ def test_spillToDiskKeepsTheOctets():
     spool.close()
 
 
+def test_spoolsShareABudgetOfMemoryAndGiveItBack(monkeypatch):
+    """
+    Past the process's budget a spool spills however small its message,
+    keeping its octets; what a spool holds is given back when it is
+    closed, when it spills, and when it is dropped without being closed.
+    """
+    from mailgate import message
+
+    # Whatever other spools of the process hold, 10,000 octets more.
+    before = message.spooledInMemory()
+    monkeypatch.setattr(message, "SPOOL_MEMORY_BUDGET", before + 10_000)
+    data = b"Subject: small\r\n\r\n" + b"x" * 3000 + b"\r\n"
+    spools = [spooled(data) for _ in range(5)]
+    assert message.spooledInMemory() - before <= 10_000
+    assert [s.getvalue() for s in spools] == [data] * 5
+    spools[0].close()
+    del spools[1]
+    assert message.spooledInMemory() - before <= 10_000 - 2 * len(data)
+    del spools
+    assert message.spooledInMemory() == before
+
+
 def test_spoolFileMatchesSpoolBytes():
     for blockSize in (1, 2, 5, 64, 1 << 16):
         spool = spoolFile(io.BytesIO(MESSAGE), blockSize=blockSize)

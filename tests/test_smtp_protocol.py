@@ -1454,6 +1454,43 @@ def test_connectionLostInDataStoresNothing(users, dbpath):
     assert nothingStored(dbpath)
 
 
+def test_manyMessagesArrivingAtOnceShareABoundedMemory(users, dbpath, monkeypatch):
+    """
+    Forty clients each send just under a megabyte of a message (each
+    message small enough to be held in memory on its own) and wait: the
+    server holds at most its budget in memory for them all (here lowered
+    to 8 MiB), the rest waits in temporary files; it held 40 MiB, and
+    with the default 5000 connections 5 GiB.  Each message is stored
+    whole once ended, and what is held is given back.
+    """
+    import tracemalloc
+
+    from mailgate import message
+
+    already = message.spooledInMemory() if hasattr(message, "spooledInMemory") else 0
+    monkeypatch.setattr(message, "SPOOL_MEMORY_BUDGET", already + 8 * 2**20, raising=False)
+    body = b"Subject: slow\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000
+    sessions = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(40):
+            s = session(users)
+            envelope(s, [ALICE])
+            # Octets of its own, as each connection delivers them.
+            assert s.send(bytes(bytearray(body))) == b""
+            sessions.append(s)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 16 * 2**20, held
+    for s in sessions:
+        assert s.send(b".\r\n").startswith(b"250 2.0.0 ")
+    stored = storedMessages(dbpath, ALICE)
+    assert len(stored) == 40 and all(m.endswith(b"\r\n" + body) for m in stored)
+    assert message.spooledInMemory() == already
+
+
 def test_largeMessageInManyPackets(users, dbpath, store):
     """
     A 3 MB message (spilled to a temporary file by the spool, stored in
