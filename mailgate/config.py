@@ -936,6 +936,15 @@ SETTINGS = (
         defaultText="none", example="+",
     ),
     Setting(
+        "quota-warning", "quotaWarnings", Integer(metavar="PERCENT", minimum=1, maximum=100), (),
+        "A percentage of a user's quota (storage or messages): the delivery "
+        "that brings the user's use to it puts a message into the user's "
+        "maildrop saying how full it is and what to do, once each time the "
+        "use goes past it (as Dovecot's quota_warning; a POP3 user sees "
+        "nothing else before mail is refused).",
+        repeated=True, example=[80, 95],
+    ),
+    Setting(
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",
         "How SMTP and LMTP refuse a recipient over quota: temporary (452 4.2.2, "
         "the MTA retries after the user made room) or permanent (552 5.2.2).",

@@ -40,7 +40,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
-from mailgate.store.sqlite import databaseFileWarning
+from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 
@@ -746,6 +746,9 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         warning = databaseFileWarning(databaseFile)
         if warning:
             root.startupWarnings.append(("database.file_permissions", warning))
+        warning = databaseDirectoryWarning(databaseFile)
+        if warning:
+            root.startupWarnings.append(("database.directory_permissions", warning))
     if config.smtp and config.postmaster is None:
         root.startupWarnings.append((
             "smtp.no_postmaster",
@@ -767,6 +770,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
             quotaOctets=config.defaultQuota,
             expireDays=config.expireDays,
             keepDeletedDays=config.keepDeletedDays,
+            quotaWarnings=config.quotaWarnings,
         )
         # The store's background work: retention, and what POP3 advertises
         # of it (refreshed like the APOP advertiser).

@@ -22,6 +22,7 @@ inherits).  The rules they keep:
 import hashlib
 import secrets
 import time
+from email.utils import formatdate
 
 import attr
 from twisted.internet import defer
@@ -76,21 +77,26 @@ class StoreLimits:
     @ivar expireDays: the default retention (RFC 2449 EXPIRE), in days.
     @ivar keepDeletedDays: days messages deleted by POP3 are kept for
         recovery (0: removed at once).
+    @ivar quotaWarnings: percentages of a user's quota (ascending) at
+        which a delivery that brings the use there puts a warning into the
+        maildrop (L{quotaWarningMessage}).
     """
 
     quotaOctets = attr.ib(default=None)
     quotaMessages = attr.ib(default=None)
     expireDays = attr.ib(default=None)
     keepDeletedDays = attr.ib(default=0)
+    quotaWarnings = attr.ib(default=(), converter=lambda values: tuple(sorted(set(values))))
 
     def deliveryQuota(self):
         """
         The defaults as the delivery statement takes them: C{(octets,
-        messages)}, -1 for none.
+        messages, warnings)}, -1 for none.
         """
         return (
             UNLIMITED if self.quotaOctets is None else self.quotaOctets,
             UNLIMITED if self.quotaMessages is None else self.quotaMessages,
+            self.quotaWarnings,
         )
 
     def effective(self, own, default):
@@ -101,6 +107,100 @@ class StoreLimits:
         if own is None:
             return default
         return None if own < 0 else own
+
+
+@attr.s(frozen=True, slots=True)
+class QuotaCrossing:
+    """
+    A delivery brought a user's use of a quota to (or past) one of the
+    warning percentages: the highest such.
+
+    @ivar percent: the percentage crossed.
+    @ivar resource: C{"octets"} or C{"messages"}.
+    @ivar used: the use after the delivery.
+    @ivar limit: the quota.
+    """
+
+    percent = attr.ib()
+    resource = attr.ib()
+    used = attr.ib()
+    limit = attr.ib()
+
+
+def quotaCrossed(warnings, octets, messages):
+    """
+    The highest of the percentages C{warnings} that a delivery crossed, of
+    either quota, going up: C{before < percent% of the limit <= after}.
+
+    @param octets: C{(before, after, limit)} for the storage quota, the
+        limit negative for none.
+    @param messages: the same for the quota in messages.
+    @return: a L{QuotaCrossing}, or C{None}: nothing crossed.
+    """
+    found = None
+    for resource, (before, after, limit) in (("octets", octets), ("messages", messages)):
+        if limit is None or limit <= 0:
+            continue
+        for percent in warnings:
+            if before * 100 < percent * limit <= after * 100 and (found is None or percent > found.percent):
+                found = QuotaCrossing(percent, resource, after, limit)
+    return found
+
+
+def quotaWarningMessage(address, crossing, now):
+    """
+    The message a user finds in the maildrop when a delivery brought the
+    use to a warning percentage of the quota: the user of a POP3 mailbox
+    sees nothing else of it until mail is refused.  From the mailbox's
+    own domain's postmaster, with a null return path and C{Auto-Submitted}
+    (RFC 3834), so that nothing answers it.
+
+    @return: the message's octets (CRLF line ends).
+    """
+    domain = address.rpartition("@")[2] or "localhost"
+    used, limit = crossing.used, crossing.limit
+    share = used * 100 // limit
+    if crossing.resource == "octets":
+        holds = f"{_readableSize(used)} of its {_readableSize(limit)} quota ({share}%)"
+    else:
+        holds = f"{used} messages, of the {limit} it may hold ({share}%)"
+    state = "is full" if share >= 100 else f"is {crossing.percent}% full"
+    body = (
+        f"Your mailbox {address} now holds {holds}.\n"
+        "\n"
+        "When it is full, new mail for you is refused: the mail servers of the\n"
+        "people who write to you keep trying for a few days, then return their\n"
+        "mail to them.\n"
+        "\n"
+        "Make room by deleting the messages you no longer need (a mail program\n"
+        "that leaves mail on the server can be told to remove it), or ask your\n"
+        "mail administrator for a larger quota.\n"
+    )
+    header = (
+        "Return-Path: <>\n"
+        f"Date: {formatdate(now, usegmt=True)}\n"
+        f"From: Mail System <postmaster@{domain}>\n"
+        f"To: <{address}>\n"
+        f"Subject: Your mailbox {state}\n"
+        f"Message-ID: <quota.{int(now)}.{secrets.token_hex(8)}@{domain}>\n"
+        "Auto-Submitted: auto-generated\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=utf-8\n"
+        "Content-Transfer-Encoding: 8bit\n"
+    )
+    return (header + "\n" + body).replace("\n", "\r\n").encode("utf-8")
+
+
+def _readableSize(octets):
+    """
+    A size for people: octets, or KB, MB, GB (of 1024) to one decimal.
+    """
+    if octets < 1024:
+        return f"{octets} octets"
+    for unit in ("KB", "MB", "GB", "TB"):
+        octets /= 1024
+        if octets < 1024 or unit == "TB":
+            return f"{octets:.1f}".removesuffix(".0") + f" {unit}"
 
 
 def describeLimit(own, unit=None):

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
+from mailgate.message import spoolBytes
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite
 from mailgate.store.registry import STALE_AFTER
@@ -250,8 +251,9 @@ def _userIdsOf(cursor, addresses, userIds):
 
 
 # The server's default limits as the delivery statement takes them:
-# (octets, messages), -1 for none.
-NO_QUOTA = (-1, -1)
+# (octets, messages), -1 for none, and the percentages of a quota at which
+# a user is warned (lifecycle.StoreLimits.deliveryQuota).
+NO_QUOTA = (-1, -1, ())
 # Rows of the counter update per statement (5 values each).
 _USERS_PER_UPDATE = 100
 
@@ -267,16 +269,27 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
 
     @param addresses: user id to the address it was found under; a user
         no longer known by that address (renamed) counts as gone.
-    @param quota: the server's default limits, C{(octets, messages)}, -1
-        for none; a user's own limits (C{mailboxes.quota_*}) come first.
-    @return: C{(taken, full)}: user id to C{(first uid, uid validity)},
-        and the set of user ids refused for their quota (nothing taken);
-        an id in neither has no mailbox (the user is gone).
+    @param quota: the server's default limits, C{(octets, messages,
+        warnings)}, -1 for none; a user's own limits (C{mailboxes.quota_*})
+        come first.  With C{warnings} (percentages), the statement also
+        returns each user's use and limits, to see which percentage the
+        delivery crossed.
+    @return: C{(taken, full, warn)}: user id to C{(first uid, uid
+        validity)}, the set of user ids refused for their quota (nothing
+        taken; an id in neither has no mailbox: the user is gone), and
+        user id to the L{lifecycle.QuotaCrossing} of those to warn.
     """
     octets = octets or {}
     addresses = addresses or {}
-    octetLimit, messageLimit = quota
+    octetLimit, messageLimit, warnings = quota
+    returning = "mailboxes.user_id, mailboxes.next_uid, mailboxes.uid_validity"
+    if warnings:
+        returning += (
+            ", mailboxes.used_octets, coalesce(mailboxes.quota_octets, ?), "
+            "mailboxes.used_messages, coalesce(mailboxes.quota_messages, ?)"
+        )
     taken = {}
+    warn = {}
     ids = sorted(wanted)
     for start in range(0, len(ids), _USERS_PER_UPDATE):
         batch = ids[start : start + _USERS_PER_UPDATE]
@@ -284,6 +297,8 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
         for userId in batch:
             params += [userId, wanted[userId], octets.get(userId, 0), now, addresses.get(userId, "")]
         params += [octetLimit, octetLimit, messageLimit, messageLimit]
+        if warnings:
+            params += [octetLimit, messageLimit]
         cursor.execute(
             "UPDATE mailboxes SET next_uid = mailboxes.next_uid + v.column2, "
             "used_messages = mailboxes.used_messages + v.column2, "
@@ -296,11 +311,21 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
             "OR mailboxes.used_octets + v.column3 <= coalesce(mailboxes.quota_octets, ?)) "
             "AND (coalesce(mailboxes.quota_messages, ?) < 0 "
             "OR mailboxes.used_messages + v.column2 <= coalesce(mailboxes.quota_messages, ?)) "
-            "RETURNING mailboxes.user_id, mailboxes.next_uid, mailboxes.uid_validity",
+            f"RETURNING {returning}",
             params,
         )
-        for userId, following, validity in cursor.fetchall():
+        for row in cursor.fetchall():
+            userId, following, validity = row[:3]
             taken[userId] = (following - wanted[userId], validity)
+            if warnings:
+                usedOctets, octetQuota, usedMessages, messageQuota = row[3:]
+                crossing = lifecycle.quotaCrossed(
+                    warnings,
+                    (usedOctets - octets.get(userId, 0), usedOctets, octetQuota),
+                    (usedMessages - wanted[userId], usedMessages, messageQuota),
+                )
+                if crossing is not None:
+                    warn[userId] = crossing
     full = set()
     missing = [userId for userId in ids if userId not in taken]
     # The rare case: someone was refused.  Over quota, or gone?
@@ -313,7 +338,7 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
         for userId, address in cursor.fetchall():
             if addresses.get(userId, "") in ("", address):
                 full.add(userId)
-    return taken, full
+    return taken, full, warn
 
 
 def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUOTA):
@@ -323,10 +348,11 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
 
     @param addressLists: one list of distinct addresses per message.
     @param sizes: the size of each message, for the recipients' quotas.
-    @return: C{(known, taken, full)}: address to user id for the
+    @return: C{(known, taken, full, warn)}: address to user id for the
         recipients that exist, user id to C{(first uid, uid validity)}
         (each user gets one uid per message it is a recipient of, from the
-        first on), and the user ids whose quota refused their messages.
+        first on), the user ids whose quota refused their messages, and
+        those to warn of their use (see L{_takeUids}).
     """
     sizes = sizes or [0] * len(addressLists)
     everyone = list(dict.fromkeys(a for addresses in addressLists for a in addresses))
@@ -343,7 +369,7 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
 
     counts, octets = needs(set(everyone))
     byId = {known[a]: a for a in everyone if a in known}
-    taken, full = _takeUids(cursor, counts, octets, now, byId, quota)
+    taken, full, warn = _takeUids(cursor, counts, octets, now, byId, quota)
     # A remembered id with no mailbox: the user was deleted (perhaps by
     # another process), and perhaps created again under a new id; or
     # renamed, and the address is now someone else's or no one's.
@@ -356,14 +382,15 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
         counts, octets = needs(set(stale))
         counts = {u: n for u, n in counts.items() if u not in taken and u not in full}
         byId = {known[a]: a for a in stale if a in known}
-        again, moreFull = _takeUids(cursor, counts, octets, now, byId, quota)
+        again, moreFull, moreWarn = _takeUids(cursor, counts, octets, now, byId, quota)
         taken.update(again)
         full |= moreFull
+        warn.update(moreWarn)
     for address in everyone:
         if known.get(address) not in taken and known.get(address) not in full:
             known.pop(address, None)
             userIds.pop(address, None)
-    return known, taken, full
+    return known, taken, full, warn
 
 
 def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
@@ -385,7 +412,7 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     """
     addressLists = [list(dict.fromkeys(m[0])) for m in messages]
     sizes = [m[1].size for m in messages]
-    known, taken, full = _recipientsOf(
+    known, taken, full, warn = _recipientsOf(
         cursor, addressLists, userIds, sizes, min(m[2] for m in messages), quota
     )
     if full and len(messages) > 1:
@@ -431,7 +458,37 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
+    if warn:
+        addressOf = {userId: address for address, userId in known.items()}
+        now = max(m[2] for m in messages)
+        for userId, crossing in sorted(warn.items()):
+            _storeQuotaWarning(cursor, userId, addressOf[userId], crossing, now)
     return outcomes
+
+
+def _storeQuotaWarning(cursor, userId, address, crossing, now):
+    """
+    Put the message saying a delivery brought a user's use to a warning
+    percentage of the quota (L{lifecycle.quotaWarningMessage}) into the
+    maildrop, after the messages that did, in the delivery's transaction:
+    one warning per crossing, never lost nor doubled.  It is stored over
+    the quota if need be (a few hundred octets: a user at 100% is told).
+    """
+    source = spoolBytes(lifecycle.quotaWarningMessage(address, crossing, now))
+    cursor.execute(
+        "UPDATE mailboxes SET next_uid = next_uid + 1, used_messages = used_messages + 1, "
+        "used_octets = used_octets + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+        (source.size, userId),
+    )
+    following, validity = cursor.fetchone()
+    uid = following - 1
+    bodyId = secrets.token_hex(16)
+    insertRows(cursor, "bodies", BODY_COLUMNS, [(userId, bodyId, source.size, source.headerSize, 1, now)])
+    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(userId, bodyId, 0, b"".join(source.chunks(CHUNK_SIZE)))])
+    insertRows(cursor, "maildrop", DELIVERED_COLUMNS, [
+        (userId, uid, formatUniqueId(uid, validity), userId, bodyId, source.size, source.headerSize, now,
+         *dotLineColumns(source)),
+    ])
 
 
 def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):

@@ -1,0 +1,207 @@
+"""
+Quota warnings (C{--quota-warning PERCENT}): the delivery that brings a
+user's use to a warning percentage of the quota puts a message into the
+maildrop saying so, once per crossing, as Dovecot's C{quota_warning}
+does through a script; the POP3 user sees nothing else of the quota until
+mail is refused.  On both backends, through the store, LMTP and SMTP.
+"""
+
+import email
+import smtplib
+
+import pytest
+
+from e2e import DEADLINE, mailgate_cli, mailgate_server, popLogin, sqliteOnly  # noqa: F401 (fixtures)
+from mailgate.message import spoolBytes
+from mailgate.store.lifecycle import QuotaCrossing, StoreLimits, quotaCrossed, quotaWarningMessage
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+@pytest.fixture
+def store(databaseURL):
+    s = memoryStore(databaseURL)
+    addUser(s, ALICE, "wonderland")
+    addUser(s, BOB, "builder")
+    s.limits.quotaWarnings = (80, 95)
+    yield s
+    s.close()
+
+
+def blob(octets):
+    """
+    A message of exactly C{octets} octets.
+    """
+    head = b"Subject: filler\r\n\r\n"
+    return head + b"x" * (octets - len(head) - 2) + b"\r\n"
+
+
+def maildrop(store, address=ALICE):
+    """
+    The user's messages as POP3 serves them, whole.
+    """
+    session = POP3Session(store)
+    password = "wonderland" if address == ALICE else "builder"
+    assert session.login(address, password).startswith("+OK")
+    count = int(session.command("STAT").split()[1])
+    messages = []
+    for n in range(1, count + 1):
+        reply = session.send(b"RETR %d\r\n" % n)
+        messages.append(reply.partition(b"\r\n")[2][: -len(b".\r\n")].replace(b"\r\n..", b"\r\n."))
+    session.command("QUIT")
+    return messages
+
+
+def warnings(messages):
+    return [email.message_from_bytes(m) for m in messages if b"Auto-Submitted: auto-generated" in m]
+
+
+def test_eachPercentageIsWarnedOfOnceAsTheUseGoesPastIt(store):
+    resultOf(store.setQuota(ALICE, 10_000))
+    deliver(store, [ALICE], blob(5_000))  # 50%: nothing
+    assert warnings(maildrop(store)) == []
+    deliver(store, [ALICE], blob(3_000))  # 80%
+    deliver(store, [ALICE], blob(200))  # between the two: nothing more
+    messages = maildrop(store)
+    [warning] = warnings(messages)
+    # After the message that crossed, before the next one.
+    assert len(messages) == 4 and b"Auto-Submitted: auto-generated" in messages[2]
+    assert warning["Subject"] == "Your mailbox is 80% full"
+    assert warning["To"] == f"<{ALICE}>"
+    assert warning["From"] == "Mail System <postmaster@example.org>"
+    assert warning["Return-Path"] == "<>"
+    text = warning.get_payload()
+    assert f"Your mailbox {ALICE} now holds 7.8 KB of its 9.8 KB quota (80%)." in text
+    status = resultOf(store.quotaOf(ALICE))
+    # The warning itself is in the use (it is a message of the maildrop).
+    assert status.usedOctets == 8_200 + len(messages[2]) and status.usedMessages == 4
+    # 95%, then over: only the 95% crossing is new.
+    deliver(store, [ALICE], blob(1_000))
+    subjects = [w["Subject"] for w in warnings(maildrop(store))]
+    assert subjects == ["Your mailbox is 80% full", "Your mailbox is 95% full"]
+
+
+def test_aDeliveryPastSeveralPercentagesWarnsOfTheHighest(store):
+    resultOf(store.setQuota(ALICE, 10_000))
+    deliver(store, [ALICE], blob(9_600))
+    assert [w["Subject"] for w in warnings(maildrop(store))] == ["Your mailbox is 95% full"]
+
+
+def test_theQuotaInMessagesIsWarnedOfToo(store):
+    resultOf(store.setQuota(ALICE, None, messages=10))
+    for n in range(8):
+        deliver(store, [ALICE], blob(100 + n))
+    [warning] = warnings(maildrop(store))
+    assert warning["Subject"] == "Your mailbox is 80% full"
+    assert "now holds 8 messages, of the 10 it may hold (80%)" in warning.get_payload()
+
+
+def test_aWarningAtOneHundredPercentIsStoredOverTheQuota(store):
+    """
+    The message that fills the mailbox is accepted; the warning that it
+    is full goes in although it takes the use past the quota (it is
+    small, and the user must be told); the next delivery is refused.
+    """
+    store.limits.quotaWarnings = (100,)
+    resultOf(store.setQuota(ALICE, 5_000))
+    deliver(store, [ALICE], blob(5_000))
+    [warning] = warnings(maildrop(store))
+    assert warning["Subject"] == "Your mailbox is full"
+    assert resultOf(store.quotaOf(ALICE)).usedOctets > 5_000
+    assert type(resultOf(store.deliver([ALICE], spoolBytes(blob(10))))[ALICE]).__name__ == "QuotaExceeded"
+
+
+def test_theDefaultQuotaIsWarnedOfAndNoQuotaNever(store):
+    store.limits.quotaOctets = 1_000
+    deliver(store, [ALICE, BOB], blob(900))
+    assert len(warnings(maildrop(store, ALICE))) == 1
+    assert len(warnings(maildrop(store, BOB))) == 1
+    store.limits.quotaOctets = None
+    resultOf(store.setQuota(ALICE, None))
+    deliver(store, [ALICE], blob(50_000))
+    assert len(warnings(maildrop(store, ALICE))) == 1
+
+
+def test_withoutWarningsNothingIsAdded(store):
+    store.limits.quotaWarnings = ()
+    resultOf(store.setQuota(ALICE, 1_000))
+    deliver(store, [ALICE], blob(990))
+    assert len(maildrop(store)) == 1
+
+
+def test_deliveriesCommittedTogetherWarnOncePerUser(databaseURL):
+    """
+    The group commit: deliveries waiting for the same commit run as one; a
+    user whose use they take past a percentage between them is warned once.
+    """
+    from pumped import PumpedReactor
+    from test_lifecycle import threadedStore
+
+    setup = memoryStore(databaseURL)
+    addUser(setup, ALICE, "wonderland")
+    resultOf(setup.setQuota(ALICE, 10_000))
+    setup.close()
+    reactor = PumpedReactor()
+    node = threadedStore(databaseURL, reactor)
+    node.limits.quotaWarnings = (80,)
+    outcomes = []
+    try:
+        for _ in range(4):
+            node.deliver([ALICE], spoolBytes(blob(2_100))).addBoth(outcomes.append)
+        reactor.pump(lambda: len(outcomes) == 4, timeout=60)
+    finally:
+        node.database.close()
+    assert all(isinstance(o[ALICE], str) for o in outcomes), outcomes
+    check = memoryStore(databaseURL)
+    try:
+        messages = maildrop(check)
+        assert len(messages) == 5
+        assert [w["Subject"] for w in warnings(messages)] == ["Your mailbox is 80% full"]
+    finally:
+        check.close()
+
+
+def test_quotaCrossed():
+    assert quotaCrossed((80, 95), (0, 7_999, 10_000), (0, 1, -1)) is None
+    assert quotaCrossed((80, 95), (0, 8_000, 10_000), (0, 1, -1)) == QuotaCrossing(80, "octets", 8_000, 10_000)
+    # Already past it before: not crossed again.
+    assert quotaCrossed((80,), (8_000, 9_000, 10_000), (0, 1, -1)) is None
+    # The higher of the two quotas' crossings.
+    assert quotaCrossed((80, 95), (0, 8_100, 10_000), (18, 19, 20)) == QuotaCrossing(95, "messages", 19, 20)
+    assert quotaCrossed((50,), (0, 10, 0), (0, 1, None)) is None
+
+
+def test_theWarningMessage():
+    text = quotaWarningMessage(ALICE, QuotaCrossing(95, "octets", 9_800 << 10, 10 << 20), 1_700_000_000)
+    assert b"\r\n" in text and b"\n" not in text.replace(b"\r\n", b"")
+    message = email.message_from_bytes(text)
+    assert message["Date"] == "Tue, 14 Nov 2023 22:13:20 GMT"
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message["Message-ID"].endswith("@example.org>")
+    assert "9.6 MB of its 10 MB quota (95%)" in message.get_payload()
+    assert StoreLimits(quotaWarnings=[95, 80, 95]).deliveryQuota() == (-1, -1, (80, 95))
+
+
+# -- through a running server ----------------------------------------------------
+
+
+@sqliteOnly
+def test_lmtpDeliveryPastAPercentageLeavesTheWarningForPOP3(mailgate_server, mailgate_cli):
+    mailgate_cli.addUser(ALICE, "wonderland")
+    mailgate_cli.check("user", "quota", ALICE, "10K")
+    server = mailgate_server("--lmtp", "tcp:0:interface=127.0.0.1", "--quota-warning", "80", "--domain", "example.org")
+    lmtp = smtplib.LMTP("127.0.0.1", server.portOf("LMTP"), timeout=DEADLINE)
+    try:
+        lmtp.ehlo("mta.test")
+        assert lmtp.sendmail("sender@remote.test", [ALICE], blob(9_000)) == {}
+    finally:
+        lmtp.quit()
+    client = popLogin(server, ALICE, "wonderland")
+    try:
+        assert len(client.list()[1]) == 2
+        warning = email.message_from_bytes(b"\r\n".join(client.retr(2)[1]))
+    finally:
+        client.quit()
+    assert warning["Subject"] == "Your mailbox is 80% full"
