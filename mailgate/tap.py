@@ -11,6 +11,7 @@ checks and collects; L{makeService} opens the store and builds the services.
 """
 
 import os
+import stat
 import sys
 
 import attr
@@ -21,6 +22,7 @@ from mailgate import config as configuration
 from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import makeService as _makeService
+from mailgate.urls import hasPassword
 
 _log = Logger()
 
@@ -246,6 +248,9 @@ def makeService(options):
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread
+        warning = configFileWarning(options.configPath)
+        if warning:
+            service.startupWarnings.append(("config.file_permissions", warning))
     service.exitOnStartupError = True
     service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per
@@ -268,6 +273,27 @@ def makeService(options):
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def configFileWarning(path):
+    """
+    What to warn of, if anything, in the permissions of a configuration
+    file that gives the database's password: every user of the machine
+    may read it.  Written under the usual umask (0644), as an editor
+    leaves it, it hands them the database, every message and password
+    hash in it.  Left as it is, but said at every start, as of a TLS key.
+    """
+    try:
+        database = configuration.readFile(path).get("database")
+        permissions = stat.S_IMODE(os.stat(path).st_mode)
+    except (ConfigurationError, OSError):
+        return None
+    if database is None or not hasPassword(database) or not permissions & 0o004:
+        return None
+    return (
+        f"the configuration file {path} holds the database's password, and every user of this "
+        f"machine may read it (mode {permissions:04o}): chmod o-r it"
+    )
 
 
 def _stopped(error):

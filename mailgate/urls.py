@@ -42,6 +42,13 @@ def withoutPassword(text, url):
     return text
 
 
+def hasPassword(url):
+    """
+    Whether C{url} gives a password (C{user:PASSWORD@}, or C{?password=}).
+    """
+    return bool(_passwordsIn(url))
+
+
 def _passwordsIn(url):
     """
     The password C{url} gives, as written and percent-decoded, in its user

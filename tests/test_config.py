@@ -14,7 +14,7 @@ import pytest
 from twisted.python import usage
 
 from certs import makeCertificate
-from e2e import TWISTD, databaseURL, runCommand, sqliteOnly
+from e2e import TWISTD, databaseURL, runCommand, sqliteOnly, waitFor
 from e2e import mailgate_server  # noqa: F401 (fixture)
 from mailgate import config as settings
 from mailgate import tap
@@ -451,6 +451,38 @@ def test_twistdReadsTheFile(mailgate_server, tmp_path):
     # won over the file's.
     with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=10) as s:
         assert s.recv(512).startswith(b"220 from-cli.test ")
+
+
+@sqliteOnly
+def test_aFileGivingTheDatabasePasswordThatEveryoneMayReadIsWarnedOf(mailgate_server, tmp_path):
+    """
+    A configuration file holding the database's password, left readable
+    by every user of the machine (0644, as an editor under the usual
+    umask leaves it): every start says so, naming the file, not the
+    password.  Readable by its group only, or without a password, it is
+    not warned of.
+    """
+    url = "postgresql://mailgate:s3cret-pw@db.internal/mail"
+    path = writeConfig(tmp_path, f'database = "{url}"\n')
+    warning = (
+        f"the configuration file {path} holds the database's password, and every user of this "
+        f"machine may read it (mode 0644): chmod o-r it"
+    )
+    # The command line's database (the test's SQLite file) wins over the
+    # file's, which still holds the password.
+    os.chmod(path, 0o644)
+    server = mailgate_server("--config", path)
+    waitFor(lambda: warning in server.stdout, f"the warning, in {server.log()}")
+    assert "s3cret" not in server.stdout + server.stderr
+    server.stop()
+    os.chmod(path, 0o640)
+    assert tap.configFileWarning(path) is None
+    os.chmod(path, 0o644)
+    for text in ('database = "postgresql://mailgate@db.internal/mail"\n', 'hostname = "mail.example.org"\n'):
+        pathlib.Path(path).write_text(text)
+        assert tap.configFileWarning(path) is None, text
+    pathlib.Path(path).write_text('database = "postgresql://mailgate@db.internal/mail?password=s3cret-pw"\n')
+    assert tap.configFileWarning(path) == warning
 
 
 def test_exemptNetworkNoneWithNetworks(tmp_path):
