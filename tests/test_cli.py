@@ -1004,6 +1004,36 @@ def test_configFileGivesTheDatabase(tmp_path):
     assert not fromEnvironment.exists()
 
 
+def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
+    """
+    C{mailgate --config FILE deliver}, as an MTA's pipe transport runs it:
+    the file's --default-quota and --quota-warning apply as they do to the
+    server's SMTP and LMTP; before, the pipe stored mail past the quota
+    every other path refused.
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\ndefault-quota = "1K"\nquota-warning = [80]\n')
+
+    def mailgate(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=_stdin(stdin.encode()), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    message = "Subject: most of a kilobyte\n\n" + "x" * 850 + "\n"
+    first = mailgate("deliver", ALICE, stdin=message)
+    assert first.code == 0, first
+    listed = mailgate("mailbox", "list", ALICE, "--json")
+    assert len(listed.out.splitlines()) == 2  # the message, and the warning after it
+    again = mailgate("deliver", ALICE, stdin=message)
+    assert again.code == 75, again
+    assert "try again later" in again.err
+    # Without the file, the server's defaults are unknown: no limit.
+    plain = CLI(database)
+    assert plain("deliver", ALICE, stdin=message.encode()).code == 0
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

@@ -491,6 +491,25 @@ def _configDatabase(path):
     return config.readFile(path).get("database")
 
 
+def _configLimits(path):
+    """
+    The store's defaults as the server's configuration file at C{path}
+    sets them (C{--default-quota}, C{--quota-warning}, the retention
+    days), so that C{mailgate deliver --config FILE}, an MTA's pipe
+    transport, applies the quota the server's SMTP and LMTP apply.
+    """
+    from mailgate import config
+    from mailgate.store.lifecycle import StoreLimits
+
+    values = config.readFile(path)
+    return StoreLimits(
+        quotaOctets=values.get("default-quota"),
+        expireDays=values.get("expire-days"),
+        keepDeletedDays=values.get("keep-deleted-days", 0),
+        quotaWarnings=values.get("quota-warning", ()),
+    )
+
+
 def _databaseURL(args, environ):
     """
     The database URL to work on, and where it came from, for messages
@@ -547,6 +566,8 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # its file: any other one on a mistyped path would make an
             # empty database and report no users.
             store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
+            if args.config is not None:
+                store.limits = _configLimits(args.config)
         args.run(store, args, stdout, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         stdout.flush()
