@@ -53,6 +53,9 @@ class UserSummary:
     #: whether the user keeps the HMAC-MD5 states of a C{{CRAM-MD5}} hash
     #: imported from Dovecot, for CRAM-MD5 (as users with APOP can)
     cramMD5 = attr.ib(default=False)
+    #: the start of the user's last POP3 session, seconds since the epoch,
+    #: or C{None} (none yet)
+    lastLogin = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)

@@ -294,11 +294,11 @@ def test_userList(cli):
     result = cli("user", "list")
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE"]
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE", "LAST-LOGIN"]
     size = len(message.replace(b"\n", b"\r\n"))
     assert [line.split() for line in lines[1:]] == [
-        [ALICE, "2", str(2 * size), "on", "default", "default", "default"],
-        [BOB, "0", "0", "off", "default", "default", "default"],
+        [ALICE, "2", str(2 * size), "on", "default", "default", "default", "never"],
+        [BOB, "0", "0", "off", "default", "default", "default", "never"],
     ]
 
 
@@ -1099,9 +1099,10 @@ def test_listingsForScriptsAreJSONLines(cli):
     assert [message["number"], message["octets"], message["unique_id"]] == [1, int(table[1]), table[2]]
     assert records("user", "list") == [
         {"address": long, "messages": 0, "octets": 0, "apop": False, "cram_md5": False, "password": "mailgate",
-         "quota_octets": "default", "quota_messages": "default", "expire_days": "never"},
+         "quota_octets": "default", "quota_messages": "default", "expire_days": "never", "last_login": None},
         {"address": ALICE, "messages": 1, "octets": message["octets"], "apop": True, "cram_md5": True,
-         "password": "mailgate", "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default"},
+         "password": "mailgate", "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default",
+         "last_login": None},
     ]
     assert datetime.datetime.fromisoformat(message["arrived"].replace("Z", "+00:00"))
     assert records("mailbox", "deleted", ALICE) == []

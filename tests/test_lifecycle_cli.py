@@ -7,7 +7,7 @@ checked through the store itself.
 
 import pytest
 
-from mailgate.testing import addUser, deliver, memoryStore, resultOf
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 from test_cli import CLI
 
 ALICE = "alice@example.org"
@@ -37,8 +37,8 @@ def listed(cli):
     result = cli("user", "list")
     assert result.code == 0, result
     lines = result.out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE"]
-    return {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert lines[0].split() == ["ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE", "LAST-LOGIN"]
+    return {line.split()[0]: line.split()[1:-1] for line in lines[1:]}
 
 
 # -- user quota ------------------------------------------------------------------
@@ -324,6 +324,48 @@ def test_nodesShowsHowFarEachNodesClockIsFromTheDatabaseServers(cli, store, data
     resultOf(store.sessions.otherSettings())
     resultOf(store.sessions.flush())
     assert cli("nodes").out.splitlines()[1].split()[-1] in ("-20.0s", "-20.1s")
+
+
+def test_userListShowsEachUsersLastLogin(cli, store):
+    """
+    The start of each user's last POP3 session, written with the node's
+    registry heartbeat (a login costs no write of its own), sessions that
+    began and ended between two heartbeats included (most do), never
+    moved back by a session that started earlier; "never" for a user who
+    has not logged in.
+    """
+    import json
+
+    from test_lifecycle import Clocked
+
+    clock = Clocked(store, now=1_700_000_000)
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    clock.now += 3600
+    later = POP3Session(store)
+    assert later.command("QUIT").startswith("+OK")
+    resultOf(store.sessions.flush())
+    lines = {line.split()[0]: line.split()[-1] for line in cli("user", "list").out.splitlines()[1:]}
+    assert lines == {ALICE: "2023-11-14T22:13:20Z", BOB: "never"}
+    # An older session written after a newer login moves nothing back.
+    session.command("QUIT")
+    other = POP3Session(store)
+    assert other.login(ALICE, "wonderland").startswith("+OK")
+    other.command("QUIT")
+    clock.now -= 7200
+    old = POP3Session(store)
+    assert old.login(ALICE, "wonderland").startswith("+OK")
+    old.command("QUIT")
+    resultOf(store.sessions.flush())
+    records = {r["address"]: r["last_login"] for r in map(json.loads, cli("user", "list", "--json").out.splitlines())}
+    assert records == {ALICE: "2023-11-14T23:13:20Z", BOB: None}
+    # A node that stops writes the logins its last second saw.
+    clock.now += 7200 + 60
+    bob = POP3Session(store)
+    assert bob.login(BOB, "builder").startswith("+OK")
+    bob.command("QUIT")
+    resultOf(store.sessions.leave())
+    assert cli("user", "list").out.splitlines()[2].split()[-1] == "2023-11-14T23:14:20Z"
 
 
 def test_importForget(cli, store):

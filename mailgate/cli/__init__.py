@@ -187,7 +187,7 @@ def buildParser():
     )
     delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(run=_userDel, migrate=True)
-    listing = user.add_parser("list", help="list users")
+    listing = user.add_parser("list", help="list users: their use, their own limits, their last POP3 login")
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True)
     test = user.add_parser(

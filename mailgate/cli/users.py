@@ -35,6 +35,7 @@ from mailgate.cli.common import (
     _messageCount,
     _readPassword,
     _result,
+    _time,
 )
 from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
@@ -230,15 +231,20 @@ def _userList(store, args, out, stdin):
                 "quota_octets": _limitValue(user.quotaOctets),
                 "quota_messages": _limitValue(user.quotaMessages),
                 "expire_days": _limitValue(user.expireDays, "days"),
+                "last_login": None if user.lastLogin is None else _time(user.lastLogin),
             }
             for user in users
         ))
-    out.write(f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} EXPIRE\n")
+    out.write(
+        f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} {'EXPIRE':<6} "
+        "LAST-LOGIN\n"
+    )
     for user in users:
         out.write(
             f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
             f"{'on' if user.apop else 'cram' if user.cramMD5 else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
-            f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days')}\n"
+            f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days'):<6} "
+            f"{'never' if user.lastLogin is None else _time(user.lastLogin)}\n"
         )
 
 

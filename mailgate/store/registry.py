@@ -207,11 +207,11 @@ def _otherSettings(cursor, engine, now, exceptNode):
 # -- interactions ----------------------------------------------------------------
 
 
-def _sync(cursor, node, now, added, removed, forgetBefore):
+def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
     """
     One write of a node's registry: its heartbeat (and the settings it
-    works with), the sessions that began and ended since the last one;
-    and the rows of long-dead nodes.
+    works with), the sessions that began and ended since the last one,
+    the users' last logins; and the rows of long-dead nodes.
     """
     nodeId, name, started, settings = node
     cursor.execute(
@@ -226,6 +226,7 @@ def _sync(cursor, node, now, added, removed, forgetBefore):
             + ",".join(["(?, ?, ?, ?, ?)"] * len(part)),
             [v for s in part for v in (s.userId, s.sessionId, nodeId, s.peer, s.since)],
         )
+    _recordLastLogins(cursor, logins)
     for session in removed:
         cursor.execute(
             "DELETE FROM pop3_sessions WHERE user_id = ? AND session_id = ?",
@@ -240,7 +241,28 @@ def _sync(cursor, node, now, added, removed, forgetBefore):
         cursor.execute("DELETE FROM mailgate_nodes WHERE seen_at < ?", (forgetBefore,))
 
 
-def _leave(cursor, nodeId):
+def _recordLastLogins(cursor, logins):
+    """
+    Each user's last POP3 login (C{mailgate user list}, as Dovecot's
+    last_login plugin keeps it), C{(user id, time)}: written with the
+    registry's heartbeat, not by the login itself, so a login costs no
+    write of its own.  Never moved back (a node's older login written
+    after another's newer one).
+    """
+    rows = sorted((userId, int(since)) for userId, since in logins)
+    for start in range(0, len(rows), 100):
+        part = rows[start : start + 100]
+        cursor.execute(
+            "UPDATE mailboxes SET last_login = v.column2 "
+            f"FROM (VALUES {','.join(['(?, ?)'] * len(part))}) AS v "
+            "WHERE mailboxes.user_id = v.column1 "
+            "AND (mailboxes.last_login IS NULL OR mailboxes.last_login < v.column2)",
+            [value for row in part for value in row],
+        )
+
+
+def _leave(cursor, nodeId, logins=()):
+    _recordLastLogins(cursor, logins)
     cursor.execute("DELETE FROM pop3_sessions WHERE node_id = ?", (nodeId,))
     cursor.execute("DELETE FROM mailgate_nodes WHERE node_id = ?", (nodeId,))
 
@@ -309,6 +331,10 @@ class SessionRegistry:
         self._sessions = {}
         self._added = {}
         self._removed = {}
+        # User id to the start of its latest session since the last write
+        # (sessions that begin and end between two writes are never
+        # written, their logins are).
+        self._logins = {}
         self._lastBeat = None
         # (name, settings) of the other live nodes, as last read.
         self.others = []
@@ -324,6 +350,7 @@ class SessionRegistry:
         session = Session(secrets.token_hex(8), maildrop.userId, peer, now, end)
         self._sessions[session.sessionId] = session
         self._added[session.sessionId] = session
+        self._logins[maildrop.userId] = max(now, self._logins.get(maildrop.userId, now))
         return session
 
     def ended(self, session):
@@ -347,7 +374,10 @@ class SessionRegistry:
         or the heartbeat is due.
         """
         now = self._store._now()
-        return bool(self._added or self._removed or self._lastBeat is None or now - self._lastBeat >= HEARTBEAT)
+        return bool(
+            self._added or self._removed or self._logins or self._lastBeat is None
+            or now - self._lastBeat >= HEARTBEAT
+        )
 
     def flush(self):
         """
@@ -361,6 +391,7 @@ class SessionRegistry:
             self._started = now
         added, self._added = self._added, {}
         removed, self._removed = self._removed, {}
+        logins, self._logins = self._logins, {}
         forget = None
         if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
             forget = now - FORGET_AFTER
@@ -376,6 +407,7 @@ class SessionRegistry:
             list(added.values()),
             list(removed.values()),
             forget,
+            list(logins.items()),
         )
 
         def written(_):
@@ -390,6 +422,8 @@ class SessionRegistry:
                     self._removed.pop(sessionId, None)
             for sessionId, session in removed.items():
                 self._removed.setdefault(sessionId, session)
+            for userId, since in logins.items():
+                self._logins[userId] = max(since, self._logins.get(userId, since))
             return failure
 
         return d.addCallbacks(written, failed)
@@ -449,12 +483,14 @@ class SessionRegistry:
 
     def leave(self):
         """
-        This node stops: its rows go (a clean shutdown needs no timeout).
-        Nothing to do for a node that never wrote any.
+        This node stops: its rows go (a clean shutdown needs no timeout),
+        and the logins not written yet are.  Nothing to do for a node that
+        never wrote any and had no login.
         """
         self._added.clear()
         self._removed.clear()
-        if self._lastBeat is None:
+        logins, self._logins = self._logins, {}
+        wrote, self._lastBeat = self._lastBeat is not None, None
+        if not wrote and not logins:
             return defer.succeed(None)
-        self._lastBeat = None
-        return self._store.database.runWrite(_leave, self.nodeId)
+        return self._store.database.runWrite(_leave, self.nodeId, list(logins.items()))

@@ -181,12 +181,12 @@ def _listUsers(cursor):
     cursor.execute(
         "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
         "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
-        "u.cram_md5 IS NOT NULL "
+        "u.cram_md5 IS NOT NULL, b.last_login "
         "FROM users u JOIN mailboxes b ON b.user_id = u.user_id ORDER BY u.address"
     )
     return [
-        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram))
-        for a, n, s, apop, qo, qm, e, imported, cram in cursor.fetchall()
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
+        for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
     ]
 
 
