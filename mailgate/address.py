@@ -86,3 +86,20 @@ def normalizeAddress(address):
     if not local or not _LOCAL.match(local):
         raise InvalidAddress(f"invalid local part in {address!r}")
     return local.lower() + "@" + normalizeDomain(domain)
+
+
+def withoutDetail(address, delimiters):
+    """
+    The address of the user that C{address} names with a detail
+    (C{bob@example.org} for C{bob+lists@example.org}, C{delimiters}
+    C{"+"}, as Postfix's and Dovecot's C{recipient_delimiter}): its local
+    part cut at the first delimiter; C{None} if it has none, or one only
+    as its first character (a detail of nobody), or no delimiters are set.
+    """
+    if not delimiters:
+        return None
+    local, _, domain = address.rpartition("@")
+    cuts = [i for i in map(local.find, delimiters) if i > 0]
+    if not cuts:
+        return None
+    return f"{local[:min(cuts)]}@{domain}"

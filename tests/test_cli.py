@@ -1034,6 +1034,32 @@ def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     assert plain("deliver", ALICE, stdin=message.encode()).code == 0
 
 
+def test_deliverWithTheServersFileFindsTheUserOfADetail(tmp_path):
+    """
+    With the file's recipient-delimiter, C{deliver} finds the user an
+    address names with a detail (bob+lists@ is bob's) as SMTP and LMTP
+    do; a detail of nobody is still no such user (67), and without the
+    file the address is taken whole.
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\nrecipient-delimiter = "+"\n')
+    detail = ALICE.replace("@", "+lists@")
+
+    def mailgate(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=_stdin(stdin.encode()), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    delivered = mailgate("deliver", detail, stdin="Subject: for a list\n\nhello\n")
+    assert delivered.code == 0, delivered
+    assert delivered.out.startswith(f"delivered to {ALICE} as ")
+    nobody = mailgate("deliver", "nobody+lists@example.org", stdin="Subject: x\n\nx\n")
+    assert (nobody.code, nobody.err) == (67, "mailgate: no such user: nobody+lists@example.org\n")
+    assert CLI(database)("deliver", detail, stdin=b"Subject: x\n\nx\n").code == 67
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

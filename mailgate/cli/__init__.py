@@ -491,6 +491,16 @@ def _configDatabase(path):
     return config.readFile(path).get("database")
 
 
+def _configValues(path):
+    """
+    What the server's configuration file at C{path} sets, by long option
+    name (read and checked as the server reads it).
+    """
+    from mailgate import config
+
+    return config.readFile(path)
+
+
 def _configLimits(path):
     """
     The store's defaults as the server's configuration file at C{path}
@@ -498,10 +508,9 @@ def _configLimits(path):
     days), so that C{mailgate deliver --config FILE}, an MTA's pipe
     transport, applies the quota the server's SMTP and LMTP apply.
     """
-    from mailgate import config
     from mailgate.store.lifecycle import StoreLimits
 
-    values = config.readFile(path)
+    values = _configValues(path)
     return StoreLimits(
         quotaOctets=values.get("default-quota"),
         expireDays=values.get("expire-days"),
@@ -568,6 +577,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
             if args.config is not None:
                 store.limits = _configLimits(args.config)
+                args.recipientDelimiter = _configValues(args.config).get("recipient-delimiter")
         args.run(store, args, stdout, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         stdout.flush()

@@ -4,8 +4,8 @@ C{mailgate deliver}: a message from standard input into local maildrops,
 for an MTA's pipe transport.
 """
 
-from mailgate.address import normalizeAddress
-from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, _existingUser, _result
+from mailgate.address import normalizeAddress, withoutDetail
+from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
 
@@ -29,6 +29,20 @@ def _sender(text):
         raise CommandError(f"bad sender {text[:60]!r}: {e}", EX_DATAERR) from None
 
 
+def _recipient(store, address, delimiter):
+    """
+    The user C{address} is for: its own, or with the server's
+    C{recipient-delimiter} (given the server's configuration file) the
+    user it names with a detail, as SMTP and LMTP find it.
+    """
+    if _result(store.findUser(address)) is not None:
+        return address
+    user = withoutDetail(address, delimiter)
+    if user is not None and _result(store.findUser(user)) is not None:
+        return user
+    raise CommandError(f"no such user: {address}", EX_NOUSER)
+
+
 def _deliver(store, args, out, stdin):
     addresses = []
     for text in args.addresses:
@@ -39,8 +53,8 @@ def _deliver(store, args, out, stdin):
     # All or nothing: an unknown recipient fails the delivery before any copy
     # is stored, so the MTA's bounce tells the whole truth.
     sender = None if args.sender is None else _sender(args.sender)
-    for address in addresses:
-        _existingUser(store, address)
+    delimiter = getattr(args, "recipientDelimiter", None)
+    addresses = list(dict.fromkeys(_recipient(store, address, delimiter) for address in addresses))
     trace = ()
     if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came

@@ -29,7 +29,7 @@ import time
 
 from twisted.internet import defer
 
-from mailgate.address import normalizeAddress
+from mailgate.address import normalizeAddress, withoutDetail
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
@@ -179,18 +179,11 @@ class LocalDelivery:
 
     def withoutDetail(self, address):
         """
-        The address of the user that C{address} names with a detail
-        (C{bob@example.org} for C{bob+lists@example.org}, the delimiter
-        C{+}): its local part cut at the first delimiter; C{None} if it
-        has none, or one only as its first character (a detail of nobody).
+        The address of the user that C{address} names with a detail, by
+        L{recipientDelimiter} (see L{mailgate.address.withoutDetail}), or
+        C{None}.
         """
-        if not self.recipientDelimiter:
-            return None
-        local, _, domain = address.rpartition("@")
-        cuts = [i for i in map(local.find, self.recipientDelimiter) if i > 0]
-        if not cuts:
-            return None
-        return f"{local[:min(cuts)]}@{domain}"
+        return withoutDetail(address, self.recipientDelimiter)
 
     def _checkUser(self, mailbox, address, size, postmasterIfMissing=False):
         """
