@@ -78,7 +78,9 @@ POP3_COMMANDS = (
 )
 #: the settings nodes sharing a database announce and compare (the
 #: options' names, as labels)
-NODE_SETTINGS = ("default_quota", "expire_days", "keep_deleted_days", "quota_exceeded")
+NODE_SETTINGS = (
+    "default_quota", "expire_days", "keep_deleted_days", "quota_warning", "quota_exceeded", "recipient_delimiter",
+)
 OTHER = "other"
 OTHER_COMMAND = "OTHER"
 #: distinct database operations labelled before the rest count as "other"

@@ -780,7 +780,8 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         # written by every node, so one that only takes mail in counts
         # too where the nodes' retention settings are compared.
         RegistryService(
-            store, reactor, name=config.hostname, metrics=metrics, quotaExceeded=config.quotaExceeded
+            store, reactor, name=config.hostname, metrics=metrics, quotaExceeded=config.quotaExceeded,
+            recipientDelimiter=config.recipientDelimiter,
         ).setServiceParent(root)
     pop3 = []
 

@@ -867,6 +867,22 @@ def test_importPOP3RefusesABadURLWithoutShowingItsPassword(cli, url, shown):
     assert "s3cret" not in result.err and "s3cret" not in result.out
 
 
+def test_importPOP3RefusesAPasswordInTheURL(cli):
+    """
+    A well-formed URL with the source's password in it: refused, not used
+    (a command line is in the process list for every user to read) and
+    not silently ignored for a prompt that cannot come under cron.
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("import", "pop3", "pop3://alice:s3cret@127.0.0.1:1", ALICE, "--password-stdin",
+                 stdin=f"{PASSWORD}\n")
+    assert result.code == 64, result
+    assert oneLineError(result) == (
+        "mailgate: the source's password does not go in the URL, where every user of this machine can "
+        "read it in the process list: give it on standard input (--password-stdin) or at the prompt\n"
+    )
+
+
 @pytest.mark.parametrize("uidlFormat", ["%q", "%{nope}", "%08Xu%{unterminated", "%099999999999u"])
 def test_importMaildirRefusesABadUidlFormatUpFront(cli, tmp_path, uidlFormat):
     """

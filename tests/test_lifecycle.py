@@ -1031,6 +1031,42 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
         b.close()
 
 
+def test_nodesDifferingInRecipientDelimiterOrQuotaWarningsSaySo(databaseURL):
+    """
+    A node without --recipient-delimiter bounces the mail for bob+lists@
+    that one with it gives bob, and nodes with other --quota-warning
+    percentages warn users apart: both are announced and compared.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger, formatEvent
+
+    from mailgate.store.housekeeping import RegistryService
+
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    reactor = MemoryReactorClock()
+    events = []
+    service = RegistryService(a, reactor, name="node-a", recipientDelimiter="+")
+    service.log = Logger(observer=events.append)
+    try:
+        a.limits.quotaWarnings = (80, 95)
+        resultOf(b.sessions.flush())
+        service.startService()
+        reactor.run()
+        reactor.advance(0)
+        [warning] = [e for e in events if e.get("event") == "node.settings_differ"]
+        assert warning["differences"] == [
+            {"option": "--quota-warning", "here": [80, 95], "node": b.sessions.name, "there": []},
+            {"option": "--recipient-delimiter", "here": "+", "node": b.sessions.name, "there": ""},
+        ]
+        text = formatEvent(warning)
+        assert f"--quota-warning 80,95 here, none on {b.sessions.name}" in text
+        assert f"--recipient-delimiter + here, none on {b.sessions.name}" in text
+    finally:
+        resultOf(service.stopService())
+        a.close()
+        b.close()
+
+
 def samples(metrics, name):
     """
     The samples of the metric family C{name}: C{(labels, value)}.

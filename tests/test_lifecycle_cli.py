@@ -253,12 +253,16 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
     """
     import json
 
-    assert cli("nodes").out.split() == ["NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA", "CLOCK"]
+    assert cli("nodes").out.split() == [
+        "NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA", "WARN-AT", "DELIMITER", "CLOCK",
+    ]
     other = memoryStore(cli.url)
     try:
         store.sessions.name, other.sessions.name = "node-a[1]", "node-b[2]"
         store.sessions.quotaExceeded, other.sessions.quotaExceeded = "temporary", "permanent"
         store.limits.quotaOctets, store.limits.keepDeletedDays = 1 << 30, 7
+        store.limits.quotaWarnings = (95, 80)
+        other.sessions.recipientDelimiter = "+"
         other.limits.quotaOctets, other.limits.expireDays = 1 << 30, 30
         resultOf(store.sessions.flush())
         resultOf(other.sessions.flush())
@@ -266,23 +270,26 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         assert result.code == 0, result
         lines = result.out.splitlines()
         assert [line.split()[:1] + line.split()[2:] for line in lines[1:3]] == [
-            ["node-a[1]", "1G", "never", "7", "temporary", "-"],
-            ["node-b[2]", "1G", "30", "0", "permanent", "-"],
+            ["node-a[1]", "1G", "never", "7", "temporary", "80%,95%", "none", "-"],
+            ["node-b[2]", "1G", "30", "0", "permanent", "none", "+", "-"],
         ]
         assert lines[3:] == [
             "",
-            "the nodes differ in --expire-days, --keep-deleted-days, --quota-exceeded: give every node the same",
+            "the nodes differ in --expire-days, --keep-deleted-days, --quota-exceeded, --quota-warning, "
+            "--recipient-delimiter: give every node the same",
         ]
         records = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
         assert [r["clock_offset"] for r in records] == [None, None]
         assert [(r["node"], r["settings"]) for r in records] == [
             (
                 "node-a[1]",
-                {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7, "quota_exceeded": "temporary"},
+                {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7, "quota_exceeded": "temporary",
+                 "quota_warnings": [80, 95], "recipient_delimiter": ""},
             ),
             (
                 "node-b[2]",
-                {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0, "quota_exceeded": "permanent"},
+                {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0, "quota_exceeded": "permanent",
+                 "quota_warnings": [], "recipient_delimiter": "+"},
             ),
         ]
         assert ("--quota-exceeded", "temporary", "node-b[2]", "permanent") in resultOf(store.sessions.otherSettings())

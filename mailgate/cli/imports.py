@@ -152,7 +152,15 @@ def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
     from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL
 
-    urlUser = _pop3URL(args.url, parseURL, ImportFailed)[3]
+    _, _, _, urlUser, urlPassword = _pop3URL(args.url, parseURL, ImportFailed)
+    if urlPassword is not None:
+        # Not taken: a command line is in the process list, for every user
+        # of the machine to read (and in shell histories).
+        raise CommandError(
+            "the source's password does not go in the URL, where every user of this machine can "
+            "read it in the process list: give it on standard input (--password-stdin) or at the prompt",
+            EX_USAGE,
+        )
     master = args.master_user
     if master is not None:
         if urlUser is not None:

@@ -36,7 +36,9 @@ def _who(store, args, out, stdin):
 
 #: What C{mailgate nodes} shows of the settings nodes announce
 #: (L{mailgate.store.registry.SHARED_SETTINGS}), in its columns' order.
-_NODE_SETTINGS = ("quota_octets", "expire_days", "keep_deleted_days", "quota_exceeded")
+_NODE_SETTINGS = (
+    "quota_octets", "expire_days", "keep_deleted_days", "quota_exceeded", "quota_warnings", "recipient_delimiter",
+)
 
 
 def _nodes(store, args, out, stdin):
@@ -50,17 +52,23 @@ def _nodes(store, args, out, stdin):
             for n in nodes
         ))
     out.write(
-        f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} {'OVER-QUOTA':<10} CLOCK\n"
+        f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} {'OVER-QUOTA':<10} "
+        f"{'WARN-AT':<8} {'DELIMITER':<9} CLOCK\n"
     )
     for node in nodes:
-        quota, expire, keep, overQuota = (_shownSetting(node.settings, name) for name in _NODE_SETTINGS)
+        quota, expire, keep, overQuota, warnAt, delimiter = (
+            _shownSetting(node.settings, name) for name in _NODE_SETTINGS
+        )
         offset = _clockOffset(node.settings)
         clock = "-" if offset is None else f"{offset:+.1f}s"
         out.write(
-            f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota:<10} {clock}\n"
+            f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota:<10} "
+            f"{warnAt:<8} {delimiter:<9} {clock}\n"
         )
     announced = [n.settings for n in nodes if n.settings is not None]
-    differing = [name for name in _NODE_SETTINGS if len({str(s.get(name)) for s in announced}) > 1]
+    # A node of a version that does not announce a setting is not compared
+    # on it.
+    differing = [name for name in _NODE_SETTINGS if len({str(s[name]) for s in announced if name in s}) > 1]
     if differing:
         options = ", ".join(SHARED_SETTINGS[name][0] for name in differing)
         out.write(f"\nthe nodes differ in {options}: give every node the same\n")
@@ -94,6 +102,10 @@ def _shownSetting(settings, name):
     value = None if settings is None else settings.get(name)
     if name == "quota_exceeded" and value in ("temporary", "permanent"):
         return value
+    if name == "quota_warnings" and isinstance(value, list):
+        return ",".join(f"{v}%" for v in value) or "none"
+    if name == "recipient_delimiter" and isinstance(value, str):
+        return value or "none"
     if type(value) is not int:
         return "-"
     if value < 0:

@@ -173,13 +173,16 @@ class RegistryService(_Repeating):
     compareInterval = 30.0
     log = Logger()
 
-    def __init__(self, store, reactor, name=None, interval=None, metrics=None, quotaExceeded=None):
+    def __init__(
+        self, store, reactor, name=None, interval=None, metrics=None, quotaExceeded=None, recipientDelimiter=None
+    ):
         self._store = store
         self._reactor = reactor
         self._metrics = metrics
         if quotaExceeded is not None:
             # Announced with the store's limits (see registry.nodeSettings).
             store.sessions.quotaExceeded = quotaExceeded
+        store.sessions.recipientDelimiter = recipientDelimiter
         if name is not None:
             # The configured host name, and the process (several may run
             # on one machine).
@@ -313,6 +316,8 @@ class RegistryService(_Repeating):
 def _shown(value):
     """
     A setting's value as L{mailgate.store.registry.nodeSettings} gives it,
-    for the warning: -1 is none.
+    for the warning: -1 (and an empty list or delimiter) is none.
     """
-    return "none" if value == -1 else str(value)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value in (-1, "") else str(value)

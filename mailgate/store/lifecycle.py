@@ -66,7 +66,7 @@ UNLIMITED = -1
 DAY = 86400
 
 
-@attr.s
+@attr.s(on_setattr=attr.setters.convert)
 class StoreLimits:
     """
     The server's defaults for what users have not set themselves, and

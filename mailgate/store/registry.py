@@ -98,27 +98,32 @@ SHARED_SETTINGS = {
     "quota_octets": ("--default-quota", "quotaOctets"),
     "expire_days": ("--expire-days", "expireDays"),
     "keep_deleted_days": ("--keep-deleted-days", "keepDeletedDays"),
+    "quota_warnings": ("--quota-warning", "quotaWarnings"),
     # Not the store's, the SMTP and LMTP listeners': given to the registry.
     "quota_exceeded": ("--quota-exceeded", None),
+    "recipient_delimiter": ("--recipient-delimiter", None),
 }
 
 
-def nodeSettings(limits, quotaExceeded=None):
+def nodeSettings(limits, quotaExceeded=None, recipientDelimiter=None):
     """
     What a node announces in its heartbeat: C{limits} (a
     L{mailgate.store.lifecycle.StoreLimits}) as C{SHARED_SETTINGS}' names
-    to values, -1 for none; and how its SMTP and LMTP refuse a recipient
-    over quota (C{"temporary"} or C{"permanent"}) where it is given: a node
-    that refuses permanently bounces mail the others would have had the
-    MTA retry.
+    to values, -1 for none (the quota warnings a list); how its SMTP and
+    LMTP refuse a recipient over quota (C{"temporary"} or C{"permanent"})
+    where it is given: a node that refuses permanently bounces mail the
+    others would have had the MTA retry; and its recipient delimiter
+    (C{""} for none): a node without bounces the mail for C{bob+lists@}
+    the others deliver to bob.
     """
     values = {}
     for name, (_, attribute) in SHARED_SETTINGS.items():
         if attribute is not None:
             value = getattr(limits, attribute)
-            values[name] = -1 if value is None else value
+            values[name] = -1 if value is None else list(value) if isinstance(value, tuple) else value
     if quotaExceeded is not None:
         values["quota_exceeded"] = quotaExceeded
+    values["recipient_delimiter"] = recipientDelimiter or ""
     return values
 
 
@@ -322,6 +327,7 @@ class SessionRegistry:
     """
 
     quotaExceeded = None
+    recipientDelimiter = None
 
     def __init__(self, store, name=None):
         self._store = store
@@ -347,10 +353,11 @@ class SessionRegistry:
         now = self._store._now()
         if self._started is None:
             self._started = now
-        session = Session(secrets.token_hex(8), maildrop.userId, peer, now, end)
+        userId = maildrop.userId
+        session = Session(secrets.token_hex(8), userId, peer, now, end)
         self._sessions[session.sessionId] = session
         self._added[session.sessionId] = session
-        self._logins[maildrop.userId] = max(now, self._logins.get(maildrop.userId, now))
+        self._logins[userId] = max(now, self._logins.get(userId, now))
         return session
 
     def ended(self, session):
@@ -374,10 +381,9 @@ class SessionRegistry:
         or the heartbeat is due.
         """
         now = self._store._now()
-        return bool(
-            self._added or self._removed or self._logins or self._lastBeat is None
-            or now - self._lastBeat >= HEARTBEAT
-        )
+        # Logins alone wait for the heartbeat (or the next session written):
+        # a stream of short sessions, none written, costs no write a second.
+        return bool(self._added or self._removed or self._lastBeat is None or now - self._lastBeat >= HEARTBEAT)
 
     def flush(self):
         """
@@ -395,7 +401,7 @@ class SessionRegistry:
         forget = None
         if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
             forget = now - FORGET_AFTER
-        announced = nodeSettings(self._store.limits, self.quotaExceeded)
+        announced = nodeSettings(self._store.limits, self.quotaExceeded, self.recipientDelimiter)
         if self.clockOffset is not None:
             # For C{mailgate nodes}; not a setting the nodes compare.
             announced["clock_offset"] = round(self.clockOffset.seconds, 1)
@@ -447,7 +453,9 @@ class SessionRegistry:
             if serverClock is not None:
                 after = clock()
                 self.clockOffset = ClockOffset((before + after) / 2 - serverClock, (after - before) / 2)
-            return settingsDiffer(nodeSettings(self._store.limits, self.quotaExceeded), live)
+            return settingsDiffer(
+                nodeSettings(self._store.limits, self.quotaExceeded, self.recipientDelimiter), live
+            )
 
         return d.addCallback(read)
 

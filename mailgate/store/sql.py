@@ -475,19 +475,23 @@ def _storeQuotaWarning(cursor, userId, address, crossing, now):
     the quota if need be (a few hundred octets: a user at 100% is told).
     """
     source = spoolBytes(lifecycle.quotaWarningMessage(address, crossing, now))
+    try:
+        data = b"".join(source.chunks(CHUNK_SIZE))
+        size, headerSize, dotColumns = source.size, source.headerSize, dotLineColumns(source)
+    finally:
+        source.close()
     cursor.execute(
         "UPDATE mailboxes SET next_uid = next_uid + 1, used_messages = used_messages + 1, "
         "used_octets = used_octets + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
-        (source.size, userId),
+        (size, userId),
     )
     following, validity = cursor.fetchone()
     uid = following - 1
     bodyId = secrets.token_hex(16)
-    insertRows(cursor, "bodies", BODY_COLUMNS, [(userId, bodyId, source.size, source.headerSize, 1, now)])
-    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(userId, bodyId, 0, b"".join(source.chunks(CHUNK_SIZE)))])
+    insertRows(cursor, "bodies", BODY_COLUMNS, [(userId, bodyId, size, headerSize, 1, now)])
+    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(userId, bodyId, 0, data)])
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, [
-        (userId, uid, formatUniqueId(uid, validity), userId, bodyId, source.size, source.headerSize, now,
-         *dotLineColumns(source)),
+        (userId, uid, formatUniqueId(uid, validity), userId, bodyId, size, headerSize, now, *dotColumns),
     ])
 
 
