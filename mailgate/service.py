@@ -480,8 +480,15 @@ class MailgateService(MultiService):
         and with it the sessions the grace period is for.
         """
 
+        reactor = self._reactor
+
         def ignored(signum, frame):
-            self.log.info(
+            # Logged by the reactor, not here: a handler runs between any
+            # two steps of the main thread, in the middle of a log write
+            # too (a full journal pipe), and a second write into the same
+            # stream from here would fail and take the log observer out.
+            reactor.callFromThread(
+                self.log.info,
                 "{signal} ignored: stopping",
                 signal=signal.Signals(signum).name,
                 event="service.stopping_already",
@@ -504,13 +511,15 @@ class MailgateService(MultiService):
 
     def _ignoreFurtherStopSignals(self):
         grace = self.shutdownGrace
+        reactor = self._reactor
 
         def again(signum, frame):
-            name = signal.Signals(signum).name
-            self.log.info(
+            # Logged by the reactor: see _ignoreReloadsWhileStopping.
+            reactor.callFromThread(
+                self.log.info,
                 "{signal} again: already stopping; open sessions have at most {grace} seconds "
                 "in all to finish (SIGKILL stops at once)",
-                signal=name,
+                signal=signal.Signals(signum).name,
                 grace=grace,
                 event="service.stopping_already",
             )

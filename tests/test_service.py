@@ -19,13 +19,33 @@ from mailgate.service import ListeningService, ShuttingDown, StoreService, makeS
 from mailgate.testing import memoryStore, resultOf
 
 
+class ThreadCallsReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} that also takes calls from other threads (and
+    from signal handlers): kept until L{runThreadCalls}, as a real reactor
+    runs them on its next turn.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.threadCalls = []
+
+    def callFromThread(self, function, *args, **kwargs):
+        self.threadCalls.append((function, args, kwargs))
+
+    def runThreadCalls(self):
+        calls, self.threadCalls = self.threadCalls, []
+        for function, args, kwargs in calls:
+            function(*args, **kwargs)
+
+
 def build(tmp_path, **kw):
     kw.setdefault("database", f"sqlite:///{tmp_path / 'service.sqlite3'}")
     kw.setdefault("apop", APOPPolicy.ALWAYS)
     kw.setdefault("pop3", ["tcp:1110"])
     kw.setdefault("smtp", ["tcp:2525"])
     kw.setdefault("metrics", "tcp:9101")
-    reactor = MemoryReactorClock()
+    reactor = ThreadCallsReactor()
     return makeService(MailgateConfig(**kw), reactor=reactor, store=memoryStore()), reactor
 
 
@@ -210,10 +230,13 @@ def test_sighupAndSigusr1AreHandledWhateverThereIsToReload(tmp_path):
         assert [formatEvent(e) for e in events] == [
             "SIGHUP: nothing to reload (no TLS certificate, no log file of mailgate's, no configuration file)"
         ]
-        # What a SIGHUP does while the service stops.
+        # What a SIGHUP does while the service stops: said by the reactor,
+        # not from inside the handler (which may interrupt a log write).
         root.onStopping(lambda: signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None))
         del events[:]
         resultOf(root.stopService())
+        assert events == []
+        reactor.runThreadCalls()
         assert [formatEvent(e) for e in events] == ["SIGHUP ignored: stopping"]
     finally:
         if root.running:
