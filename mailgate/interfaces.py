@@ -685,6 +685,14 @@ class IEngine(Interface):
         Whether C{exc} is a unique constraint violation.
         """
 
+    def withoutRowValues(exc):
+        """
+        The driver error C{exc} without the values of a row it may quote
+        (PostgreSQL's C{DETAIL: Failing row contains (...)}: a password
+        hash, a message's octets), which would reach a log with it:
+        C{exc} itself, its message changed where it quoted one.
+        """
+
     def serverClock(cursor):
         """
         The database server's clock, in seconds since the epoch (a

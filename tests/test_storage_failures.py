@@ -738,3 +738,31 @@ def test_aRemovalWhoseConnectionIsLostDuringCommitIsUncertain(databaseURL):
         assert not isinstance(delivered, Failure), delivered
     finally:
         reactor.resultOf(store.close())
+
+
+def test_aFailedStatementNeverQuotesTheRowsValues(databaseURL):
+    """
+    PostgreSQL's error for a NOT NULL or CHECK violation quotes the whole
+    row (DETAIL: Failing row contains (...)): a password hash, a message's
+    octets, which a logged failure would then carry.  The store's errors
+    say what failed, not the values.
+    """
+    from mailgate.testing import memoryStore
+
+    store = memoryStore(databaseURL)
+    try:
+
+        def insert(cursor):
+            cursor.execute(
+                "INSERT INTO users (address, domain, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                ("alice@example.org", None, "$scrypt$a-password-hash", 0),
+            )
+
+        failures = []
+        store.database.runWrite(insert).addErrback(failures.append)
+        [failure] = failures
+        assert "domain" in str(failure.value)
+        assert "a-password-hash" not in str(failure.value)
+        assert "a-password-hash" not in failure.getTraceback()
+    finally:
+        store.close()

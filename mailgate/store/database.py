@@ -49,6 +49,7 @@ def _translate(engine, exc):
     """
     if isinstance(exc, TemporaryFailure):
         return exc
+    exc = engine.withoutRowValues(exc)
     if engine.isTransient(exc):
         failure = TemporaryFailure(f"database unavailable: {exc}".strip())
         failure.__cause__ = exc

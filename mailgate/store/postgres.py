@@ -241,6 +241,17 @@ class PostgresEngine:
             f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"
         )
 
+    def withoutRowValues(self, exc):
+        """
+        A NOT NULL or CHECK violation's DETAIL quotes the whole row; the
+        message keeps its first line (what failed, on which column).
+        """
+        diag = getattr(exc, "diag", None)
+        detail = getattr(diag, "message_detail", None)
+        if detail and detail.startswith("Failing row contains") and exc.args:
+            exc.args = (f"{diag.message_primary} (the failing row's values are not shown)",)
+        return exc
+
     def serverClock(self, cursor):
         """
         The server's wall clock as the statement runs (C{clock_timestamp},

@@ -291,6 +291,12 @@ class SQLiteEngine:
         already continues after the largest.
         """
 
+    def withoutRowValues(self, exc):
+        """
+        SQLite names the constraint and the column, never a value.
+        """
+        return exc
+
     def serverClock(self, cursor):
         """
         None apart from the server's own: one server uses the file
