@@ -496,6 +496,20 @@ def retrieve(client, number):
     return data
 
 
+class BoundPOP3(poplib.POP3):
+    """
+    poplib's client, connecting from a given loopback address (all of
+    127.0.0.0/8 is loopback: several client addresses on one machine).
+    """
+
+    def __init__(self, port, source):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=DEADLINE)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
 def connect(port, timeout=DEADLINE):
     """
     A TCP connection to 127.0.0.1:port with a timeout on every operation.

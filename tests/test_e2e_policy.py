@@ -27,6 +27,7 @@ from test_sasl import plain
 
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
+    BoundPOP3,
     LineReader,
     mailgate_cli,
     mailgate_server,
@@ -49,19 +50,6 @@ STRICT = (
     "--auth-penalty-max", "0",
     "--smtp", "tcp:0:interface=127.0.0.1",
 )
-
-
-class BoundPOP3(poplib.POP3):
-    """
-    poplib's client, connecting from a given loopback address.
-    """
-
-    def __init__(self, port, source):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=DEADLINE)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def rawConnection(port, source):

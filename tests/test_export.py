@@ -19,7 +19,7 @@ from mailgate.importers.export import exportMaildir
 from mailgate.importers.maildir import importMaildir, readUidList
 from mailgate.message import spoolBytes
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
-from test_cli import CLI
+from test_lifecycle_cli import cli  # noqa: F401 (the command on each backend's database: a fixture)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -33,13 +33,6 @@ MESSAGES = [
     # Over one 128 KiB chunk of the store.
     b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a big message\r\n" % n for n in range(12000)),
 ]
-
-
-@pytest.fixture
-def cli(databaseURL, tmp_path):
-    c = CLI(tmp_path / "unused.sqlite3")
-    c.url = databaseURL
-    return c
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 
-from e2e import DEADLINE, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
+from e2e import BoundPOP3, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
 from mailgate.session import TraceSelection
 from mailgate.session.trace import LINE_LIMIT, replyLine
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, smtpFactory
@@ -305,19 +305,6 @@ def test_traceSelection():
 
 
 # -- a running server -------------------------------------------------------------
-
-
-class BoundPOP3(poplib.POP3):
-    """
-    poplib's client, connecting from a given loopback address.
-    """
-
-    def __init__(self, port, source):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=DEADLINE)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 @sqliteOnly
