@@ -185,3 +185,65 @@ def test_aMistypedDatabaseURLIsShownWithoutItsPassword(url, reason):
     with pytest.raises(usage.UsageError) as e:
         Options().parseOptions(["--database", url])
     assert "s3cret" not in str(e.value) and reason in str(e.value)
+
+
+# -- db backup -------------------------------------------------------------------
+
+
+def test_dbBackupCopiesTheDatabaseWhileAWriterWorks(sqliteURL, tmp_path):
+    """
+    C{db backup FILE}: one consistent snapshot of the SQLite database into
+    a new owner-only file, taken while another connection is in the middle
+    of a write (a server delivering): the copy is what was committed, the
+    write is neither waited for nor half in it, and the copy stands alone
+    (no -wal file to bring along) and serves as a database.
+    """
+    import os
+    import stat
+
+    path = sqliteURL[len("sqlite:///"):]
+    writer = sqlite3.connect(path)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute(
+        "INSERT INTO users (address, domain, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        ("bob@example.org", "example.org", "x", 0),
+    )
+    backup = tmp_path / "backup.sqlite3"
+    try:
+        code, out, err = mailgate(sqliteURL, "db", "backup", str(backup))
+    finally:
+        writer.commit()
+        writer.close()
+    assert (code, err) == (0, ""), err
+    assert out == f"backed up {path} to {backup} ({os.path.getsize(backup)} octets)\n"
+    assert stat.S_IMODE(os.stat(backup).st_mode) == 0o600
+    assert sqlite3.connect(backup).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not os.path.exists(f"{backup}-wal")
+    code, out, _ = mailgate(f"sqlite:///{backup}", "user", "list", "--json")
+    assert code == 0
+    assert [json.loads(line)["address"] for line in out.splitlines()] == [ALICE]
+    # The live database has the write, committed after the copy.
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM users").fetchone()[0] == 2
+    assert sqlite3.connect(backup).execute("SELECT count(*) FROM users").fetchone()[0] == 1
+
+
+def test_dbBackupNeverOverwritesAFile(sqliteURL, tmp_path):
+    existing = tmp_path / "backup.sqlite3"
+    existing.write_bytes(b"an older backup")
+    code, _, err = mailgate(sqliteURL, "db", "backup", str(existing))
+    assert (code, err) == (73, f"mailgate: {existing} exists: a backup goes into a new file\n")
+    assert existing.read_bytes() == b"an older backup"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    code, _, _ = mailgate(sqliteURL, "db", "backup", str(link))
+    assert code == 73 and not (tmp_path / "elsewhere").exists()
+
+
+def test_dbBackupOfPostgreSQLNamesItsTools(postgresURL, tmp_path):
+    code, _, err = mailgate(postgresURL, "db", "backup", str(tmp_path / "x"))
+    assert code == 64
+    assert err == (
+        "mailgate: db backup copies an SQLite database; back PostgreSQL up with its own tools "
+        "(pg_dump, or pg_basebackup and WAL archiving)\n"
+    )
+    assert not (tmp_path / "x").exists()

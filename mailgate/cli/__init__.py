@@ -29,6 +29,7 @@ C{mailgate}: the administrator's command.
   mailgate db upgrade
   mailgate db version
   mailgate db copy --from URL --to URL
+  mailgate db backup FILE
   mailgate serve [options of twistd mailgate]
   mailgate ban list [--json]
   mailgate ban add ADDRESS [--for SECONDS]
@@ -66,7 +67,7 @@ from mailgate.cli.common import (
     _addHashed,
     _addJSON,
 )
-from mailgate.cli.database import _dbCopy, _dbUpgrade, _dbVersion
+from mailgate.cli.database import _dbBackup, _dbCopy, _dbUpgrade, _dbVersion
 from mailgate.cli.deliver import _deliver
 from mailgate.cli.imports import _importForget, _importMaildir, _importPOP3
 from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExport, _mailboxExpunge, _mailboxList, _mailboxRestore
@@ -462,6 +463,16 @@ def buildParser():
     dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
     dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
     dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+    dbBackup = db.add_parser(
+        "backup",
+        help="copy the SQLite database into a new file while servers use it",
+        description="Copy the SQLite database into FILE (a new file, readable by its owner "
+        "only) as one consistent snapshot, while servers go on serving and taking mail in: "
+        "the backup to restore (servers stopped) after a lost disk or before an upgrade.  "
+        "PostgreSQL has its own tools (pg_dump).",
+    )
+    dbBackup.add_argument("file", metavar="FILE")
+    dbBackup.set_defaults(run=_dbBackup, migrate=False)
 
     # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
     # they are (see run).

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-C{mailgate db ...}: the schema's version and upgrade, and copying a
-database to another.
+C{mailgate db ...}: the schema's version and upgrade, copying a database
+to another, and backing an SQLite database up while servers use it.
 """
 
-from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL
+from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
 from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
 from mailgate.store import openSynchronousStore
 from mailgate.store.schema import LATEST, recordedVersion, upgrade
@@ -59,3 +59,20 @@ def _dbVersion(store, args, out, stdin):
     version = store.database.run(recordedVersion) or 0
     newer = "; newer than this mailgate: upgrade mailgate" if version > LATEST else ""
     out.write(f"schema version {version} (this mailgate: {LATEST}){newer}\n")
+
+
+def _dbBackup(store, args, out, stdin):
+    from mailgate.store.sqlite import SQLiteEngine, backupDatabase
+
+    engine = store.engine
+    if not isinstance(engine, SQLiteEngine) or engine.path == ":memory:":
+        raise CommandError(
+            "db backup copies an SQLite database; back PostgreSQL up with its own tools "
+            "(pg_dump, or pg_basebackup and WAL archiving)",
+            EX_USAGE,
+        )
+    try:
+        size = backupDatabase(engine, args.file)
+    except ConfigurationError as e:
+        raise CommandError(str(e), EX_CANTCREAT) from None
+    out.write(f"backed up {engine.path} to {args.file} ({size} octets)\n")
