@@ -216,3 +216,30 @@ def test_dovecotServesTheExportWithTheSameUniqueIds(cli, store, tmp_path):
     assert uidl == before[0]
     assert listing == before[1]
     assert [body + b"\r\n" for body in bodies] == before[2] == MESSAGES
+
+
+def test_exportAllPutsEachUserInADirectoryOfItsAddress(cli, store, tmp_path):
+    """
+    C{--all DIR}: every user, each into DIR/ADDRESS (for Dovecot,
+    C{mail_location = maildir:DIR/%u}); a user whose address could not be
+    a directory name (a slash in its local part) is named and left out,
+    the others are written.
+    """
+    addUser(store, "a/../../escape@example.org", PASSWORD)
+    deliver(store, [BOB], MESSAGES[0])
+    target = tmp_path / "all"
+    result = cli("mailbox", "export", "--all", str(target))
+    assert result.code == 73, result
+    assert result.err == (
+        "mailgate: a/../../escape@example.org: not exported: its address cannot be a directory name\n"
+        "mailgate: 1 users could not be exported (named above)\n"
+    )
+    assert sorted(os.listdir(target)) == [ALICE, BOB]
+    assert len(os.listdir(target / ALICE / "cur")) == 4
+    assert [r.fields["P"] for r in readUidList(target / BOB / "dovecot-uidlist").records.values()] == [
+        resultOf(store.listMessages(BOB))[0].uniqueId
+    ]
+    assert not (tmp_path / "escape@example.org").exists()
+    assert result.out.splitlines()[0].startswith("exported 4 messages (")
+    assert cli("mailbox", "export", "--all", str(target), "extra").code == 64
+    assert cli("mailbox", "export", ALICE).code == 64

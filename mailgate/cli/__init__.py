@@ -17,7 +17,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS [--json]
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
-  mailgate mailbox export ADDRESS DIR
+  mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
@@ -310,8 +310,11 @@ def buildParser():
         "the maildrop's lock: allowed while the user is in a POP3 session.  Files are "
         "readable by their owner only: give them to the mail account that will serve them.",
     )
-    mexport.add_argument("address", metavar="ADDRESS")
-    mexport.add_argument("directory", metavar="DIR")
+    mexport.add_argument("operands", nargs="+", metavar="ADDRESS DIR | DIR")
+    mexport.add_argument(
+        "--all", action="store_true",
+        help="every user, each into DIR/ADDRESS (Dovecot: mail_location = maildir:DIR/%%u)",
+    )
     mexport.set_defaults(run=_mailboxExport, migrate=True)
 
     who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")

@@ -5,6 +5,7 @@ restoring it, expunging, and exporting it as a Maildir.
 """
 
 import datetime
+import os
 import re
 import time
 
@@ -135,20 +136,41 @@ def _mailboxExport(store, args, out, stdin):
     from mailgate.importers import ImportFailed
     from mailgate.importers.export import exportMaildir
 
-    address = _address(args.address)
-    messages = _forUser(address, store.exportMessages(address))
-    try:
-        report = exportMaildir(
-            messages, args.directory, progress=lambda line: args.stderr.write(f"mailgate: {line}\n")
-        )
-    except ImportFailed as e:
-        raise CommandError(str(e), EX_CANTCREAT)
-    out.write(
-        f"exported {report.messages} messages ({report.octets} octets) of {address} to {args.directory}\n"
-    )
-    if report.failures:
+    if args.all:
+        if len(args.operands) != 1:
+            raise CommandError("with --all, give the directory alone (each user goes into DIR/ADDRESS)", EX_USAGE)
+        [root] = args.operands
+        targets = [(user.address, os.path.join(root, user.address)) for user in _result(store.listUsers())]
+    else:
+        if len(args.operands) != 2:
+            raise CommandError("give ADDRESS and DIR (or --all DIR)", EX_USAGE)
+        address, directory = args.operands
+        targets = [(_address(address), directory)]
+    failedMessages = failedUsers = 0
+    for address, directory in targets:
+        if args.all and (os.sep in address or address.startswith(".")):
+            # A local part may hold a slash: never a path out of DIR.
+            args.stderr.write(f"mailgate: {address}: not exported: its address cannot be a directory name\n")
+            failedUsers += 1
+            continue
+        messages = _forUser(address, store.exportMessages(address))
+        try:
+            report = exportMaildir(
+                messages, directory, progress=lambda line: args.stderr.write(f"mailgate: {address}: {line}\n")
+            )
+        except ImportFailed as e:
+            if not args.all:
+                raise CommandError(str(e), EX_CANTCREAT)
+            args.stderr.write(f"mailgate: {address}: not exported: {e}\n")
+            failedUsers += 1
+            continue
+        failedMessages += len(report.failures)
+        out.write(f"exported {report.messages} messages ({report.octets} octets) of {address} to {directory}\n")
+    if failedUsers:
+        raise CommandError(f"{failedUsers} users could not be exported (named above)", EX_CANTCREAT)
+    if failedMessages:
         raise CommandError(
-            f"{len(report.failures)} messages could not be read (deleted meanwhile, or the database "
+            f"{failedMessages} messages could not be read (deleted meanwhile, or the database "
             "failed); export again into a new directory for a complete copy",
             EX_TEMPFAIL,
         )
