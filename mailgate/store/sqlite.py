@@ -151,7 +151,6 @@ MMAP_SIZE = 256 * 1024 * 1024
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
-@implementer(IEngine)
 def backupDatabase(engine, target):
     """
     Copy the database of C{engine} (an L{SQLiteEngine}) into the new file
@@ -202,6 +201,7 @@ def backupDatabase(engine, target):
         raise
 
 
+@implementer(IEngine)
 class SQLiteEngine:
     """
     How mailgate talks to SQLite.
