@@ -51,6 +51,7 @@ from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
 from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
+from mailgate.urls import shownURL
 
 
 # -- kinds of values -------------------------------------------------------
@@ -1278,6 +1279,35 @@ def exampleFile(settings=SETTINGS):
             shown = s.kind.toTOML(value)
         parts.append("\n" + "".join(f"# {line}\n" for line in lines) + f"#{s.name} = {shown}\n")
     return "".join(parts)
+
+
+def effectiveFile(config, settings=SETTINGS, everything=False):
+    """
+    The configuration C{config} serves, as a configuration file (Postfix's
+    C{postconf -n}, Dovecot's C{doveconf -n}): each setting not at its
+    default (with C{everything}, each one), the database URL's password
+    hidden.  Read back, it gives the same configuration, but for that
+    password.
+    """
+    lines = []
+    for s in settings:
+        value = getattr(config, s.attribute)
+        if s.repeated:
+            value = list(value)
+        if not everything and value == s.defaultValue():
+            continue
+        if value is None:
+            # TOML has no "none": the setting left out is.
+            lines.append(f"#{s.name} =   (none)\n")
+            continue
+        if s.attribute == "database":
+            value = shownURL(value)
+        if s.repeated:
+            shown = "[" + ", ".join(s.kind.toTOML(v) for v in value) + "]"
+        else:
+            shown = s.kind.toTOML(value)
+        lines.append(f"{s.name} = {shown}\n")
+    return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -1020,6 +1020,54 @@ def test_configFileGivesTheDatabase(tmp_path):
     assert not fromEnvironment.exists()
 
 
+def test_configShowsWhatTheServerWouldServe(tmp_path):
+    """
+    C{mailgate --config FILE config}, as C{postconf -n}: the settings not
+    at their defaults, as a configuration file, the database's password
+    hidden; read back, the same configuration (but for the password).
+    C{--all}: every setting.
+    """
+    from mailgate import config as configuration
+
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        'database = "postgresql://mailgate:s3cret@db.internal/mail"\n'
+        'pop3 = ["tcp:110", "tcp:1110:interface=127.0.0.1"]\n'
+        'default-quota = 1073741824\n'
+        'max-recipients = 100\n'  # the default, written anyway
+        'quota-warning = [95, 80]\n'
+        'apop = "never"\n'
+        'expire-days = "never"\n'
+        'debug-peer = ["192.0.2.7/32"]\n'
+    )
+
+    def mailgate(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    shown = mailgate("config")
+    assert shown.code == 0, shown
+    assert "s3cret" not in shown.out
+    assert shown.out.splitlines() == [
+        f"# what twistd mailgate serves with --config {config} and no other option",
+        'database = "postgresql://mailgate:***@db.internal/mail"',
+        'pop3 = ["tcp:110", "tcp:1110:interface=127.0.0.1"]',
+        'apop = "never"',
+        'default-quota = "1G"',
+        "quota-warning = [95, 80]",
+        'debug-peer = ["192.0.2.7/32"]',
+    ]
+    again = tmp_path / "again.toml"
+    again.write_text(shown.out.replace("***", "s3cret"))
+    assert configuration.resolve({}, configuration.readFile(again), {}) == configuration.resolve(
+        {}, configuration.readFile(config), {}
+    )
+    everything = mailgate("config", "--all").out
+    assert "max-recipients = 100\n" in everything and "#tls-cert =   (none)\n" in everything
+    assert len(everything.splitlines()) == len(configuration.SETTINGS) + 1
+
+
 def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     """
     C{mailgate --config FILE deliver}, as an MTA's pipe transport runs it:

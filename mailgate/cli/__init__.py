@@ -30,6 +30,7 @@ C{mailgate}: the administrator's command.
   mailgate db version
   mailgate db copy --from URL --to URL
   mailgate db backup FILE
+  mailgate config [--all]
   mailgate serve [options of twistd mailgate]
   mailgate ban list [--json]
   mailgate ban add ADDRESS [--for SECONDS]
@@ -477,6 +478,17 @@ def buildParser():
     dbBackup.add_argument("file", metavar="FILE")
     dbBackup.set_defaults(run=_dbBackup, migrate=False)
 
+    showConfig = commands.add_parser(
+        "config",
+        help="show the configuration a server would serve (the settings not at their defaults)",
+        description="Print the configuration twistd mailgate serves with --config FILE (the "
+        "global --config) and no other option: the settings not at their defaults, as a "
+        "configuration file (as postconf -n and doveconf -n), the database's password hidden; "
+        "--all prints every setting.",
+    )
+    showConfig.add_argument("--all", action="store_true", help="every setting, at its default or not")
+    showConfig.set_defaults(run=_showConfig, migrate=False, store=False)
+
     # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
     # they are (see run).
     commands.add_parser(
@@ -503,6 +515,16 @@ def _configDatabase(path):
     from mailgate import config
 
     return config.readFile(path).get("database")
+
+
+def _showConfig(store, args, out, stdin):
+    from mailgate import config
+
+    values = {} if args.config is None else config.readFile(args.config)
+    served = config.resolve({}, values, args.environ)
+    source = f"--config {args.config}" if args.config is not None else "no configuration file"
+    out.write(f"# what twistd mailgate serves with {source} and no other option\n")
+    out.write(config.effectiveFile(served, everything=args.all))
 
 
 def _configValues(path):
@@ -584,6 +606,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     store = None
     try:
         args.stderr = stderr
+        args.environ = environ
         if getattr(args, "store", True):
             # Only the commands that start a database from nothing create
             # its file: any other one on a mistyped path would make an
