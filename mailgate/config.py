@@ -1062,8 +1062,9 @@ SETTINGS = (
     ),
     Setting(
         "debug-user", "debugUsers", MailAddress(), (),
-        "A user whose POP3 sessions are traced in the log (as debug-peer) "
-        "from the USER command naming it, or the login as it, on.",
+        "A user whose sessions are traced in the log (as debug-peer): POP3 "
+        "from the USER command naming it, or the login as it, on; SMTP and "
+        "LMTP from a RCPT naming it on.",
         repeated=True, example=["alice@example.org"],
     ),
 )

@@ -286,6 +286,37 @@ def test_anSMTPClientOnADebugNetworkIsTracedWithoutItsMessage(store, alice, logE
     neverShown(logEvents, "secret body", "private")
 
 
+def test_anLMTPSessionIsTracedFromARecipientOnDebugUser(store, alice, logEvents):
+    """
+    --debug-user traces what becomes of the user's mail too: an SMTP or
+    LMTP session from the RCPT naming the user (or a detail of it) on;
+    the message's content stays out, and sessions for others are not
+    traced.
+    """
+    clock = Clock()
+    factory = smtpFactory(store, clock, lmtp=True, hostname="mailgate.test")
+    factory.delivery.recipientDelimiter = "+"
+    factory.trace = TraceSelection(users=[ALICE])
+    other = SMTPSession(store, lmtp=True, clock=clock, factory=factory, peer=CLIENT)
+    other.command("LHLO mta.test")
+    other.command("MAIL FROM:<sender@remote.test>")
+    other.command(f"RCPT TO:<{BOB}>")
+    assert traced(logEvents) == []
+    s = SMTPSession(store, lmtp=True, clock=clock, factory=factory, peer=CLIENT)
+    s.command("LHLO mta.test")
+    s.command("MAIL FROM:<sender@remote.test>")
+    detail = ALICE.replace("@", "+lists@")
+    assert s.command(f"RCPT TO:<{detail}>").startswith("250")
+    s.command("DATA")
+    assert s.send(BODY + b".\r\n").startswith(b"250 ")
+    lines = traced(logEvents)
+    assert lines[0] == f"started: RCPT TO:<{detail}>, on --debug-user"
+    assert lines[1].startswith("S: 250 2.1.5 ")
+    assert lines[2:4] == ["C: DATA", lines[3]] and lines[3].startswith("S: 354 ")
+    assert lines[4].startswith(f"S: 250 2.0.0 <{ALICE}> delivered as ")
+    neverShown(logEvents, "secret body", "private")
+
+
 def test_aTraceLineIsCutAndShowsNothingUnprintable():
     assert replyLine(b"+OK \x1b[31mred\r\nmore\r\n") == "+OK ?[31mred ..."
     assert replyLine(b".\r\n") is None

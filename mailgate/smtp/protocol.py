@@ -28,6 +28,8 @@ import re
 from mailgate.errors import NoSuchUser, TemporaryFailure
 from mailgate.message import MessageSpool
 from mailgate.session import CommandSession
+from mailgate.session.trace import shown as shownInTrace
+from mailgate.session.trace import startTrace
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, traceHeaders
@@ -457,6 +459,9 @@ class SMTPServer(CommandSession):
             self._logRecipientRefused(envelope, mailbox, 452, "4.5.3", "too many recipients")
             self._reply(452, "4.5.3", f"too many recipients (the limit is {self.maxRecipients})")
             return None
+        trace = self.factory.trace
+        if trace and not self.traced:
+            self._traceIfListed(trace, mailbox)
         declared = envelope.parameters.get("SIZE")
         d = self.factory.delivery.checkRecipient(mailbox, int(declared) if declared else None)
 
@@ -495,6 +500,17 @@ class SMTPServer(CommandSession):
 
         d.addCallbacks(accepted, refused)
         return d
+
+    def _traceIfListed(self, trace, mailbox):
+        """
+        Trace the session from a RCPT that names a user of --debug-user
+        (by the whole address, or the user it names with a detail): what
+        becomes of that user's mail is then in the log.
+        """
+        withoutDetail = getattr(self.factory.delivery, "withoutDetail", None)
+        user = withoutDetail(mailbox) if withoutDetail is not None else None
+        if trace.user(mailbox) or (user is not None and trace.user(user)):
+            startTrace(self, f"RCPT TO:<{shownInTrace(mailbox)}>, on --debug-user")
 
     def _logRecipientRefused(self, envelope, recipient, code, enhanced, reason):
         """
