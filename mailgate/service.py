@@ -765,6 +765,13 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
             "every SMTP server to accept, is refused (550) unless a user of that name exists; "
             "name the user who receives it with --postmaster",
         ))
+    if config.debugPeers or config.debugUsers:
+        traced = [f"clients on {n}" for n in config.debugPeers] + [f"user {u}" for u in config.debugUsers]
+        root.startupWarnings.append((
+            "trace.enabled",
+            f"tracing the sessions of {', '.join(traced)} (--debug-peer, --debug-user): their commands "
+            "and replies go to the log; take the options away when done",
+        ))
     if affinity is not None:
         # First, so that the threads started after it (the database's, when
         # the reactor starts) are started pinned.

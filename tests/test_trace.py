@@ -18,7 +18,7 @@ from twisted.logger import formatEvent
 from e2e import BoundPOP3, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
 from mailgate.session import TraceSelection
 from mailgate.session.trace import LINE_LIMIT, replyLine
-from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, smtpFactory
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, smtpFactory
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -323,6 +323,29 @@ def test_aTraceLineIsCutAndShowsNothingUnprintable():
     assert replyLine(b"+ PDEyMzQ+\r\n") == "+ <SASL challenge>"
     long = replyLine(b"-ERR " + b"x" * 1000 + b"\r\n")
     assert len(long) == LINE_LIMIT + 3 and long.endswith("...")
+
+
+def test_aServerThatTracesSaysSoAtEveryStart(tmp_path):
+    """
+    Tracing left on fills the log: every start says who is traced.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.service import MailgateConfig, makeService
+
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path / 'mail.sqlite3'}", pop3=["tcp:1110"],
+        debugPeers=["192.0.2.7/32"], debugUsers=[ALICE],
+    )
+    root = makeService(config, reactor=MemoryReactorClock(), store=memoryStore())
+    assert [text for event, text in root.startupWarnings if event == "trace.enabled"] == [
+        f"tracing the sessions of clients on 192.0.2.7/32, user {ALICE} (--debug-peer, --debug-user): "
+        "their commands and replies go to the log; take the options away when done"
+    ]
+    quiet = makeService(
+        MailgateConfig(database=config.database, pop3=["tcp:1110"]), reactor=MemoryReactorClock(), store=memoryStore()
+    )
+    assert [event for event, _ in quiet.startupWarnings if event == "trace.enabled"] == []
 
 
 def test_traceSelection():
