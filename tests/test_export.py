@@ -243,3 +243,27 @@ def test_exportAllPutsEachUserInADirectoryOfItsAddress(cli, store, tmp_path):
     assert result.out.splitlines()[0].startswith("exported 4 messages (")
     assert cli("mailbox", "export", "--all", str(target), "extra").code == 64
     assert cli("mailbox", "export", ALICE).code == 64
+
+
+def test_mailboxShowWritesOneMessageAsPOP3ServesIt(cli, store):
+    """
+    C{mailbox show ADDRESS MESSAGE} (as C{doveadm fetch text}): the
+    octets RETR gives, by number or unique id; an unknown one is 65.
+    """
+    import subprocess
+
+    from e2e import MAILGATE, childEnvironment
+
+    uidls = [m.uniqueId for m in resultOf(store.listMessages(ALICE))]
+    for wanted, expected in (("2", MESSAGES[1]), (uidls[3], MESSAGES[3]), (uidls[0], MESSAGES[0])):
+        done = subprocess.run(
+            [MAILGATE, "--database", cli.url, "mailbox", "show", ALICE, wanted],
+            capture_output=True, timeout=60, env=childEnvironment(),
+        )
+        assert (done.returncode, done.stderr) == (0, b"")
+        assert done.stdout == expected
+    missing = cli("mailbox", "show", ALICE, "9")
+    assert (missing.code, missing.err) == (
+        65, f"mailgate: {ALICE} has no message '9' (a number or a unique id of mailbox list)\n"
+    )
+    assert cli("mailbox", "show", "nobody@example.org", "1").code == 67

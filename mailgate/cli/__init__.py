@@ -17,6 +17,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox expunge ADDRESS (--older-than DAYS | --all)
   mailgate mailbox deleted ADDRESS [--json]
   mailgate mailbox restore ADDRESS [UIDL ...] [--since TIME] [--as-new]
+  mailgate mailbox show ADDRESS MESSAGE
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
@@ -71,7 +72,14 @@ from mailgate.cli.common import (
 from mailgate.cli.database import _dbBackup, _dbCopy, _dbUpgrade, _dbVersion
 from mailgate.cli.deliver import _deliver
 from mailgate.cli.imports import _importForget, _importMaildir, _importPOP3
-from mailgate.cli.mailboxes import _mailboxDeleted, _mailboxExport, _mailboxExpunge, _mailboxList, _mailboxRestore
+from mailgate.cli.mailboxes import (
+    _mailboxDeleted,
+    _mailboxExport,
+    _mailboxExpunge,
+    _mailboxList,
+    _mailboxRestore,
+    _mailboxShow,
+)
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _kick, _nodes, _who
 from mailgate.cli.users import (
@@ -301,6 +309,16 @@ def buildParser():
     which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
     mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+    mshow = mailbox.add_parser(
+        "show",
+        help="write one message to standard output, as POP3 serves it",
+        description="Write one message of a user's to standard output, its octets as POP3's "
+        "RETR gives them (CRLF line ends, before dot-stuffing): MESSAGE is its number or its "
+        "unique id, as mailbox list shows them.  Read without the maildrop's lock.",
+    )
+    mshow.add_argument("address", metavar="ADDRESS")
+    mshow.add_argument("message", metavar="MESSAGE")
+    mshow.set_defaults(run=_mailboxShow, migrate=True)
     mexport = mailbox.add_parser(
         "export",
         help="copy a user's messages out as a Maildir that Dovecot serves with the same unique ids",

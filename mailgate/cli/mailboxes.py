@@ -174,3 +174,32 @@ def _mailboxExport(store, args, out, stdin):
             "failed); export again into a new directory for a complete copy",
             EX_TEMPFAIL,
         )
+
+
+def _mailboxShow(store, args, out, stdin):
+    """
+    One message's octets on standard output, as POP3's RETR gives them
+    (before dot-stuffing), as C{doveadm fetch text} does: read without
+    the maildrop's lock.
+    """
+    from mailgate.importers import fired
+
+    address = _address(args.address)
+    messages = _forUser(address, store.exportMessages(address))
+    wanted = args.message
+    # A number first, as POP3 numbers them; else a unique id.
+    found = [m for m in messages if str(m.number) == wanted] or [m for m in messages if m.uniqueId == wanted]
+    if not found:
+        raise CommandError(
+            f"{address} has no message {wanted[:80]!r} (a number or a unique id of mailbox list)", EX_DATAERR
+        )
+    message = found[0]
+    sink = getattr(out, "buffer", None)
+    while True:
+        piece = fired(message.body.read())
+        if not piece:
+            break
+        if sink is not None:
+            sink.write(piece)
+        else:
+            out.write(bytes(piece).decode("utf-8", "surrogateescape"))
