@@ -979,11 +979,9 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
     says so when they are the same again.  Its metrics say which setting
     differs meanwhile (mailgate_node_settings_differ), for an alert.
     """
-    from twisted.internet.testing import MemoryReactorClock
-    from twisted.logger import Logger, formatEvent
+    from twisted.logger import formatEvent
 
     from mailgate.metrics import Metrics
-    from mailgate.store.housekeeping import RegistryService
 
     def differing():
         return {
@@ -993,12 +991,9 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
         }
 
     a, b = memoryStore(databaseURL), memoryStore(databaseURL)
-    reactor = MemoryReactorClock()
-    events = []
     metrics = Metrics()
     assert differing() == set()
-    service = RegistryService(a, reactor, name="node-a", metrics=metrics)
-    service.log = Logger(observer=events.append)
+    service, reactor, events = loggedRegistryService(a, metrics=metrics)
     try:
         a.limits.quotaOctets = 1 << 30
         b.limits.quotaOctets = 1 << 30
@@ -1031,22 +1026,33 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
         b.close()
 
 
+def loggedRegistryService(store, **options):
+    """
+    The registry service of node "node-a" on C{store}, on a memory reactor
+    the test drives, its log events kept: C{(service, reactor, events)}.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger
+
+    from mailgate.store.housekeeping import RegistryService
+
+    reactor = MemoryReactorClock()
+    events = []
+    service = RegistryService(store, reactor, name="node-a", **options)
+    service.log = Logger(observer=events.append)
+    return service, reactor, events
+
+
 def test_nodesDifferingInRecipientDelimiterOrQuotaWarningsSaySo(databaseURL):
     """
     A node without --recipient-delimiter bounces the mail for bob+lists@
     that one with it gives bob, and nodes with other --quota-warning
     percentages warn users apart: both are announced and compared.
     """
-    from twisted.internet.testing import MemoryReactorClock
-    from twisted.logger import Logger, formatEvent
-
-    from mailgate.store.housekeeping import RegistryService
+    from twisted.logger import formatEvent
 
     a, b = memoryStore(databaseURL), memoryStore(databaseURL)
-    reactor = MemoryReactorClock()
-    events = []
-    service = RegistryService(a, reactor, name="node-a", recipientDelimiter="+")
-    service.log = Logger(observer=events.append)
+    service, reactor, events = loggedRegistryService(a, recipientDelimiter="+")
     try:
         a.limits.quotaWarnings = (80, 95)
         resultOf(b.sessions.flush())

@@ -102,20 +102,15 @@ def test_aNodeWhoseClockIsOffWarnsOnceAndSaysWhenItAgreesAgain(databaseURL):
     """
     import time
 
-    from twisted.internet.testing import MemoryReactorClock
-    from twisted.logger import Logger, formatEvent
+    from twisted.logger import formatEvent
 
     from mailgate.metrics import Metrics
-    from mailgate.store.housekeeping import RegistryService
-    from test_lifecycle import samples
+    from test_lifecycle import loggedRegistryService, samples
 
     store = memoryStore(databaseURL)
     clock = Clocked(store, now=time.time() + 62)
-    reactor = MemoryReactorClock()
-    events = []
     metrics = Metrics()
-    service = RegistryService(store, reactor, name="node-a", metrics=metrics)
-    service.log = Logger(observer=events.append)
+    service, reactor, events = loggedRegistryService(store, metrics=metrics)
 
     def said(event):
         return [e for e in events if e.get("event") == event]

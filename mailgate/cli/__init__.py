@@ -555,16 +555,16 @@ def _configValues(path):
     return config.readFile(path)
 
 
-def _configLimits(path):
+def _configLimits(values):
     """
-    The store's defaults as the server's configuration file at C{path}
-    sets them (C{--default-quota}, C{--quota-warning}, the retention
-    days), so that C{mailgate deliver --config FILE}, an MTA's pipe
-    transport, applies the quota the server's SMTP and LMTP apply.
+    The store's defaults as the server's configuration file sets them
+    (C{values}, what L{_configValues} read: C{--default-quota},
+    C{--quota-warning}, the retention days), so that C{mailgate deliver
+    --config FILE}, an MTA's pipe transport, applies the quota the
+    server's SMTP and LMTP apply.
     """
     from mailgate.store.lifecycle import StoreLimits
 
-    values = _configValues(path)
     return StoreLimits(
         quotaOctets=values.get("default-quota"),
         expireDays=values.get("expire-days"),
@@ -631,8 +631,9 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # empty database and report no users.
             store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
             if args.config is not None:
-                store.limits = _configLimits(args.config)
-                args.recipientDelimiter = _configValues(args.config).get("recipient-delimiter")
+                values = _configValues(args.config)
+                store.limits = _configLimits(values)
+                args.recipientDelimiter = values.get("recipient-delimiter")
         args.run(store, args, stdout, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         stdout.flush()
