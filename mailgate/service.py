@@ -196,6 +196,7 @@ class MailgateService(MultiService):
         self._reloadOnSIGHUP = reloadOnSIGHUP
         self._previousHandlers = {}
         self._hangupActions = []
+        self._reloadWatchers = []
         self._stoppingCallbacks = []
         self._storeService = None
         #: the POP3, SMTP and LMTP factories, whose settings a reload changes
@@ -218,6 +219,14 @@ class MailgateService(MultiService):
         """
         self._hangupActions.append(action)
 
+    def onReload(self, begins, ends):
+        """
+        Call C{begins()} when a SIGHUP's reload starts and C{ends()} when it
+        is over, failed or not (systemd hears C{RELOADING=1}, then
+        C{READY=1}).
+        """
+        self._reloadWatchers.append((begins, ends))
+
     def hangup(self):
         """
         What SIGHUP does: run the L{onHangup} actions (the log file is
@@ -225,6 +234,15 @@ class MailgateService(MultiService):
         configuration file again (L{reloadConfig}), then reload the TLS
         certificate and key.
         """
+        for begins, _ in self._reloadWatchers:
+            begins()
+        try:
+            self._reload()
+        finally:
+            for _, ends in self._reloadWatchers:
+                ends()
+
+    def _reload(self):
         self._runHangupActions("SIGHUP")
         if self.tls is None and not self._hangupActions and self.configSource is None:
             self.log.info(

@@ -7,6 +7,10 @@ namespace).  See sd_notify(3).
 
   - C{READY=1} once every listener is bound and the database has answered;
   - C{STATUS=...} with the number of open sessions, when it changes;
+  - C{RELOADING=1} (with C{MONOTONIC_USEC=}) when a SIGHUP's reload
+    begins and C{READY=1} when it is over: C{systemctl status} shows the
+    reload, and a unit of C{Type=notify-reload} (systemd 253 and later)
+    has C{systemctl reload} wait for it;
   - C{STOPPING=1} first thing when shutdown begins;
   - C{WATCHDOG=1} every half of C{$WATCHDOG_USEC} while the reactor runs
     (a reactor that hangs stops the pings, and systemd restarts the
@@ -19,6 +23,7 @@ systemd passes (C{contrib/systemd/mailgate.socket}).
 
 import os
 import socket
+import time
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -119,7 +124,8 @@ class SystemdService(Service):
     The notifications of one mailgate service to systemd.
 
     @param root: the L{mailgate.service.MailgateService}: its
-        C{whenListening}, C{databaseAnswers}, C{onStopping} and C{metrics}.
+        C{whenListening}, C{databaseAnswers}, C{onStopping}, C{onReload}
+        and C{metrics}.
     @param notifier: a L{Notifier}.
     @param reactor: for timers.
     @param watchdog: seconds between C{WATCHDOG=1}, or C{None}.
@@ -138,6 +144,8 @@ class SystemdService(Service):
         self.ready = False
         self.stopping = False
         root.onStopping(self.shutdownBegins)
+        root.onReload(self.reloadBegins, self.reloadEnds)
+        self._reloading = False
 
     def startService(self):
         Service.startService(self)
@@ -190,6 +198,32 @@ class SystemdService(Service):
         if status != self._lastStatus:
             self._lastStatus = status
             self._notifier.notify(f"STATUS={status}")
+
+    def reloadBegins(self):
+        """
+        A reload begins: C{RELOADING=1}, stamped with the monotonic clock
+        as sd_notify(3) asks, so systemd tells this reload from an earlier
+        one.  Not before C{READY=1} (the service is still starting) nor
+        while stopping.
+        """
+        if not self.ready or self.stopping:
+            return
+        self._reloading = True
+        stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={stamp}", "STATUS=reloading")
+
+    def reloadEnds(self):
+        """
+        The reload is over, whatever it found (what failed is logged, and
+        the configuration in service stays): C{READY=1} again.
+        """
+        if not self._reloading:
+            return
+        self._reloading = False
+        if self.stopping:
+            return
+        self._lastStatus = self._status()
+        self._notifier.notify("READY=1", f"STATUS={self._lastStatus}")
 
     def shutdownBegins(self):
         """

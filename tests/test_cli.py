@@ -1068,6 +1068,47 @@ def test_configShowsWhatTheServerWouldServe(tmp_path):
     assert len(everything.splitlines()) == len(configuration.SETTINGS) + 1
 
 
+def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
+    """
+    C{mailgate --config FILE config --check} (as C{nginx -t}; the systemd
+    unit's ExecReload runs it before the SIGHUP): a file, certificate or
+    setting the server would refuse is refused in the server's words,
+    exit 78; a usable one is 'configuration OK', with what the server
+    would warn of at its start on standard error.
+    """
+    certificate, key = pair
+    config = tmp_path / "mailgate.toml"
+
+    def check(text):
+        config.write_text(text)
+        config.chmod(0o644)
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), "config", "--check"], stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    tls = f'tls-cert = "{certificate}"\ntls-key = "{key}"\n'
+    ok = check(tls + 'pop3s = ["tcp:995"]\n')
+    assert (ok.code, ok.out, ok.err) == (0, f"mailgate: {config}: configuration OK\n", ""), ok
+    # Checked across settings, as at start: implicit TLS without a key.
+    refused = check('pop3s = ["tcp:995"]\n')
+    assert (refused.code, refused.out, refused.err) == (
+        78, "", "mailgate: implicit-TLS listeners need a certificate and a key\n"
+    )
+    refused = check(f'tls-cert = "{certificate}"\ntls-key = "{certificate}"\n')
+    assert refused.code == 78 and str(certificate) in refused.err and refused.out == ""
+    refused = check(tls + "cpu-affinity = \"4096\"\n")
+    assert refused.code == 78 and refused.err.startswith("mailgate: cpu-affinity: ")
+    # What the server warns of at start: a key and a file holding the
+    # database's password that every user may read.
+    key.chmod(0o644)
+    warned = check(tls + 'database = "postgresql://mailgate:s3cret@db.internal/mail"\n')
+    assert warned.code == 0 and warned.out == f"mailgate: {config}: configuration OK\n"
+    assert "s3cret" not in warned.err
+    warnings = warned.err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith("mailgate: warning: ") for line in warnings), warned
+    assert str(key) in warnings[0] and f"the configuration file {config}" in warnings[1]
+
+
 def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     """
     C{mailgate --config FILE deliver}, as an MTA's pipe transport runs it:

@@ -161,6 +161,9 @@ class Root:
     def onStopping(self, callback):
         self.stopping.append(callback)
 
+    def onReload(self, begins, ends):
+        self.reloads = (begins, ends)
+
 
 def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
     clock, root, notifier = Clock(), Root(), RecordingNotifier()
@@ -216,6 +219,40 @@ def test_stoppingBeforeReadyIsNeverReady():
     assert ["READY=1"] not in [m[:1] for m in notifier.sent]
 
 
+def test_reloadsAreToldBetweenReadyAndStopping():
+    """
+    A SIGHUP's reload is RELOADING=1 (stamped with the monotonic clock,
+    which systemd 253's Type=notify-reload requires) then READY=1 once
+    over; not before the service is ready (READY=1 would say it is) nor
+    while it stops.
+    """
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock)
+    service.startService()
+    begins, ends = root.reloads
+    begins()
+    ends()
+    assert notifier.sent == [["STATUS=starting"]]
+    root.listening.callback(None)
+    root.answers[0].callback(None)
+    sent = len(notifier.sent)
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    begins()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    reloading, stamp, status = notifier.sent[sent]
+    assert (reloading, status) == ("RELOADING=1", "STATUS=reloading")
+    assert stamp.startswith("MONOTONIC_USEC=") and before <= int(stamp.split("=")[1]) <= after
+    ends()
+    assert notifier.sent[sent + 1:] == [["READY=1", "STATUS=serving: 0 sessions (lmtp 0, pop3 0, smtp 0)"]]
+    for callback in root.stopping:
+        callback()
+    sent = len(notifier.sent)
+    begins()
+    ends()
+    assert len(notifier.sent) == sent
+    service.stopService()
+
+
 # -- a real twistd -----------------------------------------------------------------------
 
 
@@ -251,6 +288,97 @@ def test_twistdTellsSystemd(tmp_path, notifySocket):
         stopping = notifySocket.waitFor("STOPPING=1")
         assert any(line.startswith("STATUS=stopping: ") for line in stopping)
         assert server.process.wait(DEADLINE) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
+def execReload(config, pid):
+    """
+    Run the shipped unit's ExecReload= commands as systemd runs them for
+    C{systemctl reload}: in order, stopping at the first that fails, with
+    the unit's paths pointing at this test's configuration file and
+    installed mailgate.
+
+    @return: C{(status, output)}: the last command's exit status, what
+        the commands run wrote.
+    """
+    import shlex
+    import subprocess
+
+    from e2e import MAILGATE
+
+    commands = [
+        line.split("=", 1)[1]
+        for line in (UNITS / "mailgate.service").read_text().splitlines()
+        if line.startswith("ExecReload=")
+    ]
+    assert commands
+    output = ""
+    for command in commands:
+        command = command.replace("/opt/mailgate/bin/mailgate", MAILGATE)
+        command = command.replace("/etc/mailgate/mailgate.toml", str(config)).replace("$MAINPID", str(pid))
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=DEADLINE)
+        output += done.stdout + done.stderr
+        if done.returncode != 0:
+            break
+    return done.returncode, output
+
+
+def test_systemctlReloadRefusesWhatTheServerWouldRefuse(tmp_path, notifySocket, pair):
+    """
+    C{systemctl reload} runs the unit's ExecReload=: the configuration and
+    its certificates are checked as the server loads them (mailgate
+    config --check); a broken key fails the reload with its reason and
+    the server, not signalled, serves on with what it has.  A good one is
+    a SIGHUP, which the server tells systemd: RELOADING=1, then READY=1
+    once reloaded.
+    """
+    import ssl
+
+    from e2e import waitFor
+
+    certificate, key = pair
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'pop3s = ["tcp:0:interface=127.0.0.1"]\ntls-cert = "{certificate}"\ntls-key = "{key}"\n'
+    )
+    server = ServerProcess(
+        databaseURL(tmp_path / "mail.sqlite3"),
+        ["--config", str(config), "--no-apop"],
+        cwd=tmp_path,
+        expect={"POP3S": 1},
+        env={"NOTIFY_SOCKET": notifySocket.sock.getsockname()},
+    )
+    server.spawn()
+    try:
+        notifySocket.waitFor("READY=1", server=server)
+        server.waitUntilListening()
+        client = ssl.create_default_context(cafile=str(certificate))
+
+        def greets():
+            with socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE) as raw:
+                with client.wrap_socket(raw, server_hostname="mail.example.test") as pop:
+                    return pop.recv(512).startswith(b"+OK")
+
+        good = key.read_bytes()
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        status, output = execReload(config, server.process.pid)
+        assert status == 78, output
+        assert f"{key}: invalid private key" in output and "configuration OK" not in output
+        key.write_bytes(good)
+        assert greets()
+
+        status, output = execReload(config, server.process.pid)
+        assert (status, output.strip()) == (0, f"mailgate: {config}: configuration OK")
+        reloading = notifySocket.waitFor("RELOADING=1", server=server)
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+        notifySocket.waitFor("READY=1", server=server)
+        waitFor(lambda: "TLS certificate reloaded" in server.stdout, "the reload's log line")
+        # One reload: the refused one never reached the server.
+        assert server.stdout.count("configuration reloaded") == 1
+        assert [m for m in notifySocket.messages if "RELOADING=1" in m] == [reloading]
+        assert greets()
     finally:
         server.stop()
     assert "Traceback" not in server.stdout + server.stderr, server.log()
@@ -327,7 +455,6 @@ def test_serviceUnit():
     assert service["User"] == "mailgate"
     command = service["ExecStart"]
     assert " -n " in command and "--pidfile=" in command and "mailgate --config /etc/mailgate/mailgate.toml" in command
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] == "yes"
     assert service["PrivateTmp"] == "yes"

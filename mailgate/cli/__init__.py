@@ -31,7 +31,7 @@ C{mailgate}: the administrator's command.
   mailgate db version
   mailgate db copy --from URL --to URL
   mailgate db backup FILE
-  mailgate config [--all]
+  mailgate config [--all | --check]
   mailgate serve [options of twistd mailgate]
   mailgate ban list [--json]
   mailgate ban add ADDRESS [--for SECONDS]
@@ -505,6 +505,13 @@ def buildParser():
         "--all prints every setting.",
     )
     showConfig.add_argument("--all", action="store_true", help="every setting, at its default or not")
+    showConfig.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration as a server starting or reloading would (values, TLS "
+        "certificates and keys loaded), print what is wrong and exit 78, or 'configuration OK' "
+        "(as nginx -t; the systemd unit's ExecReload runs it before the SIGHUP)",
+    )
     showConfig.set_defaults(run=_showConfig, migrate=False, store=False)
 
     # Its options are twistd mailgate's, parsed by mailgate.tap: passed on as
@@ -541,8 +548,38 @@ def _showConfig(store, args, out, stdin):
     values = {} if args.config is None else config.readFile(args.config)
     served = config.resolve({}, values, args.environ)
     source = f"--config {args.config}" if args.config is not None else "no configuration file"
+    if args.check:
+        _checkServed(served, args, out)
+        return
     out.write(f"# what twistd mailgate serves with {source} and no other option\n")
     out.write(config.effectiveFile(served, everything=args.all))
+
+
+def _checkServed(served, args, out):
+    """
+    What C{config --check} does: build what a server starting with this
+    configuration builds before it binds or opens the database (the
+    checks across settings, the TLS contexts from the certificate and key
+    files, the CPU affinity), so that C{systemctl reload} refuses a file
+    or a certificate the server would refuse, saying why, instead of
+    sending a SIGHUP whose failure only the log would tell.  What a
+    server would warn of at start (a certificate expiring, a key or
+    configuration file others may read) is written to standard error.
+
+    @raise ConfigurationError: what the server would refuse.
+    """
+    from mailgate import config, service, tap
+
+    config.checkConfig(served)
+    tls = service.makeTLS(served)
+    service.makeAffinity(served)
+    warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings]
+    if args.config is not None:
+        warnings.append(tap.configFileWarning(args.config))
+    for warning in filter(None, warnings):
+        args.stderr.write(f"mailgate: warning: {warning}\n")
+    where = args.config if args.config is not None else "no configuration file"
+    out.write(f"mailgate: {where}: configuration OK\n")
 
 
 def _configValues(path):
