@@ -1,0 +1,670 @@
+"""
+The POP3 clients administrators' users run, against a real C{twistd
+mailgate}: mpop (GnuTLS, GNU SASL), getmail6 and curl, as Debian 12 ships
+them (fetchmail has its tests in test_dovecot_migration.py and
+test_e2e_policy.py; tests/sysdeps.sh installs all of them).
+
+What a user of each must see:
+
+  - it logs in over plain TCP, STLS and implicit TLS (POP3S) where it can,
+    verifying the test's certificate, with the mechanism it picks by itself
+    and with each one it can be told to use;
+  - what it stores is what was delivered, octet for octet apart from the
+    header fields it adds itself (and the LF line ends it writes): lines
+    starting with ".", a line of a single ".", a message without a final
+    line end, 8-bit octets, a message of a few MB;
+  - keeping mail on the server, a second run fetches nothing, and a third
+    run only the message that arrived meanwhile;
+  - deleting after retrieval, nothing goes before QUIT: a client killed in
+    the middle of a run leaves every message in place, and its next run
+    gets each of them exactly once;
+  - a wrong password is reported as such and does not get the client's
+    address banned, nor does a maildrop another session holds, which the
+    client reports as in use.
+
+Clients deliver through an MDA (L{MDA}): a small script that writes each
+message to a file of its own, and on request stops in the middle of one
+(the client then blocks writing to it, mid-retrieval).
+"""
+
+import collections
+import os
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+
+import pytest
+
+from certs import makeCertificate
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
+    childEnvironment,
+    mailgate_cli,
+    mailgate_server,
+    popLogin,
+    retrieve,
+    sqliteOnly,
+    waitFor,
+)
+
+pytestmark = sqliteOnly
+
+MPOP = shutil.which("mpop")
+GETMAIL = shutil.which("getmail")
+CURL = shutil.which("curl")
+
+
+def requires(binary, name, package):
+    return pytest.mark.skipif(
+        binary is None, reason=f"{name} is not installed (Debian package {package}; tests/sysdeps.sh installs it)"
+    )
+
+
+requiresMpop = requires(MPOP, "mpop", "mpop")
+requiresGetmail = requires(GETMAIL, "getmail", "getmail6")
+requiresCurl = requires(CURL, "curl", "curl")
+
+ALICE = "alice@example.org"
+ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
+BOB = "bob@example.org"  # has APOP (and so CRAM-MD5)
+BOB_PW = "b0b's secret"
+WRONG = "not the password"
+LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
+FAST_FAILURES = ("--auth-failure-delay", "0.05")
+# Bans as an exposed server has them, loopback included: a second failed
+# login within the window bans the address.
+STRICT = ("--exempt-network", "none", "--ban-after", "2", "--auth-penalty-max", "0")
+
+
+# -- what is delivered --------------------------------------------------------
+
+
+def bigMessage():
+    """
+    A message of about 3.5 MB: lines starting with "." every so often, so
+    that some fall on the server's 128 KiB chunk boundaries and on the
+    clients' buffer boundaries.
+    """
+    lines = b"".join(
+        (b"." if n % 97 == 0 else b"") + b"line %06d of a big message, with a dot now and then\r\n" % n
+        for n in range(64000)
+    )
+    return b"From: <sender@example.net>\r\nSubject: big\r\n\r\n" + lines + b".\r\n..\r\nlast\r\n"
+
+
+def awkwardMessages():
+    """
+    What a maildrop holds that is awkward to serve, in delivery order (the
+    big one in the middle).
+    """
+    return [
+        b"From: <sender@example.net>\r\nSubject: plain\r\n\r\nhello\r\n",
+        b"From: <sender@example.net>\r\nSubject: dots\r\n\r\n.leading dot\r\n.\r\n..two\r\n. \r\nend\r\n",
+        bigMessage(),
+        b"From: <sender@example.net>\r\nSubject: unterminated\r\n\r\nfirst line\r\nlast line, no line end",
+        b"From: <sender@example.net>\r\nSubject: 8-bit\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n\xe9t\xe9 \xe0 la plage \xff\xfe\x80\r\n",
+    ]
+
+
+def asServed(delivered):
+    """
+    A delivered message as POP3 serves it: a final line end added if it
+    had none.
+    """
+    return delivered if delivered.endswith(b"\r\n") else delivered + b"\r\n"
+
+
+def deliverAll(cli, address, messages):
+    for message in messages:
+        cli.deliver(address, message)
+
+
+def sendBySMTP(server, address, message):
+    """
+    Send C{message} to C{address} through the server's SMTP listener.
+    """
+    with smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname="client.test", timeout=DEADLINE) as smtp:
+        smtp.sendmail("sender@example.net", [address], message)
+
+
+# -- what a client stored -------------------------------------------------------
+
+MDA = r'''
+"""
+An MDA for the tests: each message on stdin becomes a file msg.* in the
+directory given.  While a file named "block" exists there, a message whose
+first 4 KiB name "Subject: big" is not read further: the script creates
+"blocked" and waits to be killed (at most a minute).
+"""
+import os, sys, tempfile, time
+out = sys.argv[1]
+head = sys.stdin.buffer.read(4096)
+if b"Subject: big" in head and os.path.exists(os.path.join(out, "block")):
+    open(os.path.join(out, "blocked"), "w").close()
+    time.sleep(60)
+    sys.exit(75)
+data = head + sys.stdin.buffer.read()
+fd, path = tempfile.mkstemp(dir=out, prefix="tmp.")
+os.write(fd, data)
+os.fsync(fd)
+os.close(fd)
+os.rename(path, path.replace("tmp.", "msg."))
+'''
+
+
+class Mailbox:
+    """
+    The directory a client's MDA writes to, and what it wrote.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        directory.mkdir()
+        self.script = directory.parent / f"{directory.name}-mda.py"
+        self.script.write_text(MDA)
+        self.seen = set()
+
+    @property
+    def command(self):
+        return [sys.executable, str(self.script), str(self.directory)]
+
+    def new(self):
+        """
+        The messages stored since the last call, as the client wrote them.
+        """
+        names = sorted(n for n in os.listdir(self.directory) if n.startswith("msg.") and n not in self.seen)
+        self.seen.update(names)
+        return [(self.directory / n).read_bytes() for n in names]
+
+    def block(self):
+        (self.directory / "block").touch()
+
+    def unblock(self):
+        (self.directory / "block").unlink()
+
+    def blocked(self):
+        return (self.directory / "blocked").exists()
+
+
+def withoutAddedFields(stored, names):
+    """
+    C{stored} as the server sent it: the header fields the client put on
+    top (C{names}, in that order, each with its continuation lines) taken
+    off, and the LF line ends it wrote back to CRLF.  Fails if the client
+    did not add exactly those.
+    """
+    for name in names:
+        match = re.match(rb"%s:[^\n]*\n(?:[ \t][^\n]*\n)*" % name.encode(), stored, re.I)
+        assert match, f"the client did not add {name}: {stored[:300]!r}"
+        stored = stored[match.end():]
+    assert b"\r" not in stored, stored[:300]
+    return stored.replace(b"\n", b"\r\n")
+
+
+def assertStoredExactly(stored, delivered, names):
+    """
+    Every delivered message was stored exactly once, octet for octet
+    (apart from the client's own fields and line ends), in any order.
+    """
+    got = collections.Counter(withoutAddedFields(s, names) for s in stored)
+    want = collections.Counter(asServed(d) for d in delivered)
+    if got != want:
+        def summary(counter):
+            return sorted((m[:60], len(m), n) for m, n in counter.items())
+
+        pytest.fail(f"stored {summary(got)}\ndelivered {summary(want)}")
+
+
+# -- the server ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """
+    A self-signed certificate for "localhost" and 127.0.0.1, the trust
+    anchor every client is given: C{(certificatePath, keyPath)}.
+    """
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    return makeCertificate(directory, "localhost", name="server")
+
+
+@pytest.fixture
+def serve(mailgate_server, mailgate_cli, certificate):
+    """
+    C{serve(*options)}: a server with Alice (USER/PASS, SASL) and Bob (APOP
+    enabled), the certificate, POP3 (with STLS), POP3S and SMTP.
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
+
+    def start(*options):
+        certificatePath, keyPath = certificate
+        return mailgate_server(
+            "--tls-cert", str(certificatePath), "--tls-key", str(keyPath),
+            "--pop3s", LOOPBACK_TCP, "--smtp", LOOPBACK_TCP, "--domain", "example.org",
+            *FAST_FAILURES, *options,
+        )
+
+    return start
+
+
+def loginMechanisms(server, address):
+    """
+    The mechanism of each login of C{address} the server logged, in order.
+    """
+    return re.findall(rf"pop3 login user={re.escape(address)} peer=\S+ mechanism=(\S+)", server.stdout)
+
+
+def banList(cli):
+    return cli.check("ban", "list").splitlines()[1:]
+
+
+# -- the clients ---------------------------------------------------------------------
+
+
+class Client:
+    """
+    One client program, its files in a directory of its own.
+
+    @cvar added: the header fields it adds on top of each message it stores.
+    """
+
+    added = ()
+    #: whether it sends DELE for each message once stored (else all at the end)
+    marksAsItGoes = False
+
+    def __init__(self, directory, server, certificate):
+        self.directory = directory
+        directory.mkdir()
+        self.server = server
+        self.trust = str(certificate[0])
+        self.mailbox = Mailbox(directory / "mail")
+        self.running = None
+
+    def portFor(self, transport):
+        return self.server.portOf("POP3S") if transport == "pop3s" else self.server.port
+
+    def run(self, **settings):
+        """
+        Run the client once to its end; return (exit status, its output).
+        """
+        argv = self.argv(**settings)
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=DEADLINE * 2, env=self.environment())
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{argv} did not finish within {DEADLINE * 2} s\n{e.stdout!r}\n{e.stderr!r}")
+        return done.returncode, (done.stdout + done.stderr).decode("utf-8", "replace")
+
+    def fetch(self, **settings):
+        """
+        Run the client, which must succeed; return what it stored.
+        """
+        code, output = self.run(**settings)
+        assert code == 0, f"{self.name} {settings} exited {code}\n{output}\n{self.server.log()}"
+        return self.mailbox.new()
+
+    def start(self, **settings):
+        """
+        Start the client in a process group of its own, not waiting.
+        """
+        self.running = subprocess.Popen(
+            self.argv(**settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=self.environment(), start_new_session=True,
+        )
+        return self.running
+
+    def kill(self):
+        """
+        SIGKILL the started client and everything it started (its MDA).
+        """
+        os.killpg(self.running.pid, signal.SIGKILL)
+        self.running.wait(DEADLINE)
+
+    def environment(self):
+        return dict(childEnvironment(), HOME=str(self.directory))
+
+
+class Mpop(Client):
+    """
+    mpop: STLS or POP3S with GnuTLS; keeps the unique ids of the mail it
+    left on the server in a file; adds a Received field.
+    """
+
+    name = "mpop"
+    added = ("Received",)
+
+    def argv(self, transport="stls", auth="on", user=ALICE, password=ALICE_PW, keep=True):
+        config = self.directory / "mpoprc"
+        config.write_text(
+            "account default\n"
+            "host 127.0.0.1\n"
+            f"port {self.portFor(transport)}\n"
+            f"tls {'off' if transport == 'plain' else 'on'}\n"
+            f"tls_starttls {'on' if transport == 'stls' else 'off'}\n"
+            f"tls_trust_file {self.trust}\n"
+            f"auth {auth}\n"
+            f"user {user}\n"
+            f'password "{password}"\n'
+            f"keep {'on' if keep else 'off'}\n"
+            f"uidls_file {self.directory / 'uidls'}\n"
+            f"delivery mda \"{' '.join(self.mailbox.command)}\"\n"
+        )
+        config.chmod(0o600)
+        return [MPOP, "-C", str(config), "--half-quiet"]
+
+
+class Getmail(Client):
+    """
+    getmail6: plain POP3 or POP3S (it has no STLS), USER/PASS or APOP; keeps
+    the unique ids it saw in its getmail directory; adds Return-Path,
+    Delivered-To and Received fields.
+    """
+
+    name = "getmail"
+    added = ("Return-Path", "Delivered-To", "Received")
+    marksAsItGoes = True
+
+    def argv(self, transport="pop3s", auth="user", user=ALICE, password=ALICE_PW, keep=True):
+        retriever = "SimplePOP3SSLRetriever" if transport == "pop3s" else "SimplePOP3Retriever"
+        config = self.directory / "getmailrc"
+        script, *arguments = self.mailbox.command
+        config.write_text(
+            "[retriever]\n"
+            f"type = {retriever}\n"
+            "server = 127.0.0.1\n"
+            f"port = {self.portFor(transport)}\n"
+            f"username = {user}\n"
+            f"password = {password}\n"
+            f"use_apop = {auth == 'apop'}\n"
+            + (f"ca_certs = {self.trust}\n" if transport == "pop3s" else "")
+            + "\n[destination]\n"
+            "type = MDA_external\n"
+            f"path = {script}\n"
+            f"arguments = {tuple(arguments)!r}\n"
+            # The suite may run as root, which getmail refuses by default.
+            "allow_root_commands = true\n"
+            "\n[options]\n"
+            "read_all = false\n"
+            f"delete = {not keep}\n"
+        )
+        return [GETMAIL, "--getmaildir", str(self.directory), "--rcfile", "getmailrc"]
+
+
+class Curl(Client):
+    """
+    curl: one command per run (RETR of the message the URL names, LIST
+    without one, or the command -X gives), writing what it fetched on
+    standard output as the server sent it, CRLF line ends included.
+    """
+
+    name = "curl"
+
+    def argv(self, transport="stls", auth="PLAIN", user=ALICE, password=ALICE_PW, path="/", options=()):
+        scheme = "pop3s" if transport == "pop3s" else "pop3"
+        argv = [CURL, "--silent", "--show-error", "--verbose", "--max-time", str(int(DEADLINE))]
+        argv += ["--cacert", self.trust, "--user", f"{user}:{password}"]
+        if transport == "stls":
+            argv.append("--ssl-reqd")
+        if auth is not None:
+            argv += ["--login-options", f"AUTH={auth}"]
+        return argv + list(options) + [f"{scheme}://127.0.0.1:{self.portFor(transport)}{path}"]
+
+    def get(self, **settings):
+        """
+        Run curl, which must succeed; return its standard output.
+        """
+        argv = self.argv(**settings)
+        done = subprocess.run(argv, capture_output=True, timeout=DEADLINE * 2, env=self.environment())
+        assert done.returncode == 0, f"{argv} exited {done.returncode}\n{done.stderr.decode()}"
+        return done.stdout
+
+
+CLIENTS = [
+    pytest.param(Mpop, marks=requiresMpop, id="mpop"),
+    pytest.param(Getmail, marks=requiresGetmail, id="getmail"),
+]
+
+
+@pytest.fixture
+def makeClient(tmp_path, certificate):
+    """
+    C{makeClient(Class, server)}: a client in a directory of its own; any
+    still running when the test ends is killed.
+    """
+    made = []
+
+    def make(cls, server):
+        client = cls(tmp_path / f"{cls.name}-{len(made)}", server, certificate)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        if client.running is not None and client.running.poll() is None:
+            client.kill()
+
+
+# -- 1. transports and mechanisms ------------------------------------------------------
+
+
+@requiresMpop
+def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient):
+    """
+    mpop logs in over plain TCP, STLS and POP3S, verifying the certificate:
+    by itself it picks PLAIN inside TLS and SCRAM-SHA-256 outside; told
+    to, it uses USER/PASS, PLAIN, LOGIN and, for a user with APOP, APOP
+    and CRAM-MD5.  Mechanisms the user cannot use fail as
+    authentication failures, and SCRAM-SHA-1, which is not offered, is
+    refused by mpop itself.
+    """
+    server = serve()
+    delivered = b"From: <sender@example.net>\r\nSubject: for mpop\r\n\r\n.hi\r\n"
+    mailgate_cli.deliver(ALICE, delivered)
+    mailgate_cli.deliver(BOB, delivered)
+    mpop = makeClient(Mpop, server)
+
+    runs = [
+        (ALICE, ALICE_PW, transport, auth)
+        for transport in ("plain", "stls", "pop3s")
+        for auth in ("on", "user", "plain", "login", "scram-sha-256")
+    ] + [(BOB, BOB_PW, "stls", auth) for auth in ("on", "apop", "cram-md5")]
+    for user, password, transport, auth in runs:
+        # keep, with the unique ids forgotten: each run fetches the message.
+        (mpop.directory / "uidls").unlink(missing_ok=True)
+        stored = mpop.fetch(transport=transport, auth=auth, user=user, password=password)
+        assertStoredExactly(stored, [delivered], Mpop.added)
+    # By itself mpop sends the password only inside TLS (PLAIN), and uses
+    # SCRAM-SHA-256 without it.
+    chosen = {("plain", "on"): "scram-sha-256", ("stls", "on"): "plain", ("pop3s", "on"): "plain"}
+    assert loginMechanisms(server, ALICE) == [chosen.get((t, auth), auth) for _, _, t, auth in runs[:15]]
+    assert loginMechanisms(server, BOB) == ["plain", "apop", "cram-md5"]
+
+    for auth in ("apop", "cram-md5"):
+        code, output = mpop.run(auth=auth)
+        assert code == 77, output  # EX_NOPERM
+        assert f"authentication failed (method {auth.upper()})" in output, output
+    code, output = mpop.run(auth="scram-sha-1")
+    assert "does not support authentication method SCRAM-SHA-1" in output, output
+    assert len(mailgate_cli.mailbox(ALICE)) == 1
+
+
+@requiresGetmail
+def test_getmailOverPlainAndImplicitTLSWithUSERAndAPOP(serve, mailgate_cli, makeClient):
+    """
+    getmail logs in with USER/PASS (what it does by itself) and, told to,
+    with APOP, over plain TCP and over POP3S verifying the certificate and
+    its name; a user without APOP cannot use it.
+    """
+    server = serve()
+    delivered = b"From: <sender@example.net>\r\nSubject: for getmail\r\n\r\n.hi\r\n"
+    mailgate_cli.deliver(ALICE, delivered)
+    mailgate_cli.deliver(BOB, delivered)
+    getmail = makeClient(Getmail, server)
+
+    runs = [(ALICE, ALICE_PW, "user"), (BOB, BOB_PW, "user"), (BOB, BOB_PW, "apop")]
+    for transport in ("plain", "pop3s"):
+        for user, password, auth in runs:
+            for state in getmail.directory.glob("oldmail-*"):
+                state.unlink()
+            stored = getmail.fetch(transport=transport, auth=auth, user=user, password=password)
+            assertStoredExactly(stored, [delivered], Getmail.added)
+    assert loginMechanisms(server, ALICE) == ["user"] * 2
+    assert loginMechanisms(server, BOB) == ["user", "apop"] * 2
+
+    code, output = getmail.run(auth="apop")
+    assert code != 0 and "-ERR [AUTH] invalid user name or password" in output, output
+
+
+# -- 2. keeping mail on the server, deleting it ---------------------------------------------
+
+
+@pytest.mark.parametrize("clientClass", CLIENTS)
+def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClient, clientClass):
+    """
+    Keeping mail on the server, the client fetches every message octet for
+    octet, then nothing on its next run (its saved unique ids match UIDL),
+    then only the message that arrived by SMTP meanwhile.  Nothing is
+    removed from the server.
+    """
+    server = serve()
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    client = makeClient(clientClass, server)
+
+    assertStoredExactly(client.fetch(keep=True), delivered, client.added)
+    assert client.fetch(keep=True) == []
+    new = b"From: <sender@example.net>\r\nSubject: new\r\n\r\nnew\r\n.\r\n"
+    sendBySMTP(server, ALICE, new)
+    [stored] = client.fetch(keep=True)
+    # After the client's fields, the server's Received field (getmail
+    # takes its Return-Path for its own), then what was sent.
+    served = withoutAddedFields(stored, client.added)
+    assert re.match(rb"(Return-Path: <sender@example.net>\r\n)?Received: from client.test ", served), served
+    assert served.endswith(b"\r\n" + new), served
+    assert client.fetch(keep=True) == []
+    assert len(mailgate_cli.mailbox(ALICE)) == len(delivered) + 1
+
+
+@pytest.mark.parametrize("clientClass", CLIENTS)
+def test_aClientKilledMidRetrievalDeletesNothing(serve, mailgate_cli, makeClient, clientClass):
+    """
+    Deleting after retrieval, a client killed (SIGKILL) while it retrieves
+    the big message, after it had stored the ones before it (getmail had
+    marked them deleted too; mpop sends its DELEs at the end), leaves every message on the server; its next run fetches
+    each exactly once, octet for octet, and only then, after its QUIT, is
+    the maildrop empty.
+    """
+    server = serve("--debug-peer", "127.0.0.1/32")
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    client = makeClient(clientClass, server)
+
+    client.mailbox.block()
+    client.start(keep=False)
+    waitFor(client.mailbox.blocked, f"{client.name} to reach the big message")
+    # It retrieved (and the server had started to send) the big message.
+    waitFor(lambda: "C: RETR 3" in server.stdout, "RETR 3 in the server's trace")
+    if client.marksAsItGoes:
+        waitFor(lambda: "C: DELE 2" in server.stdout, "DELE 2 in the server's trace")
+    client.kill()
+    waitFor(lambda: "reason='connection lost'" in server.stdout, "the server to see the connection go")
+    assert len(mailgate_cli.mailbox(ALICE)) == len(delivered)
+    killedRun = client.mailbox.new()
+
+    client.mailbox.unblock()
+    stored = client.fetch(keep=False)
+    assertStoredExactly(stored, delivered, client.added)
+    assert mailgate_cli.mailbox(ALICE) == []
+    assertStoredExactly(killedRun, delivered[:2], client.added)
+
+
+@requiresCurl
+def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient):
+    """
+    curl fetches every message octet for octet over plain TCP (AUTH LOGIN),
+    STLS (AUTH PLAIN with an initial response) and POP3S (AUTH PLAIN),
+    verifying the certificate; its LIST and UIDL are what the server holds,
+    and a DELE it sends takes effect at its QUIT.  For a user with APOP it
+    picks CRAM-MD5 by itself, and uses APOP when told to.
+
+    By itself it picks CRAM-MD5 whenever CAPA offers it, as the server does
+    while some user has APOP, and does not fall back: a user without APOP
+    must tell it to use PLAIN or LOGIN (README, POP3).
+    """
+    server = serve()
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    mailgate_cli.deliver(BOB, delivered[0])
+    curl = makeClient(Curl, server)
+
+    for transport, auth, options in [
+        ("plain", "LOGIN", ()), ("stls", "PLAIN", ("--sasl-ir",)), ("pop3s", "PLAIN", ()),
+    ]:
+        for number, message in enumerate(delivered, 1):
+            got = curl.get(transport=transport, auth=auth, path=f"/{number}", options=options)
+            assert got == asServed(message), (transport, number, got[:200], len(got))
+    assert loginMechanisms(server, ALICE) == ["login"] * 5 + ["plain"] * 10
+
+    held = mailgate_cli.mailbox(ALICE)
+    assert curl.get().decode().splitlines() == [f"{n} {octets}" for n, octets, _ in held]
+    assert curl.get(options=("--request", "UIDL")).decode().splitlines() == [f"{n} {uid}" for n, _, uid in held]
+
+    assert curl.get(user=BOB, password=BOB_PW, auth=None, path="/1") == delivered[0]
+    assert curl.get(user=BOB, password=BOB_PW, auth="+APOP", path="/1") == delivered[0]
+    assert loginMechanisms(server, BOB) == ["cram-md5", "apop"]
+
+    code, output = curl.run(auth=None, path="/1")
+    assert code == 67, output  # CURLE_LOGIN_DENIED
+    assert "> AUTH CRAM-MD5" in output and "< -ERR [AUTH] invalid user name or password" in output, output
+
+    assert curl.get(path="/2", options=("--request", "DELE", "--head")) == b""
+    assert [uid for _, _, uid in mailgate_cli.mailbox(ALICE)] == [uid for i, (_, _, uid) in enumerate(held) if i != 1]
+
+
+# -- 3. failures -------------------------------------------------------------------------
+
+CLIENTS_AND_CURL = CLIENTS + [pytest.param(Curl, marks=requiresCurl, id="curl")]
+
+
+@pytest.mark.parametrize("clientClass", CLIENTS_AND_CURL)
+def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_cli, makeClient, clientClass):
+    """
+    With bans at the second failed login, even on loopback: a run with a
+    wrong password fails and says so, and the next run, with the right
+    password, logs in.  While another session holds the maildrop, a run
+    fails with the server's -ERR [IN-USE] (mpop shows the server's reply
+    after USER/PASS; after SASL it says only that authentication failed),
+    however often it is tried; none of this bans the address.
+    """
+    server = serve(*STRICT)
+    mailgate_cli.deliver(ALICE, b"Subject: one\r\n\r\none\r\n")
+    client = makeClient(clientClass, server)
+    wrongPassword = {
+        "mpop": "authentication failed",
+        "getmail": "-ERR [AUTH] invalid user name or password",
+        "curl": "< -ERR [AUTH] invalid user name or password",
+    }[client.name]
+    inUse = "-ERR [IN-USE] maildrop is locked by another POP3 session"
+    auth = {"mpop": {"auth": "user"}, "getmail": {}, "curl": {}}[client.name]
+
+    code, output = client.run(password=WRONG)
+    assert code != 0 and wrongPassword in output, output
+
+    holder = popLogin(server, ALICE, ALICE_PW)
+    for _ in range(3):
+        code, output = client.run(**auth)
+        assert code != 0 and inUse in output, output
+    if client.name == "mpop":
+        code, output = client.run()
+        assert code == 77 and "authentication failed (method PLAIN)" in output, output
+    holder.quit()
+
+    code, output = client.run(**auth)
+    assert code == 0, output
+    assert banList(mailgate_cli) == []
