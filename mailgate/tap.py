@@ -162,14 +162,14 @@ class Options(usage.Options):
             self.config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
         except configuration.ConfigFileError as e:
             # One line, not twistd's usage text: the file is at fault.
-            raise SystemExit(f"mailgate: {e}") from None
+            raise ConfigurationRefused(f"mailgate: {e}") from None
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None
         config = self.config
         if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
             # An empty pop3 list (in a file, say) turns the default listener
             # off: a server on nothing is a mistake, not a deployment.
-            raise SystemExit(
+            raise ConfigurationRefused(
                 "mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty"
                 + (f" (in {self.configPath})" if self.configPath else "")
             )
@@ -294,6 +294,28 @@ def configFileWarning(path):
         f"the configuration file {path} holds the database's password, and every user of this "
         f"machine may read it (mode {permissions:04o}): chmod o-r it"
     )
+
+
+class ConfigurationRefused(SystemExit):
+    """
+    A configuration file that cannot be served: the process ends with
+    C{EX_CONFIG} (78), as for every other configuration to correct before a
+    start can work, so that under systemd the unit's
+    C{RestartPreventExitStatus=78} leaves the service failed, its reason in
+    the journal, rather than start it again and again on the same file (a
+    message as C{SystemExit}'s code would exit 1, which
+    C{Restart=on-failure} retries).  The one line is written to standard
+    error as it is raised, and is the exception's text.
+    """
+
+    def __init__(self, message):
+        super().__init__(os.EX_CONFIG)
+        self.message = message
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+
+    def __str__(self):
+        return self.message
 
 
 def _stopped(error):

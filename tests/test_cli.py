@@ -984,7 +984,7 @@ def test_serveSaysWhyTheConfigurationFileIsRefused(cli, tmp_path):
     path = tmp_path / "mailgate.toml"
     path.write_text('pop3 = ["tcp:notaport"]\n')
     result = cli("serve", "--config", str(path))
-    assert result.code == 64, result
+    assert result.code == 78, result
     assert oneLineError(result).startswith(f"mailgate: {path}: key 'pop3': invalid endpoint 'tcp:notaport'")
     assert not cli.path.exists()
 
@@ -1198,7 +1198,7 @@ def test_serveTakesMailgatesConfigFile(tmp_path):
     config.write_text("pop4 = []\n")
     out, err = io.StringIO(), io.StringIO()
     code = run(["--config", str(config), "serve"], stdout=out, stderr=err, environ={})
-    assert (code, err.getvalue()) == (64, f"mailgate: {config}: unknown key 'pop4' (did you mean 'pop3'?)\n")
+    assert (code, err.getvalue()) == (78, f"mailgate: {config}: unknown key 'pop4' (did you mean 'pop3'?)\n")
 
 
 # -- --json: listings for scripts ---------------------------------------------------

@@ -307,8 +307,10 @@ def fileError(tmp_path, text):
     path = writeConfig(tmp_path, text)
     with pytest.raises(SystemExit) as e:
         parse("--config", path)
-    message = e.value.code
-    assert isinstance(message, str)
+    # EX_CONFIG, which the systemd unit does not restart on; the line is
+    # the exception's text (and on standard error).
+    assert e.value.code == 78
+    message = str(e.value)
     assert message.startswith("mailgate: ")
     assert "\n" not in message
     assert path in message
@@ -383,7 +385,7 @@ def test_notUTF8(tmp_path):
     path.write_bytes(b"\xff\xfed\x00")
     with pytest.raises(SystemExit) as e:
         parse("--config", str(path))
-    assert e.value.code == (
+    assert str(e.value) == (
         f"mailgate: {path}: not UTF-8 text (byte 0 is b'\\xff'); a configuration file is TOML, which is UTF-8"
     )
 
@@ -391,7 +393,7 @@ def test_notUTF8(tmp_path):
 def test_missingFile(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse("--config", str(tmp_path / "absent.toml"))
-    assert e.value.code.startswith(f"mailgate: {tmp_path / 'absent.toml'}: cannot read")
+    assert str(e.value).startswith(f"mailgate: {tmp_path / 'absent.toml'}: cannot read")
 
 
 def test_badEnvironmentIsNamed(monkeypatch):
@@ -501,12 +503,17 @@ def test_exemptNetworkNoneWithNetworks(tmp_path):
 
 
 def test_twistdStopsOnABadFileWithOneLine(tmp_path):
+    """
+    The one line, and EX_CONFIG (78): the file must change before a start
+    can work, so the systemd unit (RestartPreventExitStatus=78) does not
+    start it again and again.
+    """
     path = writeConfig(tmp_path, 'pop3 = ["tcp:notaport"]\n')
     code, out, err = runCommand(
         [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", path],
         cwd=tmp_path,
     )
-    assert code != 0
+    assert code == 78, (code, out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"mailgate: {path}: key 'pop3': invalid endpoint 'tcp:notaport': "
                      "invalid literal for int() with base 10: 'notaport'"], (out, err)
@@ -524,7 +531,7 @@ def test_twistdRefusesToListenOnNothing(tmp_path):
         [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", str(path)],
         cwd=tmp_path,
     )
-    assert code != 0
+    assert code == 78, (code, out, err)
     assert [line for line in (out + err).splitlines() if line.strip()] == [
         f"mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty (in {path})"
     ]
@@ -549,7 +556,7 @@ def test_twistdStopsOnAFileWithOneLineNamingIt(tmp_path, content, reason):
         [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", str(path)],
         cwd=tmp_path,
     )
-    assert code != 0
+    assert code == 78, (code, out, err)
     assert [line for line in (out + err).splitlines() if line.strip()] == [f"mailgate: {path}: {reason}"]
 
 

@@ -43,7 +43,7 @@ def _serve(argv, database, stdout, stderr):
         argv = ["--database", database, *argv]
     options = _serveOptions()
     try:
-        with contextlib.redirect_stdout(stdout):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             options.parseOptions(argv)
     except usage.UsageError as e:
         # One line, as twistd mailgate says it (see mailgate.tap.Options).
@@ -51,10 +51,12 @@ def _serve(argv, database, stdout, stderr):
         return EX_USAGE
     except SystemExit as e:
         # --help and --version exit 0; a configuration file that cannot be
-        # used exits with its one line (see mailgate.tap.Options).
+        # used has written its one line and exits 78, as twistd mailgate
+        # does (see mailgate.tap.Options).
         if isinstance(e.code, str):
             stderr.write(f"{e.code}\n")
-        return EX_OK if not e.code else EX_USAGE
+            return EX_USAGE
+        return e.code or EX_OK
 
     from twisted.application.service import ServiceMaker
     from twisted.scripts.twistd import ServerOptions, runApp
