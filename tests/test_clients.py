@@ -72,6 +72,7 @@ ALICE = "alice@example.org"
 ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
 BOB = "bob@example.org"  # has APOP (and so CRAM-MD5)
 BOB_PW = "b0b's secret"
+CAROL = "carol@example.org"
 WRONG = "not the password"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 FAST_FAILURES = ("--auth-failure-delay", "0.05")
@@ -492,6 +493,27 @@ def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     code, output = mpop.run(auth="scram-sha-1")
     assert "does not support authentication method SCRAM-SHA-1" in output, output
     assert len(mailgate_cli.mailbox(ALICE)) == 1
+
+
+@requiresMpop
+def test_mpopsSCRAMWithAPasswordSASLprepChanges(serve, mailgate_cli, makeClient):
+    """
+    mpop (GNU SASL) prepares the password with SASLprep before SCRAM, as
+    RFC 5802 asks: a password with a no-break space and a ligature, which
+    SASLprep maps to a space and "fi", logs in with SCRAM-SHA-256, mpop's
+    choice without TLS, as it does with USER/PASS.
+    """
+    password = "caf\u00e9\u00a0\ufb01ve"
+    mailgate_cli.addUser(CAROL, password)
+    server = serve()
+    delivered = b"From: <sender@example.net>\r\nSubject: for carol\r\n\r\nhi\r\n"
+    mailgate_cli.deliver(CAROL, delivered)
+    mpop = makeClient(Mpop, server)
+    for auth in ("on", "user"):
+        (mpop.directory / "uidls").unlink(missing_ok=True)
+        stored = mpop.fetch(transport="plain", auth=auth, user=CAROL, password=password)
+        assertStoredExactly(stored, [delivered], Mpop.added)
+    assert loginMechanisms(server, CAROL) == ["scram-sha-256", "user"]
 
 
 @requiresGetmail

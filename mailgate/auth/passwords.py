@@ -23,6 +23,7 @@ import attr
 
 from mailgate.auth import foreign
 from mailgate.auth.md5state import hmacMD5Context
+from mailgate.auth.saslprep import SASLprepError, saslprep
 
 SCRYPT_LOG_N = 15  # 32 MiB and about 0.1 s per hash on a 2020s core
 SCRYPT_R = 8
@@ -102,13 +103,30 @@ def verifyPassword(password, encoded):
     return hmac.compare_digest(actual, expected)
 
 
+def scramPassword(password):
+    """
+    The octets SCRAM derives a password's keys from: the password prepared
+    with SASLprep, as RFC 5802 asks and as clients built on GNU SASL (mpop)
+    prepare it before they prove they know it.  A password SASLprep
+    refuses (one with control characters, say), or that is not UTF-8, is
+    taken as it is, as PostgreSQL does: its SCRAM works for clients that
+    do not prepare it, rather than for none.
+    """
+    octets = _bytes(password)
+    try:
+        return saslprep(octets.decode("utf-8")).encode("utf-8")
+    except (UnicodeDecodeError, SASLprepError):
+        return octets
+
+
 def scramSha256Secret(password, iterations=SCRAM_ITERATIONS, salt=None):
     """
     SCRAM-SHA-256 verifier keys in the RFC 5803 form
-    C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>}.
+    C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>}, of the
+    password as L{scramPassword} prepares it.
     """
     salt = os.urandom(16) if salt is None else salt
-    salted = hashlib.pbkdf2_hmac("sha256", _bytes(password), salt, iterations)
+    salted = hashlib.pbkdf2_hmac("sha256", scramPassword(password), salt, iterations)
     clientKey = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     storedKey = hashlib.sha256(clientKey).digest()
     serverKey = hmac.new(salted, b"Server Key", hashlib.sha256).digest()

@@ -1,0 +1,61 @@
+# -*- test-case-name: tests.test_saslprep -*-
+"""
+SASLprep (RFC 4013), the preparation SCRAM asks of a password before its
+keys are derived (RFC 5802 section 2.2, "Normalize").
+
+Clients built on GNU SASL (mpop, msmtp) or Python's scramp prepare the
+password they are given; keys made from the password as it was typed then
+fail them wherever SASLprep changes it: a no-break space, a soft hyphen,
+a ligature, full-width or superscript characters.  Plain ASCII and
+ordinary composed letters are their own preparation.
+"""
+
+import stringprep
+import unicodedata
+
+# RFC 4013 section 2.3; the spaces of C.1.2 are mapped away first.
+_PROHIBITED = (
+    stringprep.in_table_c12,
+    stringprep.in_table_c21_c22,
+    stringprep.in_table_c3,
+    stringprep.in_table_c4,
+    stringprep.in_table_c5,
+    stringprep.in_table_c6,
+    stringprep.in_table_c7,
+    stringprep.in_table_c8,
+    stringprep.in_table_c9,
+    # A "stored string" (RFC 5802): unassigned code points are refused.
+    stringprep.in_table_a1,
+)
+
+
+class SASLprepError(ValueError):
+    """
+    The string holds what SASLprep prohibits.
+    """
+
+
+def saslprep(text):
+    """
+    C{text} prepared by SASLprep as a stored string: non-ASCII spaces
+    become spaces, what maps to nothing goes, the result is NFKC (of
+    Unicode 3.2, as RFC 3454 fixes it).
+
+    @raise SASLprepError: if the result holds a prohibited character
+        (controls, private use, surrogates, unassigned code points...) or
+        breaks the bidirectional rule (RFC 3454 section 6).
+    """
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
+    )
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    for c in prepared:
+        if any(prohibited(c) for prohibited in _PROHIBITED):
+            raise SASLprepError(f"prohibited character U+{ord(c):04X}")
+    rightToLeft = [stringprep.in_table_d1(c) for c in prepared]
+    if any(rightToLeft):
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            raise SASLprepError("right-to-left and left-to-right characters mixed")
+        if not (rightToLeft[0] and rightToLeft[-1]):
+            raise SASLprepError("right-to-left text must start and end with a right-to-left character")
+    return prepared
