@@ -463,7 +463,8 @@ def buildParser():
         "--sender",
         metavar="ADDRESS",
         help="the envelope sender (e.g. Postfix's ${sender}); adds Return-Path: and Received: "
-        "fields, as SMTP and LMTP delivery do (use '' for the null sender)",
+        "fields, as SMTP and LMTP delivery do (use '' for the null sender; MAILER-DAEMON, which "
+        "Postfix's pipe passes for it, is taken as the null sender too)",
     )
     deliver.set_defaults(run=_deliver, migrate=True)
 

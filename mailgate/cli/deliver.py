@@ -14,12 +14,15 @@ def _sender(text):
     """
     The envelope sender of C{deliver -f}, checked as SMTP's MAIL FROM
     checks it (it goes into the Return-Path: field): a mailbox, with or
-    without its angle brackets, or the null sender (C{''} or C{<>}).
+    without its angle brackets, or the null sender (C{''} or C{<>}, or
+    C{MAILER-DAEMON}, which Postfix's pipe transport passes as C{${sender}}
+    for it unless told otherwise, its C{null_sender} default: refused, every
+    bounce for a local user would bounce in turn).
     """
     from mailgate.smtp.syntax import MAX_PATH, EnvelopeSyntaxError, checkMailbox
 
     inside = text[1:-1] if text.startswith("<") and text.endswith(">") else text
-    if not inside:
+    if not inside or inside.upper() == "MAILER-DAEMON":
         return ""
     try:
         if len(inside) > MAX_PATH:

@@ -1,0 +1,359 @@
+"""
+The README's examples, taken from README.md and run as an administrator
+would run them, so that none of them rots unnoticed: the options table
+against the declarations, the command synopsis against each command's
+own usage, the configuration file example read as the server reads it,
+the metric table against what a server exports, the Prometheus
+configuration and alerts checked by promtool, the Postfix snippets read
+by postconf and the pipe transport's command run as Postfix runs it, the
+HAProxy backend checked by haproxy.  (The quick start, the C{.tac} file
+and the systemd units have tests of their own: test_quickstart.py,
+test_e2e_smtp.py, test_systemd.py.)
+"""
+
+import io
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mailgate.cli import run
+from mailgate.config import SETTINGS
+from mailgate.metrics import Metrics
+from mailgate.tap import Options
+
+# The command's new passwords are hashed cheaply here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text(encoding="utf-8")
+# Seconds a program checking an example (promtool, postconf, haproxy) may take.
+DEADLINE = 30
+
+
+def section(heading):
+    """
+    The README's text under C{heading} (a line starting with #), up to the
+    next heading of the same or a higher level (not a comment line in a
+    code block).
+    """
+    lines = README.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(rf"#+ {re.escape(heading)}\n", line)]
+    assert len(starts) == 1, f"no section {heading!r} in README.md"
+    level = lines[starts[0]].index(" ")
+    text, fenced = [], False
+    for line in lines[starts[0] + 1:]:
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            break
+        text.append(line)
+    return "".join(text)
+
+
+def codeBlocks(text, language=""):
+    """
+    The fenced code blocks of C{text} in C{language} ("" for those
+    without one), in order, their indentation (in a list item) removed.
+    """
+    blocks, lines, inside = [], None, None
+    for line in text.splitlines(keepends=True):
+        fence = re.match(r"^( *)```(\S*)\s*$", line)
+        if lines is None:
+            if fence:
+                lines, inside = [], fence.group(2)
+                indent = len(fence.group(1))
+        elif fence and len(fence.group(1)) == indent and not fence.group(2):
+            if inside == language:
+                blocks.append("".join(lines))
+            lines = None
+        else:
+            lines.append(line[indent:] if line[:indent].isspace() else line)
+    return blocks
+
+
+def tableRows(text, header):
+    """
+    The cells of each row of the Markdown table that starts with the line
+    C{header}.
+    """
+    lines = text[text.index(header):].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip("|"))])
+    return rows
+
+
+def command(*argv, stdin=b""):
+    """
+    The C{mailgate} command, run in-process: its exit status, output and
+    errors.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    stream = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", newline="")
+    code = run(list(argv), stdin=stream, stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+def checked(argv, what):
+    """
+    Run a program that checks an example; skip if it is not installed.
+    """
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed (tests/sysdeps.sh installs it)")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, f"{what}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+# -- Running the server: the options table -----------------------------------------
+
+
+def test_theOptionsTableIsEveryOptionWithItsDefault():
+    """
+    Every option of C{twistd mailgate} is in the table and nothing else,
+    each with the default the declarations give it (where the default is
+    a value: a number, a word, a list of networks).
+    """
+    rows = tableRows(section("Running the server: `twistd mailgate`"), "| option | default | meaning |")
+    documented = {}
+    for cells in rows:
+        for name in re.findall(r"--([a-z0-9-]+)", cells[0]):
+            documented[name] = cells[1]
+    declared = {s.name for s in SETTINGS} | {flag for s in SETTINGS for flag in s.flags}
+    assert set(documented) == declared | {"config"}
+    for setting in SETTINGS:
+        cell = documented[setting.name]
+        default = setting.default
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", cell)]
+            assert float(default) in numbers, (setting.name, default, cell)
+        elif isinstance(default, str) and setting.defaultText is None:
+            assert f"`{default}`" in cell or cell == default, (setting.name, default, cell)
+        elif setting.repeated and default:
+            assert all(f"`{value}`" in cell for value in default), (setting.name, default, cell)
+        elif default is None and setting.defaultText is None:
+            assert cell == "none", (setting.name, cell)
+
+
+# -- Administration: the synopsis ----------------------------------------------------
+
+
+def synopsis():
+    """
+    The README's synopsis of the C{mailgate} command, one command a line
+    (continuation lines joined), without the global options.
+    """
+    [block] = codeBlocks(section("Administration: `mailgate`"))[:1]
+    lines = []
+    for line in block.splitlines():
+        if line.startswith(" ") and lines:
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(re.sub(r"^mailgate \[--database URL \| --config FILE\]", "mailgate", line))
+    return lines
+
+
+def test_theSynopsisIsWhatEachCommandTakes():
+    """
+    Each line of the synopsis names a command that exists, with the
+    options its own usage lists, no more and no fewer.
+    """
+    lines = synopsis()
+    assert len(lines) > 30
+    for line in lines:
+        words = line.split()
+        assert words[0] == "mailgate", line
+        path = []
+        for word in words[1:]:
+            if not re.fullmatch(r"[a-z][a-z0-9]*", word):
+                break
+            path.append(word)
+        if path == ["serve"]:
+            continue  # the options of twistd mailgate: the table above
+        code, out, err = command(*path, "--help")
+        assert code == 0, (line, err)
+        usage = out.split("\n\n")[0]
+        assert " ".join(usage.split()).startswith(f"usage: mailgate {' '.join(path)} "), (line, usage)
+        given = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line)) - {"-h"}
+        taken = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage)) - {"-h"}
+        assert given == taken, (line, usage)
+
+
+# -- Configuration file ---------------------------------------------------------------
+
+
+def test_theConfigurationExampleIsWhatTheServerReads(tmp_path):
+    """
+    The example file loads as C{twistd mailgate --config} loads it, and
+    C{mailgate --config FILE config} shows it back, setting for setting,
+    the database's password hidden.
+    """
+    [example] = codeBlocks(section("Configuration file"), "toml")
+    path = tmp_path / "mailgate.toml"
+    path.write_text(example, encoding="utf-8")
+    written = tomllib.loads(example)
+
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    config = options.toConfig()
+    assert config.database == written["database"]
+    assert config.pop3 == written["pop3"]
+    # haproxy: listeners take PROXY headers only from the balancers named.
+    assert any(e.startswith("haproxy:") for e in config.pop3) and config.proxyNetworks == written["proxy-network"]
+
+    code, out, err = command("--config", str(path), "config")
+    assert (code, err) == (0, ""), out
+    shown = tomllib.loads(out)
+    assert shown == {**written, "database": written["database"].replace(":secret@", ":***@")}
+
+
+def test_aBadConfigurationFileIsExitStatus78(tmp_path):
+    """
+    The one line the README shows, and EX_CONFIG, which the systemd unit
+    does not restart on (RestartPreventExitStatus=78), for C{mailgate
+    serve} as for C{twistd mailgate}.
+    """
+    [line] = [b for b in codeBlocks(section("Configuration file")) if "invalid endpoint" in b]
+    path = tmp_path / "mailgate.toml"
+    path.write_text('pop3 = ["tcp:11O"]\n')
+    code, out, err = command("serve", "--database", f"sqlite:///{tmp_path / 'm.sqlite3'}", "--config", str(path))
+    assert code == 78, (code, out, err)
+    assert err == line.replace("/etc/mailgate/mailgate.toml", str(path))
+    assert "EX_CONFIG" in README and "RestartPreventExitStatus=78" in (REPO / "contrib/systemd/mailgate.service").read_text()
+
+
+# -- Metrics and health ---------------------------------------------------------------
+
+
+def test_theMetricTableIsWhatAServerExports():
+    """
+    Every metric of the table is exported, with the type the table gives
+    it, and every mailgate metric exported is in the table.
+    """
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = tableRows(section("Metrics and health"), "| metric | type | labels |")
+    documented = {cells[0].strip("`"): cells[1] for cells in rows}
+    exposition = generate_latest(Metrics().registry).decode()
+    exported = {
+        family.name: family.type
+        for family in text_string_to_metric_families(exposition)
+        # (the client library's creation times of its own counters and
+        # histograms are no metrics of mailgate's)
+        if family.name.startswith("mailgate_") and not family.name.endswith("_created")
+    }
+    # The parser names a counter's family without its _total.
+    exported = {(name + "_total" if kind == "counter" else name): kind for name, kind in exported.items()}
+    assert documented == exported
+
+
+def test_thePrometheusExamplesAreValid(tmp_path):
+    """
+    The scrape configuration and the alert rules pass promtool, and the
+    alerts name only metrics of the table.
+    """
+    scrape, rules = codeBlocks(section("Metrics and health"), "yaml")
+    (tmp_path / "rules.yml").write_text(rules)
+    (tmp_path / "prometheus.yml").write_text("rule_files: [rules.yml]\n" + scrape)
+    checked(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], "the scrape configuration")
+    documented = {cells[0].strip("`") for cells in tableRows(section("Metrics and health"), "| metric | type | labels |")}
+    for name in re.findall(r"\b(mailgate_[a-z_]+)", rules):
+        assert re.sub(r"_bucket$", "", name) in documented, name
+
+
+# -- Receiving mail: Postfix -----------------------------------------------------------
+
+
+def postfixDirectory(tmp_path, mainLines, masterLines=""):
+    """
+    A scratch Postfix configuration directory: Debian's master.cf and a
+    main.cf of C{mainLines}, with C{masterLines} appended to master.cf.
+    """
+    directory = tmp_path / "postfix"
+    directory.mkdir()
+    master = Path("/etc/postfix/master.cf")
+    if not master.exists():
+        pytest.skip("Postfix is not installed (tests/sysdeps.sh installs it)")
+    (directory / "master.cf").write_text(master.read_text() + masterLines)
+    (directory / "main.cf").write_text("compatibility_level = 3.6\n" + mainLines)
+    return directory
+
+
+def test_thePostfixLMTPSnippetIsValid(tmp_path):
+    [main] = [b for b in codeBlocks(section("Receiving mail: SMTP and LMTP")) if "/etc/postfix/main.cf" in b]
+    directory = postfixDirectory(tmp_path, main)
+    settings = checked(["postconf", "-n", "-c", str(directory)], "main.cf")
+    assert "virtual_transport = lmtp:inet:127.0.0.1:2424" in settings
+    assert "reject_unverified_recipient" in settings
+    assert "warning" not in settings
+
+
+def test_thePostfixPipeTransportDelivers(tmp_path):
+    """
+    The pipe transport of master.cf, as postconf reads it, with its
+    command run as Postfix's pipe runs it (the paths those of this
+    checkout): mail from a sender is delivered with its Return-Path:, and
+    so is a bounce, whose sender the pipe gives as MAILER-DAEMON
+    (null_sender's default), not refused as a bad sender, which would
+    bounce every bounce for a local user in turn.
+    """
+    [block] = [b for b in codeBlocks(section("Administration: `mailgate`")) if "/etc/postfix/master.cf" in b]
+    master, main = block.split("# /etc/postfix/main.cf\n")
+    directory = postfixDirectory(tmp_path, main, master)
+    assert "mailgate_destination_recipient_limit = 1" in checked(["postconf", "-n", "-c", str(directory)], "main.cf")
+    service = checked(["postconf", "-M", "-c", str(directory), "mailgate/unix"], "master.cf")
+    assert " pipe " in service and "user=mailgate " in service and "flags=" not in service
+    argv = shlex.split(service.split("argv=", 1)[1])
+    assert argv[:3] == ["/opt/mailgate/bin/mailgate", "--config", "/etc/mailgate/mailgate.toml"], argv
+
+    database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "{database}"\n')
+    assert command("--config", str(config), "user", "add", "alice@example.org", "--password-stdin", stdin=b"pw\n")[0] == 0
+    for n, sender in enumerate(("bob@example.net", "MAILER-DAEMON"), start=1):
+        expanded = [
+            {"${sender}": sender, "${recipient}": "alice@example.org"}.get(word, word) for word in argv[3:]
+        ]
+        message = f"Subject: piped\n\nmessage {n}\n".encode()
+        code, out, err = command("--config", str(config), *expanded, stdin=message)
+        assert (code, err) == (0, ""), (sender, out)
+        code, message, err = command("--config", str(config), "mailbox", "show", "alice@example.org", str(n))
+        returnPath = "<>" if sender == "MAILER-DAEMON" else f"<{sender}>"
+        assert message.startswith(f"Return-Path: {returnPath}\r\nReceived: "), message
+
+
+# -- Scaling out: HAProxy ----------------------------------------------------------------
+
+
+def test_theHAProxyBackendIsValid(tmp_path):
+    [backend] = [b for b in codeBlocks(section("Scaling out")) if "send-proxy-v2" in b]
+    configuration = tmp_path / "haproxy.cfg"
+    configuration.write_text(
+        "defaults\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n"
+        "frontend pop3\n    mode tcp\n    bind 127.0.0.1:1110\n    default_backend mailgate_pop3\n"
+        + backend
+    )
+    checked(["haproxy", "-c", "-f", str(configuration)], "the HAProxy backend")
+
+
+def test_theScalingOutCommandNamesItsBalancer():
+    """
+    The nodes' command has haproxy: listeners behind a balancer on
+    another machine: without --proxy-network they would close every
+    connection it sends (only loopback is a balancer by default).
+    """
+    [commandLine] = [b for b in codeBlocks(section("Scaling out"), "sh") if "haproxy:" in b]
+    argv = shlex.split(commandLine.replace("\\\n", " "))
+    assert argv[:2] == ["twistd", "mailgate"]
+    options = Options()
+    options.parseOptions(argv[2:])
+    config = options.toConfig()
+    assert config.pop3 == ["haproxy:tcp:110"] and config.proxyNetworks != ["127.0.0.0/8", "::1/128"]
