@@ -71,7 +71,12 @@ DELIVERY_RESULTS = ("accepted", "rejected", "tempfail")
 TIMEOUT_KINDS = ("idle", "login", "data_rate")
 #: why a connection was refused as it arrived: the reason the policy (or
 #: the shutdown) gives, to its label value
-REFUSAL_REASONS = {"banned": "banned", "too many connections": "too_many", "shutting down": "shutting_down"}
+REFUSAL_REASONS = {
+    "banned": "banned", "too many connections": "too_many", "shutting down": "shutting_down",
+    # closed unanswered by the accept loop: the process had no descriptor
+    # left to serve it (see mailgate.session.accepting)
+    "no descriptors": "no_descriptors",
+}
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
@@ -165,6 +170,10 @@ class Metrics:
         self._info = _Series(gauge, "mailgate_build_info", "The mailgate release running.", ["version"])
         self._info.values = {__version__: 1}
         self._open = _Series(gauge, "mailgate_connections", "Connections open now.", ["protocol"], PROTOCOLS)
+        self._limit = _Series(
+            gauge, "mailgate_connections_limit",
+            "The most connections served at once (max-connections, fitted to the open file limit); 0: none.",
+        )
         self._sessions = _Series(counter, "mailgate_sessions", "Connections admitted.", ["protocol"], PROTOCOLS)
         self._refused = _Series(
             counter, "mailgate_connections_refused", "Connections refused as they arrived, by reason.",
@@ -222,7 +231,7 @@ class Metrics:
             initial=(),
         )
         registry.register(_ReactorSeries([
-            self._info, self._open, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._timeouts, self._settingsDiffer, self._clockOffset,
         ]))
@@ -277,6 +286,15 @@ class Metrics:
         turning clients away.
         """
         self._count(self._refused, (_bounded(protocol, PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
+
+    def connectionLimit(self, limit):
+        """
+        At most C{limit} connections are served at once, 0 for no limit
+        (C{mailgate_connections_limit}): C{--max-connections}, lowered to
+        fit the open file limit.  C{sum(mailgate_connections) /
+        mailgate_connections_limit} is how full the node is.
+        """
+        self._limit.values[()] = limit
 
     def tlsFailed(self, protocol):
         """

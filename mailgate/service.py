@@ -30,10 +30,12 @@ from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
 from mailgate.metrics import Metrics, metricsSite
+from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.session import SessionTracker, TraceSelection
+from mailgate.session.accepting import watchAcceptErrors
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -59,17 +61,24 @@ class ListeningService(StreamServerEndpointService):
     A listener that says where it listens, and fails start-up (rather than
     logging and carrying on deaf) when it cannot.
 
+    Given a reactor, it also watches its accept loop for a process out of
+    file descriptors (L{mailgate.session.accepting}).
+
     @ivar port: the listening port, once bound.
+    @ivar acceptErrors: its L{AcceptErrors}, once bound, or C{None}.
     """
 
     log = Logger()
 
-    def __init__(self, name, description, endpoint, factory):
+    def __init__(self, name, description, endpoint, factory, reactor=None, metrics=None):
         super().__init__(endpoint, factory)
         raiseListenErrorsAtOnce(self)
         self.protocolName = name
         self.description = description
         self.port = None
+        self.acceptErrors = None
+        self._reactor = reactor
+        self._metrics = metrics
         self._waiters = []
 
     def privilegedStartService(self):
@@ -107,10 +116,17 @@ class ListeningService(StreamServerEndpointService):
             description=self.description,
             event="listener.started",
         )
+        if self._reactor is not None:
+            self.acceptErrors = watchAcceptErrors(port, self.protocolName, where, self._reactor, self._metrics)
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(port)
         return port
+
+    def stopService(self):
+        if self.acceptErrors is not None:
+            self.acceptErrors.stop()
+        return super().stopService()
 
 
 class StoreService(Service):
@@ -575,13 +591,16 @@ def _endpoint(reactor, description, balancers=()):
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None
 
 
-def makePolicy(policyStore, config, reactor, metrics=None):
+def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
     """
     The connection policy from C{config}: limits, the authentication
     penalty and bans, kept in C{policyStore} (an
     L{mailgate.interfaces.IPolicyStore}: in the database, every node shares
     them).
 
+    @param maxConnections: the limit on connections in all to enforce, if
+        not C{config}'s (lowered to fit the open file limit: see
+        L{mailgate.policy.descriptors}).
     @raise ConfigurationError: for settings out of range.
     """
     from mailgate.policy.connection import ConnectionPolicy
@@ -589,7 +608,7 @@ def makePolicy(policyStore, config, reactor, metrics=None):
 
     try:
         settings = PolicySettings(
-            maxConnections=config.maxConnections,
+            maxConnections=config.maxConnections if maxConnections is None else maxConnections,
             maxConnectionsPerAddress=config.maxConnectionsPerAddress,
             authPenaltyMax=config.authPenaltyMax,
             banAfter=config.banAfter,
@@ -796,7 +815,11 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         AffinityService(affinity).setServiceParent(root)
     root.setStore(StoreService(store))
     MemoryTrimmer(reactor, root.sessions, interval=config.memoryTrimInterval).setServiceParent(root)
-    policy = root.policy = makePolicy(policyStore, config, reactor, metrics)
+    maxConnections, warning = fittedConnectionLimit(config.maxConnections, openFileLimit())
+    if warning:
+        root.startupWarnings.append(("limits.open_files", warning))
+    metrics.connectionLimit(maxConnections)
+    policy = root.policy = makePolicy(policyStore, config, reactor, metrics, maxConnections=maxConnections)
     PolicyService(policy, reactor).setServiceParent(root)
     lifecycle = ILifecycleStore.providedBy(store)
     if lifecycle:
@@ -848,7 +871,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         if endpoints:
             factory = builders[name]()
             for description, endpoint in endpoints:
-                root.addListener(ListeningService(name, description, endpoint, factory))
+                root.addListener(ListeningService(name, description, endpoint, factory, reactor, metrics))
             if name in ("SMTP", "LMTP"):
                 root.sessionFactories.append(factory)
     root.sessionFactories.extend(pop3)

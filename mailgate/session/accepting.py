@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_hostile_load -*-
+"""
+A listener whose process has run out of file descriptors.
+
+The connection limits (L{mailgate.policy.descriptors}) keep connections
+below the open file limit, but descriptors may still run out (messages
+spooled to disk, a database reconnecting, another part of an embedding
+process).  Then C{accept(2)} fails with C{EMFILE}, and Twisted's accept
+loop does one of two things:
+
+  - it frees the descriptor it keeps in reserve, accepts and closes every
+    connection waiting, and takes the reserve again, writing three log
+    lines (C{EMFILE encountered...}, C{Closed socket from...},
+    C{Re-reserving...}) for every connection it so closes: a flood of
+    connections is a flood of log lines;
+  - without its reserve (another thread took the freed descriptor), it
+    logs C{Could not accept new connection (EMFILE)} and returns, the
+    connection left waiting: the listening socket is still readable, and
+    the reactor calls it again at once, a loop at 100 % CPU writing a log
+    line per turn until a descriptor is freed.
+
+L{AcceptErrors} takes the listener's accept-loop log events instead: it
+counts each connection closed unanswered in
+C{mailgate_connections_refused_total{reason="no_descriptors"}}, writes
+one warning (C{listener.out_of_descriptors}) at the first and then at
+most one a minute, with the count since the last, and after a failed
+accept stops reading from the listening socket for a moment
+(L{ACCEPT_PAUSE}), as nginx does, so that the connections waiting wait
+in the kernel's backlog rather than turn the reactor.  Once connections
+close, the next connection is served as any other.
+
+It also bounds the connections accepted in one turn of the reactor
+(L{MAX_ACCEPTS_PER_TURN}), which the descriptors kept in reserve
+(L{mailgate.policy.descriptors.RESERVED}) are counted to cover.
+"""
+
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+
+from mailgate.timers import cancelled
+
+#: seconds between two warnings of one listener running out of descriptors
+LOG_INTERVAL = 60.0
+#: seconds a listener that could not accept stops trying
+ACCEPT_PAUSE = 0.25
+#: connections accepted in one turn of the reactor, at most.  A connection
+#: refused by the limits keeps its descriptor until its refusal is written,
+#: in the next turn; Twisted accepts 100 a turn and more while the backlog
+#: stays full, so under a flood a turn's refusals alone could take the
+#: descriptors kept for the database and the log.
+MAX_ACCEPTS_PER_TURN = 64
+
+#: the accept loop's events (twisted.internet.tcp), by their format
+_RELEASING = "EMFILE encountered;"
+_CLOSED = "EMFILE recovery: Closed socket"
+_RERESERVING = "Re-reserving EMFILE recovery"
+_COULD_NOT_ACCEPT = "Could not accept new connection"
+
+
+def _metricsProtocol(name):
+    return "pop3" if name == "POP3S" else name.lower()
+
+
+class AcceptErrors:
+    """
+    The log observer of one listening port's accept loop (see the module
+    docstring), installed by L{watchAcceptErrors}.
+
+    @param port: the listening port (a C{twisted.internet.tcp.Port}).
+    @param name: its protocol, as the listener names it (C{"POP3"}, ...).
+    @param where: where it listens, for the warning.
+    @param reactor: the clock, and the pause's timer.
+    @param metrics: a L{mailgate.metrics.Metrics}, or C{None}.
+    @param forward: where the port's other events go.
+
+    @ivar closed: connections closed unanswered so far.
+    @ivar failedAccepts: accepts that failed and left the connection waiting.
+    """
+
+    log = Logger(namespace="mailgate.listener")
+
+    def __init__(self, port, name, where, reactor, metrics=None, forward=globalLogPublisher):
+        self._port = port
+        self._name = name
+        self._where = where
+        self._reactor = reactor
+        self._metrics = metrics
+        self._forward = forward
+        self._lastWarning = None
+        self._closedSinceWarning = 0
+        self._resume = None
+        self.closed = 0
+        self.failedAccepts = 0
+
+    def __call__(self, event):
+        text = event.get("log_format") or ""
+        if text.startswith(_RELEASING) or text.startswith(_RERESERVING):
+            return
+        if text.startswith(_CLOSED):
+            self.closed += 1
+            self._closedSinceWarning += 1
+            if self._metrics is not None:
+                self._metrics.connectionRefused(_metricsProtocol(self._name), "no descriptors")
+            self._warn(event.get("acceptError") or "EMFILE")
+            return
+        if text.startswith(_COULD_NOT_ACCEPT):
+            error = event.get("acceptError") or "EMFILE"
+            if error == "ECONNABORTED":
+                # A client that gave up before it was accepted: not news.
+                return
+            self.failedAccepts += 1
+            self._warn(error)
+            self._pause()
+            return
+        self._forward(event)
+
+    def _warn(self, error):
+        now = self._reactor.seconds()
+        if self._lastWarning is not None and now - self._lastWarning < LOG_INTERVAL:
+            return
+        self._lastWarning = now
+        closed, self._closedSinceWarning = self._closedSinceWarning, 0
+        reason = "out of file descriptors" if error in ("EMFILE", "ENFILE") else "out of memory for sockets"
+        self.log.emit(
+            LogLevel.warn,
+            "{protocol} on {where} cannot accept connections: {reason} ({error}); {closed} connection(s) "
+            "closed unanswered since the last warning (at most one a minute); raise the open file limit "
+            "(ulimit -n, systemd's LimitNOFILE) or lower max-connections",
+            protocol=self._name,
+            where=self._where,
+            reason=reason,
+            error=error,
+            closed=closed,
+            event="listener.out_of_descriptors",
+        )
+
+    def _pause(self):
+        port = self._port
+        if self._resume is not None or not getattr(port, "connected", False):
+            return
+        port.stopReading()
+        self._resume = self._reactor.callLater(ACCEPT_PAUSE, self._resumeAccepting)
+
+    def _resumeAccepting(self):
+        self._resume = None
+        port = self._port
+        if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
+            port.startReading()
+
+    def stop(self):
+        """
+        The listener is closing: no more resuming it.
+        """
+        self._resume = cancelled(self._resume)
+
+
+def watchAcceptErrors(port, name, where, reactor, metrics=None):
+    """
+    Give C{port}'s accept loop an L{AcceptErrors} for its log events, and
+    accept at most L{MAX_ACCEPTS_PER_TURN} connections a turn, if it is
+    one of Twisted's stream ports (TCP, Unix sockets, an adopted socket),
+    which log through their C{_logger}.
+
+    @return: the L{AcceptErrors}, or C{None} for another kind of port.
+    """
+    logger = getattr(port, "_logger", None)
+    if not isinstance(logger, Logger) or not hasattr(port, "stopReading"):
+        return None
+    watcher = AcceptErrors(port, name, where, reactor, metrics)
+    port._logger = Logger(namespace=logger.namespace, source=port, observer=watcher)
+    if isinstance(getattr(port, "numberAccepts", None), int):
+        doRead = port.doRead
+
+        def acceptAtMost():
+            port.numberAccepts = min(port.numberAccepts, MAX_ACCEPTS_PER_TURN)
+            return doRead()
+
+        port.doRead = acceptAtMost
+    return watcher

@@ -1,0 +1,209 @@
+"""
+A server on the internet under hostile load, beyond what one client's
+memory costs: the process's file descriptors running out, logs flooded by
+scanners, and clients that trickle a byte every few seconds.
+
+Real C{twistd mailgate} processes (under C{prlimit} for a small open file
+limit), real sockets on 127.0.0.1 and other loopback addresses, real SQLite
+files.  Every wait is bounded (L{DEADLINE}); no time is asserted.
+"""
+
+import os
+import re
+import signal
+import socket
+import urllib.request
+
+import pytest
+
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
+    TWISTD,
+    LineReader,
+    ServerProcess,
+    databaseURL,
+    mailgate_cli,
+    mailgate_server,
+    popLogin,
+    waitFor,
+)
+
+ALICE = "alice@example.org"
+PASSWORD = "wonder land"
+
+
+class LimitedServer(ServerProcess):
+    """
+    C{twistd mailgate} with its open file limit (soft and hard: mailgate
+    raises the soft one to the hard one) set to C{files} by C{prlimit}.
+    """
+
+    def __init__(self, files, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.command = ("prlimit", f"--nofile={files}:{files}", TWISTD, "-n", "--pidfile=", "mailgate")
+
+
+@pytest.fixture
+def limitedServer(tmp_path):
+    """
+    Start a L{LimitedServer}: C{limitedServer(files, *options)}; stopped
+    when the test ends.
+    """
+    servers = []
+
+    def start(files, *options):
+        server = LimitedServer(files, databaseURL(tmp_path / "mail.sqlite3"), options, cwd=tmp_path)
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def addAlice(tmp_path):
+    from e2e import AdminCommand
+
+    admin = AdminCommand(databaseURL(tmp_path / "mail.sqlite3"), cwd=tmp_path)
+    admin.addUser(ALICE, PASSWORD)
+    admin.deliver(ALICE, b"Subject: hello\r\n\r\nhello\r\n")
+
+
+def metrics(server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.portOf('METRICS')}/metrics", timeout=DEADLINE) as r:
+        return r.read().decode()
+
+
+def metricValue(text, name, **labels):
+    """
+    The value of series C{name} with C{labels} (all of them given), or
+    C{None}.
+    """
+    for line in text.splitlines():
+        match = re.match(r"(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return None
+
+
+def greetings(port, count, sources=50):
+    """
+    Open C{count} connections from C{sources} addresses from 127.0.3.1 on
+    (which no other test uses: their connections in TIME-WAIT are in no
+    one's way), then read each one's first line (C{b""} for a connection
+    closed unanswered).  Returns C{(sockets, lines)}.
+    """
+    socks = []
+    for i in range(count):
+        sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=DEADLINE, source_address=(f"127.0.3.{1 + i % sources}", 0)
+        )
+        socks.append(sock)
+    lines = []
+    for sock in socks:
+        try:
+            lines.append(LineReader(sock).line())
+        except (EOFError, OSError):
+            lines.append(b"")
+    return socks, lines
+
+
+def closeAll(socks):
+    for sock in socks:
+        sock.close()
+
+
+# -- 1. file descriptors ---------------------------------------------------------
+
+
+def test_connectionsBeyondTheOpenFileLimitAreRefusedWithAReason(tmp_path, limitedServer):
+    """
+    With 512 open files (and max-connections at its default, 5000), the
+    server serves what fits (256, the rest kept for the database, the log
+    and connections being refused) and tells every other client why, rather
+    than closing connections unanswered once accept(2) fails; the limit is
+    said at start and in the metrics, and a login works all along.
+    """
+    addAlice(tmp_path)
+    server = limitedServer(512, "--metrics", "tcp:0:interface=127.0.0.1")
+    waitFor(
+        lambda: re.search(
+            r"max-connections 5000 does not fit the 512 open files .* at most 256 connections are served",
+            server.stdout,
+        ),
+        "the warning that the limit was lowered",
+    )
+    assert metricValue(metrics(server), "mailgate_connections_limit") == 256
+    socks, lines = greetings(server.port, 400)
+    try:
+        served = [line for line in lines if line.startswith(b"+OK")]
+        refused = [line for line in lines if line == b"-ERR [SYS/TEMP] too many connections\r\n"]
+        assert (len(served), len(refused)) == (256, 144), set(lines)
+        # Full: a client is refused, the database works on.
+        refusals = metricValue(metrics(server), "mailgate_connections_refused_total", protocol="pop3", reason="too_many")
+        assert refusals >= 144
+    finally:
+        closeAll(socks)
+    client = waitFor(lambda: _loginOrNone(server), "a login once the connections closed")
+    assert client.stat() == (1, 25)
+    client.quit()
+    assert "EMFILE" not in server.stdout, server.log()
+
+
+def _loginOrNone(server):
+    try:
+        return popLogin(server, ALICE, PASSWORD)
+    except Exception:
+        return None
+
+
+def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limitedServer):
+    """
+    With 128 open files, a backlog of 300 connections (piled up while the
+    server was stopped) takes every descriptor: accept(2) fails with
+    EMFILE, and connections are closed unanswered.  That is said in one
+    warning (listener.out_of_descriptors, at most one a minute) and counted
+    in mailgate_connections_refused_total{reason="no_descriptors"}, not in
+    three log lines per connection as Twisted writes them; the server then
+    serves as before.
+    """
+    addAlice(tmp_path)
+    server = limitedServer(128, "--metrics", "tcp:0:interface=127.0.0.1")
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        socks = [
+            socket.create_connection(
+                ("127.0.0.1", server.port), timeout=DEADLINE, source_address=(f"127.0.3.{1 + i % 50}", 0)
+            )
+            for i in range(300)
+        ]
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    try:
+        lines = []
+        for sock in socks:
+            try:
+                lines.append(LineReader(sock).line())
+            except (EOFError, OSError):
+                lines.append(b"")
+        unanswered = lines.count(b"")
+        assert unanswered, "the descriptors did not run out: nothing to look at"
+        text = metrics(server)
+        assert metricValue(text, "mailgate_connections_refused_total", protocol="pop3", reason="no_descriptors") == (
+            unanswered
+        )
+    finally:
+        closeAll(socks)
+    client = waitFor(lambda: _loginOrNone(server), "a login once the connections closed")
+    assert client.stat() == (1, 25)
+    client.quit()
+    log = server.stdout
+    warnings = re.findall(r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*", log)
+    assert len(warnings) == 1, log
+    assert "EMFILE recovery" not in log and "Re-reserving" not in log, log[-3000:]
