@@ -86,15 +86,21 @@ STRICT = ("--exempt-network", "none", "--ban-after", "2", "--auth-penalty-max", 
 
 def bigMessage():
     """
-    A message of about 3.5 MB: lines starting with "." every so often, so
-    that some fall on the server's 128 KiB chunk boundaries and on the
-    clients' buffer boundaries.
+    A message of about 3.5 MB in lines of 64 octets, its header too, so
+    that the server's 128 KiB chunks start at line starts: the lines
+    there start with ".", as do others now and then, where the clients'
+    buffers may end.
     """
-    lines = b"".join(
-        (b"." if n % 97 == 0 else b"") + b"line %06d of a big message, with a dot now and then\r\n" % n
-        for n in range(64000)
-    )
-    return b"From: <sender@example.net>\r\nSubject: big\r\n\r\n" + lines + b".\r\n..\r\nlast\r\n"
+    header = b"From: <sender@example.net>\r\n" + b"Subject: big".ljust(32) + b"\r\n\r\n"
+    assert len(header) == 64
+    chunkLines = 128 * 1024 // 64
+
+    def line(n):
+        text = b"line %06d of a big message, with a dot now and then" % n
+        dotted = n % chunkLines == chunkLines - 1 or n % 97 == 0
+        return (b"." + text if dotted else text).ljust(62) + b"\r\n"
+
+    return header + b"".join(line(n) for n in range(56000)) + b".\r\n..\r\nlast\r\n"
 
 
 def awkwardMessages():
@@ -107,7 +113,7 @@ def awkwardMessages():
         b"From: <sender@example.net>\r\nSubject: dots\r\n\r\n.leading dot\r\n.\r\n..two\r\n. \r\nend\r\n",
         bigMessage(),
         b"From: <sender@example.net>\r\nSubject: unterminated\r\n\r\nfirst line\r\nlast line, no line end",
-        b"From: <sender@example.net>\r\nSubject: 8-bit\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+        b"From: <sender@example.net>\r\nSubject: 8-bit caf\xc3\xa9 \xe2\x82\xac\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
         b"Content-Transfer-Encoding: 8bit\r\n\r\n\xe9t\xe9 \xe0 la plage \xff\xfe\x80\r\n",
     ]
 
