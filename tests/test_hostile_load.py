@@ -25,6 +25,7 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     mailgate_cli,
     mailgate_server,
     popLogin,
+    sqliteOnly,
     waitFor,
 )
 
@@ -207,3 +208,112 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     warnings = re.findall(r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*", log)
     assert len(warnings) == 1, log
     assert "EMFILE recovery" not in log and "Re-reserving" not in log, log[-3000:]
+
+
+# -- 2. log flooding ---------------------------------------------------------------
+
+
+def sessionLines(port, lines, source):
+    """
+    Send C{lines} on one connection from C{source}, reading the greeting
+    first and every reply line; return once the server closed it (or
+    every line was answered).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+    reader = LineReader(sock)
+    try:
+        reader.line()
+        for line in lines:
+            try:
+                sock.sendall(line)
+                reader.line()
+            except (EOFError, OSError):
+                return
+    finally:
+        sock.close()
+
+
+@sqliteOnly
+def test_aHostileClientCostsALineASession(mailgate_server, mailgate_cli):
+    """
+    A scanner's session of garbage commands (POP3, SMTP) and one of wrong
+    passwords end with one session.too_many_errors line each (who, from
+    where, why), as Dovecot's "Too many invalid commands"; the commands
+    themselves are not logged.  A banned address that connects again and
+    again has one session.refused line a minute, saying how many it was
+    refused since, and every refusal is counted in the metrics.
+    """
+    server = mailgate_server(
+        "--exempt-network", "none", "--auth-failure-delay", "0", "--auth-penalty-max", "0", "--ban-after", "3",
+        "--smtp", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1",
+    )
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    source = "127.0.3.60"
+    sessionLines(server.port, [b"XYZZY %d\r\n" % i for i in range(100)], source)
+    sessionLines(server.portOf("SMTP"), [b"FOO %d\r\n" % i for i in range(100)], source)
+    waitFor(lambda: server.stdout.count("session closed") == 2, "the two sessions' lines")
+    assert re.search(r"pop3 session closed peer=127\.0\.3\.60:\d+ reason=too many bad commands count=20", server.stdout)
+    assert re.search(r"smtp session closed peer=127\.0\.3\.60:\d+ reason=too many bad commands count=20", server.stdout)
+    assert "XYZZY" not in server.stdout and "FOO" not in server.stdout
+    # Wrong passwords until the session is closed: the third bans the address.
+    attacker = "127.0.3.61"
+    guesses = [line for i in range(5) for line in (b"USER %s\r\n" % ALICE.encode(), b"PASS wrong%d\r\n" % i)]
+    sessionLines(server.port, guesses, attacker)
+    waitFor(lambda: "reason=too many failed logins" in server.stdout, "the failed logins' session line")
+    assert re.search(r"pop3 session closed peer=127\.0\.3\.61:\d+ reason=too many failed logins count=3", server.stdout)
+    # The banned address hammers: 50 connections, each refused, one line.
+    replies = {_refusedLine(server.port, attacker) for _ in range(50)}
+    assert replies == {b"-ERR [SYS/TEMP] banned\r\n"}, replies
+    refused = [line for line in server.stdout.splitlines() if "connection refused peer=127.0.3.61" in line]
+    assert len(refused) == 1, refused
+    assert metricValue(metrics(server), "mailgate_connections_refused_total", protocol="pop3", reason="banned") == 50
+
+
+def _refusedLine(port, source):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+    try:
+        return LineReader(sock).line()
+    except (EOFError, OSError):
+        return b""
+    finally:
+        sock.close()
+
+
+@sqliteOnly
+def test_aScannerOnThePop3sPortCostsALineAMinute(tmp_path, mailgate_server):
+    """
+    Plain text, HTTP and random bytes sent to port 995 fail the TLS
+    handshake: each is counted in mailgate_tls_failures_total, and one
+    address has one session.tls_failed line a minute for each reason
+    (with how many were not logged since), not one per connection.
+    """
+    from certs import makeCertificate
+
+    certificate, key = makeCertificate(tmp_path, "mailgate.test")
+    server = mailgate_server(
+        "--pop3s", "tcp:0:interface=127.0.0.1", "--tls-cert", str(certificate), "--tls-key", str(key),
+        "--metrics", "tcp:0:interface=127.0.0.1",
+    )
+    scanner = "127.0.3.62"
+    payloads = [b"USER alice\r\n", b"GET / HTTP/1.0\r\n\r\n", b"\x16\x03\x01\x00\x05garbage" + bytes(range(256))]
+    for payload in payloads:
+        for _ in range(30):
+            sock = socket.create_connection(
+                ("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE, source_address=(scanner, 0)
+            )
+            try:
+                sock.sendall(payload)
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    failures = waitFor(
+        lambda: metricValue(metrics(server), "mailgate_tls_failures_total", protocol="pop3") == 90 or None,
+        "90 TLS failures counted",
+    )
+    assert failures
+    lines = [line for line in server.stdout.splitlines() if "TLS failed peer=127.0.3.62" in line]
+    reasons = {re.search(r"reason=(\S+)", line).group(1) for line in lines}
+    assert len(lines) == len(reasons) <= 3, lines

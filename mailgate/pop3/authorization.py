@@ -491,6 +491,7 @@ class AuthorizationCommands:
             return
         self._err(INVALID_LOGIN)
         if self._authFailures >= self.maxAuthFailures:
+            self.logTooManyErrors("too many failed logins", self._authFailures)
             self._err("too many failed logins; closing the connection")
             self.close()
 

@@ -315,12 +315,19 @@ class CommandSession(Protocol):
         factory.tracker.add(self)
 
     def _refuse(self, reason):
-        self.factory.metrics.connectionRefused(self.protocolName, reason)
-        self.logInfo(
-            "session.refused",
-            f"{self.protocolName} connection refused peer={self.peerText} reason={reason}",
-            reason=reason,
-        )
+        factory = self.factory
+        factory.metrics.connectionRefused(self.protocolName, reason)
+        # Every refusal is counted; an address refused again and again (a
+        # banned one, hammering) has a line a minute (see RefusalLog).
+        skipped = factory.refusals.note(getattr(self.peer, "host", self.peerText), reason)
+        if skipped is not None:
+            more = f" ({skipped} more refused since the last line)" if skipped else ""
+            self.logInfo(
+                "session.refused",
+                f"{self.protocolName} connection refused peer={self.peerText} reason={reason}{more}",
+                reason=reason,
+                unlogged=skipped,
+            )
         self._closed = True
         self.refusal(reason)
         self._out.flush()
@@ -336,11 +343,17 @@ class CommandSession(Protocol):
             error = reason.value
             why = getattr(error, "reason", None) or str(error)
             self.factory.metrics.tlsFailed(self.protocolName)
-            self.logInfo(
-                "session.tls_failed",
-                f"{self.protocolName} TLS failed peer={self.peerText} reason={why}",
-                reason=why,
-            )
+            # A scanner's every connection fails its handshake: a line a
+            # minute per address and reason (see RefusalLog).
+            skipped = self.factory.refusals.note(getattr(self.peer, "host", self.peerText), f"tls: {why}")
+            if skipped is not None:
+                more = f" ({skipped} more since the last line)" if skipped else ""
+                self.logInfo(
+                    "session.tls_failed",
+                    f"{self.protocolName} TLS failed peer={self.peerText} reason={why}{more}",
+                    reason=why,
+                    unlogged=skipped,
+                )
         self._buffer = b""
         self._pos = 0
         self.rawReceiver = None
@@ -635,8 +648,25 @@ class CommandSession(Protocol):
         """
         self._badCommands += 1
         if self._badCommands >= self.maxBadCommands and not self._closed:
+            # The bad commands themselves are not logged (a scanner sends
+            # thousands): the end of the session they cost is, once.
+            self.logTooManyErrors("too many bad commands", self._badCommands)
             self.tooManyBadCommands()
             self.close()
+
+    def logTooManyErrors(self, reason, count):
+        """
+        Log, once, that the session is being closed for C{count} errors of
+        the client's (C{session.too_many_errors}), as Dovecot's
+        "Disconnected: Too many invalid commands" and Postfix's "too many
+        errors" lines: who, from where and why, never what was sent.
+        """
+        self.logInfo(
+            "session.too_many_errors",
+            f"{self.protocolName} session closed peer={self.peerText} reason={reason} count={count}",
+            reason=reason,
+            count=count,
+        )
 
     def forgiveBadCommands(self):
         """

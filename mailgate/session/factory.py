@@ -10,6 +10,7 @@ from zope.interface import implementer
 
 from mailgate.interfaces import IConnectionPolicy
 from mailgate.metrics import Metrics
+from mailgate.session.refusals import RefusalLog
 from mailgate.session.tracker import SessionTracker
 
 
@@ -62,3 +63,5 @@ class SessionFactory(ServerFactory):
         self.policy = OpenPolicy() if policy is None else policy
         self.metrics = Metrics() if metrics is None else metrics
         self.tracker = SessionTracker(reactor) if tracker is None else tracker
+        #: which refused connections are logged (L{RefusalLog})
+        self.refusals = RefusalLog(reactor)
