@@ -357,3 +357,35 @@ def test_theScalingOutCommandNamesItsBalancer():
     options.parseOptions(argv[2:])
     config = options.toConfig()
     assert config.pop3 == ["haproxy:tcp:110"] and config.proxyNetworks != ["127.0.0.0/8", "::1/128"]
+
+
+# -- Running the server: the default host name ---------------------------------------------
+
+
+def test_theDefaultHostNameIsTheMachinesFQDN(tmp_path):
+    """
+    C{--hostname}'s default, "the machine's FQDN", is what C{hostname -f}
+    says (as Postfix's myhostname and Dovecot's hostname take it), in the
+    SMTP greeting, the APOP timestamp and the C{Received:} field of
+    C{mailgate deliver}: not C{localhost} where /etc/hosts lists
+    localhost first for the machine's address, as containers write it.
+    """
+    from mailgate.testing import POP3Session, SMTPSession, memoryStore
+
+    if shutil.which("hostname") is None:
+        pytest.skip("no hostname command")
+    done = subprocess.run(["hostname", "-f"], capture_output=True, text=True, timeout=DEADLINE)
+    if done.returncode != 0 or not done.stdout.strip():
+        pytest.skip(f"hostname -f does not know this machine's name: {done.stderr.strip()}")
+    fqdn = done.stdout.strip()
+
+    assert SMTPSession(memoryStore(), hostname=None).greeting.startswith(f"220 {fqdn} ESMTP ")
+    assert POP3Session(memoryStore(), hostname=None, apop=True).greeting.rstrip().endswith(f"@{fqdn}>")
+    database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert command("--database", database, "user", "add", "alice@example.org", "--password-stdin", stdin=b"pw\n")[0] == 0
+    code, out, err = command(
+        "--database", database, "deliver", "-f", "bob@example.net", "alice@example.org", stdin=b"Subject: x\n\nhi\n"
+    )
+    assert (code, err) == (0, ""), out
+    code, message, err = command("--database", database, "mailbox", "show", "alice@example.org", "1")
+    assert f"Received: by {fqdn} (mailgate) " in message, message

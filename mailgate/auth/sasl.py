@@ -27,7 +27,6 @@ import hmac
 import os
 import re
 import secrets
-import socket
 import time
 
 import attr
@@ -41,6 +40,7 @@ from mailgate.address import loginAddress
 from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
 from mailgate.errors import InvalidAddress
+from mailgate.hostname import machineName
 
 
 class SASLError(Exception):
@@ -394,7 +394,7 @@ class SASLServer:
         self._defaultRealm = defaultRealm
         self._sharedSecret = sharedSecret
         self._saltKey = None if sharedSecret is not None else os.urandom(32)
-        self._hostname = hostname or socket.getfqdn()
+        self._hostname = hostname or machineName()
         self._offerCramMD5 = offerCramMD5
 
     def _unknownUserSaltKey(self):

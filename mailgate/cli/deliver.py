@@ -62,12 +62,11 @@ def _deliver(store, args, out, stdin):
     if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came
         # from, and that mailgate stored it.
-        import socket
-
+        from mailgate.hostname import machineName
         from mailgate.smtp.envelope import Envelope, traceHeaders
 
         envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
-        trace = traceHeaders(envelope, socket.getfqdn())
+        trace = traceHeaders(envelope, machineName())
     source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
     try:
         # All or nothing, here too: a recipient vanished or over quota

@@ -6,10 +6,10 @@ the per-listener policy every session reads.
 
 import functools
 import ipaddress
-import socket
 
 from twisted.internet import defer
 
+from mailgate.hostname import machineName
 from mailgate.networks import parseNetwork, unmapped
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
@@ -141,7 +141,7 @@ class POP3Factory(SessionFactory):
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.portal = portal
-        self.hostname = hostname or socket.getfqdn()
+        self.hostname = hostname or machineName()
         self.apop = apop
         self.idleTimeout = idleTimeout
         self.loginTimeout = loginTimeout

@@ -3,8 +3,7 @@
 Factories for SMTP and LMTP listeners.
 """
 
-import socket
-
+from mailgate.hostname import machineName
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
@@ -51,7 +50,7 @@ class SMTPFactory(SessionFactory):
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.delivery = delivery
-        self.hostname = hostname or socket.getfqdn()
+        self.hostname = hostname or machineName()
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients
         self.maxLineLength = maxLineLength
