@@ -40,6 +40,17 @@ class CommitUncertain(TemporaryFailure):
     """
 
 
+class StorageFull(TemporaryFailure):
+    """
+    The database has no room left to write: the disk (or the filesystem,
+    or PostgreSQL's tablespace) it writes to is full.  Nothing was
+    changed, as for any temporary failure, but the reply says what it is:
+    SMTP and LMTP answer C{452 4.3.1} (RFC 3463's "mail system full", RFC
+    5321's "insufficient system storage"), as Dovecot's LMTP does, so the
+    sending MTA keeps the message and its log tells the administrator why.
+    """
+
+
 class MaildropLockLost(TemporaryFailure):
     """
     A session's deletions were not applied: its maildrop lock was lost on

@@ -663,6 +663,13 @@ class IEngine(Interface):
         disk full): reported as L{mailgate.errors.TemporaryFailure}.
         """
 
+    def isStorageFull(exc):
+        """
+        Whether the driver error C{exc}, a transient one, says the database
+        has no room left to write (a full disk, a full tablespace):
+        reported as L{mailgate.errors.StorageFull}.
+        """
+
     def isRetryable(exc):
         """
         Whether C{exc} failed a transaction before it changed anything and

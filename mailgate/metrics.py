@@ -81,6 +81,9 @@ POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
 )
+#: why the database's writes fail: no room left (a full disk, a full
+#: tablespace), or anything else (read-only, unreachable, ...)
+WRITE_FAILURE_REASONS = ("storage_full", "other")
 #: the settings nodes sharing a database announce and compare (the
 #: options' names, as labels)
 NODE_SETTINGS = (
@@ -214,6 +217,11 @@ class Metrics:
             gauge, "mailgate_maildrop_locks", "Maildrop locks this node holds (POP3 sessions logged in)."
         )
         self._bans = _Series(gauge, "mailgate_bans", "Addresses banned now.")
+        self._writesFailing = _Series(
+            gauge, "mailgate_database_writes_failing",
+            "1 while the latest write transaction failed in the database, by reason.",
+            ["reason"], WRITE_FAILURE_REASONS,
+        )
         self._timeouts = _Series(
             counter, "mailgate_timeouts", "Sessions closed by a timer, by protocol and kind.", ["protocol", "kind"],
             [("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
@@ -233,7 +241,7 @@ class Metrics:
         registry.register(_ReactorSeries([
             self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
-            self._maildropLocks, self._bans, self._timeouts, self._settingsDiffer, self._clockOffset,
+            self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -404,6 +412,19 @@ class Metrics:
         holding connections without using them.
         """
         self._count(self._timeouts, (_bounded(protocol, PROTOCOLS), _bounded(kind, TIMEOUT_KINDS)))
+
+    def writesFailing(self, reason):
+        """
+        The database's latest write transaction failed for C{reason}, one
+        of L{WRITE_FAILURE_REASONS}, or (C{None}) committed
+        (C{mailgate_database_writes_failing}): what an alert on a full
+        disk watches.
+        """
+        values = self._writesFailing.values
+        for name in WRITE_FAILURE_REASONS:
+            values[name] = 0
+        if reason is not None:
+            values[_bounded(reason, WRITE_FAILURE_REASONS)] = 1
 
     def bans(self, count):
         """

@@ -25,7 +25,7 @@ storage failures into permanent 550 replies.  Here, on the session core
 
 import re
 
-from mailgate.errors import NoSuchUser, TemporaryFailure
+from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
 from mailgate.message import MessageSpool
 from mailgate.session import CommandSession
 from mailgate.session.trace import shown as shownInTrace
@@ -714,6 +714,15 @@ class SMTPServer(CommandSession):
             )
             self.factory.metrics.delivery(self.protocolName, reply.outcome)
             return self._dataReplies(envelope, reply.code, reply.enhanced, reply.text)
+        if failure.check(StorageFull):
+            # The database's disk is full: RFC 3463's "mail system full",
+            # as for a spool that cannot be written.  Nothing was stored.
+            self._logRefusedMessage(
+                envelope, event, what, 452, "4.3.1", "storage full",
+                detail=f"storage full: {failure.value}", level="warn",
+            )
+            self.factory.metrics.delivery(self.protocolName, "tempfail")
+            return self._dataReplies(envelope, 452, "4.3.1", "insufficient system storage; try again later")
         if failure.check(NoSuchUser):
             self._logRefusedMessage(
                 envelope, event, what, 451, "4.3.0", "recipient vanished",

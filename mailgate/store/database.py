@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, TemporaryFailure
+from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, StorageFull, TemporaryFailure
 from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
@@ -45,13 +45,17 @@ RETRIES = 3
 
 def _translate(engine, exc):
     """
-    Turn a driver error the engine deems transient into L{TemporaryFailure}.
+    Turn a driver error the engine deems transient into L{TemporaryFailure}
+    (L{StorageFull} when it says the database has no room left).
     """
     if isinstance(exc, TemporaryFailure):
         return exc
     exc = engine.withoutRowValues(exc)
     if engine.isTransient(exc):
-        failure = TemporaryFailure(f"database unavailable: {exc}".strip())
+        if engine.isStorageFull(exc):
+            failure = StorageFull(f"database storage full: {exc}".strip())
+        else:
+            failure = TemporaryFailure(f"database unavailable: {exc}".strip())
         failure.__cause__ = exc
         return failure
     return exc
@@ -624,7 +628,7 @@ class Database:
 
         def delivered(results):
             if any(ok for ok, _ in results):
-                self.writeFailure = None
+                self._writesWork()
             else:
                 self._writesFailed([value for _, value in results])
             for (_, _, _, waiting), (ok, value) in zip(batch, results):
@@ -647,12 +651,40 @@ class Database:
         d.addBoth(next)
 
     def _writesFailed(self, failures):
+        """
+        A write transaction failed: remember why (L{writeFailure}), and
+        when writes worked until now, say so once, as an error, and in
+        C{mailgate_database_writes_failing}.  Every refused message or
+        POP3 QUIT has a line of its own; this one is the line to alert on
+        (a full disk fails every delivery, and the log may be on it).
+        """
         # mailgate's own verdicts (a quota, an unknown user) are answers:
         # only the database's failures count.
         for failure in failures:
             if _isDatabaseError(failure.value):
+                full = failure.check(StorageFull) is not None
+                if self.writeFailure is None:
+                    self.log.error(
+                        "database writes fail{full}: {reason}; mail is refused with 4xx until a write commits",
+                        full=" (its storage is full)" if full else "",
+                        reason=failure.getErrorMessage(),
+                        storageFull=full,
+                        event="database.writes_failed",
+                    )
                 self.writeFailure = failure.getErrorMessage()
+                if self.metrics is not None:
+                    self.metrics.writesFailing("storage_full" if full else "other")
                 return
+
+    def _writesWork(self):
+        """
+        A write transaction committed: writes work (again).
+        """
+        if self.writeFailure is not None:
+            self.writeFailure = None
+            self.log.info("database writes work again", event="database.writes_recovered")
+            if self.metrics is not None:
+                self.metrics.writesFailing(None)
 
     def _stopThreads(self):
         if self._started:

@@ -205,6 +205,14 @@ class PostgresEngine:
             isinstance(exc, psycopg.errors.QueryCanceled)
         )
 
+    def isStorageFull(self, exc):
+        """
+        SQLSTATE 53100 (disk_full): the server could not extend a table's
+        file or write a temporary one.  The rest of class 53 (out of
+        memory, too many connections) is transient but not a full disk.
+        """
+        return isinstance(exc, pgerrors.DiskFull)
+
     def isRetryable(self, exc):
         return isinstance(exc, _RETRYABLE)
 

@@ -22,7 +22,7 @@ import stat
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import ConfigurationError, MaildropInUse
+from mailgate.errors import ConfigurationError, MaildropInUse, StorageFull, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks
 from mailgate.store.reads import ThreadedMessageReads
 from mailgate.store.schema import upgradeConnection
@@ -30,6 +30,36 @@ from mailgate.store.snapshot import readSnapshot, snapshotQuery
 
 BUSY_TIMEOUT_MS = 10000
 FILE_MODE = 0o600
+
+# SQLite's primary result codes (an extended code's low eight bits).
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+
+
+#: Free octets below which a filesystem counts as full: less than SQLite
+#: needs to make the shared-memory file (C{-shm}) of a WAL database.
+NO_ROOM = 64 * 1024
+
+
+def noRoomIn(directory):
+    """
+    Whether the filesystem of C{directory} has (next to) no room left for
+    this process (root's reserved blocks not counted).
+    """
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return False
+    return found.f_bavail * found.f_frsize < NO_ROOM
+
+
+def _primaryCode(exc):
+    """
+    The primary result code of the C{sqlite3.Error} C{exc}, or C{None}
+    (an error raised by the module itself, not by SQLite).
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def createPrivately(path):
@@ -246,8 +276,24 @@ class SQLiteEngine:
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
         except sqlite3.Error as e:
+            if _primaryCode(e) in (SQLITE_FULL, SQLITE_IOERR):
+                raise self._unusableForNow(e) from e
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}") from e
         return conn
+
+    def _unusableForNow(self, error):
+        """
+        The temporary failure to open the database that C{error} (SQLite's
+        C{SQLITE_FULL} or C{SQLITE_IOERR}) is: the file is there, but
+        SQLite cannot make what it needs beside it (C{-shm}, C{-wal}), most
+        often because the disk is full.  No configuration is wrong: start-up
+        stops with C{EX_TEMPFAIL} rather than C{EX_CONFIG}, so a supervisor
+        tries again, and the admin command says to try again.
+        """
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if _primaryCode(error) == SQLITE_FULL or noRoomIn(directory):
+            return StorageFull(f"cannot open SQLite database {self.path}: no space left in {directory} ({error})")
+        return TemporaryFailure(f"cannot open SQLite database {self.path}: {error}")
 
     def onConnect(self, conn):
         """
@@ -323,6 +369,14 @@ class SQLiteEngine:
         message = str(exc).lower()
         return any(part in message for part in self._transientMessages)
 
+    def isStorageFull(self, exc):
+        """
+        SQLITE_FULL: a write found no room on the filesystem (SQLite's
+        "database or disk is full"; also its max_page_count, which mailgate
+        does not set).
+        """
+        return isinstance(exc, sqlite3.Error) and _primaryCode(exc) == SQLITE_FULL
+
     def isRetryable(self, exc):
         return False
 
@@ -396,8 +450,13 @@ class SQLiteEngine:
             os.fchmod(fd, FILE_MODE)
         except OSError:
             pass
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            # The process id is for people; the lock is what counts, and
+            # it is held.  (A full disk: opening the database says so.)
+            pass
         self._guard = fd
 
     def releaseServer(self):

@@ -1,0 +1,464 @@
+"""
+A full disk, and a filesystem turned read-only, under a real server: the
+most common storage incident of a mail server, made for real on a small
+tmpfs (or a loop-mounted ext4 image) that holds the SQLite database, the
+way Postfix and Dovecot are expected to take it.
+
+What the clients must see: SMTP and LMTP DATA answered C{452 4.3.1} (RFC
+3463's "mail system full"), never a 250 for mail that is not stored,
+never a traceback; POP3 logins and RETR working (reads need no room); a
+DELE+QUIT that cannot commit answered -ERR with every message kept;
+C{mailgate deliver} exiting C{EX_TEMPFAIL} (75) so the MTA defers; an
+import stopping with a clear message, resumable.  What the administrator
+must see: one log event when writes start failing (not one per client:
+the log may be on the full disk), a health check and a metric an alert
+can use, and everything working again once there is room, without a
+restart.
+
+Mounting needs root: without it those tests skip.  Every mount is
+unmounted when its test ends, whatever happened (the servers on it are
+stopped first).  The tests before them need no mount: SQLite's own
+C{max_page_count} makes it answer "database or disk is full" as a full
+disk does, and PostgreSQL's class 53 errors are classified as the engine
+receives them.
+"""
+
+import contextlib
+import errno
+import os
+import poplib
+import smtplib
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, databaseURL, popLogin, runCommand, waitFor
+from mailgate.errors import StorageFull, TemporaryFailure
+from mailgate.message import spoolBytes
+from mailgate.testing import SMTPSession, addUser, resultOf
+
+needsRoot = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+SENDER = "sender@remote.test"
+FILLER = "filler"
+# More than an SQLite write-ahead log reuses of what it already holds: a
+# message this size needs new room on the disk.
+LARGE = b"Subject: large\r\n\r\n" + (b"x" * 78 + b"\r\n") * 2000
+
+
+def _run(argv):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE)
+
+
+@contextlib.contextmanager
+def mounted(argv, where):
+    """
+    Mount with C{argv} (C{mount ... where}) for the block, and unmount
+    C{where} after it, whatever happened (lazily if something still holds
+    it, so the test run never leaves a mount behind).
+    """
+    where.mkdir(exist_ok=True)
+    done = _run([*argv, str(where)])
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if _run(["umount", str(where)]).returncode != 0:
+            _run(["umount", "-l", str(where)])
+
+
+def smallTmpfs(where, size="4m"):
+    return mounted(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs"], where)
+
+
+def fill(directory):
+    """
+    Fill the filesystem of C{directory} with a file of zeros until it has
+    no room left; return the file's path.  Bounded: a tmpfs of a few
+    megabytes fills in a few hundred writes.
+    """
+    path = os.path.join(directory, FILLER)
+    block = b"\0" * 4096
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(1 << 16):
+            try:
+                f.write(block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                return path
+    pytest.fail(f"{directory} did not fill up")
+
+
+@contextlib.contextmanager
+def server(database, cwd, *options, env=None):
+    """
+    A running C{twistd mailgate} with POP3, SMTP, LMTP and metrics
+    listeners, stopped when the block ends.
+    """
+    process = ServerProcess(
+        database,
+        [
+            "--smtp", "tcp:0:interface=127.0.0.1",
+            "--lmtp", "tcp:0:interface=127.0.0.1",
+            "--metrics", "tcp:0:interface=127.0.0.1",
+            "--no-apop",
+            *options,
+        ],
+        cwd=cwd,
+        env=env,
+    )
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
+        assert "Traceback" not in process.stdout + process.stderr, process.log()
+
+
+_sent = iter(range(1 << 30))
+
+
+def send(process, message=None, lmtp=False):
+    """
+    One message to Alice over SMTP (or LMTP): the reply to its data, as
+    C{(code, text)}.  Without C{message}, a small one unlike any other
+    (the store takes a retry of the same message as one already stored).
+    """
+    if message is None:
+        message = b"Subject: small %d\r\n\r\nhello\r\n" % next(_sent)
+    if lmtp:
+        client = smtplib.LMTP("127.0.0.1", process.portOf("LMTP"), timeout=DEADLINE)
+    else:
+        client = smtplib.SMTP("127.0.0.1", process.portOf("SMTP"), timeout=DEADLINE)
+    try:
+        client.ehlo("client.test")
+        client.mail(SENDER)
+        assert client.rcpt(ALICE)[0] == 250
+        code, text = client.data(message)
+        return code, text.decode()
+    except smtplib.SMTPDataError as e:
+        return e.smtp_code, e.smtp_error.decode()
+    finally:
+        client.close()
+
+
+def get(process, path):
+    """
+    C{GET path} from the metrics listener: C{(status, body)}.
+    """
+    url = f"http://127.0.0.1:{process.portOf('METRICS')}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def writesFailing(process):
+    """
+    C{mailgate_database_writes_failing} by reason, as scraped.
+    """
+    values = {}
+    for line in get(process, "/metrics")[1].splitlines():
+        if line.startswith("mailgate_database_writes_failing{"):
+            labels, value = line.rsplit(" ", 1)
+            values[labels.split('"')[1]] = float(value)
+    return values
+
+
+def freeOctets(directory):
+    found = os.statvfs(directory)
+    return found.f_bfree * found.f_frsize
+
+
+def storedSizes(admin):
+    return [octets for _, octets, _ in admin.mailbox(ALICE)]
+
+
+# -- without a mount -------------------------------------------------------------
+
+
+def _pagesLeft(store, pages):
+    """
+    Let SQLite's database grow by at most C{pages} pages more: past them,
+    it answers SQLITE_FULL, as it does on a full disk.
+    """
+    conn = store.database.connection
+    used = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {used + pages}")
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_aDatabaseWithNoRoomAnswers452AndStoresNothing(store, lmtp):
+    """
+    SQLITE_FULL is L{StorageFull}, and SMTP and LMTP answer it 452 4.3.1
+    (insufficient system storage), not 451 4.3.0; nothing is stored.
+    """
+    addUser(store, ALICE, PASSWORD)
+    _pagesLeft(store, 2)
+    with pytest.raises(StorageFull):
+        resultOf(store.deliver([ALICE], spoolBytes(LARGE)))
+    session = SMTPSession(store, lmtp=lmtp)
+    replies = session.sendMail(SENDER, [ALICE], LARGE + b".\r\n", hello="LHLO client.test" if lmtp else "EHLO client.test")
+    final = replies.splitlines()[-1]
+    assert final.startswith("452 4.3.1 "), replies
+    assert "insufficient system storage" in final
+    assert resultOf(store.listMessages(ALICE)) == []
+
+
+def test_onlyADiskFullIsStorageFullOnPostgreSQL():
+    """
+    PostgreSQL's class 53 (insufficient resources) is temporary, every
+    code of it: a client retries.  53100 (disk_full) alone is a full
+    storage (452 4.3.1); out of memory or of connection slots is a store
+    unavailable for now (451 4.3.0).  Errors as psycopg raises them, given
+    to the engine's own classification (a full tablespace is made for
+    real in test_aFullTablespaceIsStorageFullOnPostgreSQL).
+    """
+    psycopg = pytest.importorskip("psycopg")
+    from mailgate.store.database import _translate
+    from mailgate.store.postgres import PostgresEngine
+
+    engine = PostgresEngine.__new__(PostgresEngine)
+    full = _translate(engine, psycopg.errors.DiskFull("could not extend file: No space left on device"))
+    assert isinstance(full, StorageFull)
+    for error in (psycopg.errors.OutOfMemory, psycopg.errors.TooManyConnections,
+                  psycopg.errors.ConfigurationLimitExceeded, psycopg.errors.InsufficientResources):
+        translated = _translate(engine, error("no"))
+        assert isinstance(translated, TemporaryFailure) and not isinstance(translated, StorageFull), error
+
+
+# -- on a small filesystem ---------------------------------------------------------
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """
+    A 4 MB tmpfs holding a database with Alice and two small messages.
+    """
+    with smallTmpfs(tmp_path / "disk") as where:
+        admin = AdminCommand(databaseURL(where / "mail.sqlite3"), cwd=tmp_path)
+        admin.addUser(ALICE, PASSWORD)
+        for n in range(2):
+            admin.deliver(ALICE, b"Subject: before %d\n\nbefore the disk filled\n" % n)
+        yield where, admin
+
+
+@needsRoot
+def test_aFullDiskRefusesMailWith452AndServesWhatIsStored(disk, tmp_path):
+    """
+    While the database's disk is full: SMTP and LMTP answer 452 4.3.1 and
+    store nothing, POP3 reads, a QUIT that cannot remove says so and keeps
+    everything, the pipe transport's command exits 75; the log says it
+    once, the health check and a gauge say it while it lasts; once there is
+    room, mail is accepted again by the same process.
+    """
+    where, admin = disk
+    with server(admin.database, tmp_path) as process:
+        assert send(process)[0] == 250
+        before = storedSizes(admin)
+        filler = fill(where)
+
+        for lmtp in (False, True, False):
+            code, text = send(process, LARGE, lmtp=lmtp)
+            assert (code, text.split()[0]) == (452, "4.3.1"), (lmtp, code, text)
+            assert "insufficient system storage" in text
+        status, body = get(process, "/healthz")
+        assert status == 503 and "full" in body, (status, body)
+        assert writesFailing(process) == {"storage_full": 1.0, "other": 0.0}
+
+        client = popLogin(process, ALICE, PASSWORD)
+        try:
+            assert len(client.list()[1]) == len(before)
+            assert client.retr(1)[0].startswith(b"+OK")
+            assert len(client.uidl()[1]) == len(before)
+            assert client.dele(1).startswith(b"+OK")
+            with pytest.raises(
+                poplib.error_proto, match=r"-ERR \[SYS/TEMP\].*none were removed"
+            ):
+                client.quit()
+        finally:
+            client.close()
+
+        code, out, err = runCommand([MAILGATE, "--database", admin.database, "deliver", ALICE], b"Subject: pipe\n\nx\n")
+        assert code == 75, (code, out, err)
+        assert "full" in err and "Traceback" not in err
+
+        # One event for the incident, however many clients met it.
+        failing = waitFor(lambda: process.stdout.count("database writes fail"), "the writes_failed event")
+        assert failing == 1, process.log()
+        assert "(its storage is full)" in process.stdout
+
+        os.unlink(filler)
+        assert send(process)[0] == 250
+        assert send(process, lmtp=True)[0] == 250
+        assert writesFailing(process) == {"storage_full": 0.0, "other": 0.0}
+        assert get(process, "/healthz")[0] == 200
+        assert "database writes work again" in process.stdout
+        client = popLogin(process, ALICE, PASSWORD)
+        try:
+            client.dele(1)
+            assert client.quit().startswith(b"+OK")
+        finally:
+            client.close()
+    # Nothing half-stored: what was there, less the one removed, and the
+    # two accepted once there was room.
+    assert storedSizes(admin)[: len(before) - 1] == before[1:]
+    assert len(storedSizes(admin)) == len(before) - 1 + 2
+
+
+@needsRoot
+def test_aServerStartingOnAFullDiskStopsWithTempfailInOneLine(disk, tmp_path):
+    """
+    With no room for SQLite's shared-memory file, the database cannot be
+    opened: start-up stops with EX_TEMPFAIL (75, which the systemd unit
+    restarts; 78 is never restarted) and one line saying why, no
+    traceback; the admin command says to try again.  With room, the same
+    database serves.
+    """
+    where, admin = disk
+    filler = fill(where)
+    process = ServerProcess(admin.database, ["--no-apop"], cwd=tmp_path)
+    process.spawn()
+    try:
+        status = process.wait()
+    finally:
+        process.stop()
+    output = process.stdout + process.stderr
+    assert status == 75, process.log()
+    assert "Traceback" not in output and "no space left" in output, process.log()
+
+    code, out, err = admin("mailbox", "list", ALICE)
+    assert code == 75 and "no space left" in err, (code, out, err)
+
+    os.unlink(filler)
+    with server(admin.database, tmp_path) as process:
+        assert send(process)[0] == 250
+
+
+@needsRoot
+def test_anImportOnAFullDiskStopsAndARerunImportsTheRestOnce(disk, tmp_path):
+    """
+    C{mailgate import maildir} on a full disk stops with EX_TEMPFAIL and
+    says to run it again; the rerun imports what is missing and nothing
+    twice.
+    """
+    where, admin = disk
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+
+    def add(first, count):
+        for n in range(first, first + count):
+            body = b"Subject: imported %d\n\n" % n + b"y" * 40000 + b"\n"
+            (maildir / "cur" / f"{1700000000 + n}.M{n}P1.host:2,S").write_bytes(body)
+
+    add(0, 5)
+    admin.check("import", "maildir", str(maildir), ALICE)
+    existing = len(admin.mailbox(ALICE))
+    add(5, 5)
+    # As the import runs beside a server at work, which keeps the files
+    # SQLite needs beside the database open.
+    with server(admin.database, tmp_path) as process:
+        assert send(process)[0] == 250
+        filler = fill(where)
+        code, out, err = admin("import", "maildir", str(maildir), ALICE)
+        assert code == 75, (code, out, err)
+        assert "run it again" in err and "storage full" in err and "Traceback" not in err, err
+
+        os.unlink(filler)
+        out = admin.check("import", "maildir", str(maildir), ALICE)
+        assert "5 messages imported" in out and "5 skipped" in out, out
+    assert len(admin.mailbox(ALICE)) == existing + 1 + 5
+
+
+@needsRoot
+def test_aFullTemporaryDirectoryRefusesLargeMailWith452(tmp_path):
+    """
+    A message too large to keep in memory is spooled to a temporary file
+    as it arrives: when the temporary directory is full, the message is
+    refused with 452 4.3.1 and nothing is stored; with room again it is
+    accepted.
+    """
+    admin = AdminCommand(databaseURL(tmp_path / "mail.sqlite3"), cwd=tmp_path)
+    admin.addUser(ALICE, PASSWORD)
+    # Larger than what a spool keeps in memory (1 MB).
+    def large(n):
+        return b"Subject: spooled %d\r\n\r\n" % n + (b"z" * 78 + b"\r\n") * 20000
+
+    with smallTmpfs(tmp_path / "spool", size="8m") as spool:
+        os.chmod(spool, 0o1777)
+        with server(admin.database, tmp_path, env={"TMPDIR": str(spool)}) as process:
+            # The first spool to spill picks the temporary directory (Python
+            # takes the first one it can write to, once).
+            assert send(process, large(1))[0] == 250
+            # Its spool file is closed once the reply is on its way.
+            waitFor(lambda: freeOctets(spool) > 7 << 20, "the first message's spool file to be removed")
+            filler = fill(spool)
+            code, text = send(process, large(2))
+            assert (code, text.split()[0]) == (452, "4.3.1"), (code, text)
+            assert len(admin.mailbox(ALICE)) == 1
+            os.unlink(filler)
+            assert send(process, large(2))[0] == 250
+    assert len(admin.mailbox(ALICE)) == 2
+
+
+def _ext4Image(tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    done = _run(["mkfs.ext4", "-q", "-F", str(image)])
+    if done.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image: {done.stderr.strip()}")
+    return image
+
+
+@needsRoot
+def test_aFilesystemTurnedReadOnlyRefusesMailTemporarilyAndServesWhatIsStored(tmp_path):
+    """
+    An ext4 filesystem remounted read-only after an error (errors=remount-ro,
+    the kernel's own answer to a failing disk, made here with ext4's
+    trigger_fs_error): mail is refused with a 4xx, POP3 still reads, a QUIT
+    that cannot remove says so and keeps everything, the pipe transport's
+    command exits 75, the health check says why.
+    """
+    image = _ext4Image(tmp_path)
+    with mounted(["mount", "-o", "loop,errors=remount-ro", str(image)], tmp_path / "disk") as where:
+        device = os.path.basename(_run(["findmnt", "-n", "-o", "SOURCE", str(where)]).stdout.strip())
+        trigger = f"/sys/fs/ext4/{device}/trigger_fs_error"
+        if not os.path.exists(trigger):
+            pytest.skip(f"no {trigger} to turn the filesystem read-only with")
+        os.chmod(where, 0o700)
+        admin = AdminCommand(databaseURL(where / "mail.sqlite3"), cwd=tmp_path)
+        admin.addUser(ALICE, PASSWORD)
+        admin.deliver(ALICE, b"Subject: before\n\nbefore\n")
+        with server(admin.database, tmp_path) as process:
+            assert send(process)[0] == 250
+            with open(trigger, "w") as f:
+                f.write("mailgate test\n")
+            assert "emergency_ro" in _run(["findmnt", "-n", "-o", "OPTIONS", str(where)]).stdout or (
+                "ro" in _run(["findmnt", "-n", "-o", "OPTIONS", str(where)]).stdout.split(",")
+            )
+            for lmtp in (False, True):
+                code, text = send(process, lmtp=lmtp)
+                assert 400 <= code < 500 and text.startswith("4."), (lmtp, code, text)
+            client = popLogin(process, ALICE, PASSWORD)
+            try:
+                assert len(client.list()[1]) == 2
+                assert client.retr(2)[0].startswith(b"+OK")
+                client.dele(1)
+                with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
+                    client.quit()
+            finally:
+                client.close()
+            code, out, err = admin("deliver", ALICE, input=b"Subject: pipe\n\nx\n")
+            assert code == 75, (code, out, err)
+            status, body = get(process, "/healthz")
+            assert status == 503, (status, body)
+            assert writesFailing(process)["other"] == 1.0
+        assert len(admin.mailbox(ALICE)) == 2
