@@ -441,7 +441,9 @@ class Metrics:
         """
         values = self._settingsDiffer.values
         for name in NODE_SETTINGS:
-            values[(name,)] = 1 if name in settings else 0
+            # Keyed as the initial series are (a family of one label: the
+            # value alone), or each setting would be exported twice.
+            values[name] = 1 if name in settings else 0
 
     def clockOffset(self, seconds):
         """

@@ -62,6 +62,7 @@ CONTRACT = {
     "mailgate_maildrop_locks": ("gauge", set()),
     "mailgate_bans": ("gauge", set()),
     "mailgate_timeouts": ("counter", {"protocol", "kind"}),
+    "mailgate_database_writes_failing": ("gauge", {"reason"}),
 }
 
 
@@ -101,6 +102,26 @@ def test_smallLabelSetsStartAtZero():
     assert metrics.registry.get_sample_value("mailgate_deliveries_total", {"protocol": "smtp", "result": "tempfail"}) == 0
     assert metrics.registry.get_sample_value("mailgate_pop3_commands_total", {"command": "RETR"}) == 0
     assert metrics.registry.get_sample_value("mailgate_auth_cache_total", {"result": "hit"}) == 0
+
+
+def test_noSeriesIsExportedTwice():
+    """
+    Setting a gauge of one label moves its series, it does not add a
+    second one with the same labels: Prometheus keeps the first sample of
+    a series in a scrape and drops the others, so an alert on
+    mailgate_node_settings_differ never saw its 1 behind the initial 0.
+    """
+    metrics = Metrics()
+    metrics.settingsDiffer({"expire_days"})
+    metrics.writesFailing("storage_full")
+    for family in families(metrics).values():
+        seen = [(sample.name, tuple(sorted(sample.labels.items()))) for sample in family.samples]
+        assert len(seen) == len(set(seen)), family.name
+    assert value(metrics, "mailgate_node_settings_differ", setting="expire_days") == 1
+    assert value(metrics, "mailgate_node_settings_differ", setting="default_quota") == 0
+    assert value(metrics, "mailgate_database_writes_failing", reason="storage_full") == 1
+    metrics.writesFailing(None)
+    assert value(metrics, "mailgate_database_writes_failing", reason="storage_full") == 0
 
 
 def test_theReleaseRunningIsExported():
