@@ -27,17 +27,20 @@ import contextlib
 import errno
 import os
 import poplib
+import secrets
 import smtplib
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, databaseURL, popLogin, runCommand, waitFor
 from mailgate.errors import StorageFull, TemporaryFailure
 from mailgate.message import spoolBytes
-from mailgate.testing import SMTPSession, addUser, resultOf
+from mailgate.testing import SMTPSession, addUser, memoryStore, resultOf
 
 needsRoot = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
 
@@ -234,6 +237,113 @@ def test_onlyADiskFullIsStorageFullOnPostgreSQL():
 
 
 # -- on a small filesystem ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def smallTablespace(base, size="4m"):
+    """
+    A PostgreSQL tablespace on a tmpfs of C{size} for the block: its name
+    and the mount.  The mount point is made outside the test's directory,
+    which the server's account may not enter; the tablespace must be empty
+    again when the block ends (it is dropped, then the tmpfs unmounted).
+    """
+    import tempfile
+
+    import psycopg
+
+    with psycopg.connect(base, autocommit=True) as conn:
+        dataDirectory = conn.execute("SHOW data_directory").fetchone()[0]
+    try:
+        account = os.stat(dataDirectory)
+    except OSError:
+        pytest.skip(f"the PostgreSQL server's data directory {dataDirectory} is not on this machine")
+    top = tempfile.mkdtemp(prefix="mailgate-tablespace-")
+    try:
+        os.chmod(top, 0o711)
+        with mounted(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", "tmpfs"], Path(top) / "disk") as disk:
+            os.chmod(disk, 0o711)
+            location = disk / "pg"
+            location.mkdir(mode=0o700)
+            os.chown(location, account.st_uid, account.st_gid)
+            name = "mailgate_test_" + secrets.token_hex(4)
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f"CREATE TABLESPACE {name} LOCATION '{location}'")
+            try:
+                yield name, disk
+            finally:
+                with psycopg.connect(base, autocommit=True) as conn:
+                    conn.execute(f"DROP TABLESPACE {name}")
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(Path(top) / "disk")
+            os.rmdir(top)
+
+
+def _withOption(url, option):
+    """
+    C{url} with C{option} (C{-c name=value}) added to its C{options}.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    options = " ".join([value for key, value in query if key == "options"] + [option])
+    query = [(key, value) for key, value in query if key != "options"] + [("options", options)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, quote_via=urllib.parse.quote)))
+
+
+@needsRoot
+def test_aFullTablespaceIsStorageFullOnPostgreSQL(postgresURL):
+    """
+    A PostgreSQL tablespace (on a small tmpfs) that fills up: the server
+    answers SQLSTATE 53100, could not extend file, and mailgate makes it
+    L{StorageFull}: SMTP answers 452 4.3.1; nothing is half-stored; with
+    room again the same store delivers.
+    """
+    import psycopg
+
+    schema = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(postgresURL).query))["options"].split("=")[-1]
+    base = postgresURL.split("?")[0]
+    with smallTablespace(base) as (tablespace, disk):
+        store = memoryStore(_withOption(postgresURL, f"-c default_tablespace={tablespace}"))
+        try:
+            with psycopg.connect(base, autocommit=True) as conn:
+                places = conn.execute(
+                    "SELECT DISTINCT tablespace FROM pg_tables WHERE schemaname = %s", (schema,)
+                ).fetchall()
+            assert places == [(tablespace,)]
+            addUser(store, ALICE, PASSWORD)
+            # Room for a few messages only.
+            filler = os.path.join(disk, FILLER)
+            with open(filler, "wb") as f:
+                f.truncate(0)
+            while freeOctets(disk) > 1 << 20:
+                with open(filler, "ab") as f:
+                    f.write(b"\0" * (256 << 10))
+            stored = 0
+            for n in range(200):
+                try:
+                    resultOf(store.deliver([ALICE], spoolBytes(b"Subject: %d\r\n\r\n" % n + os.urandom(60000).hex().encode())))
+                except StorageFull as e:
+                    assert getattr(e.__cause__, "sqlstate", None) == "53100", repr(e.__cause__)
+                    assert "No space left on device" in str(e), e
+                    break
+                stored += 1
+            else:
+                pytest.fail("the tablespace never filled up")
+            assert len(resultOf(store.listMessages(ALICE))) == stored
+            session = SMTPSession(store)
+            replies = session.sendMail(SENDER, [ALICE], LARGE + b".\r\n")
+            assert replies.splitlines()[-1].startswith("452 4.3.1 "), replies
+            assert len(resultOf(store.listMessages(ALICE))) == stored
+
+            os.unlink(filler)
+            resultOf(store.deliver([ALICE], spoolBytes(b"Subject: room again\r\n\r\nyes\r\n")))
+            assert len(resultOf(store.listMessages(ALICE))) == stored + 1
+        finally:
+            store.close()
+            # The tablespace is dropped only once empty.
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+                conn.execute(f"CREATE SCHEMA {schema}")
 
 
 @pytest.fixture
