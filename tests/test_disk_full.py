@@ -571,4 +571,28 @@ def test_aFilesystemTurnedReadOnlyRefusesMailTemporarilyAndServesWhatIsStored(tm
             status, body = get(process, "/healthz")
             assert status == 503, (status, body)
             assert writesFailing(process)["other"] == 1.0
+        # What the server left beside the database is enough to read it.
         assert len(admin.mailbox(ALICE)) == 2
+
+
+@needsRoot
+def test_aDatabaseOnAReadOnlyFilesystemIsNamedAsSuch(disk, tmp_path):
+    """
+    SQLite cannot open a database without making its C{-shm} file beside
+    it, and says only "unable to open database file": on a filesystem
+    mounted read-only, the admin command and the server's start-up say
+    that it is (EX_CONFIG: it takes an administrator to remount it).
+    """
+    where, admin = disk
+    done = _run(["mount", "-o", "remount,ro", str(where)])
+    assert done.returncode == 0, done.stderr
+    code, out, err = admin("mailbox", "list", ALICE)
+    assert code == 78 and "mounted read-only" in err, (code, out, err)
+    process = ServerProcess(admin.database, ["--no-apop"], cwd=tmp_path)
+    process.spawn()
+    try:
+        status = process.wait()
+    finally:
+        process.stop()
+    assert status == 78 and "Read-only file system" in process.stdout + process.stderr, process.log()
+    assert "Traceback" not in process.stdout + process.stderr, process.log()

@@ -278,8 +278,22 @@ class SQLiteEngine:
         except sqlite3.Error as e:
             if _primaryCode(e) in (SQLITE_FULL, SQLITE_IOERR):
                 raise self._unusableForNow(e) from e
-            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}") from e
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._readOnlyHint()}") from e
         return conn
+
+    def _readOnlyHint(self):
+        """
+        What to add to a failure to open the database on a filesystem
+        mounted read-only (the kernel's answer to a failing disk): SQLite
+        says only "unable to open database file", as it cannot make its
+        C{-shm} file there.
+        """
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            readOnly = os.statvfs(directory).f_flag & os.ST_RDONLY
+        except OSError:
+            return ""
+        return f" (the filesystem of {directory} is mounted read-only)" if readOnly else ""
 
     def _unusableForNow(self, error):
         """
