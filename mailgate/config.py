@@ -50,6 +50,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
+from mailgate.store.lifecycle import DAY, DUPLICATE_WINDOW
 from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
 from mailgate.urls import shownURL
 
@@ -944,6 +945,18 @@ SETTINGS = (
         "use goes past it (as Dovecot's quota_warning; a POP3 user sees "
         "nothing else before mail is refused).",
         repeated=True, example=[80, 95],
+    ),
+    Setting(
+        "duplicate-window", "duplicateWindow", Integer(metavar="SECONDS", maximum=MAX_DAYS * DAY),
+        DUPLICATE_WINDOW,
+        "Seconds during which a message a user got by SMTP, LMTP or "
+        "mailgate deliver, sent again from the same sender with the same "
+        "octets, is taken for the client's retry (it lost the 250 after the "
+        "commit: a timeout, a cut connection, a node killed) and answered "
+        "as delivered without a second copy; 0 stores every copy.  Another "
+        "message, or one passed on again by an MTA (its own Received field "
+        "differs), is never taken for one, nor is a message without a "
+        "Date, Message-ID or Received field (a device's fixed alert).",
     ),
     Setting(
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",

@@ -39,6 +39,16 @@ class IMessageSource(Interface):
         "measured)."
     )
 
+    deliveryKey = Attribute(
+        "Optional: C{None}, or octets that only this message, as the client "
+        "sent it, has (a digest of its envelope sender and of the octets "
+        "received, before the trace fields the server adds): a delivery "
+        "with the key of one a recipient got within the store's duplicate "
+        "window is a client's retry (it lost the reply to a committed "
+        "message), answered with the first delivery's unique id "
+        "(L{mailgate.records.AlreadyDelivered}) and not stored again."
+    )
+
     def chunks(chunkSize):
         """
         Iterate over the message's octets in pieces of at most C{chunkSize}.
@@ -365,13 +375,16 @@ class IMailStore(Interface):
             whole delivery with L{mailgate.errors.NoSuchUser} and nothing is
             stored.
         @return: a L{Deferred} that fires once the delivery is durably
-            committed, with a dict mapping each address to its new unique id,
-            or to a L{mailgate.errors.NoSuchUser} instance for an address
-            that has no user (those get no copy; the others still do).  A
-            failure means nothing was stored, except with
-            L{mailgate.errors.CommitUncertain} (a temporary failure too):
-            the message may have been stored, and a retry may store it
-            twice, as with any MTA.
+            committed, with a dict mapping each address to its new unique id
+            (or, for a recipient who already got this message, see
+            L{IMessageSource.deliveryKey}, the L{mailgate.records.AlreadyDelivered}
+            id of that copy), or to a L{mailgate.errors.NoSuchUser}
+            instance for an address that has no user (those get no copy;
+            the others still do).  A failure means nothing was stored,
+            except with L{mailgate.errors.CommitUncertain} (a temporary
+            failure too): the message may have been stored, and a retry
+            is then recognised by its delivery key (without one, it is
+            stored twice, as with any MTA).
         """
 
     def openMaildrop(identity):
@@ -469,6 +482,13 @@ class ILifecycleStore(Interface):
         """
         Remove kept deleted mail past its time, at most C{limit} messages:
         a L{Deferred} of how many.
+        """
+
+    def forgetDeliveries(limit=500):
+        """
+        Forget, at most C{limit}, the recent deliveries kept to know a
+        client's retry (see L{IMessageSource.deliveryKey}) once they are
+        older than the duplicate window: a L{Deferred} of how many.
         """
 
     def listDeleted(address):

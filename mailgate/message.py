@@ -12,6 +12,8 @@ spills however small its message, so that many messages arriving at once
 hold a thousand times the limit.
 """
 
+import hashlib
+import re
 import tempfile
 import threading
 
@@ -129,7 +131,12 @@ class MessageSpool:
     @ivar dotOffsets: where those lines begin (a list of offsets, so that
         POP3 stuffs by copying slices), or C{None} if there were more than
         L{MAX_DOT_OFFSETS}.
+    @ivar deliveryKey: what tells a client's retry of this message (see
+        L{mailgate.interfaces.IMessageSource}), set by whoever received
+        it; C{None}: none.
     """
+
+    deliveryKey = None
 
     def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
         # Small messages (nearly all of them) stay in a list of pieces; the
@@ -278,6 +285,73 @@ class MessageSpool:
                 pass
 
 
+#: the header fields that make a message's octets its own: one of them
+#: (an origination date, a Message-ID, an earlier hop's trace field with
+#: its queue id) is in every message an MTA or a mail program sends
+_IDENTIFYING_FIELD = re.compile(rb"(?:date|message-id|received)[ \t]*:", re.IGNORECASE)
+#: octets of a message's start looked at to find them (its header
+#: section, as a rule: past this, a message is not taken for a retry)
+_HEADER_LOOKED_AT = 64 * 1024
+
+
+class DeliveryKey:
+    """
+    Makes a message's delivery key (see
+    L{mailgate.interfaces.IMessageSource}) as its octets arrive: the
+    same message by the same protocol (C{"smtp"}, C{"lmtp"}, C{"local"})
+    from the same envelope sender, sent again, has the same key (whatever
+    its MAIL FROM parameters: a client may declare another SIZE, or
+    none, when it tries again).
+
+    Fed the octets as received (dot-stuffing undone, before the server's
+    own trace fields).  A message whose header section holds no date,
+    Message-ID or trace field of an earlier hop gets no key: such bare
+    octets (a device's fixed alert, a test) may well be sent again as a
+    new message, and are stored every time.
+    """
+
+    def __init__(self, protocol, sender):
+        text = f"{protocol}\0{sender}".encode("utf-8", "surrogateescape")
+        self._hash = hashlib.sha256(b"mailgate delivery key\0" + text + b"\0\0")
+        # Looking at the header section, line by line, for a field that
+        # identifies the message: the line not yet ended, the octets seen.
+        self._looking = True
+        self._line = b""
+        self._seen = 0
+        self._identified = False
+
+    def update(self, data):
+        self._hash.update(data)
+        if self._looking:
+            self._look(data[: _HEADER_LOOKED_AT - self._seen])
+
+    def _look(self, piece):
+        self._seen += len(piece)
+        lines = (self._line + piece).split(b"\n")
+        self._line = lines.pop()
+        for line in lines:
+            if line in (b"", b"\r"):
+                # The header section ended without one.
+                self._looking = False
+                break
+            if _IDENTIFYING_FIELD.match(line):
+                self._identified = True
+                self._looking = False
+                break
+        if self._seen >= _HEADER_LOOKED_AT:
+            self._looking = False
+        if not self._looking:
+            self._line = b""
+
+    def key(self):
+        """
+        The key (128 bits of SHA-256: a collision between two messages of
+        one user is what must not happen), or C{None} for a message
+        without an identifying field.
+        """
+        return self._hash.digest()[:16] if self._identified else None
+
+
 def fileChunks(file, chunkSize):
     """
     The whole content of the binary C{file}, from its start, in pieces of
@@ -300,18 +374,25 @@ def spoolBytes(data):
     return spool.finish()
 
 
-def spoolFile(fileObject, blockSize=1 << 16, headerLines=()):
+def spoolFile(fileObject, blockSize=1 << 16, headerLines=(), sender=None):
     """
     A finished L{MessageSpool} holding what C{fileObject} yields until EOF.
 
     @param headerLines: lines (without line ends) to put first, such as
         trace fields.
+    @param sender: the envelope sender, for the spool's C{deliveryKey} (of
+        the octets read, not of C{headerLines}); C{None}: no key.
     """
     spool = MessageSpool()
     spool.writeLines(headerLines)
+    keyed = None if sender is None else DeliveryKey("local", sender)
     while True:
         block = fileObject.read(blockSize)
         if not block:
             break
+        if keyed is not None:
+            keyed.update(block)
         spool.writeData(block)
+    if keyed is not None:
+        spool.deliveryKey = keyed.key()
     return spool.finish()

@@ -65,7 +65,10 @@ from mailgate.errors import ShuttingDown
 PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
 LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "tempfail")
-DELIVERY_RESULTS = ("accepted", "rejected", "tempfail")
+#: how a message ended: stored, refused for good, refused for now, or
+#: a client's retry of a message its recipients already had (answered as
+#: delivered, not stored again)
+DELIVERY_RESULTS = ("accepted", "rejected", "tempfail", "duplicate")
 #: why a session was closed by a timer: silence (every protocol), no login
 #: in time (POP3), message data arriving too slowly (SMTP, LMTP)
 TIMEOUT_KINDS = ("idle", "login", "data_rate")

@@ -58,6 +58,18 @@ class UserSummary:
     lastLogin = attr.ib(default=None)
 
 
+class AlreadyDelivered(str):
+    """
+    The unique id a recipient's copy of a message got when it was first
+    delivered, answering a delivery of the same message again (a client's
+    retry, see L{mailgate.interfaces.IMessageSource.deliveryKey}): it was
+    not stored twice.  A C{str}, so that what counts unique ids as
+    delivered copies answers the retry as delivered.
+    """
+
+    __slots__ = ()
+
+
 @attr.s(frozen=True, slots=True)
 class MessageInfo:
     """

@@ -828,6 +828,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
             expireDays=config.expireDays,
             keepDeletedDays=config.keepDeletedDays,
             quotaWarnings=config.quotaWarnings,
+            duplicateWindow=config.duplicateWindow,
         )
         # The store's background work: retention, and what POP3 advertises
         # of it (refreshed like the APOP advertiser).

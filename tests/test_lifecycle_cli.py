@@ -284,12 +284,12 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
             (
                 "node-a[1]",
                 {"quota_octets": 1 << 30, "expire_days": None, "keep_deleted_days": 7, "quota_exceeded": "temporary",
-                 "quota_warnings": [80, 95], "recipient_delimiter": ""},
+                 "quota_warnings": [80, 95], "recipient_delimiter": "", "duplicate_window": 86400},
             ),
             (
                 "node-b[2]",
                 {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0, "quota_exceeded": "permanent",
-                 "quota_warnings": [], "recipient_delimiter": "+"},
+                 "quota_warnings": [], "recipient_delimiter": "+", "duplicate_window": 86400},
             ),
         ]
         assert ("--quota-exceeded", "temporary", "node-b[2]", "permanent") in resultOf(store.sessions.otherSettings())

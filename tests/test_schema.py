@@ -43,6 +43,7 @@ GROWING = {
     "deleted_mail": "user_id",
     "pop3_sessions": "user_id",
     "imported_ids": "user_id",
+    "recent_deliveries": "user_id",
 }
 
 # The registry of live nodes (migration 3): one row per running server.

@@ -601,13 +601,14 @@ def _configLimits(values):
     --config FILE}, an MTA's pipe transport, applies the quota the
     server's SMTP and LMTP apply.
     """
-    from mailgate.store.lifecycle import StoreLimits
+    from mailgate.store.lifecycle import DUPLICATE_WINDOW, StoreLimits
 
     return StoreLimits(
         quotaOctets=values.get("default-quota"),
         expireDays=values.get("expire-days"),
         keepDeletedDays=values.get("keep-deleted-days", 0),
         quotaWarnings=values.get("quota-warning", ()),
+        duplicateWindow=values.get("duplicate-window", DUPLICATE_WINDOW),
     )
 
 

@@ -8,6 +8,7 @@ from mailgate.address import normalizeAddress, withoutDetail
 from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
+from mailgate.records import AlreadyDelivered
 
 
 def _sender(text):
@@ -67,7 +68,10 @@ def _deliver(store, args, out, stdin):
 
         envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
         trace = traceHeaders(envelope, machineName())
-    source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace)
+    # Keyed by what the MTA handed over: its retry of a delivery whose
+    # outcome it did not learn (this command killed after the commit, say)
+    # is recognised and not stored twice.
+    source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace, sender=sender or "")
     try:
         # All or nothing, here too: a recipient vanished or over quota
         # since the check above stores nothing for anyone.
@@ -81,4 +85,7 @@ def _deliver(store, args, out, stdin):
     finally:
         source.close()
     for address, uniqueId in results.items():
-        out.write(f"delivered to {address} as {uniqueId}\n")
+        if isinstance(uniqueId, AlreadyDelivered):
+            out.write(f"already delivered to {address} as {uniqueId} (the same message again: not stored twice)\n")
+        else:
+            out.write(f"delivered to {address} as {uniqueId}\n")

@@ -49,10 +49,13 @@ class DataReader:
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
     @ivar storageFailed: the spool could not be written (a full disk);
         nothing more is stored, the rest of the data is read and dropped.
+    @ivar digest: a L{mailgate.message.DeliveryKey} fed every octet of
+        content stored, or C{None}.
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=None):
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
         self.spool = spool
+        self.digest = digest
         self.maxSize = maxSize
         self.maxLineLength = maxLineLength
         self.tooLarge = False
@@ -173,6 +176,8 @@ class DataReader:
             self.tooLarge = True
             self.spool.close()
             return
+        if self.digest is not None:
+            self.digest.update(block)
         try:
             self.spool.writeBlock(block, atLineStart)
         except OSError:

@@ -26,7 +26,8 @@ storage failures into permanent 550 replies.  Here, on the session core
 import re
 
 from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
-from mailgate.message import MessageSpool
+from mailgate.message import DeliveryKey, MessageSpool
+from mailgate.records import AlreadyDelivered
 from mailgate.session import CommandSession
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
@@ -580,7 +581,11 @@ class SMTPServer(CommandSession):
     def _startData(self, envelope):
         spool = MessageSpool()
         spool.writeLines(traceHeaders(envelope, self.hostname))
-        self.rawReceiver = DataReader(spool, self.maxMessageSize, self.maxLineLength)
+        # The content is hashed as it is stored, for its delivery key:
+        # the same octets from the same sender again are a retry.
+        self.rawReceiver = DataReader(
+            spool, self.maxMessageSize, self.maxLineLength, digest=DeliveryKey(self.protocolName, envelope.sender)
+        )
         self._startDataTimer(self.rawReceiver)
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
         return None
@@ -616,6 +621,7 @@ class SMTPServer(CommandSession):
         if not reader.storageFailed:
             try:
                 spool = reader.spool.finish()
+                spool.deliveryKey = reader.digest.key()
             except OSError:
                 # Its last octets, held in the file's buffer until now,
                 # could not be written (the disk filled up).
@@ -653,10 +659,15 @@ class SMTPServer(CommandSession):
         # the whole message instead, see _deliveryFailed); the message is
         # accepted once if anyone got it, never when nobody did.
         outcomes = [results.get(address) for address in envelope.recipients]
-        if any(isinstance(result, str) for result in outcomes):
+        copies = [result for result in outcomes if isinstance(result, str)]
+        if copies and all(isinstance(result, AlreadyDelivered) for result in copies):
+            # A client's retry of a message its recipients already have.
+            metrics.delivery(self.protocolName, "duplicate")
+        elif copies:
             metrics.delivery(
                 self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
             )
+        if copies:
             # Errors count towards maxBadCommands until mail is delivered,
             # as Postfix's smtpd_hard_error_limit does: an MTA that keeps
             # its (LMTP) connection open for message after message, some
@@ -674,12 +685,23 @@ class SMTPServer(CommandSession):
         """
         The replies to a committed message, and its log line.
         """
-        self._reply(250, "2.0.0", f"OK: message accepted as {envelope.transactionId}")
+        copies = [r for r in results.values() if isinstance(r, str)]
+        if copies and all(isinstance(r, AlreadyDelivered) for r in copies):
+            self._reply(250, "2.0.0", "OK: already delivered, not stored again (a retry of the same message)")
+        else:
+            self._reply(250, "2.0.0", f"OK: message accepted as {envelope.transactionId}")
         # The id in the reply (and in the Received field) is the message's;
         # the log line adds the unique id each recipient's copy got.
         uniqueIds = {a: r for a, r in results.items() if isinstance(r, str)}
+        # Recipients who had it already (a retry): not stored again, the
+        # line says so and names the copy they have.
+        again = [a for a in envelope.recipients if isinstance(results.get(a), AlreadyDelivered)]
+        duplicate = f" duplicate={','.join(again)}" if again else ""
         self._logDelivery(
-            envelope, f" uids={_uidsField(envelope, uniqueIds)} peer={self.peerText}", uniqueIds=uniqueIds
+            envelope,
+            f" uids={_uidsField(envelope, uniqueIds)}{duplicate} peer={self.peerText}",
+            uniqueIds=uniqueIds,
+            **({"duplicates": again} if again else {}),
         )
 
     def _logDelivery(self, envelope, tail="", **extra):
@@ -832,6 +854,9 @@ class LMTPServer(SMTPServer):
                 self._reply(550, "5.1.1", f"<{address}> no such user here")
             elif isinstance(result, SMTPReply):
                 self._reply(result.code, result.enhanced, result.text)
+            elif isinstance(result, AlreadyDelivered):
+                uniqueIds[address] = result
+                self._reply(250, "2.0.0", f"<{address}> already delivered as {result}")
             else:
                 uniqueIds[address] = result
                 self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
@@ -847,4 +872,8 @@ class LMTPServer(SMTPServer):
         if gone:
             tail += f" gone={','.join(gone)}"
             extra["gone"] = gone
+        again = [a for a in envelope.recipients if isinstance(results.get(a), AlreadyDelivered)]
+        if again:
+            tail += f" duplicate={','.join(again)}"
+            extra["duplicates"] = again
         self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full, **extra)

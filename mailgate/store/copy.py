@@ -101,6 +101,12 @@ _TABLES = [
         ),
     ),
     ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at")),
+    # So that an MTA's retry after the move is still known for one.
+    (
+        "recent_deliveries",
+        ("user_id", "delivery_key"),
+        ("user_id", "delivery_key", "uidl", "delivered_at"),
+    ),
 ]
 
 

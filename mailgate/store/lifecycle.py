@@ -64,6 +64,11 @@ DEFAULT = None
 UNLIMITED = -1
 
 DAY = 86400
+#: Seconds during which a message delivered again with the same delivery
+#: key is a client's retry (see L{StoreLimits.duplicateWindow}): a day
+#: covers an MTA's retries after a lost reply (Postfix's first comes after
+#: 5 minutes, the following ones at most 4000 s apart).
+DUPLICATE_WINDOW = DAY
 
 
 @attr.s(on_setattr=attr.setters.convert)
@@ -80,6 +85,10 @@ class StoreLimits:
     @ivar quotaWarnings: percentages of a user's quota (ascending) at
         which a delivery that brings the use there puts a warning into the
         maildrop (L{quotaWarningMessage}).
+    @ivar duplicateWindow: seconds during which a message delivered again
+        with the same delivery key is a client's retry, answered as
+        delivered and not stored twice (0: never; see
+        L{mailgate.interfaces.IMessageSource.deliveryKey}).
     """
 
     quotaOctets = attr.ib(default=None)
@@ -87,6 +96,7 @@ class StoreLimits:
     expireDays = attr.ib(default=None)
     keepDeletedDays = attr.ib(default=0)
     quotaWarnings = attr.ib(default=(), converter=lambda values: tuple(sorted(set(values))))
+    duplicateWindow = attr.ib(default=DUPLICATE_WINDOW)
 
     def deliveryQuota(self):
         """
@@ -277,6 +287,7 @@ def _forgetUser(cursor, userId):
     releaseBodies(cursor, references)
     cursor.execute("DELETE FROM pop3_sessions WHERE user_id = ?", (userId,))
     cursor.execute("DELETE FROM imported_ids WHERE user_id = ?", (userId,))
+    cursor.execute("DELETE FROM recent_deliveries WHERE user_id = ?", (userId,))
 
 
 def _forgetImported(cursor, address, uidls):
@@ -382,6 +393,35 @@ def _purgeKept(cursor, now, ownDefaults, aliveSince, exceptNode, limit):
     """
     _, keepDeletedDays = _keptLongest(cursor, *ownDefaults, aliveSince, exceptNode)
     return _purgeDeleted(cursor, now - keepDeletedDays * DAY, limit)
+
+
+def _forgetDeliveries(cursor, now, window, aliveSince, exceptNode, limit):
+    """
+    A pass of the retention task over the recent deliveries kept to know a
+    client's retry (L{mailgate.store.sql._alreadyDelivered}): remove at
+    most C{limit} delivered longer ago than this node's C{window}
+    (seconds), or another live node's where it is longer (as
+    L{_keptLongest}: no node forgets what another still goes by).
+
+    @return: how many were removed.
+    """
+    for _, settings in _liveSettings(cursor, aliveSince, exceptNode):
+        theirs = settings.get("duplicate_window")
+        if type(theirs) is int:
+            window = max(window, theirs)
+    cursor.execute(
+        "SELECT user_id, delivery_key FROM recent_deliveries WHERE delivered_at < ? "
+        "ORDER BY delivered_at LIMIT ?",
+        (now - window, limit),
+    )
+    removed = 0
+    for userId, key in cursor.fetchall():
+        cursor.execute(
+            "DELETE FROM recent_deliveries WHERE user_id = ? AND delivery_key = ? AND delivered_at < ?",
+            (userId, key, now - window),
+        )
+        removed += cursor.rowcount
+    return removed
 
 
 def _expireCandidates(cursor, now, defaultDays, limit):
@@ -1019,6 +1059,20 @@ class LifecycleStore:
         now = self._now()
         return self.database.runWrite(
             _purgeKept, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, limit
+        )
+
+    def forgetDeliveries(self, limit=500):
+        """
+        Forget at most C{limit} recent deliveries older than the duplicate
+        window (L{StoreLimits.duplicateWindow}, or a live node's longer
+        one): a message sent again after that is stored again.
+
+        @return: a L{Deferred} of how many were forgotten.
+        """
+        now = self._now()
+        return self.database.runWrite(
+            _forgetDeliveries, now, self.limits.duplicateWindow, now - SETTINGS_COUNT_FOR,
+            self.sessions.nodeId, limit,
         )
 
     def _ownRetention(self):

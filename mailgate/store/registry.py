@@ -99,6 +99,7 @@ SHARED_SETTINGS = {
     "expire_days": ("--expire-days", "expireDays"),
     "keep_deleted_days": ("--keep-deleted-days", "keepDeletedDays"),
     "quota_warnings": ("--quota-warning", "quotaWarnings"),
+    "duplicate_window": ("--duplicate-window", "duplicateWindow"),
     # Not the store's, the SMTP and LMTP listeners': given to the registry.
     "quota_exceeded": ("--quota-exceeded", None),
     "recipient_delimiter": ("--recipient-delimiter", None),

@@ -345,6 +345,29 @@ MIGRATIONS = [
             "ALTER TABLE mailgate_nodes ADD COLUMN settings TEXT",
         ],
     ),
+    Migration(
+        12,
+        "the messages recently delivered, to recognise a sender's retry",
+        [
+            # One row per recipient of each message delivered by SMTP, LMTP
+            # or mailgate deliver: its key (a digest of the envelope sender
+            # and the octets received) and the unique id it got.  A client
+            # that lost the 250 after the commit (a timeout, a connection
+            # cut, a node killed) sends the same octets again; found here
+            # within --duplicate-window, it is answered as delivered and
+            # not stored twice.  The retention task removes older rows.
+            """
+            CREATE TABLE recent_deliveries (
+                user_id {bigint} NOT NULL,
+                delivery_key {blob} NOT NULL,
+                uidl TEXT NOT NULL,
+                delivered_at {bigint} NOT NULL,
+                PRIMARY KEY (user_id, delivery_key)
+            ) {without_rowid}
+            """,
+            "CREATE INDEX recent_deliveries_by_time ON recent_deliveries (delivered_at)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -29,6 +29,7 @@ from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
     DELIVERED_COLUMNS,
+    ROWS_PER_INSERT,
     batches,
     bodyPieces,
     dotLineColumns,
@@ -38,7 +39,7 @@ from mailgate.store.rows import (
     removeMessages,
     storeLargeBody,
 )
-from mailgate.records import ExportedMessage, MessageInfo, UserRecord, UserSummary
+from mailgate.records import AlreadyDelivered, ExportedMessage, MessageInfo, UserRecord, UserSummary
 
 # -- interactions ----------------------------------------------------------
 # Each runs on a worker thread with a cursor inside a transaction.
@@ -393,7 +394,69 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
     return known, taken, full, warn
 
 
-def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
+def _alreadyDelivered(cursor, messages, userIds, window):
+    """
+    The recipients who already have one of C{messages}: those whose
+    L{recent_deliveries} hold its C{deliveryKey} (see
+    L{mailgate.interfaces.IMessageSource}) from less than C{window}
+    seconds before it.  One statement for the lot.
+
+    @return: per message (by index), address to the L{AlreadyDelivered}
+        unique id its earlier copy got.
+    @raise _Separately: when two messages run together are the same
+        message for the same user (the second must see the first's row:
+        run one after the other, it does).
+    """
+    keyed = [(i, m) for i, m in enumerate(messages) if getattr(m[1], "deliveryKey", None)]
+    if not keyed or not window:
+        return {}
+    known = _userIdsOf(cursor, list(dict.fromkeys(a for _, m in keyed for a in m[0])), userIds)
+    wanted = {}
+    for i, (addresses, source, now, _) in keyed:
+        for address in dict.fromkeys(addresses):
+            if address in known:
+                pair = (known[address], source.deliveryKey)
+                if pair in wanted and wanted[pair][0] != i:
+                    raise _Separately()
+                wanted.setdefault(pair, (i, address, now - window))
+    found = {}
+    users = sorted({userId for userId, _ in wanted})
+    keys = sorted({key for _, key in wanted})
+    for userBatch in batches(users):
+        for keyBatch in batches(keys):
+            cursor.execute(
+                "SELECT user_id, delivery_key, uidl, delivered_at FROM recent_deliveries "
+                f"WHERE user_id IN ({placeholders(len(userBatch))}) "
+                f"AND delivery_key IN ({placeholders(len(keyBatch))})",
+                (*userBatch, *keyBatch),
+            )
+            for userId, key, uidl, deliveredAt in cursor.fetchall():
+                pair = (userId, bytes(key))
+                if pair in wanted and deliveredAt >= wanted[pair][2]:
+                    i, address, _ = wanted[pair]
+                    found.setdefault(i, {})[address] = AlreadyDelivered(uidl)
+    return found
+
+
+def _rememberDeliveries(cursor, rows):
+    """
+    Keep C{(user id, delivery key, unique id, time)} of what was just
+    delivered (L{_alreadyDelivered} finds them); a row left from an older
+    delivery of the same octets, past the window, is replaced.
+    """
+    row = "(?, ?, ?, ?)"
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        part = rows[start : start + ROWS_PER_INSERT]
+        cursor.execute(
+            "INSERT INTO recent_deliveries (user_id, delivery_key, uidl, delivered_at) "
+            f"VALUES {','.join([row] * len(part))} "
+            "ON CONFLICT (user_id, delivery_key) DO UPDATE "
+            "SET uidl = excluded.uidl, delivered_at = excluded.delivered_at",
+            [value for r in part for value in r],
+        )
+
+
+def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA, window=0):
     """
     Store several messages, each body once, and give each known recipient a
     maildrop entry; a handful of statements whatever the number of
@@ -401,8 +464,12 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
 
     @param messages: C{(addresses, source, now, partial)} per message.
     @param quota: the server's default limits (see L{_takeUids}).
-    @return: per message, address to unique id, L{NoSuchUser} or
-        L{QuotaExceeded}.
+    @param window: seconds during which a message with the same
+        C{deliveryKey} as one delivered to a user is that delivery again
+        (a client's retry), answered with the first one's unique id and not
+        stored; 0: every message is stored.
+    @return: per message, address to unique id (an L{AlreadyDelivered} one
+        for a retry), L{NoSuchUser} or L{QuotaExceeded}.
     @raise _Separately: when a message with C{partial} false has a
         recipient that no longer exists (that message alone must fail),
         or when several messages were run together and a quota refused
@@ -410,7 +477,8 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
     @raise QuotaExceeded: when the message (alone) has C{partial} false
         and a recipient is over quota: nothing is stored.
     """
-    addressLists = [list(dict.fromkeys(m[0])) for m in messages]
+    again = _alreadyDelivered(cursor, messages, userIds, window)
+    addressLists = [[a for a in dict.fromkeys(m[0]) if a not in again.get(i, ())] for i, m in enumerate(messages)]
     sizes = [m[1].size for m in messages]
     known, taken, full, warn = _recipientsOf(
         cursor, addressLists, userIds, sizes, min(m[2] for m in messages), quota
@@ -419,12 +487,14 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
         raise _Separately()
     nextUid = {userId: first for userId, (first, _) in taken.items()}
     outcomes = []
-    bodies, chunks, entries = [], [], []
+    bodies, chunks, entries, remembered = [], [], [], []
     pending = 0
-    for (addresses, source, now, partial), unique in zip(messages, addressLists):
-        results = {a: NoSuchUser(a) for a in addresses if a not in known}
-        if results and not partial:
-            raise _Separately(sorted(results))
+    for i, ((addresses, source, now, partial), unique) in enumerate(zip(messages, addressLists)):
+        results = dict(again.get(i, {}))
+        results.update((a, NoSuchUser(a)) for a in addresses if a not in known and a not in results)
+        missing = [a for a in results if isinstance(results[a], NoSuchUser)]
+        if missing and not partial:
+            raise _Separately(sorted(missing))
         refused = [a for a in unique if a in known and known[a] in full]
         if refused and not partial:
             raise QuotaExceeded(*refused)
@@ -446,6 +516,7 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
         else:
             bodyId = storeLargeBody(cursor, owner, source, len(recipients), now)
         dotColumns = dotLineColumns(source)
+        key = getattr(source, "deliveryKey", None) if window else None
         for address in recipients:
             userId = known[address]
             uid = nextUid[userId]
@@ -454,10 +525,13 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA):
             entries.append(
                 (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, *dotColumns)
             )
+            if key:
+                remembered.append((userId, key, uidl, now))
             results[address] = uidl
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
+    _rememberDeliveries(cursor, remembered)
     if warn:
         addressOf = {userId: address for address, userId in known.items()}
         now = max(m[2] for m in messages)
@@ -495,7 +569,7 @@ def _storeQuotaWarning(cursor, userId, address, crossing, now):
     ])
 
 
-def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
+def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
     """
     Store the body once and give each known recipient a maildrop entry.
 
@@ -507,10 +581,11 @@ def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quot
         thread; an id that no longer has a mailbox (the user was deleted,
         perhaps by another process) is found out by the counter update.
     @param quota: the server's default limits (see L{_takeUids}).
+    @param window: see L{_deliverMessages}.
     """
     userIds = {} if userIds is None else userIds
     try:
-        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds, quota)
+        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds, quota, window)
     except _Separately as e:
         raise NoSuchUser(", ".join(e.missing)) from None
     return results
@@ -525,20 +600,20 @@ def _deliverTogether(cursor, calls):
     database engine.
     """
     messages = []
-    userIds = quota = None
+    userIds = quota = window = None
     for args, kwargs in calls:
-        addresses, source, now, partial, ids, limits = _deliverArguments(*args, **kwargs)
+        addresses, source, now, partial, ids, limits, seconds = _deliverArguments(*args, **kwargs)
         messages.append((addresses, source, now, partial))
         if userIds is None:
             userIds = {} if ids is None else ids
-            quota = limits
-        elif ids is not userIds or limits != quota:
+            quota, window = limits, seconds
+        elif ids is not userIds or limits != quota or seconds != window:
             raise _Separately()
-    return _deliverMessages(cursor, messages, userIds, quota)
+    return _deliverMessages(cursor, messages, userIds, quota, window)
 
 
-def _deliverArguments(addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA):
-    return addresses, source, now, partial, userIds, quota
+def _deliverArguments(addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
+    return addresses, source, now, partial, userIds, quota, window
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
@@ -651,7 +726,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def deliver(self, addresses, source, partial=True):
         return self.database.runWrite(
             _deliver, list(addresses), source, self._now(), partial, self._userIds,
-            self.limits.deliveryQuota(),
+            self.limits.deliveryQuota(), self.limits.duplicateWindow,
         )
 
     def recordLogin(self, identity, minimumInterval):

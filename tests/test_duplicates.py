@@ -1,0 +1,310 @@
+"""
+A client's retry of a message mailgate already committed (it lost the 250:
+a timeout, a cut connection, a node killed between the commit and the
+reply) is recognised by the message's delivery key, answered as delivered
+and not stored twice (C{--duplicate-window}).  Another message, the same
+octets from another sender or by another protocol, a message without a
+Date, Message-ID or Received field, and anything past the window are
+stored as always.  Through the store on both backends, SMTP and LMTP
+sessions, C{mailgate deliver}, and a real server whose client hung up
+before the reply.
+"""
+
+import io
+import smtplib
+import socket
+
+import pytest
+from twisted.logger import formatEvent
+
+from e2e import DEADLINE, mailgate_cli, mailgate_server, popLogin, sqliteOnly, waitFor  # noqa: F401 (fixtures)
+from mailgate.message import DeliveryKey, spoolBytes
+from mailgate.metrics import Metrics
+from mailgate.records import AlreadyDelivered
+from mailgate.testing import SMTPSession, addUser, memoryStore, resultOf
+from test_lifecycle import Clocked
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+SENDER = "sender@remote.test"
+
+
+def message(n=1, date=True):
+    date = b"Date: Sat, 05 Dec 2026 13:00:00 +0000\r\n" if date else b""
+    return date + b"Subject: report %d\r\n\r\nthe same octets\r\n" % n
+
+
+def keyed(octets, sender=SENDER, protocol="smtp"):
+    """
+    A message source with the delivery key SMTP gives C{octets}.
+    """
+    source = spoolBytes(octets)
+    key = DeliveryKey(protocol, sender)
+    key.update(octets)
+    source.deliveryKey = key.key()
+    return source
+
+
+@pytest.fixture
+def store(databaseURL):
+    s = memoryStore(databaseURL)
+    addUser(s, ALICE, "wonderland")
+    addUser(s, BOB, "builder")
+    yield s
+    s.close()
+
+
+def maildrop(store, address=ALICE):
+    return [m.uniqueId for m in resultOf(store.listMessages(address))]
+
+
+# -- the store ------------------------------------------------------------------
+
+
+def test_theSameMessageAgainIsAnsweredWithTheFirstCopysId(store):
+    first = resultOf(store.deliver([ALICE, BOB], keyed(message())))
+    assert not any(isinstance(uid, AlreadyDelivered) for uid in first.values())
+    again = resultOf(store.deliver([ALICE, BOB], keyed(message())))
+    assert again == first and all(isinstance(uid, AlreadyDelivered) for uid in again.values())
+    assert maildrop(store, ALICE) == [first[ALICE]] and maildrop(store, BOB) == [first[BOB]]
+    # Quotas count the one copy.
+    assert resultOf(store.quotaOf(ALICE)).usedMessages == 1
+    # A retry for one recipient the first delivery did not have: she gets
+    # it, he is answered with his copy.
+    carol = "carol@example.org"
+    addUser(store, carol, "c")
+    mixed = resultOf(store.deliver([ALICE, carol], keyed(message())))
+    assert mixed[ALICE] == first[ALICE] and isinstance(mixed[ALICE], AlreadyDelivered)
+    assert not isinstance(mixed[carol], AlreadyDelivered) and maildrop(store, carol) == [mixed[carol]]
+
+
+def test_onlyTheSameMessageFromTheSameSenderIsARetry(store):
+    deliver = lambda source: resultOf(store.deliver([ALICE], source))[ALICE]  # noqa: E731
+    uids = [
+        deliver(keyed(message(1))),
+        deliver(keyed(message(2))),  # other octets
+        deliver(keyed(message(1), sender="other@remote.test")),
+        deliver(keyed(message(1), protocol="lmtp")),
+        # No key (an import, a quota warning): always stored.
+        deliver(spoolBytes(message(1))),
+    ]
+    assert not any(isinstance(uid, AlreadyDelivered) for uid in uids)
+    assert maildrop(store) == uids
+
+
+def test_messagesWithoutAnIdentifyingFieldHaveNoKey():
+    """
+    Bare octets (a device's fixed alert, with no date, Message-ID or
+    trace field) may be sent again as a new message: no key, stored every
+    time.  Found in the header section only, whatever the pieces the
+    octets arrive in.
+    """
+
+    def keyOf(octets, piece):
+        key = DeliveryKey("smtp", SENDER)
+        for start in range(0, len(octets), piece):
+            key.update(octets[start : start + piece])
+        return key.key()
+
+    for piece in (1, 3, 1 << 16):
+        assert keyOf(b"Subject: disk full\r\n\r\nDate: in the body\r\n", piece) is None
+        assert keyOf(b"Subject: x\r\nMessage-ID: <1@remote.test>\r\n\r\nbody\r\n", piece) is not None
+        assert keyOf(b"received : from mx.remote.test\r\n\r\n", piece) is not None
+        assert keyOf(b"Subject: x\nDATE: Mon\n\nbody\n", piece) is not None
+    assert keyOf(b"X-Filler: " + b"x" * 70_000 + b"\r\nDate: late\r\n\r\n", 1 << 16) is None
+    assert keyOf(message(1), 7) == keyOf(message(1), 1 << 16) != keyOf(message(2), 7)
+
+
+def test_pastTheWindowTheSameOctetsAreStoredAgain(store):
+    clock = Clocked(store)
+    store.limits.duplicateWindow = 3600
+    first = resultOf(store.deliver([ALICE], keyed(message())))[ALICE]
+    clock.now += 3599
+    assert resultOf(store.deliver([ALICE], keyed(message())))[ALICE] == first
+    clock.now += 2
+    later = resultOf(store.deliver([ALICE], keyed(message())))[ALICE]
+    assert not isinstance(later, AlreadyDelivered) and maildrop(store) == [first, later]
+    # And the window starts again from that copy.
+    clock.now += 10
+    assert resultOf(store.deliver([ALICE], keyed(message())))[ALICE] == later
+
+
+def test_aWindowOfZeroStoresEveryCopy(store):
+    store.limits.duplicateWindow = 0
+    uids = [resultOf(store.deliver([ALICE], keyed(message())))[ALICE] for _ in range(2)]
+    assert maildrop(store) == uids and len(set(uids)) == 2
+
+
+def test_theRetentionTaskForgetsWhatIsPastEveryLiveNodesWindow(databaseURL):
+    """
+    Past the window, the deliveries kept to know a retry are removed by
+    the retention task, but not while another live node goes by a longer
+    window (it would store a retry twice); a user removed takes hers.
+    """
+    from test_store import query
+
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        addUser(a, BOB, "builder")
+        clocks = [Clocked(a), Clocked(b)]
+        a.limits.duplicateWindow, b.limits.duplicateWindow = 3600, 7200
+        resultOf(b.sessions.flush())
+        assert ("--duplicate-window", 3600, b.sessions.name, 7200) in resultOf(a.sessions.otherSettings())
+        for n in range(5):
+            resultOf(a.deliver([ALICE, BOB], keyed(message(n))))
+        assert query(a, "SELECT count(*) FROM recent_deliveries") == [(10,)]
+        for clock in clocks:
+            clock.now += 3601
+        resultOf(b.sessions.flush())
+        assert resultOf(a.forgetDeliveries()) == 0
+        # B, which goes by two hours, still knows a retry.
+        assert isinstance(resultOf(b.deliver([ALICE], keyed(message(0))))[ALICE], AlreadyDelivered)
+        resultOf(b.sessions.leave())
+        assert resultOf(a.forgetDeliveries(limit=3)) == 3
+        assert resultOf(a.forgetDeliveries()) == 7
+        assert query(a, "SELECT count(*) FROM recent_deliveries") == [(0,)]
+        resultOf(a.deliver([ALICE, BOB], keyed(message(9))))
+        resultOf(a.deleteUser(BOB))
+        assert query(a, "SELECT count(*) FROM recent_deliveries") == [(1,)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_theSameMessageTwiceInOneGroupCommitIsStoredOnce(databaseURL):
+    """
+    Deliveries waiting for the same commit run as one; two of them the
+    same message for the same user (a retry arriving while the first is
+    being committed) still give her one copy.
+    """
+    from pumped import PumpedReactor
+    from test_lifecycle import threadedStore
+
+    setup = memoryStore(databaseURL)
+    addUser(setup, ALICE, "wonderland")
+    setup.close()
+    reactor = PumpedReactor()
+    node = threadedStore(databaseURL, reactor)
+    outcomes = []
+    try:
+        for n in (1, 1, 2, 1):
+            node.deliver([ALICE], keyed(message(n))).addBoth(outcomes.append)
+        reactor.pump(lambda: len(outcomes) == 4, timeout=60)
+    finally:
+        node.database.close()
+    uids = [o[ALICE] for o in outcomes]
+    assert all(isinstance(uid, str) for uid in uids), outcomes
+    assert uids[0] == uids[1] == uids[3] != uids[2]
+    assert [isinstance(uid, AlreadyDelivered) for uid in uids] == [False, True, False, True]
+    check = memoryStore(databaseURL)
+    try:
+        assert maildrop(check) == [uids[0], uids[2]]
+    finally:
+        check.close()
+
+
+# -- SMTP and LMTP sessions ---------------------------------------------------------
+
+
+def test_smtpAnswersARetryAsDeliveredAndSaysSo(store, logEvents):
+    metrics = Metrics()
+    replies = [
+        SMTPSession(store, metrics=metrics).sendMail(SENDER, [ALICE, BOB], message()).splitlines()[-1]
+        for _ in range(2)
+    ]
+    assert replies[0].startswith("250 2.0.0 OK: message accepted as ")
+    assert replies[1] == "250 2.0.0 OK: already delivered, not stored again (a retry of the same message)"
+    assert len(maildrop(store, ALICE)) == len(maildrop(store, BOB)) == 1
+    sample = metrics.registry.get_sample_value
+    assert sample("mailgate_deliveries_total", {"protocol": "smtp", "result": "accepted"}) == 1
+    assert sample("mailgate_deliveries_total", {"protocol": "smtp", "result": "duplicate"}) == 1
+    delivered = [e for e in logEvents if e.get("event") == "smtp.delivered"]
+    assert "duplicate" not in delivered[0]
+    assert delivered[1]["duplicates"] == [ALICE, BOB]
+    assert f" duplicate={ALICE},{BOB} " in formatEvent(delivered[1])
+    # The same octets without a date or Message-ID: a new message.
+    bare = b"Subject: ping\r\n\r\nalive\r\n"
+    for _ in range(2):
+        assert "already delivered" not in SMTPSession(store).sendMail(SENDER, [ALICE], bare)
+    assert len(maildrop(store, ALICE)) == 3
+
+
+def test_lmtpAnswersEachRecipientOfARetry(store):
+    carol = "carol@example.org"
+    addUser(store, carol, "c")
+    first = SMTPSession(store, lmtp=True).sendMail(SENDER, [ALICE], message(), hello="LHLO mx.test")
+    [uid] = maildrop(store, ALICE)
+    assert first.splitlines()[-1] == f"250 2.0.0 <{ALICE}> delivered as {uid}"
+    again = SMTPSession(store, lmtp=True).sendMail(SENDER, [ALICE, carol], message(), hello="LHLO mx.test")
+    [carolsUid] = maildrop(store, carol)
+    assert again.splitlines()[-2:] == [
+        f"250 2.0.0 <{ALICE}> already delivered as {uid}",
+        f"250 2.0.0 <{carol}> delivered as {carolsUid}",
+    ]
+    assert maildrop(store, ALICE) == [uid]
+
+
+# -- mailgate deliver, and a real server ------------------------------------------------
+
+
+def test_deliverRecognisesTheMTAsRetry(tmp_path, cheapCommandHashes):
+    from mailgate.cli import run
+
+    database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+
+    def mailgate(*argv, stdin=b""):
+        out, err = io.StringIO(), io.StringIO()
+        wrapped = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        code = run(["--database", database, *argv], stdin=wrapped, stdout=out, stderr=err, environ={})
+        return code, out.getvalue(), err.getvalue()
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=b"wonderland\n")[0] == 0
+    code, out, _ = mailgate("deliver", "-f", SENDER, ALICE, stdin=message())
+    assert code == 0 and out.startswith(f"delivered to {ALICE} as ")
+    uid = out.split()[-1]
+    code, out, _ = mailgate("deliver", "-f", SENDER, ALICE, stdin=message())
+    assert (code, out) == (0, f"already delivered to {ALICE} as {uid} (the same message again: not stored twice)\n")
+    code, out, _ = mailgate("deliver", "-f", "other@remote.test", ALICE, stdin=message())
+    assert code == 0 and out.startswith(f"delivered to {ALICE} as ")
+    assert len(mailgate("mailbox", "list", ALICE, "--json")[1].splitlines()) == 2
+
+
+@sqliteOnly
+def test_aClientThatHungUpBeforeThe250IsNotGivenTwoCopies(mailgate_server, mailgate_cli):
+    """
+    The story behind it: the client sends its message and, before reading
+    the reply, goes away (its timeout; here, it closes the connection at
+    once).  The message was committed; the client's MTA tries again later,
+    and the user, reading by POP3, has it once.
+    """
+    mailgate_cli.addUser(ALICE, "wonderland")
+    server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org")
+    wire = message().replace(b"\r\n.", b"\r\n..")
+    with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE) as raw:
+        raw.recv(512)
+        raw.sendall(
+            b"EHLO mx.remote.test\r\n"
+            + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode()
+        )
+        received = b""
+        while received.count(b"\r\n354 ") + received.startswith(b"354 ") == 0:
+            chunk = raw.recv(4096)
+            assert chunk, received
+            received += chunk
+        raw.sendall(wire + b".\r\n")
+    def stored():
+        return len(mailgate_cli.check("mailbox", "list", ALICE, "--json").splitlines())
+
+    waitFor(lambda: stored() == 1, "the first copy stored")
+    client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname="mx.remote.test", timeout=DEADLINE)
+    try:
+        assert client.sendmail(SENDER, [ALICE], message()) == {}
+    finally:
+        client.quit()
+    pop = popLogin(server, ALICE, "wonderland")
+    try:
+        assert pop.stat()[0] == 1
+    finally:
+        pop.quit()
+    waitFor(lambda: f"duplicate={ALICE}" in server.stdout, "the retry's log line")
