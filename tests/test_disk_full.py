@@ -40,7 +40,7 @@ import pytest
 from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, databaseURL, popLogin, runCommand, waitFor
 from mailgate.errors import StorageFull, TemporaryFailure
 from mailgate.message import spoolBytes
-from mailgate.testing import SMTPSession, addUser, memoryStore, resultOf
+from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore, resultOf
 
 needsRoot = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
 
@@ -234,6 +234,37 @@ def test_onlyADiskFullIsStorageFullOnPostgreSQL():
                   psycopg.errors.ConfigurationLimitExceeded, psycopg.errors.InsufficientResources):
         translated = _translate(engine, error("no"))
         assert isinstance(translated, TemporaryFailure) and not isinstance(translated, StorageFull), error
+
+
+def test_aPostgreSQLThatTakesNoWritesIsATemporaryFailure(postgresURL):
+    """
+    A PostgreSQL server that reads but takes no writes answers 25006
+    (read_only_sql_transaction): a standby a node reached before its
+    promotion, or a server set default_transaction_read_only while its
+    disk is made room on (the usual first aid).  It is a temporary
+    failure, as for any database that may take writes again: SMTP answers
+    451 4.3.0 and nothing is stored, a POP3 QUIT removes nothing and says
+    so; not an internal error.
+    """
+    store = memoryStore(postgresURL)
+    try:
+        addUser(store, ALICE, PASSWORD)
+        resultOf(store.deliver([ALICE], spoolBytes(b"Subject: before\r\n\r\nx\r\n")))
+    finally:
+        store.close()
+    readOnly = memoryStore(_withOption(postgresURL, "-c default_transaction_read_only=on"))
+    try:
+        with pytest.raises(TemporaryFailure, match="read-only transaction"):
+            resultOf(readOnly.deliver([ALICE], spoolBytes(b"Subject: refused\r\n\r\nx\r\n")))
+        replies = SMTPSession(readOnly).sendMail(SENDER, [ALICE], b"Subject: smtp\r\n\r\nx\r\n.\r\n")
+        assert replies.splitlines()[-1].startswith("451 4.3.0 temporary failure storing"), replies
+        session = POP3Session(readOnly)
+        assert session.login(ALICE, PASSWORD).startswith("+OK")
+        assert session.command("DELE 1").startswith("+OK")
+        assert session.command("QUIT").startswith("-ERR [SYS/TEMP]")
+        assert len(resultOf(readOnly.listMessages(ALICE))) == 1
+    finally:
+        readOnly.close()
 
 
 # -- on a small filesystem ---------------------------------------------------------

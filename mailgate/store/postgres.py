@@ -201,8 +201,15 @@ class PostgresEngine:
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
 
     def isTransient(self, exc):
+        """
+        The connection or the server failing, a statement timing out or
+        losing a deadlock, and a server that takes no writes for now
+        (25006: a standby not yet promoted, or default_transaction_read_only
+        set while room is made on its disk).  Class 53 (disk full, out of
+        memory, too many connections) is an OperationalError.
+        """
         return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError) + _RETRYABLE) or (
-            isinstance(exc, psycopg.errors.QueryCanceled)
+            isinstance(exc, (psycopg.errors.QueryCanceled, pgerrors.ReadOnlySqlTransaction))
         )
 
     def isStorageFull(self, exc):
