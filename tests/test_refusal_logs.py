@@ -2,7 +2,8 @@
 Refusals are logged, not only counted: an administrator asked "mail to X
 bounced" or "my phone says the mailbox is locked" finds one line for it.
 
-  - SMTP/LMTP: every refused RCPT (C{smtp.recipient_refused}), and every
+  - SMTP/LMTP: every refused MAIL (C{smtp.sender_refused}) and RCPT
+    (C{smtp.recipient_refused}), and every
     message refused at or after DATA, once (C{smtp.rejected}, or the
     event that already named that failure: C{smtp.data_too_slow},
     C{smtp.spool_failed}, C{smtp.delivery_failed}), naming the
@@ -93,6 +94,34 @@ def test_eachRefusedRecipientIsLoggedOnceWithSenderRecipientAndReply(users, kind
         assert (event["sender"], event["recipient"], event["reason"]) == (SENDER, recipient, reason)
         assert f"{event['code']} {event['enhanced']}" == reply
         assert (event["session"], event["protocol"], event["peer"]) == (s.protocol.sessionId, kind, PEER)
+
+
+@kinds
+def test_eachRefusedSenderIsLoggedOnceWithTheReply(users, kind):
+    """
+    A MAIL refused is a line too (C{smtp.sender_refused}), as a RCPT is:
+    above all a message whose declared size is over the limit, which an
+    MTA bounces without ever reaching DATA, and a sender it cannot take.
+    """
+    s = intake(users, kind, maxMessageSize=1000)
+    events = capture(s)
+    refusals = [
+        (f"MAIL FROM:<{SENDER}> SIZE=5000", "552 5.3.4", SENDER, "message too large"),
+        ("MAIL FROM:<sender\u00e9@remote.test>", "553 5.6.7", "sender\u00e9@remote.test", "non-ASCII address"),
+        ("MAIL FROM:<not an address>", "501 5.1.7", "not an address", "bad address syntax"),
+        (f"MAIL FROM:<{SENDER}> RET=HDRS", "555 5.5.4", SENDER, "bad parameters"),
+    ]
+    for command, reply, _, _ in refusals:
+        assert s.command(command).startswith(reply + " "), command
+    assert len(events) == len(refusals)
+    for event, (_, reply, sender, reason) in zip(events, refusals):
+        assert formatEvent(event) == f"{kind} sender refused from=<{sender}> peer={PEER}: {reply} {reason}"
+        assert event["event"] == f"{kind}.sender_refused"
+        assert event["log_level"] == LogLevel.info
+        assert (event["sender"], event["reason"]) == (sender, reason)
+        assert f"{event['code']} {event['enhanced']}" == reply
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=500").startswith("250")
+    assert len(events) == len(refusals)
 
 
 def test_aRefusedRecipientIsLoggedBoundedAndPrintable(users):

@@ -88,12 +88,15 @@ def _fitReplyLine(line):
 
 def _rawPath(argument):
     """
-    The recipient of a RCPT command that could not be parsed, as the
-    client wrote it, for the log: C{TO:} and the angle brackets taken off.
+    The recipient of a RCPT command (or the sender of a MAIL command) that
+    could not be parsed, as the client wrote it, for the log: C{TO:} (or
+    C{FROM:}) and the angle brackets taken off.
     """
     path = argument.strip()
-    if path[:3].upper() == "TO:":
-        path = path[3:].strip()
+    for keyword in ("TO:", "FROM:"):
+        if path[:len(keyword)].upper() == keyword:
+            path = path[len(keyword):].strip()
+            break
     if path.startswith("<"):
         path = path[1:].partition(">")[0]
     return path
@@ -404,29 +407,36 @@ class SMTPServer(CommandSession):
         try:
             sender, parameters = parseCommandPath(argument, "FROM", allowEmpty=True)
         except ParameterSyntaxError as e:
-            return self._bad(501, "5.5.4", f"bad MAIL parameters: {e}")
+            return self._refuseSender(_rawPath(argument), 501, "5.5.4", "bad parameters", f"bad MAIL parameters: {e}")
         except NonASCIIAddress as e:
-            return self._bad(553, "5.6.7", f"bad sender address: {e}")
+            return self._refuseSender(_rawPath(argument), 553, "5.6.7", "non-ASCII address", f"bad sender address: {e}")
         except EnvelopeSyntaxError as e:
-            return self._bad(501, "5.1.7", f"bad sender address syntax: {e}")
+            return self._refuseSender(
+                _rawPath(argument), 501, "5.1.7", "bad address syntax", f"bad sender address syntax: {e}"
+            )
         if parameters and not self._esmtp:
-            return self._bad(555, "5.5.4", "MAIL parameters need EHLO")
+            return self._refuseSender(sender, 555, "5.5.4", "bad parameters", "MAIL parameters need EHLO")
         for keyword, value in parameters.items():
             if keyword == "SIZE":
                 if value is None or not _SIZE.match(value):
-                    return self._bad(501, "5.5.4", "SIZE needs a number")
+                    return self._refuseSender(sender, 501, "5.5.4", "bad parameters", "SIZE needs a number")
                 if int(value) > self.maxMessageSize:
-                    return self._bad(
-                        552, "5.3.4", f"message size exceeds the limit of {self.maxMessageSize} octets"
+                    return self._refuseSender(
+                        sender, 552, "5.3.4", "message too large",
+                        f"message size exceeds the limit of {self.maxMessageSize} octets",
                     )
             elif keyword == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return self._bad(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+                    return self._refuseSender(
+                        sender, 501, "5.5.4", "bad parameters", "BODY must be 7BIT or 8BITMIME"
+                    )
             elif keyword == "SMTPUTF8":
                 if value is not None:
-                    return self._bad(501, "5.5.4", "SMTPUTF8 takes no value")
+                    return self._refuseSender(sender, 501, "5.5.4", "bad parameters", "SMTPUTF8 takes no value")
             else:
-                return self._bad(555, "5.5.4", f"unsupported MAIL parameter {keyword}")
+                return self._refuseSender(
+                    sender, 555, "5.5.4", "bad parameters", f"unsupported MAIL parameter {keyword}"
+                )
         self._envelope = Envelope(
             helo=self._helo,
             peer=self.peer,
@@ -512,6 +522,29 @@ class SMTPServer(CommandSession):
         user = withoutDetail(mailbox) if withoutDetail is not None else None
         if trace.user(mailbox) or (user is not None and trace.user(user)):
             startTrace(self, f"RCPT TO:<{shownInTrace(mailbox)}>, on --debug-user")
+
+    def _refuseSender(self, sender, code, enhanced, reason, text):
+        """
+        Refuse a MAIL command, and log it in one line as a refused RCPT is
+        (C{smtp.sender_refused}): a message bounced for the size its MTA
+        declared, or for its sender's address, can be looked up, as one
+        bounced at RCPT or at the end of DATA can.
+
+        @param sender: the sender's mailbox, or for one that could not be
+            parsed what the client wrote (bounded and made printable here).
+        @param reason: the short reason (the event's C{reason} field).
+        @param text: the reply's text.
+        """
+        sender = _bounded(sender)
+        self.logInfo(
+            f"{self.protocolName}.sender_refused",
+            f"{self.protocolName} sender refused from=<{sender}> peer={self.peerText}: {code} {enhanced} {reason}",
+            sender=sender,
+            code=code,
+            enhanced=enhanced,
+            reason=reason,
+        )
+        return self._bad(code, enhanced, text)
 
     def _logRecipientRefused(self, envelope, recipient, code, enhanced, reason):
         """
