@@ -61,6 +61,7 @@ from twisted.web import http, resource, server
 
 from mailgate import __version__
 from mailgate.errors import ShuttingDown
+from mailgate.timers import cancelled
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
@@ -484,7 +485,9 @@ class _Exposition(resource.Resource):
 class _Health(resource.Resource):
     """
     C{GET /healthz}: 200 C{ok} when the database answers within
-    C{timeout} seconds, 503 otherwise, for load balancers.
+    C{timeout} seconds, 503 otherwise, for load balancers.  A failure is
+    logged once (C{health.failed}) until its reason changes, and its end
+    once (C{health.recovered}): balancers ask every second or two.
     """
 
     log = Logger()
@@ -494,6 +497,10 @@ class _Health(resource.Resource):
         self._check = check
         self._reactor = reactor
         self._timeout = timeout
+        # Why the last check failed, once logged: a balancer probing every
+        # second would otherwise log a line a second for as long as the
+        # database fails (a full disk: on the disk the log may be on).
+        self._loggedReason = None
 
     def render_GET(self, request):
         gone = []
@@ -511,6 +518,9 @@ class _Health(resource.Resource):
             request.finish()
 
         def healthy(_):
+            if self._loggedReason is not None:
+                self._loggedReason = None
+                self.log.info("health check: the database answers again", event="health.recovered")
             answer(200, "ok\n")
 
         def unhealthy(failure):
@@ -522,7 +532,9 @@ class _Health(resource.Resource):
                 reason = f"the database did not answer within {self._timeout:g} s"
             else:
                 reason = f"the database failed: {' '.join(str(failure.value).split())}"
-            self.log.warn("health check: {reason}", reason=reason, event="health.failed")
+            if reason != self._loggedReason:
+                self._loggedReason = reason
+                self.log.warn("health check: {reason}", reason=reason, event="health.failed")
             answer(503, f"unavailable: {reason}\n")
 
         d.addCallbacks(healthy, unhealthy)
@@ -628,6 +640,33 @@ class MetricsChannel(http.HTTPChannel):
     """
 
     _heldForTransport = False
+    _requestTimer = None
+
+    #: seconds a request's line and headers may take from their first
+    #: octet; Twisted's idle timeout starts again at every octet, so a
+    #: client trickling one every few seconds (a slow loris) kept its
+    #: connection, and 32 of them the port, for ever
+    requestTimeout = 10
+
+    def dataReceived(self, data):
+        if data and self._requestTimer is None and not self._handlingRequest:
+            self._requestTimer = self.callLater(self.requestTimeout, self._requestTooSlow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        self._requestTimer = cancelled(self._requestTimer)
+        super().allHeadersReceived()
+
+    def _requestTooSlow(self):
+        self._requestTimer = None
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self._requestTimer = cancelled(self._requestTimer)
+        super().connectionLost(reason)
 
     def requestDone(self, request):
         if self._waitingForTransport:

@@ -356,6 +356,36 @@ def get(root, path):
     return request
 
 
+def test_aFailingHealthCheckIsLoggedOncePerReason():
+    """
+    A load balancer asks /healthz every second or two: a database failing
+    for an hour (a full disk) is one warning, not one per probe in a log
+    that may be on the full disk, and another when the reason changes;
+    one line says when it is healthy again.
+    """
+    metrics = Metrics()
+    verdicts = []
+
+    def check():
+        return verdicts.pop(0)
+
+    root = MetricsResource(metrics, check, Clock(), timeout=1.0)
+    full = TemporaryFailure("writes fail: database storage full: database or disk is full")
+    gone = TemporaryFailure("database unavailable: connection refused")
+    with capturedLogs() as logs:
+        for verdict in [full, full, full, gone, gone, None, None, full]:
+            verdicts.append(defer.succeed(None) if verdict is None else defer.fail(verdict))
+            answer = get(root, b"/healthz")
+            assert answer.responseCode == (200 if verdict is None else 503)
+    failed = [e["reason"] for e in logs if e.get("event") == "health.failed"]
+    assert failed == [
+        "the database failed: writes fail: database storage full: database or disk is full",
+        "the database failed: database unavailable: connection refused",
+        "the database failed: writes fail: database storage full: database or disk is full",
+    ]
+    assert len([e for e in logs if e.get("event") == "health.recovered"]) == 1
+
+
 def test_metricsAndHealth():
     clock = Clock()
     metrics = Metrics()
