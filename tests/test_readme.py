@@ -156,7 +156,7 @@ def synopsis():
         if line.startswith(" ") and lines:
             lines[-1] += " " + line.strip()
         else:
-            lines.append(re.sub(r"^mailgate \[--database URL \| --config FILE\]", "mailgate", line))
+            lines.append(re.sub(r"^mailgate \[--database URL\] \[--config FILE\]", "mailgate", line))
     return lines
 
 
@@ -389,3 +389,23 @@ def test_theDefaultHostNameIsTheMachinesFQDN(tmp_path):
     assert (code, err) == (0, ""), out
     code, message, err = command("--database", database, "mailbox", "show", "alice@example.org", "1")
     assert f"Received: by {fqdn} (mailgate) " in message, message
+
+
+# -- Scaling out: Citus ------------------------------------------------------------------
+
+
+def test_theCitusStatementsDistributeEveryTableThatGrowsWithMail():
+    """
+    The statements distribute every table the schema keys by its owner
+    (tests/test_schema.py checks the keys in the catalog), by that key,
+    colocated with the mailboxes: a table left out would be one Citus
+    cannot join with the others on one shard.
+    """
+    from test_schema import GROWING
+
+    [statements] = codeBlocks(section("Scaling out"), "sql")
+    distributed = dict(re.findall(r"create_distributed_table\('(\w+)', '(\w+)'", statements))
+    assert distributed == GROWING
+    for table in set(GROWING) - {"mailboxes"}:
+        assert f"create_distributed_table('{table}', '{GROWING[table]}', colocate_with => 'mailboxes')" in statements
+    assert set(re.findall(r"create_reference_table\('(\w+)'\)", statements)) == {"users", "mailgate_nodes"}
