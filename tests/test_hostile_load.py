@@ -317,3 +317,51 @@ def test_aScannerOnThePop3sPortCostsALineAMinute(tmp_path, mailgate_server):
     lines = [line for line in server.stdout.splitlines() if "TLS failed peer=127.0.3.62" in line]
     reasons = {re.search(r"reason=(\S+)", line).group(1) for line in lines}
     assert len(lines) == len(reasons) <= 3, lines
+
+
+# -- the database while the server serves ------------------------------------------
+
+
+def _locksOn(path):
+    """
+    The POSIX locks this process holds on the file C{path}, as
+    C{/proc/locks} lists them.
+    """
+    found = os.stat(path)
+    inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
+    pid = str(os.getpid())
+    with open("/proc/locks") as locks:
+        return [line for line in locks if "POSIX" in line and pid in line.split() and inode in line.split()]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="Linux's /proc/locks")
+def test_openingAConnectionKeepsTheLocksOfTheOthers(tmp_path):
+    """
+    A server's worker thread opening its connection narrows the database's
+    side files first; that must not drop the lock its other connections
+    hold on -shm (closing any descriptor of a file drops every POSIX lock
+    of the process on it).  Without that lock, the admin command run
+    meanwhile (mailgate user add) took itself for the database's only user,
+    emptied -shm, and the server died of SIGBUS at its next commit.
+    """
+    import sqlite3
+
+    from mailgate.store.sqlite import narrowSideFiles
+
+    path = str(tmp_path / "mail.sqlite3")
+    first = sqlite3.connect(path)
+    try:
+        first.execute("PRAGMA journal_mode = WAL")
+        first.execute("CREATE TABLE t (x)")
+        first.commit()
+        first.execute("SELECT count(*) FROM t").fetchall()
+        held = _locksOn(path + "-shm")
+        assert held, "an open WAL connection holds a lock on -shm"
+        os.chmod(path + "-shm", 0o644)
+        os.chmod(path, 0o600)
+        narrowSideFiles(path)
+        assert _locksOn(path + "-shm") == held
+        # And the side file is narrowed all the same.
+        assert os.stat(path + "-shm").st_mode & 0o777 == 0o600
+    finally:
+        first.close()

@@ -105,6 +105,14 @@ def narrowSideFiles(path):
     warning asks), and left by a crash or by a process still using the
     database, it would keep the latest mail readable by others for as
     long as it lives.
+
+    The files are looked at without opening them for reading or writing
+    (C{O_PATH}): closing any descriptor of a file drops every POSIX lock
+    the process holds on it, SQLite's own included.  A server opening a
+    connection (a worker thread's first) dropped its other connections'
+    lock on C{-shm}; the next process to open the database (the admin
+    command) then took itself for the only one, emptied C{-shm}, and the
+    server died of SIGBUS at its next commit.
     """
     if path == ":memory:" or path.startswith("file:"):
         return
@@ -113,18 +121,39 @@ def narrowSideFiles(path):
     except OSError:
         return
     for suffix in SIDE_FILES:
+        _narrow(path + suffix, allowed)
+
+
+#: open a file as a name only: its descriptor's close drops no lock
+_PATH_ONLY = getattr(os, "O_PATH", None)
+
+
+def _narrow(side, allowed):
+    """
+    Take from C{side}, a regular file, the permissions not in C{allowed}.
+    """
+    if _PATH_ONLY is None:
+        # No O_PATH: by name, never through a descriptor.
         try:
-            fd = os.open(path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            found = os.fstat(fd)
+            found = os.lstat(side)
             if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & ~allowed:
-                os.fchmod(fd, stat.S_IMODE(found.st_mode) & allowed)
+                os.chmod(side, stat.S_IMODE(found.st_mode) & allowed)
         except OSError:
             pass
-        finally:
-            os.close(fd)
+        return
+    try:
+        fd = os.open(side, _PATH_ONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        found = os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & ~allowed:
+            # fchmod refuses an O_PATH descriptor; its /proc name does not.
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(found.st_mode) & allowed)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def databaseFileWarning(path):
