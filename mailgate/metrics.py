@@ -61,6 +61,7 @@ from twisted.web import http, resource, server
 
 from mailgate import __version__
 from mailgate.errors import ShuttingDown
+from mailgate.timers import cancelled
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
@@ -639,6 +640,33 @@ class MetricsChannel(http.HTTPChannel):
     """
 
     _heldForTransport = False
+    _requestTimer = None
+
+    #: seconds a request's line and headers may take from their first
+    #: octet; Twisted's idle timeout starts again at every octet, so a
+    #: client trickling one every few seconds (a slow loris) kept its
+    #: connection, and 32 of them the port, for ever
+    requestTimeout = 10
+
+    def dataReceived(self, data):
+        if data and self._requestTimer is None and not self._handlingRequest:
+            self._requestTimer = self.callLater(self.requestTimeout, self._requestTooSlow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        self._requestTimer = cancelled(self._requestTimer)
+        super().allHeadersReceived()
+
+    def _requestTooSlow(self):
+        self._requestTimer = None
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self._requestTimer = cancelled(self._requestTimer)
+        super().connectionLost(reason)
 
     def requestDone(self, request):
         if self._waitingForTransport:

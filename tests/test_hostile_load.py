@@ -10,6 +10,7 @@ files.  Every wait is bounded (L{DEADLINE}); no time is asserted.
 
 import os
 import re
+import select
 import signal
 import socket
 import urllib.request
@@ -317,6 +318,92 @@ def test_aScannerOnThePop3sPortCostsALineAMinute(tmp_path, mailgate_server):
     lines = [line for line in server.stdout.splitlines() if "TLS failed peer=127.0.3.62" in line]
     reasons = {re.search(r"reason=(\S+)", line).group(1) for line in lines}
     assert len(lines) == len(reasons) <= 3, lines
+
+
+# -- 4. slow loris ---------------------------------------------------------------
+
+
+def trickle(sock, data, interval):
+    """
+    Send C{data} an octet every C{interval} seconds, until the server
+    closes the connection; return how many octets were sent then, or
+    C{None} if it never did.
+    """
+    for sent, octet in enumerate(data):
+        try:
+            sock.sendall(bytes([octet]))
+            readable, _, _ = select.select([sock], [], [], interval)
+            if readable and not sock.recv(4096, socket.MSG_PEEK):
+                return sent + 1
+            if readable:
+                sock.recv(4096)
+        except OSError:
+            return sent
+    return None
+
+
+@sqliteOnly
+def test_aLineTrickledAnOctetAtATimeDoesNotKeepASession(mailgate_server, mailgate_cli):
+    """
+    A logged-in POP3 client (--idle-timeout 1) that sends a command an
+    octet every 0.25 seconds, never ending the line, is idle: closed after
+    the idle timeout, not kept as long as octets come.  (Before login, the
+    login timeout bounds it anyway.)
+    """
+    server = mailgate_server("--idle-timeout", "1")
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+    reader = LineReader(sock)
+    try:
+        assert reader.line().startswith(b"+OK")
+        sock.sendall(b"USER %s\r\nPASS %s\r\n" % (ALICE.encode(), PASSWORD.encode()))
+        assert reader.line().startswith(b"+OK") and reader.line().startswith(b"+OK")
+        sent = trickle(sock, b"NOOP" + b" " * 76, 0.25)
+        assert sent is not None and sent < 40, "the session outlived 80 octets trickled over 20 s"
+    finally:
+        sock.close()
+    waitFor(lambda: "reason='idle timeout'" in server.stdout, "the logout line")
+
+
+def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
+    """
+    An HTTP request to the metrics port whose line and headers come an
+    octet every five seconds is answered 408 and closed after
+    C{requestTimeout} seconds from its first octet, though each octet
+    would start Twisted's idle timeout again: 32 such clients held every
+    connection the port takes.  A scraper keeping its connection idle
+    between scrapes is not affected, nor is a request sent at once.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.internet import defer
+
+    from mailgate.metrics import IDLE_TIMEOUT, Metrics, MetricsChannel, metricsSite
+
+    clock = Clock()
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
+    site.startFactory()
+    try:
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        # Idle, then a request at once: answered, the connection kept.
+        clock.advance(IDLE_TIMEOUT - 5)
+        protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n") and not transport.disconnecting
+        transport.clear()
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        sent = 0
+        while not transport.disconnecting and sent < len(request):
+            protocol.dataReceived(request[sent:sent + 1])
+            sent += 1
+            clock.advance(5)
+        assert transport.disconnecting, "the trickled request kept its connection"
+        assert sent * 5 <= MetricsChannel.requestTimeout + 5
+        assert transport.value().startswith(b"HTTP/1.1 408 ")
+    finally:
+        site.stopFactory()
 
 
 # -- the database while the server serves ------------------------------------------

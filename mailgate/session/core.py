@@ -450,7 +450,12 @@ class CommandSession(Protocol):
     def dataReceived(self, data):
         if self._closed:
             return
-        self._idle.activity()
+        if b"\n" in data or self.rawReceiver is not None:
+            # Activity is a command line ended (or a message's data, which
+            # its own rate limit watches), not any octet: a client that
+            # trickles a line an octet every few seconds (a slow loris) is
+            # idle, and the idle timeout bounds the time one line may take.
+            self._idle.activity()
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
