@@ -584,14 +584,17 @@ def checkEndpoint(description):
 class APOPPolicy(enum.Enum):
     """
     When the POP3 greeting offers APOP (carries a timestamp), and SASL
-    offers CRAM-MD5 (which works for the same users, and for those
+    offers CRAM-MD5 (which works for the users with APOP, and for those
     imported from Dovecot with a C{{CRAM-MD5}} hash's states).
 
-    @cvar AUTO: only while some user has APOP enabled (checked every
+    @cvar AUTO: APOP only while some user has APOP enabled, CRAM-MD5 only
+        while some user has imported CRAM-MD5 states (both checked every
         L{mailgate.service.APOP_REFRESH} seconds): clients that prefer APOP
-        whenever it is offered never try it where it cannot work; CRAM-MD5
-        while some user can use it.
-    @cvar ALWAYS: always.
+        whenever it is offered never try it where it cannot work, and
+        clients that pick CRAM-MD5 whenever CAPA lists it and never fall
+        back (curl) go on working for users without APOP when one user
+        opts into it, as with Dovecot.
+    @cvar ALWAYS: always, both.
     @cvar NEVER: never; APOP and CRAM-MD5 logins are not even checked.
     """
 
@@ -876,9 +879,12 @@ SETTINGS = (
     Setting(
         "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,
         "When the POP3 greeting offers APOP, and AUTH offers CRAM-MD5: auto "
-        "(only while some user has APOP enabled, or for CRAM-MD5 the states "
-        "of a {CRAM-MD5} hash from Dovecot), always, or never.  On the "
-        "command line: --apop (always) or --no-apop (never).",
+        "(the APOP timestamp while some user has APOP enabled; CRAM-MD5 only "
+        "while some user has the states of a {CRAM-MD5} hash imported from "
+        "Dovecot, not because of APOP, as clients such as curl pick it "
+        "whenever it is listed and fail for users without it), always (both), "
+        "or never (neither).  On the command line: --apop (always) or "
+        "--no-apop (never).",
         flags={"apop": APOPPolicy.ALWAYS, "no-apop": APOPPolicy.NEVER},
         converter=APOPPolicy.of,
     ),

@@ -298,11 +298,11 @@ class IMailStore(Interface):
 
     def digestLoginUsers():
         """
-        Whether any user has APOP enabled, and whether any can log in with
-        CRAM-MD5 (has APOP enabled, or the HMAC-MD5 states of a
-        C{{CRAM-MD5}} hash imported from Dovecot): a L{Deferred} pair of
-        L{bool}s, C{(apop, cramMD5)}, asked in one query (every node asks
-        every L{mailgate.service.APOP_REFRESH} seconds).
+        Whether any user has APOP enabled, and whether any has the HMAC-MD5
+        states of a C{{CRAM-MD5}} hash imported from Dovecot: a
+        L{Deferred} pair of L{bool}s, C{(apop, cramMD5)}, asked in one
+        query (every node asks every L{mailgate.service.APOP_REFRESH}
+        seconds).
         """
 
     def sharedSecret(name):

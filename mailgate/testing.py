@@ -437,8 +437,8 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     """
     A mailgate POP3 server factory over C{store} whose password hashing
     runs inline and whose timers run on C{clock}; with SASL (SCRAM-SHA-256,
-    PLAIN and LOGIN, and CRAM-MD5 while APOP is offered) unless
-    C{sasl=False}.
+    PLAIN and LOGIN, and CRAM-MD5 as L{POP3Factory.offersCramMD5} says)
+    unless C{sasl=False}.
 
     APOP is offered (as C{--apop}) unless C{apop=False}.  Twisted's
     C{AdvancedPOP3Client} logs in with APOP whenever the greeting offers

@@ -68,7 +68,7 @@ requiresCurl = requires(CURL, "curl", "curl")
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
-BOB = "bob@example.org"  # has APOP (and so CRAM-MD5)
+BOB = "bob@example.org"  # has APOP (and CRAM-MD5 where it is offered)
 BOB_PW = "b0b's secret"
 CAROL = "carol@example.org"
 WRONG = "not the password"
@@ -464,11 +464,11 @@ def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     mpop logs in over plain TCP, STLS and POP3S, verifying the certificate:
     by itself it picks PLAIN inside TLS and SCRAM-SHA-256 outside; told
     to, it uses USER/PASS, PLAIN, LOGIN and, for a user with APOP, APOP
-    and CRAM-MD5.  Mechanisms the user cannot use fail as
-    authentication failures, and SCRAM-SHA-1, which is not offered, is
-    refused by mpop itself.
+    and CRAM-MD5 (offered with --apop).  Mechanisms the user cannot use
+    fail as authentication failures, and SCRAM-SHA-1, which is not
+    offered, is refused by mpop itself.
     """
-    server = serve()
+    server = serve("--apop")
     delivered = b"From: <sender@example.net>\r\nSubject: for mpop\r\n\r\n.hi\r\n"
     mailgate_cli.deliver(ALICE, delivered)
     mailgate_cli.deliver(BOB, delivered)
@@ -619,11 +619,12 @@ def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     STLS (AUTH PLAIN with an initial response) and POP3S (AUTH PLAIN),
     verifying the certificate; its LIST and UIDL are what the server holds,
     and a DELE it sends takes effect at its QUIT.  For a user with APOP it
-    picks CRAM-MD5 by itself, and uses APOP when told to.
+    uses APOP when told to.
 
-    By itself it picks CRAM-MD5 whenever CAPA offers it, as the server does
-    while some user has APOP, and does not fall back: a user without APOP
-    must tell it to use PLAIN or LOGIN (README, POP3).
+    By itself it picks CRAM-MD5 whenever CAPA offers it and does not fall
+    back; Bob's APOP does not make the server offer it, so with no options
+    curl logs in with PLAIN, Alice (without APOP) as Bob, though the
+    greeting carries an APOP timestamp (curl prefers SASL to it).
     """
     server = serve()
     delivered = awkwardMessages()
@@ -645,14 +646,47 @@ def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
 
     assert curl.get(user=BOB, password=BOB_PW, auth=None, path="/1") == delivered[0]
     assert curl.get(user=BOB, password=BOB_PW, auth="+APOP", path="/1") == delivered[0]
-    assert loginMechanisms(server, BOB) == ["cram-md5", "apop"]
+    assert loginMechanisms(server, BOB) == ["plain", "apop"]
+
+    code, output = curl.run(auth=None, path="/1")
+    assert code == 0, output
+    assert "< +OK mailgate POP3 server ready <" in output, output
+    assert "> AUTH PLAIN" in output and "CRAM-MD5" not in output, output
+    assert loginMechanisms(server, ALICE)[-1] == "plain"
+
+    assert curl.get(path="/2", options=("--request", "DELE", "--head")) == b""
+    assert [uid for _, _, uid in mailgate_cli.mailbox(ALICE)] == [uid for i, (_, _, uid) in enumerate(held) if i != 1]
+
+
+@requiresCurl
+def test_curlWhereImportedCramMD5StatesMakeItOffered(serve, mailgate_cli, makeClient):
+    """
+    Fay came from a Dovecot whose {CRAM-MD5} hash gave her CRAM-MD5: while
+    such a user is there the server offers it, and curl with no options
+    picks it: it works for Fay and for Bob (APOP), and fails for Alice,
+    who has neither, as a denied login; told --login-options AUTH=PLAIN
+    (README, POP3), she logs in.
+    """
+    from mailgate.auth.md5state import hmacMD5Context
+
+    fay, fayPassword = "fay@example.org", "fay's secret"
+    hashed = "{CRAM-MD5}" + hmacMD5Context(fayPassword.encode()).hex()
+    mailgate_cli.check("user", "add", fay, "--password-stdin", "--hashed", input=hashed.encode() + b"\n")
+    delivered = b"From: <sender@example.net>\r\nSubject: for curl\r\n\r\nhi\r\n"
+    for address in (ALICE, BOB, fay):
+        mailgate_cli.deliver(address, delivered)
+    server = serve()
+    curl = makeClient(Curl, server)
+
+    for user, password in ((fay, fayPassword), (BOB, BOB_PW)):
+        assert curl.get(user=user, password=password, auth=None, path="/1") == delivered
+        assert loginMechanisms(server, user) == ["cram-md5"]
 
     code, output = curl.run(auth=None, path="/1")
     assert code == 67, output  # CURLE_LOGIN_DENIED
     assert "> AUTH CRAM-MD5" in output and "< -ERR [AUTH] invalid user name or password" in output, output
-
-    assert curl.get(path="/2", options=("--request", "DELE", "--head")) == b""
-    assert [uid for _, _, uid in mailgate_cli.mailbox(ALICE)] == [uid for i, (_, _, uid) in enumerate(held) if i != 1]
+    assert curl.get(auth="PLAIN", path="/1") == delivered
+    assert loginMechanisms(server, ALICE) == ["plain"]
 
 
 # -- 3. failures -------------------------------------------------------------------------

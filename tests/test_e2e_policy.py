@@ -325,8 +325,10 @@ def cramMD5Response(client, address, secret):
 def test_fetchmailsCramMD5BeforeUSERIsNotABannableFailure(mailgate_server, mailgate_cli):
     """
     fetchmail's default (C{auth any}) tries CRAM-MD5 whenever CAPA offers
-    it (mailgate does while some user has APOP), then falls back to
-    USER/PASS.  For a user without APOP that CRAM-MD5 cannot succeed, and
+    it (mailgate does with --apop, and by default while some user has
+    CRAM-MD5 states imported from Dovecot, not because some user has
+    APOP), then falls back to USER/PASS.  For a user without APOP that
+    CRAM-MD5 cannot succeed, and
     it guessed nothing: polling such accounts must not ban the address
     (a fetchmail polling ten accounts used to be banned at the tenth).
     A wrong digest still counts once its session ends without that

@@ -4,7 +4,9 @@ over a socket (poplib has no AUTH), and curl choosing each mechanism with
 C{--login-options}.
 
 Alice has no APOP secret, Bob has one: CRAM-MD5, like APOP, works for Bob
-only; LOGIN, like USER/PASS, for both.
+only; LOGIN, like USER/PASS, for both.  By default Bob's APOP puts a
+timestamp in the greeting but does not make CRAM-MD5 offered (clients that
+pick it whenever it is listed would fail for Alice); C{--apop} offers it.
 """
 
 import base64
@@ -21,7 +23,6 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     mailgate_server,
     runCommand,
     sqliteOnly,
-    waitFor,
 )
 from saslclients import cramMD5Response
 
@@ -65,25 +66,54 @@ class Wire:
         self.sock.close()
 
 
-@pytest.fixture
-def server(mailgate_server, mailgate_cli):
+def addUsers(mailgate_cli):
     mailgate_cli.addUser(ALICE, ALICE_PW)
     mailgate_cli.addUser(BOB, BOB_PW, apop=True)
     for address in (ALICE, BOB):
         mailgate_cli.deliver(address, b"From: sender@example.net\nSubject: hi\n\nfor " + address.encode() + b"\n")
-    started = mailgate_server(*FAST_FAILURES)
 
-    def mechanisms():
-        client = poplib.POP3("127.0.0.1", started.port, timeout=20)
-        try:
-            return client.capa()["SASL"]
-        finally:
-            client.quit()
 
-    # CRAM-MD5 is offered from the server's first look at the users on.
-    offered = waitFor(lambda: "CRAM-MD5" in mechanisms() and mechanisms(), "CRAM-MD5 to be offered")
-    assert offered == ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN"], offered
+def greetingAndMechanisms(port):
+    client = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        return client.getwelcome(), client.capa()["SASL"]
+    finally:
+        client.quit()
+
+
+@pytest.fixture
+def server(mailgate_server, mailgate_cli):
+    """
+    A server offering CRAM-MD5 (C{--apop}), from the start.
+    """
+    addUsers(mailgate_cli)
+    started = mailgate_server(*FAST_FAILURES, "--apop")
+    greeting, offered = greetingAndMechanisms(started.port)
+    assert b"<" in greeting and offered == ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN"], (greeting, offered)
     return started
+
+
+@sqliteOnly
+def test_byDefaultAUserWithAPOPGetsTheTimestampButNoCramMD5(mailgate_server, mailgate_cli):
+    """
+    With the default policy, Bob's APOP puts a timestamp in the greeting
+    (the first greeting waits for the store's answer) and he logs in with
+    APOP; SASL lists no CRAM-MD5 and refuses it as unsupported, so a
+    client that would pick it logs Alice in with PLAIN or LOGIN.
+    """
+    addUsers(mailgate_cli)
+    started = mailgate_server(*FAST_FAILURES)
+    greeting, offered = greetingAndMechanisms(started.port)
+    assert b"<" in greeting and offered == ["SCRAM-SHA-256", "PLAIN", "LOGIN"], (greeting, offered)
+    wire = Wire(started.port)
+    assert wire.command("AUTH CRAM-MD5").startswith(b"-ERR unsupported authentication mechanism")
+    assert wire.command(b"AUTH PLAIN " + b64(f"\0{ALICE}\0{ALICE_PW}")).startswith(f"+OK {ALICE}".encode())
+    wire.close()
+    client = poplib.POP3("127.0.0.1", started.port, timeout=20)
+    try:
+        assert client.apop(BOB, BOB_PW).startswith(f"+OK {BOB}".encode())
+    finally:
+        client.quit()
 
 
 @sqliteOnly

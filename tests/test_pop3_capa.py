@@ -6,7 +6,8 @@ listed only where RFC 2595 permits it, in the AUTHORIZATION state of a
 connection that is not secure yet.
 """
 
-from mailgate.testing import POP3Session
+from mailgate.config import APOPPolicy
+from mailgate.testing import POP3Session, addUser, resultOf
 
 from test_sasl import ALICE, PASSWORD, alice, capabilities, plain, scramLogin, tls, untrusted  # noqa: F401
 
@@ -54,3 +55,21 @@ def test_withoutSASLNoSASLLineInEitherState(store, alice):
     lines = capabilities(s)
     assert not any(line.startswith("SASL") for line in lines)
     assert "USER" in lines
+
+
+def test_withTheDefaultPolicyAnAPOPUserAddsNoCramMD5InEitherState(store, alice):
+    """
+    The sessions above offer APOP always (C{--apop}), hence CRAM-MD5.  By
+    default a user with APOP puts a timestamp in the greeting but no
+    CRAM-MD5 in the SASL line, before login or after it, for Alice (who
+    has no APOP) as for the APOP user himself.
+    """
+    addUser(store, "bob@example.org", "builder", apop=True)
+    advertiser = APOPPolicy.AUTO.advertiser(store)
+    resultOf(advertiser.refresh())
+    s = POP3Session(store, apop=advertiser)
+    assert s.challenge is not None
+    before = capabilities(s)
+    assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in before
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+    assert capabilities(s) == before

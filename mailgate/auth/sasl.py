@@ -373,10 +373,10 @@ class SASLServer:
     @param hostname: the name in CRAM-MD5 challenges; this machine's fully
         qualified name by default.
     @param offerCramMD5: a callable saying whether CRAM-MD5 is offered now;
-        give the POP3 factory's C{offersCramMD5}, the rule the greeting's
-        APOP timestamp follows, since CRAM-MD5 works for the users with
-        APOP (and those with Dovecot's CRAM-MD5 states).  Not offered by
-        default.
+        give the POP3 factory's C{offersCramMD5} (CRAM-MD5 works for the
+        users with APOP and those with Dovecot's CRAM-MD5 states; by
+        default it is offered only while some user has the latter).  Not
+        offered by default.
     @param sharedSecret: the store's C{sharedSecret}, for the key of the
         salt SCRAM makes up for unknown users: nodes sharing a database
         then make up the same salt for a name, so a client asking two of

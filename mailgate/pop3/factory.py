@@ -25,14 +25,19 @@ APOP_DECISION_WAIT = 5.0
 
 class APOPAdvertiser:
     """
-    The default APOP policy: greetings carry an APOP timestamp only while
-    at least one user has APOP enabled.  Clients that prefer APOP whenever
-    a timestamp is offered (curl, Twisted's own client) then never try it
-    on a server where it cannot work.  It also says whether some user can
-    log in with SASL CRAM-MD5: those with APOP, and those imported from
-    Dovecot with the HMAC-MD5 states of a C{{CRAM-MD5}} hash, who have no
-    APOP (their password is not known) and so do not make the greeting
-    offer it.
+    The default APOP policy: greetings carry an APOP timestamp only while at
+    least one user has APOP enabled.  Clients that prefer APOP whenever a
+    timestamp is offered (Twisted's own client; curl when CAPA lists no SASL
+    mechanism it can use) then never try it on a server where it cannot
+    work.  It also says whether SASL CRAM-MD5 is offered: only while some
+    user has the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from
+    Dovecot, whose clients Dovecot served CRAM-MD5 (users with APOP can use
+    it then too).  Not merely because some user has APOP: clients that pick
+    CRAM-MD5 whenever CAPA lists it and never fall back (curl) would then
+    fail for every user without APOP, each failure counting towards a ban of
+    their address; the APOP timestamp costs them nothing, as they prefer
+    SASL when CAPA lists it.  Dovecot likewise does not offer CRAM-MD5
+    because of APOP.
 
     Until the store's first answer, greetings wait for it (see
     L{whenKnown}): the clients a server finds waiting when it starts (a
@@ -41,8 +46,8 @@ class APOPAdvertiser:
 
     @ivar enabled: the current answer, refreshed by L{refresh} (the service
         calls it periodically; it starts as C{True} until the first answer).
-    @ivar cramEnabled: whether some user can log in with CRAM-MD5, by the
-        same answer.
+    @ivar cramEnabled: whether some user has CRAM-MD5 states from
+        Dovecot, by the same answer: whether CRAM-MD5 is offered.
     @ivar known: whether the store has answered yet.
     """
 
@@ -59,7 +64,7 @@ class APOPAdvertiser:
         def got(answers):
             apop, cramMD5 = answers
             self.enabled = bool(apop)
-            self.cramEnabled = bool(apop or cramMD5)
+            self.cramEnabled = bool(cramMD5)
             self.known = True
             self._wake()
 
@@ -190,13 +195,13 @@ class POP3Factory(SessionFactory):
 
     def offersCramMD5(self):
         """
-        Whether SASL CRAM-MD5 is offered now: where APOP is (C{--apop},
-        never with C{--no-apop}), since it works for the users with APOP;
-        but by default only once the store has said that some user can use
-        it: one with APOP, or one imported from Dovecot with a
-        C{{CRAM-MD5}} hash's states.  (An APOP timestamp nobody can use
-        costs clients nothing; a SASL mechanism offered in vain makes
-        clients that prefer it, curl among them, fail.)
+        Whether SASL CRAM-MD5 is offered now: always with C{--apop} (it
+        works for the users with APOP), never with C{--no-apop}; by
+        default only once the store has said that some user was imported
+        from Dovecot with a C{{CRAM-MD5}} hash's states, not because some
+        user has APOP.  (An APOP timestamp costs clients that prefer SASL
+        nothing; a SASL mechanism most users cannot use makes clients that
+        pick it whenever it is listed, curl among them, fail for them.)
         """
         apop = self.apop
         if isinstance(apop, APOPAdvertiser):

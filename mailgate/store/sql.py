@@ -73,7 +73,7 @@ def _digestLoginUsers(cursor):
         "EXISTS (SELECT 1 FROM users WHERE cram_md5 IS NOT NULL)"
     )
     apop, cramMD5 = cursor.fetchone()
-    return bool(apop), bool(apop or cramMD5)
+    return bool(apop), bool(cramMD5)
 
 
 def _sharedSecret(cursor, name, candidate):
