@@ -127,6 +127,11 @@ class PrivatePostfix:
     loopback port, C{master -d} in the foreground.
     """
 
+    #: the configuration files written at start (with the test's
+    #: directories and ports put in)
+    mainCF = MAIN_CF
+    masterCF = MASTER_CF
+
     def __init__(self, root, lmtpPort):
         self.root = root
         self.smtpPort = freePort()
@@ -138,8 +143,8 @@ class PrivatePostfix:
         for name in ("etc", "queue", "data"):
             (self.root / name).mkdir(parents=True)
         shutil.chown(self.root / "data", user="postfix")
-        (self.config / "main.cf").write_text(MAIN_CF.format(root=self.root, lmtpPort=self.lmtpPort))
-        (self.config / "master.cf").write_text(MASTER_CF.format(smtpPort=self.smtpPort))
+        (self.config / "main.cf").write_text(self.mainCF.format(root=self.root, lmtpPort=self.lmtpPort))
+        (self.config / "master.cf").write_text(self.masterCF.format(smtpPort=self.smtpPort))
         # Postfix reads a main.cf changed within the last second or two
         # again and again, 0.3 s apart, until it has "cooled down" (its
         # load_file.c, against reading a file half written): these are

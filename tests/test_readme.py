@@ -15,16 +15,19 @@ import io
 import re
 import shlex
 import shutil
+import smtplib
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from e2e import mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401 (fixtures)
 from mailgate.cli import run
 from mailgate.config import SETTINGS
 from mailgate.metrics import Metrics
 from mailgate.tap import Options
+from test_pairings import MAIN_CF, MASTER_CF, PrivatePostfix, postfixRoot  # noqa: F401 (fixture)
 
 # The command's new passwords are hashed cheaply here (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
@@ -409,3 +412,51 @@ def test_theCitusStatementsDistributeEveryTableThatGrowsWithMail():
     for table in set(GROWING) - {"mailboxes"}:
         assert f"create_distributed_table('{table}', '{GROWING[table]}', colocate_with => 'mailboxes')" in statements
     assert set(re.findall(r"create_reference_table\('(\w+)'\)", statements)) == {"users", "mailgate_nodes"}
+
+
+# -- Receiving mail: Postfix asking mailgate at its own RCPT ---------------------------------
+
+
+@sqliteOnly
+def test_postfixAsksMailgateAtItsOwnRCPT(mailgate_server, mailgate_cli, postfixRoot):
+    """
+    The README's main.cf, on a private Postfix delivering to mailgate by
+    LMTP: a client from outside mynetworks is refused an unknown
+    recipient at Postfix's own RCPT (Postfix's probe asked mailgate,
+    which refused it 550 5.1.1), and a user's address is accepted.
+    """
+    [main] = [b for b in codeBlocks(section("Receiving mail: SMTP and LMTP")) if "/etc/postfix/main.cf" in b]
+    server = mailgate_server("--lmtp", "tcp:0:interface=127.0.0.1", "--no-apop")
+    mailgate_cli.addUser("alice@example.org", "alice's secret")
+    postfix = PrivatePostfix(postfixRoot, server.portOf("LMTP"))
+    snippet = main.replace("lmtp:inet:127.0.0.1:2424", f"lmtp:inet:127.0.0.1:{server.portOf('LMTP')}")
+    # The client (on loopback) is not one of mynetworks here, as a remote
+    # MTA would not be; the probes need Postfix's verify service.
+    postfix.mainCF = re.sub(
+        r"mynetworks = .*\n|smtpd_recipient_restrictions = .*\n|virtual_mailbox_domains = .*\n|virtual_transport = .*\n",
+        "", MAIN_CF,
+    ) + "mynetworks = 192.0.2.0/24\n" + snippet
+    postfix.masterCF = MASTER_CF + "verify     unix  - - n -  1 verify\n"
+
+    def rcpt(address):
+        """
+        Postfix's answer to RCPT TO:<address>, once its probe has had
+        mailgate's answer (it says "in progress" until then).
+        """
+
+        def answered():
+            with smtplib.SMTP("127.0.0.1", postfix.smtpPort, timeout=DEADLINE) as smtp:
+                smtp.ehlo("client.test")
+                assert smtp.mail("bob@remote.test")[0] == 250
+                code, text = smtp.rcpt(address)
+            return None if b"in progress" in text else (code, text)
+
+        return waitFor(answered, f"Postfix to verify {address} with mailgate")
+
+    try:
+        postfix.start()
+        code, text = rcpt("nobody@example.org")
+        assert code == 550 and b"5.1.1" in text and b"550 5.1.1" in text, (code, text, postfix.maillog())
+        assert rcpt("alice@example.org")[0] == 250, postfix.maillog()
+    finally:
+        postfix.stop()
