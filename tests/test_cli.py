@@ -1139,6 +1139,28 @@ def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     assert plain("deliver", ALICE, stdin=message.encode()).code == 0
 
 
+def test_deliverWithTheServersFileNamesItsHostInReceived(tmp_path):
+    """
+    C{mailgate --config FILE deliver -f SENDER}: the C{Received:} field
+    names the host the file's C{hostname} gives, as the server's SMTP and
+    LMTP do, not the machine's own name.
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\nhostname = "mx.example.org"\n')
+
+    def mailgate(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=_stdin(stdin.encode()), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    assert mailgate("deliver", "-f", "bob@example.net", ALICE, stdin="Subject: hi\n\nhello\n").code == 0
+    shown = CLI(database)("mailbox", "show", ALICE, "1")
+    assert shown.code == 0, shown
+    assert "\r\nReceived: by mx.example.org (mailgate) with local id " in shown.out, shown.out
+
+
 def test_deliverWithTheServersFileFindsTheUserOfADetail(tmp_path):
     """
     With the file's recipient-delimiter, C{deliver} finds the user an

@@ -673,6 +673,8 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 values = _configValues(args.config)
                 store.limits = _configLimits(values)
                 args.recipientDelimiter = values.get("recipient-delimiter")
+                # The name the server's Received: fields give (deliver's too).
+                args.hostname = values.get("hostname")
         args.run(store, args, stdout, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         stdout.flush()

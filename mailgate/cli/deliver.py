@@ -67,7 +67,7 @@ def _deliver(store, args, out, stdin):
         from mailgate.smtp.envelope import Envelope, traceHeaders
 
         envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
-        trace = traceHeaders(envelope, machineName())
+        trace = traceHeaders(envelope, getattr(args, "hostname", None) or machineName())
     # Keyed by what the MTA handed over: its retry of a delivery whose
     # outcome it did not learn (this command killed after the commit, say)
     # is recognised and not stored twice.
