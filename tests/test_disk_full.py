@@ -186,6 +186,19 @@ def storedSizes(admin):
 # -- without a mount -------------------------------------------------------------
 
 
+def deliverTo(store, message):
+    """
+    Deliver C{message} to Alice: its unique id.  Its spool is closed at
+    once, failed or not (one left to the garbage collector would give its
+    memory back in the middle of another test).
+    """
+    spool = spoolBytes(message)
+    try:
+        return resultOf(store.deliver([ALICE], spool))[ALICE]
+    finally:
+        spool.close()
+
+
 def _pagesLeft(store, pages):
     """
     Let SQLite's database grow by at most C{pages} pages more: past them,
@@ -205,7 +218,7 @@ def test_aDatabaseWithNoRoomAnswers452AndStoresNothing(store, lmtp):
     addUser(store, ALICE, PASSWORD)
     _pagesLeft(store, 2)
     with pytest.raises(StorageFull):
-        resultOf(store.deliver([ALICE], spoolBytes(LARGE)))
+        deliverTo(store, LARGE)
     session = SMTPSession(store, lmtp=lmtp)
     replies = session.sendMail(SENDER, [ALICE], LARGE + b".\r\n", hello="LHLO client.test" if lmtp else "EHLO client.test")
     final = replies.splitlines()[-1]
@@ -249,13 +262,13 @@ def test_aPostgreSQLThatTakesNoWritesIsATemporaryFailure(postgresURL):
     store = memoryStore(postgresURL)
     try:
         addUser(store, ALICE, PASSWORD)
-        resultOf(store.deliver([ALICE], spoolBytes(b"Subject: before\r\n\r\nx\r\n")))
+        deliverTo(store, b"Subject: before\r\n\r\nx\r\n")
     finally:
         store.close()
     readOnly = memoryStore(_withOption(postgresURL, "-c default_transaction_read_only=on"))
     try:
         with pytest.raises(TemporaryFailure, match="read-only transaction"):
-            resultOf(readOnly.deliver([ALICE], spoolBytes(b"Subject: refused\r\n\r\nx\r\n")))
+            deliverTo(readOnly, b"Subject: refused\r\n\r\nx\r\n")
         replies = SMTPSession(readOnly).sendMail(SENDER, [ALICE], b"Subject: smtp\r\n\r\nx\r\n.\r\n")
         assert replies.splitlines()[-1].startswith("451 4.3.0 temporary failure storing"), replies
         session = POP3Session(readOnly)
@@ -352,7 +365,7 @@ def test_aFullTablespaceIsStorageFullOnPostgreSQL(postgresURL):
             stored = 0
             for n in range(200):
                 try:
-                    resultOf(store.deliver([ALICE], spoolBytes(b"Subject: %d\r\n\r\n" % n + os.urandom(60000).hex().encode())))
+                    deliverTo(store, b"Subject: %d\r\n\r\n" % n + os.urandom(60000).hex().encode())
                 except StorageFull as e:
                     assert getattr(e.__cause__, "sqlstate", None) == "53100", repr(e.__cause__)
                     assert "No space left on device" in str(e), e
@@ -367,7 +380,7 @@ def test_aFullTablespaceIsStorageFullOnPostgreSQL(postgresURL):
             assert len(resultOf(store.listMessages(ALICE))) == stored
 
             os.unlink(filler)
-            resultOf(store.deliver([ALICE], spoolBytes(b"Subject: room again\r\n\r\nyes\r\n")))
+            deliverTo(store, b"Subject: room again\r\n\r\nyes\r\n")
             assert len(resultOf(store.listMessages(ALICE))) == stored + 1
         finally:
             store.close()
