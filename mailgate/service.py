@@ -8,6 +8,8 @@ embedder can attach to an existing application with C{setServiceParent},
 and that C{twistd mailgate} runs on its own.
 """
 
+import errno
+import os
 import signal
 import sys
 
@@ -54,6 +56,21 @@ MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 #: the settings a SIGHUP applies to a running server when the
 #: configuration file changes them (the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
+
+
+def _listenFailureStatus(error):
+    """
+    The exit status of a start-up that failed for C{error}: 1, which
+    systemd's C{Restart=on-failure} retries (a port still held by the
+    process before, an address not yet up at boot), but C{EX_CONFIG} (78)
+    when a listener was refused the port itself (a port below 1024 without
+    C{CAP_NET_BIND_SERVICE}): trying again cannot work, and the unit's
+    C{RestartPreventExitStatus=78} leaves it failed with its reason.
+    """
+    cause = getattr(error.__cause__, "socketError", None)
+    if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM):
+        return os.EX_CONFIG
+    return 1
 
 
 class ListeningService(StreamServerEndpointService):
@@ -422,7 +439,7 @@ class MailgateService(MultiService):
             stderr = sys.__stderr__ or sys.stderr
             stderr.write(f"mailgate: {e}\n")
             stderr.flush()
-            raise SystemExit(1)
+            raise SystemExit(_listenFailureStatus(e))
 
     def _reportStartupError(self, error):
         self.log.error("mailgate: {error}", error=error, event="service.start_failed")

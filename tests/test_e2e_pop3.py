@@ -555,6 +555,46 @@ def test_portInUse_daemon(tmp_path):
     )
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start twistd as the unprivileged user nobody")
+def test_aPortRefusedForWantOfPrivilegeIsAConfigurationError(request):
+    """
+    Under systemd, exit 78 leaves the unit failed with its reason
+    (RestartPreventExitStatus=78) where exit 1 is retried: a port below
+    1024 that the user may not bind (no CAP_NET_BIND_SERVICE) cannot work
+    on a retry, and is 78; a port still in use (the process before, not
+    yet gone) may, and stays 1.
+    """
+    import subprocess
+    import tempfile
+
+    from e2e import DEADLINE, TWISTD, childEnvironment
+
+    # A directory nobody may write in (pytest's own are root's alone).
+    shared = Path(tempfile.mkdtemp(prefix="mailgate-nobody-"))
+    shared.chmod(0o777)
+    database = databaseURL(shared / "mail.sqlite3")
+
+    def start(endpoint, user=None):
+        argv = [TWISTD, "-n", "--pidfile=", "mailgate", "--database", database, "--pop3", endpoint]
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=DEADLINE, cwd=shared, env=childEnvironment(),
+            user=user,
+        )
+        return done.returncode, done.stderr
+
+    request.addfinalizer(lambda: shutil.rmtree(shared, ignore_errors=True))
+
+    code, err = start("tcp:1:interface=127.0.0.1", user="nobody")
+    assert code == 78, err
+    assert "mailgate: cannot listen for POP3 on tcp:1:interface=127.0.0.1: " in err and "Permission denied" in err
+    assert "Traceback" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        code, err = start(f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
+    assert code == 1 and "Address already in use" in err, err
+
+
 @sqliteOnly
 def test_secondServerOnTheSameDatabase(mailgate_server, mailgate_cli):
     mailgate_cli.addUser(ALICE, ALICE_PW)
