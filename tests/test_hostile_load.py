@@ -452,3 +452,60 @@ def test_openingAConnectionKeepsTheLocksOfTheOthers(tmp_path):
         assert os.stat(path + "-shm").st_mode & 0o777 == 0o600
     finally:
         first.close()
+
+
+class _RecordedTimers:
+    """
+    A L{PumpedReactor} whose timers the test fires itself.
+    """
+
+    def __init__(self):
+        from pumped import PumpedReactor
+
+        self.pumped = PumpedReactor()
+        self.timers = []
+
+    def __getattr__(self, name):
+        return getattr(self.pumped, name)
+
+    def callLater(self, delay, function, *args):
+        self.timers.append((delay, function, args))
+        return self.pumped.callLater(delay, function, *args)
+
+
+def test_aReadThatWaitsTooLongForAConnectionFailsAsTemporary():
+    """
+    With every reader thread stuck (a table locked by a migration, a
+    database that stopped answering), reads queued behind them fail as a
+    temporary failure (what clients see as -ERR [SYS/TEMP] or 451) once
+    they waited the pool's limit, without running, rather than each waiting
+    for every stuck read before it; the threads serve again once free.
+    """
+    import threading
+    import time
+
+    from mailgate.errors import TemporaryFailure
+    from mailgate.store.database import WorkerThreads
+
+    reactor = _RecordedTimers()
+    workers = WorkerThreads(reactor, 1, "hostile-readers", maxWait=0.05)
+    workers.start()
+    gate = threading.Event()
+    ran = []
+    try:
+        stuck = workers.submit(lambda: gate.wait(DEADLINE))
+        queued = [workers.submit(ran.append, i) for i in range(3)]
+        [(delay, sweep, args)] = reactor.timers
+        assert delay == 0.05
+        time.sleep(0.1)
+        sweep(*args)
+        failures = [reactor.wait(d) for d in queued]
+        assert all(f.check(TemporaryFailure) for f in failures), failures
+        assert "database busy" in failures[0].getErrorMessage()
+        gate.set()
+        assert reactor.wait(stuck) is True
+        assert reactor.wait(workers.submit(lambda: "served")) == "served"
+        assert ran == []
+    finally:
+        gate.set()
+        workers.stop()

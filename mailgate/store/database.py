@@ -41,6 +41,9 @@ from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
 RETRIES = 3
+#: seconds a read may wait for a free reader thread (and its connection)
+#: before it fails as a temporary failure
+QUEUE_TIMEOUT = 30.0
 
 
 def _translate(engine, exc):
@@ -343,19 +346,25 @@ class WorkerThreads:
     connection (a PostgreSQL backend asleep, an SQLite page cache that
     others have moved on from); this way a few threads do the work while
     load is light, and the others join in as it grows.
+
+    @param maxWait: seconds a job may wait for a thread before it fails
+        with L{TemporaryFailure} without running (see L{_sweep}); C{None}
+        for no limit.
     """
 
-    def __init__(self, reactor, count, name):
+    def __init__(self, reactor, count, name, maxWait=None):
         self._reactor = reactor
         self._count = count
         self._name = name
+        self._maxWait = maxWait
         self._lock = threading.Lock()
         # Mailboxes of idle threads, the most recently idle last; jobs that
-        # found no idle thread.
+        # found no idle thread, each with the time it came.
         self._idle = []
         self._backlog = deque()
         self._mailboxes = []
         self._threads = []
+        self._sweepCall = None
 
     def start(self):
         self._stopping = False
@@ -382,11 +391,34 @@ class WorkerThreads:
         job = (function, args, d)
         with self._lock:
             if not self._idle:
-                self._backlog.append(job)
+                self._backlog.append((job, monotonic()))
+                if self._maxWait and self._sweepCall is None:
+                    self._sweepCall = self._reactor.callLater(self._maxWait, self._sweep)
                 return d
             mailbox = self._idle.pop()
         mailbox.put(job)
         return d
+
+    def _sweep(self):
+        """
+        Fail the jobs that waited L{maxWait} seconds for a thread (on the
+        reactor thread): when the database is stuck (a table locked by a
+        migration, a server that answers no more), clients are told
+        C{-ERR [SYS/TEMP]} or C{451} within that time, rather than each
+        waiting behind every job before it.
+        """
+        self._sweepCall = None
+        now = monotonic()
+        expired = []
+        with self._lock:
+            backlog = self._backlog
+            while backlog and now - backlog[0][1] >= self._maxWait:
+                expired.append(backlog.popleft()[0])
+            oldest = backlog[0][1] if backlog else None
+        if oldest is not None:
+            self._sweepCall = self._reactor.callLater(max(0.0, oldest + self._maxWait - now), self._sweep)
+        for _, _, d in expired:
+            d.errback(TemporaryFailure(f"database busy: no connection free within {self._maxWait:g} seconds"))
 
     def _work(self, mailbox):
         while True:
@@ -407,7 +439,7 @@ class WorkerThreads:
                 # after handing the result back.
                 with self._lock:
                     if self._backlog:
-                        following = self._backlog.popleft()
+                        following = self._backlog.popleft()[0]
                     else:
                         self._idle.append(mailbox)
                         following = None
@@ -427,6 +459,9 @@ class WorkerThreads:
 
     def stop(self, timeout=10):
         self._stopping = True
+        if self._sweepCall is not None and self._sweepCall.active():
+            self._sweepCall.cancel()
+        self._sweepCall = None
         for mailbox in self._mailboxes:
             mailbox.put(None)
         current = threading.current_thread()
@@ -465,7 +500,8 @@ class Database:
         # Without readers of its own (an in-memory SQLite database exists in
         # one connection only), reads run on the writer's connection.
         self._readers = (
-            WorkerThreads(reactor, readers, f"mailgate-db-{engine.name}-reader") if readers else self._writer
+            WorkerThreads(reactor, readers, f"mailgate-db-{engine.name}-reader", maxWait=QUEUE_TIMEOUT)
+            if readers else self._writer
         )
         self._local = threading.local()
         self._connections = []
