@@ -320,6 +320,39 @@ def test_aScannerOnThePop3sPortCostsALineAMinute(tmp_path, mailgate_server):
     assert len(lines) == len(reasons) <= 3, lines
 
 
+
+@sqliteOnly
+def test_aStrangerOnTheBalancersPortCostsALineAMinute(mailgate_server):
+    """
+    Something that is no balancer connecting again and again to a
+    haproxy: listener is closed unread each time, with one
+    session.proxy_refused line a minute per address and reason, not one
+    per connection.
+    """
+    server = mailgate_server("--pop3", "haproxy:tcp:0:interface=127.0.0.1", "--proxy-network", "192.0.2.0/24")
+    stranger = "127.0.3.63"
+    for _ in range(30):
+        sock = socket.create_connection(
+            ("127.0.0.1", server.portOf("POP3", 1)), timeout=DEADLINE, source_address=(stranger, 0)
+        )
+        with sock:
+            try:
+                sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 110\r\n")
+                assert sock.recv(100) == b""
+            except ConnectionResetError:
+                pass
+    # A last connection from elsewhere, whose line says the others were handled.
+    sock = socket.create_connection(("127.0.0.1", server.portOf("POP3", 1)), timeout=DEADLINE)
+    with sock:
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    waitFor(lambda: "PROXY header refused from 127.0.0.1:" in server.stdout, "the last refusal's line")
+    lines = [line for line in server.stdout.splitlines() if "PROXY header refused from 127.0.3.63:" in line]
+    assert len(lines) == 1, lines
+
+
 # -- 4. slow loris ---------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from mailgate.networks import parseNetwork, unmapped
 from mailgate.session.ids import describeAddress
+from mailgate.session.refusals import RefusalLog
 from mailgate.timers import cancelled
 
 V1_PREFIX = b"PROXY "
@@ -222,12 +223,19 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._drop("no PROXY header in time")
 
     def _drop(self, reason):
-        self.factory.log.info(
-            "PROXY header refused from {balancer}: {reason}",
-            balancer=describeAddress(self.transport.getPeer()),
-            reason=reason,
-            event="session.proxy_refused",
-        )
+        peer = self.transport.getPeer()
+        # Something that is no balancer hammering the port: a line a minute
+        # per address and reason (see RefusalLog).
+        skipped = self.factory.refusals.note(getattr(peer, "host", None), reason)
+        if skipped is not None:
+            self.factory.log.info(
+                "PROXY header refused from {balancer}: {reason}{more}",
+                balancer=describeAddress(peer),
+                reason=reason,
+                more=f" ({skipped} more since the last line)" if skipped else "",
+                unlogged=skipped,
+                event="session.proxy_refused",
+            )
         self._cancelTimeout()
         self.transport.abortConnection()
 
@@ -336,6 +344,8 @@ class ProxyHeaderFactory(WrappingFactory):
         super().__init__(wrappedFactory)
         self.clock = clock
         self.balancers = parseBalancers(balancers)
+        #: which refused connections are logged
+        self.refusals = RefusalLog(clock)
 
     def logPrefix(self):
         return f"{super().logPrefix()} (PROXY)"
