@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -209,6 +210,104 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     warnings = re.findall(r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*", log)
     assert len(warnings) == 1, log
     assert "EMFILE recovery" not in log and "Re-reserving" not in log, log[-3000:]
+
+
+
+#: A .tac running mailgate in a process whose descriptors are all taken
+#: (by /dev/null) once it serves, until SIGUSR2 gives them back; and
+#: without Twisted's reserved descriptor, as when another thread took it
+#: while the accept loop had freed it: accept(2) then fails, and Twisted
+#: leaves the connection waiting.
+_NO_DESCRIPTORS_TAC = """
+import os, signal
+from twisted.application import service
+from twisted.internet import reactor, tcp
+from mailgate.service import MailgateConfig, makeService
+
+tcp._reservedFD = tcp._NullFileDescriptorReservation()
+application = service.Application("mailgate")
+config = MailgateConfig(
+    database=os.environ["DATABASE"], pop3=["tcp:0:interface=127.0.0.1"], hostname="mailgate.test"
+)
+makeService(config).setServiceParent(application)
+taken = []
+
+def takeAll():
+    try:
+        while True:
+            taken.append(open(os.devnull))
+    except OSError:
+        print("descriptors all taken", flush=True)
+
+def giveBack():
+    while taken:
+        taken.pop().close()
+    print("descriptors given back", flush=True)
+
+signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(giveBack))
+reactor.callWhenRunning(reactor.callLater, 1.0, takeAll)
+"""
+
+
+class TacServer(ServerProcess):
+    """
+    C{twistd -n -y FILE.tac} under C{prlimit}.
+    """
+
+    def __init__(self, tac, files, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tac = tac
+        self.command = ("prlimit", f"--nofile={files}:{files}", TWISTD, "-n", "--pidfile=", "-y", str(tac))
+
+    @property
+    def argv(self):
+        return list(self.command)
+
+
+def cpuTicks(pid):
+    """
+    The user and system CPU time the process C{pid} has used, in clock
+    ticks.
+    """
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_aListenerThatCannotAcceptWaitsInsteadOfSpinning(tmp_path):
+    """
+    A process with no descriptor left (nor Twisted's reserve) cannot accept
+    a waiting connection: Twisted logs "Could not accept new connection"
+    and returns, the listening socket is still readable, and the reactor
+    looped at 100 % CPU writing that line each turn.  Now the listener
+    stops trying for a quarter of a second at a time, says so in one
+    warning, and serves the waiting client once descriptors are freed.
+    """
+    addAlice(tmp_path)
+    tac = tmp_path / "mailgate.tac"
+    tac.write_text(_NO_DESCRIPTORS_TAC)
+    server = TacServer(
+        tac, 256, databaseURL(tmp_path / "mail.sqlite3"), cwd=tmp_path,
+        env={"DATABASE": databaseURL(tmp_path / "mail.sqlite3")}, expect={"POP3": 1},
+    )
+    try:
+        server.start()
+        waitFor(lambda: "descriptors all taken" in server.stdout, "the descriptors to be taken")
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+        with sock:
+            waitFor(lambda: "cannot accept connections" in server.stdout, "the warning")
+            before = cpuTicks(server.process.pid)
+            time.sleep(1.0)
+            used = cpuTicks(server.process.pid) - before
+            ticks = os.sysconf("SC_CLK_TCK")
+            assert used < ticks / 2, f"{used} ticks of CPU in a second of waiting: spinning"
+            os.kill(server.process.pid, signal.SIGUSR2)
+            assert LineReader(sock).line().startswith(b"+OK")
+        log = server.stdout
+        assert len(re.findall("cannot accept connections", log)) == 1, log[-3000:]
+        assert "Could not accept new connection" not in log, log[-3000:]
+    finally:
+        server.stop()
 
 
 # -- 2. log flooding ---------------------------------------------------------------
