@@ -497,6 +497,36 @@ def test_aLineTrickledAnOctetAtATimeDoesNotKeepASession(mailgate_server, mailgat
     waitFor(lambda: "reason='idle timeout'" in server.stdout, "the logout line")
 
 
+
+@sqliteOnly
+def test_anSMTPClientThatOnlyKeepsItsConnectionBusyIsClosed(mailgate_server):
+    """
+    NOOP (or RSET, VRFY, HELP) every few minutes restarts the idle timer
+    for ever.  As with Postfix's smtpd_junk_command_limit, past 100 such
+    commands since the last delivered message, each counts as an error:
+    20 more, and the client is told 421 4.7.0 and disconnected.
+    """
+    server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE)
+    reader = LineReader(sock)
+    with sock:
+        assert reader.line().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not reader.line().startswith(b"250 "):
+            pass
+        replies = []
+        for _ in range(200):
+            try:
+                sock.sendall(b"NOOP\r\n")
+                replies.append(reader.line())
+            except (EOFError, OSError):
+                break
+            if replies[-1].startswith(b"421"):
+                break
+    assert replies.count(b"250 2.0.0 OK\r\n") == 120, replies[-3:]
+    assert replies[-1].startswith(b"421 4.7.0 ") and b"too many errors" in replies[-1], replies[-3:]
+
+
 def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
     """
     An HTTP request to the metrics port whose line and headers come an

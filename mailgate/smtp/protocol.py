@@ -119,6 +119,12 @@ class SMTPServer(CommandSession):
     @cvar maxMessageSize: octets of message content, advertised as SIZE.
     @cvar maxBadCommands: errors tolerated before the session is closed,
         counted since the session's start or its last delivered message.
+    @cvar maxJunkCommands: commands that deliver nothing (NOOP, RSET,
+        VRFY, HELP) tolerated since the session's start or its last
+        delivered message, beyond which each counts as an error, as
+        Postfix's C{smtpd_junk_command_limit}: a client that only keeps its
+        connection alive (a NOOP every few minutes resets the idle timer)
+        is closed after L{maxBadCommands} more.
     @cvar idleTimeout: seconds of silence before the session is closed
         (RFC 5321 section 4.5.3.2.7: at least five minutes).
     @cvar maxBufferedInput: octets of pipelined input held while a command
@@ -143,6 +149,7 @@ class SMTPServer(CommandSession):
     maxRecipients = 100
     maxMessageSize = 50 * 1024 * 1024
     maxBadCommands = 20
+    maxJunkCommands = 100
     idleTimeout = 300
     maxBufferedInput = 64 * 1024
     minDataRate = 500
@@ -158,6 +165,7 @@ class SMTPServer(CommandSession):
         self._esmtp = False
         self._envelope = None
         self._dataTimer = None
+        self._junkCommands = 0
 
     @property
     def hostname(self):
@@ -295,6 +303,19 @@ class SMTPServer(CommandSession):
         self.countBadCommand()
         return None
 
+    def _junk(self):
+        """
+        A command that delivers nothing was answered: past
+        L{maxJunkCommands}, it counts as an error.
+        """
+        self._junkCommands += 1
+        if self._junkCommands > self.maxJunkCommands:
+            self.countBadCommand()
+
+    def forgiveBadCommands(self):
+        super().forgiveBadCommands()
+        self._junkCommands = 0
+
     # -- session commands ------------------------------------------------
 
     def extensions(self):
@@ -340,12 +361,14 @@ class SMTPServer(CommandSession):
 
     def smtp_NOOP(self, argument):
         self._reply(250, "2.0.0", "OK")
+        self._junk()
 
     def smtp_RSET(self, argument):
         if argument.strip():
             return self._bad(501, "5.5.4", "RSET takes no arguments")
         self._envelope = None
         self._reply(250, "2.0.0", "OK")
+        self._junk()
 
     def smtp_QUIT(self, argument):
         self._reply(221, "2.0.0", f"{self.hostname} closing connection")
@@ -377,12 +400,14 @@ class SMTPServer(CommandSession):
             return self._bad(501, "5.5.4", "syntax: VRFY address")
         # Never confirm or deny that an address exists.
         self._reply(252, "2.5.0", "cannot VRFY user; send some mail and it will be delivered if possible")
+        self._junk()
 
     def smtp_EXPN(self, argument):
         return self._bad(502, "5.5.1", "EXPN is not supported")
 
     def smtp_HELP(self, argument):
         self._reply(214, "2.0.0", "mailgate: see RFC 5321 (SMTP) and RFC 2033 (LMTP)")
+        self._junk()
 
     # -- the mail transaction --------------------------------------------
 
