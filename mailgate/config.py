@@ -1005,7 +1005,9 @@ SETTINGS = (
     Setting(
         "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
         "Most connections (POP3, SMTP and LMTP together) served at once; more "
-        "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.",
+        "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.  "
+        "Lowered, with a warning at start, to fit the open file limit (ulimit "
+        "-n, LimitNOFILE) less 256 descriptors kept for the database and the log.",
     ),
     Setting(
         "max-connections-per-ip", "maxConnectionsPerAddress", Integer(),
