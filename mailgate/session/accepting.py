@@ -21,13 +21,13 @@ loop does one of two things:
 
 L{AcceptErrors} takes the listener's accept-loop log events instead: it
 counts each connection closed unanswered in
-C{mailgate_connections_refused_total{reason="no_descriptors"}}, writes
-one warning (C{listener.out_of_descriptors}) at the first and then at
-most one a minute, with the count since the last, and after a failed
-accept stops reading from the listening socket for a moment
-(L{ACCEPT_PAUSE}), as nginx does, so that the connections waiting wait
-in the kernel's backlog rather than turn the reactor.  Once connections
-close, the next connection is served as any other.
+C{mailgate_connections_refused_total{reason="no_descriptors"}}, writes a
+warning (C{listener.out_of_descriptors}) at the end of the first one's
+turn and then at most one a minute, with the counts since the last, and
+after a failed accept stops reading from the listening socket for a
+moment (L{ACCEPT_PAUSE}), as nginx does, so that the connections waiting
+wait in the kernel's backlog rather than turn the reactor.  Once
+connections close, the next connection is served as any other.
 
 It also bounds the connections accepted in one turn of the reactor
 (L{MAX_ACCEPTS_PER_TURN}), which the descriptors kept in reserve
@@ -86,7 +86,10 @@ class AcceptErrors:
         self._metrics = metrics
         self._forward = forward
         self._lastWarning = None
+        self._warning = None
+        self._error = None
         self._closedSinceWarning = 0
+        self._failedSinceWarning = 0
         self._resume = None
         self.closed = 0
         self.failedAccepts = 0
@@ -100,7 +103,7 @@ class AcceptErrors:
             self._closedSinceWarning += 1
             if self._metrics is not None:
                 self._metrics.connectionRefused(_metricsProtocol(self._name), "no descriptors")
-            self._warn(event.get("acceptError") or "EMFILE")
+            self._warn("EMFILE")
             return
         if text.startswith(_COULD_NOT_ACCEPT):
             error = event.get("acceptError") or "EMFILE"
@@ -108,28 +111,44 @@ class AcceptErrors:
                 # A client that gave up before it was accepted: not news.
                 return
             self.failedAccepts += 1
+            self._failedSinceWarning += 1
             self._warn(error)
             self._pause()
             return
         self._forward(event)
 
     def _warn(self, error):
-        now = self._reactor.seconds()
-        if self._lastWarning is not None and now - self._lastWarning < LOG_INTERVAL:
+        """
+        Have the warning written: at the end of this turn, once the accept
+        loop is done (so that it counts the whole burst), or, within a
+        minute of the last one, when that minute is over (so that the
+        connections closed meanwhile are still told).
+        """
+        self._error = error
+        if self._warning is not None:
             return
-        self._lastWarning = now
+        now = self._reactor.seconds()
+        delay = 0 if self._lastWarning is None else max(0, self._lastWarning + LOG_INTERVAL - now)
+        self._warning = self._reactor.callLater(delay, self._writeWarning)
+
+    def _writeWarning(self):
+        self._warning = None
+        self._lastWarning = self._reactor.seconds()
         closed, self._closedSinceWarning = self._closedSinceWarning, 0
+        failed, self._failedSinceWarning = self._failedSinceWarning, 0
+        error = self._error
         reason = "out of file descriptors" if error in ("EMFILE", "ENFILE") else "out of memory for sockets"
         self.log.emit(
             LogLevel.warn,
             "{protocol} on {where} cannot accept connections: {reason} ({error}); {closed} connection(s) "
-            "closed unanswered since the last warning (at most one a minute); raise the open file limit "
-            "(ulimit -n, systemd's LimitNOFILE) or lower max-connections",
+            "closed unanswered, {failed} accept(s) put off, since the last such line (at most one a "
+            "minute); raise the open file limit (ulimit -n, systemd's LimitNOFILE) or lower max-connections",
             protocol=self._name,
             where=self._where,
             reason=reason,
             error=error,
             closed=closed,
+            failed=failed,
             event="listener.out_of_descriptors",
         )
 
@@ -148,9 +167,13 @@ class AcceptErrors:
 
     def stop(self):
         """
-        The listener is closing: no more resuming it.
+        The listener is closing: no more resuming it; a warning still due
+        is written now.
         """
         self._resume = cancelled(self._resume)
+        if self._warning is not None:
+            self._warning = cancelled(self._warning)
+            self._writeWarning()
 
 
 def watchAcceptErrors(port, name, where, reactor, metrics=None):
