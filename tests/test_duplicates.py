@@ -135,6 +135,27 @@ def test_aWindowOfZeroStoresEveryCopy(store):
     assert maildrop(store) == uids and len(set(uids)) == 2
 
 
+def test_anAddressGivenToSomeoneElseAfterARenameGetsItsOwnCopy(store, databaseURL):
+    """
+    Alice renamed to Carol by the admin command (another process), and a
+    new Alice added: a message to both, on a server that still remembers
+    Alice's old user id, gives each her copy.  It gave Carol both, and
+    on PostgreSQL failed every time for her key written twice.
+    """
+    carol = "carol@example.org"
+    first = resultOf(store.deliver([ALICE], keyed(message(1))))[ALICE]
+    admin = memoryStore(databaseURL)
+    try:
+        resultOf(admin.renameUser(ALICE, carol))
+        addUser(admin, ALICE, "new alice")
+    finally:
+        admin.close()
+    both = resultOf(store.deliver([ALICE, carol], keyed(message(2))))
+    assert not any(isinstance(uid, AlreadyDelivered) for uid in both.values())
+    assert maildrop(store, ALICE) == [both[ALICE]]
+    assert maildrop(store, carol) == [first, both[carol]]
+
+
 def test_theRetentionTaskForgetsWhatIsPastEveryLiveNodesWindow(databaseURL):
     """
     Past the window, the deliveries kept to know a retry are removed by

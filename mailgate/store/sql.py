@@ -238,8 +238,19 @@ def _userIdsOf(cursor, addresses, userIds):
     """
     Address to user id for those of C{addresses} that are users, asking
     the database only for addresses not in the C{userIds} cache.
+
+    Two addresses the cache gives one id are asked again: one of them is
+    stale (the user was renamed, perhaps by another process, and her old
+    address given to someone else), and a message to both would give the
+    renamed user both copies (the new owner's too) and, for a message with
+    a delivery key, fail on PostgreSQL for one user's key written twice.
     """
     known = {a: userIds[a] for a in addresses if a in userIds}
+    if len(set(known.values())) < len(known):
+        owners = Counter(known.values())
+        for address in [a for a, userId in known.items() if owners[userId] > 1]:
+            del known[address]
+            userIds.pop(address, None)
     unknown = [a for a in addresses if a not in known]
     for batch in batches(unknown):
         cursor.execute(
