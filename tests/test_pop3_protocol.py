@@ -435,6 +435,21 @@ def test_onlyASCIISpacesAroundAMessageNumber(three):
     assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
 
 
+def test_topForgivesSpacesAsTheOtherCommandsDo(three):
+    """
+    TOP's two numbers may have more than one space around them, as LIST's
+    and RETR's number may (and as Dovecot allows): a client's
+    C{TOP 1  0} got -ERR while C{LIST  1} worked.  A tab is still no
+    separator.
+    """
+    top = "+OK top of message follows\r\nSubject: one\r\n\r\n.\r\n"
+    for command in ("TOP 1  0", "TOP  1 0", "TOP 1 0 ", "TOP   1   0   "):
+        assert three.command(command) == top, command
+    assert three.command("TOP 1\t0") == "-ERR expected: TOP message-number lines\r\n"
+    assert three.command("TOP 1 0 0") == "-ERR expected: TOP message-number lines\r\n"
+    assert three.command("TOP 1 \u00a00").startswith("-ERR invalid line count")
+
+
 def test_argumentsEchoedInRepliesAreASCII(store, three):
     """
     A refused argument is named in the reply with its non-ASCII characters

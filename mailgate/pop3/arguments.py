@@ -34,9 +34,13 @@ def lineCount(text):
 
 def arguments(argument, count, names):
     """
-    Exactly C{count} arguments separated by single spaces.
+    Exactly C{count} arguments separated by spaces.  Spaces before, between
+    and after them are forgiven, as around the message number of LIST or
+    RETR (and as Dovecot forgives them: C{TOP 1  2}); other white space
+    (a tab, a no-break space) stays in the argument, which then is not a
+    number.
     """
-    parts = argument.split()
-    if len(parts) != count or argument != " ".join(parts):
+    parts = [part for part in argument.split(" ") if part]
+    if len(parts) != count:
         raise CommandError(f"expected: {names}")
     return parts
