@@ -384,6 +384,23 @@ def test_authPlainMechanismNameIsCaseInsensitive(store, alice):
     assert s.command(f"AUTH plain {plain(ALICE, PASSWORD)}").startswith("+OK")
 
 
+def test_authPlainForgivesSpacesAroundItsArguments(store, alice):
+    """
+    Extra spaces around the mechanism and the initial response, which
+    Dovecot accepts (a client that worked with it logs in), as mailgate
+    forgives them around other commands' arguments; one inside the base64
+    is still refused.
+    """
+    response = plain(ALICE, PASSWORD)
+    for command in (f"AUTH PLAIN {response} ", f"AUTH PLAIN  {response}", f"AUTH  PLAIN {response}"):
+        s = POP3Session(store)
+        assert s.command(command) == f"+OK {ALICE} has 0 messages (0 octets)\r\n", command
+        s.command("QUIT")
+    s = POP3Session(store)
+    assert s.command(f"AUTH PLAIN {response[:8]} {response[8:]}") == "-ERR [AUTH] invalid base64 data\r\n"
+    assert s.command("AUTH PLAIN ") == "+ \r\n"
+
+
 def test_authPlainEmptyInitialResponse(store, alice):
     """
     C{=} is an initial response of zero length (RFC 5034), not an absent

@@ -164,7 +164,12 @@ class AuthorizationCommands:
             body = "".join(name + "\r\n" for name in names)
             self._out.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
             return None
-        name, _, initial = argument.partition(" ")
+        # Spaces around the mechanism and the initial response are
+        # forgiven, as around other commands' arguments (and as Dovecot
+        # forgives them): "AUTH PLAIN <response> " logs in.  A space inside
+        # the response is still not base64.
+        name, _, initial = argument.strip(" ").partition(" ")
+        initial = initial.strip(" ")
         name = name.upper()
         mechanism = sasl.create(name)
         if mechanism is None:
