@@ -795,6 +795,16 @@ SETTINGS = (
         "as SIZE.",
     ),
     Setting(
+        "spool-directory", "spoolDirectory", Text("DIRECTORY"), None,
+        "Directory where SMTP, LMTP and mailgate deliver keep a message "
+        "being received once it outgrows memory (over 1 MB, or the 64 MiB "
+        "all messages being received share), as Dovecot's mail_temp_dir: "
+        "its files are nameless and readable by the server's user only.  A "
+        "full one refuses such mail with 452 4.3.1.",
+        defaultText="the system's temporary directory ($TMPDIR, else /tmp)",
+        example="/var/lib/mailgate/spool",
+    ),
+    Setting(
         "min-data-rate", "minDataRate", Integer(metavar="OCTETS"), _SMTP.minDataRate,
         "Octets per second the data of an SMTP or LMTP message must average, "
         "beyond an allowance of the session's idle timeout (five minutes), as "

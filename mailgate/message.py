@@ -13,6 +13,7 @@ hold a thousand times the limit.
 """
 
 import hashlib
+import os
 import re
 import tempfile
 import threading
@@ -138,10 +139,16 @@ class MessageSpool:
 
     deliveryKey = None
 
-    def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT):
+    def __init__(self, memoryLimit=SPOOL_MEMORY_LIMIT, directory=None):
+        """
+        @param directory: where the temporary file goes (C{--spool-directory},
+            as Dovecot's C{mail_temp_dir}); C{None}: the system's temporary
+            directory.
+        """
         # Small messages (nearly all of them) stay in a list of pieces; the
         # first write past memoryLimit moves everything to a temporary file.
         self._memoryLimit = memoryLimit
+        self._directory = directory
         self._pieces = []
         self._file = None
         # What this spool holds of the process's budget.
@@ -158,7 +165,7 @@ class MessageSpool:
             return
         self._pieces.append(data)
         if self.size + len(data) > self._memoryLimit or not _budget.take(len(data)):
-            self._file = tempfile.TemporaryFile()
+            self._file = tempfile.TemporaryFile(dir=self._directory)
             for piece in self._pieces:
                 self._file.write(piece)
             self._pieces = None
@@ -374,7 +381,7 @@ def spoolBytes(data):
     return spool.finish()
 
 
-def spoolFile(fileObject, blockSize=1 << 16, headerLines=(), sender=None):
+def spoolFile(fileObject, blockSize=1 << 16, headerLines=(), sender=None, directory=None):
     """
     A finished L{MessageSpool} holding what C{fileObject} yields until EOF.
 
@@ -382,8 +389,9 @@ def spoolFile(fileObject, blockSize=1 << 16, headerLines=(), sender=None):
         trace fields.
     @param sender: the envelope sender, for the spool's C{deliveryKey} (of
         the octets read, not of C{headerLines}); C{None}: no key.
+    @param directory: see L{MessageSpool}.
     """
-    spool = MessageSpool()
+    spool = MessageSpool(directory=directory)
     spool.writeLines(headerLines)
     keyed = None if sender is None else DeliveryKey("local", sender)
     while True:
@@ -396,3 +404,18 @@ def spoolFile(fileObject, blockSize=1 << 16, headerLines=(), sender=None):
     if keyed is not None:
         spool.deliveryKey = keyed.key()
     return spool.finish()
+
+
+def checkSpoolDirectory(path):
+    """
+    Check that messages can be spooled in the directory at C{path}, by
+    making (and at once removing) a temporary file there, as a spool
+    will: at start, so that a mistyped or unwritable C{--spool-directory}
+    stops start-up rather than refuse every large message with 452.
+
+    @raise OSError: it cannot be used.
+    """
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is not a directory")
+    with tempfile.TemporaryFile(dir=path):
+        pass

@@ -31,6 +31,7 @@ from mailgate.config import SETTINGS, networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
+from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, metricsSite
 from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
@@ -704,6 +705,7 @@ def makeSMTPFactory(
     The SMTP (or LMTP) factory for C{store}, with the limits from C{config}.
     """
     factoryClass = LMTPFactory if lmtp else SMTPFactory
+    spoolDirectory = checkedSpoolDirectory(config)
     factory = factoryClass(
         LocalDelivery(
             store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster,
@@ -718,9 +720,28 @@ def makeSMTPFactory(
         metrics=metrics,
         tracker=tracker,
         policy=policy,
+        spoolDirectory=spoolDirectory,
     )
     factory.trace = traceSelection(config)
     return factory
+
+
+def checkedSpoolDirectory(config):
+    """
+    C{config.spoolDirectory}, once a message could be spooled there
+    (L{mailgate.message.checkSpoolDirectory}), or C{None} if unset.
+
+    @raise ConfigurationError: it does not exist, is not a directory, or
+        the server's user may not make files in it.
+    """
+    if config.spoolDirectory is None:
+        return None
+    try:
+        checkSpoolDirectory(config.spoolDirectory)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigurationError(f"spool-directory: cannot spool messages in {config.spoolDirectory}: {reason}") from None
+    return config.spoolDirectory
 
 
 def makeTLS(config):

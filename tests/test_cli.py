@@ -1098,6 +1098,8 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     assert refused.code == 78 and str(certificate) in refused.err and refused.out == ""
     refused = check(tls + "cpu-affinity = \"4096\"\n")
     assert refused.code == 78 and refused.err.startswith("mailgate: cpu-affinity: ")
+    refused = check(tls + f'spool-directory = "{tmp_path / "missing"}"\n')
+    assert refused.code == 78 and refused.err.startswith("mailgate: spool-directory: cannot spool messages in ")
     # What the server warns of at start: a key and a file holding the
     # database's password that every user may read.
     key.chmod(0o644)

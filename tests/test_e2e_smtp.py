@@ -35,7 +35,9 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     databaseURL,
     mailgate_cli,
     mailgate_server,
+    runCommand,
     retrieve,
+    sqliteOnly,
     waitFor,
 )
 
@@ -810,3 +812,55 @@ def test_smtpAndPop3DoNotBlockEachOther(mailgate_server, mailgate_cli):
     assert stored[0] == waiting
     assertDelivered(stored[1], held + b"dle of a line\r\n", SENDER, recipient=ALICE)
     assertDelivered(stored[2], meanwhile, SENDER, recipient=ALICE)
+
+
+@sqliteOnly
+def test_largeMessagesAreSpooledInTheSpoolDirectory(mailgate_server, mailgate_cli, tmp_path):
+    """
+    --spool-directory (Dovecot's mail_temp_dir): a message that outgrows
+    memory while it arrives is spooled there, in a file with no name that
+    the server's descriptor still holds, and is delivered whole; a
+    directory that cannot be used stops start-up with its reason, exit 78.
+    """
+    import os
+
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    server = mailgate_server(*SMTP_OPTIONS, "--spool-directory", str(spool))
+    body = b"".join(b"line %07d of a large message\r\n" % n for n in range(80_000))  # 2.6 MB
+    message = headers("large") + b"\r\n" + body
+
+    def spooledThere():
+        for fd in os.listdir(f"/proc/{server.process.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{server.process.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(f"{spool}/") and target.endswith("(deleted)"):
+                return target
+        return None
+
+    with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE) as raw:
+        replies = raw.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        raw.sendall(f"HELO {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+        assert [replies.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        raw.sendall(message)
+        # The data is in, its end not yet: the spool holds it, there.
+        waitFor(spooledThere, "a spool file in the spool directory")
+        assert os.listdir(spool) == []
+        raw.sendall(b".\r\n")
+        assert replies.readline().startswith(b"250 ")
+    [stored] = fetchAll(server, ALICE)
+    assert stored.endswith(body)
+    assert spooledThere() is None
+
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "other.sqlite3"),
+         *SMTP_OPTIONS, "--spool-directory", str(tmp_path / "missing")],
+        cwd=tmp_path,
+    )
+    assert code == 78, err
+    assert f"mailgate: spool-directory: cannot spool messages in {tmp_path / 'missing'}: " in err
+    assert "Traceback" not in err

@@ -574,6 +574,7 @@ def _checkServed(served, args, out):
     config.checkConfig(served)
     tls = service.makeTLS(served)
     service.makeAffinity(served)
+    service.checkedSpoolDirectory(served)
     warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings]
     if args.config is not None:
         warnings.append(tap.configFileWarning(args.config))
@@ -675,6 +676,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 args.recipientDelimiter = values.get("recipient-delimiter")
                 # The name the server's Received: fields give (deliver's too).
                 args.hostname = values.get("hostname")
+                args.spoolDirectory = values.get("spool-directory")
         args.run(store, args, stdout, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         stdout.flush()

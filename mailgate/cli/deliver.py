@@ -71,7 +71,10 @@ def _deliver(store, args, out, stdin):
     # Keyed by what the MTA handed over: its retry of a delivery whose
     # outcome it did not learn (this command killed after the commit, say)
     # is recognised and not stored twice.
-    source = spoolFile(getattr(stdin, "buffer", stdin), headerLines=trace, sender=sender or "")
+    source = spoolFile(
+        getattr(stdin, "buffer", stdin), headerLines=trace, sender=sender or "",
+        directory=getattr(args, "spoolDirectory", None),
+    )
     try:
         # All or nothing, here too: a recipient vanished or over quota
         # since the check above stores nothing for anyone.

@@ -29,6 +29,8 @@ class SMTPFactory(SessionFactory):
     @param metrics: the L{mailgate.metrics.Metrics} to count with.
     @param tracker: the L{mailgate.session.SessionTracker} of the server,
         for a graceful shutdown.
+    @param spoolDirectory: where messages being received are spooled once
+        they outgrow memory; C{None}: the system's temporary directory.
     """
 
     protocol = SMTPServer
@@ -47,9 +49,11 @@ class SMTPFactory(SessionFactory):
         policy=None,
         metrics=None,
         tracker=None,
+        spoolDirectory=None,
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.delivery = delivery
+        self.spoolDirectory = spoolDirectory
         self.hostname = hostname or machineName()
         self.maxMessageSize = maxMessageSize
         self.maxRecipients = maxRecipients

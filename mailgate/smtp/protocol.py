@@ -637,7 +637,7 @@ class SMTPServer(CommandSession):
         self.close()
 
     def _startData(self, envelope):
-        spool = MessageSpool()
+        spool = MessageSpool(directory=getattr(self.factory, "spoolDirectory", None))
         spool.writeLines(traceHeaders(envelope, self.hostname))
         # The content is hashed as it is stored, for its delivery key:
         # the same octets from the same sender again are a retry.
