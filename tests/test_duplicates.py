@@ -225,6 +225,45 @@ def test_theSameMessageTwiceInOneGroupCommitIsStoredOnce(databaseURL):
         check.close()
 
 
+def test_aGroupCommitLooksUpEachDeliveryOnce(tmp_path):
+    """
+    The deliveries of a group commit are looked up at a cost that grows
+    with their number, not its square: the look-up asked for every
+    recipient with every message's key, n^2 probes for n messages to n
+    users (in SQLite's own count of the steps it ran), which under load
+    made each delivery's look-up cost more than the delivery itself.
+    """
+    import time
+
+    from mailgate.store.sql import _alreadyDelivered
+
+    store = memoryStore(f"sqlite:///{tmp_path / 'mail.sqlite3'}")
+    try:
+        users = [f"user{n}@example.org" for n in range(120)]
+        for n, address in enumerate(users):
+            addUser(store, address, "pw")
+            resultOf(store.deliver([address], keyed(message(n))))
+        connection = store.database.connection
+
+        def steps(count):
+            now = int(time.time())
+            together = [([users[n]], keyed(message(n)), now, True) for n in range(count)]
+            counted = []
+            connection.set_progress_handler(lambda: counted.append(1), 100)
+            try:
+                found = store.database.run(_alreadyDelivered, together, {}, 3600)
+            finally:
+                connection.set_progress_handler(None, 0)
+            # Each one is a retry, found.
+            assert sorted(found) == list(range(count))
+            return len(counted)
+
+        small, large = steps(30), steps(120)
+        assert large < 6 * small, (small, large)
+    finally:
+        store.close()
+
+
 # -- SMTP and LMTP sessions ---------------------------------------------------------
 
 
