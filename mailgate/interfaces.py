@@ -882,6 +882,14 @@ class IConnectionPolicy(Interface):
         Record a successful authentication.
         """
 
+    def underStress():
+        """
+        Whether the server is near its limit on connections in all (as
+        Postfix's stress mode): the sessions of clients that have not
+        logged in are then closed after a few seconds of idleness rather
+        than minutes, so that idle connections cannot keep the rest out.
+        """
+
 
 class IPolicyStore(Interface):
     """

@@ -536,6 +536,43 @@ def test_anSMTPClientThatOnlyKeepsItsConnectionBusyIsClosed(mailgate_server):
     assert replies[-1].startswith(b"421 4.7.0 ") and b"too many errors" in replies[-1], replies[-3:]
 
 
+
+@sqliteOnly
+def test_nearTheConnectionLimitIdleClientsThatHaveNotLoggedInAreClosedSoon(mailgate_server, mailgate_cli):
+    """
+    As Postfix's stress mode: with 8 of at most 10 connections open, the
+    sessions of clients that have not logged in (every SMTP session) are
+    closed after 10 seconds of idleness instead of 5 minutes, those
+    already open included, until fewer than 7 are left: idle connections
+    cannot keep everyone else out.  A logged-in POP3 user keeps its
+    session; the stress and its end are logged.
+    """
+    server = mailgate_server("--smtp", "tcp:0:interface=127.0.0.1", "--max-connections", "10")
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    user = popLogin(server, ALICE, PASSWORD)
+    idle = []
+    try:
+        for _ in range(7):
+            sock = socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE)
+            idle.append((sock, LineReader(sock)))
+            assert idle[-1][1].line().startswith(b"220 ")
+        waitFor(lambda: "idle timeouts as usual again" in server.stdout, "idle clients closed, the stress over")
+        closed = []
+        for sock, reader in idle:
+            if select.select([sock], [], [], 0)[0]:
+                assert reader.line().startswith(b"421 4.4.2 ")
+                closed.append(sock)
+        # Closed until fewer than 7 connections were left (the rest keep
+        # the usual timeout, the server being no longer under stress).
+        assert 2 <= len(closed) <= 7, len(closed)
+        assert user.noop().startswith(b"+OK")
+        user.quit()
+    finally:
+        for sock, _ in idle:
+            sock.close()
+    assert re.search(r"8 connections of at most 10: clients that have not logged in are closed", server.stdout)
+
+
 def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
     """
     An HTTP request to the metrics port whose line and headers come an

@@ -30,7 +30,7 @@ from mailgate.metrics import Metrics
 from mailgate.policy.addresses import ExemptNetworks, clientIP, clientKey
 from mailgate.policy.bans import BanList
 from mailgate.policy.failures import FailureLog
-from mailgate.policy.limits import ConnectionLimits
+from mailgate.policy.limits import STRESS_UNTIL, ConnectionLimits
 from mailgate.policy.penalty import AuthPenalty
 from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
 from mailgate.policy.repeats import RepeatedCredentials
@@ -114,12 +114,33 @@ class ConnectionPolicy:
         exempt = clientIP(address) in self.exempt
         if key is not None and not exempt and self.bans.isBanned(key):
             return BANNED
+        stressed = self.limits.stressed
         if not self.limits.open(key, perAddress=not exempt):
             return TOO_MANY
+        if self.limits.stressed and not stressed:
+            self.log.warn(
+                "{total} connections of at most {limit}: clients that have not logged in are "
+                "closed after a few seconds of idleness until fewer than {until} remain (stress)",
+                total=self.limits.total,
+                limit=self.limits.maxConnections,
+                until=int(self.limits.maxConnections * STRESS_UNTIL),
+                event="limits.stress",
+            )
         return None
 
     def connectionClosed(self, protocol, address):
+        stressed = self.limits.stressed
         self.limits.close(clientKey(address))
+        if stressed and not self.limits.stressed:
+            self.log.info(
+                "{total} connections of at most {limit}: idle timeouts as usual again",
+                total=self.limits.total,
+                limit=self.limits.maxConnections,
+                event="limits.stress_over",
+            )
+
+    def underStress(self):
+        return self.limits.stressed
 
     def isBanned(self, address):
         key = self._key(address)

@@ -9,13 +9,23 @@ C{LimitConnectionsByPeer} (it counts the balancer's address) is not used.
 Only this process's connections are counted: every node has its own limits.
 """
 
+#: the share of the limit on connections in all from which the server is
+#: under stress (see IConnectionPolicy.underStress), and the share below
+#: which it is no more (apart, so that it does not flap at the edge)
+STRESS_FROM = 0.8
+STRESS_UNTIL = 0.7
+
 
 class ConnectionLimits:
     """
     @param maxConnections: connections in all; 0 for no limit.
     @param maxPerAddress: connections per client address; 0 for no limit.
     @ivar total: the connections open now.
+    @ivar stressed: whether the connections in all came to L{STRESS_FROM}
+        of the limit, and have not fallen below L{STRESS_UNTIL} of it since.
     """
+
+    stressed = False
 
     def __init__(self, maxConnections, maxPerAddress):
         self.maxConnections = maxConnections
@@ -41,6 +51,8 @@ class ConnectionLimits:
                 return False
             self._perAddress[key] = count + 1
         self.total += 1
+        if self.maxConnections and not self.stressed and self.total >= self.maxConnections * STRESS_FROM:
+            self.stressed = True
         return True
 
     def close(self, key):
@@ -49,6 +61,8 @@ class ConnectionLimits:
         """
         if self.total > 0:
             self.total -= 1
+        if self.stressed and self.total < self.maxConnections * STRESS_UNTIL:
+            self.stressed = False
         if key is not None:
             count = self._perAddress.get(key, 0)
             if count <= 1:

@@ -100,6 +100,12 @@ class CommandSession(Protocol):
     @cvar maxBadCommands: refused commands tolerated before the session is
         closed.
     @cvar idleTimeout: seconds of silence before the session is closed.
+    @cvar stressIdleTimeout: seconds of silence before a session that has
+        not logged in (any SMTP or LMTP session) is closed while the server
+        is near its connection limit
+        (L{mailgate.interfaces.IConnectionPolicy.underStress}), as
+        Postfix's C{smtpd_timeout} under stress: idle connections, each a
+        slot, cannot keep the others out.
     @cvar refuseLongLineAtOnce: answer an over-long line as soon as it is
         seen (SMTP), rather than when it ends (POP3).
     @cvar invalidCharacters: the refusal text for control characters.
@@ -126,6 +132,7 @@ class CommandSession(Protocol):
     maxHeldOutput = 64 * 1024
     maxBadCommands = 20
     idleTimeout = 300
+    stressIdleTimeout = 10
     refuseLongLineAtOnce = False
     invalidCharacters = "invalid characters in command"
     invalidUTF8 = "command is not valid UTF-8"
@@ -305,7 +312,7 @@ class CommandSession(Protocol):
         self._admitted = True
         factory.metrics.connectionOpened(self.protocolName)
         setNoDelay(self.transport)
-        self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn)
+        self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn, self._stressLimit)
         self._registerProducer()
         trace = factory.trace
         if trace and trace.peer(self.peer):
@@ -313,6 +320,7 @@ class CommandSession(Protocol):
         self._run(self.greet)
         self._idle.start()
         factory.tracker.add(self)
+        self._noteStress(factory)
 
     def _refuse(self, reason):
         factory = self.factory
@@ -431,6 +439,32 @@ class CommandSession(Protocol):
         self.log.failure("{line}", failure, line=text, event=event, **self.logContext(**fields))
 
     # -- the idle timer ------------------------------------------------------
+
+    def _noteStress(self, factory):
+        """
+        When this connection brought the server under stress, hold the
+        sessions already open to the shorter timeout at once, not only
+        when their timers come due (minutes from now).
+        """
+        underStress = getattr(factory.policy, "underStress", None)
+        stressed = underStress is not None and underStress()
+        tracker = factory.tracker
+        if stressed and not tracker.stressed:
+            for session in list(tracker):
+                if session is not self and session._idle is not None:
+                    session._idle.recheck()
+        tracker.stressed = stressed
+
+    def _stressLimit(self):
+        """
+        The idle timeout that applies for now, if shorter than
+        L{idleTimeout}: L{stressIdleTimeout} under stress, for a session
+        that has not logged in.
+        """
+        if self.user is not None:
+            return None
+        underStress = getattr(self.factory.policy, "underStress", None)
+        return self.stressIdleTimeout if underStress is not None and underStress() else None
 
     def _waitedOn(self):
         # A command the client waits for (a slow store) is not idleness; a

@@ -40,6 +40,9 @@ class OpenPolicy:
     def authenticationSucceeded(self, address, login):
         pass
 
+    def underStress(self):
+        return False
+
 
 class SessionFactory(ServerFactory):
     """

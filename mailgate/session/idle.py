@@ -17,23 +17,44 @@ class IdleTimer:
     @param expired: called once the session has been idle for C{timeout}.
     @param busy: returns whether the session is working on something the
         client is waiting for (then it is not idle, whatever the time).
+    @param shortened: returns a shorter timeout that applies for now (the
+        server under stress), or C{None}; asked at each check, so a session
+        whose check was due in minutes is held to it from that check on.
     """
 
-    def __init__(self, clock, timeout, expired, busy):
+    def __init__(self, clock, timeout, expired, busy, shortened=None):
         self._clock = clock
         self.timeout = timeout
         self._expired = expired
         self._busy = busy
+        self._shortened = shortened
         self._call = None
         self.lastActivity = 0
+
+    def _limit(self):
+        if self._shortened is not None:
+            shorter = self._shortened()
+            if shorter is not None and (not self.timeout or shorter < self.timeout):
+                return shorter
+        return self.timeout
 
     def activity(self):
         self.lastActivity = self._clock.seconds()
 
     def start(self):
         self.activity()
-        if self.timeout and self._call is None:
-            self._call = self._clock.callLater(self.timeout, self._check)
+        limit = self._limit()
+        if limit and self._call is None:
+            self._call = self._clock.callLater(limit, self._check)
+
+    def recheck(self):
+        """
+        Check again now what the timer would check when due: the timeout
+        that applies may have shortened since it was set.
+        """
+        if self._call is not None:
+            self._call = cancelled(self._call)
+            self._check()
 
     def cancel(self):
         self._call = cancelled(self._call)
@@ -41,8 +62,9 @@ class IdleTimer:
     def _check(self):
         self._call = None
         idle = self._clock.seconds() - self.lastActivity
-        if idle < self.timeout or self._busy():
-            delay = self.timeout - idle if idle < self.timeout else self.timeout
+        limit = self._limit()
+        if idle < limit or self._busy():
+            delay = limit - idle if idle < limit else limit
             self._call = self._clock.callLater(delay, self._check)
             return
         self._expired()

@@ -40,6 +40,9 @@ class SessionTracker:
         self._calls = []
         self.stopping = False
         self.ended = 0
+        #: whether the server was under stress at the last connection
+        #: (see CommandSession._noteStress)
+        self.stressed = False
 
     def __len__(self):
         return len(self._sessions)
