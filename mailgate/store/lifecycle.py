@@ -48,6 +48,7 @@ from mailgate.store.rows import (
     MAILDROP_COLUMNS,
     batches,
     bodyPieces,
+    deliveryKeyConditions,
     dotLineColumns,
     formatUniqueId,
     insertRows,
@@ -415,10 +416,11 @@ def _forgetDeliveries(cursor, now, window, aliveSince, exceptNode, limit):
         (now - window, limit),
     )
     removed = 0
-    for userId, key in cursor.fetchall():
+    # A statement per hundred rows, not per row; one refreshed meanwhile
+    # by a retry's delivery on another node stays.
+    for condition, values in deliveryKeyConditions((userId, bytes(key)) for userId, key in cursor.fetchall()):
         cursor.execute(
-            "DELETE FROM recent_deliveries WHERE user_id = ? AND delivery_key = ? AND delivered_at < ?",
-            (userId, key, now - window),
+            f"DELETE FROM recent_deliveries WHERE ({condition}) AND delivered_at < ?", (*values, now - window)
         )
         removed += cursor.rowcount
     return removed

@@ -127,6 +127,30 @@ def bodyPieces(source):
 ROWS_PER_INSERT = 100
 
 
+def deliveryKeyConditions(pairs, size=ROWS_PER_INSERT):
+    """
+    WHERE conditions on C{recent_deliveries} naming the C{(user id, delivery
+    key)} C{pairs}, at most C{size} keys each: each user with her keys,
+    OR-ed, which SQLite and PostgreSQL run as one probe of the primary key
+    per pair.  (C{user_id IN (...) AND delivery_key IN (...)} made both
+    probe every user with every key: n^2 for n messages to n users.)
+
+    @return: C{(condition, values)} per statement.
+    """
+    byUser = {}
+    for userId, key in sorted(pairs):
+        byUser.setdefault(userId, []).append(key)
+    part, count = [], 0
+    pieces = [(userId, piece) for userId, keys in byUser.items() for piece in batches(keys, size)]
+    for n, (userId, keys) in enumerate(pieces):
+        part.append((userId, keys))
+        count += len(keys)
+        if n + 1 == len(pieces) or count + len(pieces[n + 1][1]) > size:
+            condition = " OR ".join(f"(user_id = ? AND delivery_key IN ({placeholders(len(k))}))" for _, k in part)
+            yield condition, [value for u, k in part for value in (u, *k)]
+            part, count = [], 0
+
+
 def insertRows(cursor, table, columns, rows):
     """
     Insert C{rows} with as few statements as possible: each statement is one

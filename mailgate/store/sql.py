@@ -31,6 +31,7 @@ from mailgate.store.rows import (
     DELIVERED_COLUMNS,
     ROWS_PER_INSERT,
     batches,
+    deliveryKeyConditions,
     bodyPieces,
     dotLineColumns,
     formatUniqueId,
@@ -435,14 +436,9 @@ def _alreadyDelivered(cursor, messages, userIds, window):
     # key per delivery.  (Users IN (...) AND keys IN (...) made the engines
     # probe every user with every key: a group commit of n messages to n
     # users cost n^2 probes.)
-    byUser = {}
-    for userId, key in sorted(wanted):
-        byUser.setdefault(userId, []).append(key)
-    for part in _pairBatches(list(byUser.items())):
+    for condition, values in deliveryKeyConditions(wanted):
         cursor.execute(
-            "SELECT user_id, delivery_key, uidl, delivered_at FROM recent_deliveries WHERE "
-            + " OR ".join(f"(user_id = ? AND delivery_key IN ({placeholders(len(keys))}))" for _, keys in part),
-            [value for userId, keys in part for value in (userId, *keys)],
+            f"SELECT user_id, delivery_key, uidl, delivered_at FROM recent_deliveries WHERE {condition}", values
         )
         for userId, key, uidl, deliveredAt in cursor.fetchall():
             pair = (userId, bytes(key))
@@ -450,22 +446,6 @@ def _alreadyDelivered(cursor, messages, userIds, window):
                 i, address, _ = wanted[pair]
                 found.setdefault(i, {})[address] = AlreadyDelivered(uidl)
     return found
-
-
-def _pairBatches(byUser, size=ROWS_PER_INSERT):
-    """
-    C{(user id, keys)} in statements of at most C{size} keys each.
-    """
-    part, count = [], 0
-    pieces = ((userId, piece) for userId, keys in byUser for piece in batches(keys, size))
-    for userId, keys in pieces:
-        if part and count + len(keys) > size:
-            yield part
-            part, count = [], 0
-        part.append((userId, keys))
-        count += len(keys)
-    if part:
-        yield part
 
 
 def _rememberDeliveries(cursor, rows):
