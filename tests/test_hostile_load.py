@@ -215,9 +215,10 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     log = server.stdout
     warnings = re.findall(r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*", log)
     assert len(warnings) == 1, log
-    # Written once the burst was over: it counts what the burst closed.
+    # Written at the end of the burst's first turn: it counts what that
+    # turn closed (or, if Twisted's reserve was taken, put off).
     closed = int(re.search(r"\(EMFILE\); (\d+) connection\(s\) closed unanswered", warnings[0]).group(1))
-    assert 0 < closed <= unanswered, warnings
+    assert closed <= unanswered, warnings
     assert "EMFILE recovery" not in log and "Re-reserving" not in log, log[-3000:]
 
 
