@@ -2,7 +2,8 @@
 POP3 as a client sees it, mailgate against Dovecot: a differential test.
 
 One maildrop (awkward messages: empty, no final line end, dot lines, 8-bit,
-a long folded header, no header/body separator, bare LF and CR) is served
+a long folded header, no header/body separator, bare LF and CR, a body and
+a header past mailgate's 128 KiB chunks) is served
 by a private Debian Dovecot (tests/dovecotserver.py; the messages dropped
 into its maildir as files, so that it adds no header field) and by a real
 C{twistd mailgate} (the same octets delivered to its SQLite database).  The
@@ -15,6 +16,12 @@ connection closed), the RESP-CODE where both give one, sizes, the lines of
 LIST and the message numbers of UIDL (the ids themselves differ by design),
 and RETR and TOP octet for octet.  The human-readable text after the status
 is not compared: RFC 1939 leaves it to the server.
+
+Dovecot runs with its defaults for what a client sees: no
+pop3_client_workarounds (with C{oe-ns-eoh} it would add the blank line a
+header without body separator lacks, which RFC 1939 does not ask for:
+messages are sent as stored), pop3_lock_session = no, no TLS (STLS is
+refused by both).
 
 A difference is allowed only if L{DIFFERENCES} explains it: each entry says
 why mailgate differs on purpose, or which Dovecot behaviour RFC 1939, 2449
@@ -58,6 +65,14 @@ MESSAGES = (
     b"Subject: no separator\r\nFrom: a@example.net\r\n",
     b"Subject: bare\r\n\r\nbare LF\nhere\r\nbare CR\rthere\r\nCR CR LF\r\r\n",
     b"Subject: LF file\n\nline one\n.dot\nline three\n",
+    # Past mailgate's 128 KiB chunks: lines (dot lines among them) cross
+    # the chunk boundaries, for TOP's line counting and RETR's stuffing.
+    b"Subject: big\r\n\r\n" + b"".join(
+        (b"." if n % 7 == 0 else b"") + b"line %05d " % n + b"z" * (n % 97) + b"\r\n" for n in range(4000)
+    ),
+    # A header past a chunk: TOP n 0 ends it at its blank line.
+    b"".join(b"X-Field-%05d: " % n + b"h" * 60 + b"\r\n" for n in range(3000))
+    + b"\r\n.body line\r\nsecond\r\n",
 )
 COUNT = len(MESSAGES)
 
@@ -200,9 +215,9 @@ def sizeFix(n):
 def view(command, reply, deleted, side):
     """
     What a client acts on in C{reply}: its status, and for some commands
-    the numbers or octets it carries.  Dovecot's sizes are corrected
-    by L{sizeFix} only where the C{"sizes"} entry of L{DIFFERENCES} is being
-    checked (C{side == "dovecot-fixed"}).
+    the numbers or octets it carries.  C{side}: C{"mailgate"},
+    C{"dovecot"}, or C{"dovecot-fixed"}: Dovecot's sizes corrected by
+    L{sizeFix}, for the entry of L{DIFFERENCES} about them.
     """
     fix = side == "dovecot-fixed"
     if reply.status != "+OK":
@@ -271,6 +286,7 @@ class Exchange:
         the command).
     @ivar previous: Dovecot's reply to the command before, if any.
     @ivar previousCommand: that command.
+    @ivar previousMailgate: mailgate's reply to it.
     """
 
     command = attr.ib()
@@ -280,6 +296,7 @@ class Exchange:
     deleted = attr.ib()
     previous = attr.ib(default=None)
     previousCommand = attr.ib(default=None)
+    previousMailgate = attr.ib(default=None)
 
     def views(self, dovecotSide="dovecot"):
         return (
@@ -386,12 +403,34 @@ def _spacesAroundUser(ex):
     )
 
 
+def _badCommandsAfterLogin(ex):
+    return ex.state == "TRANSACTION" and ex.mailgate.status == "closed" and b"Too many bad commands" in ex.dovecot.line
+
+
+def _failedLogins(ex):
+    said = b"-ERR too many failed logins"
+    return ex.state == "AUTHORIZATION" and (
+        ex.mailgate.line.startswith(said)
+        or ex.mailgate.status == "closed" and ex.previousMailgate is not None
+        and ex.previousMailgate.line.startswith(said)
+    )
+
+
+def _notUTF8(ex):
+    try:
+        ex.command.decode("utf-8")
+    except UnicodeDecodeError:
+        return ex.mailgate.status == "-ERR"
+    return False
+
+
 def _badCommandsBeforeLogin(ex):
-    return (
-        ex.state == "AUTHORIZATION"
-        and ex.dovecot.status == "closed"
-        and ex.previous is not None
-        and b"Too many invalid" in ex.previous.line
+    # Dovecot's closing line comes instead of the fourth command's reply,
+    # whatever that command was.
+    said = b"-ERR Too many invalid bad commands"
+    return ex.state == "AUTHORIZATION" and (
+        ex.dovecot.line.startswith(said)
+        or ex.dovecot.status == "closed" and ex.previous is not None and ex.previous.line.startswith(said)
     )
 
 
@@ -485,11 +524,27 @@ DIFFERENCES = (
     # cuts the line at the NUL and runs what comes before ("NOOP\\0" is
     # NOOP); mailgate refuses the line.
     Difference("NUL in a command line", _nul),
-    # Dovecot's login process closes the connection after three bad
-    # commands before login; mailgate answers -ERR to up to 20 in a row
-    # (a +OK starts the count again), as Dovecot's post-login process does.
-    # No RFC sets a number; mailgate's login timeout bounds the session.
+    # Dovecot's login process closes the connection at the fourth bad
+    # command before login (its -ERR replacing that command's reply);
+    # mailgate closes at the 20th in a row (a +OK starts the count again),
+    # before login as after it.  No RFC sets a number; mailgate's login
+    # timeout bounds a session that never logs in.
     Difference("bad commands before login", _badCommandsBeforeLogin, diverges=True),
+    # After login both close the session for bad commands in a row, each
+    # saying so in one more -ERR line after the last command's own:
+    # Dovecot after the 21st, mailgate after the 20th (the figure its
+    # README gives).  No RFC sets a number.
+    Difference("bad commands after login", _badCommandsAfterLogin, diverges=True),
+    # mailgate closes a session after its third failed login (README:
+    # guessing costs a connection; its penalties and bans do the rest),
+    # saying so in one more -ERR line; Dovecot's login process (with its
+    # anvil penalty off, as here) lets the session go on.  No RFC sets a
+    # number.
+    Difference("failed logins in one session", _failedLogins, diverges=True),
+    # RFC 1939 commands are ASCII (8-bit only with RFC 6856's UTF8, which
+    # neither announces).  mailgate refuses a line that is not UTF-8 with
+    # -ERR; Dovecot takes its octets as they are ("USER \xff" gets +OK).
+    Difference("a command line that is not UTF-8", _notUTF8),
 )
 
 
@@ -607,11 +662,14 @@ def compare(servers, steps, seen=None):
     problems = []
     if (greetings["dovecot"].status, greetings["mailgate"].status) != ("+OK", "+OK"):
         problems.append(("greeting", greetings))
-    state, deleted, previous, previousCommand, sasl = "AUTHORIZATION", set(), None, None, False
+    state, deleted, sasl = "AUTHORIZATION", set(), False
+    previous = previousCommand = previousMailgate = None
     for (command, dovecot), (same, mailgate) in zip(results["dovecot"], results["mailgate"]):
         assert command == same
-        ex = Exchange(command, dovecot, mailgate, state, frozenset(deleted), previous, previousCommand)
-        previous, previousCommand = dovecot, command
+        ex = Exchange(
+            command, dovecot, mailgate, state, frozenset(deleted), previous, previousCommand, previousMailgate
+        )
+        previous, previousCommand, previousMailgate = dovecot, command, mailgate
         dovecotView, mailgateView = ex.views()
         codes = (dovecot.code, mailgate.code)
         if dovecotView != mailgateView or (None not in codes and codes[0] != codes[1]):
@@ -692,6 +750,9 @@ SEQUENCES = {
     + lines(*(f"RETR {n}" for n in range(1, COUNT + 1))),
     "TOP of every message": LOGIN
     + lines(*(f"TOP {n} {k}" for n in range(1, COUNT + 1) for k in (0, 1, 2, 3, 1000))),
+    "TOP of the big messages": LOGIN + lines(
+        *(f"TOP {n} {k}" for n in (COUNT - 1, COUNT) for k in (0, 1, 2, 999, 1000, 1001, 1500, 2047, 3999, 4000, 9999))
+    ),
     "TOP counts": LOGIN + lines(
         "TOP 4 -1", "TOP 4 x", "TOP 4 4294967295", "TOP 4 4294967296", "TOP 4 99999999999999999999",
         "TOP 4", "TOP 4 1 1", "TOP", "TOP x 1", "TOP 0 1", f"TOP {COUNT + 1} 0", "TOP 4  1", "TOP 4 +1",
@@ -773,6 +834,21 @@ SEQUENCES = {
     "PASS with a trailing space": lines(f"USER {ALICE}", "PASS " + PASSWORD + " ", "CAPA"),
     "USER in capitals": lines(f"USER {ALICE.upper()}", "PASS " + PASSWORD, "STAT"),
     "APOP in capitals": [lambda greeting: apop(greeting, user=ALICE.upper())] + lines("STAT"),
+    "APOP, an unknown user": [lambda greeting: apop(greeting, user="nobody@example.org")] + lines("CAPA"),
+    "APOP after USER": lines("USER " + ALICE) + [lambda greeting: apop(greeting)] + lines("PASS x", "STAT"),
+    "failed logins": lines(*(["USER " + ALICE, "PASS wrong"] * 4), "CAPA"),
+    "failed AUTH PLAIN": lines(*([f"AUTH PLAIN {plain(password='wrong')}"] * 4), "CAPA"),
+    "bad commands after login": LOGIN + lines(*(["XYZZY"] * 22), "STAT"),
+    "bad commands after login, with a NOOP between": LOGIN + lines(*(["XYZZY"] * 15), "NOOP",
+                                                                   *(["XYZZY"] * 15), "STAT"),
+    "invalid UTF-8": [b"USER \xff\xfe\r\n", b"CAPA\r\n"] + LOGIN + [b"LIST \xff\r\n", b"STAT\r\n"],
+    "an 8-bit password": lines("USER " + ALICE, "PASS w\u00f6nder", "CAPA"),
+    "pipelined AUTH PLAIN": [batch("AUTH PLAIN", plain(), "STAT", "LIST 2", "QUIT")],
+    "pipelined past a failed login": [batch("USER " + ALICE, "PASS wrong", "STAT", "USER " + ALICE,
+                                            "PASS " + PASSWORD, "STAT")],
+    "CAPA with spaces": lines("CAPA ", " CAPA"),
+    "RETR, TOP and DELE of a deleted message": LOGIN + lines("DELE 4", "RETR 4", "TOP 4 0", "DELE 4", "LIST 4",
+                                                             "UIDL 4", "RSET", "RETR 4"),
 }
 
 
@@ -798,6 +874,9 @@ EXHIBITS = {
     "AUTH with two spaces before the mechanism": "AUTH PLAIN, two spaces",
     "a space inside a base64 response": "AUTH PLAIN, spaces in base64",
     "spaces around USER's name": "USER with spaces",
+    "bad commands after login": "bad commands after login",
+    "failed logins in one session": "failed logins",
+    "a command line that is not UTF-8": "invalid UTF-8",
 }
 
 
@@ -917,7 +996,7 @@ def test_quitAppliesTheSameDeletions(servers):
     DELE then QUIT (the UPDATE state) on bob's copy of the maildrop: both
     remove the same messages, and the next session sees the same listing.
     """
-    steps = LOGIN[:0] + lines("USER " + BOB, "PASS " + PASSWORD, "DELE 2", "DELE 5", "RSET", "DELE 3",
+    steps = lines("USER " + BOB, "PASS " + PASSWORD, "DELE 2", "DELE 5", "RSET", "DELE 3",
                               "DELE 9", "QUIT")
     fail(compare(servers, steps))
     fail(compare(servers, lines("USER " + BOB, "PASS " + PASSWORD, "STAT", "LIST", "UIDL", "RETR 3", "QUIT")))
