@@ -576,7 +576,8 @@ def dropIntoMaildir(dovecot, user, messages):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pop3-vs-dovecot")
-    dovecot = PrivateDovecot()
+    # LOGIN as well, which mailgate offers (where plaintext is allowed).
+    dovecot = PrivateDovecot(extra="auth_mechanisms = plain login apop")
     mailgate = None
     try:
         dovecot.addUsers([ALICE, BOB], PASSWORD)
@@ -610,6 +611,10 @@ def servers(tmp_path_factory):
 
 def plain(user=ALICE, password=PASSWORD, authzid=""):
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+def b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode()
 
 
 LOGIN = [b"USER " + ALICE.encode() + b"\r\n", b"PASS " + PASSWORD.encode() + b"\r\n"]
@@ -814,6 +819,12 @@ SEQUENCES = {
         "AUTH PLAIN " + base64.b64encode(b"\0\0" + PASSWORD.encode()).decode(),
         "CAPA",
     ),
+    "AUTH LOGIN": lines("AUTH LOGIN", b64(ALICE), b64(PASSWORD), "STAT"),
+    "AUTH LOGIN with the name as initial response": lines(f"AUTH LOGIN {b64(ALICE)}", b64(PASSWORD), "STAT"),
+    "AUTH LOGIN, a wrong password": lines("AUTH LOGIN", b64(ALICE), b64("wrong"), "CAPA"),
+    "AUTH LOGIN cancelled": lines("AUTH LOGIN", b64(ALICE), "*", "CAPA", "AUTH LOGIN", "*", "CAPA"),
+    "AUTH LOGIN, empty name": lines("AUTH LOGIN", "", "CAPA", "AUTH LOGIN =", "*", "CAPA"),
+    "AUTH LOGIN, bad base64": lines("AUTH LOGIN", "!!", "AUTH LOGIN", b64(ALICE), "!!", "CAPA"),
     "AUTH with an unknown mechanism": lines("AUTH FOO", "AUTH", "CAPA"),
     "AUTH PLAIN, the response as a command": lines("AUTH PLAIN", "STAT", "CAPA"),
     "APOP": [lambda greeting: apop(greeting)] + lines("STAT"),
