@@ -48,6 +48,7 @@ pytestmark = requireDovecot
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
+CAROL = "carol@example.org"
 PASSWORD = "wonder land"
 
 #: Seconds any one read from either server may take.
@@ -70,6 +71,9 @@ MESSAGES = (
     b"Subject: big\r\n\r\n" + b"".join(
         (b"." if n % 7 == 0 else b"") + b"line %05d " % n + b"z" * (n % 97) + b"\r\n" for n in range(4000)
     ),
+    b"Subject: a header, no line end",
+    b"\r\nno header at all\r\n",
+    b"Subject: the terminator inside\r\n\r\nbefore\r\n.\r\nafter\r\n.\r\n",
     # A header past a chunk: TOP n 0 ends it at its blank line.
     b"".join(b"X-Field-%05d: " % n + b"h" * 60 + b"\r\n" for n in range(3000))
     + b"\r\n.body line\r\nsecond\r\n",
@@ -81,6 +85,40 @@ COUNT = len(MESSAGES)
 #: it in LIST and STAT.
 UNTERMINATED = frozenset(n for n, m in enumerate(MESSAGES, 1) if m and not m.endswith(b"\n"))
 EMPTY = frozenset(n for n, m in enumerate(MESSAGES, 1) if not m)
+
+#: Messages Dovecot sends otherwise than mailgate (carol's maildrop), with
+#: what each sends (the dot-stuffed response body, ".CRLF" included): the
+#: sequences do not RETR them, as Dovecot's response to the first ones
+#: cannot even be framed.  See L{test_messagesDovecotSendsOtherwise}.
+SENT_OTHERWISE = (
+    b".first: x\r\n\r\nbody\r\n",
+    b".\r\nrest\r\n",
+    b"..two\r\n",
+    b"Subject: CR line ends\r\rline\rline\r",
+)
+SENT = {
+    # RFC 1939 section 3: a line of a multi-line response that starts with
+    # "." gets another one.  Dovecot 2.3 does not stuff the message's first
+    # line: a client reads ".first: x" as "first: x", a lone "." as the
+    # end of the response (the rest then reads as replies to the commands
+    # that follow), "..two" as ".two".  mailgate stuffs every line.
+    "mailgate": [
+        b"..first: x\r\n\r\nbody\r\n.\r\n",
+        b"..\r\nrest\r\n.\r\n",
+        b"...two\r\n.\r\n",
+        # The last octet a bare CR: mailgate takes it for the line end it
+        # ends the message with (as it takes CRLF and LF); Dovecot keeps
+        # it and adds CRLF, and LIST leaves those two octets out.  RFC
+        # 5322 allows CR only in CRLF; neither reading is required.
+        b"Subject: CR line ends\r\rline\rline\r\n.\r\n",
+    ],
+    "dovecot": [
+        b".first: x\r\n\r\nbody\r\n.\r\n",
+        b".\r\nrest\r\n.\r\n",
+        b"..two\r\n.\r\n",
+        b"Subject: CR line ends\r\rline\rline\r\r\n.\r\n",
+    ],
+}
 
 
 # -- talking to a server ----------------------------------------------------
@@ -580,9 +618,10 @@ def servers(tmp_path_factory):
     dovecot = PrivateDovecot(extra="auth_mechanisms = plain login apop")
     mailgate = None
     try:
-        dovecot.addUsers([ALICE, BOB], PASSWORD)
+        dovecot.addUsers([ALICE, BOB, CAROL], PASSWORD)
         dropIntoMaildir(dovecot, ALICE, MESSAGES)
         dropIntoMaildir(dovecot, BOB, MESSAGES)
+        dropIntoMaildir(dovecot, CAROL, SENT_OTHERWISE)
         dovecot.start()
         url = databaseURL(directory / "mail.sqlite3")
         store = memoryStore(url)
@@ -591,9 +630,12 @@ def servers(tmp_path_factory):
             # timestamp, as Dovecot's (auth_mechanisms = plain apop) does.
             addUser(store, ALICE, PASSWORD, apop=True)
             addUser(store, BOB, PASSWORD)
+            addUser(store, CAROL, PASSWORD)
             for message in MESSAGES:
                 deliver(store, [ALICE], message)
                 deliver(store, [BOB], message)
+            for message in SENT_OTHERWISE:
+                deliver(store, [CAROL], message)
         finally:
             store.close()
         mailgate = ServerProcess(url, ["--auth-failure-delay", "0"], cwd=directory)
@@ -756,7 +798,7 @@ SEQUENCES = {
     "TOP of every message": LOGIN
     + lines(*(f"TOP {n} {k}" for n in range(1, COUNT + 1) for k in (0, 1, 2, 3, 1000))),
     "TOP of the big messages": LOGIN + lines(
-        *(f"TOP {n} {k}" for n in (COUNT - 1, COUNT) for k in (0, 1, 2, 999, 1000, 1001, 1500, 2047, 3999, 4000, 9999))
+        *(f"TOP {n} {k}" for n in (COUNT - 4, COUNT) for k in (0, 1, 2, 999, 1000, 1001, 1500, 2047, 3999, 4000, 9999))
     ),
     "TOP counts": LOGIN + lines(
         "TOP 4 -1", "TOP 4 x", "TOP 4 4294967295", "TOP 4 4294967296", "TOP 4 99999999999999999999",
@@ -1007,8 +1049,11 @@ def test_quitAppliesTheSameDeletions(servers):
     DELE then QUIT (the UPDATE state) on bob's copy of the maildrop: both
     remove the same messages, and the next session sees the same listing.
     """
-    steps = lines("USER " + BOB, "PASS " + PASSWORD, "DELE 2", "DELE 5", "RSET", "DELE 3",
-                              "DELE 9", "QUIT")
+    # Messages after every one L{sizeFix} knows, so that the numbers it
+    # knows them by stay theirs in the next session.
+    first, second, third = [n for n in range(1, COUNT + 1) if n > max(UNTERMINATED | EMPTY)][:3]
+    steps = lines("USER " + BOB, "PASS " + PASSWORD, f"DELE {first}", f"DELE {second}", "RSET",
+                  f"DELE {third}", f"DELE {first}", "QUIT")
     fail(compare(servers, steps))
     fail(compare(servers, lines("USER " + BOB, "PASS " + PASSWORD, "STAT", "LIST", "UIDL", "RETR 3", "QUIT")))
 
@@ -1032,3 +1077,37 @@ def test_aSecondSessionOfTheSameUser(servers):
     dovecot, mailgate = problems
     ex = Exchange(b"<second login> PASS\r\n", dovecot, mailgate, "AUTHORIZATION", frozenset())
     assert [d.name for d in DIFFERENCES if d.explains(ex)] == ["no maildrop lock"]
+
+
+def test_messagesDovecotSendsOtherwise(servers):
+    """
+    Carol's messages (L{SENT_OTHERWISE}), read raw: mailgate sends each
+    dot-stuffed, every line, as RFC 1939 asks; Dovecot sends what L{SENT}
+    documents (its first line unstuffed).  The sizes LIST gives are the
+    octets mailgate sends, once unstuffed.
+    """
+    for name, port in servers.ports.items():
+        client = Client(port)
+        try:
+            for command in lines("USER " + CAROL, "PASS " + PASSWORD):
+                client.send(command)
+                assert client.reply(command).status == "+OK"
+            client.send(b"LIST\r\n")
+            listing = client.reply(b"LIST\r\n")
+            # One write with every RETR, and the raw octets of all the
+            # replies read to the end: Dovecot's cannot be framed.
+            client.send(b"".join(b"RETR %d\r\n" % n for n in range(1, len(SENT_OTHERWISE) + 1)) + b"QUIT\r\n")
+            while not client.closed:
+                try:
+                    client._fill()
+                except EOFError:
+                    break
+        finally:
+            client.close()
+        replies = re.split(rb"\+OK \d+ octets\r\n", client.buffer.rsplit(b"+OK", 1)[0])[1:]
+        assert replies == SENT[name], name
+        if name == "mailgate":
+            sizes = [int(line.split()[1]) for line in listing.body.split(b"\r\n")[:-2]]
+            unstuffed = [len(body[: -len(b".\r\n")].replace(b"\r\n.", b"\r\n")) - body.startswith(b".")
+                         for body in replies]
+            assert sizes == unstuffed
