@@ -1,27 +1,28 @@
 """
 POP3 as a client sees it, mailgate against Dovecot: a differential test.
 
-One maildrop (awkward messages: empty, no final line end, dot lines, 8-bit,
-a long folded header, no header/body separator, bare LF and CR, a body and
-a header past mailgate's 128 KiB chunks) is served
-by a private Debian Dovecot (tests/dovecotserver.py; the messages dropped
-into its maildir as files, so that it adds no header field) and by a real
-C{twistd mailgate} (the same octets delivered to its SQLite database).  The
-same command sequences go to both over raw sockets: a fixed list (every
-command in every state, bad numbers and arguments, case, spaces, empty and
-over-long lines, NUL, AUTH PLAIN's forms, APOP, QUIT in each state,
-pipelined batches) and a seeded random mix.  What is compared is what a
-client acts on: each reply's status (C{+OK}, C{-ERR}, SASL's C{+}, the
-connection closed), the RESP-CODE where both give one, sizes, the lines of
-LIST and the message numbers of UIDL (the ids themselves differ by design),
-and RETR and TOP octet for octet.  The human-readable text after the status
-is not compared: RFC 1939 leaves it to the server.
+One maildrop (awkward messages: empty, no final line end, dot lines,
+8-bit, a long folded header, no header/body separator, bare LF and CR, a
+body and a header past mailgate's 128 KiB chunks) is served by a private
+Debian Dovecot (tests/dovecotserver.py; the messages dropped into its
+maildir as files, so that it adds no header field) and by a real C{twistd
+mailgate} (the same octets delivered to its SQLite database).  The same
+command sequences go to both over raw sockets: a fixed list (every command
+in every state, bad numbers and arguments, case, spaces, empty and
+over-long lines, NUL, AUTH PLAIN's and LOGIN's forms, APOP, STLS, QUIT in
+each state, pipelined batches) and a seeded random mix.  What is compared
+is what a client acts on: each reply's status (C{+OK}, C{-ERR}, SASL's
+C{+}, the connection closed), the RESP-CODE where both give one, sizes,
+the lines of LIST and the message numbers of UIDL (the ids themselves
+differ by design), and RETR and TOP octet for octet.  The human-readable
+text after the status is not compared: RFC 1939 leaves it to the server.
 
 Dovecot runs with its defaults for what a client sees: no
 pop3_client_workarounds (with C{oe-ns-eoh} it would add the blank line a
 header without body separator lacks, which RFC 1939 does not ask for:
-messages are sent as stored), pop3_lock_session = no, no TLS (STLS is
-refused by both).
+messages are sent as stored), pop3_lock_session = no.  Both offer STLS
+with one certificate, and the same SASL mechanisms (PLAIN, LOGIN; APOP);
+mailgate adds SCRAM-SHA-256.
 
 A difference is allowed only if L{DIFFERENCES} explains it: each entry says
 why mailgate differs on purpose, or which Dovecot behaviour RFC 1939, 2449
@@ -35,11 +36,13 @@ import os
 import random
 import re
 import socket
+import ssl
 import time
 
 import attr
 import pytest
 
+from certs import makeCertificate
 from dovecotserver import PrivateDovecot, requireDovecot
 from e2e import _LOGGED_ERROR, ServerProcess, databaseURL
 from mailgate.testing import addUser, deliver, memoryStore
@@ -210,6 +213,21 @@ class Client:
                 body = b"<cut short>"
         return Reply(status, code.decode() if code is not None else None, line, body)
 
+    def startTLS(self):
+        """
+        The TLS handshake, after STLS's +OK; what the server sent before it
+        (nothing, if it is right) is kept for the next read to show.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            self.sock = context.wrap_socket(self.sock)
+        except (ssl.SSLError, OSError) as e:
+            self.closed = True
+            return Reply("closed", line=f"TLS handshake failed: {e}".encode())
+        return Reply("+OK", line=b"<TLS>")
+
     def close(self):
         self.sock.close()
 
@@ -366,7 +384,7 @@ class Difference:
 
 def _noArgumentNoise(ex):
     return (
-        verbOf(ex.command) in (b"STAT", b"NOOP", b"RSET", b"QUIT", b"CAPA")
+        verbOf(ex.command) in (b"STAT", b"NOOP", b"RSET", b"QUIT", b"CAPA", b"STLS")
         and argumentOf(ex.command).strip(b" ")
         and ex.dovecot.status in ("+OK", "closed")
         and ex.mailgate.status == "-ERR"
@@ -462,6 +480,24 @@ def _notUTF8(ex):
     return False
 
 
+def _userBeforeTLS(ex):
+    return (
+        verbOf(ex.command) == b"PASS"
+        and ex.state == "AUTHORIZATION"
+        and _statuses("+OK", "-ERR")(ex)
+        and ex.mailgate.line == b"-ERR send USER first"
+    )
+
+
+def _clearTextBehindSTLS(ex):
+    return (
+        ex.command == b"<TLS handshake>\r\n"
+        and _statuses("closed", "+OK")(ex)
+        and ex.previousMailgate is not None
+        and ex.previousMailgate.status == "discarded"
+    )
+
+
 def _badCommandsBeforeLogin(ex):
     # Dovecot's closing line comes instead of the fourth command's reply,
     # whatever that command was.
@@ -522,9 +558,10 @@ DIFFERENCES = (
     # content, which LIST counted as 0 octets; mailgate sends nothing, the
     # 0 octets it announced.
     Difference("the empty message", _emptyMessage),
-    # RFC 1939 gives STAT, NOOP, RSET, QUIT and CAPA no argument; Dovecot
-    # runs them with any text after them (QUIT included, which ends the
-    # session); mailgate says -ERR (Dovecot's QUIT closes: diverges).
+    # RFC 1939, 2449 and 2595 give STAT, NOOP, RSET, QUIT, CAPA and STLS
+    # no argument; Dovecot runs them with any text after them (QUIT and
+    # STLS included, which end the session or start TLS); mailgate says
+    # -ERR (diverges).
     Difference("arguments to a command that takes none", _noArgumentNoise, diverges=True),
     # RFC 1939 separates arguments by single spaces and says nothing of a
     # trailing one; Dovecot refuses "LIST 1 " ("noise after message
@@ -558,6 +595,18 @@ DIFFERENCES = (
     # (as it forgives spaces around every argument); Dovecot keeps them
     # in the name, and its login fails (diverges).
     Difference("spaces around USER's name", _spacesAroundUser, diverges=True),
+    # RFC 2595 section 4: STLS protects what follows it; a USER sent in
+    # the clear before it may be a man in the middle's.  mailgate forgets
+    # it (PASS then needs USER again, sent through TLS); Dovecot keeps it
+    # and logs the client in with it (diverges).
+    Difference("USER before STLS", _userBeforeTLS, diverges=True),
+    # RFC 2595 section 4 (the STARTTLS injection): nothing the client sent
+    # behind STLS, in the clear, may be run as if it came through TLS.
+    # mailgate discards it, and the handshake that follows succeeds (the
+    # commands were not run: the session is not logged in); Dovecot takes
+    # it for the start of the handshake, which fails, and closes
+    # (diverges).  Both refuse the injection.
+    Difference("commands behind STLS", _clearTextBehindSTLS, diverges=True),
     # NUL is no command's character (RFC 1939: printable ASCII).  Dovecot
     # cuts the line at the NUL and runs what comes before ("NOOP\\0" is
     # NOOP); mailgate refuses the line.
@@ -616,6 +665,9 @@ def servers(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pop3-vs-dovecot")
     # LOGIN as well, which mailgate offers (where plaintext is allowed).
     dovecot = PrivateDovecot(extra="auth_mechanisms = plain login apop")
+    # Both offer STLS, with one certificate.
+    certificate, key = makeCertificate(directory, "pop3.example.test")
+    dovecot.tls = (str(certificate), str(key))
     mailgate = None
     try:
         dovecot.addUsers([ALICE, BOB, CAROL], PASSWORD)
@@ -638,7 +690,8 @@ def servers(tmp_path_factory):
                 deliver(store, [CAROL], message)
         finally:
             store.close()
-        mailgate = ServerProcess(url, ["--auth-failure-delay", "0"], cwd=directory)
+        options = ["--auth-failure-delay", "0", "--tls-cert", str(certificate), "--tls-key", str(key)]
+        mailgate = ServerProcess(url, options, cwd=directory)
         mailgate.start()
         yield Servers(dovecot, mailgate)
     finally:
@@ -667,6 +720,10 @@ def apop(greeting, user=ALICE, password=PASSWORD):
     return b"APOP %s %s\r\n" % (user.encode(), hashlib.md5(timestamp + password.encode()).hexdigest().encode())
 
 
+#: A step: the client's TLS handshake (after STLS).
+HANDSHAKE = object()
+
+
 def run(port, steps):
     """
     Send each step and read its replies.  A step is a line (bytes), a
@@ -680,6 +737,9 @@ def run(port, steps):
     sasl = False
     try:
         for step in steps:
+            if step is HANDSHAKE:
+                exchanges.append((b"<TLS handshake>\r\n", client.startTLS()))
+                continue
             label = None
             if callable(step):
                 # Made from this server's greeting: compared by its verb.
@@ -687,9 +747,16 @@ def run(port, steps):
                 label = step.split(b" ")[0] + b" <made from the greeting>\r\n"
             batch = step if isinstance(step, tuple) else (step,)
             client.send(b"".join(batch))
+            tls = False
             for command in batch:
+                if tls:
+                    # Behind STLS's +OK: discarded, if the server is right;
+                    # answered in the clear, the handshake fails.
+                    exchanges.append((command, Reply("discarded")))
+                    continue
                 reply = client.reply(command, sasl=sasl)
                 sasl = reply.status == "+"
+                tls = verbOf(command) == b"STLS" and reply.status == "+OK"
                 exchanges.append((label or command, reply))
     finally:
         client.close()
@@ -844,7 +911,16 @@ SEQUENCES = {
     "QUIT before login": lines("QUIT", "STAT"),
     "QUIT after USER": lines("USER " + ALICE, "QUIT", "PASS " + PASSWORD),
     "QUIT after login": LOGIN + lines("QUIT", "STAT"),
-    "STLS without TLS": lines("STLS", "CAPA", "USER " + ALICE, "PASS " + PASSWORD, "STLS", "STAT"),
+    "STLS": lines("CAPA", "STLS") + [HANDSHAKE] + lines("CAPA", "STLS", "USER " + ALICE, "PASS " + PASSWORD,
+                                                         "STLS", "CAPA", "STAT"),
+    "STLS after login": LOGIN + lines("STLS", "STAT"),
+    "STLS with an argument": lines("STLS x", "CAPA"),
+    "STLS after USER": lines("USER " + ALICE, "STLS") + [HANDSHAKE] + lines("PASS " + PASSWORD, "CAPA"),
+    # RFC 2595 section 3.1 (and RFC 3207's STARTTLS injection): what came
+    # with STLS, before the handshake, is discarded, not run as if it had
+    # come through TLS.
+    "STLS with commands behind it": [batch("STLS", "USER " + ALICE, "PASS " + PASSWORD), HANDSHAKE]
+    + lines("STAT", "CAPA"),
     "AUTH PLAIN with an initial response": lines(f"AUTH PLAIN {plain()}", "STAT", "CAPA"),
     "AUTH PLAIN without": lines("AUTH PLAIN", plain(), "STAT"),
     "AUTH plain, lower case": lines(f"auth plain {plain()}", "STAT"),
@@ -930,6 +1006,8 @@ EXHIBITS = {
     "bad commands after login": "bad commands after login",
     "failed logins in one session": "failed logins",
     "a command line that is not UTF-8": "invalid UTF-8",
+    "USER before STLS": "STLS after USER",
+    "commands behind STLS": "STLS with commands behind it",
 }
 
 
