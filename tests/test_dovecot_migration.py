@@ -527,3 +527,47 @@ def test_aMaildropInUseShowsTheMasterUserWorks(importsOfAHeldMaildrop):
     assert f"{GHOST}: 127.0.0.1 refused the login" in err
     assert "no login through the master user" not in err
     assert out.splitlines()[-1].startswith("3 users: 1 messages imported"), out
+
+
+def test_importThroughPOP3KeepsFirstLinesThatStartWithADot(dovecot):
+    """
+    Dovecot 2.3 does not dot-stuff the first line of a message: a first
+    line ".x" comes as ".x" (x for a reader that undoes stuffing), "..x"
+    as "..x" (.x), and a lone "." ends the response at once, the rest of
+    the message following as if it were the next reply.  import pop3
+    keeps every such message whole and the ones after it: imported
+    before, the second was cut by a dot, the fourth was an empty message
+    and the two after it failed.
+    """
+    from mailgate.importers.pop3 import importPOP3
+
+    messages = [
+        b"Subject: before\r\n\r\nbody\r\n",
+        b".first: x\r\n\r\nbody\r\n",
+        b"Subject: between\r\n\r\nbody\r\n",
+        b".\r\nrest\r\n",
+        b"..two\r\n",
+        b".\r\n",
+        b".no line end",
+        b"Subject: after\r\n\r\nbody\r\n",
+    ]
+    now = int(time.time())
+    for n, message in enumerate(messages):
+        with open(os.path.join(dovecot.maildir(ALICE), "new", f"{now}.M{n:03d}P1.dots"), "wb") as f:
+            f.write(message)
+    dovecot.own(dovecot.maildir(ALICE))
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        report = importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{dovecot.pop3Port}", ALICE, PASSWORD)
+        assert (report.messages, report.failures) == (len(messages), [])
+        session = POP3Session(store)
+        session.login(ALICE, PASSWORD)
+        for n, message in enumerate(messages, 1):
+            # Sized as Dovecot sized it (without the line end it sends
+            # after ".no line end", as mailgate does then).
+            sent = message if message.endswith(b"\r\n") else message + b"\r\n"
+            stuffed = b"".join(b"." + line if line.startswith(b".") else line for line in sent.splitlines(True))
+            assert session.command(f"RETR {n}").encode() == b"+OK %d octets\r\n%s.\r\n" % (len(message), stuffed)
+    finally:
+        store.close()

@@ -209,6 +209,22 @@ class SpoolSource:
             self.headerSize = self.size
         return self
 
+    def withFirstDot(self):
+        """
+        This message with a "." put back in front (this spool is closed):
+        for a first line the server did not stuff.
+        """
+        fixed = SpoolSource()
+        fixed.write(b".")
+        self._file.seek(0)
+        while True:
+            piece = self._file.readline(_PIECE)
+            if not piece:
+                break
+            fixed.write(piece)
+        self.close()
+        return fixed
+
     def chunks(self, chunkSize):
         return fileChunks(self._file, chunkSize)
 
@@ -322,20 +338,30 @@ class POP3Client:
                 line = line[1:]
             yield line
 
-    def _pieces(self):
+    def _pieces(self, firstLine=None):
         """
         A multi-line response's data, in pieces: lines, lines longer than
         a read cut where it ends; dot-stuffing undone, bare LF line ends
         made CRLF.
+
+        A line that starts with one "." only was not stuffed (RFC 1939
+        stuffs every line that starts with "."): it is kept as it came.
+        Dovecot 2.3 sends the first line of a message so.
+
+        @param firstLine: a list to which the first line's first piece is
+            appended as it came (the terminator, if the response is empty).
         """
         atLineStart = True
         previousCR = False
         while True:
             piece = self._readline(_PIECE)
+            if firstLine is not None:
+                firstLine.append(piece)
+                firstLine = None
             if atLineStart:
                 if piece in (b".\r\n", b".\n"):
                     return
-                if piece.startswith(b"."):
+                if piece.startswith(b".."):
                     piece = piece[1:]
             if piece.endswith(b"\n") and not piece.endswith(b"\r\n") and not (piece == b"\n" and previousCR):
                 piece = piece[:-1] + b"\r\n"
@@ -343,15 +369,16 @@ class POP3Client:
             previousCR = piece.endswith(b"\r")
             yield piece
 
-    def _multiline(self, spool, maxSize):
+    def _multiline(self, spool, maxSize, firstLine=None):
         """
         A multi-line response's data, written to C{spool}, at most
         C{maxSize} octets of it.
 
+        @param firstLine: see L{_pieces}.
         @raise TooLarge: if there is more; the rest has been read (and
             dropped), so the session can go on.
         """
-        pieces = self._pieces()
+        pieces = self._pieces(firstLine)
         for piece in pieces:
             if spool.size + len(piece) > maxSize:
                 for _ in pieces:
@@ -467,8 +494,19 @@ class POP3Client:
         """
         self.command(f"RETR {number}", f"RETR {number}")
         spool = SpoolSource()
+        first = []
         try:
-            self._multiline(spool, maxSize)
+            self._multiline(spool, maxSize, first)
+            if listedSize and first[0] in (b".\r\n", b".\n"):
+                # Empty where LIST said it was not: a first line "." the
+                # server did not stuff (Dovecot 2.3), taken for the end.
+                # The rest of the message follows, up to the real end.
+                spool.write(b".\r\n")
+                self._multiline(spool, maxSize)
+            elif listedSize and first[0].startswith(b"..") and spool.size == listedSize - 1:
+                # One octet short: a first line that starts with ".." was
+                # not stuffed, and its first "." was taken off as stuffing.
+                spool = spool.withFirstDot()
         except BaseException:
             spool.close()
             raise
