@@ -19,8 +19,10 @@ the ids the server gave them.
     undone, whatever LIST said its size was; only a message the server
     had to end with a line break it did not have (its RETR is two octets
     longer than its LIST size) gets it taken off again, and mailgate's
-    RETR adds it back.  A message over C{maxSize} octets is a failure,
-    read to its end (and dropped) so that the import goes on.
+    RETR adds it back.  A first line that starts with "." comes whole from
+    a server that does not stuff it (Dovecot 2.3; see
+    L{POP3Client.retrieve}).  A message over C{maxSize} octets is a
+    failure, read to its end (and dropped) so that the import goes on.
   - A message the server will not give (C{-ERR} to its RETR) is a
     failure of its own: the others are imported.
 
@@ -488,6 +490,13 @@ class POP3Client:
     def retrieve(self, number, listedSize=None, maxSize=MAX_MESSAGE_SIZE):
         """
         Message C{number} as an L{IMessageSource}.
+
+        Dovecot 2.3 does not dot-stuff a message's first line.  One that
+        starts with a single "." is kept as it came (L{_pieces}); one that
+        starts with ".." lost a "." it needed, which C{listedSize} tells
+        (the message is one octet short); and a first line "." ends the
+        response at once, where LIST said there is more: the rest follows,
+        up to the real end.
 
         @raise POP3Refused: if the server will not give it.
         @raise TooLarge: if it is over C{maxSize} octets.
