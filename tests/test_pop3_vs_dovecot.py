@@ -1029,7 +1029,7 @@ def test_everyDocumentedDifferenceStillHappens(servers):
 
 #: Random sequences per run, and their most steps; with the seed, the same
 #: sequences every run.
-RANDOM_SEQUENCES = 60
+RANDOM_SEQUENCES = 200
 RANDOM_STEPS = 12
 SEED = 1939
 
