@@ -972,7 +972,7 @@ SETTINGS = (
         "as delivered without a second copy; 0 stores every copy.  Another "
         "message, or one passed on again by an MTA (its own Received field "
         "differs), is never taken for one, nor is a message without a "
-        "Date, Message-ID or Received field (a device's fixed alert).",
+        "Message-ID or Received field (a device's or a script's alert).",
     ),
     Setting(
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",

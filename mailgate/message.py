@@ -292,10 +292,11 @@ class MessageSpool:
                 pass
 
 
-#: the header fields that make a message's octets its own: one of them
-#: (an origination date, a Message-ID, an earlier hop's trace field with
-#: its queue id) is in every message an MTA or a mail program sends
-_IDENTIFYING_FIELD = re.compile(rb"(?:date|message-id|received)[ \t]*:", re.IGNORECASE)
+#: the header fields that make a message's octets its own: one of them (a
+#: Message-ID, an earlier hop's trace field with its queue id) is in what
+#: an MTA or a mail program sends.  Not a Date: alone, which a script
+#: sending the same alert twice in a second gives both copies.
+_IDENTIFYING_FIELD = re.compile(rb"(?:message-id|received)[ \t]*:", re.IGNORECASE)
 #: octets of a message's start looked at to find them (its header
 #: section, as a rule: past this, a message is not taken for a retry)
 _HEADER_LOOKED_AT = 64 * 1024
@@ -311,10 +312,10 @@ class DeliveryKey:
     none, when it tries again).
 
     Fed the octets as received (dot-stuffing undone, before the server's
-    own trace fields).  A message whose header section holds no date,
-    Message-ID or trace field of an earlier hop gets no key: such bare
-    octets (a device's fixed alert, a test) may well be sent again as a
-    new message, and are stored every time.
+    own trace fields).  A message whose header section holds no
+    Message-ID nor trace field of an earlier hop gets no key: such octets
+    (a device's fixed alert, a script's, dated to the second at most) may
+    well be sent again as a new message, and are stored every time.
     """
 
     def __init__(self, protocol, sender):

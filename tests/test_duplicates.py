@@ -29,9 +29,11 @@ BOB = "bob@example.org"
 SENDER = "sender@remote.test"
 
 
-def message(n=1, date=True):
-    date = b"Date: Sat, 05 Dec 2026 13:00:00 +0000\r\n" if date else b""
-    return date + b"Subject: report %d\r\n\r\nthe same octets\r\n" % n
+def message(n=1):
+    return (
+        b"Date: Sat, 05 Dec 2026 13:00:00 +0000\r\nMessage-ID: <report.%d@remote.test>\r\n"
+        b"Subject: report %d\r\n\r\nthe same octets\r\n" % (n, n)
+    )
 
 
 def keyed(octets, sender=SENDER, protocol="smtp"):
@@ -94,10 +96,11 @@ def test_onlyTheSameMessageFromTheSameSenderIsARetry(store):
 
 def test_messagesWithoutAnIdentifyingFieldHaveNoKey():
     """
-    Bare octets (a device's fixed alert, with no date, Message-ID or
-    trace field) may be sent again as a new message: no key, stored every
-    time.  Found in the header section only, whatever the pieces the
-    octets arrive in.
+    Bare octets (a device's or a script's alert, with no Message-ID nor
+    trace field; a Date: alone does not tell two sent in one second
+    apart) may be sent again as a new message: no key, stored every time.
+    Found in the header section only, whatever the pieces the octets
+    arrive in.
     """
 
     def keyOf(octets, piece):
@@ -110,8 +113,9 @@ def test_messagesWithoutAnIdentifyingFieldHaveNoKey():
         assert keyOf(b"Subject: disk full\r\n\r\nDate: in the body\r\n", piece) is None
         assert keyOf(b"Subject: x\r\nMessage-ID: <1@remote.test>\r\n\r\nbody\r\n", piece) is not None
         assert keyOf(b"received : from mx.remote.test\r\n\r\n", piece) is not None
-        assert keyOf(b"Subject: x\nDATE: Mon\n\nbody\n", piece) is not None
-    assert keyOf(b"X-Filler: " + b"x" * 70_000 + b"\r\nDate: late\r\n\r\n", 1 << 16) is None
+        assert keyOf(b"Subject: x\nMESSAGE-ID: <2@remote.test>\n\nbody\n", piece) is not None
+        assert keyOf(b"Subject: x\r\nDate: Sat, 05 Dec 2026 13:00:00 +0000\r\n\r\nbody\r\n", piece) is None
+    assert keyOf(b"X-Filler: " + b"x" * 70_000 + b"\r\nMessage-ID: <late@x>\r\n\r\n", 1 << 16) is None
     assert keyOf(message(1), 7) == keyOf(message(1), 1 << 16) != keyOf(message(2), 7)
 
 
@@ -361,7 +365,10 @@ def test_deliverRecognisesTheMTAsRetry(tmp_path, cheapCommandHashes):
     assert (code, out) == (0, f"already delivered to {ALICE} as {uid} (the same message again: not stored twice)\n")
     code, out, _ = mailgate("deliver", "-f", "other@remote.test", ALICE, stdin=message())
     assert code == 0 and out.startswith(f"delivered to {ALICE} as ")
-    assert len(mailgate("mailbox", "list", ALICE, "--json")[1].splitlines()) == 2
+    # Given back on purpose (mail she deleted): stored again.
+    code, out, _ = mailgate("deliver", "--again", "-f", SENDER, ALICE, stdin=message())
+    assert code == 0 and out.startswith(f"delivered to {ALICE} as ") and uid not in out
+    assert len(mailgate("mailbox", "list", ALICE, "--json")[1].splitlines()) == 3
 
 
 @sqliteOnly

@@ -26,7 +26,7 @@ C{mailgate}: the administrator's command.
   mailgate who [--json]
   mailgate nodes [--json]
   mailgate kick ADDRESS [--wait SECONDS]
-  mailgate deliver [-f SENDER] ADDRESS... < message
+  mailgate deliver [-f SENDER] [--again] ADDRESS... < message
   mailgate db upgrade
   mailgate db version
   mailgate db copy --from URL --to URL
@@ -465,6 +465,13 @@ def buildParser():
         help="the envelope sender (e.g. Postfix's ${sender}); adds Return-Path: and Received: "
         "fields, as SMTP and LMTP delivery do (use '' for the null sender; MAILER-DAEMON, which "
         "Postfix's pipe passes for it, is taken as the null sender too)",
+    )
+    deliver.add_argument(
+        "--again",
+        action="store_true",
+        help="store the message even for a recipient who got the same one from the same sender "
+        "within the duplicate window (by default taken for the MTA's retry and not stored twice): "
+        "to give a user back mail she deleted",
     )
     deliver.set_defaults(run=_deliver, migrate=True)
 

@@ -72,7 +72,8 @@ def _deliver(store, args, out, stdin):
     # outcome it did not learn (this command killed after the commit, say)
     # is recognised and not stored twice.
     source = spoolFile(
-        getattr(stdin, "buffer", stdin), headerLines=trace, sender=sender or "",
+        getattr(stdin, "buffer", stdin), headerLines=trace,
+        sender=None if getattr(args, "again", False) else sender or "",
         directory=getattr(args, "spoolDirectory", None),
     )
     try:
