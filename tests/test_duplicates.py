@@ -14,7 +14,6 @@ import io
 import smtplib
 import socket
 
-import pytest
 from twisted.logger import formatEvent
 
 from e2e import DEADLINE, mailgate_cli, mailgate_server, popLogin, sqliteOnly, waitFor  # noqa: F401 (fixtures)
@@ -22,7 +21,7 @@ from mailgate.message import DeliveryKey, spoolBytes
 from mailgate.metrics import Metrics
 from mailgate.records import AlreadyDelivered
 from mailgate.testing import SMTPSession, addUser, memoryStore, resultOf
-from test_lifecycle import Clocked
+from test_lifecycle import Clocked, store  # noqa: F401 (store: alice and bob, on each backend)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -45,15 +44,6 @@ def keyed(octets, sender=SENDER, protocol="smtp"):
     key.update(octets)
     source.deliveryKey = key.key()
     return source
-
-
-@pytest.fixture
-def store(databaseURL):
-    s = memoryStore(databaseURL)
-    addUser(s, ALICE, "wonderland")
-    addUser(s, BOB, "builder")
-    yield s
-    s.close()
 
 
 def maildrop(store, address=ALICE):
