@@ -216,6 +216,9 @@ class FileSource:
     """
 
     blockSize = 1 << 20
+    #: imports never take a message for a client's retry (they keep their
+    #: own record of what was imported, by unique id)
+    deliveryKey = None
 
     def __init__(self, path):
         self.path = path

@@ -166,6 +166,9 @@ class SpoolSource:
     file beyond a megabyte.
     """
 
+    #: imports never take a message for a client's retry (see FileSource)
+    deliveryKey = None
+
     def __init__(self):
         self._file = tempfile.SpooledTemporaryFile(max_size=1 << 20)
         self.size = 0
