@@ -165,6 +165,49 @@ def test_connectionsBeyondTheOpenFileLimitAreRefusedWithAReason(tmp_path, limite
     assert "EMFILE" not in server.stdout, server.log()
 
 
+def test_twistedsSpareDescriptorLostIsAWarningAMinuteNotATraceback():
+    """
+    Twisted keeps one spare descriptor for the process, to accept and
+    close connections once descriptors run out; when another thread takes
+    the one it freed, Twisted logs a critical error with a traceback at
+    every attempt to take it back.  mailgate makes that one warning a
+    minute, counting the attempts, with no traceback.
+    """
+    import errno
+
+    from twisted.internet import tcp
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from mailgate.session.accepting import watchReserve
+
+    def noDescriptorLeft():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reservation = tcp._FileDescriptorReservation(noDescriptorLeft)
+        clock = Clock()
+        watcher = watchReserve(clock, reservation)
+        assert watchReserve(clock, reservation) is None  # once
+        for _ in range(3):
+            reservation.reserve()
+        clock.advance(30)
+        reservation.reserve()
+        clock.advance(31)
+        reservation.reserve()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert watcher.failures == 5
+    logged = [(e.get("event"), e.get("count"), e["log_level"]) for e in events if "log_failure" not in e]
+    assert logged == [
+        ("listener.no_spare_descriptor", 1, LogLevel.warn),
+        ("listener.no_spare_descriptor", 4, LogLevel.warn),
+    ]
+    assert not any("log_failure" in e for e in events)
+
+
 def _loginOrNone(server):
     try:
         return popLogin(server, ALICE, PASSWORD)

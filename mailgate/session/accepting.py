@@ -32,8 +32,15 @@ connections close, the next connection is served as any other.
 It also bounds the connections accepted in one turn of the reactor
 (L{MAX_ACCEPTS_PER_TURN}), which the descriptors kept in reserve
 (L{mailgate.policy.descriptors.RESERVED}) are counted to cover.
+
+Twisted's reserve itself is one descriptor for the whole process: when
+another part of the process takes the descriptor it freed before it is
+taken back, Twisted logs a critical error with a traceback each time
+(C{Could not reserve EMFILE recovery file descriptor}); L{ReserveErrors}
+makes that one warning a minute (C{listener.no_spare_descriptor}).
 """
 
+from twisted.internet import tcp
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from mailgate.timers import cancelled
@@ -176,6 +183,66 @@ class AcceptErrors:
             self._writeWarning()
 
 
+class ReserveErrors:
+    """
+    The log observer of Twisted's spare descriptor (C{tcp._reservedFD}),
+    installed by L{watchAcceptErrors}: its failures to take the spare
+    back, a critical error with a traceback each, become a warning at
+    most once a minute, with how many there were since the last.
+
+    @param reactor: the clock.
+    @param forward: where its other events go.
+    @ivar failures: how many so far.
+    """
+
+    log = Logger(namespace="mailgate.listener")
+
+    def __init__(self, reactor, forward=globalLogPublisher):
+        self._reactor = reactor
+        self._forward = forward
+        self._lastWarning = None
+        self._sinceWarning = 0
+        self.failures = 0
+
+    def __call__(self, event):
+        if "EMFILE recovery file descriptor" not in (event.get("log_format") or ""):
+            self._forward(event)
+            return
+        self.failures += 1
+        self._sinceWarning += 1
+        now = self._reactor.seconds()
+        if self._lastWarning is not None and now - self._lastWarning < LOG_INTERVAL:
+            return
+        self._lastWarning = now
+        count, self._sinceWarning = self._sinceWarning, 0
+        self.log.warn(
+            "out of file descriptors: the spare descriptor kept to refuse connections when they run "
+            "out could not be taken back ({count} time(s) since the last such line, at most one a "
+            "minute); connections wait until descriptors are freed",
+            count=count,
+            event="listener.no_spare_descriptor",
+        )
+
+
+def watchReserve(reactor, reservation=None):
+    """
+    Give Twisted's spare descriptor (C{tcp._reservedFD}, one for the
+    process) a L{ReserveErrors}, once.
+
+    @return: the L{ReserveErrors}, or C{None} if it had one already or
+        Twisted keeps no spare.
+    """
+    if reservation is None:
+        reservation = getattr(tcp, "_reservedFD", None)
+    if not isinstance(getattr(reservation, "_log", None), Logger) or isinstance(
+        getattr(reservation._log, "observer", None), ReserveErrors
+    ):
+        return None
+    watcher = ReserveErrors(reactor)
+    reservation._log = Logger(namespace=reservation._log.namespace, source=reservation, observer=watcher)
+    return watcher
+
+
 def watchAcceptErrors(port, name, where, reactor, metrics=None):
     """
     Give C{port}'s accept loop an L{AcceptErrors} for its log events, and
@@ -190,6 +257,7 @@ def watchAcceptErrors(port, name, where, reactor, metrics=None):
         return None
     watcher = AcceptErrors(port, name, where, reactor, metrics)
     port._logger = Logger(namespace=logger.namespace, source=port, observer=watcher)
+    watchReserve(reactor)
     if isinstance(getattr(port, "numberAccepts", None), int):
         doRead = port.doRead
 
