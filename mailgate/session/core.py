@@ -326,20 +326,27 @@ class CommandSession(Protocol):
         factory = self.factory
         factory.metrics.connectionRefused(self.protocolName, reason)
         # Every refusal is counted; an address refused again and again (a
-        # banned one, hammering) has a line a minute (see RefusalLog).
-        skipped = factory.refusals.note(getattr(self.peer, "host", self.peerText), reason)
-        if skipped is not None:
-            more = f" ({skipped} more refused since the last line)" if skipped else ""
-            self.logInfo(
-                "session.refused",
-                f"{self.protocolName} connection refused peer={self.peerText} reason={reason}{more}",
-                reason=reason,
-                unlogged=skipped,
-            )
+        # banned one, hammering) has a line a minute.
+        self._logAMinute(
+            "session.refused", reason, reason,
+            f"{self.protocolName} connection refused peer={self.peerText} reason={reason}",
+            "more refused since the last line",
+        )
         self._closed = True
         self.refusal(reason)
         self._out.flush()
         self.transport.loseConnection()
+
+    def _logAMinute(self, event, reason, key, line, moreText):
+        """
+        Log C{line} as C{event} unless this peer's address had a line for
+        C{key} less than a minute ago (the factory's C{refusals}, a
+        L{RefusalLog}), saying how many went unlogged since.
+        """
+        skipped = self.factory.refusals.note(getattr(self.peer, "host", self.peerText), key)
+        if skipped is not None:
+            more = f" ({skipped} {moreText})" if skipped else ""
+            self.logInfo(event, line + more, reason=reason, unlogged=skipped)
 
     def connectionLost(self, reason):
         self._closed = True
@@ -352,16 +359,12 @@ class CommandSession(Protocol):
             why = getattr(error, "reason", None) or str(error)
             self.factory.metrics.tlsFailed(self.protocolName)
             # A scanner's every connection fails its handshake: a line a
-            # minute per address and reason (see RefusalLog).
-            skipped = self.factory.refusals.note(getattr(self.peer, "host", self.peerText), f"tls: {why}")
-            if skipped is not None:
-                more = f" ({skipped} more since the last line)" if skipped else ""
-                self.logInfo(
-                    "session.tls_failed",
-                    f"{self.protocolName} TLS failed peer={self.peerText} reason={why}{more}",
-                    reason=why,
-                    unlogged=skipped,
-                )
+            # minute per address and reason.
+            self._logAMinute(
+                "session.tls_failed", why, f"tls: {why}",
+                f"{self.protocolName} TLS failed peer={self.peerText} reason={why}",
+                "more since the last line",
+            )
         self._buffer = b""
         self._pos = 0
         self.rawReceiver = None
