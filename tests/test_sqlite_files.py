@@ -125,14 +125,29 @@ def test_anEmptyFileMadeBeforehandIsNarrowedBeforeMailGoesIn(tmp_path, permissiv
     assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
 
 
+def startupWarnings(dbpath, event):
+    """
+    The warnings named C{event} that a server on the SQLite file at
+    C{dbpath} says at its start.
+    """
+    from mailgate.service import MailgateConfig, makeService
+
+    reactor = IteratedReactor()
+    try:
+        service = makeService(MailgateConfig(database=f"sqlite:///{dbpath}", pop3=[]), reactor=reactor)
+        service.store.engine.releaseServer()
+    finally:
+        reactor.close()
+    return [text for name, text in service.startupWarnings if name == event]
+
+
+
 def test_aDatabaseOthersMayReadIsWarnedOfAtEveryStart(tmp_path):
     """
     A database holding mail that others may read is left as it is (an
     administrator may mean it) but warned of whenever a server starts on
     it, with what to do.
     """
-    from mailgate.service import MailgateConfig, makeService
-
     dbpath = tmp_path / "mail.sqlite3"
     store = openSynchronousStore(f"sqlite:///{dbpath}")
     try:
@@ -141,13 +156,7 @@ def test_aDatabaseOthersMayReadIsWarnedOfAtEveryStart(tmp_path):
         store.close()
     for mode, warned in ((0o600, False), (0o640, True), (0o644, True)):
         os.chmod(dbpath, mode)
-        reactor = IteratedReactor()
-        try:
-            service = makeService(MailgateConfig(database=f"sqlite:///{dbpath}", pop3=[]), reactor=reactor)
-            service.store.engine.releaseServer()
-        finally:
-            reactor.close()
-        warnings = [text for event, text in service.startupWarnings if event == "database.file_permissions"]
+        warnings = startupWarnings(dbpath, "database.file_permissions")
         assert bool(warnings) == warned, (oct(mode), warnings)
         if warned:
             assert warnings == [
@@ -206,8 +215,6 @@ def test_aDatabaseDirectoryOthersMayWriteIsWarnedOfAtEveryStart(tmp_path):
     own -wal file there (SQLite then writes mail into a file they own) or
     a link in place of the lock: warned of at every start, with what to do.
     """
-    from mailgate.service import MailgateConfig, makeService
-
     directory = tmp_path / "db"
     directory.mkdir()
     dbpath = directory / "mail.sqlite3"
@@ -218,13 +225,7 @@ def test_aDatabaseDirectoryOthersMayWriteIsWarnedOfAtEveryStart(tmp_path):
         store.close()
     for mode, warned in ((0o700, False), (0o755, False), (0o775, True), (0o1777, True), (0o757, True)):
         os.chmod(directory, mode)
-        reactor = IteratedReactor()
-        try:
-            service = makeService(MailgateConfig(database=f"sqlite:///{dbpath}", pop3=[]), reactor=reactor)
-            service.store.engine.releaseServer()
-        finally:
-            reactor.close()
-        warnings = [text for event, text in service.startupWarnings if event == "database.directory_permissions"]
+        warnings = startupWarnings(dbpath, "database.directory_permissions")
         assert bool(warnings) == warned, (oct(mode), warnings)
         if warned:
             assert warnings == [
