@@ -125,6 +125,17 @@ def test_anEmptyFileMadeBeforehandIsNarrowedBeforeMailGoesIn(tmp_path, permissiv
     assert all(mode == 0o600 for mode in found.values()), {k: oct(v) for k, v in found.items()}
 
 
+def withAUser(dbpath):
+    """
+    Make an SQLite database at C{dbpath} holding one user.
+    """
+    store = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(store, "alice@example.org", "pw")
+    finally:
+        store.close()
+
+
 def startupWarnings(dbpath, event):
     """
     The warnings named C{event} that a server on the SQLite file at
@@ -149,11 +160,7 @@ def test_aDatabaseOthersMayReadIsWarnedOfAtEveryStart(tmp_path):
     it, with what to do.
     """
     dbpath = tmp_path / "mail.sqlite3"
-    store = openSynchronousStore(f"sqlite:///{dbpath}")
-    try:
-        addUser(store, "alice@example.org", "pw")
-    finally:
-        store.close()
+    withAUser(dbpath)
     for mode, warned in ((0o600, False), (0o640, True), (0o644, True)):
         os.chmod(dbpath, mode)
         warnings = startupWarnings(dbpath, "database.file_permissions")
@@ -218,11 +225,7 @@ def test_aDatabaseDirectoryOthersMayWriteIsWarnedOfAtEveryStart(tmp_path):
     directory = tmp_path / "db"
     directory.mkdir()
     dbpath = directory / "mail.sqlite3"
-    store = openSynchronousStore(f"sqlite:///{dbpath}")
-    try:
-        addUser(store, "alice@example.org", "pw")
-    finally:
-        store.close()
+    withAUser(dbpath)
     for mode, warned in ((0o700, False), (0o755, False), (0o775, True), (0o1777, True), (0o757, True)):
         os.chmod(directory, mode)
         warnings = startupWarnings(dbpath, "database.directory_permissions")
