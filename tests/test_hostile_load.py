@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import time
 import urllib.request
 
@@ -471,6 +472,61 @@ def test_aScannerOnThePop3sPortCostsALineAMinute(tmp_path, mailgate_server):
     reasons = {re.search(r"reason=(\S+)", line).group(1) for line in lines}
     assert len(lines) == len(reasons) <= 3, lines
 
+
+
+def _tlsClient(port, source, certificate):
+    """
+    A real TLS client on C{port} from C{source}, its handshake done.
+    """
+    context = ssl.create_default_context(cafile=str(certificate))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+@sqliteOnly
+def test_aRefusedPop3sClientThatNeverFinishesItsHandshakeIsClosedSoon(tmp_path, mailgate_server):
+    """
+    A connection refused as it arrives on --pop3s (here over
+    --max-connections-per-ip) waits for its TLS handshake only briefly
+    (TLSLayer.refusalTimeout), since it holds a descriptor counted in no
+    limit: a real TLS client still reads why it was refused, while one
+    that connects and never sends its ClientHello (a scanner) is closed
+    well before the 10 s (TLSLayer.closeTimeout) it used to hold its
+    descriptor for.
+    """
+    from certs import makeCertificate
+
+    from mailgate.session.tlslayer import TLSLayer
+
+    certificate, key = makeCertificate(tmp_path, "mailgate.test")
+    server = mailgate_server(
+        "--pop3s", "tcp:0:interface=127.0.0.1", "--tls-cert", str(certificate), "--tls-key", str(key),
+        "--exempt-network", "none", "--max-connections-per-ip", "1", "--metrics", "tcp:0:interface=127.0.0.1",
+    )
+    port = server.portOf("POP3S")
+    source = "127.0.3.63"
+    held = _tlsClient(port, source, certificate)
+    try:
+        assert LineReader(held).line().startswith(b"+OK")
+        refused = _tlsClient(port, source, certificate)
+        with refused:
+            assert LineReader(refused).line() == b"-ERR [SYS/TEMP] too many connections\r\n"
+        silent = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+        with silent:
+            # A bounded wait shorter than closeTimeout: before the fix the
+            # server held the connection for all of it.
+            silent.settimeout(TLSLayer.closeTimeout - 1)
+            try:
+                end = silent.recv(1)
+            except ConnectionResetError:
+                end = b""
+            except TimeoutError:
+                pytest.fail(f"a refused connection silent in its handshake still open after {TLSLayer.closeTimeout - 1} s")
+            assert end == b""
+        counted = metricValue(metrics(server), "mailgate_connections_refused_total", protocol="pop3", reason="too_many")
+        assert counted == 2
+    finally:
+        held.close()
 
 
 @sqliteOnly

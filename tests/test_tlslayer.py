@@ -25,6 +25,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgate.policy.descriptors import DescriptorAllowance
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
 from mailgate.tls import isSecure
@@ -39,17 +40,21 @@ class Session(Protocol):
     Its greeting (if any) is written when it is connected.
     """
 
-    def __init__(self, greeting=None, closeAtOnce=False):
+    def __init__(self, greeting=None, closeAtOnce=False, refuseAtOnce=False):
         self.received = b""
         self.lost = None
         self.greeting = greeting
         self.closeAtOnce = closeAtOnce
+        self.refuseAtOnce = refuseAtOnce
 
     def connectionMade(self):
         if self.greeting is not None:
             self.transport.write(self.greeting)
         if self.closeAtOnce:
             self.transport.loseConnection()
+        if self.refuseAtOnce:
+            # As the session core refuses a connection as it arrives.
+            self.transport.closeRefused()
 
     def dataReceived(self, data):
         self.received += data
@@ -106,11 +111,14 @@ class Wire:
     octets between them.
     """
 
-    def __init__(self, tls, cafile, session, maximum=None):
+    def __init__(self, tls, cafile, session, maximum=None, refusals=None):
         self.clock = Clock()
         self.transport = StringTransport()
         self.session = session
         self.layer = TLSLayer(tls.context, session, self.clock)
+        if refusals is not None:
+            # The test's own, not the process's.
+            self.layer.refusals = refusals
         self.layer.makeConnection(self.transport)
         self.client = Client(cafile, maximum)
 
@@ -283,6 +291,95 @@ def test_aHandshakeThatNeverComesIsAbortedAfterAClose(tls, pair):
     wire.clock.advance(1)
     assert wire.transport.disconnected  # aborted
     assert wire.transport.value() == b""
+
+
+def refusedWire(tls, pair, allowance):
+    """
+    A L{Wire} whose session refuses the connection as it arrives, the
+    layer holding refused connections to C{allowance}.
+    """
+    return Wire(tls, pair[0], Session(b"-ERR [SYS/TEMP] banned\r\n", refuseAtOnce=True), refusals=allowance)
+
+
+def test_aRefusalIsReadByAClientThatFinishesItsHandshake(tls, pair):
+    """
+    A connection refused as it arrived (closeRefused) over implicit TLS:
+    a client that completes its handshake reads the refusal, then the
+    close; the timer is cancelled, and the descriptor it held from the
+    refusals' allowance is given back once the connection is gone.
+    """
+    allowance = DescriptorAllowance(1)
+    wire = refusedWire(tls, pair, allowance)
+    assert not wire.transport.disconnecting
+    assert allowance.held == 1
+    assert wire.handshake()
+    assert wire.transport.disconnecting
+    assert wire.client.read() == b"-ERR [SYS/TEMP] banned\r\n"
+    assert wire.client.read() is None
+    assert wire.clock.getDelayedCalls() == []
+    wire.lose()
+    assert allowance.held == 0
+
+
+def test_aRefusedHandshakeThatNeverComesIsAbortedSoon(tls, pair):
+    """
+    A refused client that never finishes its handshake (a scanner that
+    connects and sends nothing) is aborted after refusalTimeout, a fraction
+    of closeTimeout, holding its descriptor no longer; the allowance is
+    given back when the connection is gone.
+    """
+    assert TLSLayer.refusalTimeout <= TLSLayer.closeTimeout / 4
+    allowance = DescriptorAllowance(1)
+    wire = refusedWire(tls, pair, allowance)
+    wire.clock.advance(TLSLayer.refusalTimeout - 0.1)
+    assert not wire.transport.disconnecting
+    wire.clock.advance(0.1)
+    assert wire.transport.disconnected  # aborted
+    assert wire.transport.value() == b""
+    assert allowance.held == 1
+    wire.lose()
+    assert allowance.held == 0
+    assert wire.clock.getDelayedCalls() == []
+
+
+def test_aRefusedHandshakeIsAbortedAtOnceWhenDescriptorsAreShort(tls, pair):
+    """
+    With every descriptor allowed to refused connections held, one more
+    refused connection still in its handshake is aborted at once, waiting
+    for nothing, and takes nothing from the allowance.
+    """
+    allowance = DescriptorAllowance(1)
+    first = refusedWire(tls, pair, allowance)
+    second = refusedWire(tls, pair, allowance)
+    assert not first.transport.disconnecting
+    assert second.transport.disconnected  # aborted
+    assert second.clock.getDelayedCalls() == []
+    assert allowance.held == 1
+    second.lose()
+    assert allowance.held == 1
+    # Once the first is gone, a refused connection waits again.
+    first.clock.advance(TLSLayer.refusalTimeout)
+    first.lose()
+    assert allowance.held == 0
+    third = refusedWire(tls, pair, allowance)
+    assert not third.transport.disconnecting
+    assert allowance.held == 1
+
+
+def test_aRefusalAfterTheHandshakeClosesAsAnyClose(tls, pair):
+    """
+    closeRefused on a connection whose handshake is over is loseConnection:
+    the refusal, then the close, and nothing taken from the allowance.
+    """
+    allowance = DescriptorAllowance(0)
+    wire = Wire(tls, pair[0], Session(), refusals=allowance)
+    assert wire.handshake()
+    wire.layer.write(b"-ERR [SYS/TEMP] shutting down\r\n")
+    wire.layer.closeRefused()
+    assert wire.transport.disconnecting and not wire.transport.disconnected
+    wire.move()
+    assert wire.client.read() == b"-ERR [SYS/TEMP] shutting down\r\n"
+    assert wire.client.read() is None
 
 
 def test_theClientsCloseNotifyClosesTheConnection(tls, pair):

@@ -335,7 +335,14 @@ class CommandSession(Protocol):
         self._closed = True
         self.refusal(reason)
         self._out.flush()
-        self.transport.loseConnection()
+        closeRefused = getattr(self.transport, "closeRefused", None)
+        if closeRefused is not None:
+            # Implicit TLS: the refusal waits for the client's handshake,
+            # briefly (TLSLayer.refusalTimeout), or not at all when
+            # descriptors are short.
+            closeRefused()
+        else:
+            self.transport.loseConnection()
 
     def _logAMinute(self, event, reason, key, line, moreText):
         """

@@ -26,8 +26,11 @@ What it does, as Twisted's layer did:
     are held and sent after it.
   - L{loseConnection} sends what was written, then a close_notify, then
     closes the connection.  Asked during the handshake, it waits for the
-    handshake (at most L{closeTimeout} seconds), so a client refused at
-    connection time still reads why.
+    handshake (at most L{closeTimeout} seconds).  A connection refused as
+    it arrived (L{closeRefused}) waits for it at most L{refusalTimeout}
+    seconds, so that a client refused at connection time still reads why
+    but a scanner that never finishes its handshake does not hold a
+    descriptor for long; none at all when descriptors are short.
   - A close_notify from the client closes the connection.
   - A failed handshake or a corrupt record: the alert OpenSSL made is sent,
     the connection closed, and the session's C{connectionLost} gets the
@@ -45,6 +48,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgate.policy.descriptors import refusedInHandshake
 from mailgate.timers import cancelled
 from mailgate.twistedcompat import sendNow
 
@@ -71,6 +75,20 @@ class TLSLayer:
     #: seconds a close asked for during the handshake waits for it
     closeTimeout = 10.0
 
+    #: seconds a connection refused as it arrived (too many connections, a
+    #: banned address, the server stopping: L{closeRefused}) waits for its
+    #: handshake, so that the client reads why, before it is aborted.  A
+    #: real client's handshake takes a round trip or two, milliseconds; a
+    #: scanner's never comes.  Refused connections are counted in no
+    #: connection limit and each holds a descriptor while it waits: a
+    #: banned scanner hammering the port holds its rate times this many.
+    refusalTimeout = 2.0
+
+    #: the descriptors refused connections may hold while they wait (a
+    #: L{mailgate.policy.descriptors.DescriptorAllowance}, the process's);
+    #: when all are held, a refused connection is aborted at once
+    refusals = refusedInHandshake
+
     #: plaintext octets asked of OpenSSL per read (it gives at most a record)
     readSize = 64 * 1024
 
@@ -86,6 +104,7 @@ class TLSLayer:
         self._held = []
         self._shutDown = False
         self._closeTimer = None
+        self._holdsRefusal = False
         self._error = None
         self.connected = False
         self.disconnecting = False
@@ -227,6 +246,9 @@ class TLSLayer:
         self.connected = False
         self.disconnecting = True
         self._cancelCloseTimer()
+        if self._holdsRefusal:
+            self._holdsRefusal = False
+            self.refusals.give()
         if self._error is not None:
             reason = Failure(self._error)
         try:
@@ -295,6 +317,26 @@ class TLSLayer:
             self._closeTimer = self._clock.callLater(self.closeTimeout, self._handshakeTooSlow)
             return
         self._shutdown()
+
+    def closeRefused(self):
+        """
+        Close a connection refused as it arrived, its refusal written: as
+        L{loseConnection}, but one still in its handshake waits for it
+        L{refusalTimeout} seconds at most, and is aborted at once,
+        unanswered, when the descriptors refused connections may hold
+        (L{refusals}) are all held.
+        """
+        if self.disconnecting or not self.connected:
+            return
+        if not self._handshaking:
+            self.loseConnection()
+            return
+        if not self.refusals.take():
+            self.abortConnection()
+            return
+        self._holdsRefusal = True
+        self.disconnecting = True
+        self._closeTimer = self._clock.callLater(self.refusalTimeout, self._handshakeTooSlow)
 
     def _handshakeTooSlow(self):
         self._closeTimer = None
