@@ -1030,6 +1030,21 @@ def test_quit(users, dbpath):
     assert nothingStored(dbpath)
 
 
+@pytest.mark.parametrize("overLMTP", [False, True])
+def test_quitWithAnArgumentIsRefusedAndTheSessionGoesOn(users, overLMTP):
+    """
+    RFC 5321 section 4.1.1.10: C{quit = "QUIT" CRLF}.  A line with more
+    is a syntax error (501, as RSET's), not a QUIT: the session goes on,
+    as with Dovecot's LMTP (tests/test_lmtp_vs_dovecot.py).
+    """
+    s = lmtp(users) if overLMTP else session(users)
+    assert s.command("QUIT now") == "501 5.5.4 QUIT takes no arguments\r\n"
+    assert not s.disconnected
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert s.command("QUIT ").startswith("221 2.0.0")
+    assert s.disconnected
+
+
 def test_idleTimeout(users):
     s = session(users)
     assert s.advance(SMTPServer.idleTimeout - 1) == b""

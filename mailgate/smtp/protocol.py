@@ -371,6 +371,11 @@ class SMTPServer(CommandSession):
         self._junk()
 
     def smtp_QUIT(self, argument):
+        # RFC 5321 section 4.1.1.10: QUIT takes no argument; a line with
+        # one is no QUIT (as RSET's and STARTTLS's), and the session goes
+        # on (Dovecot's LMTP answers it so too).
+        if argument.strip():
+            return self._bad(501, "5.5.4", "QUIT takes no arguments")
         self._reply(221, "2.0.0", f"{self.hostname} closing connection")
         self.close()
 
