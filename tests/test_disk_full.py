@@ -23,12 +23,14 @@ disk does, and PostgreSQL's class 53 errors are classified as the engine
 receives them.
 """
 
+import base64
 import contextlib
 import errno
 import os
 import poplib
 import secrets
 import smtplib
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.parse
@@ -225,6 +227,95 @@ def test_aDatabaseWithNoRoomAnswers452AndStoresNothing(store, lmtp):
     assert final.startswith("452 4.3.1 "), replies
     assert "insufficient system storage" in final
     assert resultOf(store.listMessages(ALICE)) == []
+
+
+#: SQLite's page size for the database of the I/O error test: small pages
+#: make a transaction of a few megabytes write more than the 4062 frames
+#: past which the write-ahead log's index (the -shm file) must grow by
+#: 32 KiB
+SMALL_PAGE = 512
+#: free room made at a time while looking for the write that fails: less
+#: than the 32 KiB the -shm grows by, so that one attempt finds the log's
+#: frames written and the -shm without room to grow
+STEP = 16 * 1024
+
+
+def _storageError(error):
+    """
+    SQLite's own error under C{error} (a L{TemporaryFailure} made of it),
+    or C{None}.
+    """
+    cause = error.__cause__
+    return cause if isinstance(cause, sqlite3.Error) else None
+
+
+@needsRoot
+def test_aDiskIOErrorOnAFullDiskIsStorageFull(tmp_path):
+    """
+    On a full tmpfs SQLite reports some writes that find no room as
+    SQLITE_IOERR ("disk I/O error"), not SQLITE_FULL: here, growing the
+    -shm file for a write-ahead log longer than its first index
+    (SQLITE_IOERR_SHMSIZE).  A delivery failing so is StorageFull (SMTP's
+    452 4.3.1, counted as storage full), as for SQLITE_FULL; the same I/O
+    error once the filesystem has room again is a temporary failure only
+    (a failing disk), 451.
+
+    The disk is filled, then room given back 16 KiB at a time: every
+    attempt that finds no room for the log's frames fails with SQLITE_FULL
+    (and its log keeps the room it took), until one writes them all and
+    the -shm is what finds no room.
+    """
+    from mailgate.store.database import _translate
+
+    with smallTmpfs(tmp_path / "disk", size="16m") as where:
+        path = where / "mail.sqlite3"
+        made = sqlite3.connect(path)
+        made.execute(f"PRAGMA page_size = {SMALL_PAGE}")
+        made.execute("PRAGMA journal_mode = WAL")
+        made.close()
+        store = memoryStore(f"sqlite:///{path}")
+        try:
+            addUser(store, ALICE, PASSWORD)
+            assert store.database.connection.execute("PRAGMA page_size").fetchone()[0] == SMALL_PAGE
+            # 3 MB that no compression makes smaller: the log's frames
+            # for it take at least as much room.
+            body = base64.encodebytes(os.urandom(3 * 1024 * 1024 * 3 // 4)).replace(b"\n", b"\r\n")
+            message = b"Subject: large\r\n\r\n" + body
+            logged = os.path.getsize(f"{path}-wal")
+            filler = fill(where)
+            size = os.path.getsize(filler)
+            # Less room than the frames surely need, then a step at a time
+            # (SQLite writes them all, then grows the -shm to index them).
+            size -= max(0, len(message) - logged - 256 * 1024)
+            error = None
+            for _ in range(1000):
+                os.truncate(filler, size)
+                with pytest.raises(TemporaryFailure) as failed:
+                    deliverTo(store, message)
+                cause = _storageError(failed.value)
+                assert cause is not None, failed.value
+                if cause.sqlite_errorcode & 0xFF != 13:  # not SQLITE_FULL
+                    error = failed.value
+                    break
+                assert isinstance(failed.value, StorageFull)
+                size -= STEP
+            else:
+                pytest.fail("no write failed but for SQLITE_FULL")
+            cause = _storageError(error)
+            assert cause.sqlite_errorname.startswith("SQLITE_IOERR"), cause.sqlite_errorname
+            assert "disk I/O error" in str(cause)
+            assert isinstance(error, StorageFull), error
+            engine = store.database.engine
+            assert engine.isStorageFull(cause)
+            # SMTP's answer and the metric follow StorageFull (see
+            # test_aDatabaseWithNoRoomAnswers452AndStoresNothing and
+            # test_aFullDiskRefusesMailWith452AndServesWhatIsStored).
+            os.unlink(filler)
+            assert not engine.isStorageFull(cause)
+            translated = _translate(engine, cause)
+            assert isinstance(translated, TemporaryFailure) and not isinstance(translated, StorageFull)
+        finally:
+            store.close()
 
 
 def test_onlyADiskFullIsStorageFullOnPostgreSQL():

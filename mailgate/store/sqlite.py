@@ -333,7 +333,7 @@ class SQLiteEngine:
         stops with C{EX_TEMPFAIL} rather than C{EX_CONFIG}, so a supervisor
         tries again, and the admin command says to try again.
         """
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = self._directory()
         if _primaryCode(error) == SQLITE_FULL or noRoomIn(directory):
             return StorageFull(f"cannot open SQLite database {self.path}: no space left in {directory} ({error})")
         return TemporaryFailure(f"cannot open SQLite database {self.path}: {error}")
@@ -412,13 +412,31 @@ class SQLiteEngine:
         message = str(exc).lower()
         return any(part in message for part in self._transientMessages)
 
+    def _directory(self):
+        """
+        The directory of the database file, where its C{-wal} and C{-shm}
+        files are made too.
+        """
+        return os.path.dirname(os.path.abspath(self.path))
+
     def isStorageFull(self, exc):
         """
         SQLITE_FULL: a write found no room on the filesystem (SQLite's
         "database or disk is full"; also its max_page_count, which mailgate
-        does not set).
+        does not set).  Or SQLITE_IOERR ("disk I/O error") while the
+        database's filesystem has no room left (L{noRoomIn}): that is how
+        SQLite reports a full disk met by some of its writes, growing the
+        C{-shm} file (C{SQLITE_IOERR_SHMSIZE}, on a full tmpfs) or where
+        the filesystem reports no room only at C{fsync} or as C{EIO}
+        (C{SQLITE_IOERR_WRITE}, C{_FSYNC}); an I/O error on a filesystem
+        with room is a failing disk, a temporary failure as before.
         """
-        return isinstance(exc, sqlite3.Error) and _primaryCode(exc) == SQLITE_FULL
+        if not isinstance(exc, sqlite3.Error):
+            return False
+        code = _primaryCode(exc)
+        if code == SQLITE_FULL:
+            return True
+        return code == SQLITE_IOERR and not self.ephemeral and noRoomIn(self._directory())
 
     def isRetryable(self, exc):
         return False
