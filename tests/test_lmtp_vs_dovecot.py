@@ -570,8 +570,9 @@ DIFFERENCES = (
     # local-part "@" domain, the local part a dot-string or quoted.
     # mailgate refuses with 501 5.1.7 (RFC 3463's "bad sender's mailbox
     # address syntax") a sender no bounce could go back to (<a>,
-    # <a@b@example.net>, <a..b@example.net>, <a@[300.0.0.1]>, ...);
-    # Dovecot takes any text.
+    # <a@b@example.net>, <a@>, <a@[300.0.0.1]>, ...); Dovecot takes any
+    # text.  (It takes dots out of place in the local part, <a..b@...>,
+    # as Dovecot and Postfix do: mobile carriers' users send from them.)
     Difference("a sender address RFC 5321 does not allow", _strictSender, diverges=True),
     # RFC 1869 section 6 (RFC 5321 section 4.1.1.11): a parameter the
     # server did not announce is refused with 555.  Dovecot announces no
@@ -784,6 +785,8 @@ SEQUENCES = {
     "MAIL twice": HELLO + lines("MAIL FROM:<a@example.net>", "MAIL FROM:<b@example.net>", f"RCPT TO:<{ALICE}>",
                                 "DATA") + [message()],
     "DATA with an argument": envelope(ALICE) + lines("DATA x", "RSET", "NOOP"),
+    "a sender with dots out of place": HELLO + lines("MAIL FROM:<taro..yamada.@docomo.example>", f"RCPT TO:<{ALICE}>",
+                                                     "DATA") + [message()],
     "the null sender": HELLO + lines("MAIL FROM:<>", f"RCPT TO:<{ALICE}>", "DATA") + [message()],
     "recipient forms": envelope(ALICE) + lines("RCPT TO <alice@example.org>", "RCPT", "RCPT FROM:<alice@example.org>",
                                                "DATA") + [message()],

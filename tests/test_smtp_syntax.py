@@ -183,6 +183,27 @@ def test_aSenderLocalPartMayBeLongerThan64Octets():
         rcptTo(f"TO:<{SRS_SENDER}>")
 
 
+@pytest.mark.parametrize("local", ["taro..yamada", "taro.", ".taro", "a...b.", "."])
+def test_aSenderLocalPartsDotsMayBeOutOfPlace(local):
+    """
+    Mail comes from addresses with dots out of place (Japanese mobile
+    carriers gave out "taro..yamada." for years): not RFC 5321's
+    dot-string, but Postfix and Dovecot's LMTP take them as senders, and
+    a refusal bounced an MTA's mail (tests/test_lmtp_vs_dovecot.py).  A
+    recipient's local part stays a dot-string (L{test_malformedPaths}),
+    and so does the rest of a sender's address.
+    """
+    assert mailFrom(f"FROM:<{local}@docomo.example>") == (f"{local}@docomo.example", {})
+    assert mailFrom(f"FROM:<{local}@docomo.example> BODY=8BITMIME") == (
+        f"{local}@docomo.example", {"BODY": "8BITMIME"}
+    )
+    with pytest.raises(EnvelopeSyntaxError, match="invalid local part"):
+        rcptTo(f"TO:<{local}@example.org>")
+    for malformed in (f"{local}@docomo..example", f"{local} x@docomo.example", f"{local}@", f"a@{local}@x.example"):
+        with pytest.raises(EnvelopeSyntaxError):
+            mailFrom(f"FROM:<{malformed}>")
+
+
 def test_envelopeSyntaxErrorIsAValueError():
     with pytest.raises(ValueError):
         rcptTo("TO:garbage")

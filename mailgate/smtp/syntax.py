@@ -40,6 +40,10 @@ class NonASCIIAddress(EnvelopeSyntaxError):
 _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
 _DOT_STRING = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*$")
+# A sender's local part of dot-string characters whose dots are out of
+# place (".a", "a.", "a..b"): not RFC 5321's dot-string, but the addresses
+# some mobile carriers gave their users, which mail comes from every day.
+_LOOSE_DOTS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff.-]+$")
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
@@ -91,13 +95,15 @@ def _splitPath(text):
     raise EnvelopeSyntaxError("unterminated <address>")
 
 
-def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART):
+def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART, looseDots=False):
     """
     Check a C{local@domain} mailbox (RFC 5321 section 4.1.2).
 
     @param utf8: allow UTF-8 (the client said SMTPUTF8).
     @param maxLocalPart: the longest local part accepted, in octets;
         C{None} for no limit but the path's.
+    @param looseDots: accept a local part whose dots are out of place
+        (C{a..b}, C{a.}, C{.a}), as a sender's.
     @raise EnvelopeSyntaxError: if malformed.
     """
     if not mailbox.isascii():
@@ -110,7 +116,7 @@ def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART):
         raise EnvelopeSyntaxError("the address must be local-part@domain")
     if maxLocalPart is not None and len(local.encode("utf-8")) > maxLocalPart:
         raise EnvelopeSyntaxError("local part too long")
-    if not _DOT_STRING.match(local):
+    if not _DOT_STRING.match(local) and not (looseDots and _LOOSE_DOTS.match(local)):
         if not _QUOTED.match(local):
             raise EnvelopeSyntaxError("invalid local part")
         local = _unquoted(local)
@@ -194,4 +200,9 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     # and Postfix takes them.  A recipient's names a user here, never that
     # long.
     limit = MAX_LOCAL_PART if keyword == "TO" else None
-    return checkMailbox(inside, utf8, limit), parameters
+    # So may its dots be out of place: Japanese mobile carriers long gave
+    # out addresses such as "taro..yamada." (not RFC 5321's dot-string),
+    # and mail from them still comes.  Postfix takes them, and so does
+    # Dovecot's LMTP: refused here, an MTA handing such mail over by LMTP
+    # bounced it.  A recipient's names a user here, never so written.
+    return checkMailbox(inside, utf8, limit, looseDots=keyword == "FROM"), parameters
