@@ -765,6 +765,10 @@ SEQUENCES = {
     "no header": delivery(ALICE, data=Message(b"X-Run: @ID@\r\nno separator, no body\r\n.\r\n")),
     "bare LF in the data": delivery(ALICE, data=message(b"Subject: bare\r\n\r\nbare LF\nhere\r\nnext\r\n")),
     "bare CR in the data": delivery(ALICE, data=message(b"Subject: bare\r\n\r\nbare CR\rhere\r\nCRCRLF\r\r\n")),
+    "a bare CR before the end of the data": delivery(ALICE, data=Message(b"X-Run: @ID@\r\n\r\nlast\r\r\n.\r\n")),
+    "a last line without its own line end": delivery(ALICE, data=Message(b"X-Run: @ID@\r\n\r\nlast.\r\n.\r\n")),
+    "the data and QUIT in one write": envelope(ALICE) + lines("DATA")
+    + [Message(b"X-Run: @ID@\r\n\r\nbody\r\n.\r\nQUIT\r\n"), *lines("NOOP")],
     "NUL in the data": delivery(ALICE, data=message(b"Subject: nul\r\n\r\na\0b\r\n")),
     "a dot next to a bare LF": delivery(ALICE, data=message(b"Subject: x\r\n\r\nline\n.\nafter\r\n")),
     "LF dot LF in the data": delivery(ALICE, data=message(b"Subject: x\r\n\r\nline\n.\r\nafter\r\n")),
@@ -909,37 +913,74 @@ RANDOM_STEPS = 10
 SEED = 2033
 
 
+#: Message texts the random mix picks from.
+RANDOM_TEXTS = (
+    b"Subject: random\r\n\r\n.dot\r\nline\r\n",
+    b"Subject: random\r\n\r\n..\r\n...\r\n",
+    b"Subject: bare\r\n\r\nbare LF\nbare CR\rend\r\n",
+    b"Subject: long\r\n\r\n" + b"z" * 3000 + b"\r\n",
+    b"\r\nno header\r\n",
+    b"",
+)
+
+
 def randomCommand(rng):
     """
     One command line: most of them well-formed, some in odd case or with
     odd arguments.
     """
-    recipient = rng.choice([ALICE, BOB, CAROL, NOBODY, "x@example.net", ALICE.upper()])
+    recipient = rng.choice([ALICE, BOB, CAROL, NOBODY, "x@example.net", ALICE.upper(), "bob+tag@example.org"])
     command = rng.choice([
         "LHLO client.test", "MAIL FROM:<a@example.net>", "MAIL FROM:<>", f"RCPT TO:<{recipient}>",
-        f"RCPT TO:<{recipient}>", f"RCPT TO:<{recipient}>", "DATA", "DATA", "RSET", "NOOP", "VRFY alice",
-        "HELP", "XYZZY", "MAIL FROM:<a@example.net> SIZE=100", "MAIL FROM:<a@example.net> BODY=8BITMIME",
+        f"RCPT TO:<{recipient}>", "DATA", "RSET", "NOOP", "VRFY alice", "XYZZY", "QUIT x",
+        "MAIL FROM:<a@example.net> BODY=8BITMIME", "MAIL FROM:<a@example.net> BODY=7BIT",
         "MAIL FROM:a@example.net", f"RCPT TO:{recipient}", "MAIL FROM:<a@example.net> FOO=1", "",
+        "RCPT TO:<>", "DATA x", "LHLO",
     ])
     if rng.random() < 0.1:
         command = command.lower()
     return command
 
 
+def randomTransaction(rng):
+    """
+    The commands of one transaction (MAIL, RCPTs, DATA), some dropped,
+    some random ones put in among them.
+    """
+    recipients = [rng.choice([ALICE, BOB, CAROL, NOBODY, "bob+tag@example.org"]) for _ in range(rng.randint(1, 3))]
+    commands = [rng.choice(["MAIL FROM:<a@example.net>", "MAIL FROM:<>", "MAIL FROM:<a@example.net> BODY=8BITMIME"])]
+    commands += [f"RCPT TO:<{r}>" for r in recipients] + ["DATA"]
+    if rng.random() < 0.2:
+        del commands[rng.randrange(len(commands))]
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        commands.insert(rng.randrange(len(commands) + 1), randomCommand(rng))
+    return commands
+
+
 def randomSequence(rng):
     steps = []
-    if rng.random() < 0.8:
+    if rng.random() < 0.9:
         steps += HELLO
-    for _ in range(rng.randint(1, RANDOM_STEPS)):
-        command = randomCommand(rng)
-        if rng.random() < 0.2 and steps and isinstance(steps[-1], tuple):
-            steps[-1] = steps[-1] + batch(command)
-        elif rng.random() < 0.15:
-            steps.append(batch(command))
+    for _ in range(rng.randint(1, RANDOM_STEPS // 4)):
+        commands = randomTransaction(rng) if rng.random() < 0.8 else [
+            randomCommand(rng) for _ in range(rng.randint(1, RANDOM_STEPS))
+        ]
+        if rng.random() < 0.4:
+            # Pipelined up to a DATA, the last of its group (RFC 2920).
+            group = []
+            for command in commands:
+                group.append(command)
+                if verbOf(command.encode()) == b"DATA":
+                    steps.append(batch(*group))
+                    steps.append(message(rng.choice(RANDOM_TEXTS)))
+                    group = []
+            if group:
+                steps.append(batch(*group))
         else:
-            steps += lines(command)
-        if verbOf(command.encode()) == b"DATA":
-            steps.append(message(b"Subject: random\r\n\r\n.dot\r\nline\r\n"))
+            for command in commands:
+                steps += lines(command)
+                if verbOf(command.encode()) == b"DATA":
+                    steps.append(message(rng.choice(RANDOM_TEXTS)))
     if rng.random() < 0.5:
         steps += lines("QUIT")
     return steps
