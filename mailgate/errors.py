@@ -7,6 +7,14 @@ Protocol code turns these into replies (C{-ERR [SYS/TEMP]}, C{451 4.3.0},
 failure it is rather than where it came from.
 """
 
+import re
+
+#: a SQLSTATE (PostgreSQL's error code), and the name of an SQLite result
+#: code: fixed vocabularies, safe to show
+_SQLSTATE = re.compile(r"[0-9A-Z]{5}")
+_SQLSTATE_IN_TEXT = re.compile(r"\bSQLSTATE ([0-9A-Z]{5})\b")
+_SQLITE_CODE = re.compile(r"SQLITE_[A-Z_]{1,40}")
+
 
 class MailgateError(Exception):
     """
@@ -49,6 +57,21 @@ class StorageFull(TemporaryFailure):
     5321's "insufficient system storage"), as Dovecot's LMTP does, so the
     sending MTA keeps the message and its log tells the administrator why.
     """
+
+
+class WritesFailing(TemporaryFailure):
+    """
+    The health check's verdict on a database that may still read but whose
+    latest write transaction failed (a full disk, a filesystem turned
+    read-only, a standby): mail cannot be stored until a write commits.
+
+    @ivar kind: what kind of failure it is, in words that carry none of
+        the error's text (L{errorKind}).
+    """
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.kind = kind
 
 
 class MaildropLockLost(TemporaryFailure):
@@ -148,3 +171,51 @@ class QuotaExceeded(MailgateError):
 
     def __str__(self):
         return "mailbox full: " + ", ".join(self.addresses)
+
+
+def errorKind(error):
+    """
+    What kind of failure C{error} is, in words that carry none of its text:
+    C{"storage full"} for L{StorageFull}, otherwise the class of the error
+    at the bottom of its chain (the driver's, beneath mailgate's own),
+    after mailgate's own class when it says more than a temporary failure
+    (L{DatabaseRefused}), and the SQLSTATE or SQLite result code when
+    there is one (the driver's, or the one L{mailgate.store.pgrefusal}
+    wrote into the message), e.g. C{"OperationalError, SQLSTATE 57P01"},
+    C{"DatabaseRefused, OperationalError, SQLSTATE 28P01"} or
+    C{"OperationalError, SQLITE_READONLY"}.
+
+    What answers anyone who asks (the health endpoint) says this and no
+    more: a database error's text can name hosts, users, databases and
+    paths (libpq's C{connection to server at "db.internal" (10.0.0.5)
+    ... password authentication failed for user "mailgate"}), which
+    belong in the log only.
+    """
+    if isinstance(error, StorageFull):
+        return "storage full"
+    if isinstance(error, WritesFailing):
+        return error.kind
+    chain = [error]
+    for _ in range(8):
+        above = chain[-1]
+        beneath = above.__cause__
+        if beneath is None and not above.__suppress_context__:
+            beneath = above.__context__
+        if beneath is None:
+            break
+        chain.append(beneath)
+    bottom = chain[-1]
+    parts = []
+    if bottom is not error and isinstance(error, MailgateError) and type(error) is not TemporaryFailure:
+        parts.append(type(error).__name__)
+    parts.append(type(bottom).__name__)
+    sqlstate = getattr(bottom, "sqlstate", None)
+    if not (isinstance(sqlstate, str) and _SQLSTATE.fullmatch(sqlstate)):
+        found = (_SQLSTATE_IN_TEXT.search(str(each)) for each in chain)
+        sqlstate = next((match.group(1) for match in found if match), None)
+    if sqlstate is not None:
+        parts.append(f"SQLSTATE {sqlstate}")
+    code = getattr(bottom, "sqlite_errorname", None)
+    if isinstance(code, str) and _SQLITE_CODE.fullmatch(code):
+        parts.append(code)
+    return ", ".join(parts)

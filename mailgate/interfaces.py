@@ -769,6 +769,11 @@ class IDatabase(Interface):
         "Why the latest write transaction failed, or C{None} once one has "
         "committed since (or none failed): the health check's view of writes."
     )
+    writeFailureKind = Attribute(
+        "What kind of failure L{writeFailure} is, without its text "
+        "(L{mailgate.errors.errorKind}), or C{None}: what the health check "
+        "answers with."
+    )
 
     def runInteraction(function, *args, **kwargs):
         """

@@ -60,7 +60,7 @@ from twisted.protocols import policies
 from twisted.web import http, resource, server
 
 from mailgate import __version__
-from mailgate.errors import ShuttingDown
+from mailgate.errors import ShuttingDown, WritesFailing, errorKind
 from mailgate.timers import cancelled
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
@@ -488,6 +488,13 @@ class _Health(resource.Resource):
     C{timeout} seconds, 503 otherwise, for load balancers.  A failure is
     logged once (C{health.failed}) until its reason changes, and its end
     once (C{health.recovered}): balancers ask every second or two.
+
+    The 503's body says what a balancer and an operator need (the
+    database is unavailable, or takes no writes, and the error's class and
+    SQLSTATE: L{errorKind}), never the database error's text: the
+    endpoint is open to balancers and sometimes wider, and the text can
+    name hosts, users, databases and paths.  The text goes to the log, in
+    C{health.failed}.
     """
 
     log = Logger()
@@ -529,13 +536,17 @@ class _Health(resource.Resource):
                 answer(503, "unavailable: shutting down\n")
                 return
             if failure.check(defer.TimeoutError):
-                reason = f"the database did not answer within {self._timeout:g} s"
+                reason = shown = f"the database did not answer within {self._timeout:g} s"
             else:
                 reason = f"the database failed: {' '.join(str(failure.value).split())}"
+                if failure.check(WritesFailing):
+                    shown = f"database writes fail ({errorKind(failure.value)})"
+                else:
+                    shown = f"database unavailable ({errorKind(failure.value)})"
             if reason != self._loggedReason:
                 self._loggedReason = reason
                 self.log.warn("health check: {reason}", reason=reason, event="health.failed")
-            answer(503, f"unavailable: {reason}\n")
+            answer(503, f"unavailable: {shown}\n")
 
         d.addCallbacks(healthy, unhealthy)
         return server.NOT_DONE_YET

@@ -28,7 +28,7 @@ from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
 from mailgate.config import SETTINGS, networksOf, splitCertificatePair
-from mailgate.errors import ConfigurationError, ShuttingDown, TemporaryFailure
+from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
@@ -487,13 +487,15 @@ class MailgateService(MultiService):
         """
         if not self.running:
             return defer.fail(ShuttingDown("mailgate is shutting down"))
-        failure = getattr(getattr(self.store, "database", None), "writeFailure", None)
+        database = getattr(self.store, "database", None)
+        failure = getattr(database, "writeFailure", None)
         if failure is not None:
             # Reads may still work on a database that takes no writes (a
             # full disk): mail cannot be delivered, so this node is not
             # healthy until a write commits again (its heartbeat writes
             # every ten seconds).
-            return defer.fail(TemporaryFailure(f"writes fail: {failure}"))
+            kind = getattr(database, "writeFailureKind", None) or "TemporaryFailure"
+            return defer.fail(WritesFailing(f"writes fail: {failure}", kind))
         d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
         d.addTimeout(timeout, self._reactor)
         return d.addCallback(lambda _: None)

@@ -32,7 +32,7 @@ from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 import mailgate
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.passwords import makeCredentials
-from mailgate.errors import ShuttingDown, TemporaryFailure
+from mailgate.errors import ShuttingDown, TemporaryFailure, WritesFailing
 from mailgate.message import spoolBytes
 from mailgate.metrics import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
 from mailgate.store import openStore
@@ -309,9 +309,19 @@ def test_healthFollowsTheWrites(databaseURL):
         assert reactor.wait(root.databaseAnswers()) is None
         assert isinstance(reactor.wait(store.database.runWrite(_brokenWrite)), Failure)
         unhealthy = reactor.wait(root.databaseAnswers())
-        assert isinstance(unhealthy, Failure) and unhealthy.check(TemporaryFailure)
+        assert isinstance(unhealthy, Failure) and unhealthy.check(WritesFailing)
         assert str(unhealthy.value).startswith("writes fail: ")
         assert "no_such_table" in str(unhealthy.value)
+        # What the health endpoint may say of it: the kind, not the text.
+        assert unhealthy.value.kind in ("OperationalError, SQLITE_ERROR", "UndefinedTable, SQLSTATE 42P01")
+        resource = MetricsResource(Metrics(), root.databaseAnswers, reactor, timeout=10.0)
+        with capturedLogs() as logs:
+            answer = get(resource, b"/healthz")
+            reactor.pump(lambda: answer.finished)
+        assert answer.responseCode == 503
+        assert b"".join(answer.written).decode() == f"unavailable: database writes fail ({unhealthy.value.kind})\n"
+        failed = [e["reason"] for e in logs if e.get("event") == "health.failed"]
+        assert len(failed) == 1 and "no_such_table" in failed[0], failed
         # Still unhealthy after a refusal; healthy once a write commits.
         assert isinstance(reactor.wait(store.addUser("alice@example.org", credentials)), Failure)
         assert isinstance(reactor.wait(root.databaseAnswers()), Failure)
@@ -386,6 +396,39 @@ def test_aFailingHealthCheckIsLoggedOncePerReason():
     assert len([e for e in logs if e.get("event") == "health.recovered"]) == 1
 
 
+def test_theKindOfADatabaseErrorCarriesNoneOfItsText(tmp_path):
+    """
+    errorKind, what /healthz says of a failure: the driver's class and
+    its code (SQLite's result code, PostgreSQL's SQLSTATE, or the one
+    pgrefusal wrote into the message), after mailgate's own class when
+    that says more than a temporary failure; "storage full" for a full
+    disk.  Nothing of the message, which here names a path.
+    """
+    import sqlite3
+
+    from mailgate.errors import DatabaseRefused, StorageFull, errorKind
+
+    secret = tmp_path / "secret-directory"
+    secret.mkdir()
+    conn = sqlite3.connect(secret / "mail.sqlite3")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+    finally:
+        conn.close()
+    driver = raised.value
+    assert errorKind(driver) == "OperationalError, SQLITE_ERROR"
+    translated = TemporaryFailure(f"database unavailable in {secret}: {driver}")
+    translated.__cause__ = driver
+    assert errorKind(translated) == "OperationalError, SQLITE_ERROR"
+    refused = DatabaseRefused(f"cannot connect to {secret}; a configuration error (SQLSTATE 28P01): wrong")
+    refused.__cause__ = driver
+    assert errorKind(refused) == "DatabaseRefused, OperationalError, SQLSTATE 28P01, SQLITE_ERROR"
+    assert errorKind(StorageFull(f"no space left in {secret}")) == "storage full"
+    assert errorKind(TemporaryFailure(f"database unavailable: {secret}")) == "TemporaryFailure"
+    assert errorKind(WritesFailing(f"writes fail: {secret}", "storage full")) == "storage full"
+
+
 def test_metricsAndHealth():
     clock = Clock()
     metrics = Metrics()
@@ -412,7 +455,7 @@ def test_metricsAndHealth():
     failing = get(root, b"/healthz")
     answers["d"].errback(TemporaryFailure("database unavailable: connection refused"))
     assert failing.responseCode == 503
-    assert b"".join(failing.written).startswith(b"unavailable: the database failed: database unavailable")
+    assert b"".join(failing.written) == b"unavailable: database unavailable (TemporaryFailure)\n"
 
     # Stopping is no failure: 503 for the balancers, nothing blamed.
     with capturedLogs() as logs:

@@ -431,3 +431,57 @@ def test_theReactorsConnectionsSayItWithoutThePassword():
     with pytest.raises(DatabaseRefused) as e:
         pgreactor.connect("postgresql://mailgate:s3cret-pw@[]/mail", [], [], 1, where="the test's server")
     assert '"postgresql://mailgate:***@[]/mail"' in str(e.value) and "s3cret" not in str(e.value), str(e.value)
+
+
+def test_theHealthCheckTellsTheKindOfErrorNotItsText(roles):
+    """
+    /healthz is open to load balancers, and sometimes wider: while the
+    node's role's password has changed under it, its 503 says the
+    database is unavailable and the error's class and SQLSTATE, not
+    libpq's text, which names the role and the server it connected to;
+    that text goes to the log (health.failed), once.
+    """
+    from twisted.logger import capturedLogs
+    from twisted.web.resource import getChildForRequest
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from mailgate.metrics import Metrics, MetricsResource
+    from mailgate.service import MailgateService
+    from mailgate.store import openStore
+    from pumped import PumpedReactor
+
+    role = roles("LOGIN PASSWORD 'pw-first'")
+    schema = "s_" + secrets.token_hex(4)
+    admin(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+    url = withSchema(asRole(_requirePostgres(), role, "pw-first"), schema)
+    reactor = PumpedReactor()
+    store = openStore(url, reactor=reactor)
+    service = MailgateService(store, reactor=reactor)
+    service.running = True
+    root = MetricsResource(Metrics(), service.databaseAnswers, reactor, timeout=10.0)
+
+    def healthz():
+        request = DummyRequest([b"healthz"])
+        request.uri = request.path = b"/healthz"
+        getChildForRequest(root, request).render(request)
+        reactor.pump(lambda: request.finished)
+        return request.responseCode, b"".join(request.written).decode()
+
+    try:
+        assert healthz() == (200, "ok\n")
+        admin(f"ALTER ROLE {role} PASSWORD 'pw-second'")
+        admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        with capturedLogs() as logs:
+            answers = [healthz() for _ in range(3)]
+        assert {code for code, _ in answers} == {503}, answers
+        host = urlsplit(_requirePostgres()).hostname
+        for _, body in answers:
+            assert body == "unavailable: database unavailable (DatabaseRefused, OperationalError, SQLSTATE 28P01)\n"
+            assert role not in body and host not in body and schema not in body, body
+        failed = [e["reason"] for e in logs if e.get("event") == "health.failed"]
+        assert len(failed) == 1, failed
+        assert role in failed[0] and host in failed[0], failed
+        assert "pw-first" not in failed[0] and "pw-second" not in failed[0]
+    finally:
+        admin(f"ALTER ROLE {role} PASSWORD 'pw-first'")
+        reactor.resultOf(store.close())

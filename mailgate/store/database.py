@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, StorageFull, TemporaryFailure
+from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, StorageFull, TemporaryFailure, errorKind
 from mailgate.interfaces import IBatchableWrite, IDatabase
 
 MAX_BATCH = 256
@@ -490,6 +490,10 @@ class Database:
     #: committed since (what the health check reports: reads may still
     #: work on a database that takes no writes, a full disk say)
     writeFailure = None
+    #: what kind of failure that is, without its text (L{errorKind}: what
+    #: the health check answers with; the text may name hosts, users and
+    #: paths, and goes to the log)
+    writeFailureKind = None
 
     def __init__(self, engine, reactor, metrics=None):
         self.engine = engine
@@ -708,6 +712,7 @@ class Database:
                         event="database.writes_failed",
                     )
                 self.writeFailure = failure.getErrorMessage()
+                self.writeFailureKind = errorKind(failure.value)
                 if self.metrics is not None:
                     self.metrics.writesFailing("storage_full" if full else "other")
                 return
@@ -718,6 +723,7 @@ class Database:
         """
         if self.writeFailure is not None:
             self.writeFailure = None
+            self.writeFailureKind = None
             self.log.info("database writes work again", event="database.writes_recovered")
             if self.metrics is not None:
                 self.metrics.writesFailing(None)
@@ -768,6 +774,7 @@ class SynchronousDatabase:
     reactor = None
     # Inline: a failed write fails its caller at once.
     writeFailure = None
+    writeFailureKind = None
 
     def __init__(self, engine):
         self.engine = engine
