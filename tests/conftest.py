@@ -137,12 +137,19 @@ def store(dbpath):
 class WriterRecordingReactor:
     """
     The part of a reactor a TCP transport uses (C{IReactorFDSet}),
-    recording the descriptors it would watch, so a test plays the reactor.
+    recording the descriptors it would watch, so a test plays the reactor;
+    its timed calls wait on C{clock} (a L{Clock}) for the test to advance.
     """
 
     def __init__(self):
+        from twisted.internet.task import Clock
+
         self.readers = set()
         self.writers = set()
+        self.clock = Clock()
+
+    def callLater(self, delay, function, *args, **kwargs):
+        return self.clock.callLater(delay, function, *args, **kwargs)
 
     def addReader(self, reader):
         self.readers.add(reader)

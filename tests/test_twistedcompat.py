@@ -6,6 +6,8 @@ delivery.
 
   - L{sendNow}: C{tcp.Connection}'s C{dataBuffer}, C{_tempDataBuffer} and
     C{_writeDisconnected}, and its C{TLS} flag.
+  - L{closeWhenWritten}: the same, and what its C{disconnecting} flag
+    makes C{write} and C{doWrite} do.
   - L{raiseListenErrorsAtOnce} and L{whenListening}:
     C{StreamServerEndpointService}'s C{_raiseSynchronously} and
     C{_waitingForPort}.
@@ -16,15 +18,22 @@ import socket
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, epollreactor
+from twisted.internet import defer, epollreactor, main
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.twistedcompat import leanEventDispatch, raiseListenErrorsAtOnce, sendNow, whenListening
+from mailgate.twistedcompat import (
+    closeWhenWritten,
+    leanEventDispatch,
+    raiseListenErrorsAtOnce,
+    sendNow,
+    whenListening,
+)
 
 # -- tcp.Connection, for sendNow ---------------------------------------------------
 
@@ -139,6 +148,95 @@ def test_aTLSConnectionSaysSo(tcpConnection, tmp_path):
     except BlockingIOError:
         data = b""
     assert b"secret" not in data
+
+
+# -- tcp.Connection, for closeWhenWritten ----------------------------------------
+
+
+def _recordLoss(tcpConnection):
+    lost = []
+    tcpConnection.protocol.connectionLost = lost.append
+    tcpConnection.transport.startReading()
+    return lost
+
+
+def _endOfStream(client):
+    """
+    What the client reads until the end of the stream; a reset raises.
+    """
+    data = b""
+    for _ in range(1000):
+        piece = client.recv(65536)
+        if not piece:
+            return data
+        data += piece
+    raise AssertionError("no end of stream")
+
+
+def test_anIdleConnectionClosesWithoutWaitingToWrite(tcpConnection):
+    """
+    Nothing queued: the connection stops reading at once and is closed in
+    the reactor's next turn, without ever being watched for writing (which
+    Twisted's loseConnection would do: a turn of the loop, three epoll_ctl
+    and an empty send); the client reads what was sent, then the end of
+    the stream (an orderly close, not a reset).
+    """
+    transport, reactor = tcpConnection.transport, tcpConnection.reactor
+    lost = _recordLoss(tcpConnection)
+    sendNow(transport, b"+OK bye\r\n")
+    closeWhenWritten(transport)
+    assert transport not in reactor.readers and transport not in reactor.writers
+    assert lost == []
+    reactor.clock.advance(0)
+    assert transport not in reactor.writers
+    [reason] = lost
+    assert reason.check(ConnectionDone)
+    assert _endOfStream(tcpConnection.client) == b"+OK bye\r\n"
+
+
+def test_aWriteAfterTheCloseIsSentBeforeIt(tcpConnection):
+    """
+    Written between the close and the reactor's next turn: Twisted's write
+    path sends it and then closes, as after its own loseConnection (its
+    C{doWrite} says C{CONNECTION_DONE} once the buffer is empty, and the
+    reactor then calls C{connectionLost}).
+    """
+    transport, reactor = tcpConnection.transport, tcpConnection.reactor
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport)
+    transport.write(b"late\r\n")
+    reactor.clock.advance(0)
+    assert lost == [] and transport in reactor.writers
+    assert transport.doWrite() is main.CONNECTION_DONE
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
+    assert _endOfStream(tcpConnection.client) == b"late\r\n"
+    assert lost[0].check(ConnectionDone)
+
+
+def test_queuedOctetsTakeTwistedsOwnClose(tcpConnection):
+    """
+    Octets waiting in the transport's buffer: Twisted's loseConnection,
+    which writes them, then closes.
+    """
+    transport, reactor = tcpConnection.transport, tcpConnection.reactor
+    lost = _recordLoss(tcpConnection)
+    transport.write(b"queued\r\n")
+    closeWhenWritten(transport)
+    assert transport.disconnecting and transport in reactor.writers
+    assert reactor.clock.getDelayedCalls() == []
+    assert transport.doWrite() is main.CONNECTION_DONE
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
+    assert _endOfStream(tcpConnection.client) == b"queued\r\n"
+    assert lost[0].check(ConnectionDone)
+
+
+def test_aConnectionAbortedMeanwhileIsNotClosedTwice(tcpConnection):
+    transport, reactor = tcpConnection.transport, tcpConnection.reactor
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport)
+    transport.connectionLost(Failure(main.CONNECTION_LOST))
+    reactor.clock.advance(0)
+    assert len(lost) == 1
 
 
 # -- StreamServerEndpointService, for the listeners ------------------------------

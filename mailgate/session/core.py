@@ -64,6 +64,7 @@ from mailgate.session.sender import BlockSender, SendAborted
 from mailgate.session.tlslayer import startTLS
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
+from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -418,7 +419,7 @@ class CommandSession(Protocol):
         if abort:
             self.transport.abortConnection()
         else:
-            self.transport.loseConnection()
+            closeWhenWritten(self.transport)
 
     # -- logs ----------------------------------------------------------------
 

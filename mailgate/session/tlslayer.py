@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from mailgate.policy.descriptors import refusedInHandshake
 from mailgate.timers import cancelled
-from mailgate.twistedcompat import sendNow
+from mailgate.twistedcompat import closeWhenWritten, sendNow
 
 #: The most plaintext one TLS record carries.
 RECORD = 16 * 1024
@@ -356,7 +356,7 @@ class TLSLayer:
             # session is broken already: either way, closing is what is left.
             pass
         self._flush()
-        self.transport.loseConnection()
+        closeWhenWritten(self.transport)
 
     def abortConnection(self):
         self.disconnecting = True
