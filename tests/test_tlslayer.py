@@ -25,7 +25,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.policy.descriptors import DescriptorAllowance
+from mailgate.session.refusals import DescriptorAllowance
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
 from mailgate.tls import isSecure

@@ -22,19 +22,10 @@ enforced, and the warning says so.)
 #: connections accepted only to be refused, whose descriptors are let go
 #: in the reactor's next turn (64 a turn, two turns' worth: see
 #: mailgate.session.accepting) and those that wait for their TLS
-#: handshake to be told why (L{REFUSED_IN_HANDSHAKE}), messages spooled to
+#: handshake to be told why (32: L{mailgate.session.refusals.REFUSED_IN_HANDSHAKE}), messages spooled to
 #: disk, a TLS certificate or a log file reopened
 RESERVED = 256
 
-#: connections refused as they arrived on an implicit-TLS listener that may
-#: wait for their handshake at once (to read their refusal, see
-#: L{mailgate.session.tlslayer.TLSLayer.refusalTimeout}).  Refused, they
-#: are counted in no connection limit, and each holds its descriptor for
-#: as long as it waits: a banned scanner hammering C{--pop3s} would hold
-#: its rate times the wait.  So they come out of L{RESERVED}, beside the
-#: two turns' worth of refusals let go at once, and past this many a
-#: refused connection still in its handshake is aborted at once, unanswered.
-REFUSED_IN_HANDSHAKE = 32
 
 
 def openFileLimit():
@@ -87,40 +78,3 @@ def fittedConnectionLimit(maxConnections, fileLimit):
         f"at most {fitting} connections are served, more are refused (-ERR [SYS/TEMP], 421 4.7.0); "
         f"{remedy}"
     )
-
-
-class DescriptorAllowance:
-    """
-    Descriptors some kind of connection may hold at once, out of
-    L{RESERVED}: L{take} one before holding it, L{give} it back once let
-    go; when L{take} says no, descriptors are short for that kind, and the
-    connection is closed at once.
-
-    @ivar size: how many may be held at once.
-    @ivar held: how many are held now.
-    """
-
-    def __init__(self, size):
-        self.size = size
-        self.held = 0
-
-    def take(self):
-        """
-        @return: whether one more may be held (it is then counted held).
-        """
-        if self.held >= self.size:
-            return False
-        self.held += 1
-        return True
-
-    def give(self):
-        """
-        One taken is let go.
-        """
-        if self.held > 0:
-            self.held -= 1
-
-
-#: the process's refused connections waiting for their TLS handshake (one
-#: allowance for all listeners: descriptors are the process's)
-refusedInHandshake = DescriptorAllowance(REFUSED_IN_HANDSHAKE)

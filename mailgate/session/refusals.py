@@ -10,6 +10,11 @@ lets through the first refusal of a client address for a reason, then
 at most one a minute for it, saying how many were not logged since
 (C{mailgate_connections_refused_total} counts every one).  Who was
 refused, from where and why is all still there.
+
+And how many refused connections may hold a descriptor while they wait
+for their TLS handshake (L{refusedInHandshake}).  It lives here, with the
+session core, rather than beside the descriptor limits in
+L{mailgate.policy.descriptors}: the session core sees no policy module.
 """
 
 
@@ -53,3 +58,53 @@ class RefusalLog:
         self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
         if len(self._seen) >= self.maxEntries:
             self._seen = {}
+
+
+#: connections refused as they arrived on an implicit-TLS listener that may
+#: wait for their handshake at once (to read their refusal, see
+#: L{mailgate.session.tlslayer.TLSLayer.refusalTimeout}).  Refused, they
+#: are counted in no connection limit, and each holds its descriptor for
+#: as long as it waits: a banned scanner hammering C{--pop3s} would hold
+#: its rate times the wait.  So they come out of the descriptors the
+#: policy keeps apart (L{mailgate.policy.descriptors.RESERVED}), beside the
+#: two turns' worth of refusals let go at once, and past this many a
+#: refused connection still in its handshake is aborted at once, unanswered.
+REFUSED_IN_HANDSHAKE = 32
+
+
+class DescriptorAllowance:
+    """
+    Descriptors some kind of connection may hold at once, out of those kept
+    apart (L{mailgate.policy.descriptors.RESERVED}): L{take} one before
+    holding it, L{give} it back once let go; when L{take} says no,
+    descriptors are short for that kind, and the connection is closed at
+    once.
+
+    @ivar size: how many may be held at once.
+    @ivar held: how many are held now.
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self.held = 0
+
+    def take(self):
+        """
+        @return: whether one more may be held (it is then counted held).
+        """
+        if self.held >= self.size:
+            return False
+        self.held += 1
+        return True
+
+    def give(self):
+        """
+        One taken is let go.
+        """
+        if self.held > 0:
+            self.held -= 1
+
+
+#: the process's refused connections waiting for their TLS handshake (one
+#: allowance for all listeners: descriptors are the process's)
+refusedInHandshake = DescriptorAllowance(REFUSED_IN_HANDSHAKE)

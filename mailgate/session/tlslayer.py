@@ -48,7 +48,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.policy.descriptors import refusedInHandshake
+from mailgate.session.refusals import refusedInHandshake
 from mailgate.timers import cancelled
 from mailgate.twistedcompat import closeWhenWritten, sendNow
 
@@ -85,7 +85,7 @@ class TLSLayer:
     refusalTimeout = 2.0
 
     #: the descriptors refused connections may hold while they wait (a
-    #: L{mailgate.policy.descriptors.DescriptorAllowance}, the process's);
+    #: L{mailgate.session.refusals.DescriptorAllowance}, the process's);
     #: when all are held, a refused connection is aborted at once
     refusals = refusedInHandshake
 
