@@ -262,14 +262,28 @@ class TransactionCommands:
             # The lock is released before the reply goes out, so a client
             # that logs in again (on any node) as soon as it reads +OK finds
             # the maildrop free.
-            released = self._endSession("quit")
+            return self._endSession("quit").addBoth(lambda _: self._answerQuit(reply))
 
-            def answer(_):
+        if d.called and not isinstance(d.result, Failure):
+            # Nothing to remove (most sessions) or removed already: the
+            # reply and the lock's release without a callback chain, and
+            # the session's end without holding its command queue.
+            d.result = None
+            reply = removed(None)
+            released = self._endSession("quit")
+            if released.called and not isinstance(released.result, Failure):
+                released.result = None
                 self._out.write(reply.encode("utf-8"))
                 self.close()
-
-            return released.addBoth(answer)
-
+                return None
+            return released.addBoth(lambda _: self._answerQuit(reply))
         d.addCallbacks(removed, failed)
         d.addCallback(finish)
         return d
+
+    def _answerQuit(self, reply):
+        """
+        QUIT's reply, once the maildrop's lock is released, and the end.
+        """
+        self._out.write(reply.encode("utf-8"))
+        self.close()
