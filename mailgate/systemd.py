@@ -29,6 +29,8 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from mailgate.errors import errorKind
+
 #: seconds between two checks of the session count for C{STATUS=}
 STATUS_INTERVAL = 1.0
 #: seconds between two attempts to reach the database before C{READY=1}
@@ -175,7 +177,10 @@ class SystemdService(Service):
                 self.log.warn(
                     "database not answering yet, not ready: {error}", error=e, event="systemd.waiting"
                 )
-                self._notifier.notify(f"STATUS=waiting for the database: {' '.join(str(e).split())}")
+                # The kind of error only: any local user may read STATUS=
+                # (systemctl status), and a database error's text names
+                # hosts, roles and databases.  The log has all of it.
+                self._notifier.notify(f"STATUS=waiting for the database ({errorKind(e)}; the log says why)")
                 yield task.deferLater(self._reactor, READY_RETRY, lambda: None)
         return False
 

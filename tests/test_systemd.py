@@ -175,7 +175,7 @@ def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
     # Bound, but the database has not answered: not ready; retried.
     root.answers[0].errback(TimeoutError("the database did not answer within 1 s"))
     assert not service.ready
-    assert notifier.sent[-1] == ["STATUS=waiting for the database: the database did not answer within 1 s"]
+    assert notifier.sent[-1] == ["STATUS=waiting for the database (TimeoutError; the log says why)"]
     clock.advance(systemd.READY_RETRY)
     root.answers[1].callback(None)
     assert service.ready
@@ -195,6 +195,40 @@ def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
     service.stopService()
     assert notifier.sent.count(["STOPPING=1", "STATUS=stopping: 2 sessions (lmtp 0, pop3 1, smtp 1)"]) == 1
     assert clock.getDelayedCalls() == []
+
+
+def test_whileWaitingForTheDatabaseStatusNamesTheErrorsKindOnly():
+    """
+    STATUS= is readable by every local user (systemctl status): while the
+    database refuses, it says what kind of error keeps the server from
+    being ready, not the error's text, which names the database server's
+    host and the role (libpq's words); the log has the whole error.
+    """
+    from mailgate.errors import DatabaseRefused
+
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock, watchdog=None)
+    service.startService()
+    root.listening.callback(None)
+
+    class OperationalError(Exception):
+        sqlstate = "28P01"
+
+    text = (
+        'connection to server at "db.internal" (10.0.0.5), port 5432 failed: '
+        'FATAL:  password authentication failed for user "mailgate_role"'
+    )
+    try:
+        try:
+            raise OperationalError(text)
+        except OperationalError as e:
+            raise DatabaseRefused(f"the database refused mailgate: {e}") from e
+    except DatabaseRefused as refused:
+        root.answers[0].errback(refused)
+    [status] = notifier.sent[-1]
+    assert status == "STATUS=waiting for the database (DatabaseRefused, OperationalError, SQLSTATE 28P01; the log says why)"
+    assert "db.internal" not in status and "mailgate_role" not in status
+    service.stopService()
 
 
 def test_watchdogWhileTheReactorRuns():
