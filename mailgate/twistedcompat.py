@@ -34,15 +34,7 @@ def sendNow(transport, data):
     queued and a direct C{send} keeps the byte order.
     """
     pieces = type(data) is list
-    if (
-        isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    ):
+    if _nothingQueued(transport):
         try:
             if not pieces:
                 sent = transport.socket.send(data)
@@ -67,6 +59,23 @@ def sendNow(transport, data):
     elif pieces:
         data = b"".join(data)
     transport.write(data)
+
+
+def _nothingQueued(transport):
+    """
+    Whether C{transport} is Twisted's own plain TCP connection, open, not
+    closing, with nothing waiting in its write buffers: then octets handed
+    to its socket directly keep their order.
+    """
+    return (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    )
 
 
 def _after(pieces, sent):
@@ -107,16 +116,7 @@ def closeWhenWritten(transport):
     and C{_writeDisconnected} (as L{sendNow}), and on its C{disconnecting}
     flag, which makes its C{write} keep octets for a close under way.
     """
-    if (
-        isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.producer is None
-    ):
+    if _nothingQueued(transport) and transport.producer is None:
         transport.stopReading()
         transport.disconnecting = 1
         transport.reactor.callLater(0, _closeIdle, transport)
