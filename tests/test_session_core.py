@@ -5,6 +5,7 @@ L{mailgate.session.CommandSession}, so what is checked is the core's part
 TLS reset, ids), whatever POP3 and SMTP add to it.
 """
 
+import os
 import weakref
 
 import pytest
@@ -344,6 +345,31 @@ def test_sessionIds():
     prefix, _, number = first.partition(".")
     assert second == f"{prefix}.{int(number) + 1}"
     assert len(prefix) == 12 and int(prefix, 16) >= 0
+
+
+def test_aForkedChildHandsOutIdsOfItsOwn():
+    """
+    twistd daemonizing forks after the parent may have handed out ids: the
+    child draws a prefix of its own, so no id is ever handed out twice.
+    """
+    parentPrefix = newSessionId().partition(".")[0]
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(writing, newSessionId().encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(writing)
+    try:
+        childId = os.read(reading, 100).decode("ascii")
+    finally:
+        os.close(reading)
+        os.waitpid(pid, 0)
+    childPrefix, _, number = childId.partition(".")
+    assert len(childPrefix) == 12 and childPrefix != parentPrefix
+    assert number == "1"
+    assert newSessionId().partition(".")[0] == parentPrefix
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,18 @@ import secrets
 
 from twisted.internet.address import UNIXAddress
 
-_state = {"pid": None, "prefix": None, "counter": None}
+_state = {"prefix": None, "counter": None}
+
+
+def _forget():
+    """
+    In a forked child (twistd daemonizing): draw a prefix of its own at its
+    first connection, so that no two processes ever hand out the same id.
+    """
+    _state["prefix"] = None
+
+
+os.register_at_fork(after_in_child=_forget)
 
 
 def newSessionId():
@@ -23,11 +34,7 @@ def newSessionId():
     this process, a dot, and the number of the connection in it.
     """
     state = _state
-    pid = os.getpid()
-    if state["pid"] != pid:
-        # First use, or a forked child (twistd daemonizing): a prefix of
-        # its own, so that no two processes ever hand out the same id.
-        state["pid"] = pid
+    if state["prefix"] is None:
         state["prefix"] = secrets.token_hex(6)
         state["counter"] = itertools.count(1)
     return f"{state['prefix']}.{next(state['counter'])}"
