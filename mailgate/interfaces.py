@@ -671,6 +671,21 @@ class IEngine(Interface):
         Serialise schema upgrades started at the same time (several nodes).
         """
 
+    def lockDeliveries(cursor, pairs):
+        """
+        Make this write transaction wait, before it looks up whether a
+        user already has a message (the duplicate check), for any other
+        transaction delivering the same message to the same user to
+        commit or roll back, and hold it off in turn until this one ends.
+        Without it, two nodes handed the same retry at the same moment
+        both look before either has committed, find nothing, and both
+        store it.  Nothing to do where one transaction writes at a time
+        (SQLite).
+
+        @param pairs: the C{(user id, delivery key)} pairs about to be
+            looked up in C{recent_deliveries}, in any order.
+        """
+
     def resetIdentity(cursor, table, column):
         """
         After rows were inserted with explicit ids, make C{table}'s generated

@@ -5,7 +5,8 @@ reply) is recognised by the message's delivery key, answered as delivered
 and not stored twice (C{--duplicate-window}).  Another message, the same
 octets from another sender or by another protocol, a message without a
 Date, Message-ID or Received field, and anything past the window are
-stored as always.  Through the store on both backends, SMTP and LMTP
+stored as always.  Through the store on both backends, two nodes
+delivering the same message at once on PostgreSQL, SMTP and LMTP
 sessions, C{mailgate deliver}, and a real server whose client hung up
 before the reply.
 """
@@ -253,6 +254,207 @@ def test_theSameMessageTwiceInOneGroupCommitIsStoredOnce(databaseURL):
         check.close()
 
 
+# -- two nodes at the same moment (PostgreSQL) ------------------------------------
+
+
+def _delivery(engine, address, n, userIds):
+    """
+    A delivery as the group-commit writer hands it over: C{(function,
+    args, kwargs)} for L{mailgate.store.database.runBatch}.  Those of one
+    node share C{userIds} (its writer's cache): only then does a batch run
+    them as one call.
+    """
+    from mailgate.store.sql import NO_QUOTA, _deliver
+
+    return (_deliver, (engine, [address], keyed(message(n)), 1_800_000_000, True, userIds, NO_QUOTA, 3600), {})
+
+
+def _inThread(work):
+    """
+    Start C{work()} on a thread; the returned list gets C{("ok", result)}
+    or C{("error", exception)} when it ends.
+    """
+    import threading
+
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", work()))
+        except Exception as e:
+            outcome.append(("error", e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _waitUntilWaiting(watcher, conn, thread):
+    """
+    Return once C{conn}'s session waits for a lock another session holds
+    (bounded); C{thread} is the one running its statement.
+    """
+    import time
+
+    deadline = time.monotonic() + DEADLINE
+    waiting = "SELECT cardinality(pg_blocking_pids(%s))"
+    while watcher.execute(waiting, (conn.info.backend_pid,)).fetchone()[0] == 0:
+        assert thread.is_alive(), "it finished without waiting for the other transaction"
+        assert time.monotonic() < deadline, "it never waited for the other transaction"
+        time.sleep(0.01)
+
+
+def _watcher(url):
+    import psycopg
+
+    from mailgate.store.postgres import _conninfo
+
+    return psycopg.connect(_conninfo(url), autocommit=True)
+
+
+def _userId(store, address):
+    from test_store import query
+
+    [(userId,)] = query(store, "SELECT user_id FROM users WHERE address = ?", (address,))
+    return userId
+
+
+def test_twoNodesGivenTheSameRetryAtOnceStoreItOnce(postgresURL):
+    """
+    Two nodes handed the same message for Alice at the same moment (an
+    MTA's retry reaching a second node while the first is committing the
+    first copy): the second waits for the first to commit, then finds its
+    copy and answers with its unique id.  Both used to look before either
+    had committed, find nothing, and both store it.  The interleaving is
+    forced: the first delivery runs in a transaction left open, the second
+    starts on another connection, and the first commits only once the
+    second waits for it.
+    """
+    from mailgate.store.database import runBatch
+    from mailgate.store.postgres import DELIVERY_LOCK_CLASS
+    from mailgate.store.sql import _deliverOne
+
+    node = memoryStore(postgresURL)
+    engine = node.engine
+    other = engine.connect()
+    try:
+        addUser(node, ALICE, "wonderland")
+        first = node.database.connection
+        cursor = engine.begin(first, True)
+        with engine.pipeline(first):
+            delivered = _deliverOne(cursor, engine, [ALICE], keyed(message()), 1_800_000_000, window=3600)
+        uid = delivered[ALICE]
+        assert not isinstance(uid, AlreadyDelivered)
+        with _watcher(postgresURL) as watcher:
+            # One lock, of the two-int4 form (objsubid 2) in a class of its
+            # own: never one of mailgate's single-key locks (objsubid 1).
+            held = "SELECT classid::bigint, objsubid FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+            assert watcher.execute(held, (first.info.backend_pid,)).fetchall() == [(DELIVERY_LOCK_CLASS, 2)]
+            # The second node's delivery, pipelined as its writer runs it.
+            thread, outcome = _inThread(lambda: runBatch(engine, other, [_delivery(engine, ALICE, 1, {})]))
+            _waitUntilWaiting(watcher, other, thread)
+        first.commit()
+        thread.join(DEADLINE)
+        assert not thread.is_alive(), "the second delivery did not finish"
+        [(kind, results)] = outcome
+        assert kind == "ok", results
+        [(ok, again)] = results
+        assert ok, again
+        assert isinstance(again[ALICE], AlreadyDelivered) and again[ALICE] == uid
+        assert maildrop(node) == [uid]
+        assert resultOf(node.quotaOf(ALICE)).usedMessages == 1
+    finally:
+        other.close()
+        node.close()
+
+
+def test_otherMessagesAndOtherUsersDoNotWaitForADeliveryBeingCommitted(postgresURL):
+    """
+    While one node commits a message for Alice, the same message for Bob
+    is stored at once by another, and the duplicate check's lock of
+    another message for Alice is taken at once too (her delivery itself
+    waits for her mailbox's counters, as it always did).  A wait is an
+    error here (lock_timeout), not a hang.
+    """
+    from mailgate.store.database import runBatch
+    from mailgate.store.sql import _deliverOne
+
+    node = memoryStore(postgresURL)
+    engine = node.engine
+    other = engine.connect()
+    try:
+        addUser(node, ALICE, "wonderland")
+        addUser(node, BOB, "builder")
+        first = node.database.connection
+        cursor = engine.begin(first, True)
+        _deliverOne(cursor, engine, [ALICE], keyed(message(1)), 1_800_000_000, window=3600)
+        with other.cursor() as setting:
+            setting.execute("SET lock_timeout = '5s'")
+        other.commit()
+        [(ok, bobs)] = runBatch(engine, other, [_delivery(engine, BOB, 1, {})])
+        assert ok and not isinstance(bobs[BOB], AlreadyDelivered), bobs
+        # Her other message's lock, and Bob's, alone.
+        locking = engine.begin(other, True)
+        engine.lockDeliveries(
+            locking,
+            [(_userId(node, ALICE), keyed(message(2)).deliveryKey), (_userId(node, BOB), keyed(message(1)).deliveryKey)],
+        )
+        engine.rollback(other)
+        first.commit()
+        assert len(maildrop(node, ALICE)) == 1 and maildrop(node, BOB) == [bobs[BOB]]
+    finally:
+        other.close()
+        node.close()
+
+
+def test_batchesWithTheSameMessagesInOtherOrdersDoNotDeadlock(postgresURL):
+    """
+    Two nodes' group commits holding the same three messages for Alice,
+    in opposite orders, both finish: each takes the locks in the same
+    (sorted) order.  Taken in each batch's own order, the first would hold
+    message 1 and wait for 2, the second hold 3 and wait for 2; once a
+    third transaction holding 2 lets go, one of them gets it and waits for
+    3: a deadlock, which PostgreSQL breaks by failing one of them.
+    """
+    from mailgate.store.database import runBatch
+
+    node = memoryStore(postgresURL)
+    engine = node.engine
+    connections = [engine.connect(), engine.connect()]
+    threads = []
+    try:
+        addUser(node, ALICE, "wonderland")
+        holder = node.database.connection
+        engine.lockDeliveries(engine.begin(holder, True), [(_userId(node, ALICE), keyed(message(2)).deliveryKey)])
+        outcomes = []
+        with _watcher(postgresURL) as watcher:
+            for conn, order in zip(connections, ([1, 2, 3], [3, 2, 1])):
+                userIds = {}
+                batch = [_delivery(engine, ALICE, n, userIds) for n in order]
+                thread, outcome = _inThread(lambda conn=conn, batch=batch: runBatch(engine, conn, batch))
+                threads.append(thread)
+                outcomes.append(outcome)
+                _waitUntilWaiting(watcher, conn, thread)
+        engine.rollback(holder)
+        for thread in threads:
+            thread.join(DEADLINE)
+        assert not any(thread.is_alive() for thread in threads), "a batch did not finish"
+        results = []
+        for [(kind, batch)] in outcomes:
+            assert kind == "ok", batch
+            assert all(ok for ok, _ in batch), batch
+            results.append([value[ALICE] for _, value in batch])
+        forward, backward = results[0], results[1][::-1]
+        assert forward == backward
+        stored = [isinstance(uid, AlreadyDelivered) for uid in forward + backward]
+        assert sorted(stored) == [False] * 3 + [True] * 3
+        assert sorted(maildrop(node)) == sorted(forward)
+    finally:
+        for conn in connections:
+            conn.close()
+        node.close()
+
+
 def test_aGroupCommitLooksUpEachDeliveryOnce(tmp_path):
     """
     The deliveries of a group commit are looked up at a cost that grows
@@ -279,7 +481,7 @@ def test_aGroupCommitLooksUpEachDeliveryOnce(tmp_path):
             counted = []
             connection.set_progress_handler(lambda: counted.append(1), 100)
             try:
-                found = store.database.run(_alreadyDelivered, together, {}, 3600)
+                found = store.database.run(_alreadyDelivered, store.engine, together, {}, 3600)
             finally:
                 connection.set_progress_handler(None, 0)
             # Each one is a retry, found.

@@ -1518,7 +1518,7 @@ def test_aUserDeletedWhileAMessageToThemIsBeingCommittedLeavesNothingBehind(stor
     try:
         conn = sender.database.connection
         cursor = sender.engine.begin(conn, True)
-        delivered = _deliverOne(cursor, [ALICE, BOB], spoolBytes(body), T0)
+        delivered = _deliverOne(cursor, sender.engine, [ALICE, BOB], spoolBytes(body), T0)
         assert sorted(delivered) == [ALICE, BOB]
         _whileBlocked(databaseURL, lambda: resultOf(store.deleteUser(ALICE)), conn)
     finally:
@@ -1543,7 +1543,7 @@ def _whileADeliveryCommits(databaseURL, clock, work):
     try:
         conn = sender.database.connection
         cursor = sender.engine.begin(conn, True)
-        assert list(_deliverOne(cursor, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
+        assert list(_deliverOne(cursor, sender.engine, [ALICE], spoolBytes(message(2)), clock.now)) == [ALICE]
         return _whileBlocked(databaseURL, lambda: resultOf(work()), conn)
     finally:
         sender.close()

@@ -1031,13 +1031,13 @@ def _contents(store, address):
         maildrop.release()
 
 
-def _deliveryBatch(messages, userIds):
+def _deliveryBatch(engine, messages, userIds):
     """
     Deliveries as the writer queue hands them over: C{(addresses, message,
     partial)} each.
     """
     return [
-        (sqlStore._deliver, (list(addresses), spoolBytes(message), 1700000000, partial, userIds), {})
+        (sqlStore._deliver, (engine, list(addresses), spoolBytes(message), 1700000000, partial, userIds), {})
         for addresses, message, partial in messages
     ]
 
@@ -1066,6 +1066,7 @@ def test_deliveriesWaitingForOneCommitAreStoredTogether(databaseURL, monkeypatch
         big = b"Subject: big\r\n\r\n" + b"x" * (2 * CHUNK_SIZE + 100) + b"\r\n"
         userIds = {}
         batch = _deliveryBatch(
+            engine,
             [
                 ([ALICE], b"Subject: 1\r\n\r\none\r\n", True),
                 ([ALICE, BOB], b"Subject: 2\r\n\r\ntwo\r\n", True),
@@ -1101,11 +1102,11 @@ def test_deliveriesWaitingForOneCommitAreStoredTogether(databaseURL, monkeypatch
         assert count == 5
 
         statements = _countStatements(engine, monkeypatch)
-        few = _deliveryBatch([([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 5, userIds)
+        few = _deliveryBatch(engine, [([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 5, userIds)
         assert [ok for ok, _ in runBatch(engine, conn, few)] == [True] * 5
         forFive = len(statements)
         del statements[:]
-        many = _deliveryBatch([([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 40, userIds)
+        many = _deliveryBatch(engine, [([ALICE, BOB], b"Subject: n\r\n\r\nx\r\n", True)] * 40, userIds)
         assert [ok for ok, _ in runBatch(engine, conn, many)] == [True] * 40
         assert len(statements) == forFive, statements
         assert len(resultOf(store.listMessages(BOB))) == 2 + 45
@@ -1125,7 +1126,7 @@ def test_aBatchOfMegabytesOfSmallMessages(databaseURL):
     try:
         addUser(store, ALICE, "pw")
         messages = [b"Subject: %d\r\n\r\n" % n + bytes([65 + n]) * 100_000 + b"\r\n" for n in range(12)]
-        batch = _deliveryBatch([([ALICE], m, True) for m in messages], {})
+        batch = _deliveryBatch(store.engine, [([ALICE], m, True) for m in messages], {})
         assert [ok for ok, _ in runBatch(store.engine, conn, batch)] == [True] * 12
         assert _contents(store, ALICE) == messages
     finally:
@@ -1146,6 +1147,7 @@ def test_aDeliveryThatMustFailFailsAloneInItsBatch(databaseURL):
         for address in (ALICE, BOB):
             addUser(store, address, "pw")
         batch = _deliveryBatch(
+            store.engine,
             [
                 ([ALICE], b"Subject: 1\r\n\r\none\r\n", False),
                 ([BOB, "gone@example.org"], b"Subject: 2\r\n\r\ntwo\r\n", False),
@@ -1171,11 +1173,12 @@ def test_deliveriesTogetherNoticeAUserRecreatedByAnotherProcess(databaseURL):
         for address in (ALICE, BOB):
             addUser(store, address, "pw")
         userIds = {}
-        first = _deliveryBatch([([ALICE], b"Subject: 1\r\n\r\nx\r\n", True)] * 2, userIds)
+        first = _deliveryBatch(store.engine, [([ALICE], b"Subject: 1\r\n\r\nx\r\n", True)] * 2, userIds)
         assert [ok for ok, _ in runBatch(store.engine, conn, first)] == [True, True]
         resultOf(store.deleteUser(ALICE))
         addUser(store, ALICE, "pw")
         second = _deliveryBatch(
+            store.engine,
             [([ALICE], b"Subject: 2\r\n\r\ny\r\n", True)] * 2 + [([BOB], b"Subject: 3\r\n\r\nz\r\n", True)],
             userIds,
         )

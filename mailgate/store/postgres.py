@@ -200,6 +200,29 @@ class PostgresEngine:
         cursor.execute("SET LOCAL statement_timeout = 0")
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
 
+    def lockDeliveries(self, cursor, pairs):
+        """
+        A transaction-level advisory lock per C{(user id, delivery key)}
+        pair (L{deliveryLockKeys}), all in one statement, which needs no
+        answer: in the delivery's pipeline it travels with the look-up
+        that follows, which, a new statement under READ COMMITTED, sees
+        the commit of a delivery of the same message it waited for.
+        Released by the commit or the rollback.
+
+        A group commit's deliveries run as one call take all their locks
+        before any mailbox's counters: two nodes' batches cannot deadlock.
+        A transaction that runs its deliveries as several calls (the
+        careful pass after one failed, or deliveries with another write
+        between them) takes a later call's locks holding the counters the
+        earlier ones updated; against another node delivering one of
+        those later messages to the same user at the same moment, that is
+        a deadlock, which PostgreSQL breaks after C{deadlock_timeout}
+        (one second) and the writer runs again (L{isRetryable}).
+        """
+        keys = deliveryLockKeys(pairs)
+        if keys:
+            cursor.execute(_LOCK_DELIVERIES, (keys,))
+
     def isTransient(self, exc):
         """
         The connection or the server failing, a statement timing out or
@@ -352,6 +375,41 @@ def _key(text):
     A signed 64-bit advisory lock key for C{text}.
     """
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+
+
+# The class of the advisory locks of deliveries (lockDeliveries): the
+# two-int4 form, pg_advisory_xact_lock(class, key).  mailgate's other
+# advisory locks (the maildrop locks and their write keys, the schema
+# lock) take one bigint key (_key), and PostgreSQL keeps the two forms
+# apart (pg_locks.objsubid is 1 for a bigint key, 2 for a pair): a
+# delivery's lock is never one of those, whatever the values.  Another
+# mailgate in another schema of the same database shares the class: the
+# same message to one of its users with the same id only waits.  "mgdk".
+DELIVERY_LOCK_CLASS = 0x6D67646B
+# Taken in the array's order, which is the keys' sorted order: two
+# transactions locking some of the same keys take them in the same order,
+# so neither holds one the other waits for while it waits for one the
+# other holds.  count() makes it one row whatever the number of keys.
+_LOCK_DELIVERIES = (
+    f"SELECT count(pg_advisory_xact_lock({DELIVERY_LOCK_CLASS}, k)) FROM unnest(?::int4[]) AS k"
+)
+
+
+def deliveryLockKeys(pairs):
+    """
+    The advisory lock keys of C{(user id, delivery key)} pairs: 32 bits
+    of a digest of each, distinct, sorted (the order they are taken in).
+    Two pairs sharing a key (one chance in four billion for two given
+    pairs) only make their deliveries wait for one another, as the same
+    message to the same user does.
+    """
+    keys = set()
+    for userId, deliveryKey in pairs:
+        digest = hashlib.blake2b(digest_size=4)
+        digest.update(userId.to_bytes(8, "big", signed=True))
+        digest.update(bytes(deliveryKey))
+        keys.add(int.from_bytes(digest.digest(), "big", signed=True))
+    return sorted(keys)
 
 
 # The maildrop lock ($1), and once it is taken a wait for any transaction

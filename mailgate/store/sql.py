@@ -406,12 +406,15 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
     return known, taken, full, warn
 
 
-def _alreadyDelivered(cursor, messages, userIds, window):
+def _alreadyDelivered(cursor, engine, messages, userIds, window):
     """
     The recipients who already have one of C{messages}: those whose
     L{recent_deliveries} hold its C{deliveryKey} (see
     L{mailgate.interfaces.IMessageSource}) from less than C{window}
-    seconds before it.  One statement for the lot.
+    seconds before it.  One statement for the lot, after the engine's
+    locks of those pairs (L{mailgate.interfaces.IEngine.lockDeliveries}): a delivery of the
+    same message to the same user committing on another node meanwhile
+    is waited for and found, not stored a second time.
 
     @return: per message (by index), address to the L{AlreadyDelivered}
         unique id its earlier copy got.
@@ -431,6 +434,7 @@ def _alreadyDelivered(cursor, messages, userIds, window):
                 if pair in wanted and wanted[pair][0] != i:
                     raise _Separately()
                 wanted.setdefault(pair, (i, address, now - window))
+    engine.lockDeliveries(cursor, wanted)
     found = {}
     # Each user with the keys of her messages: one probe of the primary
     # key per delivery.  (Users IN (...) AND keys IN (...) made the engines
@@ -466,12 +470,14 @@ def _rememberDeliveries(cursor, rows):
         )
 
 
-def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA, window=0):
+def _deliverMessages(cursor, engine, messages, userIds, quota=NO_QUOTA, window=0):
     """
     Store several messages, each body once, and give each known recipient a
     maildrop entry; a handful of statements whatever the number of
     messages.
 
+    @param engine: the L{mailgate.interfaces.IEngine}, whose locks make
+        concurrent deliveries of one message to one user take turns.
     @param messages: C{(addresses, source, now, partial)} per message.
     @param quota: the server's default limits (see L{_takeUids}).
     @param window: seconds during which a message with the same
@@ -487,7 +493,7 @@ def _deliverMessages(cursor, messages, userIds, quota=NO_QUOTA, window=0):
     @raise QuotaExceeded: when the message (alone) has C{partial} false
         and a recipient is over quota: nothing is stored.
     """
-    again = _alreadyDelivered(cursor, messages, userIds, window)
+    again = _alreadyDelivered(cursor, engine, messages, userIds, window)
     addressLists = [[a for a in dict.fromkeys(m[0]) if a not in again.get(i, ())] for i, m in enumerate(messages)]
     sizes = [m[1].size for m in messages]
     known, taken, full, warn = _recipientsOf(
@@ -579,7 +585,7 @@ def _storeQuotaWarning(cursor, userId, address, crossing, now):
     ])
 
 
-def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
+def _deliverOne(cursor, engine, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
     """
     Store the body once and give each known recipient a maildrop entry.
 
@@ -587,6 +593,7 @@ def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quot
     lookup, skipped for addresses in C{userIds}, and the counters): on
     PostgreSQL the rest travel in one pipeline.
 
+    @param engine: see L{_deliverMessages}.
     @param userIds: a cache of address to user id, kept by the writer
         thread; an id that no longer has a mailbox (the user was deleted,
         perhaps by another process) is found out by the counter update.
@@ -595,7 +602,7 @@ def _deliverOne(cursor, addresses, source, now, partial=True, userIds=None, quot
     """
     userIds = {} if userIds is None else userIds
     try:
-        [results] = _deliverMessages(cursor, [(addresses, source, now, partial)], userIds, quota, window)
+        [results] = _deliverMessages(cursor, engine, [(addresses, source, now, partial)], userIds, quota, window)
     except _Separately as e:
         raise NoSuchUser(", ".join(e.missing)) from None
     return results
@@ -610,20 +617,20 @@ def _deliverTogether(cursor, calls):
     database engine.
     """
     messages = []
-    userIds = quota = window = None
+    engine = userIds = quota = window = None
     for args, kwargs in calls:
-        addresses, source, now, partial, ids, limits, seconds = _deliverArguments(*args, **kwargs)
+        dialect, addresses, source, now, partial, ids, limits, seconds = _deliverArguments(*args, **kwargs)
         messages.append((addresses, source, now, partial))
         if userIds is None:
-            userIds = {} if ids is None else ids
+            engine, userIds = dialect, {} if ids is None else ids
             quota, window = limits, seconds
-        elif ids is not userIds or limits != quota or seconds != window:
+        elif dialect is not engine or ids is not userIds or limits != quota or seconds != window:
             raise _Separately()
-    return _deliverMessages(cursor, messages, userIds, quota, window)
+    return _deliverMessages(cursor, engine, messages, userIds, quota, window)
 
 
-def _deliverArguments(addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
-    return addresses, source, now, partial, userIds, quota, window
+def _deliverArguments(engine, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
+    return engine, addresses, source, now, partial, userIds, quota, window
 
 
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
@@ -735,7 +742,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def deliver(self, addresses, source, partial=True):
         return self.database.runWrite(
-            _deliver, list(addresses), source, self._now(), partial, self._userIds,
+            _deliver, self.engine, list(addresses), source, self._now(), partial, self._userIds,
             self.limits.deliveryQuota(), self.limits.duplicateWindow,
         )
 

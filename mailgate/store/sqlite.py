@@ -366,6 +366,13 @@ class SQLiteEngine:
         Serialise concurrent upgrades; BEGIN IMMEDIATE already does.
         """
 
+    def lockDeliveries(self, cursor, pairs):
+        """
+        Nothing: a write transaction holds the database's one write lock
+        from its BEGIN IMMEDIATE, so a second delivery of the same message
+        starts its look-up after the first has committed.
+        """
+
     def begin(self, conn, write):
         """
         Start a transaction and return a cursor for it.  Writers take the
