@@ -42,6 +42,7 @@ import pytest
 from dovecotserver import PrivateDovecot, requireDovecot
 from e2e import _LOGGED_ERROR, ServerProcess, databaseURL
 from mailgate.testing import addUser, memoryStore
+from rawexchange import Difference, RawConnection, batch, fail, lines
 
 pytestmark = requireDovecot
 
@@ -95,41 +96,15 @@ _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
 _ENHANCED = re.compile(rb"^[2-5][0-9][0-9][ -]([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$)")
 
 
-class Client:
+class Client(RawConnection):
     """
     A raw LMTP or SMTP connection: octets sent as given, replies read as
     RFC 5321 section 4.2 frames them.
     """
 
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT)
-        self.buffer = b""
-        self.closed = False
+        RawConnection.__init__(self, port, READ_TIMEOUT)
         self.greeting = self.reply()
-
-    def _fill(self):
-        try:
-            data = self.sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            data = b""
-        if not data:
-            self.closed = True
-            raise EOFError()
-        self.buffer += data
-
-    def _line(self):
-        while b"\n" not in self.buffer:
-            self._fill()
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.rstrip(b"\r")
-
-    def send(self, data):
-        if self.closed:
-            return
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.closed = True
 
     def reply(self):
         if self.closed and b"\n" not in self.buffer:
@@ -151,9 +126,6 @@ class Client:
         enhanced = _ENHANCED.match(lines[-1])
         return Reply(lines[-1][:3].decode(), enhanced.group(1).decode() if enhanced else None, tuple(lines))
 
-    def close(self):
-        self.sock.close()
-
 
 def verbOf(command):
     return command.split(b" ", 1)[0].rstrip(b"\r\n").upper()
@@ -173,20 +145,6 @@ class Message:
     """
 
     data = attr.ib()
-
-
-def lines(*texts):
-    """
-    Steps of one line each, sent one after the other.
-    """
-    return [t if isinstance(t, bytes) else t.encode("utf-8") + b"\r\n" for t in texts]
-
-
-def batch(*texts):
-    """
-    One step: the lines sent in one write (PIPELINING, RFC 2920).
-    """
-    return tuple(lines(*texts))
 
 
 def message(text=b"Subject: test\r\n\r\nHello.\r\n"):
@@ -309,10 +267,7 @@ class POP3:
     """
 
     def __init__(self, port, user):
-        self.client = Client.__new__(Client)
-        self.client.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT)
-        self.client.buffer = b""
-        self.client.closed = False
+        self.client = RawConnection(port, READ_TIMEOUT)
         self._status()
         self.command(f"USER {user}")
         self.command(f"PASS {PASSWORD}")
@@ -391,22 +346,6 @@ def differs(dovecot, mailgate):
     return None not in (dovecot.enhancedClass, mailgate.enhancedClass) and (
         dovecot.enhancedClass != mailgate.enhancedClass
     )
-
-
-@attr.s(frozen=True)
-class Difference:
-    """
-    A difference the comparison accepts.
-
-    @ivar name: what it is called in a failure's message.
-    @ivar explains: C{Exchange -> bool}.
-    @ivar diverges: once it applies, the two sessions are no longer in the
-        same state: the rest of the sequence is not compared.
-    """
-
-    name = attr.ib()
-    explains = attr.ib()
-    diverges = attr.ib(default=False)
 
 
 def _kinds(dovecot, mailgate):
@@ -731,12 +670,6 @@ def explain(ex, problems, seen):
     if seen is not None:
         seen.update(d.name for d in explained)
     return any(d.diverges for d in explained) or not explained
-
-
-def fail(problems):
-    if problems:
-        text = "\n".join(repr(p) for p in problems[:20])
-        pytest.fail(f"{len(problems)} unexplained differences from Dovecot:\n{text}", pytrace=False)
 
 
 # -- the sequences -----------------------------------------------------------

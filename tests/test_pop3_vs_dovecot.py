@@ -35,7 +35,6 @@ import hashlib
 import os
 import random
 import re
-import socket
 import ssl
 import time
 
@@ -46,6 +45,7 @@ from certs import makeCertificate
 from dovecotserver import PrivateDovecot, requireDovecot
 from e2e import _LOGGED_ERROR, ServerProcess, databaseURL
 from mailgate.testing import addUser, deliver, memoryStore
+from rawexchange import Difference, RawConnection, batch, fail, lines
 
 pytestmark = requireDovecot
 
@@ -150,42 +150,15 @@ CLOSED = Reply("closed")
 _STATUS = re.compile(rb"^(\+OK|-ERR|\+)(?: |$)(?:\[([^\]]*)\])?")
 
 
-class Client:
+class Client(RawConnection):
     """
     A raw POP3 connection: lines sent as given, replies read as RFC 1939
     frames them.
     """
 
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT)
-        self.buffer = b""
-        self.closed = False
+        RawConnection.__init__(self, port, READ_TIMEOUT)
         self.greeting = self.reply(b"")
-
-    def _fill(self):
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.closed = True
-            raise EOFError()
-        self.buffer += data
-
-    def _until(self, terminator):
-        while terminator not in self.buffer:
-            self._fill()
-        end = self.buffer.index(terminator) + len(terminator)
-        data, self.buffer = self.buffer[:end], self.buffer[end:]
-        return data
-
-    def send(self, data):
-        if self.closed:
-            return
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.closed = True
 
     def reply(self, command, sasl=False):
         """
@@ -227,9 +200,6 @@ class Client:
             self.closed = True
             return Reply("closed", line=f"TLS handshake failed: {e}".encode())
         return Reply("+OK", line=b"<TLS>")
-
-    def close(self):
-        self.sock.close()
 
 
 def verbOf(command):
@@ -363,23 +333,6 @@ class Exchange:
 
 def _statuses(dovecot, mailgate):
     return lambda ex: (ex.dovecot.status, ex.mailgate.status) == (dovecot, mailgate)
-
-
-@attr.s(frozen=True)
-class Difference:
-    """
-    A difference the comparison accepts.
-
-    @ivar name: what it is called in a failure's message.
-    @ivar explains: C{Exchange -> bool}.
-    @ivar diverges: once it applies, the two sessions are no longer in the
-        same state (one closed, one logged out): the rest of the sequence
-        is not compared.
-    """
-
-    name = attr.ib()
-    explains = attr.ib()
-    diverges = attr.ib(default=False)
 
 
 def _noArgumentNoise(ex):
@@ -818,27 +771,7 @@ def nextState(state, sasl, command, reply):
     return state
 
 
-def fail(problems):
-    if problems:
-        text = "\n".join(repr(p) for p in problems[:20])
-        pytest.fail(f"{len(problems)} unexplained differences from Dovecot:\n{text}", pytrace=False)
-
-
 # -- the sequences -----------------------------------------------------------
-
-
-def lines(*texts):
-    """
-    Steps of one line each, sent one after the other.
-    """
-    return [t if isinstance(t, bytes) else t.encode("utf-8") + b"\r\n" for t in texts]
-
-
-def batch(*texts):
-    """
-    One step: the lines sent in one write (pipelining, RFC 2449).
-    """
-    return tuple(lines(*texts))
 
 
 #: Every command in every state, and the awkward forms of each.
