@@ -557,6 +557,19 @@ def test_aFullDiskRefusesMailWith452AndServesWhatIsStored(disk, tmp_path):
     assert len(storedSizes(admin)) == len(before) - 1 + 2
 
 
+def _startUntilExit(admin, tmp_path):
+    """
+    Start a server on the test's database and wait for it to exit (it
+    cannot start here): the L{ServerProcess} and its exit status.
+    """
+    process = ServerProcess(admin.database, ["--no-apop"], cwd=tmp_path)
+    process.spawn()
+    try:
+        return process, process.wait()
+    finally:
+        process.stop()
+
+
 @needsRoot
 def test_aServerStartingOnAFullDiskStopsWithTempfailInOneLine(disk, tmp_path):
     """
@@ -568,12 +581,7 @@ def test_aServerStartingOnAFullDiskStopsWithTempfailInOneLine(disk, tmp_path):
     """
     where, admin = disk
     filler = fill(where)
-    process = ServerProcess(admin.database, ["--no-apop"], cwd=tmp_path)
-    process.spawn()
-    try:
-        status = process.wait()
-    finally:
-        process.stop()
+    process, status = _startUntilExit(admin, tmp_path)
     output = process.stdout + process.stderr
     assert status == 75, process.log()
     assert "Traceback" not in output and "no space left" in output, process.log()
@@ -723,11 +731,6 @@ def test_aDatabaseOnAReadOnlyFilesystemIsNamedAsSuch(disk, tmp_path):
     assert done.returncode == 0, done.stderr
     code, out, err = admin("mailbox", "list", ALICE)
     assert code == 78 and "mounted read-only" in err, (code, out, err)
-    process = ServerProcess(admin.database, ["--no-apop"], cwd=tmp_path)
-    process.spawn()
-    try:
-        status = process.wait()
-    finally:
-        process.stop()
+    process, status = _startUntilExit(admin, tmp_path)
     assert status == 78 and "Read-only file system" in process.stdout + process.stderr, process.log()
     assert "Traceback" not in process.stdout + process.stderr, process.log()

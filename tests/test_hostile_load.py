@@ -109,13 +109,21 @@ def greetings(port, count, sources=50):
             ("127.0.0.1", port), timeout=DEADLINE, source_address=(f"127.0.3.{1 + i % sources}", 0)
         )
         socks.append(sock)
+    return socks, _firstLines(socks)
+
+
+def _firstLines(socks):
+    """
+    The first line each socket reads (the greeting or the refusal), or
+    C{b""} for one closed or reset unanswered.
+    """
     lines = []
     for sock in socks:
         try:
             lines.append(LineReader(sock).line())
         except (EOFError, OSError):
             lines.append(b"")
-    return socks, lines
+    return lines
 
 
 def closeAll(socks):
@@ -239,12 +247,7 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
     try:
-        lines = []
-        for sock in socks:
-            try:
-                lines.append(LineReader(sock).line())
-            except (EOFError, OSError):
-                lines.append(b"")
+        lines = _firstLines(socks)
         unanswered = lines.count(b"")
         assert unanswered, "the descriptors did not run out: nothing to look at"
         text = metrics(server)
