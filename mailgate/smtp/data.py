@@ -76,6 +76,12 @@ class DataReader:
     def failed(self):
         return self.tooLarge or self.lineTooLong or self.storageFailed
 
+    def discard(self):
+        """
+        The session ended before the data did: drop what was stored.
+        """
+        self.spool.close()
+
     def feed(self, data):
         """
         Consume octets from the wire.

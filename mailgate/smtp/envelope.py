@@ -41,6 +41,9 @@ class Envelope:
     @ivar sender: the reverse-path, C{""} for the null sender.
     @ivar recipients: accepted forward-paths, normalised, in RCPT order.
     @ivar parameters: the MAIL FROM ESMTP parameters.
+    @ivar chunks: the message as its BDAT chunks arrive (a
+        L{mailgate.smtp.chunks.ChunkedMessage}), from the first chunk to
+        the last; C{None} before the first (and for DATA).
     """
 
     helo = attr.ib()
@@ -51,6 +54,7 @@ class Envelope:
     parameters = attr.ib(factory=dict)
     transactionId = attr.ib(factory=lambda: secrets.token_hex(6).upper())
     utf8 = attr.ib(default=False)
+    chunks = attr.ib(default=None, repr=False)
 
 
 def fieldText(text, utf8=False):

@@ -21,6 +21,9 @@ storage failures into permanent 550 replies.  Here, on the session core
   - Every reply carries an RFC 3463 enhanced status code.
   - The 250 after DATA is sent only once the store has committed the
     message; a storage failure is a 451, never a 5xx.
+  - A message may come in chunks instead (RFC 3030 CHUNKING, BDAT), read
+    by their announced sizes (L{mailgate.smtp.chunks}) and ended as DATA
+    ends: the same store, limits, replies and log lines.
 """
 
 import re
@@ -31,6 +34,7 @@ from mailgate.records import AlreadyDelivered
 from mailgate.session import CommandSession
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
+from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, traceHeaders
@@ -166,6 +170,10 @@ class SMTPServer(CommandSession):
         self._envelope = None
         self._dataTimer = None
         self._junkCommands = 0
+        # The transaction's message failed at one of its chunks (and was
+        # dropped): the chunks the client pipelined after it are read and
+        # refused without counting as errors.
+        self._chunksFailed = False
 
     @property
     def hostname(self):
@@ -213,7 +221,18 @@ class SMTPServer(CommandSession):
         self._cancelDataTimer()
         reader, self.rawReceiver = self.rawReceiver, None
         if reader is not None:
-            reader.spool.close()
+            reader.discard()
+        self._dropTransaction()
+
+    def _dropTransaction(self):
+        """
+        End the mail transaction, if one is open, without its message: the
+        chunks it had received are discarded.
+        """
+        envelope, self._envelope = self._envelope, None
+        if envelope is not None and envelope.chunks is not None:
+            envelope.chunks.close()
+            envelope.chunks = None
 
     # -- the data's minimum rate -------------------------------------------
 
@@ -232,12 +251,22 @@ class SMTPServer(CommandSession):
             self._dataTimer = self._clock.callLater(allowed - elapsed, self._checkDataRate, reader, started)
             return
         self.factory.metrics.timedOut(self.protocolName, "data_rate")
-        self._logRefusedMessage(
-            self._envelope, "data_too_slow", "data too slow", 421, "4.4.2", "data too slow",
-            tail=f" octets={reader.wireOctets} seconds={elapsed:.0f}",
-            octets=reader.wireOctets,
-            seconds=round(elapsed),
-        )
+        if self._envelope is None:
+            # The octets of a refused chunk, read only to be dropped.
+            self.logInfo(
+                f"{self.protocolName}.data_too_slow",
+                f"{self.protocolName} data too slow peer={self.peerText} octets={reader.wireOctets} "
+                f"seconds={elapsed:.0f}: 421 4.4.2 data too slow",
+                code=421, enhanced="4.4.2", reason="data too slow",
+                octets=reader.wireOctets, seconds=round(elapsed),
+            )
+        else:
+            self._logRefusedMessage(
+                self._envelope, "data_too_slow", "data too slow", 421, "4.4.2", "data too slow",
+                tail=f" octets={reader.wireOctets} seconds={elapsed:.0f}",
+                octets=reader.wireOctets,
+                seconds=round(elapsed),
+            )
         self._reply(
             421, "4.4.2",
             f"{self.hostname} message data too slow ({reader.wireOctets} octets in {elapsed:.0f} s; "
@@ -328,6 +357,7 @@ class SMTPServer(CommandSession):
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "CHUNKING",
         ]
         if self.factory.tls is not None and not isSecure(self.transport):
             extensions.append("STARTTLS")
@@ -339,7 +369,7 @@ class SMTPServer(CommandSession):
             return self._bad(501, "5.5.4", f"syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         self._helo = name
         self._esmtp = esmtp
-        self._envelope = None
+        self._dropTransaction()
         # The name as the Received field will show it: the client has not
         # asked for UTF-8 replies (it cannot before MAIL), and the line
         # stays within RFC 5321's 512 octets whatever the name's length.
@@ -366,7 +396,8 @@ class SMTPServer(CommandSession):
     def smtp_RSET(self, argument):
         if argument.strip():
             return self._bad(501, "5.5.4", "RSET takes no arguments")
-        self._envelope = None
+        self._dropTransaction()
+        self._chunksFailed = False
         self._reply(250, "2.0.0", "OK")
         self._junk()
 
@@ -394,7 +425,7 @@ class SMTPServer(CommandSession):
         self._reply(220, "2.0.0", "ready to start TLS")
         self._helo = None
         self._esmtp = False
-        self._envelope = None
+        self._dropTransaction()
         self.startTLS(self.factory.tls)
         return None
 
@@ -467,6 +498,7 @@ class SMTPServer(CommandSession):
                 return self._refuseSender(
                     sender, 555, "5.5.4", "bad parameters", f"unsupported MAIL parameter {keyword}"
                 )
+        self._chunksFailed = False
         self._envelope = Envelope(
             helo=self._helo,
             peer=self.peer,
@@ -604,6 +636,12 @@ class SMTPServer(CommandSession):
             refusal = 501, "5.5.4", "DATA takes no arguments"
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first"
+        elif envelope.chunks is not None:
+            # RFC 3030 section 3: DATA and BDAT cannot be mixed in one
+            # transaction; the client must send RSET.  The message's
+            # chunks are dropped.
+            self._dropTransaction()
+            refusal = 503, "5.5.1", "DATA after BDAT in the same transaction; send RSET"
         elif not envelope.recipients:
             refusal = self.noRecipientsCode, "5.5.1", "no valid recipients"
             counted = self.countRefusedRecipients
@@ -641,13 +679,24 @@ class SMTPServer(CommandSession):
         )
         self.close()
 
-    def _startData(self, envelope):
+    def _newSpool(self, envelope):
+        """
+        The spool a message's content goes to, its trace fields written
+        first.
+        """
         spool = MessageSpool(directory=getattr(self.factory, "spoolDirectory", None))
         spool.writeLines(traceHeaders(envelope, self.hostname))
-        # The content is hashed as it is stored, for its delivery key:
-        # the same octets from the same sender again are a retry.
+        return spool
+
+    def _deliveryKey(self, envelope):
+        # The content is hashed as it is stored, for its delivery key: the
+        # same octets from the same sender again are a retry (sent by DATA
+        # or in chunks alike).
+        return DeliveryKey(self.protocolName, envelope.sender)
+
+    def _startData(self, envelope):
         self.rawReceiver = DataReader(
-            spool, self.maxMessageSize, self.maxLineLength, digest=DeliveryKey(self.protocolName, envelope.sender)
+            self._newSpool(envelope), self.maxMessageSize, self.maxLineLength, digest=self._deliveryKey(envelope)
         )
         self._startDataTimer(self.rawReceiver)
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -668,20 +717,15 @@ class SMTPServer(CommandSession):
 
     def rawDataEnded(self, reader):
         """
-        The end of the data: refuse it, or commit it and answer once the
-        store has made it durable.
+        The end of the data (or of a BDAT chunk): refuse it, or commit it
+        and answer once the store has made it durable.
         """
         self._cancelDataTimer()
+        if isinstance(reader, ChunkReader):
+            return self._chunkEnded(reader)
         envelope, self._envelope = self._envelope, None
-        metrics = self.factory.metrics
-        refusal = self._dataRefusal(reader)
-        if refusal is not None:
-            code, enhanced, reason, reply = refusal
-            reader.spool.close()
-            metrics.delivery(self.protocolName, "rejected")
-            self._logRefusedMessage(envelope, "rejected", "rejected", code, enhanced, reason)
-            return self._dataReplies(envelope, code, enhanced, reply)
-        if not reader.storageFailed:
+        spool = None
+        if self._dataRefusal(reader) is None and not reader.storageFailed:
             try:
                 spool = reader.spool.finish()
                 spool.deliveryKey = reader.digest.key()
@@ -690,16 +734,40 @@ class SMTPServer(CommandSession):
                 # could not be written (the disk filled up).
                 reader.storageFailed = True
                 reader.spool.close()
-        if reader.storageFailed:
-            metrics.delivery(self.protocolName, "tempfail")
-            self._logRefusedMessage(
-                envelope, "spool_failed", "spool failed", 452, "4.3.1", "spool failed",
-                detail="cannot spool message data (is the temporary directory full?)",
-                level="error",
-            )
-            return self._dataReplies(
-                envelope, 452, "4.3.1", "insufficient system storage; try again later"
-            )
+                spool = None
+        return self._messageEnded(envelope, reader, spool)
+
+    def _contentFailed(self, envelope, content):
+        """
+        The message's content failed as it arrived (C{content}: a
+        L{DataReader} or a L{ChunkedMessage}): too large, a line too long,
+        or the spool could not be written.  Counted, logged, and the
+        reply's C{(code, enhanced, text)} returned.
+        """
+        content.spool.close()
+        metrics = self.factory.metrics
+        refusal = self._dataRefusal(content)
+        if refusal is not None:
+            code, enhanced, reason, reply = refusal
+            metrics.delivery(self.protocolName, "rejected")
+            self._logRefusedMessage(envelope, "rejected", "rejected", code, enhanced, reason)
+            return code, enhanced, reply
+        metrics.delivery(self.protocolName, "tempfail")
+        self._logRefusedMessage(
+            envelope, "spool_failed", "spool failed", 452, "4.3.1", "spool failed",
+            detail="cannot spool message data (is the temporary directory full?)",
+            level="error",
+        )
+        return 452, "4.3.1", "insufficient system storage; try again later"
+
+    def _messageEnded(self, envelope, content, spool):
+        """
+        A message has arrived whole: C{spool}, finished, or C{None} if its
+        C{content} failed on the way.  Deliver it, and answer once the
+        store has committed it.
+        """
+        if spool is None:
+            return self._dataReplies(envelope, *self._contentFailed(envelope, content))
         started = self._clock.seconds()
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
         d.addCallbacks(
@@ -710,6 +778,105 @@ class SMTPServer(CommandSession):
         )
         d.addBoth(lambda _: spool.close())
         return d
+
+    # -- CHUNKING (RFC 3030) ----------------------------------------------
+
+    def smtp_BDAT(self, argument):
+        """
+        A chunk of the message: its octets follow the command line, exactly
+        as many as it says, and are read whatever the reply (RFC 3030
+        section 2: a client pipelines its chunks, and a refused chunk's
+        octets are no commands).  The chunk marked C{LAST} ends the message
+        as the end of DATA does.
+        """
+        try:
+            size, last = parseBDAT(argument)
+        except BDATSyntaxError:
+            # How many octets follow is unknown: none of them can be read
+            # as a command, so the session cannot go on.
+            self.logInfo(
+                f"{self.protocolName}.bad_bdat",
+                f"{self.protocolName} malformed BDAT command peer={self.peerText}: 501 5.5.4, closing",
+            )
+            self._reply(501, "5.5.4", "syntax: BDAT chunk-size [LAST]; closing connection")
+            self.close()
+            return None
+        envelope = self._envelope
+        if envelope is None:
+            if self._chunksFailed:
+                # A chunk pipelined after its message failed: the client
+                # was told why at that chunk.
+                refusal = 503, "5.5.1", "the message failed at an earlier chunk; send RSET", False
+            else:
+                refusal = 503, "5.5.1", "need MAIL command first", True
+        elif not envelope.recipients:
+            refusal = self.noRecipientsCode, "5.5.1", "no valid recipients", self.countRefusedRecipients
+        elif size > self.maxMessageSize:
+            # Refused before a single octet: reading that many only to drop
+            # them is not worth the connection's time.
+            self._contentFailed(envelope, self._chunkedMessage(envelope, tooLarge=True))
+            self._dropTransaction()
+            self._reply(
+                552, "5.3.4",
+                f"message size exceeds the limit of {self.maxMessageSize} octets; closing connection",
+            )
+            self.close()
+            return None
+        else:
+            refusal = None
+        if refusal is not None:
+            reader = ChunkReader(None, size, last, refusal=refusal)
+        else:
+            reader = ChunkReader(self._chunkedMessage(envelope), size, last)
+        if size == 0:
+            return self._chunkEnded(reader)
+        self.rawReceiver = reader
+        self._startDataTimer(reader)
+        return None
+
+    def _chunkedMessage(self, envelope, tooLarge=False):
+        """
+        The transaction's message, begun at its first chunk.
+        """
+        if envelope.chunks is None:
+            envelope.chunks = ChunkedMessage(
+                self._newSpool(envelope), self.maxMessageSize, self.maxLineLength,
+                digest=self._deliveryKey(envelope),
+            )
+        envelope.chunks.tooLarge = envelope.chunks.tooLarge or tooLarge
+        return envelope.chunks
+
+    def _chunkEnded(self, reader):
+        """
+        All of a chunk's octets have been read: answer it, and end the
+        message at its last chunk.
+        """
+        if reader.refusal is not None:
+            code, enhanced, text, counted = reader.refusal
+            if counted:
+                return self._bad(code, enhanced, text)
+            self._reply(code, enhanced, text)
+            self._junk()
+            return None
+        message = reader.message
+        if not reader.last:
+            if message.failed:
+                envelope = self._envelope
+                self._dropTransaction()
+                self._chunksFailed = True
+                self._reply(*self._contentFailed(envelope, message))
+                return None
+            self._reply(250, "2.0.0", f"{reader.size} octets received")
+            if reader.size == 0:
+                # Chunks of nothing deliver nothing either.
+                self._junk()
+            return None
+        envelope, self._envelope = self._envelope, None
+        envelope.chunks = None
+        spool = message.finish()
+        if spool is not None:
+            spool.deliveryKey = message.digest.key()
+        return self._messageEnded(envelope, message, spool)
 
     def _dataReplies(self, envelope, code, enhanced, text):
         self._reply(code, enhanced, text)

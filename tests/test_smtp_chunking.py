@@ -1,0 +1,380 @@
+"""
+CHUNKING (RFC 3030): messages sent in BDAT chunks to the SMTP and LMTP
+servers, without sockets (an L{SMTPSession} over a StringTransport, a real
+SQLite file).  What the client sees (replies, in order, for pipelined
+chunks too) and what is stored (read back from the SQLite file and by POP3
+RETR): the same as for the same message sent by DATA.
+"""
+
+import pytest
+
+from mailgate.message import _budget
+from mailgate.smtp.chunks import BDATSyntaxError, parseBDAT
+from mailgate.testing import SMTPSession
+from test_smtp_protocol import (  # noqa: F401 (fixture)
+    ALICE,
+    BOB,
+    CAROL,
+    SENDER,
+    lines,
+    lmtp,
+    nothingStored,
+    retr,
+    session,
+    storedMessages,
+    stuff,
+    trace,
+    users,
+)
+
+MESSAGE = (
+    b"From: sender@remote.test\r\nTo: alice@example.org\r\nSubject: in chunks\r\n"
+    b"Message-ID: <chunks@remote.test>\r\n\r\n"
+    b"first line\r\n.a line that starts with a dot\r\n.\r\n..two dots\r\nlast line\r\n"
+)
+
+
+def bdat(data, last=False):
+    """
+    One BDAT command and its chunk, as a client sends them.
+    """
+    return b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data
+
+
+def chunked(message, *cuts):
+    """
+    C{message} as BDAT chunks cut at C{cuts}, the last one marked LAST.
+    """
+    bounds = [0, *cuts, len(message)]
+    pieces = [message[a:b] for a, b in zip(bounds, bounds[1:])]
+    return b"".join(bdat(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces))
+
+
+def begin(s, recipients=(ALICE,), sender=SENDER):
+    out = s.command(f"MAIL FROM:<{sender}>")
+    assert out.startswith("250"), out
+    for recipient in recipients:
+        s.command(f"RCPT TO:<{recipient}>")
+
+
+def content(stored):
+    """
+    A stored message without the trace fields mailgate put first.
+    """
+    return stored[trace(stored).end():]
+
+
+def test_chunkingIsAdvertised(store):
+    for s, hello in ((SMTPSession(store), "EHLO"), (SMTPSession(store, lmtp=True), "LHLO")):
+        assert "CHUNKING" in [line[4:] for line in lines(s.command(f"{hello} client.test"))[1:]]
+
+
+@pytest.mark.parametrize(
+    "argument, expected",
+    [
+        ("0", (0, False)),
+        ("0 LAST", (0, True)),
+        ("123 last", (123, True)),
+        ("42  LAST ", (42, True)),
+        ("99999999999999999999", (99999999999999999999, False)),
+    ],
+)
+def test_theChunkSizeAndItsEndMarker(argument, expected):
+    assert parseBDAT(argument) == expected
+
+
+@pytest.mark.parametrize("argument", ["", "x", "-1", "+5", "5 LASTLY", "5 LAST x", "5\tLAST", "1e3", "1" * 21])
+def test_anythingElseIsNoBDATArgument(argument):
+    with pytest.raises(BDATSyntaxError):
+        parseBDAT(argument)
+
+
+@pytest.mark.parametrize("cuts", [(), (10,), (1, 2, 3), (MESSAGE.index(b"\n") , ), (MESSAGE.index(b"\r\n.") + 1,)])
+def test_aMessageInChunksIsStoredAsSent(users, dbpath, cuts):
+    """
+    Chunks cut anywhere (between a CR and its LF, before a line's dot)
+    store the message's octets as they were sent, after the trace fields;
+    POP3 serves it dot-stuffed as any other.
+    """
+    s = session(users)
+    begin(s)
+    replies = lines(s.send(chunked(MESSAGE, *cuts)))
+    assert [r.split(" ")[:2] for r in replies[:-1]] == [["250", "2.0.0"]] * len(cuts)
+    assert replies[:-1] == [f"250 2.0.0 {b - a} octets received" for a, b in zip((0, *cuts), cuts)]
+    assert replies[-1].startswith("250 2.0.0 OK: message accepted as ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert content(stored) == MESSAGE
+    assert trace(stored)["protocol"] == b"ESMTP"
+    raw, body = retr(users, ALICE)
+    assert body == stored
+    assert b"\r\n..a line that starts with a dot\r\n..\r\n...two dots\r\n" in raw
+
+
+def test_aWholeTransactionPipelinedInOneWrite(users, dbpath):
+    s = session(users, hello=None)
+    out = s.send(
+        b"EHLO client.test\r\nMAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+        b"RCPT TO:<bob@example.org>\r\n" + chunked(MESSAGE, 20, 40) + b"NOOP\r\nQUIT\r\n"
+    )
+    replies = [r for r in lines(out) if not r.startswith("250-")]
+    assert [r[:3] for r in replies] == ["250", "250", "250", "250", "250", "250", "250", "250", "221"]
+    assert "OK: message accepted as" in replies[6]
+    assert content(storedMessages(dbpath, ALICE)[0]) == MESSAGE
+    assert content(storedMessages(dbpath, BOB)[0]) == MESSAGE
+
+
+def test_chunksThatArriveInPiecesOfAnOctet(users, dbpath):
+    s = session(users)
+    begin(s)
+    wire = chunked(MESSAGE, 7, 50)
+    out = b"".join(s.send(wire[i : i + 1]) for i in range(len(wire)))
+    assert lines(out)[-1].startswith("250 2.0.0 OK: message accepted")
+    assert content(storedMessages(dbpath, ALICE)[0]) == MESSAGE
+
+
+@pytest.mark.parametrize(
+    "sent, stored",
+    [
+        (b"Subject: x\n\nbare\nline feeds\n", b"Subject: x\r\n\r\nbare\r\nline feeds\r\n"),
+        (b"Subject: x\r\n\r\nno line end at the end", b"Subject: x\r\n\r\nno line end at the end\r\n"),
+        (b"Subject: x\r\n\r\na lone CR at the end\r", b"Subject: x\r\n\r\na lone CR at the end\r\n"),
+        (b"Subject: x\r\n\r\na CR\rinside a line\r\n", b"Subject: x\r\n\r\na CR\rinside a line\r\n"),
+        (b"", b""),
+    ],
+)
+def test_lineEndsAreMadeCRLFAndTheLastLineIsEnded(users, dbpath, sent, stored):
+    """
+    As for DATA: a bare LF is a line end (stored CRLF), and a message whose
+    last line was not ended gets its CRLF, so that every stored message
+    ends a line (POP3 sends it before its "." line).  A CR alone inside a
+    line is kept.
+    """
+    for cut in range(len(sent) + 1):
+        s = session(users)
+        begin(s)
+        assert lines(s.send(chunked(sent, cut)))[-1].startswith("250 2.0.0 OK")
+    assert {content(m) for m in storedMessages(dbpath, ALICE)} == {stored}
+
+
+def test_anEmptyLastChunkEndsTheMessage(users, dbpath):
+    s = session(users)
+    begin(s)
+    assert s.send(bdat(MESSAGE[:30])) == b"250 2.0.0 30 octets received\r\n"
+    assert s.send(bdat(MESSAGE[30:])) == b"250 2.0.0 %d octets received\r\n" % (len(MESSAGE) - 30)
+    assert s.command("BDAT 0 LAST").startswith("250 2.0.0 OK: message accepted as ")
+    assert content(storedMessages(dbpath, ALICE)[0]) == MESSAGE
+
+
+def test_aChunkWithoutMailIsReadAndRefused(users, dbpath):
+    """
+    Its octets are read and dropped, never run as commands, even when they
+    look like commands.
+    """
+    s = session(users)
+    smuggled = b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+    out = lines(s.send(bdat(smuggled, last=True) + b"MAIL FROM:<sender@remote.test>\r\n"))
+    assert out == ["503 5.5.1 need MAIL command first", "250 2.1.0 sender <sender@remote.test> OK"]
+    assert nothingStored(dbpath)
+
+
+@pytest.mark.parametrize("useLMTP, code", [(False, "554"), (True, "503")])
+def test_aChunkWithoutAcceptedRecipientsIsReadAndRefused(users, dbpath, useLMTP, code):
+    s = lmtp(users) if useLMTP else session(users)
+    begin(s, ["nobody@example.org"])
+    out = lines(s.send(bdat(b"RSET\r\n", last=True) + b"NOOP\r\n"))
+    assert out == [f"{code} 5.5.1 no valid recipients", "250 2.0.0 OK"]
+    assert nothingStored(dbpath)
+
+
+def test_dataAfterBdatIsRefusedAndTheTransactionDropped(users, dbpath):
+    s = session(users)
+    begin(s)
+    s.send(bdat(b"Subject: half\r\n"))
+    assert s.command("DATA") == "503 5.5.1 DATA after BDAT in the same transaction; send RSET\r\n"
+    assert s.command("BDAT 0 LAST") == "503 5.5.1 need MAIL command first\r\n"
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    begin(s)
+    assert s.send(chunked(MESSAGE)).startswith(b"250 2.0.0 OK: message accepted")
+    assert [content(m) for m in storedMessages(dbpath, ALICE)] == [MESSAGE]
+
+
+def test_rsetDropsTheChunksReceived(users, dbpath):
+    s = session(users)
+    begin(s)
+    s.send(bdat(b"Subject: dropped\r\n\r\n"))
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    begin(s)
+    s.send(chunked(MESSAGE, 5))
+    assert [content(m) for m in storedMessages(dbpath, ALICE)] == [MESSAGE]
+    assert _budget.held == 0
+
+
+def test_aNewMailTransactionNeedsTheLastChunkFirst(users, dbpath):
+    s = session(users)
+    begin(s)
+    s.send(bdat(b"Subject: open\r\n"))
+    assert s.command("MAIL FROM:<other@remote.test>") == "503 5.5.1 nested MAIL command\r\n"
+    assert s.send(bdat(b"\r\nbody\r\n", last=True)).startswith(b"250 2.0.0 OK")
+    assert [content(m) for m in storedMessages(dbpath, ALICE)] == [b"Subject: open\r\n\r\nbody\r\n"]
+
+
+def test_aMessageOverTheLimitIsRefusedAtTheChunkThatCrossesIt(users, dbpath):
+    """
+    552 5.3.4 once the chunks add up to more than the limit, and the chunks
+    the client pipelined after that one are read and refused (not counted
+    as its errors); nothing is stored, and the session goes on.
+    """
+    s = session(users, maxMessageSize=1000)
+    begin(s)
+    line = b"x" * 398 + b"\r\n"
+    out = lines(s.send(bdat(line) + bdat(line) + bdat(line) + bdat(line) + bdat(line, last=True)))
+    assert out == [
+        "250 2.0.0 400 octets received",
+        "250 2.0.0 400 octets received",
+        "552 5.3.4 message size exceeds the limit of 1000 octets",
+        "503 5.5.1 the message failed at an earlier chunk; send RSET",
+        "503 5.5.1 the message failed at an earlier chunk; send RSET",
+    ]
+    assert nothingStored(dbpath)
+    registry = s.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_deliveries_total", {"protocol": "smtp", "result": "rejected"}) == 1
+    begin(s)
+    assert s.send(chunked(MESSAGE)).startswith(b"250 2.0.0 OK: message accepted")
+    assert _budget.held == 0
+
+
+def test_aChunkLargerThanTheLimitClosesTheConnection(users, dbpath):
+    """
+    Its octets would be read only to be dropped: refused at once, and the
+    connection closed (what follows cannot be told from the chunk).
+    """
+    s = session(users, maxMessageSize=1000)
+    begin(s)
+    out = s.send(b"BDAT 1001 LAST\r\nQUIT\r\n")
+    assert out == b"552 5.3.4 message size exceeds the limit of 1000 octets; closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+@pytest.mark.parametrize("command", [b"BDAT", b"BDAT x", b"BDAT -5", b"BDAT 5 LASTLY", b"BDAT 5 NOW"])
+def test_aMalformedBdatClosesTheConnection(users, dbpath, command):
+    """
+    How many octets follow it is unknown, so nothing after it can be read
+    as a command: 501, and the connection closed.
+    """
+    s = session(users)
+    begin(s)
+    out = s.send(command + b"\r\nRCPT TO:<bob@example.org>\r\n")
+    assert out == b"501 5.5.4 syntax: BDAT chunk-size [LAST]; closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_lmtpAnswersEachRecipientAfterTheLastChunk(users, dbpath):
+    s = lmtp(users)
+    begin(s, [ALICE, "nobody@example.org", BOB])
+    assert s.send(bdat(MESSAGE[:10])) == b"250 2.0.0 10 octets received\r\n"
+    out = lines(s.send(bdat(MESSAGE[10:], last=True)))
+    assert len(out) == 2
+    assert out[0].startswith("250 2.0.0 <alice@example.org> delivered as ")
+    assert out[1].startswith("250 2.0.0 <bob@example.org> delivered as ")
+    assert trace(storedMessages(dbpath, ALICE)[0])["protocol"] == b"LMTP"
+    assert content(storedMessages(dbpath, BOB)[0]) == MESSAGE
+
+
+def test_lmtpAnswersEachRecipientWhenTheLastChunkFails(users, dbpath):
+    s = lmtp(users, maxLineLength=100)
+    begin(s, [ALICE, BOB])
+    out = lines(s.send(bdat(b"Subject: long\r\n\r\n" + b"y" * 200 + b"\r\n", last=True)))
+    assert out == [
+        "500 5.5.2 <alice@example.org> line too long (the limit is 100 octets)",
+        "500 5.5.2 <bob@example.org> line too long (the limit is 100 octets)",
+    ]
+    assert nothingStored(dbpath)
+
+
+def test_theLineLimitCountsALineAcrossChunks(users, dbpath):
+    s = session(users, maxLineLength=100)
+    begin(s)
+    out = lines(s.send(bdat(b"Subject: x\r\n\r\n" + b"a" * 60) + bdat(b"b" * 60) + bdat(b"\r\n", last=True)))
+    assert out == [
+        "250 2.0.0 74 octets received",
+        "500 5.5.2 line too long (the limit is 100 octets)",
+        "503 5.5.1 the message failed at an earlier chunk; send RSET",
+    ]
+    begin(s)
+    # 98 octets and the CRLF (with the CR and LF in two chunks) are within it.
+    assert s.send(bdat(b"a" * 98 + b"\r") + bdat(b"\n", last=True)).startswith(b"250 2.0.0 99")
+    assert [content(m) for m in storedMessages(dbpath, ALICE)] == [b"a" * 98 + b"\r\n"]
+
+
+def test_aChunkTrickledInIsCutOffAtTheMinimumRate(users, dbpath):
+    s = session(users)
+    begin(s)
+    assert s.send(b"BDAT 100000 LAST\r\nSubject: slow\r\n") == b""
+    out = b""
+    for _ in range(20):
+        out = s.advance(240)
+        if out:
+            break
+        s.send(b"x\r\n")
+    assert out.startswith(b"421 4.4.2 mailgate.test message data too slow")
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_aRefusedChunkTrickledInIsCutOffToo(users, dbpath, logEvents):
+    """
+    The octets of a chunk refused (no MAIL) are read at the same minimum
+    rate, and the line logged for it names no transaction.
+    """
+    s = session(users)
+    assert s.send(b"BDAT 100000 LAST\r\nx") == b""
+    sent = 1
+    out = b""
+    for _ in range(20):
+        out = s.advance(240)
+        if out:
+            break
+        s.send(b"x\r\n")
+        sent += 3
+    assert out.startswith(b"421 4.4.2 mailgate.test message data too slow")
+    assert s.disconnected
+    [slow] = [e for e in logEvents if e.get("event") == "smtp.data_too_slow"]
+    assert (slow["code"], slow["octets"], "id" in slow) == (421, sent, False)
+
+
+def test_aRetryInChunksOfAMessageSentByDataIsNotStoredTwice(users, dbpath):
+    """
+    The same message from the same sender is a retry however it is sent.
+    """
+    s = session(users)
+    begin(s)
+    s.command("DATA")
+    assert s.send(stuff(MESSAGE)).startswith(b"250 2.0.0 OK: message accepted")
+    begin(s)
+    out = s.send(chunked(MESSAGE, 33))
+    assert lines(out)[-1] == "250 2.0.0 OK: already delivered, not stored again (a retry of the same message)"
+    assert len(storedMessages(dbpath, ALICE)) == 1
+
+
+def test_theConnectionLostInTheMiddleOfAChunkStoresNothing(users, dbpath):
+    s = session(users)
+    begin(s)
+    s.send(bdat(b"Subject: first\r\n") + b"BDAT 1000 LAST\r\nSubject: cut")
+    s.protocol.connectionLost(None)
+    assert nothingStored(dbpath)
+    assert _budget.held == 0
+
+
+def test_emptyChunksThatDeliverNothingCountAsJunk(users):
+    """
+    BDAT 0 again and again keeps the connection busy and delivers nothing:
+    counted as NOOPs are, and the client is cut off in the end.
+    """
+    s = session(users)
+    begin(s)
+    out = lines(s.send(b"BDAT 0\r\n" * 200))
+    assert out[-1] == "421 4.7.0 mailgate.test too many errors, closing connection"
+    assert len(out) < 200
+    assert s.disconnected
