@@ -14,7 +14,6 @@ from mailgate.testing import SMTPSession
 from test_smtp_protocol import (  # noqa: F401 (fixture)
     ALICE,
     BOB,
-    CAROL,
     SENDER,
     lines,
     lmtp,
