@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mailgate.smtp import data
+from mailgate.smtp.chunks import ChunkedMessage, ChunkReader
 from mailgate.smtp.data import DataReader
-from mailgate.message import MessageSpool
+from mailgate.message import DeliveryKey, MessageSpool, spoolBytes
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore
 
 ALICE = "alice@example.org"
@@ -28,6 +29,10 @@ _SMTP_REPLY = re.compile(rb"^[2-5][0-9][0-9][ -]")
 commandWords = st.sampled_from(
     [b"USER", b"PASS", b"APOP", b"AUTH", b"STLS", b"CAPA", b"QUIT", b"STAT", b"LIST",
      b"RETR", b"DELE", b"NOOP", b"RSET", b"TOP", b"UIDL", b"XYZ", b""]
+)
+smtpWords = st.sampled_from(
+    [b"EHLO x", b"LHLO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<alice@example.org>", b"DATA", b"BDAT",
+     b"BDAT 0", b"BDAT 3", b"BDAT 5 LAST", b"BDAT 0 LAST", b"RSET", b"NOOP", b"QUIT", b"XYZ", b""]
 )
 junk = st.binary(max_size=300)
 lines = st.lists(
@@ -86,6 +91,29 @@ def test_smtpAnswersEveryCommandWithACode(lines, cuts):
     for reply in output.split(b"\r\n")[:-1]:
         assert _SMTP_REPLY.match(reply), reply
     if not s.disconnected:
+        assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+smtpLines = st.lists(
+    st.one_of(st.tuples(smtpWords, junk).map(lambda t: t[0] + b" " + t[1]), smtpWords, junk), max_size=12
+)
+
+
+@FUZZ
+@given(lines=smtpLines, cuts=splits, useLMTP=st.booleans())
+def test_smtpWithChunksAnswersEveryCommandWithACode(lines, cuts, useLMTP):
+    """
+    The same with BDAT among the commands: its chunk (the octets after its
+    line, as many as it says) is read, whatever they look like, and every
+    reply is well formed; a session still open is in step.
+    """
+    store = _store()
+    s = SMTPSession(store, lmtp=useLMTP)
+    data = b"".join(line.replace(b"\n", b" ") + b"\r\n" for line in lines)
+    output = b"".join(s.send(piece) for piece in _pieces(data, cuts))
+    for reply in output.split(b"\r\n")[:-1]:
+        assert _SMTP_REPLY.match(reply), reply
+    if not s.disconnected and s.protocol.rawReceiver is None:
         assert s.command("NOOP") == "250 2.0.0 OK\r\n"
 
 
@@ -199,3 +227,62 @@ def test_dataStoredInPiecesIsRFC5321sContent(body, cuts, flushAt, ended):
     assert (reader.spool.dotLines, reader.spool.dotOffsets) == (whole.spool.dotLines, whole.spool.dotOffsets)
     lineStarts = [0] + [i + 2 for i in range(len(content)) if content.startswith(b"\r\n", i)][:-1]
     assert reader.spool.dotOffsets == [i for i in lineStarts if content[i : i + 1] == b"."]
+
+
+def _canonical(content):
+    """
+    What a message sent in chunks is stored as: a bare LF made CRLF, and
+    the last line ended (a lone CR at the very end taken for its end).
+    """
+    content = re.sub(rb"(?<!\r)\n", b"\r\n", content)
+    if content.endswith(b"\r"):
+        return content[:-1] + b"\r\n"
+    if content and not content.endswith(b"\n"):
+        return content + b"\r\n"
+    return content
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(body=dataWire, chunkCuts=smallSplits, wireCuts=smallSplits)
+@example(body=b"a\r\n\r", chunkCuts=[3], wireCuts=[])
+@example(body=b"H: x\r\n\r\n.b", chunkCuts=[5, 1, 1], wireCuts=[1])
+def test_chunksCutAnywhereStoreTheCanonicalMessage(body, chunkCuts, wireCuts):
+    """
+    However a message is cut into chunks, and the chunks into reads, it is
+    stored as one canonical message: the octets, the header size and "."
+    line positions POP3 relies on, the same as the spool of the whole
+    message at once; and for a message DATA could carry as it is (CRLF
+    lines), the same delivery key as DATA gives it, so a retry sent the
+    other way is still a retry.
+    """
+    message = b"Message-ID: <fuzz@example>\r\n" + body
+    chunks = list(_pieces(message, chunkCuts))
+    content = ChunkedMessage(MessageSpool(), maxSize=10**6, digest=DeliveryKey("smtp", "a@b.example"))
+    wire = b"".join(b"%d\n" % len(c) + c for c in chunks) + b"TAIL"
+    # Each chunk's octets through its reader, the wire cut into reads
+    # anywhere (a read may hold the end of one chunk and the next's start).
+    rest = wire
+    for chunk in chunks:
+        header, _, rest = rest.partition(b"\n")
+        reader = ChunkReader(content, int(header), last=False)
+        left = None
+        for piece in _pieces(rest, wireCuts):
+            if left is None:
+                left = reader.feed(piece)
+            else:
+                left += piece
+        assert left is not None
+        rest = left
+    assert rest == b"TAIL"
+    spool = content.finish()
+    expected = _canonical(message)
+    reference = spoolBytes(expected)
+    assert spool.getvalue() == expected == reference.getvalue()
+    assert content.received == spool.size == len(expected)
+    assert spool.headerSize == reference.headerSize
+    assert (spool.dotLines, spool.dotOffsets) == (reference.dotLines, reference.dotOffsets)
+    if b"\n" not in message.replace(b"\r\n", b"") and message.endswith(b"\r\n"):
+        byData = DataReader(MessageSpool(), maxSize=10**6, digest=DeliveryKey("smtp", "a@b.example"))
+        stuffed = message.replace(b"\r\n.", b"\r\n..")
+        assert byData.feed(stuffed + b".\r\n") == b""
+        assert byData.digest.key() == content.digest.key() is not None
