@@ -18,6 +18,8 @@ LF: L{ChunkedMessage} carries what a line end needs across the boundary.
 
 import re
 
+from mailgate.smtp.data import MessageContent
+
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 #: RFC 3030 section 2: C{"BDAT" SP chunk-size [SP end-marker]}, the size a
@@ -47,32 +49,15 @@ def parseBDAT(argument):
     return int(match.group(1)), match.group(2) is not None
 
 
-class ChunkedMessage:
+class ChunkedMessage(MessageContent):
     """
     The content of one message as its chunks arrive, stored into a
-    L{mailgate.message.MessageSpool} in canonical form.
-
-    The same limits as L{mailgate.smtp.data.DataReader}'s, with the same
-    flags: once one is exceeded (or the spool cannot be written), nothing
-    more is stored.
-
-    @ivar spool: where the content goes (after the trace fields written
-        there before).
-    @ivar digest: a L{mailgate.message.DeliveryKey} fed every octet of
-        content stored, or C{None}.
-    @ivar received: octets of content stored (CRLF line ends).
+    L{mailgate.message.MessageSpool} in canonical form, under the limits
+    DATA's content has (L{MessageContent}).
     """
 
     def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
-        self.spool = spool
-        self.digest = digest
-        self.maxSize = maxSize
-        self.maxLineLength = maxLineLength
-        self.tooLarge = False
-        self.lineTooLong = False
-        self.storageFailed = False
-        self.bareLineFeeds = False
-        self.received = 0
+        super().__init__(spool, maxSize, maxLineLength, digest)
         # A CR that ended the last piece: whether it ends a line depends
         # on the octet after it, in the next piece.
         self._heldCR = False
@@ -80,10 +65,6 @@ class ChunkedMessage:
         # line being stored is so far (for maxLineLength).
         self._atLineStart = True
         self._lineLength = 0
-
-    @property
-    def failed(self):
-        return self.tooLarge or self.lineTooLong or self.storageFailed
 
     def add(self, piece):
         """
@@ -125,24 +106,11 @@ class ChunkedMessage:
                 longest = max(longest, max(map(len, piece[first + 1 : last].split(b"\n"))) + 1)
             self._lineLength = len(piece) - last - 1
         if longest > self.maxLineLength:
-            self.lineTooLong = True
-            self.spool.close()
+            self._refuseLongLine()
 
     def _store(self, block):
-        self.received += len(block)
-        if self.received > self.maxSize:
-            self.tooLarge = True
-            self.spool.close()
-            return
-        if self.digest is not None:
-            self.digest.update(block)
-        try:
-            self.spool.writeBlock(block, self._atLineStart)
-        except OSError:
-            self.storageFailed = True
-            self.spool.close()
-            return
-        self._atLineStart = block[-1] == 0x0A
+        if self._keep(block, self._atLineStart):
+            self._atLineStart = block[-1] == 0x0A
 
     def finish(self):
         """
@@ -166,14 +134,6 @@ class ChunkedMessage:
             self.storageFailed = True
             self.spool.close()
             return None
-
-    def close(self):
-        """
-        Discard what was stored (the transaction ended without its last
-        chunk, or failed).
-        """
-        self.spool.close()
-
 
 class ChunkReader:
     """
@@ -223,5 +183,5 @@ class ChunkReader:
         storing into.
         """
         if self.message is not None:
-            self.message.close()
+            self.message.discard()
             self.message = None

@@ -35,17 +35,18 @@ _STUFFED_DOT_AFTER_LF = re.compile(rb"(?<=\n)\.(?!\r?\n)")
 FLUSH_PARTIAL_LINE = 64 * 1024
 
 
-class DataReader:
+class MessageContent:
     """
-    Decodes the wire form of DATA (dot-stuffed, CRLF . CRLF terminated)
-    into a L{mailgate.message.MessageSpool}, canonical CRLF line ends.
+    A message's content on its way into a L{mailgate.message.MessageSpool},
+    canonical CRLF line ends, under the limits of its session: what the
+    readers of DATA (L{DataReader}) and of BDAT chunks
+    (L{mailgate.smtp.chunks.ChunkedMessage}) share.
 
     @ivar tooLarge: the content exceeded C{maxSize}; nothing more is stored.
     @ivar lineTooLong: a line exceeded C{maxLineLength} octets (CRLF
         included); nothing more is stored.  Never, without a
         C{maxLineLength} (C{None}: lines of any length).
-    @ivar received: octets of content received (after un-stuffing).
-    @ivar wireOctets: octets read from the connection, as sent.
+    @ivar received: octets of content stored (after un-stuffing).
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
     @ivar storageFailed: the spool could not be written (a full disk);
         nothing more is stored, the rest of the data is read and dropped.
@@ -61,16 +62,8 @@ class DataReader:
         self.tooLarge = False
         self.lineTooLong = False
         self.received = 0
-        self.wireOctets = 0
         self.bareLineFeeds = False
         self.storageFailed = False
-        self._carry = b""
-        self._previousEndedCRLF = True
-        self._skippingLine = False
-        self._skippedCR = False
-        # Part of the current line has been stored already (a long line
-        # stored in pieces): what comes next does not begin a line.
-        self._midLine = False
 
     @property
     def failed(self):
@@ -78,9 +71,57 @@ class DataReader:
 
     def discard(self):
         """
-        The session ended before the data did: drop what was stored.
+        The message will not be delivered: drop what was stored.
         """
         self.spool.close()
+
+    def _refuseLongLine(self):
+        if not self.lineTooLong:
+            self.lineTooLong = True
+            self.spool.close()
+
+    def _keep(self, block, atLineStart):
+        """
+        Store a block in canonical form (CRLF line ends, no stuffing), that
+        begins a line (C{atLineStart}) or continues the last one: counted
+        against L{maxSize}, fed to the digest, written to the spool.
+
+        @return: whether it was stored.
+        """
+        self.received += len(block)
+        if self.received > self.maxSize:
+            self.tooLarge = True
+            self.spool.close()
+            return False
+        if self.digest is not None:
+            self.digest.update(block)
+        try:
+            self.spool.writeBlock(block, atLineStart)
+        except OSError:
+            self.storageFailed = True
+            self.spool.close()
+            return False
+        return True
+
+
+class DataReader(MessageContent):
+    """
+    Decodes the wire form of DATA (dot-stuffed, CRLF . CRLF terminated)
+    into a L{mailgate.message.MessageSpool}, canonical CRLF line ends.
+
+    @ivar wireOctets: octets read from the connection, as sent.
+    """
+
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
+        super().__init__(spool, maxSize, maxLineLength, digest)
+        self.wireOctets = 0
+        self._carry = b""
+        self._previousEndedCRLF = True
+        self._skippingLine = False
+        self._skippedCR = False
+        # Part of the current line has been stored already (a long line
+        # stored in pieces): what comes next does not begin a line.
+        self._midLine = False
 
     def feed(self, data):
         """
@@ -148,11 +189,6 @@ class DataReader:
             self._carry = partial
         return None
 
-    def _refuseLongLine(self):
-        if not self.lineTooLong:
-            self.lineTooLong = True
-            self.spool.close()
-
     def _store(self, block, atLineStart=True):
         """
         Store a block of lines: un-stuff, make line ends CRLF, and enforce
@@ -177,15 +213,4 @@ class DataReader:
         if block.count(b"\n") != block.count(b"\r\n"):
             self.bareLineFeeds = True
             block = _BARE_LF.sub(b"\r\n", block)
-        self.received += len(block)
-        if self.received > self.maxSize:
-            self.tooLarge = True
-            self.spool.close()
-            return
-        if self.digest is not None:
-            self.digest.update(block)
-        try:
-            self.spool.writeBlock(block, atLineStart)
-        except OSError:
-            self.storageFailed = True
-            self.spool.close()
+        self._keep(block, atLineStart)

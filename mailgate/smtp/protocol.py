@@ -231,7 +231,7 @@ class SMTPServer(CommandSession):
         """
         envelope, self._envelope = self._envelope, None
         if envelope is not None and envelope.chunks is not None:
-            envelope.chunks.close()
+            envelope.chunks.discard()
             envelope.chunks = None
 
     # -- the data's minimum rate -------------------------------------------
@@ -744,7 +744,7 @@ class SMTPServer(CommandSession):
         or the spool could not be written.  Counted, logged, and the
         reply's C{(code, enhanced, text)} returned.
         """
-        content.spool.close()
+        content.discard()
         metrics = self.factory.metrics
         refusal = self._dataRefusal(content)
         if refusal is not None:
