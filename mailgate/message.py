@@ -145,11 +145,18 @@ class MessageSpool:
             as Dovecot's C{mail_temp_dir}); C{None}: the system's temporary
             directory.
         """
-        # Small messages (nearly all of them) stay in a list of pieces; the
-        # first write past memoryLimit moves everything to a temporary file.
+        # Small messages (nearly all of them) stay in memory, in one buffer
+        # however many pieces they came in (a piece of its own for each of
+        # them would cost some forty octets more than the piece: a client
+        # sending its message an octet or two at a time would make the
+        # spool hold twenty times the message); the first write past
+        # memoryLimit moves everything to a temporary file.  Once the
+        # message is finished, its octets are one bytes object
+        # (L{_finished}), which the store reads from another thread.
         self._memoryLimit = memoryLimit
         self._directory = directory
-        self._pieces = []
+        self._memory = bytearray()
+        self._finished = None
         self._file = None
         # What this spool holds of the process's budget.
         self._holding = [0]
@@ -163,14 +170,17 @@ class MessageSpool:
         if self._file is not None:
             self._file.write(data)
             return
-        self._pieces.append(data)
+        if self._finished is not None:
+            # Written to after finish(): back to a buffer.
+            self._memory, self._finished = bytearray(self._finished), None
         if self.size + len(data) > self._memoryLimit or not _budget.take(len(data)):
             self._file = tempfile.TemporaryFile(dir=self._directory)
-            for piece in self._pieces:
-                self._file.write(piece)
-            self._pieces = None
+            self._file.write(self._memory)
+            self._file.write(data)
+            self._memory = None
             _budget.giveBack(self._holding)
         else:
+            self._memory += data
             self._holding[0] += len(data)
 
     @property
@@ -250,8 +260,8 @@ class MessageSpool:
             self.writeLine(partial)
         if self._file is not None:
             self._file.flush()
-        elif len(self._pieces) > 1:
-            self._pieces = [b"".join(self._pieces)]
+        elif self._finished is None:
+            self._finished, self._memory = bytes(self._memory), None
         return self
 
     def chunks(self, chunkSize):
@@ -260,7 +270,7 @@ class MessageSpool:
         while nothing else touches the spool.
         """
         if self._file is None:
-            data = b"".join(self._pieces or ())
+            data = self._finished if self._finished is not None else bytes(self._memory or b"")
             for start in range(0, len(data), chunkSize):
                 yield data[start : start + chunkSize]
             return
@@ -281,7 +291,8 @@ class MessageSpool:
         """
         Discard the spooled octets.
         """
-        self._pieces = []
+        self._memory = bytearray()
+        self._finished = None
         _budget.giveBack(self._holding)
         if self._file is not None:
             try:
