@@ -7,6 +7,14 @@ default), each session reusing its connection for several messages
 QUIT and a new connection.  With LMTP, the end of DATA is answered once per
 accepted recipient and every one of those replies is read and checked.
 
+With C{--bdat} (RFC 3030 CHUNKING) each message goes as one C{BDAT <n>
+LAST} chunk of its raw CRLF octets (no dot-stuffing, no terminating line)
+instead of DATA, pipelined after MAIL and RCPT when the server offers
+PIPELINING; the chunk is answered like the end of DATA (with LMTP once per
+accepted recipient).  A server whose EHLO/LHLO reply does not list
+CHUNKING is an error (L{ChunkingNotOffered}), never a silent fall back to
+DATA: the figures would be DATA's under BDAT's name.
+
 Every message carries a unique token in its Subject (C{Subject: bench
 intake RUN-000042}).  Afterwards L{verify} checks that each acknowledged
 message arrived exactly once in each of its recipients' maildrops, from
@@ -56,6 +64,14 @@ _TOKEN = re.compile(rb"^Subject: bench intake (\S+)", re.MULTILINE | re.IGNORECA
 
 class SMTPProtocolError(Exception):
     pass
+
+
+class ChunkingNotOffered(Exception):
+    """
+    BDAT was asked for and the server's EHLO/LHLO reply does not list
+    CHUNKING: the measurement cannot be made, and DATA's figures must not
+    stand in for it.
+    """
 
 
 class SMTPReplyError(Exception):
@@ -133,9 +149,29 @@ def dotStuff(data):
 
 @dataclass
 class Outgoing:
+    """
+    One message to send: its token, its recipients, and its octets in the
+    two forms it can go in.  The DATA form is made here, before the clock
+    starts (dot-stuffing scans the whole message), so that the load
+    generator's own work stays out of the timing; the BDAT form is the raw
+    octets themselves, after a command line (L{chunk}).
+    """
+
     token: str
     recipients: list
-    data: bytes  # dot-stuffed, with the terminating line
+    raw: bytes  # the CRLF message itself: BDAT's chunk
+    data: bytes = None  # its DATA form: dot-stuffed, with the terminating line
+
+    def __post_init__(self):
+        if self.data is None:
+            self.data = dotStuff(self.raw)
+
+    def chunk(self):
+        """
+        The whole message as one last chunk (RFC 3030): the BDAT command
+        and the raw octets after it, as they go on the wire.
+        """
+        return b"BDAT %d LAST\r\n" % len(self.raw) + self.raw
 
 
 def makeMessages(count, size, recipients, rcptsPerMessage=1, runId=None):
@@ -148,8 +184,7 @@ def makeMessages(count, size, recipients, rcptsPerMessage=1, runId=None):
     for i in range(count):
         token = f"{runId}-{i:06d}"
         rcpts = [recipients[(i + j) % len(recipients)] for j in range(rcptsPerMessage)]
-        data = corpus.intakeMessage(size, token, rcpts[0])
-        messages.append(Outgoing(token, rcpts, dotStuff(data)))
+        messages.append(Outgoing(token, rcpts, corpus.intakeMessage(size, token, rcpts[0])))
     return runId, messages
 
 
@@ -160,41 +195,62 @@ def _expect(reply, what, codes):
     return lines
 
 
-async def sendMessages(client, lmtp, messages, acknowledged, latencies, host="bench.client"):
+async def sendMessages(client, lmtp, messages, acknowledged, latencies, host="bench.client", bdat=False):
     """
     One connection's work: greeting, EHLO/LHLO, the messages, QUIT.
     Tokens of messages the server took (every recipient acknowledged) are
     added to C{acknowledged}.
+
+    Each message goes by DATA, or with C{bdat} as one C{BDAT <n> LAST}
+    chunk; MAIL, RCPT and DATA (or BDAT with its chunk) are written at once
+    when the server offers PIPELINING, else one by one, each after the
+    previous reply.
+
+    @raise ChunkingNotOffered: if C{bdat} and the server does not offer
+        CHUNKING.
     """
     _expect(await client.reply(), "greeting", (220,))
     hello = "LHLO" if lmtp else "EHLO"
     client.write(f"{hello} {host}\r\n".encode())
     capabilities = {line.split(" ", 1)[0].upper() for line in _expect(await client.reply(), hello, (250,))[1:]}
     pipelining = "PIPELINING" in capabilities
+    if bdat and "CHUNKING" not in capabilities:
+        raise ChunkingNotOffered(
+            f"BDAT asked for, but the {hello} reply does not offer CHUNKING (it offers "
+            f"{', '.join(sorted(capabilities)) or 'nothing'})"
+        )
     for message in messages:
         began = time.perf_counter()
-        commands = [f"MAIL FROM:<{SENDER}>\r\n".encode()]
-        commands += [f"RCPT TO:<{r}>\r\n".encode() for r in message.recipients]
-        commands.append(b"DATA\r\n")
+        envelope = [f"MAIL FROM:<{SENDER}>\r\n".encode()]
+        envelope += [f"RCPT TO:<{r}>\r\n".encode() for r in message.recipients]
+        # What follows the envelope: the whole message after BDAT, or the
+        # DATA command (its text only after the 354).
+        body = message.chunk() if bdat else b"DATA\r\n"
         if pipelining:
-            client.write(b"".join(commands))
-            replies = [await client.reply() for _ in commands]
+            client.write(b"".join(envelope) + body)
+            replies = [await client.reply() for _ in envelope]
         else:
             replies = []
-            for command in commands:
+            for command in envelope:
                 client.write(command)
                 replies.append(await client.reply())
                 if replies[-1][0] >= 400:
                     break
         _expect(replies[0], "MAIL", (250,))
         accepted = 0
-        for reply in replies[1:-1]:
+        for reply in replies[1:]:
             _expect(reply, "RCPT", (250, 251))
             accepted += 1
-        _expect(replies[-1], "DATA", (354,))
-        client.write(message.data)
+        if not pipelining:
+            client.write(body)
+        if bdat:
+            end = "BDAT LAST"
+        else:
+            _expect(await client.reply(), "DATA", (354,))
+            client.write(message.data)
+            end = "end of DATA"
         for _ in range(accepted if lmtp else 1):
-            _expect(await client.reply(), "end of DATA", (250,))
+            _expect(await client.reply(), end, (250,))
         latencies.append(time.perf_counter() - began)
         acknowledged.append(message.token)
     client.write(b"QUIT\r\n")
@@ -307,9 +363,15 @@ async def runIntake(
     timeout=60.0,
     runId=None,
     settle=0.2,
+    bdat=False,
 ):
     """
-    Send the messages; return an L{IntakeResult} (not yet verified).
+    Send the messages (by DATA, or with C{bdat} each as one BDAT chunk);
+    return an L{IntakeResult} (not yet verified).
+
+    @raise ChunkingNotOffered: if C{bdat} and the server does not offer
+        CHUNKING (the first session that finds so stops the run: it is not
+        counted as a failed message, since nothing was measured).
     """
     raiseFileLimit(sessions * 2 + 64)
     runId, outgoing = makeMessages(messages, size, recipients, rcptsPerMessage, runId)
@@ -330,9 +392,12 @@ async def runIntake(
                     loop.create_connection(SMTPClient, host, port), timeout
                 )
                 await asyncio.wait_for(
-                    sendMessages(client, lmtp, batch, acknowledged, latencies),
+                    sendMessages(client, lmtp, batch, acknowledged, latencies, bdat=bdat),
                     timeout * len(batch),
                 )
+            except ChunkingNotOffered:
+                queue.clear()
+                raise
             except (Exception, asyncio.TimeoutError) as e:
                 failed = len(batch) - (len(acknowledged) - done)
                 if isinstance(e, SMTPReplyError):
@@ -364,7 +429,7 @@ async def runIntake(
     extraAfter = cpuSnapshot(extraRoots)
     systemAfter = systemBusySeconds()
     return IntakeResult(
-        protocol="LMTP" if lmtp else "SMTP",
+        protocol=("LMTP" if lmtp else "SMTP") + (" BDAT" if bdat else ""),
         sessions=sessions,
         size=size,
         messages=messages,
@@ -487,6 +552,11 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--lmtp", action="store_true", help="speak LMTP (LHLO, a reply per recipient)")
+    parser.add_argument(
+        "--bdat", action="store_true",
+        help="send each message as one BDAT <n> LAST chunk (RFC 3030) instead of DATA; "
+        "an error if the server does not offer CHUNKING",
+    )
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--size", type=int, default=4096)
@@ -504,7 +574,7 @@ def main(argv=None):
     async def go():
         result = await runIntake(
             args.port, recipients, args.lmtp, args.sessions, args.messages, args.size,
-            args.per_connection, args.rcpts_per_message, args.host, args.server_pid,
+            args.per_connection, args.rcpts_per_message, args.host, args.server_pid, bdat=args.bdat,
         )
         if args.verify_pop3:
             verify(result, await tokensFromPOP3(args.verify_pop3, recipients, args.password, args.host))
@@ -514,7 +584,11 @@ def main(argv=None):
             ))
         return result
 
-    result = asyncio.run(go())
+    try:
+        result = asyncio.run(go())
+    except ChunkingNotOffered as e:
+        print(f"smtpload: {e}", file=sys.stderr)
+        return 2
     if args.json:
         import json
 

@@ -3,7 +3,9 @@ The benchmark tools (benchmarks/) keep working: the corpus generator, the
 POP3 response parser and load generator (against canned bytes, a scripted
 in-process server and one real C{twistd mailgate}, over plain TCP and over
 TLS 1.3, also against a real Dovecot where installed), the SMTP reply
-parser and the intake verification, the generated Dovecot configuration,
+parser and the intake verification, intake by BDAT chunks (against an
+in-process server recording what it is sent, mailgate traced by
+--debug-peer, and Dovecot's LMTP), the generated Dovecot configuration,
 the report's ratios and verdicts on synthetic rows, the interleaving of
 the rounds, and the py-spy profile summary.  Behaviour only, never
 timings.
@@ -481,6 +483,220 @@ def test_intakeVerification():
     assert report["unexpected"] == [("b@x", "r1-000002")]
 
 
+# -- BDAT: what the load generator sends when asked for chunks --------------------------------
+
+
+class RecordingSMTP(asyncio.Protocol):
+    """
+    A minimal SMTP/LMTP server that records what it is sent: every
+    command line (with how many octets were already waiting behind it,
+    so that pipelining shows) and every BDAT chunk, and keeps each chunk
+    as a message for its recipients.  It offers the C{capabilities} it is
+    given; DATA, and anything it does not know, get 500 (it stores no
+    message that did not come as a chunk).
+    """
+
+    def __init__(self, capabilities, lmtp, record):
+        self.capabilities = capabilities
+        self.lmtp = lmtp
+        self.commands = record.commands
+        self.chunks = record.chunks
+        self.delivered = record.delivered
+        self.buffer = bytearray()
+        self.chunkLeft = None
+        self.recipients = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(b"220 recording ready\r\n")
+
+    def data_received(self, data):
+        self.buffer += data
+        while True:
+            if self.chunkLeft is not None:
+                if len(self.buffer) < self.chunkLeft:
+                    return
+                chunk = bytes(self.buffer[: self.chunkLeft])
+                del self.buffer[: self.chunkLeft]
+                self.chunkLeft = None
+                self.chunks.append(chunk)
+                for rcpt in self.recipients:
+                    self.delivered.setdefault(rcpt, []).append(chunk)
+                replies = len(self.recipients) if self.lmtp else 1
+                self.transport.write(b"250 2.0.0 stored\r\n" * replies)
+                self.recipients = []
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            line = bytes(self.buffer[:end]).decode()
+            del self.buffer[: end + 2]
+            self.commands.append((line, len(self.buffer)))
+            verb, _, argument = line.partition(" ")
+            verb = verb.upper()
+            if verb in ("EHLO", "LHLO"):
+                lines = ["recording"] + self.capabilities
+                self.transport.write("".join(
+                    f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n" for i, text in enumerate(lines)
+                ).encode())
+            elif verb == "MAIL":
+                self.recipients = []
+                self.transport.write(b"250 2.1.0 ok\r\n")
+            elif verb == "RCPT":
+                self.recipients.append(argument.partition("<")[2].rstrip(">"))
+                self.transport.write(b"250 2.1.5 ok\r\n")
+            elif verb == "BDAT":
+                size, *last = argument.split()
+                assert last == ["LAST"], line
+                self.chunkLeft = int(size)
+            elif verb == "QUIT":
+                self.transport.write(b"221 2.0.0 bye\r\n")
+                self.transport.close()
+                return
+            else:
+                self.transport.write(b"500 5.5.1 not here\r\n")
+
+
+class Record:
+    """
+    What a L{RecordingSMTP} was sent: C{commands}, C{(line, octets
+    already waiting behind it)}; C{chunks}, every BDAT chunk; and
+    C{delivered}, C{{recipient: [chunk]}}.
+    """
+
+    def __init__(self):
+        self.commands = []
+        self.chunks = []
+        self.delivered = {}
+
+    def verbs(self):
+        return [line.split()[0] for line, _ in self.commands]
+
+
+async def recorded(capabilities, lmtp, client):
+    """
+    Run C{client(port)} against a L{RecordingSMTP} offering
+    C{capabilities}; C{(what it returned, the L{Record})}.
+    """
+    record = Record()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: RecordingSMTP(capabilities, lmtp, record), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        return await asyncio.wait_for(client(port), 60), record
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+def recordedIntake(capabilities, lmtp, **kwargs):
+    """
+    Intake against a L{RecordingSMTP} offering C{capabilities}: the
+    result, verified from what the server kept, and the L{Record}.
+    """
+    from collections import Counter
+
+    result, record = asyncio.run(recorded(
+        capabilities, lmtp, lambda port: smtpload.runIntake(port, lmtp=lmtp, settle=0, timeout=30, **kwargs)
+    ))
+    smtpload.verify(result, {
+        user: Counter(token for message in messages for token in smtpload.tokensIn(message))
+        for user, messages in record.delivered.items()
+    })
+    return result, record
+
+
+def test_theChunkIsTheRawMessage():
+    """
+    A message's BDAT form is its CRLF octets as they are, after a BDAT
+    command with their count: not dot-stuffed, no terminating line (its
+    DATA form is both).
+    """
+    _, outgoing = smtpload.makeMessages(20, 2048, ["a@x"], runId="r1")
+    dotted = [m for m in outgoing if b"\r\n." in m.raw]
+    assert dotted, "no message of the sample has a line starting with a dot"
+    for m in outgoing:
+        assert m.chunk() == b"BDAT %d LAST\r\n" % len(m.raw) + m.raw
+        assert m.data == smtpload.dotStuff(m.raw)
+        assert m.raw == corpus.intakeMessage(2048, m.token, "a@x")
+    assert all(m.data != m.raw for m in dotted)
+
+
+@pytest.mark.parametrize("lmtp", [True, False], ids=["lmtp", "smtp"])
+def test_bdatSendsEachMessageAsOneLastChunk(lmtp):
+    """
+    With bdat, every message goes as one BDAT <n> LAST chunk of its raw
+    octets, pipelined after MAIL and RCPT, and never by DATA; with LMTP
+    the chunk's reply per recipient is read (two recipients a message
+    here), and what the server kept is verified like DATA's deliveries.
+    """
+    recipients = ["a@x", "b@x", "c@x"]
+    result, record = recordedIntake(
+        ["PIPELINING", "CHUNKING"], lmtp, recipients=recipients, sessions=2, messages=7, size=2048,
+        perConnection=3, rcptsPerMessage=2, runId="b1", bdat=True,
+    )
+    assert result.protocol == ("LMTP BDAT" if lmtp else "SMTP BDAT")
+    assert (result.errors, len(result.acknowledged)) == (0, 7), result.errorKinds
+    assert result.verified, result.verification
+    assert result.verification["found"] == 14
+    _, outgoing = smtpload.makeMessages(7, 2048, recipients, 2, "b1")
+    assert sorted(record.chunks) == sorted(m.raw for m in outgoing)
+    verbs = record.verbs()
+    assert "DATA" not in verbs
+    assert verbs.count("BDAT") == 7 and verbs.count("MAIL") == 7 and verbs.count("RCPT") == 14
+    assert sorted(line for line, _ in record.commands if line.startswith("BDAT")) == sorted(
+        f"BDAT {len(m.raw)} LAST" for m in outgoing
+    )
+    assert verbs.count("LHLO" if lmtp else "EHLO") == 3  # 7 messages, 3 a connection
+
+
+def test_bdatWithoutPipeliningWaitsForEachReply():
+    """
+    A server offering CHUNKING but not PIPELINING is sent MAIL, each
+    RCPT and the chunk one by one: no octet of the next command arrives
+    before the previous one's reply.
+    """
+    result, record = recordedIntake(
+        ["CHUNKING"], True, recipients=["a@x", "b@x"], sessions=1, messages=3, size=1024,
+        perConnection=3, rcptsPerMessage=2, bdat=True,
+    )
+    assert (result.errors, len(result.acknowledged)) == (0, 3), result.errorKinds
+    assert result.verified, result.verification
+    assert record.verbs() == ["LHLO"] + ["MAIL", "RCPT", "RCPT", "BDAT"] * 3 + ["QUIT"]
+    # Behind a command, nothing; behind BDAT, at most its own chunk.
+    assert all(
+        waiting <= (int(line.split()[1]) if line.startswith("BDAT") else 0) for line, waiting in record.commands
+    ), record.commands
+
+
+def test_bdatAskedOfAServerWithoutChunkingFails(capsys):
+    """
+    --bdat against a server whose EHLO/LHLO reply does not list CHUNKING
+    is an error saying so, raised before any message: never DATA in its
+    place.
+    """
+    for lmtp in (True, False):
+        failures = []
+
+        async def intake(port, lmtp=lmtp):
+            try:
+                await smtpload.runIntake(port, ["a@x"], lmtp=lmtp, sessions=3, messages=9, size=1024,
+                                         perConnection=3, settle=0, timeout=30, bdat=True)
+            except smtpload.ChunkingNotOffered as e:
+                failures.append(str(e))
+
+        _, record = asyncio.run(recorded(["PIPELINING", "8BITMIME"], lmtp, intake))
+        assert len(failures) == 1 and "does not offer CHUNKING" in failures[0], failures
+        assert set(record.verbs()) <= {"LHLO", "EHLO"}
+    # The command line: its exit status and a line saying why.
+    code, record = asyncio.run(recorded(["PIPELINING"], True, lambda port: asyncio.to_thread(
+        smtpload.main, ["--port", str(port), "--lmtp", "--bdat", "--messages", "4", "--sessions", "1"]
+    )))
+    assert code == 2
+    assert "does not offer CHUNKING" in capsys.readouterr().err
+    assert record.verbs() == ["LHLO"]
+
+
 # -- against a real twistd mailgate ---------------------------------------------------
 
 
@@ -529,6 +745,73 @@ def test_againstMailgate(tmp_path):
         assert result.verified, result.verification
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(
+    not os.access(os.path.join(BIN, "twistd"), os.X_OK) or not os.access(os.path.join(BIN, "mailgate"), os.X_OK),
+    reason="twistd and mailgate are not installed next to this Python (make install)",
+)
+def test_bdatAgainstMailgate(tmp_path):
+    """
+    Intake by BDAT against a real twistd mailgate, LMTP and SMTP: every
+    message acknowledged and found once through POP3, and the server's own
+    trace (--debug-peer) shows a BDAT <n> LAST per message and no DATA.
+    """
+    import run
+
+    database = "sqlite:///" + str(tmp_path / "bench.sqlite3")
+    users = run.intakeUsers(2)
+    for user in users:
+        run.mailgateCLI(BIN, database, ["user", "add", user, "--password-stdin"], "secret\n")
+    logPath = tmp_path / "mailgate.log"
+    server = run.MailgateServer(BIN, database, str(logPath), options=["--debug-peer", "127.0.0.1/32"])
+    try:
+        server.start()
+        for protocol in ("LMTP", "SMTP"):
+            async def intake(protocol=protocol):
+                r = await smtpload.runIntake(
+                    server.ports[protocol], users, lmtp=protocol == "LMTP", sessions=2, messages=5, size=2048,
+                    perConnection=2, rcptsPerMessage=2, serverPids=[server.pid], settle=0, bdat=True,
+                )
+                smtpload.verify(r, await smtpload.tokensFromPOP3(server.ports["POP3"], users, "secret"))
+                return r
+
+            result = asyncio.run(intake())
+            assert result.errors == 0 and len(result.acknowledged) == 5, result.errorKinds
+            assert result.verified and result.verification["found"] == 10, result.verification
+    finally:
+        server.stop()
+    commands = [line.split(" C: ", 1)[1] for line in logPath.read_text(errors="replace").splitlines()
+                if " trace " in line and " C: " in line]
+    bdats = [c for c in commands if c.startswith("BDAT ")]
+    assert len(bdats) == 10 and all(c.endswith(" LAST") for c in bdats), bdats
+    assert not [c for c in commands if c.upper().startswith("DATA")]
+
+
+@pytest.mark.skipif(
+    not os.access("/usr/sbin/dovecot", os.X_OK), reason="Dovecot is not installed (tests/sysdeps.sh)"
+)
+def test_bdatAgainstDovecot(tmp_path):
+    """
+    Dovecot's LMTP, as the suite runs it, offers CHUNKING and takes every
+    message by BDAT: found once each in its maildirs.
+    """
+    import dovecot
+    import run
+
+    users = run.intakeUsers(2)
+    with dovecot.Dovecot(variant="hp", credentials="warm") as dv:
+        dv.loadCorpus(corpus.Corpus(1, 1))
+        dv.addUsers(users, "secret")
+        dv.start()
+        result = asyncio.run(smtpload.runIntake(
+            dv.lmtpPort, users, lmtp=True, sessions=2, messages=5, size=2048, perConnection=2,
+            rcptsPerMessage=2, serverPids=[dv.pid], settle=0, bdat=True,
+        ))
+        assert result.errors == 0 and len(result.acknowledged) == 5, result.errorKinds
+        smtpload.verify(result, smtpload.tokensFromMaildirs({u: dv.maildir(u) for u in users}))
+        assert result.verified and result.verification["found"] == 10, result.verification
+        assert dv.errorsLogged() == []
 
 
 # -- TLS: the load generator really talks TLS 1.3 -------------------------------------
@@ -1281,3 +1564,126 @@ def test_aMeasurementDisturbedByStealIsTakenAgain(monkeypatch):
     assert [r["sessionsPerSecond"] for r in suite.rows] == [2.0, 5.0]
     # --quick never measures again.
     assert run.parseArgs(["--quick"]).steal_limit == 0 and run.parseArgs([]).steal_limit == 0.1
+
+
+# -- intake by BDAT in the suite and the report ---------------------------------------------------
+
+
+def test_intakeScenarios():
+    """
+    The suite measures LMTP and SMTP by DATA and LMTP by BDAT
+    (--intake-scenarios chooses, --no-intake none); BDAT goes to the
+    LMTP listener, so Dovecot (no SMTP) has it too.
+    """
+    import run
+
+    args = run.parseArgs(["--quick"])
+    assert args.intake_scenarios == ["lmtp", "smtp", "lmtp-bdat"]
+    intake = [m for m in run.Suite(args).warmMeasurements() if m.kind == "intake"]
+    assert [(m.scenario, m.intakeProtocol, m.bdat) for m in intake] == [
+        ("lmtp", "lmtp", False), ("smtp", "smtp", False), ("lmtp-bdat", "lmtp", True),
+    ]
+    dovecot = run.Target("dovecot-hp", "maildir", "warm", {"pop3": 1, "lmtp": 5}, [])
+    mailgate = run.Target("mailgate", "sqlite", "warm", {"pop3": 1, "lmtp": 6, "smtp": 7}, [])
+    assert [dovecot.port(m) for m in intake] == [5, None, 5]
+    assert [mailgate.port(m) for m in intake] == [6, 7, 6]
+    only = run.parseArgs(["--quick", "--intake-scenarios", "lmtp-bdat"])
+    assert [m.scenario for m in run.Suite(only).warmMeasurements() if m.kind == "intake"] == ["lmtp-bdat"]
+    assert not [m for m in run.Suite(run.parseArgs(["--quick", "--no-intake"])).warmMeasurements()
+                if m.kind == "intake"]
+    with pytest.raises(SystemExit):
+        run.parseArgs(["--intake-scenarios", "smtp-bdat"])
+
+
+def test_theSuiteSendsTheBDATMeasurementInChunks():
+    """
+    The suite's lmtp-bdat measurement really sends BDAT chunks, to the
+    LMTP port, and its lmtp one DATA.
+    """
+    import run
+
+    suite = run.Suite(run.parseArgs(["--quick", "--intake-messages", "6"]))
+    for scenario, verb in (("lmtp-bdat", "BDAT"), ("lmtp", "DATA")):
+        m = run.Measurement("intake", scenario, 2)
+        # The recording server refuses DATA (500): counted, not raised.
+        result, record = asyncio.run(recorded(["PIPELINING", "CHUNKING"], True, lambda port: asyncio.to_thread(
+            suite.measure, run.Target("x", "y", "warm", {"lmtp": port}, []), port, m
+        )))
+        assert verb in record.verbs()
+        assert ({"BDAT", "DATA"} - {verb}) & set(record.verbs()) == set()
+        assert result.protocol == ("LMTP BDAT" if verb == "BDAT" else "LMTP")
+        assert len(result.acknowledged) == (6 if verb == "BDAT" else 0)
+
+
+def test_aServerWithoutChunkingHasNoBDATRow(monkeypatch):
+    """
+    A server that does not offer CHUNKING gets no BDAT row and is not
+    asked again in later rounds; the run goes on and its notes say why.
+    """
+    import run
+
+    suite = run.Suite(run.parseArgs(["--quick", "--rounds", "2"]))
+    calls = []
+
+    def measure(target, port, m):
+        calls.append((target.name, m.scenario))
+        if target.name.startswith("old") and m.bdat:
+            raise smtpload.ChunkingNotOffered("BDAT asked for, but the LHLO reply does not offer CHUNKING")
+        result = _FakeResult(target.name, m, len(calls))
+        result.d.update(messagesPerSecond=100.0, cpuMsPerMessage=1.0)
+        return result
+
+    monkeypatch.setattr(suite, "measure", measure)
+    a = run.Target("mailgate", "sqlite", "warm", {"lmtp": 1}, [])
+    b = run.Target("old", "sqlite", "warm", {"lmtp": 2}, [])
+    measurements = [run.Measurement("intake", "lmtp", 10), run.Measurement("intake", "lmtp-bdat", 10)]
+    suite.rounds([a, b], measurements, "test")
+    assert calls.count(("old/sqlite", "lmtp-bdat")) == 1 and calls.count(("mailgate/sqlite", "lmtp-bdat")) == 2
+    assert [(r["server"], r["scenario"]) for r in suite.rows] == [
+        ("mailgate", "lmtp 4KB"), ("old", "lmtp 4KB"), ("mailgate", "lmtp-bdat 4KB"),
+    ]
+    assert len(suite.notes) == 1 and "old/sqlite: lmtp-bdat x10 not measured" in suite.notes[0]
+    assert "does not offer CHUNKING" in suite.notes[0]
+
+
+def test_theBDATIntakeRowIsComparedWithDovecotsBDAT():
+    """
+    mailgate's LMTP-by-BDAT row is compared with Dovecot's LMTP by BDAT,
+    its DATA rows (LMTP, SMTP) with Dovecot's LMTP by DATA as before,
+    whichever of Dovecot's is faster; without a Dovecot BDAT row, the
+    BDAT row has no ratio (never DATA's in its place).
+    """
+    import report
+
+    pinned = report.PINNED_REFERENCE
+    rows = [
+        _intake("mailgate", "sqlite", "lmtp", 2000.0, 0.2),
+        _intake("mailgate", "sqlite", "smtp", 2500.0, 0.2),
+        _intake("mailgate", "sqlite", "lmtp-bdat", 2400.0, 0.15),
+        _intake("mailgate", "postgres", "lmtp-bdat", 2100.0, 0.3),
+        _intake(report.REFERENCE, "maildir", "lmtp", 900.0, 1.0),
+        _intake(report.REFERENCE, "maildir", "lmtp-bdat", 1500.0, 0.8),
+        _intake(pinned, "maildir", "lmtp-bdat", 1000.0, 0.9),
+    ]
+    cells = {(c["backend"], c["protocol"]): c for c in report.intakeCells(rows)}
+    assert list(cells) == [("sqlite", "LMTP"), ("sqlite", "SMTP"), ("sqlite", "LMTP BDAT"), ("postgres", "LMTP BDAT")]
+    assert cells[("sqlite", "LMTP")]["dovecotRate"] == 900.0 and cells[("sqlite", "LMTP")]["verdict"] == "met"
+    assert cells[("sqlite", "SMTP")]["dovecotRate"] == 900.0
+    bdat = cells[("sqlite", "LMTP BDAT")]
+    assert bdat["dovecotRate"] == 1500.0 and bdat["dovecotMark"] == ""
+    assert bdat["ratio"] == pytest.approx(1.6) and bdat["verdict"] == "NOT met"
+    assert bdat["cpuRatio"] == pytest.approx(0.15 / 0.8)
+    assert cells[("postgres", "LMTP BDAT")]["pgRatio"] == pytest.approx(2.0)
+    table = report.sideBySide(rows, {})
+    assert "mailgate/sqlite LMTP BDAT 4KB x10" in table and "mailgate/sqlite LMTP 4KB x10" in table
+    lines = report.targetLines(rows, {})
+    assert any("LMTP BDAT >= 2.0x Dovecot LMTP BDAT msgs/s: 2400 vs 1500" in line for line in lines), lines
+    assert any("mailgate/sqlite LMTP >= 2.0x Dovecot LMTP msgs/s: 2000 vs 900" in line for line in lines), lines
+    detail = {(c["server"], c["backend"], c["scenario"]): c["xhp"] for c in report.detailCells(rows)}
+    assert detail[("mailgate", "sqlite", "lmtp-bdat 4KB")] == report.fmt(0.15 / 0.8, 2)
+    assert detail[("mailgate", "sqlite", "smtp 4KB")] == report.fmt(0.2, 2)
+    withoutDovecotBDAT = [r for r in rows if not (r["server"] != "mailgate" and r["scenario"].startswith("lmtp-bdat"))]
+    cells = {(c["backend"], c["protocol"]): c for c in report.intakeCells(withoutDovecotBDAT)}
+    assert cells[("sqlite", "LMTP BDAT")]["dovecotRate"] is None
+    assert (cells[("sqlite", "LMTP BDAT")]["ratio"], cells[("sqlite", "LMTP BDAT")]["verdict"]) == (None, "-")
+    assert cells[("sqlite", "LMTP")]["ratio"] == pytest.approx(2000 / 900)
