@@ -569,17 +569,6 @@ def _chunkOverLimit(ex):
     )
 
 
-def _recipientAfterRefusedChunk(ex):
-    return (
-        _chunkSize(ex.command) is not None
-        and isinstance(ex.dovecot, list)
-        and b"Previous data chunk failed" in ex.dovecot[0].text
-        and view(ex.mailgate) == ["2xx"]
-        and isinstance(ex.previousCommand, bytes)
-        and verbOf(ex.previousCommand) == b"RCPT"
-    )
-
-
 #: Every difference between the two that is accepted, with its reason.
 DIFFERENCES = (
     # RFC 2033 section 4.1: LMTP has no HELO or EHLO, and Dovecot's LMTP
@@ -686,15 +675,6 @@ DIFFERENCES = (
     # read whole only to be dropped (README); Dovecot's LMTP has no size
     # limit and stores the message (diverges).
     Difference("a chunk over the size limit closes the connection", _chunkOverLimit, diverges=True),
-    # DEFECT, being fixed: RFC 3030 section 2: after a 5xx to a BDAT the
-    # transaction has failed (the client MUST NOT send more chunks, and
-    # MUST send RSET).  A chunk refused because no recipient was accepted
-    # yet is dropped, but mailgate keeps the transaction: a RCPT and a
-    # BDAT LAST after it deliver the message without that first chunk.
-    # Dovecot refuses every chunk after the failed one until RSET
-    # (diverges: mailgate delivered).
-    Difference("DEFECT, being fixed: a chunk after a refused one delivers the rest", _recipientAfterRefusedChunk,
-               diverges=True),
 )
 
 
@@ -1161,7 +1141,6 @@ EXHIBITS = {
     "a retry is stored once": ("a retry of the same message", "a retry by BDAT of a message sent by DATA"),
     "a malformed BDAT closes the connection": "malformed BDAT 5 LASTLY",
     "a chunk over the size limit closes the connection": "BDAT over the size limit",
-    "DEFECT, being fixed: a chunk after a refused one delivers the rest": "a recipient after a refused chunk",
 }
 
 

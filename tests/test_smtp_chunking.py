@@ -185,6 +185,28 @@ def test_aChunkWithoutAcceptedRecipientsIsReadAndRefused(users, dbpath, useLMTP,
     assert nothingStored(dbpath)
 
 
+@pytest.mark.parametrize("useLMTP, code", [(False, "554"), (True, "503")])
+def test_aRecipientAcceptedAfterARefusedChunkDoesNotGetTheRest(users, dbpath, useLMTP, code):
+    """
+    RFC 3030 section 2: a chunk refused fails the transaction.  A RCPT
+    accepted after it (the envelope stays, as after a refused DATA) must
+    not make the later chunks a message without the first: they are
+    refused until RSET (Dovecot's LMTP answers so too).
+    """
+    s = lmtp(users) if useLMTP else session(users)
+    begin(s, ["nobody@example.org"])
+    assert s.send(bdat(b"Subject: first part\r\n")) == f"{code} 5.5.1 no valid recipients\r\n".encode()
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+    failed = "503 5.5.1 the message failed at an earlier chunk; send RSET\r\n"
+    assert s.send(bdat(b"\r\nsecond part\r\n", last=True)).decode() == failed
+    assert s.command("DATA") == "503 5.5.1 DATA after BDAT in the same transaction; send RSET\r\n"
+    assert nothingStored(dbpath)
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    begin(s)
+    assert s.send(chunked(MESSAGE)).startswith(b"250 2.0.0 ")
+    assert [content(m) for m in storedMessages(dbpath, ALICE)] == [MESSAGE]
+
+
 def test_dataAfterBdatIsRefusedAndTheTransactionDropped(users, dbpath):
     s = session(users)
     begin(s)

@@ -170,9 +170,10 @@ class SMTPServer(CommandSession):
         self._envelope = None
         self._dataTimer = None
         self._junkCommands = 0
-        # The transaction's message failed at one of its chunks (and was
-        # dropped): the chunks the client pipelined after it are read and
-        # refused without counting as errors.
+        # The transaction's message failed at one of its chunks (RFC 3030
+        # section 2: the transaction has failed): the chunks the client
+        # pipelined after it are read and refused, without counting as
+        # errors, until RSET or a new MAIL.
         self._chunksFailed = False
 
     @property
@@ -229,6 +230,7 @@ class SMTPServer(CommandSession):
         End the mail transaction, if one is open, without its message: the
         chunks it had received are discarded.
         """
+        self._chunksFailed = False
         envelope, self._envelope = self._envelope, None
         if envelope is not None and envelope.chunks is not None:
             envelope.chunks.discard()
@@ -397,7 +399,6 @@ class SMTPServer(CommandSession):
         if argument.strip():
             return self._bad(501, "5.5.4", "RSET takes no arguments")
         self._dropTransaction()
-        self._chunksFailed = False
         self._reply(250, "2.0.0", "OK")
         self._junk()
 
@@ -636,7 +637,7 @@ class SMTPServer(CommandSession):
             refusal = 501, "5.5.4", "DATA takes no arguments"
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first"
-        elif envelope.chunks is not None:
+        elif envelope.chunks is not None or self._chunksFailed:
             # RFC 3030 section 3: DATA and BDAT cannot be mixed in one
             # transaction; the client must send RSET.  The message's
             # chunks are dropped.
@@ -802,14 +803,18 @@ class SMTPServer(CommandSession):
             self.close()
             return None
         envelope = self._envelope
-        if envelope is None:
-            if self._chunksFailed:
-                # A chunk pipelined after its message failed: the client
-                # was told why at that chunk.
-                refusal = 503, "5.5.1", "the message failed at an earlier chunk; send RSET", False
-            else:
-                refusal = 503, "5.5.1", "need MAIL command first", True
+        if self._chunksFailed:
+            # A chunk pipelined after its message failed: the client was
+            # told why at that chunk.
+            refusal = 503, "5.5.1", "the message failed at an earlier chunk; send RSET", False
+        elif envelope is None:
+            refusal = 503, "5.5.1", "need MAIL command first", True
         elif not envelope.recipients:
+            # The transaction fails with this chunk (RFC 3030 section 2):
+            # a recipient accepted after it must not get the message
+            # without it.  The envelope stays, as for a refused DATA (a
+            # RCPT may still be given), until RSET.
+            self._chunksFailed = True
             refusal = self.noRecipientsCode, "5.5.1", "no valid recipients", self.countRefusedRecipients
         elif size > self.maxMessageSize:
             # Refused before a single octet: reading that many only to drop
