@@ -277,6 +277,25 @@ def test_aChunkLargerThanTheLimitClosesTheConnection(users, dbpath):
     assert nothingStored(dbpath)
 
 
+@pytest.mark.parametrize("state", ["no transaction", "no recipient", "a failed chunk"])
+def test_aChunkLargerThanTheLimitClosesTheConnectionInAnyState(users, dbpath, state):
+    """
+    A chunk that would be refused anyway is read to be dropped, unless it
+    is larger than a whole message may be: a client cannot keep the
+    server reading (and dropping) for ever by declaring an endless chunk.
+    """
+    s = session(users, maxMessageSize=1000)
+    if state == "no recipient":
+        begin(s, ["nobody@example.org"])
+    elif state == "a failed chunk":
+        begin(s)
+        assert s.send(bdat(b"x" * 600) + bdat(b"x" * 600)).endswith(b"552 5.3.4 message size exceeds the limit of 1000 octets\r\n")
+    out = s.send(b"BDAT 10000000000000000000\r\nQUIT\r\n")
+    assert out == b"552 5.3.4 message size exceeds the limit of 1000 octets; closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
 @pytest.mark.parametrize("command", [b"BDAT", b"BDAT x", b"BDAT -5", b"BDAT 5 LASTLY", b"BDAT 5 NOW"])
 def test_aMalformedBdatClosesTheConnection(users, dbpath, command):
     """

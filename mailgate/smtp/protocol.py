@@ -803,6 +803,20 @@ class SMTPServer(CommandSession):
             self.close()
             return None
         envelope = self._envelope
+        if size > self.maxMessageSize:
+            # Refused before a single octet, whatever the transaction's
+            # state: reading that many only to drop them is not worth the
+            # connection's time (and a client declaring a chunk of 10**19
+            # octets would keep the server reading for ever).
+            if envelope is not None and envelope.recipients and not self._chunksFailed:
+                self._contentFailed(envelope, self._chunkedMessage(envelope, tooLarge=True))
+            self._dropTransaction()
+            self._reply(
+                552, "5.3.4",
+                f"message size exceeds the limit of {self.maxMessageSize} octets; closing connection",
+            )
+            self.close()
+            return None
         if self._chunksFailed:
             # A chunk pipelined after its message failed: the client was
             # told why at that chunk.
@@ -816,17 +830,6 @@ class SMTPServer(CommandSession):
             # RCPT may still be given), until RSET.
             self._chunksFailed = True
             refusal = self.noRecipientsCode, "5.5.1", "no valid recipients", self.countRefusedRecipients
-        elif size > self.maxMessageSize:
-            # Refused before a single octet: reading that many only to drop
-            # them is not worth the connection's time.
-            self._contentFailed(envelope, self._chunkedMessage(envelope, tooLarge=True))
-            self._dropTransaction()
-            self._reply(
-                552, "5.3.4",
-                f"message size exceeds the limit of {self.maxMessageSize} octets; closing connection",
-            )
-            self.close()
-            return None
         else:
             refusal = None
         if refusal is not None:
