@@ -289,7 +289,8 @@ def test_aChunkLargerThanTheLimitClosesTheConnectionInAnyState(users, dbpath, st
         begin(s, ["nobody@example.org"])
     elif state == "a failed chunk":
         begin(s)
-        assert s.send(bdat(b"x" * 600) + bdat(b"x" * 600)).endswith(b"552 5.3.4 message size exceeds the limit of 1000 octets\r\n")
+        refused = s.send(bdat(b"x" * 600) + bdat(b"x" * 600))
+        assert refused.endswith(b"552 5.3.4 message size exceeds the limit of 1000 octets\r\n")
     out = s.send(b"BDAT 10000000000000000000\r\nQUIT\r\n")
     assert out == b"552 5.3.4 message size exceeds the limit of 1000 octets; closing connection\r\n"
     assert s.disconnected
