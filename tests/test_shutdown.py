@@ -343,6 +343,49 @@ def test_aMessageBeingReceivedIsCommittedAcknowledgedThenTheSessionIsTold(server
     assert fired(done)
 
 
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_aMessageComingInChunksIsFinishedThenTheSessionIsTold(server, lmtp):
+    """
+    From its first chunk to its last, a message sent by BDAT is arriving
+    data: its next chunks are taken while stopping, it is committed and
+    acknowledged, and then the session is told.
+    """
+    s = server.smtp(lmtp)
+    s.command("MAIL FROM:<x@remote.test>")
+    s.command(f"RCPT TO:<{ALICE}>")
+    assert s.send(b"BDAT 22\r\nSubject: in chunks\r\n\r\n") == b"250 2.0.0 22 octets received\r\n"
+    # A transaction whose message has not begun is no data arriving.
+    t = server.smtp(lmtp)
+    t.command("MAIL FROM:<x@remote.test>")
+    t.command(f"RCPT TO:<{ALICE}>")
+    done = server.tracker.shutdown(30)
+    assert t.transport.value() == SHUTTING_DOWN and t.disconnected
+    gone(t)
+    assert s.advance(1) == b""
+    assert not s.disconnected
+    assert s.send(b"BDAT 11\r\nfirst part\n") == b"250 2.0.0 11 octets received\r\n"
+    reply = s.send(b"BDAT 13 LAST\r\nsecond part\r\n")
+    assert reply.startswith(b"250 2.0.0 ") and reply.endswith(b"\r\n" + SHUTTING_DOWN)
+    assert s.disconnected
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 4
+
+
+def test_aMessageWhoseNextChunkNeverComesIsNotStored(server):
+    s = server.smtp()
+    s.command("MAIL FROM:<x@remote.test>")
+    s.command(f"RCPT TO:<{ALICE}>")
+    assert s.send(b"BDAT 22\r\nSubject: in chunks\r\n\r\n") == b"250 2.0.0 22 octets received\r\n"
+    done = server.tracker.shutdown(5)
+    assert s.advance(4) == b""
+    assert s.advance(1) == SHUTTING_DOWN
+    assert s.disconnected
+    gone(s)
+    assert fired(done)
+    assert messages(server.store) == 3
+
+
 def test_anLMTPMessageForSeveralRecipientsIsAcknowledgedForEachThenTheSessionIsTold(server):
     addUser(server.store, "bob@example.org", PASSWORD)
     s = server.smtp(lmtp=True)

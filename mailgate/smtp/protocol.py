@@ -285,10 +285,20 @@ class SMTPServer(CommandSession):
         is arriving (or being committed), or a command waiting on the
         store, is finished and answered first: the commands pipelined
         after it are told C{421} (see L{dispatch}), QUIT excepted, and if
-        none is, C{421} follows the answer (L{idleWhileStopping}).
+        none is, C{421} follows the answer (L{idleWhileStopping}).  A
+        message coming in chunks is arriving from its first chunk to its
+        last: its next chunks are still taken.
         """
         if self.rawReceiver is None and not self._busy:
             self.idleWhileStopping()
+
+    def _chunksArriving(self):
+        """
+        Whether a message is coming in chunks: its first has been taken,
+        its last not yet.
+        """
+        envelope = self._envelope
+        return envelope is not None and envelope.chunks is not None and not self._chunksFailed
 
     def idleWhileStopping(self):
         # Not left waiting for a next command: an MTA keeping the
@@ -296,7 +306,10 @@ class SMTPServer(CommandSession):
         # whole grace period.  A client that reads nothing (its replies
         # fill the connection's buffers) is cut off, as it would be at the
         # grace's end: a close waiting to send it the 421 would hold the
-        # stop for the grace and more.
+        # stop for the grace and more.  A message's next chunk is waited
+        # for, as the rest of a DATA section is (the grace bounds both).
+        if self._chunksArriving() and not self._outputPaused:
+            return
         self._shutdownNow()
 
     def _shutdownReply(self):
@@ -307,7 +320,7 @@ class SMTPServer(CommandSession):
             self._shutdownReply()
 
     def dispatch(self, verb, argument):
-        if self.stopping and verb != "QUIT":
+        if self.stopping and verb != "QUIT" and not (verb == "BDAT" and self._chunksArriving()):
             self._shutdownReply()
             self.close()
             return None
