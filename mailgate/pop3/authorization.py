@@ -24,6 +24,7 @@ from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
+from mailgate.pop3.deletions import DeletionMarks
 from mailgate.session import CommandError, CommandSession
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
@@ -356,7 +357,7 @@ class AuthorizationCommands:
     def _enterTransaction(self):
         self._cancelLoginTimer()
         maildrop = self._maildrop
-        self._deleted = set()
+        self._deleted = DeletionMarks(len(maildrop.sizes))
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
         self.state = TRANSACTION

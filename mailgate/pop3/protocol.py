@@ -34,6 +34,7 @@ from mailgate.pop3.authorization import (
     UPDATE,
     AuthorizationCommands,
 )
+from mailgate.pop3.deletions import DeletionMarks
 from mailgate.pop3.transaction import TransactionCommands
 from mailgate.session import CommandError, CommandSession
 from mailgate.timers import cancelled
@@ -111,7 +112,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._heldFailure = None
         self._maildrop = None
         self._logout = None
-        self._deleted = set()
+        self._deleted = DeletionMarks()
         self._count = 0
         self._octets = 0
         self._sasl = None
