@@ -135,6 +135,7 @@ class ChunkedMessage(MessageContent):
             self.spool.close()
             return None
 
+
 class ChunkReader:
     """
     The raw-input receiver for one BDAT chunk: takes exactly C{size}
