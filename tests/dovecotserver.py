@@ -52,12 +52,37 @@ class PrivateDovecot(_benchmarkDovecot.Dovecot):
     One Dovecot (the stock process settings, cleartext passwords in its
     passwd-file, no delays on refused logins) with C{pop3_uidl_format =
     uidlFormat} and any other C{extra} settings.
+
+    C{passdbFields} gives some users extra fields in the passwd-file
+    (C{{address: "proxy=y host=127.0.0.1 port=N"}}): what the passdb
+    answers for them, e.g. that Dovecot's LMTP proxies their mail
+    elsewhere (C{lmtp_proxy = yes}); the other users' lines are as
+    before.
     """
 
-    def __init__(self, uidlFormat="%08Xu%08Xv", extra=""):
+    def __init__(self, uidlFormat="%08Xu%08Xv", extra="", passdbFields=None):
         super().__init__(variant="default", scheme="PLAIN")
         self.uidlFormat = uidlFormat
         self.extra = extra
+        self.passdbFields = {user.lower(): fields for user, fields in (passdbFields or {}).items()}
+
+    def _writePasswd(self):
+        super()._writePasswd()
+        if not self.passdbFields:
+            return
+        path = os.path.join(self.directory, "passwd")
+        with open(path) as f:
+            lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            user = line.split(":", 1)[0]
+            if user in self.passdbFields:
+                # user:password:uid:gid:gecos:home:shell:extra fields
+                assert line.count(":") == 7 and line.endswith(":"), "benchmarks/dovecot.py changed its passwd-file"
+                lines[i] = line + self.passdbFields[user]
+        missing = set(self.passdbFields) - {line.split(":", 1)[0] for line in lines}
+        assert not missing, f"passdbFields for users not added: {sorted(missing)}"
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     def _writeConfig(self):
         super()._writeConfig()
