@@ -176,6 +176,18 @@ def test_aChunkWithoutMailIsReadAndRefused(users, dbpath):
     assert nothingStored(dbpath)
 
 
+def test_aChunkAfterHeloIsReadAndRefused(users, dbpath):
+    """
+    CHUNKING is offered after EHLO only: after HELO a chunk is refused (its
+    octets read, never run), as MAIL's parameters are.
+    """
+    s = session(users, hello="HELO client.test")
+    begin(s)
+    out = lines(s.send(bdat(b"NOOP\r\n", last=True) + b"RSET\r\n"))
+    assert out == ["503 5.5.1 BDAT needs EHLO", "250 2.0.0 OK"]
+    assert nothingStored(dbpath)
+
+
 @pytest.mark.parametrize("useLMTP, code", [(False, "554"), (True, "503")])
 def test_aChunkWithoutAcceptedRecipientsIsReadAndRefused(users, dbpath, useLMTP, code):
     s = lmtp(users) if useLMTP else session(users)

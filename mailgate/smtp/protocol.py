@@ -834,6 +834,10 @@ class SMTPServer(CommandSession):
             # A chunk pipelined after its message failed: the client was
             # told why at that chunk.
             refusal = 503, "5.5.1", "the message failed at an earlier chunk; send RSET", False
+        elif envelope is not None and not self._esmtp:
+            # CHUNKING is an extension, offered in the reply to EHLO only
+            # (RFC 3030 section 2), as MAIL's parameters need EHLO.
+            refusal = 503, "5.5.1", "BDAT needs EHLO", True
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first", True
         elif not envelope.recipients:
