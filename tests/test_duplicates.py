@@ -14,6 +14,7 @@ before the reply.
 import io
 import smtplib
 import socket
+import tracemalloc
 
 from twisted.logger import formatEvent
 
@@ -108,6 +109,38 @@ def test_messagesWithoutAnIdentifyingFieldHaveNoKey():
         assert keyOf(b"Subject: x\r\nDate: Sat, 05 Dec 2026 13:00:00 +0000\r\n\r\nbody\r\n", piece) is None
     assert keyOf(b"X-Filler: " + b"x" * 70_000 + b"\r\nMessage-ID: <late@x>\r\n\r\n", 1 << 16) is None
     assert keyOf(message(1), 7) == keyOf(message(1), 1 << 16) != keyOf(message(2), 7)
+
+
+def test_aHeaderLineInOneOctetPiecesIsNotCopiedAtEachOctet():
+    """
+    BDAT chunks may be an octet each: the line being looked at grows in
+    place, not joined to the piece and split again at every octet (which
+    held two copies of the line at once and copied it twice per octet: a
+    chunk 64 KB into the line cost three times one at its start).  Past
+    the octets looked at, a field is not looked for.
+    """
+    pieces = [b"%c" % (65 + i % 26) for i in range(60_000)]
+    key = DeliveryKey("smtp", SENDER)
+    key.update(b"X-Long: ")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for piece in pieces:
+            key.update(piece)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * len(pieces), peak
+    key.update(b"\r\nMessage-ID: <long@x>\r\n\r\n")
+    whole = DeliveryKey("smtp", SENDER)
+    whole.update(b"X-Long: " + b"".join(pieces) + b"\r\nMessage-ID: <long@x>\r\n\r\n")
+    assert key.key() == whole.key() is not None
+    late = DeliveryKey("smtp", SENDER)
+    for octet in b"X-Filler: " + b"x" * 70_000:
+        late.update(bytes((octet,)))
+    late.update(b"\r\nMessage-ID: <late@x>\r\n\r\n")
+    assert late.key() is None
 
 
 def test_pastTheWindowTheSameOctetsAreStoredAgain(store):
