@@ -8,6 +8,8 @@ at CRLF "." CRLF (the SMTP smuggling variants with bare CR or LF must not),
 and refuse an over-long line without ever buffering it.
 """
 
+import tracemalloc
+
 import pytest
 
 from mailgate.message import MessageSpool
@@ -501,6 +503,32 @@ def test_aLongLineIsStoredWholeWithoutALimit():
     assert r.feed(b"\r\n.\r\nQUIT\r\n") == b"QUIT\r\n"
     assert not r.failed and not r.lineTooLong
     assert stored(r) == b"Subject: long\r\n\r\n" + line + b"\r\n"
+
+
+def test_aLongLineInOneOctetReadsIsNotCopiedAtEachOctet():
+    """
+    A line arriving an octet a read grows in place until it is stored:
+    joined to each read, it was copied whole at every octet, and two
+    copies were held at once (a read 64 KiB into the line cost three
+    times one at its start).  What is stored is the same.
+    """
+    line = [b"%c" % (33 + i % 94) for i in range(60_000)]
+    first, rest = line[0], line[1:]
+    r = unlimited()
+    assert r.feed(b"Subject: long\r\n\r\n") is None
+    assert r.feed(first) is None
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for octet in rest:
+            assert r.feed(octet) is None
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * len(line), peak
+    assert r.feed(b"\r\n.\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert stored(r) == b"Subject: long\r\n\r\n" + b"".join(line) + b"\r\n"
 
 
 def test_longLinesInPiecesAreStoredAsWholeOnes(monkeypatch):
