@@ -1642,6 +1642,43 @@ def test_whetherAMessageNeedsStuffingIsKnownFromItsDelivery(anyStore):
         maildrop.release()
 
 
+def test_dotLinePositionsReadAheadHoldFourOctetsEach(anyStore):
+    """
+    The positions of a message's dot lines are held as they are packed,
+    four octets each, not as a tuple of C{int}s (some 36 octets each): a
+    POP3 session's read-ahead of messages made of dot lines held ten
+    times the read-ahead's octets (2.7 MB for seven 30 KB messages).
+    """
+    from mailgate.store.reads import unpackOffsets
+
+    assert unpackOffsets(0, None) == ()
+    assert unpackOffsets(1, None) is None
+    assert unpackOffsets(1, b"\x01\x00\x00") is None
+    assert list(unpackOffsets(2, b"\x07\x00\x00\x00\x00\x01\x00\x80")) == [7, 0x80000100]
+    store = anyStore
+    addUser(store, ALICE, "pw")
+    dotted = b"Subject: dots\r\n\r\n" + b".\r\n" * 9_999
+    for _ in range(8):
+        deliver(store, [ALICE], dotted)
+    maildrop = openFor(store, ALICE)
+    try:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            first = resultOf(maildrop.openMessage(0))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        read = [first] + [resultOf(maildrop.openMessage(n)) for n in range(1, 8)]
+        expected = [17 + 3 * n for n in range(9_999)]
+        assert all(list(body.dotOffsets) == expected for body in read)
+        # Seven messages read ahead with the first: their octets and
+        # their positions (40 KB each) (2.7 MB with tuples).
+        assert held < 2 * sqlStore.SQLMaildrop.readAheadOctets + 8 * 40_000, held
+    finally:
+        maildrop.release()
+
+
 def test_whereDotLinesBeginIsKeptFromDelivery(anyStore):
     """
     A delivered message keeps where its lines that start with "." begin

@@ -11,7 +11,8 @@ PostgreSQL's prepared statements C{$n} and an array
 (L{mailgate.store.postgres.ReactorMessageReads}).
 """
 
-import struct
+import sys
+from array import array
 
 from zope.interface import implementer
 
@@ -62,19 +63,32 @@ CHUNKS = (
 )
 
 
+#: an C{array} type code of four octets, as C{dot_at} packs each offset
+_OFFSET = "I" if array("I").itemsize == 4 else "L"
+
+
 def unpackOffsets(dotLines, packed):
     """
     What L{IMessageBody.dotOffsets} says, from C{dot_lines} and C{dot_at}:
-    C{()} for none, the offsets, or C{None} if unknown.
+    C{()} for none, the offsets (an C{array}, four octets each), or
+    C{None} if unknown.
+
+    Not a tuple of C{int}s: that cost some 36 octets an offset, nine times
+    the packed form, and a POP3 session holds the bodies it reads ahead:
+    seven messages of 10,000 dot lines (30 KB each, within the 256 KB
+    read-ahead) held 2.7 MB.
     """
     if dotLines == 0:
         return ()
     if packed is None or dotLines is None:
         return None
-    packed = bytes(packed)
     if len(packed) % 4:
         return None
-    return struct.unpack(f"<{len(packed) // 4}I", packed)
+    offsets = array(_OFFSET)
+    offsets.frombytes(packed)
+    if sys.byteorder != "little":
+        offsets.byteswap()
+    return offsets
 
 
 def descending(uids):
