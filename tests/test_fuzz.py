@@ -226,7 +226,7 @@ def test_dataStoredInPiecesIsRFC5321sContent(body, cuts, flushAt, ended):
     assert reader.spool.headerSize == whole.spool.headerSize == headerSize
     assert (reader.spool.dotLines, reader.spool.dotOffsets) == (whole.spool.dotLines, whole.spool.dotOffsets)
     lineStarts = [0] + [i + 2 for i in range(len(content)) if content.startswith(b"\r\n", i)][:-1]
-    assert reader.spool.dotOffsets == [i for i in lineStarts if content[i : i + 1] == b"."]
+    assert list(reader.spool.dotOffsets) == [i for i in lineStarts if content[i : i + 1] == b"."]
 
 
 def _canonical(content):

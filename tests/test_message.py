@@ -292,8 +292,30 @@ def test_whereDotLinesBeginIsNotedAtIntake(write):
     spool.finish()
     data = spool.getvalue()
     expected = [i for i in range(len(data)) if data[i : i + 1] == b"." and (i == 0 or data[i - 1 : i] == b"\n")]
-    assert spool.dotOffsets == expected
+    assert list(spool.dotOffsets) == expected
     assert dotLineOffsets(data) == expected
+
+
+def test_dotLinePositionsHoldEightOctetsEach():
+    """
+    A message may be all dot lines ("..", four octets each on the wire,
+    three stored): their positions are eight octets each, not a list of
+    ints (some forty each: ten times what the client sent, 430 KB for
+    40 KB).
+    """
+    count = MAX_DOT_OFFSETS - 1
+    spool = MessageSpool()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            spool.writeBlock(b".\r\n")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert list(spool.dotOffsets) == list(range(0, 3 * count, 3))
+    assert held < 5 * spool.size, held
+    spool.close()
 
 
 def test_tooManyDotLinesAreNotNoted():
