@@ -21,7 +21,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, epollreactor, main
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ConnectionDone
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
@@ -60,15 +60,86 @@ def test_aWriteWaitsInTheTemporaryBuffer(tcpConnection):
     transport, client = tcpConnection.transport, tcpConnection.client
     transport.write(b"first ")
     assert transport._tempDataBuffer == [b"first "]
+    assert transport._tempDataLen == 6
     assert transport in tcpConnection.reactor.writers
     sendNow(transport, b"second")
-    assert transport._tempDataBuffer == [b"first ", b"second"]
+    # Queued behind it: a small reply joins the last piece waiting.
+    assert transport._tempDataBuffer == [b"first second"]
+    assert transport._tempDataLen == 12
     client.setblocking(False)
     with pytest.raises(BlockingIOError):
         client.recv(100)
     client.setblocking(True)
     transport.doWrite()
     assert tcpConnection.receive(12) == b"first second"
+
+
+def test_pausingTheProducerIsTheWritesOwnCheck(tcpConnection):
+    """
+    What sendNow does after joining a reply to a queued piece: the check
+    C{write} makes, C{_maybePauseProducer}, pauses a registered streaming
+    producer once C{_tempDataLen} and C{dataBuffer} pass C{bufferSize}.
+    """
+    transport = tcpConnection.transport
+
+    @implementer(IPushProducer)
+    class Producer:
+        paused = 0
+
+        def pauseProducing(self):
+            self.paused += 1
+
+        def resumeProducing(self):
+            pass
+
+        def stopProducing(self):
+            pass
+
+    producer = Producer()
+    transport.registerProducer(producer, True)
+    transport.write(b"x")
+    transport._tempDataLen += transport.bufferSize
+    assert producer.paused == 0
+    transport._maybePauseProducer()
+    assert producer.paused == 1
+    transport.unregisterProducer()
+
+
+def test_smallRepliesToAClientThatDoesNotReadJoinIntoFewPieces(tcpConnection):
+    """
+    A client that sends command after command and reads nothing: its
+    replies wait in the transport as a few pieces of some KiB, not as an
+    object each (371 KB held for a 64 KiB buffer before), counted for flow
+    control, and reach the client whole and in order once it reads.
+    """
+    transport, client = tcpConnection.transport, tcpConnection.client
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    replies = [b"+OK %d %d\r\n" % (n, n * 7) for n in range(20000)]
+    for reply in replies:
+        sendNow(transport, reply)
+    queued = transport._tempDataBuffer
+    assert queued and len(queued) < 20000 // 100
+    assert max(map(len, queued)) < 4096 + 1024
+    assert transport._tempDataLen == sum(map(len, queued))
+    expected = b"".join(replies)
+    received = b""
+    for _ in range(100000):
+        if len(received) >= len(expected):
+            break
+        if transport in tcpConnection.reactor.writers:
+            transport.doWrite()
+        if select.select([client], [], [], 0.01)[0]:
+            received += client.recv(65536)
+    assert received == expected
+
+
+def test_largeRepliesAreNotJoined(tcpConnection):
+    transport = tcpConnection.transport
+    transport.write(b"first ")
+    big = b"y" * 2000
+    sendNow(transport, big)
+    assert transport._tempDataBuffer == [b"first ", big]
 
 
 def test_whatTheSocketDidNotTakeWaitsInTheDataBuffer(tcpConnection):
