@@ -122,7 +122,7 @@ def test_openingAndReadingGiveWhatTheStatementsGiveInline(running):
     assert headerOnly[4] == MESSAGES[2][: MESSAGES[2].index(b"\r\n\r\n") + 4]
     # The dot-stuffing offsets come along: one message has lines to stuff.
     assert [opened[uid][5] for uid in uids] == [False, True, False, False, False]
-    assert opened[uids[1]][6] == (len(b"Subject: dots\r\n\r\n"), len(b"Subject: dots\r\n\r\n.one\r\ntwo\r\n"))
+    assert list(opened[uids[1]][6]) == [len(b"Subject: dots\r\n\r\n"), len(b"Subject: dots\r\n\r\n.one\r\ntwo\r\n")]
 
 
 def test_aMissingChunkFailsTemporarilyAtThatChunk(running):
