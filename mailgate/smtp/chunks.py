@@ -20,8 +20,6 @@ import re
 
 from mailgate.smtp.data import MessageContent
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
 #: RFC 3030 section 2: C{"BDAT" SP chunk-size [SP end-marker]}, the size a
 #: decimal number of octets, the end marker C{LAST} (in any case).  Twenty
 #: digits are more than any size: a longer number is no size at all.
@@ -84,9 +82,6 @@ class ChunkedMessage(MessageContent):
             self._checkLineLengths(piece)
             if self.failed:
                 return
-        if piece.count(b"\n") != piece.count(b"\r\n"):
-            self.bareLineFeeds = True
-            piece = _BARE_LF.sub(b"\r\n", piece)
         self._store(piece)
 
     def _checkLineLengths(self, piece):
@@ -109,6 +104,7 @@ class ChunkedMessage(MessageContent):
             self._refuseLongLine()
 
     def _store(self, block):
+        # A bare LF becomes CRLF: the block ends a line as it ended one.
         if self._keep(block, self._atLineStart):
             self._atLineStart = block[-1] == 0x0A
 

@@ -82,12 +82,15 @@ class MessageContent:
 
     def _keep(self, block, atLineStart):
         """
-        Store a block in canonical form (CRLF line ends, no stuffing), that
-        begins a line (C{atLineStart}) or continues the last one: counted
+        Store a block without stuffing, that begins a line (C{atLineStart})
+        or continues the last one: a bare LF made CRLF, then counted
         against L{maxSize}, fed to the digest, written to the spool.
 
         @return: whether it was stored.
         """
+        if block.count(b"\n") != block.count(b"\r\n"):
+            self.bareLineFeeds = True
+            block = _BARE_LF.sub(b"\r\n", block)
         self.received += len(block)
         if self.received > self.maxSize:
             self.tooLarge = True
@@ -225,7 +228,4 @@ class DataReader(MessageContent):
             if longest + 1 > self.maxLineLength:
                 self._refuseLongLine()
                 return
-        if block.count(b"\n") != block.count(b"\r\n"):
-            self.bareLineFeeds = True
-            block = _BARE_LF.sub(b"\r\n", block)
         self._keep(block, atLineStart)

@@ -822,7 +822,9 @@ class SMTPServer(CommandSession):
             # connection's time (and a client declaring a chunk of 10**19
             # octets would keep the server reading for ever).
             if envelope is not None and envelope.recipients and not self._chunksFailed:
-                self._contentFailed(envelope, self._chunkedMessage(envelope, tooLarge=True))
+                message = self._chunkedMessage(envelope)
+                message.tooLarge = True
+                self._contentFailed(envelope, message)
             self._dropTransaction()
             self._reply(
                 552, "5.3.4",
@@ -859,7 +861,7 @@ class SMTPServer(CommandSession):
         self._startDataTimer(reader)
         return None
 
-    def _chunkedMessage(self, envelope, tooLarge=False):
+    def _chunkedMessage(self, envelope):
         """
         The transaction's message, begun at its first chunk.
         """
@@ -868,7 +870,6 @@ class SMTPServer(CommandSession):
                 self._newSpool(envelope), self.maxMessageSize, self.maxLineLength,
                 digest=self._deliveryKey(envelope),
             )
-        envelope.chunks.tooLarge = envelope.chunks.tooLarge or tooLarge
         return envelope.chunks
 
     def _chunkEnded(self, reader):
