@@ -435,3 +435,23 @@ def test_emptyChunksThatDeliverNothingCountAsJunk(users):
     assert out[-1] == "421 4.7.0 mailgate.test too many errors, closing connection"
     assert len(out) < 200
     assert s.disconnected
+
+
+@pytest.mark.parametrize("useLMTP", [False, True])
+def test_aRecipientAfterTheFirstChunkIsRefused(users, dbpath, useLMTP):
+    """
+    The message's trace fields were written at its first chunk, naming its
+    one recipient then (C{for <alice@...>}): a recipient accepted after
+    that would get a copy naming someone else (a Bcc recipient, say).  Once
+    the message is arriving, its recipients are the ones it has: 503, and
+    the message goes on to them.
+    """
+    s = lmtp(users) if useLMTP else session(users)
+    begin(s)
+    assert s.send(bdat(MESSAGE[:20])) == b"250 2.0.0 20 octets received\r\n"
+    assert s.command(f"RCPT TO:<{BOB}>") == "503 5.5.1 no RCPT once the message's chunks are arriving\r\n"
+    assert lines(s.send(bdat(MESSAGE[20:], last=True)))[-1].startswith("250 2.0.0 ")
+    [stored] = storedMessages(dbpath, ALICE)
+    assert trace(stored)["for"] == ALICE.encode()
+    assert content(stored) == MESSAGE
+    assert storedMessages(dbpath, BOB) == []

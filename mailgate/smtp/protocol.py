@@ -528,6 +528,13 @@ class SMTPServer(CommandSession):
         envelope = self._envelope
         if envelope is None:
             return self._bad(503, "5.5.1", "need MAIL command first")
+        if envelope.chunks is not None:
+            # The message is arriving, its trace fields written at its
+            # first chunk (as DATA writes them, after every RCPT): a
+            # recipient added now would get a copy whose Received field
+            # names the one recipient there was then ("for <...>", a Bcc
+            # recipient's address, say).
+            return self._bad(503, "5.5.1", "no RCPT once the message's chunks are arriving")
         try:
             mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False, utf8=envelope.utf8)
         except ParameterSyntaxError as e:
