@@ -455,3 +455,27 @@ def test_aRecipientAfterTheFirstChunkIsRefused(users, dbpath, useLMTP):
     assert trace(stored)["for"] == ALICE.encode()
     assert content(stored) == MESSAGE
     assert storedMessages(dbpath, BOB) == []
+
+
+def test_aMessageTrickledInChunksIsCutOffAtTheMinimumRate(users, dbpath):
+    """
+    The minimum rate bounds a message sent in chunks as it bounds one sent
+    by DATA, from its first chunk to its last: three octets in a chunk of
+    their own every four minutes (each chunk quick, the idle timer never
+    due) would otherwise hold the connection for as long as the message
+    may grow.
+    """
+    s = session(users)
+    begin(s)
+    out = b""
+    for _ in range(20):
+        out = s.send(bdat(b"x\r\n"))
+        if not out.startswith(b"250 "):
+            break
+        out = s.advance(240)
+        if out:
+            break
+    assert out.startswith(b"421 4.4.2 mailgate.test message data too slow")
+    assert s.disconnected
+    assert nothingStored(dbpath)
+    assert _budget.held == 0

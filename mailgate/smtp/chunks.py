@@ -52,10 +52,17 @@ class ChunkedMessage(MessageContent):
     The content of one message as its chunks arrive, stored into a
     L{mailgate.message.MessageSpool} in canonical form, under the limits
     DATA's content has (L{MessageContent}).
+
+    @ivar started: when its first chunk came, by the session's clock: the
+        minimum data rate bounds the message from there to its last chunk,
+        as it bounds DATA from the 354 to the final dot.
+    @ivar wireOctets: octets of its chunks read so far, as sent.
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None, started=None):
         super().__init__(spool, maxSize, maxLineLength, digest)
+        self.started = started
+        self.wireOctets = 0
         # A CR that ended the last piece: whether it ends a line depends
         # on the octet after it, in the next piece.
         self._heldCR = False
@@ -68,6 +75,7 @@ class ChunkedMessage(MessageContent):
         """
         Store the next octets of the message, as they came.
         """
+        self.wireOctets += len(piece)
         if self.failed or not piece:
             return
         if self._heldCR:

@@ -238,17 +238,34 @@ class SMTPServer(CommandSession):
 
     # -- the data's minimum rate -------------------------------------------
 
-    def _startDataTimer(self, reader):
+    def _startDataTimer(self, reader, started=None):
+        """
+        Hold C{reader}'s data to the minimum rate, from C{started}: now
+        for DATA (and a refused chunk), a message's first chunk for each of
+        its chunks.  Sent in chunks three octets at a time, each chunk
+        quick and the idle timer never due, a message would otherwise hold
+        the connection for as long as it may grow: a chunk that begins
+        when its message is already too slow is refused at once.
+        """
         if self.minDataRate:
-            started = self._clock.seconds()
-            self._dataTimer = self._clock.callLater(self.idleTimeout, self._checkDataRate, reader, started)
+            self._checkDataRate(reader, self._clock.seconds() if started is None else started)
+
+    @staticmethod
+    def _octetsArrived(reader):
+        """
+        Octets of the data read so far: of the whole message, for a chunk
+        of one.
+        """
+        message = reader.message if isinstance(reader, ChunkReader) else None
+        return reader.wireOctets if message is None else message.wireOctets
 
     def _checkDataRate(self, reader, started):
         self._dataTimer = None
         if self._closed or self.rawReceiver is not reader:
             return
         elapsed = self._clock.seconds() - started
-        allowed = self.idleTimeout + reader.wireOctets / self.minDataRate
+        octets = self._octetsArrived(reader)
+        allowed = self.idleTimeout + octets / self.minDataRate
         if elapsed < allowed:
             self._dataTimer = self._clock.callLater(allowed - elapsed, self._checkDataRate, reader, started)
             return
@@ -257,21 +274,21 @@ class SMTPServer(CommandSession):
             # The octets of a refused chunk, read only to be dropped.
             self.logInfo(
                 f"{self.protocolName}.data_too_slow",
-                f"{self.protocolName} data too slow peer={self.peerText} octets={reader.wireOctets} "
+                f"{self.protocolName} data too slow peer={self.peerText} octets={octets} "
                 f"seconds={elapsed:.0f}: 421 4.4.2 data too slow",
                 code=421, enhanced="4.4.2", reason="data too slow",
-                octets=reader.wireOctets, seconds=round(elapsed),
+                octets=octets, seconds=round(elapsed),
             )
         else:
             self._logRefusedMessage(
                 self._envelope, "data_too_slow", "data too slow", 421, "4.4.2", "data too slow",
-                tail=f" octets={reader.wireOctets} seconds={elapsed:.0f}",
-                octets=reader.wireOctets,
+                tail=f" octets={octets} seconds={elapsed:.0f}",
+                octets=octets,
                 seconds=round(elapsed),
             )
         self._reply(
             421, "4.4.2",
-            f"{self.hostname} message data too slow ({reader.wireOctets} octets in {elapsed:.0f} s; "
+            f"{self.hostname} message data too slow ({octets} octets in {elapsed:.0f} s; "
             f"at least {self.minDataRate} octets/s needed), closing connection",
         )
         self.close()
@@ -865,7 +882,7 @@ class SMTPServer(CommandSession):
         if size == 0:
             return self._chunkEnded(reader)
         self.rawReceiver = reader
-        self._startDataTimer(reader)
+        self._startDataTimer(reader, None if reader.message is None else reader.message.started)
         return None
 
     def _chunkedMessage(self, envelope):
@@ -875,7 +892,7 @@ class SMTPServer(CommandSession):
         if envelope.chunks is None:
             envelope.chunks = ChunkedMessage(
                 self._newSpool(envelope), self.maxMessageSize, self.maxLineLength,
-                digest=self._deliveryKey(envelope),
+                digest=self._deliveryKey(envelope), started=self._clock.seconds(),
             )
         return envelope.chunks
 
