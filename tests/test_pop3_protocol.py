@@ -610,6 +610,30 @@ def test_droppedConnectionRemovesNothing(store, three):
     assert len(resultOf(store.listMessages(ALICE))) == 3
 
 
+def test_aConnectionLostDuringUpdateHoldsTheLockUntilTheRemovalIsDone(store, three):
+    """
+    The client goes away while QUIT's removal is being written (a slow
+    database): the maildrop stays locked until that write has finished, so
+    the next session cannot snapshot messages the removal is taking away
+    (it would list them, then fail to read them); once it is done, the
+    lock is free and the messages are gone.
+    """
+    maildrop = three.protocol._maildrop
+    expunge = maildrop.expunge
+    slow = defer.Deferred()
+    maildrop.expunge = lambda indexes, peer=None: slow.addCallback(lambda _: expunge(indexes, peer))
+    three.command("DELE 1")
+    assert three.command("QUIT") == ""
+    three.protocol.connectionLost(Failure(ConnectionDone()))
+    assert POP3Session(store).login(ALICE, "wonderland") == (
+        "-ERR [IN-USE] maildrop is locked by another POP3 session\r\n"
+    )
+    slow.callback(None)
+    after = POP3Session(store)
+    assert after.login(ALICE, "wonderland").startswith("+OK ")
+    assert after.command("STAT") == f"+OK 2 {sum(SIZES[1:])}\r\n"
+
+
 def test_timeoutRemovesNothing(store, three):
     three.command("DELE 1")
     three.advance(POP3Server.idleTimeout)

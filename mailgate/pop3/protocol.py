@@ -119,6 +119,8 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._saslFinishing = False
         self._finishingMechanism = None
         self._kickRequested = False
+        # QUIT's removal while it is being written (L{_update})
+        self._updating = None
         self._loginTimer = None
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
 
@@ -226,6 +228,14 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._cancelLoginTimer()
         self.endPenalty()
         self._settleHeldFailure()
+        updating = self._updating
+        if updating is not None and not updating.called:
+            # QUIT's removal is being written: its own end releases the
+            # lock once it is done.  Released now, the next session could
+            # snapshot the messages it is taking away.
+            done = defer.Deferred()
+            updating.addBoth(lambda result: (done.callback(None), result)[1])
+            return done
         return self._endSession("connection lost")
 
     def beginShutdown(self):

@@ -279,6 +279,9 @@ class TransactionCommands:
             return released.addBoth(lambda _: self._answerQuit(reply))
         d.addCallbacks(removed, failed)
         d.addCallback(finish)
+        # Until the removal is written and the lock released, a connection
+        # lost meanwhile must not release the lock itself (sessionEnded).
+        self._updating = d
         return d
 
     def _answerQuit(self, reply):
