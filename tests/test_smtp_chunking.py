@@ -82,7 +82,14 @@ def test_theChunkSizeAndItsEndMarker(argument, expected):
     assert parseBDAT(argument) == expected
 
 
-@pytest.mark.parametrize("argument", ["", "x", "-1", "+5", "5 LASTLY", "5 LAST x", "5\tLAST", "1e3", "1" * 21])
+@pytest.mark.parametrize(
+    "argument",
+    # "\u017f" (LATIN SMALL LETTER LONG S) and "\u0661" (ARABIC-INDIC DIGIT
+    # ONE): a case-blind or Unicode match would take them for "s" and "1",
+    # reading a chunk where a stricter parser on the way (a filter, a
+    # proxy) sees none.
+    ["", "x", "-1", "+5", "5 LASTLY", "5 LAST x", "5\tLAST", "1e3", "1" * 21, "5 LA\u017fT", "\u0661"],
+)
 def test_anythingElseIsNoBDATArgument(argument):
     with pytest.raises(BDATSyntaxError):
         parseBDAT(argument)

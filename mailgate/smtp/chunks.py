@@ -22,8 +22,11 @@ from mailgate.smtp.data import MessageContent
 
 #: RFC 3030 section 2: C{"BDAT" SP chunk-size [SP end-marker]}, the size a
 #: decimal number of octets, the end marker C{LAST} (in any case).  Twenty
-#: digits are more than any size: a longer number is no size at all.
-_BDAT_ARGUMENT = re.compile(r"^([0-9]{1,20})(?: +(LAST))? *$", re.IGNORECASE)
+#: digits are more than any size: a longer number is no size at all.  In
+#: ASCII's case only: matched case-blind over Unicode, C{LA\u017fT} (a
+#: long s) would be C{LAST}, a chunk ending its message where a stricter
+#: parser on the way sees a malformed command.
+_BDAT_ARGUMENT = re.compile(r"^([0-9]{1,20})(?: +(LAST))? *$", re.IGNORECASE | re.ASCII)
 
 
 class BDATSyntaxError(ValueError):
