@@ -25,6 +25,7 @@ import corpus  # noqa: E402
 import floor  # noqa: E402
 import pop3load  # noqa: E402
 import smtpload  # noqa: E402
+import trickle  # noqa: E402
 from pop3load import POP3ProtocolError, ResponseBuffer  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -1687,3 +1688,24 @@ def test_theBDATIntakeRowIsComparedWithDovecotsBDAT():
     assert cells[("sqlite", "LMTP BDAT")]["dovecotRate"] is None
     assert (cells[("sqlite", "LMTP BDAT")]["ratio"], cells[("sqlite", "LMTP BDAT")]["verdict"]) == (None, "-")
     assert cells[("sqlite", "LMTP")]["ratio"] == pytest.approx(2000 / 900)
+
+
+# -- benchmarks/trickle.py: one read's cost while input piles up ---------------------
+
+
+def test_theTrickleMeasuresUntilThePOP3SessionStopsReading(tmp_path):
+    """
+    The trickle benchmark's session waits on its PASS and is given one
+    octet per read: it stops reading when the 65th complete line waits
+    (POP3's limit is 64 queued commands), so that is where the
+    measurement ends; a logged-in session given NOOPs keeps reading.
+    """
+    from mailgate.testing import addUser, memoryStore
+
+    store = memoryStore(f"sqlite:///{tmp_path}/t.sqlite3")
+    addUser(store, trickle.ADDRESS, "secret", apop=False)
+    line = b"NOOP " + b"x" * 93 + b"\r\n"
+    micros, reads = trickle.perRead(store, line)
+    assert reads == 65 * len(line) and micros > 0
+    micros, reads = trickle.perRead(store, b"NOOP\r\n", busy=False)
+    assert reads == 20000 and micros > 0

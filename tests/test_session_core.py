@@ -157,6 +157,102 @@ def test_aWaitingCommandHoldsTheQueue():
     assert take(transport) == b"waited 2\r\nlast\r\n"
 
 
+def trickle(protocol, data):
+    """
+    Hand C{data} to the session an octet at a time, as a client writing
+    one octet per segment does.
+    """
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])
+
+
+def reading(transport):
+    return transport.producerState == "producing"
+
+
+def test_readingPausesAtTheQueuedLineLimitHoweverTheInputArrives():
+    """
+    Behind a command that waits, reading stops once more complete lines
+    wait than L{maxQueuedCommands} allows, whether they came in one read
+    or an octet at a time; the lines are kept, run in order once the
+    command ends, and reading resumes.
+    """
+    protocol, transport, _ = connect()
+    protocol.maxQueuedCommands = 5
+    protocol.dataReceived(b"WAIT 1\r\n")
+    trickle(protocol, b"SAY a\r\n" * 5 + b"SAY b")
+    assert reading(transport)
+    trickle(protocol, b"\r")
+    assert reading(transport)
+    trickle(protocol, b"\n")
+    assert not reading(transport)
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\n" + b"a\r\n" * 5 + b"b\r\n"
+    assert reading(transport)
+
+
+def test_theQueuedLinesAreCountedAfreshOnceSomeHaveRun():
+    """
+    Lines taken by the commands that ran no longer count towards the
+    limit; lines waiting behind the next command that waits do.
+    """
+    protocol, transport, _ = connect()
+    protocol.maxQueuedCommands = 5
+    protocol.dataReceived(b"WAIT 1\r\n")
+    trickle(protocol, b"SAY a\r\n" * 3 + b"WAIT 2\r\n" + b"SAY b\r\n" * 3)
+    assert not reading(transport)
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\n" + b"a\r\n" * 3
+    # Three lines wait behind WAIT 2: reading again, up to two more.
+    assert reading(transport)
+    trickle(protocol, b"SAY c\r\n" * 2)
+    assert reading(transport)
+    trickle(protocol, b"SAY d\r\n")
+    assert not reading(transport)
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 2\r\n" + b"b\r\n" * 3 + b"c\r\n" * 2 + b"d\r\n"
+    assert reading(transport)
+
+
+def test_noLinesAreCountedThatRanBeforeTheBufferGrewAgain():
+    """
+    Every waiting line has run: longer input that arrives afterwards (here
+    in one read) is counted on its own (four lines under a limit of five
+    keep the session reading), not with the lines that came before.
+    """
+    protocol, transport, _ = connect()
+    protocol.maxQueuedCommands = 5
+    protocol.dataReceived(b"WAIT 1\r\n")
+    trickle(protocol, b"SAY a\r\n" * 6 + b"WAIT 2\r\n")
+    assert not reading(transport)
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\n" + b"a\r\n" * 6
+    assert reading(transport)
+    protocol.dataReceived(b"SAY bbbbbbbbbbbb\r\n" * 4)
+    assert reading(transport)
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 2\r\n" + b"bbbbbbbbbbbb\r\n" * 4
+
+
+def test_linesInPiecesBehindAWaitingCommandRunWhole():
+    """
+    A line split across reads while a command waits, and another after a
+    raw part, reach their handlers whole, as bytes.
+    """
+    protocol, transport, _ = connect()
+    seen = []
+    handler = protocol.lineReceived
+    protocol.lineReceived = lambda line: seen.append(line) or handler(line)
+    protocol.dataReceived(b"WAIT 1\r\nSA")
+    protocol.dataReceived(b"Y one\r\nRAW 3\r")
+    protocol.dataReceived(b"\nxyzSAY t")
+    protocol.dataReceived(b"wo\r\n")
+    protocol.pending.pop(0).callback(None)
+    assert take(transport) == b"waited 1\r\none\r\ngo\r\nraw b'xyz'\r\ntwo\r\n"
+    assert seen == [b"WAIT 1", b"SAY one", b"RAW 3", b"SAY two"]
+    assert all(type(line) is bytes for line in seen)
+
+
 def test_aLineSplitAnywhereIsOneLine():
     protocol, transport, _ = connect()
     for piece in (b"S", b"AY sp", b"lit\r", b"\nSAY x\n"):

@@ -68,6 +68,10 @@ from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
+#: Input waiting below this many octets is joined to the next read by
+#: copying (a line in pieces); above, it grows in place (a bytearray).
+_COPIED_INPUT = 1024
+
 # Why reading from the connection is paused.
 INPUT = "input"
 OUTPUT = "output"
@@ -144,6 +148,7 @@ class CommandSession(Protocol):
     def __init__(self):
         self._buffer = b""
         self._pos = 0
+        self._resetLineCount()
         self._discarding = False
         self._tooLongPending = False
         self._busy = False
@@ -375,6 +380,7 @@ class CommandSession(Protocol):
             )
         self._buffer = b""
         self._pos = 0
+        self._resetLineCount()
         self.rawReceiver = None
         ended = self.sessionEnded()
         if self._admitted:
@@ -509,10 +515,23 @@ class CommandSession(Protocol):
             self._discarding = False
             if not self.refuseLongLineAtOnce:
                 self._tooLongPending = True
-        if self._buffer:
-            self._buffer += data
-        else:
+        buffer = self._buffer
+        if not buffer:
+            # The usual case: nothing waits, and a read is one or more
+            # whole commands, taken as they are.
             self._buffer = data
+        elif len(buffer) < _COPIED_INPUT:
+            # A line in pieces: joined, as cheap as anything for so few.
+            self._buffer = buffer + data
+        elif type(buffer) is bytearray:
+            buffer += data
+        else:
+            # Input piles up (commands waiting behind a slow one): in a
+            # buffer that grows in place, so that each read costs its own
+            # octets, not a copy of all that waits.
+            buffer = bytearray(buffer)
+            buffer += data
+            self._buffer = buffer
         self._process()
 
     def lineLimit(self):
@@ -584,8 +603,11 @@ class CommandSession(Protocol):
                     if self._pos >= len(self._buffer):
                         break
                     data = self._buffer[self._pos:] if self._pos else self._buffer
+                    if type(data) is bytearray:
+                        data = bytes(data)
                     self._buffer = b""
                     self._pos = 0
+                    self._resetLineCount()
                     rest = self.rawReceiver.feed(data)
                     if rest is None:
                         break
@@ -602,6 +624,7 @@ class CommandSession(Protocol):
                             # Too long whatever follows: drop it as it comes.
                             self._buffer = b""
                             self._pos = 0
+                            self._resetLineCount()
                             self._discarding = True
                             if self.refuseLongLineAtOnce:
                                 self._run(self.lineTooLong)
@@ -612,9 +635,12 @@ class CommandSession(Protocol):
                         self._run(self.lineTooLong)
                         continue
                     end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
+                    line = buffer[start:end]
+                    if type(line) is bytearray:
+                        line = bytes(line)
                     # _run, inline: this is the path of every command.
                     try:
-                        result = self.lineReceived(buffer[start:end])
+                        result = self.lineReceived(line)
                     except CommandError as e:
                         result = self.syntaxError(str(e))
                     except Exception:
@@ -629,8 +655,17 @@ class CommandSession(Protocol):
                     out.flush()
         finally:
             if self._pos:
-                self._buffer = self._buffer[self._pos:]
+                buffer = self._buffer
+                if type(buffer) is bytearray:
+                    # In place: a bytearray drops its first octets without
+                    # moving the rest.
+                    del buffer[:self._pos]
+                else:
+                    self._buffer = buffer[self._pos:]
                 self._pos = 0
+                # The lines counted waiting (_linesWaiting) are counted
+                # again from the start.
+                self._countedTo = self._countedLines = 0
 
     def _run(self, function, *args):
         """
@@ -741,11 +776,37 @@ class CommandSession(Protocol):
         over = pending > self.maxBufferedInput
         limit = self.maxQueuedCommands
         if not over and limit is not None and pending > limit:
-            over = self._buffer.count(b"\n", self._pos) > limit
+            over = self._linesWaiting() > limit
         if over:
             self._pauseReading(INPUT)
         else:
             self._resumeReading(INPUT)
+
+    def _linesWaiting(self):
+        """
+        How many complete lines wait in the input buffer (called with
+        C{_pos} at 0, after L{_runQueue}).  Counted as the octets arrive:
+        while a command runs and input piles up behind it, each read counts
+        only its own octets, not everything that waits again.
+        """
+        buffer = self._buffer
+        counted = self._countedTo
+        if counted > len(buffer):
+            # Taken from without a reset: never trust a stale count.
+            self._resetLineCount()
+            counted = 0
+        if counted < len(buffer):
+            self._countedLines += buffer.count(b"\n", counted)
+            self._countedTo = len(buffer)
+        return self._countedLines
+
+    def _resetLineCount(self):
+        """
+        Forget L{_linesWaiting}'s count: the buffer's first octets were
+        taken (or it was replaced), so the count starts again from there.
+        """
+        self._countedTo = 0
+        self._countedLines = 0
 
     def _pauseReading(self, reason):
         if reason in self._paused or self._closed:
@@ -872,6 +933,7 @@ class CommandSession(Protocol):
         """
         self._buffer = b""
         self._pos = 0
+        self._resetLineCount()
         self._discarding = False
         self._tooLongPending = False
         self.rawReceiver = None
