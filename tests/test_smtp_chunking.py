@@ -486,3 +486,26 @@ def test_aMessageTrickledInChunksIsCutOffAtTheMinimumRate(users, dbpath):
     assert s.disconnected
     assert nothingStored(dbpath)
     assert _budget.held == 0
+
+
+@pytest.mark.parametrize("useLMTP", [False, True])
+def test_aLongLineInTheLastChunkOfASpilledMessageIsRefused(users, dbpath, useLMTP):
+    """
+    A message past the spool's memory (in its temporary file) whose last
+    chunk holds a line over the limit, not ended: refused as the line
+    too long it is, one reply per recipient in LMTP, not an internal
+    error (ending the line wrote to the file the refusal had closed).
+    """
+    s = lmtp(users, maxLineLength=1000) if useLMTP else session(users, maxLineLength=1000)
+    begin(s, [ALICE, BOB])
+    big = b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 12000 + b"the last line goes on"
+    assert s.send(bdat(big)) == b"250 2.0.0 %d octets received\r\n" % len(big)
+    out = lines(s.send(bdat(b"z" * 2000, last=True)))
+    refusal = "500 5.5.2 {}line too long (the limit is 1000 octets)"
+    if useLMTP:
+        assert out == [refusal.format(f"<{ALICE}> "), refusal.format(f"<{BOB}> ")]
+    else:
+        assert out == [refusal.format("")]
+    assert nothingStored(dbpath)
+    assert _budget.held == 0
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"

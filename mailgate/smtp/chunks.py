@@ -128,7 +128,9 @@ class ChunkedMessage(MessageContent):
         @return: the finished spool, or C{None} if the message failed
             (L{failed}) on the way.
         """
-        if self._heldCR or not self._atLineStart:
+        # Not after a failure: its spool is closed (a file, past the memory
+        # limit, that cannot be written to any more).
+        if not self.failed and (self._heldCR or not self._atLineStart):
             self._heldCR = False
             self._store(b"\r\n")
         if self.failed:
