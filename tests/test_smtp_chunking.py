@@ -509,3 +509,20 @@ def test_aLongLineInTheLastChunkOfASpilledMessageIsRefused(users, dbpath, useLMT
     assert nothingStored(dbpath)
     assert _budget.held == 0
     assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_lmtpAnswersEachRecipientForALastChunkOverTheLimit(users, dbpath):
+    """
+    RFC 2033: the end of the message (BDAT LAST) is answered once per
+    accepted recipient, so a last chunk refused for its size is too,
+    before the connection closes: with one reply the client takes it for
+    its first recipient and the others' for lost with the connection (a
+    temporary failure, tried again, refused again).
+    """
+    s = lmtp(users, maxMessageSize=1000)
+    begin(s, [ALICE, BOB])
+    out = lines(s.send(b"BDAT 1001 LAST\r\n"))
+    limit = "message size exceeds the limit of 1000 octets; closing connection"
+    assert out == [f"552 5.3.4 <{ALICE}> {limit}", f"552 5.3.4 <{BOB}> {limit}"]
+    assert s.disconnected
+    assert nothingStored(dbpath)

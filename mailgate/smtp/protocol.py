@@ -845,15 +845,18 @@ class SMTPServer(CommandSession):
             # state: reading that many only to drop them is not worth the
             # connection's time (and a client declaring a chunk of 10**19
             # octets would keep the server reading for ever).
-            if envelope is not None and envelope.recipients and not self._chunksFailed:
+            text = f"message size exceeds the limit of {self.maxMessageSize} octets; closing connection"
+            failsMessage = envelope is not None and envelope.recipients and not self._chunksFailed
+            if failsMessage:
                 message = self._chunkedMessage(envelope)
                 message.tooLarge = True
                 self._contentFailed(envelope, message)
             self._dropTransaction()
-            self._reply(
-                552, "5.3.4",
-                f"message size exceeds the limit of {self.maxMessageSize} octets; closing connection",
-            )
+            if failsMessage and last:
+                # The message's end: one reply per recipient in LMTP.
+                self._dataReplies(envelope, 552, "5.3.4", text)
+            else:
+                self._reply(552, "5.3.4", text)
             self.close()
             return None
         if self._chunksFailed:
