@@ -561,11 +561,21 @@ def _malformedBDAT(ex):
 def _chunkOverLimit(ex):
     size = _chunkSize(ex.command)
     replies = ex.mailgate if isinstance(ex.mailgate, list) else [ex.mailgate]
+    # One reply, or for a chunk marked LAST one per recipient (RFC 2033).
     return (
         size is not None
         and size > MAX_MESSAGE_SIZE
-        and [r.code for r in replies] == ["552"]
-        and b"closing connection" in replies[0].text
+        and {r.code for r in replies} == {"552"}
+        and all(b"closing connection" in r.text for r in replies)
+    )
+
+
+def _recipientBetweenChunks(ex):
+    return (
+        _verb(b"RCPT")(ex)
+        and _kinds("2xx", "5xx")(ex)
+        and ex.mailgate.code == "503"
+        and b"chunks are arriving" in ex.mailgate.text
     )
 
 
@@ -675,6 +685,13 @@ DIFFERENCES = (
     # read whole only to be dropped (README); Dovecot's LMTP has no size
     # limit and stores the message (diverges).
     Difference("a chunk over the size limit closes the connection", _chunkOverLimit, diverges=True),
+    # RFC 3030 says nothing of RCPT between a message's chunks.  mailgate
+    # writes the message's trace fields at its first chunk (Received:
+    # names its recipient when it has one), so a recipient added after it
+    # would get a copy naming another's address: 503 5.5.1 (README).
+    # Dovecot takes the recipient (diverges: its message has one
+    # recipient more).
+    Difference("a recipient between chunks", _recipientBetweenChunks, diverges=True),
 )
 
 
@@ -960,6 +977,9 @@ SEQUENCES = {
     "a retry by BDAT of a message sent by DATA": delivery(ALICE, data=RETRIED)
     + lines("MAIL FROM:<sender@example.net>", f"RCPT TO:<{ALICE}>") + chunks(RETRIED_TEXT),
     "BDAT over the size limit": envelope(ALICE) + chunks(TOO_LARGE) + lines("NOOP"),
+    "BDAT over the size limit, two recipients": envelope(ALICE, BOB) + chunks(TOO_LARGE) + lines("NOOP"),
+    "a recipient between chunks": envelope(ALICE) + [Chunk(b"X-Run: @ID@\r\nSubject: first part\r\n")]
+    + lines(f"RCPT TO:<{BOB}>") + [Chunk(b"\r\nsecond part\r\n", last=True)],
     "many bad commands": HELLO + lines(*(["XYZZY"] * 25), "NOOP"),
     "many unknown recipients": HELLO + lines("MAIL FROM:<a@example.net>",
                                              *(f"RCPT TO:<nobody{n}@example.org>" for n in range(25)),
@@ -1140,7 +1160,10 @@ EXHIBITS = {
     "a dot after a bare LF": "a dot next to a bare LF",
     "a retry is stored once": ("a retry of the same message", "a retry by BDAT of a message sent by DATA"),
     "a malformed BDAT closes the connection": "malformed BDAT 5 LASTLY",
-    "a chunk over the size limit closes the connection": "BDAT over the size limit",
+    "a chunk over the size limit closes the connection": (
+        "BDAT over the size limit", "BDAT over the size limit, two recipients",
+    ),
+    "a recipient between chunks": "a recipient between chunks",
 }
 
 
