@@ -220,6 +220,33 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     reactor.resultOf(locks.release(alice))
 
 
+def test_aBackendHoldingTheLockUnderADeadConnectionsPidIsNotTakenForIt(node):
+    """
+    PostgreSQL gives a dead backend's pid to a new one in time.  This
+    node's lock connection dies; another node takes the lock on a backend
+    which, here, stands for one that got the dead backend's pid: the lock
+    is held under that pid, but not by the connection that took it, and
+    this node's guard says so (its session's deletions are refused, not
+    written under another node's session).
+    """
+    locks, reactor, ids, url = node
+    alice = ids[0]
+    assert reactor.wait(locks.acquire(alice)) == alice
+    guard = locks.writeGuard(alice)
+    [pid] = lockHolders(url)
+    endBackend(url, pid)
+    other = AdvisoryLocks(engineFromURL(url), reactor)
+    try:
+        assert reactor.wait(other.acquire(alice)) == alice
+        [reusedPid] = lockHolders(url)
+        assert guardHolds(url, other.writeGuard(alice)) is True
+        guard.pid = reusedPid
+        assert guardHolds(url, guard) is False
+        reactor.resultOf(other.release(alice))
+    finally:
+        reactor.resultOf(other.close())
+
+
 def test_aNodeTakingALostLockSeesTheDeletionsBeingWrittenWholeOrNotAtAll(node):
     """
     A session's deletions were checked by their guard and are being

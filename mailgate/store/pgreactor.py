@@ -150,6 +150,15 @@ class _Connection:
     def backendPid(self):
         return None if self._pg is None else self._pg.backend_pid
 
+    @property
+    def pgconn(self):
+        """
+        The libpq connection in use (a C{psycopg.pq.PGconn}), or C{None}:
+        what the maker of the connection knows it by (the identity lock of
+        L{mailgate.store.postgres.AdvisoryLocks}).
+        """
+        return self._pg
+
 
 class BlockingConnection(_Connection):
     """

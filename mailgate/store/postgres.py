@@ -13,6 +13,8 @@ seconds, by TCP keepalive, if its whole machine vanishes).
 """
 
 import hashlib
+import secrets
+import weakref
 from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
@@ -453,29 +455,61 @@ class WriteGuard:
     and the commit let another node take the lock and read a snapshot
     still listing the messages being removed.  Here the write transaction
     first takes the maildrop's write key, an advisory lock held to its
-    end, and then checks, by the lock connection's backend pid, that the
-    lock is still held.  A node that takes the lock afterwards waits for
-    the write key before reading its snapshot (L{_LOCK}): it sees the
-    deletions committed, or none of them.
+    end, and then checks that the lock connection's backend still holds
+    the lock.  A node that takes the lock afterwards waits for the write
+    key before reading its snapshot (L{_LOCK}): it sees the deletions
+    committed, or none of them.
+
+    The backend is known by its pid and by its identity lock (see
+    L{AdvisoryLocks}), a random pair of keys that only it holds: the
+    server hands a dead backend's pid to a new one in time, and a new
+    backend of another node's that took this maildrop's lock under that
+    pid must not pass for the lock connection that died.
 
     @ivar writeKey: the maildrop's write key.
     @ivar lockKey: the maildrop's lock key.
     @ivar pid: the backend pid of the connection holding the lock.
+    @ivar identity: the two keys of that connection's identity lock.
     """
 
-    def __init__(self, writeKey, lockKey, pid):
+    def __init__(self, writeKey, lockKey, pid, identity):
         self.writeKey = writeKey
         self.lockKey = lockKey
         self.pid = pid
+        self.identity = identity
 
     def __call__(self, cursor):
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (self.writeKey,))
+        first, second = self.identity
+        # One look at pg_locks (each reading of it copies the server's lock
+        # table): both locks, held by that backend.
         cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = ? AND granted "
-            "AND classid = ?::oid AND objid = ?::oid AND objsubid = 1)",
-            (self.pid, (self.lockKey >> 32) & 0xFFFFFFFF, self.lockKey & 0xFFFFFFFF),
+            "SELECT count(DISTINCT objsubid) = 2 FROM pg_locks WHERE locktype = 'advisory' AND pid = ? AND granted "
+            "AND ((classid = ?::oid AND objid = ?::oid AND objsubid = 1) "
+            "OR (classid = ?::oid AND objid = ?::oid AND objsubid = 2))",
+            (self.pid, (self.lockKey >> 32) & 0xFFFFFFFF, self.lockKey & 0xFFFFFFFF, first, second),
         )
         return bool(cursor.fetchone()[0])
+
+
+def takeIdentityLock(pg):
+    """
+    Have the new connection C{pg} take a session-level advisory lock on a
+    random pair of keys, which it holds until it ends: its identity, told
+    apart from any other backend's, now or later under the same pid.  The
+    two-key form lives apart from the one-key locks mailgate keys by
+    maildrop (C{objsubid} 2 in C{pg_locks}, against 1).
+
+    @return: the pair of keys (each below 2**31, the same as an C{int4}
+        and as the C{oid} C{pg_locks} shows it).
+    """
+    for _ in range(8):
+        identity = (secrets.randbelow(2**31), secrets.randbelow(2**31))
+        result = pg.exec_(b"SELECT pg_try_advisory_lock(%d, %d)" % identity)
+        [(taken,)] = pgreactor.resultRows(result)
+        if taken == b"t":
+            return identity
+    raise TemporaryFailure("cannot take an identity lock for a maildrop lock connection")
 
 
 class _Connector:
@@ -580,6 +614,10 @@ class AdvisoryLocks:
         self._engine = engine
         self._metrics = None
         self._slots = [_Slot(connection) for connection in connections]
+        # Each lock connection's identity lock (WriteGuard), by its libpq
+        # connection: set on the thread that connects, before the
+        # connection is used; forgotten with the connection.
+        self._identities = weakref.WeakKeyDictionary()
         # User id to the lock connection's generation (its count of
         # connections made) when the lock was granted, None while asked.
         self._held = {}
@@ -590,7 +628,13 @@ class AdvisoryLocks:
     # Connecting
 
     def _connectNow(self):
-        return self._engine.connectPrepared(_LOCK_STATEMENTS)
+        pg = self._engine.connectPrepared(_LOCK_STATEMENTS)
+        try:
+            self._identities[pg] = takeIdentityLock(pg)
+        except BaseException:
+            pg.finish()
+            raise
+        return pg
 
     def _key(self, userId):
         # The namespace is known once a connection has been made, which is
@@ -768,7 +812,10 @@ class AdvisoryLocks:
         connection = self._routes[userId][0].connection
         if not connection.connected or connection.connections != generation:
             return None
-        return WriteGuard(self._writeKey(userId), self._key(userId), connection.backendPid)
+        identity = self._identities.get(connection.pgconn)
+        if identity is None:
+            return None
+        return WriteGuard(self._writeKey(userId), self._key(userId), connection.backendPid, identity)
 
     def close(self):
         self._held.clear()
