@@ -20,11 +20,11 @@ from mailgate.cli import run
 from mailgate.importers import FileSource, toCRLF
 from mailgate.importers.maildir import (
     dovecotOrder,
-    formatUidl,
     importMaildir,
     readUidList,
 )
 from mailgate.importers.pop3 import parseURL
+from mailgate.importers.uidlformat import formatUidl
 from mailgate.store.lifecycle import generatedUid
 from mailgate.store.rows import formatUniqueId
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf

@@ -377,7 +377,7 @@ def buildParser():
         metavar="FORMAT",
         help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
         "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
-        "a dovecot-uidlist)",
+        "a dovecot-uidlist); or as Dovecot 2.4 spells it, %%{uid | hex(8)}%%{uidvalidity | hex(8)}",
     )
     imaildir.add_argument(
         "--uidlist",

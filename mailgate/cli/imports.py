@@ -49,13 +49,14 @@ def _importForget(store, args, out, stdin):
 
 def _importMaildir(store, args, out, stdin):
     from mailgate.importers import ImportFailed
-    from mailgate.importers.maildir import formatUidl, importMaildir
+    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.uidlformat import checkUidlFormat
 
     if args.uidl_format is not None:
         # Checked before the maildir is read, so that a format's own
         # mistake is not taken for one the maildir cannot serve.
         try:
-            formatUidl(args.uidl_format, {letter: "1" for letter in "uvmfg"})
+            checkUidlFormat(args.uidl_format)
         except ValueError as e:
             raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
     address = _address(args.address)

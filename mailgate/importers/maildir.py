@@ -11,7 +11,8 @@ same unique ids.
   - Unique ids: an explicit POP3 UIDL saved in the list (its C{P} field,
     written by C{pop3_save_uidl} or the pop3-migration plugin; empty, it
     stands for the base file name) wins;
-    otherwise Dovecot's C{pop3_uidl_format} (default C{%08Xu%08Xv}: uid
+    otherwise Dovecot's C{pop3_uidl_format}, spelled for Dovecot 2.3 or
+    2.4 (L{mailgate.importers.uidlformat}; default C{%08Xu%08Xv}: uid
     and uidvalidity, in hex) over its variables C{%u} (uid), C{%v}
     (uidvalidity), C{%f} (the file's base name), C{%g} (the message's
     GUID: the list's C{G} field, else the base name) and C{%m} (the MD5 of
@@ -31,7 +32,6 @@ import attr
 
 from mailgate.errors import MailgateError
 from mailgate.importers import (
-    MAX_UIDL,
     BatchWriter,
     FileSource,
     ImportFailed,
@@ -40,6 +40,7 @@ from mailgate.importers import (
     renameDuplicates,
     validUidl,
 )
+from mailgate.importers.uidlformat import checkUidlFormat, formatUidl, usesVariable
 
 UIDLIST = "dovecot-uidlist"
 DEFAULT_FORMAT = "%08Xu%08Xv"
@@ -274,122 +275,6 @@ def _sameFile(path1, path2):
     return (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
 
 
-# -- pop3_uidl_format -----------------------------------------------------------
-
-_LONG_NAMES = {"uid": "u", "uidvalidity": "v", "md5": "m", "filename": "f", "guid": "g"}
-_MODIFIERS = "LUXRMT"
-
-
-def _modify(modifier, value):
-    if modifier == "L":
-        return value.lower()
-    if modifier == "U":
-        return value.upper()
-    if modifier == "X":
-        try:
-            return f"{int(value):x}"
-        except ValueError:
-            return "0"
-    if modifier == "R":
-        return value[::-1]
-    if modifier == "M":
-        return hashlib.md5(value.encode("utf-8", "surrogateescape")).hexdigest()
-    if modifier == "T":
-        return value.rstrip()
-    raise AssertionError(modifier)
-
-
-def formatUidl(template, variables):
-    """
-    Expand a Dovecot C{pop3_uidl_format} (Dovecot 2.3's C{%} variables):
-    C{%[-][0][width][.[0][-]width]}, modifiers C{L U X R M T}, one-letter
-    variables or C{%{long}} names, C{%%}.
-
-    @param variables: the values by letter (C{u v m f g}), as text.
-    @raise ValueError: for a variable that is unknown or has no value.
-    """
-    out = []
-    i, n = 0, len(template)
-    while i < n:
-        ch = template[i]
-        if ch != "%":
-            out.append(ch)
-            i += 1
-            continue
-        i += 1
-        sign, zero, width, offset = 1, False, 0, 0
-        if i < n and template[i] == "-":
-            sign, i = -1, i + 1
-        if i < n and template[i] == "0":
-            zero, i = True, i + 1
-        while i < n and template[i].isdigit():
-            width, i = width * 10 + int(template[i]), i + 1
-        if i < n and template[i] == ".":
-            offset, sign, width, i = sign * width, 1, 0, i + 1
-            zero = False
-            if i < n and template[i] == "0":
-                zero, i = True, i + 1
-            if i < n and template[i] == "-":
-                sign, i = -1, i + 1
-            while i < n and template[i].isdigit():
-                width, i = width * 10 + int(template[i]), i + 1
-            width *= sign
-        if width > MAX_UIDL:
-            # Padded to it, one id would take that much memory (a typo's
-            # extra digits: gigabytes), for an id too long to import.
-            raise ValueError(f"a width of {width} is over {MAX_UIDL}, the longest unique id")
-        modifiers = []
-        while i < n and template[i] in _MODIFIERS:
-            modifiers.append(template[i])
-            i += 1
-        if i >= n:
-            break
-        if template[i] == "%":
-            value = "%"
-            i += 1
-        else:
-            if template[i] == "{":
-                end = template.find("}", i)
-                if end < 0:
-                    raise ValueError(f"unterminated %{{ in {template!r}")
-                key = _LONG_NAMES.get(template[i + 1 : end])
-                name = template[i + 1 : end]
-                i = end + 1
-            else:
-                key = name = template[i]
-                i += 1
-            if key not in variables or variables[key] is None:
-                raise ValueError(f"%{name} is not available here")
-            value = variables[key]
-        for modifier in modifiers:
-            value = _modify(modifier, value)
-        if offset < 0:
-            if len(value) > -offset:
-                value = value[len(value) + offset :]
-        elif offset > 0:
-            value = value[offset:]
-        if width == 0:
-            out.append(value)
-        elif not zero:
-            if width < 0:
-                width = len(value) + width
-            out.append(value[: max(width, 0)])
-        else:
-            out.append(value.rjust(width, "0"))
-    return "".join(out)
-
-
-def usesVariable(template, letter):
-    """
-    Whether a format refers to variable C{letter}.
-    """
-    try:
-        formatUidl(template, {k: "0" for k in "uvmfg" if k != letter})
-    except ValueError:
-        return True
-    return False
-
-
 def _headerMD5(source):
     header = b""
     for chunk in source.chunks(1 << 16):
@@ -452,7 +337,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
             f"use a --uidl-format without %u and %v (e.g. %f)"
         )
     try:
-        formatUidl(uidlFormat, {k: "1" for k in "uvmfg"})
+        checkUidlFormat(uidlFormat)
     except ValueError as e:
         raise ImportFailed(f"bad --uidl-format {uidlFormat!r}: {e}") from None
     messages = listMaildir(directory, uidList)
@@ -554,7 +439,14 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report):
                 variables["m"] = _headerMD5(source)
             finally:
                 source.close()
-        uidl = formatUidl(uidlFormat, variables)
+        try:
+            uidl = formatUidl(uidlFormat, variables)
+        except ValueError as e:
+            # A format that cannot be put through this message's values (a
+            # Dovecot 2.4 filter refusing them): Dovecot could not list it
+            # either.
+            report.failures.append(f"{message.path}: pop3_uidl_format gives it no unique id: {e}")
+            return None
     return _checked(message, uidl, report)
 
 
