@@ -526,3 +526,28 @@ def test_lmtpAnswersEachRecipientForALastChunkOverTheLimit(users, dbpath):
     assert out == [f"552 5.3.4 <{ALICE}> {limit}", f"552 5.3.4 <{BOB}> {limit}"]
     assert s.disconnected
     assert nothingStored(dbpath)
+
+
+def test_lmtpAnswersEachRecipientForALastChunkAfterTheMessageFailed(users, dbpath):
+    """
+    A client pipelines its chunks (Dovecot's LMTP proxy does): those after
+    the one that failed the message are read and refused, and the last of
+    them, the message's end, is answered once per recipient (RFC 2033) as
+    every last chunk is.  Dovecot's client counts them ("Got reply (1/2)"
+    in its debug log): with one, it waited for the next, and would have
+    taken the reply to its next command for it.
+    """
+    s = lmtp(users, maxMessageSize=1000)
+    begin(s, [ALICE, BOB])
+    out = lines(s.send(bdat(b"x" * 600) + bdat(b"x" * 600) + bdat(b"x" * 10) + bdat(b"end\r\n", last=True)))
+    failed = "503 5.5.1 {}the message failed at an earlier chunk; send RSET"
+    assert out == [
+        "250 2.0.0 600 octets received",
+        "552 5.3.4 message size exceeds the limit of 1000 octets",
+        failed.format(""),
+        failed.format(f"<{ALICE}> "),
+        failed.format(f"<{BOB}> "),
+    ]
+    assert nothingStored(dbpath)
+    begin(s, [BOB])
+    assert lines(s.send(chunked(MESSAGE)))[0].startswith(f"250 2.0.0 <{BOB}> delivered as ")

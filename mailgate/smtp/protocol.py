@@ -175,6 +175,10 @@ class SMTPServer(CommandSession):
         # pipelined after it are read and refused, without counting as
         # errors, until RSET or a new MAIL.
         self._chunksFailed = False
+        # The transaction whose message failed at a chunk before its last:
+        # its chunk marked LAST, pipelined behind, is answered as the end of
+        # its message is, once per recipient in LMTP.
+        self._failedEnvelope = None
 
     @property
     def hostname(self):
@@ -231,6 +235,7 @@ class SMTPServer(CommandSession):
         chunks it had received are discarded.
         """
         self._chunksFailed = False
+        self._failedEnvelope = None
         envelope, self._envelope = self._envelope, None
         if envelope is not None and envelope.chunks is not None:
             envelope.chunks.discard()
@@ -530,6 +535,7 @@ class SMTPServer(CommandSession):
                     sender, 555, "5.5.4", "bad parameters", f"unsupported MAIL parameter {keyword}"
                 )
         self._chunksFailed = False
+        self._failedEnvelope = None
         self._envelope = Envelope(
             helo=self._helo,
             peer=self.peer,
@@ -908,7 +914,15 @@ class SMTPServer(CommandSession):
             code, enhanced, text, counted = reader.refusal
             if counted:
                 return self._bad(code, enhanced, text)
-            self._reply(code, enhanced, text)
+            envelope = self._failedEnvelope if reader.last else None
+            if envelope is not None:
+                # The end of a failed message, its chunks pipelined by a
+                # client that had not yet read the failure: an LMTP client
+                # waits for as many replies as it has recipients.
+                self._failedEnvelope = None
+                self._dataReplies(envelope, code, enhanced, text)
+            else:
+                self._reply(code, enhanced, text)
             self._junk()
             return None
         message = reader.message
@@ -917,6 +931,7 @@ class SMTPServer(CommandSession):
                 envelope = self._envelope
                 self._dropTransaction()
                 self._chunksFailed = True
+                self._failedEnvelope = envelope
                 self._reply(*self._contentFailed(envelope, message))
                 return None
             self._reply(250, "2.0.0", f"{reader.size} octets received")
