@@ -686,6 +686,17 @@ class IEngine(Interface):
             looked up in C{recent_deliveries}, in any order.
         """
 
+    def lockMailboxes(cursor, userIds):
+        """
+        Lock the C{mailboxes} rows of C{userIds} for this write
+        transaction, in the order of their ids, before it runs the writes
+        of its batch (see L{mailgate.store.database.updatesMailboxes}):
+        two transactions that each update several of the same rows then
+        never hold one the other waits for while waiting for one the other
+        holds.  Nothing to do where one transaction writes at a time
+        (SQLite), nor for fewer than two rows.
+        """
+
     def resetIdentity(cursor, table, column):
         """
         After rows were inserted with explicit ids, make C{table}'s generated

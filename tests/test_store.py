@@ -1795,3 +1795,112 @@ def test_aPipelinedBatchWhoseOneWriteIsAbortedCommitsTheOthers(batchConnection):
     assert not results[1][0]
     assert _committedRows(path) == {"a": 1, "b": 2, "c": 3}
     assert not conn.closed and not _inTransaction(engine, conn)
+
+
+def test_twoNodesBatchesUpdatingTheSameMailboxesInOtherOrdersDoNotDeadlock(postgresURL):
+    """
+    Two nodes' group commits each remove a message of Alice's and one of
+    Bob's (two QUITs), in opposite orders: both commit, neither runs
+    again.  Each write locked its user's row as it went, so the first
+    held Alice's and waited for Bob's while the second held Bob's and
+    waited for Alice's: a deadlock, which PostgreSQL breaks after a second
+    by failing one (run again; under load, failing again, until the
+    client got -ERR [SYS/TEMP] or 451).  Now each batch locks the rows
+    its writes declare, in one order, before the first.  The interleaving
+    is forced: a write between the two (of Carol's row, which a third
+    transaction holds) keeps both batches past their first write.
+    """
+    from collections import Counter
+
+    from test_duplicates import _inThread, _waitUntilWaiting, _watcher
+
+    from mailgate.store.rows import removeMessages
+
+    node = memoryStore(postgresURL)
+    engine = node.engine
+    connections = [engine.connect(), engine.connect()]
+    threads = []
+    try:
+        for address in (ALICE, BOB, CAROL):
+            addUser(node, address, "secret")
+        for n in range(2):
+            deliver(node, [ALICE, BOB], b"Subject: %d\r\n\r\nhello\r\n" % n)
+        ids = {a: query(node, "SELECT user_id FROM users WHERE address = ?", (a,))[0][0] for a in (ALICE, BOB, CAROL)}
+        uids = {
+            a: [row[0] for row in query(node, "SELECT uid FROM maildrop WHERE user_id = ? ORDER BY uid", (ids[a],))]
+            for a in (ALICE, BOB)
+        }
+        runs = Counter()
+
+        def carols(cursor, name):
+            runs[name] += 1
+            cursor.execute("UPDATE mailboxes SET used_messages = used_messages WHERE user_id = ?", (ids[CAROL],))
+
+        holder = node.database.connection
+        engine.begin(holder, True).execute(
+            "UPDATE mailboxes SET used_messages = used_messages WHERE user_id = ?", (ids[CAROL],)
+        )
+        outcomes = []
+        with _watcher(postgresURL) as watcher:
+            for n, (conn, (first, second)) in enumerate(zip(connections, ((ALICE, BOB), (BOB, ALICE)))):
+                batch = [
+                    (removeMessages, (ids[first], [uids[first][n]]), {}),
+                    (carols, (n,), {}),
+                    (removeMessages, (ids[second], [uids[second][n]]), {}),
+                ]
+                thread, outcome = _inThread(lambda conn=conn, batch=batch: runBatch(engine, conn, batch))
+                threads.append(thread)
+                outcomes.append(outcome)
+                _waitUntilWaiting(watcher, conn, thread)
+        engine.rollback(holder)
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads), "a batch did not finish"
+        for [(kind, results)] in outcomes:
+            assert kind == "ok", results
+            assert [ok for ok, _ in results] == [True] * 3, results
+        assert runs == {0: 1, 1: 1}, f"a batch ran again (it lost a deadlock): {runs}"
+        assert query(node, "SELECT count(*) FROM maildrop")[0][0] == 0
+        for address in (ALICE, BOB):
+            assert resultOf(node.quotaOf(address)).usedMessages == 0
+    finally:
+        for conn in connections:
+            conn.close()
+        node.close()
+
+
+def test_theWritesThatUpdateMailboxesSayWhose(store):
+    """
+    What the group-commit writer locks up front (see the test above):
+    each write that updates users' C{mailboxes} rows declares them, with
+    its own arguments: a delivery its recipients (looked up if need be),
+    a QUIT's removal (kept for recovery or not, under its lock's guard)
+    the user, the registry's writes the users whose last logins they
+    record.
+    """
+    from mailgate.store.database import _mailboxesOf
+    from mailgate.store.lifecycle import Guarded, _keepDeleted
+    from mailgate.store.registry import _leave, _sync
+    from mailgate.store.rows import removeMessages
+    from mailgate.store.sql import NO_QUOTA, _deliver, _recordLogin
+
+    for address in (ALICE, BOB):
+        addUser(store, address, "secret")
+    alice, bob = (query(store, "SELECT user_id FROM users WHERE address = ?", (a,))[0][0] for a in (ALICE, BOB))
+    cursor = store.engine.begin(store.database.connection, True)
+    try:
+        spool = spoolBytes(b"Subject: x\r\n\r\nhello\r\n")
+        batch = [
+            (_deliver, (store.engine, [ALICE, BOB, "nobody@example.org"], spool, 0, True, {}, NO_QUOTA, 0), {}),
+            (removeMessages, (101, [1]), {}),
+            (Guarded(lambda cursor: True, _keepDeleted), (102, [1], 0, None), {}),
+            (Guarded(lambda cursor: True, removeMessages), (103, [1]), {}),
+            (_sync, ((1, "node", 0, "{}"), 0, [], [], None, [(104, 5)]), {}),
+            (_leave, (1, [(105, 5)]), {}),
+            (_recordLogin, (106, 0, 0), {}),
+            (lambda cursor: None, (), {}),
+        ]
+        assert _mailboxesOf(cursor, batch) == {alice, bob, 101, 102, 103, 104, 105, 106}
+        spool.close()
+    finally:
+        store.engine.rollback(store.database.connection)

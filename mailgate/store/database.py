@@ -155,13 +155,17 @@ class BatchableWrite:
         [(args, kwargs), ...])} returns their results in order.
     @param name: the operation's name in metrics (the function's name by
         default).
+    @param mailboxes: which users' C{mailboxes} rows a call updates (see
+        L{updatesMailboxes}), or C{None}.
     @ivar pipelined: whether it may run in the engine's pipeline.
     """
 
-    def __init__(self, run, together, pipelined=False, name=None):
+    def __init__(self, run, together, pipelined=False, name=None, mailboxes=None):
         self._run = run
         self._together = together
         self.pipelined = pipelined
+        if mailboxes is not None:
+            self.mailboxes = mailboxes
         # Measured (mailgate_database_seconds) under this name.
         self.__name__ = name or getattr(run, "__name__", "other")
 
@@ -173,6 +177,39 @@ class BatchableWrite:
 
     def __repr__(self):
         return f"<BatchableWrite {getattr(self._run, '__name__', self._run)}>"
+
+
+def updatesMailboxes(of):
+    """
+    Declare which users' C{mailboxes} rows (their counters, use and last
+    login) a write updates: C{of(cursor, *args, **kwargs)}, called with the
+    write's own arguments inside its transaction, returns their user ids.
+    The group-commit writer locks the rows of a whole batch up front, in
+    one order (L{mailgate.interfaces.IEngine.lockMailboxes}): a batch runs
+    several writes, each locking its users' rows as it goes, so two nodes'
+    batches (a QUIT's removal for Alice and a delivery to Bob on one, a
+    QUIT for Bob and a delivery to Alice on the other) would otherwise
+    each hold a row the other waits for.
+    """
+
+    def declare(function):
+        function.mailboxes = of
+        return function
+
+    return declare
+
+
+def _mailboxesOf(cursor, batch):
+    """
+    The user ids whose C{mailboxes} rows the writes of C{batch} declare
+    (L{updatesMailboxes}) they update.
+    """
+    userIds = set()
+    for function, args, kwargs in batch:
+        declared = getattr(function, "mailboxes", None)
+        if declared is not None:
+            userIds.update(declared(cursor, *args, **kwargs))
+    return userIds
 
 
 class _ItemFailed(Exception):
@@ -224,6 +261,7 @@ def _runBatch(engine, conn, batch, savepoints):
     committing = False
     try:
         with engine.pipeline(conn) if pipelined else _nothing():
+            engine.lockMailboxes(cursor, _mailboxesOf(cursor, batch))
             results = _runItems(engine, cursor, batch, savepoints)
         committing = True
         _commit(engine, conn)

@@ -30,6 +30,7 @@ from twisted.internet import defer
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
+from mailgate.store.database import updatesMailboxes
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
 from mailgate.store.registry import (
     SETTINGS_COUNT_FOR,
@@ -260,6 +261,14 @@ class Guarded:
         if not self._guard(cursor):
             raise MaildropLockLost(LOCK_LOST)
         return self._write(cursor, *args)
+
+    def mailboxes(self, cursor, *args):
+        """
+        The C{mailboxes} rows C{write} declares it updates
+        (L{mailgate.store.database.updatesMailboxes}).
+        """
+        declared = getattr(self._write, "mailboxes", None)
+        return () if declared is None else declared(cursor, *args)
 
     @classmethod
     def under(cls, locks, userId, write):
@@ -509,6 +518,7 @@ def _purgeDeleted(cursor, before, limit):
     return removed
 
 
+@updatesMailboxes(lambda cursor, userId, uids, now, peer: (userId,))
 def _keepDeleted(cursor, userId, uids, now, peer):
     """
     The UPDATE state of a POP3 session where deleted mail is kept: the

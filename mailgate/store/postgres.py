@@ -227,6 +227,17 @@ class PostgresEngine:
             # 15 us more a statement than a string's.
             cursor.execute(_LOCK_DELIVERIES, ("{" + ",".join(map(str, keys)) + "}",))
 
+    def lockMailboxes(self, cursor, userIds):
+        """
+        C{SELECT ... ORDER BY user_id FOR NO KEY UPDATE} (the lock an
+        UPDATE that changes no key takes): the rows are locked as the sort
+        returns them.  In a pipeline it needs no answer.  One row, or
+        none, is left to the writes themselves: a transaction holding one
+        row of the table cannot hold it against another it waits for there.
+        """
+        if len(userIds) > 1:
+            cursor.execute(_LOCK_MAILBOXES, ("{" + ",".join(map(str, sorted(userIds))) + "}",))
+
     def isTransient(self, exc):
         """
         The connection or the server failing, a statement timing out or
@@ -397,6 +408,10 @@ DELIVERY_LOCK_CLASS = 0x6D67646B
 _LOCK_DELIVERIES = (
     f"SELECT count(pg_advisory_xact_lock({DELIVERY_LOCK_CLASS}, k)) FROM unnest(?::int4[]) AS k"
 )
+
+
+# Rows locked in the order of their ids (lockMailboxes).
+_LOCK_MAILBOXES = "SELECT user_id FROM mailboxes WHERE user_id = ANY(?::int8[]) ORDER BY user_id FOR NO KEY UPDATE"
 
 
 def deliveryLockKeys(pairs):

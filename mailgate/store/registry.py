@@ -29,6 +29,7 @@ import attr
 from twisted.internet import defer
 
 from mailgate.records import NodeInfo, SessionInfo
+from mailgate.store.database import updatesMailboxes
 
 #: seconds between heartbeats of a node
 HEARTBEAT = 10
@@ -213,6 +214,7 @@ def _otherSettings(cursor, engine, now, exceptNode):
 # -- interactions ----------------------------------------------------------------
 
 
+@updatesMailboxes(lambda cursor, node, now, added, removed, forgetBefore, logins=(): [u for u, _ in logins])
 def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
     """
     One write of a node's registry: its heartbeat (and the settings it
@@ -267,6 +269,7 @@ def _recordLastLogins(cursor, logins):
         )
 
 
+@updatesMailboxes(lambda cursor, nodeId, logins=(): [u for u, _ in logins])
 def _leave(cursor, nodeId, logins=()):
     _recordLastLogins(cursor, logins)
     cursor.execute("DELETE FROM pop3_sessions WHERE node_id = ?", (nodeId,))

@@ -14,6 +14,7 @@ import secrets
 import struct
 from collections import Counter
 
+from mailgate.store.database import updatesMailboxes
 from mailgate.store.reads import CHUNK_SIZE
 
 #: Values in one C{IN (...)} list at most.
@@ -40,6 +41,7 @@ def formatUniqueId(uid, uidValidity):
     return f"{uid:08x}{uidValidity:08x}"
 
 
+@updatesMailboxes(lambda cursor, userId, uids: (userId,))
 def removeMessages(cursor, userId, uids):
     """
     Delete maildrop entries, give their octets back to the user's quota,

@@ -22,7 +22,7 @@ from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaEx
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.message import spoolBytes
 from mailgate.store import lifecycle
-from mailgate.store.database import BatchableWrite
+from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.registry import STALE_AFTER
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads
 from mailgate.store.rows import (
@@ -633,10 +633,23 @@ def _deliverArguments(engine, addresses, source, now, partial=True, userIds=None
     return engine, addresses, source, now, partial, userIds, quota, window
 
 
+def _recipientMailboxes(cursor, *args, **kwargs):
+    """
+    The user ids of a delivery's recipients (L{updatesMailboxes}): from
+    the writer's cache, the others looked up as the delivery would look
+    them up (it then finds them in the cache).
+    """
+    _, addresses, _, _, _, userIds, _, _ = _deliverArguments(*args, **kwargs)
+    return _userIdsOf(cursor, list(dict.fromkeys(addresses)), {} if userIds is None else userIds).values()
+
+
 # Safe to run in a PostgreSQL pipeline: it waits for the answers it needs.
-_deliver = BatchableWrite(_deliverOne, _deliverTogether, pipelined=True, name="deliver")
+_deliver = BatchableWrite(
+    _deliverOne, _deliverTogether, pipelined=True, name="deliver", mailboxes=_recipientMailboxes
+)
 
 
+@updatesMailboxes(lambda cursor, userId, now, minimumInterval: (userId,))
 def _recordLogin(cursor, userId, now, minimumInterval):
     cursor.execute(
         "UPDATE mailboxes SET last_login = ? WHERE user_id = ? "

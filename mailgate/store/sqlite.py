@@ -373,6 +373,12 @@ class SQLiteEngine:
         starts its look-up after the first has committed.
         """
 
+    def lockMailboxes(self, cursor, userIds):
+        """
+        Nothing: a write transaction holds the database's one write lock
+        from its BEGIN IMMEDIATE; no other waits for a row it holds.
+        """
+
     def begin(self, conn, write):
         """
         Start a transaction and return a cursor for it.  Writers take the
