@@ -384,6 +384,17 @@ def test_authPlainMechanismNameIsCaseInsensitive(store, alice):
     assert s.command(f"AUTH plain {plain(ALICE, PASSWORD)}").startswith("+OK")
 
 
+def test_aMechanismNameIsMatchedInASCIIOnly(store, alice):
+    """
+    A letter that Unicode upper-cases to an ASCII one (a long s) names no
+    mechanism: "\u017fcram-sha-256" is not SCRAM-SHA-256.
+    """
+    s = POP3Session(store)
+    reply = s.command("AUTH \u017fcram-sha-256")
+    assert reply.startswith("-ERR unsupported authentication mechanism"), reply
+    assert s.command(f"AUTH plain {plain(ALICE, PASSWORD)}").startswith("+OK")
+
+
 def test_authPlainForgivesSpacesAroundItsArguments(store, alice):
     """
     Extra spaces around the mechanism and the initial response, which

@@ -253,6 +253,16 @@ def test_linesInPiecesBehindAWaitingCommandRunWhole():
     assert all(type(line) is bytes for line in seen)
 
 
+def test_aVerbIsMatchedInASCIIOnly():
+    """
+    A verb with a letter that Unicode upper-cases to an ASCII one (a long
+    s, a dotless i) names no command: "\u017fay" is not SAY.
+    """
+    protocol, transport, _ = connect()
+    protocol.dataReceived("\u017fay hi\r\nsay ok\r\n".encode("utf-8"))
+    assert take(transport) == "bad unknown '\u017fay'\r\nok\r\n".encode("utf-8")
+
+
 def test_aLineSplitAnywhereIsOneLine():
     protocol, transport, _ = connect()
     for piece in (b"S", b"AY sp", b"lit\r", b"\nSAY x\n"):

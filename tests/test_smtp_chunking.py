@@ -316,7 +316,15 @@ def test_aChunkLargerThanTheLimitClosesTheConnectionInAnyState(users, dbpath, st
     assert nothingStored(dbpath)
 
 
-@pytest.mark.parametrize("command", [b"BDAT", b"BDAT x", b"BDAT -5", b"BDAT 5 LASTLY", b"BDAT 5 NOW"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"BDAT", b"BDAT x", b"BDAT -5", b"BDAT 5 LASTLY", b"BDAT 5 NOW",
+        # Lines that begin as BDAT does: a front end on the way may take
+        # them for one and send the chunk after them.
+        b"BDAT\t27", b" BDAT 27", b"bdat\t27 last", b"BDAT 27\x0b", b"BDAT 27 L\xc5\xbfT", b"BDATX 27",
+    ],
+)
 def test_aMalformedBdatClosesTheConnection(users, dbpath, command):
     """
     How many octets follow it is unknown, so nothing after it can be read

@@ -171,7 +171,9 @@ class AuthorizationCommands:
         # the response is still not base64.
         name, _, initial = argument.strip(" ").partition(" ")
         initial = initial.strip(" ")
-        name = name.upper()
+        # Mechanism names are ASCII (RFC 4422): upper-cased over Unicode,
+        # "\u017fCRAM-SHA-256" (a long s) would name SCRAM-SHA-256.
+        name = name.upper() if name.isascii() else name
         mechanism = sasl.create(name)
         if mechanism is None:
             raise CommandError(f"unsupported authentication mechanism {ascii(name[:20])}")

@@ -714,6 +714,11 @@ class CommandSession(Protocol):
         except UnicodeDecodeError:
             return self.syntaxError(self.invalidUTF8)
         verb, _, argument = text.partition(" ")
+        if not verb.isascii():
+            # Upper-cased over Unicode, "MA\u0131L" (a dotless i) or
+            # "R\u017fET" (a long s) would run as MAIL or RSET, where a
+            # filter or proxy on the way sees another command.
+            return self.unknownCommand(verb)
         return self.dispatch(verb.upper(), argument)
 
     def dispatch(self, verb, argument):

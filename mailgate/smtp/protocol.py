@@ -48,6 +48,10 @@ from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
+#: What a well-formed BDAT line can hold: a line that begins like one and
+#: holds anything else (a tab, a control, a non-ASCII octet) is taken for
+#: a malformed BDAT, not for a command of no name.
+_BDAT_LINE = re.compile(rb"BDAT [\x20-\x7e]*", re.IGNORECASE)
 
 # Why a RCPT was refused, by the refusal's enhanced code, for its log line.
 _RCPT_REASONS = {
@@ -825,6 +829,29 @@ class SMTPServer(CommandSession):
 
     # -- CHUNKING (RFC 3030) ----------------------------------------------
 
+    def lineReceived(self, line):
+        """
+        A line that begins as BDAT does (spaces before it, a tab after it,
+        a control or non-ASCII octet in it) is a malformed BDAT, and ends
+        the session as one does: answered as a command of no name, the
+        chunk's octets after it would run as commands, where a front end
+        on the way that took the line for BDAT sends them as a message.
+        """
+        if line.lstrip(b" \t")[:4].upper() == b"BDAT" and not _BDAT_LINE.fullmatch(line):
+            return self._badBDAT()
+        return super().lineReceived(line)
+
+    def _badBDAT(self):
+        # How many octets follow is unknown: none of them can be read as a
+        # command, so the session cannot go on.
+        self.logInfo(
+            f"{self.protocolName}.bad_bdat",
+            f"{self.protocolName} malformed BDAT command peer={self.peerText}: 501 5.5.4, closing",
+        )
+        self._reply(501, "5.5.4", "syntax: BDAT chunk-size [LAST]; closing connection")
+        self.close()
+        return None
+
     def smtp_BDAT(self, argument):
         """
         A chunk of the message: its octets follow the command line, exactly
@@ -836,15 +863,7 @@ class SMTPServer(CommandSession):
         try:
             size, last = parseBDAT(argument)
         except BDATSyntaxError:
-            # How many octets follow is unknown: none of them can be read
-            # as a command, so the session cannot go on.
-            self.logInfo(
-                f"{self.protocolName}.bad_bdat",
-                f"{self.protocolName} malformed BDAT command peer={self.peerText}: 501 5.5.4, closing",
-            )
-            self._reply(501, "5.5.4", "syntax: BDAT chunk-size [LAST]; closing connection")
-            self.close()
-            return None
+            return self._badBDAT()
         envelope = self._envelope
         if size > self.maxMessageSize:
             # Refused before a single octet, whatever the transaction's
