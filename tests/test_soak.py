@@ -67,7 +67,7 @@ _TRACE = re.compile(
 )
 _MESSAGE_ID = re.compile(rb"^Message-ID: <([^>\r\n]+)>\r$", re.M | re.I)
 _CHECKSUM = re.compile(rb"\r\nSHA256=([0-9a-f]{64})\r\n\Z")
-_LMTP_DELIVERED = re.compile(r"<([^>]+)> delivered as (\S+)")
+_LMTP_DELIVERED = re.compile(r"<([^>]+)> (?:already )?delivered as (\S+)")
 _BAD_LOG_LINE = re.compile(
     r"^.*(?:Traceback \(most recent call last\)|Unhandled|#critical\]|#error\]).*$", re.M
 )
@@ -88,6 +88,9 @@ class Record:
         LMTP reply showed it.
     @ivar sizes: (address, unique id) -> octets, as LIST showed them.
     @ivar kicks: (address, start, end, exit status).
+    @ivar retries: messages that may be sent again (as an MTA retries
+        one whose reply it did not get), by protocol (LMTP or not): their
+        Message-ID and recipients.
     @ivar violations: what broke, as text.
     """
 
@@ -102,6 +105,7 @@ class Record:
         self.kicks = []
         self.violations = []
         self.counts = Counter()
+        self.retries = {False: [], True: []}
         self._next = 0
 
     def messageId(self):
@@ -118,8 +122,15 @@ class Record:
             self.counts[what] += n
 
     def outcome(self, msgid, address, state, detail=""):
+        """
+        What a client was told of a copy.  A copy once accepted stays
+        accepted, from the first 250: what a retry of it is told does not
+        change that.
+        """
         with self.lock:
-            self.outcomes[(msgid, address)] = [state, time.monotonic(), detail]
+            known = self.outcomes.get((msgid, address))
+            if known is None or known[0] != "accepted":
+                self.outcomes[(msgid, address)] = [state, time.monotonic(), detail]
 
     def identify(self, address, uid, msgid, where):
         """
@@ -263,11 +274,20 @@ class Sender:
         One message; False once the connection is no longer usable.
         """
         rnd, record = self.rnd, self.record
-        recipients = rnd.sample(sorted(USERS), rnd.choice((1, 1, 2)))
-        msgid = record.messageId()
-        message = makeMessage(rnd, msgid, recipients)
-        with record.lock:
-            record.sent[msgid] = message
+        earlier = record.retries[self.lmtp]
+        retry = bool(earlier) and rnd.random() < 0.05
+        if retry:
+            # The same octets from the same sender by the same protocol to
+            # the same recipients: answered 250 again, stored once.
+            with record.lock:
+                msgid, recipients = rnd.choice(earlier)
+                message = record.sent[msgid]
+        else:
+            recipients = rnd.sample(sorted(USERS), rnd.choice((1, 1, 2)))
+            msgid = record.messageId()
+            message = makeMessage(rnd, msgid, recipients)
+            with record.lock:
+                record.sent[msgid] = message
         code, reply = client.mail(SENDER, ["BODY=8BITMIME"])
         if code != 250:
             record.violation(f"{self.name}: MAIL: {code} {reply!r}")
@@ -284,8 +304,8 @@ class Sender:
             client.rset()
             return True
         mode = rnd.choice(("data", "bdat"))
-        abort = rnd.random() < 0.05
-        record.count(f"{'lmtp' if self.lmtp else 'smtp'} {mode}{' aborted' if abort else ''}")
+        abort = not retry and rnd.random() < 0.05
+        record.count(f"{'lmtp' if self.lmtp else 'smtp'} {mode}{' aborted' if abort else ''}{' retry' if retry else ''}")
         if abort:
             for address in accepted:
                 record.outcome(msgid, address, "aborted")
@@ -302,6 +322,9 @@ class Sender:
             return False
         for address in accepted:
             record.outcome(msgid, address, "unknown")
+        if not retry and accepted == recipients:
+            with record.lock:
+                record.retries[self.lmtp].append((msgid, recipients))
         try:
             if mode == "data":
                 code, reply = client.docmd("DATA")
