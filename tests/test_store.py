@@ -1904,3 +1904,45 @@ def test_theWritesThatUpdateMailboxesSayWhose(store):
         spool.close()
     finally:
         store.engine.rollback(store.database.connection)
+
+
+def test_aWriteOfItsOwnTransactionLocksItsMailboxesFirstToo(postgresURL):
+    """
+    A write run as a transaction of its own (the admin command's, e.g.
+    C{mailgate deliver} to two users, whose counter update locks the rows
+    in the order the plan finds them; or a batch's write run again alone)
+    locks the rows it declares before it runs, in the same order as a
+    node's batch: seen from another connection, Bob's row is locked while
+    the write has not touched it yet.
+    """
+    import psycopg
+
+    from test_duplicates import _watcher
+
+    from mailgate.store.database import runTransaction, updatesMailboxes
+
+    node = memoryStore(postgresURL)
+    engine = node.engine
+    conn = engine.connect()
+    try:
+        for address in (ALICE, BOB):
+            addUser(node, address, "secret")
+        ids = [query(node, "SELECT user_id FROM users WHERE address = ?", (a,))[0][0] for a in (ALICE, BOB)]
+        seen = []
+
+        with _watcher(postgresURL) as watcher:
+
+            @updatesMailboxes(lambda cursor: ids)
+            def write(cursor):
+                try:
+                    watcher.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE NOWAIT", (ids[1],))
+                    seen.append("free")
+                except psycopg.errors.LockNotAvailable:
+                    seen.append("locked")
+                cursor.execute("UPDATE mailboxes SET used_messages = used_messages WHERE user_id = ?", (ids[0],))
+
+            runTransaction(engine, conn, write, (), {}, True)
+        assert seen == ["locked"]
+    finally:
+        conn.close()
+        node.close()

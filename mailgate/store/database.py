@@ -128,6 +128,8 @@ def runTransaction(engine, conn, function, args, kwargs, write):
         try:
             cursor = engine.begin(conn, write)
             try:
+                if write:
+                    engine.lockMailboxes(cursor, _mailboxesOf(cursor, [(function, args, kwargs)]))
                 result = function(cursor, *args, **kwargs)
             except BaseException:
                 _rollbackQuietly(engine, conn)
