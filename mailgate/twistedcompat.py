@@ -9,6 +9,8 @@ so that a Twisted upgrade that changes them fails a test rather than mail
 delivery.
 """
 
+import weakref
+
 from twisted.internet import main, tcp
 from twisted.python import failure
 
@@ -136,10 +138,18 @@ def _after(pieces, sent):
     return b""
 
 
-def closeWhenWritten(transport):
+#: Seconds a closing connection may go without its client taking any of the
+#: octets still waiting for it (L{closeWhenWritten}) before it is aborted:
+#: the longest of the sessions' idle timeouts (POP3's autologout), so that
+#: no client an open session would have waited for is cut.
+DRAIN_TIMEOUT = 600.0
+
+
+def closeWhenWritten(transport, timeout=DRAIN_TIMEOUT):
     """
     C{transport.loseConnection()}, without a trip through the reactor's
-    write readiness when nothing is left to write.
+    write readiness when nothing is left to write, and bounded when
+    something is.
 
     Twisted's C{loseConnection} always waits for the socket to be writable
     (an C{epoll_ctl} to stop reading, another to watch for writing, a turn
@@ -155,19 +165,33 @@ def closeWhenWritten(transport):
     C{loseConnection}.  Anything else (another kind of transport, TLS by
     Twisted, octets waiting) takes Twisted's own C{loseConnection}.
 
-    Relies on C{tcp.Connection}'s private C{dataBuffer}, C{_tempDataBuffer}
-    and C{_writeDisconnected} (as L{sendNow}), and on its C{disconnecting}
-    flag, which makes its C{write} keep octets for a close under way.
+    Twisted's C{loseConnection} waits for its buffer to empty however long
+    that takes, and the session's idle timer has stopped: a client that
+    sent QUIT (or half-closed) behind replies it never reads held its
+    connection, its descriptor, its place in the connection limits and
+    the octets waiting for it for ever.  So while octets wait, a client
+    that takes none of them for C{timeout} seconds has its connection
+    aborted (L{_abortIfStalled}); one that reads, however slowly, is
+    waited for.
+
+    Relies on C{tcp.Connection}'s private C{dataBuffer}, C{offset},
+    C{_tempDataBuffer}, C{_tempDataLen} and C{_writeDisconnected} (as
+    L{sendNow}), and on its C{disconnecting} flag, which makes its C{write}
+    keep octets for a close under way.
+
+    @param timeout: seconds without progress before the abort.
     """
     if _nothingQueued(transport) and transport.producer is None:
         transport.stopReading()
         transport.disconnecting = 1
-        transport.reactor.callLater(0, _closeIdle, transport)
+        transport.reactor.callLater(0, _closeIdle, transport, timeout)
         return
     transport.loseConnection()
+    # Behind a PROXY-header wrapper, the connection beneath is watched.
+    _watchDrain(getattr(transport, "relayedTransport", transport), timeout)
 
 
-def _closeIdle(transport):
+def _closeIdle(transport, timeout):
     """
     The second half of L{closeWhenWritten}, a turn of the reactor later.
     """
@@ -178,8 +202,43 @@ def _closeIdle(transport):
         # Written to since: Twisted's own write path sends it, then closes
         # (C{disconnecting} is set).
         transport.startWriting()
+        _watchDrain(transport, timeout)
         return
     transport.connectionLost(failure.Failure(main.CONNECTION_DONE))
+
+
+def _watchDrain(transport, timeout):
+    """
+    Check the closing C{transport} every C{timeout} seconds until it is
+    gone (L{_abortIfStalled}); nothing for other kinds of transport (a TLS
+    layer closes the connection beneath it with L{closeWhenWritten}).
+    """
+    if isinstance(transport, tcp.Connection) and transport.connected:
+        # A weak reference: a connection that closes meanwhile is freed
+        # then, with what was left in its buffer, not when the check is due.
+        transport.reactor.callLater(timeout, _abortIfStalled, weakref.ref(transport), timeout, _waiting(transport))
+
+
+def _abortIfStalled(reference, timeout, waitingBefore):
+    """
+    Abort the closing connection if its client has taken nothing of what
+    waited for it C{timeout} seconds ago; else check again later.
+    """
+    transport = reference()
+    if transport is None or not transport.connected:
+        return
+    waiting = _waiting(transport)
+    if waiting >= waitingBefore:
+        transport.abortConnection()
+        return
+    transport.reactor.callLater(timeout, _abortIfStalled, reference, timeout, waiting)
+
+
+def _waiting(transport):
+    """
+    The octets still waiting in C{transport}'s buffers.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def raiseListenErrorsAtOnce(service):

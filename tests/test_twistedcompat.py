@@ -20,7 +20,7 @@ import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, epollreactor, main
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactor
@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.twistedcompat import (
+    DRAIN_TIMEOUT,
     closeWhenWritten,
     leanEventDispatch,
     raiseListenErrorsAtOnce,
@@ -294,11 +295,129 @@ def test_queuedOctetsTakeTwistedsOwnClose(tcpConnection):
     transport.write(b"queued\r\n")
     closeWhenWritten(transport)
     assert transport.disconnecting and transport in reactor.writers
-    assert reactor.clock.getDelayedCalls() == []
+    # Only the check that the client takes what waits (see below).
+    [check] = reactor.clock.getDelayedCalls()
+    assert check.getTime() == DRAIN_TIMEOUT
     assert transport.doWrite() is main.CONNECTION_DONE
     transport.connectionLost(Failure(main.CONNECTION_DONE))
     assert _endOfStream(tcpConnection.client) == b"queued\r\n"
     assert lost[0].check(ConnectionDone)
+
+
+def _stalled(tcpConnection):
+    """
+    Octets waiting in the transport for a client that reads nothing: the
+    socket's buffers are full, and what was left is in C{dataBuffer}.
+    """
+    transport = tcpConnection.transport
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport.write(b"x" * (4 << 20))
+    transport.doWrite()
+    assert transport.dataBuffer
+    return transport
+
+
+def test_aClientThatReadsNothingMoreIsNotWaitedForForEver(tcpConnection):
+    """
+    A close with octets waiting for a client that takes none of them (it
+    sent QUIT behind replies it never reads): Twisted's loseConnection
+    would wait for ever, holding the descriptor and the octets, with the
+    session's idle timer stopped; the connection is aborted once the
+    client has taken nothing for C{timeout} seconds.
+    """
+    reactor = tcpConnection.reactor
+    transport = _stalled(tcpConnection)
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport, timeout=30)
+    reactor.clock.advance(29)
+    assert lost == [] and transport.connected
+    reactor.clock.advance(1)
+    reactor.clock.advance(0)
+    [reason] = lost
+    assert reason.check(ConnectionAborted)
+    assert reactor.clock.getDelayedCalls() == []
+
+
+def test_aClientThatReadsSlowlyIsWaitedFor(tcpConnection):
+    """
+    A client that takes some of what waits between two checks is waited
+    for, however long it takes; once it stops, it gets C{timeout} seconds
+    more.
+    """
+    reactor, client = tcpConnection.reactor, tcpConnection.client
+    transport = _stalled(tcpConnection)
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport, timeout=30)
+    for _ in range(3):
+        reactor.clock.advance(20)
+        client.recv(1 << 20)
+        transport.doWrite()
+        reactor.clock.advance(10)
+        assert lost == [] and transport.connected
+    reactor.clock.advance(30)
+    reactor.clock.advance(0)
+    [reason] = lost
+    assert reason.check(ConnectionAborted)
+
+
+def test_writtenAfterAnIdleCloseIsBoundedToo(tcpConnection):
+    """
+    Octets written between an idle close and the reactor's next turn go
+    Twisted's way (above), under the same bound.
+    """
+    reactor = tcpConnection.reactor
+    transport = tcpConnection.transport
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport, timeout=30)
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport.write(b"x" * (4 << 20))
+    transport.doWrite()
+    reactor.clock.advance(0)
+    assert lost == [] and transport.dataBuffer and transport in reactor.writers
+    reactor.clock.advance(30)
+    reactor.clock.advance(0)
+    [reason] = lost
+    assert reason.check(ConnectionAborted)
+
+
+def test_theConnectionBeneathAPROXYHeaderWrapperIsWatched(tcpConnection):
+    """
+    Closed through a PROXY-header wrapper (which relays writes and the
+    close to the connection beneath), the connection beneath is bounded.
+    """
+    reactor = tcpConnection.reactor
+    transport = _stalled(tcpConnection)
+    lost = _recordLoss(tcpConnection)
+
+    class Wrapper:
+        relayedTransport = transport
+
+        def loseConnection(self):
+            transport.loseConnection()
+
+    closeWhenWritten(Wrapper(), timeout=30)
+    assert transport.disconnecting
+    reactor.clock.advance(30)
+    reactor.clock.advance(0)
+    [reason] = lost
+    assert reason.check(ConnectionAborted)
+
+
+def test_aConnectionClosedMeanwhileIsNotKeptForItsCheck(tcpConnection):
+    """
+    The pending check holds the connection weakly (a connection that is
+    gone is freed then, with what was left in its buffer, not when the
+    check is due), and finds nothing to do once it is gone.
+    """
+    reactor = tcpConnection.reactor
+    transport = _stalled(tcpConnection)
+    lost = _recordLoss(tcpConnection)
+    closeWhenWritten(transport, timeout=30)
+    [check] = reactor.clock.getDelayedCalls()
+    assert not [argument for argument in check.args if argument is transport]
+    transport.connectionLost(Failure(main.CONNECTION_LOST))
+    reactor.clock.advance(30)
+    assert len(lost) == 1 and reactor.clock.getDelayedCalls() == []
 
 
 def test_aConnectionAbortedMeanwhileIsNotClosedTwice(tcpConnection):
