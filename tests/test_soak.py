@@ -61,6 +61,11 @@ SETTLE_SECONDS = 8.0
 DOMAIN = "example.org"
 USERS = {f"user{i}@{DOMAIN}": f"password {i}" for i in range(4)}
 SENDER = "sender@example.net"
+#: One user is given a quota her mail reaches in the first seconds (and
+#: one message in twenty exceeds on its own): her deliveries race for the
+#: room her POP3 sessions make, on both nodes.
+FULL = f"user3@{DOMAIN}"
+QUOTA = 40_000
 
 _TRACE = re.compile(
     rb"Return-Path: <[^\r\n]*>\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"
@@ -212,6 +217,13 @@ def checkRetrieved(record, address, data, where):
 # -- senders -----------------------------------------------------------------
 
 
+def _full(address, code, reply):
+    """
+    Whether a refusal is the quota's, for the user who has one.
+    """
+    return address == FULL and code == 452 and b"4.2.2 " in reply and b"mailbox full" in reply
+
+
 def stuffed(message):
     return re.sub(rb"(?m)^\.", b"..", message) + b".\r\n"
 
@@ -299,7 +311,10 @@ class Sender:
                 accepted.append(address)
             else:
                 record.outcome(msgid, address, "refused", f"RCPT {code} {reply!r}")
-                record.violation(f"{self.name}: RCPT {address}: {code} {reply!r}")
+                if _full(address, code, reply):
+                    record.count("quota: refused at RCPT")
+                else:
+                    record.violation(f"{self.name}: RCPT {address}: {code} {reply!r}")
         if not accepted:
             client.rset()
             return True
@@ -352,14 +367,19 @@ class Sender:
                     match = _LMTP_DELIVERED.search(text)
                     if code != 250 or not match or match.group(1) != address:
                         record.outcome(msgid, address, "refused", f"{code} {text}")
-                        record.violation(f"{self.name}: end of data for {address}: {code} {text}")
+                        if _full(address, code, reply):
+                            record.count("quota: refused at the end of data")
+                        else:
+                            record.violation(f"{self.name}: end of data for {address}: {code} {text}")
                         continue
                     record.identify(address, match.group(2), msgid, f"the LMTP reply to {self.name}")
                     record.outcome(msgid, address, "accepted")
                 else:
                     for each in accepted:
                         record.outcome(msgid, each, "accepted" if code == 250 else "refused", f"{code} {text}")
-                    if code != 250:
+                    if code != 250 and FULL in accepted and _full(FULL, code, reply):
+                        record.count("quota: refused at the end of data")
+                    elif code != 250:
                         record.violation(f"{self.name}: end of data: {code} {text}")
         except (OSError, smtplib.SMTPServerDisconnected) as e:
             # What was not answered stays "unknown": stored or not.
@@ -440,6 +460,8 @@ class Reader:
             record.violation(f"{address}: one UIDL listing shows a unique id twice: {uidl}")
         if sum(sizes.values()) != octets:
             record.violation(f"{address}: STAT says {octets} octets, LIST adds up to {sum(sizes.values())}")
+        if address == FULL and octets > QUOTA:
+            record.violation(f"{address}: a session on {self.name} finds {octets} octets, over her quota of {QUOTA}")
         for n, uid in uidl.items():
             record.listed(address, uid, sizes.get(n), f"in a session on {self.name}")
         identified = {}
@@ -681,6 +703,8 @@ def checkUse(record, cli, held, keepsDeleted):
                 record.violation(f"{address}: {uid} is kept as deleted, but no QUIT was sent for it")
         listing = rows("mailbox", "list", address)
         listed = (len(listing), sum(r["octets"] for r in listing))
+        if address == FULL and (users[address]["quota_octets"] != QUOTA or listed[1] > QUOTA):
+            record.violation(f"{address}: {listed[1]} octets at the end, quota {users[address]['quota_octets']}")
         kept = (users[address]["messages"], users[address]["octets"])
         if kept != listed:
             record.violation(f"{address}: user list says {kept} (messages, octets), mailbox list {listed}")
@@ -721,6 +745,7 @@ def test_soak(mailgate_server, mailgate_cli, databaseURL):
     record = Record(seed)
     for address, password in USERS.items():
         mailgate_cli.addUser(address, password)
+    mailgate_cli.check("user", "quota", FULL, str(QUOTA))
     # Two nodes on PostgreSQL, keeping deleted mail (the QUITs' other
     # write); one on SQLite, removing it.
     keepsDeleted = mailgate_server.backend == "postgres"
