@@ -395,6 +395,15 @@ class Sender:
 _KICKED = b"session ended by the administrator"
 
 
+def _reply(error):
+    """
+    The server's line a poplib error carries (bytes), or poplib's own
+    words (a str: "-ERR EOF" for a connection closed).
+    """
+    reply = error.args[0]
+    return reply if isinstance(reply, bytes) else reply.encode()
+
+
 class Reader:
     """
     One POP3 client thread: sessions of random users on one node.  In each
@@ -428,7 +437,7 @@ class Reader:
             try:
                 client.pass_(USERS[address])
             except poplib.error_proto as e:
-                reply = e.args[0]
+                reply = _reply(e)
                 if reply.startswith(b"-ERR [IN-USE]"):
                     record.count("pop3 in use")
                 else:
@@ -440,7 +449,7 @@ class Reader:
                 record.sessions.append(session)
             self.work(client, address, session)
         except poplib.error_proto as e:
-            session["end"] = "kicked" if _KICKED in e.args[0] else f"error {e.args[0]!r}"
+            session["end"] = "kicked" if _KICKED in _reply(e) else f"error {_reply(e)!r}"
             session["ended"] = time.monotonic()
         except OSError as e:
             session["end"] = f"error {e!r}"
@@ -498,7 +507,7 @@ class Reader:
         try:
             reply = client.quit()
         except poplib.error_proto as e:
-            reply = e.args[0]
+            reply = _reply(e)
         except OSError as e:
             reply = repr(e).encode()
         session["ended"] = time.monotonic()
@@ -551,7 +560,7 @@ def finalSweep(record, servers):
                 client.pass_(USERS[address])
             except poplib.error_proto as e:
                 client.close()
-                if e.args[0].startswith(b"-ERR [IN-USE]"):
+                if _reply(e).startswith(b"-ERR [IN-USE]"):
                     return None
                 raise
             return client
