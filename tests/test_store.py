@@ -1896,11 +1896,14 @@ def test_theWritesThatUpdateMailboxesSayWhose(store):
             (Guarded(lambda cursor: True, _keepDeleted), (102, [1], 0, None), {}),
             (Guarded(lambda cursor: True, removeMessages), (103, [1]), {}),
             (_sync, ((1, "node", 0, "{}"), 0, [], [], None, [(104, 5)]), {}),
+            (_sync, ((1, "node", 0, "{}"), 0, [], [], None), {"logins": [(107, 5)]}),
+            (_sync, ((1, "node", 0, "{}"), 0, [], [], None), {}),
             (_leave, (1, [(105, 5)]), {}),
+            (_leave, (1,), {}),
             (_recordLogin, (106, 0, 0), {}),
             (lambda cursor: None, (), {}),
         ]
-        assert _mailboxesOf(cursor, batch) == {alice, bob, 101, 102, 103, 104, 105, 106}
+        assert _mailboxesOf(cursor, batch) == {alice, bob, 101, 102, 103, 104, 105, 106, 107}
         spool.close()
     finally:
         store.engine.rollback(store.database.connection)

@@ -518,7 +518,7 @@ def _purgeDeleted(cursor, before, limit):
     return removed
 
 
-@updatesMailboxes(lambda cursor, userId, uids, now, peer: (userId,))
+@updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
 def _keepDeleted(cursor, userId, uids, now, peer):
     """
     The UPDATE state of a POP3 session where deleted mail is kept: the

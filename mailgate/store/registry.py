@@ -214,7 +214,21 @@ def _otherSettings(cursor, engine, now, exceptNode):
 # -- interactions ----------------------------------------------------------------
 
 
-@updatesMailboxes(lambda cursor, node, now, added, removed, forgetBefore, logins=(): [u for u, _ in logins])
+def _loggedIn(position):
+    """
+    The users whose last logins a registry write records (for
+    L{updatesMailboxes}): its C{logins} argument, passed by name or as the
+    argument at C{position}.
+    """
+
+    def users(cursor, *args, **kwargs):
+        logins = kwargs["logins"] if "logins" in kwargs else args[position] if len(args) > position else ()
+        return [userId for userId, _ in logins]
+
+    return users
+
+
+@updatesMailboxes(_loggedIn(5))
 def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
     """
     One write of a node's registry: its heartbeat (and the settings it
@@ -269,7 +283,7 @@ def _recordLastLogins(cursor, logins):
         )
 
 
-@updatesMailboxes(lambda cursor, nodeId, logins=(): [u for u, _ in logins])
+@updatesMailboxes(_loggedIn(1))
 def _leave(cursor, nodeId, logins=()):
     _recordLastLogins(cursor, logins)
     cursor.execute("DELETE FROM pop3_sessions WHERE node_id = ?", (nodeId,))

@@ -41,7 +41,7 @@ def formatUniqueId(uid, uidValidity):
     return f"{uid:08x}{uidValidity:08x}"
 
 
-@updatesMailboxes(lambda cursor, userId, uids: (userId,))
+@updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
 def removeMessages(cursor, userId, uids):
     """
     Delete maildrop entries, give their octets back to the user's quota,

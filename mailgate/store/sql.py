@@ -649,7 +649,7 @@ _deliver = BatchableWrite(
 )
 
 
-@updatesMailboxes(lambda cursor, userId, now, minimumInterval: (userId,))
+@updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
 def _recordLogin(cursor, userId, now, minimumInterval):
     cursor.execute(
         "UPDATE mailboxes SET last_login = ? WHERE user_id = ? "
