@@ -1,10 +1,12 @@
 """
 A bounded soak: real C{twistd mailgate} nodes (two on one PostgreSQL
-database; one on an SQLite file) under concurrent SMTP and LMTP senders
-(DATA and BDAT, some cut off mid-message), POP3 clients on every node
-(RETR, TOP, DELE, then QUIT, RSET and QUIT, or a dropped connection) and
-an administrator kicking sessions, for a few seconds; then, once the load
-stopped, what the clients saw is checked against what the nodes hold.
+database, keeping deleted mail; one on an SQLite file) under concurrent
+SMTP and LMTP senders (DATA and BDAT, some cut off mid-message, some sent
+again as an MTA retries), POP3 clients on every node (RETR, TOP, DELE,
+then QUIT, RSET and QUIT, or a dropped connection) and an administrator
+kicking sessions, for a few seconds, with one user's quota always nearly
+full; then, once the load stopped, what the clients saw is checked
+against what the nodes hold.
 
 Races show as broken invariants rather than as crashes: a message a
 client was told was stored and that is gone, one a confirmed QUIT
