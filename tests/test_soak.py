@@ -95,6 +95,7 @@ class Record:
         LMTP reply showed it.
     @ivar sizes: (address, unique id) -> octets, as LIST showed them.
     @ivar kicks: (address, start, end, exit status).
+    @ivar lingering: slow POP3 client to the user it is logged in as.
     @ivar retries: messages that may be sent again (as an MTA retries
         one whose reply it did not get), by protocol (LMTP or not): their
         Message-ID and recipients.
@@ -113,6 +114,7 @@ class Record:
         self.violations = []
         self.counts = Counter()
         self.retries = {False: [], True: []}
+        self.lingering = {}
         self._next = 0
 
     def messageId(self):
@@ -411,12 +413,14 @@ class Reader:
     One POP3 client thread: sessions of random users on one node.  In each
     it lists, retrieves or reads the header of a few messages (checking
     each), marks some of those it identified, and ends with QUIT, with
-    RSET and QUIT, or by closing its socket.
+    RSET and QUIT, or by closing its socket.  A slow one waits about three
+    seconds before it ends each session.
     """
 
-    def __init__(self, record, server, name, stop):
+    def __init__(self, record, server, name, stop, slow=False):
         self.record = record
         self.server = server
+        self.slow = slow
         self.name = name
         self.stop = stop
         self.rnd = random.Random(f"{record.seed}-{name}")
@@ -496,6 +500,15 @@ class Reader:
         for n in rnd.sample(sorted(identified), rnd.randint(0, len(identified))):
             assert client.dele(n).startswith(b"+OK")
             session["marked"][uidl[n]] = identified[n]
+        if self.slow:
+            # A slow client, which the kicker aims at, to catch it with its
+            # deletions marked: the session shows in the registry within
+            # a second or two, and its node looks for kicks about once a
+            # second.
+            record.lingering[self.name] = address
+            self.stop.wait(rnd.uniform(2.5, 3.5))
+            record.lingering.pop(self.name, None)
+            client.noop()
         ending = rnd.choice(("quit", "quit", "rset", "drop"))
         if ending == "rset":
             assert client.rset().startswith(b"+OK")
@@ -532,9 +545,11 @@ class Reader:
 def kicker(record, cli, stop):
     rnd = random.Random(f"{record.seed}-kicker")
     while not stop.wait(rnd.uniform(0.5, 1.5)):
-        address = rnd.choice(sorted(USERS))
+        # Mostly a user a slow client holds; else anyone.
+        lingering = sorted(record.lingering.values())
+        address = rnd.choice(lingering if lingering and rnd.random() < 0.8 else sorted(USERS))
         start = time.monotonic()
-        code, out, err = cli("kick", address, "--wait", "2")
+        code, out, err = cli("kick", address, "--wait", "5")
         with record.lock:
             record.kicks.append((address, start, time.monotonic(), code))
         if code not in (0, 1):
@@ -778,6 +793,7 @@ def test_soak(mailgate_server, mailgate_cli, databaseURL):
             Sender(record, server, True, f"{name}/lmtp", stop),
             Reader(record, server, f"{name}/pop1", stop),
             Reader(record, server, f"{name}/pop2", stop),
+            Reader(record, server, f"{name}/slow-pop", stop, slow=True),
         ]
         threads += [threading.Thread(target=w.run, name=w.name, daemon=True) for w in workers]
     threads.append(threading.Thread(target=kicker, args=(record, mailgate_cli, stop), daemon=True))
@@ -807,7 +823,8 @@ def test_soak(mailgate_server, mailgate_cli, databaseURL):
 
     summary = (
         f"seed {seed} ({mailgate_server.backend}, {len(servers)} node(s)): "
-        f"{dict(sorted(record.counts.items()))}; "
+        f"{dict(sorted(record.counts.items()))}; POP3 sessions ended: "
+        f"{dict(Counter(str(x['end']).split(':')[0][:20] for x in record.sessions))}; "
         f"{sum(1 for o in record.outcomes.values() if o[0] == 'accepted')} copies accepted, "
         f"{sum(len(m) for m in held.values())} held at the end; "
         f"seconds: {', '.join(f'{name} {t:.1f}' for name, t in phases)}"
