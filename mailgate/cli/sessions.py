@@ -135,7 +135,13 @@ def _kick(store, args, out, stdin):
     deadline = time.monotonic() + wait
     while True:
         if not _result(store.listSessions(address, kicked=True)):
-            out.write(f"ended the POP3 session of {address}; nothing it deleted was removed\n")
+            # Ended by the kick, or by its own QUIT just before its node saw
+            # the mark (then its deletions were made): the registry does not
+            # say which.
+            out.write(
+                f"the POP3 session of {address} has ended; nothing it marked deleted was removed, "
+                "unless it sent QUIT before its node saw the kick\n"
+            )
             return
         if time.monotonic() >= deadline:
             raise CommandError(
