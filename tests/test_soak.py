@@ -242,7 +242,29 @@ def _bdat(client, chunk, last):
     client.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk)
 
 
-class Sender:
+class Client:
+    """
+    One client thread of the load: L{once} again and again until the load
+    stops, with choices of its own (from the seed and its name); anything
+    it raises is a violation, and ends the thread.
+    """
+
+    def __init__(self, record, name, stop):
+        self.record = record
+        self.name = name
+        self.stop = stop
+        self.rnd = random.Random(f"{record.seed}-{name}")
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.once()
+            except Exception as e:  # noqa: BLE001 (recorded: the check decides)
+                self.record.violation(f"{self.name}: {e!r}")
+                return
+
+
+class Sender(Client):
     """
     One SMTP or LMTP client thread: connections of one to three
     transactions each, to one or two random users, by DATA or by BDAT in
@@ -251,20 +273,12 @@ class Sender:
     """
 
     def __init__(self, record, server, lmtp, name, stop):
-        self.record = record
+        super().__init__(record, name, stop)
         self.port = server.portOf("LMTP" if lmtp else "SMTP")
         self.lmtp = lmtp
-        self.name = name
-        self.stop = stop
-        self.rnd = random.Random(f"{record.seed}-{name}")
 
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                self.connection()
-            except Exception as e:  # noqa: BLE001 (recorded: the check decides)
-                self.record.violation(f"{self.name}: {e!r}")
-                return
+    def once(self):
+        self.connection()
 
     def connection(self):
         cls = smtplib.LMTP if self.lmtp else smtplib.SMTP
@@ -408,7 +422,7 @@ def _reply(error):
     return reply if isinstance(reply, bytes) else reply.encode()
 
 
-class Reader:
+class Reader(Client):
     """
     One POP3 client thread: sessions of random users on one node.  In each
     it lists, retrieves or reads the header of a few messages (checking
@@ -418,20 +432,12 @@ class Reader:
     """
 
     def __init__(self, record, server, name, stop, slow=False):
-        self.record = record
+        super().__init__(record, name, stop)
         self.server = server
         self.slow = slow
-        self.name = name
-        self.stop = stop
-        self.rnd = random.Random(f"{record.seed}-{name}")
 
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                self.session(self.rnd.choice(sorted(USERS)))
-            except Exception as e:  # noqa: BLE001
-                self.record.violation(f"{self.name}: {e!r}")
-                return
+    def once(self):
+        self.session(self.rnd.choice(sorted(USERS)))
 
     def session(self, address):
         record = self.record
