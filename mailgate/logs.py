@@ -28,6 +28,7 @@ say they hold a password, secret or credential are never written.
 
 import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -35,7 +36,8 @@ import sys
 import threading
 from time import time as _now
 
-from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
+from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
+from twisted.python.failure import Failure
 
 #: the keys every connection's events carry (the logging contract)
 CONTEXT_KEYS = ("session", "protocol", "peer", "user")
@@ -123,6 +125,67 @@ def emitLine(logger, level, text, fields):
     fields["log_format"] = "{line}"
     fields["log_time"] = _now()
     logger.observer(fields)
+
+
+class StandardLoggingForwarder(logging.Handler):
+    """
+    Records of Python's C{logging} module, as Twisted log events: the
+    libraries mailgate runs on log through it (psycopg warns there when it
+    drops an error while ending a pipeline on a connection PostgreSQL
+    closed).  Left alone, such a record is a bare line on standard error
+    (C{logging.lastResort}), outside mailgate's log file and, under
+    C{--log-format json}, the one line of the stream that is not JSON.
+
+    The event's namespace is the record's logger name (C{psycopg}), its
+    level the record's, its text the record's message; an exception the
+    record carries is the event's failure (a C{traceback} in JSON).
+    Records come from the store's worker threads too: the log observer
+    takes events from any thread (L{LogStream}).
+    """
+
+    _LEVELS = (
+        (logging.CRITICAL, LogLevel.critical),
+        (logging.ERROR, LogLevel.error),
+        (logging.WARNING, LogLevel.warn),
+        (logging.INFO, LogLevel.info),
+    )
+
+    def __init__(self, observer=None, level=logging.WARNING):
+        super().__init__(level)
+        self._observer = observer
+
+    def emit(self, record):
+        try:
+            level = next((ours for theirs, ours in self._LEVELS if record.levelno >= theirs), LogLevel.debug)
+            text = record.getMessage()
+            failure = None
+            if record.exc_info and record.exc_info[1] is not None:
+                failure = Failure(record.exc_info[1], record.exc_info[0], record.exc_info[2])
+            logger = Logger(namespace=record.name, observer=self._observer)
+            if failure is None:
+                logger.emit(level, "{text}", text=text)
+            else:
+                logger.failure("{text}", failure, level, text=text)
+        except Exception:
+            self.handleError(record)
+
+
+def forwardStandardLogging(root=None, observer=None):
+    """
+    Send Python C{logging} records of level WARNING and above into
+    Twisted's log (L{StandardLoggingForwarder}), unless the process has
+    already said where they go: nothing is added when C{root} (the root
+    logger) has a handler of its own.  C{twistd mailgate} calls it; an
+    application embedding mailgate may, or route C{logging} itself.
+
+    @return: the forwarder added, or C{None}.
+    """
+    root = logging.getLogger() if root is None else root
+    if root.handlers:
+        return None
+    forwarder = StandardLoggingForwarder(observer)
+    root.addHandler(forwarder)
+    return forwarder
 
 
 def twistdDestination(twistdOptions):

@@ -262,6 +262,8 @@ def makeService(options):
             service.startupErrors = os.fdopen(os.dup(2), "w")
         except OSError:
             pass
+    # Python logging's records (psycopg's) into the same log, in its format.
+    logs.forwardStandardLogging()
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)
         if destination.path is not None:

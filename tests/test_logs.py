@@ -504,3 +504,64 @@ def test_hangupWithTheLogOnStandardOutputSaysThereIsNothingToReload(mailgate_ser
     server.process.send_signal(signal.SIGUSR1)
     waitFor(lambda: "SIGUSR1: no log file of mailgate's to reopen" in server.stdout, "the SIGUSR1 line")
     poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE).quit()
+
+
+def _forwarded(events):
+    """
+    A logging.Logger of its own (no parent, so no other handler sees its
+    records) whose records are forwarded into C{events}.
+    """
+    import logging
+
+    pythonLogger = logging.Logger("psycopg")
+    forwarder = logs.forwardStandardLogging(logging.Logger("root"), observer=events.append)
+    pythonLogger.addHandler(forwarder)
+    return pythonLogger
+
+
+def test_pythonLoggingRecordsBecomeLogEvents():
+    """
+    A library's warning through Python's logging (psycopg's, when it drops
+    an error ending a pipeline) is an event of mailgate's log: its
+    library's namespace, its level, its message; one JSON line.
+    """
+    events = []
+    _forwarded(events).warning("error ignored terminating %r: %s", "<psycopg.Pipeline [BAD]>", "server closed")
+    [event] = events
+    assert event["log_namespace"] == "psycopg"
+    assert event["log_level"] == LogLevel.warn
+    record = json.loads(logs.eventAsJSONLine(event))
+    assert record["event"] == "psycopg"
+    assert record["level"] == "warn"
+    assert record["text"] == "error ignored terminating '<psycopg.Pipeline [BAD]>': server closed"
+
+
+def test_pythonLoggingExceptionsCarryTheirTraceback():
+    events = []
+    pythonLogger = _forwarded(events)
+    try:
+        raise ConnectionResetError("gone")
+    except ConnectionResetError:
+        pythonLogger.exception("connection lost")
+    [event] = events
+    assert event["log_level"] == LogLevel.error
+    record = logs.eventAsRecord(event)
+    assert record["text"] == "connection lost"
+    assert "ConnectionResetError: gone" in record["traceback"]
+
+
+def test_pythonLoggingIsForwardedOnlyWhereNothingElseHandlesIt():
+    """
+    An application that routes Python's logging itself keeps its routing:
+    a root logger with a handler gets no forwarder.
+    """
+    import logging
+
+    root = logging.Logger("root")
+    root.addHandler(logging.NullHandler())
+    assert logs.forwardStandardLogging(root) is None
+    assert len(root.handlers) == 1
+    bare = logging.Logger("root")
+    assert logs.forwardStandardLogging(bare) is not None
+    assert logs.forwardStandardLogging(bare) is None
+    assert len(bare.handlers) == 1
