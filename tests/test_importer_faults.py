@@ -419,7 +419,8 @@ def test_pop3AListingNumberOfOtherDigitsIsMalformed(store, source):
 def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     """
     C{mailgate import pop3 --max-message-size}: a message above it is
-    reported and left out (the import says it did not complete); with a
+    reported and left out (exit 65, not "run it again": that would leave
+    it out again); with a
     larger limit, the next run imports it; a limit that is no size is a
     usage error.
     """
@@ -431,7 +432,8 @@ def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     store.close()
     command = ["import", "pop3", server.url, ALICE, "--password-stdin", "--max-message-size"]
     code, out, err = cli(url, *command, "1000", stdin=PASSWORD + "\n")
-    assert code == 75, (out, err)
+    # Bad data (65): another run with the same limit leaves it out again.
+    assert code == 65, (out, err)
     assert "message 2 (U2): over 1000 octets, the largest message imported; not imported" in err
     assert out.startswith("1 messages imported")
     code, out, err = cli(url, *command, "1M", stdin=PASSWORD + "\n")
@@ -439,6 +441,37 @@ def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     assert out.startswith("1 messages imported") and "1 skipped as already present" in out
     code, out, err = cli(url, *command, "0", stdin=PASSWORD + "\n")
     assert code == 64 and "bad --max-message-size" in err, (out, err)
+
+
+def test_importCommandSaysWhetherRunningItAgainHelps(source, tmp_path):
+    """
+    C{mailgate import pop3}'s exit status tells a script that retries on
+    75 whether another run can finish the import: a message whose unique
+    id POP3 cannot carry is left out by every run (65, as the README
+    documents for messages an import cannot take); a message the server
+    would not give this time is a temporary failure (75), and the next run
+    brings it in.
+    """
+    from test_importers import cli, target
+
+    server = source(threeMessages(("U1", "bad\x01id", "U3")))
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    command = ["import", "pop3", server.url, ALICE, "--password-stdin"]
+    code, out, err = cli(url, *command, stdin=PASSWORD + "\n")
+    assert code == 65, (out, err)
+    assert "message 2: unique id 'bad\\x01id' is not one POP3 can carry" in err
+    assert err.splitlines()[-1].endswith("for reasons that running it again does not change")
+    server.messages = threeMessages(("U1", "U2", "U3"))
+    server.refused = {2}
+    code, out, err = cli(url, *command, stdin=PASSWORD + "\n")
+    assert code == 75, (out, err)
+    assert "message 2 (U2): 127.0.0.1 refused RETR 2: -ERR cannot read that message; not imported" in err
+    assert err.endswith("did not complete; run it again to finish\n")
+    server.refused = set()
+    code, out, err = cli(url, *command, stdin=PASSWORD + "\n")
+    assert (code, err) == (0, ""), (out, err)
+    assert out.startswith("1 messages imported") and "2 skipped as already present" in out
 
 
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)

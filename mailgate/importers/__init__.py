@@ -96,22 +96,27 @@ class ImportReport:
     @ivar skipped: messages already present (an earlier run imported them).
     @ivar failures: one line per message (or user) that could not be
         imported.
-    @ivar interrupted: whether writing to the store failed, which stopped
-        the import (a temporary failure: running it again finishes it).
+    @ivar temporary: whether some of the failures pass (writing to the
+        store failed, the source's connection broke, the source would not
+        give a message now): running the import again finishes it.  The
+        others (an id POP3 cannot carry, a message too large, another
+        message under its id) come back the same on every run until the
+        administrator does something about them, which the exit status
+        says.
     """
 
     messages = attr.ib(default=0)
     octets = attr.ib(default=0)
     skipped = attr.ib(default=0)
     failures = attr.ib(factory=list)
-    interrupted = attr.ib(default=False)
+    temporary = attr.ib(default=False)
 
     def add(self, other):
         self.messages += other.messages
         self.octets += other.octets
         self.skipped += other.skipped
         self.failures += other.failures
-        self.interrupted = self.interrupted or other.interrupted
+        self.temporary = self.temporary or other.temporary
 
     def summary(self):
         text = f"{self.messages} messages imported ({self.octets} octets), {self.skipped} skipped as already present"

@@ -348,7 +348,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         report.failures.append(
             f"writing to the maildrop of {address} failed: {e}; the batch under way was not imported"
         )
-        report.interrupted = True
+        report.temporary = True
     return report
 
 

@@ -82,6 +82,14 @@ class POP3Refused(POP3Failed):
     """
 
 
+class MalformedResponse(POP3Failed):
+    """
+    The server answered with what POP3 cannot be (a UIDL listing that
+    names a message twice, a status line without end): it will answer so
+    again, so running the import again does not help.
+    """
+
+
 class LoginRefused(POP3Refused):
     """
     The server refused the user name or the password, for good (not with
@@ -324,7 +332,7 @@ class POP3Client:
             if line.endswith(b"\n"):
                 return
             line = self._readline(_MAX_STATUS)
-        raise POP3Failed(f"{self.host} sent a status line of over {_MAX_STATUS * _MAX_STATUS_READS} octets")
+        raise MalformedResponse(f"{self.host} sent a status line of over {_MAX_STATUS * _MAX_STATUS_READS} octets")
 
     def command(self, line, what=None):
         self._send(line)
@@ -467,13 +475,13 @@ class POP3Client:
         for line in list(self._lines()):
             number, *rest = line.decode("utf-8", "replace").split(None, 1) or [""]
             if not _LISTED_NUMBER.fullmatch(number):
-                raise POP3Failed(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
+                raise MalformedResponse(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
             number = int(number)
             uidl = rest[0] if rest else ""
             if number in numbers:
                 # Which of its ids would be the message's?  Importing it
                 # under both would store it twice.
-                raise POP3Failed(f"{self.host} sent a malformed UIDL listing: message {number} twice")
+                raise MalformedResponse(f"{self.host} sent a malformed UIDL listing: message {number} twice")
             numbers.add(number)
             found.append((number, uidl.strip(_SPACES)))
         return found
@@ -616,13 +624,17 @@ def importPOP3(
         except NoUniqueIds:
             raise
         except MailgateError as e:
+            # The connection broke, the store failed: the next run goes on
+            # from there.  A malformed answer would be given again.
             report.failures.append(str(e))
+            report.temporary = report.temporary or not isinstance(e, MalformedResponse)
         try:
             # With --delete, the server removes the messages marked now.
             client.quit()
         except POP3Failed as e:
             if delete:
                 report.failures.append(f"{e}; nothing was deleted from the source")
+                report.temporary = True
     finally:
         client.close()
     return report
@@ -691,6 +703,9 @@ def _fetch(client, writer, number, uidl, listedSize, now, maxSize, report):
         source = client.retrieve(number, listedSize, maxSize)
     except (POP3Refused, TooLarge) as e:
         report.failures.append(f"message {number} ({uidl}): {e}; not imported")
+        # A refusal may pass (a message another session holds, a storage
+        # error); a size does not.
+        report.temporary = report.temporary or isinstance(e, POP3Refused)
         return
     writer.add(uidl, source, now, f"message {number}")
 
