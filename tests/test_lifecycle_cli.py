@@ -168,6 +168,29 @@ def test_mailboxRestoreUnknownId(cli, store):
     assert cli("mailbox", "deleted", "nobody@example.org").code == 67
 
 
+def test_mailboxRestoreOfAnIdThatIsNotUTF8(cli, store):
+    """
+    A unique id whose octets are not UTF-8 (Python's argv gives them as
+    lone surrogates) is no kept message's: the others named are restored
+    and it is reported like any id not kept, not as an internal error
+    from the database driver; given alone, it restores nothing (not
+    every kept message, as no id at all would).
+    """
+    for n in range(2):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    ids = keptDeleted(store, ALICE, "wonderland", 1, 2)
+    result = cli("mailbox", "restore", ALICE, "\udcff\udcfe")
+    assert (result.code, result.out) == (65, f"0 messages restored to {ALICE}\n"), result
+    assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: \\xff\\xfe\n"
+    assert len(resultOf(store.listDeleted(ALICE))) == 2
+
+    result = cli("mailbox", "restore", ALICE, ids[1], "x\udcff")
+    assert result.code == 65, result
+    assert result.out == f"restored {ids[1]}\n1 messages restored to {ALICE}\n"
+    assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: x\\xff\n"
+    assert cli("mailbox", "restore", "nobody@example.org", "\udcff").code == 67
+
+
 # -- user rename, mailbox expunge, who, kick --------------------------------------------
 
 

@@ -17,6 +17,7 @@ from mailgate.cli.common import (
     EX_USAGE,
     _address,
     _dayCount,
+    _existingUser,
     _forUser,
     _inSession,
     _jsonLines,
@@ -106,12 +107,42 @@ def _parseTime(text, now):
         )
 
 
+def _storable(text):
+    """
+    Whether a unique id given on the command line can be one the database
+    keeps: octets that are not UTF-8 (read as lone surrogates) never are,
+    and the database driver would refuse them with an encoding error.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shownArgument(text):
+    """
+    An argument as the command line gave it, its octets that are not
+    UTF-8 as C{\\xNN}: printable in a one-line error whatever they were.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _mailboxRestore(store, args, out, stdin):
     address = _address(args.address)
     since = None if args.since is None else _parseTime(args.since, time.time())
-    restored, missing = _forUser(
-        address, store.restoreDeleted(address, args.uidls or None, since=since, asNew=args.as_new)
-    )
+    uidls = [uidl for uidl in args.uidls if _storable(uidl)]
+    unstorable = [_shownArgument(uidl) for uidl in args.uidls if not _storable(uidl)]
+    if args.uidls and not uidls:
+        # Only ids no message can have: nothing to restore (and not
+        # None, which would restore every kept message).
+        _existingUser(store, address)
+        restored, missing = [], []
+    else:
+        restored, missing = _forUser(
+            address, store.restoreDeleted(address, uidls or None, since=since, asNew=args.as_new)
+        )
+    missing = unstorable + missing
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
     out.write(f"{len(restored)} messages restored to {address}\n")
