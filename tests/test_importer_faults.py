@@ -160,6 +160,14 @@ def test_aFileRenamedBeforeItIsOpenedIsFoundAgain(store, tmp_path, monkeypatch):
         (b"3 V99999999999999999999 N3\n1 :%s\n", "uidvalidity '99999999999999999999'"),
         (b"3 V1 N3\n1 Oabc :%s\n", "POP3 order 'abc'"),
         (b"3 V1 N3\n0 :%s\n", "uid '0'"),
+        # What is missing is named, not a Python error ("'N'", "list index
+        # out of range", "invalid literal for int()").
+        (b"3 V1\n1 :%s\n", "line 1: the header has no next uid (N field)"),
+        (b"3 N3\n1 :%s\n", "line 1: the header has no uidvalidity (V field)"),
+        (b"1 1234\n1 %s\n", "line 1: a version 1 header is 1 <uidvalidity> <next uid>"),
+        (b"\n1 :%s\n", "line 1: no version number"),
+        (b"three V1 N3\n1 :%s\n", "line 1: no version number"),
+        (b"1 1 3\n1%s\n", "line 2: no file name"),
     ],
 )
 def test_malformedUidListsAreRefused(store, tmp_path, uidList, why):

@@ -110,19 +110,15 @@ def readUidList(path):
         raise ImportFailed(f"{path} is empty")
     header = lines[0].split()
     try:
+        uidList = _header(header, path)
         version = int(header[0])
-        if version == 1:
-            uidList = UidList(_number(header[1], "uidvalidity"), _number(header[2], "next uid"))
-        elif version == 3:
-            fields = {item[0]: item[1:] for item in header[1:] if item}
-            uidList = UidList(_number(fields["V"], "uidvalidity"), _number(fields["N"], "next uid"), fields.get("G"))
-        else:
-            raise ImportFailed(f"{path}: unknown dovecot-uidlist version {version}")
         for number, line in enumerate(lines[1:], 2):
             if not line.strip():
                 continue
             if version == 1:
-                uid, filename = line.split(" ", 1)
+                uid, separator, filename = line.partition(" ")
+                if not separator:
+                    raise ValueError(f"line {number}: no file name")
                 fields = {}
             else:
                 before, separator, filename = line.partition(" :")
@@ -135,9 +131,34 @@ def readUidList(path):
                 _number(fields["O"], f"line {number}: POP3 order", lowest=0)
             record = Record(_number(uid, f"line {number}: uid"), filename, fields)
             uidList.records[baseName(filename)] = record
-    except (IndexError, KeyError, ValueError) as e:
+    except ValueError as e:
         raise ImportFailed(f"{path}: not a dovecot-uidlist Dovecot wrote: {e}") from None
     return uidList
+
+
+def _header(words, path):
+    """
+    The L{UidList} a C{dovecot-uidlist}'s first line (split in words)
+    begins: C{1 <uidvalidity> <next uid>}, or C{3} and fields, of which
+    C{V} (uidvalidity) and C{N} (next uid) must be there.
+
+    @raise ImportFailed: for another version.
+    @raise ValueError: saying what is wrong with the line.
+    """
+    if not words or not words[0].isascii() or not words[0].isdigit():
+        raise ValueError("line 1: no version number (a dovecot-uidlist begins with 1 or 3)")
+    version = int(words[0])
+    if version == 1:
+        if len(words) < 3:
+            raise ValueError("line 1: a version 1 header is 1 <uidvalidity> <next uid>")
+        return UidList(_number(words[1], "uidvalidity"), _number(words[2], "next uid"))
+    if version == 3:
+        fields = {item[0]: item[1:] for item in words[1:]}
+        for key, what in (("V", "uidvalidity"), ("N", "next uid")):
+            if key not in fields:
+                raise ValueError(f"line 1: the header has no {what} ({key} field)")
+        return UidList(_number(fields["V"], "uidvalidity"), _number(fields["N"], "next uid"), fields.get("G"))
+    raise ImportFailed(f"{path}: unknown dovecot-uidlist version {version}")
 
 
 def _leadingNumber(name):
