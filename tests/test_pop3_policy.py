@@ -140,6 +140,57 @@ def test_aBanLandingDuringThePenaltyRefusesTheLogin(store, alice):
     assert checks(policy) == []
 
 
+class BannedWhileChecked(PenaltyPolicy):
+    """
+    Bans the client while its credentials are being checked: the two
+    questions asked before the check (the login's, then the check's own)
+    are answered no, every later one yes, as when the address's other
+    sessions, whose wrong passwords were checked at the same time, make
+    the ban.
+    """
+
+    asked = 0
+
+    def isBanned(self, address):
+        self.asked += 1
+        return self.asked > 2
+
+
+@pytest.mark.parametrize("login", LOGINS)
+@pytest.mark.parametrize("password", [PASSWORD, "wrong"], ids=["right", "wrong"])
+def test_aBanLandingWhileTheCredentialsAreCheckedAnswersBannedWhateverTheyWere(store, alice, login, password):
+    """
+    A guesser sends a password on every session it may open at once: the
+    checks in flight when the ban lands are not answered as they come
+    (each would be one more guess past --ban-after, and a right password
+    would log in, banned), but all alike: banned, as late as a wrong
+    password is answered, and closed.
+    """
+    policy = BannedWhileChecked()
+    s = session(store, policy, authFailureDelay=1.0)
+    assert LOGINS[login](s, password=password) == ""
+    assert s.advance(0.9) == b""
+    assert s.advance(0.1) == b"-ERR [SYS/TEMP] banned\r\n"
+    assert s.disconnected
+    # Neither counted (the address is banned already) nor a success that
+    # clears its penalty.
+    assert checks(policy) == []
+    # No login: the maildrop is free.
+    assert POP3Session(store).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aMaildropInUseIsAnsweredBannedWhenTheBanLandedDuringTheCheck(store, alice):
+    """
+    [IN-USE] is answered only to the right password: to a banned address
+    it would say which of its guesses was right.
+    """
+    holder = POP3Session(store)
+    assert holder.login(ALICE, PASSWORD).startswith("+OK")
+    s = session(store, BannedWhileChecked(), authFailureDelay=1.0)
+    assert userPass(s) == ""
+    assert s.advance(1) == b"-ERR [SYS/TEMP] banned\r\n"
+
+
 def endSession(s):
     s.protocol.connectionLost(Failure(ConnectionDone()))
 

@@ -303,13 +303,42 @@ class AuthorizationCommands:
             login, mechanism, "banned",
             f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: the address is banned",
         )
+        self._closeBanned()
+        return None
+
+    def _closeBanned(self):
+        if self._closed:
+            return
         self._err("[SYS/TEMP] banned")
         self._endSession("banned")
         self.close()
-        return None
+
+    def _bannedWhileChecked(self, login, mechanism):
+        """
+        The address was banned while these credentials were being checked:
+        its other sessions' failures, checked at the same time, made the
+        ban.  A guesser opens as many sessions as it may and sends a
+        password on each at once; answered as they come, every check in
+        flight when the ban lands would be one more guess, and a right one
+        would log in, banned.  So whatever the check found (a right or a
+        wrong password, a maildrop in use), the answer is that the address
+        is banned, as late as a wrong password's would come: no login, and
+        nothing learnt.
+        """
+        self._sasl = None
+        self._settleHeldFailure()
+        self._authFailed(
+            login, mechanism, "banned",
+            f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: "
+            f"the address was banned while the login was checked",
+        )
+        return task.deferLater(self._clock, self._failureDelayLeft(), self._closeBanned)
 
     def _loggedIn(self, result, login, mechanism):
         _, maildrop, logout = result
+        if self.factory.policy.isBanned(self.peer):
+            logout()
+            return self._bannedWhileChecked(login, mechanism)
         sasl, self._sasl = self._sasl, None
         self._settleHeldFailure(maildrop.address)
         self.factory.policy.authenticationSucceeded(self.peer, login)
@@ -385,6 +414,10 @@ class AuthorizationCommands:
     def _loginFailed(self, failure, login, mechanism, password=None):
         self._sasl = None
         policy = self.factory.policy
+        if failure.check(UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed) and policy.isBanned(
+            self.peer
+        ):
+            return self._bannedWhileChecked(login, mechanism)
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
             self._settleHeldFailure()
