@@ -255,11 +255,17 @@ class Number(Kind):
         return self.check(float(text.strip()))
 
     def check(self, value):
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            # A TOML integer past a float's range (310 digits and more),
+            # which math.isfinite() would raise on too.
+            raise ValueError("too large: a number of more than 308 digits") from None
+        if not math.isfinite(number):
             raise ValueError(f"not a finite number: {value}")
-        if value < self.minimum:
+        if number < self.minimum:
             raise ValueError(f"must be at least {self.minimum}, not {value}")
-        return float(value)
+        return number
 
 
 class Boolean(Kind):

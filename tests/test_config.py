@@ -363,6 +363,9 @@ def test_unknownKey(tmp_path):
         ("ban-window = 315360001\n", "ban-window", "must be at most 315360000"),
         ("idle-timeout = 99999999999999999999\n", "idle-timeout", "must be at most 9223372036854775807"),
         ("[pop3]\nport = 110\n", "pop3", "got {...} (table)"),
+        # An integer past a float's range: an OverflowError traceback, exit 1.
+        ("shutdown-grace = 1" + "0" * 400 + "\n", "shutdown-grace", "too large"),
+        ("auth-penalty-max = -1" + "0" * 400 + "\n", "auth-penalty-max", "too large"),
     ],
 )
 def test_wrongValues(tmp_path, text, key, reason):
@@ -635,6 +638,7 @@ def test_defaultQuotaZeroIsRefused(tmp_path):
         ({"expireDays": 0}, "expireDays: must be at least 1, not 0: 0 days would remove every message"),
         ({"maxRecipients": -5}, "maxRecipients: must be at least 1, not -5"),
         ({"authFailureDelay": float("nan")}, "authFailureDelay: not a finite number: nan"),
+        ({"shutdownGrace": 10**400}, "shutdownGrace: too large"),
     ],
 )
 def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, message):
