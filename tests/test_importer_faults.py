@@ -396,6 +396,26 @@ def test_pop3MessageSizesAreWhatRETRSendsUpToALimit(store, source):
     assert sorted(server.deleted) == [1, 3]
 
 
+def test_pop3AMessageListedOverTheLimitIsNotDownloaded(store, source):
+    """
+    A message LIST says is over the largest size imported is a failure
+    without its RETR: read to its end to be dropped, a message of
+    gigabytes would cross the network for nothing, on every run.  (The
+    server drops the connection at RETR 2: had it been sent, message 3
+    would not be imported.)
+    """
+    messages = threeMessages()
+    messages[2] = ("U2", b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n")
+    server = source(messages)
+    server.breakAt = 2
+    report = importPOP3(store, server.url, ALICE, PASSWORD, maxSize=1000)
+    assert report.failures == [
+        "message 2 (U2): over 1000 octets, the largest message imported (LIST gives 2018); not imported"
+    ]
+    assert not report.temporary
+    assert pop3(store)[0] == ["U1", "U3"]
+
+
 def test_pop3AListingThatRepeatsANumberIsRefused(store, source):
     server = source(threeMessages())
     server.uidlLines = [b"1 U1", b"1 U1b", b"2 U2"]
@@ -442,7 +462,7 @@ def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     code, out, err = cli(url, *command, "1000", stdin=PASSWORD + "\n")
     # Bad data (65): another run with the same limit leaves it out again.
     assert code == 65, (out, err)
-    assert "message 2 (U2): over 1000 octets, the largest message imported; not imported" in err
+    assert "message 2 (U2): over 1000 octets, the largest message imported (LIST gives 2018); not imported" in err
     assert out.startswith("1 messages imported")
     code, out, err = cli(url, *command, "1M", stdin=PASSWORD + "\n")
     assert (code, err) == (0, ""), (out, err)

@@ -22,7 +22,8 @@ the ids the server gave them.
     RETR adds it back.  A first line that starts with "." comes whole from
     a server that does not stuff it (Dovecot 2.3; see
     L{POP3Client.retrieve}).  A message over C{maxSize} octets is a
-    failure, read to its end (and dropped) so that the import goes on.
+    failure: not fetched at all where LIST says so, else read to its end
+    (and dropped) so that the import goes on.
   - A message the server will not give (C{-ERR} to its RETR) is a
     failure of its own: the others are imported.
 
@@ -654,6 +655,14 @@ def _copy(client, store, address, report, delete, now, maxSize, warn):
                 # delete, the content itself is compared, by the store,
                 # before the source may lose it.)
                 report.skipped += 1
+                continue
+            if sizes.get(number, 0) > maxSize:
+                # Not fetched: read to its end to be dropped, a message of
+                # gigabytes would be downloaded for nothing, on every run.
+                report.failures.append(
+                    f"message {number} ({uidl}): over {maxSize} octets, the largest message imported "
+                    f"(LIST gives {sizes[number]}); not imported"
+                )
                 continue
             _fetch(client, writer, number, uidl, sizes.get(number), now, maxSize, report)
     finally:
