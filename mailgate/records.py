@@ -102,6 +102,11 @@ class QuotaStatus:
     A user's storage use and the limits that apply to it now (the user's
     own, or the server's defaults), in octets and messages; C{None}: no
     limit.
+
+    @ivar ownOctets: the user's own storage quota as kept (C{None}: the
+        server's default, -1: none), which C{quotaOctets} alone cannot
+        tell apart from a default of no limit.
+    @ivar ownMessages: the same for the quota in messages.
     """
 
     userId = attr.ib()
@@ -109,6 +114,8 @@ class QuotaStatus:
     usedMessages = attr.ib()
     quotaOctets = attr.ib()
     quotaMessages = attr.ib()
+    ownOctets = attr.ib(default=None)
+    ownMessages = attr.ib(default=None)
 
     def fits(self, octets, messages=1):
         """

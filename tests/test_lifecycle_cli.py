@@ -63,6 +63,27 @@ def test_userQuota(cli, store):
     assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
 
 
+def test_mailboxListSaysWhenTheUserHasNoQuota(cli, store):
+    """
+    C{mailbox list} ends with the quota that applies: a user whose own
+    quota is none has none (not the server's default, which another
+    user's own quota of none looked like), and one who goes by the
+    default is said to.
+    """
+    def quotaLine():
+        result = cli("mailbox", "list", ALICE)
+        assert result.code == 0, result
+        return result.out.splitlines()[-1]
+
+    assert quotaLine() == "in use: 0 messages, 0 octets; quota: server default"
+    assert cli("user", "quota", ALICE, "none", "--messages", "none").code == 0
+    assert quotaLine() == "in use: 0 messages, 0 octets; quota: none"
+    assert cli("user", "quota", ALICE, "none", "--messages", "default").code == 0
+    assert quotaLine() == "in use: 0 messages, 0 octets; quota: server default"
+    assert cli("user", "quota", ALICE, "1K", "--messages", "none").code == 0
+    assert quotaLine() == "in use: 0 messages, 0 octets; quota: 1024 octets"
+
+
 def test_userQuotaRefusesNonsense(cli, store):
     for argv, code in (
         (["user", "quota", ALICE, "lots"], 64),

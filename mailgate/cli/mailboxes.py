@@ -46,15 +46,33 @@ def _mailboxList(store, args, out, stdin):
         )
     status = _result(store.quotaOf(address))
     if status is not None:
-        limits = []
-        if status.quotaOctets is not None:
-            limits.append(f"{status.quotaOctets} octets")
-        if status.quotaMessages is not None:
-            limits.append(f"{status.quotaMessages} messages")
         out.write(
             f"\nin use: {status.usedMessages} messages, {status.usedOctets} octets; "
-            f"quota: {', '.join(limits) if limits else 'server default'}\n"
+            f"quota: {_describedQuota(status)}\n"
         )
+
+
+def _describedQuota(status):
+    """
+    The limits that apply to a user, for C{mailbox list}: those known
+    (the user's own, or the server's default from C{--config}), else
+    C{server default} where the user goes by the server's default
+    (which this command may not know), else C{none}: the user's own
+    quota is none.
+    """
+    limits = []
+    unknownDefault = False
+    for limit, own, unit in (
+        (status.quotaOctets, status.ownOctets, "octets"),
+        (status.quotaMessages, status.ownMessages, "messages"),
+    ):
+        if limit is not None:
+            limits.append(f"{limit} {unit}")
+        elif own is None:
+            unknownDefault = True
+    if limits:
+        return ", ".join(limits)
+    return "server default" if unknownDefault else "none"
 
 
 def _mailboxDeleted(store, args, out, stdin):

@@ -1000,6 +1000,8 @@ class LifecycleStore:
                 messages,
                 self.limits.effective(quotaOctets, self.limits.quotaOctets),
                 self.limits.effective(quotaMessages, self.limits.quotaMessages),
+                quotaOctets,
+                quotaMessages,
             )
 
         return self.database.runInteraction(_quotaOf, address).addCallback(status)
