@@ -9,9 +9,19 @@ could never contain the clients it names.
 The PROXY header's trusted balancers (L{mailgate.session.proxy}), the
 policy's exempt networks (L{mailgate.policy.addresses}) and POP3's trusted
 networks (L{mailgate.pop3.factory}) all read them here.
+
+And one client is one client whatever address of its own it takes: an
+IPv6 client is its /64 (L{IPV6_PREFIX}, L{clientNetwork}), for the
+policy's counts and bans and for the refusals logged a line a minute.
 """
 
+import functools
 import ipaddress
+
+#: The prefix length an IPv6 client is known by: a /64 is the smallest
+#: network a provider gives a subscriber or a virtual server, and its owner
+#: has 2**64 addresses to choose from (see L{mailgate.policy.addresses}).
+IPV6_PREFIX = 64
 
 
 def unmapped(ip):
@@ -36,3 +46,27 @@ def parseNetwork(network):
     if mapped is not None and network.prefixlen >= 96:
         network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
     return network
+
+
+def clientNetwork(ip):
+    """
+    The text one client is known by, from its L{ipaddress} address (in its
+    IPv4 form if mapped, see L{unmapped}): an IPv4 address as it is, an
+    IPv6 one as its /64 network (C{2001:db8:1:2::/64}).
+    """
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def clientOfHost(host):
+    """
+    L{clientNetwork} of a connection's host text (C{::ffff:192.0.2.1} is
+    C{192.0.2.1}), or C{host} itself if it is not an IP address.
+    """
+    try:
+        ip = unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
+    except (ValueError, AttributeError):
+        return host
+    return clientNetwork(ip)

@@ -120,6 +120,42 @@ def test_refusalIsLoggedWithTheClientsAddress(store, alice):
     assert event["session"]
 
 
+def test_aRefusedIPv6NetworkIsALineAMinuteWhateverAddressesItTakes(store, alice):
+    """
+    A banned IPv6 client is its /64, and so is its refusals' line a
+    minute: one taking a new address of its /64 for every connection
+    (2**64 to choose from) does not get each refusal logged.  An IPv4
+    client reaching a dual-stack listener is its IPv4 address.
+    """
+    from twisted.internet.address import IPv6Address
+    from twisted.logger import globalLogPublisher
+
+    clock = Clock()
+    factory = pop3Factory(store, clock, policy=RecordingPolicy(refuse="banned"))
+    peers = [IPv6Address("TCP", f"2001:db8:1:2::{n:x}", 4711) for n in range(1, 21)]
+    peers += [CLIENT, IPv6Address("TCP", "::ffff:198.51.100.7", 4712)]
+    peers.append(IPv6Address("TCP", "2001:db8:1:3::1", 4711))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for peer in peers:
+            POP3Session(store, clock=clock, factory=factory, peer=peer)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e["peer"] for e in events if e.get("event") == "session.refused"]
+    assert logged == ["[2001:db8:1:2::1]:4711", "198.51.100.7:4711", "[2001:db8:1:3::1]:4711"]
+    # A minute later, one line says how many went unlogged.
+    clock.advance(60)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        POP3Session(store, clock=clock, factory=factory, peer=IPv6Address("TCP", "2001:db8:1:2::99", 1))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("event") == "session.refused"]
+    assert event["unlogged"] == 19
+
+
 def test_anAdmittedConnectionIsReportedClosedExactlyOnce(store, alice):
     policy = RecordingPolicy()
     s = POP3Session(store, factory=pop3Factory(store, policy=policy), peer=CLIENT)

@@ -21,14 +21,11 @@ against the client's own address.
 import functools
 import ipaddress
 
-from mailgate.networks import parseNetwork, unmapped
+from mailgate.networks import IPV6_PREFIX, clientNetwork, parseNetwork, unmapped
 
 # Loopback, as fail2ban's ignoreip default and Postfix's mynetworks: local
 # webmail or monitoring never locks itself out.
 DEFAULT_EXEMPT_NETWORKS = ("127.0.0.0/8", "::1/128")
-
-#: The prefix length an IPv6 client is counted, penalised and banned by.
-IPV6_PREFIX = 64
 
 # What --exempt-network takes to exempt nothing.
 NO_NETWORKS = "none"
@@ -64,10 +61,7 @@ def addressText(text):
     return _keyOfIP(parseAddress(text))
 
 
-def _keyOfIP(ip):
-    if ip.version == 6:
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return str(ip)
+_keyOfIP = clientNetwork
 
 
 def storedKey(text):

@@ -17,6 +17,8 @@ session core, rather than beside the descriptor limits in
 L{mailgate.policy.descriptors}: the session core sees no policy module.
 """
 
+from mailgate.networks import clientOfHost
+
 
 class RefusalLog:
     """
@@ -37,13 +39,18 @@ class RefusalLog:
 
     def note(self, host, reason):
         """
-        A connection from C{host} was refused for C{reason}.
+        A connection from C{host} was refused for C{reason}.  The hosts of
+        one IPv6 /64 count as one (L{mailgate.networks.clientOfHost}).
 
         @return: C{None} if it is not to be logged, or how many refusals
             of C{host} for C{reason} were not logged since its last line.
         """
         now = self._clock.seconds()
-        key = (host, reason)
+        # One client is one client whatever address it takes: an IPv6 one
+        # is its /64, as the policy bans it.  Keyed by address, a banned
+        # /64 taking a new address for every connection had each refusal
+        # logged.
+        key = (clientOfHost(host) if isinstance(host, str) else host, reason)
         seen = self._seen.get(key)
         if seen is not None and now - seen[0] < self.interval:
             seen[1] += 1
