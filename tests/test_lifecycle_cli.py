@@ -6,6 +6,7 @@ checked through the store itself.
 """
 
 import pytest
+from twisted.internet import defer
 
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 from test_cli import CLI
@@ -656,6 +657,43 @@ def test_userRecountAll(cli, store):
         f"{BOB}: 1 messages, 21 octets (was kept as 0 messages, 0 octets)\n"
         "recounted 2 users; the use kept for 1 was wrong\n"
     )
+
+
+def test_userRecountAllGoesOnPastAUserDeletedMeanwhile(cli, store, monkeypatch):
+    """
+    C{user recount --all} reads the list of users, then recounts them one
+    by one: a user deleted in between (by another administrator, or a
+    provisioning script) is said to be gone, and the users after it are
+    still recounted, rather than the command stopping there with "no
+    such user" (exit 67) and leaving them uncounted.
+    """
+    import mailgate.cli
+
+    opened = mailgate.cli.openSynchronousStore
+
+    def openedWithADeletion(*args, **kwargs):
+        commandStore = opened(*args, **kwargs)
+        listUsers = commandStore.listUsers
+
+        def listThenDelete():
+            users = resultOf(listUsers())
+            resultOf(store.deleteUser(ALICE))
+            return defer.succeed(users)
+
+        commandStore.listUsers = listThenDelete
+        return commandStore
+
+    monkeypatch.setattr(mailgate.cli, "openSynchronousStore", openedWithADeletion)
+    deliver(store, [BOB], b"Subject: x\r\n\r\nhello\r\n")
+    _keptWrong(store, BOB, 0, 0)
+    result = cli("user", "recount", "--all")
+    assert (result.code, result.err) == (0, ""), result
+    assert result.out == (
+        f"{ALICE}: no longer a user (deleted or renamed meanwhile), not recounted\n"
+        f"{BOB}: 1 messages, 21 octets (was kept as 0 messages, 0 octets)\n"
+        "recounted 1 users; the use kept for 1 was wrong\n"
+    )
+    assert resultOf(store.quotaOf(BOB)).usedMessages == 1
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from mailgate.cli.common import (
     EX_DATAERR,
     EX_NOINPUT,
     EX_NOPERM,
+    EX_NOUSER,
     EX_TEMPFAIL,
     EX_USAGE,
     _address,
@@ -311,9 +312,18 @@ def _userRecount(store, args, out, stdin):
         addresses = [user.address for user in _result(store.listUsers())]
     else:
         addresses = [_address(text) for text in args.addresses]
-    wrong = 0
+    wrong = gone = 0
     for address in addresses:
-        before, after = _forUser(address, store.recountUsage(address))
+        try:
+            before, after = _forUser(address, store.recountUsage(address))
+        except CommandError as e:
+            if not args.all or e.code != EX_NOUSER:
+                raise
+            # Deleted (or renamed) since the list was read: nothing of
+            # theirs to count, and no reason to leave the others uncounted.
+            gone += 1
+            out.write(f"{address}: no longer a user (deleted or renamed meanwhile), not recounted\n")
+            continue
         counted = f"{address}: {after[0]} messages, {after[1]} octets"
         if before == after:
             out.write(f"{counted}, as kept\n")
@@ -321,7 +331,7 @@ def _userRecount(store, args, out, stdin):
             wrong += 1
             out.write(f"{counted} (was kept as {before[0]} messages, {before[1]} octets)\n")
     if args.all:
-        out.write(f"recounted {len(addresses)} users; the use kept for {wrong} was wrong\n")
+        out.write(f"recounted {len(addresses) - gone} users; the use kept for {wrong} was wrong\n")
 
 
 def _userApop(store, args, out, stdin):
