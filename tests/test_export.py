@@ -148,6 +148,27 @@ def test_aDirectoryHoldingAMailboxIsRefused(cli, store, tmp_path):
     assert len(os.listdir(other / "new")) == 1
 
 
+def test_anExportThatCannotEndLeavesNothingBehind(cli, store, tmp_path):
+    """
+    An export that fails part way (a full disk; here its dovecot-uidlist
+    cannot be written) takes away the messages it had written: without
+    their list, whatever served them would give them new unique ids, and
+    every leave-on-server client would download them again.  It says so;
+    once the cause is gone, an export into the same directory works.
+    """
+    target = tmp_path / "out"
+    (target / "dovecot-uidlist.tmp").mkdir(parents=True)
+    result = cli("mailbox", "export", ALICE, str(target))
+    assert result.code == 73, result
+    assert result.err.startswith(f"mailgate: cannot write {target}/dovecot-uidlist: ")
+    assert result.err.endswith(f"; nothing of the export is left in {target}\n")
+    assert [os.listdir(target / sub) for sub in ("cur", "new", "tmp")] == [[], [], []]
+    assert not (target / "dovecot-uidlist").exists()
+    (target / "dovecot-uidlist.tmp").rmdir()
+    assert cli("mailbox", "export", ALICE, str(target)).code == 0
+    assert len(os.listdir(target / "cur")) == len(MESSAGES)
+
+
 def test_anUnknownUserOrAnUnwritableDirectory(cli, store, tmp_path):
     assert cli("mailbox", "export", "nobody@example.org", str(tmp_path / "x")).code == 67
     blocker = tmp_path / "file"

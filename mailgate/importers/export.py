@@ -145,31 +145,45 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
     uidLines = []
     tmp = os.path.join(directory, "tmp")
     cur = os.path.join(directory, "cur")
-    for message in messages:
-        uid = len(uidLines) + 1
-        base = f"{int(message.arrived)}.M{message.number}P{pid}Q{uid}.{host},S={message.size},W={message.size}"
-        name = base + ":2,"
-        staged = os.path.join(tmp, base)
-        try:
-            written = _writeBody(staged, message.body)
-            if written != message.size:
-                raise TemporaryFailure(f"{written} octets read of {message.size}")
-            os.utime(staged, (message.arrived, message.arrived))
-            os.rename(staged, os.path.join(cur, name))
-        except TemporaryFailure as e:
-            _removeQuietly(staged)
-            line = f"message {message.number} (unique id {message.uniqueId}): not exported: {e}"
-            report.failures.append(line)
-            if progress is not None:
-                progress(line)
-            continue
-        except OSError as e:
-            _removeQuietly(staged)
-            raise ImportFailed(f"cannot write {e.filename or staged}: {e.strerror}") from None
-        uidLines.append(f"{uid} P{message.uniqueId} W{message.size} :{name}\n")
-        report.messages += 1
-        report.octets += message.size
-    _writeUidList(directory, now, uidLines)
+    # What this run has put in place, taken away again if it cannot end:
+    # messages without their dovecot-uidlist would get new uids, so new
+    # unique ids, from whatever served them (and one would be missing).
+    placed = []
+    staged = None
+    try:
+        for message in messages:
+            uid = len(uidLines) + 1
+            base = f"{int(message.arrived)}.M{message.number}P{pid}Q{uid}.{host},S={message.size},W={message.size}"
+            name = base + ":2,"
+            staged = os.path.join(tmp, base)
+            try:
+                written = _writeBody(staged, message.body)
+                if written != message.size:
+                    raise TemporaryFailure(f"{written} octets read of {message.size}")
+                os.utime(staged, (message.arrived, message.arrived))
+                os.rename(staged, os.path.join(cur, name))
+            except TemporaryFailure as e:
+                _removeQuietly(staged)
+                staged = None
+                line = f"message {message.number} (unique id {message.uniqueId}): not exported: {e}"
+                report.failures.append(line)
+                if progress is not None:
+                    progress(line)
+                continue
+            except OSError as e:
+                raise ImportFailed(f"cannot write {e.filename or staged}: {e.strerror}") from None
+            placed.append(os.path.join(cur, name))
+            staged = None
+            uidLines.append(f"{uid} P{message.uniqueId} W{message.size} :{name}\n")
+            report.messages += 1
+            report.octets += message.size
+        _writeUidList(directory, now, uidLines)
+    except ImportFailed as e:
+        _undo(staged, placed)
+        raise ImportFailed(f"{e}; nothing of the export is left in {directory}") from None
+    except BaseException:
+        _undo(staged, placed)
+        raise
     try:
         _syncDirectory(cur)
         _syncDirectory(directory)
@@ -199,6 +213,15 @@ def _writeUidList(directory, uidValidity, lines):
     except OSError as e:
         _removeQuietly(staged)
         raise ImportFailed(f"cannot write {path}: {e.strerror}") from None
+
+
+def _undo(staged, placed):
+    """
+    Remove what an export that cannot end has written: the file being
+    written (if any) and the messages already in C{cur/}.
+    """
+    for path in ([staged] if staged else []) + placed:
+        _removeQuietly(path)
 
 
 def _removeQuietly(path):
