@@ -83,6 +83,23 @@ def test_parseV2():
     assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1", command=0))[:2] == (None, None)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [v1("::ffff:198.51.100.7", "::ffff:192.0.2.1", family=b"TCP6"), v2("::ffff:198.51.100.7", "::ffff:192.0.2.1", 40001)],
+    ids=["v1", "v2"],
+)
+def test_anIPv4ClientOfADualStackBalancerIsShownAsTheKernelShowsIt(header):
+    """
+    An IPv4 client of a balancer listening on IPv6 comes as an IPv4-mapped
+    address: shown as a client connecting to a dual-stack listener of
+    mailgate's own is (inet_ntop's ::ffff:198.51.100.7), so that grepping
+    the logs for 198.51.100.7 finds it, not in Python's ::ffff:c633:6407.
+    """
+    source, destination, _ = parseProxyHeader(header)
+    assert source.host == "::ffff:198.51.100.7"
+    assert destination.host == "::ffff:192.0.2.1"
+
+
 @pytest.mark.parametrize("header", [v1("203.0.113.9"), v2("198.51.100.7", "192.0.2.1")])
 def test_parseIncompleteHeadersAskForMore(header):
     for end in range(len(header)):

@@ -108,10 +108,21 @@ def _parseV1(data):
         raise InvalidProxyHeader("PROXY v1 addresses do not match their family")
     make = IPv4Address if version == 4 else IPv6Address
     return (
-        make("TCP", str(hosts[0]), ports[0]),
-        make("TCP", str(hosts[1]), ports[1]),
+        make("TCP", _hostText(hosts[0]), ports[0]),
+        make("TCP", _hostText(hosts[1]), ports[1]),
         end + 2,
     )
+
+
+def _hostText(ip):
+    """
+    The text of an address as the kernel gives a connection's (inet_ntop):
+    an IPv4 client of a balancer's dual-stack listener as
+    C{::ffff:192.0.2.1}, which the logs show and an administrator greps
+    for, not in Python's hexadecimal form (C{::ffff:c000:201}).
+    """
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(ip) if mapped is None else f"::ffff:{mapped}"
 
 
 def _port(text):
@@ -164,8 +175,8 @@ def _parseV2(data, maxLength):
         source, destination = body[0:width], body[width : 2 * width]
         sourcePort, destinationPort = struct.unpack("!HH", body[2 * width : 2 * width + 4])
         return (
-            addressType("TCP", str(parse(source)), sourcePort),
-            addressType("TCP", str(parse(destination)), destinationPort),
+            addressType("TCP", _hostText(parse(source)), sourcePort),
+            addressType("TCP", _hostText(parse(destination)), destinationPort),
             total,
         )
     if addressFamily == 3:
