@@ -160,6 +160,36 @@ def test_aMaildropInUseIsATemporaryFailure(oldServer, store, tmp_path, refusal):
     assert refusal.decode() in err and "run the import again later" in err
 
 
+@pytest.mark.parametrize(
+    "greeting, code, why",
+    [
+        # A server at its connection limit: the next run gets in.
+        (b"-ERR [SYS/TEMP] Too many connections", 75,
+         "127.0.0.1 refused the connection: -ERR [SYS/TEMP] Too many connections: the server takes no "
+         "connection now; run the import again later"),
+        (b"-ERR go away", 69, "127.0.0.1 refused the connection: -ERR go away"),
+        # The URL's port mistyped: an IMAP server's greeting.
+        (b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.", 69,
+         "does not answer as a POP3 server (it greets with '* OK [CAPABILITY IMAP4rev1] Dovecot ready.'): "
+         "check the URL's port"),
+    ],
+)
+def test_aGreetingThatIsNoWelcomeSaysWhy(source, tmp_path, greeting, code, why):
+    """
+    A server that greets with C{-ERR}, or with no POP3 greeting at all,
+    is said to have refused the connection (not "refused command"), with
+    the exit status of what it means: 75 for a response code that says
+    it passes, as for a login, else 69.
+    """
+    server = source(threeMessages())
+    server.greeting = greeting
+    url, store = target(tmp_path, (ALICE, PASSWORD))
+    store.close()
+    result, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert (result, out) == (code, ""), err
+    assert err.startswith("mailgate: ") and err.endswith(why + "\n") and err.count("\n") == 1, err
+
+
 def test_aWrongPasswordIsStillNotTemporary(oldServer, store):
     server = oldServer(loginRefusal=b"-ERR [AUTH] invalid credentials")
     with pytest.raises(ImportFailed) as failed:

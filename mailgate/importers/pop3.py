@@ -80,7 +80,11 @@ class POP3Failed(ImportFailed):
 class POP3Refused(POP3Failed):
     """
     The POP3 server answered C{-ERR}: the session itself goes on.
+
+    @ivar response: the server's line, as it came (but its line end).
     """
+
+    response = ""
 
 
 class MalformedResponse(POP3Failed):
@@ -264,13 +268,40 @@ class POP3Client:
             raise POP3Failed(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
         self.secure = False
         self._strayLines = 0
-        if tls:
-            self._startTLS()
-        self._reader = self._socket.makefile("rb")
-        self.greeting = self._status()
+        self._reader = None
+        try:
+            if tls:
+                self._startTLS()
+            self._reader = self._socket.makefile("rb")
+            self.greeting = self._greet()
+        except BaseException:
+            self.close()
+            raise
         # Lines some servers send after their greeting's line (a banner
         # of several lines) are dropped before the first response.
         self._strayLines = _MAX_GREETING_LINES
+
+    def _greet(self):
+        """
+        The server's greeting.
+
+        @raise SourceBusy: for a C{-ERR} greeting whose response code
+            says it passes (C{[SYS/TEMP]}: a server at its connection
+            limit).
+        @raise POP3Failed: for another C{-ERR}, or for what is no POP3
+            greeting at all (an IMAP server's, the URL's port mistyped).
+        """
+        try:
+            return self._status("the connection")
+        except POP3Refused as e:
+            if not e.response.startswith("-ERR"):
+                raise POP3Failed(
+                    f"{self.host}:{self.port} does not answer as a POP3 server (it greets with "
+                    f"{e.response[:80]!r}): check the URL's port"
+                ) from None
+            if any(f"-ERR {code}" in e.response.upper() for code in _TEMPORARY_CODES):
+                raise SourceBusy(f"{e}: the server takes no connection now; run the import again later") from None
+            raise POP3Failed(str(e)) from None
 
     def peerAddress(self):
         """
@@ -321,7 +352,9 @@ class POP3Client:
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if line.startswith(b"+OK"):
             return text
-        raise POP3Refused(f"{self.host} refused {what}: {text[:200]}")
+        refusal = POP3Refused(f"{self.host} refused {what}: {text[:200]}")
+        refusal.response = text
+        raise refusal
 
     def _discardRestOf(self, line):
         """
@@ -544,6 +577,8 @@ class POP3Client:
 
     def close(self):
         for thing in (self._reader, self._socket):
+            if thing is None:
+                continue
             try:
                 thing.close()
             except OSError:
