@@ -54,6 +54,12 @@ APOP_REFRESH = 30
 HEALTH_TIMEOUT = 1.0
 #: the listeners that take mail connections (closed first at shutdown)
 MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
+#: seconds the services other than the listeners (the retention task, the
+#: node's registry, the metrics endpoint) have to stop once the sessions
+#: are gone, before the store closes all the same: each may wait for the
+#: database, and one that does not answer (a network that drops its
+#: packets, a PostgreSQL server that hangs) held the stop for ever
+STOP_TIMEOUT = 10.0
 #: the settings a SIGHUP applies to a running server when the
 #: configuration file changes them (the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
@@ -586,21 +592,70 @@ class MailgateService(MultiService):
         mail = [s for s in self if isinstance(s, ListeningService) and s.protocolName in MAIL_PROTOCOLS]
         yield self._stopAll(mail)
         yield self.drainSessions()
-        yield self._stopAll([s for s in self if s not in mail and s is not self._storeService])
+        yield self._stopAll(
+            [s for s in self if s not in mail and s is not self._storeService], deadline=STOP_TIMEOUT
+        )
         if self._storeService is not None:
             yield self._stopAll([self._storeService])
         # Nothing is left to interrupt: the handlers before ours again.
         self._restoreHandlers()
 
-    def _stopAll(self, services):
-        stopping = [defer.maybeDeferred(s.stopService) for s in reversed(services) if s.running]
+    def _stopAll(self, services, deadline=None):
+        """
+        Stop C{services} together.
+
+        @param deadline: seconds to wait for them at most, or C{None} for
+            as long as they take: past it, the ones still stopping are
+            named in a warning and left to it.
+        @return: a L{Deferred} that fires when they have stopped (or the
+            deadline passed); it never fails.
+        """
+        stopping = [(s, defer.maybeDeferred(s.stopService)) for s in reversed(services) if s.running]
+        pending = [s for s, _ in stopping]
+
+        def stopped(result, service):
+            pending.remove(service)
+            return result
+
+        for service, d in stopping:
+            d.addBoth(stopped, service)
 
         def logFailures(results):
             for ok, result in results:
                 if not ok:
                     self.log.failure("a service failed to stop", result)
 
-        return defer.DeferredList(stopping, consumeErrors=True).addCallback(logFailures)
+        done = defer.DeferredList([d for _, d in stopping], consumeErrors=True).addCallback(logFailures)
+        if deadline is None:
+            return done
+        waited = defer.Deferred()
+
+        def late():
+            self.log.warn(
+                "{services} did not stop within {seconds:g} seconds (the database not answering?): "
+                "stopping without waiting any longer",
+                services=", ".join(_serviceName(s) for s in pending),
+                seconds=deadline,
+                event="service.stop_timeout",
+            )
+            waited.callback(None)
+
+        timer = self._reactor.callLater(deadline, late)
+
+        def finished(_):
+            if timer.active():
+                timer.cancel()
+                waited.callback(None)
+
+        done.addCallback(finished)
+        return waited
+
+
+def _serviceName(service):
+    """
+    How a warning names C{service}: its name, or its class's.
+    """
+    return service.name or type(service).__name__
 
 
 def _endpoint(reactor, description, balancers=()):

@@ -561,6 +561,48 @@ def test_theServiceStopsListeningThenDrainsThenClosesTheStore(tmp_path):
     assert fired(done) and closed
 
 
+def test_aServiceThatWaitsForADatabaseThatNeverAnswersDoesNotHoldTheStopForEver(tmp_path):
+    """
+    Once the sessions are gone, the other services (the node's registry
+    leaving, the retention task's transaction) wait for the database:
+    one that never answers (packets dropped, a hung PostgreSQL) held the
+    process for ever after SIGTERM.  They get STOP_TIMEOUT seconds; then
+    the one still stopping is named and the store closes all the same.
+    """
+    from twisted.application.service import Service
+
+    from mailgate.service import STOP_TIMEOUT
+    from test_service import ThreadCallsReactor
+
+    class WaitsForTheDatabase(Service):
+        name = "registry"
+
+        def stopService(self):
+            Service.stopService(self)
+            return defer.Deferred()
+
+    # The store's threads answer the other services through callFromThread.
+    reactor = ThreadCallsReactor()
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path / 'db.sqlite3'}", pop3=["tcp:1110:interface=127.0.0.1"]
+    )
+    root = makeService(config, reactor=reactor)
+    WaitsForTheDatabase().setServiceParent(root)
+    root.privilegedStartService()
+    root.startService()
+    closed = []
+    original = root.store.close
+    root.store.close = lambda: closed.append(True) or original()
+    with capturedLogs() as events:
+        done = root.stopService()
+        reactor.advance(STOP_TIMEOUT - 0.5)
+        assert not fired(done) and not closed
+        reactor.advance(0.5)
+    assert fired(done) and closed
+    [warning] = [e for e in events if e.get("event") == "service.stop_timeout"]
+    assert formatEvent(warning).startswith("registry did not stop within 10 seconds")
+
+
 def test_shutdownGraceOption():
     from mailgate import tap
 
