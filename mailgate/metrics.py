@@ -478,6 +478,17 @@ class _Exposition(resource.Resource):
         request.setHeader("content-type", contentType)
         return body
 
+    def render_HEAD(self, request):
+        """
+        C{HEAD /metrics}: a GET's headers, its length included, without
+        the body.  Left to Twisted (a GET's body, which it drops), every
+        such request logged "I think I'll eat it": a line per probe, on a
+        site that writes no access log.
+        """
+        body = self.render_GET(request)
+        request.setHeader("content-length", b"%d" % (len(body),))
+        return b""
+
     def getChild(self, path, request):
         return _NotFound()
 

@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
@@ -520,6 +520,26 @@ def test_aRequestBodyIsRefusedAtItsHeaders(request_):
     fine = send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     assert fine.value().startswith(b"HTTP/1.1 200 OK\r\n")
     assert not fine.disconnecting
+
+
+def test_aHeadRequestIsAnsweredWithoutALogLine():
+    """
+    HEAD /metrics (a monitoring probe) gets a GET's headers, its
+    Content-Length the length of the exposition, and no body; Twisted
+    logged "is returning a message body. I think I'll eat it." for each.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        protocol.dataReceived(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    [length] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert int(length.split(b":")[1]) > 1000
+    assert body == b""
+    assert [formatEvent(e) for e in events] == []
 
 
 class _FillingTransport(StringTransport):
