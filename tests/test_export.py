@@ -244,12 +244,19 @@ def test_exportAllPutsEachUserInADirectoryOfItsAddress(cli, store, tmp_path):
     C{--all DIR}: every user, each into DIR/ADDRESS (for Dovecot,
     C{mail_location = maildir:DIR/%u}); a user whose address could not be
     a directory name (a slash in its local part) is named and left out,
-    the others are written.
+    the others are written.  DIR, made by the export, is readable by its
+    owner only, as each user's directory is.
     """
     addUser(store, "a/../../escape@example.org", PASSWORD)
     deliver(store, [BOB], MESSAGES[0])
     target = tmp_path / "all"
-    result = cli("mailbox", "export", "--all", str(target))
+    umask = os.umask(0o022)
+    try:
+        result = cli("mailbox", "export", "--all", str(target))
+    finally:
+        os.umask(umask)
+    # DIR itself too is its owner's only: it lists the addresses.
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
     assert result.code == 73, result
     assert result.err == (
         "mailgate: a/../../escape@example.org: not exported: its address cannot be a directory name\n"

@@ -190,6 +190,13 @@ def _mailboxExport(store, args, out, stdin):
             raise CommandError("with --all, give the directory alone (each user goes into DIR/ADDRESS)", EX_USAGE)
         [root] = args.operands
         targets = [(user.address, os.path.join(root, user.address)) for user in _result(store.listUsers())]
+        # Made here, for its owner only as each user's own: made on the
+        # way to the first user's, it would list every address to every
+        # account of the machine.
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        except OSError:
+            pass  # each user's export says why it cannot be made
     else:
         if len(args.operands) != 2:
             raise CommandError("give ADDRESS and DIR (or --all DIR)", EX_USAGE)
