@@ -1190,6 +1190,25 @@ def checkConfig(config, settings=SETTINGS):
     return config
 
 
+def checkListening(config, path=None):
+    """
+    The check C{twistd mailgate} makes of what it is to serve, beyond
+    L{checkConfig} (an embedding application may build mailgate without
+    listeners): it listens on something.  An empty pop3 list (in a file,
+    say) turns the default listener off, and a server on nothing is a
+    mistake, not a deployment.  Made at start, by C{mailgate config
+    --check} and at a reload, so that all three refuse the same files.
+
+    @param path: the configuration file, to name in the message.
+    @raise ConfigurationError: nothing to listen on.
+    """
+    if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
+        raise ConfigurationError(
+            "nothing to listen on: pop3, pop3s, smtp and lmtp are all empty" + (f" (in {path})" if path else "")
+        )
+    return config
+
+
 # -- the configuration file --------------------------------------------------------
 
 

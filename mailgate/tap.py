@@ -165,14 +165,10 @@ class Options(usage.Options):
             raise ConfigurationRefused(f"mailgate: {e}") from None
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None
-        config = self.config
-        if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
-            # An empty pop3 list (in a file, say) turns the default listener
-            # off: a server on nothing is a mistake, not a deployment.
-            raise ConfigurationRefused(
-                "mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty"
-                + (f" (in {self.configPath})" if self.configPath else "")
-            )
+        try:
+            configuration.checkListening(self.config, self.configPath)
+        except ConfigurationError as e:
+            raise ConfigurationRefused(f"mailgate: {e}") from None
         for setting in self.settings:
             self[setting.name] = getattr(self.config, setting.attribute)
 
@@ -191,6 +187,7 @@ class Options(usage.Options):
         """
         fileValues = configuration.readFile(self.configPath, self.settings)
         config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+        configuration.checkListening(config, self.configPath)
         return attr.evolve(config, reloadOnSIGHUP=True)
 
 

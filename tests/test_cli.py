@@ -1096,6 +1096,11 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     )
     refused = check(f'tls-cert = "{certificate}"\ntls-key = "{certificate}"\n')
     assert refused.code == 78 and str(certificate) in refused.err and refused.out == ""
+    # A file the server refuses to start on: no listener left.
+    refused = check("pop3 = []\n")
+    assert (refused.code, refused.out, refused.err) == (
+        78, "", f"mailgate: nothing to listen on: pop3, pop3s, smtp and lmtp are all empty (in {config})\n"
+    )
     refused = check(tls + "cpu-affinity = \"4096\"\n")
     assert refused.code == 78 and refused.err.startswith("mailgate: cpu-affinity: ")
     refused = check(tls + f'spool-directory = "{tmp_path / "missing"}"\n')

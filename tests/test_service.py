@@ -204,6 +204,30 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert len(said("config.reload_failed")) == 2
 
 
+def test_aReloadRefusesAFileTheServerWouldNotStartOn(tmp_path, logEvents):
+    """
+    A file that leaves nothing to listen on is refused at a reload as at
+    start (and by config --check), not taken with "pop3 take effect at
+    the next restart": a restart that would then fail.
+    """
+    from mailgate.tap import Options
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text('pop3 = ["tcp:1110"]\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    path.write_text("pop3 = []\n")
+    root.hangup()
+    [failed] = [e for e in logEvents if e.get("event") == "config.reload_failed"]
+    assert formatEvent(failed) == (
+        "configuration reload failed, keeping the configuration in service: nothing to listen on: "
+        f"pop3, pop3s, smtp and lmtp are all empty (in {path})"
+    )
+    assert [e for e in logEvents if e.get("event") == "config.restart_needed"] == []
+
+
 def test_aHangupWithoutAConfigurationFileReadsNothing(tmp_path, logEvents):
     root, _ = build(tmp_path)
     assert root.reloadConfig() is None

@@ -579,6 +579,7 @@ def _checkServed(served, args, out):
     from mailgate import config, service, tap
 
     config.checkConfig(served)
+    config.checkListening(served, args.config)
     tls = service.makeTLS(served)
     service.makeAffinity(served)
     service.checkedSpoolDirectory(served)
