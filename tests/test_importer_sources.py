@@ -190,6 +190,41 @@ def test_aGreetingThatIsNoWelcomeSaysWhy(source, tmp_path, greeting, code, why):
     assert err.startswith("mailgate: ") and err.endswith(why + "\n") and err.count("\n") == 1, err
 
 
+def test_manyUsersSayWhetherRunningItAgainHelps(oldServer, tmp_path):
+    """
+    import pop3 --users: a user who cannot be imported for a reason a run
+    again meets again (no such user in mailgate, a refused password) makes
+    the run exit 65, not 75, which a script retrying on 75 would retry
+    for ever; a user whose maildrop is busy makes it 75, naming the
+    others as needing a fix first.
+    """
+    ghost = "ghost@example.org"
+    server = oldServer()
+    url, target_ = target(tmp_path, (ALICE, PASSWORD))
+    target_.close()
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} {PASSWORD}\n{ghost} {PASSWORD}\n")
+    command = ["import", "pop3", f"pop3://127.0.0.1:{server.port}", "--users", str(users)]
+    code, out, err = cli(url, *command)
+    assert code == 65, (out, err)
+    assert f"mailgate: {ghost}: no such user: {ghost}" in err
+    assert err.splitlines()[-1] == (
+        f"mailgate: the import of {ghost} did not complete (see above), for reasons that running it again "
+        f"does not change"
+    )
+    server.loginRefusal = b"-ERR [IN-USE] Mailbox is locked by another POP3 session"
+    code, out, err = cli(url, *command)
+    assert code == 75, (out, err)
+    assert err.splitlines()[-1] == (
+        f"mailgate: the import of {ALICE} did not complete; run it again to finish (for {ghost}, once what "
+        f"is said above is fixed)"
+    )
+    server.loginRefusal = b"-ERR [AUTH] Authentication failed."
+    code, out, err = cli(url, *command)
+    assert code == 65, (out, err)
+    assert err.splitlines()[-1].startswith(f"mailgate: the import of {ALICE}, {ghost} did not complete (see above)")
+
+
 def test_aWrongPasswordIsStillNotTemporary(oldServer, store):
     server = oldServer(loginRefusal=b"-ERR [AUTH] invalid credentials")
     with pytest.raises(ImportFailed) as failed:

@@ -151,7 +151,7 @@ def _masterRefused(address, master, refusal):
 
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
-    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL
+    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL, passes
 
     _, _, _, urlUser, urlPassword = _pop3URL(args.url, parseURL, ImportFailed)
     if urlPassword is not None:
@@ -228,7 +228,7 @@ def _importPOP3(store, args, out, stdin):
             # login that was right; [SYS/TEMP] may come before any check.
             masterWorks = masterWorks or (isinstance(e, SourceBusy) and "[SYS/TEMP]" not in str(e).upper())
             args.stderr.write(f"mailgate: {address}: {e}\n")
-            failedUsers.append(address)
+            (failedUsers if passes(e) else lastingUsers).append(address)
             out.write(f"{address}: failed\n")
             out.flush()
             continue
@@ -245,15 +245,16 @@ def _importPOP3(store, args, out, stdin):
         incomplete = f"; {incomplete} of the users not complete" if incomplete else ""
         out.write(f"{len(users)} users: {total.summary()}{incomplete}\n")
     if failedUsers:
+        also = f" (for {', '.join(lastingUsers)}, once what is said above is fixed)" if lastingUsers else ""
         raise CommandError(
-            f"the import of {', '.join(failedUsers)} did not complete; run it again to finish",
+            f"the import of {', '.join(failedUsers)} did not complete; run it again to finish{also}",
             EX_TEMPFAIL,
         )
     if lastingUsers:
         # "Run it again" would bring the same failures back, for ever in
         # a script that retries on 75.
         raise CommandError(
-            f"the import of {', '.join(lastingUsers)} left out the messages named above, for reasons "
-            f"that running it again does not change",
+            f"the import of {', '.join(lastingUsers)} did not complete (see above), for reasons that "
+            f"running it again does not change",
             EX_DATAERR,
         )

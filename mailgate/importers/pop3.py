@@ -137,6 +137,21 @@ def _temporary(refusal):
     return LoginRefused(text)
 
 
+def passes(failure):
+    """
+    Whether C{failure}, which stopped a user's import before it began,
+    may pass: the source busy (L{SourceBusy}), the connection failing.
+    Not a refused login, a server without UIDL, a malformed answer, or
+    what mailgate itself refuses (no such user): a run again meets them
+    again.
+    """
+    if isinstance(failure, SourceBusy):
+        return True
+    return isinstance(failure, POP3Failed) and not isinstance(
+        failure, (POP3Refused, NoUniqueIds, MalformedResponse)
+    )
+
+
 #: An APOP timestamp in a greeting (RFC 1939 section 7: a msg-id).
 _APOP_TIMESTAMP = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 
@@ -295,7 +310,7 @@ class POP3Client:
             return self._status("the connection")
         except POP3Refused as e:
             if not e.response.startswith("-ERR"):
-                raise POP3Failed(
+                raise MalformedResponse(
                     f"{self.host}:{self.port} does not answer as a POP3 server (it greets with "
                     f"{e.response[:80]!r}): check the URL's port"
                 ) from None
