@@ -9,6 +9,7 @@ import hashlib
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -189,6 +190,58 @@ def test_aMaildropInUseIsAnsweredBannedWhenTheBanLandedDuringTheCheck(store, ali
     s = session(store, BannedWhileChecked(), authFailureDelay=1.0)
     assert userPass(s) == ""
     assert s.advance(1) == b"-ERR [SYS/TEMP] banned\r\n"
+
+
+class HeldPortal:
+    """
+    A portal whose logins are answered only when the test says so: the
+    checks of several sessions under way at once, as on a thread pool.
+    """
+
+    def __init__(self, portal):
+        self.portal = portal
+        self.held = []
+
+    def login(self, *args):
+        d = defer.Deferred()
+        self.held.append((d, args))
+        return d
+
+    def answer(self, index):
+        d, args = self.held[index]
+        self.portal.login(*args).chainDeferred(d)
+
+
+def test_sessionsCheckedAtOnceLearnNothingPastTheBan(store, alice):
+    """
+    The real policy, --ban-after 2: a guesser's three sessions from one
+    address send their passwords at once.  The first two checks fail and
+    ban the address; the third, the right password, checked meanwhile,
+    does not log in, and is answered as a wrong one would be once banned.
+    """
+    from twisted.internet.task import Clock
+
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.memory import MemoryPolicyStore
+    from mailgate.policy.settings import PolicySettings
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = ConnectionPolicy(
+        MemoryPolicyStore(), clock, PolicySettings(exemptNetworks=["none"], banAfter=2, authPenaltyMax=15)
+    )
+    factory = pop3Factory(store, clock=clock, policy=policy, authFailureDelay=1.0)
+    portal = factory.portal = HeldPortal(factory.portal)
+    sessions = [POP3Session(store, factory=factory, clock=clock, peer=CLIENT) for _ in range(3)]
+    for s, password in zip(sessions, ["wrong 1", "wrong 2", PASSWORD]):
+        assert userPass(s, password) == ""
+    for index in range(3):
+        portal.answer(index)
+    assert [s.advance(0) for s in sessions] == [b""] * 3
+    clock.advance(1)
+    assert [s.send(b"") for s in sessions] == [INVALID.encode(), INVALID.encode(), b"-ERR [SYS/TEMP] banned\r\n"]
+    assert sessions[2].disconnected
+    assert POP3Session(store).login(ALICE, PASSWORD).startswith("+OK")
 
 
 def endSession(s):
