@@ -43,6 +43,7 @@ and a thread hand-off buys nothing for a render that takes microseconds.
 """
 
 import io
+import itertools
 
 from prometheus_client import (
     CollectorRegistry,
@@ -664,6 +665,24 @@ class MetricsChannel(http.HTTPChannel):
     _heldForTransport = False
     _requestTimer = None
 
+    #: when the connection last did anything (it opened, octets came), as
+    #: a number of L{_activity}: the one that did so longest ago gives
+    #: way at the connection limit (L{_LimitedSite})
+    lastActivity = 0
+    _activity = itertools.count(1)
+
+    def connectionMade(self):
+        self.lastActivity = next(self._activity)
+        super().connectionMade()
+
+    @property
+    def answering(self):
+        """
+        Whether a request of this connection is being answered now (a
+        health check waiting for the database, say).
+        """
+        return self._handlingRequest
+
     #: seconds a request's line and headers may take from their first
     #: octet; Twisted's idle timeout starts again at every octet, so a
     #: client trickling one every few seconds (a slow loris) kept its
@@ -671,6 +690,8 @@ class MetricsChannel(http.HTTPChannel):
     requestTimeout = 10
 
     def dataReceived(self, data):
+        if data:
+            self.lastActivity = next(self._activity)
         if data and self._requestTimer is None and not self._handlingRequest:
             self._requestTimer = self.callLater(self.requestTimeout, self._requestTooSlow)
         super().dataReceived(data)
@@ -727,22 +748,50 @@ class MetricsSite(server.Site):
 IDLE_TIMEOUT = 60
 
 
-#: HTTP connections the metrics site holds at once; one more is closed as
-#: it arrives.  Scrapers and health checks need a few: the limit keeps a
-#: client on the metrics port from taking the descriptors the mail
-#: listeners need (their own limits do not count this port).
+#: HTTP connections the metrics site holds at once.  Scrapers and health
+#: checks need a few: the limit keeps a client on the metrics port from
+#: taking the descriptors the mail listeners need (their own limits do
+#: not count this port).
 MAX_CONNECTIONS = 32
 
 
 class _LimitedSite(policies.WrappingFactory):
     """
     The metrics site behind L{MAX_CONNECTIONS}.
+
+    At the limit, a new connection takes the place of the one that has
+    been quiet longest (sent nothing since, and has no request being
+    answered): 32 connections opened and left silent, which cost their
+    client nothing and held until the idle timeout, kept every health
+    check and scrape out (a balancer then takes the node out of service).
+    The new connection is closed as it arrives only when every one is
+    being answered.  A scraper whose kept-alive connection gave way
+    connects again at its next scrape.
     """
 
     def buildProtocol(self, addr):
-        if len(self.protocols) >= MAX_CONNECTIONS:
+        if len(self.protocols) >= MAX_CONNECTIONS and not self._makeRoom():
             return None
         return super().buildProtocol(addr)
+
+    def _makeRoom(self):
+        """
+        Close the connection quiet longest, if one is not being answered.
+
+        @return: whether one was closed.
+        """
+        quiet = [
+            wrapper for wrapper in self.protocols
+            if not wrapper.wrappedProtocol.answering and not getattr(wrapper, "gaveWay", False)
+        ]
+        if not quiet:
+            return False
+        oldest = min(quiet, key=lambda wrapper: wrapper.wrappedProtocol.lastActivity)
+        # Counted until its connectionLost, which comes on a later turn of
+        # the reactor: marked, so that another arrival closes another one.
+        oldest.gaveWay = True
+        oldest.transport.abortConnection()
+        return True
 
 
 def metricsSite(metrics, healthCheck, reactor, timeout=1.0):

@@ -619,27 +619,51 @@ def test_anIdleConnectionIsClosedOnTheGivenReactor():
     site.stopFactory()
 
 
-def test_connectionsBeyondTheLimitAreClosedAsTheyArrive():
+def test_aConnectionBeyondTheLimitTakesThePlaceOfTheQuietestOne():
     """
-    At L{MAX_CONNECTIONS} open connections the site builds no protocol for
-    the next (Twisted closes it at once); when one closes, a new one is
-    served again.
+    At L{MAX_CONNECTIONS} open connections, the next one takes the place
+    of the one quiet longest (32 connections left silent kept every
+    health check out until the idle timeout); it is closed as it arrives
+    (Twisted closes it at once) only while every connection has a request
+    being answered.
     """
-    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+    checks = []
+
+    def check():
+        checks.append(defer.Deferred())
+        return checks[-1]
+
+    site = metricsSite(Metrics(), check, Clock())
     site.startFactory()
     address = IPv4Address("TCP", "127.0.0.1", 4321)
-    held = []
-    for _ in range(MAX_CONNECTIONS):
+
+    def connect():
         protocol = site.buildProtocol(address)
-        protocol.makeConnection(StringTransport())
-        held.append(protocol)
-    assert site.buildProtocol(address) is None
-    held.pop().connectionLost(Failure(ConnectionDone()))
-    again = site.buildProtocol(address)
-    transport = StringTransport()
-    again.makeConnection(transport)
-    again.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+        if protocol is None:
+            return None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    held = [connect() for _ in range(MAX_CONNECTIONS)]
+    # The first one is the quietest but for the second, which spoke last.
+    held[1][0].dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    protocol, transport = connect()
+    assert held[0][1].disconnecting and not any(t.disconnecting for _, t in held[1:])
+    held[0][0].connectionLost(Failure(ConnectionDone()))
+    protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Every connection waits for its health check: none gives way.
+    held[1][0].dataReceived(b"Host: x\r\n\r\n")
+    for p, _ in held[2:]:
+        p.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(checks) == MAX_CONNECTIONS
+    assert connect() is None
+    assert not any(t.disconnecting for _, t in held[1:])
+    # One answered: quiet again, it is the one to give way.
+    checks[5].callback(None)
+    assert held[5][1].value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert connect() is not None
+    assert held[5][1].disconnecting
     site.stopFactory()
 
 
