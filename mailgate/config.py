@@ -447,6 +447,25 @@ class ExemptNetwork(Network):
         return values
 
 
+class BalancerNetwork(Network):
+    """
+    A network of the load balancers that may send a PROXY header: at least
+    one.  No balancer at all means, to the PROXY listener beneath
+    (L{mailgate.session.proxy.isBalancer}), that any peer may send one, so
+    choose the address every policy sees: an empty list in a file, meant
+    as "none", would trust everyone.
+    """
+
+    def checkList(self, values):
+        if not values:
+            raise ValueError(
+                "an empty list would let any peer send a PROXY header (and claim any client "
+                "address): name the balancers' networks, or leave the key out for this machine's "
+                "(0.0.0.0/0 and ::/0 to trust every peer)"
+            )
+        return values
+
+
 class TrustedNetwork(ExemptNetwork):
     """
     A network trusted with plaintext passwords, or C{none} (given alone:
@@ -884,7 +903,7 @@ SETTINGS = (
         repeated=True,
     ),
     Setting(
-        "proxy-network", "proxyNetworks", Network(), DEFAULT_BALANCER_NETWORKS,
+        "proxy-network", "proxyNetworks", BalancerNetwork(), DEFAULT_BALANCER_NETWORKS,
         "A network (CIDR) of the load balancers that may connect to haproxy: "
         "listeners (Dovecot's haproxy_trusted_networks): a connection from "
         "elsewhere is closed unread, since its PROXY header would choose the "

@@ -505,6 +505,25 @@ def test_exemptNetworkNoneWithNetworks(tmp_path):
         parse("--trusted-network", "none", "--trusted-network", "10.0.0.0/8")
 
 
+def test_anEmptyProxyNetworkListIsRefused(tmp_path):
+    """
+    No balancer at all, to the PROXY listener, means any peer may send a
+    header (and claim a loopback client: exempt from bans, allowed
+    plaintext passwords): proxy-network = [] in a file, meant as "none",
+    is refused in one line rather than trusting everyone.  An embedder's
+    MailgateConfig is checked alike.
+    """
+    from mailgate.config import ConfigurationError, MailgateConfig, checkConfig
+
+    message = fileError(tmp_path, "proxy-network = []\n")
+    assert message.endswith("key 'proxy-network': an empty list would let any peer send a PROXY header "
+                            "(and claim any client address): name the balancers' networks, or leave the "
+                            "key out for this machine's (0.0.0.0/0 and ::/0 to trust every peer)")
+    with pytest.raises(ConfigurationError, match="proxy-network: an empty list"):
+        checkConfig(MailgateConfig(proxyNetworks=[]))
+    assert parse("--proxy-network", "10.0.0.2/32").toConfig().proxyNetworks == ["10.0.0.2/32"]
+
+
 def test_twistdStopsOnABadFileWithOneLine(tmp_path):
     """
     The one line, and EX_CONFIG (78): the file must change before a start
