@@ -251,6 +251,43 @@ def test_userRenameRefusedInSession(cli, store):
     assert cli("user", "del", ALICE).code == 0
 
 
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aSessionJustLoggedInIsNotExpungedUnderOnSQLite(cli, store):
+    """
+    The embedded store's sessions hold their maildrop locks in the
+    server's memory, and the registry the admin command also reads is
+    written about a second after a login: a C{mailbox expunge} (or
+    C{user del}, C{user rename}) in that second went ahead and removed
+    the messages the session had just listed (its RETR then failed, and
+    its QUIT still counted them).  The server's session lock is seen by
+    the command's process through the lock file, as a PostgreSQL node's
+    advisory lock is.
+    """
+    server = memoryStore(cli.url)
+    server.engine.claimServer()
+    try:
+        deliver(server, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+        session = POP3Session(server)
+        assert session.login(ALICE, "wonderland").startswith("+OK")
+        # Nothing written to the registry yet: the lock alone refuses.
+        for argv in (
+            ["mailbox", "expunge", ALICE, "--all"],
+            ["user", "del", ALICE],
+            ["user", "rename", ALICE, "carol@example.org"],
+        ):
+            result = cli(*argv)
+            assert result.code == 75, (argv, result)
+            assert result.err.startswith(f"mailgate: {ALICE} is in a POP3 session"), result
+        assert session.command("RETR 1").startswith("+OK")
+        assert session.command("QUIT").startswith("+OK")
+        # The session's lock was given back at its end.
+        assert cli("mailbox", "expunge", ALICE, "--all").out == (
+            f"removed 1 messages (every message) from {ALICE}\n"
+        )
+    finally:
+        server.close()
+
+
 def test_mailboxExpunge(cli, store):
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)

@@ -18,6 +18,7 @@ import fcntl
 import os
 import sqlite3
 import stat
+import struct
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -539,11 +540,98 @@ class SQLiteEngine:
             self._guard = None
 
     def makeLocks(self, database):
-        return InProcessLocks(database)
+        lockFile = None if self.ephemeral else MaildropLockFile(self)
+        return InProcessLocks(database, lockFile)
 
     def makeMessageReads(self, database):
         # SQLite answers from its page cache on the reader threads.
         return ThreadedMessageReads(database)
+
+
+#: C{struct flock} as Linux lays it out (C{short l_type, l_whence}; C{off_t
+#: l_start, l_len}; C{pid_t l_pid}), for open file description locks.
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
+
+
+class MaildropLockFile:
+    """
+    The maildrop locks of the embedded store across processes: one octet
+    of the server's lock file (C{DATABASE.lock}, L{SQLiteEngine.claimServer})
+    per user, at the user id's offset, locked with an open file
+    description lock (C{F_OFD_SETLK}, Linux) while a POP3 session, the
+    retention task or an admin command works on that maildrop.
+
+    The server's sessions hold their locks in its memory
+    (L{InProcessLocks}); the admin command (C{mailgate mailbox expunge},
+    C{user del}, C{user rename}) runs in another process, and the session
+    registry it also reads is written about a second after a login: an
+    expunge in that second removed the messages a session had just
+    listed.  Here the command finds the session's octet locked, as a
+    PostgreSQL node finds the session's advisory lock.
+
+    An open file description lock belongs to the descriptor, not to the
+    process: closing another descriptor of the file drops none of it
+    (POSIX locks drop them all), and two stores of one process (the
+    server's and a test's command) see each other's.  Where the system
+    has none, or the lock file cannot be opened (no server ever ran
+    here, or another user's), the maildrop lock is this process's only,
+    as before.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._own = None
+
+    def _descriptor(self):
+        """
+        The server's own descriptor of the lock file, or one of this
+        process's, opened once (never created: without the file, no
+        server has sessions to protect); C{None} if there is none.
+        """
+        guard = self._engine._guard
+        if guard is not None:
+            return guard
+        if self._own is None:
+            try:
+                fd = os.open(self._engine.path + ".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return None
+            self._own = fd
+        return self._own
+
+    def _lock(self, kind, userId):
+        command = getattr(fcntl, "F_OFD_SETLK", None)
+        fd = self._descriptor()
+        if command is None or fd is None:
+            return True
+        try:
+            fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, userId, 1, 0))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if e.errno == errno.EINVAL:
+                # A kernel without open file description locks.
+                return True
+            raise
+        return True
+
+    def acquire(self, userId):
+        """
+        Lock C{userId}'s octet without waiting: C{False} if another
+        process (or another store of this one) holds it.
+        """
+        return self._lock(fcntl.F_WRLCK, userId)
+
+    def release(self, userId):
+        self._lock(fcntl.F_UNLCK, userId)
+
+    def close(self):
+        if self._own is not None:
+            os.close(self._own)
+            self._own = None
 
 
 @implementer(IMaildropLocks)
@@ -551,19 +639,24 @@ class InProcessLocks:
     """
     Maildrop locks held in this process's memory: exact and free for a
     single-process deployment, which is what the embedded store is (see
-    L{SQLiteEngine.claimServer}).  The snapshot taken with a lock is read
-    through the store's database, on a reader.
+    L{SQLiteEngine.claimServer}), and, through C{lockFile} (a
+    L{MaildropLockFile}), seen by the admin command's process too.  The
+    snapshot taken with a lock is read through the store's database, on a
+    reader.
 
     @param database: the store's L{mailgate.interfaces.IDatabase}.
     """
 
-    def __init__(self, database):
+    def __init__(self, database, lockFile=None):
         self._database = database
         self._snapshot = snapshotQuery(database.engine)
         self._held = set()
+        self._lockFile = lockFile
 
     def acquire(self, userId):
         if userId in self._held:
+            return defer.fail(MaildropInUse(userId))
+        if self._lockFile is not None and not self._lockFile.acquire(userId):
             return defer.fail(MaildropInUse(userId))
         self._held.add(userId)
         return defer.succeed(userId)
@@ -575,15 +668,21 @@ class InProcessLocks:
             read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
 
             def giveBack(failure):
-                self._held.discard(userId)
+                self._giveBack(userId)
                 return failure
 
             return read.addErrback(giveBack)
 
         return d.addCallback(snapshot)
 
+    def _giveBack(self, userId):
+        if userId in self._held:
+            self._held.discard(userId)
+            if self._lockFile is not None:
+                self._lockFile.release(userId)
+
     def release(self, userId):
-        self._held.discard(userId)
+        self._giveBack(userId)
         return defer.succeed(None)
 
     def writeGuard(self, userId):
@@ -594,5 +693,8 @@ class InProcessLocks:
         return lambda cursor: userId in self._held
 
     def close(self):
-        self._held.clear()
+        for userId in list(self._held):
+            self._giveBack(userId)
+        if self._lockFile is not None:
+            self._lockFile.close()
         return defer.succeed(None)
