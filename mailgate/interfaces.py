@@ -961,7 +961,8 @@ class IPolicyStore(Interface):
     def removeBan(address):
         """
         Lift an address's ban, and forget its failures so that it starts
-        afresh.
+        afresh.  Without a ban, nothing changes (the failures stay, as the
+        running nodes, which learn only of lifted bans, keep them too).
 
         @return: a L{Deferred} L{bool}: whether there was a ban in force or
             expired but not yet swept away.

@@ -177,6 +177,23 @@ def test_liftingABanForgetsTheAddressFailures(anyPolicyStore):
     assert record(store, failure(at=NOW + 6)).failures == 1
 
 
+def test_removingABanThatIsNotThereChangesNothing(anyPolicyStore):
+    """
+    C{mailgate ban del} for an address with failures and no ban says there
+    is no ban, and it is so: the failures stay, as they stay in every
+    running node's memory (nodes learn only of lifted bans), rather than
+    going from the database alone.
+    """
+    store = anyPolicyStore
+    record(store, failure(at=NOW), banAfter=0)
+    before = resultOf(store.changes(None, NOW - 10, NOW + 5))
+    assert resultOf(store.removeBan(ADDRESS)) is False
+    after = resultOf(store.changes(before.version, NOW - 10, NOW + 5))
+    assert after.bans is None
+    assert [f.address for f in after.failures] == [ADDRESS]
+    assert record(store, failure(at=NOW + 6), banAfter=0).failures == 2
+
+
 def test_changesReadTheBansOnlyWhenTheVersionMoved(anyPolicyStore):
     store = anyPolicyStore
     first = resultOf(store.changes(None, NOW, NOW))

@@ -58,8 +58,8 @@ class MemoryPolicyStore:
 
     def removeBan(self, address):
         removed = self.bans.pop(address, None) is not None
-        self.failures = [f for f in self.failures if f.address != address]
         if removed:
+            self.failures = [f for f in self.failures if f.address != address]
             self.version += 1
         return defer.succeed(removed)
 

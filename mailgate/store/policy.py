@@ -116,11 +116,13 @@ def _addBan(cursor, ban):
 def _removeBan(cursor, address):
     cursor.execute("DELETE FROM bans WHERE address = ?", (address,))
     removed = cursor.rowcount > 0
-    # A lifted ban is a fresh start: the failures that made it would
-    # otherwise make it again at the next one.
-    cursor.execute("DELETE FROM auth_failures WHERE address = ?", (address,))
-    cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (address,))
     if removed:
+        # A lifted ban is a fresh start: the failures that made it would
+        # otherwise make it again at the next one.  Without a ban, nothing
+        # changes: the running nodes learn of lifted bans only, and would
+        # keep counting failures the database no longer had.
+        cursor.execute("DELETE FROM auth_failures WHERE address = ?", (address,))
+        cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (address,))
         _bump(cursor)
     return removed
 
