@@ -153,6 +153,36 @@ def test_aFileRenamedBeforeItIsOpenedIsFoundAgain(store, tmp_path, monkeypatch):
     assert pop3(store)[0] == [names[0]]
 
 
+def test_aFileExpungedDuringTheImportIsATemporaryFailure(databaseURL, store, tmp_path, monkeypatch):
+    """
+    A message the user expunges from a live Dovecot while the import runs
+    is named, and the command exits 75 ("run it again to finish"), not 65
+    (bad data, which no run again would change): the next run, which no
+    longer lists it, completes.
+    """
+    from test_importers import cli
+
+    names = [f"170000000{n}.M1P1.h" for n in range(2)]
+    directory = writeMaildir(tmp_path / "Maildir", [("new", n, b"Subject: %s\n\nx\n" % n.encode()) for n in names])
+    root = tmp_path / "Maildir"
+    listMaildir = maildirImporter.listMaildir
+
+    def listThenExpunge(*args):
+        listed = listMaildir(*args)
+        os.unlink(root / "new" / names[1])
+        return listed
+
+    monkeypatch.setattr(maildirImporter, "listMaildir", listThenExpunge)
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
+    assert code == 75, (out, err)
+    assert err.endswith("gone during the import (expunged?): not imported\n"
+                        "mailgate: the import did not complete; run it again to finish\n")
+    monkeypatch.undo()
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
+    assert (code, err) == (0, ""), (out, err)
+    assert out == "0 messages imported (0 octets), 1 skipped as already present\n"
+
+
 @pytest.mark.parametrize(
     "uidList, why",
     [

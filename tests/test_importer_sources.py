@@ -526,7 +526,7 @@ def test_anImportTheDatabaseInterruptedIsATemporaryFailure(databaseURL, store, t
     monkeypatch.setattr(mailgate.cli, "openSynchronousStore", failingSecondBatch)
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
     assert code == 75, (out, err)
-    assert "the database went away" in err and err.endswith("the import was interrupted; run it again to finish\n")
+    assert "the database went away" in err and err.endswith("the import did not complete; run it again to finish\n")
     monkeypatch.undo()
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
     assert (code, err) == (0, "")

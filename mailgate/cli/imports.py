@@ -70,8 +70,9 @@ def _importMaildir(store, args, out, stdin):
         raise CommandError(str(e), EX_NOINPUT)
     _importReport(report, out, args.stderr)
     if report.temporary:
-        # The database, not the maildir: the run can simply be repeated.
-        raise CommandError("the import was interrupted; run it again to finish", EX_TEMPFAIL)
+        # The database, or a maildir changing under the import (a live
+        # Dovecot expunging): the run can simply be repeated.
+        raise CommandError("the import did not complete; run it again to finish", EX_TEMPFAIL)
     if report.failures:
         raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
 

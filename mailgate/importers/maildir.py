@@ -492,6 +492,8 @@ def _openMessage(message, report):
             moved = _findAgain(message)
             if moved is None:
                 report.failures.append(f"{message.path}: gone during the import (expunged?): not imported")
+                # The next run, which does not list it, completes.
+                report.temporary = True
                 return None
             message.path = moved
         except NotAFile as e:
@@ -501,6 +503,7 @@ def _openMessage(message, report):
             report.failures.append(f"{message.path}: {e.strerror}")
             return None
     report.failures.append(f"{message.path}: renamed again and again during the import: not imported")
+    report.temporary = True
     return None
 
 
