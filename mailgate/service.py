@@ -60,6 +60,9 @@ MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 #: database, and one that does not answer (a network that drops its
 #: packets, a PostgreSQL server that hangs) held the stop for ever
 STOP_TIMEOUT = 10.0
+#: seconds of a stop beside the sessions' grace (see
+#: L{MailgateService.stopTimeLimit})
+STOP_MARGIN = 10.0
 #: the settings a SIGHUP applies to a running server when the
 #: configuration file changes them (the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
@@ -513,6 +516,18 @@ class MailgateService(MultiService):
         Call C{callback()} first thing when the service starts stopping.
         """
         self._stoppingCallbacks.append(callback)
+
+    def stopTimeLimit(self):
+        """
+        Seconds a stop takes at most for the sessions to be done with: the
+        grace, the wait for sessions to close once it is over, and a
+        margin for closing the listeners and the services after them (the
+        rest of L{STOP_TIMEOUT} is housekeeping a cut stop loses nothing
+        of).  systemd hears it with C{STOPPING=1} (L{mailgate.systemd}), so
+        that a grace longer than the unit's C{TimeoutStopSec} is not cut
+        short by its SIGKILL.
+        """
+        return self.shutdownGrace + self.sessions.abortDelay + STOP_MARGIN
 
     def drainSessions(self):
         """

@@ -11,7 +11,10 @@ namespace).  See sd_notify(3).
     begins and C{READY=1} when it is over: C{systemctl status} shows the
     reload, and a unit of C{Type=notify-reload} (systemd 253 and later)
     has C{systemctl reload} wait for it;
-  - C{STOPPING=1} first thing when shutdown begins;
+  - C{STOPPING=1} first thing when shutdown begins, with
+    C{EXTEND_TIMEOUT_USEC=} the time the stop may take (the sessions'
+    shutdown grace and a margin), so that a grace longer than the unit's
+    C{TimeoutStopSec} is honoured rather than cut short by its SIGKILL;
   - C{WATCHDOG=1} every half of C{$WATCHDOG_USEC} while the reactor runs
     (a reactor that hangs stops the pings, and systemd restarts the
     service).
@@ -238,7 +241,12 @@ class SystemdService(Service):
             return
         self.stopping = True
         self._lastStatus = self._status()
-        self._notifier.notify("STOPPING=1", f"STATUS={self._lastStatus}")
+        lines = ["STOPPING=1", f"STATUS={self._lastStatus}"]
+        limit = getattr(self._root, "stopTimeLimit", None)
+        if limit is not None:
+            # Extends TimeoutStopSec only where it is shorter (sd_notify(3)).
+            lines.append(f"EXTEND_TIMEOUT_USEC={int(limit() * 1_000_000)}")
+        self._notifier.notify(*lines)
 
     def stopService(self):
         Service.stopService(self)

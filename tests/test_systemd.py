@@ -197,6 +197,30 @@ def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
     assert clock.getDelayedCalls() == []
 
 
+def test_stoppingGivesSystemdTheTimeTheGraceNeeds(tmp_path):
+    """
+    STOPPING=1 comes with EXTEND_TIMEOUT_USEC: the shutdown grace and a
+    margin.  The unit's TimeoutStopSec (45 s) SIGKILLed a server whose
+    --shutdown-grace was longer in the middle of its sessions' grace.
+    """
+    from mailgate.service import MailgateConfig, makeService
+
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path / 'db.sqlite3'}", pop3=["tcp:1110:interface=127.0.0.1"],
+        shutdownGrace=120,
+    )
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock, notifier = MemoryReactorClock(), RecordingNotifier()
+    root = makeService(config, reactor=clock)
+    service = systemd.SystemdService(root, notifier, clock, watchdog=None)
+    service.shutdownBegins()
+    [stopping] = [lines for lines in notifier.sent if lines[0] == "STOPPING=1"]
+    [extend] = [line for line in stopping if line.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert int(extend.split("=")[1]) == (120 + root.sessions.abortDelay + 10) * 1_000_000
+    root.store.close()
+
+
 def test_whileWaitingForTheDatabaseStatusNamesTheErrorsKindOnly():
     """
     STATUS= is readable by every local user (systemctl status): while the
