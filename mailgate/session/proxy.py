@@ -13,8 +13,12 @@ L{ProxyHeaderFactory.headerTimeout} seconds; anything else closes the
 connection.
 
 A C{LOCAL} header (version 2, the balancer's own health checks), an
-C{UNKNOWN} one (version 1) and one naming Unix sockets (version 2) keep
-the connection's own addresses.
+C{UNKNOWN} one (version 1) and one naming Unix sockets or no addresses
+(version 2) keep the connection's own addresses, as the PROXY
+specification says: the balancer's, which for a balancer on this machine
+is a loopback address, local to every policy.  Such headers come from the
+balancer's own checks, or from clients it took on other than by TCP
+(README: relay only TCP clients).
 
 Whoever sends the header chooses the address every policy sees: one
 claiming a loopback client is allowed plaintext passwords and exempt from
@@ -180,11 +184,10 @@ def _parseV2(data, maxLength):
             total,
         )
     if addressFamily == 3:
-        # Socket paths on the balancer's machine.  Taken as the peer, they
-        # would make the client a local one, allowed plaintext passwords
-        # and never limited, penalised or banned per address, on the word
-        # of whatever sent the header: the connection's own addresses
-        # (the balancer's) apply, as for LOCAL.
+        # Socket paths on the balancer's machine, which no policy can
+        # weigh: the connection's own addresses (the balancer's) apply, as
+        # for LOCAL.  For a balancer on loopback that makes the client a
+        # local one (see the module's docstring).
         if len(body) < 216:
             raise InvalidProxyHeader("short PROXY v2 UNIX addresses")
         return None, None, total
