@@ -1260,6 +1260,10 @@ def readFile(path, settings=SETTINGS):
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"{path}: not valid TOML: {_oneLine(e)}") from None
+    except RecursionError:
+        # tomllib recurses once per level of nested arrays or tables: a
+        # file of thousands of "[" was a traceback.
+        raise ConfigFileError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     byName = {s.name: s for s in settings}
     values = {}
     for key, value in document.items():

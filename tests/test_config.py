@@ -380,6 +380,15 @@ def test_notTOML(tmp_path):
     assert "line 1" in message
 
 
+@pytest.mark.parametrize("text", ["pop3 = " + "[" * 5000 + "]" * 5000, "pop3 = " + "{a=" * 5000 + "1" + "}" * 5000])
+def test_nestedTooDeeply(tmp_path, text):
+    """
+    Not a RecursionError traceback from tomllib: one line naming the file.
+    """
+    message = fileError(tmp_path, text + "\n")
+    assert message.endswith("mailgate.toml: not valid TOML: arrays or tables nested too deeply"), message
+
+
 def test_notUTF8(tmp_path):
     """
     Not a UnicodeDecodeError traceback: one line naming the file.
