@@ -610,12 +610,10 @@ class MaildropLockFile:
         try:
             fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, userId, 1, 0))
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            if e.errno == errno.EINVAL:
-                # A kernel without open file description locks.
-                return True
-            raise
+            # Held by another: refused.  Anything else (a kernel without
+            # open file description locks, EINVAL; no lock left, ENOLCK)
+            # leaves the lock this process's only, as it was before.
+            return e.errno not in (errno.EAGAIN, errno.EACCES)
         return True
 
     def acquire(self, userId):
