@@ -225,6 +225,52 @@ def test_manyUsersSayWhetherRunningItAgainHelps(oldServer, tmp_path):
     assert err.splitlines()[-1].startswith(f"mailgate: the import of {ALICE}, {ghost} did not complete (see above)")
 
 
+class TLSPOP3(ScriptedPOP3):
+    """
+    A scripted server over TLS from the first octet (pop3s), with the
+    certificate of C{context}, set before a client connects.
+    """
+
+    context = None
+
+    def _session(self, connection, reader):
+        secure = self.context.wrap_socket(connection, server_side=True)
+        with secure:
+            super()._session(secure, secure.makefile("rb"))
+
+
+def test_manyUsersFromAServerThatCannotBeUsedSafelyIsNotTemporary(tmp_path, monkeypatch):
+    """
+    import pop3 --users from a server whose certificate cannot be verified:
+    every user is refused until the administrator says otherwise
+    (--insecure), so the run exits 65, not 75, which a script retrying
+    on 75 would retry for ever.
+    """
+    import ssl
+
+    from certs import makeCertificate
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    certificate, key = makeCertificate(tmp_path)
+    server = TLSPOP3(threeMessages())
+    server.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.context.load_cert_chain(certificate, key)
+    try:
+        url, target_ = target(tmp_path, (ALICE, PASSWORD))
+        target_.close()
+        users = tmp_path / "users.txt"
+        users.write_text(f"{ALICE} {PASSWORD}\n")
+        command = ["import", "pop3", f"pop3s://127.0.0.1:{server.port}", "--users", str(users)]
+        code, out, err = cli(url, *command)
+        assert code == 65, (out, err)
+        assert "cannot be verified" in err and "--insecure skips the check" in err
+        code, out, err = cli(url, *command, "--insecure")
+        assert code == 0, (out, err)
+        assert out.startswith(f"{ALICE}: 3 messages imported")
+    finally:
+        server.stop()
+
+
 def test_aWrongPasswordIsStillNotTemporary(oldServer, store):
     server = oldServer(loginRefusal=b"-ERR [AUTH] invalid credentials")
     with pytest.raises(ImportFailed) as failed:

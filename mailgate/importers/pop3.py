@@ -95,6 +95,15 @@ class MalformedResponse(POP3Failed):
     """
 
 
+class NotSecure(POP3Failed):
+    """
+    The server cannot be used safely as it is (a certificate that cannot
+    be verified, no STLS to protect the password): refused until the
+    administrator says otherwise (C{--insecure}, C{pop3s://}), so running
+    the import again does not help.
+    """
+
+
 class LoginRefused(POP3Refused):
     """
     The server refused the user name or the password, for good (not with
@@ -141,14 +150,14 @@ def passes(failure):
     """
     Whether C{failure}, which stopped a user's import before it began,
     may pass: the source busy (L{SourceBusy}), the connection failing.
-    Not a refused login, a server without UIDL, a malformed answer, or
-    what mailgate itself refuses (no such user): a run again meets them
-    again.
+    Not a refused login, a server without UIDL, a malformed answer, a
+    server that cannot be used safely (L{NotSecure}), or what mailgate
+    itself refuses (no such user): a run again meets them again.
     """
     if isinstance(failure, SourceBusy):
         return True
     return isinstance(failure, POP3Failed) and not isinstance(
-        failure, (POP3Refused, NoUniqueIds, MalformedResponse)
+        failure, (POP3Refused, NoUniqueIds, MalformedResponse, NotSecure)
     )
 
 
@@ -328,7 +337,7 @@ class POP3Client:
         try:
             self._socket = self.context.wrap_socket(self._socket, server_hostname=self.host)
         except ssl.SSLCertVerificationError as e:
-            raise POP3Failed(
+            raise NotSecure(
                 f"the certificate of {self.host} cannot be verified ({e.verify_message}); "
                 f"--insecure skips the check"
             ) from None
@@ -638,7 +647,7 @@ def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
             if "STLS" in client.capabilities():
                 client.startTLS()
             elif not cleartextAllowed(client.peerAddress(), insecure):
-                raise POP3Failed(
+                raise NotSecure(
                     f"{host} offers no STLS: the password would go over the network in the clear "
                     f"(use pop3s:// if the server has it; --insecure sends it anyway)"
                 )
