@@ -565,6 +565,29 @@ def test_staleRememberedPasswordIsForgotten(users):
     logout()
 
 
+def test_rememberedPasswordSetAgainStillLogsIn(users, verifications):
+    """
+    The same password set again (C{mailgate user passwd}, as the README
+    asks for SASLprep'd SCRAM keys; or changed and changed back) gets a
+    new salt, so the hash it was remembered with is no longer the
+    user's: the password is verified again, not refused, and remembered
+    with the new hash.
+    """
+    portal = makePortal(users, RecordingRunner())
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    resultOf(users.setCredentials(BOB, makeCredentials("builder", logN=TEST_HASH_COST)))
+    newHash = resultOf(users.findUser(BOB)).passwordHash
+    del verifications[:]
+    _, maildrop, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    assert maildrop.address == BOB
+    assert verifications == [newHash]
+    _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))
+    logout()
+    assert verifications == [newHash]
+
+
 def test_rememberedPasswordOfADeletedUserFails(users):
     portal = makePortal(users, RecordingRunner())
     _, _, logout = _login(portal, UsernamePassword(b"bob@example.org", b"builder"))

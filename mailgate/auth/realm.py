@@ -45,11 +45,12 @@ class MaildropRealm:
 
     def _credentialsChanged(self, failure, identity):
         failure.trap(CredentialsChanged)
-        # A remembered password that is no longer the user's: a failed
-        # login like any other, and nothing more to remember about it.
+        # The hash the credentials were checked against (a remembered
+        # one, most often) is no longer the user's: nothing more to
+        # remember about it, and the portal checks them again.
         if self._onStaleCredentials is not None:
             self._onStaleCredentials(identity)
-        raise UnauthorizedLogin()
+        raise StaleCredentials()
 
     def _checkLoginDelay(self, maildrop, identity):
         d = self._store.recordLogin(identity, self._loginDelay)
@@ -67,6 +68,44 @@ class MaildropRealm:
             return failure
 
         return d.addCallbacks(checked, failed)
+
+
+class StaleCredentials(UnauthorizedLogin):
+    """
+    The credentials were checked against a stored hash (or an address)
+    that is no longer the user's by the time the maildrop was opened: a
+    remembered password after a password change, or a user deleted or
+    renamed meanwhile.  L{MaildropPortal} checks them once more; failing
+    again, it is a failed login like any other.
+    """
+
+
+class MaildropPortal(Portal):
+    """
+    A L{Portal} that checks credentials found stale (L{StaleCredentials})
+    once more, against what the store holds now, before refusing them.
+
+    A password is remembered with the hash it was verified against, and
+    opening the maildrop refuses it once that hash is no longer the
+    user's.  The hash also changes when the password does not: set again
+    to the same one (C{mailgate user passwd}, which SASLprep'd SCRAM keys
+    ask for), or changed and changed back.  Refused there, the user's
+    right password would fail once on every node that remembered it,
+    counted towards the address's penalties and bans.  Checked again
+    (the remembered entry is forgotten first, so it is a full
+    verification), the old password still fails and the right one logs
+    in.  Once only: a second stale answer (the password changed again
+    meanwhile) is a failed login.
+    """
+
+    def login(self, credentials, mind, *interfaces):
+        d = Portal.login(self, credentials, mind, *interfaces)
+
+        def again(failure):
+            failure.trap(StaleCredentials)
+            return Portal.login(self, credentials, mind, *interfaces)
+
+        return d.addErrback(again)
 
 
 def _avatar(maildrop):
@@ -92,6 +131,6 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defau
     realm = MaildropRealm(
         store, loginDelay, onStaleCredentials=lambda user: passwords.cache.forgetUser(user.address)
     )
-    portal = Portal(realm, checkers)
+    portal = MaildropPortal(realm, checkers)
     portal.passwordChecker = passwords
     return portal
