@@ -1316,6 +1316,35 @@ def resolve(given, fileValues=None, environ=None, settings=SETTINGS, configClass
     return checkConfig(configClass(**values), settings)
 
 
+def resolveFile(path, given=None, environ=None, settings=SETTINGS, configClass=MailgateConfig):
+    """
+    L{resolve} with the configuration file at C{path} (C{None}: none), read
+    by L{readFile}: a setting that does not fit with the others (a
+    certificate without its key) in the file alone is the file's fault,
+    named as every other fault of the file is (L{ConfigFileError}: exit 78
+    at start, so that systemd does not start the server again and again
+    on the same file), rather than a usage error without the file's name
+    (exit 1, which systemd's Restart=on-failure retries).
+
+    @raise ConfigFileError: the file is at fault.
+    @raise ConfigurationError: the command line or the environment (with
+        or without the file) is.
+    """
+    fileValues = readFile(path, settings) if path is not None else None
+    try:
+        return resolve(given or {}, fileValues, environ, settings, configClass)
+    except ConfigFileError:
+        raise
+    except ConfigurationError as e:
+        if fileValues is None:
+            raise
+        try:
+            resolve({}, fileValues, {}, settings, configClass)
+        except ConfigurationError:
+            raise ConfigFileError(f"{path}: {_oneLine(e)}") from None
+        raise
+
+
 # -- the example file ----------------------------------------------------------------
 
 

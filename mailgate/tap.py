@@ -158,8 +158,9 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            fileValues = configuration.readFile(self.configPath, self.settings) if self.configPath else None
-            self.config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+            self.config = configuration.resolveFile(
+                self.configPath or None, self.given, os.environ, self.settings, self.configClass
+            )
         except configuration.ConfigFileError as e:
             # One line, not twistd's usage text: the file is at fault.
             raise ConfigurationRefused(f"mailgate: {e}") from None
@@ -185,8 +186,7 @@ class Options(usage.Options):
 
         @raise ConfigurationError: the file cannot be read or is invalid.
         """
-        fileValues = configuration.readFile(self.configPath, self.settings)
-        config = configuration.resolve(self.given, fileValues, os.environ, self.settings, self.configClass)
+        config = configuration.resolveFile(self.configPath, self.given, os.environ, self.settings, self.configClass)
         configuration.checkListening(config, self.configPath)
         return attr.evolve(config, reloadOnSIGHUP=True)
 

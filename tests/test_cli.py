@@ -1092,7 +1092,7 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     # Checked across settings, as at start: implicit TLS without a key.
     refused = check('pop3s = ["tcp:995"]\n')
     assert (refused.code, refused.out, refused.err) == (
-        78, "", "mailgate: implicit-TLS listeners need a certificate and a key\n"
+        78, "", f"mailgate: {config}: implicit-TLS listeners need a certificate and a key\n"
     )
     refused = check(f'tls-cert = "{certificate}"\ntls-key = "{certificate}"\n')
     assert refused.code == 78 and str(certificate) in refused.err and refused.out == ""

@@ -380,6 +380,33 @@ def test_notTOML(tmp_path):
     assert "line 1" in message
 
 
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('tls-cert = "cert.pem"\n', "TLS needs both a certificate and a key"),
+        ('pop3s = ["tcp:995"]\n', "implicit-TLS listeners need a certificate and a key"),
+    ],
+)
+def test_settingsOfTheFileThatDoNotFitTogetherNameTheFile(tmp_path, text, reason):
+    """
+    A certificate without its key in the file is the file's fault: one line
+    naming it and exit 78, as for a wrong value, not a usage error without
+    the file's name and exit 1 (which systemd's Restart=on-failure retried
+    every two seconds on the same file).  Where the command line is at
+    fault too, it stays a usage error; a reload names the file as well.
+    """
+    path = writeConfig(tmp_path, text)
+    assert fileError(tmp_path, text) == f"mailgate: {path}: {reason}"
+    with pytest.raises(usage.UsageError) as e:
+        parse("--config", writeConfig(tmp_path, "max-recipients = 5\n"), "--tls-cert", "cert.pem")
+    assert str(e.value) == "TLS needs both a certificate and a key"
+    options = parse("--config", writeConfig(tmp_path, "max-recipients = 5\n"))
+    writeConfig(tmp_path, text)
+    with pytest.raises(settings.ConfigFileError) as e:
+        options.reread()
+    assert str(e.value) == f"{path}: {reason}"
+
+
 @pytest.mark.parametrize("text", ["pop3 = " + "[" * 5000 + "]" * 5000, "pop3 = " + "{a=" * 5000 + "1" + "}" * 5000])
 def test_nestedTooDeeply(tmp_path, text):
     """

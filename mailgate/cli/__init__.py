@@ -553,8 +553,7 @@ def _configDatabase(path):
 def _showConfig(store, args, out, stdin):
     from mailgate import config
 
-    values = {} if args.config is None else config.readFile(args.config)
-    served = config.resolve({}, values, args.environ)
+    served = config.resolveFile(args.config, {}, args.environ)
     source = f"--config {args.config}" if args.config is not None else "no configuration file"
     if args.check:
         _checkServed(served, args, out)
