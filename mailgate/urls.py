@@ -9,14 +9,19 @@ import re
 from urllib.parse import unquote
 
 
+#: a URL's parameter that holds a password (libpq's password and sslpassword)
+_PASSWORD_PARAMETER = r"([?&](?:ssl)?password=)"
+
+
 def shownURL(url):
     """
     C{url} as an error or a log line may show it: the password of its
     user, if any, replaced by C{***}.  Read without L{urlsplit}, which
     refuses some of the URLs there are errors to report about.
     """
-    # libpq also takes it as a parameter: ?password=...
-    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    # libpq also takes it as a parameter: ?password=..., and the password
+    # of the client's TLS key as ?sslpassword=...
+    url = re.sub(_PASSWORD_PARAMETER + r"[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url
@@ -54,7 +59,7 @@ def _passwordsIn(url):
     The password C{url} gives, as written and percent-decoded, in its user
     part and in a C{password=} parameter.
     """
-    found = set(re.findall(r"[?&]password=([^&#]*)", url, flags=re.IGNORECASE))
+    found = {value for _, value in re.findall(_PASSWORD_PARAMETER + r"([^&#]*)", url, flags=re.IGNORECASE)}
     scheme, separator, rest = url.partition("://")
     if separator:
         end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))

@@ -380,6 +380,22 @@ def test_notTOML(tmp_path):
     assert "line 1" in message
 
 
+def test_theEffectiveFileHidesTheTLSKeysPasswordToo():
+    """
+    mailgate config (the effective file) hides the database URL's
+    ?sslpassword= (libpq's password of the client's TLS key) as it hides
+    ?password=: it was shown in clear.
+    """
+    from mailgate.urls import hasPassword
+
+    url = "postgresql://mailgate@db.internal/mail?sslkey=/etc/mailgate/client.key&sslpassword=k3y-s3cret"
+    shown = settings.effectiveFile(MailgateConfig(database=url))
+    assert "k3y-s3cret" not in shown
+    assert 'database = "postgresql://mailgate@db.internal/mail?sslkey=/etc/mailgate/client.key&sslpassword=***"' in shown
+    # and a file giving it, readable by all, is warned of
+    assert hasPassword(url)
+
+
 @pytest.mark.parametrize(
     "text, reason",
     [
