@@ -991,6 +991,29 @@ def test_scramLoginCountsOnceTheClientTookTheServersProof(store, alice):
         s.command("QUIT")
 
 
+def test_scramClientGoneBeforeTakingTheServersProofDidNotLogIn(store, alice):
+    """
+    A client that goes (or is timed out, or the server stops) after the
+    server's final message, without answering it, did not log in either:
+    its end is logged as an abandoned login, not as the logout of a
+    session whose login was never logged, and the maildrop is released.
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import Logger
+    from twisted.python.failure import Failure
+
+    s = POP3Session(store)
+    events = []
+    s.protocol.log = Logger(observer=events.append)
+    _, _, reply = scramExchange(s, ALICE, PASSWORD)
+    challenge(reply)
+    s.transport.loseConnection()
+    s.protocol.connectionLost(Failure(ConnectionDone()))
+    assert [(e["event"], e.get("reason")) for e in events] == [("auth.abandoned", "connection lost")]
+    other = POP3Session(store)
+    assert other.login(ALICE, PASSWORD).startswith(f"+OK {ALICE}")
+
+
 def test_scramWithAuthzid(store, alice):
     s = POP3Session(store)
     client = ScramClient(ALICE, PASSWORD, gs2=f"n,a={ALICE},")

@@ -374,8 +374,12 @@ class AuthorizationCommands:
     def _loginAbandoned(self, why):
         """
         The client did not take the server's last SASL message (it may have
-        found the server's proof wrong): no login, and the maildrop goes.
+        found the server's proof wrong, or gone, or the session was ended
+        meanwhile): no login, and the maildrop goes.
+
+        @return: what L{_endSession} returns.
         """
+        self._saslFinishing = False
         self.logInfo(
             "auth.abandoned",
             f"pop3 login abandoned user={self.user} peer={self.peerText} "
@@ -383,7 +387,7 @@ class AuthorizationCommands:
             mechanism=self._finishingMechanism,
             reason=why,
         )
-        self._endSession(why, loggedIn=False)
+        return self._endSession(why, loggedIn=False)
 
     def _enterTransaction(self):
         self._cancelLoginTimer()

@@ -303,6 +303,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             once for locks held in this process; after the database has
             confirmed it for locks shared between nodes).
         """
+        if self._saslFinishing:
+            # Ended (the connection lost, the login timeout, a shutdown)
+            # before the client took SASL's last message: it never logged
+            # in, and no logout line says it did.
+            return self._loginAbandoned(why)
         logout, self._logout = self._logout, None
         if logout is None:
             return defer.succeed(None)
