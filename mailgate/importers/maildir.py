@@ -345,6 +345,10 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         needs what it has not (uids without a uid list).
     """
     now = int(time.time()) if now is None else now
+    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
+        # Before anything is said of its dovecot-uidlist: a mistyped path
+        # is one error, not a warning about ids and then the error.
+        raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
     uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
     if uidListPath is not None and uidList is None:
         raise ImportFailed(f"no such file: {uidListPath}")
