@@ -902,6 +902,32 @@ def test_restoreAsNew(store):
     assert later not in ids + newIds
 
 
+@pytest.mark.parametrize("asNew", [False, True])
+def test_aRestoredMessageHasAWholeRetentionPeriodAhead(store, asNew):
+    """
+    A message deleted a day before its retention ended and restored two
+    days later is not removed for good by the next retention pass: its
+    retention counts from the restore (the listing dates it then).
+    """
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 30
+    store.limits.expireDays = 10
+    body = message(1)
+    deliver(store, [ALICE], body)
+    clock.days(9)
+    popDelete(store, ALICE, "wonderland", 1)
+    clock.days(3)
+    [(_, uniqueId)] = resultOf(store.restoreDeleted(ALICE, asNew=asNew))[0]
+    restoredAt = clock.now
+    assert resultOf(store.expireMessages()) == (0, 0)
+    [listed] = resultOf(store.listMessages(ALICE))
+    assert (listed.uniqueId, listed.arrived) == (uniqueId, restoredAt)
+    clock.days(9.9)
+    assert resultOf(store.expireMessages()) == (0, 0)
+    clock.days(0.2)
+    assert resultOf(store.expireMessages()) == (1, 0)
+
+
 def test_nodesKeepMailAsLongAsTheLiveNodeThatKeepsItLongest(databaseURL):
     """
     Two nodes on one database, given different retention settings (one

@@ -570,6 +570,12 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     server download them again.  Restoring is never refused for the
     quota: the mail was already stored.
 
+    A restored message is dated C{now}: its retention (C{--expire-days})
+    counts from its restore.  Dated as it first arrived, a message older
+    than its retention would be removed for good by the next retention
+    pass (retention keeps nothing back), minutes after the restore said
+    it was back.
+
     @return: C{(restored, missing)}: a list of C{(old unique id, unique id
         now)}, and the requested unique ids that are not kept.
     """
@@ -607,18 +613,17 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         following, validity = cursor.fetchone()
         first = following - len(rows)
         entries = [
-            (userId, first + n, formatUniqueId(first + n, validity), *row[2:])
+            (userId, first + n, formatUniqueId(first + n, validity), *row[2:6], now)
             for n, row in enumerate(rows)
         ]
     else:
-        entries = [(userId, *row) for row in rows]
+        entries = [(userId, *row[:6], now) for row in rows]
     insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
     cursor.execute(
         "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
         "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
         "ELSE oldest_arrival END WHERE user_id = ?",
-        (len(rows), sum(row[4] for row in rows), min(row[6] for row in rows),
-         min(row[6] for row in rows), userId),
+        (len(rows), sum(row[4] for row in rows), now, now, userId),
     )
     return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
 
