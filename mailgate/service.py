@@ -181,7 +181,9 @@ class MailgateService(MultiService):
          core's grace period);
       4. the other services stop (timers, the metrics endpoint, which
          answers until then; the retention task finishes the transaction
-         it is in, and the node leaves the POP3 session registry);
+         it is in, and the node leaves the POP3 session registry), for
+         at most L{STOP_TIMEOUT} seconds: a database that does not answer
+         must not hold the process;
       5. the store closes.
 
     @ivar store: the L{mailgate.interfaces.IMailStore} every protocol uses.
