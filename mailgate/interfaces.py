@@ -576,9 +576,11 @@ class ILifecycleStore(Interface):
     def expungeMessages(address, olderThanDays=None):
         """
         Remove a user's messages for good (all, or those older than
-        C{olderThanDays}); refused while the user is in a POP3 session.
+        C{olderThanDays}), those deleted by POP3 and kept for recovery
+        included; refused while the user is in a POP3 session.
 
-        @return: a L{Deferred} of how many were removed.
+        @return: a L{Deferred} of C{(messages removed from the maildrop,
+            kept deleted messages removed)}.
         """
 
     def recountUsage(address):

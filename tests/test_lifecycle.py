@@ -1242,12 +1242,38 @@ def test_expungeOlderThanAndAll(store):
     clock.days(10)
     kept = deliver(store, [ALICE], message(2))[ALICE]
     clock.days(1)
-    assert resultOf(store.expungeMessages(ALICE, 5)) == 1
+    assert resultOf(store.expungeMessages(ALICE, 5)) == (1, 0)
     assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == [kept]
-    assert resultOf(store.expungeMessages(ALICE)) == 1
+    assert resultOf(store.expungeMessages(ALICE)) == (1, 0)
     assert usage(store, ALICE) == (0, 0)
     assert bodyCount(store) == (0, 0)
     assert failureOf(store.expungeMessages(CAROL)).check(NoSuchUser)
+
+
+def test_expungeRemovesTheMailKeptForRecoveryToo(store):
+    """
+    An administrator expunging a user's mail (an erasure request) erases
+    what POP3 deleted and recovery keeps as well: older than the days
+    given, or all of it; other users' kept mail stays.
+    """
+    clock = Clocked(store)
+    store.limits.keepDeletedDays = 30
+    deliver(store, [ALICE, BOB], message(1))
+    clock.days(10)
+    deliver(store, [ALICE], message(2))
+    deliver(store, [ALICE], message(3))
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    popDelete(store, BOB, "builder", 1)
+    clock.days(1)
+    assert resultOf(store.expungeMessages(ALICE, 5)) == (0, 1)
+    [left] = resultOf(store.listDeleted(ALICE))
+    assert left.size == len(message(2))
+    assert resultOf(store.expungeMessages(ALICE)) == (1, 1)
+    assert resultOf(store.listDeleted(ALICE)) == []
+    assert resultOf(store.restoreDeleted(ALICE)) == ([], [])
+    assert len(resultOf(store.listDeleted(BOB))) == 1
+    # Bob's kept copy of the first message holds its body; nothing else.
+    assert bodyCount(store)[0] == 1
 
 
 # -- the session registry: who and kick --------------------------------------------------------
@@ -1610,7 +1636,7 @@ def test_aMessageCommittedWhileAnExpungeLooksAtItsMaildropStillExpires(store, da
     deliver(store, [ALICE], message(1))
     popDelete(store, ALICE, "wonderland", 1)
     clock.days(5)
-    assert _whileADeliveryCommits(databaseURL, clock, lambda: store.expungeMessages(ALICE, 3)) == 0
+    assert _whileADeliveryCommits(databaseURL, clock, lambda: store.expungeMessages(ALICE, 3)) == (0, 0)
     assert len(resultOf(store.listMessages(ALICE))) == 1
     clock.days(4)
     assert resultOf(store.expireMessages()) == (1, 0)

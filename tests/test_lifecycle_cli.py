@@ -288,6 +288,19 @@ def test_aSessionJustLoggedInIsNotExpungedUnderOnSQLite(cli, store):
         server.close()
 
 
+def test_mailboxExpungeSaysWhatItRemovedOfTheKeptMail(cli, store):
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    keptDeleted(store, ALICE, "wonderland", 1)
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert (result.code, result.out) == (
+        0,
+        f"removed 2 messages (every message) from {ALICE}\n"
+        "removed 1 deleted messages kept for recovery (every message) too\n",
+    )
+    assert cli("mailbox", "deleted", ALICE).out.splitlines()[1:] == []
+
+
 def test_mailboxExpunge(cli, store):
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)

@@ -174,11 +174,13 @@ def _mailboxExpunge(store, args, out, stdin):
     address = _address(args.address)
     days = None if args.all else _number(args.older_than, _dayCount, "--older-than")
     try:
-        removed = _forUser(address, store.expungeMessages(address, days))
+        removed, kept = _forUser(address, store.expungeMessages(address, days))
     except MaildropInUse:
         raise _inSession(address)
     what = "every message" if args.all else f"messages older than {days} days"
     out.write(f"removed {removed} messages ({what}) from {address}\n")
+    if kept:
+        out.write(f"removed {kept} deleted messages kept for recovery ({what}) too\n")
 
 
 def _mailboxExport(store, args, out, stdin):

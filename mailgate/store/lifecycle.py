@@ -502,6 +502,17 @@ def _purgeDeleted(cursor, before, limit):
     byUser = {}
     for userId, uid in cursor.fetchall():
         byUser.setdefault(userId, []).append(uid)
+    return _dropKept(cursor, byUser)
+
+
+def _dropKept(cursor, byUser):
+    """
+    Remove kept deleted messages for good, releasing their bodies.
+
+    @param byUser: the uids to remove, a list by user id.
+    @return: how many were removed (only rows this transaction removed:
+        one another took first is not released twice).
+    """
     references = {}
     removed = 0
     for userId, uids in sorted(byUser.items()):
@@ -864,9 +875,12 @@ def _renameUser(cursor, engine, old, new, aliveSince):
 def _expungeUser(cursor, address, before, aliveSince):
     """
     Remove a user's messages for good: all of them, or those that arrived
-    before C{before}.
+    before C{before}; those of them deleted by POP3 and kept for recovery
+    too (an administrator erasing a user's mail means all of it; expunged
+    messages are not kept).
 
-    @return: how many were removed.
+    @return: C{(messages removed from the maildrop, kept deleted messages
+        removed)}.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
     userId = _userId(cursor, address)
@@ -886,7 +900,12 @@ def _expungeUser(cursor, address, before, aliveSince):
         "WHERE user_id = ?",
         (userId, userId),
     )
-    return removed
+    if before is None:
+        cursor.execute("SELECT uid FROM deleted_mail WHERE user_id = ?", (userId,))
+    else:
+        cursor.execute("SELECT uid FROM deleted_mail WHERE user_id = ? AND arrived_at < ?", (userId, before))
+    kept = [row[0] for row in cursor.fetchall()]
+    return removed, _dropKept(cursor, {userId: kept}) if kept else 0
 
 
 def _recountUsage(cursor, address):
@@ -1221,11 +1240,12 @@ class LifecycleStore:
     def expungeMessages(self, address, olderThanDays=None):
         """
         Remove a user's messages for good (all of them, or those older
-        than C{olderThanDays}), not while a POP3 session holds the
-        maildrop.
+        than C{olderThanDays}), those kept for recovery included, not
+        while a POP3 session holds the maildrop.
 
-        @return: a L{Deferred} of how many were removed; fails with
-            L{NoSuchUser} or L{MaildropInUse}.
+        @return: a L{Deferred} of C{(messages removed from the maildrop,
+            kept deleted messages removed)}; fails with L{NoSuchUser} or
+            L{MaildropInUse}.
         """
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
