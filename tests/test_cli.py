@@ -330,6 +330,28 @@ def test_userApopOnNeedsTheCurrentPassword(cli):
     assert verifyPassword(PASSWORD, user.passwordHash)
 
 
+def test_userApopOnKeepsCramMD5States(cli):
+    """
+    Turning APOP on for a user imported from Dovecot with a C{{CRAM-MD5}}
+    hash keeps its CRAM-MD5 states: by default they are what has CRAM-MD5
+    offered, and erased (they were), the user's CRAM-MD5 client failed
+    once no other user had them.
+    """
+    from mailgate.auth.md5state import hmacMD5Context
+
+    states = hmacMD5Context(PASSWORD.encode("utf-8")).hex()
+    cli.add(ALICE, "{CRAM-MD5}" + states, "--hashed")
+    result = cli("user", "apop", ALICE, "on", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code == 0, result
+    user = cli.user(ALICE)
+    assert (user.apopSecret, user.cramMD5) == (PASSWORD, states)
+    store = memoryStore(cli.url)
+    try:
+        assert resultOf(store.digestLoginUsers()) == (True, True)
+    finally:
+        store.close()
+
+
 def test_userApopOff(cli):
     cli.add(ALICE, PASSWORD, "--apop")
     before = cli.user(ALICE)

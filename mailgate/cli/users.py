@@ -349,7 +349,10 @@ def _userApop(store, args, out, stdin):
     password = _readPassword(args, stdin, confirm=False)
     if not verifyPassword(password.encode("utf-8"), user.passwordHash):
         raise CommandError(f"that is not the current password of {address}", EX_DATAERR)
-    credentials = StoredCredentials(user.passwordHash, user.scramSha256, password)
+    # CRAM-MD5's states from Dovecot stay: they are what has it offered
+    # (by default), and erased, the user's CRAM-MD5 client would fail
+    # wherever no other user has them.
+    credentials = StoredCredentials(user.passwordHash, user.scramSha256, password, user.cramMD5)
     _result(store.setCredentials(address, credentials))
     out.write(f"APOP enabled for {address}\n")
 
