@@ -182,3 +182,57 @@ def test_losingAndClosingLeaveNoDescriptorBehind(connection):
     assert len(os.listdir("/proc/self/fd")) == before - 2  # the socket and its duplicate
     failure = reactor.wait(echo(conn, 1))
     assert failure.check(TemporaryFailure)
+
+
+def _keepaliveOf(fd):
+    """
+    The TCP keepalive settings the kernel holds for a connection's socket.
+    """
+    import socket
+
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+    finally:
+        sock.close()
+
+
+def test_everyConnectionProbesAServerThatFellSilent(postgresURL):
+    """
+    A node's connections, worker threads' and reactor-driven ones alike,
+    probe a silent server after 10 s and give up on it after three probes
+    (or 25 s of data unacknowledged): a database server that vanished
+    (machine off, partition, failover) is found out in under a minute,
+    not after the kernel's default two hours of keepalive idleness.  A
+    URL that gives its own keepalive settings keeps them.
+    """
+    import socket
+
+    engine = engineFromURL(postgresURL)
+    conn = engine.connect()
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        family = sock.family
+    if family == socket.AF_UNIX:
+        conn.close()
+        pytest.skip("keepalive is a TCP setting; this PostgreSQL is reached by a Unix socket")
+    try:
+        assert _keepaliveOf(conn.pgconn.socket) == (1, 10, 5, 3, 25000)
+    finally:
+        conn.close()
+    pg = engine.connectPrepared([ECHO])
+    try:
+        assert _keepaliveOf(pg.socket) == (1, 10, 5, 3, 25000)
+    finally:
+        pg.finish()
+    own = engineFromURL(postgresURL + "&keepalives_idle=60&tcp_user_timeout=0")
+    conn = own.connect()
+    try:
+        assert _keepaliveOf(conn.pgconn.socket) == (1, 60, 5, 3, 0)
+    finally:
+        conn.close()

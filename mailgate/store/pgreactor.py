@@ -76,20 +76,21 @@ def _ignoreNotice(result):
     """
 
 
-def connect(conninfo, setup, statements, connectTimeout, where="the database URL's server"):
+def connect(conninfo, setup, statements, connectTimeout, where="the database URL's server", parameters=None):
     """
     Make a connection, in blocking mode: run on a worker thread.
 
     @param setup: statements run first (C{SET ...}), as C{str}.
     @param statements: the L{Statement}s to prepare.
     @param where: the server, as an error names it (without the password).
+    @param parameters: libpq parameters added to C{conninfo}'s.
     @return: the C{pq.PGconn}, in blocking mode.
     @raise TemporaryFailure: if PostgreSQL cannot be reached or refuses
         (a L{mailgate.errors.DatabaseRefused} if its configuration is at
         fault: see L{mailgate.store.pgrefusal}).
     """
     try:
-        info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout)
+        info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=connectTimeout, **(parameters or {}))
     except psycopg.Error as e:
         from mailgate.urls import withoutPassword
 

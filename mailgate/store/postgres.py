@@ -47,6 +47,20 @@ STATEMENT_TIMEOUT_MS = 60000
 # after idle + interval * count seconds, releasing that node's locks.
 KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
 LOCK_RELEASE_BOUND = 10 + 5 * 3
+# Client-side (libpq's), the same bound the other way: a node whose
+# database server vanished (its machine off, a partition, a failover that
+# moved the address) with a statement unanswered hears nothing more, and
+# without these waits for the kernel's keepalive, two hours by default, its
+# worker threads and logins with it.  Probes after 10 s of silence, the
+# connection dropped after three unanswered (or data unacknowledged for
+# 25 s), and the node reconnects.  A URL giving any of them keeps its own.
+CLIENT_KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": LOCK_RELEASE_BOUND * 1000,
+}
 
 _RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
 # psycopg's own time-out of a connection attempt (psycopg >= 3.1.?).
@@ -103,6 +117,18 @@ def _conninfo(url):
     return url
 
 
+def _clientKeepalive(conninfo):
+    """
+    The L{CLIENT_KEEPALIVE} parameters C{conninfo} does not give itself.
+    """
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        # Unreadable: connecting says why (without the password).
+        return {}
+    return {name: value for name, value in CLIENT_KEEPALIVE.items() if name not in given}
+
+
 @implementer(IEngine)
 class PostgresEngine:
     """
@@ -129,6 +155,7 @@ class PostgresEngine:
     def __init__(self, url):
         self.url = url
         self._conninfo = _conninfo(url)
+        self._keepalive = _clientKeepalive(self._conninfo)
         self._namespace = None
 
     def __repr__(self):
@@ -139,7 +166,7 @@ class PostgresEngine:
     def connect(self):
         try:
             conn = psycopg.connect(
-                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT
+                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._keepalive
             )
         except psycopg.ProgrammingError as e:
             # psycopg could not read the connection string: nothing to retry.
@@ -329,7 +356,9 @@ class PostgresEngine:
         """
         setup = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
         setup += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
-        pg = pgreactor.connect(self._conninfo, setup, statements, CONNECT_TIMEOUT, where=repr(self))
+        pg = pgreactor.connect(
+            self._conninfo, setup, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._keepalive
+        )
         if self._namespace is None:
             try:
                 result = pg.exec_(b"SELECT current_database(), current_schema()")
