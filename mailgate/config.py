@@ -24,6 +24,7 @@ Precedence: the command line, then the configuration file, then a
 setting's environment variable (C{$MAILGATE_DATABASE}), then the default.
 """
 
+import codecs
 import difflib
 import enum
 import ipaddress
@@ -1249,7 +1250,16 @@ def readFile(path, settings=SETTINGS):
     """
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            text = f.read()
+        if text.startswith(codecs.BOM_UTF8):
+            # What Windows editors put before UTF-8 text; tomllib says
+            # "Invalid statement (at line 1, column 1)" of it, which
+            # points at nothing the administrator can see.
+            raise ConfigFileError(
+                f"{path}: starts with a byte order mark (U+FEFF, as some editors save UTF-8); "
+                "save it without one"
+            )
+        document = tomllib.loads(text.decode("utf-8"))
     except OSError as e:
         raise ConfigFileError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -445,6 +445,20 @@ def test_notUTF8(tmp_path):
     )
 
 
+def test_byteOrderMark(tmp_path):
+    """
+    A file saved with a UTF-8 byte order mark (as Windows editors do) is
+    refused saying so, not as "Invalid statement (at line 1, column 1)".
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_bytes(b"\xef\xbb\xbfexpire-days = 30\n")
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(path))
+    assert str(e.value) == (
+        f"mailgate: {path}: starts with a byte order mark (U+FEFF, as some editors save UTF-8); save it without one"
+    )
+
+
 def test_missingFile(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse("--config", str(tmp_path / "absent.toml"))
