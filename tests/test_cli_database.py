@@ -227,6 +227,45 @@ def test_dbBackupCopiesTheDatabaseWhileAWriterWorks(sqliteURL, tmp_path):
     assert sqlite3.connect(backup).execute("SELECT count(*) FROM users").fetchone()[0] == 1
 
 
+def test_dbBackupIsGivenItsNameOnlyOnceWhole(sqliteURL, tmp_path, monkeypatch):
+    """
+    The copy is written under a name that says it is partial, and takes
+    the backup's name only once whole, checked and synced: a backup
+    killed on its way (here, interrupted at its first fsync) leaves no
+    file under the name a restore would take (it held part of the
+    database, or read, with the journal beside it, as an empty database
+    that checks "ok"), and the next night's run is not refused as if it
+    had made one.
+    """
+    import os
+    import stat
+
+    from mailgate.store.sqlite import backupDatabase
+
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    target = backups / "2026-12-05.sqlite3"
+    seen = []
+
+    def interrupted(fd):
+        seen.extend((name, stat.S_IMODE(os.stat(backups / name).st_mode)) for name in os.listdir(backups))
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        backupDatabase(engineFromURL(sqliteURL), str(target))
+    monkeypatch.undo()
+    assert len(seen) == 1, seen
+    assert seen[0][0].startswith("2026-12-05.sqlite3.") and seen[0][0].endswith(".partial"), seen
+    assert seen[0][1] == 0o600
+    assert os.listdir(backups) == []
+    code, out, err = mailgate(sqliteURL, "db", "backup", str(target))
+    assert (code, err) == (0, ""), err
+    assert os.listdir(backups) == [target.name]
+    code, out, _ = mailgate(f"sqlite:///{target}", "user", "list", "--json")
+    assert code == 0 and [json.loads(line)["address"] for line in out.splitlines()] == [ALICE]
+
+
 def test_dbBackupNeverOverwritesAFile(sqliteURL, tmp_path):
     existing = tmp_path / "backup.sqlite3"
     existing.write_bytes(b"an older backup")

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import stat
 import struct
+import tempfile
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -220,21 +221,31 @@ def backupDatabase(engine, target):
     copy is one self-contained file (rollback journal mode), readable by
     its owner only, synced, and checked (C{quick_check}).
 
+    The copy is made under a name of its own beside C{target}
+    (C{TARGET.XXXXXXXX.partial}) and given C{target}'s name only once it
+    is whole, synced and checked: a backup killed on the way (kill -9, a
+    power cut, a full disk) never leaves a file under the name a restore
+    would take, which would look like a backup and hold part of one (or,
+    opened with the journal left beside it, an empty database that checks
+    "ok").  What such a run leaves says it is partial.
+
     @return: the copy's size in octets.
     @raise ConfigurationError: C{target} exists (or is a link), cannot be
         written, or the copy is not sound.
     """
+    if os.path.lexists(target):
+        raise ConfigurationError(f"{target} exists: a backup goes into a new file")
+    directory, name = os.path.split(os.path.abspath(target))
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise ConfigurationError(f"{target} exists: a backup goes into a new file") from None
+        # O_EXCL, mode 0600 whatever the umask.
+        fd, staged = tempfile.mkstemp(prefix=name + ".", suffix=".partial", dir=directory)
     except OSError as e:
         raise ConfigurationError(f"cannot create {target}: {e.strerror}") from None
     os.close(fd)
     try:
         source = engine.connect()
         try:
-            copy = sqlite3.connect(target)
+            copy = sqlite3.connect(staged)
             try:
                 source.backup(copy)
                 copy.execute("PRAGMA journal_mode = DELETE")
@@ -245,20 +256,49 @@ def backupDatabase(engine, target):
             source.close()
         if verdict != "ok":
             raise ConfigurationError(f"the copy in {target} does not check: {verdict}")
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _syncFile(staged)
+        _publish(staged, target)
+        _syncFile(directory)
         return os.stat(target).st_size
     except sqlite3.Error as e:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
         raise ConfigurationError(f"cannot back up {engine.path} to {target}: {e}") from None
-    except ConfigurationError:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
-        raise
+    except OSError as e:
+        raise ConfigurationError(f"cannot back up {engine.path} to {target}: {e.strerror}") from None
+    finally:
+        for leftover in (staged, staged + "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+
+
+def _syncFile(path):
+    """
+    fsync C{path}, a file or a directory (whose entries a rename or a link
+    changed).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staged, target):
+    """
+    Give the finished copy C{staged} the name C{target}, never replacing a
+    file that has it: a hard link fails where the name exists (another
+    backup to the same name finished first).  On a filesystem without hard
+    links, a rename after a last look.
+    """
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        raise ConfigurationError(f"{target} exists: a backup goes into a new file") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            raise ConfigurationError(f"{target} exists: a backup goes into a new file") from None
+        os.rename(staged, target)
 
 
 @implementer(IEngine)
