@@ -237,6 +237,51 @@ def test_aMessageInTinyPiecesHoldsAboutItsOctets():
     spool.close()
 
 
+@pytest.mark.parametrize("points", SPLITS, ids=[f"split{i}" for i in range(len(SPLITS))])
+def test_longLinesWrittenInPiecesChangeNothing(points, monkeypatch):
+    """
+    A line longer than WRITE_PARTIAL_LINE is written in pieces as it
+    arrives (here every line is one, the bound made tiny): the octets
+    stored, the size and the header section's are those of the message
+    written whole, wherever its pieces are cut, CRs and LFs included.
+    """
+    from mailgate import message
+
+    monkeypatch.setattr(message, "WRITE_PARTIAL_LINE", 2)
+    spool = spooled(*_splitAt(MESSAGE, points))
+    assert spool.getvalue() == EXPECTED
+    assert spool.size == len(EXPECTED)
+    assert spool.headerSize == len(b"Received: from somewhere\r\nSubject: splitting\r\n\r\n")
+    assert list(spool.dotOffsets) == [EXPECTED.index(b".starts")]
+
+
+@pytest.mark.parametrize("ending, expected", [(b"", b"\r\n"), (b"\r", b"\r\n"), (b"\r\r", b"\r\r\n"), (b"\n", b"\r\n")])
+def test_aLongLineIsWrittenAsItArrives(ending, expected):
+    """
+    A message of one long line without a line end (a binary file piped to
+    mailgate deliver) is written as it arrives, not held whole until its
+    end: it held the whole line in memory and copied it at every read
+    (134 MB of memory and 13 s for 40 MB).
+    """
+    piece = b"x" * (64 * 1024)
+    spool = MessageSpool(memoryLimit=64 * 1024)
+    tracemalloc.start()
+    try:
+        for _ in range(32):
+            spool.writeData(piece)
+        # Nearly all of it written already (to the spool's file).
+        assert spool.size >= 31 * len(piece)
+        spool.writeData(ending)
+        spool.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(piece), peak
+    assert spool.size == 32 * len(piece) + len(expected)
+    assert spool.getvalue() == piece * 32 + expected
+    spool.close()
+
+
 def test_spoolFileMatchesSpoolBytes():
     for blockSize in (1, 2, 5, 64, 1 << 16):
         spool = spoolFile(io.BytesIO(MESSAGE), blockSize=blockSize)
