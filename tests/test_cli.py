@@ -1168,6 +1168,35 @@ def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     assert plain("deliver", ALICE, stdin=message.encode()).code == 0
 
 
+def test_deliverWithTheServersFileRefusesAFullMailboxAsItSays(tmp_path):
+    """
+    The file's quota-exceeded = "permanent" makes deliver refuse a full
+    mailbox for good (exit 77, EX_NOPERM: the MTA bounces), as the
+    server's SMTP and LMTP refuse it with 552 5.2.2; it exited 75 and the
+    MTA kept the message for days.  With a recipient who had room among
+    the recipients, it stays 75 (SMTP's rule: they would lose it too).
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\nquota-exceeded = "permanent"\n')
+
+    def mailgate(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=_stdin(stdin.encode()), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    for user in (ALICE, BOB):
+        assert mailgate("user", "add", user, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    assert mailgate("user", "quota", ALICE, "100").code == 0
+    message = "Subject: too big for alice\n\n" + "x" * 200 + "\n"
+    refused = mailgate("deliver", ALICE, stdin=message)
+    assert (refused.code, refused.out) == (77, ""), refused
+    assert refused.err == f"mailgate: mailbox full: {ALICE} (refused for good: quota-exceeded is permanent)\n"
+    assert mailgate("deliver", ALICE, BOB, stdin=message).code == 75
+    # Without the file's word, the default: temporary.
+    assert CLI(database)("deliver", ALICE, stdin=message.encode()).code == 75
+
+
 def test_deliverWithTheServersFileNamesItsHostInReceived(tmp_path):
     """
     C{mailgate --config FILE deliver -f SENDER}: the C{Received:} field

@@ -455,7 +455,8 @@ def buildParser():
         "them, for an MTA's pipe transport (give it one recipient at a time, so that an "
         "unknown one bounces alone).  Exit status (sysexits): 0 delivered, 67 no such user (nothing "
         "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
-        "MTA tries again), 65 a sender SMTP would refuse.",
+        "MTA tries again), 77 a full mailbox the server's --config file refuses for good "
+        "(quota-exceeded = \"permanent\"), 65 a sender SMTP would refuse.",
     )
     deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
     deliver.add_argument(
@@ -681,6 +682,9 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 values = _configValues(args.config)
                 store.limits = _configLimits(values)
                 args.recipientDelimiter = values.get("recipient-delimiter")
+                # How the server refuses a full mailbox (deliver's exit 77
+                # for "permanent", 75 else).
+                args.quotaExceeded = values.get("quota-exceeded")
                 # The name the server's Received: fields give (deliver's too).
                 args.hostname = values.get("hostname")
                 args.spoolDirectory = values.get("spool-directory")

@@ -5,7 +5,7 @@ for an MTA's pipe transport.
 """
 
 from mailgate.address import normalizeAddress, withoutDetail
-from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, _result
+from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
 from mailgate.records import AlreadyDelivered
@@ -83,6 +83,12 @@ def _deliver(store, args, out, stdin):
     except NoSuchUser as e:
         raise CommandError(f"no such user: {e}", EX_NOUSER)
     except QuotaExceeded as e:
+        if getattr(args, "quotaExceeded", None) == "permanent" and set(e.addresses) >= set(addresses):
+            # The server's file refuses a full mailbox for good, as its
+            # SMTP and LMTP do (552 5.2.2): the MTA bounces the message
+            # rather than keep it for days.  Not when other recipients had
+            # room (SMTP's rule too): they would lose it as well.
+            raise CommandError(f"{e} (refused for good: quota-exceeded is permanent)", EX_NOPERM)
         # Temporary: the MTA keeps the message and retries once the user
         # has made room (Dovecot's default for a full mailbox).
         raise CommandError(f"{e}; try again later", EX_TEMPFAIL)
