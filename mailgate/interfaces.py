@@ -673,6 +673,16 @@ class IEngine(Interface):
         Serialise schema upgrades started at the same time (several nodes).
         """
 
+    def missingPrivileges(cursor, tables):
+        """
+        What the connection's database role may not do to mailgate's
+        tables, where the database grants privileges per table
+        (PostgreSQL): C{(table, privileges, schema, role)} for each of
+        C{tables} (a mapping of table name to the privileges mailgate
+        needs on it, such as C{("SELECT", "INSERT")}) lacking some, or an
+        empty list.  SQLite grants nothing per table: always empty.
+        """
+
     def lockDeliveries(cursor, pairs):
         """
         Make this write transaction wait, before it looks up whether a

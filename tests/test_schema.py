@@ -26,7 +26,7 @@ from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.database import runTransaction
 from mailgate.store.lifecycle import UNLIMITED
 from mailgate.store.policy import SQLPolicyStore
-from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, currentVersion
+from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, TABLE_PRIVILEGES, currentVersion
 from mailgate.testing import POP3Session, addUser, deliver, resultOf
 
 # The connection policy's tables (migration 2): they grow with failed
@@ -730,3 +730,63 @@ def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypa
         assert store.database.run(currentVersion) == LATEST
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(databaseURL, mailOnlyRole):
+    """
+    The nodes' role was granted the tables there were; the schema's owner
+    then ran an upgrade that created another (version 12's
+    recent_deliveries, here), on which that role has no privilege.  Its
+    node and its commands are refused at start, in one line naming the
+    role, the table, what it lacks and the grant to make, rather than
+    start and then fail every delivery and retention pass on that table.
+    Granted again, they work.
+    """
+    import psycopg
+
+    openSynchronousStore(databaseURL).close()
+    with psycopg.connect(databaseURL, autocommit=True) as conn:
+        conn.execute("DROP TABLE recent_deliveries")
+        conn.execute(f"DELETE FROM {SCHEMA_TABLE} WHERE version = 12")
+    nodeURL = mailOnlyRole()
+    openSynchronousStore(databaseURL).close()
+
+    schema = parse_qs(urlsplit(databaseURL).query)["options"][0].split("=", 1)[1]
+    role = urlsplit(nodeURL).username
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(nodeURL)
+    assert str(e.value) == (
+        f"the database role {role} may not SELECT, INSERT, UPDATE, DELETE on table recent_deliveries, "
+        f"which mailgate needs: as the schema's owner, GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES "
+        f"IN SCHEMA {schema} TO {role}, and for the tables of later upgrades ALTER DEFAULT PRIVILEGES IN "
+        f"SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}"
+    )
+    # Only some of them: those are named.
+    with psycopg.connect(databaseURL, autocommit=True) as conn:
+        conn.execute(f"GRANT SELECT, DELETE ON recent_deliveries TO {role}")
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(nodeURL)
+    assert str(e.value).startswith(f"the database role {role} may not INSERT, UPDATE on table recent_deliveries, ")
+    mailOnlyRole()
+    store = openSynchronousStore(nodeURL)
+    try:
+        addUser(store, "alice@example.org", "pw")
+        deliver(store, ["alice@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+    finally:
+        store.close()
+
+
+def test_thePrivilegesCheckedNameEveryTable(migrated):
+    """
+    L{TABLE_PRIVILEGES} names every table of a migrated database: a
+    migration adding one adds it there too, so that a role lacking it is
+    told at start.
+    """
+    engine = migrated.database.engine
+    if engine.name == "sqlite":
+        query = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    else:
+        query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+    tables = catalog(migrated, lambda cursor: {row[0] for row in cursor.execute(query).fetchall()})
+    assert tables == set(TABLE_PRIVILEGES)

@@ -229,6 +229,30 @@ class PostgresEngine:
         cursor.execute("SET LOCAL statement_timeout = 0")
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
 
+    def missingPrivileges(self, cursor, tables):
+        """
+        The privileges the current role lacks on mailgate's tables, as the
+        search path finds them (as mailgate's statements do): a role that
+        may read and write the tables, granted before a migration created
+        another, has no privilege on that one until granted again.
+        """
+        names = sorted(tables)
+        cursor.execute(
+            "SELECT t.name, p.privilege, quote_ident(n.nspname), quote_ident(current_user) "
+            "FROM unnest(?::text[]) WITH ORDINALITY AS t(name, i) "
+            "JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name)) "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "CROSS JOIN unnest(?::text[]) WITH ORDINALITY AS p(privilege, j) "
+            "WHERE NOT has_table_privilege(c.oid, p.privilege) "
+            "ORDER BY t.i, p.j",
+            (names, ["SELECT", "INSERT", "UPDATE", "DELETE"]),
+        )
+        missing = {}
+        for name, privilege, schema, role in cursor.fetchall():
+            if privilege in tables[name]:
+                missing.setdefault((name, schema, role), []).append(privilege)
+        return [(name, tuple(privileges), schema, role) for (name, schema, role), privileges in missing.items()]
+
     def lockDeliveries(self, cursor, pairs):
         """
         A transaction-level advisory lock per C{(user id, delivery key)}

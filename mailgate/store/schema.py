@@ -372,6 +372,23 @@ MIGRATIONS = [
 
 LATEST = MIGRATIONS[-1].version
 
+#: What a role using the database must be allowed on each of mailgate's
+#: tables, as README's Administration section tells a DBA to grant the
+#: nodes' role: read and write the tables, read the schema's version.
+#: (tests/test_schema.py checks that this names every table.)
+READ_WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
+TABLE_PRIVILEGES = {
+    SCHEMA_TABLE: ("SELECT",),
+    **dict.fromkeys(
+        (
+            "users", "mailboxes", "bodies", "body_chunks", "maildrop", "auth_failures",
+            "failing_addresses", "bans", "ban_version", "deleted_mail", "mailgate_nodes",
+            "pop3_sessions", "imported_ids", "shared_secrets", "recent_deliveries",
+        ),
+        READ_WRITE,
+    ),
+}
+
 
 def _ensureVersionTable(cursor):
     cursor.execute(
@@ -448,6 +465,7 @@ def upgradeConnection(engine, conn):
     # expunge, a large import) or another upgrade holds, and then fail.
     version = _checkedVersion(runTransaction(engine, conn, recordedVersion, (), {}, False))
     if version == LATEST:
+        _checkPrivileges(engine, conn)
         return []
     applied = []
 
@@ -469,8 +487,35 @@ def upgradeConnection(engine, conn):
                 raise
             raise _cannotUpgrade(version, e) from e
         if migration is None:
+            _checkPrivileges(engine, conn)
             return applied
         applied.append(migration)
+
+
+def _checkPrivileges(engine, conn):
+    """
+    Refuse a database whose schema is up to date but whose tables the
+    connection's role may not all read and write (PostgreSQL).  A DBA
+    grants the nodes' role the tables there are; a migration applied
+    later by the schema's owner creates a table that role has no privilege
+    on (no default privileges were set): without this, such a node starts,
+    and then its deliveries and its retention task fail on that table, as
+    database writes failing, until the grant is made.
+
+    @raise mailgate.errors.ConfigurationError: naming the role, what it
+        lacks on which table, and the grant that gives it.
+    """
+    missing = runTransaction(engine, conn, engine.missingPrivileges, (TABLE_PRIVILEGES,), {}, False)
+    if not missing:
+        return
+    lacking = "; ".join(f"{', '.join(privileges)} on table {table}" for table, privileges, _, _ in missing)
+    _, _, schema, role = missing[0]
+    raise ConfigurationError(
+        f"the database role {role} may not {lacking}, which mailgate needs: as the schema's owner, "
+        f"GRANT {', '.join(READ_WRITE)} ON ALL TABLES IN SCHEMA {schema} TO {role}, and for the "
+        f"tables of later upgrades ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} "
+        f"GRANT {', '.join(READ_WRITE)} ON TABLES TO {role}"
+    )
 
 
 def _cannotUpgrade(version, error):
