@@ -676,13 +676,38 @@ def test_aRoleThatMayNotChangeTheSchemaIsToldWhoMay(version3, mailOnlyRole):
     assert str(e.value) == (
         f"cannot upgrade the database schema from version 3 to {LATEST}: permission denied for schema "
         f"{parse_qs(urlsplit(version3).query)['options'][0].split('=', 1)[1]} "
-        "(run mailgate db upgrade as a database user allowed to change the schema)"
+        "(changing the schema takes CREATE on it and owning its tables: "
+        "run mailgate db upgrade as the schema's owner)"
     )
     store = openSynchronousStore(version3, migrate=False)
     try:
         assert store.database.run(currentVersion) == 3
     finally:
         store.close()
+
+
+def test_aSearchPathNamingNoSchemaIsSaidToBeTheURLs(postgresURL):
+    """
+    A database URL whose search_path names a schema that does not exist
+    (a typo, or the schema not created yet): PostgreSQL says only that no
+    schema was selected to create in; the line says it is the URL's
+    search_path, not a role to run the upgrade as, which no role would
+    help, and nothing is created anywhere.
+    """
+    import psycopg
+
+    from conftest import POSTGRES, withSchema
+
+    missing = "no_such_" + secrets.token_hex(4)
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(withSchema(POSTGRES, missing))
+    assert str(e.value) == (
+        f"cannot upgrade the database schema from version 0 to {LATEST}: no schema has been selected "
+        "to create in (no schema of the database URL's search_path exists: create the schema, "
+        "or correct the URL's options=-c search_path=...)"
+    )
+    with psycopg.connect(POSTGRES) as conn:
+        assert conn.execute("SELECT to_regnamespace(%s)", (missing,)).fetchone() == (None,)
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)

@@ -528,9 +528,25 @@ def _cannotUpgrade(version, error):
     # PostgreSQL's own words, without the statement quoted after them.
     reason = getattr(getattr(error, "diag", None), "message_primary", None) or str(error)
     reason = " ".join(reason.split())
+    state = getattr(error, "sqlstate", None)
+    if state == "3F000":
+        # invalid_schema_name: "no schema has been selected to create in".
+        # No role could: the URL names a schema that is not there.
+        hint = (
+            "no schema of the database URL's search_path exists: create the schema, "
+            "or correct the URL's options=-c search_path=..."
+        )
+    elif state == "42501":
+        # insufficient_privilege: "permission denied for schema ...", or
+        # "must be owner of table ...".
+        hint = (
+            "changing the schema takes CREATE on it and owning its tables: "
+            "run mailgate db upgrade as the schema's owner"
+        )
+    else:
+        hint = "run mailgate db upgrade as a database user allowed to change the schema"
     return ConfigurationError(
-        f"cannot upgrade the database schema from version {version} to {LATEST}: {reason} "
-        f"(run mailgate db upgrade as a database user allowed to change the schema)"
+        f"cannot upgrade the database schema from version {version} to {LATEST}: {reason} ({hint})"
     )
 
 
