@@ -780,7 +780,15 @@ def test_deliverWithSenderAddsTraceFields(tmp_path):
 
 @pytest.mark.parametrize(
     "sender",
-    ["evil\r\nX-Injected: yes", "evil\nX-Injected: yes@example.net", "a b@example.net", "bob@example.net>", "bob", "@example.net"],
+    [
+        "evil\r\nX-Injected: yes", "evil\nX-Injected: yes@example.net", "a b@example.net", "bob@example.net>", "bob",
+        "@example.net",
+        # Octets that are not UTF-8, as a POSIX argv gives them (an MTA's
+        # ${sender} from a client of 8-bit addresses): SMTP refuses them
+        # (500); here they failed at the Return-Path: field with an
+        # internal error, exit 75, which the MTA retried for days.
+        os.fsdecode(b"\xe9t\xe9@example.net"),
+    ],
 )
 def test_deliverRefusesASenderMailFromWouldRefuse(cli, sender):
     """

@@ -26,6 +26,12 @@ def _sender(text):
     if not inside or inside.upper() == "MAILER-DAEMON":
         return ""
     try:
+        # An argument that was not UTF-8 (octets from an 8-bit MAIL FROM)
+        # holds surrogates, which no header field can carry.
+        inside.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError(f"bad sender {ascii(text[:60])}: not UTF-8", EX_DATAERR) from None
+    try:
         if len(inside) > MAX_PATH:
             raise EnvelopeSyntaxError("address too long")
         return checkMailbox(inside, utf8=True, maxLocalPart=None)
