@@ -18,6 +18,7 @@ installed C{mailgate} executable.
 
 import hashlib
 import io
+import json
 import re
 
 import pytest
@@ -340,3 +341,45 @@ def test_installedCommand(tmp_path, postgresURL):
     code, out, err = runCommand([MAILGATE, "db", "copy", "--from", source, "--to", postgresURL])
     assert code == 73, (code, out, err)
     assert snapshot(postgresURL) == original
+
+
+def bans(url):
+    return [json.loads(line) for line in check("--database", url, "ban", "list", "--json").splitlines()]
+
+
+def test_bansInForceAreCopied(tmp_path, postgresURL):
+    """
+    An administrator's bans (for as long as ten years) and those failed
+    logins made are still in force after the move, both ways: the nodes
+    on the new database keep out whom the old one kept out.  A ban the
+    target has already (made by a node started on it before the copy)
+    is kept, and the bans' version is raised so that running nodes load
+    the copied ones.
+    """
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=b"pw\n")
+    check("--database", source, "ban", "add", "192.0.2.7", "--for", str(10 * 365 * 86400))
+    check("--database", source, "ban", "add", "2001:db8::1", "--for", "3600")
+    check("--database", postgresURL, "ban", "add", "198.51.100.1", "--for", "600")
+    store = openSynchronousStore(postgresURL)
+    try:
+        before = query(store, "SELECT version FROM ban_version")
+    finally:
+        store.close()
+    original = bans(source)
+    assert [b["address"] for b in original] == ["192.0.2.7", "2001:db8::/64"]
+
+    out = check("db", "copy", "--from", source, "--to", postgresURL)
+    assert out.endswith("unique ids preserved\ncopied 2 bans in force\n"), out
+    copied = bans(postgresURL)
+    assert [b for b in copied if b["address"] != "198.51.100.1"] == original
+    assert "198.51.100.1" in [b["address"] for b in copied]
+    store = openSynchronousStore(postgresURL)
+    try:
+        assert query(store, "SELECT version FROM ban_version")[0][0] > before[0][0]
+    finally:
+        store.close()
+
+    back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
+    check("db", "copy", "--from", postgresURL, "--to", back)
+    assert bans(back) == copied

@@ -36,6 +36,8 @@ def _dbCopy(store, args, out, stdin):
         f"copied {report.users} users and {report.messages} messages "
         f"({report.bodies} bodies, {report.octets} octets); unique ids preserved\n"
     )
+    if report.bans:
+        out.write(f"copied {report.bans} bans in force\n")
 
 
 def _copySide(url, option, create):

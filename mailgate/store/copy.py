@@ -3,7 +3,8 @@
 Copying a whole mailgate database to another, across backends.
 
 Users keep their ids, passwords and APOP secrets; messages keep their
-numbers, unique ids and arrival times; bodies stay shared as they were.  So
+numbers, unique ids and arrival times; bodies stay shared as they were;
+the bans in force stay in force.  So
 POP3 clients that leave mail on the server recognise every message after a
 move from SQLite to PostgreSQL (or back) and download nothing again.
 
@@ -11,6 +12,8 @@ The copy runs in one transaction on the target: it is all there or not at
 all.  Bodies are streamed a few chunks at a time, so memory stays bounded
 whatever the size of the messages.
 """
+
+import time
 
 import attr
 
@@ -32,6 +35,7 @@ class CopyReport:
     messages = attr.ib(default=0)
     bodies = attr.ib(default=0)
     octets = attr.ib(default=0)
+    bans = attr.ib(default=0)
 
 
 def _pages(cursor, keyColumns, columns, table):
@@ -121,6 +125,7 @@ def copyDatabase(source, target):
     """
     targetEngine = target.database.engine
     report = CopyReport()
+    now = int(time.time())
 
     def write(targetCursor):
         targetCursor.execute("SELECT count(*) FROM users")
@@ -141,11 +146,40 @@ def copyDatabase(source, target):
                             report.octets += row[2]
                             _copyChunks(sourceCursor, targetCursor, row[0], row[1])
             targetEngine.resetIdentity(targetCursor, "users", "user_id")
+            report.bans = _copyBans(sourceCursor, targetCursor, now)
 
         source.database.run(read)
 
     target.database.run(write, write=True)
     return report
+
+
+def _copyBans(sourceCursor, targetCursor, now):
+    """
+    Copy the bans in force (an administrator's, for as long as ten years,
+    and those failed logins made), so that moving the database does not
+    let in again who was kept out.  A ban the target has already for an
+    address (one of its nodes, started before the copy, made it) is kept;
+    the bans' version is raised, so that nodes running on the target load
+    them (as after C{mailgate ban add}).  The failed logins are not
+    copied: they count towards a ban for minutes.
+
+    @return: how many bans were copied.
+    """
+    sourceCursor.execute(
+        "SELECT address, reason, failures, created_at, expires_at FROM bans WHERE expires_at > ? ORDER BY address",
+        (now,),
+    )
+    rows = [tuple(row) for row in sourceCursor.fetchall()]
+    if not rows:
+        return 0
+    targetCursor.executemany(
+        "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (address) DO NOTHING",
+        rows,
+    )
+    targetCursor.execute("UPDATE ban_version SET version = version + 1 WHERE singleton = 1")
+    return len(rows)
 
 
 def _copyChunks(sourceCursor, targetCursor, owner, bodyId):
