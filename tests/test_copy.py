@@ -383,3 +383,45 @@ def test_bansInForceAreCopied(tmp_path, postgresURL):
     back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
     check("db", "copy", "--from", postgresURL, "--to", back)
     assert bans(back) == copied
+
+
+@pytest.mark.parametrize("order", ["sqlite-to-postgres", "postgres-to-sqlite"])
+def test_aSourceWrittenDuringTheCopyIsCopiedAsItWasWhenTheCopyBegan(tmp_path, postgresURL, monkeypatch, order):
+    """
+    A server that was not stopped delivers to the source while the copy
+    runs (here, once the bodies are copied and before the maildrops
+    are): the copy is the source as it was when it began, every message
+    with its body and each user's uid counter past their messages, so
+    the target serves and takes mail; the message delivered meanwhile
+    is not half in it.
+    """
+    import mailgate.store.copy as copying
+
+    sqlite = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    source, target = (sqlite, postgresURL) if order == "sqlite-to-postgres" else (postgresURL, sqlite)
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=b"pw\n")
+    check("--database", source, "deliver", ALICE, input=message(1))
+    original = mailbox(source, ALICE)
+    insert = copying._insert
+    late = []
+
+    def deliveringMeanwhile(cursor, table, columns, rows):
+        insert(cursor, table, columns, rows)
+        if table == "bodies" and not late:
+            late.append(check("--database", source, "deliver", ALICE, input=message(2)))
+
+    monkeypatch.setattr(copying, "_insert", deliveringMeanwhile)
+    check("db", "copy", "--from", source, "--to", target)
+    monkeypatch.undo()
+    assert late and uniqueIds(mailbox(source, ALICE)) != uniqueIds(original)
+    assert mailbox(target, ALICE) == original
+    store = openSynchronousStore(target)
+    try:
+        session = POP3Session(store)
+        assert session.login(ALICE, "pw").startswith("+OK")
+        assert retr(session, 1) == message(1)
+        assert session.command("QUIT").startswith("+OK")
+    finally:
+        store.close()
+    out = check("--database", target, "deliver", ALICE, input=message(3))
+    assert len(uniqueIds(mailbox(target, ALICE))) == 2, out

@@ -9,7 +9,7 @@ POP3 clients that leave mail on the server recognise every message after a
 move from SQLite to PostgreSQL (or back) and download nothing again.
 
 The copy runs in one transaction on the target: it is all there or not at
-all.  Bodies are streamed a few chunks at a time, so memory stays bounded
+all.  It reads the source as one snapshot, whatever writes it meanwhile.  Bodies are streamed a few chunks at a time, so memory stays bounded
 whatever the size of the messages.
 """
 
@@ -148,10 +148,33 @@ def copyDatabase(source, target):
             targetEngine.resetIdentity(targetCursor, "users", "user_id")
             report.bans = _copyBans(sourceCursor, targetCursor, now)
 
-        source.database.run(read)
+        _readSnapshot(source, read)
 
     target.database.run(write, write=True)
     return report
+
+
+def _readSnapshot(source, read):
+    """
+    Run C{read(cursor)} on the source as one snapshot of it, so that a
+    server still writing the source (one that was not stopped first)
+    cannot make the copy inconsistent: a message delivered between the
+    pages of bodies and of maildrops would be copied without its body,
+    after its user's uid counter, which the target's next delivery to
+    that user then collides with.  SQLite's read transaction is a
+    snapshot already (WAL: it holds no writer up); PostgreSQL reads in
+    autocommit, one snapshot per statement, so the read runs as a
+    REPEATABLE READ, READ ONLY transaction instead (which holds no writer
+    up either).
+    """
+    if source.database.engine.name != "postgres":
+        return source.database.run(read)
+
+    def snapshot(cursor):
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        return read(cursor)
+
+    return source.database.run(snapshot, write=True)
 
 
 def _copyBans(sourceCursor, targetCursor, now):
