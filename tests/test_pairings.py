@@ -287,10 +287,10 @@ def haproxy(tmp_path):
         pytest.skip("HAProxy is not installed (Debian package haproxy; tests/sysdeps.sh installs it)")
     processes = []
 
-    def start(backPort):
+    def start(backPort, template=HAPROXY_CFG, **fields):
         frontPort = freePort()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(HAPROXY_CFG.format(frontPort=frontPort, backPort=backPort))
+        config.write_text(template.format(frontPort=frontPort, backPort=backPort, **fields))
         check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=DEADLINE)
         assert check.returncode == 0, check.stdout + check.stderr
         process = subprocess.Popen(
@@ -365,6 +365,54 @@ def test_haproxyPassesTheClientsAddress(mailgate_server, mailgate_cli, haproxy):
     assert re.search(r"pop3 authentication failed user='alice@example\.org' peer=127\.0\.0\.3:\d+", log), log
     assert re.search(r"pop3 logout user=alice@example\.org peer=127\.0\.0\.3:\d+", log), log
     assert "peer=127.0.0.1:" not in log, log
+
+
+HAPROXY_TLS_CFG = HAPROXY_CFG.replace(
+    "bind 127.0.0.1:{frontPort}", "bind 127.0.0.1:{frontPort} ssl crt {certificate}"
+).replace("send-proxy-v2 source", "send-proxy-v2-ssl source")
+
+
+@sqliteOnly
+def test_haproxyEndingTheClientsTLSSaysSo(mailgate_server, mailgate_cli, haproxy, tmp_path):
+    """
+    HAProxy ends the client's TLS (POP3S at the balancer) and tells mailgate
+    so (send-proxy-v2-ssl): an untrusted client logs in with USER/PASS, as
+    it may over TLS, on a listener where mailgate itself has no TLS.
+    """
+    import ssl
+
+    from certs import makeCertificate
+
+    certificate, key = makeCertificate(tmp_path, "mail.example.test")
+    combined = tmp_path / "haproxy.pem"
+    combined.write_bytes(certificate.read_bytes() + key.read_bytes())
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server(
+        "--pop3", description, "--trusted-network", "127.0.0.3/32", "--no-apop", "--auth-failure-delay", "0"
+    )
+    mailgate_cli.addUser("alice@example.org", "alice's secret")
+    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    front = haproxy(backPort, HAPROXY_TLS_CFG, certificate=combined)
+
+    context = ssl.create_default_context(cafile=str(certificate))
+    raw = socket.create_connection(("127.0.0.1", front), timeout=DEADLINE, source_address=("127.0.0.2", 0))
+    client = poplib.POP3.__new__(poplib.POP3)
+    client.host, client.port = "127.0.0.1", front
+    client._tls_established = True
+    client.sock = context.wrap_socket(raw, server_hostname="mail.example.test")
+    client.file = client.sock.makefile("rb")
+    client._debugging = 0
+    client.welcome = client._getresp()
+    assert "USER" in client.capa()
+    client.user("alice@example.org")
+    client.pass_("alice's secret")
+    assert client.stat() == (0, 0)
+    client.quit()
+    log = waitFor(
+        lambda: server.stdout if "pop3 logout user=alice@example.org" in server.stdout else None,
+        "the session's log line",
+    )
+    assert re.search(r"pop3 login user=alice@example\.org peer=127\.0\.0\.2:\d+", log), log
 
 
 def _greetingFrom(address, port):

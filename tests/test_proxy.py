@@ -58,26 +58,26 @@ def v2(source, destination, sourcePort=40001, destinationPort=110, command=1, tl
 
 def test_parseV1():
     header = v1("203.0.113.9")
-    source, destination, length = parseProxyHeader(header + b"CAPA\r\n")
+    source, destination, length, _ = parseProxyHeader(header + b"CAPA\r\n")
     assert source == IPv4Address("TCP", "203.0.113.9", 40001)
     assert destination == IPv4Address("TCP", "192.0.2.1", 110)
     assert length == len(header)
 
 
 def test_parseV1IPv6AndUnknown():
-    source, _, _ = parseProxyHeader(v1("2001:db8::7", "2001:db8::1", family=b"TCP6"))
+    source, _, _, _ = parseProxyHeader(v1("2001:db8::7", "2001:db8::1", family=b"TCP6"))
     assert source == IPv6Address("TCP", "2001:db8::7", 40001)
-    assert parseProxyHeader(b"PROXY UNKNOWN\r\n") == (None, None, 15)
+    assert parseProxyHeader(b"PROXY UNKNOWN\r\n") == (None, None, 15, False)
     assert parseProxyHeader(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n")[:2] == (None, None)
 
 
 def test_parseV2():
     header = v2("198.51.100.7", "192.0.2.1", 5555, 25, tlvs=b"\x04\x00\x03abc")
-    source, destination, length = parseProxyHeader(header + b"EHLO x\r\n")
+    source, destination, length, _ = parseProxyHeader(header + b"EHLO x\r\n")
     assert source == IPv4Address("TCP", "198.51.100.7", 5555)
     assert destination == IPv4Address("TCP", "192.0.2.1", 25)
     assert length == len(header)
-    source, _, _ = parseProxyHeader(v2("2001:db8::9", "2001:db8::1", 6000))
+    source, _, _, _ = parseProxyHeader(v2("2001:db8::9", "2001:db8::1", 6000))
     assert source == IPv6Address("TCP", "2001:db8::9", 6000)
     # LOCAL: the balancer's own health check keeps the real addresses.
     assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1", command=0))[:2] == (None, None)
@@ -95,7 +95,7 @@ def test_anIPv4ClientOfADualStackBalancerIsShownAsTheKernelShowsIt(header):
     mailgate's own is (inet_ntop's ::ffff:198.51.100.7), so that grepping
     the logs for 198.51.100.7 finds it, not in Python's ::ffff:c633:6407.
     """
-    source, destination, _ = parseProxyHeader(header)
+    source, destination, _, _ = parseProxyHeader(header)
     assert source.host == "::ffff:198.51.100.7"
     assert destination.host == "::ffff:192.0.2.1"
 
@@ -162,7 +162,44 @@ def test_parseV2UnixAddressesKeepTheConnectionsOwn():
     The connection's own addresses apply, as for LOCAL.
     """
     header = v2Unix()
-    assert parseProxyHeader(header + b"CAPA\r\n") == (None, None, len(header))
+    assert parseProxyHeader(header + b"CAPA\r\n") == (None, None, len(header), False)
+
+
+def sslField(client, kind=0x20, verify=0, more=b""):
+    """
+    A PROXY v2 PP2_TYPE_SSL field: C{client}'s bits, C{verify}, and
+    fields of its own (HAProxy's send-proxy-v2-ssl sends the version).
+    """
+    value = bytes([client]) + struct.pack("!I", verify) + more
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+def test_parseV2ToldTheClientsTLS():
+    """
+    A balancer that ended the client's TLS says so (PP2_TYPE_SSL with
+    PP2_CLIENT_SSL): the session is a TLS one; other fields are skipped;
+    the field without the bit, or none, is not.
+    """
+    version = b"\x21\x00\x07TLSv1.3"
+    noop = b"\x04\x00\x02\x00\x00"
+    told = v2("198.51.100.7", "192.0.2.1", tlvs=noop + sslField(0x07, more=version))
+    assert parseProxyHeader(told) == (
+        IPv4Address("TCP", "198.51.100.7", 40001), IPv4Address("TCP", "192.0.2.1", 110), len(told), True
+    )
+    assert parseProxyHeader(v2("2001:db8::9", "2001:db8::1", tlvs=sslField(0x01)))[3] is True
+    assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1", tlvs=sslField(0x00)))[3] is False
+    assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1", tlvs=noop))[3] is False
+    assert parseProxyHeader(v2("198.51.100.7", "192.0.2.1"))[3] is False
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [b"\x20", b"\x20\x00", b"\x20\x00\x09\x01", b"\x20\x00\x02\x01\x00", b"\x04\x00\x05\x00"],
+    ids=["type alone", "short length", "value cut", "TLS field too short", "other field cut"],
+)
+def test_parseV2RefusesFieldsThatRunPastTheHeader(fields):
+    with pytest.raises(InvalidProxyHeader):
+        parseProxyHeader(v2("198.51.100.7", "192.0.2.1", tlvs=fields))
 
 
 # -- the wrapper, in memory --------------------------------------------------------
@@ -233,6 +270,32 @@ def test_aTrustedClientBehindTheBalancerMayLogIn(store):
     protocol, transport = wrapped(factory, clock)
     protocol.dataReceived(v1("203.0.113.9") + f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
     assert transport.value().endswith(f"+OK {ALICE} has 0 messages (0 octets)\r\n".encode())
+
+
+def test_aClientWhoseTLSTheBalancerEndedIsATLSClient(store, tls):
+    """
+    Behind a balancer that ended the client's TLS and says so (HAProxy's
+    send-proxy-v2-ssl), an untrusted client may log in with USER/PASS, and
+    STLS is not offered (the client has TLS); the same client without the
+    field is refused plaintext, as before.
+    """
+    addUser(store, ALICE, PASSWORD)
+    clock = Clock()
+    header = v2("203.0.113.9", "192.0.2.1", tlvs=sslField(0x01))
+    protocol, transport = wrapped(pop3Factory(store, clock, tls=tls), clock)
+    protocol.dataReceived(header + f"CAPA\r\nUSER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+    out = transport.value()
+    assert b"\r\nUSER\r\n" in out and b"STLS" not in out
+    assert out.endswith(f"+OK {ALICE} has 0 messages (0 octets)\r\n".encode())
+
+    protocol, transport = wrapped(pop3Factory(store, clock, tls=tls), clock)
+    protocol.dataReceived(v2("203.0.113.9", "192.0.2.1", tlvs=sslField(0x00)) + b"CAPA\r\n")
+    assert b"STLS" in transport.value()
+    transport.clear()
+    protocol.dataReceived(f"USER {ALICE}\r\n".encode())
+    assert transport.value() == (
+        b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
+    )
 
 
 def test_smtpBehindTheBalancerRecordsTheClientInTheTraceField(store):

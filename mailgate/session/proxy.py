@@ -65,10 +65,11 @@ def parseProxyHeader(data, maxLength=4096):
 
     @param maxLength: the most octets a header may take.
     @return: C{None} if more octets are needed; else C{(source,
-        destination, length)}: the client's and the server's addresses as
-        Twisted address objects (both C{None} for a LOCAL, UNKNOWN or Unix
-        socket header: the connection's own addresses apply) and the length
-        of the header.
+        destination, length, tls)}: the client's and the server's addresses
+        as Twisted address objects (both C{None} for a LOCAL, UNKNOWN or
+        Unix socket header: the connection's own addresses apply), the
+        length of the header, and whether the client reached the balancer
+        over TLS (L{_clientUsedTLS}).
     @raise InvalidProxyHeader: if C{data} does not begin with a valid
         header of at most C{maxLength} octets.
     """
@@ -93,7 +94,7 @@ def _parseV1(data):
         return None
     fields = data[:end].split(b" ")
     if len(fields) >= 2 and fields[1] == b"UNKNOWN":
-        return None, None, end + 2
+        return None, None, end + 2, False
     if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
         raise InvalidProxyHeader("malformed PROXY v1 header")
     _, family, source, destination, sourcePort, destinationPort = fields
@@ -115,6 +116,7 @@ def _parseV1(data):
         make("TCP", _hostText(hosts[0]), ports[0]),
         make("TCP", _hostText(hosts[1]), ports[1]),
         end + 2,
+        False,
     )
 
 
@@ -163,12 +165,12 @@ def _parseV2(data, maxLength):
     body = data[16:total]
     if command == 0:
         # LOCAL: the balancer speaking for itself (a health check).
-        return None, None, total
+        return None, None, total, False
     transport = family & 0x0F
     if transport != 1:
         # Only stream connections are relayed; UNSPEC means "no address".
         if family == 0:
-            return None, None, total
+            return None, None, total, False
         raise InvalidProxyHeader("unsupported PROXY v2 transport")
     addressFamily = family >> 4
     inet = _INET_FAMILIES.get(addressFamily)
@@ -182,6 +184,7 @@ def _parseV2(data, maxLength):
             addressType("TCP", _hostText(parse(source)), sourcePort),
             addressType("TCP", _hostText(parse(destination)), destinationPort),
             total,
+            _clientUsedTLS(body[2 * width + 4 :]),
         )
     if addressFamily == 3:
         # Socket paths on the balancer's machine, which no policy can
@@ -190,10 +193,45 @@ def _parseV2(data, maxLength):
         # local one (see the module's docstring).
         if len(body) < 216:
             raise InvalidProxyHeader("short PROXY v2 UNIX addresses")
-        return None, None, total
+        return None, None, total, False
     if addressFamily == 0:
-        return None, None, total
+        return None, None, total, False
     raise InvalidProxyHeader("unsupported PROXY v2 address family")
+
+
+#: PROXY v2's TLV of the client's TLS (PP2_TYPE_SSL), and the bit of its
+#: first octet saying the client connected over TLS (PP2_CLIENT_SSL)
+PP2_TYPE_SSL = 0x20
+PP2_CLIENT_SSL = 0x01
+
+
+def _clientUsedTLS(tlvs):
+    """
+    Whether a PROXY v2 header's fields (type-length-value, after the
+    addresses) say the client reached the balancer over TLS: the balancer
+    ended the client's TLS (HAProxy's C{send-proxy-v2-ssl}), and relays
+    in the clear what crossed the network encrypted.  Such a session is a
+    TLS session to every policy (plaintext logins allowed, no STLS
+    offered).  Fields of other types are skipped.
+
+    @raise InvalidProxyHeader: if a field runs past the header.
+    """
+    offset, end = 0, len(tlvs)
+    while offset < end:
+        if end - offset < 3:
+            raise InvalidProxyHeader("malformed PROXY v2 field")
+        kind = tlvs[offset]
+        size = int.from_bytes(tlvs[offset + 1 : offset + 3], "big")
+        value = tlvs[offset + 3 : offset + 3 + size]
+        if len(value) < size:
+            raise InvalidProxyHeader("malformed PROXY v2 field")
+        if kind == PP2_TYPE_SSL:
+            # client (1 octet), verify (4), then fields of its own
+            if size < 5:
+                raise InvalidProxyHeader("malformed PROXY v2 TLS field")
+            return bool(value[0] & PP2_CLIENT_SSL)
+        offset += 3 + size
+    return False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -272,7 +310,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             return
         if parsed is None:
             return
-        self._source, self._destination, length = parsed
+        self._source, self._destination, length, tls = parsed
+        if tls:
+            # What L{mailgate.tls.isSecure} asks of a transport.
+            self.TLS = True
         rest, self._header = self._header[length:], b""
         self._cancelTimeout()
         self._relaying = True
