@@ -290,3 +290,48 @@ def test_sideFilesOfADatabaseOpenOnPurposeAreLeftAsTheyAre(tmp_path):
     finally:
         holder.close()
     assert (found["-wal"], found["-shm"]) == (0o640, 0o640), {k: oct(v) for k, v in found.items()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody): needs root")
+def test_aDatabaseTheCommandsUserMayNotUseIsSaidToBeSo(tmp_path):
+    """
+    SQLite's words for a database the user running mailgate may not use
+    name no file and no reason ("unable to open database file", "attempt
+    to write a readonly database"): the command run as another user than
+    the server's (or a database copied in by root) says whose the file
+    is and its mode, or that the user may not create the -wal and -shm
+    files in its directory, in one line, exit 78.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    from e2e import MAILGATE, childEnvironment
+
+    nobody = 65534
+    path = tempfile.mkdtemp(prefix="mailgate-owner-")
+    try:
+        os.chmod(path, 0o755)
+        db = os.path.join(path, "mail.sqlite3")
+        openSynchronousStore(f"sqlite:///{db}").close()
+
+        def asNobody():
+            done = subprocess.run(
+                [MAILGATE, "--database", f"sqlite:///{db}", "user", "list"],
+                capture_output=True, text=True, timeout=60, env=childEnvironment(), user=nobody, cwd=path,
+            )
+            return done.returncode, done.stderr
+
+        assert asNobody() == (
+            78,
+            f"mailgate: cannot open SQLite database {db}: unable to open database file "
+            f"(nobody may not read and write {db}: it is root's, mode 0600)\n",
+        )
+        os.chown(db, nobody, -1)
+        assert asNobody() == (
+            78,
+            f"mailgate: cannot open SQLite database {db}: attempt to write a readonly database "
+            f"(nobody may not create files in {path}, where SQLite makes the database's -wal and -shm files)\n",
+        )
+    finally:
+        shutil.rmtree(path)

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import pwd
 import sqlite3
 import stat
 import struct
@@ -156,6 +157,20 @@ def _narrow(side, allowed):
         pass
     finally:
         os.close(fd)
+
+
+#: os.access as the file system checks it: by the effective user
+_EFFECTIVE = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+
+
+def _userName(uid):
+    """
+    The name of the user C{uid}, or the number where it has none.
+    """
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def databaseFileWarning(path):
@@ -348,22 +363,41 @@ class SQLiteEngine:
         except sqlite3.Error as e:
             if _primaryCode(e) in (SQLITE_FULL, SQLITE_IOERR):
                 raise self._unusableForNow(e) from e
-            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._readOnlyHint()}") from e
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._openHint()}") from e
         return conn
 
-    def _readOnlyHint(self):
+    def _openHint(self):
         """
-        What to add to a failure to open the database on a filesystem
-        mounted read-only (the kernel's answer to a failing disk): SQLite
-        says only "unable to open database file", as it cannot make its
-        C{-shm} file there.
+        What to add to SQLite's words for a failure to open the database,
+        which name no file and no reason ("unable to open database file",
+        "attempt to write a readonly database"): the filesystem is mounted
+        read-only (the kernel's answer to a failing disk), or the user
+        this runs as may not use the file, or may not create the C{-wal}
+        and C{-shm} files beside it (the command run as another user than
+        the server's, a database copied in by root).
         """
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            readOnly = os.statvfs(directory).f_flag & os.ST_RDONLY
+            if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return f" (the filesystem of {directory} is mounted read-only)"
         except OSError:
             return ""
-        return f" (the filesystem of {directory} is mounted read-only)" if readOnly else ""
+        user = _userName(os.geteuid())
+        for name in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                found = os.stat(name)
+            except OSError:
+                continue
+            if not os.access(name, os.R_OK | os.W_OK, **_EFFECTIVE):
+                return (
+                    f" ({user} may not read and write {name}: it is {_userName(found.st_uid)}'s, "
+                    f"mode {stat.S_IMODE(found.st_mode):04o})"
+                )
+        if not os.access(directory, os.W_OK | os.X_OK, **_EFFECTIVE) and not all(
+            os.path.exists(self.path + side) for side in ("-wal", "-shm")
+        ):
+            return f" ({user} may not create files in {directory}, where SQLite makes the database's -wal and -shm files)"
+        return ""
 
     def _unusableForNow(self, error):
         """
