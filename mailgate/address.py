@@ -36,6 +36,30 @@ def normalizeDomain(domain):
     return domain
 
 
+def asciiDomain(domain):
+    """
+    The ASCII form (IDNA A-labels, lower case) of a domain written in
+    Unicode, as users' addresses and C{--domain} keep it: an SMTPUTF8
+    client may write a recipient's domain with U-labels (RFC 6531 section
+    3.2; C{alice@bücher.example} is C{alice@xn--bcher-kva.example}, as
+    Postfix looks it up).  IDNA 2008 with UTS 46's mapping, not
+    transitional (C{straße} is not C{strasse}), as Postfix and browsers
+    convert.  An ASCII domain is returned as it is.
+
+    @return: the domain, or C{None} if it cannot be converted.
+    """
+    if domain.isascii():
+        return domain
+    # Imported here: only a recipient in Unicode needs it (the package
+    # comes with Twisted's TLS).
+    import idna
+
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+
+
 def loginAddress(name, defaultRealm=None):
     """
     The address a login name stands for: the name itself, normalised; or,

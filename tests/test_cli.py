@@ -488,6 +488,19 @@ def test_deliverToUnknownRecipientDeliversNothing(cli):
     assert cli.rows("SELECT count(*) FROM maildrop") == [(0,)]
 
 
+def test_deliverToADomainInUnicode(cli):
+    """
+    An MTA's ${recipient} of SMTPUTF8 mail may name the domain in Unicode:
+    the user of its ASCII form gets it, as over SMTP and LMTP (it was no
+    such user, 67, and bounced).
+    """
+    user = "alice@xn--bcher-kva.example"
+    cli.add(user, PASSWORD)
+    result = cli("deliver", "alice@BÜCHER.example", stdin=b"Subject: idn\n\nbody\n")
+    assert result.code == 0, result
+    assert cli.messages(user) == [b"Subject: idn\r\n\r\nbody\r\n"]
+
+
 def test_deliverToInvalidAddress(cli):
     cli.add(ALICE, PASSWORD)
     result = cli("deliver", ALICE, "not an address", stdin=b"Subject: x\n\nbody\n")

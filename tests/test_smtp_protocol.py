@@ -366,6 +366,28 @@ def test_nonASCIIRecipientNeedsSMTPUTF8(users):
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
 
 
+@pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
+@pytest.mark.parametrize("domains", [None, ["xn--bcher-kva.example"]], ids=["users-domains", "--domain"])
+def test_aRecipientsDomainInUnicodeIsItsASCIIForm(store, dbpath, lmtpSession, domains):
+    """
+    An SMTPUTF8 client may write a recipient's domain in Unicode (RFC 6531
+    section 3.2): alice@bücher.example is the user alice@xn--bcher-kva.example,
+    as Postfix looks it up.  It was refused as another domain, 550 5.7.1
+    relay access denied, and the sender's mail bounced.
+    """
+    user = "alice@xn--bcher-kva.example"
+    addUser(store, user, PASSWORD)
+    s = SMTPSession(store, lmtp=lmtpSession, domains=domains)
+    assert s.command("LHLO client.test" if lmtpSession else "EHLO client.test").startswith("250")
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    assert s.command("RCPT TO:<alice@BÜCHER.example>") == "250 2.1.5 recipient <alice@BÜCHER.example> OK\r\n"
+    # A domain with no ASCII form is no domain here.
+    assert s.command("RCPT TO:<alice@b\u00fccher\u2060\u0301.example>").startswith("550 5.7.1 ")
+    assert s.command("DATA").startswith("354 ")
+    assert s.send(b"Subject: idn\r\n\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(storedMessages(dbpath, user)) == 1
+
+
 def test_nonASCIIHelloNameIsNotEchoedNorStoredInAnASCIIMessage(users, dbpath):
     """
     The client cannot have asked for UTF-8 replies before MAIL, and a

@@ -4,7 +4,7 @@ C{mailgate deliver}: a message from standard input into local maildrops,
 for an MTA's pipe transport.
 """
 
-from mailgate.address import normalizeAddress, withoutDetail
+from mailgate.address import asciiDomain, normalizeAddress, withoutDetail
 from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
@@ -56,6 +56,11 @@ def _recipient(store, address, delimiter):
 def _deliver(store, args, out, stdin):
     addresses = []
     for text in args.addresses:
+        # A domain in Unicode (an MTA's ${recipient} of SMTPUTF8 mail) is
+        # the domain its A-labels name, as SMTP and LMTP take it.
+        local, at, domain = text.rpartition("@")
+        if at and domain:
+            text = f"{local}@{asciiDomain(domain) or domain}"
         try:
             addresses.append(normalizeAddress(text))
         except InvalidAddress as e:

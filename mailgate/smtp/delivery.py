@@ -29,7 +29,7 @@ import time
 
 from twisted.internet import defer
 
-from mailgate.address import normalizeAddress, withoutDetail
+from mailgate.address import asciiDomain, normalizeAddress, withoutDetail
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
@@ -161,8 +161,12 @@ class LocalDelivery:
         if mailbox.lower() == POSTMASTER:
             # RFC 5321's <postmaster>, of no domain: the server's own.
             return self._toPostmaster(mailbox, size)
+        # A domain in Unicode (SMTPUTF8) is the domain its A-labels name:
+        # refused as another domain, the mail of an SMTPUTF8 sender who
+        # wrote it so bounced ("relay access denied").
+        domain = asciiDomain(domain) or domain
         try:
-            address = normalizeAddress(mailbox)
+            address = normalizeAddress(f"{local}@{domain}")
         except InvalidAddress:
             address = None
         if address is not None and self._remembered(address):
