@@ -286,3 +286,46 @@ def test_dbBackupOfPostgreSQLNamesItsTools(postgresURL, tmp_path):
         "(pg_dump, or pg_basebackup and WAL archiving)\n"
     )
     assert not (tmp_path / "x").exists()
+
+
+# -- a damaged SQLite database ------------------------------------------------
+
+
+@pytest.fixture
+def damagedURL(sqliteURL):
+    """
+    A database whose table of message chunks is damaged (its root page
+    overwritten, as a failing disk or a copy of a file being written
+    leaves one), while the rest still opens and reads.
+    """
+    path = sqliteURL[len("sqlite:///"):]
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pageSize = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'body_chunks'").fetchone()
+    finally:
+        conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * pageSize)
+        f.write(b"\xff" * 64)
+    return sqliteURL
+
+
+def test_aDamagedDatabaseIsSaidToBeDamaged(damagedURL, tmp_path):
+    """
+    Damage found past the opening, reading the damaged table: one line
+    saying the database is damaged and to restore the last backup, exit
+    78 (not an internal error, 70, as if mailgate were at fault); a backup
+    of it fails in one line too and leaves no file.
+    """
+    copy = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    code, out, err = mailgate(damagedURL, "db", "copy", "--from", damagedURL, "--to", copy)
+    assert code == 78, (code, err)
+    assert err.startswith("mailgate: an SQLite database is damaged (database disk image is malformed): restore it ")
+    assert err.count("\n") == 1, err
+    backup = tmp_path / "backup.sqlite3"
+    code, out, err = mailgate(damagedURL, "db", "backup", str(backup))
+    assert code == 73, (code, err)
+    assert "database disk image is malformed" in err and err.count("\n") == 1, err
+    assert not backup.exists()

@@ -724,6 +724,13 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # writes only once the message is stored: a retry would store
             # it twice.
             return EX_OK if delivering else EXIT_READER_GONE
+        from mailgate.store.sqlite import damageOf
+
+        damage = damageOf(e)
+        if damage is not None:
+            # Found past the opening (a damaged page read later).
+            stderr.write(f"mailgate: {damage}\n")
+            return EX_TEMPFAIL if delivering else EX_CONFIG
         stderr.write(f"mailgate: internal error: {e.__class__.__name__}: {e}\n")
         return EX_TEMPFAIL if delivering else EX_SOFTWARE
     finally:

@@ -217,6 +217,28 @@ def databaseDirectoryWarning(path):
     return None
 
 
+#: SQLite's result codes of a damaged file
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+
+
+def damageOf(exc):
+    """
+    What C{exc} says of a damaged SQLite database, if it (or what caused
+    it) is SQLite finding one (C{SQLITE_CORRUPT}, C{SQLITE_NOTADB}):
+    a damage mailgate did not make and no retry repairs, not an internal
+    error.  C{None} for any other error.
+    """
+    while exc is not None:
+        if isinstance(exc, sqlite3.DatabaseError) and _primaryCode(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            return (
+                f"an SQLite database is damaged ({exc}): restore it from its last backup "
+                f"(mailgate db backup; sqlite3 FILE .recover may save what is left)"
+            )
+        exc = exc.__cause__
+    return None
+
+
 # Reads through a memory map rather than a read() per page: a message's
 # chunks span many overflow pages, each otherwise a system call and a copy.
 MMAP_SIZE = 256 * 1024 * 1024
@@ -270,7 +292,12 @@ def backupDatabase(engine, target):
         finally:
             source.close()
         if verdict != "ok":
-            raise ConfigurationError(f"the copy in {target} does not check: {verdict}")
+            # quick_check's lines, the first few of possibly a hundred.
+            problems = verdict.replace("*** in database main ***", "").split()
+            raise ConfigurationError(
+                f"the copy does not check, the database {engine.path} is damaged: "
+                f"{' '.join(problems)[:300]} (restore it from an earlier backup)"
+            )
         _syncFile(staged)
         _publish(staged, target)
         _syncFile(directory)
