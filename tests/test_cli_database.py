@@ -324,6 +324,8 @@ def test_aDamagedDatabaseIsSaidToBeDamaged(damagedURL, tmp_path):
     assert code == 78, (code, err)
     assert err.startswith("mailgate: an SQLite database is damaged (database disk image is malformed): restore it ")
     assert err.count("\n") == 1, err
+    # The target it created is not left behind, to be taken for a copy.
+    assert not (tmp_path / "c.sqlite3").exists()
     backup = tmp_path / "backup.sqlite3"
     code, out, err = mailgate(damagedURL, "db", "backup", str(backup))
     assert code == 73, (code, err)

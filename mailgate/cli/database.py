@@ -4,9 +4,12 @@ C{mailgate db ...}: the schema's version and upgrade, copying a database
 to another, and backing an SQLite database up while servers use it.
 """
 
+import contextlib
+import os
+
 from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
 from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
-from mailgate.store import openSynchronousStore
+from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.schema import LATEST, recordedVersion, upgrade
 
 
@@ -23,13 +26,18 @@ def _dbCopy(store, args, out, stdin):
 
     source = _copySide(args.source, "--from", create=False)
     try:
+        created = _newSQLiteFile(args.target)
         target = _copySide(args.target, "--to", create=True)
         try:
-            report = copyDatabase(source, target)
-        except CopyError as e:
-            raise CommandError(str(e), EX_CANTCREAT)
-        finally:
-            target.close()
+            try:
+                report = copyDatabase(source, target)
+            except CopyError as e:
+                raise CommandError(str(e), EX_CANTCREAT)
+            finally:
+                target.close()
+        except BaseException:
+            _remove(created)
+            raise
     finally:
         source.close()
     out.write(
@@ -38,6 +46,36 @@ def _dbCopy(store, args, out, stdin):
     )
     if report.bans:
         out.write(f"copied {report.bans} bans in force\n")
+
+
+def _newSQLiteFile(url):
+    """
+    The path of the SQLite file C{url} names if it does not exist yet (the
+    copy creates it), else C{None}.
+    """
+    from mailgate.store.sqlite import SQLiteEngine
+
+    try:
+        engine = engineFromURL(url)
+    except ConfigurationError:
+        return None
+    if isinstance(engine, SQLiteEngine) and not engine.ephemeral and not os.path.lexists(engine.path):
+        return engine.path
+    return None
+
+
+def _remove(created):
+    """
+    Remove the SQLite file a copy that failed created (empty: the copy is
+    one transaction), so that it is not taken for a copy.
+    """
+    from mailgate.store.sqlite import SIDE_FILES
+
+    if created is None:
+        return
+    for name in (created, *(created + side for side in SIDE_FILES)):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def _copySide(url, option, create):

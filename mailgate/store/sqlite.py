@@ -293,10 +293,10 @@ def backupDatabase(engine, target):
             source.close()
         if verdict != "ok":
             # quick_check's lines, the first few of possibly a hundred.
-            problems = verdict.replace("*** in database main ***", "").split()
+            problems = "; ".join(line for line in verdict.splitlines() if line and not line.startswith("***"))
             raise ConfigurationError(
                 f"the copy does not check, the database {engine.path} is damaged: "
-                f"{' '.join(problems)[:300]} (restore it from an earlier backup)"
+                f"{problems[:300]} (restore it from an earlier backup)"
             )
         _syncFile(staged)
         _publish(staged, target)
