@@ -331,3 +331,23 @@ def test_aDamagedDatabaseIsSaidToBeDamaged(damagedURL, tmp_path):
     assert code == 73, (code, err)
     assert "database disk image is malformed" in err and err.count("\n") == 1, err
     assert not backup.exists()
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://mail:s3cret@db.internal:5433/mail", "postgresql://db.internal/mail"),
+        ("postgresql:///mail?host=/var/run/postgresql", "postgresql:///mail?host=/var/run/postgresql"),
+        ("postgresql://mail:s3cret@/mail?host=/run/pg&sslmode=disable", "postgresql:///mail?host=/run/pg"),
+        ("postgresql:///mail", "postgresql:///mail"),
+    ],
+)
+def test_aPostgreSQLDatabaseIsNamedWhereItConnects(url, shown):
+    """
+    What errors and the start-up log call a PostgreSQL database: a URL
+    naming a Unix socket's directory, or none (libpq's default socket),
+    is not said to be localhost's, which would send the administrator
+    after a TCP port the connection never used.
+    """
+    pytest.importorskip("psycopg")
+    assert repr(engineFromURL(url)) == shown

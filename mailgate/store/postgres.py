@@ -159,8 +159,15 @@ class PostgresEngine:
         self._namespace = None
 
     def __repr__(self):
+        """
+        Where the URL connects, without its password: the host, or the
+        Unix socket's directory (C{?host=/var/run/postgresql}), or neither
+        (libpq's default socket, not C{localhost}'s TCP port).
+        """
         parts = urlsplit(self.url)
-        host = parts.hostname or "localhost"
+        host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "")
+        if host.startswith("/"):
+            return f"postgresql://{parts.path}?host={host}"
         return f"postgresql://{host}{parts.path}"
 
     def connect(self):
