@@ -794,8 +794,8 @@ def test_deliverWithSenderAddsTraceFields(tmp_path):
 @pytest.mark.parametrize(
     "sender",
     [
-        "evil\r\nX-Injected: yes", "evil\nX-Injected: yes@example.net", "a b@example.net", "bob@example.net>", "bob",
-        "@example.net",
+        "evil\r\nX-Injected: yes", "evil\nX-Injected: yes@example.net", "a\tb@example.net", "bob@example.net>", "bob",
+        "@example.net", '"a"b"@example.net', "a b@exa mple.net", "a b@example.net\r\nX-Injected: yes",
         # Octets that are not UTF-8, as a POSIX argv gives them (an MTA's
         # ${sender} from a client of 8-bit addresses): SMTP refuses them
         # (500); here they failed at the Return-Path: field with an
@@ -813,6 +813,28 @@ def test_deliverRefusesASenderMailFromWouldRefuse(cli, sender):
     assert result.code == 65, result
     assert oneLineError(result).startswith("mailgate: bad sender ")
     assert cli.messages(ALICE) == []
+
+
+@pytest.mark.parametrize(
+    "sender, returnPath",
+    [
+        ("john doe@example.net", '"john doe"@example.net'),
+        ('"john doe"@example.net', '"john doe"@example.net'),
+        ('say "hi"@example.net', '"say \\"hi\\""@example.net'),
+        ("a\\b c@example.net", '"a\\\\b c"@example.net'),
+    ],
+)
+def test_deliverTakesASenderAsPostfixsPipeGivesIt(cli, sender, returnPath):
+    """
+    Postfix's pipe gives ${sender} in its internal form, the quotes of a
+    local part that needs them taken off (unless its flag q is set), as the
+    README's master.cf runs it: such a sender is taken with its quotes put
+    back.  It was refused as a bad sender (65), and Postfix bounced the mail.
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("deliver", "-f", sender, ALICE, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 0, result
+    assert cli.messages(ALICE)[0].startswith(f"Return-Path: <{returnPath}>\r\n".encode("ascii"))
 
 
 def test_deliverTakesASenderWithALongLocalPart(cli):

@@ -31,12 +31,34 @@ def _sender(text):
         inside.encode("utf-8")
     except UnicodeEncodeError:
         raise CommandError(f"bad sender {ascii(text[:60])}: not UTF-8", EX_DATAERR) from None
-    try:
-        if len(inside) > MAX_PATH:
-            raise EnvelopeSyntaxError("address too long")
-        return checkMailbox(inside, utf8=True, maxLocalPart=None)
-    except EnvelopeSyntaxError as e:
-        raise CommandError(f"bad sender {text[:60]!r}: {e}", EX_DATAERR) from None
+    # As it came, else as Postfix's internal form (see _quoted); what is
+    # wrong with it as it came is what the refusal says.
+    error = None
+    for address in (inside, _quoted(inside)):
+        if address is None:
+            break
+        try:
+            if len(address) > MAX_PATH:
+                raise EnvelopeSyntaxError("address too long")
+            return checkMailbox(address, utf8=True, maxLocalPart=None)
+        except EnvelopeSyntaxError as e:
+            error = error or e
+    raise CommandError(f"bad sender {text[:60]!r}: {error}", EX_DATAERR) from None
+
+
+def _quoted(address):
+    """
+    C{address} with its local part quoted (RFC 5321's quoted-string), or
+    C{None} if it has no local part or has it quoted already.  Postfix's
+    pipe gives C{${sender}} in its internal form, without the quotes a
+    local part such as C{"john doe"} needs (unless its C{q} flag is set):
+    refused as it came, such a sender's mail bounced.
+    """
+    local, at, domain = address.rpartition("@")
+    if not local or not domain or (len(local) > 1 and local[0] == local[-1] == '"'):
+        return None
+    escaped = local.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"@{domain}'
 
 
 def _recipient(store, address, delimiter):
