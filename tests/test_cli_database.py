@@ -351,3 +351,18 @@ def test_aPostgreSQLDatabaseIsNamedWhereItConnects(url, shown):
     """
     pytest.importorskip("psycopg")
     assert repr(engineFromURL(url)) == shown
+
+
+def test_aDatabaseInADirectoryThatIsNotThereIsSaidToBeSo(tmp_path):
+    """
+    A database URL whose directory does not exist (mistyped, or not made
+    yet), at its creation: SQLite says only "unable to open database
+    file"; the line names the missing directory.
+    """
+    missing = tmp_path / "var" / "lib" / "mailgate"
+    code, _, err = mailgate(f"sqlite:///{missing}/mail.sqlite3", "db", "upgrade")
+    assert (code, err) == (
+        78,
+        f"mailgate: cannot open SQLite database {missing}/mail.sqlite3: unable to open database file "
+        f"(there is no directory {missing})\n",
+    )

@@ -404,6 +404,8 @@ class SQLiteEngine:
         the server's, a database copied in by root).
         """
         directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            return f" (there is no directory {directory})"
         try:
             if os.statvfs(directory).f_flag & os.ST_RDONLY:
                 return f" (the filesystem of {directory} is mounted read-only)"
