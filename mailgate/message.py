@@ -73,9 +73,6 @@ def spooledInMemory():
 #: back; a longer line is written in pieces as it arrives.
 WRITE_PARTIAL_LINE = 64 * 1024
 
-#: A LF without a CR before it.
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
 #: The most line positions a message's L{MessageSpool.dotOffsets} keeps; a
 #: message with more lines that start with "." (nearly always a crafted
 #: one) is stuffed by searching it, as one stored without them.
@@ -269,7 +266,9 @@ class MessageSpool:
         if last >= 0:
             complete, partial = data[: last + 1], data[last + 1:]
             if complete.count(b"\n") != complete.count(b"\r\n"):
-                complete = _BARE_LF.sub(b"\r\n", complete)
+                # Every LF made CRLF, a CR before it kept (CR CR LF stays):
+                # twice as fast as a regular expression on a pipe's LF lines.
+                complete = complete.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             self.writeBlock(complete, not self._midLine)
             self._midLine = False
         else:
