@@ -1230,14 +1230,37 @@ def test_deliverWithTheServersFileRefusesAFullMailboxAsItSays(tmp_path):
 
     for user in (ALICE, BOB):
         assert mailgate("user", "add", user, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
-    assert mailgate("user", "quota", ALICE, "100").code == 0
-    message = "Subject: too big for alice\n\n" + "x" * 200 + "\n"
+    first = "Subject: first\n\n" + "x" * 200 + "\n"
+    assert mailgate("deliver", ALICE, stdin=first).code == 0
+    assert mailgate("user", "quota", ALICE, "300").code == 0
+    message = "Subject: too big for alice now\n\n" + "x" * 100 + "\n"
     refused = mailgate("deliver", ALICE, stdin=message)
     assert (refused.code, refused.out) == (77, ""), refused
     assert refused.err == f"mailgate: mailbox full: {ALICE} (refused for good: quota-exceeded is permanent)\n"
     assert mailgate("deliver", ALICE, BOB, stdin=message).code == 75
     # Without the file's word, the default: temporary.
     assert CLI(database)("deliver", ALICE, stdin=message.encode()).code == 75
+
+
+def test_deliverRefusesForGoodAMessageLargerThanTheWholeQuota(tmp_path):
+    """
+    A message larger than the recipient's whole quota can never be taken:
+    exit 77 (the MTA bounces it at once, as SMTP and LMTP answer 552 5.2.3),
+    not 75 (kept and retried for days), even with quota-exceeded at its
+    default; with a recipient who had room among the recipients, 75.
+    """
+    database = tmp_path / "mail.sqlite3"
+    cli = CLI(database)
+    for user in (ALICE, BOB):
+        assert cli("user", "add", user, "--password-stdin", stdin=f"{PASSWORD}\n".encode()).code == 0
+    assert cli("user", "quota", ALICE, "100").code == 0
+    message = b"Subject: too big for alice\n\n" + b"x" * 200 + b"\n"
+    refused = cli("deliver", ALICE, stdin=message)
+    assert (refused.code, refused.out) == (77, ""), refused
+    assert refused.err == (
+        f"mailgate: mailbox full: {ALICE} (the message is larger than the mailbox's whole quota)\n"
+    )
+    assert cli("deliver", ALICE, BOB, stdin=message).code == 75
 
 
 def test_deliverWithTheServersFileNamesItsHostInReceived(tmp_path):

@@ -351,7 +351,9 @@ def data(session, body):
 
 
 def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
-    resultOf(store.setQuota(ALICE, 1000))
+    body = message(1)
+    deliver(store, [ALICE], body)
+    resultOf(store.setQuota(ALICE, len(body) + 1000))
     session = intake(store)
     assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1001").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
@@ -359,6 +361,24 @@ def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
     assert session.command("RSET").startswith("250")
     assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1000").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+@pytest.mark.parametrize("quotaExceeded", ["temporary", "permanent"])
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_aMessageLargerThanTheWholeQuotaIsRefusedForGood(store, quotaExceeded, lmtp):
+    """
+    A declared size over the recipient's whole quota can never fit, however
+    much room she makes: 552 5.2.3 at RCPT (the MTA bounces it at once),
+    not 452 4.2.2 (retried for days, then bounced), whatever
+    --quota-exceeded says; the other recipients are taken.
+    """
+    resultOf(store.setQuota(ALICE, 1000))
+    session = intake(store, lmtp=lmtp, quotaExceeded=quotaExceeded)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1001").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>") == (
+        f"552 5.2.3 <{ALICE}>: message larger than the mailbox's whole quota (1000 octets)\r\n"
+    )
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
 
 
 def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
@@ -388,7 +408,9 @@ def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
 
 
 def test_permanentQuotaRefusals(store):
-    resultOf(store.setQuota(ALICE, 10))
+    body = message(1, 200)
+    deliver(store, [ALICE], body)
+    resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + 50))
     session = intake(store, quotaExceeded="permanent")
     assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>") == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
@@ -442,7 +464,9 @@ def test_smtpPermanentRefusalNeverBouncesRecipientsWithRoom(store):
     assert resultOf(store.listMessages(BOB)) == []
     # The retry, as an MTA makes it.
     assert session.command(f"MAIL FROM:<{SENDER}> SIZE={len(body)}").startswith("250")
-    assert session.command(f"RCPT TO:<{ALICE}>") == f"552 5.2.2 <{ALICE}>: mailbox full\r\n"
+    assert session.command(f"RCPT TO:<{ALICE}>") == (
+        f"552 5.2.3 <{ALICE}>: message larger than the mailbox's whole quota (600 octets)\r\n"
+    )
     assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
     assert data(session, body).startswith("250 2.0.0")
     assert len(resultOf(store.listMessages(BOB))) == 1
@@ -474,7 +498,9 @@ def test_aRecipientOverQuotaIsNotABadCommand(store):
     with many full recipients is not closed as a client sending bad
     commands.
     """
-    resultOf(store.setQuota(ALICE, 10))
+    body = message(1, 200)
+    deliver(store, [ALICE], body)
+    resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + 50))
     session = intake(store)
     assert session.command(f"MAIL FROM:<{SENDER}> SIZE=100").startswith("250")
     limit = session.protocol.maxBadCommands

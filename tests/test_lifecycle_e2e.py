@@ -142,7 +142,10 @@ def test_quotaAtRcptAndExpireInCapa(mailgate_server, mailgate_cli):
         smtp.ehlo("client.test")
         smtp.mail("sender@example.net", ["SIZE=5000"])
         code, reply = smtp.rcpt(ALICE)
-        assert (code, reply) == (452, f"4.2.2 <{ALICE}>: mailbox full".encode())
+        # Larger than her whole quota: refused for good, not retried.
+        assert (code, reply) == (
+            552, f"5.2.3 <{ALICE}>: message larger than the mailbox's whole quota (1024 octets)".encode()
+        )
         smtp.rset()
         assert smtp.sendmail("sender@example.net", [ALICE], b"Subject: fits\r\n\r\nsmall\r\n") == {}
     finally:

@@ -76,7 +76,7 @@ def test_eachRefusedRecipientIsLoggedOnceWithSenderRecipientAndReply(users, kind
         ("RCPT TO:<nobody@example.org>", "550 5.1.1", "nobody@example.org", "no such user"),
         ("RCPT TO:<someone@elsewhere.test>", "550 5.7.1", "someone@elsewhere.test", "relay denied"),
         ("RCPT TO:<not an address>", "501 5.1.3", "not an address", "bad address syntax"),
-        (f"RCPT TO:<{BOB}>", "452 4.2.2", BOB, "mailbox full"),
+        (f"RCPT TO:<{BOB}>", "552 5.2.3", BOB, "larger than the quota"),
         (f"RCPT TO:<{ALICE}> NOTIFY=NEVER", "555 5.5.4", ALICE, "bad parameters"),
     ]
     for command, reply, _, _ in refusals:

@@ -61,6 +61,18 @@ def _quoted(address):
     return f'"{escaped}"@{domain}'
 
 
+def _largerThanEveryQuota(store, addresses, size):
+    """
+    Whether a message of C{size} octets is larger than the whole storage
+    quota of each of C{addresses}.
+    """
+    for address in addresses:
+        status = _result(store.quotaOf(address))
+        if status is None or status.quotaOctets is None or size <= status.quotaOctets:
+            return False
+    return True
+
+
 def _recipient(store, address, delimiter):
     """
     The user C{address} is for: its own, or with the server's
@@ -116,6 +128,10 @@ def _deliver(store, args, out, stdin):
     except NoSuchUser as e:
         raise CommandError(f"no such user: {e}", EX_NOUSER)
     except QuotaExceeded as e:
+        if set(e.addresses) >= set(addresses) and _largerThanEveryQuota(store, e.addresses, source.size):
+            # No room the users make will ever fit it (SMTP and LMTP answer
+            # 552 5.2.3 at RCPT): a bounce now, not days of retries.
+            raise CommandError(f"{e} (the message is larger than the mailbox's whole quota)", EX_NOPERM)
         if getattr(args, "quotaExceeded", None) == "permanent" and set(e.addresses) >= set(addresses):
             # The server's file refuses a full mailbox for good, as its
             # SMTP and LMTP do (552 5.2.2): the MTA bounces the message

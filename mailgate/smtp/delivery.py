@@ -20,7 +20,9 @@ At the end of DATA, the store checks again with the real size, inside
 the delivery's transaction, which is exact however many deliveries to
 the same user run at once on however many nodes.  Either refusal is RFC
 3463's "mailbox full": C{452 4.2.2} (temporary: the MTA retries after the
-user made room), or C{552 5.2.2} when configured permanent.  An SMTP
+user made room), or C{552 5.2.2} when configured permanent; a declared
+size larger than the whole quota, which no room made will ever fit, is
+C{552 5.2.3} either way.  An SMTP
 message refused at the end of DATA for some of its recipients is refused
 temporarily whatever the setting, so the others never see it bounced.
 """
@@ -101,6 +103,18 @@ class LocalDelivery:
         if self.quotaExceeded == "permanent":
             return MailboxFull(552, "5.2.2", f"<{mailbox}>: mailbox full")
         return MailboxFull(452, "4.2.2", f"<{mailbox}>: mailbox full")
+
+    def tooLargeForQuota(self, mailbox, quotaOctets):
+        """
+        The reply refusing C{mailbox} a message larger than its whole quota
+        (by the size the client declared): permanent whatever
+        L{quotaExceeded} says, as no room the user makes will ever fit it,
+        and a temporary refusal would have the MTA retry for days before it
+        bounced.  RFC 3463's "message length exceeds administrative limit".
+        """
+        return MailboxFull(
+            552, "5.2.3", f"<{mailbox}>: message larger than the mailbox's whole quota ({quotaOctets} octets)"
+        )
 
     def _remembered(self, key):
         expires = self._known.get(key)
@@ -212,6 +226,8 @@ class LocalDelivery:
             if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address)
             elif not status.fits(max(size or 0, 1)):
+                if size is not None and status.quotaOctets is not None and size > status.quotaOctets:
+                    raise self.tooLargeForQuota(mailbox, status.quotaOctets)
                 raise self.mailboxFull(mailbox)
             return address
 

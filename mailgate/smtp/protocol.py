@@ -59,6 +59,7 @@ _RCPT_REASONS = {
     "5.7.1": "relay denied",
     "4.2.2": "mailbox full",
     "5.2.2": "mailbox full",
+    "5.2.3": "larger than the quota",
 }
 
 
