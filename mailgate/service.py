@@ -107,8 +107,13 @@ class ListeningService(StreamServerEndpointService):
         self._reactor = reactor
         self._metrics = metrics
         self._waiters = []
+        #: it has asked its endpoint to listen (bound, binding or refused):
+        #: a start that fails must stop it (L{MailgateService}), running
+        #: or not
+        self.listenAsked = False
 
     def privilegedStartService(self):
+        self.listenAsked = True
         try:
             super().privilegedStartService()
         except Exception as e:
@@ -218,6 +223,9 @@ class MailgateService(MultiService):
     #: there itself.  Closed once the service has started.
     startupErrors = None
     ownsStopSignals = False
+    #: the store is closed, or closing (the service stopped, or its start
+    #: failed): it cannot start again (see L{_refuseStartOnceStopped})
+    storeClosed = False
     policy = None
     logObserver = None
     #: the L{MailgateConfig} in service (for L{reloadConfig})
@@ -408,7 +416,15 @@ class MailgateService(MultiService):
     # -- starting ----------------------------------------------------------------
 
     def startService(self):
-        super().startService()
+        self._refuseStartOnceStopped()
+        try:
+            super().startService()
+        except Exception:
+            # Started without privilegedStartService (an embedding
+            # application's startService): a listener that cannot bind
+            # fails here, with the services before it already running.
+            self._abandonStart()
+            raise
         self._closeStartupErrors()
         if self.tls is not None:
             self._logCertificates("TLS certificate in service", "tls.loaded")
@@ -436,11 +452,14 @@ class MailgateService(MultiService):
             self._handle(signum, lambda signum, frame, action=action: reactor.callFromThread(action))
 
     def privilegedStartService(self):
+        self._refuseStartOnceStopped()
         self._handleReloadSignals()
         try:
             super().privilegedStartService()
-        except ConfigurationError as e:
-            self._restoreHandlers()
+        except Exception as e:
+            self._abandonStart()
+            if not isinstance(e, ConfigurationError):
+                raise
             if self.daemonized:
                 self._reportStartupError(e)
             if not self.exitOnStartupError or self.daemonized:
@@ -452,6 +471,57 @@ class MailgateService(MultiService):
             stderr.write(f"mailgate: {e}\n")
             stderr.flush()
             raise SystemExit(_listenFailureStatus(e))
+
+    def _refuseStartOnceStopped(self):
+        """
+        A service whose store is closed (it stopped, or its start failed)
+        would listen and answer every session with a database error:
+        refused, once and for all.
+        """
+        if self.storeClosed:
+            raise RuntimeError(
+                "this mailgate service has stopped and its store is closed: it cannot start "
+                "again; make a new one with mailgate.service.makeService"
+            )
+
+    def _abandonStart(self):
+        """
+        Undo a start that failed (a listener that cannot bind): the
+        listeners that bound stop listening, the services already started
+        stop, the store closes (with it an SQLite database's claim), and
+        the signal handlers before ours are back.  An embedding application
+        that catches the L{ConfigurationError} is left with nothing of
+        mailgate's holding a port or the database, and may make a new
+        service once the configuration is corrected; before, the ports
+        that did bind kept accepting connections and the database stayed
+        claimed until the process ended.
+
+        The ports close on the reactor's next turn; the store at once when
+        no other service had started (the usual case: the listeners bind
+        in L{privilegedStartService}, before the others start).
+        """
+        self._restoreHandlers()
+        Service.stopService(self)
+        self.storeClosed = True
+        asked = [s for s in self if isinstance(s, ListeningService) and s.listenAsked]
+        for listener in asked:
+            defer.maybeDeferred(listener.stopService).addErrback(
+                lambda f: self.log.failure("a listener failed to stop", f)
+            )
+        started = [s for s in self if s not in asked and s is not self._storeService]
+        self._stopAll(started, deadline=STOP_TIMEOUT).addCallback(lambda _: self._closeStore())
+
+    def _closeStore(self):
+        """
+        Close the store, whether its service started or not: it was opened
+        when the service was made.
+        """
+        self.storeClosed = True
+        if self._storeService is None:
+            return None
+        d = defer.maybeDeferred(self._storeService.stopService)
+        d.addErrback(lambda f: self.log.failure("the store failed to close", f))
+        return d
 
     def _reportStartupError(self, error):
         self.log.error("mailgate: {error}", error=error, event="service.start_failed")
@@ -575,6 +645,7 @@ class MailgateService(MultiService):
             signal.signal(signum, ignored)
 
     def stopService(self):
+        self.storeClosed = True
         self._ignoreReloadsWhileStopping()
         Service.stopService(self)
         if self.ownsStopSignals:
@@ -612,8 +683,7 @@ class MailgateService(MultiService):
         yield self._stopAll(
             [s for s in self if s not in mail and s is not self._storeService], deadline=STOP_TIMEOUT
         )
-        if self._storeService is not None:
-            yield self._stopAll([self._storeService])
+        yield self._closeStore()
         # Nothing is left to interrupt: the handlers before ours again.
         self._restoreHandlers()
 
@@ -884,7 +954,8 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     affinity = makeAffinity(config)
     if metrics is None:
         metrics = Metrics()
-    if store is None:
+    opened = store is None
+    if opened:
         store = openStore(config.database, reactor, metrics=metrics)
         if policyStore is None:
             from mailgate.store.policy import SQLPolicyStore
@@ -894,6 +965,24 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         from mailgate.policy.memory import MemoryPolicyStore
 
         policyStore = MemoryPolicyStore()
+    try:
+        return _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners)
+    except BaseException:
+        # A setting refused once the database is open (the spool
+        # directory, the connection policy's limits): the store opened
+        # here closes, or an embedding application that corrects the
+        # setting and calls again is refused an SQLite database "in use
+        # by another mailgate server" (its own first attempt's claim).
+        if opened:
+            store.close()
+        raise
+
+
+def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners):
+    """
+    The service hierarchy of L{makeService}, over an open C{store}, with
+    the endpoints of C{listeners} (by protocol name) already checked.
+    """
     root = MailgateService(
         store, tls, reactor=reactor, reloadOnSIGHUP=config.reloadOnSIGHUP, metrics=metrics,
         shutdownGrace=config.shutdownGrace,

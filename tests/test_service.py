@@ -4,11 +4,13 @@ helpers, then the store), readiness, the health probe, SIGHUP actions, and
 the log observer handed to twistd's application.
 """
 
+import errno
 import signal
 
 import pytest
 from twisted.application.service import Application
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, formatEvent
 
@@ -314,3 +316,102 @@ def test_reloadSignalsAreHandledFromTheMomentTheListenersBind(tmp_path):
     with pytest.raises(ConfigurationError):
         failing.privilegedStartService()
     assert {n: signal.getsignal(n) for n in before} == before
+
+
+class BusyPortReactor(ThreadCallsReactor):
+    """
+    A memory reactor on which the TCP ports of C{busy} are taken by
+    another process, and which knows which ports are listening.
+    """
+
+    def __init__(self, busy=()):
+        super().__init__()
+        self.busy = set(busy)
+        self.listening = set()
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
+        bound = super().listenTCP(port, factory, backlog, interface)
+        self.listening.add(port)
+        bound.stopListening = lambda: self.listening.discard(port)
+        return bound
+
+
+def sqliteService(tmp_path, reactor, **kw):
+    """
+    A service over a real SQLite file (so its server claim is real), with
+    POP3 on port 1110 and SMTP on 2525.
+    """
+    kw.setdefault("pop3", ["tcp:1110"])
+    kw.setdefault("smtp", ["tcp:2525"])
+    config = MailgateConfig(database=f"sqlite:///{tmp_path / 'claimed.sqlite3'}", **kw)
+    return makeService(config, reactor=reactor)
+
+
+def test_aSettingRefusedOnceTheDatabaseIsOpenLeavesItUnclaimed(tmp_path):
+    """
+    An embedding application whose makeService call is refused a setting
+    checked after the store is open (the spool directory) corrects it and
+    calls again: the database is its own, not "in use by another mailgate
+    server" (the first call's claim, never given back).
+    """
+    with pytest.raises(ConfigurationError, match="spool-directory"):
+        sqliteService(tmp_path, BusyPortReactor(), spoolDirectory=str(tmp_path / "missing"))
+    root = sqliteService(tmp_path, BusyPortReactor())
+    resultOf(root.stopService())
+
+
+@pytest.mark.parametrize("privileged", [True, False], ids=["privilegedStartService", "startService"])
+def test_aListenerThatCannotBindLeavesNothingBehind(tmp_path, privileged):
+    """
+    SMTP's port is taken: the embedding application gets the
+    ConfigurationError, and nothing of mailgate's is left holding a port
+    or the database: the POP3 listener that bound before it stops
+    listening (it accepted connections for a server that had failed to
+    start), the services already started stop, the store closes, and the
+    signal handlers before ours are back.  A corrected configuration then
+    starts in the same process.  Started either way an application
+    starts its services: under twistd (privilegedStartService first) or
+    by startService alone.
+    """
+    before = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
+    reactor = BusyPortReactor(busy={2525})
+    root = sqliteService(tmp_path, reactor, reloadOnSIGHUP=True)
+    with pytest.raises(ConfigurationError, match="cannot listen for SMTP on tcp:2525"):
+        if privileged:
+            root.privilegedStartService()
+        else:
+            root.startService()
+    assert reactor.listening == set()
+    assert not root.running
+    assert [s for s in root if s.running] == []
+    assert {n: signal.getsignal(n) for n in before} == before
+    # Once stopped, it is done with: a new one takes its place.
+    with pytest.raises(RuntimeError, match="cannot start again"):
+        root.startService()
+    assert reactor.listening == set()
+    corrected = sqliteService(tmp_path, reactor, smtp=["tcp:2526"])
+    corrected.privilegedStartService()
+    corrected.startService()
+    assert reactor.listening == {1110, 2526}
+    resultOf(corrected.stopService())
+    assert reactor.listening == set()
+
+
+def test_aStoppedServiceRefusesToStartAgain(tmp_path):
+    """
+    Its store closed at the stop, a service started again listened and
+    answered every session with "the database is closed": refused, saying
+    to make a new one.
+    """
+    reactor = BusyPortReactor()
+    root = sqliteService(tmp_path, reactor)
+    root.privilegedStartService()
+    root.startService()
+    resultOf(root.stopService())
+    assert reactor.listening == set()
+    for start in (root.privilegedStartService, root.startService):
+        with pytest.raises(RuntimeError, match="make a new one with mailgate.service.makeService"):
+            start()
+        assert reactor.listening == set()
