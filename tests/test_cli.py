@@ -1443,3 +1443,33 @@ def test_deliverHelpGivesTheExitStatusesAPipeTransportActsOn(cli):
     text = " ".join(cli("deliver", "--help").out.split())
     for status in ("0 delivered", "67 no such user", "75 a temporary failure", "65 a sender"):
         assert status in text, status
+
+
+def test_userListIsInByteOrderWhateverTheDatabasesCollation(tmp_path, postgresURL):
+    """
+    C{user list} (and C{--json}) lists addresses in byte order, as
+    C{LC_ALL=C sort} and SQLite order them, also on a PostgreSQL database
+    whose collation orders punctuation otherwise (a database made with a
+    locale such as en_US.UTF-8; here the users table's column is given
+    ICU's root collation): it listed a_b before a-c before a+b there.
+    """
+    import json
+
+    import psycopg
+
+    cli = CLI(tmp_path / "unused.sqlite3")
+    addresses = ["ab@example.org", "a_b@example.org", "a-c@example.org", "a+b@example.org", "a.b@example.org",
+                 "a@example.org", "a9@example.org"]
+    for address in addresses:
+        added = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n", database=postgresURL)
+        assert added.code == 0, added
+    with psycopg.connect(postgresURL, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone() is None:
+            pytest.skip("this PostgreSQL has no ICU collations")
+        conn.execute('ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
+        collated = [row[0] for row in conn.execute("SELECT address FROM users ORDER BY address")]
+    assert collated != sorted(addresses)  # the collation orders them otherwise
+    listed = cli("user", "list", "--json", database=postgresURL)
+    assert [json.loads(line)["address"] for line in listed.out.splitlines()] == sorted(addresses)
+    table = cli("user", "list", database=postgresURL)
+    assert [line.split()[0] for line in table.out.splitlines()[1:]] == sorted(addresses)

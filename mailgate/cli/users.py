@@ -219,7 +219,12 @@ def _userDel(store, args, out, stdin):
 
 
 def _userList(store, args, out, stdin):
-    users = _result(store.listUsers())
+    # In code point order (addresses are ASCII: byte order, LC_ALL=C sort's)
+    # whatever the collation of a PostgreSQL database: one made with
+    # an ICU or en_US.UTF-8 collation puts a_b before a-c before a+b,
+    # SQLite a+b before a-c before a_b: a script comparing lists (comm,
+    # join) would see users out of order, and move after a db copy.
+    users = sorted(_result(store.listUsers()), key=lambda user: user.address)
     if args.json:
         return _jsonLines(out, (
             {
