@@ -41,6 +41,7 @@ from mailgate.session import SessionTracker, TraceSelection
 from mailgate.session.accepting import watchAcceptErrors
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
+from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore
 from mailgate.store.housekeeping import RegistryService, RetentionService
@@ -247,7 +248,6 @@ class MailgateService(MultiService):
         self.sessions = SessionTracker(reactor)
         self.shutdownGrace = shutdownGrace
         self._reloadOnSIGHUP = reloadOnSIGHUP
-        self._previousHandlers = {}
         self._hangupActions = []
         self._reloadWatchers = []
         self._stoppingCallbacks = []
@@ -612,13 +612,10 @@ class MailgateService(MultiService):
         return self.sessions.shutdown(self.shutdownGrace)
 
     def _handle(self, signum, handler):
-        previous = signal.signal(signum, handler)
-        self._previousHandlers.setdefault(signum, previous)
+        processSignals.handle(self, signum, handler)
 
     def _restoreHandlers(self):
-        for signum, previous in self._previousHandlers.items():
-            signal.signal(signum, previous)
-        self._previousHandlers = {}
+        processSignals.release(self)
 
     def _ignoreReloadsWhileStopping(self):
         """
@@ -641,8 +638,8 @@ class MailgateService(MultiService):
                 event="service.stopping_already",
             )
 
-        for signum in list(self._previousHandlers):
-            signal.signal(signum, ignored)
+        for signum in processSignals.handledBy(self):
+            processSignals.handle(self, signum, ignored)
 
     def stopService(self):
         self.storeClosed = True

@@ -415,3 +415,46 @@ def test_aStoppedServiceRefusesToStartAgain(tmp_path):
         with pytest.raises(RuntimeError, match="make a new one with mailgate.service.makeService"):
             start()
         assert reactor.listening == set()
+
+
+def test_twoServicesReloadingOnSIGHUPLeaveEachOtherTheirHandlers(tmp_path):
+    """
+    Two services of one application, each reloading on SIGHUP: the first
+    one stopped put back the handler from before them both and took the
+    second's away, so the next SIGHUP ended the process.  Each now keeps
+    its own until it stops; while one drains, the other still reloads; the
+    handlers from before come back with the last one stopped.
+    """
+    before = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
+    first, firstReactor = build(tmp_path, pop3=[], smtp=[], metrics=None, reloadOnSIGHUP=True)
+    second, secondReactor = build(tmp_path, pop3=[], smtp=[], metrics=None, reloadOnSIGHUP=True)
+    hangups = []
+    first.onHangup(lambda: hangups.append("first"))
+    second.onHangup(lambda: hangups.append("second"))
+
+    def sighup():
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        firstReactor.runThreadCalls()
+        secondReactor.runThreadCalls()
+
+    first.startService()
+    second.startService()
+    try:
+        sighup()
+        assert hangups == ["first", "second"]
+        del hangups[:]
+        drained = defer.Deferred()
+        first.drainSessions = lambda: drained
+        stopped = first.stopService()
+        sighup()
+        assert hangups == ["second"]
+        drained.callback(None)
+        resultOf(stopped)
+        sighup()
+        assert hangups == ["second", "second"]
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, before[signal.SIGUSR1])
+    finally:
+        for root in (first, second):
+            if root.running:
+                resultOf(root.stopService())
+    assert {n: signal.getsignal(n) for n in before} == before

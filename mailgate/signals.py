@@ -1,0 +1,69 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The process's signal handlers, shared by every mailgate service in it.
+
+An application may embed several mailgate services (two databases, two
+sets of ports), each reloading on SIGHUP and SIGUSR1
+(C{reloadOnSIGHUP=True}).  Each installing its own handler and putting
+back, at its stop, the one it had found, the first one stopped put back
+the handler from before them all, and took away the second's: the next
+SIGHUP ended the process by its default action.  Here one handler per
+signal calls every service's; the handler from before is put back once
+the last service has let go.
+"""
+
+import signal
+
+
+class SharedSignalHandlers:
+    """
+    One handler per signal, calling each owner's handler in turn.
+    """
+
+    def __init__(self):
+        #: signal number -> {owner: handler}
+        self._handlers = {}
+        #: signal number -> the handler there before the first owner's
+        self._previous = {}
+
+    def handle(self, owner, signum, handler):
+        """
+        Call C{handler(signum, frame)} on C{signum}, as C{owner}'s (in
+        place of the one C{owner} had there, if any).
+        """
+        handlers = self._handlers.setdefault(signum, {})
+        if not handlers:
+            self._previous[signum] = signal.signal(signum, self._dispatch)
+        handlers[owner] = handler
+
+    def handledBy(self, owner):
+        """
+        The signals C{owner} has a handler for.
+        """
+        return [signum for signum, handlers in self._handlers.items() if owner in handlers]
+
+    def release(self, owner):
+        """
+        Drop C{owner}'s handlers; a signal no owner handles any more gets
+        back the handler it had before, unless the application has put one
+        of its own there since.
+        """
+        for signum in self.handledBy(owner):
+            handlers = self._handlers[signum]
+            del handlers[owner]
+            if handlers:
+                continue
+            del self._handlers[signum]
+            previous = self._previous.pop(signum)
+            # None: a handler not installed from Python, which Python
+            # cannot put back.
+            if previous is not None and signal.getsignal(signum) == self._dispatch:
+                signal.signal(signum, previous)
+
+    def _dispatch(self, signum, frame):
+        for handler in list(self._handlers.get(signum, {}).values()):
+            handler(signum, frame)
+
+
+#: the handlers of this process's mailgate services
+processSignals = SharedSignalHandlers()
