@@ -6,6 +6,7 @@ Exit codes follow sysexits(3): 0 ok, 64 usage, 65 data error, 67 no such
 user, 73 cannot create, 75 temporary failure (deliver), 78 configuration.
 """
 
+import contextlib
 import datetime
 import io
 import os
@@ -752,6 +753,42 @@ def test_aReaderThatGoesAwayIsNotAnError(tmp_path):
         delivered = intoAClosedPipe(["deliver", ALICE], env, data=b"Subject: piped\n\nonce\n")
         assert (delivered.returncode, delivered.stderr) == (0, b""), env.get("PYTHONUNBUFFERED")
     assert len(CLI(tmp_path / "pipe.sqlite3").messages(ALICE)) == 2
+
+
+def test_anOutputThatCannotBeWrittenIsSaidInOneLine(cli, monkeypatch):
+    """
+    Standard output on a full disk (/dev/full), or closed when the command
+    started (C{>&-}, which Python gives as C{None}): one line saying so,
+    exit 74 (EX_IOERR), for a table, for JSON lines and for a message's
+    octets; it was C{internal error: OSError} or C{AttributeError}, exit
+    70.  C{deliver}, which writes only once the message is stored, exits
+    0 saying so: it exited 75, and the MTA stored the message again.
+    """
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    cli.add(ALICE, PASSWORD)
+    assert cli("deliver", ALICE, stdin=b"Subject: one\n\nbody\n").code == 0
+
+    def into(stdout, *argv, stdin=b""):
+        err = io.StringIO()
+        try:
+            code = run(["--database", cli.url, *argv], stdin=_stdin(stdin), stdout=stdout, stderr=err, environ={})
+        finally:
+            if stdout is not None:
+                with contextlib.suppress(OSError):
+                    stdout.close()  # what it holds still cannot be written
+        return code, err.getvalue()
+
+    full = "mailgate: cannot write to standard output: No space left on device\n"
+    closed = "mailgate: cannot write to standard output: it is closed\n"
+    for argv in (["user", "list"], ["user", "list", "--json"], ["mailbox", "show", ALICE, "1"]):
+        assert into(open("/dev/full", "w"), *argv) == (74, full), argv
+        monkeypatch.setattr(sys, "stdout", None)
+        assert into(None, *argv) == (74, closed), argv
+        monkeypatch.undo()
+    assert into(open("/dev/full", "w"), "deliver", ALICE, stdin=b"Subject: two\n\nbody\n") == (
+        0, "mailgate: the message is stored, but " + full[len("mailgate: "):])
+    assert len(cli.messages(ALICE)) == 2
 
 
 def test_deliverWithSenderAddsTraceFields(tmp_path):

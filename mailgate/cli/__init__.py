@@ -58,6 +58,7 @@ from mailgate.cli.common import (
     EX_CANTCREAT,
     EX_CONFIG,
     EX_DATAERR,
+    EX_IOERR,
     EX_NOINPUT,
     EX_NOPERM,
     EX_NOUSER,
@@ -66,6 +67,8 @@ from mailgate.cli.common import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
+    Output,
+    OutputFailed,
     _addHashed,
     _addJSON,
 )
@@ -108,6 +111,7 @@ __all__ = [
     "EX_CANTCREAT",
     "EX_CONFIG",
     "EX_DATAERR",
+    "EX_IOERR",
     "EX_NOINPUT",
     "EX_NOPERM",
     "EX_NOUSER",
@@ -688,13 +692,22 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 # The name the server's Received: fields give (deliver's too).
                 args.hostname = values.get("hostname")
                 args.spoolDirectory = values.get("spool-directory")
-        args.run(store, args, stdout, stdin)
+        output = Output(stdout)
+        args.run(store, args, output, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
-        stdout.flush()
+        output.flush()
         return EX_OK
     except CommandError as e:
         stderr.write(f"mailgate: {e}\n")
         return e.code
+    except OutputFailed as e:
+        if delivering:
+            # deliver writes only once the message is stored: 75 would
+            # have the MTA store it again.
+            stderr.write(f"mailgate: the message is stored, but {e}\n")
+            return EX_OK
+        stderr.write(f"mailgate: {e}\n")
+        return EX_IOERR
     except NoSuchDatabase as e:
         stderr.write(f"mailgate: {e} (check {source}; mailgate user add or db upgrade creates it)\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG

@@ -23,6 +23,7 @@ EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -39,6 +40,52 @@ class CommandError(Exception):
     def __init__(self, message, code=1):
         super().__init__(message)
         self.code = code
+
+
+class OutputFailed(Exception):
+    """
+    Standard output could not be written (a full disk, an I/O error, or
+    closed when the command started): not a fault of mailgate's, and
+    said in one line with exit 74 (C{deliver}, which writes only once the
+    message is stored, exits 0).  A reader gone (C{| head}) is not this:
+    its C{BrokenPipeError} goes through as it is (exit 141).
+    """
+
+
+class Output:
+    """
+    Standard output as the commands write to it: a failure to write is
+    an L{OutputFailed} rather than whatever the stream raised (or an
+    C{AttributeError} where Python gives a closed standard output as
+    C{None}), which was reported as an internal error, exit 70.
+
+    @ivar buffer: the binary stream underneath, likewise wrapped, or
+        C{None} (a text stream with none, as in tests).
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, data):
+        return self._call("write", data)
+
+    def flush(self):
+        return self._call("flush")
+
+    @property
+    def buffer(self):
+        binary = getattr(self._stream, "buffer", None)
+        return None if binary is None else Output(binary)
+
+    def _call(self, name, *args):
+        if self._stream is None:
+            raise OutputFailed("cannot write to standard output: it is closed")
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputFailed(f"cannot write to standard output: {e.strerror or e}") from None
 
 
 def _result(d):
