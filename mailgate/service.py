@@ -118,14 +118,16 @@ class ListeningService(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except Exception as e:
-            raise ConfigurationError(
-                f"cannot listen for {self.protocolName} on {self.description}: {e}"
-            ) from e
+            error = ConfigurationError(f"cannot listen for {self.protocolName} on {self.description}: {e}")
+            self.giveUp(error)
+            raise error from e
         whenListening(self, self._listening)
 
     def whenListening(self):
         """
-        A L{Deferred} that fires with the port once it is bound.
+        A L{Deferred} that fires with the port once it is bound, or fails
+        with the reason it never will be (it cannot bind, or was stopped
+        first: see L{giveUp}).
         """
         if self.port is not None:
             return defer.succeed(self.port)
@@ -156,9 +158,21 @@ class ListeningService(StreamServerEndpointService):
             d.callback(port)
         return port
 
+    def giveUp(self, reason):
+        """
+        Fail the L{whenListening} waiters with C{reason} (an exception)
+        when the port will not be bound: a wait for a listener of a start
+        that failed, or of a service stopped first, never ended.
+        """
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.errback(reason)
+
     def stopService(self):
         if self.acceptErrors is not None:
             self.acceptErrors.stop()
+        if self.port is None:
+            self.giveUp(ShuttingDown(f"{self.protocolName} on {self.description}: stopped before it listened"))
         return super().stopService()
 
 
@@ -508,6 +522,10 @@ class MailgateService(MultiService):
             defer.maybeDeferred(listener.stopService).addErrback(
                 lambda f: self.log.failure("a listener failed to stop", f)
             )
+        for ls in self.listeners.values():
+            for listener in ls:
+                if listener not in asked:
+                    listener.giveUp(ShuttingDown("mailgate did not start: another listener could not bind"))
         started = [s for s in self if s not in asked and s is not self._storeService]
         self._stopAll(started, deadline=STOP_TIMEOUT).addCallback(lambda _: self._closeStore())
 

@@ -338,6 +338,15 @@ class BusyPortReactor(ThreadCallsReactor):
         return bound
 
 
+def failureOf(d):
+    """
+    The failure C{d} has fired with (and consumed), or C{None}.
+    """
+    failures = []
+    d.addErrback(failures.append)
+    return failures[0] if failures else None
+
+
 def sqliteService(tmp_path, reactor, **kw):
     """
     A service over a real SQLite file (so its server claim is real), with
@@ -377,13 +386,20 @@ def test_aListenerThatCannotBindLeavesNothingBehind(tmp_path, privileged):
     """
     before = {n: signal.getsignal(n) for n in (signal.SIGHUP, signal.SIGUSR1)}
     reactor = BusyPortReactor(busy={2525})
-    root = sqliteService(tmp_path, reactor, reloadOnSIGHUP=True)
+    root = sqliteService(tmp_path, reactor, reloadOnSIGHUP=True, metrics="tcp:9101")
+    ready = root.whenListening()
+    each = {name: ls[0].whenListening() for name, ls in root.listeners.items()}
     with pytest.raises(ConfigurationError, match="cannot listen for SMTP on tcp:2525"):
         if privileged:
             root.privilegedStartService()
         else:
             root.startService()
     assert reactor.listening == set()
+    # Waiting for the listeners ends: they will never all listen.
+    assert failureOf(ready).value.subFailure.check(ConfigurationError, ShuttingDown)
+    assert failureOf(each["SMTP"]).check(ConfigurationError)
+    assert failureOf(each["METRICS"]).check(ShuttingDown)
+    assert resultOf(each["POP3"]).getHost().port == 1110
     assert not root.running
     assert [s for s in root if s.running] == []
     assert {n: signal.getsignal(n) for n in before} == before
