@@ -169,6 +169,7 @@ class ListeningService(StreamServerEndpointService):
             d.errback(reason)
 
     def stopService(self):
+        self.listenAsked = False
         if self.acceptErrors is not None:
             self.acceptErrors.stop()
         if self.port is None:
@@ -712,7 +713,13 @@ class MailgateService(MultiService):
         @return: a L{Deferred} that fires when they have stopped (or the
             deadline passed); it never fails.
         """
-        stopping = [(s, defer.maybeDeferred(s.stopService)) for s in reversed(services) if s.running]
+        # A listener is bound from privilegedStartService on, before it
+        # runs (a stop between the two left its port open).
+        stopping = [
+            (s, defer.maybeDeferred(s.stopService))
+            for s in reversed(services)
+            if s.running or getattr(s, "listenAsked", False)
+        ]
         pending = [s for s, _ in stopping]
 
         def stopped(result, service):

@@ -474,3 +474,19 @@ def test_twoServicesReloadingOnSIGHUPLeaveEachOtherTheirHandlers(tmp_path):
             if root.running:
                 resultOf(root.stopService())
     assert {n: signal.getsignal(n) for n in before} == before
+
+
+def test_aServiceStoppedBetweenItsTwoStartsClosesItsPorts(tmp_path):
+    """
+    The listeners bind in privilegedStartService, before startService
+    (twistd's order, an application's too): an application that stopped
+    the service between the two (another of its services failed to
+    start) left mailgate's ports accepting connections, with the store
+    closed behind them.
+    """
+    reactor = BusyPortReactor()
+    root = sqliteService(tmp_path, reactor)
+    root.privilegedStartService()
+    assert reactor.listening == {1110, 2525}
+    resultOf(root.stopService())
+    assert reactor.listening == set()
