@@ -6,6 +6,7 @@ Exit codes follow sysexits(3): 0 ok, 64 usage, 65 data error, 67 no such
 user, 73 cannot create, 75 temporary failure (deliver), 78 configuration.
 """
 
+import base64
 import contextlib
 import datetime
 import io
@@ -21,7 +22,7 @@ from mailgate import __version__
 from mailgate.auth.passwords import verifyPassword
 from mailgate.cli import run
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE
-from mailgate.testing import memoryStore, readWhole, resultOf
+from mailgate.testing import POP3Session, memoryStore, readWhole, resultOf
 
 # The command's new passwords are hashed cheaply here (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
@@ -219,6 +220,80 @@ def test_passwordWithNUL(cli):
     result = cli("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\0x\n")
     assert result.code == 65
     oneLineError(result)
+
+
+def test_aPasswordIsAtMost1024Octets(cli):
+    """
+    A password to set is at most 1024 octets of UTF-8 (what AUTH PLAIN and
+    AUTH LOGIN carry with any address), counted in octets, not characters;
+    a line longer than 4096 octets is refused as soon as that much is read,
+    by every command reading one (standard input without a line end, as
+    from /dev/zero, was read whole into memory and set as the password).
+    """
+    cli.add(BOB, BOB_PASSWORD)
+    assert cli("user", "add", ALICE, "--password-stdin", stdin="x" * 1024 + "\n").code == 0
+    for password, size in (("x" * 1025, 1025), ("\u00e9" * 513, 1026)):
+        for argv in (["user", "add", "carol@example.org"], ["user", "passwd", ALICE]):
+            result = cli(*argv, "--password-stdin", stdin=(password + "\n").encode())
+            assert (result.code, oneLineError(result)) == (
+                65, f"mailgate: the password is {size} octets long, at most 1024 (what POP3's AUTH PLAIN "
+                "and AUTH LOGIN carry with any address)\n"), argv
+    assert verifyPassword("x" * 1024, cli.user(ALICE).passwordHash)
+    # AUTH PLAIN carries it with the longest address there can be.
+    longest = "l" * 64 + "@" + ".".join(["d" * 61] * 3) + ".org"
+    assert len(longest) == 254
+    accented = "\u00e9" * 512  # 1024 octets
+    assert cli("user", "add", longest, "--password-stdin", stdin=accented + "\n").code == 0
+    store = memoryStore(cli.url)
+    try:
+        session = POP3Session(store)
+        assert session.command("AUTH PLAIN") == "+ \r\n"
+        plain = base64.b64encode(f"\0{longest}\0{accented}".encode()).decode()
+        assert session.command(plain).startswith(f"+OK {longest} has 0 messages")
+    finally:
+        store.close()
+    endless = b"y" * 100_000  # no line end
+    for argv in (["user", "passwd", ALICE], ["user", "test", BOB], ["user", "add", "carol@example.org", "--hashed"],
+                 ["user", "apop", BOB, "on"]):
+        for stdin in (endless, endless.decode()):  # octets, and a text stream without them
+            result = cli(*argv, "--password-stdin", stdin=stdin)
+            assert (result.code, oneLineError(result)) == (
+                65, "mailgate: the line read is longer than 4096 octets: no password (or hash) is that long\n"), argv
+    assert cli.user("carol@example.org") is None
+
+
+def test_aPasswordIsReadAsUTF8WhateverTheLocale(cli):
+    """
+    The password's octets on standard input are UTF-8, also where the
+    locale's encoding is another (Latin-1): C{pé} set there was set as
+    C{pÃ©}, which no client sending UTF-8 logs in with.
+    """
+    cli.add(ALICE, PASSWORD)
+    latin1 = io.TextIOWrapper(io.BytesIO("p\u00e9-secret\n".encode()), encoding="latin-1", newline="")
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", cli.url, "user", "passwd", ALICE, "--password-stdin"], stdin=latin1, stdout=out,
+               stderr=err, environ={})
+    assert (code, err.getvalue()) == (0, "")
+    assert verifyPassword("p\u00e9-secret", cli.user(ALICE).passwordHash)
+
+
+def test_aClosedStandardInputIsSaidToBe(cli, monkeypatch):
+    """
+    Standard input closed when the command started (C{<&-}; Python gives
+    it as C{None}): exit 66, an input that cannot be read, in one line;
+    it was C{internal error: AttributeError}, exit 70.
+    """
+    cli.add(ALICE, PASSWORD)
+    monkeypatch.setattr(sys, "stdin", None)
+    for argv, line in (
+        (["user", "passwd", ALICE, "--password-stdin"],
+         "mailgate: standard input is closed: nothing to read the password from\n"),
+        (["user", "import", "-"], "mailgate: cannot read -: standard input is closed\n"),
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", cli.url, *argv], stdin=None, stdout=out, stderr=err, environ={})
+        assert (code, err.getvalue()) == (66, line), argv
+    assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
 
 
 # -- user passwd ---------------------------------------------------------------
@@ -944,6 +1019,23 @@ def test_importPOP3RefusesABadURL(cli, url, reason):
     result = cli("import", "pop3", url, ALICE, "--password-stdin", stdin=f"{PASSWORD}\n")
     assert result.code == 64, result
     assert oneLineError(result).startswith(f"mailgate: {reason}")
+
+
+def test_userImportFromStandardInputTakesOctetsThatAreNotUTF8(cli):
+    """
+    C{user import -}: a line with octets that are not UTF-8 (a Latin-1
+    gecos field) is refused alone, as in a file, also where standard input
+    decodes strictly (a UTF-8 locale other than C): the first such octet
+    was an internal error, exit 70, and no user was imported.
+    """
+    cli.create()
+    result = cli("user", "import", "-", stdin=b"h\xe9l\xe8ne@example.org:{PLAIN}x\n"
+                 b"bob@example.org:{PLAIN}pw:1000:1000:Ren\xe9::\n")
+    assert result.code == 65, result
+    assert result.err == ("mailgate: - line 1: the user name or password hash is not UTF-8 text\n"
+                          "mailgate: 1 line(s) of - not imported\n")
+    assert result.out.splitlines()[0] == "added bob@example.org"
+    assert verifyPassword("pw", cli.user(BOB).passwordHash)
 
 
 @pytest.mark.parametrize(

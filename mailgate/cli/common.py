@@ -109,17 +109,72 @@ def _address(text):
         raise CommandError(str(e), EX_DATAERR)
 
 
+#: The longest line read from standard input for a password or a hash,
+#: in octets: reading is bounded (a password from /dev/zero, or from a
+#: file without line ends, was read whole into memory).
+MAX_PASSWORD_LINE = 4096
+
+#: The longest password a command sets, in octets of UTF-8: beyond any
+#: password typed, and what POP3's AUTH PLAIN and AUTH LOGIN carry whole
+#: with any address (a SASL response line of 4096 octets, in base64);
+#: USER/PASS carries up to 248 (a command line of 255).
+MAX_PASSWORD = 1024
+
+
+def _passwordLine(stdin):
+    """
+    One line of standard input, without its line end, as UTF-8 text read
+    from its octets: not decoded in the locale's encoding, in which a
+    UTF-8 password would be read as another one (a Latin-1 locale), or
+    fail (a strict one).
+
+    @raise CommandError: standard input closed or failing (66), a line
+        longer than L{MAX_PASSWORD_LINE} octets, or not UTF-8 (65).
+    """
+    if stdin is None:
+        # Python's standard input where the command started with it closed.
+        raise CommandError("standard input is closed: nothing to read the password from", EX_NOINPUT)
+    binary = getattr(stdin, "buffer", None)
+    try:
+        if binary is not None:
+            line = binary.readline(MAX_PASSWORD_LINE + 3)
+        else:
+            line = stdin.readline(MAX_PASSWORD_LINE + 3).encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
+    except OSError as e:
+        raise CommandError(f"cannot read standard input: {e.strerror or e}", EX_NOINPUT) from None
+    line = line.rstrip(b"\r\n")
+    if len(line) > MAX_PASSWORD_LINE:
+        raise CommandError(
+            f"the line read is longer than {MAX_PASSWORD_LINE} octets: no password (or hash) is that long", EX_DATAERR
+        )
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
+
+
+def _checkNewPassword(password):
+    """
+    Refuse a password to set that is longer than L{MAX_PASSWORD} octets.
+    """
+    size = len(password.encode("utf-8"))
+    if size > MAX_PASSWORD:
+        raise CommandError(
+            f"the password is {size} octets long, at most {MAX_PASSWORD} (what POP3's AUTH PLAIN and "
+            "AUTH LOGIN carry with any address)",
+            EX_DATAERR,
+        )
+
+
 def _readPassword(args, stdin, confirm=True):
     """
     The password: one line from standard input with C{--password-stdin},
     else asked for twice on the terminal.
     """
     if args.password_stdin:
-        try:
-            line = stdin.readline()
-        except UnicodeDecodeError:
-            raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
-        password = line.rstrip("\r\n")
+        password = _passwordLine(stdin)
     else:
         if not (hasattr(stdin, "isatty") and stdin.isatty()):
             raise CommandError(

@@ -26,6 +26,7 @@ from mailgate.cli.common import (
     EX_TEMPFAIL,
     EX_USAGE,
     _address,
+    _checkNewPassword,
     _dayCount,
     _existingUser,
     _forUser,
@@ -67,6 +68,7 @@ def _credentials(args, password, apop, cramMD5=False):
         from Dovecot with them keeps CRAM-MD5 through a new password).
     """
     if not args.hashed:
+        _checkNewPassword(password)
         return makeCredentials(password, apop=apop, cramMD5=cramMD5)
     if apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
@@ -136,7 +138,14 @@ def _userImport(store, args, out, stdin):
             raise CommandError(str(e), EX_USAGE) from None
     try:
         if args.file == "-":
-            lines = stdin.read().splitlines()
+            if stdin is None:
+                raise CommandError("cannot read -: standard input is closed", EX_NOINPUT)
+            # Its octets, as a file's are read: not in the locale's
+            # encoding, whose strict decoding failed at the first octet
+            # that is not UTF-8 (an internal error, exit 70).
+            binary = getattr(stdin, "buffer", None)
+            text = stdin.read() if binary is None else binary.read().decode("utf-8-sig", "surrogateescape")
+            lines = text.splitlines()
         else:
             # Octets that are not UTF-8 (a gecos field in Latin-1, copied
             # from an old /etc/passwd) are kept as they are, and refuse
