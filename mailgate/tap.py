@@ -238,10 +238,14 @@ def makeService(options):
     # passed down like every other part.
     from twisted.internet import reactor
 
+    owner = twistdUser(parent)
     try:
+        made = _missingServerFiles(config.database) if owner is not None else []
         service = _makeService(config, reactor=reactor)
     except ConfigurationError as e:
         raise _stopped(e) from None
+    if owner is not None:
+        _giveTo(owner, made)
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread
@@ -272,6 +276,55 @@ def makeService(options):
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def twistdUser(parent):
+    """
+    The C{(uid, gid)} twistd switches to once the listeners are bound
+    (C{--uid}, C{--gid}; C{-1}: the group stays), when it runs as root and
+    will; otherwise C{None}.
+    """
+    if parent is None or os.geteuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if not uid:
+        return None
+    return uid, -1 if gid is None else gid
+
+
+def _missingServerFiles(database):
+    """
+    The files of an SQLite C{database} that the start-up makes, as root,
+    before twistd's C{--uid} takes effect (the database, its C{-wal} and
+    C{-shm}, the server's C{.lock}), of those not there yet.
+    """
+    from mailgate.store import engineFromURL
+
+    engine = engineFromURL(database)
+    path = getattr(engine, "path", None)
+    if not path or engine.ephemeral:
+        return []
+    path = os.path.abspath(path)
+    return [name for name in (path, path + "-wal", path + "-shm", path + ".lock") if not os.path.lexists(name)]
+
+
+def _giveTo(owner, names):
+    """
+    Give the files of C{names} that this start made, as root, to the user
+    twistd's C{--uid} runs the server as: a new SQLite database was made
+    root's, mode 0600, and the server, once it ran as that user, could not
+    open it (every session and background task failed, with tracebacks in
+    the log).  Only a regular file of root's with one link, never through
+    a symbolic link.
+    """
+    uid, gid = owner
+    for name in names:
+        try:
+            found = os.lstat(name)
+            if stat.S_ISREG(found.st_mode) and found.st_uid == 0 and found.st_nlink == 1:
+                os.chown(name, uid, gid, follow_symlinks=False)
+        except OSError:
+            continue
 
 
 def configFileWarning(path):

@@ -3,6 +3,9 @@ C{twistd mailgate}: option parsing, the service maker, the service
 hierarchy on a L{MemoryReactor}, and the plugin twistd finds.
 """
 
+import os
+from pathlib import Path
+
 import pytest
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactorClock as MemoryReactor
@@ -474,3 +477,50 @@ def test_versionIsMailgates(capsys):
         tap.Options().parseOptions(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == f"mailgate {__version__} (Twisted {copyright.version})\n"
+
+
+# -- twistd --uid ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to have twistd switch to the user nobody")
+def test_theFilesTheStartMakesBeforeTwistdsUidAreTheUsers(tmp_path):
+    """
+    twistd opens the database as root, before --uid takes effect: a new
+    SQLite database was made root's, mode 0600, and the server, running
+    as the user, could not open it (every session and background task
+    failed).  The files the start made are the user's; the mode stays
+    0600.  Here the start fails once they are made (its port is taken),
+    and the user's own admin command then uses the database.
+    """
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    from e2e import DEADLINE, MAILGATE, TWISTD, childEnvironment
+
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-uid-"))
+    try:
+        directory.chmod(0o777)
+        database = f"sqlite:///{directory / 'mail.sqlite3'}"
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            started = subprocess.run(
+                [TWISTD, "-n", "--pidfile=", "-u", str(nobody.pw_uid), "-g", str(nobody.pw_gid), "mailgate",
+                 "--database", database, "--pop3", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"],
+                capture_output=True, text=True, timeout=DEADLINE, cwd=directory, env=childEnvironment(),
+            )
+        assert started.returncode == 1 and "Address already in use" in started.stderr, started.stderr
+        for name in ("mail.sqlite3", "mail.sqlite3.lock"):
+            found = (directory / name).stat()
+            assert (found.st_uid, found.st_gid, found.st_mode & 0o777) == (nobody.pw_uid, nobody.pw_gid, 0o600), name
+        listed = subprocess.run(
+            [MAILGATE, "--database", database, "user", "list"], capture_output=True, text=True,
+            timeout=DEADLINE, cwd=directory, env=childEnvironment(), user="nobody",
+        )
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
