@@ -25,6 +25,7 @@ import corpus  # noqa: E402
 import floor  # noqa: E402
 import pop3load  # noqa: E402
 import smtpload  # noqa: E402
+import bans as bansBenchmark  # noqa: E402
 import trickle  # noqa: E402
 from pop3load import POP3ProtocolError, ResponseBuffer  # noqa: E402
 
@@ -1709,3 +1710,17 @@ def test_theTrickleMeasuresUntilThePOP3SessionStopsReading(tmp_path):
     assert reads == 65 * len(line) and micros > 0
     micros, reads = trickle.perRead(store, b"NOOP\r\n", busy=False)
     assert reads == 20000 and micros > 0
+
+
+# -- benchmarks/bans.py: what the bans in force cost the reactor ---------------------
+
+
+def test_theBansBenchmarkTimesEachStepOfTheBanList():
+    """
+    The bans benchmark times the first read, an unchanged refresh, a sweep
+    and a refresh after one ban was added, on a ban list that ends with
+    every ban enforced (the one added included).
+    """
+    figures = bansBenchmark.timings(200)
+    assert set(figures) == {"first read", "unchanged refresh", "sweep", "refresh after one ban added"}
+    assert len(bansBenchmark.banRecords(3, ["x"])) == 4

@@ -853,3 +853,35 @@ def test_onlyTheLastFewFailuresOfAnAddressAreRemembered():
     repeats.repeated("192.0.2.3", "alice", "x")
     assert len(repeats) == 2
     assert not repeats.repeated("192.0.2.1", "alice", f"p{REMEMBERED}")
+
+
+def test_eachBanEndsInItsTurnWithoutARefreshThatChangesAnything():
+    """
+    Refreshes that find the store unchanged do not settle the ban list
+    again (a sweep has nothing to do until the next ban's end), yet every
+    ban still ends at its time: the store's, in turn, and one this node
+    made, each logged once.
+    """
+    from mailgate.policy.bans import BanList
+    from mailgate.records import BanRecord
+
+    clock = Clock()
+    clock.advance(1000)
+    metrics = RecordingMetrics()
+    bans = BanList(clock, metrics)
+    stored = (
+        BanRecord("192.0.2.1", "admin", 0, 1000, 1100),
+        BanRecord("192.0.2.2", "admin", 0, 1000, 1200),
+    )
+    bans.update(1, stored)
+    bans.made(BanRecord("192.0.2.3", "auth-failures", 3, 1000, 1150))
+    ended = []
+    with capturedLogs() as logs:
+        for step in range(250):
+            clock.advance(1)
+            bans.update(1, None)
+            bans.sweep()
+            ended += [(e["address"], clock.seconds()) for e in events(logs, "ban.removed")[len(ended):]]
+    assert ended == [("192.0.2.1", 1100), ("192.0.2.3", 1150), ("192.0.2.2", 1200)]
+    assert len(bans) == 0
+    assert metrics.banCounts[-1] == 0

@@ -45,6 +45,14 @@ class BanList:
         self._made = {}
         # What is enforced now, address to BanRecord.
         self._enforced = {}
+        # When the first ban of those enforced or made ends: until then a
+        # sweep has nothing to do (with 100,000 bans, settling them all
+        # twice a second cost 80 ms of every 500 on the reactor).
+        self._nextEnd = float("inf")
+        # The store's address texts to their keys, from the last refresh:
+        # a refresh after a ban was added re-reads every ban, and parsing
+        # each address again was most of its cost.
+        self._keys = {}
 
     def __len__(self):
         return len(self._enforced)
@@ -86,19 +94,27 @@ class BanList:
         @return: the addresses whose ban was lifted before its end (their
             failures are forgotten by the caller: a fresh start).
         """
+        if bans is None:
+            # Nothing new in the store: only bans ending change anything.
+            return self.sweep()
         first = self.version is None
-        if bans is not None:
-            self._stored = {}
-            for ban in bans:
+        self._stored = {}
+        known = self._keys
+        keys = {}
+        for ban in bans:
+            key = known.get(ban.address)
+            if key is None:
                 key = storedKey(ban.address)
-                known = self._stored.get(key)
-                if known is None or known.expires < ban.expires:
-                    self._stored[key] = ban
-            self.version = version
-            for address, (_, written) in list(self._made.items()):
-                if written is not None and written <= version:
-                    del self._made[address]
-        return self._settle(loading=first and bans is not None)
+            keys[ban.address] = key
+            kept = self._stored.get(key)
+            if kept is None or kept.expires < ban.expires:
+                self._stored[key] = ban
+        self._keys = keys
+        self.version = version
+        for address, (_, written) in list(self._made.items()):
+            if written is not None and written <= version:
+                del self._made[address]
+        return self._settle(loading=first)
 
     def _settle(self, loading=False):
         """
@@ -158,6 +174,10 @@ class BanList:
                 )
         changed = enforced.keys() != self._enforced.keys()
         self._enforced = enforced
+        self._nextEnd = min(
+            min((b.expires for b in enforced.values()), default=float("inf")),
+            min((ban.expires for ban, _ in self._made.values()), default=float("inf")),
+        )
         if changed:
             self._metrics.bans(len(enforced))
         return lifted
@@ -165,5 +185,9 @@ class BanList:
     def sweep(self):
         """
         Let go of the bans that ended.
+
+        @return: as L{update}'s (none: an ending ban is not lifted).
         """
-        self._settle()
+        if self._clock.seconds() < self._nextEnd:
+            return []
+        return self._settle()
