@@ -168,6 +168,24 @@ def test_userAddNormalisesTheAddress(cli):
     assert cli.rows("SELECT address FROM users") == [(ALICE,)]
 
 
+def test_aDomainInUnicodeIsItsASCIIForm(cli):
+    """
+    An address whose domain is written in Unicode names the user of its
+    ASCII form (IDNA 2008, UTS 46), in every command as in C{deliver},
+    SMTP and LMTP: C{user add} refused it as an invalid domain, so the
+    user mail to that address reaches could not be added under it.
+    """
+    result = cli("user", "add", "alice@B\u00fccher.example", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert (result.code, result.out) == (0, "added alice@xn--bcher-kva.example\n"), result
+    assert cli("deliver", "alice@xn--bcher-kva.example", stdin=b"Subject: x\n\nx\n").code == 0
+    listed = cli("mailbox", "list", "alice@b\u00fccher.example", "--json")
+    assert (listed.code, len(listed.out.splitlines())) == (0, 1), listed
+    assert cli("user", "quota", "alice@b\u00fccher.example", "1M").code == 0
+    # What IDNA cannot convert stays an invalid domain.
+    refused = cli("user", "add", "bob@\u2603.example", "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert (refused.code, oneLineError(refused)) == (65, "mailgate: invalid domain: '\u2603.example'\n")
+
+
 def test_userAddWithAPOP(cli):
     result = cli("user", "add", ALICE, "--password-stdin", "--apop", stdin=f"{PASSWORD}\n")
     assert result.code == 0

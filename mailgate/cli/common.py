@@ -10,7 +10,7 @@ import getpass
 import json
 import math
 
-from mailgate.address import normalizeAddress
+from mailgate.address import asciiDomain, normalizeAddress
 from mailgate.errors import InvalidAddress, NoSuchUser
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
 from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
@@ -103,6 +103,16 @@ def _result(d):
 
 
 def _address(text):
+    """
+    A user's address as the command line gives it, normalised: a domain
+    written in Unicode is its ASCII form (IDNA), as SMTP, LMTP and
+    C{deliver} take it, so that C{user add alice@bücher.example} adds the
+    user mail to that address reaches (it was refused as an invalid
+    domain, though C{deliver} to it worked).
+    """
+    local, at, domain = text.rpartition("@")
+    if at and domain and not domain.isascii():
+        text = f"{local}@{asciiDomain(domain.strip()) or domain}"
     try:
         return normalizeAddress(text)
     except InvalidAddress as e:
