@@ -93,6 +93,7 @@ WRITE_FAILURE_REASONS = ("storage_full", "other")
 #: options' names, as labels)
 NODE_SETTINGS = (
     "default_quota", "expire_days", "keep_deleted_days", "quota_warning", "quota_exceeded", "recipient_delimiter",
+    "duplicate_window",
 )
 OTHER = "other"
 OTHER_COMMAND = "OTHER"

@@ -1666,3 +1666,34 @@ def test_aMessageCommittedWhileAnExpungeLooksAtItsMaildropStillExpires(store, da
     assert len(resultOf(store.listMessages(ALICE))) == 1
     clock.days(4)
     assert resultOf(store.expireMessages()) == (1, 0)
+
+
+def test_everySettingTheNodesCompareHasItsMetricAndItsNodesNote(databaseURL):
+    """
+    Whatever setting the nodes warn of (node.settings_differ) also sets
+    mailgate_node_settings_differ for it: a node with another
+    --duplicate-window was warned of in the log while the metric an alert
+    watches stayed 0 for every setting.
+    """
+    from mailgate.metrics import NODE_SETTINGS, Metrics
+    from mailgate.store.registry import SHARED_SETTINGS
+
+    assert {option.lstrip("-").replace("-", "_") for option, _ in SHARED_SETTINGS.values()} == set(NODE_SETTINGS)
+    a, b = memoryStore(databaseURL), memoryStore(databaseURL)
+    metrics = Metrics()
+    service, reactor, events = loggedRegistryService(a, metrics=metrics)
+    try:
+        b.limits.duplicateWindow = 3600
+        resultOf(b.sessions.flush())
+        service.startService()
+        reactor.run()
+        reactor.advance(0)
+        [warning] = [e for e in events if e.get("event") == "node.settings_differ"]
+        assert [d["option"] for d in warning["differences"]] == ["--duplicate-window"]
+        assert {
+            labels["setting"] for labels, value in samples(metrics, "mailgate_node_settings_differ") if value == 1
+        } == {"duplicate_window"}
+    finally:
+        resultOf(service.stopService())
+        a.close()
+        b.close()

@@ -349,7 +349,8 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
     import json
 
     assert cli("nodes").out.split() == [
-        "NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA", "WARN-AT", "DELIMITER", "CLOCK",
+        "NODE", "STARTED", "QUOTA", "EXPIRE", "KEEP-DELETED", "OVER-QUOTA", "WARN-AT", "DELIMITER", "DUP-WINDOW",
+        "CLOCK",
     ]
     other = memoryStore(cli.url)
     try:
@@ -359,19 +360,20 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
         store.limits.quotaWarnings = (95, 80)
         other.sessions.recipientDelimiter = "+"
         other.limits.quotaOctets, other.limits.expireDays = 1 << 30, 30
+        other.limits.duplicateWindow = 3600
         resultOf(store.sessions.flush())
         resultOf(other.sessions.flush())
         result = cli("nodes")
         assert result.code == 0, result
         lines = result.out.splitlines()
         assert [line.split()[:1] + line.split()[2:] for line in lines[1:3]] == [
-            ["node-a[1]", "1G", "never", "7", "temporary", "80%,95%", "none", "-"],
-            ["node-b[2]", "1G", "30", "0", "permanent", "none", "+", "-"],
+            ["node-a[1]", "1G", "never", "7", "temporary", "80%,95%", "none", "86400", "-"],
+            ["node-b[2]", "1G", "30", "0", "permanent", "none", "+", "3600", "-"],
         ]
         assert lines[3:] == [
             "",
             "the nodes differ in --expire-days, --keep-deleted-days, --quota-exceeded, --quota-warning, "
-            "--recipient-delimiter: give every node the same",
+            "--recipient-delimiter, --duplicate-window: give every node the same",
         ]
         records = [json.loads(line) for line in cli("nodes", "--json").out.splitlines()]
         assert [r["clock_offset"] for r in records] == [None, None]
@@ -384,7 +386,7 @@ def test_nodesListsTheRunningNodesAndTheirSettings(cli, store):
             (
                 "node-b[2]",
                 {"quota_octets": 1 << 30, "expire_days": 30, "keep_deleted_days": 0, "quota_exceeded": "permanent",
-                 "quota_warnings": [], "recipient_delimiter": "+", "duplicate_window": 86400},
+                 "quota_warnings": [], "recipient_delimiter": "+", "duplicate_window": 3600},
             ),
         ]
         assert ("--quota-exceeded", "temporary", "node-b[2]", "permanent") in resultOf(store.sessions.otherSettings())

@@ -38,6 +38,7 @@ def _who(store, args, out, stdin):
 #: (L{mailgate.store.registry.SHARED_SETTINGS}), in its columns' order.
 _NODE_SETTINGS = (
     "quota_octets", "expire_days", "keep_deleted_days", "quota_exceeded", "quota_warnings", "recipient_delimiter",
+    "duplicate_window",
 )
 
 
@@ -53,17 +54,17 @@ def _nodes(store, args, out, stdin):
         ))
     out.write(
         f"{'NODE':<30} {'STARTED':<20} {'QUOTA':>8} {'EXPIRE':>6} {'KEEP-DELETED':>12} {'OVER-QUOTA':<10} "
-        f"{'WARN-AT':<8} {'DELIMITER':<9} CLOCK\n"
+        f"{'WARN-AT':<8} {'DELIMITER':<9} {'DUP-WINDOW':>10} CLOCK\n"
     )
     for node in nodes:
-        quota, expire, keep, overQuota, warnAt, delimiter = (
+        quota, expire, keep, overQuota, warnAt, delimiter, window = (
             _shownSetting(node.settings, name) for name in _NODE_SETTINGS
         )
         offset = _clockOffset(node.settings)
         clock = "-" if offset is None else f"{offset:+.1f}s"
         out.write(
             f"{node.name:<30} {_time(node.started):<20} {quota:>8} {expire:>6} {keep:>12} {overQuota:<10} "
-            f"{warnAt:<8} {delimiter:<9} {clock}\n"
+            f"{warnAt:<8} {delimiter:<9} {window:>10} {clock}\n"
         )
     announced = [n.settings for n in nodes if n.settings is not None]
     # A node of a version that does not announce a setting is not compared
