@@ -225,9 +225,20 @@ def makeService(options):
     set), it tells systemd when it is ready and stopping
     (L{mailgate.systemd}).
     """
+    parent = getattr(options, "parent", None)
+    if parent is not None and parent.get("chroot"):
+        # twistd changes root after this (the database opened, the
+        # listeners bound) and before the reactor runs: the database's
+        # connections, made then, looked for its file inside the new root
+        # and failed, and so would every module not imported yet, while
+        # the server listened and said nothing was wrong.
+        raise _stopped(ConfigurationError(
+            "twistd --chroot is not supported: mailgate opens its database and loads its code by "
+            "paths outside the new root after twistd has changed it; run it with systemd's "
+            "sandboxing (RootDirectory=, ProtectSystem=) or in a container instead"
+        ))
     raiseFileLimit()
     config = options.toConfig()
-    parent = getattr(options, "parent", None)
     destination = logs.twistdDestination(parent) if parent is not None else None
     if destination is None and parent is not None and config.logFormat != "text":
         raise SystemExit(

@@ -524,3 +524,19 @@ def test_theFilesTheStartMakesBeforeTwistdsUidAreTheUsers(tmp_path):
         assert listed.returncode == 0, listed.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_twistdsChrootIsRefused(capsys):
+    """
+    twistd changes root once the database is open and the listeners are
+    bound: the server listened, but its database's connections, made
+    after, looked for the file inside the new root and every session
+    failed.  Refused in one line, EX_CONFIG.
+    """
+    options = parse("--database", UNREACHABLE)
+    options.parent = {"chroot": "/srv/mailgate", "nodaemon": True}
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    assert e.value.code == 78
+    err = capsys.readouterr().err
+    assert err.startswith("mailgate: twistd --chroot is not supported: ") and err.count("\n") == 1, err
