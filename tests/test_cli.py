@@ -1551,6 +1551,25 @@ def test_helpTextsSayWhatTheREADMESays(cli):
     assert "a user name containing @ written %40;" in text and "%%" not in text
 
 
+def test_everyUserAndMailboxCommandsHelpSaysWhatItDoes(cli):
+    """
+    C{mailgate user ACTION --help} and C{mailgate mailbox ACTION --help}
+    open with a paragraph saying what the command does, as C{user del}'s
+    does: C{user add}, C{user passwd}, C{user list}, C{mailbox list} and
+    C{mailbox deleted} had their usage line and options alone.
+    """
+    from mailgate.cli import buildParser
+
+    parser = buildParser()
+    groups = {action.dest: action for action in parser._subparsers._group_actions}["command"].choices
+    for group in ("user", "mailbox"):
+        actions = groups[group]._subparsers._group_actions[0].choices
+        for name in actions:
+            paragraphs = cli(group, name, "--help").out.split("\n\n")
+            assert not paragraphs[1].startswith(("positional arguments:", "options:")), (group, name)
+            assert len(paragraphs[1].split()) >= 8, (group, name, paragraphs[1])
+
+
 def test_aDatabaseThatCannotBeOpenedIsTracedToWhereItsURLCameFrom(tmp_path, monkeypatch):
     """
     "check --database" misled an administrator who gave none: the URL came

@@ -149,7 +149,13 @@ def buildParser():
         dest="action", metavar="ACTION"
     )
     user.required = True
-    add = user.add_parser("add", help="add a user")
+    add = user.add_parser(
+        "add",
+        help="add a user",
+        description="Add a user (an empty maildrop, the server's default quota and retention) with a "
+        "password asked for on the terminal, or read with --password-stdin: its first line, UTF-8, "
+        "at most 1024 octets.  A user that exists already is left as it is (exit 73).",
+    )
     add.add_argument("address", metavar="ADDRESS")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add.add_argument(
@@ -159,7 +165,13 @@ def buildParser():
     )
     _addHashed(add)
     add.set_defaults(run=_userAdd, migrate=True, create=True)
-    passwd = user.add_parser("passwd", help="change a user's password")
+    passwd = user.add_parser(
+        "passwd",
+        help="change a user's password",
+        description="Change a user's password (asked for on the terminal, or read with "
+        "--password-stdin: its first line, UTF-8, at most 1024 octets), for every login method "
+        "the user has (APOP and CRAM-MD5 too).  The old password fails at once on every server.",
+    )
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     _addHashed(passwd)
@@ -201,7 +213,13 @@ def buildParser():
     )
     delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(run=_userDel, migrate=True)
-    listing = user.add_parser("list", help="list users: their use, their own limits, their last POP3 login")
+    listing = user.add_parser(
+        "list",
+        help="list users: their use, their own limits, their last POP3 login",
+        description="List every user, by address in byte order: messages and octets in use, "
+        "APOP (on, off, or cram for CRAM-MD5 alone), their own quota, message limit and "
+        "retention (default: the server's), and their last POP3 login (never for none yet).",
+    )
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True)
     test = user.add_parser(
@@ -275,13 +293,21 @@ def buildParser():
         dest="action", metavar="ACTION"
     )
     mailbox.required = True
-    mlist = mailbox.add_parser("list", help="list a user's messages as POP3 numbers them")
+    mlist = mailbox.add_parser(
+        "list",
+        help="list a user's messages as POP3 numbers them",
+        description="List a user's messages as a POP3 session would number them: number, "
+        "octets, unique id, arrival time (UTC); then the use and quota (not with --json).",
+    )
     mlist.add_argument("address", metavar="ADDRESS")
     _addJSON(mlist)
     mlist.set_defaults(run=_mailboxList, migrate=True)
     mdeleted = mailbox.add_parser(
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
+        description="List a user's messages deleted by POP3 and kept for recovery "
+        "(--keep-deleted-days): unique id, octets, when deleted (UTC) and from which client address; "
+        "mailbox restore brings them back.",
     )
     mdeleted.add_argument("address", metavar="ADDRESS")
     _addJSON(mdeleted)
