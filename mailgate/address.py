@@ -31,7 +31,9 @@ def normalizeDomain(domain):
     if not domain or len(domain) > 253:
         raise InvalidAddress(f"invalid domain: {domain!r}")
     for label in domain.split("."):
-        if not _LABEL.match(label):
+        # fullmatch: $ alone also matches before a last line end, and
+        # "example.com\n.evil" was a domain.
+        if not _LABEL.fullmatch(label):
             raise InvalidAddress(f"invalid domain: {domain!r}")
     return domain
 
@@ -107,7 +109,7 @@ def normalizeAddress(address):
         raise InvalidAddress(
             f"local part too long in {address!r} ({len(local)} characters, at most {MAX_LOCAL_PART})"
         )
-    if not local or not _LOCAL.match(local):
+    if not local or not _LOCAL.fullmatch(local):
         raise InvalidAddress(f"invalid local part in {address!r}")
     return local.lower() + "@" + normalizeDomain(domain)
 

@@ -209,6 +209,26 @@ def test_userAddInvalidAddress(cli):
     assert cli.rows("SELECT count(*) FROM users") == [(0,)]
 
 
+def test_anAddressWithALineBreakInsideIsInvalid(cli):
+    """
+    A line break inside an address is refused (exit 65), however placed:
+    the address check's regular expressions matched up to a line end
+    before their end, so C{user add $'mallory\\n@example.org'} added a user
+    whose address broke C{user list}'s table in two lines, as did a domain
+    label ending in one.
+    """
+    cli.add(ALICE, PASSWORD)
+    for address, line in (
+        ("mallory\n@example.org", "mailgate: invalid local part in 'mallory\\n@example.org'\n"),
+        ("eve@example.org\n.evil", "mailgate: invalid domain: 'example.org\\n.evil'\n"),
+    ):
+        result = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n")
+        assert (result.code, result.err) == (65, line), address
+        renamed = cli("user", "rename", ALICE, address)
+        assert (renamed.code, renamed.err) == (65, line), address
+    assert cli.rows("SELECT address FROM users") == [(ALICE,)]
+
+
 def test_passwordLineEndIsNotPartOfThePassword(cli):
     cli("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\r\n".encode())
     assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
