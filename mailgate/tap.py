@@ -10,7 +10,9 @@ Parsing has no side effects (no reactor, no database): L{Options} only
 checks and collects; L{makeService} opens the store and builds the services.
 """
 
+import contextlib
 import os
+import pwd
 import stat
 import sys
 
@@ -21,6 +23,7 @@ from twisted.python import usage
 from mailgate import config as configuration
 from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
+from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
 from mailgate.urls import hasPassword
 
@@ -257,6 +260,11 @@ def makeService(options):
         raise _stopped(e) from None
     if owner is not None:
         _giveTo(owner, made)
+        try:
+            with _effectively(owner):
+                _checkUsable(service, config)
+        except ConfigurationError as e:
+            raise _stopped(e) from None
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread
@@ -336,6 +344,58 @@ def _giveTo(owner, names):
                 os.chown(name, uid, gid, follow_symlinks=False)
         except OSError:
             continue
+
+
+@contextlib.contextmanager
+def _effectively(owner):
+    """
+    Act as the user and groups twistd's C{--uid} and C{--gid} switch to
+    (as its C{initgroups}, C{setgid}, C{setuid} will), for the time of the
+    block: root's checks at start pass whatever the permissions.
+    """
+    uid, gid = owner
+    savedGroups, savedGID = os.getgroups(), os.getegid()
+    newGID = savedGID if gid == -1 else gid
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, newGID)
+    except KeyError:
+        groups = [newGID]
+    os.setgroups(groups)
+    os.setegid(newGID)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(savedGID)
+        os.setgroups(savedGroups)
+
+
+def _checkUsable(service, config):
+    """
+    What the server will need once it runs as C{--uid}'s user: to make
+    files in the spool directory, and to open an SQLite database (and
+    make its C{-wal} and C{-shm} beside it).  Checked as root, at start,
+    both passed, and then every message too large for memory was refused
+    with 452 and every database access failed.
+
+    @raise ConfigurationError: what the user cannot do, and why.
+    """
+    user = _userName(os.geteuid())
+    try:
+        checkedSpoolDirectory(config)
+        engine = getattr(service.store, "engine", None)
+        if getattr(engine, "path", None) and not engine.ephemeral:
+            engine.connect().close()
+    except Exception as e:
+        raise ConfigurationError(f"{e} (as {user}, the user of twistd's --uid)") from None
+
+
+def _userName(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def configFileWarning(path):

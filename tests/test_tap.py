@@ -526,6 +526,48 @@ def test_theFilesTheStartMakesBeforeTwistdsUidAreTheUsers(tmp_path):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to have twistd switch to the user nobody")
+@pytest.mark.parametrize("unusable", ["spool directory", "database"])
+def test_whatTwistdsUidUserCannotUseStopsTheStart(tmp_path, unusable):
+    """
+    Checked as root, at start, a spool directory or an SQLite database of
+    root's alone passed, and then, the server running as --uid's user,
+    every message too large for memory was refused with 452 (probe) or
+    every database access failed.  Checked as that user: one line, exit 78.
+    """
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    from e2e import DEADLINE, TWISTD, childEnvironment
+
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-uid-"))
+    try:
+        directory.chmod(0o777)
+        rootOnly = directory / "root-only"
+        rootOnly.mkdir(mode=0o700)
+        database = directory / "mail.sqlite3"
+        argv = [TWISTD, "-n", "--pidfile=", "-u", str(nobody.pw_uid), "-g", str(nobody.pw_gid), "mailgate",
+                "--pop3", "tcp:0:interface=127.0.0.1"]
+        if unusable == "database":
+            database.touch(mode=0o600)
+            argv += ["--database", f"sqlite:///{database}"]
+            expected = f"mailgate: cannot open SQLite database {database}: "
+        else:
+            argv += ["--database", f"sqlite:///{database}", "--spool-directory", str(rootOnly)]
+            expected = f"mailgate: spool-directory: cannot spool messages in {rootOnly}: Permission denied"
+        started = subprocess.run(
+            argv, capture_output=True, text=True, timeout=DEADLINE, cwd=directory, env=childEnvironment()
+        )
+        assert started.returncode == 78, started.stderr
+        assert started.stderr.startswith(expected), started.stderr
+        assert started.stderr.endswith("(as nobody, the user of twistd's --uid)\n") and "Traceback" not in started.stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_twistdsChrootIsRefused(capsys):
     """
     twistd changes root once the database is open and the listeners are
