@@ -1697,3 +1697,45 @@ def test_everySettingTheNodesCompareHasItsMetricAndItsNodesNote(databaseURL):
         resultOf(service.stopService())
         a.close()
         b.close()
+
+
+def test_aRegistryWriteThatCommittedThoughItFailedLeavesNoSessionBehind(databaseURL, store):
+    """
+    A heartbeat whose COMMIT took effect but whose answer was lost (the
+    connection dropped during COMMIT: the write is not run again, it may
+    have committed) fails for the node, which writes what it had again.
+    That next write went through: it used to insert the sessions again,
+    a duplicate key that failed every heartbeat after (the node taken
+    for dead, /healthz 503) and to forget a session ended meanwhile, whose
+    row stayed in `mailgate who` for as long as the node ran.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.errors import TemporaryFailure
+
+    from twisted.internet import defer
+
+    registry = store.sessions
+    written = store.database.runWrite
+    answers = []
+
+    def committedButLost(*args, **kwargs):
+        resultOf(written(*args, **kwargs))
+        answers.append(defer.Deferred())
+        return answers[-1]
+
+    alice = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.2", 50123))
+    assert alice.login(ALICE, "wonderland").startswith("+OK")
+    bob = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.3", 50124))
+    assert bob.login(BOB, "builder").startswith("+OK")
+    store.database.runWrite = committedButLost
+    try:
+        failed = registry.flush()
+        # Bob leaves while the write is under way.
+        bob.command("QUIT")
+        answers[0].errback(TemporaryFailure("the connection was lost during COMMIT"))
+        resultOf(failed.addErrback(lambda failure: failure.trap(TemporaryFailure)))
+    finally:
+        del store.database.runWrite
+    resultOf(registry.flush())
+    assert [info.address for info in resultOf(store.listSessions())] == [ALICE]

@@ -243,9 +243,13 @@ def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
     )
     for start in range(0, len(added), 100):
         part = added[start : start + 100]
+        # A session may have been written already, by a write whose COMMIT
+        # took effect though the node was told it failed (its answer lost):
+        # written again, it must not fail every heartbeat from then on.
         cursor.execute(
             "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) VALUES "
-            + ",".join(["(?, ?, ?, ?, ?)"] * len(part)),
+            + ",".join(["(?, ?, ?, ?, ?)"] * len(part))
+            + " ON CONFLICT (user_id, session_id) DO NOTHING",
             [v for s in part for v in (s.userId, s.sessionId, nodeId, s.peer, s.since)],
         )
     _recordLastLogins(cursor, logins)
@@ -438,12 +442,16 @@ class SessionRegistry:
             self._lastBeat = now
 
         def failed(failure):
-            # Try again with the next flush: what is still current.
+            # Try again with the next flush: what is still current.  A
+            # failed write may all the same have committed (its COMMIT's
+            # answer lost), so a session it added that has ended since is
+            # removed all the same: otherwise its row could stay for as
+            # long as this node runs.
             for sessionId, session in added.items():
                 if sessionId in self._sessions:
                     self._added.setdefault(sessionId, session)
                 else:
-                    self._removed.pop(sessionId, None)
+                    self._removed.setdefault(sessionId, session)
             for sessionId, session in removed.items():
                 self._removed.setdefault(sessionId, session)
             for userId, since in logins.items():
