@@ -434,7 +434,7 @@ class MailgateService(MultiService):
         self._refuseStartOnceStopped()
         try:
             super().startService()
-        except Exception:
+        except ConfigurationError:
             # Started without privilegedStartService (an embedding
             # application's startService): a listener that cannot bind
             # fails here, with the services before it already running.
