@@ -315,6 +315,27 @@ def test_aPasswordIsReadAsUTF8WhateverTheLocale(cli):
     assert verifyPassword("p\u00e9-secret", cli.user(ALICE).passwordHash)
 
 
+def test_aByteOrderMarkIsNotPartOfThePassword(cli):
+    """
+    A password file an editor saved with a byte order mark first (UTF-8
+    with BOM, Notepad's): the mark is not part of the password, as it is
+    not of C{user import}'s first user name.  It was hashed in, so the
+    password as typed failed USER/PASS (SCRAM, whose SASLprep drops it,
+    took it).
+    """
+    for argv in (["user", "add", ALICE], ["user", "passwd", ALICE]):
+        password = NEW_PASSWORD if argv[1] == "passwd" else PASSWORD
+        result = cli(*argv, "--password-stdin", stdin=b"\xef\xbb\xbf" + password.encode() + b"\r\n")
+        assert (result.code, result.err) == (0, ""), result
+        assert verifyPassword(password, cli.user(ALICE).passwordHash)
+    assert cli("user", "test", ALICE, "--password-stdin", stdin=b"\xef\xbb\xbf" + NEW_PASSWORD.encode()).code == 0
+    store = memoryStore(cli.url)
+    try:
+        assert POP3Session(store).login(ALICE, NEW_PASSWORD).startswith("+OK")
+    finally:
+        store.close()
+
+
 def test_aClosedStandardInputIsSaidToBe(cli, monkeypatch):
     """
     Standard input closed when the command started (C{<&-}; Python gives

@@ -155,6 +155,13 @@ def _passwordLine(stdin):
     except OSError as e:
         raise CommandError(f"cannot read standard input: {e.strerror or e}", EX_NOINPUT) from None
     line = line.rstrip(b"\r\n")
+    if line.startswith(b"\xef\xbb\xbf"):
+        # The byte order mark an editor (Windows' Notepad) puts first in a
+        # file is not part of the password, as it is not of user import's
+        # first name: kept, it was invisibly in the scrypt hash, so the
+        # password typed failed USER/PASS and PLAIN, while SCRAM, whose
+        # SASLprep maps it to nothing, took it.
+        line = line[3:]
     if len(line) > MAX_PASSWORD_LINE:
         raise CommandError(
             f"the line read is longer than {MAX_PASSWORD_LINE} octets: no password (or hash) is that long", EX_DATAERR
