@@ -1739,3 +1739,24 @@ def test_aRegistryWriteThatCommittedThoughItFailedLeavesNoSessionBehind(database
         del store.database.runWrite
     resultOf(registry.flush())
     assert [info.address for info in resultOf(store.listSessions())] == [ALICE]
+
+
+def test_aNodeIsNamedByTheProcessItRunsIn(databaseURL, store, monkeypatch):
+    """
+    A node's name (mailgate who, nodes) carries the id of the process
+    serving: twistd makes the service and then, without -n, forks into a
+    daemon, and the name carried the id of the process that had exited.
+    """
+    import os
+
+    service, reactor, _ = loggedRegistryService(store)
+    daemon = os.getpid() + 1
+    monkeypatch.setattr(os, "getpid", lambda: daemon)
+    service.startService()
+    try:
+        reactor.run()
+        reactor.advance(0)
+        [node] = resultOf(store.listNodes())
+        assert node.name == f"node-a[{daemon}]"
+    finally:
+        resultOf(service.stopService())

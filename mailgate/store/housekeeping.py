@@ -194,10 +194,7 @@ class RegistryService(_Repeating):
             # Announced with the store's limits (see registry.nodeSettings).
             store.sessions.quotaExceeded = quotaExceeded
         store.sessions.recipientDelimiter = recipientDelimiter
-        if name is not None:
-            # The configured host name, and the process (several may run
-            # on one machine).
-            store.sessions.name = f"{name}[{os.getpid()}]"
+        self._hostname = name
         if interval is not None:
             self.interval = interval
         self._call = None
@@ -209,6 +206,12 @@ class RegistryService(_Repeating):
 
     def startService(self):
         Service.startService(self)
+        if self._hostname is not None:
+            # The configured host name, and the process (several may run
+            # on one machine): its id as it is now, twistd having made
+            # itself a daemon (a fork, a new process id) since the service
+            # was made.
+            self._store.sessions.name = f"{self._hostname}[{os.getpid()}]"
         self._reactor.callWhenRunning(self._schedule, 0)
 
     def _compareSettings(self):
