@@ -242,6 +242,14 @@ def makeService(options):
         ))
     raiseFileLimit()
     config = options.toConfig()
+    if parent is not None:
+        relative = relativePaths(config, options.configPath)
+        if relative and os.path.abspath(parent.get("rundir") or ".") != os.getcwd():
+            raise _stopped(ConfigurationError(
+                f"twistd --rundir with relative paths ({'; '.join(relative)}): mailgate opens them "
+                "before twistd changes directory and again after it, which would be two different "
+                "files; give them as absolute paths"
+            ))
     destination = logs.twistdDestination(parent) if parent is not None else None
     if destination is None and parent is not None and config.logFormat != "text":
         raise SystemExit(
@@ -295,6 +303,31 @@ def makeService(options):
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def relativePaths(config, configPath=None):
+    """
+    The settings of C{config} (and the C{--config} file) that name a file
+    or directory by a path relative to the working directory, as
+    C{"--name PATH"}.
+    """
+    found = []
+    if configPath and not os.path.isabs(configPath):
+        found.append(f"--config {configPath}")
+    prefix = "sqlite:///"
+    if config.database.lower().startswith(prefix):
+        path = config.database[len(prefix):]
+        if path != ":memory:" and not os.path.isabs(path):
+            found.append(f"--database {config.database}")
+    for setting in configuration.SETTINGS:
+        if setting.attribute in ("spoolDirectory", "tlsCertificate", "tlsKey", "tlsAltCertificate", "tlsAltKey"):
+            values = [getattr(config, setting.attribute)]
+        elif setting.attribute == "tlsNamedCertificates":
+            values = [part for value in config.tlsNamedCertificates for part in configuration.splitCertificatePair(value)]
+        else:
+            continue
+        found.extend(f"--{setting.name} {value}" for value in values if value and not os.path.isabs(value))
+    return found
 
 
 def twistdUser(parent):

@@ -582,3 +582,30 @@ def test_twistdsChrootIsRefused(capsys):
     assert e.value.code == 78
     err = capsys.readouterr().err
     assert err.startswith("mailgate: twistd --chroot is not supported: ") and err.count("\n") == 1, err
+
+
+def test_twistdsRundirWithRelativePathsIsRefused(tmp_path, capsys):
+    """
+    twistd --rundir changes directory after the database is opened (and
+    migrated) and the TLS files read: the database's connections, made
+    after, opened another file of that name there, a new one without
+    mailgate's tables (probe: "no such table" on every access), and a
+    SIGHUP read the certificate or the configuration file from there.
+    Relative paths with --rundir are refused in one line, exit 78.
+    """
+    options = parse(
+        "--database", "sqlite:///mail.sqlite3", "--tls-cert", "cert.pem", "--tls-key", str(tmp_path / "key.pem"),
+        "--tls-sni-cert", f"{tmp_path / 'b.pem'}:b.key",
+    )
+    options.parent = {"rundir": str(tmp_path), "nodaemon": True}
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    assert e.value.code == 78
+    assert capsys.readouterr().err == (
+        "mailgate: twistd --rundir with relative paths (--database sqlite:///mail.sqlite3; --tls-cert cert.pem; "
+        "--tls-sni-cert b.key): mailgate opens them before twistd changes directory and again after it, "
+        "which would be two different files; give them as absolute paths\n"
+    )
+    absolute = parse("--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}", "--spool-directory", str(tmp_path))
+    assert tap.relativePaths(absolute.config, str(tmp_path / "mailgate.toml")) == []
+    assert tap.relativePaths(absolute.config, "mailgate.toml") == ["--config mailgate.toml"]
