@@ -198,17 +198,30 @@ def _liveSettings(cursor, aliveSince, exceptNode):
     return [(name, settings) for name, _, settings in _announced(cursor, aliveSince, exceptNode)]
 
 
-def _otherSettings(cursor, engine, now, exceptNode):
+def _otherSettings(cursor, engine, now, exceptNode, clock):
     """
     The C{(name, settings)} of the nodes other than C{exceptNode} whose
     settings still count (L{SETTINGS_COUNT_FOR}), and of those alive
-    (L{STALE_AFTER}): one statement for both; and the database server's
-    clock (L{IEngine.serverClock}).
+    (L{STALE_AFTER}): one statement for both; and this node's clock
+    against the database server's (L{IEngine.serverClock}), a
+    L{ClockOffset} or C{None}.
+
+    The node's clock (C{clock}) is read here, on the worker thread, just
+    before and after the statement that reads the server's: read on the
+    reactor thread, the offset took in the time the interaction waited
+    for a thread and its answer for the reactor, and a node whose reads
+    queued a second showed an offset of half a second (the metric an
+    alert watches) with clocks in step.
     """
     announced = _announced(cursor, now - SETTINGS_COUNT_FOR, exceptNode)
     counting = [(name, settings) for name, _, settings in announced]
     alive = [(name, settings) for name, seen, settings in announced if seen >= now - STALE_AFTER]
-    return counting, alive, engine.serverClock(cursor)
+    before = clock()
+    serverClock = engine.serverClock(cursor)
+    after = clock()
+    if serverClock is None:
+        return counting, alive, None
+    return counting, alive, ClockOffset((before + after) / 2 - serverClock, (after - before) / 2)
 
 
 # -- interactions ----------------------------------------------------------------
@@ -470,15 +483,15 @@ class SessionRegistry:
         (kept in L{clockOffset}).
         """
         clock = self._store._clock
-        before = clock()
-        d = self._store.database.runInteraction(_otherSettings, self._store.engine, int(before), self.nodeId)
+        d = self._store.database.runInteraction(
+            _otherSettings, self._store.engine, int(clock()), self.nodeId, clock
+        )
 
         def read(found):
-            counting, live, serverClock = found
+            counting, live, offset = found
             self.others = counting
-            if serverClock is not None:
-                after = clock()
-                self.clockOffset = ClockOffset((before + after) / 2 - serverClock, (after - before) / 2)
+            if offset is not None:
+                self.clockOffset = offset
             return settingsDiffer(
                 nodeSettings(self._store.limits, self.quotaExceeded, self.recipientDelimiter), live
             )
