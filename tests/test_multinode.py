@@ -386,8 +386,8 @@ def test_nodesThatDifferInRetentionSaySoAndKeepWhatTheOtherKeeps(mailgate_server
     listed = mailgate_cli.check("nodes")
     # The last column, each node's clock against the database server's:
     # "-" until the node has measured it and said so with a heartbeat.
-    assert re.search(r"^node-a\.test\[\d+\] .* 7 temporary +none +none +(-|[+-]\d+\.\ds)$", listed, re.M), listed
-    assert re.search(r"^node-b\.test\[\d+\] .* 0 temporary +none +none +(-|[+-]\d+\.\ds)$", listed, re.M), listed
+    assert re.search(r"^node-a\.test\[\d+\] .* 7 temporary +none +none +86400 +(-|[+-]\d+\.\ds)$", listed, re.M), listed
+    assert re.search(r"^node-b\.test\[\d+\] .* 0 temporary +none +none +86400 +(-|[+-]\d+\.\ds)$", listed, re.M), listed
     assert "the nodes differ in --keep-deleted-days:" in listed
     client = login(b, ALICE, ALICE_PW)
     assert client.dele(1).startswith(b"+OK")
