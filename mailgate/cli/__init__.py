@@ -372,9 +372,10 @@ def buildParser():
     nodes = commands.add_parser(
         "nodes",
         help="list the running nodes sharing the database and the settings they work with",
-        description="List the nodes whose heartbeat is recent, with the default quota, retention "
-        "(EXPIRE) and days deleted mail is kept that each works with; says which of these "
-        "differ between nodes.",
+        description="List the nodes whose heartbeat is recent, with the settings each works with on "
+        "the data they share (default quota, retention (EXPIRE), days deleted mail is kept, how mail "
+        "over quota is refused, quota warnings, recipient delimiter, duplicate window) and its clock "
+        "against the database server's; says which of these settings differ between nodes.",
     )
     _addJSON(nodes)
     nodes.set_defaults(run=_nodes, migrate=True)
