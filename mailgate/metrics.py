@@ -579,7 +579,13 @@ class _NotFound(resource.Resource):
     def render(self, request):
         request.setResponseCode(404)
         request.setHeader("content-type", "text/plain; charset=utf-8")
-        return b"not found: this endpoint serves /metrics and /healthz\n"
+        body = b"not found: this endpoint serves /metrics and /healthz\n"
+        if request.method == b"HEAD":
+            # The headers alone: a body returned to a HEAD is dropped by
+            # Twisted with a log line each time, any client's to ask for.
+            request.setHeader("content-length", b"%d" % (len(body),))
+            return b""
+        return body
 
 
 class MetricsResource(_NotFound):

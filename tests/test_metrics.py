@@ -542,6 +542,27 @@ def test_aHeadRequestIsAnsweredWithoutALogLine():
     assert [formatEvent(e) for e in events] == []
 
 
+@pytest.mark.parametrize("path", [b"/", b"/nope", b"/metrics/x", b"/healthz/x"])
+def test_aHeadRequestForWhatIsNotThereIsAnsweredWithoutALogLine(path):
+    """
+    HEAD of a path the site does not serve gets 404's headers and no
+    body; Twisted logged "I think I'll eat it" for each, a log line per
+    request that any client of the metrics port could ask for at will.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        protocol.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    [length] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert int(length.split(b":")[1]) > 0
+    assert body == b""
+    assert [formatEvent(e) for e in events] == []
+
+
 class _FillingTransport(StringTransport):
     """
     A transport whose send buffer fills: past C{limit} unsent octets it
