@@ -336,6 +336,55 @@ def test_aByteOrderMarkIsNotPartOfThePassword(cli):
         store.close()
 
 
+def test_aPasswordAskedForOnTheTerminal(tmp_path):
+    """
+    Without --password-stdin the password is asked for twice on the
+    terminal (a real one: a pseudo-terminal), and set; Ctrl-D at the
+    prompt is one line, exit 65, where it was C{internal error:
+    EOFError}, exit 70.
+    """
+    import pty
+    import select
+    import time
+
+    script = Path(sys.executable).parent / "mailgate"
+    assert script.exists(), f"{script} is missing: run `make install`"
+    url = f"sqlite:///{tmp_path / 'tty.sqlite3'}"
+
+    def onTerminal(argv, *answers):
+        pid, fd = pty.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            os.execv(str(script), [str(script), "--database", url, *argv])
+        seen, deadline = b"", time.monotonic() + 60
+        try:
+            for answer in answers:
+                while not seen.endswith(b": ") and time.monotonic() < deadline:
+                    if select.select([fd], [], [], 1)[0]:
+                        seen += os.read(fd, 1024)
+                seen = b""
+                os.write(fd, answer)
+            while time.monotonic() < deadline:
+                if select.select([fd], [], [], 1)[0]:
+                    try:
+                        chunk = os.read(fd, 1024)
+                    except OSError:  # the child has gone: Linux's EIO
+                        break
+                    if not chunk:
+                        break
+                    seen += chunk
+        finally:
+            os.close(fd)
+            _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), seen.decode()
+
+    code, said = onTerminal(["user", "add", ALICE], f"{PASSWORD}\n".encode(), f"{PASSWORD}\n".encode())
+    assert (code, said.strip()) == (0, f"added {ALICE}"), said
+    assert verifyPassword(PASSWORD, CLI(tmp_path / "tty.sqlite3").user(ALICE).passwordHash)
+    code, said = onTerminal(["user", "passwd", ALICE], b"\x04")
+    assert (code, said.strip()) == (65, "mailgate: no password given (end of input at the prompt)"), said
+    assert verifyPassword(PASSWORD, CLI(tmp_path / "tty.sqlite3").user(ALICE).passwordHash)
+
+
 def test_aClosedStandardInputIsSaidToBe(cli, monkeypatch):
     """
     Standard input closed when the command started (C{<&-}; Python gives

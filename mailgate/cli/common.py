@@ -197,9 +197,13 @@ def _readPassword(args, stdin, confirm=True):
             raise CommandError(
                 "no terminal to ask for a password on; use --password-stdin", EX_USAGE
             )
-        password = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Again: ") != password:
-            raise CommandError("the passwords differ", EX_DATAERR)
+        try:
+            password = getpass.getpass("Password: ")
+            if confirm and getpass.getpass("Again: ") != password:
+                raise CommandError("the passwords differ", EX_DATAERR)
+        except EOFError:
+            # Ctrl-D at the prompt: was internal error: EOFError, exit 70.
+            raise CommandError("no password given (end of input at the prompt)", EX_DATAERR) from None
     if not password:
         raise CommandError("empty password", EX_DATAERR)
     if "\0" in password:
