@@ -974,6 +974,23 @@ def test_anOutputThatCannotBeWrittenIsSaidInOneLine(cli, monkeypatch):
     assert len(cli.messages(ALICE)) == 2
 
 
+def test_aClosedStandardErrorKeepsTheExitStatus(cli, monkeypatch):
+    """
+    Standard error closed when the command started (C{2>&-}; Python gives
+    it as C{None}): the messages go nowhere, and the exit status is still
+    the failure's (67, 64...); writing the message failed, and every
+    failure exited 1.
+    """
+    cli.add(ALICE, PASSWORD)
+    monkeypatch.setattr(sys, "stderr", None)
+    for argv, code in ((["user", "del", BOB], 67), (["user", "quota", ALICE, "0"], 64), (["user", "bogus"], 64),
+                       (["user", "del", ALICE], 0)):
+        out = io.StringIO()
+        assert run(["--database", cli.url, *argv], stdin=_stdin(b""), stdout=out, stderr=None, environ={}) == code, argv
+    monkeypatch.undo()
+    assert cli.user(ALICE) is None
+
+
 def test_deliverWithSenderAddsTraceFields(tmp_path):
     """
     With -f, a local delivery gets the Return-Path: and Received: fields an

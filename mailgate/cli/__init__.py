@@ -46,6 +46,7 @@ understands for C{deliver}: 0 delivered, 67 unknown user, 75 try again.
 
 import argparse
 import contextlib
+import io
 import os
 import select
 import sys
@@ -678,6 +679,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    if stderr is None:
+        # Python's standard error where the command started with it closed
+        # (2>&-): its messages go nowhere, and the exit status still says
+        # what happened (writing them failed, and every failure exited 1).
+        stderr = io.StringIO()
     environ = os.environ if environ is None else environ
     parser = buildParser()
     try:
