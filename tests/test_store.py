@@ -924,6 +924,42 @@ def test_workerThreadsKeepLightWorkOnOneThread():
     assert not any(thread.is_alive() for thread in threads)
 
 
+def test_stoppingWorkersStuckInTheDatabaseWaitsTheTimeoutOnceInAll():
+    """
+    Workers stuck in statements that never end (a hung database) are
+    waited for C{timeout} seconds in all, not each: the wait runs on the
+    reactor thread, and four threads stuck held it four times as long.
+    """
+    reactor = PumpedReactor()
+    workers = WorkerThreads(reactor, 4, "test-stuck")
+    workers.start()
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck():
+        started.release()
+        gate.wait(30)
+
+    pending = [workers.submit(stuck) for _ in range(4)]
+    for _ in range(4):
+        assert started.acquire(timeout=10)
+    waits = []
+    threads = list(workers._threads)
+    for thread in threads:
+        # Each join waits what it is given, as a thread that never ends
+        # makes it: the sum is the time the reactor was held.
+        thread.join = lambda timeout=None, waits=waits: waits.append(timeout) or time.sleep(timeout)
+    try:
+        workers.stop(timeout=0.2)
+        assert len(waits) == 4
+        assert sum(waits) <= 0.2 + 1e-6, waits
+    finally:
+        gate.set()
+        for thread in threads:
+            threading.Thread.join(thread, 10)
+    assert len(pending) == 4
+
+
 def test_aWorkerDescheduledAfterHandingBackItsResultIsStillTheOneIdleLast():
     """
     A worker that the system deschedules right after handing a result

@@ -498,6 +498,14 @@ class WorkerThreads:
     _stopping = False
 
     def stop(self, timeout=10):
+        """
+        Ask every thread to end and wait for them, C{timeout} seconds at
+        most in all, not each: this runs on the reactor thread, and with
+        the database hung (every thread stuck in a statement) a wait per
+        thread held the reactor, and the process's stop, for a minute and
+        more.  A thread still stuck is left to end with the process (the
+        threads are daemons).
+        """
         self._stopping = True
         if self._sweepCall is not None and self._sweepCall.active():
             self._sweepCall.cancel()
@@ -505,9 +513,10 @@ class WorkerThreads:
         for mailbox in self._mailboxes:
             mailbox.put(None)
         current = threading.current_thread()
+        deadline = monotonic() + timeout
         for thread in self._threads:
             if thread is not current:
-                thread.join(timeout)
+                thread.join(max(0.0, deadline - monotonic()))
         self._threads = []
 
 
