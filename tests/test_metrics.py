@@ -522,24 +522,33 @@ def test_aRequestBodyIsRefusedAtItsHeaders(request_):
     assert not fine.disconnecting
 
 
-def test_aHeadRequestIsAnsweredWithoutALogLine():
+def _headRequest(path):
     """
-    HEAD /metrics (a monitoring probe) gets a GET's headers, its
-    Content-Length the length of the exposition, and no body; Twisted
-    logged "is returning a message body. I think I'll eat it." for each.
+    A HEAD request for C{path} to the metrics site: the answer's head, its
+    Content-Length, its body, and the log lines it made.
     """
     site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
     transport = StringTransport()
     protocol.makeConnection(transport)
     with capturedLogs() as events:
-        protocol.dataReceived(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     [length] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-    assert int(length.split(b":")[1]) > 1000
+    return head, int(length.split(b":")[1]), body, [formatEvent(e) for e in events]
+
+
+def test_aHeadRequestIsAnsweredWithoutALogLine():
+    """
+    HEAD /metrics (a monitoring probe) gets a GET's headers, its
+    Content-Length the length of the exposition, and no body; Twisted
+    logged "is returning a message body. I think I'll eat it." for each.
+    """
+    head, length, body, logged = _headRequest(b"/metrics")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert length > 1000
     assert body == b""
-    assert [formatEvent(e) for e in events] == []
+    assert logged == []
 
 
 @pytest.mark.parametrize("path", [b"/", b"/nope", b"/metrics/x", b"/healthz/x"])
@@ -549,18 +558,11 @@ def test_aHeadRequestForWhatIsNotThereIsAnsweredWithoutALogLine(path):
     body; Twisted logged "I think I'll eat it" for each, a log line per
     request that any client of the metrics port could ask for at will.
     """
-    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
-    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    with capturedLogs() as events:
-        protocol.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-    head, _, body = transport.value().partition(b"\r\n\r\n")
+    head, length, body, logged = _headRequest(path)
     assert head.startswith(b"HTTP/1.1 404 Not Found\r\n")
-    [length] = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-    assert int(length.split(b":")[1]) > 0
+    assert length > 0
     assert body == b""
-    assert [formatEvent(e) for e in events] == []
+    assert logged == []
 
 
 class _FillingTransport(StringTransport):
