@@ -270,7 +270,7 @@ def test_anLmtpRecipientGoneSinceRcptIsNamedInTheDeliveryLine(users):
     [event] = events
     assert re.fullmatch(
         rf"lmtp delivered id=\S+ from=<{re.escape(SENDER)}> to={re.escape(ALICE)},{re.escape(BOB)} "
-        rf"uids=\S+,- gone={re.escape(BOB)}",
+        rf"uids=\S+,- gone={re.escape(BOB)} peer=\S+",
         formatEvent(event),
     ), formatEvent(event)
     assert event["gone"] == [BOB]

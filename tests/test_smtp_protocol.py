@@ -1643,7 +1643,7 @@ def test_eachDeliveryIsLoggedOnceWithTheIdsTheClientWasTold(users, kind):
     else:
         expected = (
             rf"lmtp delivered id=\S+ from=<{re.escape(SENDER)}> "
-            rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={told[0]},{told[1]}"
+            rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={told[0]},{told[1]} peer=127\.0\.0\.1:40000"
         )
         assert event["uniqueIds"] == {ALICE: told[0], BOB: told[1]}
     assert re.fullmatch(expected, text), text
@@ -1668,7 +1668,7 @@ def test_anLmtpLogLineNamesEachRecipientsIdInItsPlace(users):
     assert replies[0].startswith("452 ") and replies[1].startswith("250 ")
     [event] = events
     told = replies[1].split()[-1]
-    assert formatEvent(event).endswith(f"to={ALICE},{BOB} uids=-,{told} full={ALICE}")
+    assert formatEvent(event).endswith(f"to={ALICE},{BOB} uids=-,{told} full={ALICE} peer=127.0.0.1:40000")
 
 
 # -- postmaster (RFC 5321 section 4.5.1) ------------------------------------------

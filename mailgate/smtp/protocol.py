@@ -1194,4 +1194,6 @@ class LMTPServer(SMTPServer):
         if again:
             tail += f" duplicate={','.join(again)}"
             extra["duplicates"] = again
+        # As SMTP's line: the client (the MTA) the message came from.
+        tail += f" peer={self.peerText}"
         self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full, **extra)
