@@ -1384,6 +1384,29 @@ def test_defaultRecipientLimitIsAtLeastWhatRFC5321Requires(users):
     assert not s.disconnected
 
 
+def test_recipientsOverTheLimitRepeatedForEverEndTheSession(users, dbpath):
+    """
+    A 452 for a recipient over the limit is no error, but a client that
+    repeats RCPT in one transaction was answered (and logged) for ever,
+    each line resetting the idle timer.  Past C{maxRecipientOvershoot}
+    such refusals (Postfix's smtpd_recipient_overshoot_limit) each counts
+    as an error: 20 more and the session is closed.  A delivered message
+    forgives them, as it forgives errors.
+    """
+    s = session(users, maxRecipients=1)
+    s.protocol.maxRecipientOvershoot = 5
+    out = envelope(s, [ALICE] + [BOB] * 5)
+    assert [line[:3] for line in out] == ["250", "250"] + ["452"] * 5 + ["354"]
+    assert s.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    replies = [s.command(f"RCPT TO:<{ALICE}>") for _ in range(1 + 5 + 19)]
+    assert not s.disconnected
+    assert all(reply.startswith("452 4.5.3 ") for reply in replies[1:]), replies[-1]
+    last = s.command(f"RCPT TO:<{ALICE}>")
+    assert last.startswith("452 4.5.3 ") and "421 4.7.0 " in last
+    assert s.disconnected
+
+
 # -- LMTP ----------------------------------------------------------------------
 
 

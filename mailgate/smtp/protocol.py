@@ -134,6 +134,14 @@ class SMTPServer(CommandSession):
         Postfix's C{smtpd_junk_command_limit}: a client that only keeps its
         connection alive (a NOOP every few minutes resets the idle timer)
         is closed after L{maxBadCommands} more.
+    @cvar maxRecipientOvershoot: recipients refused without being the
+        client's error (past L{maxRecipients}: C{452 4.5.3}; over quota)
+        tolerated since the session's start or its last delivered message,
+        beyond which each counts as an error, as Postfix's
+        C{smtpd_recipient_overshoot_limit}: otherwise a client repeating
+        RCPT in one transaction was answered (and logged, and for a full
+        mailbox looked up in the store) for ever, each line resetting the
+        idle timer.  SMTP only (L{countRefusedRecipients}).
     @cvar idleTimeout: seconds of silence before the session is closed
         (RFC 5321 section 4.5.3.2.7: at least five minutes).
     @cvar maxBufferedInput: octets of pipelined input held while a command
@@ -159,6 +167,7 @@ class SMTPServer(CommandSession):
     maxMessageSize = 50 * 1024 * 1024
     maxBadCommands = 20
     maxJunkCommands = 100
+    maxRecipientOvershoot = 1000
     idleTimeout = 300
     maxBufferedInput = 64 * 1024
     minDataRate = 500
@@ -175,6 +184,7 @@ class SMTPServer(CommandSession):
         self._envelope = None
         self._dataTimer = None
         self._junkCommands = 0
+        self._overshoot = 0
         # The transaction's message failed at one of its chunks (RFC 3030
         # section 2: the transaction has failed): the chunks the client
         # pipelined after it are read and refused, without counting as
@@ -386,6 +396,19 @@ class SMTPServer(CommandSession):
     def forgiveBadCommands(self):
         super().forgiveBadCommands()
         self._junkCommands = 0
+        self._overshoot = 0
+
+    def _recipientOvershoot(self):
+        """
+        A recipient was refused without it being an error (over the
+        recipient limit, over quota): past L{maxRecipientOvershoot}, it
+        counts as one.
+        """
+        if not self.countRefusedRecipients:
+            return
+        self._overshoot += 1
+        if self._overshoot > self.maxRecipientOvershoot:
+            self.countBadCommand()
 
     # -- session commands ------------------------------------------------
 
@@ -580,6 +603,7 @@ class SMTPServer(CommandSession):
         if len(envelope.recipients) >= self.maxRecipients:
             self._logRecipientRefused(envelope, mailbox, 452, "4.5.3", "too many recipients")
             self._reply(452, "4.5.3", f"too many recipients (the limit is {self.maxRecipients})")
+            self._recipientOvershoot()
             return None
         trace = self.factory.trace
         if trace and not self.traced:
@@ -601,6 +625,7 @@ class SMTPServer(CommandSession):
                     # Over quota (or LMTP): a fair request refused, not a
                     # bad command.
                     self._reply(reply.code, reply.enhanced, reply.text)
+                    self._recipientOvershoot()
                 else:
                     self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
