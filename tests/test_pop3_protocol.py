@@ -416,7 +416,7 @@ def test_twistedDefect_malformedDeleKeepsTheSession(three):
     assert three.command("DELE 0") == "-ERR no such message: 0\r\n"
     assert three.command("DELE") == "-ERR missing message number\r\n"
     assert three.command("DELE -1") == "-ERR invalid message number: '-1'\r\n"
-    assert three.command("DELE 99999999999999999999").startswith("-ERR invalid message number")
+    assert three.command("DELE 99999999999999999999") == "-ERR no such message: 99999999999999999999\r\n"
     assert not three.disconnected
     assert three.command("STAT") == f"+OK 3 {sum(SIZES)}\r\n"
 
@@ -474,6 +474,36 @@ def test_outOfRangeAndMalformedArguments(three):
         assert three.command(command).startswith("-ERR"), command
     assert three.command("STAT 1") == "-ERR this command takes no arguments\r\n"
     assert three.command("NOOP x") == "-ERR this command takes no arguments\r\n"
+
+
+def test_leadingZerosOfAMessageNumberAreForgivenHoweverMany(three):
+    """
+    RFC 1939 does not forbid leading zeros in a message number, and
+    Dovecot reads any number of them: C{LIST 0000000001} was message 1
+    but C{LIST 00000000001} (eleven digits) was refused as no number;
+    and a number past the maildrop is no such message however many digits
+    it has (past ten digits it was "invalid").
+    """
+    for zeros in (1, 10, 200):
+        assert three.command("LIST " + "0" * zeros + "2") == f"+OK 2 {SIZES[1]}\r\n", zeros
+    assert three.command("RETR " + "0" * 30) == "-ERR no such message: 0\r\n"
+    assert three.command("LIST 9223372036854775808") == "-ERR no such message: 9223372036854775808\r\n"
+    assert three.command("UIDL " + "9" * 240) == "-ERR no such message: " + "9" * 20 + "...\r\n"
+    assert three.command("LIST 00000000004") == "-ERR no such message: 4\r\n"
+
+
+def test_onlySpacesAreForgivenAfterACommandThatTakesNone(three):
+    """
+    A tab or other white space after a command that takes no argument is
+    an argument, refused as C{QUIT\\t} is (and as a tab is no space around
+    a message number): C{QUIT \\t} ended the session applying its
+    deletions.
+    """
+    assert three.command("DELE 1") == "+OK message 1 deleted\r\n"
+    for command in ("STAT \t", "NOOP \u00a0", "RSET \u0085", "CAPA \u3000", "QUIT \t"):
+        assert three.command(command) == "-ERR this command takes no arguments\r\n", ascii(command)
+    assert three.command("STAT  ") == f"+OK 2 {sum(SIZES) - SIZES[0]}\r\n"
+    assert not three.disconnected
 
 
 def test_unknownAndWrongStateCommands(session):

@@ -809,7 +809,7 @@ SEQUENCES = {
         f"{verb} {number}"
         for verb in ("LIST", "UIDL", "RETR")
         for number in ("0", str(COUNT + 1), "4294967297", "99999999999999999999", "-1", "+1", "01",
-                       "abc", "1a", "1 2", "\u0661", "")
+                       "00000000001", "0000000000000000000000000002", "abc", "1a", "1 2", "\u0661", "")
     )),
     "DELE and what follows": LOGIN + lines(
         "DELE 0", f"DELE {COUNT + 1}", "DELE x", "DELE", "DELE 2 3", "DELE 2", "DELE 2", "STAT", "LIST",
@@ -819,7 +819,7 @@ SEQUENCES = {
     "DELE everything": LOGIN + lines(*(f"DELE {n}" for n in range(1, COUNT + 1)))
     + lines("STAT", "LIST", "UIDL", "RETR 1", "RSET", "STAT"),
     "arguments to commands that take none": LOGIN + lines(
-        "STAT x", "NOOP x", "RSET x", "CAPA x", "STAT ", "NOOP ", "STAT", "QUIT x",
+        "STAT x", "NOOP x", "RSET x", "CAPA x", "STAT ", "NOOP ", "NOOP \t", "RSET \u00a0", "STAT", "QUIT x",
     ),
     "spaces": LOGIN + lines(
         "LIST  1", "LIST 1 ", "UIDL 1 ", "RETR 1 ", "LIST ", "UIDL ", " STAT", "STAT\t", "LIST\t1", "STAT",

@@ -8,11 +8,20 @@ import re
 
 from mailgate.session import CommandError
 
-_DIGITS = re.compile(r"^[0-9]{1,10}$")
+# Any number of digits, leading zeros included (RFC 1939 does not forbid
+# them): a number past the maildrop is "no such message" however long.
+# The command line's 255 octets bound what int() converts.
+_DIGITS = re.compile(r"[0-9]+\Z")
 
 
 def noArguments(argument):
-    if argument.strip():
+    """
+    Refuse an argument to a command that takes none.  Spaces after the
+    command are forgiven, as around a message number; other white space
+    (a tab, a no-break space, U+0085) is an argument: C{QUIT\\t} was
+    refused while C{QUIT \\t} applied the session's deletions.
+    """
+    if argument.strip(" "):
         raise CommandError("this command takes no arguments")
 
 

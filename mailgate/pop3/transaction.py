@@ -33,7 +33,10 @@ class TransactionCommands:
         # no-break space) is not a message number's.
         n = number(text.strip(" "))
         if not 1 <= n <= len(self._maildrop.sizes):
-            raise CommandError(f"no such message: {n}")
+            # Echoed as the client wrote it, leading zeros dropped, cut
+            # short where it is past any maildrop.
+            shown = str(n) if n < 10**20 else str(n)[:20] + "..."
+            raise CommandError(f"no such message: {shown}")
         index = n - 1
         if index in self._deleted:
             raise CommandError(f"message {n} is deleted")
