@@ -54,6 +54,8 @@ def test_pop3IdsOfEveryLegalCharacterAndLengthAreKept(store, source):
 
 def test_overlongAndIllegalIdsAreStillFailures(store, source):
     assert validUidl("x" * 1000) and not validUidl("x" * 1001)
+    # A line break at the end is no more a unique id than one inside.
+    assert not validUidl("abc\n") and not validUidl("a\nb")
     server = source(threeMessages(("x" * 1001, "ok", "caf\u00e9")))
     report = importPOP3(store, server.url, ALICE, PASSWORD)
     assert report.messages == 1

@@ -38,7 +38,7 @@ from mailgate.message import DotLineFinder
 #: bound, which keeps a UIDL line of mailgate's well within one read.
 MAX_UIDL = 1000
 #: RFC 1939 section 7: characters from 0x21 to 0x7E.
-_UIDL = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_UIDL)
+_UIDL = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_UIDL)
 
 
 class ImportFailed(MailgateError):
@@ -54,7 +54,10 @@ def validUidl(uidl):
     1939 section 7 (no space, no control, ASCII), at most L{MAX_UIDL} of
     them.
     """
-    return bool(_UIDL.match(uidl))
+    # The whole text: "$" also matched before a final line break, and a
+    # maildir file name ending in one became an id that split UIDL's
+    # listing.
+    return bool(_UIDL.fullmatch(uidl))
 
 
 def renameDuplicates(uidls):
