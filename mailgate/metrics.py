@@ -714,6 +714,29 @@ class MetricsChannel(http.HTTPChannel):
         )
         self.transport.loseConnection()
 
+    def lineLengthExceeded(self, line):
+        """
+        A request line or header line longer than C{MAX_LENGTH} (16 KiB):
+        answered C{414} or C{431} with the reason, then closed.  Twisted's
+        line reader closed the connection without a word, and the client
+        could not tell a refused request from a server that went away.
+        """
+        self._requestTimer = cancelled(self._requestTimer)
+        if self.transport.disconnecting:
+            return
+        # Twisted's own account of where the request is: 1 until its
+        # request line has been read.
+        if getattr(self, "_HTTPChannel__first_line", 0):
+            status, reason = b"414 URI Too Long", b"request line too long"
+        else:
+            status, reason = b"431 Request Header Fields Too Large", b"header line too long"
+        reason += b" (the limit is %d octets)\n" % (self.MAX_LENGTH,)
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(reason), reason)
+        )
+        self.transport.loseConnection()
+
     def connectionLost(self, reason):
         self._requestTimer = cancelled(self._requestTimer)
         super().connectionLost(reason)

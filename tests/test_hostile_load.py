@@ -719,6 +719,45 @@ def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
         site.stopFactory()
 
 
+@pytest.mark.parametrize(
+    "request_, status",
+    [
+        (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n", b"414 "),
+        (b"GET /metrics HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n", b"431 "),
+    ],
+    ids=["request line", "header line"],
+)
+def test_theMetricsPortAnswersALineTooLongWithItsReason(request_, status):
+    """
+    A request line or header line over Twisted's 16 KiB is answered 414
+    or 431 with the limit, then the connection closed: the line reader
+    closed it without a word.  Whatever follows is not answered again.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.internet import defer
+
+    from mailgate.metrics import Metrics, metricsSite
+
+    clock = Clock()
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
+    site.startFactory()
+    try:
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request_)
+        protocol.dataReceived(b"b" * 20000)
+        answer = transport.value()
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+        assert answer.count(b"HTTP/1.1") == 1
+        assert answer.endswith(b"too long (the limit is 16384 octets)\n")
+        assert transport.disconnecting
+    finally:
+        site.stopFactory()
+
+
 # -- the database while the server serves ------------------------------------------
 
 
