@@ -17,6 +17,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from mailgate.session import CommandError, CommandSession, SessionFactory, describeAddress, newSessionId
+from mailgate.session.factory import OpenPolicy
 from mailgate.testing import TLSStringTransport
 from refcounting import withoutCycleCollector
 
@@ -407,6 +408,58 @@ def test_theIdleTimerCountsFromTheLastInput():
     clock.advance(1)
     assert take(transport) == b"idle stalled=False\r\n"
     assert protocol.closed and transport.disconnecting
+
+
+class _Stress(OpenPolicy):
+    """
+    A policy whose stress a test turns on and off.
+    """
+
+    stressed = False
+
+    def underStress(self):
+        return self.stressed
+
+
+class _Untimed(Echo):
+    idleTimeout = 0
+    stressIdleTimeout = 10
+
+
+def test_withNoIdleTimeoutOnlyAStressClosesAnIdleSession():
+    """
+    With no idle timeout (C{--idle-timeout 0}), a session opened under
+    stress is held to the stress timeout while the stress lasts; once it
+    is over, the check that stress set finds no timeout that applies, and
+    the session stays, however long it is idle: it was closed at once,
+    its last line a few seconds old.  When a new connection brings the
+    stress back, an idle session is held to it again.
+    """
+    clock = Clock()
+    policy = _Stress()
+    factory = SessionFactory(clock, policy=policy)
+    factory.protocol = _Untimed
+
+    def connect():
+        protocol = factory.buildProtocol(PEER)
+        transport = CountingTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    policy.stressed = True
+    protocol, transport = connect()
+    clock.advance(5)
+    protocol.dataReceived(b"SAY x\r\n")
+    policy.stressed = False
+    connect()
+    clock.advance(6)
+    assert not protocol.closed
+    clock.advance(3600)
+    assert not protocol.closed
+    assert not clock.getDelayedCalls()
+    policy.stressed = True
+    connect()
+    assert protocol.closed and b"idle stalled=False\r\n" in transport.value()
 
 
 def test_aCommandTheClientWaitsForIsNotIdleness():

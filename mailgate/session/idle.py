@@ -29,6 +29,7 @@ class IdleTimer:
         self._busy = busy
         self._shortened = shortened
         self._call = None
+        self._cancelled = False
         self.lastActivity = 0
 
     def _limit(self):
@@ -50,19 +51,28 @@ class IdleTimer:
     def recheck(self):
         """
         Check again now what the timer would check when due: the timeout
-        that applies may have shortened since it was set.
+        that applies may have shortened since it was set, or apply where
+        none did (no C{timeout}, and the server was not under stress).
         """
-        if self._call is not None:
-            self._call = cancelled(self._call)
-            self._check()
+        if self._cancelled:
+            return
+        self._call = cancelled(self._call)
+        self._check()
 
     def cancel(self):
+        self._cancelled = True
         self._call = cancelled(self._call)
 
     def _check(self):
         self._call = None
         idle = self._clock.seconds() - self.lastActivity
         limit = self._limit()
+        if not limit:
+            # No timeout applies now (none is set, and the stress whose
+            # shorter one set this check is over): nothing to check until
+            # one does (L{recheck}).  Checked against 0, every session
+            # whose check was due was closed at once, busy or not.
+            return
         if idle < limit or self._busy():
             delay = limit - idle if idle < limit else limit
             self._call = self._clock.callLater(delay, self._check)
