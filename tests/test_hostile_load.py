@@ -8,6 +8,7 @@ limit), real sockets on 127.0.0.1 and other loopback addresses, real SQLite
 files.  Every wait is bounded (L{DEADLINE}); no time is asserted.
 """
 
+import contextlib
 import os
 import re
 import select
@@ -678,6 +679,29 @@ def test_nearTheConnectionLimitIdleClientsThatHaveNotLoggedInAreClosedSoon(mailg
     assert re.search(r"8 connections of at most 10: clients that have not logged in are closed", server.stdout)
 
 
+@contextlib.contextmanager
+def _metricsConnection(clock):
+    """
+    A connection to a metrics site (its timers on C{clock}), in memory:
+    C{(protocol, transport)}; the site stopped afterwards.
+    """
+    from twisted.internet import defer
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mailgate.metrics import Metrics, metricsSite
+
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
+    site.startFactory()
+    try:
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        yield protocol, transport
+    finally:
+        site.stopFactory()
+
+
 def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
     """
     An HTTP request to the metrics port whose line and headers come an
@@ -687,20 +711,12 @@ def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
     connection the port takes.  A scraper keeping its connection idle
     between scrapes is not affected, nor is a request sent at once.
     """
-    from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.internet import defer
 
-    from mailgate.metrics import IDLE_TIMEOUT, Metrics, MetricsChannel, metricsSite
+    from mailgate.metrics import IDLE_TIMEOUT, MetricsChannel
 
     clock = Clock()
-    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
-    site.startFactory()
-    try:
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+    with _metricsConnection(clock) as (protocol, transport):
         # Idle, then a request at once: answered, the connection kept.
         clock.advance(IDLE_TIMEOUT - 5)
         protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -715,8 +731,6 @@ def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
         assert transport.disconnecting, "the trickled request kept its connection"
         assert sent * 5 <= MetricsChannel.requestTimeout + 5
         assert transport.value().startswith(b"HTTP/1.1 408 ")
-    finally:
-        site.stopFactory()
 
 
 @pytest.mark.parametrize(
@@ -733,20 +747,9 @@ def test_theMetricsPortAnswersALineTooLongWithItsReason(request_, status):
     or 431 with the limit, then the connection closed: the line reader
     closed it without a word.  Whatever follows is not answered again.
     """
-    from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.internet import defer
 
-    from mailgate.metrics import Metrics, metricsSite
-
-    clock = Clock()
-    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
-    site.startFactory()
-    try:
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+    with _metricsConnection(Clock()) as (protocol, transport):
         protocol.dataReceived(request_)
         protocol.dataReceived(b"b" * 20000)
         answer = transport.value()
@@ -754,8 +757,6 @@ def test_theMetricsPortAnswersALineTooLongWithItsReason(request_, status):
         assert answer.count(b"HTTP/1.1") == 1
         assert answer.endswith(b"too long (the limit is 16384 octets)\n")
         assert transport.disconnecting
-    finally:
-        site.stopFactory()
 
 
 # -- the database while the server serves ------------------------------------------
