@@ -590,7 +590,7 @@ def checkEndpoint(description):
     if not isinstance(description, str) or not description.strip():
         raise ValueError("an empty endpoint description")
     try:
-        serverFromString(None, description)
+        endpoint = serverFromString(None, description)
     except (IndexError, KeyError) as e:
         if description.split(":", 1)[0].strip().lower() == "systemd":
             raise ValueError(
@@ -601,7 +601,34 @@ def checkEndpoint(description):
     except Exception as e:
         reason = str(e).replace("\n", " ") or type(e).__name__
         raise ValueError(f"invalid endpoint {description!r}: {reason}") from None
+    address = _listeningAddress(endpoint)
+    if address is not None and address[0] == "tcp" and not 0 <= address[1] <= 65535:
+        # Twisted's parser takes any whole number; bind() refuses it only
+        # at start, which exited 1 (systemd tries again, for ever) after
+        # config --check had said the file was right.
+        raise ValueError(f"invalid endpoint {description!r}: port {address[1]} is not a port number (0 to 65535)")
     return description
+
+
+def _listeningAddress(endpoint):
+    """
+    Where the listener of a server C{endpoint} (parsed from a strports
+    description) binds: C{("tcp", port, interface)} for C{tcp:},
+    C{tcp6:} and C{ssl:}, behind C{haproxy:} or not, the interface as
+    written (C{""}: every IPv4 address); C{("unix", path)} for a Unix
+    socket; C{None} for another kind (C{systemd:}, whose socket systemd
+    binds).
+    """
+    while hasattr(endpoint, "_wrappedEndpoint"):
+        # haproxy: wraps the endpoint that listens.
+        endpoint = endpoint._wrappedEndpoint
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int):
+        return ("tcp", port, getattr(endpoint, "_interface", "") or "")
+    address = getattr(endpoint, "_address", None)
+    if isinstance(address, str):
+        return ("unix", os.path.abspath(address))
+    return None
 
 
 # -- the APOP policy ---------------------------------------------------------
@@ -1219,14 +1246,114 @@ def checkListening(config, path=None):
     mistake, not a deployment.  Made at start, by C{mailgate config
     --check} and at a reload, so that all three refuse the same files.
 
+    Nor may two listeners bind the same address: the second one's start
+    failed with "address already in use", exit 1, which systemd takes
+    for a port the process before still holds and tries again, for ever.
+
     @param path: the configuration file, to name in the message.
-    @raise ConfigurationError: nothing to listen on.
+    @raise ConfigurationError: nothing to listen on, or two listeners on
+        one address.
     """
+    where = f" (in {path})" if path else ""
     if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
-        raise ConfigurationError(
-            "nothing to listen on: pop3, pop3s, smtp and lmtp are all empty" + (f" (in {path})" if path else "")
-        )
+        raise ConfigurationError("nothing to listen on: pop3, pop3s, smtp and lmtp are all empty" + where)
+    clash = sharedAddress(config)
+    if clash:
+        raise ConfigurationError(clash + where)
     return config
+
+
+#: the settings whose values are listeners, in the order they start
+LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "metrics")
+
+
+def sharedAddress(config):
+    """
+    What two listeners of C{config} that would bind one address are, as
+    a message, or C{None}: the same Unix socket, or the same TCP port
+    where their interfaces meet (the same address, or the wildcard
+    address of its family; a C{tcp6:} listener on C{::} takes IPv4
+    connections too where the kernel makes IPv6 sockets dual-stack, as
+    Linux does by default).  Port 0 (any free port) meets nothing.
+    """
+    bound = []
+    for name in LISTENER_SETTINGS:
+        values = getattr(config, setting(name).attribute)
+        for description in ([values] if isinstance(values, str) else values or ()):
+            try:
+                address = _listeningAddress(serverFromString(None, description))
+            except Exception:
+                # Refused with its reason elsewhere (checkEndpoint).
+                continue
+            if address is None or address[0] == "tcp" and address[1] == 0:
+                continue
+            for otherName, otherDescription, other in bound:
+                if _meet(address, other):
+                    versions = {
+                        getattr(_interface(a[2]), "version", None) for a in (address, other) if a[0] == "tcp"
+                    }
+                    why = (
+                        " (an IPv6 listener on :: takes IPv4 connections too: net.ipv6.bindv6only is 0)"
+                        if versions == {4, 6} else ""
+                    )
+                    return (
+                        f"{otherName} {otherDescription} and {name} {description} would listen on "
+                        f"the same address ({_describeAddress(other)}){why}: the second could not start"
+                    )
+            bound.append((name, description, address))
+    return None
+
+
+def _describeAddress(address):
+    if address[0] == "unix":
+        return address[1]
+    return f"port {address[1]}" + (f" of {address[2]}" if address[2] else "")
+
+
+def _meet(one, other):
+    """
+    Whether two L{_listeningAddress} values are one address to bind.
+    """
+    if one[0] != other[0]:
+        return False
+    if one[0] == "unix":
+        return one[1] == other[1]
+    if one[1] != other[1]:
+        return False
+    first, second = _interface(one[2]), _interface(other[2])
+    if first == second:
+        return True
+    if isinstance(first, str) or isinstance(second, str):
+        # A host name: what it names is known only once looked up.
+        return False
+    for wildcard, address in ((first, second), (second, first)):
+        if wildcard.is_unspecified and (wildcard.version == address.version or wildcard.version == 6 and _dualStack()):
+            return True
+    return False
+
+
+def _interface(text):
+    """
+    The address of a TCP listener's interface (C{""}: IPv4's wildcard), or
+    its text where it is a host name.
+    """
+    try:
+        return ipaddress.ip_address((text or "0.0.0.0").split("%")[0])
+    except ValueError:
+        return text.lower()
+
+
+def _dualStack():
+    """
+    Whether IPv6 sockets take IPv4 connections too (Linux's
+    net.ipv6.bindv6only of 0, its default), so that a listener on C{::}
+    holds the IPv4 port of the same number.
+    """
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
 
 
 # -- the configuration file --------------------------------------------------------

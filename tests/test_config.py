@@ -4,6 +4,7 @@ TOML configuration file and L{MailgateConfig}; the shipped example file
 generated from the declarations; endpoint syntax checked with no reactor.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -208,6 +209,62 @@ def test_checkingAnEndpointListensOnNothing():
     # Nothing took the port: binding it again works.
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("description", ["tcp:65536", "tcp:-1", "tcp6:99999:interface=\\:\\:1", "haproxy:tcp:70000"])
+def test_aPortNumberOutOfRangeIsRefused(description, tmp_path):
+    """
+    Twisted's parser takes any whole number for a port: the start then
+    failed at bind() with exit 1, which systemd retries for ever, after
+    config --check had said OK.  Refused as every other invalid endpoint.
+    """
+    with pytest.raises(ValueError, match=r"is not a port number \(0 to 65535\)"):
+        settings.checkEndpoint(description)
+    with pytest.raises(usage.UsageError, match="--pop3: .* is not a port number"):
+        parse("--pop3", description)
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f"smtp = [{json.dumps(description)}]\n")
+    with pytest.raises(settings.ConfigFileError, match=f"{path}: key 'smtp': .* is not a port number"):
+        settings.readFile(path)
+    assert settings.checkEndpoint("tcp:65535") == "tcp:65535"
+
+
+@pytest.mark.parametrize(
+    "listeners, clash",
+    [
+        ({"pop3": ["tcp:1110"], "smtp": ["tcp:1110"]}, "pop3 tcp:1110 and smtp tcp:1110"),
+        ({"pop3": ["tcp:1110:interface=127.0.0.1"], "lmtp": ["haproxy:tcp:1110"]},
+         "pop3 tcp:1110:interface=127.0.0.1 and lmtp haproxy:tcp:1110"),
+        ({"pop3": ["unix:/run/m/pop3"], "metrics": "unix:/run/m/pop3"}, "pop3 unix:/run/m/pop3 and metrics unix:/run/m/pop3"),
+        ({"pop3": ["tcp6:1110:interface=\\:\\:1", "tcp6:1110"]}, "pop3 tcp6:1110:interface=\\:\\:1 and pop3 tcp6:1110"),
+    ],
+)
+def test_twoListenersOnOneAddressAreRefused(listeners, clash, tmp_path):
+    """
+    The second listener on an address could not start ("address already
+    in use", exit 1, which systemd retries for ever, taking it for the
+    process before still holding the port): refused by checkListening,
+    which the start, a reload and config --check make, naming both.
+    """
+    config = MailgateConfig(**listeners)
+    with pytest.raises(ConfigurationError, match=re.escape(clash) + " would listen on the same address"):
+        settings.checkListening(config)
+    path = tmp_path / "mailgate.toml"
+    path.write_text("".join(f"{name} = {json.dumps(value)}\n" for name, value in listeners.items()))
+    options = tap.Options()
+    with pytest.raises(SystemExit) as refused:
+        options.parseOptions(["--config", str(path)])
+    assert refused.value.code == 78 and str(refused.value).endswith(f"the second could not start (in {path})")
+
+
+def test_listenersOnDifferentAddressesOrAnyFreePortDoNotClash():
+    for listeners in (
+        {"pop3": ["tcp:1110:interface=127.0.0.1"], "smtp": ["tcp:1110:interface=127.0.0.2"]},
+        {"pop3": ["tcp:0", "tcp:0"], "smtp": ["tcp:0"]},
+        {"pop3": ["tcp:1110:interface=127.0.0.1", "tcp6:1110:interface=\\:\\:1"]},
+        {"pop3": ["tcp:1110"], "smtp": ["tcp:1125"], "lmtp": ["unix:/run/m/lmtp"], "metrics": "unix:/run/m/metrics"},
+    ):
+        assert settings.checkListening(MailgateConfig(**listeners))
 
 
 def test_tapNoLongerUsesATestReactor():
