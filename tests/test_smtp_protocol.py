@@ -7,6 +7,7 @@ The tests assert what a client sees: reply codes and texts, and the octets
 stored (read back from the SQLite file itself and through POP3 RETR).
 """
 
+import json
 import re
 import sqlite3
 
@@ -14,6 +15,7 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger, formatEvent
 
+from mailgate.logs import eventAsJSONLine
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.testing import POP3Session, SMTPSession, addUser, resultOf
 
@@ -1662,18 +1664,46 @@ def test_eachDeliveryIsLoggedOnceWithTheIdsTheClientWasTold(users, kind):
             rf"smtp delivered id={transactionId} from=<{re.escape(SENDER)}> "
             rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={uids[0]},{uids[1]} peer=127\.0\.0\.1:40000"
         )
-        assert event["uniqueIds"] == {ALICE: uids[0], BOB: uids[1]}
+        assert event["uniqueIds"] == [{"recipient": ALICE, "uid": uids[0]}, {"recipient": BOB, "uid": uids[1]}]
     else:
         expected = (
             rf"lmtp delivered id=\S+ from=<{re.escape(SENDER)}> "
             rf"to={re.escape(ALICE)},{re.escape(BOB)} uids={told[0]},{told[1]} peer=127\.0\.0\.1:40000"
         )
-        assert event["uniqueIds"] == {ALICE: told[0], BOB: told[1]}
+        assert event["uniqueIds"] == [{"recipient": ALICE, "uid": told[0]}, {"recipient": BOB, "uid": told[1]}]
     assert re.fullmatch(expected, text), text
     assert event["recipients"] == f"{ALICE},{BOB}" and event["sender"] == SENDER
     assert event["event"] == f"{kind}.delivered"
     assert event["protocol"] == kind and event["peer"] == "127.0.0.1:40000"
     assert event["session"] == s.protocol.sessionId
+
+
+@pytest.mark.parametrize("kind", ["smtp", "lmtp"])
+def test_aDeliveryLineShowsNoUnprintableSenderAndEveryRecipientsId(users, kind):
+    """
+    The delivered line shows the sender as every other line does, an
+    unprintable character (a right-to-left override, which turns the rest
+    of a line round on a terminal) as C{?}; and the JSON record names each
+    recipient's unique id under stable keys, that of a recipient whose
+    address looks like a secret's field name (C{password-reset@}) too.
+    """
+    resetter = "password-reset@example.org"
+    addUser(users, resetter, PASSWORD)
+    s = session(users) if kind == "smtp" else lmtp(users)
+    events = []
+    s.protocol.log = Logger(observer=events.append)
+    assert s.command("MAIL FROM:<ev\u202eil@example.com> SMTPUTF8").startswith("250")
+    for address in (resetter, ALICE):
+        assert s.command(f"RCPT TO:<{address}>").startswith("250")
+    assert s.command("DATA").startswith("354")
+    replies = lines(s.send(stuff(b"Subject: logged\r\n\r\nbody\r\n")))
+    assert all(reply.startswith("250 ") for reply in replies), replies
+    [event] = events
+    assert f"from=<ev?il@example.com> to={resetter},{ALICE} " in formatEvent(event)
+    record = json.loads(eventAsJSONLine(event))
+    assert record["sender"] == "ev?il@example.com"
+    assert [entry["recipient"] for entry in record["uniqueIds"]] == [resetter, ALICE]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", entry["uid"]) for entry in record["uniqueIds"]), record
 
 
 def test_anLmtpLogLineNamesEachRecipientsIdInItsPlace(users):

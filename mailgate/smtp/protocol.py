@@ -1047,23 +1047,43 @@ class SMTPServer(CommandSession):
             **({"duplicates": again} if again else {}),
         )
 
-    def _logDelivery(self, envelope, tail="", **extra):
+    def _logDelivery(self, envelope, tail="", uniqueIds=None, **extra):
         """
         One line per delivered message, naming the id the client was told.
         The text is made here in one piece (Twisted's formatting of many
         fields costs more than the rest of a small delivery's logging); the
         fields go along for structured observers.
+
+        The sender is shown as every other line shows it (L{_bounded}): an
+        SMTPUTF8 address may hold a right-to-left override or another
+        invisible format character, which would turn the line round on an
+        administrator's terminal.  Each copy's unique id goes in a list of
+        C{{"recipient", "uid"}} pairs in the order of C{to=}, not in an
+        object keyed by address: a JSON log's field names stay the same
+        whatever the recipients (a log store makes a field of each name),
+        and an address such as C{password-reset@...}, named like a secret,
+        is not dropped as one (L{mailgate.logs.eventAsRecord}).
+
+        @param uniqueIds: the unique id of each recipient's copy, by
+            address (those without one left out).
         """
         recipients = ",".join(envelope.recipients)
+        sender = _bounded(envelope.sender)
         line = (
             f"{self.protocolName} delivered id={envelope.transactionId} "
-            f"from=<{envelope.sender}> to={recipients}{tail}"
+            f"from=<{sender}> to={recipients}{tail}"
         )
+        if uniqueIds is not None:
+            extra["uniqueIds"] = [
+                {"recipient": address, "uid": str(uniqueIds[address])}
+                for address in envelope.recipients
+                if address in uniqueIds
+            ]
         self.logInfo(
             f"{self.protocolName}.delivered",
             line,
             id=envelope.transactionId,
-            sender=envelope.sender,
+            sender=sender,
             recipients=recipients,
             **extra,
         )
