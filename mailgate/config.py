@@ -1375,6 +1375,10 @@ def readFile(path, settings=SETTINGS):
         that names no setting, or a value of the wrong type or an invalid
         one (the first such key is named).
     """
+    if not os.fspath(path).strip():
+        # --config "" (a variable of a unit's command line, unset): the
+        # server took it for no file at all, and served its defaults.
+        raise ConfigFileError("--config names no file (an empty path)")
     try:
         with open(path, "rb") as f:
             text = f.read()

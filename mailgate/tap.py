@@ -162,7 +162,7 @@ class Options(usage.Options):
     def postOptions(self):
         try:
             self.config = configuration.resolveFile(
-                self.configPath or None, self.given, os.environ, self.settings, self.configClass
+                self.configPath, self.given, os.environ, self.settings, self.configClass
             )
         except configuration.ConfigFileError as e:
             # One line, not twistd's usage text: the file is at fault.

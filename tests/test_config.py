@@ -4,6 +4,7 @@ TOML configuration file and L{MailgateConfig}; the shipped example file
 generated from the declarations; endpoint syntax checked with no reactor.
 """
 
+import io
 import json
 import os
 import pathlib
@@ -664,6 +665,23 @@ def test_twistdStopsOnABadFileWithOneLine(tmp_path):
                      "invalid literal for int() with base 10: 'notaport'"], (out, err)
     assert "Traceback" not in out + err
     assert not (tmp_path / "m.sqlite3").exists()
+
+def test_anEmptyConfigPathIsRefusedNotTakenForNone(capsys):
+    """
+    --config "" (a unit's variable, unset): the server took the empty
+    path for no file and served its defaults, while mailgate config
+    --check refused it.  Both refuse it, exit 78, in the same words.
+    """
+    with pytest.raises(SystemExit) as refused:
+        parse("--config", "")
+    assert refused.value.code == 78
+    assert str(refused.value) == "mailgate: --config names no file (an empty path)"
+    err = io.StringIO()
+    from mailgate.cli import run
+
+    assert run(["--config", " ", "config", "--check"], stdout=io.StringIO(), stderr=err, environ={}) == 78
+    assert err.getvalue() == "mailgate: --config names no file (an empty path)\n"
+
 
 def test_twistdRefusesToListenOnNothing(tmp_path):
     """
