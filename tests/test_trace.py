@@ -286,6 +286,32 @@ def test_anSMTPClientOnADebugNetworkIsTracedWithoutItsMessage(store, alice, logE
     neverShown(logEvents, "secret body", "private")
 
 
+@pytest.mark.parametrize("recipient", [None, "nobody@example.org"])
+def test_aMessageSentAfterARefusedDATAIsNotTraced(store, alice, logEvents, recipient):
+    """
+    A client that sends its message whatever the reply to DATA (503 for
+    no MAIL, 554 for no valid recipient) has the message's lines run as
+    commands, each refused: the trace hides those that are no command,
+    as it hides a SASL response after AUTH, until a command comes.
+    """
+    clock = Clock()
+    factory = smtpFactory(store, clock, hostname="mailgate.test")
+    factory.trace = TraceSelection(["192.0.2.7/32"])
+    s = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    s.command("EHLO client.test")
+    if recipient is not None:
+        s.command("MAIL FROM:<sender@remote.test>")
+        assert s.command(f"RCPT TO:<{recipient}>").startswith("550")
+    assert s.command("DATA")[:3] in ("503", "554")
+    for line in BODY.decode().split("\r\n")[:-1] + ["."]:
+        assert s.command(line).startswith("500")
+    s.command("NOOP")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    hidden = "C: <not a command: hidden after a refused DATA>"
+    assert lines[-6:] == ["C: DATA", hidden, hidden, hidden, hidden, "C: NOOP"], lines
+    neverShown(logEvents, "secret body", "private")
+
+
 def test_anLMTPSessionIsTracedFromARecipientOnDebugUser(store, alice, logEvents):
     """
     --debug-user traces what becomes of the user's mail too: an SMTP or

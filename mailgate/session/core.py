@@ -243,9 +243,20 @@ class CommandSession(Protocol):
         of its own: it may return a L{Deferred}).
         """
 
-    #: whether lines a trace cannot tell from SASL responses are hidden:
-    #: from an AUTH command on, until a line that is a command
-    _traceAfterAuth = False
+    #: why a trace hides the lines that are no command of the protocol's,
+    #: until a line that is one (C{"AUTH"}: they may be SASL responses;
+    #: see L{hideNonCommandsFromTrace}), or C{None}
+    _traceHiding = None
+
+    def hideNonCommandsFromTrace(self, after):
+        """
+        From now on, until a line that is a command of the protocol's, a
+        trace shows a line that is none as hidden, C{after} what (a
+        refused DATA: a client that sends its message whatever the reply
+        has each of its lines read as a command, and message content
+        never goes to the log).
+        """
+        self._traceHiding = after
 
     def tracedCommand(self, line):
         """
@@ -263,18 +274,18 @@ class CommandSession(Protocol):
         """
         text = line.decode("utf-8", "replace")
         if text.lstrip()[:4].upper() == "AUTH":
-            self._traceAfterAuth = True
+            self._traceHiding = "AUTH"
             words = text.split()
             if words[0].upper() != "AUTH" or len(words) > 3:
                 return "AUTH <arguments>"
             if len(words) == 3:
                 return f"AUTH {shownInTrace(words[1])} <initial response>"
             return shownInTrace(" ".join(words))
-        if self._traceAfterAuth:
+        if self._traceHiding is not None:
             verb = text.partition(" ")[0].upper()
             if not verb.isalpha() or getattr(self, self.commandPrefix + verb, None) is None:
-                return "<not a command: hidden after AUTH>"
-            self._traceAfterAuth = False
+                return f"<not a command: hidden after {self._traceHiding}>"
+            self._traceHiding = None
         return shownInTrace(text)
 
     def beginShutdown(self):

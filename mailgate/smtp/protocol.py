@@ -727,6 +727,10 @@ class SMTPServer(CommandSession):
             self._reply(*refusal)
         if self.inputPending and not self.closed:
             self._refuseEarlyData(envelope)
+        else:
+            # A client that sends its message whatever the reply: its lines
+            # come as commands, and a trace must not show them.
+            self.hideNonCommandsFromTrace("a refused DATA")
         return None
 
     def _refuseEarlyData(self, envelope):
