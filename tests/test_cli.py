@@ -1705,11 +1705,18 @@ def test_aDatabaseThatCannotBeOpenedIsTracedToWhereItsURLCameFrom(tmp_path, monk
     assert error("--config", str(config), "user", "list", environ={}) == (
         f"mailgate: no such database file: from-file.sqlite3 (check database in {config}; {created})\n"
     )
+    noDatabase = tmp_path / "no-database.toml"
+    noDatabase.write_text("max-recipients = 10\n")
+    assert error("--config", str(noDatabase), "user", "list", environ={}) == (
+        f"mailgate: no such database file: mailgate.sqlite3 (check --database: none was given, nor "
+        f"database in {noDatabase}, nor $MAILGATE_DATABASE, and the default, sqlite:///mailgate.sqlite3, "
+        f"is in the working directory; {created})\n"
+    )
     assert error("user", "list", environ={"MAILGATE_DATABASE": "mysql://db/mail"}) == (
         "mailgate: $MAILGATE_DATABASE: unsupported database URL 'mysql://db/mail': "
         "use sqlite:///FILE or postgresql://...\n"
     )
-    assert list(tmp_path.iterdir()) == [config]
+    assert sorted(tmp_path.iterdir()) == sorted([config, noDatabase])
 
 
 def test_deliverHelpGivesTheExitStatusesAPipeTransportActsOn(cli):

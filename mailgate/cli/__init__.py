@@ -666,8 +666,12 @@ def _databaseURL(args, environ):
         return fromFile, f"database in {args.config}"
     if environ.get("MAILGATE_DATABASE"):
         return environ["MAILGATE_DATABASE"], "$MAILGATE_DATABASE"
+    # A --config file that sets no database is named: an MTA's pipe
+    # transport given the server's file, whose database the systemd unit
+    # sets in its environment instead, defers every message with this line.
+    inFile = f", nor database in {args.config}" if args.config else ""
     return DEFAULT_DATABASE, (
-        f"--database: none was given, nor $MAILGATE_DATABASE, and the default, {DEFAULT_DATABASE}, "
+        f"--database: none was given{inFile}, nor $MAILGATE_DATABASE, and the default, {DEFAULT_DATABASE}, "
         "is in the working directory"
     )
 
