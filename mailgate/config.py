@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import textwrap
 import tomllib
@@ -576,13 +577,20 @@ class DatabaseURL(Kind):
         return value
 
 
-def checkEndpoint(description):
+def checkEndpoint(description, adopting=False):
     """
     Check the syntax of a server endpoint description without listening.
 
     The description is parsed by Twisted's own parsers, with no reactor at
     all: they only record the reactor for later (test_config pins that for
     every kind mailgate documents), so nothing can listen or connect here.
+
+    A C{systemd:} description names a socket systemd passes to the server
+    it starts, and to no other process: the C{mailgate} command and
+    C{mailgate config --check} (the unit's C{ExecReload=}) read the same
+    file without one.  Its socket must be there only in the process that
+    systemd gave sockets to, or with C{adopting} (the server, about to
+    listen on it).
 
     @return: the description.
     @raise ValueError: with what is wrong.
@@ -592,12 +600,20 @@ def checkEndpoint(description):
     try:
         endpoint = serverFromString(None, description)
     except (IndexError, KeyError) as e:
-        if description.split(":", 1)[0].strip().lower() == "systemd":
+        arguments = _systemdArguments(description)
+        if arguments is None:
+            raise ValueError(f"invalid endpoint {description!r}: {type(e).__name__} {e}") from None
+        if adopting or os.environ.get("LISTEN_PID") == str(os.getpid()):
             raise ValueError(
                 f"{description!r}: systemd passed no socket with that index or name "
                 f"(start mailgate through its socket unit, or use another endpoint)"
             ) from None
-        raise ValueError(f"invalid endpoint {description!r}: {type(e).__name__} {e}") from None
+        # Twisted looks the socket up before it reads the address family.
+        if not hasattr(socket, "AF_" + arguments.get("domain", "")):
+            raise ValueError(
+                f"invalid endpoint {description!r}: no address family AF_{arguments.get('domain', '')}"
+            ) from None
+        return description
     except Exception as e:
         reason = str(e).replace("\n", " ") or type(e).__name__
         raise ValueError(f"invalid endpoint {description!r}: {reason}") from None
@@ -608,6 +624,20 @@ def checkEndpoint(description):
         # config --check had said the file was right.
         raise ValueError(f"invalid endpoint {description!r}: port {address[1]} is not a port number (0 to 65535)")
     return description
+
+
+
+def _systemdArguments(description):
+    """
+    The C{key=value} arguments of a C{systemd:} description (behind
+    C{haproxy:} or not), or C{None} for another kind.
+    """
+    kind, _, rest = description.strip().partition(":")
+    if kind.lower() == "haproxy":
+        kind, _, rest = rest.partition(":")
+    if kind.lower() != "systemd":
+        return None
+    return dict(part.split("=", 1) for part in rest.split(":") if "=" in part)
 
 
 def _listeningAddress(endpoint):

@@ -769,7 +769,7 @@ def _serviceName(service):
 
 def _endpoint(reactor, description, balancers=()):
     try:
-        checkEndpoint(description)
+        checkEndpoint(description, adopting=True)
         return serverEndpoint(reactor, description, balancers=balancers)
     except Exception as e:
         raise ConfigurationError(" ".join(str(e).split()) or f"invalid endpoint {description!r}") from None

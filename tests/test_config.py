@@ -181,14 +181,47 @@ def test_sslEndpointLoadsItsFilesWithoutListening(tmp_path):
 def test_systemdEndpointOutsideSystemd():
     """
     Outside socket activation (this test process was given no sockets)
-    the description is refused with a reason; test_systemd starts a real
-    twistd the way systemd does, where it is accepted.
+    the server, about to listen (adopting), refuses the description with
+    a reason; test_systemd starts a real twistd the way systemd does,
+    where it is accepted.
     """
     for description in ("systemd:domain=INET:index=0", "systemd:domain=INET:name=pop3"):
         with pytest.raises(ValueError, match="systemd passed no socket with that index or name"):
-            settings.checkEndpoint(description)
+            settings.checkEndpoint(description, adopting=True)
     with pytest.raises(ValueError, match="exactly one of descriptor index or name"):
         settings.checkEndpoint("systemd:domain=INET")
+
+
+def test_aSocketActivatedFileIsReadByTheCommandAndConfigCheck(tmp_path, monkeypatch):
+    """
+    The mailgate command and config --check (the unit's ExecReload=) read
+    the server's file in processes systemd gives no socket: a systemd:
+    listener refused there failed every admin command run with --config
+    and every systemctl reload.  They check its syntax; the process
+    systemd gave sockets to, and the server about to listen, look the
+    socket up.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.cli import run
+    from mailgate.service import makeService
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f'database = "sqlite:///{tmp_path / "m.sqlite3"}"\npop3 = ["systemd:domain=INET6:name=pop3"]\n')
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["--config", str(path), "config", "--check"], stdout=out, stderr=err, environ={}) == 0, err.getvalue()
+    assert run(["--config", str(path), "db", "upgrade"], stdout=out, stderr=err, environ={}) == 0, err.getvalue()
+    assert run(["--config", str(path), "user", "list"], stdout=out, stderr=err, environ={}) == 0, err.getvalue()
+    with pytest.raises(ValueError, match="no address family AF_INET7"):
+        settings.checkEndpoint("systemd:domain=INET7:name=pop3")
+    with pytest.raises(ConfigurationError, match="systemd passed no socket with that index or name"):
+        makeService(
+            MailgateConfig(pop3=["haproxy:systemd:domain=INET:name=pop3"]), reactor=MemoryReactorClock(),
+            store=memoryStore(),
+        )
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    with pytest.raises(settings.ConfigFileError, match="key 'pop3': .* systemd passed no socket with that"):
+        settings.readFile(path)
 
 
 @pytest.mark.parametrize(
