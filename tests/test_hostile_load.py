@@ -765,13 +765,18 @@ def test_theMetricsPortAnswersALineTooLongWithItsReason(request_, status):
 def _locksOn(path):
     """
     The POSIX locks this process holds on the file C{path}, as
-    C{/proc/locks} lists them.
+    C{/proc/locks} lists them, without each line's ordinal (which moves
+    as other processes take and drop locks).
     """
     found = os.stat(path)
     inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
     pid = str(os.getpid())
     with open("/proc/locks") as locks:
-        return [line for line in locks if "POSIX" in line and pid in line.split() and inode in line.split()]
+        return [
+            line.split(":", 1)[1].strip()
+            for line in locks
+            if "POSIX" in line and pid in line.split() and inode in line.split()
+        ]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="Linux's /proc/locks")
