@@ -311,8 +311,13 @@ def eventAsRecord(event):
         if key in event and event[key] is not None:
             record[key] = _jsonSafe(event[key])
     legacy = "log_legacy" in event or "isError" in event
-    # An event made by emitLine carries its text as "line": it is the
-    # record's "text", not a field of its own.
+    # An event made by emitLine (or a session's logFailure) carries its
+    # text as "line": it is the record's "text", not a field of its own.
+    # Such an event is a session's, whose fields are bounded where they
+    # are made (an address at 256 characters, a delivery's recipients at
+    # --max-recipients): they are written whole, not cut at _MAX_ITEMS
+    # and _MAX_TEXT as other code's may be (a delivery to 100 users had
+    # the unique ids of its first 50 in its record).
     preformatted = event.get("log_format") == "{line}"
     for key, value in event.items():
         if key in record or key == "event" or key.startswith("log_") or _SECRET.search(key):
@@ -323,7 +328,7 @@ def eventAsRecord(event):
             continue
         if key == "system" and value == "-":
             continue
-        record[key] = _jsonSafe(value)
+        record[key] = _jsonSafe(value, whole=preformatted)
     text = formatEvent(event)
     record["text"] = text
     failure = event.get("log_failure")
@@ -344,29 +349,32 @@ def _rfc3339(timestamp):
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _shortText(text):
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
+def _shortText(text, whole=False):
+    return text if whole or len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
 
 
-def _jsonSafe(value, depth=0):
+def _jsonSafe(value, depth=0, whole=False):
     """
     C{value} as JSON can hold it: numbers, text, lists and objects as they
-    are (bounded), anything else as its text.
+    are (bounded, unless C{whole}: a session's own fields), anything else
+    as its text.
     """
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return _shortText(value)
+        return _shortText(value, whole)
     if isinstance(value, bytes):
-        return _shortText(value.decode("utf-8", "backslashreplace"))
+        return _shortText(value.decode("utf-8", "backslashreplace"), whole)
     if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonSafe(v, depth + 1) for v in list(value)[:_MAX_ITEMS]]
+        items = list(value)
+        return [_jsonSafe(v, depth + 1, whole) for v in (items if whole else items[:_MAX_ITEMS])]
     if depth < 3 and isinstance(value, dict):
+        items = list(value.items())
         return {
-            str(k): _jsonSafe(v, depth + 1)
-            for k, v in list(value.items())[:_MAX_ITEMS]
+            str(k): _jsonSafe(v, depth + 1, whole)
+            for k, v in (items if whole else items[:_MAX_ITEMS])
             if not _SECRET.search(str(k))
         }
     if isinstance(value, BaseException):

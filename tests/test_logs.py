@@ -123,6 +123,31 @@ def test_fieldsAreMadeJSONSafe():
     assert record["nan"] == "nan"
 
 
+def test_theFieldsOfASessionsEventAreWrittenWhole():
+    """
+    The fields of mailgate's own session events (their text made by the
+    session, L{logs.emitLine}) are bounded where they are made (addresses
+    at 256 characters, recipients at --max-recipients) and written whole:
+    a message delivered to 100 users (RFC 5321's least --max-recipients)
+    has each recipient's unique id in its record, not the first 50.  The
+    fields of other code's events are still cut.
+    """
+    recipients = [f"firstname.lastname{i:03d}@department.example.org" for i in range(100)]
+    uniqueIds = [{"recipient": address, "uid": f"{i:016x}"} for i, address in enumerate(recipients)]
+
+    def emit(log):
+        logs.emitLine(
+            log, LogLevel.info, "smtp delivered",
+            {"event": "smtp.delivered", "recipients": ",".join(recipients), "uniqueIds": uniqueIds},
+        )
+        log.info("other code", recipients=",".join(recipients), uniqueIds=uniqueIds)
+
+    own, other = publish(emit)
+    assert own["uniqueIds"] == uniqueIds
+    assert own["recipients"].split(",") == recipients
+    assert len(other["uniqueIds"]) == 50 and len(other["recipients"]) == 2000
+
+
 def test_secretsAreNeverWritten():
     [record] = publish(
         lambda log: log.info(
