@@ -1435,6 +1435,28 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     assert str(key) in warnings[0] and f"the configuration file {config}" in warnings[1]
 
 
+def test_configCheckDoesNotBlameTheDatabaseForWhatIsWrong(tmp_path):
+    """
+    config --check opens no database: its reason is the server's alone,
+    with nothing before it, where the database's URL comes from a file or
+    $MAILGATE_DATABASE (as under the systemd unit) too.  It was given as
+    "database in FILE: tls-ciphers ..." or "$MAILGATE_DATABASE: ...".
+    """
+    config = tmp_path / "mailgate.toml"
+
+    def check(text, environ):
+        config.write_text(text)
+        out, err = io.StringIO(), io.StringIO()
+        return run(["--config", str(config), "config", "--check"], stdout=out, stderr=err, environ=environ), err.getvalue()
+
+    database = f'database = "sqlite:///{tmp_path / "m.sqlite3"}"\n'
+    reason = f"mailgate: {config}: implicit-TLS listeners need a certificate and a key\n"
+    assert check(database + 'pop3s = ["tcp:995"]\n', {}) == (78, reason)
+    assert check('pop3s = ["tcp:995"]\n', {"MAILGATE_DATABASE": "sqlite:///m.sqlite3"}) == (78, reason)
+    code, err = check(database + 'tls-cert = "missing.pem"\ntls-key = "missing.key"\n', {})
+    assert code == 78 and err.startswith("mailgate: cannot read TLS certificate or key: "), err
+
+
 def test_deliverWithTheServersFileAppliesItsDefaultQuota(tmp_path):
     """
     C{mailgate --config FILE deliver}, as an MTA's pipe transport runs it:

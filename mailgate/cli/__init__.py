@@ -711,6 +711,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         stderr.write(f"mailgate: {e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     store = None
+    opening = False
     try:
         args.stderr = stderr
         args.environ = environ
@@ -718,7 +719,9 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # Only the commands that start a database from nothing create
             # its file: any other one on a mistyped path would make an
             # empty database and report no users.
+            opening = True
             store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
+            opening = False
             if args.config is not None:
                 values = _configValues(args.config)
                 store.limits = _configLimits(values)
@@ -758,8 +761,10 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         stderr.write(f"mailgate: temporary failure, try again: {e}\n")
         return EX_TEMPFAIL
     except ConfigurationError as e:
-        # A database that cannot be opened: say whose URL it was.
-        where = "" if store is not None or source.startswith("--database") else f"{source}: "
+        # A database that cannot be opened: say whose URL it was.  Not of
+        # another error (config --check's TLS files, which opens none):
+        # "database in FILE: tls-ciphers ..." blamed the database.
+        where = f"{source}: " if opening and not source.startswith("--database") else ""
         stderr.write(f"mailgate: {where}{e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except MailgateError as e:
