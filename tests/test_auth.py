@@ -77,29 +77,36 @@ def test_verifyNonASCIIPassword():
 
 
 def _corruptHashes():
+    """
+    Each a C{pytest.param} with an id of its own: the hash they are made
+    from has a random salt, and ids from the values would differ from one
+    collection to the next (pytest-xdist's workers must collect the same
+    tests).
+    """
     good = hashPassword("pw", logN=TEST_HASH_COST)
     prefix, params, salt, digest = good.rsplit("$", 3)
-    return [
-        "",
-        "plain text",
-        "$scrypt$",
-        "$scrypt$ln=10,r=8,p=1$",
-        "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g",
-        good[:-1],  # truncated digest: not valid base64 any more
-        good[:-4],
-        f"{prefix}${params}${salt}$",  # empty digest
-        f"{prefix}${params}$!!!!${digest}",  # salt not base64
-        f"{prefix}$ln=x,r=8,p=1${salt}${digest}",
-        f"{prefix}$ln=10,r=8${salt}${digest}",  # p missing
-        f"{prefix}$ln=10,r=8,p=1,junk${salt}${digest}",
-        f"{prefix}$ln=0,r=8,p=1${salt}${digest}",
-        f"{prefix}$ln=99,r=8,p=1${salt}${digest}",
-        f"{prefix}$ln=10,r=0,p=1${salt}${digest}",
-        f"{prefix}$ln=10,r=8,p=0${salt}${digest}",
-        f"{prefix}$ln=10,r=8,p=1${salt}${digest}$extra",
-        f"{prefix}$ln=10,r=8,p=1${salt}",
-        f"{prefix}$ln=10,r=8,p=1$sält${digest}",
-    ]
+    cases = {
+        "empty": "",
+        "plain text": "plain text",
+        "scrypt with nothing": "$scrypt$",
+        "scrypt parameters only": "$scrypt$ln=10,r=8,p=1$",
+        "argon2id": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g",
+        "digest not valid base64": good[:-1],  # truncated digest: not valid base64 any more
+        "truncated digest": good[:-4],
+        "empty digest": f"{prefix}${params}${salt}$",
+        "salt not base64": f"{prefix}${params}$!!!!${digest}",
+        "ln not a number": f"{prefix}$ln=x,r=8,p=1${salt}${digest}",
+        "p missing": f"{prefix}$ln=10,r=8${salt}${digest}",
+        "unknown parameter": f"{prefix}$ln=10,r=8,p=1,junk${salt}${digest}",
+        "ln 0": f"{prefix}$ln=0,r=8,p=1${salt}${digest}",
+        "ln 99": f"{prefix}$ln=99,r=8,p=1${salt}${digest}",
+        "r 0": f"{prefix}$ln=10,r=0,p=1${salt}${digest}",
+        "p 0": f"{prefix}$ln=10,r=8,p=0${salt}${digest}",
+        "extra field": f"{prefix}$ln=10,r=8,p=1${salt}${digest}$extra",
+        "digest missing": f"{prefix}$ln=10,r=8,p=1${salt}",
+        "salt not ASCII": f"{prefix}$ln=10,r=8,p=1$sält${digest}",
+    }
+    return [pytest.param(encoded, id=name) for name, encoded in cases.items()]
 
 
 @pytest.mark.parametrize("encoded", _corruptHashes())
