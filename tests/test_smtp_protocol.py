@@ -557,6 +557,7 @@ RELAY_ATTEMPTS = [
     "<victim@[192.0.2.1]>",
     "<victim@[127.0.0.1]>",
     "<victim@[IPv6:::1]>",
+    "<victim@[ipv6:::1]>",
     "<victim@example.org.elsewhere.test>",
     "<victim@sub.example.org>",
     "<victim@elsewhere.test.>",

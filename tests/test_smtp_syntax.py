@@ -98,6 +98,10 @@ def test_quotedGreaterThanDoesNotEndThePath():
         "postmaster@[255.255.255.255]",
         "postmaster@[010.0.0.1]",
         "postmaster@[IPv6:::ffff:192.0.2.1]",
+        # RFC 5321's ABNF strings are case-insensitive (RFC 5234 section
+        # 2.3): the tag may be written in any case, as Postfix takes it.
+        "postmaster@[ipv6:2001:db8::1]",
+        "postmaster@[IPV6:::1]",
     ],
 )
 def test_addressLiterals(mailbox):
@@ -151,6 +155,7 @@ def test_validDotAtoms(mailbox):
         ("TO:<bob@[IPv6:::::]>", "invalid address literal"),
         ("TO:<bob@[IPv6:2001:db8::1::2]>", "invalid address literal"),
         ("TO:<bob@[IPv6:12345::1]>", "invalid address literal"),
+        ("TO:<bob@[ipv6:192.0.2.1]>", "invalid address literal"),
         ("TO:<" + "b" * 65 + "@example.org>", "local part too long"),
         ("TO:<b@" + "x" * 260 + ".org>", "address too long"),
         ("TO:<bob@example.org> SIZE", None),  # parses: RCPT parameters are the protocol's to refuse
@@ -201,6 +206,25 @@ def test_aSenderLocalPartsDotsMayBeOutOfPlace(local):
         rcptTo(f"TO:<{local}@example.org>")
     for malformed in (f"{local}@docomo..example", f"{local} x@docomo.example", f"{local}@", f"a@{local}@x.example"):
         with pytest.raises(EnvelopeSyntaxError):
+            mailFrom(f"FROM:<{malformed}>")
+
+
+@pytest.mark.parametrize("domain", ["mail_gw.example.com", "_relay.example.com", "example_.com", "a_b"])
+def test_aSendersDomainMayHoldUnderscores(domain):
+    """
+    Mail comes from domains with underscores in their labels: not host
+    names by RFC 1123, but names in the DNS, which Postfix's smtpd takes
+    (its valid_hostname allows them) and hands over by LMTP as they are.
+    Refused here, the mail Postfix had accepted bounced (seen with a
+    private Postfix: "501 5.1.7 ... (in reply to MAIL FROM command)").  A
+    recipient's domain is one of this server's, never so written; the
+    rest of a domain's rules still hold for a sender's.
+    """
+    assert mailFrom(f"FROM:<s@{domain}>") == (f"s@{domain}", {})
+    with pytest.raises(EnvelopeSyntaxError, match="invalid domain"):
+        rcptTo(f"TO:<s@{domain}>")
+    for malformed in (f"s@{domain}..org", f"s@-{domain}", f"s@{domain}-", "s@a_b c.org"):
+        with pytest.raises(EnvelopeSyntaxError, match="invalid domain"):
             mailFrom(f"FROM:<{malformed}>")
 
 

@@ -46,7 +46,9 @@ _DOT_STRING = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(\.[A-
 _LOOSE_DOTS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff.-]+$")
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
 _QUOTED_PAIR = re.compile(r"\\(.)")
-_ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
+# The tag is matched without regard to case: RFC 5321's ABNF strings are
+# case-insensitive (RFC 5234 section 2.3), so [ipv6:::1] is [IPv6:::1].
+_ADDRESS_LITERAL = re.compile(r"^\[((?i:IPv6:)[0-9A-Fa-f:.]+|[0-9]{1,3}(\.[0-9]{1,3}){3})\]$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(,@[^:,]+)*:")
 
 # Unicode's control characters and line and paragraph separators: RFC
@@ -61,7 +63,7 @@ def _validLiteral(text):
     address: each IPv4 number at most 255, an IPv6 address in one of its
     written forms.
     """
-    if text.startswith("IPv6:"):
+    if text[:5].upper() == "IPV6:":
         try:
             ipaddress.IPv6Address(text[5:])
         except ValueError:
@@ -95,7 +97,7 @@ def _splitPath(text):
     raise EnvelopeSyntaxError("unterminated <address>")
 
 
-def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART, looseDots=False):
+def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART, looseDots=False, underscores=False):
     """
     Check a C{local@domain} mailbox (RFC 5321 section 4.1.2).
 
@@ -104,6 +106,8 @@ def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART, looseDots=Fal
         C{None} for no limit but the path's.
     @param looseDots: accept a local part whose dots are out of place
         (C{a..b}, C{a.}, C{.a}), as a sender's.
+    @param underscores: accept underscores in the domain's labels
+        (C{mail_relay.example.com}), as a sender's.
     @raise EnvelopeSyntaxError: if malformed.
     """
     if not mailbox.isascii():
@@ -126,6 +130,9 @@ def checkMailbox(mailbox, utf8=False, maxLocalPart=MAX_LOCAL_PART, looseDots=Fal
         if not _validLiteral(literal.group(1)):
             raise EnvelopeSyntaxError("invalid address literal")
         return mailbox
+    if underscores:
+        # Taken as a letter would be: the label's other rules still hold.
+        domain = domain.replace("_", "a")
     try:
         if domain.isascii():
             normalizeDomain(domain)
@@ -205,4 +212,8 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     # and mail from them still comes.  Postfix takes them, and so does
     # Dovecot's LMTP: refused here, an MTA handing such mail over by LMTP
     # bounced it.  A recipient's names a user here, never so written.
-    return checkMailbox(inside, utf8, limit, looseDots=keyword == "FROM"), parameters
+    # Its domain may hold underscores (mail_gw.example.com: not a host
+    # name by RFC 1123, but names in the DNS all the same), which Postfix's
+    # smtpd takes (its valid_hostname allows them) and passes on by LMTP.
+    sender = keyword == "FROM"
+    return checkMailbox(inside, utf8, limit, looseDots=sender, underscores=sender), parameters
