@@ -49,6 +49,7 @@ from mailgate.store.lifecycle import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
+from mailgate.urls import shownURL
 
 APOP_REFRESH = 30
 #: seconds the database has to answer the health check and readiness probe
@@ -347,7 +348,26 @@ class MailgateService(MultiService):
             return None
         changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
         applied = [s.name for s in changed if s.name in LIVE_SETTINGS]
-        later = [s.name for s in changed if s.name not in LIVE_SETTINGS]
+        later = [s.name for s in changed if s.name not in LIVE_SETTINGS and s.name != "database"]
+        if new.database != self.config.database:
+            # Not one more setting for the next restart: the mailgate
+            # command and mailgate deliver (an MTA's pipe transport) read
+            # the file's database now, so until the restart users added
+            # and mail delivered go where this server does not look.
+            shownNew, shownOld = shownURL(new.database), shownURL(self.config.database)
+            self.log.error(
+                "configuration reload: {change}; a running server does not change databases and keeps "
+                "serving {old} as it opened it until it is restarted, while the mailgate command and "
+                "mailgate deliver with this file already use the new one: restart now, or put the old "
+                "URL back",
+                change=(
+                    f"the database changed to {shownNew}" if shownNew != shownOld
+                    else "the database URL's password changed"
+                ),
+                new=shownNew,
+                old=shownOld,
+                event="config.database_refused",
+            )
         if applied:
             self.config = attr.evolve(
                 self.config, **{s.attribute: getattr(new, s.attribute) for s in changed if s.name in applied}

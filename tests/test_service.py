@@ -12,7 +12,7 @@ from twisted.application.service import Application
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, Logger, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 
 from mailgate.config import APOPPolicy, MailgateConfig
 from mailgate.errors import ConfigurationError
@@ -204,6 +204,54 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     path.unlink()
     root.hangup()
     assert len(said("config.reload_failed")) == 2
+
+
+def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
+    """
+    A file whose database changed is not one more setting "for the next
+    restart": the mailgate command and mailgate deliver with the file use
+    the new database at once, while the server serves the old one, so
+    users added and mail delivered meanwhile go where it does not look.
+    The reload says so as an error, the passwords hidden, and keeps the
+    database it opened; other changes are named as ever.
+    """
+    from mailgate.tap import Options
+
+    path = tmp_path / "mailgate.toml"
+    old = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    path.write_text(f'database = "{old}"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+
+    def said(event):
+        return [formatEvent(e) for e in logEvents if e.get("event") == event]
+
+    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\nmax-recipients = 5\n')
+    root.hangup()
+    [refused] = said("config.database_refused")
+    assert refused.startswith(
+        "configuration reload: the database changed to postgresql://mailgate:***@db.internal/mail; a running "
+        f"server does not change databases and keeps serving {old} as it opened it until it is restarted"
+    )
+    assert [e["log_level"] for e in logEvents if e.get("event") == "config.database_refused"] == [LogLevel.error]
+    assert said("config.restart_needed") == ["configuration changed: max-recipients take effect at the next restart"]
+    assert root.config.database == old
+    path.write_text(f'database = "{old}"\n')
+    root.hangup()
+    assert len(said("config.database_refused")) == 1
+    options = Options()
+    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\n')
+    options.parseOptions(["--config", str(path)])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    path.write_text('database = "postgresql://mailgate:n3w@db.internal/mail"\n')
+    root.hangup()
+    assert said("config.database_refused")[-1].startswith(
+        "configuration reload: the database URL's password changed; a running server does not change databases"
+    )
+    assert not [e for e in logEvents if "s3cret" in formatEvent(e) or "n3w" in formatEvent(e)]
 
 
 def test_aReloadRefusesAFileTheServerWouldNotStartOn(tmp_path, logEvents):
