@@ -864,6 +864,7 @@ SEQUENCES = {
                                           plain(password="wrong"), "CAPA"),
     "AUTH PLAIN, authzid": lines(f"AUTH PLAIN {plain(authzid=ALICE)}", "STAT"),
     "AUTH PLAIN, another's authzid": lines(f"AUTH PLAIN {plain(authzid=BOB)}", "CAPA"),
+    "AUTH PLAIN, the authzid in another case": lines(f"AUTH PLAIN {plain(user=ALICE.upper(), authzid=ALICE)}", "STAT"),
     "AUTH PLAIN, missing parts": lines(
         "AUTH PLAIN " + base64.b64encode(ALICE.encode()).decode(),
         "AUTH PLAIN " + base64.b64encode(b"\0" + ALICE.encode()).decode(),

@@ -15,10 +15,11 @@ import io
 import sqlite3
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
 
 from mailgate.auth.passwords import parseScramSecret, scramSha256Secret
-from mailgate.auth.sasl import ScramCredentials
+from mailgate.auth.sasl import Challenge, PlainMechanism, SASLError, ScramCredentials, ScramSHA256Mechanism
 from mailgate.cli import run as runCLI
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, resultOf
 from mailgate.tls import ServerTLS
@@ -435,6 +436,43 @@ def test_authPlainEmptyContinuationLine(store, alice):
 def test_authPlainWithAuthzidEqualToAuthcid(store, alice):
     s = POP3Session(store)
     assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD, ALICE)}").startswith("+OK")
+
+
+def test_authPlainWithAuthzidNamingTheSameUser(store, alice):
+    """
+    RFC 4616: the authzid is the identity to act as.  One that names the
+    authcid's own user otherwise (another case, as login names are
+    matched) is that user, not another: refused, a client set up with
+    both names went on working with Dovecot and stopped with mailgate.
+    """
+    s = POP3Session(store)
+    assert s.command(f"AUTH PLAIN {plain(ALICE.upper(), PASSWORD, ALICE)}").startswith(f"+OK {ALICE} has")
+    assert s.command("QUIT").startswith("+OK")
+    s = POP3Session(store)
+    assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD, 'Alice@Example.ORG')}").startswith(f"+OK {ALICE} has")
+
+
+def test_aPlainOrScramAuthzidIsReadWithTheDefaultRealm():
+    """
+    With a default realm, a bare authcid and its full address as authzid
+    (or the other way round) name one user; another user stays refused.
+    """
+    realm = "example.org"
+    done = PlainMechanism(realm).step(b"alice@example.org\0alice\0pw")
+    assert done.credentials.username == b"alice"
+    assert PlainMechanism(realm).step(b"alice\0Alice@example.org\0pw").credentials.username == b"Alice@example.org"
+    with pytest.raises(SASLError):
+        PlainMechanism(realm).step(b"bob\0alice\0pw")
+    with pytest.raises(SASLError):
+        PlainMechanism().step(b"alice@example.org\0alice\0pw")
+
+    def scramFirst(gs2, name):
+        mechanism = ScramSHA256Mechanism(lambda address: defer.succeed(None), lambda: defer.succeed(b"k" * 32), realm)
+        return mechanism.start(f"{gs2}n={name},r=abcdefghijklmnop".encode())
+
+    assert isinstance(scramFirst("n,a=alice@example.org,", "alice"), (Challenge, defer.Deferred))
+    with pytest.raises(SASLError):
+        scramFirst("n,a=bob@example.org,", "alice")
 
 
 def test_authPlainWithOtherAuthzid(store, alice):
@@ -1021,6 +1059,14 @@ def test_scramWithAuthzid(store, alice):
     serverFinal = challenge(s.command(b64(client.final(serverFirst))))
     assert client.verify(serverFinal)
     assert s.command("").startswith("+OK")
+
+    assert s.command("QUIT").startswith("+OK")
+    # The same user in capitals is that user, not another.
+    s = POP3Session(store)
+    client = ScramClient(ALICE.upper(), PASSWORD, gs2=f"n,a={ALICE},")
+    serverFirst = challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(client.first())}"))
+    assert client.verify(challenge(s.command(b64(client.final(serverFirst)))))
+    assert s.command("").startswith(f"+OK {ALICE} has")
 
     addUser(store, BOB, "builder")
     s = POP3Session(store)

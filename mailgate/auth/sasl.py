@@ -59,14 +59,38 @@ class Authenticate:
     credentials = attr.ib()
 
 
+def _sameLogin(authzid, authcid, defaultRealm):
+    """
+    Whether the authorisation identity C{authzid} names the user the
+    authentication identity C{authcid} logs in as: the same text, or the
+    same address once both are read as login names are (case, the default
+    realm).  Compared as sent, C{Alice@Example.org} acting as
+    C{alice@example.org} was refused as another user, though it is the
+    one mailbox and Dovecot logs it in.
+    """
+    if authzid == authcid:
+        return True
+    try:
+        return loginAddress(authzid, defaultRealm) == loginAddress(authcid, defaultRealm)
+    except InvalidAddress:
+        return False
+
+
 class PlainMechanism:
     """
     PLAIN (RFC 4616): C{[authzid] NUL authcid NUL passwd} in one response.
-    Authorising as another identity is not supported.
+    Authorising as another identity is not supported: an authzid must name
+    the user that C{authcid} names (see L{_sameLogin}).
+
+    @param defaultRealm: the domain of a user name without one (see
+        L{mailgate.address.loginAddress}), or C{None}.
     """
 
     name = "PLAIN"
     plaintext = True
+
+    def __init__(self, defaultRealm=None):
+        self._defaultRealm = defaultRealm
 
     def start(self, initial):
         if initial is None:
@@ -80,7 +104,7 @@ class PlainMechanism:
         authzid, authcid, password = parts
         if not authcid:
             raise SASLError("PLAIN needs a user name")
-        if authzid and authzid != authcid:
+        if authzid and not _sameLogin(authzid, authcid, self._defaultRealm):
             raise SASLError("authorising as another user is not supported")
         return Authenticate(UsernamePassword(authcid, password))
 
@@ -266,7 +290,7 @@ class ScramSHA256Mechanism:
         nonce = attributes[1][1]
         if not nonce or not nonce.isprintable() or "," in nonce:
             raise SASLError("malformed nonce")
-        if authzid and _saslname(authzid[2:]) != username:
+        if authzid and not _sameLogin(_saslname(authzid[2:]), username, self._defaultRealm):
             raise SASLError("authorising as another user is not supported")
         self._gs2Header = f"{flag},{authzid},"
         self._clientFirstBare = bare
@@ -429,7 +453,7 @@ class SASLServer:
         protocol's to decide, from its C{plaintext} flag.)
         """
         if name == "PLAIN":
-            return PlainMechanism()
+            return PlainMechanism(self._defaultRealm)
         if name == "LOGIN":
             return LoginMechanism()
         if name == "SCRAM-SHA-256":
