@@ -766,3 +766,50 @@ def test_aFailedStatementNeverQuotesTheRowsValues(databaseURL):
         assert "a-password-hash" not in failure.getTraceback()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "operation, error, command",
+    [
+        ("openMessage", TemporaryFailure, "RETR 1"),
+        ("openMessage", RuntimeError, "RETR 1"),
+        ("read", TemporaryFailure, "RETR 1"),
+        ("expunge", TemporaryFailure, "QUIT"),
+        ("expunge", RuntimeError, "QUIT"),
+        ("release", RuntimeError, "QUIT"),
+        (None, RuntimeError, "NOOP"),
+    ],
+)
+def test_aStoreFailureLineNamesTheUserAndTheClient(faulty, logEvents, monkeypatch, operation, error, command):
+    """
+    The line the store's failure under a session writes (or a command's
+    bug: C{None}) names the user and the client's address, as the
+    session's other lines do: the text log's reader sees whose reading or
+    QUIT failed without looking for the session's other lines.
+    """
+    message = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (3 * CHUNK_SIZE // 80)
+    deliver(faulty, [ALICE], message)
+    s = loggedIn(faulty)
+    if command == "QUIT":
+        s.command("DELE 1")
+    if operation is None:
+        monkeypatch.setattr(POP3Server, "pop3_NOOP", lambda self, argument: 1 / 0)
+    else:
+        faulty.fail(operation, error)
+    s.send(command.encode() + b"\r\n")
+    failures = [e for e in logEvents if e.get("event", "").endswith(("_failed", ".error"))]
+    assert failures, [e.get("event") for e in logEvents]
+    for event in failures:
+        assert event["log_format"] == "{line}"
+        assert f" user={ALICE} peer={s.protocol.peerText}" in event["line"], event["line"]
+
+
+def test_aRecipientCheckFailureLineNamesTheEnvelopeAndTheClient(faulty, logEvents):
+    s = SMTPSession(faulty)
+    assert s.command("EHLO client.test").startswith("250")
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    faulty.fail("findUser", RuntimeError)
+    faulty.fail("hasDomain", RuntimeError)
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("451 4.3.0 ")
+    [event] = [e for e in logEvents if e.get("event") == "smtp.recipient_failed"]
+    assert event["line"] == f"smtp recipient check failed from=<{SENDER}> to=<{ALICE}> peer={s.protocol.peerText}"

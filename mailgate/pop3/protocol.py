@@ -350,7 +350,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._shutdownNow()
 
     def _releaseFailed(self, failure):
-        self.logFailure("pop3.release_failed", "releasing the maildrop lock failed", failure)
+        self.logFailure("pop3.release_failed", f"pop3 releasing the maildrop lock failed {self.whoText()}", failure)
 
     # -- commands of both states -------------------------------------------
 

@@ -216,17 +216,19 @@ class TransactionCommands:
         """
         if failure.check(SendAborted):
             return None
-        self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response", failure)
+        self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response {self.whoText()}", failure)
         self._endSession(f"{what} could not be read")
         self.close(abort=True)
         return None
 
     def _storeError(self, failure, what):
         if failure.check(TemporaryFailure):
-            self.logWarning("pop3.read_failed", f"pop3 cannot read {what}: {failure.value}", what=what)
+            self.logWarning(
+                "pop3.read_failed", f"pop3 cannot read {what} {self.whoText()}: {failure.value}", what=what
+            )
             self._err(f"[SYS/TEMP] cannot read the {what} now; try again later")
         else:
-            self.logFailure("pop3.read_failed", f"pop3 reading {what} failed", failure, what=what)
+            self.logFailure("pop3.read_failed", f"pop3 reading {what} failed {self.whoText()}", failure, what=what)
             self._err("[SYS/TEMP] internal server error")
         return None
 
@@ -249,9 +251,9 @@ class TransactionCommands:
 
         def failed(failure):
             if failure.check(TemporaryFailure):
-                self.logWarning("pop3.update_failed", f"pop3 update failed: {failure.value}")
+                self.logWarning("pop3.update_failed", f"pop3 update failed {self.whoText()}: {failure.value}")
             else:
-                self.logFailure("pop3.update_failed", "pop3 update failed", failure)
+                self.logFailure("pop3.update_failed", f"pop3 update failed {self.whoText()}", failure)
             if failure.check(CommitUncertain):
                 # The removal's COMMIT went out and its answer was lost:
                 # "none were removed" could be false.

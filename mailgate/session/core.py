@@ -450,6 +450,17 @@ class CommandSession(Protocol):
         context.update(fields)
         return context
 
+    def whoText(self):
+        """
+        How a line names the session's client, as its login and logout
+        lines do: C{user=} once logged in, and C{peer=}.  (A line whose
+        reader must find the session's other lines to know whose it is
+        tells less than the JSON record, which has them as fields.)
+        """
+        if self.user is None:
+            return f"peer={self.peerText}"
+        return f"user={self.user} peer={self.peerText}"
+
     def logInfo(self, event, text, **fields):
         """
         Log C{text} (already formatted: Twisted's formatting of many fields
@@ -708,7 +719,7 @@ class CommandSession(Protocol):
     def _internalError(self, failure):
         if failure.check(SendAborted):
             return None
-        self.logFailure("session.error", f"{self.protocolName} command failed", failure)
+        self.logFailure("session.error", f"{self.protocolName} command failed {self.whoText()}", failure)
         if not self._closed:
             self.internalError()
         return None

@@ -146,6 +146,9 @@ class SMTPServer(CommandSession):
         (RFC 5321 section 4.5.3.2.7: at least five minutes).
     @cvar maxBufferedInput: octets of pipelined input held while a command
         waits, before the server stops reading from the connection.
+    @cvar takesUnannouncedUTF8: a non-ASCII address is taken in a
+        transaction whose MAIL did not say SMTPUTF8 (LMTP, see
+        L{LMTPServer}); else it is refused with C{553 5.6.7}.
     @cvar minDataRate: octets per second a message's data must average
         beyond an allowance of L{idleTimeout} seconds: the data of N octets
         may take C{idleTimeout + N / minDataRate} seconds.  A client that
@@ -172,6 +175,7 @@ class SMTPServer(CommandSession):
     maxBufferedInput = 64 * 1024
     minDataRate = 500
     refuseLongLineAtOnce = True
+    takesUnannouncedUTF8 = False
     # A recipient refused (no such user, relaying) counts towards
     # maxBadCommands, as Postfix's smtpd_hard_error_limit counts it: a
     # client guessing addresses is cut off.
@@ -194,6 +198,8 @@ class SMTPServer(CommandSession):
         # its chunk marked LAST, pipelined behind, is answered as the end of
         # its message is, once per recipient in LMTP.
         self._failedEnvelope = None
+        # The transaction said SMTPUTF8: its replies may hold UTF-8.
+        self._utf8Replies = False
 
     @property
     def hostname(self):
@@ -370,6 +376,11 @@ class SMTPServer(CommandSession):
 
     def _reply(self, code, enhanced, text):
         line = f"{code} {enhanced} {text}"
+        if not self._utf8Replies and not line.isascii():
+            # An address named in the reply, taken without SMTPUTF8
+            # (takesUnannouncedUTF8): a client that did not ask for UTF-8
+            # gets ASCII, as it got before such addresses were taken.
+            line = line.encode("ascii", "replace").decode("ascii")
         if len(line) > _SAFE_REPLY_CHARACTERS:
             line = _fitReplyLine(line)
         self._send(line + "\r\n")
@@ -529,8 +540,11 @@ class SMTPServer(CommandSession):
             return self._bad(503, "5.5.1", f"send {self.helloVerb} first")
         if self._envelope is not None:
             return self._bad(503, "5.5.1", "nested MAIL command")
+        self._utf8Replies = False
         try:
-            sender, parameters = parseCommandPath(argument, "FROM", allowEmpty=True)
+            sender, parameters = parseCommandPath(
+                argument, "FROM", allowEmpty=True, utf8=self.takesUnannouncedUTF8
+            )
         except ParameterSyntaxError as e:
             return self._refuseSender(_rawPath(argument), 501, "5.5.4", "bad parameters", f"bad MAIL parameters: {e}")
         except NonASCIIAddress as e:
@@ -572,6 +586,7 @@ class SMTPServer(CommandSession):
             parameters=parameters,
             utf8="SMTPUTF8" in parameters,
         )
+        self._utf8Replies = self._envelope.utf8
         self._reply(250, "2.1.0", f"sender <{sender}> OK")
         return None
 
@@ -587,7 +602,9 @@ class SMTPServer(CommandSession):
             # recipient's address, say).
             return self._bad(503, "5.5.1", "no RCPT once the message's chunks are arriving")
         try:
-            mailbox, parameters = parseCommandPath(argument, "TO", allowEmpty=False, utf8=envelope.utf8)
+            mailbox, parameters = parseCommandPath(
+                argument, "TO", allowEmpty=False, utf8=envelope.utf8 or self.takesUnannouncedUTF8
+            )
         except ParameterSyntaxError as e:
             self._logRecipientRefused(envelope, _rawPath(argument), 501, "5.5.4", "bad parameters")
             return self._bad(501, "5.5.4", f"bad RCPT parameters: {e}")
@@ -640,8 +657,11 @@ class SMTPServer(CommandSession):
             else:
                 self.logFailure(
                     f"{self.protocolName}.recipient_failed",
-                    f"{self.protocolName} recipient check failed",
+                    f"{self.protocolName} recipient check failed from=<{_bounded(envelope.sender)}> "
+                    f"to=<{_bounded(mailbox)}> peer={self.peerText}",
                     failure,
+                    sender=_bounded(envelope.sender),
+                    recipient=_bounded(mailbox),
                 )
                 self._reply(451, "4.3.0", "internal error checking the recipient; try again later")
 
@@ -1197,6 +1217,13 @@ class LMTPServer(SMTPServer):
     # refused.  Counted, they closed the connection with 421 in the middle
     # of a transaction, deferring its good recipients.
     countRefusedRecipients = False
+    # The MTA hands over what its smtpd took: Postfix's takes a non-ASCII
+    # sender (or recipient) from a client that did not say SMTPUTF8
+    # (strict_smtputf8 = no, its default) and passes it on by LMTP
+    # without SMTPUTF8, as it detects none for mail from smtpd
+    # (smtputf8_autodetect_classes).  Refused with 553 5.6.7, such mail
+    # bounced after Postfix had accepted it; Dovecot's LMTP takes it too.
+    takesUnannouncedUTF8 = True
 
     def smtp_LHLO(self, argument):
         return self._hello(argument, True)
