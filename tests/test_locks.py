@@ -38,19 +38,30 @@ def node(postgresURL):
     store.close()
 
 
+def _advisoryLocksOf(url, kinds, userIds, granted):
+    """
+    The backend pids holding (C{granted}) or waiting for advisory locks of
+    this test's database schema's maildrops (keys C{namespace:kind:id}),
+    one entry per lock: other tests' locks, in other schemas of the same
+    database (other pytest-xdist workers), are left out.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        namespace = ":".join(conn.execute("SELECT current_database(), current_schema()").fetchone())
+        rows = conn.execute(
+            "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted = %s AND objsubid = 1",
+            (granted,),
+        ).fetchall()
+    keys = [_key(f"{namespace}:{kind}:{userId}") for kind in kinds for userId in userIds]
+    ours = {((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF) for key in keys}
+    return [pid for pid, classid, objid in rows if (int(classid), int(objid)) in ours]
+
+
 def lockHolders(url, userIds=range(1, 100)):
     """
     The backend pids holding maildrop locks of this test's database schema
     (other tests' locks are left out), one entry per lock.
     """
-    with psycopg.connect(url, autocommit=True) as conn:
-        namespace = ":".join(conn.execute("SELECT current_database(), current_schema()").fetchone())
-        rows = conn.execute(
-            "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-        ).fetchall()
-    keys = [_key(f"{namespace}:maildrop:{userId}") for userId in userIds]
-    ours = {((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF) for key in keys}
-    return [pid for pid, classid, objid in rows if (int(classid), int(objid)) in ours]
+    return _advisoryLocksOf(url, ["maildrop"], userIds, granted=True)
 
 
 def openConnections(locks):
@@ -164,15 +175,13 @@ def endBackend(url, pid):
         raise AssertionError(f"backend {pid} did not end")
 
 
-def waitingForAnAdvisoryLock(url):
+def waitingForAnAdvisoryLock(url, userIds=range(1, 100)):
     """
-    Whether a backend of the test database waits for an advisory lock.
+    Whether a backend waits for an advisory lock of this test's schema's
+    maildrops (a maildrop lock or its write key): a wait of another
+    test's, in another schema, does not count.
     """
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
-        ).fetchone()[0] > 0
+    return bool(_advisoryLocksOf(url, ["maildrop", "maildrop-write"], userIds, granted=False))
 
 
 def guardHolds(url, guard):

@@ -111,7 +111,7 @@ def test_aNodeTakingALostLockWaitsForTheRemovalsMadeUnderIt(postgresURL, removal
         blocker.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE", (user.userId,))
         expiring = []
         removal(store).addBoth(expiring.append)
-        reactor.turnUntil(lambda: expiring or waitingForARowLock(postgresURL), timeout=10)
+        reactor.turnUntil(lambda: expiring or waitingForARowLock(postgresURL, blocker), timeout=10)
         assert expiring == []
         [pid] = lockHolders(postgresURL, [user.userId])
         endBackend(postgresURL, pid)
@@ -137,13 +137,14 @@ def test_aNodeTakingALostLockWaitsForTheRemovalsMadeUnderIt(postgresURL, removal
         reactor.close()
 
 
-def waitingForARowLock(url):
+def waitingForARowLock(url, blocker):
     """
-    Whether a backend of the test database waits for another
-    transaction's row lock.
+    Whether a backend waits for a lock that the connection C{blocker}
+    holds (the row it locked): another test's waits, on other pytest-xdist
+    workers sharing the database, do not count.
     """
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')"
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+            (blocker.info.backend_pid,),
         ).fetchone()[0] > 0

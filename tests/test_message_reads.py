@@ -167,7 +167,8 @@ def test_aReadWhoseConnectionIsLostIsAskedAgainOnce(running):
                 pid
                 for (pid,) in watcher.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%FROM body_chunks%'"
+                    "AND query LIKE '%%FROM body_chunks%%' AND %s = ANY(pg_blocking_pids(pid))",
+                    (admin.info.backend_pid,),
                 )
             ]
 
