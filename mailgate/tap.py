@@ -271,8 +271,17 @@ def makeService(options):
         try:
             with _effectively(owner):
                 _checkUsable(service, config)
+                unreadable = unreadableForReload(config, options.configPath)
         except ConfigurationError as e:
             raise _stopped(e) from None
+        if unreadable:
+            user = _userName(owner[0])
+            service.startupWarnings.append(("reload.unreadable", (
+                f"{user}, the user of twistd's --uid, may not read {', '.join(unreadable)}: the start "
+                f"read them as root, but a reload (SIGHUP, systemctl reload), made as {user}, cannot, "
+                f"and a renewed certificate would not be served until a restart; let {user} read them "
+                "(chgrp, chmod g+r)"
+            )))
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread
@@ -422,6 +431,35 @@ def _checkUsable(service, config):
             engine.connect().close()
     except Exception as e:
         raise ConfigurationError(f"{e} (as {user}, the user of twistd's --uid)") from None
+
+
+def unreadableForReload(config, configPath=None):
+    """
+    The files a reload reads (the C{--config} file, the TLS certificates
+    and keys) that this process cannot read, as C{"--name PATH"}: run as
+    C{--uid}'s user (L{_effectively}), those twistd read at start as root
+    and a SIGHUP, by then that user's, reads again.
+    """
+    named = [("config", configPath)]
+    for setting in configuration.SETTINGS:
+        if setting.attribute in ("tlsCertificate", "tlsKey", "tlsAltCertificate", "tlsAltKey"):
+            named.append((setting.name, getattr(config, setting.attribute)))
+        elif setting.attribute == "tlsNamedCertificates":
+            named += [
+                (setting.name, part)
+                for value in config.tlsNamedCertificates
+                for part in configuration.splitCertificatePair(value)
+            ]
+    unreadable = []
+    for name, path in named:
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError:
+            unreadable.append(f"--{name} {path}")
+    return unreadable
 
 
 def _userName(uid):

@@ -568,6 +568,53 @@ def test_whatTwistdsUidUserCannotUseStopsTheStart(tmp_path, unusable):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to have twistd switch to the user nobody")
+def test_whatAReloadReadsThatTwistdsUidUserCannotReadIsWarnedOf():
+    """
+    twistd reads the configuration file and the TLS files at start, as
+    root; a SIGHUP reads them again as --uid's user.  A key (or file) of
+    root's alone started, and then every reload failed (probe: "cannot
+    read the configuration file: Permission denied", "TLS reload failed
+    ... Permission denied"), a renewed certificate never served until a
+    restart.  The start warns, naming each such file and not the others.
+    """
+    import pwd
+    import shutil
+    import tempfile
+
+    from certs import makeCertificate
+    from e2e import TWISTD, ServerProcess, waitFor
+
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-uid-"))
+
+    class AsNobody(ServerProcess):
+        command = (TWISTD, "-n", "--pidfile=", "-u", str(nobody.pw_uid), "-g", str(nobody.pw_gid), "mailgate")
+
+    try:
+        directory.chmod(0o777)
+        certificate, key = makeCertificate(directory, "mail.example.test")
+        certificate.chmod(0o644)
+        key.chmod(0o600)
+        config = directory / "mailgate.toml"
+        config.write_text(f'tls-cert = "{certificate}"\ntls-key = "{key}"\n')
+        config.chmod(0o600)
+        server = AsNobody(f"sqlite:///{directory / 'mail.sqlite3'}", ["--config", str(config)], cwd=directory)
+        try:
+            server.start()
+            waitFor(lambda: "may not read" in server.stdout, f"the warning, in {server.log()}")
+            [line] = [line for line in server.stdout.splitlines() if "may not read" in line]
+            assert line.endswith(
+                f"nobody, the user of twistd's --uid, may not read --config {config}, --tls-key {key}: the start "
+                "read them as root, but a reload (SIGHUP, systemctl reload), made as nobody, cannot, and a "
+                "renewed certificate would not be served until a restart; let nobody read them (chgrp, chmod g+r)"
+            ), line
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_twistdsChrootIsRefused(capsys):
     """
     twistd changes root once the database is open and the listeners are
