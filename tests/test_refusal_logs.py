@@ -111,6 +111,10 @@ def test_eachRefusedSenderIsLoggedOnceWithTheReply(users, kind):
         ("MAIL FROM:<not an address>", "501 5.1.7", "not an address", "bad address syntax"),
         (f"MAIL FROM:<{SENDER}> RET=HDRS", "555 5.5.4", SENDER, "bad parameters"),
     ]
+    if kind == "lmtp":
+        # LMTP takes a non-ASCII sender without SMTPUTF8 (an MTA's smtpd
+        # took it: test_lmtpTakesNonASCIIAddressesWithoutSMTPUTF8).
+        del refusals[1]
     for command, reply, _, _ in refusals:
         assert s.command(command).startswith(reply + " "), command
     assert len(events) == len(refusals)

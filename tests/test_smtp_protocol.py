@@ -349,7 +349,8 @@ def test_commandsAreCaseInsensitive(users, dbpath):
 def test_nonASCIISenderNeedsSMTPUTF8(users):
     """
     A non-ASCII address without SMTPUTF8 is not permitted (RFC 6531's
-    X.6.7), which Postfix answers with 553 5.6.7: a client that knows the
+    X.6.7), which Postfix (strict_smtputf8) answers with 553 5.6.7 over
+    SMTP (LMTP takes it: test_lmtpTakesNonASCIIAddressesWithoutSMTPUTF8): a client that knows the
     code retries with SMTPUTF8 or bounces, it did not make a syntax error.
     """
     s = session(users)
@@ -366,6 +367,32 @@ def test_nonASCIIRecipientNeedsSMTPUTF8(users):
         "553 5.6.7 bad recipient address: non-ASCII address without SMTPUTF8\r\n"
     )
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+def test_lmtpTakesNonASCIIAddressesWithoutSMTPUTF8(store, dbpath):
+    """
+    Postfix's smtpd takes a non-ASCII sender from a client that did not
+    say SMTPUTF8 (strict_smtputf8 = no, its default) and hands the mail
+    over by LMTP without SMTPUTF8: refused at MAIL with 553 5.6.7, mail
+    Postfix had accepted bounced (seen with a private Postfix relaying to
+    mailgate's LMTP).  LMTP takes such addresses, as Dovecot's does; the
+    replies naming them stay ASCII, the client not having asked for UTF-8.
+    """
+    addUser(store, ALICE, PASSWORD)
+    addUser(store, "bob@xn--bcher-kva.example", PASSWORD)
+    s = lmtp(store)
+    assert s.command("MAIL FROM:<jörg@remote.test>") == "250 2.1.0 sender <j?rg@remote.test> OK\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+    assert s.command("RCPT TO:<bob@bücher.example>") == "250 2.1.5 recipient <bob@b?cher.example> OK\r\n"
+    assert s.command("RCPT TO:<jörg@example.org>") == "550 5.1.1 <j?rg@example.org>: no such user here\r\n"
+    assert s.command("DATA").startswith("354 ")
+    reply = s.send(b"Subject: from j\xc3\xb6rg\r\n\r\n.\r\n")
+    assert reply.isascii() and reply.count(b"250 2.0.0 ") == 2, reply
+    (stored,) = storedMessages(dbpath, ALICE)
+    assert stored.startswith("Return-Path: <jörg@remote.test>\r\n".encode("utf-8"))
+    assert len(storedMessages(dbpath, "bob@xn--bcher-kva.example")) == 1
+    # SMTP's clients are told to say SMTPUTF8 (test_nonASCIISenderNeedsSMTPUTF8).
+    assert session(store).command("MAIL FROM:<jörg@remote.test>").startswith("553 5.6.7 ")
 
 
 @pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])

@@ -33,7 +33,8 @@ class NonASCIIAddress(EnvelopeSyntaxError):
     """
     A non-ASCII address in a transaction without SMTPUTF8: not malformed,
     but not permitted there (RFC 6531's X.6.7, "non-ASCII addresses not
-    permitted for that sender/recipient"; Postfix answers C{553 5.6.7}).
+    permitted for that sender/recipient"; Postfix answers C{553 5.6.7}
+    with C{strict_smtputf8 = yes}, and takes the address by default).
     """
 
 
