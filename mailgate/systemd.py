@@ -38,6 +38,8 @@ from mailgate.errors import errorKind
 STATUS_INTERVAL = 1.0
 #: seconds between two attempts to reach the database before C{READY=1}
 READY_RETRY = 1.0
+#: the largest EXTEND_TIMEOUT_USEC= systemd reads: its infinity (USEC_INFINITY)
+USEC_INFINITY = (1 << 64) - 1
 
 
 class Notifier:
@@ -245,7 +247,11 @@ class SystemdService(Service):
         limit = getattr(self._root, "stopTimeLimit", None)
         if limit is not None:
             # Extends TimeoutStopSec only where it is shorter (sd_notify(3)).
-            lines.append(f"EXTEND_TIMEOUT_USEC={int(limit() * 1_000_000)}")
+            # At most systemd's infinity, 2**64 - 1: a grace of 1e13 seconds
+            # or more (--shutdown-grace takes any number) was past what its
+            # parser reads, the line was ignored, and TimeoutStopSec's
+            # SIGKILL cut the sessions' grace short after all.
+            lines.append(f"EXTEND_TIMEOUT_USEC={min(int(limit() * 1_000_000), USEC_INFINITY)}")
         self._notifier.notify(*lines)
 
     def stopService(self):

@@ -221,6 +221,30 @@ def test_stoppingGivesSystemdTheTimeTheGraceNeeds(tmp_path):
     root.store.close()
 
 
+def test_aGraceLongerThanSystemdCountsAsksForItsInfinity(tmp_path):
+    """
+    --shutdown-grace takes any number: past about 1e13 seconds the
+    EXTEND_TIMEOUT_USEC= was more than the unsigned 64-bit number systemd
+    reads, so it ignored the line and killed the server at TimeoutStopSec.
+    It is systemd's infinity then.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.service import MailgateConfig, makeService
+
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path / 'db.sqlite3'}", pop3=["tcp:1110:interface=127.0.0.1"], shutdownGrace=1e300,
+    )
+    clock, notifier = MemoryReactorClock(), RecordingNotifier()
+    root = makeService(config, reactor=clock)
+    try:
+        systemd.SystemdService(root, notifier, clock, watchdog=None).shutdownBegins()
+        [stopping] = [lines for lines in notifier.sent if lines[0] == "STOPPING=1"]
+        assert "EXTEND_TIMEOUT_USEC=18446744073709551615" in stopping
+    finally:
+        root.store.close()
+
+
 def test_whileWaitingForTheDatabaseStatusNamesTheErrorsKindOnly():
     """
     STATUS= is readable by every local user (systemctl status): while the
