@@ -813,3 +813,21 @@ def test_aRecipientCheckFailureLineNamesTheEnvelopeAndTheClient(faulty, logEvent
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("451 4.3.0 ")
     [event] = [e for e in logEvents if e.get("event") == "smtp.recipient_failed"]
     assert event["line"] == f"smtp recipient check failed from=<{SENDER}> to=<{ALICE}> peer={s.protocol.peerText}"
+
+
+def test_aScramLoginTheStoreCannotAnswerNamesItsUser(faulty, logEvents):
+    """
+    SCRAM looks its user up at the client's first message: when the store
+    cannot answer, the tempfail line names the user the client gave, as
+    for USER/PASS, not a placeholder.
+    """
+    import base64
+
+    faulty.fail("findUser")
+    s = POP3Session(faulty)
+    first = base64.b64encode(f"n,,n={ALICE},r=abcdefgh".encode()).decode()
+    reply = s.command(f"AUTH SCRAM-SHA-256 {first}")
+    assert reply == "-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n"
+    [event] = [e for e in logEvents if e.get("event") == "pop3.login_failed"]
+    assert event["user"] == ALICE and event["mechanism"] == "scram-sha-256"
+    assert event["line"].startswith(f"pop3 login failed user='{ALICE}' peer=")

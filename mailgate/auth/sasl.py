@@ -304,6 +304,15 @@ class ScramSHA256Mechanism:
         d = self._findUser(address) if address else defer.succeed(None)
         return d.addCallback(self._serverFirst)
 
+    @property
+    def loginName(self):
+        """
+        The user name the client gave in its first message (as it wrote
+        it), for the log of a login that failed before the exchange
+        ended (the store could not look the user up); C{None} before.
+        """
+        return getattr(self, "_username", None)
+
     def _serverFirst(self, user):
         secret = user.scramSha256 if user is not None else None
         try:

@@ -242,7 +242,10 @@ class AuthorizationCommands:
             self._sasl = None
             if failure.check(SASLError):
                 return self._bad(f"[AUTH] {failure.value}")
-            return self._loginFailed(failure, "(sasl)", mechanism.name.lower())
+            # A mechanism that looks its user up during the exchange
+            # (SCRAM) knows whose login failed: the log names them.
+            login = getattr(mechanism, "loginName", None) or "(sasl)"
+            return self._loginFailed(failure, login, mechanism.name.lower())
 
         return d.addCallbacks(next, failed)
 
