@@ -240,6 +240,23 @@ def test_refusedConnectionsAreCountedAsRefusedOnly(users):
     assert metrics.calls == [("connectionRefused", "pop3", "too many connections")]
 
 
+def test_aRefusedConnectionsFailedHandshakeIsCountedAsRefusedOnly(users):
+    """
+    A connection refused as it arrived on an implicit-TLS port waits for
+    the client's handshake to say why; a scanner (or a client refusing
+    the certificate) then fails it.  README: refused connections are
+    counted in no other series, so not as a TLS failure either (a banned
+    scanner hammering port 995 would otherwise look like clients refusing
+    a new certificate).
+    """
+    metrics = RecordingMetrics()
+    s = pop3(users, metrics, policy=RecordingPolicy(refuse="banned"))
+    error = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    error.reason = "WRONG_VERSION_NUMBER"
+    s.protocol.connectionLost(Failure(error))
+    assert metrics.calls == [("connectionRefused", "pop3", "banned")]
+
+
 def test_aFailedTLSHandshakeIsCountedOnce(users):
     """
     A connection whose TLS fails (here a client that sent something else

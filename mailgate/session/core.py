@@ -381,7 +381,12 @@ class CommandSession(Protocol):
             # TLS, or only versions refused) or a corrupt record.
             error = reason.value
             why = getattr(error, "reason", None) or str(error)
-            self.factory.metrics.tlsFailed(self.protocolName)
+            if self._admitted:
+                # A connection refused as it arrived (whose handshake an
+                # implicit-TLS port waits for, to send the refusal) counts
+                # as refused only: a banned scanner's garbage on port 995
+                # is not clients refusing the certificate.
+                self.factory.metrics.tlsFailed(self.protocolName)
             # A scanner's every connection fails its handshake: a line a
             # minute per address and reason.
             self._logAMinute(
