@@ -711,6 +711,9 @@ def test_cramMD5FailuresLookLikeAnyFailedLogin(store, alice, bobWithAPOP):
 def test_cramMD5MalformedResponses(store, bobWithAPOP):
     s = POP3Session(store)
     assert s.command(f"AUTH CRAM-MD5 {b64('bob 0123')}").startswith("-ERR [AUTH] ")
+    # RFC 5034 section 4: "=" is an initial response (an empty one), which
+    # a mechanism the server begins refuses like any other.
+    assert s.command("AUTH CRAM-MD5 =") == "-ERR [AUTH] CRAM-MD5 takes no initial response\r\n"
     for bad in ("no-digest", f"{BOB} {'x' * 32}", f"{BOB}  ", ""):
         cramChallenge(s)
         assert s.command(b64(bad) if bad else "=").startswith("-ERR [AUTH] "), bad

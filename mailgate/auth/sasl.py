@@ -168,7 +168,10 @@ class CramMD5Mechanism:
         self._sent = False
 
     def start(self, initial):
-        if initial:
+        # An empty one ("AUTH CRAM-MD5 =") is an initial response too: RFC
+        # 5034 section 4 has the server reject any with a mechanism the
+        # server begins.
+        if initial is not None:
             raise SASLError("CRAM-MD5 takes no initial response")
         self._sent = True
         return Challenge(self._challenge)
