@@ -170,6 +170,10 @@ def test_aMaildropInUseIsATemporaryFailure(oldServer, store, tmp_path, refusal):
          "127.0.0.1 refused the connection: -ERR [SYS/TEMP] Too many connections: the server takes no "
          "connection now; run the import again later"),
         (b"-ERR go away", 69, "127.0.0.1 refused the connection: -ERR go away"),
+        # The server's words reach the administrator's terminal: its
+        # escape sequences (a window title, a cleared screen) do not.
+        (b"-ERR \x1b]2;owned\x07go away\x1b[2J", 69,
+         "127.0.0.1 refused the connection: -ERR ?]2;owned?go away?[2J"),
         # The URL's port mistyped: an IMAP server's greeting.
         (b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.", 69,
          "does not answer as a POP3 server (it greets with '* OK [CAPABILITY IMAP4rev1] Dovecot ready.'): "

@@ -71,6 +71,16 @@ _SPACES = " \t\r\n\v\f"
 _SPACE = re.compile(r"[ \t\r\n\v\f]+")
 
 
+def _printable(text):
+    """
+    A server's words as an error shows them, on the administrator's
+    terminal or in a cron mail: anything unprintable (an escape sequence,
+    which a terminal would obey) as C{?}.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
 class POP3Failed(ImportFailed):
     """
     The POP3 server said no, or the connection failed.
@@ -376,7 +386,7 @@ class POP3Client:
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if line.startswith(b"+OK"):
             return text
-        refusal = POP3Refused(f"{self.host} refused {what}: {text[:200]}")
+        refusal = POP3Refused(f"{self.host} refused {what}: {_printable(text[:200])}")
         refusal.response = text
         raise refusal
 
