@@ -156,7 +156,7 @@ class Options(usage.Options):
         "Options given on the command line override it.  An unknown key, a "
         "wrong type or an invalid value stops start-up.  SIGHUP reads it "
         "again: debug-peer and debug-user apply at once, other changes at the "
-        "next restart.  Default: none."
+        "next restart (a changed database is refused, as an error).  Default: none."
     )
 
     def postOptions(self):
@@ -191,7 +191,32 @@ class Options(usage.Options):
         """
         config = configuration.resolveFile(self.configPath, self.given, os.environ, self.settings, self.configClass)
         configuration.checkListening(config, self.configPath)
+        warning = self.overriddenWarning()
+        if warning:
+            _log.warn("{warning}", warning=warning, event="config.overridden")
         return attr.evolve(config, reloadOnSIGHUP=True)
+
+    def overriddenWarning(self):
+        """
+        What to warn of, if anything, in the keys of the C{--config} file
+        that the command line gives another value: it wins, at start and
+        at every reload, so the file's value is never served, and a change
+        of it made for a reload did nothing, its reload saying "nothing to
+        apply" (the systemd unit gives C{--log-format} on its command line).
+        """
+        if not self.configPath:
+            return None
+        try:
+            values = configuration.readFile(self.configPath, self.settings)
+        except ConfigurationError:
+            return None
+        names = [name for name, value in values.items() if name in self.given and self.given[name] != value]
+        if not names:
+            return None
+        return (
+            f"{', '.join(names)} in {self.configPath}: the command line gives "
+            f"{'it' if len(names) == 1 else 'them'} another value, which wins; the file's is not served"
+        )
 
 
 _installHandlers(Options)
@@ -288,6 +313,9 @@ def makeService(options):
         warning = configFileWarning(options.configPath)
         if warning:
             service.startupWarnings.append(("config.file_permissions", warning))
+        warning = options.overriddenWarning()
+        if warning:
+            service.startupWarnings.append(("config.overridden", warning))
     service.exitOnStartupError = True
     service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per

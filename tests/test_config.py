@@ -613,6 +613,9 @@ def test_twistdReadsTheFile(mailgate_server, tmp_path):
     # won over the file's.
     with socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=10) as s:
         assert s.recv(512).startswith(b"220 from-cli.test ")
+    # And the start says the file's is not served.
+    waitFor(lambda: f"hostname in {path}: the command line gives it another value, which wins" in server.stdout,
+            f"the warning, in {server.log()}")
 
 
 @sqliteOnly

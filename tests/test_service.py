@@ -206,6 +206,39 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert len(said("config.reload_failed")) == 2
 
 
+def test_aKeyOfTheFileTheCommandLineOverridesIsWarnedOf(tmp_path, logEvents):
+    """
+    The command line wins over the file at every reload: a change of a
+    key it also gives did nothing, and the reload said only "nothing to
+    apply" (the systemd unit gives --log-format on its command line).
+    The start and each reload name such keys, those whose value differs.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.tap import Options
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text("max-recipients = 5\n")
+    options = Options()
+    options.parseOptions(["--config", str(path), "--max-recipients", "7", "--debug-peer", "192.0.2.0/24"])
+    assert options.overriddenWarning() == (
+        f"max-recipients in {path}: the command line gives it another value, which wins; the file's is not served"
+    )
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    path.write_text('max-recipients = 7\ndebug-peer = ["198.51.100.0/24"]\n')
+    root.hangup()
+    assert [formatEvent(e) for e in logEvents if e.get("event") == "config.overridden"] == [
+        f"debug-peer in {path}: the command line gives it another value, which wins; the file's is not served"
+    ]
+    [reloaded] = [formatEvent(e) for e in logEvents if e.get("event") == "config.reloaded"]
+    assert reloaded == "configuration reloaded: nothing to apply"
+    assert root.listeners["POP3"][0].factory.trace.peer(IPv4Address("TCP", "192.0.2.7", 1))
+    path.write_text('debug-peer = ["192.0.2.0/24"]\n')
+    root.hangup()
+    assert len([e for e in logEvents if e.get("event") == "config.overridden"]) == 1
+
+
 def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     """
     A file whose database changed is not one more setting "for the next
