@@ -199,7 +199,7 @@ class Metrics:
             [("pop3", mechanism, result) for mechanism in MECHANISMS for result in LOGIN_RESULTS],
         )
         self._pop3Commands = _Series(
-            counter, "mailgate_pop3_commands", "POP3 commands run.", ["command"],
+            counter, "mailgate_pop3_commands", "POP3 command lines, run or refused, by command.", ["command"],
             POP3_COMMANDS + (OTHER_COMMAND,),
         )
         self._retrievedBytes = _Series(

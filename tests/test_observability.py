@@ -96,6 +96,24 @@ def test_pop3SessionMetrics(users):
     assert metrics.named("connectionClosed") == [("pop3",)]
 
 
+def test_everyRefusedCommandLineCountsAsOther(users):
+    """
+    README: POP3 commands are counted by their RFC name, anything else as
+    OTHER.  A line refused before its verb is looked up (control
+    characters, not UTF-8, a verb that is not ASCII, too long) is
+    answered as a bad command as an unknown verb is, and counts as one:
+    a scanner's binary garbage showed in no series.  A SASL response is
+    no command, too long or not.
+    """
+    metrics = RecordingMetrics()
+    s = pop3(users, metrics)
+    for line in (b"XYZZY", b"\x00\x01", "\u00dcSER x".encode(), b"\xff\xfe", b"A" * 300):
+        assert s.send(line + b"\r\n").startswith(b"-ERR"), line
+    assert s.send(b"AUTH PLAIN\r\n").startswith(b"+ ")
+    assert s.send(b"A" * 5000 + b"\r\n").startswith(b"-ERR [AUTH] SASL response too long")
+    assert [c for (c,) in metrics.named("pop3Command")] == ["OTHER"] * 5 + ["AUTH"]
+
+
 def test_aStreamedRetrIsCountedOnceSent(users):
     big = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 20000
     deliver(users, [ALICE], big)

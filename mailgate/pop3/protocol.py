@@ -42,11 +42,6 @@ from mailgate.tls import isSecure
 
 __all__ = ["AUTHORIZATION", "TRANSACTION", "UPDATE", "PLAINTEXT_REFUSED", "POP3Server"]
 
-ALL_COMMANDS = frozenset(
-    "USER PASS APOP AUTH STLS CAPA QUIT STAT LIST RETR DELE NOOP RSET TOP UIDL".split()
-)
-
-
 class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     """
     One POP3 session.
@@ -186,7 +181,22 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     def lineTooLong(self):
         if self._inSASL:
             return self._saslTooLong()
+        self._countOther()
         return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
+
+    def _countOther(self):
+        """
+        Count a command line that names no command of RFC 1939, 2449 or
+        5034 as C{OTHER} (C{mailgate_pop3_commands_total}): an unknown
+        verb, and as much a line refused before its verb is looked up (too
+        long, control characters, not UTF-8, a verb that is not ASCII),
+        which a scanner's garbage is.  A SASL response is no command.
+        """
+        self.factory.metrics.pop3Command("OTHER")
+
+    def unreadableLine(self, reason):
+        self._countOther()
+        return self.syntaxError(reason)
 
     def lineReceived(self, line):
         if self.stopping and self.state == AUTHORIZATION:
@@ -199,15 +209,16 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         return CommandSession.lineReceived(self, line)
 
     def dispatch(self, verb, argument):
-        self.factory.metrics.pop3Command(verb if verb in ALL_COMMANDS else "OTHER")
         handler = getattr(self, "pop3_" + verb, None)
         if handler is None:
             return self.unknownCommand(verb)
+        self.factory.metrics.pop3Command(verb)
         if verb not in self.commandStates[self.state]:
             raise CommandError(f"{verb} is not valid in the {self.state} state")
         return handler(argument)
 
     def unknownCommand(self, verb):
+        self._countOther()
         if not verb:
             return self._bad("empty command line")
         return self._bad("unknown command")

@@ -735,11 +735,11 @@ class CommandSession(Protocol):
         handler for its verb, call it with the rest of the line.
         """
         if _CONTROL.search(line):
-            return self.syntaxError(self.invalidCharacters)
+            return self.unreadableLine(self.invalidCharacters)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return self.syntaxError(self.invalidUTF8)
+            return self.unreadableLine(self.invalidUTF8)
         verb, _, argument = text.partition(" ")
         if not verb.isascii():
             # Upper-cased over Unicode, "MA\u0131L" (a dotless i) or
@@ -747,6 +747,15 @@ class CommandSession(Protocol):
             # filter or proxy on the way sees another command.
             return self.unknownCommand(verb)
         return self.dispatch(verb.upper(), argument)
+
+    def unreadableLine(self, reason):
+        """
+        A command line refused before its verb is read (control
+        characters, not UTF-8): answered as a syntax error.  A protocol
+        that counts its commands by name counts this one here (POP3: as
+        C{OTHER}, as it counts an unknown verb).
+        """
+        return self.syntaxError(reason)
 
     def dispatch(self, verb, argument):
         """
