@@ -114,6 +114,28 @@ def test_everyRefusedCommandLineCountsAsOther(users):
     assert [c for (c,) in metrics.named("pop3Command")] == ["OTHER"] * 5 + ["AUTH"]
 
 
+def test_onlyACommittedQuitCountsItsDeletions(users):
+    """
+    README: mailgate_pop3_deleted_messages_total counts what a QUIT
+    removed; marks undone by RSET, or left by a session that ended
+    without QUIT, are not counted.
+    """
+    for n in range(3):
+        deliver(users, [ALICE], b"Subject: %d\r\n\r\nbody\r\n" % n)
+    metrics = RecordingMetrics()
+    s = pop3(users, metrics)
+    s.login(ALICE, PASSWORD)
+    for command in ("DELE 1", "DELE 2", "RSET", "DELE 3"):
+        assert s.command(command).startswith("+OK"), command
+    s.protocol.connectionLost(None)
+    assert metrics.named("deleted") == []
+    s = pop3(users, metrics)
+    s.login(ALICE, PASSWORD)
+    for command in ("DELE 1", "DELE 2", "RSET", "DELE 3", "QUIT"):
+        assert s.command(command).startswith("+OK"), command
+    assert metrics.named("deleted") == [(1,)]
+
+
 def test_aStreamedRetrIsCountedOnceSent(users):
     big = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 20000
     deliver(users, [ALICE], big)
