@@ -989,7 +989,7 @@ SETTINGS = (
     Setting(
         "idle-timeout", "idleTimeout", Integer(metavar="SECONDS"), _POP3.idleTimeout,
         "Seconds of inactivity before a POP3 session is logged out "
-        "(RFC 1939: at least 600).",
+        "(RFC 1939: at least 600).  0: no limit.",
     ),
     Setting(
         "greeting", "greeting", Greeting(200), DEFAULT_GREETING,
