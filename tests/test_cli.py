@@ -1220,6 +1220,25 @@ def test_importMaildirRefusesABadUidlFormatUpFront(cli, tmp_path, uidlFormat):
     assert "dovecot-uidlist" not in message
 
 
+def test_importMaildirShowsNoEscapeSequenceOfAFileName(cli, tmp_path):
+    """
+    A maildir's file names go into the import's lines on the
+    administrator's terminal (or a cron mail): whoever could write in the
+    maildir (its user, with a shell) chose them, and their escape
+    sequences (a window title, a cleared screen) are shown as C{?}, not
+    obeyed.
+    """
+    cli.add(ALICE, PASSWORD)
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "cur" / "17000\x1b]2;owned\x07.M1.h:2,S").write_bytes(b"Subject: x\n\nbody\n")
+    result = cli("import", "maildir", str(maildir), ALICE)
+    assert result.code == 65, result
+    assert "\x1b" not in result.err and "\x07" not in result.err, result.err
+    assert f"mailgate: {maildir}/cur/17000?]2;owned?.M1.h:2,S: unique id " in result.err, result.err
+
+
 @pytest.mark.parametrize("wait", ["nan", "inf", "-inf", "-1", "soon"])
 def test_kickWaitIsAFiniteNumberOfSeconds(cli, wait):
     cli.add(ALICE, PASSWORD)

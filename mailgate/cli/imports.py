@@ -24,10 +24,24 @@ from mailgate.cli.common import (
 from mailgate.store.bounds import parseSize
 
 
+def _shown(line):
+    """
+    A line of an import's report as the administrator's terminal (or a
+    cron mail) gets it: anything unprintable as C{?}.  It names what the
+    source chose, a maildir's file names (whoever could write in the
+    maildir chose them) or a POP3 server's words, and a terminal obeys
+    the escape sequences they may hold (a window title, a cleared
+    screen).
+    """
+    if line.isprintable():
+        return line
+    return "".join(ch if ch.isprintable() else "?" for ch in line)
+
+
 def _importReport(report, out, stderr, who=None):
     prefix = f"{who}: " if who else ""
     for failure in report.failures:
-        stderr.write(f"mailgate: {prefix}{failure}\n")
+        stderr.write(f"mailgate: {prefix}{_shown(failure)}\n")
     out.write(f"{prefix}{report.summary()}\n")
 
 
@@ -64,7 +78,7 @@ def _importMaildir(store, args, out, stdin):
     try:
         report = importMaildir(
             store, args.directory, address, args.uidl_format, int(time.time()),
-            progress=lambda line: args.stderr.write(f"mailgate: {line}\n"), uidListPath=args.uidlist,
+            progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
         )
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
@@ -218,7 +232,7 @@ def _importPOP3(store, args, out, stdin):
             who = f"{address}: " if args.users is not None else ""
             report = importPOP3(
                 store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
-                warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{line}\n"), maxSize=maxSize,
+                warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{_shown(line)}\n"), maxSize=maxSize,
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:
