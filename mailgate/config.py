@@ -626,7 +626,6 @@ def checkEndpoint(description, adopting=False):
     return description
 
 
-
 def _systemdArguments(description):
     """
     The C{key=value} arguments of a C{systemd:} description (behind
@@ -1357,7 +1356,9 @@ def _meet(one, other):
         # A host name: what it names is known only once looked up.
         return False
     for wildcard, address in ((first, second), (second, first)):
-        if wildcard.is_unspecified and (wildcard.version == address.version or wildcard.version == 6 and _dualStack()):
+        if not wildcard.is_unspecified:
+            continue
+        if wildcard.version == address.version or wildcard.version == 6 and _dualStack():
             return True
     return False
 
@@ -1368,7 +1369,9 @@ def _interface(text):
     its text where it is a host name.
     """
     try:
-        return ipaddress.ip_address((text or "0.0.0.0").split("%")[0])
+        # A link-local address keeps its zone (fe80::1%eth0): one per
+        # interface may be bound.
+        return ipaddress.ip_address(text or "0.0.0.0")
     except ValueError:
         return text.lower()
 

@@ -1466,7 +1466,8 @@ def test_configCheckDoesNotBlameTheDatabaseForWhatIsWrong(tmp_path):
     def check(text, environ):
         config.write_text(text)
         out, err = io.StringIO(), io.StringIO()
-        return run(["--config", str(config), "config", "--check"], stdout=out, stderr=err, environ=environ), err.getvalue()
+        code = run(["--config", str(config), "config", "--check"], stdout=out, stderr=err, environ=environ)
+        return code, err.getvalue()
 
     database = f'database = "sqlite:///{tmp_path / "m.sqlite3"}"\n'
     reason = f"mailgate: {config}: implicit-TLS listeners need a certificate and a key\n"

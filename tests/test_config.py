@@ -269,7 +269,8 @@ def test_aPortNumberOutOfRangeIsRefused(description, tmp_path):
         ({"pop3": ["tcp:1110"], "smtp": ["tcp:1110"]}, "pop3 tcp:1110 and smtp tcp:1110"),
         ({"pop3": ["tcp:1110:interface=127.0.0.1"], "lmtp": ["haproxy:tcp:1110"]},
          "pop3 tcp:1110:interface=127.0.0.1 and lmtp haproxy:tcp:1110"),
-        ({"pop3": ["unix:/run/m/pop3"], "metrics": "unix:/run/m/pop3"}, "pop3 unix:/run/m/pop3 and metrics unix:/run/m/pop3"),
+        ({"pop3": ["unix:/run/m/pop3"], "metrics": "unix:/run/m/pop3"},
+         "pop3 unix:/run/m/pop3 and metrics unix:/run/m/pop3"),
         ({"pop3": ["tcp6:1110:interface=\\:\\:1", "tcp6:1110"]}, "pop3 tcp6:1110:interface=\\:\\:1 and pop3 tcp6:1110"),
     ],
 )
@@ -296,6 +297,8 @@ def test_listenersOnDifferentAddressesOrAnyFreePortDoNotClash():
         {"pop3": ["tcp:1110:interface=127.0.0.1"], "smtp": ["tcp:1110:interface=127.0.0.2"]},
         {"pop3": ["tcp:0", "tcp:0"], "smtp": ["tcp:0"]},
         {"pop3": ["tcp:1110:interface=127.0.0.1", "tcp6:1110:interface=\\:\\:1"]},
+        # One link-local address per interface.
+        {"pop3": ["tcp6:1110:interface=fe80\\:\\:1%eth0", "tcp6:1110:interface=fe80\\:\\:1%eth1"]},
         {"pop3": ["tcp:1110"], "smtp": ["tcp:1125"], "lmtp": ["unix:/run/m/lmtp"], "metrics": "unix:/run/m/metrics"},
     ):
         assert settings.checkListening(MailgateConfig(**listeners))
