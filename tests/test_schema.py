@@ -815,3 +815,69 @@ def test_thePrivilegesCheckedNameEveryTable(migrated):
         query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
     tables = catalog(migrated, lambda cursor: {row[0] for row in cursor.execute(query).fetchall()})
     assert tables == set(TABLE_PRIVILEGES)
+
+
+def test_aDatabaseWhoseTablesAreNotMailgatesIsSaidToBeSo(databaseURL):
+    """
+    A database URL naming another application's database (a table of the
+    same name as one of mailgate's there): the migration that finds it is
+    named, and the line says to check the URL, not to run the upgrade as
+    another database user (SQLite has none, and no role would help);
+    nothing of mailgate's is created.
+    """
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+        runTransaction(
+            engine, conn, lambda cursor: cursor.execute("CREATE TABLE users (id INTEGER, name TEXT)"), (), {}, True
+        )
+    finally:
+        conn.close()
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(databaseURL)
+    already = {"sqlite": "table users already exists", "postgres": 'relation "users" already exists'}
+    assert str(e.value) == (
+        f"cannot upgrade the database schema from version 0 to {LATEST}: migration 1 failed: "
+        f"{already[engine.name]} (the database holds tables that are not mailgate's: check the database URL)"
+    )
+    store = openSynchronousStore(databaseURL, migrate=False)
+    try:
+        assert store.database.run(lambda cursor: SCHEMA_TABLE in _tables(cursor, engine.name)) is False
+    finally:
+        store.close()
+
+
+def test_aDatabaseWhoseTablesAreNotThoseOfItsVersionIsSaidToBeSo(version3):
+    """
+    A database that records a schema version whose tables it does not
+    have (a table dropped by hand, say): the upgrade stops at the
+    migration that finds it, says which, and what the tables should have
+    been; the migrations before it stay applied.
+    """
+    engine = engineFromURL(version3)
+    conn = engine.connect()
+    try:
+        runTransaction(engine, conn, lambda cursor: cursor.execute("DROP TABLE users"), (), {}, True)
+    finally:
+        conn.close()
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(version3)
+    noTable = {"sqlite": "no such table: users", "postgres": 'relation "users" does not exist'}
+    assert str(e.value) == (
+        f"cannot upgrade the database schema from version 3 to {LATEST}: migration 10 failed: "
+        f"{noTable[engine.name]} (the database's tables are not those of mailgate's schema version 9: "
+        "check the database URL)"
+    )
+    store = openSynchronousStore(version3, migrate=False)
+    try:
+        assert store.database.run(currentVersion) == 9
+    finally:
+        store.close()
+
+
+def _tables(cursor, dialect):
+    if dialect == "sqlite":
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+    return {name for (name,) in cursor.fetchall()}

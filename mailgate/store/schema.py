@@ -20,6 +20,9 @@ Layout, with scaling out in mind:
     its first recipient, and reference counted.
 """
 
+import re
+import sqlite3
+
 import attr
 
 from mailgate.errors import ConfigurationError, MailgateError
@@ -468,12 +471,15 @@ def upgradeConnection(engine, conn):
         _checkPrivileges(engine, conn)
         return []
     applied = []
+    # The migration under way, for the refusal to name.
+    attempted = []
 
     def step(cursor):
         engine.lockSchema(cursor)
         pending = pendingMigrations(_checkedVersion(currentVersion(cursor)))
         if not pending:
             return None
+        attempted.append(pending[0])
         applyMigration(cursor, engine, pending[0])
         return pending[0]
 
@@ -485,7 +491,7 @@ def upgradeConnection(engine, conn):
         except Exception as e:
             if engine.isTransient(getattr(e, "error", e)):
                 raise
-            raise _cannotUpgrade(version, e) from e
+            raise _cannotUpgrade(version, e, attempted[-1] if attempted else None) from e
         if migration is None:
             _checkPrivileges(engine, conn)
             return applied
@@ -518,12 +524,15 @@ def _checkPrivileges(engine, conn):
     )
 
 
-def _cannotUpgrade(version, error):
+def _cannotUpgrade(version, error, migration=None):
     """
     What a database refusing a migration is, said in one line: the role
     the nodes use may read and write mail but not change the schema
     (PostgreSQL: permission denied), or the schema is not what the
-    migration expects.
+    migration expects (another application's database, a table dropped
+    by hand), which the URL, not another database user, may put right.
+
+    @param migration: the L{Migration} that failed, if known.
     """
     # PostgreSQL's own words, without the statement quoted after them.
     reason = getattr(getattr(error, "diag", None), "message_primary", None) or str(error)
@@ -543,11 +552,44 @@ def _cannotUpgrade(version, error):
             "changing the schema takes CREATE on it and owning its tables: "
             "run mailgate db upgrade as the schema's owner"
         )
+    elif migration is not None and _isSchemaMismatch(error, state):
+        reason = f"migration {migration.version} failed: {reason}"
+        if migration.version == 1:
+            hint = "the database holds tables that are not mailgate's: check the database URL"
+        else:
+            hint = (
+                f"the database's tables are not those of mailgate's schema version "
+                f"{migration.version - 1}: check the database URL"
+            )
+    elif isinstance(error, sqlite3.Error):
+        # No database users to change for: SQLite's own words say it all.
+        return ConfigurationError(f"cannot upgrade the database schema from version {version} to {LATEST}: {reason}")
     else:
         hint = "run mailgate db upgrade as a database user allowed to change the schema"
     return ConfigurationError(
         f"cannot upgrade the database schema from version {version} to {LATEST}: {reason} ({hint})"
     )
+
+
+#: PostgreSQL's SQLSTATEs of a statement finding the tables not as it
+#: expects: undefined_table, undefined_column, duplicate_table,
+#: duplicate_column, duplicate_object (an index).
+_MISMATCH_STATES = frozenset({"42P01", "42703", "42P07", "42701", "42710"})
+
+#: SQLite's words for the same (it has no codes that tell them apart).
+_SQLITE_MISMATCH = re.compile(
+    r"no such (table|column|index)|(table|index) \S+ already exists|duplicate column name"
+)
+
+
+def _isSchemaMismatch(error, state):
+    """
+    Whether C{error} says the tables are not what the migration's
+    statements expect (a table missing, or one of the name already there).
+    """
+    if state is not None:
+        return state in _MISMATCH_STATES
+    return isinstance(error, sqlite3.OperationalError) and _SQLITE_MISMATCH.match(str(error)) is not None
 
 
 def _checkedVersion(version):
