@@ -209,6 +209,24 @@ def test_anSMTPClientTryingAUTHHasItsPasswordHidden(store, alice, logEvents):
     neverShown(logEvents, PASSWORD, plain, login)
 
 
+def test_aPOP3ClientTalkingToSMTPHasItsPasswordHidden(store, alice, logEvents):
+    """
+    A POP3 client set up with the SMTP port (the very client a trace is
+    turned on for) sends USER and PASS there: each is refused, and the
+    trace shows PASS without its password, as POP3's own trace does.
+    """
+    clock = Clock()
+    factory = smtpFactory(store, clock, hostname="mailgate.test")
+    factory.trace = TraceSelection(["192.0.2.7/32"])
+    s = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    assert s.command(f"USER {ALICE}").startswith("500")
+    assert s.command(f"PASS {PASSWORD}").startswith("500")
+    assert s.command(f" pass\t{PASSWORD}").startswith("500")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    assert lines == [f"C: USER {ALICE}", "C: PASS <password>", "C: PASS <password>"]
+    neverShown(logEvents, PASSWORD)
+
+
 def test_aCRAMResponseIsHidden(store, alice, logEvents):
     s = pop3(store, networks=["192.0.2.7/32"])
     reply = s.command("AUTH CRAM-MD5")

@@ -78,14 +78,12 @@ class AuthorizationCommands:
         initial response and the client's SASL responses are hidden, also
         in commands that will be refused (a tab for a space, a NUL), and
         responses that come as commands (see
-        L{CommandSession.tracedCommand}).
+        L{CommandSession.tracedCommand}, which hides PASS and AUTH's).
         """
         if self._inSASL:
             return "<SASL response>"
         text = line.decode("utf-8", "replace")
         verb = text.lstrip()[:4].upper()
-        if verb == "PASS":
-            return "PASS <password>"
         if verb == "APOP":
             words = text.split()
             if words[0].upper() == "APOP" and len(words) == 3:

@@ -264,16 +264,20 @@ class CommandSession(Protocol):
         line end): as it came, unless the protocol hides part of it (a
         password).
 
-        AUTH's initial response is hidden, and so, from an AUTH on, is
-        every line that is no command of the protocol's until one that
-        is: SASL responses that reach the command parser (sent along
-        with an AUTH refused before any exchange, a mechanism not
-        offered, plaintext refused, an SMTP server that has no AUTH,
-        or by a client going on after a refusal) are passwords in
-        base64.
+        PASS's argument is hidden in every protocol: a POP3 client set up
+        with the SMTP port sends its password there.  AUTH's initial
+        response is hidden, and so, from an AUTH on, is every line that
+        is no command of the protocol's until one that is: SASL responses
+        that reach the command parser (sent along with an AUTH refused
+        before any exchange, a mechanism not offered, plaintext refused,
+        an SMTP server that has no AUTH, or by a client going on after a
+        refusal) are passwords in base64.
         """
         text = line.decode("utf-8", "replace")
-        if text.lstrip()[:4].upper() == "AUTH":
+        verb = text.lstrip()[:4].upper()
+        if verb == "PASS":
+            return "PASS <password>"
+        if verb == "AUTH":
             self._traceHiding = "AUTH"
             words = text.split()
             if words[0].upper() != "AUTH" or len(words) > 3:
