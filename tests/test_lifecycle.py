@@ -58,6 +58,17 @@ def users(store):
     return {u.address: u for u in resultOf(store.listUsers())}
 
 
+def nearlyFull(store, address, room=600):
+    """
+    Leave C{address} C{room} octets of its quota: C{message(n, 800)} does
+    not fit them, yet is smaller than the whole quota (a message larger
+    than that is refused for good:
+    L{test_aMessageLargerThanTheWholeQuotaIsRefusedForGoodAtTheEndOfData}).
+    """
+    deliver(store, [address], message(0, 800))
+    resultOf(store.setQuota(address, usage(store, address)[1] + room))
+
+
 # -- contracts -------------------------------------------------------------------
 
 
@@ -439,7 +450,7 @@ def test_smtpRefusesTheWholeMessageWhenTheRealSizeIsOverQuota(store):
 
 
 def test_smtpPermanentRefusalAtTheEndOfData(store):
-    resultOf(store.setQuota(ALICE, 600))
+    nearlyFull(store, ALICE)
     session = intake(store, quotaExceeded="permanent")
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
@@ -474,7 +485,7 @@ def test_smtpPermanentRefusalNeverBouncesRecipientsWithRoom(store):
 
 
 def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
-    resultOf(store.setQuota(ALICE, 600))
+    nearlyFull(store, ALICE)
     session = intake(store, lmtp=True)
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
@@ -483,7 +494,44 @@ def test_lmtpAnswersEachRecipientForItsOwnQuota(store):
     assert replies[0] == f"452 4.2.2 <{ALICE}>: mailbox full"
     assert replies[1].startswith(f"250 2.0.0 <{BOB}> delivered as ")
     assert len(replies) == 2
-    assert resultOf(store.listMessages(ALICE)) == []
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    assert len(resultOf(store.listMessages(BOB))) == 1
+
+
+@pytest.mark.parametrize("quotaExceeded", ["temporary", "permanent"])
+def test_aMessageLargerThanTheWholeQuotaIsRefusedForGoodAtTheEndOfData(store, quotaExceeded):
+    """
+    A client that declared no size is refused at the end of the data: a
+    message larger than the recipient's whole quota gets 552 5.2.3 there
+    too, as at RCPT for a declared size, whatever --quota-exceeded says
+    (a 452 4.2.2 had the MTA retry for days what no room made would ever
+    fit).  LMTP answers the recipient so, and delivers to the others;
+    SMTP refuses the message so when it fits no recipient's quota, and
+    temporarily when another had room (its retry declares the size, and
+    RCPT refuses the recipient: L{test_smtpPermanentRefusalNeverBouncesRecipientsWithRoom}).
+    """
+    addUser(store, CAROL, "password")
+    resultOf(store.setQuota(ALICE, 600))
+    resultOf(store.setQuota(CAROL, 700))
+    tooLarge = f"552 5.2.3 <{ALICE}>: message larger than the mailbox's whole quota (600 octets)"
+    smtp = intake(store, quotaExceeded=quotaExceeded)
+    assert smtp.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert smtp.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert data(smtp, message(1, 800)) == tooLarge + "\r\n"
+    assert smtp.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert smtp.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert smtp.command(f"RCPT TO:<{CAROL}>").startswith("250")
+    assert data(smtp, message(2, 800)) == (
+        f"552 5.2.3 <{ALICE}, {CAROL}>: message larger than each mailbox's whole quota\r\n"
+    )
+    lmtp = intake(store, lmtp=True, quotaExceeded=quotaExceeded)
+    assert lmtp.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert lmtp.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert lmtp.command(f"RCPT TO:<{BOB}>").startswith("250")
+    replies = data(lmtp, message(3, 800)).splitlines()
+    assert replies[0] == tooLarge
+    assert replies[1].startswith(f"250 2.0.0 <{BOB}> delivered as ")
+    assert resultOf(store.listMessages(ALICE)) == resultOf(store.listMessages(CAROL)) == []
     assert len(resultOf(store.listMessages(BOB))) == 1
 
 
@@ -515,7 +563,7 @@ def test_smtpQuotaRefusalIsADeliveryCountedAndLogged(store, logEvents, permanent
     from test_observability import RecordingMetrics
 
     metrics = RecordingMetrics()
-    resultOf(store.setQuota(ALICE, 600))
+    nearlyFull(store, ALICE)
     session = intake(store, quotaExceeded="permanent" if permanent else "temporary", metrics=metrics)
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
@@ -530,7 +578,7 @@ def test_lmtpQuotaRefusalsAreCountedPerRecipient(store, logEvents):
     from test_observability import RecordingMetrics
 
     metrics = RecordingMetrics()
-    resultOf(store.setQuota(ALICE, 600))
+    nearlyFull(store, ALICE)
     session = intake(store, lmtp=True, metrics=metrics)
     assert session.command(f"MAIL FROM:<{SENDER}>").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")

@@ -1746,7 +1746,8 @@ def test_anLmtpLogLineNamesEachRecipientsIdInItsPlace(users):
     s.protocol.log = Logger(observer=events.append)
     envelope(s, [ALICE, BOB])
     replies = lines(s.send(stuff(b"Subject: logged\r\n\r\nbody\r\n")))
-    assert replies[0].startswith("452 ") and replies[1].startswith("250 ")
+    # Larger than her whole quota: refused for good.
+    assert replies[0].startswith("552 5.2.3 ") and replies[1].startswith("250 ")
     [event] = events
     told = replies[1].split()[-1]
     assert formatEvent(event).endswith(f"to={ALICE},{BOB} uids=-,{told} full={ALICE} peer=127.0.0.1:40000")

@@ -223,9 +223,14 @@ def checkRetrieved(record, address, data, where):
 
 def _full(address, code, reply):
     """
-    Whether a refusal is the quota's, for the user who has one.
+    Whether a refusal is the quota's, for the user who has one: her
+    mailbox full, or (at the end of the data, no size having been
+    declared) the message larger than her whole quota.
     """
-    return address == FULL and code == 452 and b"4.2.2 " in reply and b"mailbox full" in reply
+    return address == FULL and (
+        (code == 452 and b"4.2.2 " in reply and b"mailbox full" in reply)
+        or (code == 552 and b"5.2.3 " in reply and b"whole quota" in reply)
+    )
 
 
 def stuffed(message):

@@ -20,9 +20,10 @@ At the end of DATA, the store checks again with the real size, inside
 the delivery's transaction, which is exact however many deliveries to
 the same user run at once on however many nodes.  Either refusal is RFC
 3463's "mailbox full": C{452 4.2.2} (temporary: the MTA retries after the
-user made room), or C{552 5.2.2} when configured permanent; a declared
-size larger than the whole quota, which no room made will ever fit, is
-C{552 5.2.3} either way.  An SMTP
+user made room), or C{552 5.2.2} when configured permanent; a message
+larger than the whole quota, which no room made will ever fit, is
+C{552 5.2.3} either way, by its declared size at RCPT and by its real
+size at the end of DATA (a client that declared none).  An SMTP
 message refused at the end of DATA for some of its recipients is refused
 temporarily whatever the setting, so the others never see it bounced.
 """
@@ -30,9 +31,10 @@ temporarily whatever the setting, so the others never see it bounced.
 import time
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from mailgate.address import asciiDomain, normalizeAddress, withoutDetail
-from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
+from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
 
@@ -51,6 +53,9 @@ class MailboxFull(SMTPReply):
         C{452 4.2.2}, C{"rejected"} for C{552 5.2.2}.
         """
         return "tempfail" if self.code < 500 else "rejected"
+
+
+_log = Logger()
 
 
 #: the local part (and the whole of RFC 5321's domainless form) of the
@@ -115,6 +120,40 @@ class LocalDelivery:
         return MailboxFull(
             552, "5.2.3", f"<{mailbox}>: message larger than the mailbox's whole quota ({quotaOctets} octets)"
         )
+
+    def _quotaRefusals(self, addresses, size):
+        """
+        The replies refusing C{addresses}, which the store found over quota
+        for a message of C{size} octets (as it counted them): for one
+        whose whole quota is smaller than that, L{tooLargeForQuota}, as at
+        RCPT for a declared size (a temporary refusal had the MTA retry
+        for days what no room made would ever fit); else L{mailboxFull}.
+
+        @return: a L{Deferred} of address to reply.
+        """
+        if not ILifecycleStore.providedBy(self._store):
+            return defer.succeed({a: self.mailboxFull(a) for a in addresses})
+
+        def replyFor(status, address):
+            if status is not None and status.quotaOctets is not None and size > status.quotaOctets:
+                return self.tooLargeForQuota(address, status.quotaOctets)
+            return self.mailboxFull(address)
+
+        def notAsked(failure, address):
+            # The reply it had before it was asked: the message is
+            # committed (or refused) already, whatever this lookup does.
+            if not failure.check(TemporaryFailure):
+                _log.failure("quota lookup of a full mailbox failed", failure)
+            return self.mailboxFull(address)
+
+        def ask(address):
+            d = self._store.quotaOf(address)
+            d.addCallback(replyFor, address)
+            d.addErrback(notAsked, address)
+            return d
+
+        d = defer.gatherResults([ask(a) for a in addresses])
+        return d.addCallback(lambda replies: dict(zip(addresses, replies)))
 
     def _remembered(self, key):
         expires = self._known.get(key)
@@ -253,13 +292,18 @@ class LocalDelivery:
         d = self._store.deliver(envelope.recipients, source, partial=partial)
 
         def delivered(results):
+            full = []
             for address, result in results.items():
                 if isinstance(result, NoSuchUser):
                     self._known.pop(address, None)
                 elif isinstance(result, QuotaExceeded):
-                    # A recipient's own reply (LMTP answers per recipient).
-                    results[address] = self.mailboxFull(address)
-            return results
+                    full.append(address)
+            if not full:
+                return results
+            # A recipient's own reply (LMTP answers per recipient).
+            d = self._quotaRefusals(full, source.size)
+            d.addCallback(lambda replies: results.update(replies) or results)
+            return d
 
         def failed(failure):
             if failure.check(NoSuchUser):
@@ -269,18 +313,29 @@ class LocalDelivery:
             if failure.check(QuotaExceeded):
                 # Nothing was stored: refuse the message with the reply
                 # for a full mailbox.
-                full = failure.value.addresses
-                refusal = self.mailboxFull(", ".join(full))
-                if refusal.code >= 500 and set(envelope.recipients) - set(full):
-                    # One reply answers every recipient (SMTP): a permanent
-                    # one would bounce the message for those with room too.
-                    # A temporary one makes the MTA try again, and then the
-                    # full recipient is refused at RCPT (by the size its
-                    # MAIL command declares) while the others get it.
-                    refusal = MailboxFull(
-                        452, "4.2.2", f"<{', '.join(full)}>: mailbox full; try the others again"
-                    )
-                raise refusal from None
+                full = list(failure.value.addresses)
+                return self._quotaRefusals(full, source.size).addCallback(refuse, full)
             return failure
+
+        def refuse(replies, full):
+            if not set(envelope.recipients) - set(full) and all(r.enhanced == "5.2.3" for r in replies.values()):
+                # Too large for every recipient's whole quota: refused
+                # for good, as each alone would be.
+                if len(full) == 1:
+                    raise replies[full[0]]
+                raise MailboxFull(
+                    552, "5.2.3", f"<{', '.join(full)}>: message larger than each mailbox's whole quota"
+                )
+            refusal = self.mailboxFull(", ".join(full))
+            if refusal.code >= 500 and set(envelope.recipients) - set(full):
+                # One reply answers every recipient (SMTP): a permanent
+                # one would bounce the message for those with room too.
+                # A temporary one makes the MTA try again, and then the
+                # full recipient is refused at RCPT (by the size its
+                # MAIL command declares) while the others get it.
+                refusal = MailboxFull(
+                    452, "4.2.2", f"<{', '.join(full)}>: mailbox full; try the others again"
+                )
+            raise refusal
 
         return d.addCallbacks(delivered, failed)
