@@ -328,8 +328,9 @@ class MailgateService(MultiService):
         same command line and environment) and apply what can change while
         sessions run (L{LIVE_SETTINGS}: which clients are traced); say which
         other settings changed, and take effect at the next restart.  A
-        file that cannot be read or holds an invalid value is logged, and
-        the configuration in service stays.
+        file that cannot be read, holds an invalid value or changes a
+        setting to one a start would refuse (L{checkStartable}) is logged,
+        and the configuration in service stays.
 
         @return: the names of the settings applied, or C{None} if the
             configuration could not be read.
@@ -339,6 +340,10 @@ class MailgateService(MultiService):
         try:
             new = self.configSource()
             checkConfig(new)
+            changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
+            # What a restart would refuse (as config --check does) is not
+            # taken "for the next restart": that restart would fail.
+            checkStartable(new, {s.name for s in changed})
         except ConfigurationError as e:
             self.log.error(
                 "configuration reload failed, keeping the configuration in service: {error}",
@@ -346,7 +351,6 @@ class MailgateService(MultiService):
                 event="config.reload_failed",
             )
             return None
-        changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
         applied = [s.name for s in changed if s.name in LIVE_SETTINGS]
         later = [s.name for s in changed if s.name not in LIVE_SETTINGS and s.name != "database"]
         if new.database != self.config.database:
@@ -928,6 +932,33 @@ def checkedSpoolDirectory(config):
         reason = e.strerror or str(e)
         raise ConfigurationError(f"spool-directory: cannot spool messages in {config.spoolDirectory}: {reason}") from None
     return config.spoolDirectory
+
+
+#: the settings L{makeTLS} reads
+TLS_SETTINGS = frozenset({"tls-cert", "tls-key", "tls-alt-cert", "tls-alt-key", "tls-sni-cert", "tls-min-version",
+                          "tls-ciphers"})
+
+
+def checkStartable(config, names=None):
+    """
+    Build what a start builds from C{config} before it binds or opens the
+    database, and would refuse to start on: the TLS contexts from the
+    certificate and key files, the CPU affinity, the spool directory.
+    C{mailgate config --check} checks them all; a reload those of the
+    settings it changes (C{names}), which it would otherwise take for the
+    next restart, a restart that then failed.
+
+    @return: the L{ServerTLS} built, if any.
+    @raise ConfigurationError: what a start would refuse.
+    """
+    tls = None
+    if names is None or names & TLS_SETTINGS:
+        tls = makeTLS(config)
+    if names is None or "cpu-affinity" in names:
+        makeAffinity(config)
+    if names is None or "spool-directory" in names:
+        checkedSpoolDirectory(config)
+    return tls
 
 
 def makeTLS(config):

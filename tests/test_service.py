@@ -239,6 +239,45 @@ def test_aKeyOfTheFileTheCommandLineOverridesIsWarnedOf(tmp_path, logEvents):
     assert len([e for e in logEvents if e.get("event") == "config.overridden"]) == 1
 
 
+def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
+    """
+    A spool directory that is not there, a certificate with another's key
+    or a CPU that is not: config --check refuses them, and a start, but a
+    reload took them "for the next restart" (which then failed, exit 78).
+    Refused in the words of the start; a usable change is taken as ever.
+    """
+    from certs import makeCertificate
+
+    from mailgate.tap import Options
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text("")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    certificate, _ = makeCertificate(tmp_path, "a.example.test")
+    _, otherKey = makeCertificate(tmp_path, "b.example.test")
+
+    def failures():
+        return [formatEvent(e) for e in logEvents if e.get("event") == "config.reload_failed"]
+
+    for text, reason in [
+        (f'spool-directory = "{tmp_path / "missing"}"\n', f"spool-directory: cannot spool messages in {tmp_path}/missing"),
+        (f'tls-cert = "{certificate}"\ntls-key = "{otherKey}"\n', f"{otherKey} is not the key of {certificate}"),
+        ('cpu-affinity = "4095"\n', "cpu-affinity: "),
+    ]:
+        path.write_text(text)
+        root.hangup()
+        assert reason in failures()[-1], (text, failures())
+    assert len(failures()) == 3
+    assert [e for e in logEvents if e.get("event") == "config.restart_needed"] == []
+    path.write_text(f'spool-directory = "{tmp_path}"\n')
+    root.hangup()
+    [later] = [formatEvent(e) for e in logEvents if e.get("event") == "config.restart_needed"]
+    assert later == "configuration changed: spool-directory take effect at the next restart"
+
+
 def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     """
     A file whose database changed is not one more setting "for the next

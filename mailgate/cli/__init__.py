@@ -612,9 +612,7 @@ def _checkServed(served, args, out):
 
     config.checkConfig(served)
     config.checkListening(served, args.config)
-    tls = service.makeTLS(served)
-    service.makeAffinity(served)
-    service.checkedSpoolDirectory(served)
+    tls = service.checkStartable(served)
     warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings]
     if args.config is not None:
         warnings.append(tap.configFileWarning(args.config))
