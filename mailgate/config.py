@@ -111,12 +111,15 @@ class Kind:
         return json.dumps(value, ensure_ascii=False)
 
 
-def _shown(value):
+def _shown(value, secret=False):
     """
-    A TOML value as an error message shows it: the value and its type.
+    A TOML value as an error message shows it: the value and its type, or
+    with C{secret} (a value that may hold a password) its type alone.
     """
     names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
     kind = names.get(type(value), type(value).__name__)
+    if secret:
+        return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
     text = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     return f"{_shortText(text)} ({kind})"
 
@@ -568,6 +571,14 @@ class DatabaseURL(Kind):
     """
 
     metavar = "URL"
+
+    def fromTOML(self, value):
+        # A value of the wrong type is not shown: the URL in it may hold
+        # the database's password, and the error goes to the terminal
+        # and, on a reload, into the server's log.
+        if not isinstance(value, str):
+            raise ValueError(f"expected {self.expected}, got {_shown(value, secret=True)}")
+        return self.check(value)
 
     def check(self, value):
         try:

@@ -468,6 +468,25 @@ def test_wrongValues(tmp_path, text, key, reason):
     assert reason in message
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        '["postgresql://mailgate:s3cret-pw@db.internal/mail"]',
+        '["postgresql://mailgate@db.internal/mail?password=s3cret-pw"]',
+    ],
+)
+def test_aDatabaseOfTheWrongTypeIsRefusedWithoutItsPassword(tmp_path, value):
+    """
+    A database URL given as an array (as the listeners are) is refused
+    saying what it should be, without the value: the error goes to the
+    terminal and, for a reload (SIGHUP), into the server's log, and the
+    URL holds the database's password.
+    """
+    message = fileError(tmp_path, f"database = {value}\n")
+    assert "key 'database'" in message and "expected a string" in message
+    assert "s3cret-pw" not in message
+
+
 def test_notTOML(tmp_path):
     message = fileError(tmp_path, "pop3 = [tcp:110\n")
     assert "not valid TOML" in message
