@@ -938,6 +938,23 @@ def test_aReaderThatGoesAwayIsNotAnError(tmp_path):
     assert len(CLI(tmp_path / "pipe.sqlite3").messages(ALICE)) == 2
 
 
+def test_helpIntoAReaderGoneIsNotAnError():
+    """
+    C{mailgate serve --help | head}: help whose reader has gone ends as a
+    listing's does, 141 and nothing on standard error; it was Python's
+    traceback of the BrokenPipeError and exit 1 (serve's help is 24 KB, so
+    C{head} leaves before most of it is written).
+    """
+    for argv in (["--help"], ["user", "--help"], ["serve", "--help"]):
+        readEnd, writeEnd = os.pipe()
+        os.close(readEnd)
+        err = io.StringIO()
+        # Unbuffered, as the error comes at the first write that fills the pipe.
+        with io.TextIOWrapper(io.FileIO(writeEnd, "w"), write_through=True) as stdout:
+            code = run(argv, stdin=io.StringIO(""), stdout=stdout, stderr=err, environ={})
+            assert (code, err.getvalue()) == (141, ""), argv
+
+
 def test_anOutputThatCannotBeWrittenIsSaidInOneLine(cli, monkeypatch):
     """
     Standard output on a full disk (/dev/full), or closed when the command

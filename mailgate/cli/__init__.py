@@ -697,11 +697,22 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 args = parser.parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
+    except BrokenPipeError:
+        # mailgate user --help | head: the reader gone, as for a listing.
+        if _readerGone(stdout):
+            return EXIT_READER_GONE
+        raise
     if args.command == "serve":
         if args.config is not None:
             # Before serve's own options, so that a --config of its own wins.
             rest = ["--config", args.config, *rest]
-        return _serve(rest, args.database, stdout, stderr)
+        try:
+            return _serve(rest, args.database, stdout, stderr)
+        except BrokenPipeError:
+            # mailgate serve --help | head (its options, 24 KB of them).
+            if _readerGone(stdout):
+                return EXIT_READER_GONE
+            raise
     delivering = args.run is _deliver
     try:
         url, source = _databaseURL(args, environ)
