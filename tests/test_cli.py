@@ -1780,7 +1780,8 @@ def test_aDatabaseThatCannotBeOpenedIsTracedToWhereItsURLCameFrom(tmp_path, monk
 
 def test_deliverHelpGivesTheExitStatusesAPipeTransportActsOn(cli):
     text = " ".join(cli("deliver", "--help").out.split())
-    for status in ("0 delivered", "67 no such user", "75 a temporary failure", "65 a sender"):
+    for status in ("0 delivered", "67 no such user", "75 a temporary failure", "65 a sender",
+                   "larger than the recipients' whole quota"):
         assert status in text, status
 
 

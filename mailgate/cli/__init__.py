@@ -488,7 +488,8 @@ def buildParser():
         "unknown one bounces alone).  Exit status (sysexits): 0 delivered, 67 no such user (nothing "
         "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
         "MTA tries again), 77 a full mailbox the server's --config file refuses for good "
-        "(quota-exceeded = \"permanent\"), 65 a sender SMTP would refuse.",
+        "(quota-exceeded = \"permanent\") or a message larger than the recipients' whole "
+        "quota (no room made will fit it), 65 a sender SMTP would refuse.",
     )
     deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
     deliver.add_argument(
