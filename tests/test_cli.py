@@ -1256,6 +1256,22 @@ def test_importMaildirShowsNoEscapeSequenceOfAFileName(cli, tmp_path):
     assert f"mailgate: {maildir}/cur/17000?]2;owned?.M1.h:2,S: unique id " in result.err, result.err
 
 
+@pytest.mark.parametrize("line", ["s3cret-pw alice@example.org", "alice@example.org\ts3cret-pw more"])
+def test_aUsersFileLineWithoutAnAddressFirstIsRefusedWithoutItsPassword(cli, tmp_path, line):
+    """
+    A --users line whose first word is no address (the columns swapped,
+    a tab between them) is refused by its number, not by quoting the
+    word: it is the password, on the terminal.
+    """
+    cli.add(ALICE, PASSWORD)
+    users = tmp_path / "users"
+    users.write_text(f"# address password\n{line}\n")
+    result = cli("import", "pop3", "pop3://127.0.0.1:1", "--users", str(users))
+    assert result.code == 65, result
+    assert oneLineError(result).startswith(f"mailgate: {users} line 2: "), result.err
+    assert "s3cret-pw" not in result.err + result.out, result.err
+
+
 @pytest.mark.parametrize("wait", ["nan", "inf", "-inf", "-1", "soon"])
 def test_kickWaitIsAFiniteNumberOfSeconds(cli, wait):
     cli.add(ALICE, PASSWORD)

@@ -121,7 +121,17 @@ def _readUsers(path, passwords=True):
                 f"{path} line {number}: expected an ADDRESS alone (the master user's password "
                 f"serves every user)", EX_DATAERR,
             )
-        users.append((_address(address), password or None))
+        try:
+            users.append((_address(address), password or None))
+        except CommandError as e:
+            if not passwords:
+                raise CommandError(f"{path} line {number}: {e}", e.code) from None
+            # Not quoted: with the columns swapped, or a tab between
+            # them, the word is the password.
+            raise CommandError(
+                f"{path} line {number}: its first word is not an address (expected ADDRESS PASSWORD, "
+                f"separated by a space)", EX_DATAERR,
+            ) from None
     return users
 
 
