@@ -367,7 +367,14 @@ def buildParser():
     )
     mexport.set_defaults(run=_mailboxExport, migrate=True)
 
-    who = commands.add_parser("who", help="list the POP3 sessions in progress on every node")
+    who = commands.add_parser(
+        "who",
+        help="list the POP3 sessions in progress on every node",
+        description="List the POP3 sessions in progress on every node sharing the database: "
+        "user, node (its hostname and process id), client address, since when.  A session shows "
+        "within a second or two of its login; those of a node whose heartbeat stopped (killed, "
+        "its machine gone) are left out after 30 seconds.",
+    )
     _addJSON(who)
     who.set_defaults(run=_who, migrate=True)
     nodes = commands.add_parser(
@@ -383,6 +390,10 @@ def buildParser():
     kick = commands.add_parser(
         "kick",
         help="end a user's POP3 session, wherever it runs, without applying its deletions",
+        description="End ADDRESS's POP3 session on whichever node serves it: the client is told "
+        "-ERR [SYS/TEMP] session ended by the administrator, nothing the session marked deleted "
+        "is deleted, and the maildrop is free again.  Waits until the session is gone: exit 0, "
+        "1 if there was none, 75 if it is still there after --wait seconds.",
     )
     kick.add_argument("address", metavar="ADDRESS")
     kick.add_argument(
@@ -513,9 +524,21 @@ def buildParser():
         dest="action", metavar="ACTION"
     )
     db.required = True
-    dbUpgrade = db.add_parser("upgrade", help="apply pending schema migrations")
+    dbUpgrade = db.add_parser(
+        "upgrade",
+        help="apply pending schema migrations",
+        description="Bring the database's schema up to this mailgate's version, creating an "
+        "SQLite file that is not there yet (servers and the other commands migrate too; run it "
+        "as the schema's owner where the nodes' role may only read and write the tables).  "
+        "Each migration is one transaction: one interrupted leaves the version before.",
+    )
     dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
-    dbVersion = db.add_parser("version", help="show the schema version")
+    dbVersion = db.add_parser(
+        "version",
+        help="show the schema version",
+        description="Show the database's schema version and the newest this mailgate knows, "
+        "without changing either: a mailgate older than its database refuses it.",
+    )
     dbVersion.set_defaults(run=_dbVersion, migrate=False)
     dbCopy = db.add_parser(
         "copy",

@@ -100,11 +100,20 @@ def _addBanCommands(commands):
         "a running server enforces a ban added or lifted here within a second.",
     ).add_subparsers(dest="action", metavar="ACTION")
     ban.required = True
-    banList = ban.add_parser("list", help="list the bans in force: address, reason, failures, expiry (UTC)")
+    banList = ban.add_parser(
+        "list",
+        help="list the bans in force: address, reason, failures, expiry (UTC)",
+        description="List the bans in force: the address (an IPv6 client's /64), the reason "
+        "(auth-failures or admin), the failed logins that made it and when it ends (UTC).",
+    )
     _addJSON(banList)
     banList.set_defaults(run=_banList, migrate=True)
     banAdd = ban.add_parser(
-        "add", help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)"
+        "add",
+        help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)",
+        description="Ban ADDRESS (an IPv6 address: its whole /64) for --for seconds, replacing "
+        "a ban it has: every server on the database refuses its new connections within seconds, "
+        "before any password is checked.",
     )
     banAdd.add_argument("address", metavar="ADDRESS")
     banAdd.add_argument(
@@ -115,6 +124,11 @@ def _addBanCommands(commands):
         help=f"how long the ban lasts, at most ten years (default: {BAN_TIME})",
     )
     banAdd.set_defaults(run=_banAdd, migrate=True)
-    banDel = ban.add_parser("del", help="lift an address's ban and forget its failed logins")
+    banDel = ban.add_parser(
+        "del",
+        help="lift an address's ban and forget its failed logins",
+        description="Lift ADDRESS's ban and forget its failed logins, so that it starts afresh; "
+        "exit 1, changing nothing, if it has no ban.",
+    )
     banDel.add_argument("address", metavar="ADDRESS")
     banDel.set_defaults(run=_banDel, migrate=True)
