@@ -1730,6 +1730,9 @@ def test_helpTextsSayWhatTheREADMESays(cli):
         assert " ADDRESS" in usage and "address" not in usage, usage
     text = " ".join(cli("import", "pop3", "--help").out.split())
     assert "URL [ADDRESS]" in text
+    # The two forms of the synopsis, not argparse's ADDRESS DIR | DIR [ADDRESS DIR | DIR ...].
+    usage = cli("mailbox", "export", "--help").out.split("\n\n")[0]
+    assert usage == "usage: mailgate mailbox export [-h] (ADDRESS DIR | --all DIR)", usage
     assert "a user name containing @ written %40;" in text and "%%" not in text
 
 

@@ -352,6 +352,9 @@ def buildParser():
     mshow.set_defaults(run=_mailboxShow, migrate=True)
     mexport = mailbox.add_parser(
         "export",
+        # argparse would write the operands as ADDRESS DIR | DIR [ADDRESS
+        # DIR | DIR ...]: the two forms README's synopsis gives instead.
+        usage="%(prog)s [-h] (ADDRESS DIR | --all DIR)",
         help="copy a user's messages out as a Maildir that Dovecot serves with the same unique ids",
         description="Write a user's messages into DIR (made if missing; refused if it holds a "
         "mailbox already) as a Maildir with a dovecot-uidlist: Dovecot, or mailgate import "
@@ -360,7 +363,10 @@ def buildParser():
         "the maildrop's lock: allowed while the user is in a POP3 session.  Files are "
         "readable by their owner only: give them to the mail account that will serve them.",
     )
-    mexport.add_argument("operands", nargs="+", metavar="ADDRESS DIR | DIR")
+    mexport.add_argument(
+        "operands", nargs="+", metavar="ADDRESS DIR",
+        help="the user and the directory to write into; with --all, the directory alone",
+    )
     mexport.add_argument(
         "--all", action="store_true",
         help="every user, each into DIR/ADDRESS (Dovecot: mail_location = maildir:DIR/%%u)",
