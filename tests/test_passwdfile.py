@@ -41,3 +41,18 @@ def test_quotaRulesInDovecotsUnits():
     assert dovecotQuota("quota_rule=?:bytes=5000") == {"octets": 5000}
     assert dovecotQuota("userdb_quota_rule=*:ignore") == {"octets": 0, "messages": 0}
     assert dovecotQuota("userdb_quota_rule=Trash:storage=+100M userdb_mail=maildir:~/Maildir") == {}
+
+
+def test_aLineWhoseNameMayHoldThePasswordIsRefusedWithoutShowingIt():
+    """
+    A line without a C{:} after the name (fields separated by a space or
+    a tab, or a password alone) has its password in the name field: it is
+    refused without the name being shown, on the terminal of whoever runs
+    the import.
+    """
+    lines = ["bob@example.org {PLAIN}s3cret-a", "bob2@example.org\t{PLAIN}s3cret-b", "{PLAIN}s3cret-c",
+             "carol@example.org {PLAIN}s3cret-d:1000:1000::/home/carol::"]
+    for domain in (None, "example.org"):
+        read = list(readPasswdFile(lines, domain=domain))
+        assert [r.number for r in read] == [1, 2, 3, 4] and all(isinstance(r, RefusedLine) for r in read), read
+        assert not any("s3cret" in r.reason.lower() for r in read), read

@@ -81,7 +81,14 @@ class _Refused(Exception):
 
 
 def _account(number, line, domain, scheme, firstLines):
-    name, _, rest = line.partition(":")
+    name, colon, rest = line.partition(":")
+    # A name field that may hold the password (no ":" after it: fields
+    # separated by a space or a tab, or a password alone) is not shown:
+    # the reason goes to the terminal of whoever runs the import.
+    if not colon:
+        raise _Refused("no ':' after the user name (a line is user:password:...); the line is not shown")
+    if any(ch.isspace() for ch in name):
+        raise _Refused("the user name holds white space (a ':' missing after it?); the line is not shown")
     fields = rest.split(":", 6)
     hashed = fields[0]
     extra = fields[6] if len(fields) == 7 else ""
