@@ -608,6 +608,10 @@ def checkEndpoint(description, adopting=False):
     """
     if not isinstance(description, str) or not description.strip():
         raise ValueError("an empty endpoint description")
+    if any(ord(c) < 32 or ord(c) == 127 for c in description):
+        # Twisted's parsers took interface=<CR><LF> (bind() refused it at
+        # start) and echoed others into their errors as they were.
+        raise ValueError(f"invalid endpoint {description!r}: it must not contain control characters")
     try:
         endpoint = serverFromString(None, description)
     except (IndexError, KeyError) as e:
@@ -622,7 +626,7 @@ def checkEndpoint(description, adopting=False):
         # Twisted looks the socket up before it reads the address family.
         if not hasattr(socket, "AF_" + arguments.get("domain", "")):
             raise ValueError(
-                f"invalid endpoint {description!r}: no address family AF_{arguments.get('domain', '')}"
+                f"invalid endpoint {description!r}: no address family {'AF_' + arguments.get('domain', '')!r}"
             ) from None
         return description
     except Exception as e:
