@@ -11,6 +11,9 @@ from urllib.parse import unquote
 
 #: a URL's parameter that holds a password (libpq's password and sslpassword)
 _PASSWORD_PARAMETER = r"([?&](?:ssl)?password=)"
+#: the same in libpq's other form, C{host=... password=...}: a value to the
+#: next space, or quoted (C{password='two words'})
+_PASSWORD_KEYWORD = r"((?:^|\s)(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)"
 
 
 def shownURL(url):
@@ -24,7 +27,9 @@ def shownURL(url):
     url = re.sub(_PASSWORD_PARAMETER + r"[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, separator, rest = url.partition("://")
     if not separator:
-        return url
+        # Not a URL: perhaps libpq's keyword/value string, which psql takes
+        # and mailgate refuses, quoting it ("host=db password=...").
+        return re.sub(_PASSWORD_KEYWORD, r"\1***", url, flags=re.IGNORECASE)
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
     userInfo, at, host = rest[:end].rpartition("@")
     if not at or ":" not in userInfo:

@@ -165,6 +165,13 @@ def test_dbCopySaysWhichDatabaseItCannotOpen(sqliteURL, side, url, code, reason)
         ("mysql://db.example.org/mail?password=s3cret-pw", "unsupported database URL "
          "'mysql://db.example.org/mail?password=***'"),
         ("postgresql://mailgate:s3cret-pw@[::1/mail", "bad database URL 'postgresql://mailgate:***@[::1/mail'"),
+        # libpq's keyword/value form, which psql takes and mailgate does not
+        ("host=db.example.org user=mailgate password=s3cret-pw dbname=mail", "unsupported database URL "
+         "'host=db.example.org user=mailgate password=*** dbname=mail'"),
+        ("host=db.example.org password='s3cret pw' dbname=mail", "unsupported database URL "
+         "'host=db.example.org password=*** dbname=mail'"),
+        ("sqlite://mailgate:s3cret-pw@db.example.org/mail", "bad SQLite URL "
+         "'sqlite://mailgate:***@db.example.org/mail'"),
     ],
 )
 def test_aMistypedDatabaseURLIsShownWithoutItsPassword(url, reason):
@@ -172,7 +179,9 @@ def test_aMistypedDatabaseURLIsShownWithoutItsPassword(url, reason):
     An administrator's typo in the scheme or the host (and the server's
     start-up line in the journal, which says the same) does not print the
     database's password, and one Python cannot split is a configuration
-    error, not an internal one.
+    error, not an internal one.  Nor does a connection string in libpq's
+    keyword/value form, which is no URL, or an SQLite URL written as a
+    PostgreSQL one.
     """
     code, out, err = mailgate(url, "user", "list")
     assert (code, out) == (78, "")

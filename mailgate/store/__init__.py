@@ -36,11 +36,11 @@ def engineFromURL(url):
     if scheme == "sqlite":
         if not url.lower().startswith("sqlite:///"):
             raise ConfigurationError(
-                f"bad SQLite URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path"
+                f"bad SQLite URL {shownURL(url)!r}: use sqlite:///relative/path or sqlite:////absolute/path"
             )
         path = url[len("sqlite:///"):]
         if not path:
-            raise ConfigurationError(f"bad SQLite URL {url!r}: no file name")
+            raise ConfigurationError(f"bad SQLite URL {shownURL(url)!r}: no file name")
         from mailgate.store.sqlite import SQLiteEngine
 
         return SQLiteEngine(path)
