@@ -21,6 +21,7 @@ from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.credentials import APOPCredentials, IAPOPCredentials
 from mailgate.auth.passwords import (
     SCRAM_ITERATIONS,
+    SCRYPT_LOG_N,
     StoredCredentials,
     hashPassword,
     makeCredentials,
@@ -386,6 +387,32 @@ def test_unknownUserIsUnauthorizedAfterADummyVerification(users, verifications):
         _login(portal, UsernamePassword(b"alice@example.org", b"nope"))
     assert type(unknown.value) is type(wrong.value)
     assert str(unknown.value) == str(wrong.value)
+
+
+def test_theFirstUnknownUserPaysForOneHashAsAWrongPasswordDoes(monkeypatch):
+    """
+    An unknown user's login runs scrypt once, as a wrong password's does,
+    the first one of a process too: making the dummy hash it is verified
+    against costs no hash of its own (it cost a second one, and the first
+    unknown name tried after a restart took twice as long to refuse).
+    """
+    from mailgate.auth import passwords
+
+    stored = hashPassword(b"wonderland", TEST_HASH_COST)
+    costs = []
+
+    def countingScrypt(password, salt, logN, r, p):
+        costs.append((logN, r, p, len(salt)))
+        return bytes(32)
+
+    monkeypatch.setattr(passwords, "_dummy", {})
+    monkeypatch.setattr(passwords, "_scrypt", countingScrypt)
+    assert checkersModule._verifyOrDummy(b"guess", None) is False
+    assert costs == [(SCRYPT_LOG_N, 8, 1, 16)]
+    del costs[:]
+    assert checkersModule._verifyOrDummy(b"guess", None) is False
+    assert checkersModule._verifyOrDummy(b"guess", stored) is False
+    assert costs == [(SCRYPT_LOG_N, 8, 1, 16), (TEST_HASH_COST, 8, 1, 16)]
 
 
 def test_malformedUserNameStillPaysForAVerification(users, verifications):

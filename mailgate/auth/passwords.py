@@ -217,10 +217,18 @@ _dummy = {}
 
 def dummyHash(logN=SCRYPT_LOG_N):
     """
-    A hash of a random password with default parameters: verifying against
+    A hash no password matches, with default parameters: verifying against
     it costs what verifying a real user's password costs, so an unknown user
     cannot be told from a wrong password by timing.
+
+    Made of a random salt and a random digest, not by hashing a random
+    password: that cost a second scrypt on the first unknown user's login
+    of each process, which then took twice as long as a wrong password's
+    (with a short C{--auth-failure-delay}, a name tried first after a
+    restart could be told apart).
     """
     if logN not in _dummy:
-        _dummy[logN] = hashPassword(os.urandom(16), logN)
+        _dummy[logN] = (
+            f"{_PREFIX}ln={logN},r={SCRYPT_R},p={SCRYPT_P}${_b64(os.urandom(16))}${_b64(os.urandom(32))}"
+        )
     return _dummy[logN]
