@@ -227,6 +227,36 @@ def test_aPOP3ClientTalkingToSMTPHasItsPasswordHidden(store, alice, logEvents):
     neverShown(logEvents, PASSWORD)
 
 
+@pytest.mark.parametrize("kind", ["pop3", "smtp"])
+def test_anIMAPClientTalkingToTheWrongPortHasItsPasswordHidden(store, alice, logEvents, kind):
+    """
+    An IMAP client set up with the POP3 or SMTP port sends its tagged
+    LOGIN (user name and password) or AUTHENTICATE (and its SASL
+    responses): the trace shows the tag and the command, not what follows.
+    """
+    if kind == "pop3":
+        s = pop3(store, networks=["192.0.2.7/32"])
+    else:
+        factory = smtpFactory(store, Clock(), hostname="mailgate.test")
+        factory.trace = TraceSelection(["192.0.2.7/32"])
+        s = SMTPSession(store, clock=Clock(), factory=factory, peer=CLIENT)
+    plain = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    s.command("a1 CAPABILITY")
+    s.command(f'a2 LOGIN {ALICE} "{PASSWORD}"')
+    s.command("a3 AUTHENTICATE PLAIN")
+    s.command(plain)
+    s.command("NOOP")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    assert lines == [
+        "C: a1 CAPABILITY",
+        "C: a2 LOGIN <arguments>",
+        "C: a3 AUTHENTICATE <arguments>",
+        "C: <not a command: hidden after IMAP's AUTHENTICATE>",
+        "C: NOOP",
+    ], lines
+    neverShown(logEvents, PASSWORD, plain)
+
+
 def test_aCRAMResponseIsHidden(store, alice, logEvents):
     s = pop3(store, networks=["192.0.2.7/32"])
     reply = s.command("AUTH CRAM-MD5")

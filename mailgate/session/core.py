@@ -271,7 +271,10 @@ class CommandSession(Protocol):
         that reach the command parser (sent along with an AUTH refused
         before any exchange, a mechanism not offered, plaintext refused,
         an SMTP server that has no AUTH, or by a client going on after a
-        refusal) are passwords in base64.
+        refusal) are passwords in base64.  An IMAP client set up with this
+        port sends its password after a tag: a tagged LOGIN's arguments
+        are hidden, and so are AUTHENTICATE's and the lines after it, as
+        after AUTH.
         """
         text = line.decode("utf-8", "replace")
         verb = text.lstrip()[:4].upper()
@@ -285,12 +288,23 @@ class CommandSession(Protocol):
             if len(words) == 3:
                 return f"AUTH {shownInTrace(words[1])} <initial response>"
             return shownInTrace(" ".join(words))
+        words = text.split(None, 2)
+        if len(words) > 1 and words[1].upper() in ("LOGIN", "AUTHENTICATE") and not self._isCommand(words[0]):
+            if words[1].upper() == "AUTHENTICATE":
+                self._traceHiding = "IMAP's AUTHENTICATE"
+            return f"{shownInTrace(words[0])} {words[1].upper()} <arguments>"
         if self._traceHiding is not None:
-            verb = text.partition(" ")[0].upper()
-            if not verb.isalpha() or getattr(self, self.commandPrefix + verb, None) is None:
+            if not self._isCommand(text.partition(" ")[0]):
                 return f"<not a command: hidden after {self._traceHiding}>"
             self._traceHiding = None
         return shownInTrace(text)
+
+    def _isCommand(self, word):
+        """
+        Whether C{word} is the verb of one of the protocol's commands.
+        """
+        verb = word.upper()
+        return word.isascii() and verb.isalpha() and getattr(self, self.commandPrefix + verb, None) is not None
 
     def beginShutdown(self):
         """
