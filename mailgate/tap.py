@@ -79,6 +79,23 @@ def _installHandlers(cls):
             setattr(cls, "opt_" + setting.name.replace("-", "_"), _valueHandler(setting))
 
 
+def _silenceStandardOutput():
+    """
+    Point standard output's descriptor at the null device: its reader is
+    gone, and the interpreter's flush at exit would otherwise report the
+    broken pipe again ("Exception ignored ...").
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 class Options(usage.Options):
     """
     The options of C{twistd mailgate}: one per L{mailgate.config.Setting},
@@ -135,6 +152,15 @@ class Options(usage.Options):
             if getattr(self, "parent", None) is None:
                 raise
             raise SystemExit(f"mailgate: {e} (twistd mailgate --help lists the options)") from None
+        except BrokenPipeError:
+            # twistd mailgate --help | head: the reader gone before the 24
+            # KB of help were written.  Ended as a shell reports a command
+            # killed by SIGPIPE, 141, rather than with Python's traceback;
+            # parsed alone (mailgate serve), the command says so itself.
+            if getattr(self, "parent", None) is None:
+                raise
+            _silenceStandardOutput()
+            raise SystemExit(128 + 13) from None
 
     def opt_version(self):
         """

@@ -615,6 +615,35 @@ def test_whatAReloadReadsThatTwistdsUidUserCannotReadIsWarnedOf():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_twistdsHelpIntoAReaderGoneExits141(monkeypatch):
+    """
+    C{twistd mailgate --help | head}: the reader gone before the help (24
+    KB) was written ends the process as a shell reports a command killed
+    by SIGPIPE, 141, with nothing more written; it was Python's traceback
+    of the BrokenPipeError, exit 1.
+    """
+    import io
+    import sys
+    import types
+
+    readEnd, writeEnd = os.pipe()
+    os.close(readEnd)
+    stdout = io.TextIOWrapper(io.FileIO(writeEnd, "w"), write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    options = tap.Options()
+    # What twistd's ServerOptions gives its subcommand's options.
+    options.parent = types.SimpleNamespace(subCommand="mailgate", getSynopsis=lambda: "Usage: twistd [options]")
+    try:
+        with pytest.raises(SystemExit) as e:
+            options.parseOptions(["--help"])
+        assert e.value.code == 141
+        # The descriptor goes nowhere now: the interpreter's flush at exit
+        # reports nothing.
+        stdout.write("x" * 100000)
+    finally:
+        stdout.close()
+
+
 def test_twistdsChrootIsRefused(capsys):
     """
     twistd changes root once the database is open and the listeners are
