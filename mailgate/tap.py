@@ -244,6 +244,26 @@ class Options(usage.Options):
             f"{'it' if len(names) == 1 else 'them'} another value, which wins; the file's is not served"
         )
 
+    def commandLinePasswordWarning(self):
+        """
+        What to warn of, if anything, in a C{--database} given on the
+        command line with the database's password in it: every user of
+        the machine reads a process's command line (C{ps}) for as long as
+        the server runs, as C{mailgate import pop3} refuses a password in
+        its URL for.  Served all the same (the URL worked before, and may
+        be a test's), but said at every start, as a configuration file
+        others may read is.
+        """
+        database = self.given.get("database")
+        if not database or not hasPassword(database):
+            return None
+        return (
+            "--database on the command line gives the database's password, which every user of this "
+            "machine can read in the process list (ps) while the server runs: set database in the --config "
+            "file (chmod 640) or $MAILGATE_DATABASE instead, or leave the password out of the URL for "
+            "libpq's password file (~/.pgpass)"
+        )
+
 
 _installHandlers(Options)
 
@@ -333,6 +353,9 @@ def makeService(options):
                 f"and a renewed certificate would not be served until a restart; let {user} read them "
                 "(chgrp, chmod g+r)"
             )))
+    warning = options.commandLinePasswordWarning()
+    if warning:
+        service.startupWarnings.append(("config.password_on_command_line", warning))
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread

@@ -301,6 +301,39 @@ def test_makeServiceWithUnopenableDatabase(capsys):
     assert err.count("\n") == 1
 
 
+def test_aDatabasePasswordOnTheCommandLineIsWarnedOf(postgresURL, monkeypatch):
+    """
+    A server given C{--database postgresql://USER:PASSWORD@...} on its
+    command line shows the password to every user of the machine, in the
+    process list, for as long as it runs: served, but warned of at start
+    (without the password), saying where else to put it.  The same URL
+    from the configuration file or C{$MAILGATE_DATABASE} is not.
+    """
+    from mailgate.urls import hasPassword
+
+    assert hasPassword(postgresURL)
+    password = postgresURL.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    options = parse("--database", postgresURL, "--pop3", "tcp:0:interface=127.0.0.1")
+    # What twistd's process would change for good (the global reactor's
+    # dispatch, the root logger) is left alone in the tests' process.
+    monkeypatch.setattr(tap.twistedcompat, "leanEventDispatch", lambda reactor: False)
+    monkeypatch.setattr(tap.logs, "forwardStandardLogging", lambda: None)
+    service = tap.makeService(options)
+    try:
+        [warning] = [text for event, text in service.startupWarnings if event == "config.password_on_command_line"]
+    finally:
+        service.store.close()
+    assert warning.startswith(
+        "--database on the command line gives the database's password, which every user of this machine "
+        "can read in the process list (ps) while the server runs: set database in the --config file"
+    )
+    assert password not in warning
+    monkeypatch.setenv("MAILGATE_DATABASE", postgresURL)
+    for fromElsewhere in (parse(), parse("--database", "postgresql://mailgate@db.example.org/mail")):
+        assert fromElsewhere.commandLinePasswordWarning() is None
+    assert parse("--database", "postgresql://m@db/mail?password=x").commandLinePasswordWarning() == warning
+
+
 # -- service.makeService on a MemoryReactor -----------------------------------------
 
 
