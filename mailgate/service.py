@@ -43,7 +43,7 @@ from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
-from mailgate.store import openStore
+from mailgate.store import openStore, schemaUpgradeNotice
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
@@ -273,6 +273,10 @@ class MailgateService(MultiService):
         #: C{(event, text)} of what the configuration leaves that an
         #: administrator should know of, logged as warnings at start
         self.startupWarnings = []
+        #: C{(event, format, fields)} of what the start did that an
+        #: administrator looks for in the log (the schema it upgraded),
+        #: logged at start
+        self.startupNotices = []
 
     def setServiceParent(self, parent):
         if self.logObserver is not None and isinstance(parent, Componentized):
@@ -469,6 +473,8 @@ class MailgateService(MultiService):
             self._logCertificates("TLS certificate in service", "tls.loaded")
         for event, warning in self.startupWarnings:
             self.log.warn("{warning}", warning=warning, event=event)
+        for event, format, fields in self.startupNotices:
+            self.log.info(format, event=event, **fields)
         self._handleReloadSignals()
 
     def _handleReloadSignals(self):
@@ -1039,7 +1045,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
 
         policyStore = MemoryPolicyStore()
     try:
-        return _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners)
+        root = _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners)
     except BaseException:
         # A setting refused once the database is open (the spool
         # directory, the connection policy's limits): the store opened
@@ -1049,6 +1055,13 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
         if opened:
             store.close()
         raise
+    if opened:
+        # Logged at start, with the warnings: under twistd the store is
+        # opened before the log begins.
+        notice = schemaUpgradeNotice(store.migrationsApplied)
+        if notice is not None:
+            root.startupNotices.append(notice)
+    return root
 
 
 def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners):

@@ -881,3 +881,41 @@ def _tables(cursor, dialect):
     else:
         cursor.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
     return {name for (name,) in cursor.fetchall()}
+
+
+def test_aServerThatUpgradesTheSchemaSaysSo(version3, tmp_path):
+    """
+    A node (or an embedding application) whose start applies migrations
+    logs one line at its start saying from which version to which: the
+    record, in the log of the node that did it, of the moment nodes of the
+    older mailgate stopped being able to start on the database.  A start
+    that finds the schema up to date says nothing; one that made it, that
+    it did.
+    """
+    from iterated import IteratedReactor
+    from twisted.logger import formatEvent
+
+    from mailgate.service import MailgateConfig, makeService
+
+    def start(url=version3):
+        reactor = IteratedReactor()
+        try:
+            service = makeService(MailgateConfig(database=url, pop3=[]), reactor=reactor)
+            reactor.resultOf(service.store.close())
+        finally:
+            reactor.close()
+        return [
+            (fields, formatEvent({"log_format": format, **fields}))
+            for event, format, fields in service.startupNotices
+            if event == "database.schema_upgraded"
+        ]
+
+    ((fields, text),) = start()
+    assert (fields["from_version"], fields["to_version"]) == (3, LATEST)
+    assert text == (
+        f"database schema upgraded from version 3 to {LATEST} (migrations 4 to {LATEST} applied): "
+        f"nodes of a mailgate older than this one no longer start on this database"
+    )
+    assert start() == []
+    ((_, created),) = start(f"sqlite:///{tmp_path / 'new.sqlite3'}")
+    assert created == f"database schema created (version {LATEST})"

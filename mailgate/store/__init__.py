@@ -124,9 +124,11 @@ def openStore(url, reactor, server=True, metrics=None):
         if not engine.ephemeral:
             upgrading = SynchronousDatabase(engine)
             try:
-                upgrade(upgrading)
+                applied = upgrade(upgrading)
             finally:
                 upgrading.close()
+        else:
+            applied = []
         database = Database(engine, reactor, metrics=metrics)
     except DatabaseRefused as e:
         engine.releaseServer()
@@ -139,4 +141,31 @@ def openStore(url, reactor, server=True, metrics=None):
         raise
     store = SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
     store.metrics = metrics
+    #: the migrations this start applied (see L{schemaUpgradeNotice})
+    store.migrationsApplied = applied
     return store
+
+
+def schemaUpgradeNotice(applied):
+    """
+    What a start that applied migrations says in the log: the record, on
+    the node that did it, of when nodes of an older mailgate stopped being
+    able to start on the database (they refuse a newer schema), which a
+    rolling upgrade of a cluster looks for.
+
+    @param applied: the migrations applied, in order.
+    @return: C{(event, format, fields)} for a log line, or C{None} if
+        none was applied.
+    """
+    if not applied:
+        return None
+    first, last = applied[0].version, applied[-1].version
+    fields = {"from_version": first - 1, "to_version": last}
+    if first == 1:
+        return ("database.schema_upgraded", "database schema created (version {to_version})", fields)
+    return (
+        "database.schema_upgraded",
+        "database schema upgraded from version {from_version} to {to_version} ({which} applied): "
+        "nodes of a mailgate older than this one no longer start on this database",
+        dict(fields, which=f"migration {last}" if first == last else f"migrations {first} to {last}"),
+    )
