@@ -1031,6 +1031,11 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     }
     tls = makeTLS(config)
     affinity = makeAffinity(config)
+    # Whatever listens: config --check and a reload refuse a spool
+    # directory that cannot be used, and mailgate deliver uses the file's;
+    # checked only for SMTP and LMTP, a POP3 server started on a file
+    # that every systemctl reload then refused.
+    checkedSpoolDirectory(config)
     if metrics is None:
         metrics = Metrics()
     opened = store is None

@@ -278,6 +278,25 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     assert later == "configuration changed: spool-directory take effect at the next restart"
 
 
+def test_aSpoolDirectoryThatCannotBeUsedStopsEveryStart(tmp_path):
+    """
+    config --check and a reload refuse a spool directory that is not
+    there (and mailgate deliver spools in the file's), as the test above
+    has it of a start: a server of POP3 alone started with it all the same
+    (probe: twistd -n mailgate --spool-directory /nonexistent served), and
+    every systemctl reload of that file then failed.  Refused whatever
+    listens.
+    """
+    store = memoryStore()
+    try:
+        for listeners in ({"pop3": ["tcp:0:interface=127.0.0.1"]}, {"smtp": ["tcp:0:interface=127.0.0.1"]}):
+            config = MailgateConfig(spoolDirectory=str(tmp_path / "missing"), **listeners)
+            with pytest.raises(ConfigurationError, match=f"spool-directory: cannot spool messages in {tmp_path}"):
+                makeService(config, reactor=MemoryReactorClock(), store=store)
+    finally:
+        store.close()
+
+
 def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     """
     A file whose database changed is not one more setting "for the next
