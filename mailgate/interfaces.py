@@ -670,7 +670,15 @@ class IEngine(Interface):
 
     def lockSchema(cursor):
         """
-        Serialise schema upgrades started at the same time (several nodes).
+        Serialise schema upgrades started at the same time (several nodes),
+        and bound how long the migration's statements wait for a table's
+        lock where a waiting one holds up everyone else's (PostgreSQL).
+        """
+
+    def isLockTimeout(exc):
+        """
+        Whether C{exc} is a migration's statement giving up waiting for a
+        table's lock (see L{lockSchema}): the upgrade tries again.
         """
 
     def missingPrivileges(cursor, tables):

@@ -919,3 +919,55 @@ def test_aServerThatUpgradesTheSchemaSaysSo(version3, tmp_path):
     assert start() == []
     ((_, created),) = start(f"sqlite:///{tmp_path / 'new.sqlite3'}")
     assert created == f"database schema created (version {LATEST})"
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aMigrationWaitingForALongTransactionHoldsNoOneUp(version3):
+    """
+    A node upgrading the schema while a long transaction has read the
+    tables a migration alters (pg_dump's, a db copy's, a report's): its
+    ALTER TABLE waits for that transaction, and PostgreSQL queues every
+    later statement on the table behind the waiting ALTER, so the older
+    nodes still serving could not log anyone in or deliver until the dump
+    ended (probe: a login on a version-9 node hung past 40 s while a new
+    node waited to add users.cram_md5).  The migration waits a second at a
+    time, letting the queue through between, and is applied once the long
+    transaction is over.
+    """
+    import time
+
+    import psycopg
+
+    outcome = []
+
+    def start():
+        try:
+            outcome.append(openSynchronousStore(version3))
+        except Exception as e:
+            outcome.append(e)
+
+    node = threading.Thread(target=start, daemon=True)
+    with psycopg.connect(version3) as dump, psycopg.connect(version3, autocommit=True) as other:
+        dump.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        dump.execute("SELECT count(*) FROM maildrop").fetchall()
+        node.start()
+        # The node's migration waiting for the dump's lock on maildrop.
+        deadline = time.monotonic() + 20
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        while other.execute(waiting, (dump.info.backend_pid,)).fetchone()[0] == 0:
+            assert node.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        # Another node's read of the table is answered meanwhile (without
+        # the fix it waits behind the migration until the dump ends: here,
+        # its statement timeout).
+        other.execute("SET statement_timeout = '20s'")
+        assert other.execute("SELECT count(*) FROM maildrop WHERE user_id = 2").fetchone() == (1,)
+        assert node.is_alive(), outcome
+        dump.rollback()
+    node.join(30)
+    assert not node.is_alive()
+    (store,) = outcome
+    try:
+        assert store.database.run(currentVersion) == LATEST
+    finally:
+        store.close()

@@ -43,6 +43,11 @@ from mailgate.store.snapshot import snapshotQuery, unpackSnapshot
 
 CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 60000
+
+#: How long a schema migration's statement waits for a table's lock
+#: before the upgrade rolls back and tries again (see lockSchema): what
+#: the statements of nodes still serving may wait behind it, at most.
+SCHEMA_LOCK_TIMEOUT_MS = 1000
 # Server-side keepalive: a backend whose client machine vanished is dropped
 # after idle + interval * count seconds, releasing that node's locks.
 KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
@@ -232,9 +237,28 @@ class PostgresEngine:
         the nodes starting meanwhile wait for it here, rather than each
         giving up after C{STATEMENT_TIMEOUT_MS} (a temporary failure that
         comes back at every start).
+
+        Then with a lock timeout, for the migration's statements: an ALTER
+        TABLE waiting for a long transaction that has read the table
+        (pg_dump's, a db copy's) would have every later statement on the
+        table queue behind it, and the nodes still serving stop until that
+        transaction ends.  Timed out (L{isLockTimeout}), the upgrade rolls
+        back and tries again, letting the queue through in between.
         """
         cursor.execute("SET LOCAL statement_timeout = 0")
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
+        cursor.execute(f"SET LOCAL lock_timeout = {SCHEMA_LOCK_TIMEOUT_MS}")
+
+    def isLockTimeout(self, exc):
+        """
+        Whether C{exc} (or what it was raised from) is a statement giving
+        up waiting for a lock (SQLSTATE 55P03, lock_not_available).
+        """
+        while exc is not None:
+            if isinstance(exc, pgerrors.LockNotAvailable):
+                return True
+            exc = exc.__cause__
+        return False
 
     def missingPrivileges(self, cursor, tables):
         """

@@ -22,6 +22,7 @@ Layout, with scaling out in mind:
 
 import re
 import sqlite3
+import time
 
 import attr
 
@@ -29,6 +30,11 @@ from mailgate.errors import ConfigurationError, MailgateError
 from mailgate.store.database import runTransaction
 
 SCHEMA_TABLE = "mailgate_schema"
+
+#: Seconds an upgrade whose migration timed out waiting for a table's lock
+#: waits before trying again, doubled at each try up to the maximum.
+_LOCKED_OUT_PAUSE = 0.5
+_LOCKED_OUT_PAUSE_MAX = 8
 
 
 @attr.s(frozen=True)
@@ -483,13 +489,20 @@ def upgradeConnection(engine, conn):
         applyMigration(cursor, engine, pending[0])
         return pending[0]
 
+    pause = _LOCKED_OUT_PAUSE
     while True:
         try:
             migration = runTransaction(engine, conn, step, (), {}, True)
-        except MailgateError:
-            raise
         except Exception as e:
-            if engine.isTransient(getattr(e, "error", e)):
+            if engine.isLockTimeout(e):
+                # A long transaction holds a table the migration changes
+                # (see IEngine.lockSchema): let the statements queued
+                # behind the migration through, and try again, however
+                # long it takes, as the nodes waiting for this one do.
+                time.sleep(pause)
+                pause = min(pause * 2, _LOCKED_OUT_PAUSE_MAX)
+                continue
+            if isinstance(e, MailgateError) or engine.isTransient(getattr(e, "error", e)):
                 raise
             raise _cannotUpgrade(version, e, attempted[-1] if attempted else None) from e
         if migration is None:

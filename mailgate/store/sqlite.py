@@ -470,6 +470,13 @@ class SQLiteEngine:
         Serialise concurrent upgrades; BEGIN IMMEDIATE already does.
         """
 
+    def isLockTimeout(self, exc):
+        """
+        Never: SQLite locks the whole database, for BEGIN IMMEDIATE to wait
+        for (its busy timeout), not a table at a time.
+        """
+        return False
+
     def missingPrivileges(self, cursor, tables):
         """
         None: whoever may open the file may do anything to its tables.
