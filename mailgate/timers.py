@@ -1,7 +1,10 @@
 # -*- test-case-name: tests.test_timers -*-
 """
-Stopping a timer that may already have run.
+Timers: stopping one that may already have run, and measuring what a
+timer waits for on a clock that no step of the wall clock moves.
 """
+
+import time
 
 
 def cancelled(call):
@@ -14,3 +17,34 @@ def cancelled(call):
     if call is not None and call.active():
         call.cancel()
     return None
+
+
+def elapsedClock(clock):
+    """
+    The clock on which to measure how long something has taken, for
+    timers scheduled on C{clock}.
+
+    Twisted's reactor schedules C{callLater} on C{reactor.seconds()}, which
+    is C{time.time}: the wall clock, which NTP or an administrator steps
+    (and a virtual machine resumed after a suspend jumps).  A step forward
+    of an hour makes every pending timer due at once; a timer that then
+    measured the time gone by on the same clock saw an hour go by, and
+    closed every session as idle, every login as too slow, every message
+    arriving as too slow.  A timer that measures on the monotonic clock
+    finds that its time has not come and waits the rest.  (A step back
+    still makes timers late: the reactor's own clock is not mailgate's to
+    change.)
+
+    @param clock: the reactor, or a test's L{twisted.internet.task.Clock}.
+    @return: a callable returning seconds: C{clock.monotonic} when the
+        clock has one (a test's stand-in for the monotonic clock beside a
+        wall clock it steps); C{time.monotonic} when C{clock} keeps the
+        wall clock (the reactor); else C{clock.seconds} (a test's clock,
+        on which no step happens).
+    """
+    monotonic = getattr(clock, "monotonic", None)
+    if monotonic is not None:
+        return monotonic
+    if clock.seconds is time.time:
+        return time.monotonic
+    return clock.seconds

@@ -272,7 +272,7 @@ class AuthorizationCommands:
         if self.factory.policy.isBanned(self.peer):
             # Banned while it waited.
             return self._refuseBanned(login, mechanism)
-        self._loginAsked = self._clock.seconds()
+        self._loginAsked = self._elapsed()
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
@@ -414,7 +414,7 @@ class AuthorizationCommands:
         asked, self._loginAsked = self._loginAsked, None
         if asked is None:
             return self.authFailureDelay
-        return max(0.0, self.authFailureDelay - (self._clock.seconds() - asked))
+        return max(0.0, self.authFailureDelay - (self._elapsed() - asked))
 
     def _loginFailed(self, failure, login, mechanism, password=None):
         self._sasl = None

@@ -117,6 +117,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         # QUIT's removal while it is being written (L{_update})
         self._updating = None
         self._loginTimer = None
+        self._greeted = 0.0
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
 
     # -- the session core's hooks ------------------------------------------
@@ -137,11 +138,18 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             greeting += " " + self.challenge
         self._ok(greeting)
         if self.loginTimeout:
+            self._greeted = self._elapsed()
             self._loginTimer = self._clock.callLater(self.loginTimeout, self._loginTimedOut)
 
     def _loginTimedOut(self):
         self._loginTimer = None
         if self._closed or self.state != AUTHORIZATION:
+            return
+        # Due early when the wall clock, which the reactor's timers run on,
+        # stepped forward: the rest of the time is still the client's.
+        left = self.loginTimeout - (self._elapsed() - self._greeted)
+        if left > 0:
+            self._loginTimer = self._clock.callLater(left, self._loginTimedOut)
             return
         self.factory.metrics.timedOut("pop3", "login")
         self.logInfo(

@@ -64,6 +64,7 @@ from mailgate.session.sender import BlockSender, SendAborted
 from mailgate.session.tlslayer import startTLS
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
+from mailgate.timers import elapsedClock
 from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -330,6 +331,14 @@ class CommandSession(Protocol):
     @property
     def _clock(self):
         return self.factory.reactor
+
+    @property
+    def _elapsed(self):
+        """
+        The clock a session's timers measure elapsed time on: monotonic
+        (L{elapsedClock}), where C{_clock} schedules on the wall clock.
+        """
+        return elapsedClock(self.factory.reactor)
 
     def connectionMade(self):
         self.sessionId = newSessionId()

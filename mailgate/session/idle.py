@@ -3,7 +3,7 @@
 The inactivity timer every session has.
 """
 
-from mailgate.timers import cancelled
+from mailgate.timers import cancelled, elapsedClock
 
 
 class IdleTimer:
@@ -12,7 +12,10 @@ class IdleTimer:
     lazily.  Activity only records a time stamp, so a busy session does not
     pay for cancelling and rescheduling a timer on every command.
 
-    @param clock: provides C{seconds} and C{callLater} (the reactor).
+    @param clock: provides C{seconds} and C{callLater} (the reactor).  The
+        time idle is measured on L{elapsedClock}: the reactor's timers run
+        on the wall clock, and a step of it forward made every check due
+        at once and every session look idle for the step's length.
     @param timeout: seconds of inactivity allowed; 0 for none.
     @param expired: called once the session has been idle for C{timeout}.
     @param busy: returns whether the session is working on something the
@@ -24,6 +27,7 @@ class IdleTimer:
 
     def __init__(self, clock, timeout, expired, busy, shortened=None):
         self._clock = clock
+        self._now = elapsedClock(clock)
         self.timeout = timeout
         self._expired = expired
         self._busy = busy
@@ -40,7 +44,7 @@ class IdleTimer:
         return self.timeout
 
     def activity(self):
-        self.lastActivity = self._clock.seconds()
+        self.lastActivity = self._now()
 
     def start(self):
         self.activity()
@@ -65,7 +69,7 @@ class IdleTimer:
 
     def _check(self):
         self._call = None
-        idle = self._clock.seconds() - self.lastActivity
+        idle = self._now() - self.lastActivity
         limit = self._limit()
         if not limit:
             # No timeout applies now (none is set, and the stress whose

@@ -56,7 +56,7 @@ class ChunkedMessage(MessageContent):
     L{mailgate.message.MessageSpool} in canonical form, under the limits
     DATA's content has (L{MessageContent}).
 
-    @ivar started: when its first chunk came, by the session's clock: the
+    @ivar started: when its first chunk came, by the session's monotonic clock: the
         minimum data rate bounds the message from there to its last chunk,
         as it bounds DATA from the 354 to the final dot.
     @ivar wireOctets: octets of its chunks read so far, as sent.

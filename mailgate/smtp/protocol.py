@@ -274,7 +274,7 @@ class SMTPServer(CommandSession):
         when its message is already too slow is refused at once.
         """
         if self.minDataRate:
-            self._checkDataRate(reader, self._clock.seconds() if started is None else started)
+            self._checkDataRate(reader, self._elapsed() if started is None else started)
 
     @staticmethod
     def _octetsArrived(reader):
@@ -289,7 +289,7 @@ class SMTPServer(CommandSession):
         self._dataTimer = None
         if self._closed or self.rawReceiver is not reader:
             return
-        elapsed = self._clock.seconds() - started
+        elapsed = self._elapsed() - started
         octets = self._octetsArrived(reader)
         allowed = self.idleTimeout + octets / self.minDataRate
         if elapsed < allowed:
@@ -866,7 +866,7 @@ class SMTPServer(CommandSession):
         """
         if spool is None:
             return self._dataReplies(envelope, *self._contentFailed(envelope, content))
-        started = self._clock.seconds()
+        started = self._elapsed()
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
         d.addCallbacks(
             self._delivered,
@@ -970,7 +970,7 @@ class SMTPServer(CommandSession):
         if envelope.chunks is None:
             envelope.chunks = ChunkedMessage(
                 self._newSpool(envelope), self.maxMessageSize, self.maxLineLength,
-                digest=self._deliveryKey(envelope), started=self._clock.seconds(),
+                digest=self._deliveryKey(envelope), started=self._elapsed(),
             )
         return envelope.chunks
 
@@ -1032,7 +1032,7 @@ class SMTPServer(CommandSession):
             metrics.delivery(self.protocolName, "duplicate")
         elif copies:
             metrics.delivery(
-                self.protocolName, "accepted", octets=octets, seconds=self._clock.seconds() - started
+                self.protocolName, "accepted", octets=octets, seconds=self._elapsed() - started
             )
         if copies:
             # Errors count towards maxBadCommands until mail is delivered,

@@ -1,0 +1,137 @@
+"""
+Steps of the wall clock: NTP stepping it by an hour, a virtual machine
+resumed after a suspend.  Twisted's reactor schedules its timers on
+C{time.time}, so a step forward makes every pending timer due at once; a
+timer must then find, on the monotonic clock, that its time has not come.
+The machine's clock is never touched: L{SteppedClock} is a reactor clock
+that a test steps while the monotonic clock stands still.
+"""
+
+import time
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mailgate.testing import POP3Session, SMTPSession, addUser
+from mailgate.timers import elapsedClock
+
+ALICE = "alice@example.org"
+HOUR = 3600
+
+
+class SteppedClock(Clock):
+    """
+    The reactor's clock (the wall clock) beside a monotonic one: time
+    passing (L{advance}) moves both, a step (L{step}) the wall clock alone,
+    running what falls due as the reactor would.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ticks = 1000.0
+
+    def monotonic(self):
+        return self.ticks
+
+    def advance(self, amount):
+        self.ticks += amount
+        super().advance(amount)
+
+    def step(self, amount):
+        super().advance(amount)
+
+
+def test_theReactorMeasuresOnTheMonotonicClockATestClockOnItsOwn():
+    from twisted.internet import reactor
+
+    assert reactor.seconds is time.time  # why this module exists
+    assert elapsedClock(reactor) is time.monotonic
+    clock = Clock()
+    assert elapsedClock(clock) == clock.seconds
+    stepped = SteppedClock()
+    assert elapsedClock(stepped) == stepped.monotonic
+
+
+def test_aStepForwardClosesNoSessionAsIdle(store):
+    """
+    A logged-in POP3 session, an hour's step forward: every timer is due
+    at once, and the idle check found an hour gone by and closed the
+    session.  It now waits out the timeout as if nothing had happened.
+    """
+    addUser(store, ALICE, "wonderland")
+    clock = SteppedClock()
+    session = POP3Session(store, clock=clock)
+    assert session.login(ALICE, "wonderland").startswith("+OK ")
+    timeout = session.protocol.idleTimeout
+    session.advance(10)
+    assert session.clock.step(HOUR) is None and session.advance(0) == b""
+    assert not session.disconnected
+    assert session.command("STAT").startswith("+OK ")
+    assert session.advance(timeout - 1) == b""
+    assert session.advance(1) != b"" and session.disconnected
+
+
+def test_aStepForwardEndsNoLoginAsTooSlow(store):
+    """
+    The login timeout counts from the greeting on the monotonic clock: an
+    hour's step forward closed every connection still logging in.
+    """
+    clock = SteppedClock()
+    session = POP3Session(store, clock=clock, loginTimeout=60)
+    clock.step(HOUR)
+    assert session.advance(0) == b"" and not session.disconnected
+    assert session.advance(59) == b""
+    assert session.advance(1) == b"-ERR no login within 60 seconds; closing the connection\r\n"
+
+
+def test_aStepForwardRefusesNoMessageAsArrivingTooSlowly(store):
+    """
+    A message arriving: an hour's step forward made its data look an hour
+    late, and it was refused with 421 "data too slow" (seconds=3600 in
+    the log).  It is now taken.
+    """
+    addUser(store, ALICE, "wonderland")
+    clock = SteppedClock()
+    session = SMTPSession(store, clock=clock)
+    assert session.command("EHLO client.test").startswith("250")
+    assert session.command("MAIL FROM:<sender@remote.test>").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert session.command("DATA").startswith("354")
+    session.send(b"Subject: over a step\r\n\r\nfirst half\r\n")
+    clock.step(HOUR)
+    assert session.advance(0) == b""
+    assert session.send(b"second half\r\n.\r\n").startswith(b"250 2.0.0")
+
+
+class _PendingPortal:
+    """
+    A portal whose check is still under way until the test answers it
+    (the real check runs on a worker thread).
+    """
+
+    def __init__(self):
+        self.checks = []
+
+    def login(self, credentials, mind, *interfaces):
+        d = defer.Deferred()
+        self.checks.append(d)
+        return d
+
+
+def test_aStepBackDuringAFailedLoginsCheckDoesNotHoldItsAnswerForAnHour(store):
+    """
+    The failure delay counts from the question, on the monotonic clock: a
+    step back of an hour while the password was being checked added the
+    hour to the delay, and the client waited an hour for its -ERR.
+    """
+    clock = SteppedClock()
+    session = POP3Session(store, clock=clock, authFailureDelay=1.0)
+    portal = session.factory.portal = _PendingPortal()
+    session.command(f"USER {ALICE}")
+    assert session.command("PASS wrong") == "" and len(portal.checks) == 1
+    clock.step(-HOUR)
+    clock.advance(0.25)
+    portal.checks[0].errback(UnauthorizedLogin())
+    assert session.advance(0.74) == b""
+    assert session.advance(0.01).startswith(b"-ERR ")
