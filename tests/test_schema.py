@@ -971,3 +971,34 @@ def test_aMigrationWaitingForALongTransactionHoldsNoOneUp(version3):
         assert store.database.run(currentVersion) == LATEST
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aRoleThatMayNotReadTheSchemasVersionIsToldTheGrant(databaseURL, mailOnlyRole):
+    """
+    A role granted every table but mailgate_schema (a DBA granting them
+    one by one) could not read the schema's version: it was taken for a
+    database without mailgate's schema (db version said "schema version
+    0"), and a node or command was told to run db upgrade as the schema's
+    owner, which found nothing to do.  The refusal now names the table
+    and the GRANT, as for any other table.
+    """
+    import psycopg
+
+    openSynchronousStore(databaseURL).close()
+    nodeURL = mailOnlyRole()
+    role = urlsplit(nodeURL).username
+    with psycopg.connect(databaseURL, autocommit=True) as conn:
+        conn.execute(f"REVOKE SELECT ON {SCHEMA_TABLE} FROM {role}")
+    expected = f"the database role {role} may not SELECT on table {SCHEMA_TABLE}, which mailgate needs: "
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(nodeURL)
+    assert str(e.value).startswith(expected)
+    import io
+
+    from mailgate.cli import run
+
+    for command in (["user", "list"], ["db", "version"]):
+        out, err = io.StringIO(), io.StringIO()
+        assert run(["--database", nodeURL, *command], io.StringIO(), out, err, {}) == 78
+        assert out.getvalue() == "" and err.getvalue().startswith("mailgate: " + expected), err.getvalue()

@@ -10,7 +10,7 @@ import os
 from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
 from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore
-from mailgate.store.schema import LATEST, recordedVersion, upgrade
+from mailgate.store.schema import LATEST, databaseVersion, upgrade
 
 
 def _dbUpgrade(store, args, out, stdin):
@@ -96,7 +96,7 @@ def _copySide(url, option, create):
 def _dbVersion(store, args, out, stdin):
     # Read without writing: on a database that is not mailgate's (a
     # mistaken --database), the table of versions is not created.
-    version = store.database.run(recordedVersion) or 0
+    version = databaseVersion(store.database) or 0
     newer = "; newer than this mailgate: upgrade mailgate" if version > LATEST else ""
     out.write(f"schema version {version} (this mailgate: {LATEST}){newer}\n")
 

@@ -425,12 +425,50 @@ def recordedVersion(cursor):
     """
     try:
         cursor.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}")
-    except Exception:
+    except Exception as e:
+        if _isPermissionDenied(e):
+            # The table is there, and this role may not read it: not a
+            # database without mailgate's schema.
+            raise
         # No such table (the only statement of its transaction, so on
         # PostgreSQL nothing is left aborted by it).
         return None
     row = cursor.fetchone()
     return row[0] or 0
+
+
+def _isPermissionDenied(error):
+    """
+    Whether C{error}, or what it was raised from, is PostgreSQL's
+    insufficient_privilege (SQLSTATE 42501).
+    """
+    while error is not None:
+        if getattr(error, "sqlstate", None) == "42501":
+            return True
+        error = error.__cause__
+    return False
+
+
+def databaseVersion(database):
+    """
+    The schema version recorded in the database behind a
+    L{SynchronousDatabase}, read without writing (see L{recordedVersion}).
+
+    @raise mailgate.errors.ConfigurationError: the connection's role may
+        not read it, naming the GRANT that lets it.
+    """
+    return _readVersion(database.engine, database.connection)
+
+
+def _readVersion(engine, conn):
+    try:
+        return runTransaction(engine, conn, recordedVersion, (), {}, False)
+    except Exception as e:
+        if _isPermissionDenied(e):
+            # Says which table, and the grant to make (or, should the
+            # role lack nothing after all, the driver's error below).
+            _checkPrivileges(engine, conn)
+        raise
 
 
 def pendingMigrations(version):
@@ -472,7 +510,7 @@ def upgradeConnection(engine, conn):
     # every start and every mailgate command (mailgate user list) does not
     # wait for SQLite's write lock, which a server's long write (an
     # expunge, a large import) or another upgrade holds, and then fail.
-    version = _checkedVersion(runTransaction(engine, conn, recordedVersion, (), {}, False))
+    version = _checkedVersion(_readVersion(engine, conn))
     if version == LATEST:
         _checkPrivileges(engine, conn)
         return []
