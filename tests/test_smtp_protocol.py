@@ -7,6 +7,8 @@ The tests assert what a client sees: reply codes and texts, and the octets
 stored (read back from the SQLite file itself and through POP3 RETR).
 """
 
+import email
+import email.utils
 import json
 import re
 import sqlite3
@@ -439,6 +441,29 @@ def test_nonASCIIHelloNameIsNotEchoedNorStoredInAnASCIIMessage(users, dbpath):
     assert trace(ascii)["helo"] == b"b?cher.example"
     assert ascii.isascii()
     assert trace(utf8)["helo"] == "bücher.example".encode("utf-8")
+
+
+def test_helloNameCannotChangeHowTheReceivedFieldReads(users, dbpath):
+    """
+    An EHLO name is taken as the client gives it, but its RFC 5322
+    specials are not copied into the Received field, as Postfix's smtpd
+    neuters them: a C{;} there ended the field's tokens, so that a reader
+    took the name's rest for the date, and a C{"} opened a quoted string
+    that swallowed the real date; C{<}, C{>} and C{@} made an address.
+    """
+    s = SMTPSession(users)
+    reply = s.command('EHLO x;Mon,"a<b>@c.test')
+    assert reply.startswith("250-mailgate.test greets x?Mon,?a?b??c.test\r\n"), reply
+    envelope(s, [ALICE])
+    assert s.send(b"Subject: helo\r\n\r\n.\r\n").startswith(b"250 ")
+    message, = storedMessages(dbpath, ALICE)
+    assert trace(message)["helo"] == b"x?Mon,?a?b??c.test"
+    received = email.message_from_bytes(message)["Received"]
+    # The date is what follows the field's first semicolon (RFC 5322
+    # section 3.6.7).
+    tokens, _, date = received.partition(";")
+    assert email.utils.parsedate_to_datetime(date.strip()).year >= 2024, received
+    assert '"' not in tokens and "<" not in tokens.partition("for <")[0], received
 
 
 @pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])

@@ -57,17 +57,26 @@ class Envelope:
     chunks = attr.ib(default=None, repr=False)
 
 
+#: What an EHLO name may not carry into the Received field, as Postfix's
+#: smtpd neuters them: a comment's parentheses and quoting backslash, and
+#: RFC 5322's specials that change how the field reads: C{;} ends its
+#: tokens (what follows is taken for the date), C{"} opens a quoted
+#: string that swallows the rest (the date included), C{<}, C{>} and C{@}
+#: make an address of it.
+_NEUTERED = '()\\;"<>@'
+
+
 def fieldText(text, utf8=False):
     """
     Make client-supplied text (an EHLO name) safe inside a header field
-    or a reply: printable, no line breaks, bounded; and ASCII unless the
-    transaction is SMTPUTF8 (C{utf8}): a header field of any other
-    message is ASCII (RFC 5322 section 2.2), and so is a reply to a
-    client that has not asked for SMTPUTF8 (RFC 6531).
+    or a reply: printable, no line breaks, none of L{_NEUTERED}, bounded;
+    and ASCII unless the transaction is SMTPUTF8 (C{utf8}): a header field
+    of any other message is ASCII (RFC 5322 section 2.2), and so is a
+    reply to a client that has not asked for SMTPUTF8 (RFC 6531).
     """
     text = text[:100]
     return "".join(
-        ch if ch.isprintable() and ch not in "()\\" and (utf8 or ch.isascii()) else "?"
+        ch if ch.isprintable() and ch not in _NEUTERED and (utf8 or ch.isascii()) else "?"
         for ch in text
     )
 
