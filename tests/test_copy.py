@@ -425,3 +425,35 @@ def test_aSourceWrittenDuringTheCopyIsCopiedAsItWasWhenTheCopyBegan(tmp_path, po
         store.close()
     out = check("--database", target, "deliver", ALICE, input=message(3))
     assert len(uniqueIds(mailbox(target, ALICE))) == 2, out
+
+
+def test_aCopyIntoATargetAnotherCopyFilledMeanwhileIsRefusedAsNotEmpty(tmp_path, postgresURL, monkeypatch):
+    """
+    Two copies into the same empty PostgreSQL target at once (a copy run
+    again while the first still runs): both find it empty, the first
+    commits, and the second's rows collide with the first's.  It is
+    refused as a copy into a database that has users (exit 73), not an
+    internal error naming the driver's UniqueViolation (exit 70; probe:
+    two mailgate db copy into one schema half a second apart), and the
+    first copy's target stays as it made it.
+    """
+    import mailgate.store.copy as copying
+
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=b"pw\n")
+    check("--database", source, "deliver", ALICE, input=message(1))
+    read = copying._readSnapshot
+
+    def anotherCopyFirst(source, readOne):
+        # The other copy, which found the target empty as well, commits
+        # its users and mail now.
+        monkeypatch.setattr(copying, "_readSnapshot", read)
+        check("db", "copy", "--from", sourceURL, "--to", postgresURL)
+        return read(source, readOne)
+
+    sourceURL = source
+    monkeypatch.setattr(copying, "_readSnapshot", anotherCopyFirst)
+    code, out, err = mailgate("db", "copy", "--from", source, "--to", postgresURL)
+    assert (code, out) == (73, ""), (code, out, err)
+    assert err.startswith("mailgate: the target database already has users"), err
+    assert mailbox(postgresURL, ALICE) == mailbox(source, ALICE)

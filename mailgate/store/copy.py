@@ -150,7 +150,18 @@ def copyDatabase(source, target):
 
         _readSnapshot(source, read)
 
-    target.database.run(write, write=True)
+    try:
+        target.database.run(write, write=True)
+    except Exception as e:
+        # The target was empty when this copy looked: another writer (a
+        # second copy into it, run while this one was) has committed
+        # users since, whose keys this copy's rows collide with.
+        if targetEngine.isUniqueViolation(e):
+            raise CopyError(
+                "the target database already has users (written while this copy ran: another copy "
+                "into it?); copy into an empty database"
+            ) from e
+        raise
     return report
 
 
