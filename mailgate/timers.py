@@ -39,12 +39,14 @@ def elapsedClock(clock):
     @return: a callable returning seconds: C{clock.monotonic} when the
         clock has one (a test's stand-in for the monotonic clock beside a
         wall clock it steps); C{time.monotonic} when C{clock} keeps the
-        wall clock (the reactor); else C{clock.seconds} (a test's clock,
-        on which no step happens).
+        wall clock (the reactor) or none (a test's reactor that only runs
+        calls); else C{clock.seconds} (a test's clock, on which no step
+        happens).
     """
     monotonic = getattr(clock, "monotonic", None)
     if monotonic is not None:
         return monotonic
-    if clock.seconds is time.time:
+    seconds = getattr(clock, "seconds", None)
+    if seconds is None or seconds is time.time:
         return time.monotonic
-    return clock.seconds
+    return seconds

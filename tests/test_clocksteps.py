@@ -12,6 +12,7 @@ import time
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from mailgate.testing import POP3Session, SMTPSession, addUser
 from mailgate.timers import elapsedClock
@@ -135,3 +136,65 @@ def test_aStepBackDuringAFailedLoginsCheckDoesNotHoldItsAnswerForAnHour(store):
     portal.checks[0].errback(UnauthorizedLogin())
     assert session.advance(0.74) == b""
     assert session.advance(0.01).startswith(b"-ERR ")
+
+
+def test_aStepForwardGivesUpNoDatabaseConnectionMidStatement(postgresURL):
+    """
+    A statement under way on a reactor-driven PostgreSQL connection, an
+    hour's step forward: its deadline (75 seconds) looked an hour past,
+    and the connection was given up ("no answer in 75 seconds"), failing
+    the statement.  The statement is now answered on its connection.
+    """
+    from iterated import IteratedReactor
+    from mailgate.store import engineFromURL
+    from mailgate.store.database import WorkerThreads
+    from mailgate.store.pgreactor import ReactorConnection, Statement
+
+    sleep = Statement("test_step_sleep", "SELECT pg_sleep($1::float8)")
+    engine = engineFromURL(postgresURL)
+    reactor = IteratedReactor()
+    step = [0.0]
+    reactor.monotonic = time.monotonic
+    reactor.seconds = lambda: time.time() + step[0]
+    threads = WorkerThreads(reactor, 1, "test-connect")
+    threads.start()
+    conn = ReactorConnection(reactor, lambda: threads.submit(engine.connectPrepared, [sleep]), "test connection")
+    try:
+        d = conn.execute(sleep, [b"0.3"])
+        reactor.callLater(0.1, step.__setitem__, 0, HOUR)
+        result = reactor.wait(d, timeout=10)
+        assert not isinstance(result, Failure), result
+        assert conn.connections == 1
+    finally:
+        reactor.wait(conn.close())
+        threads.stop()
+        reactor.close()
+
+
+class _Durations:
+    def __init__(self):
+        self.seconds = []
+
+    def databaseError(self):
+        pass
+
+    def databaseOperation(self, operation, seconds):
+        self.seconds.append(seconds)
+
+
+def test_aStepBackMakesNoDatabaseStatementTakeLessThanNothing():
+    """
+    A statement's duration (mailgate_database_seconds) is
+    measured on the monotonic clock: a step back of an hour while it ran
+    made it take -3600 seconds, which a histogram takes into its lowest
+    bucket and subtracts from its sum.
+    """
+    from mailgate.store.postgres import _measure
+
+    clock, durations = SteppedClock(), _Durations()
+    d = defer.Deferred()
+    _measure(d, durations, "test", clock)
+    clock.step(-HOUR)
+    clock.advance(0.25)
+    d.callback(None)
+    assert durations.seconds == [0.25]

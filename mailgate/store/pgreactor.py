@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
-from mailgate.timers import cancelled
+from mailgate.timers import cancelled, elapsedClock
 
 #: parameter type OIDs, for L{Statement.types}
 INT4 = 23
@@ -229,6 +229,10 @@ class ReactorConnection(_Connection):
         @param name: what log lines call it.
         """
         self._reactor = reactor
+        # The deadline is measured on the monotonic clock: the reactor's
+        # timers run on the wall clock, and a step of it forward made the
+        # statement under way look unanswered for the step's length.
+        self._elapsed = elapsedClock(reactor)
         self._connect = connect
         self._name = name
         self._fd = -1
@@ -296,7 +300,7 @@ class ReactorConnection(_Connection):
             self._lose(oneLine(e))
             return
         self._current = (d, [])
-        self._sentAt = self._reactor.seconds()
+        self._sentAt = self._elapsed()
         if self._timer is None:
             self._timer = self._reactor.callLater(self.deadline, self._checkDeadline)
         self._flush()
@@ -318,7 +322,7 @@ class ReactorConnection(_Connection):
         self._timer = None
         if self._current is None or self._pg is None:
             return
-        left = self._sentAt + self.deadline - self._reactor.seconds()
+        left = self._sentAt + self.deadline - self._elapsed()
         if left <= 0:
             self._lose(f"no answer in {self.deadline:g} seconds")
         else:

@@ -40,6 +40,7 @@ from mailgate.store.pgreactor import (
     oneLine,
 )
 from mailgate.store.snapshot import snapshotQuery, unpackSnapshot
+from mailgate.timers import elapsedClock
 
 CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 60000
@@ -457,13 +458,17 @@ def _measure(d, metrics, operation, reactor):
     """
     Tell C{metrics} how long the statement C{d} waits for takes, from now,
     as C{operation}, and whether it failed; C{d}'s result is left as it is.
+    Measured on the monotonic clock (L{elapsedClock}): the reactor's is the
+    wall clock, and a step of it made a statement take an hour, or less
+    than nothing.
     """
-    started = reactor.seconds()
+    now = elapsedClock(reactor)
+    started = now()
 
     def measured(result):
         if isinstance(result, Failure):
             metrics.databaseError()
-        metrics.databaseOperation(operation, reactor.seconds() - started)
+        metrics.databaseOperation(operation, now() - started)
         return result
 
     d.addBoth(measured)
@@ -1048,14 +1053,15 @@ class ReactorMessageReads:
         metrics = self._metrics
         if metrics is None:
             return self._execute(statement, params).addCallback(decode)
-        started = self._reactor.seconds()
+        now = elapsedClock(self._reactor)
+        started = now()
 
         def failed(failure):
             metrics.databaseError()
             return failure
 
         def measured(result):
-            metrics.databaseOperation(operation, self._reactor.seconds() - started)
+            metrics.databaseOperation(operation, now() - started)
             return result
 
         return self._execute(statement, params).addCallbacks(decode, failed).addBoth(measured)
