@@ -444,14 +444,13 @@ def test_aCopyIntoATargetAnotherCopyFilledMeanwhileIsRefusedAsNotEmpty(tmp_path,
     check("--database", source, "deliver", ALICE, input=message(1))
     read = copying._readSnapshot
 
-    def anotherCopyFirst(source, readOne):
+    def anotherCopyFirst(sourceStore, readOne):
         # The other copy, which found the target empty as well, commits
         # its users and mail now.
         monkeypatch.setattr(copying, "_readSnapshot", read)
-        check("db", "copy", "--from", sourceURL, "--to", postgresURL)
-        return read(source, readOne)
+        check("db", "copy", "--from", source, "--to", postgresURL)
+        return read(sourceStore, readOne)
 
-    sourceURL = source
     monkeypatch.setattr(copying, "_readSnapshot", anotherCopyFirst)
     code, out, err = mailgate("db", "copy", "--from", source, "--to", postgresURL)
     assert (code, out) == (73, ""), (code, out, err)
