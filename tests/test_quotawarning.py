@@ -177,7 +177,9 @@ def test_theWarningMessage():
     text = quotaWarningMessage(ALICE, QuotaCrossing(95, "octets", 9_800 << 10, 10 << 20), 1_700_000_000)
     assert b"\r\n" in text and b"\n" not in text.replace(b"\r\n", b"")
     message = email.message_from_bytes(text)
-    assert message["Date"] == "Tue, 14 Nov 2023 22:13:20 GMT"
+    # A numeric zone, as the Received: field has: "GMT" is RFC 5322's
+    # obsolete zone (section 4.3), which a message must not be written with.
+    assert message["Date"] == "Tue, 14 Nov 2023 22:13:20 +0000"
     assert message["Auto-Submitted"] == "auto-generated"
     assert message["Message-ID"].endswith("@example.org>")
     assert "9.6 MB of its 10 MB quota (95%)" in message.get_payload()

@@ -19,10 +19,11 @@ inherits).  The rules they keep:
     kept deleted mail keeps its own, restored mail gets them back.
 """
 
+import datetime
 import hashlib
 import secrets
 import time
-from email.utils import formatdate
+from email.utils import format_datetime
 
 import attr
 from twisted.internet import defer
@@ -190,7 +191,7 @@ def quotaWarningMessage(address, crossing, now):
     )
     header = (
         "Return-Path: <>\n"
-        f"Date: {formatdate(now, usegmt=True)}\n"
+        f"Date: {format_datetime(datetime.datetime.fromtimestamp(int(now), datetime.timezone.utc))}\n"
         f"From: Mail System <postmaster@{domain}>\n"
         f"To: <{address}>\n"
         f"Subject: Your mailbox {state}\n"
