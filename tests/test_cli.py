@@ -1635,6 +1635,11 @@ def test_deliverWithTheServersFileFindsTheUserOfADetail(tmp_path):
     delivered = mailgate("deliver", detail, stdin="Subject: for a list\n\nhello\n")
     assert delivered.code == 0, delivered
     assert delivered.out.startswith(f"delivered to {ALICE} as ")
+    # The Received field names the address as the MTA gave it, as SMTP's
+    # and LMTP's do.
+    assert mailgate("deliver", "-f", "bob@example.net", detail, stdin="Subject: traced\n\nhello\n").code == 0
+    shown = CLI(database)("mailbox", "show", ALICE, "2")
+    assert f"\r\n\tfor <{detail}>; " in shown.out, shown.out
     nobody = mailgate("deliver", "nobody+lists@example.org", stdin="Subject: x\n\nx\n")
     assert (nobody.code, nobody.err) == (67, "mailgate: no such user: nobody+lists@example.org\n")
     assert CLI(database)("deliver", detail, stdin=b"Subject: x\n\nx\n").code == 67

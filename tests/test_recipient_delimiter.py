@@ -7,6 +7,7 @@ end-to-end one runs C{twistd mailgate} with the option and hands mail over
 with Python's C{smtplib.LMTP}, as an MTA does.
 """
 
+import re
 import smtplib
 
 import pytest
@@ -17,7 +18,7 @@ from e2e import DEADLINE, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F40
 from mailgate import tap
 from mailgate.smtp.delivery import LocalDelivery
 from mailgate.smtp.factory import LMTPFactory, SMTPFactory
-from mailgate.testing import SMTPSession, addUser, resultOf
+from mailgate.testing import POP3Session, SMTPSession, addUser, resultOf
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -96,6 +97,38 @@ def test_postmasterWithADetailGoesToThePostmaster(users):
     replies, final = send(s, ["postmaster+abuse@example.org"])
     assert replies[0].startswith("250 ") and final[0].startswith("250 "), (replies, final)
     assert len(sizes(users, ALICE)) == 1
+
+
+def receivedFor(store, address):
+    """
+    The address in the C{for} clause of the Received field of each message
+    in C{address}'s maildrop, read by POP3.
+    """
+    pop = POP3Session(store)
+    assert pop.login(address, PASSWORD).startswith("+OK")
+    count = int(pop.command("STAT").split()[1])
+    found = [re.search(r"\r\n\tfor <([^>]*)>; ", pop.command(f"RETR {n}")) for n in range(1, count + 1)]
+    pop.command("QUIT")
+    return [match and match.group(1) for match in found]
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_theReceivedFieldNamesTheAddressWithItsDetail(users, lmtp):
+    """
+    The Received field's C{for} clause names the recipient as the client
+    did (RFC 5321 section 4.4), detail and all, as Postfix and Dovecot
+    write it: it named the user (bob@example.org), and the only trace of
+    the address the mail was sent to, which a POP3 user's client filters
+    on, was lost.  Normalised as addresses are: nothing else reaches the
+    field.
+    """
+    s = session(users, lmtp=lmtp, postmaster=ALICE)
+    for recipient in ("Bob+Lists@Example.Org", BOB, "postmaster"):
+        replies, final = send(s, [recipient])
+        assert final and final[0].startswith("250 "), (replies, final)
+    assert receivedFor(users, BOB) == ["bob+lists@example.org", BOB]
+    # RFC 5321's <postmaster> names no domain: the address it went to.
+    assert receivedFor(users, ALICE) == [ALICE]
 
 
 @pytest.mark.parametrize(

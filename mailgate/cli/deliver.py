@@ -103,6 +103,9 @@ def _deliver(store, args, out, stdin):
     # is stored, so the MTA's bounce tells the whole truth.
     sender = None if args.sender is None else _sender(args.sender)
     delimiter = getattr(args, "recipientDelimiter", None)
+    # As the MTA named them, details and all, for the Received field's
+    # "for" clause (as SMTP and LMTP write it).
+    named = list(dict.fromkeys(addresses))
     addresses = list(dict.fromkeys(_recipient(store, address, delimiter) for address in addresses))
     trace = ()
     if sender is not None:
@@ -111,7 +114,9 @@ def _deliver(store, args, out, stdin):
         from mailgate.hostname import machineName
         from mailgate.smtp.envelope import Envelope, traceHeaders
 
-        envelope = Envelope(helo=None, peer=None, protocol="local", sender=sender, recipients=addresses)
+        envelope = Envelope(
+            helo=None, peer=None, protocol="local", sender=sender, recipients=addresses, forwardPaths=named
+        )
         trace = traceHeaders(envelope, getattr(args, "hostname", None) or machineName())
     # Keyed by what the MTA handed over: its retry of a delivery whose
     # outcome it did not learn (this command killed after the commit, say)

@@ -12,6 +12,9 @@ import time
 
 import attr
 
+from mailgate.address import asciiDomain, normalizeAddress
+from mailgate.errors import InvalidAddress
+
 
 class SMTPReply(Exception):
     """
@@ -39,7 +42,12 @@ class Envelope:
     One mail transaction.
 
     @ivar sender: the reverse-path, C{""} for the null sender.
-    @ivar recipients: accepted forward-paths, normalised, in RCPT order.
+    @ivar recipients: the users the accepted forward-paths are for,
+        normalised, in RCPT order.
+    @ivar forwardPaths: the accepted forward-paths as the client named
+        them (L{forwardPath}), in the same order: C{bob+lists@example.org},
+        which C{--recipient-delimiter} made bob's mail, is C{bob}'s in
+        L{recipients} and itself here.  Empty: the same as L{recipients}.
     @ivar parameters: the MAIL FROM ESMTP parameters.
     @ivar chunks: the message as its BDAT chunks arrive (a
         L{mailgate.smtp.chunks.ChunkedMessage}), from the first chunk to
@@ -51,10 +59,35 @@ class Envelope:
     protocol = attr.ib()
     sender = attr.ib(default="")
     recipients = attr.ib(factory=list)
+    forwardPaths = attr.ib(factory=list)
     parameters = attr.ib(factory=dict)
     transactionId = attr.ib(factory=lambda: secrets.token_hex(6).upper())
     utf8 = attr.ib(default=False)
     chunks = attr.ib(default=None, repr=False)
+
+
+def forwardPath(mailbox, accepted):
+    """
+    A recipient as the client named it at RCPT, for the Received field's
+    C{for} clause (RFC 5321 section 4.4), as Postfix and Dovecot write it:
+    with its detail.  The user's address alone (C{bob@example.org} for
+    C{bob+lists@example.org}) took away the only trace of the address
+    the mail was sent to, which a POP3 user's client filters on.
+
+    @param mailbox: the RCPT's mailbox, as parsed.
+    @param accepted: the address the delivery accepted it as.
+    @return: C{mailbox} normalised as addresses are (lower case, the
+        domain's ASCII form), so that the field holds nothing else than an
+        address of that form; C{accepted} if it names none (RFC 5321's
+        domainless C{<postmaster>}).
+    """
+    local, at, domain = mailbox.rpartition("@")
+    if not at:
+        return accepted
+    try:
+        return normalizeAddress(f"{local}@{asciiDomain(domain) or domain}")
+    except InvalidAddress:
+        return accepted
 
 
 #: What an EHLO name may not carry into the Received field, as Postfix's
@@ -125,8 +158,9 @@ def traceHeaders(envelope, hostname, now=None):
     peerHost = getattr(envelope.peer, "host", None)
     peerText = addressLiteral(peerHost) if peerHost else "local"
     forClause = ""
-    if len(envelope.recipients) == 1:
-        forClause = f"\r\n\tfor <{envelope.recipients[0]}>"
+    paths = envelope.forwardPaths or envelope.recipients
+    if len(paths) == 1:
+        forClause = f"\r\n\tfor <{paths[0]}>"
     date = _date(int(now))
     # A local hand-over (mailgate deliver) has no client to name.
     origin = "" if envelope.helo is None and envelope.peer is None else (

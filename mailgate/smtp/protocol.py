@@ -37,7 +37,7 @@ from mailgate.session.trace import startTrace
 from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
-from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, traceHeaders
+from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders
 from mailgate.smtp.syntax import (
     EnvelopeSyntaxError,
     NonASCIIAddress,
@@ -631,6 +631,7 @@ class SMTPServer(CommandSession):
         def accepted(address):
             if self._envelope is envelope:
                 envelope.recipients.append(address)
+                envelope.forwardPaths.append(forwardPath(mailbox, address))
             self._reply(250, "2.1.5", f"recipient <{mailbox}> OK")
 
         def refused(failure):
