@@ -183,3 +183,54 @@ def test_theClockOffsetLeavesOutTheWaitForAThread(postgresURL):
     finally:
         del store.database.runInteraction
         store.close()
+
+
+def test_aNodeWhoseClockRunsAheadRemovesNothingAnotherNodeKeeps(postgresURL):
+    """
+    Node A's clock runs a year ahead (NTP not yet synchronised after a
+    boot, an RTC set wrong); B's is right, keeps deleted mail three days,
+    and delivered a message today.  A reads the PostgreSQL server's clock
+    (every 30 s) and knows its own is ahead: until it agrees again, its
+    retention task removes nothing, its sessions keep what they delete,
+    and its heartbeat does not forget B.  Before, B's heartbeat looked a
+    year old to A: A expired the message as a year old, its QUIT deleted
+    for good what B keeps for recovery, its purge removed what B kept, and
+    its heartbeat deleted B's row and the sessions B registered.
+    """
+    import time
+
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger, formatEvent
+
+    from mailgate.store.housekeeping import RetentionService
+
+    a, b = memoryStore(postgresURL), memoryStore(postgresURL)
+    try:
+        addUser(a, ALICE, "wonderland")
+        Clocked(a, now=time.time() + 365 * 86400)
+        Clocked(b, now=time.time())
+        a.limits.expireDays, a.limits.keepDeletedDays = 30, 0
+        b.limits.keepDeletedDays = 3
+        deliver(b, [ALICE], message(1))
+        deliver(b, [ALICE], message(2))
+        resultOf(b.sessions.flush())
+        resultOf(a.sessions.otherSettings())
+        assert a.sessions.clockAhead
+        assert resultOf(a.expireMessages()) == (0, 0)
+        resultOf(a.sessions.flush())
+        assert len(resultOf(b.listNodes())) == 2  # B still there (A too: its heartbeat is ahead)
+        popDelete(a, ALICE, "wonderland", 1)
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+        assert resultOf(a.purgeDeleted()) == 0
+        assert resultOf(a.forgetDeliveries()) == 0
+        assert len(resultOf(a.listDeleted(ALICE))) == 1
+        assert len(resultOf(a.listMessages(ALICE))) == 1
+        events = []
+        service = RetentionService(a, MemoryReactorClock())
+        service.log = Logger(observer=events.append)
+        assert resultOf(service.runOnce()) == (0, 0)
+        [skipped] = [e for e in events if e.get("event") == "retention.clock_ahead"]
+        assert formatEvent(skipped).startswith("retention: pass skipped: this node's clock is 3153")
+    finally:
+        a.close()
+        b.close()

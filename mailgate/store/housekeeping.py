@@ -134,6 +134,17 @@ class RetentionService(_Repeating):
     @defer.inlineCallbacks
     def _run(self):
         store = self._store
+        if store.sessions.clockAhead:
+            # What it removes it judges by times other nodes wrote, which
+            # look older to it than they are (see SessionRegistry.clockAhead).
+            self.log.warn(
+                "retention: pass skipped: this node's clock is {seconds:.0f} s ahead of the database server's, "
+                "and the other nodes' times look that much older; nothing is removed until the clocks agree "
+                "(NTP, chrony)",
+                seconds=store.sessions.clockOffset.seconds,
+                event="retention.clock_ahead",
+            )
+            return (0, 0)
         expired = busy = 0
         for _ in range(self.maxPasses):
             removed, skipped = yield store.expireMessages(self.usersPerPass, self.messagesPerTransaction)

@@ -1051,8 +1051,11 @@ class LifecycleStore:
         nodes at once).
 
         @return: a L{Deferred} of C{(messages removed, maildrops skipped
-            because busy)}.
+            because busy)}; C{(0, 0)} while this node's clock runs ahead of
+            the database server's (L{SessionRegistry.clockAhead}).
         """
+        if self.sessions.clockAhead:
+            return defer.succeed((0, 0))
         now = self._now()
 
         @defer.inlineCallbacks
@@ -1093,8 +1096,11 @@ class LifecycleStore:
         (all of it when that is 0), or than a live node keeps it (see
         L{_keptLongest}), at most C{limit} messages.
 
-        @return: a L{Deferred} of how many were removed.
+        @return: a L{Deferred} of how many were removed (none while this
+            node's clock runs ahead: L{SessionRegistry.clockAhead}).
         """
+        if self.sessions.clockAhead:
+            return defer.succeed(0)
         now = self._now()
         return self.database.runWrite(
             _purgeKept, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, limit
@@ -1106,8 +1112,11 @@ class LifecycleStore:
         window (L{StoreLimits.duplicateWindow}, or a live node's longer
         one): a message sent again after that is stored again.
 
-        @return: a L{Deferred} of how many were forgotten.
+        @return: a L{Deferred} of how many were forgotten (none while this
+            node's clock runs ahead: L{SessionRegistry.clockAhead}).
         """
+        if self.sessions.clockAhead:
+            return defer.succeed(0)
         now = self._now()
         return self.database.runWrite(
             _forgetDeliveries, now, self.limits.duplicateWindow, now - SETTINGS_COUNT_FOR,

@@ -51,6 +51,12 @@ CLOCK_SKEW = 5.0
 #: ... and within which it says they agree again (a second less, so that
 #: an offset near the limit does not warn at every look)
 CLOCK_AGREES = CLOCK_SKEW - 1.0
+#: seconds this node's clock may run ahead of the database server's
+#: before it stops removing what it judges by the times other nodes wrote
+#: (L{SessionRegistry.clockAhead}): well above NTP's noise, well below
+#: L{FORGET_AFTER}, beyond which the others' heartbeats look old enough
+#: to forget them, and their settings no longer count
+CLOCK_AHEAD_LIMIT = 60.0
 
 
 @attr.s(frozen=True)
@@ -72,6 +78,13 @@ class ClockOffset:
         Surely more than L{CLOCK_SKEW} apart (however the round trip split).
         """
         return abs(self.seconds) - self.uncertainty > CLOCK_SKEW
+
+    @property
+    def ahead(self):
+        """
+        Surely more than L{CLOCK_AHEAD_LIMIT} ahead.
+        """
+        return self.seconds - self.uncertainty > CLOCK_AHEAD_LIMIT
 
     @property
     def agrees(self):
@@ -434,7 +447,7 @@ class SessionRegistry:
         removed, self._removed = self._removed, {}
         logins, self._logins = self._logins, {}
         forget = None
-        if self._lastBeat is None or now - self._lastBeat >= HEARTBEAT:
+        if (self._lastBeat is None or now - self._lastBeat >= HEARTBEAT) and not self.clockAhead:
             forget = now - FORGET_AFTER
         announced = nodeSettings(self._store.limits, self.quotaExceeded, self.recipientDelimiter)
         if self.clockOffset is not None:
@@ -498,13 +511,34 @@ class SessionRegistry:
 
         return d.addCallback(read)
 
+    @property
+    def clockAhead(self):
+        """
+        Whether this node's clock was found, at the last comparison
+        (L{otherSettings}, PostgreSQL only), to run more than
+        L{CLOCK_AHEAD_LIMIT} ahead of the database server's.  The other
+        nodes' heartbeats then look older to it than they are: past
+        L{FORGET_AFTER} it took the nodes for gone, forgot their rows and
+        sessions and left their settings out, and by a year it took the
+        mail they delivered today for a year old.  Until the clocks agree
+        again this node removes nothing it judges by their times: its
+        retention task skips its passes, its heartbeat forgets no node,
+        and its sessions keep what they delete, for the nodes with right
+        clocks to purge in their time.
+        """
+        offset = self.clockOffset
+        return offset is not None and offset.ahead
+
     def othersKeepDeleted(self):
         """
         Whether another live node keeps deleted mail for recovery, as last
         read (L{otherSettings}): then this node keeps what its sessions
         delete too, whatever its own C{--keep-deleted-days}, as that node
-        would not want it gone at once.
+        would not want it gone at once.  So it does while its clock runs
+        ahead (L{clockAhead}): which nodes live, it cannot tell.
         """
+        if self.clockAhead:
+            return True
         return any(type(s.get("keep_deleted_days")) is int and s["keep_deleted_days"] > 0 for _, s in self.others)
 
     def poll(self):
