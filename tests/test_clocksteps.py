@@ -198,3 +198,45 @@ def test_aStepBackMakesNoDatabaseStatementTakeLessThanNothing():
     clock.advance(0.25)
     d.callback(None)
     assert durations.seconds == [0.25]
+
+
+def test_aStepBackSilencesNoRefusalLogForAnHour():
+    """
+    Refused connections are logged at most once a minute for a client: a
+    step back of an hour made the minute last an hour and a minute, and a
+    banned address hammering the server had not a line in the log.
+    """
+    from mailgate.session.refusals import RefusalLog
+
+    clock = SteppedClock()
+    refusals = RefusalLog(clock)
+    assert refusals.note("192.0.2.7", "banned") == 0
+    clock.step(-HOUR)
+    assert refusals.note("192.0.2.7", "banned") is None
+    clock.advance(60)
+    assert refusals.note("192.0.2.7", "banned") == 1
+
+
+def test_aStepBackDelaysNoWarningOfRunningOutOfDescriptors():
+    """
+    The accept loop's warnings (at most one a minute) are timed on the
+    monotonic clock: after a step back of an hour, the next warning was
+    due an hour and a minute after the last, and the EMFILE line not
+    written for that long.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger
+
+    from mailgate.session.accepting import ReserveErrors
+
+    reactor, events = MemoryReactorClock(), []
+    ticks = [0.0]
+    reactor.monotonic = lambda: ticks[0]
+    errors = ReserveErrors(reactor, events.append)
+    errors.log = Logger(observer=events.append)
+    event = {"log_format": "EMFILE recovery file descriptor could not be reopened"}
+    errors(event)
+    reactor.advance(-HOUR)
+    ticks[0] += 60
+    errors(event)
+    assert len([e for e in events if e.get("event") == "listener.no_spare_descriptor"]) == 2

@@ -43,7 +43,7 @@ makes that one warning a minute (C{listener.no_spare_descriptor}).
 from twisted.internet import tcp
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from mailgate.timers import cancelled
+from mailgate.timers import cancelled, elapsedClock
 
 #: seconds between two warnings of one listener running out of descriptors
 LOG_INTERVAL = 60.0
@@ -90,6 +90,9 @@ class AcceptErrors:
         self._name = name
         self._where = where
         self._reactor = reactor
+        # Its minutes are measured on the monotonic clock: a step of the
+        # wall clock back made one last as long as the step.
+        self._now = elapsedClock(reactor)
         self._metrics = metrics
         self._forward = forward
         self._lastWarning = None
@@ -134,13 +137,13 @@ class AcceptErrors:
         self._error = error
         if self._warning is not None:
             return
-        now = self._reactor.seconds()
+        now = self._now()
         delay = 0 if self._lastWarning is None else max(0, self._lastWarning + LOG_INTERVAL - now)
         self._warning = self._reactor.callLater(delay, self._writeWarning)
 
     def _writeWarning(self):
         self._warning = None
-        self._lastWarning = self._reactor.seconds()
+        self._lastWarning = self._now()
         closed, self._closedSinceWarning = self._closedSinceWarning, 0
         failed, self._failedSinceWarning = self._failedSinceWarning, 0
         error = self._error
@@ -199,6 +202,9 @@ class ReserveErrors:
 
     def __init__(self, reactor, forward=globalLogPublisher):
         self._reactor = reactor
+        # Its minutes are measured on the monotonic clock: a step of the
+        # wall clock back made one last as long as the step.
+        self._now = elapsedClock(reactor)
         self._forward = forward
         self._lastWarning = None
         self._sinceWarning = 0
@@ -210,7 +216,7 @@ class ReserveErrors:
             return
         self.failures += 1
         self._sinceWarning += 1
-        now = self._reactor.seconds()
+        now = self._now()
         if self._lastWarning is not None and now - self._lastWarning < LOG_INTERVAL:
             return
         self._lastWarning = now

@@ -18,11 +18,14 @@ L{mailgate.policy.descriptors}: the session core sees no policy module.
 """
 
 from mailgate.networks import clientOfHost
+from mailgate.timers import elapsedClock
 
 
 class RefusalLog:
     """
-    @param clock: provides C{seconds()} (the reactor).
+    @param clock: provides C{seconds()} (the reactor); the minute is
+        measured on L{elapsedClock}, or a step of the wall clock back made
+        it last as long as the step.
     @ivar interval: seconds between two lines of one address and reason.
     @ivar maxEntries: addresses remembered; past it, those whose minute is
         over are forgotten (and, if that is not enough, all: some
@@ -33,7 +36,7 @@ class RefusalLog:
     maxEntries = 10000
 
     def __init__(self, clock):
-        self._clock = clock
+        self._now = elapsedClock(clock)
         #: (host, reason) -> [time of the last line, refusals not logged since]
         self._seen = {}
 
@@ -45,7 +48,7 @@ class RefusalLog:
         @return: C{None} if it is not to be logged, or how many refusals
             of C{host} for C{reason} were not logged since its last line.
         """
-        now = self._clock.seconds()
+        now = self._now()
         # One client is one client whatever address it takes: an IPv6 one
         # is its /64, as the policy bans it.  Keyed by address, a banned
         # /64 taking a new address for every connection had each refusal
