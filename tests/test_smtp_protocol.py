@@ -466,6 +466,35 @@ def test_helloNameCannotChangeHowTheReceivedFieldReads(users, dbpath):
     assert '"' not in tokens and "<" not in tokens.partition("for <")[0], received
 
 
+@pytest.mark.parametrize("chunks", [False, True], ids=["data", "bdat"])
+def test_contentCannotContinueTheReceivedField(users, dbpath, chunks):
+    """
+    A message whose first line begins with a space or a tab: stored right
+    after mailgate's Received field, that line continued it (RFC 5322
+    section 2.2.3), and the sender wrote what it liked into mailgate's
+    own trace field, after its date.  An empty line ends the header with
+    mailgate's fields first, as Postfix's cleanup does, and the content
+    is the body, as it came.
+    """
+    content = b" (authenticated as the administrator)\r\nSubject: folded\r\n\r\nbody\r\n"
+    s = session(users)
+    if chunks:
+        s.command(f"MAIL FROM:<{SENDER}>")
+        s.command(f"RCPT TO:<{ALICE}>")
+        # The first chunk of one octet: the space alone.
+        assert s.send(b"BDAT 1\r\n ").startswith(b"250 ")
+        rest = content[1:]
+        assert s.send(b"BDAT %d LAST\r\n" % len(rest) + rest).startswith(b"250 ")
+    else:
+        envelope(s, [ALICE])
+        assert s.send(stuff(content)).startswith(b"250 ")
+    message, = storedMessages(dbpath, ALICE)
+    header, _, body = message.partition(b"\r\n\r\n")
+    assert b"administrator" not in header, message
+    assert body == content, message
+    assert email.message_from_bytes(message)["Received"].rstrip().endswith("+0000"), message
+
+
 @pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
 def test_smtputf8MessageIsReceivedWithUTF8SMTP(users, dbpath, lmtpSession):
     """

@@ -62,8 +62,8 @@ class ChunkedMessage(MessageContent):
     @ivar wireOctets: octets of its chunks read so far, as sent.
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=None, digest=None, started=None):
-        super().__init__(spool, maxSize, maxLineLength, digest)
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None, started=None, afterTrace=False):
+        super().__init__(spool, maxSize, maxLineLength, digest, afterTrace)
         self.started = started
         self.wireOctets = 0
         # A CR that ended the last piece: whether it ends a line depends

@@ -52,11 +52,14 @@ class MessageContent:
         nothing more is stored, the rest of the data is read and dropped.
     @ivar digest: a L{mailgate.message.DeliveryKey} fed every octet of
         content stored, or C{None}.
+    @ivar afterTrace: the spool begins with mailgate's trace fields, which
+        the content must not continue (see L{_keep}).
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None, afterTrace=False):
         self.spool = spool
         self.digest = digest
+        self.afterTrace = afterTrace
         self.maxSize = maxSize
         self.maxLineLength = maxLineLength
         self.tooLarge = False
@@ -91,6 +94,14 @@ class MessageContent:
         if block.count(b"\n") != block.count(b"\r\n"):
             self.bareLineFeeds = True
             block = _BARE_LF.sub(b"\r\n", block)
+        # Content whose first line begins with a space or a tab would
+        # continue the field before it (RFC 5322 section 2.2.3): mailgate's
+        # own Received field, to which a sender then added what it liked
+        # after the date.  Such a line begins no header field: an empty
+        # line first ends the header with mailgate's fields, and the
+        # content is the message's body, as Postfix's cleanup makes it.
+        # Not content: not counted, nor part of the delivery key.
+        separated = self.afterTrace and self.received == 0 and block[:1] in (b" ", b"\t")
         self.received += len(block)
         if self.received > self.maxSize:
             self.tooLarge = True
@@ -99,6 +110,8 @@ class MessageContent:
         if self.digest is not None:
             self.digest.update(block)
         try:
+            if separated:
+                self.spool.writeBlock(b"\r\n")
             self.spool.writeBlock(block, atLineStart)
         except OSError:
             self.storageFailed = True
@@ -115,8 +128,8 @@ class DataReader(MessageContent):
     @ivar wireOctets: octets read from the connection, as sent.
     """
 
-    def __init__(self, spool, maxSize, maxLineLength=None, digest=None):
-        super().__init__(spool, maxSize, maxLineLength, digest)
+    def __init__(self, spool, maxSize, maxLineLength=None, digest=None, afterTrace=False):
+        super().__init__(spool, maxSize, maxLineLength, digest, afterTrace)
         self.wireOctets = 0
         self._carry = b""
         self._previousEndedCRLF = True

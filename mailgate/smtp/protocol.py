@@ -795,7 +795,8 @@ class SMTPServer(CommandSession):
 
     def _startData(self, envelope):
         self.rawReceiver = DataReader(
-            self._newSpool(envelope), self.maxMessageSize, self.maxLineLength, digest=self._deliveryKey(envelope)
+            self._newSpool(envelope), self.maxMessageSize, self.maxLineLength, digest=self._deliveryKey(envelope),
+            afterTrace=True,
         )
         self._startDataTimer(self.rawReceiver)
         self._send("354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -971,7 +972,7 @@ class SMTPServer(CommandSession):
         if envelope.chunks is None:
             envelope.chunks = ChunkedMessage(
                 self._newSpool(envelope), self.maxMessageSize, self.maxLineLength,
-                digest=self._deliveryKey(envelope), started=self._elapsed(),
+                digest=self._deliveryKey(envelope), started=self._elapsed(), afterTrace=True,
             )
         return envelope.chunks
 
