@@ -675,6 +675,13 @@ class IEngine(Interface):
         lock where a waiting one holds up everyone else's (PostgreSQL).
         """
 
+    def tableNames(cursor):
+        """
+        The names of the tables of the database (PostgreSQL: of the schema
+        mailgate's tables go in, the search path's first), whoever's they
+        are.
+        """
+
     def isLockTimeout(exc):
         """
         Whether C{exc} is a migration's statement giving up waiting for a

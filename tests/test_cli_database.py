@@ -375,3 +375,33 @@ def test_aDatabaseInADirectoryThatIsNotThereIsSaidToBeSo(tmp_path):
         f"mailgate: cannot open SQLite database {missing}/mail.sqlite3: unable to open database file "
         f"(there is no directory {missing})\n",
     )
+
+
+@pytest.mark.parametrize("argv", [["user", "list"], ["who"], ["ban", "list"], ["mailbox", "list", ALICE]])
+def test_anotherApplicationsDatabaseIsNotMadeMailgates(databaseURL, argv):
+    """
+    A command that does not create a database (a listing), pointed by a
+    mistyped --database at another application's database, refuses it, as
+    it refuses a missing file, rather than install mailgate's tables in it
+    (probe: mailgate user list on an SQLite file holding a table invoices
+    listed no users and left 15 tables of mailgate's beside it).
+    """
+    from mailgate.urls import shownURL
+
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+        runTransaction(engine, conn, lambda cursor: cursor.execute("CREATE TABLE invoices (id INTEGER)"), (), {}, True)
+    finally:
+        conn.close()
+    code, out, err = mailgate(databaseURL, *argv)
+    where = engine.path if engine.name == "sqlite" else shownURL(databaseURL)
+    assert (code, out) == (78, ""), (code, out, err)
+    assert err.startswith(
+        f"mailgate: no mailgate database in {where}: it holds another application's tables (invoices) and none "
+        "of mailgate's (check --database; "
+    ), err
+    assert _tables(databaseURL) == ["invoices"]
+    # deliver: the MTA keeps the message (75), as for a missing file.
+    assert mailgate(databaseURL, "deliver", ALICE, stdin="Subject: x\r\n\r\nx\r\n")[0] == 75
+    assert _tables(databaseURL) == ["invoices"]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure, UnavailableAtStart
 from mailgate.store.database import Database, SynchronousDatabase
-from mailgate.store.schema import upgrade
+from mailgate.store.schema import databaseVersion, upgrade
 from mailgate.store.sql import SQLMailStore
 from mailgate.urls import shownURL
 
@@ -73,7 +73,8 @@ def openSynchronousStore(url, migrate=True, create=True):
     @param create: create an SQLite file that does not exist yet.  Without,
         a missing file is an error: a mistyped path must not become an
         empty database that reads as one without users.
-    @raise NoSuchDatabase: the file is missing and C{create} is false.
+    @raise NoSuchDatabase: the file is missing, or the database holds
+        another application's tables, and C{create} is false.
     """
     engine = engineFromURL(url)
     if not create and _missingFile(engine):
@@ -81,11 +82,36 @@ def openSynchronousStore(url, migrate=True, create=True):
     database = SynchronousDatabase(engine)
     try:
         if migrate:
+            if not create:
+                _refuseAnotherApplications(database, url)
             upgrade(database)
     except BaseException:
         database.close()
         raise
     return SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
+
+
+def _refuseAnotherApplications(database, url):
+    """
+    Refuse a database that holds tables and no mailgate schema: another
+    application's, which a mistyped URL named.  What does not create a
+    database must not install mailgate's tables beside someone else's, as
+    it must not make a missing file.  (An empty one is made mailgate's,
+    as one made beforehand for it is.)
+
+    @raise NoSuchDatabase: naming the tables found.
+    """
+    if databaseVersion(database) is not None:
+        return
+    names = database.run(database.engine.tableNames)
+    if not names:
+        return
+    engine = database.engine
+    where = engine.path if engine.name == "sqlite" else shownURL(url)
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise NoSuchDatabase(
+        f"no mailgate database in {where}: it holds another application's tables ({shown}) and none of mailgate's"
+    )
 
 
 def _missingFile(engine):

@@ -250,6 +250,13 @@ class PostgresEngine:
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
         cursor.execute(f"SET LOCAL lock_timeout = {SCHEMA_LOCK_TIMEOUT_MS}")
 
+    def tableNames(self, cursor):
+        cursor.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+        )
+        return sorted(name for (name,) in cursor.fetchall())
+
     def isLockTimeout(self, exc):
         """
         Whether C{exc} (or what it was raised from) is a statement giving

@@ -470,6 +470,11 @@ class SQLiteEngine:
         Serialise concurrent upgrades; BEGIN IMMEDIATE already does.
         """
 
+    def tableNames(self, cursor):
+        # Less SQLite's own (sqlite_sequence, sqlite_stat1).
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
+        return sorted(name for (name,) in cursor.fetchall())
+
     def isLockTimeout(self, exc):
         """
         Never: SQLite locks the whole database, for BEGIN IMMEDIATE to wait
