@@ -31,7 +31,7 @@ import smtplib
 import pytest
 
 from dovecotserver import PrivateDovecot, requireDovecot
-from e2e import _LOGGED_ERROR, DEADLINE, sqliteOnly
+from e2e import _LOGGED_ERROR, DEADLINE, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_lmtp_vs_dovecot import withoutTrace
 
@@ -208,6 +208,14 @@ def test_dovecotProxiesByBDAT(mailgate_server, mailgate_cli, dovecot, monkeypatc
     # (1) Dovecot sent every proxied message in BDAT chunks, never DATA:
     # one chunk for a small message, several for the long one (Dovecot
     # cuts them at 128 KiB), and nothing for the refused recipient.
+    # The trace reaches the test through a thread reading the server's
+    # output: wait (bounded) until it shows the refused recipient's RCPT,
+    # which comes after everything else checked here.
+    def tracedUpToTheRefusal():
+        transactions = tracedTransactions(server.stdout)
+        return len(transactions) >= 4 and transactions[3][0]
+
+    waitFor(tracedUpToTheRefusal, "mailgate's trace of the fourth transaction's RCPT")
     log = server.stdout
     transactions = tracedTransactions(log)
     assert [recipients for recipients, _ in transactions] == [[ALICE], [ALICE], [ALICE, BOB], [NOBODY]], log
