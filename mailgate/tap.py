@@ -25,6 +25,7 @@ from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
+from mailgate.timers import monotonicTimers
 from mailgate.urls import hasPassword
 
 _log = Logger()
@@ -330,6 +331,12 @@ def makeService(options):
     # twistd's reactor, installed by now: taken here, at the top, and
     # passed down like every other part.
     from twisted.internet import reactor
+
+    if parent is not None:
+        # The process is twistd's, its reactor mailgate's alone: its timers
+        # run on the monotonic clock, which no step of the wall clock moves
+        # (an embedder's reactor is left as it is).
+        monotonicTimers(reactor)
 
     owner = twistdUser(parent)
     try:

@@ -50,3 +50,45 @@ def elapsedClock(clock):
     if seconds is None or seconds is time.time:
         return time.monotonic
     return seconds
+
+
+def wallClock(clock):
+    """
+    The clock on which to read the times that are written to the database
+    or compared with what is there (failed logins, bans' ends): wall-clock
+    times, which every node and the C{mailgate} command share.
+
+    @param clock: the reactor, or a test's L{twisted.internet.task.Clock}.
+    @return: C{time.time} when C{clock}'s timers run on the monotonic clock
+        (the reactor of C{twistd mailgate}, L{monotonicTimers}) or it has
+        none; else C{clock.seconds} (an embedder's reactor, on the wall
+        clock; a test's clock).
+    """
+    seconds = getattr(clock, "seconds", None)
+    if seconds is None or seconds is time.monotonic:
+        return time.time
+    return seconds
+
+
+def monotonicTimers(reactor):
+    """
+    Have C{reactor} run its timers on the monotonic clock, if it has none
+    scheduled yet (they were scheduled on its wall clock, and would not
+    be due for decades).
+
+    Twisted's reactor runs them on the wall clock: a step of it back (NTP
+    correcting a clock that ran ahead, a real-time clock kept in local
+    time) held back every timer of the process as long as the step: idle
+    and login timeouts, heartbeats (the other nodes took this one for
+    gone), ban refreshes, the retention task, and the systemd watchdog's
+    C{WATCHDOG=1}, whose unit then restarted the server, ending every
+    session.  mailgate reads wall-clock times from L{wallClock}.
+
+    @return: whether it does now.
+    """
+    if reactor.seconds is time.monotonic:
+        return True
+    if reactor.getDelayedCalls():
+        return False
+    reactor.seconds = time.monotonic
+    return True

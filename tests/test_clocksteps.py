@@ -46,7 +46,7 @@ class SteppedClock(Clock):
 def test_theReactorMeasuresOnTheMonotonicClockATestClockOnItsOwn():
     from twisted.internet import reactor
 
-    assert reactor.seconds is time.time  # why this module exists
+    assert reactor.seconds in (time.time, time.monotonic)  # twistd mailgate: monotonic
     assert elapsedClock(reactor) is time.monotonic
     clock = Clock()
     assert elapsedClock(clock) == clock.seconds
@@ -240,3 +240,69 @@ def test_aStepBackDelaysNoWarningOfRunningOutOfDescriptors():
     ticks[0] += 60
     errors(event)
     assert len([e for e in events if e.get("event") == "listener.no_spare_descriptor"]) == 2
+
+
+def test_monotonicTimersOnlyOnAReactorWithNothingScheduled():
+    """
+    C{twistd mailgate} runs the reactor's timers on the monotonic clock:
+    on the wall clock, a step of it back held every timer back as long as
+    the step (idle and login timeouts, heartbeats, ban refreshes, and the
+    systemd watchdog's WATCHDOG=1, whose unit restarts the server after
+    60 s without one).  A reactor with calls scheduled on the wall clock
+    is left as it is: they would never be due.
+    """
+    from iterated import IteratedReactor
+
+    from mailgate.timers import monotonicTimers, wallClock
+
+    reactor = IteratedReactor()
+    try:
+        assert monotonicTimers(reactor)
+        assert reactor.seconds is time.monotonic
+        assert elapsedClock(reactor) is time.monotonic and wallClock(reactor) is time.time
+        ran = []
+        reactor.callLater(0, ran.append, "ran")
+        reactor.turnUntil(lambda: ran, timeout=5)
+    finally:
+        reactor.close()
+    busy = IteratedReactor()
+    try:
+        call = busy.callLater(60, lambda: None)
+        assert not monotonicTimers(busy)
+        assert busy.seconds is time.time and wallClock(busy) is time.time
+        call.cancel()
+    finally:
+        busy.close()
+
+
+def test_thePolicyKeepsWallClockTimesWhereTheTimersAreMonotonic(store):
+    """
+    The times the connection policy writes to the database and compares
+    with what is there (failed logins, bans' ends) are wall-clock times,
+    which every node and the mailgate command share: on a reactor whose
+    timers run on the monotonic clock, they are read from the wall clock.
+    A ban that ended ten seconds ago is over; a failed login is dated now.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.settings import PolicySettings
+    from mailgate.store.policy import SQLPolicyStore
+    from mailgate.testing import resultOf
+
+    reactor = Clock()
+    reactor.seconds = time.monotonic
+    policies = SQLPolicyStore(store.database)
+    resultOf(policies.addBan("192.0.2.44", time.time() - 3600, 3590))
+    policy = ConnectionPolicy(policies, reactor, PolicySettings(exemptNetworks=["none"]))
+    client = IPv4Address("TCP", "192.0.2.44", 40000)
+    policy.start()
+    try:
+        assert policy.admit("pop3", client) is None
+        policy.connectionClosed("pop3", client)
+        before = time.time()
+        policy.authenticationFailed(client, ALICE, "wrong")
+        [failure] = resultOf(policies.changes(None, before - 5, time.time())).failures
+        assert before - 1 <= failure.at <= time.time() + 1
+    finally:
+        policy.stop()

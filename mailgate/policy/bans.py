@@ -20,6 +20,7 @@ import datetime
 from twisted.logger import Logger
 
 from mailgate.policy.addresses import storedKey
+from mailgate.timers import wallClock
 
 
 def _when(at):
@@ -37,6 +38,8 @@ class BanList:
 
     def __init__(self, clock, metrics):
         self._clock = clock
+        # Times shared with the database: the wall clock's (see wallClock).
+        self._wall = wallClock(clock)
         self._metrics = metrics
         self.version = None
         self._stored = {}
@@ -59,7 +62,7 @@ class BanList:
 
     def isBanned(self, key):
         ban = self._enforced.get(key)
-        return ban is not None and ban.expires > self._clock.seconds()
+        return ban is not None and ban.expires > self._wall()
 
     def get(self, key):
         """
@@ -125,7 +128,7 @@ class BanList:
             as one C{ban.loaded} line, not a C{ban.added} each, which an
             alert on new bans would take for an attack at every restart.
         """
-        now = self._clock.seconds()
+        now = self._wall()
         enforced = {a: b for a, b in self._stored.items() if b.expires > now}
         for address, (ban, _) in list(self._made.items()):
             if ban.expires <= now:
@@ -188,6 +191,6 @@ class BanList:
 
         @return: as L{update}'s (none: an ending ban is not lifted).
         """
-        if self._clock.seconds() < self._nextEnd:
+        if self._wall() < self._nextEnd:
             return []
         return self._settle()

@@ -36,6 +36,7 @@ from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
 from mailgate.policy.repeats import RepeatedCredentials
 from mailgate.policy.settings import PolicySettings
 from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
+from mailgate.timers import wallClock
 
 BANNED = "banned"
 TOO_MANY = "too many connections"
@@ -81,6 +82,8 @@ class ConnectionPolicy:
         settings = PolicySettings() if settings is None else settings
         self.settings = settings
         self._clock = reactor
+        # Times shared with the database: the wall clock's (see wallClock).
+        self._wall = wallClock(reactor)
         self.exempt = ExemptNetworks(settings.exemptNetworks)
         self.limits = ConnectionLimits(settings.maxConnections, settings.maxConnectionsPerAddress)
         self.failures = FailureLog(settings.banWindow)
@@ -171,7 +174,7 @@ class ConnectionPolicy:
             )
             return
         settings = self.settings
-        now = self._clock.seconds()
+        now = self._wall()
         failure = AuthFailure(secrets.token_hex(8), key, login, now)
         self.failures.add(failure)
         count = self.failures.fromAddress(key, now - settings.banWindow)

@@ -19,6 +19,8 @@ never a lockout: the real user still gets in, at most C{maximum} seconds
 later, and the delay fades as the failures leave the window.
 """
 
+from mailgate.timers import wallClock
+
 INITIAL_DELAY = 2.0
 
 # Different addresses failing against one login name before that name is
@@ -59,11 +61,13 @@ class AuthPenalty:
         self._failures = failures
         self.maximum = maximum
         self._clock = clock
+        # Times shared with the database: the wall clock's (see wallClock).
+        self._wall = wallClock(clock)
         # Address to the time of its latest successful login on this node.
         self._cleared = {}
 
     def _since(self):
-        return self._clock.seconds() - self._failures.window
+        return self._wall() - self._failures.window
 
     def delay(self, key, login):
         """
@@ -90,7 +94,7 @@ class AuthPenalty:
         it (they still count towards a ban).
         """
         if key is not None:
-            self._cleared[key] = self._clock.seconds()
+            self._cleared[key] = self._wall()
 
     def prune(self):
         """

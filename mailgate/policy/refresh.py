@@ -20,6 +20,8 @@ it knows.
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailgate.timers import wallClock
+
 REFRESH_INTERVAL = 0.5
 EXPIRE_INTERVAL = 60.0
 # Failures read again from before the previous refresh started: a failure
@@ -43,6 +45,8 @@ class StoreSync:
     def __init__(self, store, reactor, settings, failures, bans, penalty, interval=REFRESH_INTERVAL):
         self.store = store
         self._reactor = reactor
+        # Times shared with the database: the wall clock's (see wallClock).
+        self._wall = wallClock(reactor)
         self._settings = settings
         self._failures = failures
         self._bans = bans
@@ -83,7 +87,7 @@ class StoreSync:
         if self._refreshing:
             return
         self._refreshing = True
-        now = self._reactor.seconds()
+        now = self._wall()
         since = now - self._settings.banWindow if self._since is None else self._since
         d = self.store.changes(self._bans.version, since, now)
         d.addCallbacks(self._apply, self._failed, callbackArgs=(now,), errbackArgs=("refresh",))
@@ -101,7 +105,7 @@ class StoreSync:
     def _refreshed(self, _):
         self._refreshing = False
         self.refreshes += 1
-        now = self._reactor.seconds()
+        now = self._wall()
         self._failures.prune(now)
         self._penalty.prune()
         self._bans.sweep()
