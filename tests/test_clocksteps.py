@@ -306,3 +306,39 @@ def test_thePolicyKeepsWallClockTimesWhereTheTimersAreMonotonic(store):
         assert before - 1 <= failure.at <= time.time() + 1
     finally:
         policy.stop()
+
+
+def test_aStepBackHidesNoFailedLoginsOfTheOtherNodes(store):
+    """
+    Each node reads the failed logins the others recorded since its last
+    read (by its clock, less two seconds), for the penalty they share.
+    The nodes' clocks stepped back an hour together (their NTP server
+    corrected): the failures recorded since were an hour older than the
+    last read, and none reached the other nodes for an hour.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from mailgate.policy.connection import ConnectionPolicy
+    from mailgate.policy.settings import PolicySettings
+    from mailgate.store.policy import SQLPolicyStore
+
+    settings = PolicySettings(banAfter=5, exemptNetworks=["none"])
+    clockA, clockB = Clock(), Clock()
+    clockA.advance(1_700_000_000)
+    clockB.advance(1_700_000_000)
+    nodeA = ConnectionPolicy(SQLPolicyStore(store.database), clockA, settings)
+    nodeB = ConnectionPolicy(SQLPolicyStore(store.database), clockB, settings)
+    nodeA.start()
+    nodeB.start()
+    attacker = IPv4Address("TCP", "192.0.2.66", 50000)
+    try:
+        clockB.advance(1)
+        clockA.advance(-HOUR)
+        clockB.advance(-HOUR)
+        for _ in range(3):
+            nodeA.authenticationFailed(attacker, ALICE)
+        nodeB.sync.refresh()
+        assert nodeB.authenticationDelay(attacker, None) == nodeA.authenticationDelay(attacker, None) == 8
+    finally:
+        nodeA.stop()
+        nodeB.stop()

@@ -88,7 +88,11 @@ class StoreSync:
             return
         self._refreshing = True
         now = self._wall()
-        since = now - self._settings.banWindow if self._since is None else self._since
+        # From the last read's start, or from now if that is later: after
+        # a step of the clock back (on every node: their NTP server
+        # corrected), the failures recorded since are older than the last
+        # read, and would not be read until the clock caught up with it.
+        since = now - self._settings.banWindow if self._since is None else min(self._since, now - OVERLAP)
         d = self.store.changes(self._bans.version, since, now)
         d.addCallbacks(self._apply, self._failed, callbackArgs=(now,), errbackArgs=("refresh",))
         d.addBoth(self._refreshed)
