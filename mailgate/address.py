@@ -50,6 +50,10 @@ def asciiDomain(domain):
 
     @return: the domain, or C{None} if it cannot be converted.
     """
+    # White space around it is forgiven as around an ASCII domain (an
+    # MTA's "alice@bücher.example " was no such user where
+    # "alice@example.org " was alice's).
+    domain = domain.strip()
     if domain.isascii():
         return domain
     # Imported here: only a recipient in Unicode needs it (the package
@@ -81,7 +85,31 @@ def loginAddress(name, defaultRealm=None):
                 raise InvalidAddress("address is not valid UTF-8") from None
         if "@" not in name and name.strip():
             name = f"{name.strip()}@{defaultRealm}"
-    return normalizeAddress(name)
+    return userAddress(name)
+
+
+def userAddress(address):
+    """
+    A user's address as a person or a client writes it, normalised (see
+    L{normalizeAddress}), a domain in Unicode taken as its ASCII form (see
+    L{asciiDomain}): C{alice@bücher.example} is
+    C{alice@xn--bcher-kva.example}, whether mail is sent to it, a
+    C{mailgate} command names it or its user logs in with it.  A login
+    with it was refused as an invalid address while mail to it was
+    delivered, so the name the mail came to did not log in.
+
+    @param address: as L{str} or UTF-8 L{bytes}.
+    @raise InvalidAddress: if it names no address.
+    """
+    if isinstance(address, bytes):
+        try:
+            address = address.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidAddress("address is not valid UTF-8") from None
+    local, at, domain = address.rpartition("@")
+    if at and not domain.isascii():
+        address = f"{local}@{asciiDomain(domain) or domain}"
+    return normalizeAddress(address)
 
 
 def normalizeAddress(address):

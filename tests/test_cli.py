@@ -181,6 +181,9 @@ def test_aDomainInUnicodeIsItsASCIIForm(cli):
     listed = cli("mailbox", "list", "alice@b\u00fccher.example", "--json")
     assert (listed.code, len(listed.out.splitlines())) == (0, 1), listed
     assert cli("user", "quota", "alice@b\u00fccher.example", "1M").code == 0
+    imported = cli("user", "import", "-", "--domain", "B\u00fccher.example", stdin=b"bob:{PLAIN}b\n")
+    assert imported.code == 0, imported
+    assert cli.user("bob@xn--bcher-kva.example") is not None
     # What IDNA cannot convert stays an invalid domain.
     refused = cli("user", "add", "bob@\u2603.example", "--password-stdin", stdin=f"{PASSWORD}\n")
     assert (refused.code, oneLineError(refused)) == (65, "mailgate: invalid domain: '\u2603.example'\n")

@@ -56,3 +56,16 @@ def test_aLineWhoseNameMayHoldThePasswordIsRefusedWithoutShowingIt():
         read = list(readPasswdFile(lines, domain=domain))
         assert [r.number for r in read] == [1, 2, 3, 4] and all(isinstance(r, RefusedLine) for r in read), read
         assert not any("s3cret" in r.reason.lower() for r in read), read
+
+
+def test_aDomainInUnicodeIsItsASCIIForm():
+    """
+    A passwd-file's user (or --domain) in a domain written in Unicode is
+    the user of its ASCII form, the one mail to that address reaches and
+    logins with it log in as (the line was refused as an invalid domain).
+    """
+    lines = ["alice@Bücher.example:{PLAIN}a", "bob:{PLAIN}b"]
+    assert list(readPasswdFile(lines, domain="xn--bcher-kva.example")) == [
+        PasswdAccount(1, "alice@xn--bcher-kva.example", "{PLAIN}a", {}),
+        PasswdAccount(2, "bob@xn--bcher-kva.example", "{PLAIN}b", {}),
+    ]

@@ -1324,3 +1324,43 @@ def test_implicitTLSSessionIsSecure(store, alice, tmp_path):
     assert command(f"USER {ALICE}") == "+OK send PASS\r\n"
     assert command(f"PASS {PASSWORD}") == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
     assert command("QUIT").startswith("+OK")
+
+
+# -- a domain in Unicode -------------------------------------------------------
+
+
+IDN_USER = "alice@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("name", ["alice@bücher.example", "Alice@BÜCHER.example.", "alice@ｂücher.example"])
+def test_aDomainInUnicodeLogsInAsItsASCIIFormThroughEveryMechanism(store, name):
+    """
+    Mail to alice@bücher.example reaches the user alice@xn--bcher-kva.example
+    (SMTP, LMTP, deliver and the mailgate command take a domain in Unicode as
+    its A-labels), so the same name logs her in, whatever the mechanism: it
+    was refused as an invalid address, the name her mail came to unusable
+    for fetching it.
+    """
+    addUser(store, IDN_USER, PASSWORD, apop=True)
+    welcome = f"+OK {IDN_USER} has 0 messages (0 octets)\r\n"
+
+    def loggedIn(session, reply):
+        assert reply == welcome
+        assert session.command("QUIT").startswith("+OK")
+
+    s = POP3Session(store)
+    assert s.command(f"USER {name}").startswith("+OK")
+    loggedIn(s, s.command(f"PASS {PASSWORD}"))
+    s = POP3Session(store)
+    digest = hashlib.md5(s.challenge.encode() + PASSWORD.encode()).hexdigest()
+    loggedIn(s, s.command(f"APOP {name} {digest}"))
+    s = POP3Session(store)
+    loggedIn(s, s.command(f"AUTH PLAIN {plain(name, PASSWORD)}"))
+    s = POP3Session(store)
+    assert s.command(f"AUTH LOGIN {b64(name)}").startswith("+ ")
+    loggedIn(s, s.command(b64(PASSWORD)))
+    s = POP3Session(store)
+    data = cramChallenge(s)
+    loggedIn(s, s.command(b64(cramMD5Response(name, PASSWORD, data))))
+    s = POP3Session(store)
+    loggedIn(s, scramLogin(s, name, PASSWORD))

@@ -6,7 +6,7 @@ C{mailgate user ...}: adding, changing and removing users, their passwords
 
 import re
 
-from mailgate.address import normalizeDomain
+from mailgate.address import asciiDomain, normalizeDomain
 from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
 from mailgate.auth.md5state import hmacMD5Context
 from mailgate.auth.passwords import (
@@ -133,7 +133,8 @@ def _userImport(store, args, out, stdin):
     domain = None
     if args.domain is not None:
         try:
-            domain = normalizeDomain(args.domain)
+            # In Unicode, its ASCII form, as an ADDRESS argument's domain.
+            domain = normalizeDomain(asciiDomain(args.domain) or args.domain)
         except InvalidAddress as e:
             raise CommandError(str(e), EX_USAGE) from None
     try:

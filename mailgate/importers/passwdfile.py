@@ -15,7 +15,7 @@ import re
 
 import attr
 
-from mailgate.address import normalizeAddress
+from mailgate.address import userAddress
 from mailgate.errors import InvalidAddress
 
 
@@ -99,7 +99,9 @@ def _account(number, line, domain, scheme, firstLines):
             raise _Refused(f"{name!r} has no domain: give --domain")
         name = f"{name}@{domain}"
     try:
-        address = normalizeAddress(name)
+        # A domain in Unicode is its ASCII form, as mail to it and logins
+        # with it take it (it was refused as an invalid domain).
+        address = userAddress(name)
     except InvalidAddress as e:
         raise _Refused(str(e)) from None
     if address in firstLines:
