@@ -832,7 +832,7 @@ def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
         )
     except ValueError as e:
         raise ConfigurationError(f"connection policy: {e}") from None
-    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics)
+    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics, defaultRealm=config.authDefaultRealm)
 
 
 def makePOP3Factory(

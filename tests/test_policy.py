@@ -58,11 +58,11 @@ def makeClock():
     return clock
 
 
-def makePolicy(store=None, clock=None, metrics=None, **settings):
+def makePolicy(store=None, clock=None, metrics=None, defaultRealm=None, **settings):
     settings.setdefault("exemptNetworks", NO_EXEMPTIONS)
     store = MemoryPolicyStore() if store is None else store
     clock = makeClock() if clock is None else clock
-    policy = ConnectionPolicy(store, clock, PolicySettings(**settings), metrics=metrics)
+    policy = ConnectionPolicy(store, clock, PolicySettings(**settings), metrics=metrics, defaultRealm=defaultRealm)
     return policy, store, clock
 
 
@@ -178,6 +178,38 @@ def test_loginKeys():
     assert loginKey(None) is None
     assert loginKey("") is None
     assert len(loginKey("x" * 5000)) == 255
+
+
+@pytest.mark.parametrize(
+    "spellings, realm",
+    [
+        (["alice@example.org", "alice@example.org.", "Alice@Example.Org.", "alice", "ALICE"], "example.org"),
+        (
+            [
+                "alice@xn--bcher-kva.example",
+                "alice@b\u00fccher.example",
+                "alice@bu\u0308cher.example",
+                "alice@\uff42\u00fccher.example",
+                "alice@xn--bcher-kva.example.",
+            ],
+            None,
+        ),
+    ],
+    ids=["trailing-dot-and-realm", "unicode-domain"],
+)
+def test_everySpellingOfAUsersLoginCountsAgainstTheOneName(spellings, realm):
+    """
+    The per-name penalty counts the addresses failing against a user
+    whatever spelling of her login they use: every spelling that logs in
+    as her (a trailing dot, the default realm's bare name, her domain in
+    Unicode, composed or not, in full-width letters) was a name of its
+    own, so guessers from many addresses, each with another spelling,
+    never slowed her account.
+    """
+    policy, _, _ = makePolicy(defaultRealm=realm)
+    for number, spelling in enumerate(spellings, 1):
+        policy.authenticationFailed(tcp(f"198.51.100.{number}"), spelling)
+    assert policy.authenticationDelay(tcp("203.0.113.9"), spellings[0]) > 0
 
 
 # -- connection limits -----------------------------------------------------

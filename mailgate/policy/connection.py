@@ -25,6 +25,8 @@ import secrets
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgate.address import loginAddress
+from mailgate.errors import InvalidAddress
 from mailgate.interfaces import IConnectionPolicy
 from mailgate.metrics import Metrics
 from mailgate.policy.addresses import ExemptNetworks, clientIP, clientKey
@@ -44,16 +46,31 @@ TOO_MANY = "too many connections"
 MAX_LOGIN = 255
 
 
-def loginKey(login):
+def loginKey(login, defaultRealm=None):
     """
-    The form a login name is counted under: case-folded, trimmed, at most
-    L{MAX_LOGIN} characters; C{None} for none.
+    The form a login name is counted under: the address it logs in as
+    (L{mailgate.address.loginAddress}: case, a trailing dot, a domain in
+    Unicode, the default realm of a bare name), so that every spelling of
+    one user's login counts against the one name; a name that is no
+    address case-folded and trimmed.  At most L{MAX_LOGIN} characters;
+    C{None} for none.
+
+    Counted as sent, the spellings that log in as one user (alice@, with
+    a trailing dot, the bare name under C{--auth-default-realm}, her
+    domain in Unicode in any of its forms) were names of their own, each
+    with its own count: guessers from many addresses, each spelling her
+    name its own way, never slowed her account.
     """
     if login is None:
         return None
     if isinstance(login, bytes):
         login = login.decode("utf-8", "replace")
-    login = str(login).strip().lower()[:MAX_LOGIN]
+    login = str(login)
+    try:
+        return loginAddress(login, defaultRealm)
+    except InvalidAddress:
+        pass
+    login = login.strip().lower()[:MAX_LOGIN]
     return login or None
 
 
@@ -67,6 +84,8 @@ class ConnectionPolicy:
     @param settings: L{PolicySettings}.
     @param metrics: a L{Metrics}.
     @param refreshInterval: seconds between refreshes from the store.
+    @param defaultRealm: the domain of a login name without one
+        (C{--auth-default-realm}), or C{None}.
 
     @ivar limits: the L{ConnectionLimits}.
     @ivar bans: the L{BanList}.
@@ -78,8 +97,13 @@ class ConnectionPolicy:
 
     log = Logger(namespace="mailgate.policy")
 
-    def __init__(self, store, reactor, settings=None, metrics=None, refreshInterval=REFRESH_INTERVAL):
+    def __init__(
+        self, store, reactor, settings=None, metrics=None, refreshInterval=REFRESH_INTERVAL, defaultRealm=None
+    ):
         settings = PolicySettings() if settings is None else settings
+        # The domain of a bare login name (--auth-default-realm): its
+        # failures count against the user's address (see loginKey).
+        self._defaultRealm = defaultRealm
         self.settings = settings
         self._clock = reactor
         # Times shared with the database: the wall clock's (see wallClock).
@@ -153,11 +177,11 @@ class ConnectionPolicy:
         key = self._key(address)
         if key is None:
             return 0.0
-        return self.penalty.delay(key, loginKey(login))
+        return self.penalty.delay(key, loginKey(login, self._defaultRealm))
 
     def authenticationFailed(self, address, login, password=None):
         try:
-            self._failed(self._key(address), loginKey(login), password)
+            self._failed(self._key(address), loginKey(login, self._defaultRealm), password)
         except Exception:
             self.log.failure("connection policy: recording a failed login")
 
