@@ -5,6 +5,8 @@ of operations on one maildrop, the snapshot taken with the lock, and what
 happens when a lock connection is lost.
 """
 
+from urllib.parse import urlsplit, urlunsplit
+
 import psycopg
 import pytest
 from twisted.python.failure import Failure
@@ -15,6 +17,7 @@ from mailgate.store.postgres import AdvisoryLocks, _key
 from mailgate.store.rows import removeMessages
 from mailgate.testing import addUser, deliver, memoryStore, resultOf
 from iterated import IteratedReactor
+import pgkeyproxy
 
 USERS = [f"user{n}@example.org" for n in range(6)]
 
@@ -227,6 +230,31 @@ def test_aLockWhoseConnectionIsLostIsNoLongerHeld(node):
     assert reactor.wait(locks.acquire(alice)) == alice
     assert lockHolders(url) != [pid]
     reactor.resultOf(locks.release(alice))
+
+
+def test_theGuardKnowsTheLockConnectionBehindAPoolerThatHidesItsPid(node):
+    """
+    Behind a pooler (PgBouncer, session pooling), libpq's backend pid is
+    the one in the pooler's own key, which no backend has: the guard asks
+    the backend for its pid.  Before, it looked for the lock under the
+    pooler's, found none, and every POP3 QUIT that deleted answered
+    -ERR [SYS/TEMP] and removed nothing.
+    """
+    locks, reactor, ids, url = node
+    parts = urlsplit(url)
+    proxy = pgkeyproxy.start((parts.hostname, parts.port), pid=1)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.address[1]}"
+    behind = AdvisoryLocks(engineFromURL(urlunsplit(parts._replace(netloc=netloc))), reactor)
+    try:
+        alice = ids[0]
+        assert reactor.wait(behind.acquire(alice)) == alice
+        assert behind._slots[0].connection.backendPid == 1
+        assert guardHolds(url, behind.writeGuard(alice)) is True
+        reactor.resultOf(behind.release(alice))
+        assert lockHolders(url) == []
+    finally:
+        reactor.resultOf(behind.close())
+        proxy.close()
 
 
 def test_aBackendHoldingTheLockUnderADeadConnectionsPidIsNotTakenForIt(node):

@@ -611,15 +611,22 @@ def takeIdentityLock(pg):
     two-key form lives apart from the one-key locks mailgate keys by
     maildrop (C{objsubid} 2 in C{pg_locks}, against 1).
 
+    The backend's pid is asked of the backend (C{pg_backend_pid()}), not
+    taken from libpq (C{PQbackendPID}): that is the pid of the key the
+    server sent at connection, and a pooler in between (PgBouncer) sends
+    its clients a key of its own, so the guard of every session's
+    deletions looked for the lock under a pid no backend has and every
+    QUIT that deleted answered -ERR [SYS/TEMP], removing nothing.
+
     @return: the pair of keys (each below 2**31, the same as an C{int4}
-        and as the C{oid} C{pg_locks} shows it).
+        and as the C{oid} C{pg_locks} shows it) and the backend's pid.
     """
     for _ in range(8):
         identity = (secrets.randbelow(2**31), secrets.randbelow(2**31))
-        result = pg.exec_(b"SELECT pg_try_advisory_lock(%d, %d)" % identity)
-        [(taken,)] = pgreactor.resultRows(result)
+        result = pg.exec_(b"SELECT pg_try_advisory_lock(%d, %d), pg_backend_pid()" % identity)
+        [(taken, pid)] = pgreactor.resultRows(result)
         if taken == b"t":
-            return identity
+            return identity, int(pid)
     raise TemporaryFailure("cannot take an identity lock for a maildrop lock connection")
 
 
@@ -725,9 +732,10 @@ class AdvisoryLocks:
         self._engine = engine
         self._metrics = None
         self._slots = [_Slot(connection) for connection in connections]
-        # Each lock connection's identity lock (WriteGuard), by its libpq
-        # connection: set on the thread that connects, before the
-        # connection is used; forgotten with the connection.
+        # Each lock connection's identity lock (WriteGuard) and its
+        # backend's pid, by its libpq connection: set on the thread that
+        # connects, before the connection is used; forgotten with the
+        # connection.
         self._identities = weakref.WeakKeyDictionary()
         # User id to the lock connection's generation (its count of
         # connections made) when the lock was granted, None while asked.
@@ -923,10 +931,11 @@ class AdvisoryLocks:
         connection = self._routes[userId][0].connection
         if not connection.connected or connection.connections != generation:
             return None
-        identity = self._identities.get(connection.pgconn)
-        if identity is None:
+        taken = self._identities.get(connection.pgconn)
+        if taken is None:
             return None
-        return WriteGuard(self._writeKey(userId), self._key(userId), connection.backendPid, identity)
+        identity, pid = taken
+        return WriteGuard(self._writeKey(userId), self._key(userId), pid, identity)
 
     def close(self):
         self._held.clear()
