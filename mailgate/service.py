@@ -874,6 +874,7 @@ def makePOP3Factory(
         tracker=tracker,
         policy=policy,
         expire=expire,
+        defaultRealm=config.authDefaultRealm,
     )
     # CRAM-MD5 works for users with APOP (and for those with Dovecot's CRAM-MD5
     # states): offered by nearly the same rule as APOP.

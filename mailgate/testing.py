@@ -452,7 +452,8 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     it, which works only for a user added with C{apop=True}; for USER/PASS
     give C{apop=False} here and set the client's C{allowInsecureLogin}.
     """
-    portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"))
+    defaultRealm = options.get("defaultRealm")
+    portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"), defaultRealm=defaultRealm)
     options.setdefault("authFailureDelay", 0)
     factory = POP3Factory(
         portal,
@@ -463,7 +464,11 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     )
     if sasl:
         factory.sasl = SASLServer(
-            store.findUser, hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret
+            store.findUser,
+            hostname,
+            offerCramMD5=factory.offersCramMD5,
+            sharedSecret=store.sharedSecret,
+            defaultRealm=defaultRealm,
         )
     return factory
 

@@ -418,3 +418,26 @@ def test_theRealPenaltyHoldsTheNextLoginFromThatAddress(store, alice):
     # Another address is not held up.
     other = connect(IPv4Address("TCP", "127.0.0.6", 4712))
     assert userPass(other).startswith("+OK")
+
+
+@pytest.mark.parametrize(
+    "name, user",
+    [("bob", BOB), ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example")],
+    ids=["default-realm", "unicode-domain"],
+)
+def test_aFailedDigestLoginIsForgivenByThatUsersLoginUnderAnyOfItsNames(store, alice, name, user):
+    """
+    fetchmail's CRAM-MD5 before USER/PASS, with the name the user was
+    given (the bare name under --auth-default-realm, her domain in
+    Unicode): her own login forgives the failed digest, as it does with
+    the name spelt as her address.  The held name was compared as sent
+    with the address she logged in as, so every poll counted a failure and
+    the tenth got her address banned.
+    """
+    addUser(store, user, PASSWORD)
+    policy = PenaltyPolicy()
+    s = session(store, policy, apop=True, defaultRealm="example.org")
+    assert cramMD5(s, name, "wrong") == INVALID
+    assert s.command(f"USER {name}") == "+OK send PASS\r\n"
+    assert s.command(f"PASS {PASSWORD}").startswith(f"+OK {user} has 0 messages")
+    assert checks(policy) == [("authenticationSucceeded", CLIENT, name)]

@@ -18,7 +18,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, task
 
-from mailgate.address import normalizeAddress
+from mailgate.address import loginAddress
 from mailgate.auth.credentials import APOPCredentials
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
@@ -501,7 +501,7 @@ class AuthorizationCommands:
         held, self._heldFailure = self._heldFailure, None
         if held is None:
             return
-        if succeededAs is not None and _sameUser(held, succeededAs):
+        if succeededAs is not None and _sameUser(held, succeededAs, self.factory.defaultRealm):
             return
         self.factory.policy.authenticationFailed(self.peer, held)
 
@@ -554,14 +554,18 @@ def _logName(login):
     return name
 
 
-def _sameUser(first, second):
+def _sameUser(first, second, defaultRealm=None):
     """
-    Whether two login names are the same user's (addresses compared in
-    their normal form).
+    Whether two login names are the same user's: addresses compared as the
+    portal reads them (case, a domain in Unicode, the default realm of a
+    bare name).  Compared in their normal form alone, fetchmail's failed
+    CRAM-MD5 as C{bob} (under C{--auth-default-realm}) or as
+    C{bob@bücher.example} was not forgiven by bob's own login, and every
+    poll counted a failure towards a ban.
     """
     def normal(name):
         try:
-            return normalizeAddress(name)
+            return loginAddress(name, defaultRealm)
         except InvalidAddress:
             return name.strip().lower()
 

@@ -121,6 +121,10 @@ class POP3Factory(SessionFactory):
         session's maildrop (C{None} before login), e.g. the C{capability}
         of a store's L{mailgate.interfaces.ILifecycleStore.retention};
         C{None}: always C{EXPIRE NEVER}.
+    @param defaultRealm: the domain of a login name without one (the
+        portal's and the SASL server's, C{--auth-default-realm}), or
+        C{None}: a session reads the names it compares (a failed digest
+        login's and the user's who then logs in) as the portal does.
     """
 
     protocol = POP3Server
@@ -143,8 +147,10 @@ class POP3Factory(SessionFactory):
         metrics=None,
         tracker=None,
         expire=None,
+        defaultRealm=None,
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
+        self.defaultRealm = defaultRealm
         self.portal = portal
         self.hostname = hostname or machineName()
         self.apop = apop
