@@ -419,6 +419,26 @@ def test_aRecipientsDomainInUnicodeIsItsASCIIForm(store, dbpath, lmtpSession, do
     assert len(storedMessages(dbpath, user)) == 1
 
 
+@pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
+@pytest.mark.parametrize("domains", [None, ["example.org"]], ids=["users-domains", "--domain"])
+def test_aRecipientsDomainWithATrailingDotIsAnsweredAlikeWhetherRememberedOrNot(store, lmtpSession, domains):
+    """
+    alice@example.org. is alice's (as her login takes it, and as Postfix
+    strips the dot): its domain is checked in the address's normal form.
+    It was checked as sent, so the first RCPT got 550 5.7.1 relay access
+    denied, and the same RCPT once alice@example.org had been accepted (a
+    remembered address skips the domain check) got 250.
+    """
+    addUser(store, ALICE, PASSWORD)
+    s = SMTPSession(store, lmtp=lmtpSession, domains=domains)
+    assert s.command("LHLO client.test" if lmtpSession else "EHLO client.test").startswith("250")
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    assert s.command(f"RCPT TO:<{ALICE}.>") == f"250 2.1.5 recipient <{ALICE}.> OK\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+    assert s.command(f"RCPT TO:<{ALICE}.>") == f"250 2.1.5 recipient <{ALICE}.> OK\r\n"
+    assert s.command("RCPT TO:<alice@example.net.>").startswith("550 5.7.1 ")
+
+
 def test_nonASCIIHelloNameIsNotEchoedNorStoredInAnASCIIMessage(users, dbpath):
     """
     The client cannot have asked for UTF-8 replies before MAIL, and a

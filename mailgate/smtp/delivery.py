@@ -222,6 +222,12 @@ class LocalDelivery:
             address = normalizeAddress(f"{local}@{domain}")
         except InvalidAddress:
             address = None
+        if address is not None:
+            # The domain of the address it names (alice@example.org. is
+            # alice's, as her login and Postfix take it): checked as sent,
+            # the trailing dot's was another domain, relay access denied,
+            # unless the address was remembered, which skips this check.
+            domain = address.rpartition("@")[2]
         if address is not None and self._remembered(address):
             return defer.succeed(address)
 
