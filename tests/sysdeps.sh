@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the Debian packages whose real programs the suite runs: PostgreSQL
-# (the shared store), Dovecot with its LMTP (migration and compatibility
+# (the shared store) and PgBouncer (tests/test_pgpooler.py), Dovecot with its LMTP (migration and compatibility
 # tests: mail reaches its maildirs the way an MTA delivers it), Postfix
 # (the LMTP pairing), HAProxy (the PROXY-protocol pairing), Prometheus's
 # promtool (the metrics format), and the POP3 clients users run: fetchmail,
@@ -9,7 +9,7 @@
 # there.  Only their binaries are used: the tests start private instances on
 # loopback and never talk to the system services the packages may install.
 set -eu
-PACKAGES="postgresql dovecot-pop3d dovecot-lmtpd postfix haproxy prometheus fetchmail mpop getmail6 curl"
+PACKAGES="postgresql pgbouncer dovecot-pop3d dovecot-lmtpd postfix haproxy prometheus fetchmail mpop getmail6 curl"
 missing=""
 for p in $PACKAGES; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -405,8 +405,50 @@ class PostgresEngine:
 
     def claimServer(self):
         """
-        Any number of nodes may share a PostgreSQL database.
+        Any number of nodes may share a PostgreSQL database, but each node
+        needs connections that are each one database session of their own:
+        refuse a pooler that shares its backends between connections
+        (PgBouncer's C{pool_mode = transaction} or C{statement}).
+
+        Behind one, the maildrop locks (session-level advisory locks) are
+        held by whichever backend ran the statement, which another
+        connection, another node's, may run its own on and find the lock
+        its own (they are re-entrant): two POP3 sessions on one maildrop.
+        The unlock may run on a third, leaving the maildrop locked; and the
+        prepared statements of the lock and read connections are missing
+        on the backends they did not run on.  Such a pooler gives a
+        connection no backend between transactions, and PgBouncer gives
+        the backend last let go to the next statement of any connection:
+        two connections' statements, one after the other, are answered by
+        one pid, or one connection's by two, where each has its own.
+
+        Asked in autocommit, without mailgate's settings (a transaction):
+        a pooler in statement mode refuses transactions.  A connection
+        that fails here is left for the schema upgrade that follows to
+        report.
         """
+        connections = []
+        pids = []
+        try:
+            for _ in range(2):
+                connections.append(
+                    psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **self._keepalive)
+                )
+            for conn in connections + connections[:1]:
+                pids.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        except psycopg.Error:
+            return
+        finally:
+            for conn in connections:
+                conn.close()
+        if pids[0] == pids[1] or pids[0] != pids[2]:
+            raise ConfigurationError(
+                f"PostgreSQL at {self!r}: two connections were answered by one backend, or one connection by "
+                f"two (pids {pids[0]}, {pids[1]}, {pids[2]}): a pooler in transaction or statement mode "
+                "(PgBouncer's pool_mode = transaction) is in between. mailgate's maildrop locks are "
+                "session-level advisory locks and its statements prepared on each connection, which need a "
+                "backend of their own per connection: use pool_mode = session, or connect directly"
+            )
 
     def releaseServer(self):
         pass
