@@ -40,7 +40,7 @@ import tomllib
 import attr
 from twisted.internet.endpoints import serverFromString
 
-from mailgate.address import normalizeAddress, normalizeDomain
+from mailgate.address import asciiDomain, normalizeDomain, userAddress
 from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.memory import TRIM_INTERVAL
@@ -538,14 +538,15 @@ def _shortText(text):
 
 class Domain(Kind):
     """
-    A mail domain, normalised (lower case, IDNA).
+    A mail domain, normalised (lower case, IDNA): one written in Unicode is
+    its ASCII form, as mail, logins and the mailgate command take it.
     """
 
     metavar = "NAME"
 
     def check(self, value):
         try:
-            return normalizeDomain(value)
+            return normalizeDomain(asciiDomain(value) or value)
         except InvalidAddress as e:
             raise ValueError(str(e)) from None
 
@@ -553,14 +554,14 @@ class Domain(Kind):
 class MailAddress(Kind):
     """
     A user's address, normalised (C{local@domain}, the domain in lower
-    case), as the store keeps it.
+    case, one written in Unicode in its ASCII form), as the store keeps it.
     """
 
     metavar = "ADDRESS"
 
     def check(self, value):
         try:
-            return normalizeAddress(value)
+            return userAddress(value)
         except InvalidAddress as e:
             raise ValueError(str(e)) from None
 

@@ -718,3 +718,25 @@ def test_twistdsRundirWithRelativePathsIsRefused(tmp_path, capsys):
     absolute = parse("--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}", "--spool-directory", str(tmp_path))
     assert tap.relativePaths(absolute.config, str(tmp_path / "mailgate.toml")) == []
     assert tap.relativePaths(absolute.config, "mailgate.toml") == ["--config mailgate.toml"]
+
+
+def test_domainsAndAddressesInUnicodeAreTheirASCIIForm():
+    """
+    --domain, --auth-default-realm, --postmaster and --debug-user in
+    Unicode name what mail, logins and the mailgate command name by them
+    (alice@bücher.example is alice@xn--bcher-kva.example everywhere): the
+    server refused to start with them as invalid domains, though the
+    command's user add took them.
+    """
+    config = parse(
+        "--domain", "B\u00fccher.example",
+        "--auth-default-realm", "b\u00fccher.example.",
+        "--postmaster", "Postmaster@b\u00fccher.example",
+        "--debug-user", "alice@bu\u0308cher.example",
+    ).toConfig()
+    assert list(config.domains) == ["xn--bcher-kva.example"]
+    assert config.authDefaultRealm == "xn--bcher-kva.example"
+    assert config.postmaster == "postmaster@xn--bcher-kva.example"
+    assert list(config.debugUsers) == ["alice@xn--bcher-kva.example"]
+    with pytest.raises(usage.UsageError):
+        parse("--domain", "\u2603.example").toConfig()
