@@ -490,3 +490,28 @@ def test_tracingStartsOnAReloadWithoutARestart(mailgate_server, mailgate_cli, tm
     assert "trace peer=127.0.0.3" not in server.stdout
     assert PASSWORD not in server.stdout
     assert server.running()
+
+
+@pytest.mark.parametrize("name", ["alice@b\u00fccher.example", "Alice@xn--bcher-kva.example.", "alice+x@B\u00dcCHER.example"])
+def test_aDebugUserIsTracedUnderEveryNameItsMailAndLoginsTake(store, logEvents, name):
+    """
+    --debug-user alice@xn--bcher-kva.example traces the session whose
+    RCPT or USER names her as delivery and login read names (her domain in
+    Unicode, a trailing dot): compared as sent, the RCPT that brought her
+    mail was not traced.
+    """
+    user = "alice@xn--bcher-kva.example"
+    addUser(store, user, PASSWORD)
+    clock = Clock()
+    factory = smtpFactory(store, clock, lmtp=True, hostname="mailgate.test")
+    factory.delivery.recipientDelimiter = "+"
+    factory.trace = TraceSelection(users=[user])
+    s = SMTPSession(store, lmtp=True, clock=clock, factory=factory, peer=CLIENT)
+    s.command("LHLO mta.test")
+    s.command("MAIL FROM:<sender@remote.test> SMTPUTF8")
+    assert s.command(f"RCPT TO:<{name}>").startswith("250")
+    assert traced(logEvents)[:1] == [f"started: RCPT TO:<{name}>, on --debug-user"]
+    del logEvents[:]
+    s = pop3(store, users=[user])
+    s.command(f"USER {name.replace('+x', '')}")
+    assert traced(logEvents)[:1] == [f"started: USER {name.replace('+x', '')}, on --debug-user"]

@@ -24,6 +24,8 @@ logging ones, on that session alone.
 
 import ipaddress
 
+from mailgate.address import userAddress
+from mailgate.errors import InvalidAddress
 from mailgate.networks import parseNetwork, unmapped
 
 #: characters of a command or reply logged at most
@@ -42,7 +44,7 @@ class TraceSelection:
 
     def __init__(self, networks=(), users=()):
         self.networks = tuple(parseNetwork(n) for n in networks)
-        self.users = frozenset(u.strip().lower() for u in users)
+        self.users = frozenset(_userName(u) for u in users)
 
     def __bool__(self):
         return bool(self.networks or self.users)
@@ -64,7 +66,21 @@ class TraceSelection:
         """
         Whether the sessions of the user named C{name} are traced.
         """
-        return bool(self.users) and name.strip().lower() in self.users
+        return bool(self.users) and _userName(name) in self.users
+
+
+def _userName(name):
+    """
+    A user's name as delivery and logins read it (L{userAddress}: case, a
+    trailing dot, a domain in Unicode): compared as sent, the RCPT to
+    alice@bücher.example that brought alice@xn--bcher-kva.example's mail
+    was not traced.  What is no address is compared trimmed and
+    case-folded.
+    """
+    try:
+        return userAddress(name)
+    except InvalidAddress:
+        return name.strip().lower()
 
 
 def shown(text):
