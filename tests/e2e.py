@@ -16,6 +16,7 @@ with what the process wrote so far.
 import os
 import poplib
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -73,24 +74,76 @@ class _Drain(threading.Thread):
     """
     Read a pipe to its end, line by line, so that the child never blocks
     on a full pipe and the test can look at everything it wrote.
+
+    L{catchUp} reads, in the caller's thread, whatever the pipe holds at
+    that moment, so that a line the child wrote before it answered a
+    client is in L{lines} once the test has the answer, however late
+    this thread is scheduled on a loaded machine (which it was: checks of
+    a line right after a reply failed now and then with the suite on
+    parallel workers).  Reads happen under a lock, on a non-blocking
+    descriptor that only L{close} closes.
     """
 
     def __init__(self, pipe, onLine):
         super().__init__(daemon=True)
         self._pipe = pipe
+        self._fd = pipe.fileno()
+        os.set_blocking(self._fd, False)
         self._onLine = onLine
+        self._lock = threading.Lock()
+        self._partial = b""
+        self._ended = False
         self.lines = []
 
     def run(self):
         try:
-            for raw in iter(self._pipe.readline, b""):
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                self._onLine(line)
-        except (OSError, ValueError):
-            pass
+            while not self._ended:
+                try:
+                    select.select([self._fd], [], [], 0.5)
+                except (OSError, ValueError):
+                    # Closed (L{close}): the loop's test ends it.
+                    time.sleep(0.05)
+                    continue
+                self.catchUp()
         finally:
             self._onLine(None)
+
+    def catchUp(self):
+        """
+        Add to L{lines} every complete line the pipe holds now (and, at its
+        end, the last one even without a newline).
+        """
+        with self._lock:
+            if self._ended:
+                return
+            added = []
+            while True:
+                try:
+                    chunk = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    if self._partial:
+                        added.append(self._partial)
+                        self._partial = b""
+                    self._ended = True
+                    break
+                *complete, self._partial = (self._partial + chunk).split(b"\n")
+                added.extend(raw + b"\n" for raw in complete)
+            decoded = [raw.decode("utf-8", "replace") for raw in added]
+            self.lines.extend(decoded)
+        for line in decoded:
+            self._onLine(line)
+
+    def close(self):
+        """
+        Stop reading and close the pipe.
+        """
+        with self._lock:
+            self._ended = True
+            self._pipe.close()
 
 
 class ServerProcess:
@@ -143,10 +196,12 @@ class ServerProcess:
 
     @property
     def stdout(self):
+        self._out.catchUp()
         return "".join(self._out.lines)
 
     @property
     def stderr(self):
+        self._err.catchUp()
         return "".join(self._err.lines)
 
     def log(self):
@@ -249,8 +304,7 @@ class ServerProcess:
                 self.process.wait(STOP_GRACE)
         for drain in (self._out, self._err):
             drain.join(STOP_GRACE)
-        for pipe in (self.process.stdout, self.process.stderr):
-            pipe.close()
+            drain.close()
         return self.process.returncode
 
     def wait(self, timeout=DEADLINE):
