@@ -371,6 +371,56 @@ def test_aPostgreSQLThatTakesNoWritesIsATemporaryFailure(postgresURL):
         readOnly.close()
 
 
+def test_aPostgreSQLThatTakesWritesAgainGetsThemWithoutARestart(postgresURL):
+    """
+    default_transaction_read_only set on the role (or the database: ALTER
+    ... SET, the first aid while room is made on a disk) is what a session
+    starts with, and lifting it (RESET) changes nothing for the sessions
+    already made.  A write refused so (25006) gives its connection up, so
+    the next one reads the setting as it is then.  Before, a node whose
+    connections were made meanwhile (after a restart of PostgreSQL, say)
+    kept refusing every delivery with 451 once the database took writes
+    again, until the node was restarted.
+    """
+    import psycopg
+
+    from conftest import _requirePostgres
+    from mailgate.store import openStore
+    from pumped import PumpedReactor
+
+    setup = memoryStore(postgresURL)
+    try:
+        addUser(setup, ALICE, PASSWORD)
+    finally:
+        setup.close()
+    role = "mgro_" + secrets.token_hex(4)
+
+    def admin(sql):
+        with psycopg.connect(_requirePostgres(), autocommit=True) as conn:
+            conn.execute(sql)
+
+    admin(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'pw'")
+    reactor = PumpedReactor()
+    store = None
+    try:
+        admin(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+        parts = urllib.parse.urlsplit(postgresURL)
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.netloc.rpartition('@')[2]}"))
+        store = openStore(url, reactor=reactor)
+        refused = reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: refused\r\n\r\nx\r\n")))
+        assert refused.check(TemporaryFailure) and "read-only" in str(refused.value)
+        admin(f"ALTER ROLE {role} RESET default_transaction_read_only")
+        delivered = reactor.wait(store.deliver([ALICE], spoolBytes(b"Subject: taken\r\n\r\nx\r\n")))
+        assert list(delivered) == [ALICE]
+        assert len(reactor.wait(store.listMessages(ALICE))) == 1
+    finally:
+        if store is not None:
+            reactor.resultOf(store.close())
+        admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        admin(f"DROP OWNED BY {role}")
+        admin(f"DROP ROLE {role}")
+
+
 # -- on a small filesystem ---------------------------------------------------------
 
 

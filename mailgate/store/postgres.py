@@ -355,9 +355,16 @@ class PostgresEngine:
         """
         The connection itself failed (as opposed to one statement: a
         timeout or a lock wait reports the same error class but leaves the
-        connection usable).
+        connection usable), or is no longer fit for writes: a server that
+        took no writes (25006) when the session began.  A session keeps the
+        C{default_transaction_read_only} its role and database had when it
+        was made (C{ALTER ROLE|DATABASE ... SET}, the first aid while room
+        is made on a disk), and lifting the setting changes nothing for it:
+        such a write is given a fresh connection, as a lost one is, so the
+        node takes writes again as soon as the database does, without a
+        restart.  Nothing of a write that failed so took effect.
         """
-        if isinstance(exc, psycopg.InterfaceError):
+        if isinstance(exc, (psycopg.InterfaceError, pgerrors.ReadOnlySqlTransaction)):
             return True
         if not isinstance(exc, psycopg.OperationalError) or isinstance(exc, _RETRYABLE):
             return False
