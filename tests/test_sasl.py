@@ -1364,3 +1364,19 @@ def test_aDomainInUnicodeLogsInAsItsASCIIFormThroughEveryMechanism(store, name):
     loggedIn(s, s.command(b64(cramMD5Response(name, PASSWORD, data))))
     s = POP3Session(store)
     loggedIn(s, scramLogin(s, name, PASSWORD))
+
+
+def test_aPasswordSASLprepEmptiesIsNoEmptySCRAMPassword(store):
+    """
+    A password of characters SASLprep maps to nothing (soft hyphens,
+    zero-width spaces) prepares to the empty string, which RFC 7613 (4.2.2)
+    refuses: its SCRAM keys were made from the empty password, so SCRAM
+    with no password at all logged its user in.  It is taken as it is,
+    as a password SASLprep refuses is.
+    """
+    invisible = "\u00ad" * 4 + "\u200b" * 4
+    addUser(store, ALICE, invisible)
+    s = POP3Session(store)
+    assert scramExchange(s, ALICE, "")[2] == INVALID
+    s = POP3Session(store)
+    assert scramLogin(s, ALICE, invisible) == f"+OK {ALICE} has 0 messages (0 octets)\r\n"

@@ -56,3 +56,5 @@ def test_scramDerivesKeysFromThePreparedPassword():
     assert scramPassword("pencil") == b"pencil"
     assert scramPassword("tab\there") == b"tab\there"
     assert scramPassword(b"\xff\xfe") == b"\xff\xfe"
+    # Prepared to nothing: as it is, not the empty password.
+    assert scramPassword("\u00ad\u200b") == "\u00ad\u200b".encode("utf-8")

@@ -110,13 +110,17 @@ def scramPassword(password):
     prepare it before they prove they know it.  A password SASLprep
     refuses (one with control characters, say), or that is not UTF-8, is
     taken as it is, as PostgreSQL does: its SCRAM works for clients that
-    do not prepare it, rather than for none.
+    do not prepare it, rather than for none.  So is one SASLprep empties
+    (soft hyphens, zero-width spaces: RFC 7613 section 4.2.2 refuses the
+    empty result): its keys were the empty password's, and SCRAM with no
+    password logged its user in.
     """
     octets = _bytes(password)
     try:
-        return saslprep(octets.decode("utf-8")).encode("utf-8")
+        prepared = saslprep(octets.decode("utf-8")).encode("utf-8")
     except (UnicodeDecodeError, SASLprepError):
         return octets
+    return prepared or octets
 
 
 def scramSha256Secret(password, iterations=SCRAM_ITERATIONS, salt=None):
