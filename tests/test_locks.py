@@ -5,6 +5,7 @@ of operations on one maildrop, the snapshot taken with the lock, and what
 happens when a lock connection is lost.
 """
 
+import secrets
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -255,6 +256,46 @@ def test_theGuardKnowsTheLockConnectionBehindAPoolerThatHidesItsPid(node):
     finally:
         reactor.resultOf(behind.close())
         proxy.close()
+
+
+def test_aRolesIdleSessionTimeoutEndsNoConnectionOfANode(node):
+    """
+    idle_session_timeout set on the role (ALTER ROLE ... SET, PostgreSQL
+    14 on) ended the lock connection of a POP3 session whose client took
+    longer than it between two commands: the lock went with it, and the
+    session's QUIT with deletions answered -ERR [SYS/TEMP] and removed
+    nothing.  Each connection turns it off for itself, the worker
+    threads' too.
+    """
+    import time
+
+    locks, reactor, ids, url = node
+    role = "mgidle_" + secrets.token_hex(4)
+    with psycopg.connect(url, autocommit=True) as admin:
+        if admin.info.server_version < 140000:
+            pytest.skip("idle_session_timeout is PostgreSQL 14's")
+        admin.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'pw'")
+        admin.execute(f"ALTER ROLE {role} SET idle_session_timeout = '200ms'")
+    parts = urlsplit(url)
+    engine = engineFromURL(urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.netloc.rpartition('@')[2]}")))
+    idle = AdvisoryLocks(engine, reactor)
+    try:
+        alice = ids[0]
+        assert reactor.wait(idle.acquire(alice)) == alice
+        conn = engine.connect()
+        try:
+            # Idle for longer than the role allows (the reactor not turned).
+            time.sleep(0.6)
+            assert guardHolds(url, idle.writeGuard(alice)) is True
+            assert conn.execute("SHOW idle_session_timeout").fetchone()[0] == "0"
+        finally:
+            conn.close()
+        reactor.resultOf(idle.release(alice))
+    finally:
+        reactor.resultOf(idle.close())
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_aBackendHoldingTheLockUnderADeadConnectionsPidIsNotTakenForIt(node):

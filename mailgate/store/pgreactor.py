@@ -80,7 +80,8 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
     """
     Make a connection, in blocking mode: run on a worker thread.
 
-    @param setup: statements run first (C{SET ...}), as C{str}.
+    @param setup: statements run first (C{SET ...}), as C{str}, or a
+        callable that gives them for the server's version number.
     @param statements: the L{Statement}s to prepare.
     @param where: the server, as an error names it (without the password).
     @param parameters: libpq parameters added to C{conninfo}'s.
@@ -107,6 +108,8 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
                 timedOut=time.monotonic() - started >= connectTimeout, timeout=connectTimeout,
             )
         pg.notice_handler = _ignoreNotice
+        if callable(setup):
+            setup = setup(pg.server_version)
         for sql in setup:
             resultRows(pg.exec_(sql.encode("utf-8")))
         for statement in statements:

@@ -68,6 +68,28 @@ CLIENT_KEEPALIVE = {
     "tcp_user_timeout": LOCK_RELEASE_BOUND * 1000,
 }
 
+
+def sessionSettings(serverVersion):
+    """
+    The C{SET} statements each connection starts with, for a server of
+    C{serverVersion} (libpq's number: 150004 for 15.4).
+
+    C{idle_session_timeout} (PostgreSQL 14 on) is turned off whatever the
+    role or the database sets: a node's connections are meant to wait, a
+    lock connection holding the maildrop locks of POP3 sessions whose
+    clients take their time, and one ended while idle took those locks
+    with it, so that every QUIT of those sessions with deletions answered
+    -ERR [SYS/TEMP] and removed nothing.  Nothing of mailgate's waits idle
+    in a transaction: C{idle_in_transaction_session_timeout} is left as
+    the administrator set it.
+    """
+    settings = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
+    settings += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
+    if serverVersion >= 140000:
+        settings.append("SET idle_session_timeout = 0")
+    return settings
+
+
 _RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
 # psycopg's own time-out of a connection attempt (psycopg >= 3.1.?).
 _CONNECTION_TIMEOUT = getattr(pgerrors, "ConnectionTimeout", ())
@@ -196,9 +218,8 @@ class PostgresEngine:
 
     def onConnect(self, conn):
         with conn.cursor() as cursor:
-            cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-            for name, value in KEEPALIVE.items():
-                cursor.execute(f"SET {name} = {value}")
+            for statement in sessionSettings(conn.info.server_version):
+                cursor.execute(statement)
         conn.commit()
 
     def begin(self, conn, write):
@@ -466,10 +487,8 @@ class PostgresEngine:
         L{ReactorMessageReads}), made in blocking mode (on a worker
         thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
         """
-        setup = [f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}"]
-        setup += [f"SET {name} = {value}" for name, value in KEEPALIVE.items()]
         pg = pgreactor.connect(
-            self._conninfo, setup, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._keepalive
+            self._conninfo, sessionSettings, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._keepalive
         )
         if self._namespace is None:
             try:
