@@ -18,6 +18,8 @@ MAX_ADDRESS = 254
 # characters people actually use; domains as LDH labels (or IDNA A-labels).
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# A quoted-pair of a quoted local part (RFC 5321 section 4.1.2).
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def normalizeDomain(domain):
@@ -157,3 +159,31 @@ def withoutDetail(address, delimiters):
     if not cuts:
         return None
     return f"{local[:min(cuts)]}@{domain}"
+
+
+def userOfADetail(address, delimiters):
+    """
+    The user an address names with a detail when the address as a whole
+    is none (L{normalizeAddress} refuses it): a detail is the sender's to
+    choose, in UTF-8 (C{bob+café@}, with SMTPUTF8) or quoted with what a
+    local part cannot hold unquoted (C{"bob+x y"@}), and Dovecot's LMTP
+    and Postfix deliver it to bob, cut at the delimiter before anything
+    else is asked of it.
+
+    @param address: C{local@domain} as the client or the MTA wrote it, the
+        local part possibly quoted (RFC 5321 section 4.1.2).
+    @return: the user's normalised address (see L{withoutDetail},
+        L{userAddress}), or C{None} if it names none.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return None
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    user = withoutDetail(f"{local}@{domain}", delimiters)
+    if user is None:
+        return None
+    try:
+        return userAddress(user)
+    except InvalidAddress:
+        return None

@@ -1645,6 +1645,12 @@ def test_deliverWithTheServersFileFindsTheUserOfADetail(tmp_path):
     assert f"\r\n\tfor <{detail}>; " in shown.out, shown.out
     nobody = mailgate("deliver", "nobody+lists@example.org", stdin="Subject: x\n\nx\n")
     assert (nobody.code, nobody.err) == (67, "mailgate: no such user: nobody+lists@example.org\n")
+    # A detail that is no address's own (an MTA's ${recipient} of SMTPUTF8
+    # mail, or of a quoted local part) is the user's mail, as over LMTP.
+    for recipient in ["alice+caf\u00e9@example.org", "alice+x y@example.org"]:
+        delivered = mailgate("deliver", recipient, stdin="Subject: x\n\nx\n")
+        assert (delivered.code, delivered.out[: len(f"delivered to {ALICE} ")]) == (0, f"delivered to {ALICE} "), delivered
+    assert mailgate("deliver", "nobody+caf\u00e9@example.org", stdin="Subject: x\n\nx\n").code == 67
     assert CLI(database)("deliver", detail, stdin=b"Subject: x\n\nx\n").code == 67
 
 

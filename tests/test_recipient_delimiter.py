@@ -86,6 +86,28 @@ def test_whatNamesNoUserIsStillRefused(users):
     assert [r[:10] for r in replies] == ["550 5.1.1 "] * 3, replies
 
 
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_aDetailThatIsNoAddresssOwnIsStillTheUsersMail(users, lmtp):
+    """
+    The detail is the sender's to choose: in UTF-8 (SMTPUTF8), or quoted
+    with a space in it, bob+café@ and "bob+x y"@ are bob's mail, as
+    Dovecot's LMTP delivers "bob+x y"@ and Postfix's local delivery both.
+    They were 550 5.1.1 no such user: the whole local part, being no
+    address's, was never cut at the delimiter.
+    """
+    s = session(users, lmtp=lmtp)
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    for recipient in ["bob+caf\u00e9@example.org", '"bob+x y"@example.org', '"Bob+\\"q\\""@Example.org']:
+        assert s.command(f"RCPT TO:<{recipient}>") == f"250 2.1.5 recipient <{recipient}> OK\r\n"
+    assert s.command("DATA").startswith("354 ")
+    assert s.send(b"Subject: d\r\n\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(sizes(users, BOB)) == 1
+    # A detail of nobody, or one before any user's name, is nobody's.
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    for recipient in ["nobody+caf\u00e9@example.org", '"+bob x"@example.org', "j\u00f6rg+x@example.org"]:
+        assert s.command(f"RCPT TO:<{recipient}>").startswith("550 5.1.1 ")
+
+
 def test_withoutADelimiterAddressesAreTakenWhole(users):
     s = session(users, delimiter=None)
     replies, _ = send(s, ["bob+lists@example.org"])

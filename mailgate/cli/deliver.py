@@ -4,7 +4,7 @@ C{mailgate deliver}: a message from standard input into local maildrops,
 for an MTA's pipe transport.
 """
 
-from mailgate.address import asciiDomain, normalizeAddress, withoutDetail
+from mailgate.address import asciiDomain, normalizeAddress, userOfADetail, withoutDetail
 from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
@@ -88,6 +88,7 @@ def _recipient(store, address, delimiter):
 
 
 def _deliver(store, args, out, stdin):
+    delimiter = getattr(args, "recipientDelimiter", None)
     addresses = []
     for text in args.addresses:
         # A domain in Unicode (an MTA's ${recipient} of SMTPUTF8 mail) is
@@ -98,11 +99,15 @@ def _deliver(store, args, out, stdin):
         try:
             addresses.append(normalizeAddress(text))
         except InvalidAddress as e:
-            raise CommandError(str(e), EX_NOUSER)
+            # No address as a whole (bob+café@): the user it names with a
+            # detail, if it does, as SMTP and LMTP find it.
+            user = userOfADetail(text, delimiter)
+            if user is None:
+                raise CommandError(str(e), EX_NOUSER)
+            addresses.append(user)
     # All or nothing: an unknown recipient fails the delivery before any copy
     # is stored, so the MTA's bounce tells the whole truth.
     sender = None if args.sender is None else _sender(args.sender)
-    delimiter = getattr(args, "recipientDelimiter", None)
     # As the MTA named them, details and all, for the Received field's
     # "for" clause (as SMTP and LMTP write it).
     named = list(dict.fromkeys(addresses))

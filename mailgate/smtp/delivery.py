@@ -33,7 +33,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailgate.address import asciiDomain, normalizeAddress, withoutDetail
+from mailgate.address import asciiDomain, normalizeAddress, userOfADetail, withoutDetail
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
@@ -221,7 +221,10 @@ class LocalDelivery:
         try:
             address = normalizeAddress(f"{local}@{domain}")
         except InvalidAddress:
-            address = None
+            # No address as a whole (bob+café@, "bob+x y"@): the user it
+            # names with a detail, if it does, as Dovecot and Postfix
+            # deliver it.
+            address = userOfADetail(f"{local}@{domain}", self.recipientDelimiter)
         if address is not None:
             # The domain of the address it names (alice@example.org. is
             # alice's, as her login and Postfix take it): checked as sent,
