@@ -4,12 +4,15 @@ pooling (one backend shared by many connections, which breaks session-level
 advisory locks and prepared statements) is refused at start, in one line.
 """
 
+import io
+
 import pytest
 
+from mailgate.cli import EX_CONFIG, run
 from mailgate.errors import ConfigurationError
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks
-from mailgate.testing import memoryStore
+from mailgate.testing import addUser, memoryStore
 from iterated import IteratedReactor
 from pgbouncerserver import PrivatePgBouncer, pgbouncerBinary
 
@@ -36,6 +39,31 @@ def test_aPoolerSharingBackendsBetweenConnectionsIsRefusedAtStart(pooler):
     message = str(raised.value)
     assert "pool_mode = transaction" in message and "pool_mode = session" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("pooler", ["transaction"], indirect=True)
+def test_theCommandsLocksRefuseAPoolerSharingBackends(pooler):
+    """
+    The mailgate command's maildrop lock (mailbox expunge, user del and
+    rename) behind a pooler in transaction mode: refused, exit 78, one line
+    naming pool_mode.  Before, the lock was left held by a pooled backend
+    once the command exited, and the next such command failed with
+    "prepared statement mailgate_lock already exists", exit 75 ("try
+    again", which never helped).
+    """
+    setup = memoryStore(pooler.server)
+    try:
+        addUser(setup, "alice@example.org", "pw")
+    finally:
+        setup.close()
+    for _ in range(2):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(
+            ["--database", pooler.url, "mailbox", "expunge", "--all", "alice@example.org"],
+            stdout=out, stderr=err, environ={},
+        )
+        assert code == EX_CONFIG, (out.getvalue(), err.getvalue())
+        assert "pool_mode = session" in err.getvalue() and len(err.getvalue().splitlines()) == 1
 
 
 @pytest.mark.parametrize("pooler", ["session"], indirect=True)

@@ -450,10 +450,21 @@ class PostgresEngine:
         two connections' statements, one after the other, are answered by
         one pid, or one connection's by two, where each has its own.
 
+        A connection that fails here is left for the schema upgrade that
+        follows to report.
+        """
+        refusal = self.sharedBackends()
+        if refusal is not None:
+            raise ConfigurationError(refusal)
+
+    def sharedBackends(self):
+        """
+        Why the URL's connections cannot be mailgate's (a pooler in
+        transaction or statement mode, see L{claimServer}), or C{None}.
+
         Asked in autocommit, without mailgate's settings (a transaction):
         a pooler in statement mode refuses transactions.  A connection
-        that fails here is left for the schema upgrade that follows to
-        report.
+        that fails here says nothing: what connects next reports it.
         """
         connections = []
         pids = []
@@ -465,18 +476,19 @@ class PostgresEngine:
             for conn in connections + connections[:1]:
                 pids.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
         except psycopg.Error:
-            return
+            return None
         finally:
             for conn in connections:
                 conn.close()
         if pids[0] == pids[1] or pids[0] != pids[2]:
-            raise ConfigurationError(
+            return (
                 f"PostgreSQL at {self!r}: two connections were answered by one backend, or one connection by "
                 f"two (pids {pids[0]}, {pids[1]}, {pids[2]}): a pooler in transaction or statement mode "
                 "(PgBouncer's pool_mode = transaction) is in between. mailgate's maildrop locks are "
                 "session-level advisory locks and its statements prepared on each connection, which need a "
                 "backend of their own per connection: use pool_mode = session, or connect directly"
             )
+        return None
 
     def releaseServer(self):
         pass
@@ -798,6 +810,7 @@ class AdvisoryLocks:
 
     def _setUp(self, engine, connections):
         self._engine = engine
+        self._poolerChecked = False
         self._metrics = None
         self._slots = [_Slot(connection) for connection in connections]
         # Each lock connection's identity lock (WriteGuard) and its
@@ -815,6 +828,16 @@ class AdvisoryLocks:
     # Connecting
 
     def _connectNow(self):
+        if self._connector is None and not self._poolerChecked:
+            # The mailgate command's locks (a server's are checked at its
+            # start, L{PostgresEngine.claimServer}): behind a pooler in
+            # transaction mode its lock stayed with a pooled backend after
+            # it exited, and the next command failed with "prepared
+            # statement mailgate_lock already exists", exit 75.
+            refusal = self._engine.sharedBackends()
+            if refusal is not None:
+                raise DatabaseRefused(refusal)
+            self._poolerChecked = True
         pg = self._engine.connectPrepared(_LOCK_STATEMENTS)
         try:
             self._identities[pg] = takeIdentityLock(pg)
