@@ -23,7 +23,7 @@ $(BIN)/python:
 # Third-party dependencies, installed once (again when setup.cfg changes).
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
+		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
 		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=21.2' \
 		'setuptools>=68' wheel
 	touch $@
@@ -58,9 +58,22 @@ run: install
 sysdeps:
 	@sh tests/sysdeps.sh
 
+# The suite runs in two phases, both always: first the tests marked
+# serial (setup.cfg: they disturb what the others share, e.g. stop the
+# PostgreSQL server), alone; then all the others on TEST_WORKERS parallel
+# pytest-xdist workers.  Most tests wait on sockets and spawned servers
+# more than they compute, so more workers than cores pays.  --dist
+# loadgroup keeps a module's tests that share a module-scoped fixture on
+# one worker (tests/conftest.py).  make test fails if either phase did.
+# `make test TEST_WORKERS=1` runs them one at a time.
+TEST_WORKERS ?= 3
+
 test: install sysdeps
 	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
-	$(BIN)/python -m pytest tests
+	serial=0; $(BIN)/python -m pytest -m serial tests || serial=$$?; \
+	parallel=0; $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial" tests || parallel=$$?; \
+	if [ $$serial -ne 0 ]; then echo "make test: the serial phase failed (pytest exited $$serial): its report is above the parallel phase's"; fi; \
+	[ $$serial -eq 0 ] && [ $$parallel -eq 0 ]
 
 # The benchmark suite (benchmarks/run.py): PostgreSQL started as for `make
 # test`, Dovecot compared if installed, mailgate profiled with py-spy

@@ -42,6 +42,25 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("mailgate")
 
 
+def pytest_collection_modifyitems(config, items):
+    """
+    Under C{make test}'s parallel workers (pytest-xdist, C{--dist
+    loadgroup}), the tests of a module that use one of its module-scoped
+    fixtures (a private Dovecot, an editable install, imports waiting out
+    a lock) go to one worker, which sets the fixture up once, rather than
+    once on every worker that gets some of them.  Without xdist the mark
+    means nothing.
+    """
+    for item in items:
+        fixtureInfo = getattr(item, "_fixtureinfo", None)
+        if fixtureInfo is None or getattr(item, "module", None) is None:
+            continue
+        for definitions in fixtureInfo.name2fixturedefs.values():
+            if definitions and definitions[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break
+
+
 def _postgresBinariesPresent():
     return bool(glob.glob("/usr/lib/postgresql/*/bin/postgres") or shutil.which("postgres"))
 

@@ -454,13 +454,16 @@ def _smtpAttempt(server, recipient, data=None):
             pass
 
 
+@pytest.mark.serial
 def test_databaseRestartUnderARunningNode(mailgate_server, mailgate_cli):
     """
     While PostgreSQL is down, POP3 logins and SMTP deliveries are told to
     try again later; once it is back, the same process serves again.
 
     This stops and restarts the suite's shared PostgreSQL server; it is
-    always started again, whatever happens.
+    always started again, whatever happens.  Marked serial: C{make test}
+    runs it alone, as every other test using PostgreSQL would fail while
+    the server is down.
     """
     mailgate_cli.addUser(ALICE, ALICE_PW)
     mailgate_cli.addUser(BOB, BOB_PW)
