@@ -66,7 +66,7 @@ sysdeps:
 # loadgroup keeps a module's tests that share a module-scoped fixture on
 # one worker (tests/conftest.py).  make test fails if either phase did.
 # `make test TEST_WORKERS=1` runs them one at a time.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 test: install sysdeps
 	@pgenv="$$($(BIN)/python tests/pgserver.py)" || exit 1; eval "$$pgenv"; \
