@@ -710,6 +710,38 @@ def test_aSearchPathNamingNoSchemaIsSaidToBeTheURLs(postgresURL):
         assert conn.execute("SELECT to_regnamespace(%s)", (missing,)).fetchone() == (None,)
 
 
+def _storeOpeningInAThread(url):
+    """
+    Open a store on C{url} (migrating it) in a thread of its own, started
+    by the caller: the thread, and the list that gets the store or the
+    exception the opening raised.
+    """
+    outcome = []
+
+    def start():
+        try:
+            outcome.append(openSynchronousStore(url))
+        except Exception as e:
+            outcome.append(e)
+
+    return threading.Thread(target=start, daemon=True), outcome
+
+
+def _waitUntilBlockedBy(watcher, blocker, node, outcome):
+    """
+    Wait (bounded) until a backend waits for a lock the connection
+    C{blocker} holds, asking through C{watcher}, while C{node}, the
+    thread opening the store, is still alive.
+    """
+    import time
+
+    deadline = time.monotonic() + 20
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+    while watcher.execute(waiting, (blocker.info.backend_pid,)).fetchone()[0] == 0:
+        assert node.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypatch):
     """
@@ -720,30 +752,16 @@ def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypa
     restart while the migration runs).  Here the other node's migration
     is a connection holding the schema's lock, and the timeout 0.2 s.
     """
-    import time
-
     import psycopg
 
     from mailgate.store import postgres
 
     monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_MS", 200)
-    outcome = []
-
-    def start():
-        try:
-            outcome.append(openSynchronousStore(version3))
-        except Exception as e:
-            outcome.append(e)
-
-    node = threading.Thread(target=start, daemon=True)
+    node, outcome = _storeOpeningInAThread(version3)
     with psycopg.connect(version3) as migrating, psycopg.connect(version3, autocommit=True) as watcher:
         migrating.execute("SELECT pg_advisory_xact_lock(%s)", (postgres._key("mailgate-schema"),))
         node.start()
-        deadline = time.monotonic() + 20
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
-        while watcher.execute(waiting, (migrating.info.backend_pid,)).fetchone()[0] == 0:
-            assert node.is_alive() and time.monotonic() < deadline, outcome
-            time.sleep(0.01)
+        _waitUntilBlockedBy(watcher, migrating, node, outcome)
         # Several times the timeout: the node is still waiting.
         node.join(1)
         assert node.is_alive(), outcome
@@ -934,29 +952,15 @@ def test_aMigrationWaitingForALongTransactionHoldsNoOneUp(version3):
     time, letting the queue through between, and is applied once the long
     transaction is over.
     """
-    import time
-
     import psycopg
 
-    outcome = []
-
-    def start():
-        try:
-            outcome.append(openSynchronousStore(version3))
-        except Exception as e:
-            outcome.append(e)
-
-    node = threading.Thread(target=start, daemon=True)
+    node, outcome = _storeOpeningInAThread(version3)
     with psycopg.connect(version3) as dump, psycopg.connect(version3, autocommit=True) as other:
         dump.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         dump.execute("SELECT count(*) FROM maildrop").fetchall()
         node.start()
         # The node's migration waiting for the dump's lock on maildrop.
-        deadline = time.monotonic() + 20
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
-        while other.execute(waiting, (dump.info.backend_pid,)).fetchone()[0] == 0:
-            assert node.is_alive() and time.monotonic() < deadline, outcome
-            time.sleep(0.01)
+        _waitUntilBlockedBy(other, dump, node, outcome)
         # Another node's read of the table is answered meanwhile (without
         # the fix it waits behind the migration until the dump ends: here,
         # its statement timeout).
