@@ -727,6 +727,20 @@ def _storeOpeningInAThread(url):
     return threading.Thread(target=start, daemon=True), outcome
 
 
+def _assertOpenedAtTheLatestVersion(node, outcome, timeout):
+    """
+    The thread C{node} of L{_storeOpeningInAThread} ends within C{timeout}
+    seconds with a store whose schema is at the latest version.
+    """
+    node.join(timeout)
+    assert not node.is_alive()
+    (store,) = outcome
+    try:
+        assert store.database.run(currentVersion) == LATEST
+    finally:
+        store.close()
+
+
 def _waitUntilBlockedBy(watcher, blocker, node, outcome):
     """
     Wait (bounded) until a backend waits for a lock the connection
@@ -766,13 +780,7 @@ def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypa
         node.join(1)
         assert node.is_alive(), outcome
         migrating.commit()
-    node.join(20)
-    assert not node.is_alive()
-    (store,) = outcome
-    try:
-        assert store.database.run(currentVersion) == LATEST
-    finally:
-        store.close()
+    _assertOpenedAtTheLatestVersion(node, outcome, 20)
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
@@ -968,13 +976,7 @@ def test_aMigrationWaitingForALongTransactionHoldsNoOneUp(version3):
         assert other.execute("SELECT count(*) FROM maildrop WHERE user_id = 2").fetchone() == (1,)
         assert node.is_alive(), outcome
         dump.rollback()
-    node.join(30)
-    assert not node.is_alive()
-    (store,) = outcome
-    try:
-        assert store.database.run(currentVersion) == LATEST
-    finally:
-        store.close()
+    _assertOpenedAtTheLatestVersion(node, outcome, 30)
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
