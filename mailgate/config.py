@@ -44,6 +44,7 @@ from mailgate.address import asciiDomain, normalizeDomain, userAddress
 from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.memory import TRIM_INTERVAL
+from mailgate.plural import counted
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
@@ -338,7 +339,7 @@ class Size(Kind):
         if octets == 0 and self.zero is not None:
             raise ValueError(self.zero)
         if octets < self.minimum:
-            raise ValueError(f"must be at least {self.minimum} octets, not {value!r}")
+            raise ValueError(f"must be at least {counted(self.minimum, 'octet')}, not {value!r}")
         return octets
 
     def toTOML(self, value):

@@ -50,6 +50,7 @@ from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 from mailgate.urls import shownURL
+from mailgate.plural import noun
 
 APOP_REFRESH = 30
 #: seconds the database has to answer the health check and readiness probe
@@ -711,7 +712,7 @@ class MailgateService(MultiService):
             # Logged by the reactor: see _ignoreReloadsWhileStopping.
             reactor.callFromThread(
                 self.log.info,
-                "{signal} again: already stopping; open sessions have at most {grace} seconds "
+                "{signal} again: already stopping; open sessions have at most {grace} " + noun(grace, "second") + " "
                 "in all to finish (SIGKILL stops at once)",
                 signal=signal.Signals(signum).name,
                 grace=grace,
@@ -771,7 +772,8 @@ class MailgateService(MultiService):
 
         def late():
             self.log.warn(
-                "{services} did not stop within {seconds:g} seconds (the database not answering?): "
+                "{services} did not stop within {seconds:g} " + noun(deadline, "second") + " "
+                "(the database not answering?): "
                 "stopping without waiting any longer",
                 services=", ".join(_serviceName(s) for s in pending),
                 seconds=deadline,

@@ -49,6 +49,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
 from mailgate.errors import ConfigurationError
+from mailgate.plural import counted
 
 # Forward-secret suites only, AEAD before CBC; no NULL, MD5 or DSS.  Not
 # RSA key exchange (kRSA, which Twisted's default list keeps last): whoever
@@ -478,7 +479,7 @@ class CertificateSummary:
         left = self.notAfter - now
         if left < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
             return (
-                f"the TLS certificate {self.subject} ({self.keyType}) expires in {left.days} days, "
+                f"the TLS certificate {self.subject} ({self.keyType}) expires in {counted(left.days, 'day')}, "
                 f"on {self.notAfter:%Y-%m-%d %H:%M} UTC"
             )
         return None

@@ -661,7 +661,7 @@ def test_deliverToSeveralRecipientsStoresTheMessageOnce(cli):
     for address in (ALICE, BOB):
         listing = cli("mailbox", "list", address)
         assert listing.out.split("\n\n")[0].count("\n") == 1
-        assert "in use: 1 messages, 21 octets" in listing.out
+        assert "in use: 1 message, 21 octets" in listing.out
 
 
 def test_deliverToUnknownRecipientDeliversNothing(cli):
@@ -1345,7 +1345,7 @@ def test_dbCopyFromAMissingFile(cli, tmp_path):
     CLI(source).add(ALICE, PASSWORD)
     result = cli("db", "copy", "--from", f"sqlite:///{source}", "--to", f"sqlite:///{target}")
     assert result.code == 0, result
-    assert result.out.startswith("copied 1 users ")
+    assert result.out.startswith("copied 1 user ")
 
 
 # -- mailgate serve ---------------------------------------------------------------

@@ -385,7 +385,7 @@ def test_messageSizeTakesAUnit(tmp_path):
     assert parse("--max-message-size", "2048").toConfig().maxMessageSize == 2048
     assert parse("--config", writeConfig(tmp_path, 'max-message-size = "1G"\n')).toConfig().maxMessageSize == 2**30
     assert parse("--config", writeConfig(tmp_path, "max-message-size = 4096\n")).toConfig().maxMessageSize == 4096
-    with pytest.raises(usage.UsageError, match="at least 1 octets"):
+    with pytest.raises(usage.UsageError, match="at least 1 octet"):
         parse("--max-message-size", "0")
 
 
@@ -430,7 +430,7 @@ def test_unknownKey(tmp_path):
         ("max-recipients = true\n", "max-recipients", "expected a whole number"),
         ("max-recipients = 0\n", "max-recipients", "must be at least 1"),
         ("idle-timeout = -5\n", "idle-timeout", "must be at least 0"),
-        ("max-message-size = 0\n", "max-message-size", "must be at least 1 octets"),
+        ("max-message-size = 0\n", "max-message-size", "must be at least 1 octet"),
         ('max-message-size = "lots"\n', "max-message-size", "not a size: 'lots'"),
         ('auth-failure-delay = "soon"\n', "auth-failure-delay", "expected a number"),
         ('pop3 = "tcp:110"\n', "pop3", "expected an array"),

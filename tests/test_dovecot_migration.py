@@ -538,7 +538,7 @@ def test_aMaildropInUseShowsTheMasterUserWorks(importsOfAHeldMaildrop):
     assert f"{ALICE}: " in err and "[IN-USE]" in err
     assert f"{GHOST}: 127.0.0.1 refused the login" in err
     assert "no login through the master user" not in err
-    assert out.splitlines()[-1].startswith("3 users: 1 messages imported"), out
+    assert out.splitlines()[-1].startswith("3 users: 1 message imported"), out
 
 
 def test_importThroughPOP3KeepsFirstLinesThatStartWithADot(dovecot):

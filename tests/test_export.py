@@ -260,7 +260,7 @@ def test_exportAllPutsEachUserInADirectoryOfItsAddress(cli, store, tmp_path):
     assert result.code == 73, result
     assert result.err == (
         "mailgate: a/../../escape@example.org: not exported: its address cannot be a directory name\n"
-        "mailgate: 1 users could not be exported (named above)\n"
+        "mailgate: 1 user could not be exported (named above)\n"
     )
     assert sorted(os.listdir(target)) == [ALICE, BOB]
     assert len(os.listdir(target / ALICE / "cur")) == 4

@@ -493,10 +493,10 @@ def test_importCommandTakesTheLargestMessageSize(source, tmp_path):
     # Bad data (65): another run with the same limit leaves it out again.
     assert code == 65, (out, err)
     assert "message 2 (U2): over 1000 octets, the largest message imported (LIST gives 2018); not imported" in err
-    assert out.startswith("1 messages imported")
+    assert out.startswith("1 message imported")
     code, out, err = cli(url, *command, "1M", stdin=PASSWORD + "\n")
     assert (code, err) == (0, ""), (out, err)
-    assert out.startswith("1 messages imported") and "1 skipped as already present" in out
+    assert out.startswith("1 message imported") and "1 skipped as already present" in out
     code, out, err = cli(url, *command, "0", stdin=PASSWORD + "\n")
     assert code == 64 and "bad --max-message-size" in err, (out, err)
 
@@ -529,7 +529,7 @@ def test_importCommandSaysWhetherRunningItAgainHelps(source, tmp_path):
     server.refused = set()
     code, out, err = cli(url, *command, stdin=PASSWORD + "\n")
     assert (code, err) == (0, ""), (out, err)
-    assert out.startswith("1 messages imported") and "2 skipped as already present" in out
+    assert out.startswith("1 message imported") and "2 skipped as already present" in out
 
 
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)

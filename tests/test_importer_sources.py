@@ -608,7 +608,7 @@ def test_aMaildirWithoutUidListSaysWhichIdsItGets(databaseURL, store, tmp_path):
     """
     directory = writeMaildir(tmp_path / "Maildir", [("cur", "1700000000.M1P1.h:2,S", b"Subject: x\n\ny\n")])
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE)
-    assert code == 0 and out.startswith("1 messages imported")
+    assert code == 0 and out.startswith("1 message imported")
     assert err == (
         f"mailgate: {directory} has no dovecot-uidlist: the unique ids are the file names (%f); if Dovecot "
         f"keeps its dovecot-uidlist elsewhere (CONTROL= in mail_location), give it with --uidlist\n"

@@ -500,7 +500,7 @@ def test_importPOP3ResumesAndDeletesOnlyWhenAsked(mailgate_server, mailgate_cli,
     after = served(server.database, ALICE, PASSWORD)
     code, out, err = cli(url, "import", "pop3", source, ALICE, "--delete", "--password-stdin", stdin=PASSWORD + "\n")
     assert code == 0, (out, err)
-    assert out.startswith("1 messages imported (") and out.endswith(", 3 skipped as already present\n")
+    assert out.startswith("1 message imported (") and out.endswith(", 3 skipped as already present\n")
     assert served(url, ALICE, PASSWORD) == after
     # Everything now safely in mailgate is gone from the source.
     assert served(server.database, ALICE, PASSWORD) == ([], [])
@@ -519,7 +519,7 @@ def test_importPOP3ManyUsers(mailgate_server, mailgate_cli, tmp_path, monkeypatc
     lines = out.splitlines()
     assert lines[0].startswith(f"{ALICE}: 2 messages imported (")
     assert lines[1] == f"{carol}: failed"
-    assert lines[2].startswith(f"{BOB}: 1 messages imported (")
+    assert lines[2].startswith(f"{BOB}: 1 message imported (")
     assert lines[3].startswith("3 users: 3 messages imported (")
     assert lines[3].endswith("; 1 of the users not complete")
     # A refused password: another run would be refused again.
@@ -660,3 +660,14 @@ def test_anAddressHoldingTheMasterSeparatorIsNotLoggedInThroughIt(tmp_path):
             listener.accept()
     finally:
         listener.close()
+
+
+def test_theImportSummarySaysTheSingularForOne():
+    """
+    An import's summary line agrees with its counts: "1 message imported
+    (1 octet)", "2 messages imported (2 octets)".
+    """
+    from mailgate.importers import ImportReport
+
+    assert ImportReport(messages=1, octets=1).summary() == "1 message imported (1 octet), 0 skipped as already present"
+    assert ImportReport(messages=2, octets=2).summary() == "2 messages imported (2 octets), 0 skipped as already present"

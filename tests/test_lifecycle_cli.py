@@ -49,16 +49,16 @@ def test_userQuota(cli, store):
     deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
     result = cli("user", "quota", ALICE, "500M")
     assert result.code == 0, result
-    assert result.out == f"quota of {ALICE}: 500M; in use: 1 messages, 21 octets\n"
+    assert result.out == f"quota of {ALICE}: 500M; in use: 1 message, 21 octets\n"
     assert listed(cli)[ALICE] == ["1", "21", "off", "500M", "default", "default"]
     status = resultOf(store.quotaOf(ALICE))
     assert (status.quotaOctets, status.quotaMessages) == (500 << 20, None)
 
     result = cli("user", "quota", ALICE, "none", "--messages", "1000")
-    assert result.out == f"quota of {ALICE}: none, messages: 1000; in use: 1 messages, 21 octets\n"
+    assert result.out == f"quota of {ALICE}: none, messages: 1000; in use: 1 message, 21 octets\n"
     assert listed(cli)[ALICE][3:5] == ["none", "1000"]
     result = cli("user", "quota", ALICE, "500", "--messages", "none")
-    assert result.out == f"quota of {ALICE}: 500, messages: none; in use: 1 messages, 21 octets\n"
+    assert result.out == f"quota of {ALICE}: 500, messages: none; in use: 1 message, 21 octets\n"
     assert cli("user", "quota", ALICE, "default", "--messages", "default").code == 0
     assert listed(cli)[ALICE][3:5] == ["default", "default"]
     assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
@@ -162,14 +162,14 @@ def test_mailboxDeletedAndRestore(cli, store):
 
     result = cli("mailbox", "restore", ALICE, ids[2])
     assert result.code == 0, result
-    assert result.out == f"restored {ids[2]}\n1 messages restored to {ALICE}\n"
+    assert result.out == f"restored {ids[2]}\n1 message restored to {ALICE}\n"
     assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == ids[1:]
 
     result = cli("mailbox", "restore", ALICE, "--as-new")
     assert result.code == 0, result
     new = resultOf(store.listMessages(ALICE))[-1].uniqueId
     assert new not in ids
-    assert result.out == f"restored {ids[0]} as {new}\n1 messages restored to {ALICE}\n"
+    assert result.out == f"restored {ids[0]} as {new}\n1 message restored to {ALICE}\n"
     assert cli("mailbox", "deleted", ALICE).out.count("\n") == 1
 
 
@@ -208,7 +208,7 @@ def test_mailboxRestoreOfAnIdThatIsNotUTF8(cli, store):
 
     result = cli("mailbox", "restore", ALICE, ids[1], "x\udcff")
     assert result.code == 65, result
-    assert result.out == f"restored {ids[1]}\n1 messages restored to {ALICE}\n"
+    assert result.out == f"restored {ids[1]}\n1 message restored to {ALICE}\n"
     assert result.err == f"mailgate: not among {ALICE}'s kept deleted messages: x\\xff\n"
     assert cli("mailbox", "restore", "nobody@example.org", "\udcff").code == 67
 
@@ -282,7 +282,7 @@ def test_aSessionJustLoggedInIsNotExpungedUnderOnSQLite(cli, store):
         assert session.command("QUIT").startswith("+OK")
         # The session's lock was given back at its end.
         assert cli("mailbox", "expunge", ALICE, "--all").out == (
-            f"removed 1 messages (every message) from {ALICE}\n"
+            f"removed 1 message (every message) from {ALICE}\n"
         )
     finally:
         server.close()
@@ -296,7 +296,7 @@ def test_mailboxExpungeSaysWhatItRemovedOfTheKeptMail(cli, store):
     assert (result.code, result.out) == (
         0,
         f"removed 2 messages (every message) from {ALICE}\n"
-        "removed 1 deleted messages kept for recovery (every message) too\n",
+        "removed 1 deleted message kept for recovery (every message) too\n",
     )
     assert cli("mailbox", "deleted", ALICE).out.splitlines()[1:] == []
 
@@ -305,7 +305,7 @@ def test_mailboxExpunge(cli, store):
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
     result = cli("mailbox", "expunge", ALICE, "--older-than", "1")
-    assert (result.code, result.out) == (0, f"removed 0 messages (messages older than 1 days) from {ALICE}\n")
+    assert (result.code, result.out) == (0, f"removed 0 messages (messages older than 1 day) from {ALICE}\n")
     result = cli("mailbox", "expunge", ALICE, "--all")
     assert (result.code, result.out) == (0, f"removed 3 messages (every message) from {ALICE}\n")
     assert resultOf(store.listMessages(ALICE)) == []
@@ -706,7 +706,7 @@ def test_userRecountAll(cli, store):
     assert (result.code, result.err) == (0, ""), result
     assert result.out == (
         f"{ALICE}: 0 messages, 0 octets, as kept\n"
-        f"{BOB}: 1 messages, 21 octets (was kept as 0 messages, 0 octets)\n"
+        f"{BOB}: 1 message, 21 octets (was kept as 0 messages, 0 octets)\n"
         "recounted 2 users; the use kept for 1 was wrong\n"
     )
 
@@ -742,8 +742,8 @@ def test_userRecountAllGoesOnPastAUserDeletedMeanwhile(cli, store, monkeypatch):
     assert (result.code, result.err) == (0, ""), result
     assert result.out == (
         f"{ALICE}: no longer a user (deleted or renamed meanwhile), not recounted\n"
-        f"{BOB}: 1 messages, 21 octets (was kept as 0 messages, 0 octets)\n"
-        "recounted 1 users; the use kept for 1 was wrong\n"
+        f"{BOB}: 1 message, 21 octets (was kept as 0 messages, 0 octets)\n"
+        "recounted 1 user; the use kept for 1 was wrong\n"
     )
     assert resultOf(store.quotaOf(BOB)).usedMessages == 1
 
@@ -760,3 +760,16 @@ def test_userRecountAllGoesOnPastAUserDeletedMeanwhile(cli, store, monkeypatch):
 def test_userRecountRefuses(cli, store, argv, code, error):
     result = cli("user", "recount", *argv)
     assert (result.code, result.out, result.err) == (code, "", f"mailgate: {error}\n")
+
+
+def test_countsInTheOutputSayTheSingularForOne(cli, store):
+    """
+    "1 day", "1 message" for one, the plural for two: the CLI's counts
+    agree with their nouns.
+    """
+    assert cli("user", "expire", ALICE, "1").out == f"messages of {ALICE} expire after: 1 day\n"
+    assert cli("user", "expire", ALICE, "2").out == f"messages of {ALICE} expire after: 2 days\n"
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    assert cli("user", "quota", ALICE, "500M").out == f"quota of {ALICE}: 500M; in use: 1 message, 21 octets\n"
+    deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
+    assert cli("user", "quota", ALICE, "500M").out == f"quota of {ALICE}: 500M; in use: 2 messages, 42 octets\n"

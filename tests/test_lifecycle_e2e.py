@@ -167,7 +167,7 @@ def test_quotaAtRcptAndExpireInCapa(mailgate_server, mailgate_cli):
 
     out = mailgate_cli.check("mailbox", "deleted", ALICE)
     assert out.splitlines()[1].split()[2] == ids[0]
-    assert mailgate_cli.check("mailbox", "restore", ALICE, ids[0]) == f"restored {ids[0]}\n1 messages restored to {ALICE}\n"
+    assert mailgate_cli.check("mailbox", "restore", ALICE, ids[0]) == f"restored {ids[0]}\n1 message restored to {ALICE}\n"
     client = pop(server.port)
     assert uidl(client) == ids
     client.quit()

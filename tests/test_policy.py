@@ -917,3 +917,18 @@ def test_eachBanEndsInItsTurnWithoutARefreshThatChangesAnything():
     assert ended == [("192.0.2.1", 1100), ("192.0.2.3", 1150), ("192.0.2.2", 1200)]
     assert len(bans) == 0
     assert metrics.banCounts[-1] == 0
+
+
+def test_oneBanFoundAtStartIsOneBan():
+    """
+    The ban.loaded line says "1 ban in force" for one ban (and "2 bans",
+    test_bansFoundAtStartAreOneLineNotNews).
+    """
+    store = MemoryPolicyStore()
+    clock = makeClock()
+    store.addBan("192.0.2.66", clock.seconds(), 600)
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    with capturedLogs() as logs:
+        policy.start()
+    assert [formatEvent(e) for e in events(logs, "ban.loaded")] == ["1 ban in force, read from the database"]
+    policy.stop()

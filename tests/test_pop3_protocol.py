@@ -628,7 +628,7 @@ def test_quitRemovesMarkedMessages(store, three):
     three.command("DELE 1")
     three.command("DELE 3")
     reply = three.command("QUIT")
-    assert reply == "+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    assert reply == "+OK mailgate POP3 server signing off (1 message left)\r\n"
     assert three.disconnected
     messages = resultOf(store.listMessages(ALICE))
     assert [m.size for m in messages] == [SIZES[1]]
@@ -1089,3 +1089,12 @@ def test_anEndedSessionIsFreedWithoutTheCycleCollector(store, alice, ending, mon
         ended = weakref.ref(s.protocol)
         del s
         assert ended() is None
+
+
+def test_quitCountsTheMessagesLeftInPlural(store, three):
+    """
+    QUIT's free-form text says "2 messages left" (and "1 message left",
+    test_quitRemovesMarkedMessages): the noun follows the count.
+    """
+    three.command("DELE 1")
+    assert three.command("QUIT") == "+OK mailgate POP3 server signing off (2 messages left)\r\n"

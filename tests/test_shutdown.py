@@ -103,7 +103,7 @@ def test_aQuitDuringTheGracePeriodAppliesItsDeletions(server):
     assert s.advance(29) == b""
     assert not s.disconnected and not fired(done)
     assert s.command("DELE 2").startswith("+OK")
-    assert s.command("QUIT") == "+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    assert s.command("QUIT") == "+OK mailgate POP3 server signing off (1 message left)\r\n"
     gone(s)
     assert fired(done)
     assert messages(server.store) == 1
@@ -503,7 +503,7 @@ def test_theShutdownCountsOnlySessionsThatAreNotClosingAlready():
     with capturedLogs() as events:
         tracker.shutdown(30)
     assert [formatEvent(e) for e in events if e.get("event") == "session.shutdown"] == [
-        "shutting down: 1 sessions get 30 seconds to finish"
+        "shutting down: 1 session gets 30 seconds to finish"
     ]
 
 
@@ -675,7 +675,7 @@ def test_sigtermLetsTheSessionsFinish(mailgate_server, mailgate_cli):
     assert smtpReader.line() == SHUTTING_DOWN
     assert smtpReader.closed()
     pop3.sendall(b"QUIT\r\n")
-    assert pop3Reader.line() == b"+OK mailgate POP3 server signing off (1 messages left)\r\n"
+    assert pop3Reader.line() == b"+OK mailgate POP3 server signing off (1 message left)\r\n"
     assert pop3Reader.closed()
     pop3.close()
     smtp.close()
@@ -777,7 +777,33 @@ def test_connectionsWithNothingToFinishDoNotHoldUpAStop(mailgate_server, mailgat
     assert lmtpReader.closed()
     assert server.wait() in (0, -signal.SIGTERM), server.log()
     # Only the LMTP session had something to finish.
-    assert "shutting down: 1 sessions get 600.0 seconds to finish" in server.stdout
+    assert "shutting down: 1 session gets 600.0 seconds to finish" in server.stdout
     assert mailgate_cli.mailbox(ALICE)
     for sock in (smtp, noHeader, halfHeader, metrics, lmtp):
         sock.close()
+
+
+def test_theShutdownLineSaysSessionAndSecondForOne():
+    """
+    The shutdown's log line agrees with its counts: "1 session gets 1
+    second", "2 sessions get 2 seconds".
+    """
+
+    class Session:
+        closed = False
+
+        def shutdownRequested(self):
+            pass
+
+    said = []
+    for count in (1, 2):
+        tracker = SessionTracker(Clock())
+        for _ in range(count):
+            tracker.add(Session())
+        with capturedLogs() as events:
+            tracker.shutdown(count)
+        said += [formatEvent(e) for e in events if e.get("event") == "session.shutdown"]
+    assert said == [
+        "shutting down: 1 session gets 1 second to finish",
+        "shutting down: 2 sessions get 2 seconds to finish",
+    ]

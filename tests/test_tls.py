@@ -1078,3 +1078,18 @@ def test_makeTLSLoadsNamedCertificates(tmp_path, pair):
         MailgateConfig(tlsCertificate=str(pair[0]), tlsKey=str(pair[1]), tlsNamedCertificates=[f"{net[0]}:{net[1]}"])
     )
     assert [c.subject for c in tls.certificates] == [HOST, "mail.example.net"]
+
+
+def test_anExpiryWarningSaysDayForOne(tmp_path):
+    """
+    "expires in 1 day", "expires in 2 days": the warning's noun follows
+    the days left.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, days=30)
+    tls = ServerTLS(str(certificate), str(key))
+    [summary] = tls.certificates
+    for days, said in ((1, "1 day"), (2, "2 days")):
+        soon = summary.notAfter - datetime.timedelta(days=days, hours=1)
+        assert tls.expiryWarnings(now=soon) == [
+            f"the TLS certificate {HOST} (ECDSA) expires in {said}, on {summary.notAfter:%Y-%m-%d %H:%M} UTC"
+        ]

@@ -12,6 +12,7 @@ from mailgate.auth.checkers import APOPChecker, PasswordChecker
 from mailgate.auth.sasl import ScramChecker
 from mailgate.errors import CredentialsChanged, LoginDelayed
 from mailgate.interfaces import IMaildrop
+from mailgate.plural import counted
 
 
 @implementer(IRealm)
@@ -59,7 +60,7 @@ class MaildropRealm:
             if not allowed:
                 maildrop.release()
                 raise LoginDelayed(
-                    f"the minimum time between logins is {self._loginDelay} seconds"
+                    f"the minimum time between logins is {counted(self._loginDelay, 'second')}"
                 )
             return maildrop
 

@@ -11,6 +11,7 @@ from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFA
 from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
+from mailgate.plural import counted
 
 
 def _dbUpgrade(store, args, out, stdin):
@@ -41,11 +42,11 @@ def _dbCopy(store, args, out, stdin):
     finally:
         source.close()
     out.write(
-        f"copied {report.users} users and {report.messages} messages "
-        f"({report.bodies} bodies, {report.octets} octets); unique ids preserved\n"
+        f"copied {counted(report.users, 'user')} and {counted(report.messages, 'message')} "
+        f"({counted(report.bodies, 'body', 'bodies')}, {counted(report.octets, 'octet')}); unique ids preserved\n"
     )
     if report.bans:
-        out.write(f"copied {report.bans} bans in force\n")
+        out.write(f"copied {counted(report.bans, 'ban')} in force\n")
 
 
 def _newSQLiteFile(url):
@@ -115,4 +116,4 @@ def _dbBackup(store, args, out, stdin):
         size = backupDatabase(engine, args.file)
     except ConfigurationError as e:
         raise CommandError(str(e), EX_CANTCREAT) from None
-    out.write(f"backed up {engine.path} to {args.file} ({size} octets)\n")
+    out.write(f"backed up {engine.path} to {args.file} ({counted(size, 'octet')})\n")

@@ -22,6 +22,7 @@ from mailgate.cli.common import (
     _result,
 )
 from mailgate.store.bounds import parseSize
+from mailgate.plural import counted
 
 
 def _shown(line):
@@ -88,7 +89,9 @@ def _importMaildir(store, args, out, stdin):
         # Dovecot expunging): the run can simply be repeated.
         raise CommandError("the import did not complete; run it again to finish", EX_TEMPFAIL)
     if report.failures:
-        raise CommandError(f"{len(report.failures)} messages could not be imported; run it again once fixed", EX_DATAERR)
+        raise CommandError(
+            f"{counted(len(report.failures), 'message')} could not be imported; run it again once fixed", EX_DATAERR
+        )
 
 
 def _readUsers(path, passwords=True):
@@ -268,7 +271,7 @@ def _importPOP3(store, args, out, stdin):
     if args.users is not None:
         incomplete = len(failedUsers) + len(lastingUsers)
         incomplete = f"; {incomplete} of the users not complete" if incomplete else ""
-        out.write(f"{len(users)} users: {total.summary()}{incomplete}\n")
+        out.write(f"{counted(len(users), 'user')}: {total.summary()}{incomplete}\n")
     if failedUsers:
         also = f" (for {', '.join(lastingUsers)}, once what is said above is fixed)" if lastingUsers else ""
         raise CommandError(

@@ -28,6 +28,7 @@ from mailgate.cli.common import (
 from mailgate.errors import MaildropInUse
 from mailgate.store.bounds import MAX_DAYS
 from mailgate.store.lifecycle import DAY
+from mailgate.plural import counted, noun
 
 
 def _mailboxList(store, args, out, stdin):
@@ -47,7 +48,7 @@ def _mailboxList(store, args, out, stdin):
     status = _result(store.quotaOf(address))
     if status is not None:
         out.write(
-            f"\nin use: {status.usedMessages} messages, {status.usedOctets} octets; "
+            f"\nin use: {counted(status.usedMessages, 'message')}, {counted(status.usedOctets, 'octet')}; "
             f"quota: {_describedQuota(status)}\n"
         )
 
@@ -163,7 +164,7 @@ def _mailboxRestore(store, args, out, stdin):
     missing = unstorable + missing
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
-    out.write(f"{len(restored)} messages restored to {address}\n")
+    out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
     if missing:
         raise CommandError(
             f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR
@@ -177,10 +178,10 @@ def _mailboxExpunge(store, args, out, stdin):
         removed, kept = _forUser(address, store.expungeMessages(address, days))
     except MaildropInUse:
         raise _inSession(address)
-    what = "every message" if args.all else f"messages older than {days} days"
-    out.write(f"removed {removed} messages ({what}) from {address}\n")
+    what = "every message" if args.all else f"messages older than {counted(days, 'day')}"
+    out.write(f"removed {counted(removed, 'message')} ({what}) from {address}\n")
     if kept:
-        out.write(f"removed {kept} deleted messages kept for recovery ({what}) too\n")
+        out.write(f"removed {kept} deleted {noun(kept, 'message')} kept for recovery ({what}) too\n")
 
 
 def _mailboxExport(store, args, out, stdin):
@@ -223,12 +224,15 @@ def _mailboxExport(store, args, out, stdin):
             failedUsers += 1
             continue
         failedMessages += len(report.failures)
-        out.write(f"exported {report.messages} messages ({report.octets} octets) of {address} to {directory}\n")
+        out.write(
+            f"exported {counted(report.messages, 'message')} ({counted(report.octets, 'octet')}) "
+            f"of {address} to {directory}\n"
+        )
     if failedUsers:
-        raise CommandError(f"{failedUsers} users could not be exported (named above)", EX_CANTCREAT)
+        raise CommandError(f"{counted(failedUsers, 'user')} could not be exported (named above)", EX_CANTCREAT)
     if failedMessages:
         raise CommandError(
-            f"{failedMessages} messages could not be read (deleted meanwhile, or the database "
+            f"{counted(failedMessages, 'message')} could not be read (deleted meanwhile, or the database "
             "failed); export again into a new directory for a complete copy",
             EX_TEMPFAIL,
         )

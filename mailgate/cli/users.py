@@ -43,6 +43,7 @@ from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, parseSize
 from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
+from mailgate.plural import counted, noun
 
 
 def _pastedHash(text):
@@ -282,7 +283,7 @@ def _userQuota(store, args, out, stdin):
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"
     if "messages" in changes:
         text += f", messages: {describeLimit(changes['messages'])}"
-    out.write(f"{text}; in use: {status.usedMessages} messages, {status.usedOctets} octets\n")
+    out.write(f"{text}; in use: {counted(status.usedMessages, 'message')}, {counted(status.usedOctets, 'octet')}\n")
 
 
 def _userExpire(store, args, out, stdin):
@@ -295,7 +296,7 @@ def _userExpire(store, args, out, stdin):
         raise CommandError(f"bad number of days: {ZERO_DAYS}", EX_USAGE)
     _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
-              f"{' days' if days not in (DEFAULT, UNLIMITED) else ''}\n")
+              f"{' ' + noun(days, 'day') if days not in (DEFAULT, UNLIMITED) else ''}\n")
 
 
 def _userTest(store, args, out, stdin):
@@ -339,14 +340,14 @@ def _userRecount(store, args, out, stdin):
             gone += 1
             out.write(f"{address}: no longer a user (deleted or renamed meanwhile), not recounted\n")
             continue
-        counted = f"{address}: {after[0]} messages, {after[1]} octets"
+        recount = f"{address}: {counted(after[0], 'message')}, {counted(after[1], 'octet')}"
         if before == after:
-            out.write(f"{counted}, as kept\n")
+            out.write(f"{recount}, as kept\n")
         else:
             wrong += 1
-            out.write(f"{counted} (was kept as {before[0]} messages, {before[1]} octets)\n")
+            out.write(f"{recount} (was kept as {counted(before[0], 'message')}, {counted(before[1], 'octet')})\n")
     if args.all:
-        out.write(f"recounted {len(addresses) - gone} users; the use kept for {wrong} was wrong\n")
+        out.write(f"recounted {counted(len(addresses) - gone, 'user')}; the use kept for {wrong} was wrong\n")
 
 
 def _userApop(store, args, out, stdin):

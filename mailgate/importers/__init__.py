@@ -29,6 +29,7 @@ from zope.interface import implementer
 from mailgate.errors import MailgateError
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder
+from mailgate.plural import counted
 
 #: The longest unique id imported.  RFC 1939 says 70 octets, but servers
 #: serve longer ones (Dovecot's C{%f} is a maildir file name, past 70
@@ -122,7 +123,10 @@ class ImportReport:
         self.temporary = self.temporary or other.temporary
 
     def summary(self):
-        text = f"{self.messages} messages imported ({self.octets} octets), {self.skipped} skipped as already present"
+        text = (
+            f"{counted(self.messages, 'message')} imported ({counted(self.octets, 'octet')}), "
+            f"{self.skipped} skipped as already present"
+        )
         if self.failures:
             text += f", {len(self.failures)} failed"
         return text

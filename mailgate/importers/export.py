@@ -30,6 +30,7 @@ import attr
 from mailgate.errors import TemporaryFailure
 from mailgate.importers import ImportFailed, fired
 from mailgate.importers.maildir import UIDLIST
+from mailgate.plural import counted
 
 
 @attr.s
@@ -159,7 +160,7 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
             try:
                 written = _writeBody(staged, message.body)
                 if written != message.size:
-                    raise TemporaryFailure(f"{written} octets read of {message.size}")
+                    raise TemporaryFailure(f"{counted(written, 'octet')} read of {message.size}")
                 os.utime(staged, (message.arrived, message.arrived))
                 os.rename(staged, os.path.join(cur, name))
             except TemporaryFailure as e:

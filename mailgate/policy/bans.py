@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from mailgate.policy.addresses import storedKey
 from mailgate.timers import wallClock
+from mailgate.plural import noun
 
 
 def _when(at):
@@ -152,7 +153,7 @@ class BanList:
                 )
         if loading and enforced and not self._enforced:
             self.log.info(
-                "{count} bans in force, read from the database",
+                "{count} " + noun(len(enforced), "ban") + " in force, read from the database",
                 event="ban.loaded",
                 count=len(enforced),
             )
@@ -167,7 +168,7 @@ class BanList:
             # ban made here is the same ban, not a new one.
             if previous is None or previous.reason != ban.reason or abs(previous.expires - ban.expires) > 1:
                 self.log.info(
-                    "banned {address} until {until} ({reason}, {failures} failed logins)",
+                    "banned {address} until {until} ({reason}, {failures} failed " + noun(ban.failures, "login") + ")",
                     event="ban.added",
                     address=address,
                     until=_when(ban.expires),

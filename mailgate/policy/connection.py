@@ -39,6 +39,7 @@ from mailgate.policy.repeats import RepeatedCredentials
 from mailgate.policy.settings import PolicySettings
 from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
 from mailgate.timers import wallClock
+from mailgate.plural import noun
 
 BANNED = "banned"
 TOO_MANY = "too many connections"
@@ -146,7 +147,8 @@ class ConnectionPolicy:
             return TOO_MANY
         if self.limits.stressed and not stressed:
             self.log.warn(
-                "{total} connections of at most {limit}: clients that have not logged in are "
+                "{total} " + noun(self.limits.total, "connection") + " of at most {limit}: "
+                "clients that have not logged in are "
                 "closed after a few seconds of idleness until fewer than {until} remain (stress)",
                 total=self.limits.total,
                 limit=self.limits.maxConnections,
@@ -160,7 +162,8 @@ class ConnectionPolicy:
         self.limits.close(clientKey(address))
         if stressed and not self.limits.stressed:
             self.log.info(
-                "{total} connections of at most {limit}: idle timeouts as usual again",
+                "{total} " + noun(self.limits.total, "connection") + " of at most {limit}: "
+                "idle timeouts as usual again",
                 total=self.limits.total,
                 limit=self.limits.maxConnections,
                 event="limits.stress_over",

@@ -16,6 +16,8 @@ does not fit C{ulimit -n}; here the limit that does fit is the one
 enforced, and the warning says so.)
 """
 
+from mailgate.plural import counted
+
 #: descriptors kept for everything but client connections: the database's
 #: connections and their files (an SQLite connection holds three), the
 #: log, the listeners, the metrics port's connections (32), the
@@ -75,6 +77,6 @@ def fittedConnectionLimit(maxConnections, fileLimit):
     return fitting, (
         f"{wanted} does not fit the {fileLimit} open files this process may have (ulimit -n, "
         f"systemd's LimitNOFILE), some of which the database, the log and the listeners need: "
-        f"at most {fitting} connections are served, more are refused (-ERR [SYS/TEMP], 421 4.7.0); "
+        f"at most {counted(fitting, 'connection')} are served, more are refused (-ERR [SYS/TEMP], 421 4.7.0); "
         f"{remedy}"
     )

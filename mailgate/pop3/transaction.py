@@ -15,6 +15,7 @@ from mailgate.pop3.arguments import arguments, lineCount, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
 from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
 from mailgate.session import CommandError, SendAborted
+from mailgate.plural import counted
 
 UPDATE = "UPDATE"
 
@@ -247,7 +248,7 @@ class TransactionCommands:
         def removed(_):
             self._stats["deleted"] = len(deleted)
             self.factory.metrics.deleted(len(deleted))
-            return f"+OK mailgate POP3 server signing off ({self._count} messages left)\r\n"
+            return f"+OK mailgate POP3 server signing off ({counted(self._count, 'message')} left)\r\n"
 
         def failed(failure):
             if failure.check(TemporaryFailure):

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgate.timers import cancelled
+from mailgate.plural import noun
 
 
 class SessionTracker:
@@ -91,7 +92,8 @@ class SessionTracker:
         finishing = sum(1 for session in self._sessions if not session.closed)
         if finishing:
             self.log.info(
-                "shutting down: {count} sessions get {grace} seconds to finish",
+                f"shutting down: {{count}} {noun(finishing, 'session')} {noun(finishing, 'gets', 'get')} "
+                f"{{grace}} {noun(grace, 'second')} to finish",
                 count=finishing,
                 grace=grace,
                 event="session.shutdown",
@@ -116,7 +118,7 @@ class SessionTracker:
                 transport.abortConnection()
         if self._sessions:
             self.log.warn(
-                "shutdown: {count} sessions did not end in time",
+                "shutdown: {count} " + noun(len(self._sessions), "session") + " did not end in time",
                 count=len(self._sessions),
                 event="session.shutdown",
             )

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, StorageFull, TemporaryFailure, errorKind
 from mailgate.interfaces import IBatchableWrite, IDatabase
+from mailgate.plural import counted
 
 MAX_BATCH = 256
 RETRIES = 3
@@ -458,7 +459,8 @@ class WorkerThreads:
         if oldest is not None:
             self._sweepCall = self._reactor.callLater(max(0.0, oldest + self._maxWait - now), self._sweep)
         for _, _, d in expired:
-            d.errback(TemporaryFailure(f"database busy: no connection free within {self._maxWait:g} seconds"))
+            within = counted(self._maxWait, "second", spec="g")
+            d.errback(TemporaryFailure(f"database busy: no connection free within {within}"))
 
     def _work(self, mailbox):
         while True:

@@ -60,6 +60,7 @@ from mailgate.store.rows import (
     removeMessages,
     storeLargeBody,
 )
+from mailgate.plural import counted
 
 #: A stored limit meaning "the server's default".
 DEFAULT = None
@@ -176,7 +177,7 @@ def quotaWarningMessage(address, crossing, now):
     if crossing.resource == "octets":
         holds = f"{_readableSize(used)} of its {_readableSize(limit)} quota ({share}%)"
     else:
-        holds = f"{used} messages, of the {limit} it may hold ({share}%)"
+        holds = f"{counted(used, 'message')}, of the {limit} it may hold ({share}%)"
     state = "is full" if share >= 100 else f"is {crossing.percent}% full"
     body = (
         f"Your mailbox {address} now holds {holds}.\n"
@@ -209,7 +210,7 @@ def _readableSize(octets):
     A size for people: octets, or KB, MB, GB (of 1024) to one decimal.
     """
     if octets < 1024:
-        return f"{octets} octets"
+        return counted(octets, "octet")
     for unit in ("KB", "MB", "GB", "TB"):
         octets /= 1024
         if octets < 1024 or unit == "TB":

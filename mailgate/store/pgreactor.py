@@ -34,6 +34,7 @@ from zope.interface import implementer
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
 from mailgate.timers import cancelled, elapsedClock
+from mailgate.plural import counted
 
 #: parameter type OIDs, for L{Statement.types}
 INT4 = 23
@@ -327,7 +328,7 @@ class ReactorConnection(_Connection):
             return
         left = self._sentAt + self.deadline - self._elapsed()
         if left <= 0:
-            self._lose(f"no answer in {self.deadline:g} seconds")
+            self._lose(f"no answer in {counted(self.deadline, 'second', spec='g')}")
         else:
             self._timer = self._reactor.callLater(left, self._checkDeadline)
 
