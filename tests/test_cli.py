@@ -1178,7 +1178,7 @@ def test_userImportFromStandardInputTakesOctetsThatAreNotUTF8(cli):
                  b"bob@example.org:{PLAIN}pw:1000:1000:Ren\xe9::\n")
     assert result.code == 65, result
     assert result.err == ("mailgate: - line 1: the user name or password hash is not UTF-8 text\n"
-                          "mailgate: 1 line(s) of - not imported\n")
+                          "mailgate: 1 line of - not imported\n")
     assert result.out.splitlines()[0] == "added bob@example.org"
     assert verifyPassword("pw", cli.user(BOB).passwordHash)
 

@@ -504,7 +504,7 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
         f"mailgate: {passwd} line 7: alice@example.org is on line 3 already (that line is the one kept)",
         f"mailgate: {passwd} line 8: bob@example.org is on line 4 already (that line is the one kept)",
         f"mailgate: {passwd} line 9: dave@example.org has nologin (Dovecot refuses their logins); not imported",
-        f"mailgate: 4 line(s) of {passwd} not imported",
+        f"mailgate: 4 lines of {passwd} not imported",
     ]
     store = openSynchronousStore(url)
     try:

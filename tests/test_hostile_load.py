@@ -215,6 +215,11 @@ def test_twistedsSpareDescriptorLostIsAWarningAMinuteNotATraceback():
         ("listener.no_spare_descriptor", 1, LogLevel.warn),
         ("listener.no_spare_descriptor", 4, LogLevel.warn),
     ]
+    # The counts agree with their noun: "1 time", "4 times".
+    from twisted.logger import formatEvent
+
+    said = [formatEvent(e) for e in events if e.get("event") == "listener.no_spare_descriptor"]
+    assert ["(1 time since" in said[0], "(4 times since" in said[1]] == [True, True], said
     assert not any("log_failure" in e for e in events)
 
 
@@ -265,7 +270,7 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     assert len(warnings) == 1, log
     # Written at the end of the burst's first turn: it counts what that
     # turn closed (or, if Twisted's reserve was taken, put off).
-    closed = int(re.search(r"\(EMFILE\); (\d+) connection\(s\) closed unanswered", warnings[0]).group(1))
+    closed = int(re.search(r"\(EMFILE\); (\d+) connections? closed unanswered", warnings[0]).group(1))
     assert closed <= unanswered, warnings
     assert "EMFILE recovery" not in log and "Re-reserving" not in log, log[-3000:]
 

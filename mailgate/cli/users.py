@@ -200,7 +200,7 @@ def _userImport(store, args, out, stdin):
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
     if failed:
-        raise CommandError(f"{failed} line(s) of {args.file} not imported", EX_DATAERR)
+        raise CommandError(f"{counted(failed, 'line')} of {args.file} not imported", EX_DATAERR)
 
 
 def _userPasswd(store, args, out, stdin):

@@ -43,6 +43,7 @@ makes that one warning a minute (C{listener.no_spare_descriptor}).
 from twisted.internet import tcp
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
+from mailgate.plural import noun
 from mailgate.timers import cancelled, elapsedClock
 
 #: seconds between two warnings of one listener running out of descriptors
@@ -150,8 +151,9 @@ class AcceptErrors:
         reason = "out of file descriptors" if error in ("EMFILE", "ENFILE") else "out of memory for sockets"
         self.log.emit(
             LogLevel.warn,
-            "{protocol} on {where} cannot accept connections: {reason} ({error}); {closed} connection(s) "
-            "closed unanswered, {failed} accept(s) put off, since the last such line (at most one a "
+            "{protocol} on {where} cannot accept connections: {reason} ({error}); "
+            f"{{closed}} {noun(closed, 'connection')} closed unanswered, {{failed}} {noun(failed, 'accept')} "
+            "put off, since the last such line (at most one a "
             "minute); raise the open file limit (ulimit -n, systemd's LimitNOFILE) or lower max-connections",
             protocol=self._name,
             where=self._where,
@@ -223,7 +225,7 @@ class ReserveErrors:
         count, self._sinceWarning = self._sinceWarning, 0
         self.log.warn(
             "out of file descriptors: the spare descriptor kept to refuse connections when they run "
-            "out could not be taken back ({count} time(s) since the last such line, at most one a "
+            f"out could not be taken back ({{count}} {noun(count, 'time')} since the last such line, at most one a "
             "minute); connections wait until descriptors are freed",
             count=count,
             event="listener.no_spare_descriptor",
