@@ -618,10 +618,18 @@ def test_shutdownGraceOption():
 
 
 def _refused(port):
+    """
+    Whether a connection to C{port} is refused: the listener is closed.
+    A connection reset instead (accepted as the listener closed, then
+    aborted by the stopping server) is not yet a refusal: the caller asks
+    again.
+    """
     try:
         socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
