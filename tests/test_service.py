@@ -156,6 +156,22 @@ def test_hangupActionsThenTLS(tmp_path):
     assert done == ["reopened", "after a failing action", "tls"]
 
 
+def _reloadableService(path, text, *arguments):
+    """
+    A service made as C{twistd mailgate --config path *arguments} makes it
+    (on a memory reactor and store), C{path} holding C{text}, that a
+    hangup reads again: the parsed options and the root service.
+    """
+    from mailgate.tap import Options
+
+    path.write_text(text)
+    options = Options()
+    options.parseOptions(["--config", str(path), *arguments])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    return options, root
+
+
 def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     """
     With --config FILE, SIGHUP reads the file again under the same command
@@ -166,15 +182,11 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     """
     from twisted.internet.address import IPv4Address
 
-    from mailgate.tap import Options
-
     client = IPv4Address("TCP", "192.0.2.7", 40000)
     path = tmp_path / "mailgate.toml"
-    path.write_text("max-recipients = 100\n")
-    options = Options()
-    options.parseOptions(["--config", str(path), "--pop3", "tcp:1110", "--smtp", "tcp:2525", "--lmtp", "tcp:2424"])
-    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
-    root.configSource = options.reread
+    options, root = _reloadableService(
+        path, "max-recipients = 100\n", "--pop3", "tcp:1110", "--smtp", "tcp:2525", "--lmtp", "tcp:2424"
+    )
     factories = [root.listeners[name][0].factory for name in ("POP3", "SMTP", "LMTP")]
     assert [f.trace for f in factories] == [None, None, None]
 
@@ -248,14 +260,8 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     """
     from certs import makeCertificate
 
-    from mailgate.tap import Options
-
     path = tmp_path / "mailgate.toml"
-    path.write_text("")
-    options = Options()
-    options.parseOptions(["--config", str(path)])
-    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
-    root.configSource = options.reread
+    options, root = _reloadableService(path, "")
     certificate, _ = makeCertificate(tmp_path, "a.example.test")
     _, otherKey = makeCertificate(tmp_path, "b.example.test")
 
@@ -310,11 +316,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
 
     path = tmp_path / "mailgate.toml"
     old = f"sqlite:///{tmp_path / 'old.sqlite3'}"
-    path.write_text(f'database = "{old}"\n')
-    options = Options()
-    options.parseOptions(["--config", str(path)])
-    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
-    root.configSource = options.reread
+    options, root = _reloadableService(path, f'database = "{old}"\n')
 
     def said(event):
         return [formatEvent(e) for e in logEvents if e.get("event") == event]
@@ -351,14 +353,8 @@ def test_aReloadRefusesAFileTheServerWouldNotStartOn(tmp_path, logEvents):
     start (and by config --check), not taken with "pop3 take effect at
     the next restart": a restart that would then fail.
     """
-    from mailgate.tap import Options
-
     path = tmp_path / "mailgate.toml"
-    path.write_text('pop3 = ["tcp:1110"]\n')
-    options = Options()
-    options.parseOptions(["--config", str(path)])
-    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
-    root.configSource = options.reread
+    options, root = _reloadableService(path, 'pop3 = ["tcp:1110"]\n')
     path.write_text("pop3 = []\n")
     root.hangup()
     [failed] = [e for e in logEvents if e.get("event") == "config.reload_failed"]
