@@ -81,6 +81,10 @@ REFUSAL_REASONS = {
     # closed unanswered by the accept loop: the process had no descriptor
     # left to serve it (see mailgate.session.accepting)
     "no descriptors": "no_descriptors",
+    # closed by the PROXY wrapper before a session began: from an address
+    # outside --proxy-network, or a missing, late or malformed header
+    # (see mailgate.session.proxy)
+    "not a balancer": "not_balancer", "bad PROXY header": "proxy_header",
 }
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",

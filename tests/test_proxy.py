@@ -385,6 +385,44 @@ def test_aPeerOutsideTheBalancersNetworksIsClosedUnread(store):
     assert protocol.wrappedProtocol.transport is None  # never connected
 
 
+def refusedByProxy(factory, reason):
+    found = factory.metrics.registry.get_sample_value(
+        "mailgate_connections_refused_total", {"protocol": factory.protocol.protocolName, "reason": reason}
+    )
+    return 0.0 if found is None else found
+
+
+def test_connectionsTheWrapperDropsAreCountedAsRefused(store):
+    """
+    Every connection the PROXY wrapper closes before a session began is in
+    mailgate_connections_refused_total under its session's protocol: from
+    outside --proxy-network as C{not_balancer}; a malformed, endless or late
+    header as C{proxy_header}.  A balancer whose header mailgate cannot
+    read shows there, not only as a line a minute in the log.
+    """
+    clock = Clock()
+    pop3 = pop3Factory(store, clock)
+    wrapped(pop3, clock, balancers=["192.0.2.0/24"])
+    assert refusedByProxy(pop3, "not_balancer") == 1
+    assert refusedByProxy(pop3, "proxy_header") == 0
+    protocol, _ = wrapped(pop3, clock)
+    protocol.dataReceived(b"PROXY TCP4 nonsense\r\n")
+    protocol, _ = wrapped(pop3, clock)
+    protocol.dataReceived(b"PROXY TCP4 203.0.113.9")
+    clock.advance(ProxyHeaderFactory.headerTimeout)
+    assert refusedByProxy(pop3, "proxy_header") == 2
+    assert refusedByProxy(pop3, "not_balancer") == 1
+    smtp = smtpFactory(store, clock)
+    protocol, _ = wrapped(smtp, clock)
+    protocol.dataReceived(b"\x16\x03\x01\x00")
+    assert refusedByProxy(smtp, "proxy_header") == 1
+    # A header read in full opens a session: nothing refused.
+    protocol, transport = wrapped(pop3, clock)
+    protocol.dataReceived(v1("203.0.113.9"))
+    assert transport.value().startswith(b"+OK")
+    assert refusedByProxy(pop3, "proxy_header") == 2
+
+
 @pytest.mark.parametrize(
     "peer",
     [

@@ -268,13 +268,19 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._timeout = factory.clock.callLater(factory.headerTimeout, self._tooSlow)
         if not isBalancer(self.transport.getPeer(), factory.balancers):
             # Its header would choose the address every policy sees.
-            self._drop("not from a balancer's network (--proxy-network)")
+            self._drop("not from a balancer's network (--proxy-network)", "not a balancer")
 
     def _tooSlow(self):
         self._timeout = None
         self._drop("no PROXY header in time")
 
-    def _drop(self, reason):
+    def _drop(self, reason, counted="bad PROXY header"):
+        """
+        Close the connection unanswered, counted as refused for C{counted}
+        (a reason of L{mailgate.metrics.REFUSAL_REASONS}) and logged a line
+        a minute per address and reason.
+        """
+        self.factory.countRefusal(counted)
         peer = self.transport.getPeer()
         # Something that is no balancer hammering the port: a line a minute
         # per address and reason (see RefusalLog).
@@ -404,6 +410,18 @@ class ProxyHeaderFactory(WrappingFactory):
 
     def logPrefix(self):
         return f"{super().logPrefix()} (PROXY)"
+
+    def countRefusal(self, reason):
+        """
+        Count a connection dropped before its session began in the wrapped
+        factory's metrics, under its protocol: without it, a balancer
+        misconfigured (or something that is not one) would be turned away
+        in no series at all.
+        """
+        metrics = getattr(self.wrappedFactory, "metrics", None)
+        if metrics is not None:
+            protocol = getattr(self.wrappedFactory.protocol, "protocolName", None)
+            metrics.connectionRefused(protocol, reason)
 
 
 @implementer(IStreamServerEndpoint)
