@@ -200,6 +200,11 @@ class SMTPServer(CommandSession):
         self._failedEnvelope = None
         # The transaction said SMTPUTF8: its replies may hold UTF-8.
         self._utf8Replies = False
+        # What the session's end line tells (see _logDisconnect): why it
+        # ended (None: the client went away), when it began, and counts.
+        self._endReason = None
+        self._began = None
+        self._tally = dict(commands=0, errors=0, rcpt=0, recipients=0, messages=0)
 
     @property
     def hostname(self):
@@ -208,6 +213,7 @@ class SMTPServer(CommandSession):
     # -- the session core's hooks ------------------------------------------
 
     def greet(self):
+        self._began = self._elapsed()
         kind = "LMTP" if self.lmtp else "ESMTP"
         self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
 
@@ -227,17 +233,54 @@ class SMTPServer(CommandSession):
         return self._bad(500, "5.5.2", "command not recognized")
 
     def tooManyBadCommands(self):
+        self._ending("too many errors")
         self._reply(421, "4.7.0", f"{self.hostname} too many errors, closing connection")
 
     def internalError(self):
         self._reply(451, "4.3.0", "internal server error; try again later")
 
     def idleTimedOut(self, stalled):
+        self._ending("idle timeout")
         if not stalled:
             self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
 
     def sessionEnded(self):
         self._discardData()
+        if self._began is not None:
+            self._logDisconnect()
+
+    def _ending(self, reason):
+        """
+        Note why the session is ending, for its end line: the first reason
+        given stands (a QUIT answered during the shutdown is a QUIT).
+        """
+        if self._endReason is None:
+            self._endReason = reason
+
+    def _logDisconnect(self):
+        """
+        One line at the end of every admitted session, as Postfix's
+        "disconnect from" line: who it was, why it ended, how long it
+        lasted, and what it did (command lines, errors, RCPT commands and
+        recipients accepted, messages delivered), so that a client
+        guessing addresses (C{rcpt=0/40}) or an MTA whose connection is
+        cut off shows without a trace.
+        """
+        tally = self._tally
+        seconds = round(self._elapsed() - self._began, 3)
+        helo = _bounded(self._helo, 64) if self._helo is not None else ""
+        why = self._endReason or "connection lost"
+        tls = "yes" if isSecure(self.transport) else "no"
+        line = (
+            f"{self.protocolName} disconnect peer={self.peerText} helo=<{helo}> reason={why!r} "
+            f"commands={tally['commands']} errors={tally['errors']} "
+            f"rcpt={tally['recipients']}/{tally['rcpt']} messages={tally['messages']} "
+            f"tls={tls} seconds={seconds:.3f}"
+        )
+        self.logInfo(
+            f"{self.protocolName}.disconnect", line,
+            helo=helo, reason=why, tls=tls == "yes", seconds=seconds, **tally,
+        )
 
     def close(self, abort=False):
         self._discardData()
@@ -312,6 +355,7 @@ class SMTPServer(CommandSession):
                 octets=octets,
                 seconds=round(elapsed),
             )
+        self._ending("data too slow")
         self._reply(
             421, "4.4.2",
             f"{self.hostname} message data too slow ({octets} octets in {elapsed:.0f} s; "
@@ -356,9 +400,11 @@ class SMTPServer(CommandSession):
         self._shutdownNow()
 
     def _shutdownReply(self):
+        self._ending("shutdown")
         self._reply(421, "4.3.2", f"{self.hostname} service shutting down")
 
     def shutdownNow(self, stalled):
+        self._ending("shutdown")
         if not stalled:
             self._shutdownReply()
 
@@ -394,6 +440,10 @@ class SMTPServer(CommandSession):
         self._reply(code, enhanced, text)
         self.countBadCommand()
         return None
+
+    def countBadCommand(self):
+        self._tally["errors"] += 1
+        super().countBadCommand()
 
     def _junk(self):
         """
@@ -482,6 +532,7 @@ class SMTPServer(CommandSession):
         # on (Dovecot's LMTP answers it so too).
         if argument.strip():
             return self._bad(501, "5.5.4", "QUIT takes no arguments")
+        self._ending("quit")
         self._reply(221, "2.0.0", f"{self.hostname} closing connection")
         self.close()
 
@@ -591,6 +642,7 @@ class SMTPServer(CommandSession):
         return None
 
     def smtp_RCPT(self, argument):
+        self._tally["rcpt"] += 1
         envelope = self._envelope
         if envelope is None:
             return self._bad(503, "5.5.1", "need MAIL command first")
@@ -629,6 +681,7 @@ class SMTPServer(CommandSession):
         d = self.factory.delivery.checkRecipient(mailbox, int(declared) if declared else None)
 
         def accepted(address):
+            self._tally["recipients"] += 1
             if self._envelope is envelope:
                 envelope.recipients.append(address)
                 envelope.forwardPaths.append(forwardPath(mailbox, address))
@@ -772,6 +825,7 @@ class SMTPServer(CommandSession):
             f"peer={self.peerText}: 421 4.5.0, closing",
             sender=sender,
         )
+        self._ending("early data")
         self._reply(
             421, "4.5.0",
             f"{self.hostname} input sent before the reply to a refused DATA (RFC 2920), closing connection",
@@ -889,6 +943,7 @@ class SMTPServer(CommandSession):
         chunk's octets after it would run as commands, where a front end
         on the way that took the line for BDAT sends them as a message.
         """
+        self._tally["commands"] += 1
         if line.lstrip(b" \t")[:4].upper() == b"BDAT" and not _BDAT_LINE.fullmatch(line):
             return self._badBDAT()
         return super().lineReceived(line)
@@ -900,6 +955,7 @@ class SMTPServer(CommandSession):
             f"{self.protocolName}.bad_bdat",
             f"{self.protocolName} malformed BDAT command peer={self.peerText}: 501 5.5.4, closing",
         )
+        self._ending("bad BDAT")
         self._reply(501, "5.5.4", "syntax: BDAT chunk-size [LAST]; closing connection")
         self.close()
         return None
@@ -934,6 +990,7 @@ class SMTPServer(CommandSession):
                 self._dataReplies(envelope, 552, "5.3.4", text)
             else:
                 self._reply(552, "5.3.4", text)
+            self._ending("message too large")
             self.close()
             return None
         if self._chunksFailed:
@@ -1037,6 +1094,7 @@ class SMTPServer(CommandSession):
                 self.protocolName, "accepted", octets=octets, seconds=self._elapsed() - started
             )
         if copies:
+            self._tally["messages"] += 1
             # Errors count towards maxBadCommands until mail is delivered,
             # as Postfix's smtpd_hard_error_limit does: an MTA that keeps
             # its (LMTP) connection open for message after message, some
