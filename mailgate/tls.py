@@ -112,13 +112,26 @@ def setCiphers(context, ciphers):
 # OpenSSL names it: EdDSA keys sign ECDHE-ECDSA handshakes (RFC 8422).
 _TLS12_AUTH = {"RSA": "auth-rsa", "ECDSA": "auth-ecdsa", "Ed25519": "auth-ecdsa", "Ed448": "auth-ecdsa"}
 
+# The key exchanges of the TLS 1.2 suites OpenSSL can negotiate here:
+# ECDHE, and RSA's if an administrator's list asks for it.  Not DHE: it
+# needs DH parameters, which Python's ssl takes only from a file
+# (load_dh_params, Dovecot's ssl_dh) and mailgate gives none, so OpenSSL
+# passes DHE suites over; nor PSK or SRP, whose secrets no one has here.
+_TLS12_KEY_EXCHANGES = {"kx-ecdhe", "kx-rsa"}
+
 
 def checkCiphersServeKeys(context, ciphers, keyTypes, minimumVersion):
     """
     Refuse a C{tls-ciphers} list under which no TLS 1.2 client could
     complete a handshake with these certificates: one whose suites all
     authenticate with a key of a type none of them has (ECDSA suites with
-    an RSA certificate only), where TLS 1.2 is accepted.
+    an RSA certificate only), or exchange keys in a way OpenSSL does not
+    negotiate here (DHE only: see L{_TLS12_KEY_EXCHANGES}), where TLS 1.2
+    is accepted.
+
+    Every suite but TLS 1.3's counts: OpenSSL files one under the oldest
+    version that has it (C{ECDHE-RSA-AES256-SHA} under TLSv1.0), and
+    TLS 1.2 negotiates those too.
     """
     if minimumVersion != "1.2":
         return
@@ -126,12 +139,16 @@ def checkCiphersServeKeys(context, ciphers, keyTypes, minimumVersion):
     if None in needed:
         # A key of a type not known here: not judged.
         return
-    offered = {c["auth"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    suites = [c for c in context.get_ciphers() if c["protocol"] != "TLSv1.3"]
+    offered = {c["auth"] for c in suites if c["kea"] in _TLS12_KEY_EXCHANGES}
     if not needed & offered:
         served = ", ".join(sorted(offered)) or "none"
+        why = ""
+        if any(c["kea"] == "kx-dhe" for c in suites):
+            why = "; DHE suites are never negotiated: mailgate loads no DH parameters, use ECDHE ones"
         raise ConfigurationError(
             f"tls-ciphers {ciphers!r}: no TLS 1.2 suite of it works with the certificate's "
-            f"{' or '.join(keyTypes)} key (it offers {served}); TLS 1.2 clients could not connect"
+            f"{' or '.join(keyTypes)} key (it offers {served}){why}; TLS 1.2 clients could not connect"
         )
 
 

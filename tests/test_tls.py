@@ -347,6 +347,40 @@ def test_aCipherListThatCannotWorkIsRefused(tmp_path):
     assert offered == ["ECDHE-RSA-AES128-GCM-SHA256"]
 
 
+def test_aCipherListOfDHESuitesOnlyIsRefused(tmp_path):
+    """
+    DHE suites need DH parameters, which mailgate does not load: OpenSSL
+    never negotiates one, so a list of nothing else would let no TLS 1.2
+    client in, and is refused saying why.  With ECDHE suites beside them
+    the list is taken.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    context.set_ciphers("DHE-RSA-AES128-GCM-SHA256")
+    client = clientContext(certificate, maximum=ssl.TLSVersion.TLSv1_2)
+    client.set_ciphers("DHE-RSA-AES128-GCM-SHA256")
+    assert not handshake(context, client).ok
+    with pytest.raises(ConfigurationError, match="DHE suites are never negotiated"):
+        ServerTLS(str(certificate), str(key), ciphers="DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384")
+    ServerTLS(str(certificate), str(key), ciphers="DHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+
+
+def test_aCipherListOfSuitesOlderThanTLS12IsTakenForTLS12(tmp_path):
+    """
+    OpenSSL files a suite under the oldest version that has it
+    (ECDHE-RSA-AES256-SHA under TLSv1.0), and TLS 1.2 negotiates it all
+    the same: a list whose only RSA suite is such a one serves an RSA
+    certificate, and is not refused.
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, keyType="rsa")
+    tls = ServerTLS(str(certificate), str(key), ciphers="ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-SHA")
+    client = clientContext(certificate, maximum=ssl.TLSVersion.TLSv1_2)
+    client.set_ciphers("ECDHE-RSA-AES256-SHA")
+    result = handshake(tls.context, client)
+    assert result.ok and result.client.cipher()[0] == "ECDHE-RSA-AES256-SHA", result.serverError
+
+
 def test_anEd25519CertificateServesECDSASuites(tmp_path):
     """
     An Ed25519 key signs TLS 1.2's ECDHE-ECDSA handshakes: the default
