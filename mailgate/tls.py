@@ -408,7 +408,8 @@ class ServerTLS:
         self._context = context
         self.certificates = [
             CertificateSummary(
-                keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc
+                keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc,
+                leaf.not_valid_before_utc,
             )
             for leaf in leaves
         ]
@@ -482,13 +483,24 @@ class CertificateSummary:
     subject: str
     fingerprint: str
     notAfter: datetime.datetime = None
+    notBefore: datetime.datetime = None
 
     def expiryWarning(self, now):
         """
         What to warn of, if anything, at C{now} (an aware datetime): that
-        the certificate has expired (clients refuse it), or will within
-        L{EXPIRY_WARNING_DAYS} days.
+        the certificate is not valid yet or has expired (clients refuse
+        it either way), or will expire within L{EXPIRY_WARNING_DAYS} days.
+
+        A certificate not valid yet was issued to start later, or this
+        machine's clock is behind: in the latter case clients, whose
+        clocks are right, accept it, so it is said as a possibility.
         """
+        if self.notBefore is not None and now < self.notBefore:
+            return (
+                f"the TLS certificate {self.subject} ({self.keyType}) is not valid before "
+                f"{self.notBefore:%Y-%m-%d %H:%M} UTC: clients refuse it until then, "
+                f"unless this machine's clock is behind theirs"
+            )
         if self.notAfter is None:
             return None
         if self.notAfter <= now:

@@ -658,6 +658,24 @@ def test_expiredAndExpiringCertificatesAreWarnedOf(tmp_path):
     ]
 
 
+def test_aCertificateNotYetValidIsWarnedOf(tmp_path):
+    """
+    A certificate whose validity has not begun (issued with a later start,
+    or this machine's clock is behind) is refused by clients until then
+    as an expired one is: it is warned of until that time (and still
+    served).
+    """
+    certificate, key = makeCertificate(tmp_path, HOST, days=30)
+    tls = ServerTLS(str(certificate), str(key))
+    [summary] = tls.certificates
+    before = summary.notBefore - datetime.timedelta(hours=2)
+    assert tls.expiryWarnings(now=before) == [
+        f"the TLS certificate {HOST} (ECDSA) is not valid before {summary.notBefore:%Y-%m-%d %H:%M} UTC: "
+        f"clients refuse it until then, unless this machine's clock is behind theirs"
+    ]
+    assert tls.expiryWarnings(now=summary.notBefore) == []
+
+
 def test_anAlternativeWithAKeyOfTheSameTypeIsRefused(tmp_path, dual):
     """
     OpenSSL holds one certificate per type of key: a second ECDSA
