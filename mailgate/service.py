@@ -110,6 +110,8 @@ class ListeningService(StreamServerEndpointService):
         self._reactor = reactor
         self._metrics = metrics
         self._waiters = []
+        #: why it will not listen (see L{giveUp}), or C{None}
+        self._neverReason = None
         #: it has asked its endpoint to listen (bound, binding or refused):
         #: a start that fails must stop it (L{MailgateService}), running
         #: or not
@@ -117,6 +119,7 @@ class ListeningService(StreamServerEndpointService):
 
     def privilegedStartService(self):
         self.listenAsked = True
+        self._neverReason = None
         try:
             super().privilegedStartService()
         except Exception as e:
@@ -133,6 +136,8 @@ class ListeningService(StreamServerEndpointService):
         """
         if self.port is not None:
             return defer.succeed(self.port)
+        if self._neverReason is not None:
+            return defer.fail(self._neverReason)
         d = defer.Deferred()
         self._waiters.append(d)
         return d
@@ -164,8 +169,13 @@ class ListeningService(StreamServerEndpointService):
         """
         Fail the L{whenListening} waiters with C{reason} (an exception)
         when the port will not be bound: a wait for a listener of a start
-        that failed, or of a service stopped first, never ended.
+        that failed, or of a service stopped first, never ended.  A wait
+        asked for later fails alike, at once (with the first reason: the
+        port refused, rather than the stop that followed), until a new
+        start.
         """
+        if self._neverReason is None:
+            self._neverReason = reason
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.errback(reason)
@@ -442,8 +452,9 @@ class MailgateService(MultiService):
         """
         Name the certificates in service, then warn of one that has
         expired (it is served all the same, its replacement may be on the
-        way, but clients refuse it) or soon will, and of a private key
-        file others may read or replace.
+        way, but clients refuse it) or soon will, of a private key file
+        others may read or replace, and of a chain that does not go with
+        its certificate.
         """
         self.log.info(
             what + ": {certificates}",
@@ -456,6 +467,8 @@ class MailgateService(MultiService):
             self.log.warn("{warning}", warning=warning, event="tls.expiry")
         for warning in self.tls.keyWarnings:
             self.log.warn("{warning}", warning=warning, event="tls.key_permissions")
+        for warning in self.tls.chainWarnings:
+            self.log.warn("{warning}", warning=warning, event="tls.chain")
 
     # -- starting ----------------------------------------------------------------
 
@@ -702,6 +715,12 @@ class MailgateService(MultiService):
                 callback()
             except Exception:
                 self.log.failure("stopping callback {callback!r} failed", callback=callback)
+        # A listener never started is not stopped (_stopAll): it is told
+        # here that it will never listen, or a wait for it never ended.
+        for ls in self.listeners.values():
+            for listener in ls:
+                if not (listener.running or listener.listenAsked or listener.port is not None):
+                    listener.giveUp(ShuttingDown("mailgate stopped before it listened"))
         return self._stopInOrder()
 
     def _ignoreFurtherStopSignals(self):

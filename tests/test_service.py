@@ -625,3 +625,34 @@ def test_aServiceStoppedBetweenItsTwoStartsClosesItsPorts(tmp_path):
     assert reactor.listening == {1110, 2525}
     resultOf(root.stopService())
     assert reactor.listening == set()
+
+
+@pytest.mark.parametrize("how", ["start failed", "stopped before it started"])
+def test_waitingForListenersThatNeverWillEndsWhenAskedLate(tmp_path, how):
+    """
+    A wait for the listeners asked for only once they never will listen
+    (the start failed on a port in use; the service was stopped before it
+    started) fails at once, as one asked before does: it was a Deferred
+    that never fired, and an embedding application waiting on
+    C{root.whenListening()} after catching the L{ConfigurationError}
+    waited for ever.
+    """
+    reactor = BusyPortReactor(busy={2525})
+    root = sqliteService(tmp_path, reactor, metrics="tcp:9101")
+    if how == "start failed":
+        with pytest.raises(ConfigurationError):
+            root.startService()
+    else:
+        resultOf(root.stopService())
+    each = {name: ls[0].whenListening() for name, ls in root.listeners.items()}
+    assert each["SMTP"].called and each["METRICS"].called
+    assert failureOf(each["METRICS"]).check(ShuttingDown)
+    if how == "start failed":
+        assert failureOf(each["SMTP"]).check(ConfigurationError)
+        # POP3 bound before SMTP failed: its port it had.
+        assert resultOf(each["POP3"]).getHost().port == 1110
+    else:
+        assert failureOf(each["SMTP"]).check(ShuttingDown)
+        assert failureOf(each["POP3"]).check(ShuttingDown)
+    failed = failureOf(root.whenListening())
+    assert failed is not None and failed.value.subFailure.check(ConfigurationError, ShuttingDown)
