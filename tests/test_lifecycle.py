@@ -1474,13 +1474,15 @@ def test_registryServiceWritesAndKicks(store):
 # -- races between the lifecycle's writers (PostgreSQL: several processes) -----
 
 
-def _whileBlocked(url, work, blocker):
+def _whileBlocked(url, work, blocker, meanwhile=None):
     """
     Run C{work()} on a thread until one of its statements waits for a
     lock that C{blocker} (a transaction begun and not yet
-    committed, on a connection of its own) holds; then commit C{blocker}
-    and return C{work}'s result once it has finished.  The interleaving
-    is forced by PostgreSQL's row locks, not by timing.
+    committed, on a connection of its own) holds; then run C{meanwhile()}
+    (more of C{blocker}'s statements), if given, commit C{blocker}
+    and return C{work}'s result once it has finished (or raise what it
+    raised).  The interleaving is forced by PostgreSQL's row locks, not
+    by timing.
     """
     import threading
     import time
@@ -1490,7 +1492,14 @@ def _whileBlocked(url, work, blocker):
     from mailgate.store.postgres import _conninfo
 
     outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(work()), daemon=True)
+
+    def run():
+        try:
+            outcome.append((True, work()))
+        except Exception as e:
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, daemon=True)
     with psycopg.connect(_conninfo(url), autocommit=True) as watcher:
         thread.start()
         deadline = time.monotonic() + 20
@@ -1499,10 +1508,15 @@ def _whileBlocked(url, work, blocker):
         while watcher.execute(waiting, (blocker.info.backend_pid,)).fetchone()[0] == 0:
             assert thread.is_alive() and time.monotonic() < deadline, "the work never waited for the lock"
             time.sleep(0.01)
+    if meanwhile is not None:
+        meanwhile()
     blocker.commit()
     thread.join(20)
     assert not thread.is_alive() and outcome, "the work did not finish"
-    return outcome[0]
+    [(finished, result)] = outcome
+    if not finished:
+        raise result
+    return result
 
 
 def _readable(store, address, password):
@@ -1585,6 +1599,55 @@ def test_twoRestoresAsNewOfTheSameMessageBringItBackOnce(store, databaseURL):
     assert len(first) == 1 and second == []
     assert usage(store, ALICE) == (1, len(message(1)))
     assert _readable(store, ALICE, "wonderland") == [True]
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aRestoreWhileAnExpungeRemovesTheKeptMailIsNoDeadlock(store, databaseURL):
+    """
+    C{mailgate mailbox restore} while C{mailgate mailbox expunge} (or
+    C{user del}) has begun with the user's maildrop: it holds the
+    mailbox row and goes on to remove the kept mail.  The
+    restore took the kept rows first and the mailbox row last, so each
+    waited for the other: PostgreSQL ended the restore with "deadlock
+    detected" (found by a stress run of restores, expunges, deliveries
+    and POP3 sessions on four stores at once).  Now the restore waits for
+    the expunge and then finds nothing left to restore.  Run on a bare
+    transaction, without the retries a store makes after a deadlock.
+    """
+    from mailgate.store.lifecycle import _expungeUser, _restoreDeleted
+
+    store.limits.keepDeletedDays = 3
+    deliver(store, [ALICE], message(1))
+    popDelete(store, ALICE, "wonderland", 1)
+    userId = resultOf(store.findUser(ALICE)).userId
+    expunger = memoryStore(databaseURL)
+    restorer = memoryStore(databaseURL)
+    try:
+        conn = expunger.database.connection
+        cursor = expunger.engine.begin(conn, True)
+        # How an expunge (and a retention pass) begins.
+        cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
+
+        def restore():
+            restoring = restorer.engine.begin(restorer.database.connection, True)
+            try:
+                result = _restoreDeleted(restoring, ALICE, None, None, False, T0)
+            except BaseException:
+                restorer.engine.rollback(restorer.database.connection)
+                raise
+            restorer.engine.commit(restorer.database.connection)
+            return result
+
+        restored = _whileBlocked(
+            databaseURL, restore, conn, meanwhile=lambda: _expungeUser(cursor, ALICE, None, 0)
+        )
+    finally:
+        expunger.close()
+        restorer.close()
+    assert restored == ([], [])
+    assert resultOf(store.listDeleted(ALICE)) == []
+    assert usage(store, ALICE) == (0, 0)
+    assert bodyCount(store) == (0, 0)
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)

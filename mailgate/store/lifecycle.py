@@ -593,6 +593,13 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         now)}, and the requested unique ids that are not kept.
     """
     userId = _userId(cursor, address)
+    # The mailbox row is locked first, as the retention task, an expunge,
+    # a recount, a user's deletion and a delivery take it before the rows
+    # they change: taken last (after the kept rows), it closed a deadlock
+    # with an expunge or a user's deletion that held it and was about to
+    # remove those kept rows, and PostgreSQL ended one of them with an
+    # error.
+    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
     where, params = "user_id = ?", [userId]
     if since is not None:
         where += " AND deleted_at >= ?"
