@@ -40,11 +40,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.test import iosim
-from zope.interface import directlyProvides, implementer
+from zope.interface import alsoProvides, directlyProvides, implementer
 
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import TemporaryFailure
-from mailgate.interfaces import IMaildrop, IMailStore, IMessageBody
+from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.message import spoolBytes
@@ -130,7 +130,10 @@ class _Faults:
     The failures a L{FaultInjectingStore} injects, and the calls it saw.
     """
 
-    operations = frozenset(IMailStore.names()) | frozenset(IMaildrop.names()) | frozenset(IMessageBody.names())
+    operations = (
+        frozenset(IMailStore.names()) | frozenset(ILifecycleStore.names()) | frozenset(IMaildrop.names())
+        | frozenset(IMessageBody.names())
+    )
 
     def __init__(self):
         self.calls = []
@@ -172,13 +175,24 @@ class FaultInjectingStore:
     alike: their operations (C{openMessage}, C{uniqueIds}, C{expunge},
     C{release}, and the body's C{read}) can be made to fail too.
 
+    A store that is also an L{ILifecycleStore} (L{memoryStore}'s, every
+    SQL store) makes a wrapper that is one too, its quotas, retention and
+    sessions the store's, its operations (C{quotaOf}, C{setQuota}, ...)
+    passed on and failed alike: the protocols ask a store without one no
+    quota, and a message over a mailbox's whole quota, refused for good
+    (552) by the store, was answered "mailbox full, try again" (452)
+    through the wrapper.
+
     @ivar store: the real store underneath.
-    @ivar calls: every call, in order, as C{(operation, args)}.
+    @ivar calls: every call, in order, as C{(operation, args)}, keyword
+        arguments given as positional ones.
     """
 
     def __init__(self, store=None):
         self.store = memoryStore() if store is None else store
         self._faults = _Faults()
+        if ILifecycleStore.providedBy(self.store):
+            alsoProvides(self, ILifecycleStore)
 
     @property
     def calls(self):
@@ -251,6 +265,78 @@ class FaultInjectingStore:
 
     def close(self):
         return self._call("close")
+
+    # -- ILifecycleStore, when the store is one ---------------------------------
+
+    @property
+    def limits(self):
+        return self.store.limits
+
+    @limits.setter
+    def limits(self, limits):
+        self.store.limits = limits
+
+    @property
+    def retention(self):
+        return self.store.retention
+
+    @property
+    def sessions(self):
+        return self.store.sessions
+
+    def setQuota(self, address, octets, messages):
+        return self._call("setQuota", address, octets, messages)
+
+    def setExpire(self, address, days):
+        return self._call("setExpire", address, days)
+
+    def quotaOf(self, address):
+        return self._call("quotaOf", address)
+
+    def expireMessages(self, users=100, messagesPerTransaction=500):
+        return self._call("expireMessages", users, messagesPerTransaction)
+
+    def purgeDeleted(self, limit=500):
+        return self._call("purgeDeleted", limit)
+
+    def forgetDeliveries(self, limit=500):
+        return self._call("forgetDeliveries", limit)
+
+    def listDeleted(self, address):
+        return self._call("listDeleted", address)
+
+    def exportMessages(self, address):
+        return self._call("exportMessages", address)
+
+    def restoreDeleted(self, address, uidls=None, since=None, asNew=False):
+        return self._call("restoreDeleted", address, uidls, since, asNew)
+
+    def listSessions(self, address=None, kicked=False):
+        return self._call("listSessions", address, kicked)
+
+    def listNodes(self):
+        return self._call("listNodes")
+
+    def kickSessions(self, address):
+        return self._call("kickSessions", address)
+
+    def importMessages(self, address, items):
+        return self._call("importMessages", address, items)
+
+    def forgetImported(self, address, uidls=None):
+        return self._call("forgetImported", address, uidls)
+
+    def existingUidls(self, address, uidls):
+        return self._call("existingUidls", address, uidls)
+
+    def renameUser(self, old, new):
+        return self._call("renameUser", old, new)
+
+    def expungeMessages(self, address, olderThanDays=None):
+        return self._call("expungeMessages", address, olderThanDays)
+
+    def recountUsage(self, address):
+        return self._call("recountUsage", address)
 
 
 @implementer(IMaildrop)

@@ -104,3 +104,45 @@ def test_theInMemoryStoresProvideTheirInterfaces():
     assert verifyObject(IMaildrop, maildrop)
     assert verifyObject(IMessageBody, resultOf(maildrop.openMessage(0)))
     resultOf(maildrop.release())
+
+
+def test_aFaultInjectingStoreKeepsTheStoresQuotasAndLifecycle():
+    """
+    Wrapping a store changes nothing but the failures asked for: its
+    quotas are still checked (a message larger than the mailbox's whole
+    quota is 552 5.2.3, as without the wrapper), its ILifecycleStore
+    operations pass through it and can be failed too.  Before, the wrapper
+    provided IMailStore only, so the protocols took the store for one
+    without quotas: the same message was answered 452 4.2.2 "mailbox
+    full" (try again, for days) through it.
+    """
+    from zope.interface.verify import verifyObject
+
+    from mailgate.interfaces import ILifecycleStore
+    from mailgate.testing import SMTPSession
+
+    message = b"Subject: big\r\n\r\n" + b"x" * 500 + b"\r\n"
+    replies = []
+    for wrapped in (False, True):
+        store = memoryStore()
+        addUser(store, "alice@example.org", "secret")
+        resultOf(store.setQuota("alice@example.org", 100, None))
+        session = SMTPSession(FaultInjectingStore(store) if wrapped else store, domains=["example.org"])
+        replies.append(session.sendMail("sender@example.net", ["alice@example.org"], message).splitlines()[-1])
+    assert replies[0].startswith("552 5.2.3 ")
+    assert replies[1] == replies[0]
+
+    faulty = FaultInjectingStore(memoryStore())
+    assert verifyObject(ILifecycleStore, faulty)
+    addUser(faulty, "alice@example.org", "secret")
+    resultOf(faulty.setQuota("alice@example.org", 1000, None))
+    assert resultOf(faulty.quotaOf("alice@example.org")).quotaOctets == 1000
+    assert ("setQuota", ("alice@example.org", 1000, None)) in faulty.calls
+    faulty.fail("quotaOf")
+    session = SMTPSession(faulty, domains=["example.org"])
+    session.command("EHLO client.test")
+    session.command("MAIL FROM:<sender@example.net>")
+    assert session.command("RCPT TO:<alice@example.org>").startswith("451 ")
+    # Its settings are the store's: makeService sets its limits.
+    faulty.limits = faulty.store.limits
+    assert faulty.retention is faulty.store.retention
