@@ -19,6 +19,7 @@ that answer C{-ERR} to CAPA, as RFC 1939-only servers do.
 """
 
 import hashlib
+import socket
 
 import pytest
 
@@ -194,6 +195,47 @@ def test_aGreetingThatIsNoWelcomeSaysWhy(source, tmp_path, greeting, code, why):
     result, out, err = cli(url, "import", "pop3", server.url, ALICE, "--password-stdin", stdin=PASSWORD + "\n")
     assert (result, out) == (code, ""), err
     assert err.startswith("mailgate: ") and err.endswith(why + "\n") and err.count("\n") == 1, err
+
+
+def test_aSourceThatCannotBeReachedIsATemporaryFailureWithOrWithoutUsers(tmp_path):
+    """
+    Nothing listening on the source's port (the old server restarting, a
+    network down): exit 75, run it again, for one import as for a user of
+    C{--users} (one import said 69, "cannot be used", while the README
+    and C{--users} said 75).
+    """
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url, store_ = target(tmp_path, (ALICE, PASSWORD))
+    store_.close()
+    source = f"pop3://127.0.0.1:{port}"
+    code, out, err = cli(url, "import", "pop3", source, ALICE, "--password-stdin", "--insecure", stdin=PASSWORD + "\n")
+    assert (code, out) == (75, ""), err
+    assert err == f"mailgate: cannot connect to 127.0.0.1:{port}: Connection refused\n"
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} {PASSWORD}\n")
+    code, out, err = cli(url, "import", "pop3", source, "--users", str(users), "--insecure")
+    assert code == 75, (out, err)
+    assert f"mailgate: {ALICE}: cannot connect to 127.0.0.1:{port}: Connection refused" in err
+
+
+def test_aServerThatRefusesTheConnectionForGoodIsNotRetriedWithUsers(source, tmp_path):
+    """
+    A greeting C{-ERR} without a code that says it passes (an access rule)
+    is refused again next time: with C{--users}, 65 as for a refused
+    login, not 75 (a script retrying on 75 would retry for ever); one
+    import says 69.
+    """
+    server = source(threeMessages())
+    server.greeting = b"-ERR go away"
+    url, store_ = target(tmp_path, (ALICE, PASSWORD))
+    store_.close()
+    users = tmp_path / "users.txt"
+    users.write_text(f"{ALICE} {PASSWORD}\n")
+    code, out, err = cli(url, "import", "pop3", f"pop3://127.0.0.1:{server.port}", "--users", str(users))
+    assert code == 65, (out, err)
+    assert f"mailgate: {ALICE}: 127.0.0.1 refused the connection: -ERR go away\n" in err
 
 
 def test_manyUsersSayWhetherRunningItAgainHelps(oldServer, tmp_path):

@@ -249,7 +249,10 @@ def _importPOP3(store, args, out, stdin):
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:
-                raise CommandError(str(e), getattr(e, "code", EX_UNAVAILABLE))
+                # The same verdict as a user's of --users: a failure that
+                # passes (the connection failing, the source busy) is 75,
+                # so a script retrying on 75 finishes the import.
+                raise CommandError(str(e), getattr(e, "code", EX_TEMPFAIL if passes(e) else EX_UNAVAILABLE))
             if master is not None and not masterWorks and isinstance(e, LoginRefused):
                 raise _masterRefused(address, master, e) from None
             # A maildrop in use ([IN-USE], or [LOGIN-DELAY]) answers a

@@ -121,6 +121,15 @@ class LoginRefused(POP3Refused):
     """
 
 
+class GreetingRefused(POP3Refused):
+    """
+    The server greeted with C{-ERR} without a response code that says it
+    passes (C{[SYS/TEMP]}, L{SourceBusy}): it refuses this client, an
+    access rule as a rule, and will refuse it again, so running the import
+    again does not help (as for a refused login).
+    """
+
+
 class NoUniqueIds(POP3Failed):
     """
     The server has no UIDL: its messages have no unique ids to keep.
@@ -322,8 +331,9 @@ class POP3Client:
         @raise SourceBusy: for a C{-ERR} greeting whose response code
             says it passes (C{[SYS/TEMP]}: a server at its connection
             limit).
-        @raise POP3Failed: for another C{-ERR}, or for what is no POP3
-            greeting at all (an IMAP server's, the URL's port mistyped).
+        @raise GreetingRefused: for another C{-ERR}.
+        @raise MalformedResponse: for what is no POP3 greeting at all (an
+            IMAP server's, the URL's port mistyped).
         """
         try:
             return self._status("the connection")
@@ -335,7 +345,7 @@ class POP3Client:
                 ) from None
             if any(f"-ERR {code}" in e.response.upper() for code in _TEMPORARY_CODES):
                 raise SourceBusy(f"{e}: the server takes no connection now; run the import again later") from None
-            raise POP3Failed(str(e)) from None
+            raise GreetingRefused(str(e)) from None
 
     def peerAddress(self):
         """
