@@ -43,6 +43,7 @@ import stat
 
 import attr
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.interfaces import ISSLTransport
@@ -166,9 +167,10 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
         TLS 1.3 only: clients of before about 2018 cannot connect).
     @param ciphers: the OpenSSL cipher list of TLS 1.2's suites (see
         L{setCiphers}): L{CIPHERS} unless the administrator gives another.
-    @return: the context and the leaf certificates, first the main one
+    @return: the context, the leaf certificates, first the main one
         then the alternative one if any (C{cryptography} certificates, for
-        logging their names and fingerprints).
+        logging their names and fingerprints), and the warnings of
+        L{chainWarning} for their files.
     @raise ConfigurationError: if the files cannot be used, or the two
         keys are of one type (OpenSSL keeps one certificate per type of
         key: the second would silently replace the first).
@@ -185,7 +187,8 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     context.num_tickets = 1
     setCiphers(context, ciphers)
     pairs = [(certificatePath, keyPath)] + ([tuple(alternative)] if alternative is not None else [])
-    leaves = [_readLeaf(certificate) for certificate, _ in pairs]
+    chains = [_readChain(certificate) for certificate, _ in pairs]
+    leaves = [chain[0] for chain in chains]
     if len(leaves) == 2:
         mainType, altType = (keyType(leaf.public_key()) for leaf in leaves)
         if altType == mainType:
@@ -194,10 +197,11 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
                 f"main certificate's; it must be of another type (e.g. ECDSA beside RSA), "
                 f"since a server holds one certificate per type of key"
             )
-    for (certificate, key), leaf in zip(pairs, leaves):
-        _loadPair(context, certificate, key, leaf)
+    for (certificate, key), chain in zip(pairs, chains):
+        _loadPair(context, certificate, key, chain)
     checkCiphersServeKeys(context, ciphers, [keyType(leaf.public_key()) for leaf in leaves], minimumVersion)
-    return context, leaves
+    warnings = [chainWarning(certificate, chain) for (certificate, _), chain in zip(pairs, chains)]
+    return context, leaves, [w for w in warnings if w]
 
 
 def keyType(publicKey):
@@ -212,22 +216,55 @@ def keyType(publicKey):
     return type(publicKey).__name__.lstrip("_").replace("PublicKey", "")
 
 
-def _readLeaf(certificatePath):
+def _readChain(certificatePath):
     """
-    The first certificate of a PEM file (the leaf, before its chain).
+    The certificates of a PEM file: the leaf, then its chain.
 
-    @raise ConfigurationError: if there is none, or it cannot be parsed.
+    @raise ConfigurationError: if there is none, or one cannot be parsed.
     """
     chainPEM = _read(certificatePath)
     if b"-----BEGIN CERTIFICATE-----" not in chainPEM:
         raise ConfigurationError(f"{certificatePath}: no PEM certificate found")
     try:
-        return x509.load_pem_x509_certificates(chainPEM)[0]
+        return x509.load_pem_x509_certificates(chainPEM)
     except ValueError as e:
         raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
 
 
-def _loadPair(context, certificatePath, keyPath, leaf):
+def _issued(issuer, certificate):
+    """
+    Whether C{issuer}'s key signed C{certificate} under its name.
+    """
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def chainWarning(certificatePath, chain):
+    """
+    What to warn of, if anything, in a certificate file's chain: it has
+    certificates after the first, and none of them issued it (an
+    intermediate left over from before a renewal, when the CA now issues
+    from another one, or another file's chain).  Clients get the file as
+    it is and, lacking the leaf's issuer, cannot verify it, while a test
+    from a machine that has the intermediate cached passes.  A file of one
+    certificate is left alone: its issuer may be a root the clients trust.
+
+    @param chain: the file's certificates, the leaf first.
+    """
+    leaf, rest = chain[0], chain[1:]
+    if not rest or any(_issued(candidate, leaf) for candidate in rest):
+        return None
+    return (
+        f"{certificatePath}: no certificate of its chain issued the first one (whose issuer is "
+        f"{leaf.issuer.rfc4514_string()}): clients cannot verify it; give the chain its CA sent "
+        f"with it (certbot's fullchain.pem)"
+    )
+
+
+def _loadPair(context, certificatePath, keyPath, chain):
     """
     Check a key against its certificate, and load both into C{context}.
 
@@ -237,15 +274,29 @@ def _loadPair(context, certificatePath, keyPath, leaf):
     certificate loaded before, and the ECDSA certificate would go out with
     no key to sign with.
 
-    @param leaf: the certificate file's first certificate.
+    @param chain: the certificate file's certificates, the leaf first.
     @raise ConfigurationError: if they cannot be used.
     """
     keyPEM = _read(keyPath)
     try:
         key = serialization.load_pem_private_key(keyPEM, password=None)
-    except (ValueError, TypeError) as e:
+    except TypeError:
+        # The one TypeError of a PEM key without a password: it has one.
+        raise ConfigurationError(
+            f"{keyPath}: the private key is encrypted with a passphrase, which mailgate does "
+            f"not take; store it unencrypted (openssl pkey -in ENCRYPTED -out KEY), mode 600"
+        ) from None
+    except ValueError as e:
         raise ConfigurationError(f"{keyPath}: invalid private key: {e}") from None
-    if _publicBytes(key.public_key()) != _publicBytes(leaf.public_key()):
+    publicKey = _publicBytes(key.public_key())
+    if publicKey != _publicBytes(chain[0].public_key()):
+        later = [n for n, c in enumerate(chain[1:], 2) if _publicBytes(c.public_key()) == publicKey]
+        if later:
+            raise ConfigurationError(
+                f"unusable TLS certificate/key pair: {keyPath} is the key of certificate {later[0]} "
+                f"of {certificatePath}, not of the first: the server's own certificate must come "
+                f"first, then its chain"
+            )
         raise ConfigurationError(
             f"unusable TLS certificate/key pair: {keyPath} is not the key of {certificatePath}"
         )
@@ -362,6 +413,9 @@ class ServerTLS:
     @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
     @ivar certificates: for each certificate loaded, the main one first,
         its key's type, common name and fingerprint (for logs).
+    @ivar keyWarnings: the warnings of L{keyFileWarning} for the keys.
+    @ivar chainWarnings: the warnings of L{chainWarning} for the
+        certificate files.
     """
 
     log = Logger()
@@ -390,13 +444,13 @@ class ServerTLS:
             not belong together, the alternative key is of the main
             key's type, or two named certificates name one host.
         """
-        context, leaves = makeContext(
+        context, leaves, chainWarnings = makeContext(
             self.certificatePath, self.keyPath, self.alternative, self.minimumVersion, self.ciphers
         )
         if self.named:
             byName = _ByName()
             for certificatePath, keyPath, *alternative in self.named:
-                namedContext, namedLeaves = makeContext(
+                namedContext, namedLeaves, namedWarnings = makeContext(
                     certificatePath, keyPath, alternative or None, self.minimumVersion, self.ciphers
                 )
                 names = certificateNames(namedLeaves[0])
@@ -404,6 +458,7 @@ class ServerTLS:
                     _checkSameNames(names, namedLeaves[1], alternative[0], certificatePath)
                 byName.add(names, namedContext, certificatePath)
                 leaves += namedLeaves
+                chainWarnings += namedWarnings
             context.sni_callback = byName
         self._context = context
         self.certificates = [
@@ -418,6 +473,7 @@ class ServerTLS:
         keys = [self.keyPath] + ([self.alternative[1]] if self.alternative is not None else [])
         keys += [key for named in self.named for key in named[1::2]]
         self.keyWarnings = [w for w in map(keyFileWarning, keys) if w]
+        self.chainWarnings = chainWarnings
 
     def describe(self):
         """

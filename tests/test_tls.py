@@ -17,7 +17,7 @@ from mailgate.errors import ConfigurationError
 from mailgate.service import MailgateConfig, MailgateService, makeTLS
 from mailgate.tls import ServerTLS
 
-from certs import certificateFingerprint, fingerprint, makeCertificate, makeChain
+from certs import certificateFingerprint, fingerprint, makeAuthority, makeCertificate, makeChain
 
 HOST = "mail.example.test"
 
@@ -177,6 +177,65 @@ def test_chainFileIntermediateIsSentToClients(tmp_path):
     result = connect(ServerTLS(str(leafOnly), str(keyPath)), rootPath)
     assert not result.ok
     assert "certificate verify failed" in str(result.clientError)
+
+
+def test_aChainThatDidNotIssueTheCertificateIsWarnedOf(tmp_path):
+    """
+    A chain file whose certificates after the first did not issue it (an
+    intermediate from before a renewal) loads, but a client trusting the
+    root cannot verify it: warned of, naming the file.  The right chain,
+    and a file of the leaf alone (its issuer may be a trusted root), are
+    not.
+    """
+    chainPath, keyPath, rootPath = makeChain(tmp_path, HOST, intermediate=True)
+    assert ServerTLS(str(chainPath), str(keyPath)).chainWarnings == []
+    leaf = chainPath.read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+    leafOnly = tmp_path / "leaf-only.crt"
+    leafOnly.write_bytes(leaf)
+    assert ServerTLS(str(leafOnly), str(keyPath)).chainWarnings == []
+    stale = tmp_path / "stale-chain.crt"
+    stale.write_bytes(leaf + makeAuthority(tmp_path, "former intermediate CA").pem)
+    tls = ServerTLS(str(stale), str(keyPath))
+    assert not connect(tls, rootPath).ok
+    [warning] = tls.chainWarnings
+    assert warning.startswith(f"{stale}: no certificate of its chain issued the first one")
+    assert f"CN={HOST} intermediate CA" in warning
+
+
+def test_aChainFileWithTheCertificateNotFirstIsRefusedSayingSo(tmp_path):
+    """
+    The server's certificate after its CA's in the file: refused, saying
+    that it must come first, not only that the key is not the file's.
+    """
+    chainPath, keyPath, _ = makeChain(tmp_path, HOST)
+    leaf, issuer = chainPath.read_bytes().split(b"-----END CERTIFICATE-----\n")[:2]
+    swapped = tmp_path / "swapped.crt"
+    swapped.write_bytes(issuer + b"-----END CERTIFICATE-----\n" + leaf + b"-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigurationError, match="is the key of certificate 2 of .*: the server's own certificate must come first"):
+        ServerTLS(str(swapped), str(keyPath))
+
+
+def test_anEncryptedKeyIsRefusedSayingSo(tmp_path, pair):
+    """
+    A key that needs a passphrase (mailgate takes none, as Dovecot's
+    ssl_key_password) is refused with how to store it unencrypted.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    certificatePath, keyPath = pair
+    key = serialization.load_pem_private_key(keyPath.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+        )
+    )
+    with pytest.raises(ConfigurationError) as e:
+        ServerTLS(str(certificatePath), str(encrypted))
+    assert str(e.value) == (
+        f"{encrypted}: the private key is encrypted with a passphrase, which mailgate does not take; "
+        f"store it unencrypted (openssl pkey -in ENCRYPTED -out KEY), mode 600"
+    )
 
 
 def test_mismatchedKeyIsRefused(tmp_path):
@@ -1004,6 +1063,27 @@ def test_aKeyFileOthersMayReadIsWarnedOfAtStart(tmp_path, mode, warning):
     else:
         assert warnings == [f"the TLS private key {keyPath} {warning}"]
         assert [e["log_level"] for e in events if e["event"] == "tls.key_permissions"] == [LogLevel.warn]
+
+
+def test_aStaleChainIsWarnedOfAtStartAndReload(tmp_path):
+    """
+    A chain that did not issue its certificate is a warning
+    (C{tls.chain}) at start and at each reload, until it is put right.
+    """
+    chainPath, keyPath, _ = makeChain(tmp_path, HOST)
+    good = chainPath.read_bytes()
+    chainPath.write_bytes(good.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+                          + makeAuthority(tmp_path, "former CA").pem)
+    tls = ServerTLS(str(chainPath), str(keyPath))
+    service, events = serviceWithLog(tls)
+    service.startService()
+    assert service.reloadTLS() is True
+    warned = [formatEvent(e) for e in events if e["event"] == "tls.chain"]
+    assert warned == tls.chainWarnings * 2 and len(warned) == 2
+    chainPath.write_bytes(good)
+    del events[:]
+    assert service.reloadTLS() is True
+    assert [e for e in events if e["event"] == "tls.chain"] == []
 
 
 def test_serviceReloadTLSFailureIsLoggedAndKeepsTheOldCertificate(tmp_path):

@@ -643,7 +643,7 @@ def _checkServed(served, args, out):
     config.checkConfig(served)
     config.checkListening(served, args.config)
     tls = service.checkStartable(served)
-    warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings]
+    warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings, *tls.chainWarnings]
     if args.config is not None:
         warnings.append(tap.configFileWarning(args.config))
     for warning in filter(None, warnings):
