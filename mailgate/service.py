@@ -1028,7 +1028,10 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     @param config: a L{MailgateConfig}.
     @param reactor: the reactor to listen with; the global one by default.
     @param store: an already opened store to use instead of opening
-        C{config.database}.
+        C{config.database}.  It is the service's from then on: closed
+        when the service stops (or its start fails), as one it opened
+        would be, so a store shared with anything else must not be
+        given to it.
     @param policyStore: where the connection policy keeps failed logins and
         bans (an L{mailgate.interfaces.IPolicyStore}): by default, the
         database of C{config.database} when mailgate opens it, shared by
