@@ -67,7 +67,8 @@ STOP_TIMEOUT = 10.0
 #: L{MailgateService.stopTimeLimit})
 STOP_MARGIN = 10.0
 #: the settings a SIGHUP applies to a running server when the
-#: configuration file changes them (the others need a restart)
+#: configuration file changes them (and TLS_SETTINGS while TLS stays on;
+#: the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 
 
@@ -341,8 +342,10 @@ class MailgateService(MultiService):
         """
         Read the configuration again (L{configSource}: the file, under the
         same command line and environment) and apply what can change while
-        sessions run (L{LIVE_SETTINGS}: which clients are traced); say which
-        other settings changed, and take effect at the next restart.  A
+        sessions run (L{LIVE_SETTINGS}: which clients are traced; and the
+        TLS settings, L{TLS_SETTINGS}, where TLS was on and stays on, as
+        Dovecot's and Postfix's reloads take another certificate file); say
+        which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
         setting to one a start would refuse (L{checkStartable}) is logged,
         and the configuration in service stays.
@@ -358,7 +361,7 @@ class MailgateService(MultiService):
             changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
             # What a restart would refuse (as config --check does) is not
             # taken "for the next restart": that restart would fail.
-            checkStartable(new, {s.name for s in changed})
+            newTLS = checkStartable(new, {s.name for s in changed})
         except ConfigurationError as e:
             self.log.error(
                 "configuration reload failed, keeping the configuration in service: {error}",
@@ -366,8 +369,12 @@ class MailgateService(MultiService):
                 event="config.reload_failed",
             )
             return None
-        applied = [s.name for s in changed if s.name in LIVE_SETTINGS]
-        later = [s.name for s in changed if s.name not in LIVE_SETTINGS and s.name != "database"]
+        # The TLS settings change at once while TLS stays on (the files and
+        # settings newTLS loaded); TLS turned on or off changes listeners
+        # and what STLS and STARTTLS offer: a restart's.
+        live = LIVE_SETTINGS | (TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset())
+        applied = [s.name for s in changed if s.name in live]
+        later = [s.name for s in changed if s.name not in live and s.name != "database"]
         if new.database != self.config.database:
             # Not one more setting for the next restart: the mailgate
             # command and mailgate deliver (an MTA's pipe transport) read
@@ -394,6 +401,8 @@ class MailgateService(MultiService):
             trace = traceSelection(self.config)
             for factory in self.sessionFactories:
                 factory.trace = trace
+        if set(applied) & TLS_SETTINGS:
+            self.tls.adopt(newTLS)
         self.log.info(
             "configuration reloaded: {summary}",
             summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",

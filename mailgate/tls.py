@@ -475,6 +475,18 @@ class ServerTLS:
         self.keyWarnings = [w for w in map(keyFileWarning, keys) if w]
         self.chainWarnings = chainWarnings
 
+    def adopt(self, other):
+        """
+        Serve what C{other}, a L{ServerTLS} made from a configuration read
+        again (another C{tls-cert} file, another C{tls-min-version}...),
+        loaded, and from now on reload its files with its settings.
+
+        It is this object, not a new one, that changes: the listeners and
+        the sessions' factories hold it, and each new connection is made
+        from its context (established sessions keep theirs).
+        """
+        vars(self).update(vars(other))
+
     def describe(self):
         """
         The certificates in service, for a log line: each one's key type,

@@ -284,6 +284,46 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     assert later == "configuration changed: spool-directory take effect at the next restart"
 
 
+def test_aReloadTakesAnotherCertificateFileAndTLSSetting(tmp_path, logEvents):
+    """
+    tls-cert and tls-key changed to other files, or tls-min-version, take
+    effect at the reload, as Dovecot's and Postfix's do: the listeners'
+    TLS serves the new certificate and settings (before, they were named
+    as taking effect at the next restart, and the old file stayed in
+    service).  TLS turned on where it was off still needs a restart.
+    """
+    import ssl
+
+    from certs import certificateFingerprint, makeCertificate
+
+    first, firstKey = makeCertificate(tmp_path, "a.example.test")
+    second, secondKey = makeCertificate(tmp_path, "b.example.test")
+    path = tmp_path / "mailgate.toml"
+    options, root = _reloadableService(
+        path, f'tls-cert = "{first}"\ntls-key = "{firstKey}"\n', "--pop3s", "tcp:9995"
+    )
+    tls = root.tls
+    assert root.listeners["POP3S"][0].factory.tls is tls
+    path.write_text(f'tls-cert = "{second}"\ntls-key = "{secondKey}"\ntls-min-version = "1.3"\n')
+    root.hangup()
+    assert root.tls is tls and tls.fingerprint == certificateFingerprint(second)
+    assert tls.context.minimum_version == ssl.TLSVersion.TLSv1_3
+    reloaded = [formatEvent(e) for e in logEvents if e.get("event") == "config.reloaded"]
+    assert reloaded == ["configuration reloaded: applied tls-cert, tls-key, tls-min-version"]
+    assert [e for e in logEvents if e.get("event") == "config.restart_needed"] == []
+    # The new files are the ones reloaded from now on.
+    makeCertificate(tmp_path, "c.example.test", name="b.example.test")
+    root.hangup()
+    assert tls.subject == "c.example.test"
+
+    options, root = _reloadableService(tmp_path / "plain.toml", "")
+    (tmp_path / "plain.toml").write_text(f'tls-cert = "{first}"\ntls-key = "{firstKey}"\n')
+    root.hangup()
+    assert root.tls is None
+    [later] = [formatEvent(e) for e in logEvents if e.get("event") == "config.restart_needed"]
+    assert later == "configuration changed: tls-cert, tls-key take effect at the next restart"
+
+
 def test_aSpoolDirectoryThatCannotBeUsedStopsEveryStart(tmp_path):
     """
     config --check and a reload refuse a spool directory that is not
