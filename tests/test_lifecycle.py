@@ -1651,6 +1651,44 @@ def test_aRestoreWhileAnExpungeRemovesTheKeptMailIsNoDeadlock(store, databaseURL
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_theCommandRunsAgainATransactionThatLostADeadlock(store, databaseURL):
+    """
+    The C{mailgate} command's store (one connection, no worker threads)
+    runs again a transaction PostgreSQL ended as a deadlock's victim, as
+    a server's store does: it was rolled back whole.  C{mailgate deliver
+    alice bob} (which locks Alice's mailbox row, then Bob's) while another
+    transaction holds Bob's and then asks for Alice's: the delivery,
+    which waited first, is the victim.  It used to exit 75 at once,
+    "database unavailable: deadlock detected".
+    """
+    import psycopg
+
+    bobId = resultOf(store.findUser(BOB)).userId
+    aliceId = resultOf(store.findUser(ALICE)).userId
+    assert aliceId < bobId
+    other = memoryStore(databaseURL)
+    try:
+        conn = other.database.connection
+        cursor = other.engine.begin(conn, True)
+        lock = "UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?"
+        cursor.execute(lock, (bobId,))
+
+        def thenAlice():
+            try:
+                cursor.execute(lock, (aliceId,))
+            except psycopg.errors.DeadlockDetected:
+                # This one lost instead (its check came first, on a
+                # loaded machine): the delivery goes on without a retry.
+                conn.rollback()
+
+        delivered = _whileBlocked(databaseURL, lambda: deliver(store, [ALICE, BOB], message(1)), conn, thenAlice)
+    finally:
+        other.close()
+    assert sorted(delivered) == [ALICE, BOB]
+    assert usage(store, ALICE) == usage(store, BOB) == (1, len(message(1)))
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 def test_aQuitKeepingMailKeepsOnlyWhatItRemoved(store, databaseURL):
     """
     A QUIT where deleted mail is kept, while another transaction removes

@@ -835,13 +835,22 @@ class SynchronousDatabase:
             _raiseTranslated(engine, e)
 
     def _transaction(self, function, args, kwargs, write):
-        try:
-            return runTransaction(self.engine, self.connection, function, args, kwargs, write)
-        except _LostBeforeCommit as e:
-            # Nothing of the write took effect; the one connection is gone,
-            # so this command cannot go on: a temporary failure (75 from
-            # the mailgate command), as a lost read is.
-            _raiseTranslated(self.engine, e.error)
+        for attempt in range(RETRIES):
+            try:
+                return runTransaction(self.engine, self.connection, function, args, kwargs, write)
+            except _LostBeforeCommit as e:
+                # Nothing of the write took effect; the one connection is gone,
+                # so this command cannot go on: a temporary failure (75 from
+                # the mailgate command), as a lost read is.
+                _raiseTranslated(self.engine, e.error)
+            except Exception as e:
+                # A deadlock lost (or a serialization failure): the whole
+                # transaction was rolled back, and runs again, as the
+                # server's L{Database} runs it; a command that deadlocked
+                # with a node's transaction used to exit 75 at once
+                # ("database unavailable: deadlock detected").
+                if attempt == RETRIES - 1 or not self.engine.isRetryable(e.__cause__ or e):
+                    raise
 
     def run(self, function, *args, write=False):
         """
