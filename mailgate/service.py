@@ -255,6 +255,11 @@ class MailgateService(MultiService):
     #: the store is closed, or closing (the service stopped, or its start
     #: failed): it cannot start again (see L{_refuseStartOnceStopped})
     storeClosed = False
+    #: the L{Deferred}s waiting for the stop under way (L{stopService}
+    #: called again), or C{None} before any stop
+    _stopWaiters = None
+    #: the stop (or the undoing of a failed start) is over
+    _stopFinished = False
     policy = None
     logObserver = None
     #: the L{MailgateConfig} in service (for L{reloadConfig})
@@ -581,7 +586,9 @@ class MailgateService(MultiService):
                 if listener not in asked:
                     listener.giveUp(ShuttingDown("mailgate did not start: another listener could not bind"))
         started = [s for s in self if s not in asked and s is not self._storeService]
-        self._stopAll(started, deadline=STOP_TIMEOUT).addCallback(lambda _: self._closeStore())
+        self._stopWaiters = []
+        d = self._stopAll(started, deadline=STOP_TIMEOUT).addCallback(lambda _: self._closeStore())
+        d.addBoth(self._stopped)
 
     def _closeStore(self):
         """
@@ -714,6 +721,12 @@ class MailgateService(MultiService):
             processSignals.handle(self, signum, ignored)
 
     def stopService(self):
+        if self._stopWaiters is not None:
+            # Stopped again (an application's own stop after it stopped
+            # mailgate, which stops every child again; disownServiceParent):
+            # the stop under way is the one, waited for, not run twice.
+            return self._whenStopped()
+        self._stopWaiters = []
         self.storeClosed = True
         self._ignoreReloadsWhileStopping()
         Service.stopService(self)
@@ -730,7 +743,25 @@ class MailgateService(MultiService):
             for listener in ls:
                 if not (listener.running or listener.listenAsked or listener.port is not None):
                     listener.giveUp(ShuttingDown("mailgate stopped before it listened"))
-        return self._stopInOrder()
+        return self._stopInOrder().addBoth(self._stopped)
+
+    def _whenStopped(self):
+        """
+        A L{Deferred} that fires when the stop under way is over (at once
+        if it is).
+        """
+        if self._stopFinished:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._stopWaiters.append(d)
+        return d
+
+    def _stopped(self, result):
+        self._stopFinished = True
+        waiters, self._stopWaiters = self._stopWaiters, []
+        for d in waiters:
+            d.callback(None)
+        return result
 
     def _ignoreFurtherStopSignals(self):
         grace = self.shutdownGrace

@@ -696,3 +696,43 @@ def test_waitingForListenersThatNeverWillEndsWhenAskedLate(tmp_path, how):
         assert failureOf(each["POP3"]).check(ShuttingDown)
     failed = failureOf(root.whenListening())
     assert failed is not None and failed.value.subFailure.check(ConfigurationError, ShuttingDown)
+
+
+def test_aSecondStopWaitsForTheFirstInsteadOfRunningItsOwn(tmp_path):
+    """
+    stopService called again while a stop is under way (an application
+    that stopped mailgate itself, then its own stop at the process's end,
+    which stops every child again; disownServiceParent; a second SIGTERM's
+    stop) waits for that stop.  It ran a stop of its own: finding the
+    helpers already stopping, it closed the store at once, under the
+    retention task and the session registry the first stop was still
+    waiting for ("leaving the session registry: the database is closed",
+    a CancelledError logged as a service that failed to stop), and its
+    Deferred fired before they were done.
+    """
+    root, reactor = build(tmp_path)
+    events = []
+    recordStops(root, events)
+    held = defer.Deferred()
+    retention = next(s for s in root if type(s).__name__ == "RetentionService")
+    recorded = retention.stopService
+
+    def stopSlowly():
+        recorded()
+        return held
+
+    retention.stopService = stopSlowly
+    root.privilegedStartService()
+    root.startService()
+    first = root.stopService()
+    second = root.stopService()
+    assert "RetentionService" in events
+    assert "store" not in events
+    assert not first.called and not second.called
+    held.callback(None)
+    assert events.count("store") == 1 and events[-1] == "store"
+    assert resultOf(first) is None and resultOf(second) is None
+    # Once stopped, a stop is over at once, and stops nothing again.
+    count = len(events)
+    assert resultOf(root.stopService()) is None
+    assert len(events) == count
