@@ -297,6 +297,61 @@ def test_dbBackupOfPostgreSQLNamesItsTools(postgresURL, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_mailDeliveredAfterARestoreNeverGetsAUniqueIdGivenOutSince(sqliteURL, tmp_path):
+    """
+    A restore sets the database back to the backup, its unique id counters
+    too, but not the clients: one that leaves mail on the server has the
+    ids the live database gave mail delivered after the backup (lost with
+    the disk).  Were new mail given those ids again after the restore, the
+    client would take it for mail it has and never download it (RFC 1939:
+    a unique id is never reused in a maildrop).  The copy's maildrops
+    have a new validity stamp, the second half of every id given from
+    then on: the messages in the copy keep theirs, and mail delivered
+    after a restore gets ids the live database never gave.  Restored as
+    README says, with C{db backup} from the copy, each restore renews it
+    again, so restoring the same backup twice reuses no id either.
+    """
+    import os
+    import re
+
+    def delivered(url):
+        code, out, err = mailgate(url, "deliver", ALICE, stdin="Subject: later\n\nhello\n")
+        assert (code, err) == (0, ""), err
+        return re.fullmatch(rf"delivered to {ALICE} as (\S+)\n", out).group(1)
+
+    def uniqueIds(url):
+        code, out, err = mailgate(url, "mailbox", "list", ALICE, "--json")
+        assert (code, err) == (0, ""), err
+        return [json.loads(line)["unique_id"] for line in out.splitlines()]
+
+    path = sqliteURL[len("sqlite:///"):]
+    kept = uniqueIds(sqliteURL)
+    backup = tmp_path / "backup.sqlite3"
+    assert mailgate(sqliteURL, "db", "backup", str(backup))[0] == 0
+    # After the backup, the client downloads (and keeps) a message.
+    given = {delivered(sqliteURL)}
+    # The disk is lost; the copy is put in its place, and new mail comes.
+    os.replace(backup, path)
+    for side in ("-wal", "-shm"):
+        if os.path.exists(path + side):
+            os.unlink(path + side)
+    assert uniqueIds(sqliteURL) == kept
+    again = delivered(sqliteURL)
+    assert again not in given
+    given.add(again)
+    # Restored by C{db backup} from a backup, twice from the same one.
+    assert mailgate(sqliteURL, "db", "backup", str(backup))[0] == 0
+    for n in range(2):
+        restored = tmp_path / f"restored{n}.sqlite3"
+        code, _, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(restored))
+        assert (code, err) == (0, ""), err
+        url = f"sqlite:///{restored}"
+        assert uniqueIds(url) == kept + [again]
+        fresh = delivered(url)
+        assert fresh not in given
+        given.add(fresh)
+
+
 # -- a damaged SQLite database ------------------------------------------------
 
 

@@ -36,7 +36,8 @@ def formatUniqueId(uid, uidValidity):
     The unique id POP3 shows for a message: 16 hex digits, the per-user
     message counter then the maildrop's validity stamp (the same shape as
     Dovecot's default C{%08Xu%08Xv}).  The counter never goes back and the
-    stamp changes when a user is re-created, so an id is never reused.
+    stamp changes when a user is re-created, and in a backup (which a
+    restore sets the counter back to), so an id is never reused.
     """
     return f"{uid:08x}{uidValidity:08x}"
 

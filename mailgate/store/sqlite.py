@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import pwd
+import secrets
 import sqlite3
 import stat
 import struct
@@ -256,7 +257,9 @@ def backupDatabase(engine, target):
     so the copy is the database as one read transaction saw it (in WAL
     mode a read holds no writer up, and no write restarts the copy).  The
     copy is one self-contained file (rollback journal mode), readable by
-    its owner only, synced, and checked (C{quick_check}).
+    its owner only, synced, and checked (C{quick_check}).  Its maildrops
+    get new validity stamps (L{_renewValidityStamps}), so that mail
+    delivered after a restore gets no unique id given out since the backup.
 
     The copy is made under a name of its own beside C{target}
     (C{TARGET.XXXXXXXX.partial}) and given C{target}'s name only once it
@@ -286,6 +289,7 @@ def backupDatabase(engine, target):
             try:
                 source.backup(copy)
                 copy.execute("PRAGMA journal_mode = DELETE")
+                _renewValidityStamps(copy)
                 verdict = copy.execute("PRAGMA quick_check").fetchone()[0]
             finally:
                 copy.close()
@@ -310,6 +314,37 @@ def backupDatabase(engine, target):
         for leftover in (staged, staged + "-journal"):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
+
+
+def _renewValidityStamps(copy):
+    """
+    Give every maildrop of the backup C{copy} (an open connection) a new
+    validity stamp, the second half of the unique ids it gives from then
+    on (L{mailgate.store.rows.formatUniqueId}); its messages keep theirs,
+    stored with them.
+
+    Restoring the copy sets the unique id counters back to the backup,
+    while clients that leave mail on the server keep the ids the live
+    database gave since, to mail lost with it: were new mail given those
+    ids again, such a client would take it for mail it has and never
+    download it (RFC 1939 has a unique id never reused in a maildrop).
+    Under a new stamp no id after a restore can be one given after the
+    backup.  Each backup (and so each restore made with C{db backup} from
+    a backup, as README says) draws new stamps.
+    """
+    cursor = copy.cursor()
+    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'mailboxes'")
+    if cursor.fetchone() is None:
+        return
+    cursor.execute("SELECT user_id, uid_validity FROM mailboxes")
+    stamps = []
+    for userId, stamp in cursor.fetchall():
+        renewed = stamp
+        while renewed == stamp:
+            renewed = secrets.randbits(31)
+        stamps.append((renewed, userId))
+    cursor.executemany("UPDATE mailboxes SET uid_validity = ? WHERE user_id = ?", stamps)
+    copy.commit()
 
 
 def _syncFile(path):
