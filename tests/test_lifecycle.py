@@ -1689,6 +1689,37 @@ def test_theCommandRunsAgainATransactionThatLostADeadlock(store, databaseURL):
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+@pytest.mark.parametrize("work", ["recount", "import"])
+def test_aUserDeletedWhileARecountOrAnImportWaitsIsNoSuchUser(store, databaseURL, work):
+    """
+    C{mailgate user recount} (one user, or C{--all} meeting a user deleted
+    since it listed them) or an import, while C{mailgate user del} of the
+    same user is committing: it found the user, then waited for the
+    mailbox row, which was gone once it got it.  It failed with a
+    TypeError (exit 70, a traceback, and C{recount --all} stopped there,
+    leaving the other users uncounted); now it is L{NoSuchUser}, which
+    C{recount --all} passes over.
+    """
+    from mailgate.store.sql import _deleteUser
+
+    deliver(store, [ALICE], message(1))
+    calls = {
+        "recount": lambda: resultOf(store.recountUsage(ALICE)),
+        "import": lambda: resultOf(store.importMessages(ALICE, [("imported-1", spoolBytes(message(2)), T0)])),
+    }
+    remover = memoryStore(databaseURL)
+    try:
+        conn = remover.database.connection
+        cursor = remover.engine.begin(conn, True)
+        _deleteUser(cursor, ALICE)
+        with pytest.raises(NoSuchUser):
+            _whileBlocked(databaseURL, calls[work], conn)
+    finally:
+        remover.close()
+    assert ALICE not in users(store)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 def test_aQuitKeepingMailKeepsOnlyWhatItRemoved(store, databaseURL):
     """
     A QUIT where deleted mail is kept, while another transaction removes

@@ -810,7 +810,11 @@ def _importMessages(cursor, address, items):
         "ELSE oldest_arrival END WHERE user_id = ? RETURNING next_uid, uid_validity",
         (len(fresh), len(fresh), octets, oldest, oldest, userId),
     )
-    following, validity = cursor.fetchone()
+    row = cursor.fetchone()
+    if row is None:
+        # Deleted since it was found (as in _recountUsage).
+        raise NoSuchUser(address)
+    following, validity = row
     first = following - len(fresh)
     colliding = [generatedUid(uidl, validity) for uidl, _, _ in fresh]
     colliding = [uid for uid in colliding if uid is not None and uid >= following]
@@ -926,9 +930,18 @@ def _recountUsage(cursor, address):
     userId = _userId(cursor, address)
     # Locked first, as in _expungeUser: a delivery or a QUIT committing
     # meanwhile is counted once, before the count or after it.
-    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
-    cursor.execute("SELECT used_messages, used_octets FROM mailboxes WHERE user_id = ?", (userId,))
-    before = tuple(cursor.fetchone())
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ? "
+        "RETURNING used_messages, used_octets",
+        (userId,),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        # Deleted since it was found: a user deletion committed meanwhile
+        # (waited for here, on PostgreSQL).  Not a TypeError: recount
+        # --all goes on with the others.
+        raise NoSuchUser(address)
+    before = tuple(row)
     cursor.execute(
         "SELECT count(*), coalesce(sum(size), 0), min(arrived_at) FROM maildrop WHERE user_id = ?", (userId,)
     )
