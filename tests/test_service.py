@@ -736,3 +736,56 @@ def test_aSecondStopWaitsForTheFirstInsteadOfRunningItsOwn(tmp_path):
     count = len(events)
     assert resultOf(root.stopService()) is None
     assert len(events) == count
+
+
+def test_anEmbeddedServiceLeavesTheProcessesLogsAndMetricsAlone(tmp_path):
+    """
+    What README's Embedding says of the process an embedded mailgate runs
+    in: started and stopped, it registers nothing in prometheus_client's
+    default registry (a host exporting it sees none of mailgate's series
+    unasked), adds no log observer or standard logging handler, leaves the
+    umask and sys.excepthook; and the README's way for a host to export
+    mailgate's series from a registry of its own (the mailgate_* ones:
+    the whole registry repeats the process's series) works.
+    """
+    import logging
+    import os
+    import sys
+
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+    from twisted.logger import globalLogPublisher
+
+    def processState():
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return (
+            {m.name for m in prometheus_client.REGISTRY.collect()},
+            list(logging.getLogger().handlers),
+            list(globalLogPublisher._observers),
+            sys.excepthook,
+            umask,
+        )
+
+    before = processState()
+    root, reactor = build(tmp_path)
+    root.privilegedStartService()
+    root.startService()
+    assert processState() == before
+    resultOf(root.stopService())
+    assert processState() == before
+
+    # A registry as prometheus_client's default one is made.
+    host = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=host)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        host.register(root.metrics.registry)
+
+    class MailgateSeries:
+        def collect(self):
+            return [m for m in root.metrics.registry.collect() if m.name.startswith("mailgate_")]
+
+    host.register(MailgateSeries())
+    exposition = generate_latest(host).decode()
+    assert "\nmailgate_connections_limit " in exposition
+    assert exposition.count("# TYPE process_open_fds ") == 1
