@@ -456,3 +456,44 @@ def test_aCopyIntoATargetAnotherCopyFilledMeanwhileIsRefusedAsNotEmpty(tmp_path,
     assert (code, out) == (73, ""), (code, out, err)
     assert err.startswith("mailgate: the target database already has users"), err
     assert mailbox(postgresURL, ALICE) == mailbox(source, ALICE)
+
+
+def madeUpSalt(url, address):
+    """
+    The salt a SCRAM-SHA-256 exchange shows a client for C{address}, one
+    with no user: made up from the key the nodes share, the same at every
+    ask, as a real user's is.
+    """
+    from saslclients import ScramClient, b64, unb64
+
+    store = openSynchronousStore(url)
+    try:
+        session = POP3Session(store)
+        reply = session.command("AUTH SCRAM-SHA-256 " + b64(ScramClient(address, "guess").first()))
+        assert reply.startswith("+ "), reply
+        return dict(item.split("=", 1) for item in unb64(reply[2:].strip()).decode().split(","))["s"]
+    finally:
+        store.close()
+
+
+def test_theMadeUpSaltsOfUnknownUsersAreTheSameAfterTheMove(tmp_path, postgresURL):
+    """
+    SCRAM shows a name with no user a salt made up from a key the nodes
+    share, so that a client cannot tell real users (whose salt stays) from
+    the others.  The copy brings that key along, replacing the one a node
+    started on the target made: with a new key every made-up salt changed
+    at the move while real users' stayed, and a client that asked before
+    and after could tell which names are real.
+    """
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=b"pw\n")
+    before = madeUpSalt(source, "nobody@example.org")
+    assert madeUpSalt(source, "nobody@example.org") == before
+    # A node started on the target before the copy made a key of its own.
+    made = madeUpSalt(postgresURL, "nobody@example.org")
+    assert made != before
+    check("db", "copy", "--from", source, "--to", postgresURL)
+    assert madeUpSalt(postgresURL, "nobody@example.org") == before
+    back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
+    check("db", "copy", "--from", postgresURL, "--to", back)
+    assert madeUpSalt(back, "nobody@example.org") == before

@@ -4,7 +4,8 @@ Copying a whole mailgate database to another, across backends.
 
 Users keep their ids, passwords and APOP secrets; messages keep their
 numbers, unique ids and arrival times; bodies stay shared as they were;
-the bans in force stay in force.  So
+the bans in force stay in force, and the secrets the nodes share stay
+the same.  So
 POP3 clients that leave mail on the server recognise every message after a
 move from SQLite to PostgreSQL (or back) and download nothing again.
 
@@ -147,6 +148,7 @@ def copyDatabase(source, target):
                             _copyChunks(sourceCursor, targetCursor, row[0], row[1])
             targetEngine.resetIdentity(targetCursor, "users", "user_id")
             report.bans = _copyBans(sourceCursor, targetCursor, now)
+            _copySharedSecrets(sourceCursor, targetCursor)
 
         _readSnapshot(source, read)
 
@@ -214,6 +216,24 @@ def _copyBans(sourceCursor, targetCursor, now):
     )
     targetCursor.execute("UPDATE ban_version SET version = version + 1 WHERE singleton = 1")
     return len(rows)
+
+
+def _copySharedSecrets(sourceCursor, targetCursor):
+    """
+    Copy the secrets the nodes share, replacing those a node started on
+    the target made: the key of the salts SCRAM makes up for names with no
+    user.  Under a new key every made-up salt would change at the move
+    while real users' salts stay, and a client that asked before and
+    after could tell which names are real users.
+    """
+    sourceCursor.execute("SELECT name, value FROM shared_secrets ORDER BY name")
+    rows = [(name, bytes(value)) for name, value in sourceCursor.fetchall()]
+    if rows:
+        targetCursor.executemany(
+            "INSERT INTO shared_secrets (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            rows,
+        )
 
 
 def _copyChunks(sourceCursor, targetCursor, owner, bodyId):
