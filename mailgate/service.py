@@ -18,6 +18,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -66,6 +67,9 @@ STOP_TIMEOUT = 10.0
 #: seconds of a stop beside the sessions' grace (see
 #: L{MailgateService.stopTimeLimit})
 STOP_MARGIN = 10.0
+#: seconds between two checks of the certificates' validity while the
+#: server runs (C{tls.expiry}), beside the start's and each reload's
+TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
 #: the settings a SIGHUP applies to a running server when the
 #: configuration file changes them (and TLS_SETTINGS while TLS stays on;
 #: the others need a restart)
@@ -499,11 +503,30 @@ class MailgateService(MultiService):
         self._closeStartupErrors()
         if self.tls is not None:
             self._logCertificates("TLS certificate in service", "tls.loaded")
+            self._checkValidityDaily()
         for event, warning in self.startupWarnings:
             self.log.warn("{warning}", warning=warning, event=event)
         for event, format, fields in self.startupNotices:
             self.log.info(format, event=event, **fields)
         self._handleReloadSignals()
+
+    def _checkValidityDaily(self):
+        """
+        Warn of a certificate that has expired, ends soon or is not valid
+        yet every L{TLS_VALIDITY_CHECK_INTERVAL} seconds while the server
+        runs, not only at start and at reloads: a renewal that failed (an
+        ACME client's, whose hook would have sent the SIGHUP) sends none,
+        and the certificate in service ran out months after the start's
+        line, with nothing said before clients refused it.
+        """
+        check = LoopingCall(self._warnOfValidity)
+        check.clock = self._reactor
+        check.start(TLS_VALIDITY_CHECK_INTERVAL, now=False)
+        self.onStopping(lambda: check.stop() if check.running else None)
+
+    def _warnOfValidity(self):
+        for warning in self.tls.expiryWarnings():
+            self.log.warn("{warning}", warning=warning, event="tls.expiry")
 
     def _handleReloadSignals(self):
         """

@@ -1086,6 +1086,33 @@ def test_aStaleChainIsWarnedOfAtStartAndReload(tmp_path):
     assert [e for e in events if e["event"] == "tls.chain"] == []
 
 
+def test_anEndingCertificateIsWarnedOfDailyWhileTheServerRuns(tmp_path, monkeypatch):
+    """
+    A server that runs on without a reload (a renewal that failed sends no
+    SIGHUP) warns of its certificate's end once a day, not only at its
+    start; once stopped, it says nothing more.
+    """
+    from mailgate.service import TLS_VALIDITY_CHECK_INTERVAL
+
+    certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server", days=30)
+    tls = ServerTLS(str(certificatePath), str(keyPath))
+    service, events = serviceWithLog(tls)
+    service.startService()
+    assert [e for e in events if e["event"] == "tls.expiry"] == []
+    ending = tls.certificates[0].notAfter - datetime.timedelta(days=5, hours=1)
+    monkeypatch.setattr(tls, "expiryWarnings", lambda real=tls.expiryWarnings: real(ending))
+    service.reactor.advance(TLS_VALIDITY_CHECK_INTERVAL - 1)
+    assert [e for e in events if e["event"] == "tls.expiry"] == []
+    service.reactor.advance(1)
+    [warned] = [formatEvent(e) for e in events if e["event"] == "tls.expiry"]
+    assert warned.startswith(f"the TLS certificate {HOST} (ECDSA) expires in 5 days")
+    service.reactor.advance(TLS_VALIDITY_CHECK_INTERVAL)
+    assert len([e for e in events if e["event"] == "tls.expiry"]) == 2
+    service.stopService()
+    service.reactor.advance(TLS_VALIDITY_CHECK_INTERVAL)
+    assert len([e for e in events if e["event"] == "tls.expiry"]) == 2
+
+
 def test_serviceReloadTLSFailureIsLoggedAndKeepsTheOldCertificate(tmp_path):
     certificatePath, keyPath = makeCertificate(tmp_path, HOST, name="server")
     tls = ServerTLS(str(certificatePath), str(keyPath))
