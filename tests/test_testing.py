@@ -146,3 +146,69 @@ def test_aFaultInjectingStoreKeepsTheStoresQuotasAndLifecycle():
     # Its settings are the store's: makeService sets its limits.
     faulty.limits = faulty.store.limits
     assert faulty.retention is faulty.store.retention
+
+
+def test_theHostsOwnTLSContextFactoryServesImplicitTLS(tmp_path):
+    """
+    README (Embedding): a host serving mailgate's POP3 factory under its
+    own TLS (a pyOpenSSL context factory, through Twisted's
+    TLSMemoryBIOFactory as an ssl: endpoint does) has TLS sessions: a
+    client from a network not trusted with passwords in the clear logs in
+    with USER/PASS, and is offered no STLS.  In memory, over iosim.
+    """
+    import sys
+    from pathlib import Path
+
+    from twisted.internet import ssl
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory
+    from twisted.internet.task import Clock
+    from twisted.protocols.basic import LineReceiver
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test import iosim
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from certs import makeCertificate
+
+    certificatePath, keyPath = makeCertificate(tmp_path, "localhost")
+    certificate = Path(certificatePath).read_text()
+    serverOptions = ssl.PrivateCertificate.loadPEM(certificate + Path(keyPath).read_text()).options()
+    clientOptions = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(certificate))
+
+    store = memoryStore()
+    addUser(store, "alice@example.org", "secret")
+    peer = IPv4Address("TCP", "198.51.100.7", 40000)
+    # Twisted's TLS gathers small writes until the next turn of the clock.
+    clock = Clock()
+    server = TLSMemoryBIOFactory(
+        serverOptions, False, pop3Factory(store, clock, apop=False), clock=clock
+    ).buildProtocol(peer)
+    lines = []
+
+    class Client(LineReceiver):
+        def lineReceived(self, line):
+            lines.append(line)
+
+    client = TLSMemoryBIOFactory(clientOptions, True, Factory.forProtocol(Client), clock=clock).buildProtocol(None)
+    pump = iosim.connect(
+        server, iosim.FakeTransport(server, isServer=True, peerAddress=peer),
+        client, iosim.FakeTransport(client, isServer=False),
+    )
+
+    def flush():
+        for _ in range(5):
+            pump.flush()
+            clock.advance(0)
+
+    def command(line):
+        del lines[:]
+        client.wrappedProtocol.sendLine(line)
+        flush()
+        return lines[:]
+
+    flush()
+    assert lines and lines[0].startswith(b"+OK")
+    capabilities = command(b"CAPA")
+    assert b"USER" in capabilities and b"STLS" not in capabilities
+    assert command(b"USER alice@example.org")[0].startswith(b"+OK")
+    assert command(b"PASS secret")[0].startswith(b"+OK alice@example.org has 0 messages")
