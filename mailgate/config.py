@@ -1103,8 +1103,10 @@ SETTINGS = (
         "auth-cache-size", "authCacheSize", Integer(), 10000,
         "Verified logins remembered (as keyed digests, never passwords), so "
         "a user's password hash is computed once per auth-cache-ttl rather "
-        "than at every login, as Dovecot's auth_cache_size does.  0 turns the "
-        "cache off: every login pays for the hash.",
+        "than at every login, as Dovecot's auth_cache_size does; as many "
+        "failed ones, so that a wrong password tried again against the same "
+        "hash is refused without it.  0 turns the cache off: every login "
+        "pays for the hash.",
     ),
     Setting(
         "auth-cache-ttl", "authCacheTTL", Integer(minimum=1, metavar="SECONDS"), 3600,

@@ -438,6 +438,69 @@ def test_successfulLoginIsCached(users, verifications):
     assert len(runner.calls) == 2
 
 
+def test_aWrongPasswordTriedAgainCostsNoSecondHash(users, verifications):
+    """
+    A password that failed against a user's stored hash, or for an unknown
+    user, is refused again without the slow hash while that hash (or that
+    absence) is what the store still has, as Dovecot's negative cache does:
+    a client repeating an old password over its connections (repeats count
+    towards no penalty or ban) cost a full scrypt each time, and one
+    address kept every CPU hashing.  A password set since, or a user added
+    since, is verified as usual and logs in.
+    """
+    runner = RecordingRunner()
+    portal = makePortal(users, runner)
+    for _ in range(3):
+        with pytest.raises(UnauthorizedLogin):
+            _login(portal, UsernamePassword(b"bob@example.org", b"old password"))
+        with pytest.raises(UnauthorizedLogin):
+            _login(portal, UsernamePassword(b"carol@example.org", b"old password"))
+        with pytest.raises(UnauthorizedLogin):
+            _login(portal, UsernamePassword(b"not an address", b"old password"))
+    assert len(verifications) == 3
+    # Another password, or the same one for another name, is verified.
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"bob@example.org", b"older password"))
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, UsernamePassword(b"alice@example.org", b"old password"))
+    assert len(verifications) == 5
+    resultOf(users.setCredentials(BOB, makeCredentials("old password", logN=TEST_HASH_COST)))
+    addUser(users, "carol@example.org", "old password")
+    for name in (b"bob@example.org", b"carol@example.org"):
+        _, maildrop, logout = _login(portal, UsernamePassword(name, b"old password"))
+        assert maildrop.address == name.decode()
+        logout()
+    assert len(verifications) == 7
+
+
+def test_withoutACacheEveryFailureIsHashed(users, verifications):
+    """
+    C{--auth-cache-size 0} remembers failures no more than logins.
+    """
+    portal = makePortal(users, RecordingRunner(), cache=VerifiedCredentialCache(maxEntries=0))
+    for _ in range(2):
+        with pytest.raises(UnauthorizedLogin):
+            _login(portal, UsernamePassword(b"bob@example.org", b"old password"))
+    assert len(verifications) == 2
+
+
+def test_rememberedFailuresExpireAndAreBounded():
+    clock = FakeClock()
+    cache = VerifiedCredentialCache(maxEntries=2, lifetime=60.0, clock=clock)
+    cache.rememberFailure(ALICE, "$scrypt$a", b"one")
+    cache.rememberFailure(BOB, None, b"two")
+    assert cache.failedBefore(ALICE, "$scrypt$a", b"one")
+    assert not cache.failedBefore(ALICE, "$scrypt$b", b"one")
+    assert not cache.failedBefore(ALICE, None, b"one")
+    assert cache.failedBefore(BOB, None, b"two")
+    assert not cache.failedBefore(BOB, "$scrypt$a", b"two")
+    cache.rememberFailure(ALICE, "$scrypt$a", b"three")
+    assert not cache.failedBefore(ALICE, "$scrypt$a", b"one")
+    clock.now += 61
+    assert not cache.failedBefore(BOB, None, b"two")
+    assert not cache.failedBefore(ALICE, "$scrypt$a", b"three")
+
+
 def test_passwordChangeInvalidatesTheCache(users):
     runner = RecordingRunner()
     portal = makePortal(users, runner)

@@ -13,6 +13,19 @@ changing a password changes the stored hash, so an entry for the old one
 stops being honoured at once (the check against the current hash is made
 when the maildrop is opened, in the same trip to the database).  Entries
 expire after a while and the cache is bounded; the oldest go first.
+
+Failed verifications are remembered the same way, apart, as Dovecot's
+negative cache (C{auth_cache_negative_ttl}) does: a password that did not
+match a stored hash never will, so the same password tried again against
+the same hash (or again for the same unknown user) is refused without
+running the slow hash.  A client left with an old password retries it at
+every poll, from many connections at once, and such repeats are not
+counted towards a penalty or a ban (L{mailgate.policy.repeats}): without
+this, each one cost a full scrypt, and one address repeating a wrong
+password over its 50 connections kept every CPU hashing, holding up every
+other user's login, with nothing to stop it.  A failure is only honoured
+against the very hash (or absence of a user) it was checked against, so a
+password set since is verified as usual.
 """
 
 import hashlib
@@ -38,6 +51,9 @@ class VerifiedCredentialCache:
         self._key = os.urandom(32)
         # MAC(address, password) -> (stored hash, user record, expiry)
         self._entries = OrderedDict()
+        # MAC(address, password) -> (stored hash or None, expiry): failed
+        # verifications, bounded and expiring like the others.
+        self._failures = OrderedDict()
 
     def _digest(self, address, password):
         message = address.encode("utf-8") + b"\0" + password
@@ -90,6 +106,41 @@ class VerifiedCredentialCache:
         self._entries.move_to_end(digest)
         while len(self._entries) > self.maxEntries:
             self._entries.popitem(last=False)
+
+    def rememberFailure(self, address, storedHash, password):
+        """
+        Record that C{password} did not match C{storedHash} (C{None}: no
+        such user, or none with a password), so that L{failedBefore} can
+        refuse it again without the hash.
+
+        @param address: the login name as checked (an address, or the name
+            as given when it is none).
+        """
+        if self.maxEntries <= 0:
+            return
+        digest = self._digest(address, password)
+        self._failures[digest] = (storedHash, self._clock() + self.lifetime)
+        self._failures.move_to_end(digest)
+        while len(self._failures) > self.maxEntries:
+            self._failures.popitem(last=False)
+
+    def failedBefore(self, address, storedHash, password):
+        """
+        Did C{password} recently fail against this same C{storedHash}
+        (C{None}: no such user)?  Then it would fail again.
+        """
+        if self.maxEntries <= 0:
+            return False
+        digest = self._digest(address, password)
+        entry = self._failures.get(digest)
+        if entry is None:
+            return False
+        if entry[1] < self._clock():
+            del self._failures[digest]
+            return False
+        if storedHash is None or entry[0] is None:
+            return storedHash is None and entry[0] is None
+        return hmac.compare_digest(entry[0], storedHash)
 
     def forgetUser(self, address):
         """

@@ -102,14 +102,25 @@ class PasswordChecker:
                 # Verified recently.  The store confirms, when it opens the
                 # maildrop, that the stored hash is still this one.
                 return defer.succeed(user)
-        return self._verify(address, password)
+        return self._verify(address, password, credentials.username)
 
     @defer.inlineCallbacks
-    def _verify(self, address, password):
+    def _verify(self, address, password, username):
         user = None if address is None else (yield self._store.findUser(address))
         storedHash = None if user is None else user.passwordHash
+        # A name that is no address (refused whatever the password) is
+        # remembered as given, apart from every address (which has no NUL).
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        failedAs = address if address is not None else "\0" + username
+        if self.cache.failedBefore(failedAs, storedHash, password):
+            # Failed against this very hash before: it would fail again,
+            # and a client repeating an old password must not cost a hash
+            # each time (an unknown name's neither, while it stays unknown).
+            raise UnauthorizedLogin()
         matched = yield self._runInThread(_verifyOrDummy, password, storedHash)
         if not matched:
+            self.cache.rememberFailure(failedAs, storedHash, password)
             raise UnauthorizedLogin()
         if needsUpgrade(storedHash):
             user = yield self._upgrade(user, password)
