@@ -200,6 +200,10 @@ def test_aChainThatDidNotIssueTheCertificateIsWarnedOf(tmp_path):
     [warning] = tls.chainWarnings
     assert warning.startswith(f"{stale}: no certificate of its chain issued the first one")
     assert f"CN={HOST} intermediate CA" in warning
+    # An intermediate of the right name but another key (a CA's new one).
+    (tmp_path / "rekeyed").mkdir()
+    stale.write_bytes(leaf + makeAuthority(tmp_path / "rekeyed", f"{HOST} intermediate CA").pem)
+    assert len(ServerTLS(str(stale), str(keyPath)).chainWarnings) == 1
 
 
 def test_aChainFileWithTheCertificateNotFirstIsRefusedSayingSo(tmp_path):
