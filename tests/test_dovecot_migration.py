@@ -96,8 +96,12 @@ def fetchmail(directory, port, out):
         )
     os.chmod(rc, 0o600)
     before = len(os.listdir(out))
+    # A lock file of its own: run as root, fetchmail otherwise takes
+    # /var/run/fetchmail.pid, and a fetchmail of another test running at
+    # the same time (test_clients.py) would make it refuse to start.
+    pidfile = os.path.join(directory, "fetchmail.pid")
     done = subprocess.run(
-        ["fetchmail", "-f", rc, "-i", os.path.join(directory, "fetchids"), "--nodetach"],
+        ["fetchmail", "-f", rc, "-i", os.path.join(directory, "fetchids"), "--pidfile", pidfile, "--nodetach"],
         capture_output=True, text=True, timeout=DEADLINE * 3, env=dict(childEnvironment(), HOME=directory),
     )
     # 0: mail fetched; 1: no new mail.
