@@ -1,8 +1,11 @@
 """
 The POP3 clients administrators' users run, against a real C{twistd
-mailgate}: mpop (GnuTLS, GNU SASL), getmail6 and curl, as Debian 12 ships
-them (fetchmail has its tests in test_dovecot_migration.py and
-test_e2e_policy.py; tests/sysdeps.sh installs all of them).
+mailgate}: mpop (GnuTLS, GNU SASL), getmail6, curl and fetchmail
+(OpenSSL), as Debian 12 ships them (tests/sysdeps.sh installs all of
+them; test_dovecot_migration.py and test_e2e_policy.py have more of
+fetchmail).  fetchmail also hands what it fetched to an SMTP or LMTP
+server, as administrators moving users off an old POP3 server have it
+deliver into mailgate's LMTP.
 
 What a user of each must see:
 
@@ -30,6 +33,7 @@ message to a file of its own, and on request stops in the middle of one
 import collections
 import os
 import re
+import shlex
 import shutil
 import signal
 import smtplib
@@ -38,22 +42,25 @@ import sys
 
 import pytest
 
-from certs import makeCertificate
+from certs import makeCertificate, makeChain
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
     childEnvironment,
     mailgate_cli,
     mailgate_server,
     popLogin,
+    retrieve,
     sqliteOnly,
     waitFor,
 )
+from mailgate.testing import deliver, memoryStore
 
 pytestmark = sqliteOnly
 
 MPOP = shutil.which("mpop")
 GETMAIL = shutil.which("getmail")
 CURL = shutil.which("curl")
+FETCHMAIL = shutil.which("fetchmail")
 
 
 def requires(binary, name, package):
@@ -65,6 +72,7 @@ def requires(binary, name, package):
 requiresMpop = requires(MPOP, "mpop", "mpop")
 requiresGetmail = requires(GETMAIL, "getmail", "getmail6")
 requiresCurl = requires(CURL, "curl", "curl")
+requiresFetchmail = requires(FETCHMAIL, "fetchmail", "fetchmail")
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
@@ -125,8 +133,18 @@ def asServed(delivered):
 
 
 def deliverAll(cli, address, messages):
-    for message in messages:
-        cli.deliver(address, message)
+    """
+    Deliver C{messages} to C{address}, in order, through a store opened in
+    this process on the server's database: C{mailgate deliver} would cost
+    a process start for each (a second on a loaded machine for the five
+    of L{awkwardMessages}).
+    """
+    store = memoryStore(cli.database)
+    try:
+        for message in messages:
+            deliver(store, [address], message)
+    finally:
+        store.close()
 
 
 def sendBySMTP(server, address, message):
@@ -292,6 +310,9 @@ class Client:
     added = ()
     #: whether it sends DELE for each message once stored (else all at the end)
     marksAsItGoes = False
+    #: whether it takes a message's Return-Path field for the envelope
+    #: sender and writes it back above the fields it adds
+    movesReturnPath = False
 
     def __init__(self, directory, server, certificate):
         self.directory = directory
@@ -439,9 +460,75 @@ class Curl(Client):
         return done.stdout
 
 
+class Fetchmail(Client):
+    """
+    fetchmail: plain POP3, STLS or POP3S with OpenSSL, checking the
+    certificate (sslcertck) against the CA file it is given and the name
+    it polls, "localhost": it matches DNS names only, not an IP address;
+    with keep and uidl it keeps the unique ids it saw in its ids file.
+    It retrieves with TOP n 99999999 rather than RETR, sends DELE for each
+    message once delivered, and exits with 1 when there was nothing to
+    fetch.  It adds a Received field on top of each message, and writes
+    the message's Return-Path above it.
+
+    C{deliver} gives the rc file's delivery line (C{smtphost ... lmtp});
+    by default it delivers to the test's MDA.
+    """
+
+    name = "fetchmail"
+    added = ("Received",)
+    marksAsItGoes = True
+    movesReturnPath = True
+
+    def argv(self, transport="stls", auth="any", user=ALICE, password=ALICE_PW, keep=True, deliver=None):
+        # fetchmail's own default is auth any: CRAM-MD5 when offered, else
+        # USER/PASS; APOP is a protocol of its own to it.
+        protocol = "APOP" if auth == "apop" else f"POP3 auth {auth}"
+        tls = {
+            "plain": 'sslproto ""',
+            "stls": f"sslproto tls1.2+ sslcertck sslcertfile {quoted(self.trust)}",
+            "pop3s": f"ssl sslcertck sslcertfile {quoted(self.trust)}",
+        }[transport]
+        if deliver is None:
+            deliver = f"mda {quoted(shlex.join(self.mailbox.command))}"
+        config = self.directory / "fetchmailrc"
+        config.write_text(
+            "set no syslog\n"
+            f"poll localhost with proto {protocol} port {self.portFor(transport)} uidl\n"
+            f"  user {quoted(user)} there with password {quoted(password)} is root here\n"
+            f"  {'keep' if keep else 'nokeep'} {tls}\n"
+            f"  {deliver}\n"
+        )
+        config.chmod(0o600)
+        # Its lock file in its directory: as root it would take
+        # /var/run/fetchmail.pid, and refuse to run beside any other.
+        return [
+            FETCHMAIL, "-f", str(config), "-i", str(self.directory / "fetchids"),
+            "--pidfile", str(self.directory / "fetchmail.pid"), "--nodetach",
+        ]
+
+    def fetch(self, **settings):
+        """
+        Run fetchmail, which must succeed: exit with 0 having stored
+        something, or with 1 (no mail) having stored nothing.
+        """
+        code, output = self.run(**settings)
+        stored = self.mailbox.new()
+        assert code == (0 if stored else 1), f"fetchmail {settings} exited {code}\n{output}\n{self.server.log()}"
+        return stored
+
+
+def quoted(text):
+    """
+    C{text} as a string of a fetchmail rc file.
+    """
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 CLIENTS = [
     pytest.param(Mpop, marks=requiresMpop, id="mpop"),
     pytest.param(Getmail, marks=requiresGetmail, id="getmail"),
+    pytest.param(Fetchmail, marks=requiresFetchmail, id="fetchmail"),
 ]
 
 
@@ -578,8 +665,10 @@ def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClie
     sendBySMTP(server, ALICE, new)
     [stored] = client.fetch(keep=True)
     # After the client's fields, the server's Received field (getmail
-    # takes its Return-Path for its own), then what was sent.
-    served = withoutAddedFields(stored, client.added)
+    # takes its Return-Path for its own, fetchmail moves it above its
+    # own field), then what was sent.
+    added = ("Return-Path", *client.added) if client.movesReturnPath else client.added
+    served = withoutAddedFields(stored, added)
     assert re.match(rb"(Return-Path: <sender@example.net>\r\n)?Received: from client.test ", served), served
     assert served.endswith(b"\r\n" + new), served
     assert client.fetch(keep=True) == []
@@ -590,8 +679,9 @@ def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClie
 def test_aClientKilledMidRetrievalDeletesNothing(serve, mailgate_cli, makeClient, clientClass):
     """
     Deleting after retrieval, a client killed (SIGKILL) while it retrieves
-    the big message, after it had stored the ones before it (getmail had
-    marked them deleted too; mpop sends its DELEs at the end), leaves every message on the server; its next run fetches
+    the big message, after it had stored the ones before it (getmail and
+    fetchmail had marked them deleted too; mpop sends its DELEs at the
+    end), leaves every message on the server; its next run fetches
     each exactly once, octet for octet, and only then, after its QUIT, is
     the maildrop empty.
     """
@@ -603,8 +693,9 @@ def test_aClientKilledMidRetrievalDeletesNothing(serve, mailgate_cli, makeClient
     client.mailbox.block()
     client.start(keep=False)
     waitFor(client.mailbox.blocked, f"{client.name} to reach the big message")
-    # It retrieved (and the server had started to send) the big message.
-    waitFor(lambda: "C: RETR 3" in server.stdout, "RETR 3 in the server's trace")
+    # It retrieved (and the server had started to send) the big message:
+    # RETR, or fetchmail's TOP 3 99999999.
+    waitFor(lambda: re.search(r"C: (RETR|TOP) 3\b", server.stdout), "RETR 3 in the server's trace")
     if client.marksAsItGoes:
         waitFor(lambda: "C: DELE 2" in server.stdout, "DELE 2 in the server's trace")
     # Marked, not removed: only QUIT removes.
@@ -700,6 +791,105 @@ def test_curlWhereImportedCramMD5StatesMakeItOffered(serve, mailgate_cli, makeCl
     assert loginMechanisms(server, ALICE, 1) == ["plain"]
 
 
+@requiresFetchmail
+def test_fetchmailOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient, tmp_path):
+    """
+    fetchmail logs in over plain TCP, STLS and POP3S, checking the
+    certificate: by itself (auth any) Alice, who has no APOP, with
+    USER/PASS once the CRAM-MD5 that --apop offers failed for her, and
+    Bob with CRAM-MD5; told to (over STLS), Alice with USER/PASS and Bob
+    with APOP and CRAM-MD5.  Alice's APOP and CRAM-MD5 fail as
+    authentication failures, and a certificate its CA file does not
+    vouch for stops it before it logs in.
+    """
+    server = serve("--apop")
+    delivered = b"From: <sender@example.net>\r\nSubject: for fetchmail\r\n\r\n.hi\r\n"
+    mailgate_cli.deliver(ALICE, delivered)
+    mailgate_cli.deliver(BOB, delivered)
+    fetchmail = makeClient(Fetchmail, server)
+
+    runs = [
+        (user, password, transport, "any")
+        for transport in ("plain", "stls", "pop3s")
+        for user, password in ((ALICE, ALICE_PW), (BOB, BOB_PW))
+    ] + [(ALICE, ALICE_PW, "stls", "password"), (BOB, BOB_PW, "stls", "apop"), (BOB, BOB_PW, "stls", "cram-md5")]
+    for user, password, transport, auth in runs:
+        # keep, with the unique ids forgotten: each run fetches the message.
+        (fetchmail.directory / "fetchids").unlink(missing_ok=True)
+        stored = fetchmail.fetch(transport=transport, auth=auth, user=user, password=password)
+        assertStoredExactly(stored, [delivered], Fetchmail.added)
+    assert loginMechanisms(server, ALICE, 4) == ["user"] * 4
+    assert loginMechanisms(server, BOB, 5) == ["cram-md5"] * 3 + ["apop", "cram-md5"]
+
+    for auth in ("apop", "cram-md5"):
+        code, output = fetchmail.run(auth=auth)
+        assert code == 3 and "Authorization failure on alice@example.org@localhost" in output, output  # AUTHFAIL
+    # Another certificate for the same name as the only trust anchor.
+    (tmp_path / "other").mkdir()
+    fetchmail.trust = str(makeCertificate(tmp_path / "other", "localhost", name="other")[0])
+    for transport in ("stls", "pop3s"):
+        code, output = fetchmail.run(transport=transport)
+        assert code == 2 and "certificate verify failed" in output, output  # SOCKET
+    assert len(loginMechanisms(server, ALICE, 4)) == 4
+    assert len(mailgate_cli.mailbox(ALICE)) == 1
+
+
+@requiresFetchmail
+def test_fetchmailMovesAMaildropIntoLMTPOctetForOctet(mailgate_server, mailgate_cli, makeClient, tmp_path):
+    """
+    Moving users off an old POP3 server: fetchmail, keeping the mail
+    there, fetches Alice's maildrop over STLS, verifying a certificate
+    issued by an intermediate CA (the server sends the chain, fetchmail
+    trusts the root), and hands each message to an LMTP server, here
+    mailgate's own, for Carol.  Each arrives octet for octet, lines
+    starting with "." and the big message included, under the fields
+    put on top of it: mailgate's Return-Path (the envelope sender
+    fetchmail took from the message) and Received field (with LMTP),
+    then fetchmail's Received field.  Its next run hands over nothing.
+    """
+    carolPassword = "carol's secret"
+    (tmp_path / "ca").mkdir()
+    chain, key, root = makeChain(tmp_path / "ca", "localhost", intermediate=True)
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(CAROL, carolPassword)
+    server = mailgate_server(
+        "--tls-cert", str(chain), "--tls-key", str(key), "--lmtp", LOOPBACK_TCP, "--domain", "example.org",
+    )
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    fetchmail = makeClient(Fetchmail, server)
+    fetchmail.trust = str(root)
+    intoLMTP = f"smtphost 127.0.0.1/{server.portOf('LMTP')} lmtp smtpname {CAROL}"
+
+    code, output = fetchmail.run(deliver=intoLMTP)
+    assert code == 0, f"{output}\n{server.log()}"
+    client = popLogin(server, CAROL, carolPassword)
+    arrived = [retrieve(client, number) for number in range(1, len(delivered) + 1)]
+    assert client.stat()[0] == len(delivered)
+    client.quit()
+    fields = re.compile(
+        rb"Return-Path: <sender@example\.net>\r\n"
+        rb"(Received: [^\r]*\r\n(?:\t[^\r]*\r\n)*)"
+        rb"(Received: [^\r]*\r\n(?:\t[^\r]*\r\n)*)"
+    )
+    messages = []
+    for message in arrived:
+        match = fields.match(message)
+        assert match, message[:400]
+        ours, fetchmails = match.groups()
+        assert b"\tby mailgate.test (mailgate) with LMTP id " in ours and b"for <carol@example.org>;" in ours, ours
+        assert b"with POP3 (fetchmail-" in fetchmails and b"for <carol@example.org>" in fetchmails, fetchmails
+        messages.append(message[match.end():])
+    assert messages == [asServed(message) for message in delivered]
+
+    code, output = fetchmail.run(deliver=intoLMTP)
+    assert code == 1, output
+    for user, password in ((CAROL, carolPassword), (ALICE, ALICE_PW)):
+        client = popLogin(server, user, password)
+        assert client.stat()[0] == len(delivered)
+        client.quit()
+
+
 # -- 3. failures -------------------------------------------------------------------------
 
 CLIENTS_AND_CURL = CLIENTS + [pytest.param(Curl, marks=requiresCurl, id="curl")]
@@ -711,7 +901,7 @@ def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_
     With bans at the second failed login, even on loopback: a run with a
     wrong password fails and says so, and the next run, with the right
     password, logs in.  While another session holds the maildrop, a run
-    fails with the server's -ERR [IN-USE] (mpop shows the server's reply
+    fails with the server's [IN-USE] reply (mpop shows the server's reply
     after USER/PASS; after SASL it says only that authentication failed),
     however often it is tried; none of this bans the address.
     """
@@ -722,9 +912,11 @@ def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_
         "mpop": "authentication failed",
         "getmail": "-ERR [AUTH] invalid user name or password",
         "curl": "< -ERR [AUTH] invalid user name or password",
+        "fetchmail": "Authorization failure on alice@example.org@localhost",
     }[client.name]
-    inUse = "-ERR [IN-USE] maildrop is locked by another POP3 session"
-    auth = {"mpop": {"auth": "user"}, "getmail": {}, "curl": {}}[client.name]
+    # fetchmail shows the reply without its "-ERR", and says "lock busy".
+    inUse = "[IN-USE] maildrop is locked by another POP3 session"
+    auth = {"mpop": {"auth": "user"}}.get(client.name, {})
 
     code, output = client.run(password=WRONG)
     assert code != 0 and wrongPassword in output, output
