@@ -352,6 +352,41 @@ def test_mailDeliveredAfterARestoreNeverGetsAUniqueIdGivenOutSince(sqliteURL, tm
         given.add(fresh)
 
 
+def test_aBackupHoldsNoNodeNorSessionOfTheServersRunningWhenItWasTaken(sqliteURL, tmp_path):
+    """
+    The nodes serving the database and their POP3 sessions, as the
+    registry had them when the backup was taken, are processes, not data:
+    a copy restored soon after (within the 30 seconds and 10 minutes a
+    killed node's rows count) showed in C{mailgate who} a session nobody
+    had, which C{mailgate kick} then waited for, and in C{mailgate nodes}
+    a node that did not run, beside the one serving it.  The copy has
+    neither; what the live database has stays.
+    """
+    import time
+
+    path = sqliteURL[len("sqlite:///"):]
+    now = int(time.time())
+    live = sqlite3.connect(path)
+    with live:
+        live.execute(
+            "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at) VALUES (?, ?, ?, ?)",
+            ("n1", "mail.example.org[123]", now - 60, now),
+        )
+        live.execute(
+            "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) "
+            "SELECT user_id, ?, ?, ?, ? FROM users",
+            ("s1", "n1", "192.0.2.1:1234", now - 5),
+        )
+    live.close()
+    assert mailgate(sqliteURL, "who", "--json")[1] != ""
+    backup = tmp_path / "backup.sqlite3"
+    assert mailgate(sqliteURL, "db", "backup", str(backup))[0] == 0
+    restored = f"sqlite:///{backup}"
+    assert mailgate(restored, "who", "--json") == (0, "", "")
+    assert mailgate(restored, "nodes", "--json") == (0, "", "")
+    assert json.loads(mailgate(sqliteURL, "who", "--json")[1])["user"] == ALICE
+
+
 # -- a damaged SQLite database ------------------------------------------------
 
 

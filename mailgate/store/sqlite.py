@@ -259,7 +259,8 @@ def backupDatabase(engine, target):
     copy is one self-contained file (rollback journal mode), readable by
     its owner only, synced, and checked (C{quick_check}).  Its maildrops
     get new validity stamps (L{_renewValidityStamps}), so that mail
-    delivered after a restore gets no unique id given out since the backup.
+    delivered after a restore gets no unique id given out since the backup,
+    and it holds no node or POP3 session of the servers running then.
 
     The copy is made under a name of its own beside C{target}
     (C{TARGET.XXXXXXXX.partial}) and given C{target}'s name only once it
@@ -290,6 +291,7 @@ def backupDatabase(engine, target):
                 source.backup(copy)
                 copy.execute("PRAGMA journal_mode = DELETE")
                 _renewValidityStamps(copy)
+                _forgetRunningServers(copy)
                 verdict = copy.execute("PRAGMA quick_check").fetchone()[0]
             finally:
                 copy.close()
@@ -344,6 +346,23 @@ def _renewValidityStamps(copy):
             renewed = secrets.randbits(31)
         stamps.append((renewed, userId))
     cursor.executemany("UPDATE mailboxes SET uid_validity = ? WHERE user_id = ?", stamps)
+    copy.commit()
+
+
+def _forgetRunningServers(copy):
+    """
+    Remove from the backup C{copy} the nodes that served the database when
+    it was taken and their POP3 sessions: processes, not data.  Restored
+    soon after, the copy would otherwise show them as running (C{mailgate
+    who}, C{nodes}, a C{kick} waiting for a session nobody has) for as
+    long as a killed node counts, beside the server that serves it.
+    """
+    cursor = copy.cursor()
+    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'mailgate_nodes'")
+    if cursor.fetchone() is None:
+        return
+    cursor.execute("DELETE FROM pop3_sessions")
+    cursor.execute("DELETE FROM mailgate_nodes")
     copy.commit()
 
 
