@@ -248,10 +248,19 @@ class Metrics:
             "This node's clock minus the database server's, as last measured (PostgreSQL; every 30 s).",
             initial=(),
         )
+        # No series without TLS; one per certificate in service (the
+        # alternative key type's and each named one's too), replaced at
+        # each reload.
+        self._certificateExpiry = _Series(
+            gauge, "mailgate_tls_certificate_expiry_timestamp_seconds",
+            "When each TLS certificate in service stops being valid (its notAfter), in Unix time.",
+            ["subject", "key_type"], initial=(),
+        )
         registry.register(_ReactorSeries([
             self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
+            self._certificateExpiry,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -462,6 +471,21 @@ class Metrics:
         alert on a node whose clock drifts watches.
         """
         self._clockOffset.values[()] = seconds
+
+    def certificatesInService(self, certificates):
+        """
+        The TLS certificates served from now on (at start, and after each
+        reload that loaded new files): C{(subject, keyType, notAfter)}, the
+        last in Unix time.  C{mailgate_tls_certificate_expiry_timestamp_seconds}
+        then has one series each, and none of the certificates replaced:
+        an alert on C{... - time() < 14 * 86400} watches the certificate
+        clients are given, which an ACME renewal whose reload never came
+        leaves to run out.
+        """
+        values = self._certificateExpiry.values
+        values.clear()
+        for subject, keyType, notAfter in certificates:
+            values[(subject, keyType)] = notAfter
 
 
 # -- HTTP: /metrics and /healthz -----------------------------------------------------

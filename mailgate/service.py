@@ -481,6 +481,10 @@ class MailgateService(MultiService):
             fingerprint=self.tls.fingerprint,
             event=event,
         )
+        if self.metrics is not None:
+            self.metrics.certificatesInService(
+                (c.subject, c.keyType, c.notAfter.timestamp()) for c in self.tls.certificates if c.notAfter is not None
+            )
         for warning in self.tls.expiryWarnings():
             self.log.warn("{warning}", warning=warning, event="tls.expiry")
         for warning in self.tls.keyWarnings:

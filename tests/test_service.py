@@ -6,6 +6,7 @@ the log observer handed to twistd's application.
 
 import errno
 import signal
+import time
 
 import pytest
 from twisted.application.service import Application
@@ -322,6 +323,46 @@ def test_aReloadTakesAnotherCertificateFileAndTLSSetting(tmp_path, logEvents):
     assert root.tls is None
     [later] = [formatEvent(e) for e in logEvents if e.get("event") == "config.restart_needed"]
     assert later == "configuration changed: tls-cert, tls-key take effect at the next restart"
+
+
+def test_theCertificatesInServiceAreInTheMetricsWithTheirEnd(tmp_path):
+    """
+    mailgate_tls_certificate_expiry_timestamp_seconds has the notAfter of
+    each certificate in service, by subject and key type, from the start;
+    a reload that serves other certificates replaces the series, so an
+    alert on the time left watches what clients are given, not a
+    certificate long replaced.
+    """
+    from certs import makeCertificate
+
+    def expiries(root):
+        return {
+            (sample.labels["subject"], sample.labels["key_type"]): sample.value
+            for family in root.metrics.registry.collect()
+            if family.name == "mailgate_tls_certificate_expiry_timestamp_seconds"
+            for sample in family.samples
+        }
+
+    first, firstKey = makeCertificate(tmp_path, "a.example.test", days=30)
+    second, secondKey = makeCertificate(tmp_path, "b.example.test", days=90, keyType="rsa")
+    path = tmp_path / "mailgate.toml"
+    options, root = _reloadableService(
+        path, f'tls-cert = "{first}"\ntls-key = "{firstKey}"\n', "--pop3s", "tcp:9995"
+    )
+    assert expiries(root) == {}
+    root.startService()
+    try:
+        [(labels, end)] = expiries(root).items()
+        assert labels == ("a.example.test", root.tls.certificates[0].keyType)
+        assert abs(end - (time.time() + 30 * 86400)) < 600
+        path.write_text(f'tls-cert = "{second}"\ntls-key = "{secondKey}"\n')
+        root.hangup()
+        [(labels, end)] = expiries(root).items()
+        assert labels == ("b.example.test", root.tls.certificates[0].keyType)
+        assert labels[1].startswith("RSA")
+        assert abs(end - (time.time() + 90 * 86400)) < 600
+    finally:
+        root.stopService()
 
 
 def test_aSpoolDirectoryThatCannotBeUsedStopsEveryStart(tmp_path):
