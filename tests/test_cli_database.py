@@ -495,3 +495,34 @@ def test_anotherApplicationsDatabaseIsNotMadeMailgates(databaseURL, argv):
     # deliver: the MTA keeps the message (75), as for a missing file.
     assert mailgate(databaseURL, "deliver", ALICE, stdin="Subject: x\r\n\r\nx\r\n")[0] == 75
     assert _tables(databaseURL) == ["invoices"]
+
+
+def test_dbCopyIntoAnotherApplicationsDatabaseIsRefused(databaseURL, tmp_path):
+    """
+    C{db copy --to} a database that holds another application's tables and
+    none of mailgate's (a mistyped URL naming an existing database) is
+    refused, saying so (exit 78), as the other commands refuse it: before,
+    the copy installed mailgate's tables beside the invoices and wrote
+    every user's password hash and mail there (probe: --to an SQLite file
+    holding a table foo, exit 0).  A missing SQLite file is still made.
+    """
+    from mailgate.urls import shownURL
+
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    assert mailgate(source, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+        runTransaction(engine, conn, lambda cursor: cursor.execute("CREATE TABLE invoices (id INTEGER)"), (), {}, True)
+    finally:
+        conn.close()
+    code, out, err = mailgate(source, "db", "copy", "--from", source, "--to", databaseURL)
+    where = engine.path if engine.name == "sqlite" else shownURL(databaseURL)
+    assert (code, out) == (78, ""), (code, out, err)
+    assert err == (
+        f"mailgate: --to: no mailgate database in {where}: it holds another application's tables (invoices) "
+        "and none of mailgate's\n"
+    ), err
+    assert _tables(databaseURL) == ["invoices"]
+    fresh = tmp_path / "fresh.sqlite3"
+    assert mailgate(source, "db", "copy", "--from", source, "--to", f"sqlite:///{fresh}")[0] == 0

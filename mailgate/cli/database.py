@@ -85,7 +85,10 @@ def _copySide(url, option, create):
     cannot be opened, as C{--database}'s would.
     """
     try:
-        return openSynchronousStore(url, create=create)
+        # Neither side may be another application's database (a mistyped
+        # URL): the target's tables would be installed beside its own,
+        # and every user's password hash and mail written there.
+        return openSynchronousStore(url, create=create, adopt=False)
     except DatabaseRefused as e:
         raise CommandError(f"{option}: {e}", EX_CONFIG) from None
     except TemporaryFailure as e:

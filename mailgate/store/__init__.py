@@ -64,7 +64,7 @@ class NoSuchDatabase(ConfigurationError):
     """
 
 
-def openSynchronousStore(url, migrate=True, create=True):
+def openSynchronousStore(url, migrate=True, create=True, adopt=None):
     """
     A store whose operations run inline and return fired Deferreds: for the
     admin command and for tests.
@@ -73,16 +73,22 @@ def openSynchronousStore(url, migrate=True, create=True):
     @param create: create an SQLite file that does not exist yet.  Without,
         a missing file is an error: a mistyped path must not become an
         empty database that reads as one without users.
-    @raise NoSuchDatabase: the file is missing, or the database holds
-        another application's tables, and C{create} is false.
+    @param adopt: install mailgate's tables in a database that holds
+        another application's and none of mailgate's; by default as
+        C{create}.  (C{db copy} creates its target, but must not fill
+        another application's database a mistyped URL named.)
+    @raise NoSuchDatabase: the file is missing and C{create} is false, or
+        the database holds another application's tables and C{adopt} is.
     """
+    if adopt is None:
+        adopt = create
     engine = engineFromURL(url)
     if not create and _missingFile(engine):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
     database = SynchronousDatabase(engine)
     try:
         if migrate:
-            if not create:
+            if not adopt:
                 _refuseAnotherApplications(database, url)
             upgrade(database)
     except BaseException:
