@@ -31,14 +31,19 @@ message to a file of its own, and on request stops in the middle of one
 """
 
 import collections
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import signal
 import smtplib
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 
 import pytest
 
@@ -61,6 +66,7 @@ MPOP = shutil.which("mpop")
 GETMAIL = shutil.which("getmail")
 CURL = shutil.which("curl")
 FETCHMAIL = shutil.which("fetchmail")
+NEOMUTT = shutil.which("neomutt")
 
 
 def requires(binary, name, package):
@@ -73,6 +79,7 @@ requiresMpop = requires(MPOP, "mpop", "mpop")
 requiresGetmail = requires(GETMAIL, "getmail", "getmail6")
 requiresCurl = requires(CURL, "curl", "curl")
 requiresFetchmail = requires(FETCHMAIL, "fetchmail", "fetchmail")
+requiresNeomutt = requires(NEOMUTT, "neomutt", "neomutt")
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
@@ -888,6 +895,90 @@ def test_fetchmailMovesAMaildropIntoLMTPOctetForOctet(mailgate_server, mailgate_
         client = popLogin(server, user, password)
         assert client.stat()[0] == len(delivered)
         client.quit()
+
+
+def runInTerminal(argv, environment):
+    """
+    Run a full-screen program to its end in a terminal of its own (a
+    pseudo-terminal of 50 lines by 200 columns), reading what it draws so
+    that it never blocks on it; kill it and fail after L{DEADLINE}
+    seconds (a question it asks would wait for ever).  Returns its exit
+    status and the screen's text.
+    """
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    try:
+        process = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=environment, start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    screen = bytearray()
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while process.poll() is None or select.select([master], [], [], 0)[0]:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait(DEADLINE)
+                pytest.fail(f"{argv} did not finish within {DEADLINE} s; its screen: {bytes(screen[-2000:])!r}")
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    chunk = b""
+                if not chunk and process.poll() is not None:
+                    break
+                screen += chunk
+    finally:
+        os.close(master)
+    return process.wait(DEADLINE), re.sub(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z]|[=>])", " ", screen.decode("utf-8", "replace"))
+
+
+@requiresNeomutt
+def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, certificate):
+    """
+    neomutt opens Alice's maildrop over POP3S (pops://, verifying the
+    certificate with GnuTLS, logging in with SCRAM-SHA-256 through GNU
+    SASL), reads each header with TOP n 0, and saves every message to a
+    maildir, octet for octet apart from the Content-Length and Lines
+    fields it adds at the end of the header (and LF line ends), deleting
+    nothing.  Told to delete the second message and sync, it sends DELE
+    and QUIT and at once logs in again, which works: the QUIT released
+    the maildrop.  Run from a script through a terminal: C{-e 'push
+    ...'} types the keys.
+    """
+    server = serve()
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    held = mailgate_cli.mailbox(ALICE)
+    directory = tmp_path / "neomutt"
+    directory.mkdir()
+    config = directory / "muttrc"
+    config.write_text(
+        f'set pop_pass="{ALICE_PW}"\n'
+        f'set ssl_ca_certificates_file="{certificate[0]}"\n'
+        f'set certificate_file="{directory / "certificates"}"\n'
+        f'set folder="{directory}"\n'
+        f'set spoolfile="{directory / "spool"}"\n'
+        'set mbox_type=Maildir record="" header_cache="" message_cachedir=""\n'
+        "set confirmcreate=no move=no sleep_time=0 wait_key=no\n"
+    )
+    mailbox = f"pops://alice%40example.org@localhost:{server.portOf('POP3S')}/"
+    environment = dict(childEnvironment(), HOME=str(directory), TERM="xterm")
+
+    def neomutt(*commands):
+        code, screen = runInTerminal([NEOMUTT, "-n", "-F", str(config), "-f", mailbox, *commands], environment)
+        assert code == 0, f"{screen}\n{server.log()}"
+
+    neomutt("-e", "set delete=no", "-e", "push <tag-pattern>~A<enter><tag-prefix><save-message>=saved<enter><quit>")
+    stored = [path.read_bytes() for path in (directory / "saved" / "new").iterdir()]
+    added = re.compile(rb"Content-Length: \d+\nLines: \d+\n(?=\n)")
+    assertStoredExactly([added.sub(b"", message, count=1) for message in stored], delivered, ())
+    assert mailgate_cli.mailbox(ALICE) == held
+
+    neomutt("-e", "set delete=yes", "-e", "push <next-entry><delete-message><sync-mailbox><quit>")
+    assert loginMechanisms(server, ALICE, 3) == ["scram-sha-256"] * 3
+    assert mailgate_cli.mailbox(ALICE) == [(n, octets, uid) for n, (_, octets, uid) in enumerate(held[:1] + held[2:], 1)]
 
 
 # -- 3. failures -------------------------------------------------------------------------
