@@ -129,6 +129,10 @@ def copyDatabase(source, target):
     now = int(time.time())
 
     def write(targetCursor):
+        # Counted afresh: a transaction that lost a deadlock runs again
+        # (SynchronousDatabase), and what the first run counted was undone.
+        for counter in attr.fields(CopyReport):
+            setattr(report, counter.name, 0)
         targetCursor.execute("SELECT count(*) FROM users")
         if targetCursor.fetchone()[0]:
             raise CopyError("the target database already has users; copy into an empty database")
