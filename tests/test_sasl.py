@@ -1380,3 +1380,19 @@ def test_aPasswordSASLprepEmptiesIsNoEmptySCRAMPassword(store):
     assert scramExchange(s, ALICE, "")[2] == INVALID
     s = POP3Session(store)
     assert scramLogin(s, ALICE, invisible) == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+
+
+def test_scramUserNameWithAnEqualsSignNotEscapingIsRefused(store, alice):
+    """
+    RFC 5802 section 5.1: a saslname with an "=" that begins neither
+    C{=2C} nor C{=3D} MUST fail the exchange, wherever the "=" stands:
+    C{=3=2CD} was taken (its C{=2C} removed, the rest read as C{=3D}) and
+    answered with a server-first-message.
+    """
+    s = POP3Session(store)
+    for name in ("a=3=2CD@example.org", "a=@example.org", "a=2c@example.org", "a=3@example.org"):
+        reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={name},r=abcdefgh')}")
+        assert reply.startswith("-ERR [AUTH] malformed user name"), (name, reply)
+        reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,a={name},n={ALICE},r=abcdefgh')}")
+        assert reply.startswith("-ERR [AUTH] malformed user name"), (name, reply)
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")

@@ -218,11 +218,19 @@ class ScramCredentials:
         return hmac.compare_digest(hashlib.sha256(clientKey).digest(), storedKey)
 
 
+# An "=" that does not begin "=2C" or "=3D".
+_BARE_EQUALS = re.compile(r"=(?!2C|3D)")
+
+
 def _saslname(text):
     """
-    Decode a SCRAM saslname (C{=2C} is ",", C{=3D} is "=").
+    Decode a SCRAM saslname (C{=2C} is ",", C{=3D} is "=").  RFC 5802
+    section 5.1: an "=" followed by anything else MUST fail the exchange.
+    Looked for where each "=" stands: removing the escapes first and then
+    looking for an "=" let C{=3=2CD} through (its C{=2C} gone, the rest
+    reads C{=3D}).
     """
-    if "=" in text.replace("=2C", "").replace("=3D", ""):
+    if _BARE_EQUALS.search(text):
         raise SASLError("malformed user name")
     return text.replace("=2C", ",").replace("=3D", "=")
 
