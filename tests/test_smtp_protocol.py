@@ -313,7 +313,11 @@ def test_mailParameters(users):
         ("SMTPUTF8", "250 2.1.0 "),
         ("SIZE=abc", "501 5.5.4 SIZE needs a number"),
         ("SIZE", "501 5.5.4 SIZE needs a number"),
-        ("BODY=BINARYMIME", "501 5.5.4 BODY must be 7BIT or 8BITMIME"),
+        # RFC 5321 section 4.1.1.11: a parameter the server cannot
+        # implement is answered 555, a malformed one 501.
+        ("BODY=BINARYMIME", "555 5.5.4 unsupported body type BODY=BINARYMIME"),
+        ("BODY=binarymime", "555 5.5.4 unsupported body type BODY=binarymime"),
+        ("BODY", "501 5.5.4 BODY needs a value"),
         ("SMTPUTF8=yes", "501 5.5.4 SMTPUTF8 takes no value"),
         ("AUTH=<>", "555 5.5.4 unsupported MAIL parameter AUTH"),
         ("SIZE=1 SIZE=2", "501 5.5.4 bad MAIL parameters: duplicate parameter SIZE"),

@@ -616,9 +616,19 @@ class SMTPServer(CommandSession):
                         f"message size exceeds the limit of {self.maxMessageSize} octets",
                     )
             elif keyword == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None:
                     return self._refuseSender(
-                        sender, 501, "5.5.4", "bad parameters", "BODY must be 7BIT or 8BITMIME"
+                        sender, 501, "5.5.4", "bad parameters", "BODY needs a value: 7BIT or 8BITMIME"
+                    )
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    # A body type not implemented here (RFC 3030's
+                    # BINARYMIME, which is not offered): RFC 5321 section
+                    # 4.1.1.11's 555 for a parameter the server cannot
+                    # implement, as Postfix answers it ("555 5.5.4
+                    # Unsupported option: BODY=BINARYMIME").
+                    return self._refuseSender(
+                        sender, 555, "5.5.4", "bad parameters",
+                        f"unsupported body type BODY={value[:20]}; only 7BIT and 8BITMIME",
                     )
             elif keyword == "SMTPUTF8":
                 if value is not None:
