@@ -74,20 +74,28 @@ def forwardPath(mailbox, accepted):
     C{bob+lists@example.org}) took away the only trace of the address
     the mail was sent to, which a POP3 user's client filters on.
 
+    Its local part keeps the case the client gave it, as Postfix's and
+    Dovecot's C{for} clauses keep it: RFC 5321 section 2.4 has SMTP
+    implementations preserve the case of local parts (only the host that
+    owns the mailbox may fold it, as mailgate does to find the user).
+    Lower-cased, C{Bob.Smith@example.org} was traced as an address the
+    client never named.
+
     @param mailbox: the RCPT's mailbox, as parsed.
     @param accepted: the address the delivery accepted it as.
-    @return: C{mailbox} normalised as addresses are (lower case, the
-        domain's ASCII form), so that the field holds nothing else than an
-        address of that form; C{accepted} if it names none (RFC 5321's
-        domainless C{<postmaster>}).
+    @return: C{mailbox} checked as addresses are, its domain in its
+        ASCII form and lower case, so that the field holds nothing else
+        than an address of that form; C{accepted} if it names none (RFC
+        5321's domainless C{<postmaster>}).
     """
     local, at, domain = mailbox.rpartition("@")
     if not at:
         return accepted
     try:
-        return normalizeAddress(f"{local}@{asciiDomain(domain) or domain}")
+        normalised = normalizeAddress(f"{local}@{asciiDomain(domain) or domain}")
     except InvalidAddress:
         return accepted
+    return local.strip() + normalised[normalised.rindex("@"):]
 
 
 #: What an EHLO name may not carry into the Received field, as Postfix's
