@@ -1396,3 +1396,22 @@ def test_scramUserNameWithAnEqualsSignNotEscapingIsRefused(store, alice):
         reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,a={name},n={ALICE},r=abcdefgh')}")
         assert reply.startswith("-ERR [AUTH] malformed user name"), (name, reply)
     assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_anEqualsSignIsTheEmptyInitialResponseOnly(store, alice):
+    """
+    RFC 5034 section 4: C{=} is the empty initial response; an answer to a
+    challenge is base64 (an empty one, an empty line), and the server MUST
+    refuse one it cannot decode, as Dovecot refuses C{=} there ("Invalid
+    base64 data in continued response").  LOGIN took it for an empty
+    password: a failed login, answered after the failure delay.
+    """
+    s = POP3Session(store)
+    assert s.command(f"AUTH LOGIN {b64(ALICE)}").startswith("+ ")
+    assert s.command("=") == "-ERR [AUTH] invalid base64 data\r\n"
+    assert s.command("AUTH PLAIN").startswith("+ ")
+    assert s.command("=") == "-ERR [AUTH] invalid base64 data\r\n"
+    # As the initial response it is still the empty one.
+    assert s.command("AUTH LOGIN =") == "+ " + b64("Username:") + "\r\n"
+    assert s.command(b64(ALICE)).startswith("+ ")
+    assert s.command(b64(PASSWORD)).startswith(f"+OK {ALICE} has")

@@ -179,14 +179,22 @@ class AuthorizationCommands:
             return self._bad(PLAINTEXT_REFUSED)
         data = None
         if initial:
-            data = self._decodeSASL(initial.encode("ascii", "replace"))
+            data = self._decodeSASL(initial.encode("ascii", "replace"), initial=True)
             if data is None:
                 return None
         self._sasl = mechanism
         return self._saslStep(mechanism.start, data)
 
-    def _decodeSASL(self, line):
-        if line == b"=":
+    def _decodeSASL(self, line, initial=False):
+        """
+        A client's base64 data, or C{None} once the exchange is refused.
+        C{=} is the empty initial response (RFC 5034 section 4) and
+        nothing else: an empty response to a challenge is an empty line,
+        and C{=} there is not base64, which the server MUST refuse (as
+        Dovecot does), not take for an empty response (LOGIN took it for
+        an empty password, a failed login after the failure delay).
+        """
+        if initial and line == b"=":
             return b""
         try:
             return base64.b64decode(line, validate=True)
