@@ -595,6 +595,42 @@ def trickle(sock, data, interval):
     return None
 
 
+@pytest.mark.parametrize(
+    "options, timeout",
+    [({"loginTimeout": 180}, 180), ({"loginTimeout": 0, "idleTimeout": 600}, 600)],
+    ids=["login-timeout", "idle-timeout"],
+)
+def test_aTimeoutInTheTLSHandshakeClosesTheConnectionAtOnce(store, tls, options, timeout):
+    """
+    A POP3S client that never finishes its TLS handshake (a ClientHello
+    trickled, or none) is cut when its login or idle timeout ends, not 10 s
+    later: the close used to wait for the handshake
+    (C{TLSLayer.closeTimeout}) as if the client could still read why,
+    holding the descriptor and the slot; near the connection limit, idle
+    sessions due out after 10 s took 20 (measured on a real server).
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mailgate.session.tlslayer import TLSLayerFactory
+    from mailgate.testing import pop3Factory
+
+    class TCPStringTransport(StringTransport):
+        def setTcpNoDelay(self, enabled):
+            pass
+
+    clock = Clock()
+    layer = TLSLayerFactory(tls, pop3Factory(store, clock, **options), clock).buildProtocol(None)
+    transport = TCPStringTransport()
+    layer.makeConnection(transport)
+    layer.dataReceived(b"\x16\x03\x01")  # the start of a ClientHello, no more
+    clock.advance(timeout - 1)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnected  # aborted, unanswered
+    assert transport.value() == b""
+
+
 @sqliteOnly
 def test_aLineTrickledAnOctetAtATimeDoesNotKeepASession(mailgate_server, mailgate_cli):
     """

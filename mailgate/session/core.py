@@ -458,6 +458,15 @@ class CommandSession(Protocol):
         End the session: send what is held and close the connection once it
         is written, or at once with C{abort} (when the client does not read
         what it is sent).
+
+        A connection still in its TLS handshake is aborted too: only a
+        timeout ends such a session (the idle or login timeout, or idleness
+        near the connection limit), its client has sent no command, and a
+        close would wait for a handshake it has not finished in all that
+        time (L{mailgate.session.tlslayer.TLSLayer.closeTimeout}, 10 s
+        more), holding a descriptor and a connection slot: near the limit,
+        where idle sessions are to be closed after 10 s, they took 20, and
+        every one was closed, as none had gone when the others' turn came.
         """
         self._closed = True
         if self._idle is not None:
@@ -465,7 +474,7 @@ class CommandSession(Protocol):
         self._out.flush()
         # A registered producer would keep a TLS connection open forever.
         self._unregisterProducer()
-        if abort:
+        if abort or getattr(self.transport, "handshaking", False):
             self.transport.abortConnection()
         else:
             closeWhenWritten(self.transport)
