@@ -97,6 +97,16 @@ class DatabaseRefused(TemporaryFailure):
     """
 
 
+class UserChanged(TemporaryFailure):
+    """
+    An admin command's write found the address it was given held by
+    another user than the one whose maildrop lock it took (the user
+    deleted and the address given to another, or renamed away,
+    meanwhile): nothing was changed, and the command is to be run again,
+    which looks the address up afresh.
+    """
+
+
 class MaildropInUse(MailgateError):
     """
     Another session holds the maildrop's exclusive lock (RFC 1939 section 8,

@@ -28,7 +28,7 @@ from email.utils import format_datetime
 import attr
 from twisted.internet import defer
 
-from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
+from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserChanged, UserExists
 from mailgate.records import DeletedMessage, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.database import updatesMailboxes
@@ -240,6 +240,27 @@ def _userId(cursor, address):
     if row is None:
         raise NoSuchUser(address)
     return row[0]
+
+
+def lockedUserId(cursor, address, lockedId):
+    """
+    The id of the user C{address} names, which must be C{lockedId}: the
+    user whose maildrop lock an admin command took after looking the
+    address up (L{LifecycleStore._underLock}).  Between that look-up and
+    this write, the user may have been deleted and the address given to
+    another user (renamed or added), whose lock the command does not
+    hold: acting on them could remove mail under a POP3 session's feet.
+
+    @raise NoSuchUser: if no user has C{address} (now).
+    @raise UserChanged: if another user has it now.
+    """
+    userId = _userId(cursor, address)
+    if lockedId is not None and userId != lockedId:
+        raise UserChanged(
+            f"the user {address} changed meanwhile (deleted or renamed, and the address given to another "
+            "user); nothing was changed"
+        )
+    return userId
 
 
 LOCK_LOST = "the maildrop lock was lost; nothing removed"
@@ -859,16 +880,19 @@ def _inSession(cursor, userId, aliveSince):
     return cursor.fetchone() is not None
 
 
-def _renameUser(cursor, engine, old, new, aliveSince):
+def _renameUser(cursor, engine, old, new, aliveSince, lockedId=None):
     """
     Give a user a new address: the maildrop, its unique ids, quota and
     retention stay with the user (they hang on the user id).
 
+    @param lockedId: the id of the user whose maildrop lock is held (see
+        L{lockedUserId}).
     @raise NoSuchUser: if there is no C{old}.
+    @raise UserChanged: if C{old} is no longer C{lockedId}'s.
     @raise UserExists: if C{new} is taken.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    userId = _userId(cursor, old)
+    userId = lockedUserId(cursor, old, lockedId)
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (new,))
     if cursor.fetchone() is not None:
         raise UserExists(new)
@@ -885,18 +909,21 @@ def _renameUser(cursor, engine, old, new, aliveSince):
         raise
 
 
-def _expungeUser(cursor, address, before, aliveSince):
+def _expungeUser(cursor, address, before, aliveSince, lockedId=None):
     """
     Remove a user's messages for good: all of them, or those that arrived
     before C{before}; those of them deleted by POP3 and kept for recovery
     too (an administrator erasing a user's mail means all of it; expunged
     messages are not kept).
 
+    @param lockedId: the id of the user whose maildrop lock is held (see
+        L{lockedUserId}).
     @return: C{(messages removed from the maildrop, kept deleted messages
         removed)}.
+    @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    userId = _userId(cursor, address)
+    userId = lockedUserId(cursor, address, lockedId)
     if _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
     # Locked first, as in _expireUser: a delivery committing meanwhile is
@@ -1241,6 +1268,10 @@ class LifecycleStore:
         write's transaction.)  The write is guarded (L{Guarded}): it fails
         with L{MaildropLockLost}, having changed nothing, if the lock was
         lost on the way.
+
+        The write is given the id of the user whose lock is held, last,
+        and must act on that user only (L{lockedUserId}): the address
+        may be another user's by the time it runs, whose lock is not held.
         """
         @defer.inlineCallbacks
         def run():
@@ -1249,7 +1280,9 @@ class LifecycleStore:
                 raise NoSuchUser(address)
             yield self.locks.acquire(user.userId)
             try:
-                result = yield self.database.runWrite(Guarded.under(self.locks, user.userId, write), *args)
+                result = yield self.database.runWrite(
+                    Guarded.under(self.locks, user.userId, write), *args, user.userId
+                )
             finally:
                 yield self.locks.release(user.userId)
             return result

@@ -150,29 +150,31 @@ def _upgradeCredentials(cursor, address, oldHash, credentials, hashOnly):
     return cursor.rowcount == 1
 
 
-def _deleteUser(cursor, address, userIds=None, aliveSince=None):
+def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
     """
     Remove a user, their maildrop and what hangs on them; not while a
     live node shows them in a POP3 session (C{aliveSince}: see
     L{lifecycle._inSession}), which would go on answering for mail that
     is gone.
+
+    @param lockedId: the id of the user whose maildrop lock is held: the
+        address, another user's by now, is not deleted (see
+        L{lifecycle.lockedUserId}).
     """
     if userIds is not None:
         userIds.pop(address, None)
-    user = _findUser(cursor, address)
-    if user is None:
-        raise NoSuchUser(address)
-    if aliveSince is not None and lifecycle._inSession(cursor, user.userId, aliveSince):
+    userId = lifecycle.lockedUserId(cursor, address, lockedId)
+    if aliveSince is not None and lifecycle._inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
     # The mailbox row goes first: its removal waits for the deliveries to
     # the user that are committing (they hold it), and the maildrop listed
     # next includes what they stored; the deliveries that come after find
     # no mailbox and store nothing.
-    cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (user.userId,))
-    cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (user.userId,))
-    removeMessages(cursor, user.userId, [row[0] for row in cursor.fetchall()])
-    lifecycle._forgetUser(cursor, user.userId)
-    cursor.execute("DELETE FROM users WHERE user_id = ?", (user.userId,))
+    cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (userId,))
+    cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (userId,))
+    removeMessages(cursor, userId, [row[0] for row in cursor.fetchall()])
+    lifecycle._forgetUser(cursor, userId)
+    cursor.execute("DELETE FROM users WHERE user_id = ?", (userId,))
 
 
 def _listUsers(cursor):
