@@ -1415,3 +1415,19 @@ def test_anEqualsSignIsTheEmptyInitialResponseOnly(store, alice):
     assert s.command("AUTH LOGIN =") == "+ " + b64("Username:") + "\r\n"
     assert s.command(b64(ALICE)).startswith("+ ")
     assert s.command(b64(PASSWORD)).startswith(f"+OK {ALICE} has")
+
+
+def test_scramClientFirstWithAnEmptyUserNameOrANonceOutsidePrintable(store, alice):
+    """
+    RFC 5802 section 5.1: an empty user name SHOULD abort the exchange,
+    and a nonce is "printable" (ASCII 0x21 to 0x7E but ","): a space or a
+    non-ASCII letter in it was taken and sent back in the
+    server-first-message, which then was not well-formed either.
+    """
+    s = POP3Session(store)
+    reply = s.command(f"AUTH SCRAM-SHA-256 {b64('n,,n=,r=abcdefgh')}")
+    assert reply == "-ERR [AUTH] empty user name\r\n"
+    for nonce in ("abc def", "abc\u00e9", "abc\x7f"):
+        reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={ALICE},r={nonce}')}")
+        assert reply == "-ERR [AUTH] malformed nonce\r\n", (nonce, reply)
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")

@@ -218,6 +218,9 @@ class ScramCredentials:
         return hmac.compare_digest(hashlib.sha256(clientKey).digest(), storedKey)
 
 
+# RFC 5802's printable: a nonce's characters.
+_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+
 # An "=" that does not begin "=2C" or "=3D".
 _BARE_EQUALS = re.compile(r"=(?!2C|3D)")
 
@@ -298,8 +301,17 @@ class ScramSHA256Mechanism:
         if len(attributes) < 2 or attributes[0][0] != "n" or attributes[1][0] != "r":
             raise SASLError("client-first-message must start with n= and r=")
         username = _saslname(attributes[0][1])
+        if not username:
+            # RFC 5802 section 5.1: the server SHOULD abort on an empty
+            # user name (no user has one, and the made-up salt of an
+            # unknown user would only prolong the exchange).
+            raise SASLError("empty user name")
         nonce = attributes[1][1]
-        if not nonce or not nonce.isprintable() or "," in nonce:
+        if not _PRINTABLE.fullmatch(nonce):
+            # RFC 5802's "printable": ASCII 0x21 to 0x7E but ",".  The
+            # server's nonce begins with the client's, and its
+            # server-first-message must be well-formed too: a space or a
+            # non-ASCII letter (which str.isprintable() took) is not.
             raise SASLError("malformed nonce")
         if authzid and not _sameLogin(_saslname(authzid[2:]), username, self._defaultRealm):
             raise SASLError("authorising as another user is not supported")
