@@ -986,6 +986,28 @@ def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, cer
 CLIENTS_AND_CURL = CLIENTS + [pytest.param(Curl, marks=requiresCurl, id="curl")]
 
 
+@requiresFetchmail
+def test_aFetchmailLeftWithAnOldPasswordIsNotBannedWhereCramMD5IsOffered(serve, mailgate_cli, makeClient):
+    """
+    A fetchmail left with an old password after a change polls with it
+    again and again, by itself (auth any) with CRAM-MD5, which --apop
+    offers, then USER/PASS.  With bans at the second counted failure,
+    even on loopback, its polls fail as authentication failures but count
+    one failure in all (the same wrong password again is not counted
+    again, README): its address is not banned, and once given the new
+    password it logs in.
+    """
+    server = serve("--apop", *STRICT)
+    fetchmail = makeClient(Fetchmail, server)
+    for _ in range(3):
+        code, output = fetchmail.run(password=WRONG)
+        # AUTHFAIL (fetchmail says "Authorization failure" the first time
+        # only).
+        assert code == 3 and "Query status=3 (AUTHFAIL)" in output, output
+    assert banList(mailgate_cli) == []
+    assert fetchmail.fetch() == []
+
+
 @pytest.mark.parametrize("clientClass", CLIENTS_AND_CURL)
 def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_cli, makeClient, clientClass):
     """

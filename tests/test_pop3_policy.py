@@ -313,8 +313,42 @@ def test_aFailedDigestLoginIsForgivenOnlyByThatUsersOwnLogin(store, alice, diges
     policy = PenaltyPolicy()
     s = session(store, policy, apop=True)
     assert failDigest(s) == INVALID
-    assert userPass(s, "wrong") == INVALID
+    assert userPass(s, "also wrong") == INVALID
     assert checks(policy) == [("authenticationFailed", CLIENT, user), ("authenticationFailed", CLIENT, ALICE)]
+
+
+@pytest.mark.parametrize("digestLogin", ["apop", "cram-md5"])
+def test_aFailedDigestLoginThenTheSamePasswordByUSERIsOneFailure(store, alice, digestLogin):
+    """
+    fetchmail (auth any) left with an old password tries it with CRAM-MD5,
+    where offered, then with USER/PASS, at every poll: the digest failure
+    is counted as the USER/PASS failure that tried the same password for
+    the same user, once, so that the policy's rule for a password tried
+    again (not counted again) holds for it too; counted apart, every
+    poll counted a failure and the address was banned.  It is only
+    dropped when the digest is exactly what that password gives: another
+    password, or another user, counts both.
+    """
+    addUser(store, BOB, PASSWORD)
+
+    def failDigest(s, name, password):
+        if digestLogin == "apop":
+            digest = hashlib.md5(s.challenge.encode() + password.encode()).hexdigest()
+            return s.command(f"APOP {name} {digest}")
+        return cramMD5(s, name, password)
+
+    policy = PenaltyPolicy()
+    s = session(store, policy, apop=True)
+    assert failDigest(s, ALICE, "old password") == INVALID
+    assert userPass(s, "old password") == INVALID
+    assert checks(policy) == [("authenticationFailed", CLIENT, ALICE)]
+
+    for name, password in ((ALICE, "older password"), (BOB, "old password")):
+        policy = PenaltyPolicy()
+        s = session(store, policy, apop=True)
+        assert failDigest(s, name, password) == INVALID
+        assert userPass(s, "old password") == INVALID
+        assert checks(policy) == [("authenticationFailed", CLIENT, name), ("authenticationFailed", CLIENT, ALICE)]
 
 
 @pytest.mark.parametrize("name", [ALICE, "bob@example.org", "nobody@example.org"])

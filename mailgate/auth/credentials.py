@@ -29,7 +29,7 @@ class IAPOPCredentials(IUsernameHashedPassword):
     """
 
 
-class _SecretDigest:
+class SecretDigest:
     """
     A user name and the client's digest of a challenge made with the
     shared secret: checked by making the same digest, compared in constant
@@ -60,7 +60,7 @@ class _SecretDigest:
 
 
 @implementer(IAPOPCredentials)
-class APOPCredentials(_SecretDigest):
+class APOPCredentials(SecretDigest):
     """
     The challenge is the timestamp of this connection's greeting, brackets
     included.
@@ -78,7 +78,7 @@ class ICramMD5Credentials(IUsernameHashedPassword):
 
 
 @implementer(ICramMD5Credentials)
-class CramMD5Credentials(_SecretDigest):
+class CramMD5Credentials(SecretDigest):
     """
     The challenge is the one the server sent.
     """

@@ -19,7 +19,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, task
 
 from mailgate.address import loginAddress
-from mailgate.auth.credentials import APOPCredentials
+from mailgate.auth.credentials import APOPCredentials, SecretDigest
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
@@ -286,11 +286,13 @@ class AuthorizationCommands:
         # old one) by a keyed digest of it: only the mechanisms that carry
         # the password itself can repeat themselves.
         password = credentials.password if isinstance(credentials, UsernamePassword) else None
+        # A digest's failure is held with the digest (L{_settleHeldFailure}).
+        digest = credentials if isinstance(credentials, SecretDigest) else None
         d.addCallbacks(
             self._loggedIn,
             self._loginFailed,
             callbackArgs=(login, mechanism),
-            errbackArgs=(login, mechanism, password),
+            errbackArgs=(login, mechanism, password, digest),
         )
         return d
 
@@ -424,7 +426,7 @@ class AuthorizationCommands:
             return self.authFailureDelay
         return max(0.0, self.authFailureDelay - (self._elapsed() - asked))
 
-    def _loginFailed(self, failure, login, mechanism, password=None):
+    def _loginFailed(self, failure, login, mechanism, password=None, digest=None):
         self._sasl = None
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed) and policy.isBanned(
@@ -433,9 +435,9 @@ class AuthorizationCommands:
             return self._bannedWhileChecked(login, mechanism)
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
-            self._settleHeldFailure()
+            self._settleHeldFailure(failedWith=(login, password))
             if mechanism in DIGEST_MECHANISMS:
-                self._heldFailure = login
+                self._heldFailure = (login, digest)
             else:
                 policy.authenticationFailed(self.peer, login, password)
             self._authFailed(
@@ -489,12 +491,14 @@ class AuthorizationCommands:
             self._err("[SYS/TEMP] internal server error")
         return None
 
-    def _settleHeldFailure(self, succeededAs=None):
+    def _settleHeldFailure(self, succeededAs=None, failedWith=None):
         """
         Count the failed APOP or CRAM-MD5 login this session holds, if
         any, towards the policy's penalties and bans; unless the session
         has since proven, with other credentials, to be that user
-        (C{succeededAs}).
+        (C{succeededAs}), or has since failed as that user with the very
+        password the digest was made with (C{failedWith}: the login name
+        and the password of a failed USER/PASS, PLAIN or LOGIN).
 
         Clients that prefer CRAM-MD5 whenever it is offered (fetchmail's
         C{auth any}) try it for users without APOP, then log in with
@@ -505,13 +509,29 @@ class AuthorizationCommands:
         failure is held alike, and counted when the session fails
         again, ends, or logs in as someone else; only that user's own
         login forgives it, which a guesser cannot make.
+
+        The same fetchmail left with an old password fails twice at every
+        poll, with CRAM-MD5 and with USER/PASS: both tried the one
+        password, which the policy does not count again when it is tried
+        again.  The digest failure is that USER/PASS failure, counted with
+        it (once, and not at all once it repeats): counted apart, every
+        poll counted one and banned the address.  It is dropped only when
+        the digest is exactly what that password gives, so no guess goes
+        uncounted.
         """
         held, self._heldFailure = self._heldFailure, None
         if held is None:
             return
-        if succeededAs is not None and _sameUser(held, succeededAs, self.factory.defaultRealm):
+        heldLogin, digest = held
+        realm = self.factory.defaultRealm
+        if succeededAs is not None and _sameUser(heldLogin, succeededAs, realm):
             return
-        self.factory.policy.authenticationFailed(self.peer, held)
+        if failedWith is not None:
+            login, password = failedWith
+            if password is not None and digest is not None and _sameUser(heldLogin, login, realm):
+                if digest.checkPassword(password):
+                    return
+        self.factory.policy.authenticationFailed(self.peer, heldLogin)
 
     def _waitPenalty(self, seconds, then, *args):
         """
