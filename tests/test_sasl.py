@@ -1431,3 +1431,38 @@ def test_scramClientFirstWithAnEmptyUserNameOrANonceOutsidePrintable(store, alic
         reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={ALICE},r={nonce}')}")
         assert reply == "-ERR [AUTH] malformed nonce\r\n", (nonce, reply)
     assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aLoginGivenUpAtSASLsLastStepIsRefusedOnceTheMaildropIsReleased(store, alice):
+    """
+    RFC 1939 section 4: a lock taken for a login that is then refused is
+    released before the refusal.  The maildrop SCRAM's login took waits
+    for the client's answer to the server's proof; cancelled there (or
+    answered with a line too long), the -ERR went out while the release
+    (a database round trip where locks are shared between nodes) was
+    still under way, and a client logging in again at once could find its
+    maildrop in use.
+    """
+    for answer, refusal in (
+        (b"*", "-ERR [AUTH] authentication cancelled\r\n"),
+        (b"A" * 5000, "-ERR [AUTH] SASL response too long\r\n"),
+    ):
+        s = POP3Session(store)
+        _, _, reply = scramExchange(s, ALICE, PASSWORD)
+        challenge(reply)
+        release = s.protocol._logout
+        pending = defer.Deferred()
+
+        def slowRelease(release=release, pending=pending):
+            release()
+            return pending
+
+        s.protocol._logout = slowRelease
+        assert s.send(answer + b"\r\nCAPA\r\n") == b""
+        pending.callback(None)
+        reply = s._take().decode()
+        assert reply.startswith(refusal), reply
+        assert reply[len(refusal):].startswith("+OK capability list follows\r\n")
+        other = POP3Session(store)
+        assert other.login(ALICE, PASSWORD).startswith(f"+OK {ALICE}")
+        other.command("QUIT")

@@ -229,8 +229,30 @@ class AuthorizationCommands:
         self._sasl = None
         if self._saslFinishing:
             self._saslFinishing = False
-            self._loginAbandoned("authentication abandoned")
+            released = self._loginAbandoned("authentication abandoned")
+            return self._refuseOnceReleased(released, "[AUTH] SASL response too long", bad=True)
         return self._bad("[AUTH] SASL response too long")
+
+    def _refuseOnceReleased(self, released, reason, bad=False):
+        """
+        Answer C{-ERR reason} once the maildrop a login took at SASL's last
+        step is released: RFC 1939 section 4 has the lock released before
+        the command is refused, and a client that logs in again as soon as
+        it reads the refusal (the maildrop's lock held in the database,
+        shared between nodes) must not find it still in use.  The command
+        queue waits meanwhile.
+
+        @param bad: count the refusal as a bad command.
+        """
+        def refuse(_):
+            if self._closed:
+                return
+            if bad:
+                self._bad(reason)
+            else:
+                self._err(reason)
+
+        return released.addCallback(refuse)
 
     def _saslStep(self, step, data):
         mechanism = self._sasl
@@ -410,7 +432,7 @@ class AuthorizationCommands:
         # The store learns who the session is (the client's address goes
         # with what it deletes, and mailgate who shows it) and how to end
         # it (mailgate kick).
-        maildrop.sessionStarted(self.peerText, self._kicked)
+        maildrop.sessionStarted(self.peerText, self._kicked, self._lockLost)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _failureDelayLeft(self):
