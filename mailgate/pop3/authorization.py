@@ -212,10 +212,9 @@ class AuthorizationCommands:
             if line == b"":
                 self._loginCompleted(self._finishingMechanism)
                 self._enterTransaction()
-            else:
-                self._loginAbandoned("authentication cancelled")
-                self._err("[AUTH] authentication cancelled")
-            return None
+                return None
+            released = self._loginAbandoned("authentication cancelled")
+            return self._refuseOnceReleased(released, "[AUTH] authentication cancelled")
         if line == b"*":
             self._sasl = None
             self._err("authentication cancelled")
