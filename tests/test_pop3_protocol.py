@@ -1098,3 +1098,43 @@ def test_quitCountsTheMessagesLeftInPlural(store, three):
     """
     three.command("DELE 1")
     assert three.command("QUIT") == "+OK mailgate POP3 server signing off (2 messages left)\r\n"
+
+
+def test_aLoginRefusedForItsLoginDelayIsRefusedOnceTheMaildropIsReleased(store, alice):
+    """
+    RFC 1939 section 4: the lock a refused login took is released before
+    the refusal.  A login refused for LOGIN-DELAY had opened (locked) the
+    maildrop; the -ERR went out while its release (a database round trip
+    where locks are shared between nodes) was still under way, and a
+    client logging in again at once could get [IN-USE].
+    """
+    first = POP3Session(store, loginDelay=3600)
+    assert first.login(ALICE, "wonderland").startswith("+OK")
+    first.command("QUIT")
+    opened = []
+    openMaildrop = store.openMaildrop
+
+    def openSlowlyReleased(identity):
+        def slow(maildrop):
+            release, pending = maildrop.release, defer.Deferred()
+
+            def slowRelease():
+                release()
+                return pending
+
+            maildrop.release = slowRelease
+            opened.append(pending)
+            return maildrop
+
+        return openMaildrop(identity).addCallback(slow)
+
+    store.openMaildrop = openSlowlyReleased
+    try:
+        second = POP3Session(store, loginDelay=3600)
+        assert second.command("USER " + ALICE).startswith("+OK")
+        assert second.command("PASS wonderland") == ""
+        assert len(opened) == 1
+        opened[0].callback(None)
+        assert second.send(b"").decode().startswith("-ERR [LOGIN-DELAY]")
+    finally:
+        del store.openMaildrop

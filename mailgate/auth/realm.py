@@ -5,6 +5,8 @@ The realm: from an authenticated user to the database-backed maildrop.
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -58,17 +60,36 @@ class MaildropRealm:
 
         def checked(allowed):
             if not allowed:
-                maildrop.release()
-                raise LoginDelayed(
-                    f"the minimum time between logins is {counted(self._loginDelay, 'second')}"
+                return _afterRelease(
+                    maildrop,
+                    Failure(LoginDelayed(f"the minimum time between logins is {counted(self._loginDelay, 'second')}")),
                 )
             return maildrop
 
         def failed(failure):
-            maildrop.release()
-            return failure
+            return _afterRelease(maildrop, failure)
 
         return d.addCallbacks(checked, failed)
+
+
+def _afterRelease(maildrop, refusal):
+    """
+    Release C{maildrop} and fail with C{refusal} once it is released: RFC
+    1939 section 4 has the lock taken for a login that is refused released
+    before the refusal goes out, and where locks are held in the database
+    the release is a round trip.  Refused at once, a client logging in
+    again as soon as it read C{[LOGIN-DELAY]} could find its maildrop
+    still locked by the login just refused (C{[IN-USE]}).  A release that
+    fails is left to fail on its own, as before.
+    """
+    done = defer.Deferred()
+
+    def released(result):
+        done.errback(refusal)
+        return result
+
+    defer.maybeDeferred(maildrop.release).addBoth(released)
+    return done
 
 
 class StaleCredentials(UnauthorizedLogin):
