@@ -2,8 +2,10 @@
 CAPA in both states (RFC 2449 section 5): "Capabilities available in the
 AUTHORIZATION state MUST be announced in both states."  USER and SASL stay
 listed after login (the commands themselves are refused there); STLS is
-listed only where RFC 2595 permits it, in the AUTHORIZATION state of a
-connection that is not secure yet.
+listed only where it can be used, in the AUTHORIZATION state of a
+connection that is not secure yet.  RFC 2595 lets the list change after
+STLS, but registers STLS as announced in both states: leaving it out
+after a login in the clear departs from that, as Dovecot does too.
 """
 
 from mailgate.config import APOPPolicy

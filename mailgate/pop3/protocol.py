@@ -377,7 +377,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         """
         RFC 2449: the capabilities.  Those of the AUTHORIZATION state are
         announced in both states (section 5), though USER and AUTH are
-        refused after login; STLS only where it is permitted (RFC 2595).
+        refused after login; STLS only where it can be used (RFC 2595
+        registers it for both states, but no client can use it after
+        login, and Dovecot leaves it out there too).
         """
         noArguments(argument)
         lines = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
