@@ -169,7 +169,7 @@ class IMaildrop(Interface):
         "after login), or C{None} for never."
     )
 
-    def sessionStarted(peer, end):
+    def sessionStarted(peer, end, lockLost=None):
         """
         The POP3 session working on this maildrop has begun (called once,
         at login; synchronous).
@@ -178,6 +178,9 @@ class IMaildrop(Interface):
             C{mailgate who}, and recorded with what the session deletes.
         @param end: a callable that ends the session without applying its
             deletions (C{mailgate kick}), or C{None}.
+        @param lockLost: a callable that ends the session without applying
+            its deletions because the maildrop's lock was lost under it
+            (see L{IMaildropLocks.whenLost}), or C{None}.
         """
 
     def expunge(indexes, peer=None):
@@ -247,6 +250,18 @@ class IMaildropLocks(Interface):
         does nothing.
 
         @return: a L{Deferred} that fires once the lock is free for others.
+        """
+
+    def whenLost(userId, lost):
+        """
+        Call C{lost()} (once, on the reactor thread) if this process learns
+        that the lock it holds on C{userId}'s maildrop is lost, which a
+        lock shared between nodes can be with the connection holding it
+        (soon, if it is known lost already); never after L{release}.
+        Another process may then take the lock and change the maildrop, so
+        the session that held it can neither apply its deletions nor trust
+        its snapshot: it is to end.  Does nothing for a lock not held, or
+        one that cannot be lost.
         """
 
     def writeGuard(userId):

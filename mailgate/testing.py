@@ -361,10 +361,10 @@ class _FaultInjectingMaildrop:
     def expireDays(self):
         return self._maildrop.expireDays
 
-    def sessionStarted(self, peer, end):
+    def sessionStarted(self, peer, end, lockLost=None):
         # Synchronous, and no storage work of its own: passed straight on.
         self._faults.calls.append(("sessionStarted", (peer, end)))
-        self._maildrop.sessionStarted(peer, end)
+        self._maildrop.sessionStarted(peer, end, lockLost)
 
     def expunge(self, indexes, peer=None):
         return self._call("expunge", indexes, peer)

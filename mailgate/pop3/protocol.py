@@ -114,6 +114,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._saslFinishing = False
         self._finishingMechanism = None
         self._kickRequested = False
+        self._lockLostRequested = False
         # QUIT's removal while it is being written (L{_update})
         self._updating = None
         self._loginTimer = None
@@ -282,6 +283,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
+        if self._lockLostRequested:
+            if not stalled:
+                self._err("[SYS/TEMP] the maildrop lock was lost; log in again")
+            self._endSession("maildrop lock lost")
+            return
         if self._kickRequested:
             if not stalled:
                 self._err("[SYS/TEMP] session ended by the administrator")
@@ -363,6 +369,25 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         if self._closed or self.state != TRANSACTION:
             return
         self._kickRequested = True
+        if self._busy and not (self._streaming or self._outputPaused):
+            self._expireAfterCommand = True
+            return
+        self._shutdownNow()
+
+    def _lockLost(self):
+        """
+        The maildrop's lock was lost under the session (its connection to
+        a shared database ended; see L{IMaildrop.sessionStarted}): another
+        node may have the maildrop now, so the snapshot may list messages
+        gone and the deletions could never be applied.  Ended as a kick
+        ends it (after the command under way if that waits on the store),
+        without the UPDATE state, so that the client logs in afresh rather
+        than hear "try again" for ever.  A session already applying a QUIT
+        is left to its guard, which refuses the deletions.
+        """
+        if self._closed or self.state != TRANSACTION:
+            return
+        self._lockLostRequested = True
         if self._busy and not (self._streaming or self._outputPaused):
             self._expireAfterCommand = True
             return

@@ -220,9 +220,14 @@ class ReactorConnection(_Connection):
     @ivar deadline: seconds a statement may go unanswered before the
         connection is given up as lost (the server's own
         C{statement_timeout} should end a slow statement well before).
+    @ivar onLost: called with the count of connections made (L{connections},
+        which names the one lost) when a connection is lost, not closed
+        by L{close}: what the connection's session held on the server (a
+        maildrop's advisory lock) went with it.  C{None}: nobody asks.
     """
 
     deadline = 75.0
+    onLost = None
     log = Logger()
 
     def __init__(self, reactor, connect, name):
@@ -383,6 +388,14 @@ class ReactorConnection(_Connection):
         pg.finish()
         if log:
             self.log.warn("{name}: PostgreSQL connection lost: {why}", name=self._name, why=why)
+        if self.onLost is not None and not self._closed:
+            # Before the statement under way is failed and the next one
+            # connects again: those who held something on this connection
+            # learn it is gone while L{connections} still names it.
+            try:
+                self.onLost(self.connections)
+            except Exception:
+                self.log.failure("{name}: telling of the lost connection", name=self._name)
         current, self._current = self._current, None
         if current is not None:
             current[0].errback(TemporaryFailure(f"{self._name}: connection lost: {why}"))

@@ -795,6 +795,8 @@ class AdvisoryLocks:
         )
         self._metrics = metrics
         self._reactor = reactor
+        for slot in self._slots:
+            slot.connection.onLost = lambda generation, slot=slot: self._connectionLost(slot, generation)
 
     @classmethod
     def blocking(cls, engine):
@@ -805,6 +807,7 @@ class AdvisoryLocks:
         """
         locks = cls.__new__(cls)
         locks._connector = None
+        locks._reactor = None
         locks._setUp(engine, [BlockingConnection(locks._connectNow)])
         return locks
 
@@ -824,6 +827,8 @@ class AdvisoryLocks:
         # User id to [slot, operations in flight] while its lock is held or
         # an operation on it is under way.
         self._routes = {}
+        # User id to what to call if its lock is lost (whenLost).
+        self._watchers = {}
 
     # Connecting
 
@@ -988,11 +993,52 @@ class AdvisoryLocks:
 
         return d.addCallback(snapshot).addErrback(lostConnection)
 
+    def whenLost(self, userId, lost):
+        """
+        Call C{lost()} once, should the lock held on C{userId}'s maildrop
+        be lost: its connection ended (the backend terminated, the server
+        restarted, the network gone), which the reactor sees at once even
+        while the connection is idle.  Another node may take the lock from
+        then on and change the maildrop under the session holding it,
+        whose deletions its guard refuses for good: that session is to
+        end.  Forgotten at L{release}.  A lock known lost already is told
+        so at the reactor's next turn.
+        """
+        if userId not in self._held:
+            return
+        if self.writeGuard(userId) is None:
+            if self._reactor is not None:
+                self._reactor.callLater(0, lost)
+            return
+        self._watchers[userId] = lost
+
+    def _connectionLost(self, slot, generation):
+        """
+        The connection of C{slot} that was its C{generation}th was lost,
+        and with it the locks it held: their watchers are told
+        (L{whenLost}).  A lock still being taken on it is left to its
+        statement's failure (L{acquireAndSnapshot} takes it again).
+        """
+        lost = [
+            userId for userId, held in self._held.items()
+            if held == generation and userId in self._watchers and self._routes[userId][0] is slot
+        ]
+        for userId in lost:
+            self.log.warn(
+                "maildrop lock of user {userId} lost with its connection; ending its session", userId=userId
+            )
+            watcher = self._watchers.pop(userId)
+            try:
+                watcher()
+            except Exception:
+                self.log.failure("ending the session of a lost maildrop lock")
+
     def release(self, userId):
         """
         Unlock; the L{Deferred} fires once the database has released the
         lock, so another node can take it from then on.
         """
+        self._watchers.pop(userId, None)
         if userId not in self._held:
             return defer.succeed(None)
         # Forget it here at once: the unlock is queued on the slot's
@@ -1031,6 +1077,7 @@ class AdvisoryLocks:
     def close(self):
         self._held.clear()
         self._routes.clear()
+        self._watchers.clear()
         closing = [slot.connection.close() for slot in self._slots]
         if self._connector is not None:
             self._connector.stop()

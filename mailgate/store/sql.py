@@ -830,15 +830,19 @@ class SQLMaildrop:
         self.peer = None
         self._session = None
 
-    def sessionStarted(self, peer, end=None):
+    def sessionStarted(self, peer, end=None, lockLost=None):
         """
         The POP3 session working on this maildrop has begun: C{peer} is
         the client's address (C{"host:port"}), recorded with what the
         session deletes and shown by C{mailgate who}; C{end()}, if given,
-        ends the session without applying its deletions (C{mailgate kick}).
+        ends the session without applying its deletions (C{mailgate kick});
+        C{lockLost()}, if given, ends it so when the maildrop's lock is
+        lost (L{IMaildropLocks.whenLost}).
         """
         self.peer = peer
         self._session = self._store.sessions.started(self, peer, end)
+        if lockLost is not None and not self._released:
+            self._store.locks.whenLost(self._userId, lockLost)
 
     @property
     def userId(self):

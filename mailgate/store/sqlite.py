@@ -856,6 +856,14 @@ class InProcessLocks:
         self._giveBack(userId)
         return defer.succeed(None)
 
+    def whenLost(self, userId, lost):
+        """
+        Never called: a lock here cannot be lost while the process holds
+        it.  It lives in this process's memory, and in an open file
+        description lock on the lock file, whose descriptor the process
+        keeps open until the store closes; no connection can end under it.
+        """
+
     def writeGuard(self, userId):
         # One process, one writer: nothing else can take the lock while
         # this session's deletions are written.
