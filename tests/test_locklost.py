@@ -58,7 +58,7 @@ def node(postgresURL):
 def loggedIn(store, reactor):
     session = POP3Session(store)
     session.protocol.dataReceived(f"USER {ALICE}\r\nPASS wonderland\r\n".encode())
-    reactor.turnUntil(lambda: b"+OK " + ALICE.encode() in session.transport.value(), timeout=10)
+    reactor.turnUntil(lambda: b"+OK " + ALICE.encode() in session.transport.value(), timeout=30)
     session.transport.clear()
     return session
 
@@ -74,7 +74,7 @@ def test_aSessionWhoseLockConnectionDiesIsEnded(node, logEvents):
     assert session.command("DELE 1").startswith("+OK")
     [pid] = lockHolders(url)
     terminate(url, pid)
-    reactor.turnUntil(lambda: session.disconnected, timeout=10)
+    reactor.turnUntil(lambda: session.disconnected, timeout=30)
     assert session.transport.value().decode() == LOST
     [logout] = named(logEvents, "pop3.logout")
     assert (logout["why"], logout["deleted"]) == ("maildrop lock lost", 0)
@@ -88,7 +88,7 @@ def test_aSessionWhoseLockConnectionDiesIsEnded(node, logEvents):
     again = loggedIn(store, reactor)
     assert again.command("STAT").startswith("+OK 3 ")
     again.protocol.dataReceived(b"QUIT\r\n")
-    reactor.turnUntil(lambda: again.disconnected, timeout=10)
+    reactor.turnUntil(lambda: again.disconnected, timeout=30)
     assert again.transport.value().startswith(b"+OK")
 
 
@@ -102,10 +102,10 @@ def test_aLockKnownLostWhenTheSessionStartsEndsItAtOnce(node):
     maildrop = reactor.wait(store.openMaildrop(user))
     [pid] = lockHolders(url)
     terminate(url, pid)
-    reactor.turnUntil(lambda: store.locks.writeGuard(user.userId) is None, timeout=10)
+    reactor.turnUntil(lambda: store.locks.writeGuard(user.userId) is None, timeout=30)
     told = []
     maildrop.sessionStarted("127.0.0.1:1", None, lambda: told.append(True))
-    reactor.turnUntil(lambda: told, timeout=10)
+    reactor.turnUntil(lambda: told, timeout=30)
     reactor.resultOf(maildrop.release())
     assert told == [True]
 
