@@ -489,7 +489,7 @@ def _overLong(ex):
 
 
 def _strictSender(ex):
-    return _verb(b"MAIL")(ex) and _kinds("2xx", "5xx")(ex) and ex.mailgate.enhanced == "5.1.7"
+    return ex.smtp and _verb(b"MAIL")(ex) and _kinds("2xx", "5xx")(ex) and ex.mailgate.enhanced == "5.1.7"
 
 
 def _unadvertisedRecipientParameters(ex):
@@ -622,11 +622,13 @@ DIFFERENCES = (
     Difference("a command line over 512 octets", _overLong, diverges=True),
     # RFC 5321 section 4.1.2: a reverse-path is <> or a Mailbox,
     # local-part "@" domain, the local part a dot-string or quoted.
-    # mailgate refuses with 501 5.1.7 (RFC 3463's "bad sender's mailbox
-    # address syntax") a sender no bounce could go back to (<a>,
-    # <a@b@example.net>, <a@>, <a@[300.0.0.1]>, ...); Dovecot takes any
-    # text.  (It takes dots out of place in the local part, <a..b@...>,
-    # as Dovecot and Postfix do: mobile carriers' users send from them.)
+    # mailgate's SMTP refuses with 501 5.1.7 (RFC 3463's "bad sender's
+    # mailbox address syntax") a sender no bounce could go back to (<a>,
+    # <a@b@example.net>, <a@>, <a@[300.0.0.1]>, ...); Dovecot's LMTP, and
+    # mailgate's, take such text without white space as <> (final
+    # delivery: fetchmail hands over senders read from header fields).
+    # (Both take dots out of place in the local part, <a..b@...>, as
+    # Postfix does: mobile carriers' users send from them.)
     Difference("a sender address RFC 5321 does not allow", _strictSender, diverges=True),
     # RFC 1869 section 6 (RFC 5321 section 4.1.1.11): a parameter the
     # server did not announce is refused with 555.  Dovecot announces no

@@ -401,6 +401,47 @@ def test_lmtpTakesNonASCIIAddressesWithoutSMTPUTF8(store, dbpath):
     assert session(store).command("MAIL FROM:<jörg@remote.test>").startswith("553 5.6.7 ")
 
 
+@pytest.mark.parametrize(
+    "sender", ["a@b@example.net", "undisclosed-recipients:;", "a@", "a@[300.0.0.1]", "\"a\"b@remote.test"]
+)
+def test_lmtpTakesASenderThatIsNoMailboxAsTheNullSender(store, dbpath, sender):
+    """
+    fetchmail hands a message over by LMTP with the sender its Return-Path
+    or From: field gives, which may be no address at all; refused (501
+    5.1.7), the message was never delivered and fetchmail tried again at
+    every poll.  LMTP takes it as <>, as Dovecot's LMTP does: nothing of
+    the broken text reaches the message, and one log line names it.
+    SMTP's clients still get 501 5.1.7.
+    """
+    addUser(store, ALICE, PASSWORD)
+    s = lmtp(store)
+    events = []
+    s.protocol.log = Logger(observer=events.append)
+    assert s.command(f"MAIL FROM:<{sender}> SIZE=100") == "250 2.1.0 sender <> OK\r\n"
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5 ")
+    assert s.command("DATA").startswith("354 ")
+    assert s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n").startswith(b"250 2.0.0 ")
+    (stored,) = storedMessages(dbpath, ALICE)
+    assert stored.startswith(b"Return-Path: <>\r\n")
+    assert sender.encode("utf-8") not in stored
+    [taken] = [e for e in events if e.get("event") == "lmtp.sender_broken"]
+    shown = "".join(c if c.isprintable() else "?" for c in sender)
+    assert formatEvent(taken).startswith(f"lmtp sender taken as <> from=<{shown}> peer=")
+    assert taken["sender"] == shown
+    # Its parameters are still those of a MAIL command.
+    s.command("RSET")
+    assert s.command(f"MAIL FROM:<{sender}> FOO=1").startswith("555 5.5.4 ")
+    assert s.command(f"MAIL FROM:<{sender}> SIZE=x").startswith("501 5.5.4 ")
+    assert s.command("MAIL FROM:a@b").startswith("501 5.1.7 ")
+    # White space or line separators in it: refused, as Dovecot's LMTP
+    # refuses them.
+    for spaced in ("a @example.net", "x\u2028y@remote.test", '"a b"c@remote.test'):
+        assert s.command(f"MAIL FROM:<{spaced}>").startswith("501 5.1.7 "), spaced
+    reply = session(store).command(f"MAIL FROM:<{sender}>")
+    # (A non-ASCII one is refused over SMTP before its syntax is read.)
+    assert reply[:9] in ("501 5.1.7", "553 5.6.7"), reply
+
+
 @pytest.mark.parametrize("lmtpSession", [False, True], ids=["smtp", "lmtp"])
 @pytest.mark.parametrize("domains", [None, ["xn--bcher-kva.example"]], ids=["users-domains", "--domain"])
 def test_aRecipientsDomainInUnicodeIsItsASCIIForm(store, dbpath, lmtpSession, domains):

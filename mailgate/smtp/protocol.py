@@ -39,6 +39,7 @@ from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
 from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders
 from mailgate.smtp.syntax import (
+    BrokenSender,
     EnvelopeSyntaxError,
     NonASCIIAddress,
     ParameterSyntaxError,
@@ -72,6 +73,17 @@ def _bounded(text, limit=256):
     if not text.isprintable():
         text = "".join(ch if ch.isprintable() else "?" for ch in text)
     return text
+
+
+def _takenAsBroken(path):
+    """
+    Whether a sender that is no RFC 5321 mailbox may be taken as the null
+    sender (L{SMTPServer.takesBrokenSender}): text without white space or
+    anything unprintable, as the broken paths Dovecot's LMTP takes
+    (C{a@b@example.net}, C{undisclosed-recipients:;}); one with a space or
+    a control character in it is refused, as Dovecot refuses it.
+    """
+    return all(ch.isprintable() and not ch.isspace() for ch in path)
 
 
 #: RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF
@@ -176,6 +188,10 @@ class SMTPServer(CommandSession):
     minDataRate = 500
     refuseLongLineAtOnce = True
     takesUnannouncedUTF8 = False
+    #: a MAIL whose sender is no mailbox RFC 5321 allows (L{BrokenSender})
+    #: is taken as the null sender C{<>} (LMTP, see L{LMTPServer}); else
+    #: it is refused with C{501 5.1.7}
+    takesBrokenSender = False
     # A recipient refused (no such user, relaying) counts towards
     # maxBadCommands, as Postfix's smtpd_hard_error_limit counts it: a
     # client guessing addresses is cut off.
@@ -592,6 +608,7 @@ class SMTPServer(CommandSession):
         if self._envelope is not None:
             return self._bad(503, "5.5.1", "nested MAIL command")
         self._utf8Replies = False
+        broken = None
         try:
             sender, parameters = parseCommandPath(
                 argument, "FROM", allowEmpty=True, utf8=self.takesUnannouncedUTF8
@@ -600,6 +617,12 @@ class SMTPServer(CommandSession):
             return self._refuseSender(_rawPath(argument), 501, "5.5.4", "bad parameters", f"bad MAIL parameters: {e}")
         except NonASCIIAddress as e:
             return self._refuseSender(_rawPath(argument), 553, "5.6.7", "non-ASCII address", f"bad sender address: {e}")
+        except BrokenSender as e:
+            if not self.takesBrokenSender or not _takenAsBroken(_rawPath(argument)):
+                return self._refuseSender(
+                    _rawPath(argument), 501, "5.1.7", "bad address syntax", f"bad sender address syntax: {e}"
+                )
+            sender, parameters, broken = "", e.parameters, (_rawPath(argument), e)
         except EnvelopeSyntaxError as e:
             return self._refuseSender(
                 _rawPath(argument), 501, "5.1.7", "bad address syntax", f"bad sender address syntax: {e}"
@@ -648,6 +671,8 @@ class SMTPServer(CommandSession):
             utf8="SMTPUTF8" in parameters,
         )
         self._utf8Replies = self._envelope.utf8
+        if broken is not None:
+            self._logBrokenSender(*broken)
         self._reply(250, "2.1.0", f"sender <{sender}> OK")
         return None
 
@@ -742,6 +767,20 @@ class SMTPServer(CommandSession):
         user = withoutDetail(mailbox) if withoutDetail is not None else None
         if trace.user(mailbox) or (user is not None and trace.user(user)):
             startTrace(self, f"RCPT TO:<{shownInTrace(mailbox)}>, on --debug-user")
+
+    def _logBrokenSender(self, raw, error):
+        """
+        A sender taken as the null sender (L{takesBrokenSender}): one line
+        naming what the client wrote, so that a message whose Return-Path
+        says C{<>} can be traced to it.
+        """
+        raw = _bounded(raw)
+        self.logInfo(
+            f"{self.protocolName}.sender_broken",
+            f"{self.protocolName} sender taken as <> from=<{raw}> peer={self.peerText}: {error}",
+            sender=raw,
+            reason=str(error),
+        )
 
     def _refuseSender(self, sender, code, enhanced, reason, text):
         """
@@ -1294,6 +1333,14 @@ class LMTPServer(SMTPServer):
     # (smtputf8_autodetect_classes).  Refused with 553 5.6.7, such mail
     # bounced after Postfix had accepted it; Dovecot's LMTP takes it too.
     takesUnannouncedUTF8 = True
+    # A sender RFC 5321 does not allow (<a@b@example.net>, fetchmail's
+    # sender taken from a "From: undisclosed-recipients:;" header) is
+    # taken as <>, as Dovecot's LMTP takes it (mail_path_allow_broken):
+    # this is final delivery, no bounce goes back to it, and refused the
+    # message was never delivered (fetchmail left it on the old server and
+    # tried again at every poll; an MTA bounced it to its postmaster).
+    # Nothing of the broken text reaches the message; the log line names it.
+    takesBrokenSender = True
 
     def smtp_LHLO(self, argument):
         return self._hello(argument, True)

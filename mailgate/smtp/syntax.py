@@ -29,6 +29,22 @@ class ParameterSyntaxError(EnvelopeSyntaxError):
     """
 
 
+class BrokenSender(EnvelopeSyntaxError):
+    """
+    A MAIL command whose line parsed, path and parameters, but whose
+    sender is no mailbox RFC 5321 allows (C{<a@b@example.net>},
+    C{<undisclosed-recipients:;>}, C{<a@>}): what a client that takes the
+    sender from a message's own header fields sends (fetchmail does, when
+    the message has no Return-Path).
+
+    @ivar parameters: the command's parameters, parsed.
+    """
+
+    def __init__(self, text, parameters):
+        super().__init__(text)
+        self.parameters = parameters
+
+
 class NonASCIIAddress(EnvelopeSyntaxError):
     """
     A non-ASCII address in a transaction without SMTPUTF8: not malformed,
@@ -181,6 +197,8 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
 
     @return: C{(mailbox, parameters)}; the mailbox is C{""} for the null
         reverse-path C{<>} when C{allowEmpty}.
+    @raise BrokenSender: for a MAIL whose sender alone is malformed (its
+        line, path and parameters, parse).
     @raise EnvelopeSyntaxError: if malformed.
     """
     prefix = keyword + ":"
@@ -217,4 +235,11 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     # name by RFC 1123, but names in the DNS all the same), which Postfix's
     # smtpd takes (its valid_hostname allows them) and passes on by LMTP.
     sender = keyword == "FROM"
-    return checkMailbox(inside, utf8, limit, looseDots=sender, underscores=sender), parameters
+    try:
+        return checkMailbox(inside, utf8, limit, looseDots=sender, underscores=sender), parameters
+    except NonASCIIAddress:
+        raise
+    except EnvelopeSyntaxError as e:
+        if sender:
+            raise BrokenSender(str(e), parameters) from None
+        raise
