@@ -501,6 +501,19 @@ def test_rememberedFailuresExpireAndAreBounded():
     assert not cache.failedBefore(ALICE, "$scrypt$a", b"three")
 
 
+def test_aFailureAgainstAStoredHashBeyondASCIIIsRememberedToo():
+    """
+    An imported C{{PLAIN}} hash holds the password as it is, non-ASCII
+    letters and all: a failure against it is recognised when repeated
+    (C{hmac.compare_digest} refuses such a C{str}: the repeat raised
+    TypeError, and its login failed as a server error).
+    """
+    cache = VerifiedCredentialCache()
+    cache.rememberFailure(ALICE, "{PLAIN}pässwort", b"guess")
+    assert cache.failedBefore(ALICE, "{PLAIN}pässwort", b"guess")
+    assert not cache.failedBefore(ALICE, "{PLAIN}passwort", b"guess")
+
+
 def test_passwordChangeInvalidatesTheCache(users):
     runner = RecordingRunner()
     portal = makePortal(users, runner)

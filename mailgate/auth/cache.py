@@ -35,6 +35,10 @@ import time
 from collections import OrderedDict
 
 
+def _octets(storedHash):
+    return storedHash.encode("utf-8", "surrogateescape") if isinstance(storedHash, str) else storedHash
+
+
 class VerifiedCredentialCache:
     """
     @ivar maxEntries: the bound on remembered logins.
@@ -140,7 +144,9 @@ class VerifiedCredentialCache:
             return False
         if storedHash is None or entry[0] is None:
             return storedHash is None and entry[0] is None
-        return hmac.compare_digest(entry[0], storedHash)
+        # As octets: compare_digest refuses str beyond ASCII, which an
+        # imported {PLAIN} hash may be.
+        return hmac.compare_digest(_octets(entry[0]), _octets(storedHash))
 
     def forgetUser(self, address):
         """
