@@ -423,6 +423,26 @@ def test_connectionsTheWrapperDropsAreCountedAsRefused(store):
     assert refusedByProxy(pop3, "proxy_header") == 2
 
 
+def test_connectionsDroppedBeforeTheTLSLayerAreCountedUnderItsSession(store, tls):
+    """
+    On an implicit TLS listener behind a balancer (POP3S: the PROXY
+    wrapper around the TLS layer around the session's factory), the
+    connections the wrapper drops are counted too, under the session's
+    protocol: the TLS layer between them has no metrics, and they were
+    counted nowhere.
+    """
+    from mailgate.session.tlslayer import TLSLayerFactory
+
+    clock = Clock()
+    pop3 = pop3Factory(store, clock)
+    pop3s = TLSLayerFactory(tls, pop3, clock)
+    wrapped(pop3s, clock, balancers=["192.0.2.0/24"])
+    assert refusedByProxy(pop3, "not_balancer") == 1
+    protocol, _ = wrapped(pop3s, clock)
+    protocol.dataReceived(b"\x16\x03\x01\x00")
+    assert refusedByProxy(pop3, "proxy_header") == 1
+
+
 @pytest.mark.parametrize(
     "peer",
     [

@@ -418,9 +418,15 @@ class ProxyHeaderFactory(WrappingFactory):
         misconfigured (or something that is not one) would be turned away
         in no series at all.
         """
-        metrics = getattr(self.wrappedFactory, "metrics", None)
+        # The session's factory, under the TLS layer of an implicit TLS
+        # listener (POP3S behind a balancer) if there is one: that layer
+        # has no metrics of its own.
+        factory = self.wrappedFactory
+        while getattr(factory, "metrics", None) is None and getattr(factory, "wrappedFactory", None) is not None:
+            factory = factory.wrappedFactory
+        metrics = getattr(factory, "metrics", None)
         if metrics is not None:
-            protocol = getattr(self.wrappedFactory.protocol, "protocolName", None)
+            protocol = getattr(factory.protocol, "protocolName", None)
             metrics.connectionRefused(protocol, reason)
 
 
