@@ -51,6 +51,7 @@ from mailgate.message import spoolBytes
 from mailgate.pop3 import POP3Factory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openSynchronousStore
+from mailgate.store.lifecycle import _KEEP
 
 # Cheap scrypt parameters for tests: the hash format carries its own cost,
 # so verification works exactly as for production hashes.
@@ -284,7 +285,8 @@ class FaultInjectingStore:
     def sessions(self):
         return self.store.sessions
 
-    def setQuota(self, address, octets, messages):
+    def setQuota(self, address, octets=_KEEP, messages=_KEEP):
+        # Not given, left as it is, as the store's own setQuota leaves it.
         return self._call("setQuota", address, octets, messages)
 
     def setExpire(self, address, days):

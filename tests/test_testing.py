@@ -138,6 +138,10 @@ def test_aFaultInjectingStoreKeepsTheStoresQuotasAndLifecycle():
     resultOf(faulty.setQuota("alice@example.org", 1000, None))
     assert resultOf(faulty.quotaOf("alice@example.org")).quotaOctets == 1000
     assert ("setQuota", ("alice@example.org", 1000, None)) in faulty.calls
+    # Called as the store is, an argument not given left as it is.
+    resultOf(faulty.setQuota("alice@example.org", messages=5))
+    quota = resultOf(faulty.quotaOf("alice@example.org"))
+    assert (quota.quotaOctets, quota.quotaMessages) == (1000, 5)
     faulty.fail("quotaOf")
     session = SMTPSession(faulty, domains=["example.org"])
     session.command("EHLO client.test")
