@@ -108,6 +108,23 @@ def test_anIdleSessionSaysItTimedOut(users):
     assert event["seconds"] == s.protocol.idleTimeout
 
 
+def test_aSessionInItsTLSHandshakeAtTheShutdownSaysShutdown(users):
+    """
+    A session still in its STARTTLS handshake when the server stops is
+    aborted at once, with no 421 to send: its end line says the shutdown
+    ended it, not the client going away.
+    """
+    s, events = start(users, "smtp")
+    s.command(hello("smtp"))
+    # What the TLS layer under the session says until the handshake is done.
+    s.transport.handshaking = True
+    s.protocol.shutdownRequested()
+    assert s.transport.disconnected
+    lost(s)
+    [event] = ends(events, "smtp")
+    assert event["reason"] == "shutdown"
+
+
 def test_theHelloNameIsShownPrintableAndCut(users):
     s, events = start(users, "smtp")
     # A right-to-left override would turn the rest of the log line around

@@ -382,6 +382,15 @@ class SMTPServer(CommandSession):
     def _cancelDataTimer(self):
         self._dataTimer = cancelled(self._dataTimer)
 
+    def shutdownRequested(self):
+        # A session still in its STARTTLS handshake is aborted at once by
+        # the core (L{CommandSession.shutdownRequested}), with no reply to
+        # note why: its end line says it was the shutdown, not the client
+        # going away.
+        if not (self._closed or self.stopping) and getattr(self.transport, "handshaking", False):
+            self._ending("shutdown")
+        super().shutdownRequested()
+
     def beginShutdown(self):
         """
         An idle session is told C{421} at once.  A transaction whose data
