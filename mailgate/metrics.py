@@ -254,7 +254,7 @@ class Metrics:
         self._certificateExpiry = _Series(
             gauge, "mailgate_tls_certificate_expiry_timestamp_seconds",
             "When each TLS certificate in service stops being valid (its notAfter), in Unix time.",
-            ["subject", "key_type"], initial=(),
+            ["subject", "key_type", "fingerprint"], initial=(),
         )
         registry.register(_ReactorSeries([
             self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
@@ -475,8 +475,9 @@ class Metrics:
     def certificatesInService(self, certificates):
         """
         The TLS certificates served from now on (at start, and after each
-        reload that loaded new files): C{(subject, keyType, notAfter)}, the
-        last in Unix time.  C{mailgate_tls_certificate_expiry_timestamp_seconds}
+        reload that loaded new files): C{(subject, keyType, fingerprint,
+        notAfter)}, the last in Unix time; the SHA-256 fingerprint keeps
+        two certificates of one name and key type apart.  C{mailgate_tls_certificate_expiry_timestamp_seconds}
         then has one series each, and none of the certificates replaced:
         an alert on C{... - time() < 14 * 86400} watches the certificate
         clients are given, which an ACME renewal whose reload never came
@@ -484,8 +485,8 @@ class Metrics:
         """
         values = self._certificateExpiry.values
         values.clear()
-        for subject, keyType, notAfter in certificates:
-            values[(subject, keyType)] = notAfter
+        for subject, keyType, fingerprint, notAfter in certificates:
+            values[(subject, keyType, fingerprint)] = notAfter
 
 
 # -- HTTP: /metrics and /healthz -----------------------------------------------------

@@ -483,7 +483,9 @@ class MailgateService(MultiService):
         )
         if self.metrics is not None:
             self.metrics.certificatesInService(
-                (c.subject, c.keyType, c.notAfter.timestamp()) for c in self.tls.certificates if c.notAfter is not None
+                (c.subject, c.keyType, c.fingerprint, c.notAfter.timestamp())
+                for c in self.tls.certificates
+                if c.notAfter is not None
             )
         for warning in self.tls.expiryWarnings():
             self.log.warn("{warning}", warning=warning, event="tls.expiry")

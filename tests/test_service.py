@@ -333,11 +333,11 @@ def test_theCertificatesInServiceAreInTheMetricsWithTheirEnd(tmp_path):
     alert on the time left watches what clients are given, not a
     certificate long replaced.
     """
-    from certs import makeCertificate
+    from certs import certificateFingerprint, makeCertificate
 
     def expiries(root):
         return {
-            (sample.labels["subject"], sample.labels["key_type"]): sample.value
+            (sample.labels["subject"], sample.labels["key_type"], sample.labels["fingerprint"]): sample.value
             for family in root.metrics.registry.collect()
             if family.name == "mailgate_tls_certificate_expiry_timestamp_seconds"
             for sample in family.samples
@@ -353,12 +353,12 @@ def test_theCertificatesInServiceAreInTheMetricsWithTheirEnd(tmp_path):
     root.startService()
     try:
         [(labels, end)] = expiries(root).items()
-        assert labels == ("a.example.test", root.tls.certificates[0].keyType)
+        assert labels == ("a.example.test", root.tls.certificates[0].keyType, certificateFingerprint(first))
         assert abs(end - (time.time() + 30 * 86400)) < 600
         path.write_text(f'tls-cert = "{second}"\ntls-key = "{secondKey}"\n')
         root.hangup()
         [(labels, end)] = expiries(root).items()
-        assert labels == ("b.example.test", root.tls.certificates[0].keyType)
+        assert labels == ("b.example.test", root.tls.certificates[0].keyType, certificateFingerprint(second))
         assert labels[1].startswith("RSA")
         assert abs(end - (time.time() + 90 * 86400)) < 600
     finally:
