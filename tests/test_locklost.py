@@ -173,13 +173,30 @@ def test_aCommandUnderWayIsAnsweredFirst(watched, logEvents):
 
 def test_aSessionInItsUpdateStateIsLeftToItsGuard(watched):
     """
-    Told once QUIT's deletions are on their way: the QUIT answers (its
-    guard refuses the deletions of a lock truly lost), not the loss.
+    Told once QUIT's deletions are on their way to the store: the QUIT is
+    answered as the store answers it (here +OK, the deletion applied; for
+    a lock truly lost, its guard refuses the deletions), not with the
+    loss, and the client never sees its QUIT cut off.
     """
+    from twisted.internet import defer
+
     store, watchers = watched
     session = POP3Session(store)
     assert session.login(ALICE, "wonderland").startswith("+OK")
+    assert session.command("DELE 1").startswith("+OK")
+    maildrop = session.protocol._maildrop
+    pending = defer.Deferred()
+    expunge = maildrop.expunge
+    maildrop.expunge = lambda *args, **kwargs: pending.addCallback(lambda _: expunge(*args, **kwargs))
+    # QUIT's deletions on their way to the store: the UPDATE state.
+    assert session.command("QUIT") == ""
+    assert session.protocol.state == "UPDATE"
     [lost] = watchers
-    session.protocol.state = "UPDATE"
     lost()
     assert not session.disconnected and session.transport.value() == b""
+    # The QUIT is answered as the store answers it, not with the loss.
+    pending.callback(None)
+    assert session.advance(0).decode().startswith("+OK mailgate POP3 server signing off (0 messages left)")
+    assert session.disconnected
+    again = POP3Session(store)
+    assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 0 messages")
