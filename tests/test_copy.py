@@ -497,3 +497,37 @@ def test_theMadeUpSaltsOfUnknownUsersAreTheSameAfterTheMove(tmp_path, postgresUR
     back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
     check("db", "copy", "--from", postgresURL, "--to", back)
     assert madeUpSalt(back, "nobody@example.org") == before
+
+
+def test_theDeletedMessagesKeptForRecoveryAreCopiedAndCounted(tmp_path):
+    """
+    Messages deleted by a POP3 client and kept for recovery
+    (--keep-deleted-days) come along, restorable on the target, and the
+    report counts them apart: its bodies and octets include theirs, and
+    "N messages" alone made the figures look wrong.
+    """
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    target = f"sqlite:///{tmp_path / 'target.sqlite3'}"
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=PASSWORDS[ALICE].encode() + b"\n")
+    for n in range(3):
+        check("--database", source, "deliver", ALICE, input=message(n))
+    store = openSynchronousStore(source)
+    try:
+        store.limits.keepDeletedDays = 7
+        session = POP3Session(store)
+        assert session.login(ALICE, PASSWORDS[ALICE]).startswith("+OK")
+        assert session.command("DELE 2").startswith("+OK")
+        assert session.command("QUIT").startswith("+OK")
+    finally:
+        store.close()
+    deleted = check("--database", source, "mailbox", "deleted", ALICE)
+    assert len(deleted.splitlines()) == 2, deleted  # a heading and the message
+    out = check("db", "copy", "--from", source, "--to", target)
+    octets = sum(len(message(n)) for n in range(3))
+    assert out == (
+        f"copied 1 user and 2 messages and 1 deleted message kept for recovery (3 bodies, {octets} octets); "
+        "unique ids preserved\n"
+    )
+    assert check("--database", target, "mailbox", "deleted", ALICE) == deleted
+    check("--database", target, "mailbox", "restore", ALICE, "--since", "1h")
+    assert len(mailbox(target, ALICE).splitlines()) == len(mailbox(source, ALICE).splitlines()) + 1

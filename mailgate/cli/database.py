@@ -41,8 +41,11 @@ def _dbCopy(store, args, out, stdin):
             raise
     finally:
         source.close()
+    # The bodies and octets count those of the deleted messages kept for
+    # recovery too: said, or the figures would not add up.
+    kept = f" and {counted(report.kept, 'deleted message')} kept for recovery" if report.kept else ""
     out.write(
-        f"copied {counted(report.users, 'user')} and {counted(report.messages, 'message')} "
+        f"copied {counted(report.users, 'user')} and {counted(report.messages, 'message')}{kept} "
         f"({counted(report.bodies, 'body', 'bodies')}, {counted(report.octets, 'octet')}); unique ids preserved\n"
     )
     if report.bans:

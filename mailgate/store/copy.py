@@ -34,6 +34,9 @@ class CopyError(MailgateError):
 class CopyReport:
     users = attr.ib(default=0)
     messages = attr.ib(default=0)
+    #: deleted messages kept for recovery (their bodies are in bodies and
+    #: octets too)
+    kept = attr.ib(default=0)
     bodies = attr.ib(default=0)
     octets = attr.ib(default=0)
     bans = attr.ib(default=0)
@@ -145,6 +148,8 @@ def copyDatabase(source, target):
                         report.users += len(rows)
                     elif table == "maildrop":
                         report.messages += len(rows)
+                    elif table == "deleted_mail":
+                        report.kept += len(rows)
                     elif table == "bodies":
                         report.bodies += len(rows)
                         for row in rows:
