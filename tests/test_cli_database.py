@@ -467,6 +467,20 @@ def test_aDatabaseInADirectoryThatIsNotThereIsSaidToBeSo(tmp_path):
     )
 
 
+def _withAnotherApplicationsTable(url):
+    """
+    Give the empty database at C{url} a table of another application's
+    (C{invoices}) and none of mailgate's; return its engine.
+    """
+    engine = engineFromURL(url)
+    conn = engine.connect()
+    try:
+        runTransaction(engine, conn, lambda cursor: cursor.execute("CREATE TABLE invoices (id INTEGER)"), (), {}, True)
+    finally:
+        conn.close()
+    return engine
+
+
 @pytest.mark.parametrize("argv", [["user", "list"], ["who"], ["ban", "list"], ["mailbox", "list", ALICE]])
 def test_anotherApplicationsDatabaseIsNotMadeMailgates(databaseURL, argv):
     """
@@ -478,12 +492,7 @@ def test_anotherApplicationsDatabaseIsNotMadeMailgates(databaseURL, argv):
     """
     from mailgate.urls import shownURL
 
-    engine = engineFromURL(databaseURL)
-    conn = engine.connect()
-    try:
-        runTransaction(engine, conn, lambda cursor: cursor.execute("CREATE TABLE invoices (id INTEGER)"), (), {}, True)
-    finally:
-        conn.close()
+    engine = _withAnotherApplicationsTable(databaseURL)
     code, out, err = mailgate(databaseURL, *argv)
     where = engine.path if engine.name == "sqlite" else shownURL(databaseURL)
     assert (code, out) == (78, ""), (code, out, err)
@@ -510,12 +519,7 @@ def test_dbCopyIntoAnotherApplicationsDatabaseIsRefused(databaseURL, tmp_path):
 
     source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
     assert mailgate(source, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
-    engine = engineFromURL(databaseURL)
-    conn = engine.connect()
-    try:
-        runTransaction(engine, conn, lambda cursor: cursor.execute("CREATE TABLE invoices (id INTEGER)"), (), {}, True)
-    finally:
-        conn.close()
+    engine = _withAnotherApplicationsTable(databaseURL)
     code, out, err = mailgate(source, "db", "copy", "--from", source, "--to", databaseURL)
     where = engine.path if engine.name == "sqlite" else shownURL(databaseURL)
     assert (code, out) == (78, ""), (code, out, err)
