@@ -937,6 +937,18 @@ class IConnectionPolicy(Interface):
         yet) before checking it: the penalty for recent failures.
         """
 
+    def verificationTurn(address):
+        """
+        Wait for the turn of a password verification (a hash) from
+        C{address}: only a few run at once per address, the others wait in
+        order (nothing is refused or counted).
+
+        @return: a L{twisted.internet.defer.Deferred} firing, once the
+            verification may start, with a callable to call when it has
+            ended (calling it again does nothing).  Cancelling it before it
+            fires gives the place up.
+        """
+
     def authenticationFailed(address, login, password=None):
         """
         Record a failed authentication (unknown user and wrong password

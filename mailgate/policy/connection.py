@@ -11,6 +11,8 @@ package put together behind L{mailgate.interfaces.IConnectionPolicy}.
     from;
   - L{mailgate.policy.repeats}: failures that repeat one already counted
     (the same wrong password again), not counted twice;
+  - L{mailgate.policy.verifications}: password verifications in progress
+    at once per address, the others waiting their turn;
   - L{mailgate.policy.refresh}: the shared store, read and written in the
     background;
   - L{mailgate.policy.addresses}: client addresses and the exempt networks.
@@ -37,6 +39,7 @@ from mailgate.policy.penalty import AuthPenalty
 from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
 from mailgate.policy.repeats import RepeatedCredentials
 from mailgate.policy.settings import PolicySettings
+from mailgate.policy.verifications import VerificationSlots
 from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
 from mailgate.timers import wallClock
 from mailgate.plural import noun
@@ -93,6 +96,8 @@ class ConnectionPolicy:
     @ivar failures: the L{FailureLog}.
     @ivar penalty: the L{AuthPenalty}.
     @ivar repeats: the L{RepeatedCredentials}: failures not counted again.
+    @ivar verifications: the L{VerificationSlots}: password verifications
+        in progress per address.
     @ivar sync: the L{StoreSync}.
     """
 
@@ -114,6 +119,7 @@ class ConnectionPolicy:
         self.failures = FailureLog(settings.banWindow)
         self.penalty = AuthPenalty(self.failures, settings.authPenaltyMax, reactor)
         self.repeats = RepeatedCredentials()
+        self.verifications = VerificationSlots()
         self.bans = BanList(reactor, Metrics() if metrics is None else metrics)
         self.sync = StoreSync(
             store, reactor, settings, self.failures, self.bans, self.penalty, interval=refreshInterval
@@ -181,6 +187,10 @@ class ConnectionPolicy:
         if key is None:
             return 0.0
         return self.penalty.delay(key, loginKey(login, self._defaultRealm))
+
+    def verificationTurn(self, address):
+        # Exempt as the penalty exempts: loopback's webmail is not held.
+        return self.verifications.turn(self._key(address))
 
     def authenticationFailed(self, address, login, password=None):
         try:

@@ -6,8 +6,10 @@ STLS (RFC 2595), and the login every one of them ends in.
 Every way in goes through L{AuthorizationCommands._login}, which asks the
 connection policy first: a banned address is refused and closed before
 any credential is checked, and an address (or login name) with recent
-failures waits the policy's penalty before its credentials are checked.
-The wait holds this session's command queue only, never the reactor.
+failures waits the policy's penalty before its credentials are checked;
+a password then waits its turn, as only a few are hashed at once per
+address.  The waits hold this session's command queue only, never the
+reactor.
 """
 
 import base64
@@ -46,6 +48,10 @@ PLAINTEXT_REFUSED = (
 INVALID_LOGIN = "[AUTH] invalid user name or password"
 
 
+def _nothing():
+    pass
+
+
 class AuthorizationCommands:
     """
     The commands of the AUTHORIZATION state, for L{mailgate.pop3.POP3Server}.
@@ -56,6 +62,9 @@ class AuthorizationCommands:
     #: C{(timer, Deferred)} of the penalty the login waits out
     #: (L{_waitPenalty})
     _penalty = None
+    #: the policy's L{Deferred} of the turn the login's password waits
+    #: for (L{_checkInTurn})
+    _turn = None
 
     def _plaintextAllowed(self):
         """
@@ -289,17 +298,63 @@ class AuthorizationCommands:
             return self._refuseBanned(login, mechanism)
         delay = policy.authenticationDelay(self.peer, login)
         if delay and delay > 0:
-            return self._waitPenalty(delay, self._check, credentials, login, mechanism)
-        return self._check(credentials, login, mechanism)
+            return self._waitPenalty(delay, self._checkInTurn, credentials, login, mechanism)
+        return self._checkInTurn(credentials, login, mechanism)
 
-    def _check(self, credentials, login, mechanism):
+    def _checkInTurn(self, credentials, login, mechanism):
+        """
+        Check credentials that carry a password (USER/PASS, PLAIN, LOGIN)
+        in their turn: the policy lets only a few password hashes run at
+        once per address (L{mailgate.policy.verifications}), and the others
+        wait here, in order, their session's command queue held.  A
+        client's 50 connections sending 50 different wrong passwords at
+        once had 50 hashes running before its first failure was counted,
+        and every other user's login waited behind them.  Digests (APOP,
+        CRAM-MD5) and SCRAM's proof are checked against stored secrets,
+        with no hash to run: they do not wait.
+
+        A login whose password a recent login verified (the checker's
+        cache: no hash either) waits all the same: which password is
+        cached only the checker knows, and a well-behaved client has no
+        other verification of its address to wait behind.
+        """
+        if not isinstance(credentials, UsernamePassword) or self._closed or self.stopping:
+            return self._check(credentials, login, mechanism)
+        turn = self.factory.policy.verificationTurn(self.peer)
+        self._turn = turn
+
+        def inTurn(done):
+            self._turn = None
+            checked = defer.maybeDeferred(self._check, credentials, login, mechanism, done)
+            # Given back as soon as the check has its answer (see _check);
+            # here too, whatever happened before.
+            return checked.addBoth(lambda result: (done(), result)[1])
+
+        def givenUp(failure):
+            # The session ended while it waited (endPenalty): nothing was
+            # checked, nothing is answered.
+            self._turn = None
+            failure.trap(defer.CancelledError)
+            return None
+
+        return turn.addCallbacks(inTurn, givenUp)
+
+    def _check(self, credentials, login, mechanism, done=_nothing):
+        """
+        @param done: called once the portal's answer is taken in (the
+            password's hash has run, a failure is counted), or at once
+            when nothing is checked: the end of the verification the
+            policy gave a turn to.
+        """
         if self._closed or self.stopping:
             # Gone, or the server stopped while the penalty held the login
             # back: nothing has been checked, nothing is answered but the
             # shutdown's -ERR.
+            done()
             return None
         if self.factory.policy.isBanned(self.peer):
             # Banned while it waited.
+            done()
             return self._refuseBanned(login, mechanism)
         self._loginAsked = self._elapsed()
         d = self.factory.portal.login(credentials, None, IMaildrop)
@@ -310,10 +365,10 @@ class AuthorizationCommands:
         # A digest's failure is held with the digest (L{_settleHeldFailure}).
         digest = credentials if isinstance(credentials, SecretDigest) else None
         d.addCallbacks(
-            self._loggedIn,
-            self._loginFailed,
-            callbackArgs=(login, mechanism),
-            errbackArgs=(login, mechanism, password, digest),
+            _thenDone,
+            _thenDone,
+            callbackArgs=(self._loggedIn, done, login, mechanism),
+            errbackArgs=(self._loginFailed, done, login, mechanism, password, digest),
         )
         return d
 
@@ -567,13 +622,18 @@ class AuthorizationCommands:
 
     def endPenalty(self):
         """
-        End the penalty a login waits out now, if any.  When the server
-        starts stopping, a scanner held for its penalty (up to
+        End the penalty a login waits out now, if any, and its wait for its
+        turn to have its password checked (L{_checkInTurn}).  When the
+        server starts stopping, a scanner held for its penalty (up to
         C{--auth-penalty-max} seconds, and an internet-facing server nearly
-        always holds one) must not hold the stop up: its login is then
-        not checked (see L{_check}).  When the connection is lost, the
-        timer lets go of the session at once.
+        always holds one) or behind its address's other logins must not
+        hold the stop up: its login is then not checked (see L{_check}).
+        When the connection is lost, the timer lets go of the session at
+        once, and the login's place in its address's queue goes.
         """
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.cancel()
         penalty, self._penalty = self._penalty, None
         if penalty is None:
             return
@@ -589,6 +649,19 @@ class AuthorizationCommands:
             self.logTooManyErrors("too many failed logins", self._authFailures)
             self._err("too many failed logins; closing the connection")
             self.close()
+
+
+def _thenDone(result, answer, done, *args):
+    """
+    Take in a check's result with C{answer}, then end its verification
+    (C{done}): the next login of the address waiting its turn is checked
+    once this one's failure is counted (and a ban it made is in force),
+    and need not wait for the failure delay.
+    """
+    try:
+        return answer(result, *args)
+    finally:
+        done()
 
 
 def _logName(login):

@@ -5,6 +5,7 @@ settings: the clock, the connection policy, the metrics and the tracker of
 open sessions.
 """
 
+from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
@@ -34,6 +35,9 @@ class OpenPolicy:
     def authenticationDelay(self, address, login):
         return 0.0
 
+    def verificationTurn(self, address):
+        return defer.succeed(_nothing)
+
     def authenticationFailed(self, address, login, password=None):
         pass
 
@@ -42,6 +46,10 @@ class OpenPolicy:
 
     def underStress(self):
         return False
+
+
+def _nothing():
+    pass
 
 
 class SessionFactory(ServerFactory):
