@@ -914,9 +914,21 @@ class IConnectionPolicy(Interface):
         A new connection: admit it, or say why not.
 
         @param protocol: C{"pop3"}, C{"smtp"} or C{"lmtp"}.
-        @return: C{None} to admit (then L{connectionClosed} is called exactly
-            once when it ends), or a short reason for the refusal, one of
+        @return: C{None} to admit (then L{connectionClosing} and
+            L{connectionClosed} are each called exactly once, in this order,
+            when it ends), or a short reason for the refusal, one of
             C{"too many connections"} and C{"banned"}.
+        """
+
+    def connectionClosing(protocol, address):
+        """
+        An admitted connection is going: its session asked to close it (or
+        it was lost).  It is told at once, where L{connectionClosed} comes
+        only once the transport has let the connection go, a reactor turn
+        or more later: from now on it does not count towards the stress
+        (L{underStress}), so that the idle sessions closed for it stop
+        when enough have gone, not all of those whose timers come due
+        before the first connection is closed.
         """
 
     def connectionClosed(protocol, address):
@@ -973,6 +985,7 @@ class IConnectionPolicy(Interface):
         Postfix's stress mode): the sessions of clients that have not
         logged in are then closed after a few seconds of idleness rather
         than minutes, so that idle connections cannot keep the rest out.
+        Connections closing (L{connectionClosing}) are not counted.
         """
 
 

@@ -22,6 +22,7 @@ memory: a connection is refused, or a login delayed, without a database
 trip and without hashing a password.
 """
 
+import math
 import secrets
 
 from twisted.logger import Logger
@@ -153,24 +154,39 @@ class ConnectionPolicy:
             return TOO_MANY
         if self.limits.stressed and not stressed:
             self.log.warn(
-                "{total} " + noun(self.limits.total, "connection") + " of at most {limit}: "
+                "{total} " + noun(self.limits.staying, "connection") + " of at most {limit}: "
                 "clients that have not logged in are "
                 "closed after a few seconds of idleness until fewer than {until} remain (stress)",
-                total=self.limits.total,
+                total=self.limits.staying,
                 limit=self.limits.maxConnections,
-                until=int(self.limits.maxConnections * STRESS_UNTIL),
+                # Rounded up: the stress ends below the share, at 11 of 16
+                # (11.2), which "fewer than 11" did not say.
+                until=math.ceil(self.limits.maxConnections * STRESS_UNTIL),
                 event="limits.stress",
             )
         return None
 
+    def connectionClosing(self, protocol, address):
+        stressed = self.limits.stressed
+        self.limits.leave()
+        self._noteStressOver(stressed)
+
     def connectionClosed(self, protocol, address):
         stressed = self.limits.stressed
         self.limits.close(clientKey(address))
+        self._noteStressOver(stressed)
+
+    def _noteStressOver(self, stressed):
+        """
+        Log the end of the stress if it was on (C{stressed}) and is no more.
+        The connections counted are those staying: the sessions closing
+        are gone for the stress.
+        """
         if stressed and not self.limits.stressed:
             self.log.info(
-                "{total} " + noun(self.limits.total, "connection") + " of at most {limit}: "
+                "{total} " + noun(self.limits.staying, "connection") + " of at most {limit}: "
                 "idle timeouts as usual again",
-                total=self.limits.total,
+                total=self.limits.staying,
                 limit=self.limits.maxConnections,
                 event="limits.stress_over",
             )

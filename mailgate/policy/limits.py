@@ -21,8 +21,15 @@ class ConnectionLimits:
     @param maxConnections: connections in all; 0 for no limit.
     @param maxPerAddress: connections per client address; 0 for no limit.
     @ivar total: the connections open now.
-    @ivar stressed: whether the connections in all came to L{STRESS_FROM}
-        of the limit, and have not fallen below L{STRESS_UNTIL} of it since.
+    @ivar leaving: those of them L{leave} was told of: asked to close, not
+        closed yet (still counted against the limits: each holds a
+        descriptor until then).
+    @ivar stressed: whether the connections staying (L{total} less
+        L{leaving}) came to L{STRESS_FROM} of the limit, and have not fallen
+        below L{STRESS_UNTIL} of it since.  Those leaving are not counted:
+        a connection is lost a reactor turn after its close, and every idle
+        session whose timer was due in the same turn saw the stress and was
+        closed, where enough of them to end it were to be.
     """
 
     stressed = False
@@ -31,7 +38,15 @@ class ConnectionLimits:
         self.maxConnections = maxConnections
         self.maxPerAddress = maxPerAddress
         self.total = 0
+        self.leaving = 0
         self._perAddress = {}
+
+    @property
+    def staying(self):
+        """
+        The connections open now that have not been asked to close.
+        """
+        return self.total - self.leaving
 
     def open(self, key, perAddress=True):
         """
@@ -51,24 +66,39 @@ class ConnectionLimits:
                 return False
             self._perAddress[key] = count + 1
         self.total += 1
-        if self.maxConnections and not self.stressed and self.total >= self.maxConnections * STRESS_FROM:
+        if self.maxConnections and not self.stressed and self.staying >= self.maxConnections * STRESS_FROM:
             self.stressed = True
         return True
 
+    def leave(self):
+        """
+        A connection L{open} admitted is asked to close: it no longer counts
+        towards the stress (L{close} uncounts it once it is closed).
+        """
+        self.leaving += 1
+        self._relieve()
+
     def close(self, key):
         """
-        Uncount a connection L{open} admitted.
+        Uncount a connection L{open} admitted, and L{leave} was told of:
+        the server's sessions tell it of each first, closed by them or
+        lost (a caller that never tells it leaves nothing to uncount).
         """
         if self.total > 0:
             self.total -= 1
-        if self.stressed and self.total < self.maxConnections * STRESS_UNTIL:
-            self.stressed = False
+        if self.leaving > 0:
+            self.leaving -= 1
+        self._relieve()
         if key is not None:
             count = self._perAddress.get(key, 0)
             if count <= 1:
                 self._perAddress.pop(key, None)
             else:
                 self._perAddress[key] = count - 1
+
+    def _relieve(self):
+        if self.stressed and self.staying < self.maxConnections * STRESS_UNTIL:
+            self.stressed = False
 
     def fromAddress(self, key):
         """

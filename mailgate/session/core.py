@@ -157,6 +157,7 @@ class CommandSession(Protocol):
         self._closed = False
         self._inputEnded = False
         self._admitted = False
+        self._leaving = False
         self._paused = set()
         self._outputPaused = False
         self._producing = None
@@ -427,6 +428,7 @@ class CommandSession(Protocol):
         self.rawReceiver = None
         ended = self.sessionEnded()
         if self._admitted:
+            self._noteLeaving()
             self._admitted = False
             factory = self.factory
             factory.policy.connectionClosed(self.protocolName, self.peer)
@@ -469,6 +471,9 @@ class CommandSession(Protocol):
         every one was closed, as none had gone when the others' turn came.
         """
         self._closed = True
+        # Told before the transport is: one that reports the loss at once
+        # (in tests) would have it told after connectionClosed.
+        self._noteLeaving()
         if self._idle is not None:
             self._idle.cancel()
         self._out.flush()
@@ -478,6 +483,21 @@ class CommandSession(Protocol):
             self.transport.abortConnection()
         else:
             closeWhenWritten(self.transport)
+
+    def _noteLeaving(self):
+        """
+        Tell the policy, once, that this admitted connection is going
+        (L{mailgate.interfaces.IConnectionPolicy.connectionClosing}): at its
+        close, or at its loss if it was not closed first.  Near the limit,
+        the idle sessions whose timers come due in the same reactor turn
+        are closed only until enough are going to end the stress; the
+        connections themselves are lost only in a later turn.
+        """
+        if self._admitted and not self._leaving:
+            self._leaving = True
+            closing = getattr(self.factory.policy, "connectionClosing", None)
+            if closing is not None:
+                closing(self.protocolName, self.peer)
 
     # -- logs ----------------------------------------------------------------
 

@@ -26,6 +26,9 @@ class OpenPolicy:
     def admit(self, protocol, address):
         return None
 
+    def connectionClosing(self, protocol, address):
+        pass
+
     def connectionClosed(self, protocol, address):
         pass
 
