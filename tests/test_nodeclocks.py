@@ -20,7 +20,7 @@ def test_aNodeWhoseClockLagsAMinuteStillKeepsItsDeletedMail(databaseURL):
     a, b = memoryStore(databaseURL), memoryStore(databaseURL)
     try:
         addUser(a, ALICE, "wonderland")
-        clockA, clockB = Clocked(a), Clocked(b)
+        _, clockB = Clocked(a), Clocked(b)
         clockB.now -= 60
         a.limits.keepDeletedDays, b.limits.keepDeletedDays = 0, 3
         deliver(a, [ALICE], message(1))
