@@ -131,6 +131,40 @@ def test_connectionsClosingAreGoneForTheStressNotForTheLimit():
     assert not events(logs, "limits.stress_over")
 
 
+def test_everyEndOfAConnectionLeavesTheCountsAsTheyWere(store):
+    """
+    Whichever way a connection ends, it is counted once as leaving and
+    once as closed: a connection refused at the limit (never admitted),
+    one whose TLS handshake fails (lost, never closed), one closed twice
+    (an idle timeout, then an abort) and one lost with no reason.  A
+    leaving count left behind would hold the stress off for good; one
+    taken twice would count another connection still closing as staying.
+    """
+    import ssl
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = ConnectionPolicy(
+        MemoryPolicyStore(), clock, PolicySettings(exemptNetworks=["none"], maxConnections=3)
+    )
+    factory = pop3Factory(store, clock=clock, policy=policy, idleTimeout=IDLE_TIMEOUT, loginTimeout=0)
+    sessions = [POP3Session(store, factory=factory, clock=clock, peer=peer(n)) for n in range(1, 6)]
+    limits = policy.limits
+    handshakeFailed = Failure(ssl.SSLError("wrong version number"))
+    for refused in sessions[3:]:
+        assert refused.greeting.startswith("-ERR"), refused.greeting
+        refused.protocol.close()
+        refused.protocol.connectionLost(handshakeFailed)
+    assert (limits.total, limits.leaving) == (3, 0)
+    sessions[0].protocol.connectionLost(handshakeFailed)
+    sessions[1].protocol.close()
+    sessions[1].protocol.close(abort=True)
+    assert (limits.total, limits.leaving) == (2, 1)
+    sessions[1].protocol.connectionLost(Failure(ConnectionDone()))
+    sessions[2].protocol.connectionLost(None)
+    assert (limits.total, limits.leaving) == (0, 0)
+
+
 def test_theStressLineSaysWhereTheStressEnds():
     """
     With at most 16 connections the stress ends below 11.2 (70 %): at 11

@@ -17,6 +17,7 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 
+from mailgate.errors import TemporaryFailure
 from mailgate.policy.connection import ConnectionPolicy
 from mailgate.policy.memory import MemoryPolicyStore
 from mailgate.policy.settings import PolicySettings
@@ -195,6 +196,26 @@ def test_aBanLandingWhileALoginWaitsRefusesItUnchecked(store):
     assert len(server.checked()) == 2 * PER_ADDRESS - 1
     for index in range(PER_ADDRESS, 2 * PER_ADDRESS - 1):
         server.portal.answer(index)
+    assert len(server.policy.verifications) == 0
+
+
+def test_aCheckEndingInAStoreFailureOrAnInternalErrorHandsItsTurnOver(server):
+    """
+    A check that ends in no answer about the password (the store down, a
+    bug) still ends its verification: the next login waiting its turn is
+    checked, the clients are told, and no place is left behind (else the
+    address's logins would wait for ever once two checks had failed so).
+    """
+    sessions = guesses(server, PER_ADDRESS + 2)
+    server.portal.held[0][0].errback(TemporaryFailure("the database is down"))
+    server.portal.held[1][0].errback(RuntimeError("a bug"))
+    assert server.checked()[PER_ADDRESS:] == [f"guess {PER_ADDRESS}", f"guess {PER_ADDRESS + 1}"]
+    assert [s.advance(0) for s in sessions[:PER_ADDRESS]] == [
+        b"-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n",
+        b"-ERR [SYS/TEMP] internal server error\r\n",
+    ]
+    for index in range(PER_ADDRESS, PER_ADDRESS + 2):
+        server.portal.held[index][0].errback(TemporaryFailure("the database is down"))
     assert len(server.policy.verifications) == 0
 
 
