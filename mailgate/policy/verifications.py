@@ -9,9 +9,10 @@ The penalty and the bans count failures, but only once a verification
 has ended: a new address opening its 50 connections and sending 50
 different wrong passwords at once had 50 hashes running before its first
 failure was counted, and every other user's login waited behind them.
-Held to a few at a time, its logins are checked one after another (the
-penalty and a ban land between them), and the other addresses' logins
-are not held back.
+Held to a few at a time, its logins are checked a few after another (a
+ban lands between them: the logins still waiting are refused unchecked;
+the penalty, asked for before the wait, does not), and the other
+addresses' logins are not held back.
 
 Nothing is refused here and nothing is counted: a login waits for its
 turn, and gives its place up when its session ends (the connection lost,
