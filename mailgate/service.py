@@ -191,6 +191,12 @@ class ListeningService(StreamServerEndpointService):
             self.acceptErrors.stop()
         if self.port is None:
             self.giveUp(ShuttingDown(f"{self.protocolName} on {self.description}: stopped before it listened"))
+        else:
+            # Stopped after it listened: the port is closed now, and a wait
+            # asked for from now on fails at once (until a new start)
+            # rather than fire with a port that takes no connection.
+            self.port = None
+            self._neverReason = ShuttingDown(f"{self.protocolName} on {self.description}: stopped")
         return super().stopService()
 
 

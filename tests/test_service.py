@@ -730,13 +730,32 @@ def test_waitingForListenersThatNeverWillEndsWhenAskedLate(tmp_path, how):
     assert failureOf(each["METRICS"]).check(ShuttingDown)
     if how == "start failed":
         assert failureOf(each["SMTP"]).check(ConfigurationError)
-        # POP3 bound before SMTP failed: its port it had.
-        assert resultOf(each["POP3"]).getHost().port == 1110
+        # POP3 bound before SMTP failed, and was closed when the start was
+        # given up: no port to give (it gave the closed one).
+        assert failureOf(each["POP3"]).check(ShuttingDown)
     else:
         assert failureOf(each["SMTP"]).check(ShuttingDown)
         assert failureOf(each["POP3"]).check(ShuttingDown)
     failed = failureOf(root.whenListening())
     assert failed is not None and failed.value.subFailure.check(ConfigurationError, ShuttingDown)
+
+
+def test_aListenerStoppedAfterItListenedGivesNoClosedPort(tmp_path):
+    """
+    Once stopped, a listener that was bound has no port to give: a wait
+    asked for then fails (ShuttingDown) instead of firing with the closed
+    port, as if it took connections; a wait asked for while it listened
+    had the port.
+    """
+    reactor = BusyPortReactor(busy=set())
+    root = sqliteService(tmp_path, reactor, metrics="tcp:9101")
+    root.startService()
+    [pop3] = root.listeners["POP3"]
+    assert resultOf(pop3.whenListening()).getHost().port == 1110
+    resultOf(root.stopService())
+    assert pop3.port is None
+    assert failureOf(pop3.whenListening()).check(ShuttingDown)
+    assert failureOf(root.whenListening()).value.subFailure.check(ShuttingDown)
 
 
 def test_aSecondStopWaitsForTheFirstInsteadOfRunningItsOwn(tmp_path):
