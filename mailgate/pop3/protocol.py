@@ -113,8 +113,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._sasl = None
         self._saslFinishing = False
         self._finishingMechanism = None
-        self._kickRequested = False
-        self._lockLostRequested = False
+        # Why the session is to end before the shutdown would end it
+        # (L{_endEarly}): its -ERR and its logout reason, or None.
+        self._endRequest = None
         # QUIT's removal while it is being written (L{_update})
         self._updating = None
         self._loginTimer = None
@@ -283,19 +284,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
-        if self._lockLostRequested:
-            if not stalled:
-                self._err("[SYS/TEMP] the maildrop lock was lost; log in again")
-            self._endSession("maildrop lock lost")
-            return
-        if self._kickRequested:
-            if not stalled:
-                self._err("[SYS/TEMP] session ended by the administrator")
-            self._endSession("kicked by the administrator")
-            return
+        reply, reason = self._endRequest or ("[SYS/TEMP] server shutting down", "shutdown")
         if not stalled:
-            self._err("[SYS/TEMP] server shutting down")
-        self._endSession("shutdown")
+            self._err(reply)
+        self._endSession(reason)
 
     # -- output ------------------------------------------------------------
 
@@ -366,13 +358,8 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         so nothing marked deleted is deleted, and the maildrop's lock is
         released.  A session already applying a QUIT is left to finish.
         """
-        if self._closed or self.state != TRANSACTION:
-            return
-        self._kickRequested = True
-        if self._busy and not (self._streaming or self._outputPaused):
-            self._expireAfterCommand = True
-            return
-        self._shutdownNow()
+        if self._endRequest is None:
+            self._endEarly("[SYS/TEMP] session ended by the administrator", "kicked by the administrator")
 
     def _lockLost(self):
         """
@@ -385,9 +372,19 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         than hear "try again" for ever.  A session already applying a QUIT
         is left to its guard, which refuses the deletions.
         """
+        # It says more than a kick would: it replaces one asked for.
+        self._endEarly("[SYS/TEMP] the maildrop lock was lost; log in again", "maildrop lock lost")
+
+    def _endEarly(self, reply, reason):
+        """
+        End a session in its TRANSACTION state with C{reply} (an -ERR's
+        text) and C{reason} (its logout line's), after the command under
+        way if that waits on the store, at once otherwise, without the
+        UPDATE state.  A session already applying a QUIT is left to finish.
+        """
         if self._closed or self.state != TRANSACTION:
             return
-        self._lockLostRequested = True
+        self._endRequest = (reply, reason)
         if self._busy and not (self._streaming or self._outputPaused):
             self._expireAfterCommand = True
             return
