@@ -249,7 +249,7 @@ def test_dbBackupIsGivenItsNameOnlyOnceWhole(sqliteURL, tmp_path, monkeypatch):
     import os
     import stat
 
-    from mailgate.store.sqlite import backupDatabase
+    from mailgate.store.backup import backupDatabase
 
     backups = tmp_path / "backups"
     backups.mkdir()

@@ -109,7 +109,8 @@ def _dbVersion(store, args, out, stdin):
 
 
 def _dbBackup(store, args, out, stdin):
-    from mailgate.store.sqlite import SQLiteEngine, backupDatabase
+    from mailgate.store.backup import backupDatabase
+    from mailgate.store.sqlite import SQLiteEngine
 
     engine = store.engine
     if not isinstance(engine, SQLiteEngine) or engine.path == ":memory:":

@@ -1,0 +1,190 @@
+# -*- test-case-name: tests.test_cli_database -*-
+"""
+Backups of a mail database: C{mailgate db backup} copies an SQLite
+database into a new file while servers use it.
+
+A restore takes more back than the mail: the maildrops' unique id
+counters, set back to the backup while clients keep the ids given since,
+and the nodes and POP3 sessions of the servers that ran when the backup
+was taken, processes rather than data.  The copy is readied for its
+restore (L{_renewValidityStamps}, L{_forgetRunningServers}), in
+statements that take a cursor of either engine.
+"""
+
+import contextlib
+import errno
+import os
+import sqlite3
+import tempfile
+
+from mailgate.errors import ConfigurationError
+
+
+def backupDatabase(engine, target):
+    """
+    Copy the database of C{engine} (an L{SQLiteEngine}) into the new file
+    C{target}, while servers use it: SQLite's online backup, in one step,
+    so the copy is the database as one read transaction saw it (in WAL
+    mode a read holds no writer up, and no write restarts the copy).  The
+    copy is one self-contained file (rollback journal mode), readable by
+    its owner only, synced, and checked (C{quick_check}).  Its maildrops
+    get new validity stamps (L{_renewValidityStamps}), so that mail
+    delivered after a restore gets no unique id given out since the backup,
+    and it holds no node or POP3 session of the servers running then.
+
+    The copy is made under a name of its own beside C{target}
+    (C{TARGET.XXXXXXXX.partial}) and given C{target}'s name only once it
+    is whole, synced and checked: a backup killed on the way (kill -9, a
+    power cut, a full disk) never leaves a file under the name a restore
+    would take, which would look like a backup and hold part of one (or,
+    opened with the journal left beside it, an empty database that checks
+    "ok").  What such a run leaves says it is partial.
+
+    @return: the copy's size in octets.
+    @raise ConfigurationError: C{target} exists (or is a link), cannot be
+        written, or the copy is not sound.
+    """
+    if os.path.lexists(target):
+        raise ConfigurationError(f"{target} exists: a backup goes into a new file")
+    directory, name = os.path.split(os.path.abspath(target))
+    try:
+        # O_EXCL, mode 0600 whatever the umask.
+        fd, staged = tempfile.mkstemp(prefix=name + ".", suffix=".partial", dir=directory)
+    except OSError as e:
+        raise ConfigurationError(f"cannot create {target}: {e.strerror}") from None
+    os.close(fd)
+    try:
+        source = engine.connect()
+        try:
+            copy = sqlite3.connect(staged)
+            try:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode = DELETE")
+                _readyForRestore(copy)
+                verdict = copy.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        if verdict != "ok":
+            # quick_check's lines, the first few of possibly a hundred.
+            problems = "; ".join(line for line in verdict.splitlines() if line and not line.startswith("***"))
+            raise ConfigurationError(
+                f"the copy does not check, the database {engine.path} is damaged: "
+                f"{problems[:300]} (restore it from an earlier backup)"
+            )
+        _syncFile(staged)
+        _publish(staged, target)
+        _syncFile(directory)
+        return os.stat(target).st_size
+    except sqlite3.Error as e:
+        raise ConfigurationError(f"cannot back up {engine.path} to {target}: {e}") from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot back up {engine.path} to {target}: {e.strerror}") from None
+    finally:
+        for leftover in (staged, staged + "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+
+
+def _readyForRestore(copy):
+    """
+    Give the backup C{copy} (an open connection) what restoring it needs
+    (L{_renewValidityStamps}, L{_forgetRunningServers}), in one
+    transaction.  A database of a schema too old to have the tables keeps
+    what it has: its upgrade, at the restore, makes them empty.
+    """
+    cursor = copy.cursor()
+    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('mailboxes', 'mailgate_nodes')")
+    tables = {name for (name,) in cursor.fetchall()}
+    if "mailboxes" in tables:
+        _renewValidityStamps(cursor, "sqlite")
+    if "mailgate_nodes" in tables:
+        _forgetRunningServers(cursor)
+    copy.commit()
+
+
+#: An SQL term of a random whole number from 0 to 2**31 - 2, by dialect
+#: (L{mailgate.interfaces.IEngine.name}): SQLite's random() is a 64-bit
+#: integer, PostgreSQL's a float below 1.
+_RANDOM_STEP = {
+    "sqlite": "(random() & 2147483647) % 2147483647",
+    "postgres": "floor(random() * 2147483647)::bigint",
+}
+
+
+def _renewValidityStamps(cursor, dialect):
+    """
+    Give every maildrop a new validity stamp, the second half of the
+    unique ids it gives from then on (L{mailgate.store.rows.formatUniqueId});
+    its messages keep theirs, stored with them.
+
+    Restoring a backup sets the unique id counters back to the backup,
+    while clients that leave mail on the server keep the ids the live
+    database gave since, to mail lost with it: were new mail given those
+    ids again, such a client would take it for mail it has and never
+    download it (RFC 1939 has a unique id never reused in a maildrop).
+    Under a new stamp no id after a restore can be one given after the
+    backup.  Each backup (and so each restore made with C{db backup} from
+    a backup, as README says) draws new stamps.
+
+    @param cursor: a cursor in the transaction to do it in.
+    @param dialect: the engine's L{name<mailgate.interfaces.IEngine.name>}.
+    """
+    # Stamps are 31 bits (as L{mailgate.store.sql} draws them): each is
+    # moved by a random 1 to 2**31 - 1, so never to itself; in one
+    # statement, whatever the number of users.
+    cursor.execute(
+        f"UPDATE mailboxes SET uid_validity = (uid_validity + 1 + {_RANDOM_STEP[dialect]}) % 2147483648"
+    )
+
+
+def _forgetRunningServers(cursor):
+    """
+    Remove the nodes that served the database when its backup was taken,
+    and their POP3 sessions: processes, not data.  Restored soon after,
+    the database would otherwise show them as running (C{mailgate who},
+    C{nodes}, a C{kick} waiting for a session nobody has) for as long as
+    a killed node counts, beside the server that serves it.
+
+    @param cursor: a cursor in the transaction to do it in.
+    @return: how many nodes and sessions were removed.
+    """
+    cursor.execute("SELECT (SELECT count(*) FROM mailgate_nodes), (SELECT count(*) FROM pop3_sessions)")
+    nodes, sessions = cursor.fetchone()
+    cursor.execute("DELETE FROM pop3_sessions")
+    cursor.execute("DELETE FROM mailgate_nodes")
+    return nodes, sessions
+
+
+def _syncFile(path):
+    """
+    fsync C{path}, a file or a directory (whose entries a rename or a link
+    changed).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staged, target):
+    """
+    Give the finished copy C{staged} the name C{target}, never replacing a
+    file that has it: a hard link fails where the name exists (another
+    backup to the same name finished first).  On a filesystem without hard
+    links, a rename after a last look.
+    """
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        raise ConfigurationError(f"{target} exists: a backup goes into a new file") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            raise ConfigurationError(f"{target} exists: a backup goes into a new file") from None
+        os.rename(staged, target)
+
+
