@@ -1401,7 +1401,7 @@ def test_kickEndsTheSessionWithoutItsDeletions(databaseURL, store, logEvents):
     assert session.disconnected
     assert session.transport.value().decode().startswith("-ERR [SYS/TEMP] session ended by the administrator")
     [logout] = named(logEvents, "pop3.logout")
-    assert (logout["why"], logout["user"], logout["deleted"]) == ("kicked by the administrator", ALICE, 0)
+    assert (logout["reason"], logout["user"], logout["deleted"]) == ("kicked by the administrator", ALICE, 0)
     resultOf(store.sessions.flush())
     assert resultOf(store.listSessions()) == []
     # The lock is free and nothing was deleted.
@@ -1438,7 +1438,7 @@ def test_aKickWaitsForTheCommandUnderWay(store, logEvents):
     assert reply.endswith("-ERR [SYS/TEMP] session ended by the administrator\r\n")
     assert session.disconnected
     [logout] = named(logEvents, "pop3.logout")
-    assert logout["why"] == "kicked by the administrator"
+    assert logout["reason"] == "kicked by the administrator"
     again = POP3Session(store)
     assert again.login(ALICE, "wonderland").startswith(f"+OK {ALICE} has 1 messages")
 

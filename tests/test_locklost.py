@@ -77,7 +77,7 @@ def test_aSessionWhoseLockConnectionDiesIsEnded(node, logEvents):
     reactor.turnUntil(lambda: session.disconnected, timeout=30)
     assert session.transport.value().decode() == LOST
     [logout] = named(logEvents, "pop3.logout")
-    assert (logout["why"], logout["deleted"]) == ("maildrop lock lost", 0)
+    assert (logout["reason"], logout["deleted"]) == ("maildrop lock lost", 0)
     # Another process has the maildrop now; nothing of the session's DELE.
     admin = memoryStore(url)
     try:
@@ -137,7 +137,7 @@ def test_anIdleSessionEndsAtOnceWithoutItsDeletions(watched, logEvents):
     assert session.disconnected
     assert session.transport.value().decode() == LOST
     [logout] = named(logEvents, "pop3.logout")
-    assert (logout["why"], logout["user"], logout["deleted"]) == ("maildrop lock lost", ALICE, 0)
+    assert (logout["reason"], logout["user"], logout["deleted"]) == ("maildrop lock lost", ALICE, 0)
     # A command sent after it is not run; the maildrop is whole and free.
     session.transport.clear()
     assert session.command("QUIT") == ""
@@ -168,7 +168,7 @@ def test_aCommandUnderWayIsAnsweredFirst(watched, logEvents):
     assert reply.startswith("+OK 1 ") and reply.endswith(LOST)
     assert session.disconnected
     [logout] = named(logEvents, "pop3.logout")
-    assert logout["why"] == "maildrop lock lost"
+    assert logout["reason"] == "maildrop lock lost"
 
 
 def test_aSessionInItsUpdateStateIsLeftToItsGuard(watched):

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
+from mailgate.logs import eventAsRecord
 from mailgate.pop3.protocol import POP3Server
 from mailgate.pop3.responses import numberedLines
 from mailgate.store.sql import CHUNK_SIZE
@@ -1058,7 +1059,15 @@ def test_aSessionEndsWithOneLogLine(three):
     text = formatEvent(event)
     assert text.startswith(f"pop3 logout user={ALICE} peer=")
     assert f"reason='quit' messages=3 retr=1/{SIZES[0]} top=1 deleted=1" in text
-    assert (event["user"], event["why"], event["deleted"], event["retr"]) == (ALICE, "quit", 1, 1)
+    assert (event["user"], event["reason"], event["deleted"], event["retr"]) == (ALICE, "quit", 1, 1)
+    # The JSON record's field is the text's reason= (README, Logs), as
+    # smtp.disconnect's is: it was "why", so a filter on .reason found no
+    # pop3.logout.
+    record = eventAsRecord(event)
+    assert {k: record[k] for k in ("reason", "messages", "retr", "retrBytes", "top", "deleted")} == {
+        "reason": "quit", "messages": 3, "retr": 1, "retrBytes": SIZES[0], "top": 1, "deleted": 1,
+    }
+    assert "why" not in record
 
 
 # -- what an ended session leaves --------------------------------------------

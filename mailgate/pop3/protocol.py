@@ -338,12 +338,12 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         fields = dict(
             user=maildrop.address if maildrop is not None else None,
             peer=self.peerText,
-            why=why,
+            reason=why,
             messages=len(maildrop.sizes) if maildrop is not None else 0,
             **self._stats,
         )
         line = (
-            "pop3 logout user={user} peer={peer} reason={why!r} messages={messages} "
+            "pop3 logout user={user} peer={peer} reason={reason!r} messages={messages} "
             "retr={retr}/{retrBytes} top={top} deleted={deleted}"
         ).format(**fields)
         self.logInfo("pop3.logout", line, **fields)
