@@ -150,6 +150,16 @@ class UnavailableAtStart(ConfigurationError):
     """
 
 
+class DatabaseInUse(ConfigurationError):
+    """
+    A mailgate server runs on the database, which the work asked for
+    cannot be done under: a second server on an embedded SQLite file
+    (start-up stops, as for any L{ConfigurationError}), or C{mailgate db
+    restored} while a node serves the database (exit 75: stop it, then
+    run it again).
+    """
+
+
 class LoginDelayed(MailgateError):
     """
     The user logged in again sooner than the configured LOGIN-DELAY allows

@@ -8,9 +8,11 @@ the state exists there, PostgreSQL.
 import io
 import json
 import sqlite3
+import time
 
 import pytest
 
+from e2e import mailgate_server, waitFor  # noqa: F401 (mailgate_server is a fixture)
 from mailgate.cli import EX_TEMPFAIL, run
 from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
@@ -530,3 +532,161 @@ def test_dbCopyIntoAnotherApplicationsDatabaseIsRefused(databaseURL, tmp_path):
     assert _tables(databaseURL) == ["invoices"]
     fresh = tmp_path / "fresh.sqlite3"
     assert mailgate(source, "db", "copy", "--from", source, "--to", f"sqlite:///{fresh}")[0] == 0
+
+
+# -- db restored --------------------------------------------------------------
+
+BOB, CAROL = "bob@example.org", "carol@example.org"
+
+
+def _run(url, function, write=False):
+    """
+    C{function(cursor)} in one transaction on the database C{url}.
+    """
+    from mailgate.store import openSynchronousStore
+
+    store = openSynchronousStore(url, create=False)
+    try:
+        return store.database.run(function, write=write)
+    finally:
+        store.close()
+
+
+def _stamps(url):
+    return dict(_run(url, lambda c: c.execute(
+        "SELECT u.address, m.uid_validity FROM users u JOIN mailboxes m ON m.user_id = u.user_id"
+    ).fetchall()))
+
+
+def _addServerRows(url, seen):
+    """
+    A node whose heartbeat was last written at C{seen}, with a POP3
+    session of each user, as a backup taken while it served holds them.
+    """
+    def add(cursor):
+        cursor.execute(
+            "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at) VALUES (?, ?, ?, ?)",
+            ("n1", "mail.example.org[123]", seen - 60, seen),
+        )
+        cursor.execute(
+            "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) "
+            "SELECT user_id, 's' || CAST(user_id AS TEXT), ?, ?, ? FROM users",
+            ("n1", "192.0.2.1:1234", seen - 5),
+        )
+
+    _run(url, add, write=True)
+
+
+def _delivered(url, address):
+    import re
+
+    code, out, err = mailgate(url, "deliver", address, stdin="Subject: later\n\nhello\n")
+    assert (code, err) == (0, ""), err
+    return re.fullmatch(rf"delivered to {address} as (\S+)\n", out).group(1)
+
+
+def _uniqueIds(url, address):
+    code, out, err = mailgate(url, "mailbox", "list", address, "--json")
+    assert (code, err) == (0, ""), err
+    return [json.loads(line)["unique_id"] for line in out.splitlines()]
+
+
+def test_dbRestoredGivesEveryMaildropANewStampAndForgetsTheServersOfTheBackup(databaseURL, tmp_path):
+    """
+    C{db restored}, on a database restored from a backup C{db backup} did
+    not make (here a C{db copy} of the live database, which keeps the
+    counters and stamps as a pg_dump or a copied file does): every
+    maildrop's stamp changes, its messages keep their ids, and mail
+    delivered after the restore gets no id the live database gave since
+    the backup (a leave-on-server client has those, for mail lost with
+    it).  The nodes and sessions the backup held (dead: their heartbeat
+    is old) are forgotten.  Run again (the same backup restored twice),
+    it draws new stamps again.
+    """
+    live = f"sqlite:///{tmp_path / 'live.sqlite3'}"
+    for address in (ALICE, BOB, CAROL):
+        assert mailgate(live, "user", "add", address, "--password-stdin", stdin="pw\n")[0] == 0
+    _delivered(live, ALICE)
+    assert mailgate(live, "db", "copy", "--from", live, "--to", databaseURL)[0] == 0
+    kept = _uniqueIds(databaseURL, ALICE)
+    given = {_delivered(live, ALICE)}
+    _addServerRows(databaseURL, int(time.time()) - 3600)
+    before = _stamps(databaseURL)
+
+    code, out, err = mailgate(databaseURL, "db", "restored")
+    assert (code, err) == (0, ""), err
+    assert out == (
+        "gave 3 maildrops new validity stamps; forgot 1 node and 3 POP3 sessions "
+        "of the servers that ran when the backup was taken\n"
+    )
+    after = _stamps(databaseURL)
+    assert after.keys() == before.keys()
+    assert all(after[a] != before[a] and 0 <= after[a] < 2**31 for a in before), (before, after)
+    assert _uniqueIds(databaseURL, ALICE) == kept
+    assert _run(databaseURL, lambda c: c.execute(
+        "SELECT (SELECT count(*) FROM mailgate_nodes), (SELECT count(*) FROM pop3_sessions)"
+    ).fetchone()) == (0, 0)
+    again = _delivered(databaseURL, ALICE)
+    assert again not in given and again not in kept
+
+    code, out, err = mailgate(databaseURL, "db", "restored")
+    assert (code, err) == (0, ""), err
+    assert out.startswith("gave 3 maildrops new validity stamps; forgot 0 nodes and 0 POP3 sessions ")
+    assert all(_stamps(databaseURL)[a] != after[a] for a in after)
+
+
+def test_dbRestoredTakesARecentHeartbeatForARunningNodeOnPostgreSQLOnly(databaseURL, tmp_path):
+    """
+    A node whose heartbeat is recent: on PostgreSQL a node running (or
+    one restored from a backup taken less than STALE_AFTER ago, until
+    then), so the command is refused (exit 75) and changes nothing; on
+    SQLite the server's lock file tells whether one runs, and such a row
+    is the restored file's.
+    """
+    from mailgate.store.registry import STALE_AFTER
+
+    assert mailgate(databaseURL, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    _addServerRows(databaseURL, int(time.time()))
+    before = _stamps(databaseURL)
+    code, out, err = mailgate(databaseURL, "db", "restored")
+    if databaseURL.startswith("sqlite"):
+        assert (code, err) == (0, ""), err
+        assert out.startswith("gave 1 maildrop a new validity stamp; forgot 1 node and 1 POP3 session ")
+        return
+    assert (code, out) == (EX_TEMPFAIL, "")
+    assert err == (
+        "mailgate: a mailgate server is running on this database (node mail.example.org[123], its heartbeat "
+        f"less than {STALE_AFTER} seconds old): stop every node first (a node copied with a backup taken "
+        f"less than {STALE_AFTER} seconds ago counts as running until then)\n"
+    )
+    assert _stamps(databaseURL) == before
+    assert json.loads(mailgate(databaseURL, "who", "--json")[1])["user"] == ALICE
+
+
+def test_dbRestoredIsRefusedWhileAServerRunsOnTheDatabase(mailgate_server):
+    """
+    A real server on the database: its POP3 sessions list unique ids,
+    and its deliveries give them, under the stamps there are, so C{db
+    restored} is refused (exit 75) and changes nothing, on SQLite because
+    the server holds the file's lock, on PostgreSQL because its node's
+    heartbeat is recent.  Once the server has stopped, it runs.
+    """
+    url = mailgate_server.database
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    server = mailgate_server()
+    waitFor(lambda: mailgate(url, "nodes", "--json")[1], "the node's heartbeat")
+    before = _stamps(url)
+    code, out, err = mailgate(url, "db", "restored")
+    assert (code, out) == (EX_TEMPFAIL, ""), err
+    if mailgate_server.backend == "sqlite":
+        path = mailgate_server.dbpath
+        assert err == f"mailgate: a mailgate server is running on {path} (it holds {path}.lock): stop it first\n"
+    else:
+        assert err.startswith("mailgate: a mailgate server is running on this database (node "), err
+    assert _stamps(url) == before
+    assert mailgate(url, "nodes", "--json")[1] != ""
+    server.stop()
+    code, out, err = mailgate(url, "db", "restored")
+    assert (code, err) == (0, ""), err
+    assert out.startswith("gave 1 maildrop a new validity stamp; ")
+    assert _stamps(url) != before

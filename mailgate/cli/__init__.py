@@ -20,7 +20,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox show ADDRESS MESSAGE
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
-  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
+  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT] [--uidlist FILE] [--reuse-xuidl]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
@@ -31,6 +31,7 @@ C{mailgate}: the administrator's command.
   mailgate db version
   mailgate db copy --from URL --to URL
   mailgate db backup FILE
+  mailgate db restored
   mailgate config [--all | --check]
   mailgate serve [options of twistd mailgate]
   mailgate ban list [--json]
@@ -73,7 +74,7 @@ from mailgate.cli.common import (
     _addHashed,
     _addJSON,
 )
-from mailgate.cli.database import _dbBackup, _dbCopy, _dbUpgrade, _dbVersion
+from mailgate.cli.database import _dbBackup, _dbCopy, _dbRestored, _dbUpgrade, _dbVersion
 from mailgate.cli.deliver import _deliver
 from mailgate.cli.imports import _importForget, _importMaildir, _importPOP3
 from mailgate.cli.mailboxes import (
@@ -434,6 +435,12 @@ def buildParser():
         help="the maildir's dovecot-uidlist, where Dovecot keeps it outside the maildir (CONTROL= in "
         "mail_location, e.g. ~/control/.INBOX/dovecot-uidlist; default: DIR/dovecot-uidlist)",
     )
+    imaildir.add_argument(
+        "--reuse-xuidl",
+        action="store_true",
+        help="where Dovecot has pop3_reuse_xuidl = yes: a message's X-UIDL header field is its unique id "
+        "(a saved one still comes first, the --uidl-format after it)",
+    )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(
         "pop3",
@@ -566,6 +573,17 @@ def buildParser():
     )
     dbBackup.add_argument("file", metavar="FILE")
     dbBackup.set_defaults(run=_dbBackup, migrate=False)
+    dbRestored = db.add_parser(
+        "restored",
+        help="ready a database just restored from a backup taken by other means (pg_dump, a snapshot)",
+        description="Run once a database has been restored from a backup that db backup did not make "
+        "(pg_dump or pg_basebackup, a filesystem snapshot, a copied SQLite file), before any server "
+        "starts on it: in one transaction, every maildrop gets a new validity stamp, so that new "
+        "mail gets no unique id the lost database gave after the backup, and the nodes and POP3 "
+        "sessions of the servers that ran when the backup was taken are forgotten.  Refused "
+        "(exit 75) while a server runs on the database.",
+    )
+    dbRestored.set_defaults(run=_dbRestored, migrate=True)
 
     showConfig = commands.add_parser(
         "config",

@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_cli -*-
 """
 C{mailgate db ...}: the schema's version and upgrade, copying a database
-to another, and backing an SQLite database up while servers use it.
+to another, backing an SQLite database up while servers use it, and
+readying a database restored by other means.
 """
 
 import contextlib
 import os
 
 from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
-from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.plural import counted
@@ -124,3 +125,17 @@ def _dbBackup(store, args, out, stdin):
     except ConfigurationError as e:
         raise CommandError(str(e), EX_CANTCREAT) from None
     out.write(f"backed up {engine.path} to {args.file} ({counted(size, 'octet')})\n")
+
+
+def _dbRestored(store, args, out, stdin):
+    from mailgate.store.backup import readyRestoredDatabase
+
+    try:
+        report = readyRestoredDatabase(store.database)
+    except DatabaseInUse as e:
+        raise CommandError(str(e), EX_TEMPFAIL) from None
+    stamps = "a new validity stamp" if report.maildrops == 1 else "new validity stamps"
+    out.write(
+        f"gave {counted(report.maildrops, 'maildrop')} {stamps}; forgot {counted(report.nodes, 'node')} "
+        f"and {counted(report.sessions, 'POP3 session')} of the servers that ran when the backup was taken\n"
+    )

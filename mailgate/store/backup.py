@@ -1,14 +1,16 @@
 # -*- test-case-name: tests.test_cli_database -*-
 """
-Backups of a mail database: C{mailgate db backup} copies an SQLite
-database into a new file while servers use it.
+Backups and restores of a mail database: C{mailgate db backup} copies an
+SQLite database into a new file while servers use it; C{mailgate db
+restored} readies a database just restored by other means (PostgreSQL's
+C{pg_dump} or C{pg_basebackup}, a filesystem snapshot, a copied file).
 
 A restore takes more back than the mail: the maildrops' unique id
 counters, set back to the backup while clients keep the ids given since,
 and the nodes and POP3 sessions of the servers that ran when the backup
-was taken, processes rather than data.  The copy is readied for its
-restore (L{_renewValidityStamps}, L{_forgetRunningServers}), in
-statements that take a cursor of either engine.
+was taken, processes rather than data.  Both commands undo these with
+the same statements (L{_renewValidityStamps}, L{_forgetRunningServers}):
+C{db backup} on its copy, C{db restored} on the database itself.
 """
 
 import contextlib
@@ -16,8 +18,12 @@ import errno
 import os
 import sqlite3
 import tempfile
+import time
 
-from mailgate.errors import ConfigurationError
+import attr
+
+from mailgate.errors import ConfigurationError, DatabaseInUse
+from mailgate.store.registry import STALE_AFTER, _nodes
 
 
 def backupDatabase(engine, target):
@@ -126,7 +132,8 @@ def _renewValidityStamps(cursor, dialect):
     download it (RFC 1939 has a unique id never reused in a maildrop).
     Under a new stamp no id after a restore can be one given after the
     backup.  Each backup (and so each restore made with C{db backup} from
-    a backup, as README says) draws new stamps.
+    a backup, as README says) draws new stamps, and so does each C{db
+    restored}.
 
     @param cursor: a cursor in the transaction to do it in.
     @param dialect: the engine's L{name<mailgate.interfaces.IEngine.name>}.
@@ -156,6 +163,86 @@ def _forgetRunningServers(cursor):
     cursor.execute("DELETE FROM mailgate_nodes")
     return nodes, sessions
 
+
+@attr.s(frozen=True)
+class RestoreReport:
+    """
+    What L{readyRestoredDatabase} did.
+
+    @ivar maildrops: the maildrops given new validity stamps.
+    @ivar nodes: the nodes forgotten (none running).
+    @ivar sessions: their POP3 sessions forgotten.
+    """
+
+    maildrops = attr.ib()
+    nodes = attr.ib()
+    sessions = attr.ib()
+
+
+def readyRestoredDatabase(database):
+    """
+    Ready a database just restored from a backup taken by other means than
+    C{db backup} (C{pg_dump}, C{pg_basebackup}, a filesystem snapshot, a
+    copied SQLite file) as C{db backup} readies its copies, before any
+    server starts on it: in one transaction, every maildrop gets a new
+    validity stamp (L{_renewValidityStamps}) and the nodes and sessions
+    of the servers that ran when the backup was taken are forgotten
+    (L{_forgetRunningServers}).
+
+    Refused while a server runs on the database: its POP3 sessions have
+    listed unique ids, and its deliveries give them, under the stamps
+    there were.  On SQLite, one server serves the file and holds its lock
+    file (L{mailgate.store.sqlite.SQLiteEngine.claimServer}), which is
+    held here for the transaction, so that none starts meanwhile; node
+    rows with a recent heartbeat are the restored file's, not a server's.
+    On PostgreSQL, a node is running if its heartbeat is recent, as
+    C{mailgate nodes} tells (L{STALE_AFTER}); the table of nodes is locked
+    for the transaction, so that none writes its first heartbeat (nor a
+    session) meanwhile: one starting waits for the commit, and finds the
+    new stamps.
+
+    @param database: the L{SynchronousDatabase
+        <mailgate.store.database.SynchronousDatabase>} of a synchronous
+        store (the admin command's).
+    @return: a L{RestoreReport}.
+    @raise DatabaseInUse: a server runs on the database.
+    """
+    engine = database.engine
+    if engine.name == "sqlite":
+        try:
+            engine.claimServer()
+        except DatabaseInUse:
+            raise DatabaseInUse(
+                f"a mailgate server is running on {engine.path} (it holds {engine.path}.lock): stop it first"
+            ) from None
+        try:
+            return database.run(_readyRestored, engine.name, None, write=True)
+        finally:
+            engine.releaseServer()
+    return database.run(_readyRestored, engine.name, time.time() - STALE_AFTER, write=True)
+
+
+def _readyRestored(cursor, dialect, aliveSince):
+    """
+    L{readyRestoredDatabase}'s transaction; C{aliveSince}: the time after
+    which a heartbeat shows a node running, or C{None} not to ask (SQLite:
+    the lock file tells).
+    """
+    if aliveSince is not None:
+        cursor.execute("LOCK TABLE mailgate_nodes IN SHARE ROW EXCLUSIVE MODE")
+        running = _nodes(cursor, aliveSince)
+        if running:
+            names = ", ".join(node.name for node in running)
+            raise DatabaseInUse(
+                f"a mailgate server is running on this database (node {names}, its heartbeat less than "
+                f"{STALE_AFTER} seconds old): stop every node first (a node copied with a backup taken "
+                f"less than {STALE_AFTER} seconds ago counts as running until then)"
+            )
+    cursor.execute("SELECT count(*) FROM mailboxes")
+    (maildrops,) = cursor.fetchone()
+    _renewValidityStamps(cursor, dialect)
+    nodes, sessions = _forgetRunningServers(cursor)
+    return RestoreReport(maildrops, nodes, sessions)
 
 def _syncFile(path):
     """

@@ -24,7 +24,7 @@ import struct
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.errors import ConfigurationError, MaildropInUse, StorageFull, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseInUse, MaildropInUse, StorageFull, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks
 from mailgate.store.reads import ThreadedMessageReads
 from mailgate.store.schema import upgradeConnection
@@ -540,7 +540,7 @@ class SQLiteEngine:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ConfigurationError(
+                raise DatabaseInUse(
                     f"{self.path} is in use by another mailgate server "
                     f"(an embedded SQLite database serves one process; use "
                     f"PostgreSQL for several nodes)"
