@@ -587,3 +587,74 @@ def test_importThroughPOP3KeepsFirstLinesThatStartWithADot(dovecot):
             assert session.command(f"RETR {n}").encode() == b"+OK %d octets\r\n%s.\r\n" % (len(message), stuffed)
     finally:
         store.close()
+
+
+#: Messages of a maildir whose Dovecot has pop3_reuse_xuidl = yes (a site
+#: that came from a server writing X-UIDL fields, qpopper's mbox): the id
+#: Dovecot serves for each, as a client keeps it.
+X_UIDL_MESSAGES = [
+    (b"X-UIDL: plain1\n\nbody\n", "plain1"),
+    (b"X-UIDL:   \tleading2\n\nbody\n", "leading2"),
+    (b"x-uidl: lower3\r\n\r\nCRLF body\r\n", "lower3"),
+    (b"Subject: s\nX-UIDL : spaced4\nX-UIDL: second\n\nbody\n", "spaced4"),
+    # Served as "trailing5   ", and "two words6": clients keep one word.
+    (b"X-UIDL: trailing5   \n\nbody\n", "trailing5"),
+    (b"X-UIDL: two words6\n\nbody\n", "two"),
+    # In the body, or a folded line's continuation: no such field.
+    (b"Subject: s\n\nX-UIDL: inbody\n", None),
+    (b"Subject: s\n X-UIDL: folded\n\nbody\n", None),
+    (b"Subject: no field\n\nbody\n", None),
+]
+
+
+def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
+    """
+    Dovecot with pop3_reuse_xuidl = yes serves a message's X-UIDL header
+    field as its unique id: import maildir --reuse-xuidl serves the same
+    ids (the first word of one with spaces, with a warning), and the
+    format's for the messages without one.  Before, every such message
+    got the format's id, and leave-on-server clients downloaded it again.
+    """
+    import io
+
+    from mailgate.cli import run
+
+    server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        now = int(time.time())
+        for n, (message, _) in enumerate(X_UIDL_MESSAGES):
+            sub = "cur" if n % 2 else "new"
+            name = f"{now - 100 + n}.M{n}P1.host" + (":2,S" if sub == "cur" else "")
+            with open(os.path.join(server.maildir(ALICE), sub, name), "wb") as f:
+                f.write(message)
+        server.own(server.maildir(ALICE))
+        server.start()
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert server.errorsLogged() == []
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+    finally:
+        server.cleanup()
+    kept = [" ".join(line.split()[:2]) for line in uidl]
+    assert [line.split()[1] for line in kept] == [
+        expected or line.split()[1] for line, (_, expected) in zip(kept, X_UIDL_MESSAGES)
+    ]
+    database = newDatabase(tmp_path, "target.sqlite3")
+    out, err = io.StringIO(), io.StringIO()
+    code = run(
+        ["--database", database, "import", "maildir", files, ALICE, "--reuse-xuidl"],
+        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+    )
+    assert code == 0, (out.getvalue(), err.getvalue())
+    assert out.getvalue().startswith(f"{len(X_UIDL_MESSAGES)} messages imported (")
+    assert [line.split(": ", 2)[2] for line in err.getvalue().splitlines()] == [
+        "X-UIDL 'trailing5   ' has a space; imported as 'trailing5', its first word, which clients keep",
+        "X-UIDL 'two words6' has a space; imported as 'two', its first word, which clients keep",
+    ]
+    store = memoryStore(database)
+    try:
+        assert servedByMailgate(store) == (kept, listing)
+    finally:
+        store.close()

@@ -22,6 +22,7 @@ from mailgate.importers.maildir import (
     dovecotOrder,
     importMaildir,
     readUidList,
+    xUidlField,
 )
 from mailgate.importers.pop3 import parseURL
 from mailgate.importers.uidlformat import formatUidl
@@ -108,6 +109,36 @@ def test_lineEndsAsPOP3ServesThem(tmp_path):
         assert whole == toCRLF(data), blockSize
         assert source.size == len(whole)
         assert source.headerSize == len(b"Subject: x\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "message, value",
+    [
+        (b"X-UIDL: a1\r\n\r\n", b"a1"),
+        # A header line far longer than what is held of it, before the field.
+        (b"Subject: " + b"x" * (3 << 20) + b"\nX-UIDL: after-a-long-line\n\nbody\n", b"after-a-long-line"),
+        (b"X-UIDL: " + b"y" * (1 << 20) + b"\n\n", b"y" * ((1 << 16) - len(b"X-UIDL: "))),
+        # No empty line: the whole message is its header.
+        (b"Subject: s\nX-UIDL: last", b"last"),
+        (b"\nX-UIDL: in the body\n", None),
+        (b"\r\nX-UIDL: in the body\n", None),
+        (b"X-UIDLS: other\n\n", None),
+        (b"", None),
+    ],
+)
+def test_theXUIDLFieldOfAMessageFile(tmp_path, message, value):
+    """
+    Where Dovecot serves a message's X-UIDL field (pop3_reuse_xuidl): the
+    field's value is found in the header alone, reading a line at a time
+    and holding at most 64 KiB of one.
+    """
+    path = tmp_path / "message"
+    path.write_bytes(message)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert xUidlField(fd) == value
+    finally:
+        os.close(fd)
 
 
 def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):

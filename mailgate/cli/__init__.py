@@ -20,7 +20,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox show ADDRESS MESSAGE
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
-  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT]
+  mailgate import maildir DIR ADDRESS [--uidl-format FORMAT] [--uidlist FILE] [--reuse-xuidl]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
@@ -434,6 +434,12 @@ def buildParser():
         metavar="FILE",
         help="the maildir's dovecot-uidlist, where Dovecot keeps it outside the maildir (CONTROL= in "
         "mail_location, e.g. ~/control/.INBOX/dovecot-uidlist; default: DIR/dovecot-uidlist)",
+    )
+    imaildir.add_argument(
+        "--reuse-xuidl",
+        action="store_true",
+        help="where Dovecot has pop3_reuse_xuidl = yes: a message's X-UIDL header field is its unique id "
+        "(a saved one still comes first, the --uidl-format after it)",
     )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(

@@ -61,6 +61,24 @@ def validUidl(uidl):
     return bool(_UIDL.fullmatch(uidl))
 
 
+#: The white space that ends a word of a unique id, as clients read one
+#: (C's isspace: fetchmail's sscanf): not Python's, which also takes
+#: control characters such as 0x1C and Unicode's spaces.
+_CLIENT_SPACES = " \t\r\n\v\f"
+_CLIENT_SPACE = re.compile(r"[ \t\r\n\v\f]+")
+
+
+def clientsWord(uidl):
+    """
+    The part of a served unique id that clients keep, fetchmail and
+    Thunderbird reading it as one word: its first, the white space around
+    it left out.  (An id with spaces is no RFC 1939 id, but a server that
+    copies it from somewhere, Dovecot from an X-UIDL header field, serves
+    it as it is.)
+    """
+    return _CLIENT_SPACE.split(uidl.strip(_CLIENT_SPACES), 1)[0]
+
+
 def renameDuplicates(uidls):
     """
     The unique ids to import C{uidls} under, in order: each the same,

@@ -17,7 +17,9 @@ same unique ids.
     (uidvalidity), C{%f} (the file's base name), C{%g} (the message's
     GUID: the list's C{G} field, else the base name) and C{%m} (the MD5 of
     the header, in hex; Dovecot itself has it for mbox only).  A maildir
-    without C{dovecot-uidlist} has no uids: its default is C{%f}.
+    without C{dovecot-uidlist} has no uids: its default is C{%f}.  With
+    Dovecot's C{pop3_reuse_xuidl}, a message's own C{X-UIDL} header field
+    comes before the format (after a saved id).
   - Content: octet for octet, LF line ends served as CRLF (what Dovecot's
     LIST counts and RETR sends).
 """
@@ -37,6 +39,8 @@ from mailgate.importers import (
     ImportFailed,
     ImportReport,
     NotAFile,
+    clientsWord,
+    openRegularFile,
     renameDuplicates,
     validUidl,
 )
@@ -327,7 +331,8 @@ def _arrival(message, source, now):
     return now
 
 
-def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None):
+def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
+                  reuseXUidl=False):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -340,6 +345,8 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     @param now: the time (default: the clock's), for messages without a
         plausible arrival time.
     @param progress: called with a line of text now and then.
+    @param reuseXUidl: whether Dovecot serves a message's X-UIDL header
+        field as its unique id (its C{pop3_reuse_xuidl = yes}).
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
@@ -368,7 +375,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     messages = listMaildir(directory, uidList)
     report = ImportReport()
     try:
-        _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress)
+        _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
     except MailgateError as e:
         report.failures.append(
             f"writing to the maildrop of {address} failed: {e}; the batch under way was not imported"
@@ -406,8 +413,8 @@ def _noUidList(directory, progress):
         )
 
 
-def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress):
-    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress)
+def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl=False):
+    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl)
     writer = BatchWriter(store, address, report)
     for message, uidl in zip(messages, uidls):
         if uidl is None:
@@ -418,7 +425,7 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
     writer.flush()
 
 
-def _uniqueIds(messages, uidList, uidlFormat, report, progress):
+def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False):
     """
     Each message's unique id, or C{None} for one that has none POP3 can
     carry (a failure in the report).  All are known before anything is
@@ -426,7 +433,7 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress):
     message has (L{renameDuplicates}).
     """
     needsMD5 = usesVariable(uidlFormat, "m")
-    own = [_ownUniqueId(message, uidList, uidlFormat, needsMD5, report) for message in messages]
+    own = [_ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl, progress) for message in messages]
     renamed = iter(renameDuplicates([uidl for uidl in own if uidl is not None]))
     uidls = []
     for message, uidl in zip(messages, own):
@@ -439,7 +446,7 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress):
     return uidls
 
 
-def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report):
+def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=False, progress=None):
     """
     The unique id Dovecot serves for C{message} (repeats not renamed
     yet), or C{None} (a failure in the report).
@@ -448,6 +455,11 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report):
     uidl = message.fields.get("P")
     if uidl == "":
         uidl = message.base
+    if uidl is None and reuseXUidl:
+        # Dovecot's pop3_reuse_xuidl: the header field's, before the format.
+        found, uidl = _xUidl(message, report, progress)
+        if not found:
+            return None
     if uidl is None:
         variables = {
             "u": None if message.uid is None else str(message.uid),
@@ -475,6 +487,91 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report):
     return _checked(message, uidl, report)
 
 
+def _xUidl(message, report, progress):
+    """
+    The unique id Dovecot serves for C{message} with C{pop3_reuse_xuidl}:
+    the value of its header's first X-UIDL field, cut to the word clients
+    keep (L{clientsWord}: Dovecot serves the value as it is, spaces and
+    all), said so if it had to be cut.
+
+    @return: C{(True, id)}, C{(True, None)} if the header has no such
+        field (the format gives the id), or C{(False, None)} if the file
+        could not be read (a failure in the report).
+    """
+    fd = _openMessage(message, report, opener=lambda path: openRegularFile(path)[0])
+    if fd is None:
+        return False, None
+    try:
+        value = xUidlField(fd)
+    except OSError as e:
+        report.failures.append(f"{message.path}: {e.strerror}")
+        return False, None
+    finally:
+        os.close(fd)
+    if value is None:
+        return True, None
+    uidl = value.decode("utf-8", "surrogateescape")
+    word = clientsWord(uidl)
+    if word != uidl and word and progress is not None:
+        progress(f"{message.path}: X-UIDL {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
+                 f"its first word, which clients keep")
+    return True, word
+
+
+#: How much of one header line is kept while looking for X-UIDL (the rest
+#: of a longer line is skipped, never held).
+_MAX_FIELD_LINE = 1 << 16
+
+
+def xUidlField(fd):
+    """
+    The value of the first X-UIDL field in the header of the message file
+    open as C{fd}, as Dovecot's C{mail_get_first_header} finds it: the
+    name compared without case, white space allowed before the colon, the
+    value from its first octet that is no space or tab to the end of the
+    field's first line.  C{None} if the header has none.
+
+    Read line by line up to the header's end, never more than
+    L{_MAX_FIELD_LINE} octets of a line held.
+    """
+    for line in _lines(fd):
+        line = line.rstrip(b"\r")
+        if not line:
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and name.rstrip(b" \t").lower() == b"x-uidl" and not name[:1].isspace():
+            return value.lstrip(b" \t")
+    return None
+
+
+def _lines(fd, blockSize=1 << 16):
+    """
+    The lines of the file open as C{fd} from its start, without their LF,
+    each cut to L{_MAX_FIELD_LINE} octets.
+    """
+    offset, line, cut = 0, b"", False
+    while True:
+        block = os.pread(fd, blockSize, offset)
+        if not block:
+            if line or cut:
+                yield line
+            return
+        offset += len(block)
+        start = 0
+        while True:
+            end = block.find(b"\n", start)
+            piece = block[start:] if end < 0 else block[start:end]
+            if not cut:
+                line += piece
+                if len(line) > _MAX_FIELD_LINE:
+                    line, cut = line[:_MAX_FIELD_LINE], True
+            if end < 0:
+                break
+            yield line
+            line, cut = b"", False
+            start = end + 1
+
+
 def _checked(message, uidl, report):
     if validUidl(uidl):
         return uidl
@@ -482,16 +579,17 @@ def _checked(message, uidl, report):
     return None
 
 
-def _openMessage(message, report):
+def _openMessage(message, report, opener=FileSource):
     """
-    C{message}'s file as a L{FileSource}, or C{None} (a failure in the
-    report).  A file the mail server renamed since the listing (Dovecot
-    does, moving it from C{new/} to C{cur/} or changing its flags) is
-    looked for again under its base name, a few times at most.
+    C{message}'s file as a L{FileSource} (or what C{opener} makes of its
+    path), or C{None} (a failure in the report).  A file the mail server
+    renamed since the listing (Dovecot does, moving it from C{new/} to
+    C{cur/} or changing its flags) is looked for again under its base
+    name, a few times at most.
     """
     for _ in range(3):
         try:
-            return FileSource(message.path)
+            return opener(message.path)
         except FileNotFoundError:
             moved = _findAgain(message)
             if moved is None:

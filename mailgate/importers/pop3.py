@@ -44,7 +44,15 @@ from urllib.parse import unquote, urlsplit
 from zope.interface import implementer
 
 from mailgate.errors import MailgateError
-from mailgate.importers import BatchWriter, ImportFailed, ImportReport, fired, renameDuplicates, validUidl
+from mailgate.importers import (
+    BatchWriter,
+    ImportFailed,
+    ImportReport,
+    clientsWord,
+    fired,
+    renameDuplicates,
+    validUidl,
+)
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
 from mailgate.urls import shownURL
@@ -64,11 +72,9 @@ MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: can take.  (C{str.isdigit} also takes "²" or "١", which C{int} refuses
 #: or reads as another number.)
 _LISTED_NUMBER = re.compile(r"[0-9]{1,20}")
-#: The white space that ends a word of a unique id, as clients read one
-#: (C's isspace: fetchmail's sscanf): not Python's, which also takes
-#: control characters such as 0x1C and Unicode's spaces.
+#: The white space around a unique id in a UIDL line, as clients read one
+#: (C's isspace: fetchmail's sscanf; see L{clientsWord}).
 _SPACES = " \t\r\n\v\f"
-_SPACE = re.compile(r"[ \t\r\n\v\f]+")
 
 
 def _printable(text):
@@ -764,7 +770,7 @@ def _importable(listing, report, warn):
     """
     words = []
     for number, uidl in listing:
-        word = _SPACE.split(uidl.strip(_SPACES), 1)[0]
+        word = clientsWord(uidl)
         if word != uidl and warn is not None:
             warn(f"message {number}: unique id {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
                  f"its first word, which clients keep")
