@@ -490,7 +490,9 @@ class ILifecycleStore(Interface):
         user's retention, under each maildrop's POP3 lock taken without
         waiting (busy maildrops are skipped).
 
-        @return: a L{Deferred} of C{(messages removed, maildrops skipped)}.
+        @return: a L{Deferred} of C{(messages removed, maildrops
+            skipped)}, a L{mailgate.records.ExpiryPass} that also says how
+            many maildrops were examined.
         """
 
     def purgeDeleted(limit=500):

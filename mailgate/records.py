@@ -129,6 +129,27 @@ class QuotaStatus:
         return True
 
 
+class ExpiryPass(tuple):
+    """
+    What one pass of the retention task did
+    (L{mailgate.interfaces.ILifecycleStore.expireMessages}): the pair
+    C{(messages removed, maildrops skipped because busy)}, and
+    L{examined}, how many maildrops it worked on, those in which it found
+    nothing to remove included.
+
+    A maildrop is a candidate by the oldest arrival kept for it, a lower
+    bound that a POP3 deletion leaves behind; a pass that finds nothing
+    older than the retention there makes it exact, so the next pass goes
+    on to other maildrops.  A pass that removed nothing but examined some
+    is therefore no sign that the task is done.
+    """
+
+    def __new__(cls, removed, busy, examined):
+        self = super().__new__(cls, (removed, busy))
+        self.examined = examined
+        return self
+
+
 @attr.s(frozen=True, slots=True)
 class DeletedMessage:
     """

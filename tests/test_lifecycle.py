@@ -845,6 +845,36 @@ def test_retentionServiceRunsPeriodically(store):
     assert not reactor.getDelayedCalls()
 
 
+def test_aRoundGoesOnPastAPageOfMaildropsWithNothingToRemove(store):
+    """
+    A round of the retention task goes on to the next maildrops when a
+    pass found nothing to remove in a whole page of them: a POP3 deletion
+    leaves a maildrop's oldest arrival behind (a lower bound), so the
+    maildrops of users who download and delete come first as candidates,
+    have nothing to remove, and used to end the round there, leaving
+    the expired mail of the maildrops after them for the next round, ten
+    minutes later (at 100 maildrops a round: never caught up with a
+    server of many such users).
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.store.housekeeping import RetentionService
+
+    addUser(store, CAROL, "carol")
+    clock = Clocked(store)
+    store.limits.expireDays = 1
+    for address, password in ((ALICE, "wonderland"), (BOB, "builder")):
+        deliver(store, [address], message(1))
+        popDelete(store, address, password, 1)
+    clock.days(0.1)
+    deliver(store, [CAROL], message(2))
+    clock.days(2)
+    service = RetentionService(store, MemoryReactorClock())
+    service.usersPerPass = 2
+    assert resultOf(service.runOnce()) == (1, 0)
+    assert resultOf(store.listMessages(CAROL)) == []
+
+
 def test_expireCapability(store):
     def capa(session):
         return [line for line in session.command("CAPA").split("\r\n") if line.startswith("EXPIRE")]

@@ -147,10 +147,16 @@ class RetentionService(_Repeating):
             return (0, 0)
         expired = busy = 0
         for _ in range(self.maxPasses):
-            removed, skipped = yield store.expireMessages(self.usersPerPass, self.messagesPerTransaction)
+            done = yield store.expireMessages(self.usersPerPass, self.messagesPerTransaction)
+            removed, skipped = done
             expired += removed
             busy = skipped
-            if not removed:
+            # A pass that examined maildrops and found nothing to remove
+            # in them made their oldest arrivals exact (a POP3 deletion
+            # leaves it behind): the next pass finds others, which may
+            # hold expired mail.  Only a pass that did neither (no
+            # candidates left, or all of them in use) ends the round.
+            if not removed and not getattr(done, "examined", 0):
                 break
         purged = 0
         for _ in range(self.maxPasses):

@@ -29,7 +29,7 @@ import attr
 from twisted.internet import defer
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserChanged, UserExists
-from mailgate.records import DeletedMessage, QuotaStatus
+from mailgate.records import DeletedMessage, ExpiryPass, QuotaStatus
 from mailgate.store.bounds import formatSize
 from mailgate.store.database import updatesMailboxes
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
@@ -1098,12 +1098,13 @@ class LifecycleStore:
         waiting, through the store's locks, so this is safe on several
         nodes at once).
 
-        @return: a L{Deferred} of C{(messages removed, maildrops skipped
-            because busy)}; C{(0, 0)} while this node's clock runs ahead of
-            the database server's (L{SessionRegistry.clockAhead}).
+        @return: a L{Deferred} L{ExpiryPass}: C{(messages removed,
+            maildrops skipped because busy)}, and how many maildrops were
+            examined; C{(0, 0)} while this node's clock runs ahead of the
+            database server's (L{SessionRegistry.clockAhead}).
         """
         if self.sessions.clockAhead:
-            return defer.succeed((0, 0))
+            return defer.succeed(ExpiryPass(0, 0, 0))
         now = self._now()
 
         @defer.inlineCallbacks
@@ -1111,7 +1112,7 @@ class LifecycleStore:
             default, candidates = yield self.database.runInteraction(
                 _expirePass, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, users
             )
-            removed = busy = 0
+            removed = busy = examined = 0
             for userId in candidates:
                 try:
                     yield self.locks.acquire(userId)
@@ -1129,12 +1130,13 @@ class LifecycleStore:
                             messagesPerTransaction,
                         )
                         removed += count
+                    examined += 1
                 except MaildropLockLost:
                     # Another session may have the maildrop now.
                     busy += 1
                 finally:
                     yield self.locks.release(userId)
-            return removed, busy
+            return ExpiryPass(removed, busy, examined)
 
         return run()
 
