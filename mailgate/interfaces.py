@@ -420,7 +420,11 @@ class IMailStore(Interface):
         Enforce a minimum interval between a user's POP3 logins (RFC 2449
         LOGIN-DELAY): record this login unless the previous one was less
         than C{minimumInterval} seconds ago.  The check and the record are
-        one step: of two logins racing (on two nodes), one proceeds.
+        one step: of two logins racing (on two nodes), one proceeds.  Only
+        a completed login counts: one whose maildrop is released before
+        its session began (L{IMaildrop.sessionStarted}; a login refused
+        or cancelled after its credentials were checked) is taken back
+        before the maildrop's lock is released.
 
         @return: a L{Deferred} firing with L{True} if the login may proceed
             (it is recorded), L{False} if it came too soon (nothing is).

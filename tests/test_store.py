@@ -431,6 +431,41 @@ def test_recordLogin(anyStore):
     assert resultOf(clocked.recordLogin(user, 300)) is True
 
 
+def test_aRecordedLoginCountsOnlyOnceItsSessionBegins(anyStore):
+    """
+    A login recorded for LOGIN-DELAY whose maildrop is released before
+    its POP3 session began (refused or cancelled after the credentials
+    were checked) is taken back before the lock goes: the user's next
+    login is not held back by it, and the last login shown is the one
+    before.  One whose session began stays.
+    """
+    addUser(anyStore, ALICE, "pw")
+    now = [1000.0]
+    clocked = SQLMailStore(anyStore.database, anyStore.locks, clock=lambda: now[0])
+    user = resultOf(clocked.findUser(ALICE))
+
+    def lastLogin():
+        return [u.lastLogin for u in resultOf(clocked.listUsers()) if u.address == ALICE][0]
+
+    maildrop = resultOf(clocked.openMaildrop(user))
+    assert resultOf(clocked.recordLogin(user, 300)) is True
+    maildrop.sessionStarted("192.0.2.1:1")
+    resultOf(maildrop.release())
+    assert lastLogin() == 1000
+    now[0] += 300
+    for _ in range(2):
+        maildrop = resultOf(clocked.openMaildrop(user))
+        assert resultOf(clocked.recordLogin(user, 300)) is True
+        resultOf(maildrop.release())
+        assert lastLogin() == 1000
+    maildrop = resultOf(clocked.openMaildrop(user))
+    assert resultOf(clocked.recordLogin(user, 300)) is True
+    maildrop.sessionStarted("192.0.2.1:1")
+    resultOf(maildrop.release())
+    assert lastLogin() == 1300
+    assert resultOf(clocked.recordLogin(user, 300)) is False
+
+
 # -- schema and connection ---------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
@@ -653,12 +654,35 @@ _deliver = BatchableWrite(
 
 @updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
 def _recordLogin(cursor, userId, now, minimumInterval):
+    """
+    Record a login at C{now} unless the previous one is less than
+    C{minimumInterval} seconds old (the row is locked first, see
+    L{updatesMailboxes}).
+
+    @return: C{(recorded, previous)}: the last login it replaced, for
+        L{_forgetLogin} should the login not complete.
+    """
+    cursor.execute("SELECT last_login FROM mailboxes WHERE user_id = ?", (userId,))
+    row = cursor.fetchone()
     cursor.execute(
         "UPDATE mailboxes SET last_login = ? WHERE user_id = ? "
         "AND (last_login IS NULL OR last_login <= ?)",
         (now, userId, now - minimumInterval),
     )
-    return cursor.rowcount == 1
+    return cursor.rowcount == 1, None if row is None else row[0]
+
+
+@updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
+def _forgetLogin(cursor, userId, recordedAt, previous):
+    """
+    Take back a login L{_recordLogin} recorded at C{recordedAt} that did
+    not complete: the last login is C{previous} again, unless something
+    newer was written meanwhile.
+    """
+    cursor.execute(
+        "UPDATE mailboxes SET last_login = ? WHERE user_id = ? AND last_login = ?",
+        (previous, userId, recordedAt),
+    )
 
 
 def _uniqueIds(cursor, userId, low, high):
@@ -700,6 +724,10 @@ class SQLMailStore(lifecycle.LifecycleStore):
         self._opened = 0
         # Address to user id, used and kept by the writer thread alone.
         self._userIds = {}
+        # User id to (identity, when, the last login before) of a login
+        # recorded for LOGIN-DELAY whose session has not begun yet (see
+        # recordLogin).
+        self._loginsNotBegun = {}
         self.limits = lifecycle.StoreLimits()
 
     @property
@@ -762,7 +790,25 @@ class SQLMailStore(lifecycle.LifecycleStore):
         )
 
     def recordLogin(self, identity, minimumInterval):
-        return self.database.runWrite(_recordLogin, identity.userId, self._now(), minimumInterval)
+        """
+        See L{IMailStore.recordLogin}.  The login is recorded before the
+        client is told (check and record in one step, under the maildrop's
+        lock), but counts only once its session begins
+        (L{SQLMaildrop.sessionStarted}): a maildrop released before that
+        (a login refused or cancelled after its credentials were checked:
+        SCRAM's client turning down the server's proof, an address banned
+        meanwhile, a client gone) takes it back, so that it does not hold
+        the user's next login back for LOGIN-DELAY.
+        """
+        userId, now = identity.userId, self._now()
+
+        def recorded(result):
+            allowed, previous = result
+            if allowed:
+                self._loginsNotBegun[userId] = (identity, now, previous)
+            return allowed
+
+        return self.database.runWrite(_recordLogin, userId, now, minimumInterval).addCallback(recorded)
 
     def openMaildrop(self, identity):
         userId = identity.userId
@@ -802,6 +848,8 @@ class SQLMaildrop:
     #: their first chunks (whole messages, or long messages' headers)
     readAhead = 32
     readAheadOctets = 256 * 1024
+    log = Logger()
+
     #: for TOP n 0, messages whose headers are read per trip, and the
     #: octets of those headers (a client listing headers asks for them all)
     headerReadAhead = 100
@@ -829,6 +877,10 @@ class SQLMaildrop:
         self._lastOpened = {False: None, True: None}
         self.peer = None
         self._session = None
+        self._identity = identity
+        # Whether the POP3 session began (sessionStarted): the login
+        # completed.
+        self._begun = False
 
     def sessionStarted(self, peer, end=None, lockLost=None):
         """
@@ -840,6 +892,9 @@ class SQLMaildrop:
         lost (L{IMaildropLocks.whenLost}).
         """
         self.peer = peer
+        # The login is complete: what recordLogin recorded stays.
+        self._begun = True
+        self._store._loginsNotBegun.pop(self._userId, None)
         self._session = self._store.sessions.started(self, peer, end)
         if lockLost is not None and not self._released:
             self._store.locks.whenLost(self._userId, lockLost)
@@ -984,7 +1039,17 @@ class SQLMaildrop:
         session, self._session = self._session, None
         if session is not None:
             self._store.sessions.ended(session)
-        return defer.maybeDeferred(self._store.locks.release, self._userId)
+        notBegun = None if self._begun else self._store._loginsNotBegun.get(self._userId)
+        if notBegun is None or notBegun[0] is not self._identity:
+            return defer.maybeDeferred(self._store.locks.release, self._userId)
+        del self._store._loginsNotBegun[self._userId]
+        # Released before its session began: the login did not complete,
+        # and its record is taken back while the lock still keeps other
+        # logins of the user out (and before a refusal waiting for this
+        # release goes out).  Should that fail, the lock goes all the same.
+        d = self._store.database.runWrite(_forgetLogin, self._userId, *notBegun[1:])
+        d.addErrback(lambda failure: self.log.failure("taking back a login that did not complete", failure))
+        return d.addCallback(lambda _: self._store.locks.release(self._userId))
 
 
 _LOCK_LOST = lifecycle.LOCK_LOST
