@@ -64,6 +64,37 @@ def test_userQuota(cli, store):
     assert listed(cli)[BOB] == ["0", "0", "off", "default", "default", "default"]
 
 
+def test_aCommandThatLeavesTheMailboxFullSaysSo(cli, store):
+    """
+    A quota set below the use, and a restore that brings the use to the
+    quota or past it (restores are never refused), leave a mailbox that
+    refuses every new message (452 4.2.2, for days, then a bounce): the
+    command says so, on standard error, and still succeeds.  A quota
+    with room left, and a user whose limits this command does not know
+    (the server's default, without --config), get no such word.
+    """
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    full = f"mailgate: warning: {ALICE} is full now ({{}}): new mail to it is refused until messages are removed or its quota is raised\n"
+
+    result = cli("user", "quota", ALICE, "50")
+    assert (result.code, result.err) == (0, full.format("63 octets of its 50")), result
+    result = cli("user", "quota", ALICE, "none", "--messages", "3")
+    assert (result.code, result.err) == (0, full.format("3 messages of its 3")), result
+    assert cli("user", "quota", ALICE, "1K", "--messages", "none").err == ""
+    assert cli("user", "quota", ALICE, "default", "--messages", "default").err == ""
+
+    ids = keptDeleted(store, ALICE, "wonderland", 1, 2)
+    assert cli("user", "quota", ALICE, "50").err == ""
+    result = cli("mailbox", "restore", ALICE, ids[0])
+    assert result.code == 0, result
+    assert result.out == f"restored {ids[0]}\n1 message restored to {ALICE}\n"
+    # 42 octets of 50: room left.
+    assert result.err == "", result
+    result = cli("mailbox", "restore", ALICE)
+    assert (result.code, result.err) == (0, full.format("63 octets of its 50")), result
+
+
 def test_mailboxListSaysWhenTheUserHasNoQuota(cli, store):
     """
     C{mailbox list} ends with the quota that applies: a user whose own

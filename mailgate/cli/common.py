@@ -266,6 +266,32 @@ def _limitValue(own, unit=None):
     return own
 
 
+def _warnIfFull(args, address, status):
+    """
+    Say (a warning on standard error) when a command left C{address}'s
+    mailbox full, by C{status} (its L{mailgate.records.QuotaStatus} now):
+    a quota set below the use, or a restore past it (restores are never
+    refused), makes every new message refused, for days and then
+    bounced, which the command's own output did not tell.  Only the
+    limits known here count: the user's own, or the server's default
+    from C{--config}.
+    """
+    from mailgate.plural import counted
+
+    if status is None:
+        return
+    full = []
+    if status.quotaOctets is not None and status.usedOctets >= status.quotaOctets:
+        full.append(f"{counted(status.usedOctets, 'octet')} of its {status.quotaOctets}")
+    if status.quotaMessages is not None and status.usedMessages >= status.quotaMessages:
+        full.append(f"{counted(status.usedMessages, 'message')} of its {status.quotaMessages}")
+    if full:
+        args.stderr.write(
+            f"mailgate: warning: {address} is full now ({' and '.join(full)}): new mail to it is refused "
+            "until messages are removed or its quota is raised\n"
+        )
+
+
 def _limit(text, parse, what):
     """
     A limit as the store keeps it, from C{default}, C{none} / C{never} or

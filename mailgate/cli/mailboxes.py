@@ -24,6 +24,7 @@ from mailgate.cli.common import (
     _number,
     _result,
     _time,
+    _warnIfFull,
 )
 from mailgate.errors import MaildropInUse
 from mailgate.store.bounds import MAX_DAYS
@@ -165,6 +166,8 @@ def _mailboxRestore(store, args, out, stdin):
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
     out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
+    if restored:
+        _warnIfFull(args, address, _result(store.quotaOf(address)))
     if missing:
         raise CommandError(
             f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR

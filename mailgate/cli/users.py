@@ -38,6 +38,7 @@ from mailgate.cli.common import (
     _readPassword,
     _result,
     _time,
+    _warnIfFull,
 )
 from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
@@ -284,6 +285,7 @@ def _userQuota(store, args, out, stdin):
     if "messages" in changes:
         text += f", messages: {describeLimit(changes['messages'])}"
     out.write(f"{text}; in use: {counted(status.usedMessages, 'message')}, {counted(status.usedOctets, 'octet')}\n")
+    _warnIfFull(args, address, status)
 
 
 def _userExpire(store, args, out, stdin):
