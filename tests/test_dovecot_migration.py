@@ -658,3 +658,53 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
         assert servedByMailgate(store) == (kept, listing)
     finally:
         store.close()
+
+
+def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
+    """
+    Dovecot with pop3_deleted_flag (IMAP and POP3 on one mailbox) keeps
+    what a POP3 client deletes, with that keyword, and no longer lists it
+    over POP3: import maildir --deleted-flag leaves such messages out
+    too.  Before, they were all imported, and the leave-on-server client
+    that had deleted them (and forgotten their ids) downloaded them again.
+    """
+    import io
+
+    from mailgate.cli import run
+
+    server = PrivateDovecot(extra="pop3_deleted_flag = POP3Deleted")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:4]:
+            server.deliver(ALICE, message)
+        client = server.pop3(ALICE, PASSWORD)
+        client.dele(2)
+        client.dele(4)
+        client.quit()
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert len(uidl) == 2
+        assert server.errorsLogged() == []
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+    finally:
+        server.cleanup()
+    assert len(os.listdir(os.path.join(files, "cur"))) == 4
+    database = newDatabase(tmp_path, "target.sqlite3")
+    out, err = io.StringIO(), io.StringIO()
+    code = run(
+        ["--database", database, "import", "maildir", files, ALICE, "--deleted-flag", "pop3deleted"],
+        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+    )
+    assert code == 0, (out.getvalue(), err.getvalue())
+    assert out.getvalue().startswith("2 messages imported (")
+    assert err.getvalue().endswith(
+        "2 of the messages have the keyword pop3deleted (pop3_deleted_flag: deleted by POP3 clients, "
+        "no longer listed by Dovecot): not imported\n"
+    )
+    store = memoryStore(database)
+    try:
+        assert servedByMailgate(store) == (uidl, listing)
+    finally:
+        store.close()

@@ -141,6 +141,32 @@ def test_theXUIDLFieldOfAMessageFile(tmp_path, message, value):
         os.close(fd)
 
 
+def test_theDeletedFlagIsReadFromTheKeywordsBesideTheUidList(store, tmp_path):
+    """
+    With --deleted-flag (Dovecot's pop3_deleted_flag), the keyword's
+    letter comes from the dovecot-keywords beside the dovecot-uidlist
+    (outside the maildir with CONTROL=); only the flags after a name's
+    last ":2," count.
+    """
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "dovecot-keywords").write_bytes(b"0 Junk\n1 $POP3Deleted\n")
+    directory = writeMaildir(tmp_path / "Maildir", [
+        ("cur", "1700000000.M1P1.host:2,Sb", b"Subject: deleted\n\n"),
+        ("cur", "1700000001.M1P1.host:2,a", b"Subject: junk\n\n"),
+        ("new", "1700000002.M1P1.host:2,b", b"Subject: deleted, still in new\n\n"),
+        ("cur", "1700000003.M1P1.b:2,S", b"Subject: a b in the name\n\n"),
+        ("cur", "1700000004.M1P1.host:2,S,b", b"Subject: b past the flags\n\n"),
+    ])
+    (control / "dovecot-uidlist").write_bytes(b"3 V1 N1\n")
+    report = importMaildir(store, directory, ALICE, uidListPath=str(control / "dovecot-uidlist"),
+                           deletedFlag="$pop3deleted")
+    assert (report.messages, report.failures) == (3, [])
+    assert [body.split(b"\r\n")[0] for body in pop3(store)[2]] == [
+        b"Subject: junk", b"Subject: a b in the name", b"Subject: b past the flags",
+    ]
+
+
 def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):
     """
     A maildir file is measured for POP3's dot-stuffing as it is read, in

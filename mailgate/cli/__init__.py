@@ -21,6 +21,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT] [--uidlist FILE] [--reuse-xuidl]
+                          [--deleted-flag KEYWORD]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
@@ -440,6 +441,12 @@ def buildParser():
         action="store_true",
         help="where Dovecot has pop3_reuse_xuidl = yes: a message's X-UIDL header field is its unique id "
         "(a saved one still comes first, the --uidl-format after it)",
+    )
+    imaildir.add_argument(
+        "--deleted-flag",
+        metavar="KEYWORD",
+        help="where Dovecot has pop3_deleted_flag = KEYWORD: the messages with that keyword (deleted by POP3 "
+        "clients, no longer listed by Dovecot) are left out",
     )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(

@@ -80,7 +80,7 @@ def _importMaildir(store, args, out, stdin):
         report = importMaildir(
             store, args.directory, address, args.uidl_format, int(time.time()),
             progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
-            reuseXUidl=args.reuse_xuidl,
+            reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag,
         )
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)

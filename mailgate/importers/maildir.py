@@ -20,6 +20,9 @@ same unique ids.
     without C{dovecot-uidlist} has no uids: its default is C{%f}.  With
     Dovecot's C{pop3_reuse_xuidl}, a message's own C{X-UIDL} header field
     comes before the format (after a saved id).
+  - Left out: with Dovecot's C{pop3_deleted_flag}, the messages that
+    carry that keyword (POP3 clients deleted them; Dovecot no longer
+    lists them).
   - Content: octet for octet, LF line ends served as CRLF (what Dovecot's
     LIST counts and RETR sends).
 """
@@ -47,6 +50,7 @@ from mailgate.importers import (
 from mailgate.importers.uidlformat import checkUidlFormat, formatUidl, usesVariable
 
 UIDLIST = "dovecot-uidlist"
+KEYWORDS = "dovecot-keywords"
 DEFAULT_FORMAT = "%08Xu%08Xv"
 FILENAME_FORMAT = "%f"
 INFO_SEPARATOR = ":"
@@ -332,7 +336,7 @@ def _arrival(message, source, now):
 
 
 def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
-                  reuseXUidl=False):
+                  reuseXUidl=False, deletedFlag=None):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -347,6 +351,8 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     @param progress: called with a line of text now and then.
     @param reuseXUidl: whether Dovecot serves a message's X-UIDL header
         field as its unique id (its C{pop3_reuse_xuidl = yes}).
+    @param deletedFlag: Dovecot's C{pop3_deleted_flag}, if it has one:
+        the messages with that keyword are left out.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
@@ -373,6 +379,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     except ValueError as e:
         raise ImportFailed(f"bad --uidl-format {uidlFormat!r}: {e}") from None
     messages = listMaildir(directory, uidList)
+    if deletedFlag is not None:
+        keywords = os.path.join(os.path.dirname(uidListPath) if uidListPath else directory, KEYWORDS)
+        messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
     report = ImportReport()
     try:
         _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
@@ -387,6 +396,61 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
 #: Files of Dovecot's index, in a maildir it has served (unless INDEX=
 #: puts them elsewhere too).
 _DOVECOT_INDEX = ("dovecot.index", "dovecot.index.log", "dovecot.index.cache")
+
+
+def _withoutKeyword(messages, keyword, keywordsPath, progress):
+    """
+    C{messages} without those whose file name carries C{keyword}, as
+    Dovecot leaves them out of POP3 (its C{pop3_deleted_flag}: POP3
+    clients deleted them, IMAP ones still see them).  A maildir file name
+    carries keywords as the letters C{a} to C{z} among its flags (after
+    its last C{:2,}), each standing for the keyword C{dovecot-keywords}
+    numbers 0 to 25; keywords are compared without case, as Dovecot
+    does.  Said how many were left out.
+
+    @raise ImportFailed: if C{dovecot-keywords} cannot be read.
+    """
+    letter = _keywordLetter(keywordsPath, keyword)
+    if letter is None:
+        return messages
+    kept = [m for m in messages if letter not in _flags(os.path.basename(m.path))]
+    if len(kept) < len(messages) and progress is not None:
+        progress(
+            f"{len(messages) - len(kept)} of the messages have the keyword {keyword} (pop3_deleted_flag: "
+            f"deleted by POP3 clients, no longer listed by Dovecot): not imported"
+        )
+    return kept
+
+
+def _keywordLetter(path, keyword):
+    """
+    The letter standing for C{keyword} in a maildir's file names, as its
+    C{dovecot-keywords} (lines C{<number> <keyword>}) gives it; C{None}
+    if it has none (or there is no such file: no keyword is used).
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 20).decode("utf-8", "surrogateescape").splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ImportFailed(f"cannot read {path}: {e.strerror}") from None
+    for line in lines:
+        number, _, name = line.partition(" ")
+        if _NUMBER.fullmatch(number) and int(number) < 26 and name.lower() == keyword.lower():
+            return chr(ord("a") + int(number))
+    return None
+
+
+def _flags(filename):
+    """
+    The flags of a maildir file name, as Dovecot reads them: what follows
+    its last C{:2,} (up to a further comma).
+    """
+    _, separator, info = filename.rpartition(INFO_SEPARATOR)
+    if not separator or not info.startswith("2,"):
+        return ""
+    return info[2:].split(",", 1)[0]
 
 
 def _noUidList(directory, progress):
