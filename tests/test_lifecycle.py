@@ -888,11 +888,12 @@ def test_expireCapability(store):
     assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE NEVER"]
     store.limits.expireDays = 30
     assert capa(POP3Session(store, factory=sessionFactory())) == ["EXPIRE 30"]
-    # Alice keeps mail 7 days: before login, USER says values differ.
+    # Alice keeps mail 7 days: before login, the shortest (what holds for
+    # whoever logs in), and USER says values differ.
     resultOf(store.setExpire(ALICE, 7))
     resultOf(store.retention.refresh())
     session = POP3Session(store, factory=sessionFactory())
-    assert capa(session) == ["EXPIRE 30 USER"]
+    assert capa(session) == ["EXPIRE 7 USER"]
     assert session.login(ALICE, "wonderland").startswith("+OK")
     assert capa(session) == ["EXPIRE 7"]
     session.command("QUIT")
@@ -905,6 +906,42 @@ def test_expireCapability(store):
     session = POP3Session(store, factory=sessionFactory())
     assert session.login(BOB, "builder").startswith("+OK")
     assert capa(session) == ["EXPIRE NEVER"]
+
+
+def test_expireBeforeLoginIsTheShortestRetentionAnyUserHas(store, monkeypatch):
+    """
+    RFC 2449 section 6.7: EXPIRE's argument is the server-guaranteed
+    minimum retention, and before login the client may be any user: the
+    value must hold for all of them, the shortest (NEVER the longest),
+    USER telling the client to ask again after login.  The server's
+    default was announced, promising the users with a shorter retention
+    of their own more than they get.
+    """
+    from mailgate.testing import pop3Factory
+
+    def capa():
+        session = POP3Session(store, factory=pop3Factory(store, expire=store.retention.capability))
+        return [line for line in session.command("CAPA").split("\r\n") if line.startswith("EXPIRE")]
+
+    # The default keeps mail for ever; Bob's is removed after 30 days.
+    resultOf(store.setExpire(BOB, 30))
+    resultOf(store.retention.refresh())
+    assert capa() == ["EXPIRE 30 USER"]
+    # Every user's own value longer than the default: the default.
+    store.limits.expireDays = 10
+    resultOf(store.setExpire(ALICE, UNLIMITED))
+    resultOf(store.retention.refresh())
+    assert capa() == ["EXPIRE 10 USER"]
+    # Shorter ones: the shortest.
+    resultOf(store.setExpire(ALICE, 3))
+    resultOf(store.retention.refresh())
+    assert capa() == ["EXPIRE 3 USER"]
+    # Read from memory, as refreshed: a CAPA is no trip to the database.
+    def noTrip(*args, **kwargs):
+        raise AssertionError("CAPA went to the database")
+
+    monkeypatch.setattr(store.database, "runInteraction", noTrip)
+    assert capa() == ["EXPIRE 3 USER"]
 
 
 # -- kept deleted mail -----------------------------------------------------------------

@@ -994,12 +994,16 @@ class Retention:
     def __init__(self, store):
         self._store = store
         self.overrides = {}
+        # The distinct retentions users have of their own (None: never),
+        # worked out once per refresh rather than at every CAPA.
+        self._ownDays = frozenset()
 
     def refresh(self):
         d = self._store.database.runInteraction(_expireOverrides)
 
         def got(overrides):
             self.overrides = overrides
+            self._ownDays = frozenset(self._store.limits.effective(days, None) for days in overrides.values())
 
         return d.addCallbacks(got, lambda failure: None)
 
@@ -1015,18 +1019,38 @@ class Retention:
 
     def variesPerUser(self):
         default = self.defaultDays
-        return any(self._store.limits.effective(days, default) != default for days in self.overrides.values())
+        return any(days != default for days in self._ownDays)
+
+    def shortest(self):
+        """
+        The shortest retention any user has, the server's default
+        included (it is every other user's, and a new user's): C{None}
+        only if every user's mail is kept for ever (C{NEVER} is the
+        longest).
+        """
+        days = [d for d in self._ownDays | {self.defaultDays} if d is not None]
+        return min(days) if days else None
 
     def capability(self, maildrop=None):
         """
-        The CAPA line: before login, the server's default, followed by
-        C{USER} when some users have another value; after login (given
-        the session's maildrop), the user's own.
+        The CAPA line: after login (given the session's maildrop), the
+        user's own retention; before it, the shortest any user has,
+        followed by C{USER} when users have different values.
+
+        EXPIRE's argument is the server-guaranteed minimum retention
+        (RFC 2449 section 6.7): before login the client may be any user,
+        so the value announced must hold for every one of them.  The
+        server's default with C{USER} promised a user whose mail is
+        removed sooner (C{mailgate user expire}) more than mailgate
+        keeps, and a client that reads CAPA only before login (and
+        leaves mail on the server) lost mail it thought kept; C{USER}
+        still tells clients to ask again after login for their own.
         """
         if maildrop is not None:
             days = maildrop.expireDays
             return "EXPIRE " + ("NEVER" if days is None else str(days))
-        line = "EXPIRE " + ("NEVER" if self.defaultDays is None else str(self.defaultDays))
+        days = self.shortest()
+        line = "EXPIRE " + ("NEVER" if days is None else str(days))
         return line + " USER" if self.variesPerUser() else line
 
 
