@@ -135,7 +135,9 @@ class ExpiryPass(tuple):
     (L{mailgate.interfaces.ILifecycleStore.expireMessages}): the pair
     C{(messages removed, maildrops skipped because busy)}, and
     L{examined}, how many maildrops it worked on, those in which it found
-    nothing to remove included.
+    nothing to remove included; L{removedFrom}, C{(address, messages
+    removed, the retention in days gone by)} for each maildrop it removed
+    messages from, for the log.
 
     A maildrop is a candidate by the oldest arrival kept for it, a lower
     bound that a POP3 deletion leaves behind; a pass that finds nothing
@@ -144,9 +146,10 @@ class ExpiryPass(tuple):
     is therefore no sign that the task is done.
     """
 
-    def __new__(cls, removed, busy, examined):
+    def __new__(cls, removed, busy, examined, removedFrom=()):
         self = super().__new__(cls, (removed, busy))
         self.examined = examined
+        self.removedFrom = list(removedFrom)
         return self
 
 

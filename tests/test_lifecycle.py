@@ -9,6 +9,7 @@ against the real database.
 """
 
 import pytest
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from mailgate.errors import NoSuchUser, QuotaExceeded
@@ -873,6 +874,41 @@ def test_aRoundGoesOnPastAPageOfMaildropsWithNothingToRemove(store):
     service.usersPerPass = 2
     assert resultOf(service.runOnce()) == (1, 0)
     assert resultOf(store.listMessages(CAROL)) == []
+
+
+def test_theRetentionTaskLogsEachMaildropItRemovedMessagesFrom(store, logEvents):
+    """
+    Each maildrop the retention task removed messages from is named in a
+    line of its own (C{retention.expired}: the user, how many, the
+    retention it went by), as a POP3 session's deletions are in its
+    C{pop3.logout} line: "where did my mail go" can be looked up.  Never
+    a message's content; a maildrop with nothing to remove has no line.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.store.housekeeping import RetentionService
+
+    clock = Clocked(store)
+    store.limits.expireDays = 30
+    resultOf(store.setExpire(BOB, 2))
+    for n in range(3):
+        deliver(store, [ALICE, BOB], message(n, 10))
+    clock.days(10)
+    deliver(store, [ALICE], message(9, 10))
+    resultOf(store.setExpire(ALICE, 5))
+    clock.days(1)
+    service = RetentionService(store, MemoryReactorClock())
+    assert resultOf(service.runOnce()) == (6, 0)
+    lines = sorted(
+        (e["user"], e["messages"], e["days"], formatEvent(e)) for e in logEvents if e.get("event") == "retention.expired"
+    )
+    assert lines == [
+        (ALICE, 3, 5, f"retention expired user={ALICE} messages=3 days=5"),
+        (BOB, 3, 2, f"retention expired user={BOB} messages=3 days=2"),
+    ]
+    assert not any("Subject" in repr(e) for e in logEvents if str(e.get("event")).startswith("retention."))
+    [total] = [e for e in logEvents if e.get("event") == "retention.removed"]
+    assert formatEvent(total) == "retention: removed 6 expired messages and 0 kept deleted messages"
 
 
 def test_expireCapability(store):

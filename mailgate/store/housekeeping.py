@@ -151,6 +151,17 @@ class RetentionService(_Repeating):
             removed, skipped = done
             expired += removed
             busy = skipped
+            for address, messages, days in getattr(done, "removedFrom", ()):
+                # Each maildrop on a line of its own, as a POP3 session's
+                # deletions are in its pop3.logout line: what removed a
+                # user's mail can be looked up.
+                self.log.info(
+                    "retention expired user={user} messages={messages} days={days}",
+                    user=address,
+                    messages=messages,
+                    days=days,
+                    event="retention.expired",
+                )
             # A pass that examined maildrops and found nothing to remove
             # in them made their oldest arrivals exact (a POP3 deletion
             # leaves it behind): the next pass finds others, which may

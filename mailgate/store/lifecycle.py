@@ -462,16 +462,18 @@ def _expireCandidates(cursor, now, defaultDays, limit):
     """
     Users whose maildrop may hold messages older than their retention
     allows, judged by each maildrop's C{oldest_arrival} (a lower bound:
-    a maildrop found here may turn out to have nothing to remove).
+    a maildrop found here may turn out to have nothing to remove): C{(user
+    id, address)} each, the address for the log.
     """
     cursor.execute(
-        "SELECT user_id FROM mailboxes WHERE oldest_arrival IS NOT NULL "
-        "AND coalesce(expire_days, ?) >= 0 "
-        "AND oldest_arrival < ? - coalesce(expire_days, ?) * ? "
-        "ORDER BY oldest_arrival LIMIT ?",
+        "SELECT b.user_id, u.address FROM mailboxes b JOIN users u ON u.user_id = b.user_id "
+        "WHERE b.oldest_arrival IS NOT NULL "
+        "AND coalesce(b.expire_days, ?) >= 0 "
+        "AND b.oldest_arrival < ? - coalesce(b.expire_days, ?) * ? "
+        "ORDER BY b.oldest_arrival LIMIT ?",
         (defaultDays, now, defaultDays, DAY, limit),
     )
-    return [row[0] for row in cursor.fetchall()]
+    return [tuple(row) for row in cursor.fetchall()]
 
 
 def _expireUser(cursor, userId, now, defaultDays, limit):
@@ -480,7 +482,8 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
     user's retention, oldest first, and make C{oldest_arrival} exact once
     nothing older is left.
 
-    @return: C{(messages removed, whether more may be left)}.
+    @return: C{(messages removed, whether more may be left, the
+        retention in days it went by)}.
     """
     # The mailbox row is locked first (an update that changes nothing):
     # a delivery to the user that is committing holds it, and what the
@@ -493,8 +496,9 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
     )
     row = cursor.fetchone()
     if row is None or row[0] < 0:
-        return 0, False
-    cutoff = now - row[0] * DAY
+        return 0, False, None
+    days = row[0]
+    cutoff = now - days * DAY
     cursor.execute(
         "SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ? ORDER BY uid LIMIT ?",
         (userId, cutoff, limit),
@@ -507,8 +511,8 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
             "WHERE user_id = ?",
             (userId, userId),
         )
-        return removed, False
-    return removed, True
+        return removed, False, days
+    return removed, True, days
 
 
 def _purgeDeleted(cursor, before, limit):
@@ -1137,30 +1141,35 @@ class LifecycleStore:
                 _expirePass, now, self._ownRetention(), now - SETTINGS_COUNT_FOR, self.sessions.nodeId, users
             )
             removed = busy = examined = 0
-            for userId in candidates:
+            removedFrom = []
+            for userId, address in candidates:
                 try:
                     yield self.locks.acquire(userId)
                 except MaildropInUse:
                     busy += 1
                     continue
+                fromThis = 0
                 try:
                     more = True
                     while more:
                         # Each transaction guarded, as a QUIT's is: should
                         # the lock be lost, a node that takes it reads the
                         # maildrop after the removals, not before.
-                        count, more = yield self.database.runWrite(
+                        count, more, days = yield self.database.runWrite(
                             Guarded.under(self.locks, userId, _expireUser), userId, now, default,
                             messagesPerTransaction,
                         )
-                        removed += count
+                        fromThis += count
                     examined += 1
                 except MaildropLockLost:
                     # Another session may have the maildrop now.
                     busy += 1
                 finally:
+                    removed += fromThis
+                    if fromThis:
+                        removedFrom.append((address, fromThis, days))
                     yield self.locks.release(userId)
-            return ExpiryPass(removed, busy, examined)
+            return ExpiryPass(removed, busy, examined, removedFrom)
 
         return run()
 
