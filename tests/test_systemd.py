@@ -555,6 +555,27 @@ def test_socketUnit():
     assert "systemd:domain=INET6:name=pop3" in example or "systemd:domain=INET:name=pop3" in example
 
 
+def test_theSocketIsEnabledBesideTheService():
+    """
+    The units' installation steps enable mailgate.socket together with
+    mailgate.service, never instead of it: a socket unit enabled alone
+    starts its service only at the first connection to it, so mailgate's
+    other listeners (LMTP for Postfix, SMTP, the metrics) were not there
+    after a boot until a POP3 client came (the service unit's comment
+    said "or mailgate.socket").
+    """
+    enables = [
+        line
+        for name in ("mailgate.service", "mailgate.socket")
+        for line in (UNITS / name).read_text().splitlines()
+        if "systemctl enable" in line
+    ]
+    withSocket = [line for line in enables if "mailgate.socket" in line]
+    assert withSocket
+    assert all("mailgate.service" in line for line in withSocket), withSocket
+    assert not any("or mailgate.socket" in line for line in enables), enables
+
+
 @pytest.mark.skipif(not pathlib.Path("/usr/bin/systemd-analyze").exists(), reason="systemd-analyze is not installed")
 def test_unitsVerify(tmp_path):
     import subprocess
