@@ -585,6 +585,17 @@ class ILifecycleStore(Interface):
         L{Deferred} dict, unique id to the set of sizes held under it.
         """
 
+    def removeImportedGone(address, listed):
+        """
+        Take out of a user's maildrop the messages an import brought in
+        whose unique id the source no longer lists (C{listed}: all it
+        lists now), kept for recovery; refused while the user is in a
+        POP3 session.
+
+        @return: a L{Deferred} of the unique ids taken out; fails with
+            L{mailgate.errors.NoSuchUser} or L{MaildropInUse}.
+        """
+
     def renameUser(old, new):
         """
         Give a user a new address, keeping the maildrop; refused while the

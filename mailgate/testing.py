@@ -331,6 +331,9 @@ class FaultInjectingStore:
     def existingUidls(self, address, uidls):
         return self._call("existingUidls", address, uidls)
 
+    def removeImportedGone(self, address, listed):
+        return self._call("removeImportedGone", address, listed)
+
     def renameUser(self, old, new):
         return self._call("renameUser", old, new)
 

@@ -21,7 +21,7 @@ import pytest
 
 from dovecotserver import PrivateDovecot, answers, requireDovecot
 from e2e import DEADLINE, MAILGATE, childEnvironment, mailgate_server, sqliteOnly  # noqa: F401
-from mailgate.testing import POP3Session, addUser, deliver, memoryStore
+from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 
 pytestmark = requireDovecot
 
@@ -708,3 +708,81 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
         assert servedByMailgate(store) == (uidl, listing)
     finally:
         store.close()
+
+
+def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
+    """
+    Between a first import and the switch, clients go on using Dovecot:
+    a leave-on-server client deletes a message there (by its rule, "remove
+    from the server after 14 days") and forgets its id once Dovecot no
+    longer lists it.  A later run with --mirror takes that message out of
+    mailgate too (kept for recovery), from the files and through POP3, so
+    that mailgate serves what Dovecot serves, plus the mail delivered to
+    mailgate itself.  Before, the message stayed, and the client
+    downloaded it again after the switch.
+    """
+    import io
+
+    from mailgate.cli import run
+    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.pop3 import importPOP3
+
+    server = PrivateDovecot()
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:3]:
+            server.deliver(ALICE, message)
+        url = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
+        fromFiles = newDatabase(tmp_path, "files.sqlite3")
+        fromPOP3 = newDatabase(tmp_path, "pop3.sqlite3")
+        firstRuns = {
+            fromFiles: lambda store: importMaildir(store, server.maildir(ALICE), ALICE),
+            fromPOP3: lambda store: importPOP3(store, url, ALICE, PASSWORD),
+        }
+        for database, firstRun in firstRuns.items():
+            store = memoryStore(database)
+            try:
+                report = firstRun(store)
+                assert (report.messages, report.failures) == (3, [])
+                deliver(store, [ALICE], b"Subject: delivered to mailgate\r\n\r\nkept\r\n")
+            finally:
+                store.close()
+        client = server.pop3(ALICE, PASSWORD)
+        deleted = (client.uidl(1).split()[2].decode(), int(client.list(1).split()[2]))
+        client.dele(1)
+        client.quit()
+        server.deliver(ALICE, lmtpMessages()[3])
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+
+        out, err = io.StringIO(), io.StringIO()
+        code = run(
+            ["--database", fromFiles, "import", "maildir", server.maildir(ALICE), ALICE, "--mirror"],
+            stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+        )
+        assert (code, err.getvalue()) == (0, ""), out.getvalue()
+        assert out.getvalue().endswith(", 2 skipped as already present, 1 taken out as gone from the source\n")
+        store = memoryStore(fromPOP3)
+        try:
+            report = importPOP3(store, url, ALICE, PASSWORD, mirror=True)
+            assert (report.messages, report.skipped, report.removed, report.failures) == (1, 2, 1, [])
+        finally:
+            store.close()
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    for database in (fromFiles, fromPOP3):
+        store = memoryStore(database)
+        try:
+            served = [[line.split()[1] for line in lines] for lines in servedByMailgate(store)]
+            # Dovecot's, the one delivered to mailgate among them, in the
+            # order they came.
+            assert [lines[:2] + lines[3:] for lines in served] == [
+                [line.split()[1] for line in lines] for lines in (uidl, listing)
+            ]
+            kept = resultOf(store.listDeleted(ALICE))
+            assert [(m.uniqueId, m.size, m.deletedBy) for m in kept] == [(*deleted, "import")]
+        finally:
+            store.close()

@@ -602,12 +602,46 @@ def test_importPOP3CommandUsage(databaseURL, store, tmp_path):
         ["import", "pop3", "pop3://host"],
         ["import", "pop3", "pop3://host", ALICE, "--users", str(users)],
         ["import", "pop3", "pop3://someone@host", "--users", str(users)],
+        ["import", "pop3", "pop3://host", ALICE, "--mirror", "--delete"],
     ):
         code, out, err = cli(databaseURL, *argv)
         assert code == 64, (argv, out, err)
         assert err.startswith("mailgate: ") and err.count("\n") == 1, err
     users.write_text("no-password-here@example.org\n")
     assert cli(databaseURL, "import", "pop3", "pop3://host", "--users", str(users))[0] == 65
+
+
+def test_mirrorTakesOutOnlyImportedMessagesTheSourceNoLongerHas(store, tmp_path):
+    """
+    --mirror takes out of the maildrop what an earlier run imported and
+    the maildir no longer has, kept for recovery: not mail delivered to
+    mailgate, not what is still there, and not while the user is in a
+    POP3 session (then a failure that passes: run it again).
+    """
+    directory = tmp_path / "Maildir"
+    writeMaildir(directory, MESSAGES, UIDLIST)
+    assert importMaildir(store, str(directory), ALICE).messages == 4
+    delivered = deliver(store, [ALICE], b"Subject: delivered here\r\n\r\nx\r\n")[ALICE]
+    uidl, _, _ = pop3(store)
+    (directory / "cur" / MESSAGES[0][1]).unlink()
+    (directory / "new" / MESSAGES[3][1]).unlink()
+    session = POP3Session(store)
+    assert session.login(ALICE, PASSWORD).startswith("+OK")
+    report = importMaildir(store, str(directory), ALICE, mirror=True)
+    assert (report.removed, report.temporary) == (0, True)
+    assert report.failures == [
+        f"{ALICE} is in a POP3 session here: what the source no longer has was not taken out"
+    ]
+    session.command("QUIT")
+    report = importMaildir(store, str(directory), ALICE, mirror=True)
+    assert (report.messages, report.skipped, report.removed, report.failures) == (0, 2, 2, [])
+    assert pop3(store)[0] == [uidl[1], uidl[2], delivered]
+    assert sorted(m.uniqueId for m in resultOf(store.listDeleted(ALICE))) == sorted([uidl[0], uidl[3]])
+    # Nothing more to take out; and what was taken out is not brought back.
+    (directory / "cur" / MESSAGES[0][1]).write_bytes(MESSAGES[0][2])
+    report = importMaildir(store, str(directory), ALICE, mirror=True)
+    assert (report.messages, report.skipped, report.removed, report.failures) == (0, 3, 0, [])
+    assert pop3(store)[0] == [uidl[1], uidl[2], delivered]
 
 
 def test_retrievedMessagesSpillToDiskAndLoseOnlyTheAddedLineEnd():

@@ -21,8 +21,8 @@ C{mailgate}: the administrator's command.
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT] [--uidlist FILE] [--reuse-xuidl]
-                          [--deleted-flag KEYWORD]
-  mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete] [--users FILE]
+                          [--deleted-flag KEYWORD] [--mirror]
+  mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete | --mirror] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
   mailgate nodes [--json]
@@ -448,6 +448,9 @@ def buildParser():
         help="where Dovecot has pop3_deleted_flag = KEYWORD: the messages with that keyword (deleted by POP3 "
         "clients, no longer listed by Dovecot) are left out",
     )
+    imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
+        "would download again; kept for recovery (mailgate mailbox deleted)")
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(
         "pop3",
@@ -469,6 +472,9 @@ def buildParser():
         "that offers no STLS in the clear (refused otherwise, except to this machine)",
     )
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
+        "would download again; kept for recovery (mailgate mailbox deleted)" + " (not with --delete)")
     ipop3.add_argument(
         "--max-message-size",
         metavar="SIZE",

@@ -80,7 +80,7 @@ def _importMaildir(store, args, out, stdin):
         report = importMaildir(
             store, args.directory, address, args.uidl_format, int(time.time()),
             progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
-            reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag,
+            reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag, mirror=args.mirror,
         )
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
@@ -191,6 +191,10 @@ def _importPOP3(store, args, out, stdin):
             "read it in the process list: give it on standard input (--password-stdin) or at the prompt",
             EX_USAGE,
         )
+    if args.mirror and args.delete:
+        # The next run would find the source without what this one
+        # deleted from it, and take it out here.
+        raise CommandError("--mirror and --delete do not go together: --delete empties the source", EX_USAGE)
     master = args.master_user
     if master is not None:
         if urlUser is not None:
@@ -247,6 +251,7 @@ def _importPOP3(store, args, out, stdin):
             report = importPOP3(
                 store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
                 warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{_shown(line)}\n"), maxSize=maxSize,
+                mirror=args.mirror,
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:

@@ -26,7 +26,7 @@ import stat
 import attr
 from zope.interface import implementer
 
-from mailgate.errors import MailgateError
+from mailgate.errors import MaildropInUse, MailgateError
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder
 from mailgate.plural import counted
@@ -116,6 +116,8 @@ class ImportReport:
     @ivar messages: messages imported.
     @ivar octets: their octets.
     @ivar skipped: messages already present (an earlier run imported them).
+    @ivar removed: messages an earlier run imported that the source no
+        longer has, taken out of the maildrop (L{removeGone}).
     @ivar failures: one line per message (or user) that could not be
         imported.
     @ivar temporary: whether some of the failures pass (writing to the
@@ -132,11 +134,13 @@ class ImportReport:
     skipped = attr.ib(default=0)
     failures = attr.ib(factory=list)
     temporary = attr.ib(default=False)
+    removed = attr.ib(default=0)
 
     def add(self, other):
         self.messages += other.messages
         self.octets += other.octets
         self.skipped += other.skipped
+        self.removed += other.removed
         self.failures += other.failures
         self.temporary = self.temporary or other.temporary
 
@@ -145,9 +149,32 @@ class ImportReport:
             f"{counted(self.messages, 'message')} imported ({counted(self.octets, 'octet')}), "
             f"{self.skipped} skipped as already present"
         )
+        if self.removed:
+            text += f", {self.removed} taken out as gone from the source"
         if self.failures:
             text += f", {len(self.failures)} failed"
         return text
+
+
+def removeGone(store, address, listed, report):
+    """
+    With C{--mirror}: take out of C{address}'s maildrop the messages an
+    earlier run imported whose unique id the source no longer lists
+    (C{listed}, every id it lists now): a client or the source's
+    retention deleted them there since, and a leave-on-server client,
+    which forgets the id of a message its server no longer lists, would
+    download them again from mailgate.  Kept for recovery, counted in the
+    report; a maildrop in a POP3 session is a failure that passes.
+    """
+    try:
+        gone = fired(store.removeImportedGone(address, listed))
+    except MaildropInUse:
+        report.failures.append(
+            f"{address} is in a POP3 session here: what the source no longer has was not taken out"
+        )
+        report.temporary = True
+        return
+    report.removed += len(gone)
 
 
 def toCRLF(data, pendingCR=False):

@@ -44,6 +44,7 @@ from mailgate.importers import (
     NotAFile,
     clientsWord,
     openRegularFile,
+    removeGone,
     renameDuplicates,
     validUidl,
 )
@@ -336,7 +337,7 @@ def _arrival(message, source, now):
 
 
 def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
-                  reuseXUidl=False, deletedFlag=None):
+                  reuseXUidl=False, deletedFlag=None, mirror=False):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -353,6 +354,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         field as its unique id (its C{pop3_reuse_xuidl = yes}).
     @param deletedFlag: Dovecot's C{pop3_deleted_flag}, if it has one:
         the messages with that keyword are left out.
+    @param mirror: whether to take out of the maildrop what an earlier
+        import brought in and the maildir no longer lists
+        (L{removeGone}).
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
@@ -384,7 +388,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
     report = ImportReport()
     try:
-        _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
+        listed = _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
+        if mirror:
+            removeGone(store, address, listed, report)
     except MailgateError as e:
         report.failures.append(
             f"writing to the maildrop of {address} failed: {e}; the batch under way was not imported"
@@ -487,6 +493,8 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
         if source is not None:
             writer.add(uidl, source, _arrival(message, source, now), message.path)
     writer.flush()
+    # What the maildir lists, imported now or not.
+    return [uidl for uidl in uidls if uidl is not None]
 
 
 def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False):

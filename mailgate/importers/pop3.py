@@ -50,6 +50,7 @@ from mailgate.importers import (
     ImportReport,
     clientsWord,
     fired,
+    removeGone,
     renameDuplicates,
     validUidl,
 )
@@ -688,7 +689,7 @@ def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
 
 def importPOP3(
     store, url, address, password, user=None, insecure=False, delete=False, warn=None, now=None,
-    maxSize=MAX_MESSAGE_SIZE,
+    maxSize=MAX_MESSAGE_SIZE, mirror=False,
 ):
     """
     Copy a live POP3 maildrop into C{address}'s, keeping its unique ids.
@@ -697,16 +698,24 @@ def importPOP3(
         C{address}).
     @param maxSize: the largest message imported, in octets; a larger one
         is a failure.
+    @param mirror: whether to take out of the maildrop, once the copy is
+        done, what an earlier import brought in and the source no longer
+        lists (L{removeGone}); not with C{delete}, which empties the
+        source.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the server cannot be reached or refuses the
         login; failures later on are in the report.
     """
+    if mirror and delete:
+        raise ValueError("mirror and delete: what delete takes from the source, mirror would take out here next")
     now = int(time.time()) if now is None else now
     client = connect(url, user or address, password, insecure, warn)
     report = ImportReport()
     try:
         try:
-            _copy(client, store, address, report, delete, now, maxSize, warn)
+            listed = _copy(client, store, address, report, delete, now, maxSize, warn)
+            if mirror:
+                removeGone(store, address, listed, report)
         except NoUniqueIds:
             raise
         except MailgateError as e:
@@ -758,6 +767,8 @@ def _copy(client, store, address, report, delete, now, maxSize, warn):
         finally:
             if delete:
                 _deleteCommitted(client, [numbers[uidl] for uidl in committed])
+    # What the source lists, imported now or not.
+    return [uidl for _, uidl in listing]
 
 
 def _importable(listing, report, warn):

@@ -872,6 +872,38 @@ def _importMessages(cursor, address, items):
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 
+def _removeImportedGone(cursor, address, listed, now, aliveSince, lockedId=None):
+    """
+    Take out of a user's maildrop the messages an import brought in (their
+    unique id and size in C{imported_ids}) whose unique id the source no
+    longer lists: deleted there since the import, by a client or by the
+    source's retention.  A leave-on-server client forgets the id of a
+    message its server no longer lists; served again here, the message
+    would be downloaded again.  They are kept for recovery as a POP3
+    deletion is (C{deleted_by} C{import}, for L{_keptLongest}'s days);
+    their ids stay remembered, so that no later run brings them back.
+
+    @param listed: every unique id the source lists now.
+    @param lockedId: the id of the user whose maildrop lock is held (see
+        L{lockedUserId}).
+    @return: the unique ids taken out, sorted.
+    @raise UserChanged: if C{address} is no longer C{lockedId}'s.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    userId = lockedUserId(cursor, address, lockedId)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(address)
+    cursor.execute(
+        "SELECT m.uid, m.uidl FROM maildrop m JOIN imported_ids i "
+        "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size WHERE m.user_id = ?",
+        (userId,),
+    )
+    gone = [(uid, uidl) for uid, uidl in cursor.fetchall() if uidl not in listed]
+    if gone:
+        _keepDeleted(cursor, userId, [uid for uid, _ in gone], now, "import")
+    return sorted(uidl for _, uidl in gone)
+
+
 def _inSession(cursor, userId, aliveSince):
     """
     Whether a live node's registry shows a POP3 session of the user.
@@ -1293,6 +1325,19 @@ class LifecycleStore:
         what it holds under it.
         """
         return self.database.runInteraction(_existingUidls, address, list(uidls))
+
+    def removeImportedGone(self, address, listed):
+        """
+        Take out of a user's maildrop what an import brought in and the
+        source no longer lists (see L{_removeImportedGone}), kept for
+        recovery; not while a POP3 session holds the maildrop.
+
+        @param listed: every unique id the source lists now.
+        @return: a L{Deferred} of the unique ids taken out; fails with
+            L{NoSuchUser} or L{MaildropInUse}.
+        """
+        now = self._now()
+        return self._underLock(address, _removeImportedGone, address, frozenset(listed), now, now - STALE_AFTER)
 
     def _underLock(self, address, write, *args):
         """
