@@ -99,6 +99,13 @@ NODE_SETTINGS = (
     "default_quota", "expire_days", "keep_deleted_days", "quota_warning", "quota_exceeded", "recipient_delimiter",
     "duplicate_window",
 )
+#: what the retention task removes for good: messages past their
+#: retention, and deleted mail past the days it is kept for recovery
+RETENTION_KINDS = ("expired", "purged")
+#: how a round of the retention task ended: done, failed (the database,
+#: say: the next round tries again), or skipped while this node's clock
+#: runs ahead of the database server's
+RETENTION_RESULTS = ("completed", "failed", "skipped")
 OTHER = "other"
 OTHER_COMMAND = "OTHER"
 #: distinct database operations labelled before the rest count as "other"
@@ -237,6 +244,15 @@ class Metrics:
             [("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
+        self._retentionRemoved = _Series(
+            counter, "mailgate_retention_removed_messages",
+            "Messages the retention task removed for good, by kind: expired, or kept deleted mail purged.",
+            ["kind"], RETENTION_KINDS,
+        )
+        self._retentionRounds = _Series(
+            counter, "mailgate_retention_rounds", "Rounds of the retention task, by how they ended.",
+            ["result"], RETENTION_RESULTS,
+        )
         self._settingsDiffer = _Series(
             gauge, "mailgate_node_settings_differ",
             "1 where another live node sharing the database works with another value of the setting.",
@@ -260,7 +276,7 @@ class Metrics:
             self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
-            self._certificateExpiry,
+            self._certificateExpiry, self._retentionRemoved, self._retentionRounds,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -431,6 +447,24 @@ class Metrics:
         holding connections without using them.
         """
         self._count(self._timeouts, (_bounded(protocol, PROTOCOLS), _bounded(kind, TIMEOUT_KINDS)))
+
+    def retentionRound(self, result):
+        """
+        A round of the retention task ended with C{result}, one of
+        L{RETENTION_RESULTS}: what an alert on a task that no longer
+        completes watches.
+        """
+        self._count(self._retentionRounds, _bounded(result, RETENTION_RESULTS))
+
+    def retentionRemoved(self, kind, count):
+        """
+        The retention task removed C{count} messages for good, of
+        C{kind}, one of L{RETENTION_KINDS} (counted as each of its passes
+        commits, so a round that fails later counts what it did): what an
+        alert on a sudden rise in removals watches.
+        """
+        if count:
+            self._count(self._retentionRemoved, _bounded(kind, RETENTION_KINDS), count)
 
     def writesFailing(self, reason):
         """

@@ -1224,7 +1224,7 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         )
         # The store's background work: retention, and what POP3 advertises
         # of it (refreshed like the APOP advertiser).
-        RetentionService(store, reactor, refreshInterval=APOP_REFRESH).setServiceParent(root)
+        RetentionService(store, reactor, refreshInterval=APOP_REFRESH, metrics=metrics).setServiceParent(root)
         # The node's heartbeat, with the settings it works with, and the
         # registry of its POP3 sessions (mailgate who, mailgate kick):
         # written by every node, so one that only takes mail in counts

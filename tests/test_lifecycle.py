@@ -911,6 +911,56 @@ def test_theRetentionTaskLogsEachMaildropItRemovedMessagesFrom(store, logEvents)
     assert formatEvent(total) == "retention: removed 6 expired messages and 0 kept deleted messages"
 
 
+def test_theRetentionTaskIsCountedInTheMetrics(store):
+    """
+    What the retention task removes, expired messages and purged kept
+    mail, is counted (C{mailgate_retention_removed_messages_total}), and
+    so is each round by how it ended
+    (C{mailgate_retention_rounds_total}: C{completed}, C{failed},
+    C{skipped} while the node's clock runs ahead): an alert can watch a
+    task that no longer completes, which the log tells only as a warning
+    per round, or a sudden rise in what it removes.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.metrics import Metrics
+    from mailgate.store.housekeeping import RetentionService
+    from mailgate.store.registry import ClockOffset
+    from test_metrics import value
+
+    metrics = Metrics()
+    clock = Clocked(store)
+    store.limits.expireDays = 1
+    store.limits.keepDeletedDays = 1
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    popDelete(store, ALICE, "wonderland", 1)
+    clock.days(2)
+    service = RetentionService(store, MemoryReactorClock(), metrics=metrics)
+
+    def counted():
+        return (
+            {kind: value(metrics, "mailgate_retention_removed_messages_total", kind=kind) for kind in ("expired", "purged")},
+            {r: value(metrics, "mailgate_retention_rounds_total", result=r) for r in ("completed", "failed", "skipped")},
+        )
+
+    assert counted() == ({"expired": 0, "purged": 0}, {"completed": 0, "failed": 0, "skipped": 0})
+    assert resultOf(service.runOnce()) == (2, 1)
+    assert counted() == ({"expired": 2, "purged": 1}, {"completed": 1, "failed": 0, "skipped": 0})
+
+    store.sessions.clockOffset = ClockOffset(3600.0, 0.01)
+    assert resultOf(service.runOnce()) == (0, 0)
+    store.sessions.clockOffset = None
+    assert counted()[1] == {"completed": 1, "failed": 0, "skipped": 1}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the retention pass failed")
+
+    store.expireMessages = broken
+    assert resultOf(service.runOnce()) == (0, 0)
+    assert counted() == ({"expired": 2, "purged": 1}, {"completed": 1, "failed": 1, "skipped": 1})
+
+
 def test_expireCapability(store):
     def capa(session):
         return [line for line in session.command("CAPA").split("\r\n") if line.startswith("EXPIRE")]

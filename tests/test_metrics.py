@@ -63,6 +63,8 @@ CONTRACT = {
     "mailgate_bans": ("gauge", set()),
     "mailgate_timeouts": ("counter", {"protocol", "kind"}),
     "mailgate_database_writes_failing": ("gauge", {"reason"}),
+    "mailgate_retention_removed_messages": ("counter", {"kind"}),
+    "mailgate_retention_rounds": ("counter", {"result"}),
 }
 
 

@@ -67,9 +67,11 @@ class RetentionService(_Repeating):
     maxPasses = 20
     log = Logger()
 
-    def __init__(self, store, reactor, interval=None, refreshInterval=None):
+    def __init__(self, store, reactor, interval=None, refreshInterval=None, metrics=None):
         self._store = store
         self._reactor = reactor
+        # Counts each round and what it removed (mailgate.metrics).
+        self._metrics = metrics
         if interval is not None:
             self.interval = interval
         if refreshInterval is not None:
@@ -123,6 +125,8 @@ class RetentionService(_Repeating):
                 self.log.warn("retention task: {reason}", reason=failure.value)
             else:
                 self.log.failure("retention task failed", failure)
+            if self._metrics is not None:
+                self._metrics.retentionRound("failed")
             return (0, 0)
 
         def done(result):
@@ -144,6 +148,8 @@ class RetentionService(_Repeating):
                 seconds=store.sessions.clockOffset.seconds,
                 event="retention.clock_ahead",
             )
+            if self._metrics is not None:
+                self._metrics.retentionRound("skipped")
             return (0, 0)
         expired = busy = 0
         for _ in range(self.maxPasses):
@@ -151,6 +157,8 @@ class RetentionService(_Repeating):
             removed, skipped = done
             expired += removed
             busy = skipped
+            if self._metrics is not None:
+                self._metrics.retentionRemoved("expired", removed)
             for address, messages, days in getattr(done, "removedFrom", ()):
                 # Each maildrop on a line of its own, as a POP3 session's
                 # deletions are in its pop3.logout line: what removed a
@@ -173,6 +181,8 @@ class RetentionService(_Repeating):
         for _ in range(self.maxPasses):
             removed = yield store.purgeDeleted(self.messagesPerTransaction)
             purged += removed
+            if self._metrics is not None:
+                self._metrics.retentionRemoved("purged", removed)
             if removed < self.messagesPerTransaction:
                 break
         if expired or purged:
@@ -190,6 +200,8 @@ class RetentionService(_Repeating):
             forgotten = yield store.forgetDeliveries(self.deliveriesPerTransaction)
             if forgotten < self.deliveriesPerTransaction:
                 break
+        if self._metrics is not None:
+            self._metrics.retentionRound("completed")
         return expired, purged
 
 
