@@ -786,3 +786,50 @@ def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
             assert [(m.uniqueId, m.size, m.deletedBy) for m in kept] == [(*deleted, "import")]
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("last", ["4 :{name}", "4 W12"])
+def test_uidListLinesAsDovecotReadsThem(tmp_path, last):
+    """
+    Dovecot reads dovecot-uidlist by lines ended with LF only: a file
+    name may hold U+2028 (which Python's splitlines also splits at), and
+    a last line without its LF (an append Dovecot has not finished, or
+    never did) is not read, its message numbered as a new one (after the
+    header's next uid).  import maildir reads it alike: before, such a
+    last line gave its message the uid in it (another unique id than
+    Dovecot's), or refused the whole maildir ("no file name"), and the
+    U+2028 name refused it too.
+    """
+    from mailgate.importers.maildir import importMaildir
+
+    server = PrivateDovecot()
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        now = int(time.time())
+        names = [f"{now - 10 + n}.M{n}P1.host" for n in range(4)]
+        names[1] += ".line\u2028separator"
+        for n, name in enumerate(names):
+            with open(os.path.join(server.maildir(ALICE), "cur", name + ":2,S"), "wb") as f:
+                f.write(b"Subject: %d\n\nbody\n" % n)
+        lines = ["3 V1234 N10 G0123456789abcdef0123456789abcdef"] + [f"{n + 1} :{names[n]}" for n in range(3)]
+        with open(os.path.join(server.maildir(ALICE), "dovecot-uidlist"), "wb") as f:
+            f.write("\n".join(lines + [last.format(name=names[3])]).encode())
+        server.own(server.maildir(ALICE))
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        server.start()
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    assert [line.split()[1] for line in uidl] == ["00000001000004d2", "00000002000004d2", "00000003000004d2",
+                                                 "0000000a000004d2"]
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        report = importMaildir(store, files, ALICE)
+        assert (report.messages, report.failures) == (4, [])
+        assert servedByMailgate(store) == (uidl, listing)
+    finally:
+        store.close()

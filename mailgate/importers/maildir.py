@@ -110,11 +110,20 @@ def readUidList(path):
     """
     try:
         with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+            data = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise ImportFailed(f"cannot read {path}: {e.strerror}") from None
+    # Lines as Dovecot reads them: ended by LF alone (a CR before it left
+    # out), not by the other line breaks of str.splitlines (a file name
+    # may hold U+2028 or U+0085); and a last line without its LF is one
+    # Dovecot is still appending (or never finished), which it does not
+    # read: its message is numbered as a new one.
+    lines = [
+        (line[:-1] if line.endswith(b"\r") else line).decode("utf-8", "surrogateescape")
+        for line in data.split(b"\n")[:-1]
+    ]
     if not lines:
         raise ImportFailed(f"{path} is empty")
     header = lines[0].split()
