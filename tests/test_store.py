@@ -995,6 +995,56 @@ def test_stoppingWorkersStuckInTheDatabaseWaitsTheTimeoutOnceInAll():
     assert len(pending) == 4
 
 
+def test_closingADatabaseStuckInStatementsWaitsTheTimeoutOnceForAllItsThreads(tmp_path, monkeypatch):
+    """
+    A database whose writer and readers are all stuck in statements (a
+    PostgreSQL server that hangs) waits for them THREADS_STOP_TIMEOUT
+    seconds in all when it closes, not that per pool: the wait holds the
+    reactor thread, and the writer's and then the readers' full bound held
+    a stop with a hung database for 20 s after the services' own 10 s.
+    Time is the test's own clock, advanced by each join by what it waits.
+    """
+    from mailgate.store import database as databaseModule
+
+    now = [1000.0]
+    monkeypatch.setattr(databaseModule, "monotonic", lambda: now[0])
+    engine = engineFromURL("sqlite:///" + str(tmp_path / "stuck.sqlite3"))
+    reactor = PumpedReactor()
+    database = Database(engine, reactor)
+    writer, readers = database._writer, database._readers
+    assert readers is not writer
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck(cursor):
+        started.release()
+        gate.wait(30)
+
+    threads = list(writer._threads) + list(readers._threads)
+    database.runWrite(stuck)
+    for _ in readers._threads:
+        database.runInteraction(stuck)
+    for _ in threads:
+        assert started.acquire(timeout=10)
+    waits = []
+
+    def join(timeout=None):
+        waits.append(timeout)
+        now[0] += timeout
+
+    for thread in threads:
+        thread.join = join
+    try:
+        database.close()
+        assert len(waits) == len(threads)
+        # 10 s in all (THREADS_STOP_TIMEOUT), where it was 10 s per pool.
+        assert sum(waits) <= 10.0 + 1e-6, waits
+    finally:
+        gate.set()
+        for thread in threads:
+            threading.Thread.join(thread, 10)
+
+
 def test_aWorkerDescheduledAfterHandingBackItsResultIsStillTheOneIdleLast():
     """
     A worker that the system deschedules right after handing a result

@@ -522,6 +522,12 @@ class WorkerThreads:
         self._threads = []
 
 
+#: seconds a closing L{Database} waits, in all, for its worker threads
+#: (writer and readers) to end the statements they are in; threads still
+#: stuck then (a hung database) are left to end with the process
+THREADS_STOP_TIMEOUT = 10.0
+
+
 @implementer(IDatabase)
 class Database:
     """
@@ -782,9 +788,16 @@ class Database:
     def _stopThreads(self):
         if self._started:
             self._started = False
-            self._writer.stop()
+            # One bound for the writer and the readers together, as each
+            # pool's is for its threads: this runs on the reactor thread,
+            # and with the database hung (the writer stuck in a heartbeat,
+            # a reader in a health check) a bound per pool held the
+            # process's stop twice as long, 20 s after the services' own
+            # 10 s (STOP_TIMEOUT in mailgate.service).
+            deadline = monotonic() + THREADS_STOP_TIMEOUT
+            self._writer.stop(THREADS_STOP_TIMEOUT)
             if self._readers is not self._writer:
-                self._readers.stop()
+                self._readers.stop(max(0.0, deadline - monotonic()))
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
