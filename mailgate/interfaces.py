@@ -393,7 +393,9 @@ class IMailStore(Interface):
             committed, with a dict mapping each address to its new unique id
             (or, for a recipient who already got this message, see
             L{IMessageSource.deliveryKey}, the L{mailgate.records.AlreadyDelivered}
-            id of that copy), or to a L{mailgate.errors.NoSuchUser}
+            id of that copy; for the copy that brought its user's use to a
+            quota warning, a L{mailgate.records.WarnedOfQuota} id), or to a
+            L{mailgate.errors.NoSuchUser}
             instance for an address that has no user (those get no copy;
             the others still do).  A failure means nothing was stored,
             except with L{mailgate.errors.CommitUncertain} (a temporary

@@ -83,6 +83,27 @@ def test_eachPercentageIsWarnedOfOnceAsTheUseGoesPastIt(store):
     assert subjects == ["Your mailbox is 80% full", "Your mailbox is 95% full"]
 
 
+def test_eachWarningIsLogged(store, logEvents):
+    """
+    A quota warning put into a maildrop is logged (C{quota.warned}: the
+    user, the percentage, the use and the quota, and which quota): the
+    message itself says so to the user alone, and "was alice warned
+    before her mail was refused" could be answered only by reading her
+    mailbox.  A delivery that warns no one, to a user without a quota or
+    short of the next percentage, logs nothing of the kind.
+    """
+    from twisted.logger import formatEvent
+
+    resultOf(store.setQuota(ALICE, 10_000))
+    deliver(store, [ALICE, BOB], blob(5_000))
+    deliver(store, [ALICE, BOB], blob(3_000))
+    deliver(store, [ALICE], blob(200))
+    warned = [e for e in logEvents if e.get("event") == "quota.warned"]
+    assert [(e["user"], e["percent"], e["resource"], formatEvent(e)) for e in warned] == [
+        (ALICE, 80, "octets", f"quota warned user={ALICE} percent=80 resource=octets used=8000 limit=10000"),
+    ]
+
+
 def test_aDeliveryPastSeveralPercentagesWarnsOfTheHighest(store):
     resultOf(store.setQuota(ALICE, 10_000))
     deliver(store, [ALICE], blob(9_600))

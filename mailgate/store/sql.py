@@ -41,7 +41,7 @@ from mailgate.store.rows import (
     removeMessages,
     storeLargeBody,
 )
-from mailgate.records import AlreadyDelivered, ExportedMessage, MessageInfo, UserRecord, UserSummary
+from mailgate.records import AlreadyDelivered, ExportedMessage, MessageInfo, UserRecord, UserSummary, WarnedOfQuota
 
 # -- interactions ----------------------------------------------------------
 # Each runs on a worker thread with a cursor inside a transaction.
@@ -556,7 +556,22 @@ def _deliverMessages(cursor, engine, messages, userIds, quota=NO_QUOTA, window=0
         now = max(m[2] for m in messages)
         for userId, crossing in sorted(warn.items()):
             _storeQuotaWarning(cursor, userId, addressOf[userId], crossing, now)
+        _markWarned(outcomes, known, warn)
     return outcomes
+
+
+def _markWarned(outcomes, known, warn):
+    """
+    Say, in the results of the deliveries, which copy brought a user's use
+    to a warning percentage (L{WarnedOfQuota}), for the log: the user's
+    last copy among C{outcomes} (deliveries committed together warn once).
+    """
+    pending = dict(warn)
+    for results in reversed(outcomes):
+        for address, result in results.items():
+            userId = known.get(address)
+            if userId in pending and type(result) is str:
+                results[address] = WarnedOfQuota(result, pending.pop(userId))
 
 
 def _storeQuotaWarning(cursor, userId, address, crossing, now):
@@ -709,6 +724,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
     """
 
     metrics = None
+    _log = Logger()
 
     def __init__(self, database, locks, clock=time.time, reads=None):
         """
@@ -784,10 +800,28 @@ class SQLMailStore(lifecycle.LifecycleStore):
         return d.addCallback(bodies)
 
     def deliver(self, addresses, source, partial=True):
-        return self.database.runWrite(
+        d = self.database.runWrite(
             _deliver, self.engine, list(addresses), source, self._now(), partial, self._userIds,
             self.limits.deliveryQuota(), self.limits.duplicateWindow,
         )
+        return d.addCallback(self._logQuotaWarnings)
+
+    def _logQuotaWarnings(self, results):
+        """
+        Log each quota warning a delivery put into a maildrop
+        (C{quota.warned}): the warning tells the user alone, and whether
+        a user was warned before her mail was refused is looked up in the
+        log.
+        """
+        for address, result in results.items():
+            crossing = getattr(result, "crossing", None)
+            if crossing is not None:
+                self._log.info(
+                    "quota warned user={user} percent={percent} resource={resource} used={used} limit={limit}",
+                    user=address, percent=crossing.percent, resource=crossing.resource, used=crossing.used,
+                    limit=crossing.limit, event="quota.warned",
+                )
+        return results
 
     def recordLogin(self, identity, minimumInterval):
         """
