@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import traceback
 
 import attr
 from twisted.application.internet import StreamServerEndpointService
@@ -570,6 +571,7 @@ class MailgateService(MultiService):
                 raise
             if self.daemonized:
                 self._reportStartupError(e)
+                logUncaughtOnce(self.log)
             if not self.exitOnStartupError or self.daemonized:
                 # A daemonized twistd reports exceptions (not SystemExit)
                 # back to the waiting parent, which prints them and exits 1.
@@ -1040,6 +1042,33 @@ def checkedSpoolDirectory(config):
 #: the settings L{makeTLS} reads
 TLS_SETTINGS = frozenset({"tls-cert", "tls-key", "tls-alt-cert", "tls-alt-key", "tls-sni-cert", "tls-min-version",
                           "tls-ciphers"})
+
+
+def logUncaughtOnce(log):
+    """
+    Have the exception that is about to end this process (a daemonized
+    twistd re-raises a failed start, after telling its parent) logged as
+    one event with its traceback, rather than printed by Python: twistd
+    points standard error at the log, which took each line of the
+    printed traceback for an event of its own, so that a JSON log had
+    some fifty C{stderr} records, one line of the traceback each, after
+    the start's C{service.start_failed} line.  The hook is put back as it
+    was once it has run: only the process's end is concerned.
+    """
+    previous = sys.excepthook
+
+    def logged(kind, value, tb):
+        sys.excepthook = previous
+        # Formatted by Python, as it would have printed it: the chained
+        # causes (the listener's own error) included, which a Failure's
+        # traceback leaves out.
+        log.error(
+            "mailgate did not start:\n{traceback}",
+            traceback="".join(traceback.format_exception(kind, value, tb)).rstrip("\n"),
+            event="service.start_traceback",
+        )
+
+    sys.excepthook = logged
 
 
 def checkStartable(config, names=None):

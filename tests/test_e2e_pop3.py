@@ -555,6 +555,46 @@ def test_portInUse_daemon(tmp_path):
     )
 
 
+def test_portInUse_daemonWithAJSONLog(tmp_path):
+    """
+    A daemonized twistd with --log-format json: its log file is JSON line
+    by line, and the traceback of the failed start is one record (its
+    traceback field), after the start's own line.  Python printed it,
+    onto standard error, which twistd points at the log, so that each of
+    its fifty-odd lines was a record of its own (event stderr).
+    """
+    import json
+
+    pidfile = tmp_path / "twistd.pid"
+    logfile = tmp_path / "twistd.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        argv = [
+            TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "mailgate",
+            "--database", databaseURL(tmp_path / "mail.sqlite3"), "--hostname", "mailgate.test",
+            "--pop3", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
+        ]
+        try:
+            code, out, err = runCommand(argv, cwd=tmp_path)
+        finally:
+            if pidfile.exists():
+                try:
+                    os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+                except (ValueError, ProcessLookupError):
+                    pass
+    assert code != 0
+    records = [json.loads(line) for line in logfile.read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert "stderr" not in events, events
+    assert events.count("service.start_failed") == 1, events
+    [traceback] = [r for r in records if r["event"] == "service.start_traceback"]
+    assert events.index("service.start_failed") < events.index("service.start_traceback")
+    assert traceback["level"] == "error"
+    assert "CannotListenError" in traceback["traceback"] and "Address already in use" in traceback["traceback"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start twistd as the unprivileged user nobody")
 def test_aPortRefusedForWantOfPrivilegeIsAConfigurationError(request):
     """
