@@ -153,6 +153,49 @@ def test_aFileRenamedBeforeItIsOpenedIsFoundAgain(store, tmp_path, monkeypatch):
     assert pop3(store)[0] == [names[0]]
 
 
+@pytest.mark.parametrize("rename", ["new to cur", "flags in cur"])
+def test_aFileRenamedWhileTheMaildirIsListedIsNeitherMissedNorDoubled(store, tmp_path, monkeypatch, rename):
+    """
+    A live Dovecot renames files while the import lists the maildir:
+    moving new mail to cur/ as a client looks (between the reads of the
+    two directories), or changing flags in cur/ while that directory is
+    read (readdir may then give the file under neither name, or under
+    both).  Each message is imported once: before, one moved between the
+    two reads was in neither listing and left out, silently (exit 0; a
+    last run at the switch missed it for good), and one seen under both
+    names was imported twice, the second under a renamed id that clients
+    downloaded again.
+    """
+    root = tmp_path / "Maildir"
+    names = [f"170000000{n}.M1P1.h" for n in range(3)]
+    sub = "new" if rename == "new to cur" else "cur"
+    suffix = "" if sub == "new" else ":2,S"
+    directory = writeMaildir(root, [(sub, n + suffix, b"Subject: %s\n\nx\n" % n.encode()) for n in names])
+    listdir = os.listdir
+    renamed = []
+
+    def renamingWhileListed(path):
+        listed = listdir(path)
+        if renamed:
+            return listed
+        if rename == "new to cur" and os.path.basename(path) == "cur":
+            # cur/ read first, then new/: the move lands in between.
+            renamed.append(os.rename(root / "new" / names[1], root / "cur" / (names[1] + ":2,S")))
+        elif rename == "flags in cur" and os.path.basename(path) == "cur":
+            # The new name read, the old one too (readdir's order is the
+            # directory's own).
+            renamed.append(os.rename(root / "cur" / (names[1] + ":2,S"), root / "cur" / (names[1] + ":2,RS")))
+            listed = listed + [names[1] + ":2,RS"]
+        return listed
+
+    monkeypatch.setattr(os, "listdir", renamingWhileListed)
+    report = importMaildir(store, directory, ALICE)
+    monkeypatch.undo()
+    assert renamed
+    assert (report.messages, report.failures) == (3, [])
+    assert pop3(store)[0] == names
+
+
 def test_aFileExpungedDuringTheImportIsATemporaryFailure(databaseURL, store, tmp_path, monkeypatch):
     """
     A message the user expunges from a live Dovecot while the import runs

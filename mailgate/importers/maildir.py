@@ -255,26 +255,7 @@ def listMaildir(directory, uidList=None):
 
     @raise ImportFailed: if C{directory} is not a maildir.
     """
-    found = {}
-    twins = []
-    for sub in ("cur", "new"):
-        folder = os.path.join(directory, sub)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise ImportFailed(f"cannot read {folder}: {e.strerror}") from None
-        for name in names:
-            if not name.startswith("."):
-                # Whatever it is: a link or a FIFO is refused, and said
-                # so, when it is opened.
-                path = os.path.join(folder, name)
-                base = baseName(name)
-                if base not in found:
-                    found[base] = path
-                elif not _sameFile(found[base], path):
-                    twins.append(path)
+    found, twins = _messageFiles(directory)
     if not found and not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
         raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
     listed, unlisted = [], []
@@ -299,6 +280,55 @@ def listMaildir(directory, uidList=None):
         # A POP3 order saved by the pop3-migration plugin comes first.
         messages.sort(key=lambda m: (0, int(m.fields["O"]), m.uid) if "O" in m.fields else (1, 0, m.uid))
     return messages
+
+
+def _messageFiles(directory):
+    """
+    Each message file of a maildir by its base name, and the twins: other
+    files of a base name already seen (in C{cur/} and C{new/} both).
+
+    A live Dovecot renames files while they are listed: it moves new mail
+    to C{cur/} as a client looks, and changes flags in C{cur/}; and
+    readdir gives a file renamed while its directory is read under
+    either name, both, or neither.  So the two directories are read
+    twice, C{new/} before C{cur/} each time (a file only ever moves from
+    C{new/} to C{cur/}: read the other way, one moved in between would be
+    in neither), and every name read counts.  A message read under
+    several names is one message (the names that still exist, the
+    first in C{cur/}; where none does, it was renamed again or expunged
+    since: any of them, which L{_openMessage} looks for again by its
+    base name, or reports gone).
+
+    @return: C{({base name: path}, [paths of twins])}.
+    @raise ImportFailed: if a directory cannot be read.
+    """
+    names = {}
+    for _ in range(2):
+        for sub in ("new", "cur"):
+            folder = os.path.join(directory, sub)
+            try:
+                listed = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise ImportFailed(f"cannot read {folder}: {e.strerror}") from None
+            for name in listed:
+                if not name.startswith("."):
+                    # Whatever it is: a link or a FIFO is refused, and
+                    # said so, when it is opened.
+                    names.setdefault(baseName(name), {})[os.path.join(folder, name)] = sub
+    found, twins = {}, []
+    for base, paths in names.items():
+        if len(paths) == 1:
+            found[base] = next(iter(paths))
+            continue
+        existing = sorted((path for path in paths if os.path.lexists(path)), key=lambda p: paths[p] != "cur")
+        if not existing:
+            found[base] = list(paths)[-1]
+            continue
+        found[base] = existing[0]
+        twins += [path for path in existing[1:] if not _sameFile(existing[0], path)]
+    return found, twins
 
 
 def _sameFile(path1, path2):
