@@ -644,6 +644,29 @@ def test_mirrorTakesOutOnlyImportedMessagesTheSourceNoLongerHas(store, tmp_path)
     assert pop3(store)[0] == [uidl[1], uidl[2], delivered]
 
 
+def test_mirrorTakesNothingOutWhileAMessagesIdCannotBeRead(store, tmp_path):
+    """
+    Where the files give the unique ids (--reuse-xuidl, %m), one that
+    cannot be read has an unknown id: what an earlier run imported under
+    it would look gone, so --mirror takes nothing out, and says why.
+    """
+    directory = tmp_path / "Maildir"
+    names = [f"170000000{n}.M1P1.h" for n in range(3)]
+    writeMaildir(directory, [("new", n, b"X-UIDL: id%d\n\nx\n" % i) for i, n in enumerate(names)])
+    assert importMaildir(store, str(directory), ALICE, reuseXUidl=True).messages == 3
+    (directory / "new" / names[0]).unlink()
+    # Not read: a link is never followed.
+    (directory / "new" / names[1]).rename(tmp_path / "elsewhere")
+    (directory / "new" / names[1]).symlink_to(tmp_path / "elsewhere")
+    report = importMaildir(store, str(directory), ALICE, reuseXUidl=True, mirror=True)
+    assert (report.skipped, report.removed) == (1, 0)
+    assert report.failures[-1] == (
+        "1 message of the maildir could not be read for its unique id: what the maildir no longer has "
+        "was not taken out"
+    )
+    assert pop3(store)[0] == ["id0", "id1", "id2"]
+
+
 def test_retrievedMessagesSpillToDiskAndLoseOnlyTheAddedLineEnd():
     from mailgate.importers.pop3 import SpoolSource
 

@@ -49,6 +49,7 @@ from mailgate.importers import (
     validUidl,
 )
 from mailgate.importers.uidlformat import checkUidlFormat, formatUidl, usesVariable
+from mailgate.plural import counted
 
 UIDLIST = "dovecot-uidlist"
 KEYWORDS = "dovecot-keywords"
@@ -246,6 +247,9 @@ class MaildirMessage:
     base = attr.ib()
     uid = attr.ib()
     fields = attr.ib(factory=dict)
+    #: whether its unique id, which its file gives (C{%m}, X-UIDL), is
+    #: unknown: the file could not be read
+    idUnread = attr.ib(default=False)
 
 
 def listMaildir(directory, uidList=None):
@@ -428,7 +432,15 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     report = ImportReport()
     try:
         listed = _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
-        if mirror:
+        unread = sum(message.idUnread for message in messages)
+        if mirror and unread:
+            # Their ids unknown, what an earlier run imported under them
+            # would look gone from the maildir.
+            report.failures.append(
+                f"{counted(unread, 'message')} of the maildir could not be read for its unique id: what "
+                f"the maildir no longer has was not taken out"
+            )
+        elif mirror:
             removeGone(store, address, listed, report)
     except MailgateError as e:
         report.failures.append(
@@ -570,6 +582,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
         # Dovecot's pop3_reuse_xuidl: the header field's, before the format.
         found, uidl = _xUidl(message, report, progress)
         if not found:
+            message.idUnread = True
             return None
     if uidl is None:
         variables = {
@@ -582,6 +595,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
         if needsMD5:
             source = _openMessage(message, report)
             if source is None:
+                message.idUnread = True
                 return None
             try:
                 variables["m"] = _headerMD5(source)
