@@ -833,3 +833,43 @@ def test_uidListLinesAsDovecotReadsThem(tmp_path, last):
         assert servedByMailgate(store) == (uidl, listing)
     finally:
         store.close()
+
+
+def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
+    """
+    import pop3 from a Dovecot with TLS: through STLS on its POP3 port and
+    on its POP3S port, the certificate verified (the test's own, trusted
+    through SSL_CERT_FILE), serving what Dovecot served.
+    """
+    from certs import makeCertificate
+
+    from mailgate.importers.pop3 import importPOP3
+
+    certificate, key = makeCertificate(tmp_path, "localhost")
+    server = PrivateDovecot()
+    server.tls = (str(certificate), str(key))
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        for message in lmtpMessages()[:3]:
+            server.deliver(ALICE, message)
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+        for url in (f"pop3://alice%40example.org@localhost:{server.pop3Port}",
+                    f"pop3s://alice%40example.org@localhost:{server.pop3sPort}"):
+            store = memoryStore()
+            try:
+                addUser(store, ALICE, PASSWORD)
+                report = importPOP3(store, url, ALICE, PASSWORD)
+                assert (report.messages, report.failures) == (3, []), url
+                assert servedByMailgate(store) == (uidl, listing)
+            finally:
+                store.close()
+        assert server.errorsLogged() == []
+        logins = [line for line in server.log().splitlines() if "Login: user=<alice@example.org>" in line]
+        # poplib's in the clear, then the two imports' over TLS.
+        assert [", TLS" in line for line in logins] == [False, True, True], logins
+    finally:
+        server.cleanup()
