@@ -10,14 +10,18 @@ backends) and from a real Dovecot serving it.
 
 import os
 import shutil
+import signal
 import stat
 
 import pytest
+from twisted.internet.defer import succeed
 
 from dovecotserver import PrivateDovecot, answers, requireDovecot
+from mailgate.importers import ImportFailed, export
 from mailgate.importers.export import exportMaildir
 from mailgate.importers.maildir import importMaildir, readUidList
 from mailgate.message import spoolBytes
+from mailgate.records import ExportedMessage
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 from test_lifecycle_cli import cli  # noqa: F401 (the command on each backend's database: a fixture)
 
@@ -167,6 +171,107 @@ def test_anExportThatCannotEndLeavesNothingBehind(cli, store, tmp_path):
     (target / "dovecot-uidlist.tmp").rmdir()
     assert cli("mailbox", "export", ALICE, str(target)).code == 0
     assert len(os.listdir(target / "cur")) == len(MESSAGES)
+
+
+class _Body:
+    """
+    A message's octets to export, read in two pieces, the second read
+    calling C{onSecondRead} first (to interrupt or kill the export in the
+    middle of this message).
+    """
+
+    def __init__(self, data, onSecondRead=None):
+        self._pieces = [data[: len(data) // 2], data[len(data) // 2 :]]
+        self._onSecondRead = onSecondRead
+
+    def read(self):
+        if len(self._pieces) == 1 and self._onSecondRead is not None:
+            self._onSecondRead()
+        return succeed(self._pieces.pop(0) if self._pieces else b"")
+
+
+def _numbered(count, stopAt, stop):
+    """
+    C{count} messages to export, as a store lists them, message C{stopAt}
+    calling C{stop} half way through its octets; and their octets.
+    """
+    octets = [b"Subject: %d\r\n\r\n" % n + b"line of message %d\r\n" % n * n for n in range(1, count + 1)]
+    messages = [
+        ExportedMessage(n, len(data), f"id{n}", ARRIVED + n, _Body(data, stop if n == stopAt else None))
+        for n, data in enumerate(octets, 1)
+    ]
+    return messages, octets
+
+
+def _wholeMessagesIn(cur, octets):
+    """
+    The numbers of the messages in C{cur}, each checked to hold all of
+    its message's octets.
+    """
+    numbers = []
+    for name in os.listdir(cur):
+        number = int(name.split(".M", 1)[1].split("P", 1)[0])
+        assert (cur / name).read_bytes() == octets[number - 1], name
+        numbers.append(number)
+    return sorted(numbers)
+
+
+def test_anExportKilledMidwayLeavesOnlyWholeMessagesInPlace(tmp_path, monkeypatch):
+    """
+    Files are written a batch at a time and synced together: an export
+    killed (a crash, kill -9) in the middle of a batch has only whole
+    messages, each synced before it was moved there, under names in
+    C{cur/}; what was still being written is in C{tmp/}.  The directory
+    then holds part of a mailbox without its C{dovecot-uidlist}: a new
+    export into it is refused, saying why, and one into a new directory
+    is complete.
+    """
+    monkeypatch.setattr(export, "BATCH_MESSAGES", 4)
+    messages, octets = _numbered(10, 7, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    target = tmp_path / "out"
+    child = os.fork()
+    if child == 0:
+        try:
+            exportMaildir(messages, str(target))
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert _wholeMessagesIn(target / "cur", octets) == [1, 2, 3, 4]
+    # 5 and 6 written (their syncs perhaps done), 7 half written: none in place.
+    assert len(os.listdir(target / "tmp")) == 3
+    assert not (target / "dovecot-uidlist").exists()
+    with pytest.raises(ImportFailed, match="cur is not empty; export into a new directory"):
+        exportMaildir(_numbered(10, None, None)[0], str(target))
+    report = exportMaildir(_numbered(10, None, None)[0], str(tmp_path / "again"))
+    assert (report.messages, report.failures) == (10, [])
+    assert _wholeMessagesIn(tmp_path / "again" / "cur", octets) == list(range(1, 11))
+
+
+def test_anExportInterruptedMidwayTakesAwayWhatItWrote(tmp_path, monkeypatch):
+    """
+    An export interrupted (Ctrl-C) in the middle of a batch takes away the
+    messages already in place and those of the batch under way, whose
+    syncs may still be running: an export into the same directory then
+    works.
+    """
+    monkeypatch.setattr(export, "BATCH_MESSAGES", 4)
+
+    def interrupt():
+        raise KeyboardInterrupt()
+
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        exportMaildir(_numbered(10, 7, interrupt)[0], str(target))
+    assert [os.listdir(target / sub) for sub in ("cur", "new", "tmp")] == [[], [], []]
+    assert not (target / "dovecot-uidlist").exists()
+    messages, octets = _numbered(10, None, None)
+    report = exportMaildir(messages, str(target))
+    assert (report.messages, report.failures) == (10, [])
+    assert _wholeMessagesIn(target / "cur", octets) == list(range(1, 11))
+    assert os.listdir(target / "tmp") == []
+    records = sorted(readUidList(target / "dovecot-uidlist").records.values(), key=lambda r: r.uid)
+    assert [(r.uid, r.fields["P"]) for r in records] == [(n, f"id{n}") for n in range(1, 11)]
 
 
 def test_anUnknownUserOrAnUnwritableDirectory(cli, store, tmp_path):

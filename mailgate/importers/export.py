@@ -16,6 +16,13 @@ mail on the server download nothing again after a move.
     before any C{pop3_uidl_format}.
   - Files are written in C{tmp/}, synced, and moved into C{cur/}; the
     list last, by rename.  Everything is readable by its owner only.
+  - Files are synced a batch at a time, many at once on threads of their
+    own, while the next messages are read and written: one at a time,
+    each sync waited for (a journal commit and a flush of the disk's
+    cache each), the syncs were half of an export's time on a quiet disk
+    and nearly all of it on a busy one, while syncs running together
+    share a commit.  Each file is still synced before it takes its name
+    in C{cur/}: a crash leaves only whole messages there.
 
 Run from the admin command against a synchronous store (its L{Deferred}s
 have fired on return).
@@ -24,6 +31,7 @@ have fired on return).
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import attr
 
@@ -102,11 +110,21 @@ def _syncDirectory(path):
         os.close(fd)
 
 
+#: Messages written before they are moved into C{cur/} together, once
+#: synced: at most that many files open at once.
+BATCH_MESSAGES = 128
+#: Files synced at the same time (the syncs wait on the disk, not on the
+#: processor; running together, they share the file system's commits).
+SYNC_THREADS = 16
+
+
 def _writeBody(path, body):
     """
-    Write a message's octets, read a piece at a time, to a new file.
+    Write a message's octets, read a piece at a time, to a new file, not
+    synced yet.
 
-    @return: the octets written.
+    @return: C{(descriptor, octets written)}: the file is left open, for
+        L{_syncAndClose}.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     written = 0
@@ -120,10 +138,33 @@ def _writeBody(path, body):
                 count = os.write(fd, view)
                 view = view[count:]
                 written += count
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, written
+
+
+def _syncAndClose(fd):
+    """
+    Make a written file durable (on a thread of the export's pool), then
+    close it.
+    """
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return written
+
+
+@attr.s
+class _Staged:
+    """
+    A message written in C{tmp/} and being synced, to be moved to its
+    name in C{cur/} once the sync is done.
+    """
+
+    path = attr.ib()
+    final = attr.ib()
+    synced = attr.ib()  # the Future of its sync
 
 
 def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
@@ -150,47 +191,76 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
     # messages without their dovecot-uidlist would get new uids, so new
     # unique ids, from whatever served them (and one would be missing).
     placed = []
+    # Written in tmp/, not in place yet (their syncs under way).
+    batch = []
     staged = None
-    try:
-        for message in messages:
-            uid = len(uidLines) + 1
-            base = f"{int(message.arrived)}.M{message.number}P{pid}Q{uid}.{host},S={message.size},W={message.size}"
-            name = base + ":2,"
-            staged = os.path.join(tmp, base)
-            try:
-                written = _writeBody(staged, message.body)
-                if written != message.size:
-                    raise TemporaryFailure(f"{counted(written, 'octet')} read of {message.size}")
-                os.utime(staged, (message.arrived, message.arrived))
-                os.rename(staged, os.path.join(cur, name))
-            except TemporaryFailure as e:
-                _removeQuietly(staged)
+    # Leaving the pool waits for every sync it runs: no descriptor is
+    # left open, whatever ends the export.
+    with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mailgate-export-sync") as syncs:
+        try:
+            for message in messages:
+                uid = len(uidLines) + 1
+                base = f"{int(message.arrived)}.M{message.number}P{pid}Q{uid}.{host},S={message.size},W={message.size}"
+                name = base + ":2,"
+                staged = os.path.join(tmp, base)
+                try:
+                    fd, written = _writeBody(staged, message.body)
+                    try:
+                        if written != message.size:
+                            raise TemporaryFailure(f"{counted(written, 'octet')} read of {message.size}")
+                        os.utime(staged, (message.arrived, message.arrived))
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    batch.append(_Staged(staged, os.path.join(cur, name), syncs.submit(_syncAndClose, fd)))
+                except TemporaryFailure as e:
+                    _removeQuietly(staged)
+                    staged = None
+                    line = f"message {message.number} (unique id {message.uniqueId}): not exported: {e}"
+                    report.failures.append(line)
+                    if progress is not None:
+                        progress(line)
+                    continue
+                except OSError as e:
+                    raise ImportFailed(f"cannot write {e.filename or staged}: {e.strerror}") from None
                 staged = None
-                line = f"message {message.number} (unique id {message.uniqueId}): not exported: {e}"
-                report.failures.append(line)
-                if progress is not None:
-                    progress(line)
-                continue
-            except OSError as e:
-                raise ImportFailed(f"cannot write {e.filename or staged}: {e.strerror}") from None
-            placed.append(os.path.join(cur, name))
-            staged = None
-            uidLines.append(f"{uid} P{message.uniqueId} W{message.size} :{name}\n")
-            report.messages += 1
-            report.octets += message.size
-        _writeUidList(directory, now, uidLines)
-    except ImportFailed as e:
-        _undo(staged, placed)
-        raise ImportFailed(f"{e}; nothing of the export is left in {directory}") from None
-    except BaseException:
-        _undo(staged, placed)
-        raise
+                uidLines.append(f"{uid} P{message.uniqueId} W{message.size} :{name}\n")
+                report.messages += 1
+                report.octets += message.size
+                if len(batch) >= BATCH_MESSAGES:
+                    _place(batch, placed)
+            _place(batch, placed)
+            _writeUidList(directory, now, uidLines)
+        except ImportFailed as e:
+            _undo(staged, batch, placed)
+            raise ImportFailed(f"{e}; nothing of the export is left in {directory}") from None
+        except BaseException:
+            _undo(staged, batch, placed)
+            raise
     try:
         _syncDirectory(cur)
         _syncDirectory(directory)
     except OSError as e:
         raise ImportFailed(f"cannot sync {directory}: {e.strerror}") from None
     return report
+
+
+def _place(batch, placed):
+    """
+    Move the messages of C{batch} to their names in C{cur/}, each once
+    its sync is done (none before: a crash must never leave part of a
+    message under a name Dovecot serves), and empty the batch.
+
+    @raise ImportFailed: if a file could not be synced or moved.
+    """
+    for message in batch:
+        try:
+            message.synced.result()
+            os.rename(message.path, message.final)
+        except OSError as e:
+            raise ImportFailed(f"cannot write {e.filename or message.path}: {e.strerror}") from None
+        placed.append(message.final)
+    batch.clear()
 
 
 def _writeUidList(directory, uidValidity, lines):
@@ -216,12 +286,17 @@ def _writeUidList(directory, uidValidity, lines):
         raise ImportFailed(f"cannot write {path}: {e.strerror}") from None
 
 
-def _undo(staged, placed):
+def _undo(staged, batch, placed):
     """
     Remove what an export that cannot end has written: the file being
-    written (if any) and the messages already in C{cur/}.
+    written (if any), those of the batch under way (in C{tmp/}, or moved
+    to C{cur/} already), and the messages placed before.  A name in
+    C{cur/} is this run's: it found C{cur/} empty.
     """
-    for path in ([staged] if staged else []) + placed:
+    paths = [staged] if staged else []
+    for message in batch:
+        paths += [message.path, message.final]
+    for path in paths + placed:
         _removeQuietly(path)
 
 
