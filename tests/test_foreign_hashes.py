@@ -6,6 +6,7 @@ replaces each by mailgate's own scrypt hash and SCRAM-SHA-256 keys.
 """
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -514,6 +515,50 @@ def test_aPasswdFileAsAdministratorsWriteIt(tmp_path):
         store.close()
     assert verifyPassword(b"alice's", alice.passwordHash) and not verifyPassword(b"another", alice.passwordHash)
     assert verifyPassword(b"bob's", bob.passwordHash) and not verifyPassword(b"another", bob.passwordHash)
+
+
+@requireDovecot
+def test_anAccountWhosePassdbLookupFailsOnPurposeIsNotImported(tmp_path):
+    """
+    Dovecot refuses the logins of an account whose passdb line has the
+    extra field fail (fail=y: disabled, as with nologin): the import
+    reports it and leaves it out (exit 65), as it does nologin's.
+    Before, it was imported, and the disabled account logged in here.
+    """
+    import io
+
+    from dovecotserver import PrivateDovecot
+
+    from mailgate.cli import run
+    from mailgate.store import openSynchronousStore
+
+    bob = "bob@example.org"
+    server = PrivateDovecot(passdbFields={bob: "fail=y"})
+    try:
+        server.addUsers([ALICE, bob], PASSWORD)
+        server.start()
+        server.pop3(ALICE, PASSWORD).quit()
+        with pytest.raises(Exception, match="Authentication failed"):
+            server.pop3(bob, PASSWORD)
+        passwd = os.path.join(server.directory, "passwd")
+        url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+        out, err = io.StringIO(), io.StringIO()
+        code = run(
+            ["--database", url, "user", "import", passwd],
+            stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
+        )
+    finally:
+        server.cleanup()
+    assert code == 65, (out.getvalue(), err.getvalue())
+    assert out.getvalue().splitlines() == [f"added {ALICE}", "1 added, 0 already there, 1 failed"]
+    assert err.getvalue().splitlines()[0] == (
+        f"mailgate: {passwd} line 2: {bob} has fail (Dovecot refuses their logins); not imported"
+    )
+    store = openSynchronousStore(url)
+    try:
+        assert resultOf(store.findUser(bob)) is None
+    finally:
+        store.close()
 
 
 def apopLogin(port, address, password):

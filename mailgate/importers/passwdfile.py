@@ -111,10 +111,13 @@ def _account(number, line, domain, scheme, firstLines):
         raise _Refused(f"{address} has no password")
     if scheme is not None and not hashed.startswith("{"):
         hashed = f"{{{scheme}}}{hashed}"
-    if any(field.partition("=")[0] == "nologin" for field in extra.split()):
+    names = {field.partition("=")[0] for field in extra.split()}
+    for refusing in ("nologin", "fail"):
         # An account Dovecot keeps from logging in (disabled, or served
-        # elsewhere): imported, it would log in here.
-        raise _Refused(f"{address} has nologin (Dovecot refuses their logins); not imported")
+        # elsewhere: nologin; the passdb lookup failed on purpose: fail,
+        # whatever its value): imported, it would log in here.
+        if refusing in names:
+            raise _Refused(f"{address} has {refusing} (Dovecot refuses their logins); not imported")
     try:
         quota = dovecotQuota(extra)
     except ValueError as e:
