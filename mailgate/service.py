@@ -77,17 +77,31 @@ TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 
 
+#: why a listener could not start that trying again cannot cure: the
+#: port, or the directory of a Unix socket, refused to this user (EACCES,
+#: EPERM), or on a file system mounted read-only (EROFS: under the systemd
+#: unit's ProtectSystem=strict, a socket's directory not in ReadWritePaths=)
+LASTING_LISTEN_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def _listenFailureStatus(error):
     """
     The exit status of a start-up that failed for C{error}: 1, which
     systemd's C{Restart=on-failure} retries (a port still held by the
     process before, an address not yet up at boot), but C{EX_CONFIG} (78)
-    when a listener was refused the port itself (a port below 1024 without
-    C{CAP_NET_BIND_SERVICE}): trying again cannot work, and the unit's
-    C{RestartPreventExitStatus=78} leaves it failed with its reason.
+    when a listener was refused the port or the socket file itself (a port
+    below 1024 without C{CAP_NET_BIND_SERVICE}, a Unix socket in a
+    directory the user may not write): trying again cannot work, and the
+    unit's C{RestartPreventExitStatus=78} leaves it failed with its reason.
+
+    The error is the bind's (Twisted's C{CannotListenError}, its
+    C{socketError}), or for a Unix socket with its lock file (Twisted's
+    default, C{lockfile=1}) the lock's own C{OSError}, made first: the same
+    directory exited 78 with C{lockfile=0} and 1 without.
     """
-    cause = getattr(error.__cause__, "socketError", None)
-    if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM):
+    cause = error.__cause__
+    cause = getattr(cause, "socketError", cause)
+    if getattr(cause, "errno", None) in LASTING_LISTEN_ERRORS:
         return os.EX_CONFIG
     return 1
 

@@ -628,6 +628,17 @@ def test_aPortRefusedForWantOfPrivilegeIsAConfigurationError(request):
     assert code == 78, err
     assert "mailgate: cannot listen for POP3 on tcp:1:interface=127.0.0.1: " in err and "Permission denied" in err
     assert "Traceback" not in err
+    # A Unix socket in a directory the user may not write (Postfix's queue
+    # directory, say), with Twisted's lock file (the default) or without:
+    # 78 both ways.  With the lock file, whose making fails first, it was 1,
+    # and systemd started the server again every two seconds for ever.
+    private = shared / "private"
+    private.mkdir(mode=0o755)
+    for options in ("", ":lockfile=0"):
+        endpoint = f"unix:{private / 'pop3'}{options}"
+        code, err = start(endpoint, user="nobody")
+        assert code == 78, (endpoint, err)
+        assert f"mailgate: cannot listen for POP3 on {endpoint}: " in err and "Permission denied" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

@@ -849,3 +849,34 @@ def test_anEmbeddedServiceLeavesTheProcessesLogsAndMetricsAlone(tmp_path):
     exposition = generate_latest(host).decode()
     assert "\nmailgate_connections_limit " in exposition
     assert exposition.count("# TYPE process_open_fds ") == 1
+
+
+def test_aListenerRefusedItsSocketFileForGoodExitsAsAConfigurationError():
+    """
+    The exit status of a start whose listener could not start
+    (_listenFailureStatus): 78 (EX_CONFIG, which the systemd unit does not
+    retry) when trying again cannot work: the port or the socket's
+    directory refused to the user, from the bind (Twisted's
+    CannotListenError) or from a Unix socket's lock file (an OSError of its
+    own, which exited 1), or a read-only file system (EROFS: a socket's
+    directory outside the unit's ReadWritePaths=, which exited 1); 1 for
+    what may pass (a port still in use, an address not yet up).
+    """
+    from mailgate.service import _listenFailureStatus
+
+    def failed(cause):
+        try:
+            raise ConfigurationError("cannot listen") from cause
+        except ConfigurationError as e:
+            return _listenFailureStatus(e)
+
+    def bind(number):
+        return CannotListenError("", "/run/mailgate/lmtp", OSError(number, "refused"))
+
+    assert failed(bind(errno.EACCES)) == 78
+    assert failed(bind(errno.EROFS)) == 78
+    assert failed(PermissionError(errno.EACCES, "Permission denied")) == 78
+    assert failed(OSError(errno.EROFS, "Read-only file system")) == 78
+    assert failed(bind(errno.EADDRINUSE)) == 1
+    assert failed(bind(errno.EADDRNOTAVAIL)) == 1
+    assert failed(OSError(errno.ENOENT, "No such file or directory")) == 1
