@@ -1463,7 +1463,14 @@ def readFile(path, settings=SETTINGS):
         s = byName.get(key)
         if s is None:
             close = difflib.get_close_matches(key, byName, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (keys are the long option names of twistd mailgate)"
+            if key == "config":
+                # --config is a long option too: "keys are the long option
+                # names" told the administrator it should have worked.
+                hint = " (a configuration file cannot name another: --config is given on the command line only)"
+            elif close:
+                hint = f" (did you mean {close[0]!r}?)"
+            else:
+                hint = " (keys are the long option names of twistd mailgate)"
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
         try:
             values[key] = s.fromTOML(value)

@@ -417,7 +417,11 @@ def test_unknownKey(tmp_path):
     message = fileError(tmp_path, "max-recipient = 10\n")
     assert "unknown key 'max-recipient'" in message
     assert "did you mean 'max-recipients'" in message
-    assert "unknown key 'config'" in fileError(tmp_path, 'config = "other.toml"\n')
+    # --config is an option, but not a key: said so, rather than that keys
+    # are the options' names (which told the administrator it was one).
+    message = fileError(tmp_path, 'config = "other.toml"\n')
+    assert "unknown key 'config' (a configuration file cannot name another: --config is given" in message
+    assert "long option names" not in message
     # Attribute names are not keys: the file speaks the options' language.
     assert "unknown key 'maxRecipients'" in fileError(tmp_path, "maxRecipients = 10\n")
 
