@@ -182,8 +182,9 @@ class Options(usage.Options):
         '(database = "...", pop3 = ["tcp:110"], max-recipients = 100, ...).  '
         "Options given on the command line override it.  An unknown key, a "
         "wrong type or an invalid value stops start-up.  SIGHUP reads it "
-        "again: debug-peer and debug-user apply at once, other changes at the "
-        "next restart (a changed database is refused, as an error).  Default: none."
+        "again: debug-peer, debug-user and, while TLS stays on, the tls-* "
+        "settings apply at once, other changes at the next restart (a changed "
+        "database is refused, as an error).  Default: none."
     )
 
     def postOptions(self):

@@ -740,3 +740,22 @@ def test_domainsAndAddressesInUnicodeAreTheirASCIIForm():
     assert list(config.debugUsers) == ["alice@xn--bcher-kva.example"]
     with pytest.raises(usage.UsageError):
         parse("--domain", "\u2603.example").toConfig()
+
+
+def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
+    """
+    The settings a SIGHUP applies at once (mailgate.service: LIVE_SETTINGS,
+    and TLS_SETTINGS while TLS stays on) are named where the --config
+    option and the systemd unit describe the reload: both said that
+    debug-peer and debug-user alone did, other changes waiting for a
+    restart, after the TLS settings had come to apply at reload too.
+    """
+    from mailgate.service import LIVE_SETTINGS, TLS_SETTINGS
+
+    unit = (Path(__file__).parent.parent / "contrib" / "systemd" / "mailgate.service").read_text()
+    unitComments = " ".join(line.lstrip("# ") for line in unit.splitlines() if line.startswith("#"))
+    for text in (" ".join(tap.Options.opt_config.__doc__.split()), " ".join(unitComments.split())):
+        for name in LIVE_SETTINGS:
+            assert name in text, (name, text)
+        assert all(name.startswith("tls-") for name in TLS_SETTINGS)
+        assert "the tls-* settings apply at once" in text, text
