@@ -235,6 +235,23 @@ def test_aBadConfigurationFileIsExitStatus78(tmp_path):
 # -- Metrics and health ---------------------------------------------------------------
 
 
+def test_theLogrotateRuleReopensTheLogWithoutAReload():
+    """
+    The logrotate rule of Logs has the server reopen its log file with
+    SIGUSR1, sent to the main process by systemd (twistd's own children
+    have none, and a plain kill needs the pid): it reopens the file alone
+    (test_logs.test_usr1ReopensTheLogFile).  It said systemctl reload, which
+    runs the unit's ExecReload= config --check first: a configuration file
+    being edited, or a renewed certificate not in place yet, failed the
+    check, no signal was sent, and the server went on writing to the
+    rotated file, lost once compressed; a half-done edit passing the check
+    was applied by the night's rotation.
+    """
+    [rule] = [block for block in codeBlocks(section("Logs")) if "postrotate" in block]
+    commands = rule.split("postrotate", 1)[1].split("endscript", 1)[0].split()
+    assert commands == ["systemctl", "kill", "--signal=USR1", "--kill-whom=main", "mailgate.service"], rule
+
+
 def test_theMetricTableIsWhatAServerExports():
     """
     Every metric of the table is exported, with the type the table gives
