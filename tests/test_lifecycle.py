@@ -363,7 +363,7 @@ def data(session, body):
 
 
 def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
-    body = message(1)
+    body = message(1, 2000)
     deliver(store, [ALICE], body)
     resultOf(store.setQuota(ALICE, len(body) + 1000))
     session = intake(store)
@@ -371,8 +371,53 @@ def test_rcptRefusesARecipientTheDeclaredSizeWouldPutOverQuota(store):
     assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
     assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
     assert session.command("RSET").startswith("250")
-    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1000").startswith("250")
+    # Room for the declared size and the trace fields mailgate adds.
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=700").startswith("250")
     assert session.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_rcptCountsTheTraceFieldsTheMessageWillBeStoredWith(store, lmtp):
+    """
+    The room a recipient needs at RCPT is for the message as it will be
+    stored: its declared size and the Return-Path and Received fields
+    mailgate puts before it (a few hundred octets).  Checked by the
+    declared size alone, a recipient with room for that but not for the
+    fields was accepted at RCPT and refused at the end of DATA, where
+    SMTP's one reply refuses the message for every recipient (452 4.2.2,
+    "the full recipient is refused at RCPT the next time"): every retry
+    went the same way, and the recipients with room never got it, until
+    the MTA bounced it for all of them.
+    """
+    body = message(1, 1000)
+    deliver(store, [ALICE], message(0, 2000))
+    resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + len(body) + 50))
+    for attempt in range(2):
+        session = intake(store, lmtp=lmtp)
+        assert session.command(f"MAIL FROM:<{SENDER}> SIZE={len(body)}").startswith("250")
+        assert session.command(f"RCPT TO:<{ALICE}>") == f"452 4.2.2 <{ALICE}>: mailbox full\r\n"
+        assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
+        assert data(session, body).startswith("250 2.0.0")
+    assert [m.size > len(body) for m in resultOf(store.listMessages(BOB))] == [True, True]
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    # With room for the fields too, she is taken, and the message fits.
+    # (Her copy's Received field names her, not Bob.)
+    stored = resultOf(store.listMessages(BOB))[0].size + len(ALICE) - len(BOB)
+    resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + stored))
+    session = intake(store, lmtp=lmtp)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE={len(body)}").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
+    assert data(session, body).startswith("250 2.0.0")
+    assert len(resultOf(store.listMessages(ALICE))) == 2
+    assert resultOf(store.listMessages(ALICE))[1].size == stored
+    assert usage(store, ALICE)[1] == resultOf(store.quotaOf(ALICE)).quotaOctets
+    # A declared size that, with the fields, is more than an empty
+    # mailbox's whole quota can never fit: refused for good at RCPT.
+    addUser(store, CAROL, "carol")
+    resultOf(store.setQuota(CAROL, len(body) + 50))
+    session = intake(store, lmtp=lmtp)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE={len(body)}").startswith("250")
+    assert session.command(f"RCPT TO:<{CAROL}>").startswith("552 5.2.3")
 
 
 @pytest.mark.parametrize("quotaExceeded", ["temporary", "permanent"])
@@ -420,7 +465,7 @@ def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
 
 
 def test_permanentQuotaRefusals(store):
-    body = message(1, 200)
+    body = message(1, 2000)
     deliver(store, [ALICE], body)
     resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + 50))
     session = intake(store, quotaExceeded="permanent")
@@ -547,7 +592,7 @@ def test_aRecipientOverQuotaIsNotABadCommand(store):
     with many full recipients is not closed as a client sending bad
     commands.
     """
-    body = message(1, 200)
+    body = message(1, 2000)
     deliver(store, [ALICE], body)
     resultOf(store.setQuota(ALICE, usage(store, ALICE)[1] + 50))
     session = intake(store)

@@ -13,7 +13,8 @@ deleted within that while is caught when the message is committed (the
 delivery transaction checks every recipient again).
 
 Quotas are checked twice.  At RCPT, with the size the client declared
-(C{MAIL FROM ... SIZE=}) when it did: a recipient already over quota, or
+(C{MAIL FROM ... SIZE=}) when it did, and the trace fields the message
+will be stored with (the protocol adds them): a recipient already over quota, or
 whom the message would put over it, is refused there, before any data is
 sent (recipients with a quota are therefore never answered from memory).
 At the end of DATA, the store checks again with the real size, inside
@@ -203,8 +204,10 @@ class LocalDelivery:
         """
         Accept or refuse a RCPT TO mailbox.
 
-        @param size: the message size the client declared with C{SIZE=},
-            if it did: a recipient whose quota it would exceed is refused.
+        @param size: the size the message will be stored with, if the
+            client declared one with C{SIZE=} (that, and the trace fields
+            put before it): a recipient whose quota it would exceed is
+            refused.
         @return: a L{Deferred} firing with the normalised address; fails
             with L{SMTPReply} for a refusal, or with the store's
             L{mailgate.errors.TemporaryFailure}.

@@ -156,17 +156,21 @@ def addressLiteral(host):
     return f"[{address}]"
 
 
-def traceHeaders(envelope, hostname, now=None):
+def traceHeaders(envelope, hostname, now=None, paths=None):
     """
     The C{Return-Path:} and C{Received:} fields the final delivery server
     prepends (RFC 5321 sections 4.4 and 4.1.1.4), as lines without their
     line ends.
+
+    @param paths: the recipients as the client named them, for the
+        C{for} clause; by default the envelope's.
     """
     now = time.time() if now is None else now
     peerHost = getattr(envelope.peer, "host", None)
     peerText = addressLiteral(peerHost) if peerHost else "local"
     forClause = ""
-    paths = envelope.forwardPaths or envelope.recipients
+    if paths is None:
+        paths = envelope.forwardPaths or envelope.recipients
     if len(paths) == 1:
         forClause = f"\r\n\tfor <{paths[0]}>"
     date = _date(int(now))
@@ -184,3 +188,15 @@ def traceHeaders(envelope, hostname, now=None):
         f"Return-Path: <{sender}>".encode("utf-8"),
         *[line.encode("utf-8") for line in received.split("\r\n")],
     ]
+
+
+def traceOctets(envelope, hostname, mailbox):
+    """
+    The octets the trace fields (L{traceHeaders}) add to the message of
+    C{envelope} if C{mailbox} is taken as one more recipient: what a
+    recipient's quota must hold beyond the size the client declares.  At
+    most that: the C{for} clause is written for a message of one
+    recipient only, and this may be the first of several.
+    """
+    paths = [*(envelope.forwardPaths or envelope.recipients), forwardPath(mailbox, mailbox)]
+    return sum(len(line) + 2 for line in traceHeaders(envelope, hostname, paths=paths))

@@ -37,7 +37,7 @@ from mailgate.session.trace import startTrace
 from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull
-from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders
+from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders, traceOctets
 from mailgate.smtp.syntax import (
     BrokenSender,
     EnvelopeSyntaxError,
@@ -722,7 +722,13 @@ class SMTPServer(CommandSession):
         if trace and not self.traced:
             self._traceIfListed(trace, mailbox)
         declared = envelope.parameters.get("SIZE")
-        d = self.factory.delivery.checkRecipient(mailbox, int(declared) if declared else None)
+        # The room the message takes is what it is stored as: the size the
+        # client declares and the trace fields put before it.  By the
+        # declared size alone, a recipient with room for that but not for
+        # the fields was taken here and refused at the end of DATA, where
+        # SMTP refuses the message for everyone, again at every retry.
+        size = int(declared) + traceOctets(envelope, self.hostname, mailbox) if declared else None
+        d = self.factory.delivery.checkRecipient(mailbox, size)
 
         def accepted(address):
             self._tally["recipients"] += 1
