@@ -524,6 +524,9 @@ def test_anAccountWhosePassdbLookupFailsOnPurposeIsNotImported(tmp_path):
     extra field fail (fail=y: disabled, as with nologin): the import
     reports it and leaves it out (exit 65), as it does nologin's.
     Before, it was imported, and the disabled account logged in here.
+    An account Dovecot lets in from some networks only (allow_nets) is
+    imported, saying that here it logs in from anywhere (before: not a
+    word).
     """
     import io
 
@@ -533,13 +536,15 @@ def test_anAccountWhosePassdbLookupFailsOnPurposeIsNotImported(tmp_path):
     from mailgate.store import openSynchronousStore
 
     bob = "bob@example.org"
-    server = PrivateDovecot(passdbFields={bob: "fail=y"})
+    carol = "carol@example.org"
+    server = PrivateDovecot(passdbFields={bob: "fail=y", carol: "allow_nets=10.0.0.0/8,192.0.2.0/24"})
     try:
-        server.addUsers([ALICE, bob], PASSWORD)
+        server.addUsers([ALICE, bob, carol], PASSWORD)
         server.start()
         server.pop3(ALICE, PASSWORD).quit()
-        with pytest.raises(Exception, match="Authentication failed"):
-            server.pop3(bob, PASSWORD)
+        for refused in (bob, carol):
+            with pytest.raises(Exception, match="Authentication failed"):
+                server.pop3(refused, PASSWORD)
         passwd = os.path.join(server.directory, "passwd")
         url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
         out, err = io.StringIO(), io.StringIO()
@@ -550,10 +555,15 @@ def test_anAccountWhosePassdbLookupFailsOnPurposeIsNotImported(tmp_path):
     finally:
         server.cleanup()
     assert code == 65, (out.getvalue(), err.getvalue())
-    assert out.getvalue().splitlines() == [f"added {ALICE}", "1 added, 0 already there, 1 failed"]
-    assert err.getvalue().splitlines()[0] == (
-        f"mailgate: {passwd} line 2: {bob} has fail (Dovecot refuses their logins); not imported"
-    )
+    assert out.getvalue().splitlines() == [
+        f"added {ALICE}", f"added {carol}", "2 added, 0 already there, 1 failed",
+    ]
+    assert err.getvalue().splitlines()[:2] == [
+        f"mailgate: {passwd} line 2: {bob} has fail (Dovecot refuses their logins); not imported",
+        # Imported (its mail must move), and the administrator told.
+        f"mailgate: {passwd} line 3: {carol}: allow_nets=10.0.0.0/8,192.0.2.0/24 not kept (mailgate has "
+        f"no per-user networks): it logs in from any address here",
+    ]
     store = openSynchronousStore(url)
     try:
         assert resultOf(store.findUser(bob)) is None

@@ -198,6 +198,13 @@ def _userImport(store, args, out, stdin):
             continue
         added += 1
         out.write(f"added {address}{apop}\n")
+        if account.unkept:
+            # Imported all the same (its mail must move), but no longer
+            # kept to its networks: said, for the administrator to judge.
+            args.stderr.write(
+                f"mailgate: {args.file} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
+                f"(mailgate has no per-user networks): it logs in from any address here\n"
+            )
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
     if failed:

@@ -32,12 +32,16 @@ class PasswdAccount:
     @ivar quota: what its quota rule for all mailboxes sets, C{octets} and
         C{messages}, each a number, 0 for no limit (as in Dovecot); C{{}}
         where it sets none.
+    @ivar unkept: its extra fields that limit where it logs in from
+        (C{allow_nets}, C{allow_real_nets}), which mailgate has no per-user
+        setting for: here it logs in from anywhere.
     """
 
     number = attr.ib()
     address = attr.ib()
     password = attr.ib(repr=False)
     quota = attr.ib()
+    unkept = attr.ib(default=())
 
 
 @attr.s(frozen=True, slots=True)
@@ -122,7 +126,13 @@ def _account(number, line, domain, scheme, firstLines):
         quota = dovecotQuota(extra)
     except ValueError as e:
         raise _Refused(f"{address}: {e}") from None
-    return PasswdAccount(number, address, hashed, quota)
+    unkept = tuple(field for field in extra.split() if field.partition("=")[0] in _LOGIN_NETWORKS)
+    return PasswdAccount(number, address, hashed, quota, unkept)
+
+
+#: Dovecot's extra fields that allow an account's logins from some
+#: networks only.
+_LOGIN_NETWORKS = ("allow_nets", "allow_real_nets")
 
 
 def _isText(text):
