@@ -205,6 +205,45 @@ def test_aURLParameterLibpqDoesNotKnowIsAConfigurationError():
     assertOneLine(err, 'invalid URI query parameter: "sslmod"', url)
 
 
+# Parameters libpq reads but whose values it refuses only as it connects,
+# and what mailgate says of each (the password is "50%off"-free here: the
+# suite's own, which assertOneLine looks for).
+BAD_VALUES = {
+    "port past 65535": ("port", "99999", "invalid port '99999' (a number from 1 to 65535)"),
+    "mistyped sslmode": ("sslmode", "requir", "invalid sslmode 'requir' (one of disable, allow, prefer"),
+    "keepalive not a number": ("keepalives_idle", "5s", "invalid keepalives_idle '5s' (a whole number)"),
+}
+
+
+def _withParameter(url, name, value):
+    if name == "port":
+        parts = urlsplit(url)
+        return parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + ":" + value).geturl()
+    return url + ("&" if "?" in url else "?") + f"{name}={value}"
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_aURLParameterValueLibpqRefusesIsAConfigurationError(case, servers):
+    """
+    A value libpq refuses (a port past 65535, a mistyped sslmode) is found
+    before connecting, and exits 78 with what is wrong: libpq said it only
+    as it connected, in the words of an unreachable server ("connection is
+    bad: invalid port number"), and the start exited 75, which the systemd
+    unit retried every two seconds for ever.  twistd mailgate says the
+    same at its start.
+    """
+    name, value, expected = BAD_VALUES[case]
+    url = _withParameter(_requirePostgres(), name, value)
+    assert urlsplit(url).hostname
+    code, out, err = mailgate(url, "user", "list")
+    assert (code, out) == (EX_CONFIG, ""), err
+    assertOneLine(err, expected, url)
+    if case == "port past 65535":
+        server = servers.spawn(database=url)
+        assert server.wait() == EX_CONFIG, server.log()
+        assert expected in server.stderr, server.log()
+
+
 def test_aURLThatRequiresTLSOfAServerWithoutIt():
     """
     C{sslmode=require} against a server that answers the request for TLS

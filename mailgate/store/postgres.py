@@ -27,6 +27,7 @@ from zope.interface import implementer
 from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
 from mailgate.store import pgreactor, pgrefusal, reads
+from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pgreactor import (
@@ -199,6 +200,12 @@ class PostgresEngine:
         return f"postgresql://{host}{parts.path}"
 
     def connect(self):
+        problem = parameterProblem(self._conninfo)
+        if problem is not None:
+            # libpq would say it only as it tried to connect, as it says an
+            # unreachable server: a start that exited 75 and was retried for
+            # ever, where nothing but the URL can change.
+            raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {problem}")
         try:
             conn = psycopg.connect(
                 self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._keepalive

@@ -1,0 +1,53 @@
+# -*- test-case-name: tests.test_pgrefusal -*-
+"""
+The values of a C{postgresql://} URL's connection parameters, checked as
+libpq checks them, before connecting.
+
+libpq reads a URL's syntax and parameter names before it connects (what
+it cannot read is a C{ProgrammingError}, a refusal: exit 78), but an
+invalid value of a parameter (a port past 65535, C{sslmode=requir}) only
+as it connects, and says so as it says "server not reachable": a start
+exited 75 (C{EX_TEMPFAIL}), which the systemd unit retries every two
+seconds for ever, where nothing but the URL can change.
+"""
+
+from psycopg import Error
+from psycopg.conninfo import conninfo_to_dict
+
+#: libpq's parameters whose values are one of a few words
+CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
+#: libpq's parameters whose values are whole numbers (not connect_timeout:
+#: mailgate gives its own to every connection, which replaces the URL's)
+NUMBERS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
+
+
+def parameterProblem(conninfo):
+    """
+    What libpq would refuse in the values of C{conninfo}'s parameters, or
+    C{None}: also when it cannot read C{conninfo} at all, which connecting
+    says, without the password (L{mailgate.urls.withoutPassword}).  The
+    text names a parameter and its value, never the password's.
+    """
+    try:
+        parameters = conninfo_to_dict(conninfo)
+    except Error:
+        return None
+    # Several hosts have a port each, comma-separated; an empty one is the
+    # default port.
+    for port in parameters.get("port", "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"invalid port {port!r} (a number from 1 to 65535)"
+    for name, choices in CHOICES.items():
+        value = parameters.get(name)
+        if value is not None and value not in choices:
+            return f"invalid {name} {value!r} (one of {', '.join(choices)})"
+    for name in NUMBERS:
+        value = parameters.get(name)
+        if value is not None and not value.strip().lstrip("+-").isdigit():
+            return f"invalid {name} {value!r} (a whole number)"
+    return None
