@@ -650,8 +650,8 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
     assert code == 0, (out.getvalue(), err.getvalue())
     assert out.getvalue().startswith(f"{len(X_UIDL_MESSAGES)} messages imported (")
     assert [line.split(": ", 2)[2] for line in err.getvalue().splitlines()] == [
-        "X-UIDL 'trailing5   ' has a space; imported as 'trailing5', its first word, which clients keep",
-        "X-UIDL 'two words6' has a space; imported as 'two', its first word, which clients keep",
+        "unique id 'trailing5   ' has a space; imported as 'trailing5', its first word, which clients keep",
+        "unique id 'two words6' has a space; imported as 'two', its first word, which clients keep",
     ]
     store = memoryStore(database)
     try:
@@ -871,5 +871,54 @@ def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
         logins = [line for line in server.log().splitlines() if "Login: user=<alice@example.org>" in line]
         # poplib's in the clear, then the two imports' over TLS.
         assert [", TLS" in line for line in logins] == [False, True, True], logins
+    finally:
+        server.cleanup()
+
+
+def test_aFileNameWithASpaceServedAsTheId(tmp_path):
+    """
+    Dovecot with pop3_uidl_format = %f serves a file name with a space in
+    it as it is; clients keep its first word, as import pop3 does.  import
+    maildir imports the message under that word too (with a warning):
+    before, it refused it (exit 65), and the message did not move.
+    """
+    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.pop3 import importPOP3
+
+    server = PrivateDovecot(uidlFormat="%f")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        now = int(time.time())
+        for n, name in enumerate([f"{now - 10}.M1P1.host name", f"{now - 9}.M2P1.host"]):
+            with open(os.path.join(server.maildir(ALICE), "new", name), "wb") as f:
+                f.write(b"Subject: %d\n\nbody\n" % n)
+        server.own(server.maildir(ALICE))
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        server.start()
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert uidl[0] == f"1 {now - 10}.M1P1.host name"
+        kept = [" ".join(line.split()[:2]) for line in uidl]
+        for how in (
+            lambda store, warn: importMaildir(store, files, ALICE, progress=warn),
+            lambda store, warn: importPOP3(
+                store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD, warn=warn,
+            ),
+        ):
+            store = memoryStore()
+            try:
+                addUser(store, ALICE, PASSWORD)
+                warnings = []
+                report = how(store, warnings.append)
+                assert (report.messages, report.failures) == (2, [])
+                assert servedByMailgate(store) == (kept, listing)
+                assert [w.split(": ", 1)[1] for w in warnings if "has a space" in w] == [
+                    f"unique id '{now - 10}.M1P1.host name' has a space; imported as '{now - 10}.M1P1.host', "
+                    f"its first word, which clients keep"
+                ]
+            finally:
+                store.close()
+        assert server.errorsLogged() == []
     finally:
         server.cleanup()

@@ -580,7 +580,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
         uidl = message.base
     if uidl is None and reuseXUidl:
         # Dovecot's pop3_reuse_xuidl: the header field's, before the format.
-        found, uidl = _xUidl(message, report, progress)
+        found, uidl = _xUidl(message, report)
         if not found:
             message.idUnread = True
             return None
@@ -609,15 +609,21 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
             # either.
             report.failures.append(f"{message.path}: pop3_uidl_format gives it no unique id: {e}")
             return None
-    return _checked(message, uidl, report)
+    # Dovecot serves an id with spaces (a file name's, %f or %g; an
+    # X-UIDL field's) as it is; clients keep its first word, as import
+    # pop3 does.
+    word = clientsWord(uidl)
+    if word != uidl and word and progress is not None:
+        progress(f"{message.path}: unique id {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
+                 f"its first word, which clients keep")
+    return _checked(message, word, report)
 
 
-def _xUidl(message, report, progress):
+def _xUidl(message, report):
     """
     The unique id Dovecot serves for C{message} with C{pop3_reuse_xuidl}:
-    the value of its header's first X-UIDL field, cut to the word clients
-    keep (L{clientsWord}: Dovecot serves the value as it is, spaces and
-    all), said so if it had to be cut.
+    the value of its header's first X-UIDL field, as it is (spaces and
+    all: L{_ownUniqueId} keeps the word clients keep).
 
     @return: C{(True, id)}, C{(True, None)} if the header has no such
         field (the format gives the id), or C{(False, None)} if the file
@@ -635,12 +641,7 @@ def _xUidl(message, report, progress):
         os.close(fd)
     if value is None:
         return True, None
-    uidl = value.decode("utf-8", "surrogateescape")
-    word = clientsWord(uidl)
-    if word != uidl and word and progress is not None:
-        progress(f"{message.path}: X-UIDL {uidl[:80]!r} has a space; imported as {word[:80]!r}, "
-                 f"its first word, which clients keep")
-    return True, word
+    return True, value.decode("utf-8", "surrogateescape")
 
 
 #: How much of one header line is kept while looking for X-UIDL (the rest
