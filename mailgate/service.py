@@ -46,6 +46,7 @@ from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openStore, schemaUpgradeNotice
+from mailgate.store.database import THREADS_STOP_TIMEOUT
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
@@ -66,8 +67,10 @@ MAIL_PROTOCOLS = ("POP3", "POP3S", "SMTP", "LMTP")
 #: packets, a PostgreSQL server that hangs) held the stop for ever
 STOP_TIMEOUT = 10.0
 #: seconds of a stop beside the sessions' grace (see
-#: L{MailgateService.stopTimeLimit})
-STOP_MARGIN = 10.0
+#: L{MailgateService.stopTimeLimit}): the services' L{STOP_TIMEOUT}, the
+#: store's threads' L{THREADS_STOP_TIMEOUT}, both waited for in full when
+#: the database hangs, and 2 for the rest (the listeners, the exit)
+STOP_MARGIN = STOP_TIMEOUT + THREADS_STOP_TIMEOUT + 2.0
 #: seconds between two checks of the certificates' validity while the
 #: server runs (C{tls.expiry}), beside the start's and each reload's
 TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
@@ -721,13 +724,14 @@ class MailgateService(MultiService):
 
     def stopTimeLimit(self):
         """
-        Seconds a stop takes at most for the sessions to be done with: the
-        grace, the wait for sessions to close once it is over, and a
-        margin for closing the listeners and the services after them (the
-        rest of L{STOP_TIMEOUT} is housekeeping a cut stop loses nothing
-        of).  systemd hears it with C{STOPPING=1} (L{mailgate.systemd}), so
-        that a grace longer than the unit's C{TimeoutStopSec} is not cut
-        short by its SIGKILL.
+        Seconds a stop takes at most: the grace, the wait for sessions to
+        close once it is over, and L{STOP_MARGIN} for the listeners, the
+        services after them and the store's threads, each bounded.  systemd
+        hears it with C{STOPPING=1} (L{mailgate.systemd}), so that a grace
+        longer than the unit's C{TimeoutStopSec} is not cut short by its
+        SIGKILL, nor a stop with a database that hangs (each bound waited
+        for in full): the process ends by itself, and the unit as stopped,
+        not timed out.
         """
         return self.shutdownGrace + self.sessions.abortDelay + STOP_MARGIN
 
