@@ -99,6 +99,12 @@ NODE_SETTINGS = (
     "default_quota", "expire_days", "keep_deleted_days", "quota_warning", "quota_exceeded", "recipient_delimiter",
     "duplicate_window",
 )
+#: why a RCPT was refused: no such user, a domain not served, a full
+#: mailbox, a message larger than the mailbox's whole quota, too many
+#: recipients, a command or address that does not parse
+RECIPIENT_REFUSALS = (
+    "no_such_user", "relay_denied", "mailbox_full", "larger_than_quota", "too_many", "bad_syntax",
+)
 #: what the retention task removes for good: messages past their
 #: retention, and deleted mail past the days it is kept for recovery
 RETENTION_KINDS = ("expired", "purged")
@@ -244,6 +250,11 @@ class Metrics:
             [("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
+        self._recipientsRefused = _Series(
+            counter, "mailgate_recipients_refused", "RCPT commands refused, by protocol and reason.",
+            ["protocol", "reason"],
+            [(protocol, reason) for protocol in ("smtp", "lmtp") for reason in (*RECIPIENT_REFUSALS, OTHER)],
+        )
         self._retentionRemoved = _Series(
             counter, "mailgate_retention_removed_messages",
             "Messages the retention task removed for good, by kind: expired, or kept deleted mail purged.",
@@ -276,7 +287,7 @@ class Metrics:
             self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
-            self._certificateExpiry, self._retentionRemoved, self._retentionRounds,
+            self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -447,6 +458,15 @@ class Metrics:
         holding connections without using them.
         """
         self._count(self._timeouts, (_bounded(protocol, PROTOCOLS), _bounded(kind, TIMEOUT_KINDS)))
+
+    def recipientRefused(self, protocol, reason):
+        """
+        A RCPT was refused for C{reason}, one of L{RECIPIENT_REFUSALS}
+        (C{mailgate_recipients_refused_total}): mail refused there never
+        reaches DATA, where deliveries are counted, and a full mailbox is
+        refused there as a rule.
+        """
+        self._count(self._recipientsRefused, (_bounded(protocol, PROTOCOLS), _bounded(reason, RECIPIENT_REFUSALS)))
 
     def retentionRound(self, result):
         """

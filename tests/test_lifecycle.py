@@ -438,6 +438,40 @@ def test_aMessageLargerThanTheWholeQuotaIsRefusedForGood(store, quotaExceeded, l
     assert session.command(f"RCPT TO:<{BOB}>").startswith("250")
 
 
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_recipientsRefusedAtRcptAreCounted(store, lmtp):
+    """
+    A recipient refused at RCPT is counted by why
+    (C{mailgate_recipients_refused_total}): a full mailbox is refused
+    there as a rule (the MTA declares the size, or the mailbox is full
+    already), and such mail never reaches DATA, where
+    C{mailgate_deliveries_total} counts: mailboxes refusing mail for days
+    showed in no metric, only in the log.
+    """
+    from mailgate.metrics import Metrics
+    from test_metrics import value
+
+    protocol = "lmtp" if lmtp else "smtp"
+    metrics = Metrics()
+
+    def refused(reason):
+        return value(metrics, "mailgate_recipients_refused_total", protocol=protocol, reason=reason)
+
+    nearlyFull(store, ALICE)
+    resultOf(store.setQuota(BOB, 1000))
+    session = intake(store, lmtp=lmtp, metrics=metrics)
+    assert session.command(f"MAIL FROM:<{SENDER}> SIZE=1000").startswith("250")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("452 4.2.2")
+    assert session.command(f"RCPT TO:<{ALICE}>").startswith("452 4.2.2")
+    assert session.command(f"RCPT TO:<{BOB}>").startswith("552 5.2.3")
+    assert session.command("RCPT TO:<nobody@example.org>").startswith("550 5.1.1")
+    assert session.command("RCPT TO:<someone@example.com>").startswith("550 5.7.1")
+    assert session.command("RCPT TO:<bad address>").startswith("501")
+    assert (refused("mailbox_full"), refused("larger_than_quota"), refused("no_such_user")) == (2, 1, 1)
+    assert (refused("relay_denied"), refused("bad_syntax"), refused("other")) == (1, 1, 0)
+    assert value(metrics, "mailgate_deliveries_total", protocol=protocol, result="tempfail") == 0
+
+
 def test_rcptRefusesARecipientAlreadyFullWithoutADeclaredSize(store):
     from mailgate.smtp import LocalDelivery
     from twisted.internet.task import Clock

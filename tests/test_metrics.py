@@ -65,6 +65,7 @@ CONTRACT = {
     "mailgate_database_writes_failing": ("gauge", {"reason"}),
     "mailgate_retention_removed_messages": ("counter", {"kind"}),
     "mailgate_retention_rounds": ("counter", {"result"}),
+    "mailgate_recipients_refused": ("counter", {"protocol", "reason"}),
 }
 
 

@@ -44,7 +44,7 @@ class RecordingMetrics(Metrics):
     for _name in (
         "connectionOpened", "connectionClosed", "connectionRefused", "tlsFailed", "login", "pop3Command", "retrieved",
         "deleted", "delivery", "databaseOperation", "databaseError", "groupCommit",
-        "authCache", "maildropLocks", "bans",
+        "authCache", "maildropLocks", "bans", "recipientRefused",
     ):
         locals()[_name] = _record(_name)
     del _name, _record

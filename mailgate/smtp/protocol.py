@@ -62,6 +62,18 @@ _RCPT_REASONS = {
     "5.2.2": "mailbox full",
     "5.2.3": "larger than the quota",
 }
+# The reasons of the log lines as mailgate_recipients_refused_total labels
+# them (anything else: other).
+_RCPT_REFUSAL_LABELS = {
+    "no such user": "no_such_user",
+    "relay denied": "relay_denied",
+    "mailbox full": "mailbox_full",
+    "larger than the quota": "larger_than_quota",
+    "too many recipients": "too_many",
+    "bad parameters": "bad_syntax",
+    "bad address syntax": "bad_syntax",
+    "non-ASCII address": "bad_syntax",
+}
 
 
 def _bounded(text, limit=256):
@@ -840,6 +852,7 @@ class SMTPServer(CommandSession):
             enhanced=enhanced,
             reason=reason,
         )
+        self.factory.metrics.recipientRefused(self.protocolName, _RCPT_REFUSAL_LABELS.get(reason, "other"))
 
     def smtp_DATA(self, argument):
         envelope = self._envelope
