@@ -815,6 +815,15 @@ class IEngine(Interface):
         the database tell by it whether their clocks agree.
         """
 
+    def urlProblem():
+        """
+        What in the database URL the database's client would refuse only as
+        it connects, in the words of a server it cannot reach (PostgreSQL:
+        a port past 65535, a mistyped C{sslmode}), or C{None}: checked
+        without connecting, so that C{mailgate config --check} refuses what
+        a start would refuse.
+        """
+
     def claimServer():
         """
         Claim the database for this server process where the engine allows

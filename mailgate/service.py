@@ -45,7 +45,7 @@ from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
-from mailgate.store import openStore, schemaUpgradeNotice
+from mailgate.store import checkDatabaseURL, openStore, schemaUpgradeNotice
 from mailgate.store.database import THREADS_STOP_TIMEOUT
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.lifecycle import StoreLimits
@@ -1093,7 +1093,8 @@ def checkStartable(config, names=None):
     """
     Build what a start builds from C{config} before it binds or opens the
     database, and would refuse to start on: the TLS contexts from the
-    certificate and key files, the CPU affinity, the spool directory.
+    certificate and key files, the CPU affinity, the spool directory, the
+    database URL's values (checked without connecting).
     C{mailgate config --check} checks them all; a reload those of the
     settings it changes (C{names}), which it would otherwise take for the
     next restart, a restart that then failed.
@@ -1108,6 +1109,8 @@ def checkStartable(config, names=None):
         makeAffinity(config)
     if names is None or "spool-directory" in names:
         checkedSpoolDirectory(config)
+    if names is None or "database" in names:
+        checkDatabaseURL(config.database)
     return tls
 
 

@@ -1479,6 +1479,14 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     assert refused.code == 78 and refused.err.startswith("mailgate: cpu-affinity: ")
     refused = check(tls + f'spool-directory = "{tmp_path / "missing"}"\n')
     assert refused.code == 78 and refused.err.startswith("mailgate: spool-directory: cannot spool messages in ")
+    # A database URL value the start refuses before connecting (it exits
+    # 78): config --check said OK, connecting to nothing.
+    refused = check(tls + 'database = "postgresql://mailgate:s3cret@db.internal/mail?sslmode=requir"\n')
+    assert (refused.code, refused.out) == (78, ""), refused
+    assert refused.err.startswith(
+        "mailgate: cannot connect to the database at postgresql://db.internal/mail: invalid sslmode 'requir' (one of "
+    ), refused
+    assert "s3cret" not in refused.err
     # What the server warns of at start: a key and a file holding the
     # database's password that every user may read.
     key.chmod(0o644)

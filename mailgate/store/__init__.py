@@ -57,6 +57,20 @@ def engineFromURL(url):
     )
 
 
+def checkDatabaseURL(url):
+    """
+    Refuse, without connecting, a database URL a start would refuse
+    before it could connect: an unknown scheme, a malformed URL, a value
+    the database's client refuses only as it connects (L{IEngine.urlProblem}).
+
+    @raise ConfigurationError: saying what is wrong, never the password.
+    """
+    engine = engineFromURL(url)
+    problem = engine.urlProblem()
+    if problem is not None:
+        raise ConfigurationError(f"cannot connect to the database at {engine!r}: {problem}")
+
+
 class NoSuchDatabase(ConfigurationError):
     """
     The SQLite file a database URL names does not exist, and was not to be

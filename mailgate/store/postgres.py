@@ -199,8 +199,11 @@ class PostgresEngine:
             return f"postgresql://{parts.path}?host={host}"
         return f"postgresql://{host}{parts.path}"
 
+    def urlProblem(self):
+        return parameterProblem(self._conninfo)
+
     def connect(self):
-        problem = parameterProblem(self._conninfo)
+        problem = self.urlProblem()
         if problem is not None:
             # libpq would say it only as it tried to connect, as it says an
             # unreachable server: a start that exited 75 and was retried for

@@ -509,6 +509,11 @@ class SQLiteEngine:
         """
         return None
 
+    def urlProblem(self):
+        # A file name is all an SQLite URL holds: what is wrong with it
+        # (a missing directory, no permission) shows as the file is opened.
+        return None
+
     def claimServer(self):
         """
         Make sure only one mailgate server uses this database file.
