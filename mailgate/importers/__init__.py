@@ -184,9 +184,19 @@ def toCRLF(data, pendingCR=False):
 
     @param pendingCR: whether the octet before C{data} was a CR (then a
         leading LF is already preceded by it).
+
+    Every octet an import reads goes through here: the two common cases
+    take one pass of C{bytes} methods each instead of two replaces (they
+    were a quarter of an import's time).
     """
     if pendingCR and data.startswith(b"\n"):
-        return b"\n" + data[1:].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return b"\n" + toCRLF(data[1:])
+    if b"\r" not in data:
+        # LF line ends only (Dovecot's files).
+        return data.replace(b"\n", b"\r\n")
+    if b"\n" not in data.replace(b"\r\n", b""):
+        # CRLF already (mailgate's own export): as it is.
+        return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
@@ -261,8 +271,12 @@ def openRegularFile(path):
 class FileSource:
     """
     A message file with LF (or CRLF) line ends, read in blocks and served
-    in CRLF form: never held in memory whole.  Its size and header size
-    are measured once, at construction.
+    in CRLF form.  Its size and header size are measured once, at
+    construction.  A file of one block (at most L{blockSize} octets: nearly
+    all mail) is kept as measured and served from memory, read and
+    converted once instead of once more per L{chunks}; a larger one is
+    read again each time, never held whole.  (An import holds a batch of
+    sources, at most L{BatchWriter.maxOctets} of messages and one more.)
 
     The file is opened once, at construction (see L{openRegularFile}),
     and read through that descriptor until L{close}: a file the mail
@@ -279,6 +293,7 @@ class FileSource:
 
     def __init__(self, path):
         self.path = path
+        self._whole = None
         self._fd, status = openRegularFile(path)
         self.mtime = status.st_mtime
         try:
@@ -292,12 +307,17 @@ class FileSource:
         head = b""
         header = None
         dots = DotLineFinder()
+        count = 0
+        first = b""
         for block in self._blocks():
             if header is None:
                 head = (head + block)[: 1 << 20]
                 header = headerSizeOf(head)
             size += len(block)
             dots.feed(block)
+            count += 1
+            first = block if count == 1 else None
+        self._whole = first
         self.size = size
         self.headerSize = size if header is None else header
         self.dotLines = dots.dotLines
@@ -316,6 +336,11 @@ class FileSource:
             yield converted
 
     def chunks(self, chunkSize):
+        whole = self._whole
+        if whole is not None:
+            for start in range(0, len(whole), chunkSize):
+                yield whole[start : start + chunkSize]
+            return
         rest = b""
         for block in self._blocks():
             rest += block
@@ -326,6 +351,7 @@ class FileSource:
             yield rest
 
     def close(self):
+        self._whole = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -848,14 +848,19 @@ def _importMessages(cursor, address, items):
             "UPDATE mailboxes SET next_uid = ? WHERE user_id = ? AND next_uid <= ?",
             (max(colliding) + 1, userId, max(colliding)),
         )
-    bodies, chunks, entries = [], [], []
+    bodies, chunks, entries, digests = [], [], [], []
     for n, (uidl, source, arrived) in enumerate(fresh):
+        # The digest kept below, of the octets as they are stored: a third
+        # reading of each source (after its measuring and its storing) was
+        # about a tenth of an import's time.
+        digest = hashlib.sha256()
         if source.size <= CHUNK_SIZE:
             bodyId = secrets.token_hex(16)
             bodies.append((userId, bodyId, source.size, source.headerSize, 1, arrived))
-            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(source)))
+            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(source, digest)))
         else:
-            bodyId = storeLargeBody(cursor, userId, source, 1, arrived)
+            bodyId = storeLargeBody(cursor, userId, source, 1, arrived, digest)
+        digests.append(digest.digest())
         entries.append(
             (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, *dotLineColumns(source))
         )
@@ -867,7 +872,7 @@ def _importMessages(cursor, address, items):
     now = int(time.time())
     insertRows(
         cursor, "imported_ids", IMPORTED_COLUMNS,
-        [(userId, uidl, source.size, _sourceDigest(source), now) for uidl, source, _ in fresh],
+        [(userId, uidl, source.size, digest, now) for (uidl, source, _), digest in zip(fresh, digests)],
     )
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 

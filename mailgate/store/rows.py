@@ -97,13 +97,21 @@ def releaseBodies(cursor, references):
                 (owner, bodyId),
             )
 
-def bodyPieces(source):
+def bodyPieces(source, digest=None):
     """
     The stored chunks of a message: at most L{CHUNK_SIZE} octets each, and
     for a message longer than one chunk, the header section alone first, so
     that TOP n 0 reads exactly the header (a database reads a whole value
     to return part of it).
+
+    @param digest: a C{hashlib} hash to update with each chunk, in order:
+        the digest of what is stored, without reading the source again.
     """
+    if digest is not None:
+        for piece in bodyPieces(source):
+            digest.update(piece)
+            yield piece
+        return
     chunks = source.chunks(CHUNK_SIZE)
     if source.size <= CHUNK_SIZE or not 0 < source.headerSize <= CHUNK_SIZE:
         yield from chunks
@@ -209,13 +217,15 @@ def packOffsets(offsets):
     return struct.pack(f"<{len(offsets)}I", *offsets)
 
 
-def storeLargeBody(cursor, owner, source, refcount, now):
+def storeLargeBody(cursor, owner, source, refcount, now, digest=None):
     """
     A body of more than one chunk, streamed from the spool a chunk at a
     time.
+
+    @param digest: see L{bodyPieces}.
     """
     bodyId = secrets.token_hex(16)
     insertRows(cursor, "bodies", BODY_COLUMNS, [(owner, bodyId, source.size, source.headerSize, refcount, now)])
-    for seq, chunk in enumerate(bodyPieces(source)):
+    for seq, chunk in enumerate(bodyPieces(source, digest)):
         insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(owner, bodyId, seq, chunk)])
     return bodyId
