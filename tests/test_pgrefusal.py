@@ -524,3 +524,32 @@ def test_theHealthCheckTellsTheKindOfErrorNotItsText(roles):
     finally:
         admin(f"ALTER ROLE {role} PASSWORD 'pw-first'")
         reactor.resultOf(store.close())
+
+
+# Values libpq reads as it reads every whole number (strtol, white space
+# around it allowed): connected with, so never refused before connecting.
+GOOD_VALUES = {
+    "port with a space before": ("port", " {port}"),
+    "port with a sign": ("port", "+{port}"),
+    "keepalive with spaces around": ("keepalives_idle", " 10 "),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_VALUES))
+def test_aURLParameterValueLibpqTakesIsNotRefused(case):
+    """
+    What the check before connecting refuses (L{test_aURLParameterValueLibpqRefusesIsAConfigurationError})
+    is what libpq refuses, no more: a port of C{" 5432"} or C{"+5432"},
+    which libpq connects with, was refused (exit 78, the start with it).
+    """
+    from mailgate.store.postgres import PostgresEngine
+
+    name, value = GOOD_VALUES[case]
+    base = _requirePostgres()
+    value = value.format(port=urlsplit(base).port or 5432)
+    url = base + ("&" if "?" in base else "?") + f"{name}={quote(value)}"
+    conn = PostgresEngine(url).connect()
+    try:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.close()

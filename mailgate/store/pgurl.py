@@ -11,6 +11,8 @@ exited 75 (C{EX_TEMPFAIL}), which the systemd unit retries every two
 seconds for ever, where nothing but the URL can change.
 """
 
+import re
+
 from psycopg import Error
 from psycopg.conninfo import conninfo_to_dict
 
@@ -40,7 +42,7 @@ def parameterProblem(conninfo):
     # Several hosts have a port each, comma-separated; an empty one is the
     # default port.
     for port in parameters.get("port", "").split(","):
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        if port and not 1 <= (_integer(port) or 0) <= 65535:
             return f"invalid port {port!r} (a number from 1 to 65535)"
     for name, choices in CHOICES.items():
         value = parameters.get(name)
@@ -48,6 +50,27 @@ def parameterProblem(conninfo):
             return f"invalid {name} {value!r} (one of {', '.join(choices)})"
     for name in NUMBERS:
         value = parameters.get(name)
-        if value is not None and not value.strip().lstrip("+-").isdigit():
+        if value is not None and _integer(value) is None:
             return f"invalid {name} {value!r} (a whole number)"
     return None
+
+
+#: the white space C's isspace() skips, as libpq's number parsing does
+_C_SPACE = " \t\n\v\f\r"
+#: a whole number as C's strtol() reads it in base 10: a sign, ASCII digits
+_C_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer(text):
+    """
+    C{text} as libpq reads a whole-number parameter (its
+    C{parse_int_param}: strtol in base 10, white space allowed before and
+    after, a C int), or C{None} where libpq refuses it.  Stricter than
+    libpq (C{str.isdigit} and no white space or sign), a port of
+    C{" 5432"} or C{"+5432"}, which libpq connects with, was refused.
+    """
+    text = text.strip(_C_SPACE)
+    if not _C_INTEGER.fullmatch(text):
+        return None
+    number = int(text)
+    return number if -(2**31) <= number < 2**31 else None
