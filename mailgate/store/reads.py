@@ -63,6 +63,13 @@ CHUNKS = (
 )
 
 
+# The first chunks of several bodies, each named by its owner and id: an
+# export reads many messages' first chunks in one trip (see
+# L{firstChunks}).  Each pair is a probe of the primary key on both
+# engines, as in L{mailgate.store.rows.deliveryKeyConditions}.
+FIRST_CHUNKS = "SELECT owner_id, body_id, data FROM body_chunks WHERE seq = 0 AND ({pairs})"
+
+
 #: an C{array} type code of four octets, as C{dot_at} packs each offset
 _OFFSET = "I" if array("I").itemsize == 4 else "L"
 
@@ -187,6 +194,18 @@ def chunksInOrder(rows, bodyId, seq):
     if not chunks:
         raise TemporaryFailure(f"message body {bodyId} chunk {seq} is missing")
     return chunks
+
+
+def firstChunks(cursor, bodies):
+    """
+    The first chunk of each of C{bodies}, C{(owner, body id)} pairs (at
+    most 100: two parameters each, within the 999 older SQLite builds
+    allow): a dict from pair to octets, without the bodies that have none
+    (gone since they were listed).
+    """
+    pairs = " OR ".join(["(owner_id = ? AND body_id = ?)"] * len(bodies))
+    cursor.execute(FIRST_CHUNKS.format(pairs=pairs), [value for pair in bodies for value in pair])
+    return {(owner, bodyId): bytes(data) for owner, bodyId, data in cursor.fetchall()}
 
 
 @implementer(IMessageReads)

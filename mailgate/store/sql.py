@@ -25,7 +25,7 @@ from mailgate.message import spoolBytes
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.registry import STALE_AFTER
-from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads
+from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads, firstChunks
 from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
@@ -790,9 +790,11 @@ class SQLMailStore(lifecycle.LifecycleStore):
         d = self.database.runInteraction(_exportedMessages, address)
 
         def bodies(rows):
+            ahead = _ExportReadAhead(self.database, [(owner, bodyId, size) for size, _, _, owner, bodyId, _ in rows])
             return [
                 ExportedMessage(
-                    number, size, uidl, arrived, SQLMessageBody.unread(self.reads, owner, bodyId, size, headerSize)
+                    number, size, uidl, arrived,
+                    _ExportedBody(ahead, number - 1, self.reads, owner, bodyId, size, headerSize, b""),
                 )
                 for number, (size, uidl, arrived, owner, bodyId, headerSize) in enumerate(rows, 1)
             ]
@@ -1180,3 +1182,78 @@ class SQLMessageBody:
             return chunk
 
         return d.addCallback(got)
+
+
+class _ExportReadAhead:
+    """
+    The first chunks of an export's messages, read for many messages in
+    one read transaction (at most L{messages} of them, and L{octets} of
+    chunks) when the first of them is read: a small message is all in its
+    first chunk, and a trip to the database for each (a transaction and a
+    statement, and on PostgreSQL their round trips) was most of what an
+    export of small messages spent outside writing files.  Only the chunks
+    of the messages being written are held.
+
+    @ivar _bodies: C{(owner, body id, size)} of each message, in order.
+    """
+
+    messages = 100
+    octets = 1 << 20
+
+    def __init__(self, database, bodies):
+        self._database = database
+        self._bodies = bodies
+        self._read = {}
+
+    def first(self, index):
+        """
+        The first chunk of message C{index} (from 0): a L{Deferred} of its
+        octets, or of C{None} if it had none (gone since it was listed).
+        """
+        if index in self._read:
+            return defer.succeed(self._read.pop(index))
+        group, octets = [], 0
+        for following in range(index, min(index + self.messages, len(self._bodies))):
+            cost = min(self._bodies[following][2], CHUNK_SIZE)
+            if group and octets + cost > self.octets:
+                break
+            group.append(following)
+            octets += cost
+        d = self._database.runInteraction(firstChunks, [self._bodies[n][:2] for n in group])
+
+        def got(found):
+            # What another message's body did not take is dropped: held
+            # chunks stay within one group.
+            self._read = {n: found.get(self._bodies[n][:2]) for n in group[1:]}
+            return found.get(self._bodies[index][:2])
+
+        return d.addCallback(got)
+
+
+class _ExportedBody(SQLMessageBody):
+    """
+    A message of an export: its first chunk comes from the export's
+    L{_ExportReadAhead}, the rest as any body's.
+    """
+
+    def __init__(self, ahead, index, *args):
+        SQLMessageBody.__init__(self, *args)
+        self._pending = []
+        self._seq = 0
+        self.whole = None if self.size else b""
+        self._ahead = ahead
+        self._index = index
+
+    def read(self):
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or not self.size:
+            return SQLMessageBody.read(self)
+
+        def got(first):
+            if first is not None:
+                self._pending = [first]
+                self._seq = 1
+            # Else chunk 0 is asked for again, and its absence reported.
+            return SQLMessageBody.read(self)
+
+        return ahead.first(self._index).addCallback(got)
