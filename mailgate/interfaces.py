@@ -498,7 +498,8 @@ class ILifecycleStore(Interface):
 
         @return: a L{Deferred} of C{(messages removed, maildrops
             skipped)}, a L{mailgate.records.ExpiryPass} that also says how
-            many maildrops were examined.
+            many maildrops were examined; a write that fails ends the pass
+            with its C{failure} set, what was removed until then told.
         """
 
     def purgeDeleted(limit=500):

@@ -159,12 +159,17 @@ class ExpiryPass(tuple):
     older than the retention there makes it exact, so the next pass goes
     on to other maildrops.  A pass that removed nothing but examined some
     is therefore no sign that the task is done.
+
+    L{failure}: why the pass ended before its last maildrop (a write that
+    failed: the database away), or C{None}; what it removed until then
+    was committed, and is told all the same.
     """
 
-    def __new__(cls, removed, busy, examined, removedFrom=()):
+    def __new__(cls, removed, busy, examined, removedFrom=(), failure=None):
         self = super().__new__(cls, (removed, busy))
         self.examined = examined
         self.removedFrom = list(removedFrom)
+        self.failure = failure
         return self
 
 

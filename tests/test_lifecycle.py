@@ -990,6 +990,50 @@ def test_theRetentionTaskLogsEachMaildropItRemovedMessagesFrom(store, logEvents)
     assert formatEvent(total) == "retention: removed 6 expired messages and 0 kept deleted messages"
 
 
+def test_whatAPassRemovedBeforeAWriteFailedIsStillToldAndCounted(store, logEvents, monkeypatch):
+    """
+    A pass of the retention task whose write fails at one maildrop (the
+    database away) has committed the removals from the maildrops before
+    it: they are still logged (C{retention.expired}) and counted
+    (C{mailgate_retention_removed_messages_total}), and the round is
+    counted as failed.  Before, the failure lost the whole pass's
+    account: alice's three messages gone, with no line saying where.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.errors import TemporaryFailure
+    from mailgate.metrics import Metrics
+    from mailgate.store import lifecycle
+    from mailgate.store.housekeeping import RetentionService
+    from test_metrics import value
+
+    metrics = Metrics()
+    clock = Clocked(store)
+    store.limits.expireDays = 1
+    for n in range(3):
+        deliver(store, [ALICE], message(n))
+    clock.days(1)
+    deliver(store, [BOB], message(9))
+    clock.days(2)
+    bob = resultOf(store.findUser(BOB)).userId
+    expireUser = lifecycle._expireUser
+
+    def failingForBob(cursor, userId, *args):
+        if userId == bob:
+            raise TemporaryFailure("the database went away")
+        return expireUser(cursor, userId, *args)
+
+    monkeypatch.setattr(lifecycle, "_expireUser", failingForBob)
+    service = RetentionService(store, MemoryReactorClock(), metrics=metrics)
+    assert resultOf(service.runOnce()) == (0, 0)
+    assert [(e["user"], e["messages"]) for e in logEvents if e.get("event") == "retention.expired"] == [(ALICE, 3)]
+    assert value(metrics, "mailgate_retention_removed_messages_total", kind="expired") == 3
+    assert value(metrics, "mailgate_retention_rounds_total", result="failed") == 1
+    assert [e for e in logEvents if e.get("log_level").name == "warn" and "went away" in formatEvent(e)]
+    assert len(resultOf(store.listMessages(ALICE))) == 0
+    assert len(resultOf(store.listMessages(BOB))) == 1
+
+
 def test_theRetentionTaskIsCountedInTheMetrics(store):
     """
     What the retention task removes, expired messages and purged kept

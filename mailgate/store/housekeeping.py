@@ -170,6 +170,11 @@ class RetentionService(_Repeating):
                     days=days,
                     event="retention.expired",
                 )
+            failure = getattr(done, "failure", None)
+            if failure is not None:
+                # Told above what it removed before the failure; the round
+                # ends as failed.
+                failure.raiseException()
             # A pass that examined maildrops and found nothing to remove
             # in them made their oldest arrivals exact (a POP3 deletion
             # leaves it behind): the next pass finds others, which may

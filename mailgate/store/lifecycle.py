@@ -27,6 +27,7 @@ from email.utils import format_datetime
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserChanged, UserExists
 from mailgate.records import DeletedMessage, ExpiryPass, QuotaStatus
@@ -1185,7 +1186,12 @@ class LifecycleStore:
                 except MaildropInUse:
                     busy += 1
                     continue
+                except Exception:
+                    # The database away: what the pass removed so far is
+                    # still told (see ExpiryPass.failure).
+                    return ExpiryPass(removed, busy, examined, removedFrom, Failure())
                 fromThis = 0
+                failure = None
                 try:
                     more = True
                     while more:
@@ -1201,11 +1207,19 @@ class LifecycleStore:
                 except MaildropLockLost:
                     # Another session may have the maildrop now.
                     busy += 1
+                except Exception:
+                    # A write failed (the database away): the pass ends
+                    # here, and the removals committed before it, in this
+                    # maildrop and the others, are still told, for the log
+                    # and the metrics.
+                    failure = Failure()
                 finally:
                     removed += fromThis
                     if fromThis:
                         removedFrom.append((address, fromThis, days))
                     yield self.locks.release(userId)
+                if failure is not None:
+                    return ExpiryPass(removed, busy, examined, removedFrom, failure)
             return ExpiryPass(removed, busy, examined, removedFrom)
 
         return run()
