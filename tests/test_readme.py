@@ -11,6 +11,7 @@ and the systemd units have tests of their own: test_quickstart.py,
 test_e2e_smtp.py, test_systemd.py.)
 """
 
+import contextlib
 import io
 import re
 import shlex
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from e2e import mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401 (fixtures)
-from mailgate.cli import run
+from mailgate.cli import buildParser, run
 from mailgate.config import SETTINGS
 from mailgate.metrics import Metrics
 from mailgate.tap import Options
@@ -187,6 +188,78 @@ def test_theSynopsisIsWhatEachCommandTakes():
         given = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line)) - {"-h"}
         taken = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage)) - {"-h"}
         assert given == taken, (line, usage)
+
+
+def shellCommands():
+    """
+    Each command of the README's C{sh} code blocks, as the list of words
+    the shell gives it: continuation lines joined, comments, pipes, lists
+    and redirections taken apart, a command substitution C{$(...)} a word
+    of its own.
+    """
+    commands = []
+    for block in codeBlocks(README, "sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(re.sub(r"\$\([^)]*\)", "SUBSTITUTED", line), comments=True)
+            command = []
+            for word in [*words, "|"]:
+                if word in ("|", "||", "&&", ";"):
+                    commands.append(command)
+                    command = []
+                elif re.fullmatch(r"\d?[<>].*", word):
+                    command.append(">")
+                else:
+                    command.append(word)
+    return [[w for i, w in enumerate(c) if w != ">" and (i == 0 or c[i - 1] != ">")] for c in commands if c]
+
+
+def test_everyCommandLineParses():
+    """
+    Every C{mailgate} and C{twistd mailgate} command line of the README's
+    shell examples (a cron line's, one run as another user, in a pipe)
+    is one the command and the server take, its options and arguments
+    as their parsers read them; C{...} stands for more options.
+    """
+    names = set(buildParser()._subparsers._group_actions[0].choices)
+    mailgate = twistd = 0
+    for words in shellCommands():
+        for i, word in enumerate(words[:-1]):
+            following = words[i + 1]
+            if word == "twistd" or (word == "mailgate" and words[i - 1:i] == ["twistd"]):
+                # twistd [its options] mailgate [the server's options]
+                if word == "twistd":
+                    continue
+                options = Options()
+                options.parseOptions([w for w in words[i + 1:] if w != "..."])
+                twistd += 1
+                break
+            if Path(word).name == "mailgate" and (following in names or following in ("--database", "--config")):
+                argv = [w for w in words[i + 1:] if w != "..."]
+                err = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                        # As the command parses: serve's options are the server's.
+                        args, rest = buildParser().parse_known_args(argv)
+                        if args.command != "serve":
+                            buildParser().parse_args(argv)
+                        else:
+                            Options().parseOptions(rest)
+                except SystemExit as e:
+                    assert not e.code, (" ".join(words), err.getvalue())
+                mailgate += 1
+                break
+    assert mailgate > 20 and twistd > 3, (mailgate, twistd)
+
+
+def test_commandsAsAnotherUserNeedNoSudo():
+    """
+    A command run as the server's user or as postgres goes through
+    C{runuser} (util-linux, on every Debian machine), not C{sudo}, which a
+    Debian installed with a root password does not have: the restore and
+    the PostgreSQL set-up said C{sudo -u}, "command not found" there.
+    """
+    programs = {words[0] for words in shellCommands()}
+    assert "sudo" not in programs and "runuser" in programs, programs
 
 
 # -- Configuration file ---------------------------------------------------------------
