@@ -12,6 +12,7 @@ run POP3S, STLS and STARTTLS with real mail clients.
 import select
 import socket
 import ssl
+import sys
 import threading
 import weakref
 
@@ -28,7 +29,8 @@ from zope.interface import implementer
 from mailgate.session.refusals import DescriptorAllowance
 from mailgate.session.tlslayer import RECORD, TLSLayer, TLSLayerFactory, _records, startTLS
 from mailgate.testing import TLSStringTransport
-from mailgate.tls import isSecure
+from mailgate.tls import ServerTLS, isSecure
+from certs import makeCertificate
 from refcounting import withoutCycleCollector
 
 HOST = "mail.example.test"
@@ -68,7 +70,7 @@ class Client:
     A TLS client on memory BIOs, trusting the test certificate.
     """
 
-    def __init__(self, cafile, maximum=None):
+    def __init__(self, cafile, maximum=None, hostname=HOST):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(cafile=str(cafile))
         if maximum is not None:
@@ -77,7 +79,7 @@ class Client:
             context.maximum_version = maximum
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=HOST)
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
         self.error = None
 
     def step(self):
@@ -247,6 +249,41 @@ def test_somethingElseThanTLSIsDropped(tls, pair):
     # Input after the failure is ignored.
     wire.layer.dataReceived(b"more\r\n")
     assert wire.session.received == b""
+
+
+def test_aServerNameThatIsNotASCIIFailsTheHandshakeWithoutATraceback(tmp_path, monkeypatch):
+    """
+    A client asking (SNI) for a host name that is not ASCII, which RFC
+    6066 forbids (an IDN goes as its A-labels), where certificates are
+    chosen by name (--tls-sni-cert): Python's ssl module fails to decode
+    the name before mailgate's callback sees it, fails the handshake
+    (reason CALLBACK_FAILED, logged as any failed handshake), and wrote a
+    traceback through sys.unraisablehook, which twistd logs as five
+    lines at error level: any client could fill the log with them.  The
+    handshake still fails, with its alert, and nothing is written.
+    """
+    main = makeCertificate(tmp_path, HOST, name="main")
+    named = makeCertificate(tmp_path, "mail.example.net", name="named")
+    tls = ServerTLS(str(main[0]), str(main[1]), named=[named])
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    wire = Wire(tls, main[0], Session(b"+OK ready\r\n"))
+    wire.client = Client(main[0], hostname="zzil.example.net")
+    wire.client.step()
+    hello = wire.client.outgoing.read()
+    assert hello.count(b"zzil.example.net") == 1
+    # The same length, so the ClientHello's lengths stay right.
+    wire.layer.dataReceived(hello.replace(b"zzil.", "\u00e4il.".encode("utf-8")))
+    assert unraisable == []
+    assert wire.transport.disconnecting
+    wire.client.incoming.write(wire.transport.value())
+    assert not wire.client.step()
+    assert "internal error" in str(wire.client.error)
+    wire.lose()
+    assert wire.session.lost.value.reason == "CALLBACK_FAILED"
+    assert wire.session.received == b""
+    # The process's hook is its own again.
+    assert sys.unraisablehook == unraisable.append
 
 
 # -- closing ---------------------------------------------------------------------

@@ -40,7 +40,9 @@ What it does, as Twisted's layer did:
     producers registered here are registered there.
 """
 
+import functools
 import ssl
+import sys
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext, ISSLTransport
@@ -54,6 +56,27 @@ from mailgate.twistedcompat import closeWhenWritten, sendNow
 
 #: The most plaintext one TLS record carries.
 RECORD = 16 * 1024
+
+
+def _unlessServerNameNotASCII(hook, unraisable):
+    """
+    Pass an unraisable exception on to C{hook}, unless it is the one
+    Python's C{ssl} module writes when a client asks (SNI) for a host name
+    that is not ASCII: it decodes the name for the context's
+    C{sni_callback} (set with C{--tls-sni-cert}), fails, writes a
+    traceback through C{sys.unraisablehook} (five lines at error level in
+    twistd's log, for any client that sends such a name) and fails the
+    handshake, which is logged as any failed one (reason
+    C{CALLBACK_FAILED}).  RFC 6066 allows ASCII alone (an IDN goes as its
+    A-labels), so no client of a real server sends one.
+    """
+    if (
+        unraisable.exc_type is UnicodeDecodeError
+        and isinstance(unraisable.object, bytes)
+        and unraisable.exc_value.object == unraisable.object
+    ):
+        return
+    hook(unraisable)
 
 
 @implementer(ISSLTransport, IHalfCloseableProtocol)
@@ -149,6 +172,8 @@ class TLSLayer:
 
         @return: whether it is complete and the session may read.
         """
+        hook = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_unlessServerNameNotASCII, hook)
         try:
             self._tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -157,6 +182,8 @@ class TLSLayer:
         except ssl.SSLError as e:
             self._fail(e)
             return False
+        finally:
+            sys.unraisablehook = hook
         self._handshaking = False
         held, self._held = self._held, []
         if held:
