@@ -215,6 +215,15 @@ def splitCertificatePair(value):
 #: number of seconds means), so that no value fails later, where it is used.
 MAX_INTEGER = (1 << 63) - 1
 
+#: The longest delay, timeout or interval a setting in seconds takes
+#: unless it says otherwise: a week.  Past that no value means anything
+#: a mail server does (Dovecot's and Postfix's timeouts and delays are
+#: seconds to hours) but a mistake: --auth-failure-delay 1e300 held each
+#: failed login's connection open for good (and a stop for its whole
+#: grace), --login-delay 9223372036854775807 was advertised as it is and
+#: let each user log in once, ever.
+MAX_SECONDS = 7 * 24 * 3600
+
 
 class Integer(Kind):
     """
@@ -233,6 +242,10 @@ class Integer(Kind):
         return self.check(parseWhole(text, self.maximum))
 
     def check(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            # Only an embedder's MailgateConfig(...) gives a float here; nan
+            # compares false with both bounds.
+            raise ValueError(f"not a finite number: {value}")
         if value < self.minimum:
             raise ValueError(f"must be at least {self.minimum}, not {value}")
         return checkMaximum(value, self.maximum)
@@ -244,13 +257,16 @@ _DECIMAL = re.compile(r"\s*[+-]?([0-9]{1,30}(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]
 
 class Number(Kind):
     """
-    A number (a whole number is taken as it is), at least C{minimum}.
+    A finite number (a whole number is taken as it is), at least
+    C{minimum} and at most C{maximum} (L{MAX_SECONDS}: a number is a
+    number of seconds).
     """
 
     tomlTypes = (int, float)
 
-    def __init__(self, minimum=0, metavar="SECONDS"):
+    def __init__(self, minimum=0, metavar="SECONDS", maximum=MAX_SECONDS):
         self.minimum = minimum
+        self.maximum = maximum
         self.metavar = metavar
         self.expected = f"a number of at least {minimum}"
 
@@ -269,9 +285,14 @@ class Number(Kind):
             raise ValueError("too large: a number of more than 308 digits") from None
         if not math.isfinite(number):
             raise ValueError(f"not a finite number: {value}")
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+            value = int(value)  # shown as written: 604801, not 604801.0
         if number < self.minimum:
             raise ValueError(f"must be at least {self.minimum}, not {value}")
-        return number
+        if number > self.maximum:
+            checkMaximum(value, self.maximum)
+        # -0.0 is 0.0: logs and replies that show the value say 0.
+        return number + 0.0
 
 
 class Boolean(Kind):
@@ -335,6 +356,11 @@ class Size(Kind):
         self.zero = zero
 
     def check(self, value):
+        if isinstance(value, float):
+            # Only an embedder's MailgateConfig(...) gives a float (50e6).
+            if not value.is_integer():
+                raise ValueError(f"not a whole number of octets: {value}")
+            value = int(value)
         octets = parseSize(str(value))
         if octets == 0 and self.zero is not None:
             raise ValueError(self.zero)
@@ -1000,12 +1026,13 @@ SETTINGS = (
     Setting(
         "auth-failure-delay", "authFailureDelay", Number(), _POP3.authFailureDelay,
         "Seconds to wait before answering a failed login (the same for an "
-        "unknown user and a wrong password; other sessions are not held up).",
+        "unknown user and a wrong password; other sessions are not held up).  "
+        "At most a week (604800).",
     ),
     Setting(
-        "idle-timeout", "idleTimeout", Integer(metavar="SECONDS"), _POP3.idleTimeout,
+        "idle-timeout", "idleTimeout", Integer(metavar="SECONDS", maximum=MAX_SECONDS), _POP3.idleTimeout,
         "Seconds of inactivity before a POP3 session is logged out "
-        "(RFC 1939: at least 600).  0: no limit.",
+        "(RFC 1939: at least 600).  0: no limit.  At most a week (604800).",
     ),
     Setting(
         "greeting", "greeting", Greeting(200), DEFAULT_GREETING,
@@ -1015,16 +1042,16 @@ SETTINGS = (
         "when offered, follows it).",
     ),
     Setting(
-        "login-timeout", "loginTimeout", Integer(metavar="SECONDS"), _POP3.loginTimeout,
+        "login-timeout", "loginTimeout", Integer(metavar="SECONDS", maximum=MAX_SECONDS), _POP3.loginTimeout,
         "Seconds a POP3 client has from the greeting to complete its login; "
         "one still not logged in then is told so and disconnected, whatever "
         "it sent meanwhile (as Dovecot's login processes do after three "
-        "minutes).  0: no limit.",
+        "minutes).  0: no limit.  At most a week (604800).",
     ),
     Setting(
-        "login-delay", "loginDelay", Integer(metavar="SECONDS"), None,
+        "login-delay", "loginDelay", Integer(metavar="SECONDS", maximum=MAX_SECONDS), None,
         "Minimum seconds between two logins of the same user, advertised as "
-        "LOGIN-DELAY (RFC 2449).",
+        "LOGIN-DELAY (RFC 2449).  At most a week (604800).",
         defaultText="no limit", example=300,
     ),
     Setting(
@@ -1109,9 +1136,9 @@ SETTINGS = (
         "pays for the hash.",
     ),
     Setting(
-        "auth-cache-ttl", "authCacheTTL", Integer(minimum=1, metavar="SECONDS"), 3600,
+        "auth-cache-ttl", "authCacheTTL", Integer(minimum=1, metavar="SECONDS", maximum=MAX_SECONDS), 3600,
         "Seconds a remembered login stays valid.  A password change takes "
-        "effect at once whatever this says.",
+        "effect at once whatever this says.  At most a week (604800).",
     ),
     Setting(
         "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
@@ -1130,7 +1157,7 @@ SETTINGS = (
         "auth-penalty-max", "authPenaltyMax", Number(), _policy.AUTH_PENALTY_MAX,
         "After failed logins from an address (or against one name from many "
         "addresses), its next login waits 2 seconds, doubling per failure, at "
-        "most this many seconds.  0 turns the growing delay off.",
+        "most this many seconds.  0 turns the growing delay off.  At most a week (604800).",
     ),
     Setting(
         "ban-after", "banAfter", Integer(), _policy.BAN_AFTER,
@@ -1157,7 +1184,8 @@ SETTINGS = (
         "shutdown-grace", "shutdownGrace", Number(), 30.0,
         "Seconds open sessions get to finish when the server stops (SIGTERM): "
         "a POP3 QUIT in that time applies its deletions, an SMTP/LMTP message "
-        "being received is committed; new connections are refused at once.",
+        "being received is committed; new connections are refused at once.  "
+        "At most a week (604800).",
     ),
     Setting(
         "cpu-affinity", "cpuAffinity", CPUList(), None,
@@ -1171,12 +1199,13 @@ SETTINGS = (
         example="2",
     ),
     Setting(
-        "memory-trim-interval", "memoryTrimInterval", Integer(metavar="SECONDS"), TRIM_INTERVAL,
+        "memory-trim-interval", "memoryTrimInterval", Integer(metavar="SECONDS", maximum=MAX_SECONDS),
+        TRIM_INTERVAL,
         "Seconds between returns of freed memory to the system: when sessions "
         "have ended since the last one, the C library's free memory (OpenSSL's "
         "buffers above all) is handed back, so that the RSS falls again after "
         "a burst of connections instead of staying at its peak.  glibc only; "
-        "0: never.",
+        "0: never.  At most a week (604800).",
     ),
     Setting(
         "log-format", "logFormat", Choice(LOG_FORMATS), "text",
@@ -1259,19 +1288,22 @@ def checkConfig(config, settings=SETTINGS):
     """
     for s in settings:
         value = getattr(config, s.attribute)
+        if isinstance(s.kind, (Integer, Number, Size)):
+            # The bounds the command line and the file enforce hold for an
+            # embedding application's MailgateConfig(...) too (a retention
+            # of 0 days, a negative count, nan, a delay of 1e300, a quota
+            # past 1024T), named as it names them.
+            for number in value if s.repeated else [value]:
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    try:
+                        s.kind.check(number)
+                    except ValueError as e:
+                        raise ConfigurationError(f"{s.attribute}: {_oneLine(e)}") from None
         if s.repeated:
             try:
                 s.kind.checkList(value)
             except ValueError as e:
                 raise ConfigurationError(f"{s.name}: {_oneLine(e)}") from None
-        elif isinstance(s.kind, (Integer, Number)) and isinstance(value, (int, float)) and value is not True:
-            # The bounds the command line and the file enforce hold for an
-            # embedding application's MailgateConfig(...) too (a retention
-            # of 0 days, a negative count), named as it names them.
-            try:
-                s.kind.check(value)
-            except ValueError as e:
-                raise ConfigurationError(f"{s.attribute}: {_oneLine(e)}") from None
     if (config.tlsCertificate is None) != (config.tlsKey is None):
         raise ConfigurationError("TLS needs both a certificate and a key")
     if config.pop3s and config.tlsCertificate is None:

@@ -461,7 +461,19 @@ def test_unknownKey(tmp_path):
         ("keep-deleted-days = 99999999999999999999\n", "keep-deleted-days", "must be at most 36500"),
         ("ban-time = 1000000000000\n", "ban-time", "must be at most 315360000"),
         ("ban-window = 315360001\n", "ban-window", "must be at most 315360000"),
-        ("idle-timeout = 99999999999999999999\n", "idle-timeout", "must be at most 9223372036854775807"),
+        ("idle-timeout = 99999999999999999999\n", "idle-timeout", "must be at most 604800, not 999999"),
+        # Timers and delays: at most a week, and never inf or nan (TOML
+        # has both literals).
+        ("auth-failure-delay = 1e300\n", "auth-failure-delay", "must be at most 604800, not 1e+300"),
+        ("auth-failure-delay = inf\n", "auth-failure-delay", "not a finite number: inf"),
+        ("auth-penalty-max = nan\n", "auth-penalty-max", "not a finite number: nan"),
+        ("shutdown-grace = 604800.5\n", "shutdown-grace", "must be at most 604800, not 604800.5"),
+        ("login-delay = 9223372036854775807\n", "login-delay", "must be at most 604800, not 9223372036854775807"),
+        ("login-timeout = 604801\n", "login-timeout", "must be at most 604800, not 604801"),
+        ("auth-cache-ttl = 604801\n", "auth-cache-ttl", "must be at most 604800, not 604801"),
+        ("memory-trim-interval = 604801\n", "memory-trim-interval", "must be at most 604800, not 604801"),
+        ("idle-timeout = inf\n", "idle-timeout", "expected a whole number"),
+        ("max-connections = 9223372036854775808\n", "max-connections", "must be at most 9223372036854775807"),
         ("[pop3]\nport = 110\n", "pop3", "got {...} (table)"),
         # An integer past a float's range: an OverflowError traceback, exit 1.
         ("shutdown-grace = 1" + "0" * 400 + "\n", "shutdown-grace", "too large"),
@@ -863,6 +875,16 @@ def test_defaultQuotaZeroIsRefused(tmp_path):
         ({"maxRecipients": -5}, "maxRecipients: must be at least 1, not -5"),
         ({"authFailureDelay": float("nan")}, "authFailureDelay: not a finite number: nan"),
         ({"shutdownGrace": 10**400}, "shutdownGrace: too large"),
+        ({"authFailureDelay": 1e300}, "authFailureDelay: must be at most 604800, not 1e+300"),
+        ({"idleTimeout": float("nan")}, "idleTimeout: not a finite number: nan"),
+        ({"loginTimeout": float("inf")}, "loginTimeout: not a finite number: inf"),
+        ({"loginDelay": 2**63}, "loginDelay: must be at most 604800, not 9223372036854775808"),
+        ({"memoryTrimInterval": 10**9}, "memoryTrimInterval: must be at most 604800"),
+        ({"quotaWarnings": [80, float("nan")]}, "quotaWarnings: not a finite number: nan"),
+        ({"quotaWarnings": [101]}, "quotaWarnings: must be at most 100, not 101"),
+        ({"defaultQuota": 1e300}, "defaultQuota: too large: "),
+        ({"maxMessageSize": float("inf")}, "maxMessageSize: not a whole number of octets: inf"),
+        ({"keepDeletedDays": 2**64}, "keepDeletedDays: must be at most 36500"),
     ],
 )
 def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, message):
@@ -878,6 +900,74 @@ def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, m
         makeService(config)
     assert str(e.value).startswith(message)
     assert not (tmp_path / "m.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--auth-failure-delay", "1e300"), "--auth-failure-delay: must be at most 604800, not 1e+300"),
+        (("--auth-failure-delay", "1e999"), "--auth-failure-delay: not a finite number: inf"),
+        (("--auth-failure-delay", "nan"), "--auth-failure-delay: not a number: 'nan'"),
+        (("--auth-penalty-max", "inf"), "--auth-penalty-max: not a number: 'inf'"),
+        (("--shutdown-grace", "604801"), "--shutdown-grace: must be at most 604800, not 604801"),
+        (("--idle-timeout", "9223372036854775807"), "--idle-timeout: must be at most 604800, not 9223372036854775807"),
+        (("--login-timeout", "1e9"), "--login-timeout: not a whole number: '1e9'"),
+        (("--login-delay", "604801"), "--login-delay: must be at most 604800, not 604801"),
+        (("--auth-cache-ttl", "99999999999"), "--auth-cache-ttl: must be at most 604800, not 99999999999"),
+        (("--memory-trim-interval", "604801"), "--memory-trim-interval: must be at most 604800, not 604801"),
+    ],
+)
+def test_timesAreAtMostAWeek(argv, message):
+    """
+    A delay, timeout or interval in seconds is at most a week
+    (MAX_SECONDS), and a finite number: --auth-failure-delay 1e300 held
+    each failed login's connection for ever, --login-delay 2**63-1 was
+    advertised as LOGIN-DELAY and let each user log in once.  A week
+    itself is taken.
+    """
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert str(e.value) == message
+    name = argv[0][2:]
+    attribute = settings.setting(name).attribute
+    assert getattr(parse(argv[0], "604800").config, attribute) == 604800
+
+
+def test_everyBoundIsDocumented():
+    """
+    Every number setting in seconds has a bound below what the database's
+    integers hold, and README's options table states each bound a
+    setting has below that (the number itself), as its help does.
+    """
+    from test_readme import section, tableRows
+
+    rows = tableRows(section("Running the server: `twistd mailgate`"), "| option | default | meaning |")
+    meanings = {}
+    for cells in rows:
+        for name in re.findall(r"--([a-z0-9-]+)", cells[0]):
+            meanings[name] = cells[2]
+    bounded = 0
+    for s in settings.SETTINGS:
+        if not isinstance(s.kind, (settings.Integer, settings.Number)):
+            continue
+        if s.kind.metavar == "SECONDS":
+            assert s.kind.maximum < settings.MAX_INTEGER, s.name
+        if s.kind.maximum < settings.MAX_INTEGER:
+            bounded += 1
+            assert re.search(rf"\b{s.kind.maximum}\b", meanings[s.name]), (s.name, meanings[s.name])
+    assert bounded >= 14
+
+
+def test_negativeZeroIsZero(tmp_path):
+    """
+    -0.0 (TOML writes it, and the command line) is 0: logs and replies
+    that show the value say 0, not -0.
+    """
+    path = tmp_path / "mailgate.toml"
+    path.write_text("shutdown-grace = -0.0\nauth-failure-delay = -0.0\n")
+    config = settings.readFile(path)
+    assert repr(config["shutdown-grace"]) == "0.0"
+    assert repr(parse("--auth-penalty-max", "-0").config.authPenaltyMax) == "0.0"
 
 
 @pytest.mark.parametrize(

@@ -242,7 +242,8 @@ def test_hostnameRefused(name):
         ("--keep-deleted-days", "99999999999999999999", "must be at most 36500"),
         ("--ban-time", "1000000000000", "must be at most 315360000"),
         ("--ban-window", "99999999999999999999", "must be at most 315360000"),
-        ("--login-timeout", "99999999999999999999", "must be at most 9223372036854775807"),
+        ("--login-timeout", "99999999999999999999", "must be at most 604800"),
+        ("--max-connections", "99999999999999999999", "must be at most 9223372036854775807"),
     ],
 )
 def test_valuesOutOfRange(option, value, reason):
