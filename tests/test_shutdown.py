@@ -177,26 +177,45 @@ def test_sessionsNotLoggedInDoNotHoldTheShutdown(server):
     assert fired(done)
 
 
-def test_aFailingLoginUnderWayIsAnsweredThenTheSessionIsTold(server):
+@pytest.mark.parametrize("delay", [2, 604800])
+def test_aFailingLoginUnderWayIsAnsweredThenTheSessionIsTold(server, delay):
     """
-    The failed login is answered (after its failure delay), then the
-    session is told; the guesses a scanner pipelined behind it are not
-    checked, or a queue of them would hold the stop up.
+    The failed login is answered at once, not after the rest of its
+    failure delay, then the session is told; the guesses a scanner
+    pipelined behind it are not checked, or a queue of them would hold the
+    stop up.  A failure delay longer than the grace (up to a week) held
+    the stop for the whole grace and the abort after it (5 s), and the
+    session was counted as one that did not end in time.
     """
-    failing = server.pop3(authFailureDelay=2)
+    failing = server.pop3(authFailureDelay=delay)
     failing.command(f"USER {ALICE}")
     assert failing.send(f"PASS wrong\r\nUSER {ALICE}\r\nPASS {PASSWORD}\r\n".encode()) == b""
-    done = server.tracker.shutdown(30)
     assert failing.transport.value() == b""
-    assert failing.advance(2) == (
+    done = server.tracker.shutdown(30)
+    assert failing.advance(0) == (
         b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] server shutting down\r\n"
     )
     assert failing.disconnected
     gone(failing)
     assert fired(done)
+    assert server.clock.getDelayedCalls() == []
     # The right password, pipelined behind, was never tried: the maildrop
     # is not locked, and nothing is.
     assert POP3Session(server.store).login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_aFailedLoginsDelayLetsGoOfALostConnection(server):
+    """
+    A client that hangs up during its failed login's delay leaves no timer
+    holding its session for the rest of the delay (up to a week).
+    """
+    failing = server.pop3(authFailureDelay=604800)
+    failing.command(f"USER {ALICE}")
+    assert failing.command("PASS wrong") == ""
+    assert server.clock.getDelayedCalls() != []
+    failing.protocol.connectionLost(Failure(ConnectionAborted()))
+    assert server.clock.getDelayedCalls() == []
+    assert failing.transport.value() == b""
 
 
 def test_aLoginThatSucceedsWhileStoppingGetsTheGraceToQuit(store):

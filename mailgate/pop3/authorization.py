@@ -18,7 +18,7 @@ import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from mailgate.address import loginAddress
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
@@ -419,7 +419,7 @@ class AuthorizationCommands:
             f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: "
             f"the address was banned while the login was checked",
         )
-        return task.deferLater(self._clock, self._failureDelayLeft(), self._closeBanned)
+        return self._waitPenalty(self._failureDelayLeft(), self._closeBanned)
 
     def _loggedIn(self, result, login, mechanism):
         _, maildrop, logout = result
@@ -520,7 +520,7 @@ class AuthorizationCommands:
                 login, mechanism, "failed",
                 f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}",
             )
-            return task.deferLater(self._clock, self._failureDelayLeft(), self._refuseLogin)
+            return self._waitPenalty(self._failureDelayLeft(), self._refuseLogin)
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
             self._settleHeldFailure(login)
@@ -611,9 +611,9 @@ class AuthorizationCommands:
 
     def _waitPenalty(self, seconds, then, *args):
         """
-        Run C{then(*args)} after the policy's penalty of C{seconds}: the
-        command waits on the L{Deferred} returned; L{endPenalty} ends the
-        wait early.
+        Run C{then(*args)} after the policy's penalty, or a failed login's
+        delay, of C{seconds}: the command waits on the L{Deferred}
+        returned; L{endPenalty} ends the wait early.
         """
         d = defer.Deferred()
         d.addCallback(lambda _: then(*args))
@@ -628,8 +628,11 @@ class AuthorizationCommands:
         C{--auth-penalty-max} seconds, and an internet-facing server nearly
         always holds one) or behind its address's other logins must not
         hold the stop up: its login is then not checked (see L{_check}).
-        When the connection is lost, the timer lets go of the session at
-        once, and the login's place in its address's queue goes.
+        A failed login waiting out its failure delay is answered at once:
+        its check is over, and a delay longer than the grace held the stop
+        for the whole grace and the abort after it.  When the connection is
+        lost, the timer lets go of the session at once, and the login's
+        place in its address's queue goes.
         """
         turn, self._turn = self._turn, None
         if turn is not None:

@@ -266,10 +266,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         grace period.  A login under way is answered first: one that
         succeeds has logged in (its login counts for C{--login-delay}) and
         gets the grace period to QUIT as the others logged in; one that
-        fails is then told (L{idleWhileStopping}); one waiting out its
-        penalty is not checked, and is told at once (a scanner in its
-        penalty would hold the stop for up to C{--auth-penalty-max}
-        seconds).
+        fails is then told (L{idleWhileStopping}), without waiting out
+        the rest of its failure delay (C{--auth-failure-delay} may be
+        longer than the grace); one waiting out its penalty is not checked,
+        and is told at once (a scanner in its penalty would hold the stop
+        for up to C{--auth-penalty-max} seconds).
         """
         if self.state != AUTHORIZATION:
             return
