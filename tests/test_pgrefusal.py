@@ -553,3 +553,28 @@ def test_aURLParameterValueLibpqTakesIsNotRefused(case):
         assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         conn.close()
+
+
+def test_aParameterValueLibpqRefusesInTheEnvironmentIsAConfigurationError(monkeypatch):
+    """
+    libpq takes what the URL does not give from the environment (PGSSLMODE
+    in the systemd unit's Environment=, say) and refuses a bad value there
+    as it connects, as it refuses one in the URL: refused before
+    connecting, saying where the value comes from (it exited 75 and was
+    retried for ever).  The URL's own value, or a service file's, comes
+    first, and a good value is no problem.
+    """
+    from mailgate.errors import DatabaseRefused
+    from mailgate.store.postgres import PostgresEngine
+
+    base = _requirePostgres()
+    monkeypatch.setenv("PGSSLMODE", "requir")
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    with pytest.raises(DatabaseRefused) as refused:
+        PostgresEngine(base).connect()
+    assert "invalid sslmode 'requir' (PGSSLMODE in the environment; one of disable" in str(refused.value)
+    monkeypatch.setenv("PGSSLMODE", "prefer")
+    PostgresEngine(base).connect().close()
+    # Given in the URL, the environment's is not read (nor by libpq).
+    monkeypatch.setenv("PGSSLMODE", "requir")
+    PostgresEngine(base + ("&" if "?" in base else "?") + "sslmode=prefer").connect().close()

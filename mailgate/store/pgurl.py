@@ -11,6 +11,7 @@ exited 75 (C{EX_TEMPFAIL}), which the systemd unit retries every two
 seconds for ever, where nothing but the URL can change.
 """
 
+import os
 import re
 
 from psycopg import Error
@@ -22,6 +23,15 @@ CHOICES = {
     "gssencmode": ("disable", "prefer", "require"),
     "channel_binding": ("disable", "prefer", "require"),
     "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
+#: the environment variables libpq takes the parameters checked here
+#: from, where the URL gives none
+ENVIRONMENT = {
+    "port": "PGPORT",
+    "sslmode": "PGSSLMODE",
+    "gssencmode": "PGGSSENCMODE",
+    "channel_binding": "PGCHANNELBINDING",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
 }
 #: libpq's parameters whose values are whole numbers (not connect_timeout:
 #: mailgate gives its own to every connection, which replaces the URL's)
@@ -39,15 +49,24 @@ def parameterProblem(conninfo):
         parameters = conninfo_to_dict(conninfo)
     except Error:
         return None
+    # What the URL does not give, libpq takes from the environment (the
+    # systemd unit's Environment=, say), and refuses there the same way;
+    # but from a service file first (service=, PGSERVICE), not read here.
+    given = {}
+    service = "service" in parameters or "PGSERVICE" in os.environ
+    for name, variable in ENVIRONMENT.items():
+        if not service and name not in parameters and variable in os.environ:
+            parameters[name] = os.environ[variable]
+            given[name] = f"{variable} in the environment; "
     # Several hosts have a port each, comma-separated; an empty one is the
     # default port.
     for port in parameters.get("port", "").split(","):
         if port and not 1 <= (_integer(port) or 0) <= 65535:
-            return f"invalid port {port!r} (a number from 1 to 65535)"
+            return f"invalid port {port!r} ({given.get('port', '')}a number from 1 to 65535)"
     for name, choices in CHOICES.items():
         value = parameters.get(name)
         if value is not None and value not in choices:
-            return f"invalid {name} {value!r} (one of {', '.join(choices)})"
+            return f"invalid {name} {value!r} ({given.get(name, '')}one of {', '.join(choices)})"
     for name in NUMBERS:
         value = parameters.get(name)
         if value is not None and _integer(value) is None:
