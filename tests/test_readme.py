@@ -262,6 +262,66 @@ def test_commandsAsAnotherUserNeedNoSudo():
     assert "sudo" not in programs and "runuser" in programs, programs
 
 
+def test_theJSONKeysAreWhatTheListingsPrint(tmp_path):
+    """
+    The keys the README promises scripts for each C{--json} listing (and
+    a node's announced settings) are the keys each prints, no more and no
+    fewer: a record of every listing made on a real SQLite file, with a
+    POP3 session in the registry and a message deleted and kept.
+    """
+    import json
+
+    from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
+
+    listings = ("user list", "mailbox list", "mailbox deleted", "who", "nodes", "ban list")
+    text = " ".join(section("Administration: `mailgate`").split())
+    text = text[text.index("under keys that do not change (") :].split("; times in UTC", 1)[0]
+    names = "|".join(re.escape(f"`{name}`:") for name in listings)
+    promised = dict(re.findall(rf"`({'|'.join(listings)})`: (.*?)(?=; (?:{names})|$)", text))
+    assert set(promised) == set(listings), promised
+    announced = promised["nodes"].split("by name:", 1)[1].split(";", 1)[0]
+    settings = set(re.findall(r"`([a-z_0-9]+)`", announced)) - {"null"}
+    keys = {}
+    for name, described in promised.items():
+        while re.search(r"\([^()]*\)", described):
+            described = re.sub(r"\([^()]*\)", "", described)
+        keys[name] = set(re.findall(r"`([a-z_0-9]+)`", described)) - {"null"}
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    store = memoryStore(url)
+    try:
+        addUser(store, "alice@example.org", "wonderland")
+        deliver(store, ["alice@example.org"], b"Subject: a\r\n\r\none\r\n")
+        deliver(store, ["alice@example.org"], b"Subject: b\r\n\r\ntwo\r\n")
+        store.limits.keepDeletedDays = 7
+        # What a server's registry announces (twistd mailgate sets both).
+        store.sessions.name, store.sessions.quotaExceeded = "node-a[1]", "temporary"
+        session = POP3Session(store)
+        assert session.login("alice@example.org", "wonderland").startswith("+OK")
+        assert session.command("DELE 1").startswith("+OK") and session.command("QUIT").startswith("+OK")
+        session = POP3Session(store)
+        assert session.login("alice@example.org", "wonderland").startswith("+OK")
+        resultOf(store.sessions.flush())
+        assert command("--database", url, "ban", "add", "192.0.2.7")[0] == 0
+        for name in listings:
+            argv = name.split() + (["alice@example.org"] if name.startswith("mailbox") else []) + ["--json"]
+            code, out, err = command("--database", url, *argv)
+            assert (code, err) == (0, ""), (name, out)
+            records = [json.loads(line) for line in out.splitlines()]
+            assert records and all(set(r) == keys[name] for r in records), (name, keys[name] ^ set(records[0]))
+            if name == "nodes":
+                assert set(records[0]["settings"]) == settings, settings ^ set(records[0]["settings"])
+                # A setting of none is null, but for these two (README said null for all).
+                none = {k: v for k, v in records[0]["settings"].items() if k in ("expire_days", "quota_octets")}
+                assert none == {"expire_days": None, "quota_octets": None}, records
+                assert "`quota_warnings`, a list of percentages, `[]` for none" in text
+                assert records[0]["settings"]["quota_warnings"] == []
+                assert '`recipient_delimiter`, a string, `""` for none' in text
+                assert records[0]["settings"]["recipient_delimiter"] == ""
+    finally:
+        store.close()
+
+
 # -- Configuration file ---------------------------------------------------------------
 
 
