@@ -227,6 +227,7 @@ def test_anExportKilledMidwayLeavesOnlyWholeMessagesInPlace(tmp_path, monkeypatc
     is complete.
     """
     monkeypatch.setattr(export, "BATCH_MESSAGES", 4)
+    monkeypatch.setattr(export, "SYNC_GROUP", 2)
     messages, octets = _numbered(10, 7, lambda: os.kill(os.getpid(), signal.SIGKILL))
     target = tmp_path / "out"
     child = os.fork()
@@ -252,17 +253,21 @@ def test_anExportInterruptedMidwayTakesAwayWhatItWrote(tmp_path, monkeypatch):
     """
     An export interrupted (Ctrl-C) in the middle of a batch takes away the
     messages already in place and those of the batch under way, whose
-    syncs may still be running: an export into the same directory then
+    syncs may still be running (7 and 8 here) or not handed over yet (9),
+    and leaves no file open: an export into the same directory then
     works.
     """
-    monkeypatch.setattr(export, "BATCH_MESSAGES", 4)
+    monkeypatch.setattr(export, "BATCH_MESSAGES", 6)
+    monkeypatch.setattr(export, "SYNC_GROUP", 2)
 
     def interrupt():
         raise KeyboardInterrupt()
 
     target = tmp_path / "out"
+    opened = set(os.listdir("/proc/self/fd"))
     with pytest.raises(KeyboardInterrupt):
-        exportMaildir(_numbered(10, 7, interrupt)[0], str(target))
+        exportMaildir(_numbered(12, 10, interrupt)[0], str(target))
+    assert set(os.listdir("/proc/self/fd")) == opened
     assert [os.listdir(target / sub) for sub in ("cur", "new", "tmp")] == [[], [], []]
     assert not (target / "dovecot-uidlist").exists()
     messages, octets = _numbered(10, None, None)

@@ -17,12 +17,13 @@ mail on the server download nothing again after a move.
   - Files are written in C{tmp/}, synced, and moved into C{cur/}; the
     list last, by rename.  Everything is readable by its owner only.
   - Files are synced a batch at a time, many at once on threads of their
-    own, while the next messages are read and written: one at a time,
-    each sync waited for (a journal commit and a flush of the disk's
-    cache each), the syncs were half of an export's time on a quiet disk
-    and nearly all of it on a busy one, while syncs running together
-    share a commit.  Each file is still synced before it takes its name
-    in C{cur/}: a crash leaves only whole messages there.
+    own (a few files handed to a thread at a time), while the next
+    messages are read and written: one at a time, each sync waited for
+    (a journal commit and a flush of the disk's cache each), the syncs
+    were half of an export's time on a quiet disk and nearly all of it on
+    a busy one, while syncs running together share a commit.  Each file
+    is still synced before it takes its name in C{cur/}: a crash leaves
+    only whole messages there.
 
 Run from the admin command against a synchronous store (its L{Deferred}s
 have fired on return).
@@ -116,6 +117,10 @@ BATCH_MESSAGES = 128
 #: Files synced at the same time (the syncs wait on the disk, not on the
 #: processor; running together, they share the file system's commits).
 SYNC_THREADS = 16
+#: Files handed to one of those threads at a time: a hand-over wakes a
+#: thread (a few context switches); one for each file, they cost about a
+#: fifth of an export's processor time.
+SYNC_GROUP = 8
 
 
 def _writeBody(path, body):
@@ -144,15 +149,24 @@ def _writeBody(path, body):
     return fd, written
 
 
-def _syncAndClose(fd):
+def _syncAndClose(fds):
     """
-    Make a written file durable (on a thread of the export's pool), then
-    close it.
+    Make written files durable, one after the other (on a thread of the
+    export's pool), then close them.
     """
     try:
-        os.fsync(fd)
+        for fd in fds:
+            os.fsync(fd)
     finally:
-        os.close(fd)
+        _close(fds)
+
+
+def _close(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @attr.s
@@ -164,7 +178,8 @@ class _Staged:
 
     path = attr.ib()
     final = attr.ib()
-    synced = attr.ib()  # the Future of its sync
+    fd = attr.ib()  # open until its sync is handed over (then None)
+    synced = attr.ib(default=None)  # the Future of its group's sync
 
 
 def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
@@ -212,7 +227,7 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
                     except BaseException:
                         os.close(fd)
                         raise
-                    batch.append(_Staged(staged, os.path.join(cur, name), syncs.submit(_syncAndClose, fd)))
+                    batch.append(_Staged(staged, os.path.join(cur, name), fd))
                 except TemporaryFailure as e:
                     _removeQuietly(staged)
                     staged = None
@@ -228,8 +243,10 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
                 report.messages += 1
                 report.octets += message.size
                 if len(batch) >= BATCH_MESSAGES:
-                    _place(batch, placed)
-            _place(batch, placed)
+                    _place(syncs, batch, placed)
+                elif len(batch) % SYNC_GROUP == 0:
+                    _handOver(syncs, batch[-SYNC_GROUP:])
+            _place(syncs, batch, placed)
             _writeUidList(directory, now, uidLines)
         except ImportFailed as e:
             _undo(staged, batch, placed)
@@ -245,7 +262,23 @@ def exportMaildir(messages, directory, hostname=None, now=None, progress=None):
     return report
 
 
-def _place(batch, placed):
+def _handOver(syncs, batch):
+    """
+    Have the files of C{batch} whose syncs are not handed over yet synced
+    and closed on a thread of C{syncs}.
+    """
+    waiting = [message for message in batch if message.fd is not None]
+    if waiting:
+        fds = [message.fd for message in waiting]
+        # Theirs to close from now on (an undo must not close them again).
+        for message in waiting:
+            message.fd = None
+        synced = syncs.submit(_syncAndClose, fds)
+        for message in waiting:
+            message.synced = synced
+
+
+def _place(syncs, batch, placed):
     """
     Move the messages of C{batch} to their names in C{cur/}, each once
     its sync is done (none before: a crash must never leave part of a
@@ -253,6 +286,7 @@ def _place(batch, placed):
 
     @raise ImportFailed: if a file could not be synced or moved.
     """
+    _handOver(syncs, batch)
     for message in batch:
         try:
             message.synced.result()
@@ -294,6 +328,7 @@ def _undo(staged, batch, placed):
     C{cur/} is this run's: it found C{cur/} empty.
     """
     paths = [staged] if staged else []
+    _close([message.fd for message in batch if message.fd is not None])
     for message in batch:
         paths += [message.path, message.final]
     for path in paths + placed:
