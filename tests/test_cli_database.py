@@ -7,6 +7,7 @@ the state exists there, PostgreSQL.
 
 import io
 import json
+import os
 import sqlite3
 import time
 
@@ -690,3 +691,27 @@ def test_dbRestoredIsRefusedWhileAServerRunsOnTheDatabase(mailgate_server):
     assert (code, err) == (0, ""), err
     assert out.startswith("gave 1 maildrop a new validity stamp; ")
     assert _stamps(url) != before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root makes the lock file only when run as root")
+def test_dbRestoredRunAsRootLeavesTheLockFileToTheDatabasesOwner(tmp_path):
+    """
+    C{db restored} on SQLite holds the server's lock file for its
+    transaction, and makes it where there is none (a database restored to
+    a new place: the lock file is no part of a backup).  Run as root, it
+    made it root's, mode 0600, and the server, which runs as the
+    database's owner, could not start on it (exit 78, "cannot open SQLite
+    database ...: Permission denied").  It is the database's owner's.
+    """
+    path = tmp_path / "restored.sqlite3"
+    url = f"sqlite:///{path}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    nobody = 65534
+    os.chown(path, nobody, nobody)
+    lock = tmp_path / "restored.sqlite3.lock"
+    if lock.exists():
+        lock.unlink()
+    code, out, err = mailgate(url, "db", "restored")
+    assert (code, err) == (0, ""), err
+    made = os.stat(lock)
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (nobody, nobody, 0o600)

@@ -556,6 +556,7 @@ class SQLiteEngine:
             os.fchmod(fd, FILE_MODE)
         except OSError:
             pass
+        _ownedAsTheDatabase(fd, self.path)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -661,6 +662,28 @@ class MaildropLockFile:
         if self._own is not None:
             os.close(self._own)
             self._own = None
+
+
+def _ownedAsTheDatabase(fd, path):
+    """
+    Give the lock file open as C{fd}, where root made it, the owner of the
+    database file C{path}: the server runs as that user, and a lock file
+    of root's, mode 0600, kept it from starting ("cannot open SQLite
+    database ...: Permission denied", exit 78).  Root makes it where
+    C{mailgate db restored}, which holds the lock for its transaction,
+    runs as root on a database restored to a new place (the lock file is
+    no part of a backup), or a server started as root drops to its
+    C{--uid}.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        lock, database = os.fstat(fd), os.stat(path)
+        if lock.st_uid == 0 and database.st_uid != 0:
+            os.fchown(fd, database.st_uid, database.st_gid)
+    except OSError:
+        # The lock is held all the same; the server says what it cannot open.
+        pass
 
 
 @implementer(IMaildropLocks)
