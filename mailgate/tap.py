@@ -290,6 +290,30 @@ def raiseFileLimit():
         return None
 
 
+def refuseCoreDumps():
+    """
+    Set this process's soft limit on core files to 0, leaving the hard
+    limit as it is: the server holds what its database never keeps in
+    clear (the passwords of USER/PASS, PLAIN and LOGIN while they are
+    checked, the database URL's password), and a core file (a crash, or
+    systemd's watchdog, whose SIGABRT dumps core) would write them to
+    disk, next to the database or in systemd-coredump's store, and into
+    the backups of either.  Root can let a process dump core again for
+    debugging (C{prlimit --pid PID --core=unlimited}).
+
+    @return: whether the limit is 0 now.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        if soft != 0:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+        return True
+    except (ImportError, ValueError, OSError):
+        return False
+
+
 def makeService(options):
     """
     The service for C{twistd mailgate}.  Configuration errors, found now or
@@ -314,6 +338,7 @@ def makeService(options):
             "sandboxing (RootDirectory=, ProtectSystem=) or in a container instead"
         ))
     raiseFileLimit()
+    refuseCoreDumps()
     config = options.toConfig()
     if parent is not None:
         relative = relativePaths(config, options.configPath)

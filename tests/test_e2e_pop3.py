@@ -821,3 +821,29 @@ def test_megabyteLineWithoutLineEnd(mailgate_server, mailgate_cli):
         assert reader.line().startswith(b"+OK")
         assert reader.closed()
     assert server.running(), server.log()
+
+
+@sqliteOnly
+def test_theServerDumpsNoCore(mailgate_server):
+    """
+    A server started where core files are allowed (the test raises its
+    own soft limit for the child to inherit, as an administrator's
+    C{ulimit -c unlimited} would) sets its soft limit to 0: a core file
+    would hold the passwords it checks in clear and the database URL's.
+    The hard limit is left, for root to allow one again with prlimit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if hard == 0:
+        pytest.skip("core files are forbidden to this process's children already (hard limit 0)")
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    try:
+        server = mailgate_server()
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    with open(f"/proc/{server.process.pid}/limits") as f:
+        limits = [line.split() for line in f if line.startswith("Max core file size")]
+    assert limits, "no core file size in /proc/PID/limits"
+    assert limits[0][4] == "0", limits
+    assert limits[0][5] == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard)), limits
