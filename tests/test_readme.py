@@ -610,3 +610,45 @@ def test_postfixAsksMailgateAtItsOwnRCPT(mailgate_server, mailgate_cli, postfixR
         assert rcpt("alice@example.org")[0] == 250, postfix.maillog()
     finally:
         postfix.stop()
+
+
+@sqliteOnly
+def test_postfixDeliversThroughTheUnixSocketInItsQueueDirectory(postfixRoot, mailgate_server, mailgate_cli):
+    """
+    The README's Unix-socket pairing as it is written: the directory of
+    mailgate's in Postfix's queue directory made by its C{install -d}
+    (group postfix, mode 750; owned here by the test's user, root, for
+    the README's user mailgate), mailgate's socket in it with C{mode=666},
+    and main.cf's C{virtual_transport = lmtp:unix:mailgate/lmtp}, read by
+    Postfix's LMTP client chrooted in the queue directory as Debian's
+    master.cf runs it: a message sent to Postfix reaches the maildrop.
+    (postfixRoot first: its directory, which holds the socket, is removed
+    after the server stopped.)
+    """
+    import getpass
+
+    [block] = [b for b in codeBlocks(section("Receiving mail: SMTP and LMTP"), "sh") if "lmtp:unix:" in b]
+    queue = postfixRoot / "queue"
+    here = block.replace("/var/spool/postfix", str(queue))
+    [transport] = re.findall(r"main\.cf: (virtual_transport = lmtp:unix:\S+)", block)
+    [install] = [line for line in here.splitlines() if line.startswith("install ")]
+    [endpoint] = re.findall(r"--lmtp (unix:\S+)", here)
+
+    postfix = PrivatePostfix(postfixRoot, None)
+    postfix.mainCF = MAIN_CF.replace("virtual_transport = lmtp:inet:127.0.0.1:{lmtpPort}", transport)
+    assert transport in postfix.mainCF
+    postfix.masterCF = MASTER_CF.replace("lmtp       unix  - - n -  - lmtp", "lmtp       unix  - - y -  - lmtp")
+    assert " - - y -  - lmtp" in postfix.masterCF
+    try:
+        postfix.start()
+        argv = shlex.split(install.replace("-o mailgate", f"-o {getpass.getuser()}"))
+        subprocess.run(argv, check=True, timeout=DEADLINE)
+        mailgate_server("--lmtp", endpoint, "--domain", "example.org", "--no-apop")
+        mailgate_cli.addUser("alice@example.org", "alice's secret")
+        with smtplib.SMTP("127.0.0.1", postfix.smtpPort, timeout=DEADLINE) as smtp:
+            assert smtp.sendmail("bob@remote.test", ["alice@example.org"], b"Subject: unix\r\n\r\nhello\r\n") == {}
+        waitFor(lambda: "status=sent" in postfix.maillog(), "Postfix to deliver through the Unix socket")
+    finally:
+        postfix.stop()
+    listed = mailgate_cli.check("mailbox", "list", "alice@example.org", "--json")
+    assert len(listed.splitlines()) == 1, (listed, postfix.maillog())
