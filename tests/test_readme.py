@@ -2,10 +2,13 @@
 The README's examples, taken from README.md and run as an administrator
 would run them, so that none of them rots unnoticed: the options table
 against the declarations, the command synopsis against each command's
-own usage, the configuration file example read as the server reads it,
-the metric table against what a server exports, the Prometheus
-configuration and alerts checked by promtool, the Postfix snippets read
-by postconf and the pipe transport's command run as Postfix runs it, the
+own usage, every command line of the shell examples against the
+command's and the server's parsers, the keys of the --json listings
+against what each prints, the configuration file example read as the
+server reads it, the metric table against what a server exports, the
+Prometheus configuration and alerts checked by promtool, the Postfix
+snippets read by postconf, the pipe transport's command run as Postfix
+runs it and the Unix-socket pairing run with a private Postfix, the
 HAProxy backend checked by haproxy.  (The quick start, the C{.tac} file
 and the systemd units have tests of their own: test_quickstart.py,
 test_e2e_smtp.py, test_systemd.py.)
