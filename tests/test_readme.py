@@ -388,6 +388,28 @@ def test_theLogrotateRuleReopensTheLogWithoutAReload():
     assert commands == ["systemctl", "kill", "--signal=USR1", "--kill-whom=main", "mailgate.service"], rule
 
 
+def test_logrotateReadsTheRule(tmp_path):
+    """
+    The rule of Logs, as logrotate reads it (debug mode: nothing is
+    rotated, no command run), its log in the test's directory: every line
+    a directive logrotate knows (it reports an unknown one, still exiting
+    0, and ignores it), the log file rotated daily and 14 kept.
+    """
+    [rule] = [block for block in codeBlocks(section("Logs")) if "postrotate" in block]
+    log = tmp_path / "mailgate.log"
+    log.write_text("")
+    (tmp_path / "rule").write_text(rule.replace("/var/log/mailgate/mailgate.log", str(log)))
+    if shutil.which("logrotate") is None:
+        pytest.skip("logrotate is not installed (tests/sysdeps.sh installs it)")
+    done = subprocess.run(
+        ["logrotate", "-d", "-s", str(tmp_path / "state"), str(tmp_path / "rule")],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and "error" not in said.lower(), said
+    assert f"rotating pattern: {log}  after 1 days (14 rotations)" in said, said
+
+
 def test_theMetricTableIsWhatAServerExports():
     """
     Every metric of the table is exported, with the type the table gives
