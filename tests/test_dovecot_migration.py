@@ -13,6 +13,7 @@ exactly the one message that is really new.
 """
 
 import concurrent.futures
+import io
 import os
 import subprocess
 import time
@@ -75,6 +76,18 @@ def cli(database, *argv, input=b""):
         input=input, capture_output=True, timeout=DEADLINE * 3, env=childEnvironment(),
     )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def mailgateHere(database, *argv):
+    """
+    The mailgate command run in this process (no child to start, unlike
+    L{cli}): C{(exit status, standard output, standard error)}.
+    """
+    from mailgate.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", database, *argv], stdin=io.StringIO(""), stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
 
 
 def fetchmail(directory, port, out):
@@ -615,10 +628,6 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
     format's for the messages without one.  Before, every such message
     got the format's id, and leave-on-server clients downloaded it again.
     """
-    import io
-
-    from mailgate.cli import run
-
     server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
     try:
         server.addUsers([ALICE], PASSWORD)
@@ -642,14 +651,10 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
         expected or line.split()[1] for line, (_, expected) in zip(kept, X_UIDL_MESSAGES)
     ]
     database = newDatabase(tmp_path, "target.sqlite3")
-    out, err = io.StringIO(), io.StringIO()
-    code = run(
-        ["--database", database, "import", "maildir", files, ALICE, "--reuse-xuidl"],
-        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
-    )
-    assert code == 0, (out.getvalue(), err.getvalue())
-    assert out.getvalue().startswith(f"{len(X_UIDL_MESSAGES)} messages imported (")
-    assert [line.split(": ", 2)[2] for line in err.getvalue().splitlines()] == [
+    code, out, err = mailgateHere(database, "import", "maildir", files, ALICE, "--reuse-xuidl")
+    assert code == 0, (out, err)
+    assert out.startswith(f"{len(X_UIDL_MESSAGES)} messages imported (")
+    assert [line.split(": ", 2)[2] for line in err.splitlines()] == [
         "unique id 'trailing5   ' has a space; imported as 'trailing5', its first word, which clients keep",
         "unique id 'two words6' has a space; imported as 'two', its first word, which clients keep",
     ]
@@ -668,10 +673,6 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
     too.  Before, they were all imported, and the leave-on-server client
     that had deleted them (and forgotten their ids) downloaded them again.
     """
-    import io
-
-    from mailgate.cli import run
-
     server = PrivateDovecot(extra="pop3_deleted_flag = POP3Deleted")
     try:
         server.addUsers([ALICE], PASSWORD)
@@ -692,14 +693,10 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
         server.cleanup()
     assert len(os.listdir(os.path.join(files, "cur"))) == 4
     database = newDatabase(tmp_path, "target.sqlite3")
-    out, err = io.StringIO(), io.StringIO()
-    code = run(
-        ["--database", database, "import", "maildir", files, ALICE, "--deleted-flag", "pop3deleted"],
-        stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
-    )
-    assert code == 0, (out.getvalue(), err.getvalue())
-    assert out.getvalue().startswith("2 messages imported (")
-    assert err.getvalue().endswith(
+    code, out, err = mailgateHere(database, "import", "maildir", files, ALICE, "--deleted-flag", "pop3deleted")
+    assert code == 0, (out, err)
+    assert out.startswith("2 messages imported (")
+    assert err.endswith(
         "2 of the messages have the keyword pop3deleted (pop3_deleted_flag: deleted by POP3 clients, "
         "no longer listed by Dovecot): not imported\n"
     )
@@ -721,9 +718,6 @@ def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
     mailgate itself.  Before, the message stayed, and the client
     downloaded it again after the switch.
     """
-    import io
-
-    from mailgate.cli import run
     from mailgate.importers.maildir import importMaildir
     from mailgate.importers.pop3 import importPOP3
 
@@ -757,13 +751,9 @@ def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
         uidl, listing, _ = answers(client)
         client.quit()
 
-        out, err = io.StringIO(), io.StringIO()
-        code = run(
-            ["--database", fromFiles, "import", "maildir", server.maildir(ALICE), ALICE, "--mirror"],
-            stdin=io.StringIO(""), stdout=out, stderr=err, environ={},
-        )
-        assert (code, err.getvalue()) == (0, ""), out.getvalue()
-        assert out.getvalue().endswith(", 2 skipped as already present, 1 taken out as gone from the source\n")
+        code, out, err = mailgateHere(fromFiles, "import", "maildir", server.maildir(ALICE), ALICE, "--mirror")
+        assert (code, err) == (0, ""), out
+        assert out.endswith(", 2 skipped as already present, 1 taken out as gone from the source\n")
         store = memoryStore(fromPOP3)
         try:
             report = importPOP3(store, url, ALICE, PASSWORD, mirror=True)
