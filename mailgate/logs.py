@@ -27,11 +27,13 @@ say they hold a password, secret or credential are never written.
 """
 
 import datetime
+import errno
 import json
 import logging
 import math
 import os
 import re
+import stat
 import sys
 import threading
 from time import time as _now
@@ -67,7 +69,34 @@ class LogStream:
 
     @staticmethod
     def _open(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        """
+        Open the log file for appending, made with mode 0640 if it is not
+        there.  Never through a symbolic link, and only a regular file (or
+        a device, such as /dev/null): twistd opens the log as root before
+        C{--uid} takes effect, often in a directory of that user's (who
+        must make the new file after logrotate moved the old one away), so
+        a link put in its place would have root append to any file of the
+        machine, and a FIFO would hold the start for ever.
+
+        @raise OSError: the file cannot be opened, or is refused.
+        """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, 0o640)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symbolic link (a log file is never written through one)", path) from None
+            if e.errno == errno.ENXIO:
+                raise OSError(errno.ENXIO, "not a regular file (a FIFO)", path) from None
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
     def write(self, text):

@@ -348,7 +348,10 @@ def makeService(options):
                 "before twistd changes directory and again after it, which would be two different "
                 "files; give them as absolute paths"
             ))
-    destination = logs.twistdDestination(parent) if parent is not None else None
+    try:
+        destination = logs.twistdDestination(parent) if parent is not None else None
+    except OSError as e:
+        raise _stopped(ConfigurationError(f"cannot open the log file {e.filename}: {e.strerror or e}")) from None
     if destination is None and parent is not None and config.logFormat != "text":
         raise SystemExit(
             f"mailgate: --log-format {config.logFormat} writes to a file or standard "

@@ -275,6 +275,58 @@ def test_logFileIsReopened(tmp_path):
     assert not logs.LogStream(stream=io.StringIO()).reopen()
 
 
+def test_theLogFileIsNeverOpenedThroughASymbolicLink(tmp_path, capsys):
+    """
+    twistd opens the log (-l FILE) as root, before --uid takes effect, in
+    a directory that is often that user's (it must make the new file
+    after logrotate moved the old away): a link put there in the log's
+    place had root append every log line to the file it pointed to, any
+    file of the machine (reproduced with twistd --uid nobody: a root-only
+    file got the start-up lines).  The link is refused, and so is a FIFO
+    put there, at once (opening it would wait for a reader for ever); the
+    start ends in one line, exit 78, as it does for a log directory that
+    is not there (a traceback and exit 1 before, which systemd retried).
+    A reopen (SIGHUP, SIGUSR1) refuses the link too and keeps the old file.
+    """
+    from twisted.logger import capturedLogs
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's own\n")
+    link = tmp_path / "mailgate.log"
+    link.symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        logs.LogStream(path=str(link))
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        logs.LogStream(path=str(fifo))
+    for path in (link, tmp_path / "gone" / "mailgate.log"):
+        options = tap.Options()
+        options.parseOptions(["--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}"])
+        options.parent = {"nodaemon": True, "logfile": str(path)}
+        with pytest.raises(SystemExit) as raised:
+            tap.makeService(options)
+        assert raised.value.code == os.EX_CONFIG
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"mailgate: cannot open the log file {path}: "), line
+    assert victim.read_text() == "root's own\n"
+    # A reopen after the file was moved away finds the link in its place.
+    path = tmp_path / "reopened.log"
+    stream = logs.LogStream(path=str(path))
+    try:
+        os.rename(path, tmp_path / "reopened.log.1")
+        path.symlink_to(victim)
+        with capturedLogs() as events:
+            tap._reopenLog(stream)
+        assert [e["event"] for e in events if e.get("event", "").startswith("log.")] == ["log.reopen_failed"]
+        stream.write("still the old file\n")
+        stream.flush()
+    finally:
+        stream.close()
+    assert victim.read_text() == "root's own\n"
+    assert (tmp_path / "reopened.log.1").read_text() == "still the old file\n"
+
+
 def test_jsonNeedsAFileOrStandardOutput():
     options = tap.Options()
     options.parseOptions(["--log-format", "json"])
