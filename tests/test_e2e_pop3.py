@@ -514,11 +514,14 @@ def test_portInUse(mailgate_server):
         assertOneLineError(server, str(port))
 
 
-def test_portInUse_daemon(tmp_path):
+def _daemonOnAPortInUse(tmp_path, *options):
     """
-    The same without -n: twistd daemonizes, and its parent process must
-    still end with the error and a non-zero status (it reports what the
-    daemon tells it through a status pipe) rather than wait forever.
+    Start a daemonized twistd mailgate (no -n) whose POP3 port another
+    socket holds, with C{options}, and wait for its parent to exit (it
+    reports what the daemon tells it through a status pipe).
+
+    @return: C{(exit status, standard output, standard error, the log
+        file, the port)}.
     """
     pidfile = tmp_path / "twistd.pid"
     logfile = tmp_path / "twistd.log"
@@ -529,7 +532,7 @@ def test_portInUse_daemon(tmp_path):
         argv = [
             TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "mailgate",
             "--database", databaseURL(tmp_path / "mail.sqlite3"), "--hostname", "mailgate.test",
-            "--pop3", f"tcp:{port}:interface=127.0.0.1",
+            "--pop3", f"tcp:{port}:interface=127.0.0.1", *options,
         ]
         try:
             code, out, err = runCommand(argv, cwd=tmp_path)
@@ -544,6 +547,16 @@ def test_portInUse_daemon(tmp_path):
                     os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
                 except (ValueError, ProcessLookupError):
                     pass
+    return code, out, err, logfile, port
+
+
+def test_portInUse_daemon(tmp_path):
+    """
+    The same without -n: twistd daemonizes, and its parent process must
+    still end with the error and a non-zero status (it reports what the
+    daemon tells it through a status pipe) rather than wait forever.
+    """
+    code, out, err, logfile, port = _daemonOnAPortInUse(tmp_path)
     assert code != 0
     assert "Traceback" not in err
     # The whole reason, not the 100 octets twistd's parent is handed.
@@ -565,25 +578,7 @@ def test_portInUse_daemonWithAJSONLog(tmp_path):
     """
     import json
 
-    pidfile = tmp_path / "twistd.pid"
-    logfile = tmp_path / "twistd.log"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        argv = [
-            TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "mailgate",
-            "--database", databaseURL(tmp_path / "mail.sqlite3"), "--hostname", "mailgate.test",
-            "--pop3", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
-        ]
-        try:
-            code, out, err = runCommand(argv, cwd=tmp_path)
-        finally:
-            if pidfile.exists():
-                try:
-                    os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError):
-                    pass
+    code, out, err, logfile, port = _daemonOnAPortInUse(tmp_path, "--log-format", "json")
     assert code != 0
     records = [json.loads(line) for line in logfile.read_text().splitlines()]
     events = [r["event"] for r in records]
