@@ -337,6 +337,16 @@ def makeService(options):
             "paths outside the new root after twistd has changed it; run it with systemd's "
             "sandboxing (RootDirectory=, ProtectSystem=) or in a container instead"
         ))
+    pidfile = parent.get("pidfile") if parent is not None else None
+    if pidfile and os.path.islink(pidfile):
+        # twistd writes the pid file after this, as root (before --uid),
+        # through whatever is at the path: a dangling link put there had
+        # root make any file of the machine.  Its own check before this
+        # reads the file only where the link leads to one.
+        raise _stopped(ConfigurationError(
+            f"the pid file {pidfile} is a symbolic link: twistd would write it through the link, as root; "
+            "remove it, and give --pidfile a file in a directory only root may write"
+        ))
     raiseFileLimit()
     refuseCoreDumps()
     config = options.toConfig()

@@ -694,6 +694,29 @@ def test_twistdsChrootIsRefused(capsys):
     assert err.startswith("mailgate: twistd --chroot is not supported: ") and err.count("\n") == 1, err
 
 
+def test_aPidFileThatIsASymbolicLinkIsRefused(tmp_path, capsys):
+    """
+    twistd writes its pid file as root (before --uid takes effect)
+    through whatever is at that path: a dangling link put there, in a
+    directory its user may write, had root make any file of the machine
+    (/etc/nologin, which shuts every other user out) with the pid in it.
+    twistd's own check reads the file only where the link leads to one;
+    mailgate, which runs after it and before the write, refuses the link
+    in one line, EX_CONFIG.
+    """
+    target = tmp_path / "etc" / "nologin"
+    link = tmp_path / "mailgate.pid"
+    link.symlink_to(target)
+    options = parse("--database", UNREACHABLE)
+    options.parent = {"pidfile": str(link), "nodaemon": True}
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    assert e.value.code == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"mailgate: the pid file {link} is a symbolic link") and err.count("\n") == 1, err
+    assert not target.exists()
+
+
 def test_twistdsRundirWithRelativePathsIsRefused(tmp_path, capsys):
     """
     twistd --rundir changes directory after the database is opened (and
