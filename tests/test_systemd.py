@@ -224,26 +224,35 @@ def test_stoppingGivesSystemdTheTimeTheGraceNeeds(tmp_path):
     root.store.close()
 
 
-def test_aGraceLongerThanSystemdCountsAsksForItsInfinity(tmp_path):
+def test_theLongestGraceIsAStopSystemdCanBeTold(tmp_path):
     """
-    --shutdown-grace takes any number: past about 1e13 seconds the
+    --shutdown-grace took any number: past about 1e13 seconds the
     EXTEND_TIMEOUT_USEC= was more than the unsigned 64-bit number systemd
     reads, so it ignored the line and killed the server at TimeoutStopSec.
-    It is systemd's infinity then.
+    The grace is now at most a week (19ea267), refused beyond, and the
+    longest one is told to systemd as it is.
     """
     from twisted.internet.testing import MemoryReactorClock
 
+    from mailgate.errors import ConfigurationError
     from mailgate.service import MailgateConfig, makeService
 
-    config = MailgateConfig(
-        database=f"sqlite:///{tmp_path / 'db.sqlite3'}", pop3=["tcp:1110:interface=127.0.0.1"], shutdownGrace=1e300,
-    )
+    def configured(grace):
+        return MailgateConfig(
+            database=f"sqlite:///{tmp_path / 'db.sqlite3'}", pop3=["tcp:1110:interface=127.0.0.1"],
+            shutdownGrace=grace,
+        )
+
+    with pytest.raises(ConfigurationError, match="at most 604800"):
+        makeService(configured(1e300), reactor=MemoryReactorClock())
     clock, notifier = MemoryReactorClock(), RecordingNotifier()
-    root = makeService(config, reactor=clock)
+    root = makeService(configured(604800), reactor=clock)
     try:
         systemd.SystemdService(root, notifier, clock, watchdog=None).shutdownBegins()
         [stopping] = [lines for lines in notifier.sent if lines[0] == "STOPPING=1"]
-        assert "EXTEND_TIMEOUT_USEC=18446744073709551615" in stopping
+        [extend] = [line for line in stopping if line.startswith("EXTEND_TIMEOUT_USEC=")]
+        assert int(extend.split("=")[1]) == (604800 + root.sessions.abortDelay + 22) * 1_000_000
+        assert int(extend.split("=")[1]) < systemd.USEC_INFINITY
     finally:
         root.store.close()
 
