@@ -53,6 +53,17 @@ _MAX_TEXT = 2000
 _MAX_ITEMS = 50
 
 
+def _isDeviceAlias(path):
+    """
+    Whether C{path} is a symbolic link in /dev (C{/dev/stdout},
+    C{/dev/stderr}) or, through /dev/fd, in /proc (C{/dev/fd/1}), where
+    only root and the kernel make links: the log file may be opened
+    through such a link, never through one anywhere else.
+    """
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return (directory == "/dev" or directory.startswith("/proc/")) and os.path.islink(path)
+
+
 class LogStream:
     """
     A text stream for log lines, written whole under a lock (events come
@@ -78,20 +89,27 @@ class LogStream:
         a link put in its place would have root append to any file of the
         machine, and a FIFO would hold the start for ever.
 
+        The one link followed is one in /dev, a directory only root may
+        write: C{-l /dev/stdout} (or /dev/stderr, /dev/fd/N), a container's
+        way of logging to its output, which is a pipe (a FIFO with its
+        reader there; one without a reader is refused at once, never waited
+        for).
+
         @raise OSError: the file cannot be opened, or is refused.
         """
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        alias = _isDeviceAlias(path)
         try:
-            fd = os.open(path, flags, 0o640)
+            fd = os.open(path, flags if alias else flags | os.O_NOFOLLOW, 0o640)
         except OSError as e:
-            if e.errno == errno.ELOOP:
+            if e.errno == errno.ELOOP and not alias:
                 raise OSError(errno.ELOOP, "a symbolic link (a log file is never written through one)", path) from None
             if e.errno == errno.ENXIO:
-                raise OSError(errno.ENXIO, "not a regular file (a FIFO)", path) from None
+                raise OSError(errno.ENXIO, "not a regular file (a FIFO or socket without a reader)", path) from None
             raise
         try:
             mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or (alias and stat.S_ISFIFO(mode))):
                 raise OSError(errno.EINVAL, "not a regular file", path)
             os.set_blocking(fd, True)
         except BaseException:

@@ -12,6 +12,8 @@ import os
 import poplib
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -642,3 +644,33 @@ def test_pythonLoggingIsForwardedOnlyWhereNothingElseHandlesIt():
     assert logs.forwardStandardLogging(bare) is not None
     assert logs.forwardStandardLogging(bare) is None
     assert len(bare.handlers) == 1
+
+
+def test_theLogFileMayBeStandardOutputThroughItsDeviceAlias():
+    """
+    C{-l /dev/stdout} (or /dev/stderr, /dev/fd/N) is a container's way of
+    logging to its output, most often a pipe: those names are symbolic
+    links, in /dev and /proc where only root and the kernel make them, and
+    they are followed, the pipe taken, where a link anywhere else is
+    refused (test_theLogFileIsNeverOpenedThroughASymbolicLink).  They were
+    refused as links since the log file was opened with O_NOFOLLOW, and
+    the start ended with exit 78.
+    """
+    reader, writer = os.pipe()
+    try:
+        stream = logs.LogStream(path=f"/dev/fd/{writer}")
+        try:
+            stream.write("to the pipe\n")
+            stream.flush()
+        finally:
+            stream.close()
+        assert os.read(reader, 100) == b"to the pipe\n"
+    finally:
+        os.close(reader)
+        os.close(writer)
+    child = subprocess.run(
+        [sys.executable, "-c", "from mailgate import logs; s = logs.LogStream(path='/dev/stdout'); s.write('out\\n'); s.close()"],
+        capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(os.path.dirname(logs.__file__)),
+    )
+    assert (child.returncode, child.stdout) == (0, "out\n"), child.stderr
