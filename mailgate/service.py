@@ -19,6 +19,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -83,8 +84,11 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: why a listener could not start that trying again cannot cure: the
 #: port, or the directory of a Unix socket, refused to this user (EACCES,
 #: EPERM), or on a file system mounted read-only (EROFS: under the systemd
-#: unit's ProtectSystem=strict, a socket's directory not in ReadWritePaths=)
-LASTING_LISTEN_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+#: unit's ProtectSystem=strict, a socket's directory not in ReadWritePaths=),
+#: or a socket's directory that is not there (ENOENT, ENOTDIR: under systemd
+#: the unit's RuntimeDirectory= is made before the start, so a directory
+#: still missing is one no unit makes, or a mistyped path)
+LASTING_LISTEN_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
 
 
 def _listenFailureStatus(error):
@@ -94,8 +98,9 @@ def _listenFailureStatus(error):
     process before, an address not yet up at boot), but C{EX_CONFIG} (78)
     when a listener was refused the port or the socket file itself (a port
     below 1024 without C{CAP_NET_BIND_SERVICE}, a Unix socket in a
-    directory the user may not write): trying again cannot work, and the
-    unit's C{RestartPreventExitStatus=78} leaves it failed with its reason.
+    directory the user may not write, or in one that does not exist):
+    trying again cannot work, and the unit's C{RestartPreventExitStatus=78}
+    leaves it failed with its reason.
 
     The error is the bind's (Twisted's C{CannotListenError}, its
     C{socketError}), or for a Unix socket with its lock file (Twisted's
@@ -107,6 +112,50 @@ def _listenFailureStatus(error):
     if getattr(cause, "errno", None) in LASTING_LISTEN_ERRORS:
         return os.EX_CONFIG
     return 1
+
+
+def _describeListenError(error):
+    """
+    Why a listener could not start, in words an administrator can act on.
+
+    A Unix socket's failures came in Twisted's words: its lock file's
+    (Twisted's default, C{lockfile=1}) as the bare C{os.symlink} error,
+    C{[Errno 2] No such file or directory: '21967' -> b'/run/x/lmtp.lock'}
+    (the process id and the lock's path, as bytes), and the bind's as
+    C{Couldn't listen on any:b'/run/x/lmtp': [Errno 2] ...}.  They now name
+    the file and what was made of it, and a missing directory is said to be
+    missing.  Any other error (a TCP port's) is left as Twisted words it.
+    """
+    if isinstance(error, CannotListenError) and isinstance(error.port, (bytes, str)):
+        path = os.fsdecode(error.port)
+        cause = error.socketError
+        if isinstance(cause, OSError):
+            return _pathError("cannot make the socket", path, cause)
+        if cause == "Cannot acquire lock":
+            return (
+                f"its lock file {path}.lock is held by another running process (another mailgate "
+                "listening on this socket?)"
+            )
+        return str(error)
+    if isinstance(error, OSError) and error.filename2 is not None:
+        path = os.fsdecode(error.filename2)
+        if path.endswith(".lock"):
+            return _pathError("cannot make the socket's lock file", path, error)
+    return str(error)
+
+
+def _pathError(what, path, error):
+    """
+    C{what} could not be made at C{path}, for C{error}; where the directory
+    is missing (ENOENT), say so, as that is what to make.
+    """
+    reason = f"{what} {path}: {error.strerror or error}"
+    directory = os.path.dirname(path) or "."
+    if error.errno == errno.ENOENT:
+        reason += f" (the directory {directory} does not exist: make it, or correct the path)"
+    elif error.errno == errno.ENOTDIR:
+        reason += f" (a part of {directory} is not a directory: correct the path)"
+    return reason
 
 
 class ListeningService(StreamServerEndpointService):
@@ -146,7 +195,9 @@ class ListeningService(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except Exception as e:
-            error = ConfigurationError(f"cannot listen for {self.protocolName} on {self.description}: {e}")
+            error = ConfigurationError(
+                f"cannot listen for {self.protocolName} on {self.description}: {_describeListenError(e)}"
+            )
             self.giveUp(error)
             raise error from e
         whenListening(self, self._listening)

@@ -634,6 +634,14 @@ def test_aPortRefusedForWantOfPrivilegeIsAConfigurationError(request):
         code, err = start(endpoint, user="nobody")
         assert code == 78, (endpoint, err)
         assert f"mailgate: cannot listen for POP3 on {endpoint}: " in err and "Permission denied" in err
+    # A Unix socket in a directory that does not exist (no RuntimeDirectory=
+    # makes it): 78 too, in plain words, where it was 1 and the lock's bare
+    # "[Errno 2] No such file or directory: 'PID' -> b'....lock'".
+    missing = shared / "run" / "mailgate"
+    code, err = start(f"unix:{missing / 'pop3'}")
+    assert code == 78, err
+    assert f"cannot make the socket's lock file {missing / 'pop3'}.lock: No such file or directory" in err, err
+    assert f"the directory {missing} does not exist" in err and "Traceback" not in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

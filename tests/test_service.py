@@ -12,6 +12,7 @@ import pytest
 from twisted.application.service import Application
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 
@@ -879,4 +880,47 @@ def test_aListenerRefusedItsSocketFileForGoodExitsAsAConfigurationError():
     assert failed(OSError(errno.EROFS, "Read-only file system")) == 78
     assert failed(bind(errno.EADDRINUSE)) == 1
     assert failed(bind(errno.EADDRNOTAVAIL)) == 1
-    assert failed(OSError(errno.ENOENT, "No such file or directory")) == 1
+    # A socket's directory not there: 78 since, as for a missing directory
+    # trying again does not make it (see the test below).
+    assert failed(OSError(errno.ENOENT, "No such file or directory")) == 78
+    assert failed(OSError(errno.ECONNREFUSED, "Connection refused")) == 1
+
+
+@pytest.mark.parametrize("lockfile", ["", ":lockfile=0"])
+def test_aUnixSocketWhoseDirectoryIsMissingIsAConfigurationErrorSaidInPlainWords(tmp_path, lockfile):
+    """
+    A Unix socket in a directory that does not exist (a mistyped path, or
+    one no unit makes: under systemd the unit's RuntimeDirectory= is made
+    before the start) cannot start by trying again: exit 78, as a directory
+    the user may not write (d3040c5), where it was 1 and systemd started the
+    server again every two seconds for ever.  The reason names the file and
+    the missing directory: with Twisted's lock file (the default) it was
+    the bare symlink error, "[Errno 2] No such file or directory: '21967'
+    -> b'.../lmtp.lock'", and without it "Couldn't listen on any:b'...'".
+    A path through a regular file (ENOTDIR) is 78 too.
+    """
+    from twisted.internet import reactor
+
+    from mailgate.service import _listenFailureStatus
+    from mailgate.session.endpoints import serverEndpoint
+
+    def failure(path):
+        description = f"unix:{path}{lockfile}"
+        listener = ListeningService("LMTP", description, serverEndpoint(reactor, description), Factory())
+        with pytest.raises(ConfigurationError) as e:
+            listener.privilegedStartService()
+        return str(e.value), _listenFailureStatus(e.value)
+
+    missing = tmp_path / "run" / "mailgate"
+    made = "socket's lock file" if not lockfile else "socket"
+    suffix = ".lock" if not lockfile else ""
+    assert failure(missing / "lmtp") == (
+        f"cannot listen for LMTP on unix:{missing / 'lmtp'}{lockfile}: cannot make the {made} "
+        f"{missing / 'lmtp'}{suffix}: No such file or directory (the directory {missing} does not exist: "
+        "make it, or correct the path)",
+        78,
+    )
+    (tmp_path / "file").write_text("")
+    reason, status = failure(tmp_path / "file" / "lmtp")
+    assert status == 78
+    assert reason.endswith(f": Not a directory (a part of {tmp_path / 'file'} is not a directory: correct the path)")
