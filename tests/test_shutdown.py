@@ -218,6 +218,57 @@ def test_aFailedLoginsDelayLetsGoOfALostConnection(server):
     assert failing.transport.value() == b""
 
 
+def holdChecks(session):
+    """
+    Hold the password checks of C{session}'s factory until the returned
+    L{Deferred} fires: a check in flight (a hash, the database).
+    """
+    portal = session.protocol.factory.portal
+    checked = defer.Deferred()
+    login = portal.login
+    portal.login = lambda *a: checked.addCallback(lambda _: login(*a))
+    return checked
+
+
+def test_aLoginThatFailsAfterTheStopBeganIsAnsweredAtOnce(server):
+    """
+    A wrong password whose check was still running when the stop began
+    (the start of the stop ended no delay then) is answered as soon as the
+    check fails, and the session told: its failure delay, started after
+    the stop began, held the stop for the whole grace and the abort after
+    it when longer than the grace (a week, here).
+    """
+    s = server.pop3(authFailureDelay=604800)
+    s.command(f"USER {ALICE}")
+    checked = holdChecks(s)
+    assert s.command("PASS wrong") == ""
+    done = server.tracker.shutdown(30)
+    assert s.transport.value() == b""
+    checked.callback(None)
+    assert s.advance(0) == (
+        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] server shutting down\r\n"
+    )
+    gone(s)
+    assert fired(done)
+    assert server.clock.getDelayedCalls() == []
+
+
+def test_aLoginThatFailsAfterTheClientHungUpLeavesNoTimer(server):
+    """
+    A client that hung up while its wrong password was checked leaves no
+    timer holding its session for the failure delay (up to a week), and
+    is answered nothing.
+    """
+    s = server.pop3(authFailureDelay=604800)
+    s.command(f"USER {ALICE}")
+    checked = holdChecks(s)
+    assert s.command("PASS wrong") == ""
+    s.protocol.connectionLost(Failure(ConnectionAborted()))
+    checked.callback(None)
+    assert server.clock.getDelayedCalls() == []
+    assert s.transport.value() == b""
+
+
 def test_aLoginThatSucceedsWhileStoppingGetsTheGraceToQuit(store):
     """
     A login the stop let finish that succeeds has logged in (with

@@ -614,7 +614,16 @@ class AuthorizationCommands:
         Run C{then(*args)} after the policy's penalty, or a failed login's
         delay, of C{seconds}: the command waits on the L{Deferred}
         returned; L{endPenalty} ends the wait early.
+
+        A session that has ended, or whose server is stopping, does not
+        wait at all: L{endPenalty}, called when either began, has run
+        already, and a check that was in flight then (a password's hash, a
+        database) ends after it.  Its failure delay started then would
+        hold a lost session's timer, or the stop, for up to a week
+        (C{--auth-failure-delay}).
         """
+        if self._closed or self.stopping:
+            return then(*args)
         d = defer.Deferred()
         d.addCallback(lambda _: then(*args))
         self._penalty = (self._clock.callLater(seconds, self.endPenalty), d)
