@@ -1450,6 +1450,17 @@ class ConfigFileError(ConfigurationError):
     """
 
 
+class EnvironmentValueError(ConfigurationError):
+    """
+    An environment variable that gives a setting (C{$MAILGATE_DATABASE})
+    has a value that cannot be used; the message names the variable.  It
+    comes from the service's environment (a systemd unit's C{Environment=}
+    or C{EnvironmentFile=}), not from a command line typed at a terminal:
+    the server refuses it as it refuses a configuration file's value (exit
+    78, which the unit does not retry), not as a usage error (exit 1).
+    """
+
+
 def readFile(path, settings=SETTINGS):
     """
     Read a TOML configuration file whose keys name C{settings}.
@@ -1541,7 +1552,7 @@ def resolve(given, fileValues=None, environ=None, settings=SETTINGS, configClass
             try:
                 value = s.kind.fromText(environ[s.environment])
             except ValueError as e:
-                raise ConfigurationError(f"${s.environment}: {_oneLine(e)}") from None
+                raise EnvironmentValueError(f"${s.environment}: {_oneLine(e)}") from None
         else:
             value = s.defaultValue()
         values[s.attribute] = list(value) if s.repeated else value

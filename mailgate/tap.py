@@ -192,8 +192,10 @@ class Options(usage.Options):
             self.config = configuration.resolveFile(
                 self.configPath, self.given, os.environ, self.settings, self.configClass
             )
-        except configuration.ConfigFileError as e:
-            # One line, not twistd's usage text: the file is at fault.
+        except (configuration.ConfigFileError, configuration.EnvironmentValueError) as e:
+            # One line, not twistd's usage text: the file, or the
+            # environment the service was given (a unit's EnvironmentFile=),
+            # is at fault, and trying again would find the same.
             raise ConfigurationRefused(f"mailgate: {e}") from None
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None

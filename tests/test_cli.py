@@ -1363,6 +1363,21 @@ def test_serveSaysWhyTheConfigurationFileIsRefused(cli, tmp_path):
     assert not cli.path.exists()
 
 
+def test_serveRefusesAnInvalidDatabaseFromTheEnvironmentAsAConfigurationError(tmp_path, monkeypatch):
+    """
+    C{mailgate serve} with an invalid C{$MAILGATE_DATABASE} (as a unit's
+    EnvironmentFile= gives it): one line and exit 78, which the unit does
+    not retry, as twistd mailgate; it was a usage error, 64, retried.
+    """
+    monkeypatch.setenv("MAILGATE_DATABASE", "sqlite:relative.sqlite3")
+    monkeypatch.chdir(tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["serve"], stdout=out, stderr=err)
+    assert code == 78, err.getvalue()
+    assert err.getvalue().startswith("mailgate: $MAILGATE_DATABASE: ") and err.getvalue().count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- --config: the server's configuration file -------------------------------------
 
 

@@ -598,7 +598,9 @@ def test_missingFile(tmp_path):
 
 def test_badEnvironmentIsNamed(monkeypatch):
     monkeypatch.setenv("MAILGATE_DATABASE", "mysql://localhost/mail")
-    with pytest.raises(usage.UsageError, match=r"\$MAILGATE_DATABASE"):
+    # Refused as a configuration error (exit 78), not a usage error: see
+    # test_tap.test_badDatabaseInEnvironment.
+    with pytest.raises(tap.ConfigurationRefused, match=r"\$MAILGATE_DATABASE"):
         parse()
 
 

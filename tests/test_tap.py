@@ -71,10 +71,22 @@ def test_emptyEnvironmentMeansDefault(monkeypatch):
     assert parse()["database"] == DEFAULT_DATABASE
 
 
-def test_badDatabaseInEnvironment(monkeypatch):
+def test_badDatabaseInEnvironment(monkeypatch, capsys):
+    """
+    An invalid C{$MAILGATE_DATABASE} (the systemd unit's Environment= or
+    EnvironmentFile= gives it) is refused in one line, exit 78 (EX_CONFIG),
+    as the same value in the configuration file is: it was a usage error,
+    exit 1 under twistd (64 under mailgate serve), which the unit's
+    Restart=on-failure retried every two seconds for ever.
+    """
     monkeypatch.setenv("MAILGATE_DATABASE", "mysql://localhost/mail")
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(SystemExit) as e:
         parse()
+    assert e.value.code == 78
+    assert capsys.readouterr().err == (
+        "mailgate: $MAILGATE_DATABASE: unsupported database URL 'mysql://localhost/mail': "
+        "use sqlite:///FILE or postgresql://...\n"
+    )
 
 
 def test_repeatablePop3():
