@@ -365,10 +365,7 @@ def makeService(options):
     except OSError as e:
         raise _stopped(ConfigurationError(f"cannot open the log file {e.filename}: {e.strerror or e}")) from None
     if destination is None and parent is not None and config.logFormat != "text":
-        raise SystemExit(
-            f"mailgate: --log-format {config.logFormat} writes to a file or standard "
-            "output; leave out --syslog and --logger"
-        )
+        raise _stopped(ConfigurationError(logFormatConflict(options, config, parent)))
     # twistd's reactor, installed by now: taken here, at the top, and
     # passed down like every other part.
     from twisted.internet import reactor
@@ -437,6 +434,29 @@ def makeService(options):
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def logFormatConflict(options, config, parent):
+    """
+    Why C{config}'s log format cannot be served with twistd's C{--syslog} or
+    C{--logger}, which keep twistd's own observer (text): named where the
+    value came from, the command line's C{--log-format} or the C{--config}
+    file's C{log-format} key, so that the administrator edits the right
+    place (the file's value was reported as C{--log-format}, an option not
+    given).  A start refused for it exits 78: the same command line and
+    file would be refused again.
+    """
+    twistdOption = "--syslog" if parent.get("syslog") else "--logger"
+    if "log-format" in options.given or not options.configPath:
+        source = f"--log-format {config.logFormat}"
+        remedy = f"leave out --log-format or {twistdOption}"
+    else:
+        source = f'log-format = "{config.logFormat}" in {options.configPath}'
+        remedy = f"remove the key from the file (or set it to \"text\"), or leave out {twistdOption}"
+    return (
+        f"{source} writes to a file or standard output, and twistd's {twistdOption} keeps its own "
+        f"text log: {remedy}"
+    )
 
 
 def relativePaths(config, configPath=None):

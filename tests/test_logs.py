@@ -329,12 +329,39 @@ def test_theLogFileIsNeverOpenedThroughASymbolicLink(tmp_path, capsys):
     assert (tmp_path / "reopened.log.1").read_text() == "still the old file\n"
 
 
-def test_jsonNeedsAFileOrStandardOutput():
-    options = tap.Options()
-    options.parseOptions(["--log-format", "json"])
-    options.parent = {"syslog": True, "nodaemon": True}
-    with pytest.raises(SystemExit, match="--log-format json writes to a file or standard output"):
-        tap.makeService(options)
+def test_jsonNeedsAFileOrStandardOutput(tmp_path, capsys):
+    """
+    The JSON format with twistd's --syslog or --logger, which keep twistd's
+    own text observer, is refused in one line, exit 78 (EX_CONFIG: the
+    same command line and file would be refused again; it was 1, which
+    the systemd unit retried for ever), naming where the value came from:
+    the --config file's key, which was reported as --log-format, an option
+    not given.
+    """
+    def refused(argv, parent):
+        options = tap.Options()
+        options.parseOptions(argv)
+        options.parent = parent
+        with pytest.raises(SystemExit) as e:
+            tap.makeService(options)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return e.value.code, err
+
+    assert refused(["--log-format", "json"], {"syslog": True, "nodaemon": True}) == (78, (
+        "mailgate: --log-format json writes to a file or standard output, and twistd's --syslog keeps its "
+        "own text log: leave out --log-format or --syslog\n"
+    ))
+    config = tmp_path / "mailgate.toml"
+    config.write_text('log-format = "json"\n')
+    assert refused(["--config", str(config)], {"logger": "x.y", "nodaemon": True}) == (78, (
+        f'mailgate: log-format = "json" in {config} writes to a file or standard output, and twistd\'s '
+        '--logger keeps its own text log: remove the key from the file (or set it to "text"), or leave out '
+        "--logger\n"
+    ))
+    # Given on the command line too, which wins: named there.
+    code, err = refused(["--config", str(config), "--log-format", "json"], {"syslog": True, "nodaemon": True})
+    assert code == 78 and err.startswith("mailgate: --log-format json writes"), err
 
 
 # -- the real twistd ------------------------------------------------------------------------
