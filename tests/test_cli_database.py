@@ -715,3 +715,31 @@ def test_dbRestoredRunAsRootLeavesTheLockFileToTheDatabasesOwner(tmp_path):
     assert (code, err) == (0, ""), err
     made = os.stat(lock)
     assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (nobody, nobody, 0o600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root makes the lock file only when run as root")
+def test_aLockFileWithAnotherNameIsNeitherGivenAwayNorRewritten(tmp_path):
+    """
+    Root, running C{db restored} (or a server starting as root), gives the
+    lock file to the database's owner: where that owner had put a hard
+    link to a file of root's in the lock file's place (in a directory of
+    theirs), root gave that file to them, and truncated it to write its
+    pid.  A lock file with another name is locked, and left as it is.
+    """
+    path = tmp_path / "restored.sqlite3"
+    url = f"sqlite:///{path}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    nobody = 65534
+    os.chown(path, nobody, nobody)
+    victim = tmp_path / "roots-own"
+    victim.write_text("root's own\n")
+    victim.chmod(0o644)
+    lock = tmp_path / "restored.sqlite3.lock"
+    if lock.exists():
+        lock.unlink()
+    os.link(victim, lock)
+    code, out, err = mailgate(url, "db", "restored")
+    assert (code, err) == (0, ""), err
+    kept = os.stat(victim)
+    assert (kept.st_uid, kept.st_gid, kept.st_mode & 0o777) == (0, 0, 0o644)
+    assert victim.read_text() == "root's own\n"

@@ -537,7 +537,8 @@ class SQLiteEngine:
                     f"{lockPath} is a symbolic link, not mailgate's lock file: remove it"
                 ) from None
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             os.close(fd)
             raise ConfigurationError(f"{lockPath} is not a regular file, not mailgate's lock file: remove it")
         try:
@@ -551,19 +552,25 @@ class SQLiteEngine:
                     f"PostgreSQL for several nodes)"
                 ) from None
             raise
-        try:
-            # Whatever the umask was when it was made.
-            os.fchmod(fd, FILE_MODE)
-        except OSError:
-            pass
-        _ownedAsTheDatabase(fd, self.path)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            # The process id is for people; the lock is what counts, and
-            # it is held.  (A full disk: opening the database says so.)
-            pass
+        if found.st_nlink == 1:
+            # Only a file of no other name: a hard link put here (by the
+            # database's owner, in a directory of theirs) to a file of
+            # root's would have root, running this, truncate it, and give
+            # it to that user (_ownedAsTheDatabase).  It is locked all the
+            # same, and left as it is.
+            try:
+                # Whatever the umask was when it was made.
+                os.fchmod(fd, FILE_MODE)
+            except OSError:
+                pass
+            _ownedAsTheDatabase(fd, self.path)
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                # The process id is for people; the lock is what counts, and
+                # it is held.  (A full disk: opening the database says so.)
+                pass
         self._guard = fd
 
     def releaseServer(self):
