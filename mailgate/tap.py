@@ -139,20 +139,28 @@ class Options(usage.Options):
     def parseOptions(self, options=None):
         """
         Parse, as L{usage.Options} does; under twistd (a C{parent} set),
-        a usage error ends the process with one line on standard error.
+        a usage error ends the process with one line on standard error and
+        exit status 78 (EX_CONFIG), as the same value in the configuration
+        file does.
 
         twistd itself would print its whole usage text (over two hundred
         lines, on standard output) before the error, which then scrolls by
-        unseen or fills a journal; a configuration file's errors are one
-        line already (see L{postOptions}).  Parsed alone (tests,
-        C{mailgate serve}), the L{usage.UsageError} is raised as usual.
+        unseen or fills a journal, and exit 1, which a systemd unit's
+        C{Restart=on-failure} retries every two seconds for ever on a
+        command line (the unit's C{ExecStart=}) that only an edit can
+        mend; its C{RestartPreventExitStatus=78} stops at this one.  This
+        is mailgate's own parser, which twistd calls as its subcommand's:
+        twistd's own options (before C{mailgate} on its command line) are
+        refused by twistd, exit 1, out of mailgate's reach.  Parsed alone
+        (tests, C{mailgate serve}), the L{usage.UsageError} is raised as
+        usual.
         """
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
             if getattr(self, "parent", None) is None:
                 raise
-            raise SystemExit(f"mailgate: {e} (twistd mailgate --help lists the options)") from None
+            raise ConfigurationRefused(f"mailgate: {e} (twistd mailgate --help lists the options)") from None
         except BrokenPipeError:
             # twistd mailgate --help | head: the reader gone before the 24
             # KB of help were written.  Ended as a shell reports a command

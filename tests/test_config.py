@@ -808,18 +808,22 @@ def test_twistdStopsOnAFileWithOneLineNamingIt(tmp_path, content, reason):
         (["--apop", "--no-apop"], "--apop and --no-apop contradict each other"),
         (["--pop3", "tcp:11O"], "--pop3: invalid endpoint 'tcp:11O': invalid literal for int() with base 10: '11O'"),
         (["--bogus"], "option --bogus not recognized"),
+        (["--idle-timeout", "nan"], "--idle-timeout: not a whole number: 'nan'"),
     ],
 )
 def test_twistdStopsOnABadCommandLineWithOneLine(tmp_path, argv, reason):
     """
     As for a file: the one line on standard error, not twistd's usage text
-    of some two hundred lines on standard output with the reason last.
+    of some two hundred lines on standard output with the reason last; and
+    exit 78 (EX_CONFIG), as the same value in the file, which the systemd
+    unit does not retry (it was 1: started again every two seconds for
+    ever on a command line only an edit of the unit can mend).
     """
     code, out, err = runCommand(
         [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), *argv],
         cwd=tmp_path,
     )
-    assert (code, out) == (1, "")
+    assert (code, out) == (78, ""), err
     assert err.splitlines() == [f"mailgate: {reason} (twistd mailgate --help lists the options)"]
 
 
