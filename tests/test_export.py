@@ -405,3 +405,26 @@ def test_mailboxShowWritesOneMessageAsPOP3ServesIt(cli, store):
         65, f"mailgate: {ALICE} has no message '9' (a number or a unique id of mailbox list)\n"
     )
     assert cli("mailbox", "show", "nobody@example.org", "1").code == 67
+
+
+def test_anExportWhoseSyncThreadCannotStartLeavesNoFileOpen(tmp_path, monkeypatch):
+    """
+    The files handed to a sync thread are the thread's to close; where
+    the thread cannot be started (RuntimeError: can't start new thread,
+    under a limit on processes) they are still the export's, and its undo
+    closes them: they were taken from it before the hand-over, and stayed
+    open.
+    """
+
+    class NoThreads(export.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(export, "ThreadPoolExecutor", NoThreads)
+    messages, octets = _numbered(10, None, None)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        exportMaildir(messages, str(tmp_path / "out"))
+    assert set(os.listdir("/proc/self/fd")) - before == set()
+    assert os.listdir(tmp_path / "out" / "tmp") == []
+    assert os.listdir(tmp_path / "out" / "cur") == []

@@ -270,11 +270,14 @@ def _handOver(syncs, batch):
     waiting = [message for message in batch if message.fd is not None]
     if waiting:
         fds = [message.fd for message in waiting]
-        # Theirs to close from now on (an undo must not close them again).
-        for message in waiting:
-            message.fd = None
+        # Still the export's to close (its undo) if no thread takes them:
+        # a thread that cannot be started (RuntimeError: can't start new
+        # thread, under a process limit) left them open.
         synced = syncs.submit(_syncAndClose, fds)
         for message in waiting:
+            # The thread's to close from now on (an undo must not close
+            # them again).
+            message.fd = None
             message.synced = synced
 
 
