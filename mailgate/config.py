@@ -246,6 +246,12 @@ class Integer(Kind):
             # Only an embedder's MailgateConfig(...) gives a float here; nan
             # compares false with both bounds.
             raise ValueError(f"not a finite number: {value}")
+        if isinstance(value, float) and not value.is_integer():
+            # Nor one with a fraction, which the command line and the file
+            # refuse: --login-delay 300.5 would be advertised as
+            # LOGIN-DELAY 300.5, --expire-days as EXPIRE 1.5 (RFC 2449:
+            # whole numbers).
+            raise ValueError(f"not a whole number: {value}")
         if value < self.minimum:
             raise ValueError(f"must be at least {self.minimum}, not {value}")
         return checkMaximum(value, self.maximum)

@@ -891,6 +891,9 @@ def test_defaultQuotaZeroIsRefused(tmp_path):
         ({"defaultQuota": 1e300}, "defaultQuota: too large: "),
         ({"maxMessageSize": float("inf")}, "maxMessageSize: not a whole number of octets: inf"),
         ({"keepDeletedDays": 2**64}, "keepDeletedDays: must be at most 36500"),
+        ({"loginDelay": 300.5}, "loginDelay: not a whole number: 300.5"),
+        ({"expireDays": 1.5}, "expireDays: not a whole number: 1.5"),
+        ({"quotaWarnings": [80, 95.5]}, "quotaWarnings: not a whole number: 95.5"),
     ],
 )
 def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, message):
