@@ -13,6 +13,7 @@ Every wait is bounded by L{DEADLINE}; when one runs out, the test fails
 with what the process wrote so far.
 """
 
+import io
 import os
 import poplib
 import re
@@ -388,6 +389,20 @@ def mailgate_server(tmp_path, databaseURL):
     for server in starter.servers:
         if server.process is not None and _LOGGED_ERROR.search(server.stdout + server.stderr):
             pytest.fail(f"the server logged an error\n{server.log()}")
+
+
+def mailgateHere(url, *argv, stdin=""):
+    """
+    The C{mailgate} command run in this process (no child to start) on the
+    database at C{url}, with C{stdin} as its standard input and an empty
+    environment; return (exit status, stdout, stderr) as text.
+    """
+    from mailgate.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8", newline="")
+    code = run(["--database", url, *argv], stdin=stdin, stdout=out, stderr=err, environ={})
+    return code, out.getvalue(), err.getvalue()
 
 
 def runCommand(argv, input=b"", timeout=DEADLINE, cwd=None):

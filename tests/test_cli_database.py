@@ -5,7 +5,6 @@ mailgate's, through L{mailgate.cli.run} on real SQLite files and, where
 the state exists there, PostgreSQL.
 """
 
-import io
 import json
 import os
 import sqlite3
@@ -14,7 +13,8 @@ import time
 import pytest
 
 from e2e import mailgate_server, waitFor  # noqa: F401 (mailgate_server is a fixture)
-from mailgate.cli import EX_TEMPFAIL, run
+from e2e import mailgateHere as mailgate
+from mailgate.cli import EX_TEMPFAIL
 from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
 from mailgate.store.schema import LATEST
@@ -23,13 +23,6 @@ from mailgate.store.schema import LATEST
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
 
 ALICE = "alice@example.org"
-
-
-def mailgate(url, *argv, stdin=""):
-    out, err = io.StringIO(), io.StringIO()
-    stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8", newline="")
-    code = run(["--database", url, *argv], stdin=stdin, stdout=out, stderr=err, environ={})
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -4,20 +4,14 @@ too long, with an '@' too many; through L{mailgate.cli.run} on a real
 SQLite file.
 """
 
-import io
 
 import pytest
 
-from mailgate.cli import EX_DATAERR, EX_USAGE, run
+from e2e import mailgateHere as mailgate
+from mailgate.cli import EX_DATAERR, EX_USAGE
 
 # The command's new passwords are hashed cheaply here (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
-
-
-def mailgate(url, *argv, stdin=""):
-    out, err = io.StringIO(), io.StringIO()
-    code = run(["--database", url, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ exactly the one message that is really new.
 """
 
 import concurrent.futures
-import io
 import os
 import subprocess
 import time
@@ -21,7 +20,7 @@ import time
 import pytest
 
 from dovecotserver import PrivateDovecot, answers, requireDovecot
-from e2e import DEADLINE, MAILGATE, childEnvironment, mailgate_server, sqliteOnly  # noqa: F401
+from e2e import DEADLINE, MAILGATE, childEnvironment, mailgate_server, mailgateHere, sqliteOnly  # noqa: F401
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 
 pytestmark = requireDovecot
@@ -76,18 +75,6 @@ def cli(database, *argv, input=b""):
         input=input, capture_output=True, timeout=DEADLINE * 3, env=childEnvironment(),
     )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
-
-
-def mailgateHere(database, *argv):
-    """
-    The mailgate command run in this process (no child to start, unlike
-    L{cli}): C{(exit status, standard output, standard error)}.
-    """
-    from mailgate.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    code = run(["--database", database, *argv], stdin=io.StringIO(""), stdout=out, stderr=err, environ={})
-    return code, out.getvalue(), err.getvalue()
 
 
 def fetchmail(directory, port, out):

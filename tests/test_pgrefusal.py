@@ -13,7 +13,6 @@ for each test: the server's messages are in whatever language it was set
 up in, and nothing here depends on their words but on the SQLSTATE.
 """
 
-import io
 import poplib
 import secrets
 import socket
@@ -23,7 +22,8 @@ import pytest
 
 from conftest import _requirePostgres, withSchema
 from e2e import DEADLINE, MAILGATE, AdminCommand, ServerStarter, pop, runCommand, waitFor
-from mailgate.cli import EX_CONFIG, EX_TEMPFAIL, run
+from e2e import mailgateHere as mailgate
+from mailgate.cli import EX_CONFIG, EX_TEMPFAIL
 from mailgate.store import pgrefusal
 
 ALICE = "alice@example.org"
@@ -155,12 +155,6 @@ def noPasswordFromElsewhere(monkeypatch, tmp_path):
     """
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
-
-
-def mailgate(url, *argv, stdin=""):
-    out, err = io.StringIO(), io.StringIO()
-    code = run(["--database", url, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
-    return code, out.getvalue(), err.getvalue()
 
 
 def assertOneLine(err, expected, url):
