@@ -1294,6 +1294,11 @@ def checkConfig(config, settings=SETTINGS):
     """
     for s in settings:
         value = getattr(config, s.attribute)
+        if s.repeated and not isinstance(value, (list, tuple)):
+            # An embedder's MailgateConfig(pop3="tcp:110") or
+            # quotaWarnings=80: read on as a list, a string is its
+            # characters and a number no list at all (a TypeError later).
+            raise ConfigurationError(f"{s.attribute}: a list of values, not {value!r}")
         if isinstance(s.kind, (Integer, Number, Size)):
             # The bounds the command line and the file enforce hold for an
             # embedding application's MailgateConfig(...) too (a retention

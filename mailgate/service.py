@@ -1220,6 +1220,9 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     """
     if reactor is None:
         from twisted.internet import reactor
+    # Before any value is used: an embedder's MailgateConfig(...) has had
+    # none of the command line's or the file's checks.
+    checkConfig(config)
     listeners = {
         name: [(d, _endpoint(reactor, d, config.proxyNetworks)) for d in descriptions]
         for name, descriptions in (

@@ -894,6 +894,11 @@ def test_defaultQuotaZeroIsRefused(tmp_path):
         ({"loginDelay": 300.5}, "loginDelay: not a whole number: 300.5"),
         ({"expireDays": 1.5}, "expireDays: not a whole number: 1.5"),
         ({"quotaWarnings": [80, 95.5]}, "quotaWarnings: not a whole number: 95.5"),
+        # A repeated setting given as one value: a TypeError, or a string
+        # read as its characters (pop3="tcp:110" as the endpoints "t", "c"...).
+        ({"quotaWarnings": 80}, "quotaWarnings: a list of values, not 80"),
+        ({"quotaWarnings": None}, "quotaWarnings: a list of values, not None"),
+        ({"pop3": "tcp:1110:interface=127.0.0.1"}, "pop3: a list of values, not 'tcp:1110:interface=127.0.0.1'"),
     ],
 )
 def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, message):
