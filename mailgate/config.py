@@ -1249,6 +1249,35 @@ def setting(name):
 # -- the configuration ------------------------------------------------------------
 
 
+def _wholeNumber(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _wholeNumbers(setting):
+    """
+    The converter of a whole-number setting (L{Integer}, L{Size}): an
+    embedder's whole float (C{loginDelay=600.0}, C{maxMessageSize=50e6})
+    becomes the C{int} the command line and the file give.  Kept a float,
+    it passed L{checkConfig} and was advertised as one (C{LOGIN-DELAY
+    600.0}, C{SIZE 50000000.0}; RFC 2449 and RFC 1870 want digits).  Any
+    other value is left for L{checkConfig} to refuse (a fraction, nan, a
+    repeated setting given as one value).
+    """
+    if not isinstance(setting.kind, (Integer, Size)):
+        return None
+    if not setting.repeated:
+        return _wholeNumber
+
+    def wholeNumbers(values):
+        if isinstance(values, (list, tuple)):
+            return type(values)(_wholeNumber(v) for v in values)
+        return values
+
+    return wholeNumbers
+
+
 def makeConfigClass(settings):
     """
     The configuration class of C{settings}: one attribute per setting,
@@ -1256,7 +1285,7 @@ def makeConfigClass(settings):
     """
     attributes = {}
     for s in settings:
-        attributes[s.attribute] = attr.ib(factory=s.defaultValue, converter=s.converter)
+        attributes[s.attribute] = attr.ib(factory=s.defaultValue, converter=s.converter or _wholeNumbers(s))
     attributes["reloadOnSIGHUP"] = attr.ib(default=False)
     cls = attr.make_class("MailgateConfig", attributes, kw_only=True)
     cls.__module__ = __name__

@@ -916,6 +916,22 @@ def test_anEmbeddersConfigurationIsBoundedAsTheCommandLineIs(tmp_path, values, m
     assert not (tmp_path / "m.sqlite3").exists()
 
 
+def test_anEmbeddersWholeFloatIsTakenAsAWholeNumber():
+    """
+    A whole float an embedder gives a whole-number setting (600.0, 50e6)
+    is taken, and kept as the whole number it is: kept as a float, it was
+    advertised as one (LOGIN-DELAY 600.0 in CAPA, SIZE 50000000.0 in EHLO;
+    RFC 2449 and RFC 1870 want digits), which the command line and the
+    file never give.
+    """
+    config = settings.checkConfig(MailgateConfig(
+        loginDelay=600.0, expireDays=30.0, maxMessageSize=50e6, defaultQuota=1e9, quotaWarnings=[80.0, 95],
+    ))
+    values = [config.loginDelay, config.expireDays, config.maxMessageSize, config.defaultQuota, *config.quotaWarnings]
+    assert values == [600, 30, 50_000_000, 1_000_000_000, 80, 95]
+    assert [type(v) for v in values] == [int] * 6
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
