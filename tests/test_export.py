@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import threading
 
 import pytest
 from twisted.internet.defer import succeed
@@ -428,3 +429,55 @@ def test_anExportWhoseSyncThreadCannotStartLeavesNoFileOpen(tmp_path, monkeypatc
     assert set(os.listdir("/proc/self/fd")) - before == set()
     assert os.listdir(tmp_path / "out" / "tmp") == []
     assert os.listdir(tmp_path / "out" / "cur") == []
+
+
+def test_filesOfAHandOverThatFailedAreClosedOnceWhateverTakesThem(tmp_path, monkeypatch):
+    """
+    ThreadPoolExecutor queues a group's sync before it starts a thread for
+    it: where that start fails (RuntimeError: can't start new thread) with
+    a thread of the pool already running, that thread still takes the
+    group, after the undo closed its files and their numbers went to other
+    files, and closed those.  Whichever takes the files first closes them:
+    here the undo, and the thread leaves them.
+    """
+
+    class OneThread(export.ThreadPoolExecutor):
+        def _adjust_thread_count(self):
+            # The work is queued already, as for the real limit.
+            if self._threads:
+                raise RuntimeError("can't start new thread")
+            super()._adjust_thread_count()
+
+    undone = threading.Event()
+    others = []
+    realSync, realUndo = export._syncAndClose, export._undo
+
+    def heldSync(*args):
+        # The first group's thread goes on only once the undo has run.
+        assert undone.wait(10)
+        return realSync(*args)
+
+    def undoThenOpen(*args):
+        realUndo(*args)
+        # The numbers the undo freed, taken by other files (as another
+        # thread of the process would).
+        others.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(export.SYNC_GROUP))
+        undone.set()
+
+    monkeypatch.setattr(export, "ThreadPoolExecutor", OneThread)
+    monkeypatch.setattr(export, "_syncAndClose", heldSync)
+    monkeypatch.setattr(export, "_undo", undoThenOpen)
+    messages, _ = _numbered(2 * export.SYNC_GROUP + 1, None, None)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            exportMaildir(messages, str(tmp_path / "out"))
+        closed = []
+        for fd in others:
+            try:
+                os.fstat(fd)
+            except OSError:
+                closed.append(fd)
+        assert closed == []
+    finally:
+        export._close(others)
+    assert os.listdir(tmp_path / "out" / "tmp") == []

@@ -31,6 +31,7 @@ have fired on return).
 
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,11 +150,40 @@ def _writeBody(path, body):
     return fd, written
 
 
-def _syncAndClose(fds):
+class _Handed:
+    """
+    The files of a group handed to a sync thread, closed by whichever takes
+    them first: the thread (L{_syncAndClose}), or the export when the
+    hand-over failed (L{_handOver}).  ThreadPoolExecutor queues the work
+    before it starts a thread for it; where that start fails (RuntimeError:
+    can't start new thread, under a limit on processes) a thread of the
+    pool already running still takes it, later, after the undo has closed
+    the files and their numbers have gone to other files.
+    """
+
+    def __init__(self, fds):
+        self._fds = fds
+        self._lock = threading.Lock()
+
+    def take(self):
+        """
+        @return: the descriptors, to close, or C{None} where they were
+            taken already.
+        """
+        with self._lock:
+            fds, self._fds = self._fds, None
+        return fds
+
+
+def _syncAndClose(handed):
     """
     Make written files durable, one after the other (on a thread of the
-    export's pool), then close them.
+    export's pool), then close them: those of C{handed} (a L{_Handed}),
+    unless the export has taken them back.
     """
+    fds = handed.take()
+    if fds is None:
+        return
     try:
         for fd in fds:
             os.fsync(fd)
@@ -269,11 +299,19 @@ def _handOver(syncs, batch):
     """
     waiting = [message for message in batch if message.fd is not None]
     if waiting:
-        fds = [message.fd for message in waiting]
-        # Still the export's to close (its undo) if no thread takes them:
-        # a thread that cannot be started (RuntimeError: can't start new
-        # thread, under a process limit) left them open.
-        synced = syncs.submit(_syncAndClose, fds)
+        handed = _Handed([message.fd for message in waiting])
+        try:
+            synced = syncs.submit(_syncAndClose, handed)
+        except BaseException:
+            # No thread could be started for them (RuntimeError: can't
+            # start new thread, under a process limit), but the work may
+            # be queued for a running one: the export's undo closes them
+            # where that thread has not taken them yet, and it then leaves
+            # them alone.
+            if handed.take() is None:
+                for message in waiting:
+                    message.fd = None
+            raise
         for message in waiting:
             # The thread's to close from now on (an undo must not close
             # them again).
