@@ -64,6 +64,25 @@ def _isDeviceAlias(path):
     return (directory == "/dev" or directory.startswith("/proc/")) and os.path.islink(path)
 
 
+def _unopenable(path, alias):
+    """
+    Why C{path}, which open() refused with ENXIO, is not a log file: a FIFO
+    without a reader, or a socket, which no reader makes openable.  A
+    systemd service's standard output is the journal's socket, so
+    C{-l /dev/stdout} there was told to find the socket a reader.
+    """
+    try:
+        socketFile = stat.S_ISSOCK(os.stat(path, follow_symlinks=alias).st_mode)
+    except OSError:
+        socketFile = False
+    if socketFile:
+        return (
+            "not a regular file (a socket, which cannot be opened as a file; where it is systemd's "
+            "journal, leave out -l: the log goes to standard output)"
+        )
+    return "not a regular file (a FIFO without a reader)"
+
+
 class LogStream:
     """
     A text stream for log lines, written whole under a lock (events come
@@ -105,7 +124,7 @@ class LogStream:
             if e.errno == errno.ELOOP and not alias:
                 raise OSError(errno.ELOOP, "a symbolic link (a log file is never written through one)", path) from None
             if e.errno == errno.ENXIO:
-                raise OSError(errno.ENXIO, "not a regular file (a FIFO or socket without a reader)", path) from None
+                raise OSError(errno.ENXIO, _unopenable(path, alias), path) from None
             raise
         try:
             mode = os.fstat(fd).st_mode

@@ -12,6 +12,7 @@ import os
 import poplib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -701,3 +702,25 @@ def test_theLogFileMayBeStandardOutputThroughItsDeviceAlias():
         cwd=os.path.dirname(os.path.dirname(logs.__file__)),
     )
     assert (child.returncode, child.stdout) == (0, "out\n"), child.stderr
+
+
+def test_aLogFileThatIsASocketIsRefusedAsOne(tmp_path):
+    """
+    A systemd service's standard output is the journal's socket, which
+    cannot be opened as a file, reader or not: C{-l /dev/stdout} there is
+    refused saying so, and what to do (leave out -l), where the reason
+    was a FIFO or socket "without a reader".
+    """
+    ours, journal = socket.socketpair()
+    with ours, journal:
+        with pytest.raises(OSError) as e:
+            logs.LogStream(path=f"/dev/fd/{ours.fileno()}")
+    assert e.value.strerror == (
+        "not a regular file (a socket, which cannot be opened as a file; where it is systemd's "
+        "journal, leave out -l: the log goes to standard output)"
+    )
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as e:
+        logs.LogStream(path=str(fifo))
+    assert e.value.strerror == "not a regular file (a FIFO without a reader)"
