@@ -111,8 +111,9 @@ class LogStream:
         The one link followed is one in /dev, a directory only root may
         write: C{-l /dev/stdout} (or /dev/stderr, /dev/fd/N), a container's
         way of logging to its output, which is a pipe (a FIFO with its
-        reader there; one without a reader is refused at once, never waited
-        for).
+        reader there; a named FIFO without a reader is refused at once,
+        never waited for, while a pipe whose reader has gone opens, and
+        writes to it fail as any write to a closed output does).
 
         @raise OSError: the file cannot be opened, or is refused.
         """
