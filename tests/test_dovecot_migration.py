@@ -131,6 +131,18 @@ def newDatabase(tmp_path, name):
     return url
 
 
+def servedFrom(database):
+    """
+    L{servedByMailgate} from the database at C{database}, opened and
+    closed for it.
+    """
+    store = memoryStore(database)
+    try:
+        return servedByMailgate(store)
+    finally:
+        store.close()
+
+
 def servedByMailgate(store):
     """
     The UIDL and LIST listings (their lines) mailgate serves ALICE from
@@ -381,11 +393,7 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
         assert (code, err) == (0, ""), out
     finally:
         server.cleanup()
-    store = memoryStore(database)
-    try:
-        assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
+    assert servedFrom(database) == (uidl, listing)
 
 
 BOB = "bob@example.org"
@@ -645,11 +653,7 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
         "unique id 'trailing5   ' has a space; imported as 'trailing5', its first word, which clients keep",
         "unique id 'two words6' has a space; imported as 'two', its first word, which clients keep",
     ]
-    store = memoryStore(database)
-    try:
-        assert servedByMailgate(store) == (kept, listing)
-    finally:
-        store.close()
+    assert servedFrom(database) == (kept, listing)
 
 
 def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
@@ -687,11 +691,7 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
         "2 of the messages have the keyword pop3deleted (pop3_deleted_flag: deleted by POP3 clients, "
         "no longer listed by Dovecot): not imported\n"
     )
-    store = memoryStore(database)
-    try:
-        assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
+    assert servedFrom(database) == (uidl, listing)
 
 
 def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
