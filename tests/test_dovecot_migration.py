@@ -131,6 +131,17 @@ def newDatabase(tmp_path, name):
     return url
 
 
+def startWithMail(server, count):
+    """
+    Start the private Dovecot C{server} with ALICE as its user and the
+    first C{count} of L{lmtpMessages} delivered to her through its LMTP.
+    """
+    server.addUsers([ALICE], PASSWORD)
+    server.start()
+    for message in lmtpMessages()[:count]:
+        server.deliver(ALICE, message)
+
+
 def servedFrom(database):
     """
     L{servedByMailgate} from the database at C{database}, opened and
@@ -273,10 +284,7 @@ def test_savedUidlsWinOverTheFormat(tmp_path):
     """
     server = PrivateDovecot(uidlFormat="%f", extra="pop3_save_uidl = yes")
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:3]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 3)
         client = server.pop3(ALICE, PASSWORD)
         before = answers(client)
         client.quit()
@@ -333,10 +341,7 @@ def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat, importedAs):
 
     server = PrivateDovecot(uidlFormat=uidlFormat)
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:3]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 3)
         name = LONG_NAME.format(now=int(time.time()))
         with open(os.path.join(server.maildir(ALICE), "new", name), "wb") as f:
             f.write(b"Subject: dropped\n\nbody\n")
@@ -374,10 +379,7 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
     """
     server = PrivateDovecot(extra="mail_location = maildir:~/Maildir:CONTROL=~/control")
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:3]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 3)
         client = server.pop3(ALICE, PASSWORD)
         uidl, listing, _ = answers(client)
         client.quit()
@@ -666,10 +668,7 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
     """
     server = PrivateDovecot(extra="pop3_deleted_flag = POP3Deleted")
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:4]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 4)
         client = server.pop3(ALICE, PASSWORD)
         client.dele(2)
         client.dele(4)
@@ -710,10 +709,7 @@ def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
 
     server = PrivateDovecot()
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:3]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 3)
         url = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
         fromFiles = newDatabase(tmp_path, "files.sqlite3")
         fromPOP3 = newDatabase(tmp_path, "pop3.sqlite3")
@@ -826,10 +822,7 @@ def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
     server = PrivateDovecot()
     server.tls = (str(certificate), str(key))
     try:
-        server.addUsers([ALICE], PASSWORD)
-        server.start()
-        for message in lmtpMessages()[:3]:
-            server.deliver(ALICE, message)
+        startWithMail(server, 3)
         client = server.pop3(ALICE, PASSWORD)
         uidl, listing, _ = answers(client)
         client.quit()
