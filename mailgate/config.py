@@ -53,7 +53,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
-from mailgate.store.lifecycle import DAY, DUPLICATE_WINDOW
+from mailgate.store.limits import DAY, DUPLICATE_WINDOW
 from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
 from mailgate.urls import shownURL
 

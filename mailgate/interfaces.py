@@ -449,18 +449,18 @@ class ILifecycleStore(Interface):
     SMTP/LMTP intake (quotas at RCPT) and the service's background tasks
     use it.
 
-    Limits a user sets are a number, L{mailgate.store.lifecycle.UNLIMITED}
-    (-1: none, or NEVER) or L{mailgate.store.lifecycle.DEFAULT} (C{None}:
+    Limits a user sets are a number, L{mailgate.store.limits.UNLIMITED}
+    (-1: none, or NEVER) or L{mailgate.store.limits.DEFAULT} (C{None}:
     the server's).
     """
 
     limits = Attribute(
-        "The server's defaults, a L{mailgate.store.lifecycle.StoreLimits} "
+        "The server's defaults, a L{mailgate.store.limits.StoreLimits} "
         "(quota, retention, days deleted mail is kept); the service sets them "
         "from its configuration."
     )
     retention = Attribute(
-        "The L{mailgate.store.lifecycle.Retention}: what POP3 advertises as "
+        "The L{mailgate.store.retention.Retention}: what POP3 advertises as "
         "EXPIRE, answered from memory and refreshed by L{Retention.refresh}."
     )
     sessions = Attribute(

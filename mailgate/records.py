@@ -75,7 +75,7 @@ class WarnedOfQuota(str):
     The unique id a recipient's copy of a message got, where its delivery
     brought the user's use to a warning percentage of the quota and a
     warning was put into the maildrop after it: L{crossing} says which
-    (a L{mailgate.store.lifecycle.QuotaCrossing}), for the log.  A C{str},
+    (a L{mailgate.store.limits.QuotaCrossing}), for the log.  A C{str},
     so that it answers the delivery as any unique id does.
     """
 

@@ -49,7 +49,7 @@ from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import checkDatabaseURL, openStore, schemaUpgradeNotice
 from mailgate.store.database import THREADS_STOP_TIMEOUT
 from mailgate.store.housekeeping import RegistryService, RetentionService
-from mailgate.store.lifecycle import StoreLimits
+from mailgate.store.limits import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening

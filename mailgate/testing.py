@@ -51,7 +51,7 @@ from mailgate.message import spoolBytes
 from mailgate.pop3 import POP3Factory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openSynchronousStore
-from mailgate.store.lifecycle import _KEEP
+from mailgate.store.limits import _KEEP
 
 # Cheap scrypt parameters for tests: the hash format carries its own cost,
 # so verification works exactly as for production hashes.

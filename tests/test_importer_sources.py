@@ -474,7 +474,7 @@ def test_aLaterRunDoesNotBringBackWhatUsersDeletedWhileItIsKept(store, source):
     the first run is skipped, not imported again (its client would
     download it once more).
     """
-    from mailgate.store.lifecycle import StoreLimits
+    from mailgate.store.limits import StoreLimits
 
     store.limits = StoreLimits(keepDeletedDays=30)
     server = source(threeMessages())

@@ -26,7 +26,7 @@ from mailgate.importers.maildir import (
 )
 from mailgate.importers.pop3 import parseURL
 from mailgate.importers.uidlformat import formatUidl
-from mailgate.store.lifecycle import generatedUid
+from mailgate.store.imported import generatedUid
 from mailgate.store.rows import formatUniqueId
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 

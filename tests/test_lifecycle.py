@@ -17,7 +17,7 @@ from mailgate.message import spoolBytes
 from mailgate.store import engineFromURL
 from mailgate.store.bounds import formatSize, parseSize
 from mailgate.store.database import Database
-from mailgate.store.lifecycle import DEFAULT, UNLIMITED
+from mailgate.store.limits import DEFAULT, UNLIMITED
 from mailgate.store.sql import SQLMailStore
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 from pumped import PumpedReactor
@@ -1821,7 +1821,7 @@ def test_aRestoreRacingThePurgeOfTheSameMessageBringsBackNothingThePurgeRemoved(
     restored copy was left pointing at a body that was gone (RETR -ERR
     for good, its octets in her quota).
     """
-    from mailgate.store.lifecycle import _purgeDeleted
+    from mailgate.store.retention import _purgeDeleted
 
     store.limits.keepDeletedDays = 3
     body = message(1)
@@ -1864,7 +1864,7 @@ def test_twoRestoresAsNewOfTheSameMessageBringItBackOnce(store, databaseURL):
     try:
         conn = other.database.connection
         cursor = other.engine.begin(conn, True)
-        from mailgate.store.lifecycle import _restoreDeleted
+        from mailgate.store.recovery import _restoreDeleted
 
         first, _ = _restoreDeleted(cursor, ALICE, None, None, True, T0)
         second, _ = _whileBlocked(
@@ -1890,7 +1890,8 @@ def test_aRestoreWhileAnExpungeRemovesTheKeptMailIsNoDeadlock(store, databaseURL
     the expunge and then finds nothing left to restore.  Run on a bare
     transaction, without the retries a store makes after a deadlock.
     """
-    from mailgate.store.lifecycle import _expungeUser, _restoreDeleted
+    from mailgate.store.lifecycle import _expungeUser
+    from mailgate.store.recovery import _restoreDeleted
 
     store.limits.keepDeletedDays = 3
     deliver(store, [ALICE], message(1))

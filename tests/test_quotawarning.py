@@ -13,7 +13,7 @@ import pytest
 
 from e2e import DEADLINE, mailgate_cli, mailgate_server, popLogin, sqliteOnly  # noqa: F401 (fixtures)
 from mailgate.message import spoolBytes
-from mailgate.store.lifecycle import QuotaCrossing, StoreLimits, quotaCrossed, quotaWarningMessage
+from mailgate.store.limits import QuotaCrossing, StoreLimits, quotaCrossed, quotaWarningMessage
 from mailgate.testing import POP3Session, addUser, deliver, memoryStore, resultOf
 
 ALICE = "alice@example.org"

@@ -24,7 +24,7 @@ import mailgate
 from mailgate.errors import ConfigurationError
 from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.database import runTransaction
-from mailgate.store.lifecycle import UNLIMITED
+from mailgate.store.limits import UNLIMITED
 from mailgate.store.policy import SQLPolicyStore
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, TABLE_PRIVILEGES, currentVersion
 from mailgate.testing import POP3Session, addUser, deliver, resultOf

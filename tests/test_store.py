@@ -2000,7 +2000,8 @@ def test_theWritesThatUpdateMailboxesSayWhose(store):
     record.
     """
     from mailgate.store.database import _mailboxesOf
-    from mailgate.store.lifecycle import Guarded, _keepDeleted
+    from mailgate.store.guarded import Guarded
+    from mailgate.store.recovery import _keepDeleted
     from mailgate.store.registry import _leave, _sync
     from mailgate.store.rows import removeMessages
     from mailgate.store.sql import NO_QUOTA, _deliver, _recordLogin

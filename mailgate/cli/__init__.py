@@ -701,7 +701,7 @@ def _configLimits(values):
     --config FILE}, an MTA's pipe transport, applies the quota the
     server's SMTP and LMTP apply.
     """
-    from mailgate.store.lifecycle import DUPLICATE_WINDOW, StoreLimits
+    from mailgate.store.limits import DUPLICATE_WINDOW, StoreLimits
 
     return StoreLimits(
         quotaOctets=values.get("default-quota"),

@@ -13,7 +13,7 @@ import math
 from mailgate.address import asciiDomain, normalizeAddress
 from mailgate.errors import InvalidAddress, NoSuchUser
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
-from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
+from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 
 EX_OK = 0
 EX_USAGE = 64

@@ -28,7 +28,7 @@ from mailgate.cli.common import (
 )
 from mailgate.errors import MaildropInUse
 from mailgate.store.bounds import MAX_DAYS
-from mailgate.store.lifecycle import DAY
+from mailgate.store.limits import DAY
 from mailgate.plural import counted, noun
 
 

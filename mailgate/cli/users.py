@@ -43,7 +43,7 @@ from mailgate.cli.common import (
 from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, parseSize
-from mailgate.store.lifecycle import DEFAULT, UNLIMITED, describeLimit
+from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.plural import counted, noun
 
 

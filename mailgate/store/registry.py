@@ -107,7 +107,7 @@ class Session:
 
 #: The settings that change what a node does to data every node shares,
 #: by the name they have in C{mailgate_nodes.settings}: the defaults of
-#: L{mailgate.store.lifecycle.StoreLimits}, -1 for none (never).
+#: L{mailgate.store.limits.StoreLimits}, -1 for none (never).
 SHARED_SETTINGS = {
     "quota_octets": ("--default-quota", "quotaOctets"),
     "expire_days": ("--expire-days", "expireDays"),
@@ -123,7 +123,7 @@ SHARED_SETTINGS = {
 def nodeSettings(limits, quotaExceeded=None, recipientDelimiter=None):
     """
     What a node announces in its heartbeat: C{limits} (a
-    L{mailgate.store.lifecycle.StoreLimits}) as C{SHARED_SETTINGS}' names
+    L{mailgate.store.limits.StoreLimits}) as C{SHARED_SETTINGS}' names
     to values, -1 for none (the quota warnings a list); how its SMTP and
     LMTP refuse a recipient over quota (C{"temporary"} or C{"permanent"})
     where it is given: a node that refuses permanently bounces mail the

@@ -24,8 +24,11 @@ from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessage
 from mailgate.message import spoolBytes
 from mailgate.store import lifecycle
 from mailgate.store.database import BatchableWrite, updatesMailboxes
+from mailgate.store.guarded import LOCK_LOST, Guarded, _inSession, lockedUserId
+from mailgate.store.limits import StoreLimits, quotaCrossed, quotaWarningMessage
 from mailgate.store.registry import STALE_AFTER
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads, firstChunks
+from mailgate.store.recovery import _keepDeleted
 from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
@@ -155,17 +158,17 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
     """
     Remove a user, their maildrop and what hangs on them; not while a
     live node shows them in a POP3 session (C{aliveSince}: see
-    L{lifecycle._inSession}), which would go on answering for mail that
+    L{_inSession}), which would go on answering for mail that
     is gone.
 
     @param lockedId: the id of the user whose maildrop lock is held: the
         address, another user's by now, is not deleted (see
-        L{lifecycle.lockedUserId}).
+        L{lockedUserId}).
     """
     if userIds is not None:
         userIds.pop(address, None)
-    userId = lifecycle.lockedUserId(cursor, address, lockedId)
-    if aliveSince is not None and lifecycle._inSession(cursor, userId, aliveSince):
+    userId = lockedUserId(cursor, address, lockedId)
+    if aliveSince is not None and _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
     # The mailbox row goes first: its removal waits for the deliveries to
     # the user that are committing (they hold it), and the maildrop listed
@@ -268,7 +271,7 @@ def _userIdsOf(cursor, addresses, userIds):
 
 # The server's default limits as the delivery statement takes them:
 # (octets, messages), -1 for none, and the percentages of a quota at which
-# a user is warned (lifecycle.StoreLimits.deliveryQuota).
+# a user is warned (StoreLimits.deliveryQuota).
 NO_QUOTA = (-1, -1, ())
 # Rows of the counter update per statement (5 values each).
 _USERS_PER_UPDATE = 100
@@ -293,7 +296,7 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
     @return: C{(taken, full, warn)}: user id to C{(first uid, uid
         validity)}, the set of user ids refused for their quota (nothing
         taken; an id in neither has no mailbox: the user is gone), and
-        user id to the L{lifecycle.QuotaCrossing} of those to warn.
+        user id to the L{QuotaCrossing} of those to warn.
     """
     octets = octets or {}
     addresses = addresses or {}
@@ -335,7 +338,7 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
             taken[userId] = (following - wanted[userId], validity)
             if warnings:
                 usedOctets, octetQuota, usedMessages, messageQuota = row[3:]
-                crossing = lifecycle.quotaCrossed(
+                crossing = quotaCrossed(
                     warnings,
                     (usedOctets - octets.get(userId, 0), usedOctets, octetQuota),
                     (usedMessages - wanted[userId], usedMessages, messageQuota),
@@ -577,12 +580,12 @@ def _markWarned(outcomes, known, warn):
 def _storeQuotaWarning(cursor, userId, address, crossing, now):
     """
     Put the message saying a delivery brought a user's use to a warning
-    percentage of the quota (L{lifecycle.quotaWarningMessage}) into the
+    percentage of the quota (L{quotaWarningMessage}) into the
     maildrop, after the messages that did, in the delivery's transaction:
     one warning per crossing, never lost nor doubled.  It is stored over
     the quota if need be (a few hundred octets: a user at 100% is told).
     """
-    source = spoolBytes(lifecycle.quotaWarningMessage(address, crossing, now))
+    source = spoolBytes(quotaWarningMessage(address, crossing, now))
     try:
         data = b"".join(source.chunks(CHUNK_SIZE))
         size, headerSize, dotColumns = source.size, source.headerSize, dotLineColumns(source)
@@ -744,7 +747,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
         # recorded for LOGIN-DELAY whose session has not begun yet (see
         # recordLogin).
         self._loginsNotBegun = {}
-        self.limits = lifecycle.StoreLimits()
+        self.limits = StoreLimits()
 
     @property
     def engine(self):
@@ -1049,7 +1052,7 @@ class SQLMaildrop:
     def expunge(self, indexes, peer=None):
         """
         Remove the messages at C{indexes}, in one transaction.  Where the
-        server keeps deleted mail (L{lifecycle.StoreLimits.keepDeletedDays},
+        server keeps deleted mail (L{StoreLimits.keepDeletedDays},
         or another live node's), they leave the maildrop (and the quota) all
         the same but are kept for recovery, with the time and C{peer}, the client's address
         (by default the one given to L{sessionStarted}).
@@ -1060,12 +1063,12 @@ class SQLMaildrop:
         peer = self.peer if peer is None else peer
         guard = self._store.locks.writeGuard(self._userId)
         if guard is None:
-            return defer.fail(MaildropLockLost(_LOCK_LOST))
+            return defer.fail(MaildropLockLost(LOCK_LOST))
         if self._store.limits.keepDeletedDays > 0 or self._store.sessions.othersKeepDeleted():
             return self._store.database.runWrite(
-                _Guarded(guard, lifecycle._keepDeleted), self._userId, uids, self._store._now(), peer
+                Guarded(guard, _keepDeleted), self._userId, uids, self._store._now(), peer
             )
-        return self._store.database.runWrite(_Guarded(guard, removeMessages), self._userId, uids)
+        return self._store.database.runWrite(Guarded(guard, removeMessages), self._userId, uids)
 
     def release(self):
         if self._released:
@@ -1086,10 +1089,6 @@ class SQLMaildrop:
         d = self._store.database.runWrite(_forgetLogin, self._userId, *notBegun[1:])
         d.addErrback(lambda failure: self.log.failure("taking back a login that did not complete", failure))
         return d.addCallback(lambda _: self._store.locks.release(self._userId))
-
-
-_LOCK_LOST = lifecycle.LOCK_LOST
-_Guarded = lifecycle.Guarded
 
 
 def _headerOf(row):

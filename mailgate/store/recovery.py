@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.test_lifecycle -*-
+"""
+Deleted mail kept for recovery (C{--keep-deleted-days}): a POP3 deletion
+moves the message's row, with its uid, unique id and body reference, to
+C{deleted_mail}; C{mailgate mailbox restore} brings it back, and the
+retention task (L{mailgate.store.retention}) removes it for good once
+its days are over.  A message's uid and unique id are never given to
+another message: kept deleted mail keeps its own, restored mail gets them
+back.
+"""
+
+from mailgate.records import DeletedMessage
+from mailgate.store.database import updatesMailboxes
+from mailgate.store.guarded import _userId
+from mailgate.store.rows import (
+    MAILDROP_COLUMNS,
+    batches,
+    formatUniqueId,
+    insertRows,
+    placeholders,
+    releaseBodies,
+    releaseUsage,
+)
+
+
+def _dropKept(cursor, byUser):
+    """
+    Remove kept deleted messages for good, releasing their bodies.
+
+    @param byUser: the uids to remove, a list by user id.
+    @return: how many were removed (only rows this transaction removed:
+        one another took first is not released twice).
+    """
+    references = {}
+    removed = 0
+    for userId, uids in sorted(byUser.items()):
+        for batch in batches(uids):
+            cursor.execute(
+                f"DELETE FROM deleted_mail WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
+                "RETURNING body_owner, body_id",
+                (userId, *batch),
+            )
+            for owner, bodyId in cursor.fetchall():
+                references[(owner, bodyId)] = references.get((owner, bodyId), 0) + 1
+                removed += 1
+    releaseBodies(cursor, references)
+    return removed
+
+
+@updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
+def _keepDeleted(cursor, userId, uids, now, peer):
+    """
+    The UPDATE state of a POP3 session where deleted mail is kept: the
+    messages leave the maildrop (and the user's quota) but their rows, with
+    their uid, unique id and body reference, move to C{deleted_mail}.
+
+    @return: how many were removed.
+    """
+    # Only the rows this transaction removed are kept: one that another
+    # transaction removed meanwhile (a user deletion, say) has had its
+    # body reference let go already, and keeping it would let go of it
+    # again at the purge.
+    kept = []
+    for batch in batches(uids):
+        cursor.execute(
+            f"DELETE FROM maildrop WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
+            f"RETURNING {', '.join(MAILDROP_COLUMNS)}",
+            (userId, *batch),
+        )
+        kept += [(*row, now, peer) for row in cursor.fetchall()]
+    insertRows(cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by"), kept)
+    removed = len(kept)
+    octets = sum(row[5] for row in kept)
+    if removed:
+        releaseUsage(cursor, userId, removed, octets)
+    return removed
+
+
+def _listDeleted(cursor, address):
+    userId = _userId(cursor, address)
+    cursor.execute(
+        "SELECT size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        "WHERE user_id = ? ORDER BY uid",
+        (userId,),
+    )
+    return [DeletedMessage(n, *row) for n, row in enumerate(cursor.fetchall(), 1)]
+
+
+_DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
+
+
+def _restoreDeleted(cursor, address, uidls, since, asNew, now):
+    """
+    Bring kept deleted messages back into the maildrop: those with the
+    unique ids C{uidls} (all if C{None}), deleted at or after C{since}
+    (if given).  They come back under their own uid and unique id, in
+    their old place among the others, or with C{asNew} under new ones
+    (after every other message), so that clients that leave mail on the
+    server download them again.  Restoring is never refused for the
+    quota: the mail was already stored.
+
+    A restored message is dated C{now}: its retention (C{--expire-days})
+    counts from its restore.  Dated as it first arrived, a message older
+    than its retention would be removed for good by the next retention
+    pass (retention keeps nothing back), minutes after the restore said
+    it was back.
+
+    @return: C{(restored, missing)}: a list of C{(old unique id, unique id
+        now)}, and the requested unique ids that are not kept.
+    """
+    userId = _userId(cursor, address)
+    # The mailbox row is locked first, as the retention task, an expunge,
+    # a recount, a user's deletion and a delivery take it before the rows
+    # they change: taken last (after the kept rows), it closed a deadlock
+    # with an expunge or a user's deletion that held it and was about to
+    # remove those kept rows, and PostgreSQL ended one of them with an
+    # error.
+    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
+    where, params = "user_id = ?", [userId]
+    if since is not None:
+        where += " AND deleted_at >= ?"
+        params.append(since)
+    # The kept rows are taken by deleting them, and only those this
+    # transaction deleted come back: another restore, or the purge on
+    # another node, that took a row first (and let go of its body
+    # reference) leaves nothing here to restore twice.
+    rows = []
+    if uidls is None:
+        cursor.execute(f"DELETE FROM deleted_mail WHERE {where} RETURNING {_DELETED_COLUMNS}", params)
+        rows = cursor.fetchall()
+    else:
+        for batch in batches(sorted(set(uidls))):
+            cursor.execute(
+                f"DELETE FROM deleted_mail WHERE {where} "
+                f"AND uidl IN ({placeholders(len(batch))}) RETURNING {_DELETED_COLUMNS}",
+                params + batch,
+            )
+            rows += cursor.fetchall()
+    rows.sort()
+    found = {row[1] for row in rows}
+    missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
+    if not rows:
+        return [], missing
+    if asNew:
+        cursor.execute(
+            "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+            (len(rows), userId),
+        )
+        following, validity = cursor.fetchone()
+        first = following - len(rows)
+        entries = [
+            (userId, first + n, formatUniqueId(first + n, validity), *row[2:6], now)
+            for n, row in enumerate(rows)
+        ]
+    else:
+        entries = [(userId, *row[:6], now) for row in rows]
+    insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
+    cursor.execute(
+        "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
+        "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
+        "ELSE oldest_arrival END WHERE user_id = ?",
+        (len(rows), sum(row[4] for row in rows), now, now, userId),
+    )
+    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
