@@ -30,7 +30,7 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import SETTINGS, networksOf, splitCertificatePair
+from mailgate.config import SETTINGS, missingSocketDirectories, networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -1145,7 +1145,9 @@ def checkStartable(config, names=None):
     Build what a start builds from C{config} before it binds or opens the
     database, and would refuse to start on: the TLS contexts from the
     certificate and key files, the CPU affinity, the spool directory, the
-    database URL's values (checked without connecting).
+    database URL's values (checked without connecting); at a reload, the
+    directories of the Unix sockets of a changed listener setting
+    (L{missingSocketDirectories}).
     C{mailgate config --check} checks them all; a reload those of the
     settings it changes (C{names}), which it would otherwise take for the
     next restart, a restart that then failed.
@@ -1162,6 +1164,14 @@ def checkStartable(config, names=None):
         checkedSpoolDirectory(config)
     if names is None or "database" in names:
         checkDatabaseURL(config.database)
+    if names is not None:
+        # The running server's reload alone: config --check may run while
+        # the server is stopped, its RuntimeDirectory= gone with it (it
+        # warns instead).
+        for name, description, reason in missingSocketDirectories(config, names):
+            raise ConfigurationError(
+                f"{name}: a start could not listen on {description}: {reason} (make it, or correct the path)"
+            )
     return tls
 
 

@@ -1511,6 +1511,16 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     warnings = warned.err.splitlines()
     assert len(warnings) == 2 and all(line.startswith("mailgate: warning: ") for line in warnings), warned
     assert str(key) in warnings[0] and f"the configuration file {config}" in warnings[1]
+    # A Unix socket whose directory is not there: a start exits 78 on it,
+    # but config --check may run while the server is stopped and the
+    # unit's RuntimeDirectory= with it; warned of, not refused.
+    warned = check(f'lmtp = ["unix:{tmp_path}/missing/lmtp"]\n')
+    assert (warned.code, warned.out) == (0, f"mailgate: {config}: configuration OK\n"), warned
+    assert warned.err.splitlines() == [
+        f"mailgate: warning: lmtp unix:{tmp_path}/missing/lmtp: the directory {tmp_path}/missing does not exist: "
+        "a start cannot listen there unless it is made first (for /run/mailgate, the unit's RuntimeDirectory= "
+        "makes it at each start)",
+    ]
 
 
 def test_configCheckDoesNotBlameTheDatabaseForWhatIsWrong(tmp_path):

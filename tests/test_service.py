@@ -286,6 +286,48 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     assert later == "configuration changed: spool-directory take effect at the next restart"
 
 
+def test_aReloadRefusesAUnixSocketWhoseDirectoryIsNotThere(tmp_path, logEvents):
+    """
+    A listener changed to a Unix socket in a directory that is not there
+    (a mistyped path) was taken "for the next restart", which then exited
+    78 (cannot make the socket), while config --check said the file was
+    right.  The running server refuses it at the reload, in words saying
+    what to make; a socket in a directory that is there is taken for the
+    restart as ever.
+    """
+    path = tmp_path / "mailgate.toml"
+    options, root = _reloadableService(path, "")
+    (tmp_path / "file").write_text("")
+
+    def said(event):
+        return [formatEvent(e) for e in logEvents if e.get("event") == event]
+
+    for text, reason in [
+        (
+            f'lmtp = ["unix:{tmp_path}/missing/lmtp:mode=660"]\n',
+            f"lmtp: a start could not listen on unix:{tmp_path}/missing/lmtp:mode=660: the directory "
+            f"{tmp_path}/missing does not exist (make it, or correct the path)",
+        ),
+        (
+            f'smtp = ["haproxy:unix:{tmp_path}/file/smtp"]\n',
+            f"smtp: a start could not listen on haproxy:unix:{tmp_path}/file/smtp: {tmp_path}/file is not a "
+            "directory (make it, or correct the path)",
+        ),
+        (
+            f'metrics = "unix:{tmp_path}/file/sub/metrics"\n',
+            f"metrics: a start could not listen on unix:{tmp_path}/file/sub/metrics: a part of {tmp_path}/file/sub "
+            "is not a directory (make it, or correct the path)",
+        ),
+    ]:
+        path.write_text(text)
+        root.hangup()
+        assert said("config.reload_failed")[-1].endswith(reason), said("config.reload_failed")
+    assert len(said("config.reload_failed")) == 3 and said("config.restart_needed") == []
+    path.write_text(f'lmtp = ["unix:{tmp_path}/lmtp"]\n')
+    root.hangup()
+    assert said("config.restart_needed") == ["configuration changed: lmtp take effect at the next restart"]
+
+
 def test_aReloadTakesAnotherCertificateFileAndTLSSetting(tmp_path, logEvents):
     """
     tls-cert and tls-key changed to other files, or tls-min-version, take

@@ -677,6 +677,13 @@ def _checkServed(served, args, out):
     warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings, *tls.chainWarnings]
     if args.config is not None:
         warnings.append(tap.configFileWarning(args.config))
+    # Warned of, not refused: the server may be stopped, and the unit's
+    # RuntimeDirectory= with it, which systemd makes again at its start.
+    warnings += [
+        f"{name} {description}: {reason}: a start cannot listen there unless it is made first "
+        "(for /run/mailgate, the unit's RuntimeDirectory= makes it at each start)"
+        for name, description, reason in config.missingSocketDirectories(served)
+    ]
     for warning in filter(None, warnings):
         args.stderr.write(f"mailgate: warning: {warning}\n")
     where = args.config if args.config is not None else "no configuration file"
