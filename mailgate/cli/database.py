@@ -139,3 +139,60 @@ def _dbRestored(store, args, out, stdin):
         f"gave {counted(report.maildrops, 'maildrop')} {stamps}; forgot {counted(report.nodes, 'node')} "
         f"and {counted(report.sessions, 'POP3 session')} of the servers that ran when the backup was taken\n"
     )
+
+
+def _addDatabaseCommands(commands):
+    """
+    C{mailgate db ...}: database maintenance.
+    """
+    db = commands.add_parser("db", help="database maintenance").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    db.required = True
+    dbUpgrade = db.add_parser(
+        "upgrade",
+        help="apply pending schema migrations",
+        description="Bring the database's schema up to this mailgate's version, creating an "
+        "SQLite file that is not there yet (servers and the other commands migrate too; run it "
+        "as the schema's owner where the nodes' role may only read and write the tables).  "
+        "Each migration is one transaction: one interrupted leaves the version before.",
+    )
+    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
+    dbVersion = db.add_parser(
+        "version",
+        help="show the schema version",
+        description="Show the database's schema version and the newest this mailgate knows, "
+        "without changing either: a mailgate older than its database refuses it.",
+    )
+    dbVersion.set_defaults(run=_dbVersion, migrate=False)
+    dbCopy = db.add_parser(
+        "copy",
+        help="copy users and maildrops to another (empty) database, keeping unique ids",
+        description="Copy every user and maildrop from one database to another, "
+        "e.g. from SQLite to PostgreSQL, preserving message numbers and unique ids. "
+        "Stop the servers using either database first.",
+    )
+    dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
+    dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
+    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+    dbBackup = db.add_parser(
+        "backup",
+        help="copy the SQLite database into a new file while servers use it",
+        description="Copy the SQLite database into FILE (a new file, readable by its owner "
+        "only) as one consistent snapshot, while servers go on serving and taking mail in: "
+        "the backup to restore (servers stopped) after a lost disk or before an upgrade.  "
+        "PostgreSQL has its own tools (pg_dump).",
+    )
+    dbBackup.add_argument("file", metavar="FILE")
+    dbBackup.set_defaults(run=_dbBackup, migrate=False)
+    dbRestored = db.add_parser(
+        "restored",
+        help="ready a database just restored from a backup taken by other means (pg_dump, a snapshot)",
+        description="Run once a database has been restored from a backup that db backup did not make "
+        "(pg_dump or pg_basebackup, a filesystem snapshot, a copied SQLite file), before any server "
+        "starts on it: in one transaction, every maildrop gets a new validity stamp, so that new "
+        "mail gets no unique id the lost database gave after the backup, and the nodes and POP3 "
+        "sessions of the servers that ran when the backup was taken are forgotten.  Refused "
+        "(exit 75) while a server runs on the database.",
+    )
+    dbRestored.set_defaults(run=_dbRestored, migrate=True)

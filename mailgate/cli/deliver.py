@@ -158,3 +158,37 @@ def _deliver(store, args, out, stdin):
             out.write(f"already delivered to {address} as {uniqueId} (the same message again: not stored twice)\n")
         else:
             out.write(f"delivered to {address} as {uniqueId}\n")
+
+
+def _addDeliverCommand(commands):
+    """
+    C{mailgate deliver}: local delivery, for an MTA's pipe transport.
+    """
+    deliver = commands.add_parser(
+        "deliver",
+        help="deliver a message from standard input to local users",
+        description="Deliver a message from standard input to local users, all or none of "
+        "them, for an MTA's pipe transport (give it one recipient at a time, so that an "
+        "unknown one bounces alone).  Exit status (sysexits): 0 delivered, 67 no such user (nothing "
+        "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
+        "MTA tries again), 77 a full mailbox the server's --config file refuses for good "
+        "(quota-exceeded = \"permanent\") or a message larger than the recipients' whole "
+        "quota (no room made will fit it), 65 a sender SMTP would refuse.",
+    )
+    deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    deliver.add_argument(
+        "-f",
+        "--sender",
+        metavar="ADDRESS",
+        help="the envelope sender (e.g. Postfix's ${sender}); adds Return-Path: and Received: "
+        "fields, as SMTP and LMTP delivery do (use '' for the null sender; MAILER-DAEMON, which "
+        "Postfix's pipe passes for it, is taken as the null sender too)",
+    )
+    deliver.add_argument(
+        "--again",
+        action="store_true",
+        help="store the message even for a recipient who got the same one from the same sender "
+        "within the duplicate window (by default taken for the MTA's retry and not stored twice): "
+        "to give a user back mail she deleted",
+    )
+    deliver.set_defaults(run=_deliver, migrate=True)

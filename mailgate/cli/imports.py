@@ -295,3 +295,116 @@ def _importPOP3(store, args, out, stdin):
             f"running it again does not change",
             EX_DATAERR,
         )
+
+
+def _addImportCommands(commands):
+    """
+    C{mailgate import ...}: maildrops moved from another server, keeping unique ids.
+    """
+    imports = commands.add_parser(
+        "import", help="move maildrops from another server, keeping unique ids"
+    ).add_subparsers(dest="action", metavar="ACTION")
+    imports.required = True
+    imaildir = imports.add_parser(
+        "maildir",
+        help="import a Maildir (e.g. Dovecot's) into a user's maildrop",
+        description="Import a Maildir's messages (cur/ and new/) into a user's maildrop, "
+        "in the order Dovecot serves them, with the unique ids it serves (read from "
+        "dovecot-uidlist and formatted like Dovecot's pop3_uidl_format).  Safe to run "
+        "again: messages already imported are skipped.",
+    )
+    imaildir.add_argument("directory", metavar="DIR")
+    imaildir.add_argument("address", metavar="ADDRESS")
+    imaildir.add_argument(
+        "--uidl-format",
+        metavar="FORMAT",
+        help="Dovecot's pop3_uidl_format for this maildir: %%u uid, %%v uidvalidity, "
+        "%%f file name, %%g GUID, %%m header MD5 (default %%08Xu%%08Xv, or %%f without "
+        "a dovecot-uidlist); or as Dovecot 2.4 spells it, %%{uid | hex(8)}%%{uidvalidity | hex(8)}",
+    )
+    imaildir.add_argument(
+        "--uidlist",
+        metavar="FILE",
+        help="the maildir's dovecot-uidlist, where Dovecot keeps it outside the maildir (CONTROL= in "
+        "mail_location, e.g. ~/control/.INBOX/dovecot-uidlist; default: DIR/dovecot-uidlist)",
+    )
+    imaildir.add_argument(
+        "--reuse-xuidl",
+        action="store_true",
+        help="where Dovecot has pop3_reuse_xuidl = yes: a message's X-UIDL header field is its unique id "
+        "(a saved one still comes first, the --uidl-format after it)",
+    )
+    imaildir.add_argument(
+        "--deleted-flag",
+        metavar="KEYWORD",
+        help="where Dovecot has pop3_deleted_flag = KEYWORD: the messages with that keyword (deleted by POP3 "
+        "clients, no longer listed by Dovecot) are left out",
+    )
+    imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
+        "would download again; kept for recovery (mailgate mailbox deleted)")
+    imaildir.set_defaults(run=_importMaildir, migrate=True)
+    ipop3 = imports.add_parser(
+        "pop3",
+        help="copy a live POP3 server's maildrop into a user's",
+        description="Copy a maildrop from a POP3 server (UIDL, then RETR of each message), "
+        "keeping its unique ids.  URL: pop3://user@host:port or pop3s://user@host:port "
+        "(a user name containing @ written %40; without one, the ADDRESS).  STLS is used "
+        "when offered (a server without it is refused, except on this machine, unless "
+        "--insecure); certificates are verified unless --insecure.  Resumable: messages "
+        "already imported are skipped.  The source is left untouched unless --delete.",
+    )
+    ipop3.add_argument("url", metavar="URL")
+    ipop3.add_argument("address", nargs="?", metavar="ADDRESS")
+    ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    ipop3.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate, and send the password to a server "
+        "that offers no STLS in the clear (refused otherwise, except to this machine)",
+    )
+    ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
+    ipop3.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
+        "would download again; kept for recovery (mailgate mailbox deleted)" + " (not with --delete)")
+    ipop3.add_argument(
+        "--max-message-size",
+        metavar="SIZE",
+        default="50M",
+        help="the largest message imported (octets, or with a unit: 100M, 1G); a larger one is "
+        "reported and left on the source (default: 50M, the server's own default limit)",
+    )
+    ipop3.add_argument(
+        "--users",
+        metavar="FILE",
+        help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
+        "source as ADDRESS (with --master-user, one ADDRESS per line)",
+    )
+    ipop3.add_argument(
+        "--master-user",
+        metavar="NAME",
+        help="log in to the source as each user through this master user (Dovecot's master "
+        "users: ADDRESS*NAME, with the master user's password), so that no user's own "
+        "password is needed",
+    )
+    ipop3.add_argument(
+        "--master-separator",
+        metavar="SEP",
+        default="*",
+        help="what joins the user and the master user, the source's auth_master_user_separator "
+        "(default: *)",
+    )
+    ipop3.set_defaults(run=_importPOP3, migrate=True)
+    iforget = imports.add_parser(
+        "forget",
+        help="forget the unique ids imported for a user, so that the next import brings back "
+        "what the user deleted since",
+        description="mailgate remembers the unique ids it imported for each user after the user "
+        "deletes the messages, so that a later import does not bring them back.  Forget them "
+        "(those given, or all) to import such messages again on purpose: messages the maildrop "
+        "still holds stay skipped; deleted mail mailgate keeps (--keep-deleted-days) comes back "
+        "with mailbox restore, not by importing.",
+    )
+    iforget.add_argument("address", metavar="ADDRESS")
+    iforget.add_argument("uidls", nargs="*", metavar="UIDL", help="only these unique ids (default: all)")
+    iforget.set_defaults(run=_importForget, migrate=True)

@@ -15,6 +15,7 @@ from mailgate.cli.common import (
     EX_DATAERR,
     EX_TEMPFAIL,
     EX_USAGE,
+    _addJSON,
     _address,
     _dayCount,
     _existingUser,
@@ -268,3 +269,91 @@ def _mailboxShow(store, args, out, stdin):
             sink.write(piece)
         else:
             out.write(bytes(piece).decode("utf-8", "surrogateescape"))
+
+
+def _addMailboxCommands(commands):
+    """
+    C{mailgate mailbox ...}: a user's messages, listed, expunged, restored, shown and exported.
+    """
+    mailbox = commands.add_parser("mailbox", help="list, expunge, restore and export a user's messages").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    mailbox.required = True
+    mlist = mailbox.add_parser(
+        "list",
+        help="list a user's messages as POP3 numbers them",
+        description="List a user's messages as a POP3 session would number them: number, "
+        "octets, unique id, arrival time (UTC); then the use and quota (not with --json).",
+    )
+    mlist.add_argument("address", metavar="ADDRESS")
+    _addJSON(mlist)
+    mlist.set_defaults(run=_mailboxList, migrate=True)
+    mdeleted = mailbox.add_parser(
+        "deleted",
+        help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
+        description="List a user's messages deleted by POP3 and kept for recovery "
+        "(--keep-deleted-days): unique id, octets, when deleted (UTC) and from which client address; "
+        "mailbox restore brings them back.",
+    )
+    mdeleted.add_argument("address", metavar="ADDRESS")
+    _addJSON(mdeleted)
+    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
+    mrestore = mailbox.add_parser(
+        "restore",
+        help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
+        description="Bring back kept deleted messages: those with the given unique ids, "
+        "or all of them (optionally only those deleted since TIME).  They come back "
+        "under their own unique ids, so that POP3 clients that leave mail on the server "
+        "treat them as already downloaded; with --as-new under new ids, so that they "
+        "download them again.",
+    )
+    mrestore.add_argument("address", metavar="ADDRESS")
+    mrestore.add_argument("uidls", nargs="*", metavar="UIDL")
+    mrestore.add_argument(
+        "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
+    )
+    mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
+    mrestore.set_defaults(run=_mailboxRestore, migrate=True)
+    mexpunge = mailbox.add_parser(
+        "expunge",
+        help="remove a user's messages for good (all, or older than DAYS)",
+        description="Remove messages from a user's maildrop for good (they are not kept "
+        "for mailbox restore).  Refused while the user is in a POP3 session.",
+    )
+    mexpunge.add_argument("address", metavar="ADDRESS")
+    which = mexpunge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
+    which.add_argument("--all", action="store_true", help="every message")
+    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+    mshow = mailbox.add_parser(
+        "show",
+        help="write one message to standard output, as POP3 serves it",
+        description="Write one message of a user's to standard output, its octets as POP3's "
+        "RETR gives them (CRLF line ends, before dot-stuffing): MESSAGE is its number or its "
+        "unique id, as mailbox list shows them.  Read without the maildrop's lock.",
+    )
+    mshow.add_argument("address", metavar="ADDRESS")
+    mshow.add_argument("message", metavar="MESSAGE")
+    mshow.set_defaults(run=_mailboxShow, migrate=True)
+    mexport = mailbox.add_parser(
+        "export",
+        # argparse would write the operands as ADDRESS DIR | DIR [ADDRESS
+        # DIR | DIR ...]: the two forms README's synopsis gives instead.
+        usage="%(prog)s [-h] (ADDRESS DIR | --all DIR)",
+        help="copy a user's messages out as a Maildir that Dovecot serves with the same unique ids",
+        description="Write a user's messages into DIR (made if missing; refused if it holds a "
+        "mailbox already) as a Maildir with a dovecot-uidlist: Dovecot, or mailgate import "
+        "maildir, then serves the same messages in the same order under the same POP3 unique "
+        "ids, so clients that leave mail on the server download nothing again.  Reads without "
+        "the maildrop's lock: allowed while the user is in a POP3 session.  Files are "
+        "readable by their owner only: give them to the mail account that will serve them.",
+    )
+    mexport.add_argument(
+        "operands", nargs="+", metavar="ADDRESS DIR",
+        help="the user and the directory to write into; with --all, the directory alone",
+    )
+    mexport.add_argument(
+        "--all", action="store_true",
+        help="every user, each into DIR/ADDRESS (Dovecot: mail_location = maildir:DIR/%%u)",
+    )
+    mexport.set_defaults(run=_mailboxExport, migrate=True)

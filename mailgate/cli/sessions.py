@@ -9,6 +9,7 @@ import time
 from mailgate.cli.common import (
     CommandError,
     EX_TEMPFAIL,
+    _addJSON,
     _address,
     _existingUser,
     _jsonLines,
@@ -149,3 +150,42 @@ def _kick(store, args, out, stdin):
                 f"asked the node to end the POP3 session of {address}; it has not ended yet", EX_TEMPFAIL
             )
         time.sleep(0.2)
+
+
+def _addSessionCommands(commands):
+    """
+    C{mailgate who}, C{nodes} and C{kick}: the POP3 sessions and nodes on the database.
+    """
+    who = commands.add_parser(
+        "who",
+        help="list the POP3 sessions in progress on every node",
+        description="List the POP3 sessions in progress on every node sharing the database: "
+        "user, node (its hostname and process id), client address, since when.  A session shows "
+        "within a second or two of its login; those of a node whose heartbeat stopped (killed, "
+        "its machine gone) are left out after 30 seconds.",
+    )
+    _addJSON(who)
+    who.set_defaults(run=_who, migrate=True)
+    nodes = commands.add_parser(
+        "nodes",
+        help="list the running nodes sharing the database and the settings they work with",
+        description="List the nodes whose heartbeat is recent, with the settings each works with on "
+        "the data they share (default quota, retention (EXPIRE), days deleted mail is kept, how mail "
+        "over quota is refused, quota warnings, recipient delimiter, duplicate window) and its clock "
+        "against the database server's; says which of these settings differ between nodes.",
+    )
+    _addJSON(nodes)
+    nodes.set_defaults(run=_nodes, migrate=True)
+    kick = commands.add_parser(
+        "kick",
+        help="end a user's POP3 session, wherever it runs, without applying its deletions",
+        description="End ADDRESS's POP3 session on whichever node serves it: the client is told "
+        "-ERR [SYS/TEMP] session ended by the administrator, nothing the session marked deleted "
+        "is deleted, and the maildrop is free again.  Waits until the session is gone: exit 0, "
+        "1 if there was none, 75 if it is still there after --wait seconds.",
+    )
+    kick.add_argument("address", metavar="ADDRESS")
+    kick.add_argument(
+        "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
+    )
+    kick.set_defaults(run=_kick, migrate=True)

@@ -25,6 +25,8 @@ from mailgate.cli.common import (
     EX_NOUSER,
     EX_TEMPFAIL,
     EX_USAGE,
+    _addHashed,
+    _addJSON,
     _address,
     _checkNewPassword,
     _dayCount,
@@ -394,3 +396,152 @@ def _userRename(store, args, out, stdin):
     except MaildropInUse:
         raise _inSession(old)
     out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
+
+
+def _addUserCommands(commands):
+    """
+    C{mailgate user ...}: users, their passwords, quotas and retention.
+    """
+    user = commands.add_parser("user", help="manage users").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    user.required = True
+    add = user.add_parser(
+        "add",
+        help="add a user",
+        description="Add a user (an empty maildrop, the server's default quota and retention) with a "
+        "password asked for on the terminal, or read with --password-stdin: its first line, UTF-8, "
+        "at most 1024 octets.  A user that exists already is left as it is (exit 73).",
+    )
+    add.add_argument("address", metavar="ADDRESS")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP; this keeps the password recoverable in the database (see README)",
+    )
+    _addHashed(add)
+    add.set_defaults(run=_userAdd, migrate=True, create=True)
+    passwd = user.add_parser(
+        "passwd",
+        help="change a user's password",
+        description="Change a user's password (asked for on the terminal, or read with "
+        "--password-stdin: its first line, UTF-8, at most 1024 octets), for every login method "
+        "the user has (APOP and CRAM-MD5 too).  The old password fails at once on every server.",
+    )
+    passwd.add_argument("address", metavar="ADDRESS")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addHashed(passwd)
+    passwd.set_defaults(run=_userPasswd, migrate=True)
+    imports = user.add_parser(
+        "import",
+        help="add the users of a Dovecot passwd-file, keeping their passwords",
+        description="Add the users of a Dovecot passwd-file (user:{SCHEME}hash:...; '-' reads "
+        "standard input), keeping their password hashes: each is replaced by mailgate's own "
+        "at the user's first login.  Users already there are left as they are, so the "
+        "command can be run again.  SCRAM-SHA-256 works for a user once they have logged "
+        "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).",
+    )
+    imports.add_argument("file", metavar="PASSWD-FILE")
+    imports.add_argument("--domain", help="the domain of user names without one")
+    imports.add_argument(
+        "--scheme",
+        help="the scheme of passwords written without a {SCHEME} prefix, as the passdb's "
+        "args = scheme=... says (PLAIN for passwords in clear); crypt(3) strings by default",
+    )
+    imports.add_argument(
+        "--refresh",
+        action="store_true",
+        help="replace the password of users already there whose password is still the one "
+        "imported (they have not logged in to mailgate since) with the file's, for passwords "
+        "changed on the old server while the move goes on",
+    )
+    imports.add_argument(
+        "--apop",
+        action="store_true",
+        help="also allow APOP (and CRAM-MD5) for the users whose password is in clear ({PLAIN}), "
+        "as Dovecot did; this keeps it recoverable in the database (see README)",
+    )
+    imports.set_defaults(run=_userImport, migrate=True, create=True)
+    delete = user.add_parser(
+        "del",
+        help="delete a user and their maildrop",
+        description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
+    )
+    delete.add_argument("address", metavar="ADDRESS")
+    delete.set_defaults(run=_userDel, migrate=True)
+    listing = user.add_parser(
+        "list",
+        help="list users: their use, their own limits, their last POP3 login",
+        description="List every user, by address in byte order: messages and octets in use, "
+        "APOP (on, off, or cram for CRAM-MD5 alone), their own quota, message limit and "
+        "retention (default: the server's), and their last POP3 login (never for none yet).",
+    )
+    _addJSON(listing)
+    listing.set_defaults(run=_userList, migrate=True)
+    test = user.add_parser(
+        "test",
+        help="check a user's password without logging in",
+        description="Check a user's password as a POP3 login would (as doveadm auth test): exit "
+        "0 if it is right, 77 if not.  Nothing is changed, not even an imported hash.",
+    )
+    test.add_argument("address", metavar="ADDRESS")
+    test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    test.set_defaults(run=_userTest, migrate=True)
+    apop = user.add_parser(
+        "apop",
+        help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",
+        description="on keeps the password recoverably, for APOP and CRAM-MD5 (it asks for the password); "
+        "off erases it, and the CRAM-MD5 states of a {CRAM-MD5} hash imported from Dovecot: the user "
+        "then has neither APOP nor CRAM-MD5.",
+    )
+    apop.add_argument("address", metavar="ADDRESS")
+    apop.add_argument("state", choices=["on", "off"])
+    apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    apop.set_defaults(run=_userApop, migrate=True)
+    rename = user.add_parser(
+        "rename",
+        help="give a user a new address (maildrop, unique ids and quota follow)",
+        description="Give a user a new address.  The maildrop, its unique ids, quota and "
+        "retention follow; the next login must use the new address, on running servers "
+        "too.  Refused while the user is in a POP3 session.",
+    )
+    rename.add_argument("old", metavar="OLD")
+    rename.add_argument("new", metavar="NEW")
+    rename.set_defaults(run=_userRename, migrate=True)
+    quota = user.add_parser(
+        "quota",
+        help="set a user's storage quota",
+        description="Set a user's storage quota: a size (1G, 500M, 64K or octets), "
+        "'none' for no limit, or 'default' for the server's --default-quota.  Mail "
+        "already stored is kept whatever the new quota; only new mail is refused.",
+    )
+    quota.add_argument("address", metavar="ADDRESS")
+    quota.add_argument("size", metavar="SIZE|none|default")
+    quota.add_argument(
+        "--messages", metavar="N|none|default", help="also limit the number of messages"
+    )
+    quota.set_defaults(run=_userQuota, migrate=True)
+    expire = user.add_parser(
+        "expire",
+        help="set how many days a user's messages are kept",
+        description="Set after how many days a user's messages are removed by the "
+        "retention task (advertised to the user's POP3 clients as EXPIRE): a number "
+        "of days, 'never', or 'default' for the server's --expire-days.",
+    )
+    expire.add_argument("address", metavar="ADDRESS")
+    expire.add_argument("days", metavar="N|never|default")
+    expire.set_defaults(run=_userExpire, migrate=True)
+
+    recount = user.add_parser(
+        "recount",
+        help="count users' storage use again from their messages",
+        description="Count each user's storage use (messages and octets, what quotas and user "
+        "list go by) again from the messages in the maildrop, and keep that, as doveadm quota "
+        "recalc does.  Use is kept with every delivery and removal; a node of a mailgate from "
+        "before quotas (schema version 3) that goes on delivering after the upgrade does not "
+        "keep it.",
+    )
+    recount.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    recount.add_argument("--all", action="store_true", help="every user")
+    recount.set_defaults(run=_userRecount, migrate=True)
