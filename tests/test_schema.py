@@ -21,12 +21,12 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import pytest
 
 import mailgate
-from mailgate.errors import ConfigurationError
+from mailgate.errors import ConfigurationError, StorageFull, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore
 from mailgate.store.database import runTransaction
 from mailgate.store.limits import UNLIMITED
 from mailgate.store.policy import SQLPolicyStore
-from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, TABLE_PRIVILEGES, currentVersion
+from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE, TABLE_PRIVILEGES, currentVersion, upgradeConnection
 from mailgate.testing import POP3Session, addUser, deliver, resultOf
 
 # The connection policy's tables (migration 2): they grow with failed
@@ -1008,3 +1008,92 @@ def test_aRoleThatMayNotReadTheSchemasVersionIsToldTheGrant(databaseURL, mailOnl
         out, err = io.StringIO(), io.StringIO()
         assert run(["--database", nodeURL, *command], io.StringIO(), out, err, {}) == 78
         assert out.getvalue() == "" and err.getvalue().startswith("mailgate: " + expected), err.getvalue()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aMigrationWhoseConnectionIsLostStopsAsATemporaryFailure(version3):
+    """
+    The connection of a node migrating the schema is lost in the middle
+    of a migration (PostgreSQL restarted, a failover, a DBA's
+    pg_terminate_backend): the start failed with a traceback and exit 1,
+    which systemd's unit does not restart, and mailgate db upgrade said
+    "internal error: _LostBeforeCommit", exit 70.  It is a temporary
+    failure (exit 75) saying which migration stopped and the version the
+    database stays at; the next start carries on.
+    """
+    import time
+
+    import psycopg
+
+    node, outcome = _storeOpeningInAThread(version3)
+    with psycopg.connect(version3) as dump, psycopg.connect(version3, autocommit=True) as dba:
+        dump.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        dump.execute("SELECT count(*) FROM maildrop").fetchall()
+        node.start()
+        # Migration 5's ALTER TABLE maildrop waits for the dump: its
+        # backend is terminated (between two of its waits, the node's
+        # next statement finds the connection gone: the same failure).
+        deadline = time.monotonic() + 20
+        terminate = (
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        )
+        while not dba.execute(terminate, (dump.info.backend_pid,)).fetchall():
+            assert node.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        node.join(20)
+        assert not node.is_alive()
+        dump.rollback()
+    (failure,) = outcome
+    assert type(failure) is TemporaryFailure, repr(failure)
+    assert str(failure).startswith(
+        f"the database schema upgrade from version 3 to {LATEST} stopped in migration 5 "
+        f"({MIGRATIONS[4].description}): database unavailable: "
+    ), failure
+    assert str(failure).endswith(
+        "(the migration was rolled back: the database is at version 4; the next start, "
+        "or mailgate db upgrade, carries on)"
+    ), failure
+    store = openSynchronousStore(version3)
+    try:
+        assert store.database.run(currentVersion) == LATEST
+        assert [m.uniqueId for m in resultOf(store.listMessages("alice@example.org"))] == ["U2", "U4", "U5"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aMigrationThatRunsOutOfRoomSaysSoAndThatItWasRolledBack(version3):
+    """
+    Migration 4 copies an SQLite database's message chunks into a new
+    table: on a disk without room for the copy it fails, and rolls back,
+    which frees the room again.  It said only "database storage full:
+    database or disk is full", which the free room the administrator then
+    sees contradicts; it is still a temporary failure of its kind (exit
+    75), saying that the schema upgrade stopped in migration 4, that the
+    database stays at version 3, and what the migration needs room for.
+    """
+    engine = engineFromURL(version3)
+    conn = engine.connect()
+    try:
+        # No page more than the database has: SQLite answers SQLITE_FULL,
+        # as on a full disk.
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StorageFull) as e:
+            upgradeConnection(engine, conn)
+    finally:
+        conn.close()
+    assert str(e.value) == (
+        f"the database schema upgrade from version 3 to {LATEST} stopped in migration 4 "
+        f"({MIGRATIONS[3].description}): database storage full: database or disk is full "
+        "(the migration was rolled back: the database is at version 3, and its room free again: a "
+        "migration that rewrites a table needs room for a second copy of it while it runs; the next "
+        "start, or mailgate db upgrade, carries on)"
+    )
+    store = openSynchronousStore(version3)
+    try:
+        assert store.database.run(currentVersion) == LATEST
+        (retr,) = _pop3(store, "alice@example.org", "RETR 2")
+        assert retr.endswith("\r\n" + _served(OLD_BODIES["big"]))
+    finally:
+        store.close()

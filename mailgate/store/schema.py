@@ -26,8 +26,8 @@ import time
 
 import attr
 
-from mailgate.errors import ConfigurationError, MailgateError
-from mailgate.store.database import runTransaction
+from mailgate.errors import CommitUncertain, ConfigurationError, MailgateError, StorageFull, TemporaryFailure
+from mailgate.store.database import _LostBeforeCommit, _translate, runTransaction
 
 SCHEMA_TABLE = "mailgate_schema"
 
@@ -540,6 +540,14 @@ def upgradeConnection(engine, conn):
                 time.sleep(pause)
                 pause = min(pause * 2, _LOCKED_OUT_PAUSE_MAX)
                 continue
+            if isinstance(e, _LostBeforeCommit):
+                # The connection was lost (PostgreSQL restarted, the
+                # backend terminated): nothing of the migration under way
+                # took effect, a temporary failure as any other.
+                e = _translate(engine, e.error)
+            if type(e) in _INTERRUPTIONS:
+                current = applied[-1].version if applied else version
+                raise _interrupted(e, version, current, attempted[-1] if attempted else None) from e
             if isinstance(e, MailgateError) or engine.isTransient(getattr(e, "error", e)):
                 raise
             raise _cannotUpgrade(version, e, attempted[-1] if attempted else None) from e
@@ -547,6 +555,44 @@ def upgradeConnection(engine, conn):
             _checkPrivileges(engine, conn)
             return applied
         applied.append(migration)
+        # Committed: no longer under way.
+        attempted.clear()
+
+
+#: The temporary failures an upgrade stopped by says it stopped, keeping
+#: their kind (the exit status, 75; StorageFull's 452 and metrics).
+_INTERRUPTIONS = (TemporaryFailure, StorageFull, CommitUncertain)
+
+
+def _interrupted(error, version, current, migration):
+    """
+    What an upgrade that a temporary failure stopped is: the same kind of
+    failure, saying that the schema upgrade stopped, in which migration,
+    and the version the database stays at, so that the administrator of a
+    start or a C{mailgate db upgrade} that failed knows nothing was lost
+    and that the next one carries on.  A full disk found by a migration
+    that rewrites a table (4, on SQLite) is gone once it rolls back: said
+    so, or the free room seen afterwards would make no sense.
+
+    @param version: the version the upgrade started from.
+    @param current: the version its last committed migration reached.
+    @param migration: the L{Migration} under way, if one was.
+    """
+    what = f"the database schema upgrade from version {version} to {LATEST}"
+    if migration is None:
+        done = "nothing was changed" if current == version else f"the database is at version {current}"
+        return type(error)(f"{what} stopped: {error} ({done}; the next start, or mailgate db upgrade, carries on)")
+    if isinstance(error, CommitUncertain):
+        stays = f"the database is at version {migration.version - 1} or {migration.version}"
+    else:
+        stays = f"the migration was rolled back: the database is at version {current}"
+    if isinstance(error, StorageFull):
+        stays += (", and its room free again: a migration that rewrites a table needs room for a "
+                  "second copy of it while it runs")
+    return type(error)(
+        f"{what} stopped in migration {migration.version} ({migration.description}): {error} "
+        f"({stays}; the next start, or mailgate db upgrade, carries on)"
+    )
 
 
 def _checkPrivileges(engine, conn):
