@@ -30,7 +30,8 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import SETTINGS, missingSocketDirectories, networksOf, splitCertificatePair
+from mailgate.config import LISTENER_SETTINGS, SETTINGS, missingSocketDirectories, networksOf, setting
+from mailgate.config import splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -1146,8 +1147,7 @@ def checkStartable(config, names=None):
     database, and would refuse to start on: the TLS contexts from the
     certificate and key files, the CPU affinity, the spool directory, the
     database URL's values (checked without connecting); at a reload, the
-    directories of the Unix sockets of a changed listener setting
-    (L{missingSocketDirectories}).
+    listeners of a changed listener setting (L{_checkListenersForTheRestart}).
     C{mailgate config --check} checks them all; a reload those of the
     settings it changes (C{names}), which it would otherwise take for the
     next restart, a restart that then failed.
@@ -1165,14 +1165,40 @@ def checkStartable(config, names=None):
     if names is None or "database" in names:
         checkDatabaseURL(config.database)
     if names is not None:
-        # The running server's reload alone: config --check may run while
-        # the server is stopped, its RuntimeDirectory= gone with it (it
-        # warns instead).
-        for name, description, reason in missingSocketDirectories(config, names):
-            raise ConfigurationError(
-                f"{name}: a start could not listen on {description}: {reason} (make it, or correct the path)"
-            )
+        _checkListenersForTheRestart(config, names)
     return tls
+
+
+def _checkListenersForTheRestart(config, names):
+    """
+    At a reload, in the running server: the listeners of the changed
+    settings C{names} as the next start will take them, which reading the
+    file checked only the syntax of.
+
+      - A C{systemd:} socket this process was not given: the next start,
+        from the same socket unit, is given the same ones.  Twisted read
+        them from the environment as it was imported, and took
+        C{LISTEN_PID} out of it, so the file's reading could not tell
+        this process from the C{mailgate} command's.
+      - A Unix socket whose directory is not there: not for C{config
+        --check}, which may run while the server is stopped, its
+        C{RuntimeDirectory=} gone with it (it warns instead).
+
+    @raise ConfigurationError: what the next start would refuse.
+    """
+    for name in LISTENER_SETTINGS:
+        if name not in names:
+            continue
+        values = getattr(config, setting(name).attribute)
+        for description in [values] if isinstance(values, str) else values or ():
+            try:
+                checkEndpoint(description, adopting=True)
+            except ValueError as e:
+                raise ConfigurationError(f"{name}: {e}") from None
+    for name, description, reason in missingSocketDirectories(config, names):
+        raise ConfigurationError(
+            f"{name}: a start could not listen on {description}: {reason} (make it, or correct the path)"
+        )
 
 
 def makeTLS(config):

@@ -286,11 +286,12 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     assert later == "configuration changed: spool-directory take effect at the next restart"
 
 
-def test_aReloadRefusesAUnixSocketWhoseDirectoryIsNotThere(tmp_path, logEvents):
+def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents):
     """
     A listener changed to a Unix socket in a directory that is not there
-    (a mistyped path) was taken "for the next restart", which then exited
-    78 (cannot make the socket), while config --check said the file was
+    (a mistyped path), or to a systemd socket this process was not given,
+    was taken "for the next restart", which then exited 78 (cannot make
+    the socket, or no such socket), while config --check said the file was
     right.  The running server refuses it at the reload, in words saying
     what to make; a socket in a directory that is there is taken for the
     restart as ever.
@@ -318,11 +319,19 @@ def test_aReloadRefusesAUnixSocketWhoseDirectoryIsNotThere(tmp_path, logEvents):
             f"metrics: a start could not listen on unix:{tmp_path}/file/sub/metrics: a part of {tmp_path}/file/sub "
             "is not a directory (make it, or correct the path)",
         ),
+        # A socket systemd did not pass to this process (none, here): the
+        # next start is passed the same ones (test_systemd has a process
+        # given one).
+        (
+            'pop3 = ["systemd:domain=INET:name=pop3"]\n',
+            "pop3: 'systemd:domain=INET:name=pop3': systemd passed no socket with that index or name (start "
+            "mailgate through its socket unit, or use another endpoint)",
+        ),
     ]:
         path.write_text(text)
         root.hangup()
         assert said("config.reload_failed")[-1].endswith(reason), said("config.reload_failed")
-    assert len(said("config.reload_failed")) == 3 and said("config.restart_needed") == []
+    assert len(said("config.reload_failed")) == 4 and said("config.restart_needed") == []
     path.write_text(f'lmtp = ["unix:{tmp_path}/lmtp"]\n')
     root.hangup()
     assert said("config.restart_needed") == ["configuration changed: lmtp take effect at the next restart"]

@@ -509,14 +509,26 @@ class ActivatedServer(ServerProcess):
 
 
 def test_socketActivation(tmp_path, notifySocket):
+    """
+    The socket systemd passes is served; a reload changing the listeners
+    looks their sockets up among those this process was given, as the
+    next start from the same socket unit will: one it was not given was
+    taken "for the next restart", which then exited 78 (Twisted reads the
+    sockets as it is imported and takes LISTEN_PID out of the
+    environment, so reading the file checked the syntax alone).
+    """
+    from e2e import waitFor
+
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     listening.listen(16)
     port = listening.getsockname()[1]
+    config = tmp_path / "mailgate.toml"
+    config.write_text('pop3 = ["systemd:domain=INET:name=pop3"]\n')
     server = ActivatedServer(
         databaseURL(tmp_path / "mail.sqlite3"),
         listening,
-        ["--pop3", "systemd:domain=INET:name=pop3", "--no-apop"],
+        ["--config", str(config), "--no-apop"],
         cwd=tmp_path,
         env={"NOTIFY_SOCKET": notifySocket.sock.getsockname()},
     )
@@ -527,6 +539,18 @@ def test_socketActivation(tmp_path, notifySocket):
         server.waitUntilListening()
         assert server.port == port
         assert f"POP3 listening on 127.0.0.1:{port} (systemd:domain=INET:name=pop3)" in server.stdout
+        assert greeting(port).startswith(b"+OK")
+        config.write_text('pop3 = ["systemd:domain=INET:name=pop3", "systemd:domain=INET:name=pop3s"]\n')
+        server.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: "configuration reload failed" in server.stdout, "the refused reload")
+        assert (
+            "configuration reload failed, keeping the configuration in service: pop3: "
+            "'systemd:domain=INET:name=pop3s': systemd passed no socket with that index or name"
+        ) in server.stdout
+        # The socket it was given, by its index: taken for the restart.
+        config.write_text('pop3 = ["systemd:domain=INET:index=0"]\n')
+        server.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: "configuration changed: pop3 take effect" in server.stdout, "the reload")
         assert greeting(port).startswith(b"+OK")
     finally:
         server.stop()
