@@ -80,7 +80,7 @@ def test_pop3RefusedConnectionGetsOneReplyAndNoWork(store, alice):
     factory.portal = UntouchablePortal()
     events = []
     s = POP3Session(store, clock=clock, factory=factory, peer=CLIENT)
-    assert s.greeting == "-ERR [SYS/TEMP] too many connections\r\n"
+    assert s.greeting == "-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n"
     assert s.disconnected
     assert s.challenge is None
     # Whatever the client sends next is not run.

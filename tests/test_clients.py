@@ -1046,3 +1046,46 @@ def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_
     code, output = client.run(**auth)
     assert code == 0, output
     assert banList(mailgate_cli) == []
+
+
+@requiresFetchmail
+@requiresMpop
+@requiresGetmail
+@requiresCurl
+def test_aFullServersRefusalIsReportedAsATemporaryOne(serve, mailgate_cli, makeClient):
+    """
+    Over --max-connections-per-ip (even on loopback here), a connection is
+    refused with -ERR [SYS/TEMP] at the greeting, which each client shows:
+    mpop, getmail and curl fail the run with the server's reply.
+    fetchmail does not read RFC 3206's code: it sorts an -ERR before login
+    by its words, and took "[SYS/TEMP] too many connections" for an
+    authorization failure (exit 3), which its daemon reports to its user
+    by mail after three polls as a password to check.  The reply says
+    "service temporarily unavailable", which fetchmail reports as a busy
+    server (exit 14, PS_SERVBUSY), to be polled again.  Once the other
+    connection is gone, each client fetches, and nobody was banned.
+    """
+    server = serve("--max-connections-per-ip", "1", "--exempt-network", "none")
+    mailgate_cli.deliver(ALICE, b"Subject: one\r\n\r\none\r\n")
+    refused = "-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later"
+    shown = {
+        # PS_SERVBUSY; with -v: "Server busy error on alice@...".
+        "fetchmail": "Query status=14",
+        "mpop": f"POP3 server message: {refused}",
+        "getmail": f"POP error (b'{refused}')",
+        "curl": f"< {refused}",
+    }
+    clients = [makeClient(cls, server) for cls in (Fetchmail, Mpop, Getmail, Curl)]
+
+    # Bob's session holds the one connection 127.0.0.1 may have.
+    held = popLogin(server, BOB, BOB_PW)
+    for client in clients:
+        code, output = client.run()
+        assert code != 0 and shown[client.name] in output, output
+    # Its connection stops counting before the +OK to QUIT is sent.
+    held.quit()
+
+    for client in clients:
+        code, output = client.run()
+        assert code == 0, f"{client.name}\n{output}"
+    assert banList(mailgate_cli) == []

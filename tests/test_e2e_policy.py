@@ -242,7 +242,7 @@ def test_connectionsPerAddressAreLimited(mailgate_server, mailgate_cli):
             held.append(sock)
             assert reader.line().startswith(b"+OK")
         line = pop3Refused(server, ATTACKER)
-        assert line == b"-ERR [SYS/TEMP] too many connections\r\n", line
+        assert line == b"-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n", line
         code, text = smtpRefused(server, ATTACKER)
         assert code == 421 and text.startswith(b"4.7.0") and b"too many connections" in text
         # Another address is not limited by this one's connections.
@@ -264,7 +264,7 @@ def test_connectionsInAllAreLimited(mailgate_server, mailgate_cli):
             held.append(sock)
             assert reader.line().startswith(b"+OK")
         line = pop3Refused(server, "127.0.0.4")
-        assert line == b"-ERR [SYS/TEMP] too many connections\r\n", line
+        assert line == b"-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n", line
     finally:
         for sock in held:
             sock.close()

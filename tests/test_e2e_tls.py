@@ -817,7 +817,7 @@ def test_connectionsThatHaveNotLoggedInDoNotHoldUpAStop(mailgate_server, mailgat
     # server has accepted its connection (two turns of the reactor).
 
     server.process.send_signal(signal.SIGTERM)
-    assert reader.line() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert reader.line() == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert reader.closed()
     scanner.settimeout(DEADLINE)
     try:

@@ -159,7 +159,7 @@ def test_connectionsBeyondTheOpenFileLimitAreRefusedWithAReason(tmp_path, limite
     socks, lines = greetings(server.port, 400)
     try:
         served = [line for line in lines if line.startswith(b"+OK")]
-        refused = [line for line in lines if line == b"-ERR [SYS/TEMP] too many connections\r\n"]
+        refused = [line for line in lines if line == b"-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n"]
         assert (len(served), len(refused)) == (255, 145), set(lines)
         refusals = metricValue(metrics(server), "mailgate_connections_refused_total", protocol="pop3", reason="too_many")
         assert refusals >= 145
@@ -519,7 +519,7 @@ def test_aRefusedPop3sClientThatNeverFinishesItsHandshakeIsClosedSoon(tmp_path, 
         assert LineReader(held).line().startswith(b"+OK")
         refused = _tlsClient(port, source, certificate)
         with refused:
-            assert LineReader(refused).line() == b"-ERR [SYS/TEMP] too many connections\r\n"
+            assert LineReader(refused).line() == b"-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n"
         silent = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
         with silent:
             # A bounded wait shorter than closeTimeout: before the fix the

@@ -445,7 +445,7 @@ def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
         assert first.startswith(b"+OK"), first
         second, sock = _greetingFrom("127.0.0.3", front)
         opened.append(sock)
-        assert second == b"-ERR [SYS/TEMP] too many connections\r\n"
+        assert second == b"-ERR [SYS/TEMP] service temporarily unavailable: too many connections; try again later\r\n"
         other, sock = _greetingFrom("127.0.0.2", front)
         opened.append(sock)
         assert other.startswith(b"+OK"), other

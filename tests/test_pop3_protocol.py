@@ -1038,7 +1038,7 @@ def test_aBugInACommandCostsOneErrorNotTheSession(three, monkeypatch):
 
     monkeypatch.setattr(POP3Server, "pop3_NOOP", broken)
     reply = three.command("NOOP")
-    assert reply == "-ERR [SYS/TEMP] internal server error\r\n"
+    assert reply == "-ERR [SYS/TEMP] service temporarily unavailable: internal server error; try again later\r\n"
     assert "secret" not in reply
     assert not three.disconnected
     assert three.command("STAT").startswith("+OK 3 ")

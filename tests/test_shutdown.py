@@ -117,11 +117,11 @@ def test_aSessionStillOpenWhenTheGraceEndsIsClosedWithoutDeleting(server):
     waiting = server.pop3()
     done = server.tracker.shutdown(30)
     # Not logged in, it has nothing to finish: told at once.
-    assert waiting.transport.value() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert waiting.transport.value() == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert waiting.disconnected
     gone(waiting)
     assert s.advance(29) == b""
-    assert s.advance(1) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert s.advance(1) == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert s.disconnected
     assert not fired(done)
     gone(s)
@@ -168,7 +168,7 @@ def test_sessionsNotLoggedInDoNotHoldTheShutdown(server):
     with capturedLogs() as events:
         done = server.tracker.shutdown(30)
     for s in (idle, named, sasl):
-        assert s.transport.value() == b"-ERR [SYS/TEMP] server shutting down\r\n"
+        assert s.transport.value() == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
         assert s.disconnected
     # None of them is counted among the sessions the grace is for.
     assert [e for e in events if e.get("event") == "session.shutdown"] == []
@@ -193,7 +193,7 @@ def test_aFailingLoginUnderWayIsAnsweredThenTheSessionIsTold(server, delay):
     assert failing.transport.value() == b""
     done = server.tracker.shutdown(30)
     assert failing.advance(0) == (
-        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] server shutting down\r\n"
+        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     )
     assert failing.disconnected
     gone(failing)
@@ -246,7 +246,7 @@ def test_aLoginThatFailsAfterTheStopBeganIsAnsweredAtOnce(server):
     assert s.transport.value() == b""
     checked.callback(None)
     assert s.advance(0) == (
-        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] server shutting down\r\n"
+        b"-ERR [AUTH] invalid user name or password\r\n-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     )
     gone(s)
     assert fired(done)
@@ -330,7 +330,7 @@ def test_aLoginHeldForItsPenaltyIsToldAtOnceUnchecked(store):
     held, reply = attempt(PASSWORD)  # the right one: it must not get in now
     assert reply == ""
     done = server.tracker.shutdown(30)
-    assert held.advance(0) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert held.advance(0) == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert held.disconnected
     gone(held)
     assert fired(done)
@@ -540,7 +540,7 @@ def test_dataStillArrivingWhenTheGraceEndsIsNotStored(server):
 
 def test_connectionsArrivingWhileStoppingAreRefused(server):
     server.tracker.shutdown(30)
-    assert server.pop3().greeting == "-ERR [SYS/TEMP] shutting down\r\n"
+    assert server.pop3().greeting == "-ERR [SYS/TEMP] service temporarily unavailable: shutting down; try again later\r\n"
     s = server.smtp(hello=False)
     assert s.greeting == "421 4.3.2 mailgate.test service shutting down\r\n"
     assert s.disconnected
@@ -626,7 +626,7 @@ def test_theServiceStopsListeningThenDrainsThenClosesTheStore(tmp_path):
     assert sorted(stoppedListening) == ["POP3", "SMTP"]
     assert not fired(done) and not closed
     reactor.advance(12)
-    assert transport.value().endswith(b"-ERR [SYS/TEMP] server shutting down\r\n")
+    assert transport.value().endswith(b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n")
     session.connectionLost(None)
     assert fired(done) and closed
 

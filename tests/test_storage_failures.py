@@ -205,7 +205,7 @@ def test_aLoginTheStoreCannotAnswerIsATemporaryFailure(faulty):
     """
     faulty.fail("openMaildrop")
     s = POP3Session(faulty)
-    assert s.login(ALICE, PASSWORD) == "-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n"
+    assert s.login(ALICE, PASSWORD) == "-ERR [SYS/TEMP] service temporarily unavailable: the mail store is unavailable; try again later\r\n"
     faulty.heal()
     assert s.login(ALICE, PASSWORD).startswith("+OK ")
 
@@ -827,7 +827,7 @@ def test_aScramLoginTheStoreCannotAnswerNamesItsUser(faulty, logEvents):
     s = POP3Session(faulty)
     first = base64.b64encode(f"n,,n={ALICE},r=abcdefgh".encode()).decode()
     reply = s.command(f"AUTH SCRAM-SHA-256 {first}")
-    assert reply == "-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n"
+    assert reply == "-ERR [SYS/TEMP] service temporarily unavailable: the mail store is unavailable; try again later\r\n"
     [event] = [e for e in logEvents if e.get("event") == "pop3.login_failed"]
     assert event["user"] == ALICE and event["mechanism"] == "scram-sha-256"
     assert event["line"].startswith(f"pop3 login failed user='{ALICE}' peer=")

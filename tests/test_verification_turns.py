@@ -163,7 +163,7 @@ def test_aLoginWaitingItsTurnAtTheShutdownIsToldAtOnceUnchecked(server):
     sessions = guesses(server, PER_ADDRESS + 1)
     waiting = sessions[-1]
     server.tracker.shutdown(30)
-    assert waiting.advance(0) == b"-ERR [SYS/TEMP] server shutting down\r\n"
+    assert waiting.advance(0) == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert waiting.disconnected
     endSession(waiting)
     for index in range(PER_ADDRESS):
@@ -211,8 +211,8 @@ def test_aCheckEndingInAStoreFailureOrAnInternalErrorHandsItsTurnOver(server):
     server.portal.held[1][0].errback(RuntimeError("a bug"))
     assert server.checked()[PER_ADDRESS:] == [f"guess {PER_ADDRESS}", f"guess {PER_ADDRESS + 1}"]
     assert [s.advance(0) for s in sessions[:PER_ADDRESS]] == [
-        b"-ERR [SYS/TEMP] the mail store is unavailable; try again later\r\n",
-        b"-ERR [SYS/TEMP] internal server error\r\n",
+        b"-ERR [SYS/TEMP] service temporarily unavailable: the mail store is unavailable; try again later\r\n",
+        b"-ERR [SYS/TEMP] service temporarily unavailable: internal server error; try again later\r\n",
     ]
     for index in range(PER_ADDRESS, PER_ADDRESS + 2):
         server.portal.held[index][0].errback(TemporaryFailure("the database is down"))

@@ -21,6 +21,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 
 from mailgate.address import loginAddress
+from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
@@ -46,6 +47,26 @@ PLAINTEXT_REFUSED = (
     "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
 )
 INVALID_LOGIN = "[AUTH] invalid user name or password"
+
+
+def unavailable(reason):
+    """
+    The text of a C{-ERR [SYS/TEMP]} reply that a client may get before it
+    is logged in (a refused connection, a login the store could not
+    answer, a stop): C{[SYS/TEMP] service temporarily unavailable:
+    REASON; try again later}.
+
+    RFC 3206's code tells a client that knows it to try again later.
+    fetchmail does not read the code: it sorts an C{-ERR} before login by
+    its text, and takes one without C{lock}, C{wait}, C{[IN-USE]} or
+    C{[LOGIN-DELAY]} and without C{service} with C{unavailable} for an
+    authorization failure.  As a daemon it then mails its user that the
+    login failed, asking her to check her password, after three polls
+    (ten once it has logged in), while the database was down or the
+    server full.  With these words it reports a busy server and polls
+    again, as it should.
+    """
+    return f"[SYS/TEMP] service temporarily unavailable: {reason}; try again later"
 
 
 def _nothing():
@@ -357,6 +378,10 @@ class AuthorizationCommands:
             done()
             return self._refuseBanned(login, mechanism)
         self._loginAsked = self._elapsed()
+        if isinstance(credentials, UsernamePassword):
+            # A password whose hash has not started when the session ends
+            # is not hashed: no one would read the answer.
+            abandonWhen(credentials, lambda: self._closed)
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
@@ -504,6 +529,10 @@ class AuthorizationCommands:
 
     def _loginFailed(self, failure, login, mechanism, password=None, digest=None):
         self._sasl = None
+        if failure.check(LoginAbandoned):
+            # The session ended before the password was hashed: nothing
+            # was checked, so nothing is counted or answered.
+            return None
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed) and policy.isBanned(
             self.peer
@@ -553,7 +582,7 @@ class AuthorizationCommands:
                 mechanism=mechanism,
                 reason="tempfail",
             )
-            self._err("[SYS/TEMP] the mail store is unavailable; try again later")
+            self._err(unavailable("the mail store is unavailable"))
         else:
             self._loginMetric(mechanism, "tempfail")
             self.logFailure(
@@ -564,7 +593,7 @@ class AuthorizationCommands:
                 mechanism=mechanism,
                 reason="internal_error",
             )
-            self._err("[SYS/TEMP] internal server error")
+            self._err(unavailable("internal server error"))
         return None
 
     def _settleHeldFailure(self, succeededAs=None, failedWith=None):

@@ -33,6 +33,7 @@ from mailgate.pop3.authorization import (
     TRANSACTION,
     UPDATE,
     AuthorizationCommands,
+    unavailable,
 )
 from mailgate.pop3.deletions import DeletionMarks
 from mailgate.pop3.transaction import TransactionCommands
@@ -180,7 +181,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         )
 
     def refusal(self, reason):
-        self._err(f"[SYS/TEMP] {reason}")
+        # A banned address is told so: its failed logins got it banned,
+        # which a client taking the reply for one more failed login (as
+        # fetchmail does) reports rightly.  Anything else passes.
+        self._err("[SYS/TEMP] banned" if reason == "banned" else unavailable(reason))
 
     def syntaxError(self, text):
         return self._bad(text)
@@ -238,7 +242,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._endSession("too many bad commands")
 
     def internalError(self):
-        self._err("[SYS/TEMP] internal server error")
+        self._err(unavailable("internal server error"))
 
     def idleTimedOut(self, stalled):
         if not stalled:
@@ -285,7 +289,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def shutdownNow(self, stalled):
         # Closed without applying deletions: only QUIT applies them.
-        reply, reason = self._endRequest or ("[SYS/TEMP] server shutting down", "shutdown")
+        reply, reason = self._endRequest or (unavailable("server shutting down"), "shutdown")
         if not stalled:
             self._err(reply)
         self._endSession(reason)
