@@ -344,6 +344,16 @@ class MailgateService(MultiService):
     logObserver = None
     #: the L{MailgateConfig} in service (for L{reloadConfig})
     config = None
+    #: the last SIGHUP's reload failed in part (the configuration file, the
+    #: TLS certificates, the log file): what is in service is what was
+    #: before it (systemd's C{STATUS=} says so until a reload succeeds)
+    lastReloadFailed = False
+    #: the settings the configuration file changes that wait for a
+    #: restart, as the last reload that read the file found them
+    #: (C{config.restart_needed}, and a changed database)
+    restartNeeded = ()
+    #: failures of the reload under way (see L{lastReloadFailed})
+    _reloadFailures = 0
     #: a function of no arguments returning the configuration as it is
     #: now (the file read again), for SIGHUP; C{None}: none to read again
     configSource = None
@@ -408,11 +418,15 @@ class MailgateService(MultiService):
             begins()
         try:
             self._reload()
+        except BaseException:
+            self.lastReloadFailed = True
+            raise
         finally:
             for _, ends in self._reloadWatchers:
                 ends()
 
     def _reload(self):
+        self._reloadFailures = 0
         self._runHangupActions("SIGHUP")
         if self.tls is None and not self._hangupActions and self.configSource is None:
             self.log.info(
@@ -422,6 +436,7 @@ class MailgateService(MultiService):
             )
         self.reloadConfig()
         self.reloadTLS()
+        self.lastReloadFailed = self._reloadFailures > 0
 
     def reloadConfig(self):
         """
@@ -448,6 +463,7 @@ class MailgateService(MultiService):
             # taken "for the next restart": that restart would fail.
             newTLS = checkStartable(new, {s.name for s in changed})
         except ConfigurationError as e:
+            self._reloadFailures += 1
             self.log.error(
                 "configuration reload failed, keeping the configuration in service: {error}",
                 error=e,
@@ -494,6 +510,7 @@ class MailgateService(MultiService):
             applied=applied,
             event="config.reloaded",
         )
+        self.restartNeeded = tuple(later) + (("database",) if new.database != self.config.database else ())
         if later:
             self.log.warn(
                 "configuration changed: {names} take effect at the next restart",
@@ -518,6 +535,7 @@ class MailgateService(MultiService):
             try:
                 action()
             except Exception:
+                self._reloadFailures += 1
                 self.log.failure("{signal}: a reload action failed", signal=name, event="service.reload_failed")
 
     def reloadTLS(self):
@@ -533,6 +551,7 @@ class MailgateService(MultiService):
         try:
             self.tls.reload()
         except ConfigurationError as e:
+            self._reloadFailures += 1
             self.log.error(
                 "TLS reload failed, keeping the previous certificate: {error}",
                 error=e,

@@ -6,7 +6,9 @@ socket named by C{$NOTIFY_SOCKET} (a path, or C{@name} in the abstract
 namespace).  See sd_notify(3).
 
   - C{READY=1} once every listener is bound and the database has answered;
-  - C{STATUS=...} with the number of open sessions, when it changes;
+  - C{STATUS=...} with the number of open sessions, when it changes,
+    and after a reload whether it failed and which changed settings
+    wait for a restart;
   - C{RELOADING=1} (with C{MONOTONIC_USEC=}) when a SIGHUP's reload
     begins and C{READY=1} when it is over: C{systemctl status} shows the
     reload, and a unit of C{Type=notify-reload} (systemd 253 and later)
@@ -201,7 +203,21 @@ class SystemdService(Service):
     def _status(self):
         metrics = getattr(self._root, "metrics", None)
         counts = metrics.openConnections() if metrics is not None else {}
-        return ("stopping: " if self.stopping else "serving: ") + describeSessions(counts)
+        status = ("stopping: " if self.stopping else "serving: ") + describeSessions(counts)
+        if self.stopping:
+            return status
+        # What systemctl status shows after a reload, until the next one:
+        # a failed reload said only "serving" there (systemctl reload had
+        # succeeded once config --check passed, or at once under
+        # Type=notify-reload), and the settings the file changes that wait
+        # for a restart were in one log line of many.  Setting names only:
+        # any local user may read STATUS=.
+        if getattr(self._root, "lastReloadFailed", False):
+            status += "; the last reload failed, what was in service before it still is (the log says why)"
+        waiting = getattr(self._root, "restartNeeded", ())
+        if waiting:
+            status += "; waiting for a restart: " + ", ".join(waiting)
+        return status
 
     def _statusIfChanged(self):
         status = self._status()

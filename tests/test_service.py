@@ -337,6 +337,44 @@ def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents
     assert said("config.restart_needed") == ["configuration changed: lmtp take effect at the next restart"]
 
 
+def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
+    """
+    What systemd's STATUS= says after a reload (test_systemd): whether it
+    failed in any part (the file, the certificates, the log file's
+    reopening), and which settings the file changes wait for a restart (a
+    changed database too), as the last reload that read the file found.
+    """
+    from certs import makeCertificate
+
+    certificate, key = makeCertificate(tmp_path, "a.example.test")
+    path = tmp_path / "mailgate.toml"
+    tls = f'tls-cert = "{certificate}"\ntls-key = "{key}"\n'
+    options, root = _reloadableService(path, tls)
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
+    path.write_text(tls + "max-recipients = 5\n")
+    root.hangup()
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("max-recipients",))
+    path.write_text(tls + 'max-recipients = "five"\n')
+    root.hangup()
+    assert (root.lastReloadFailed, root.restartNeeded) == (True, ("max-recipients",))
+    path.write_text(tls + f'database = "sqlite:///{tmp_path / "other.sqlite3"}"\n')
+    root.hangup()
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("database",))
+    path.write_text(tls)
+    root.hangup()
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
+    good = key.read_bytes()
+    key.write_bytes(b"not a key")
+    root.hangup()
+    assert root.lastReloadFailed
+    key.write_bytes(good)
+    root.hangup()
+    assert not root.lastReloadFailed
+    root.onHangup(lambda: 1 / 0)
+    root.hangup()
+    assert root.lastReloadFailed
+
+
 def test_aReloadTakesAnotherCertificateFileAndTLSSetting(tmp_path, logEvents):
     """
     tls-cert and tls-key changed to other files, or tls-min-version, take

@@ -347,6 +347,44 @@ def test_reloadsAreToldBetweenReadyAndStopping():
     service.stopService()
 
 
+def test_theStatusSaysALastReloadFailedAndWhatWaitsForARestart():
+    """
+    After a reload, STATUS= (systemctl status) says whether it failed and
+    which settings of the file wait for a restart, until a reload finds
+    otherwise: a failed one said "serving" alone, and systemctl reload
+    had succeeded (config --check passed, or at once under
+    Type=notify-reload).  Not while stopping.
+    """
+    clock, root, notifier = Clock(), Root(), RecordingNotifier()
+    service = systemd.SystemdService(root, notifier, clock)
+    service.startService()
+    root.listening.callback(None)
+    root.answers[0].callback(None)
+    begins, ends = root.reloads
+    serving = "STATUS=serving: 0 sessions (lmtp 0, pop3 0, smtp 0)"
+    failed = "; the last reload failed, what was in service before it still is (the log says why)"
+    begins()
+    root.lastReloadFailed, root.restartNeeded = True, ("max-recipients", "lmtp")
+    ends()
+    assert notifier.sent[-1] == ["READY=1", serving + failed + "; waiting for a restart: max-recipients, lmtp"]
+    # Kept by the status sent as the sessions change.
+    root.metrics.connectionOpened("pop3")
+    clock.advance(systemd.STATUS_INTERVAL)
+    assert notifier.sent[-1] == [
+        "STATUS=serving: 1 session (lmtp 0, pop3 1, smtp 0)" + failed + "; waiting for a restart: max-recipients, lmtp"
+    ]
+    root.metrics.connectionClosed("pop3")
+    begins()
+    root.lastReloadFailed, root.restartNeeded = False, ()
+    ends()
+    assert notifier.sent[-1] == ["READY=1", serving]
+    root.lastReloadFailed = True
+    for callback in root.stopping:
+        callback()
+    assert notifier.sent[-1][:2] == ["STOPPING=1", "STATUS=stopping: 0 sessions (lmtp 0, pop3 0, smtp 0)"]
+    service.stopService()
+
+
 # -- a real twistd -----------------------------------------------------------------------
 
 
