@@ -44,6 +44,32 @@ def threadRunner(reactor, affinity=None):
     return run
 
 
+class LoginAbandoned(Exception):
+    """
+    A password was not checked: its login was given up (the session that
+    asked ended) before its hash started.  Neither a success nor a
+    failure: nothing is counted, remembered or answered.
+    """
+
+
+def abandonWhen(credentials, abandoned):
+    """
+    Mark C{credentials} as given up once C{abandoned()} is true (a POP3
+    session that ended: its connection lost, its login timeout): a
+    password hash that has not started by then is not run.
+    """
+    credentials.mailgateAbandoned = abandoned
+    return credentials
+
+
+def abandonedCheck(credentials):
+    """
+    The C{abandoned} callable L{abandonWhen} gave C{credentials}, or
+    C{None} (never given up).
+    """
+    return getattr(credentials, "mailgateAbandoned", None)
+
+
 def _addressOf(username, defaultRealm=None):
     try:
         return loginAddress(username, defaultRealm)
@@ -51,7 +77,22 @@ def _addressOf(username, defaultRealm=None):
         return None
 
 
-def _verifyOrDummy(password, storedHash):
+def _verifyOrDummy(password, storedHash, abandoned=None):
+    """
+    Whether C{password} matches C{storedHash} (a dummy hash run for an
+    unknown user, so that both cost the same).  Runs on the thread pool.
+
+    @param abandoned: returns whether the login was given up (its session
+        ended) while this waited in the pool's queue: then nothing is
+        hashed.  The pool runs ten hashes at once and queues the rest
+        without bound; a flood of connections that send a password and
+        close at once (500 of them in a tenth of a second from one exempt
+        address) left a queue of hashes that nobody would read, and a
+        real user's login waited behind all of them (86 seconds).
+    @raise LoginAbandoned: if C{abandoned()} says so.
+    """
+    if abandoned is not None and abandoned():
+        raise LoginAbandoned()
     if storedHash is None:
         verifyPassword(password, dummyHash())
         return False
@@ -102,10 +143,10 @@ class PasswordChecker:
                 # Verified recently.  The store confirms, when it opens the
                 # maildrop, that the stored hash is still this one.
                 return defer.succeed(user)
-        return self._verify(address, password, credentials.username)
+        return self._verify(address, password, credentials.username, credentials)
 
     @defer.inlineCallbacks
-    def _verify(self, address, password, username):
+    def _verify(self, address, password, username, credentials):
         user = None if address is None else (yield self._store.findUser(address))
         storedHash = None if user is None else user.passwordHash
         # A name that is no address (refused whatever the password) is
@@ -118,7 +159,7 @@ class PasswordChecker:
             # and a client repeating an old password must not cost a hash
             # each time (an unknown name's neither, while it stays unknown).
             raise UnauthorizedLogin()
-        matched = yield self._runInThread(_verifyOrDummy, password, storedHash)
+        matched = yield self._runInThread(_verifyOrDummy, password, storedHash, abandonedCheck(credentials))
         if not matched:
             self.cache.rememberFailure(failedAs, storedHash, password)
             raise UnauthorizedLogin()

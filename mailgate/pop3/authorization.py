@@ -21,6 +21,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 
 from mailgate.address import loginAddress
+from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
@@ -377,6 +378,10 @@ class AuthorizationCommands:
             done()
             return self._refuseBanned(login, mechanism)
         self._loginAsked = self._elapsed()
+        if isinstance(credentials, UsernamePassword):
+            # A password whose hash has not started when the session ends
+            # is not hashed: no one would read the answer.
+            abandonWhen(credentials, lambda: self._closed)
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
@@ -524,6 +529,10 @@ class AuthorizationCommands:
 
     def _loginFailed(self, failure, login, mechanism, password=None, digest=None):
         self._sasl = None
+        if failure.check(LoginAbandoned):
+            # The session ended before the password was hashed: nothing
+            # was checked, so nothing is counted or answered.
+            return None
         policy = self.factory.policy
         if failure.check(UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed) and policy.isBanned(
             self.peer
