@@ -1685,6 +1685,13 @@ EXAMPLE_HEADER = """\
 # relative to the server's working directory (/var/lib/mailgate under the
 # systemd unit), not to this file; $VARIABLES are not expanded.
 #
+# systemctl reload (SIGHUP) reads this file again: debug-peer, debug-user
+# and, while TLS stays on, the tls-* settings apply at once; every other
+# change waits for a restart (systemctl restart mailgate), named in the
+# log (config.restart_needed) and by systemctl status until then.  A file
+# the server would refuse at start is refused by the reload too, and
+# what is in service stays.
+#
 # This file is generated from mailgate/config.py (python -m mailgate.config).
 """
 
