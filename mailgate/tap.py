@@ -232,6 +232,11 @@ class Options(usage.Options):
         warning = self.overriddenWarning()
         if warning:
             _log.warn("{warning}", warning=warning, event="config.overridden")
+        # As at start: a file replaced since (mv of a file written under
+        # the usual umask) may hand every user the database's password.
+        warning = configFileWarning(self.configPath)
+        if warning:
+            _log.warn("{warning}", warning=warning, event="config.file_permissions")
         return attr.evolve(config, reloadOnSIGHUP=True)
 
     def overriddenWarning(self):

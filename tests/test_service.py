@@ -253,6 +253,28 @@ def test_aKeyOfTheFileTheCommandLineOverridesIsWarnedOf(tmp_path, logEvents):
     assert len([e for e in logEvents if e.get("event") == "config.overridden"]) == 1
 
 
+def test_aFileGivingTheDatabasesPasswordToEveryUserIsWarnedOfAtAReload(tmp_path, logEvents):
+    """
+    The configuration file's permissions were looked at at start alone: a
+    file replaced since (mv of one written under the usual umask, 0644)
+    handed every user of the machine the database's password, and the
+    reload said only "nothing to apply".  Warned of at each reload too.
+    """
+    path = tmp_path / "mailgate.toml"
+    text = 'database = "postgresql://mailgate:s3cret@db.internal/mail"\n'
+    options, root = _reloadableService(path, text)
+    path.chmod(0o640)
+    root.hangup()
+    assert [e for e in logEvents if e.get("event") == "config.file_permissions"] == []
+    path.chmod(0o644)
+    root.hangup()
+    [warned] = [formatEvent(e) for e in logEvents if e.get("event") == "config.file_permissions"]
+    assert warned == (
+        f"the configuration file {path} holds the database's password, and every user of this machine may read "
+        "it (mode 0644): chmod o-r it"
+    )
+
+
 def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     """
     A spool directory that is not there, a certificate with another's key
