@@ -947,6 +947,41 @@ def test_aServerThatUpgradesTheSchemaSaysSo(version3, tmp_path):
     assert created == f"database schema created (version {LATEST})"
 
 
+def test_aNodeThatAppliedSomeOfTheMigrationsSaysWhichItApplied():
+    """
+    Nodes starting together on an older database take the migrations in
+    turns, each waiting for the schema's lock while another applies one:
+    a node that applied 5, 7, 9 and 11 of them logged "upgraded from
+    version 4 to 11 (migrations 5 to 11 applied)", and the others ranges
+    that overlapped it (probe: three nodes of today starting at once on a
+    database a 4a21534 mailgate made).  It names the migrations it
+    applied, and that other nodes applied the rest.
+    """
+    from twisted.logger import formatEvent
+
+    from mailgate.store import schemaUpgradeNotice
+
+    def notice(versions):
+        event, format, fields = schemaUpgradeNotice([MIGRATIONS[v - 1] for v in versions])
+        assert event == "database.schema_upgraded"
+        return (fields["from_version"], fields["to_version"]), formatEvent({"log_format": format, **fields})
+
+    assert notice([5, 7, 9, 11]) == ((4, 11), (
+        "database schema upgraded by this node and others starting at the same time (migrations "
+        "5, 7, 9 and 11 applied by this one, the others by them): nodes of a mailgate older than "
+        "this one no longer start on this database"
+    ))
+    assert notice([1, 4]) == ((0, 4), (
+        "database schema upgraded by this node and others starting at the same time (migrations "
+        "1 and 4 applied by this one, the others by them): nodes of a mailgate older than this "
+        "one no longer start on this database"
+    ))
+    assert notice([6, 7]) == ((5, 7), (
+        "database schema upgraded from version 5 to 7 (migrations 6 to 7 applied): nodes of a "
+        "mailgate older than this one no longer start on this database"
+    ))
+
+
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
 def test_aMigrationWaitingForALongTransactionHoldsNoOneUp(version3):
     """

@@ -199,14 +199,33 @@ def schemaUpgradeNotice(applied):
     able to start on the database (they refuse a newer schema), which a
     rolling upgrade of a cluster looks for.
 
+    Nodes starting together on an older database take the migrations in
+    turns (each is applied by the node that takes the schema's lock
+    first, the others waiting), so a node may have applied some of them
+    only: it names those, and says that others did the rest, rather than
+    claim the whole range (probe: three nodes starting on a version-1
+    database each logged "upgraded from version N to M" over ranges that
+    overlapped).
+
     @param applied: the migrations applied, in order.
     @return: C{(event, format, fields)} for a log line, or C{None} if
         none was applied.
     """
     if not applied:
         return None
-    first, last = applied[0].version, applied[-1].version
+    versions = [migration.version for migration in applied]
+    first, last = versions[0], versions[-1]
     fields = {"from_version": first - 1, "to_version": last}
+    whole = versions == list(range(first, last + 1))
+    if not whole:
+        listed = ", ".join(map(str, versions[:-1])) + f" and {last}"
+        return (
+            "database.schema_upgraded",
+            "database schema upgraded by this node and others starting at the same time ({which} "
+            "applied by this one, the others by them): nodes of a mailgate older than this one no "
+            "longer start on this database",
+            dict(fields, which=f"migrations {listed}"),
+        )
     if first == 1:
         return ("database.schema_upgraded", "database schema created (version {to_version})", fields)
     return (
