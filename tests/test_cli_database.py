@@ -133,6 +133,32 @@ def test_dbVersionSaysADatabaseIsNewerThanThisMailgate(sqliteURL):
     assert code == 78 and f"database schema version {LATEST + 1} is newer" in err
 
 
+def test_dbVersionSaysADatabaseIsOlderAndThatTheNextCommandUpgradesIt(tmp_path):
+    """
+    On a database an older mailgate made (the version-3 database of
+    tests/fixtures, made by b473258), asked after installing this one and
+    before its first start: db version said only "schema version 3 (this
+    mailgate: 12)", not that the next start or command, the MTA's
+    mailgate deliver included, upgrades it past what the older mailgate
+    opens (the moment to take the backup).  It says so, and upgrades
+    nothing itself.
+    """
+    import gzip
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path / "old.sqlite3"
+    with gzip.open(Path(__file__).parent / "fixtures" / "schema-v3.sqlite3.gz") as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    url = f"sqlite:///{path}"
+    expected = (
+        f"schema version 3 (this mailgate: {LATEST}); older: this mailgate's next start or command "
+        "(db backup and db version aside) upgrades it, after which an older mailgate refuses it\n"
+    )
+    for _ in range(2):
+        assert mailgate(url, "db", "version") == (0, expected, "")
+
+
 @pytest.mark.parametrize(
     "side, url, code, reason",
     [

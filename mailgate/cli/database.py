@@ -105,8 +105,19 @@ def _dbVersion(store, args, out, stdin):
     # Read without writing: on a database that is not mailgate's (a
     # mistaken --database), the table of versions is not created.
     version = databaseVersion(store.database) or 0
-    newer = "; newer than this mailgate: upgrade mailgate" if version > LATEST else ""
-    out.write(f"schema version {version} (this mailgate: {LATEST}){newer}\n")
+    if version > LATEST:
+        said = "; newer than this mailgate: upgrade mailgate"
+    elif 0 < version < LATEST:
+        # Asked after installing a newer mailgate, before its first start:
+        # whatever runs next upgrades it, the MTA's mailgate deliver too,
+        # and the older mailgate no longer opens it (take the backup now).
+        said = (
+            "; older: this mailgate's next start or command (db backup and db version aside) "
+            "upgrades it, after which an older mailgate refuses it"
+        )
+    else:
+        said = ""
+    out.write(f"schema version {version} (this mailgate: {LATEST}){said}\n")
 
 
 def _dbBackup(store, args, out, stdin):
