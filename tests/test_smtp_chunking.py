@@ -338,6 +338,43 @@ def test_aMalformedBdatClosesTheConnection(users, dbpath, command):
     assert nothingStored(dbpath)
 
 
+@pytest.mark.parametrize("useLMTP", [False, True], ids=["smtp", "lmtp"])
+@pytest.mark.parametrize(
+    "command",
+    [b"BDAT " + b"0" * 600 + b"%d LAST", b"BDAT %d LAST" + b" " * 600, b"\tbdat %d" + b" " * 600],
+    ids=["leading zeros", "spaces after LAST", "tab and lower case"],
+)
+@pytest.mark.parametrize("inPieces", [False, True], ids=["whole", "in pieces"])
+def test_aBdatLineTooLongClosesTheConnection(users, dbpath, useLMTP, command, inPieces):
+    """
+    A BDAT line over the command line limit is a malformed BDAT too, not
+    a line too long after which the session goes on: its chunk follows it,
+    and a front end on the way that takes longer lines (a size with leading
+    zeros, spaces after LAST: mailgate's own BDAT takes both) sends that
+    chunk as a message, where here its octets ran as commands (a RSET and
+    a MAIL of the client's choosing).  The same when the line is refused
+    as soon as the limit is passed (in pieces: before its end arrives).
+    """
+    s = lmtp(users) if useLMTP else session(users)
+    begin(s)
+    chunk = b"RSET\r\nMAIL FROM:<smuggled@remote.test>\r\n"
+    line = command.replace(b"%d", b"%d" % len(chunk)) + b"\r\n"
+    if inPieces:
+        out = s.send(line[:520]) + s.send(line[520:] + chunk)
+    else:
+        out = s.send(line + chunk)
+    assert out == b"501 5.5.4 syntax: BDAT chunk-size [LAST]; closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
+def test_aLineTooLongThatIsNoBdatIsRefusedAndTheSessionGoesOn(users):
+    s = session(users)
+    out = s.send(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    assert out == b"500 5.5.2 line too long (the limit is 512 octets)\r\n250 2.0.0 OK\r\n"
+    assert not s.disconnected
+
+
 def test_lmtpAnswersEachRecipientAfterTheLastChunk(users, dbpath):
     s = lmtp(users)
     begin(s, [ALICE, "nobody@example.org", BOB])

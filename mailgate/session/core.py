@@ -128,6 +128,10 @@ class CommandSession(Protocol):
         being cut into lines; C{feed} returns C{None} while it wants more,
         and the octets after its end once done, when the session leaves raw
         mode and runs L{rawDataEnded}.
+    @ivar longLineStart: the first octets (at most L{maxCommandLength}) of
+        the line L{lineTooLong} refuses, for a protocol to which what a
+        line begins with matters even when it is too long (SMTP's BDAT,
+        whose chunk follows it).
     """
 
     protocolName = None
@@ -167,6 +171,7 @@ class CommandSession(Protocol):
         self._idle = None
         self._out = None
         self.rawReceiver = None
+        self.longLineStart = b""
         self.sessionId = None
         self.peer = None
         self.peerText = None
@@ -705,6 +710,7 @@ class CommandSession(Protocol):
                         pending = len(buffer) - start
                         if pending >= self.maxCommandLength and pending >= self.lineLimit():
                             # Too long whatever follows: drop it as it comes.
+                            self.longLineStart = bytes(buffer[start : start + self.maxCommandLength])
                             self._buffer = b""
                             self._pos = 0
                             self._resetLineCount()
@@ -715,6 +721,7 @@ class CommandSession(Protocol):
                     self._pos = newline + 1
                     length = newline + 1 - start
                     if length > self.maxCommandLength and length > self.lineLimit():
+                        self.longLineStart = bytes(buffer[start : start + self.maxCommandLength])
                         self._run(self.lineTooLong)
                         continue
                     end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline

@@ -54,6 +54,15 @@ _SIZE = re.compile(r"^[0-9]{1,20}$")
 #: a malformed BDAT, not for a command of no name.
 _BDAT_LINE = re.compile(rb"BDAT [\x20-\x7e]*", re.IGNORECASE)
 
+
+def _beginsAsBDAT(line):
+    """
+    Whether the command line C{line} (octets) begins as BDAT does, after
+    any spaces and tabs: what a front end on the way may take for BDAT.
+    """
+    return line.lstrip(b" \t")[:4].upper() == b"BDAT"
+
+
 # Why a RCPT was refused, by the refusal's enhanced code, for its log line.
 _RCPT_REASONS = {
     "5.1.1": "no such user",
@@ -255,6 +264,17 @@ class SMTPServer(CommandSession):
         return self._bad(500, "5.5.2", text)
 
     def lineTooLong(self):
+        """
+        A command line over the limit is refused, and the session goes on;
+        but one that begins as BDAT does is a malformed BDAT (see
+        L{lineReceived}), which ends the session: its chunk follows it,
+        and a front end on the way that takes longer lines (a size with
+        leading zeros, spaces after LAST, as mailgate's own BDAT takes
+        them) sends the chunk as a message where the octets would
+        otherwise run here as commands.
+        """
+        if _beginsAsBDAT(self.longLineStart):
+            return self._badBDAT()
         return self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
 
     def unknownCommand(self, verb):
@@ -1021,7 +1041,7 @@ class SMTPServer(CommandSession):
         on the way that took the line for BDAT sends them as a message.
         """
         self._tally["commands"] += 1
-        if line.lstrip(b" \t")[:4].upper() == b"BDAT" and not _BDAT_LINE.fullmatch(line):
+        if _beginsAsBDAT(line) and not _BDAT_LINE.fullmatch(line):
             return self._badBDAT()
         return super().lineReceived(line)
 
