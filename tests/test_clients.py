@@ -67,6 +67,7 @@ GETMAIL = shutil.which("getmail")
 CURL = shutil.which("curl")
 FETCHMAIL = shutil.which("fetchmail")
 NEOMUTT = shutil.which("neomutt")
+SNAIL = shutil.which("s-nail")
 
 
 def requires(binary, name, package):
@@ -80,6 +81,7 @@ requiresGetmail = requires(GETMAIL, "getmail", "getmail6")
 requiresCurl = requires(CURL, "curl", "curl")
 requiresFetchmail = requires(FETCHMAIL, "fetchmail", "fetchmail")
 requiresNeomutt = requires(NEOMUTT, "neomutt", "neomutt")
+requiresSnail = requires(SNAIL, "s-nail", "s-nail")
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"  # a space: PASS takes the rest of the line
@@ -979,6 +981,93 @@ def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, cer
     neomutt("-e", "set delete=yes", "-e", "push <next-entry><delete-message><sync-mailbox><quit>")
     assert loginMechanisms(server, ALICE, 3) == ["scram-sha-256"] * 3
     assert mailgate_cli.mailbox(ALICE) == [(n, octets, uid) for n, (_, octets, uid) in enumerate(held[:1] + held[2:], 1)]
+
+
+def snail(url, trust, directory, *variables, commands=("quit",)):
+    """
+    Run s-nail (the mailx of Debian's s-nail package) on the POP3 mailbox
+    C{url} in batch mode, read-only (C{-R}: it deletes nothing), trusting
+    only the certificate file C{trust}, with C{-S} C{variables} and the
+    C{-Y} C{commands}; return (exit status, its output).
+    """
+    argv = [SNAIL, "-n", "-N", "-R", "-S", "v15-compat", "-S", f"tls-ca-file={trust}", "-S", "tls-ca-no-defaults"]
+    for variable in variables:
+        argv += ["-S", variable]
+    for command in commands:
+        argv += ["-Y", command]
+    environment = dict(childEnvironment(), HOME=str(directory), LC_ALL="C.UTF-8")
+    try:
+        done = subprocess.run(
+            argv + ["-f", url], capture_output=True, stdin=subprocess.DEVNULL, timeout=DEADLINE * 2, env=environment,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{argv} did not finish within {DEADLINE * 2} s\n{e.stdout!r}\n{e.stderr!r}")
+    return done.returncode, (done.stdout + done.stderr).decode("utf-8", "replace")
+
+
+def fromMbox(mbox):
+    """
+    The messages of an mbox file as s-nail's C{copy} writes them (a From_
+    line before each, an empty line after each; none of these messages
+    has a line starting with "From "), as the server sent them: with CRLF
+    line ends.
+    """
+    assert mbox.startswith(b"From "), mbox[:200]
+    messages = re.split(rb"\n\nFrom [^\n]*\n", mbox[mbox.index(b"\n") + 1 :])
+    assert messages[-1].endswith(b"\n\n"), messages[-1][-200:]
+    messages[-1] = messages[-1][:-2]
+    return [message.replace(b"\n", b"\r\n") + b"\r\n" for message in messages]
+
+
+@requiresSnail
+def test_snailUsesAPOPWhereverTheGreetingOffersIt(serve, mailgate_cli, tmp_path, certificate):
+    """
+    s-nail logs in with APOP whenever the greeting has an APOP timestamp,
+    which mailgate's greeting has while some user has APOP enabled (Bob
+    here): for Alice, who has not, the login fails ([AUTH], a failed login
+    of hers) and s-nail says to set pop3-no-apop.  With it set she logs
+    in with USER/PASS over STLS and POP3S, s-nail verifying the
+    certificate, and reads every message as it was delivered; Bob logs in
+    with APOP.  A certificate that the CA file does not vouch for stops it
+    before it logs in.
+    """
+    server = serve()
+    delivered = awkwardMessages()
+    deliverAll(mailgate_cli, ALICE, delivered)
+    mailgate_cli.deliver(BOB, delivered[0])
+    held = mailgate_cli.mailbox(ALICE)
+    trust = str(certificate[0])
+    directory = tmp_path / "s-nail"
+    directory.mkdir()
+    alice = "alice%40example.org:wonder%20land@localhost"
+    stls = f"pop3://{alice}:{server.port}"
+    pop3s = f"pop3s://{alice}:{server.portOf('POP3S')}"
+
+    code, output = snail(stls, trust, directory, "pop3-use-starttls")
+    assert code != 0, output
+    assert "POP3 error: -ERR [AUTH] invalid user name or password" in output, output
+    assert "please set *pop3-no-apop*" in output, output
+
+    for url in (stls, pop3s):
+        mbox = directory / "saved"
+        mbox.unlink(missing_ok=True)
+        code, output = snail(url, trust, directory, "pop3-use-starttls", "pop3-no-apop", commands=[f"copy * {mbox}"])
+        assert code == 0, f"{output}\n{server.log()}"
+        assert fromMbox(mbox.read_bytes()) == [asServed(message) for message in delivered]
+    assert loginMechanisms(server, ALICE, 2) == ["user", "user"]
+
+    bob = f"pop3://bob%40example.org:b0b%27s%20secret@localhost:{server.port}"
+    code, output = snail(bob, trust, directory, "pop3-use-starttls", commands=["headers", "quit"])
+    assert code == 0 and "plain" in output, output  # the one message's subject
+    assert loginMechanisms(server, BOB, 1) == ["apop"]
+
+    (tmp_path / "other").mkdir()
+    other = makeCertificate(tmp_path / "other", "localhost", name="other")[0]
+    for url in (stls, pop3s):
+        code, output = snail(url, other, directory, "pop3-use-starttls", "pop3-no-apop")
+        assert code != 0 and "certificate" in output.lower(), output
+    assert len(loginMechanisms(server, ALICE, 2)) == 2
+    assert mailgate_cli.mailbox(ALICE) == held
 
 
 # -- 3. failures -------------------------------------------------------------------------
