@@ -6,6 +6,7 @@ backends: what the administrator sees, and that a running server's policy
 
 import datetime
 import io
+import json
 import re
 import time
 
@@ -100,6 +101,9 @@ def test_aSingleIPv6AddressBannedByAnEarlierVersionIsLifted(cli):
         resultOf(SQLPolicyStore(store.database).addBan("2001:db8::5", time.time(), 600))
     finally:
         store.close()
+    # Listed as it is enforced, for its /64 (it was listed as 2001:db8::5).
+    assert [address for address, _, _, _ in banList(cli)] == ["2001:db8::/64"]
+    assert json.loads(cli("ban", "list", "--json").out)["address"] == "2001:db8::/64"
     result = cli("ban", "del", "2001:db8::5")
     assert result.code == 0, result
     assert banList(cli) == []

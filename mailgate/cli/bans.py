@@ -40,15 +40,20 @@ def _policyStore(store):
 
 
 def _banList(store, args, out, stdin):
-    bans = _result(_policyStore(store).listBans(time.time()))
+    from mailgate.policy.addresses import storedKey
+
+    # Each ban as it is enforced: one an older mailgate stored for a
+    # single IPv6 address covers its /64 (mailgate.policy.bans), and was
+    # listed as the single address.
+    bans = [(storedKey(b.address), b) for b in _result(_policyStore(store).listBans(time.time()))]
     if args.json:
         return _jsonLines(out, (
-            {"address": b.address, "reason": b.reason, "failures": b.failures, "expires": _utc(b.expires)}
-            for b in bans
+            {"address": address, "reason": b.reason, "failures": b.failures, "expires": _utc(b.expires)}
+            for address, b in bans
         ))
     out.write(f"{'ADDRESS':<39} {'REASON':<14} {'FAILURES':>8}  EXPIRES\n")
-    for ban in bans:
-        out.write(f"{ban.address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
+    for address, ban in bans:
+        out.write(f"{address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
 
 
 def _banAdd(store, args, out, stdin):
