@@ -133,6 +133,27 @@ def test_dbVersionSaysADatabaseIsNewerThanThisMailgate(sqliteURL):
     assert code == 78 and f"database schema version {LATEST + 1} is newer" in err
 
 
+def test_dbUpgradeSaysWhichMigrationsChangeNothingOnThisDatabase(databaseURL):
+    """
+    Migration 4 rewrites SQLite's chunks, 7 changes how PostgreSQL stores
+    them; on the other engine each only records the version.  db upgrade
+    of a PostgreSQL database printed "applied migration 4: SQLite: message
+    chunks in a rowid table", as if done to it.
+    """
+    code, out, err = mailgate(databaseURL, "db", "upgrade")
+    assert (code, err) == (0, "")
+    if databaseURL.startswith("sqlite"):
+        said, other = "applied migration 7: PostgreSQL: message chunks stored without compression", 4
+        engine = "SQLite"
+    else:
+        said, other = "applied migration 4: SQLite: message chunks in a rowid table", 7
+        engine = "PostgreSQL"
+    lines = out.splitlines()
+    assert f"{said} (nothing to change on {engine})" in lines
+    assert [line for line in lines if "nothing to change" in line] == [f"{said} (nothing to change on {engine})"]
+    assert any(line.startswith(f"applied migration {other}: ") for line in lines)
+
+
 def test_dbVersionSaysADatabaseIsOlderAndThatTheNextCommandUpgradesIt(tmp_path):
     """
     On a database an older mailgate made (the version-3 database of

@@ -15,11 +15,21 @@ from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.plural import counted
 
 
+#: The engines as the administrator knows them.
+_ENGINE_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+
+
 def _dbUpgrade(store, args, out, stdin):
     database = store.database
     applied = upgrade(database)
+    engine = database.engine.name
     for migration in applied:
-        out.write(f"applied migration {migration.version}: {migration.description}\n")
+        # A migration for the other engine only records the version: said,
+        # or upgrading PostgreSQL printed "SQLite: message chunks in a
+        # rowid table" as if that had been done to it.
+        untouched = migration.dialects is not None and engine not in migration.dialects
+        nothing = f" (nothing to change on {_ENGINE_NAMES[engine]})" if untouched else ""
+        out.write(f"applied migration {migration.version}: {migration.description}{nothing}\n")
     out.write(f"schema is at version {LATEST}\n")
 
 
