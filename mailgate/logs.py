@@ -92,10 +92,19 @@ class LogStream:
         output), which L{reopen} leaves alone.
     """
 
+    #: how the stream's own line saying lines were lost is formatted (an
+    #: event to a line, as its observer formats them: L{observerFor} sets
+    #: it), so that a JSON log stays JSON
+    formatEvent = None
+
     def __init__(self, path=None, stream=None):
         self.path = path
         self._lock = threading.Lock()
         self._stream = stream if path is None else self._open(path)
+        # Lines not written (a full disk): told once writing works again.
+        self._lost = 0
+        self._lostBecause = None
+        self._cutShort = False
 
     @staticmethod
     def _open(path):
@@ -135,15 +144,70 @@ class LogStream:
         except BaseException:
             os.close(fd)
             raise
-        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        # Unbuffered: each line is one write(2) (the observer flushed after
+        # every line anyway), so that a line the disk has no room for is
+        # known lost at once, not left in a buffer to be written later or
+        # dropped, part of it, when the file is closed.
+        return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, text):
+        """
+        Write C{text} (one log line).  A write that fails (no space left on
+        the log's filesystem, its quota, an I/O error) loses the line and
+        raises nothing: the server goes on serving, and once a line can be
+        written again it is preceded by one saying how many were lost and
+        why (C{log.lines_lost}); a line the disk cut short is ended first.
+        """
         with self._lock:
-            self._stream.write(text)
+            if self.path is None:
+                self._stream.write(text)
+                return
+            data = text.encode("utf-8", "backslashreplace")
+            if self._lost:
+                if not self._writeAll(self._lostLine()):
+                    self._lost += 1
+                    return
+                self._lost, self._lostBecause = 0, None
+            if not self._writeAll(data):
+                self._lost += 1
+
+    def _writeAll(self, data):
+        """
+        Write all of C{data}; C{False} if the file took none or only part of
+        it (then its part is ended by the next line written).
+        """
+        if self._cutShort:
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            try:
+                written = self._stream.write(view)
+            except OSError as e:
+                self._lostBecause = e.strerror or str(e)
+                if len(view) < len(data):
+                    self._cutShort = True
+                return False
+            if not written:
+                self._lostBecause = "nothing written"
+                return False
+            view = view[written:]
+        self._cutShort = False
+        return True
+
+    def _lostLine(self):
+        count, why = self._lost, self._lostBecause or "a failed write"
+        text = f"{count} log {'line' if count == 1 else 'lines'} lost, not written to {self.path}: {why}"
+        event = {
+            "log_format": "{line}", "line": text, "log_level": LogLevel.warn, "log_namespace": "mailgate.logs",
+            "log_time": _now(), "event": "log.lines_lost", "lost": count, "error": why,
+        }
+        line = self.formatEvent(event) if self.formatEvent is not None else None
+        return (line or f"{text}\n").encode("utf-8", "backslashreplace")
 
     def flush(self):
         with self._lock:
-            self._stream.flush()
+            if self.path is None:
+                self._stream.flush()
 
     def reopen(self):
         """
@@ -282,9 +346,10 @@ def observerFor(logFormat, stream):
     The observer writing events to C{stream} in C{logFormat} (C{"text"} or
     C{"json"}).
     """
-    if logFormat == "json":
-        return jsonFileLogObserver(stream)
-    return FileLogObserver(stream, classicTextLine)
+    formatter = eventAsJSONLine if logFormat == "json" else classicTextLine
+    if isinstance(stream, LogStream):
+        stream.formatEvent = formatter
+    return FileLogObserver(stream, formatter)
 
 
 class _SecondStamps:

@@ -26,18 +26,21 @@ receives them.
 import base64
 import contextlib
 import errno
+import json
 import os
 import poplib
 import secrets
 import smtplib
 import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from twisted.logger import LogLevel
 
 from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, databaseURL, popLogin, runCommand, waitFor
 from mailgate.errors import StorageFull, TemporaryFailure
@@ -786,3 +789,53 @@ def test_aDatabaseOnAReadOnlyFilesystemIsNamedAsSuch(disk, tmp_path):
     process, status = _startUntilExit(admin, tmp_path)
     assert status == 78 and "Read-only file system" in process.stdout + process.stderr, process.log()
     assert "Traceback" not in process.stdout + process.stderr, process.log()
+
+
+@needsRoot
+@pytest.mark.parametrize("logFormat", ["text", "json"])
+def test_linesTheLogsFullDiskTookNotAreCountedOnceThereIsRoom(tmp_path, logFormat):
+    """
+    The log's own filesystem full: a line that cannot be written is lost
+    without an exception (the server serves on), and the first line that
+    can be written again comes after one, in the log's format, saying how
+    many were lost and why; a line the disk cut short is ended first.
+    Reopening the file (SIGHUP, logrotate) works on the full disk too: it
+    said "log file not reopened, still writing to the old one: No space
+    left on device" while the new file was already in use (the old one's
+    buffer failed to flush as it was closed).
+    """
+    from mailgate.logs import LogStream, observerFor
+
+    with smallTmpfs(tmp_path / "logdisk", size="64k") as where:
+        path = where / "mailgate.log"
+        stream = LogStream(path=str(path))
+        observer = observerFor(logFormat, stream)
+
+        def line(text):
+            observer({"log_format": "{line}", "line": text, "log_level": LogLevel.info,
+                      "log_namespace": "test", "log_time": time.time()})
+
+        line("before")
+        filler = fill(where)
+        for n in range(3):
+            line(f"lost {n} " + "x" * 5000)
+        assert stream.reopen()
+        line("lost 3")
+        os.unlink(filler)
+        line("after")
+        stream.close()
+
+        lines = path.read_text().splitlines()
+    if logFormat == "json":
+        # A line cut short is no JSON: the whole ones are.
+        records = [json.loads(text) for text in lines if text.endswith("}")]
+        assert [r["text"] for r in records] == ["before", records[1]["text"], "after"], lines
+        assert records[1]["event"] == "log.lines_lost" and records[1]["level"] == "warn", records
+        assert records[1]["lost"] == 4 and records[1]["error"] == "No space left on device", records
+        assert all(text.startswith('{"time"') for text in lines), lines
+    else:
+        assert lines[0].endswith(" before"), lines
+        assert lines[-1].endswith(" after"), lines
+        assert lines[-2].endswith(f"4 log lines lost, not written to {path}: No space left on device"), lines
+        # Nothing but (at most) the start of the first line lost between.
+        assert all(" lost 0 " in text for text in lines[1:-2]), lines
