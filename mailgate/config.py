@@ -1426,6 +1426,16 @@ def checkListening(config, path=None):
 #: the settings whose values are listeners, in the order they start
 LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "metrics")
 
+#: the settings of a C{--config} file that the C{mailgate} command reads
+#: as the server's, at each run (L{mailgate.cli}: the store's defaults
+#: every command applies, and what C{mailgate deliver}, an MTA's pipe
+#: transport, delivers with), beside C{database}: changed in the file, they
+#: apply there at once, while a running server takes them at its restart
+COMMAND_SETTINGS = frozenset({
+    "default-quota", "expire-days", "keep-deleted-days", "quota-warning", "duplicate-window",
+    "recipient-delimiter", "quota-exceeded", "hostname", "spool-directory",
+})
+
 
 def sharedAddress(config):
     """

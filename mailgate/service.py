@@ -30,8 +30,8 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import LISTENER_SETTINGS, SETTINGS, missingSocketDirectories, networksOf, setting
-from mailgate.config import splitCertificatePair
+from mailgate.config import COMMAND_SETTINGS, LISTENER_SETTINGS, SETTINGS, missingSocketDirectories, networksOf
+from mailgate.config import setting, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -512,10 +512,19 @@ class MailgateService(MultiService):
         )
         self.restartNeeded = tuple(later) + (("database",) if new.database != self.config.database else ())
         if later:
+            # Said where the mailgate command (mailgate deliver, an MTA's
+            # pipe transport) reads the change already: until the restart
+            # it delivers with other settings than this server's LMTP.
+            read = [name for name in later if name in COMMAND_SETTINGS]
             self.log.warn(
-                "configuration changed: {names} take effect at the next restart",
+                "configuration changed: {names} take effect at the next restart{readNow}",
                 names=", ".join(later),
                 settings=later,
+                readNow=(
+                    f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"
+                    if read else ""
+                ),
+                readByTheCommand=read,
                 event="config.restart_needed",
             )
         return applied

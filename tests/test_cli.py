@@ -1529,6 +1529,26 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     ]
 
 
+def test_theSettingsTheCommandReadsFromTheServersFileAreKnownToTheServer():
+    """
+    The settings the mailgate command takes from the server's --config
+    file (values.get("...") in mailgate.cli) are config.COMMAND_SETTINGS,
+    which a reload changing them names as used by the command already
+    (config.restart_needed): a new one read here and not listed there
+    would be said to wait for the restart alone.
+    """
+    import re
+    from pathlib import Path
+
+    from mailgate import cli, config as configuration
+
+    read = set()
+    for source in Path(cli.__file__).parent.glob("*.py"):
+        read |= set(re.findall(r'values\.get\("([a-z-]+)"', source.read_text()))
+    assert read == configuration.COMMAND_SETTINGS
+    assert read <= {s.name for s in configuration.SETTINGS}
+
+
 def test_configCheckDoesNotBlameTheDatabaseForWhatIsWrong(tmp_path):
     """
     config --check opens no database: its reason is the server's alone,

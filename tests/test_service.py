@@ -208,6 +208,16 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert root.listeners["SMTP"][0].factory.maxRecipients == 100
     [later] = said("config.restart_needed")
     assert formatEvent(later) == "configuration changed: max-recipients take effect at the next restart"
+    # A setting the mailgate command reads from the file at each run:
+    # mailgate deliver (an MTA's pipe transport) uses it already.
+    path.write_text('max-recipients = 5\nrecipient-delimiter = "+"\n')
+    root.hangup()
+    [_, later] = said("config.restart_needed")
+    assert formatEvent(later) == (
+        "configuration changed: max-recipients, recipient-delimiter take effect at the next restart; the mailgate "
+        "command and mailgate deliver with this file use recipient-delimiter already"
+    )
+    assert later["readByTheCommand"] == ["recipient-delimiter"]
 
     path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')
     root.hangup()
@@ -305,7 +315,10 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     path.write_text(f'spool-directory = "{tmp_path}"\n')
     root.hangup()
     [later] = [formatEvent(e) for e in logEvents if e.get("event") == "config.restart_needed"]
-    assert later == "configuration changed: spool-directory take effect at the next restart"
+    assert later == (
+        "configuration changed: spool-directory take effect at the next restart; the mailgate command and "
+        "mailgate deliver with this file use spool-directory already"
+    )
 
 
 def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents):
