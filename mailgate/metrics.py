@@ -283,8 +283,23 @@ class Metrics:
             "When each TLS certificate in service stops being valid (its notAfter), in Unix time.",
             ["subject", "key_type", "fingerprint"], initial=(),
         )
+        # 1 until a reload (SIGHUP) fails in any part, and again once one
+        # succeeds: an alert on 0 sees a node serving what it had before,
+        # which systemctl reload may have reported as done.
+        self._reloadSuccessful = _Series(
+            gauge, "mailgate_config_last_reload_successful",
+            "1 unless the last reload (SIGHUP) failed in any part: the configuration file, a certificate, the log.",
+        )
+        self._reloadSuccessful.values[()] = 1
+        # No series until a reload finds a setting of the file changed
+        # that only a restart applies.
+        self._restartNeeded = _Series(
+            gauge, "mailgate_config_restart_needed",
+            "1 for each setting the configuration file changes that waits for a restart, as the last reload found.",
+            ["setting"], initial=(),
+        )
         registry.register(_ReactorSeries([
-            self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._reloadSuccessful, self._restartNeeded, self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
@@ -525,6 +540,17 @@ class Metrics:
         alert on a node whose clock drifts watches.
         """
         self._clockOffset.values[()] = seconds
+
+    def reloaded(self, failed, restartNeeded):
+        """
+        A reload is over: it C{failed} in some part or not
+        (C{mailgate_config_last_reload_successful}), and the file changes
+        the settings C{restartNeeded}, which wait for a restart
+        (C{mailgate_config_restart_needed}, one series each, the others
+        gone).
+        """
+        self._reloadSuccessful.values[()] = 0 if failed else 1
+        self._restartNeeded.values = {name: 1 for name in restartNeeded}
 
     def certificatesInService(self, certificates):
         """

@@ -422,6 +422,8 @@ class MailgateService(MultiService):
             self.lastReloadFailed = True
             raise
         finally:
+            if self.metrics is not None:
+                self.metrics.reloaded(self.lastReloadFailed, self.restartNeeded)
             for _, ends in self._reloadWatchers:
                 ends()
 

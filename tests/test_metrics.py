@@ -44,6 +44,8 @@ from pumped import PumpedReactor
 # counters' families), type, labels.
 CONTRACT = {
     "mailgate_build_info": ("gauge", {"version"}),
+    "mailgate_config_last_reload_successful": ("gauge", set()),
+    "mailgate_config_restart_needed": ("gauge", {"setting"}),
     "mailgate_connections": ("gauge", {"protocol"}),
     "mailgate_sessions": ("counter", {"protocol"}),
     "mailgate_connections_refused": ("counter", {"protocol", "reason"}),

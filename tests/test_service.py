@@ -374,10 +374,13 @@ def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents
 
 def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
     """
-    What systemd's STATUS= says after a reload (test_systemd): whether it
-    failed in any part (the file, the certificates, the log file's
-    reopening), and which settings the file changes wait for a restart (a
-    changed database too), as the last reload that read the file found.
+    What systemd's STATUS= says after a reload (test_systemd), and the
+    metrics an alert watches: whether it failed in any part (the file, the
+    certificates, the log file's reopening;
+    mailgate_config_last_reload_successful), and which settings the file
+    changes wait for a restart (a changed database too;
+    mailgate_config_restart_needed), as the last reload that read the
+    file found.
     """
     from certs import makeCertificate
 
@@ -385,19 +388,30 @@ def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
     path = tmp_path / "mailgate.toml"
     tls = f'tls-cert = "{certificate}"\ntls-key = "{key}"\n'
     options, root = _reloadableService(path, tls)
+
+    def metric(name, **labels):
+        return root.metrics.registry.get_sample_value(name, labels)
+
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
+    assert metric("mailgate_config_last_reload_successful") == 1
     path.write_text(tls + "max-recipients = 5\n")
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ("max-recipients",))
+    assert metric("mailgate_config_restart_needed", setting="max-recipients") == 1
     path.write_text(tls + 'max-recipients = "five"\n')
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (True, ("max-recipients",))
+    assert metric("mailgate_config_last_reload_successful") == 0
     path.write_text(tls + f'database = "sqlite:///{tmp_path / "other.sqlite3"}"\n')
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ("database",))
+    assert metric("mailgate_config_last_reload_successful") == 1
+    assert metric("mailgate_config_restart_needed", setting="database") == 1
+    assert metric("mailgate_config_restart_needed", setting="max-recipients") is None
     path.write_text(tls)
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
+    assert metric("mailgate_config_restart_needed", setting="database") is None
     good = key.read_bytes()
     key.write_bytes(b"not a key")
     root.hangup()
