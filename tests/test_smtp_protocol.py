@@ -205,6 +205,54 @@ def test_helo(users, dbpath):
     assert trace(message)["protocol"] == b"SMTP"
 
 
+@pytest.mark.parametrize(
+    "useLMTP, hello, commands",
+    [(False, "EHLO", ["EHLO client.test"]), (False, "HELO", ["HELO client.test"]),
+     (False, "EHLO", [f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{ALICE}>", "EHLO client.test"]),
+     (True, "LHLO", ["LHLO client.test"])],
+    ids=["EHLO", "HELO", "a transaction dropped by EHLO", "LHLO"],
+)
+def test_aClientThatOnlyGreetsAgainAndAgainIsClosed(users, useLMTP, hello, commands):
+    """
+    EHLO, HELO and LHLO deliver nothing and can be repeated for ever, as
+    NOOP can: they are junk commands too (Postfix's smtpd flags HELO and
+    EHLO so).  Sent instead of a NOOP every few minutes (each restarting
+    the idle timer), one kept its connection for good, and a transaction
+    begun and dropped by EHLO did the same; now, as for NOOP, past 100 of
+    them each counts as an error, and 20 more end the session.
+    """
+    s = SMTPSession(users, lmtp=useLMTP)
+    greeted = commands[0].startswith("MAIL")
+    if greeted:
+        assert s.command("EHLO client.test").startswith("250-")
+    rounds = 0
+    for _ in range(200):
+        for command in commands:
+            reply = s.command(command)
+        s.advance(SMTPServer.idleTimeout - 10)
+        if s.disconnected:
+            break
+        rounds += 1
+    # The 120th greeting is the 20th error.
+    assert rounds == 119 - greeted
+    assert reply.endswith("421 4.7.0 mailgate.test too many errors, closing connection\r\n")
+    assert reply.startswith(f"250-mailgate.test greets client.test\r\n" if hello != "HELO" else "250 mailgate.test")
+
+
+def test_greetingAgainIsForgivenByADelivery(users, dbpath):
+    """
+    Counted as NOOP is: since the last delivered message.  A client that
+    delivers a message and greets again before the next is never closed.
+    """
+    s = session(users)
+    for i in range(150):
+        assert s.command("EHLO client.test").startswith("250-")
+        out = envelope(s, [ALICE])
+        assert out[-1].startswith("354 ")
+        assert s.send(b"Subject: %d\r\n\r\nhi\r\n.\r\n" % i).startswith(b"250 2.0.0 ")
+    assert not s.disconnected
+
+
 @pytest.mark.parametrize("command", ["EHLO", "HELO", "EHLO ", "EHLO two words"])
 def test_helloNeedsOneName(store, command):
     s = SMTPSession(store)

@@ -162,8 +162,8 @@ class SMTPServer(CommandSession):
     @cvar maxBadCommands: errors tolerated before the session is closed,
         counted since the session's start or its last delivered message.
     @cvar maxJunkCommands: commands that deliver nothing (NOOP, RSET,
-        VRFY, HELP) tolerated since the session's start or its last
-        delivered message, beyond which each counts as an error, as
+        VRFY, HELP, EHLO, HELO, LHLO) tolerated since the session's start
+        or its last delivered message, beyond which each counts as an error, as
         Postfix's C{smtpd_junk_command_limit}: a client that only keeps its
         connection alive (a NOOP every few minutes resets the idle timer)
         is closed after L{maxBadCommands} more.
@@ -561,6 +561,10 @@ class SMTPServer(CommandSession):
             self._replyLines(250, [greeting] + self.extensions())
         else:
             self._send(f"250 {greeting}\r\n")
+        # Delivers nothing either, and can be repeated for ever (as
+        # Postfix's smtpd flags HELO and EHLO): a client that sends it
+        # instead of a NOOP every few minutes kept its connection for good.
+        self._junk()
         return None
 
     def smtp_EHLO(self, argument):
