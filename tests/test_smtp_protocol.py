@@ -236,7 +236,7 @@ def test_aClientThatOnlyGreetsAgainAndAgainIsClosed(users, useLMTP, hello, comma
     # The 120th greeting is the 20th error.
     assert rounds == 119 - greeted
     assert reply.endswith("421 4.7.0 mailgate.test too many errors, closing connection\r\n")
-    assert reply.startswith(f"250-mailgate.test greets client.test\r\n" if hello != "HELO" else "250 mailgate.test")
+    assert reply.startswith("250-mailgate.test greets client.test\r\n" if hello != "HELO" else "250 mailgate.test")
 
 
 def test_greetingAgainIsForgivenByADelivery(users, dbpath):
