@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
+from mailgate.store.pgdeadline import ANSWER_DEADLINE
 from mailgate.timers import cancelled, elapsedClock
 from mailgate.plural import counted
 
@@ -226,7 +227,7 @@ class ReactorConnection(_Connection):
         maildrop's advisory lock) went with it.  C{None}: nobody asks.
     """
 
-    deadline = 75.0
+    deadline = ANSWER_DEADLINE
     onLost = None
     log = Logger()
 

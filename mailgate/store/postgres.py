@@ -30,6 +30,7 @@ from mailgate.store import pgreactor, pgrefusal, reads
 from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
+from mailgate.store.pgdeadline import DeadlineConnection
 from mailgate.store.pgreactor import (
     INT4,
     INT8,
@@ -134,6 +135,19 @@ class _Cursor:
     def rowcount(self):
         return self._cursor.rowcount
 
+    @property
+    def connection(self):
+        return self._cursor.connection
+
+
+def _boundAnswers(conn):
+    """
+    The answer deadline back on C{conn} once a transaction that ran
+    without it (L{PostgresEngine.lockSchema}) has ended.
+    """
+    if isinstance(conn, DeadlineConnection):
+        conn.answerDeadline = DeadlineConnection.answerDeadline
+
 
 def _conninfo(url):
     """
@@ -210,7 +224,7 @@ class PostgresEngine:
             # ever, where nothing but the URL can change.
             raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {problem}")
         try:
-            conn = psycopg.connect(
+            conn = DeadlineConnection.connect(
                 self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._keepalive
             )
         except psycopg.ProgrammingError as e:
@@ -254,11 +268,17 @@ class PostgresEngine:
 
     def commit(self, conn):
         if not conn.autocommit:
-            conn.commit()
+            try:
+                conn.commit()
+            finally:
+                _boundAnswers(conn)
 
     def rollback(self, conn):
-        if not conn.closed and not conn.autocommit:
-            conn.rollback()
+        try:
+            if not conn.closed and not conn.autocommit:
+                conn.rollback()
+        finally:
+            _boundAnswers(conn)
 
     def lockSchema(self, cursor):
         """
@@ -278,6 +298,8 @@ class PostgresEngine:
         back and tries again, letting the queue through in between.
         """
         cursor.execute("SET LOCAL statement_timeout = 0")
+        # Nor a deadline for the answers, until the transaction ends.
+        cursor.connection.answerDeadline = None
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_key("mailgate-schema"),))
         cursor.execute(f"SET LOCAL lock_timeout = {SCHEMA_LOCK_TIMEOUT_MS}")
 

@@ -1,0 +1,129 @@
+"""
+A PostgreSQL server that stops answering while the connections to it stay
+open: its processes stopped or stuck on a hung disk, a wedged pooler, a
+relay that forwards nothing (here L{pgfaultproxy.FaultProxy} paused).  The
+machine's kernel still acknowledges what the node sends and answers its
+keepalive probes, so only a deadline on the answers ends the wait
+(L{mailgate.store.pgdeadline}).
+
+In one process on a real PostgreSQL, the answer deadline and the connect
+timeout shortened (2 s is libpq's least connect timeout) so that the
+tests take seconds rather than the minute and a half a node takes.  Every
+wait is bounded: before the deadline existed, a worker thread waited for
+as long as the relay was paused, and these tests failed at their bound.
+"""
+
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from twisted.python.failure import Failure
+
+from mailgate.errors import CommitUncertain, TemporaryFailure
+from mailgate.message import spoolBytes
+from mailgate.store import postgres
+from mailgate.store.database import runTransaction
+from mailgate.store.pgdeadline import DeadlineConnection
+from pgfaultproxy import FaultProxy
+from pumped import PumpedReactor
+
+ALICE = "alice@example.org"
+DEADLINE = 1.0
+# PumpedReactor.wait's bound: well past what a failure takes here (the
+# deadline, then a connect timeout), well short of "for ever".
+BOUND = 20
+
+
+@pytest.fixture
+def relay(postgresURL):
+    server = urlsplit(postgresURL)
+    proxy = FaultProxy((server.hostname, server.port))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def shortened(monkeypatch):
+    monkeypatch.setattr(DeadlineConnection, "answerDeadline", DEADLINE)
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 2)
+
+
+@pytest.fixture
+def store(postgresURL, relay, shortened):
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.store import openStore
+    from mailgate.testing import TEST_HASH_COST
+
+    reactor = PumpedReactor()
+    opened = openStore(relay.url(postgresURL), reactor=reactor)
+    opened.reactor = reactor
+    try:
+        reactor.resultOf(opened.addUser(ALICE, makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        yield opened
+    finally:
+        relay.resume()
+        reactor.resultOf(opened.close())
+
+
+def _message(subject):
+    return spoolBytes(b"Subject: " + subject + b"\r\n\r\nbody\r\n")
+
+
+def test_aReadTheDatabaseLeavesUnansweredFailsTemporarily(store, relay):
+    """
+    A user's look-up (a login's, a recipient's) on a reader whose
+    connection gets no answer fails as temporary, and the reader serves
+    again once the database answers.
+    """
+    reactor = store.reactor
+    assert reactor.wait(store.findUser(ALICE)).address == ALICE
+    relay.pause()
+    failed = reactor.wait(store.findUser(ALICE), timeout=BOUND)
+    assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
+    relay.resume()
+    assert reactor.wait(store.findUser(ALICE), timeout=BOUND).address == ALICE
+
+
+def test_aDeliveryTheDatabaseLeavesUnansweredFailsTemporarilyAndIsNotStored(store, relay):
+    """
+    The writer's statements go unanswered: the delivery fails as
+    temporary (451 to the client, which sends it again), none of it is
+    committed, and the writer takes deliveries again once the database
+    answers: the writer and every write queued behind it are not held for
+    as long as the database is away.
+    """
+    reactor = store.reactor
+    assert list(reactor.wait(store.deliver([ALICE], _message(b"before")))) == [ALICE]
+    relay.pause()
+    failed = reactor.wait(store.deliver([ALICE], _message(b"while silent")), timeout=BOUND)
+    assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
+    assert not failed.check(CommitUncertain), failed
+    relay.resume()
+    assert list(reactor.wait(store.deliver([ALICE], _message(b"after")), timeout=BOUND)) == [ALICE]
+    assert len(reactor.wait(store.listMessages(ALICE))) == 2
+
+
+def test_aSchemaMigrationWaitsWithoutTheDeadline(postgresURL, shortened):
+    """
+    A migration's transaction runs without the statement timeout, on
+    purpose (L{postgres.PostgresEngine.lockSchema}): its answers are not
+    held to the deadline either, which comes back for the next
+    transaction on the same connection.
+    """
+    engine = postgres.PostgresEngine(postgresURL)
+    conn = engine.connect()
+    try:
+        def migration(cursor):
+            engine.lockSchema(cursor)
+            cursor.execute("SELECT pg_sleep(?)", (DEADLINE * 2,))
+
+        runTransaction(engine, conn, migration, (), {}, True)
+        with pytest.raises(psycopg.OperationalError) as given:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(%s)", (DEADLINE * 2,))
+        assert "no answer from PostgreSQL in 1 second" in str(given.value)
+        assert engine.isDisconnect(given.value) and engine.isBroken(conn)
+    finally:
+        conn.close()
