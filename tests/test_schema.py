@@ -1132,3 +1132,65 @@ def test_aMigrationThatRunsOutOfRoomSaysSoAndThatItWasRolledBack(version3):
         assert retr.endswith("\r\n" + _served(OLD_BODIES["big"]))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aNodeThatMayNotChangeTheSchemaStartsOnceTheOwnersUpgradeIsDone(version3, mailOnlyRole):
+    """
+    A node whose role may only read and write mail, started while the
+    schema's owner runs mailgate db upgrade (README's order, with a node
+    restarted meanwhile): it waits for the owner's lock, then found the
+    schema up to date only after a CREATE TABLE IF NOT EXISTS of the
+    version table, which PostgreSQL refuses a role without CREATE on the
+    schema even when the table is there: it stopped with "permission
+    denied for schema ... run mailgate db upgrade as the schema's owner"
+    (exit 78, which the unit does not restart), the upgrade it was told to
+    run just done.  It starts.
+    """
+    import time
+
+    import psycopg
+
+    from mailgate.store.schema import applyMigration, pendingMigrations, recordedVersion
+
+    nodeURL = mailOnlyRole()
+    role = urlsplit(nodeURL).username
+    schema = parse_qs(urlsplit(version3).query)["options"][0].split("=", 1)[1]
+    engine = engineFromURL(version3)
+    owner = engine.connect()
+    try:
+        # The owner's upgrade, under the schema's lock.
+        cursor = engine.begin(owner, True)
+        engine.lockSchema(cursor)
+        node, outcome = _storeOpeningInAThread(nodeURL)
+        node.start()
+        with psycopg.connect(version3, autocommit=True) as watcher:
+            deadline = time.monotonic() + 20
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid = ANY(%s)"
+            pids = [row[0] for row in watcher.execute(
+                "SELECT pid FROM pg_stat_activity WHERE usename = %s", (role,)
+            ).fetchall()]
+            while not pids or watcher.execute(waiting, (pids,)).fetchone()[0] == 0:
+                assert node.is_alive() and time.monotonic() < deadline, outcome
+                time.sleep(0.01)
+                pids = [row[0] for row in watcher.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE usename = %s", (role,)
+                ).fetchall()]
+        cursor.execute("SELECT max(version) FROM mailgate_schema")
+        for migration in pendingMigrations(cursor.fetchone()[0]):
+            applyMigration(cursor, engine, migration)
+        # As README says to after an upgrade that adds tables.
+        cursor.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}")
+        owner.commit()
+    finally:
+        owner.close()
+    node.join(20)
+    assert not node.is_alive()
+    (store,) = outcome
+    try:
+        assert not isinstance(store, Exception), store
+        assert store.database.run(recordedVersion) == LATEST
+        assert [m.uniqueId for m in resultOf(store.listMessages("alice@example.org"))] == ["U2", "U4", "U5"]
+    finally:
+        if not isinstance(store, Exception):
+            store.close()

@@ -510,7 +510,8 @@ def upgradeConnection(engine, conn):
     # every start and every mailgate command (mailgate user list) does not
     # wait for SQLite's write lock, which a server's long write (an
     # expunge, a large import) or another upgrade holds, and then fail.
-    version = _checkedVersion(_readVersion(engine, conn))
+    recorded = _readVersion(engine, conn)
+    version = _checkedVersion(recorded)
     if version == LATEST:
         _checkPrivileges(engine, conn)
         return []
@@ -520,9 +521,24 @@ def upgradeConnection(engine, conn):
 
     def step(cursor):
         engine.lockSchema(cursor)
-        pending = pendingMigrations(_checkedVersion(currentVersion(cursor)))
+        if recorded is None:
+            # A new database (or another node making it meanwhile).
+            _ensureVersionTable(cursor)
+        # Read first, without CREATE TABLE IF NOT EXISTS: PostgreSQL checks
+        # the privilege to create before whether the table exists, so a
+        # node whose role may only read and write mail, starting while the
+        # schema's owner ran db upgrade, waited for the owner's lock and
+        # was then refused for lack of CREATE (exit 78, told to run the
+        # upgrade just run) instead of finding the schema up to date.
+        cursor.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}")
+        pending = pendingMigrations(_checkedVersion(cursor.fetchone()[0] or 0))
         if not pending:
             return None
+        # With migrations to apply, that check comes first: such a role is
+        # refused before it records a migration that changes nothing on
+        # its engine (4 on PostgreSQL), which would lock nodes of the
+        # older mailgate out of the database without upgrading it.
+        _ensureVersionTable(cursor)
         attempted.append(pending[0])
         applyMigration(cursor, engine, pending[0])
         return pending[0]
