@@ -709,20 +709,14 @@ def _listeningAddress(endpoint):
     return None
 
 
-def missingSocketDirectories(config, names=None):
+def listenerAddresses(config, names=None):
     """
-    The Unix-socket listeners of C{config} (of its settings C{names}, or
-    of every listener setting) whose directory is not there (or is not a
-    directory), each as C{(name, description, reason)}: a start cannot
-    listen on them and exits 78.  Only what is missing counts, not what this user may not
-    write: under twistd's C{--uid} root makes the sockets.
-
-    It is for the running server's reload, and for C{mailgate config
-    --check} to warn of, not to refuse: run while the server is stopped,
-    the unit's C{RuntimeDirectory=} (C{/run/mailgate}) is not there
-    either, and systemd makes it at the next start.
+    Where the listeners of C{config} (of its settings C{names}, or of
+    every listener setting) bind, each as C{(name, description, address)},
+    the address as L{_listeningAddress} gives it; a description whose
+    address is not known here (C{systemd:}, or one refused elsewhere) is
+    left out.
     """
-    missing = []
     for name in LISTENER_SETTINGS if names is None else [n for n in LISTENER_SETTINGS if n in names]:
         values = getattr(config, setting(name).attribute)
         for description in ([values] if isinstance(values, str) else values or ()):
@@ -731,21 +725,41 @@ def missingSocketDirectories(config, names=None):
             except Exception:
                 # Refused with its reason elsewhere (checkEndpoint).
                 continue
-            if address is None or address[0] != "unix":
-                continue
-            directory = os.path.dirname(address[1])
-            try:
-                os.stat(directory)
-            except FileNotFoundError:
-                missing.append((name, description, f"the directory {directory} does not exist"))
-                continue
-            except NotADirectoryError:
-                missing.append((name, description, f"a part of {directory} is not a directory"))
-                continue
-            except OSError:
-                continue
-            if not os.path.isdir(directory):
-                missing.append((name, description, f"{directory} is not a directory"))
+            if address is not None:
+                yield name, description, address
+
+
+def missingSocketDirectories(config, names=None):
+    """
+    The Unix-socket listeners of C{config} (of its settings C{names}, or
+    of every listener setting) whose directory is not there (or is not a
+    directory), each as C{(name, description, reason)}: a start cannot
+    listen on them and exits 78.  Only what is missing counts, not what
+    this user may not write: under twistd's C{--uid} root makes the
+    sockets.
+
+    It is for the running server's reload, and for C{mailgate config
+    --check} to warn of, not to refuse: run while the server is stopped,
+    the unit's C{RuntimeDirectory=} (C{/run/mailgate}) is not there
+    either, and systemd makes it at the next start.
+    """
+    missing = []
+    for name, description, address in listenerAddresses(config, names):
+        if address[0] != "unix":
+            continue
+        directory = os.path.dirname(address[1])
+        try:
+            os.stat(directory)
+        except FileNotFoundError:
+            missing.append((name, description, f"the directory {directory} does not exist"))
+            continue
+        except NotADirectoryError:
+            missing.append((name, description, f"a part of {directory} is not a directory"))
+            continue
+        except OSError:
+            continue
+        if not os.path.isdir(directory):
+            missing.append((name, description, f"{directory} is not a directory"))
     return missing
 
 

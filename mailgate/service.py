@@ -11,6 +11,7 @@ and that C{twistd mailgate} runs on its own.
 import errno
 import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -30,8 +31,8 @@ from mailgate.auth.checkers import threadRunner
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import COMMAND_SETTINGS, LISTENER_SETTINGS, SETTINGS, missingSocketDirectories, networksOf
-from mailgate.config import setting, splitCertificatePair
+from mailgate.config import COMMAND_SETTINGS, LISTENER_SETTINGS, SETTINGS, listenerAddresses, missingSocketDirectories
+from mailgate.config import networksOf, setting, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.interfaces import ILifecycleStore
 from mailgate.memory import MemoryTrimmer
@@ -513,6 +514,15 @@ class MailgateService(MultiService):
             event="config.reloaded",
         )
         self.restartNeeded = tuple(later) + (("database",) if new.database != self.config.database else ())
+        for name, description, reason in busyListeners(new, self.config, {s.name for s in changed}):
+            self.log.warn(
+                "configuration changed: {setting} {description}: {reason}: the restart could not listen "
+                "there (exit 1, which systemd retries)",
+                setting=name,
+                description=description,
+                reason=reason,
+                event="config.listener_busy",
+            )
         if later:
             # Said where the mailgate command (mailgate deliver, an MTA's
             # pipe transport) reads the change already: until the restart
@@ -1229,6 +1239,51 @@ def _checkListenersForTheRestart(config, names):
         raise ConfigurationError(
             f"{name}: a start could not listen on {description}: {reason} (make it, or correct the path)"
         )
+
+
+def busyListeners(new, current, names):
+    """
+    The TCP listeners of C{new}'s changed settings C{names} that the
+    restart could not bind as things are now, each as C{(name,
+    description, reason)}: a port another process listens on (a
+    Dovecot still serving it, say), an interface address this machine
+    does not have.  The start fails with exit 1, which systemd's
+    C{Restart=on-failure} retries every two seconds: warned of at the
+    reload, not refused, as the other process may be on its way out
+    before the restart.  A port C{current} listens on is this server's,
+    free by the restart; a port refused for want of privilege is left
+    to the start (under twistd's C{--uid} root binds it).
+    """
+    served = {address[1] for _, _, address in listenerAddresses(current) if address[0] == "tcp"}
+    busy = []
+    for name, description, address in listenerAddresses(new, names):
+        if address[0] != "tcp" or address[1] == 0 or address[1] in served:
+            continue
+        reason = _bindProblem(address[2], address[1])
+        if reason is not None:
+            busy.append((name, description, reason))
+    return busy
+
+
+def _bindProblem(interface, port):
+    """
+    Why a listening socket could not be bound to C{interface} (C{""}:
+    every IPv4 address) and C{port} now, or C{None}: bound (with
+    C{SO_REUSEADDR}, as Twisted binds) and closed at once, never
+    listening.
+    """
+    host = interface or "0.0.0.0"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} is in use by another process now"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+    return None
 
 
 def makeTLS(config):

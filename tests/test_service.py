@@ -372,6 +372,38 @@ def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents
     assert said("config.restart_needed") == ["configuration changed: lmtp take effect at the next restart"]
 
 
+def test_aReloadWarnsOfAChangedListenerTheRestartCouldNotBind(tmp_path, logEvents):
+    """
+    A listener changed to a port another process listens on, or to an
+    address this machine does not have, was named as waiting for the
+    restart alone, which then exited 1, retried by systemd every two
+    seconds.  Warned of (config.listener_busy), not refused: the other
+    process may be on its way out first.  A port this server listens on
+    is its own, free by the restart.
+    """
+    import socket
+
+    with socket.socket() as other, socket.socket() as ours:
+        for s in (other, ours):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        busy, served = other.getsockname()[1], ours.getsockname()[1]
+        path = tmp_path / "mailgate.toml"
+        options, root = _reloadableService(path, f'pop3 = ["tcp:{served}:interface=127.0.0.1"]\n')
+        path.write_text(
+            f'pop3 = ["tcp:{served}:interface=127.0.0.1:backlog=50"]\n'
+            f'smtp = ["tcp:{busy}:interface=127.0.0.1", "tcp:2525:interface=192.0.2.55", "tcp:0"]\n'
+        )
+        root.hangup()
+    assert [formatEvent(e) for e in logEvents if e.get("event") == "config.listener_busy"] == [
+        f"configuration changed: smtp tcp:{busy}:interface=127.0.0.1: port {busy} is in use by another process "
+        "now: the restart could not listen there (exit 1, which systemd retries)",
+        "configuration changed: smtp tcp:2525:interface=192.0.2.55: 192.0.2.55 is not an address of this "
+        "machine: the restart could not listen there (exit 1, which systemd retries)",
+    ]
+    assert root.restartNeeded == ("pop3", "smtp") and not root.lastReloadFailed
+
+
 def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
     """
     What systemd's STATUS= says after a reload (test_systemd), and the
