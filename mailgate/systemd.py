@@ -19,7 +19,10 @@ namespace).  See sd_notify(3).
     C{TimeoutStopSec} is honoured rather than cut short by its SIGKILL;
   - C{WATCHDOG=1} every half of C{$WATCHDOG_USEC} while the reactor runs
     (a reactor that hangs stops the pings, and systemd restarts the
-    service).
+    service);
+  - while a start upgrades the database schema (or waits for another
+    node's upgrade), C{STATUS=} says so and C{EXTEND_TIMEOUT_USEC=} every
+    few seconds extends C{TimeoutStartSec} (L{StartExtension}).
 
 Socket activation needs nothing here: Twisted's
 C{systemd:domain=INET:index=0} (or C{name=...}) endpoints adopt the sockets
@@ -28,6 +31,7 @@ systemd passes (C{contrib/systemd/mailgate.socket}).
 
 import os
 import socket
+import threading
 import time
 
 from twisted.application.service import Service
@@ -42,6 +46,11 @@ STATUS_INTERVAL = 1.0
 READY_RETRY = 1.0
 #: the largest EXTEND_TIMEOUT_USEC= systemd reads: its infinity (USEC_INFINITY)
 USEC_INFINITY = (1 << 64) - 1
+#: seconds between two extensions of the start timeout while the schema is
+#: upgraded, and how far each extends it: three times that, so that one
+#: sent late is still in time
+EXTEND_EVERY = 10.0
+EXTEND_BY = 3 * EXTEND_EVERY
 
 
 class Notifier:
@@ -277,3 +286,43 @@ class SystemdService(Service):
             if loop.running:
                 loop.stop()
         self._loops = []
+
+
+class StartExtension:
+    """
+    Keeps systemd from killing a start that upgrades the database schema,
+    for as long as it takes: the upgrade runs before the service tells
+    systemd it is ready, and a migration of a large database (version 4
+    copies an SQLite database's messages, 3 counts every maildrop) outlasts
+    C{TimeoutStartSec} (90 s by default); killed, it rolled back, and
+    C{Restart=on-failure} began it again, to be killed again, at every
+    restart, the mail server down for good.  While in this context, a
+    thread sends C{EXTEND_TIMEOUT_USEC=} (sd_notify(3): systemd 236 and
+    later) every L{EXTEND_EVERY} seconds, with a C{STATUS=} saying why.
+    A start that hangs otherwise is still ended by C{TimeoutStartSec}.
+
+    @param notifier: the L{Notifier}.
+    @param fromVersion: the schema version the upgrade starts from.
+    @param toVersion: the version it brings the database to.
+    """
+
+    def __init__(self, notifier, fromVersion, toVersion):
+        self._notifier = notifier
+        self._status = f"STATUS=upgrading the database schema from version {fromVersion} to {toVersion}"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._extend, name="mailgate-start-extension", daemon=True)
+
+    def _extend(self):
+        while True:
+            self._notifier.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1_000_000)}", self._status)
+            if self._done.wait(EXTEND_EVERY):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(EXTEND_EVERY)
+        return False

@@ -11,6 +11,7 @@ checks and collects; L{makeService} opens the store and builds the services.
 """
 
 import contextlib
+import functools
 import os
 import pwd
 import stat
@@ -25,6 +26,7 @@ from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
+from mailgate.store.schema import observingUpgrades
 from mailgate.timers import monotonicTimers
 from mailgate.urls import hasPassword
 
@@ -390,9 +392,11 @@ def makeService(options):
         monotonicTimers(reactor)
 
     owner = twistdUser(parent)
+    notifier = systemd.Notifier.fromEnvironment()
     try:
         made = _missingServerFiles(config.database) if owner is not None else []
-        service = _makeService(config, reactor=reactor)
+        with _extendingTheStart(notifier):
+            service = _makeService(config, reactor=reactor)
     except ConfigurationError as e:
         raise _stopped(e) from None
     if owner is not None:
@@ -442,11 +446,20 @@ def makeService(options):
             # Standard output (-n, as under systemd) has nothing to reopen:
             # a SIGHUP there says so rather than passing unremarked.
             service.onHangup(lambda: _reopenLog(destination))
-    notifier = systemd.Notifier.fromEnvironment()
     if notifier is not None:
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
     return service
+
+
+def _extendingTheStart(notifier):
+    """
+    Under systemd, the context in which a schema upgrade at start extends
+    the unit's start timeout (L{systemd.StartExtension}); elsewhere none.
+    """
+    if notifier is None:
+        return contextlib.nullcontext()
+    return observingUpgrades(functools.partial(systemd.StartExtension, notifier))
 
 
 def logFormatConflict(options, config, parent):

@@ -425,6 +425,58 @@ def test_twistdTellsSystemd(tmp_path, notifySocket):
     assert "Traceback" not in server.stdout + server.stderr, server.log()
 
 
+def test_aStartThatUpgradesTheSchemaExtendsSystemdsStartTimeout(tmp_path, notifySocket):
+    """
+    A start on a database an older mailgate made (the version-3 database
+    of tests/fixtures, made by b473258) upgrades the schema before READY=1:
+    it says so in STATUS= and extends the unit's start timeout
+    (EXTEND_TIMEOUT_USEC=) while it runs, so that a migration longer than
+    TimeoutStartSec is not killed and begun again at every restart (it
+    sent nothing: systemd waited for READY=1 as for any start).
+    """
+    import gzip
+    import shutil
+
+    from mailgate.store.schema import LATEST
+
+    path = tmp_path / "mail.sqlite3"
+    with gzip.open(REPO / "tests" / "fixtures" / "schema-v3.sqlite3.gz") as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    server = ServerProcess(
+        databaseURL(path), ["--no-apop"], cwd=tmp_path, env={"NOTIFY_SOCKET": notifySocket.sock.getsockname()}
+    )
+    server.spawn()
+    try:
+        extended = notifySocket.waitFor(f"EXTEND_TIMEOUT_USEC={int(systemd.EXTEND_BY * 1_000_000)}", server=server)
+        assert f"STATUS=upgrading the database schema from version 3 to {LATEST}" in extended
+        notifySocket.waitFor("READY=1", server=server)
+        server.waitUntilListening()
+        assert greeting(server.port).startswith(b"+OK")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
+def test_theStartExtensionExtendsUntilTheUpgradeEnds(notifySocket, monkeypatch):
+    """
+    Every EXTEND_EVERY seconds for as long as the upgrade runs, each for
+    EXTEND_BY, and nothing once it is over (the thread is gone).
+    """
+    monkeypatch.setattr(systemd, "EXTEND_EVERY", 0.01)
+    notifier = systemd.Notifier(notifySocket.sock.getsockname())
+    try:
+        with systemd.StartExtension(notifier, 3, 12) as extension:
+            for _ in range(3):
+                lines = notifySocket.receive()
+                assert lines == [
+                    f"EXTEND_TIMEOUT_USEC={int(systemd.EXTEND_BY * 1_000_000)}",
+                    "STATUS=upgrading the database schema from version 3 to 12",
+                ]
+        assert not extension._thread.is_alive()
+    finally:
+        notifier.close()
+
+
 def execReload(config, pid):
     """
     Run the shipped unit's ExecReload= commands as systemd runs them for

@@ -20,6 +20,8 @@ Layout, with scaling out in mind:
     its first recipient, and reference counted.
 """
 
+import contextlib
+import contextvars
 import re
 import sqlite3
 import time
@@ -471,6 +473,28 @@ def _readVersion(engine, conn):
         raise
 
 
+#: What is told that this process is about to upgrade the schema, and
+#: when it is done (see L{observingUpgrades}).
+_upgradeObserver = contextvars.ContextVar("upgradeObserver", default=None)
+
+
+@contextlib.contextmanager
+def observingUpgrades(observer):
+    """
+    While in this context, a schema upgrade with migrations to apply (or
+    another node's to wait for) runs within C{observer(fromVersion,
+    toVersion)}, a context manager: a server under systemd extends its
+    start timeout meanwhile (L{mailgate.systemd.StartExtension}), so that
+    a migration longer than C{TimeoutStartSec} is not killed and begun
+    again at every restart.
+    """
+    token = _upgradeObserver.set(observer)
+    try:
+        yield
+    finally:
+        _upgradeObserver.reset(token)
+
+
 def pendingMigrations(version):
     return [m for m in MIGRATIONS if m.version > version]
 
@@ -543,6 +567,16 @@ def upgradeConnection(engine, conn):
         applyMigration(cursor, engine, pending[0])
         return pending[0]
 
+    observer = _upgradeObserver.get()
+    with contextlib.nullcontext() if observer is None else observer(version, LATEST):
+        return _migrate(engine, conn, step, version, applied, attempted)
+
+
+def _migrate(engine, conn, step, version, applied, attempted):
+    """
+    Run C{step} (one migration, in a transaction of its own) until none is
+    left, waiting out lock timeouts.
+    """
     pause = _LOCKED_OUT_PAUSE
     while True:
         try:
