@@ -96,13 +96,24 @@ def test_everyMessageIsServedAsTheOldReleaseServedIt(old):
 
 def test_apopSecretsQuotasRetentionAndBansAreKept(old):
     """
-    The APOP secret the old release kept logs in with APOP; quotas,
+    The APOP secret and SCRAM-SHA-256 keys the old release kept log in
+    with APOP and AUTH SCRAM-SHA-256; quotas,
     retention and bans set with its commands are in force.
     """
+    from saslclients import ScramClient, b64, unb64
+
     version, store, expected = old
     session = POP3Session(store, apop=True)
     digest = hashlib.md5((session.challenge + PASSWORD).encode()).hexdigest()
     assert session.command(f"APOP {CAROL} {digest}").startswith("+OK")
+    # The SCRAM-SHA-256 keys it kept, and the server's proof of them.
+    session = POP3Session(store)
+    client = ScramClient(ALICE, PASSWORD)
+    serverFirst = session.command("AUTH SCRAM-SHA-256 " + b64(client.first()))
+    assert serverFirst.startswith("+ "), serverFirst
+    serverFinal = session.command(b64(client.final(unb64(serverFirst[2:].strip()))))
+    assert serverFinal.startswith("+ ") and client.verify(unb64(serverFinal[2:].strip())), serverFinal
+    assert session.command("").startswith("+OK")
     users = {user.address: user for user in resultOf(store.listUsers())}
     assert set(users) == {ALICE, BOB, CAROL}
     # An IPv6 ban made before bans covered a /64 covers its /64 now.
