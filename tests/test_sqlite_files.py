@@ -335,3 +335,54 @@ def test_aDatabaseTheCommandsUserMayNotUseIsSaidToBeSo(tmp_path):
         )
     finally:
         shutil.rmtree(path)
+
+
+_OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from mailgate.errors import ConfigurationError, TemporaryFailure
+from mailgate.store.sqlite import SQLiteEngine
+
+engine = SQLiteEngine(sys.argv[1])
+engine.connect().close()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    for _ in range(64):
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    engine.connect()
+except TemporaryFailure as e:
+    print("temporary:", e)
+except ConfigurationError as e:
+    print("configuration:", e)
+for fd in held[:8]:
+    os.close(fd)
+engine.connect().close()
+print("connected")
+"""
+
+
+def test_aConnectionOpenedOutOfDescriptorsIsATemporaryFailure(tmp_path):
+    """
+    A worker thread's connection is opened when it is first given work; a
+    process out of file descriptors then (EMFILE) got SQLite's "unable to
+    open database file" as a ConfigurationError: a critical error with a
+    traceback in the session registry, an internal error for the client,
+    and EX_CONFIG at a start, pointing at the file's permissions.  It is a
+    temporary failure that says what ran out; with descriptors free again
+    the same engine connects.  (In a process of its own: the limit is
+    lowered.)
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path / "mail.sqlite3")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("temporary: ") and "out of file descriptors" in lines[0], lines
+    assert lines[1] == "connected", lines

@@ -36,6 +36,7 @@ FILE_MODE = 0o600
 # SQLite's primary result codes (an extended code's low eight bits).
 SQLITE_IOERR = 10
 SQLITE_FULL = 13
+SQLITE_CANTOPEN = 14
 
 
 #: Free octets below which a filesystem counts as full: less than SQLite
@@ -53,6 +54,21 @@ def noRoomIn(directory):
     except OSError:
         return False
     return found.f_bavail * found.f_frsize < NO_ROOM
+
+
+def outOfDescriptors():
+    """
+    Whether this process can open no more files: its open file limit
+    reached (C{EMFILE}: C{ulimit -n}, systemd's C{LimitNOFILE}) or the
+    system's (C{ENFILE}).  SQLite says only "unable to open database file"
+    then, as for a file it may not open.
+    """
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 def _primaryCode(exc):
@@ -292,11 +308,34 @@ class SQLiteEngine:
             narrowSideFiles(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise self._noDescriptors(e.strerror) from e
+            raise
         except sqlite3.Error as e:
             if _primaryCode(e) in (SQLITE_FULL, SQLITE_IOERR):
                 raise self._unusableForNow(e) from e
+            if _primaryCode(e) == SQLITE_CANTOPEN and outOfDescriptors():
+                raise self._noDescriptors(str(e)) from e
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._openHint()}") from e
         return conn
+
+    def _noDescriptors(self, error):
+        """
+        The temporary failure to open a connection (a worker thread's first,
+        opened when it is first given work) while the process is out of
+        file descriptors: nothing in the configuration is wrong, and the
+        file is fine.  It was a L{ConfigurationError} saying SQLite's
+        "unable to open database file", a critical error with a traceback
+        from the session registry, and an internal error for the client;
+        now the operation fails as any temporary one (C{-ERR [SYS/TEMP]},
+        C{451}), the next tries again, and a start stops with
+        C{EX_TEMPFAIL}.
+        """
+        return TemporaryFailure(
+            f"cannot open SQLite database {self.path}: this process is out of file descriptors ({error}); "
+            "raise its open file limit (ulimit -n, systemd's LimitNOFILE) or lower max-connections"
+        )
 
     def _openHint(self):
         """
