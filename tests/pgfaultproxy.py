@@ -50,10 +50,14 @@ class FaultProxy:
         netloc += f"{self.address[0]}:{self.address[1]}"
         return urlunsplit(parts._replace(netloc=netloc))
 
-    def pause(self):
+    def pause(self, refuse=False):
         """
         Stop forwarding in both directions; every connection stays open.
+
+        @param refuse: close new connections at once (a server whose
+            listener is gone) rather than hold them unanswered too.
         """
+        self._refusing = refuse
         self._flowing.clear()
 
     def resume(self):

@@ -6,9 +6,10 @@ machine's kernel still acknowledges what the node sends and answers its
 keepalive probes, so only a deadline on the answers ends the wait
 (L{mailgate.store.pgdeadline}).
 
-In one process on a real PostgreSQL, the answer deadline and the connect
-timeout shortened (2 s is libpq's least connect timeout) so that the
-tests take seconds rather than the minute and a half a node takes.  Every
+In one process on a real PostgreSQL, the answer deadline shortened, and
+new connections refused while the relay is paused (rather than held for
+the connect timeout), so that the tests take a second rather than the
+minute and a half a node takes.  Every
 wait is bounded: before the deadline existed, a worker thread waited for
 as long as the relay was paused, and these tests failed at their bound.
 """
@@ -28,7 +29,7 @@ from pgfaultproxy import FaultProxy
 from pumped import PumpedReactor
 
 ALICE = "alice@example.org"
-DEADLINE = 1.0
+DEADLINE = 0.5
 # PumpedReactor.wait's bound: well past what a failure takes here (the
 # deadline, then a connect timeout), well short of "for ever".
 BOUND = 20
@@ -47,7 +48,6 @@ def relay(postgresURL):
 @pytest.fixture
 def shortened(monkeypatch):
     monkeypatch.setattr(DeadlineConnection, "answerDeadline", DEADLINE)
-    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 2)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_aReadTheDatabaseLeavesUnansweredFailsTemporarily(store, relay):
     """
     reactor = store.reactor
     assert reactor.wait(store.findUser(ALICE)).address == ALICE
-    relay.pause()
+    relay.pause(refuse=True)
     failed = reactor.wait(store.findUser(ALICE), timeout=BOUND)
     assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
     relay.resume()
@@ -96,7 +96,7 @@ def test_aDeliveryTheDatabaseLeavesUnansweredFailsTemporarilyAndIsNotStored(stor
     """
     reactor = store.reactor
     assert list(reactor.wait(store.deliver([ALICE], _message(b"before")))) == [ALICE]
-    relay.pause()
+    relay.pause(refuse=True)
     failed = reactor.wait(store.deliver([ALICE], _message(b"while silent")), timeout=BOUND)
     assert isinstance(failed, Failure) and failed.check(TemporaryFailure), failed
     assert not failed.check(CommitUncertain), failed
@@ -117,13 +117,13 @@ def test_aSchemaMigrationWaitsWithoutTheDeadline(postgresURL, shortened):
     try:
         def migration(cursor):
             engine.lockSchema(cursor)
-            cursor.execute("SELECT pg_sleep(?)", (DEADLINE * 2,))
+            cursor.execute("SELECT pg_sleep(?)", (DEADLINE * 1.5,))
 
         runTransaction(engine, conn, migration, (), {}, True)
         with pytest.raises(psycopg.OperationalError) as given:
             with conn.cursor() as cursor:
-                cursor.execute("SELECT pg_sleep(%s)", (DEADLINE * 2,))
-        assert "no answer from PostgreSQL in 1 second" in str(given.value)
+                cursor.execute("SELECT pg_sleep(%s)", (DEADLINE * 1.5,))
+        assert "no answer from PostgreSQL in 0.5 seconds" in str(given.value)
         assert engine.isDisconnect(given.value) and engine.isBroken(conn)
     finally:
         conn.close()
