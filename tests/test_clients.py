@@ -481,7 +481,8 @@ class Fetchmail(Client):
     the message's Return-Path above it.
 
     C{deliver} gives the rc file's delivery line (C{smtphost ... lmtp});
-    by default it delivers to the test's MDA.
+    by default it delivers to the test's MDA.  C{options} are more of the
+    user's options.
     """
 
     name = "fetchmail"
@@ -489,7 +490,7 @@ class Fetchmail(Client):
     marksAsItGoes = True
     movesReturnPath = True
 
-    def argv(self, transport="stls", auth="any", user=ALICE, password=ALICE_PW, keep=True, deliver=None):
+    def argv(self, transport="stls", auth="any", user=ALICE, password=ALICE_PW, keep=True, deliver=None, options=""):
         # fetchmail's own default is auth any: CRAM-MD5 when offered, else
         # USER/PASS; APOP is a protocol of its own to it.
         protocol = "APOP" if auth == "apop" else f"POP3 auth {auth}"
@@ -505,7 +506,7 @@ class Fetchmail(Client):
             "set no syslog\n"
             f"poll localhost with proto {protocol} port {self.portFor(transport)} uidl\n"
             f"  user {quoted(user)} there with password {quoted(password)} is root here\n"
-            f"  {'keep' if keep else 'nokeep'} {tls}\n"
+            f"  {'keep' if keep else 'nokeep'} {tls} {options}\n"
             f"  {deliver}\n"
         )
         config.chmod(0o600)
@@ -682,6 +683,43 @@ def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClie
     assert served.endswith(b"\r\n" + new), served
     assert client.fetch(keep=True) == []
     assert len(mailgate_cli.mailbox(ALICE)) == len(delivered) + 1
+
+
+@requiresFetchmail
+def test_restoredMailIsFetchedByAFetchmailThatSearchesForItsFirstUnseenMessage(serve, mailgate_cli, makeClient):
+    """
+    fetchmail with keep and uidl, where more than seven messages are
+    listed, looks for the first message it has not seen by halving the
+    list (fastuidl: with fastuidl 1 on every poll, by default on three of
+    every four of its daemon's), and takes every message before the last
+    one it has seen for seen.  Two messages deleted by another client
+    (kept for recovery) were forgotten by a poll that read the whole
+    list; once restored under their ids they are new mail to it.  Put
+    back in their old place, among messages it had seen, fetchmail never
+    fetched them; restored after the others (as new mail comes, and as
+    Dovecot lists a message file put back), it fetches them, once.
+    """
+    server = serve("--keep-deleted-days", "1")
+    delivered = [b"From: <sender@example.net>\r\nSubject: m%d\r\n\r\nbody %d\r\n" % (n, n) for n in range(10)]
+    deliverAll(mailgate_cli, ALICE, delivered[:5])
+    fetchmail = makeClient(Fetchmail, server)
+    halving = "fastuidl 1"
+
+    assertStoredExactly(fetchmail.fetch(options=halving), delivered[:5], Fetchmail.added)
+    client = popLogin(server, ALICE, ALICE_PW)
+    ids = [line.split()[1].decode() for line in client.uidl()[1]]
+    client.dele(2)
+    client.dele(4)
+    client.quit()
+    # Three messages: read whole, and the two ids forgotten.
+    assert fetchmail.fetch(options=halving) == []
+    deliverAll(mailgate_cli, ALICE, delivered[5:])
+    assertStoredExactly(fetchmail.fetch(options=halving), delivered[5:], Fetchmail.added)
+    restored = mailgate_cli.check("mailbox", "restore", ALICE, ids[1], ids[3])
+    assert restored.endswith(f"2 messages restored to {ALICE}\n"), restored
+
+    assertStoredExactly(fetchmail.fetch(options=halving), [delivered[1], delivered[3]], Fetchmail.added)
+    assert fetchmail.fetch(options=halving) == []
 
 
 @pytest.mark.parametrize("clientClass", CLIENTS)

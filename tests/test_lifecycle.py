@@ -1209,14 +1209,18 @@ def test_restoreUnderTheOriginalUniqueIds(store):
     restored, missing = resultOf(store.restoreDeleted(ALICE, [ids[2], "no-such-id"]))
     assert restored == [(ids[2], ids[2])]
     assert missing == ["no-such-id"]
-    # Back in its place, under its own id.
-    assert uidlOf(store, ALICE, "wonderland") == [ids[1], ids[2], ids[3]]
+    # Back under its own id, after the others, as new mail comes.
+    assert uidlOf(store, ALICE, "wonderland") == [ids[1], ids[3], ids[2]]
     assert usage(store, ALICE) == (3, sum(map(len, bodies[1:])))
     session = POP3Session(store)
     session.login(ALICE, "wonderland")
-    assert session.command("RETR 2").endswith(bodies[2].decode() + ".\r\n")
+    assert session.command("RETR 3").endswith(bodies[2].decode() + ".\r\n")
     session.command("QUIT")
     assert [k.uniqueId for k in resultOf(store.listDeleted(ALICE))] == [ids[0]]
+    # A later delivery comes after it, under an id of its own.
+    later = deliver(store, [ALICE], message(9))[ALICE]
+    assert uidlOf(store, ALICE, "wonderland") == [ids[1], ids[3], ids[2], later]
+    assert later not in ids
 
 
 def test_restoreAllSinceATime(store):
@@ -1233,7 +1237,8 @@ def test_restoreAllSinceATime(store):
     assert uidlOf(store, ALICE, "wonderland") == ids[1:]
     restored, _ = resultOf(store.restoreDeleted(ALICE))
     assert [old for old, _ in restored] == ids[:1]
-    assert uidlOf(store, ALICE, "wonderland") == ids
+    # Each restore puts what it brings back after the others.
+    assert uidlOf(store, ALICE, "wonderland") == ids[1:] + ids[:1]
 
 
 def test_restoreAsNew(store):

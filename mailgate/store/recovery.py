@@ -93,11 +93,23 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     """
     Bring kept deleted messages back into the maildrop: those with the
     unique ids C{uidls} (all if C{None}), deleted at or after C{since}
-    (if given).  They come back under their own uid and unique id, in
-    their old place among the others, or with C{asNew} under new ones
-    (after every other message), so that clients that leave mail on the
-    server download them again.  Restoring is never refused for the
-    quota: the mail was already stored.
+    (if given).  They come back after every other message, as new mail
+    is delivered, under their own unique ids, or with C{asNew} under new
+    ones, so that clients that leave mail on the server download them
+    again.  Restoring is never refused for the quota: the mail was
+    already stored.
+
+    After the others, not in their old place: a client that forgot their
+    ids (it polled while they were gone) takes them for new mail, and
+    fetchmail, where more than seven messages are listed, looks for the
+    first message it has not seen by halving the list (C{fastuidl}: its
+    daemon does on three polls of four, and on every one with fastuidl
+    1), taking every message before the last one it has seen for seen:
+    among the others, such a poll never found them.  They are dated at
+    their restore, too, and Dovecot lists a message file put back last
+    (under a new IMAP UID).  Each gets a new uid (the maildrop's order),
+    in the order they had; a unique id, kept or new, is never another
+    message's.
 
     A restored message is dated C{now}: its retention (C{--expire-days})
     counts from its restore.  Dated as it first arrived, a message older
@@ -141,19 +153,16 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
     if not rows:
         return [], missing
-    if asNew:
-        cursor.execute(
-            "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
-            (len(rows), userId),
-        )
-        following, validity = cursor.fetchone()
-        first = following - len(rows)
-        entries = [
-            (userId, first + n, formatUniqueId(first + n, validity), *row[2:6], now)
-            for n, row in enumerate(rows)
-        ]
-    else:
-        entries = [(userId, *row[:6], now) for row in rows]
+    cursor.execute(
+        "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+        (len(rows), userId),
+    )
+    following, validity = cursor.fetchone()
+    first = following - len(rows)
+    entries = [
+        (userId, first + n, formatUniqueId(first + n, validity) if asNew else row[1], *row[2:6], now)
+        for n, row in enumerate(rows)
+    ]
     insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
     cursor.execute(
         "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
