@@ -367,14 +367,11 @@ def makeService(options):
     raiseFileLimit()
     refuseCoreDumps()
     config = options.toConfig()
-    if parent is not None:
+    movesDirectory = parent is not None and os.path.abspath(parent.get("rundir") or ".") != os.getcwd()
+    if movesDirectory:
         relative = relativePaths(config, options.configPath)
-        if relative and os.path.abspath(parent.get("rundir") or ".") != os.getcwd():
-            raise _stopped(ConfigurationError(
-                f"twistd --rundir with relative paths ({'; '.join(relative)}): mailgate opens them "
-                "before twistd changes directory and again after it, which would be two different "
-                "files; give them as absolute paths"
-            ))
+        if relative:
+            raise _stopped(ConfigurationError(_rundirRefusal(relative)))
     try:
         destination = logs.twistdDestination(parent) if parent is not None else None
     except OSError as e:
@@ -421,6 +418,8 @@ def makeService(options):
     if options.configPath:
         # SIGHUP reads the file again, under the same command line.
         service.configSource = options.reread
+        if parent is not None:
+            service.configSource = _rereadUnderTwistd(options, parent, movesDirectory, destination is None)
         warning = configFileWarning(options.configPath)
         if warning:
             service.startupWarnings.append(("config.file_permissions", warning))
@@ -460,6 +459,46 @@ def _extendingTheStart(notifier):
     if notifier is None:
         return contextlib.nullcontext()
     return observingUpgrades(functools.partial(systemd.StartExtension, notifier))
+
+
+def _rundirRefusal(relative):
+    """
+    Why a start under twistd's C{--rundir} refuses the C{relative} paths
+    (of L{relativePaths}).
+    """
+    return (
+        f"twistd --rundir with relative paths ({'; '.join(relative)}): mailgate opens them "
+        "before twistd changes directory and again after it, which would be two different "
+        "files; give them as absolute paths"
+    )
+
+
+def _rereadUnderTwistd(options, parent, movesDirectory, twistdsOwnLog):
+    """
+    The configuration source of a reload under twistd: the file read
+    again (L{Options.reread}), refused where the twistd options of the
+    start make the next start refuse it, as it refuses it at start.  A
+    reload took it (a relative C{tls-cert} was even applied at once, read
+    from the directory twistd had changed to), and the next start exited
+    78 on the same file.
+
+    @param movesDirectory: twistd's C{--rundir} is not the directory the
+        start was made in: a relative path is refused (L{relativePaths}).
+    @param twistdsOwnLog: twistd keeps its own text log (C{--syslog},
+        C{--logger}): another C{log-format} is refused
+        (L{logFormatConflict}).
+    """
+
+    def reread():
+        config = options.reread()
+        relative = relativePaths(config, options.configPath) if movesDirectory else []
+        if relative:
+            raise ConfigurationError(_rundirRefusal(relative))
+        if twistdsOwnLog and config.logFormat != "text":
+            raise ConfigurationError(logFormatConflict(options, config, parent))
+        return config
+
+    return reread
 
 
 def logFormatConflict(options, config, parent):

@@ -756,6 +756,57 @@ def test_twistdsRundirWithRelativePathsIsRefused(tmp_path, capsys):
     assert tap.relativePaths(absolute.config, "mailgate.toml") == ["--config mailgate.toml"]
 
 
+def test_aReloadRefusesWhatTwistdsOptionsMakeTheNextStartRefuse(tmp_path):
+    """
+    A reload under the start's twistd options: a path of the file changed
+    to a relative one under --rundir (the next start refuses it, exit 78)
+    was taken, a relative tls-cert even applied at once, read from the
+    directory twistd had changed to (probe on a real twistd).  Refused as
+    the start refuses it, the configuration in service kept.  A real
+    twistd: the point is its change of directory.
+    """
+    import signal
+
+    from e2e import TWISTD, ServerProcess, databaseURL, waitFor
+
+    run = tmp_path / "run"
+    (run / "spool").mkdir(parents=True)
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'spool-directory = "{run / "spool"}"\n')
+    server = ServerProcess(databaseURL(tmp_path / "mail.sqlite3"), ["--config", str(config)], cwd=tmp_path)
+    server.command = (TWISTD, "-n", "--pidfile=", f"--rundir={run}", "mailgate")
+    server.start()
+    try:
+        config.write_text('spool-directory = "spool"\n')
+        server.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: "configuration reload" in server.stdout, "the reload")
+        assert (
+            "configuration reload failed, keeping the configuration in service: twistd --rundir with relative "
+            "paths (--spool-directory spool): mailgate opens them before twistd changes directory"
+        ) in server.stdout, server.log()
+        assert "take effect at the next restart" not in server.stdout
+    finally:
+        server.stop()
+
+
+def test_aReloadUnderTwistdsOwnLogRefusesAnotherLogFormat(tmp_path):
+    """
+    Under twistd's --syslog or --logger, which keep twistd's own text log,
+    log-format = "json" is refused at start (exit 78); a reload took it
+    for the next restart, which then refused the same file.
+    """
+    config = tmp_path / "mailgate.toml"
+    config.write_text("")
+    options = tap.Options()
+    options.parseOptions(["--config", str(config)])
+    reread = tap._rereadUnderTwistd(options, {"syslog": True}, False, True)
+    assert reread().logFormat == "text"
+    config.write_text('log-format = "json"\n')
+    with pytest.raises(ConfigurationError, match=f'log-format = "json" in {config} writes to a file or standard'):
+        reread()
+    assert tap._rereadUnderTwistd(options, {}, False, False)().logFormat == "json"
+
+
 def test_domainsAndAddressesInUnicodeAreTheirASCIIForm():
     """
     --domain, --auth-default-realm, --postmaster and --debug-user in
