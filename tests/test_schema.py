@@ -513,9 +513,10 @@ def test_aVersion3DatabaseIsServedAsBeforeOnceUpgraded(version3):
         assert (kept.uniqueId, kept.size, kept.deletedBy) == ("U1", _size("gone"), "127.0.0.1:40802")
         resultOf(store.restoreDeleted("alice@example.org", ["U1"]))
         deliver(store, ["alice@example.org"], b"Subject: new\r\n\r\nafter the upgrade\r\n")
-        (uidl, retr) = _pop3(store, "alice@example.org", "UIDL", "RETR 1")
+        # The restored message after the others, then the new one.
+        (uidl, retr) = _pop3(store, "alice@example.org", "UIDL", "RETR 4")
         ids = [line.split()[1] for line in uidl.splitlines()[1:-1]]
-        assert ids[:4] == ["U1", "U2", "U4", "U5"] and len(ids) == 5 and ids[4] not in ids[:4]
+        assert ids[:4] == ["U2", "U4", "U5", "U1"] and len(ids) == 5 and ids[4] not in ids[:4]
         assert retr.endswith("\r\n" + _served(OLD_BODIES["gone"]))
     finally:
         store.close()
