@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 
 from mailgate.auth.passwords import parseScramSecret, scramSha256Secret
 from mailgate.auth.sasl import Challenge, PlainMechanism, SASLError, ScramCredentials, ScramSHA256Mechanism
+from mailgate.pop3.protocol import POP3Server
 from mailgate.cli import run as runCLI
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, resultOf
 from mailgate.tls import ServerTLS
@@ -618,6 +619,35 @@ def test_authLoginCancel(store, alice):
     s.command(b64(ALICE))
     assert s.command("*") == "-ERR authentication cancelled\r\n"
     assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+
+def test_exchangesCancelledAgainAndAgainEndTheSession(store, alice):
+    """
+    A cancelled exchange is a bad command: a client that begins SCRAM
+    (whose first message costs a look-up of the user in the database) and
+    cancels it, over and over, is closed as a client sending any other
+    refused command is, where nothing ended it before (no login failed,
+    so no penalty and no failed-login limit applied).  A few cancels, as
+    a client trying one mechanism and then another makes, do not stand in
+    the way of a login.
+    """
+    s = POP3Session(store)
+    for _ in range(3):
+        challenge(s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={ALICE},r=abcdefgh')}"))
+        assert s.command("*") == "-ERR authentication cancelled\r\n"
+    assert s.login(ALICE, PASSWORD).startswith("+OK")
+
+    s = POP3Session(store)
+    replies = []
+    for _ in range(30):
+        if s.disconnected:
+            break
+        s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={ALICE},r=abcdefgh')}")
+        replies.append(s.command("*"))
+    assert s.disconnected
+    assert replies[:-1] == ["-ERR authentication cancelled\r\n"] * (len(replies) - 1)
+    assert replies[-1] == "-ERR authentication cancelled\r\n-ERR too many bad commands; closing the connection\r\n"
+    assert len(replies) == POP3Server.maxBadCommands
 
 
 def test_authLoginIsPlaintext(store, alice, tls):

@@ -246,9 +246,12 @@ class AuthorizationCommands:
             released = self._loginAbandoned("authentication cancelled")
             return self._refuseOnceReleased(released, "[AUTH] authentication cancelled")
         if line == b"*":
+            # Counted as a bad command: an exchange begun and cancelled
+            # again and again (SCRAM's first message looks the user up in
+            # the database) is no failed login, so neither the penalty
+            # nor the failed-login limit would ever end it.
             self._sasl = None
-            self._err("authentication cancelled")
-            return None
+            return self._bad("authentication cancelled")
         data = self._decodeSASL(line)
         if data is None:
             return None
