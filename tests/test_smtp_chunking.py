@@ -368,6 +368,31 @@ def test_aBdatLineTooLongClosesTheConnection(users, dbpath, useLMTP, command, in
     assert nothingStored(dbpath)
 
 
+@pytest.mark.parametrize("useLMTP", [False, True], ids=["smtp", "lmtp"])
+@pytest.mark.parametrize("inPieces", [False, True], ids=["whole", "in pieces"])
+def test_aDataLineTooLongClosesTheConnection(users, dbpath, useLMTP, inPieces):
+    """
+    A DATA line over the command line limit (DATA and hundreds of spaces,
+    which a front end that takes longer lines and trims what follows the
+    verb answers 354) ends the session: the text that follows it ran here
+    as commands (a RSET and a MAIL of the client's choosing, answered 250),
+    as the octets after a long BDAT line did.  The same when the line is
+    refused as soon as the limit is passed, before its end (and whether
+    text follows it) has arrived.
+    """
+    s = lmtp(users) if useLMTP else session(users)
+    begin(s)
+    text = b"RSET\r\nMAIL FROM:<smuggled@remote.test>\r\n"
+    line = b"DATA" + b" " * 600 + b"\r\n"
+    if inPieces:
+        out = s.send(line[:520]) + s.send(line[520:] + text)
+    else:
+        out = s.send(line + text)
+    assert out == b"501 5.5.4 DATA takes no arguments; closing connection\r\n"
+    assert s.disconnected
+    assert nothingStored(dbpath)
+
+
 def test_aLineTooLongThatIsNoBdatIsRefusedAndTheSessionGoesOn(users):
     s = session(users)
     out = s.send(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")

@@ -63,6 +63,16 @@ def _beginsAsBDAT(line):
     return line.lstrip(b" \t")[:4].upper() == b"BDAT"
 
 
+def _beginsAsDATA(line):
+    """
+    Whether the command line C{line} (octets) is DATA followed by a space
+    or tab, after any spaces and tabs: what a front end on the way that
+    takes longer lines (and trims what follows the verb, as Postfix's
+    smtpd does) takes for DATA.
+    """
+    return line.lstrip(b" \t")[:5].upper() in (b"DATA ", b"DATA\t")
+
+
 # Why a RCPT was refused, by the refusal's enhanced code, for its log line.
 _RCPT_REASONS = {
     "5.1.1": "no such user",
@@ -275,7 +285,29 @@ class SMTPServer(CommandSession):
         """
         if _beginsAsBDAT(self.longLineStart):
             return self._badBDAT()
+        if _beginsAsDATA(self.longLineStart):
+            return self._longDATA()
         return self._bad(500, "5.5.2", f"line too long (the limit is {self.maxCommandLength} octets)")
+
+    def _longDATA(self):
+        """
+        A DATA line over the limit (C{DATA} and hundreds of spaces) ends the
+        session.  A front end on the way that takes longer lines answers it
+        354 and sends what follows as the message, whose lines here would
+        run as commands (a C{MAIL} or C{RCPT} in it obeyed as the client's:
+        SMTP smuggling); and when the line is refused as soon as the limit
+        is passed, whether text follows it cannot be known yet, so a refusal
+        that lets the session go on (as L{smtp_DATA}'s does when nothing
+        was sent early) is not safe here.
+        """
+        self.logInfo(
+            f"{self.protocolName}.bad_data",
+            f"{self.protocolName} DATA line too long peer={self.peerText}: 501 5.5.4, closing",
+        )
+        self._ending("bad DATA")
+        self._reply(501, "5.5.4", "DATA takes no arguments; closing connection")
+        self.close()
+        return None
 
     def unknownCommand(self, verb):
         return self._bad(500, "5.5.2", "command not recognized")
