@@ -528,8 +528,9 @@ class MailgateService(MultiService):
             # it delivers with other settings than this server's LMTP.
             read = [name for name in later if name in COMMAND_SETTINGS]
             self.log.warn(
-                "configuration changed: {names} take effect at the next restart{readNow}",
+                "configuration changed: {names} {take} effect at the next restart{readNow}",
                 names=", ".join(later),
+                take="takes" if len(later) == 1 else "take",
                 settings=later,
                 readNow=(
                     f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"

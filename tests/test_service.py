@@ -207,7 +207,7 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert [f.trace for f in factories] == [None, None, None]
     assert root.listeners["SMTP"][0].factory.maxRecipients == 100
     [later] = said("config.restart_needed")
-    assert formatEvent(later) == "configuration changed: max-recipients take effect at the next restart"
+    assert formatEvent(later) == "configuration changed: max-recipients takes effect at the next restart"
     # A setting the mailgate command reads from the file at each run:
     # mailgate deliver (an MTA's pipe transport) uses it already.
     path.write_text('max-recipients = 5\nrecipient-delimiter = "+"\n')
@@ -316,7 +316,7 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     root.hangup()
     [later] = [formatEvent(e) for e in logEvents if e.get("event") == "config.restart_needed"]
     assert later == (
-        "configuration changed: spool-directory take effect at the next restart; the mailgate command and "
+        "configuration changed: spool-directory takes effect at the next restart; the mailgate command and "
         "mailgate deliver with this file use spool-directory already"
     )
 
@@ -369,7 +369,7 @@ def test_aReloadRefusesAListenerTheNextStartCouldNotListenOn(tmp_path, logEvents
     assert len(said("config.reload_failed")) == 4 and said("config.restart_needed") == []
     path.write_text(f'lmtp = ["unix:{tmp_path}/lmtp"]\n')
     root.hangup()
-    assert said("config.restart_needed") == ["configuration changed: lmtp take effect at the next restart"]
+    assert said("config.restart_needed") == ["configuration changed: lmtp takes effect at the next restart"]
 
 
 def test_aReloadWarnsOfAChangedListenerTheRestartCouldNotBind(tmp_path, logEvents):
@@ -581,7 +581,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
         f"server does not change databases and keeps serving {old} as it opened it until it is restarted"
     )
     assert [e["log_level"] for e in logEvents if e.get("event") == "config.database_refused"] == [LogLevel.error]
-    assert said("config.restart_needed") == ["configuration changed: max-recipients take effect at the next restart"]
+    assert said("config.restart_needed") == ["configuration changed: max-recipients takes effect at the next restart"]
     assert root.config.database == old
     path.write_text(f'database = "{old}"\n')
     root.hangup()
