@@ -5,15 +5,20 @@ PostgreSQL, a middlebox that lost its state but still answers the TCP
 handshake's kernel) and cut (close every relayed connection at once, and
 refuse new ones until resumed: a network partition noticed by both ends).
 
-The relay runs on threads of the test's own process: only the node (a
-process of its own) connects through it, so libpq blocking the test's
-interpreter never stops it.  A paused relay keeps reading nothing: the
+The relay runs on threads of the test's own process (L{FaultProxy}) where
+only others (a node, a process of its own) or psycopg's connections
+(which let go of Python's lock while they wait) connect through it; in a
+process of its own (L{RunningFaultProxy}) where libpq's blocking connect
+(C{PQconnectdb}, as the maildrop lock connections are made) does, as it
+keeps Python's lock while it waits.  A paused relay keeps reading nothing: the
 kernel's buffers fill, the peers' TCP stays established and acknowledged,
 so neither side's keepalive notices anything.
 """
 
 import select
 import socket
+import subprocess
+import sys
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,8 +36,10 @@ class FaultProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.address = self._listener.getsockname()
-        self._flowing = threading.Event()
-        self._flowing.set()
+        # Forwarding towards the server, and towards the client (answers).
+        self._flowing = {True: threading.Event(), False: threading.Event()}
+        for flowing in self._flowing.values():
+            flowing.set()
         self._refusing = False
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -50,19 +57,25 @@ class FaultProxy:
         netloc += f"{self.address[0]}:{self.address[1]}"
         return urlunsplit(parts._replace(netloc=netloc))
 
-    def pause(self, refuse=False):
+    def pause(self, refuse=False, answers=False):
         """
         Stop forwarding in both directions; every connection stays open.
 
         @param refuse: close new connections at once (a server whose
             listener is gone) rather than hold them unanswered too.
+        @param answers: stop forwarding the server's answers only: what
+            the client sends still reaches the server (a COMMIT is
+            carried out, its answer held).
         """
         self._refusing = refuse
-        self._flowing.clear()
+        self._flowing[False].clear()
+        if not answers:
+            self._flowing[True].clear()
 
     def resume(self):
         self._refusing = False
-        self._flowing.set()
+        for flowing in self._flowing.values():
+            flowing.set()
 
     def cut(self):
         """
@@ -83,7 +96,7 @@ class FaultProxy:
 
     def close(self):
         self._stopping.set()
-        self._flowing.set()
+        self.resume()
         self.cut()
         _close(self._listener)
         for thread in list(self._threads):
@@ -109,14 +122,16 @@ class FaultProxy:
                 sock.settimeout(None)
             with self._lock:
                 self._pairs.append((client, server))
-            for source, target in ((client, server), (server, client)):
-                thread = threading.Thread(target=self._relay, args=(source, target), daemon=True)
+            for source, target, toServer in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(
+                    target=self._relay, args=(source, target, self._flowing[toServer]), daemon=True
+                )
                 thread.start()
                 self._threads.append(thread)
 
-    def _relay(self, source, target):
+    def _relay(self, source, target, flowing):
         while not self._stopping.is_set():
-            self._flowing.wait()
+            flowing.wait()
             try:
                 readable, _, _ = select.select([source], [], [], 0.2)
                 if not readable:
@@ -127,7 +142,7 @@ class FaultProxy:
             if not data:
                 break
             # Paused after the read: hold what was read until resumed.
-            self._flowing.wait()
+            flowing.wait()
             try:
                 target.sendall(data)
             except OSError:
@@ -149,3 +164,58 @@ def _close(sock):
         sock.close()
     except OSError:
         pass
+
+
+class RunningFaultProxy:
+    """
+    A L{FaultProxy} in a process of its own, driven through its standard
+    input: the same L{url}, L{pause}, L{resume}, L{cut} and L{close}, each
+    done when it returns.
+    """
+
+    def __init__(self, server):
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, server[0], str(server[1])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait(10)
+            raise RuntimeError("the relay did not start")
+        self.address = ("127.0.0.1", int(line))
+
+    url = FaultProxy.url
+
+    def _ask(self, command):
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        if self._process.stdout.readline() != "done\n":
+            raise RuntimeError(f"the relay did not do {command!r}")
+
+    def pause(self, refuse=False, answers=False):
+        self._ask(f"pause {int(refuse)} {int(answers)}")
+
+    def resume(self):
+        self._ask("resume")
+
+    def cut(self):
+        self._ask("cut")
+
+    def close(self):
+        self._process.kill()
+        self._process.wait(10)
+        self._process.stdin.close()
+        self._process.stdout.close()
+
+
+if __name__ == "__main__":
+    relay = FaultProxy((sys.argv[1], int(sys.argv[2])))
+    print(relay.address[1], flush=True)
+    # One command a line, until the test kills it or its input ends.
+    for command in sys.stdin:
+        verb, *flags = command.split()
+        if verb == "pause":
+            relay.pause(*(bool(int(flag)) for flag in flags))
+        else:
+            getattr(relay, verb)()
+        print("done", flush=True)

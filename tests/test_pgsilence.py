@@ -25,7 +25,7 @@ from mailgate.message import spoolBytes
 from mailgate.store import postgres
 from mailgate.store.database import runTransaction
 from mailgate.store.pgdeadline import DeadlineConnection
-from pgfaultproxy import FaultProxy
+from pgfaultproxy import FaultProxy, RunningFaultProxy
 from pumped import PumpedReactor
 
 ALICE = "alice@example.org"
@@ -127,3 +127,41 @@ def test_aSchemaMigrationWaitsWithoutTheDeadline(postgresURL, shortened):
         assert engine.isDisconnect(given.value) and engine.isBroken(conn)
     finally:
         conn.close()
+
+
+def test_aCommandsMaildropLockTheDatabaseLeavesUnansweredFailsTemporarily(postgresURL, monkeypatch):
+    """
+    The C{mailgate} command's maildrop lock (C{mailbox expunge}, C{user
+    del}, C{user rename}) on a connection whose statement gets no answer
+    fails as temporary (the command exits 75), rather than hold the
+    command, and the lock, for as long as the database is away; the next
+    lock, on a fresh connection, is taken once it answers.
+    """
+    import threading
+
+    from mailgate.store import openSynchronousStore
+    from mailgate.store.pgreactor import BlockingConnection
+
+    monkeypatch.setattr(BlockingConnection, "deadline", DEADLINE)
+    server = urlsplit(postgresURL)
+    # libpq's blocking connect keeps Python's lock: a relay of its own.
+    relay = RunningFaultProxy((server.hostname, server.port))
+    store = openSynchronousStore(relay.url(postgresURL))
+    try:
+        locks = store.locks
+        locks.acquire(1)
+        locks.release(1)
+        relay.pause(refuse=True)
+        outcome = []
+        attempt = threading.Thread(target=lambda: locks.acquire(7).addBoth(outcome.append), daemon=True)
+        attempt.start()
+        attempt.join(BOUND)
+        assert outcome, "the lock statement was never given up"
+        assert isinstance(outcome[0], Failure) and outcome[0].check(TemporaryFailure), outcome
+        assert "no answer in 0.5 seconds" in str(outcome[0].value), outcome
+        relay.resume()
+        assert store.locks.acquire(7).result == 7
+        store.locks.release(7)
+    finally:
+        store.close()
+        relay.close()

@@ -21,6 +21,7 @@ names and negotiates TLS with blocking calls.
 """
 
 import os
+import select
 import time
 from collections import deque
 
@@ -171,7 +172,15 @@ class BlockingConnection(_Connection):
     The same statements on a connection in blocking mode, for synchronous
     stores (the C{mailgate} command, tests): each L{Deferred} has fired
     when L{execute} returns.
+
+    A statement unanswered for L{deadline} seconds gives the connection
+    up, as L{ReactorConnection} does: a database that stops answering
+    while its machine's kernel still acknowledges (see
+    L{mailgate.store.pgdeadline}) held a C{mailgate mailbox expunge} or
+    C{user del} for as long as it lasted, its maildrop lock with it.
     """
+
+    deadline = ANSWER_DEADLINE
 
     def __init__(self, connect):
         self._connect = connect
@@ -182,9 +191,7 @@ class BlockingConnection(_Connection):
                 self._pg = self._connect()
                 self.connections += 1
             values = params() if callable(params) else params
-            result = self._pg.exec_prepared(
-                statement.name, values, result_format=1 if statement.binary else 0
-            )
+            result = self._exchange(statement, values)
             if self._pg.status != pq.ConnStatus.OK:
                 self._lose()
             return defer.succeed(resultRows(result))
@@ -194,6 +201,35 @@ class BlockingConnection(_Connection):
             return defer.fail(e)
         except TemporaryFailure:
             return defer.fail()
+
+    def _exchange(self, statement, values):
+        """
+        Send C{statement} (in blocking mode, the send returns once it is
+        written) and wait for its last result, L{deadline} seconds at most.
+
+        @raise TemporaryFailure: no answer in time; the connection is lost.
+        """
+        pg = self._pg
+        pg.send_query_prepared(statement.name, values, result_format=1 if statement.binary else 0)
+        until = time.monotonic() + self.deadline
+        readable = select.poll()
+        readable.register(pg.socket, select.POLLIN)
+        result = None
+        while True:
+            while not pg.is_busy():
+                following = pg.get_result()
+                if following is None:
+                    if result is None:
+                        raise psycopg.OperationalError(oneLine(pg.get_error_message()))
+                    return result
+                result = following
+            left = until - time.monotonic()
+            if left <= 0 or not readable.poll(left * 1000):
+                self._lose()
+                raise TemporaryFailure(
+                    f"PostgreSQL connection lost: no answer in {counted(self.deadline, 'second', spec='g')}"
+                )
+            pg.consume_input()
 
     def _lose(self):
         pg, self._pg = self._pg, None
