@@ -395,7 +395,10 @@ class MailgateService(MultiService):
     def onHangup(self, action):
         """
         Call C{action()} on SIGHUP as well (reopening the log file), when
-        SIGHUP handling is on.
+        SIGHUP handling is on.  An action that fails raises, or returns
+        C{False} once it has logged why itself (the log file not
+        reopened, L{mailgate.tap._reopenLog}): either way the reload
+        counts as failed (L{lastReloadFailed}).
         """
         self._hangupActions.append(action)
 
@@ -554,7 +557,8 @@ class MailgateService(MultiService):
     def _runHangupActions(self, name):
         for action in self._hangupActions:
             try:
-                action()
+                if action() is False:
+                    self._reloadFailures += 1
             except Exception:
                 self._reloadFailures += 1
                 self.log.failure("{signal}: a reload action failed", signal=name, event="service.reload_failed")

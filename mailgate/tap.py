@@ -738,6 +738,13 @@ def _stopped(error):
 
 
 def _reopenLog(destination):
+    """
+    Reopen the log file (SIGHUP, SIGUSR1); C{False} if it could not be
+    (logged here, as C{log.reopen_failed}), which makes a SIGHUP's reload
+    one that failed (C{mailgate_config_last_reload_successful} 0, and
+    systemd's status says so): lines go on to the old file, which
+    logrotate will compress or remove.
+    """
     try:
         reopened = destination.reopen()
     except OSError as e:
@@ -748,6 +755,6 @@ def _reopenLog(destination):
             error=e.strerror or e,
             event="log.reopen_failed",
         )
-        return
+        return False
     if reopened:
         _log.info("log file reopened: {path}", path=destination.path, event="log.reopened")

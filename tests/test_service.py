@@ -456,6 +456,35 @@ def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
     assert root.lastReloadFailed
 
 
+def test_aReloadWhoseLogFileWasNotReopenedFailed(tmp_path):
+    """
+    A SIGHUP whose log file could not be reopened (its directory gone, or
+    no longer writable by the server's user) is a reload that failed, as
+    README says of mailgate_config_last_reload_successful and systemd's
+    status: lines go on to the old file, which logrotate compresses or
+    removes.  The reopening logs its own error and raises nothing, so
+    the service learns of it from its result (tap wires it so).
+    """
+    from mailgate import logs, tap
+
+    _, root = _reloadableService(tmp_path / "mailgate.toml", "")
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    stream = logs.LogStream(str(directory / "mailgate.log"))
+    root.onHangup(lambda: tap._reopenLog(stream))
+    root.hangup()
+    assert not root.lastReloadFailed
+    directory.rename(tmp_path / "moved")
+    root.hangup()
+    assert root.lastReloadFailed
+    assert root.metrics.registry.get_sample_value("mailgate_config_last_reload_successful") == 0
+    directory.mkdir()
+    root.hangup()
+    assert not root.lastReloadFailed
+    assert root.metrics.registry.get_sample_value("mailgate_config_last_reload_successful") == 1
+    stream.close()
+
+
 def test_aReloadTakesAnotherCertificateFileAndTLSSetting(tmp_path, logEvents):
     """
     tls-cert and tls-key changed to other files, or tls-min-version, take
