@@ -165,3 +165,44 @@ def test_aCommandsMaildropLockTheDatabaseLeavesUnansweredFailsTemporarily(postgr
     finally:
         store.close()
         relay.close()
+
+
+def test_aConnectionWhoseSetUpTheDatabaseLeavesUnansweredIsGivenUp(postgresURL, monkeypatch):
+    """
+    A lock or read connection of a node is made in blocking mode, then
+    set up (its settings, its prepared statements, its identity lock);
+    the database falls silent in between (behind PgBouncer, whose own
+    answer completes the connection before PostgreSQL is asked anything,
+    the likely moment): the set-up fails as temporary, the connection
+    closed, rather than hold the one thread that makes these connections,
+    and every statement queued for them, for as long as it lasts.
+    """
+    import threading
+
+    from mailgate.store import pgreactor
+
+    monkeypatch.setattr(pgreactor, "ANSWER_DEADLINE", DEADLINE)
+    server = urlsplit(postgresURL)
+    relay = RunningFaultProxy((server.hostname, server.port))
+
+    def silencedFirst(serverVersion):
+        relay.pause()
+        return postgres.sessionSettings(serverVersion)
+
+    outcome = []
+
+    def connect():
+        try:
+            outcome.append(pgreactor.connect(relay.url(postgresURL), silencedFirst, [], 10))
+        except TemporaryFailure as e:
+            outcome.append(e)
+
+    try:
+        attempt = threading.Thread(target=connect, daemon=True)
+        attempt.start()
+        attempt.join(BOUND)
+        assert outcome, "the set-up was never given up"
+        assert isinstance(outcome[0], TemporaryFailure), outcome
+        assert "no answer in 0.5 seconds" in str(outcome[0])
+    finally:
+        relay.close()

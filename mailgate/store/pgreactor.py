@@ -114,13 +114,59 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         if callable(setup):
             setup = setup(pg.server_version)
         for sql in setup:
-            resultRows(pg.exec_(sql.encode("utf-8")))
+            resultRows(execute(pg, sql.encode("utf-8")))
         for statement in statements:
-            resultRows(pg.prepare(statement.name, statement.sql, statement.types))
+            pg.send_prepare(statement.name, statement.sql, statement.types)
+            resultRows(answerOf(pg))
     except BaseException:
         pg.finish()
         raise
     return pg
+
+
+def execute(pg, sql):
+    """
+    Run C{sql} (C{bytes}, no parameters) on C{pg}, a connection in
+    blocking mode: its last result, within L{answerOf}'s deadline.
+    """
+    pg.send_query(sql)
+    return answerOf(pg)
+
+
+def answerOf(pg, deadline=None):
+    """
+    The last result of the statement just sent on C{pg} (in blocking mode
+    the send returns once it is written), waited for L{ANSWER_DEADLINE}
+    seconds at most (or C{deadline}): libpq's own C{PQexec} waits as long
+    as the socket stays open, and a database that stops answering while
+    its machine's kernel still acknowledges (see
+    L{mailgate.store.pgdeadline}) held whatever waited, a connection being
+    made or a maildrop lock of the C{mailgate} command, for as long as it
+    lasted.
+
+    @raise TemporaryFailure: no answer in time; the caller gives the
+        connection up.
+    """
+    if deadline is None:
+        deadline = ANSWER_DEADLINE
+    until = time.monotonic() + deadline
+    readable = select.poll()
+    readable.register(pg.socket, select.POLLIN)
+    result = None
+    while True:
+        while not pg.is_busy():
+            following = pg.get_result()
+            if following is None:
+                if result is None:
+                    raise psycopg.OperationalError(oneLine(pg.get_error_message()))
+                return result
+            result = following
+        left = until - time.monotonic()
+        if left <= 0 or not readable.poll(left * 1000):
+            raise TemporaryFailure(
+                f"PostgreSQL connection lost: no answer in {counted(deadline, 'second', spec='g')}"
+            )
+        pg.consume_input()
 
 
 def resultRows(result):
@@ -204,32 +250,17 @@ class BlockingConnection(_Connection):
 
     def _exchange(self, statement, values):
         """
-        Send C{statement} (in blocking mode, the send returns once it is
-        written) and wait for its last result, L{deadline} seconds at most.
+        Send C{statement} and wait for its answer, L{deadline} seconds at
+        most (L{answerOf}).
 
         @raise TemporaryFailure: no answer in time; the connection is lost.
         """
-        pg = self._pg
-        pg.send_query_prepared(statement.name, values, result_format=1 if statement.binary else 0)
-        until = time.monotonic() + self.deadline
-        readable = select.poll()
-        readable.register(pg.socket, select.POLLIN)
-        result = None
-        while True:
-            while not pg.is_busy():
-                following = pg.get_result()
-                if following is None:
-                    if result is None:
-                        raise psycopg.OperationalError(oneLine(pg.get_error_message()))
-                    return result
-                result = following
-            left = until - time.monotonic()
-            if left <= 0 or not readable.poll(left * 1000):
-                self._lose()
-                raise TemporaryFailure(
-                    f"PostgreSQL connection lost: no answer in {counted(self.deadline, 'second', spec='g')}"
-                )
-            pg.consume_input()
+        self._pg.send_query_prepared(statement.name, values, result_format=1 if statement.binary else 0)
+        try:
+            return answerOf(self._pg, self.deadline)
+        except TemporaryFailure:
+            self._lose()
+            raise
 
     def _lose(self):
         pg, self._pg = self._pg, None

@@ -536,7 +536,7 @@ class PostgresEngine:
         )
         if self._namespace is None:
             try:
-                result = pg.exec_(b"SELECT current_database(), current_schema()")
+                result = pgreactor.execute(pg, b"SELECT current_database(), current_schema()")
                 database, schema = pgreactor.resultRows(result)[0]
             except BaseException:
                 pg.finish()
@@ -735,7 +735,7 @@ def takeIdentityLock(pg):
     """
     for _ in range(8):
         identity = (secrets.randbelow(2**31), secrets.randbelow(2**31))
-        result = pg.exec_(b"SELECT pg_try_advisory_lock(%d, %d), pg_backend_pid()" % identity)
+        result = pgreactor.execute(pg, b"SELECT pg_try_advisory_lock(%d, %d), pg_backend_pid()" % identity)
         [(taken, pid)] = pgreactor.resultRows(result)
         if taken == b"t":
             return identity, int(pid)
