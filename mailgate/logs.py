@@ -97,6 +97,15 @@ class LogStream:
     #: it), so that a JSON log stays JSON
     formatEvent = None
 
+    #: lines lost since the start, not written (a full disk): what
+    #: C{mailgate_log_lines_lost_total} exports, for an alert the lost
+    #: lines themselves cannot raise
+    linesLost = 0
+    #: whether the last reopen (SIGHUP, SIGUSR1) failed, leaving the
+    #: lines going to the old file that logrotate will compress or remove
+    #: (C{mailgate_log_last_reopen_successful})
+    reopenFailed = False
+
     def __init__(self, path=None, stream=None):
         self.path = path
         self._lock = threading.Lock()
@@ -166,10 +175,12 @@ class LogStream:
             if self._lost:
                 if not self._writeAll(self._lostLine()):
                     self._lost += 1
+                    self.linesLost += 1
                     return
                 self._lost, self._lostBecause = 0, None
             if not self._writeAll(data):
                 self._lost += 1
+                self.linesLost += 1
 
     def _writeAll(self, data):
         """
@@ -219,7 +230,12 @@ class LogStream:
         """
         if self.path is None:
             return False
-        replacement = self._open(self.path)
+        try:
+            replacement = self._open(self.path)
+        except OSError:
+            self.reopenFailed = True
+            raise
+        self.reopenFailed = False
         with self._lock:
             old, self._stream = self._stream, replacement
         old.close()

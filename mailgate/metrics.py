@@ -152,6 +152,22 @@ class _Series:
         return family
 
 
+class _ReadSeries(_Series):
+    """
+    A series of one value, without labels, read from C{read()} when
+    scraped: what another object keeps counting (the log file's lost
+    lines, counted under its lock from any thread).
+    """
+
+    def __init__(self, familyType, name, documentation, read):
+        super().__init__(familyType, name, documentation)
+        self._read = read
+
+    def family(self):
+        self.values[()] = self._read()
+        return super().family()
+
+
 class _ReactorSeries:
     """
     A collector of L{_Series}, read when scraped.
@@ -298,8 +314,22 @@ class Metrics:
             "1 for each setting the configuration file changes that waits for a restart, as the last reload found.",
             ["setting"], initial=(),
         )
+        # The log file's (twistd -l FILE; see logStream): lines it could
+        # not take, and whether its last reopening worked.  An alert on
+        # a full log disk cannot come from the log itself.
+        self._logStream = None
+        self._logLinesLost = _ReadSeries(
+            counter, "mailgate_log_lines_lost",
+            "Log lines not written to the log file (a full disk, an I/O error): lost.",
+            lambda: self._logStream.linesLost if self._logStream is not None else 0,
+        )
+        self._logReopened = _ReadSeries(
+            gauge, "mailgate_log_last_reopen_successful",
+            "1 unless the last reopening of the log file (SIGHUP, SIGUSR1) failed: lines go to the old file.",
+            lambda: 0 if self._logStream is not None and self._logStream.reopenFailed else 1,
+        )
         registry.register(_ReactorSeries([
-            self._reloadSuccessful, self._restartNeeded, self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._logLinesLost, self._logReopened, self._reloadSuccessful, self._restartNeeded, self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
@@ -551,6 +581,16 @@ class Metrics:
         """
         self._reloadSuccessful.values[()] = 0 if failed else 1
         self._restartNeeded.values = {name: 1 for name in restartNeeded}
+
+    def logStream(self, stream):
+        """
+        The log is written to C{stream} (a L{mailgate.logs.LogStream}):
+        C{mailgate_log_lines_lost_total} and
+        C{mailgate_log_last_reopen_successful} read it when scraped (0
+        and 1 for a log on standard output, the journal's, which counts
+        nothing of the kind).
+        """
+        self._logStream = stream
 
     def certificatesInService(self, certificates):
         """

@@ -441,6 +441,7 @@ def makeService(options):
     logs.forwardStandardLogging()
     if destination is not None:
         service.logObserver = logs.observerFor(config.logFormat, destination)
+        service.metrics.logStream(destination)
         if destination.path is not None:
             # Standard output (-n, as under systemd) has nothing to reopen:
             # a SIGHUP there says so rather than passing unremarked.

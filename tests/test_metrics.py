@@ -68,6 +68,8 @@ CONTRACT = {
     "mailgate_retention_removed_messages": ("counter", {"kind"}),
     "mailgate_retention_rounds": ("counter", {"result"}),
     "mailgate_recipients_refused": ("counter", {"protocol", "reason"}),
+    "mailgate_log_lines_lost": ("counter", set()),
+    "mailgate_log_last_reopen_successful": ("gauge", set()),
 }
 
 
@@ -127,6 +129,44 @@ def test_noSeriesIsExportedTwice():
     assert value(metrics, "mailgate_database_writes_failing", reason="storage_full") == 1
     metrics.writesFailing(None)
     assert value(metrics, "mailgate_database_writes_failing", reason="storage_full") == 0
+
+
+def test_theLogFilesLostLinesAndFailedReopeningAreExported(tmp_path):
+    """
+    Lines the log file did not take (its disk full: /dev/full refuses
+    every write with ENOSPC) are counted as they are lost, not only told
+    in the log once there is room again, which an alert on a full log
+    disk cannot wait for; a reopening that failed (logrotate's SIGUSR1
+    with the log's directory gone) is 0 until one works.  Without a log
+    file (standard output), 0 lines lost and 1.
+    """
+    from mailgate.logs import LogStream
+
+    metrics = Metrics()
+    assert value(metrics, "mailgate_log_lines_lost_total") == 0
+    assert value(metrics, "mailgate_log_last_reopen_successful") == 1
+    full = LogStream("/dev/full")
+    metrics.logStream(full)
+    for n in range(3):
+        full.write(f"line {n}\n")
+    assert value(metrics, "mailgate_log_lines_lost_total") == 3
+    assert value(metrics, "mailgate_log_last_reopen_successful") == 1
+    full.close()
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    stream = LogStream(str(directory / "mailgate.log"))
+    metrics.logStream(stream)
+    directory.rename(tmp_path / "rotated")
+    with pytest.raises(OSError):
+        stream.reopen()
+    assert value(metrics, "mailgate_log_last_reopen_successful") == 0
+    directory.mkdir()
+    assert stream.reopen()
+    assert value(metrics, "mailgate_log_last_reopen_successful") == 1
+    stream.write("written\n")
+    stream.close()
+    assert (directory / "mailgate.log").read_text() == "written\n"
 
 
 def test_theReleaseRunningIsExported():
