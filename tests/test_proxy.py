@@ -13,7 +13,9 @@ import struct
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mailgate.session.endpoints import serverEndpoint
@@ -588,3 +590,36 @@ def test_proxyNetworkRefusesHeadersFromAnyoneElse(mailgate_server):
     sock = socket.create_connection(("127.0.0.1", server.portOf("POP3")), timeout=20)
     with sock:
         assert LineReader(sock).line().startswith(b"+OK")
+
+
+@pytest.mark.parametrize("header", [v2("127.0.0.1", "127.0.0.1", command=0), b"PROXY UNKNOWN\r\n"], ids=["LOCAL", "UNKNOWN"])
+def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
+    """
+    HAProxy's C{check} on a C{send-proxy-v2} server connects every 2
+    seconds with a LOCAL header and leaves after the greeting: SMTP
+    logs no C{smtp.disconnect} line for it (43,200 a day per balancer),
+    as POP3 logs none for a session that did not log in.  A client the
+    header names that leaves without a command is logged, and so is a
+    session without a client's address that sent a command.
+    """
+    clock = Clock()
+
+    def disconnects():
+        return [e for e in logEvents if e.get("event") == "smtp.disconnect"]
+
+    protocol, transport = wrapped(smtpFactory(store, clock), clock)
+    protocol.dataReceived(header)
+    assert transport.value().startswith(b"220 ")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert disconnects() == []
+
+    protocol, transport = wrapped(smtpFactory(store, clock), clock)
+    protocol.dataReceived(header + b"EHLO checker.test\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    [line] = disconnects()
+    assert line["peer"] == "127.0.0.1:50000" and line["commands"] == 1
+
+    protocol, transport = wrapped(smtpFactory(store, clock), clock)
+    protocol.dataReceived(v2("198.51.100.7", "192.0.2.1", 5555, 25))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [e["peer"] for e in disconnects()] == ["127.0.0.1:50000", "198.51.100.7:5555"]

@@ -249,6 +249,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._destination = None
         self._relaying = False
         self._timeout = None
+        #: The header named no client (LOCAL, UNKNOWN, Unix or unspecified
+        #: addresses): the balancer speaking for itself, as its health
+        #: checks do every few seconds.  A session that then does nothing
+        #: is such a check, which SMTP does not log (see
+        #: L{mailgate.smtp.protocol.SMTPServer.sessionEnded}).
+        self.namedNoClient = False
 
     @property
     def relayedTransport(self):
@@ -317,6 +323,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if parsed is None:
             return
         self._source, self._destination, length, tls = parsed
+        self.namedNoClient = self._source is None
         if tls:
             # What L{mailgate.tls.isSecure} asks of a transport.
             self.TLS = True

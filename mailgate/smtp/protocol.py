@@ -326,8 +326,19 @@ class SMTPServer(CommandSession):
 
     def sessionEnded(self):
         self._discardData()
-        if self._began is not None:
+        if self._began is not None and not self._balancersCheck():
             self._logDisconnect()
+
+    def _balancersCheck(self):
+        """
+        Whether the session was a load balancer's health check: a PROXY
+        header naming no client (HAProxy's C{check} on a C{send-proxy-v2}
+        server sends C{LOCAL}), then not one command.  HAProxy checks
+        every 2 seconds, so logging each would write a line every 2
+        seconds per balancer and listener (43,200 a day) about no client
+        at all; POP3 logs no session that did not log in either.
+        """
+        return getattr(self.transport, "namedNoClient", False) and self._tally["commands"] == 0
 
     def _ending(self, reason):
         """
