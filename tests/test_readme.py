@@ -447,6 +447,69 @@ def test_thePrometheusExamplesAreValid(tmp_path):
         assert re.sub(r"_bucket$", "", name) in documented, name
 
 
+def loggedEventNames():
+    """
+    The stable event names (C{event} of the JSON log) the code under
+    mailgate/ logs, read from its syntax tree: an C{event="..."} keyword,
+    the first argument of a session's C{logInfo}, C{logWarning},
+    C{logError} and C{logFailure} (C{f"{self.protocolName}.x"} as
+    C{smtp.x}, found in the README as C{smtp.x} or C{lmtp.x}), the event
+    given to the SMTP/LMTP refusal logger, and an event dictionary's
+    C{"event"} key.  (A name passed through a variable is not found.)
+    """
+    import ast
+
+    def name(node, protocol="smtp"):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr) and len(node.values) == 2:
+            first, rest = node.values
+            if (
+                isinstance(first, ast.FormattedValue) and ast.unparse(first.value) == "self.protocolName"
+                and isinstance(rest, ast.Constant)
+            ):
+                return protocol + rest.value
+        return None
+
+    names = {}
+    for path in sorted((REPO / "mailgate").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            found = []
+            if isinstance(node, ast.Call):
+                found += [keyword.value for keyword in node.keywords if keyword.arg == "event"]
+                function = ast.unparse(node.func).rsplit(".", 1)[-1]
+                if function in ("logInfo", "logWarning", "logError", "logFailure") and node.args:
+                    found.append(node.args[0])
+                if function == "_logRefusedMessage" and len(node.args) > 1:
+                    event = name(node.args[1])
+                    if event is not None:
+                        names.setdefault(f"smtp.{event}", path.name)
+            elif isinstance(node, ast.Dict):
+                found += [value for key, value in zip(node.keys, node.values) if name(key) == "event"]
+            for value in found:
+                event = name(value)
+                if event is not None:
+                    names.setdefault(event, path.name)
+    return names
+
+
+def test_everyLoggedEventIsInTheReadme():
+    """
+    Every event name the code logs is in the README (in backquotes),
+    where an administrator looking up a line of the log, or writing a
+    filter on its JSON, finds what it means; the refusals have their
+    table, the rest theirs.
+    """
+    names = loggedEventNames()
+    # The reading of the code itself: events of every kind are found.
+    assert {"pop3.login", "smtp.disconnect", "smtp.rejected", "log.lines_lost", "session.trace"} <= set(names)
+    missing = sorted(
+        f"{event} ({where})" for event, where in names.items()
+        if f"`{event}`" not in README and not (event.startswith("smtp.") and f"`lmtp.{event[5:]}`" in README)
+    )
+    assert not missing, missing
+
+
 # -- Receiving mail: Postfix -----------------------------------------------------------
 
 
