@@ -608,11 +608,13 @@ class ILifecycleStore(Interface):
             L{mailgate.errors.UserExists} or L{MaildropInUse}.
         """
 
-    def expungeMessages(address, olderThanDays=None):
+    def expungeMessages(address, olderThanDays=None, progress=None):
         """
         Remove a user's messages for good (all, or those older than
         C{olderThanDays}), those deleted by POP3 and kept for recovery
-        included; refused while the user is in a POP3 session.
+        included; refused while the user is in a POP3 session.  Committed
+        a bounded number at a time, C{progress(removed, kept)} called
+        after each commit with the running totals.
 
         @return: a L{Deferred} of C{(messages removed from the maildrop,
             kept deleted messages removed)}.

@@ -1605,6 +1605,40 @@ def test_expungeOlderThanAndAll(store):
     assert failureOf(store.expungeMessages(CAROL)).check(NoSuchUser)
 
 
+def test_anExpungeCommitsABoundedNumberOfMessagesAtATime(databaseURL, store):
+    """
+    An administrator's expunge removes a large maildrop a bounded number
+    of messages (kept deleted ones included) per transaction, the
+    maildrop's lock held throughout: between two of them another process
+    delivers (on SQLite, whose one write lock a single transaction held
+    for the whole maildrop: 100,000 messages kept every delivery to every
+    user waiting some 6-10 s, a larger maildrop past the busy timeout).
+    What is delivered meanwhile is not the expunge's; each transaction's
+    removals are told as they commit.
+    """
+    store.limits.keepDeletedDays = 30
+    for n in range(5):
+        deliver(store, [ALICE], message(n))
+    popDelete(store, ALICE, "wonderland", 1, 2)
+    other = memoryStore(databaseURL)
+    progress = []
+    meanwhile = []
+
+    def committed(removed, kept):
+        progress.append((removed, kept))
+        meanwhile.append(deliver(other, [ALICE, BOB], message(10 + len(progress)))[ALICE])
+
+    try:
+        assert resultOf(store.expungeMessages(ALICE, perTransaction=2, progress=committed)) == (3, 2)
+    finally:
+        other.close()
+    assert progress == [(2, 0), (3, 1), (3, 2)]
+    assert [m.uniqueId for m in resultOf(store.listMessages(ALICE))] == meanwhile
+    assert resultOf(store.listDeleted(ALICE)) == []
+    assert len(resultOf(store.listMessages(BOB))) == 3
+    assert usage(store, ALICE) == (3, sum(len(message(10 + n)) for n in (1, 2, 3)))
+
+
 def test_expungeRemovesTheMailKeptForRecoveryToo(store):
     """
     An administrator expunging a user's mail (an erasure request) erases

@@ -332,6 +332,41 @@ def test_mailboxExpungeSaysWhatItRemovedOfTheKeptMail(cli, store):
     assert cli("mailbox", "deleted", ALICE).out.splitlines()[1:] == []
 
 
+def test_anExpungeInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatch):
+    """
+    An expunge is committed a few hundred messages at a time: stopped
+    half-way (Ctrl-C), what its committed transactions removed is gone,
+    and said, with what to do; run again, it removes the rest.
+    """
+    from mailgate.store import lifecycle
+
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    monkeypatch.setattr(lifecycle, "EXPUNGE_PER_TRANSACTION", 1)
+    removals = []
+    removeMessages = lifecycle.removeMessages
+
+    def interrupted(*args):
+        removals.append(args)
+        if len(removals) == 2:
+            raise KeyboardInterrupt()
+        return removeMessages(*args)
+
+    monkeypatch.setattr(lifecycle, "removeMessages", interrupted)
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert (result.code, result.out) == (130, "")
+    assert result.err == (
+        f"mailgate: stopped after removing 1 message and 0 kept deleted messages (every message) from {ALICE}; "
+        "the rest is still there: run the command again to remove it\n"
+        "mailgate: interrupted\n"
+    )
+    assert len(resultOf(store.listMessages(ALICE))) == 2
+    monkeypatch.setattr(lifecycle, "removeMessages", removeMessages)
+    result = cli("mailbox", "expunge", ALICE, "--all")
+    assert (result.code, result.out) == (0, f"removed 2 messages (every message) from {ALICE}\n")
+    assert resultOf(store.listMessages(ALICE)) == []
+
+
 def test_mailboxExpunge(cli, store):
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)

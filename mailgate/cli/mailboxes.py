@@ -178,11 +178,27 @@ def _mailboxRestore(store, args, out, stdin):
 def _mailboxExpunge(store, args, out, stdin):
     address = _address(args.address)
     days = None if args.all else _number(args.older_than, _dayCount, "--older-than")
-    try:
-        removed, kept = _forUser(address, store.expungeMessages(address, days))
-    except MaildropInUse:
-        raise _inSession(address)
     what = "every message" if args.all else f"messages older than {counted(days, 'day')}"
+    done = [(0, 0)]
+
+    def progress(removed, kept):
+        done[0] = (removed, kept)
+
+    try:
+        removed, kept = _forUser(address, store.expungeMessages(address, days, progress=progress))
+    except BaseException as e:
+        # Committed a few hundred at a time: stopped half-way (Ctrl-C,
+        # the database lost), what is gone is gone, and said.
+        removed, kept = done[0]
+        if removed or kept:
+            args.stderr.write(
+                f"mailgate: stopped after removing {counted(removed, 'message')} and {kept} kept deleted "
+                f"{noun(kept, 'message')} ({what}) from {address}; the rest is still there: run the command "
+                "again to remove it\n"
+            )
+        if isinstance(e, MaildropInUse):
+            raise _inSession(address) from None
+        raise
     out.write(f"removed {counted(removed, 'message')} ({what}) from {address}\n")
     if kept:
         out.write(f"removed {kept} deleted {noun(kept, 'message')} kept for recovery ({what}) too\n")

@@ -72,17 +72,44 @@ def _renameUser(cursor, engine, old, new, aliveSince, lockedId=None):
         raise
 
 
+#: Messages (and kept deleted messages) an administrator's expunge removes
+#: in one transaction.  Each transaction holds SQLite's one write lock:
+#: 100,000 messages removed in one held it some 6 s (10 s beside a
+#: running server's deliveries, each of which waited for it, as long as
+#: SQLite's busy timeout), and a larger maildrop would have had every
+#: delivery to every user fail.  500 take some tens of milliseconds.
+EXPUNGE_PER_TRANSACTION = 500
+
+
 def _expungeUser(cursor, address, before, aliveSince, lockedId=None):
     """
-    Remove a user's messages for good: all of them, or those that arrived
-    before C{before}; those of them deleted by POP3 and kept for recovery
-    too (an administrator erasing a user's mail means all of it; expunged
+    Remove a user's messages for good in one transaction: all of them, or
+    those that arrived before C{before}, with those kept for recovery;
+    see L{_expungeSome}.
+
+    @return: C{(messages removed from the maildrop, kept deleted messages
+        removed)}.
+    """
+    removed, kept, _, _ = _expungeSome(cursor, address, before, None, None, aliveSince, lockedId)
+    return removed, kept
+
+
+def _expungeSome(cursor, address, before, below, limit, aliveSince, lockedId=None):
+    """
+    One transaction of an expunge: remove at most C{limit} (C{None}: no
+    limit) of a user's messages for good, all of them or those that
+    arrived before C{before}, and once none of those is left in the
+    maildrop, those of them deleted by POP3 and kept for recovery too (an
+    administrator erasing a user's mail means all of it; expunged
     messages are not kept).
 
+    @param below: the maildrop's next uid when the expunge began (C{None}
+        in its first transaction, which reads it): messages delivered
+        or restored meanwhile are not the expunge's.
     @param lockedId: the id of the user whose maildrop lock is held (see
         L{lockedUserId}).
     @return: C{(messages removed from the maildrop, kept deleted messages
-        removed)}.
+        removed, below, whether there may be more to remove)}.
     @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
@@ -91,11 +118,17 @@ def _expungeUser(cursor, address, before, aliveSince, lockedId=None):
         raise MaildropInUse(address)
     # Locked first, as in _expireUser: a delivery committing meanwhile is
     # in the oldest arrival written at the end.
-    cursor.execute("UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ?", (userId,))
-    if before is None:
-        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ?", (userId,))
-    else:
-        cursor.execute("SELECT uid FROM maildrop WHERE user_id = ? AND arrived_at < ?", (userId, before))
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = oldest_arrival WHERE user_id = ? RETURNING next_uid", (userId,)
+    )
+    nextUid = cursor.fetchone()[0]
+    below = nextUid if below is None else below
+    where, params = "user_id = ? AND uid < ?", [userId, below]
+    if before is not None:
+        where += " AND arrived_at < ?"
+        params.append(before)
+    bound = "" if limit is None else f" ORDER BY uid LIMIT {int(limit)}"
+    cursor.execute(f"SELECT uid FROM maildrop WHERE {where}{bound}", params)
     uids = [row[0] for row in cursor.fetchall()]
     removed = removeMessages(cursor, userId, uids) if uids else 0
     cursor.execute(
@@ -103,12 +136,17 @@ def _expungeUser(cursor, address, before, aliveSince, lockedId=None):
         "WHERE user_id = ?",
         (userId, userId),
     )
-    if before is None:
-        cursor.execute("SELECT uid FROM deleted_mail WHERE user_id = ?", (userId,))
-    else:
-        cursor.execute("SELECT uid FROM deleted_mail WHERE user_id = ? AND arrived_at < ?", (userId, before))
+    if limit is not None and len(uids) >= limit:
+        return removed, 0, below, True
+    where, params = "user_id = ?", [userId]
+    if before is not None:
+        where += " AND arrived_at < ?"
+        params.append(before)
+    bound = "" if limit is None else f" ORDER BY uid LIMIT {int(limit) - len(uids)}"
+    cursor.execute(f"SELECT uid FROM deleted_mail WHERE {where}{bound}", params)
     kept = [row[0] for row in cursor.fetchall()]
-    return removed, _dropKept(cursor, {userId: kept}) if kept else 0
+    more = limit is not None and len(uids) + len(kept) >= limit
+    return removed, _dropKept(cursor, {userId: kept}) if kept else 0, below, more
 
 
 class LifecycleStore:
@@ -415,19 +453,54 @@ class LifecycleStore:
         """
         return self._underLock(old, _renameUser, self.engine, old, new, self._now() - STALE_AFTER)
 
-    def expungeMessages(self, address, olderThanDays=None):
+    def expungeMessages(self, address, olderThanDays=None, perTransaction=None, progress=None):
         """
         Remove a user's messages for good (all of them, or those older
         than C{olderThanDays}), those kept for recovery included, not
-        while a POP3 session holds the maildrop.
+        while a POP3 session holds the maildrop.  The maildrop's lock is
+        held throughout; the removals are committed C{perTransaction} at
+        a time (L{EXPUNGE_PER_TRANSACTION}), so that the deliveries and
+        sessions of other users (on SQLite, every write) wait for one
+        such transaction at most, not for the whole maildrop.  An expunge
+        stopped half-way (interrupted, the database lost) has removed
+        what its committed transactions removed, and no more: run again,
+        it removes the rest.
 
+        @param progress: called after each committed transaction with
+            the running totals C{(messages removed, kept deleted messages
+            removed)}: what an expunge stopped half-way has done.
         @return: a L{Deferred} of C{(messages removed from the maildrop,
             kept deleted messages removed)}; fails with L{NoSuchUser} or
             L{MaildropInUse}.
         """
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
-        return self._underLock(address, _expungeUser, address, before, now - STALE_AFTER)
+        perTransaction = EXPUNGE_PER_TRANSACTION if perTransaction is None else perTransaction
+
+        @defer.inlineCallbacks
+        def run():
+            user = yield self.findUser(address)
+            if user is None:
+                raise NoSuchUser(address)
+            yield self.locks.acquire(user.userId)
+            removed = kept = 0
+            below = None
+            more = True
+            try:
+                while more:
+                    fromMaildrop, fromKept, below, more = yield self.database.runWrite(
+                        Guarded.under(self.locks, user.userId, _expungeSome),
+                        address, before, below, perTransaction, now - STALE_AFTER, user.userId,
+                    )
+                    removed += fromMaildrop
+                    kept += fromKept
+                    if progress is not None:
+                        progress(removed, kept)
+            finally:
+                yield self.locks.release(user.userId)
+            return removed, kept
+
+        return run()
 
     def recountUsage(self, address):
         """
