@@ -946,7 +946,14 @@ class _LimitedSite(policies.WrappingFactory):
     The new connection is closed as it arrives only when every one is
     being answered.  A scraper whose kept-alive connection gave way
     connects again at its next scrape.
+
+    Not noisy: a wrapping factory is by default, and every start and stop
+    of the server logged "Starting factory <mailgate.metrics._LimitedSite
+    object at 0x7f8fd0887f10>", under the event name of the class, beside
+    the listener's own line.
     """
+
+    noisy = False
 
     def buildProtocol(self, addr):
         if len(self.protocols) >= MAX_CONNECTIONS and not self._makeRoom():

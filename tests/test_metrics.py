@@ -669,6 +669,19 @@ def test_aClientThatReadsNoAnswersGetsNoMore():
     site.stopFactory()
 
 
+def test_theSiteLogsNoLineOfItsOwnAsItStartsAndStops():
+    """
+    The listener's "METRICS listening on" line says the site started; the
+    factory wrapping it wrote a line of its own at each start and stop,
+    naming an object's memory address under its class's name as event.
+    """
+    site = metricsSite(Metrics(), lambda: None, Clock())
+    with capturedLogs() as events:
+        site.doStart()
+        site.doStop()
+    assert events == []
+
+
 def test_anIdleConnectionIsClosedOnTheGivenReactor():
     """
     A connection that sends nothing is closed after L{IDLE_TIMEOUT}
