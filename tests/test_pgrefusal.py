@@ -572,3 +572,42 @@ def test_aParameterValueLibpqRefusesInTheEnvironmentIsAConfigurationError(monkey
     # Given in the URL, the environment's is not read (nor by libpq).
     monkeypatch.setenv("PGSSLMODE", "requir")
     PostgresEngine(base + ("&" if "?" in base else "?") + "sslmode=prefer").connect().close()
+
+
+def test_aMissingRootCertificateIsAConfigurationError(monkeypatch, tmp_path):
+    """
+    C{sslmode=verify-full} (or C{verify-ca}) with a root certificate file
+    that does not exist, named by the URL's C{sslrootcert}, by
+    PGSSLROOTCERT, or libpq's default C{~/.postgresql/root.crt}: refused
+    before connecting, naming the file (it exited 75, libpq saying it as
+    it says an unreachable server, and the systemd unit restarted the
+    node every two seconds for ever).  A file that exists, C{system}, or
+    a mode that checks nothing is no problem here.
+    """
+    from mailgate.store.pgurl import parameterProblem
+
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = "postgresql://mailgate@db.internal/mail?sslmode=verify-full"
+    missing = tmp_path / "db-ca.pem"
+    problem = parameterProblem(f"{base}&sslrootcert={missing}")
+    assert problem == (
+        f"no root certificate file: sslmode verify-full checks the server's certificate against one, "
+        f"and sslrootcert '{missing}' does not exist"
+    )
+    default = tmp_path / ".postgresql" / "root.crt"
+    assert parameterProblem(base.replace("verify-full", "verify-ca")).endswith(
+        f"so libpq's default for the user running mailgate, {default} does not exist"
+    )
+    monkeypatch.setenv("PGSSLROOTCERT", str(missing))
+    assert f"PGSSLROOTCERT in the environment; sslrootcert '{missing}' does not exist" in parameterProblem(base)
+    missing.write_text("a CA certificate\n")
+    assert parameterProblem(base) is None
+    monkeypatch.delenv("PGSSLROOTCERT")
+    default.parent.mkdir()
+    default.write_text("a CA certificate\n")
+    assert parameterProblem(base) is None
+    for fine in ("sslmode=require&sslrootcert=/nonexistent", "sslmode=verify-full&sslrootcert=system"):
+        assert parameterProblem(f"postgresql://mailgate@db.internal/mail?{fine}") is None

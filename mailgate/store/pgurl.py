@@ -32,7 +32,11 @@ ENVIRONMENT = {
     "gssencmode": "PGGSSENCMODE",
     "channel_binding": "PGCHANNELBINDING",
     "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "sslrootcert": "PGSSLROOTCERT",
 }
+#: the sslmodes that check the server's certificate against a root
+#: certificate file, which libpq refuses to connect without
+VERIFYING = ("verify-ca", "verify-full")
 #: libpq's parameters whose values are whole numbers (not connect_timeout:
 #: mailgate gives its own to every connection, which replaces the URL's)
 NUMBERS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
@@ -71,7 +75,36 @@ def parameterProblem(conninfo):
         value = parameters.get(name)
         if value is not None and _integer(value) is None:
             return f"invalid {name} {value!r} (a whole number)"
+    if not service and parameters.get("sslmode") in VERIFYING:
+        return _missingRootCertificate(parameters, given)
     return None
+
+
+def _missingRootCertificate(parameters, given):
+    """
+    What libpq would say of a root certificate file that does not exist,
+    with an C{sslmode} that checks the server's certificate against it
+    (C{sslrootcert}, else C{~/.postgresql/root.crt} of the user running
+    mailgate), or C{None}.  libpq says it before connecting, in the
+    words of any failure to connect: a node whose URL names a CA file
+    not installed (or not where the user running it looks) exited 75,
+    and the systemd unit started it again every two seconds for ever.
+    """
+    path = parameters.get("sslrootcert")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".postgresql", "root.crt")
+        where = f"no sslrootcert in the URL, so libpq's default for the user running mailgate, {path}"
+    elif path == "system":
+        # libpq 16 on: the system's own trusted roots.
+        return None
+    else:
+        where = f"{given.get('sslrootcert', '')}sslrootcert {path!r}"
+    if os.path.exists(path):
+        return None
+    return (
+        f"no root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
+        f"against one, and {where} does not exist"
+    )
 
 
 #: the white space C's isspace() skips, as libpq's number parsing does
