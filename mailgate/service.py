@@ -729,7 +729,7 @@ class MailgateService(MultiService):
         asked = [s for s in self if isinstance(s, ListeningService) and s.listenAsked]
         for listener in asked:
             defer.maybeDeferred(listener.stopService).addErrback(
-                lambda f: self.log.failure("a listener failed to stop", f)
+                lambda f: self.log.failure("a listener failed to stop", f, event="service.stop_failed")
             )
         for ls in self.listeners.values():
             for listener in ls:
@@ -749,7 +749,7 @@ class MailgateService(MultiService):
         if self._storeService is None:
             return None
         d = defer.maybeDeferred(self._storeService.stopService)
-        d.addErrback(lambda f: self.log.failure("the store failed to close", f))
+        d.addErrback(lambda f: self.log.failure("the store failed to close", f, event="service.stop_failed"))
         return d
 
     def _reportStartupError(self, error):
@@ -887,7 +887,7 @@ class MailgateService(MultiService):
             try:
                 callback()
             except Exception:
-                self.log.failure("stopping callback {callback!r} failed", callback=callback)
+                self.log.failure("stopping callback {callback!r} failed", callback=callback, event="service.stop_failed")
         # A listener never started is not stopped (_stopAll): it is told
         # here that it will never listen, or a wait for it never ended.
         for ls in self.listeners.values():
@@ -973,7 +973,7 @@ class MailgateService(MultiService):
         def logFailures(results):
             for ok, result in results:
                 if not ok:
-                    self.log.failure("a service failed to stop", result)
+                    self.log.failure("a service failed to stop", result, event="service.stop_failed")
 
         done = defer.DeferredList([d for _, d in stopping], consumeErrors=True).addCallback(logFailures)
         if deadline is None:

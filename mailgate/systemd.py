@@ -171,7 +171,7 @@ class SystemdService(Service):
         d = self._root.whenListening()
         d.addCallback(lambda _: self._waitForDatabase())
         d.addCallback(self._ready)
-        d.addErrback(lambda failure: self.log.failure("not telling systemd READY=1", failure))
+        d.addErrback(lambda failure: self.log.failure("not telling systemd READY=1", failure, event="systemd.failed"))
         if self._watchdogInterval:
             self._every(self._watchdogInterval, lambda: self._notifier.notify("WATCHDOG=1"))
 
@@ -179,7 +179,7 @@ class SystemdService(Service):
         loop = task.LoopingCall(function)
         loop.clock = self._reactor
         loop.start(seconds, now=True).addErrback(
-            lambda failure: self.log.failure("systemd notification loop failed", failure)
+            lambda failure: self.log.failure("systemd notification loop failed", failure, event="systemd.failed")
         )
         self._loops.append(loop)
 

@@ -493,6 +493,32 @@ def loggedEventNames():
     return names
 
 
+def test_everyLineTheCodeLogsHasAnEventName():
+    """
+    Every call of a logger under mailgate/ (C{log.info}, C{warn}, C{error},
+    C{failure}, ...) gives its event a stable name, which the test below
+    finds in the README: a line without one had the logging class's name
+    as its JSON C{event}, and an administrator filtering or alerting on
+    warnings and errors had no name to use (C{lock.lost},
+    C{retention.failed} and C{database.connection_lost} were among them).
+    A call passing its fields whole (C{**fields}) is left to its callers.
+    """
+    import ast
+
+    unnamed = []
+    for path in sorted((REPO / "mailgate").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("debug", "info", "warn", "error", "critical", "failure"):
+                continue
+            if not re.search(r"(^|\.|_)log$", ast.unparse(node.func.value)):
+                continue
+            if not any(keyword.arg in ("event", None) for keyword in node.keywords):
+                unnamed.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not unnamed, unnamed
+
+
 def test_everyLoggedEventIsInTheReadme():
     """
     Every event name the code logs is in the README (in backquotes),

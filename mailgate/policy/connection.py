@@ -212,7 +212,7 @@ class ConnectionPolicy:
         try:
             self._failed(self._key(address), loginKey(login, self._defaultRealm), password)
         except Exception:
-            self.log.failure("connection policy: recording a failed login")
+            self.log.failure("connection policy: recording a failed login", event="policy.record_failed")
 
     def _failed(self, key, login, password):
         if key is None or self.bans.isBanned(key):
@@ -224,6 +224,7 @@ class ConnectionPolicy:
             self.log.debug(
                 "connection policy: a repeated failed login from {address} not counted",
                 address=key,
+                event="policy.repeat_not_counted",
             )
             return
         settings = self.settings
@@ -235,7 +236,9 @@ class ConnectionPolicy:
         if ban:
             self.bans.made(BanRecord(key, REASON_FAILURES, count, now, now + settings.banTime))
         d = self.sync.record(failure, ban)
-        d.addErrback(lambda f: self.log.failure("connection policy: recording a failed login", f))
+        d.addErrback(
+            lambda f: self.log.failure("connection policy: recording a failed login", f, event="policy.record_failed")
+        )
 
     def authenticationSucceeded(self, address, login):
         key = self._key(address)

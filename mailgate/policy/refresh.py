@@ -152,9 +152,10 @@ class StoreSync:
                 "connection policy: {what} failed, enforcing what this node knows: {reason}",
                 what=what,
                 reason=failure.getErrorMessage(),
+                event="policy.store_failed",
             )
 
     def _recovered(self):
         if self._storeFailing:
             self._storeFailing = False
-            self.log.info("connection policy: the store answers again")
+            self.log.info("connection policy: the store answers again", event="policy.store_recovered")

@@ -144,7 +144,7 @@ class LocalDelivery:
             # The reply it had before it was asked: the message is
             # committed (or refused) already, whatever this lookup does.
             if not failure.check(TemporaryFailure):
-                _log.failure("quota lookup of a full mailbox failed", failure)
+                _log.failure("quota lookup of a full mailbox failed", failure, event="smtp.quota_lookup_failed")
             return self.mailboxFull(address)
 
         def ask(address):

@@ -122,9 +122,9 @@ class RetentionService(_Repeating):
             if failure.check(TemporaryFailure):
                 # The database is away (or closing at shutdown): the next
                 # round tries again.
-                self.log.warn("retention task: {reason}", reason=failure.value)
+                self.log.warn("retention task: {reason}", reason=failure.value, event="retention.failed")
             else:
-                self.log.failure("retention task failed", failure)
+                self.log.failure("retention task failed", failure, event="retention.failed")
             if self._metrics is not None:
                 self._metrics.retentionRound("failed")
             return (0, 0)
@@ -332,7 +332,11 @@ class RegistryService(_Repeating):
         self._call = cancelled(self._call)
         d = defer.maybeDeferred(lambda: self.active)
         d.addBoth(lambda _: self._store.sessions.leave())
-        d.addErrback(lambda failure: self.log.warn("leaving the session registry: {reason}", reason=failure.value))
+        d.addErrback(
+            lambda failure: self.log.warn(
+                "leaving the session registry: {reason}", reason=failure.value, event="registry.leave_failed"
+            )
+        )
         return d
 
     def runOnce(self):
@@ -351,16 +355,16 @@ class RegistryService(_Repeating):
         def done(result):
             if self._failing:
                 self._failing = False
-                self.log.info("session registry: written again")
+                self.log.info("session registry: written again", event="registry.recovered")
             return result
 
         def failed(failure):
             if not self._failing:
                 self._failing = True
                 if failure.check(TemporaryFailure):
-                    self.log.warn("session registry: {reason}", reason=failure.value)
+                    self.log.warn("session registry: {reason}", reason=failure.value, event="registry.failed")
                 else:
-                    self.log.failure("session registry", failure)
+                    self.log.failure("session registry", failure, event="registry.failed")
             return None
 
         def finished(result):

@@ -455,7 +455,9 @@ class ReactorConnection(_Connection):
         self._fd = -1
         pg.finish()
         if log:
-            self.log.warn("{name}: PostgreSQL connection lost: {why}", name=self._name, why=why)
+            self.log.warn(
+                "{name}: PostgreSQL connection lost: {why}", name=self._name, why=why, event="database.connection_lost"
+            )
         if self.onLost is not None and not self._closed:
             # Before the statement under way is failed and the next one
             # connects again: those who held something on this connection
@@ -463,7 +465,9 @@ class ReactorConnection(_Connection):
             try:
                 self.onLost(self.connections)
             except Exception:
-                self.log.failure("{name}: telling of the lost connection", name=self._name)
+                self.log.failure(
+                    "{name}: telling of the lost connection", name=self._name, event="database.connection_lost"
+                )
         current, self._current = self._current, None
         if current is not None:
             current[0].errback(TemporaryFailure(f"{self._name}: connection lost: {why}"))

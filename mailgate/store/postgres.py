@@ -976,7 +976,7 @@ class AdvisoryLocks:
             forget()
 
             def notUndone(why):
-                self.log.warn("undoing a failed maildrop lock: {reason}", reason=why.value)
+                self.log.warn("undoing a failed maildrop lock: {reason}", reason=why.value, event="lock.undo_failed")
 
             undo.addCallbacks(lambda _: None, notUndone).addCallback(lambda _: self._settle(userId))
             return undo.addCallback(lambda _: failure)
@@ -1020,6 +1020,7 @@ class AdvisoryLocks:
             self.log.info(
                 "maildrop lock connection lost during a login ({reason}); trying again on a fresh one",
                 reason=failure.value,
+                event="lock.retried",
             )
             return self.acquireAndSnapshot(userId, passwordHash, address, again=False)
 
@@ -1057,13 +1058,15 @@ class AdvisoryLocks:
         ]
         for userId in lost:
             self.log.warn(
-                "maildrop lock of user {userId} lost with its connection; ending its session", userId=userId
+                "maildrop lock of user {userId} lost with its connection; ending its session",
+                userId=userId,
+                event="lock.lost",
             )
             watcher = self._watchers.pop(userId)
             try:
                 watcher()
             except Exception:
-                self.log.failure("ending the session of a lost maildrop lock")
+                self.log.failure("ending the session of a lost maildrop lock", event="lock.lost")
 
     def release(self, userId):
         """
@@ -1080,7 +1083,7 @@ class AdvisoryLocks:
 
         def failed(failure):
             # The connection is gone, and the lock with it.
-            self.log.warn("releasing maildrop lock: {reason}", reason=failure.value)
+            self.log.warn("releasing maildrop lock: {reason}", reason=failure.value, event="lock.release_failed")
 
         def settled(result):
             self._settle(userId)

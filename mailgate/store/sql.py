@@ -1087,7 +1087,11 @@ class SQLMaildrop:
         # logins of the user out (and before a refusal waiting for this
         # release goes out).  Should that fail, the lock goes all the same.
         d = self._store.database.runWrite(_forgetLogin, self._userId, *notBegun[1:])
-        d.addErrback(lambda failure: self.log.failure("taking back a login that did not complete", failure))
+        d.addErrback(
+            lambda failure: self.log.failure(
+                "taking back a login that did not complete", failure, event="lock.undo_failed"
+            )
+        )
         return d.addCallback(lambda _: self._store.locks.release(self._userId))
 
 
