@@ -640,7 +640,7 @@ def test_socketActivation(tmp_path, notifySocket):
         # The socket it was given, by its index: taken for the restart.
         config.write_text('pop3 = ["systemd:domain=INET:index=0"]\n')
         server.process.send_signal(signal.SIGHUP)
-        waitFor(lambda: "configuration changed: pop3 take effect" in server.stdout, "the reload")
+        waitFor(lambda: "configuration changed: pop3 takes effect" in server.stdout, "the reload")
         assert greeting(port).startswith(b"+OK")
     finally:
         server.stop()
