@@ -661,13 +661,27 @@ def test_theScalingOutCommandNamesItsBalancerAndChecksTheDatabase():
     database, on another machine, is reached over TLS whose certificate
     is checked: libpq's default (prefer) takes the clear or any
     certificate, and the messages and password hashes cross the network.
+    The server's configuration lets that role in, over TLS alone, on an
+    address other than localhost (Debian's default, where every node was
+    refused).
     """
+    import ipaddress
+
     from psycopg.conninfo import conninfo_to_dict
 
     config = nodesCommand()
     assert config.pop3 == ["haproxy:tcp:110"] and config.proxyNetworks != ["127.0.0.0/8", "::1/128"]
     parameters = conninfo_to_dict(config.database)
     assert parameters["sslmode"] == "verify-full" and parameters["sslrootcert"].startswith("/etc/mailgate/")
+    # The server lets that role into that database, over TLS alone, from
+    # the nodes' network, listening on more than localhost.
+    [server] = [b for b in codeBlocks(section("Scaling out")) if "pg_hba.conf" in b]
+    [rule] = re.findall(r"^host\S* .*$", server, re.MULTILINE)
+    kind, database, role, network, method = rule.split()
+    assert (kind, database, role, method) == ("hostssl", parameters["dbname"], parameters["user"], "scram-sha-256")
+    assert all(ipaddress.ip_address(node) in ipaddress.ip_network(network) for node in ("10.0.0.5", "10.0.0.6", "10.0.0.7"))
+    [listen] = re.findall(r"^listen_addresses = '(.*)'$", server, re.MULTILINE)
+    assert listen != "localhost" and re.search(r"^ssl = on$", server, re.MULTILINE)
 
 
 def test_thePostfixTransportListsEveryNodesLMTP(tmp_path):
