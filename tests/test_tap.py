@@ -314,6 +314,37 @@ def test_makeServiceWithUnopenableDatabase(capsys):
     assert err.count("\n") == 1
 
 
+def test_theLogFilesMetricsFollowTheServersOwnLogFile(tmp_path, monkeypatch):
+    """
+    Under twistd with C{-l FILE}, the metrics read the log file the
+    server writes (mailgate_log_lines_lost_total,
+    mailgate_log_last_reopen_successful): a SIGUSR1 whose reopening
+    failed, the log's directory gone, shows as 0 until one works.
+    """
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    options = parse("--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}", "--pop3", "tcp:0:interface=127.0.0.1")
+    options.parent = {"logfile": str(logs / "mailgate.log"), "nodaemon": True}
+    monkeypatch.setattr(tap.twistedcompat, "leanEventDispatch", lambda reactor: False)
+    monkeypatch.setattr(tap.logs, "forwardStandardLogging", lambda: None)
+    service = tap.makeService(options)
+
+    def reopened():
+        return service.metrics.registry.get_sample_value("mailgate_log_last_reopen_successful")
+
+    try:
+        assert reopened() == 1
+        assert service.metrics.registry.get_sample_value("mailgate_log_lines_lost_total") == 0
+        logs.rename(tmp_path / "rotated")
+        service.reopenLogs()
+        assert reopened() == 0
+        logs.mkdir()
+        service.reopenLogs()
+        assert reopened() == 1
+    finally:
+        service.store.close()
+
+
 def test_aDatabasePasswordOnTheCommandLineIsWarnedOf(postgresURL, monkeypatch):
     """
     A server given C{--database postgresql://USER:PASSWORD@...} on its
