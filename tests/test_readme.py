@@ -671,6 +671,9 @@ def test_theScalingOutCommandNamesItsBalancerAndChecksTheDatabase():
 
     config = nodesCommand()
     assert config.pop3 == ["haproxy:tcp:110"] and config.proxyNetworks != ["127.0.0.0/8", "::1/128"]
+    # Each node is named by its machine's FQDN in mailgate nodes and who:
+    # a hostname shared by every node left their process ids alone.
+    assert config.hostname is None
     parameters = conninfo_to_dict(config.database)
     assert parameters["sslmode"] == "verify-full" and parameters["sslrootcert"].startswith("/etc/mailgate/")
     # The server lets that role into that database, over TLS alone, from
