@@ -32,6 +32,7 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
 from mailgate.config import COMMAND_SETTINGS, SETTINGS, networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
+from mailgate.hostname import machineName
 from mailgate.interfaces import ILifecycleStore
 from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
 from mailgate.memory import MemoryTrimmer
@@ -1381,8 +1382,12 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         # registry of its POP3 sessions (mailgate who, mailgate kick):
         # written by every node, so one that only takes mail in counts
         # too where the nodes' retention settings are compared.
+        # Named as --hostname names the machine (its default, the machine's
+        # FQDN, too: without one the name was the registry's own default,
+        # with the id of a process twistd forks away from).
         RegistryService(
-            store, reactor, name=config.hostname, metrics=metrics, quotaExceeded=config.quotaExceeded,
+            store, reactor, name=config.hostname or machineName(), metrics=metrics,
+            quotaExceeded=config.quotaExceeded,
             recipientDelimiter=config.recipientDelimiter,
         ).setServiceParent(root)
     pop3 = []

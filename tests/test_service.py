@@ -1123,3 +1123,27 @@ def test_aUnixSocketWhoseDirectoryIsMissingIsAConfigurationErrorSaidInPlainWords
     reason, status = failure(tmp_path / "file" / "lmtp")
     assert status == 78
     assert reason.endswith(f": Not a directory (a part of {tmp_path / 'file'} is not a directory: correct the path)")
+
+
+@pytest.mark.parametrize("hostname", [None, "mail.example.org"])
+def test_theNodeIsNamedByItsHostNameAndTheProcessServing(tmp_path, monkeypatch, hostname):
+    """
+    A node's name in C{mailgate nodes} and C{who} is its C{--hostname}
+    (by default the machine's FQDN, as the greetings say it) and the id
+    of the process serving, taken as the service starts, after twistd
+    has forked into a daemon.  Without C{--hostname} (README's nodes'
+    command) it was the short host name and the id of the process twistd
+    had forked away from: a daemonized node was listed as C{vm[28781]}
+    while its pid file said 28810.
+    """
+    import os
+
+    from mailgate.hostname import machineName
+    from mailgate.store.housekeeping import RegistryService
+
+    root, reactor = build(tmp_path, hostname=hostname)
+    [registry] = [service for service in root if isinstance(service, RegistryService)]
+    daemon = os.getpid() + 1
+    monkeypatch.setattr(os, "getpid", lambda: daemon)
+    registry.startService()
+    assert registry._store.sessions.name == f"{hostname or machineName()}[{daemon}]"
