@@ -1189,6 +1189,62 @@ def test_userImportFromStandardInputTakesOctetsThatAreNotUTF8(cli):
     assert verifyPassword("pw", cli.user(BOB).passwordHash)
 
 
+def test_userImportRunAgainHashesNoPasswordOfAUserThereAlready(cli, monkeypatch):
+    """
+    C{user import} run again over a passwd-file of passwords in clear
+    (C{{PLAIN}}) makes no hash for the users there already: it made
+    mailgate's own (scrypt and SCRAM's keys, a quarter of a second each)
+    for every line before finding the user there and throwing it away (a
+    file of 50,000 such users: some three and a half hours to change
+    nothing); nor checks again a crypt(3) hash kept as imported (some
+    3 ms each).  A line it cannot import is still refused, and an
+    imported hash the file has changed is still refreshed.
+    """
+    from mailgate.auth import passwords
+    from mailgate.testing import TEST_HASH_COST
+
+    hashed = []
+    hashPassword = passwords.hashPassword
+
+    def counted(password, logN=None):
+        hashed.append(password)
+        return hashPassword(password, TEST_HASH_COST)
+
+    monkeypatch.setattr(passwords, "hashPassword", counted)
+    checked = []
+    checker = passwords.foreign.checker
+
+    def checking(text, *args, **kwargs):
+        checked.append(text)
+        return checker(text, *args, **kwargs)
+
+    monkeypatch.setattr(passwords.foreign, "checker", checking)
+    cli.create()
+    crypt = "{SHA512-CRYPT}$6$abcdefgh$ltjgWl6579NluT/Vi1nwEvcil.G5Nbc4NiXZaNGStk8PSwGfQv72N2CKPPrVACtLtip/cZ/1GM/O6IND4WQhG."
+    passwd = f"{ALICE}:{{PLAIN}}wonderland\n{BOB}:{crypt}\ncarol@example.org:{{PLAIN}}\n"
+    result = cli("user", "import", "-", stdin=passwd.encode())
+    assert result.code == 65, result
+    assert hashed == [b"wonderland"]
+    for options in ([], ["--refresh"]):
+        result = cli("user", "import", "-", *options, stdin=passwd.encode())
+        assert result.code == 65, result
+        assert result.out.splitlines() == [
+            f"exists {ALICE}",
+            f"exists {BOB}",
+            f"0 added, {'0 updated, ' if options else ''}2 already there, 1 failed",
+        ]
+        assert result.err.startswith("mailgate: - line 3: carol@example.org: unusable password hash: ")
+    assert hashed == [b"wonderland"]
+    # Bob's hash, checked (a crypt(3) run) as it was imported, is not
+    # checked again while it is the one kept.
+    assert checked == [crypt]
+    changed = passwd.replace(crypt, "{PLAIN}secret2")
+    result = cli("user", "import", "-", "--refresh", stdin=changed.encode())
+    assert result.out.splitlines()[:2] == [f"exists {ALICE}", f"updated {BOB}"]
+    assert hashed == [b"wonderland", b"secret2"]
+    assert verifyPassword("secret2", cli.user(BOB).passwordHash)
+
+
 @pytest.mark.parametrize(
     "url, shown",
     [
