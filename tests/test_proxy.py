@@ -592,7 +592,9 @@ def test_proxyNetworkRefusesHeadersFromAnyoneElse(mailgate_server):
         assert LineReader(sock).line().startswith(b"+OK")
 
 
-@pytest.mark.parametrize("header", [v2("127.0.0.1", "127.0.0.1", command=0), b"PROXY UNKNOWN\r\n"], ids=["LOCAL", "UNKNOWN"])
+@pytest.mark.parametrize(
+    "header", [v2("127.0.0.1", "127.0.0.1", command=0), b"PROXY UNKNOWN\r\n"], ids=["LOCAL", "UNKNOWN"]
+)
 def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
     """
     HAProxy's C{check} on a C{send-proxy-v2} server connects every 2

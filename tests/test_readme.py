@@ -652,6 +652,16 @@ def test_theHAProxyConfigurationIsValid(tmp_path):
     assert seconds("client") > longest and seconds("server") > longest
     assert re.search(r"^    option redispatch$", block, re.MULTILINE)
 
+    # The rolling restart drains and readies servers of this configuration.
+    named = {
+        (backend, server)
+        for backend, body in backends.items()
+        for server in re.findall(r"^    server (\S+) ", body, re.MULTILINE)
+    }
+    commands = re.findall(r"set server (\S+)/(\S+) state (\w+)", section("Scaling out"))
+    assert commands and {(b, s) for b, s, _ in commands} <= named, commands
+    assert {state for _, _, state in commands} == {"drain", "ready"}
+
 
 def test_theScalingOutCommandNamesItsBalancerAndChecksTheDatabase():
     """
@@ -682,7 +692,8 @@ def test_theScalingOutCommandNamesItsBalancerAndChecksTheDatabase():
     [rule] = re.findall(r"^host\S* .*$", server, re.MULTILINE)
     kind, database, role, network, method = rule.split()
     assert (kind, database, role, method) == ("hostssl", parameters["dbname"], parameters["user"], "scram-sha-256")
-    assert all(ipaddress.ip_address(node) in ipaddress.ip_network(network) for node in ("10.0.0.5", "10.0.0.6", "10.0.0.7"))
+    nodes = ("10.0.0.5", "10.0.0.6", "10.0.0.7")
+    assert all(ipaddress.ip_address(node) in ipaddress.ip_network(network) for node in nodes)
     [listen] = re.findall(r"^listen_addresses = '(.*)'$", server, re.MULTILINE)
     assert listen != "localhost" and re.search(r"^ssl = on$", server, re.MULTILINE)
 
