@@ -247,6 +247,16 @@ class LogStream:
                 self._stream.close()
 
 
+def literal(text):
+    """
+    C{text} as a part of an event's format string that stands for itself:
+    a sentence's words worked out by the caller (a list of names, a
+    clause present or not) go into the format, not into fields of their
+    own, which the JSON record would carry as data.
+    """
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def emitLine(logger, level, text, fields):
     """
     Emit an event whose text is already formatted: the event

@@ -35,6 +35,7 @@ from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.hostname import machineName
 from mailgate.interfaces import ILifecycleStore
 from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
+from mailgate.logs import literal
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, metricsSite
@@ -488,15 +489,14 @@ class MailgateService(MultiService):
             # the file's database now, so until the restart users added
             # and mail delivered go where this server does not look.
             shownNew, shownOld = shownURL(new.database), shownURL(self.config.database)
+            change = (
+                f"the database changed to {shownNew}" if shownNew != shownOld else "the database URL's password changed"
+            )
             self.log.error(
-                "configuration reload: {change}; a running server does not change databases and keeps "
-                "serving {old} as it opened it until it is restarted, while the mailgate command and "
+                "configuration reload: " + literal(change) + "; a running server does not change databases and "
+                "keeps serving {old} as it opened it until it is restarted, while the mailgate command and "
                 "mailgate deliver with this file already use the new one: restart now, or put the old "
                 "URL back",
-                change=(
-                    f"the database changed to {shownNew}" if shownNew != shownOld
-                    else "the database URL's password changed"
-                ),
                 new=shownNew,
                 old=shownOld,
                 event="config.database_refused",
@@ -531,15 +531,15 @@ class MailgateService(MultiService):
             # pipe transport) reads the change already: until the restart
             # it delivers with other settings than this server's LMTP.
             read = [name for name in later if name in COMMAND_SETTINGS]
+            # The sentence's parts are made here, not given as fields: the
+            # JSON record carries the setting names as lists alone.
+            text = f"configuration changed: {', '.join(later)} {'takes' if len(later) == 1 else 'take'} effect at "
+            text += "the next restart"
+            if read:
+                text += f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"
             self.log.warn(
-                "configuration changed: {names} {take} effect at the next restart{readNow}",
-                names=", ".join(later),
-                take="takes" if len(later) == 1 else "take",
+                literal(text),
                 settings=later,
-                readNow=(
-                    f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"
-                    if read else ""
-                ),
                 readByTheCommand=read,
                 event="config.restart_needed",
             )

@@ -18,6 +18,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 
 from mailgate.config import APOPPolicy, MailgateConfig
 from mailgate.errors import ConfigurationError
+from mailgate.logs import eventAsRecord
 from mailgate.metrics import Metrics
 from mailgate.service import ListeningService, ShuttingDown, StoreService, makeService
 from mailgate.testing import memoryStore, resultOf
@@ -218,6 +219,10 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
         "command and mailgate deliver with this file use recipient-delimiter already"
     )
     assert later["readByTheCommand"] == ["recipient-delimiter"]
+    # The JSON record carries the names as lists, not the sentence's parts.
+    record = eventAsRecord(later)
+    assert record["settings"] == ["max-recipients", "recipient-delimiter"]
+    assert not {"names", "take", "readNow"} & set(record)
 
     path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')
     root.hangup()
@@ -610,6 +615,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
         f"server does not change databases and keeps serving {old} as it opened it until it is restarted"
     )
     assert [e["log_level"] for e in logEvents if e.get("event") == "config.database_refused"] == [LogLevel.error]
+    assert "change" not in eventAsRecord([e for e in logEvents if e.get("event") == "config.database_refused"][0])
     assert said("config.restart_needed") == ["configuration changed: max-recipients takes effect at the next restart"]
     assert root.config.database == old
     path.write_text(f'database = "{old}"\n')

@@ -762,8 +762,8 @@ class Database:
                 full = failure.check(StorageFull) is not None
                 if self.writeFailure is None:
                     self.log.error(
-                        "database writes fail{full}: {reason}; mail is refused with 4xx until a write commits",
-                        full=" (its storage is full)" if full else "",
+                        "database writes fail" + (" (its storage is full)" if full else "")
+                        + ": {reason}; mail is refused with 4xx until a write commits",
                         reason=failure.getErrorMessage(),
                         storageFull=full,
                         event="database.writes_failed",

@@ -193,10 +193,10 @@ class RetentionService(_Repeating):
         if expired or purged:
             self.log.info(
                 "retention: removed {expired} expired messages and {purged} kept deleted messages"
-                "{busy}",
+                + ("; {busy} maildrops in use skipped" if busy else ""),
                 expired=expired,
                 purged=purged,
-                busy=f"; {busy} maildrops in use skipped" if busy else "",
+                busy=busy,
                 event="retention.removed",
             )
         # The deliveries kept to know a client's retry, past their window:
