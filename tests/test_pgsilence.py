@@ -206,3 +206,41 @@ def test_aConnectionWhoseSetUpTheDatabaseLeavesUnansweredIsGivenUp(postgresURL, 
         assert "no answer in 0.5 seconds" in str(outcome[0])
     finally:
         relay.close()
+
+
+def test_makingAConnectionLeavesTheOtherThreadsRunning():
+    """
+    A lock or read connection is made on a worker thread while the
+    reactor serves on: libpq's blocking connect kept Python's lock for as
+    long as it waited, so that a server slow to answer (or answering
+    nothing: PostgreSQL's processes stopped, a wedged pooler) froze every
+    thread of the node, the reactor's with it, up to the connect timeout
+    at each attempt.  Here the server is a thread of this process that
+    hangs up on the connection: it can only do so while the connection is
+    being made if that leaves it running; before, the attempt waited out
+    its timeout.
+    """
+    import socket
+    import threading
+
+    from mailgate.store import pgreactor
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def hangUp():
+        connection, _ = listener.accept()
+        connection.close()
+        # Asked again why (L{pgrefusal}), nobody listens.
+        listener.close()
+
+    server = threading.Thread(target=hangUp, daemon=True)
+    try:
+        server.start()
+        with pytest.raises(TemporaryFailure) as given:
+            pgreactor.connect(f"postgresql://mailgate@127.0.0.1:{port}/mail?sslmode=disable", [], [], 10)
+        server.join(BOUND)
+        assert "timeout expired" not in str(given.value)
+        assert "server closed the connection unexpectedly" in str(given.value)
+    finally:
+        listener.close()

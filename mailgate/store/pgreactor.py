@@ -102,13 +102,13 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         raise DatabaseRefused(
             f"cannot connect to PostgreSQL at {where}: {withoutPassword(oneLine(e), conninfo)}"
         ) from None
-    started = time.monotonic()
-    pg = pq.PGconn.connect(info.encode("utf-8"))
+    pg, timedOut = _connected(info.encode("utf-8"), connectTimeout)
     try:
+        if timedOut is not None:
+            raise pgrefusal.connectionFailure(where, conninfo, timedOut, timedOut=True, timeout=connectTimeout)
         if pg.status != pq.ConnStatus.OK:
             raise pgrefusal.connectionFailure(
-                where, conninfo, oneLine(pg.get_error_message()), pgconn=pg,
-                timedOut=time.monotonic() - started >= connectTimeout, timeout=connectTimeout,
+                where, conninfo, oneLine(pg.get_error_message()), pgconn=pg, timeout=connectTimeout
             )
         pg.notice_handler = _ignoreNotice
         if callable(setup):
@@ -122,6 +122,50 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         pg.finish()
         raise
     return pg
+
+
+def _connected(info, connectTimeout):
+    """
+    Connect with libpq's non-blocking calls, waiting for the socket here,
+    C{connectTimeout} seconds at most.  libpq's blocking connect
+    (C{PQconnectdb}, C{pq.PGconn.connect}) keeps Python's lock for as long
+    as it waits: a server that did not answer froze every thread of the
+    node, the reactor's with it (no POP3 or SMTP reply, no timer), for
+    up to the whole connect timeout, at each attempt to make a lock or a
+    read connection while the database was away.
+
+    @return: the C{PGconn} (its status C{OK}, or C{BAD} with libpq's
+        reason) and, if the time ran out, what libpq says of that (the
+        connection then closed), else C{None}.
+    """
+    pg = pq.PGconn.connect_start(info)
+    until = time.monotonic() + connectTimeout
+    status = pq.PollingStatus.WRITING
+    while pg.status != pq.ConnStatus.BAD:
+        if status == pq.PollingStatus.OK or status == pq.PollingStatus.FAILED:
+            break
+        waiting = select.poll()
+        waiting.register(pg.socket, select.POLLIN if status == pq.PollingStatus.READING else select.POLLOUT)
+        left = until - time.monotonic()
+        if left <= 0 or not waiting.poll(left * 1000):
+            reason = _timedOutReason(pg)
+            pg.finish()
+            return pg, reason
+        status = pg.connect_poll()
+    return pg, None
+
+
+def _timedOutReason(pg):
+    """
+    What libpq says of a connection attempt that ran out of time.
+    """
+    try:
+        host, port = pg.host.decode(), pg.port.decode()
+    except Exception:
+        return "timeout expired"
+    if host.startswith("/"):
+        return f'connection to server on socket "{host}/.s.PGSQL.{port}" failed: timeout expired'
+    return f'connection to server at "{host}", port {port} failed: timeout expired'
 
 
 def execute(pg, sql):
