@@ -15,9 +15,11 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from mailgate.logs import eventAsRecord
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.proxy import (
     InvalidProxyHeader,
@@ -385,6 +387,31 @@ def test_aPeerOutsideTheBalancersNetworksIsClosedUnread(store):
     protocol.dataReceived(v1("127.0.0.1") + b"CAPA\r\n")
     assert transport.value() == b""
     assert protocol.wrappedProtocol.transport is None  # never connected
+
+
+def test_refusalsFromOneAddressAreOneLineAMinuteSayingHowManyMore(store, logEvents):
+    """
+    Refused headers from one address are logged a line a minute; the next
+    line says how many went unlogged since, in its text and, in JSON, as
+    the number C{unlogged} (not a scrap of the sentence beside it).
+    """
+    clock = Clock()
+    proxy = ProxyHeaderFactory(pop3Factory(store, clock), clock, ())
+    stranger = IPv4Address("TCP", "127.0.3.63", 40000)
+
+    def refusedOnce():
+        protocol = proxy.buildProtocol(stranger)
+        protocol.makeConnection(StringTransport(peerAddress=stranger))
+        protocol.dataReceived(b"PROXY TCP4 nonsense\r\n")
+
+    for _ in range(3):
+        refusedOnce()
+    clock.advance(60)
+    refusedOnce()
+    lines = [e for e in logEvents if e.get("event") == "session.proxy_refused"]
+    assert [formatEvent(e).endswith("(2 more since the last line)") for e in lines] == [False, True]
+    assert [eventAsRecord(e)["unlogged"] for e in lines] == [0, 2]
+    assert "more" not in eventAsRecord(lines[1])
 
 
 def refusedByProxy(factory, reason):

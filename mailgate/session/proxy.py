@@ -293,10 +293,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         skipped = self.factory.refusals.note(getattr(peer, "host", None), reason)
         if skipped is not None:
             self.factory.log.info(
-                "PROXY header refused from {balancer}: {reason}{more}",
+                "PROXY header refused from {balancer}: {reason}"
+                + (" ({unlogged} more since the last line)" if skipped else ""),
                 balancer=describeAddress(peer),
                 reason=reason,
-                more=f" ({skipped} more since the last line)" if skipped else "",
                 unlogged=skipped,
                 event="session.proxy_refused",
             )
