@@ -142,6 +142,30 @@ def test_secretsAreHiddenInEveryFormTheyCome(store, alice, logEvents):
     neverShown(logEvents, PASSWORD, digest, plain)
 
 
+def test_aPasswordSentWhereACommandGoesAfterUSERIsHidden(store, alice, logEvents):
+    """
+    A client (or a person at a terminal) that sends the password after
+    USER without PASS, on a line of its own or on USER's own line: until
+    a command comes, a line after USER that is none is hidden, and so is
+    what follows USER's first word.
+    """
+    s = pop3(store, networks=["192.0.2.7/32"])
+    assert s.command(f"USER {ALICE}").startswith("+OK")
+    assert s.command(PASSWORD).startswith("-ERR")
+    assert s.command(f"USER {ALICE} {PASSWORD}").startswith("+OK")
+    assert s.command("NOOP").startswith("-ERR")
+    assert s.command("LAST").startswith("-ERR")
+    lines = [line for line in traced(logEvents) if line.startswith("C: ")]
+    assert lines == [
+        f"C: USER {ALICE}",
+        "C: <not a command: hidden after USER>",
+        f"C: USER {ALICE} <more hidden>",
+        "C: NOOP",
+        "C: LAST",
+    ]
+    neverShown(logEvents, PASSWORD)
+
+
 def test_SASLResponsesThatComeAsCommandsAreHidden(store, alice, logEvents):
     """
     A client that sends its SASL responses whatever the reply to its AUTH

@@ -119,6 +119,15 @@ class AuthorizationCommands:
             if words[0].upper() == "APOP" and len(words) == 3:
                 return f"APOP {shownInTrace(words[1])} <digest>"
             return "APOP <arguments>"
+        if verb == "USER" and text.split(None, 1)[0].upper() == "USER":
+            # A password is what a client may send next, or on the same
+            # line, in place of PASS: until a command comes, a line that is
+            # none is hidden, and so is what follows the name's first word.
+            self._traceHiding = "USER"
+            words = text.split()
+            if len(words) > 2:
+                return f"USER {shownInTrace(words[1])} <more hidden>"
+            return shownInTrace(text)
         return CommandSession.tracedCommand(self, line)
 
     def _traceIfListed(self, name, loggedIn):
