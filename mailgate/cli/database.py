@@ -47,8 +47,12 @@ def _dbCopy(store, args, out, stdin):
                 raise CommandError(str(e), EX_CANTCREAT)
             finally:
                 target.close()
-        except BaseException:
+        except BaseException as e:
             _remove(created)
+            if isinstance(e, KeyboardInterrupt):
+                # Before "interrupted": whether the target holds half a
+                # copy, which the next copy into it would refuse.
+                args.stderr.write("mailgate: nothing was copied (the copy is one transaction, undone)\n")
             raise
     finally:
         source.close()

@@ -117,6 +117,25 @@ def _lostBeforeCommit(engine, exc):
         raise _LostBeforeCommit(exc) from exc
 
 
+def _raiseInterruption(exc):
+    """
+    Raise the C{KeyboardInterrupt} that C{exc} was raised while handling,
+    if any: the driver's clean-up after a Ctrl-C can fail in its own way
+    (psycopg's pipeline, left busy in the middle of an C{executemany}:
+    "cannot exit pipeline mode while busy"), and that error, taken for
+    the database's, had C{mailgate db copy} say "temporary failure, try
+    again: database unavailable" (exit 75), and could have had a write
+    run again, the interrupt lost.
+    """
+    seen = set()
+    cause = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__context__
+
+
 def runTransaction(engine, conn, function, args, kwargs, write):
     """
     Run C{function(cursor, *args, **kwargs)} in one transaction on C{conn}
@@ -136,6 +155,7 @@ def runTransaction(engine, conn, function, args, kwargs, write):
                 _rollbackQuietly(engine, conn)
                 raise
         except Exception as e:
+            _raiseInterruption(e)
             if write:
                 _lostBeforeCommit(engine, e)
             raise
@@ -144,6 +164,7 @@ def runTransaction(engine, conn, function, args, kwargs, write):
     except (_LostBeforeCommit, CommitUncertain):
         raise
     except Exception as e:
+        _raiseInterruption(e)
         _raiseTranslated(engine, e)
 
 
