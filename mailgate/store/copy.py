@@ -139,6 +139,9 @@ def copyDatabase(source, target):
         targetCursor.execute("SELECT count(*) FROM users")
         if targetCursor.fetchone()[0]:
             raise CopyError("the target database already has users; copy into an empty database")
+        # Once first, on the empty target, so that a role that may not set
+        # the ids' sequence is refused before the whole source is read.
+        targetEngine.resetIdentity(targetCursor, "users", "user_id")
 
         def read(sourceCursor):
             for table, key, columns in _TABLES:

@@ -438,7 +438,26 @@ class PostgresEngine:
         """
         After rows were inserted with explicit ids, make the identity
         column continue after the largest.
+
+        That takes UPDATE on the column's sequence, which a role that may
+        only read and write the tables (the nodes' role of README's
+        recipe) lacks: refused in one line saying whose URL to use, not
+        as an internal error (exit 70) after the whole copy was written.
+
+        @raise ConfigurationError: the role may not set the sequence.
         """
+        cursor.execute(
+            "SELECT current_user, s, has_sequence_privilege(s, 'UPDATE') "
+            "FROM pg_get_serial_sequence(?, ?) AS s",
+            (table, column),
+        )
+        role, sequence, allowed = cursor.fetchone()
+        if not allowed:
+            raise ConfigurationError(
+                f"the database role {role} may not set where the ids of table {table} continue "
+                f"(UPDATE on sequence {sequence}), which copying into the database needs: run "
+                f"mailgate db copy with a --to URL of the schema's owner"
+            )
         cursor.execute(
             f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
             f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"

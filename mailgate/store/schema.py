@@ -600,6 +600,9 @@ def _migrate(engine, conn, step, version, applied, attempted):
                 raise _interrupted(e, version, current, attempted[-1] if attempted else None) from e
             if isinstance(e, MailgateError) or engine.isTransient(getattr(e, "error", e)):
                 raise
+            refused = _schemaNotUsable(engine, conn, e)
+            if refused is not None:
+                raise refused from e
             raise _cannotUpgrade(version, e, attempted[-1] if attempted else None) from e
         if migration is None:
             _checkPrivileges(engine, conn)
@@ -668,6 +671,46 @@ def _checkPrivileges(engine, conn):
         f"GRANT {', '.join(READ_WRITE)} ON ALL TABLES IN SCHEMA {schema} TO {role}, and for the "
         f"tables of later upgrades ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} "
         f"GRANT {', '.join(READ_WRITE)} ON TABLES TO {role}"
+    )
+
+
+def _schemaNotUsable(engine, conn, error):
+    """
+    What a role finding no schema to create in (PostgreSQL's 3F000) is
+    told when the URL's schema does exist, but the role has no USAGE on
+    it: PostgreSQL leaves such a schema out of the search path, so the
+    role sees no tables, takes the database for an empty one (version 0)
+    and fails to create them.  Told as the URL's missing schema, or as
+    an upgrade to run, the administrator of an up-to-date database whose
+    nodes' role lacks that one grant looked in the wrong place.
+
+    @return: a L{ConfigurationError} naming the role, the schema and the
+        GRANT, or C{None} for any other failure (or when the schema is
+        indeed missing, or the question cannot be asked).
+    """
+    if getattr(error, "sqlstate", None) != "3F000":
+        return None
+
+    def unusable(cursor):
+        cursor.execute(
+            "SELECT current_user, nspname FROM pg_namespace WHERE nspname = ANY("
+            "string_to_array(replace(current_setting('search_path'), ' ', ''), ',')) "
+            "AND NOT has_schema_privilege(oid, 'USAGE') ORDER BY nspname"
+        )
+        return cursor.fetchall()
+
+    try:
+        rows = runTransaction(engine, conn, unusable, (), {}, False)
+    except Exception:
+        return None
+    if not rows:
+        return None
+    role = rows[0][0]
+    schemas = ", ".join(name for _, name in rows)
+    return ConfigurationError(
+        f"the database role {role} may not use schema {schemas} (the database URL's search_path): "
+        f"as the schema's owner, GRANT USAGE ON SCHEMA {schemas} TO {role}, and SELECT, INSERT, "
+        f"UPDATE, DELETE on its tables"
     )
 
 
