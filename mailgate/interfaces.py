@@ -521,14 +521,16 @@ class ILifecycleStore(Interface):
         L{mailgate.records.DeletedMessage}.
         """
 
-    def exportMessages(address):
+    def exportMessages(address, page=None):
         """
         A user's maildrop to copy out (C{mailgate mailbox export}), read
         without the maildrop's lock, so while the user is in a POP3
-        session too: a L{Deferred} list of
+        session too: a L{Deferred} iterable of
         L{mailgate.records.ExportedMessage} in POP3 order, each with a
         body not read yet (a message deleted before it is read fails its
-        read with L{mailgate.errors.TemporaryFailure}).  Fails with
+        read with L{mailgate.errors.TemporaryFailure}), listed C{page}
+        messages at a time as it is iterated (the messages delivered
+        after the call are not in it).  Fails with
         L{mailgate.errors.NoSuchUser}.
         """
 
