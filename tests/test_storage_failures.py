@@ -137,6 +137,36 @@ def test_aMessageThatFailsHalfWayEndsTheSession(faulty):
     assert stored(faulty, ALICE) == [len(message)]
 
 
+@pytest.mark.parametrize(
+    "error, level",
+    [(TemporaryFailure("connection lost: the database restarted"), "warn"), (RuntimeError("a defect"), "critical")],
+)
+def test_aMessageThatFailsHalfWayForWantOfTheDatabaseIsAWarning(faulty, logEvents, error, level):
+    """
+    A message whose later piece cannot be read because the database went
+    away (restarted, its connection cut or given up: a temporary failure)
+    is a warning naming the reason, in one line, as a read that fails
+    before the +OK is: it was logged at critical level with a traceback,
+    which the operator of a database restart under load read as a
+    defect.  Anything else that breaks a message off is still one.
+    """
+    message = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (3 * CHUNK_SIZE // 80)
+    deliver(faulty, [ALICE], message)
+    s = loggedIn(faulty)
+    reads = []
+    faulty.fail("read", error, when=lambda: reads.append(None) or len(reads) > 1)
+    s.send(b"RETR 1\r\n")
+    assert s.disconnected
+    [event] = [e for e in logEvents if e.get("event") == "pop3.read_failed"]
+    assert event["log_level"].name == level
+    assert event["line"].startswith(f"pop3 reading message 1 failed mid-response user={ALICE} peer=")
+    if level == "warn":
+        assert "log_failure" not in event
+        assert event["line"].endswith(": connection lost: the database restarted")
+    else:
+        assert event["log_failure"].check(RuntimeError)
+
+
 def test_aUIDLListingThatFailsHalfWayEndsTheSession(faulty, monkeypatch):
     """
     Like a message that fails half way (above): once +OK and part of the

@@ -217,7 +217,18 @@ class TransactionCommands:
         """
         if failure.check(SendAborted):
             return None
-        self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response {self.whoText()}", failure)
+        if failure.check(TemporaryFailure):
+            # The database away (restarted, its connection lost or given
+            # up): what an outage does, said in one line, as a read that
+            # fails before the +OK is; a traceback at critical level is
+            # for a defect.
+            self.logWarning(
+                "pop3.read_failed",
+                f"pop3 reading {what} failed mid-response {self.whoText()}: {failure.value}",
+                what=what,
+            )
+        else:
+            self.logFailure("pop3.read_failed", f"pop3 reading {what} failed mid-response {self.whoText()}", failure)
         self._endSession(f"{what} could not be read")
         self.close(abort=True)
         return None
