@@ -33,7 +33,8 @@ counters and gauges are plain numbers read when scraped (see
 L{_ReactorSeries}); what the store reports from its worker threads goes to
 prometheus-client's own thread-safe types.
 
-L{MetricsResource} serves C{GET /metrics} and C{GET /healthz} over HTTP.
+L{MetricsResource} serves C{GET /metrics}, C{GET /healthz} and
+C{GET /healthz/<protocol>} over HTTP.
 It renders the exposition with prometheus-client's own encoders
 (C{choose_encoder}) rather than through C{prometheus_client.twisted}: that
 resource wraps the library's WSGI application in a C{WSGIResource} bound to
@@ -42,6 +43,7 @@ mailgate's rule (the reactor is passed in, never a global) both exclude,
 and a thread hand-off buys nothing for a render that takes microseconds.
 """
 
+import functools
 import io
 import itertools
 
@@ -644,12 +646,30 @@ class _Exposition(resource.Resource):
         return _NotFound()
 
 
+class NotServed(Exception):
+    """
+    The health check's verdict on a protocol this node has no listener
+    for: a balancer's backend that checks it is misconfigured, and sees
+    it (503) rather than a node taken for healthy that refuses every
+    connection.
+    """
+
+
 class _Health(resource.Resource):
     """
     C{GET /healthz}: 200 C{ok} when the database answers within
     C{timeout} seconds, 503 otherwise, for load balancers.  A failure is
     logged once (C{health.failed}) until its reason changes, and its end
     once (C{health.recovered}): balancers ask every second or two.
+
+    C{GET /healthz/pop3}, C{/healthz/smtp} and C{/healthz/lmtp} are the
+    same, for one protocol's backend (C{check} is then the service's
+    answer for that protocol): what that protocol needs of the database
+    (POP3 only reads, so a node whose writes fail stays in its backend,
+    200 with that said after C{ok}), and 503 when the node has no
+    listener for it (L{NotServed}).  Each endpoint keeps its own account
+    of what it logged: one shared would log a failure and a recovery at
+    every probe while POP3 passes and SMTP fails.
 
     The 503's body says what a balancer and an operator need (the
     database is unavailable, or takes no writes, and the error's class and
@@ -661,11 +681,12 @@ class _Health(resource.Resource):
 
     log = Logger()
 
-    def __init__(self, check, reactor, timeout):
+    def __init__(self, check, reactor, timeout, path="/healthz"):
         super().__init__()
         self._check = check
         self._reactor = reactor
         self._timeout = timeout
+        self._path = path
         # Why the last check failed, once logged: a balancer probing every
         # second would otherwise log a line a second for as long as the
         # database fails (a full disk: on the disk the log may be on).
@@ -686,11 +707,19 @@ class _Health(resource.Resource):
             request.write(text.encode("utf-8"))
             request.finish()
 
-        def healthy(_):
+        def healthy(note):
             if self._loggedReason is not None:
                 self._loggedReason = None
-                self.log.info("health check: the database answers again", event="health.recovered")
-            answer(200, "ok\n")
+                self.log.info(
+                    "health check {check}: passes again", check=self._path, event="health.recovered"
+                )
+            if isinstance(note, WritesFailing):
+                # Healthy for this protocol, and said (for whoever reads
+                # it with curl): its writes are logged, and measured, as
+                # database.writes_failed and the writes-failing gauge.
+                answer(200, f"ok, but database writes fail ({errorKind(note)})\n")
+            else:
+                answer(200, "ok\n")
 
         def unhealthy(failure):
             if failure.check(ShuttingDown):
@@ -699,6 +728,9 @@ class _Health(resource.Resource):
                 return
             if failure.check(defer.TimeoutError):
                 reason = shown = f"the database did not answer within {self._timeout:g} s"
+            elif failure.check(NotServed):
+                # Words of the service's own, naming no host or path.
+                reason = shown = str(failure.value)
             else:
                 reason = f"the database failed: {' '.join(str(failure.value).split())}"
                 if failure.check(WritesFailing):
@@ -707,7 +739,9 @@ class _Health(resource.Resource):
                     shown = f"database unavailable ({errorKind(failure.value)})"
             if reason != self._loggedReason:
                 self._loggedReason = reason
-                self.log.warn("health check: {reason}", reason=reason, event="health.failed")
+                self.log.warn(
+                    "health check {check}: {reason}", check=self._path, reason=reason, event="health.failed"
+                )
             answer(503, f"unavailable: {shown}\n")
 
         d.addCallbacks(healthy, unhealthy)
@@ -728,7 +762,7 @@ class _NotFound(resource.Resource):
     def render(self, request):
         request.setResponseCode(404)
         request.setHeader("content-type", "text/plain; charset=utf-8")
-        body = b"not found: this endpoint serves /metrics and /healthz\n"
+        body = b"not found: this endpoint serves /metrics, /healthz and /healthz/{pop3,smtp,lmtp}\n"
         if request.method == b"HEAD":
             # The headers alone: a body returned to a HEAD is dropped by
             # Twisted with a log line each time, any client's to ask for.
@@ -747,12 +781,25 @@ class MetricsResource(_NotFound):
         answered (and fails otherwise).
     @param reactor: for the health check's deadline.
     @param timeout: seconds the database has to answer.
+    @param protocolCheck: C{protocolCheck(protocol)} for
+        C{/healthz/<protocol>} (each of L{PROTOCOLS}): a L{Deferred} that
+        fires (with C{None}, or a L{WritesFailing} note for a protocol
+        that only reads) when this node can serve it, and fails otherwise
+        (L{NotServed} without its listener).  Without it, those paths
+        are 404.
     """
 
-    def __init__(self, metrics, healthCheck, reactor, timeout=1.0):
+    def __init__(self, metrics, healthCheck, reactor, timeout=1.0, protocolCheck=None):
         super().__init__()
         self.putChild(b"metrics", _Exposition(metrics.registry))
-        self.putChild(b"healthz", _Health(healthCheck, reactor, timeout))
+        health = _Health(healthCheck, reactor, timeout)
+        if protocolCheck is not None:
+            for protocol in PROTOCOLS:
+                check = functools.partial(protocolCheck, protocol)
+                health.putChild(
+                    protocol.encode("ascii"), _Health(check, reactor, timeout, path=f"/healthz/{protocol}")
+                )
+        self.putChild(b"healthz", health)
 
     def getChild(self, path, request):
         return _NotFound()
@@ -980,12 +1027,12 @@ class _LimitedSite(policies.WrappingFactory):
         return True
 
 
-def metricsSite(metrics, healthCheck, reactor, timeout=1.0):
+def metricsSite(metrics, healthCheck, reactor, timeout=1.0, protocolCheck=None):
     """
     The HTTP factory for C{--metrics}, its timers on C{reactor}.
     """
     site = MetricsSite(
-        MetricsResource(metrics, healthCheck, reactor, timeout), timeout=IDLE_TIMEOUT, reactor=reactor
+        MetricsResource(metrics, healthCheck, reactor, timeout, protocolCheck), timeout=IDLE_TIMEOUT, reactor=reactor
     )
     site.displayTracebacks = False
     return _LimitedSite(site)

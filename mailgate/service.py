@@ -38,7 +38,7 @@ from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
 from mailgate.logs import literal
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
-from mailgate.metrics import Metrics, metricsSite
+from mailgate.metrics import Metrics, NotServed, metricsSite
 from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -788,28 +788,56 @@ class MailgateService(MultiService):
         waiting = [l.whenListening() for ls in self.listeners.values() for l in ls]
         return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None)
 
-    def databaseAnswers(self, timeout=HEALTH_TIMEOUT):
+    def databaseAnswers(self, timeout=HEALTH_TIMEOUT, writes=True):
         """
         Ask the database a trivial question (one indexed read).
 
-        @return: a L{Deferred} that fires when it answered within
-            C{timeout} seconds, and fails otherwise (or at once, with
-            L{ShuttingDown}, once the service is stopping).
+        @param writes: whether the latest write transaction must have
+            committed too (what delivering mail needs); without it, a
+            database that reads but takes no writes (a full disk) is
+            healthy, with a note saying so (what serving POP3 needs:
+            logins and RETR read, only QUIT's removals write).
+        @return: a L{Deferred} that fires (with C{None}, or without
+            C{writes}, with the L{WritesFailing} note) when it answered
+            within C{timeout} seconds, and fails otherwise (or at once,
+            with L{ShuttingDown}, once the service is stopping).
         """
         if not self.running:
             return defer.fail(ShuttingDown("mailgate is shutting down"))
         database = getattr(self.store, "database", None)
         failure = getattr(database, "writeFailure", None)
+        note = None
         if failure is not None:
             # Reads may still work on a database that takes no writes (a
             # full disk): mail cannot be delivered, so this node is not
-            # healthy until a write commits again (its heartbeat writes
-            # every ten seconds).
+            # healthy for that until a write commits again (its heartbeat
+            # writes every ten seconds).
             kind = getattr(database, "writeFailureKind", None) or "TemporaryFailure"
-            return defer.fail(WritesFailing(f"writes fail: {failure}", kind))
+            note = WritesFailing(f"writes fail: {failure}", kind)
+            if writes:
+                return defer.fail(note)
         d = defer.maybeDeferred(self.store.hasDomain, "health-check.invalid")
         d.addTimeout(timeout, self._reactor)
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda _: note)
+
+    def protocolAnswers(self, protocol, timeout=HEALTH_TIMEOUT):
+        """
+        Whether this node can serve C{protocol} (C{"pop3"}, C{"smtp"},
+        C{"lmtp"}): for a balancer's check of one backend, which a
+        database that takes no writes must not empty of POP3 nodes.
+
+        @return: as L{databaseAnswers}, writes required for SMTP and LMTP
+            (every delivery would be deferred) and not for POP3; failing
+            with L{NotServed} when no listener of C{protocol} is
+            configured here (a balancer's backend pointed at the wrong
+            node, or a node started without that listener, is then seen).
+        """
+        if not self.running:
+            return defer.fail(ShuttingDown("mailgate is shutting down"))
+        names = {"pop3": ("POP3", "POP3S"), "smtp": ("SMTP",), "lmtp": ("LMTP",)}[protocol]
+        if not any(self.listeners.get(name) for name in names):
+            return defer.fail(NotServed(f"this node has no {protocol} listener"))
+        return self.databaseAnswers(timeout, writes=protocol != "pop3")
 
     # -- stopping ------------------------------------------------------------------
 
@@ -1415,7 +1443,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         "LMTP": lambda: makeSMTPFactory(
             store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),
-        "METRICS": lambda: metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT),
+        "METRICS": lambda: metricsSite(
+            metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT, protocolCheck=root.protocolAnswers
+        ),
     }
     for name, endpoints in listeners.items():
         if endpoints:

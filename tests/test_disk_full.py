@@ -167,6 +167,20 @@ def get(process, path):
         return e.code, e.read().decode()
 
 
+def curl(process, path):
+    """
+    C{GET path} from the metrics listener with curl, the way an operator
+    (and HAProxy's C{option httpchk}) asks it: C{(status, body)}.
+    """
+    url = f"http://127.0.0.1:{process.portOf('METRICS')}{path}"
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", str(DEADLINE), "-w", "%{http_code}", url],
+        capture_output=True, text=True, timeout=DEADLINE + 5,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout[-3:]), done.stdout[:-3]
+
+
 def writesFailing(process):
     """
     C{mailgate_database_writes_failing} by reason, as scraped.
@@ -569,6 +583,11 @@ def test_aFullDiskRefusesMailWith452AndServesWhatIsStored(disk, tmp_path):
         status, body = get(process, "/healthz")
         assert status == 503 and "full" in body, (status, body)
         assert writesFailing(process) == {"storage_full": 1.0, "other": 0.0}
+        # Per backend: the POP3 one keeps the node (logins and RETR work,
+        # below), the SMTP and LMTP ones do not (every delivery is 452).
+        assert curl(process, "/healthz/pop3") == (200, "ok, but database writes fail (storage full)\n")
+        assert curl(process, "/healthz/smtp") == (503, "unavailable: database writes fail (storage full)\n")
+        assert get(process, "/healthz/lmtp") == (503, "unavailable: database writes fail (storage full)\n")
 
         client = popLogin(process, ALICE, PASSWORD)
         try:
@@ -597,6 +616,7 @@ def test_aFullDiskRefusesMailWith452AndServesWhatIsStored(disk, tmp_path):
         assert send(process, lmtp=True)[0] == 250
         assert writesFailing(process) == {"storage_full": 0.0, "other": 0.0}
         assert get(process, "/healthz")[0] == 200
+        assert curl(process, "/healthz/pop3") == curl(process, "/healthz/smtp") == (200, "ok\n")
         # The line may reach the test (a thread reads the server's output)
         # after the replies above.
         waitFor(lambda: "database writes work again" in process.stdout, "the writes-work-again line")

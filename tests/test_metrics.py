@@ -376,6 +376,96 @@ def test_healthFollowsTheWrites(databaseURL):
         reactor.resultOf(store.close())
 
 
+def test_eachProtocolsHealthAsksWhatItNeeds(databaseURL):
+    """
+    /healthz/pop3 asks only that the database reads: a database that takes
+    no writes (a full disk, shared by every node) leaves POP3 logins and
+    RETR working, and a balancer's POP3 backend must keep its nodes, so
+    it answers 200 and says the writes fail; /healthz/smtp and /healthz/lmtp
+    answer 503, as /healthz does (every delivery would be deferred).  A
+    protocol the node has no listener for is 503 whatever the database
+    does: a backend that checks it points at the wrong node.  Once
+    stopping, every one is 503.
+    """
+    from mailgate.service import ListeningService, MailgateService
+
+    reactor = PumpedReactor()
+    store = openStore(databaseURL, reactor=reactor)
+    root = MailgateService(store, reactor=reactor)
+    # Configured, never started: what is served is what is configured.
+    root.addListener(ListeningService("POP3S", "ssl:0", None, None))
+    root.addListener(ListeningService("SMTP", "tcp:0", None, None))
+    root.running = True
+    resource = MetricsResource(Metrics(), root.databaseAnswers, reactor, 10.0, root.protocolAnswers)
+
+    def health(path):
+        answer = get(resource, path)
+        reactor.pump(lambda: answer.finished)
+        return answer.responseCode, b"".join(answer.written).decode()
+
+    try:
+        assert health(b"/healthz/pop3") == (200, "ok\n")
+        assert health(b"/healthz/smtp") == (200, "ok\n")
+        assert health(b"/healthz/lmtp") == (503, "unavailable: this node has no lmtp listener\n")
+        assert isinstance(reactor.wait(store.database.runWrite(_brokenWrite)), Failure)
+        kind = store.database.writeFailureKind
+        assert kind in ("OperationalError, SQLITE_ERROR", "UndefinedTable, SQLSTATE 42P01")
+        with capturedLogs() as logs:
+            # A balancer checking both backends, in turn.
+            for _ in range(3):
+                assert health(b"/healthz/pop3") == (200, f"ok, but database writes fail ({kind})\n")
+                assert health(b"/healthz/smtp") == (503, f"unavailable: database writes fail ({kind})\n")
+                assert health(b"/healthz") == (503, f"unavailable: database writes fail ({kind})\n")
+                assert health(b"/healthz/lmtp") == (503, "unavailable: this node has no lmtp listener\n")
+        # Once per endpoint that fails, however often asked (LMTP's was
+        # logged at its first probe, before); nothing of POP3's, which
+        # passes, and no recovery between the probes.
+        failed = [(e["check"], e["reason"]) for e in logs if e.get("event") == "health.failed"]
+        assert sorted(check for check, _ in failed) == ["/healthz", "/healthz/smtp"], failed
+        assert all("no_such_table" in reason for _, reason in failed), failed
+        assert [e for e in logs if e.get("event") == "health.recovered"] == []
+        # A write that commits: every protocol served is healthy again.
+        reactor.resultOf(store.addUser("bob@example.org", makeCredentials(b"secret", logN=TEST_HASH_COST)))
+        with capturedLogs() as logs:
+            assert health(b"/healthz/smtp") == (200, "ok\n")
+            assert health(b"/healthz/pop3") == (200, "ok\n")
+        assert [e["check"] for e in logs if e.get("event") == "health.recovered"] == ["/healthz/smtp"]
+        root.running = False
+        for path in (b"/healthz/pop3", b"/healthz/smtp", b"/healthz/lmtp"):
+            assert health(path) == (503, "unavailable: shutting down\n")
+    finally:
+        reactor.resultOf(store.close())
+
+
+def test_aProtocolsHealthCheckKeepsItsSecond():
+    """
+    /healthz/pop3 answers within the health check's second whatever the
+    check waits for, and names only the error's kind; /healthz/imap and
+    deeper paths are 404, as is every /healthz/<protocol> of a resource
+    given no protocol check (an embedder's).
+    """
+    clock = Clock()
+    pending = []
+
+    def protocolCheck(protocol):
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    root = MetricsResource(Metrics(), lambda: defer.succeed(None), clock, 1.0, protocolCheck)
+    slow = get(root, b"/healthz/pop3")
+    clock.advance(1.1)
+    assert slow.responseCode == 503
+    assert b"".join(slow.written) == b"unavailable: the database did not answer within 1 s\n"
+    failing = get(root, b"/healthz/lmtp")
+    pending[-1].errback(TemporaryFailure("database unavailable: connection to db.internal refused"))
+    assert failing.responseCode == 503
+    assert b"".join(failing.written) == b"unavailable: database unavailable (TemporaryFailure)\n"
+    for path in (b"/healthz/imap", b"/healthz/pop3/x", b"/healthz/POP3"):
+        assert get(root, path).responseCode == 404
+    plain = MetricsResource(Metrics(), lambda: defer.succeed(None), clock)
+    assert get(plain, b"/healthz/pop3").responseCode == 404
+
+
 def test_authCacheReports():
     metrics = Metrics()
     cache = VerifiedCredentialCache(metrics=metrics)
