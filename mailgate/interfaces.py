@@ -534,11 +534,13 @@ class ILifecycleStore(Interface):
         L{mailgate.errors.NoSuchUser}.
         """
 
-    def restoreDeleted(address, uidls=None, since=None, asNew=False):
+    def restoreDeleted(address, uidls=None, since=None, asNew=False, progress=None):
         """
         Bring kept deleted messages back (all, or those with the unique ids
         C{uidls}; deleted at or after C{since}), under their own unique ids
-        or, with C{asNew}, new ones.
+        or, with C{asNew}, new ones.  All of them come back a bounded
+        number at a time, C{progress(count)} called after each commit with
+        how many are back so far.
 
         @return: a L{Deferred} of C{(restored, missing)}.
         """

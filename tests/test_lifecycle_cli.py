@@ -839,3 +839,38 @@ def test_countsInTheOutputSayTheSingularForOne(cli, store):
     assert cli("user", "quota", ALICE, "500M").out == f"quota of {ALICE}: 500M; in use: 1 message, 21 octets\n"
     deliver(store, [ALICE], b"Subject: x\r\n\r\nhello\r\n")
     assert cli("user", "quota", ALICE, "500M").out == f"quota of {ALICE}: 500M; in use: 2 messages, 42 octets\n"
+
+
+def test_aRestoreInterruptedHalfWaySaysWhatCameBack(cli, store, monkeypatch):
+    """
+    All of a user's kept mail comes back a few hundred messages at a
+    time: stopped half-way (Ctrl-C), what came back is back, and said;
+    run again, the rest comes back.
+    """
+    from mailgate.store import lifecycle, recovery
+
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    keptDeleted(store, ALICE, "wonderland", 1, 2, 3)
+    monkeypatch.setattr(lifecycle, "RESTORE_PER_TRANSACTION", 1)
+    calls = []
+    restoreSome = recovery._restoreSome
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt()
+        return restoreSome(*args)
+
+    monkeypatch.setattr(lifecycle, "_restoreSome", interrupted)
+    result = cli("mailbox", "restore", ALICE)
+    assert (result.code, result.out) == (130, "")
+    assert result.err == (
+        f"mailgate: stopped after restoring 1 message to {ALICE}; the others are still kept deleted: run the "
+        "command again to restore them\nmailgate: interrupted\n"
+    )
+    assert len(resultOf(store.listMessages(ALICE))) == 1
+    monkeypatch.setattr(lifecycle, "_restoreSome", restoreSome)
+    result = cli("mailbox", "restore", ALICE)
+    assert (result.code, result.out.splitlines()[-1]) == (0, f"2 messages restored to {ALICE}")
+    assert len(resultOf(store.listMessages(ALICE))) == 3

@@ -160,9 +160,25 @@ def _mailboxRestore(store, args, out, stdin):
         _existingUser(store, address)
         restored, missing = [], []
     else:
-        restored, missing = _forUser(
-            address, store.restoreDeleted(address, uidls or None, since=since, asNew=args.as_new)
-        )
+        done = [0]
+
+        def progress(count):
+            done[0] = count
+
+        try:
+            restored, missing = _forUser(
+                address,
+                store.restoreDeleted(address, uidls or None, since=since, asNew=args.as_new, progress=progress),
+            )
+        except BaseException:
+            # All of them come back a few hundred at a time: stopped
+            # half-way, those back are back, and said.
+            if done[0]:
+                args.stderr.write(
+                    f"mailgate: stopped after restoring {counted(done[0], 'message')} to {address}; the others "
+                    "are still kept deleted: run the command again to restore them\n"
+                )
+            raise
     missing = unstorable + missing
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))

@@ -91,6 +91,17 @@ _DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_a
 
 def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     """
+    Bring kept deleted messages back, all in this transaction; see
+    L{_restoreSome}.
+
+    @return: C{(restored, missing)}.
+    """
+    restored, missing, _ = _restoreSome(cursor, address, uidls, since, asNew, now)
+    return restored, missing
+
+
+def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=None):
+    """
     Bring kept deleted messages back into the maildrop: those with the
     unique ids C{uidls} (all if C{None}), deleted at or after C{since}
     (if given).  They come back after every other message, as new mail
@@ -117,8 +128,15 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     pass (retention keeps nothing back), minutes after the restore said
     it was back.
 
-    @return: C{(restored, missing)}: a list of C{(old unique id, unique id
-        now)}, and the requested unique ids that are not kept.
+    @param limit: restore at most this many (of all, C{uidls} being
+        C{None}), the first in their order: a restore of a large maildrop
+        in several transactions.
+    @param until: restore only those deleted at or before this time:
+        the time such a restore began, so that what a POP3 client deletes
+        while it runs stays deleted.
+    @return: C{(restored, missing, more)}: a list of C{(old unique id,
+        unique id now)}, the requested unique ids that are not kept, and
+        whether C{limit} may have left some to restore.
     """
     userId = _userId(cursor, address)
     # The mailbox row is locked first, as the retention task, an expunge,
@@ -136,8 +154,19 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     # transaction deleted come back: another restore, or the purge on
     # another node, that took a row first (and let go of its body
     # reference) leaves nothing here to restore twice.
+    if until is not None:
+        where += " AND deleted_at <= ?"
+        params.append(until)
     rows = []
-    if uidls is None:
+    if uidls is None and limit is not None:
+        cursor.execute(
+            f"DELETE FROM deleted_mail WHERE {where} AND uid IN "
+            f"(SELECT uid FROM deleted_mail WHERE {where} ORDER BY uid LIMIT {int(limit)}) "
+            f"RETURNING {_DELETED_COLUMNS}",
+            params + params,
+        )
+        rows = cursor.fetchall()
+    elif uidls is None:
         cursor.execute(f"DELETE FROM deleted_mail WHERE {where} RETURNING {_DELETED_COLUMNS}", params)
         rows = cursor.fetchall()
     else:
@@ -151,8 +180,9 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     rows.sort()
     found = {row[1] for row in rows}
     missing = [] if uidls is None else [u for u in dict.fromkeys(uidls) if u not in found]
+    more = limit is not None and len(rows) >= limit
     if not rows:
-        return [], missing
+        return [], missing, more
     cursor.execute(
         "UPDATE mailboxes SET next_uid = next_uid + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
         (len(rows), userId),
@@ -170,4 +200,4 @@ def _restoreDeleted(cursor, address, uidls, since, asNew, now):
         "ELSE oldest_arrival END WHERE user_id = ?",
         (len(rows), sum(row[4] for row in rows), now, now, userId),
     )
-    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing
+    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing, more
