@@ -959,7 +959,9 @@ SETTINGS = (
         "metrics", "metrics", Endpoint(), None,
         "Serve Prometheus metrics (GET /metrics) and a health check "
         "(GET /healthz: 200 while the database answers within a second, "
-        "503 otherwise) over HTTP on this endpoint.",
+        "503 otherwise; GET /healthz/pop3, /healthz/smtp, /healthz/lmtp: "
+        "whether this node can serve that protocol, for a balancer's "
+        "backend) over HTTP on this endpoint.",
         example="tcp:9101:interface=127.0.0.1",
     ),
     Setting(

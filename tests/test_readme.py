@@ -638,11 +638,18 @@ def test_theHAProxyConfigurationIsValid(tmp_path):
     }
     backends = dict(re.findall(r"^backend (\S+)\n((?:    .*\n)+)", block, re.MULTILINE))
     assert set(backends) == set(listening)
+    # Each backend is checked on the nodes' metrics listener, for its own
+    # protocol: /healthz would take every node out of the POP3 backend
+    # while the shared database takes no writes, though POP3 still works.
+    metricsPort = re.fullmatch(r"tcp:(\d+)(:.*)?", config.metrics).group(1)
     for backend, body in backends.items():
+        protocol = backend.removeprefix("mailgate_")
+        assert re.findall(r"^    option httpchk (.*)$", body, re.MULTILINE) == [f"GET /healthz/{protocol}"], body
         servers = re.findall(r"^    server \S+ [\d.]+:(\d+) (.*)$", body, re.MULTILINE)
         assert len(servers) == 3, body
         for port, options in servers:
-            assert int(port) in listening[backend] and options.split() == ["send-proxy-v2", "check"], body
+            assert int(port) in listening[backend], body
+            assert options.split() == ["send-proxy-v2", "check", "port", metricsPort], body
 
     def seconds(name):
         [value] = re.findall(rf"^    timeout {name} (\d+)m$", block, re.MULTILINE)
