@@ -414,6 +414,19 @@ def test_refusalsFromOneAddressAreOneLineAMinuteSayingHowManyMore(store, logEven
     assert "more" not in eventAsRecord(lines[1])
 
 
+def test_theWrapperLogsNoLineOfItsOwnAsItStartsAndStops(store, logEvents):
+    """
+    The listener's "listening on" line says a haproxy: listener started;
+    the wrapping factory wrote a line of its own at each start and stop,
+    naming an object's memory address.
+    """
+    clock = Clock()
+    proxy = ProxyHeaderFactory(pop3Factory(store, clock), clock, ())
+    proxy.doStart()
+    proxy.doStop()
+    assert [formatEvent(e) for e in logEvents if "ProxyHeaderFactory" in formatEvent(e)] == []
+
+
 def refusedByProxy(factory, reason):
     found = factory.metrics.registry.get_sample_value(
         "mailgate_connections_refused_total", {"protocol": factory.protocol.protocolName, "reason": reason}

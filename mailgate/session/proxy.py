@@ -407,6 +407,10 @@ class ProxyHeaderFactory(WrappingFactory):
     headerTimeout = 10.0
     maxHeaderLength = 4096
     log = Logger()
+    # A wrapping factory is noisy by default: every start and stop logged
+    # "Starting factory <...ProxyHeaderFactory object at 0x...>", beside
+    # the listener's own line (as the metrics site's, cb58c86).
+    noisy = False
 
     def __init__(self, wrappedFactory, clock, balancers=()):
         super().__init__(wrappedFactory)
