@@ -358,10 +358,13 @@ class IMailStore(Interface):
             back what C{mailgate user apop} changed meanwhile).
         """
 
-    def deleteUser(address):
+    def deleteUser(address, progress=None):
         """
-        Remove a user and their maildrop, in one transaction: a L{Deferred}
-        that fires once committed.  Message bodies still referenced by
+        Remove a user and their maildrop: a L{Deferred} that fires once
+        committed.  The maildrop is emptied a bounded number of messages
+        per transaction first (C{progress(removed, kept)} called after
+        each commit with the running totals), then the user removed in
+        one transaction with what is left.  Message bodies still referenced by
         other maildrops stay.  Fails with L{mailgate.errors.NoSuchUser}, or
         L{mailgate.errors.MaildropInUse} while the user is in a POP3 session
         (which would go on answering for mail that is gone).

@@ -874,3 +874,38 @@ def test_aRestoreInterruptedHalfWaySaysWhatCameBack(cli, store, monkeypatch):
     result = cli("mailbox", "restore", ALICE)
     assert (result.code, result.out.splitlines()[-1]) == (0, f"2 messages restored to {ALICE}")
     assert len(resultOf(store.listMessages(ALICE))) == 3
+
+
+def test_aUserDeletionInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatch):
+    """
+    C{user del} empties the maildrop a few hundred messages at a time
+    before the user goes: stopped half-way (Ctrl-C), the user is still
+    there with what is left, and the command says so; run again, it
+    deletes them.
+    """
+    from mailgate.store import lifecycle
+
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    monkeypatch.setattr(lifecycle, "EXPUNGE_PER_TRANSACTION", 1)
+    removals = []
+    removeMessages = lifecycle.removeMessages
+
+    def interrupted(*args):
+        removals.append(args)
+        if len(removals) == 2:
+            raise KeyboardInterrupt()
+        return removeMessages(*args)
+
+    monkeypatch.setattr(lifecycle, "removeMessages", interrupted)
+    result = cli("user", "del", ALICE)
+    assert (result.code, result.out) == (130, "")
+    assert result.err == (
+        f"mailgate: stopped after removing 1 message and 0 kept deleted messages of {ALICE}, who is not deleted: "
+        "run the command again to delete them\nmailgate: interrupted\n"
+    )
+    assert len(resultOf(store.listMessages(ALICE))) == 2
+    monkeypatch.setattr(lifecycle, "removeMessages", removeMessages)
+    result = cli("user", "del", ALICE)
+    assert (result.code, result.out) == (0, f"deleted {ALICE} and their maildrop\n")
+    assert resultOf(store.findUser(ALICE)) is None

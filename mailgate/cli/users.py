@@ -251,10 +251,26 @@ def _userPasswd(store, args, out, stdin):
 
 def _userDel(store, args, out, stdin):
     address = _address(args.address)
+    done = [(0, 0)]
+
+    def progress(removed, kept):
+        done[0] = (removed, kept)
+
     try:
-        _forUser(address, store.deleteUser(address))
-    except MaildropInUse:
-        raise _inSession(address)
+        _forUser(address, store.deleteUser(address, progress=progress))
+    except BaseException as e:
+        # The maildrop is emptied a few hundred messages at a time before
+        # the user goes: stopped half-way, what is gone is gone, and said.
+        removed, kept = done[0]
+        if removed or kept:
+            args.stderr.write(
+                f"mailgate: stopped after removing {counted(removed, 'message')} and {kept} kept deleted "
+                f"{noun(kept, 'message')} of {address}, who is not deleted: run the command again to delete "
+                "them\n"
+            )
+        if isinstance(e, MaildropInUse):
+            raise _inSession(address) from None
+        raise
     out.write(f"deleted {address} and their maildrop\n")
 
 

@@ -504,7 +504,6 @@ class LifecycleStore:
         """
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
-        perTransaction = EXPUNGE_PER_TRANSACTION if perTransaction is None else perTransaction
 
         @defer.inlineCallbacks
         def run():
@@ -512,24 +511,38 @@ class LifecycleStore:
             if user is None:
                 raise NoSuchUser(address)
             yield self.locks.acquire(user.userId)
-            removed = kept = 0
-            below = None
-            more = True
             try:
-                while more:
-                    fromMaildrop, fromKept, below, more = yield self.database.runWrite(
-                        Guarded.under(self.locks, user.userId, _expungeSome),
-                        address, before, below, perTransaction, now - STALE_AFTER, user.userId,
-                    )
-                    removed += fromMaildrop
-                    kept += fromKept
-                    if progress is not None:
-                        progress(removed, kept)
+                removed = yield self._expungeLocked(address, user.userId, before, now, perTransaction, progress)
             finally:
                 yield self.locks.release(user.userId)
-            return removed, kept
+            return removed
 
         return run()
+
+    @defer.inlineCallbacks
+    def _expungeLocked(self, address, userId, before, now, perTransaction=None, progress=None):
+        """
+        Remove C{userId}'s messages (those that arrived before C{before},
+        or all) and kept deleted mail, C{perTransaction} at a time, its
+        maildrop lock held by the caller; see L{expungeMessages}.
+
+        @return: a L{Deferred} of C{(messages removed, kept deleted
+            messages removed)}.
+        """
+        perTransaction = EXPUNGE_PER_TRANSACTION if perTransaction is None else perTransaction
+        removed = kept = 0
+        below = None
+        more = True
+        while more:
+            fromMaildrop, fromKept, below, more = yield self.database.runWrite(
+                Guarded.under(self.locks, userId, _expungeSome),
+                address, before, below, perTransaction, now - STALE_AFTER, userId,
+            )
+            removed += fromMaildrop
+            kept += fromKept
+            if progress is not None:
+                progress(removed, kept)
+        return removed, kept
 
     def recountUsage(self, address):
         """

@@ -805,8 +805,36 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
         return self.database.runWrite(_upgradeCredentials, address, oldHash, credentials, hashOnly)
 
-    def deleteUser(self, address):
-        return self._underLock(address, _deleteUser, address, self._userIds, self._now() - STALE_AFTER)
+    def deleteUser(self, address, perTransaction=None, progress=None):
+        """
+        See L{IMailStore.deleteUser}.  The maildrop and kept deleted mail
+        are removed first, C{perTransaction} messages at a time, as an
+        expunge removes them (L{lifecycle.LifecycleStore._expungeLocked}:
+        one transaction for 100,000 messages held SQLite's write lock 3.6
+        s, every delivery waiting), then the user and what is left, in one
+        transaction; the maildrop's lock is held throughout.
+
+        @param progress: called after each committed removal with the
+            running totals C{(messages, kept deleted messages)}.
+        """
+        now = self._now()
+
+        @defer.inlineCallbacks
+        def run():
+            user = yield self.findUser(address)
+            if user is None:
+                raise NoSuchUser(address)
+            yield self.locks.acquire(user.userId)
+            try:
+                yield self._expungeLocked(address, user.userId, None, now, perTransaction, progress)
+                yield self.database.runWrite(
+                    Guarded.under(self.locks, user.userId, _deleteUser),
+                    address, self._userIds, now - STALE_AFTER, user.userId,
+                )
+            finally:
+                yield self.locks.release(user.userId)
+
+        return run()
 
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
