@@ -80,7 +80,7 @@ from mailgate.cli.mailboxes import _addMailboxCommands
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _addSessionCommands
 from mailgate.cli.users import _addUserCommands
-from mailgate.errors import ConfigurationError, DatabaseRefused, MailgateError, TemporaryFailure
+from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, MailgateError, TemporaryFailure
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
 
 #: what this package offers: the command, its parser, and the exit codes
@@ -372,6 +372,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except TemporaryFailure as e:
         stderr.write(f"mailgate: temporary failure, try again: {e}\n")
+        return EX_TEMPFAIL
+    except DatabaseInUse as e:
+        # A server of an older mailgate runs on the SQLite file the command
+        # would migrate: once it restarts (or stops), the command works.
+        stderr.write(f"mailgate: {e}\n")
         return EX_TEMPFAIL
     except ConfigurationError as e:
         # A database that cannot be opened: say whose URL it was.  Not of

@@ -10,7 +10,7 @@ import os
 
 from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
 from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure
-from mailgate.store import engineFromURL, openSynchronousStore
+from mailgate.store import engineFromURL, openSynchronousStore, refuseUpgradeUnderServer
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.plural import counted
 
@@ -21,6 +21,11 @@ _ENGINE_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 
 def _dbUpgrade(store, args, out, stdin):
     database = store.database
+    try:
+        # Not under a running (older) server either: stopped first.
+        refuseUpgradeUnderServer(database)
+    except DatabaseInUse as e:
+        raise CommandError(str(e), EX_TEMPFAIL) from None
     applied = upgrade(database)
     engine = database.engine.name
     for migration in applied:
@@ -109,6 +114,8 @@ def _copySide(url, option, create):
         return openSynchronousStore(url, create=create, adopt=False)
     except DatabaseRefused as e:
         raise CommandError(f"{option}: {e}", EX_CONFIG) from None
+    except DatabaseInUse as e:
+        raise CommandError(f"{option}: {e}", EX_TEMPFAIL) from None
     except TemporaryFailure as e:
         raise CommandError(f"{option}: temporary failure, try again: {e}", EX_TEMPFAIL) from None
     except ConfigurationError as e:
@@ -180,7 +187,9 @@ def _addDatabaseCommands(commands):
         description="Bring the database's schema up to this mailgate's version, creating an "
         "SQLite file that is not there yet (servers and the other commands migrate too; run it "
         "as the schema's owner where the nodes' role may only read and write the tables).  "
-        "Each migration is one transaction: one interrupted leaves the version before.",
+        "Each migration is one transaction: one interrupted leaves the version before.  "
+        "On SQLite, refused (exit 75), as every command's migration is, while a server runs "
+        "on the database: stop it first, or restart it (its start upgrades the database).",
     )
     dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
     dbVersion = db.add_parser(

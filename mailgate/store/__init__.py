@@ -12,9 +12,9 @@ URLs:
 import os
 from urllib.parse import urlsplit
 
-from mailgate.errors import ConfigurationError, DatabaseRefused, TemporaryFailure, UnavailableAtStart
+from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure, UnavailableAtStart
 from mailgate.store.database import Database, SynchronousDatabase
-from mailgate.store.schema import databaseVersion, upgrade
+from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.store.sql import SQLMailStore
 from mailgate.urls import shownURL
 
@@ -104,11 +104,56 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None):
         if migrate:
             if not adopt:
                 _refuseAnotherApplications(database, url)
+            refuseUpgradeUnderServer(database)
             upgrade(database)
     except BaseException:
         database.close()
         raise
     return SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
+
+
+def refuseUpgradeUnderServer(database):
+    """
+    Refuse to migrate an SQLite database a server runs on: what a
+    command (C{mailgate deliver}, which the MTA runs for every message,
+    included) asks before it upgrades the schema.
+
+    A server running on a database that still needs migrations is of an
+    older mailgate (a newer one migrated it as it started): the usual
+    moment is just after a package upgrade, before the service restarts.
+    Migrated under it, it would serve a schema it does not know, and a
+    long migration (4 rewrites every message chunk) would hold SQLite's
+    one write lock for minutes, its deliveries failing meanwhile.  The
+    server's restart upgrades the database; until then the command
+    fails as temporary (exit 75, which an MTA retries).
+
+    The server is told by the lock it holds
+    (L{mailgate.store.sqlite.SQLiteEngine.serverRunning}, as C{db
+    restored} tells it), which is given back before the migration: a
+    (newer) server starting meanwhile waits for the migration rather than
+    being refused as a second server.
+
+    PostgreSQL is left alone: its nodes take the schema's lock to migrate,
+    and older nodes keep serving the migrated schema through a rolling
+    upgrade (README, Schema upgrades).
+
+    @raise DatabaseInUse: a server runs on the database, whose schema
+        needs migrations.
+    """
+    engine = database.engine
+    if engine.name != "sqlite" or engine.ephemeral:
+        return
+    version = databaseVersion(database)
+    if not version or version >= LATEST:
+        # None: a new database (no server made it); newer: upgrade's own
+        # refusal says so.
+        return
+    if engine.serverRunning():
+        raise DatabaseInUse(
+            f"a mailgate server is running on {engine.path} (it holds {engine.path}.lock) with an older "
+            f"database schema (version {version}, this mailgate's is {LATEST}): nothing was migrated; "
+            f"restart it (its start upgrades the database), or stop it and run mailgate db upgrade"
+        )
 
 
 def _refuseAnotherApplications(database, url):

@@ -612,6 +612,25 @@ class SQLiteEngine:
                 pass
         self._guard = fd
 
+    def serverRunning(self):
+        """
+        Whether a mailgate server runs on this file: holds the lock
+        L{claimServer} takes (asked by taking it, and giving it back at
+        once).  A command asks before migrating the schema, which it must
+        not do under a running (older) server.
+
+        @raise ConfigurationError: the lock file cannot be opened, as
+            L{claimServer}.
+        """
+        if self.ephemeral or self._guard is not None:
+            return False
+        try:
+            self.claimServer()
+        except DatabaseInUse:
+            return True
+        self.releaseServer()
+        return False
+
     def releaseServer(self):
         if self._guard is not None:
             os.close(self._guard)
