@@ -174,7 +174,8 @@ def test_dbVersionSaysADatabaseIsOlderAndThatTheNextCommandUpgradesIt(tmp_path):
     url = f"sqlite:///{path}"
     expected = (
         f"schema version 3 (this mailgate: {LATEST}); older: this mailgate's next start or command "
-        "(db backup and db version aside) upgrades it, after which an older mailgate refuses it\n"
+        "(db backup and db version aside; on SQLite, none while a server runs on it) upgrades it, after which an "
+        "older mailgate refuses it\n"
     )
     for _ in range(2):
         assert mailgate(url, "db", "version") == (0, expected, "")

@@ -133,8 +133,8 @@ def _dbVersion(store, args, out, stdin):
         # whatever runs next upgrades it, the MTA's mailgate deliver too,
         # and the older mailgate no longer opens it (take the backup now).
         said = (
-            "; older: this mailgate's next start or command (db backup and db version aside) "
-            "upgrades it, after which an older mailgate refuses it"
+            "; older: this mailgate's next start or command (db backup and db version aside; on SQLite, "
+            "none while a server runs on it) upgrades it, after which an older mailgate refuses it"
         )
     else:
         said = ""
