@@ -52,7 +52,10 @@ from mailgate.pop3.protocol import POP3Server
 from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
-from mailgate.store.bounds import MAX_DAYS, checkMaximum, formatSize, parseSize, parseWhole
+# ZERO_DAYS and ZERO_QUOTA: why a retention of 0 days and a quota of 0 are
+# refused, words the mailgate command says too, which imports them from
+# there without this module's (and its protocols').
+from mailgate.store.bounds import MAX_DAYS, ZERO_DAYS, ZERO_QUOTA, checkMaximum, formatSize, parseSize, parseWhole
 from mailgate.store.limits import DAY, DUPLICATE_WINDOW
 from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
 from mailgate.urls import shownURL
@@ -408,20 +411,6 @@ class Days(Integer):
 
     def toTOML(self, value):
         return '"never"' if value is None else str(value)
-
-
-#: why a retention of 0 days is refused
-ZERO_DAYS = (
-    "must be at least 1, not 0: 0 days would remove every message at the next "
-    "retention pass; never keeps mail"
-)
-
-#: why a quota of 0 is refused: it would refuse every message (for ever: a
-#: full mailbox is a temporary failure), where Dovecot reads 0 as no limit
-ZERO_QUOTA = (
-    "must be at least 1, not 0: a quota of 0 would refuse every message (no limit: no "
-    "--default-quota, or a user's quota none)"
-)
 
 
 class Endpoint(Kind):

@@ -46,7 +46,7 @@ from mailgate.cli.common import (
 )
 from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
-from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, parseSize
+from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.plural import counted, noun
 
@@ -311,8 +311,6 @@ def _userList(store, args, out, stdin):
 
 
 def _userQuota(store, args, out, stdin):
-    from mailgate.config import ZERO_QUOTA
-
     address = _address(args.address)
     octets = _limit(args.size, parseSize, "size")
     changes = {"octets": octets}
@@ -333,8 +331,6 @@ def _userQuota(store, args, out, stdin):
 
 
 def _userExpire(store, args, out, stdin):
-    from mailgate.config import ZERO_DAYS
-
     address = _address(args.address)
     days = _limit(args.days, _dayCount, "number of days")
     if days == 0:

@@ -24,6 +24,19 @@ MAX_MESSAGES = 10**12
 #: be: about 100 years.
 MAX_DAYS = 36500
 
+#: why a retention of 0 days is refused
+ZERO_DAYS = (
+    "must be at least 1, not 0: 0 days would remove every message at the next "
+    "retention pass; never keeps mail"
+)
+
+#: why a quota of 0 is refused: it would refuse every message (for ever: a
+#: full mailbox is a temporary failure), where Dovecot reads 0 as no limit
+ZERO_QUOTA = (
+    "must be at least 1, not 0: a quota of 0 would refuse every message (no limit: no "
+    "--default-quota, or a user's quota none)"
+)
+
 
 # Sizes as administrators write them: units of 1024, as Dovecot's quota
 # settings count them.
