@@ -376,10 +376,12 @@ class IMailStore(Interface):
         L{mailgate.records.UserSummary}, ordered by address.
         """
 
-    def listMessages(address):
+    def listMessages(address, page=None):
         """
         A user's maildrop as the administrator sees it: a L{Deferred} list of
-        L{mailgate.records.MessageInfo} in POP3 order.
+        L{mailgate.records.MessageInfo} in POP3 order; with C{page}, an
+        iterable of them read C{page} at a time as it is iterated, the
+        messages delivered after the call not in it.
         """
 
     def deliver(addresses, source, partial=True):
@@ -518,10 +520,11 @@ class ILifecycleStore(Interface):
         older than the duplicate window: a L{Deferred} of how many.
         """
 
-    def listDeleted(address):
+    def listDeleted(address, page=None):
         """
         A user's kept deleted messages: a L{Deferred} list of
-        L{mailgate.records.DeletedMessage}.
+        L{mailgate.records.DeletedMessage}; with C{page}, an iterable of
+        them read C{page} at a time as it is iterated.
         """
 
     def exportMessages(address, page=None):

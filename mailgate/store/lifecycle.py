@@ -16,11 +16,12 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
-from mailgate.records import ExpiryPass, QuotaStatus
+from mailgate.records import DeletedMessage, ExpiryPass, QuotaStatus
 from mailgate.store.guarded import Guarded, _inSession, lockedUserId
 from mailgate.store.imported import _existingUidls, _forgetImported, _importMessages, _removeImportedGone
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
-from mailgate.store.recovery import _dropKept, _listDeleted, _restoreDeleted, _restoreSome
+from mailgate.store import paging
+from mailgate.store.recovery import _deletedPage, _dropKept, _listDeleted, _restoreDeleted, _restoreSome
 from mailgate.store.registry import SETTINGS_COUNT_FOR, STALE_AFTER, SessionRegistry, _kick, _nodes, _sessions
 from mailgate.store.retention import Retention, _expirePass, _expireUser, _forgetDeliveries, _purgeKept
 from mailgate.store.rows import releaseBodies, removeMessages
@@ -323,13 +324,17 @@ class LifecycleStore:
         expireDays = UNLIMITED if self.limits.expireDays is None else self.limits.expireDays
         return expireDays, self.limits.keepDeletedDays
 
-    def listDeleted(self, address):
+    def listDeleted(self, address, page=None):
         """
         A user's kept deleted messages: a L{Deferred} list of
-        L{mailgate.records.DeletedMessage}, in their maildrop order.
-        Fails with L{NoSuchUser}.
+        L{mailgate.records.DeletedMessage}, in their maildrop order; with
+        C{page}, an iterable of them read C{page} at a time as it is
+        iterated (L{mailgate.store.paging}).  Fails with L{NoSuchUser}.
         """
-        return self.database.runInteraction(_listDeleted, address)
+        if page is None:
+            return self.database.runInteraction(_listDeleted, address)
+        d = paging.pagedListing(self.database, _deletedPage, (address,), page)
+        return d.addCallback(paging.numbered, DeletedMessage)
 
     def restoreDeleted(self, address, uidls=None, since=None, asNew=False, perTransaction=None, progress=None):
         """

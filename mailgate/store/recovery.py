@@ -86,6 +86,25 @@ def _listDeleted(cursor, address):
     return [DeletedMessage(n, *row) for n, row in enumerate(cursor.fetchall(), 1)]
 
 
+def _deletedPage(cursor, address, position, limit):
+    """
+    A page of a user's kept deleted messages (L{mailgate.store.paging}):
+    at most C{limit} C{(size, uidl, deleted at, deleted by, arrived)}
+    after the page before, in their order.
+
+    @param position: C{None} for the first page (C{NoSuchUser} if there
+        is no such user), else what the page before returned.
+    """
+    userId, after = (_userId(cursor, address), 0) if position is None else position
+    cursor.execute(
+        "SELECT uid, size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        f"WHERE user_id = ? AND uid > ? ORDER BY uid LIMIT {int(limit)}",
+        (userId, after),
+    )
+    rows = cursor.fetchall()
+    return (userId, rows[-1][0] if rows else after), [row[1:] for row in rows]
+
+
 _DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
 
 

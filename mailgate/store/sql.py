@@ -23,7 +23,7 @@ from zope.interface import implementer
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.message import spoolBytes
-from mailgate.store import lifecycle
+from mailgate.store import lifecycle, paging
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.guarded import LOCK_LOST, Guarded, _inSession, lockedUserId
 from mailgate.store.limits import StoreLimits, quotaCrossed, quotaWarningMessage
@@ -197,6 +197,35 @@ def _listUsers(cursor):
         UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
         for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
     ]
+
+
+def _messagePage(cursor, address, position, limit):
+    """
+    A page of a maildrop's listing (L{mailgate.store.paging}): at most
+    C{limit} C{(size, uidl, arrived)} after the page before, below the
+    maildrop's next uid when the first page was read (what is delivered
+    meanwhile is not listed).
+
+    @param position: C{None} for the first page (C{NoSuchUser} if there
+        is no such user), else what the page before returned.
+    """
+    if position is None:
+        user = _findUser(cursor, address)
+        if user is None:
+            raise NoSuchUser(address)
+        cursor.execute("SELECT next_uid FROM mailboxes WHERE user_id = ?", (user.userId,))
+        row = cursor.fetchone()
+        position = (user.userId, 0 if row is None else row[0], 0)
+    userId, below, after = position
+    cursor.execute(
+        "SELECT uid, size, uidl, arrived_at FROM maildrop "
+        f"WHERE user_id = ? AND uid > ? AND uid < ? ORDER BY uid LIMIT {int(limit)}",
+        (userId, after, below),
+    )
+    rows = cursor.fetchall()
+    if rows:
+        position = (userId, below, rows[-1][0])
+    return position, [row[1:] for row in rows]
 
 
 def _listMessages(cursor, address):
@@ -839,8 +868,11 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def listUsers(self):
         return self.database.runInteraction(_listUsers)
 
-    def listMessages(self, address):
-        return self.database.runInteraction(_listMessages, address)
+    def listMessages(self, address, page=None):
+        if page is None:
+            return self.database.runInteraction(_listMessages, address)
+        d = paging.pagedListing(self.database, _messagePage, (address,), page)
+        return d.addCallback(paging.numbered, MessageInfo)
 
     def exportMessages(self, address, page=None):
         page = EXPORT_PAGE if page is None else page
