@@ -245,14 +245,16 @@ class FaultInjectingStore:
     def upgradeCredentials(self, address, oldHash, credentials, hashOnly=False):
         return self._call("upgradeCredentials", address, oldHash, credentials, hashOnly)
 
-    def deleteUser(self, address):
-        return self._call("deleteUser", address)
+    def deleteUser(self, address, progress=None):
+        return self._faults.call(
+            "deleteUser", lambda address, progress: self.store.deleteUser(address, progress=progress), address, progress
+        )
 
     def listUsers(self):
         return self._call("listUsers")
 
-    def listMessages(self, address):
-        return self._call("listMessages", address)
+    def listMessages(self, address, page=None):
+        return self._call("listMessages", address, page)
 
     def deliver(self, addresses, source, partial=True):
         return self._call("deliver", addresses, source, partial)
@@ -304,14 +306,17 @@ class FaultInjectingStore:
     def forgetDeliveries(self, limit=500):
         return self._call("forgetDeliveries", limit)
 
-    def listDeleted(self, address):
-        return self._call("listDeleted", address)
+    def listDeleted(self, address, page=None):
+        return self._call("listDeleted", address, page)
 
-    def exportMessages(self, address):
-        return self._call("exportMessages", address)
+    def exportMessages(self, address, page=None):
+        return self._call("exportMessages", address, page)
 
-    def restoreDeleted(self, address, uidls=None, since=None, asNew=False):
-        return self._call("restoreDeleted", address, uidls, since, asNew)
+    def restoreDeleted(self, address, uidls=None, since=None, asNew=False, progress=None):
+        def restore(address, uidls, since, asNew, progress):
+            return self.store.restoreDeleted(address, uidls, since, asNew, progress=progress)
+
+        return self._faults.call("restoreDeleted", restore, address, uidls, since, asNew, progress)
 
     def listSessions(self, address=None, kicked=False):
         return self._call("listSessions", address, kicked)
@@ -337,8 +342,11 @@ class FaultInjectingStore:
     def renameUser(self, old, new):
         return self._call("renameUser", old, new)
 
-    def expungeMessages(self, address, olderThanDays=None):
-        return self._call("expungeMessages", address, olderThanDays)
+    def expungeMessages(self, address, olderThanDays=None, progress=None):
+        def expunge(address, olderThanDays, progress):
+            return self.store.expungeMessages(address, olderThanDays, progress=progress)
+
+        return self._faults.call("expungeMessages", expunge, address, olderThanDays, progress)
 
     def recountUsage(self, address):
         return self._call("recountUsage", address)
