@@ -203,8 +203,15 @@ def test_aStreamedMessageTheClientStoppedReadingIsNotCountedAsRetrieved(store, a
 
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
 def test_smtpHelloFloodPausesReadingUntilTheClientReads(store, alice, lmtp):
+    """
+    Replies a client does not read stop the server reading at the bound.
+    Hellos count as junk commands (f815cc2), whose limit would end this
+    session after some 120 of them, long before their replies fill the
+    bound: raised here, so that what is tested is the back-pressure.
+    """
     clock = Clock()
     protocol, transport = connect(smtpFactory(store, clock, lmtp=lmtp))
+    protocol.maxJunkCommands = 10**6
     hello = b"LHLO x\r\n" if lmtp else b"EHLO x\r\n"
     count = 50000
     taken = flood(protocol, transport, hello, count)
@@ -314,16 +321,22 @@ def _floodUntilTheServerStopsReading(port, greetingStart, command, login=b"", sm
 
 
 @sqliteOnly
-@pytest.mark.parametrize("protocol", ["pop3", "pop3-login", "smtp", "metrics"])
+@pytest.mark.parametrize("protocol", ["pop3", "pop3-login", "metrics"])
 def test_aClientThatNeverReadsStopsTheServerReading(mailgate_server, mailgate_cli, protocol):
     """
     A client pipelines commands (or HTTP requests to the metrics port,
     some 30 KB of answer each) and reads nothing.  The server stops
     reading from it (the kernel holds what the client sent, unread),
     its memory stays bounded, and it goes on serving others meanwhile.
+
+    Not SMTP: every command an SMTP client can repeat without delivering
+    (EHLO, NOOP, RSET, VRFY, HELP) is a junk command, and the junk limit
+    ends such a session after some 120 of them, their replies far from
+    filling a buffer (test_smtp_protocol); its back-pressure is tested
+    above with the limit raised.
     """
     server = mailgate_server(
-        "--smtp", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1",
+        "--metrics", "tcp:0:interface=127.0.0.1",
         "--auth-failure-delay", "0",
     )
     pid = server.process.pid
@@ -331,9 +344,7 @@ def test_aClientThatNeverReadsStopsTheServerReading(mailgate_server, mailgate_cl
         mailgate_cli.addUser(ALICE, PASSWORD)
         mailgate_cli.deliver(ALICE, b"Subject: hi\n\n" + b"x" * 2000 + b"\n")
     before = _rss(pid)
-    if protocol == "smtp":
-        port, greeting, command, login = server.portOf("SMTP"), b"220 ", b"EHLO x\r\n", b""
-    elif protocol == "metrics":
+    if protocol == "metrics":
         port, greeting, login = server.portOf("METRICS"), None, b""
         command = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     elif protocol == "pop3":
