@@ -149,3 +149,39 @@ def test_anUpToDateDatabaseServesCommandsBesideTheServer(tmp_path, serverRunning
     assert (code, err) == (0, ""), err
     code, out, err = mailgate(f"sqlite:///{path}", "db", "upgrade")
     assert (code, out, err) == (0, f"schema is at version {LATEST}\n", "")
+
+
+def test_commandsAskingAtOnceDoNotTakeEachOtherForAServer(tmp_path, monkeypatch):
+    """
+    Two commands on an older database at once (two deliveries an MTA
+    runs side by side) both ask whether a server runs: each asked by
+    taking the server's own lock for a moment, and the one that asked
+    second took the first for a server and exited 75 with nothing
+    migrated.  Asked with a shared lock, neither sees a server; and a
+    server starting while a command asks waits that moment out rather
+    than being refused as a second server.
+    """
+    import fcntl
+    import os
+    import threading
+
+    from mailgate.store import sqlite
+
+    # The start's wait, long enough here that a loaded machine's late
+    # timer below is waited for all the same.
+    monkeypatch.setattr(sqlite, "CLAIM_WAIT", 30.0)
+    path = _oldDatabase(tmp_path, 11)
+    (tmp_path / "mail.sqlite3.lock").touch()
+    asking = os.open(tmp_path / "mail.sqlite3.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(asking, fcntl.LOCK_SH)  # another command, asking now
+        assert engineFromURL(f"sqlite:///{path}").serverRunning() is False
+        starting = engineFromURL(f"sqlite:///{path}")
+        threading.Timer(0.2, lambda: fcntl.flock(asking, fcntl.LOCK_UN)).start()
+        starting.claimServer()  # waits for the command's moment, then holds it
+        try:
+            assert engineFromURL(f"sqlite:///{path}").serverRunning() is True
+        finally:
+            starting.releaseServer()
+    finally:
+        os.close(asking)

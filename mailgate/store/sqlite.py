@@ -20,6 +20,7 @@ import pwd
 import sqlite3
 import stat
 import struct
+import time
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -581,7 +582,7 @@ class SQLiteEngine:
             os.close(fd)
             raise ConfigurationError(f"{lockPath} is not a regular file, not mailgate's lock file: remove it")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lockWithin(fd, CLAIM_WAIT)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
@@ -624,11 +625,28 @@ class SQLiteEngine:
         """
         if self.ephemeral or self._guard is not None:
             return False
+        lockPath = self.path + ".lock"
         try:
-            self.claimServer()
-        except DatabaseInUse:
-            return True
-        self.releaseServer()
+            fd = os.open(lockPath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigurationError(
+                    f"{lockPath} is a symbolic link, not mailgate's lock file: remove it"
+                ) from None
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
+        try:
+            # A shared lock: two commands asking at once (two deliveries the
+            # MTA runs side by side) do not take each other for a server,
+            # as they did asking with the server's own exclusive lock.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        finally:
+            os.close(fd)
         return False
 
     def releaseServer(self):
@@ -727,6 +745,31 @@ class MaildropLockFile:
         if self._own is not None:
             os.close(self._own)
             self._own = None
+
+
+#: seconds a server's start waits for the lock of its database file while
+#: another process holds it: a command asking whether a server runs holds
+#: it for a moment (see L{SQLiteEngine.serverRunning}); another server
+#: holds it for as long as it runs.
+CLAIM_WAIT = 1.0
+
+
+def _lockWithin(fd, seconds, interval=0.02):
+    """
+    Take the exclusive lock of C{fd} (flock), trying again for up to
+    C{seconds} while another process holds it.
+
+    @raise OSError: C{EAGAIN} if it is still held then.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                raise
+        time.sleep(interval)
 
 
 def _ownedAsTheDatabase(fd, path):
