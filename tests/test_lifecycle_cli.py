@@ -332,6 +332,27 @@ def test_mailboxExpungeSaysWhatItRemovedOfTheKeptMail(cli, store):
     assert cli("mailbox", "deleted", ALICE).out.splitlines()[1:] == []
 
 
+def interruptedAtTheSecondCall(monkeypatch, module, name):
+    """
+    Make C{module.name} raise C{KeyboardInterrupt} (a Ctrl-C) at its
+    second call, after a first that runs as it would: a command stopped
+    between two of its transactions.
+
+    @return: a function that puts the original back.
+    """
+    original = getattr(module, name)
+    calls = []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt()
+        return original(*args)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return lambda: monkeypatch.setattr(module, name, original)
+
+
 def test_anExpungeInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatch):
     """
     An expunge is committed a few hundred messages at a time: stopped
@@ -343,16 +364,7 @@ def test_anExpungeInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatch):
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
     monkeypatch.setattr(lifecycle, "EXPUNGE_PER_TRANSACTION", 1)
-    removals = []
-    removeMessages = lifecycle.removeMessages
-
-    def interrupted(*args):
-        removals.append(args)
-        if len(removals) == 2:
-            raise KeyboardInterrupt()
-        return removeMessages(*args)
-
-    monkeypatch.setattr(lifecycle, "removeMessages", interrupted)
+    putBack = interruptedAtTheSecondCall(monkeypatch, lifecycle, "removeMessages")
     result = cli("mailbox", "expunge", ALICE, "--all")
     assert (result.code, result.out) == (130, "")
     assert result.err == (
@@ -361,7 +373,7 @@ def test_anExpungeInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatch):
         "mailgate: interrupted\n"
     )
     assert len(resultOf(store.listMessages(ALICE))) == 2
-    monkeypatch.setattr(lifecycle, "removeMessages", removeMessages)
+    putBack()
     result = cli("mailbox", "expunge", ALICE, "--all")
     assert (result.code, result.out) == (0, f"removed 2 messages (every message) from {ALICE}\n")
     assert resultOf(store.listMessages(ALICE)) == []
@@ -847,22 +859,13 @@ def test_aRestoreInterruptedHalfWaySaysWhatCameBack(cli, store, monkeypatch):
     time: stopped half-way (Ctrl-C), what came back is back, and said;
     run again, the rest comes back.
     """
-    from mailgate.store import lifecycle, recovery
+    from mailgate.store import lifecycle
 
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
     keptDeleted(store, ALICE, "wonderland", 1, 2, 3)
     monkeypatch.setattr(lifecycle, "RESTORE_PER_TRANSACTION", 1)
-    calls = []
-    restoreSome = recovery._restoreSome
-
-    def interrupted(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt()
-        return restoreSome(*args)
-
-    monkeypatch.setattr(lifecycle, "_restoreSome", interrupted)
+    putBack = interruptedAtTheSecondCall(monkeypatch, lifecycle, "_restoreSome")
     result = cli("mailbox", "restore", ALICE)
     assert (result.code, result.out) == (130, "")
     assert result.err == (
@@ -870,7 +873,7 @@ def test_aRestoreInterruptedHalfWaySaysWhatCameBack(cli, store, monkeypatch):
         "command again to restore them\nmailgate: interrupted\n"
     )
     assert len(resultOf(store.listMessages(ALICE))) == 1
-    monkeypatch.setattr(lifecycle, "_restoreSome", restoreSome)
+    putBack()
     result = cli("mailbox", "restore", ALICE)
     assert (result.code, result.out.splitlines()[-1]) == (0, f"2 messages restored to {ALICE}")
     assert len(resultOf(store.listMessages(ALICE))) == 3
@@ -888,16 +891,7 @@ def test_aUserDeletionInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatc
     for n in range(3):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
     monkeypatch.setattr(lifecycle, "EXPUNGE_PER_TRANSACTION", 1)
-    removals = []
-    removeMessages = lifecycle.removeMessages
-
-    def interrupted(*args):
-        removals.append(args)
-        if len(removals) == 2:
-            raise KeyboardInterrupt()
-        return removeMessages(*args)
-
-    monkeypatch.setattr(lifecycle, "removeMessages", interrupted)
+    putBack = interruptedAtTheSecondCall(monkeypatch, lifecycle, "removeMessages")
     result = cli("user", "del", ALICE)
     assert (result.code, result.out) == (130, "")
     assert result.err == (
@@ -905,7 +899,7 @@ def test_aUserDeletionInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatc
         "run the command again to delete them\nmailgate: interrupted\n"
     )
     assert len(resultOf(store.listMessages(ALICE))) == 2
-    monkeypatch.setattr(lifecycle, "removeMessages", removeMessages)
+    putBack()
     result = cli("user", "del", ALICE)
     assert (result.code, result.out) == (0, f"deleted {ALICE} and their maildrop\n")
     assert resultOf(store.findUser(ALICE)) is None
