@@ -1804,9 +1804,12 @@ def test_headerSizeIsStoredForTOP(users, dbpath, store, message, piece):
 def test_spoolFailureIsATemporaryRefusal(users, dbpath, monkeypatch, tmp_path):
     """
     A message over the in-memory limit is spooled to a temporary file; when
-    that cannot be written (here: the temporary directory does not exist,
-    as good as a full disk), the client gets 452 4.3.1 after its data and
-    retries later; nothing is stored and the session goes on.
+    that cannot be made for another reason than a lack of room (here: the
+    temporary directory does not exist; out of file descriptors is the
+    same), the client gets 451 4.3.0 after its data and retries later, not
+    "insufficient system storage", which would send the administrator to
+    look at free space; nothing is stored and the session goes on.  (A
+    full disk, and the file size limit, are 452 4.3.1: below.)
     """
     import tempfile
 
@@ -1815,7 +1818,7 @@ def test_spoolFailureIsATemporaryRefusal(users, dbpath, monkeypatch, tmp_path):
     envelope(s, [ALICE])
     body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1200
     reply = s.send(body + b".\r\n")
-    assert reply == b"452 4.3.1 insufficient system storage; try again later\r\n"
+    assert reply == b"451 4.3.0 local error in processing; try again later\r\n"
     assert nothingStored(dbpath)
     monkeypatch.undo()
     envelope(s, [ALICE])

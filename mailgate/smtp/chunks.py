@@ -137,10 +137,11 @@ class ChunkedMessage(MessageContent):
             return None
         try:
             return self.spool.finish()
-        except OSError:
+        except OSError as error:
             # Its last octets, held in the file's buffer until now, could
             # not be written (the disk filled up).
             self.storageFailed = True
+            self.storageError = error
             self.spool.close()
             return None
 

@@ -50,6 +50,8 @@ class MessageContent:
     @ivar bareLineFeeds: whether bare LFs were seen (and made CRLF).
     @ivar storageFailed: the spool could not be written (a full disk);
         nothing more is stored, the rest of the data is read and dropped.
+    @ivar storageError: the C{OSError} that failed it, which says what to
+        answer (no room, or a local error such as no file descriptors).
     @ivar digest: a L{mailgate.message.DeliveryKey} fed every octet of
         content stored, or C{None}.
     @ivar afterTrace: the spool begins with mailgate's trace fields, which
@@ -67,6 +69,7 @@ class MessageContent:
         self.received = 0
         self.bareLineFeeds = False
         self.storageFailed = False
+        self.storageError = None
 
     @property
     def failed(self):
@@ -113,8 +116,9 @@ class MessageContent:
             if separated:
                 self.spool.writeBlock(b"\r\n")
             self.spool.writeBlock(block, atLineStart)
-        except OSError:
+        except OSError as error:
             self.storageFailed = True
+            self.storageError = error
             self.spool.close()
             return False
         return True

@@ -26,6 +26,7 @@ storage failures into permanent 550 replies.  Here, on the session core
     ends: the same store, limits, replies and log lines.
 """
 
+import errno
 import re
 
 from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
@@ -49,6 +50,10 @@ from mailgate.timers import cancelled
 from mailgate.tls import isSecure
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
+
+#: The spool errors that are a lack of room (the disk, a quota, the file
+#: size limit), answered 452 4.3.1 "insufficient system storage".
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: What a well-formed BDAT line can hold: a line that begins like one and
 #: holds anything else (a tab, a control, a non-ASCII octet) is taken for
 #: a malformed BDAT, not for a command of no name.
@@ -1027,10 +1032,11 @@ class SMTPServer(CommandSession):
             try:
                 spool = reader.spool.finish()
                 spool.deliveryKey = reader.digest.key()
-            except OSError:
+            except OSError as error:
                 # Its last octets, held in the file's buffer until now,
                 # could not be written (the disk filled up).
                 reader.storageFailed = True
+                reader.storageError = error
                 reader.spool.close()
                 spool = None
         return self._messageEnded(envelope, reader, spool)
@@ -1051,12 +1057,22 @@ class SMTPServer(CommandSession):
             self._logRefusedMessage(envelope, "rejected", "rejected", code, enhanced, reason)
             return code, enhanced, reply
         metrics.delivery(self.protocolName, "tempfail")
+        error = content.storageError
+        if error is None or error.errno in _NO_ROOM:
+            code, enhanced, reply = 452, "4.3.1", "insufficient system storage; try again later"
+        else:
+            # Not a full disk: out of file descriptors, a spool directory
+            # gone or not writable.  "Insufficient system storage" would
+            # send the administrator to look at free space; RFC 5321's
+            # 451 says what it is, and the log line says which error.
+            code, enhanced, reply = 451, "4.3.0", "local error in processing; try again later"
+        why = "unknown error" if error is None else (error.strerror or str(error))
         self._logRefusedMessage(
-            envelope, "spool_failed", "spool failed", 452, "4.3.1", "spool failed",
-            detail="cannot spool message data (is the temporary directory full?)",
+            envelope, "spool_failed", "spool failed", code, enhanced, "spool failed",
+            detail=f"cannot spool message data: {why}",
             level="error",
         )
-        return 452, "4.3.1", "insufficient system storage; try again later"
+        return code, enhanced, reply
 
     def _messageEnded(self, envelope, content, spool):
         """
