@@ -212,6 +212,38 @@ def test_deleteUserKeepsBodiesOthersHold(anyStore):
     maildrop.release()
 
 
+def test_bodiesReleasedInRunsKeepTheSharedOnesAndDropTheRest(anyStore, monkeypatch):
+    """
+    Removing many messages at once releases their bodies a run of bodies
+    at a time (three statements a run, not three a body): across several
+    runs, a body another maildrop still holds keeps it with one reference
+    fewer, and one nobody holds goes with all its chunks.
+    """
+    from mailgate.store import rows
+
+    monkeypatch.setattr(rows, "IN_BATCH", 4)
+    addUser(anyStore, ALICE, "pw")
+    addUser(anyStore, BOB, "pw")
+    big = b"Subject: big\r\n\r\n" + b"y" * (CHUNK_SIZE + 10) + b"\r\n"
+    for n in range(7):
+        deliver(anyStore, [ALICE, BOB], b"Subject: shared %d\r\n\r\nbody\r\n" % n)
+    for n in range(6):
+        deliver(anyStore, [ALICE], big if n % 2 else b"Subject: alone %d\r\n\r\nbody\r\n" % n)
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(13,)]
+    resultOf(anyStore.deleteUser(ALICE))
+    assert query(anyStore, "SELECT refcount, count(*) FROM bodies GROUP BY refcount") == [(1, 7)]
+    assert query(anyStore, "SELECT count(DISTINCT body_id) FROM body_chunks") == [(7,)]
+    maildrop = openFor(anyStore, BOB)
+    assert [readWhole(resultOf(maildrop.openMessage(i))) for i in (0, 6)] == [
+        b"Subject: shared 0\r\n\r\nbody\r\n",
+        b"Subject: shared 6\r\n\r\nbody\r\n",
+    ]
+    maildrop.release()
+    resultOf(anyStore.deleteUser(BOB))
+    assert query(anyStore, "SELECT count(*) FROM bodies") == [(0,)]
+    assert query(anyStore, "SELECT count(*) FROM body_chunks") == [(0,)]
+
+
 def test_listUsers(anyStore):
     addUser(anyStore, CAROL, "pw")
     addUser(anyStore, ALICE, "pw", apop=True)

@@ -79,23 +79,52 @@ def releaseBodies(cursor, references):
     """
     Drop one reference per count in C{references} (C{(owner, body id)} to
     count) from each body, and the bodies nobody references any more.
+
+    Three statements for each run of up to L{IN_BATCH} bodies of one owner
+    dropping the same count (nearly always all of them: one reference
+    each), not three a body: on PostgreSQL each statement is a round trip,
+    and a QUIT that deleted 50 messages made 150 of them, an expunge of
+    100,000 messages 300,000.  The bodies are taken in the order of their
+    key, as they were one by one, so that two transactions releasing
+    shared bodies lock them in the same order.
     """
+    run = []
+    runKey = None
     for (owner, bodyId), count in sorted(references.items()):
-        cursor.execute(
-            "UPDATE bodies SET refcount = refcount - ? "
-            "WHERE owner_id = ? AND body_id = ? RETURNING refcount",
-            (count, owner, bodyId),
-        )
-        row = cursor.fetchone()
-        if row is not None and row[0] <= 0:
-            cursor.execute(
-                "DELETE FROM body_chunks WHERE owner_id = ? AND body_id = ?",
-                (owner, bodyId),
-            )
-            cursor.execute(
-                "DELETE FROM bodies WHERE owner_id = ? AND body_id = ?",
-                (owner, bodyId),
-            )
+        if (owner, count) != runKey or len(run) == IN_BATCH:
+            _releaseRun(cursor, runKey, run)
+            run, runKey = [], (owner, count)
+        run.append(bodyId)
+    _releaseRun(cursor, runKey, run)
+
+
+def _releaseRun(cursor, key, bodyIds):
+    """
+    Drop C{count} references (C{key} is C{(owner, count)}) from each of the
+    owner's C{bodyIds}, and delete those nobody references any more.
+    """
+    if not bodyIds:
+        return
+    owner, count = key
+    marks = placeholders(len(bodyIds))
+    cursor.execute(
+        f"UPDATE bodies SET refcount = refcount - ? WHERE owner_id = ? AND body_id IN ({marks}) "
+        "RETURNING body_id, refcount",
+        (count, owner, *bodyIds),
+    )
+    unreferenced = sorted(bodyId for bodyId, refcount in cursor.fetchall() if refcount <= 0)
+    if not unreferenced:
+        return
+    marks = placeholders(len(unreferenced))
+    cursor.execute(
+        f"DELETE FROM body_chunks WHERE owner_id = ? AND body_id IN ({marks})",
+        (owner, *unreferenced),
+    )
+    cursor.execute(
+        f"DELETE FROM bodies WHERE owner_id = ? AND body_id IN ({marks})",
+        (owner, *unreferenced),
+    )
+
 
 def bodyPieces(source, digest=None):
     """
