@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs,tests.test_session_core -*-
+# -*- test-case-name: tests.test_logs,tests.test_log_priorities,tests.test_session_core -*-
 """
 Where twistd's log goes and what a line looks like: human text (the
 default) or one JSON object per line (C{--log-format json}).
@@ -12,7 +12,8 @@ L{twistdDestination} honouring those same options (C{-l FILE}, C{-l -},
 standard output under C{--nodaemon}, C{twistd.log} when daemonizing), and
 L{mailgate.service.MailgateService} sets it on the application it joins.
 Every line, twistd's own start-up lines included, then goes through it.
-C{--logger} and C{--syslog} are left to twistd (with the text format).
+C{--logger} is left to twistd; C{--syslog} is mailgate's too
+(L{SyslogObserver}), with the text format.
 
 Taking the file over also means SIGHUP can reopen it, which is what
 logrotate's C{postrotate} needs; twistd's own size-based rotation (and its
@@ -24,6 +25,14 @@ logger's namespace), C{session}, C{protocol}, C{peer} and C{user} where
 the event has them, the event's other fields made JSON-safe, C{text} (the
 formatted message) and, for failures, C{traceback}.  Fields whose names
 say they hold a password, secret or credential are never written.
+
+Where administrators read logs, a line's level is its priority: on
+standard output that is systemd's journal (L{isJournalStream}), each line
+begins with its syslog priority (C{<3>} for an error), which journald
+takes off and keeps as the record's C{PRIORITY}, so that C{journalctl -p
+err} finds errors (without it every line was C{info} there); and under
+twistd's C{--syslog}, L{SyslogObserver} sends each line with its priority
+to the mail facility, where Dovecot's and Postfix's go.
 """
 
 import datetime
@@ -40,6 +49,10 @@ from time import time as _now
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
 from twisted.python.failure import Failure
+
+#: the syslog(3) priority (RFC 5424 severity) of each level: what journald
+#: reads from a line's C{<N>} prefix, and what L{SyslogObserver} sends
+PRIORITIES = {LogLevel.critical: 2, LogLevel.error: 3, LogLevel.warn: 4, LogLevel.info: 6, LogLevel.debug: 7}
 
 #: the keys every connection's events carry (the logging contract)
 CONTEXT_KEYS = ("session", "protocol", "peer", "user")
@@ -83,6 +96,70 @@ def _unopenable(path, alias):
     return "not a regular file (a FIFO without a reader)"
 
 
+def priorityOf(event):
+    """
+    The syslog priority of C{event}, by its level (L{PRIORITIES}); an event
+    of Twisted's older API without one is an error if it says it is one.
+    """
+    priority = PRIORITIES.get(event.get("log_level"))
+    if priority is None:
+        priority = 3 if event.get("isError") else 6
+    return priority
+
+
+def isJournalStream(stream, environ=None):
+    """
+    Whether C{stream} (a file object or descriptor) is systemd's journal:
+    systemd announces the stream it connected a service's standard output
+    (or error) to in C{$JOURNAL_STREAM}, as its C{device:inode}
+    (systemd.exec(5), sd_journal_stream_fd(3)).  The variable alone says
+    nothing: a process started by the service (a shell's, a test's) inherits
+    it with its output sent elsewhere, where a C{<N>} prefix would be
+    written as it is; only the descriptor's own device and inode tell.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        device, inode = (int(part) for part in environ.get("JOURNAL_STREAM", "").split(":"))
+        fd = stream if isinstance(stream, int) else stream.fileno()
+        status = os.fstat(fd)
+    except (ValueError, OSError, AttributeError):
+        # Not set, not two numbers, or a stream without a descriptor (or
+        # a closed one): not the journal.
+        return False
+    return (status.st_dev, status.st_ino) == (device, inode)
+
+
+def withPriorities(formatter):
+    """
+    C{formatter} (an event to text) with each line of the text it makes
+    beginning with the event's syslog priority (C{<4>} for a warning), as
+    journald reads it (C{SyslogLevelPrefix=yes}, systemd's default) and
+    takes it off again: the journal's record holds the line as a file would,
+    with its C{PRIORITY}.
+
+    journald makes one record of each line of a stream, so a text event of
+    several lines (a traceback: its lines after the first begin with a
+    tab) is several records: each is prefixed, so that C{journalctl -p err}
+    shows a traceback whole and not its first line alone.  (One record per
+    event would take journald's native protocol, a socket of its own
+    besides standard output, whose records journald orders apart from the
+    stream's.)  A JSON event is one line already, its traceback inside.
+    """
+
+    def format(event):
+        text = formatter(event)
+        if not text:
+            return text
+        prefix = f"<{priorityOf(event)}>"
+        lines = text.split("\n")
+        ended = lines[-1] == ""
+        if ended:
+            lines.pop()
+        return "\n".join(prefix + line for line in lines) + ("\n" if ended else "")
+
+    return format
+
+
 class LogStream:
     """
     A text stream for log lines, written whole under a lock (events come
@@ -90,7 +167,12 @@ class LogStream:
 
     @ivar path: the file, or C{None} for a stream given as is (standard
         output), which L{reopen} leaves alone.
+    @ivar journal: whether the stream is systemd's journal
+        (L{isJournalStream}), whose lines L{observerFor} prefixes with their
+        priority.
     """
+
+    journal = False
 
     #: how the stream's own line saying lines were lost is formatted (an
     #: event to a line, as its observer formats them: L{observerFor} sets
@@ -106,8 +188,9 @@ class LogStream:
     #: (C{mailgate_log_last_reopen_successful})
     reopenFailed = False
 
-    def __init__(self, path=None, stream=None):
+    def __init__(self, path=None, stream=None, journal=False):
         self.path = path
+        self.journal = journal
         self._lock = threading.Lock()
         self._stream = stream if path is None else self._open(path)
         # Lines not written (a full disk): told once writing works again.
@@ -361,18 +444,21 @@ def twistdDestination(twistdOptions):
     if logfile == "-":
         if not nodaemon:
             raise SystemExit("Daemons cannot log to stdout, exiting!")
-        return LogStream(stream=sys.stdout)
+        return LogStream(stream=sys.stdout, journal=isJournalStream(sys.stdout))
     if nodaemon and not logfile:
-        return LogStream(stream=sys.stdout)
+        return LogStream(stream=sys.stdout, journal=isJournalStream(sys.stdout))
     return LogStream(path=os.path.abspath(logfile or "twistd.log"))
 
 
 def observerFor(logFormat, stream):
     """
     The observer writing events to C{stream} in C{logFormat} (C{"text"} or
-    C{"json"}).
+    C{"json"}), each line prefixed with its priority where the stream is
+    systemd's journal (L{withPriorities}).
     """
     formatter = eventAsJSONLine if logFormat == "json" else classicTextLine
+    if getattr(stream, "journal", False):
+        formatter = withPriorities(formatter)
     if isinstance(stream, LogStream):
         stream.formatEvent = formatter
     return FileLogObserver(stream, formatter)
@@ -435,6 +521,61 @@ def _system(event):
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
     return system
+
+
+def _noStamp(when):
+    return ""
+
+
+#: what twistd's --prefix is when not given: not a name for mailgate's lines
+_TWISTD_PREFIX = "twisted"
+
+
+class SyslogObserver:
+    """
+    twistd's C{--syslog}, as a mail server logs: to the mail facility
+    (C{LOG_MAIL}, which a syslog daemon writes to /var/log/mail.log, with
+    Dovecot's and Postfix's lines), each line with its event's priority
+    (L{PRIORITIES}), under the name C{mailgate} and the process id.
+
+    twistd's own observer (C{twisted.python.syslog.SyslogObserver}) logs
+    to C{LOG_USER}, as C{info} every event but errors, warnings included,
+    and errors as C{alert} (the priority of "act at once", which pages an
+    administrator where C{err} does not), under twistd's C{--prefix},
+    C{twisted} unless given.
+
+    A line is the text format's without its time stamp (syslog adds its
+    own): C{[system session=...] message}.  A text of several lines (a
+    traceback) is sent line by line, each with the event's priority, its
+    lines after the first beginning with a tab, as twistd's observer does:
+    a syslog message is one line.
+
+    @param ident: the name the lines carry; C{None}, or twistd's default
+        C{--prefix} (C{twisted}), is C{mailgate}.
+    @param syslog: the module whose C{openlog} and C{syslog} are called,
+        Python's C{syslog} unless given (tests give their own, and so
+        never write to the host's /dev/log).
+    """
+
+    def __init__(self, ident=None, syslog=None, facility=None):
+        if syslog is None:
+            import syslog
+        self._syslog = syslog
+        self.ident = ident if ident and ident != _TWISTD_PREFIX else "mailgate"
+        self.facility = syslog.LOG_MAIL if facility is None else facility
+        syslog.openlog(self.ident, syslog.LOG_PID, self.facility)
+
+    def __call__(self, event):
+        text = classicTextLine(event, _noStamp)
+        if not text:
+            return
+        # The format's time stamp was empty: the line began with its space.
+        text = text[1:] if text.startswith(" ") else text
+        # syslog(3) takes a C string: no NUL, and text encodable as UTF-8.
+        text = text.replace("\0", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+        priority = priorityOf(event) | self.facility
+        for line in text.rstrip("\n").split("\n"):
+            self._syslog.syslog(priority, line)
 
 
 def jsonFileLogObserver(stream):

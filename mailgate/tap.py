@@ -446,6 +446,10 @@ def makeService(options):
             # Standard output (-n, as under systemd) has nothing to reopen:
             # a SIGHUP there says so rather than passing unremarked.
             service.onHangup(lambda: _reopenLog(destination))
+    elif parent is not None and parent.get("syslog") and not parent.get("logger"):
+        # twistd's --syslog, to the mail facility with each level's priority
+        # (twistd's own observer logs to LOG_USER, warnings as info).
+        service.logObserver = logs.SyslogObserver(parent.get("prefix"))
     if notifier is not None:
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)
@@ -732,8 +736,13 @@ def _stopped(error):
     configuration must change first (a wrong database password, an unknown
     database, a TLS key that cannot be read): the unit's
     C{RestartPreventExitStatus=78} stops retrying then.
+
+    Where standard error is systemd's journal, the line is an error there
+    (its C{<3>} prefix, L{logs.withPriorities}): C{journalctl -p err} shows
+    why the service did not start.
     """
-    sys.stderr.write(f"mailgate: {error}\n")
+    prefix = "<3>" if logs.isJournalStream(sys.stderr) else ""
+    sys.stderr.write(f"{prefix}mailgate: {error}\n")
     sys.stderr.flush()
     return SystemExit(os.EX_TEMPFAIL if isinstance(error, UnavailableAtStart) else os.EX_CONFIG)
 

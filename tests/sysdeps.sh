@@ -3,14 +3,16 @@
 # (the shared store) and PgBouncer (tests/test_pgpooler.py), Dovecot with its LMTP (migration and compatibility
 # tests: mail reaches its maildirs the way an MTA delivers it), Postfix
 # (the LMTP pairing), HAProxy (the PROXY-protocol pairing), Prometheus's
-# promtool (the metrics format), logrotate (README's rule), and the POP3
+# promtool (the metrics format), logrotate (README's rule), systemd's
+# journald and journalctl (tests/test_log_priorities.py: a private journald
+# records mailgate's lines at their priorities), and the POP3
 # clients users run: fetchmail,
 # mpop, getmail6, curl, neomutt and s-nail (tests/test_clients.py).  Idempotent: packages
 # already present are not asked for again, and nothing is done when all are
 # there.  Only their binaries are used: the tests start private instances on
 # loopback and never talk to the system services the packages may install.
 set -eu
-PACKAGES="postgresql pgbouncer dovecot-pop3d dovecot-lmtpd postfix haproxy prometheus logrotate fetchmail mpop getmail6 curl neomutt s-nail"
+PACKAGES="postgresql pgbouncer dovecot-pop3d dovecot-lmtpd postfix haproxy prometheus logrotate systemd fetchmail mpop getmail6 curl neomutt s-nail"
 missing=""
 for p in $PACKAGES; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
