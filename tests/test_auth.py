@@ -30,6 +30,7 @@ from mailgate.auth.passwords import (
     verifyPassword,
 )
 from mailgate.auth.realm import makePortal
+from mailgate.auth.sasl import ScramCredentials
 from mailgate.errors import InvalidAddress
 from mailgate.interfaces import IMaildrop
 from mailgate.testing import TEST_HASH_COST, FaultInjectingStore, addUser, memoryStore, resultOf, runInline
@@ -422,6 +423,71 @@ def test_malformedUserNameStillPaysForAVerification(users, verifications):
         _login(portal, UsernamePassword(b"not an address", b"wonderland"))
     assert len(runner.calls) == 1
     assert len(verifications) == 1
+
+
+class CountingAPOP(APOPCredentials):
+    """
+    APOP credentials that count the digests made to check them.
+    """
+
+    checked = 0
+
+    def checkPassword(self, secret):
+        self.checked += 1
+        return APOPCredentials.checkPassword(self, secret)
+
+
+class CountingScram(ScramCredentials):
+    """
+    A SCRAM proof that counts the stored keys it is checked against.
+    """
+
+    checked = 0
+
+    def checkStoredKey(self, storedKey):
+        self.checked += 1
+        return ScramCredentials.checkStoredKey(self, storedKey)
+
+
+@pytest.mark.parametrize("name", [b"nobody@example.org", BOB.encode(), b"not an address"])
+def test_anAPOPDigestOfAUserWithoutASecretIsCheckedAllTheSame(users, name):
+    """
+    An unknown user's APOP digest, and that of a user without APOP, is
+    made and compared as a user with APOP's is (against a dummy secret):
+    refused without that work, their answer came sooner than a wrong
+    digest's, which timing tells with --auth-failure-delay 0.
+    """
+    portal = makePortal(users, RecordingRunner())
+    credentials = CountingAPOP(b"<1.2@x>", name, hashlib.md5(b"<1.2@x>builder").hexdigest().encode())
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, credentials)
+    assert credentials.checked == 1
+
+
+def test_aWrongAPOPDigestIsCheckedOnce(users):
+    portal = makePortal(users, RecordingRunner())
+    credentials = CountingAPOP(b"<1.2@x>", ALICE.encode(), hashlib.md5(b"<1.2@x>nope").hexdigest().encode())
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, credentials)
+    assert credentials.checked == 1
+
+
+@pytest.mark.parametrize("name", [b"nobody@example.org", b"imported@example.org", b"not an address", ALICE.encode()])
+def test_everySCRAMProofIsCheckedAgainstAKey(users, name):
+    """
+    A SCRAM proof is checked against a stored key once, whoever it names:
+    an unknown user's (or one of a user without SCRAM keys, imported with
+    another scheme's hash) against a dummy key, and refused.  Refused at
+    once, such an answer came some 5 microseconds sooner than a real
+    user's wrong proof's (twice as fast, in the process): with
+    --auth-failure-delay 0, timing told who exists.
+    """
+    resultOf(users.addUser("imported@example.org", StoredCredentials(hashPassword("x", TEST_HASH_COST))))
+    portal = makePortal(users, RecordingRunner())
+    credentials = CountingScram(name, b"n=x,r=a,r=ab,s=AAAA,i=4096,c=biws,r=ab", bytes(32))
+    with pytest.raises(UnauthorizedLogin):
+        _login(portal, credentials)
+    assert credentials.checked == 1
 
 
 def test_successfulLoginIsCached(users, verifications):

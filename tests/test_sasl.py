@@ -1428,6 +1428,21 @@ def test_scramUserNameWithAnEqualsSignNotEscapingIsRefused(store, alice):
     assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
 
 
+def test_scramUserNameWithANulIsRefused(store, alice):
+    """
+    RFC 5802's saslname has no NUL (value-safe-char starts at 0x01): a
+    name or authzid with one is refused as malformed, as USER refuses a
+    NUL, rather than looked up and given a made-up salt.
+    """
+    s = POP3Session(store)
+    name = "alice\0@example.org"
+    reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,,n={name},r=abcdefgh')}")
+    assert reply.startswith("-ERR [AUTH] malformed user name"), reply
+    reply = s.command(f"AUTH SCRAM-SHA-256 {b64(f'n,a={name},n={ALICE},r=abcdefgh')}")
+    assert reply.startswith("-ERR [AUTH] malformed user name"), reply
+    assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
+
+
 def test_anEqualsSignIsTheEmptyInitialResponseOnly(store, alice):
     """
     RFC 5034 section 4: C{=} is the empty initial response; an answer to a

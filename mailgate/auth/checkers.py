@@ -234,6 +234,11 @@ class PasswordChecker:
 #: user has none (or is unknown), so that every refusal costs the same
 _DUMMY_CRAM_CONTEXT = bytes(32)
 
+#: the secret an APOP digest (or a CRAM-MD5 response) is checked against
+#: when the user has no APOP secret or is unknown: the same work as a
+#: real secret's digest, whose answer is thrown away
+_DUMMY_APOP_SECRET = b"\0" * 16
+
 
 def _cramContextOf(user):
     """
@@ -285,6 +290,11 @@ class APOPChecker:
         if user is not None and user.apopSecret is not None:
             matched = credentials.checkPassword(user.apopSecret)
         else:
+            # The digest a user with APOP has checked, made all the same:
+            # skipped, a refusal of a user without APOP (or of no user)
+            # came sooner than a wrong digest's, which a client timing
+            # its answers could see with --auth-failure-delay 0.
+            credentials.checkPassword(_DUMMY_APOP_SECRET)
             matched = cramMD5 and fromStates
         if not matched:
             raise UnauthorizedLogin()

@@ -231,9 +231,10 @@ def _saslname(text):
     section 5.1: an "=" followed by anything else MUST fail the exchange.
     Looked for where each "=" stands: removing the escapes first and then
     looking for an "=" let C{=3=2CD} through (its C{=2C} gone, the rest
-    reads C{=3D}).
+    reads C{=3D}).  A NUL is none of RFC 5802's value-safe-char: such a
+    name is refused too (it names no user; USER refuses a NUL as well).
     """
-    if _BARE_EQUALS.search(text):
+    if _BARE_EQUALS.search(text) or "\0" in text:
         raise SASLError("malformed user name")
     return text.replace("=2C", ",").replace("=3D", "=")
 
@@ -390,11 +391,37 @@ class ScramSHA256Mechanism:
         return b"v=" + base64.b64encode(signature)
 
 
+#: the stored key a SCRAM proof is checked against when its user is
+#: unknown or has no SCRAM keys (see L{ScramChecker})
+_DUMMY_STORED_KEY = bytes(32)
+
+
+def _storedKeyOf(user):
+    """
+    The user's SCRAM-SHA-256 stored key, or C{None} for an unknown user,
+    one without SCRAM keys, or keys that do not parse.
+    """
+    if user is None or not user.scramSha256:
+        return None
+    try:
+        return parseScramSecret(user.scramSha256)[2]
+    except ValueError:
+        return None
+
+
 @implementer(ICredentialsChecker)
 class ScramChecker:
     """
     Checks L{ScramCredentials} against the user's stored SCRAM-SHA-256
     keys.  Users without stored keys cannot use SCRAM.
+
+    An unknown user's proof (and that of a user without keys) is checked
+    all the same, against a dummy key, and refused whatever it says: the
+    same work as a wrong proof of a real user.  Refused at once instead,
+    an unknown user's answer came some 5 microseconds sooner (twice as
+    fast as a wrong proof, measured in the process, and 20 to 30
+    microseconds over loopback on a real twistd mailgate with
+    C{--auth-failure-delay 0}): a name's existence told by timing.
     """
 
     credentialInterfaces = (IScramCredentials,)
@@ -408,14 +435,12 @@ class ScramChecker:
         try:
             address = loginAddress(credentials.username, self._defaultRealm)
         except InvalidAddress:
-            raise UnauthorizedLogin() from None
-        user = yield self._store.findUser(address)
-        if user is None or not user.scramSha256:
+            address = None
+        user = None if address is None else (yield self._store.findUser(address))
+        storedKey = _storedKeyOf(user)
+        if storedKey is None:
+            credentials.checkStoredKey(_DUMMY_STORED_KEY)
             raise UnauthorizedLogin()
-        try:
-            _, _, storedKey, _ = parseScramSecret(user.scramSha256)
-        except ValueError:
-            raise UnauthorizedLogin() from None
         if not credentials.checkStoredKey(storedKey):
             raise UnauthorizedLogin()
         return user
