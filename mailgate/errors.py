@@ -59,6 +59,26 @@ class StorageFull(TemporaryFailure):
     """
 
 
+class DatabaseDamaged(TemporaryFailure):
+    """
+    The database's file is damaged (SQLite's "database disk image is
+    malformed", "file is not a database": a failing disk, a file copied
+    while it was written or without its C{-wal}, one truncated by a full
+    disk): what reads or writes the damaged pages fails until the
+    administrator restores it, while the rest may still be served.
+
+    A temporary failure for clients all the same (C{-ERR [SYS/TEMP]},
+    C{451}): the mail a sending MTA holds must stay queued until the
+    restore, not bounce, and a POP3 client loses nothing by trying again
+    later, which is what a restore needs it to do.  Not an internal error
+    either: mailgate did not make the damage, and a traceback at every
+    session said nothing an administrator could act on.  Its message
+    names the file and what to do; the store logs it once as an error
+    (C{database.damaged}), the line to alert on.  The C{mailgate}
+    command exits 78 (75 for C{deliver}): a retry does not repair it.
+    """
+
+
 class WritesFailing(TemporaryFailure):
     """
     The health check's verdict on a database that may still read but whose

@@ -790,6 +790,14 @@ class IEngine(Interface):
         reported as L{mailgate.errors.StorageFull}.
         """
 
+    def damage(exc):
+        """
+        What the driver error C{exc} says of a damaged database, in one
+        line naming it and what to do (reported as
+        L{mailgate.errors.DatabaseDamaged}), or C{None} if it says no
+        such thing.
+        """
+
     def isRetryable(exc):
         """
         Whether C{exc} failed a transaction before it changed anything and

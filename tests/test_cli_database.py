@@ -465,7 +465,9 @@ def test_aDamagedDatabaseIsSaidToBeDamaged(damagedURL, tmp_path):
     copy = f"sqlite:///{tmp_path / 'c.sqlite3'}"
     code, out, err = mailgate(damagedURL, "db", "copy", "--from", damagedURL, "--to", copy)
     assert code == 78, (code, err)
-    assert err.startswith("mailgate: an SQLite database is damaged (database disk image is malformed): restore it ")
+    # Which file: the source's.
+    source = damagedURL[len("sqlite:///"):]
+    assert err.startswith(f"mailgate: the SQLite database {source} is damaged (database disk image is malformed): restore it ")
     assert err.count("\n") == 1, err
     # The target it created is not left behind, to be taken for a copy.
     assert not (tmp_path / "c.sqlite3").exists()

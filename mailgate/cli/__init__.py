@@ -80,7 +80,14 @@ from mailgate.cli.mailboxes import _addMailboxCommands
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _addSessionCommands
 from mailgate.cli.users import _addUserCommands
-from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, MailgateError, TemporaryFailure
+from mailgate.errors import (
+    ConfigurationError,
+    DatabaseDamaged,
+    DatabaseInUse,
+    DatabaseRefused,
+    MailgateError,
+    TemporaryFailure,
+)
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
 
 #: what this package offers: the command, its parser, and the exit codes
@@ -368,6 +375,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         # PostgreSQL refused the URL's password, role or database: trying
         # again changes nothing (deliver's MTA keeps the message all the
         # same).
+        stderr.write(f"mailgate: {e}\n")
+        return EX_TEMPFAIL if delivering else EX_CONFIG
+    except DatabaseDamaged as e:
+        # No retry repairs it: a restore does (deliver's MTA keeps the
+        # message meanwhile).
         stderr.write(f"mailgate: {e}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     except TemporaryFailure as e:

@@ -36,7 +36,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import CommitUncertain, MaildropLockLost, MailgateError, StorageFull, TemporaryFailure, errorKind
+from mailgate.errors import (
+    CommitUncertain,
+    DatabaseDamaged,
+    MaildropLockLost,
+    MailgateError,
+    StorageFull,
+    TemporaryFailure,
+    errorKind,
+)
 from mailgate.interfaces import IBatchableWrite, IDatabase
 from mailgate.plural import counted
 
@@ -50,11 +58,17 @@ QUEUE_TIMEOUT = 30.0
 def _translate(engine, exc):
     """
     Turn a driver error the engine deems transient into L{TemporaryFailure}
-    (L{StorageFull} when it says the database has no room left).
+    (L{StorageFull} when it says the database has no room left), and one
+    that says the database is damaged into L{DatabaseDamaged}.
     """
     if isinstance(exc, TemporaryFailure):
         return exc
     exc = engine.withoutRowValues(exc)
+    damage = engine.damage(exc)
+    if damage is not None:
+        failure = DatabaseDamaged(damage)
+        failure.__cause__ = exc
+        return failure
     if engine.isTransient(exc):
         if engine.isStorageFull(exc):
             failure = StorageFull(f"database storage full: {exc}".strip())
@@ -719,7 +733,7 @@ class Database:
         Run C{function(cursor, *args, **kwargs)} as one read transaction on a
         reader thread.
         """
-        return self._run(self._readers, self._read, function, args, kwargs)
+        return self._run(self._readers, self._read, function, args, kwargs).addErrback(self._damageFound)
 
     def runWrite(self, function, *args, **kwargs):
         """
@@ -730,7 +744,24 @@ class Database:
         self._pending.append((function, args, kwargs, d))
         if not self._writing:
             self._flush()
-        return d
+        return d.addErrback(self._damageFound)
+
+    #: whether this process has said that its database is damaged
+    _damageSaid = False
+
+    def _damageFound(self, failure):
+        """
+        Say once, as an error (C{database.damaged}), that the database is
+        damaged, the first time an interaction meets the damage: the line
+        to alert on and act on (restore it).  Each session it fails says
+        so in a warning of its own, as for any temporary failure; the
+        first line does not get lost among them, nor is it repeated at
+        every delivery the damage refuses.
+        """
+        if failure.check(DatabaseDamaged) and not self._damageSaid:
+            self._damageSaid = True
+            self.log.error("{reason}", reason=failure.getErrorMessage(), event="database.damaged")
+        return failure
 
     def _flush(self):
         # The next batch is taken here, on the reactor thread, once the

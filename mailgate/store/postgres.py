@@ -401,6 +401,21 @@ class PostgresEngine:
         """
         return isinstance(exc, pgerrors.DiskFull)
 
+    def damage(self, exc):
+        """
+        SQLSTATE XX001 (data_corrupted) or XX002 (index_corrupted):
+        PostgreSQL found a damaged page of a table or an index, which no
+        retry repairs (C{REINDEX} does an index; a table is restored).
+        """
+        if not isinstance(exc, (pgerrors.DataCorrupted, pgerrors.IndexCorrupted)):
+            return None
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = "an index" if isinstance(exc, pgerrors.IndexCorrupted) else "a table"
+        return (
+            f"the PostgreSQL database {self!r} has a damaged page in {what} (SQLSTATE {exc.sqlstate}: {said}): "
+            f"REINDEX a damaged index; restore a damaged table from its last backup"
+        )
+
     def isRetryable(self, exc):
         return isinstance(exc, _RETRYABLE)
 

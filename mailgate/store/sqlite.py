@@ -237,6 +237,12 @@ def databaseDirectoryWarning(path):
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
 
+#: what to do about a damaged SQLite database (README: Backups)
+RESTORE_HINT = (
+    "restore it from its last backup (mailgate db backup; sqlite3 FILE .recover may save "
+    "what is left)"
+)
+
 
 def damageOf(exc):
     """
@@ -247,10 +253,7 @@ def damageOf(exc):
     """
     while exc is not None:
         if isinstance(exc, sqlite3.DatabaseError) and _primaryCode(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB):
-            return (
-                f"an SQLite database is damaged ({exc}): restore it from its last backup "
-                f"(mailgate db backup; sqlite3 FILE .recover may save what is left)"
-            )
+            return f"an SQLite database is damaged ({exc}): {RESTORE_HINT}"
         exc = exc.__cause__
     return None
 
@@ -318,6 +321,16 @@ class SQLiteEngine:
                 raise self._unusableForNow(e) from e
             if _primaryCode(e) == SQLITE_CANTOPEN and outOfDescriptors():
                 raise self._noDescriptors(str(e)) from e
+            if _primaryCode(e) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                # Its header or first pages: damaged (a truncated copy, a
+                # disk error), or no SQLite file at all (a mistyped path).
+                # A configuration error all the same: no retry helps, and
+                # a server's start stops with 78, which systemd does not
+                # restart for ever.
+                raise ConfigurationError(
+                    f"cannot open SQLite database {self.path}: {e} (it is damaged, or not an SQLite "
+                    f"database: {RESTORE_HINT})"
+                ) from e
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._openHint()}") from e
         return conn
 
@@ -517,6 +530,17 @@ class SQLiteEngine:
         if code == SQLITE_FULL:
             return True
         return code == SQLITE_IOERR and not self.ephemeral and noRoomIn(self._directory())
+
+    def damage(self, exc):
+        """
+        C{SQLITE_CORRUPT} or C{SQLITE_NOTADB}, met reading or writing a
+        page (the opening's own check is L{connect}'s): the file is
+        damaged where this statement went, which may leave other users'
+        mail readable (see L{mailgate.errors.DatabaseDamaged}).
+        """
+        if not (isinstance(exc, sqlite3.DatabaseError) and _primaryCode(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB)):
+            return None
+        return f"the SQLite database {self.path} is damaged ({exc}): {RESTORE_HINT}"
 
     def isRetryable(self, exc):
         return False
