@@ -13,6 +13,7 @@ seconds, by TCP keepalive, if its whole machine vanishes).
 """
 
 import hashlib
+import os
 import secrets
 import weakref
 from urllib.parse import parse_qsl, urlsplit
@@ -172,6 +173,34 @@ def _clientKeepalive(conninfo):
     return {name: value for name, value in CLIENT_KEEPALIVE.items() if name not in given}
 
 
+def _primaryOnly(conninfo):
+    """
+    C{target_session_attrs=primary} where C{conninfo} (or the environment,
+    or a service file) chooses no kind of server: libpq then skips a
+    standby, and a URL naming every server of a primary and its streaming
+    replicas (C{postgresql://db1,db2/mail}) reaches whichever is the
+    primary, before a failover and after.  Without it libpq takes the
+    first server that answers: a standby (one still in recovery, or the
+    old primary started again as one), where every write failed as a
+    read-only transaction, and where the maildrop locks, advisory locks
+    of the standby's own, excluded no session of the nodes on the
+    primary: two POP3 sessions of one maildrop at once.
+
+    C{primary} (libpq 14 on), not C{read-write}: a primary whose
+    C{default_transaction_read_only} is set (while room is made on its
+    disk) is still the one to read from.
+    """
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return {}
+    if "target_session_attrs" in given or "service" in given:
+        return {}
+    if "PGTARGETSESSIONATTRS" in os.environ or "PGSERVICE" in os.environ or psycopg.pq.version() < 140000:
+        return {}
+    return {"target_session_attrs": "primary"}
+
+
 @implementer(IEngine)
 class PostgresEngine:
     """
@@ -198,7 +227,8 @@ class PostgresEngine:
     def __init__(self, url):
         self.url = url
         self._conninfo = _conninfo(url)
-        self._keepalive = _clientKeepalive(self._conninfo)
+        # Parameters every connection adds to the URL's.
+        self._parameters = {**_clientKeepalive(self._conninfo), **_primaryOnly(self._conninfo)}
         self._namespace = None
 
     def __repr__(self):
@@ -208,6 +238,12 @@ class PostgresEngine:
         (libpq's default socket, not C{localhost}'s TCP port).
         """
         parts = urlsplit(self.url)
+        hosts = parts.netloc.rpartition("@")[2]
+        if "," in hosts:
+            # Several servers (a primary and its standbys): each named, with
+            # its port, not the first alone (urlsplit's hostname), which a
+            # failure to reach the second was reported as.
+            return f"postgresql://{hosts}{parts.path}"
         host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "")
         if host.startswith("/"):
             return f"postgresql://{parts.path}?host={host}"
@@ -225,7 +261,7 @@ class PostgresEngine:
             raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {problem}")
         try:
             conn = DeadlineConnection.connect(
-                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._keepalive
+                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._parameters
             )
         except psycopg.ProgrammingError as e:
             # psycopg could not read the connection string: nothing to retry.
@@ -537,7 +573,7 @@ class PostgresEngine:
         try:
             for _ in range(2):
                 connections.append(
-                    psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **self._keepalive)
+                    psycopg.connect(self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **self._parameters)
                 )
             for conn in connections + connections[:1]:
                 pids.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
@@ -566,7 +602,7 @@ class PostgresEngine:
         thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
         """
         pg = pgreactor.connect(
-            self._conninfo, sessionSettings, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._keepalive
+            self._conninfo, sessionSettings, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._parameters
         )
         if self._namespace is None:
             try:

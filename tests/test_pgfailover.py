@@ -1,0 +1,193 @@
+"""
+mailgate on a PostgreSQL primary with a streaming standby, as
+administrators deploy it for high availability: the nodes given a URL
+naming both servers (libpq's multi-host URL), the primary lost, the standby
+promoted.  Each test runs its own private servers (tests/pgcluster.py),
+never the suite's shared cluster.
+
+What must hold: a node works on the primary alone, whichever server the
+URL names first, and never takes a maildrop lock on a standby (where it
+excludes no session of the nodes on the primary); while there is no
+primary, clients hear temporary failures; once the standby is promoted
+the nodes serve again on their own, and nothing a node accepted (its 250)
+is lost.
+"""
+
+import poplib
+import smtplib
+import urllib.error
+import urllib.request
+
+import psycopg
+import pytest
+
+from e2e import DEADLINE, ServerStarter, waitFor
+from mailgate.errors import TemporaryFailure
+from mailgate.store import engineFromURL
+from mailgate.store.postgres import AdvisoryLocks
+from mailgate.testing import addUser, memoryStore, resultOf
+from pgcluster import ReplicatedCluster
+from pgserver import serverBinaries
+
+pytestmark = pytest.mark.skipif(serverBinaries() is None, reason="no PostgreSQL server binaries")
+
+ALICE = "alice@example.org"
+PASSWORD = "wonder land"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ReplicatedCluster() as cluster:
+        store = memoryStore(cluster.primary.url())
+        try:
+            addUser(store, ALICE, PASSWORD)
+        finally:
+            store.close()
+        cluster.caughtUp()
+        yield cluster
+
+
+def _onPrimary(engine):
+    conn = engine.connect()
+    try:
+        return conn.info.port, conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_aURLNamingTheStandbyFirstWorksOnThePrimary(cluster):
+    """
+    A URL naming the standby first, with no C{target_session_attrs} (a
+    node's list of servers in no particular order, or the old primary
+    now a standby): every connection of a node, its maildrop locks
+    included, is made to the primary.  Before, libpq took the first server
+    that answered, the standby: every write failed as a read-only
+    transaction, and the schema check at start with it.
+    """
+    url = cluster.url(cluster.standby, cluster.primary)
+    engine = engineFromURL(url)
+    assert _onPrimary(engine) == (cluster.primary.port, False)
+    store = memoryStore(url)
+    try:
+        addUser(store, "bob@example.org", "builder")
+    finally:
+        store.close()
+    locks = AdvisoryLocks.blocking(engine)
+    try:
+        assert resultOf(locks.acquire(5151)) == 5151
+        with psycopg.connect(cluster.primary.url(), autocommit=True) as conn:
+            held = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
+            ).fetchone()[0]
+        assert held >= 1
+    finally:
+        resultOf(locks.close())
+
+
+def test_aNodeGivenTheStandbyAloneTakesNoMaildropLock(cluster):
+    """
+    A node whose URL names only the standby: its lock connection is
+    refused, a temporary failure naming the standby, and no POP3 session
+    starts there.  Before, the lock was taken on the standby, where it
+    excluded nothing: a maildrop locked by a node on the primary was
+    served by this one too, two sessions at once.
+    """
+    onPrimary = AdvisoryLocks.blocking(engineFromURL(cluster.primary.url()))
+    onStandby = AdvisoryLocks.blocking(engineFromURL(cluster.standby.url()))
+    try:
+        assert resultOf(onPrimary.acquire(4242)) == 4242
+        with pytest.raises(TemporaryFailure) as refused:
+            resultOf(onStandby.acquire(4242))
+        assert "hot standby" in str(refused.value)
+        assert f"port {cluster.standby.port}" in str(refused.value)
+    finally:
+        resultOf(onStandby.close())
+        resultOf(onPrimary.close())
+
+
+def _login(port):
+    """
+    A POP3 login of alice: her message count, or the -ERR line it got.
+    """
+    client = poplib.POP3("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        client.user(ALICE)
+        try:
+            client.pass_(PASSWORD)
+        except poplib.error_proto as e:
+            return e.args[0]
+        count = client.stat()[0]
+        client.quit()
+        return count
+    finally:
+        client.close()
+
+
+def _send(port, subject):
+    """
+    One message to alice: the reply to its DATA.
+    """
+    client = smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        client.ehlo("client.test")
+        client.mail("sender@example.net")
+        client.rcpt(ALICE)
+        return client.data(f"Subject: {subject}\r\n\r\nhello\r\n".encode())[0]
+    finally:
+        client.close()
+
+
+def _health(port):
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=DEADLINE).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_nodesFollowAFailoverLosingNothing(tmp_path):
+    """
+    Two nodes on a URL naming the primary and its standby.  With the
+    primary gone and the standby not yet promoted, logins answer -ERR
+    [SYS/TEMP], mail 451 and /healthz 503 (before, the nodes reconnected
+    to the standby and logged users in there, their maildrop locks on the
+    standby); once it is promoted both serve again, without a restart,
+    with every message they had answered 250 to.
+    """
+    with ReplicatedCluster() as cluster:
+        url = cluster.url(cluster.primary, cluster.standby)
+        store = memoryStore(cluster.primary.url())
+        try:
+            addUser(store, ALICE, PASSWORD)
+        finally:
+            store.close()
+        starter = ServerStarter(tmp_path, url)
+        nodes = []
+        try:
+            nodes += [
+                starter(
+                    "--hostname", f"{name}.test", "--smtp", "tcp:0:interface=127.0.0.1",
+                    "--metrics", "tcp:0:interface=127.0.0.1",
+                )
+                for name in ("node-a", "node-b")
+            ]
+            for i, node in enumerate(nodes):
+                assert _send(node.portOf("SMTP"), f"before {i}") == 250
+            assert [_login(node.port) for node in nodes] == [2, 2]
+
+            cluster.primary.stop()
+            for node in nodes:
+                said = _login(node.port)
+                assert isinstance(said, bytes) and said.startswith(b"-ERR [SYS/TEMP]"), said
+                assert _send(node.portOf("SMTP"), "meanwhile") == 451
+                waitFor(lambda: _health(node.portOf("METRICS")) == 503, "/healthz to fail")
+
+            cluster.promote()
+            for i, node in enumerate(nodes):
+                waitFor(lambda: isinstance(_login(node.port), int), f"{node} to serve again")
+                assert _send(node.portOf("SMTP"), f"after {i}") == 250
+            assert _login(nodes[0].port) == 4
+            waitFor(lambda: _health(nodes[0].portOf("METRICS")) == 200, "/healthz to pass")
+        finally:
+            starter.stopAll()
+        for node in nodes:
+            assert "Traceback" not in node.stdout + node.stderr, node.log()
