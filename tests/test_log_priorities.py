@@ -12,6 +12,7 @@ C{user.info} and errors as C{user.alert}.
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import syslog
+import tempfile
 import time
 
 import pytest
@@ -482,11 +484,17 @@ class JournaldServer(JournalStreamServer):
 
 
 @pytest.fixture
-def journald(tmp_path):
-    journald = PrivateJournald(tmp_path / "journald")
-    journald.start()
-    yield journald
-    journald.stop()
+def journald():
+    # Not in tmp_path: the stream socket's path in it, under pytest-xdist's
+    # directories, was longer than a Unix socket's address may be.
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="mgjd-"))
+    journald = PrivateJournald(directory)
+    try:
+        journald.start()
+        yield journald
+    finally:
+        journald.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_journalctlShowsErrorsAsErrors(tmp_path, journald):
