@@ -26,6 +26,7 @@ from mailgate.errors import TemporaryFailure
 from mailgate.store import engineFromURL
 from mailgate.store.postgres import AdvisoryLocks
 from mailgate.testing import addUser, memoryStore, resultOf
+from iterated import IteratedReactor
 from pgcluster import ReplicatedCluster
 from pgserver import serverBinaries
 
@@ -103,6 +104,37 @@ def test_aNodeGivenTheStandbyAloneTakesNoMaildropLock(cluster):
     finally:
         resultOf(onStandby.close())
         resultOf(onPrimary.close())
+
+
+def test_loginsWithNoPrimaryEachTryOnceAndSayNothingWasLost(cluster, logEvents):
+    """
+    A node whose lock connections cannot be made (its URL's servers a
+    standby alone, or the database away): each login makes one attempt
+    and fails [SYS/TEMP] with why.  Before, each login's failure to
+    connect was taken for a connection lost under it: a second attempt,
+    and a "maildrop lock connection lost during a login; trying again"
+    line, at every login for as long as it lasted.
+    """
+    engine = engineFromURL(cluster.standby.url())
+    attempts = []
+    connectPrepared = engine.connectPrepared
+
+    def counted(statements):
+        attempts.append(1)
+        return connectPrepared(statements)
+
+    engine.connectPrepared = counted
+    reactor = IteratedReactor()
+    locks = AdvisoryLocks(engine, reactor)
+    try:
+        for login in range(1, 4):
+            failure = reactor.wait(locks.acquireAndSnapshot(4242, None))
+            assert failure.check(TemporaryFailure) and "hot standby" in str(failure.value)
+            assert len(attempts) == login
+    finally:
+        reactor.resultOf(locks.close())
+        reactor.close()
+    assert [e for e in logEvents if e.get("event") == "lock.retried"] == []
 
 
 def _login(port):

@@ -1070,10 +1070,12 @@ class AdvisoryLocks:
 
         @param again: whether to run once more after such a loss.
         """
+        # The connection the lock goes to (acquire's own choice: a new
+        # maildrop's route is chosen once, here), as it was before.
+        connection = self._route(userId)[0].connection
+        wasConnected = connection.connected
+        generation = connection.connections
         d = self.acquire(userId)
-        route = self._routes.get(userId)
-        connection = route[0].connection if route is not None else None
-        generation = connection.connections if connection is not None else None
 
         def snapshot(_):
             read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")], "readSnapshot")
@@ -1085,7 +1087,13 @@ class AdvisoryLocks:
 
         def lostConnection(failure):
             failure.trap(TemporaryFailure)
-            if not again or connection is None or connection.connected and connection.connections == generation:
+            if not again or connection.connections == generation and not (wasConnected and not connection.connected):
+                # Not a connection lost under the login: a statement that
+                # failed on a live one, or no connection could be made (the
+                # database away, or a standby alone answering), which the
+                # lock connection tried afresh already; once more doubled
+                # the attempts, and every login while the database was
+                # away logged that its connection was "lost".
                 return failure
             self.log.info(
                 "maildrop lock connection lost during a login ({reason}); trying again on a fresh one",
