@@ -129,6 +129,18 @@ def isJournalStream(stream, environ=None):
     return (status.st_dev, status.st_ino) == (device, inode)
 
 
+def writeStartFailure(stream, line):
+    """
+    Write C{line}, the one line saying why the start failed (before the log
+    exists, or beside it), to C{stream}, standard error: as an error
+    (C{<3>}) where that is the journal's stream, so that C{journalctl -u
+    mailgate -p err} says why the service did not start.
+    """
+    prefix = "<3>" if isJournalStream(stream) else ""
+    stream.write(f"{prefix}{line}\n")
+    stream.flush()
+
+
 def withPriorities(formatter):
     """
     C{formatter} (an event to text) with each line of the text it makes

@@ -35,7 +35,7 @@ from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.hostname import machineName
 from mailgate.interfaces import ILifecycleStore
 from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
-from mailgate.logs import literal
+from mailgate.logs import literal, writeStartFailure
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, NotServed, metricsSite
@@ -690,10 +690,9 @@ class MailgateService(MultiService):
                 # A daemonized twistd reports exceptions (not SystemExit)
                 # back to the waiting parent, which prints them and exits 1.
                 raise
-            # twistd has pointed sys.stderr at the log by now.
-            stderr = sys.__stderr__ or sys.stderr
-            stderr.write(f"mailgate: {e}\n")
-            stderr.flush()
+            # twistd has pointed sys.stderr at the log by now.  (An error
+            # where it is the journal's stream: logs.writeStartFailure.)
+            writeStartFailure(sys.__stderr__ or sys.stderr, f"mailgate: {e}")
             raise SystemExit(_listenFailureStatus(e))
 
     def _refuseStartOnceStopped(self):

@@ -714,14 +714,14 @@ class ConfigurationRefused(SystemExit):
     the journal, rather than start it again and again on the same file (a
     message as C{SystemExit}'s code would exit 1, which
     C{Restart=on-failure} retries).  The one line is written to standard
-    error as it is raised, and is the exception's text.
+    error as it is raised (an error where that is systemd's journal:
+    L{logs.writeStartFailure}), and is the exception's text.
     """
 
     def __init__(self, message):
         super().__init__(os.EX_CONFIG)
         self.message = message
-        sys.stderr.write(f"{message}\n")
-        sys.stderr.flush()
+        logs.writeStartFailure(sys.stderr, message)
 
     def __str__(self):
         return self.message
@@ -738,12 +738,9 @@ def _stopped(error):
     C{RestartPreventExitStatus=78} stops retrying then.
 
     Where standard error is systemd's journal, the line is an error there
-    (its C{<3>} prefix, L{logs.withPriorities}): C{journalctl -p err} shows
-    why the service did not start.
+    (L{logs.writeStartFailure}).
     """
-    prefix = "<3>" if logs.isJournalStream(sys.stderr) else ""
-    sys.stderr.write(f"{prefix}mailgate: {error}\n")
-    sys.stderr.flush()
+    logs.writeStartFailure(sys.stderr, f"mailgate: {error}")
     return SystemExit(os.EX_TEMPFAIL if isinstance(error, UnavailableAtStart) else os.EX_CONFIG)
 
 

@@ -130,30 +130,52 @@ def test_theJournalIsKnownByItsDeviceAndInode(tmp_path):
         assert not logs.isJournalStream(closed, environ)
 
 
-def test_aRefusedStartIsAnErrorInTheJournal(tmp_path, monkeypatch):
+def refusedOnStandardError(monkeypatch, matching, start):
     """
-    A start refused in one line on standard error (exit 78), where standard
-    error is the journal's stream, as under the shipped unit: the line is
-    an error there, so C{journalctl -u mailgate -p err} says why the
-    service did not start.  Elsewhere the line is unchanged.
+    The exit status of C{start()}, which must end the start, and what it
+    wrote to standard error, a stream socket that C{$JOURNAL_STREAM} names
+    (C{matching}) or not.
     """
-    for matching in (True, False):
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            status = os.fstat((theirs if matching else ours).fileno())
-            monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
-            monkeypatch.setattr(sys, "stderr", theirs.makefile("w"))
-            options = tap.Options()
-            options.parseOptions(["--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}"])
-            options.parent = {"chroot": "/srv/mailgate", "nodaemon": True}
-            with pytest.raises(SystemExit) as e:
-                tap.makeService(options)
-            sys.stderr.close()
-            theirs.shutdown(socket.SHUT_WR)
-            written = ours.makefile("r").read()
-        assert e.value.code == 78
-        expected = ("<3>" if matching else "") + "mailgate: twistd --chroot is not supported: "
-        assert written.startswith(expected) and written.count("\n") == 1, written
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        status = os.fstat((theirs if matching else ours).fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+        stderr = theirs.makefile("w")
+        monkeypatch.setattr(sys, "stderr", stderr)
+        with pytest.raises(SystemExit) as e:
+            start()
+        stderr.close()
+        theirs.shutdown(socket.SHUT_WR)
+        return e.value.code, ours.makefile("r").read()
+
+
+@pytest.mark.parametrize("matching", [True, False])
+def test_aRefusedStartIsAnErrorInTheJournal(tmp_path, monkeypatch, matching):
+    """
+    A start refused in one line on standard error (exit 78: twistd's
+    options, or a configuration file, that cannot be served), where
+    standard error is the journal's stream, as under the shipped unit: the
+    line is an error there, so C{journalctl -u mailgate -p err} says why
+    the service did not start.  Elsewhere the line is unchanged.
+    """
+    prefix = "<3>" if matching else ""
+
+    def chroot():
+        options = tap.Options()
+        options.parseOptions(["--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}"])
+        options.parent = {"chroot": "/srv/mailgate", "nodaemon": True}
+        tap.makeService(options)
+
+    code, written = refusedOnStandardError(monkeypatch, matching, chroot)
+    assert code == 78 and written.count("\n") == 1, written
+    assert written.startswith(prefix + "mailgate: twistd --chroot is not supported: "), written
+    config = tmp_path / "mailgate.toml"
+    config.write_text("no-such-key = 1\n")
+    code, written = refusedOnStandardError(
+        monkeypatch, matching, lambda: tap.Options().parseOptions(["--config", str(config)])
+    )
+    assert code == 78 and written.count("\n") == 1, written
+    assert written.startswith(f"{prefix}mailgate: {config}"), written
 
 
 # -- --syslog ---------------------------------------------------------------------------------
@@ -265,8 +287,8 @@ class JournalStreamServer(ServerProcess):
     process started by a service inherits, its output sent elsewhere.
     """
 
-    def __init__(self, database, options=(), cwd=None, matching=True):
-        super().__init__(database, options, cwd=cwd)
+    def __init__(self, database, options=(), cwd=None, matching=True, **kw):
+        super().__init__(database, options, cwd=cwd, **kw)
         self.matching = matching
 
     def streams(self):
@@ -346,6 +368,28 @@ def test_onTheJournalsStreamEachLineCarriesItsPriority(tmp_path, logFormat):
         records = [json.loads(line[3:]) for line in lines]
         levels = {"<6>": "info", "<4>": "warn", "<3>": "error"}
         assert all(levels.get(line[:3], record["level"]) == record["level"] for line, record in zip(lines, records))
+
+
+def test_aListenerThatCannotStartIsAnErrorInTheJournal(tmp_path):
+    """
+    A real twistd whose POP3 port is taken: the one line saying so, on
+    standard error (the journal's stream, as standard output is under the
+    unit), is an error there, with the exit status a supervisor acts on.
+    """
+    taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = JournalStreamServer(
+            databaseURL(tmp_path / "mail.sqlite3"), ("--pop3", f"tcp:{port}:interface=127.0.0.1"),
+            cwd=tmp_path, listen=False,
+        )
+        server.spawn()
+        assert server.wait() == 1, server.log()
+    [refusal] = [line for line in server.stdout.splitlines() if "mailgate: " in line and str(port) in line]
+    assert refusal.startswith("<3>mailgate: "), server.log()
+    assert all(re.match(r"<[2-7]>", line) for line in server.stdout.splitlines()), server.log()
 
 
 def test_withAnotherStreamNamedNothingChanges(tmp_path):
