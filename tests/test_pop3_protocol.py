@@ -334,6 +334,21 @@ def test_uidl(store, three):
     assert three.command("UIDL 2") == f"+OK 2 {expected[1]}\r\n"
 
 
+def test_aUIDLListingThatCannotBeWrittenIsATemporaryFailure(store, three, logEvents):
+    """
+    A small maildrop's unique ids come with the login, and UIDL answers
+    from them at once; one that cannot go on the wire (not ASCII, which
+    RFC 1939 requires of it) is refused as a store failure, the listing
+    not begun, and the session goes on.
+    """
+    three.protocol._maildrop._uniqueIds[1] = "caf\u00e9"
+    assert three.command("UIDL") == "-ERR [SYS/TEMP] internal server error\r\n"
+    [event] = [e for e in logEvents if e.get("event") == "pop3.read_failed"]
+    assert event["line"].startswith(f"pop3 reading unique ids failed user={ALICE} peer=")
+    assert event["log_failure"].check(UnicodeEncodeError)
+    assert three.command("NOOP") == "+OK\r\n"
+
+
 def test_retr(three):
     reply = three.command("RETR 2")
     assert reply == f"+OK {SIZES[1]} octets\r\nSubject: two\r\n\r\nsecond message\r\n.\r\n"

@@ -100,7 +100,12 @@ class TransactionCommands:
         total = len(self._maildrop.sizes)
         deleted = self._deleted
         batch = self.uidlBatch
-        positions = iter(range(0, total, batch))
+        if not total:
+            self._ok("unique-id listing follows")
+            self._out.write(b".\r\n")
+            return None
+        # The first batch is read here, the others (if any) by nextBlock.
+        positions = iter(range(batch, total, batch))
 
         def format(ids, start):
             return numberedLines(start + 1, ids, deleted)
@@ -115,14 +120,6 @@ class TransactionCommands:
                 return END
             return self._maildrop.uniqueIds(start, min(batch, total - start)).addCallback(format, start)
 
-        # Read the first batch before answering +OK, so a store failure
-        # can still be reported as -ERR.
-        first = nextBlock()
-        if first is END:
-            self._ok("unique-id listing follows")
-            self._out.write(b".\r\n")
-            return None
-
         def begin(block):
             status = b"+OK unique-id listing follows\r\n"
             if total <= batch:
@@ -133,6 +130,20 @@ class TransactionCommands:
             listed = self.stream(terminated(nextBlock))
             return listed.addErrback(self._streamBroken, "unique ids")
 
+        # Read the first batch before answering +OK, so a store failure
+        # can still be reported as -ERR.
+        first = self._maildrop.uniqueIds(0, min(batch, total))
+        if first.called and not isinstance(first.result, Failure):
+            # A small maildrop's ids came with the login: answered at once,
+            # without a callback chain (and without holding the session's
+            # command queue on a Deferred), as a read-ahead RETR is.
+            ids, first.result = first.result, None
+            try:
+                block = format(ids, 0)
+            except Exception:
+                return self._storeError(Failure(), "unique ids")
+            return begin(block)
+        first.addCallback(format, 0)
         first.addCallbacks(begin, self._storeError, errbackArgs=("unique ids",))
         return first
 
