@@ -11,7 +11,17 @@ after a login in the clear departs from that, as Dovecot does too.
 from mailgate.config import APOPPolicy
 from mailgate.testing import POP3Session, addUser, resultOf
 
-from test_sasl import ALICE, PASSWORD, alice, capabilities, plain, scramLogin, tls, untrusted  # noqa: F401
+from test_sasl import (  # noqa: F401
+    ALICE,
+    PASSWORD,
+    alice,
+    capabilities,
+    plain,
+    scramLogin,
+    tls,
+    untrusted,
+    withoutImplementation,
+)
 
 
 def test_trustedPeerWithTLSConfigured(store, alice, tls):
@@ -20,7 +30,7 @@ def test_trustedPeerWithTLSConfigured(store, alice, tls):
     assert "STLS" in before and "USER" in before
     assert "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in before
     assert s.login(ALICE, PASSWORD).startswith("+OK")
-    after = capabilities(s)
+    after = withoutImplementation(capabilities(s))
     assert "STLS" not in after
     assert [line for line in before if line != "STLS"] == after
     assert s.command("STLS").startswith("-ERR STLS is not valid in the TRANSACTION state")
@@ -36,7 +46,7 @@ def test_untrustedPeerAfterSTLSAndLogin(store, alice, tls):
     secure = capabilities(s)
     assert "STLS" not in secure and "USER" in secure and "SASL SCRAM-SHA-256 CRAM-MD5 PLAIN LOGIN" in secure
     assert s.command(f"AUTH PLAIN {plain(ALICE, PASSWORD)}").startswith("+OK")
-    assert capabilities(s) == secure
+    assert withoutImplementation(capabilities(s)) == secure
 
 
 def test_untrustedPeerWithoutTLSAfterSCRAM(store, alice):
@@ -47,7 +57,7 @@ def test_untrustedPeerWithoutTLSAfterSCRAM(store, alice):
     before = capabilities(s)
     assert "USER" not in before
     assert scramLogin(s, ALICE, PASSWORD).startswith("+OK")
-    assert capabilities(s) == before
+    assert withoutImplementation(capabilities(s)) == before
 
 
 def test_withoutSASLNoSASLLineInEitherState(store, alice):
@@ -74,4 +84,4 @@ def test_withTheDefaultPolicyAnAPOPUserAddsNoCramMD5InEitherState(store, alice):
     before = capabilities(s)
     assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in before
     assert s.login(ALICE, PASSWORD).startswith("+OK")
-    assert capabilities(s) == before
+    assert withoutImplementation(capabilities(s)) == before

@@ -56,6 +56,14 @@ def capabilities(session):
     return lines
 
 
+def withoutImplementation(lines):
+    """
+    CAPA's lines but IMPLEMENTATION, which only a logged-in session sees:
+    what RFC 2449 section 5 has announced alike before and after login.
+    """
+    return [line for line in lines if not line.startswith("IMPLEMENTATION ")]
+
+
 def challenge(reply):
     """
     The decoded data of a C{+ } continuation.

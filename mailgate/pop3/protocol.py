@@ -407,6 +407,13 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         refused after login; STLS only where it can be used (RFC 2595
         registers it for both states, but no client can use it after
         login, and Dovecot leaves it out there too).
+
+        IMPLEMENTATION (mailgate's name and version) only after login,
+        as GNU pop3d shows it (IANA's registry of RFC 2449's capabilities
+        announces it in the TRANSACTION state or both; Dovecot shows
+        none): before, anyone who connected read the exact version,
+        whatever a C{--greeting} keeping the software's name out of the
+        greeting said, and a scanner knew which release's flaws to try.
         """
         noArguments(argument)
         lines = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
@@ -422,7 +429,8 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         if self.factory.sasl is not None:
             lines.append("SASL " + " ".join(self.factory.sasl.mechanisms(plaintext)))
         lines.extend(self.factory.extraCapabilities(self._maildrop))
-        lines.append(f"IMPLEMENTATION mailgate-{__version__}")
+        if self.state != AUTHORIZATION:
+            lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
         self._out.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
 
