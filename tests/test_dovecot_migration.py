@@ -892,3 +892,107 @@ def test_aFileNameWithASpaceServedAsTheId(tmp_path):
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
+
+
+def test_compressedMessagesAsDovecotServesThem(tmp_path):
+    """
+    Dovecot with its zlib plugin (zlib_save = gz) stores what its LMTP
+    delivers as gzip files, and files dropped in as bzip2 and xz it
+    serves decompressed too (it tells them by their first octets, not
+    their names): import maildir serves the very UIDL, LIST and RETR
+    Dovecot served.  (Before, the compressed octets were imported as the
+    messages.)
+    """
+    import bz2
+    import lzma
+
+    from mailgate.importers.maildir import importMaildir
+
+    server = PrivateDovecot(extra="mail_plugins = $mail_plugins zlib\nplugin {\n  zlib_save = gz\n}\n")
+    try:
+        startWithMail(server, 5)
+        now = int(time.time())
+        dropped = [
+            (f"{now}.M1P1.host", bz2.compress(b"Subject: bzip2\n\n.\nbody\n")),
+            (f"{now}.M2P1.host", lzma.compress(b"Subject: xz\n\nbody\n")),
+        ]
+        maildir = server.maildir(ALICE)
+        for name, data in dropped:
+            with open(os.path.join(maildir, "new", name), "wb") as f:
+                f.write(data)
+        server.own(maildir)
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        delivered = [name for name in os.listdir(os.path.join(files, "new")) if "host" not in name]
+        assert len(delivered) == 5
+        for name in delivered:
+            with open(os.path.join(files, "new", name), "rb") as f:
+                assert f.read(2) == b"\x1f\x8b", name
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, messages = answers(client)
+        client.quit()
+        assert len(uidl) == 7
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        report = importMaildir(store, files, ALICE)
+        assert (report.messages, report.failures) == (7, [])
+        session = POP3Session(store)
+        assert session.login(ALICE, PASSWORD).startswith("+OK")
+        for number, served in enumerate(messages, 1):
+            reply = session.send(b"RETR %d\r\n" % number)
+            assert reply.startswith(b"+OK")
+            body = reply.split(b"\r\n", 1)[1]
+            assert body.endswith(b"\r\n.\r\n")
+            lines = body[: -len(b"\r\n.\r\n")].split(b"\r\n")
+            assert b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines) == served
+        session.command("QUIT")
+        assert servedByMailgate(store) == (uidl, listing)
+    finally:
+        store.close()
+
+
+def test_anSdboxIsRefusedAndTheWayTheRefusalGivesServesDovecotsIds(tmp_path):
+    """
+    A real Dovecot's sdbox given to import maildir: refused (exit 65),
+    saying it is an sdbox and what to do; and what it says to do, doveadm
+    backup into a maildir, keeps the uids and uidvalidity, so that the
+    import of that maildir serves the ids Dovecot served from the sdbox.
+    """
+    import io
+    import shutil
+
+    from mailgate.cli import run
+
+    server = PrivateDovecot(extra="mail_location = sdbox:~/sdbox")
+    try:
+        startWithMail(server, 3)
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        database = newDatabase(tmp_path, "target.sqlite3")
+        sdbox = os.path.join(server.home(ALICE), "sdbox")
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--database", database, "import", "maildir", sdbox, ALICE], stdout=out, stderr=err, environ={})
+        assert code == 65, (out.getvalue(), err.getvalue())
+        assert err.getvalue().startswith(f"mailgate: {sdbox} is an sdbox (Dovecot's single-dbox format")
+        advice = "doveadm backup -u USER maildir:/PATH/Maildir:LAYOUT=fs"
+        assert advice in err.getvalue()
+        # Where the mail account (doveadm runs as it) may write.
+        backedUp = os.path.join(server.home(ALICE), "Converted")
+        backup = subprocess.run(
+            ["doveadm", "-c", server.configPath, "backup", "-u", ALICE, f"maildir:{backedUp}:LAYOUT=fs"],
+            capture_output=True, text=True, timeout=DEADLINE,
+        )
+        assert backup.returncode == 0, backup.stderr
+        converted = str(tmp_path / "Maildir")
+        shutil.copytree(backedUp, converted)
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", database, "import", "maildir", converted, ALICE], stdout=out, stderr=err, environ={})
+    assert (code, err.getvalue()) == (0, ""), out.getvalue()
+    assert servedFrom(database) == (uidl, listing)

@@ -64,7 +64,7 @@ def _importForget(store, args, out, stdin):
 
 def _importMaildir(store, args, out, stdin):
     from mailgate.importers import ImportFailed
-    from mailgate.importers.maildir import importMaildir
+    from mailgate.importers.maildir import OtherFormat, importMaildir
     from mailgate.importers.uidlformat import checkUidlFormat
 
     if args.uidl_format is not None:
@@ -74,14 +74,18 @@ def _importMaildir(store, args, out, stdin):
             checkUidlFormat(args.uidl_format)
         except ValueError as e:
             raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
+    maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     address = _address(args.address)
     _importTarget(store, address)
     try:
         report = importMaildir(
             store, args.directory, address, args.uidl_format, int(time.time()),
             progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
-            reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag, mirror=args.mirror,
+            reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag, mirror=args.mirror, maxSize=maxSize,
         )
+    except OtherFormat as e:
+        # Mail, but not a maildir's: bad input, not missing input.
+        raise CommandError(str(e), EX_DATAERR)
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
     _importReport(report, out, args.stderr)
@@ -343,6 +347,14 @@ def _addImportCommands(commands):
     imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
         "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
         "would download again; kept for recovery (mailgate mailbox deleted)")
+    imaildir.add_argument(
+        "--max-message-size",
+        metavar="SIZE",
+        default="50M",
+        help="the largest message imported, as served (decompressed, where Dovecot's zlib plugin stored it "
+        "compressed; octets, or with a unit: 100M, 1G); a larger one is reported and not imported (default: "
+        "50M, the server's own default limit)",
+    )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(
         "pop3",

@@ -27,10 +27,14 @@ import attr
 from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse, MailgateError
+from mailgate.importers.compressed import MAGIC_LENGTH, CorruptData, decompressedBlocks, detect
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder
 from mailgate.plural import counted
 
+#: The largest message imported, by default: the mailgate server's own
+#: default (L{mailgate.smtp.protocol.SMTPServer.maxMessageSize}).
+MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: The longest unique id imported.  RFC 1939 says 70 octets, but servers
 #: serve longer ones (Dovecot's C{%f} is a maildir file name, past 70
 #: octets with a long host name, up to 255), and their clients stored
@@ -267,6 +271,47 @@ def openRegularFile(path):
     return fd, status
 
 
+def messageBlocks(fd, compression, blockSize, path=None):
+    """
+    The content of the message file open as C{fd}, from its start, in
+    blocks of at most C{blockSize} octets: as it is, or decompressed if
+    C{compression} (L{detect} of its first octets) says so.
+
+    @raise Unreadable: for damaged compressed data.
+    """
+    if compression is None:
+        offset = 0
+        while True:
+            block = os.pread(fd, blockSize, offset)
+            if not block:
+                return
+            offset += len(block)
+            yield block
+    try:
+        yield from decompressedBlocks(fd, compression, blockSize)
+    except CorruptData as e:
+        raise Unreadable(f"{e}: not imported") from None
+
+
+class Unreadable(ImportFailed):
+    """
+    A message file whose content cannot be imported: compressed in a way
+    mailgate cannot read, or damaged compressed data.
+    """
+
+
+class TooLarge(ImportFailed):
+    """
+    A message over the largest size imported.
+    """
+
+
+def tooLarge(maxSize):
+    return TooLarge(
+        f"over {maxSize} octets, the largest message imported (--max-message-size raises that limit): not imported"
+    )
+
+
 @implementer(IMessageSource)
 class FileSource:
     """
@@ -283,7 +328,15 @@ class FileSource:
     server renames meanwhile (Dovecot does, to change its flags) is still
     the one read.
 
+    A file Dovecot's zlib plugin compressed is read decompressed, as
+    Dovecot serves it (L{mailgate.importers.compressed}), a block at a
+    time.
+
     @ivar mtime: the file's modification time.
+    @ivar compression: the file's L{Compression}, or C{None}.
+    @ivar maxSize: the largest message read, in octets (served size), or
+        C{None}: a larger one is L{TooLarge}, found out before more than
+        that is read or decompressed.
     """
 
     blockSize = 1 << 20
@@ -291,12 +344,22 @@ class FileSource:
     #: own record of what was imported, by unique id)
     deliveryKey = None
 
-    def __init__(self, path):
+    def __init__(self, path, maxSize=None):
         self.path = path
+        self.maxSize = maxSize
         self._whole = None
         self._fd, status = openRegularFile(path)
         self.mtime = status.st_mtime
         try:
+            self.compression = detect(os.pread(self._fd, MAGIC_LENGTH, 0))
+            if self.compression is not None and self.compression.decompressor is None:
+                raise Unreadable(
+                    f"compressed with {self.compression.name} (Dovecot's zlib plugin: zlib_save = "
+                    f"{self.compression.name}), which mailgate cannot read: not imported; move this maildir "
+                    f"through Dovecot's POP3 (mailgate import pop3), which serves it decompressed"
+                )
+            if self.compression is None and maxSize is not None and status.st_size > maxSize:
+                raise tooLarge(maxSize)
             self._measure()
         except BaseException:
             self.close()
@@ -325,14 +388,13 @@ class FileSource:
 
     def _blocks(self):
         pendingCR = False
-        offset = 0
-        while True:
-            block = os.pread(self._fd, self.blockSize, offset)
-            if not block:
-                return
-            offset += len(block)
+        served = 0
+        for block in messageBlocks(self._fd, self.compression, self.blockSize, self.path):
             converted = toCRLF(block, pendingCR)
             pendingCR = block.endswith(b"\r")
+            served += len(converted)
+            if self.maxSize is not None and served > self.maxSize:
+                raise tooLarge(self.maxSize)
             yield converted
 
     def chunks(self, chunkSize):

@@ -39,15 +39,17 @@ from mailgate.errors import MailgateError
 from mailgate.importers import (
     BatchWriter,
     FileSource,
+    MAX_MESSAGE_SIZE,
     ImportFailed,
     ImportReport,
-    NotAFile,
     clientsWord,
+    messageBlocks,
     openRegularFile,
     removeGone,
     renameDuplicates,
     validUidl,
 )
+from mailgate.importers.compressed import MAGIC_LENGTH, detect
 from mailgate.importers.uidlformat import checkUidlFormat, formatUidl, usesVariable
 from mailgate.plural import counted
 
@@ -380,7 +382,7 @@ def _arrival(message, source, now):
 
 
 def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
-                  reuseXUidl=False, deletedFlag=None, mirror=False):
+                  reuseXUidl=False, deletedFlag=None, mirror=False, maxSize=MAX_MESSAGE_SIZE):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -400,6 +402,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     @param mirror: whether to take out of the maildrop what an earlier
         import brought in and the maildir no longer lists
         (L{removeGone}).
+    @param maxSize: the largest message imported, in octets (as served,
+        decompressed); a larger one is a failure in the report, found
+        out before more than that is read.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
@@ -408,7 +413,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
         # Before anything is said of its dovecot-uidlist: a mistyped path
         # is one error, not a warning about ids and then the error.
+        _refuseOtherFormat(directory)
         raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
+    _reportFolders(directory, progress)
     uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
     if uidListPath is not None and uidList is None:
         raise ImportFailed(f"no such file: {uidListPath}")
@@ -431,7 +438,9 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
     report = ImportReport()
     try:
-        listed = _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl)
+        listed = _importMessages(
+            store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl, maxSize
+        )
         unread = sum(message.idUnread for message in messages)
         if mirror and unread:
             # Their ids unknown, what an earlier run imported under them
@@ -448,6 +457,115 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         )
         report.temporary = True
     return report
+
+
+class OtherFormat(ImportFailed):
+    """
+    What was given as a maildir is mail in another of Dovecot's formats
+    (sdbox, mdbox, mbox): its messages are no maildir files, and the
+    import cannot read them.
+    """
+
+
+#: What to do with mail in another format: what Dovecot serves of it.
+_OTHER_FORMAT_ADVICE = (
+    "import it through Dovecot's POP3 (mailgate import pop3), which serves the same ids; or have Dovecot "
+    "copy it into a maildir, keeping uids, with doveadm backup -u USER maildir:/PATH/Maildir:LAYOUT=fs, and import that"
+)
+
+
+def _refuseOtherFormat(directory):
+    """
+    Refuse, saying which format it is and what to do, a C{directory}
+    that holds mail in another of Dovecot's formats: an sdbox or mdbox
+    (C{mailboxes/NAME/dbox-Mails}, mdbox's C{storage/m.N}; or one
+    mailbox's C{dbox-Mails} itself), or an mbox (a file beginning with
+    C{From }, or a directory of them).  Anything else is left to the
+    caller's "not a maildir".
+
+    @raise OtherFormat: for such a directory.
+    """
+    kind = _otherFormat(directory)
+    if kind is not None:
+        raise OtherFormat(f"{directory} is {kind}, not a maildir: {_OTHER_FORMAT_ADVICE}")
+
+
+def _otherFormat(directory):
+    if os.path.isfile(directory):
+        return "an mbox file (Dovecot's mbox format)" if _isMbox(directory) else None
+    try:
+        names = set(os.listdir(directory))
+    except OSError:
+        return None
+    if os.path.isdir(os.path.join(directory, "storage")) and "mailboxes" in names:
+        return "an mdbox (Dovecot's multi-dbox format: messages in storage/m.*)"
+    if os.path.isdir(os.path.join(directory, "mailboxes")):
+        return "an sdbox (Dovecot's single-dbox format: messages in mailboxes/*/dbox-Mails/u.*)"
+    if os.path.basename(os.path.normpath(directory)) == "dbox-Mails" or "dbox-Mails" in names:
+        return "a dbox mailbox (Dovecot's sdbox or mdbox format)"
+    if any(_isMbox(os.path.join(directory, name)) for name in sorted(names)[:100]):
+        return "a directory of mbox files (Dovecot's mbox format)"
+    return None
+
+
+def _isMbox(path):
+    """
+    Whether C{path} is a regular file beginning as an mbox does (C{From }).
+    """
+    try:
+        fd, _ = openRegularFile(path)
+    except (OSError, ImportFailed):
+        return False
+    try:
+        return os.pread(fd, 5, 0) == b"From "
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+#: A maildir's own subdirectories, which are no folders.
+_MAILDIR_PARTS = ("cur", "new", "tmp")
+#: How many folder names the report shows.
+_FOLDERS_SHOWN = 10
+
+
+def _reportFolders(directory, progress):
+    """
+    Say which folders a maildir has beside its INBOX (Maildir++'s
+    C{.Sent}, C{.a.b}; C{LAYOUT=fs}'s C{Sent/}), and how many messages
+    they hold: they are not imported, as POP3 serves INBOX only (so does
+    Dovecot's), and an administrator moving mail should know what stays
+    behind.
+    """
+    folders = []
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name in _MAILDIR_PARTS or not entry.is_dir(follow_symlinks=False):
+            continue
+        count = 0
+        isFolder = os.path.exists(os.path.join(entry.path, "maildirfolder"))
+        for sub in ("cur", "new"):
+            try:
+                count += sum(not name.startswith(".") for name in os.listdir(os.path.join(entry.path, sub)))
+                isFolder = True
+            except OSError:
+                pass
+        if isFolder:
+            folders.append((entry.name, count))
+    if not folders or progress is None:
+        return
+    shown = ", ".join(f"{name} ({count})" for name, count in folders[:_FOLDERS_SHOWN])
+    if len(folders) > _FOLDERS_SHOWN:
+        shown += f", and {len(folders) - _FOLDERS_SHOWN} more"
+    messages = sum(count for _, count in folders)
+    progress(
+        f"{directory}: {counted(len(folders), 'folder')} beside INBOX left as they are, "
+        f"{counted(messages, 'message')} in them: {shown}; POP3 serves INBOX only, as Dovecot's does"
+    )
 
 
 #: Files of Dovecot's index, in a maildir it has served (unless INDEX=
@@ -534,13 +652,15 @@ def _noUidList(directory, progress):
         )
 
 
-def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl=False):
-    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl)
+def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl=False,
+                    maxSize=MAX_MESSAGE_SIZE):
+    opener = functools.partial(FileSource, maxSize=maxSize)
+    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl, opener)
     writer = BatchWriter(store, address, report)
     for message, uidl in zip(messages, uidls):
         if uidl is None:
             continue
-        source = _openMessage(message, report)
+        source = _openMessage(message, report, opener)
         if source is not None:
             writer.add(uidl, source, _arrival(message, source, now), message.path)
     writer.flush()
@@ -548,7 +668,7 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
     return [uidl for uidl in uidls if uidl is not None]
 
 
-def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False):
+def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False, opener=FileSource):
     """
     Each message's unique id, or C{None} for one that has none POP3 can
     carry (a failure in the report).  All are known before anything is
@@ -556,7 +676,10 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False
     message has (L{renameDuplicates}).
     """
     needsMD5 = usesVariable(uidlFormat, "m")
-    own = [_ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl, progress) for message in messages]
+    own = [
+        _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl, progress, opener)
+        for message in messages
+    ]
     renamed = iter(renameDuplicates([uidl for uidl in own if uidl is not None]))
     uidls = []
     for message, uidl in zip(messages, own):
@@ -569,7 +692,7 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False
     return uidls
 
 
-def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=False, progress=None):
+def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=False, progress=None, opener=FileSource):
     """
     The unique id Dovecot serves for C{message} (repeats not renamed
     yet), or C{None} (a failure in the report).
@@ -593,7 +716,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
             "m": None,
         }
         if needsMD5:
-            source = _openMessage(message, report)
+            source = _openMessage(message, report, opener)
             if source is None:
                 message.idUnread = True
                 return None
@@ -637,6 +760,9 @@ def _xUidl(message, report):
     except OSError as e:
         report.failures.append(f"{message.path}: {e.strerror}")
         return False, None
+    except ImportFailed as e:
+        report.failures.append(f"{message.path}: {e}")
+        return False, None
     finally:
         os.close(fd)
     if value is None:
@@ -649,7 +775,7 @@ def _xUidl(message, report):
 _MAX_FIELD_LINE = 1 << 16
 
 
-def xUidlField(fd):
+def xUidlField(fd, limit=MAX_MESSAGE_SIZE):
     """
     The value of the first X-UIDL field in the header of the message file
     open as C{fd}, as Dovecot's C{mail_get_first_header} finds it: the
@@ -658,9 +784,16 @@ def xUidlField(fd):
     field's first line.  C{None} if the header has none.
 
     Read line by line up to the header's end, never more than
-    L{_MAX_FIELD_LINE} octets of a line held.
+    L{_MAX_FIELD_LINE} octets of a line held, never more than C{limit}
+    octets (a header as large as that is a message too large to import);
+    a file Dovecot's zlib plugin compressed is read decompressed.
+
+    @raise ImportFailed: for a compressed file mailgate cannot read.
     """
-    for line in _lines(fd):
+    compression = detect(os.pread(fd, MAGIC_LENGTH, 0))
+    if compression is not None and compression.decompressor is None:
+        raise ImportFailed(f"compressed with {compression.name}, which mailgate cannot read: not imported")
+    for line in _lines(_upTo(messageBlocks(fd, compression, 1 << 16), limit)):
         line = line.rstrip(b"\r")
         if not line:
             return None
@@ -670,19 +803,25 @@ def xUidlField(fd):
     return None
 
 
-def _lines(fd, blockSize=1 << 16):
+def _upTo(blocks, limit):
     """
-    The lines of the file open as C{fd} from its start, without their LF,
-    each cut to L{_MAX_FIELD_LINE} octets.
+    C{blocks} until they have given C{limit} octets.
     """
-    offset, line, cut = 0, b"", False
-    while True:
-        block = os.pread(fd, blockSize, offset)
-        if not block:
-            if line or cut:
-                yield line
+    given = 0
+    for block in blocks:
+        if given >= limit:
             return
-        offset += len(block)
+        given += len(block)
+        yield block
+
+
+def _lines(blocks):
+    """
+    The lines of a file, given as its C{blocks} from its start, without
+    their LF, each cut to L{_MAX_FIELD_LINE} octets.
+    """
+    line, cut = b"", False
+    for block in blocks:
         start = 0
         while True:
             end = block.find(b"\n", start)
@@ -696,6 +835,8 @@ def _lines(fd, blockSize=1 << 16):
             yield line
             line, cut = b"", False
             start = end + 1
+    if line or cut:
+        yield line
 
 
 def _checked(message, uidl, report):
@@ -724,7 +865,9 @@ def _openMessage(message, report, opener=FileSource):
                 report.temporary = True
                 return None
             message.path = moved
-        except NotAFile as e:
+        except ImportFailed as e:
+            # Not a regular file, compressed in a way not read here,
+            # damaged, too large.
             report.failures.append(f"{message.path}: {e}")
             return None
         except OSError as e:

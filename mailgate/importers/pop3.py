@@ -48,6 +48,7 @@ from mailgate.importers import (
     BatchWriter,
     ImportFailed,
     ImportReport,
+    MAX_MESSAGE_SIZE,
     clientsWord,
     fired,
     removeGone,
@@ -66,9 +67,6 @@ _MAX_STATUS_READS = 256
 _PIECE = 1 << 16
 #: Lines after the greeting's own that are dropped as more of it.
 _MAX_GREETING_LINES = 32
-#: The largest message imported: the mailgate server's own default
-#: (L{mailgate.smtp.protocol.SMTPServer.maxMessageSize}).
-MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: A message number or size in a listing: ASCII digits, as many as a size
 #: can take.  (C{str.isdigit} also takes "²" or "١", which C{int} refuses
 #: or reads as another number.)
