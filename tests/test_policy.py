@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 from mailgate.interfaces import IConnectionPolicy, IPolicyStore
 from mailgate.metrics import Metrics
 from mailgate.policy.addresses import ExemptNetworks, addressText, clientKey, parseNetworks
-from mailgate.policy.connection import BANNED, TOO_MANY, ConnectionPolicy, loginKey
+from mailgate.policy.connection import _KEYS_KEPT, BANNED, TOO_MANY, ConnectionPolicy, loginKey
 from mailgate.policy.failures import FailureLog
 from mailgate.policy.memory import MemoryPolicyStore
 from mailgate.policy.penalty import penaltyDelay
@@ -137,6 +137,25 @@ def test_anExemptIPv6AddressStaysExemptWhenItsNetworkIsBanned():
     assert policy.admit("pop3", neighbour) == BANNED
     assert policy.admit("pop3", webmail) is None
     assert not policy.isBanned(webmail)
+
+
+def test_theKeysOfHostsAreKeptBoundedAndAnswerAsWorkedOut():
+    """
+    The policy keeps each host's key (asked several times in every
+    login), a bounded number of them: kept or worked out afresh, an
+    exempt host has none, another its network's, a Unix peer none.
+    """
+    policy, _, _ = makePolicy(exemptNetworks=["192.0.2.0/24"])
+    for _ in range(2):
+        assert policy._key(tcp("192.0.2.10")) is None
+        assert policy._key(tcp("2001:db8::1")) == clientKey(tcp("2001:db8::1"))
+        assert policy._key(OTHER) == "198.51.100.7"
+        assert policy._key(UNIXAddress(None)) is None
+    for n in range(_KEYS_KEPT + 10):
+        policy._key(tcp(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}"))
+    assert 0 < len(policy._keys) <= _KEYS_KEPT
+    assert policy._key(tcp("192.0.2.10")) is None
+    assert policy._key(OTHER) == "198.51.100.7"
 
 
 def test_aBanOfOneIPv6AddressStoredByAnEarlierVersionCoversItsNetwork():

@@ -50,6 +50,10 @@ TOO_MANY = "too many connections"
 
 MAX_LOGIN = 255
 
+#: hosts whose policy key is kept (L{ConnectionPolicy._key}); all are
+#: forgotten when there are more
+_KEYS_KEPT = 4096
+
 
 def loginKey(login, defaultRealm=None):
     """
@@ -116,6 +120,8 @@ class ConnectionPolicy:
         # Times shared with the database: the wall clock's (see wallClock).
         self._wall = wallClock(reactor)
         self.exempt = ExemptNetworks(settings.exemptNetworks)
+        # host to its key, or None (L{_key})
+        self._keys = {}
         self.limits = ConnectionLimits(settings.maxConnections, settings.maxConnectionsPerAddress)
         self.failures = FailureLog(settings.banWindow)
         self.penalty = AuthPenalty(self.failures, settings.authPenaltyMax, reactor)
@@ -139,8 +145,25 @@ class ConnectionPolicy:
         """
         The key of C{address} if the policy applies to it per address:
         C{None} for exempt networks and peers without an IP address.
+
+        Asked five or six times in every login (the ban, the penalty, the
+        turn, the success, twice for a ban made meanwhile): kept per host,
+        as the exempt networks do not change while the policy runs, rather
+        than worked out through the address's parse and the exempt
+        networks' cache each time.
         """
-        return None if clientIP(address) in self.exempt else clientKey(address)
+        host = getattr(address, "host", None)
+        keys = self._keys
+        try:
+            return keys[host]
+        except (KeyError, TypeError):
+            pass
+        key = None if clientIP(address) in self.exempt else clientKey(address)
+        if isinstance(host, str):
+            if len(keys) >= _KEYS_KEPT:
+                keys.clear()
+            keys[host] = key
+        return key
 
     # IConnectionPolicy
 

@@ -19,6 +19,7 @@ import re
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from mailgate.address import loginAddress
 from mailgate.auth.checkers import LoginAbandoned, abandonWhen
@@ -354,7 +355,6 @@ class AuthorizationCommands:
         if not isinstance(credentials, UsernamePassword) or self._closed or self.stopping:
             return self._check(credentials, login, mechanism)
         turn = self.factory.policy.verificationTurn(self.peer)
-        self._turn = turn
 
         def inTurn(done):
             self._turn = None
@@ -370,6 +370,12 @@ class AuthorizationCommands:
             failure.trap(defer.CancelledError)
             return None
 
+        if turn.called and not isinstance(turn.result, Failure):
+            # Its turn at once (nearly every login): checked now, without
+            # the turn's Deferred in the chain the command waits on.
+            done, turn.result = turn.result, None
+            return inTurn(done)
+        self._turn = turn
         return turn.addCallbacks(inTurn, givenUp)
 
     def _check(self, credentials, login, mechanism, done=_nothing):

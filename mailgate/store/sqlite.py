@@ -838,26 +838,34 @@ class InProcessLocks:
         self._lockFile = lockFile
 
     def acquire(self, userId):
-        if userId in self._held:
+        if not self._take(userId):
             return defer.fail(MaildropInUse(userId))
-        if self._lockFile is not None and not self._lockFile.acquire(userId):
-            return defer.fail(MaildropInUse(userId))
-        self._held.add(userId)
         return defer.succeed(userId)
 
+    def _take(self, userId):
+        """
+        Lock C{userId}'s maildrop at once: whether it was free.
+        """
+        if userId in self._held:
+            return False
+        if self._lockFile is not None and not self._lockFile.acquire(userId):
+            return False
+        self._held.add(userId)
+        return True
+
     def acquireAndSnapshot(self, userId, passwordHash, address=None):
-        d = self.acquire(userId)
+        # The lock is taken (or refused) at once: the snapshot's read
+        # follows it directly, not through a callback on a Deferred that
+        # has fired already (this runs at every login).
+        if not self._take(userId):
+            return defer.fail(MaildropInUse(userId))
+        read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
+        return read.addErrback(self._givenBack, userId)
 
-        def snapshot(_):
-            read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
-
-            def giveBack(failure):
-                self._giveBack(userId)
-                return failure
-
-            return read.addErrback(giveBack)
-
-        return d.addCallback(snapshot)
+    def _givenBack(self, failure, userId):
+        # The snapshot could not be read: no session holds the lock.
+        self._giveBack(userId)
+        return failure
 
     def _giveBack(self, userId):
         if userId in self._held:
