@@ -8,7 +8,7 @@ readying a database restored by other means.
 import contextlib
 import os
 
-from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, EX_USAGE
+from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_USAGE
 from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore, refuseUpgradeUnderServer
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
@@ -173,6 +173,46 @@ def _dbRestored(store, args, out, stdin):
     )
 
 
+def _dbCheck(store, args, out, stdin):
+    from mailgate.errors import DatabaseDamaged
+    from mailgate.store.check import Finding, checkDatabase
+
+    database = store.database
+    engine = database.engine
+    try:
+        # None: no table of versions (an empty file, or another
+        # application's database).
+        version = databaseVersion(database) or 0
+    except DatabaseDamaged as e:
+        version = e
+    if version == 0:
+        raise CommandError(f"no mailgate database in {engine!r}: it holds no mailgate tables", EX_CONFIG)
+    if isinstance(version, int) and version > LATEST:
+        raise CommandError(
+            f"database schema version {version} is newer than this mailgate supports ({LATEST}); upgrade mailgate",
+            EX_CONFIG,
+        )
+    findings = checkDatabase(database, full=args.full, invariants=version == LATEST)
+    if isinstance(version, DatabaseDamaged):
+        findings.append(Finding("mailgate's schema version", damaged=str(version)))
+    elif version != LATEST:
+        # Older: checked against what this mailgate's tables are, columns
+        # it has not been given yet would be taken for damage.
+        out.write(
+            f"mailgate's invariants: not checked (schema version {version}; this mailgate checks those "
+            f"of version {LATEST}: its next command or start upgrades the database)\n"
+        )
+    if engine.name != "sqlite":
+        out.write("PostgreSQL's own pages: not checked here (pg_amcheck checks its tables and indexes)\n")
+    for finding in findings:
+        for line in finding.lines():
+            out.write(f"{line}\n")
+    wrong = [finding.name for finding in findings if not finding.sound]
+    if wrong:
+        raise CommandError(f"{engine!r}: {counted(len(wrong), 'check')} found problems: {', '.join(wrong)}", EX_DATAERR)
+    out.write(f"{engine!r}: sound ({counted(len(findings), 'check')})\n")
+
+
 def _addDatabaseCommands(commands):
     """
     C{mailgate db ...}: database maintenance.
@@ -230,3 +270,18 @@ def _addDatabaseCommands(commands):
         "(exit 75) while a server runs on the database.",
     )
     dbRestored.set_defaults(run=_dbRestored, migrate=True)
+    dbCheck = db.add_parser(
+        "check",
+        help="check that the database is sound, changing nothing",
+        description="Check the database without changing it (nothing repaired, nothing migrated), "
+        "beside running servers: on SQLite, every page of the file (SQLite's quick_check; "
+        "integrity_check with --full); then, on SQLite and PostgreSQL, mailgate's own invariants "
+        "(every message has its user and its body, every body its chunks and as many references "
+        "as messages hold it, each maildrop's recorded use and next unique id).  Exit 0 when sound; "
+        "65 when a check found problems, each named on standard output with what to do.",
+    )
+    dbCheck.add_argument(
+        "--full", action="store_true",
+        help="SQLite's integrity_check, which also compares every index with its table (slower)",
+    )
+    dbCheck.set_defaults(run=_dbCheck, migrate=False)

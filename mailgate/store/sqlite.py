@@ -239,8 +239,8 @@ SQLITE_NOTADB = 26
 
 #: what to do about a damaged SQLite database (README: Backups)
 RESTORE_HINT = (
-    "restore it from its last backup (mailgate db backup; sqlite3 FILE .recover may save "
-    "what is left)"
+    "restore it from its last backup (mailgate db backup; README: Backups); mailgate db check "
+    "says what is damaged"
 )
 
 

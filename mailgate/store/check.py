@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.test_db_check -*-
+"""
+C{mailgate db check}: whether a database is sound, for an administrator
+to run from cron or after an incident (a disk error, a restore, a crash),
+beside a running server.
+
+Two kinds of checks.  SQLite's own (C{PRAGMA quick_check}, or
+C{integrity_check} with C{full}): every page of every table and index
+readable and well formed; PostgreSQL has its own tool for its pages
+(C{pg_amcheck}).  Then mailgate's invariants, on either engine, each one
+statement whose answer is a count and a few examples, so that memory
+stays bounded whatever the size of the database and however many rows
+are wrong: every user has her maildrop's counters; every message its
+user and its body; every body as many references as messages hold it,
+and chunks adding up to its size; each maildrop's recorded use what its
+messages take; its next unique id past every one given.  (mailgate's
+tables declare no foreign keys: these are the references a foreign key
+check would have followed.)
+
+Read-only: each check is one read transaction, on a connection told to
+refuse writes (SQLite's C{query_only}, PostgreSQL's C{READ ONLY}
+transactions); nothing is repaired and nothing migrated.  A check that
+meets damaged pages says so and the others go on.
+"""
+
+from mailgate.errors import DatabaseDamaged
+
+#: examples shown of what a check found wrong
+EXAMPLES = 5
+
+#: problems SQLite's own check reports at most (it stops there)
+SQLITE_PROBLEMS = 20
+
+
+class Finding:
+    """
+    The outcome of one check.
+
+    @ivar name: what was checked, for people.
+    @ivar problems: how many things are wrong (0: sound).
+    @ivar examples: a few of them, each a line.
+    @ivar advice: what to do about them.
+    @ivar damaged: the check met damaged pages (SQLite's words), or
+        C{None}.
+    """
+
+    def __init__(self, name, problems=0, examples=(), advice="", damaged=None):
+        self.name = name
+        self.problems = problems
+        self.examples = list(examples)
+        self.advice = advice
+        self.damaged = damaged
+
+    @property
+    def sound(self):
+        return self.problems == 0 and self.damaged is None
+
+    def lines(self):
+        """
+        The finding, as lines for people.
+        """
+        if self.damaged is not None:
+            return [f"{self.name}: not checked: a page it reads is damaged ({self.damaged})"]
+        if self.sound:
+            return [f"{self.name}: ok"]
+        more = self.problems - len(self.examples)
+        shown = [f"  {example}" for example in self.examples]
+        if more > 0:
+            shown.append(f"  and {more} more")
+        return [f"{self.name}: {self.advice}", *shown]
+
+
+def _readOnly(cursor, engine):
+    """
+    Refuse writes on this transaction's connection: a check never
+    repairs, whatever a mistake in it would do.
+    """
+    if engine.name == "sqlite":
+        cursor.execute("PRAGMA query_only = 1")
+    else:
+        cursor.execute("SET TRANSACTION READ ONLY")
+
+
+def _sqliteCheck(cursor, engine, full):
+    _readOnly(cursor, engine)
+    pragma = "integrity_check" if full else "quick_check"
+    cursor.execute(f"PRAGMA {pragma}({SQLITE_PROBLEMS})")
+    said = [row[0] for row in cursor.fetchall()]
+    if said == ["ok"]:
+        return []
+    # A row may hold several lines; its first names the database.
+    return [line for row in said for line in row.splitlines() if line and not line.startswith("*** in database")]
+
+
+def _reason(damaged):
+    """
+    SQLite's own words under a L{DatabaseDamaged} ("database disk image
+    is malformed"), without the file and the advice repeated at each
+    check.
+    """
+    cause = damaged.__cause__
+    return str(cause) if cause is not None else str(damaged)
+
+
+def _counted(cursor, engine, query, args=()):
+    """
+    Run C{query}, whose rows end with a count of all its rows (C{count(*)
+    OVER ()}), limited to L{EXAMPLES}: the count and the examples.
+    """
+    _readOnly(cursor, engine)
+    cursor.execute(f"{query} LIMIT {EXAMPLES}", args)
+    rows = cursor.fetchall()
+    if not rows:
+        return 0, []
+    return int(rows[0][-1]), [row[:-1] for row in rows]
+
+
+# Each invariant: (what it checks, query, how to show a row, advice).
+_USERS_WITHOUT_MAILDROP = (
+    "users and their maildrops",
+    "SELECT u.address, count(*) OVER () FROM users u LEFT JOIN mailboxes b ON b.user_id = u.user_id "
+    "WHERE b.user_id IS NULL ORDER BY u.address",
+    lambda address: f"{address}: no maildrop counters (mailboxes row)",
+    "users without their maildrop's counters: their logins and deliveries fail; restore the database",
+)
+
+_MESSAGES_WITHOUT_USER = (
+    "messages and their users",
+    "SELECT x.user_id, count(*) OVER () FROM ("
+    "SELECT DISTINCT user_id FROM maildrop WHERE user_id NOT IN (SELECT user_id FROM users) "
+    "UNION SELECT DISTINCT user_id FROM deleted_mail WHERE user_id NOT IN (SELECT user_id FROM users)"
+    ") x ORDER BY x.user_id",
+    lambda userId: f"user number {userId}: messages, and no such user",
+    "messages of users that do not exist: nobody can read them, and their storage is not given back",
+)
+
+_MESSAGES_WITHOUT_BODY = (
+    "messages and their bodies",
+    "SELECT u.address, x.uid, x.uidl, count(*) OVER () FROM ("
+    "SELECT user_id, uid, uidl, body_owner, body_id FROM maildrop "
+    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id FROM deleted_mail"
+    ") x LEFT JOIN bodies b ON b.owner_id = x.body_owner AND b.body_id = x.body_id "
+    "LEFT JOIN users u ON u.user_id = x.user_id WHERE b.body_id IS NULL ORDER BY x.user_id, x.uid",
+    lambda address, uid, uidl: f"{address}: message uid {uid} ({uidl}) has no body",
+    "messages whose body is missing: they cannot be retrieved; restore the database",
+)
+
+_BODY_REFERENCES = (
+    "bodies and the messages holding them",
+    "SELECT b.owner_id, b.body_id, b.refcount, coalesce(r.held, 0), count(*) OVER () FROM bodies b LEFT JOIN ("
+    "SELECT body_owner, body_id, count(*) AS held FROM ("
+    "SELECT body_owner, body_id FROM maildrop UNION ALL SELECT body_owner, body_id FROM deleted_mail"
+    ") x GROUP BY body_owner, body_id"
+    ") r ON r.body_owner = b.owner_id AND r.body_id = b.body_id "
+    "WHERE b.refcount <> coalesce(r.held, 0) ORDER BY b.owner_id, b.body_id",
+    lambda owner, bodyId, refcount, held: (
+        f"body {owner}/{bodyId}: counts {refcount} reference{'s' if refcount != 1 else ''}, "
+        f"{held} message{'s' if held != 1 else ''} hold{'s' if held == 1 else ''} it"
+    ),
+    "bodies whose reference count is not the number of messages holding them: one counted too high "
+    "is never removed (its storage is lost), one counted too low is removed while a message still "
+    "holds it",
+)
+
+_BODY_CHUNKS = (
+    "bodies and their chunks",
+    "SELECT b.owner_id, b.body_id, b.size, coalesce(c.octets, 0), count(*) OVER () FROM bodies b LEFT JOIN ("
+    "SELECT owner_id, body_id, sum(length(data)) AS octets, count(*) AS chunks, max(seq) AS last "
+    "FROM body_chunks GROUP BY owner_id, body_id"
+    ") c ON c.owner_id = b.owner_id AND c.body_id = b.body_id "
+    "WHERE coalesce(c.octets, 0) <> b.size OR (c.chunks IS NOT NULL AND c.chunks <> c.last + 1) "
+    "ORDER BY b.owner_id, b.body_id",
+    lambda owner, bodyId, size, octets: f"body {owner}/{bodyId}: {size} octets, its chunks hold {octets}",
+    "bodies whose chunks do not hold the whole message: it cannot be retrieved whole; restore the database",
+)
+
+_CHUNKS_WITHOUT_BODY = (
+    "chunks and their bodies",
+    "SELECT c.owner_id, c.body_id, count(*) OVER () FROM ("
+    "SELECT DISTINCT owner_id, body_id FROM body_chunks"
+    ") c LEFT JOIN bodies b ON b.owner_id = c.owner_id AND b.body_id = c.body_id "
+    "WHERE b.body_id IS NULL ORDER BY c.owner_id, c.body_id",
+    lambda owner, bodyId: f"chunks of body {owner}/{bodyId}, which does not exist",
+    "chunks of no body: storage nothing uses",
+)
+
+_USE = (
+    "storage use",
+    "SELECT u.address, b.used_messages, b.used_octets, coalesce(m.messages, 0), coalesce(m.octets, 0), "
+    "count(*) OVER () FROM mailboxes b JOIN users u ON u.user_id = b.user_id LEFT JOIN ("
+    "SELECT user_id, count(*) AS messages, sum(size) AS octets FROM maildrop GROUP BY user_id"
+    ") m ON m.user_id = b.user_id "
+    "WHERE b.used_messages <> coalesce(m.messages, 0) OR b.used_octets <> coalesce(m.octets, 0) "
+    "ORDER BY u.address",
+    lambda address, messages, octets, held, heldOctets: (
+        f"{address}: counts {messages} messages, {octets} octets; holds {held}, {heldOctets}"
+    ),
+    "maildrops whose recorded use is not what their messages take (quotas go by it): "
+    "mailgate user recount ADDRESS sets it right",
+)
+
+_NEXT_UID = (
+    "unique id counters",
+    "SELECT u.address, b.next_uid, x.highest, count(*) OVER () FROM mailboxes b JOIN users u "
+    "ON u.user_id = b.user_id JOIN ("
+    "SELECT user_id, max(uid) AS highest FROM ("
+    "SELECT user_id, uid FROM maildrop UNION ALL SELECT user_id, uid FROM deleted_mail"
+    ") y GROUP BY user_id"
+    ") x ON x.user_id = b.user_id WHERE b.next_uid <= x.highest ORDER BY u.address",
+    lambda address, nextUid, highest: f"{address}: next uid {nextUid}, a message has uid {highest}",
+    "maildrops whose next unique id is one given already: deliveries to them fail, or give a "
+    "client an id it has seen; restore the database",
+)
+
+#: mailgate's invariants, in the order they are checked
+INVARIANTS = (
+    _USERS_WITHOUT_MAILDROP,
+    _MESSAGES_WITHOUT_USER,
+    _MESSAGES_WITHOUT_BODY,
+    _BODY_REFERENCES,
+    _BODY_CHUNKS,
+    _CHUNKS_WITHOUT_BODY,
+    _USE,
+    _NEXT_UID,
+)
+
+
+def checkDatabase(database, full=False, invariants=True):
+    """
+    Check C{database} (an L{mailgate.interfaces.IDatabase} run inline:
+    the command's), one read transaction a check.
+
+    @param full: SQLite's C{integrity_check}, which also compares every
+        index with its table, rather than C{quick_check}.
+    @param invariants: check mailgate's invariants too (its tables are
+        those of this mailgate's schema version).
+    @return: the L{Finding}s, in order.
+    """
+    engine = database.engine
+    findings = []
+    if engine.name == "sqlite":
+        name = "SQLite's integrity_check" if full else "SQLite's quick_check"
+        advice = f"the file {engine.path} is damaged: restore it from its last backup (README: Backups)"
+        try:
+            said = database.run(_sqliteCheck, engine, full)
+        except DatabaseDamaged as e:
+            # The check itself stopped at a page too damaged to walk.
+            said = [_reason(e)]
+        findings.append(Finding(name, len(said), said[:EXAMPLES], advice))
+    for name, query, show, advice in INVARIANTS if invariants else ():
+        try:
+            count, rows = database.run(_counted, engine, query)
+        except DatabaseDamaged as e:
+            findings.append(Finding(name, damaged=_reason(e)))
+            continue
+        findings.append(Finding(name, count, [show(*row) for row in rows], advice))
+    return findings
