@@ -169,6 +169,18 @@ def _send(port, subject):
         client.close()
 
 
+def _endedWith(session):
+    """
+    The -ERR a NOOP of C{session} got, or C{None} if it was answered +OK
+    (the loss of its lock not yet seen).
+    """
+    try:
+        session.noop()
+    except poplib.error_proto as e:
+        return e.args[0]
+    return None
+
+
 def _health(port):
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=DEADLINE).status
@@ -182,7 +194,7 @@ def test_nodesFollowAFailoverLosingNothing(tmp_path):
     primary gone and the standby not yet promoted, logins answer -ERR
     [SYS/TEMP], mail 451 and /healthz 503 (before, the nodes reconnected
     to the standby and logged users in there, their maildrop locks on the
-    standby); once it is promoted both serve again, without a restart,
+    standby), and a session logged in is ended, its lock lost; once it is promoted both serve again, without a restart,
     with every message they had answered 250 to.
     """
     with ReplicatedCluster() as cluster:
@@ -205,8 +217,16 @@ def test_nodesFollowAFailoverLosingNothing(tmp_path):
             for i, node in enumerate(nodes):
                 assert _send(node.portOf("SMTP"), f"before {i}") == 250
             assert [_login(node.port) for node in nodes] == [2, 2]
+            session = poplib.POP3("127.0.0.1", nodes[0].port, timeout=DEADLINE)
+            session.user(ALICE)
+            session.pass_(PASSWORD)
 
             cluster.primary.stop()
+            # Its lock went with the old primary: ended, not left to answer
+            # "try again" while another node may take the maildrop.
+            said = waitFor(lambda: _endedWith(session), "the session to be ended")
+            assert said.startswith(b"-ERR [SYS/TEMP]") and b"lock was lost" in said, said
+            session.close()
             for node in nodes:
                 said = _login(node.port)
                 assert isinstance(said, bytes) and said.startswith(b"-ERR [SYS/TEMP]"), said
