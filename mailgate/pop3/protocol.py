@@ -261,6 +261,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             done = defer.Deferred()
             updating.addBoth(lambda result: (done.callback(None), result)[1])
             return done
+        if self._logout is None and not self._saslFinishing:
+            # Nothing to release (QUIT released it, or there was no
+            # login): nothing for the core to wait for either.
+            return None
         return self._endSession("connection lost")
 
     def beginShutdown(self):

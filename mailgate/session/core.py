@@ -409,7 +409,7 @@ class CommandSession(Protocol):
         self._closed = True
         if self._idle is not None:
             self._idle.cancel()
-        if reason is not None and reason.check(ssl.SSLError):
+        if isinstance(getattr(reason, "value", None), ssl.SSLError):
             # A failed handshake (a client speaking something else than
             # TLS, or only versions refused) or a corrupt record.
             error = reason.value
