@@ -30,6 +30,7 @@ from mailgate.auth.passwords import (
     verifyPassword,
 )
 from mailgate.auth.realm import makePortal
+from mailgate.auth import sasl as saslModule
 from mailgate.auth.sasl import ScramCredentials
 from mailgate.errors import InvalidAddress
 from mailgate.interfaces import IMaildrop
@@ -473,21 +474,25 @@ def test_aWrongAPOPDigestIsCheckedOnce(users):
 
 
 @pytest.mark.parametrize("name", [b"nobody@example.org", b"imported@example.org", b"not an address", ALICE.encode()])
-def test_everySCRAMProofIsCheckedAgainstAKey(users, name):
+def test_everySCRAMProofIsCheckedAgainstAKey(users, name, monkeypatch):
     """
-    A SCRAM proof is checked against a stored key once, whoever it names:
-    an unknown user's (or one of a user without SCRAM keys, imported with
-    another scheme's hash) against a dummy key, and refused.  Refused at
-    once, such an answer came some 5 microseconds sooner than a real
-    user's wrong proof's (twice as fast, in the process): with
-    --auth-failure-delay 0, timing told who exists.
+    A SCRAM proof is checked against stored keys, read from their text,
+    once, whoever it names: an unknown user's (or one of a user without
+    SCRAM keys, imported with another scheme's hash) against dummy keys,
+    and refused.  Refused at once, such an answer came some 5
+    microseconds sooner than a real user's wrong proof's (twice as fast,
+    in the process): with --auth-failure-delay 0, timing told who exists.
     """
+    parsed = []
+    real = saslModule.parseScramSecret
+    monkeypatch.setattr(saslModule, "parseScramSecret", lambda text: parsed.append(text) or real(text))
     resultOf(users.addUser("imported@example.org", StoredCredentials(hashPassword("x", TEST_HASH_COST))))
     portal = makePortal(users, RecordingRunner())
     credentials = CountingScram(name, b"n=x,r=a,r=ab,s=AAAA,i=4096,c=biws,r=ab", bytes(32))
     with pytest.raises(UnauthorizedLogin):
         _login(portal, credentials)
     assert credentials.checked == 1
+    assert len(parsed) == 1
 
 
 def test_successfulLoginIsCached(users, verifications):
