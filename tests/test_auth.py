@@ -597,6 +597,43 @@ def test_passwordChangeInvalidatesTheCache(users):
     logout()
 
 
+@pytest.mark.parametrize("databaseURL", ["sqlite", "postgres"], indirect=True)
+def test_whatAnotherNodeChangesEndsARememberedLoginAtOnce(databaseURL):
+    """
+    Two nodes on one database (two stores: connections and caches of their
+    own): a password this node remembers stops working at the other's
+    change, rename or deletion, at the next login: no --auth-cache-ttl to
+    wait out, and nothing to flush (Dovecot's doveadm auth cache flush).
+    """
+    here, there = memoryStore(databaseURL), memoryStore(databaseURL)
+    try:
+        addUser(there, ALICE, "wonderland")
+        runner = RecordingRunner()
+        portal = makePortal(here, runner)
+
+        def login(password, address=ALICE):
+            _, maildrop, logout = _login(portal, UsernamePassword(address.encode(), password.encode()))
+            logout()
+            return maildrop.address
+
+        assert login("wonderland") == login("wonderland") == ALICE
+        assert len(runner.calls) == 1, "the second login was not remembered"
+        resultOf(there.setCredentials(ALICE, makeCredentials("changed", logN=TEST_HASH_COST)))
+        with pytest.raises(UnauthorizedLogin):
+            login("wonderland")
+        assert login("changed") == login("changed") == ALICE
+        resultOf(there.renameUser(ALICE, BOB))
+        with pytest.raises(UnauthorizedLogin):
+            login("changed")
+        assert login("changed", BOB) == BOB
+        resultOf(there.deleteUser(BOB))
+        with pytest.raises(UnauthorizedLogin):
+            login("changed", BOB)
+    finally:
+        here.close()
+        there.close()
+
+
 def test_apopLoginThroughPortal(users):
     portal = makePortal(users, RecordingRunner())
     challenge = b"<4242.1@mailgate.test>"
