@@ -20,11 +20,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Third-party dependencies, installed once (again when setup.cfg changes).
+# Third-party dependencies, installed once (again when setup.cfg changes):
+# setup.cfg's, with its floors (tests/test_dependencies.py checks they agree).
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=21.1' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3' 'hypothesis>=6' 'psycopg[binary]>=3.1' \
-		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=21.2' \
+		'service-identity>=24.2' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
+		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=23.1' 'cryptography>=42' 'idna>=2.4' \
 		'setuptools>=68' wheel
 	touch $@
 

@@ -37,8 +37,9 @@ from mailgate.plural import counted
 ANSWER_DEADLINE = 75.0
 
 _WaitTimeout = getattr(pgerrors, "_WaitTimeout", None)
-# psycopg 3.2 on: Connection.wait(gen, interval, timeout), raising
-# _WaitTimeout.  An older psycopg waits without a deadline, as before.
+# psycopg 3.3.6 on (setup.cfg's floor): Connection.wait(gen, interval,
+# timeout), raising _WaitTimeout.  An older psycopg (3.2 has neither) waits
+# without a deadline, as before.
 _SUPPORTED = _WaitTimeout is not None and "timeout" in inspect.signature(psycopg.Connection.wait).parameters
 
 
