@@ -407,6 +407,23 @@ def test_aClosedStandardInputIsSaidToBe(cli, monkeypatch):
     assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
 
 
+def test_deliverWithStandardInputClosedSaysSo(cli, monkeypatch):
+    """
+    C{mailgate deliver ADDRESS <&-}: one line saying standard input is
+    closed and nothing was delivered, exit 75 as deliver's other failures
+    that are not the message's (an MTA keeps it); it was C{internal
+    error: AttributeError: 'NoneType' object has no attribute 'read'}.
+    """
+    cli.add(ALICE, PASSWORD)
+    monkeypatch.setattr(sys, "stdin", None)
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", cli.url, "deliver", ALICE], stdin=None, stdout=out, stderr=err, environ={})
+    assert (code, out.getvalue(), err.getvalue()) == (
+        75, "", "mailgate: standard input is closed: no message to read; nothing was delivered\n"
+    )
+    assert cli.messages(ALICE) == []
+
+
 # -- user passwd ---------------------------------------------------------------
 
 
@@ -1517,6 +1534,11 @@ def test_configShowsWhatTheServerWouldServe(tmp_path):
     everything = mailgate("config", "--all").out
     assert "max-recipients = 100\n" in everything and "#tls-cert =   (none)\n" in everything
     assert len(everything.splitlines()) == len(configuration.SETTINGS) + 1
+    # config [--all | --check]: one or the other (--all beside --check was
+    # silently ignored, --check printing no settings).
+    both = mailgate("config", "--all", "--check")
+    assert (both.code, both.out) == (64, ""), both
+    assert "not allowed with argument" in both.err, both
 
 
 def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):

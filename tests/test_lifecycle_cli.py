@@ -830,7 +830,9 @@ def test_userRecountAllGoesOnPastAUserDeletedMeanwhile(cli, store, monkeypatch):
     "argv, code, error",
     [
         ([], 64, "give the ADDRESSes to recount, or --all"),
-        (["--all", ALICE], 64, "give the ADDRESSes to recount, or --all"),
+        # Both: said as both (it said "give the ADDRESSes, or --all", as
+        # if neither had been given).
+        (["--all", ALICE], 64, "give the ADDRESSes to recount or --all, not both"),
         (["carol@example.org"], 67, "no such user: carol@example.org"),
         (["not an address"], 65, "not an address of the form local@domain: 'not an address'"),
     ],

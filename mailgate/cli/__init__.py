@@ -149,8 +149,11 @@ def buildParser():
         "configuration file (as postconf -n and doveconf -n), the database's password hidden; "
         "--all prints every setting.",
     )
-    showConfig.add_argument("--all", action="store_true", help="every setting, at its default or not")
-    showConfig.add_argument(
+    # One or the other (README: config [--all | --check]): --check prints
+    # no settings, so --all beside it was silently ignored.
+    showing = showConfig.add_mutually_exclusive_group()
+    showing.add_argument("--all", action="store_true", help="every setting, at its default or not")
+    showing.add_argument(
         "--check",
         action="store_true",
         help="check the configuration as a server starting or reloading would (values, TLS "

@@ -123,6 +123,11 @@ def _deliver(store, args, out, stdin):
             helo=None, peer=None, protocol="local", sender=sender, recipients=addresses, forwardPaths=named
         )
         trace = traceHeaders(envelope, getattr(args, "hostname", None) or machineName())
+    if stdin is None:
+        # Started with standard input closed (<&-; Python gives it as
+        # None): said as such, not as an internal error.  75 as deliver's
+        # other failures that are not the message's: an MTA keeps it.
+        raise CommandError("standard input is closed: no message to read; nothing was delivered", EX_TEMPFAIL)
     # Keyed by what the MTA handed over: its retry of a delivery whose
     # outcome it did not learn (this command killed after the commit, say)
     # is recognised and not stored twice.

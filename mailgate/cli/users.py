@@ -364,7 +364,9 @@ def _userTest(store, args, out, stdin):
 
 
 def _userRecount(store, args, out, stdin):
-    if args.all == bool(args.addresses):
+    if args.all and args.addresses:
+        raise CommandError("give the ADDRESSes to recount or --all, not both", EX_USAGE)
+    if not args.all and not args.addresses:
         raise CommandError("give the ADDRESSes to recount, or --all", EX_USAGE)
     if args.all:
         addresses = [user.address for user in _result(store.listUsers())]
