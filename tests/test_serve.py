@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from twisted import version as twistedVersion
 
 from e2e import DEADLINE, ServerProcess, runCommand
 from mailgate.testing import addUser, deliver, memoryStore
@@ -116,7 +117,10 @@ def test_theEditableInstallServesWithMailgateServe(editable, tmp_path):
     code, out, err = runCommand(
         [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "mailgate"], cwd=tmp_path
     )
-    assert code != 0 and "Unknown command: mailgate" in out + err, (code, out, err)
+    assert "Unknown command: mailgate" in out + err, (code, out, err)
+    # Twisted before 26.10 exits 0 there (setup.cfg allows 23.10 on).
+    if (twistedVersion.major, twistedVersion.minor) >= (26, 10):
+        assert code != 0, (code, out, err)
 
     # mailgate serve needs no plugin.
     database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
