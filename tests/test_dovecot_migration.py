@@ -937,8 +937,12 @@ def test_compressedMessagesAsDovecotServesThem(tmp_path):
     store = memoryStore()
     try:
         addUser(store, ALICE, PASSWORD)
-        report = importMaildir(store, files, ALICE)
+        said = []
+        report = importMaildir(store, files, ALICE, progress=said.append)
         assert (report.messages, report.failures) == (7, [])
+        # The S= and W= Dovecot wrote in the names are the decompressed
+        # message's: nothing said of them.
+        assert [line for line in said if "sizes in its name" in line] == []
         session = POP3Session(store)
         assert session.login(ALICE, PASSWORD).startswith("+OK")
         for number, served in enumerate(messages, 1):
@@ -996,3 +1000,95 @@ def test_anSdboxIsRefusedAndTheWayTheRefusalGivesServesDovecotsIds(tmp_path):
     code = run(["--database", database, "import", "maildir", converted, ALICE], stdout=out, stderr=err, environ={})
     assert (code, err.getvalue()) == (0, ""), out.getvalue()
     assert servedFrom(database) == (uidl, listing)
+
+
+def test_messagesDovecotNumbersWhileTheMaildirIsListedGetItsUids(tmp_path, monkeypatch):
+    """
+    An import of a maildir a live Dovecot serves: while the import lists
+    it, Dovecot numbers a message a client then deletes (its uid used up,
+    dovecot-uidlist rewritten) and another arrives, unnumbered.  The
+    import numbers that one as Dovecot does next, after the uid used up,
+    so that the id mailgate serves for it is Dovecot's: it reads the
+    list again after the listing, and lists again while the list changed.
+    (Before, the list read before the listing gave it the used-up uid: a
+    leave-on-server client would have downloaded it again after the
+    switch.)
+    """
+    from mailgate.importers import maildir as module
+
+    server = PrivateDovecot()
+    try:
+        startWithMail(server, 2)
+        client = server.pop3(ALICE, PASSWORD)
+        client.quit()  # Dovecot numbers the two (uids 1 and 2)
+        listing = module.listMaildir
+        calls = []
+
+        def meanwhile(directory, uidList=None):
+            if not calls:
+                server.deliver(ALICE, b"Subject: deleted at once\r\n\r\nbody\r\n")
+                client = server.pop3(ALICE, PASSWORD)
+                client.dele(3)
+                client.quit()
+                name = f"{int(time.time())}.M1P1.dropped"
+                with open(os.path.join(server.maildir(ALICE), "new", name), "wb") as f:
+                    f.write(b"Subject: arrived meanwhile\n\nbody\n")
+                server.own(server.maildir(ALICE))
+            calls.append(max(record.uid for record in uidList.records.values()))
+            return listing(directory, uidList)
+
+        monkeypatch.setattr(module, "listMaildir", meanwhile)
+        store = memoryStore()
+        try:
+            addUser(store, ALICE, PASSWORD)
+            report = module.importMaildir(store, server.maildir(ALICE), ALICE)
+            assert (report.messages, report.failures) == (3, [])
+            assert calls == [2, 3]
+            client = server.pop3(ALICE, PASSWORD)
+            uidl, listed, _ = answers(client)
+            client.quit()
+            assert uidl[2].startswith("3 00000004")
+            assert servedByMailgate(store) == (uidl, listed)
+        finally:
+            store.close()
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+
+
+def test_theUidOfAnExpungedMessageIsNotGivenAgain(tmp_path):
+    """
+    Dovecot keeps an expunged message's record in dovecot-uidlist (until
+    it rewrites it), and its header's next uid stays behind the records
+    it appends: a file it has not numbered yet gets the uid after every
+    record, files or not.  So does the import (before, the uid after the
+    last file's: the expunged message's, another id than Dovecot's).
+    """
+    from mailgate.importers.maildir import importMaildir
+
+    server = PrivateDovecot()
+    try:
+        startWithMail(server, 3)
+        client = server.pop3(ALICE, PASSWORD)
+        client.dele(3)
+        client.quit()
+        with open(os.path.join(server.maildir(ALICE), "dovecot-uidlist")) as f:
+            assert f.read().splitlines()[-1].startswith("3 ")  # the expunged message's record
+        with open(os.path.join(server.maildir(ALICE), "new", f"{int(time.time())}.M1P1.dropped"), "wb") as f:
+            f.write(b"Subject: not numbered yet\n\nbody\n")
+        server.own(server.maildir(ALICE))
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        client = server.pop3(ALICE, PASSWORD)
+        uidl, listing, _ = answers(client)
+        client.quit()
+        assert uidl[2].startswith("3 00000004")
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        assert importMaildir(store, files, ALICE).messages == 3
+        assert servedByMailgate(store) == (uidl, listing)
+    finally:
+        store.close()

@@ -339,3 +339,48 @@ def test_aDirectoryOfNoMailIsStillNoMaildir(tmp_path):
                environ={})
     assert code == 66
     assert err.getvalue() == f"mailgate: {tmp_path / 'empty'} is not a maildir (no cur/ or new/)\n"
+
+
+def test_sizesInANameThatAreNotTheFilesAreSaid(store, tmp_path):
+    """
+    S= and W= in a file name that are not the file's: Dovecot believes
+    the name (LIST shows W=, RETR stops at S=, seen on Dovecot 2.3.19,
+    which logs "Cached message size smaller than expected"); the import
+    imports the file whole and says that what it serves differs.  Right
+    sizes, those of a compressed file's content among them, say nothing.
+    """
+    data = b"Subject: sizes\n\nbody line\n"
+    maildir = newMaildir(
+        tmp_path / "Maildir",
+        [
+            ("1700000001.M1P1.h,S=5,W=5", data),
+            ("1700000002.M1P1.h,S=26,W=500", data),
+            ("1700000003.M1P1.h,S=26,W=29", data),
+            ("1700000004.M1P1.h,S=26,W=29", gzip.compress(data)),
+            ("1700000005.M1P1.h,W=29,XS=1", data),
+        ],
+    )
+    lines = []
+    report = importMaildir(store, maildir, ALICE, progress=lines.append)
+    assert (report.messages, report.failures) == (5, [])
+    assert [line for line in lines if "sizes in its name" in line] == [
+        f"{maildir}/new/1700000001.M1P1.h,S=5,W=5: the sizes in its name (S=5,W=5) are not the file's (S=26,W=29), "
+        f"which Dovecot served by its name (LIST; RETR cut at S=): imported whole, as the file is (29 octets)",
+        f"{maildir}/new/1700000002.M1P1.h,S=26,W=500: the sizes in its name (W=500) are not the file's (W=29), "
+        f"which Dovecot served by its name (LIST; RETR cut at S=): imported whole, as the file is (29 octets)",
+    ]
+    assert served(store)[1] == [f"{n} 29" for n in range(1, 6)]
+
+
+def test_aHomeDirectoryGivenForItsMaildirSaysWhereTheMaildirIs(store, tmp_path):
+    """
+    The user's home given instead of its Maildir/: still no maildir, and
+    the error names the one below it.
+    """
+    from mailgate.importers import ImportFailed
+
+    home = tmp_path / "alice"
+    newMaildir(home / "Maildir", [("1700000001.M1P1.h", message(b"x"))])
+    with pytest.raises(ImportFailed) as caught:
+        importMaildir(store, str(home), ALICE)
+    assert str(caught.value) == f"{home} is not a maildir (no cur/ or new/); {home / 'Maildir'} is one"

@@ -255,14 +255,14 @@ def writeMaildir(root, messages, uidList=None):
 
 
 MESSAGES = [
-    ("cur", "1700000000.M1P1.host,S=40:2,S", b"Subject: first\n\n.leading dot\nbody\n"),
+    ("cur", "1700000000.M1P1.host,S=34:2,S", b"Subject: first\n\n.leading dot\nbody\n"),
     ("cur", "1700000100.M1P1.host:2,", b"Subject: second\r\n\r\nalready CRLF\r\n"),
     ("new", "1700000200.M5P1.host", b"Subject: third\n\nno final line end"),
     ("new", "1700000150.M9P1.host", b"Subject: unlisted, earlier\n\n\xe9t\xe9 8-bit\n"),
 ]
 UIDLIST = (
     b"3 V1700000000 N7 Gffff\n"
-    b"3 :1700000000.M1P1.host,S=40:2,S\n"
+    b"3 :1700000000.M1P1.host,S=34:2,S\n"
     b"5 Pkept-from-before :1700000100.M1P1.host\n"
     b"6 :1700000200.M5P1.host\n"
 )
@@ -324,7 +324,7 @@ def test_maildirWithoutUidListUsesFileNames(store, tmp_path):
     assert report.failures == []
     uidl, sizes, _ = pop3(store)
     assert uidl == [
-        "1700000000.M1P1.host,S=40",
+        "1700000000.M1P1.host,S=34",
         "1700000100.M1P1.host",
         "1700000150.M9P1.host",
         "1700000200.M5P1.host",

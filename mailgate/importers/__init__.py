@@ -334,6 +334,8 @@ class FileSource:
 
     @ivar mtime: the file's modification time.
     @ivar compression: the file's L{Compression}, or C{None}.
+    @ivar storedSize: the message's octets as stored (decompressed, line
+        ends as they are): what Dovecot's C{S=} in a file name counts.
     @ivar maxSize: the largest message read, in octets (served size), or
         C{None}: a larger one is L{TooLarge}, found out before more than
         that is read or decompressed.
@@ -388,14 +390,16 @@ class FileSource:
 
     def _blocks(self):
         pendingCR = False
-        served = 0
+        served = stored = 0
         for block in messageBlocks(self._fd, self.compression, self.blockSize, self.path):
             converted = toCRLF(block, pendingCR)
             pendingCR = block.endswith(b"\r")
             served += len(converted)
+            stored += len(block)
             if self.maxSize is not None and served > self.maxSize:
                 raise tooLarge(self.maxSize)
             yield converted
+        self.storedSize = stored
 
     def chunks(self, chunkSize):
         whole = self._whole

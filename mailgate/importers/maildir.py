@@ -278,7 +278,11 @@ def listMaildir(directory, uidList=None):
     # here too, its id renamed as a repeat's (never dropped).
     unlisted += [MaildirMessage(path, baseName(os.path.basename(path)), None) for path in sorted(twins)]
     if uidList is not None:
-        nextUid = max([uidList.nextUid] + [m.uid + 1 for m in listed])
+        # After every uid the list has, files or not: Dovecot leaves the
+        # records of expunged messages in it (until it rewrites it) and
+        # never gives their uids again, and its header's next uid stays
+        # behind the records it appends.
+        nextUid = max([uidList.nextUid] + [record.uid + 1 for record in uidList.records.values()])
         for offset, message in enumerate(unlisted):
             message.uid = nextUid + offset
     messages = listed + unlisted
@@ -414,7 +418,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         # Before anything is said of its dovecot-uidlist: a mistyped path
         # is one error, not a warning about ids and then the error.
         _refuseOtherFormat(directory)
-        raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/)")
+        raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}")
     _reportFolders(directory, progress)
     uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
     if uidListPath is not None and uidList is None:
@@ -432,7 +436,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         checkUidlFormat(uidlFormat)
     except ValueError as e:
         raise ImportFailed(f"bad --uidl-format {uidlFormat!r}: {e}") from None
-    messages = listMaildir(directory, uidList)
+    uidList, messages = _consistentListing(directory, uidList, uidListPath or os.path.join(directory, UIDLIST), progress)
     if deletedFlag is not None:
         keywords = os.path.join(os.path.dirname(uidListPath) if uidListPath else directory, KEYWORDS)
         messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
@@ -457,6 +461,40 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         )
         report.temporary = True
     return report
+
+
+#: How many times a maildir is listed while Dovecot changes its uid list.
+_LISTINGS = 5
+
+
+def _consistentListing(directory, uidList, uidListPath, progress):
+    """
+    L{listMaildir} with a uid list that did not change while the maildir
+    was listed: read again after each listing, and the maildir listed
+    again while it changed (a live Dovecot numbering new mail, for a
+    client that logged in).  Otherwise a message Dovecot numbered and
+    expunged meanwhile would leave its uid to the next new file here, a
+    uid Dovecot never gives again: that file's id would not be the one
+    Dovecot serves.  A few times at most; then the last listing, said.
+
+    @return: C{(uidList, messages)}.
+    """
+    messages = listMaildir(directory, uidList)
+    if uidList is None:
+        return uidList, messages
+    for _ in range(_LISTINGS - 1):
+        again = readUidList(uidListPath)
+        if again is None or again == uidList:
+            return uidList, messages
+        uidList = again
+        messages = listMaildir(directory, uidList)
+    if progress is not None:
+        progress(
+            f"{uidListPath} changed at each of {_LISTINGS} listings (Dovecot is numbering new mail): the ids of "
+            f"messages it numbers now may differ from Dovecot's; run the import again (with --mirror) once "
+            f"Dovecot no longer serves the maildir"
+        )
+    return uidList, messages
 
 
 class OtherFormat(ImportFailed):
@@ -522,6 +560,24 @@ def _isMbox(path):
         return False
     finally:
         os.close(fd)
+
+
+def _maildirBelow(directory):
+    """
+    For a directory that is no maildir: where one is right below it (a
+    home directory given for its C{Maildir/}), said as a hint; else
+    nothing.
+    """
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError:
+        return ""
+    for entry in entries[:1000]:
+        if entry.is_dir(follow_symlinks=False) and any(
+            os.path.isdir(os.path.join(entry.path, sub)) for sub in ("cur", "new")
+        ):
+            return f"; {entry.path} is one"
+    return ""
 
 
 #: A maildir's own subdirectories, which are no folders.
@@ -662,10 +718,46 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
             continue
         source = _openMessage(message, report, opener)
         if source is not None:
+            _checkNamedSizes(message, source, progress)
             writer.add(uidl, source, _arrival(message, source, now), message.path)
     writer.flush()
     # What the maildir lists, imported now or not.
     return [uidl for uidl in uidls if uidl is not None]
+
+
+_NAMED_SIZE = re.compile(r",([SW])=([0-9]+)(?=[,:]|$)")
+
+
+def namedSizes(base):
+    """
+    The sizes a maildir file's base name gives, as Dovecot writes and
+    reads them: C{S=} the file's octets (decompressed), C{W=} the
+    message's with CRLF line ends (what POP3's LIST shows); C{{"S": n,
+    "W": n}}, either missing where the name has none.
+    """
+    sizes = {}
+    for kind, digits in _NAMED_SIZE.findall(base):
+        sizes.setdefault(kind, int(digits))
+    return sizes
+
+
+def _checkNamedSizes(message, source, progress):
+    """
+    Say so where the sizes in a file's name are not the file's: Dovecot
+    believes the name (its LIST shows W=, its RETR stops at S= or logs
+    the file as broken), the import reads the file and imports it whole,
+    so what mailgate serves for it differs from what Dovecot served.
+    """
+    named = namedSizes(message.base)
+    actual = {"S": source.storedSize, "W": source.size}
+    wrong = [kind for kind in ("S", "W") if kind in named and named[kind] != actual[kind]]
+    if wrong and progress is not None:
+        said = ",".join(f"{kind}={named[kind]}" for kind in wrong)
+        real = ",".join(f"{kind}={actual[kind]}" for kind in wrong)
+        progress(
+            f"{message.path}: the sizes in its name ({said}) are not the file's ({real}), which Dovecot served "
+            f"by its name (LIST; RETR cut at S=): imported whole, as the file is ({source.size} octets)"
+        )
 
 
 def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False, opener=FileSource):
