@@ -1897,6 +1897,23 @@ def test_registryServiceWritesAndKicks(store):
     assert query(store, "SELECT count(*) FROM mailgate_nodes") == [(0,)]
 
 
+def test_sessionIdsAreUniqueAcrossNodesAndWithinOne(store):
+    """
+    A session's id in the registry is its node's id and its number there:
+    two nodes (two registries over one database) never hand out the same
+    one for a user, nor one node twice.
+    """
+    from mailgate.store.registry import SessionRegistry
+
+    class Maildrop:
+        userId = 7
+
+    nodes = [SessionRegistry(store), SessionRegistry(store)]
+    ids = [node.started(Maildrop(), "192.0.2.1:1100", None).sessionId for node in nodes for _ in range(3)]
+    assert len(set(ids)) == 6
+    assert all(i.startswith(nodes[n // 3].nodeId + ".") for n, i in enumerate(ids))
+
+
 # -- races between the lifecycle's writers (PostgreSQL: several processes) -----
 
 

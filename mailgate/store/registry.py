@@ -20,6 +20,7 @@ protocol asked to be ended (without the UPDATE state: nothing it marked
 deleted is deleted), which releases the maildrop's lock.
 """
 
+import itertools
 import json
 import os
 import secrets
@@ -380,6 +381,10 @@ class SessionRegistry:
     def __init__(self, store, name=None):
         self._store = store
         self.nodeId = secrets.token_hex(8)
+        # A session's id is the node's and its number here: unique across
+        # nodes and restarts as the node's id is, without drawing random
+        # octets from the kernel at every login.
+        self._sessionNumbers = itertools.count(1)
         self.name = name or f"{socket.gethostname()}[{os.getpid()}]"
         self._started = None
         self._sessions = {}
@@ -402,7 +407,7 @@ class SessionRegistry:
         if self._started is None:
             self._started = now
         userId = maildrop.userId
-        session = Session(secrets.token_hex(8), userId, peer, now, end)
+        session = Session(f"{self.nodeId}.{next(self._sessionNumbers)}", userId, peer, now, end)
         self._sessions[session.sessionId] = session
         self._added[session.sessionId] = session
         self._logins[userId] = max(now, self._logins.get(userId, now))
