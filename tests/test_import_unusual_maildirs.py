@@ -384,3 +384,21 @@ def test_aHomeDirectoryGivenForItsMaildirSaysWhereTheMaildirIs(store, tmp_path):
     with pytest.raises(ImportFailed) as caught:
         importMaildir(store, str(home), ALICE)
     assert str(caught.value) == f"{home} is not a maildir (no cur/ or new/); {home / 'Maildir'} is one"
+
+
+def test_aFolderGivenAsTheMaildirIsImportedAndSaidToBeOne(store, tmp_path):
+    """
+    Maildir/.Sent given as DIR (a script going through every directory):
+    imported, as asked, but said to be a folder, which Dovecot's POP3
+    never served.
+    """
+    maildir = tmp_path / "Maildir"
+    newMaildir(maildir, [("1700000001.M1P1.h", message(b"inbox"))])
+    newMaildir(maildir / ".Sent", [("1700000002.M1P1.h", message(b"sent"))])
+    (maildir / ".Sent" / "maildirfolder").write_bytes(b"")
+    lines = []
+    assert importMaildir(store, str(maildir / ".Sent"), ALICE, progress=lines.append).messages == 1
+    assert (
+        f"{maildir / '.Sent'} is a folder of a maildir (it has maildirfolder), not an INBOX, which is all POP3 "
+        f"serves: imported as asked"
+    ) in lines

@@ -420,6 +420,11 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         _refuseOtherFormat(directory)
         raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}")
     _reportFolders(directory, progress)
+    if progress is not None and os.path.exists(os.path.join(directory, "maildirfolder")):
+        progress(
+            f"{directory} is a folder of a maildir (it has maildirfolder), not an INBOX, which is all POP3 "
+            f"serves: imported as asked"
+        )
     uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
     if uidListPath is not None and uidList is None:
         raise ImportFailed(f"no such file: {uidListPath}")
