@@ -181,3 +181,36 @@ class ReplicatedCluster:
             if server is not None:
                 server.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BlackHole:
+    """
+    An address on 127.0.0.1 that takes no connection and refuses none, as
+    a server whose machine is gone (a failover's old primary): a listener
+    whose queue of connections not yet accepted is full, so the kernel
+    drops every new SYN unanswered (with the default
+    C{tcp_abort_on_overflow} = 0).
+
+    @ivar port: its port.
+    """
+
+    def __init__(self):
+        import socket
+
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        self._fillers = []
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self._fillers.append(filler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sock in self._fillers + [self._listener]:
+            sock.close()

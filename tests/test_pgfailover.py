@@ -15,6 +15,8 @@ is lost.
 
 import poplib
 import smtplib
+import socket
+import threading
 import urllib.error
 import urllib.request
 
@@ -24,10 +26,11 @@ import pytest
 from e2e import DEADLINE, ServerStarter, waitFor
 from mailgate.errors import TemporaryFailure
 from mailgate.store import engineFromURL
+from mailgate.store import postgres
 from mailgate.store.postgres import AdvisoryLocks
 from mailgate.testing import addUser, memoryStore, resultOf
 from iterated import IteratedReactor
-from pgcluster import ReplicatedCluster
+from pgcluster import BlackHole, ReplicatedCluster
 from pgserver import serverBinaries
 
 pytestmark = pytest.mark.skipif(serverBinaries() is None, reason="no PostgreSQL server binaries")
@@ -135,6 +138,59 @@ def test_loginsWithNoPrimaryEachTryOnceAndSayNothingWasLost(cluster, logEvents):
         reactor.resultOf(locks.close())
         reactor.close()
     assert [e for e in logEvents if e.get("event") == "lock.retried"] == []
+
+
+def test_aFirstServerThatDoesNotAnswerIsPassedOver(cluster, monkeypatch):
+    """
+    The URL's first server does not answer at all (its machine gone in the
+    failover, the old primary): each connection of the node waits for it
+    its connect timeout, then reaches the primary named after it.  Before,
+    the lock and read connections (libpq's non-blocking connect) spent
+    the whole timeout on the first server and failed, at every attempt:
+    no POP3 login on such a node until its URL was changed.
+    """
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 1)
+    with BlackHole() as gone:
+        engine = engineFromURL(
+            f"postgresql://mailgate:mailgate@127.0.0.1:{gone.port},127.0.0.1:{cluster.primary.port}/mail"
+        )
+        pg = engine.connectPrepared([])
+        try:
+            assert pg.port == str(cluster.primary.port).encode()
+        finally:
+            pg.finish()
+
+
+def test_whyNoServerAnsweredIsAskedWithinTheTimeout(monkeypatch):
+    """
+    Neither server takes the connection, the first not answering, the
+    second refusing: the failure is reported within the connect timeouts.
+    Before, asking the second why it refused (pgrefusal) sent libpq's
+    first packet to the first before its connection was made, in blocking
+    mode, and waited until the kernel gave up on it, some two minutes,
+    holding up every connection attempt of the node meanwhile.
+    """
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 1)
+    with BlackHole() as gone, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        engine = engineFromURL(
+            f"postgresql://mailgate:mailgate@127.0.0.1:{gone.port},127.0.0.1:{closed.getsockname()[1]}/mail"
+        )
+        outcome = []
+        attempt = threading.Thread(target=lambda: outcome.append(_failureOf(engine.connectPrepared, [])))
+        attempt.start()
+        attempt.join(DEADLINE)
+        assert not attempt.is_alive(), "the connection attempt did not end within 20 s"
+    [failure] = outcome
+    assert isinstance(failure, TemporaryFailure) and "timeout expired" in str(failure), failure
+
+
+def _failureOf(function, *args):
+    try:
+        function(*args)
+    except Exception as e:
+        return e
+    return None
 
 
 def _login(port):

@@ -65,7 +65,7 @@ def test_aBusyPoolerSharingBackendsIsRefusedToo(pooler):
     for client in clients:
         client.start()
     try:
-        passed = sum(engine.sharedBackends() is None for _ in range(100))
+        passed = sum(engine.sharedBackends() is None for _ in range(50))
     finally:
         stop.set()
         for client in clients:

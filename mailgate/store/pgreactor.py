@@ -21,6 +21,7 @@ names and negotiates TLS with blocking calls.
 """
 
 import os
+import random
 import select
 import time
 from collections import deque
@@ -102,14 +103,25 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         raise DatabaseRefused(
             f"cannot connect to PostgreSQL at {where}: {withoutPassword(oneLine(e), conninfo)}"
         ) from None
-    pg, timedOut = _connected(info.encode("utf-8"), connectTimeout)
+    failed = []
+    for attempt in hostAttempts(info):
+        pg, timedOut = _connected(attempt.encode("utf-8"), connectTimeout)
+        if timedOut is None and pg.status == pq.ConnStatus.OK:
+            break
+        failed.append((pg, timedOut or oneLine(pg.get_error_message()), timedOut is not None))
+    else:
+        try:
+            reason = "; ".join(why for _, why, _ in failed)
+            refused = [pg for pg, _, timedOut in failed if not timedOut]
+            if not refused:
+                raise pgrefusal.connectionFailure(where, conninfo, reason, timedOut=True, timeout=connectTimeout)
+            raise pgrefusal.connectionFailure(where, conninfo, reason, pgconn=refused[-1], timeout=connectTimeout)
+        finally:
+            for pg, _, _ in failed:
+                pg.finish()
+    for other, _, _ in failed:
+        other.finish()
     try:
-        if timedOut is not None:
-            raise pgrefusal.connectionFailure(where, conninfo, timedOut, timedOut=True, timeout=connectTimeout)
-        if pg.status != pq.ConnStatus.OK:
-            raise pgrefusal.connectionFailure(
-                where, conninfo, oneLine(pg.get_error_message()), pgconn=pg, timeout=connectTimeout
-            )
         pg.notice_handler = _ignoreNotice
         if callable(setup):
             setup = setup(pg.server_version)
@@ -122,6 +134,46 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         pg.finish()
         raise
     return pg
+
+
+def hostAttempts(info):
+    """
+    The connection strings to try in turn for C{info}, one per host where
+    it names several (C{host=db1,db2}, a multi-host URL), each with its
+    own port and address, as psycopg's own connect tries them.
+
+    libpq's non-blocking connect moves on to the next host only for some
+    failures, and its C{connect_timeout} is for the caller to enforce
+    (L{_connected}: all hosts together): a first host that did not answer
+    at all (its machine gone, the old primary of a failover) took the
+    whole time, every time, and a node's lock and read connections never
+    reached the primary named after it.  Each host is given the whole
+    timeout.  C{load_balance_hosts=random} (libpq 16) is honoured.
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(info)
+    except psycopg.Error:
+        return [info]
+    hosts = str(params.get("host", "")).split(",")
+    addresses = str(params.get("hostaddr", "")).split(",")
+    count = max(len(hosts), len(addresses))
+    if count < 2:
+        return [info]
+    ports = str(params.get("port", "")).split(",")
+    attempts = []
+    for i in range(count):
+        single = dict(params)
+        for name, values in (("host", hosts), ("hostaddr", addresses), ("port", ports)):
+            value = values[i] if len(values) > 1 else values[0]
+            if value:
+                single[name] = value
+            else:
+                # Empty: libpq's default (the port, the local socket).
+                single.pop(name, None)
+        attempts.append(psycopg.conninfo.make_conninfo("", **single))
+    if params.get("load_balance_hosts") == "random":
+        random.shuffle(attempts)
+    return attempts
 
 
 def _connected(info, connectTimeout):

@@ -216,9 +216,15 @@ def _complete(pg, deadline):
     Drive C{PQconnectPoll} until the attempt succeeds, fails or runs out
     of time.  C{poll}, not C{select}: a busy node's descriptors go past
     C{FD_SETSIZE}.
+
+    The socket is waited for before the first call too, as libpq asks
+    (C{PQconnectStart} leaves it connecting): called at once, for a
+    server whose machine does not answer (a multi-host URL's old primary,
+    gone in a failover) C{connect_poll} blocked until the kernel gave up
+    on the connection, 133 seconds, the deadline ignored.
     """
-    while True:
-        status = pg.connect_poll()
+    status = pq.PollingStatus.WRITING
+    while pg.status != pq.ConnStatus.BAD:
         if status in (pq.PollingStatus.OK, pq.PollingStatus.FAILED):
             return
         left = deadline - time.monotonic()
@@ -226,7 +232,9 @@ def _complete(pg, deadline):
             return
         poller = select.poll()
         poller.register(pg.socket, select.POLLIN if status == pq.PollingStatus.READING else select.POLLOUT)
-        poller.poll(left * 1000)
+        if not poller.poll(left * 1000):
+            return
+        status = pg.connect_poll()
 
 
 def _option(pg, keyword):
