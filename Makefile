@@ -24,7 +24,7 @@ $(BIN)/python:
 # setup.cfg's, with its floors (tests/test_dependencies.py checks they agree).
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=24.2' 'attrs>=22' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
+		'service-identity>=24.2' 'attrs>=22.1' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3.0.2' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
 		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=23.1' 'cryptography>=42' 'idna>=2.4' \
 		'setuptools>=68' wheel
 	touch $@
