@@ -21,7 +21,7 @@ C{mailgate}: the administrator's command.
   mailgate mailbox export (ADDRESS DIR | --all DIR)
   mailgate import forget ADDRESS [UIDL ...]
   mailgate import maildir DIR ADDRESS [--uidl-format FORMAT] [--uidlist FILE] [--reuse-xuidl]
-                          [--deleted-flag KEYWORD] [--mirror]
+                          [--deleted-flag KEYWORD] [--mirror] [--max-message-size SIZE]
   mailgate import pop3 URL [ADDRESS] [--password-stdin] [--insecure] [--delete | --mirror] [--users FILE]
                        [--max-message-size SIZE] [--master-user NAME [--master-separator SEP]]
   mailgate who [--json]
