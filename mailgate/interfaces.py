@@ -857,6 +857,14 @@ class IEngine(Interface):
         Give back what L{claimServer} took.
         """
 
+    def refuseReadOnly():
+        """
+        Raise L{mailgate.errors.ConfigurationError} if this process may
+        read the database but not write it, where opening it does not
+        fail then (an SQLite file the user may only read opens read-only,
+        and every write failed as if for a moment), naming why.
+        """
+
     def makeLocks(database):
         """
         The L{IMaildropLocks} for a store on C{database} (an L{IDatabase}):

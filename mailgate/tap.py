@@ -644,6 +644,7 @@ def _checkUsable(service, config):
         engine = getattr(service.store, "engine", None)
         if getattr(engine, "path", None) and not engine.ephemeral:
             engine.connect().close()
+            engine.refuseReadOnly()
     except Exception as e:
         raise ConfigurationError(f"{e} (as {user}, the user of twistd's --uid)") from None
 

@@ -101,6 +101,7 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
     database = SynchronousDatabase(engine)
     try:
+        engine.refuseReadOnly()
         if migrate:
             if not adopt:
                 _refuseAnotherApplications(database, url)
@@ -212,6 +213,7 @@ def openStore(url, reactor, server=True, metrics=None):
     if server:
         engine.claimServer()
     try:
+        engine.refuseReadOnly()
         if not engine.ephemeral:
             upgrading = SynchronousDatabase(engine)
             try:

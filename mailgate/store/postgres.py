@@ -537,6 +537,13 @@ class PostgresEngine:
         cursor.execute("SELECT extract(epoch FROM clock_timestamp())")
         return float(cursor.fetchone()[0])
 
+    def refuseReadOnly(self):
+        """
+        Nothing to do here: a role that may not write a table is found
+        by L{missingPrivileges}, and a server that takes no writes (a
+        standby) is a temporary failure, as in its documentation.
+        """
+
     def claimServer(self):
         """
         Any number of nodes may share a PostgreSQL database, but each node

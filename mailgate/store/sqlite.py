@@ -386,6 +386,25 @@ class SQLiteEngine:
             return f" ({user} may not create files in {directory}, where SQLite makes the database's -wal and -shm files)"
         return ""
 
+    def refuseReadOnly(self):
+        """
+        The database file, or the C{-wal} or C{-shm} beside it, exists
+        but this process may not write it: SQLite opens such a database
+        read-only without a word, so a server started (an operator's
+        C{chmod 400}, a file copied in by root and left root's, mode
+        0644) and refused every delivery with 451 "attempt to write a
+        readonly database", naming neither the file nor its permissions,
+        and C{mailgate deliver} exited 75, which an MTA retries until it
+        bounces.  Said as a failure to open it would be: exit 78.
+        """
+        if self.ephemeral or self.path.startswith("file:"):
+            return
+        for name in (self.path, self.path + "-wal", self.path + "-shm"):
+            if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK, **_EFFECTIVE):
+                raise ConfigurationError(
+                    f"cannot open SQLite database {self.path} to write to it{self._openHint() or f' ({name})'}"
+                )
+
     def _unusableForNow(self, error):
         """
         The temporary failure to open the database that C{error} (SQLite's
@@ -600,7 +619,10 @@ class SQLiteEngine:
                 raise ConfigurationError(
                     f"{lockPath} is a symbolic link, not mailgate's lock file: remove it"
                 ) from None
-            raise ConfigurationError(f"cannot open SQLite database {self.path}: {e.strerror}") from None
+            raise ConfigurationError(
+                f"cannot open SQLite database {self.path}: cannot open its lock file {lockPath}: "
+                f"{e.strerror}{self._lockHint(lockPath)}"
+            ) from None
         found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             os.close(fd)
@@ -636,6 +658,31 @@ class SQLiteEngine:
                 # it is held.  (A full disk: opening the database says so.)
                 pass
         self._guard = fd
+
+    def _lockHint(self, lockPath):
+        """
+        Why the server's lock file (L{claimServer}) cannot be opened: the
+        user this runs as may not write it (made by root: a start before
+        twistd's C{--uid} was given), or may not create it; as
+        L{_openHint} says of the database.
+        """
+        user = _userName(os.geteuid())
+        try:
+            found = os.stat(lockPath)
+        except OSError:
+            directory = self._directory()
+            if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK, **_EFFECTIVE):
+                return (
+                    f" ({user} may not create files in {directory}, where the server makes its lock file "
+                    f"and SQLite the database's -wal and -shm files)"
+                )
+            return self._openHint()
+        if not os.access(lockPath, os.R_OK | os.W_OK, **_EFFECTIVE):
+            return (
+                f" ({user} may not read and write {lockPath}: it is {_userName(found.st_uid)}'s, "
+                f"mode {stat.S_IMODE(found.st_mode):04o})"
+            )
+        return self._openHint()
 
     def serverRunning(self):
         """
