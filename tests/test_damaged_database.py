@@ -189,3 +189,27 @@ def test_aServerSaysOnceThatItsDatabaseIsDamaged(mailgate_server, damagedPath, d
     assert len(damaged) == 1, log
     assert f"the SQLite database {damagedPath} is damaged (database disk image is malformed)" in damaged[0]
     assert "Traceback" not in log and "critical" not in log, log
+
+
+def test_aServerWhoseStartMeetsTheDamageStopsWithAConfigurationError(damagedPath):
+    """
+    Damage the start meets (the table of schema versions, read before
+    anything is served): a configuration error, which twistd mailgate
+    exits 78 for and systemd does not restart (RestartPreventExitStatus),
+    not a temporary failure (75), which it restarted for ever.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    from mailgate.errors import ConfigurationError, UnavailableAtStart
+    from mailgate.store import openStore
+
+    conn = sqlite3.connect(damagedPath)
+    try:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'mailgate_schema'").fetchone()
+    finally:
+        conn.close()
+    overwritePage(damagedPath, root)
+    with pytest.raises(ConfigurationError) as raised:
+        openStore(f"sqlite:///{damagedPath}", MemoryReactor(), server=False)
+    assert not isinstance(raised.value, UnavailableAtStart)
+    assert str(raised.value).startswith(f"the SQLite database {damagedPath} is damaged (database disk image is malformed): ")

@@ -12,7 +12,14 @@ URLs:
 import os
 from urllib.parse import urlsplit
 
-from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure, UnavailableAtStart
+from mailgate.errors import (
+    ConfigurationError,
+    DatabaseDamaged,
+    DatabaseInUse,
+    DatabaseRefused,
+    TemporaryFailure,
+    UnavailableAtStart,
+)
 from mailgate.store.database import Database, SynchronousDatabase
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.store.sql import SQLMailStore
@@ -223,7 +230,9 @@ def openStore(url, reactor, server=True, metrics=None):
         else:
             applied = []
         database = Database(engine, reactor, metrics=metrics)
-    except DatabaseRefused as e:
+    except (DatabaseRefused, DatabaseDamaged) as e:
+        # Neither goes away by starting again: a start stopping with
+        # EX_TEMPFAIL would have systemd start it again for ever.
         engine.releaseServer()
         raise ConfigurationError(str(e)) from e
     except TemporaryFailure as e:
