@@ -26,7 +26,8 @@ import pytest
 from e2e import DEADLINE, ServerStarter, waitFor
 from mailgate.errors import TemporaryFailure
 from mailgate.store import engineFromURL
-from mailgate.store import postgres
+from mailgate.store import pgreactor, postgres
+from mailgate.store.pghosts import HostOrder
 from mailgate.store.postgres import AdvisoryLocks
 from mailgate.testing import addUser, memoryStore, resultOf
 from iterated import IteratedReactor
@@ -159,6 +160,60 @@ def test_aFirstServerThatDoesNotAnswerIsPassedOver(cluster, monkeypatch):
             assert pg.port == str(cluster.primary.port).encode()
         finally:
             pg.finish()
+
+
+def test_theServerThatLastTookAConnectionIsTriedFirst(cluster, monkeypatch):
+    """
+    Once a connection has reached the primary past a server that does not
+    answer, the next ones go to the primary first.  Before, every
+    connection tried the URL's first server and waited out its timeout:
+    after a failover a node took ten seconds for each of its eight lock
+    and read connections, one after another, and its first logins waited
+    for them.
+    """
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 1)
+    tried = []
+    connected = pgreactor._connected
+
+    def spied(info, timeout):
+        tried.append(int(psycopg.conninfo.conninfo_to_dict(info.decode())["port"]))
+        return connected(info, timeout)
+
+    monkeypatch.setattr(pgreactor, "_connected", spied)
+    with BlackHole() as gone:
+        engine = engineFromURL(
+            f"postgresql://mailgate:mailgate@127.0.0.1:{gone.port},127.0.0.1:{cluster.primary.port}/mail"
+        )
+        for _ in range(3):
+            engine.connectPrepared([]).finish()
+        assert tried == [gone.port, cluster.primary.port, cluster.primary.port, cluster.primary.port]
+        conn = engine.connect()
+        try:
+            assert conn.info.port == cluster.primary.port
+        finally:
+            conn.close()
+
+
+def test_theOrderOfServersFollowsTheLastConnection():
+    """
+    L{HostOrder}: the URL's order until a connection is made to another of
+    its servers, which then comes first, the others after it in turn;
+    each server keeps its port and address.
+    """
+    order = HostOrder("postgresql://u@db1:5433,db2,db3:5434/mail")
+    assert order.parameters() == {}
+    order.connected("db3", "5434")
+    assert order.parameters() == {"host": "db3,db1,db2", "port": "5434,5433,"}
+    order.connected("db2", "5432")
+    assert order.parameters() == {"host": "db2,db3,db1", "port": ",5434,5433"}
+    order.connected("db1", "5433")
+    assert order.parameters() == {}
+    order.connected("elsewhere", "5432")
+    assert order.parameters() == {}
+    withAddresses = HostOrder("host=a,b hostaddr=10.0.0.1,10.0.0.2 port=5432 dbname=mail")
+    withAddresses.connected("b", "5432")
+    assert withAddresses.parameters() == {"host": "b,a", "port": "5432,5432", "hostaddr": "10.0.0.2,10.0.0.1"}
+    assert HostOrder("postgresql://u@db1/mail").parameters() == {}
 
 
 def test_whyNoServerAnsweredIsAskedWithinTheTimeout(monkeypatch):

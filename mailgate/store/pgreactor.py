@@ -21,7 +21,6 @@ names and negotiates TLS with blocking calls.
 """
 
 import os
-import random
 import select
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from zope.interface import implementer
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
+from mailgate.store.pghosts import hostAttempts
 from mailgate.store.pgdeadline import ANSWER_DEADLINE
 from mailgate.timers import cancelled, elapsedClock
 from mailgate.plural import counted
@@ -134,46 +134,6 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         pg.finish()
         raise
     return pg
-
-
-def hostAttempts(info):
-    """
-    The connection strings to try in turn for C{info}, one per host where
-    it names several (C{host=db1,db2}, a multi-host URL), each with its
-    own port and address, as psycopg's own connect tries them.
-
-    libpq's non-blocking connect moves on to the next host only for some
-    failures, and its C{connect_timeout} is for the caller to enforce
-    (L{_connected}: all hosts together): a first host that did not answer
-    at all (its machine gone, the old primary of a failover) took the
-    whole time, every time, and a node's lock and read connections never
-    reached the primary named after it.  Each host is given the whole
-    timeout.  C{load_balance_hosts=random} (libpq 16) is honoured.
-    """
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(info)
-    except psycopg.Error:
-        return [info]
-    hosts = str(params.get("host", "")).split(",")
-    addresses = str(params.get("hostaddr", "")).split(",")
-    count = max(len(hosts), len(addresses))
-    if count < 2:
-        return [info]
-    ports = str(params.get("port", "")).split(",")
-    attempts = []
-    for i in range(count):
-        single = dict(params)
-        for name, values in (("host", hosts), ("hostaddr", addresses), ("port", ports)):
-            value = values[i] if len(values) > 1 else values[0]
-            if value:
-                single[name] = value
-            else:
-                # Empty: libpq's default (the port, the local socket).
-                single.pop(name, None)
-        attempts.append(psycopg.conninfo.make_conninfo("", **single))
-    if params.get("load_balance_hosts") == "random":
-        random.shuffle(attempts)
-    return attempts
 
 
 def _connected(info, connectTimeout):

@@ -31,6 +31,7 @@ from mailgate.store import pgreactor, pgrefusal, reads
 from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
+from mailgate.store.pghosts import HostOrder
 from mailgate.store.pgdeadline import DeadlineConnection
 from mailgate.store.pgreactor import (
     INT4,
@@ -233,6 +234,8 @@ class PostgresEngine:
         self._conninfo = _conninfo(url)
         # Parameters every connection adds to the URL's.
         self._parameters = {**_clientKeepalive(self._conninfo), **_primaryOnly(self._conninfo)}
+        # Several servers: the one that last took a connection first.
+        self._hosts = HostOrder(self._conninfo)
         self._namespace = None
 
     def __repr__(self):
@@ -265,7 +268,8 @@ class PostgresEngine:
             raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {problem}")
         try:
             conn = DeadlineConnection.connect(
-                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._parameters
+                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._parameters,
+                **self._hosts.parameters(),
             )
         except psycopg.ProgrammingError as e:
             # psycopg could not read the connection string: nothing to retry.
@@ -277,6 +281,7 @@ class PostgresEngine:
                 repr(self), self._conninfo, oneLine(e), pgconn=getattr(e, "pgconn", None),
                 timedOut=isinstance(e, _CONNECTION_TIMEOUT), timeout=CONNECT_TIMEOUT,
             ) from e
+        self._hosts.connected(conn.info.host, str(conn.info.port))
         self.onConnect(conn)
         return conn
 
@@ -597,7 +602,7 @@ class PostgresEngine:
                 connections.append(
                     psycopg.connect(
                         self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None,
-                        **self._parameters,
+                        **self._parameters, **self._hosts.parameters(),
                     )
                 )
             for _ in range(SHARING_ROUNDS):
@@ -629,8 +634,10 @@ class PostgresEngine:
         thread), with C{statements} prepared: a C{psycopg.pq.PGconn}.
         """
         pg = pgreactor.connect(
-            self._conninfo, sessionSettings, statements, CONNECT_TIMEOUT, where=repr(self), parameters=self._parameters
+            self._conninfo, sessionSettings, statements, CONNECT_TIMEOUT, where=repr(self),
+            parameters={**self._parameters, **self._hosts.parameters()},
         )
+        self._hosts.connected(pg.host.decode("utf-8", "replace"), pg.port.decode("ascii", "replace"))
         if self._namespace is None:
             try:
                 result = pgreactor.execute(pg, b"SELECT current_database(), current_schema()")

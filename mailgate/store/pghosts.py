@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_pgfailover -*-
+"""
+The servers of a multi-host PostgreSQL URL (C{postgresql://db1,db2/mail}:
+a primary and its standbys), as mailgate connects to them.
+
+libpq tries them in the URL's order, from the first, at every connection.
+A first server whose machine is gone (a failover's old primary) then costs
+every new connection its whole connect timeout before the next is tried,
+the primary: after a failover a node took ten seconds for each of its
+lock and read connections, made one after another, and its first login
+waited for them.  L{HostOrder} puts the server that last took a
+connection first; L{hostAttempts} gives each server its own timeout.
+"""
+
+import random
+import threading
+
+import psycopg
+
+
+def _servers(params):
+    """
+    C{(host, hostaddr, port)} of each server C{params} (a parsed
+    connection string) names, an empty string for what it leaves to
+    libpq's default; C{None} for fewer than two servers.
+    """
+    hosts = str(params.get("host", "")).split(",")
+    addresses = str(params.get("hostaddr", "")).split(",")
+    count = max(len(hosts), len(addresses))
+    if count < 2:
+        return None
+    ports = str(params.get("port", "")).split(",")
+
+    def nth(values, i):
+        return values[i] if len(values) > 1 else values[0]
+
+    return [(nth(hosts, i), nth(addresses, i), nth(ports, i)) for i in range(count)]
+
+
+def hostAttempts(info):
+    """
+    The connection strings to try in turn for C{info}, one per host where
+    it names several (C{host=db1,db2}, a multi-host URL), each with its
+    own port and address, as psycopg's own connect tries them.
+
+    libpq's non-blocking connect moves on to the next host only for some
+    failures, and its C{connect_timeout} is for the caller to enforce
+    (L{mailgate.store.pgreactor}'s C{_connected}: all hosts together): a first host that did not answer
+    at all (its machine gone, the old primary of a failover) took the
+    whole time, every time, and a node's lock and read connections never
+    reached the primary named after it.  Each host is given the whole
+    timeout.  C{load_balance_hosts=random} (libpq 16) is honoured.
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(info)
+    except psycopg.Error:
+        return [info]
+    servers = _servers(params)
+    if servers is None:
+        return [info]
+    attempts = []
+    for server in servers:
+        single = dict(params)
+        for name, value in zip(("host", "hostaddr", "port"), server):
+            if value:
+                single[name] = value
+            else:
+                # Empty: libpq's default (the port, the local socket).
+                single.pop(name, None)
+        attempts.append(psycopg.conninfo.make_conninfo("", **single))
+    if params.get("load_balance_hosts") == "random":
+        random.shuffle(attempts)
+    return attempts
+
+
+class HostOrder:
+    """
+    The servers of a connection string naming several, the one that last
+    took a connection first.  Thread-safe: connections are made on worker
+    threads.
+    """
+
+    def __init__(self, conninfo):
+        try:
+            self._servers = _servers(psycopg.conninfo.conninfo_to_dict(conninfo))
+        except psycopg.Error:
+            self._servers = None
+        self._first = 0
+        self._lock = threading.Lock()
+
+    def parameters(self):
+        """
+        The C{host}, C{port} and C{hostaddr} parameters that list the
+        servers in the order to try them, overriding the connection
+        string's: none while that order is the connection string's own.
+        """
+        with self._lock:
+            first = self._first
+        if not self._servers or first == 0:
+            return {}
+        order = self._servers[first:] + self._servers[:first]
+        parameters = {"host": ",".join(host for host, _, _ in order), "port": ",".join(port for _, _, port in order)}
+        if any(address for _, address, _ in order):
+            parameters["hostaddr"] = ",".join(address for _, address, _ in order)
+        return parameters
+
+    def connected(self, host, port):
+        """
+        A connection was made to C{host} (as libpq reports it: the name,
+        or the address where only one was given) on C{port}.
+        """
+        if not self._servers:
+            return
+        for i, (name, address, given) in enumerate(self._servers):
+            if host in (name, address) and given in (port, ""):
+                with self._lock:
+                    self._first = i
+                return
