@@ -116,3 +116,27 @@ class HostOrder:
                 with self._lock:
                     self._first = i
                 return
+
+
+_orders = {}
+_ordersLock = threading.Lock()
+#: connection strings whose order is remembered, at most (a process has one
+#: or two: the server's database, a db copy's target)
+_MAX_ORDERS = 16
+
+
+def hostOrderOf(conninfo):
+    """
+    The L{HostOrder} of C{conninfo}, one per process: a node makes
+    several engines of its URL as it starts (the URL's check, the schema's,
+    the store's), each of which had to learn anew, at the cost of a
+    timeout, which server answers.
+    """
+    with _ordersLock:
+        order = _orders.get(conninfo)
+        if order is None:
+            if len(_orders) >= _MAX_ORDERS:
+                _orders.clear()
+            order = _orders[conninfo] = HostOrder(conninfo)
+        return order
+

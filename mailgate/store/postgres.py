@@ -31,7 +31,7 @@ from mailgate.store import pgreactor, pgrefusal, reads
 from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
-from mailgate.store.pghosts import HostOrder
+from mailgate.store.pghosts import hostOrderOf
 from mailgate.store.pgdeadline import DeadlineConnection
 from mailgate.store.pgreactor import (
     INT4,
@@ -235,7 +235,7 @@ class PostgresEngine:
         # Parameters every connection adds to the URL's.
         self._parameters = {**_clientKeepalive(self._conninfo), **_primaryOnly(self._conninfo)}
         # Several servers: the one that last took a connection first.
-        self._hosts = HostOrder(self._conninfo)
+        self._hosts = hostOrderOf(self._conninfo)
         self._namespace = None
 
     def __repr__(self):
@@ -599,12 +599,12 @@ class PostgresEngine:
         pids = ([], [])
         try:
             for _ in range(2):
-                connections.append(
-                    psycopg.connect(
-                        self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None,
-                        **self._parameters, **self._hosts.parameters(),
-                    )
+                conn = psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None,
+                    **self._parameters, **self._hosts.parameters(),
                 )
+                connections.append(conn)
+                self._hosts.connected(conn.info.host, str(conn.info.port))
             for _ in range(SHARING_ROUNDS):
                 for conn, seen in zip(connections, pids):
                     seen.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
