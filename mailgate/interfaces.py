@@ -899,6 +899,10 @@ class IDatabase(Interface):
         "(L{mailgate.errors.errorKind}), or C{None}: what the health check "
         "answers with."
     )
+    damage = Attribute(
+        "The L{mailgate.errors.DatabaseDamaged} the running server first "
+        "met, or C{None}: the health check fails with it until a restart."
+    )
 
     def runInteraction(function, *args, **kwargs):
         """

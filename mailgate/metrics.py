@@ -63,7 +63,7 @@ from twisted.protocols import policies
 from twisted.web import http, resource, server
 
 from mailgate import __version__
-from mailgate.errors import ShuttingDown, WritesFailing, errorKind
+from mailgate.errors import DatabaseDamaged, ShuttingDown, WritesFailing, errorKind
 from mailgate.timers import cancelled
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
@@ -735,6 +735,8 @@ class _Health(resource.Resource):
                 reason = f"the database failed: {' '.join(str(failure.value).split())}"
                 if failure.check(WritesFailing):
                     shown = f"database writes fail ({errorKind(failure.value)})"
+                elif failure.check(DatabaseDamaged):
+                    shown = f"database damaged ({errorKind(failure.value)})"
                 else:
                     shown = f"database unavailable ({errorKind(failure.value)})"
             if reason != self._loggedReason:

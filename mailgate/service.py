@@ -804,6 +804,11 @@ class MailgateService(MultiService):
         if not self.running:
             return defer.fail(ShuttingDown("mailgate is shutting down"))
         database = getattr(self.store, "database", None)
+        damage = getattr(database, "damage", None)
+        if damage is not None:
+            # Whatever this trivial question finds: the damage met on
+            # other pages stays until the file is restored.
+            return defer.fail(damage)
         failure = getattr(database, "writeFailure", None)
         note = None
         if failure is not None:

@@ -11,12 +11,15 @@ do; POP3 C{-ERR [SYS/TEMP]} and SMTP C{451} for what touches the damage
 (the MTA keeps the mail until the restore), while the rest is served.
 """
 
+import smtplib
 import sqlite3
+import urllib.error
+import urllib.request
 
 import pytest
 from twisted.logger import LogLevel
 
-from e2e import mailgate_server, pop, popLogin, sqliteOnly  # noqa: F401 (mailgate_server is a fixture)
+from e2e import DEADLINE, mailgate_server, pop, popLogin, sqliteOnly  # noqa: F401 (mailgate_server is a fixture)
 from e2e import mailgateHere as mailgate
 from mailgate.errors import DatabaseDamaged
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, resultOf
@@ -55,9 +58,11 @@ def overwritePage(path, number):
 @pytest.fixture
 def damagedPath(tmp_path):
     """
-    A database where Alice (one message) and Bob (twelve) have mail, and
+    A database where Alice (one message) and Bob (forty) have mail, and
     the page of the maildrop table holding Bob's last rows is
-    overwritten: Alice's rows, on pages of their own, still read.
+    overwritten: Alice's rows, pages away from it, still read, and take
+    a new message (an insert balances its page with two neighbours at
+    most: Bob's forty rows fill more pages than that).
     """
     path = tmp_path / "mail.sqlite3"
     made = sqlite3.connect(path)
@@ -69,7 +74,7 @@ def damagedPath(tmp_path):
         addUser(store, ALICE, PASSWORD)
         addUser(store, BOB, PASSWORD)
         deliver(store, [ALICE], b"Subject: for alice\r\n\r\nhello\r\n")
-        for n in range(12):
+        for n in range(40):
             deliver(store, [BOB], f"Subject: for bob {n}\r\n\r\nhello\r\n".encode())
     finally:
         store.close()
@@ -169,12 +174,17 @@ def test_aDatabaseDamagedAtItsOpeningIsSaidToBe(damagedPath, damage):
 def test_aServerSaysOnceThatItsDatabaseIsDamaged(mailgate_server, damagedPath, databaseURL):
     """
     A real server on the damaged file: Bob's logins are refused with
-    C{[SYS/TEMP]}, Alice's served; the log has one error line naming the
-    file and SQLite's reason (C{database.damaged}, however many sessions
-    meet the damage), and no traceback.
+    C{[SYS/TEMP]} and his mail with 451, Alice's served; the log has one
+    error line naming the file and SQLite's reason (C{database.damaged},
+    however many sessions meet the damage: Bob's failed deliveries
+    between Alice's good ones said "database writes fail" and "work
+    again" by turns, an error each time), and no traceback; /healthz
+    says the database is damaged from then on.
     """
     assert databaseURL == f"sqlite:///{damagedPath}"
-    server = mailgate_server("--auth-failure-delay", "0")
+    server = mailgate_server(
+        "--auth-failure-delay", "0", "--smtp", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"
+    )
     for _ in range(2):
         client = pop(server)
         client.user(BOB)
@@ -184,11 +194,24 @@ def test_aServerSaysOnceThatItsDatabaseIsDamaged(mailgate_server, damagedPath, d
     alice = popLogin(server, ALICE, PASSWORD)
     assert alice.stat()[0] == 1
     alice.quit()
+    for _ in range(2):
+        with smtplib.SMTP("127.0.0.1", server.ports["SMTP"][0], timeout=DEADLINE) as smtp:
+            # Bob's pages are what the damage took; a message for Carol,
+            # nobody's, is refused at RCPT, and Alice's is stored.
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail("sender@remote.test", [BOB], b"Subject: hi\r\n\r\nhello\r\n")
+            assert refused.value.smtp_code == 451
+        with smtplib.SMTP("127.0.0.1", server.ports["SMTP"][0], timeout=DEADLINE) as smtp:
+            smtp.sendmail("sender@remote.test", [ALICE], b"Subject: hi\r\n\r\nhello\r\n")
+    with pytest.raises(urllib.error.HTTPError) as health:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.ports['METRICS'][0]}/healthz", timeout=DEADLINE)
+    assert health.value.code == 503
+    assert health.value.read() == b"unavailable: database damaged (DatabaseDamaged, DatabaseError, SQLITE_CORRUPT)\n"
     log = server.stdout
-    damaged = [line for line in log.splitlines() if "Database#error" in line]
-    assert len(damaged) == 1, log
-    assert f"the SQLite database {damagedPath} is damaged (database disk image is malformed)" in damaged[0]
-    assert "Traceback" not in log and "critical" not in log, log
+    errors = [line for line in log.splitlines() if "#error" in line or "#critical" in line]
+    assert len(errors) == 1, log
+    assert f"the SQLite database {damagedPath} is damaged (database disk image is malformed)" in errors[0]
+    assert "Traceback" not in log, log
 
 
 def test_aServerWhoseStartMeetsTheDamageStopsWithAConfigurationError(damagedPath):

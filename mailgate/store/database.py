@@ -586,6 +586,9 @@ class Database:
     #: the health check answers with; the text may name hosts, users and
     #: paths, and goes to the log)
     writeFailureKind = None
+    #: the L{DatabaseDamaged} this process first met, or C{None}: kept
+    #: until it stops (the file is restored with the server stopped)
+    damage = None
 
     def __init__(self, engine, reactor, metrics=None):
         self.engine = engine
@@ -746,20 +749,18 @@ class Database:
             self._flush()
         return d.addErrback(self._damageFound)
 
-    #: whether this process has said that its database is damaged
-    _damageSaid = False
-
     def _damageFound(self, failure):
         """
         Say once, as an error (C{database.damaged}), that the database is
-        damaged, the first time an interaction meets the damage: the line
-        to alert on and act on (restore it).  Each session it fails says
-        so in a warning of its own, as for any temporary failure; the
-        first line does not get lost among them, nor is it repeated at
-        every delivery the damage refuses.
+        damaged, the first time an interaction meets the damage, and keep
+        it (L{damage}) for the health check: the line to alert on and act
+        on (restore it).  Each session it fails says so in a warning of
+        its own, as for any temporary failure; the first line does not
+        get lost among them, nor is it repeated at every delivery the
+        damage refuses.
         """
-        if failure.check(DatabaseDamaged) and not self._damageSaid:
-            self._damageSaid = True
+        if failure.check(DatabaseDamaged) and self.damage is None:
+            self.damage = failure.value
             self.log.error("{reason}", reason=failure.getErrorMessage(), event="database.damaged")
         return failure
 
@@ -808,9 +809,12 @@ class Database:
         (a full disk fails every delivery, and the log may be on it).
         """
         # mailgate's own verdicts (a quota, an unknown user) are answers:
-        # only the database's failures count.
+        # only the database's failures count.  Nor does damage: it fails
+        # the writes that touch it while others commit, which said "writes
+        # fail" and "work again" by turns, an error line each time; it is
+        # said once, and kept, as damage (L{_damageFound}).
         for failure in failures:
-            if _isDatabaseError(failure.value):
+            if _isDatabaseError(failure.value) and not failure.check(DatabaseDamaged):
                 full = failure.check(StorageFull) is not None
                 if self.writeFailure is None:
                     self.log.error(
@@ -891,6 +895,7 @@ class SynchronousDatabase:
     # Inline: a failed write fails its caller at once.
     writeFailure = None
     writeFailureKind = None
+    damage = None
 
     def __init__(self, engine):
         self.engine = engine
