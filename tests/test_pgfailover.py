@@ -270,13 +270,16 @@ def _login(port):
 
 def _send(port, subject):
     """
-    One message to alice: the reply to its DATA.
+    One message to alice: the reply to its DATA, or to its RCPT where that
+    refused her (a look-up the database did not answer).
     """
     client = smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE)
     try:
         client.ehlo("client.test")
         client.mail("sender@example.net")
-        client.rcpt(ALICE)
+        code = client.rcpt(ALICE)[0]
+        if code != 250:
+            return code
         return client.data(f"Subject: {subject}\r\n\r\nhello\r\n".encode())[0]
     finally:
         client.close()
