@@ -34,7 +34,13 @@ from iterated import IteratedReactor
 from pgcluster import BlackHole, ReplicatedCluster
 from pgserver import serverBinaries
 
-pytestmark = pytest.mark.skipif(serverBinaries() is None, reason="no PostgreSQL server binaries")
+pytestmark = [
+    pytest.mark.skipif(serverBinaries() is None, reason="no PostgreSQL server binaries"),
+    # One worker for them all (the module's cluster fixture puts those that
+    # use it there, tests/conftest.py): initdb, the template every cluster
+    # copies, then runs once.
+    pytest.mark.xdist_group(__name__),
+]
 
 ALICE = "alice@example.org"
 PASSWORD = "wonder land"
