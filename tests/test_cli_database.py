@@ -331,6 +331,29 @@ def test_dbBackupNeverOverwritesAFile(sqliteURL, tmp_path):
     assert code == 73 and not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("side", ["-wal", "-journal"])
+def test_aRestoreIntoTheNameOfADatabaseWhoseLogIsLeftIsRefused(sqliteURL, tmp_path, side):
+    """
+    A restore with db backup into the database's name, the database
+    moved aside without the log a crash left beside it: SQLite would
+    take that log for the copy's own and apply the lost database's last
+    writes over it (restored, then undone).  Refused, exit 73, naming the
+    file and what to do; nothing is made.
+    """
+    backup = tmp_path / "backup.sqlite3"
+    assert mailgate(sqliteURL, "db", "backup", str(backup))[0] == 0
+    target = tmp_path / "restored.sqlite3"
+    left = tmp_path / f"restored.sqlite3{side}"
+    left.write_bytes(b"the log of the database that was here")
+    code, _, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(target))
+    assert (code, err) == (
+        73,
+        f"mailgate: {left} exists: it is of the database that was {target}, and SQLite would apply it "
+        "to the copy: move it aside with that database (or remove it)\n",
+    )
+    assert not target.exists() and not list(tmp_path.glob("restored.sqlite3.*.partial"))
+
+
 def test_dbBackupOfPostgreSQLNamesItsTools(postgresURL, tmp_path):
     code, _, err = mailgate(postgresURL, "db", "backup", str(tmp_path / "x"))
     assert code == 64

@@ -52,6 +52,7 @@ def backupDatabase(engine, target):
     """
     if os.path.lexists(target):
         raise ConfigurationError(f"{target} exists: a backup goes into a new file")
+    _refuseLeftovers(target)
     directory, name = os.path.split(os.path.abspath(target))
     try:
         # O_EXCL, mode 0600 whatever the umask.
@@ -91,6 +92,28 @@ def backupDatabase(engine, target):
         for leftover in (staged, staged + "-journal"):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
+
+
+def _refuseLeftovers(target):
+    """
+    Refuse a C{target} beside which the files SQLite keeps next to a
+    database (C{-wal}, C{-shm}, C{-journal}) are still there: those of
+    the database that had the name before, moved aside without them (a
+    restore, after a crash left its log unmerged).  SQLite takes them for
+    the copy's own at its first opening, and applied that database's
+    last writes over the restored copy (probe: 40 messages delivered after
+    the backup, and the validity stamps it gave, back in the restored
+    database; from a database of another history, pages of both mixed,
+    a damaged file).
+    """
+    from mailgate.store.sqlite import SIDE_FILES
+
+    for side in SIDE_FILES:
+        if os.path.lexists(target + side):
+            raise ConfigurationError(
+                f"{target + side} exists: it is of the database that was {target}, and SQLite would "
+                f"apply it to the copy: move it aside with that database (or remove it)"
+            )
 
 
 def _readyForRestore(copy):
@@ -263,6 +286,7 @@ def _publish(staged, target):
     backup to the same name finished first).  On a filesystem without hard
     links, a rename after a last look.
     """
+    _refuseLeftovers(target)
     try:
         os.link(staged, target)
     except FileExistsError:
