@@ -236,3 +236,26 @@ def test_aServerWhoseStartMeetsTheDamageStopsWithAConfigurationError(damagedPath
         openStore(f"sqlite:///{damagedPath}", MemoryReactor(), server=False)
     assert not isinstance(raised.value, UnavailableAtStart)
     assert str(raised.value).startswith(f"the SQLite database {damagedPath} is damaged (database disk image is malformed): ")
+
+
+def test_PostgreSQLsWordsForDamageAreDamage():
+    """
+    PostgreSQL's SQLSTATE XX001 (a damaged table page) and XX002 (a
+    damaged index page) are L{DatabaseDamaged}, naming the database
+    without its password and what to do for each; another error is not.
+    """
+    errors = pytest.importorskip("psycopg.errors")
+    from mailgate.store import engineFromURL
+    from mailgate.store.database import _translate
+
+    engine = engineFromURL("postgresql://mail:s3cret@db.internal/mail")
+    table = _translate(engine, errors.DataCorrupted("invalid page in block 7 of relation base/16384/24576"))
+    assert isinstance(table, DatabaseDamaged)
+    assert str(table) == (
+        "the PostgreSQL database postgresql://db.internal/mail has a damaged page in a table (SQLSTATE XX001: "
+        "invalid page in block 7 of relation base/16384/24576): restore it from its last backup (pg_amcheck "
+        "says what else is damaged)"
+    )
+    index = _translate(engine, errors.IndexCorrupted('index "maildrop_pkey" contains unexpected zero page'))
+    assert isinstance(index, DatabaseDamaged) and str(index).endswith("(SQLSTATE XX002: index \"maildrop_pkey\" contains unexpected zero page): REINDEX it")
+    assert engine.damage(errors.UniqueViolation("duplicate key")) is None

@@ -455,10 +455,13 @@ class PostgresEngine:
         if not isinstance(exc, (pgerrors.DataCorrupted, pgerrors.IndexCorrupted)):
             return None
         said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        what = "an index" if isinstance(exc, pgerrors.IndexCorrupted) else "a table"
+        if isinstance(exc, pgerrors.IndexCorrupted):
+            what, advice = "an index", "REINDEX it"
+        else:
+            what, advice = "a table", "restore it from its last backup (pg_amcheck says what else is damaged)"
         return (
             f"the PostgreSQL database {self!r} has a damaged page in {what} (SQLSTATE {exc.sqlstate}: {said}): "
-            f"REINDEX a damaged index; restore a damaged table from its last backup"
+            f"{advice}"
         )
 
     def isRetryable(self, exc):
