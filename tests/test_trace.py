@@ -7,8 +7,6 @@ message content).  In memory, then once through a running server.
 import base64
 import hashlib
 import hmac
-import poplib
-import socket
 
 import pytest
 from twisted.internet.address import IPv4Address
