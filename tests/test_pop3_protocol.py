@@ -1138,6 +1138,93 @@ def test_quitCountsTheMessagesLeftInPlural(store, three):
     assert three.command("QUIT") == "+OK mailgate POP3 server signing off (2 messages left)\r\n"
 
 
+@pytest.mark.parametrize("delete", [False, True])
+def test_aQuitWhoseLockReleaseDoesNotAnswerIsAnsweredAfterAFewSeconds(store, alice, delete):
+    """
+    QUIT's reply waits for the maildrop's lock to be released, so that a
+    client logging in again at once finds it free; but a release the
+    database does not answer (silent: its connection is given up only
+    after 75 s) held the reply longer than clients wait (60 s for some),
+    which then said QUIT failed, though nothing was to be removed or the
+    removal had committed.  The reply goes out after QUIT_RELEASE_WAIT
+    seconds, once; the release goes on and ends the session later.
+    """
+    from mailgate.pop3.transaction import QUIT_RELEASE_WAIT
+
+    for message in THREE:
+        deliver(store, [ALICE], message)
+    pending = []
+    openMaildrop = store.openMaildrop
+
+    def openSilentlyReleased(identity):
+        def silent(maildrop):
+            release = maildrop.release
+
+            def silentRelease():
+                release()
+                pending.append(defer.Deferred())
+                return pending[-1]
+
+            maildrop.release = silentRelease
+            return maildrop
+
+        return openMaildrop(identity).addCallback(silent)
+
+    store.openMaildrop = openSilentlyReleased
+    try:
+        s = POP3Session(store)
+        assert s.login(ALICE, "wonderland").startswith("+OK")
+        if delete:
+            assert s.command("DELE 2").startswith("+OK")
+        assert s.command("QUIT") == ""
+        assert len(pending) == 1
+        assert s.advance(QUIT_RELEASE_WAIT - 0.1) == b""
+        left = 2 if delete else 3
+        assert s.advance(0.1) == b"+OK mailgate POP3 server signing off (%d messages left)\r\n" % left
+        assert s.disconnected
+        pending[0].callback(None)
+        assert s.send(b"") == b"" and s.clock.getDelayedCalls() == []
+    finally:
+        del store.openMaildrop
+    assert len(resultOf(store.listMessages(ALICE))) == left
+
+
+def test_aQuitIsAnsweredAsSoonAsTheLockIsReleased(store, alice):
+    """
+    A release that takes a moment (a database round trip): the reply goes
+    out as soon as it is done, not at QUIT_RELEASE_WAIT, and no timer is
+    left behind.
+    """
+    pending = []
+    openMaildrop = store.openMaildrop
+
+    def openSlowlyReleased(identity):
+        def slow(maildrop):
+            release = maildrop.release
+
+            def slowRelease():
+                release()
+                pending.append(defer.Deferred())
+                return pending[-1]
+
+            maildrop.release = slowRelease
+            return maildrop
+
+        return openMaildrop(identity).addCallback(slow)
+
+    store.openMaildrop = openSlowlyReleased
+    try:
+        s = POP3Session(store)
+        assert s.login(ALICE, "wonderland").startswith("+OK")
+        assert s.command("QUIT") == ""
+        assert s.advance(0.5) == b""
+        pending[0].callback(None)
+        assert s.send(b"").startswith(b"+OK mailgate POP3 server signing off")
+        assert s.disconnected and s.clock.getDelayedCalls() == []
+    finally:
+        del store.openMaildrop
+
+
 def test_aLoginRefusedForItsLoginDelayIsRefusedOnceTheMaildropIsReleased(store, alice):
     """
     RFC 1939 section 4: the lock a refused login took is released before

@@ -19,6 +19,15 @@ from mailgate.plural import counted
 
 UPDATE = "UPDATE"
 
+#: Seconds a QUIT's reply waits for the maildrop's lock to be released.
+#: The reply waits so that a client logging in again as soon as it reads
+#: +OK finds the maildrop free; but with the database silent the release
+#: waits for the connection's answer deadline (75 s), longer than clients
+#: wait for a reply (60 s for some), which then report an error for a
+#: QUIT whose outcome is already certain: nothing was to be removed, or
+#: the removal has committed.  The release goes on after the reply.
+QUIT_RELEASE_WAIT = 5
+
 
 class TransactionCommands:
     """
@@ -290,7 +299,7 @@ class TransactionCommands:
             # The lock is released before the reply goes out, so a client
             # that logs in again (on any node) as soon as it reads +OK finds
             # the maildrop free.
-            return self._endSession("quit").addBoth(lambda _: self._answerQuit(reply))
+            return self._answerQuitOnceReleased(self._endSession("quit"), reply)
 
         if d.called and not isinstance(d.result, Failure):
             # Nothing to remove (most sessions) or removed already: the
@@ -304,13 +313,33 @@ class TransactionCommands:
                 self._out.write(reply.encode("utf-8"))
                 self.close()
                 return None
-            return released.addBoth(lambda _: self._answerQuit(reply))
+            return self._answerQuitOnceReleased(released, reply)
         d.addCallbacks(removed, failed)
         d.addCallback(finish)
         # Until the removal is written and the lock released, a connection
         # lost meanwhile must not release the lock itself (sessionEnded).
         self._updating = d
         return d
+
+    def _answerQuitOnceReleased(self, released, reply):
+        """
+        QUIT's reply once the maildrop's lock is C{released}, or after
+        L{QUIT_RELEASE_WAIT} seconds if it is not by then (the database
+        silent): whichever comes first.
+        """
+        answered = []
+
+        def answer(_=None):
+            if answered:
+                return None
+            answered.append(True)
+            if timer.active():
+                timer.cancel()
+            self._answerQuit(reply)
+            return None
+
+        timer = self._clock.callLater(QUIT_RELEASE_WAIT, answer)
+        return released.addBoth(answer)
 
     def _answerQuit(self, reply):
         """
