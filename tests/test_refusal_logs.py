@@ -325,6 +325,28 @@ def test_aRefusedLoginNameIsLoggedBoundedAndPrintable(users):
     assert formatEvent(event) == f"pop3 authentication failed user='{shown}' peer={PEER}"
 
 
+def test_aPasswordSentAfterTheUserNameOnOneLineIsNotLogged(users):
+    """
+    C{USER name password} on one line makes the password part of the
+    login name, which auth.failed logs: what follows white space in a
+    login name is shown as C{[...]}, in the line and in the C{user} field
+    (a tab too, which would otherwise show as C{?} before the password).
+    """
+    for separator in (" ", "\t", "  "):
+        s = pop3(users)
+        events = capture(s)
+        assert s.command(f"USER {ALICE}{separator}{PASSWORD}").startswith("+OK")
+        assert s.command(f"PASS {PASSWORD}").startswith("-ERR [AUTH]")
+        [event] = events
+        assert event["user"] == f"{ALICE} [...]"
+        assert PASSWORD not in formatEvent(event) and PASSWORD not in repr(event)
+    s = pop3(users)
+    events = capture(s)
+    assert s.command(f"AUTH PLAIN {plain(ALICE + ' ' + PASSWORD, 'wrong')}").startswith("-ERR [AUTH]")
+    [event] = events
+    assert event["user"] == f"{ALICE} [...]" and PASSWORD not in formatEvent(event)
+
+
 def test_aLoginRefusedForItsLoginDelayIsAnAuthFailedLine(users):
     first = pop3(users, loginDelay=3600)
     assert first.login(ALICE, PASSWORD).startswith("+OK")

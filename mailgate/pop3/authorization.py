@@ -723,12 +723,26 @@ def _thenDone(result, answer, done, *args):
         done()
 
 
+#: A space or a tab followed by more text in a login name: where a
+#: password typed after the name would begin.
+_AFTER_SPACE = re.compile(r"[ \t]+[^ \t]")
+
+
 def _logName(login):
     """
     A login name as the client sent it, fit for a log line: at most 64
     characters, anything unprintable (an escape sequence, a right-to-left
     override, a line separator) shown as C{?}, as SMTP's addresses are.
+
+    What follows a space or a tab in it is not logged but shown as C{[...]}:
+    C{USER name password} on one line (a script's mistake, which some
+    clients' documentation shows) is a login name with the password in
+    it, and a password is never logged.  No address has white space
+    outside quotes, which no real mailbox uses.
     """
+    after = _AFTER_SPACE.search(login)
+    if after is not None:
+        login = login[: after.start()] + " [...]"
     name = login[:64]
     if not name.isprintable():
         name = "".join(ch if ch.isprintable() else "?" for ch in name)
