@@ -370,10 +370,16 @@ class IMailStore(Interface):
         (which would go on answering for mail that is gone).
         """
 
-    def listUsers():
+    def listUsers(page=None):
         """
         All users: a L{Deferred} list of
         L{mailgate.records.UserSummary}, ordered by address.
+
+        @param page: with a number of rows, on a synchronous store (the
+            admin command's), a L{Deferred} iterable instead that reads
+            that many users at a time as it is iterated
+            (L{mailgate.store.paging}), in code point order of the
+            addresses whatever the database's collation.
         """
 
     def listMessages(address, page=None):

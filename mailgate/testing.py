@@ -250,8 +250,8 @@ class FaultInjectingStore:
             "deleteUser", lambda address, progress: self.store.deleteUser(address, progress=progress), address, progress
         )
 
-    def listUsers(self):
-        return self._call("listUsers")
+    def listUsers(self, page=None):
+        return self._call("listUsers", page)
 
     def listMessages(self, address, page=None):
         return self._call("listMessages", address, page)

