@@ -22,12 +22,13 @@ import urllib.request
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from e2e import DEADLINE, ServerStarter, waitFor
 from mailgate.errors import TemporaryFailure
 from mailgate.store import engineFromURL
 from mailgate.store import pgreactor, postgres
-from mailgate.store.pghosts import HostOrder
+from mailgate.store.pghosts import HostOrder, hostAttempts
 from mailgate.store.postgres import AdvisoryLocks
 from mailgate.testing import addUser, memoryStore, resultOf
 from iterated import IteratedReactor
@@ -223,6 +224,43 @@ def test_theOrderOfServersFollowsTheLastConnection():
     assert withAddresses.parameters() == {"host": "b,a", "port": "5432,5432", "hostaddr": "10.0.0.2,10.0.0.1"}
     assert HostOrder("postgresql://u@db1/mail").parameters() == {}
 
+
+
+def _portOf(conninfo):
+    """
+    The port libpq goes to first for C{conninfo}, as it reads it (the
+    environment included); nothing is sent.
+    """
+    pg = pq.PGconn.connect_start(conninfo.encode())
+    try:
+        return pg.port.decode()
+    finally:
+        pg.finish()
+
+
+def test_eachServerIsTriedOnThePortLibpqGivesIt(monkeypatch):
+    """
+    A multi-host URL without ports (C{port=,} as libpq reads it) is on
+    libpq's compiled port, 5432, whatever C{PGPORT} says, as every
+    connection psycopg makes goes; the lock and read connections, tried
+    one server at a time (L{hostAttempts}), went to C{PGPORT}'s: checked
+    with a real primary on PGPORT's port, a node's locks there and its
+    writes on 5432, two servers.  A URL that gives no port at all leaves
+    C{PGPORT} to apply, also once the servers are reordered.
+    """
+    monkeypatch.setenv("PGPORT", "1")
+    url = "postgresql://u@127.0.0.2,127.0.0.3/mail"
+    assert _portOf(url) == "5432"
+    assert [_portOf(attempt) for attempt in hostAttempts(url)] == ["5432", "5432"]
+    order = HostOrder(url)
+    order.connected("127.0.0.3", "5432")
+    reordered = psycopg.conninfo.make_conninfo(url, **order.parameters())
+    assert [_portOf(attempt) for attempt in hostAttempts(reordered)] == ["5432", "5432"]
+    noPort = "postgresql:///mail?host=127.0.0.2,127.0.0.3"
+    assert [_portOf(attempt) for attempt in hostAttempts(noPort)] == ["1", "1"]
+    order = HostOrder(noPort)
+    order.connected("127.0.0.3", "1")
+    assert order.parameters() == {"host": "127.0.0.3,127.0.0.2"}
 
 def test_whyNoServerAnsweredIsAskedWithinTheTimeout(monkeypatch):
     """

@@ -21,15 +21,23 @@ import psycopg
 def _servers(params):
     """
     C{(host, hostaddr, port)} of each server C{params} (a parsed
-    connection string) names, an empty string for what it leaves to
-    libpq's default; C{None} for fewer than two servers.
+    connection string) names, C{None} for a parameter it does not give
+    (libpq then takes the environment's, C{PGPORT} say, or a service
+    file's) and an empty string for one it gives empty (libpq's compiled
+    default then: a multi-host URL without ports gives C{port=,}, which
+    is 5432 whatever C{PGPORT} says); C{None} for fewer than two servers.
     """
-    hosts = str(params.get("host", "")).split(",")
-    addresses = str(params.get("hostaddr", "")).split(",")
+
+    def values(name):
+        value = params.get(name)
+        return [None] if value is None else str(value).split(",")
+
+    hosts = values("host")
+    addresses = values("hostaddr")
     count = max(len(hosts), len(addresses))
     if count < 2:
         return None
-    ports = str(params.get("port", "")).split(",")
+    ports = values("port")
 
     def nth(values, i):
         return values[i] if len(values) > 1 else values[0]
@@ -62,11 +70,16 @@ def hostAttempts(info):
     for server in servers:
         single = dict(params)
         for name, value in zip(("host", "hostaddr", "port"), server):
-            if value:
-                single[name] = value
-            else:
-                # Empty: libpq's default (the port, the local socket).
+            if value is None:
+                # Not given: the environment's or the service file's, as
+                # libpq takes it for the whole list.
                 single.pop(name, None)
+            else:
+                # Given, if empty: libpq's compiled default, not the
+                # environment's, as for the whole list (popping it sent
+                # these connections to PGPORT's server while the worker
+                # connections went to 5432).
+                single[name] = value
         attempts.append(psycopg.conninfo.make_conninfo("", **single))
     if params.get("load_balance_hosts") == "random":
         random.shuffle(attempts)
@@ -99,9 +112,14 @@ class HostOrder:
         if not self._servers or first == 0:
             return {}
         order = self._servers[first:] + self._servers[:first]
-        parameters = {"host": ",".join(host for host, _, _ in order), "port": ",".join(port for _, _, port in order)}
-        if any(address for _, address, _ in order):
-            parameters["hostaddr"] = ",".join(address for _, address, _ in order)
+        parameters = {}
+        for i, name in enumerate(("host", "hostaddr", "port")):
+            # Only what the connection string gives: one it does not is
+            # left to the environment or the service file, as without
+            # the reordering (an empty list, "," for two, would be
+            # libpq's compiled default instead, 5432 for PGPORT's port).
+            if order[0][i] is not None:
+                parameters[name] = ",".join(server[i] for server in order)
         return parameters
 
     def connected(self, host, port):
@@ -112,7 +130,7 @@ class HostOrder:
         if not self._servers:
             return
         for i, (name, address, given) in enumerate(self._servers):
-            if host in (name, address) and given in (port, ""):
+            if host in (name, address) and given in (port, "", None):
                 with self._lock:
                     self._first = i
                 return
