@@ -682,6 +682,14 @@ class IEngine(Interface):
         "(SQLite's C{:memory:}): its schema is made as it connects, not upgraded "
         "ahead."
     )
+    damageRepairedWhileServing = Attribute(
+        "Whether damage to the database (L{damage}) is repaired while the "
+        "servers using it go on (PostgreSQL's C{REINDEX}, a table restored, "
+        "in the database every node shares), rather than with the server "
+        "stopped (an SQLite file restored): the health check then does not "
+        "keep failing once it was met, which no repair could clear but a "
+        "restart of every node."
+    )
 
     def connect():
         """

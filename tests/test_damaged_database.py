@@ -259,3 +259,47 @@ def test_PostgreSQLsWordsForDamageAreDamage():
     index = _translate(engine, errors.IndexCorrupted('index "maildrop_pkey" contains unexpected zero page'))
     assert isinstance(index, DatabaseDamaged) and str(index).endswith("(SQLSTATE XX002: index \"maildrop_pkey\" contains unexpected zero page): REINDEX it")
     assert engine.damage(errors.UniqueViolation("duplicate key")) is None
+
+
+def _raiseIndexDamage(cursor):
+    """
+    What PostgreSQL's btree code raises on a damaged index page (SQLSTATE
+    XX002), raised here by the real server.
+    """
+    cursor.execute(
+        "DO $$ BEGIN RAISE EXCEPTION 'index \"maildrop_pkey\" contains unexpected zero page at block 7' "
+        "USING ERRCODE = 'XX002'; END $$"
+    )
+
+
+def test_PostgreSQLsDamageIsSaidAndNotKeptForTheHealthCheck(postgresURL, logEvents):
+    """
+    Damage a PostgreSQL server reports (SQLSTATE XX002, a damaged index)
+    fails what met it, as L{DatabaseDamaged}, and is said once as
+    C{database.damaged}; it is not kept as the health check's verdict
+    (L{Database.damage}), unlike a damaged SQLite file's: an index is
+    REINDEXed while the nodes serve, and every node that had met it
+    answered 503 until it was restarted, repaired or not, leaving a load
+    balancer no node for any user.
+    """
+    from pumped import PumpedReactor
+
+    from mailgate.store import engineFromURL
+    from mailgate.store.database import Database
+
+    reactor = PumpedReactor()
+    database = Database(engineFromURL(postgresURL), reactor)
+    try:
+        outcomes = []
+        database.runWrite(_raiseIndexDamage).addBoth(outcomes.append)
+        database.runInteraction(_raiseIndexDamage).addBoth(outcomes.append)
+        reactor.pump(lambda: len(outcomes) == 2, timeout=DEADLINE)
+        for outcome in outcomes:
+            assert outcome.check(DatabaseDamaged), outcome
+            assert str(outcome.value).endswith("REINDEX it"), outcome
+        assert database.damage is None
+        said = [event for event in logEvents if event.get("event") == "database.damaged"]
+        assert len(said) == 1 and said[0]["log_level"] == LogLevel.error
+        assert "contains unexpected zero page at block 7" in said[0]["reason"]
+    finally:
+        database.close()

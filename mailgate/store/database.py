@@ -54,6 +54,9 @@ RETRIES = 3
 #: before it fails as a temporary failure
 QUEUE_TIMEOUT = 30.0
 
+#: damage reasons a database whose damage is not kept remembers having said
+DAMAGE_SAID = 32
+
 
 def _translate(engine, exc):
     """
@@ -587,8 +590,12 @@ class Database:
     #: paths, and goes to the log)
     writeFailureKind = None
     #: the L{DatabaseDamaged} this process first met, or C{None}: kept
-    #: until it stops (the file is restored with the server stopped)
+    #: until it stops (the file is restored with the server stopped), where
+    #: the engine's damage is not repaired while it serves
     damage = None
+    #: what C{database.damaged} lines said already, where damage is not
+    #: kept (at most L{DAMAGE_SAID} of them: then said afresh)
+    _damageSaid = frozenset()
 
     def __init__(self, engine, reactor, metrics=None):
         self.engine = engine
@@ -759,9 +766,22 @@ class Database:
         get lost among them, nor is it repeated at every delivery the
         damage refuses.
         """
-        if failure.check(DatabaseDamaged) and self.damage is None:
-            self.damage = failure.value
-            self.log.error("{reason}", reason=failure.getErrorMessage(), event="database.damaged")
+        if not failure.check(DatabaseDamaged) or self.damage is not None:
+            return failure
+        reason = failure.getErrorMessage()
+        if self.engine.damageRepairedWhileServing:
+            # PostgreSQL's: REINDEX repairs an index while the nodes serve,
+            # and every node shares the damage.  Kept, the health check of
+            # each node that met it failed until it was restarted, the
+            # damage repaired or not: a load balancer had no node left for
+            # any user.  Said again where it is other damage.
+            if reason not in self._damageSaid:
+                said = self._damageSaid if len(self._damageSaid) < DAMAGE_SAID else frozenset()
+                self._damageSaid = said | {reason}
+                self.log.error("{reason}", reason=reason, event="database.damaged")
+            return failure
+        self.damage = failure.value
+        self.log.error("{reason}", reason=reason, event="database.damaged")
         return failure
 
     def _flush(self):

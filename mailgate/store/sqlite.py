@@ -277,6 +277,8 @@ class SQLiteEngine:
     """
 
     name = "sqlite"
+    # A damaged file is restored with the server stopped.
+    damageRepairedWhileServing = False
     types = {
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "bigint": "INTEGER",
