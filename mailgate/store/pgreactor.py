@@ -16,8 +16,9 @@ Statements are prepared when the connection is made and run one at a time,
 in the order they were issued.  That order is what the lock connections
 rely on: an unlock queued ahead of a new login's lock runs first.
 
-The connection itself is made on a worker thread: libpq resolves host
-names and negotiates TLS with blocking calls.
+The connection itself is made on a worker thread: libpq negotiates TLS
+with blocking calls (host names are looked up before, by
+L{mailgate.store.pgresolve}).
 """
 
 import os
@@ -35,6 +36,7 @@ from zope.interface import implementer
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
 from mailgate.store.pghosts import hostAttempts
+from mailgate.store.pgresolve import NotResolved, resolvedAttempts
 from mailgate.store.pgdeadline import ANSWER_DEADLINE
 from mailgate.timers import cancelled, elapsedClock
 from mailgate.plural import counted
@@ -104,7 +106,7 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
             f"cannot connect to PostgreSQL at {where}: {withoutPassword(oneLine(e), conninfo)}"
         ) from None
     failed = []
-    for attempt in hostAttempts(info):
+    for attempt in _addressedAttempts(info, connectTimeout, failed):
         pg, timedOut = _connected(attempt.encode("utf-8"), connectTimeout)
         if timedOut is None and pg.status == pq.ConnStatus.OK:
             break
@@ -118,9 +120,11 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
             raise pgrefusal.connectionFailure(where, conninfo, reason, pgconn=refused[-1], timeout=connectTimeout)
         finally:
             for pg, _, _ in failed:
-                pg.finish()
+                if pg is not None:
+                    pg.finish()
     for other, _, _ in failed:
-        other.finish()
+        if other is not None:
+            other.finish()
     try:
         pg.notice_handler = _ignoreNotice
         if callable(setup):
@@ -134,6 +138,23 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
         pg.finish()
         raise
     return pg
+
+
+def _addressedAttempts(info, connectTimeout, failed):
+    """
+    The connection strings to try for C{info}, in turn (see
+    L{hostAttempts}), each server's name looked up here (L{resolvedAttempts}):
+    libpq's own lookup kept every thread of the node waiting.  A name that
+    does not resolve is added to C{failed} (without a C{PGconn}, as a
+    failure no server made) and the next server is tried.
+    """
+    for attempt in hostAttempts(info):
+        try:
+            addressed = resolvedAttempts(attempt, connectTimeout)
+        except NotResolved as e:
+            failed.append((None, str(e), True))
+            continue
+        yield from addressed
 
 
 def _connected(info, connectTimeout):

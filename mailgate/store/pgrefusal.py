@@ -45,6 +45,7 @@ import psycopg
 from psycopg import pq
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
+from mailgate.store.pgresolve import addressed
 
 #: SQLSTATE classes of a refusal only a change of configuration ends: 28
 #: invalid authorization (a wrong password, an unknown role, no
@@ -155,7 +156,9 @@ def askWhy(conninfo, timeout):
         whether it asked for a password the URL does not give.
     """
     deadline = time.monotonic() + timeout
-    info = psycopg.conninfo.make_conninfo(conninfo, connect_timeout=max(1, int(timeout)))
+    # libpq's own lookup of a host name keeps Python's lock (a name that
+    # does not resolve raises NotResolved: nothing is learnt, nothing kept).
+    info = psycopg.conninfo.make_conninfo(addressed(conninfo, timeout), connect_timeout=max(1, int(timeout)))
     with _privateFile() as trace:
         pg = pq.PGconn.connect_start(info.encode("utf-8"))
         try:
