@@ -559,13 +559,25 @@ def twistdUser(parent):
     The C{(uid, gid)} twistd switches to once the listeners are bound
     (C{--uid}, C{--gid}; C{-1}: the group stays), when it runs as root and
     will; otherwise C{None}.
+
+    Without C{--gid}, twistd takes the user's own group (its passwd
+    entry's), not root's: the start's checks were made as root's group
+    (and files given to it), so a database directory writable through
+    the user's group was refused at start, exit 78, where the server would
+    have worked, and one writable through root's group passed, where it
+    would not.
     """
     if parent is None or os.geteuid() != 0:
         return None
     uid, gid = parent.get("uid"), parent.get("gid")
     if not uid:
         return None
-    return uid, -1 if gid is None else gid
+    if gid is None:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = -1
+    return uid, gid
 
 
 def _missingServerFiles(database):

@@ -646,6 +646,50 @@ def test_whatTwistdsUidUserCannotUseStopsTheStart(tmp_path, unusable):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to have twistd switch to the user nobody")
+def test_twistdsUidWithoutGidIsCheckedWithTheUsersOwnGroup():
+    """
+    twistd C{--uid} without C{--gid} runs as the user's own group (its
+    passwd entry's).  The start's checks ran as root's group instead: a
+    database directory writable through the user's group (root's, mode
+    0770, group nogroup) was refused, exit 78 "nobody may not create
+    files", where the server, once switched, works in it (checked: its
+    -wal and -shm are nobody:nogroup).  Here the start fails past the
+    checks, at its port, which is taken.
+    """
+    import grp
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    from e2e import DEADLINE, TWISTD, childEnvironment
+
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-uid-"))
+    try:
+        directory.chmod(0o755)
+        shared = directory / "shared"
+        shared.mkdir()
+        os.chown(shared, 0, nobody.pw_gid)
+        shared.chmod(0o770)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            started = subprocess.run(
+                [TWISTD, "-n", "--pidfile=", "-u", str(nobody.pw_uid), "mailgate",
+                 "--database", f"sqlite:///{shared / 'mail.sqlite3'}",
+                 "--pop3", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"],
+                capture_output=True, text=True, timeout=DEADLINE, cwd=directory, env=childEnvironment(),
+            )
+        assert started.returncode == 1 and "Address already in use" in started.stderr, started.stderr
+        found = (shared / "mail.sqlite3").stat()
+        assert (found.st_uid, grp.getgrgid(found.st_gid).gr_name) == (nobody.pw_uid, group)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to have twistd switch to the user nobody")
 def test_whatAReloadReadsThatTwistdsUidUserCannotReadIsWarnedOf():
     """
     twistd reads the configuration file and the TLS files at start, as
