@@ -84,9 +84,14 @@ def releaseBodies(cursor, references):
     dropping the same count (nearly always all of them: one reference
     each), not three a body: on PostgreSQL each statement is a round trip,
     and a QUIT that deleted 50 messages made 150 of them, an expunge of
-    100,000 messages 300,000.  The bodies are taken in the order of their
-    key, as they were one by one, so that two transactions releasing
-    shared bodies lock them in the same order.
+    100,000 messages 300,000.  The runs go in the order of the bodies'
+    key, as the bodies went one by one; within a run, PostgreSQL locks the
+    rows in its plan's order: the key's for an index scan (what a table of
+    many bodies gets), the table's for a sequential scan of a small one.
+    Two transactions releasing the same shared bodies in runs of
+    different sizes there can deadlock: PostgreSQL breaks it after
+    C{deadlock_timeout} and the transaction runs again (L{isRetryable}),
+    a second's wait at worst.  (SQLite has one writer at a time.)
     """
     run = []
     runKey = None
