@@ -760,8 +760,11 @@ class Database:
         """
         Say once, as an error (C{database.damaged}), that the database is
         damaged, the first time an interaction meets the damage, and keep
-        it (L{damage}) for the health check: the line to alert on and act
-        on (restore it).  Each session it fails says so in a warning of
+        it (L{damage}) for the health check where the engine is repaired
+        with the server stopped (SQLite: restored); on PostgreSQL, repaired
+        while the nodes serve (C{REINDEX}), each distinct damage is said
+        once and nothing is kept.  The line to alert on and act on.  Each
+        session it fails says so in a warning of
         its own, as for any temporary failure; the first line does not
         get lost among them, nor is it repeated at every delivery the
         damage refuses.
