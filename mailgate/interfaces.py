@@ -336,6 +336,20 @@ class IMailStore(Interface):
         with L{mailgate.errors.UserExists} if the address is taken.
         """
 
+    def addUsers(users):
+        """
+        Create users in one transaction (C{mailgate user import} adds a
+        few hundred a commit: L{mailgate.store.sql.IMPORT_BATCH}).
+
+        @param users: C{(address, credentials, quota)} each: the
+            L{mailgate.auth.passwords.StoredCredentials}, and a dict that
+            may hold their own C{octets} and C{messages} limits (as
+            L{ILifecycleStore.setQuota} takes them).
+        @return: a L{Deferred} list, in order, C{True} for each user
+            added, C{False} for each whose address is taken (nothing
+            changed for them), once durably committed.
+        """
+
     def setCredentials(address, credentials):
         """
         Replace a user's stored password material (hash, SCRAM keys, APOP

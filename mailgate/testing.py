@@ -239,6 +239,9 @@ class FaultInjectingStore:
     def addUser(self, address, credentials):
         return self._call("addUser", address, credentials)
 
+    def addUsers(self, users):
+        return self._call("addUsers", users)
+
     def setCredentials(self, address, credentials):
         return self._call("setCredentials", address, credentials)
 

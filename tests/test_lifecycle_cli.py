@@ -905,3 +905,128 @@ def test_aUserDeletionInterruptedHalfWaySaysWhatItRemoved(cli, store, monkeypatc
     result = cli("user", "del", ALICE)
     assert (result.code, result.out) == (0, f"deleted {ALICE} and their maildrop\n")
     assert resultOf(store.findUser(ALICE)) is None
+
+
+def _recordingAddUsers(monkeypatch, before=None):
+    """
+    Make the command's store record the size of each batch of users it
+    adds (C{addUsers}), calling C{before(number)} ahead of the Nth batch.
+
+    @return: the list of sizes.
+    """
+    import mailgate.cli
+
+    opened = mailgate.cli.openSynchronousStore
+    sizes = []
+
+    def recording(*args, **kwargs):
+        commandStore = opened(*args, **kwargs)
+        addUsers = commandStore.addUsers
+
+        def recorded(users):
+            sizes.append(len(users))
+            if before is not None:
+                before(len(sizes))
+            return addUsers(users)
+
+        commandStore.addUsers = recorded
+        return commandStore
+
+    monkeypatch.setattr(mailgate.cli, "openSynchronousStore", recording)
+    return sizes
+
+
+def test_aUserImportAddsNewUsersABatchAtATimeInTheFilesOrder(cli, store, monkeypatch):
+    """
+    C{user import} adds the users not there yet C{IMPORT_BATCH} to a
+    transaction (it committed each alone, three transactions a user),
+    each line's outcome printed in the file's order: a user there before
+    or added meanwhile by another command (between the file's reading and
+    the batch's commit) is "exists", a line refused is said and the rest
+    imported, a quota is kept, the summary and exit status as before.
+    """
+    import mailgate.cli.users
+
+    monkeypatch.setattr(mailgate.cli.users, "IMPORT_BATCH", 2)
+
+    def meanwhile(number):
+        if number == 2:
+            addUser(store, "u4@example.org", "pw")
+
+    sizes = _recordingAddUsers(monkeypatch, meanwhile)
+    passwd = (
+        f"{ALICE}:{{PLAIN}}a\nu1@example.org:{{PLAIN}}1\nu2@example.org:{{PLAIN}}2\nu9@example.org:{{PLAIN}}\n"
+        "u3@example.org:{PLAIN}3\nu4@example.org:{PLAIN}4\n"
+        "u5@example.org:{PLAIN}5::::::userdb_quota_rule=*:storage=1M:messages=10\n"
+    )
+    result = cli("user", "import", "-", stdin=passwd.encode())
+    assert result.code == 65, result
+    assert result.out.splitlines() == [
+        f"exists {ALICE}",
+        "added u1@example.org",
+        "added u2@example.org",
+        "added u3@example.org",
+        "exists u4@example.org",
+        "added u5@example.org",
+        "4 added, 2 already there, 1 failed",
+    ]
+    assert "line 4" in result.err and "line 4" in result.err.splitlines()[0], result
+    assert sizes == [2, 2, 1]
+    quota = resultOf(store.quotaOf("u5@example.org"))
+    assert (quota.quotaOctets, quota.quotaMessages) == (1 << 20, 10)
+    assert sorted(u.address for u in resultOf(store.listUsers())) == sorted(
+        [ALICE, BOB] + [f"u{n}@example.org" for n in range(1, 6)]
+    )
+
+
+def test_addUsersLeavesATakenAddressAndAddsTheRest(cli, store):
+    """
+    C{addUsers} adds its users in one transaction; an address taken is
+    C{False} and leaves that user as they are, without undoing the others
+    (on PostgreSQL a unique violation would abort the transaction).
+    """
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.testing import TEST_HASH_COST
+
+    before = resultOf(store.findUser(ALICE))
+    quotaBefore = resultOf(store.quotaOf(ALICE))
+    credentials = makeCredentials("pw", logN=TEST_HASH_COST)
+    added = resultOf(store.addUsers([
+        ("n1@example.org", credentials, {}),
+        (ALICE, credentials, {"octets": 5}),
+        ("n2@example.org", credentials, {"messages": 7}),
+    ]))
+    assert added == [True, False, True]
+    assert resultOf(store.findUser(ALICE)).passwordHash == before.passwordHash
+    assert resultOf(store.quotaOf(ALICE)) == quotaBefore
+    assert resultOf(store.quotaOf("n2@example.org")).quotaMessages == 7
+    assert resultOf(store.findUser("n1@example.org")).passwordHash == credentials.passwordHash
+
+
+def test_aUserImportInterruptedSaysWhatItAdded(cli, store, monkeypatch):
+    """
+    Stopped (Ctrl-C) while adding its second batch, C{user import} says
+    how many users it added (those printed), and that the batch being
+    added may or may not be; run again, it adds the rest and finds the
+    others there.
+    """
+    import mailgate.cli.users
+    from mailgate.store import sql
+
+    monkeypatch.setattr(mailgate.cli.users, "IMPORT_BATCH", 2)
+    putBack = interruptedAtTheSecondCall(monkeypatch, sql, "_addUsers")
+    passwd = "".join(f"u{n}@example.org:{{PLAIN}}{n}\n" for n in range(1, 6)).encode()
+    result = cli("user", "import", "-", stdin=passwd)
+    assert (result.code, result.out) == (130, "added u1@example.org\nadded u2@example.org\n")
+    assert result.err == (
+        "mailgate: stopped after adding 2 users of - (said above); the 2 users being added when it stopped may "
+        "or may not be: run the command again to import the rest (users there are left as they are)\n"
+        "mailgate: interrupted\n"
+    )
+    putBack()
+    result = cli("user", "import", "-", stdin=passwd)
+    assert (result.code, result.out.splitlines()) == (0, [
+        "exists u1@example.org", "exists u2@example.org",
+        "added u3@example.org", "added u4@example.org", "added u5@example.org",
+        "3 added, 2 already there, 0 failed",
+    ])

@@ -49,6 +49,7 @@ from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
+from mailgate.store.sql import IMPORT_BATCH
 from mailgate.plural import counted, noun
 
 
@@ -164,69 +165,121 @@ def _userImport(store, args, out, stdin):
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
     added = updated = present = failed = 0
-    for account in readPasswdFile(lines, domain, scheme):
+    # Users not there yet wait here, to be added IMPORT_BATCH at a time in
+    # one transaction (store.addUsers): a commit each took half of a first
+    # run's time (three transactions a user: 50,000 users in 122 s on
+    # SQLite, 170 s on PostgreSQL).  Each line's outcome is printed in the
+    # file's order: the users waiting are added before any other line is
+    # printed.
+    pending = []
+    adding = [0]
+
+    def refused(account, e):
+        nonlocal failed
+        if e.code == EX_TEMPFAIL:
+            raise e
+        failed += 1
+        args.stderr.write(f"mailgate: {args.file} line {account.number}: {e}\n")
+
+    def there(account, address, credentials):
+        # There before, or added meanwhile by another command.
+        nonlocal updated, present
         try:
-            if isinstance(account, RefusedLine):
-                raise CommandError(account.reason, EX_DATAERR)
-            address = account.address
-            # A user there already (the command run again) is looked up
-            # first: no write for them (on SQLite, the server's one write
-            # lock); where their hash is mailgate's own already (they
-            # logged in since, or came in clear) no hash of a password in
-            # clear made for nothing (checkImportable), for nothing in the
-            # file replaces theirs; and where it is the file's hash, as
-            # imported, not checked again (a crypt string's check runs it
-            # once: some 3 ms for SHA512-CRYPT, 150 s of 50,000 users).
-            user = _result(store.findUser(address))
-            credentials = None
-            imported = user is not None and needsUpgrade(user.passwordHash)
-            try:
-                if user is None or (imported and user.passwordHash != importedHash(account.password)):
-                    credentials = importedCredentials(account.password, apop=args.apop)
-                elif not imported:
-                    checkImportable(account.password)
-            except UnusableHash as e:
-                raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
-            quota = _storedQuota(address, account.quota)
-            try:
-                if user is not None:
-                    raise UserExists(address)
-                _result(store.addUser(address, credentials))
-            except UserExists:
-                # There before, or added meanwhile by another command.
-                stale = None if credentials is None else _staleImport(store, address, credentials)
-                if stale is not None and args.refresh and _result(
-                    # Over the hash read just now only: a first login
-                    # meanwhile wins.
-                    store.upgradeCredentials(address, stale, credentials)
-                ):
-                    updated += 1
-                    out.write(f"updated {address}\n")
-                    continue
-                present += 1
-                hint = "" if stale is None or args.refresh else " (its imported password is not the file's: --refresh)"
-                out.write(f"exists {address}{hint}\n")
-                continue
-            if quota:
-                _result(store.setQuota(address, **quota))
-            apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
-            if credentials.cramMD5 is not None:
-                apop = " (CRAM-MD5 enabled)"
+            stale = None if credentials is None else _staleImport(store, address, credentials)
+            if stale is not None and args.refresh and _result(
+                # Over the hash read just now only: a first login
+                # meanwhile wins.
+                store.upgradeCredentials(address, stale, credentials)
+            ):
+                updated += 1
+                out.write(f"updated {address}\n")
+                return
         except CommandError as e:
-            if e.code == EX_TEMPFAIL:
-                raise
-            failed += 1
-            args.stderr.write(f"mailgate: {args.file} line {account.number}: {e}\n")
-            continue
-        added += 1
-        out.write(f"added {address}{apop}\n")
-        if account.unkept:
-            # Imported all the same (its mail must move), but no longer
-            # kept to its networks: said, for the administrator to judge.
-            args.stderr.write(
-                f"mailgate: {args.file} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
-                f"(mailgate has no per-user networks): it logs in from any address here\n"
+            refused(account, e)
+            return
+        present += 1
+        hint = "" if stale is None or args.refresh else " (its imported password is not the file's: --refresh)"
+        out.write(f"exists {address}{hint}\n")
+
+    def addPending():
+        nonlocal added
+        if not pending:
+            return
+        batch = pending[:]
+        del pending[:]
+        adding[0] = len(batch)
+        news = _result(store.addUsers([(address, credentials, quota) for _, address, credentials, quota, _ in batch]))
+        adding[0] = 0
+        for (account, address, credentials, quota, apop), new in zip(batch, news):
+            if not new:
+                there(account, address, credentials)
+                continue
+            added += 1
+            out.write(f"added {address}{apop}\n")
+            if account.unkept:
+                # Imported all the same (its mail must move), but no longer
+                # kept to its networks: said, for the administrator to judge.
+                args.stderr.write(
+                    f"mailgate: {args.file} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
+                    f"(mailgate has no per-user networks): it logs in from any address here\n"
+                )
+
+    try:
+        for account in readPasswdFile(lines, domain, scheme):
+            try:
+                if isinstance(account, RefusedLine):
+                    raise CommandError(account.reason, EX_DATAERR)
+                address = account.address
+                # A user there already (the command run again) is looked up
+                # first: no write for them (on SQLite, the server's one write
+                # lock); where their hash is mailgate's own already (they
+                # logged in since, or came in clear) no hash of a password in
+                # clear made for nothing (checkImportable), for nothing in the
+                # file replaces theirs; and where it is the file's hash, as
+                # imported, not checked again (a crypt string's check runs it
+                # once: some 3 ms for SHA512-CRYPT, 150 s of 50,000 users).
+                user = _result(store.findUser(address))
+                credentials = None
+                imported = user is not None and needsUpgrade(user.passwordHash)
+                try:
+                    if user is None or (imported and user.passwordHash != importedHash(account.password)):
+                        credentials = importedCredentials(account.password, apop=args.apop)
+                    elif not imported:
+                        checkImportable(account.password)
+                except UnusableHash as e:
+                    raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
+                quota = _storedQuota(address, account.quota)
+            except CommandError as e:
+                if e.code == EX_TEMPFAIL:
+                    raise
+                addPending()
+                refused(account, e)
+                continue
+            if user is None:
+                apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
+                if credentials.cramMD5 is not None:
+                    apop = " (CRAM-MD5 enabled)"
+                pending.append((account, address, credentials, quota, apop))
+                if len(pending) >= IMPORT_BATCH:
+                    addPending()
+                continue
+            addPending()
+            there(account, address, credentials)
+        addPending()
+    except BaseException:
+        # Stopped (Ctrl-C, the database lost): the users said to be added
+        # are; those read after them are not, and the ones being added
+        # at that moment are or are not, all together.
+        if added or pending or adding[0]:
+            inFlight = (
+                f"; the {counted(adding[0], 'user')} being added when it stopped may or may not be"
+                if adding[0] else ""
             )
+            args.stderr.write(
+                f"mailgate: stopped after adding {counted(added, 'user')} of {args.file} (said above){inFlight}: "
+                "run the command again to import the rest (users there are left as they are)\n"
+            )
+        raise
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
     if failed:

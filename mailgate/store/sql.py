@@ -123,6 +123,55 @@ def _addUser(cursor, engine, address, credentials, now):
     return _findUser(cursor, address)
 
 
+#: Users C{mailgate user import} adds per transaction (L{_addUsers}): 500
+#: a commit rather than one each, and a server beside it (SQLite's one
+#: write lock) waits at most about one such transaction.
+IMPORT_BATCH = 500
+
+
+def _addUsers(cursor, users, now):
+    """
+    Add each of C{users}, C{(address, credentials, quota)} with C{quota} a
+    dict of the C{octets} and C{messages} limits to set (possibly empty),
+    in this one transaction: a list of booleans, C{True} for each added,
+    C{False} for each whose address is taken (there before, or added by
+    another command meanwhile: C{ON CONFLICT DO NOTHING}, which on
+    PostgreSQL does not abort the transaction as a unique violation
+    would).
+    """
+    added = []
+    for address, credentials, quota in users:
+        cursor.execute(
+            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, cram_md5, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING RETURNING user_id",
+            (
+                address,
+                address.rpartition("@")[2],
+                credentials.passwordHash,
+                credentials.scramSha256,
+                credentials.apopSecret,
+                credentials.cramMD5,
+                now,
+            ),
+        )
+        row = cursor.fetchone()
+        if row is None:
+            added.append(False)
+            continue
+        changes = [(f"quota_{what}", quota[what]) for what in ("octets", "messages") if what in quota]
+        cursor.execute(
+            "INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, ?, 1)",
+            (row[0], secrets.randbits(31)),
+        )
+        if changes:
+            cursor.execute(
+                f"UPDATE mailboxes SET {', '.join(f'{c} = ?' for c, _ in changes)} WHERE user_id = ?",
+                [v for _, v in changes] + [row[0]],
+            )
+        added.append(True)
+    return added
+
+
 def _setCredentials(cursor, address, credentials):
     cursor.execute(
         "UPDATE users SET password_hash = ?, scram_sha256 = ?, apop_secret = ?, cram_md5 = ? "
@@ -861,6 +910,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def addUser(self, address, credentials):
         return self.database.runWrite(_addUser, self.engine, address, credentials, self._now())
+
+    def addUsers(self, users):
+        return self.database.runWrite(_addUsers, list(users), self._now())
 
     def setCredentials(self, address, credentials):
         return self.database.runWrite(_setCredentials, address, credentials)
