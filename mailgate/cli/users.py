@@ -209,8 +209,9 @@ def _userImport(store, args, out, stdin):
         del pending[:]
         adding[0] = len(batch)
         news = _result(store.addUsers([(address, credentials, quota) for _, address, credentials, quota, _ in batch]))
-        adding[0] = 0
         for (account, address, credentials, quota, apop), new in zip(batch, news):
+            # Until said, one of those that may or may not be added.
+            adding[0] -= 1
             if not new:
                 there(account, address, credentials)
                 continue
