@@ -35,6 +35,8 @@ twistd's C{--syslog}, L{SyslogObserver} sends each line with its priority
 to the mail facility, where Dovecot's and Postfix's go.
 """
 
+import atexit
+import collections
 import datetime
 import errno
 import json
@@ -45,6 +47,8 @@ import re
 import stat
 import sys
 import threading
+from time import monotonic as _monotonic
+from time import sleep as _sleep
 from time import time as _now
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText, formatTime
@@ -562,12 +566,29 @@ class SyslogObserver:
     lines after the first beginning with a tab, as twistd's observer does:
     a syslog message is one line.
 
+    syslog(3) is called on a thread of the observer's own, never where
+    the event was logged (the reactor's thread, mostly): it blocks while
+    the syslog daemon takes nothing (a stuck rsyslog or journald, whose
+    /dev/log queue holds a few datagrams), which stopped the whole server,
+    every session and new connection, until the daemon read again (seen
+    on a real twistd --syslog whose /dev/log nobody read: no reply after 7
+    POP3 sessions; twistd's own observer did the same).  At most
+    L{maxPending} events wait for it; past that, events are counted and
+    not sent, and the count is said in a line of its own once there is
+    room again.
+
     @param ident: the name the lines carry; C{None}, or twistd's default
         C{--prefix} (C{twisted}), is C{mailgate}.
     @param syslog: the module whose C{openlog} and C{syslog} are called,
         Python's C{syslog} unless given (tests give their own, and so
         never write to the host's /dev/log).
     """
+
+    #: events waiting to be sent at most (their lines, a few kilobytes
+    #: each at most: bounded memory with a syslog daemon that takes nothing)
+    maxPending = 10000
+    #: how long the process's exit waits for lines not yet sent (seconds)
+    exitWait = 2.0
 
     def __init__(self, ident=None, syslog=None, facility=None):
         if syslog is None:
@@ -576,6 +597,11 @@ class SyslogObserver:
         self.ident = ident if ident and ident != _TWISTD_PREFIX else "mailgate"
         self.facility = syslog.LOG_MAIL if facility is None else facility
         syslog.openlog(self.ident, syslog.LOG_PID, self.facility)
+        # Events' lines waiting for the sending thread (L{_send}).
+        self._pending = collections.deque()
+        self._lost = 0
+        self._pid = None
+        atexit.register(self.flush, self.exitWait)
 
     def __call__(self, event):
         text = classicTextLine(event, _noStamp)
@@ -586,8 +612,86 @@ class SyslogObserver:
         # syslog(3) takes a C string: no NUL, and text encodable as UTF-8.
         text = text.replace("\0", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
         priority = priorityOf(event) | self.facility
-        for line in text.rstrip("\n").split("\n"):
-            self._syslog.syslog(priority, line)
+        lines = [(priority, line) for line in text.rstrip("\n").split("\n")]
+        wake = self._writer()
+        with self._lock:
+            if len(self._pending) >= self.maxPending:
+                self._lost += 1
+                return
+            if self._lost:
+                self._pending.append([(PRIORITIES[LogLevel.warn] | self.facility, self._lostLine())])
+                self._lost = 0
+            self._pending.append(lines)
+        wake.set()
+
+    def _lostLine(self):
+        return (
+            f"[{__name__}#warn] {self._lost} log events not sent to syslog: the syslog daemon took no lines "
+            f"while {self.maxPending} waited (is it stuck?)"
+        )
+
+    def _writer(self):
+        """
+        The event that wakes this process's sending thread, which is
+        started in each process anew: twistd daemonizes (forks) after the
+        observer was made and its first lines were logged, and a thread
+        does not go on in the child.  Lines the parent left are sent by
+        the child's.
+        """
+        pid = os.getpid()
+        if self._pid != pid:
+            with _startingWriter[0]:
+                if self._pid != pid:
+                    self._lock = threading.Lock()
+                    self._wake = threading.Event()
+                    threading.Thread(target=self._send, args=(self._wake,), name="syslog", daemon=True).start()
+                    self._pid = pid
+        return self._wake
+
+    def _send(self, wake):
+        """
+        The sending thread: each event's lines to syslog(3), in order.  An
+        event leaves L{_pending} once its lines are sent, so that an empty
+        queue means all were (L{flush}).
+        """
+        while True:
+            wake.wait()
+            wake.clear()
+            while self._pending:
+                for priority, line in self._pending[0]:
+                    self._syslog.syslog(priority, line)
+                self._pending.popleft()
+
+    def flush(self, timeout):
+        """
+        Wait until every line logged has been sent to syslog, or for
+        C{timeout} seconds at most (a syslog daemon that takes nothing):
+        at the process's exit, so that its last lines are not lost with
+        the sending thread.
+
+        @return: whether every line was sent.
+        """
+        deadline = _monotonic() + timeout
+        if self._pending:
+            self._writer().set()
+        while self._pending:
+            left = deadline - _monotonic()
+            if left <= 0:
+                return False
+            _sleep(min(left, 0.01))
+        return True
+
+
+#: held while a L{SyslogObserver} starts its sending thread; made anew in
+#: a forked child, where a thread of the parent could have held it
+_startingWriter = [threading.Lock()]
+
+
+def _newStartingLock():
+    _startingWriter[0] = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_newStartingLock)
 
 
 def jsonFileLogObserver(stream):

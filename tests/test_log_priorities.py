@@ -21,6 +21,7 @@ import subprocess
 import sys
 import syslog
 import tempfile
+import threading
 import time
 
 import pytest
@@ -214,6 +215,7 @@ def test_syslogLinesGoToTheMailFacilityWithTheirPriority():
     assert fake.opened == [("mailgate", syslog.LOG_PID, syslog.LOG_MAIL)]
     for level, _ in EVENTS:
         observer(event(level, f"a {level.name} line", session="0eba49f33955.2"))
+    assert observer.flush(DEADLINE)
     assert fake.sent == [
         (syslog.LOG_MAIL | priority, f"[mailgate.test#{level.name} session=0eba49f33955.2] a {level.name} line")
         for level, priority in EVENTS
@@ -224,6 +226,64 @@ def test_syslogLinesGoToTheMailFacilityWithTheirPriority():
     named = FakeSyslog()
     logs.SyslogObserver("mailgate-mx2", syslog=named)
     assert named.opened == [("mailgate-mx2", syslog.LOG_PID, syslog.LOG_MAIL)]
+
+
+class StuckSyslog(FakeSyslog):
+    """
+    A syslog daemon that takes nothing until C{release} is set: syslog(3)
+    blocks, as it does on a /dev/log whose queue is full.  A call on the
+    thread that logged the event (the reactor's, in the server) is
+    recorded in C{blocking} rather than blocked on, so that the test ends.
+    """
+
+    def __init__(self, loggingThread):
+        super().__init__()
+        self.loggingThread = loggingThread
+        self.release = threading.Event()
+        self.blocking = []
+
+    def syslog(self, priority, message):
+        if threading.current_thread() is self.loggingThread:
+            self.blocking.append(message)
+            return
+        self.release.wait(DEADLINE)
+        super().syslog(priority, message)
+
+
+def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
+    """
+    syslog(3) blocks while the syslog daemon takes nothing (a stuck
+    rsyslog): it is called on the observer's own thread, never on the one
+    that logged (the reactor's: a real twistd --syslog whose /dev/log
+    nobody read stopped answering after 7 POP3 sessions, new connections
+    included).  At most maxPending events wait; the rest are counted, and
+    said in a warning once the daemon takes lines again, after what was
+    sent and before what follows.
+    """
+    fake = StuckSyslog(threading.current_thread())
+    observer = logs.SyslogObserver(None, syslog=fake)
+    observer.maxPending = 5
+    for n in range(20):
+        observer(event(LogLevel.info, f"line {n}"))
+    assert fake.blocking == []
+    assert len(observer._pending) <= 5
+    fake.release.set()
+    assert observer.flush(DEADLINE)
+    observer(event(LogLevel.info, "after"))
+    assert observer.flush(DEADLINE)
+    sent = [message for _, message in fake.sent]
+    # The first line was taken by the sending thread before the queue
+    # filled, or was still in it: 5 or 6 sent of 20.
+    assert sent[:5] == [f"[mailgate.test#info] line {n}" for n in range(5)]
+    lost = 20 - (len(sent) - 2)
+    assert lost in (14, 15), sent
+    assert sent[-2:] == [
+        f"[mailgate.logs#warn] {lost} log events not sent to syslog: the syslog daemon took no lines while 5 "
+        f"waited (is it stuck?)",
+        "[mailgate.test#info] after",
+    ]
+    assert fake.sent[-2][0] == syslog.LOG_MAIL | syslog.LOG_WARNING
+    assert fake.blocking == []
 
 
 def test_aSyslogTracebackIsSentLineByLineAtTheErrorsPriority():
@@ -237,6 +297,7 @@ def test_aSyslogTracebackIsSentLineByLineAtTheErrorsPriority():
     observer = logs.SyslogObserver(None, syslog=fake)
     observer({"log_format": "it broke\0", "log_level": LogLevel.error, "log_namespace": "mailgate.test",
               "log_time": 1764700000.0, "log_failure": aFailure()})
+    assert observer.flush(DEADLINE)
     assert len(fake.sent) > 3
     assert {priority for priority, _ in fake.sent} == {syslog.LOG_MAIL | syslog.LOG_ERR}
     assert fake.sent[0][1] == "[mailgate.test#error] it broke\\0"
