@@ -140,8 +140,12 @@ def writeStartFailure(stream, line):
     (C{<3>}) where that is the journal's stream, so that C{journalctl -u
     mailgate -p err} says why the service did not start.
     """
-    prefix = "<3>" if isJournalStream(stream) else ""
-    stream.write(f"{prefix}{line}\n")
+    if isJournalStream(stream):
+        # journald makes a record of each line: a line break in the text
+        # (a database path holding one, named in the message) began a
+        # record of no priority, info, after the error's first part.
+        line = "\n".join("<3>" + part for part in line.split("\n"))
+    stream.write(f"{line}\n")
     stream.flush()
 
 

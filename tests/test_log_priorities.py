@@ -151,6 +151,25 @@ def refusedOnStandardError(monkeypatch, matching, start):
 
 
 @pytest.mark.parametrize("matching", [True, False])
+def test_eachLineOfAStartFailureIsAnErrorInTheJournal(monkeypatch, matching):
+    """
+    A start failure whose text holds a line break (a database path given
+    with one: "cannot open SQLite database /srv/a<LF>b", seen on a real
+    twistd) is an error in the journal whole: journald makes a record of
+    each line, and the second had no priority, so info.  Elsewhere the
+    text is unchanged.
+    """
+
+    def start():
+        logs.writeStartFailure(sys.stderr, "mailgate: cannot open /srv/a\nb/db: no such directory")
+        raise SystemExit(78)
+
+    _, written = refusedOnStandardError(monkeypatch, matching, start)
+    prefix = "<3>" if matching else ""
+    assert written == f"{prefix}mailgate: cannot open /srv/a\n{prefix}b/db: no such directory\n"
+
+
+@pytest.mark.parametrize("matching", [True, False])
 def test_aRefusedStartIsAnErrorInTheJournal(tmp_path, monkeypatch, matching):
     """
     A start refused in one line on standard error (exit 78: twistd's
