@@ -663,7 +663,12 @@ class SyslogObserver:
             wake.clear()
             while self._pending:
                 for priority, line in self._pending[0]:
-                    self._syslog.syslog(priority, line)
+                    try:
+                        self._syslog.syslog(priority, line)
+                    except Exception:
+                        # One line syslog(3) refused, not every later
+                        # one with the thread: it is the only sender.
+                        pass
                 self._pending.popleft()
 
     def flush(self, timeout):

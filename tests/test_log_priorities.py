@@ -305,6 +305,30 @@ def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
     assert fake.blocking == []
 
 
+class RefusingSyslog(FakeSyslog):
+    """
+    A syslog(3) that raises for one message.
+    """
+
+    def syslog(self, priority, message):
+        if "refuse me" in message:
+            raise ValueError("refused")
+        super().syslog(priority, message)
+
+
+def test_aLineSyslogRefusesCostsThatLineAlone():
+    """
+    The sending thread is the observer's only one: a line syslog(3) raised
+    for is lost, the lines after it are still sent.
+    """
+    fake = RefusingSyslog()
+    observer = logs.SyslogObserver(None, syslog=fake)
+    for text in ("first", "refuse me", "third"):
+        observer(event(LogLevel.info, text))
+    assert observer.flush(DEADLINE)
+    assert [message for _, message in fake.sent] == ["[mailgate.test#info] first", "[mailgate.test#info] third"]
+
+
 def test_aSyslogTracebackIsSentLineByLineAtTheErrorsPriority():
     """
     A syslog message is one line: a failure's traceback is sent line by
