@@ -136,21 +136,26 @@ def test_dbVersionSaysADatabaseIsNewerThanThisMailgate(sqliteURL):
 def test_dbUpgradeSaysWhichMigrationsChangeNothingOnThisDatabase(databaseURL):
     """
     Migration 4 rewrites SQLite's chunks, 7 changes how PostgreSQL stores
-    them; on the other engine each only records the version.  db upgrade
-    of a PostgreSQL database printed "applied migration 4: SQLite: message
+    them, 13 indexes PostgreSQL's addresses in code point order; on the
+    other engine each only records the version.  db upgrade of a
+    PostgreSQL database printed "applied migration 4: SQLite: message
     chunks in a rowid table", as if done to it.
     """
     code, out, err = mailgate(databaseURL, "db", "upgrade")
     assert (code, err) == (0, "")
     if databaseURL.startswith("sqlite"):
-        said, other = "applied migration 7: PostgreSQL: message chunks stored without compression", 4
-        engine = "SQLite"
+        said = [
+            "applied migration 7: PostgreSQL: message chunks stored without compression",
+            "applied migration 13: PostgreSQL: the users' addresses indexed in code point order, "
+            "for listings a page at a time",
+        ]
+        other, engine = 4, "SQLite"
     else:
-        said, other = "applied migration 4: SQLite: message chunks in a rowid table", 7
+        said, other = ["applied migration 4: SQLite: message chunks in a rowid table"], 7
         engine = "PostgreSQL"
     lines = out.splitlines()
-    assert f"{said} (nothing to change on {engine})" in lines
-    assert [line for line in lines if "nothing to change" in line] == [f"{said} (nothing to change on {engine})"]
+    expected = [f"{line} (nothing to change on {engine})" for line in said]
+    assert [line for line in lines if "nothing to change" in line] == expected
     assert any(line.startswith(f"applied migration {other}: ") for line in lines)
 
 

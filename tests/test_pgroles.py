@@ -137,12 +137,15 @@ def test_theReadmesGrantsRunANodeAndTheOwnerAloneUpgrades(roles):
 
     # An upgrade pending (the database as version 11 left it): the node's
     # role may not apply it.
-    roles.asOwner("DELETE FROM mailgate_schema WHERE version = 12; DROP TABLE recent_deliveries")
+    roles.asOwner(
+        "DELETE FROM mailgate_schema WHERE version >= 12; DROP TABLE recent_deliveries; "
+        "DROP INDEX users_by_address_code_points"
+    )
     stale = ServerProcess(roles.nodeURL)
     stale.spawn()
     assert stale.wait() == 78, stale.log()
     assert (
-        f"cannot upgrade the database schema from version 11 to 12: permission denied for schema "
+        f"cannot upgrade the database schema from version 11 to 13: permission denied for schema "
         f"{roles.schema} (changing the schema takes CREATE on it and owning its tables: run mailgate "
         f"db upgrade as the schema's owner)"
     ) in stale.stdout + stale.stderr, stale.log()
