@@ -593,6 +593,8 @@ class SyslogObserver:
     maxPending = 10000
     #: how long the process's exit waits for lines not yet sent (seconds)
     exitWait = 2.0
+    #: how long a fork waits for them (seconds)
+    forkWait = 1.0
 
     def __init__(self, ident=None, syslog=None, facility=None):
         if syslog is None:
@@ -605,7 +607,12 @@ class SyslogObserver:
         self._pending = collections.deque()
         self._lost = 0
         self._pid = None
+        # A flush outside the reactor's run found the daemon taking nothing.
+        self._stuck = False
         atexit.register(self.flush, self.exitWait)
+        # twistd daemonizes by forking: what is still to be sent is sent
+        # first, or the child's copy of the queue would send it again.
+        os.register_at_fork(before=lambda: self.flush(self.forkWait))
 
     def __call__(self, event):
         text = classicTextLine(event, _noStamp)
@@ -627,6 +634,12 @@ class SyslogObserver:
                 self._lost = 0
             self._pending.append(lines)
         wake.set()
+        if not _reactorRunning() and not self._stuck:
+            # Starting, or stopped: twistd ends a process stopped by a
+            # signal with the signal again (atexit does not run), right
+            # after its last lines ("Server Shut Down."), which would be
+            # lost with the thread.  No session waits meanwhile.
+            self._stuck = not self.flush(self.exitWait)
 
     def _lostLine(self):
         return (
@@ -689,6 +702,15 @@ class SyslogObserver:
                 return False
             _sleep(min(left, 0.01))
         return True
+
+
+def _reactorRunning():
+    """
+    Whether twistd's reactor runs: not before it started or after it
+    stopped (nor where none was installed).  Never installs one.
+    """
+    reactor = sys.modules.get("twisted.internet.reactor")
+    return bool(getattr(reactor, "running", False))
 
 
 #: held while a L{SyslogObserver} starts its sending thread; made anew in

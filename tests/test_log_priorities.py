@@ -269,7 +269,7 @@ class StuckSyslog(FakeSyslog):
         super().syslog(priority, message)
 
 
-def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
+def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory(monkeypatch):
     """
     syslog(3) blocks while the syslog daemon takes nothing (a stuck
     rsyslog): it is called on the observer's own thread, never on the one
@@ -279,6 +279,7 @@ def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
     said in a warning once the daemon takes lines again, after what was
     sent and before what follows.
     """
+    monkeypatch.setattr(logs, "_reactorRunning", lambda: True)
     fake = StuckSyslog(threading.current_thread())
     observer = logs.SyslogObserver(None, syslog=fake)
     observer.maxPending = 5
@@ -303,6 +304,35 @@ def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
     ]
     assert fake.sent[-2][0] == syslog.LOG_MAIL | syslog.LOG_WARNING
     assert fake.blocking == []
+
+
+class SlowSyslog(FakeSyslog):
+    def syslog(self, priority, message):
+        time.sleep(0.02)
+        super().syslog(priority, message)
+
+
+def test_linesLoggedOutsideTheReactorsRunAreSentBeforeTheCallReturns(monkeypatch):
+    """
+    Before the reactor runs and once it has stopped, a line is sent before
+    the observer returns: twistd ends a process stopped by a signal with
+    the signal again (atexit does not run) right after its last lines,
+    which the sending thread had not sent (a real twistd --syslog lost
+    "Main loop terminated." and "Server Shut Down.").  While the reactor
+    runs, the sending thread sends it (the stuck-daemon test above).
+    """
+    fake = SlowSyslog()
+    observer = logs.SyslogObserver(None, syslog=fake)
+    monkeypatch.setattr(logs, "_reactorRunning", lambda: False)
+    for text in ("Main loop terminated.", "Server Shut Down."):
+        observer(event(LogLevel.info, text))
+    assert [message for _, message in fake.sent] == [
+        "[mailgate.test#info] Main loop terminated.", "[mailgate.test#info] Server Shut Down.",
+    ]
+    monkeypatch.setattr(logs, "_reactorRunning", lambda: True)
+    observer(event(LogLevel.info, "serving"))
+    assert observer.flush(DEADLINE)
+    assert len(fake.sent) == 3
 
 
 class RefusingSyslog(FakeSyslog):
