@@ -586,6 +586,10 @@ class SyslogObserver:
     @param syslog: the module whose C{openlog} and C{syslog} are called,
         Python's C{syslog} unless given (tests give their own, and so
         never write to the host's /dev/log).
+    @param running: a callable telling whether the reactor runs (twistd's,
+        given by L{mailgate.tap}: the reactor is an argument here, never
+        reached for); C{None}: as if it always ran (an embedder's
+        application, whose reactor runs for the process's life).
     """
 
     #: events waiting to be sent at most (their lines, a few kilobytes
@@ -596,10 +600,11 @@ class SyslogObserver:
     #: how long a fork waits for them (seconds)
     forkWait = 1.0
 
-    def __init__(self, ident=None, syslog=None, facility=None):
+    def __init__(self, ident=None, syslog=None, facility=None, running=None):
         if syslog is None:
             import syslog
         self._syslog = syslog
+        self._running = (lambda: True) if running is None else running
         self.ident = ident if ident and ident != _TWISTD_PREFIX else "mailgate"
         self.facility = syslog.LOG_MAIL if facility is None else facility
         syslog.openlog(self.ident, syslog.LOG_PID, self.facility)
@@ -634,7 +639,7 @@ class SyslogObserver:
                 self._lost = 0
             self._pending.append(lines)
         wake.set()
-        if not _reactorRunning() and not self._stuck:
+        if not self._stuck and not self._running():
             # Starting, or stopped: twistd ends a process stopped by a
             # signal with the signal again (atexit does not run), right
             # after its last lines ("Server Shut Down."), which would be
@@ -702,15 +707,6 @@ class SyslogObserver:
                 return False
             _sleep(min(left, 0.01))
         return True
-
-
-def _reactorRunning():
-    """
-    Whether twistd's reactor runs: not before it started or after it
-    stopped (nor where none was installed).  Never installs one.
-    """
-    reactor = sys.modules.get("twisted.internet.reactor")
-    return bool(getattr(reactor, "running", False))
 
 
 #: held while a L{SyslogObserver} starts its sending thread; made anew in

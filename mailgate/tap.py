@@ -449,7 +449,8 @@ def makeService(options):
     elif parent is not None and parent.get("syslog") and not parent.get("logger"):
         # twistd's --syslog, to the mail facility with each level's priority
         # (twistd's own observer logs to LOG_USER, warnings as info).
-        service.logObserver = logs.SyslogObserver(parent.get("prefix"))
+        reactor = service.reactor
+        service.logObserver = logs.SyslogObserver(parent.get("prefix"), running=lambda: reactor.running)
     if notifier is not None:
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)

@@ -269,7 +269,7 @@ class StuckSyslog(FakeSyslog):
         super().syslog(priority, message)
 
 
-def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory(monkeypatch):
+def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory():
     """
     syslog(3) blocks while the syslog daemon takes nothing (a stuck
     rsyslog): it is called on the observer's own thread, never on the one
@@ -279,9 +279,8 @@ def test_aStuckSyslogDaemonBlocksNoOneAndCostsLinesNotMemory(monkeypatch):
     said in a warning once the daemon takes lines again, after what was
     sent and before what follows.
     """
-    monkeypatch.setattr(logs, "_reactorRunning", lambda: True)
     fake = StuckSyslog(threading.current_thread())
-    observer = logs.SyslogObserver(None, syslog=fake)
+    observer = logs.SyslogObserver(None, syslog=fake, running=lambda: True)
     observer.maxPending = 5
     for n in range(20):
         observer(event(LogLevel.info, f"line {n}"))
@@ -312,7 +311,7 @@ class SlowSyslog(FakeSyslog):
         super().syslog(priority, message)
 
 
-def test_linesLoggedOutsideTheReactorsRunAreSentBeforeTheCallReturns(monkeypatch):
+def test_linesLoggedOutsideTheReactorsRunAreSentBeforeTheCallReturns():
     """
     Before the reactor runs and once it has stopped, a line is sent before
     the observer returns: twistd ends a process stopped by a signal with
@@ -322,14 +321,14 @@ def test_linesLoggedOutsideTheReactorsRunAreSentBeforeTheCallReturns(monkeypatch
     runs, the sending thread sends it (the stuck-daemon test above).
     """
     fake = SlowSyslog()
-    observer = logs.SyslogObserver(None, syslog=fake)
-    monkeypatch.setattr(logs, "_reactorRunning", lambda: False)
+    running = [False]
+    observer = logs.SyslogObserver(None, syslog=fake, running=lambda: running[0])
     for text in ("Main loop terminated.", "Server Shut Down."):
         observer(event(LogLevel.info, text))
     assert [message for _, message in fake.sent] == [
         "[mailgate.test#info] Main loop terminated.", "[mailgate.test#info] Server Shut Down.",
     ]
-    monkeypatch.setattr(logs, "_reactorRunning", lambda: True)
+    running[0] = True
     observer(event(LogLevel.info, "serving"))
     assert observer.flush(DEADLINE)
     assert len(fake.sent) == 3
@@ -404,7 +403,9 @@ def test_twistdsSyslogOptionGetsMailgatesObserver(tmp_path, monkeypatch):
 
 
 def _recordingInit(fake):
-    def init(self, ident=None, syslog=None, facility=None):
+    def init(self, ident=None, syslog=None, facility=None, running=None):
+        # Given the reactor's state, not left to reach for the global one.
+        assert running is not None and running() is False
         fake.opened.append((ident,))
     return init
 
