@@ -1138,6 +1138,31 @@ def test_quitCountsTheMessagesLeftInPlural(store, three):
     assert three.command("QUIT") == "+OK mailgate POP3 server signing off (2 messages left)\r\n"
 
 
+def _releasesAnsweredByHand(store):
+    """
+    Make each maildrop C{store} opens answer its release (the lock's, a
+    database round trip where locks are shared) only when the test fires
+    the L{defer.Deferred} it appends to the list returned.  Undone by
+    C{del store.openMaildrop}.
+    """
+    pending = []
+    openMaildrop = store.openMaildrop
+
+    def answeredByHand(maildrop):
+        release = maildrop.release
+
+        def releaseAnsweredByHand():
+            release()
+            pending.append(defer.Deferred())
+            return pending[-1]
+
+        maildrop.release = releaseAnsweredByHand
+        return maildrop
+
+    store.openMaildrop = lambda identity: openMaildrop(identity).addCallback(answeredByHand)
+    return pending
+
+
 @pytest.mark.parametrize("delete", [False, True])
 def test_aQuitWhoseLockReleaseDoesNotAnswerIsAnsweredAfterAFewSeconds(store, alice, delete):
     """
@@ -1153,24 +1178,7 @@ def test_aQuitWhoseLockReleaseDoesNotAnswerIsAnsweredAfterAFewSeconds(store, ali
 
     for message in THREE:
         deliver(store, [ALICE], message)
-    pending = []
-    openMaildrop = store.openMaildrop
-
-    def openSilentlyReleased(identity):
-        def silent(maildrop):
-            release = maildrop.release
-
-            def silentRelease():
-                release()
-                pending.append(defer.Deferred())
-                return pending[-1]
-
-            maildrop.release = silentRelease
-            return maildrop
-
-        return openMaildrop(identity).addCallback(silent)
-
-    store.openMaildrop = openSilentlyReleased
+    pending = _releasesAnsweredByHand(store)
     try:
         s = POP3Session(store)
         assert s.login(ALICE, "wonderland").startswith("+OK")
@@ -1195,24 +1203,7 @@ def test_aQuitIsAnsweredAsSoonAsTheLockIsReleased(store, alice):
     out as soon as it is done, not at QUIT_RELEASE_WAIT, and no timer is
     left behind.
     """
-    pending = []
-    openMaildrop = store.openMaildrop
-
-    def openSlowlyReleased(identity):
-        def slow(maildrop):
-            release = maildrop.release
-
-            def slowRelease():
-                release()
-                pending.append(defer.Deferred())
-                return pending[-1]
-
-            maildrop.release = slowRelease
-            return maildrop
-
-        return openMaildrop(identity).addCallback(slow)
-
-    store.openMaildrop = openSlowlyReleased
+    pending = _releasesAnsweredByHand(store)
     try:
         s = POP3Session(store)
         assert s.login(ALICE, "wonderland").startswith("+OK")

@@ -93,24 +93,34 @@ def _sharedSecret(cursor, name, candidate):
     return bytes(cursor.fetchone()[0])
 
 
+_INSERT_USER = (
+    "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, cram_md5, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _userRow(address, credentials, now):
+    """
+    The values of L{_INSERT_USER} for a new user: one row, whether added
+    alone (L{_addUser}) or with others (L{_addUsers}).
+    """
+    return (
+        address,
+        address.rpartition("@")[2],
+        credentials.passwordHash,
+        credentials.scramSha256,
+        credentials.apopSecret,
+        credentials.cramMD5,
+        now,
+    )
+
+
 def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
         raise UserExists(address)
     try:
-        cursor.execute(
-            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, cram_md5, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING user_id",
-            (
-                address,
-                address.rpartition("@")[2],
-                credentials.passwordHash,
-                credentials.scramSha256,
-                credentials.apopSecret,
-                credentials.cramMD5,
-                now,
-            ),
-        )
+        cursor.execute(f"{_INSERT_USER} RETURNING user_id", _userRow(address, credentials, now))
     except Exception as e:
         if engine.isUniqueViolation(e):
             raise UserExists(address) from None
@@ -142,17 +152,7 @@ def _addUsers(cursor, users, now):
     added = []
     for address, credentials, quota in users:
         cursor.execute(
-            "INSERT INTO users (address, domain, password_hash, scram_sha256, apop_secret, cram_md5, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING RETURNING user_id",
-            (
-                address,
-                address.rpartition("@")[2],
-                credentials.passwordHash,
-                credentials.scramSha256,
-                credentials.apopSecret,
-                credentials.cramMD5,
-                now,
-            ),
+            f"{_INSERT_USER} ON CONFLICT (address) DO NOTHING RETURNING user_id", _userRow(address, credentials, now)
         )
         row = cursor.fetchone()
         if row is None:
