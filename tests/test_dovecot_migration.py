@@ -16,6 +16,7 @@ import concurrent.futures
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -167,6 +168,20 @@ def servedByMailgate(store):
     )
 
 
+@contextmanager
+def aliceStore():
+    """
+    A store in memory with ALICE in it (her password PASSWORD), closed at
+    the end: where each test imports a maildrop and serves it back.
+    """
+    store = memoryStore()
+    try:
+        addUser(store, ALICE, PASSWORD)
+        yield store
+    finally:
+        store.close()
+
+
 @sqliteOnly
 def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
     for message in lmtpMessages():
@@ -265,15 +280,11 @@ def test_maildirWithoutUidListLikeDovecotsFileNameIds(tmp_path):
         server.cleanup()
     assert [line.split()[1] for line in uidl][0] == f"{now - 100}.P1.earlier"
 
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         from mailgate.importers.maildir import importMaildir
 
         assert importMaildir(store, files, ALICE).messages == 4
         assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
 
 
 def test_savedUidlsWinOverTheFormat(tmp_path):
@@ -301,15 +312,11 @@ def test_savedUidlsWinOverTheFormat(tmp_path):
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
     finally:
         server.cleanup()
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         from mailgate.importers.maildir import importMaildir
 
         assert importMaildir(store, files, ALICE).messages == 3
         assert servedByMailgate(store) == (before[0], before[1])
-    finally:
-        store.close()
 
 
 #: A maildir file name as Dovecot makes it on a host with a long name:
@@ -357,14 +364,10 @@ def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat, importedAs):
             lambda store: importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD),
         ]
         for how in imports:
-            store = memoryStore()
-            try:
-                addUser(store, ALICE, PASSWORD)
+            with aliceStore() as store:
                 report = how(store)
                 assert (report.messages, report.failures) == (4, [])
                 assert servedByMailgate(store) == (uidl, listing)
-            finally:
-                store.close()
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
@@ -582,9 +585,7 @@ def test_importThroughPOP3KeepsFirstLinesThatStartWithADot(dovecot):
         with open(os.path.join(dovecot.maildir(ALICE), "new", f"{now}.M{n:03d}P1.dots"), "wb") as f:
             f.write(message)
     dovecot.own(dovecot.maildir(ALICE))
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         report = importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{dovecot.pop3Port}", ALICE, PASSWORD)
         assert (report.messages, report.failures) == (len(messages), [])
         session = POP3Session(store)
@@ -595,8 +596,6 @@ def test_importThroughPOP3KeepsFirstLinesThatStartWithADot(dovecot):
             sent = message if message.endswith(b"\r\n") else message + b"\r\n"
             stuffed = b"".join(b"." + line if line.startswith(b".") else line for line in sent.splitlines(True))
             assert session.command(f"RETR {n}").encode() == b"+OK %d octets\r\n%s.\r\n" % (len(message), stuffed)
-    finally:
-        store.close()
 
 
 #: Messages of a maildir whose Dovecot has pop3_reuse_xuidl = yes (a site
@@ -798,14 +797,10 @@ def test_uidListLinesAsDovecotReadsThem(tmp_path, last):
         server.cleanup()
     assert [line.split()[1] for line in uidl] == ["00000001000004d2", "00000002000004d2", "00000003000004d2",
                                                  "0000000a000004d2"]
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         report = importMaildir(store, files, ALICE)
         assert (report.messages, report.failures) == (4, [])
         assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
 
 
 def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
@@ -829,14 +824,10 @@ def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
         monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
         for url in (f"pop3://alice%40example.org@localhost:{server.pop3Port}",
                     f"pop3s://alice%40example.org@localhost:{server.pop3sPort}"):
-            store = memoryStore()
-            try:
-                addUser(store, ALICE, PASSWORD)
+            with aliceStore() as store:
                 report = importPOP3(store, url, ALICE, PASSWORD)
                 assert (report.messages, report.failures) == (3, []), url
                 assert servedByMailgate(store) == (uidl, listing)
-            finally:
-                store.close()
         assert server.errorsLogged() == []
         logins = [line for line in server.log().splitlines() if "Login: user=<alice@example.org>" in line]
         # poplib's in the clear, then the two imports' over TLS.
@@ -876,9 +867,7 @@ def test_aFileNameWithASpaceServedAsTheId(tmp_path):
                 store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD, warn=warn,
             ),
         ):
-            store = memoryStore()
-            try:
-                addUser(store, ALICE, PASSWORD)
+            with aliceStore() as store:
                 warnings = []
                 report = how(store, warnings.append)
                 assert (report.messages, report.failures) == (2, [])
@@ -887,8 +876,6 @@ def test_aFileNameWithASpaceServedAsTheId(tmp_path):
                     f"unique id '{now - 10}.M1P1.host name' has a space; imported as '{now - 10}.M1P1.host', "
                     f"its first word, which clients keep"
                 ]
-            finally:
-                store.close()
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
@@ -934,9 +921,7 @@ def test_compressedMessagesAsDovecotServesThem(tmp_path):
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         said = []
         report = importMaildir(store, files, ALICE, progress=said.append)
         assert (report.messages, report.failures) == (7, [])
@@ -954,8 +939,6 @@ def test_compressedMessagesAsDovecotServesThem(tmp_path):
             assert b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines) == served
         session.command("QUIT")
         assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
 
 
 def test_anSdboxIsRefusedAndTheWayTheRefusalGivesServesDovecotsIds(tmp_path):
@@ -1038,9 +1021,7 @@ def test_messagesDovecotNumbersWhileTheMaildirIsListedGetItsUids(tmp_path, monke
             return listing(directory, uidList)
 
         monkeypatch.setattr(module, "listMaildir", meanwhile)
-        store = memoryStore()
-        try:
-            addUser(store, ALICE, PASSWORD)
+        with aliceStore() as store:
             report = module.importMaildir(store, server.maildir(ALICE), ALICE)
             assert (report.messages, report.failures) == (3, [])
             assert calls == [2, 3]
@@ -1049,8 +1030,6 @@ def test_messagesDovecotNumbersWhileTheMaildirIsListedGetItsUids(tmp_path, monke
             client.quit()
             assert uidl[2].startswith("3 00000004")
             assert servedByMailgate(store) == (uidl, listed)
-        finally:
-            store.close()
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
@@ -1085,10 +1064,6 @@ def test_theUidOfAnExpungedMessageIsNotGivenAgain(tmp_path):
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
-    store = memoryStore()
-    try:
-        addUser(store, ALICE, PASSWORD)
+    with aliceStore() as store:
         assert importMaildir(store, files, ALICE).messages == 3
         assert servedByMailgate(store) == (uidl, listing)
-    finally:
-        store.close()
