@@ -282,6 +282,22 @@ def _userPage(cursor, collate, position, limit):
     return (rows[-1].address if rows else position), rows
 
 
+def _listedMaildrop(cursor, address):
+    """
+    What the first page of a maildrop's listing fixes for the later ones:
+    C{(user id, next uid)}, the user's whatever has the address since, and
+    what is delivered meanwhile (at or above the next uid) not listed.
+
+    @raise NoSuchUser: there is no such user.
+    """
+    user = _findUser(cursor, address)
+    if user is None:
+        raise NoSuchUser(address)
+    cursor.execute("SELECT next_uid FROM mailboxes WHERE user_id = ?", (user.userId,))
+    row = cursor.fetchone()
+    return user.userId, 0 if row is None else row[0]
+
+
 def _messagePage(cursor, address, position, limit):
     """
     A page of a maildrop's listing (L{mailgate.store.paging}): at most
@@ -293,12 +309,7 @@ def _messagePage(cursor, address, position, limit):
         is no such user), else what the page before returned.
     """
     if position is None:
-        user = _findUser(cursor, address)
-        if user is None:
-            raise NoSuchUser(address)
-        cursor.execute("SELECT next_uid FROM mailboxes WHERE user_id = ?", (user.userId,))
-        row = cursor.fetchone()
-        position = (user.userId, 0 if row is None else row[0], 0)
+        position = (*_listedMaildrop(cursor, address), 0)
     userId, below, after = position
     cursor.execute(
         "SELECT uid, size, uidl, arrived_at FROM maildrop "
@@ -346,12 +357,7 @@ def _exportedPage(cursor, address, maildrop, after, limit):
         body owner, body id, header size)}.
     """
     if maildrop is None:
-        user = _findUser(cursor, address)
-        if user is None:
-            raise NoSuchUser(address)
-        cursor.execute("SELECT next_uid FROM mailboxes WHERE user_id = ?", (user.userId,))
-        row = cursor.fetchone()
-        maildrop = (user.userId, 0 if row is None else row[0])
+        maildrop = _listedMaildrop(cursor, address)
     userId, below = maildrop
     cursor.execute(
         "SELECT uid, size, uidl, arrived_at, body_owner, body_id, header_size FROM maildrop "
