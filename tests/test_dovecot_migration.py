@@ -168,6 +168,19 @@ def servedByMailgate(store):
     )
 
 
+
+def servedBy(server, user):
+    """
+    What a Dovecot C{server} serves C{user} (L{answers}: UIDL, LIST and
+    the messages), over a POP3 session of its own, ended with QUIT.
+    """
+    client = server.pop3(user, PASSWORD)
+    try:
+        return answers(client)
+    finally:
+        client.quit()
+
+
 @contextmanager
 def aliceStore():
     """
@@ -197,9 +210,7 @@ def test_movingFromDovecot(dovecot, mailgate_server, tmp_path):
     files = dovecot.copyMaildir(ALICE, tmp_path / "Maildir")
 
     # What Dovecot serves, and what a leave-on-server client has seen.
-    client = dovecot.pop3(ALICE, PASSWORD)
-    expected = answers(client)
-    client.quit()
+    expected = servedBy(dovecot, ALICE)
     uidl, listing, messages = expected
     assert len(uidl) == len(listing) == 9
     seenByClient = {line.split()[1] for line in uidl}
@@ -272,9 +283,7 @@ def test_maildirWithoutUidListLikeDovecotsFileNameIds(tmp_path):
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
         assert not os.path.exists(os.path.join(files, "dovecot-uidlist"))
         server.start()
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, messages = answers(client)
-        client.quit()
+        uidl, listing, messages = servedBy(server, ALICE)
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
@@ -296,15 +305,11 @@ def test_savedUidlsWinOverTheFormat(tmp_path):
     server = PrivateDovecot(uidlFormat="%f", extra="pop3_save_uidl = yes")
     try:
         startWithMail(server, 3)
-        client = server.pop3(ALICE, PASSWORD)
-        before = answers(client)
-        client.quit()
+        before = servedBy(server, ALICE)
         server.stop()
         server.uidlFormat = "%08Xu%08Xv"
         server.start()
-        client = server.pop3(ALICE, PASSWORD)
-        after = answers(client)
-        client.quit()
+        after = servedBy(server, ALICE)
         assert after == before  # the saved ids, not the new format
         assert server.errorsLogged() == []
         with open(os.path.join(server.maildir(ALICE), "dovecot-uidlist")) as f:
@@ -354,9 +359,7 @@ def test_everyFormatServesWhatDovecotServed(tmp_path, uidlFormat, importedAs):
             f.write(b"Subject: dropped\n\nbody\n")
         server.own(server.maildir(ALICE))
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert len(uidl) == 4
         imports = [
             lambda store: importMaildir(store, files, ALICE, importedAs),
@@ -383,9 +386,7 @@ def test_aUidListDovecotKeepsElsewhere(tmp_path):
     server = PrivateDovecot(extra="mail_location = maildir:~/Maildir:CONTROL=~/control")
     try:
         startWithMail(server, 3)
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
         uidList = os.path.join(os.path.dirname(server.maildir(ALICE)), "control", ".INBOX", "dovecot-uidlist")
         assert not os.path.exists(os.path.join(files, "dovecot-uidlist")) and os.path.exists(uidList)
@@ -499,9 +500,7 @@ def test_movingEveryUserWithTheirPasswordsThroughAMasterUser(mailgate_server, tm
             server.deliver(ALICE if n % 2 else BOB, message)
         expected = {}
         for user in (ALICE, BOB):
-            client = server.pop3(user, PASSWORD)
-            expected[user] = answers(client)
-            client.quit()
+            expected[user] = servedBy(server, user)
 
         database = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
         code, out, err = cli(database, "user", "import", os.path.join(server.directory, "passwd"))
@@ -635,9 +634,7 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
                 f.write(message)
         server.own(server.maildir(ALICE))
         server.start()
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert server.errorsLogged() == []
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
     finally:
@@ -672,9 +669,7 @@ def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
         client.dele(2)
         client.dele(4)
         client.quit()
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert len(uidl) == 2
         assert server.errorsLogged() == []
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
@@ -729,9 +724,7 @@ def test_aLaterRunWithMirrorTakesOutWhatTheSourceNoLongerHas(tmp_path):
         client.dele(1)
         client.quit()
         server.deliver(ALICE, lmtpMessages()[3])
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
 
         code, out, err = mailgateHere(fromFiles, "import", "maildir", server.maildir(ALICE), ALICE, "--mirror")
         assert (code, err) == (0, ""), out
@@ -789,9 +782,7 @@ def test_uidListLinesAsDovecotReadsThem(tmp_path, last):
         server.own(server.maildir(ALICE))
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
         server.start()
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
@@ -818,9 +809,7 @@ def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
     server.tls = (str(certificate), str(key))
     try:
         startWithMail(server, 3)
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
         for url in (f"pop3://alice%40example.org@localhost:{server.pop3Port}",
                     f"pop3s://alice%40example.org@localhost:{server.pop3sPort}"):
@@ -856,9 +845,7 @@ def test_aFileNameWithASpaceServedAsTheId(tmp_path):
         server.own(server.maildir(ALICE))
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
         server.start()
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert uidl[0] == f"1 {now - 10}.M1P1.host name"
         kept = [" ".join(line.split()[:2]) for line in uidl]
         for how in (
@@ -914,9 +901,7 @@ def test_compressedMessagesAsDovecotServesThem(tmp_path):
         for name in delivered:
             with open(os.path.join(files, "new", name), "rb") as f:
                 assert f.read(2) == b"\x1f\x8b", name
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, messages = answers(client)
-        client.quit()
+        uidl, listing, messages = servedBy(server, ALICE)
         assert len(uidl) == 7
         assert server.errorsLogged() == []
     finally:
@@ -956,9 +941,7 @@ def test_anSdboxIsRefusedAndTheWayTheRefusalGivesServesDovecotsIds(tmp_path):
     server = PrivateDovecot(extra="mail_location = sdbox:~/sdbox")
     try:
         startWithMail(server, 3)
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         database = newDatabase(tmp_path, "target.sqlite3")
         sdbox = os.path.join(server.home(ALICE), "sdbox")
         out, err = io.StringIO(), io.StringIO()
@@ -1025,9 +1008,7 @@ def test_messagesDovecotNumbersWhileTheMaildirIsListedGetItsUids(tmp_path, monke
             report = module.importMaildir(store, server.maildir(ALICE), ALICE)
             assert (report.messages, report.failures) == (3, [])
             assert calls == [2, 3]
-            client = server.pop3(ALICE, PASSWORD)
-            uidl, listed, _ = answers(client)
-            client.quit()
+            uidl, listed, _ = servedBy(server, ALICE)
             assert uidl[2].startswith("3 00000004")
             assert servedByMailgate(store) == (uidl, listed)
         assert server.errorsLogged() == []
@@ -1057,9 +1038,7 @@ def test_theUidOfAnExpungedMessageIsNotGivenAgain(tmp_path):
             f.write(b"Subject: not numbered yet\n\nbody\n")
         server.own(server.maildir(ALICE))
         files = server.copyMaildir(ALICE, tmp_path / "Maildir")
-        client = server.pop3(ALICE, PASSWORD)
-        uidl, listing, _ = answers(client)
-        client.quit()
+        uidl, listing, _ = servedBy(server, ALICE)
         assert uidl[2].startswith("3 00000004")
         assert server.errorsLogged() == []
     finally:
