@@ -13,6 +13,7 @@ exactly the one message that is really new.
 """
 
 import concurrent.futures
+import gzip
 import os
 import subprocess
 import time
@@ -924,6 +925,95 @@ def test_compressedMessagesAsDovecotServesThem(tmp_path):
             assert b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines) == served
         session.command("QUIT")
         assert servedByMailgate(store) == (uidl, listing)
+
+
+#: Message files that begin with the octets Dovecot tells compressed
+#: data by: binary junk behind gzip's two, a header-less message beginning
+#: with bzip2's ten, a real gzip file, and one cut short.
+LOOKALIKES = [
+    ("M1P1.gz-lookalike", b"\x1f\x8bnot gzip at all\nSubject: x\n\nbody\n"),
+    ("M2P1.bz2-lookalike", b"BZh91AY&SY is how this header-less message begins\n\nbody\n"),
+    ("M3P1.gzip", gzip.compress(b"Subject: gzip\n\nbody\n")),
+    ("M4P1.gzip-cut-short", gzip.compress(b"Subject: cut\n\n" + b"line\n" * 200)[:-30]),
+]
+
+
+def dropLookalikes(server, names):
+    """
+    Put the L{LOOKALIKES} C{names} into ALICE's new/ on C{server}, and
+    return the paths of their copies in the maildir copy the caller makes.
+    """
+    now = int(time.time())
+    maildir = server.maildir(ALICE)
+    dropped = []
+    for name, data in LOOKALIKES:
+        if name in names:
+            with open(os.path.join(maildir, "new", f"{now}.{name}"), "wb") as f:
+                f.write(data)
+            dropped.append(f"{now}.{name}")
+    server.own(maildir)
+    return dropped
+
+
+@sqliteOnly
+def test_filesThatBeginLikeCompressedDataAsEachDovecotServesThem(mailgate_server, tmp_path):
+    """
+    Files that begin with the octets Dovecot tells compressed data by.  A
+    Dovecot without its zlib plugin serves each as it is stored, a real
+    gzip file too: import maildir --decompress=never serves the very
+    UIDL, LIST and RETR.  A Dovecot with the plugin cannot read the ones
+    that are no compressed data, and then serves nothing of the INBOX
+    (its POP3 answers -ERR [SYS/TEMP] right after the login, "Couldn't
+    init INBOX" in its log): the default import refuses just those, by
+    name, naming --decompress=never, and imports the others (exit 65).
+    (Before: "damaged gz data", and no way to import them.)
+    """
+    import poplib
+
+    server = PrivateDovecot()
+    try:
+        startWithMail(server, 2)
+        dropLookalikes(server, [name for name, _ in LOOKALIKES])
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+        expected = servedBy(server, ALICE)
+        assert len(expected[0]) == 6
+        assert expected[2][2:] == [data.replace(b"\n", b"\r\n").rstrip(b"\r\n") for _, data in LOOKALIKES]
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    database = newDatabase(tmp_path, "plain.sqlite3")
+    code, out, err = cli(database, "import", "maildir", "--decompress=never", files, ALICE)
+    assert code == 0, (out, err)
+    assert out.startswith("6 messages imported (")
+    assert "4 files beginning like compressed data (bz2, gz; the first " in err
+    assert mailgateAnswers(mailgate_server(database=database).port) == expected
+
+    server = PrivateDovecot(extra="mail_plugins = $mail_plugins zlib\n")
+    try:
+        startWithMail(server, 1)
+        lookalikes = dropLookalikes(server, ["M1P1.gz-lookalike", "M2P1.bz2-lookalike", "M3P1.gzip"])[:2]
+        files = server.copyMaildir(ALICE, tmp_path / "zlib")
+        client = server.pop3(ALICE, PASSWORD)
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
+            client.uidl()
+        client.close()
+        # Dovecot's log process writes it a moment later.
+        deadline = time.monotonic() + DEADLINE
+        while not any("Couldn't init INBOX" in line for line in server.errorsLogged()):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    finally:
+        server.cleanup()
+    database = newDatabase(tmp_path, "zlib.sqlite3")
+    code, out, err = cli(database, "import", "maildir", files, ALICE)
+    assert code == 65, (out, err)
+    assert out.startswith("2 messages imported (")
+    refusals = [line for line in err.splitlines() if "starts like" in line]
+    assert [line.split(": ", 2)[1].rsplit("/", 1)[1] for line in refusals] == lookalikes
+    for line, kind in zip(refusals, ["gz", "bz2"]):
+        assert f"starts like {kind} data but is not valid {kind} data (" in line
+        assert line.endswith("if Dovecot served this maildir without that plugin (each file as it is stored), "
+                             "import it with --decompress=never")
 
 
 def test_anSdboxIsRefusedAndTheWayTheRefusalGivesServesDovecotsIds(tmp_path):

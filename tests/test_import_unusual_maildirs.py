@@ -164,28 +164,147 @@ def test_aFormatMailgateCannotReadIsRefusedByName(tmp_path, head, name):
         s.close()
 
 
+#: What the refusal of a file that begins like compressed data but does
+#: not decompress says after its reason.
+NOT_DECOMPRESSED = (
+    ": not imported, as Dovecot's zlib plugin cannot read it either; if Dovecot served this maildir without that "
+    "plugin (each file as it is stored), import it with --decompress=never"
+)
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
-        (gzip.compress(message(b"x", 200))[:-30], "gz data cut short (the file ends before its end marker)"),
-        (bz2.compress(message(b"x", 200))[:-10], "bz2 data cut short (the file ends before its end marker)"),
-        (gzip.compress(message(b"x", 200))[:-8] + b"\x00" * 8, "damaged gz data ("),
-        (b"\x1f\x8b" + b"not gzip at all\n", "damaged gz data ("),
+        (
+            gzip.compress(message(b"x", 200))[:-30],
+            "starts like gz data but is not valid gz data (the file ends before the compressed data does)",
+        ),
+        (
+            bz2.compress(message(b"x", 200))[:-10],
+            "starts like bz2 data but is not valid bz2 data (the file ends before the compressed data does)",
+        ),
+        (gzip.compress(message(b"x", 200))[:-8] + b"\x00" * 8, "starts like gz data but is not valid gz data ("),
+        (b"\x1f\x8b" + b"not gzip at all\n", "starts like gz data but is not valid gz data ("),
     ],
     ids=["gz cut short", "bz2 cut short", "gz trailer damaged", "gz magic only"],
 )
 def test_damagedCompressedDataIsAFailureOfItsOwn(store, tmp_path, data, reason):
     """
     A compressed file cut short (a crash while Dovecot wrote it) or
-    damaged: reported with the reason, nothing of it imported.
+    damaged: reported with the reason and the way to import it as it is
+    stored, nothing of it imported by default.
     """
     maildir = newMaildir(tmp_path / "Maildir", [("1700000001.M1P1.h", data), ("1700000002.M1P1.h", message(b"ok"))])
     report = importMaildir(store, maildir, ALICE)
     assert report.messages == 1
     assert len(report.failures) == 1 and report.failures[0].startswith(f"{maildir}/new/1700000001.M1P1.h: {reason}")
-    assert report.failures[0].endswith(": not imported")
+    assert report.failures[0].endswith(NOT_DECOMPRESSED)
     assert not report.temporary
     assert served(store)[2] == [crlf(message(b"ok"))]
+
+
+#: Message files that begin with the octets Dovecot tells compressed data
+#: by, and are none: binary junk behind gzip's two, and a header-less
+#: message beginning with bzip2's ten.
+GZIP_LOOKALIKE = b"\x1f\x8bnot gzip at all\nSubject: x\n\nbody\n"
+BZIP2_LOOKALIKE = b"BZh91AY&SY is how this header-less message begins\n\nbody\n"
+
+
+def importCommand(tmp_path, maildir, *options):
+    """
+    C{mailgate import maildir} of C{maildir} for ALICE into a new SQLite
+    database: its exit status, standard output and standard error, and
+    what mailgate then serves (L{served}).
+    """
+    database = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    s = memoryStore(database)
+    try:
+        addUser(s, ALICE, PASSWORD)
+    finally:
+        s.close()
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--database", database, "import", "maildir", *options, maildir, ALICE]
+    code = run(argv, stdout=out, stderr=err, environ={})
+    s = memoryStore(database)
+    try:
+        return code, out.getvalue(), err.getvalue(), served(s)
+    finally:
+        s.close()
+
+
+def test_aPlainFileThatBeginsLikeCompressedDataIsRefusedNamingTheOptionThatImportsIt(tmp_path):
+    """
+    A message file that begins with gzip's or bzip2's first octets and is
+    no compressed data: by default refused by name (exit 65), saying it
+    starts like compressed data without being any, and naming the option
+    that imports it as stored; the other files are imported.  (Before:
+    "damaged gz data", with no way to import it.)
+    """
+    maildir = newMaildir(
+        tmp_path / "Maildir",
+        [
+            ("1700000001.M1P1.h", GZIP_LOOKALIKE),
+            ("1700000002.M1P1.h", BZIP2_LOOKALIKE),
+            ("1700000003.M1P1.h", message(b"plain")),
+        ],
+    )
+    code, out, err, (uidl, _, messages) = importCommand(tmp_path, maildir)
+    assert code == 65, (out, err)
+    refusals = [line for line in err.splitlines() if "starts like" in line]
+    assert refusals == [
+        f"mailgate: {maildir}/new/1700000001.M1P1.h: starts like gz data but is not valid gz data (Error -3 while "
+        f"decompressing data: unknown compression method){NOT_DECOMPRESSED}",
+        f"mailgate: {maildir}/new/1700000002.M1P1.h: starts like bz2 data but is not valid bz2 data (Invalid data "
+        f"stream){NOT_DECOMPRESSED}",
+    ]
+    assert "damaged" not in err
+    assert out.startswith("1 message imported")
+    assert (uidl, messages) == (["1 1700000003.M1P1.h"], [crlf(message(b"plain"))])
+
+
+def test_decompressNeverImportsEveryFileAsItIsStored(tmp_path):
+    """
+    --decompress=never, for a maildir a Dovecot without its zlib plugin
+    served: every file imported as it is stored, as that Dovecot served
+    it (exit 0), a real gzip file too, and X-UIDL read from the stored
+    octets; the files that begin like compressed data are said in one
+    line, should the maildir be a zlib one after all.
+    """
+    gzipped = gzip.compress(message(b"really gzip"))
+    files = [
+        ("1700000001.M1P1.h", GZIP_LOOKALIKE),
+        ("1700000002.M1P1.h", BZIP2_LOOKALIKE),
+        ("1700000003.M1P1.h", gzipped),
+        ("1700000004.M1P1.h", b"X-UIDL: from-qpopper\n" + message(b"plain")),
+    ]
+    maildir = newMaildir(tmp_path / "Maildir", files)
+    code, out, err, (uidl, listing, messages) = importCommand(
+        tmp_path, maildir, "--decompress=never", "--reuse-xuidl"
+    )
+    assert code == 0, (out, err)
+    assert out.startswith("4 messages imported")
+    assert messages == [crlf(data) for _, data in files]
+    assert listing == [f"{n} {len(crlf(data))}" for n, (_, data) in enumerate(files, 1)]
+    assert uidl == [f"{n} {name}" for n, (name, _) in enumerate(files[:3], 1)] + ["4 from-qpopper"]
+    assert [line for line in err.splitlines() if "compressed" in line] == [
+        f"mailgate: 3 files beginning like compressed data (bz2, gz; the first {maildir}/new/1700000001.M1P1.h) "
+        f"read as stored (--decompress=never): what a Dovecot without its zlib plugin served, not what one with "
+        f"it served"
+    ]
+
+
+def test_decompressAutoIsTheDefaultAndNothingElseIsTaken(tmp_path):
+    """
+    --decompress=auto is what an import does without the option; another
+    value is a usage error (exit 64) before anything is imported.
+    """
+    maildir = newMaildir(tmp_path / "Maildir", [("1700000001.M1P1.h", gzip.compress(message(b"gz")))])
+    code, out, err, (_, _, messages) = importCommand(tmp_path, maildir, "--decompress=auto")
+    assert (code, messages) == (0, [crlf(message(b"gz"))]), (out, err)
+    (tmp_path / "again").mkdir()
+    code, out, err, (_, _, messages) = importCommand(tmp_path / "again", maildir, "--decompress=sometimes")
+    assert (code, messages) == (64, []), (out, err)
+    assert "argument --decompress: invalid choice: 'sometimes'" in err
 
 
 def bomb(octets):

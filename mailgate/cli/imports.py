@@ -82,6 +82,7 @@ def _importMaildir(store, args, out, stdin):
             store, args.directory, address, args.uidl_format, int(time.time()),
             progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
             reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag, mirror=args.mirror, maxSize=maxSize,
+            decompress=args.decompress == "auto",
         )
     except OtherFormat as e:
         # Mail, but not a maildir's: bad input, not missing input.
@@ -354,6 +355,15 @@ def _addImportCommands(commands):
         help="the largest message imported, as served (decompressed, where Dovecot's zlib plugin stored it "
         "compressed; octets, or with a unit: 100M, 1G); a larger one is reported and not imported (default: "
         "50M, the server's own default limit)",
+    )
+    imaildir.add_argument(
+        "--decompress",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto (the default): a file beginning like compressed data (gz, bz2, xz) is imported decompressed, "
+        "as a Dovecot with its zlib plugin served it, and refused if it does not decompress; never: every file "
+        "as it is stored, as a Dovecot without the zlib plugin served it (a maildir never served with zlib, "
+        "where a message may begin with such octets)",
     )
     imaildir.set_defaults(run=_importMaildir, migrate=True)
     ipop3 = imports.add_parser(

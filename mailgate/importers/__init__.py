@@ -277,7 +277,8 @@ def messageBlocks(fd, compression, blockSize, path=None):
     blocks of at most C{blockSize} octets: as it is, or decompressed if
     C{compression} (L{detect} of its first octets) says so.
 
-    @raise Unreadable: for damaged compressed data.
+    @raise Unreadable: for a file that begins as compressed data does but
+        does not decompress (L{CorruptData}).
     """
     if compression is None:
         offset = 0
@@ -290,13 +291,17 @@ def messageBlocks(fd, compression, blockSize, path=None):
     try:
         yield from decompressedBlocks(fd, compression, blockSize)
     except CorruptData as e:
-        raise Unreadable(f"{e}: not imported") from None
+        raise Unreadable(
+            f"{e}: not imported, as Dovecot's zlib plugin cannot read it either; if Dovecot served this maildir "
+            f"without that plugin (each file as it is stored), import it with --decompress=never"
+        ) from None
 
 
 class Unreadable(ImportFailed):
     """
     A message file whose content cannot be imported: compressed in a way
-    mailgate cannot read, or damaged compressed data.
+    mailgate cannot read, or beginning as compressed data does without
+    decompressing.
     """
 
 
@@ -330,10 +335,14 @@ class FileSource:
 
     A file Dovecot's zlib plugin compressed is read decompressed, as
     Dovecot serves it (L{mailgate.importers.compressed}), a block at a
-    time.
+    time; unless C{decompress} is false: then every file is read as it is
+    stored, as a Dovecot without that plugin serves it.
 
     @ivar mtime: the file's modification time.
-    @ivar compression: the file's L{Compression}, or C{None}.
+    @ivar detected: the L{Compression} the file's first octets suggest,
+        or C{None}.
+    @ivar compression: the L{Compression} the file is read through
+        (C{detected}, where C{decompress}), or C{None}.
     @ivar storedSize: the message's octets as stored (decompressed, line
         ends as they are): what Dovecot's C{S=} in a file name counts.
     @ivar maxSize: the largest message read, in octets (served size), or
@@ -346,14 +355,15 @@ class FileSource:
     #: own record of what was imported, by unique id)
     deliveryKey = None
 
-    def __init__(self, path, maxSize=None):
+    def __init__(self, path, maxSize=None, decompress=True):
         self.path = path
         self.maxSize = maxSize
         self._whole = None
         self._fd, status = openRegularFile(path)
         self.mtime = status.st_mtime
         try:
-            self.compression = detect(os.pread(self._fd, MAGIC_LENGTH, 0))
+            self.detected = detect(os.pread(self._fd, MAGIC_LENGTH, 0))
+            self.compression = self.detected if decompress else None
             if self.compression is not None and self.compression.decompressor is None:
                 raise Unreadable(
                     f"compressed with {self.compression.name} (Dovecot's zlib plugin: zlib_save = "

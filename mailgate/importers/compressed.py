@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_import_compressed -*-
+# -*- test-case-name: tests.test_import_unusual_maildirs -*-
 """
 Message files that Dovecot's zlib plugin stored compressed.
 
@@ -16,6 +16,10 @@ a small file may decompress to gigabytes, and the caller stops reading
 at its size limit.  Formats Python's standard library cannot read
 (Dovecot's own LZ4 framing, Zstandard) are recognised and named, so that
 the file is refused rather than imported as it is.
+
+For a maildir a Dovecot without the zlib plugin served, which served
+every file as it is stored, the import's C{--decompress=never} reads
+none of them decompressed (L{mailgate.importers.FileSource}).
 
 This module holds no mailgate types, so that the importers' package can
 use it without an import cycle.
@@ -92,8 +96,10 @@ def detect(head):
     The compression a file beginning with C{head} (its first
     L{MAGIC_LENGTH} octets, or all of a shorter file) is in, tested as
     Dovecot 2.3's C{compression_detect_handler} tests it; C{None} for a
-    message as it is.  No message (RFC 5322 text) begins with any of
-    these octets.
+    message as it is.  A header begins with none of these octets, but a
+    message file may: a header-less one beginning C{BZh91AY&SY}, or
+    binary junk a delivery stored.  Dovecot tells them the same way (with
+    its zlib plugin, it cannot read such a file: L{CorruptData}).
     """
     if head.startswith(b"\x1f\x8b"):
         return GZIP
@@ -110,9 +116,26 @@ def detect(head):
 
 class CorruptData(Exception):
     """
-    A compressed file that does not decompress to its end: cut short (a
-    crash while Dovecot wrote it), or damaged.
+    A file that begins as compressed data does (L{detect}) but does not
+    decompress to its end: compressed data cut short (a crash while
+    Dovecot wrote it) or damaged, or no compressed data at all, a message
+    that happens to begin with those octets (a header-less one beginning
+    C{BZh91AY&SY}).  Its first octets cannot tell which: a Dovecot with
+    its zlib plugin cannot read any of them, one without it serves each
+    as it is stored.
+
+    @ivar compression: the L{Compression} its first octets suggest.
+    @ivar reason: why it does not decompress.
     """
+
+    def __init__(self, compression, reason):
+        super().__init__(compression, reason)
+        self.compression = compression
+        self.reason = reason
+
+    def __str__(self):
+        name = self.compression.name
+        return f"starts like {name} data but is not valid {name} data ({self.reason})"
 
 
 def decompressedBlocks(fd, compression, blockSize):
@@ -124,8 +147,8 @@ def decompressedBlocks(fd, compression, blockSize):
     streams (C{cat a.gz b.gz}) decompress one after the other, as gzip
     and bzip2 read them.
 
-    @raise CorruptData: if the data is damaged or ends before its end
-        marker.
+    @raise CorruptData: if the data is damaged, is none of that kind, or
+        ends before its end marker.
     @raise OSError: if the file cannot be read.
     """
     decompressor = compression.decompressor()
@@ -149,9 +172,9 @@ def decompressedBlocks(fd, compression, blockSize):
         try:
             block = decompressor.decompress(pending, blockSize)
         except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
-            raise CorruptData(f"damaged {compression.name} data ({e})") from None
+            raise CorruptData(compression, str(e)) from None
         pending = b""
         if block:
             yield block
         elif atEnd and not decompressor.eof:
-            raise CorruptData(f"{compression.name} data cut short (the file ends before its end marker)")
+            raise CorruptData(compression, "the file ends before the compressed data does")

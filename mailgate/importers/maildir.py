@@ -386,7 +386,7 @@ def _arrival(message, source, now):
 
 
 def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
-                  reuseXUidl=False, deletedFlag=None, mirror=False, maxSize=MAX_MESSAGE_SIZE):
+                  reuseXUidl=False, deletedFlag=None, mirror=False, maxSize=MAX_MESSAGE_SIZE, decompress=True):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -409,6 +409,11 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     @param maxSize: the largest message imported, in octets (as served,
         decompressed); a larger one is a failure in the report, found
         out before more than that is read.
+    @param decompress: whether files Dovecot's zlib plugin compressed
+        (told by their first octets) are read decompressed, as that
+        Dovecot serves them; false, every file is imported as it is
+        stored, as a Dovecot without the plugin serves it (the files that
+        begin like compressed data said, in one line).
     @return: an L{ImportReport}.
     @raise ImportFailed: if the maildir cannot be read, or the format
         needs what it has not (uids without a uid list).
@@ -448,7 +453,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     report = ImportReport()
     try:
         listed = _importMessages(
-            store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl, maxSize
+            store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl, maxSize, decompress
         )
         unread = sum(message.idUnread for message in messages)
         if mirror and unread:
@@ -714,20 +719,43 @@ def _noUidList(directory, progress):
 
 
 def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl=False,
-                    maxSize=MAX_MESSAGE_SIZE):
-    opener = functools.partial(FileSource, maxSize=maxSize)
-    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl, opener)
+                    maxSize=MAX_MESSAGE_SIZE, decompress=True):
+    opener = functools.partial(FileSource, maxSize=maxSize, decompress=decompress)
+    uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl, opener, decompress)
     writer = BatchWriter(store, address, report)
+    # Files that begin like compressed data, read as stored.
+    asStored = []
     for message, uidl in zip(messages, uidls):
         if uidl is None:
             continue
         source = _openMessage(message, report, opener)
         if source is not None:
             _checkNamedSizes(message, source, progress)
+            if source.detected is not None and source.compression is None:
+                asStored.append((message.path, source.detected.name))
             writer.add(uidl, source, _arrival(message, source, now), message.path)
     writer.flush()
+    _sayAsStored(asStored, progress)
     # What the maildir lists, imported now or not.
     return [uidl for uidl in uidls if uidl is not None]
+
+
+def _sayAsStored(asStored, progress):
+    """
+    Say how many files that begin like compressed data were read as they
+    are stored (C{--decompress=never}), naming the first: right for a
+    maildir a Dovecot without its zlib plugin served, and garbage served
+    to every client where one with the plugin did, which a mistaken
+    option would otherwise leave unsaid.
+    """
+    if not asStored or progress is None:
+        return
+    kinds = ", ".join(sorted({kind for _, kind in asStored}))
+    progress(
+        f"{counted(len(asStored), 'file')} beginning like compressed data ({kinds}; the first {asStored[0][0]}) "
+        f"read as stored (--decompress=never): what a Dovecot without its zlib plugin served, not what one "
+        f"with it served"
+    )
 
 
 _NAMED_SIZE = re.compile(r",([SW])=([0-9]+)(?=[,:]|$)")
@@ -765,7 +793,8 @@ def _checkNamedSizes(message, source, progress):
         )
 
 
-def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False, opener=FileSource):
+def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False, opener=FileSource,
+               decompress=True):
     """
     Each message's unique id, or C{None} for one that has none POP3 can
     carry (a failure in the report).  All are known before anything is
@@ -774,7 +803,7 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False
     """
     needsMD5 = usesVariable(uidlFormat, "m")
     own = [
-        _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl, progress, opener)
+        _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl, progress, opener, decompress)
         for message in messages
     ]
     renamed = iter(renameDuplicates([uidl for uidl in own if uidl is not None]))
@@ -789,7 +818,8 @@ def _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl=False
     return uidls
 
 
-def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=False, progress=None, opener=FileSource):
+def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=False, progress=None, opener=FileSource,
+                 decompress=True):
     """
     The unique id Dovecot serves for C{message} (repeats not renamed
     yet), or C{None} (a failure in the report).
@@ -800,7 +830,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
         uidl = message.base
     if uidl is None and reuseXUidl:
         # Dovecot's pop3_reuse_xuidl: the header field's, before the format.
-        found, uidl = _xUidl(message, report)
+        found, uidl = _xUidl(message, report, decompress)
         if not found:
             message.idUnread = True
             return None
@@ -839,7 +869,7 @@ def _ownUniqueId(message, uidList, uidlFormat, needsMD5, report, reuseXUidl=Fals
     return _checked(message, word, report)
 
 
-def _xUidl(message, report):
+def _xUidl(message, report, decompress=True):
     """
     The unique id Dovecot serves for C{message} with C{pop3_reuse_xuidl}:
     the value of its header's first X-UIDL field, as it is (spaces and
@@ -853,7 +883,7 @@ def _xUidl(message, report):
     if fd is None:
         return False, None
     try:
-        value = xUidlField(fd)
+        value = xUidlField(fd, decompress=decompress)
     except OSError as e:
         report.failures.append(f"{message.path}: {e.strerror}")
         return False, None
@@ -872,7 +902,7 @@ def _xUidl(message, report):
 _MAX_FIELD_LINE = 1 << 16
 
 
-def xUidlField(fd, limit=MAX_MESSAGE_SIZE):
+def xUidlField(fd, limit=MAX_MESSAGE_SIZE, decompress=True):
     """
     The value of the first X-UIDL field in the header of the message file
     open as C{fd}, as Dovecot's C{mail_get_first_header} finds it: the
@@ -883,11 +913,12 @@ def xUidlField(fd, limit=MAX_MESSAGE_SIZE):
     Read line by line up to the header's end, never more than
     L{_MAX_FIELD_LINE} octets of a line held, never more than C{limit}
     octets (a header as large as that is a message too large to import);
-    a file Dovecot's zlib plugin compressed is read decompressed.
+    a file Dovecot's zlib plugin compressed is read decompressed (unless
+    C{decompress} is false: as it is stored).
 
     @raise ImportFailed: for a compressed file mailgate cannot read.
     """
-    compression = detect(os.pread(fd, MAGIC_LENGTH, 0))
+    compression = detect(os.pread(fd, MAGIC_LENGTH, 0)) if decompress else None
     if compression is not None and compression.decompressor is None:
         raise ImportFailed(f"compressed with {compression.name}, which mailgate cannot read: not imported")
     for line in _lines(_upTo(messageBlocks(fd, compression, 1 << 16), limit)):
