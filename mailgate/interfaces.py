@@ -301,6 +301,14 @@ class IMailStore(Interface):
         or C{None} if there is no such user.
         """
 
+    def findUsers(addresses):
+        """
+        Look up several users at once (C{mailgate user import} looks up a
+        batch of lines in one statement): a L{Deferred} dict of each
+        address there is a user for to its L{mailgate.records.UserRecord};
+        the others are not in it.
+        """
+
     def hasDomain(domain):
         """
         Whether any user's address is in C{domain}: a L{Deferred} L{bool}.

@@ -224,6 +224,9 @@ class FaultInjectingStore:
     def findUser(self, address):
         return self._call("findUser", address)
 
+    def findUsers(self, addresses):
+        return self._call("findUsers", addresses)
+
     def hasDomain(self, domain):
         return self._call("hasDomain", domain)
 

@@ -1030,3 +1030,43 @@ def test_aUserImportInterruptedSaysWhatItAdded(cli, store, monkeypatch):
         "added u3@example.org", "added u4@example.org", "added u5@example.org",
         "3 added, 2 already there, 0 failed",
     ])
+
+
+def test_aUserImportLooksUsersUpABatchOfLinesAtATime(cli, store, monkeypatch):
+    """
+    C{user import} looks the users of C{IMPORT_BATCH} lines up at once
+    (C{findUsers}, one statement), not each line's alone (a transaction a
+    line: on PostgreSQL most of a run again's time); what each line says is
+    unchanged, in the file's order, a refused line said with its number,
+    run again all "exists" without a lookup of its own.
+    """
+    import mailgate.cli
+    import mailgate.cli.users
+
+    monkeypatch.setattr(mailgate.cli.users, "IMPORT_BATCH", 2)
+    opened = mailgate.cli.openSynchronousStore
+    lookups = []
+
+    def recording(*args, **kwargs):
+        commandStore = opened(*args, **kwargs)
+        findUser, findUsers = commandStore.findUser, commandStore.findUsers
+        commandStore.findUser = lambda address: lookups.append(address) or findUser(address)
+        commandStore.findUsers = lambda addresses: lookups.append(list(addresses)) or findUsers(addresses)
+        return commandStore
+
+    monkeypatch.setattr(mailgate.cli, "openSynchronousStore", recording)
+    passwd = (
+        f"{ALICE}:{{PLAIN}}a\nu1@example.org:{{PLAIN}}1\nnot a line\nu2@example.org:{{PLAIN}}2\n"
+        f"{BOB}:{{PLAIN}}b\nu3@example.org:{{PLAIN}}3\n"
+    ).encode()
+    result = cli("user", "import", "-", stdin=passwd)
+    assert (result.code, result.out.splitlines()) == (65, [
+        f"exists {ALICE}", "added u1@example.org", "added u2@example.org", f"exists {BOB}", "added u3@example.org",
+        "3 added, 2 already there, 1 failed",
+    ])
+    assert result.err.startswith("mailgate: - line 3: "), result
+    assert lookups == [[ALICE, "u1@example.org"], ["u2@example.org"], [BOB, "u3@example.org"]]
+    del lookups[:]
+    result = cli("user", "import", "-", stdin=passwd)
+    assert result.out.splitlines()[-1] == "0 added, 5 already there, 1 failed"
+    assert lookups == [[ALICE, "u1@example.org"], ["u2@example.org"], [BOB, "u3@example.org"]]

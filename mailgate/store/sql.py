@@ -61,6 +61,25 @@ def _findUser(cursor, address):
     return None if row is None else UserRecord(*row)
 
 
+def _findUsers(cursor, addresses):
+    """
+    The users of C{addresses} there are, as {address: L{UserRecord}}: one
+    statement a few hundred addresses (C{mailgate user import} looked each
+    line's user up in a transaction of its own: on PostgreSQL three round
+    trips a line, 4 s of 5.8 for 50,000 users there already).
+    """
+    found = {}
+    for batch in batches(addresses):
+        cursor.execute(
+            "SELECT user_id, address, password_hash, scram_sha256, apop_secret, cram_md5 "
+            f"FROM users WHERE address IN ({placeholders(len(batch))})",
+            batch,
+        )
+        for row in cursor.fetchall():
+            found[row[1]] = UserRecord(*row)
+    return found
+
+
 def _hasDomain(cursor, domain):
     cursor.execute("SELECT 1 FROM users WHERE domain = ? LIMIT 1", (domain,))
     return cursor.fetchone() is not None
@@ -901,6 +920,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def findUser(self, address):
         return self.database.runInteraction(_findUser, address)
+
+    def findUsers(self, addresses):
+        return self.database.runInteraction(_findUsers, list(addresses))
 
     def hasDomain(self, domain):
         return self.database.runInteraction(_hasDomain, domain)
