@@ -731,7 +731,9 @@ class IEngine(Interface):
     def begin(conn, write):
         """
         Start a transaction on C{conn}, a read or a write one, and return the
-        cursor to run it with.  Cursors take C{?} placeholders.
+        cursor to run it with.  Cursors take C{?} placeholders, and name
+        their engine (C{cursor.engine}): what a function written once for
+        both dialects asks of the one it runs on (L{lockBodies}).
         """
 
     def commit(conn):
@@ -805,6 +807,19 @@ class IEngine(Interface):
         never hold one the other waits for while waiting for one the other
         holds.  Nothing to do where one transaction writes at a time
         (SQLite), nor for fewer than two rows.
+        """
+
+    def lockBodies(cursor, owner, bodyIds):
+        """
+        Lock the C{bodies} rows of C{owner}'s C{bodyIds} (sorted) for this
+        write transaction, in that order, before a release changes them
+        (L{mailgate.store.rows.releaseBodies}, up to 500 bodies a
+        statement): the statement's own plan would lock them in the
+        table's order (a small table's sequential scan), so that two
+        transactions releasing some of the same shared bodies in runs cut
+        differently each held one the other waited for.  Nothing to do
+        where one transaction writes at a time (SQLite), nor for fewer
+        than two bodies.
         """
 
     def resetIdentity(cursor, table, column):

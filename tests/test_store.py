@@ -2055,6 +2055,133 @@ def test_twoNodesBatchesUpdatingTheSameMailboxesInOtherOrdersDoNotDeadlock(postg
         node.close()
 
 
+#: seconds a thread of the test below waits for another, at most
+_WAIT = 20
+
+
+class _Watched:
+    """
+    A cursor as L{mailgate.interfaces.IEngine.begin} gives it, whose
+    statements that lose a deadlock are recorded in C{lost}, and which,
+    given C{pause} (two events), stops after its first UPDATE of
+    C{bodies} until the test lets it go on.
+    """
+
+    def __init__(self, cursor, name, lost, pause=None):
+        self._cursor, self._name, self._lost, self._pause = cursor, name, lost, pause
+
+    def execute(self, statement, params=()):
+        import psycopg
+
+        try:
+            self._cursor.execute(statement, params)
+        except psycopg.errors.DeadlockDetected:
+            self._lost.append(self._name)
+            raise
+        if self._pause is not None and statement.startswith("UPDATE bodies"):
+            paused, goOn = self._pause
+            self._pause = None
+            paused.set()
+            assert goOn.wait(_WAIT), "the test never let the release go on"
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+def test_twoQuitsReleasingTheSameSharedBodiesInRunsCutDifferentlyDoNotDeadlock(postgresURL, monkeypatch):
+    """
+    Alice's QUIT and Bob's on two nodes delete messages both were sent,
+    whose bodies they share, Bob one more than Alice, so that his
+    release cuts its runs (L{rows.IN_BATCH}, 2 here for 500) elsewhere:
+    his first run holds the body of lower id of the two Alice releases,
+    and waits, while hers, one run, takes the other (the table's order,
+    on a table small enough to be scanned) and waits for his.  PostgreSQL
+    broke it after its deadlock_timeout, failing one (run again, a second
+    late).  Now each run locks its bodies in the order of their ids
+    before its UPDATE: neither statement loses a deadlock, and the bodies
+    both let go of are gone, the one Alice keeps stays, with one
+    reference.  The interleaving is forced: Bob's release stops after its
+    first run until Alice's waits for it.
+    """
+    from test_duplicates import _inThread, _waitUntilWaiting, _watcher
+
+    from mailgate.store import rows
+
+    monkeypatch.setattr(rows, "IN_BATCH", 2)
+    node = memoryStore(postgresURL)
+    stores = {ALICE: memoryStore(postgresURL), BOB: memoryStore(postgresURL)}
+    lost = []
+    paused, goOn = threading.Event(), threading.Event()
+    threads = []
+    try:
+        addUser(node, ALICE, "pw")
+        addUser(node, BOB, "pw")
+        # Three bodies, of ids k0 < k1 < k2, where k2 lies before k1 in the
+        # table: with random ids, a few deliveries give them.
+        for n in range(40):
+            deliver(node, [ALICE, BOB], b"Subject: %d\r\n\r\nhello\r\n" % n)
+            inTable = [bodyId for (bodyId,) in query(node, "SELECT body_id FROM bodies ORDER BY ctid")]
+            ordered = sorted(inTable)
+            found = [
+                (ordered[i - 1], ordered[i], later)
+                for i in range(1, len(ordered))
+                for later in ordered[i + 1 :]
+                if inTable.index(later) < inTable.index(ordered[i])
+            ]
+            if found:
+                break
+        k0, k1, k2 = found[0]
+        # What autovacuum does to a table: its plan is then the scan of a
+        # small table.
+        query(node, "ANALYZE bodies")
+        for address, store in stores.items():
+            begin = store.engine.begin
+            pause = (paused, goOn) if address == BOB else None
+            store.engine.begin = lambda conn, write, begin=begin, name=address, pause=pause: _Watched(
+                begin(conn, write), name, lost, pause
+            )
+
+        def quit(address, bodyIds):
+            uids = {
+                uid for (uid,) in query(
+                    node, "SELECT m.uid FROM maildrop m JOIN users u ON u.user_id = m.user_id "
+                    f"WHERE u.address = ? AND m.body_id IN ({','.join('?' * len(bodyIds))})",
+                    (address, *bodyIds),
+                )
+            }
+            maildrop = openFor(stores[address], address)
+            try:
+                return resultOf(maildrop.expunge([i for i, uid in enumerate(maildrop._uids) if uid in uids]))
+            finally:
+                maildrop.release()
+
+        bobs, bobsOutcome = _inThread(lambda: quit(BOB, [k0, k1, k2]))
+        threads.append(bobs)
+        assert paused.wait(_WAIT), "Bob's release never ran its first run"
+        with _watcher(postgresURL) as watcher:
+            alices, alicesOutcome = _inThread(lambda: quit(ALICE, [k1, k2]))
+            threads.append(alices)
+            _waitUntilWaiting(watcher, stores[ALICE].database.connection, alices)
+        goOn.set()
+        for thread in threads:
+            thread.join(_WAIT)
+        assert not any(thread.is_alive() for thread in threads), "a release did not finish"
+        assert (alicesOutcome, bobsOutcome) == ([("ok", 2)], [("ok", 3)])
+        assert lost == [], f"a release lost a deadlock (and ran again): {lost}"
+        shared = query(node, "SELECT body_id, refcount FROM bodies WHERE body_id IN (?, ?, ?)", (k0, k1, k2))
+        assert shared == [(k0, 1)]
+        assert query(node, "SELECT count(*) FROM body_chunks WHERE body_id IN (?, ?)", (k1, k2)) == [(0,)]
+        others = query(node, "SELECT refcount, count(*) FROM bodies WHERE body_id <> ? GROUP BY refcount", (k0,))
+        assert others in ([], [(2, len(inTable) - 3)])
+    finally:
+        goOn.set()
+        for thread in threads:
+            thread.join(_WAIT)
+        for store in (*stores.values(), node):
+            store.close()
+
+
 def test_theWritesThatUpdateMailboxesSayWhose(store):
     """
     What the group-commit writer locks up front (see the test above):

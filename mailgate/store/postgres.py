@@ -105,13 +105,15 @@ _CONNECTION_TIMEOUT = getattr(pgerrors, "ConnectionTimeout", ())
 
 class _Cursor:
     """
-    A psycopg cursor that takes mailgate's C{?} placeholders.
+    A psycopg cursor that takes mailgate's C{?} placeholders, and names
+    its L{engine} (see L{IEngine.begin}).
     """
 
-    __slots__ = ("_cursor",)
+    __slots__ = ("_cursor", "engine")
 
-    def __init__(self, cursor):
+    def __init__(self, cursor, engine):
         self._cursor = cursor
+        self.engine = engine
 
     @staticmethod
     def _convert(sql):
@@ -304,7 +306,7 @@ class PostgresEngine:
             conn.autocommit = not write
         # Binary results: message chunks arrive as they are, not as hex text
         # twice their size.
-        return _Cursor(conn.cursor(binary=True))
+        return _Cursor(conn.cursor(binary=True), self)
 
     def pipeline(self, conn):
         """
@@ -427,6 +429,17 @@ class PostgresEngine:
         """
         if len(userIds) > 1:
             cursor.execute(_LOCK_MAILBOXES, ("{" + ",".join(map(str, sorted(userIds))) + "}",))
+
+    def lockBodies(self, cursor, owner, bodyIds):
+        """
+        C{SELECT ... ORDER BY body_id FOR UPDATE} (the lock a DELETE
+        takes, which the release may go on to): the rows are locked as the
+        sort returns them, in code point order (C{COLLATE "C"}), which is
+        the order Python sorted the runs in.  In a pipeline it needs no
+        answer.
+        """
+        if len(bodyIds) > 1:
+            cursor.execute(_LOCK_BODIES, (owner, list(bodyIds)))
 
     def isTransient(self, exc):
         """
@@ -729,6 +742,10 @@ _LOCK_DELIVERIES = (
 
 # Rows locked in the order of their ids (lockMailboxes).
 _LOCK_MAILBOXES = "SELECT user_id FROM mailboxes WHERE user_id = ANY(?::int8[]) ORDER BY user_id FOR NO KEY UPDATE"
+# Bodies locked in the order of their ids (lockBodies).
+_LOCK_BODIES = (
+    'SELECT 1 FROM bodies WHERE owner_id = ? AND body_id = ANY(?::text[]) ORDER BY body_id COLLATE "C" FOR UPDATE'
+)
 
 
 def deliveryLockKeys(pairs):

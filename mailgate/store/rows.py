@@ -85,13 +85,13 @@ def releaseBodies(cursor, references):
     each), not three a body: on PostgreSQL each statement is a round trip,
     and a QUIT that deleted 50 messages made 150 of them, an expunge of
     100,000 messages 300,000.  The runs go in the order of the bodies'
-    key, as the bodies went one by one; within a run, PostgreSQL locks the
-    rows in its plan's order: the key's for an index scan (what a table of
-    many bodies gets), the table's for a sequential scan of a small one.
-    Two transactions releasing the same shared bodies in runs of
-    different sizes there can deadlock: PostgreSQL breaks it after
-    C{deadlock_timeout} and the transaction runs again (L{isRetryable}),
-    a second's wait at worst.  (SQLite has one writer at a time.)
+    key, and each run's rows are locked in that order before its UPDATE
+    (L{mailgate.interfaces.IEngine.lockBodies}): the UPDATE alone locked
+    them in its plan's order, the table's for a sequential scan of a
+    small table, so that two transactions releasing the same shared
+    bodies in runs cut differently (runs of other sizes, or the same body
+    dropping other counts) deadlocked, one of them failed after
+    PostgreSQL's C{deadlock_timeout} (a second) and ran again.
     """
     run = []
     runKey = None
@@ -111,6 +111,7 @@ def _releaseRun(cursor, key, bodyIds):
     if not bodyIds:
         return
     owner, count = key
+    cursor.engine.lockBodies(cursor, owner, bodyIds)
     marks = placeholders(len(bodyIds))
     cursor.execute(
         f"UPDATE bodies SET refcount = refcount - ? WHERE owner_id = ? AND body_id IN ({marks}) "

@@ -268,6 +268,14 @@ MMAP_SIZE = 256 * 1024 * 1024
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
+class _Cursor(sqlite3.Cursor):
+    """
+    An SQLite cursor that names its engine (see L{IEngine.begin}).
+    """
+
+    engine = None
+
+
 @implementer(IEngine)
 class SQLiteEngine:
     """
@@ -480,13 +488,20 @@ class SQLiteEngine:
         from its BEGIN IMMEDIATE; no other waits for a row it holds.
         """
 
+    def lockBodies(self, cursor, owner, bodyIds):
+        """
+        Nothing: a write transaction holds the database's one write lock
+        from its BEGIN IMMEDIATE; no other waits for a row it holds.
+        """
+
     def begin(self, conn, write):
         """
         Start a transaction and return a cursor for it.  Writers take the
         write lock at once (C{IMMEDIATE}) rather than upgrading half-way,
         which is what makes SQLite's busy timeout apply instead of failing.
         """
-        cursor = conn.cursor()
+        cursor = conn.cursor(_Cursor)
+        cursor.engine = self
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         return cursor
 
