@@ -386,3 +386,68 @@ def test_aConnectionOpenedOutOfDescriptorsIsATemporaryFailure(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("temporary: ") and "out of file descriptors" in lines[0], lines
     assert lines[1] == "connected", lines
+
+
+def test_theFirstConnectionsToANewFileAllGetIt(tmp_path):
+    """
+    The first connections to a new file race to put it in WAL mode, and
+    SQLite answers the losers "database is locked" at once, without waiting
+    in its busy handler: a worker thread's first connection then failed as
+    a configuration error (a critical error, an internal error for the
+    client).  Each of three threads connecting at once to each of many new
+    files now gets its connection, in WAL mode.
+    """
+    import threading
+
+    failures = []
+    for n in range(150):
+        engine = engineFromURL(f"sqlite:///{tmp_path}/new-{n}.sqlite3")
+        gate = threading.Barrier(3, timeout=10)
+
+        def connect():
+            gate.wait()
+            try:
+                conn = engine.connect()
+            except Exception as e:
+                failures.append(e)
+            else:
+                (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+                if mode != "wal":
+                    failures.append(mode)
+                conn.close()
+
+        threads = [threading.Thread(target=connect) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+
+
+def test_aFileLockedPastTheBusyTimeoutIsATemporaryFailure(tmp_path, monkeypatch):
+    """
+    A connection that cannot have the file for the whole busy timeout
+    (another program holds it locked: a long write, a copy taken with an
+    exclusive lock) fails as a temporary failure (a start exits 75, a
+    client is told to try again), not as a configuration error saying to
+    check the file's permissions; once the lock is gone it connects.
+    """
+    import sqlite3
+
+    from mailgate.errors import ConfigurationError, TemporaryFailure
+    from mailgate.store import sqlite as sqliteModule
+
+    monkeypatch.setattr(sqliteModule, "BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "held.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = engineFromURL(f"sqlite:///{path}")
+    with pytest.raises(TemporaryFailure) as refused:
+        engine.connect()
+    assert not isinstance(refused.value, ConfigurationError)
+    assert str(refused.value) == f"cannot open SQLite database {path}: database is locked"
+    holder.execute("COMMIT")
+    holder.close()
+    engine.connect().close()

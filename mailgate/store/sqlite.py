@@ -38,6 +38,7 @@ FILE_MODE = 0o600
 SQLITE_IOERR = 10
 SQLITE_FULL = 13
 SQLITE_CANTOPEN = 14
+SQLITE_BUSY = 5
 
 
 #: Free octets below which a filesystem counts as full: less than SQLite
@@ -79,6 +80,27 @@ def _primaryCode(exc):
     """
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF
+
+
+def _switchToWAL(conn):
+    """
+    Put C{conn}'s file in WAL mode (a no-op once it is) and return the mode
+    SQLite reports.  The first connections to a new file race to switch it,
+    and SQLite answers the losers C{SQLITE_BUSY} at once, without waiting
+    in its busy handler: a worker thread's first connection then failed
+    with "database is locked", which was reported as a configuration
+    error.  The switch is tried again, for the busy timeout at most.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if _primaryCode(e) != SQLITE_BUSY or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 def createPrivately(path):
@@ -331,6 +353,11 @@ class SQLiteEngine:
                 raise self._unusableForNow(e) from e
             if _primaryCode(e) == SQLITE_CANTOPEN and outOfDescriptors():
                 raise self._noDescriptors(str(e)) from e
+            if _primaryCode(e) == SQLITE_BUSY:
+                # Another program held the file locked past the busy
+                # timeout (a long write, a backup): nothing is wrong with
+                # the configuration; the next try may well succeed.
+                raise TemporaryFailure(f"cannot open SQLite database {self.path}: {e}") from e
             if _primaryCode(e) in (SQLITE_CORRUPT, SQLITE_NOTADB):
                 # Its header or first pages: damaged (a truncated copy, a
                 # disk error), or no SQLite file at all (a mistyped path).
@@ -436,7 +463,7 @@ class SQLiteEngine:
         """
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if self.path != ":memory:":
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switchToWAL(conn)
             if mode.lower() != "wal":
                 raise ConfigurationError(f"{self.path}: cannot switch to WAL mode")
         conn.execute("PRAGMA synchronous = FULL")
@@ -493,6 +520,15 @@ class SQLiteEngine:
         Nothing: a write transaction holds the database's one write lock
         from its BEGIN IMMEDIATE; no other waits for a row it holds.
         """
+
+    def administrativeRead(self, cursor, timeout):
+        """
+        The connection refuses writes from now on (C{query_only}: the
+        command's connection does nothing else after).  No time bound: a
+        read of SQLite waits for no writer, and SQLite bounds no
+        statement's time.
+        """
+        cursor.execute("PRAGMA query_only = 1")
 
     def begin(self, conn, write):
         """
