@@ -57,7 +57,7 @@ from mailgate.store import DEFAULT_DATABASE, engineFromURL
 # there without this module's (and its protocols').
 from mailgate.store.bounds import MAX_DAYS, ZERO_DAYS, ZERO_QUOTA, checkMaximum, formatSize, parseSize, parseWhole
 from mailgate.store.limits import DAY, DUPLICATE_WINDOW
-from mailgate.tls import CIPHERS, MINIMUM_VERSIONS
+from mailgate.tls import CIPHERS, MINIMUM_VERSIONS, TICKET_KEY_ROTATION
 from mailgate.urls import shownURL
 
 
@@ -1044,6 +1044,15 @@ SETTINGS = (
         "names with a key of another type (ECDSA beside RSA), as tls-alt-cert.  "
         "Reloaded with tls-cert.",
         repeated=True, example=["/etc/mailgate/example-net.pem:/etc/mailgate/example-net.key"],
+    ),
+    Setting(
+        "tls-ticket-key-rotation", "tlsTicketKeyRotation", Integer(minimum=1, metavar="SECONDS", maximum=MAX_SECONDS),
+        TICKET_KEY_ROTATION,
+        "Seconds between new keys for the TLS session tickets clients resume "
+        "with (a reload makes one too): whoever got a key from the server's "
+        "memory could read the TLS 1.2 sessions whose tickets it sealed.  A "
+        "client resuming with a ticket of an older key gets a full handshake.  "
+        "At most a week (604800).",
     ),
     Setting(
         "trusted-network", "trustedNetworks", TrustedNetwork(), tuple(_TRUSTED),

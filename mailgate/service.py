@@ -54,7 +54,7 @@ from mailgate.store.database import THREADS_STOP_TIMEOUT
 from mailgate.store.housekeeping import RegistryService, RetentionService
 from mailgate.store.limits import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
-from mailgate.tls import ServerTLS
+from mailgate.tls import ServerTLS, TicketKeyRotation
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
 from mailgate.urls import shownURL
 from mailgate.plural import noun
@@ -1392,6 +1392,8 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         AffinityService(affinity).setServiceParent(root)
     root.setStore(StoreService(store))
     MemoryTrimmer(reactor, root.sessions, interval=config.memoryTrimInterval).setServiceParent(root)
+    if tls is not None:
+        TicketKeyRotation(tls, reactor, config.tlsTicketKeyRotation).setServiceParent(root)
     maxConnections, warning = fittedConnectionLimit(config.maxConnections, openFileLimit())
     if warning:
         root.startupWarnings.append(("limits.open_files", warning))

@@ -34,8 +34,27 @@ server's cipher preference, forward-secret suites only, AEAD first (TLS
 (C{tls-ciphers}, Dovecot's C{ssl_cipher_list}), never by one that lets in
 suites without authentication or encryption, or none the certificates
 can serve.
+
+Why the main context is made again every hour by default
+(L{TicketKeyRotation}, C{tls-ticket-key-rotation}): OpenSSL seals the
+session tickets it gives clients with a key of the context's own, made
+with it and kept as long as it lives.  A TLS 1.2 ticket carries the session's master secret, and
+TLS 1.2 resumption makes no new key exchange, so whoever got that key
+(a memory dump, a core file) could read every TLS 1.2 session, first
+connection and resumed ones, whose ticket was recorded while it was in
+service: with one context for the life of the process, every one since
+the start.  (TLS 1.3 resumption makes a new ECDHE exchange, as OpenSSL
+requires unless told otherwise, so only the tickets themselves would be
+read.)  A new context, from the certificates and keys already read,
+bounds that to one interval, as Postfix's tlsmgr does.  Python's C{ssl}
+gives no way to set the ticket keys, and OpenSSL opens a ticket with the
+key of the context a connection was made from, chosen before its
+ClientHello is read (an SNI callback's context does not count): the
+previous key cannot be kept for tickets already given out, so a client
+resuming across a renewal gets a full handshake, and a new ticket.
 """
 
+import contextlib
 import datetime
 import os
 import ssl
@@ -46,7 +65,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.application.service import Service
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailgate.errors import ConfigurationError
@@ -169,11 +190,37 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
         L{setCiphers}): L{CIPHERS} unless the administrator gives another.
     @return: the context, the leaf certificates, first the main one
         then the alternative one if any (C{cryptography} certificates, for
-        logging their names and fingerprints), and the warnings of
-        L{chainWarning} for their files.
+        logging their names and fingerprints), the warnings of
+        L{chainWarning} for their files, and the contents of each
+        certificate file and its key file, in that order (for
+        L{remakeContext}).
     @raise ConfigurationError: if the files cannot be used, or the two
         keys are of one type (OpenSSL keeps one certificate per type of
         key: the second would silently replace the first).
+    """
+    context = _newContext(minimumVersion, ciphers)
+    pairs = [(certificatePath, keyPath)] + ([tuple(alternative)] if alternative is not None else [])
+    read = [_readChain(certificate) for certificate, _ in pairs]
+    pems, chains = [pem for pem, _ in read], [chain for _, chain in read]
+    leaves = [chain[0] for chain in chains]
+    if len(leaves) == 2:
+        mainType, altType = (keyType(leaf.public_key()) for leaf in leaves)
+        if altType == mainType:
+            raise ConfigurationError(
+                f"{pairs[1][0]}: the alternative certificate's key is {altType}, like the "
+                f"main certificate's; it must be of another type (e.g. ECDSA beside RSA), "
+                f"since a server holds one certificate per type of key"
+            )
+    keyPEMs = [_loadPair(context, certificate, key, chain) for (certificate, key), chain in zip(pairs, chains)]
+    checkCiphersServeKeys(context, ciphers, [keyType(leaf.public_key()) for leaf in leaves], minimumVersion)
+    warnings = [chainWarning(certificate, chain) for (certificate, _), chain in zip(pairs, chains)]
+    return context, leaves, [w for w in warnings if w], list(zip(pems, keyPEMs))
+
+
+def _newContext(minimumVersion, ciphers):
+    """
+    A server context with the settings of L{makeContext}, and no
+    certificate yet.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSIONS[minimumVersion]
@@ -186,22 +233,43 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     # session (benchmarks/RESULTS.md).
     context.num_tickets = 1
     setCiphers(context, ciphers)
-    pairs = [(certificatePath, keyPath)] + ([tuple(alternative)] if alternative is not None else [])
-    chains = [_readChain(certificate) for certificate, _ in pairs]
-    leaves = [chain[0] for chain in chains]
-    if len(leaves) == 2:
-        mainType, altType = (keyType(leaf.public_key()) for leaf in leaves)
-        if altType == mainType:
-            raise ConfigurationError(
-                f"{pairs[1][0]}: the alternative certificate's key is {altType}, like the "
-                f"main certificate's; it must be of another type (e.g. ECDSA beside RSA), "
-                f"since a server holds one certificate per type of key"
-            )
-    for (certificate, key), chain in zip(pairs, chains):
-        _loadPair(context, certificate, key, chain)
-    checkCiphersServeKeys(context, ciphers, [keyType(leaf.public_key()) for leaf in leaves], minimumVersion)
-    warnings = [chainWarning(certificate, chain) for (certificate, _), chain in zip(pairs, chains)]
-    return context, leaves, [w for w in warnings if w]
+    return context
+
+
+def remakeContext(pems, minimumVersion, ciphers):
+    """
+    A context like the one L{makeContext} made, from the certificate
+    files and keys it read (checked then), not from the files, which may
+    have been replaced since (a renewal that waits for its SIGHUP): its
+    own session ticket key is all that differs.
+
+    @param pems: C{(certificate file, key file)} contents, as
+        L{makeContext} returns them.
+    @raise OSError: the contents cannot be handed to OpenSSL.
+    @raise ssl.SSLError: OpenSSL refuses them.
+    """
+    context = _newContext(minimumVersion, ciphers)
+    for chainPEM, keyPEM in pems:
+        with _inMemory(chainPEM) as chainPath, _inMemory(keyPEM) as keyPath:
+            context.load_cert_chain(chainPath, keyPath, password=_noPassphrase)
+    return context
+
+
+@contextlib.contextmanager
+def _inMemory(data):
+    """
+    A path to a file of memory holding C{data}, while in the block:
+    Python's C{load_cert_chain} reads files only, and a private key is
+    not to be written to disk.  Linux's C{memfd_create}, whose file no
+    other process can open once the block has closed it.
+    """
+    fd = os.memfd_create("mailgate-tls")
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def keyType(publicKey):
@@ -218,7 +286,8 @@ def keyType(publicKey):
 
 def _readChain(certificatePath):
     """
-    The certificates of a PEM file: the leaf, then its chain.
+    The contents of a PEM file, and its certificates: the leaf, then its
+    chain.
 
     @raise ConfigurationError: if there is none, or one cannot be parsed.
     """
@@ -226,7 +295,7 @@ def _readChain(certificatePath):
     if b"-----BEGIN CERTIFICATE-----" not in chainPEM:
         raise ConfigurationError(f"{certificatePath}: no PEM certificate found")
     try:
-        return x509.load_pem_x509_certificates(chainPEM)
+        return chainPEM, x509.load_pem_x509_certificates(chainPEM)
     except ValueError as e:
         raise ConfigurationError(f"{certificatePath}: invalid certificate: {e}") from None
 
@@ -282,6 +351,7 @@ def _loadPair(context, certificatePath, keyPath, chain):
     no key to sign with.
 
     @param chain: the certificate file's certificates, the leaf first.
+    @return: the key file's contents.
     @raise ConfigurationError: if they cannot be used.
     """
     keyPEM = _read(keyPath)
@@ -315,6 +385,7 @@ def _loadPair(context, certificatePath, keyPath, chain):
         raise ConfigurationError(f"unusable TLS certificate/key pair: {e}") from None
     except OSError as e:
         raise ConfigurationError(f"cannot read TLS certificate or key: {e}") from None
+    return keyPEM
 
 
 def _publicBytes(publicKey):
@@ -451,13 +522,13 @@ class ServerTLS:
             not belong together, the alternative key is of the main
             key's type, or two named certificates name one host.
         """
-        context, leaves, chainWarnings = makeContext(
+        context, leaves, chainWarnings, pems = makeContext(
             self.certificatePath, self.keyPath, self.alternative, self.minimumVersion, self.ciphers
         )
         if self.named:
             byName = _ByName()
             for certificatePath, keyPath, *alternative in self.named:
-                namedContext, namedLeaves, namedWarnings = makeContext(
+                namedContext, namedLeaves, namedWarnings, _ = makeContext(
                     certificatePath, keyPath, alternative or None, self.minimumVersion, self.ciphers
                 )
                 names = certificateNames(namedLeaves[0])
@@ -468,6 +539,7 @@ class ServerTLS:
                 chainWarnings += namedWarnings
             context.sni_callback = byName
         self._context = context
+        self._pems = pems
         self.certificates = [
             CertificateSummary(
                 keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc,
@@ -519,6 +591,78 @@ class ServerTLS:
         it (L{mailgate.session.tlslayer}).
         """
         return self._context
+
+    def renewTicketKey(self):
+        """
+        Make new connections from a new context, made of the certificates
+        and keys in service as they were read (L{remakeContext}), with the
+        same choice of certificate by host name: a context of its own is a
+        session ticket key of its own (see the module's docstring).
+
+        Only the main context is made again: OpenSSL seals and opens the
+        tickets of a connection whose SNI callback chose a named
+        certificate's context with the key of the context the connection
+        was made from, the main one.  Established connections keep the
+        context they were made from, and with it the previous key, until
+        they end.
+
+        @raise OSError: the contents cannot be handed to OpenSSL.
+        @raise ssl.SSLError: OpenSSL refuses them.
+        """
+        context = remakeContext(self._pems, self.minimumVersion, self.ciphers)
+        context.sni_callback = self._context.sni_callback
+        self._context = context
+
+
+#: seconds a session ticket key is used (C{tls-ticket-key-rotation}):
+#: Postfix's tlsmgr makes a new one as often by default (its session cache
+#: timeout); OpenSSL's tickets last two hours at most anyway
+TICKET_KEY_ROTATION = 3600
+
+
+class TicketKeyRotation(Service):
+    """
+    Every C{interval} seconds, a new session ticket key for new TLS
+    connections (L{ServerTLS.renewTicketKey}).  A reload of the
+    certificates (SIGHUP) makes one too, between two of these.
+
+    @param tls: the L{ServerTLS}.
+    @param clock: the reactor.
+    @param interval: seconds between two keys.
+    """
+
+    log = Logger()
+
+    def __init__(self, tls, clock, interval=TICKET_KEY_ROTATION):
+        self.tls = tls
+        self.clock = clock
+        self.interval = interval
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = LoopingCall(self.renew)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def renew(self):
+        """
+        Renew the key; should that fail, say so and keep the key in use
+        until the next time.
+        """
+        try:
+            self.tls.renewTicketKey()
+        except (OSError, ssl.SSLError) as e:
+            self.log.error(
+                "TLS session ticket key not renewed, the current one stays in use until the next try: {error}",
+                error=e,
+                event="tls.ticket_key_failed",
+            )
 
 
 def keyFileWarning(path):

@@ -345,6 +345,42 @@ def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certifi
     assert reused == [False, True, True, True]
 
 
+@sqliteOnly  # TLS does not depend on the database
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_aTicketIsRefusedOnceTheServerHasRenewedItsKey(mailgate_server, mailgate_cli, certificate, version):
+    """
+    --tls-ticket-key-rotation 1: the server seals tickets with a new key
+    every second, and a client that comes back with the ticket of a key
+    since replaced gets a full handshake (the certificate again) and its
+    POP3 session, as any other.  A ticket of a key never renewed would
+    resume for two hours.
+    """
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP, "--tls-ticket-key-rotation", "1"
+    )
+    context = clientContext(certificatePath)
+    context.minimum_version = context.maximum_version = version
+
+    def session(resuming=None):
+        raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1", session=resuming) as sock:
+            reader = LineReader(sock)
+            assert reader.line().startswith(b"+OK")
+            sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
+            replies = [reader.line() for _ in range(4)]
+            assert replies[2] == b"+OK 0 0\r\n", replies
+            assert sock.version() == ("TLSv1.3" if version == ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
+            assert peerCertificate(sock) == der(certificatePath)
+            assert sock.session.has_ticket
+            return sock.session_reused, sock.session
+
+    reused, old = session()
+    assert not reused
+    waitFor(lambda: not session(old)[0], "a client resuming with the ticket of a renewed key to get a full handshake")
+
+
 def _tlsOverSocket(context, sock):
     """
     A TLS client on memory BIOs over a real socket: what C{SSLSocket}

@@ -11,11 +11,12 @@ import ssl
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from mailgate.errors import ConfigurationError
-from mailgate.service import MailgateConfig, MailgateService, makeTLS
-from mailgate.tls import ServerTLS
+from mailgate.service import MailgateConfig, MailgateService, makeService, makeTLS
+from mailgate.tls import ServerTLS, TicketKeyRotation
 
 from certs import certificateFingerprint, fingerprint, makeAuthority, makeCertificate, makeChain
 
@@ -607,6 +608,177 @@ def test_aTicketFromBeforeAReloadGetsAFullHandshake(tls, pair):
     assert again.ok and not again.client.session_reused
     assert again.peerCertificate == first.peerCertificate
     assert len(records(again.serverLastFlight)) == 1
+
+
+# -- session ticket keys -----------------------------------------------------------
+
+
+def ticketFrom(tls, context):
+    """
+    A full handshake with C{context}, and the session the client keeps
+    from it, with its ticket (TLS 1.3 sends it after the handshake).
+    """
+    first = handshake(tls.context, context)
+    assert first.ok and not first.client.session_reused
+    if first.version == "TLSv1.3":
+        with pytest.raises(ssl.SSLWantReadError):
+            first.client.read()
+    assert first.client.session.has_ticket
+    return first
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_aTicketFromBeforeTheKeyWasRenewedGetsAFullHandshake(tls, pair, version):
+    """
+    A new ticket key (L{ServerTLS.renewTicketKey}): a client resuming
+    with a ticket the previous key sealed gets a full handshake with the
+    same certificate, and a ticket that serves its next connection.  Up
+    to the renewal, the old ticket resumed.
+    """
+    context = clientContext(pair[0], minimum=version, maximum=version)
+    first = ticketFrom(tls, context)
+    old = first.client.session
+    assert handshake(tls.context, context, session=old).client.session_reused
+    tls.renewTicketKey()
+    again = handshake(tls.context, context, session=old)
+    assert again.ok and again.version == first.version and not again.client.session_reused
+    assert again.peerCertificate == first.peerCertificate
+    renewed = ticketFrom(tls, context).client.session
+    assert handshake(tls.context, context, session=renewed).client.session_reused
+
+
+def test_theRenewedKeyServesTheCertificatesAsTheyWereRead(tmp_path):
+    """
+    The context made for a new key holds the certificates and keys in
+    service, with their settings, not what their files hold now: a
+    renewal replaced without its SIGHUP yet, or a file half written,
+    waits for the reload.
+    """
+    certificatePath, keyPath, tls, oldCertificate = servingWithACopy(tmp_path)
+    old = tls.fingerprint
+    before = tls.context
+    makeCertificate(tmp_path, HOST, name="server")  # renewed in place
+    tls.renewTicketKey()
+    assert tls.context is not before
+    assert tls.context.minimum_version == before.minimum_version and tls.context.num_tickets == 1
+    assert tls.context.options == before.options
+    assert [c["name"] for c in tls.context.get_ciphers()] == [c["name"] for c in before.get_ciphers()]
+    result = connect(tls, oldCertificate)
+    assert result.ok and fingerprint(result.peerCertificate) == old and tls.fingerprint == old
+    keyPath.write_bytes(b"half")
+    tls.renewTicketKey()
+    assert connect(tls, oldCertificate).ok
+
+
+def test_theRenewedKeyKeepsTheAlternativeCertificate(dual):
+    (rsaCertificate, rsaKey), (ecCertificate, ecKey), both = dual
+    tls = ServerTLS(str(rsaCertificate), str(rsaKey), (str(ecCertificate), str(ecKey)))
+    tls.renewTicketKey()
+    for context, expected in ((clientContext(both), ecCertificate), (tls12Client(both, RSA_ONLY), rsaCertificate)):
+        result = handshake(tls.context, context)
+        assert result.ok and fingerprint(result.peerCertificate) == certificateFingerprint(expected)
+
+
+def test_aTicketOfANamedCertificateIsTheMainKeysToo(hosted):
+    """
+    A client that asked (SNI) for a name another certificate serves is
+    given its ticket under the main context's key (OpenSSL's, whatever
+    context the SNI callback chose), so renewing that key alone makes it
+    fall back to a full handshake too, and the client still gets the
+    certificate of its name.
+    """
+    tls, main, net, com, trusted = hosted
+    context = clientContext(net[0], minimum=ssl.TLSVersion.TLSv1_3)
+    first = handshake(tls.context, context, "mail.example.net")
+    assert first.ok and fingerprint(first.peerCertificate) == certificateFingerprint(net[0])
+    with pytest.raises(ssl.SSLWantReadError):
+        first.client.read()
+    assert handshake(tls.context, context, "mail.example.net", session=first.client.session).client.session_reused
+    tls.renewTicketKey()
+    again = handshake(tls.context, context, "mail.example.net", session=first.client.session)
+    assert again.ok and not again.client.session_reused
+    assert fingerprint(again.peerCertificate) == certificateFingerprint(net[0])
+
+
+class Renewals:
+    """
+    A L{ServerTLS} stand-in counting L{renewTicketKey} calls, failing
+    the next C{failures} of them.
+    """
+
+    def __init__(self, failures=0):
+        self.calls = 0
+        self.failures = failures
+
+    def renewTicketKey(self):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(24, "Too many open files")
+
+
+def test_theTicketKeyIsRenewedEveryInterval():
+    """
+    L{TicketKeyRotation} renews the key once per interval on the clock it
+    is given, not at its start, and no more once stopped.
+    """
+    clock, tls = Clock(), Renewals()
+    rotation = TicketKeyRotation(tls, clock, 3600)
+    rotation.startService()
+    assert tls.calls == 0
+    clock.advance(3599)
+    assert tls.calls == 0
+    clock.advance(1)
+    assert tls.calls == 1
+    clock.pump([3600] * 3)
+    assert tls.calls == 4
+    rotation.stopService()
+    assert clock.getDelayedCalls() == []
+    clock.advance(7200)
+    assert tls.calls == 4
+
+
+def test_aRenewalThatFailsIsSaidAndTheNextIsTried():
+    """
+    A key that cannot be renewed (no file descriptor left for the
+    certificates) is an error line; the key in use stays, and the next
+    interval tries again.
+    """
+    clock, tls, events = Clock(), Renewals(failures=1), []
+    rotation = TicketKeyRotation(tls, clock, 60)
+    rotation.log = Logger(observer=events.append)
+    rotation.startService()
+    clock.advance(60)
+    [event] = events
+    assert event["event"] == "tls.ticket_key_failed" and event["log_level"] == LogLevel.error
+    assert formatEvent(event) == (
+        "TLS session ticket key not renewed, the current one stays in use until the next try: "
+        "[Errno 24] Too many open files"
+    )
+    clock.advance(60)
+    assert tls.calls == 2 and len(events) == 1
+    rotation.stopService()
+
+
+def test_theServiceRenewsTheTicketKeyOnItsReactor(pair, tmp_path):
+    """
+    C{makeService} with a certificate renews the ticket key every
+    C{tls-ticket-key-rotation} seconds on the reactor it is given (the
+    default: an hour); without a certificate there is nothing to renew.
+    """
+    from mailgate.testing import memoryStore
+
+    reactor = MemoryReactorClock()
+    config = MailgateConfig(
+        pop3s=["tcp:0:interface=127.0.0.1"], tlsCertificate=str(pair[0]), tlsKey=str(pair[1]),
+        tlsTicketKeyRotation=120,
+    )
+    root = makeService(config, reactor=reactor, store=memoryStore())
+    [rotation] = [s for s in root if isinstance(s, TicketKeyRotation)]
+    assert rotation.clock is reactor and rotation.interval == 120 and rotation.tls is root.tls
+    assert MailgateConfig().tlsTicketKeyRotation == 3600
+    plain = makeService(MailgateConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    assert not [s for s in plain if isinstance(s, TicketKeyRotation)]
 
 
 def test_clientVerifiesTheHostName(tls, pair):
