@@ -979,15 +979,19 @@ def test_aUserImportAddsNewUsersABatchAtATimeInTheFilesOrder(cli, store, monkeyp
     )
 
 
-def test_addUsersLeavesATakenAddressAndAddsTheRest(cli, store):
+def test_addUsersLeavesATakenAddressAndAddsTheRest(cli, store, monkeypatch):
     """
     C{addUsers} adds its users in one transaction; an address taken is
     C{False} and leaves that user as they are, without undoing the others
-    (on PostgreSQL a unique violation would abort the transaction).
+    (on PostgreSQL a unique violation would abort the transaction); an
+    address given twice is added once, the first time.  So with the rows
+    of one statement and of several.
     """
     from mailgate.auth.passwords import makeCredentials
+    from mailgate.store import sql
     from mailgate.testing import TEST_HASH_COST
 
+    monkeypatch.setattr(sql, "ROWS_PER_INSERT", 2)
     before = resultOf(store.findUser(ALICE))
     quotaBefore = resultOf(store.quotaOf(ALICE))
     credentials = makeCredentials("pw", logN=TEST_HASH_COST)
@@ -995,11 +999,16 @@ def test_addUsersLeavesATakenAddressAndAddsTheRest(cli, store):
         ("n1@example.org", credentials, {}),
         (ALICE, credentials, {"octets": 5}),
         ("n2@example.org", credentials, {"messages": 7}),
+        ("n1@example.org", credentials, {"octets": 9}),
+        ("n3@example.org", credentials, {"octets": 9}),
+        ("n3@example.org", credentials, {"octets": 10}),
     ]))
-    assert added == [True, False, True]
+    assert added == [True, False, True, False, True, False]
     assert resultOf(store.findUser(ALICE)).passwordHash == before.passwordHash
     assert resultOf(store.quotaOf(ALICE)) == quotaBefore
     assert resultOf(store.quotaOf("n2@example.org")).quotaMessages == 7
+    assert resultOf(store.quotaOf("n1@example.org")).quotaOctets is None
+    assert resultOf(store.quotaOf("n3@example.org")).quotaOctets == 9
     assert resultOf(store.findUser("n1@example.org")).passwordHash == credentials.passwordHash
 
 
