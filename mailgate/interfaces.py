@@ -822,6 +822,15 @@ class IEngine(Interface):
         than two bodies.
         """
 
+    def administrativeRead(cursor, timeout):
+        """
+        Make the read transaction L{begin} just started refuse writes, and
+        let each of its statements take C{timeout} seconds (C{None}: as
+        long as it takes) rather than the bound a node's statements have:
+        an administrator's command reading the whole database (C{mailgate
+        db check}), which a role that may only read runs too.
+        """
+
     def resetIdentity(cursor, table, column):
         """
         After rows were inserted with explicit ids, make C{table}'s generated

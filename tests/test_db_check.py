@@ -175,3 +175,157 @@ def test_aDatabaseThatIsNotMailgatesIsSaidToBe(tmp_path):
     code, out, err = mailgate(f"sqlite:///{path}", "db", "check")
     assert (code, out) == (78, ""), err
     assert err == f"mailgate: no mailgate database in sqlite:///{path}: it holds no mailgate tables\n"
+
+
+def _lockedUsers(url):
+    """
+    A connection of its own holding the users table locked (ACCESS
+    EXCLUSIVE, as an ALTER TABLE does), which a check reading it waits
+    for: a check that takes as long as the test wants.  Rolled back (the
+    lock given back) by the test.
+    """
+    import psycopg
+
+    from mailgate.store.postgres import _conninfo
+
+    holder = psycopg.connect(_conninfo(url))
+    holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    return holder
+
+
+def _checkInThread(url, *options):
+    """
+    C{mailgate db check} on a thread: the thread, and the list that gets
+    its C{(exit status, stdout, stderr)}.
+    """
+    import threading
+
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(mailgate(url, "db", "check", *options)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _waitUntilWaitingFor(url, holder, thread):
+    """
+    Return once a session waits for a lock C{holder}'s holds (bounded).
+    """
+    import time
+
+    import psycopg
+
+    from e2e import DEADLINE
+    from mailgate.store.postgres import _conninfo
+
+    deadline = time.monotonic() + DEADLINE
+    with psycopg.connect(_conninfo(url), autocommit=True) as watcher:
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        while watcher.execute(waiting, (holder.info.backend_pid,)).fetchone()[0] == 0:
+            assert thread.is_alive(), "the check ended without waiting for the table"
+            assert time.monotonic() < deadline, "the check never waited for the table"
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aCheckOnPostgreSQLTakesTheTimeItNeedsNotANodes(filledURL, monkeypatch):
+    """
+    A check runs for longer than a node's statements may (60 seconds,
+    then the connection given up at 75; 1 and 1.5 here): on a large
+    database, where one statement reads every message, each run failed
+    "temporary failure, try again" (exit 75), whenever it was tried
+    again.  Each check now has its own time, an hour by default.  The
+    check is made to take 3 seconds by a table it waits for.
+    """
+    from e2e import DEADLINE
+    from mailgate.store import pgdeadline, postgres
+
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_MS", 1000)
+    monkeypatch.setattr(pgdeadline.DeadlineConnection, "answerDeadline", 1.5)
+    holder = _lockedUsers(filledURL)
+    try:
+        thread, outcome = _checkInThread(filledURL)
+        _waitUntilWaitingFor(filledURL, holder, thread)
+        # Past both bounds, unless the check ended already.
+        thread.join(3)
+    finally:
+        holder.rollback()
+        holder.close()
+    thread.join(DEADLINE)
+    [(code, out, err)] = outcome
+    assert (code, err) == (0, ""), out
+    assert out.splitlines()[-1].endswith(": sound (8 checks)")
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aCheckThatOutlastsItsTimeoutSaysWhichAndHowToGiveItLonger(filledURL):
+    """
+    C{--timeout SECONDS} bounds each check: one that has not ended then
+    stops the command, exit 75, one line naming the check and the option.
+    Bad values are usage errors.
+    """
+    from e2e import DEADLINE
+
+    holder = _lockedUsers(filledURL)
+    try:
+        thread, outcome = _checkInThread(filledURL, "--timeout", "1")
+        thread.join(DEADLINE)
+    finally:
+        holder.rollback()
+        holder.close()
+    [(code, out, err)] = outcome
+    assert (code, out) == (75, ""), err
+    assert err == (
+        f"mailgate: {engineFromURL(filledURL)!r}: the check of users and their maildrops did not end "
+        "within 1 second: give it longer with --timeout SECONDS (0: no limit)\n"
+    )
+    code, out, err = mailgate(filledURL, "db", "check", "--timeout", "0")
+    assert code == 0 and out.splitlines()[-1].endswith(": sound (8 checks)"), (out, err)
+    for bad, why in (("soon", "not a number: 'soon'"), ("-1", "must not be negative"),
+                     ("604801", "at most 604800 seconds (0: no limit)")):
+        assert mailgate(filledURL, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
+
+
+@pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
+def test_aCheckWritesNothingAndARoleThatMayOnlyReadRunsIt(filledURL, monkeypatch):
+    """
+    Each check is a READ ONLY transaction: a statement of one that would
+    write (a mistake in a check) is refused and changes nothing.  Before,
+    on PostgreSQL, a check ran in autocommit, where SET TRANSACTION READ
+    ONLY only warned: the write went through.  A monitoring role granted
+    USAGE on the schema and SELECT on its tables, nothing else, runs the
+    check (which it did before too) and finds the database sound.
+    """
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    from conftest import POSTGRES
+    from mailgate.store import check
+    from mailgate.store.postgres import _conninfo
+
+    assert mailgate(filledURL, "ban", "add", "192.0.2.1")[0] == 0
+    writing = ("bans, by mistake", "WITH gone AS (DELETE FROM bans RETURNING 1) SELECT 1, count(*) OVER () FROM gone",
+               lambda one: "a ban removed", "none")
+    with monkeypatch.context() as patched:
+        patched.setattr(check, "INVARIANTS", (writing,))
+        mailgate(filledURL, "db", "check")
+    with psycopg.connect(_conninfo(filledURL)) as conn:
+        assert conn.execute("SELECT count(*) FROM bans").fetchone()[0] == 1
+
+    role = f"mgmon_{secrets.token_hex(4)}"
+    host = urlsplit(POSTGRES).netloc.rpartition("@")[2]
+    monitorURL = urlunsplit(urlsplit(filledURL)._replace(netloc=f"{role}:pw@{host}"))
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+        try:
+            with psycopg.connect(_conninfo(filledURL), autocommit=True) as conn:
+                schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+            admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+            code, out, err = mailgate(monitorURL, "db", "check")
+        finally:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+    assert (code, err) == (0, ""), out
+    assert out.splitlines()[-1].endswith(": sound (8 checks)")

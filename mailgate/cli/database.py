@@ -8,9 +8,19 @@ readying a database restored by other means.
 import contextlib
 import os
 
-from mailgate.cli.common import CommandError, EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_USAGE
+from mailgate.cli.common import (
+    CommandError,
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    _number,
+    _seconds,
+)
 from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, TemporaryFailure
 from mailgate.store import engineFromURL, openSynchronousStore, refuseUpgradeUnderServer
+from mailgate.store.check import TIMEOUT as CHECK_TIMEOUT
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
 from mailgate.plural import counted
 
@@ -173,10 +183,26 @@ def _dbRestored(store, args, out, stdin):
     )
 
 
+#: the longest C{db check --timeout}: a week (PostgreSQL's statement_timeout
+#: stops at 24 days)
+CHECK_TIMEOUT_MAX = 7 * 24 * 3600
+
+
+def _checkTimeout(text):
+    """
+    C{db check --timeout}: seconds, or C{None} for 0 (no limit).
+    """
+    seconds = _number(text, _seconds, "--timeout")
+    if seconds > CHECK_TIMEOUT_MAX:
+        raise CommandError(f"bad --timeout: at most {CHECK_TIMEOUT_MAX} seconds (0: no limit)", EX_USAGE)
+    return seconds or None
+
+
 def _dbCheck(store, args, out, stdin):
     from mailgate.errors import DatabaseDamaged
-    from mailgate.store.check import Finding, checkDatabase
+    from mailgate.store.check import CheckTooLong, Finding, checkDatabase
 
+    timeout = _checkTimeout(args.timeout)
     database = store.database
     engine = database.engine
     try:
@@ -192,7 +218,14 @@ def _dbCheck(store, args, out, stdin):
             f"database schema version {version} is newer than this mailgate supports ({LATEST}); upgrade mailgate",
             EX_CONFIG,
         )
-    findings = checkDatabase(database, full=args.full, invariants=version == LATEST)
+    try:
+        findings = checkDatabase(database, full=args.full, invariants=version == LATEST, timeout=timeout)
+    except CheckTooLong as e:
+        raise CommandError(
+            f"{engine!r}: the check of {e.name} did not end within {counted(e.timeout, 'second', spec='g')}: "
+            f"give it longer with --timeout SECONDS (0: no limit)",
+            EX_TEMPFAIL,
+        ) from None
     if isinstance(version, DatabaseDamaged):
         findings.append(Finding("mailgate's schema version", damaged=str(version)))
     elif version != LATEST:
@@ -277,11 +310,18 @@ def _addDatabaseCommands(commands):
         "beside running servers: on SQLite, every page of the file (SQLite's quick_check; "
         "integrity_check with --full); then, on SQLite and PostgreSQL, mailgate's own invariants "
         "(every message has its user and its body, every body its chunks and as many references "
-        "as messages hold it, each maildrop's recorded use and next unique id).  Exit 0 when sound; "
-        "65 when a check found problems, each named on standard output with what to do.",
+        "as messages hold it, each maildrop's recorded use and next unique id).  Each check is a "
+        "read-only transaction: a database role granted SELECT alone runs it.  Exit 0 when sound; "
+        "65 when a check found problems, each named on standard output with what to do; 75 when "
+        "a check did not end within --timeout.",
     )
     dbCheck.add_argument(
         "--full", action="store_true",
         help="SQLite's integrity_check, which also compares every index with its table (slower)",
+    )
+    dbCheck.add_argument(
+        "--timeout", default=str(CHECK_TIMEOUT), metavar="SECONDS",
+        help=f"how long each check may take on PostgreSQL, in place of the 60 seconds a server's "
+        f"statements have (default {CHECK_TIMEOUT}; 0: no limit)",
     )
     dbCheck.set_defaults(run=_dbCheck, migrate=False)

@@ -17,19 +17,43 @@ messages take; its next unique id past every one given.  (mailgate's
 tables declare no foreign keys: these are the references a foreign key
 check would have followed.)
 
-Read-only: each check is one read transaction, on a connection told to
-refuse writes (SQLite's C{query_only}, PostgreSQL's C{READ ONLY}
-transactions); nothing is repaired and nothing migrated.  A check that
-meets damaged pages says so and the others go on.
+Read-only: each check is one transaction that refuses writes (SQLite's
+C{query_only}, PostgreSQL's C{READ ONLY} transaction), which a role that
+may only read the tables runs as well; nothing is repaired and nothing
+migrated.  Each may take L{TIMEOUT} seconds, or what the administrator
+gives, on PostgreSQL rather than a node's 60 (L{mailgate.interfaces.
+IEngine.administrativeRead}): one statement reading every message of a
+large database takes longer, and failed as a temporary failure that
+came back at every run.  A check that meets damaged pages says so and
+the others go on.
 """
 
-from mailgate.errors import DatabaseDamaged
+import time
+
+from mailgate.errors import DatabaseDamaged, TemporaryFailure
 
 #: examples shown of what a check found wrong
 EXAMPLES = 5
 
 #: problems SQLite's own check reports at most (it stops there)
 SQLITE_PROBLEMS = 20
+
+#: seconds a check may take by default (C{db check --timeout})
+TIMEOUT = 3600
+
+
+class CheckTooLong(Exception):
+    """
+    A check ran out of its time (L{checkDatabase}'s C{timeout}).
+
+    @ivar name: the check.
+    @ivar timeout: its seconds.
+    """
+
+    def __init__(self, name, timeout):
+        super().__init__(name, timeout)
+        self.name = name
+        self.timeout = timeout
 
 
 class Finding:
@@ -70,19 +94,10 @@ class Finding:
         return [f"{self.name}: {self.advice}", *shown]
 
 
-def _readOnly(cursor, engine):
-    """
-    Refuse writes on this transaction's connection: a check never
-    repairs, whatever a mistake in it would do.
-    """
-    if engine.name == "sqlite":
-        cursor.execute("PRAGMA query_only = 1")
-    else:
-        cursor.execute("SET TRANSACTION READ ONLY")
-
-
-def _sqliteCheck(cursor, engine, full):
-    _readOnly(cursor, engine)
+def _sqliteCheck(cursor, engine, full, timeout):
+    # Refusing writes: a check never repairs, whatever a mistake in it
+    # would do.
+    engine.administrativeRead(cursor, timeout)
     pragma = "integrity_check" if full else "quick_check"
     cursor.execute(f"PRAGMA {pragma}({SQLITE_PROBLEMS})")
     said = [row[0] for row in cursor.fetchall()]
@@ -102,12 +117,12 @@ def _reason(damaged):
     return str(cause) if cause is not None else str(damaged)
 
 
-def _counted(cursor, engine, query, args=()):
+def _counted(cursor, engine, timeout, query, args=()):
     """
     Run C{query}, whose rows end with a count of all its rows (C{count(*)
     OVER ()}), limited to L{EXAMPLES}: the count and the examples.
     """
-    _readOnly(cursor, engine)
+    engine.administrativeRead(cursor, timeout)
     cursor.execute(f"{query} LIMIT {EXAMPLES}", args)
     rows = cursor.fetchall()
     if not rows:
@@ -225,16 +240,37 @@ INVARIANTS = (
 )
 
 
-def checkDatabase(database, full=False, invariants=True):
+def _timed(database, name, timeout, function, *args):
+    """
+    C{database.run(function, *args)}, a check named C{name} that may take
+    C{timeout} seconds.
+
+    @raise CheckTooLong: it failed for now once its time was out (the
+        statement cancelled, or its answer given up): the database is
+        not unavailable, the check needs longer.
+    """
+    started = time.monotonic()
+    try:
+        return database.run(function, *args)
+    except TemporaryFailure as e:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            raise CheckTooLong(name, timeout) from e
+        raise
+
+
+def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT):
     """
     Check C{database} (an L{mailgate.interfaces.IDatabase} run inline:
-    the command's), one read transaction a check.
+    the command's), one read-only transaction a check.
 
     @param full: SQLite's C{integrity_check}, which also compares every
         index with its table, rather than C{quick_check}.
     @param invariants: check mailgate's invariants too (its tables are
         those of this mailgate's schema version).
+    @param timeout: seconds each check may take (where the engine bounds
+        a statement's time), or C{None} for as long as it takes.
     @return: the L{Finding}s, in order.
+    @raise CheckTooLong: a check did not end within C{timeout}.
     """
     engine = database.engine
     findings = []
@@ -242,14 +278,14 @@ def checkDatabase(database, full=False, invariants=True):
         name = "SQLite's integrity_check" if full else "SQLite's quick_check"
         advice = f"the file {engine.path} is damaged: restore it from its last backup (README: Backups)"
         try:
-            said = database.run(_sqliteCheck, engine, full)
+            said = _timed(database, name, timeout, _sqliteCheck, engine, full, timeout)
         except DatabaseDamaged as e:
             # The check itself stopped at a page too damaged to walk.
             said = [_reason(e)]
         findings.append(Finding(name, len(said), said[:EXAMPLES], advice))
     for name, query, show, advice in INVARIANTS if invariants else ():
         try:
-            count, rows = database.run(_counted, engine, query)
+            count, rows = _timed(database, name, timeout, _counted, engine, timeout, query)
         except DatabaseDamaged as e:
             findings.append(Finding(name, damaged=_reason(e)))
             continue

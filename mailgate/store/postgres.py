@@ -13,6 +13,7 @@ seconds, by TCP keepalive, if its whole machine vanishes).
 """
 
 import hashlib
+import math
 import os
 import secrets
 import weakref
@@ -32,7 +33,7 @@ from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pghosts import hostOrderOf
-from mailgate.store.pgdeadline import DeadlineConnection
+from mailgate.store.pgdeadline import ANSWER_DEADLINE, DeadlineConnection
 from mailgate.store.pgreactor import (
     INT4,
     INT8,
@@ -440,6 +441,23 @@ class PostgresEngine:
         """
         if len(bodyIds) > 1:
             cursor.execute(_LOCK_BODIES, (owner, list(bodyIds)))
+
+    def administrativeRead(self, cursor, timeout):
+        """
+        A transaction of its own, C{READ ONLY}, with its own
+        C{statement_timeout} and answer deadline (as far beyond it as a
+        node's are beyond theirs, or none), for this transaction only: the
+        commit or the rollback gives the connection back its own.  Reads
+        otherwise run in autocommit, where C{SET TRANSACTION READ ONLY}
+        only warned, each statement a transaction of its own that could
+        write, under the node's 60 seconds.
+        """
+        conn = cursor.connection
+        conn.autocommit = False
+        cursor.execute("SET TRANSACTION READ ONLY")
+        milliseconds = 0 if timeout is None else max(1, math.ceil(timeout * 1000))
+        cursor.execute(f"SET LOCAL statement_timeout = {milliseconds}")
+        conn.answerDeadline = None if timeout is None else timeout + ANSWER_DEADLINE - STATEMENT_TIMEOUT_MS / 1000
 
     def isTransient(self, exc):
         """
