@@ -67,13 +67,19 @@ class Roles:
     def runRecipe(self):
         """
         The README's SQL as written, as the superuser README runs it as,
-        for this test's roles and schema.
+        for this test's roles and schema.  Its unqualified names
+        (C{mailgate_schema}) are found where psql finds them in a database
+        whose tables are in C{public}: on the search path, which is the
+        test's schema here.  (Without it, they were looked up in this shared
+        test database's C{public}, which holds that table only if some
+        earlier test happened to create it there: the test failed when run
+        alone.)
         """
         sql = recipe()
         sql = re.sub(r"\bpublic\b", self.schema, sql)
         sql = re.sub(r"\bmailnode\b", self.node, sql)
         sql = re.sub(r"\bmailgate\b", self.owner, sql)
-        self.asSuperuser(sql)
+        self.asSuperuser(f"SET search_path TO {self.schema};\n{sql}")
 
 
 @pytest.fixture
