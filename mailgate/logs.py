@@ -47,6 +47,8 @@ import re
 import stat
 import sys
 import threading
+import weakref
+from queue import Empty, SimpleQueue
 from time import monotonic as _monotonic
 from time import sleep as _sleep
 from time import time as _now
@@ -182,8 +184,10 @@ def withPriorities(formatter):
 
 class LogStream:
     """
-    A text stream for log lines, written whole under a lock (events come
-    from worker threads too), that can be reopened by path.
+    A stream for log lines, written whole under a lock, that can be
+    reopened by path.  Twistd's observer writes to it on a thread of its
+    own (L{QueuedLogObserver}); an observer without a reactor, on the
+    thread that logged.
 
     @ivar path: the file, or C{None} for a stream given as is (standard
         output), which L{reopen} leaves alone.
@@ -199,10 +203,12 @@ class LogStream:
     #: it), so that a JSON log stays JSON
     formatEvent = None
 
-    #: lines lost since the start, not written (a full disk): what
-    #: C{mailgate_log_lines_lost_total} exports, for an alert the lost
-    #: lines themselves cannot raise
-    linesLost = 0
+    #: lines the stream did not take (a full disk, a reader of standard
+    #: output gone), since the start
+    linesNotWritten = 0
+    #: lines never handed to the stream: its observer's queue was full
+    #: (L{QueuedLogObserver}), since the start
+    linesDropped = 0
     #: whether the last reopen (SIGHUP, SIGUSR1) failed, leaving the
     #: lines going to the old file that logrotate will compress or remove
     #: (C{mailgate_log_last_reopen_successful})
@@ -212,11 +218,49 @@ class LogStream:
         self.path = path
         self.journal = journal
         self._lock = threading.Lock()
-        self._stream = stream if path is None else self._open(path)
+        # A file reopened while a line was being written to the old one
+        # (L{reopen} never waits for the write): taken by the next write.
+        self._swapLock = threading.Lock()
+        self._replacement = None
+        #: what the lines are written to, as a line saying some were lost
+        #: names it
+        self.where = path if path is not None else "standard output"
+        if path is not None:
+            self._stream, self._text = self._open(path), False
+        else:
+            self._stream, self._text = self._unbuffered(stream)
         # Lines not written (a full disk): told once writing works again.
         self._lost = 0
         self._lostBecause = None
         self._cutShort = False
+
+    @property
+    def linesLost(self):
+        """
+        Lines lost since the start, not written (L{linesNotWritten},
+        L{linesDropped}): what C{mailgate_log_lines_lost_total} exports,
+        for an alert the lost lines themselves cannot raise.
+        """
+        return self.linesNotWritten + self.linesDropped
+
+    @staticmethod
+    def _unbuffered(stream):
+        """
+        C{stream} (standard output) as the stream lines are written to, and
+        whether it takes text: where it has a descriptor, an unbuffered
+        binary file on a duplicate of it, so that a line is one write(2)
+        whose failure (a reader gone) loses that line alone, and so that a
+        write blocked on a reader that takes nothing holds no lock of
+        C{sys.stdout}'s (the interpreter takes it to flush at exit, and
+        aborts if a thread holds it); a stream without one (a test's) as
+        it is, taking text.
+        """
+        try:
+            fd = stream.fileno()
+            stream.flush()
+            return open(os.dup(fd), "wb", buffering=0), False
+        except (AttributeError, OSError, ValueError):
+            return stream, True
 
     @staticmethod
     def _open(path):
@@ -265,25 +309,38 @@ class LogStream:
     def write(self, text):
         """
         Write C{text} (one log line).  A write that fails (no space left on
-        the log's filesystem, its quota, an I/O error) loses the line and
-        raises nothing: the server goes on serving, and once a line can be
-        written again it is preceded by one saying how many were lost and
-        why (C{log.lines_lost}); a line the disk cut short is ended first.
+        the log's filesystem, its quota, an I/O error, a reader of standard
+        output gone) loses the line and raises nothing: the server goes on
+        serving, and once a line can be written again it is preceded by one
+        saying how many were lost and why (C{log.lines_lost}); a line the
+        disk cut short is ended first.
         """
         with self._lock:
-            if self.path is None:
+            if self._replacement is not None:
+                self._takeReplacement()
+            if self._text:
                 self._stream.write(text)
                 return
             data = text.encode("utf-8", "backslashreplace")
             if self._lost:
                 if not self._writeAll(self._lostLine()):
                     self._lost += 1
-                    self.linesLost += 1
+                    self.linesNotWritten += 1
                     return
                 self._lost, self._lostBecause = 0, None
             if not self._writeAll(data):
                 self._lost += 1
-                self.linesLost += 1
+                self.linesNotWritten += 1
+
+    def notWritten(self, why):
+        """
+        Count one line lost before it could be written (its event could not
+        be formatted), told with the others lost (L{write}).
+        """
+        with self._lock:
+            self._lost += 1
+            self.linesNotWritten += 1
+            self._lostBecause = self._lostBecause or why
 
     def _writeAll(self, data):
         """
@@ -310,7 +367,7 @@ class LogStream:
 
     def _lostLine(self):
         count, why = self._lost, self._lostBecause or "a failed write"
-        text = f"{count} log {'line' if count == 1 else 'lines'} lost, not written to {self.path}: {why}"
+        text = f"{count} log {'line' if count == 1 else 'lines'} lost, not written to {self.where}: {why}"
         event = {
             "log_format": "{line}", "line": text, "log_level": LogLevel.warn, "log_namespace": "mailgate.logs",
             "log_time": _now(), "event": "log.lines_lost", "lost": count, "error": why,
@@ -320,14 +377,17 @@ class LogStream:
 
     def flush(self):
         with self._lock:
-            if self.path is None:
+            if self._text:
                 self._stream.flush()
 
     def reopen(self):
         """
         Open the path again (after logrotate moved the file away): later
         lines go to a new file of that name.  The old stream is closed only
-        once the new one is open, so a failure loses nothing.
+        once the new one is open, so a failure loses nothing.  Never waits
+        for a line being written (to a FIFO whose reader takes nothing,
+        C{-l /dev/stdout}: SIGUSR1 would have stopped the reactor with it):
+        the next line written takes the new file then.
 
         @return: whether a file was reopened.
         """
@@ -339,15 +399,42 @@ class LogStream:
             self.reopenFailed = True
             raise
         self.reopenFailed = False
-        with self._lock:
-            old, self._stream = self._stream, replacement
-        old.close()
+        with self._swapLock:
+            superseded, self._replacement = self._replacement, replacement
+        if superseded is not None:
+            superseded.close()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._takeReplacement()
+            finally:
+                self._lock.release()
         return True
 
+    def _takeReplacement(self):
+        """
+        Write to the file L{reopen} opened from now on, the old one closed
+        (called with L{_lock} held).
+        """
+        with self._swapLock:
+            replacement, self._replacement = self._replacement, None
+        if replacement is not None:
+            old, self._stream = self._stream, replacement
+            old.close()
+
     def close(self):
-        if self.path is not None:
-            with self._lock:
+        with self._lock:
+            if self._replacement is not None:
+                self._takeReplacement()
+            if self.path is not None or not self._text:
                 self._stream.close()
+
+    def afterFork(self):
+        """
+        In a forked child: a lock the parent's writing thread held (a line
+        being written as it forked) would be held for ever.
+        """
+        self._lock = threading.Lock()
+        self._swapLock = threading.Lock()
 
 
 def literal(text):
@@ -470,18 +557,228 @@ def twistdDestination(twistdOptions):
     return LogStream(path=os.path.abspath(logfile or "twistd.log"))
 
 
-def observerFor(logFormat, stream):
+def observerFor(logFormat, stream, reactor=None):
     """
     The observer writing events to C{stream} in C{logFormat} (C{"text"} or
     C{"json"}), each line prefixed with its priority where the stream is
     systemd's journal (L{withPriorities}).
+
+    @param reactor: twistd's reactor, whose events are written on a thread
+        of their own (L{QueuedLogObserver}); C{None} (no reactor, a test's
+        stream): each on the thread that logged it, before the call
+        returns.
     """
     formatter = eventAsJSONLine if logFormat == "json" else classicTextLine
     if getattr(stream, "journal", False):
         formatter = withPriorities(formatter)
     if isinstance(stream, LogStream):
         stream.formatEvent = formatter
+    if reactor is not None:
+        return QueuedLogObserver(stream, formatter, reactor)
     return FileLogObserver(stream, formatter)
+
+
+class QueuedLogObserver:
+    """
+    The observer of twistd's log file or standard output: an event is put
+    in a queue, and a thread of the observer's own formats and writes it
+    to its L{LogStream}, in order.
+
+    Written where they were logged (the reactor's thread, mostly), lines
+    stopped the whole server while the stream took nothing: standard
+    output is a pipe or systemd's journal socket, whose reader (journald)
+    can be slow or stuck, and a write to it blocks once it is full (seen
+    on a real C{twistd -n mailgate} whose standard output nobody read: no
+    reply after 11 POP3 sessions, not even to SIGTERM).  At most
+    L{maxPending} events wait; past that, they are dropped and counted
+    (L{LogStream.linesDropped}, in C{mailgate_log_lines_lost_total}), and
+    the count is said in a line of its own (C{log.lines_lost}) before the
+    next event that finds room again.  Formatting happens on the writing
+    thread too: the one that logged puts the event in the queue, no more.
+
+    Before the reactor runs and once it has stopped, an event is written
+    before the call returns (for L{exitWait} seconds at most): twistd's
+    start-up lines come before a failure to start, and twistd ends a
+    process stopped by a signal with the signal again (atexit does not
+    run) right after its last lines.  At the process's exit, and before a
+    fork (twistd daemonizing), what waits is written too, within
+    L{exitWait} and L{forkWait} seconds; the child writes with a thread of
+    its own.
+
+    @param stream: the L{LogStream} written to.
+    @param formatter: an event to its text (L{observerFor}'s).
+    @param reactor: whose C{running} says whether it runs (an argument,
+        never reached for: the reactor is twistd's, given by
+        L{mailgate.tap}).
+    """
+
+    #: events waiting to be written at most (a few kilobytes each at most:
+    #: bounded memory with a reader that takes nothing)
+    maxPending = 10000
+    #: how long an event logged while the reactor does not run, and the
+    #: process's exit, wait for what is queued to be written (seconds)
+    exitWait = 2.0
+    #: how long a fork waits for it (seconds)
+    forkWait = 1.0
+
+    def __init__(self, stream, formatter, reactor):
+        self.stream = stream
+        self._format = formatter
+        self._reactor = reactor
+        self._queue = SimpleQueue()
+        self._thread = None
+        # Events dropped since the line that told the last ones.
+        self._dropped = 0
+        self._droppedLock = threading.Lock()
+        # An event logged while the reactor did not run found the stream
+        # taking nothing: later ones do not wait for it again until it
+        # took what waited.
+        self._stuck = False
+        _queuedObservers.add(self)
+
+    def __call__(self, event):
+        # Called for every line (two or more a session): the thread that
+        # logged does no more than this.
+        queue = self._queue
+        if queue.qsize() >= self.maxPending:
+            with self._droppedLock:
+                self._dropped += 1
+                self.stream.linesDropped += 1
+            return
+        if self._dropped:
+            self._tellDropped()
+        queue.put(event)
+        if self._thread is None:
+            self._start()
+        if not self._reactor.running and not self._stuck and threading.current_thread() is not self._thread:
+            self._stuck = not self.flush(self.exitWait)
+
+    def _tellDropped(self):
+        """
+        Queue the line saying how many events were dropped (before the
+        event that found room again), in the log's format.
+        """
+        with self._droppedLock:
+            count, self._dropped = self._dropped, 0
+        if not count:
+            return
+        taker = "its reader" if self.stream.path is None else "the file"
+        why = f"{taker} took no lines while {self.maxPending} waited"
+        text = f"{count} log {'line' if count == 1 else 'lines'} lost, not written to {self.stream.where}: {why}"
+        self._queue.put({
+            "log_format": "{line}", "line": text, "log_level": LogLevel.warn, "log_namespace": __name__,
+            "log_time": _now(), "event": "log.lines_lost", "lost": count, "error": why,
+        })
+
+    def _start(self):
+        with _startingWriter[0]:
+            if self._thread is None:
+                thread = threading.Thread(target=self._write, args=(self._queue,), name="log", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _write(self, queue):
+        """
+        The writing thread: each event formatted and written in order; a
+        flush's C{threading.Event} set once what came before it was.
+        """
+        stream, format = self.stream, self._format
+        while True:
+            item = queue.get()
+            if item.__class__ is dict:
+                try:
+                    text = format(item)
+                    if text:
+                        stream.write(text)
+                    if queue.empty():
+                        stream.flush()
+                except Exception:
+                    # A value that changed while it was formatted (or a
+                    # test's stream that raised): that line lost, told
+                    # with the next one, never the thread (the only
+                    # writer).
+                    stream.notWritten("an event that could not be formatted or written")
+            elif item is _STOP:
+                return
+            else:
+                stream.flush()
+                self._stuck = False
+                item.set()
+
+    def flush(self, timeout):
+        """
+        Wait until every event logged has been written, or for C{timeout}
+        seconds at most (a stream that takes nothing).
+
+        @return: whether every event was written.
+        """
+        if self._dropped:
+            self._tellDropped()
+        written = threading.Event()
+        self._queue.put(written)
+        if self._thread is None:
+            self._start()
+        return written.wait(timeout)
+
+    def stop(self, timeout):
+        """
+        Write what waits (for C{timeout} seconds at most) and end the
+        writing thread; later events are queued and never written.
+
+        @return: whether every event was written.
+        """
+        written = self.flush(timeout)
+        self._queue.put(_STOP)
+        _queuedObservers.discard(self)
+        return written
+
+    def _beforeFork(self):
+        if self._thread is not None:
+            self.flush(self.forkWait)
+
+    def _afterForkInChild(self):
+        """
+        The parent's writing thread does not go on in the child: what it
+        left (a stream that took nothing as it forked) is the child's
+        thread's to write.
+        """
+        left, self._queue = self._queue, SimpleQueue()
+        while True:
+            try:
+                self._queue.put(left.get_nowait())
+            except Empty:
+                break
+        self._droppedLock = threading.Lock()
+        self._thread = None
+        self.stream.afterFork()
+
+
+#: what ends a L{QueuedLogObserver}'s writing thread
+_STOP = object()
+
+#: the L{QueuedLogObserver}s of this process, flushed at its exit and
+#: before a fork
+_queuedObservers = weakref.WeakSet()
+
+
+def _flushQueuedObservers():
+    for observer in list(_queuedObservers):
+        if observer._thread is not None:
+            observer.flush(observer.exitWait)
+
+
+def _beforeFork():
+    for observer in list(_queuedObservers):
+        observer._beforeFork()
+
+
+def _afterForkInChild():
+    for observer in list(_queuedObservers):
+        observer._afterForkInChild()
+
+
+atexit.register(_flushQueuedObservers)
+os.register_at_fork(before=_beforeFork, after_in_child=_afterForkInChild)
 
 
 class _SecondStamps:

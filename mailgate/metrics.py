@@ -316,13 +316,14 @@ class Metrics:
             "1 for each setting the configuration file changes that waits for a restart, as the last reload found.",
             ["setting"], initial=(),
         )
-        # The log file's (twistd -l FILE; see logStream): lines it could
-        # not take, and whether its last reopening worked.  An alert on
+        # The log's (twistd -l FILE, or standard output; see logStream):
+        # lines lost, and whether its last reopening worked.  An alert on
         # a full log disk cannot come from the log itself.
         self._logStream = None
         self._logLinesLost = _ReadSeries(
             counter, "mailgate_log_lines_lost",
-            "Log lines not written to the log file (a full disk, an I/O error): lost.",
+            "Log lines lost: not written to the log file or standard output (a full disk, an I/O error, a reader "
+            "gone), or dropped while its reader took none (a stuck journald).",
             lambda: self._logStream.linesLost if self._logStream is not None else 0,
         )
         self._logReopened = _ReadSeries(
@@ -588,9 +589,9 @@ class Metrics:
         """
         The log is written to C{stream} (a L{mailgate.logs.LogStream}):
         C{mailgate_log_lines_lost_total} and
-        C{mailgate_log_last_reopen_successful} read it when scraped (0
-        and 1 for a log on standard output, the journal's, which counts
-        nothing of the kind).
+        C{mailgate_log_last_reopen_successful} read it when scraped (a log
+        on standard output, the journal's, counts lines lost too, and has
+        no file to reopen: 1).
         """
         self._logStream = stream
 

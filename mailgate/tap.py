@@ -440,7 +440,8 @@ def makeService(options):
     # Python logging's records (psycopg's) into the same log, in its format.
     logs.forwardStandardLogging()
     if destination is not None:
-        service.logObserver = logs.observerFor(config.logFormat, destination)
+        # Written on a thread of the observer's own: never the reactor's.
+        service.logObserver = logs.observerFor(config.logFormat, destination, reactor=service.reactor)
         service.metrics.logStream(destination)
         if destination.path is not None:
             # Standard output (-n, as under systemd) has nothing to reopen:
