@@ -739,6 +739,13 @@ def _logName(login):
     clients' documentation shows) is a login name with the password in
     it, and a password is never logged.  No address has white space
     outside quotes, which no real mailbox uses.
+
+    A quoted local part with a space (C{"john smith"@example.org}, legal in
+    RFC 5321) is cut too, as C{"john [...]}: no user of mailgate's has one
+    (local parts are dot-atoms, L{mailgate.address.userAddress}), so such
+    a login fails whatever the line shows, while showing it whole would
+    show the password of C{USER "john p4ss"@word}, a name and a password
+    that no rule can tell from one quoted name.
     """
     after = _AFTER_SPACE.search(login)
     if after is not None:
