@@ -892,6 +892,13 @@ class SyslogObserver:
     #: events waiting to be sent at most (their lines, a few kilobytes
     #: each at most: bounded memory with a syslog daemon that takes nothing)
     maxPending = 10000
+    #: events not sent since the start, the queue full: what
+    #: C{mailgate_log_lines_lost_total} exports (L{mailgate.tap} hands
+    #: the observer to the metrics), for an alert the lost lines cannot
+    #: raise
+    linesLost = 0
+    #: no file to reopen (C{mailgate_log_last_reopen_successful} 1)
+    reopenFailed = False
     #: how long the process's exit waits for lines not yet sent (seconds)
     exitWait = 2.0
     #: how long a fork waits for them (seconds)
@@ -930,6 +937,7 @@ class SyslogObserver:
         with self._lock:
             if len(self._pending) >= self.maxPending:
                 self._lost += 1
+                self.linesLost += 1
                 return
             if self._lost:
                 self._pending.append([(PRIORITIES[LogLevel.warn] | self.facility, self._lostLine())])

@@ -323,7 +323,7 @@ class Metrics:
         self._logLinesLost = _ReadSeries(
             counter, "mailgate_log_lines_lost",
             "Log lines lost: not written to the log file or standard output (a full disk, an I/O error, a reader "
-            "gone), or dropped while its reader took none (a stuck journald).",
+            "gone), or dropped while its reader took none (a stuck journald or syslog daemon).",
             lambda: self._logStream.linesLost if self._logStream is not None else 0,
         )
         self._logReopened = _ReadSeries(
@@ -587,7 +587,8 @@ class Metrics:
 
     def logStream(self, stream):
         """
-        The log is written to C{stream} (a L{mailgate.logs.LogStream}):
+        The log is written to C{stream} (a L{mailgate.logs.LogStream}, or
+        the L{mailgate.logs.SyslogObserver} of twistd's C{--syslog}):
         C{mailgate_log_lines_lost_total} and
         C{mailgate_log_last_reopen_successful} read it when scraped (a log
         on standard output, the journal's, counts lines lost too, and has

@@ -452,6 +452,7 @@ def makeService(options):
         # (twistd's own observer logs to LOG_USER, warnings as info).
         reactor = service.reactor
         service.logObserver = logs.SyslogObserver(parent.get("prefix"), running=lambda: reactor.running)
+        service.metrics.logStream(service.logObserver)
     if notifier is not None:
         watchdog = systemd.watchdogInterval()
         systemd.SystemdService(service, notifier, service.reactor, watchdog).setServiceParent(service)

@@ -454,3 +454,51 @@ def test_aStopWithStandardOutputUnreadEndsTheProcess(unreadServer):
     except subprocess.TimeoutExpired:
         pytest.fail(f"twistd did not stop within {STOP_GRACE} s of SIGTERM with standard output unread")
     assert status in (0, -signal.SIGTERM)
+
+
+def test_syslogsDroppedLinesAreCountedInTheMetricsToo(tmp_path, monkeypatch):
+    """
+    Under twistd's C{--syslog}, events dropped while the syslog daemon took
+    nothing are counted in mailgate_log_lines_lost_total as standard
+    output's are: the warning saying so comes only once the daemon takes
+    lines again, too late for an alert.
+    """
+    import syslog
+
+    from mailgate import tap
+
+    release = threading.Event()
+    sent = []
+
+    def stuck(priority, message):
+        release.wait(DEADLINE)
+        sent.append(message)
+
+    monkeypatch.setattr(syslog, "openlog", lambda *args: None)
+    monkeypatch.setattr(syslog, "syslog", stuck)
+    monkeypatch.setattr(logs.SyslogObserver, "maxPending", 2)
+    monkeypatch.setattr(logs.SyslogObserver, "exitWait", 0.1)
+    monkeypatch.setattr(tap.twistedcompat, "leanEventDispatch", lambda reactor: False)
+    monkeypatch.setattr(tap.logs, "forwardStandardLogging", lambda: None)
+    options = tap.Options()
+    options.parseOptions(["--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}"])
+    options.parent = {"syslog": True, "nodaemon": True, "prefix": "twisted"}
+    service = tap.makeService(options)
+    try:
+        observer = service.logObserver
+        assert isinstance(observer, logs.SyslogObserver)
+        for n in range(6):
+            observer(event(f"line {n}"))
+        lost = service.metrics.registry.get_sample_value("mailgate_log_lines_lost_total")
+        assert lost == observer.linesLost in (3, 4)
+        release.set()
+        assert observer.flush(DEADLINE)
+        observer(event("after"))
+        assert observer.flush(DEADLINE)
+        assert sent[-2].endswith(f"{int(lost)} log events not sent to syslog: the syslog daemon took no lines while 2 "
+                                 "waited (is it stuck?)")
+        # Counted since the start, not since the warning.
+        assert service.metrics.registry.get_sample_value("mailgate_log_lines_lost_total") == lost
+    finally:
+        release.set()
+        service.store.close()
