@@ -11,6 +11,13 @@ waited 8 s for its reply, the whole node stopped while libpq's
 C{getaddrinfo} kept Python's lock.  Here a resolver is put in place of
 C{socket.getaddrinfo} at the Python level: before the change libpq never
 asked it (the names below end in C{.invalid}, which no DNS resolves).
+
+The worker threads' connections (psycopg's, L{PostgresEngine.connect}:
+every read and write of a node, every C{mailgate} command) are looked up
+by the same code, within the same time: tried for real too, a
+C{mailgate user list} whose DNS server never answered (C{options
+timeout:15 attempts:2}) failed after 40 s, psycopg's own lookup having
+waited as long as the resolver did.
 """
 
 import socket
@@ -20,7 +27,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
-from mailgate.store import pgreactor
+from mailgate.store import pgreactor, postgres
+from test_cli import CLI
 
 NAME = "db.resolve-test.invalid"
 DEADLINE = 30
@@ -36,6 +44,8 @@ class Resolver:
     def __init__(self, monkeypatch, *answers, wait=False):
         self.answers = list(answers)
         self.asked = []
+        # The thread each lookup was made on.
+        self.threads = []
         self.proceed = threading.Event()
         self.waiting = threading.Event()
         if not wait:
@@ -46,6 +56,7 @@ class Resolver:
             if not str(host).endswith(".invalid"):
                 return real(host, port, *args, **kwargs)
             self.asked.append(host)
+            self.threads.append(threading.current_thread().name)
             self.waiting.set()
             self.proceed.wait(DEADLINE)
             answer = self.answers.pop(0)
@@ -169,3 +180,66 @@ def test_aRefusalIsExplainedWithoutLibpqLookingTheNameUp(postgresURL, monkeypatc
     with pytest.raises(DatabaseRefused) as refused:
         pgreactor.connect(wrong, [], [], 5, where="the test's server")
     assert "SQLSTATE 28P01" in str(refused.value)
+
+
+def test_aWorkerThreadsConnectionIsGivenTheAddressMailgateLookedUp(postgresURL, monkeypatch):
+    """
+    A worker thread's connection (psycopg's) is given the address that
+    mailgate looked the name up for, on a thread of its own whose answer
+    it waits for a bounded time, as the reactor's connections are; before,
+    psycopg looked it up itself, on the connecting thread, for as long as
+    the resolver took.
+    """
+    resolver = Resolver(monkeypatch, ["127.0.0.1"])
+    conn = postgres.PostgresEngine(_named(postgresURL, [NAME])).connect()
+    try:
+        assert (conn.info.host, conn.info.hostaddr) == (NAME, "127.0.0.1")
+    finally:
+        conn.close()
+    assert resolver.threads == [f"resolving {NAME}"]
+
+
+def test_aCommandWaitsForANameThatDoesNotResolveAsLongAsTheReactorAtMost(postgresURL, monkeypatch, tmp_path):
+    """
+    A C{mailgate} command whose DNS server does not answer fails once the
+    connect timeout has passed (here made 0.2 s), temporarily, in one line
+    naming the name that did not resolve; before, psycopg's lookup waited
+    for the resolver (here until the test let it answer, and the command
+    then succeeded).
+    """
+    resolver = Resolver(monkeypatch, ["127.0.0.1"], ["127.0.0.1"], wait=True)
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT", 0.2)
+    try:
+        result = CLI(tmp_path / "unused.sqlite3")("user", "list", database=_named(postgresURL, [NAME]))
+    finally:
+        resolver.proceed.set()
+    assert result.code == 75, result
+    assert result.err.splitlines() == [
+        f"mailgate: temporary failure, try again: cannot connect to PostgreSQL at postgresql://{NAME}/"
+        f"{urlsplit(postgresURL).path.lstrip('/')}: could not resolve host name \"{NAME}\": no answer from DNS in "
+        "0.2 seconds"
+    ], result
+
+
+def test_aWorkerThreadsConnectionPassesOverANameWithoutAddress(postgresURL, monkeypatch):
+    """
+    As the reactor's: a server whose name does not resolve is passed over
+    for the next of the URL's servers; alone, it is a temporary failure
+    saying so.
+    """
+    gone = "gone.resolve-test.invalid"
+    resolver = Resolver(
+        monkeypatch,
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"), ["127.0.0.1"],
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    )
+    conn = postgres.PostgresEngine(_named(postgresURL, [gone, NAME])).connect()
+    try:
+        assert conn.info.host == NAME
+    finally:
+        conn.close()
+    with pytest.raises(TemporaryFailure) as failed:
+        postgres.PostgresEngine(_named(postgresURL, [gone])).connect()
+    assert resolver.asked == [gone, NAME, gone]
+    assert type(failed.value) is TemporaryFailure
+    assert f'could not resolve host name "{gone}": Name or service not known' in str(failed.value)

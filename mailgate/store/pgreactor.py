@@ -35,8 +35,7 @@ from zope.interface import implementer
 
 from mailgate.errors import DatabaseRefused, TemporaryFailure
 from mailgate.store import pgrefusal
-from mailgate.store.pghosts import hostAttempts
-from mailgate.store.pgresolve import NotResolved, resolvedAttempts
+from mailgate.store.pgresolve import addressedAttempts
 from mailgate.store.pgdeadline import ANSWER_DEADLINE
 from mailgate.timers import cancelled, elapsedClock
 from mailgate.plural import counted
@@ -142,19 +141,13 @@ def connect(conninfo, setup, statements, connectTimeout, where="the database URL
 
 def _addressedAttempts(info, connectTimeout, failed):
     """
-    The connection strings to try for C{info}, in turn (see
-    L{hostAttempts}), each server's name looked up here (L{resolvedAttempts}):
-    libpq's own lookup kept every thread of the node waiting.  A name that
-    does not resolve is added to C{failed} (without a C{PGconn}, as a
-    failure no server made) and the next server is tried.
+    The connection strings to try for C{info}, in turn, each server's name
+    looked up by mailgate (L{addressedAttempts}): libpq's own lookup kept
+    every thread of the node waiting.  A name that does not resolve is
+    added to C{failed} (without a C{PGconn}, as a failure no server made)
+    and the next server is tried.
     """
-    for attempt in hostAttempts(info):
-        try:
-            addressed = resolvedAttempts(attempt, connectTimeout)
-        except NotResolved as e:
-            failed.append((None, str(e), True))
-            continue
-        yield from addressed
+    return addressedAttempts(info, connectTimeout, lambda e: failed.append((None, str(e), True)))
 
 
 def _connected(info, connectTimeout):

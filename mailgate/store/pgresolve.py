@@ -16,6 +16,14 @@ C{timeout} seconds at most, and libpq is given the address
 (C{sslmode=verify-full} checks the certificate against the name) and in
 its messages.  A name is looked up at every connection: a failover made
 by changing the name's address is followed.
+
+The worker threads' connections (psycopg's C{Connection.connect}, in
+L{mailgate.store.postgres}) go through the same lookup: psycopg looks a
+name up itself with C{socket.getaddrinfo} (Python's lock let go), but as
+long as the system's resolver waits, with no bound of mailgate's: a CLI
+command, or a node's reader and writer threads, waited 40 s on a DNS
+server that never answered (C{options timeout:15 attempts:2}) before
+failing, where the reactor's connections gave up after 10.
 """
 
 import ipaddress
@@ -26,6 +34,7 @@ import threading
 import psycopg
 
 from mailgate.plural import counted
+from mailgate.store.pghosts import hostAttempts
 
 
 class NotResolved(Exception):
@@ -101,6 +110,23 @@ def resolvedAttempts(attempt, timeout):
         psycopg.conninfo.make_conninfo("", **{**params, "host": host, "hostaddr": address})
         for address in _lookUp(host, timeout)
     ]
+
+
+def addressedAttempts(info, timeout, unresolved):
+    """
+    The connection strings to try in turn for C{info} (see
+    L{mailgate.store.pghosts.hostAttempts}), each server's name looked up
+    here (L{resolvedAttempts}) when its turn comes, not by libpq or
+    psycopg.  A name that does not resolve is given to C{unresolved} (its
+    L{NotResolved}) and the next server is tried.
+    """
+    for attempt in hostAttempts(info):
+        try:
+            addresses = resolvedAttempts(attempt, timeout)
+        except NotResolved as e:
+            unresolved(e)
+            continue
+        yield from addresses
 
 
 def addressed(conninfo, timeout):

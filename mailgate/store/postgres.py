@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
-from mailgate.store import pgreactor, pgrefusal, reads
+from mailgate.store import pgreactor, pgrefusal, pgresolve, reads
 from mailgate.store.pgurl import parameterProblem
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
@@ -102,6 +102,19 @@ def sessionSettings(serverVersion):
 _RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
 # psycopg's own time-out of a connection attempt (psycopg >= 3.1.?).
 _CONNECTION_TIMEOUT = getattr(pgerrors, "ConnectionTimeout", ())
+
+
+class _NotConnected(Exception):
+    """
+    No server took a worker thread's connection: C{reason}, what each
+    attempt met, and C{error}, the last psycopg error (C{None} where no
+    name resolved and no server was tried).
+    """
+
+    def __init__(self, reason, error):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
 
 
 class _Cursor:
@@ -272,23 +285,47 @@ class PostgresEngine:
             # ever, where nothing but the URL can change.
             raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {problem}")
         try:
-            conn = DeadlineConnection.connect(
-                self._conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT, **self._parameters,
-                **self._hosts.parameters(),
-            )
+            conn = self._addressedConnection(DeadlineConnection, autocommit=False)
         except psycopg.ProgrammingError as e:
             # psycopg could not read the connection string: nothing to retry.
             # Its words may quote the URL, or the password in it.
             reason = withoutPassword(oneLine(e), self.url)
             raise DatabaseRefused(f"cannot connect to PostgreSQL at {self!r}: {reason}") from None
-        except psycopg.Error as e:
+        except _NotConnected as e:
+            # No server tried (no name resolved): asking why would look
+            # them up again.
             raise pgrefusal.connectionFailure(
-                repr(self), self._conninfo, oneLine(e), pgconn=getattr(e, "pgconn", None),
-                timedOut=isinstance(e, _CONNECTION_TIMEOUT), timeout=CONNECT_TIMEOUT,
-            ) from e
+                repr(self), self._conninfo, e.reason, pgconn=getattr(e.error, "pgconn", None),
+                timedOut=e.error is None or isinstance(e.error, _CONNECTION_TIMEOUT), timeout=CONNECT_TIMEOUT,
+            ) from e.error
         self._hosts.connected(conn.info.host, str(conn.info.port))
         self.onConnect(conn)
         return conn
+
+    def _addressedConnection(self, connection, **kwargs):
+        """
+        A psycopg C{connection} (the class) to the first server that takes
+        it, each server's name looked up by mailgate (as the reactor's
+        connections are: L{pgresolve.addressedAttempts}, at most
+        L{CONNECT_TIMEOUT} seconds), and psycopg given its address: its own
+        lookup waited as long as the system's resolver did, 40 s in a test
+        whose DNS server never answered.
+
+        @raise _NotConnected: if no server took it.
+        """
+        info = psycopg.conninfo.make_conninfo(
+            self._conninfo, connect_timeout=CONNECT_TIMEOUT, **self._parameters, **self._hosts.parameters()
+        )
+        reasons, error = [], None
+        for attempt in pgresolve.addressedAttempts(info, CONNECT_TIMEOUT, lambda e: reasons.append(str(e))):
+            try:
+                return connection.connect(attempt, **kwargs)
+            except psycopg.ProgrammingError:
+                raise
+            except psycopg.Error as e:
+                reasons.append(oneLine(e))
+                error = e
+        raise _NotConnected("; ".join(reasons), error)
 
     def onConnect(self, conn):
         with conn.cursor() as cursor:
@@ -635,16 +672,13 @@ class PostgresEngine:
         pids = ([], [])
         try:
             for _ in range(2):
-                conn = psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None,
-                    **self._parameters, **self._hosts.parameters(),
-                )
+                conn = self._addressedConnection(psycopg.Connection, autocommit=True, prepare_threshold=None)
                 connections.append(conn)
                 self._hosts.connected(conn.info.host, str(conn.info.port))
             for _ in range(SHARING_ROUNDS):
                 for conn, seen in zip(connections, pids):
                     seen.append(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
-        except psycopg.Error:
+        except (psycopg.Error, _NotConnected):
             return None
         finally:
             for conn in connections:
