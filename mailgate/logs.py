@@ -39,6 +39,7 @@ import atexit
 import collections
 import datetime
 import errno
+import itertools
 import json
 import logging
 import math
@@ -308,34 +309,43 @@ class LogStream:
 
     def write(self, text):
         """
-        Write C{text} (one log line).  A write that fails (no space left on
-        the log's filesystem, its quota, an I/O error, a reader of standard
-        output gone) loses the line and raises nothing: the server goes on
-        serving, and once a line can be written again it is preceded by one
-        saying how many were lost and why (C{log.lines_lost}); a line the
-        disk cut short is ended first.
+        Write C{text} (one log line): L{writeLines}.
+        """
+        self.writeLines((text,))
+
+    def writeLines(self, texts):
+        """
+        Write C{texts} (log lines, each ended), in one system call where the
+        stream takes them all.  A write that fails (no space left on the
+        log's filesystem, its quota, an I/O error, a reader of standard
+        output gone) loses the lines it did not take whole and raises
+        nothing: the server goes on serving, and once a line can be written
+        again it is preceded by one saying how many were lost and why
+        (C{log.lines_lost}); a line the disk cut short is ended first.
         """
         with self._lock:
             if self._replacement is not None:
                 self._takeReplacement()
             if self._text:
-                self._stream.write(text)
+                self._stream.write("".join(texts))
                 return
-            data = text.encode("utf-8", "backslashreplace")
             if self._lost:
-                if not self._writeAll(self._lostLine()):
-                    self._lost += 1
-                    self.linesNotWritten += 1
+                if self._writeAll(self._lostLine()) is not None:
+                    self._lost += len(texts)
+                    self.linesNotWritten += len(texts)
                     return
                 self._lost, self._lostBecause = 0, None
-            if not self._writeAll(data):
-                self._lost += 1
-                self.linesNotWritten += 1
+            taken = self._writeAll("".join(texts).encode("utf-8", "backslashreplace"))
+            if taken is not None:
+                ends = itertools.accumulate(len(text.encode("utf-8", "backslashreplace")) for text in texts)
+                lost = sum(1 for end in ends if end > taken)
+                self._lost += lost
+                self.linesNotWritten += lost
 
     def notWritten(self, why):
         """
         Count one line lost before it could be written (its event could not
-        be formatted), told with the others lost (L{write}).
+        be formatted), told with the others lost (L{writeLines}).
         """
         with self._lock:
             self._lost += 1
@@ -344,10 +354,12 @@ class LogStream:
 
     def _writeAll(self, data):
         """
-        Write all of C{data}; C{False} if the file took none or only part of
-        it (then its part is ended by the next line written).
+        Write all of C{data}: C{None} once it is written, or how many of its
+        octets the file took if it did not take them all (then the line it
+        cut short is ended by the next one written).
         """
-        if self._cutShort:
+        ended = self._cutShort
+        if ended:
             data = b"\n" + data
         view = memoryview(data)
         while view:
@@ -355,15 +367,17 @@ class LogStream:
                 written = self._stream.write(view)
             except OSError as e:
                 self._lostBecause = e.strerror or str(e)
-                if len(view) < len(data):
-                    self._cutShort = True
-                return False
+                written = None
             if not written:
-                self._lostBecause = "nothing written"
-                return False
+                if written is not None:
+                    self._lostBecause = "nothing written"
+                taken = len(data) - len(view)
+                if taken:
+                    self._cutShort = taken > ended
+                return max(taken - ended, 0)
             view = view[written:]
         self._cutShort = False
-        return True
+        return None
 
     def _lostLine(self):
         count, why = self._lost, self._lostBecause or "a failed write"
@@ -620,6 +634,9 @@ class QueuedLogObserver:
     exitWait = 2.0
     #: how long a fork waits for it (seconds)
     forkWait = 1.0
+    #: how long the writing thread rests after a batch while the reactor
+    #: runs (seconds): a line logged meanwhile waits that long at most
+    batchWait = 0.001
 
     def __init__(self, stream, formatter, reactor):
         self.stream = stream
@@ -681,29 +698,59 @@ class QueuedLogObserver:
         """
         The writing thread: each event formatted and written in order; a
         flush's C{threading.Event} set once what came before it was.
+
+        Woken by the first event of a batch, it writes every event queued
+        by then, in one system call, and then rests for L{batchWait} while
+        the reactor runs.  Woken for each event and writing each line
+        apart, it cost the reactor's thread more than writing there had:
+        the thread that logged gave up the GIL at each system call, its
+        own and the writer's, and waited for it back while the line was
+        formatted (3 text lines and 3 replies, measured apart: 18 us with
+        the lines written where logged, 28 us woken for each, 16 us in
+        batches; JSON 48, 90 and 50 us).  A line logged while the server
+        is idle is written at once.
         """
         stream, format = self.stream, self._format
         while True:
             item = queue.get()
-            if item.__class__ is dict:
+            texts = []
+            while True:
+                if item.__class__ is dict:
+                    try:
+                        text = format(item)
+                    except Exception:
+                        # A value that changed while it was formatted:
+                        # that line lost, told with the next one, never
+                        # the thread (the only writer).
+                        stream.notWritten("an event that could not be formatted")
+                    else:
+                        if text:
+                            texts.append(text)
+                else:
+                    self._writeOut(texts)
+                    texts = []
+                    if item is _STOP:
+                        return
+                    self._stuck = False
+                    item.set()
                 try:
-                    text = format(item)
-                    if text:
-                        stream.write(text)
-                    if queue.empty():
-                        stream.flush()
-                except Exception:
-                    # A value that changed while it was formatted (or a
-                    # test's stream that raised): that line lost, told
-                    # with the next one, never the thread (the only
-                    # writer).
-                    stream.notWritten("an event that could not be formatted or written")
-            elif item is _STOP:
-                return
-            else:
-                stream.flush()
-                self._stuck = False
-                item.set()
+                    item = queue.get_nowait()
+                except Empty:
+                    break
+            self._writeOut(texts)
+            if self._reactor.running:
+                _sleep(self.batchWait)
+
+    def _writeOut(self, texts):
+        try:
+            if texts:
+                self.stream.writeLines(texts)
+            self.stream.flush()
+        except Exception:
+            # A stream that raised (a test's): its lines lost, not the
+            # thread.
+            for _ in texts:
+                self.stream.notWritten("a write that raised")
 
     def flush(self, timeout):
         """

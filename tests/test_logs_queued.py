@@ -144,6 +144,65 @@ def test_theLostLineKeepsTheLogsFormatAndPriority():
     assert json.loads(lines[0][3:])["session"] == "0eba49f33955.2"
 
 
+class RecordingFile:
+    """
+    A file's C{write} (an unbuffered binary file's: what it took), recorded
+    call by call; the first call waits for C{release}.
+    """
+
+    def __init__(self):
+        self.writes = []
+        self.release = threading.Event()
+
+    def write(self, data):
+        if not self.writes:
+            self.release.wait(DEADLINE)
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def close(self):
+        pass
+
+
+def test_linesQueuedTogetherAreWrittenInOneSystemCall(tmp_path):
+    """
+    The lines that waited while a write was under way are written
+    together, in one write(2): each line a system call of its own (and a
+    handover of the GIL between the two threads) cost the reactor's thread
+    more than writing where it logged had.
+    """
+    stream = logs.LogStream(path=str(tmp_path / "mailgate.log"))
+    stream._stream.close()
+    stream._stream = recording = RecordingFile()
+    observer = queued(stream)
+    try:
+        for n in range(6):
+            observer(event(f"line {n}"))
+        recording.release.set()
+        assert observer.flush(DEADLINE)
+    finally:
+        recording.release.set()
+        observer.stop(DEADLINE)
+    written = [[line.split(b"] ", 1)[1] for line in data.splitlines()] for data in recording.writes]
+    assert sum(written, []) == [b"line %d" % n for n in range(6)]
+    # The first line alone (or with others that came before the thread
+    # woke), the rest in one.
+    assert len(written) <= 2, written
+
+
+def test_linesAFileDidNotTakeAreCountedOneByOne():
+    """
+    A batch of lines the file did not take (/dev/full) counts as many lost
+    lines, not one.
+    """
+    stream = logs.LogStream("/dev/full")
+    try:
+        stream.writeLines(["one\n", "two\n", "three\n"])
+        assert stream.linesLost == stream.linesNotWritten == 3
+    finally:
+        stream.close()
+
+
 def test_eventsAreFormattedOnTheWritingThread():
     """
     The thread that logged (the reactor's) puts the event in the queue and
