@@ -955,6 +955,10 @@ class SyslogObserver:
     exitWait = 2.0
     #: how long a fork waits for them (seconds)
     forkWait = 1.0
+    #: how long the sending thread rests after sending what waited while
+    #: the reactor runs (seconds): a line logged meanwhile waits that long
+    #: at most
+    batchWait = 0.02
 
     def __init__(self, ident=None, syslog=None, facility=None, running=None):
         if syslog is None:
@@ -1045,6 +1049,11 @@ class SyslogObserver:
                         # one with the thread: it is the only sender.
                         pass
                 self._pending.popleft()
+            if self._running():
+                # Lines logged meanwhile set the event without waking the
+                # thread: one wake-up for the lines of many sessions, not
+                # one a line (L{QueuedLogObserver.batchWait}).
+                _sleep(self.batchWait)
 
     def flush(self, timeout):
         """

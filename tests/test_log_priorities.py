@@ -797,3 +797,49 @@ def test_syslogGetsTheMailFacilityAndEachLevelsPriority(tmp_path):
     assert priorityOf("POP3 listening on") == syslog.LOG_MAIL | syslog.LOG_INFO
     assert priorityOf("tracing the sessions of clients on 192.0.2.0/24") == syslog.LOG_MAIL | syslog.LOG_WARNING
     assert priorityOf("TLS reload failed") == syslog.LOG_MAIL | syslog.LOG_ERR
+
+
+def test_syslogLinesLoggedWhileTheSenderRestsAreSentWithoutWakingItForEach(monkeypatch):
+    """
+    While the reactor runs, the sending thread rests after what it sent,
+    and lines logged meanwhile are sent together when it is back: woken
+    for each line (two or more a session), the thread handed the GIL back
+    and forth with the reactor's at each one, which cost a session more
+    CPU than the syslog(3) call itself (as QueuedLogObserver measured).
+    Once the reactor has stopped, it does not rest.
+    """
+    resting = threading.Event()
+    rested = threading.Event()
+    rests = []
+    running = [True]
+
+    def rest(seconds):
+        if threading.current_thread().name != "syslog":
+            # A flush's wait for the queue to empty, on the test's thread.
+            time.sleep(seconds)
+            return
+        rests.append(seconds)
+        resting.set()
+        assert rested.wait(DEADLINE)
+        rested.clear()
+
+    monkeypatch.setattr(logs, "_sleep", rest)
+    fake = FakeSyslog()
+    observer = logs.SyslogObserver(None, syslog=fake, running=lambda: running[0])
+    observer(event(LogLevel.info, "first"))
+    assert resting.wait(DEADLINE), "the sending thread did not rest after its first line"
+    resting.clear()
+    for n in range(5):
+        observer(event(LogLevel.info, f"line {n}"))
+    assert [message for _, message in fake.sent] == ["[mailgate.test#info] first"]
+    rested.set()
+    # Back from its rest: the five lines sent at once, then one rest more.
+    assert resting.wait(DEADLINE)
+    assert [message for _, message in fake.sent][1:] == [f"[mailgate.test#info] line {n}" for n in range(5)]
+    assert rests == [observer.batchWait, observer.batchWait]
+    running[0] = False
+    rested.set()
+    observer(event(LogLevel.info, "stopped"))
+    assert observer.flush(DEADLINE)
+    assert fake.sent[-1][1] == "[mailgate.test#info] stopped"
+    assert rests == [observer.batchWait, observer.batchWait]
