@@ -831,6 +831,14 @@ class IEngine(Interface):
         db check}), which a role that may only read runs too.
         """
 
+    def isStatementTimeout(exc):
+        """
+        Whether the driver error C{exc} is a statement ended by the time
+        bound L{administrativeRead} gave it (C{False} where the engine
+        bounds no statement's time): a check that needs longer, not a
+        database unavailable.
+        """
+
     def resetIdentity(cursor, table, column):
         """
         After rows were inserted with explicit ids, make C{table}'s generated

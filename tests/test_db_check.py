@@ -329,3 +329,31 @@ def test_aCheckWritesNothingAndARoleThatMayOnlyReadRunsIt(filledURL, monkeypatch
             admin.execute(f"DROP ROLE {role}")
     assert (code, err) == (0, ""), out
     assert out.splitlines()[-1].endswith(": sound (8 checks)")
+
+
+def test_aTemporaryFailureThatIsNoTimeoutIsSaidForWhatItIs(tmp_path, monkeypatch):
+    """
+    A check that fails for now for another reason than its time bound
+    (here SQLite, whose checks C{--timeout} does not bound, answering
+    that the file is locked) is that temporary failure, said as it is,
+    even when it came once C{--timeout} seconds were past: it was "did
+    not end within 0.001 seconds: give it longer with --timeout", which
+    no --timeout would have changed.  (SQLite's own lock cannot be taken
+    between the command's opening and its check: another program holding
+    a WAL file from readers needs it alone.  So the engine answers as
+    SQLite does once its busy timeout is out.)
+    """
+    import time
+
+    from mailgate.store import sqlite
+
+    def locked(self, cursor, timeout):
+        time.sleep(0.01)
+        raise sqlite3.OperationalError("database is locked")
+
+    url = f"sqlite:///{tmp_path / 'mail.db'}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    monkeypatch.setattr(sqlite.SQLiteEngine, "administrativeRead", locked)
+    code, out, err = mailgate(url, "db", "check", "--timeout", "0.001")
+    assert (code, out) == (75, ""), err
+    assert err == "mailgate: temporary failure, try again: database unavailable: database is locked\n"

@@ -245,15 +245,18 @@ def _timed(database, name, timeout, function, *args):
     C{database.run(function, *args)}, a check named C{name} that may take
     C{timeout} seconds.
 
-    @raise CheckTooLong: it failed for now once its time was out (the
-        statement cancelled, or its answer given up): the database is
-        not unavailable, the check needs longer.
+    @raise CheckTooLong: its statement was ended by its time bound once
+        its time was out: the database is not unavailable, the check
+        needs longer.  Any other temporary failure (a lost connection, a
+        locked SQLite file, which no C{--timeout} changes) is raised as
+        it is, whenever it came.
     """
     started = time.monotonic()
     try:
         return database.run(function, *args)
     except TemporaryFailure as e:
-        if timeout is not None and time.monotonic() - started >= timeout:
+        timedOut = database.engine.isStatementTimeout(e.__cause__)
+        if timedOut and timeout is not None and time.monotonic() - started >= timeout:
             raise CheckTooLong(name, timeout) from e
         raise
 

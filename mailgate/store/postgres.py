@@ -496,6 +496,15 @@ class PostgresEngine:
         cursor.execute(f"SET LOCAL statement_timeout = {milliseconds}")
         conn.answerDeadline = None if timeout is None else timeout + ANSWER_DEADLINE - STATEMENT_TIMEOUT_MS / 1000
 
+    def isStatementTimeout(self, exc):
+        """
+        SQLSTATE 57014 (query_canceled): C{statement_timeout}, or a cancel
+        by hand (C{pg_cancel_backend}), which shares it; the caller tells
+        them apart by the time taken.  An answer not given within the
+        connection's deadline is a lost connection, not this.
+        """
+        return isinstance(exc, psycopg.errors.QueryCanceled)
+
     def isTransient(self, exc):
         """
         The connection or the server failing, a statement timing out or

@@ -530,6 +530,13 @@ class SQLiteEngine:
         """
         cursor.execute("PRAGMA query_only = 1")
 
+    def isStatementTimeout(self, exc):
+        """
+        Never: SQLite bounds no statement's time (a locked file is its busy
+        timeout, which no C{--timeout} changes).
+        """
+        return False
+
     def begin(self, conn, write):
         """
         Start a transaction and return a cursor for it.  Writers take the
