@@ -357,3 +357,17 @@ def test_aTemporaryFailureThatIsNoTimeoutIsSaidForWhatItIs(tmp_path, monkeypatch
     code, out, err = mailgate(url, "db", "check", "--timeout", "0.001")
     assert (code, out) == (75, ""), err
     assert err == "mailgate: temporary failure, try again: database unavailable: database is locked\n"
+
+
+def test_aBadTimeoutIsAUsageErrorBeforeTheDatabaseIsOpened(tmp_path):
+    """
+    C{--timeout} is read before the database is opened: a bad value is a
+    usage error (64) whatever the database's state; on a SQLite file not
+    there it was "no such database file" (78), which sent the
+    administrator after the database.
+    """
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    for bad, why in (("abc", "not a number: 'abc'"), ("-1", "must not be negative"),
+                     ("604801", "at most 604800 seconds (0: no limit)")):
+        assert mailgate(url, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
+    assert not (tmp_path / "none.db").exists()

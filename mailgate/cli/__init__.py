@@ -338,6 +338,12 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     try:
         args.stderr = stderr
         args.environ = environ
+        # A command's option values are read before anything is opened: a
+        # bad one is a usage error (64), not hidden behind a database that
+        # is missing (78) or slow to answer.
+        readOptions = getattr(args, "readOptions", None)
+        if readOptions is not None:
+            readOptions(args)
         if getattr(args, "store", True):
             # Only the commands that start a database from nothing create
             # its file: any other one on a mistyped path would make an

@@ -198,11 +198,15 @@ def _checkTimeout(text):
     return seconds or None
 
 
+def _dbCheckOptions(args):
+    args.timeout = _checkTimeout(args.timeout)
+
+
 def _dbCheck(store, args, out, stdin):
     from mailgate.errors import DatabaseDamaged
     from mailgate.store.check import CheckTooLong, Finding, checkDatabase
 
-    timeout = _checkTimeout(args.timeout)
+    timeout = args.timeout
     database = store.database
     engine = database.engine
     try:
@@ -324,4 +328,4 @@ def _addDatabaseCommands(commands):
         help=f"how long each check may take on PostgreSQL, in place of the 60 seconds a server's "
         f"statements have (default {CHECK_TIMEOUT}; 0: no limit)",
     )
-    dbCheck.set_defaults(run=_dbCheck, migrate=False)
+    dbCheck.set_defaults(run=_dbCheck, migrate=False, readOptions=_dbCheckOptions)
