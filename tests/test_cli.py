@@ -2025,3 +2025,23 @@ def test_aCommandWithoutConfigDoesNotLoadTheServersConfiguration(cli, argv):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     expected = "64" if argv[-1] == "0" else "0"
     assert result.stdout.splitlines()[-1] == f"{expected} []", result
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["ban", "add", "192.0.2.1", "--for", "abc"], "--for"),
+    (["kick", "alice@example.org", "--wait", "-1"], "--wait"),
+    (["mailbox", "expunge", "alice@example.org", "--older-than", "soon"], "--older-than"),
+])
+def test_aBadOptionValueIsAUsageErrorBeforeTheDatabaseIsOpened(tmp_path, argv, option):
+    """
+    A number option's bad value is a usage error (64) whatever the
+    database's state: these were read once the database was opened, so
+    that with a SQLite file not there they said "no such database file"
+    (78) and sent the administrator after the database.
+    """
+    from e2e import mailgateHere
+
+    code, out, err = mailgateHere(f"sqlite:///{tmp_path / 'none.db'}", *argv)
+    assert (code, out) == (64, ""), err
+    assert err.startswith(f"mailgate: bad {option}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "none.db").exists()

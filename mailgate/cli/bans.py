@@ -56,15 +56,19 @@ def _banList(store, args, out, stdin):
         out.write(f"{address:<39} {ban.reason:<14} {ban.failures:>8}  {_utc(ban.expires)}\n")
 
 
+def _banAddOptions(args):
+    from mailgate.policy.settings import MAX_BAN_TIME
+
+    args.duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
+
+
 def _banAdd(store, args, out, stdin):
     import ipaddress
 
     from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 
-    from mailgate.policy.settings import MAX_BAN_TIME
-
     address = _banAddress(args.address)
-    duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
+    duration = args.duration
     ban = _result(_policyStore(store).addBan(address, time.time(), duration))
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
     banned = ipaddress.ip_network(address)
@@ -128,7 +132,7 @@ def _addBanCommands(commands):
         metavar="SECONDS",
         help=f"how long the ban lasts, at most ten years (default: {BAN_TIME})",
     )
-    banAdd.set_defaults(run=_banAdd, migrate=True)
+    banAdd.set_defaults(run=_banAdd, migrate=True, readOptions=_banAddOptions)
     banDel = ban.add_parser(
         "del",
         help="lift an address's ban and forget its failed logins",

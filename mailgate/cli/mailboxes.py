@@ -194,9 +194,13 @@ def _mailboxRestore(store, args, out, stdin):
         )
 
 
+def _mailboxExpungeOptions(args):
+    args.older_than = None if args.all else _number(args.older_than, _dayCount, "--older-than")
+
+
 def _mailboxExpunge(store, args, out, stdin):
     address = _address(args.address)
-    days = None if args.all else _number(args.older_than, _dayCount, "--older-than")
+    days = args.older_than
     what = "every message" if args.all else f"messages older than {counted(days, 'day')}"
     done = [(0, 0)]
 
@@ -359,7 +363,7 @@ def _addMailboxCommands(commands):
     which = mexpunge.add_mutually_exclusive_group(required=True)
     which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
-    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True)
+    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True, readOptions=_mailboxExpungeOptions)
     mshow = mailbox.add_parser(
         "show",
         help="write one message to standard output, as POP3 serves it",

@@ -119,9 +119,13 @@ def _shownSetting(settings, name):
 KICK_LOOK_AGAIN = 2.5
 
 
+def _kickOptions(args):
+    args.wait = _number(args.wait, _seconds, "--wait")
+
+
 def _kick(store, args, out, stdin):
     address = _address(args.address)
-    wait = _number(args.wait, _seconds, "--wait")
+    wait = args.wait
     _existingUser(store, address)
     # A session that logged in a moment ago appears in the registry with
     # its node's next write (about a second): look again for a little
@@ -188,4 +192,4 @@ def _addSessionCommands(commands):
     kick.add_argument(
         "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
     )
-    kick.set_defaults(run=_kick, migrate=True)
+    kick.set_defaults(run=_kick, migrate=True, readOptions=_kickOptions)
