@@ -653,14 +653,15 @@ class TicketKeyRotation(Service):
     def renew(self):
         """
         Renew the key; should that fail, say so and keep the key in use
-        until the next time.
+        until the next time.  Whatever the failure: one escaping here
+        would end the looping call, and every renewal after it.
         """
         try:
             self.tls.renewTicketKey()
-        except (OSError, ssl.SSLError) as e:
+        except Exception as e:
             self.log.error(
                 "TLS session ticket key not renewed, the current one stays in use until the next try: {error}",
-                error=e,
+                error=str(e) or e.__class__.__name__,
                 event="tls.ticket_key_failed",
             )
 

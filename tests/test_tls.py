@@ -706,15 +706,16 @@ class Renewals:
     the next C{failures} of them.
     """
 
-    def __init__(self, failures=0):
+    def __init__(self, failures=0, error=None):
         self.calls = 0
         self.failures = failures
+        self.error = OSError(24, "Too many open files") if error is None else error
 
     def renewTicketKey(self):
         self.calls += 1
         if self.failures:
             self.failures -= 1
-            raise OSError(24, "Too many open files")
+            raise self.error
 
 
 def test_theTicketKeyIsRenewedEveryInterval():
@@ -755,6 +756,26 @@ def test_aRenewalThatFailsIsSaidAndTheNextIsTried():
         "TLS session ticket key not renewed, the current one stays in use until the next try: "
         "[Errno 24] Too many open files"
     )
+    clock.advance(60)
+    assert tls.calls == 2 and len(events) == 1
+    rotation.stopService()
+
+
+def test_aRenewalThatFailsInAnyWayIsSaidAndTheScheduleGoesOn():
+    """
+    A renewal that fails with something else than the errors foreseen
+    (here a ValueError: a bug, or a Python whose ssl says so) is the same
+    error line, and the next interval tries again: the looping call died
+    with it, and the key in use stayed for the life of the process.
+    """
+    clock, tls, events = Clock(), Renewals(failures=1, error=ValueError("unexpected")), []
+    rotation = TicketKeyRotation(tls, clock, 60)
+    rotation.log = Logger(observer=events.append)
+    rotation.startService()
+    clock.advance(60)
+    [event] = events
+    assert event["event"] == "tls.ticket_key_failed" and event["log_level"] == LogLevel.error
+    assert formatEvent(event).endswith("until the next try: unexpected")
     clock.advance(60)
     assert tls.calls == 2 and len(events) == 1
     rotation.stopService()
