@@ -272,6 +272,30 @@ def _inMemory(data):
         os.close(fd)
 
 
+def inMemoryFilesProblem():
+    """
+    Why L{_inMemory}'s files cannot be made here, or C{None}: where
+    C{memfd_create} is refused (a seccomp filter) or there is no
+    C{/proc} to name the file by (a chroot, a sandbox without it), every
+    renewal of the ticket key would fail alike.  Keys are not written to
+    a disk's file instead: not having to is why memory files are used.
+    """
+    memfdCreate = getattr(os, "memfd_create", None)
+    if memfdCreate is None:
+        return "this system has no memfd_create"
+    try:
+        fd = memfdCreate("mailgate-tls")
+    except OSError as e:
+        return f"memfd_create is refused: {e.strerror or e}"
+    try:
+        os.stat(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        return f"/proc/self/fd/ cannot be read ({e.strerror or e}): no /proc here"
+    finally:
+        os.close(fd)
+    return None
+
+
 def keyType(publicKey):
     """
     The name of a public key's type (C{"RSA"}, C{"ECDSA"}, C{"Ed25519"},
@@ -592,6 +616,13 @@ class ServerTLS:
         """
         return self._context
 
+    def ticketKeyRenewalProblem(self):
+        """
+        Why L{renewTicketKey} cannot work in this process, or C{None}
+        (L{inMemoryFilesProblem}).
+        """
+        return inMemoryFilesProblem()
+
     def renewTicketKey(self):
         """
         Make new connections from a new context, made of the certificates
@@ -641,6 +672,18 @@ class TicketKeyRotation(Service):
 
     def startService(self):
         super().startService()
+        problem = self.tls.ticketKeyRenewalProblem()
+        if problem is not None:
+            # Once, rather than an error line every interval for a
+            # failure no retry mends.
+            self.log.warn(
+                "TLS session ticket keys cannot be renewed here ({problem}): a key is replaced only when "
+                "the certificates are reloaded (SIGHUP) or mailgate restarts; give mailgate /proc and "
+                "memfd_create for --tls-ticket-key-rotation to work",
+                problem=problem,
+                event="tls.ticket_key_rotation_unavailable",
+            )
+            return
         self._loop = LoopingCall(self.renew)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)

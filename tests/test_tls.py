@@ -706,10 +706,14 @@ class Renewals:
     the next C{failures} of them.
     """
 
-    def __init__(self, failures=0, error=None):
+    def __init__(self, failures=0, error=None, problem=None):
         self.calls = 0
         self.failures = failures
         self.error = OSError(24, "Too many open files") if error is None else error
+        self.problem = problem
+
+    def ticketKeyRenewalProblem(self):
+        return self.problem
 
     def renewTicketKey(self):
         self.calls += 1
@@ -779,6 +783,50 @@ def test_aRenewalThatFailsInAnyWayIsSaidAndTheScheduleGoesOn():
     clock.advance(60)
     assert tls.calls == 2 and len(events) == 1
     rotation.stopService()
+
+
+def test_whereNoRenewalCanWorkOneWarningSaysSoAtTheStart():
+    """
+    Where no renewal can work (no /proc, memfd_create refused), one
+    warning at the start says so and what still replaces the key, and
+    none is tried: before, every interval logged the same error, for
+    ever (seen on a real twistd without /proc: "[Errno 2] No such file
+    or directory" every second at --tls-ticket-key-rotation 1).
+    """
+    clock, events = Clock(), []
+    tls = Renewals(problem="/proc/self/fd/ cannot be read (No such file or directory): no /proc here")
+    rotation = TicketKeyRotation(tls, clock, 60)
+    rotation.log = Logger(observer=events.append)
+    rotation.startService()
+    [event] = events
+    assert event["event"] == "tls.ticket_key_rotation_unavailable" and event["log_level"] == LogLevel.warn
+    assert formatEvent(event) == (
+        "TLS session ticket keys cannot be renewed here (/proc/self/fd/ cannot be read (No such file or "
+        "directory): no /proc here): a key is replaced only when the certificates are reloaded (SIGHUP) or "
+        "mailgate restarts; give mailgate /proc and memfd_create for --tls-ticket-key-rotation to work"
+    )
+    assert clock.getDelayedCalls() == []
+    clock.advance(600)
+    assert tls.calls == 0 and len(events) == 1
+    rotation.stopService()
+
+
+def test_aRefusedMemfdCreateIsTheProblemOfRenewals(tls, monkeypatch):
+    """
+    L{ServerTLS.ticketKeyRenewalProblem}: none here (memfd_create and
+    /proc at hand); with memfd_create refused, as a seccomp filter
+    refuses it (EPERM), that is the problem.
+    """
+    import errno
+    import os
+
+    assert tls.ticketKeyRenewalProblem() is None
+
+    def refused(name, flags=0):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    assert tls.ticketKeyRenewalProblem() == "memfd_create is refused: Operation not permitted"
 
 
 def test_theServiceRenewsTheTicketKeyOnItsReactor(pair, tmp_path):
