@@ -296,6 +296,17 @@ class ServerProcess:
         """
         if self.process is None:
             return None
+        self.terminate()
+        for drain in (self._out, self._err):
+            drain.join(STOP_GRACE)
+            drain.close()
+        return self.process.returncode
+
+    def terminate(self):
+        """
+        SIGTERM to the running process, then SIGKILL if it does not end
+        within L{STOP_GRACE} seconds; nothing once it has ended.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -303,10 +314,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(STOP_GRACE)
-        for drain in (self._out, self._err):
-            drain.join(STOP_GRACE)
-            drain.close()
-        return self.process.returncode
 
     def wait(self, timeout=DEADLINE):
         """

@@ -77,6 +77,17 @@ def queued(stream, logFormat="text", running=True, maxPending=None):
     return observer
 
 
+def releaseAndLogOneMore(reader, observer):
+    """
+    The stalled C{reader} takes lines again: what waited is written, then
+    a line logged after ("after"), the first to find room again.
+    """
+    reader.release.set()
+    assert observer.flush(DEADLINE)
+    observer(event("after"))
+    assert observer.flush(DEADLINE)
+
+
 def test_aReaderThatTakesNothingBlocksNoOneAndCostsLinesNotMemory():
     """
     While the stream takes nothing, logging returns at once: the lines
@@ -97,10 +108,7 @@ def test_aReaderThatTakesNothingBlocksNoOneAndCostsLinesNotMemory():
         assert stream.linesDropped in (14, 15)
         assert stream.linesLost == stream.linesDropped
         dropped = stream.linesDropped
-        reader.release.set()
-        assert observer.flush(DEADLINE)
-        observer(event("after"))
-        assert observer.flush(DEADLINE)
+        releaseAndLogOneMore(reader, observer)
     finally:
         reader.release.set()
         observer.stop(DEADLINE)
@@ -127,10 +135,7 @@ def test_theLostLineKeepsTheLogsFormatAndPriority():
     try:
         for n in range(6):
             observer(event(f"line {n}", session="0eba49f33955.2"))
-        reader.release.set()
-        assert observer.flush(DEADLINE)
-        observer(event("after"))
-        assert observer.flush(DEADLINE)
+        releaseAndLogOneMore(reader, observer)
     finally:
         reader.release.set()
         observer.stop(DEADLINE)
@@ -445,13 +450,7 @@ class UnreadServer(ServerProcess):
     def stop(self):
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_GRACE)
+        self.terminate()
         if self._reader is not None:
             os.close(self._reader)
             self._reader = None
