@@ -569,3 +569,23 @@ def test_syslogsDroppedLinesAreCountedInTheMetricsToo(tmp_path, monkeypatch):
     finally:
         release.set()
         service.store.close()
+
+
+def test_twistdsObserversAreTwistedLoggerObservers():
+    """
+    The observers mailgate gives twistd (the queued one for its log file or
+    standard output, the syslog one) provide twisted.logger's
+    ILogObserver, so that twistd calls them as they are: one that did not
+    was wrapped in Twisted's LegacyLogObserverWrapper, which added the
+    legacy keys to every event on the thread that logged (the reactor's),
+    and twistd warned at each start that such an observer is deprecated.
+    """
+    from twisted.logger import ILogObserver
+    from zope.interface.verify import verifyObject
+
+    observer = queued(logs.LogStream(stream=io.StringIO()))
+    try:
+        assert verifyObject(ILogObserver, observer)
+    finally:
+        observer.stop(DEADLINE)
+    assert ILogObserver.implementedBy(logs.SyslogObserver)
