@@ -733,7 +733,7 @@ class IEngine(Interface):
         Start a transaction on C{conn}, a read or a write one, and return the
         cursor to run it with.  Cursors take C{?} placeholders, and name
         their engine (C{cursor.engine}): what a function written once for
-        both dialects asks of the one it runs on (L{lockBodies}).
+        both dialects asks of the one it runs on (L{dropBodyReferences}).
         """
 
     def commit(conn):
@@ -809,17 +809,17 @@ class IEngine(Interface):
         (SQLite), nor for fewer than two rows.
         """
 
-    def lockBodies(cursor, owner, bodyIds):
+    def dropBodyReferences(cursor, owner, count, bodyIds):
         """
-        Lock the C{bodies} rows of C{owner}'s C{bodyIds} (sorted) for this
-        write transaction, in that order, before a release changes them
-        (L{mailgate.store.rows.releaseBodies}, up to 500 bodies a
-        statement): the statement's own plan would lock them in the
-        table's order (a small table's sequential scan), so that two
+        Take C{count} references from each of C{owner}'s C{bodyIds}
+        (sorted, up to 500: L{mailgate.store.rows.releaseBodies}) in this
+        write transaction, in one statement, and return C{(body id,
+        references left)} for each found.  Where transactions write side
+        by side (PostgreSQL), the statement locks the rows in the order
+        of their ids: a plain UPDATE locks them in its plan's order (a
+        small table's sequential scan: the table's), so that two
         transactions releasing some of the same shared bodies in runs cut
-        differently each held one the other waited for.  Nothing to do
-        where one transaction writes at a time (SQLite), nor for fewer
-        than two bodies.
+        differently each held one the other waited for.
         """
 
     def administrativeRead(cursor, timeout):

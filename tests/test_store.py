@@ -2078,7 +2078,7 @@ class _Watched:
         except psycopg.errors.DeadlockDetected:
             self._lost.append(self._name)
             raise
-        if self._pause is not None and statement.startswith("UPDATE bodies"):
+        if self._pause is not None and "UPDATE bodies" in statement:
             paused, goOn = self._pause
             self._pause = None
             paused.set()
@@ -2180,6 +2180,54 @@ def test_twoQuitsReleasingTheSameSharedBodiesInRunsCutDifferentlyDoNotDeadlock(p
             thread.join(_WAIT)
         for store in (*stores.values(), node):
             store.close()
+
+
+class _Recorded:
+    """
+    A cursor as L{mailgate.interfaces.IEngine.begin} gives it, whose
+    statements are recorded in C{statements}.
+    """
+
+    def __init__(self, cursor, statements):
+        self._cursor, self._statements = cursor, statements
+
+    def execute(self, statement, params=()):
+        self._statements.append(statement)
+        self._cursor.execute(statement, params)
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+def test_aQuitReleasingSeveralBodiesTakesOneStatementToDropTheirReferences(postgresURL):
+    """
+    A QUIT whose messages were the last references to two bodies drops
+    the references in one statement, which also locks the rows in the
+    order of their ids (see the test above), then deletes the chunks and
+    the bodies: three statements, three round trips.  fd7a830 locked them
+    with a SELECT of its own first, a round trip more for every QUIT that
+    released two bodies or more.
+    """
+    store = memoryStore(postgresURL)
+    statements = []
+    try:
+        addUser(store, ALICE, "pw")
+        for n in range(2):
+            deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+        begin = store.engine.begin
+        store.engine.begin = lambda conn, write: _Recorded(begin(conn, write), statements)
+        maildrop = openFor(store, ALICE)
+        try:
+            assert resultOf(maildrop.expunge([0, 1])) == 2
+        finally:
+            maildrop.release()
+        touching = [s.split()[0] + " " + ("body_chunks" if "body_chunks" in s else "bodies")
+                    for s in statements if "bodies" in s or "body_chunks" in s]
+        assert touching == ["WITH bodies", "DELETE body_chunks", "DELETE bodies"], statements
+        assert query(store, "SELECT count(*) FROM bodies") == [(0,)]
+    finally:
+        store.close()
 
 
 def test_theWritesThatUpdateMailboxesSayWhose(store):

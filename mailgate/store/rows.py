@@ -85,8 +85,8 @@ def releaseBodies(cursor, references):
     each), not three a body: on PostgreSQL each statement is a round trip,
     and a QUIT that deleted 50 messages made 150 of them, an expunge of
     100,000 messages 300,000.  The runs go in the order of the bodies'
-    key, and each run's rows are locked in that order before its UPDATE
-    (L{mailgate.interfaces.IEngine.lockBodies}): the UPDATE alone locked
+    key, and each run's UPDATE locks its rows in that order
+    (L{mailgate.interfaces.IEngine.dropBodyReferences}): a plain one locked
     them in its plan's order, the table's for a sequential scan of a
     small table, so that two transactions releasing the same shared
     bodies in runs cut differently (runs of other sizes, or the same body
@@ -111,14 +111,8 @@ def _releaseRun(cursor, key, bodyIds):
     if not bodyIds:
         return
     owner, count = key
-    cursor.engine.lockBodies(cursor, owner, bodyIds)
-    marks = placeholders(len(bodyIds))
-    cursor.execute(
-        f"UPDATE bodies SET refcount = refcount - ? WHERE owner_id = ? AND body_id IN ({marks}) "
-        "RETURNING body_id, refcount",
-        (count, owner, *bodyIds),
-    )
-    unreferenced = sorted(bodyId for bodyId, refcount in cursor.fetchall() if refcount <= 0)
+    left = cursor.engine.dropBodyReferences(cursor, owner, count, bodyIds)
+    unreferenced = sorted(bodyId for bodyId, refcount in left if refcount <= 0)
     if not unreferenced:
         return
     marks = placeholders(len(unreferenced))

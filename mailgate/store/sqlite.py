@@ -515,11 +515,18 @@ class SQLiteEngine:
         from its BEGIN IMMEDIATE; no other waits for a row it holds.
         """
 
-    def lockBodies(self, cursor, owner, bodyIds):
+    def dropBodyReferences(self, cursor, owner, count, bodyIds):
         """
-        Nothing: a write transaction holds the database's one write lock
-        from its BEGIN IMMEDIATE; no other waits for a row it holds.
+        One UPDATE: a write transaction holds the database's one write
+        lock from its BEGIN IMMEDIATE; no other waits for a row it holds.
         """
+        marks = ",".join("?" * len(bodyIds))
+        cursor.execute(
+            f"UPDATE bodies SET refcount = refcount - ? WHERE owner_id = ? AND body_id IN ({marks}) "
+            "RETURNING body_id, refcount",
+            (count, owner, *bodyIds),
+        )
+        return cursor.fetchall()
 
     def administrativeRead(self, cursor, timeout):
         """
