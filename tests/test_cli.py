@@ -209,7 +209,11 @@ def test_userAddInvalidAddress(cli):
     result = cli("user", "add", "not-an-address", "--password-stdin", stdin=f"{PASSWORD}\n")
     assert result.code == 65
     oneLineError(result)
-    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+    # Refused before the database is opened: not even made.
+    assert not cli.path.exists()
+    cli.add(ALICE, PASSWORD)
+    assert cli("user", "add", "not-an-address", "--password-stdin", stdin=f"{PASSWORD}\n").code == 65
+    assert cli.rows("SELECT address FROM users") == [(ALICE,)]
 
 
 def test_anAddressWithALineBreakInsideIsInvalid(cli):
@@ -2045,3 +2049,114 @@ def test_aBadOptionValueIsAUsageErrorBeforeTheDatabaseIsOpened(tmp_path, argv, o
     assert (code, out) == (64, ""), err
     assert err.startswith(f"mailgate: bad {option}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "none.db").exists()
+
+
+def _refusedBeforeOpening(tmp_path, argv):
+    """
+    C{argv} run on a SQLite file not there: (exit status, stdout, the
+    message after "mailgate: "), and that the file is still not there.
+    """
+    from e2e import mailgateHere
+
+    code, out, err = mailgateHere(f"sqlite:///{tmp_path / 'none.db'}", *argv)
+    assert not (tmp_path / "none.db").exists()
+    assert err.startswith("mailgate: ") and err.count("\n") == 1, err
+    return code, out, err[len("mailgate: "):-1]
+
+
+BAD_ADDRESS = "not an address of the form local@domain: 'bad@@x'"
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["user", "add", "bad@@x", "--password-stdin"], 65, BAD_ADDRESS),
+    (["user", "add", "a@example.org", "--hashed", "--apop"], 64, "APOP needs the password itself, not a hash"),
+    (["user", "passwd", "bad@@x"], 65, BAD_ADDRESS),
+    (["user", "test", "bad@@x"], 65, BAD_ADDRESS),
+    (["user", "del", "bad@@x"], 65, BAD_ADDRESS),
+    (["user", "apop", "bad@@x", "on"], 65, BAD_ADDRESS),
+    (["user", "rename", "a@example.org", "bad@@x"], 65, BAD_ADDRESS),
+    (["user", "recount", "a@example.org", "bad@@x"], 65, BAD_ADDRESS),
+    (["user", "recount"], 64, "give the ADDRESSes to recount, or --all"),
+    (["user", "quota", "bad@@x", "1M"], 65, BAD_ADDRESS),
+    (["user", "quota", "a@example.org", "10Q"], 64, "bad size: not a size: '10Q' (use e.g. 1G, 500M, 64K or octets)"),
+    (["user", "quota", "a@example.org", "1M", "--messages", "abc"], 64, "bad message count: not a whole number: 'abc'"),
+    (["user", "expire", "a@example.org", "abc"], 64, "bad number of days: not a whole number: 'abc'"),
+    (["user", "import", "-", "--domain", "bad@@x"], 64, "invalid domain: 'bad@@x'"),
+    (["user", "import", "-", "--scheme", "{PLAIN}"], 64,
+     "--scheme '{PLAIN}' is not a scheme's name (PLAIN, SHA512-CRYPT...)"),
+])
+def test_aUserCommandsBadValueIsRefusedBeforeTheDatabaseIsOpened(tmp_path, argv, code, message):
+    """
+    The user commands read their addresses, limits and options before
+    the database is opened: a bad one is refused as what it is (64 a
+    usage error, 65 a bad address) whatever the database's state.  They
+    said "no such database file" (78) on a SQLite file not there, and
+    user add and user import, which create the database, made one before
+    refusing the address or option.
+    """
+    assert _refusedBeforeOpening(tmp_path, argv) == (code, "", message)
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["mailbox", "list", "bad@@x"], 65, BAD_ADDRESS),
+    (["mailbox", "deleted", "bad@@x"], 65, BAD_ADDRESS),
+    (["mailbox", "restore", "bad@@x"], 65, BAD_ADDRESS),
+    (["mailbox", "restore", "a@example.org", "--since", "soonish"], 64,
+     "bad time 'soonish': use e.g. 2024-05-01T10:00:00Z, 2024-05-01 or 2h (ago)"),
+    (["mailbox", "expunge", "bad@@x", "--all"], 65, BAD_ADDRESS),
+    (["mailbox", "show", "bad@@x", "1"], 65, BAD_ADDRESS),
+    (["mailbox", "export", "bad@@x", "out"], 65, BAD_ADDRESS),
+    (["mailbox", "export", "--all", "out", "more"], 64,
+     "with --all, give the directory alone (each user goes into DIR/ADDRESS)"),
+])
+def test_aMailboxCommandsBadValueIsRefusedBeforeTheDatabaseIsOpened(tmp_path, argv, code, message):
+    """
+    As the user commands': the mailbox commands' addresses and options
+    are read before the database is opened (78 on a SQLite file not
+    there before).
+    """
+    assert _refusedBeforeOpening(tmp_path, argv) == (code, "", message)
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["import", "forget", "bad@@x"], 65, BAD_ADDRESS),
+    (["import", "maildir", "Maildir", "bad@@x"], 65, BAD_ADDRESS),
+    (["import", "maildir", "Maildir", "a@example.org", "--uidl-format", "%Q"], 64,
+     "bad --uidl-format '%Q': %Q is not available here"),
+    (["import", "maildir", "Maildir", "a@example.org", "--max-message-size", "abc"], 64,
+     "bad --max-message-size: not a size: 'abc' (use e.g. 1G, 500M, 64K or octets)"),
+    (["import", "pop3", "pop3://mail.example.org", "bad@@x"], 65, BAD_ADDRESS),
+    (["import", "pop3", "pop3://mail.example.org", "a@example.org", "--max-message-size", "0"], 64,
+     "bad --max-message-size: must be at least 1"),
+    (["import", "pop3", "pop3://mail.example.org:99999", "a@example.org"], 64,
+     "bad port in 'pop3://mail.example.org:99999'"),
+    (["import", "pop3", "pop3://mail.example.org", "a@example.org", "--mirror", "--delete"], 64,
+     "--mirror and --delete do not go together: --delete empties the source"),
+    (["import", "pop3", "pop3://mail.example.org", "--users", "users", "--master-user", "a b"], 64,
+     "--master-user and --master-separator must be words"),
+    (["import", "pop3", "pop3://mail.example.org", "--users", "users", "--master-user", "m",
+      "--master-separator", "**"], 64, "--master-separator is one character, as Dovecot's"),
+    (["import", "pop3", "pop3://mail.example.org", "a@example.org", "--master-separator", "+"], 64,
+     "--master-separator goes with --master-user"),
+    (["import", "pop3", "pop3://mail.example.org"], 64, "give the ADDRESS to import into (or --users FILE)"),
+])
+def test_anImportsBadValueIsRefusedBeforeTheDatabaseIsOpened(tmp_path, argv, code, message):
+    """
+    As the user commands': import's addresses, URL and options are read
+    before the database is opened (78 on a SQLite file not there
+    before), and before the maildir or the --users file is read.
+    """
+    assert _refusedBeforeOpening(tmp_path, argv) == (code, "", message)
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["kick", "bad@@x"], 65, BAD_ADDRESS),
+    (["ban", "add", "192.0.2"], 65, "not an IP address (nor an IPv6 /64 network): '192.0.2'"),
+    (["ban", "del", "192.0.2"], 65, "not an IP address (nor an IPv6 /64 network): '192.0.2'"),
+])
+def test_aSessionOrBanCommandsBadAddressIsRefusedBeforeTheDatabaseIsOpened(tmp_path, argv, code, message):
+    """
+    kick's and ban's addresses, as their options since a93d15e, are read
+    before the database is opened (78 on a SQLite file not there before).
+    """
+    assert _refusedBeforeOpening(tmp_path, argv) == (code, "", message)

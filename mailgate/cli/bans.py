@@ -59,6 +59,7 @@ def _banList(store, args, out, stdin):
 def _banAddOptions(args):
     from mailgate.policy.settings import MAX_BAN_TIME
 
+    args.address = _banAddress(args.address)
     args.duration = _number(args.duration, lambda text: parseWhole(text, MAX_BAN_TIME), "--for", minimum=1)
 
 
@@ -67,8 +68,7 @@ def _banAdd(store, args, out, stdin):
 
     from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 
-    address = _banAddress(args.address)
-    duration = args.duration
+    address, duration = args.address, args.duration
     ban = _result(_policyStore(store).addBan(address, time.time(), duration))
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
     banned = ipaddress.ip_network(address)
@@ -79,10 +79,14 @@ def _banAdd(store, args, out, stdin):
         )
 
 
+def _banDelOptions(args):
+    args.banned = _banAddress(args.address)
+
+
 def _banDel(store, args, out, stdin):
     from mailgate.policy.addresses import parseAddress
 
-    address = _banAddress(args.address)
+    address = args.banned
     policy = _policyStore(store)
     removed = _result(policy.removeBan(address))
     if "/" not in args.address:
@@ -140,4 +144,4 @@ def _addBanCommands(commands):
         "exit 1, changing nothing, if it has no ban.",
     )
     banDel.add_argument("address", metavar="ADDRESS")
-    banDel.set_defaults(run=_banDel, migrate=True)
+    banDel.set_defaults(run=_banDel, migrate=True, readOptions=_banDelOptions)

@@ -119,6 +119,31 @@ def _address(text):
         raise CommandError(str(e), EX_DATAERR)
 
 
+
+def _readAddresses(*names, then=None):
+    """
+    A command's C{readOptions} (run before the database is opened) that
+    reads its address arguments, the attributes C{names} of its
+    arguments (a list of them too), in place, and then calls C{then}
+    with the arguments if given: a mistyped address is bad data (65)
+    whatever the database's state, not "no such database file" (78), and
+    a command that creates the database (C{user add}) no longer makes
+    one for an address it then refuses.
+    """
+
+    def readOptions(args):
+        for name in names:
+            value = getattr(args, name)
+            if isinstance(value, list):
+                setattr(args, name, [_address(text) for text in value])
+            elif value is not None:
+                setattr(args, name, _address(value))
+        if then is not None:
+            then(args)
+
+    return readOptions
+
+
 #: The longest line read from standard input for a password or a hash,
 #: in octets: reading is bounded (a password from /dev/zero, or from a
 #: file without line ends, was read whole into memory).

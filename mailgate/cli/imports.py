@@ -18,6 +18,7 @@ from mailgate.cli.common import (
     _address,
     _forUser,
     _number,
+    _readAddresses,
     _readPassword,
     _result,
 )
@@ -53,7 +54,7 @@ def _importTarget(store, address):
 
 
 def _importForget(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     forgotten = _forUser(address, store.forgetImported(address, args.uidls or None))
     which = "" if not args.uidls else f" (of {len(set(args.uidls))} given)"
     out.write(
@@ -62,9 +63,7 @@ def _importForget(store, args, out, stdin):
     )
 
 
-def _importMaildir(store, args, out, stdin):
-    from mailgate.importers import ImportFailed
-    from mailgate.importers.maildir import OtherFormat, importMaildir
+def _importMaildirOptions(args):
     from mailgate.importers.uidlformat import checkUidlFormat
 
     if args.uidl_format is not None:
@@ -74,8 +73,15 @@ def _importMaildir(store, args, out, stdin):
             checkUidlFormat(args.uidl_format)
         except ValueError as e:
             raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
-    maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
-    address = _address(args.address)
+    args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+    args.address = _address(args.address)
+
+
+def _importMaildir(store, args, out, stdin):
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.maildir import OtherFormat, importMaildir
+
+    address, maxSize = args.address, args.max_message_size
     _importTarget(store, address)
     try:
         report = importMaildir(
@@ -183,9 +189,13 @@ def _masterRefused(address, master, refusal):
     )
 
 
-def _importPOP3(store, args, out, stdin):
-    from mailgate.importers import ImportFailed, ImportReport
-    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, parseURL, passes
+def _importPOP3Options(args):
+    """
+    C{import pop3}'s URL and options, read before the database is opened;
+    the C{--users} file is read once it is.
+    """
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.pop3 import parseURL
 
     _, _, _, urlUser, urlPassword = _pop3URL(args.url, parseURL, ImportFailed)
     if urlPassword is not None:
@@ -217,12 +227,22 @@ def _importPOP3(store, args, out, stdin):
             raise CommandError("give either ADDRESS or --users FILE, not both", EX_USAGE)
         if urlUser is not None:
             raise CommandError("with --users, each user logs in as its ADDRESS: no user in the URL", EX_USAGE)
-        users = _readUsers(args.users, passwords=master is None)
     else:
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
-        users = [(_address(args.address), None)]
-    maxSize = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+        args.address = _address(args.address)
+    args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+
+
+def _importPOP3(store, args, out, stdin):
+    from mailgate.importers import ImportFailed, ImportReport
+    from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, passes
+
+    master, maxSize = args.master_user, args.max_message_size
+    if args.users is not None:
+        users = _readUsers(args.users, passwords=master is None)
+    else:
+        users = [(args.address, None)]
     total = ImportReport()
     # Users not complete: for a reason that may pass (their login, the
     # connection, the database), and only for messages that every run
@@ -365,7 +385,7 @@ def _addImportCommands(commands):
         "as it is stored, as a Dovecot without the zlib plugin served it (a maildir never served with zlib, "
         "where a message may begin with such octets)",
     )
-    imaildir.set_defaults(run=_importMaildir, migrate=True)
+    imaildir.set_defaults(run=_importMaildir, migrate=True, readOptions=_importMaildirOptions)
     ipop3 = imports.add_parser(
         "pop3",
         help="copy a live POP3 server's maildrop into a user's",
@@ -416,7 +436,7 @@ def _addImportCommands(commands):
         help="what joins the user and the master user, the source's auth_master_user_separator "
         "(default: *)",
     )
-    ipop3.set_defaults(run=_importPOP3, migrate=True)
+    ipop3.set_defaults(run=_importPOP3, migrate=True, readOptions=_importPOP3Options)
     iforget = imports.add_parser(
         "forget",
         help="forget the unique ids imported for a user, so that the next import brings back "
@@ -429,4 +449,4 @@ def _addImportCommands(commands):
     )
     iforget.add_argument("address", metavar="ADDRESS")
     iforget.add_argument("uidls", nargs="*", metavar="UIDL", help="only these unique ids (default: all)")
-    iforget.set_defaults(run=_importForget, migrate=True)
+    iforget.set_defaults(run=_importForget, migrate=True, readOptions=_readAddresses("address"))

@@ -23,6 +23,7 @@ from mailgate.cli.common import (
     _inSession,
     _jsonLines,
     _number,
+    _readAddresses,
     _result,
     _time,
     _warnIfFull,
@@ -35,7 +36,7 @@ from mailgate.plural import counted, noun
 
 
 def _mailboxList(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     # Read and printed a page at a time: 100,000 messages read whole took
     # 56 MB of the command's memory.
     messages = _forUser(address, store.listMessages(address, page=LISTING_PAGE))
@@ -82,7 +83,7 @@ def _describedQuota(status):
 
 
 def _mailboxDeleted(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     messages = _forUser(address, store.listDeleted(address, page=LISTING_PAGE))
     if args.json:
         return _jsonLines(out, (
@@ -152,9 +153,12 @@ def _shownArgument(text):
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _mailboxRestoreOptions(args):
+    args.since = None if args.since is None else _parseTime(args.since, time.time())
+
+
 def _mailboxRestore(store, args, out, stdin):
-    address = _address(args.address)
-    since = None if args.since is None else _parseTime(args.since, time.time())
+    address, since = args.address, args.since
     uidls = [uidl for uidl in args.uidls if _storable(uidl)]
     unstorable = [_shownArgument(uidl) for uidl in args.uidls if not _storable(uidl)]
     if args.uidls and not uidls:
@@ -195,11 +199,12 @@ def _mailboxRestore(store, args, out, stdin):
 
 
 def _mailboxExpungeOptions(args):
+    args.address = _address(args.address)
     args.older_than = None if args.all else _number(args.older_than, _dayCount, "--older-than")
 
 
 def _mailboxExpunge(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     days = args.older_than
     what = "every message" if args.all else f"messages older than {counted(days, 'day')}"
     done = [(0, 0)]
@@ -227,13 +232,22 @@ def _mailboxExpunge(store, args, out, stdin):
         out.write(f"removed {kept} deleted {noun(kept, 'message')} kept for recovery ({what}) too\n")
 
 
+def _mailboxExportOptions(args):
+    if args.all:
+        if len(args.operands) != 1:
+            raise CommandError("with --all, give the directory alone (each user goes into DIR/ADDRESS)", EX_USAGE)
+    elif len(args.operands) != 2:
+        raise CommandError("give ADDRESS and DIR (or --all DIR)", EX_USAGE)
+    else:
+        address, directory = args.operands
+        args.operands = [_address(address), directory]
+
+
 def _mailboxExport(store, args, out, stdin):
     from mailgate.importers import ImportFailed
     from mailgate.importers.export import exportMaildir
 
     if args.all:
-        if len(args.operands) != 1:
-            raise CommandError("with --all, give the directory alone (each user goes into DIR/ADDRESS)", EX_USAGE)
         [root] = args.operands
         targets = [(user.address, os.path.join(root, user.address)) for user in _result(store.listUsers())]
         # Made here, for its owner only as each user's own: made on the
@@ -244,10 +258,8 @@ def _mailboxExport(store, args, out, stdin):
         except OSError:
             pass  # each user's export says why it cannot be made
     else:
-        if len(args.operands) != 2:
-            raise CommandError("give ADDRESS and DIR (or --all DIR)", EX_USAGE)
         address, directory = args.operands
-        targets = [(_address(address), directory)]
+        targets = [(address, directory)]
     failedMessages = failedUsers = 0
     for address, directory in targets:
         if args.all and (os.sep in address or address.startswith(".")):
@@ -289,7 +301,7 @@ def _mailboxShow(store, args, out, stdin):
     """
     from mailgate.importers import fired
 
-    address = _address(args.address)
+    address = args.address
     messages = _forUser(address, store.exportMessages(address))
     wanted = args.message
     # A number first, as POP3 numbers them; else a unique id.
@@ -326,7 +338,7 @@ def _addMailboxCommands(commands):
     )
     mlist.add_argument("address", metavar="ADDRESS")
     _addJSON(mlist)
-    mlist.set_defaults(run=_mailboxList, migrate=True)
+    mlist.set_defaults(run=_mailboxList, migrate=True, readOptions=_readAddresses("address"))
     mdeleted = mailbox.add_parser(
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
@@ -336,7 +348,7 @@ def _addMailboxCommands(commands):
     )
     mdeleted.add_argument("address", metavar="ADDRESS")
     _addJSON(mdeleted)
-    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True)
+    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True, readOptions=_readAddresses("address"))
     mrestore = mailbox.add_parser(
         "restore",
         help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
@@ -352,7 +364,9 @@ def _addMailboxCommands(commands):
         "--since", metavar="TIME", help="only messages deleted since TIME (2024-05-01T10:00:00Z, 2h ago as 2h)"
     )
     mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
-    mrestore.set_defaults(run=_mailboxRestore, migrate=True)
+    mrestore.set_defaults(
+        run=_mailboxRestore, migrate=True, readOptions=_readAddresses("address", then=_mailboxRestoreOptions)
+    )
     mexpunge = mailbox.add_parser(
         "expunge",
         help="remove a user's messages for good (all, or older than DAYS)",
@@ -373,7 +387,7 @@ def _addMailboxCommands(commands):
     )
     mshow.add_argument("address", metavar="ADDRESS")
     mshow.add_argument("message", metavar="MESSAGE")
-    mshow.set_defaults(run=_mailboxShow, migrate=True)
+    mshow.set_defaults(run=_mailboxShow, migrate=True, readOptions=_readAddresses("address"))
     mexport = mailbox.add_parser(
         "export",
         # argparse would write the operands as ADDRESS DIR | DIR [ADDRESS
@@ -395,4 +409,4 @@ def _addMailboxCommands(commands):
         "--all", action="store_true",
         help="every user, each into DIR/ADDRESS (Dovecot: mail_location = maildir:DIR/%%u)",
     )
-    mexport.set_defaults(run=_mailboxExport, migrate=True)
+    mexport.set_defaults(run=_mailboxExport, migrate=True, readOptions=_mailboxExportOptions)

@@ -120,11 +120,12 @@ KICK_LOOK_AGAIN = 2.5
 
 
 def _kickOptions(args):
+    args.address = _address(args.address)
     args.wait = _number(args.wait, _seconds, "--wait")
 
 
 def _kick(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     wait = args.wait
     _existingUser(store, address)
     # A session that logged in a moment ago appears in the registry with

@@ -40,6 +40,7 @@ from mailgate.cli.common import (
     _limit,
     _limitValue,
     _messageCount,
+    _readAddresses,
     _readPassword,
     _result,
     _time,
@@ -87,10 +88,13 @@ def _credentials(args, password, apop, cramMD5=False):
         raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
 
 
-def _userAdd(store, args, out, stdin):
-    address = _address(args.address)
+def _userAddOptions(args):
     if args.hashed and args.apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
+
+
+def _userAdd(store, args, out, stdin):
+    address = args.address
     password = _readPassword(args, stdin)
     try:
         _result(store.addUser(address, _credentials(args, password, args.apop)))
@@ -130,12 +134,11 @@ def _staleImport(store, address, credentials, user=None):
     return user.passwordHash
 
 
-def _userImport(store, args, out, stdin):
+def _userImportOptions(args):
     """
-    Add the users of a Dovecot passwd-file, keeping their password hashes
-    (replaced by mailgate's own at each user's first login).  Users that
-    exist already are left as they are, so a run can be repeated; with
-    C{--refresh}, those still with an imported hash take the file's.
+    C{user import}'s C{--scheme} and C{--domain}, read before the database
+    is opened (and made, which this command does): C{args.domain} becomes
+    the domain in its normalised ASCII form.
     """
     # Dovecot's passwd-file passdb reads a password without a {SCHEME}
     # prefix in the scheme its args give (scheme=PLAIN), CRYPT by default.
@@ -149,6 +152,17 @@ def _userImport(store, args, out, stdin):
             domain = normalizeDomain(asciiDomain(args.domain) or args.domain)
         except InvalidAddress as e:
             raise CommandError(str(e), EX_USAGE) from None
+    args.domain = domain
+
+
+def _userImport(store, args, out, stdin):
+    """
+    Add the users of a Dovecot passwd-file, keeping their password hashes
+    (replaced by mailgate's own at each user's first login).  Users that
+    exist already are left as they are, so a run can be repeated; with
+    C{--refresh}, those still with an imported hash take the file's.
+    """
+    scheme, domain = args.scheme, args.domain
     try:
         if args.file == "-":
             if stdin is None:
@@ -304,7 +318,7 @@ def _userImport(store, args, out, stdin):
 
 
 def _userPasswd(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     user = _existingUser(store, address)
     password = _readPassword(args, stdin)
     if args.hashed and user.apopSecret is not None:
@@ -321,7 +335,7 @@ def _userPasswd(store, args, out, stdin):
 
 
 def _userDel(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     done = [(0, 0)]
 
     def progress(removed, kept):
@@ -384,17 +398,26 @@ def _userList(store, args, out, stdin):
         )
 
 
-def _userQuota(store, args, out, stdin):
-    address = _address(args.address)
-    octets = _limit(args.size, parseSize, "size")
-    changes = {"octets": octets}
+def _userQuotaOptions(args):
+    """
+    C{user quota}'s limits, read before the database is opened:
+    C{args.changes} are the C{setQuota} changes (no C{messages} without
+    C{--messages}; L{DEFAULT} is C{None}).
+    """
+    changes = {"octets": _limit(args.size, parseSize, "size")}
     if args.messages is not None:
         changes["messages"] = _limit(args.messages, _messageCount, "message count")
-    for what, value in (("size", octets), ("message count", changes.get("messages"))):
+    for what, value in (("size", changes["octets"]), ("message count", changes.get("messages"))):
         if value == 0:
             # As for --default-quota: not "no limit" (Dovecot's 0) but a
             # mailbox that refuses all mail.
             raise CommandError(f"bad {what}: {ZERO_QUOTA}", EX_USAGE)
+    args.changes = changes
+
+
+def _userQuota(store, args, out, stdin):
+    address, changes = args.address, args.changes
+    octets = changes["octets"]
     _forUser(address, store.setQuota(address, **changes))
     status = _result(store.quotaOf(address))
     text = f"quota of {address}: {describeLimit(octets, 'octets')}"
@@ -404,12 +427,15 @@ def _userQuota(store, args, out, stdin):
     _warnIfFull(args, address, status)
 
 
-def _userExpire(store, args, out, stdin):
-    address = _address(args.address)
-    days = _limit(args.days, _dayCount, "number of days")
-    if days == 0:
+def _userExpireOptions(args):
+    args.days = _limit(args.days, _dayCount, "number of days")
+    if args.days == 0:
         # As for --expire-days: not "no limit" but all of the user's mail.
         raise CommandError(f"bad number of days: {ZERO_DAYS}", EX_USAGE)
+
+
+def _userExpire(store, args, out, stdin):
+    address, days = args.address, args.days
     _forUser(address, store.setExpire(address, days))
     out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
               f"{' ' + noun(days, 'day') if days not in (DEFAULT, UNLIMITED) else ''}\n")
@@ -420,7 +446,7 @@ def _userTest(store, args, out, stdin):
     Check a password as a login would (Dovecot's C{doveadm auth test}),
     without logging in: nothing is changed, not even an imported hash.
     """
-    address = _address(args.address)
+    address = args.address
     user = _existingUser(store, address)
     password = _readPassword(args, stdin, confirm=False)
     if not verifyPassword(password.encode("utf-8"), user.passwordHash):
@@ -437,15 +463,19 @@ def _userTest(store, args, out, stdin):
     out.write(f"the password of {address} is correct (kept as {kept})\n")
 
 
-def _userRecount(store, args, out, stdin):
+def _userRecountOptions(args):
     if args.all and args.addresses:
         raise CommandError("give the ADDRESSes to recount or --all, not both", EX_USAGE)
     if not args.all and not args.addresses:
         raise CommandError("give the ADDRESSes to recount, or --all", EX_USAGE)
+    args.addresses = [_address(text) for text in args.addresses]
+
+
+def _userRecount(store, args, out, stdin):
     if args.all:
         addresses = [user.address for user in _result(store.listUsers())]
     else:
-        addresses = [_address(text) for text in args.addresses]
+        addresses = args.addresses
     wrong = gone = 0
     for address in addresses:
         try:
@@ -469,7 +499,7 @@ def _userRecount(store, args, out, stdin):
 
 
 def _userApop(store, args, out, stdin):
-    address = _address(args.address)
+    address = args.address
     user = _existingUser(store, address)
     if args.state == "off":
         # CRAM-MD5's states from Dovecot go too: what is left proves
@@ -492,7 +522,7 @@ def _userApop(store, args, out, stdin):
 
 
 def _userRename(store, args, out, stdin):
-    old, new = _address(args.old), _address(args.new)
+    old, new = args.old, args.new
     if old == new:
         _existingUser(store, old)
         raise CommandError(f"OLD and NEW are the same address, {old}: nothing to rename", EX_USAGE)
@@ -528,7 +558,12 @@ def _addUserCommands(commands):
         help="also allow APOP; this keeps the password recoverable in the database (see README)",
     )
     _addHashed(add)
-    add.set_defaults(run=_userAdd, migrate=True, create=True)
+    add.set_defaults(
+        run=_userAdd,
+        migrate=True,
+        create=True,
+        readOptions=_readAddresses("address", then=_userAddOptions),
+    )
     passwd = user.add_parser(
         "passwd",
         help="change a user's password",
@@ -539,7 +574,7 @@ def _addUserCommands(commands):
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     _addHashed(passwd)
-    passwd.set_defaults(run=_userPasswd, migrate=True)
+    passwd.set_defaults(run=_userPasswd, migrate=True, readOptions=_readAddresses("address"))
     imports = user.add_parser(
         "import",
         help="add the users of a Dovecot passwd-file, keeping their passwords",
@@ -569,14 +604,14 @@ def _addUserCommands(commands):
         help="also allow APOP (and CRAM-MD5) for the users whose password is in clear ({PLAIN}), "
         "as Dovecot did; this keeps it recoverable in the database (see README)",
     )
-    imports.set_defaults(run=_userImport, migrate=True, create=True)
+    imports.set_defaults(run=_userImport, migrate=True, create=True, readOptions=_userImportOptions)
     delete = user.add_parser(
         "del",
         help="delete a user and their maildrop",
         description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
     )
     delete.add_argument("address", metavar="ADDRESS")
-    delete.set_defaults(run=_userDel, migrate=True)
+    delete.set_defaults(run=_userDel, migrate=True, readOptions=_readAddresses("address"))
     listing = user.add_parser(
         "list",
         help="list users: their use, their own limits, their last POP3 login",
@@ -594,7 +629,7 @@ def _addUserCommands(commands):
     )
     test.add_argument("address", metavar="ADDRESS")
     test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    test.set_defaults(run=_userTest, migrate=True)
+    test.set_defaults(run=_userTest, migrate=True, readOptions=_readAddresses("address"))
     apop = user.add_parser(
         "apop",
         help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",
@@ -605,7 +640,7 @@ def _addUserCommands(commands):
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    apop.set_defaults(run=_userApop, migrate=True)
+    apop.set_defaults(run=_userApop, migrate=True, readOptions=_readAddresses("address"))
     rename = user.add_parser(
         "rename",
         help="give a user a new address (maildrop, unique ids and quota follow)",
@@ -615,7 +650,7 @@ def _addUserCommands(commands):
     )
     rename.add_argument("old", metavar="OLD")
     rename.add_argument("new", metavar="NEW")
-    rename.set_defaults(run=_userRename, migrate=True)
+    rename.set_defaults(run=_userRename, migrate=True, readOptions=_readAddresses("old", "new"))
     quota = user.add_parser(
         "quota",
         help="set a user's storage quota",
@@ -628,7 +663,7 @@ def _addUserCommands(commands):
     quota.add_argument(
         "--messages", metavar="N|none|default", help="also limit the number of messages"
     )
-    quota.set_defaults(run=_userQuota, migrate=True)
+    quota.set_defaults(run=_userQuota, migrate=True, readOptions=_readAddresses("address", then=_userQuotaOptions))
     expire = user.add_parser(
         "expire",
         help="set how many days a user's messages are kept",
@@ -638,7 +673,7 @@ def _addUserCommands(commands):
     )
     expire.add_argument("address", metavar="ADDRESS")
     expire.add_argument("days", metavar="N|never|default")
-    expire.set_defaults(run=_userExpire, migrate=True)
+    expire.set_defaults(run=_userExpire, migrate=True, readOptions=_readAddresses("address", then=_userExpireOptions))
 
     recount = user.add_parser(
         "recount",
@@ -651,4 +686,4 @@ def _addUserCommands(commands):
     )
     recount.add_argument("addresses", nargs="*", metavar="ADDRESS")
     recount.add_argument("--all", action="store_true", help="every user")
-    recount.set_defaults(run=_userRecount, migrate=True)
+    recount.set_defaults(run=_userRecount, migrate=True, readOptions=_userRecountOptions)
