@@ -25,7 +25,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
 		'service-identity>=24.2' 'attrs>=22.1' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3.0.2' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
-		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=23.1' 'cryptography>=42' 'idna>=2.4' \
+		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=23.1' 'cryptography>=42' 'idna>=2.4' 'PyJWT>=2.6' \
 		'setuptools>=68' wheel
 	touch $@
 

@@ -42,6 +42,8 @@ from twisted.internet.endpoints import serverFromString
 
 from mailgate.address import asciiDomain, normalizeDomain, userAddress
 from mailgate.affinity import formatCPUs, parseCPUs
+from mailgate.auth.oauth import ALGORITHMS as _JWT_ALGORITHMS
+from mailgate.auth.oauth import DEFAULT_ALGORITHMS as _JWT_DEFAULT_ALGORITHMS
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.memory import TRIM_INTERVAL
 from mailgate.plural import counted
@@ -347,6 +349,22 @@ class Choice(Kind):
 
     def toTOML(self, value):
         return json.dumps(value.value if isinstance(value, enum.Enum) else value)
+
+
+class JWTAlgorithm(Choice):
+    """
+    A JWT signature algorithm of L{mailgate.auth.oauth.ALGORITHMS}, in any
+    case, kept as JWT writes it (C{EdDSA}).  No HMAC and no C{none}.
+    """
+
+    def __init__(self):
+        super().__init__([name.lower() for name in _JWT_ALGORITHMS])
+        self.metavar = "ALG"
+        self.expected = "one of " + ", ".join(json.dumps(name) for name in _JWT_ALGORITHMS)
+
+    def check(self, value):
+        word = super().check(value)
+        return _JWT_ALGORITHMS[self.words.index(word)]
 
 
 class Size(Kind):
@@ -1201,6 +1219,43 @@ SETTINGS = (
         "effect at once whatever this says.  At most a week (604800).",
     ),
     Setting(
+        "oauth2-keys", "oauth2Keys", Text("FILE"), (),
+        "A file of the public keys that sign OAuth 2.0 access tokens (JWTs): a JWKS as the identity "
+        "provider publishes it at its jwks_uri, one JWK, or PEM public keys or certificates.  Set, it "
+        "turns on POP3 AUTH OAUTHBEARER and XOAUTH2 where PLAIN is offered (over TLS or from a "
+        "trusted-network), with tokens validated here, without a call to the provider per login, as "
+        "Dovecot's oauth2 passdb with local_validation_key_dict; needs oauth2-issuer and "
+        "oauth2-audience.  SIGHUP reads the files again.",
+        repeated=True, example=["/etc/mailgate/oauth2-jwks.json"],
+    ),
+    Setting(
+        "oauth2-issuer", "oauth2Issuers", Text("URL"), (),
+        "An issuer (iss claim, compared exactly) whose access tokens are accepted.",
+        repeated=True, example=["https://login.example.org/realms/mail"],
+    ),
+    Setting(
+        "oauth2-audience", "oauth2Audiences", Text("NAME"), (),
+        "An audience (aud claim) an accepted access token must name: mailgate's client or resource "
+        "id at the identity provider, so that tokens made for other services are refused.",
+        repeated=True, example=["mailgate"],
+    ),
+    Setting(
+        "oauth2-algorithm", "oauth2Algorithms", JWTAlgorithm(), _JWT_DEFAULT_ALGORITHMS,
+        "A signature algorithm accepted on access tokens: " + ", ".join(_JWT_ALGORITHMS) + " (never none, "
+        "never HS256 and its kin, whose key is a shared secret).",
+        repeated=True,
+    ),
+    Setting(
+        "oauth2-clock-skew", "oauth2ClockSkew", Integer(metavar="SECONDS", maximum=3600), 60,
+        "Seconds of clock difference with the identity provider allowed on an access token's exp, "
+        "nbf and iat.",
+    ),
+    Setting(
+        "oauth2-username-claim", "oauth2UsernameClaim", Text("CLAIM"), "email",
+        "The access token's claim that names the user (as Dovecot's username_attribute), read as a "
+        "USER name is (auth-default-realm applies); the user must exist in mailgate.",
+    ),
+    Setting(
         "max-connections", "maxConnections", Integer(), _policy.MAX_CONNECTIONS,
         "Most connections (POP3, SMTP and LMTP together) served at once; more "
         "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.  "
@@ -1408,6 +1463,12 @@ def checkConfig(config, settings=SETTINGS):
         raise ConfigurationError("tls-alt-cert and tls-alt-key go beside tls-cert and tls-key, which are not set")
     if config.tlsNamedCertificates and config.tlsCertificate is None:
         raise ConfigurationError("tls-sni-cert goes beside tls-cert and tls-key, which are not set")
+    if config.oauth2Keys and not (config.oauth2Issuers and config.oauth2Audiences):
+        raise ConfigurationError("oauth2-keys needs oauth2-issuer and oauth2-audience (which tokens to accept)")
+    if (config.oauth2Issuers or config.oauth2Audiences) and not config.oauth2Keys:
+        raise ConfigurationError("oauth2-issuer and oauth2-audience go with oauth2-keys, which is not set")
+    if not config.oauth2Algorithms:
+        raise ConfigurationError("oauth2-algorithm: at least one algorithm")
     return config
 
 

@@ -27,6 +27,7 @@ from twisted.python.components import Componentized
 from mailgate.affinity import AffinityService, CPUAffinity, parseCPUs
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.checkers import threadRunner
+from mailgate.auth.oauth import TokenValidator
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
@@ -1080,8 +1081,44 @@ def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
     return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics, defaultRealm=config.authDefaultRealm)
 
 
+def _reloadTokenKeys(tokens, log):
+    """
+    SIGHUP: read the OAuth 2.0 signing keys again (an identity provider
+    rotates them); keys that cannot be read leave those in service, and
+    the reload counts as failed.
+    """
+    try:
+        tokens.reload()
+    except ConfigurationError as e:
+        log.error("oauth2 keys not reloaded, keeping those in service: {error}", error=str(e),
+                  event="oauth2.reload_failed")
+        return False
+    log.info("oauth2 keys reloaded: {count} keys", count=len(tokens.keys), event="oauth2.reloaded")
+    return None
+
+
+def makeTokenValidator(config):
+    """
+    The validator of OAuth 2.0 access tokens (OAUTHBEARER, XOAUTH2) from
+    C{config}'s oauth2 settings, its keys read; C{None} without oauth2-keys.
+
+    @raise ConfigurationError: a key file cannot be read or holds no key.
+    """
+    if not config.oauth2Keys:
+        return None
+    return TokenValidator(
+        config.oauth2Keys, config.oauth2Issuers, config.oauth2Audiences, config.oauth2Algorithms,
+        leeway=config.oauth2ClockSkew, usernameClaim=config.oauth2UsernameClaim,
+    )
+
+
+#: the settings L{makeTokenValidator} reads
+OAUTH2_SETTINGS = frozenset({"oauth2-keys", "oauth2-issuer", "oauth2-audience", "oauth2-algorithm",
+                             "oauth2-clock-skew", "oauth2-username-claim"})
+
+
 def makePOP3Factory(
-    store, config, reactor, tls=None, metrics=None, tracker=None, policy=None, affinity=None
+    store, config, reactor, tls=None, metrics=None, tracker=None, policy=None, affinity=None, tokens=None
 ):
     """
     The POP3 factory for C{store}: the portal with its checkers, SASL, and
@@ -1090,7 +1127,11 @@ def makePOP3Factory(
 
     @param affinity: the L{CPUAffinity} of the reactor thread, if pinned
         (password hashes then run on threads freed of it).
+    @param tokens: the L{TokenValidator} of OAuth 2.0 bearer tokens; by
+        default made from C{config} (L{makeTokenValidator}).
     """
+    if tokens is None:
+        tokens = makeTokenValidator(config)
     portal = makePortal(
         store,
         threadRunner(reactor, affinity),
@@ -1100,6 +1141,7 @@ def makePOP3Factory(
         apop=config.apop.checked,
         loginDelay=config.loginDelay,
         defaultRealm=config.authDefaultRealm,
+        tokens=tokens,
     )
     # EXPIRE in CAPA: the store's retention, where it has one.
     expire = store.retention.capability if ILifecycleStore.providedBy(store) else None
@@ -1125,7 +1167,7 @@ def makePOP3Factory(
     # states): offered by nearly the same rule as APOP.
     factory.sasl = SASLServer(
         store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
-        defaultRealm=config.authDefaultRealm,
+        defaultRealm=config.authDefaultRealm, bearerTokens=tokens is not None,
     )
     factory.trace = traceSelection(config)
     return factory
@@ -1241,6 +1283,8 @@ def checkStartable(config, names=None):
         checkedSpoolDirectory(config)
     if names is None or "database" in names:
         checkDatabaseURL(config.database)
+    if names is None or names & OAUTH2_SETTINGS:
+        makeTokenValidator(config)
     if names is not None:
         checkListenersForTheRestart(config, names)
     return tls
@@ -1316,6 +1360,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     }
     tls = makeTLS(config)
     affinity = makeAffinity(config)
+    tokens = makeTokenValidator(config)
     # Whatever listens: config --check and a reload refuse a spool
     # directory that cannot be used, and mailgate deliver uses the file's;
     # checked only for SMTP and LMTP, a POP3 server started on a file
@@ -1335,7 +1380,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
 
         policyStore = MemoryPolicyStore()
     try:
-        root = _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners)
+        root = _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners, tokens)
     except BaseException:
         # A setting refused once the database is open (the spool
         # directory, the connection policy's limits): the store opened
@@ -1354,7 +1399,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     return root
 
 
-def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners):
+def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners, tokens=None):
     """
     The service hierarchy of L{makeService}, over an open C{store}, with
     the endpoints of C{listeners} (by protocol name) already checked.
@@ -1430,8 +1475,10 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         if not pop3:
             factory = makePOP3Factory(
                 store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy,
-                affinity=affinity,
+                affinity=affinity, tokens=tokens,
             )
+            if tokens is not None:
+                root.onHangup(lambda: _reloadTokenKeys(tokens, root.log))
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)

@@ -558,7 +558,11 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     give C{apop=False} here and set the client's C{allowInsecureLogin}.
     """
     defaultRealm = options.get("defaultRealm")
-    portal = makePortal(store, runInline, apop=apop, loginDelay=options.get("loginDelay"), defaultRealm=defaultRealm)
+    # OAUTHBEARER and XOAUTH2 with this TokenValidator, if given.
+    tokens = options.pop("tokens", None)
+    portal = makePortal(
+        store, runInline, apop=apop, loginDelay=options.get("loginDelay"), defaultRealm=defaultRealm, tokens=tokens
+    )
     options.setdefault("authFailureDelay", 0)
     factory = POP3Factory(
         portal,
@@ -574,6 +578,7 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
             offerCramMD5=factory.offersCramMD5,
             sharedSecret=store.sharedSecret,
             defaultRealm=defaultRealm,
+            bearerTokens=tokens is not None,
         )
     return factory
 

@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: Test files that exercise every dependency: Twisted's internals
 #: (twistedcompat), TLS (cryptography, and service-identity under Twisted's
 #: TLS client), foreign password hashes (passlib, bcrypt, argon2-cffi),
-#: metrics (prometheus-client), address normalisation (idna), PostgreSQL
+#: metrics (prometheus-client), address normalisation (idna), OAuth 2.0
+#: access tokens (PyJWT), PostgreSQL
 #: (psycopg: its refusals, its answer deadline), and the installed server
 #: end to end.
 DEFAULT_TESTS = [
@@ -53,7 +54,7 @@ DEFAULT_TESTS = [
     "tests/test_pgrefusal.py", "tests/test_pgsilence.py", "tests/test_observability.py",
     "tests/test_cli.py", "tests/test_schema.py", "tests/test_service.py", "tests/test_testing.py",
     "tests/test_session.py", "tests/test_smtp_data.py", "tests/test_importers.py",
-    "tests/test_logs.py", "tests/test_passwdfile.py", "tests/test_imported_cram.py",
+    "tests/test_logs.py", "tests/test_passwdfile.py", "tests/test_imported_cram.py", "tests/test_oauth.py",
 ]
 
 #: What the suite's own builds of mailgate need in the environment

@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 
 from mailgate.auth.checkers import APOPChecker, PasswordChecker
+from mailgate.auth.oauth import BearerTokenChecker
 from mailgate.auth.sasl import ScramChecker
 from mailgate.errors import CredentialsChanged, LoginDelayed
 from mailgate.interfaces import IMaildrop
@@ -134,7 +135,7 @@ def _avatar(maildrop):
     return (IMaildrop, maildrop, maildrop.release)
 
 
-def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defaultRealm=None):
+def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defaultRealm=None, tokens=None):
     """
     The POP3 portal: the maildrop realm with the password checker (USER/PASS
     and SASL PLAIN), the SCRAM-SHA-256 checker and, unless switched off, the
@@ -142,6 +143,8 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defau
 
     @param defaultRealm: the domain of a login name without one (Dovecot's
         C{auth_default_realm}), or C{None}.
+    @param tokens: the L{mailgate.auth.oauth.TokenValidator} of OAuth 2.0
+        bearer tokens (OAUTHBEARER, XOAUTH2), or C{None}: none accepted.
 
     @return: the L{Portal}; its password checker is its C{passwordChecker}
         attribute, whose C{cache} tests and embedders can tune.
@@ -150,6 +153,8 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defau
     checkers = [passwords, ScramChecker(store, defaultRealm)]
     if apop:
         checkers.append(APOPChecker(store, defaultRealm))
+    if tokens is not None:
+        checkers.append(BearerTokenChecker(store, tokens, defaultRealm))
     realm = MaildropRealm(
         store, loginDelay, onStaleCredentials=lambda user: passwords.cache.forgetUser(user.address)
     )

@@ -468,13 +468,20 @@ class SASLServer:
         for a real user.  Without it, a key of this process's own.
     @param defaultRealm: the domain of a user name without one (see
         L{mailgate.address.loginAddress}), or C{None}.
+    @param bearerTokens: offer OAUTHBEARER and XOAUTH2
+        (L{mailgate.auth.oauth}), where plaintext logins are allowed: a
+        bearer token is a password.  The portal needs their checker.
     """
 
     #: the name of the made-up salts' key among the store's shared secrets
     UNKNOWN_USER_SALT_KEY = "scram-unknown-user-salt"
 
-    def __init__(self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None, defaultRealm=None):
+    def __init__(
+        self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None, defaultRealm=None,
+        bearerTokens=False,
+    ):
         self._findUser = findUser
+        self._bearerTokens = bearerTokens
         self._defaultRealm = defaultRealm
         self._sharedSecret = sharedSecret
         self._saltKey = None if sharedSecret is not None else os.urandom(32)
@@ -496,14 +503,17 @@ class SASLServer:
 
     def mechanisms(self, plaintextAllowed):
         """
-        The names to advertise, strongest first: PLAIN and LOGIN only where
-        plaintext logins are allowed, CRAM-MD5 only while it is offered.
+        The names to advertise, strongest first: PLAIN and LOGIN (and
+        OAUTHBEARER and XOAUTH2, when on) only where plaintext logins are
+        allowed, CRAM-MD5 only while it is offered.
         """
         names = ["SCRAM-SHA-256"]
         if self._offerCramMD5():
             names.append("CRAM-MD5")
         if plaintextAllowed:
             names += ["PLAIN", "LOGIN"]
+            if self._bearerTokens:
+                names += ["OAUTHBEARER", "XOAUTH2"]
         return names
 
     def create(self, name):
@@ -520,4 +530,8 @@ class SASLServer:
             return ScramSHA256Mechanism(self._findUser, self._unknownUserSaltKey, self._defaultRealm)
         if name == "CRAM-MD5" and self._offerCramMD5():
             return CramMD5Mechanism(self._hostname)
+        if self._bearerTokens and name in ("OAUTHBEARER", "XOAUTH2"):
+            from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
+
+            return (OAuthBearerMechanism if name == "OAUTHBEARER" else XOAuth2Mechanism)(self._defaultRealm)
         return None

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from mailgate.address import loginAddress
 from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
+from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
@@ -48,6 +49,13 @@ PLAINTEXT_REFUSED = (
     "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
 )
 INVALID_LOGIN = "[AUTH] invalid user name or password"
+
+#: The error challenge a failed bearer-token login gets before its -ERR
+#: (RFC 7628 section 3.2.2; Google's XOAUTH2 does the same), by mechanism.
+BEARER_FAILURES = {
+    "oauthbearer": OAuthBearerMechanism.FAILURE,
+    "xoauth2": XOAuth2Mechanism.FAILURE,
+}
 
 
 def unavailable(reason):
@@ -99,7 +107,7 @@ class AuthorizationCommands:
 
     @property
     def _inSASL(self):
-        return self._sasl is not None or self._saslFinishing
+        return self._sasl is not None or self._saslFinishing or self._saslFailing is not None
 
     # -- traces --------------------------------------------------------------
 
@@ -247,6 +255,12 @@ class AuthorizationCommands:
         """
         A line while a SASL exchange is under way: the client's response.
         """
+        if self._saslFailing is not None:
+            # The client's answer to a bearer token's error challenge
+            # (OAUTHBEARER's ^A, XOAUTH2's empty line, or anything else, a
+            # "*" too): the login has failed, and now it is told so.
+            self._saslFailing = None
+            return self._refuseLogin()
         if self._saslFinishing:
             self._saslFinishing = False
             if line == b"":
@@ -567,7 +581,7 @@ class AuthorizationCommands:
                 login, mechanism, "failed",
                 f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}",
             )
-            return self._waitPenalty(self._failureDelayLeft(), self._refuseLogin)
+            return self._waitPenalty(self._failureDelayLeft(), self._refuseLogin, BEARER_FAILURES.get(mechanism))
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
             self._settleHeldFailure(login)
@@ -700,8 +714,17 @@ class AuthorizationCommands:
         cancelled(call)
         d.callback(None)
 
-    def _refuseLogin(self):
+    def _refuseLogin(self, failureChallenge=None):
+        """
+        Tell the client its login failed.  A bearer token's failure is
+        first an error challenge (L{BEARER_FAILURES}), which the client
+        answers before the C{-ERR} (L{_saslResponse}).
+        """
         if self._closed:
+            return
+        if failureChallenge is not None:
+            self._saslFailing = failureChallenge
+            self._out.write(b"+ " + base64.b64encode(failureChallenge) + b"\r\n")
             return
         self._err(INVALID_LOGIN)
         if self._authFailures >= self.maxAuthFailures:

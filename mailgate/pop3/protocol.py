@@ -114,6 +114,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._sasl = None
         self._saslFinishing = False
         self._finishingMechanism = None
+        # The bearer-token mechanism whose error challenge awaits the
+        # client's reply before the -ERR (see _refuseLogin), or None.
+        self._saslFailing = None
         # Why the session is to end before the shutdown would end it
         # (L{_endEarly}): its -ERR and its logout reason, or None.
         self._endRequest = None
@@ -190,7 +193,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         return self._bad(text)
 
     def lineLimit(self):
-        return self.maxResponseLength if self._inSASL else self.maxCommandLength
+        if not self._inSASL:
+            return self.maxCommandLength
+        # A bearer token's response is longer than others (oauth.MAX_TOKEN).
+        return max(self.maxResponseLength, getattr(self._sasl, "maxResponseLength", 0))
 
     def lineTooLong(self):
         if self._inSASL:
@@ -218,7 +224,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             # run, or a scanner's queue of guesses would hold the stop.
             self._shutdownNow()
             return None
-        if self._sasl is not None or self._saslFinishing:
+        if self._inSASL:
             return self._saslResponse(line)
         return CommandSession.lineReceived(self, line)
 
