@@ -117,6 +117,77 @@ def test_aNodeGivenTheStandbyAloneTakesNoMaildropLock(cluster):
         resultOf(onPrimary.close())
 
 
+@pytest.mark.parametrize("argv, shown", [
+    (["db", "check"], "/mail: sound (8 checks)\n"),
+    (["db", "version"], "schema version "),
+    (["user", "list"], f"\n{ALICE:<40}        0 "),
+    (["mailbox", "list", ALICE], "in use: 0 messages, 0 octets"),
+    (["who"], "USER "),
+    (["nodes"], "NODE "),
+    (["ban", "list"], "ADDRESS "),
+])
+def test_aStandbyAloneServesTheCommandsThatOnlyRead(cluster, argv, shown):
+    """
+    The commands that only read (a monitoring host's) work through a URL
+    naming only a standby: their connections prefer a standby.  Since
+    every connection asked for the primary (d70683e), each was refused,
+    exit 75 "server is in hot standby mode", unless the URL said
+    C{target_session_attrs=any}.
+    """
+    from e2e import mailgateHere
+
+    code, out, err = mailgateHere(cluster.url(cluster.standby), *argv)
+    assert (code, err) == (0, ""), err
+    assert shown in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["user", "add", "carol@example.org", "--password-stdin"],
+    ["user", "del", ALICE],
+    ["ban", "add", "192.0.2.1"],
+])
+def test_aCommandThatWritesIsRefusedByAStandbyInOneLine(cluster, argv):
+    """
+    A command that writes (or may: a schema upgrade, a node's heartbeat)
+    still needs the primary: through a URL naming only a standby it is
+    refused, one line saying the server is a standby, exit 75 (a
+    temporary failure: the standby may be promoted), and nothing changed.
+    """
+    from e2e import mailgateHere
+
+    code, out, err = mailgateHere(cluster.url(cluster.standby), *argv, stdin="builder\n")
+    assert (code, out) == (75, ""), err
+    assert err.startswith("mailgate: temporary failure, try again: ") and err.count("\n") == 1, err
+    assert err.endswith(f"port {cluster.standby.port} failed: server is in hot standby mode\n"), err
+    code, out, err = mailgateHere(cluster.primary.url(), "user", "list")
+    assert code == 0, err
+    assert f"\n{ALICE} " in out and "carol@" not in out
+
+
+def test_readsPreferAStandbyAmongSeveralServersAndTheURLsChoiceWins(cluster):
+    """
+    Of a URL naming the primary and the standby, in either order, what
+    only reads goes to the standby, the rest to the primary; the
+    primary alone still serves reads; a URL's own
+    C{target_session_attrs} is kept.  libpq's C{prefer-standby} over the
+    one server each attempt names would have taken the primary named
+    first.
+    """
+    from e2e import mailgateHere
+
+    for url in (cluster.url(cluster.primary, cluster.standby), cluster.url(cluster.standby, cluster.primary)):
+        assert _onPrimary(engineFromURL(url, readsOnly=True)) == (cluster.standby.port, True)
+        assert _onPrimary(engineFromURL(url)) == (cluster.primary.port, False)
+    assert _onPrimary(engineFromURL(cluster.url(cluster.primary), readsOnly=True)) == (cluster.primary.port, False)
+    both = cluster.url(cluster.standby, cluster.primary)
+    assert _onPrimary(engineFromURL(f"{both}?target_session_attrs=primary", readsOnly=True)) == (
+        cluster.primary.port, False
+    )
+    code, out, err = mailgateHere(f"{cluster.url(cluster.standby)}?target_session_attrs=primary", "db", "version")
+    assert (code, out) == (75, ""), err
+    assert "hot standby mode" in err
+
+
 def test_loginsWithNoPrimaryEachTryOnceAndSayNothingWasLost(cluster, logEvents):
     """
     A node whose lock connections cannot be made (its URL's servers a

@@ -349,7 +349,12 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # its file: any other one on a mistyped path would make an
             # empty database and report no users.
             opening = True
-            store = openSynchronousStore(url, migrate=args.migrate, create=getattr(args, "create", False))
+            # A command that only reads takes a PostgreSQL standby where
+            # the URL names one (README, Scaling out: a primary and its standbys).
+            store = openSynchronousStore(
+                url, migrate=args.migrate, create=getattr(args, "create", False),
+                readsOnly=getattr(args, "readsOnly", False),
+            )
             opening = False
             if args.config is not None:
                 values = _configValues(args.config)

@@ -120,7 +120,7 @@ def _addBanCommands(commands):
         "(auth-failures or admin), the failed logins that made it and when it ends (UTC).",
     )
     _addJSON(banList)
-    banList.set_defaults(run=_banList, migrate=True)
+    banList.set_defaults(run=_banList, migrate=True, readsOnly=True)
     banAdd = ban.add_parser(
         "add",
         help="ban an address, an IPv6 one for its whole /64 (replacing a ban it has)",

@@ -275,7 +275,7 @@ def _addDatabaseCommands(commands):
         description="Show the database's schema version and the newest this mailgate knows, "
         "without changing either: a mailgate older than its database refuses it.",
     )
-    dbVersion.set_defaults(run=_dbVersion, migrate=False)
+    dbVersion.set_defaults(run=_dbVersion, migrate=False, readsOnly=True)
     dbCopy = db.add_parser(
         "copy",
         help="copy users and maildrops to another (empty) database, keeping unique ids",
@@ -328,4 +328,4 @@ def _addDatabaseCommands(commands):
         help=f"how long each check may take on PostgreSQL, in place of the 60 seconds a server's "
         f"statements have (default {CHECK_TIMEOUT}; 0: no limit)",
     )
-    dbCheck.set_defaults(run=_dbCheck, migrate=False, readOptions=_dbCheckOptions)
+    dbCheck.set_defaults(run=_dbCheck, migrate=False, readOptions=_dbCheckOptions, readsOnly=True)

@@ -338,7 +338,7 @@ def _addMailboxCommands(commands):
     )
     mlist.add_argument("address", metavar="ADDRESS")
     _addJSON(mlist)
-    mlist.set_defaults(run=_mailboxList, migrate=True, readOptions=_readAddresses("address"))
+    mlist.set_defaults(run=_mailboxList, migrate=True, readOptions=_readAddresses("address"), readsOnly=True)
     mdeleted = mailbox.add_parser(
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
@@ -348,7 +348,9 @@ def _addMailboxCommands(commands):
     )
     mdeleted.add_argument("address", metavar="ADDRESS")
     _addJSON(mdeleted)
-    mdeleted.set_defaults(run=_mailboxDeleted, migrate=True, readOptions=_readAddresses("address"))
+    mdeleted.set_defaults(
+        run=_mailboxDeleted, migrate=True, readOptions=_readAddresses("address"), readsOnly=True
+    )
     mrestore = mailbox.add_parser(
         "restore",
         help="bring back messages deleted by POP3 (kept for --keep-deleted-days)",
@@ -387,7 +389,7 @@ def _addMailboxCommands(commands):
     )
     mshow.add_argument("address", metavar="ADDRESS")
     mshow.add_argument("message", metavar="MESSAGE")
-    mshow.set_defaults(run=_mailboxShow, migrate=True, readOptions=_readAddresses("address"))
+    mshow.set_defaults(run=_mailboxShow, migrate=True, readOptions=_readAddresses("address"), readsOnly=True)
     mexport = mailbox.add_parser(
         "export",
         # argparse would write the operands as ADDRESS DIR | DIR [ADDRESS
@@ -409,4 +411,4 @@ def _addMailboxCommands(commands):
         "--all", action="store_true",
         help="every user, each into DIR/ADDRESS (Dovecot: mail_location = maildir:DIR/%%u)",
     )
-    mexport.set_defaults(run=_mailboxExport, migrate=True, readOptions=_mailboxExportOptions)
+    mexport.set_defaults(run=_mailboxExport, migrate=True, readOptions=_mailboxExportOptions, readsOnly=True)

@@ -170,7 +170,7 @@ def _addSessionCommands(commands):
         "its machine gone) are left out after 30 seconds.",
     )
     _addJSON(who)
-    who.set_defaults(run=_who, migrate=True)
+    who.set_defaults(run=_who, migrate=True, readsOnly=True)
     nodes = commands.add_parser(
         "nodes",
         help="list the running nodes sharing the database and the settings they work with",
@@ -180,7 +180,7 @@ def _addSessionCommands(commands):
         "against the database server's; says which of these settings differ between nodes.",
     )
     _addJSON(nodes)
-    nodes.set_defaults(run=_nodes, migrate=True)
+    nodes.set_defaults(run=_nodes, migrate=True, readsOnly=True)
     kick = commands.add_parser(
         "kick",
         help="end a user's POP3 session, wherever it runs, without applying its deletions",

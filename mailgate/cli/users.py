@@ -620,7 +620,7 @@ def _addUserCommands(commands):
         "retention (default: the server's), and their last POP3 login (never for none yet).",
     )
     _addJSON(listing)
-    listing.set_defaults(run=_userList, migrate=True)
+    listing.set_defaults(run=_userList, migrate=True, readsOnly=True)
     test = user.add_parser(
         "test",
         help="check a user's password without logging in",
@@ -629,7 +629,7 @@ def _addUserCommands(commands):
     )
     test.add_argument("address", metavar="ADDRESS")
     test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    test.set_defaults(run=_userTest, migrate=True, readOptions=_readAddresses("address"))
+    test.set_defaults(run=_userTest, migrate=True, readOptions=_readAddresses("address"), readsOnly=True)
     apop = user.add_parser(
         "apop",
         help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",

@@ -28,9 +28,12 @@ from mailgate.urls import shownURL
 DEFAULT_DATABASE = "sqlite:///mailgate.sqlite3"
 
 
-def engineFromURL(url):
+def engineFromURL(url, readsOnly=False):
     """
     The engine a database URL names.
+
+    @param readsOnly: whether what is done through it only reads: on
+        PostgreSQL, a standby is then preferred to the primary.
 
     @raise ConfigurationError: for an unknown scheme or a malformed URL.
     """
@@ -58,7 +61,7 @@ def engineFromURL(url):
             raise ConfigurationError(
                 f"PostgreSQL support needs psycopg: pip install 'mailgate[postgres]' ({e})"
             ) from None
-        return PostgresEngine(url)
+        return PostgresEngine(url, readsOnly=readsOnly)
     raise ConfigurationError(
         f"unsupported database URL {shownURL(url)!r}: use sqlite:///FILE or postgresql://..."
     )
@@ -85,7 +88,7 @@ class NoSuchDatabase(ConfigurationError):
     """
 
 
-def openSynchronousStore(url, migrate=True, create=True, adopt=None):
+def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=False):
     """
     A store whose operations run inline and return fired Deferreds: for the
     admin command and for tests.
@@ -100,10 +103,12 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None):
         another application's database a mistyped URL named.)
     @raise NoSuchDatabase: the file is missing and C{create} is false, or
         the database holds another application's tables and C{adopt} is.
+    @param readsOnly: the store is only read from (see L{engineFromURL});
+        a schema upgrade C{migrate} finds needed fails on a standby.
     """
     if adopt is None:
         adopt = create
-    engine = engineFromURL(url)
+    engine = engineFromURL(url, readsOnly=readsOnly)
     if not create and _missingFile(engine):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
     database = SynchronousDatabase(engine)

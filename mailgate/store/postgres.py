@@ -194,10 +194,11 @@ def _clientKeepalive(conninfo):
     return {name: value for name, value in CLIENT_KEEPALIVE.items() if name not in given}
 
 
-def _primaryOnly(conninfo):
+def _targetSession(conninfo, readsOnly=False):
     """
     C{target_session_attrs=primary} where C{conninfo} (or the environment,
-    or a service file) chooses no kind of server: libpq then skips a
+    or a service file) chooses no kind of server, or C{prefer-standby} for
+    C{readsOnly} (see L{PostgresEngine}): libpq then skips a
     standby, and a URL naming every server of a primary and its streaming
     replicas (C{postgresql://db1,db2/mail}) reaches whichever is the
     primary, before a failover and after.  Without it libpq takes the
@@ -210,6 +211,13 @@ def _primaryOnly(conninfo):
     C{primary} (libpq 14 on), not C{read-write}: a primary whose
     C{default_transaction_read_only} is set (while room is made on its
     disk) is still the one to read from.
+
+    What only reads (C{mailgate db check}, C{user list}, a monitoring
+    host's commands) takes a standby where there is one and the primary
+    else (C{prefer-standby}, libpq 14 on too): a URL naming the standby
+    alone works, and one naming every server keeps that load off the
+    primary.  Nothing is locked there, and what is read may be as old as
+    the standby's replay.
     """
     try:
         given = psycopg.conninfo.conninfo_to_dict(conninfo)
@@ -219,7 +227,31 @@ def _primaryOnly(conninfo):
         return {}
     if "PGTARGETSESSIONATTRS" in os.environ or "PGSERVICE" in os.environ or psycopg.pq.version() < 140000:
         return {}
-    return {"target_session_attrs": "primary"}
+    return {"target_session_attrs": "prefer-standby" if readsOnly else "primary"}
+
+
+def _sessionPasses(info):
+    """
+    The connection strings whose servers L{PostgresEngine} tries in turn
+    for C{info}: itself, or where it asks for C{prefer-standby} among
+    several servers, every server as a standby first, then every server
+    as any (one server: as any).  Each server is tried alone (L{pgresolve.addressedAttempts}),
+    and libpq's C{prefer-standby} over a list of one takes whatever
+    answers: the primary named first would have been taken for every
+    read.
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(info)
+    except psycopg.Error:
+        return [info]
+    wanted = params.get("target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
+    if wanted != "prefer-standby":
+        return [info]
+    # One server: whatever it is (libpq's two passes over it told of a
+    # server down twice).
+    several = "," in str(params.get("host") or params.get("hostaddr") or "")
+    return [psycopg.conninfo.make_conninfo(info, target_session_attrs=kind)
+            for kind in (("standby", "any") if several else ("any",))]
 
 
 @implementer(IEngine)
@@ -247,11 +279,17 @@ class PostgresEngine:
         "uidl_list": "string_agg(uidl, ' ' ORDER BY uid)",
     }
 
-    def __init__(self, url):
+    def __init__(self, url, readsOnly=False):
+        """
+        @param readsOnly: whether everything done through this engine only
+            reads (a command such as C{mailgate user list}): its
+            connections prefer a standby, where the others need the
+            primary (L{_targetSession}).
+        """
         self.url = url
         self._conninfo = _conninfo(url)
         # Parameters every connection adds to the URL's.
-        self._parameters = {**_clientKeepalive(self._conninfo), **_primaryOnly(self._conninfo)}
+        self._parameters = {**_clientKeepalive(self._conninfo), **_targetSession(self._conninfo, readsOnly)}
         # Several servers: the one that last took a connection first.
         self._hosts = hostOrderOf(self._conninfo)
         self._namespace = None
@@ -316,15 +354,17 @@ class PostgresEngine:
         info = psycopg.conninfo.make_conninfo(
             self._conninfo, connect_timeout=CONNECT_TIMEOUT, **self._parameters, **self._hosts.parameters()
         )
-        reasons, error = [], None
-        for attempt in pgresolve.addressedAttempts(info, CONNECT_TIMEOUT, lambda e: reasons.append(str(e))):
-            try:
-                return connection.connect(attempt, **kwargs)
-            except psycopg.ProgrammingError:
-                raise
-            except psycopg.Error as e:
-                reasons.append(oneLine(e))
-                error = e
+        for info in _sessionPasses(info):
+            # Why the last pass failed, the one that takes any server.
+            reasons, error = [], None
+            for attempt in pgresolve.addressedAttempts(info, CONNECT_TIMEOUT, lambda e: reasons.append(str(e))):
+                try:
+                    return connection.connect(attempt, **kwargs)
+                except psycopg.ProgrammingError:
+                    raise
+                except psycopg.Error as e:
+                    reasons.append(oneLine(e))
+                    error = e
         raise _NotConnected("; ".join(reasons), error)
 
     def onConnect(self, conn):
