@@ -24,6 +24,10 @@ def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def _octets(number):
+    return number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
 class Keys:
     """
     An RSA, an EC P-256 and an Ed25519 key the server is given, and an RSA
@@ -42,11 +46,15 @@ class Keys:
         their paths.
         """
         jwks = {"keys": []}
-        for kid, key, alg in (("rsa-1", self.rsa, "RS256"), ("ec-1", self.ec, "ES256")):
-            algorithm = jwt.get_algorithm_by_name(alg)
-            entry = json.loads(algorithm.to_jwk(key.public_key()))
-            entry.update(kid=kid, use="sig", alg=alg)
-            jwks["keys"].append(entry)
+        # Written out here, as RFC 7518 has them (EC coordinates of the
+        # curve's full size): PyJWT's own to_jwk dropped a coordinate's
+        # leading zero octets before 2.9, a JWK its from_jwk then refuses.
+        numbers = self.rsa.public_key().public_numbers()
+        jwks["keys"].append({"kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
+                             "n": _b64url(_octets(numbers.n)), "e": _b64url(_octets(numbers.e))})
+        point = self.ec.public_key().public_numbers()
+        jwks["keys"].append({"kty": "EC", "kid": "ec-1", "use": "sig", "alg": "ES256", "crv": "P-256",
+                             "x": _b64url(point.x.to_bytes(32, "big")), "y": _b64url(point.y.to_bytes(32, "big"))})
         # A shared secret in the set is never used.
         jwks["keys"].append({"kty": "oct", "kid": "hmac", "k": _b64url(b"secret" * 6)})
         jwksPath = directory / "jwks.json"
