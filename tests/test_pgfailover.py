@@ -129,7 +129,7 @@ def test_aNodeGivenTheStandbyAloneTakesNoMaildropLock(cluster):
 def test_aStandbyAloneServesTheCommandsThatOnlyRead(cluster, argv, shown):
     """
     The commands that only read (a monitoring host's) work through a URL
-    naming only a standby: their connections prefer a standby.  Since
+    naming only a standby: their connections take any server.  Since
     every connection asked for the primary (d70683e), each was refused,
     exit 75 "server is in hot standby mode", unless the URL said
     C{target_session_attrs=any}.
@@ -164,21 +164,30 @@ def test_aCommandThatWritesIsRefusedByAStandbyInOneLine(cluster, argv):
     assert f"\n{ALICE} " in out and "carol@" not in out
 
 
-def test_readsPreferAStandbyAmongSeveralServersAndTheURLsChoiceWins(cluster):
+def test_readsTakeTheFirstServerThatAnswersAndTheURLsChoiceWins(cluster):
     """
-    Of a URL naming the primary and the standby, in either order, what
-    only reads goes to the standby, the rest to the primary; the
-    primary alone still serves reads; a URL's own
-    C{target_session_attrs} is kept.  libpq's C{prefer-standby} over the
-    one server each attempt names would have taken the primary named
-    first.
+    Of a URL naming the primary first and then the standby, what only
+    reads goes to the primary while it answers (so that a command reading
+    just after another's change finds it: a standby shows only what it
+    has replayed), and to the standby while it does not; the rest goes
+    to the primary whatever the order, and fails without it; a URL's own
+    C{target_session_attrs} is kept.
     """
+    from types import SimpleNamespace
+
     from e2e import mailgateHere
 
-    for url in (cluster.url(cluster.primary, cluster.standby), cluster.url(cluster.standby, cluster.primary)):
-        assert _onPrimary(engineFromURL(url, readsOnly=True)) == (cluster.standby.port, True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = SimpleNamespace(port=closed.getsockname()[1])
+    primaryFirst = cluster.url(cluster.primary, cluster.standby)
+    assert _onPrimary(engineFromURL(primaryFirst, readsOnly=True)) == (cluster.primary.port, False)
+    primaryGone = cluster.url(gone, cluster.standby)
+    assert _onPrimary(engineFromURL(primaryGone, readsOnly=True)) == (cluster.standby.port, True)
+    with pytest.raises(TemporaryFailure):
+        engineFromURL(primaryGone).connect()
+    for url in (primaryFirst, cluster.url(cluster.standby, cluster.primary)):
         assert _onPrimary(engineFromURL(url)) == (cluster.primary.port, False)
-    assert _onPrimary(engineFromURL(cluster.url(cluster.primary), readsOnly=True)) == (cluster.primary.port, False)
     both = cluster.url(cluster.standby, cluster.primary)
     assert _onPrimary(engineFromURL(f"{both}?target_session_attrs=primary", readsOnly=True)) == (
         cluster.primary.port, False

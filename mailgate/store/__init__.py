@@ -33,7 +33,7 @@ def engineFromURL(url, readsOnly=False):
     The engine a database URL names.
 
     @param readsOnly: whether what is done through it only reads: on
-        PostgreSQL, a standby is then preferred to the primary.
+        PostgreSQL, a standby then serves it too.
 
     @raise ConfigurationError: for an unknown scheme or a malformed URL.
     """

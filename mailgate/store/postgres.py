@@ -197,7 +197,7 @@ def _clientKeepalive(conninfo):
 def _targetSession(conninfo, readsOnly=False):
     """
     C{target_session_attrs=primary} where C{conninfo} (or the environment,
-    or a service file) chooses no kind of server, or C{prefer-standby} for
+    or a service file) chooses no kind of server, or C{any} for
     C{readsOnly} (see L{PostgresEngine}): libpq then skips a
     standby, and a URL naming every server of a primary and its streaming
     replicas (C{postgresql://db1,db2/mail}) reaches whichever is the
@@ -213,11 +213,13 @@ def _targetSession(conninfo, readsOnly=False):
     disk) is still the one to read from.
 
     What only reads (C{mailgate db check}, C{user list}, a monitoring
-    host's commands) takes a standby where there is one and the primary
-    else (C{prefer-standby}, libpq 14 on too): a URL naming the standby
-    alone works, and one naming every server keeps that load off the
-    primary.  Nothing is locked there, and what is read may be as old as
-    the standby's replay.
+    host's commands) takes the first server that answers (C{any}): a URL
+    naming a standby alone works, and one naming every server reads from
+    the primary while it answers (the one named first, or the one that
+    took the last connection), so that C{user add} and then C{user list}
+    agree, and from a standby while it does not.  Not C{prefer-standby}:
+    a standby shows what it has replayed, which a command run just after
+    a change would not find there yet.
     """
     try:
         given = psycopg.conninfo.conninfo_to_dict(conninfo)
@@ -227,31 +229,7 @@ def _targetSession(conninfo, readsOnly=False):
         return {}
     if "PGTARGETSESSIONATTRS" in os.environ or "PGSERVICE" in os.environ or psycopg.pq.version() < 140000:
         return {}
-    return {"target_session_attrs": "prefer-standby" if readsOnly else "primary"}
-
-
-def _sessionPasses(info):
-    """
-    The connection strings whose servers L{PostgresEngine} tries in turn
-    for C{info}: itself, or where it asks for C{prefer-standby} among
-    several servers, every server as a standby first, then every server
-    as any (one server: as any).  Each server is tried alone (L{pgresolve.addressedAttempts}),
-    and libpq's C{prefer-standby} over a list of one takes whatever
-    answers: the primary named first would have been taken for every
-    read.
-    """
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(info)
-    except psycopg.Error:
-        return [info]
-    wanted = params.get("target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
-    if wanted != "prefer-standby":
-        return [info]
-    # One server: whatever it is (libpq's two passes over it told of a
-    # server down twice).
-    several = "," in str(params.get("host") or params.get("hostaddr") or "")
-    return [psycopg.conninfo.make_conninfo(info, target_session_attrs=kind)
-            for kind in (("standby", "any") if several else ("any",))]
+    return {"target_session_attrs": "any" if readsOnly else "primary"}
 
 
 @implementer(IEngine)
@@ -283,7 +261,7 @@ class PostgresEngine:
         """
         @param readsOnly: whether everything done through this engine only
             reads (a command such as C{mailgate user list}): its
-            connections prefer a standby, where the others need the
+            connections take a standby too, where the others need the
             primary (L{_targetSession}).
         """
         self.url = url
@@ -354,17 +332,15 @@ class PostgresEngine:
         info = psycopg.conninfo.make_conninfo(
             self._conninfo, connect_timeout=CONNECT_TIMEOUT, **self._parameters, **self._hosts.parameters()
         )
-        for info in _sessionPasses(info):
-            # Why the last pass failed, the one that takes any server.
-            reasons, error = [], None
-            for attempt in pgresolve.addressedAttempts(info, CONNECT_TIMEOUT, lambda e: reasons.append(str(e))):
-                try:
-                    return connection.connect(attempt, **kwargs)
-                except psycopg.ProgrammingError:
-                    raise
-                except psycopg.Error as e:
-                    reasons.append(oneLine(e))
-                    error = e
+        reasons, error = [], None
+        for attempt in pgresolve.addressedAttempts(info, CONNECT_TIMEOUT, lambda e: reasons.append(str(e))):
+            try:
+                return connection.connect(attempt, **kwargs)
+            except psycopg.ProgrammingError:
+                raise
+            except psycopg.Error as e:
+                reasons.append(oneLine(e))
+                error = e
         raise _NotConnected("; ".join(reasons), error)
 
     def onConnect(self, conn):
