@@ -20,6 +20,7 @@ ever logged.
 """
 
 import json
+import math
 import time
 
 import attr
@@ -219,8 +220,15 @@ class TokenValidator:
             raise InvalidToken("token too long")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, RecursionError):
+            # RecursionError: a header of JSON nested deeper than the
+            # parser goes ("[[[[..."), which PyJWT before 2.10 let out.
             raise InvalidToken("malformed token") from None
+        if "crit" in header:
+            # RFC 7515 section 4.1.11: a token naming extensions it needs
+            # understood is refused by a verifier that knows none (PyJWT
+            # before 2.10 ignored crit).
+            raise InvalidToken("critical header extension")
         algorithm = header.get("alg")
         if algorithm not in self._algorithms:
             raise InvalidToken(f"algorithm {algorithm!r} not accepted")
@@ -255,17 +263,27 @@ class TokenValidator:
             value = claims.get(name)
             if name in claims and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise InvalidToken(f"{name} is not a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                # JSON's 1e400 is infinity, and Python reads NaN: compared,
+                # neither ever expires (nor is ever "not yet valid").
+                raise InvalidToken(f"{name} is not a finite number")
         if claims["exp"] <= now - leeway:
             raise InvalidToken("expired")
         if "nbf" in claims and claims["nbf"] > now + leeway:
             raise InvalidToken("not yet valid")
         if "iat" in claims and claims["iat"] > now + leeway:
             raise InvalidToken("issued in the future")
-        if claims["iss"] not in self._issuers:
+        if not isinstance(claims["iss"], str) or claims["iss"] not in self._issuers:
+            # (A list's or an object's iss is no string, and no set member.)
             raise InvalidToken("issuer not accepted")
         name = claims.get(self._claim)
         if not isinstance(name, str) or not name:
             raise InvalidToken(f"no {self._claim} claim")
+        if self._claim == "email" and claims.get("email_verified") in (False, "false"):
+            # The provider says it has not checked that this address is
+            # the user's (a self-registered account, a profile's editable
+            # e-mail): it names no mailbox.
+            raise InvalidToken("email not verified")
         return name
 
 
