@@ -116,6 +116,26 @@ def test_aHeaderNestedTooDeepIsAMalformedToken(validator):
         validator.validate(token)
 
 
+def test_aSignatureOfALengthNoKeyMakesIsRefusedBeforeTheTokenIsDecoded(validator, keys, monkeypatch):
+    """
+    A good token's signature made 6 KB long (a hostile client's, to cost
+    the reactor thread) is refused before PyJWT decodes any of it: PyJWT
+    checked each of its characters, twice, 0.5 ms a token, and again for
+    each key of a token naming none.  One of the right length still is.
+    """
+    decoded = []
+    for name in ("get_unverified_header", "decode"):
+        real = getattr(jwt, name)
+        monkeypatch.setattr(jwt, name, lambda *a, real=real, name=name, **kw: decoded.append(name) or real(*a, **kw))
+    for alg in ("RS256", "ES256", "EdDSA"):
+        signingInput = keys.token(alg=alg).rpartition(".")[0]
+        with pytest.raises(InvalidToken):
+            validator.validate(f"{signingInput}.{'A' * 6000}".encode())
+        assert decoded == [], alg
+    assert validator.validate(keys.token().encode()) == ALICE
+    assert decoded == ["get_unverified_header", "decode"]
+
+
 # -- on the real thing -------------------------------------------------------
 
 

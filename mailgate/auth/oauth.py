@@ -78,6 +78,32 @@ def _fits(key, algorithm):
     return False
 
 
+def _signatureLength(token):
+    """
+    The octets of C{token}'s signature (its third segment is unpadded
+    base64url), without decoding it; C{None} when it cannot be one.
+    """
+    segment = token.rpartition(b".")[2]
+    if len(segment) % 4 == 1:
+        return None
+    return len(segment) * 3 // 4
+
+
+def _signatureLengthOf(key):
+    """
+    The octets of a signature made by C{key}'s private key (RFC 7518: an
+    RSA signature is as long as the modulus, an ECDSA one is the two
+    coordinates' size each, RFC 8037's Ed25519 and Ed448 64 and 114).
+    """
+    if isinstance(key, rsa.RSAPublicKey):
+        return (key.key_size + 7) // 8
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return 2 * ((key.curve.key_size + 7) // 8)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return 64
+    return 114
+
+
 @attr.s(frozen=True)
 class SigningKey:
     """
@@ -218,6 +244,14 @@ class TokenValidator:
         """
         if len(token) > MAX_TOKEN:
             raise InvalidToken("token too long")
+        # A signature is exactly as long as its key makes them: one longer
+        # than any key makes (a hostile token's kilobytes of it) is
+        # refused before PyJWT decodes anything, 0.25 ms for a token of
+        # MAX_TOKEN (PyJWT checks each character), more for each key it
+        # is decoded again for.
+        length = _signatureLength(token)
+        if length is not None and length > max(_signatureLengthOf(k.key) for k in self.keys):
+            raise InvalidToken("signature longer than any configured key makes")
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, RecursionError):
@@ -239,6 +273,10 @@ class TokenValidator:
         # the configuration does not name (or none) with those without a
         # name (PEM keys), or every key when it names none.
         candidates = named or [k for k in candidates if kid is None or k.kid is None]
+        # And only the keys that make signatures of its length.
+        candidates = [k for k in candidates if _signatureLengthOf(k.key) == length]
+        if not candidates:
+            raise InvalidToken("no configured key verifies the signature")
         now = self._clock()
         for key in candidates:
             try:
