@@ -13,6 +13,7 @@ key file.
 import base64
 import json
 import os
+import poplib
 import signal
 import socket
 import ssl
@@ -24,6 +25,7 @@ import pytest
 from e2e import DEADLINE, LineReader, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
 from certs import makeCertificate
 from mailgate.auth.oauth import InvalidToken, TokenValidator
+from mailgate.testing import POP3Session, addUser
 from oauthtokens import AUDIENCE, ISSUER, Keys, _b64url, oauthbearer, xoauth2
 
 ALICE = "alice@example.org"
@@ -136,10 +138,26 @@ def test_aSignatureOfALengthNoKeyMakesIsRefusedBeforeTheTokenIsDecoded(validator
     assert decoded == ["get_unverified_header", "decode"]
 
 
+def test_anAnswerToTheErrorChallengeTooLongIsStillItsAnswer(store, validator):
+    """
+    A client answering a bearer token's error challenge with a line past
+    the SASL response limit: it got "-ERR [AUTH] SASL response too long",
+    and the session still waited for the answer, so the next command
+    (CAPA here) was taken for it and got the login's -ERR.  Now that line
+    is the answer: the login's -ERR, and CAPA is CAPA.
+    """
+    addUser(store, ALICE, "wonderland")
+    s = POP3Session(store, tokens=validator)
+    assert s.command("AUTH XOAUTH2") == "+ \r\n"
+    assert s.command(base64.b64encode(xoauth2(ALICE, "abc")).decode()).startswith("+ ")
+    assert s.command("x" * 5000) == INVALID.decode()
+    assert s.command("CAPA").startswith("+OK")
+
+
 # -- on the real thing -------------------------------------------------------
 
 
-def start(mailgate_server, mailgate_cli, keys, tmp_path, *more):
+def start(mailgate_server, mailgate_cli, keys, tmp_path, *more, trusted="none"):
     (tmp_path / "tls").mkdir()
     certificatePath, keyPath = makeCertificate(tmp_path / "tls", "localhost", name="server")
     (tmp_path / "oauth").mkdir()
@@ -147,7 +165,7 @@ def start(mailgate_server, mailgate_cli, keys, tmp_path, *more):
     mailgate_cli.addUser(ALICE, "wonder land")
     server = mailgate_server(
         "--tls-cert", str(certificatePath), "--tls-key", str(keyPath), "--pop3s", LOOPBACK_TCP,
-        "--trusted-network", "none", "--auth-failure-delay", "0.05",
+        "--trusted-network", trusted, "--auth-failure-delay", "0.05",
         "--oauth2-keys", str(jwks), "--oauth2-keys", str(pem),
         "--oauth2-issuer", ISSUER, "--oauth2-audience", AUDIENCE, *more,
     )
@@ -254,3 +272,19 @@ def test_aKeyFileBrokenAtSighupLeavesTheKeysInService(mailgate_server, mailgate_
     assert wire.command(base64.b64encode(xoauth2(ALICE, keys.token()))).startswith(b"+OK alice@example.org")
     wire.command(b"QUIT")
     wire.close()
+
+
+@sqliteOnly
+def test_aTrustedNetworkIsOfferedBothWithoutTLS(mailgate_server, mailgate_cli, keys, tmp_path):
+    """
+    From a --trusted-network, plain POP3 offers OAUTHBEARER and XOAUTH2 as
+    it offers PLAIN, and a token logs in there.
+    """
+    server, _, _ = start(mailgate_server, mailgate_cli, keys, tmp_path, trusted="127.0.0.0/8")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    assert pop.capa()["SASL"] == ["SCRAM-SHA-256", "PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"]
+    assert pop._shortcmd("AUTH OAUTHBEARER") == b"+ "
+    assert pop._shortcmd(base64.b64encode(oauthbearer(keys.token(), authzid="ALICE@Example.ORG")).decode()).startswith(
+        b"+OK alice@example.org"
+    )
+    pop.quit()

@@ -283,6 +283,12 @@ class AuthorizationCommands:
 
     def _saslTooLong(self):
         self._sasl = None
+        if self._saslFailing is not None:
+            # The answer to a bearer token's error challenge, however long:
+            # the login has failed, and now it is told so (left waiting,
+            # the session took the client's next command for the answer).
+            self._saslFailing = None
+            return self._refuseLogin()
         if self._saslFinishing:
             self._saslFinishing = False
             released = self._loginAbandoned("authentication abandoned")
