@@ -288,3 +288,32 @@ def test_aTrustedNetworkIsOfferedBothWithoutTLS(mailgate_server, mailgate_cli, k
         b"+OK alice@example.org"
     )
     pop.quit()
+
+
+@sqliteOnly
+def test_theSameStaleTokenAgainIsCountedOnceAsTheSamePasswordIs(mailgate_server, mailgate_cli, keys, tmp_path):
+    """
+    --ban-after 3: a client sending the same expired token at each poll
+    is counted once, as one sending the same old password is; it was
+    counted at each try, and its address banned at the third.  Three
+    different bad tokens are three failures, and ban.
+    """
+    server, certificatePath, _ = start(
+        mailgate_server, mailgate_cli, keys, tmp_path, "--ban-after", "3", "--auth-penalty-max", "0",
+        "--exempt-network", "none",
+    )
+    port = server.portOf("POP3S")
+    now = int(time.time())
+    stale = keys.token(exp=now - 3600, iat=now - 7200, nbf=None)
+    for _ in range(4):
+        wire = Wire(port, certificatePath)
+        assert wire.exchange(b"XOAUTH2", xoauth2(ALICE, stale), b"")[-1] == INVALID
+        wire.close()
+    for exp in (now - 3601, now - 3602):
+        wire = Wire(port, certificatePath)
+        assert wire.exchange(b"XOAUTH2", xoauth2(ALICE, keys.token(exp=exp, nbf=None)), b"")[-1] == INVALID
+        wire.close()
+    context = ssl.create_default_context(cafile=str(certificatePath))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE),
+                             server_hostname="localhost") as sock:
+        assert LineReader(sock).line() == b"-ERR [SYS/TEMP] banned\r\n"

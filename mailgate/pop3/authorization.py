@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from mailgate.address import loginAddress
 from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
-from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
+from mailgate.auth.oauth import IBearerTokenCredentials, OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IMaildrop
@@ -423,8 +423,15 @@ class AuthorizationCommands:
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
-        # the password itself can repeat themselves.
-        password = credentials.password if isinstance(credentials, UsernamePassword) else None
+        # the password itself can repeat themselves, and a bearer token's
+        # (a client whose token expired, sending it at each poll: counted
+        # each time, it banned its address at the tenth).
+        if isinstance(credentials, UsernamePassword):
+            password = credentials.password
+        elif IBearerTokenCredentials.providedBy(credentials):
+            password = credentials.token
+        else:
+            password = None
         # A digest's failure is held with the digest (L{_settleHeldFailure}).
         digest = credentials if isinstance(credentials, SecretDigest) else None
         d.addCallbacks(
