@@ -26,11 +26,15 @@ from e2e import DEADLINE, LineReader, mailgate_cli, mailgate_server, sqliteOnly,
 from certs import makeCertificate
 from mailgate.auth.oauth import InvalidToken, TokenValidator
 from mailgate.testing import POP3Session, addUser
-from oauthtokens import AUDIENCE, ISSUER, Keys, _b64url, oauthbearer, xoauth2
+from oauthtokens import AUDIENCE, ISSUER, Keys, oauthbearer, xoauth2
 
 ALICE = "alice@example.org"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 @pytest.fixture(scope="module")
