@@ -11,6 +11,7 @@ import time
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.logger import formatEvent
 
 from mailgate.auth.oauth import MAX_TOKEN, InvalidToken, TokenValidator, loadSigningKeys
 from mailgate.errors import ConfigurationError
@@ -261,7 +262,12 @@ def failsLikeAWrongPassword(s, mechanism, message, error, answer):
 
 @pytest.mark.parametrize("why", ["bad signature", "expired", "unknown user", "deleted user", "other user",
                                  "wrong audience"])
-def test_oauthbearerFailures(store, alice, validator, keys, why):
+def test_oauthbearerFailures(store, alice, validator, keys, why, logEvents):
+    """
+    Every cause gets the same answer; the server's log alone says which
+    it was (an expired token and a wrong audience are for an administrator
+    to tell apart), and never any part of the token.
+    """
     addUser(store, BOB, "builder")
     token, authzid = {
         "bad signature": (keys.token(key=keys.stranger), ""),
@@ -276,6 +282,18 @@ def test_oauthbearerFailures(store, alice, validator, keys, why):
     s = session(store, validator)
     reply = failsLikeAWrongPassword(s, "OAUTHBEARER", oauthbearer(token, authzid), OAUTHBEARER_ERROR, "AQ==")
     assert reply == INVALID
+    [failed] = [event for event in logEvents if event.get("event") == "auth.failed"]
+    logged = formatEvent(failed)
+    assert logged.startswith("pop3 authentication failed user="), logged
+    assert logged.split(": ", 1)[1].startswith({
+        "bad signature": "token refused: no configured key verifies the signature",
+        "expired": "token refused: expired",
+        "unknown user": "no such user",
+        "deleted user": "no such user",
+        "other user": "the name given is not the token's user",
+        "wrong audience": "token refused: InvalidAudienceError: ",
+    }[why]), logged
+    assert not any(part[:16] in logged for part in token.split("."))
     # The session is still usable, and its next login works.
     assert auth(s, "OAUTHBEARER", oauthbearer(keys.token())).startswith(f"+OK {ALICE}")
 

@@ -265,7 +265,7 @@ class TokenValidator:
             raise InvalidToken("critical header extension")
         algorithm = header.get("alg")
         if algorithm not in self._algorithms:
-            raise InvalidToken(f"algorithm {algorithm!r} not accepted")
+            raise InvalidToken(f"algorithm {str(algorithm)[:32]!r} not accepted")
         kid = header.get("kid")
         candidates = [k for k in self.keys if _fits(k.key, algorithm)]
         named = [k for k in candidates if kid is not None and k.kid == kid]
@@ -376,16 +376,22 @@ class BearerTokenChecker:
     def requestAvatarId(self, credentials):
         given = self._address(credentials.username) if credentials.username else None
         try:
-            address = self._address(self._validator.validate(credentials.token))
-        except InvalidToken:
-            address = None
+            claimed = self._validator.validate(credentials.token)
+        except InvalidToken as e:
+            address, why = None, f"token refused: {e}"
+        else:
+            address = self._address(claimed)
+            why = "the token's user is no address" if address is None else "no such user"
         lookup = address or given
         user = (yield self._store.findUser(lookup)) if lookup else None
+        # Why, for the server's log alone (the client's answer is the same
+        # for every cause): an expired token and a wrong audience are for
+        # an administrator to tell apart.  Never any part of the token.
         if address is None or user is None:
-            raise UnauthorizedLogin()
+            raise UnauthorizedLogin(why)
         if credentials.username and given != address:
             # Authorising as another user is not supported.
-            raise UnauthorizedLogin()
+            raise UnauthorizedLogin("the name given is not the token's user")
         return user
 
 

@@ -590,10 +590,11 @@ class AuthorizationCommands:
                 self._heldFailure = (login, digest)
             else:
                 policy.authenticationFailed(self.peer, login, password)
-            self._authFailed(
-                login, mechanism, "failed",
-                f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}",
-            )
+            # A checker may say why (a bearer token's: expired, another
+            # issuer, ...), for the log alone; a password's says nothing.
+            why = str(failure.value) if failure.check(UnauthorizedLogin) else ""
+            text = f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}"
+            self._authFailed(login, mechanism, "failed", f"{text}: {why}" if why else text)
             return self._waitPenalty(self._failureDelayLeft(), self._refuseLogin, BEARER_FAILURES.get(mechanism))
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.
