@@ -288,9 +288,9 @@ def test_oauthbearerFailures(store, alice, validator, keys, why, logEvents):
     assert logged.split(": ", 1)[1].startswith({
         "bad signature": "token refused: no configured key verifies the signature",
         "expired": "token refused: expired",
-        "unknown user": "no such user",
-        "deleted user": "no such user",
-        "other user": "the name given is not the token's user",
+        "unknown user": "no such user 'nobody@example.org'",
+        "deleted user": f"no such user {BOB!r}",
+        "other user": f"the name given is not the token's user {ALICE!r}",
         "wrong audience": "token refused: InvalidAudienceError: ",
     }[why]), logged
     assert not any(part[:16] in logged for part in token.split("."))

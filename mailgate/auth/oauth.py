@@ -381,7 +381,8 @@ class BearerTokenChecker:
             address, why = None, f"token refused: {e}"
         else:
             address = self._address(claimed)
-            why = "the token's user is no address" if address is None else "no such user"
+            # A signed token's user is the provider's word: named.
+            why = "the token's user is no address" if address is None else f"no such user {address!r}"
         lookup = address or given
         user = (yield self._store.findUser(lookup)) if lookup else None
         # Why, for the server's log alone (the client's answer is the same
@@ -391,7 +392,7 @@ class BearerTokenChecker:
             raise UnauthorizedLogin(why)
         if credentials.username and given != address:
             # Authorising as another user is not supported.
-            raise UnauthorizedLogin("the name given is not the token's user")
+            raise UnauthorizedLogin(f"the name given is not the token's user {address!r}")
         return user
 
 
