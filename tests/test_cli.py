@@ -2084,6 +2084,10 @@ BAD_ADDRESS = "not an address of the form local@domain: 'bad@@x'"
     (["user", "import", "-", "--domain", "bad@@x"], 64, "invalid domain: 'bad@@x'"),
     (["user", "import", "-", "--scheme", "{PLAIN}"], 64,
      "--scheme '{PLAIN}' is not a scheme's name (PLAIN, SHA512-CRYPT...)"),
+    (["user", "import", "-", "--scheme", "SHA512CRYPT"], 64,
+     "--scheme 'SHA512CRYPT' is not a scheme mailgate checks (PLAIN, SHA512-CRYPT...)"),
+    (["user", "import", "-", "--scheme", "DIGEST-MD5"], 64,
+     "--scheme 'DIGEST-MD5' is not a scheme mailgate checks (PLAIN, SHA512-CRYPT...)"),
 ])
 def test_aUserCommandsBadValueIsRefusedBeforeTheDatabaseIsOpened(tmp_path, argv, code, message):
     """

@@ -928,6 +928,8 @@ def test_passwordsWithoutASchemePrefixTakeTheSchemeGiven(tmp_path):
 
     code, _, err = userImport("--scheme", "{PLAIN}")
     assert code == 64 and "is not a scheme's name" in err
+    code, _, err = userImport("--scheme", "PLAIN.B32")
+    assert code == 64 and "is not a scheme mailgate checks" in err
     code, out, err = userImport("--scheme", "plain")
     assert (code, err) == (0, ""), (out, err)
     store = openSynchronousStore(url)

@@ -148,6 +148,9 @@ _SALTED = {
 }
 _SCRAM = {"SCRAM-SHA-1": hashlib.sha1, "SCRAM-SHA-256": hashlib.sha256}
 
+#: schemes whose value is a crypt(3) string (MD5: when it is one)
+_CRYPTS = ("CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT")
+
 
 def _decode(value, encoding, size=None):
     """
@@ -228,6 +231,22 @@ def _pbkdf2(value):
     return parts[2].encode("utf-8"), rounds, digest
 
 
+def checksScheme(name):
+    """
+    Whether passwords hashed in the scheme C{name} (C{SHA512-CRYPT},
+    C{PLAIN.HEX}, as inside a hash's C{{...}} prefix) are ones mailgate
+    checks: what C{user import --scheme} may name, told before any line
+    is read rather than as every line's failure.
+    """
+    try:
+        scheme, _, _ = splitScheme("{" + name + "}")
+    except UnusableHash:
+        return False
+    return scheme in CLEARTEXT or scheme in _CRYPTS or scheme in ("ARGON2I", "ARGON2ID", "PBKDF2") or any(
+        scheme in table for table in (_DIGESTS, _SALTED, _SCRAM, _CRAM)
+    )
+
+
 def checker(text, validate=True):
     """
     A function C{check(password)} (the password in octets) telling whether
@@ -246,7 +265,7 @@ def checker(text, validate=True):
     if scheme in CLEARTEXT:
         expected = cleartext(encoding, value)
         return lambda password: hmac.compare_digest(password, expected)
-    if scheme in ("CRYPT", "MD5-CRYPT", "MD5", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT"):
+    if scheme in _CRYPTS:
         verify = _crypt(value, validate)
         if validate:
             try:

@@ -8,7 +8,7 @@ import itertools
 import re
 
 from mailgate.address import asciiDomain, normalizeDomain
-from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
+from mailgate.auth.foreign import CLEARTEXT, UnusableHash, checksScheme, splitScheme
 from mailgate.auth.md5state import hmacMD5Context
 from mailgate.auth.passwords import (
     StoredCredentials,
@@ -145,6 +145,10 @@ def _userImportOptions(args):
     scheme = args.scheme
     if scheme is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", scheme):
         raise CommandError(f"--scheme {scheme!r} is not a scheme's name (PLAIN, SHA512-CRYPT...)", EX_USAGE)
+    if scheme is not None and not checksScheme(scheme):
+        # Else each line without a {SCHEME} prefix failed, the database
+        # made first.
+        raise CommandError(f"--scheme {scheme!r} is not a scheme mailgate checks (PLAIN, SHA512-CRYPT...)", EX_USAGE)
     domain = None
     if args.domain is not None:
         try:
