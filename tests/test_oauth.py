@@ -207,7 +207,11 @@ def capaSASL(s):
 
 def errorChallenge(reply):
     assert reply.startswith("+ ") and reply.endswith("\r\n") and reply.count("\r\n") == 1, reply
-    return json.loads(base64.b64decode(reply[2:-2]))
+    # Written as RFC 7628 section 3.2.2 and Google write it, without spaces
+    # (README quotes it so): {"status":"invalid_token","schemes":"bearer"}.
+    challenge = base64.b64decode(reply[2:-2])
+    assert challenge == json.dumps(json.loads(challenge), separators=(",", ":")).encode("ascii"), challenge
+    return json.loads(challenge)
 
 
 def test_offeredOnlyWhenConfiguredAndWherePlainIs(store, alice, validator):

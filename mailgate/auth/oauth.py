@@ -448,7 +448,7 @@ class OAuthBearerMechanism(_BearerMechanism):
 
     name = "OAUTHBEARER"
     #: RFC 7628 section 3.2.2's error
-    FAILURE = json.dumps({"status": "invalid_token", "schemes": "bearer"}).encode("ascii")
+    FAILURE = json.dumps({"status": "invalid_token", "schemes": "bearer"}, separators=(",", ":")).encode("ascii")
 
     def parse(self, message):
         header, sep, rest = message.partition(b",")
@@ -479,7 +479,7 @@ class XOAuth2Mechanism(_BearerMechanism):
     """
 
     name = "XOAUTH2"
-    FAILURE = json.dumps({"status": "401", "schemes": "Bearer"}).encode("ascii")
+    FAILURE = json.dumps({"status": "401", "schemes": "Bearer"}, separators=(",", ":")).encode("ascii")
 
     def parse(self, message):
         if not message.endswith(b"\x01\x01"):
