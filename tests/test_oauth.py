@@ -146,12 +146,22 @@ def test_keyFiles(keys, tmp_path):
         loadSigningKeys([str(secretOnly)])
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
+    import jwt
 
     private = tmp_path / "private.pem"
     private.write_bytes(keys.ed.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     with pytest.raises(ConfigurationError, match="not a public key"):
         loadSigningKeys([str(private)])
+    # A JWK with its private part, beside a public one: refused as the PEM
+    # one is, not taken for its public half.
+    privateJWK = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(keys.ed))
+    assert "d" in privateJWK
+    jwks = tmp_path / "private.json"
+    jwks.write_text(json.dumps({"keys": [json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(keys.ed.public_key())),
+                                         privateJWK]}))
+    with pytest.raises(ConfigurationError, match=r"key 2: a private key \(its \"d\"\)"):
+        loadSigningKeys([str(jwks)])
     small = tmp_path / "small.pem"
     small.write_bytes(Keys.publicPEM(rsa.generate_private_key(public_exponent=65537, key_size=1024)))
     with pytest.raises(ConfigurationError, match="1024 bits"):

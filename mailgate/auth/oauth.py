@@ -140,6 +140,12 @@ def _jwksKeys(document, path):
         if entry.get("use", "sig") != "sig" or entry.get("kty") == "oct":
             # An encryption key, or a shared secret: never a signature's.
             continue
+        if "d" in entry:
+            # The provider's signing key itself (an RSA, EC or OKP JWK's
+            # private part): refused as a PEM private key is, not taken
+            # for its public half and kept in the server's memory.
+            raise ConfigurationError(f"{where}: a private key (its \"d\"): a private key is never needed, "
+                                     "only the provider's public keys (its jwks_uri)")
         try:
             key = jwt.PyJWK(entry).key
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as e:
