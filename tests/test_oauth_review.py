@@ -27,6 +27,7 @@ from certs import makeCertificate
 from mailgate.auth.oauth import InvalidToken, TokenValidator
 from mailgate.testing import POP3Session, addUser
 from oauthtokens import AUDIENCE, ISSUER, Keys, oauthbearer, xoauth2
+from test_e2e_oauth import TLSWire
 
 ALICE = "alice@example.org"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
@@ -176,17 +177,11 @@ def start(mailgate_server, mailgate_cli, keys, tmp_path, *more, trusted="none"):
     return server, certificatePath, jwks
 
 
-class Wire:
-    def __init__(self, port, certificatePath):
-        context = ssl.create_default_context(cafile=str(certificatePath))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        self.reader = LineReader(self.sock)
-        assert self.reader.line().startswith(b"+OK ")
-
-    def command(self, line):
-        self.sock.sendall(line + b"\r\n")
-        return self.reader.line()
+class Wire(TLSWire):
+    """
+    test_e2e_oauth's raw POP3 connection over implicit TLS, with the three
+    steps of a bearer-token login.
+    """
 
     def exchange(self, mechanism, message, answer):
         """
@@ -197,9 +192,6 @@ class Wire:
         if replies[-1].startswith(b"+ "):
             replies.append(self.command(answer))
         return replies
-
-    def close(self):
-        self.sock.close()
 
 
 @sqliteOnly
