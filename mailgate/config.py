@@ -1248,7 +1248,7 @@ SETTINGS = (
     Setting(
         "oauth2-clock-skew", "oauth2ClockSkew", Integer(metavar="SECONDS", maximum=3600), 60,
         "Seconds of clock difference with the identity provider allowed on an access token's exp, "
-        "nbf and iat.",
+        "nbf and iat, at most an hour (3600).",
     ),
     Setting(
         "oauth2-username-claim", "oauth2UsernameClaim", Text("CLAIM"), "email",

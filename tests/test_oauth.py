@@ -406,3 +406,23 @@ def test_algorithmsAreReadInAnyCase():
     assert options.config.oauth2Algorithms == ["EdDSA", "RS256"]
     with pytest.raises(Exception, match="HS256"):
         Options().parseOptions(["--oauth2-algorithm", "HS256"])
+
+
+def test_keysThatVerifyNoAcceptedAlgorithmAreRefused(keys, tmp_path):
+    """
+    Key files none of whose keys verifies any accepted algorithm (an RSA
+    key with only ES256 and EdDSA accepted) are refused at the start and at
+    a reload, as other bad settings are: every login would have failed,
+    the reason in the log alone.  A reload keeps the keys in service.
+    """
+    path = tmp_path / "keys.pem"
+    path.write_bytes(Keys.publicPEM(keys.rsa))
+    refusal = r"no key in .* verifies any oauth2-algorithm accepted \(ES256, EdDSA\)"
+    with pytest.raises(ConfigurationError, match=refusal):
+        TokenValidator([str(path)], [ISSUER], [AUDIENCE], algorithms=["ES256", "EdDSA"])
+    validator = TokenValidator([str(path)], [ISSUER], [AUDIENCE], algorithms=["RS256", "ES256"])
+    assert validator.validate(keys.token(kid=None).encode()) == ALICE
+    path.write_bytes(Keys.publicPEM(keys.ed))
+    with pytest.raises(ConfigurationError, match="verifies any oauth2-algorithm"):
+        validator.reload()
+    assert validator.validate(keys.token(kid=None).encode()) == ALICE

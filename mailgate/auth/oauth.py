@@ -233,14 +233,30 @@ class TokenValidator:
         self._leeway = leeway
         self._claim = usernameClaim
         self._clock = clock
-        self.keys = loadSigningKeys(self._keyFiles)
+        self.keys = self._usableKeys()
 
     def reload(self):
         """
         Read the key files again (SIGHUP); on failure the keys in service
         stay, and the error is raised for the reload to report.
         """
-        self.keys = loadSigningKeys(self._keyFiles)
+        self.keys = self._usableKeys()
+
+    def _usableKeys(self):
+        """
+        The keys of the key files, refused as a whole when none of them
+        verifies any accepted algorithm (RSA keys with only ES256 and
+        EdDSA accepted, say): every login would fail, each for a reason
+        only the log would give, where a start or a reload that says so
+        at once is what an administrator can act on.
+        """
+        keys = loadSigningKeys(self._keyFiles)
+        if not any(_fits(k.key, algorithm) for k in keys for algorithm in self._algorithms):
+            raise ConfigurationError(
+                f"oauth2-keys: no key in {', '.join(self._keyFiles)} verifies any oauth2-algorithm accepted "
+                f"({', '.join(self._algorithms)})"
+            )
+        return keys
 
     def validate(self, token):
         """
