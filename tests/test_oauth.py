@@ -260,7 +260,7 @@ def test_xoauth2LogsIn(store, alice, validator, keys):
 def test_theDefaultRealmAppliesToTheTokensUser(store, alice, keys, keyFiles):
     validator = TokenValidator(keyFiles, [ISSUER], [AUDIENCE], usernameClaim="preferred_username")
     s = session(store, validator, defaultRealm="example.org")
-    reply = s.command("AUTH XOAUTH2")
+    s.command("AUTH XOAUTH2")
     assert s.command(b64(xoauth2("alice", keys.token(preferred_username="Alice")))).startswith(f"+OK {ALICE}")
 
 
