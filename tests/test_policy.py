@@ -272,6 +272,28 @@ def test_exemptNetworksAreNotLimitedPerAddress():
     assert policy.admit("pop3", tcp("127.0.0.1", 99)) == TOO_MANY
 
 
+def test_anExemptIPv6AddressTakesNoConnectionsFromItsNeighbours():
+    """
+    An exempt IPv6 host (a webmail) shares its /64 with hosts that are not
+    exempt: its connections, unlimited, are not counted against them.
+    Counted, its 50 connections had every other host of the /64 refused
+    at its first.
+    """
+    webmail, neighbour = tcp("2001:db8::10"), tcp("2001:db8::11")
+    policy, _, _ = makePolicy(maxConnectionsPerAddress=2, exemptNetworks=["2001:db8::10/128"])
+    for port in range(5):
+        assert policy.admit("pop3", tcp("2001:db8::10", port)) is None
+    assert policy.admit("pop3", neighbour) is None
+    assert policy.admit("pop3", tcp("2001:db8::12")) is None
+    assert policy.admit("pop3", tcp("2001:db8::13")) == TOO_MANY
+    # The webmail's connections closing leave the neighbours' count alone.
+    for port in range(5):
+        policy.connectionClosed("pop3", tcp("2001:db8::10", port))
+    assert policy.admit("pop3", tcp("2001:db8::13")) == TOO_MANY
+    assert policy.admit("pop3", webmail) is None
+    assert policy.limits.total == 3
+
+
 def test_unixPeersAreNotLimitedPerAddress():
     policy, _, _ = makePolicy(maxConnectionsPerAddress=1)
     for _ in range(5):

@@ -168,12 +168,14 @@ class ConnectionPolicy:
     # IConnectionPolicy
 
     def admit(self, protocol, address):
-        key = clientKey(address)
-        exempt = clientIP(address) in self.exempt
-        if key is not None and not exempt and self.bans.isBanned(key):
+        # No key for an exempt client: neither banned nor limited per
+        # address, nor counted against the rest of its IPv6 /64 (a webmail's
+        # connections had its neighbours refused at their first).
+        key = self._key(address)
+        if key is not None and self.bans.isBanned(key):
             return BANNED
         stressed = self.limits.stressed
-        if not self.limits.open(key, perAddress=not exempt):
+        if not self.limits.open(key):
             return TOO_MANY
         if self.limits.stressed and not stressed:
             self.log.warn(
@@ -196,7 +198,7 @@ class ConnectionPolicy:
 
     def connectionClosed(self, protocol, address):
         stressed = self.limits.stressed
-        self.limits.close(clientKey(address))
+        self.limits.close(self._key(address))
         self._noteStressOver(stressed)
 
     def _noteStressOver(self, stressed):
