@@ -47,6 +47,7 @@ from mailgate.pop3.factory import APOPAdvertiser
 from mailgate.session import SessionTracker, TraceSelection
 from mailgate.session.accepting import watchAcceptErrors
 from mailgate.session.endpoints import serverEndpoint
+from mailgate.session.ids import describeAddress
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -224,7 +225,8 @@ class ListeningService(StreamServerEndpointService):
         self.port = port
         address = port.getHost()
         if hasattr(address, "port"):
-            where = f"{address.host}:{address.port}"
+            # [::1]:110, as peers are written: ::1:110 is an IPv6 address.
+            where = describeAddress(address)
         else:
             where = getattr(address, "name", address)
             if isinstance(where, bytes):

@@ -113,6 +113,25 @@ def test_whenListening(tmp_path):
         root.stopService()
 
 
+def test_anIPv6ListenerIsLoggedWithItsAddressInBrackets(logEvents):
+    """
+    The "listening on" line writes an IPv6 listener's address as every
+    other line writes a peer's, C{[::1]:8080}: C{::1:8080}, as it was
+    written, is itself an IPv6 address, with no port.
+    """
+    from twisted.internet.address import IPv6Address
+
+    class Port:
+        def getHost(self):
+            return IPv6Address("TCP", "::1", 8080)
+
+    description = "tcp6:8080:interface=\\:\\:1"
+    ListeningService("POP3", description, None, None)._listening(Port())
+    started = [e for e in logEvents if e.get("event") == "listener.started"]
+    assert [formatEvent(e) for e in started] == [f"POP3 listening on [::1]:8080 ({description})"]
+    assert eventAsRecord(started[0])["where"] == "[::1]:8080"
+
+
 def test_databaseAnswers(tmp_path):
     root, reactor = build(tmp_path)
     root.startService()
