@@ -672,6 +672,10 @@ def checkEndpoint(description, adopting=False):
         return description
     except Exception as e:
         reason = str(e).replace("\n", " ") or type(e).__name__
+        if _UNESCAPED_INTERFACE.search(description):
+            # Twisted's words for interface=::1 ("got multiple values for
+            # argument 'interface'") do not say what to write.
+            reason = "escape each colon of an IPv6 interface address with a backslash (interface=\\:\\:1)"
         raise ValueError(f"invalid endpoint {description!r}: {reason}") from None
     address = _listeningAddress(endpoint)
     if address is not None and address[0] == "tcp" and not 0 <= address[1] <= 65535:
@@ -680,6 +684,11 @@ def checkEndpoint(description, adopting=False):
         # config --check had said the file was right.
         raise ValueError(f"invalid endpoint {description!r}: port {address[1]} is not a port number (0 to 65535)")
     return description
+
+
+#: An interface whose IPv6 address's colons are not escaped: C{interface=::1},
+#: C{interface=2001:db8::1} (not C{interface=192.0.2.1:backlog=64}, nor a host name).
+_UNESCAPED_INTERFACE = re.compile(r"interface=[0-9a-f]*:[0-9a-f]*:", re.IGNORECASE)
 
 
 def _systemdArguments(description):

@@ -266,6 +266,34 @@ def test_aPortNumberOutOfRangeIsRefused(description, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "description",
+    ["tcp6:110:interface=::1", "tcp6:110:interface=2001:db8::1", "tcp:110:interface=::", "haproxy:tcp6:110:interface=::1",
+     "tcp6:110:interface=fe80::1%eth0:backlog=64"],
+)
+def test_anIPv6InterfaceWithUnescapedColonsIsRefusedSayingSo(description, tmp_path):
+    """
+    The colons of an IPv6 interface must be escaped (C{interface=\\:\\:1}),
+    as README says; an administrator's C{interface=::1} was refused with
+    Twisted's own words ("_TCP6ServerParser._parseServer() got multiple
+    values for argument 'interface'"), which do not say what to write.
+    """
+    reason = f"invalid endpoint {description!r}: escape each colon of an IPv6 interface address with a backslash"
+    with pytest.raises(ValueError) as e:
+        settings.checkEndpoint(description)
+    assert str(e.value).startswith(reason + " (interface=\\:\\:1)")
+    with pytest.raises(usage.UsageError, match="^--pop3: " + re.escape(reason)):
+        parse("--pop3", description)
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f"pop3 = [{json.dumps(description)}]\n")
+    with pytest.raises(settings.ConfigFileError, match=f"{path}: key 'pop3': " + re.escape(reason)):
+        settings.readFile(path)
+    head, _, address = description.partition("interface=")
+    address, _, backlog = address.partition(":backlog=")
+    escaped = head + "interface=" + address.replace(":", "\\:") + (f":backlog={backlog}" if backlog else "")
+    assert settings.checkEndpoint(escaped) == escaped
+
+
+@pytest.mark.parametrize(
     "listeners, clash",
     [
         ({"pop3": ["tcp:1110"], "smtp": ["tcp:1110"]}, "pop3 tcp:1110 and smtp tcp:1110"),
