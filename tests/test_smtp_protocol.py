@@ -151,6 +151,7 @@ def trace(message):
         ("2001:db8::7", b"[IPv6:2001:db8::7]"),
         ("::ffff:192.0.2.7", b"[192.0.2.7]"),
         ("192.0.2.7", b"[192.0.2.7]"),
+        ("fe80::20%v0", b"[IPv6:fe80::20]"),
     ],
 )
 def test_theReceivedFieldNamesTheClientByItsAddressLiteral(users, dbpath, host, literal):
@@ -158,7 +159,9 @@ def test_theReceivedFieldNamesTheClientByItsAddressLiteral(users, dbpath, host, 
     RFC 5321 section 4.1.3: an IPv6 address in the Received field is
     tagged C{IPv6:}, as Postfix writes it, or a reader takes it for
     something else; an IPv4 client seen by a dual-stack listener is named
-    by its IPv4 address.
+    by its IPv4 address.  A link-local client's address comes with the
+    server's interface (C{%v0}), which no address literal has: the field
+    said C{[IPv6:fe80::20%v0]}.
     """
     version = IPv6Address if ":" in host else IPv4Address
     s = SMTPSession(users, peer=version("TCP", host, 40000))

@@ -143,10 +143,12 @@ def addressLiteral(host):
     address-literal (section 4.1.3), C{[192.0.2.7]}, or C{[IPv6:2001:db8::7]}
     with the tag a reader of the field needs to tell it from a domain (as
     Postfix writes it); an IPv4 address that a dual-stack listener saw
-    mapped into IPv6 as the IPv4 address it is.
+    mapped into IPv6 as the IPv4 address it is.  A link-local client's
+    zone (C{fe80::1%eth0}, the server's interface) is left out: no
+    address literal has one.
     """
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return f"[{host}]"
     if address.version == 6:
