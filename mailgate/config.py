@@ -1595,8 +1595,9 @@ def _interface(text):
     """
     try:
         # A link-local address keeps its zone (fe80::1%eth0): one per
-        # interface may be bound.
-        return ipaddress.ip_address(text or "0.0.0.0")
+        # interface may be bound.  ::ffff:127.0.0.1 binds 127.0.0.1.
+        address = ipaddress.ip_address(text or "0.0.0.0")
+        return getattr(address, "ipv4_mapped", None) or address
     except ValueError:
         return text.lower()
 

@@ -302,6 +302,9 @@ def test_anIPv6InterfaceWithUnescapedColonsIsRefusedSayingSo(description, tmp_pa
         ({"pop3": ["unix:/run/m/pop3"], "metrics": "unix:/run/m/pop3"},
          "pop3 unix:/run/m/pop3 and metrics unix:/run/m/pop3"),
         ({"pop3": ["tcp6:1110:interface=\\:\\:1", "tcp6:1110"]}, "pop3 tcp6:1110:interface=\\:\\:1 and pop3 tcp6:1110"),
+        # An IPv4 address written mapped into IPv6 is that address.
+        ({"pop3": ["tcp:1110:interface=127.0.0.1"], "smtp": ["tcp6:1110:interface=\\:\\:ffff\\:127.0.0.1"]},
+         "pop3 tcp:1110:interface=127.0.0.1 and smtp tcp6:1110:interface=\\:\\:ffff\\:127.0.0.1"),
     ],
 )
 def test_twoListenersOnOneAddressAreRefused(listeners, clash, tmp_path):
