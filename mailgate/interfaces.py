@@ -600,16 +600,26 @@ class ILifecycleStore(Interface):
         without applying their deletions: a L{Deferred} of how many.
         """
 
-    def importMessages(address, items):
+    def importMessages(address, items, source=None):
         """
         Add messages from another server keeping their unique ids, in one
         transaction; ids already present with the same content are
         skipped, ids present with other content (or given twice) are
         conflicts and not added.
 
-        @param items: C{(uidl, source, arrived)} per message.
+        @param items: C{(uidl, message, arrived)} per message.
+        @param source: the identity of the source (old server, maildir)
+            they come from, remembered with their ids.
         @return: a L{Deferred} of C{(imported, skipped, conflicts)}: unique
             ids, unique ids, and C{(uidl, reason)}.
+        """
+
+    def claimImported(address, source, uidls):
+        """
+        Record C{source} as where the unique ids of C{uidls} came from
+        (ids it lists, with the content the maildrop holds or held under
+        them), for those imported before mailgate recorded sources: a
+        L{Deferred} of how many; fails with L{mailgate.errors.NoSuchUser}.
         """
 
     def forgetImported(address, uidls=None):
@@ -626,14 +636,17 @@ class ILifecycleStore(Interface):
         L{Deferred} dict, unique id to the set of sizes held under it.
         """
 
-    def removeImportedGone(address, listed):
+    def removeImportedGone(address, source, listed, soleSource=False):
         """
-        Take out of a user's maildrop the messages an import brought in
-        whose unique id the source no longer lists (C{listed}: all it
-        lists now), kept for recovery; refused while the user is in a
-        POP3 session.
+        Take out of a user's maildrop the messages an import from
+        C{source} brought in whose unique id the source no longer lists
+        (C{listed}: all it lists now), kept for recovery; refused while the
+        user is in a POP3 session.  What other sources brought in stays;
+        so do messages imported before mailgate recorded sources, unless
+        C{soleSource}.
 
-        @return: a L{Deferred} of the unique ids taken out; fails with
+        @return: a L{Deferred} of C{(unique ids taken out, how many
+            imported without a recorded source were left)}; fails with
             L{mailgate.errors.NoSuchUser} or L{MaildropInUse}.
         """
 

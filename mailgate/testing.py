@@ -333,8 +333,11 @@ class FaultInjectingStore:
     def kickSessions(self, address):
         return self._call("kickSessions", address)
 
-    def importMessages(self, address, items):
-        return self._call("importMessages", address, items)
+    def importMessages(self, address, items, source=None):
+        return self._call("importMessages", address, items, source)
+
+    def claimImported(self, address, source, uidls):
+        return self._call("claimImported", address, source, uidls)
 
     def forgetImported(self, address, uidls=None):
         return self._call("forgetImported", address, uidls)
@@ -342,8 +345,8 @@ class FaultInjectingStore:
     def existingUidls(self, address, uidls):
         return self._call("existingUidls", address, uidls)
 
-    def removeImportedGone(self, address, listed):
-        return self._call("removeImportedGone", address, listed)
+    def removeImportedGone(self, address, source, listed, soleSource=False):
+        return self._call("removeImportedGone", address, source, listed, soleSource)
 
     def renameUser(self, old, new):
         return self._call("renameUser", old, new)

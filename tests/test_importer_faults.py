@@ -122,9 +122,9 @@ def test_aFileRenamedWhileQueuedIsStillImported(store, tmp_path):
     cur = tmp_path / "Maildir" / "cur"
     importMessages = store.importMessages
 
-    def renamingFirst(address, items):
+    def renamingFirst(address, items, source=None):
         os.rename(cur / (names[0] + ":2,S"), cur / (names[0] + ":2,RS"))
-        return importMessages(address, items)
+        return importMessages(address, items, source)
 
     store.importMessages = renamingFirst
     report = importMaildir(store, directory, ALICE)

@@ -608,11 +608,11 @@ def test_anImportTheDatabaseInterruptedIsATemporaryFailure(databaseURL, store, t
         target_ = realOpen(url, **kwargs)
         write = target_.importMessages
 
-        def importMessages(address, items):
+        def importMessages(address, items, source=None):
             opened.append(len(items))
             if len(opened) == 2:
                 return defer.fail(TemporaryFailure("the database went away"))
-            return write(address, items)
+            return write(address, items, source)
 
         target_.importMessages = importMessages
         return target_

@@ -344,14 +344,14 @@ def test_importIsResumableAndBatched(store, tmp_path, monkeypatch):
     calls = []
     importMessages = store.importMessages
 
-    def failingThird(address, items):
+    def failingThird(address, items, source=None):
         calls.append(len(items))
         if len(calls) == 3:
             from mailgate.errors import TemporaryFailure
             from twisted.internet import defer
 
             return defer.fail(TemporaryFailure("disk full"))
-        return importMessages(address, items)
+        return importMessages(address, items, source)
 
     store.importMessages = failingThird
     report = importMaildir(store, directory, ALICE)

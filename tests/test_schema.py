@@ -801,6 +801,7 @@ def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(database
     with psycopg.connect(databaseURL, autocommit=True) as conn:
         conn.execute("DROP TABLE recent_deliveries")
         conn.execute("DROP INDEX users_by_address_code_points")
+        conn.execute("ALTER TABLE imported_ids DROP COLUMN source")
         conn.execute(f"DELETE FROM {SCHEMA_TABLE} WHERE version >= 12")
     nodeURL = mailOnlyRole()
     openSynchronousStore(databaseURL).close()

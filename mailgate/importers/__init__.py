@@ -122,6 +122,9 @@ class ImportReport:
     @ivar skipped: messages already present (an earlier run imported them).
     @ivar removed: messages an earlier run imported that the source no
         longer has, taken out of the maildrop (L{removeGone}).
+    @ivar unrecorded: messages the source does not list that were
+        imported before mailgate recorded the source of each id, left in
+        the maildrop: they may be another source's (L{removeGone}).
     @ivar failures: one line per message (or user) that could not be
         imported.
     @ivar temporary: whether some of the failures pass (writing to the
@@ -139,12 +142,14 @@ class ImportReport:
     failures = attr.ib(factory=list)
     temporary = attr.ib(default=False)
     removed = attr.ib(default=0)
+    unrecorded = attr.ib(default=0)
 
     def add(self, other):
         self.messages += other.messages
         self.octets += other.octets
         self.skipped += other.skipped
         self.removed += other.removed
+        self.unrecorded += other.unrecorded
         self.failures += other.failures
         self.temporary = self.temporary or other.temporary
 
@@ -155,23 +160,36 @@ class ImportReport:
         )
         if self.removed:
             text += f", {self.removed} taken out as gone from the source"
+        if self.unrecorded:
+            text += (
+                f", {self.unrecorded} not listed left in the maildrop (imported before mailgate recorded "
+                f"which source an id came from)"
+            )
         if self.failures:
             text += f", {len(self.failures)} failed"
         return text
 
 
-def removeGone(store, address, listed, report):
+def removeGone(store, address, source, listed, report, soleSource=False):
     """
     With C{--mirror}: take out of C{address}'s maildrop the messages an
-    earlier run imported whose unique id the source no longer lists
-    (C{listed}, every id it lists now): a client or the source's
-    retention deleted them there since, and a leave-on-server client,
-    which forgets the id of a message its server no longer lists, would
-    download them again from mailgate.  Kept for recovery, counted in the
-    report; a maildrop in a POP3 session is a failure that passes.
+    earlier run from C{source} (its identity: L{maildirSource},
+    L{mailgate.importers.pop3.pop3Source}) imported whose unique id the
+    source no longer lists (C{listed}, every id it lists now): a client
+    or the source's retention deleted them there since, and a
+    leave-on-server client, which forgets the id of a message its server
+    no longer lists, would download them again from mailgate.  Kept for
+    recovery, counted in the report; a maildrop in a POP3 session is a
+    failure that passes.
+
+    What another source brought in is not this source's to take out: an
+    address filled from two old accounts keeps the other's mail.  Messages
+    imported before mailgate recorded sources are claimed by the first
+    source that lists them; one that this source does not list may be
+    another's, and stays (counted in the report), unless C{soleSource}.
     """
     try:
-        gone = fired(store.removeImportedGone(address, listed))
+        gone, left = fired(store.removeImportedGone(address, source, listed, soleSource))
     except MaildropInUse:
         report.failures.append(
             f"{address} is in a POP3 session here: what the source no longer has was not taken out"
@@ -179,6 +197,28 @@ def removeGone(store, address, listed, report):
         report.temporary = True
         return
     report.removed += len(gone)
+    report.unrecorded += left
+
+
+def claimPresent(store, address, source, uidls):
+    """
+    Record C{source} as where the unique ids of C{uidls} came from (those
+    a run found present with the same content: skipped), where an import
+    before mailgate recorded sources left none, so that a later
+    C{--mirror} run from this source knows them as its own.
+    """
+    if uidls and source is not None:
+        fired(store.claimImported(address, source, uidls))
+
+
+def maildirSource(directory):
+    """
+    The identity of a maildir as a source of imported mail: its real path
+    (absolute, with symbolic links resolved), so that the same maildir
+    named another way (relative, through a link, with a trailing slash)
+    is the same source.
+    """
+    return "maildir:" + os.path.realpath(directory)
 
 
 def toCRLF(data, pendingCR=False):
@@ -454,14 +494,19 @@ class BatchWriter:
 
     @cvar maxMessages: messages per batch.
     @cvar maxOctets: octets per batch (a batch closes once past it).
+    @ivar skipped: the unique ids written that the maildrop had with the
+        same content already (for L{claimPresent}).
     """
 
     maxMessages = 100
     maxOctets = 8 << 20
 
-    def __init__(self, store, address, report, onBatch=None):
+    def __init__(self, store, address, report, onBatch=None, source=None):
         self._store = store
         self._address = address
+        self._source = source
+        #: the unique ids found present with the same content (skipped)
+        self.skipped = []
         self.report = report
         self._pending = []
         self._names = {}
@@ -493,7 +538,7 @@ class BatchWriter:
         if not batch:
             return []
         try:
-            imported, skipped, conflicts = fired(self._store.importMessages(self._address, batch))
+            imported, skipped, conflicts = fired(self._store.importMessages(self._address, batch, self._source))
         finally:
             for _, source, _ in batch:
                 source.close()
@@ -501,6 +546,7 @@ class BatchWriter:
         self.report.messages += len(imported)
         self.report.octets += sum(sizes[u] for u in imported)
         self.report.skipped += len(skipped)
+        self.skipped.extend(skipped)
         for uidl, reason in conflicts:
             self.report.failures.append(f"{names[uidl]}: unique id {uidl}: {reason}; not imported")
         done = list(imported) + list(skipped)

@@ -42,7 +42,9 @@ from mailgate.importers import (
     MAX_MESSAGE_SIZE,
     ImportFailed,
     ImportReport,
+    claimPresent,
     clientsWord,
+    maildirSource,
     messageBlocks,
     openRegularFile,
     removeGone,
@@ -386,7 +388,8 @@ def _arrival(message, source, now):
 
 
 def importMaildir(store, directory, address, uidlFormat=None, now=None, progress=None, uidListPath=None,
-                  reuseXUidl=False, deletedFlag=None, mirror=False, maxSize=MAX_MESSAGE_SIZE, decompress=True):
+                  reuseXUidl=False, deletedFlag=None, mirror=False, maxSize=MAX_MESSAGE_SIZE, decompress=True,
+                  soleSource=False):
     """
     Import a maildir into C{address}'s maildrop, keeping the unique ids
     Dovecot serves for it.
@@ -404,8 +407,11 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     @param deletedFlag: Dovecot's C{pop3_deleted_flag}, if it has one:
         the messages with that keyword are left out.
     @param mirror: whether to take out of the maildrop what an earlier
-        import brought in and the maildir no longer lists
-        (L{removeGone}).
+        import from this maildir brought in and the maildir no longer
+        lists (L{removeGone}).
+    @param soleSource: with C{mirror}, whether this maildir alone filled
+        the address: what was imported before mailgate recorded the
+        source of each id counts as its.
     @param maxSize: the largest message imported, in octets (as served,
         decompressed); a larger one is a failure in the report, found
         out before more than that is read.
@@ -451,9 +457,11 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         keywords = os.path.join(os.path.dirname(uidListPath) if uidListPath else directory, KEYWORDS)
         messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
     report = ImportReport()
+    source = maildirSource(directory)
     try:
         listed = _importMessages(
-            store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl, maxSize, decompress
+            store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl, maxSize, decompress,
+            source,
         )
         unread = sum(message.idUnread for message in messages)
         if mirror and unread:
@@ -464,7 +472,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
                 f"the maildir no longer has was not taken out"
             )
         elif mirror:
-            removeGone(store, address, listed, report)
+            removeGone(store, address, source, listed, report, soleSource)
     except MailgateError as e:
         report.failures.append(
             f"writing to the maildrop of {address} failed: {e}; the batch under way was not imported"
@@ -719,10 +727,10 @@ def _noUidList(directory, progress):
 
 
 def _importMessages(store, address, messages, uidList, uidlFormat, report, now, progress, reuseXUidl=False,
-                    maxSize=MAX_MESSAGE_SIZE, decompress=True):
+                    maxSize=MAX_MESSAGE_SIZE, decompress=True, origin=None):
     opener = functools.partial(FileSource, maxSize=maxSize, decompress=decompress)
     uidls = _uniqueIds(messages, uidList, uidlFormat, report, progress, reuseXUidl, opener, decompress)
-    writer = BatchWriter(store, address, report)
+    writer = BatchWriter(store, address, report, source=origin)
     # Files that begin like compressed data, read as stored.
     asStored = []
     for message, uidl in zip(messages, uidls):
@@ -735,6 +743,7 @@ def _importMessages(store, address, messages, uidList, uidlFormat, report, now, 
                 asStored.append((message.path, source.detected.name))
             writer.add(uidl, source, _arrival(message, source, now), message.path)
     writer.flush()
+    claimPresent(store, address, origin, writer.skipped)
     _sayAsStored(asStored, progress)
     # What the maildir lists, imported now or not.
     return [uidl for uidl in uidls if uidl is not None]

@@ -39,7 +39,7 @@ import socket
 import ssl
 import tempfile
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from zope.interface import implementer
 
@@ -49,6 +49,7 @@ from mailgate.importers import (
     ImportFailed,
     ImportReport,
     MAX_MESSAGE_SIZE,
+    claimPresent,
     clientsWord,
     fired,
     removeGone,
@@ -218,6 +219,31 @@ def parseURL(url):
     user = None if parts.username is None else unquote(parts.username)
     password = None if parts.password is None else unquote(parts.password)
     return scheme == "pop3s", parts.hostname, port, user, password
+
+
+def pop3Source(url, user):
+    """
+    The identity of a POP3 maildrop as a source of imported mail: the
+    server's host and port and the user whose maildrop it is, never the
+    password.  The same maildrop given two ways is the same source: the
+    host in lower case, without a final dot, an IP address in its one
+    form (C{::1} for C{[0:0::1]}), the port given or the scheme's default
+    (C{pop3://mail.example.org} is C{pop3://MAIL.example.org.:110}); the
+    scheme itself (C{pop3s://} on 995 and C{pop3://} on 110 are two
+    ports) and the user name's case (servers differ) are kept as given.
+
+    @param user: the user whose maildrop is read (the URL's takes
+        precedence, as it does for the login).
+    """
+    _, host, port, urlUser, _ = parseURL(url)
+    host = host.rstrip(".")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        host = f"[{address.compressed}]" if address.version == 6 else address.compressed
+    return f"pop3:{quote(urlUser or user, safe='')}@{host}:{port}"
 
 
 @implementer(IMessageSource)
@@ -687,7 +713,7 @@ def connect(url, user, password, insecure=False, warn=None, timeout=TIMEOUT):
 
 def importPOP3(
     store, url, address, password, user=None, insecure=False, delete=False, warn=None, now=None,
-    maxSize=MAX_MESSAGE_SIZE, mirror=False,
+    maxSize=MAX_MESSAGE_SIZE, mirror=False, sourceUser=None, soleSource=False,
 ):
     """
     Copy a live POP3 maildrop into C{address}'s, keeping its unique ids.
@@ -697,9 +723,15 @@ def importPOP3(
     @param maxSize: the largest message imported, in octets; a larger one
         is a failure.
     @param mirror: whether to take out of the maildrop, once the copy is
-        done, what an earlier import brought in and the source no longer
-        lists (L{removeGone}); not with C{delete}, which empties the
-        source.
+        done, what an earlier import from this source brought in and the
+        source no longer lists (L{removeGone}); not with C{delete}, which
+        empties the source.
+    @param sourceUser: the user whose maildrop is read, where the login
+        is another's (a master user's), for the source's identity
+        (L{pop3Source}); default: the login's user.
+    @param soleSource: with C{mirror}, whether this source alone filled
+        the address: what was imported before mailgate recorded the
+        source of each id counts as its.
     @return: an L{ImportReport}.
     @raise ImportFailed: if the server cannot be reached or refuses the
         login; failures later on are in the report.
@@ -707,13 +739,14 @@ def importPOP3(
     if mirror and delete:
         raise ValueError("mirror and delete: what delete takes from the source, mirror would take out here next")
     now = int(time.time()) if now is None else now
+    source = pop3Source(url, sourceUser or user or address)
     client = connect(url, user or address, password, insecure, warn)
     report = ImportReport()
     try:
         try:
-            listed = _copy(client, store, address, report, delete, now, maxSize, warn)
+            listed = _copy(client, store, address, report, delete, now, maxSize, warn, source)
             if mirror:
-                removeGone(store, address, listed, report)
+                removeGone(store, address, source, listed, report, soleSource)
         except NoUniqueIds:
             raise
         except MailgateError as e:
@@ -733,13 +766,15 @@ def importPOP3(
     return report
 
 
-def _copy(client, store, address, report, delete, now, maxSize, warn):
+def _copy(client, store, address, report, delete, now, maxSize, warn, source=None):
     listing = _importable(client.uniqueIds(), report, warn)
     sizes = client.sizes()
     present = fired(store.existingUidls(address, [uidl for _, uidl in listing]))
     numbers = {uidl: number for number, uidl in listing}
     committed = []
-    writer = BatchWriter(store, address, report, onBatch=committed.extend)
+    writer = BatchWriter(store, address, report, onBatch=committed.extend, source=source)
+    # Skipped as imported before: the source's, if none is recorded.
+    known = []
     try:
         for number, uidl in listing:
             if not delete and sizes.get(number) in present.get(uidl, ()):
@@ -747,6 +782,7 @@ def _copy(client, store, address, report, delete, now, maxSize, warn):
                 # delete, the content itself is compared, by the store,
                 # before the source may lose it.)
                 report.skipped += 1
+                known.append(uidl)
                 continue
             if sizes.get(number, 0) > maxSize:
                 # Not fetched: read to its end to be dropped, a message of
@@ -765,6 +801,7 @@ def _copy(client, store, address, report, delete, now, maxSize, warn):
         finally:
             if delete:
                 _deleteCommitted(client, [numbers[uidl] for uidl in committed])
+    claimPresent(store, address, source, known + writer.skipped)
     # What the source lists, imported now or not.
     return [uidl for _, uidl in listing]
 

@@ -108,7 +108,7 @@ _TABLES = [
             "deleted_at", "deleted_by",
         ),
     ),
-    ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at")),
+    ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at", "source")),
     # So that an MTA's retry after the move is still known for one.
     (
         "recent_deliveries",

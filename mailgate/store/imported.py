@@ -5,6 +5,14 @@ store: added under the unique ids that server gave them, a resumed
 import's messages recognised by their content, and the ids remembered
 (C{imported_ids}) so that what the user deletes here is not brought back,
 and what the source no longer lists can be taken out (C{--mirror}).
+
+Each id is remembered with the source it came from (a text the importer
+makes: L{mailgate.importers.maildir.maildirSource},
+L{mailgate.importers.pop3.pop3Source}): an address can be filled from
+several old accounts, and a source's C{--mirror} run must take out only
+what that source brought in.  Ids imported before mailgate recorded
+sources (schema version 14) have none until a run from a source that
+lists them claims them (L{_claimImported}).
 """
 
 import hashlib
@@ -179,7 +187,7 @@ def generatedUid(uidl, validity):
     return uid if f"{uid:08x}" == prefix else None
 
 
-def _importMessages(cursor, address, items):
+def _importMessages(cursor, address, items, source=None):
     """
     Add messages from another server to a user's maildrop, keeping the
     unique ids that server gave them, in one transaction.  Ids the
@@ -194,8 +202,10 @@ def _importMessages(cursor, address, items):
     where an imported id has the shape of mailgate's own ids for this
     maildrop (L{generatedUid}), the uid counter is moved past it.
 
-    @param items: C{(uidl, source, arrived)} per message, the source an
+    @param items: C{(uidl, message, arrived)} per message, the message an
         L{mailgate.interfaces.IMessageSource}.
+    @param source: the identity of the source (old server, maildir) they
+        come from, remembered with their ids (C{None}: none known).
     @return: C{(imported, skipped, conflicts)}: the unique ids added,
         those skipped as already present, and C{(uidl, reason)} for those
         neither.
@@ -204,7 +214,7 @@ def _importMessages(cursor, address, items):
     fresh, skipped, conflicts = _sortImports(cursor, userId, items)
     if not fresh:
         return [], skipped, conflicts
-    octets = sum(source.size for _, source, _ in fresh)
+    octets = sum(message.size for _, message, _ in fresh)
     oldest = min(arrived for _, _, arrived in fresh)
     cursor.execute(
         "UPDATE mailboxes SET next_uid = next_uid + ?, used_messages = used_messages + ?, "
@@ -227,20 +237,23 @@ def _importMessages(cursor, address, items):
             (max(colliding) + 1, userId, max(colliding)),
         )
     bodies, chunks, entries, digests = [], [], [], []
-    for n, (uidl, source, arrived) in enumerate(fresh):
+    for n, (uidl, message, arrived) in enumerate(fresh):
         # The digest kept below, of the octets as they are stored: a third
         # reading of each source (after its measuring and its storing) was
         # about a tenth of an import's time.
         digest = hashlib.sha256()
-        if source.size <= CHUNK_SIZE:
+        if message.size <= CHUNK_SIZE:
             bodyId = secrets.token_hex(16)
-            bodies.append((userId, bodyId, source.size, source.headerSize, 1, arrived))
-            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(source, digest)))
+            bodies.append((userId, bodyId, message.size, message.headerSize, 1, arrived))
+            chunks.extend((userId, bodyId, seq, chunk) for seq, chunk in enumerate(bodyPieces(message, digest)))
         else:
-            bodyId = storeLargeBody(cursor, userId, source, 1, arrived, digest)
+            bodyId = storeLargeBody(cursor, userId, message, 1, arrived, digest)
         digests.append(digest.digest())
         entries.append(
-            (userId, first + n, uidl, userId, bodyId, source.size, source.headerSize, arrived, *dotLineColumns(source))
+            (
+                userId, first + n, uidl, userId, bodyId, message.size, message.headerSize, arrived,
+                *dotLineColumns(message),
+            )
         )
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
@@ -250,26 +263,59 @@ def _importMessages(cursor, address, items):
     now = int(time.time())
     insertRows(
         cursor, "imported_ids", IMPORTED_COLUMNS,
-        [(userId, uidl, source.size, digest, now) for (uidl, source, _), digest in zip(fresh, digests)],
+        [(userId, uidl, message.size, digest, now, source) for (uidl, message, _), digest in zip(fresh, digests)],
     )
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 
-def _removeImportedGone(cursor, address, listed, now, aliveSince, lockedId=None):
+def _claimImported(cursor, address, source, uidls):
     """
-    Take out of a user's maildrop the messages an import brought in (their
-    unique id and size in C{imported_ids}) whose unique id the source no
-    longer lists: deleted there since the import, by a client or by the
-    source's retention.  A leave-on-server client forgets the id of a
-    message its server no longer lists; served again here, the message
-    would be downloaded again.  They are kept for recovery as a POP3
-    deletion is (C{deleted_by} C{import}, for L{mailgate.store.retention._keptLongest}'s days);
+    Record C{source} as where the unique ids of C{uidls} came from, for
+    those remembered without a source (imported before mailgate recorded
+    sources): C{uidls} are ids the source lists now whose message the
+    maildrop holds, or held, with the same content (a run skipped them as
+    already present), so they are the source's.  An id that already has
+    a source keeps it: the first source that brought it in.
+
+    @return: how many were claimed.
+    """
+    userId = _userId(cursor, address)
+    claimed = 0
+    for batch in batches(sorted(set(uidls))):
+        cursor.execute(
+            f"UPDATE imported_ids SET source = ? WHERE user_id = ? AND source IS NULL "
+            f"AND uidl IN ({placeholders(len(batch))})",
+            (source, userId, *batch),
+        )
+        claimed += cursor.rowcount
+    return claimed
+
+
+def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveSince, lockedId=None):
+    """
+    Take out of a user's maildrop the messages an import from C{source}
+    brought in (their unique id and size in C{imported_ids}, with that
+    source) whose unique id the source no longer lists: deleted there
+    since the import, by a client or by the source's retention.  A
+    leave-on-server client forgets the id of a message its server no
+    longer lists; served again here, the message would be downloaded
+    again.  They are kept for recovery as a POP3 deletion is
+    (C{deleted_by} C{import}, for L{mailgate.store.retention._keptLongest}'s days);
     their ids stay remembered, so that no later run brings them back.
+
+    What other sources brought in is never taken out.  Ids imported
+    before mailgate recorded sources (no source) that C{source} lists are
+    claimed for it (L{_claimImported}); those it does not list may be
+    another source's: left where they are, and counted, unless
+    C{soleSource} (the administrator says this source alone filled the
+    address), when they count as this source's.
 
     @param listed: every unique id the source lists now.
     @param lockedId: the id of the user whose maildrop lock is held (see
         L{lockedUserId}).
-    @return: the unique ids taken out, sorted.
+    @return: C{(taken out, left)}: the unique ids taken out, sorted, and
+        how many messages imported without a recorded source the source
+        does not list were left in the maildrop.
     @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
@@ -277,11 +323,15 @@ def _removeImportedGone(cursor, address, listed, now, aliveSince, lockedId=None)
     if _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(address)
     cursor.execute(
-        "SELECT m.uid, m.uidl FROM maildrop m JOIN imported_ids i "
-        "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size WHERE m.user_id = ?",
-        (userId,),
+        "SELECT m.uid, m.uidl, i.source FROM maildrop m JOIN imported_ids i "
+        "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size "
+        "WHERE m.user_id = ? AND (i.source = ? OR i.source IS NULL)",
+        (userId, source),
     )
-    gone = [(uid, uidl) for uid, uidl in cursor.fetchall() if uidl not in listed]
-    if gone:
-        _keepDeleted(cursor, userId, [uid for uid, _ in gone], now, "import")
-    return sorted(uidl for _, uidl in gone)
+    rows = cursor.fetchall()
+    _claimImported(cursor, address, source, [uidl for _, uidl, recorded in rows if recorded is None and uidl in listed])
+    gone = [(uid, uidl, recorded) for uid, uidl, recorded in rows if uidl not in listed]
+    taken = [(uid, uidl) for uid, uidl, recorded in gone if recorded is not None or soleSource]
+    if taken:
+        _keepDeleted(cursor, userId, [uid for uid, _ in taken], now, "import")
+    return sorted(uidl for _, uidl in taken), len(gone) - len(taken)

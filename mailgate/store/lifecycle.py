@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, ExpiryPass, QuotaStatus
 from mailgate.store.guarded import Guarded, _inSession, lockedUserId
-from mailgate.store.imported import _existingUidls, _forgetImported, _importMessages, _removeImportedGone
+from mailgate.store.imported import (
+    _claimImported,
+    _existingUidls,
+    _forgetImported,
+    _importMessages,
+    _removeImportedGone,
+)
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
 from mailgate.store.recovery import _deletedPage, _dropKept, _listDeleted, _restoreDeleted, _restoreSome
@@ -406,15 +412,25 @@ class LifecycleStore:
         now = self._now()
         return self.database.runWrite(_kick, address, now, now - STALE_AFTER)
 
-    def importMessages(self, address, items):
+    def importMessages(self, address, items, source=None):
         """
         Add messages from another server, keeping their unique ids; see
         L{_importMessages}.  One transaction: all of C{items} or none.
 
+        @param source: the identity of the source they come from.
         @return: a L{Deferred} of C{(imported, skipped, conflicts)}; fails
             with L{NoSuchUser}.
         """
-        return self.database.runWrite(_importMessages, address, list(items))
+        return self.database.runWrite(_importMessages, address, list(items), source)
+
+    def claimImported(self, address, source, uidls):
+        """
+        Record C{source} as where the ids of C{uidls} (which it lists, with
+        the content the maildrop has under them) came from, for those
+        imported before mailgate recorded sources: see L{_claimImported}.
+        A L{Deferred} of how many; fails with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_claimImported, address, source, list(uidls))
 
     def forgetImported(self, address, uidls=None):
         """
@@ -432,18 +448,23 @@ class LifecycleStore:
         """
         return self.database.runInteraction(_existingUidls, address, list(uidls))
 
-    def removeImportedGone(self, address, listed):
+    def removeImportedGone(self, address, source, listed, soleSource=False):
         """
-        Take out of a user's maildrop what an import brought in and the
-        source no longer lists (see L{_removeImportedGone}), kept for
-        recovery; not while a POP3 session holds the maildrop.
+        Take out of a user's maildrop what an import from C{source} brought
+        in and the source no longer lists (see L{_removeImportedGone}),
+        kept for recovery; not while a POP3 session holds the maildrop.
 
         @param listed: every unique id the source lists now.
-        @return: a L{Deferred} of the unique ids taken out; fails with
+        @param soleSource: whether ids imported before mailgate recorded
+            sources count as this source's.
+        @return: a L{Deferred} of C{(unique ids taken out, how many
+            imported without a recorded source were left)}; fails with
             L{NoSuchUser} or L{MaildropInUse}.
         """
         now = self._now()
-        return self._underLock(address, _removeImportedGone, address, frozenset(listed), now, now - STALE_AFTER)
+        return self._underLock(
+            address, _removeImportedGone, address, source, frozenset(listed), soleSource, now, now - STALE_AFTER
+        )
 
     def _underLock(self, address, write, *args):
         """

@@ -217,7 +217,7 @@ def insertRows(cursor, table, columns, rows):
 BODY_COLUMNS = ("owner_id", "body_id", "size", "header_size", "refcount", "created_at")
 CHUNK_COLUMNS = ("owner_id", "body_id", "seq", "data")
 MAILDROP_COLUMNS = ("user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at")
-IMPORTED_COLUMNS = ("user_id", "uidl", "size", "digest", "imported_at")
+IMPORTED_COLUMNS = ("user_id", "uidl", "size", "digest", "imported_at", "source")
 # What a delivery or an import writes: the above, and whether the message
 # has lines to dot-stuff.
 DELIVERED_COLUMNS = MAILDROP_COLUMNS + ("dot_lines", "dot_at")

@@ -394,6 +394,20 @@ MIGRATIONS = [
         ],
         dialects=("postgres",),
     ),
+    Migration(
+        14,
+        "the source each imported unique id came from",
+        [
+            # Which source an import brought each id in from
+            # (mailgate.importers.maildirSource, pop3.pop3Source: a maildir's resolved
+            # path, a POP3 server's host, port and user), so that a
+            # --mirror run from one source takes out only what it brought
+            # in, not the mail of another source merged into the same
+            # address.  NULL for ids imported before: no source known
+            # (see mailgate.store.imported._removeImportedGone).
+            "ALTER TABLE imported_ids ADD COLUMN source TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
