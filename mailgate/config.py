@@ -468,9 +468,22 @@ class Network(Kind):
 
     def check(self, value):
         try:
-            return str(ipaddress.ip_network(value.strip(), strict=False))
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError as e:
             raise ValueError(f"not a network: {e}") from None
+        mapped = getattr(ipaddress.ip_interface(value.strip()).ip, "ipv4_mapped", None)
+        if mapped is not None and network.prefixlen < 96:
+            # ::ffff:10.0.0.0/8 is ::/8, which holds ::1 and no IPv4 client.
+            if network.prefixlen <= 32:
+                ipv4 = ipaddress.ip_network(f"{mapped}/{network.prefixlen}", strict=False)
+                written = f"{ipv4} (or ::ffff:{ipv4.network_address}/{network.prefixlen + 96}"
+            else:
+                written = "IPv4 networks as such (10.0.0.0/8, or ::ffff:10.0.0.0/104"
+            raise ValueError(
+                f"not a network: {value.strip()!r} is {network}, not an IPv4 network: write {written}, "
+                "the prefix counting IPv6's 128 bits)"
+            )
+        return str(network)
 
 
 class ExemptNetwork(Network):

@@ -723,6 +723,28 @@ def test_aFileGivingTheDatabasePasswordThatEveryoneMayReadIsWarnedOf(mailgate_se
     assert tap.configFileWarning(path) == warning
 
 
+@pytest.mark.parametrize("option", ["exempt-network", "trusted-network", "proxy-network", "debug-peer"])
+def test_anIPv4NetworkMappedIntoIPv6WithItsIPv4PrefixIsRefused(tmp_path, option):
+    """
+    C{::ffff:127.0.0.0/8} is C{::/8} (the prefix counts IPv6's 128 bits),
+    which holds no IPv4 client (they are compared in their IPv4 form) but
+    C{::1}: a server given it as C{--exempt-network} limited 127.0.0.1 and
+    exempted C{::1}, and said nothing.  Refused, saying what to write;
+    the prefix of 96 or more that names the IPv4 network is taken.
+    """
+    reason = (
+        "not a network: '::ffff:127.0.0.0/8' is ::/8, not an IPv4 network: write 127.0.0.0/8 "
+        "(or ::ffff:127.0.0.0/104, the prefix counting IPv6's 128 bits)"
+    )
+    with pytest.raises(usage.UsageError, match=f"^--{option}: " + re.escape(reason) + "$"):
+        parse(f"--{option}", "::ffff:127.0.0.0/8")
+    assert fileError(tmp_path, f'{option} = ["::ffff:127.0.0.0/8"]\n').endswith(f"key '{option}': {reason}")
+    with pytest.raises(usage.UsageError, match=re.escape("'::ffff:0:0/80' is ::/80, not an IPv4 network")):
+        parse(f"--{option}", "::ffff:0:0/80")
+    for network in ("::ffff:127.0.0.0/104", "::ffff:127.0.0.1", "::/8", "2001:db8::/32"):
+        parse(f"--{option}", network)
+
+
 def test_exemptNetworkNoneWithNetworks(tmp_path):
     """
     In a file, the one line naming the file and the key (not twistd's
