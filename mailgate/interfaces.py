@@ -337,6 +337,15 @@ class IMailStore(Interface):
         unknown users.
         """
 
+    def scramParameters():
+        """
+        How many users have SCRAM-SHA-256 keys of each iteration count and
+        salt length: a L{Deferred} dict C{{(iterations, salt length in
+        octets): users}}, read in one query (keys that do not parse are
+        left out).  SCRAM gives a name that is no user parameters drawn
+        from these (L{mailgate.auth.sasl.ScramParameters}).
+        """
+
     def addUser(address, credentials):
         """
         Create a user with the given L{mailgate.auth.passwords.StoredCredentials}:

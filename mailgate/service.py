@@ -1199,7 +1199,8 @@ def makePOP3Factory(
     # states): offered by nearly the same rule as APOP.
     factory.sasl = SASLServer(
         store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
-        defaultRealm=config.authDefaultRealm, bearerTokens=tokens is not None,
+        defaultRealm=config.authDefaultRealm, bearerTokens=tokens is not None, scramParameters=store.scramParameters,
+        clock=reactor.seconds,
     )
     factory.trace = traceSelection(config)
     return factory

@@ -239,6 +239,9 @@ class FaultInjectingStore:
     def sharedSecret(self, name):
         return self._call("sharedSecret", name)
 
+    def scramParameters(self):
+        return self._call("scramParameters")
+
     def addUser(self, address, credentials):
         return self._call("addUser", address, credentials)
 
@@ -582,6 +585,9 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
             sharedSecret=store.sharedSecret,
             defaultRealm=defaultRealm,
             bearerTokens=tokens is not None,
+            # Test stores that stand in for a few operations have none.
+            scramParameters=getattr(store, "scramParameters", None),
+            clock=factory.reactor.seconds,
         )
     return factory
 

@@ -24,6 +24,7 @@ them through a L{Deferred}, and raises L{SASLError} for malformed input.
 import base64
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -252,26 +253,158 @@ def _attributes(message):
     return pairs
 
 
+def _consumed(pending, failure):
+    """
+    C{failure}, once C{pending} (a L{Deferred} no one waits for now) is
+    made to drop its own failure, if it has one.
+    """
+    pending.addErrback(lambda _: None)
+    return failure
+
+
+#: the kinds of SCRAM keys made-up parameters are drawn from while no user
+#: has any: mailgate's own (L{mailgate.auth.passwords.scramSha256Secret})
+OWN_SCRAM_PARAMETERS = {(SCRAM_ITERATIONS, 16): 1}
+
+
+def madeUpParameters(key, name, kinds):
+    """
+    The iteration count and salt SCRAM tells for C{name}, a name that is
+    no user (or a user without SCRAM keys): drawn from C{kinds}, the
+    users' C{{(iterations, salt length): users}}, each kind as likely as
+    the share of users with it, so that what a name is told is as likely
+    for a name that is no user as for one picked among the users.
+    Told C{i=4096} and a 16-octet salt whatever the name, a user whose keys
+    came from another server with other parameters (Dovecot's, C{user
+    import}) was told apart from every name that is no user.
+
+    The same name gets the same answer (the draw and the salt are keyed
+    HMACs of it): asked again, a real user's never changes either.  The
+    draw is weighted rendezvous hashing (the kind scoring lowest
+    C{-ln(u) / users}, C{u} uniform from the name and the kind), so that
+    when the users' kinds change, only the names a kind gains or loses
+    change answers.
+
+    @param key: the secret of the made-up parameters, 32 octets.
+    @param name: the name as the lookup saw it (L{str}).
+    @param kinds: a non-empty dict C{{(iterations, salt length): users}}.
+    @return: C{(iterations, salt)}.
+    """
+    name = name.encode("utf-8")
+    chosen, lowest = None, None
+    for kind in sorted(kinds):
+        draw = hmac.digest(key, b"kind:%d:%d:" % kind + name, "sha256")
+        score = -math.log((int.from_bytes(draw[:8], "big") + 1) / 2**64) / kinds[kind]
+        if lowest is None or score < lowest:
+            chosen, lowest = kind, score
+    iterations, length = chosen
+    # As many octets as the salt needs; the first 16, what every made-up
+    # salt was before it could be of another length.
+    salt, block = b"", 0
+    while len(salt) < length:
+        label = b"salt:" if block == 0 else b"salt%d:" % block
+        salt += hmac.digest(key, label + name, "sha256")
+        block += 1
+    return iterations, salt[:length]
+
+
+#: seconds the kinds of the users' SCRAM keys are used for before they are
+#: read again (by the next SCRAM exchange, which does not wait for them)
+SCRAM_PARAMETERS_REFRESH = 60
+
+
+class ScramParameters:
+    """
+    The kinds of the users' SCRAM-SHA-256 keys (iteration count and salt
+    length) and how many users have each, kept in memory for the
+    parameters of names that are no user (L{madeUpParameters}).
+
+    Read (L{mailgate.interfaces.IMailStore.scramParameters}: one query, on
+    the store's threads) when the first exchange asks; then, at an
+    exchange that asks more than C{interval} seconds after the last read,
+    read again in the background while that exchange and the next ones use
+    what is kept.  A read that fails keeps what was read before; until one
+    has succeeded, exchanges waiting for it fail as a lookup that fails.
+
+    @param read: the store's C{scramParameters}.
+    @param clock: the time now, in seconds.
+    """
+
+    def __init__(self, read, clock=time.monotonic, interval=SCRAM_PARAMETERS_REFRESH):
+        self._read = read
+        self._clock = clock
+        self._interval = interval
+        self._kinds = None
+        self._readAt = None
+        self._reading = False
+        self._waiting = []
+
+    def current(self):
+        """
+        The kinds kept, C{{(iterations, salt length): users}} (mailgate's
+        own alone while no user has SCRAM keys): a L{Deferred}, fired at
+        once once they have been read.
+        """
+        if self._kinds is None:
+            waiting = defer.Deferred()
+            self._waiting.append(waiting)
+            self._start()
+            return waiting
+        if self._clock() - self._readAt >= self._interval:
+            self._start()
+        return defer.succeed(self._kinds)
+
+    def _start(self):
+        if self._reading:
+            return
+        self._reading = True
+        self._readAt = self._clock()
+        defer.maybeDeferred(self._read).addCallbacks(self._readDone, self._failed)
+
+    def _readDone(self, kinds):
+        self._reading = False
+        self._readAt = self._clock()
+        self._kinds = {kind: users for kind, users in kinds.items() if users > 0} or OWN_SCRAM_PARAMETERS
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self._kinds)
+
+    def _failed(self, failure):
+        self._reading = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+
 class ScramSHA256Mechanism:
     """
     SCRAM-SHA-256 without channel binding.
 
+    A name that is no user (or a user without SCRAM keys) gets a
+    server-first-message all the same, its salt and iteration count made
+    up (L{madeUpParameters}): so the exchange does not reveal whether a
+    user exists.
+
     @param findUser: looks a user up by address; a L{Deferred}
         L{mailgate.records.UserRecord} or C{None}.
     @param fakeKey: a function giving (as a L{Deferred}) the secret of
-        the made-up salt an unknown user gets, so the exchange does not
-        reveal whether a user exists.
+        the made-up parameters.
     @param defaultRealm: the domain of a user name without one (see
         L{mailgate.address.loginAddress}), or C{None}.
+    @param parameters: a function giving (as a L{Deferred}) the kinds of
+        keys the made-up parameters are drawn from, C{{(iterations, salt
+        length): users}} (L{ScramParameters.current}); mailgate's own
+        alone by default.
     """
 
     name = "SCRAM-SHA-256"
     plaintext = False
 
-    def __init__(self, findUser, fakeKey, defaultRealm=None):
+    def __init__(self, findUser, fakeKey, defaultRealm=None, parameters=None):
         self._findUser = findUser
         self._fakeKey = fakeKey
         self._defaultRealm = defaultRealm
+        self._parameters = parameters or (lambda: defer.succeed(OWN_SCRAM_PARAMETERS))
         self._state = "first"
         self._serverKey = None
 
@@ -325,8 +458,25 @@ class ScramSHA256Mechanism:
         except InvalidAddress:
             address = None
         self._address = address
+        # What a made-up answer needs is fetched for every name, known or
+        # not, and alongside the lookup: the first exchange of a process
+        # waits for it whoever it is for, and later ones find it at hand.
+        madeUp = self._madeUpMaterial()
         d = self._findUser(address) if address else defer.succeed(None)
-        return d.addCallback(self._serverFirst)
+        return d.addCallbacks(
+            lambda user: madeUp.addCallback(lambda material: self._serverFirst(user, *material)),
+            lambda failure: _consumed(madeUp, failure),
+        )
+
+    def _madeUpMaterial(self):
+        """
+        The key and the kinds of keys of made-up parameters: a L{Deferred}
+        pair, failed as the first of them to fail.
+        """
+        key, kinds = self._fakeKey(), self._parameters()
+        return key.addCallbacks(
+            lambda key: kinds.addCallback(lambda kinds: (key, kinds)), lambda failure: _consumed(kinds, failure)
+        )
 
     @property
     def loginName(self):
@@ -337,24 +487,22 @@ class ScramSHA256Mechanism:
         """
         return getattr(self, "_username", None)
 
-    def _serverFirst(self, user):
+    def _serverFirst(self, user, key, kinds):
+        # Made from the name as the lookup saw it: "Bob@x" and "bob@x" get
+        # one answer, as a real user's spellings do; with the key every
+        # node shares, every node makes up the same one, as each serves a
+        # real user's stored salt.  Made up, and a secret read, for every
+        # name, so that a user's answer costs what a stranger's does.
+        iterations, salt = madeUpParameters(key, self._address or self._username, kinds)
+        serverKey = secrets.token_bytes(32)
         secret = user.scramSha256 if user is not None else None
         try:
-            iterations, salt, _, serverKey = parseScramSecret(secret) if secret else (None,) * 4
+            stored = parseScramSecret(secret or _DUMMY_SCRAM_SECRET)
         except ValueError:
-            iterations = None
-        if iterations is None:
-            return self._fakeKey().addCallback(self._madeUpFirst)
+            secret = None
+        if secret:
+            iterations, salt, _, serverKey = stored
         return self._first(iterations, salt, serverKey)
-
-    def _madeUpFirst(self, key):
-        # Made from the name as the lookup saw it: "Bob@x" and "bob@x" get
-        # one salt, as a real user's spellings do; with the key every node
-        # shares, every node makes up the same one, as each serves a real
-        # user's stored salt.
-        name = self._address or self._username
-        salt = hmac.new(key, b"salt:" + name.encode("utf-8"), hashlib.sha256).digest()[:16]
-        return self._first(SCRAM_ITERATIONS, salt, secrets.token_bytes(32))
 
     def _first(self, iterations, salt, serverKey):
         self._serverKey = serverKey
@@ -471,16 +619,23 @@ class SASLServer:
     @param bearerTokens: offer OAUTHBEARER and XOAUTH2
         (L{mailgate.auth.oauth}), where plaintext logins are allowed: a
         bearer token is a password.  The portal needs their checker.
+    @param scramParameters: the store's C{scramParameters}, the kinds of
+        the users' SCRAM keys, which the parameters made up for unknown
+        names are drawn from (L{ScramParameters}); without it, mailgate's
+        own alone.
+    @param clock: the time now, in seconds (when to read those again).
     """
 
-    #: the name of the made-up salts' key among the store's shared secrets
+    #: the name of the made-up parameters' key among the store's shared
+    #: secrets (its name from when only the salt was made up)
     UNKNOWN_USER_SALT_KEY = "scram-unknown-user-salt"
 
     def __init__(
         self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None, defaultRealm=None,
-        bearerTokens=False,
+        bearerTokens=False, scramParameters=None, clock=time.monotonic,
     ):
         self._findUser = findUser
+        self._scramParameters = None if scramParameters is None else ScramParameters(scramParameters, clock)
         self._bearerTokens = bearerTokens
         self._defaultRealm = defaultRealm
         self._sharedSecret = sharedSecret
@@ -527,7 +682,10 @@ class SASLServer:
         if name == "LOGIN":
             return LoginMechanism()
         if name == "SCRAM-SHA-256":
-            return ScramSHA256Mechanism(self._findUser, self._unknownUserSaltKey, self._defaultRealm)
+            return ScramSHA256Mechanism(
+                self._findUser, self._unknownUserSaltKey, self._defaultRealm,
+                None if self._scramParameters is None else self._scramParameters.current,
+            )
         if name == "CRAM-MD5" and self._offerCramMD5():
             return CramMD5Mechanism(self._hostname)
         if self._bearerTokens and name in ("OAUTHBEARER", "XOAUTH2"):
