@@ -250,7 +250,8 @@ def test_noTerminalAndNoPasswordStdin(cli):
     result = cli("user", "add", ALICE, stdin=f"{PASSWORD}\n")
     assert result.code == 64
     assert "--password-stdin" in oneLineError(result)
-    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+    # Refused before the database is opened: none is made for it.
+    assert not cli.path.exists()
 
 
 @pytest.mark.parametrize("stdin", ["\n", "", "\r\n"], ids=["newline", "eof", "crlf"])
@@ -2164,3 +2165,91 @@ def test_aSessionOrBanCommandsBadAddressIsRefusedBeforeTheDatabaseIsOpened(tmp_p
     before the database is opened (78 on a SQLite file not there before).
     """
     assert _refusedBeforeOpening(tmp_path, argv) == (code, "", message)
+
+
+NO_TERMINAL = "no terminal to ask for a password on; use --password-stdin"
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["import", "maildir", "{tmp}/absent", "a@example.org"], 66, "{tmp}/absent is not a maildir (no cur/ or new/)"),
+    (["import", "maildir", "{tmp}/empty", "a@example.org"], 66, "{tmp}/empty is not a maildir (no cur/ or new/)"),
+    (["import", "maildir", "{tmp}/mbox", "a@example.org"], 65,
+     "{tmp}/mbox is an mbox file (Dovecot's mbox format), not a maildir: import it through Dovecot's POP3"),
+    (["import", "maildir", "{tmp}/Maildir", "a@example.org", "--uidlist", "{tmp}/absent"], 66,
+     "no such file: {tmp}/absent"),
+    (["import", "maildir", "{tmp}/Maildir", "a@example.org", "--uidl-format", "%08Xu%08Xv"], 66,
+     "{tmp}/Maildir has no dovecot-uidlist, so its messages have no uid or uidvalidity: use a --uidl-format "
+     "without %u and %v (e.g. %f)"),
+    (["import", "pop3", "pop3://mail.example.org", "--users", "{tmp}/absent"], 66,
+     "cannot read {tmp}/absent: No such file or directory"),
+    (["import", "pop3", "pop3://mail.example.org", "--users", "{tmp}/users"], 65,
+     "{tmp}/users line 1: expected ADDRESS PASSWORD"),
+    (["import", "pop3", "pop3://a%0Ab@mail.example.org", "a@example.org", "--password-stdin"], 64,
+     "the user name holds a line break or a NUL, which POP3 cannot send"),
+    (["import", "pop3", "pop3://mail.example.org", "a*b@example.org", "--master-user", "m", "--password-stdin"], 65,
+     "the address has the master separator '*' in it, where the source would split the login; import it with "
+     "its own password"),
+    (["import", "pop3", "pop3://mail.example.org", "a@example.org"], 64, NO_TERMINAL),
+    (["import", "pop3", "pop3://mail.example.org", "--users", "{tmp}/users", "--master-user", "m"], 64, NO_TERMINAL),
+    (["user", "import", "{tmp}/absent"], 66, "cannot read {tmp}/absent: No such file or directory"),
+    (["user", "add", "a@example.org"], 64, NO_TERMINAL),
+    (["user", "passwd", "a@example.org"], 64, NO_TERMINAL),
+    (["user", "test", "a@example.org"], 64, NO_TERMINAL),
+    (["user", "apop", "a@example.org", "on"], 64, NO_TERMINAL),
+    (["db", "backup", "{tmp}/Maildir"], 73, "{tmp}/Maildir exists: a backup goes into a new file"),
+    (["db", "copy", "--from", "sqlite:///{tmp}/none.db", "--to", "sqlite:{tmp}/copy.db"], 78,
+     "--to: bad SQLite URL 'sqlite:{tmp}/copy.db': use sqlite:///relative/path or sqlite:////absolute/path"),
+])
+def test_whatANeedsNoDatabaseIsRefusedBeforeItIsOpened(tmp_path, argv, code, message):
+    """
+    As addresses and option values since d5db930: what a command refuses
+    without the database is refused before it is opened, in the words it
+    had, whatever the database's state: import maildir's DIR that is no
+    maildir, a --uidlist not there, a --uidl-format with uids and no uid
+    list; import pop3's --users file (read whole first), a user name in
+    its URL that POP3 cannot send, an ADDRESS with the master separator;
+    user import's file; a password with neither --password-stdin nor a
+    terminal to ask on; db backup into a file there already; db copy's
+    --to.  With a SQLite file not there each said "no such database file"
+    (78; db copy "--from: no such database file"), and user add and user
+    import made the file first.
+    """
+    (tmp_path / "Maildir" / "cur").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "mbox").write_bytes(b"From alice@example.org Sat Dec  5 10:00:00 2026\nSubject: hi\n\nhi\n")
+    (tmp_path / "users").write_text("a@example.org\n")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    refused, out, said = _refusedBeforeOpening(tmp_path, argv)
+    assert (refused, out) == (code, ""), said
+    assert said.startswith(message.replace("{tmp}", str(tmp_path))), said
+
+
+@pytest.mark.parametrize("argv", [
+    ["import", "maildir", "{tmp}/absent", "a@example.org"],
+    ["import", "pop3", "pop3://mail.example.org", "--users", "{tmp}/absent"],
+    ["import", "pop3", "pop3://mail.example.org", "a@example.org"],
+    ["user", "import", "{tmp}/absent"],
+    ["user", "add", "a@example.org"],
+    ["db", "backup", "{tmp}/backup.db"],
+    ["db", "copy", "--from", "{database}", "--to", "sqlite:{tmp}/copy.db"],
+])
+def test_whatANeedsNoDatabaseIsRefusedBeforeConnectingToPostgreSQL(tmp_path, argv):
+    """
+    On PostgreSQL, the same refusals come before any connection to the
+    database: the URL names a port that listens and never answers, and
+    nothing has connected to it when the command is done.  Before, each
+    command connected first (db backup, to say that it copies SQLite
+    alone), and waited there for the server's answer.
+    """
+    import socket
+
+    from e2e import mailgateHere
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        url = f"postgresql://mailgate@127.0.0.1:{listener.getsockname()[1]}/mailgate?connect_timeout=2"
+        argv = [arg.replace("{tmp}", str(tmp_path)).replace("{database}", url) for arg in argv]
+        code, out, err = mailgateHere(url, *argv)
+        assert code in (64, 65, 66, 78) and err.count("\n") == 1, err
+        with pytest.raises(BlockingIOError):
+            listener.accept()

@@ -336,8 +336,10 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     store = None
     opening = False
     try:
+        args.stdin = stdin
         args.stderr = stderr
         args.environ = environ
+        args.databaseURL = url
         # A command's option values are read before anything is opened: a
         # bad one is a usage error (64), not hidden behind a database that
         # is missing (78) or slow to answer.

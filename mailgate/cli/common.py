@@ -210,6 +210,18 @@ def _checkNewPassword(password):
         )
 
 
+def _checkPasswordSource(args, stdin):
+    """
+    A command's C{readOptions} check (run before the database is opened)
+    that its password can be read: with C{--password-stdin}, or on a
+    terminal.  Neither is a usage error whatever the database's state:
+    said once the database was opened, it was "no such database file"
+    (78) on a SQLite file not there, and C{user add} made one first.
+    """
+    if not args.password_stdin and not (hasattr(stdin, "isatty") and stdin.isatty()):
+        raise CommandError("no terminal to ask for a password on; use --password-stdin", EX_USAGE)
+
+
 def _readPassword(args, stdin, confirm=True):
     """
     The password: one line from standard input with C{--password-stdin},
@@ -218,10 +230,7 @@ def _readPassword(args, stdin, confirm=True):
     if args.password_stdin:
         password = _passwordLine(stdin)
     else:
-        if not (hasattr(stdin, "isatty") and stdin.isatty()):
-            raise CommandError(
-                "no terminal to ask for a password on; use --password-stdin", EX_USAGE
-            )
+        _checkPasswordSource(args, stdin)
         try:
             password = getpass.getpass("Password: ")
             if confirm and getpass.getpass("Again: ") != password:

@@ -48,6 +48,19 @@ def _dbUpgrade(store, args, out, stdin):
     out.write(f"schema is at version {LATEST}\n")
 
 
+def _dbCopyOptions(args):
+    """
+    Both of C{db copy}'s URLs, read before either side is opened: a
+    mistyped C{--to} was said only once C{--from} was open (on PostgreSQL,
+    connected to).
+    """
+    for url, option in ((args.source, "--from"), (args.target, "--to")):
+        try:
+            engineFromURL(url)
+        except ConfigurationError as e:
+            raise CommandError(f"{option}: {e}", EX_CONFIG) from None
+
+
 def _dbCopy(store, args, out, stdin):
     from mailgate.store.copy import CopyError, copyDatabase
 
@@ -151,17 +164,33 @@ def _dbVersion(store, args, out, stdin):
     out.write(f"schema version {version} (this mailgate: {LATEST}){said}\n")
 
 
-def _dbBackup(store, args, out, stdin):
-    from mailgate.store.backup import backupDatabase
+def _dbBackupOptions(args):
+    """
+    C{db backup}'s database and C{FILE}, checked before the database is
+    opened: a PostgreSQL database (a usage error, said once connected
+    before), a C{FILE} there already.
+    """
     from mailgate.store.sqlite import SQLiteEngine
 
-    engine = store.engine
+    try:
+        engine = engineFromURL(args.databaseURL)
+    except ConfigurationError:
+        return  # said as the database is opened
     if not isinstance(engine, SQLiteEngine) or engine.path == ":memory:":
         raise CommandError(
             "db backup copies an SQLite database; back PostgreSQL up with its own tools "
             "(pg_dump, or pg_basebackup and WAL archiving)",
             EX_USAGE,
         )
+    if os.path.lexists(args.file):
+        # As backupDatabase refuses it.
+        raise CommandError(f"{args.file} exists: a backup goes into a new file", EX_CANTCREAT)
+
+
+def _dbBackup(store, args, out, stdin):
+    from mailgate.store.backup import backupDatabase
+
+    engine = store.engine
     try:
         size = backupDatabase(engine, args.file)
     except ConfigurationError as e:
@@ -285,7 +314,7 @@ def _addDatabaseCommands(commands):
     )
     dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
     dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
-    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False)
+    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False, readOptions=_dbCopyOptions)
     dbBackup = db.add_parser(
         "backup",
         help="copy the SQLite database into a new file while servers use it",
@@ -295,7 +324,7 @@ def _addDatabaseCommands(commands):
         "PostgreSQL has its own tools (pg_dump).",
     )
     dbBackup.add_argument("file", metavar="FILE")
-    dbBackup.set_defaults(run=_dbBackup, migrate=False)
+    dbBackup.set_defaults(run=_dbBackup, migrate=False, readOptions=_dbBackupOptions)
     dbRestored = db.add_parser(
         "restored",
         help="ready a database just restored from a backup taken by other means (pg_dump, a snapshot)",

@@ -4,6 +4,7 @@ C{mailgate import ...}: bringing maildrops over from a maildir or a live
 POP3 server, keeping their unique ids.
 """
 
+import os
 import time
 
 from mailgate.cli.common import (
@@ -16,6 +17,7 @@ from mailgate.cli.common import (
     EX_UNAVAILABLE,
     EX_USAGE,
     _address,
+    _checkPasswordSource,
     _forUser,
     _number,
     _readAddresses,
@@ -63,6 +65,15 @@ def _importForget(store, args, out, stdin):
     )
 
 
+def _soleSourceWithMirror(args):
+    """
+    C{--sole-source} says what a C{--mirror} run may take out: alone, it
+    would do nothing, unsaid.
+    """
+    if args.sole_source and not args.mirror:
+        raise CommandError("--sole-source goes with --mirror", EX_USAGE)
+
+
 def _importMaildirOptions(args):
     from mailgate.importers.uidlformat import checkUidlFormat
 
@@ -73,8 +84,42 @@ def _importMaildirOptions(args):
             checkUidlFormat(args.uidl_format)
         except ValueError as e:
             raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
+    _soleSourceWithMirror(args)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     args.address = _address(args.address)
+    _checkMaildir(args.directory, args.uidlist, args.uidl_format)
+
+
+def _checkMaildir(directory, uidListPath, uidlFormat):
+    """
+    What C{import maildir} refuses of C{DIR}, C{--uidlist} and
+    C{--uidl-format} before it reads a message, checked before the database
+    is opened, in the importer's words and with the exit statuses it gives
+    them: a C{DIR} that is no maildir (66; 65 for mail in another format),
+    a C{--uidlist} not there (66), a format with uids where there is no
+    uid list (66).  With a SQLite file not there each said "no such
+    database file" (78); on PostgreSQL, only once connected.
+    L{importMaildir} checks them again as it reads.
+    """
+    from mailgate.importers.maildir import UIDLIST, OtherFormat, _maildirBelow, _refuseOtherFormat
+    from mailgate.importers.uidlformat import usesVariable
+
+    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
+        try:
+            _refuseOtherFormat(directory)
+        except OtherFormat as e:
+            raise CommandError(str(e), EX_DATAERR) from None
+        raise CommandError(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}", EX_NOINPUT)
+    if os.path.exists(uidListPath or os.path.join(directory, UIDLIST)):
+        return
+    if uidListPath is not None:
+        raise CommandError(f"no such file: {uidListPath}", EX_NOINPUT)
+    if uidlFormat is not None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
+        raise CommandError(
+            f"{directory} has no {UIDLIST}, so its messages have no uid or uidvalidity: "
+            f"use a --uidl-format without %u and %v (e.g. %f)",
+            EX_NOINPUT,
+        )
 
 
 def _importMaildir(store, args, out, stdin):
@@ -88,7 +133,7 @@ def _importMaildir(store, args, out, stdin):
             store, args.directory, address, args.uidl_format, int(time.time()),
             progress=lambda line: args.stderr.write(f"mailgate: {_shown(line)}\n"), uidListPath=args.uidlist,
             reuseXUidl=args.reuse_xuidl, deletedFlag=args.deleted_flag, mirror=args.mirror, maxSize=maxSize,
-            decompress=args.decompress == "auto",
+            decompress=args.decompress == "auto", soleSource=args.sole_source,
         )
     except OtherFormat as e:
         # Mail, but not a maildir's: bad input, not missing input.
@@ -191,13 +236,17 @@ def _masterRefused(address, master, refusal):
 
 def _importPOP3Options(args):
     """
-    C{import pop3}'s URL and options, read before the database is opened;
-    the C{--users} file is read once it is.
+    C{import pop3}'s URL, options and C{--users} file, read before the
+    database is opened (and before the source is contacted): a bad one is
+    refused whatever the database's state, as what it is.
     """
     from mailgate.importers import ImportFailed
     from mailgate.importers.pop3 import parseURL
 
     _, _, _, urlUser, urlPassword = _pop3URL(args.url, parseURL, ImportFailed)
+    if urlUser is not None and any(c in urlUser for c in "\r\n\0"):
+        # As the importer refuses it, once connected (69 then).
+        raise CommandError("the user name holds a line break or a NUL, which POP3 cannot send", EX_USAGE)
     if urlPassword is not None:
         # Not taken: a command line is in the process list, for every user
         # of the machine to read (and in shell histories).
@@ -210,6 +259,7 @@ def _importPOP3Options(args):
         # The next run would find the source without what this one
         # deleted from it, and take it out here.
         raise CommandError("--mirror and --delete do not go together: --delete empties the source", EX_USAGE)
+    _soleSourceWithMirror(args)
     master = args.master_user
     if master is not None:
         if urlUser is not None:
@@ -231,18 +281,39 @@ def _importPOP3Options(args):
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
         args.address = _address(args.address)
+        if master is not None and args.master_separator in args.address:
+            raise _separatorIn(args.master_separator)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+    # What is wrong with the command line is said before what is wrong
+    # in the file.
+    if args.users is not None:
+        args.accounts = _readUsers(args.users, passwords=master is None)
+    else:
+        args.accounts = [(args.address, None)]
+    if args.users is None or master is not None:
+        # A password to read (the master user's, or the ADDRESS's), as
+        # once the file was read.
+        _checkPasswordSource(args, args.stdin)
+
+
+def _separatorIn(separator):
+    """
+    The refusal of an address to import through the master user that
+    holds the master separator.
+    """
+    # The source splits the login at the first one.
+    return CommandError(
+        f"the address has the master separator {separator!r} in it, where the source would split the login; "
+        f"import it with its own password",
+        EX_DATAERR,
+    )
 
 
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
     from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, passes
 
-    master, maxSize = args.master_user, args.max_message_size
-    if args.users is not None:
-        users = _readUsers(args.users, passwords=master is None)
-    else:
-        users = [(args.address, None)]
+    master, maxSize, users = args.master_user, args.max_message_size, args.accounts
     total = ImportReport()
     # Users not complete: for a reason that may pass (their login, the
     # connection, the database), and only for messages that every run
@@ -260,12 +331,9 @@ def _importPOP3(store, args, out, stdin):
                 # Dovecot's master users: "alice@example.org*migrator"
                 # logs in as alice with the master user's password.
                 if args.master_separator in address:
-                    # The source splits the login at the first one.
-                    raise CommandError(
-                        f"the address has the master separator {args.master_separator!r} in it, where "
-                        f"the source would split the login; import it with its own password",
-                        EX_DATAERR,
-                    )
+                    # A line of --users (an ADDRESS is refused before the
+                    # database is opened): the other users are imported.
+                    raise _separatorIn(args.master_separator)
                 if masterPassword is None:
                     masterPassword = _readPassword(args, stdin, confirm=False)
                 password, login = masterPassword, f"{address}{args.master_separator}{master}"
@@ -276,7 +344,10 @@ def _importPOP3(store, args, out, stdin):
             report = importPOP3(
                 store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
                 warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{_shown(line)}\n"), maxSize=maxSize,
-                mirror=args.mirror,
+                # Through a master user, the maildrop is still the user's:
+                # the same source as with the user's own password.
+                mirror=args.mirror, sourceUser=address if master is not None else None,
+                soleSource=args.sole_source,
             )
         except (CommandError, ImportFailed) as e:
             if args.users is None:
@@ -365,9 +436,17 @@ def _addImportCommands(commands):
         help="where Dovecot has pop3_deleted_flag = KEYWORD: the messages with that keyword (deleted by POP3 "
         "clients, no longer listed by Dovecot) are left out",
     )
-    imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+    imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the "
+        "maildrop what an earlier import from the same source brought in and the "
         "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
         "would download again; kept for recovery (mailgate mailbox deleted)")
+    imaildir.add_argument(
+        "--sole-source",
+        action="store_true",
+        help="with --mirror, where this source alone filled the address: also take out what was imported before "
+        "mailgate recorded which source each unique id came from (schema version 14) and the source no longer "
+        "has (left in the maildrop otherwise, as it may be another source's)",
+    )
     imaildir.add_argument(
         "--max-message-size",
         metavar="SIZE",
@@ -406,9 +485,17 @@ def _addImportCommands(commands):
         "that offers no STLS in the clear (refused otherwise, except to this machine)",
     )
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
-    ipop3.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the maildrop what an earlier import brought in and the " 
+    ipop3.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the "
+        "maildrop what an earlier import from the same source brought in and the "
         "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
         "would download again; kept for recovery (mailgate mailbox deleted)" + " (not with --delete)")
+    ipop3.add_argument(
+        "--sole-source",
+        action="store_true",
+        help="with --mirror, where this source alone filled the address: also take out what was imported before "
+        "mailgate recorded which source each unique id came from (schema version 14) and the source no longer "
+        "has (left in the maildrop otherwise, as it may be another source's)",
+    )
     ipop3.add_argument(
         "--max-message-size",
         metavar="SIZE",

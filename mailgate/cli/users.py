@@ -32,6 +32,7 @@ from mailgate.cli.common import (
     _addJSON,
     _address,
     _checkNewPassword,
+    _checkPasswordSource,
     _dayCount,
     _existingUser,
     _forUser,
@@ -91,6 +92,16 @@ def _credentials(args, password, apop, cramMD5=False):
 def _userAddOptions(args):
     if args.hashed and args.apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
+    _passwordOptions(args)
+
+
+def _passwordOptions(args):
+    """
+    The C{readOptions} part of a command that reads a password: that it
+    can be read (L{_checkPasswordSource}); C{user apop ... off} reads none.
+    """
+    if getattr(args, "state", "on") == "on":
+        _checkPasswordSource(args, args.stdin)
 
 
 def _userAdd(store, args, out, stdin):
@@ -157,6 +168,24 @@ def _userImportOptions(args):
         except InvalidAddress as e:
             raise CommandError(str(e), EX_USAGE) from None
     args.domain = domain
+    # The file too (standard input, -, is read once the database is
+    # opened): one that cannot be read made the database first.
+    args.lines = None if args.file == "-" else _passwdFileLines(args.file)
+
+
+def _passwdFileLines(path):
+    """
+    The lines of the passwd-file at C{path}.  Octets that are not UTF-8
+    (a gecos field in Latin-1, copied from an old /etc/passwd) are kept
+    as they are, and refuse only a line whose name or hash has some; the
+    byte order mark an editor may put first is not part of the first
+    user's name.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
 
 
 def _userImport(store, args, out, stdin):
@@ -178,12 +207,8 @@ def _userImport(store, args, out, stdin):
             text = stdin.read() if binary is None else binary.read().decode("utf-8-sig", "surrogateescape")
             lines = text.splitlines()
         else:
-            # Octets that are not UTF-8 (a gecos field in Latin-1, copied
-            # from an old /etc/passwd) are kept as they are, and refuse
-            # only a line whose name or hash has some; the byte order mark
-            # an editor may put first is not part of the first user's name.
-            with open(args.file, encoding="utf-8-sig", errors="surrogateescape") as f:
-                lines = f.read().splitlines()
+            # Read before the database was opened (_userImportOptions).
+            lines = args.lines
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
     added = updated = present = failed = 0
@@ -578,7 +603,7 @@ def _addUserCommands(commands):
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     _addHashed(passwd)
-    passwd.set_defaults(run=_userPasswd, migrate=True, readOptions=_readAddresses("address"))
+    passwd.set_defaults(run=_userPasswd, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions))
     imports = user.add_parser(
         "import",
         help="add the users of a Dovecot passwd-file, keeping their passwords",
@@ -633,7 +658,9 @@ def _addUserCommands(commands):
     )
     test.add_argument("address", metavar="ADDRESS")
     test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    test.set_defaults(run=_userTest, migrate=True, readOptions=_readAddresses("address"), readsOnly=True)
+    test.set_defaults(
+        run=_userTest, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions), readsOnly=True
+    )
     apop = user.add_parser(
         "apop",
         help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",
@@ -644,7 +671,7 @@ def _addUserCommands(commands):
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    apop.set_defaults(run=_userApop, migrate=True, readOptions=_readAddresses("address"))
+    apop.set_defaults(run=_userApop, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions))
     rename = user.add_parser(
         "rename",
         help="give a user a new address (maildrop, unique ids and quota follow)",
