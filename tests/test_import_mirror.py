@@ -240,8 +240,9 @@ def test_idsImportedBeforeSourcesWereRecordedAreLeftUntilASourceClaimsThem(upgra
     report = importedFrom(store, directory)
     assert (report.removed, report.unrecorded) == (0, 1)
 
-    report = importedFrom(store, directory, soleSource=True)
-    assert (report.removed, report.unrecorded, report.failures) == (1, 0, [])
+    code, out, err = cli(url, "import", "maildir", directory, ALICE, "--uidl-format", "%f", "--mirror", "--sole-source")
+    assert (code, err) == (0, "")
+    assert out == "0 messages imported (0 octets), 1 skipped as already present, 1 taken out as gone from the source\n"
     assert held(store) == [second, pop]
     assert [m.uniqueId for m in resultOf(store.listDeleted(ALICE))] == [first]
 
@@ -257,3 +258,33 @@ def test_aSoleSourceTakesOutWhatWasImportedBeforeAndItNoLongerLists(upgraded, so
     report = importPOP3(store, server.url, ALICE, PASSWORD, mirror=True, soleSource=True)
     assert (report.skipped, report.removed, report.unrecorded) == (1, 2, 0)
     assert held(store) == ["P1"]
+
+
+def test_soleSourceGoesWithMirror(databaseURL, store, tmp_path):
+    """
+    Alone, --sole-source would change nothing: a usage error, before the
+    source is read.
+    """
+    directory = maildir(tmp_path / "Maildir")
+    for argv in (["maildir", directory, ALICE], ["pop3", "pop3://127.0.0.1:9", ALICE, "--password-stdin"]):
+        code, out, err = cli(databaseURL, "import", *argv, "--sole-source", stdin=PASSWORD + "\n")
+        assert (code, out, err) == (64, "", "mailgate: --sole-source goes with --mirror\n")
+    assert held(store) == []
+
+
+def test_aMaildropImportedThroughAMasterUserIsTheUsersOwnSource(databaseURL, store, source):
+    """
+    Imported through a master user (alice*migrator), mirrored with alice's
+    own password: the same maildrop, the same source.
+    """
+    server = source(pop3Messages("M1", "M2"))
+    url = f"pop3://127.0.0.1:{server.port}"
+    code, out, err = cli(
+        databaseURL, "import", "pop3", url, ALICE, "--master-user", "migrator", "--password-stdin", stdin="key\n"
+    )
+    assert (code, err) == (0, "") and out.startswith("2 messages imported")
+    assert set(sources(store).values()) == {pop3Source(url, ALICE)}
+    server.messages = pop3Messages("M2")
+    code, out, err = cli(databaseURL, "import", "pop3", url, ALICE, "--password-stdin", "--mirror", stdin="pw\n")
+    assert (code, err) == (0, "") and out.endswith(", 1 taken out as gone from the source\n")
+    assert held(store) == ["M2"]
