@@ -4,6 +4,7 @@ C{mailgate import ...}: bringing maildrops over from a maildir or a live
 POP3 server, keeping their unique ids.
 """
 
+import os
 import time
 
 from mailgate.cli.common import (
@@ -16,6 +17,7 @@ from mailgate.cli.common import (
     EX_UNAVAILABLE,
     EX_USAGE,
     _address,
+    _checkPasswordSource,
     _forUser,
     _number,
     _readAddresses,
@@ -85,6 +87,39 @@ def _importMaildirOptions(args):
     _soleSourceWithMirror(args)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     args.address = _address(args.address)
+    _checkMaildir(args.directory, args.uidlist, args.uidl_format)
+
+
+def _checkMaildir(directory, uidListPath, uidlFormat):
+    """
+    What C{import maildir} refuses of C{DIR}, C{--uidlist} and
+    C{--uidl-format} before it reads a message, checked before the database
+    is opened, in the importer's words and with the exit statuses it gives
+    them: a C{DIR} that is no maildir (66; 65 for mail in another format),
+    a C{--uidlist} not there (66), a format with uids where there is no
+    uid list (66).  With a SQLite file not there each said "no such
+    database file" (78); on PostgreSQL, only once connected.
+    L{importMaildir} checks them again as it reads.
+    """
+    from mailgate.importers.maildir import UIDLIST, OtherFormat, _maildirBelow, _refuseOtherFormat
+    from mailgate.importers.uidlformat import usesVariable
+
+    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
+        try:
+            _refuseOtherFormat(directory)
+        except OtherFormat as e:
+            raise CommandError(str(e), EX_DATAERR) from None
+        raise CommandError(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}", EX_NOINPUT)
+    if os.path.exists(uidListPath or os.path.join(directory, UIDLIST)):
+        return
+    if uidListPath is not None:
+        raise CommandError(f"no such file: {uidListPath}", EX_NOINPUT)
+    if uidlFormat is not None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
+        raise CommandError(
+            f"{directory} has no {UIDLIST}, so its messages have no uid or uidvalidity: "
+            f"use a --uidl-format without %u and %v (e.g. %f)",
+            EX_NOINPUT,
+        )
 
 
 def _importMaildir(store, args, out, stdin):
@@ -201,13 +236,17 @@ def _masterRefused(address, master, refusal):
 
 def _importPOP3Options(args):
     """
-    C{import pop3}'s URL and options, read before the database is opened;
-    the C{--users} file is read once it is.
+    C{import pop3}'s URL, options and C{--users} file, read before the
+    database is opened (and before the source is contacted): a bad one is
+    refused whatever the database's state, as what it is.
     """
     from mailgate.importers import ImportFailed
     from mailgate.importers.pop3 import parseURL
 
     _, _, _, urlUser, urlPassword = _pop3URL(args.url, parseURL, ImportFailed)
+    if urlUser is not None and any(c in urlUser for c in "\r\n\0"):
+        # As the importer refuses it, once connected (69 then).
+        raise CommandError("the user name holds a line break or a NUL, which POP3 cannot send", EX_USAGE)
     if urlPassword is not None:
         # Not taken: a command line is in the process list, for every user
         # of the machine to read (and in shell histories).
@@ -242,18 +281,39 @@ def _importPOP3Options(args):
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
         args.address = _address(args.address)
+        if master is not None and args.master_separator in args.address:
+            raise _separatorIn(args.master_separator)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
+    # What is wrong with the command line is said before what is wrong
+    # in the file.
+    if args.users is not None:
+        args.accounts = _readUsers(args.users, passwords=master is None)
+    else:
+        args.accounts = [(args.address, None)]
+    if args.users is None or master is not None:
+        # A password to read (the master user's, or the ADDRESS's), as
+        # once the file was read.
+        _checkPasswordSource(args, args.stdin)
+
+
+def _separatorIn(separator):
+    """
+    The refusal of an address to import through the master user that
+    holds the master separator.
+    """
+    # The source splits the login at the first one.
+    return CommandError(
+        f"the address has the master separator {separator!r} in it, where the source would split the login; "
+        f"import it with its own password",
+        EX_DATAERR,
+    )
 
 
 def _importPOP3(store, args, out, stdin):
     from mailgate.importers import ImportFailed, ImportReport
     from mailgate.importers.pop3 import LoginRefused, SourceBusy, importPOP3, passes
 
-    master, maxSize = args.master_user, args.max_message_size
-    if args.users is not None:
-        users = _readUsers(args.users, passwords=master is None)
-    else:
-        users = [(args.address, None)]
+    master, maxSize, users = args.master_user, args.max_message_size, args.accounts
     total = ImportReport()
     # Users not complete: for a reason that may pass (their login, the
     # connection, the database), and only for messages that every run
@@ -271,12 +331,9 @@ def _importPOP3(store, args, out, stdin):
                 # Dovecot's master users: "alice@example.org*migrator"
                 # logs in as alice with the master user's password.
                 if args.master_separator in address:
-                    # The source splits the login at the first one.
-                    raise CommandError(
-                        f"the address has the master separator {args.master_separator!r} in it, where "
-                        f"the source would split the login; import it with its own password",
-                        EX_DATAERR,
-                    )
+                    # A line of --users (an ADDRESS is refused before the
+                    # database is opened): the other users are imported.
+                    raise _separatorIn(args.master_separator)
                 if masterPassword is None:
                     masterPassword = _readPassword(args, stdin, confirm=False)
                 password, login = masterPassword, f"{address}{args.master_separator}{master}"
