@@ -579,6 +579,8 @@ def _addressLiteral(name):
         raise ValueError(f"not an address literal: {_shortText(name)!r}") from None
     if (address.version == 6) != (text is not inside):
         raise ValueError(f"not an address literal: {_shortText(name)!r} (IPv6 ones are written [IPv6:...])")
+    if "%" in text:
+        raise ValueError(f"not an address literal: {_shortText(name)!r} (an address literal has no %zone)")
     return name
 
 

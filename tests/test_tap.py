@@ -232,13 +232,16 @@ def test_hostname():
 @pytest.mark.parametrize(
     "name",
     ["a\r\nb", "evil\r\n+OK injected", "a b<c>", "<x>", "mail_1.example.org", "-mail.example.org",
-     "mail..example.org", "[192.0.2.1", "[2001:db8::1]", "[IPv6:192.0.2.1]", "[999.0.2.1]", "x" * 254],
+     "mail..example.org", "[192.0.2.1", "[2001:db8::1]", "[IPv6:192.0.2.1]", "[999.0.2.1]", "x" * 254,
+     "[IPv6:fe80::1%eth0]"],
 )
 def test_hostnameRefused(name):
     """
     It goes raw into the POP3 greeting, the SMTP banner and the APOP
     timestamp: a line break would end the line, a space or <> would break
-    the timestamp.
+    the timestamp.  An address literal has no zone (C{%eth0}): RFC 5321's
+    has none, and the name the greeting and the Received field gave was
+    none.
     """
     with pytest.raises(usage.UsageError, match="--hostname: not a"):
         parse("--hostname", name)
