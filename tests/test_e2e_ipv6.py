@@ -10,7 +10,8 @@ client's address.
 Every other end-to-end test runs over 127.0.0.1; the policy's IPv6 rules
 (a client is its /64, exempt networks matched against the address) are
 tested without sockets in test_policy.py.  Every wait is bounded; no time
-is asserted.
+is asserted.  C{mailgate who} with a long IPv6 client is tested on a
+registry written here, without a server.
 """
 
 import poplib
@@ -89,3 +90,42 @@ def test_aServerOnIPv6Loopback(mailgate_server, mailgate_cli):
     # Lifted by the address, as written with its zone: the /64 is.
     assert mailgate_cli.check("ban", "del", "::1%lo").startswith("lifted the ban of ::/64")
     waitFor(lambda: not refused(), "the ban lifted")
+
+
+def test_whoKeepsItsColumnsForALongIPv6Client(tmp_path):
+    """
+    C{mailgate who}'s CLIENT column is as wide as its longest client: an
+    IPv6 one (up to 47 characters, C{[2001:db8:...]:65535}) pushed SINCE
+    out of line, past the 24 an IPv4 one fits in.
+    """
+    import sqlite3
+    import time
+
+    from e2e import mailgateHere
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    peers = {"bob@example.org": "192.0.2.1:1234", "carol@example.org": "[2001:db8:1234:5678:9abc:def0:1234:5678]:65535"}
+    for address in peers:
+        assert mailgateHere(url, "user", "add", address, "--password-stdin", stdin="pw\n")[0] == 0
+    now = int(time.time())
+    database = sqlite3.connect(tmp_path / "mail.sqlite3")
+    with database:
+        database.execute(
+            "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at) "
+            "VALUES ('n1', 'mail.example.org[1]', ?, ?)",
+            (now - 60, now),
+        )
+        for address, peer in peers.items():
+            database.execute(
+                "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) "
+                "SELECT user_id, ?, 'n1', ?, ? FROM users WHERE address = ?",
+                (address, peer, now - 5, address),
+            )
+    database.close()
+    code, out, err = mailgateHere(url, "who")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3, out
+    # SINCE begins where each row's time does.
+    columns = [lines[0].index("SINCE")] + [len(line) - len("2026-12-06T16:53:41Z") for line in lines[1:]]
+    assert len(set(columns)) == 1, out

@@ -28,10 +28,12 @@ def _who(store, args, out, stdin):
         return _jsonLines(out, (
             {"user": s.address, "node": s.node, "client": s.peer, "since": _time(s.since)} for s in sessions
         ))
-    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<24} SINCE\n")
+    # As wide as the longest client: an IPv6 one takes up to 47 characters.
+    width = max([24] + [len(s.peer or "") for s in sessions])
+    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<{width}} SINCE\n")
     for session in sessions:
         out.write(
-            f"{session.address:<40} {session.node:<30} {session.peer or '-':<24} {_time(session.since)}\n"
+            f"{session.address:<40} {session.node:<30} {session.peer or '-':<{width}} {_time(session.since)}\n"
         )
 
 
