@@ -24,7 +24,7 @@ from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
 from mailgate.store.schema import MIGRATIONS, _ensureVersionTable, applyMigration
 from mailgate.testing import addUser, memoryStore, resultOf
-from test_importer_faults import ScriptedPOP3, source  # noqa: F401 (fixture)
+from test_importer_faults import source  # noqa: F401 (fixture)
 from test_importers import ALICE, PASSWORD, cli, pop3, store, writeMaildir  # noqa: F401 (fixture)
 
 #: A maildir's messages: (file name, which is the unique id with %f, octets)
@@ -288,3 +288,31 @@ def test_aMaildropImportedThroughAMasterUserIsTheUsersOwnSource(databaseURL, sto
     code, out, err = cli(databaseURL, "import", "pop3", url, ALICE, "--password-stdin", "--mirror", stdin="pw\n")
     assert (code, err) == (0, "") and out.endswith(", 1 taken out as gone from the source\n")
     assert held(store) == ["M2"]
+
+
+def test_theSourcesAreCopiedWithTheIds(tmp_path, postgresURL, source):
+    """
+    C{mailgate db copy} takes each id's source along: on the copy, a
+    maildir's mirror run still leaves the POP3 account's mail.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    original = memoryStore(url)
+    try:
+        addUser(original, ALICE, PASSWORD)
+        directory = maildir(tmp_path / "Maildir")
+        importedFrom(original, directory, mirror=False)
+        importPOP3(original, source(pop3Messages("P1")).url, ALICE, PASSWORD)
+        recorded = sources(original)
+    finally:
+        original.close()
+    code, out, err = cli(url, "db", "copy", "--from", url, "--to", postgresURL)
+    assert (code, err) == (0, ""), out
+    copy = memoryStore(postgresURL)
+    try:
+        assert sources(copy) == recorded and None not in recorded.values()
+        os.unlink(os.path.join(directory, "cur", FILES[0][0] + ":2,S"))
+        report = importedFrom(copy, directory)
+        assert (report.removed, report.unrecorded) == (1, 0)
+        assert held(copy) == [FILES[1][0], "P1"]
+    finally:
+        copy.close()
