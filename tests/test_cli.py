@@ -412,6 +412,28 @@ def test_aClosedStandardInputIsSaidToBe(cli, monkeypatch):
     assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
 
 
+CLOSED_STDIN = "standard input is closed: nothing to read the password from"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["user", "add", ALICE, "--password-stdin"], f"mailgate: {CLOSED_STDIN}\n"),
+    (["user", "import", "-"], "mailgate: cannot read -: standard input is closed\n"),
+    (["import", "pop3", "pop3://mail.example.org", ALICE, "--password-stdin"], f"mailgate: {CLOSED_STDIN}\n"),
+])
+def test_aClosedStandardInputIsSaidBeforeTheDatabaseIsOpened(cli, monkeypatch, argv, line):
+    """
+    As a bad option value: standard input closed where the command reads
+    it is said before the database is opened, whatever its state.  user
+    add and user import made the SQLite file first; import pop3 said "no
+    such database file" (78).
+    """
+    monkeypatch.setattr(sys, "stdin", None)
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--database", cli.url, *argv], stdin=None, stdout=out, stderr=err, environ={})
+    assert (code, out.getvalue(), err.getvalue()) == (66, "", line)
+    assert not cli.path.exists()
+
+
 def test_deliverWithStandardInputClosedSaysSo(cli, monkeypatch):
     """
     C{mailgate deliver ADDRESS <&-}: one line saying standard input is

@@ -213,12 +213,16 @@ def _checkNewPassword(password):
 def _checkPasswordSource(args, stdin):
     """
     A command's C{readOptions} check (run before the database is opened)
-    that its password can be read: with C{--password-stdin}, or on a
-    terminal.  Neither is a usage error whatever the database's state:
-    said once the database was opened, it was "no such database file"
-    (78) on a SQLite file not there, and C{user add} made one first.
+    that its password can be read: with C{--password-stdin}, from a
+    standard input that is open; without, on a terminal.  Said once the
+    database was opened, it was "no such database file" (78) on a SQLite
+    file not there, and C{user add} made one first.
     """
-    if not args.password_stdin and not (hasattr(stdin, "isatty") and stdin.isatty()):
+    if args.password_stdin:
+        if stdin is None:
+            # Python's standard input where the command started with it closed.
+            raise CommandError("standard input is closed: nothing to read the password from", EX_NOINPUT)
+    elif not (hasattr(stdin, "isatty") and stdin.isatty()):
         raise CommandError("no terminal to ask for a password on; use --password-stdin", EX_USAGE)
 
 
@@ -227,10 +231,10 @@ def _readPassword(args, stdin, confirm=True):
     The password: one line from standard input with C{--password-stdin},
     else asked for twice on the terminal.
     """
+    _checkPasswordSource(args, stdin)
     if args.password_stdin:
         password = _passwordLine(stdin)
     else:
-        _checkPasswordSource(args, stdin)
         try:
             password = getpass.getpass("Password: ")
             if confirm and getpass.getpass("Again: ") != password:

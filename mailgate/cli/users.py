@@ -170,6 +170,8 @@ def _userImportOptions(args):
     args.domain = domain
     # The file too (standard input, -, is read once the database is
     # opened): one that cannot be read made the database first.
+    if args.file == "-" and args.stdin is None:
+        raise CommandError("cannot read -: standard input is closed", EX_NOINPUT)
     args.lines = None if args.file == "-" else _passwdFileLines(args.file)
 
 
