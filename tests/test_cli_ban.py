@@ -109,6 +109,24 @@ def test_aSingleIPv6AddressBannedByAnEarlierVersionIsLifted(cli):
     assert banList(cli) == []
 
 
+@pytest.mark.parametrize("written", ["2001:db8::/64", "2001:db8::6"])
+def test_aSingleIPv6AddressBannedByAnEarlierVersionIsLiftedAsListed(cli, written):
+    """
+    Such a ban is listed, and enforced, as its /64: lifted by what the
+    list shows, or by any address of the /64, as any other ban.  Only its
+    own address lifted it ("no ban for 2001:db8::/64", exit 1), which the
+    list no longer shows.
+    """
+    store = openSynchronousStore(cli.url)
+    try:
+        resultOf(SQLPolicyStore(store.database).addBan("2001:db8::5", time.time(), 600))
+    finally:
+        store.close()
+    result = cli("ban", "del", written)
+    assert (result.code, result.out) == (0, "lifted the ban of 2001:db8::/64; its failed logins are forgotten\n"), result
+    assert banList(cli) == []
+
+
 def test_bansMadeByFailuresAreListed(cli):
     store = openSynchronousStore(cli.url)
     try:

@@ -84,16 +84,16 @@ def _banDelOptions(args):
 
 
 def _banDel(store, args, out, stdin):
-    from mailgate.policy.addresses import parseAddress
+    from mailgate.policy.addresses import storedKey
 
     address = args.banned
     policy = _policyStore(store)
     removed = _result(policy.removeBan(address))
-    if "/" not in args.address:
-        # A ban stored by an earlier mailgate names the IPv6 address alone.
-        single = str(parseAddress(args.address))
-        if single != address:
-            removed = _result(policy.removeBan(single)) or removed
+    # A ban stored by an earlier mailgate names an IPv6 address alone; it is
+    # enforced, and listed, for its /64, and lifted with it.
+    for ban in _result(policy.listBans(time.time())):
+        if ban.address != address and storedKey(ban.address) == address:
+            removed = _result(policy.removeBan(ban.address)) or removed
     if not removed:
         raise CommandError(f"no ban for {address}")
     out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
