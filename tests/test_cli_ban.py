@@ -127,6 +127,25 @@ def test_aSingleIPv6AddressBannedByAnEarlierVersionIsLiftedAsListed(cli, written
     assert banList(cli) == []
 
 
+def test_aBanAddedReplacesOneAnEarlierVersionStoredForAnAddressOfItsNetwork(cli):
+    """
+    C{ban add} replaces the ban its address has, also one stored by an
+    earlier mailgate for a single IPv6 address of the /64: a server
+    enforces the later of two bans of one /64, so the year-long one stayed
+    in force (and listed) beside the minute "banned ... until" had said.
+    """
+    store = openSynchronousStore(cli.url)
+    try:
+        resultOf(SQLPolicyStore(store.database).addBan("2001:db8::5", time.time(), 365 * 86400))
+    finally:
+        store.close()
+    before = time.time()
+    assert cli("ban", "add", "2001:db8::5", "--for", "60").code == 0
+    [(address, reason, failures, expires)] = banList(cli)
+    assert (address, reason, failures) == ("2001:db8::/64", "admin", 0)
+    assert before + 59 <= expires <= time.time() + 61
+
+
 def test_bansMadeByFailuresAreListed(cli):
     store = openSynchronousStore(cli.url)
     try:

@@ -69,7 +69,10 @@ def _banAdd(store, args, out, stdin):
     from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS
 
     address, duration = args.address, args.duration
-    ban = _result(_policyStore(store).addBan(address, time.time(), duration))
+    policy = _policyStore(store)
+    ban = _result(policy.addBan(address, time.time(), duration))
+    # Replaced, or the later of the two would still be enforced.
+    _liftEarlierBans(policy, address)
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
     banned = ipaddress.ip_network(address)
     if any(banned.overlaps(ipaddress.ip_network(n)) for n in DEFAULT_EXEMPT_NETWORKS):
@@ -83,17 +86,25 @@ def _banDelOptions(args):
     args.banned = _banAddress(args.address)
 
 
-def _banDel(store, args, out, stdin):
+def _liftEarlierBans(policy, address):
+    """
+    Lift the bans an earlier mailgate stored for single IPv6 addresses of
+    the /64 C{address}: enforced, and listed, for it.  Whether there was one.
+    """
     from mailgate.policy.addresses import storedKey
 
-    address = args.banned
-    policy = _policyStore(store)
-    removed = _result(policy.removeBan(address))
-    # A ban stored by an earlier mailgate names an IPv6 address alone; it is
-    # enforced, and listed, for its /64, and lifted with it.
+    removed = False
     for ban in _result(policy.listBans(time.time())):
         if ban.address != address and storedKey(ban.address) == address:
             removed = _result(policy.removeBan(ban.address)) or removed
+    return removed
+
+
+def _banDel(store, args, out, stdin):
+    address = args.banned
+    policy = _policyStore(store)
+    removed = _result(policy.removeBan(address))
+    removed = _liftEarlierBans(policy, address) or removed
     if not removed:
         raise CommandError(f"no ban for {address}")
     out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
