@@ -52,6 +52,7 @@ from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
+from mailgate.smtp.factory import EVERY_NETWORK, coversEveryAddress
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 # ZERO_DAYS and ZERO_QUOTA: why a retention of 0 days and a quota of 0 are
@@ -531,6 +532,15 @@ class TrustedNetwork(ExemptNetwork):
     """
 
     noneMeans = "trusts no network"
+
+
+class CleartextNetwork(ExemptNetwork):
+    """
+    A network SMTP or LMTP takes mail from without TLS, or C{none} (given
+    alone: mail only over TLS).
+    """
+
+    noneMeans = "takes mail in the clear from no network"
 
 
 def networksOf(values):
@@ -1105,6 +1115,24 @@ SETTINGS = (
         repeated=True,
     ),
     Setting(
+        "smtp-cleartext-network", "smtpCleartextNetworks", CleartextNetwork(), EVERY_NETWORK,
+        "A network (CIDR) from which SMTP takes mail without TLS; from "
+        "elsewhere MAIL, RCPT, DATA and BDAT are refused with 530 5.7.0 "
+        "until STARTTLS, as Postfix's smtpd_tls_security_level = encrypt "
+        "(not on a public MX: RFC 3207 has it take mail in the clear).  "
+        "none: TLS from every network, loopback included (Unix socket peers "
+        "excepted).  Less than every network needs tls-cert and tls-key.",
+        repeated=True, defaultText="every network (0.0.0.0/0, ::/0)",
+    ),
+    Setting(
+        "lmtp-cleartext-network", "lmtpCleartextNetworks", CleartextNetwork(), EVERY_NETWORK,
+        "A network (CIDR) from which LMTP takes mail without TLS, as "
+        "smtp-cleartext-network for SMTP: for an MTA on another machine "
+        "(Postfix with lmtp_tls_security_level = encrypt), 127.0.0.0/8 and "
+        "::1/128 (or none) keep mail from crossing the network in the clear.",
+        repeated=True, defaultText="every network (0.0.0.0/0, ::/0)",
+    ),
+    Setting(
         "proxy-network", "proxyNetworks", BalancerNetwork(), DEFAULT_BALANCER_NETWORKS,
         "A network (CIDR) of the load balancers that may connect to haproxy: "
         "listeners (Dovecot's haproxy_trusted_networks): a connection from "
@@ -1487,6 +1515,15 @@ def checkConfig(config, settings=SETTINGS):
         raise ConfigurationError("tls-alt-cert and tls-alt-key go beside tls-cert and tls-key, which are not set")
     if config.tlsNamedCertificates and config.tlsCertificate is None:
         raise ConfigurationError("tls-sni-cert goes beside tls-cert and tls-key, which are not set")
+    for name, networks in (
+        ("smtp-cleartext-network", config.smtpCleartextNetworks),
+        ("lmtp-cleartext-network", config.lmtpCleartextNetworks),
+    ):
+        if config.tlsCertificate is None and not coversEveryAddress(networksOf(networks)):
+            raise ConfigurationError(
+                f"{name} asks for STARTTLS from other networks, which needs tls-cert and tls-key (not set): "
+                "without them all their mail would be refused"
+            )
     if config.oauth2Keys and not (config.oauth2Issuers and config.oauth2Audiences):
         raise ConfigurationError("oauth2-keys needs oauth2-issuer and oauth2-audience (which tokens to accept)")
     if (config.oauth2Issuers or config.oauth2Audiences) and not config.oauth2Keys:

@@ -1238,6 +1238,7 @@ def makeSMTPFactory(
         tracker=tracker,
         policy=policy,
         spoolDirectory=spoolDirectory,
+        cleartextNetworks=networksOf(config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks),
     )
     factory.trace = traceSelection(config)
     return factory

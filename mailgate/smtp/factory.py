@@ -3,9 +3,25 @@
 Factories for SMTP and LMTP listeners.
 """
 
+import functools
+import ipaddress
+
 from mailgate.hostname import machineName
+from mailgate.networks import parseNetwork, unmapped
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
+
+#: Every network: mail is taken without TLS from anyone (RFC 3207 section 4:
+#: a publicly referenced SMTP server must not require TLS).
+EVERY_NETWORK = ("0.0.0.0/0", "::/0")
+
+
+def coversEveryAddress(networks):
+    """
+    Whether C{networks} (L{ipaddress} networks or CIDR text) hold every
+    IPv4 and IPv6 address.
+    """
+    return {n.version for n in map(parseNetwork, networks) if n.prefixlen == 0} == {4, 6}
 
 
 class SMTPFactory(SessionFactory):
@@ -31,6 +47,12 @@ class SMTPFactory(SessionFactory):
         for a graceful shutdown.
     @param spoolDirectory: where messages being received are spooled once
         they outgrow memory; C{None}: the system's temporary directory.
+    @param cleartextNetworks: networks (L{ipaddress} objects or CIDR text)
+        from which a mail transaction is taken without TLS; from elsewhere
+        MAIL, RCPT, DATA, BDAT (and VRFY, EXPN, HELP) are refused with
+        C{530 5.7.0} until STARTTLS, as Postfix's
+        C{smtpd_tls_security_level = encrypt}.  Unix socket peers need no
+        TLS.  Anything short of every network needs C{tls}.
     """
 
     protocol = SMTPServer
@@ -50,6 +72,7 @@ class SMTPFactory(SessionFactory):
         metrics=None,
         tracker=None,
         spoolDirectory=None,
+        cleartextNetworks=EVERY_NETWORK,
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.delivery = delivery
@@ -61,6 +84,11 @@ class SMTPFactory(SessionFactory):
         self.idleTimeout = idleTimeout
         self.minDataRate = minDataRate
         self.tls = tls
+        self.cleartextNetworks = tuple(parseNetwork(n) for n in cleartextNetworks)
+        self.requiresTLS = not coversEveryAddress(self.cleartextNetworks)
+        if self.requiresTLS and tls is None:
+            # Every client outside the networks refused, none able to start TLS.
+            raise ValueError("TLS required from some networks, but no TLS to offer (no certificate)")
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -71,6 +99,20 @@ class SMTPFactory(SessionFactory):
         protocol.idleTimeout = self.idleTimeout
         protocol.minDataRate = self.minDataRate
         return protocol
+
+    def takesCleartext(self, address):
+        """
+        Whether a peer may send mail without TLS: on a network of
+        L{cleartextNetworks}, or a local (Unix socket) peer, whose mail
+        crosses no network; an address whose form is unknown only if it
+        is not IP.
+        """
+        if not self.requiresTLS:
+            return True
+        host = getattr(address, "host", None)
+        if host is None:
+            return getattr(address, "type", None) != "TCP"
+        return _onNetworks(host, self.cleartextNetworks)
 
     def extraExtensions(self, protocol):
         """
@@ -86,3 +128,13 @@ class LMTPFactory(SMTPFactory):
     """
 
     protocol = LMTPServer
+
+
+@functools.lru_cache(maxsize=4096)
+def _onNetworks(host, networks):
+    # An MTA comes back for every message: the answer is kept per address.
+    try:
+        ip = unmapped(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

@@ -58,6 +58,15 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: holds anything else (a tab, a control, a non-ASCII octet) is taken for
 #: a malformed BDAT, not for a command of no name.
 _BDAT_LINE = re.compile(rb"BDAT [\x20-\x7e]*", re.IGNORECASE)
+#: The reply to a command that needs TLS first (RFC 3207 section 4, in
+#: Postfix's and RFC 3207's words), from a client outside the factory's
+#: cleartext networks.
+_TLS_FIRST = (530, "5.7.0", "Must issue a STARTTLS command first")
+#: The commands refused with it before STARTTLS, besides DATA and BDAT
+#: (refused by their handlers, which must not run what follows them as
+#: commands): RFC 3207 refuses every command but NOOP, EHLO, STARTTLS and
+#: QUIT; HELO, LHLO and RSET carry no mail either.
+_NEED_TLS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN", "HELP"})
 
 
 def _beginsAsBDAT(line):
@@ -257,6 +266,9 @@ class SMTPServer(CommandSession):
         self._endReason = None
         self._began = None
         self._tally = dict(commands=0, errors=0, rcpt=0, recipients=0, messages=0)
+        # Whether the peer may send mail without TLS (the factory's
+        # cleartext networks), once asked.
+        self._cleartextPeer = None
 
     @property
     def hostname(self):
@@ -518,7 +530,24 @@ class SMTPServer(CommandSession):
             self._shutdownReply()
             self.close()
             return None
+        if verb in _NEED_TLS and self._mustStartTLS():
+            code, enhanced, text = _TLS_FIRST
+            if verb == "MAIL":
+                # Logged as every refused MAIL is: the mail an MTA could not
+                # hand over in the clear can be looked up.
+                return self._refuseSender(_rawPath(argument), code, enhanced, "TLS required", text)
+            return self._bad(code, enhanced, text)
         return super().dispatch(verb, argument)
+
+    def _mustStartTLS(self):
+        """
+        Whether the client must start TLS before a mail transaction: it is
+        not on the factory's cleartext networks (by its real address, after
+        a PROXY header), and TLS has not started.
+        """
+        if self._cleartextPeer is None:
+            self._cleartextPeer = self.factory.takesCleartext(self.peer)
+        return not self._cleartextPeer and not isSecure(self.transport)
 
     # -- output ----------------------------------------------------------
 
@@ -929,7 +958,12 @@ class SMTPServer(CommandSession):
     def smtp_DATA(self, argument):
         envelope = self._envelope
         counted = True
-        if argument.strip():
+        if self._mustStartTLS():
+            # First, before what else is wrong with it: a message's text
+            # sent on without waiting for the reply ends the session, as
+            # after every refused DATA (_refuseEarlyData).
+            refusal = _TLS_FIRST
+        elif argument.strip():
             refusal = 501, "5.5.4", "DATA takes no arguments"
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first"
@@ -1153,7 +1187,10 @@ class SMTPServer(CommandSession):
             self._ending("message too large")
             self.close()
             return None
-        if self._chunksFailed:
+        if self._mustStartTLS():
+            # Its octets are read and dropped, as every refused chunk's.
+            refusal = *_TLS_FIRST, True
+        elif self._chunksFailed:
             # A chunk pipelined after its message failed: the client was
             # told why at that chunk.
             refusal = 503, "5.5.1", "the message failed at an earlier chunk; send RSET", False
