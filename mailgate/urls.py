@@ -48,7 +48,11 @@ def withoutPassword(text, url):
     """
     text = text.replace(url, shownURL(url))
     for password in sorted(_passwordsIn(url), key=len, reverse=True):
-        text = text.replace(password, "***")
+        # Only where it stands as a token of its own: a short password
+        # (say "p") taken out of the words around it too ("***ort 5432")
+        # mangled the reason and showed, by what it blanked, what the
+        # password is.
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(password)}(?![A-Za-z0-9])", "***", text)
     return text
 
 

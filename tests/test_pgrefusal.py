@@ -434,6 +434,23 @@ def test_aURLLibpqCannotReadIsRefusedWithoutItsPassword(case):
     assert password not in err and quote(password) not in err, err
 
 
+def test_aShortPasswordIsTakenOutOnlyWhereItStandsAlone():
+    """
+    The password is taken out of libpq's reason where it stands as a
+    token of its own, not out of the words around it: with the password
+    C{p}, the reason said C{***ort 1} for C{port 1}, mangled, and showed
+    by what it blanked what the password is.
+    """
+    code, out, err = mailgate("postgresql://mailgate:p@127.0.0.1:1/mail", "user", "list")
+    assert (code, out) == (EX_TEMPFAIL, ""), err
+    assert "port 1 failed" in err and "***" not in err, err
+    # Quoted alone, as libpq quotes what it cannot read, it is still taken out.
+    from mailgate.urls import withoutPassword
+
+    url = "postgresql://mailgate:p%@127.0.0.1:1/mail"
+    assert withoutPassword('invalid percent-encoded token: "p%"', url) == 'invalid percent-encoded token: "***"'
+
+
 def test_theServerStartsWithoutLoggingIt(servers):
     """
     C{twistd mailgate} at start-up says the same, into its log (the
