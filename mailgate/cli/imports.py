@@ -93,33 +93,23 @@ def _importMaildirOptions(args):
 def _checkMaildir(directory, uidListPath, uidlFormat):
     """
     What C{import maildir} refuses of C{DIR}, C{--uidlist} and
-    C{--uidl-format} before it reads a message, checked before the database
-    is opened, in the importer's words and with the exit statuses it gives
-    them: a C{DIR} that is no maildir (66; 65 for mail in another format),
-    a C{--uidlist} not there (66), a format with uids where there is no
-    uid list (66).  With a SQLite file not there each said "no such
-    database file" (78); on PostgreSQL, only once connected.
-    L{importMaildir} checks them again as it reads.
+    C{--uidl-format} before it reads a message
+    (L{mailgate.importers.maildir.checkMaildir}), checked before the
+    database is opened, with the exit statuses the import gives them: a
+    C{DIR} that is no maildir (66; 65 for mail in another format), a
+    C{--uidlist} not there (66), a format with uids where there is no uid
+    list (66).  With a SQLite file not there each said "no such database
+    file" (78); on PostgreSQL, only once connected.
     """
-    from mailgate.importers.maildir import UIDLIST, OtherFormat, _maildirBelow, _refuseOtherFormat
-    from mailgate.importers.uidlformat import usesVariable
+    from mailgate.importers import ImportFailed
+    from mailgate.importers.maildir import OtherFormat, checkMaildir
 
-    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
-        try:
-            _refuseOtherFormat(directory)
-        except OtherFormat as e:
-            raise CommandError(str(e), EX_DATAERR) from None
-        raise CommandError(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}", EX_NOINPUT)
-    if os.path.exists(uidListPath or os.path.join(directory, UIDLIST)):
-        return
-    if uidListPath is not None:
-        raise CommandError(f"no such file: {uidListPath}", EX_NOINPUT)
-    if uidlFormat is not None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
-        raise CommandError(
-            f"{directory} has no {UIDLIST}, so its messages have no uid or uidvalidity: "
-            f"use a --uidl-format without %u and %v (e.g. %f)",
-            EX_NOINPUT,
-        )
+    try:
+        checkMaildir(directory, uidListPath, uidlFormat)
+    except OtherFormat as e:
+        raise CommandError(str(e), EX_DATAERR) from None
+    except ImportFailed as e:
+        raise CommandError(str(e), EX_NOINPUT) from None
 
 
 def _importMaildir(store, args, out, stdin):

@@ -425,11 +425,7 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         needs what it has not (uids without a uid list).
     """
     now = int(time.time()) if now is None else now
-    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
-        # Before anything is said of its dovecot-uidlist: a mistyped path
-        # is one error, not a warning about ids and then the error.
-        _refuseOtherFormat(directory)
-        raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}")
+    checkMaildir(directory, uidListPath, uidlFormat)
     _reportFolders(directory, progress)
     if progress is not None and os.path.exists(os.path.join(directory, "maildirfolder")):
         progress(
@@ -437,17 +433,13 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
             f"serves: imported as asked"
         )
     uidList = readUidList(uidListPath or os.path.join(directory, UIDLIST))
-    if uidListPath is not None and uidList is None:
-        raise ImportFailed(f"no such file: {uidListPath}")
+    if uidList is None:
+        # Checked again as read: the file may have gone since.
+        _checkWithoutUidList(directory, uidListPath, uidlFormat)
     if uidList is None and uidlFormat is None:
         _noUidList(directory, progress)
     if uidlFormat is None:
         uidlFormat = DEFAULT_FORMAT if uidList is not None else FILENAME_FORMAT
-    if uidList is None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
-        raise ImportFailed(
-            f"{directory} has no {UIDLIST}, so its messages have no uid or uidvalidity: "
-            f"use a --uidl-format without %u and %v (e.g. %f)"
-        )
     try:
         checkUidlFormat(uidlFormat)
     except ValueError as e:
@@ -513,6 +505,41 @@ def _consistentListing(directory, uidList, uidListPath, progress):
             f"Dovecot no longer serves the maildir"
         )
     return uidList, messages
+
+
+def checkMaildir(directory, uidListPath=None, uidlFormat=None):
+    """
+    What an import of C{directory} refuses before it reads a message, from
+    the files there alone: so that C{mailgate import maildir} can say it
+    before it opens the database, and L{importMaildir} says it in the same
+    words.
+
+    @raise OtherFormat: if C{directory} holds mail in another format.
+    @raise ImportFailed: if C{directory} is no maildir, C{uidListPath} is
+        not there, or C{uidlFormat} uses uids (C{%u}, C{%v}) where there is
+        no uid list.
+    """
+    if not any(os.path.isdir(os.path.join(directory, sub)) for sub in ("cur", "new")):
+        # Before anything is said of its dovecot-uidlist: a mistyped path
+        # is one error, not a warning about ids and then the error.
+        _refuseOtherFormat(directory)
+        raise ImportFailed(f"{directory} is not a maildir (no cur/ or new/){_maildirBelow(directory)}")
+    if not os.path.exists(uidListPath or os.path.join(directory, UIDLIST)):
+        _checkWithoutUidList(directory, uidListPath, uidlFormat)
+
+
+def _checkWithoutUidList(directory, uidListPath, uidlFormat):
+    """
+    Refuse an import of C{directory}, which has no uid list, if it was
+    given one (C{uidListPath}) or its format needs one.
+    """
+    if uidListPath is not None:
+        raise ImportFailed(f"no such file: {uidListPath}")
+    if uidlFormat is not None and (usesVariable(uidlFormat, "u") or usesVariable(uidlFormat, "v")):
+        raise ImportFailed(
+            f"{directory} has no {UIDLIST}, so its messages have no uid or uidvalidity: "
+            f"use a --uidl-format without %u and %v (e.g. %f)"
+        )
 
 
 class OtherFormat(ImportFailed):
