@@ -484,6 +484,9 @@ class Network(Kind):
                 f"not a network: {value.strip()!r} is {network}, not an IPv4 network: write {written}, "
                 "the prefix counting IPv6's 128 bits)"
             )
+        if mapped is not None:
+            # As written, with its IPv4 part: str() gives ::ffff:a00:0/104.
+            return f"::ffff:{ipaddress.IPv6Address(int(network.network_address)).ipv4_mapped}/{network.prefixlen}"
         return str(network)
 
 

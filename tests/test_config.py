@@ -16,7 +16,7 @@ import pytest
 from twisted.python import usage
 
 from certs import makeCertificate
-from e2e import TWISTD, databaseURL, runCommand, sqliteOnly, waitFor
+from e2e import MAILGATE, TWISTD, databaseURL, runCommand, sqliteOnly, waitFor
 from e2e import mailgate_server  # noqa: F401 (fixture)
 from mailgate import config as settings
 from mailgate import tap
@@ -743,6 +743,17 @@ def test_anIPv4NetworkMappedIntoIPv6WithItsIPv4PrefixIsRefused(tmp_path, option)
         parse(f"--{option}", "::ffff:0:0/80")
     for network in ("::ffff:127.0.0.0/104", "::ffff:127.0.0.1", "::/8", "2001:db8::/32"):
         parse(f"--{option}", network)
+
+
+def test_anIPv4NetworkMappedIntoIPv6IsShownWithItsIPv4Part(tmp_path):
+    """
+    C{mailgate config} shows such a network as it was written, its IPv4
+    part dotted: it showed C{::ffff:10.0.0.0/104} as C{::ffff:a00:0/104}.
+    """
+    path = writeConfig(tmp_path, 'exempt-network = ["::ffff:10.0.0.0/104", "::FFFF:10.1.2.3/128", "2001:db8::/32"]\n')
+    code, out, err = runCommand([MAILGATE, "--config", path, "config"])
+    assert (code, err) == (0, ""), err
+    assert 'exempt-network = ["::ffff:10.0.0.0/104", "::ffff:10.1.2.3/128", "2001:db8::/32"]' in out, out
 
 
 def test_exemptNetworkNoneWithNetworks(tmp_path):
