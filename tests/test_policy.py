@@ -101,8 +101,10 @@ def test_clientKeys():
     assert clientKey(None) is None
     assert addressText(" [2001:db8::1] ") == "2001:db8::/64"
     assert addressText("2001:db8:0:0:ffff::/64") == "2001:db8::/64"
+    # In brackets with its prefix, as in brackets alone (ban add/del).
+    assert addressText("[2001:db8::1]/64") == addressText(" [2001:db8::]/64 ") == "2001:db8::/64"
     assert addressText("192.0.2.1") == "192.0.2.1"
-    for text in ("mail.example.org", "2001:db8::/48", "2001:db8::/96", "192.0.2.0/24"):
+    for text in ("mail.example.org", "2001:db8::/48", "2001:db8::/96", "192.0.2.0/24", "[192.0.2.0]/24", "[::1/64]"):
         with pytest.raises(ValueError):
             addressText(text)
 

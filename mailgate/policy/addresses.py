@@ -54,7 +54,11 @@ def addressText(text):
         network of prefix length L{IPV6_PREFIX}.
     """
     if "/" in text:
-        network = ipaddress.ip_network(text.strip(), strict=False)
+        address, _, prefix = text.strip().rpartition("/")
+        if address.startswith("[") and address.endswith("]"):
+            # [2001:db8::]/64, as [2001:db8::1] is taken for an address.
+            address = address[1:-1]
+        network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
         if network.version != 6 or network.prefixlen != IPV6_PREFIX:
             raise ValueError(f"not an IP address or an IPv6 /{IPV6_PREFIX}: {text!r}")
         return str(network)
