@@ -113,6 +113,26 @@ def test_theSameMaildirNamedAnotherWayIsTheSameSource(store, tmp_path, monkeypat
     assert pop3(store)[0] == [FILES[1][0]]
 
 
+def test_aMaildirWhosePathIsNotUTF8IsImportedAndMirrored(databaseURL, store, tmp_path):
+    """
+    A maildir under a directory whose name is not UTF-8 (a user name in
+    Latin-1 on an old server) is imported, and mirrored, as any other.
+    Before, its path as the source's identity was text the database could
+    not store: exit 70, "internal error: UnicodeEncodeError", nothing
+    imported.
+    """
+    parent = tmp_path / os.fsdecode(b"caf\xe9")
+    parent.mkdir()
+    directory = maildir(parent / "Maildir")
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f")
+    assert (code, err) == (0, "") and out.startswith("2 messages imported")
+    assert set(sources(store).values()) == {f"maildir:{os.path.realpath(tmp_path)}/caf\\xe9/Maildir"}
+    os.unlink(os.path.join(directory, "cur", FILES[0][0] + ":2,S"))
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f", "--mirror")
+    assert (code, err) == (0, "") and out.endswith(", 1 taken out as gone from the source\n")
+    assert held(store) == [FILES[1][0]]
+
+
 def test_aPOP3SourcesIdentityIsItsHostPortAndUser():
     """
     The host in one form, the scheme's default port filled in, the user

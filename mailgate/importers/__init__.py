@@ -216,9 +216,13 @@ def maildirSource(directory):
     The identity of a maildir as a source of imported mail: its real path
     (absolute, with symbolic links resolved), so that the same maildir
     named another way (relative, through a link, with a trailing slash)
-    is the same source.
+    is the same source.  A path that is not UTF-8 (a user name in
+    Latin-1 on an old server) is kept with its other octets written
+    C{\\xNN}: a database stores text, and such a path made the import
+    fail before a message was written.
     """
-    return "maildir:" + os.path.realpath(directory)
+    path = os.fsencode(os.path.realpath(directory))
+    return "maildir:" + path.decode("utf-8", "backslashreplace")
 
 
 def toCRLF(data, pendingCR=False):
