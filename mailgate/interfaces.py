@@ -652,11 +652,15 @@ class ILifecycleStore(Interface):
         (C{listed}: all it lists now), kept for recovery; refused while the
         user is in a POP3 session.  What other sources brought in stays;
         so do messages imported before mailgate recorded sources, unless
-        C{soleSource}.
+        C{soleSource}, as is what another source brought in where it
+        also brought in some of what this one lists (this source by
+        another name, perhaps).
 
         @return: a L{Deferred} of C{(unique ids taken out, how many
-            imported without a recorded source were left)}; fails with
-            L{mailgate.errors.NoSuchUser} or L{MaildropInUse}.
+            imported without a recorded source were left, (source, how
+            many left) of each other source some of whose ids this one
+            lists)}; fails with L{mailgate.errors.NoSuchUser} or
+            L{MaildropInUse}.
         """
 
     def renameUser(old, new):

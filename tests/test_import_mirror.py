@@ -133,6 +133,42 @@ def test_aMaildirWhosePathIsNotUTF8IsImportedAndMirrored(databaseURL, store, tmp
     assert held(store) == [FILES[1][0]]
 
 
+def test_aMaildirImportedFromACopyThenMirroredFromItsLivePath(databaseURL, store, tmp_path):
+    """
+    Imported from a copy of the maildir, then mirrored from the live one
+    at the switch, after a client deleted a message there: two sources by
+    their paths.  The mirror run says that it left what the copy brought
+    in and it does not list, naming the copy, as the copy brought in what
+    it lists; with --sole-source it takes that out.  Before, the run said
+    nothing ("0 messages imported (0 octets), 1 skipped as already
+    present"), took nothing out, and --sole-source did not either: the
+    message the client deleted stayed, for a leave-on-server client to
+    download again after the switch.
+    """
+    copy = maildir(tmp_path / "copy" / "Maildir")
+    live = maildir(tmp_path / "Maildir", FILES[1:])
+    code, out, err = cli(databaseURL, "import", "maildir", copy, ALICE, "--uidl-format", "%f")
+    assert (code, err) == (0, "") and out.startswith("2 messages imported")
+    mirror = ["import", "maildir", live, ALICE, "--uidl-format", "%f", "--mirror"]
+    code, out, err = cli(databaseURL, *mirror)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"0 messages imported (0 octets), 1 skipped as already present, 1 not listed left in the maildrop as "
+        f"brought in from {maildirSource(copy)}, which also brought in some of what this source lists (if it is "
+        f"this source by another name, --sole-source takes them out)\n"
+    )
+    assert held(store) == [name for name, _ in FILES]
+    code, out, err = cli(databaseURL, *mirror, "--sole-source")
+    assert (code, err) == (0, "")
+    assert out == "0 messages imported (0 octets), 1 skipped as already present, 1 taken out as gone from the source\n"
+    assert held(store) == [FILES[1][0]]
+    assert set(sources(store).values()) == {maildirSource(copy), maildirSource(live)}
+    assert sources(store)[FILES[1][0]] == maildirSource(live)
+    code, out, err = cli(databaseURL, *mirror)
+    assert (code, err) == (0, "")
+    assert out == "0 messages imported (0 octets), 1 skipped as already present\n"
+
+
 def test_aPOP3SourcesIdentityIsItsHostPortAndUser():
     """
     The host in one form, the scheme's default port filled in, the user

@@ -46,7 +46,8 @@ def _importReport(report, out, stderr, who=None):
     prefix = f"{who}: " if who else ""
     for failure in report.failures:
         stderr.write(f"mailgate: {prefix}{_shown(failure)}\n")
-    out.write(f"{prefix}{report.summary()}\n")
+    # It may name a source (a maildir's path).
+    out.write(f"{prefix}{_shown(report.summary())}\n")
 
 
 def _importTarget(store, address):
@@ -433,9 +434,10 @@ def _addImportCommands(commands):
     imaildir.add_argument(
         "--sole-source",
         action="store_true",
-        help="with --mirror, where this source alone filled the address: also take out what was imported before "
-        "mailgate recorded which source each unique id came from (schema version 14) and the source no longer "
-        "has (left in the maildrop otherwise, as it may be another source's)",
+        help="with --mirror, where this source alone filled the address: also take out what the source no longer "
+        "has that was imported before mailgate recorded which source each unique id came from (schema version 14) "
+        "or by a source that also brought in some of what this one has (this one by another name: a copy of the "
+        "maildir, the server by another name); left in the maildrop otherwise, as it may be another source's",
     )
     imaildir.add_argument(
         "--max-message-size",
@@ -482,9 +484,10 @@ def _addImportCommands(commands):
     ipop3.add_argument(
         "--sole-source",
         action="store_true",
-        help="with --mirror, where this source alone filled the address: also take out what was imported before "
-        "mailgate recorded which source each unique id came from (schema version 14) and the source no longer "
-        "has (left in the maildrop otherwise, as it may be another source's)",
+        help="with --mirror, where this source alone filled the address: also take out what the source no longer "
+        "has that was imported before mailgate recorded which source each unique id came from (schema version 14) "
+        "or by a source that also brought in some of what this one has (this one by another name: a copy of the "
+        "maildir, the server by another name); left in the maildrop otherwise, as it may be another source's",
     )
     ipop3.add_argument(
         "--max-message-size",

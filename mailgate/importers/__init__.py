@@ -125,6 +125,10 @@ class ImportReport:
     @ivar unrecorded: messages the source does not list that were
         imported before mailgate recorded the source of each id, left in
         the maildrop: they may be another source's (L{removeGone}).
+    @ivar others: C{(source, how many)} of what another source brought in
+        and the source does not list, left in the maildrop, for each
+        other source that brought in some of what the source lists: the
+        same mailbox by another name, perhaps (L{removeGone}).
     @ivar failures: one line per message (or user) that could not be
         imported.
     @ivar temporary: whether some of the failures pass (writing to the
@@ -143,6 +147,7 @@ class ImportReport:
     temporary = attr.ib(default=False)
     removed = attr.ib(default=0)
     unrecorded = attr.ib(default=0)
+    others = attr.ib(factory=list)
 
     def add(self, other):
         self.messages += other.messages
@@ -150,6 +155,7 @@ class ImportReport:
         self.skipped += other.skipped
         self.removed += other.removed
         self.unrecorded += other.unrecorded
+        self.others += other.others
         self.failures += other.failures
         self.temporary = self.temporary or other.temporary
 
@@ -164,6 +170,13 @@ class ImportReport:
             text += (
                 f", {self.unrecorded} not listed left in the maildrop (imported before mailgate recorded "
                 f"which source an id came from)"
+            )
+        if self.others:
+            names = ", ".join(sorted({name for name, _ in self.others}))
+            text += (
+                f", {sum(n for _, n in self.others)} not listed left in the maildrop as brought in from {names}, "
+                f"which also brought in some of what this source lists (if it is this source by another name, "
+                f"--sole-source takes them out)"
             )
         if self.failures:
             text += f", {len(self.failures)} failed"
@@ -187,9 +200,14 @@ def removeGone(store, address, source, listed, report, soleSource=False):
     imported before mailgate recorded sources are claimed by the first
     source that lists them; one that this source does not list may be
     another's, and stays (counted in the report), unless C{soleSource}.
+    So does what another source brought in where it also brought in some
+    of what this source lists: the same mailbox by another name (a copy
+    of the maildir, then its live path; a server by name, then by
+    address), perhaps; the report names it.  With C{soleSource} both
+    are this source's.
     """
     try:
-        gone, left = fired(store.removeImportedGone(address, source, listed, soleSource))
+        gone, left, others = fired(store.removeImportedGone(address, source, listed, soleSource))
     except MaildropInUse:
         report.failures.append(
             f"{address} is in a POP3 session here: what the source no longer has was not taken out"
@@ -198,6 +216,7 @@ def removeGone(store, address, source, listed, report, soleSource=False):
         return
     report.removed += len(gone)
     report.unrecorded += left
+    report.others += others
 
 
 def claimPresent(store, address, source, uidls):

@@ -268,24 +268,29 @@ def _importMessages(cursor, address, items, source=None):
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 
-def _claimImported(cursor, address, source, uidls):
+def _claimImported(cursor, address, source, uidls, fromOthers=False):
     """
     Record C{source} as where the unique ids of C{uidls} came from, for
     those remembered without a source (imported before mailgate recorded
     sources): C{uidls} are ids the source lists now whose message the
     maildrop holds, or held, with the same content (a run skipped them as
     already present), so they are the source's.  An id that already has
-    a source keeps it: the first source that brought it in.
+    a source keeps it: the first source that brought it in; unless
+    C{fromOthers} (the administrator says this source alone filled the
+    address, and the source recorded for these ids, which it lists,
+    is this one by another name).
 
     @return: how many were claimed.
     """
     userId = _userId(cursor, address)
+    which = "(source IS NULL OR source <> ?)" if fromOthers else "source IS NULL"
+    mine = (source,) if fromOthers else ()
     claimed = 0
     for batch in batches(sorted(set(uidls))):
         cursor.execute(
-            f"UPDATE imported_ids SET source = ? WHERE user_id = ? AND source IS NULL "
+            f"UPDATE imported_ids SET source = ? WHERE user_id = ? AND {which} "
             f"AND uidl IN ({placeholders(len(batch))})",
-            (source, userId, *batch),
+            (source, userId, *mine, *batch),
         )
         claimed += cursor.rowcount
     return claimed
@@ -303,19 +308,28 @@ def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveS
     (C{deleted_by} C{import}, for L{mailgate.store.retention._keptLongest}'s days);
     their ids stay remembered, so that no later run brings them back.
 
-    What other sources brought in is never taken out.  Ids imported
-    before mailgate recorded sources (no source) that C{source} lists are
-    claimed for it (L{_claimImported}); those it does not list may be
-    another source's: left where they are, and counted, unless
-    C{soleSource} (the administrator says this source alone filled the
-    address), when they count as this source's.
+    What other sources brought in is not taken out.  Ids imported before
+    mailgate recorded sources (no source) that C{source} lists are claimed
+    for it (L{_claimImported}); those it does not list may be another
+    source's: left where they are, and counted.  Another source that
+    brought in ids C{source} lists (with the same size: the run found
+    them present with the same content) may be this one by another name
+    (a maildir imported from a copy then from its live path, a server by
+    name then by address): what it brought in and C{source} does not
+    list is left too, and counted with its name, so that the run can say
+    so.  With C{soleSource} (the administrator says this source alone
+    filled the address) both count as this source's, and are claimed for
+    it; what a source that brought in none of what this one lists
+    imported still stays.
 
     @param listed: every unique id the source lists now.
     @param lockedId: the id of the user whose maildrop lock is held (see
         L{lockedUserId}).
-    @return: C{(taken out, left)}: the unique ids taken out, sorted, and
-        how many messages imported without a recorded source the source
-        does not list were left in the maildrop.
+    @return: C{(taken out, left, others)}: the unique ids taken out,
+        sorted; how many messages imported without a recorded source the
+        source does not list were left in the maildrop; and C{(source,
+        how many it brought in that this source does not list were left)}
+        for each other source some of whose ids this source lists, sorted.
     @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
@@ -324,14 +338,31 @@ def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveS
         raise MaildropInUse(address)
     cursor.execute(
         "SELECT m.uid, m.uidl, i.source FROM maildrop m JOIN imported_ids i "
-        "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size "
-        "WHERE m.user_id = ? AND (i.source = ? OR i.source IS NULL)",
-        (userId, source),
+        "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size WHERE m.user_id = ?",
+        (userId,),
     )
     rows = cursor.fetchall()
-    _claimImported(cursor, address, source, [uidl for _, uidl, recorded in rows if recorded is None and uidl in listed])
-    gone = [(uid, uidl, recorded) for uid, uidl, recorded in rows if uidl not in listed]
-    taken = [(uid, uidl) for uid, uidl, recorded in gone if recorded is not None or soleSource]
+    # Other sources that brought in some of what this one lists.
+    overlapping = {recorded for _, uidl, recorded in rows if recorded not in (None, source) and uidl in listed}
+
+    def unsure(recorded):
+        return recorded is None or recorded in overlapping
+
+    claimed = [
+        uidl for _, uidl, recorded in rows if uidl in listed and (recorded is None or soleSource and unsure(recorded))
+    ]
+    _claimImported(cursor, address, source, claimed, fromOthers=soleSource)
+    gone = [(uid, uidl, recorded) for uid, uidl, recorded in rows if uidl not in listed and recorded != source]
+    taken = [(uid, uidl) for uid, uidl, recorded in rows if uidl not in listed and recorded == source]
+    others = {}
+    left = 0
+    if soleSource:
+        taken += [(uid, uidl) for uid, uidl, recorded in gone if unsure(recorded)]
+    else:
+        left = sum(1 for _, _, recorded in gone if recorded is None)
+        for _, _, recorded in gone:
+            if recorded in overlapping:
+                others[recorded] = others.get(recorded, 0) + 1
     if taken:
         _keepDeleted(cursor, userId, [uid for uid, _ in taken], now, "import")
-    return sorted(uidl for _, uidl in taken), len(gone) - len(taken)
+    return sorted(uidl for _, uidl in taken), left, sorted(others.items())

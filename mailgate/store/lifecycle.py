@@ -456,10 +456,12 @@ class LifecycleStore:
 
         @param listed: every unique id the source lists now.
         @param soleSource: whether ids imported before mailgate recorded
-            sources count as this source's.
+            sources, or by another source that brought in some of what
+            this one lists, count as this source's.
         @return: a L{Deferred} of C{(unique ids taken out, how many
-            imported without a recorded source were left)}; fails with
-            L{NoSuchUser} or L{MaildropInUse}.
+            imported without a recorded source were left, (source, how
+            many left) of each other source some of whose ids this one
+            lists)}; fails with L{NoSuchUser} or L{MaildropInUse}.
         """
         now = self._now()
         return self._underLock(
