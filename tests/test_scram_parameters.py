@@ -232,6 +232,56 @@ def test_theStoreCountsTheKindsOfKeys(databaseURL):
         s.close()
 
 
+def test_oddStoredKeysAreLeftOutWithoutFailingTheRead(databaseURL):
+    """
+    Keys written by hand (or by another program) that are no RFC 5803 keys
+    mailgate reads are left out of the kinds, the others counted: an
+    iteration count of thousands of digits (which Python's int() refuses),
+    one that is negative or not in ASCII digits, nothing after the prefix,
+    and on SQLite, which keeps what it is given, octets instead of text.
+    Before, the first of them failed the whole read with ValueError (the
+    octets: TypeError), and with it every SCRAM login of every user.
+    """
+    from mailgate.auth.passwords import StoredCredentials
+
+    s = memoryStore(databaseURL)
+    try:
+        addUser(s, ALICE, "pw")
+        odd = [
+            "SCRAM-SHA-256$" + "9" * 5000 + ":AAAAAAAAAAAAAAAAAAAAAA==$a:b",
+            "SCRAM-SHA-256$-1:AAAAAAAAAAAAAAAAAAAAAA==$a:b",
+            "SCRAM-SHA-256$\u0664\u0660\u0669\u0666:AAAAAAAAAAAAAAAAAAAAAA==$a:b",
+            "SCRAM-SHA-256$",
+            "",
+        ]
+        if databaseURL.startswith("sqlite"):
+            odd.append(b"SCRAM-SHA-256$4096:AAAAAAAAAAAAAAAAAAAAAA==$a:b")
+        for n, bad in enumerate(odd):
+            resultOf(s.addUser(f"odd{n}@example.org", StoredCredentials("$scrypt$", scramSha256=bad)))
+        assert resultOf(s.scramParameters()) == {OWN: 1}
+    finally:
+        s.close()
+
+
+def test_aUserWithAnOddKeyDoesNotStopOthersLoggingIn(store):
+    """
+    A user whose stored iteration count has 5,000 digits is answered as a
+    name that is no user; Alice, Carol and names that are no user are
+    answered as ever.  Before, every SCRAM exchange got "-ERR [SYS/TEMP]
+    ... internal server error" (a real twistd logged the traceback of
+    int()'s ValueError at each).
+    """
+    from mailgate.auth.passwords import StoredCredentials
+
+    huge = "SCRAM-SHA-256$" + "9" * 5000 + ":AAAAAAAAAAAAAAAAAAAAAA==$a:b"
+    resultOf(store.addUser("odd@example.org", StoredCredentials("$scrypt$", scramSha256=huge)))
+    factory = pop3Factory(store)
+    assert kindOf(*serverFirstOf(factory, ALICE)) == OWN
+    assert kindOf(*serverFirstOf(factory, CAROL)) == OTHER
+    assert kindOf(*serverFirstOf(factory, "odd@example.org")) in {OWN, OTHER}
+    assert kindOf(*serverFirstOf(factory, "nobody@example.org")) in {OWN, OTHER}
+
+
 # -- a real server --------------------------------------------------------------------------
 
 

@@ -133,21 +133,29 @@ def _scramParameters(cursor, engine):
     kind (a handful), not one per user.  A salt's length in octets is its
     base64's length and padding (16, 17 and 18 octets are all 24
     characters).  Keys that do not read so are left out (they serve no
-    SCRAM login: their users are answered as names that are no user).
+    SCRAM login: their users are answered as names that are no user),
+    among them octets where text belongs (SQLite keeps what it is given)
+    and an iteration count of more digits than Python's int() reads: one
+    such key failed the whole read, and with it every SCRAM login.
 
     @param engine: the engine's name, for its L{_SCRAM_KINDS}.
     """
     cursor.execute(_SCRAM_KINDS[engine])
     found = {}
     for head, length, equals, users in cursor.fetchall():
-        iterations = head[len(_SCRAM_PREFIX):] if head.startswith(_SCRAM_PREFIX) else ""
+        prefixed = isinstance(head, str) and head.startswith(_SCRAM_PREFIX)
+        iterations = head[len(_SCRAM_PREFIX):] if prefixed else ""
         if not (iterations.isascii() and iterations.isdigit()):
+            continue
+        try:
+            count = int(iterations)
+        except ValueError:
             continue
         salt = length - len(iterations) - 1
         padding = length - equals + 1 if equals else 0
         if salt < 0 or salt % 4 or padding > 2 or (equals and equals <= len(iterations) + 1):
             continue
-        kind = (int(iterations), salt // 4 * 3 - padding)
+        kind = (count, salt // 4 * 3 - padding)
         found[kind] = found.get(kind, 0) + users
     return found
 
