@@ -1048,6 +1048,23 @@ SETTINGS = (
         "Most recipients in one SMTP or LMTP transaction (RFC 5321 asks for at least 100).",
     ),
     Setting(
+        "smtp-soft-error-limit", "smtpSoftErrorLimit", Integer(maximum=_SMTP.maxBadCommands),
+        _SMTP.softErrorLimit,
+        "The error of an SMTP session (a refused recipient, a bad or "
+        "out-of-sequence command; counted afresh after each message the client "
+        "delivers) from which each error reply waits smtp-error-sleep-time, the "
+        "client's next commands with it, as Postfix's smtpd_soft_error_limit: "
+        "slows a client guessing addresses.  Replies to commands that succeed "
+        f"never wait.  At the {_SMTP.maxBadCommands}th error the session is closed with 421 "
+        "(smtpd_hard_error_limit).  LMTP never waits.",
+    ),
+    Setting(
+        "smtp-error-sleep-time", "smtpErrorSleepTime", Number(maximum=60), 1.0,
+        "Seconds each SMTP error reply from smtp-soft-error-limit on waits "
+        "(Postfix's smtpd_error_sleep_time), on a timer: nothing else waits.  "
+        "0: never.  At most 60.",
+    ),
+    Setting(
         "tls-cert", "tlsCertificate", Text("PEM"), None,
         "PEM file with the server certificate, optionally followed by its "
         "chain.  With tls-key, enables STLS, STARTTLS and pop3s listeners; "

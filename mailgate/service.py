@@ -1240,6 +1240,11 @@ def makeSMTPFactory(
         spoolDirectory=spoolDirectory,
         cleartextNetworks=networksOf(config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks),
     )
+    if not lmtp:
+        # Error replies past the soft limit wait (SMTPServer.softErrorLimit);
+        # LMTP's client is the site's own MTA.
+        factory.softErrorLimit = config.smtpSoftErrorLimit
+        factory.errorSleepTime = config.smtpErrorSleepTime
     factory.trace = traceSelection(config)
     return factory
 

@@ -29,6 +29,8 @@ storage failures into permanent 550 replies.  Here, on the session core
 import errno
 import re
 
+from twisted.internet import defer
+
 from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
 from mailgate.message import DeliveryKey, MessageSpool
 from mailgate.records import AlreadyDelivered
@@ -213,6 +215,19 @@ class SMTPServer(CommandSession):
         cannot be held by trickling a message in a byte at a time, which
         the idle timer alone allows.  Postfix's C{smtpd_min_data_rate}
         default; C{0}: no limit.
+    @cvar softErrorLimit: errors (counted as for L{maxBadCommands}) after
+        which each further error reply is held back L{errorSleepTime}
+        seconds, the session's next commands with it, as Postfix's
+        C{smtpd_soft_error_limit}: a client guessing addresses (or a bot
+        sending junk) gets its next answers one a second, where a reply
+        a millisecond let it try the rest of its 20 at once.  Replies to
+        commands that succeed are never held.  A factory's own
+        C{softErrorLimit} and C{errorSleepTime}, when it has them, win
+        (C{twistd mailgate} sets them on SMTP's from its settings).
+    @cvar errorSleepTime: seconds an error reply is held back past
+        L{softErrorLimit} (Postfix's C{smtpd_error_sleep_time}); C{0}:
+        never, the default of the class (LMTP's client is the site's own
+        MTA, and a protocol test's clock is advanced by hand).
     """
 
     protocolName = "smtp"
@@ -231,6 +246,8 @@ class SMTPServer(CommandSession):
     idleTimeout = 300
     maxBufferedInput = 64 * 1024
     minDataRate = 500
+    softErrorLimit = 10
+    errorSleepTime = 0
     refuseLongLineAtOnce = True
     takesUnannouncedUTF8 = False
     #: a MAIL whose sender is no mailbox RFC 5321 allows (L{BrokenSender})
@@ -269,6 +286,9 @@ class SMTPServer(CommandSession):
         # Whether the peer may send mail without TLS (the factory's
         # cleartext networks), once asked.
         self._cleartextPeer = None
+        # An error reply held back (see softErrorLimit): the timer, and
+        # the Deferred the command waits on.
+        self._errorHeld = None
 
     @property
     def hostname(self):
@@ -342,6 +362,7 @@ class SMTPServer(CommandSession):
             self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
 
     def sessionEnded(self):
+        self._endErrorDelay()
         self._discardData()
         if self._began is not None and not self._balancersCheck():
             self._logDisconnect()
@@ -491,8 +512,10 @@ class SMTPServer(CommandSession):
         after it are told C{421} (see L{dispatch}), QUIT excepted, and if
         none is, C{421} follows the answer (L{idleWhileStopping}).  A
         message coming in chunks is arriving from its first chunk to its
-        last: its next chunks are still taken.
+        last: its next chunks are still taken.  An error reply held back
+        (L{softErrorLimit}) is sent at once.
         """
+        self._endErrorDelay()
         if self.rawReceiver is None and not self._busy:
             self.idleWhileStopping()
 
@@ -571,9 +594,57 @@ class SMTPServer(CommandSession):
         self._send("".join(out))
 
     def _bad(self, code, enhanced, text):
+        """
+        Refuse a command as the client's error: answered, and counted
+        towards L{maxBadCommands}; past L{softErrorLimit}, answered only
+        after L{errorSleepTime} seconds, during which the session's next
+        commands wait (a L{Deferred} is returned for the command to end
+        on: the reactor is not held, and pipelined replies stay in order).
+        """
+        seconds = self._errorDelay()
+        if seconds:
+            return self._holdError(seconds, code, enhanced, text)
+        return self._badNow(code, enhanced, text)
+
+    def _badNow(self, code, enhanced, text):
         self._reply(code, enhanced, text)
         self.countBadCommand()
         return None
+
+    def _errorDelay(self):
+        """
+        Seconds to hold the error reply about to be sent: L{errorSleepTime}
+        once the session has made L{softErrorLimit} errors with this one.
+        """
+        factory = self.factory
+        seconds = getattr(factory, "errorSleepTime", self.errorSleepTime)
+        if not seconds or self._closed or self.stopping:
+            return 0
+        if self._badCommands + 1 < getattr(factory, "softErrorLimit", self.softErrorLimit):
+            return 0
+        return seconds
+
+    def _holdError(self, seconds, code, enhanced, text):
+        def answer(_):
+            self._errorHeld = None
+            if not self._closed:
+                self._badNow(code, enhanced, text)
+
+        d = defer.Deferred()
+        d.addCallback(answer)
+        self._errorHeld = (self._clock.callLater(seconds, d.callback, None), d)
+        return d
+
+    def _endErrorDelay(self):
+        """
+        Answer a held error reply now (the server stops: the stop is not
+        held for it), or let it go unanswered (the session ended).
+        """
+        held, self._errorHeld = self._errorHeld, None
+        if held is not None:
+            call, d = held
+            cancelled(call)
+            d.callback(None)
 
     def countBadCommand(self):
         self._tally["errors"] += 1
@@ -861,7 +932,7 @@ class SMTPServer(CommandSession):
                     self._reply(reply.code, reply.enhanced, reply.text)
                     self._recipientOvershoot()
                 else:
-                    self._bad(reply.code, reply.enhanced, reply.text)
+                    return self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
                 self.logWarning(
                     f"{self.protocolName}.recipient_failed",
@@ -979,7 +1050,8 @@ class SMTPServer(CommandSession):
         else:
             return self._startData(envelope)
         if counted:
-            self._bad(*refusal)
+            # Not held (softErrorLimit): what follows needs the reply sent.
+            self._badNow(*refusal)
         else:
             self._reply(*refusal)
         if self.inputPending and not self.closed:
