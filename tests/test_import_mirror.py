@@ -169,6 +169,41 @@ def test_aMaildirImportedFromACopyThenMirroredFromItsLivePath(databaseURL, store
     assert out == "0 messages imported (0 octets), 1 skipped as already present\n"
 
 
+def test_idsForgottenAreRememberedAgainByTheNextRunThatFindsThemHeld(databaseURL, store, source, tmp_path):
+    """
+    After C{import forget}, a run that finds the messages still held
+    (skipped as already present) remembers their ids again, from its
+    source, so that a later --mirror run takes out what the source no
+    longer lists.  Before, they stayed forgotten: the mirror run at the
+    switch left the message a client had deleted on the old server
+    ("0 messages imported (0 octets), 1 skipped as already present"), for
+    a leave-on-server client to download again.  From a maildir, and from
+    a POP3 account (which skips by id and size, without fetching).
+    """
+    directory = maildir(tmp_path / "Maildir")
+    server = source(pop3Messages("P1", "P2"))
+    assert importedFrom(store, directory, mirror=False).messages == 2
+    assert importPOP3(store, server.url, ALICE, PASSWORD).messages == 2
+    code, out, err = cli(databaseURL, "import", "forget", ALICE)
+    assert (code, err) == (0, "") and out.startswith("forgot 4 imported unique ids")
+    assert sources(store) == {}
+    assert importedFrom(store, directory, mirror=False).skipped == 2
+    assert importPOP3(store, server.url, ALICE, PASSWORD).skipped == 2
+    assert sources(store) == {
+        **{name: maildirSource(directory) for name, _ in FILES},
+        "P1": pop3Source(server.url, ALICE), "P2": pop3Source(server.url, ALICE),
+    }
+
+    os.unlink(os.path.join(directory, "cur", FILES[0][0] + ":2,S"))
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%f", "--mirror")
+    assert (code, err) == (0, "")
+    assert out == "0 messages imported (0 octets), 1 skipped as already present, 1 taken out as gone from the source\n"
+    server.messages = pop3Messages("P2")
+    report = importPOP3(store, server.url, ALICE, PASSWORD, mirror=True)
+    assert (report.skipped, report.removed, report.failures) == (1, 1, [])
+    assert held(store) == [FILES[1][0], "P2"]
+
+
 def test_aPOP3SourcesIdentityIsItsHostPortAndUser():
     """
     The host in one form, the scheme's default port filled in, the user

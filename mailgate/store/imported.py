@@ -268,7 +268,7 @@ def _importMessages(cursor, address, items, source=None):
     return [uidl for uidl, _, _ in fresh], skipped, conflicts
 
 
-def _claimImported(cursor, address, source, uidls, fromOthers=False):
+def _claimImported(cursor, address, source, uidls, fromOthers=False, unremembered=True):
     """
     Record C{source} as where the unique ids of C{uidls} came from, for
     those remembered without a source (imported before mailgate recorded
@@ -279,6 +279,13 @@ def _claimImported(cursor, address, source, uidls, fromOthers=False):
     C{fromOthers} (the administrator says this source alone filled the
     address, and the source recorded for these ids, which it lists,
     is this one by another name).
+
+    With C{unremembered}, an id the maildrop holds (or keeps deleted) but
+    that is not remembered at all (C{mailgate import forget} forgot it,
+    and the run found the message still there) is remembered again, from
+    C{source}, with the size and SHA-256 of the message held: else no
+    C{--mirror} run could take it out once the source no longer lists
+    it, and a leave-on-server client would download it again.
 
     @return: how many were claimed.
     """
@@ -293,7 +300,46 @@ def _claimImported(cursor, address, source, uidls, fromOthers=False):
             (source, userId, *mine, *batch),
         )
         claimed += cursor.rowcount
+        if unremembered:
+            claimed += _rememberHeld(cursor, userId, source, batch)
     return claimed
+
+
+def _rememberHeld(cursor, userId, source, uidls):
+    """
+    Remember, from C{source}, those of C{uidls} that the maildrop holds
+    (or keeps deleted) and that are not remembered as imported: see
+    L{_claimImported}.
+
+    @return: how many.
+    """
+    cursor.execute(
+        f"SELECT uidl FROM imported_ids WHERE user_id = ? AND uidl IN ({placeholders(len(uidls))})",
+        (userId, *uidls),
+    )
+    remembered = {uidl for (uidl,) in cursor.fetchall()}
+    missing = [uidl for uidl in uidls if uidl not in remembered]
+    if not missing:
+        return 0
+    held = {}
+    for table in ("deleted_mail", "maildrop"):
+        # The message the maildrop holds wins over one kept deleted.
+        cursor.execute(
+            f"SELECT uidl, size, body_owner, body_id FROM {table} "
+            f"WHERE user_id = ? AND uidl IN ({placeholders(len(missing))})",
+            (userId, *missing),
+        )
+        for uidl, size, owner, bodyId in cursor.fetchall():
+            held[uidl] = (size, owner, bodyId)
+    now = int(time.time())
+    insertRows(
+        cursor, "imported_ids", IMPORTED_COLUMNS,
+        [
+            (userId, uidl, size, _storedDigest(cursor, owner, bodyId, size), now, source)
+            for uidl, (size, owner, bodyId) in sorted(held.items())
+        ],
+    )
+    return len(held)
 
 
 def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveSince, lockedId=None):
@@ -351,7 +397,7 @@ def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveS
     claimed = [
         uidl for _, uidl, recorded in rows if uidl in listed and (recorded is None or soleSource and unsure(recorded))
     ]
-    _claimImported(cursor, address, source, claimed, fromOthers=soleSource)
+    _claimImported(cursor, address, source, claimed, fromOthers=soleSource, unremembered=False)
     gone = [(uid, uidl, recorded) for uid, uidl, recorded in rows if uidl not in listed and recorded != source]
     taken = [(uid, uidl) for uid, uidl, recorded in rows if uidl not in listed and recorded == source]
     others = {}
