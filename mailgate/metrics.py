@@ -107,6 +107,11 @@ NODE_SETTINGS = (
 RECIPIENT_REFUSALS = (
     "no_such_user", "relay_denied", "mailbox_full", "larger_than_quota", "too_many", "bad_syntax",
 )
+#: why a MAIL was refused (each also a C{smtp.sender_refused} line): the
+#: size it declares over the limit, a sender or parameters that do not
+#: parse, or TLS required first (C{--smtp-cleartext-network},
+#: C{--lmtp-cleartext-network})
+SENDER_REFUSALS = ("too_large", "bad_syntax", "tls_required")
 #: what the retention task removes for good: messages past their
 #: retention, and deleted mail past the days it is kept for recovery
 RETENTION_KINDS = ("expired", "purged")
@@ -273,6 +278,11 @@ class Metrics:
             ["protocol", "reason"],
             [(protocol, reason) for protocol in ("smtp", "lmtp") for reason in (*RECIPIENT_REFUSALS, OTHER)],
         )
+        self._sendersRefused = _Series(
+            counter, "mailgate_senders_refused", "MAIL commands refused, by protocol and reason.",
+            ["protocol", "reason"],
+            [(protocol, reason) for protocol in ("smtp", "lmtp") for reason in (*SENDER_REFUSALS, OTHER)],
+        )
         self._retentionRemoved = _Series(
             counter, "mailgate_retention_removed_messages",
             "Messages the retention task removed for good, by kind: expired, or kept deleted mail purged.",
@@ -336,6 +346,7 @@ class Metrics:
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
+            self._sendersRefused,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -515,6 +526,16 @@ class Metrics:
         refused there as a rule.
         """
         self._count(self._recipientsRefused, (_bounded(protocol, PROTOCOLS), _bounded(reason, RECIPIENT_REFUSALS)))
+
+    def senderRefused(self, protocol, reason):
+        """
+        A MAIL was refused for C{reason}, one of L{SENDER_REFUSALS}
+        (C{mailgate_senders_refused_total}): mail refused there never
+        reaches RCPT or DATA, where the other refusals are counted, so an
+        MTA whose every message is refused (in the clear where TLS is
+        required, say) showed in no metric, only in the log.
+        """
+        self._count(self._sendersRefused, (_bounded(protocol, PROTOCOLS), _bounded(reason, SENDER_REFUSALS)))
 
     def retentionRound(self, result):
         """

@@ -111,6 +111,30 @@ def test_requiringTLSWithoutACertificateStopsTheStart(mailgate_server, protocol)
     ], refused.log()
 
 
+@sqliteOnly
+def test_theRefusalsAreCountedInTheMetrics(mailgate_server, certificate):
+    """
+    A MAIL refused in the clear is counted in
+    C{mailgate_senders_refused_total{reason="tls_required"}}, which a real
+    scrape exports in a form promtool takes; before, no metric moved.
+    """
+    from test_metrics import promtoolCheck, sample, scrape
+
+    certificatePath, keyPath = certificate
+    server = mailgate_server(
+        "--tls-cert", str(certificatePath), "--tls-key", str(keyPath), "--domain", "example.org",
+        "--smtp", LOOPBACK_TCP, "--smtp-cleartext-network", "127.0.0.1/32",
+        "--metrics", "tcp:0:interface=127.0.0.1",
+    )
+    with client(server, "smtp", OUTSIDE) as smtp:
+        smtp.ehlo()
+        assert smtp.mail(SENDER) == TLS_FIRST
+    _, text = scrape(server)
+    promtoolCheck(text)
+    assert sample(text, "mailgate_senders_refused_total", protocol="smtp", reason="tls_required") == 1
+    assert sample(text, "mailgate_senders_refused_total", protocol="lmtp", reason="tls_required") == 0
+
+
 def mailThroughProxy(port, client):
     """
     The reply to MAIL in the clear on a haproxy: listener, from a balancer

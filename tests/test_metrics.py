@@ -68,6 +68,7 @@ CONTRACT = {
     "mailgate_retention_removed_messages": ("counter", {"kind"}),
     "mailgate_retention_rounds": ("counter", {"result"}),
     "mailgate_recipients_refused": ("counter", {"protocol", "reason"}),
+    "mailgate_senders_refused": ("counter", {"protocol", "reason"}),
     "mailgate_log_lines_lost": ("counter", set()),
     "mailgate_log_last_reopen_successful": ("gauge", set()),
 }

@@ -44,7 +44,7 @@ class RecordingMetrics(Metrics):
     for _name in (
         "connectionOpened", "connectionClosed", "connectionRefused", "tlsFailed", "login", "pop3Command", "retrieved",
         "deleted", "delivery", "databaseOperation", "databaseError", "groupCommit",
-        "authCache", "maildropLocks", "bans", "recipientRefused",
+        "authCache", "maildropLocks", "bans", "recipientRefused", "senderRefused",
     ):
         locals()[_name] = _record(_name)
     del _name, _record

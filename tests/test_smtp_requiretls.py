@@ -94,6 +94,40 @@ def test_theRefusedMailIsLoggedAsARefusedSender(store, alice, tls):
     )
 
 
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_refusedSendersAreCountedByReason(store, alice, tls, lmtp):
+    """
+    Each MAIL refused (each an C{smtp.sender_refused} or
+    C{lmtp.sender_refused} line) is counted in
+    C{mailgate_senders_refused_total} by why: TLS required, the size it
+    declares, a sender or parameters that do not parse.  Before, a MAIL
+    refusal showed in no metric: an MTA whose every message was refused
+    in the clear never reached RCPT or DATA, where refusals are counted.
+    """
+    from mailgate.metrics import Metrics
+    from test_metrics import value
+
+    metrics = Metrics()
+    protocol = "lmtp" if lmtp else "smtp"
+
+    def refused(reason):
+        return value(metrics, "mailgate_senders_refused_total", protocol=protocol, reason=reason)
+
+    s = session(store, tls, lmtp=lmtp, metrics=metrics)
+    hello(s, lmtp)
+    assert s.command(f"MAIL FROM:<{SENDER}>") == TLS_FIRST
+    assert s.command(f"MAIL FROM:<{SENDER}>") == TLS_FIRST
+    assert s.command(f"RCPT TO:<{ALICE}>") == TLS_FIRST
+    assert s.command("STARTTLS").startswith("220 ")
+    assert s.command("LHLO relay.example.org" if lmtp else "EHLO relay.example.org").startswith("250")
+    assert s.command(f"MAIL FROM:<{SENDER}> SIZE=999999999999").startswith("552 5.3.4 ")
+    assert s.command(f"MAIL FROM:<{SENDER}> FOO=BAR").startswith("555 5.5.4 ")
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250 ")
+    assert (refused("tls_required"), refused("too_large"), refused("bad_syntax"), refused("other")) == (2, 1, 1, 0)
+    other = "smtp" if lmtp else "lmtp"
+    assert value(metrics, "mailgate_senders_refused_total", protocol=other, reason="tls_required") == 0
+
+
 def test_theRefusalsCountAsErrors(store, alice, tls):
     """
     A client that goes on in the clear is cut off as one making any other

@@ -109,6 +109,15 @@ _RCPT_REFUSAL_LABELS = {
     "bad address syntax": "bad_syntax",
     "non-ASCII address": "bad_syntax",
 }
+# The reasons of smtp.sender_refused as mailgate_senders_refused_total
+# labels them (anything else: other).
+_MAIL_REFUSAL_LABELS = {
+    "message too large": "too_large",
+    "bad parameters": "bad_syntax",
+    "bad address syntax": "bad_syntax",
+    "non-ASCII address": "bad_syntax",
+    "TLS required": "tls_required",
+}
 
 
 def _bounded(text, limit=256):
@@ -1002,6 +1011,7 @@ class SMTPServer(CommandSession):
             enhanced=enhanced,
             reason=reason,
         )
+        self.factory.metrics.senderRefused(self.protocolName, _MAIL_REFUSAL_LABELS.get(reason, "other"))
         return self._bad(code, enhanced, text)
 
     def _logRecipientRefused(self, envelope, recipient, code, enhanced, reason):
