@@ -5,6 +5,7 @@ they are, logins are checked against them, and the first successful login
 replaces each by mailgate's own scrypt hash and SCRAM-SHA-256 keys.
 """
 
+import base64
 import json
 import os
 import subprocess
@@ -117,6 +118,15 @@ def test_dovecotsScramKeysServeScramAtOnce():
     assert stored.scramSha256 == scramSha256Secret(PASSWORD, iterations, salt)
 
 
+def _scramWithSalt(salt):
+    """
+    A Dovecot C{{SCRAM-SHA-256}} value with C{salt}, its keys of the
+    right length.
+    """
+    keys = (base64.b64encode(x).decode("ascii") for x in (salt, b"k" * 32, b"s" * 32))
+    return "{SCRAM-SHA-256}4096," + ",".join(keys)
+
+
 @requireDovecot
 @pytest.mark.parametrize(
     "given, reason",
@@ -138,6 +148,7 @@ def test_dovecotsScramKeysServeScramAtOnce():
         (lambda: "{SHA}not base64!", "not valid hex or base64"),
         (lambda: "{PBKDF2}$1$salt$many$00", "not a PBKDF2 value"),
         (lambda: "{SCRAM-SHA-256}4096,abc", "not a SCRAM-SHA-256 value"),
+        (lambda: _scramWithSalt(b"s" * 1025), "not a SCRAM-SHA-256 value"),
         (lambda: "{PLAIN}", "empty password"),
     ],
 )

@@ -170,6 +170,10 @@ def _isHex(text):
     return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
+#: the longest SCRAM salt an imported hash may have, in octets
+MAX_SCRAM_SALT = 1024
+
+
 def _scramKeys(scheme, value):
     """
     C{(iterations, salt, storedKey, serverKey)} of Dovecot's SCRAM value,
@@ -182,7 +186,11 @@ def _scramKeys(scheme, value):
     except (ValueError, binascii.Error, UnicodeEncodeError):
         raise UnusableHash(f"not a {scheme} value (iterations,salt,storedKey,serverKey)") from None
     size = _SCRAM[scheme]().digest_size
-    if not 1 <= iterations <= 10_000_000 or len(keys[1]) != size or len(keys[2]) != size:
+    # A salt of at most 1 KiB (Dovecot's are 16 octets): the salt names
+    # that are no user are told is made as long as the users' are, at
+    # every exchange (mailgate.auth.sasl.madeUpParameters).
+    salt, stored, server = keys
+    if not 1 <= iterations <= 10_000_000 or len(salt) > MAX_SCRAM_SALT or {len(stored), len(server)} != {size}:
         raise UnusableHash(f"not a {scheme} value (iterations,salt,storedKey,serverKey)")
     return (iterations, *keys)
 
