@@ -169,6 +169,10 @@ def test_theKindsAreReadOnceAndAgainInTheBackground():
     # No user with SCRAM keys: mailgate's own.
     empty = ScramParameters(lambda: defer.succeed({}), clock.seconds)
     assert resultOf(empty.current()) == OWN_SCRAM_PARAMETERS
+    # Salts longer than user import takes (stored before it refused them)
+    # are no kind a name that is no user is told: made at every exchange.
+    huge = ScramParameters(lambda: defer.succeed({OWN: 2, (4096, 1 << 20): 7}), clock.seconds)
+    assert resultOf(huge.current()) == {OWN: 2}
 
 
 def test_aUsersFirstMessageTakesTheLookUpsAStrangersDoes(store):

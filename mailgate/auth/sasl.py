@@ -39,6 +39,7 @@ from zope.interface import Attribute, implementer
 
 from mailgate.address import loginAddress
 from mailgate.auth.credentials import CramMD5Credentials
+from mailgate.auth.foreign import MAX_SCRAM_SALT
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
 from mailgate.errors import InvalidAddress
 from mailgate.hostname import machineName
@@ -364,7 +365,11 @@ class ScramParameters:
     def _readDone(self, kinds):
         self._reading = False
         self._readAt = self._clock()
-        self._kinds = {kind: users for kind, users in kinds.items() if users > 0} or OWN_SCRAM_PARAMETERS
+        # Salts over MAX_SCRAM_SALT (stored before user import refused
+        # them) are left out: the made-up salt is made at every exchange.
+        self._kinds = {
+            kind: users for kind, users in kinds.items() if users > 0 and kind[1] <= MAX_SCRAM_SALT
+        } or OWN_SCRAM_PARAMETERS
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(self._kinds)
