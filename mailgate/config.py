@@ -1362,6 +1362,25 @@ SETTINGS = (
         "Seconds a ban lasts, at most ten years (see also: mailgate ban list|add|del).",
     ),
     Setting(
+        "unknown-recipient-slow-after", "unknownRecipientSlowAfter", Integer(),
+        _policy.UNKNOWN_RECIPIENT_SLOW_AFTER,
+        "From the Nth SMTP recipient refused as unknown (550 5.1.1) to one client "
+        "address within ban-window (across its sessions and every node; never "
+        "exempt-network, never LMTP), every error reply of its SMTP sessions waits, "
+        "from their first error: 2 seconds, doubling with each further unknown "
+        "recipient, at most 15.  Slows address harvesting; a mail server delivering "
+        "a list with stale addresses only gets its 550s later.  0: never.",
+    ),
+    Setting(
+        "unknown-recipient-ban-after", "unknownRecipientBanAfter", Integer(),
+        _policy.UNKNOWN_RECIPIENT_BAN_AFTER,
+        "Ban a client address (for ban-time, reason unknown-rcpt) at its Nth SMTP "
+        "recipient refused as unknown within ban-window, across every node.  0 (the "
+        "default): never, since a ban refuses all of that address's mail, and a "
+        "large provider's outbound server carries a harvester's messages along "
+        "with its users' (Stalwart bans at 35 a day, Postfix and sendmail never).",
+    ),
+    Setting(
         "exempt-network", "exemptNetworks", ExemptNetwork(), tuple(DEFAULT_EXEMPT_NETWORKS),
         "A network (CIDR) never penalised, banned or limited per address "
         "(webmail, monitoring); none exempts nothing.",

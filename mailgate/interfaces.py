@@ -1143,6 +1143,20 @@ class IConnectionPolicy(Interface):
         Connections closing (L{connectionClosing}) are not counted.
         """
 
+    def unknownRecipient(address):
+        """
+        Record an SMTP recipient refused as unknown (C{550 5.1.1}) to the
+        client at C{address}, towards L{recipientErrorDelay} and a ban
+        (address harvesting).  LMTP's are not recorded.
+        """
+
+    def recipientErrorDelay(address):
+        """
+        Seconds each error reply to the client at C{address} waits in its
+        SMTP sessions, from their first error, for the recipients refused
+        to it as unknown: 0.0 for none.
+        """
+
 
 class IPolicyStore(Interface):
     """
@@ -1164,6 +1178,11 @@ class IPolicyStore(Interface):
         from its address within C{banWindow} seconds (counting every node's
         failures), ban the address for C{banTime} seconds.  Failures from an
         address already banned are not recorded (they cannot add anything).
+        A failure recorded under C{rcpt:ADDRESS}
+        (L{mailgate.records.recipientsAddress}) is an SMTP recipient refused
+        as unknown, counted apart: the ban it makes is C{ADDRESS}'s, with
+        reason C{unknown-rcpt} (L{mailgate.records.banTarget}), and
+        L{removeBan} of C{ADDRESS} forgets those failures too.
 
         @param failure: an L{AuthFailure}.
         @param banAfter: failures that make a ban; 0 for no bans.

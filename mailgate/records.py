@@ -238,6 +238,36 @@ class AuthFailure:
 # Why an address is banned (L{BanRecord.reason}).
 REASON_FAILURES = "auth-failures"
 REASON_ADMIN = "admin"
+REASON_RECIPIENTS = "unknown-rcpt"
+
+#: The prefix of the address an L{AuthFailure} is recorded under when it
+#: is an SMTP recipient refused as unknown (C{550 5.1.1}) rather than a
+#: failed login: C{rcpt:192.0.2.7} counts those of C{192.0.2.7}, apart
+#: from its failed logins (a mail server with stale addresses on a list
+#: must not come closer to a login ban), in the same table, read back and
+#: expired by the same statements.  A node of an earlier mailgate reads
+#: them as the failures of an address no client has, which nothing
+#: counts.
+RECIPIENTS_PREFIX = "rcpt:"
+
+
+def recipientsAddress(address):
+    """
+    The address under which refused unknown recipients from C{address}
+    (a policy key) are recorded.
+    """
+    return RECIPIENTS_PREFIX + address
+
+
+def banTarget(address):
+    """
+    The address a ban made from the failures recorded under C{address}
+    is for, and its reason: C{rcpt:KEY} bans C{KEY} for unknown
+    recipients, any other address itself for failed logins.
+    """
+    if address.startswith(RECIPIENTS_PREFIX):
+        return address[len(RECIPIENTS_PREFIX):], REASON_RECIPIENTS
+    return address, REASON_FAILURES
 
 
 @attr.s(frozen=True, slots=True)
@@ -246,8 +276,10 @@ class BanRecord:
     A banned client address: a line of C{mailgate ban list}.
 
     @ivar reason: C{"auth-failures"} (made by a node after too many failed
-        logins) or C{"admin"} (C{mailgate ban add}).
-    @ivar failures: the failed logins within the window when it was made.
+        logins), C{"unknown-rcpt"} (after too many SMTP recipients refused
+        as unknown) or C{"admin"} (C{mailgate ban add}).
+    @ivar failures: the failed logins (or unknown recipients) within the
+        window when it was made.
     @ivar created: when it was made, in seconds since the epoch.
     @ivar expires: when it ends, in seconds since the epoch.
     """

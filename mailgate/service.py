@@ -1106,6 +1106,8 @@ def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
             banAfter=config.banAfter,
             banWindow=config.banWindow,
             banTime=config.banTime,
+            unknownRecipientSlowAfter=config.unknownRecipientSlowAfter,
+            unknownRecipientBanAfter=config.unknownRecipientBanAfter,
             exemptNetworks=config.exemptNetworks,
         )
     except ValueError as e:

@@ -128,7 +128,8 @@ def _addBanCommands(commands):
         "list",
         help="list the bans in force: address, reason, failures, expiry (UTC)",
         description="List the bans in force: the address (an IPv6 client's /64), the reason "
-        "(auth-failures or admin), the failed logins that made it and when it ends (UTC).",
+        "(auth-failures, unknown-rcpt or admin), the failed logins (or SMTP recipients refused as unknown) "
+        "that made it and when it ends (UTC).",
     )
     _addJSON(banList)
     banList.set_defaults(run=_banList, migrate=True, readsOnly=True)

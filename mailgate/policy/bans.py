@@ -20,6 +20,7 @@ import datetime
 from twisted.logger import Logger
 
 from mailgate.policy.addresses import storedKey
+from mailgate.records import REASON_RECIPIENTS
 from mailgate.timers import wallClock
 from mailgate.plural import noun
 
@@ -167,8 +168,12 @@ class BanList:
             # The store keeps whole seconds: the record it gives back for a
             # ban made here is the same ban, not a new one.
             if previous is None or previous.reason != ban.reason or abs(previous.expires - ban.expires) > 1:
+                what = (
+                    "unknown " + noun(ban.failures, "recipient") if ban.reason == REASON_RECIPIENTS
+                    else "failed " + noun(ban.failures, "login")
+                )
                 self.log.info(
-                    "banned {address} until {until} ({reason}, {failures} failed " + noun(ban.failures, "login") + ")",
+                    "banned {address} until {until} ({reason}, {failures} " + what + ")",
                     event="ban.added",
                     address=address,
                     until=_when(ban.expires),

@@ -36,12 +36,12 @@ from mailgate.policy.addresses import ExemptNetworks, clientIP, clientKey
 from mailgate.policy.bans import BanList
 from mailgate.policy.failures import FailureLog
 from mailgate.policy.limits import STRESS_UNTIL, ConnectionLimits
-from mailgate.policy.penalty import AuthPenalty
+from mailgate.policy.penalty import AuthPenalty, failuresToReach, penaltyDelay
 from mailgate.policy.refresh import REFRESH_INTERVAL, StoreSync
 from mailgate.policy.repeats import RepeatedCredentials
 from mailgate.policy.settings import PolicySettings
 from mailgate.policy.verifications import VerificationSlots
-from mailgate.records import REASON_FAILURES, AuthFailure, BanRecord
+from mailgate.records import REASON_FAILURES, REASON_RECIPIENTS, AuthFailure, BanRecord, recipientsAddress
 from mailgate.timers import wallClock
 from mailgate.plural import noun
 
@@ -49,6 +49,11 @@ BANNED = "banned"
 TOO_MANY = "too many connections"
 
 MAX_LOGIN = 255
+
+#: The longest wait of an SMTP error reply to an address that has had
+#: many recipients refused as unknown (see recipientErrorDelay): the
+#: authentication penalty's default maximum.
+RECIPIENT_DELAY_MAX = 15.0
 
 #: hosts whose policy key is kept (L{ConnectionPolicy._key}); all are
 #: forgotten when there are more
@@ -269,3 +274,77 @@ class ConnectionPolicy:
         key = self._key(address)
         if key is not None:
             self.penalty.succeeded(key)
+
+    # -- address harvesting over SMTP -------------------------------------
+
+    def unknownRecipient(self, address):
+        """
+        SMTP refused a recipient from C{address} as unknown (C{550 5.1.1}).
+
+        Counted per address (an IPv6 client's /64; never an exempt network
+        or a Unix socket peer) through the store, across sessions and
+        nodes, under C{rcpt:ADDRESS} (L{mailgate.records.RECIPIENTS_PREFIX}):
+        apart from its failed logins, which it must not bring closer to a
+        login ban.  The C{unknownRecipientSlowAfter}th within the ban window
+        makes the address's SMTP error replies wait (L{recipientErrorDelay});
+        the C{unknownRecipientBanAfter}th (if set) bans it.  Once an address
+        has as many as that takes, no more are recorded: a harvester goes on
+        guessing at no cost to the store.
+        """
+        try:
+            self._unknownRecipient(self._key(address))
+        except Exception:
+            self.log.failure(
+                "connection policy: recording an unknown recipient", event="policy.record_failed"
+            )
+
+    def _unknownRecipient(self, key):
+        settings = self.settings
+        slowAfter, banAfter = settings.unknownRecipientSlowAfter, settings.unknownRecipientBanAfter
+        if key is None or not (slowAfter or banAfter) or self.bans.isBanned(key):
+            return
+        counted = recipientsAddress(key)
+        now = self._wall()
+        count = self.failures.fromAddress(counted, now - settings.banWindow)
+        enough = max(banAfter, slowAfter - 1 + failuresToReach(RECIPIENT_DELAY_MAX) if slowAfter else 0)
+        if count >= enough:
+            return
+        failure = AuthFailure(secrets.token_hex(8), counted, None, now)
+        self.failures.add(failure)
+        count += 1
+        ban = bool(banAfter) and count >= banAfter
+        if ban:
+            self.bans.made(BanRecord(key, REASON_RECIPIENTS, count, now, now + settings.banTime))
+        elif count == slowAfter:
+            self.log.info(
+                "connection policy: {address} had {count} unknown recipients refused within {window} s: "
+                "its SMTP error replies wait from now on",
+                address=key,
+                count=count,
+                window=settings.banWindow,
+                event="policy.recipients_slowed",
+            )
+        d = self.sync.record(failure, ban, banAfter)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "connection policy: recording an unknown recipient", f, event="policy.record_failed"
+            )
+        )
+
+    def recipientErrorDelay(self, address):
+        """
+        Seconds each SMTP error reply to C{address} waits, from its
+        sessions' first error, for the recipients refused to it as unknown
+        (every node's, within the ban window): none below
+        C{unknownRecipientSlowAfter}, then 2 seconds, twice as long for
+        each further one, at most L{RECIPIENT_DELAY_MAX}, as the
+        authentication penalty grows.  A mail server delivering a list
+        with stale addresses loses nothing by it (its 550s come later);
+        a harvester's 20 guesses a session take minutes.
+        """
+        slowAfter = self.settings.unknownRecipientSlowAfter
+        key = self._key(address)
+        if key is None or not slowAfter:
+            return 0.0
+        count = self.failures.fromAddress(recipientsAddress(key), self._wall() - self.settings.banWindow)
+        return penaltyDelay(count - slowAfter + 1, RECIPIENT_DELAY_MAX)

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailgate.interfaces import IPolicyStore
-from mailgate.records import REASON_ADMIN, REASON_FAILURES, BanRecord, FailureOutcome, PolicyChanges
+from mailgate.records import REASON_ADMIN, BanRecord, FailureOutcome, PolicyChanges, banTarget, recipientsAddress
 
 
 @implementer(IPolicyStore)
@@ -39,14 +39,16 @@ class MemoryPolicyStore:
         self.version += 1
 
     def recordFailure(self, failure, banAfter, banWindow, banTime, ban=False):
-        existing = self.bans.get(failure.address)
+        # rcpt:KEY: an unknown recipient from KEY, whose ban is KEY's.
+        target, reason = banTarget(failure.address)
+        existing = self.bans.get(target)
         if existing is not None and existing.expires > failure.at:
             count = self._count(failure.address, failure.at - banWindow)
             return defer.succeed(FailureOutcome(count, None, True, self.version))
         self.failures.append(failure)
         count = self._count(failure.address, failure.at - banWindow)
         if ban or (banAfter > 0 and count >= banAfter):
-            made = BanRecord(failure.address, REASON_FAILURES, count, failure.at, failure.at + banTime)
+            made = BanRecord(target, reason, count, failure.at, failure.at + banTime)
             self._put(made)
             return defer.succeed(FailureOutcome(count, made, True, self.version))
         return defer.succeed(FailureOutcome(count, None, False, self.version))
@@ -59,7 +61,8 @@ class MemoryPolicyStore:
     def removeBan(self, address):
         removed = self.bans.pop(address, None) is not None
         if removed:
-            self.failures = [f for f in self.failures if f.address != address]
+            forgotten = {address, recipientsAddress(address)}
+            self.failures = [f for f in self.failures if f.address not in forgotten]
             self.version += 1
         return defer.succeed(removed)
 

@@ -20,6 +20,7 @@ it knows.
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailgate.records import banTarget, recipientsAddress
 from mailgate.timers import wallClock
 
 REFRESH_INTERVAL = 0.5
@@ -104,6 +105,7 @@ class StoreSync:
             self._failures.add(failure)
         for address in self._bans.update(changes.version, changes.bans):
             self._failures.forget(address)
+            self._failures.forget(recipientsAddress(address))
         self._recovered()
 
     def _refreshed(self, _):
@@ -123,25 +125,32 @@ class StoreSync:
 
     # -- writing ------------------------------------------------------------
 
-    def record(self, failure, ban):
+    def record(self, failure, ban, banAfter=None):
         """
         Write a failure to the store (and the ban it made here, if C{ban});
         a ban the store makes from every node's failures is enforced here
         as soon as the write returns.
+
+        @param banAfter: the failures that make a ban; C{None} for the
+            settings' C{banAfter} (failed logins; unknown recipients,
+            recorded under C{rcpt:ADDRESS}, have their own).
         """
         settings = self._settings
         d = self.store.recordFailure(
-            failure, settings.banAfter, settings.banWindow, settings.banTime, ban=ban
+            failure, settings.banAfter if banAfter is None else banAfter, settings.banWindow, settings.banTime,
+            ban=ban,
         )
+        address, _ = banTarget(failure.address)
 
         def recorded(outcome):
-            if outcome.ban is not None and self._bans.get(failure.address) is None:
+            if outcome.ban is not None and self._bans.get(address) is None:
                 self._bans.made(outcome.ban)
             if outcome.banned:
-                self._bans.stored(failure.address, outcome.version, outcome.ban)
+                self._bans.stored(address, outcome.version, outcome.ban)
             self._recovered()
 
-        return d.addCallbacks(recorded, self._failed, errbackArgs=("recording a failed login",))
+        what = "recording a failed login" if banAfter is None else "recording an unknown recipient"
+        return d.addCallbacks(recorded, self._failed, errbackArgs=(what,))
 
     # -- the store's health -------------------------------------------------
 

@@ -15,6 +15,14 @@ AUTH_PENALTY_MAX = 15.0
 BAN_AFTER = 10
 BAN_WINDOW = 600
 BAN_TIME = 3600
+#: Unknown recipients (550 5.1.1) from one address within the ban window
+#: from which its SMTP error replies wait (see ConnectionPolicy.recipientErrorDelay).
+UNKNOWN_RECIPIENT_SLOW_AFTER = 20
+#: ... and from which it is banned: never by default (see README, Limits
+#: and bans: a mail server delivering a list with stale addresses, or a
+#: large provider's outbound host that also carries a harvester's mail,
+#: would have all its mail refused).
+UNKNOWN_RECIPIENT_BAN_AFTER = 0
 #: The longest ban, and the longest window failures are counted over: ten
 #: years.  A ban ends at a time that must stay a date (logs and mailgate
 #: ban list show it) and a number the database stores; "for ever" is ten
@@ -52,6 +60,11 @@ class PolicySettings:
     @ivar banWindow: seconds over which failures are counted (and
         remembered for the penalty).
     @ivar banTime: seconds a ban lasts.
+    @ivar unknownRecipientSlowAfter: SMTP recipients refused as unknown
+        from one address (within C{banWindow}) from which every error
+        reply of its SMTP sessions waits; 0 for never.
+    @ivar unknownRecipientBanAfter: ... from which the address is banned
+        (for C{banTime}); 0 for never.
     @ivar exemptNetworks: CIDR texts of the networks never penalised,
         banned or limited per address (C{["none"]} for none).
     """
@@ -62,6 +75,8 @@ class PolicySettings:
     banAfter = attr.ib(default=BAN_AFTER, validator=_notNegative)
     banWindow = attr.ib(default=BAN_WINDOW, validator=_duration)
     banTime = attr.ib(default=BAN_TIME, validator=_duration)
+    unknownRecipientSlowAfter = attr.ib(default=UNKNOWN_RECIPIENT_SLOW_AFTER, validator=_notNegative)
+    unknownRecipientBanAfter = attr.ib(default=UNKNOWN_RECIPIENT_BAN_AFTER, validator=_notNegative)
     exemptNetworks = attr.ib(default=DEFAULT_EXEMPT_NETWORKS, converter=tuple)
 
     @exemptNetworks.validator

@@ -50,6 +50,12 @@ class OpenPolicy:
     def underStress(self):
         return False
 
+    def unknownRecipient(self, address):
+        pass
+
+    def recipientErrorDelay(self, address):
+        return 0.0
+
 
 def _nothing():
     pass

@@ -623,15 +623,31 @@ class SMTPServer(CommandSession):
     def _errorDelay(self):
         """
         Seconds to hold the error reply about to be sent: L{errorSleepTime}
-        once the session has made L{softErrorLimit} errors with this one.
+        once the session has made L{softErrorLimit} errors with this one;
+        from its first, what the connection policy says of an address that
+        has had many recipients refused as unknown (C{recipientErrorDelay}),
+        whichever is longer.
         """
         factory = self.factory
+        if self._closed or self.stopping:
+            return 0
+        # An address that has had many recipients refused as unknown, in
+        # this session or others, on this node or others: from the first.
+        harvesting = getattr(factory.policy, "recipientErrorDelay", None)
+        slowed = harvesting(self.peer) if harvesting is not None and self.countRefusedRecipients else 0
         seconds = getattr(factory, "errorSleepTime", self.errorSleepTime)
-        if not seconds or self._closed or self.stopping:
-            return 0
-        if self._badCommands + 1 < getattr(factory, "softErrorLimit", self.softErrorLimit):
-            return 0
-        return seconds
+        if not seconds or self._badCommands + 1 < getattr(factory, "softErrorLimit", self.softErrorLimit):
+            return slowed
+        return max(seconds, slowed)
+
+    def _unknownRecipient(self):
+        """
+        Tell the connection policy of a recipient refused as unknown
+        (L{mailgate.policy.connection.ConnectionPolicy.unknownRecipient}).
+        """
+        counted = getattr(self.factory.policy, "unknownRecipient", None)
+        if counted is not None:
+            counted(self.peer)
 
     def _holdError(self, seconds, code, enhanced, text):
         def answer(_):
@@ -935,6 +951,9 @@ class SMTPServer(CommandSession):
                 reply = failure.value
                 reason = _RCPT_REASONS.get(reply.enhanced, "refused")
                 self._logRecipientRefused(envelope, mailbox, reply.code, reply.enhanced, reason)
+                if reply.enhanced == "5.1.1" and self.countRefusedRecipients:
+                    # Across sessions and nodes (LMTP's client is the site's MTA).
+                    self._unknownRecipient()
                 if failure.check(MailboxFull) or not self.countRefusedRecipients:
                     # Over quota (or LMTP): a fair request refused, not a
                     # bad command.

@@ -21,11 +21,12 @@ from zope.interface import implementer
 from mailgate.interfaces import IPolicyStore
 from mailgate.records import (
     REASON_ADMIN,
-    REASON_FAILURES,
     AuthFailure,
     BanRecord,
     FailureOutcome,
     PolicyChanges,
+    banTarget,
+    recipientsAddress,
 )
 
 
@@ -77,6 +78,8 @@ def _putBan(cursor, ban):
 
 def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
     at = _seconds(failure.at)
+    # rcpt:KEY counts the unknown recipients of KEY, whose ban is KEY's.
+    target, reason = banTarget(failure.address)
     # First the address's own row: its lock orders concurrent failures from
     # one address (on PostgreSQL, across nodes), so the count below sees
     # every one committed before it.
@@ -85,7 +88,7 @@ def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
         "ON CONFLICT (address) DO UPDATE SET last_failure = excluded.last_failure",
         (failure.address, at),
     )
-    existing = _banOf(cursor, failure.address)
+    existing = _banOf(cursor, target)
     if existing is not None and existing.expires > at:
         cursor.execute(
             "SELECT count(*) FROM auth_failures WHERE address = ? AND failed_at > ?",
@@ -103,7 +106,7 @@ def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
     )
     (count,) = cursor.fetchone()
     if ban or (banAfter > 0 and count >= banAfter):
-        made = BanRecord(failure.address, REASON_FAILURES, count, at, _ends(failure.at + banTime))
+        made = BanRecord(target, reason, count, at, _ends(failure.at + banTime))
         return FailureOutcome(count, made, True, _putBan(cursor, made))
     return FailureOutcome(count, None, False, _version(cursor))
 
@@ -121,8 +124,9 @@ def _removeBan(cursor, address):
         # otherwise make it again at the next one.  Without a ban, nothing
         # changes: the running nodes learn of lifted bans only, and would
         # keep counting failures the database no longer had.
-        cursor.execute("DELETE FROM auth_failures WHERE address = ?", (address,))
-        cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (address,))
+        for counted in (address, recipientsAddress(address)):
+            cursor.execute("DELETE FROM auth_failures WHERE address = ?", (counted,))
+            cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (counted,))
         _bump(cursor)
     return removed
 
