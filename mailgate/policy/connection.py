@@ -17,6 +17,10 @@ package put together behind L{mailgate.interfaces.IConnectionPolicy}.
     background;
   - L{mailgate.policy.addresses}: client addresses and the exempt networks.
 
+SMTP recipients refused as unknown (address harvesting) go through the
+same failures, store and bans, counted apart under C{rcpt:ADDRESS}
+(L{ConnectionPolicy.unknownRecipient}, L{ConnectionPolicy.recipientErrorDelay}).
+
 Every method the session core calls is synchronous and answers from
 memory: a connection is refused, or a login delayed, without a database
 trip and without hashing a password.
