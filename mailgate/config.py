@@ -1055,8 +1055,8 @@ SETTINGS = (
         "delivers) from which each error reply waits smtp-error-sleep-time, the "
         "client's next commands with it, as Postfix's smtpd_soft_error_limit: "
         "slows a client guessing addresses.  Replies to commands that succeed "
-        f"never wait.  At the {_SMTP.maxBadCommands}th error the session is closed with 421 "
-        "(smtpd_hard_error_limit).  LMTP never waits.",
+        f"never wait.  At most {_SMTP.maxBadCommands}: at the {_SMTP.maxBadCommands}th error the session is "
+        "closed with 421 (smtpd_hard_error_limit).  LMTP never waits.",
     ),
     Setting(
         "smtp-error-sleep-time", "smtpErrorSleepTime", Number(maximum=60), 1.0,
