@@ -41,6 +41,18 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.load_profile("mailgate")
 
+# The admin command's audit lines (mailgate.cli.audit) never reach the
+# host's syslog from a test: turned off for the commands tests spawn, and
+# with nowhere to go for those run in this process, which are given an
+# environment of their own (tests/test_cli_audit.py gives its commands a
+# /dev/log of the test's).
+os.environ["MAILGATE_AUDIT"] = "off"
+
+
+@pytest.fixture(autouse=True)
+def noAuditLinesToTheHostsSyslog(monkeypatch):
+    monkeypatch.setattr("mailgate.cli.audit.SYSLOG_SOCKET", "/nonexistent/mailgate-tests/dev-log")
+
 
 def pytest_collection_modifyitems(config, items):
     """

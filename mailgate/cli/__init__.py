@@ -54,6 +54,7 @@ import select
 import sys
 
 from mailgate import __version__
+from mailgate.cli import audit
 from mailgate.cli.bans import _addBanCommands
 from mailgate.cli.common import (
     CommandError,
@@ -335,6 +336,14 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         return EX_TEMPFAIL if delivering else EX_CONFIG
     store = None
     opening = False
+
+    def failed(message, code):
+        # The command's one line on standard error, and in its audit
+        # line where it had started (mailgate.cli.audit).
+        stderr.write(f"mailgate: {message}\n")
+        audit.finish(args, code, message)
+        return code
+
     try:
         args.stdin = stdin
         args.stderr = stderr
@@ -369,71 +378,65 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 args.hostname = values.get("hostname")
                 args.spoolDirectory = values.get("spool-directory")
         output = Output(stdout)
+        audit.started(args)
         args.run(store, args, output, stdin)
         # Here rather than at exit, so that a reader gone is seen below.
         output.flush()
+        audit.finish(args, EX_OK)
         return EX_OK
     except CommandError as e:
-        stderr.write(f"mailgate: {e}\n")
-        return e.code
+        return failed(str(e), e.code)
     except OutputFailed as e:
         if delivering:
             # deliver writes only once the message is stored: 75 would
             # have the MTA store it again.
             stderr.write(f"mailgate: the message is stored, but {e}\n")
+            audit.finish(args, EX_OK)
             return EX_OK
-        stderr.write(f"mailgate: {e}\n")
-        return EX_IOERR
+        return failed(str(e), EX_IOERR)
     except NoSuchDatabase as e:
-        stderr.write(f"mailgate: {e} (check {source}; mailgate user add or db upgrade creates it)\n")
-        return EX_TEMPFAIL if delivering else EX_CONFIG
+        code = EX_TEMPFAIL if delivering else EX_CONFIG
+        return failed(f"{e} (check {source}; mailgate user add or db upgrade creates it)", code)
     except DatabaseRefused as e:
         # PostgreSQL refused the URL's password, role or database: trying
         # again changes nothing (deliver's MTA keeps the message all the
         # same).
-        stderr.write(f"mailgate: {e}\n")
-        return EX_TEMPFAIL if delivering else EX_CONFIG
+        return failed(str(e), EX_TEMPFAIL if delivering else EX_CONFIG)
     except DatabaseDamaged as e:
         # No retry repairs it: a restore does (deliver's MTA keeps the
         # message meanwhile).
-        stderr.write(f"mailgate: {e}\n")
-        return EX_TEMPFAIL if delivering else EX_CONFIG
+        return failed(str(e), EX_TEMPFAIL if delivering else EX_CONFIG)
     except TemporaryFailure as e:
-        stderr.write(f"mailgate: temporary failure, try again: {e}\n")
-        return EX_TEMPFAIL
+        return failed(f"temporary failure, try again: {e}", EX_TEMPFAIL)
     except DatabaseInUse as e:
         # A server of an older mailgate runs on the SQLite file the command
         # would migrate: once it restarts (or stops), the command works.
-        stderr.write(f"mailgate: {e}\n")
-        return EX_TEMPFAIL
+        return failed(str(e), EX_TEMPFAIL)
     except ConfigurationError as e:
         # A database that cannot be opened: say whose URL it was.  Not of
         # another error (config --check's TLS files, which opens none):
         # "database in FILE: tls-ciphers ..." blamed the database.
         where = f"{source}: " if opening and not source.startswith("--database") else ""
-        stderr.write(f"mailgate: {where}{e}\n")
-        return EX_TEMPFAIL if delivering else EX_CONFIG
+        return failed(f"{where}{e}", EX_TEMPFAIL if delivering else EX_CONFIG)
     except MailgateError as e:
-        stderr.write(f"mailgate: {e}\n")
-        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+        return failed(str(e), EX_TEMPFAIL if delivering else EX_SOFTWARE)
     except KeyboardInterrupt:
-        stderr.write("mailgate: interrupted\n")
-        return 130
+        return failed("interrupted", 130)
     except Exception as e:
         if isinstance(e, BrokenPipeError) and _readerGone(stdout):
             # mailgate mailbox list ... | head: nothing failed.  deliver
             # writes only once the message is stored: a retry would store
             # it twice.
-            return EX_OK if delivering else EXIT_READER_GONE
+            code = EX_OK if delivering else EXIT_READER_GONE
+            audit.finish(args, code, None if code == EX_OK else "standard output's reader went away")
+            return code
         from mailgate.store.sqlite import damageOf
 
         damage = damageOf(e)
         if damage is not None:
             # Found past the opening (a damaged page read later).
-            stderr.write(f"mailgate: {damage}\n")
-            return EX_TEMPFAIL if delivering else EX_CONFIG
-        stderr.write(f"mailgate: internal error: {e.__class__.__name__}: {e}\n")
-        return EX_TEMPFAIL if delivering else EX_SOFTWARE
+            return failed(str(damage), EX_TEMPFAIL if delivering else EX_CONFIG)
+        return failed(f"internal error: {e.__class__.__name__}: {e}", EX_TEMPFAIL if delivering else EX_SOFTWARE)
     finally:
         if store is not None:
             store.close()

@@ -6,6 +6,7 @@ C{mailgate ban ...}: the addresses banned by every node.
 import datetime
 import time
 
+from mailgate.cli import audit
 from mailgate.cli.common import CommandError, EX_DATAERR, _addJSON, _jsonLines, _number, _result
 from mailgate.store.bounds import parseWhole
 
@@ -74,6 +75,7 @@ def _banAdd(store, args, out, stdin):
     # Replaced, or the later of the two would still be enforced.
     _liftEarlierBans(policy, address)
     out.write(f"banned {address} until {_utc(ban.expires)}\n")
+    audit.outcome(args, f"banned until {_utc(ban.expires)}")
     banned = ipaddress.ip_network(address)
     if any(banned.overlaps(ipaddress.ip_network(n)) for n in DEFAULT_EXEMPT_NETWORKS):
         out.write(
@@ -108,6 +110,7 @@ def _banDel(store, args, out, stdin):
     if not removed:
         raise CommandError(f"no ban for {address}")
     out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
+    audit.outcome(args, "ban lifted, its failed logins forgotten")
 
 
 def _addBanCommands(commands):
@@ -148,7 +151,9 @@ def _addBanCommands(commands):
         metavar="SECONDS",
         help=f"how long the ban lasts, at most ten years (default: {BAN_TIME})",
     )
-    banAdd.set_defaults(run=_banAdd, migrate=True, readOptions=_banAddOptions)
+    banAdd.set_defaults(
+        run=_banAdd, migrate=True, readOptions=_banAddOptions, audit=audit.Audited("ban add", "address")
+    )
     banDel = ban.add_parser(
         "del",
         help="lift an address's ban and forget its failed logins",
@@ -156,4 +161,4 @@ def _addBanCommands(commands):
         "exit 1, changing nothing, if it has no ban.",
     )
     banDel.add_argument("address", metavar="ADDRESS")
-    banDel.set_defaults(run=_banDel, migrate=True, readOptions=_banDelOptions)
+    banDel.set_defaults(run=_banDel, migrate=True, readOptions=_banDelOptions, audit=audit.Audited("ban del", "banned"))

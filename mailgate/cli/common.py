@@ -11,6 +11,7 @@ import json
 import math
 
 from mailgate.address import asciiDomain, normalizeAddress
+from mailgate.cli import audit
 from mailgate.errors import InvalidAddress, NoSuchUser
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
@@ -242,6 +243,8 @@ def _readPassword(args, stdin, confirm=True):
         except EOFError:
             # Ctrl-D at the prompt: was internal error: EOFError, exit 70.
             raise CommandError("no password given (end of input at the prompt)", EX_DATAERR) from None
+    # Blanked in the audit line, should an error quote it.
+    audit.secret(args, password)
     if not password:
         raise CommandError("empty password", EX_DATAERR)
     if "\0" in password:

@@ -8,6 +8,7 @@ readying a database restored by other means.
 import contextlib
 import os
 
+from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_CANTCREAT,
@@ -22,7 +23,7 @@ from mailgate.errors import ConfigurationError, DatabaseInUse, DatabaseRefused, 
 from mailgate.store import engineFromURL, openSynchronousStore, refuseUpgradeUnderServer
 from mailgate.store.check import TIMEOUT as CHECK_TIMEOUT
 from mailgate.store.schema import LATEST, databaseVersion, upgrade
-from mailgate.plural import counted
+from mailgate.plural import counted, noun
 
 
 #: The engines as the administrator knows them.
@@ -46,6 +47,11 @@ def _dbUpgrade(store, args, out, stdin):
         nothing = f" (nothing to change on {_ENGINE_NAMES[engine]})" if untouched else ""
         out.write(f"applied migration {migration.version}: {migration.description}{nothing}\n")
     out.write(f"schema is at version {LATEST}\n")
+    versions = ", ".join(str(migration.version) for migration in applied)
+    audit.outcome(
+        args, f"applied {noun(len(applied), 'migration')} {versions}; schema is at version {LATEST}" if applied
+        else f"nothing to apply; schema is at version {LATEST}"
+    )
 
 
 def _dbCopyOptions(args):
@@ -93,6 +99,17 @@ def _dbCopy(store, args, out, stdin):
     )
     if report.bans:
         out.write(f"copied {counted(report.bans, 'ban')} in force\n")
+    bans = f" and {counted(report.bans, 'ban')}" if report.bans else ""
+    audit.outcome(args, f"copied {counted(report.users, 'user')}, {counted(report.messages, 'message')}{kept}{bans}")
+
+
+def _copyTarget(args):
+    """
+    C{db copy}'s target in its audit line: both databases, without their passwords.
+    """
+    from mailgate.urls import shownURL
+
+    return f"--from {shownURL(args.source)} --to {shownURL(args.target)}"
 
 
 def _newSQLiteFile(url):
@@ -196,6 +213,7 @@ def _dbBackup(store, args, out, stdin):
     except ConfigurationError as e:
         raise CommandError(str(e), EX_CANTCREAT) from None
     out.write(f"backed up {engine.path} to {args.file} ({counted(size, 'octet')})\n")
+    audit.outcome(args, f"backed up to {args.file} ({counted(size, 'octet')})")
 
 
 def _dbRestored(store, args, out, stdin):
@@ -206,10 +224,12 @@ def _dbRestored(store, args, out, stdin):
     except DatabaseInUse as e:
         raise CommandError(str(e), EX_TEMPFAIL) from None
     stamps = "a new validity stamp" if report.maildrops == 1 else "new validity stamps"
-    out.write(
+    said = (
         f"gave {counted(report.maildrops, 'maildrop')} {stamps}; forgot {counted(report.nodes, 'node')} "
-        f"and {counted(report.sessions, 'POP3 session')} of the servers that ran when the backup was taken\n"
+        f"and {counted(report.sessions, 'POP3 session')} of the servers that ran when the backup was taken"
     )
+    out.write(f"{said}\n")
+    audit.outcome(args, said)
 
 
 #: the longest C{db check --timeout}: a week (PostgreSQL's statement_timeout
@@ -297,7 +317,9 @@ def _addDatabaseCommands(commands):
         "On SQLite, refused (exit 75), as every command's migration is, while a server runs "
         "on the database: stop it first, or restart it (its start upgrades the database).",
     )
-    dbUpgrade.set_defaults(run=_dbUpgrade, migrate=False, create=True)
+    dbUpgrade.set_defaults(
+        run=_dbUpgrade, migrate=False, create=True, audit=audit.Audited("db upgrade", audit.database)
+    )
     dbVersion = db.add_parser(
         "version",
         help="show the schema version",
@@ -314,7 +336,9 @@ def _addDatabaseCommands(commands):
     )
     dbCopy.add_argument("--from", dest="source", required=True, metavar="URL", help="the database to copy")
     dbCopy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database to copy into")
-    dbCopy.set_defaults(run=_dbCopy, migrate=False, store=False, readOptions=_dbCopyOptions)
+    dbCopy.set_defaults(
+        run=_dbCopy, migrate=False, store=False, readOptions=_dbCopyOptions, audit=audit.Audited("db copy", _copyTarget)
+    )
     dbBackup = db.add_parser(
         "backup",
         help="copy the SQLite database into a new file while servers use it",
@@ -324,7 +348,9 @@ def _addDatabaseCommands(commands):
         "PostgreSQL has its own tools (pg_dump).",
     )
     dbBackup.add_argument("file", metavar="FILE")
-    dbBackup.set_defaults(run=_dbBackup, migrate=False, readOptions=_dbBackupOptions)
+    dbBackup.set_defaults(
+        run=_dbBackup, migrate=False, readOptions=_dbBackupOptions, audit=audit.Audited("db backup", audit.database)
+    )
     dbRestored = db.add_parser(
         "restored",
         help="ready a database just restored from a backup taken by other means (pg_dump, a snapshot)",
@@ -335,7 +361,7 @@ def _addDatabaseCommands(commands):
         "sessions of the servers that ran when the backup was taken are forgotten.  Refused "
         "(exit 75) while a server runs on the database.",
     )
-    dbRestored.set_defaults(run=_dbRestored, migrate=True)
+    dbRestored.set_defaults(run=_dbRestored, migrate=True, audit=audit.Audited("db restored", audit.database))
     dbCheck = db.add_parser(
         "check",
         help="check that the database is sound, changing nothing",

@@ -5,6 +5,7 @@ for an MTA's pipe transport.
 """
 
 from mailgate.address import asciiDomain, normalizeAddress, userOfADetail, withoutDetail
+from mailgate.cli import audit
 from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, _result
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
@@ -163,6 +164,7 @@ def _deliver(store, args, out, stdin):
             out.write(f"already delivered to {address} as {uniqueId} (the same message again: not stored twice)\n")
         else:
             out.write(f"delivered to {address} as {uniqueId}\n")
+    audit.outcome(args, "; ".join(f"delivered to {address} as {uniqueId}" for address, uniqueId in results.items()))
 
 
 def _addDeliverCommand(commands):
@@ -196,4 +198,9 @@ def _addDeliverCommand(commands):
         "within the duplicate window (by default taken for the MTA's retry and not stored twice): "
         "to give a user back mail she deleted",
     )
-    deliver.set_defaults(run=_deliver, migrate=True)
+    # An MTA's deliveries, one run a message, are in its own log
+    # (Postfix's pipe: to=<...>, relay=mailgate, status=sent): only an
+    # administrator's --again, giving a user back mail, is audited.
+    deliver.set_defaults(
+        run=_deliver, migrate=True, audit=audit.Audited("deliver --again", "addresses", when=lambda args: args.again)
+    )

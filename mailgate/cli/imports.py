@@ -7,6 +7,7 @@ POP3 server, keeping their unique ids.
 import os
 import time
 
+from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_DATAERR,
@@ -64,6 +65,7 @@ def _importForget(store, args, out, stdin):
         f"forgot {forgotten} imported unique ids of {address}{which}; the next import brings in "
         "again those the maildrop no longer holds\n"
     )
+    audit.outcome(args, f"forgot {forgotten} imported unique ids{which}")
 
 
 def _soleSourceWithMirror(args):
@@ -132,6 +134,7 @@ def _importMaildir(store, args, out, stdin):
     except ImportFailed as e:
         raise CommandError(str(e), EX_NOINPUT)
     _importReport(report, out, args.stderr)
+    audit.outcome(args, report.summary())
     if report.temporary:
         # The database, or a maildir changing under the import (a live
         # Dovecot expunging): the run can simply be repeated.
@@ -279,6 +282,9 @@ def _importPOP3Options(args):
     # in the file.
     if args.users is not None:
         args.accounts = _readUsers(args.users, passwords=master is None)
+        for _, password in args.accounts:
+            # Blanked in the audit line, should a source's refusal quote it.
+            audit.secret(args, password)
     else:
         args.accounts = [(args.address, None)]
     if args.users is None or master is not None:
@@ -314,7 +320,7 @@ def _importPOP3(store, args, out, stdin):
     masterPassword = None
     # Whether a user's mail came through the master user in this run.
     masterWorks = False
-    for address, password in users:
+    for done, (address, password) in enumerate(users, 1):
         try:
             _importTarget(store, address)
             login = None
@@ -353,6 +359,7 @@ def _importPOP3(store, args, out, stdin):
             masterWorks = masterWorks or (isinstance(e, SourceBusy) and "[SYS/TEMP]" not in str(e).upper())
             args.stderr.write(f"mailgate: {address}: {e}\n")
             (failedUsers if passes(e) else lastingUsers).append(address)
+            audit.outcome(args, _importedSoFar(done, users, total))
             out.write(f"{address}: failed\n")
             out.flush()
             continue
@@ -364,10 +371,12 @@ def _importPOP3(store, args, out, stdin):
         if report.failures:
             (failedUsers if report.temporary else lastingUsers).append(address)
         total.add(report)
+        audit.outcome(args, _importedSoFar(done, users, total) if args.users is not None else report.summary())
     if args.users is not None:
         incomplete = len(failedUsers) + len(lastingUsers)
         incomplete = f"; {incomplete} of the users not complete" if incomplete else ""
         out.write(f"{counted(len(users), 'user')}: {total.summary()}{incomplete}\n")
+        audit.outcome(args, f"{counted(len(users), 'user')}: {total.summary()}{incomplete}")
     if failedUsers:
         also = f" (for {', '.join(lastingUsers)}, once what is said above is fixed)" if lastingUsers else ""
         raise CommandError(
@@ -382,6 +391,20 @@ def _importPOP3(store, args, out, stdin):
             f"running it again does not change",
             EX_DATAERR,
         )
+
+
+def _importedSoFar(done, users, total):
+    """
+    How far an import of several users went, for its audit line should
+    it stop before the end.
+    """
+    return f"{done} of {counted(len(users), 'user')} done: {total.summary()}"
+
+
+def _pop3Target(args):
+    from mailgate.urls import shownURL
+
+    return f"{shownURL(args.url)} {args.address if args.users is None else '--users ' + args.users}"
 
 
 def _addImportCommands(commands):
@@ -456,7 +479,10 @@ def _addImportCommands(commands):
         "as it is stored, as a Dovecot without the zlib plugin served it (a maildir never served with zlib, "
         "where a message may begin with such octets)",
     )
-    imaildir.set_defaults(run=_importMaildir, migrate=True, readOptions=_importMaildirOptions)
+    imaildir.set_defaults(
+        run=_importMaildir, migrate=True, readOptions=_importMaildirOptions,
+        audit=audit.Audited("import maildir", lambda args: f"{args.directory} {args.address}"),
+    )
     ipop3 = imports.add_parser(
         "pop3",
         help="copy a live POP3 server's maildrop into a user's",
@@ -516,7 +542,9 @@ def _addImportCommands(commands):
         help="what joins the user and the master user, the source's auth_master_user_separator "
         "(default: *)",
     )
-    ipop3.set_defaults(run=_importPOP3, migrate=True, readOptions=_importPOP3Options)
+    ipop3.set_defaults(
+        run=_importPOP3, migrate=True, readOptions=_importPOP3Options, audit=audit.Audited("import pop3", _pop3Target)
+    )
     iforget = imports.add_parser(
         "forget",
         help="forget the unique ids imported for a user, so that the next import brings back "
@@ -529,4 +557,7 @@ def _addImportCommands(commands):
     )
     iforget.add_argument("address", metavar="ADDRESS")
     iforget.add_argument("uidls", nargs="*", metavar="UIDL", help="only these unique ids (default: all)")
-    iforget.set_defaults(run=_importForget, migrate=True, readOptions=_readAddresses("address"))
+    iforget.set_defaults(
+        run=_importForget, migrate=True, readOptions=_readAddresses("address"),
+        audit=audit.Audited("import forget", "address"),
+    )

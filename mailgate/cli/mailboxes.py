@@ -9,6 +9,7 @@ import os
 import re
 import time
 
+from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_CANTCREAT,
@@ -181,6 +182,7 @@ def _mailboxRestore(store, args, out, stdin):
             # All of them come back a few hundred at a time: stopped
             # half-way, those back are back, and said.
             if done[0]:
+                audit.outcome(args, f"{counted(done[0], 'message')} restored")
                 args.stderr.write(
                     f"mailgate: stopped after restoring {counted(done[0], 'message')} to {address}; the others "
                     "are still kept deleted: run the command again to restore them\n"
@@ -190,6 +192,7 @@ def _mailboxRestore(store, args, out, stdin):
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
     out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
+    audit.outcome(args, f"{counted(len(restored), 'message')} restored{' under new unique ids' if args.as_new else ''}")
     if restored:
         _warnIfFull(args, address, _result(store.quotaOf(address)))
     if missing:
@@ -219,6 +222,9 @@ def _mailboxExpunge(store, args, out, stdin):
         # the database lost), what is gone is gone, and said.
         removed, kept = done[0]
         if removed or kept:
+            audit.outcome(
+                args, f"removed {counted(removed, 'message')} and {kept} kept deleted {noun(kept, 'message')}"
+            )
             args.stderr.write(
                 f"mailgate: stopped after removing {counted(removed, 'message')} and {kept} kept deleted "
                 f"{noun(kept, 'message')} ({what}) from {address}; the rest is still there: run the command "
@@ -228,6 +234,9 @@ def _mailboxExpunge(store, args, out, stdin):
             raise _inSession(address) from None
         raise
     out.write(f"removed {counted(removed, 'message')} ({what}) from {address}\n")
+    audit.outcome(
+        args, f"removed {counted(removed, 'message')} ({what}) and {kept} kept deleted {noun(kept, 'message')}"
+    )
     if kept:
         out.write(f"removed {kept} deleted {noun(kept, 'message')} kept for recovery ({what}) too\n")
 
@@ -367,7 +376,8 @@ def _addMailboxCommands(commands):
     )
     mrestore.add_argument("--as-new", action="store_true", help="give them new unique ids")
     mrestore.set_defaults(
-        run=_mailboxRestore, migrate=True, readOptions=_readAddresses("address", then=_mailboxRestoreOptions)
+        run=_mailboxRestore, migrate=True, readOptions=_readAddresses("address", then=_mailboxRestoreOptions),
+        audit=audit.Audited("mailbox restore", "address"),
     )
     mexpunge = mailbox.add_parser(
         "expunge",
@@ -379,7 +389,10 @@ def _addMailboxCommands(commands):
     which = mexpunge.add_mutually_exclusive_group(required=True)
     which.add_argument("--older-than", metavar="DAYS", help="messages that arrived more than DAYS days ago")
     which.add_argument("--all", action="store_true", help="every message")
-    mexpunge.set_defaults(run=_mailboxExpunge, migrate=True, readOptions=_mailboxExpungeOptions)
+    mexpunge.set_defaults(
+        run=_mailboxExpunge, migrate=True, readOptions=_mailboxExpungeOptions,
+        audit=audit.Audited("mailbox expunge", "address"),
+    )
     mshow = mailbox.add_parser(
         "show",
         help="write one message to standard output, as POP3 serves it",

@@ -6,6 +6,7 @@ C{mailgate nodes}: the nodes and the settings they work with.
 
 import time
 
+from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_TEMPFAIL,
@@ -151,6 +152,7 @@ def _kick(store, args, out, stdin):
                 f"the POP3 session of {address} has ended; nothing it marked deleted was removed, "
                 "unless it sent QUIT before its node saw the kick\n"
             )
+            audit.outcome(args, "its POP3 session has ended")
             return
         if time.monotonic() >= deadline:
             raise CommandError(
@@ -195,4 +197,4 @@ def _addSessionCommands(commands):
     kick.add_argument(
         "--wait", default="30", metavar="SECONDS", help="how long to wait for it to end (default 30)"
     )
-    kick.set_defaults(run=_kick, migrate=True, readOptions=_kickOptions)
+    kick.set_defaults(run=_kick, migrate=True, readOptions=_kickOptions, audit=audit.Audited("kick", "address"))

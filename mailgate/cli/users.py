@@ -19,6 +19,7 @@ from mailgate.auth.passwords import (
     needsUpgrade,
     verifyPassword,
 )
+from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_CANTCREAT,
@@ -112,6 +113,18 @@ def _userAdd(store, args, out, stdin):
     except UserExists:
         raise CommandError(f"user {address} already exists", EX_CANTCREAT)
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
+    audit.outcome(args, f"added{_audited(args)}")
+
+
+def _audited(args, apop=None):
+    """
+    How a password was set, for the audit line: which was given (never
+    the password, nor its hash).
+    """
+    said = ["a password hash given"] if args.hashed else []
+    if args.apop if apop is None else apop:
+        said.append("APOP enabled")
+    return f" ({', '.join(said)})" if said else ""
 
 
 def _storedQuota(address, quota):
@@ -333,6 +346,7 @@ def _userImport(store, args, out, stdin):
         # are; those read after them are not, and the ones being added
         # at that moment are or are not, all together.
         if added or pending or adding[0]:
+            audit.outcome(args, f"stopped after adding {counted(added, 'user')}")
             inFlight = (
                 f"; the {counted(adding[0], 'user')} being added when it stopped may or may not be"
                 if adding[0] else ""
@@ -344,6 +358,7 @@ def _userImport(store, args, out, stdin):
         raise
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
+    audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
     if failed:
         raise CommandError(f"{counted(failed, 'line')} of {args.file} not imported", EX_DATAERR)
 
@@ -363,6 +378,7 @@ def _userPasswd(store, args, out, stdin):
         )
     _result(store.setCredentials(address, credentials))
     out.write(f"password changed for {address}\n")
+    audit.outcome(args, f"password changed{_audited(args, apop=False)}")
 
 
 def _userDel(store, args, out, stdin):
@@ -384,10 +400,15 @@ def _userDel(store, args, out, stdin):
                 f"{noun(kept, 'message')} of {address}, who is not deleted: run the command again to delete "
                 "them\n"
             )
+            audit.outcome(
+                args, f"removed {counted(removed, 'message')} and {kept} kept deleted {noun(kept, 'message')}, "
+                "not deleted"
+            )
         if isinstance(e, MaildropInUse):
             raise _inSession(address) from None
         raise
     out.write(f"deleted {address} and their maildrop\n")
+    audit.outcome(args, "deleted, with their maildrop")
 
 
 def _userList(store, args, out, stdin):
@@ -451,10 +472,14 @@ def _userQuota(store, args, out, stdin):
     octets = changes["octets"]
     _forUser(address, store.setQuota(address, **changes))
     status = _result(store.quotaOf(address))
-    text = f"quota of {address}: {describeLimit(octets, 'octets')}"
+    limits = describeLimit(octets, "octets")
     if "messages" in changes:
-        text += f", messages: {describeLimit(changes['messages'])}"
-    out.write(f"{text}; in use: {counted(status.usedMessages, 'message')}, {counted(status.usedOctets, 'octet')}\n")
+        limits += f", messages: {describeLimit(changes['messages'])}"
+    out.write(
+        f"quota of {address}: {limits}; in use: {counted(status.usedMessages, 'message')}, "
+        f"{counted(status.usedOctets, 'octet')}\n"
+    )
+    audit.outcome(args, f"quota set to {limits}")
     _warnIfFull(args, address, status)
 
 
@@ -468,8 +493,9 @@ def _userExpireOptions(args):
 def _userExpire(store, args, out, stdin):
     address, days = args.address, args.days
     _forUser(address, store.setExpire(address, days))
-    out.write(f"messages of {address} expire after: {describeLimit(days, 'days')}"
-              f"{' ' + noun(days, 'day') if days not in (DEFAULT, UNLIMITED) else ''}\n")
+    expiry = f"{describeLimit(days, 'days')}{' ' + noun(days, 'day') if days not in (DEFAULT, UNLIMITED) else ''}"
+    out.write(f"messages of {address} expire after: {expiry}\n")
+    audit.outcome(args, f"messages expire after: {expiry}")
 
 
 def _userTest(store, args, out, stdin):
@@ -507,7 +533,7 @@ def _userRecount(store, args, out, stdin):
         addresses = [user.address for user in _result(store.listUsers())]
     else:
         addresses = args.addresses
-    wrong = gone = 0
+    wrong = gone = done = 0
     for address in addresses:
         try:
             before, after = _forUser(address, store.recountUsage(address))
@@ -525,6 +551,8 @@ def _userRecount(store, args, out, stdin):
         else:
             wrong += 1
             out.write(f"{recount} (was kept as {counted(before[0], 'message')}, {counted(before[1], 'octet')})\n")
+        done += 1
+        audit.outcome(args, f"recounted {counted(done, 'user')}; the use kept for {wrong} was wrong")
     if args.all:
         out.write(f"recounted {counted(len(addresses) - gone, 'user')}; the use kept for {wrong} was wrong\n")
 
@@ -538,6 +566,7 @@ def _userApop(store, args, out, stdin):
         credentials = StoredCredentials(user.passwordHash, user.scramSha256, None, None)
         _result(store.setCredentials(address, credentials))
         out.write(f"APOP and CRAM-MD5 disabled for {address}; its stored secret and CRAM-MD5 states are erased\n")
+        audit.outcome(args, "APOP and CRAM-MD5 disabled")
         return
     # The database holds only a hash, so APOP needs the password once more:
     # it must be the user's current password.
@@ -550,6 +579,7 @@ def _userApop(store, args, out, stdin):
     credentials = StoredCredentials(user.passwordHash, user.scramSha256, password, user.cramMD5)
     _result(store.setCredentials(address, credentials))
     out.write(f"APOP enabled for {address}\n")
+    audit.outcome(args, "APOP enabled")
 
 
 def _userRename(store, args, out, stdin):
@@ -564,6 +594,7 @@ def _userRename(store, args, out, stdin):
     except MaildropInUse:
         raise _inSession(old)
     out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
+    audit.outcome(args, f"renamed to {new}")
 
 
 def _addUserCommands(commands):
@@ -594,6 +625,7 @@ def _addUserCommands(commands):
         migrate=True,
         create=True,
         readOptions=_readAddresses("address", then=_userAddOptions),
+        audit=audit.account("user add"),
     )
     passwd = user.add_parser(
         "passwd",
@@ -605,7 +637,10 @@ def _addUserCommands(commands):
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     _addHashed(passwd)
-    passwd.set_defaults(run=_userPasswd, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions))
+    passwd.set_defaults(
+        run=_userPasswd, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions),
+        audit=audit.account("user passwd"),
+    )
     imports = user.add_parser(
         "import",
         help="add the users of a Dovecot passwd-file, keeping their passwords",
@@ -635,14 +670,19 @@ def _addUserCommands(commands):
         help="also allow APOP (and CRAM-MD5) for the users whose password is in clear ({PLAIN}), "
         "as Dovecot did; this keeps it recoverable in the database (see README)",
     )
-    imports.set_defaults(run=_userImport, migrate=True, create=True, readOptions=_userImportOptions)
+    imports.set_defaults(
+        run=_userImport, migrate=True, create=True, readOptions=_userImportOptions,
+        audit=audit.account("user import", "file"),
+    )
     delete = user.add_parser(
         "del",
         help="delete a user and their maildrop",
         description="Delete a user and their maildrop.  Refused while the user is in a POP3 session.",
     )
     delete.add_argument("address", metavar="ADDRESS")
-    delete.set_defaults(run=_userDel, migrate=True, readOptions=_readAddresses("address"))
+    delete.set_defaults(
+        run=_userDel, migrate=True, readOptions=_readAddresses("address"), audit=audit.account("user del")
+    )
     listing = user.add_parser(
         "list",
         help="list users: their use, their own limits, their last POP3 login",
@@ -673,7 +713,10 @@ def _addUserCommands(commands):
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
     apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    apop.set_defaults(run=_userApop, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions))
+    apop.set_defaults(
+        run=_userApop, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions),
+        audit=audit.account("user apop", lambda args: f"{args.address} {args.state}"),
+    )
     rename = user.add_parser(
         "rename",
         help="give a user a new address (maildrop, unique ids and quota follow)",
@@ -683,7 +726,10 @@ def _addUserCommands(commands):
     )
     rename.add_argument("old", metavar="OLD")
     rename.add_argument("new", metavar="NEW")
-    rename.set_defaults(run=_userRename, migrate=True, readOptions=_readAddresses("old", "new"))
+    rename.set_defaults(
+        run=_userRename, migrate=True, readOptions=_readAddresses("old", "new"),
+        audit=audit.account("user rename", lambda args: f"{args.old} {args.new}"),
+    )
     quota = user.add_parser(
         "quota",
         help="set a user's storage quota",
@@ -696,7 +742,10 @@ def _addUserCommands(commands):
     quota.add_argument(
         "--messages", metavar="N|none|default", help="also limit the number of messages"
     )
-    quota.set_defaults(run=_userQuota, migrate=True, readOptions=_readAddresses("address", then=_userQuotaOptions))
+    quota.set_defaults(
+        run=_userQuota, migrate=True, readOptions=_readAddresses("address", then=_userQuotaOptions),
+        audit=audit.Audited("user quota", "address"),
+    )
     expire = user.add_parser(
         "expire",
         help="set how many days a user's messages are kept",
@@ -706,7 +755,10 @@ def _addUserCommands(commands):
     )
     expire.add_argument("address", metavar="ADDRESS")
     expire.add_argument("days", metavar="N|never|default")
-    expire.set_defaults(run=_userExpire, migrate=True, readOptions=_readAddresses("address", then=_userExpireOptions))
+    expire.set_defaults(
+        run=_userExpire, migrate=True, readOptions=_readAddresses("address", then=_userExpireOptions),
+        audit=audit.Audited("user expire", "address"),
+    )
 
     recount = user.add_parser(
         "recount",
@@ -719,4 +771,7 @@ def _addUserCommands(commands):
     )
     recount.add_argument("addresses", nargs="*", metavar="ADDRESS")
     recount.add_argument("--all", action="store_true", help="every user")
-    recount.set_defaults(run=_userRecount, migrate=True, readOptions=_userRecountOptions)
+    recount.set_defaults(
+        run=_userRecount, migrate=True, readOptions=_userRecountOptions,
+        audit=audit.Audited("user recount", lambda args: "--all" if args.all else " ".join(args.addresses)),
+    )
