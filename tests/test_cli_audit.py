@@ -250,7 +250,7 @@ def test_mailboxesBansSessionsAndDatabaseChangesGoToTheMailFacility(syslog, tmp_
         (("user", "recount", "--all"), r"admin user recount --all: recounted 1 user; the use kept for 0 was wrong"),
         (("import", "forget", ALICE), rf"admin import forget {ALICE}: forgot 0 imported unique ids"),
         (("ban", "add", "192.0.2.7", "--for", "600"), r"admin ban add 192\.0\.2\.7: banned until \d{4}-\d\d-\d\dT[\d:]{8}Z"),
-        (("ban", "del", "192.0.2.7"), r"admin ban del 192\.0\.2\.7: ban lifted, its failed logins forgotten"),
+        (("ban", "del", "192.0.2.7"), r"admin ban del 192\.0\.2\.7: ban lifted, its failed logins and unknown recipients forgotten"),
     ]
     for argv, pattern in expected:
         done, lines = syslog.logged(*argv)

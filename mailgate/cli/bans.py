@@ -109,8 +109,8 @@ def _banDel(store, args, out, stdin):
     removed = _liftEarlierBans(policy, address) or removed
     if not removed:
         raise CommandError(f"no ban for {address}")
-    out.write(f"lifted the ban of {address}; its failed logins are forgotten\n")
-    audit.outcome(args, "ban lifted, its failed logins forgotten")
+    out.write(f"lifted the ban of {address}; its failed logins and unknown recipients are forgotten\n")
+    audit.outcome(args, "ban lifted, its failed logins and unknown recipients forgotten")
 
 
 def _addBanCommands(commands):
@@ -156,9 +156,10 @@ def _addBanCommands(commands):
     )
     banDel = ban.add_parser(
         "del",
-        help="lift an address's ban and forget its failed logins",
-        description="Lift ADDRESS's ban and forget its failed logins, so that it starts afresh; "
-        "exit 1, changing nothing, if it has no ban.",
+        help="lift an address's ban and forget its failed logins and unknown recipients",
+        description="Lift ADDRESS's ban and forget its failed logins and SMTP recipients refused as unknown, "
+        "so that it starts afresh; exit 1, changing nothing, if it has no ban (an address only slowed "
+        "for unknown recipients has none).",
     )
     banDel.add_argument("address", metavar="ADDRESS")
     banDel.set_defaults(run=_banDel, migrate=True, readOptions=_banDelOptions, audit=audit.Audited("ban del", "banned"))
