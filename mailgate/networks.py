@@ -7,8 +7,9 @@ written in that form (C{::ffff:10.0.0.0/104} is C{10.0.0.0/8}), or it
 could never contain the clients it names.
 
 The PROXY header's trusted balancers (L{mailgate.session.proxy}), the
-policy's exempt networks (L{mailgate.policy.addresses}) and POP3's trusted
-networks (L{mailgate.pop3.factory}) all read them here.
+policy's exempt networks (L{mailgate.policy.addresses}), POP3's trusted
+networks (L{mailgate.pop3.factory}) and SMTP's and LMTP's cleartext
+networks (L{mailgate.smtp.factory}) all read them here.
 
 And one client is one client whatever address of its own it takes: an
 IPv6 client is its /64 (L{IPV6_PREFIX}, L{clientNetwork}), for the
@@ -70,3 +71,27 @@ def clientOfHost(host):
     except (ValueError, AttributeError):
         return host
     return clientNetwork(ip)
+
+
+def peerOnNetworks(address, networks):
+    """
+    Whether a connection's peer C{address} is on one of C{networks} (a
+    tuple of L{ipaddress} networks, as L{parseNetwork} makes them).  A
+    local (Unix socket) peer is; an address whose form is unknown only if
+    it is not IP.
+    """
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "type", None) != "TCP"
+    return _hostOnNetworks(host, networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hostOnNetworks(host, networks):
+    # Clients come back (an MTA for every message): the answer is kept per
+    # address and networks, not worked out at every login or transaction.
+    try:
+        ip = unmapped(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

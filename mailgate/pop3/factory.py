@@ -4,13 +4,10 @@ The POP3 server factory: one per set of listeners, holding the portal and
 the per-listener policy every session reads.
 """
 
-import functools
-import ipaddress
-
 from twisted.internet import defer
 
 from mailgate.hostname import machineName
-from mailgate.networks import parseNetwork, unmapped
+from mailgate.networks import parseNetwork, peerOnNetworks
 from mailgate.pop3.protocol import POP3Server
 from mailgate.session import SessionFactory
 
@@ -219,10 +216,7 @@ class POP3Factory(SessionFactory):
         Whether a peer is on a trusted network.  Local (Unix socket) peers
         are; so is an address whose form is unknown only if it is not IP.
         """
-        host = getattr(address, "host", None)
-        if host is None:
-            return getattr(address, "type", None) != "TCP"
-        return _onNetworks(host, self.trustedNetworks)
+        return peerOnNetworks(address, self.trustedNetworks)
 
     def extraCapabilities(self, maildrop=None):
         """
@@ -236,13 +230,3 @@ class POP3Factory(SessionFactory):
             lines.append(f"LOGIN-DELAY {self.loginDelay}")
         return lines
 
-
-@functools.lru_cache(maxsize=4096)
-def _onNetworks(host, networks):
-    # Clients come back: the answer is kept per address and networks, not
-    # worked out at every login.
-    try:
-        ip = unmapped(ipaddress.ip_address(host))
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)

@@ -3,11 +3,8 @@
 Factories for SMTP and LMTP listeners.
 """
 
-import functools
-import ipaddress
-
 from mailgate.hostname import machineName
-from mailgate.networks import parseNetwork, unmapped
+from mailgate.networks import parseNetwork, peerOnNetworks
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
@@ -109,10 +106,7 @@ class SMTPFactory(SessionFactory):
         """
         if not self.requiresTLS:
             return True
-        host = getattr(address, "host", None)
-        if host is None:
-            return getattr(address, "type", None) != "TCP"
-        return _onNetworks(host, self.cleartextNetworks)
+        return peerOnNetworks(address, self.cleartextNetworks)
 
     def extraExtensions(self, protocol):
         """
@@ -129,12 +123,3 @@ class LMTPFactory(SMTPFactory):
 
     protocol = LMTPServer
 
-
-@functools.lru_cache(maxsize=4096)
-def _onNetworks(host, networks):
-    # An MTA comes back for every message: the answer is kept per address.
-    try:
-        ip = unmapped(ipaddress.ip_address(host))
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
