@@ -407,6 +407,21 @@ def _pop3Target(args):
     return f"{shownURL(args.url)} {args.address if args.users is None else '--users ' + args.users}"
 
 
+#: --mirror's help, for import maildir and import pop3 alike
+_MIRROR_HELP = (
+    "a run after an earlier one: also take out of the maildrop what an earlier import from the same source brought "
+    "in and the source no longer has (deleted there since, by a client or its retention), which leave-on-server "
+    "clients would download again; kept for recovery (mailgate mailbox deleted)"
+)
+#: --sole-source's help, for both
+_SOLE_SOURCE_HELP = (
+    "with --mirror, where this source alone filled the address: also take out what the source no longer "
+    "has that was imported before mailgate recorded which source each unique id came from (schema version 14) "
+    "or by a source that also brought in some of what this one has (this one by another name: a copy of the "
+    "maildir, the server by another name); left in the maildrop otherwise, as it may be another source's"
+)
+
+
 def _addImportCommands(commands):
     """
     C{mailgate import ...}: maildrops moved from another server, keeping unique ids.
@@ -450,17 +465,11 @@ def _addImportCommands(commands):
         help="where Dovecot has pop3_deleted_flag = KEYWORD: the messages with that keyword (deleted by POP3 "
         "clients, no longer listed by Dovecot) are left out",
     )
-    imaildir.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the "
-        "maildrop what an earlier import from the same source brought in and the "
-        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
-        "would download again; kept for recovery (mailgate mailbox deleted)")
+    imaildir.add_argument("--mirror", action="store_true", help=_MIRROR_HELP)
     imaildir.add_argument(
         "--sole-source",
         action="store_true",
-        help="with --mirror, where this source alone filled the address: also take out what the source no longer "
-        "has that was imported before mailgate recorded which source each unique id came from (schema version 14) "
-        "or by a source that also brought in some of what this one has (this one by another name: a copy of the "
-        "maildir, the server by another name); left in the maildrop otherwise, as it may be another source's",
+        help=_SOLE_SOURCE_HELP,
     )
     imaildir.add_argument(
         "--max-message-size",
@@ -503,17 +512,11 @@ def _addImportCommands(commands):
         "that offers no STLS in the clear (refused otherwise, except to this machine)",
     )
     ipop3.add_argument("--delete", action="store_true", help="delete each message from the source once imported")
-    ipop3.add_argument("--mirror", action="store_true", help="a run after an earlier one: also take out of the "
-        "maildrop what an earlier import from the same source brought in and the "
-        "source no longer has (deleted there since, by a client or its retention), which leave-on-server clients "
-        "would download again; kept for recovery (mailgate mailbox deleted)" + " (not with --delete)")
+    ipop3.add_argument("--mirror", action="store_true", help=_MIRROR_HELP + " (not with --delete)")
     ipop3.add_argument(
         "--sole-source",
         action="store_true",
-        help="with --mirror, where this source alone filled the address: also take out what the source no longer "
-        "has that was imported before mailgate recorded which source each unique id came from (schema version 14) "
-        "or by a source that also brought in some of what this one has (this one by another name: a copy of the "
-        "maildir, the server by another name); left in the maildrop otherwise, as it may be another source's",
+        help=_SOLE_SOURCE_HELP,
     )
     ipop3.add_argument(
         "--max-message-size",
