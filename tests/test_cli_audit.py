@@ -412,6 +412,22 @@ def test_importFromPOP3NamesTheSourceNeverItsPassword(syslog, tmp_path):
         echoing.stop()
 
 
+def test_aPasswordThatIsAWordOfTheLineIsNotShownByItsBlanking(syslog):
+    """
+    A password is blanked only in what a failing command said, which may
+    quote it: a *** in the target or outcome, in place of the address's
+    local part, a domain's label or "changed", would say the password is
+    that word.
+    """
+    done, lines = syslog.logged("user", "add", ALICE, "--password-stdin", data=b"alice\n")
+    assert done.returncode == 0, done.stderr
+    assertLine(lines, AUTHPRIV_NOTICE, rf"admin user add {ALICE}: added{who()}")
+    for password in (b"changed", b"example"):
+        done, lines = syslog.logged("user", "passwd", ALICE, "--password-stdin", data=password + b"\n")
+        assert done.returncode == 0, done.stderr
+        assertLine(lines, AUTHPRIV_NOTICE, rf"admin user passwd {ALICE}: password changed{who()}")
+
+
 def scenario(syslog, database, mode, env=None):
     """
     A few commands on C{database}: what they said and their exit

@@ -169,7 +169,11 @@ def _line(args, audited, code, error):
         text, severity = said or "done", LOG_NOTICE
     else:
         text = f"{said}; " if said else ""
-        text += f"failed (exit {code})" + (f": {error}" if error else "")
+        # Only what it said on failing may quote a password it read (a
+        # POP3 source's refusal): blanked there alone, as a *** in the
+        # command's target or outcome would say the password is that word
+        # ("admin user add ***@example.org: added" of a password alice).
+        text += f"failed (exit {code})" + (f": {_withoutSecrets(args, error)}" if error else "")
         severity = LOG_WARNING
     line = _scrubbed(args, f"{head}: {text}")
     who = _who(getattr(args, "environ", None) or {})
@@ -178,9 +182,9 @@ def _line(args, audited, code, error):
     return _printable(f"{line}; {who}"), severity
 
 
-def _scrubbed(args, text):
+def _withoutSecrets(args, text):
     """
-    C{text} without the passwords the command read nor a URL's password.
+    C{text} without the passwords the command read nor its database URL's.
     """
     for password in sorted(getattr(args, "auditSecrets", None) or (), key=len, reverse=True):
         # Only where it stands as a word of its own, as
@@ -189,6 +193,13 @@ def _scrubbed(args, text):
     url = getattr(args, "databaseURL", None)
     if url:
         text = withoutPassword(text, url)
+    return text
+
+
+def _scrubbed(args, text):
+    """
+    C{text} without any URL's password.
+    """
     return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
