@@ -428,6 +428,30 @@ def test_aPasswordThatIsAWordOfTheLineIsNotShownByItsBlanking(syslog):
         assertLine(lines, AUTHPRIV_NOTICE, rf"admin user passwd {ALICE}: password changed{who()}")
 
 
+def test_aLongNonUTF8PathIsCutBeforeWhoRanTheCommand(syslog, tmp_path):
+    """
+    A maildir's path of octets that are not UTF-8 and of control
+    characters is written printable on one line (C{\\xNN}, C{?}), and a
+    long one is cut to at most MAX_LINE octets in all, keeping who ran the
+    command: each such octet takes four once written, and a line longer
+    than the syslog daemon takes would lose its end.
+    """
+    assert syslog.run("user", "add", ALICE, "--password-stdin", data=f"{PASSWORD}\n".encode()).returncode == 0
+    syslog.lines()
+    maildir = os.fsencode(str(tmp_path)) + b"/forged\n<13>Dec  6 10:00:00 sshd[1]: x"
+    for _ in range(14):
+        maildir += b"/" + b"\xe9" * 200 + b"\x1b[31m"
+    for sub in (b"cur", b"new", b"tmp"):
+        os.makedirs(maildir + b"/" + sub)
+    done, lines = syslog.logged("import", "maildir", os.fsdecode(maildir), ALICE)
+    assert done.returncode == 0, done.stderr
+    assert len(lines) == 1 and lines[0][0] == MAIL_NOTICE, lines
+    text = lines[0][1]
+    assert len(text.encode()) <= 4000, len(text.encode())
+    assert re.fullmatch(rf"admin import maildir {re.escape(str(tmp_path))}/forged\?<13>Dec  6 10:00:00 sshd\[1\]: "
+                        rf"x/(\\xe9)+\?\[31m/.*\.\.\.{who()}", text), text
+
+
 def scenario(syslog, database, mode, env=None):
     """
     A few commands on C{database}: what they said and their exit

@@ -48,7 +48,7 @@ SYSLOG_SOCKET = "/dev/log"
 #: how long a line may wait for a syslog daemon that takes nothing
 #: (seconds): then it is dropped and the command goes on
 SEND_TIMEOUT = 1.0
-#: the longest line sent (characters): a syslog daemon cuts or drops
+#: the longest line sent (octets, after the header): a syslog daemon cuts or drops
 #: longer ones (rsyslog's default maxMessageSize is 8 KB)
 MAX_LINE = 4000
 #: the name the lines carry, as useradd's carry useradd
@@ -175,11 +175,14 @@ def _line(args, audited, code, error):
         # ("admin user add ***@example.org: added" of a password alice).
         text += f"failed (exit {code})" + (f": {_withoutSecrets(args, error)}" if error else "")
         severity = LOG_WARNING
-    line = _scrubbed(args, f"{head}: {text}")
+    # Cut once printable, in octets: a non-UTF-8 octet is written in four
+    # (\\xNN), and a line cut by the daemon would lose who ran it.
+    line = _printable(_scrubbed(args, f"{head}: {text}")).encode("utf-8")
     who = _who(getattr(args, "environ", None) or {})
-    if len(line) > MAX_LINE - len(who) - 2:
-        line = line[: MAX_LINE - len(who) - 5] + "..."
-    return _printable(f"{line}; {who}"), severity
+    room = MAX_LINE - len(who.encode("utf-8")) - 2
+    if len(line) > room:
+        line = line[: room - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+    return f"{line.decode('utf-8')}; {who}", severity
 
 
 def _withoutSecrets(args, text):
