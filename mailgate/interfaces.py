@@ -1202,11 +1202,21 @@ class IPolicyStore(Interface):
     def removeBan(address):
         """
         Lift an address's ban, and forget its failures so that it starts
-        afresh.  Without a ban, nothing changes (the failures stay, as the
-        running nodes, which learn only of lifted bans, keep them too).
+        afresh.  Without a ban, nothing changes (L{forgetFailures} does).
 
         @return: a L{Deferred} L{bool}: whether there was a ban in force or
             expired but not yet swept away.
+        """
+
+    def forgetFailures(address, at):
+        """
+        Forget the failed logins and unknown recipients counted for an
+        address that has no ban, so that it is no longer slowed: every
+        node's next L{changes} (the version moves) names it in
+        C{forgotten}, with C{at}, for the ban window.
+
+        @return: a L{Deferred} L{mailgate.records.Forgotten}: how many of
+            each were forgotten (none: nothing changed).
         """
 
     def listBans(at):
@@ -1223,7 +1233,9 @@ class IPolicyStore(Interface):
 
         Every change to the set of bans (made, replaced, lifted) raises the
         version, so an unchanged version means unchanged bans (expired ones
-        aside, which the node sees from their times).
+        aside, which the node sees from their times); so does
+        L{forgetFailures}, whose addresses a moved version's read names in
+        C{forgotten}.
 
         @param version: the version the node has, or C{None} for none yet.
         @return: a L{Deferred} L{PolicyChanges}.

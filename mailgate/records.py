@@ -239,6 +239,12 @@ class AuthFailure:
 REASON_FAILURES = "auth-failures"
 REASON_ADMIN = "admin"
 REASON_RECIPIENTS = "unknown-rcpt"
+# Not a ban: the marker C{ban del} leaves in the bans table when it forgets
+# the failures of an address that had none.  Ended as it is written
+# (expires_at = created_at), so nothing enforces or lists it, this mailgate
+# or an earlier one; the nodes read it, when the ban version moves, to
+# forget the failures they counted (mailgate.store.policy).
+REASON_FORGOTTEN = "forgotten"
 
 #: The prefix of the address an L{AuthFailure} is recorded under when it
 #: is an SMTP recipient refused as unknown (C{550 5.1.1}) rather than a
@@ -320,8 +326,25 @@ class PolicyChanges:
     @ivar bans: every ban in force, as L{BanRecord}s, or C{None} when the
         version is the one the node already had.
     @ivar failures: the L{AuthFailure}s recorded since the time asked for.
+    @ivar forgotten: the addresses whose failures were forgotten without a
+        ban to lift, as (address, when) pairs, kept for the ban window; or
+        C{None} when the version is the one the node already had.
     """
 
     version = attr.ib()
     bans = attr.ib()
     failures = attr.ib()
+    forgotten = attr.ib(default=None)
+
+
+@attr.s(frozen=True, slots=True)
+class Forgotten:
+    """
+    What L{mailgate.interfaces.IPolicyStore.forgetFailures} forgot.
+
+    @ivar logins: the address's failed logins.
+    @ivar recipients: its SMTP recipients refused as unknown.
+    """
+
+    logins = attr.ib()
+    recipients = attr.ib()

@@ -167,6 +167,55 @@ def test_deleteWithoutABan(cli):
     assert result.err == "mailgate: no ban for 192.0.2.8\n"
 
 
+def test_deleteReleasesAnAddressSlowedWithoutABan(cli, monkeypatch):
+    """
+    An address with failed logins and unknown recipients counted, below
+    any ban, and slowed by a running server: C{ban del} says there is no
+    ban and what it forgot, exit 0, in its output and its audit line, and
+    the server no longer slows it after its next refresh.  With nothing
+    left to forget, no ban, exit 1, as before.
+    """
+    from mailgate.cli import audit
+    from mailgate.records import recipientsAddress
+
+    outcomes = []
+    monkeypatch.setattr(audit, "outcome", lambda args, text: outcomes.append(text))
+    store = openSynchronousStore(cli.url)
+    clock = Clock()
+    now = time.time()
+    clock.advance(now)
+    settings = PolicySettings(exemptNetworks=["none"], banAfter=0, unknownRecipientSlowAfter=20)
+    policy = ConnectionPolicy(SQLPolicyStore(store.database), clock, settings)
+    client = IPv4Address("TCP", "192.0.2.9", 40000)
+    try:
+        policyStore = SQLPolicyStore(store.database)
+        for n in range(12):
+            resultOf(policyStore.recordFailure(AuthFailure(f"f{n}", "192.0.2.9", "bob", now), 0, 600, 900))
+        for n in range(24):
+            counted = AuthFailure(f"r{n}", recipientsAddress("192.0.2.9"), None, now)
+            resultOf(policyStore.recordFailure(counted, 0, 600, 900))
+        resultOf(policyStore.recordFailure(AuthFailure("o", "192.0.2.10", "bob", now), 0, 600, 900))
+        policy.start()
+        assert policy.authenticationDelay(client, None) == 15
+        assert policy.recipientErrorDelay(client) > 0
+        result = cli("ban", "del", "192.0.2.9")
+        assert (result.code, result.out, result.err) == (
+            0, "no ban for 192.0.2.9; its 12 failed logins and 24 unknown recipients are forgotten\n", "",
+        )
+        assert outcomes == ["no ban, its 12 failed logins and 24 unknown recipients forgotten"]
+        clock.advance(REFRESH_INTERVAL)
+        assert policy.authenticationDelay(client, None) == 0
+        assert policy.recipientErrorDelay(client) == 0
+        assert banList(cli) == []
+        result = cli("ban", "del", "192.0.2.9")
+        assert (result.code, result.err) == (1, "mailgate: no ban for 192.0.2.9\n")
+        result = cli("ban", "del", "192.0.2.10")
+        assert (result.code, result.out) == (0, "no ban for 192.0.2.10; its 1 failed login is forgotten\n")
+    finally:
+        policy.stop()
+        store.close()
+
+
 def test_badAddresses(cli):
     for argv in (
         ("ban", "add", "mail.example.org"),

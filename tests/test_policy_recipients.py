@@ -249,6 +249,58 @@ def test_twoNodesShareTheCountAndTheBan(postgresURL):
             mail.close()
 
 
+def test_twoNodesForgetAnAddressReleasedWithoutABan(postgresURL):
+    """
+    Two nodes on one PostgreSQL slow an address for its unknown recipients
+    and failed logins, without a ban; C{mailgate ban del}'s store call
+    (C{forgetFailures}) releases it on both at their next refresh, and its
+    count starts afresh.
+    """
+    mails = [openSynchronousStore(postgresURL) for _ in range(3)]
+    settings = dict(unknownRecipientSlowAfter=3, unknownRecipientBanAfter=10, banAfter=10)
+    nodeA, _, clockA = makePolicy(SQLPolicyStore(mails[0].database), **settings)
+    nodeB, _, clockB = makePolicy(SQLPolicyStore(mails[1].database), **settings)
+    nodeA.start()
+    nodeB.start()
+    try:
+        refuse(nodeA, times=4)
+        for _ in range(2):
+            nodeA.authenticationFailed(HARVESTER, ALICE)
+        clockB.advance(REFRESH_INTERVAL)
+        for node in (nodeA, nodeB):
+            assert node.recipientErrorDelay(HARVESTER) == 4
+            assert node.authenticationDelay(HARVESTER, None) == 4
+            assert not node.isBanned(HARVESTER)
+        admin = SQLPolicyStore(mails[2].database)
+        forgotten = resultOf(admin.forgetFailures(ADDRESS, NOW))
+        assert (forgotten.logins, forgotten.recipients) == (2, 4)
+        clockA.advance(REFRESH_INTERVAL)
+        clockB.advance(REFRESH_INTERVAL)
+        for node in (nodeA, nodeB):
+            assert node.recipientErrorDelay(HARVESTER) == 0
+            assert node.authenticationDelay(HARVESTER, None) == 0
+            assert node.authenticationDelay(OTHER, ALICE) == 0
+        # Afresh: B's next two refused recipients do not slow it yet, nor
+        # does a later refresh forget them again (another ban moved the
+        # version: the forgetting is read again).
+        refuse(nodeB, times=2)
+        for _ in range(8):
+            clockA.advance(REFRESH_INTERVAL)
+            clockB.advance(REFRESH_INTERVAL)
+        resultOf(admin.addBan(OTHER.host, NOW, 60))
+        clockA.advance(REFRESH_INTERVAL)
+        clockB.advance(REFRESH_INTERVAL)
+        assert nodeA.isBanned(OTHER)
+        assert nodeA.failures.fromAddress(recipientsAddress(ADDRESS), NOW - 600) == 2
+        refuse(nodeB)
+        assert nodeB.recipientErrorDelay(HARVESTER) == 2
+    finally:
+        nodeA.stop()
+        nodeB.stop()
+        for mail in mails:
+            mail.close()
+
+
 # -- SMTP sessions -------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from mailgate.policy.settings import PolicySettings
 from mailgate.store import openStore, openSynchronousStore
 from mailgate.store import policy as sqlpolicy
 from mailgate.store.policy import SQLPolicyStore
-from mailgate.records import AuthFailure
+from mailgate.records import AuthFailure, Forgotten, recipientsAddress
 from mailgate.testing import resultOf
 
 NOW = 1_700_000_000
@@ -179,10 +179,8 @@ def test_liftingABanForgetsTheAddressFailures(anyPolicyStore):
 
 def test_removingABanThatIsNotThereChangesNothing(anyPolicyStore):
     """
-    C{mailgate ban del} for an address with failures and no ban says there
-    is no ban, and it is so: the failures stay, as they stay in every
-    running node's memory (nodes learn only of lifted bans), rather than
-    going from the database alone.
+    Lifting a ban an address does not have lifts nothing and forgets
+    nothing (C{forgetFailures} is the way to forget failures without a ban).
     """
     store = anyPolicyStore
     record(store, failure(at=NOW), banAfter=0)
@@ -192,6 +190,77 @@ def test_removingABanThatIsNotThereChangesNothing(anyPolicyStore):
     assert after.bans is None
     assert [f.address for f in after.failures] == [ADDRESS]
     assert record(store, failure(at=NOW + 6), banAfter=0).failures == 2
+
+
+def _slowed(store):
+    """
+    Two failed logins and three unknown recipients from ADDRESS, one
+    failed login from OTHER, none making a ban.
+    """
+    for n in range(2):
+        record(store, failure(at=NOW + n), banAfter=0)
+    for n in range(3):
+        record(store, failure(address=recipientsAddress(ADDRESS), at=NOW + n, login=None), banAfter=0)
+    record(store, failure(address=OTHER, at=NOW), banAfter=0)
+
+
+def test_forgettingTheFailuresOfAnAddressWithoutABan(anyPolicyStore):
+    """
+    C{ban del} of an address slowed but not banned: its failed logins and
+    unknown recipients are forgotten, and the nodes' next read (the version
+    moved) names it, so that they forget theirs; no ban appears.
+    """
+    store = anyPolicyStore
+    _slowed(store)
+    before = resultOf(store.changes(None, NOW - 10, NOW + 5))
+    assert before.forgotten == ()
+    assert resultOf(store.forgetFailures(ADDRESS, NOW + 5.5)) == Forgotten(2, 3)
+    after = resultOf(store.changes(before.version, NOW - 10, NOW + 6))
+    assert after.version > before.version
+    assert after.bans == () and after.forgotten == ((ADDRESS, NOW + 5),)
+    assert [f.address for f in after.failures] == [OTHER]
+    assert resultOf(store.listBans(NOW + 6)) == []
+    # Not a ban: there is none to lift, and its next failure is its first.
+    assert resultOf(store.removeBan(ADDRESS)) is False
+    assert record(store, failure(at=NOW + 7), banAfter=3).failures == 1
+    # Nothing left to forget: nothing changes.
+    assert resultOf(store.forgetFailures(OTHER + "0", NOW + 8)) == Forgotten(0, 0)
+    unchanged = resultOf(store.changes(after.version, NOW - 10, NOW + 8))
+    assert unchanged.version == after.version and unchanged.forgotten is None
+
+
+def test_anAddressForgottenIsBannedAgainByItsNextFailures(anyPolicyStore):
+    store = anyPolicyStore
+    _slowed(store)
+    resultOf(store.forgetFailures(ADDRESS, NOW + 5))
+    for n in range(2):
+        assert not record(store, failure(at=NOW + 6 + n)).banned
+    outcome = record(store, failure(at=NOW + 8))
+    assert outcome.banned and outcome.ban.failures == 3
+    assert [b.address for b in resultOf(store.listBans(NOW + 9))] == [ADDRESS]
+    changes = resultOf(store.changes(None, NOW, NOW + 9))
+    assert changes.forgotten == ()
+    # A forgetting afterwards leaves the ban alone.
+    assert resultOf(store.removeBan(ADDRESS)) is True
+
+
+def test_aForgottenAddressIsReadForTheWindow(stores):
+    """
+    On SQLite and PostgreSQL: the record of a forgetting is no ban to any
+    reader of the bans (ended as it is written), and expiry keeps it as
+    long as the failures it forgot would have been kept, then removes it.
+    """
+    store = stores.open()
+    _slowed(store)
+    assert resultOf(store.forgetFailures(ADDRESS, NOW + 5)) == Forgotten(2, 3)
+    assert stores.rows("SELECT count(*) FROM auth_failures WHERE address LIKE '%192.0.2.66'") == [(0,)]
+    assert stores.rows(f"SELECT count(*) FROM bans WHERE expires_at > {NOW + 5}") == [(0,)]
+    assert resultOf(store.listBans(NOW + 5)) == []
+    resultOf(store.expire(NOW + 60, NOW + 60 - 600))
+    assert resultOf(store.changes(None, NOW, NOW + 60)).forgotten == ((ADDRESS, NOW + 5),)
+    resultOf(store.expire(NOW + 606, NOW + 6))
+    assert resultOf(store.changes(None, NOW, NOW + 606)).forgotten == ()
+    assert stores.rows("SELECT count(*) FROM bans") == [(0,)]
 
 
 def test_changesReadTheBansOnlyWhenTheVersionMoved(anyPolicyStore):

@@ -107,10 +107,33 @@ def _banDel(store, args, out, stdin):
     policy = _policyStore(store)
     removed = _result(policy.removeBan(address))
     removed = _liftEarlierBans(policy, address) or removed
-    if not removed:
+    if removed:
+        out.write(f"lifted the ban of {address}; its failed logins and unknown recipients are forgotten\n")
+        audit.outcome(args, "ban lifted, its failed logins and unknown recipients forgotten")
+        return
+    # Slowed but not banned (POP3's penalty, SMTP's slowed errors): released
+    # all the same, on every node within a second.
+    forgotten = _result(policy.forgetFailures(address, time.time()))
+    what = _forgottenText(forgotten)
+    if not what:
         raise CommandError(f"no ban for {address}")
-    out.write(f"lifted the ban of {address}; its failed logins and unknown recipients are forgotten\n")
-    audit.outcome(args, "ban lifted, its failed logins and unknown recipients forgotten")
+    verb = "is" if forgotten.logins + forgotten.recipients == 1 else "are"
+    out.write(f"no ban for {address}; its {what} {verb} forgotten\n")
+    audit.outcome(args, f"no ban, its {what} forgotten")
+
+
+def _forgottenText(forgotten):
+    """
+    "12 failed logins and 24 unknown recipients", or what of it there was.
+    """
+    from mailgate.plural import counted
+
+    parts = []
+    if forgotten.logins:
+        parts.append(counted(forgotten.logins, "failed login"))
+    if forgotten.recipients:
+        parts.append(counted(forgotten.recipients, "unknown recipient"))
+    return " and ".join(parts)
 
 
 def _addBanCommands(commands):
@@ -158,8 +181,9 @@ def _addBanCommands(commands):
         "del",
         help="lift an address's ban and forget its failed logins and unknown recipients",
         description="Lift ADDRESS's ban and forget its failed logins and SMTP recipients refused as unknown, "
-        "so that it starts afresh; exit 1, changing nothing, if it has no ban (an address only slowed "
-        "for unknown recipients has none).",
+        "so that it starts afresh: every server on the database stops slowing it within seconds. An address "
+        "slowed but not banned is released the same way; exit 1, changing nothing, if it has neither a ban "
+        "nor failures counted.",
     )
     banDel.add_argument("address", metavar="ADDRESS")
     banDel.set_defaults(run=_banDel, migrate=True, readOptions=_banDelOptions, audit=audit.Audited("ban del", "banned"))

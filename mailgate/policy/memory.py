@@ -15,7 +15,15 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailgate.interfaces import IPolicyStore
-from mailgate.records import REASON_ADMIN, BanRecord, FailureOutcome, PolicyChanges, banTarget, recipientsAddress
+from mailgate.records import (
+    REASON_ADMIN,
+    BanRecord,
+    FailureOutcome,
+    Forgotten,
+    PolicyChanges,
+    banTarget,
+    recipientsAddress,
+)
 
 
 @implementer(IPolicyStore)
@@ -24,18 +32,23 @@ class MemoryPolicyStore:
     @ivar failures: the recorded L{AuthFailure}s, oldest first.
     @ivar bans: address to L{BanRecord}.
     @ivar version: the ban version.
+    @ivar forgotten: address to when its failures were forgotten without a
+        ban (L{forgetFailures}).
     """
 
     def __init__(self):
         self.failures = []
         self.bans = {}
         self.version = 0
+        self.forgotten = {}
 
     def _count(self, address, since):
         return sum(1 for f in self.failures if f.address == address and f.at > since)
 
     def _put(self, ban):
         self.bans[ban.address] = ban
+        # One row per address in the SQL store: a ban replaces the marker.
+        self.forgotten.pop(ban.address, None)
         self.version += 1
 
     def recordFailure(self, failure, banAfter, banWindow, banTime, ban=False):
@@ -66,6 +79,16 @@ class MemoryPolicyStore:
             self.version += 1
         return defer.succeed(removed)
 
+    def forgetFailures(self, address, at):
+        logins = sum(1 for f in self.failures if f.address == address)
+        recipients = sum(1 for f in self.failures if f.address == recipientsAddress(address))
+        if logins or recipients:
+            forgotten = {address, recipientsAddress(address)}
+            self.failures = [f for f in self.failures if f.address not in forgotten]
+            self.forgotten[address] = math.floor(at)
+            self.version += 1
+        return defer.succeed(Forgotten(logins, recipients))
+
     def _inForce(self, at):
         return tuple(sorted((b for b in self.bans.values() if b.expires > at), key=lambda b: b.address))
 
@@ -73,12 +96,15 @@ class MemoryPolicyStore:
         return defer.succeed(list(self._inForce(at)))
 
     def changes(self, version, failuresSince, at):
-        bans = None if version == self.version else self._inForce(at)
+        bans = forgotten = None
+        if version != self.version:
+            bans = self._inForce(at)
+            forgotten = tuple(self.forgotten.items())
         # Whole seconds, as the SQL store keeps them: a caller asking from
         # a fraction of a second gets the failures of that whole second.
         since = math.floor(failuresSince)
         failures = tuple(f for f in self.failures if f.at >= since)
-        return defer.succeed(PolicyChanges(self.version, bans, failures))
+        return defer.succeed(PolicyChanges(self.version, bans, failures, forgotten))
 
     def expire(self, at, failuresBefore):
         kept = [f for f in self.failures if f.at >= failuresBefore]
@@ -87,4 +113,7 @@ class MemoryPolicyStore:
         self.failures = kept
         for address in ended:
             del self.bans[address]
+        for address in [a for a, when in self.forgotten.items() if when < math.floor(failuresBefore)]:
+            del self.forgotten[address]
+            removed += 1
         return defer.succeed(removed)

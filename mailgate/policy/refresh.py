@@ -7,7 +7,8 @@ On a timer driven by the reactor it is given (never a global one), every
 L{REFRESH_INTERVAL} seconds, it reads the store's ban version (the bans
 too, only when that moved) and the failures recorded since its previous
 read: one cheap read, so that a ban made by another node is enforced here
-within a second, and one added or lifted by the admin command as fast.
+within a second, and one added or lifted by the admin command as fast (as
+are failures it forgot without a ban to lift).
 Every L{EXPIRE_INTERVAL} seconds it also has the store drop the failures
 older than the window and the bans that ended, so the tables stay bounded.
 
@@ -58,6 +59,8 @@ class StoreSync:
         self._since = None
         self._lastExpiry = None
         self._storeFailing = False
+        # Address to when its failures were forgotten, as last read.
+        self._forgotten = {}
         self.refreshes = 0
 
     # -- the timer --------------------------------------------------------
@@ -101,6 +104,15 @@ class StoreSync:
 
     def _apply(self, changes, started):
         self._since = started - OVERLAP
+        if changes.forgotten is not None:
+            # An address's failures forgotten without a ban (ban del): the
+            # failures read with it came after, so it is applied first, and
+            # once (it stays in the store for the window).
+            for address, when in changes.forgotten:
+                if self._forgotten.get(address) != when:
+                    self._failures.forget(address)
+                    self._failures.forget(recipientsAddress(address))
+            self._forgotten = dict(changes.forgotten)
         for failure in changes.failures:
             self._failures.add(failure)
         for address in self._bans.update(changes.version, changes.bans):

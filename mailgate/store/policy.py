@@ -21,9 +21,11 @@ from zope.interface import implementer
 from mailgate.interfaces import IPolicyStore
 from mailgate.records import (
     REASON_ADMIN,
+    REASON_FORGOTTEN,
     AuthFailure,
     BanRecord,
     FailureOutcome,
+    Forgotten,
     PolicyChanges,
     banTarget,
     recipientsAddress,
@@ -116,19 +118,51 @@ def _addBan(cursor, ban):
     return ban
 
 
+def _forgetCounted(cursor, address):
+    """
+    Delete the failed logins and unknown recipients counted for C{address}:
+    how many of each there were.
+    """
+    counts = []
+    for counted in (address, recipientsAddress(address)):
+        cursor.execute("DELETE FROM auth_failures WHERE address = ?", (counted,))
+        counts.append(max(cursor.rowcount, 0))
+        cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (counted,))
+    return Forgotten(*counts)
+
+
 def _removeBan(cursor, address):
-    cursor.execute("DELETE FROM bans WHERE address = ?", (address,))
+    # A marker of forgotten failures is no ban (REASON_FORGOTTEN).
+    cursor.execute("DELETE FROM bans WHERE address = ? AND reason <> ?", (address, REASON_FORGOTTEN))
     removed = cursor.rowcount > 0
     if removed:
         # A lifted ban is a fresh start: the failures that made it would
         # otherwise make it again at the next one.  Without a ban, nothing
-        # changes: the running nodes learn of lifted bans only, and would
-        # keep counting failures the database no longer had.
-        for counted in (address, recipientsAddress(address)):
-            cursor.execute("DELETE FROM auth_failures WHERE address = ?", (counted,))
-            cursor.execute("DELETE FROM failing_addresses WHERE address = ?", (counted,))
+        # changes here (forgetFailures is that case): the nodes learn of a
+        # lifted ban from its absence, and forget its failures then.
+        _forgetCounted(cursor, address)
         _bump(cursor)
     return removed
+
+
+def _forgetFailures(cursor, address, at):
+    forgotten = _forgetCounted(cursor, address)
+    if forgotten.logins or forgotten.recipients:
+        # The running nodes counted these failures too, and read no
+        # deletion: a marker in the bans table tells them, read with the
+        # bans when the version moves.  It is ended as it is written, so
+        # neither this mailgate nor an earlier one enforces or lists it
+        # (an earlier one sharing the database only deletes it at its next
+        # expiry, and keeps counting); a ban made meanwhile is not replaced.
+        when = _seconds(at)
+        cursor.execute(
+            "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, 0, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET created_at = excluded.created_at, "
+            "expires_at = excluded.expires_at WHERE bans.reason = excluded.reason",
+            (address, REASON_FORGOTTEN, when, when),
+        )
+        _bump(cursor)
+    return forgotten
 
 
 def _listBans(cursor, at):
@@ -146,13 +180,17 @@ def _changes(cursor, version, failuresSince, at):
     # time, never missed (PostgreSQL runs each read statement on a snapshot
     # of its own).
     current = _version(cursor)
-    bans = None if current == version else tuple(_listBans(cursor, at))
+    bans = forgotten = None
+    if current != version:
+        bans = tuple(_listBans(cursor, at))
+        cursor.execute("SELECT address, created_at FROM bans WHERE reason = ?", (REASON_FORGOTTEN,))
+        forgotten = tuple((address, when) for address, when in cursor.fetchall())
     cursor.execute(
         "SELECT failure_id, address, login, failed_at FROM auth_failures WHERE failed_at >= ?",
         (_seconds(failuresSince),),
     )
     failures = tuple(AuthFailure(*row) for row in cursor.fetchall())
-    return PolicyChanges(current, bans, failures)
+    return PolicyChanges(current, bans, failures, forgotten)
 
 
 def _expire(cursor, at, failuresBefore):
@@ -162,8 +200,11 @@ def _expire(cursor, at, failuresBefore):
     cursor.execute("DELETE FROM failing_addresses WHERE last_failure < ?", (before,))
     removed += cursor.rowcount
     # Ended bans need no version change: every node already treats them
-    # as ended, from their times.
-    cursor.execute("DELETE FROM bans WHERE expires_at <= ?", (_seconds(at),))
+    # as ended, from their times.  A marker of forgotten failures is kept
+    # as long as the failures it forgot would have been.
+    cursor.execute("DELETE FROM bans WHERE expires_at <= ? AND reason <> ?", (_seconds(at), REASON_FORGOTTEN))
+    removed += cursor.rowcount
+    cursor.execute("DELETE FROM bans WHERE reason = ? AND created_at < ?", (REASON_FORGOTTEN, before))
     removed += cursor.rowcount
     return removed
 
@@ -189,6 +230,9 @@ class SQLPolicyStore:
 
     def removeBan(self, address):
         return self.database.runWrite(_removeBan, address)
+
+    def forgetFailures(self, address, at):
+        return self.database.runWrite(_forgetFailures, address, at)
 
     def listBans(self, at):
         return self.database.runInteraction(_listBans, at)
