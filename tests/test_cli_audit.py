@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.store import engineFromURL
+from mailgate.store.database import SynchronousDatabase
+from mailgate.store.schema import LATEST, MIGRATIONS, _ensureVersionTable, applyMigration
 from test_importer_faults import ScriptedPOP3, threeMessages
 
 #: syslog(3)'s priorities, as the lines carry them (facility | severity)
@@ -450,6 +453,36 @@ def test_aLongNonUTF8PathIsCutBeforeWhoRanTheCommand(syslog, tmp_path):
     assert len(text.encode()) <= 4000, len(text.encode())
     assert re.fullmatch(rf"admin import maildir {re.escape(str(tmp_path))}/forged\?<13>Dec  6 10:00:00 sshd\[1\]: "
                         rf"x/(\\xe9)+\?\[31m/.*\.\.\.{who()}", text), text
+
+
+def test_aSchemaUpgradeMadeByAnotherCommandIsLogged(syslog):
+    """
+    Every command but db backup and db version upgrades the schema of
+    the database it opens, after which an older mailgate no longer uses
+    it: a read-only command that did (user list) sends a line saying so,
+    as db upgrade would have; one finding it up to date sends none.
+    """
+    engine = engineFromURL(syslog.database)
+    database = SynchronousDatabase(engine)
+    try:
+
+        def older(cursor):
+            _ensureVersionTable(cursor)
+            for migration in MIGRATIONS[:-1]:
+                applyMigration(cursor, engine, migration)
+
+        database.runInteraction(older)
+    finally:
+        database.close()
+    done, lines = syslog.logged("user", "list")
+    assert done.returncode == 0, done.stderr
+    assertLine(
+        lines, MAIL_NOTICE,
+        rf"admin db upgrade {re.escape(syslog.database)}: applied migration {LATEST} as the database was opened "
+        rf"by another command{who()}",
+    )
+    done, lines = syslog.logged("user", "list")
+    assert (done.returncode, lines) == (0, [])
 
 
 def scenario(syslog, database, mode, env=None):

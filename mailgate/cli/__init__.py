@@ -367,6 +367,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 readsOnly=getattr(args, "readsOnly", False),
             )
             opening = False
+            audit.upgraded(args, getattr(store, "migrationsApplied", ()))
             if args.config is not None:
                 values = _configValues(args.config)
                 store.limits = _configLimits(values)

@@ -141,6 +141,36 @@ def secret(args, text):
         secrets.append(text)
 
 
+def upgraded(args, applied):
+    """
+    The schema upgrade a command made as it opened an existing database
+    (every command does, db backup and db version aside, as a server's
+    start does): a line of its own, as db upgrade's, for after it an
+    older mailgate no longer uses the database.  Not of a database made
+    from nothing (its first migration applied), which the command that
+    made it says.  Never raises.
+    """
+    try:
+        if not applied or applied[0].version <= 1 or _off(args):
+            return
+        from mailgate.plural import noun
+
+        versions = ", ".join(str(migration.version) for migration in applied)
+        text = (
+            f"admin db upgrade {shownURL(args.databaseURL)}: applied {noun(len(applied), 'migration')} {versions} "
+            f"as the database was opened by another command"
+        )
+        who = _who(getattr(args, "environ", None) or {})
+        send(LOG_MAIL | LOG_NOTICE, _printable(f"{_scrubbed(args, text)}; {who}"))
+    except Exception:
+        pass
+
+
+def _off(args):
+    environ = getattr(args, "environ", None) or {}
+    return str(environ.get("MAILGATE_AUDIT", "")).strip().lower() in _OFF
+
+
 def finish(args, code, error=None):
     """
     Send the command's line, if it is audited and started: done (C{code}

@@ -112,17 +112,22 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     if not create and _missingFile(engine):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
     database = SynchronousDatabase(engine)
+    applied = []
     try:
         engine.refuseReadOnly()
         if migrate:
             if not adopt:
                 _refuseAnotherApplications(database, url)
             refuseUpgradeUnderServer(database)
-            upgrade(database)
+            applied = upgrade(database)
     except BaseException:
         database.close()
         raise
-    return SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
+    store = SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
+    # The migrations this opening applied (mailgate's commands log an
+    # upgrade they made: mailgate.cli.audit.upgraded).
+    store.migrationsApplied = applied
+    return store
 
 
 def refuseUpgradeUnderServer(database):
