@@ -451,6 +451,18 @@ def test_aShortPasswordIsTakenOutOnlyWhereItStandsAlone():
     assert withoutPassword('invalid percent-encoded token: "p%"', url) == 'invalid percent-encoded token: "***"'
 
 
+def test_anAtInThePasswordIsRefusedWithoutConnecting():
+    """
+    A password holding a raw C{@} (C{postgresql://mailgate:p@ssw0rd@host/})
+    is refused, saying to write it C{%40}: libpq took what follows the
+    first C{@} for the host, and said C{could not resolve host name
+    "ssw0rd@127.0.0.1"}, part of the password (exit 75, retried for ever).
+    """
+    code, out, err = mailgate("postgresql://mailgate:p@ssw0rd@127.0.0.1:1/mail", "user", "list")
+    assert (code, out) == (EX_CONFIG, ""), err
+    assert "write it %40" in err and "ssw0rd" not in err and err.count("\n") == 1, err
+
+
 def test_theServerStartsWithoutLoggingIt(servers):
     """
     C{twistd mailgate} at start-up says the same, into its log (the

@@ -49,6 +49,12 @@ def parameterProblem(conninfo):
     says, without the password (L{mailgate.urls.withoutPassword}).  The
     text names a parameter and its value, never the password's.
     """
+    scheme, separator, rest = conninfo.partition("://")
+    if separator and rest[: min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))].count("@") > 1:
+        # libpq takes what follows the first "@" for the host: a password
+        # holding one is read as another host name, part of the password
+        # in it, which its error then quotes.
+        return "an '@' in the user name or password (write it %40: libpq takes what follows the first '@' for the host)"
     try:
         parameters = conninfo_to_dict(conninfo)
     except Error:
