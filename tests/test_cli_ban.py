@@ -216,6 +216,32 @@ def test_deleteReleasesAnAddressSlowedWithoutABan(cli, monkeypatch):
         store.close()
 
 
+def test_deleteWithoutABanBansNothingOnANodeWhoseClockLags(cli):
+    """
+    C{ban del} releases an address slowed but not banned on a server whose
+    clock is 5 seconds behind the host it ran on: the server does not ban
+    the address it released (its next refresh read no ban in force).
+    """
+    store = openSynchronousStore(cli.url)
+    clock = Clock()
+    now = time.time()
+    clock.advance(now - 5)
+    settings = PolicySettings(exemptNetworks=["none"], banAfter=0)
+    policy = ConnectionPolicy(SQLPolicyStore(store.database), clock, settings)
+    client = IPv4Address("TCP", "192.0.2.9", 40000)
+    try:
+        resultOf(SQLPolicyStore(store.database).recordFailure(AuthFailure("f", "192.0.2.9", "bob", now), 0, 600, 900))
+        policy.start()
+        result = cli("ban", "del", "192.0.2.9")
+        assert (result.code, result.out) == (0, "no ban for 192.0.2.9; its 1 failed login is forgotten\n")
+        clock.advance(REFRESH_INTERVAL)
+        assert not policy.isBanned(client)
+        assert len(policy.bans) == 0
+    finally:
+        policy.stop()
+        store.close()
+
+
 def test_badAddresses(cli):
     for argv in (
         ("ban", "add", "mail.example.org"),

@@ -263,6 +263,23 @@ def test_aForgottenAddressIsReadForTheWindow(stores):
     assert stores.rows("SELECT count(*) FROM bans") == [(0,)]
 
 
+def test_aForgottenAddressIsNoBanToANodeWhoseClockLags(stores):
+    """
+    On SQLite and PostgreSQL: the record of a forgetting is no ban to a
+    node whose clock is behind the one C{ban del} ran on (another host, or
+    a refresh begun the second before), nor does it keep the failure that
+    node records next, or the ban it makes, out of the store.
+    """
+    store = stores.open()
+    _slowed(store)
+    resultOf(store.forgetFailures(ADDRESS, NOW + 5))
+    assert resultOf(store.listBans(NOW + 2)) == []
+    assert resultOf(store.changes(None, NOW, NOW + 2)).bans == ()
+    outcome = record(store, failure(at=NOW + 2), ban=True)
+    assert outcome.banned and outcome.ban is not None
+    assert [b.address for b in resultOf(store.listBans(NOW + 3))] == [ADDRESS]
+
+
 def test_changesReadTheBansOnlyWhenTheVersionMoved(anyPolicyStore):
     store = anyPolicyStore
     first = resultOf(store.changes(None, NOW, NOW))

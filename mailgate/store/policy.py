@@ -91,7 +91,9 @@ def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
         (failure.address, at),
     )
     existing = _banOf(cursor, target)
-    if existing is not None and existing.expires > at:
+    # A marker of forgotten failures is no ban, whatever this node's clock
+    # says of its time (it was written by another host's).
+    if existing is not None and existing.reason != REASON_FORGOTTEN and existing.expires > at:
         cursor.execute(
             "SELECT count(*) FROM auth_failures WHERE address = ? AND failed_at > ?",
             (failure.address, at - banWindow),
@@ -166,10 +168,12 @@ def _forgetFailures(cursor, address, at):
 
 
 def _listBans(cursor, at):
+    # A marker of forgotten failures ends as it is written, but by the clock
+    # of the host that wrote it: a node whose clock lags would enforce it.
     cursor.execute(
         "SELECT address, reason, failures, created_at, expires_at FROM bans "
-        "WHERE expires_at > ? ORDER BY address",
-        (_seconds(at),),
+        "WHERE expires_at > ? AND reason <> ? ORDER BY address",
+        (_seconds(at), REASON_FORGOTTEN),
     )
     return [_banRecord(row) for row in cursor.fetchall()]
 
