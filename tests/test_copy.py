@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -384,6 +385,41 @@ def test_bansInForceAreCopied(tmp_path, postgresURL):
     back = f"sqlite:///{tmp_path / 'back.sqlite3'}"
     check("db", "copy", "--from", postgresURL, "--to", back)
     assert bans(back) == copied
+
+
+def _writeBan(url, address, reason, expires):
+    store = openSynchronousStore(url)
+    try:
+        def write(cursor):
+            cursor.execute(
+                "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, 0, ?, ?)",
+                (address, reason, expires, expires),
+            )
+
+        store.database.run(write, write=True)
+    finally:
+        store.close()
+
+
+def test_theMarkersOfForgottenFailuresAreNoBansToCopy(tmp_path, postgresURL):
+    """
+    The marker C{ban del} leaves for an address it released without a ban
+    (reason C{forgotten}) is not copied as a ban in force, even where the
+    clock of the host copying is behind the one that wrote it; and a
+    target's marker gives way to the source's ban of that address, which
+    was kept out before (C{ON CONFLICT DO NOTHING}).
+    """
+    source = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    check("--database", source, "user", "add", ALICE, "--password-stdin", input=b"pw\n")
+    check("--database", source, "ban", "add", "192.0.2.7", "--for", "3600")
+    # Written by a host whose clock is an hour ahead of this one's.
+    _writeBan(source, "192.0.2.9", "forgotten", int(time.time()) + 3600)
+    check("--database", postgresURL, "db", "upgrade")
+    _writeBan(postgresURL, "192.0.2.7", "forgotten", int(time.time()) + 3600)
+
+    out = check("db", "copy", "--from", source, "--to", postgresURL)
+    assert out.endswith("unique ids preserved\ncopied 1 ban in force\n"), out
+    assert [(b["address"], b["reason"]) for b in bans(postgresURL)] == [("192.0.2.7", "admin")]
 
 
 @pytest.mark.parametrize("order", ["sqlite-to-postgres", "postgres-to-sqlite"])

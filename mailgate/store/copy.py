@@ -19,6 +19,7 @@ import time
 import attr
 
 from mailgate.errors import MailgateError
+from mailgate.records import REASON_FORGOTTEN
 
 CHUNKS_PER_READ = 8
 ROWS_PER_READ = 500
@@ -214,16 +215,22 @@ def _copyBans(sourceCursor, targetCursor, now):
 
     @return: how many bans were copied.
     """
+    # Not the markers of failures forgotten (mailgate ban del of an address
+    # with no ban), which are no ban, whatever the clock says; and a
+    # target's marker gives way to a ban, as it does to a ban made there.
     sourceCursor.execute(
-        "SELECT address, reason, failures, created_at, expires_at FROM bans WHERE expires_at > ? ORDER BY address",
-        (now,),
+        "SELECT address, reason, failures, created_at, expires_at FROM bans WHERE expires_at > ? AND reason <> ? "
+        "ORDER BY address",
+        (now, REASON_FORGOTTEN),
     )
     rows = [tuple(row) for row in sourceCursor.fetchall()]
     if not rows:
         return 0
     targetCursor.executemany(
         "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (address) DO NOTHING",
+        "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, failures = excluded.failures, "
+        "created_at = excluded.created_at, expires_at = excluded.expires_at "
+        f"WHERE bans.reason = '{REASON_FORGOTTEN}'",
         rows,
     )
     targetCursor.execute("UPDATE ban_version SET version = version + 1 WHERE singleton = 1")
