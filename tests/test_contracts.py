@@ -315,3 +315,62 @@ def test_importsPointOneWay():
         if any(imported == r or imported.startswith(r + ".") for r in refused)
     )
     assert wrong == []
+
+
+def _cycles(graph):
+    """
+    The strongly connected components of more than one module in
+    C{graph} (C{{module: {module}}}), each as a sorted list (Tarjan).
+    """
+    index, low, stack, onStack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        onStack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in onStack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                onStack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_noModulesImportEachOther():
+    """
+    No two mailgate modules depend on each other, even through a third or
+    by an import inside a function: a cycle means neither can be read,
+    tested or moved without the other, and one of them holds what belongs
+    in a module of its own.  (A package's C{__init__} that gathers its
+    modules' names, and those modules importing a sibling, are no cycle.)
+    """
+    imports = _importsOf("")
+    modules = set(imports)
+
+    def moduleOf(name):
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for module, imported in imports.items():
+        targets = {moduleOf(name) for name in imported} - {module}
+        # a module importing its own package's face for a sibling's name
+        # is an import of that sibling, which the face holds: not a cycle
+        graph[module] = {t for t in targets if not module.startswith(t + ".")}
+    assert _cycles(graph) == []

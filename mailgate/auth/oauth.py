@@ -35,7 +35,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, implementer
 
 from mailgate.address import loginAddress
-from mailgate.auth.sasl import Authenticate, Challenge, SASLError
+from mailgate.auth.saslsteps import Authenticate, Challenge, SASLError
 from mailgate.errors import ConfigurationError, InvalidAddress
 
 #: The longest access token taken, in octets: Microsoft's and Keycloak's

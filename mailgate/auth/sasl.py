@@ -18,7 +18,9 @@ Dovecot.  It works exactly for those users, and is offered when APOP is
 
 Each exchange step returns a L{Challenge} (send it, wait for the client's
 response) or L{Authenticate} (log in with these credentials); it may return
-them through a L{Deferred}, and raises L{SASLError} for malformed input.
+them through a L{Deferred}, and raises L{SASLError} for malformed input
+(these three, shared with the mechanisms of other modules, are in
+L{mailgate.auth.saslsteps}).
 """
 
 import base64
@@ -40,25 +42,11 @@ from zope.interface import Attribute, implementer
 from mailgate.address import loginAddress
 from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.foreign import MAX_SCRAM_SALT
+from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
+from mailgate.auth.saslsteps import Authenticate, Challenge, SASLError
 from mailgate.errors import InvalidAddress
 from mailgate.hostname import machineName
-
-
-class SASLError(Exception):
-    """
-    The client's SASL data is malformed or not acceptable.
-    """
-
-
-@attr.s(frozen=True)
-class Challenge:
-    data = attr.ib()
-
-
-@attr.s(frozen=True)
-class Authenticate:
-    credentials = attr.ib()
 
 
 def _sameLogin(authzid, authcid, defaultRealm):
@@ -694,7 +682,5 @@ class SASLServer:
         if name == "CRAM-MD5" and self._offerCramMD5():
             return CramMD5Mechanism(self._hostname)
         if self._bearerTokens and name in ("OAUTHBEARER", "XOAUTH2"):
-            from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
-
             return (OAuthBearerMechanism if name == "OAUTHBEARER" else XOAuth2Mechanism)(self._defaultRealm)
         return None
