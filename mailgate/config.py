@@ -1050,17 +1050,18 @@ SETTINGS = (
     Setting(
         "smtp-soft-error-limit", "smtpSoftErrorLimit", Integer(maximum=_SMTP.maxBadCommands),
         _SMTP.softErrorLimit,
-        "The error of an SMTP session (a refused recipient, a bad or "
+        "Errors an SMTP session may make (a refused recipient, a bad or "
         "out-of-sequence command; counted afresh after each message the client "
-        "delivers) from which each error reply waits smtp-error-sleep-time, the "
-        "client's next commands with it, as Postfix's smtpd_soft_error_limit: "
-        "slows a client guessing addresses.  Replies to commands that succeed "
-        f"never wait.  At most {_SMTP.maxBadCommands}: at the {_SMTP.maxBadCommands}th error the session is "
-        "closed with 421 (smtpd_hard_error_limit).  LMTP never waits.",
+        "delivers) before each further error reply waits smtp-error-sleep-time, "
+        "the client's next commands with it, as Postfix's smtpd_soft_error_limit: "
+        "slows a client guessing addresses.  10: the 11th error's reply waits; "
+        "0: from the first error.  Replies to commands that succeed never wait.  "
+        f"At most {_SMTP.maxBadCommands}: at the {_SMTP.maxBadCommands}th error the session is closed with 421 "
+        f"(smtpd_hard_error_limit), so {_SMTP.maxBadCommands} never waits.  LMTP never waits.",
     ),
     Setting(
         "smtp-error-sleep-time", "smtpErrorSleepTime", Number(maximum=60), 1.0,
-        "Seconds each SMTP error reply from smtp-soft-error-limit on waits "
+        "Seconds each SMTP error reply past smtp-soft-error-limit waits "
         "(Postfix's smtpd_error_sleep_time), on a timer: nothing else waits.  "
         "0: never.  At most 60.",
     ),

@@ -44,17 +44,18 @@ def guess(s, n):
 
 def test_errorsPastTheSoftLimitAreAnsweredASecondLater(users):
     """
-    A client guessing addresses gets its first 9 refusals at once; the
-    10th, and each after it, a second later, not before.
+    A client guessing addresses gets its first 10 refusals at once (the
+    soft limit, as Postfix's: errors allowed before the wait); the 11th,
+    and each after it, a second later, not before.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         assert guess(s, n) == UNKNOWN.format(n)
-    assert guess(s, 9) == ""
-    assert s.advance(0.999) == b""
-    assert s.advance(0.001) == UNKNOWN.format(9).encode()
     assert guess(s, 10) == ""
-    assert s.advance(1) == UNKNOWN.format(10).encode()
+    assert s.advance(0.999) == b""
+    assert s.advance(0.001) == UNKNOWN.format(10).encode()
+    assert guess(s, 11) == ""
+    assert s.advance(1) == UNKNOWN.format(11).encode()
     assert not s.disconnected
     # The reactor is never held: a timer, nothing else.
     assert len(s.clock.getDelayedCalls()) == 1  # the idle timer
@@ -83,18 +84,18 @@ def test_pipelinedCommandsWaitBehindAHeldErrorAndRepliesStayInOrder(users):
     the errors among them each wait their own second.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         guess(s, n)
     pipelined = (
-        b"RCPT TO:<nobody9@example.org>\r\n"
+        b"RCPT TO:<nobody10@example.org>\r\n"
         + f"RCPT TO:<{ALICE}>\r\n".encode()
-        + b"RCPT TO:<nobody10@example.org>\r\n"
+        + b"RCPT TO:<nobody11@example.org>\r\n"
         + b"NOOP\r\n"
     )
     assert s.send(pipelined) == b""
     assert s.advance(0.5) == b""
-    assert s.advance(0.5) == (UNKNOWN.format(9) + f"250 2.1.5 recipient <{ALICE}> OK\r\n").encode()
-    assert s.advance(1) == (UNKNOWN.format(10) + "250 2.0.0 OK\r\n").encode()
+    assert s.advance(0.5) == (UNKNOWN.format(10) + f"250 2.1.5 recipient <{ALICE}> OK\r\n").encode()
+    assert s.advance(1) == (UNKNOWN.format(11) + "250 2.0.0 OK\r\n").encode()
 
 
 def test_inputPipelinedWhileAnErrorIsHeldIsBounded(users):
@@ -103,9 +104,9 @@ def test_inputPipelinedWhileAnErrorIsHeldIsBounded(users):
     input buffer and no more: reading from the connection is paused.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         guess(s, n)
-    assert s.send(b"RCPT TO:<nobody9@example.org>\r\n") == b""
+    assert s.send(b"RCPT TO:<nobody10@example.org>\r\n") == b""
     flood = b"".join(b"RCPT TO:<flood%d@example.org>\r\n" % i for i in range(5000))
     s.send(flood)
     assert s.protocol.readingPaused == {"input"}
@@ -136,15 +137,15 @@ def test_aDeliveredMessageStartsTheCountAfresh(users):
     at once again after each message it delivers.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         guess(s, n)
-    assert guess(s, 9) == ""
+    assert guess(s, 10) == ""
     s.advance(1)
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250")
     assert s.command("DATA").startswith("354")
     assert s.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n").startswith(b"250 2.0.0 OK")
     assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250")
-    assert guess(s, 10) == UNKNOWN.format(10)
+    assert guess(s, 11) == UNKNOWN.format(11)
 
 
 def test_aHeldErrorOfALostConnectionLeavesNoTimer(users):
@@ -153,9 +154,9 @@ def test_aHeldErrorOfALostConnectionLeavesNoTimer(users):
     no timer is left behind on the reactor.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         guess(s, n)
-    assert guess(s, 9) == ""
+    assert guess(s, 10) == ""
     s.protocol.connectionLost(Failure(ConnectionDone()))
     assert s.clock.getDelayedCalls() == []
     assert s.advance(5) == b""
@@ -167,15 +168,41 @@ def test_aHeldErrorIsAnsweredAtOnceWhenTheServerStops(users):
     sent, then the pipelined command behind it is told 421.
     """
     s = session(users)
-    for n in range(9):
+    for n in range(10):
         guess(s, n)
-    assert s.send(b"RCPT TO:<nobody9@example.org>\r\nNOOP\r\n") == b""
+    assert s.send(b"RCPT TO:<nobody10@example.org>\r\nNOOP\r\n") == b""
     s.protocol.shutdownRequested()
     assert s.advance(0) == (
-        UNKNOWN.format(9) + "421 4.3.2 mailgate.test service shutting down\r\n"
+        UNKNOWN.format(10) + "421 4.3.2 mailgate.test service shutting down\r\n"
     ).encode()
     assert s.disconnected
     assert [c for c in s.clock.getDelayedCalls() if c.active()] == []
+
+
+@pytest.mark.parametrize("soft", [0, 1, 2])
+def test_theSoftLimitIsTheErrorsAnsweredAtOnce(users, soft):
+    """
+    As Postfix's smtpd_soft_error_limit, the limit is how many errors are
+    answered at once: 0, none (the first error waits); 1, the first (the
+    second waits); 2, two.  0 and 1 are not the same.
+    """
+    s = session(users, soft=soft)
+    for n in range(soft):
+        assert guess(s, n) == UNKNOWN.format(n)
+    assert guess(s, soft) == ""
+    assert s.advance(1) == UNKNOWN.format(soft).encode()
+
+
+def test_aSoftLimitOfTheHardOneNeverWaits(users):
+    """
+    20, the most: the 20th error closes the session before any reply has
+    had to wait.
+    """
+    s = session(users, soft=20)
+    for n in range(19):
+        assert guess(s, n) == UNKNOWN.format(n)
+    assert guess(s, 19) == UNKNOWN.format(19) + "421 4.7.0 mailgate.test too many errors, closing connection\r\n"
+    assert s.disconnected
 
 
 @pytest.mark.parametrize("command", ["FOO", "MAIL FROM:<a@b>", "RCPT TO:<a b>", "VRFY", "STARTTLS x"])
@@ -184,7 +211,7 @@ def test_everyKindOfErrorIsHeld(users, command):
     Not only refused recipients: syntax errors, unknown commands, commands
     out of sequence, each is an error past the soft limit.
     """
-    s = session(users, soft=1)
+    s = session(users, soft=0)
     assert s.command(command) == ""
     assert s.advance(1)[:1] in (b"5", b"4")
 

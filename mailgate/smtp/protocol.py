@@ -224,15 +224,18 @@ class SMTPServer(CommandSession):
         cannot be held by trickling a message in a byte at a time, which
         the idle timer alone allows.  Postfix's C{smtpd_min_data_rate}
         default; C{0}: no limit.
-    @cvar softErrorLimit: errors (counted as for L{maxBadCommands}) after
-        which each further error reply is held back L{errorSleepTime}
-        seconds, the session's next commands with it, as Postfix's
-        C{smtpd_soft_error_limit}: a client guessing addresses (or a bot
-        sending junk) gets its next answers one a second, where a reply
-        a millisecond let it try the rest of its 20 at once.  Replies to
-        commands that succeed are never held.  A factory's own
-        C{softErrorLimit} and C{errorSleepTime}, when it has them, win
-        (C{twistd mailgate} sets them on SMTP's from its settings).
+    @cvar softErrorLimit: errors (counted as for L{maxBadCommands}) a
+        session may make before each further error reply is held back
+        L{errorSleepTime} seconds, the session's next commands with it, as
+        Postfix's C{smtpd_soft_error_limit}, which sleeps once its
+        C{error_count >= limit}: under the default of 10 the 11th error's
+        reply waits; C{0}: from the first error.  A client guessing
+        addresses (or a bot sending junk) gets its next answers one a
+        second, where a reply a millisecond let it try the rest of its 20
+        at once.  Replies to commands that succeed are never held.  A
+        factory's own C{softErrorLimit} and C{errorSleepTime}, when it has
+        them, win (C{twistd mailgate} sets them on SMTP's from its
+        settings).
     @cvar errorSleepTime: seconds an error reply is held back past
         L{softErrorLimit} (Postfix's C{smtpd_error_sleep_time}); C{0}:
         never, the default of the class (LMTP's client is the site's own
@@ -623,7 +626,7 @@ class SMTPServer(CommandSession):
     def _errorDelay(self):
         """
         Seconds to hold the error reply about to be sent: L{errorSleepTime}
-        once the session has made L{softErrorLimit} errors with this one;
+        once the session has made L{softErrorLimit} errors before this one;
         from its first, what the connection policy says of an address that
         has had many recipients refused as unknown (C{recipientErrorDelay}),
         whichever is longer.
@@ -636,7 +639,7 @@ class SMTPServer(CommandSession):
         harvesting = getattr(factory.policy, "recipientErrorDelay", None)
         slowed = harvesting(self.peer) if harvesting is not None and self.countRefusedRecipients else 0
         seconds = getattr(factory, "errorSleepTime", self.errorSleepTime)
-        if not seconds or self._badCommands + 1 < getattr(factory, "softErrorLimit", self.softErrorLimit):
+        if not seconds or self._badCommands < getattr(factory, "softErrorLimit", self.softErrorLimit):
             return slowed
         return max(seconds, slowed)
 
