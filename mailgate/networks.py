@@ -49,6 +49,32 @@ def parseNetwork(network):
     return network
 
 
+#: Every address of each version; the IPv6 addresses that are IPv4 ones
+#: (L{unmapped}), whose clients are matched against IPv4 networks.
+_EVERY = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def coversEveryAddress(networks):
+    """
+    Whether C{networks} (L{ipaddress} networks or CIDR text) hold every
+    client address, IPv4 and IPv6, together: C{0.0.0.0/0} and C{::/0}, or
+    networks that split the space between them (C{0.0.0.0/1} and
+    C{128.0.0.0/1}; C{::/1} and C{8000::/1}; C{::ffff:0:0/97} and
+    C{::ffff:128.0.0.0/97}, read as IPv4 by L{parseNetwork}).  An IPv4
+    client, even one arriving as C{::ffff:192.0.2.1}, is held by IPv4
+    networks only (L{peerOnNetworks}): C{::/0} alone does not hold it,
+    and the IPv6 networks need not cover C{::ffff:0:0/96}.
+    """
+    byVersion = {4: [], 6: [_MAPPED]}
+    for network in networks:
+        network = parseNetwork(network)
+        byVersion[network.version].append(network)
+    return all(
+        list(ipaddress.collapse_addresses(held)) == [_EVERY[version]] for version, held in byVersion.items()
+    )
+
+
 def clientNetwork(ip):
     """
     The text one client is known by, from its L{ipaddress} address (in its

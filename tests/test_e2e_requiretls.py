@@ -112,6 +112,23 @@ def test_requiringTLSWithoutACertificateStopsTheStart(mailgate_server, protocol)
 
 
 @sqliteOnly
+def test_networksThatSplitTheSpaceTakeMailFromEveryoneWithoutACertificate(mailgate_server, mailgate_cli):
+    """
+    0.0.0.0/1 and 128.0.0.0/1, ::/1 and 8000::/1 hold every address, as
+    0.0.0.0/0 and ::/0 do: the server starts without a certificate (it
+    exited 78, asking for one) and a client takes mail in the clear.
+    """
+    server = mailgate_server(
+        "--smtp", LOOPBACK_TCP,
+        *(a for n in ("0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1") for a in ("--smtp-cleartext-network", n)),
+    )
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    with client(server, "smtp", OUTSIDE) as smtp:
+        assert smtp.sendmail(SENDER, [ALICE], message("split networks")) == {}
+    assert [m for m in subjects(server) if b"Subject: split networks" in m] != []
+
+
+@sqliteOnly
 def test_theRefusalsAreCountedInTheMetrics(mailgate_server, certificate):
     """
     A MAIL refused in the clear is counted in

@@ -7,9 +7,10 @@ and read a network written in the mapped form as the IPv4 network it is.
 
 import ipaddress
 
+import pytest
 from twisted.internet.address import IPv6Address
 
-from mailgate.networks import parseNetwork, unmapped
+from mailgate.networks import coversEveryAddress, parseNetwork, unmapped
 from mailgate.policy.addresses import ExemptNetworks, clientIP
 from mailgate.session.proxy import isBalancer, parseBalancers
 
@@ -54,3 +55,46 @@ def test_aTrustedNetworkWrittenMappedTrustsItsDualStackClients(store):
         assert s.command("USER alice@example.org").startswith("+OK"), written
         assert s.command("PASS wonderland").startswith("+OK alice@example.org has 0 messages"), written
         assert s.command("QUIT").startswith("+OK")
+
+
+#: Every IPv6 address but the IPv4-mapped ones, in 96 networks.
+_IPV6_BUT_MAPPED = tuple(ipaddress.ip_network("::/0").address_exclude(ipaddress.ip_network("::ffff:0:0/96")))
+
+
+@pytest.mark.parametrize(
+    "networks",
+    [
+        ("0.0.0.0/0", "::/0"),
+        ("0.0.0.0/1", "128.0.0.0/1", "::/0"),
+        ("0.0.0.0/0", "::/1", "8000::/1"),
+        ("0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"),
+        # IPv4-mapped, read as 0.0.0.0/1 and 128.0.0.0/1.
+        ("::ffff:0:0/97", "::ffff:128.0.0.0/97", "::/0"),
+        ("::ffff:0:0/96", "::/0"),
+        # A mapped address is an IPv4 client: IPv6 networks need not hold it.
+        ("0.0.0.0/0", *_IPV6_BUT_MAPPED),
+        ("10.0.0.0/8", "0.0.0.0/0", "::/0", "2001:db8::/32"),
+    ],
+)
+def test_networksSplittingTheSpaceCoverEveryAddress(networks):
+    assert coversEveryAddress(networks)
+    assert coversEveryAddress([ipaddress.ip_network(n) for n in networks])
+
+
+@pytest.mark.parametrize(
+    "networks",
+    [
+        (),
+        ("0.0.0.0/0",),
+        ("::/0",),
+        ("0.0.0.0/1", "::/0"),
+        ("0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3", "::/0"),
+        ("0.0.0.0/0", "::/1", "8000::/2"),
+        # ::/0 holds the mapped addresses, but their clients are IPv4 ones.
+        ("::ffff:0:0/97", "::/0"),
+        ("0.0.0.0/0", *_IPV6_BUT_MAPPED[1:]),
+        ("0.0.0.0/1", *_IPV6_BUT_MAPPED),
+    ],
+)
+def test_networksLeavingAnAddressOutDoNot(networks):
+    assert not coversEveryAddress(networks)

@@ -252,6 +252,24 @@ def test_requiringTLSWithoutACertificateIsRefused(key, value):
     checkConfig(MailgateConfig(**{key: ["0.0.0.0/0", "::/0"]}))
 
 
+@pytest.mark.parametrize(
+    "networks",
+    [["0.0.0.0/1", "128.0.0.0/1", "::/0"], ["0.0.0.0/0", "::/1", "8000::/1"],
+     ["::ffff:0:0/97", "::ffff:128.0.0.0/97", "::/1", "8000::/1"]],
+)
+def test_networksThatSplitTheSpaceNeedNoCertificate(networks):
+    """
+    Networks that hold every address between them take mail in the clear
+    from everyone, as 0.0.0.0/0 and ::/0 do: nothing asks for STARTTLS, so
+    no certificate is needed, and no client is refused in the clear.
+    """
+    for key in ("smtpCleartextNetworks", "lmtpCleartextNetworks"):
+        checkConfig(MailgateConfig(**{key: networks}))
+    factory = SMTPFactory(None, reactor=None, cleartextNetworks=networks)
+    assert not factory.requiresTLS
+    assert factory.takesCleartext(IPv4Address("TCP", "203.0.113.9", 25))
+
+
 def test_noneCannotBeCombinedWithNetworks(tmp_path):
     path = tmp_path / "mailgate.toml"
     path.write_text('smtp-cleartext-network = ["none", "127.0.0.0/8"]\n')

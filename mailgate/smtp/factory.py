@@ -4,21 +4,15 @@ Factories for SMTP and LMTP listeners.
 """
 
 from mailgate.hostname import machineName
-from mailgate.networks import parseNetwork, peerOnNetworks
+from mailgate.networks import coversEveryAddress, parseNetwork, peerOnNetworks
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
 #: Every network: mail is taken without TLS from anyone (RFC 3207 section 4:
-#: a publicly referenced SMTP server must not require TLS).
+#: a publicly referenced SMTP server must not require TLS).  Networks that
+#: split the space between them are every network too (L{coversEveryAddress},
+#: re-exported here for L{mailgate.config}).
 EVERY_NETWORK = ("0.0.0.0/0", "::/0")
-
-
-def coversEveryAddress(networks):
-    """
-    Whether C{networks} (L{ipaddress} networks or CIDR text) hold every
-    IPv4 and IPv6 address.
-    """
-    return {n.version for n in map(parseNetwork, networks) if n.prefixlen == 0} == {4, 6}
 
 
 class SMTPFactory(SessionFactory):
