@@ -1365,6 +1365,30 @@ def test_importMaildirShowsNoEscapeSequenceOfAFileName(cli, tmp_path):
     assert f"mailgate: {maildir}/cur/17000?]2;owned?.M1.h:2,S: unique id " in result.err, result.err
 
 
+def test_aMaildirPathWithALineBreakIsRefusedOnOneLine(cli, tmp_path):
+    """
+    DIR as given (a line break, an escape sequence in it) and a maildir
+    found below it, whose name whoever could write there chose, are shown
+    in the refusal as the import's report shows paths: anything
+    unprintable as C{?}, one line; they were written raw, the line break
+    starting a forged line and the terminal obeying the sequence.
+    """
+    cli.add(ALICE, PASSWORD)
+    home = tmp_path / "home\nmailgate: 4 messages imported\x1b]2;owned\x07"
+    below = home / "Mail\x1b[2J"
+    for sub in ("cur", "new", "tmp"):
+        (below / sub).mkdir(parents=True)
+    result = cli("import", "maildir", str(home), ALICE)
+    assert result.code == 66, result
+    shown = str(tmp_path / "home?mailgate: 4 messages imported?]2;owned?")
+    assert oneLineError(result) == (
+        f"mailgate: {shown} is not a maildir (no cur/ or new/); {shown}/Mail?[2J is one\n"
+    ), result.err
+    # So is a --uidlist that is not there.
+    result = cli("import", "maildir", str(below), ALICE, "--uidlist", str(tmp_path / "list\r\nx"))
+    assert (result.code, oneLineError(result)) == (66, f"mailgate: no such file: {tmp_path}/list??x\n"), result
+
+
 @pytest.mark.parametrize("line", ["s3cret-pw alice@example.org", "alice@example.org\ts3cret-pw more"])
 def test_aUsersFileLineWithoutAnAddressFirstIsRefusedWithoutItsPassword(cli, tmp_path, line):
     """

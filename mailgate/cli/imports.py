@@ -31,12 +31,12 @@ from mailgate.plural import counted
 
 def _shown(line):
     """
-    A line of an import's report as the administrator's terminal (or a
-    cron mail) gets it: anything unprintable as C{?}.  It names what the
-    source chose, a maildir's file names (whoever could write in the
-    maildir chose them) or a POP3 server's words, and a terminal obeys
-    the escape sequences they may hold (a window title, a cleared
-    screen).
+    A line of an import's report (or of its refusal) as the administrator's
+    terminal (or a cron mail) gets it: anything unprintable as C{?}.  It
+    names what the source chose, a maildir's path and file names (whoever
+    could write in the maildir chose them) or a POP3 server's words, and a
+    terminal obeys the escape sequences they may hold (a window title, a
+    cleared screen).
     """
     if line.isprintable():
         return line
@@ -107,12 +107,15 @@ def _checkMaildir(directory, uidListPath, uidlFormat):
     from mailgate.importers import ImportFailed
     from mailgate.importers.maildir import OtherFormat, checkMaildir
 
+    # They name DIR as given (a line break in it would start a line of its
+    # own) and what is in it (a subdirectory whose name whoever could write
+    # there chose): shown as the import's report shows its lines.
     try:
         checkMaildir(directory, uidListPath, uidlFormat)
     except OtherFormat as e:
-        raise CommandError(str(e), EX_DATAERR) from None
+        raise CommandError(_shown(str(e)), EX_DATAERR) from None
     except ImportFailed as e:
-        raise CommandError(str(e), EX_NOINPUT) from None
+        raise CommandError(_shown(str(e)), EX_NOINPUT) from None
 
 
 def _importMaildir(store, args, out, stdin):
@@ -130,9 +133,9 @@ def _importMaildir(store, args, out, stdin):
         )
     except OtherFormat as e:
         # Mail, but not a maildir's: bad input, not missing input.
-        raise CommandError(str(e), EX_DATAERR)
+        raise CommandError(_shown(str(e)), EX_DATAERR)
     except ImportFailed as e:
-        raise CommandError(str(e), EX_NOINPUT)
+        raise CommandError(_shown(str(e)), EX_NOINPUT)
     _importReport(report, out, args.stderr)
     audit.outcome(args, report.summary())
     if report.temporary:
