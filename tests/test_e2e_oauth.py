@@ -184,6 +184,22 @@ def test_eachFailureOnTheWire(served, keys):
 
 
 @sqliteOnly
+def test_aTokenOnTheAuthLineLogsIn(served, keys):
+    """
+    XOAUTH2's token on the AUTH line itself, as Jakarta Mail (FairEmail)
+    sends it by default: a line of a kilobyte, which was refused as a
+    command line over 255 octets.
+    """
+    server, certificatePath, _ = served
+    wire = TLSWire(server.portOf("POP3S"), certificatePath)
+    line = b"AUTH XOAUTH2 " + base64.b64encode(xoauth2(ALICE, keys.token()))
+    assert len(line) > 255
+    assert wire.command(line).startswith(b"+OK alice@example.org has 2")
+    assert wire.command(b"QUIT").startswith(b"+OK")
+    wire.close()
+
+
+@sqliteOnly
 def test_notOfferedWithoutTLS(served, keys):
     """
     With no trusted network, plain POP3 offers neither mechanism and

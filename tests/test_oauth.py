@@ -360,6 +360,31 @@ def test_malformedMessagesAreRefusedAtOnce(store, alice, validator, keys):
     assert s.command("") == INVALID
 
 
+def test_aTokenOnTheAuthLineLogsIn(store, alice, validator, keys):
+    """
+    A bearer token sent as the initial response, on the AUTH line, as
+    Jakarta (Angus) Mail and FairEmail send XOAUTH2 unless told to use
+    two lines: taken up to the mechanism's own limit (Dovecot and Gmail
+    take it); it was refused as a command line over 255 octets, and the
+    client never logged in.
+    """
+    s = session(store, validator)
+    assert s.command("AUTH XOAUTH2 " + b64(xoauth2(ALICE, keys.token()))).startswith(f"+OK {ALICE} has 1 ")
+    assert s.command("QUIT").startswith("+OK")
+    s = session(store, validator)
+    assert s.command("AUTH OAUTHBEARER " + b64(oauthbearer(keys.token()))).startswith(f"+OK {ALICE} has 1 ")
+    assert s.command("QUIT").startswith("+OK")
+    s = session(store, validator)
+    assert errorChallenge(s.command("AUTH XOAUTH2 " + b64(xoauth2(ALICE, "x" * MAX_TOKEN)))) == XOAUTH2_ERROR
+    assert s.command("") == INVALID
+    assert s.command("AUTH XOAUTH2 " + b64(xoauth2(ALICE, "x" * (MAX_TOKEN + 600)))) == (
+        "-ERR [AUTH] SASL response too long\r\n"
+    )
+    # Where plaintext is refused, the token is refused as PLAIN would be.
+    s = session(store, validator, peer=UNTRUSTED)
+    assert s.command("AUTH XOAUTH2 " + b64(xoauth2(ALICE, keys.token()))) == REFUSED
+
+
 def test_aTokenLongerThanTheLimitIsRefused(store, alice, validator, keys):
     s = session(store, validator)
     # A long token (8 KiB) takes a line longer than other SASL responses...

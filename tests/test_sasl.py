@@ -422,6 +422,38 @@ def test_authPlainForgivesSpacesAroundItsArguments(store, alice):
     assert s.command("AUTH PLAIN ") == "+ \r\n"
 
 
+def test_anInitialResponsePastTheCommandLimitIsTaken(store):
+    """
+    An initial response that takes the AUTH line past a command's 255
+    octets (a long password; Jakarta Mail sends every initial response
+    on the AUTH line, whatever its length) logs in, as Dovecot's does:
+    it was refused as a command line too long.  It is bounded as a SASL
+    response is, sent whole or in pieces; other commands keep their 255.
+    """
+    password = "correct horse battery staple " * 8
+    addUser(store, ALICE, password)
+    command = f"AUTH PLAIN {plain(ALICE, password, authzid=ALICE)}"
+    assert len(command) > POP3Server.maxCommandLength
+    s = POP3Session(store)
+    assert s.command(command) == f"+OK {ALICE} has 0 messages (0 octets)\r\n"
+    # After login, AUTH is a command like any other.
+    assert s.command(command) == "-ERR command line too long (the limit is 255 octets)\r\n"
+    assert s.command("QUIT").startswith("+OK")
+    s = POP3Session(store)
+    line = (command + "\r\n").encode("ascii")
+    assert s.send(line[:300]) == b""
+    assert s.send(line[300:]) == f"+OK {ALICE} has 0 messages (0 octets)\r\n".encode()
+    assert s.command("QUIT").startswith("+OK")
+    s = POP3Session(store)
+    assert s.command("AUTH PLAIN " + "A" * 5000) == "-ERR [AUTH] SASL response too long\r\n"
+    assert s.send(b"AUTH PLAIN " + b"A" * 70000) == b""
+    assert len(s.protocol._buffer) <= POP3Server.maxResponseLength
+    assert s.send(b"\r\n") == b"-ERR [AUTH] SASL response too long\r\n"
+    assert s.command("USER " + "a" * 300) == "-ERR command line too long (the limit is 255 octets)\r\n"
+    assert s.command("AUTH NOSUCH " + "A" * 300) == "-ERR command line too long (the limit is 255 octets)\r\n"
+    assert s.command(command).startswith("+OK")
+
+
 def test_authPlainEmptyInitialResponse(store, alice):
     """
     C{=} is an initial response of zero length (RFC 5034), not an absent

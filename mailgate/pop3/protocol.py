@@ -53,8 +53,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     @cvar maxCommandLength: octets in a command line, CRLF included
         (RFC 2449 section 4 allows 255).
     @cvar maxResponseLength: octets in a SASL response line, which may be
-        longer than a command (RFC 5034 section 4); no line is ever buffered
-        beyond this.
+        longer than a command (RFC 5034 section 4), and in an initial
+        response on the AUTH line; no line is ever buffered beyond this
+        (a bearer token's mechanism allows more, see L{lineLimit}).
     @cvar maxQueuedCommands: pipelined commands held before the server
         stops reading from the connection.
     @cvar maxBadCommands: unknown, malformed or out-of-state commands in
@@ -192,16 +193,55 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     def syntaxError(self, text):
         return self._bad(text)
 
-    def lineLimit(self):
-        if not self._inSASL:
-            return self.maxCommandLength
-        # A bearer token's response is longer than others (oauth.MAX_TOKEN).
-        return max(self.maxResponseLength, getattr(self._sasl, "maxResponseLength", 0))
+    def lineLimit(self, start=b""):
+        if self._inSASL:
+            return self._responseLimit(self._sasl)
+        limit = self._authLineLimit(start)
+        return self.maxCommandLength if limit is None else limit
+
+    def _responseLimit(self, mechanism):
+        """
+        The longest SASL response line of C{mechanism}: a bearer token's is
+        longer than others (oauth.MAX_TOKEN).
+        """
+        return max(self.maxResponseLength, getattr(mechanism, "maxResponseLength", 0))
+
+    def _authLineLimit(self, start):
+        """
+        The longest line of an AUTH command with an initial response, or
+        C{None} if C{start} (a line's first octets) begins none: its
+        mechanism's longest response, and the command before it.
+
+        RFC 5034 asks clients to send a response that would take the
+        command past 255 octets after the server's C{+} instead, but
+        Jakarta (Angus) Mail, and so FairEmail, send every initial response
+        on the AUTH line unless told not to (XOAUTH2's holds a bearer
+        token, a kilobyte or more), as Perl's Net::POP3::XOAuth2 does.
+        Dovecot and Gmail take them.  Refused as a command line too long,
+        every such client failed to log in with a bearer token.
+        """
+        sasl = self.factory.sasl
+        if sasl is None or self.state != AUTHORIZATION:
+            return None
+        verb, _, rest = start.partition(b" ")
+        if verb.upper() != b"AUTH":
+            return None
+        argument = rest.lstrip(b" ")
+        name, space, _ = argument.partition(b" ")
+        if not space or not name.isascii():
+            return None
+        mechanism = sasl.create(name.decode("ascii").upper())
+        if mechanism is None:
+            return None
+        return len(start) - len(argument) + len(name) + 1 + self._responseLimit(mechanism)
 
     def lineTooLong(self):
         if self._inSASL:
             return self._saslTooLong()
         self._countOther()
+        if self._authLineLimit(self.longLineStart) is not None:
+            # An initial response longer than any of its mechanism's.
+            return self._bad("[AUTH] SASL response too long")
         return self._bad(f"command line too long (the limit is {self.maxCommandLength} octets)")
 
     def _countOther(self):

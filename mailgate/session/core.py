@@ -622,10 +622,14 @@ class CommandSession(Protocol):
             self._buffer = buffer
         self._process()
 
-    def lineLimit(self):
+    def lineLimit(self, start=b""):
         """
         The longest line accepted now, in octets, line end included: at
         least L{maxCommandLength} (asked only of lines longer than that).
+
+        @param start: the line's first L{maxCommandLength} octets, for a
+            protocol whose limit depends on the command (POP3's AUTH,
+            whose initial response may be longer than a command).
         """
         return self.maxCommandLength
 
@@ -708,7 +712,9 @@ class CommandSession(Protocol):
                     newline = buffer.find(b"\n", start)
                     if newline < 0:
                         pending = len(buffer) - start
-                        if pending >= self.maxCommandLength and pending >= self.lineLimit():
+                        if pending >= self.maxCommandLength and pending >= self.lineLimit(
+                            bytes(buffer[start : start + self.maxCommandLength])
+                        ):
                             # Too long whatever follows: drop it as it comes.
                             self.longLineStart = bytes(buffer[start : start + self.maxCommandLength])
                             self._buffer = b""
@@ -720,7 +726,9 @@ class CommandSession(Protocol):
                         break
                     self._pos = newline + 1
                     length = newline + 1 - start
-                    if length > self.maxCommandLength and length > self.lineLimit():
+                    if length > self.maxCommandLength and length > self.lineLimit(
+                        bytes(buffer[start : start + self.maxCommandLength])
+                    ):
                         self.longLineStart = bytes(buffer[start : start + self.maxCommandLength])
                         self._run(self.lineTooLong)
                         continue
