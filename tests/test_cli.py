@@ -1389,6 +1389,32 @@ def test_aMaildirPathWithALineBreakIsRefusedOnOneLine(cli, tmp_path):
     assert (result.code, oneLineError(result)) == (66, f"mailgate: no such file: {tmp_path}/list??x\n"), result
 
 
+def test_importPOP3RefusalsShowWhatWasGivenOnOneLine(cli, tmp_path):
+    """
+    C{import pop3}'s refusals show the C{--users} path and the URL's host
+    as given as C{import maildir}'s show DIR: anything unprintable as
+    C{?}, one line.  They were written raw: a line break in the path
+    started a forged line, an escape sequence in the host reached the
+    terminal.
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("import", "pop3", "pop3://127.0.0.1:1", "--users", str(tmp_path / "absent\nmailgate: done"))
+    assert (result.code, oneLineError(result)) == (
+        66, f"mailgate: cannot read {tmp_path}/absent?mailgate: done: No such file or directory\n"
+    ), result
+    users = tmp_path / "users\x1b]2;owned\x07"
+    users.write_text("not-an-address s3cret\n")
+    result = cli("import", "pop3", "pop3://127.0.0.1:1", "--users", str(users))
+    assert (result.code, oneLineError(result)) == (
+        65, f"mailgate: {tmp_path}/users?]2;owned? line 1: its first word is not an address "
+        f"(expected ADDRESS PASSWORD, separated by a space)\n"
+    ), result
+    # A host no resolver knows: refused at once, named as given.
+    result = cli("import", "pop3", "pop3://bad\x1bchost.invalid:1", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n")
+    assert result.code in (69, 75), result
+    assert oneLineError(result).startswith("mailgate: cannot connect to bad?chost.invalid:1: "), result
+
+
 @pytest.mark.parametrize("line", ["s3cret-pw alice@example.org", "alice@example.org\ts3cret-pw more"])
 def test_aUsersFileLineWithoutAnAddressFirstIsRefusedWithoutItsPassword(cli, tmp_path, line):
     """

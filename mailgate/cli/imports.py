@@ -158,35 +158,38 @@ def _readUsers(path, passwords=True):
         user logs in for everyone), a line is an address alone, and
         C{password} is C{None}.
     """
+    # The path as given (a line break in it would start a line of its own,
+    # an escape sequence retitle the terminal): shown as a report's lines.
+    shown = _shown(path)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+        raise CommandError(f"cannot read {shown}: {e.strerror}", EX_NOINPUT)
     except UnicodeDecodeError as e:
         line = e.object[: e.start].count(b"\n") + 1
-        raise CommandError(f"{path} line {line}: not UTF-8 text", EX_DATAERR)
+        raise CommandError(f"{shown} line {line}: not UTF-8 text", EX_DATAERR)
     users = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         address, _, password = line.strip().partition(" ")
         if passwords and not password:
-            raise CommandError(f"{path} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
+            raise CommandError(f"{shown} line {number}: expected ADDRESS PASSWORD", EX_DATAERR)
         if not passwords and password:
             raise CommandError(
-                f"{path} line {number}: expected an ADDRESS alone (the master user's password "
+                f"{shown} line {number}: expected an ADDRESS alone (the master user's password "
                 f"serves every user)", EX_DATAERR,
             )
         try:
             users.append((_address(address), password or None))
         except CommandError as e:
             if not passwords:
-                raise CommandError(f"{path} line {number}: {e}", e.code) from None
+                raise CommandError(f"{shown} line {number}: {e}", e.code) from None
             # Not quoted: with the columns swapped, or a tab between
             # them, the word is the password.
             raise CommandError(
-                f"{path} line {number}: its first word is not an address (expected ADDRESS PASSWORD, "
+                f"{shown} line {number}: its first word is not an address (expected ADDRESS PASSWORD, "
                 f"separated by a space)", EX_DATAERR,
             ) from None
     return users
@@ -206,7 +209,7 @@ def _pop3URL(url, parseURL, ImportFailed):
         parts = parseURL(url)
         port = urlsplit(url).port
     except ImportFailed as e:
-        raise CommandError(str(e), EX_USAGE)
+        raise CommandError(_shown(str(e)), EX_USAGE)
     except ValueError as e:
         raise CommandError(f"bad URL {shownURL(url)!r}: {e}", EX_USAGE)
     if port == 0:
@@ -222,11 +225,11 @@ def _masterRefused(address, master, refusal):
     15 seconds), hours of refusals for a few thousand users, ending in a
     "run it again" that could not help.
     """
-    return CommandError(
+    return CommandError(_shown(
         f"{address}: {refusal}; stopped: no login through the master user {master} has worked yet, "
         f"and with a wrong master password or --master-separator (the source's "
         f"auth_master_user_separator) every one would be refused; check them (or, if the source "
-        f"has no {address}, take it off the list) and run the import again",
+        f"has no {address}, take it off the list) and run the import again"),
         EX_NOPERM,
     )
 
@@ -354,13 +357,16 @@ def _importPOP3(store, args, out, stdin):
                 # The same verdict as a user's of --users: a failure that
                 # passes (the connection failing, the source busy) is 75,
                 # so a script retrying on 75 finishes the import.
-                raise CommandError(str(e), getattr(e, "code", EX_TEMPFAIL if passes(e) else EX_UNAVAILABLE))
+                # It may name the URL's host as given, or the source's words.
+                raise CommandError(
+                    _shown(str(e)), getattr(e, "code", EX_TEMPFAIL if passes(e) else EX_UNAVAILABLE)
+                )
             if master is not None and not masterWorks and isinstance(e, LoginRefused):
                 raise _masterRefused(address, master, e) from None
             # A maildrop in use ([IN-USE], or [LOGIN-DELAY]) answers a
             # login that was right; [SYS/TEMP] may come before any check.
             masterWorks = masterWorks or (isinstance(e, SourceBusy) and "[SYS/TEMP]" not in str(e).upper())
-            args.stderr.write(f"mailgate: {address}: {e}\n")
+            args.stderr.write(f"mailgate: {address}: {_shown(str(e))}\n")
             (failedUsers if passes(e) else lastingUsers).append(address)
             audit.outcome(args, _importedSoFar(done, users, total))
             out.write(f"{address}: failed\n")
