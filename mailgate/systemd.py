@@ -42,6 +42,10 @@ from mailgate.errors import errorKind
 
 #: seconds between two checks of the session count for C{STATUS=}
 STATUS_INTERVAL = 1.0
+#: seconds between two attempts to send what systemd's socket had no room
+#: for, and the most notifications kept meanwhile
+RETRY_EVERY = 0.1
+BACKLOG_MAX = 64
 #: seconds between two attempts to reach the database before C{READY=1}
 READY_RETRY = 1.0
 #: the largest EXTEND_TIMEOUT_USEC= systemd reads: its infinity (USEC_INFINITY)
@@ -67,6 +71,11 @@ class Notifier:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._socket.setblocking(False)
         self._failed = False
+        #: the clock to send again on (L{retryOn}), or C{None}
+        self._clock = None
+        #: the datagrams systemd's socket had no room for, oldest first
+        self._backlog = []
+        self._retry = None
 
     @classmethod
     def fromEnvironment(cls, environ=None):
@@ -82,29 +91,84 @@ class Notifier:
             name = "\0" + name[1:]
         return cls(name)
 
+    def retryOn(self, clock):
+        """
+        From now on, keep what systemd's socket has no room for and send it
+        again on C{clock} (the reactor's thread alone then calls
+        L{notify}).  The socket is full while PID 1 is busy (a
+        daemon-reload, a boot) and every service's notifications queue up
+        (C{net.unix.max_dgram_qlen} of them, 10 in a container's network
+        namespace): sd_notify(3) waits there, and the reactor must not, so
+        each datagram waits here, in order.  Dropped, a C{READY=1} left the
+        unit starting until C{TimeoutStartSec} killed a server that served,
+        a C{STOPPING=1} let C{TimeoutStopSec} cut the sessions' grace short,
+        and a C{READY=1} after C{RELOADING=1} left C{systemctl reload}
+        waiting.
+        """
+        self._clock = clock
+
     def notify(self, *lines):
         """
         Send C{lines} (C{"READY=1"}, C{"STATUS=..."}) in one datagram.
 
-        @return: whether it was sent.  A failure is logged once, never
-            raised: systemd being away must not take mailgate down.
+        @return: whether it was sent (not: kept to be sent again, see
+            L{retryOn}, or lost).  A failure is logged once, never raised:
+            systemd being away must not take mailgate down.
         """
         message = "\n".join(lines).encode("utf-8")
+        if self._backlog:
+            self._keep(message)
+            return False
+        return self._send(message)
+
+    def _send(self, message):
         try:
             self._socket.sendto(message, self.address)
+        except BlockingIOError as e:
+            if self._clock is None:
+                self._warn(e)
+            else:
+                self._keep(message)
+            return False
         except OSError as e:
-            if not self._failed:
-                self._failed = True
-                self.log.warn(
-                    "cannot notify systemd at {address}: {error}",
-                    address=self.address.replace("\0", "@"),
-                    error=e,
-                    event="systemd.notify_failed",
-                )
+            self._warn(e)
             return False
         return True
 
+    def _keep(self, message):
+        if message in self._backlog and message == b"WATCHDOG=1":
+            # One ping waiting says as much as several.
+            return
+        if len(self._backlog) >= BACKLOG_MAX:
+            self._warn(BlockingIOError("systemd's socket has had no room for too long"))
+            return
+        self._backlog.append(message)
+        if self._retry is None:
+            self._retry = self._clock.callLater(RETRY_EVERY, self._sendKept)
+
+    def _sendKept(self):
+        self._retry = None
+        backlog, self._backlog = self._backlog, []
+        for i, message in enumerate(backlog):
+            if not self._send(message) and self._backlog:
+                # No room yet: that one kept again, the rest after it.
+                self._backlog.extend(backlog[i + 1:])
+                return
+
+    def _warn(self, error):
+        if not self._failed:
+            self._failed = True
+            self.log.warn(
+                "cannot notify systemd at {address}: {error}",
+                address=self.address.replace("\0", "@"),
+                error=error,
+                event="systemd.notify_failed",
+            )
+
     def close(self):
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._socket.close()
 
 
@@ -156,6 +220,7 @@ class SystemdService(Service):
         self._root = root
         self._notifier = notifier
         self._reactor = reactor
+        notifier.retryOn(reactor)
         self._watchdogInterval = watchdog
         self._loops = []
         self._lastStatus = None

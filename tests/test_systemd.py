@@ -17,7 +17,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from e2e import DEADLINE, ServerProcess, databaseURL
+from e2e import DEADLINE, ServerProcess, databaseURL, waitFor
 from mailgate import systemd
 from mailgate.metrics import Metrics
 
@@ -112,6 +112,69 @@ def test_systemdGoneIsNotAnError(tmp_path):
         notifier.close()
 
 
+def fillQueue(address):
+    """
+    Fill the receive queue of the datagram socket at C{address}, as other
+    services' notifications fill systemd's while it is busy (a
+    daemon-reload): until a new sender's first datagram finds no room.
+    Several senders, as one alone may run out of its own send buffer first.
+
+    @return: the senders, to be closed once the queue is read.
+    """
+    senders = []
+    for _ in range(256):
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sender.setblocking(False)
+        senders.append(sender)
+        try:
+            for _ in range(4096):
+                sender.sendto(b"X_OTHER=1", address)
+        except BlockingIOError:
+            pass
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        probe.setblocking(False)
+        try:
+            probe.sendto(b"X_OTHER=1", address)
+        except BlockingIOError:
+            return senders
+        finally:
+            probe.close()
+    pytest.fail("the queue never filled")
+
+
+def test_aNotificationSystemdHadNoRoomForIsSentOnceItHas(notifySocket):
+    """
+    systemd's notification socket is full for a moment (PID 1 busy with a
+    daemon-reload while every service pings it): what found no room is sent
+    again, in order, once there is.  It was dropped (sd_notify(3) blocks
+    instead): a READY=1 lost so left the unit starting until its
+    TimeoutStartSec killed a server that was serving; a STOPPING=1 lost,
+    the sessions' grace cut short by TimeoutStopSec.
+    """
+    clock = Clock()
+    notifier = systemd.Notifier(notifySocket.sock.getsockname())
+    notifier.retryOn(clock)
+    senders = fillQueue(notifySocket.sock.getsockname())
+    try:
+        assert notifier.notify("READY=1", "STATUS=serving") is False
+        assert notifier.notify("WATCHDOG=1") is False
+        # Still no room: kept, not lost.
+        clock.advance(systemd.RETRY_EVERY)
+        while notifySocket.receive(timeout=0.05) == ["X_OTHER=1"]:
+            pass
+        clock.advance(systemd.RETRY_EVERY)
+        assert notifySocket.receive(timeout=1) == ["READY=1", "STATUS=serving"]
+        assert notifySocket.receive(timeout=1) == ["WATCHDOG=1"]
+        assert clock.getDelayedCalls() == []
+        # Room again: sent at once.
+        assert notifier.notify("STOPPING=1") is True
+        assert notifySocket.receive(timeout=1) == ["STOPPING=1"]
+    finally:
+        notifier.close()
+        for sender in senders:
+            sender.close()
+
+
 def test_watchdogInterval():
     assert systemd.watchdogInterval({}) is None
     assert systemd.watchdogInterval({"WATCHDOG_USEC": "30000000"}, pid=42) == 15.0
@@ -137,6 +200,9 @@ class RecordingNotifier:
     def notify(self, *lines):
         self.sent.append(list(lines))
         return True
+
+    def retryOn(self, clock):
+        pass
 
 
 class Root:
@@ -422,6 +488,30 @@ def test_twistdTellsSystemd(tmp_path, notifySocket):
         assert server.process.wait(DEADLINE) in (0, -signal.SIGTERM)
     finally:
         server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
+def test_aReadyThatFoundSystemdsSocketFullArrivesOnceThereIsRoom(tmp_path, notifySocket):
+    """
+    A real twistd started while systemd's socket is full (PID 1 busy): its
+    READY=1 arrives once systemd reads again.  It was lost, the unit left
+    starting until TimeoutStartSec killed the server.
+    """
+    address = notifySocket.sock.getsockname()
+    senders = fillQueue(address)
+    server = ServerProcess(databaseURL(tmp_path / "mail.sqlite3"), [], cwd=tmp_path, env={"NOTIFY_SOCKET": address})
+    server.spawn()
+    try:
+        waitFor(lambda: "told systemd READY=1" in server.stdout, "READY=1 sent")
+        while notifySocket.receive(timeout=0.05) == ["X_OTHER=1"]:
+            pass
+        ready = notifySocket.waitFor("READY=1", server=server)
+        assert any(line.startswith("STATUS=serving: ") for line in ready)
+        assert ["STATUS=starting"] in notifySocket.messages
+    finally:
+        server.stop()
+        for sender in senders:
+            sender.close()
     assert "Traceback" not in server.stdout + server.stderr, server.log()
 
 
