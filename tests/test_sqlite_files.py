@@ -292,6 +292,67 @@ def test_sideFilesOfADatabaseOpenOnPurposeAreLeftAsTheyAre(tmp_path):
     assert (found["-wal"], found["-shm"]) == (0o640, 0o640), {k: oct(v) for k, v in found.items()}
 
 
+def test_aDatabaseMadeReadOnlyAndWritableAgainKeepsItsSideFilesWritable(tmp_path):
+    """
+    Only the permissions of others are taken from the side files: a
+    database its owner made 0400 (refused then, as it cannot be written)
+    and 0600 again is used again.  The refused command had narrowed its
+    -shm to 0400, which outlived the chmod 600: every command was then
+    refused for the -shm (real mailgate user list, run as its owner).
+    """
+    dbpath = tmp_path / "mail.sqlite3"
+    holder = openSynchronousStore(f"sqlite:///{dbpath}")
+    try:
+        addUser(holder, "alice@example.org", "pw")
+        os.chmod(dbpath, 0o400)
+        try:
+            openSynchronousStore(f"sqlite:///{dbpath}").close()
+        except Exception:
+            pass  # refused, for a user other than root
+        os.chmod(dbpath, 0o600)
+        found = modes(dbpath)
+    finally:
+        holder.close()
+    assert (found["-wal"], found["-shm"]) == (0o600, 0o600), {k: oct(v) for k, v in found.items()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody): needs root")
+def test_aCommandRefusedAReadOnlyDatabaseWorksOnceItIsWritableAgain(tmp_path):
+    """
+    The command refused a database its user may not write (chmod 400)
+    after opening it, SQLite making its -wal and -shm as the file was,
+    0400: once the owner had made it 0600 again, every command was still
+    refused, for the -shm (real mailgate user list as the file's owner).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    from e2e import MAILGATE, childEnvironment
+
+    nobody = 65534
+    path = tempfile.mkdtemp(prefix="mailgate-owner-")
+    try:
+        os.chown(path, nobody, -1)
+        db = os.path.join(path, "mail.sqlite3")
+
+        def asNobody(*argv):
+            done = subprocess.run(
+                [MAILGATE, "--database", f"sqlite:///{db}", *argv], input="pw\n",
+                capture_output=True, text=True, timeout=60, env=childEnvironment(), user=nobody, cwd=path,
+            )
+            return done.returncode, done.stderr
+
+        assert asNobody("user", "add", "alice@example.org", "--password-stdin") == (0, "")
+        os.chmod(db, 0o400)
+        code, err = asNobody("user", "list")
+        assert code == 78 and err.endswith(f"(nobody may not read and write {db}: it is nobody's, mode 0400)\n"), err
+        os.chmod(db, 0o600)
+        assert asNobody("user", "list")[0] == 0, modes(db)
+    finally:
+        shutil.rmtree(path)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody): needs root")
 def test_aDatabaseTheCommandsUserMayNotUseIsSaidToBeSo(tmp_path):
     """
@@ -324,7 +385,7 @@ def test_aDatabaseTheCommandsUserMayNotUseIsSaidToBeSo(tmp_path):
 
         assert asNobody() == (
             78,
-            f"mailgate: cannot open SQLite database {db}: unable to open database file "
+            f"mailgate: cannot open SQLite database {db} to write to it "
             f"(nobody may not read and write {db}: it is root's, mode 0600)\n",
         )
         os.chown(db, nobody, -1)

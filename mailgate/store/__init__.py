@@ -111,10 +111,13 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     engine = engineFromURL(url, readsOnly=readsOnly)
     if not create and _missingFile(engine):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
+    # Before a connection: SQLite opens a database its user may not write
+    # read-only, making its -wal and -shm as the file is (0400), which
+    # outlived the chmod 600 that set the file right.
+    engine.refuseReadOnly()
     database = SynchronousDatabase(engine)
     applied = []
     try:
-        engine.refuseReadOnly()
         if migrate:
             if not adopt:
                 _refuseAnotherApplications(database, url)

@@ -158,7 +158,10 @@ def narrowSideFiles(path):
     if path == ":memory:" or path.startswith("file:"):
         return
     try:
-        allowed = stat.S_IMODE(os.stat(path).st_mode)
+        # Only what others may do is taken: a database its owner may not
+        # write (chmod 400, refused) left its -shm 0400 after the chmod
+        # 600 that set it right, and every command was refused for it.
+        allowed = stat.S_IMODE(os.stat(path).st_mode) | stat.S_IRWXU
     except OSError:
         return
     for suffix in SIDE_FILES:
