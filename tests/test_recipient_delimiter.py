@@ -108,6 +108,31 @@ def test_aDetailThatIsNoAddresssOwnIsStillTheUsersMail(users, lmtp):
         assert s.command(f"RCPT TO:<{recipient}>").startswith("550 5.1.1 ")
 
 
+#: bob with a detail of 60 characters: a local part of 64 octets and more,
+#: as a service's per-sign-up token or a tracking tag makes it
+LONG_DETAIL = "bob+" + "t0k3n-" * 10 + "@example.org"
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_aDetailLongerThanALocalPartIsStillTheUsersMail(users, lmtp):
+    """
+    A detail may make the local part longer than RFC 5321's 64 octets
+    (which section 4.5.3.1 asks receivers not to insist on): bob+ and a
+    token of 60 characters is bob's mail, as Postfix and Dovecot's LMTP
+    deliver it.  It was refused at RCPT (501 5.1.3 local part too long),
+    so an MTA in front bounced it.  Without a user it names, such an
+    address is no user's (550 5.1.1).
+    """
+    assert len(LONG_DETAIL.partition("@")[0]) == 64
+    s = session(users, lmtp=lmtp)
+    replies, final = send(s, [LONG_DETAIL, "Bob+" + "x" * 200 + "@example.org"])
+    assert [r[:10] for r in replies] == ["250 2.1.5 "] * 2, replies
+    assert final and all(line.startswith("250 2.0.0 ") for line in final), final
+    assert len(sizes(users, BOB)) == 1
+    replies, _ = send(s, ["nobody+" + "x" * 60 + "@example.org", "b" * 65 + "@example.org"])
+    assert [r[:10] for r in replies] == ["550 5.1.1 "] * 2, replies
+
+
 def test_withoutADelimiterAddressesAreTakenWhole(users):
     s = session(users, delimiter=None)
     replies, _ = send(s, ["bob+lists@example.org"])
@@ -182,5 +207,7 @@ def test_anMTAHandsOverMailForAUserWithADetail(mailgate_server, mailgate_cli):
     client.connect("127.0.0.1", server.portOf("LMTP"))
     client.ehlo("mta.test")
     assert client.sendmail(SENDER, ["bob+lists@example.org"], b"Subject: lists\r\n\r\nhello\r\n") == {}
+    # A detail that makes the local part over 64 octets too.
+    assert client.sendmail(SENDER, [LONG_DETAIL], b"Subject: long detail\r\n\r\nhello\r\n") == {}
     client.quit()
-    assert len(mailgate_cli.mailbox(BOB)) == 1
+    assert len(mailgate_cli.mailbox(BOB)) == 2

@@ -156,7 +156,6 @@ def test_validDotAtoms(mailbox):
         ("TO:<bob@[IPv6:2001:db8::1::2]>", "invalid address literal"),
         ("TO:<bob@[IPv6:12345::1]>", "invalid address literal"),
         ("TO:<bob@[ipv6:192.0.2.1]>", "invalid address literal"),
-        ("TO:<" + "b" * 65 + "@example.org>", "local part too long"),
         ("TO:<b@" + "x" * 260 + ".org>", "address too long"),
         ("TO:<bob@example.org> SIZE", None),  # parses: RCPT parameters are the protocol's to refuse
     ],
@@ -173,7 +172,7 @@ def test_malformedPaths(argument, reason):
 SRS_SENDER = "SRS0=Ab3d=XY=some-long-domain.example=a.rather.long.user.name+tag@forwarder.example"
 
 
-def test_aSenderLocalPartMayBeLongerThan64Octets():
+def test_aLocalPartMayBeLongerThan64Octets():
     """
     RFC 5321 section 4.5.3.1 asks receivers to impose no length limits
     where they can; forwarders' SRS and mailing lists' VERP senders are
@@ -184,8 +183,11 @@ def test_aSenderLocalPartMayBeLongerThan64Octets():
     assert mailFrom(f"FROM:<{SRS_SENDER}>") == (SRS_SENDER, {})
     with pytest.raises(EnvelopeSyntaxError, match="address too long"):
         mailFrom("FROM:<" + "a" * 250 + "@example.org>")
-    with pytest.raises(EnvelopeSyntaxError, match="local part too long"):
-        rcptTo(f"TO:<{SRS_SENDER}>")
+    # A recipient's too (bob with a long detail, --recipient-delimiter):
+    # the delivery decides whom it names.
+    assert rcptTo(f"TO:<{SRS_SENDER}>") == (SRS_SENDER, {})
+    with pytest.raises(EnvelopeSyntaxError, match="address too long"):
+        rcptTo("TO:<" + "a" * 250 + "@example.org>")
 
 
 @pytest.mark.parametrize("local", ["taro..yamada", "taro.", ".taro", "a...b.", "."])

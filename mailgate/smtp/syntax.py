@@ -220,13 +220,16 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
         if not allowEmpty:
             raise EnvelopeSyntaxError("empty address")
         return "", parameters
-    # A sender's local part may be longer than RFC 5321's 64 octets, which
-    # it asks receivers not to insist on where they can (section 4.5.3.1):
-    # the SRS and VERP addresses of forwarders and mailing lists often are,
-    # and Postfix takes them.  A recipient's names a user here, never that
-    # long.
-    limit = MAX_LOCAL_PART if keyword == "TO" else None
-    # So may its dots be out of place: Japanese mobile carriers long gave
+    # A local part may be longer than RFC 5321's 64 octets, which it asks
+    # receivers not to insist on where they can (section 4.5.3.1): a
+    # sender's SRS and VERP addresses of forwarders and mailing lists often
+    # are, and Postfix takes them; so is a recipient's that names a user
+    # with a long detail (bob+<a token of 60 characters>@, with
+    # --recipient-delimiter), which Postfix and Dovecot's LMTP deliver to
+    # bob.  Refused here, such mail bounced.  No user's address is that
+    # long: the delivery answers any other "no such user".  The path's 256
+    # octets still hold.
+    # A sender's dots may be out of place: Japanese mobile carriers long gave
     # out addresses such as "taro..yamada." (not RFC 5321's dot-string),
     # and mail from them still comes.  Postfix takes them, and so does
     # Dovecot's LMTP: refused here, an MTA handing such mail over by LMTP
@@ -236,7 +239,7 @@ def parseCommandPath(argument, keyword, allowEmpty, utf8=False):
     # smtpd takes (its valid_hostname allows them) and passes on by LMTP.
     sender = keyword == "FROM"
     try:
-        return checkMailbox(inside, utf8, limit, looseDots=sender, underscores=sender), parameters
+        return checkMailbox(inside, utf8, None, looseDots=sender, underscores=sender), parameters
     except NonASCIIAddress:
         raise
     except EnvelopeSyntaxError as e:
