@@ -1286,6 +1286,34 @@ def test_restoringAllComesBackABoundedNumberAtATime(databaseURL, store):
     assert [k.uniqueId for k in resultOf(store.listDeleted(ALICE))] == [ids[5]]
 
 
+def test_aRestoreRunWhereTheClockLagsBringsBackTheMailJustDeleted(databaseURL, store):
+    """
+    C{mailbox restore} of all the kept mail (or of what was deleted since
+    a time), run on a host whose clock lags the node's that dated the
+    deletions (an administrator's machine two minutes behind), brings
+    back the messages deleted a minute before: it restored only those
+    deleted before its own clock's now, and said C{0 messages restored},
+    exit 0, of mail C{mailbox deleted} listed.
+    """
+    Clocked(store)
+    store.limits.keepDeletedDays = 3
+    for n in range(5):
+        deliver(store, [ALICE], message(n))
+    ids = popDelete(store, ALICE, "wonderland", 1, 2, 3, 4, 5)
+    admin = memoryStore(databaseURL)
+    try:
+        admin._clock = lambda: T0 - 120
+        restored, missing = resultOf(admin.restoreDeleted(ALICE, since=T0 - 3600, perTransaction=2))
+        assert ([old for old, _ in restored], missing) == (ids, [])
+        popDelete(store, ALICE, "wonderland", 1, 2, 3)
+        restored, missing = resultOf(admin.restoreDeleted(ALICE, perTransaction=2))
+    finally:
+        admin.close()
+    assert ([old for old, _ in restored], missing) == (ids[:3], [])
+    assert uidlOf(store, ALICE, "wonderland") == ids[3:] + ids[:3]
+    assert resultOf(store.listDeleted(ALICE)) == []
+
+
 def test_theListingsTheCommandPrintsAreReadAPageAtATime(store):
     """
     C{mailbox list} and C{mailbox deleted} read their listing a page at a

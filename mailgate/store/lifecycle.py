@@ -27,7 +27,14 @@ from mailgate.store.imported import (
 )
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
-from mailgate.store.recovery import _deletedPage, _dropKept, _listDeleted, _restoreDeleted, _restoreSome
+from mailgate.store.recovery import (
+    _deletedPage,
+    _dropKept,
+    _listDeleted,
+    _restoreBound,
+    _restoreDeleted,
+    _restoreSome,
+)
 from mailgate.store.registry import SETTINGS_COUNT_FOR, STALE_AFTER, SessionRegistry, _kick, _nodes, _sessions
 from mailgate.store.retention import Retention, _expirePass, _expireUser, _forgetDeliveries, _purgeKept
 from mailgate.store.rows import releaseBodies, removeMessages
@@ -347,7 +354,8 @@ class LifecycleStore:
         Bring kept deleted messages back; see L{_restoreSome}.  All of
         them (C{uidls} C{None}) come back C{perTransaction} at a time
         (L{RESTORE_PER_TRANSACTION}), in their order, those deleted
-        before the restore began: one transaction for all held SQLite's
+        before the restore began (L{_restoreBound}, whatever this host's
+        clock says of the nodes'): one transaction for all held SQLite's
         write lock, which every delivery waits for, as long as the whole
         restore.  Unique ids given come back in one transaction.
 
@@ -364,11 +372,12 @@ class LifecycleStore:
 
         @defer.inlineCallbacks
         def run():
+            until = yield self.database.runInteraction(_restoreBound, address, now)
             restored = []
             more = True
             while more:
                 some, _, more = yield self.database.runWrite(
-                    _restoreSome, address, None, since, asNew, now, perTransaction, now
+                    _restoreSome, address, None, since, asNew, now, perTransaction, until
                 )
                 restored += some
                 if progress is not None:

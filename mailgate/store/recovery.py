@@ -108,6 +108,27 @@ def _deletedPage(cursor, address, position, limit):
 _DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
 
 
+def _restoreBound(cursor, address, now):
+    """
+    The deletion time up to which a restore of all of a user's kept mail
+    goes (L{_restoreSome}'s C{until}): C{now}, the restore's start by the
+    clock of the host it runs on, or the latest deletion kept if that is
+    later.  The deletions were dated by the clocks of the nodes that made
+    them: run on a host whose clock lags theirs (an administrator's
+    machine two minutes behind), a restore begun a minute after the user
+    deleted everything restored none of it and said C{0 messages
+    restored}, though C{mailbox deleted} listed the messages.  What a
+    POP3 client deletes once the restore has begun still stays deleted,
+    dated after the bound by the node's clock.
+
+    @raise NoSuchUser: if there is no such user.
+    """
+    userId = _userId(cursor, address)
+    cursor.execute("SELECT max(deleted_at) FROM deleted_mail WHERE user_id = ?", (userId,))
+    latest = cursor.fetchone()[0]
+    return now if latest is None else max(now, int(latest))
+
+
 def _restoreDeleted(cursor, address, uidls, since, asNew, now):
     """
     Bring kept deleted messages back, all in this transaction; see
