@@ -85,8 +85,13 @@ class Guarded:
 
 def _inSession(cursor, userId, aliveSince):
     """
-    Whether a live node's registry shows a POP3 session of the user.
+    Whether a live node's registry shows a POP3 session of the user
+    (C{aliveSince}: the oldest heartbeat of a live node); never when
+    C{aliveSince} is C{None}, where the maildrop's lock alone tells (see
+    L{mailgate.store.lifecycle.LifecycleStore._registryAliveSince}).
     """
+    if aliveSince is None:
+        return False
     cursor.execute(
         "SELECT 1 FROM pop3_sessions s JOIN mailgate_nodes n ON n.node_id = s.node_id "
         "WHERE s.user_id = ? AND n.seen_at >= ? LIMIT 1",

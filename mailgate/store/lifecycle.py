@@ -474,8 +474,25 @@ class LifecycleStore:
         """
         now = self._now()
         return self._underLock(
-            address, _removeImportedGone, address, source, frozenset(listed), soleSource, now, now - STALE_AFTER
+            address, _removeImportedGone, address, source, frozenset(listed), soleSource, now,
+            self._registryAliveSince(now),
         )
+
+    def _registryAliveSince(self, now):
+        """
+        For the writes made under a maildrop's lock, which also look for
+        the user's sessions in the session registry where the locks do not
+        reach every process (L{_inSession}): the oldest heartbeat of a
+        live node, or C{None} (no such look) where they do, PostgreSQL's
+        advisory locks.  There the registry adds only the sessions of
+        nodes killed less than L{STALE_AFTER} ago, whose locks went with
+        them: C{user rename}, C{user del} and C{mailbox expunge} were
+        refused for 30 seconds after a node's crash while the user could
+        log in on another node.
+        """
+        if getattr(self.locks, "seenByEveryNode", False):
+            return None
+        return now - STALE_AFTER
 
     def _underLock(self, address, write, *args):
         """
@@ -517,7 +534,7 @@ class LifecycleStore:
         @return: a L{Deferred}; fails with L{NoSuchUser}, L{UserExists} or
             L{MaildropInUse}.
         """
-        return self._underLock(old, _renameUser, self.engine, old, new, self._now() - STALE_AFTER)
+        return self._underLock(old, _renameUser, self.engine, old, new, self._registryAliveSince(self._now()))
 
     def expungeMessages(self, address, olderThanDays=None, perTransaction=None, progress=None):
         """
@@ -573,7 +590,7 @@ class LifecycleStore:
         while more:
             fromMaildrop, fromKept, below, more = yield self.database.runWrite(
                 Guarded.under(self.locks, userId, _expungeSome),
-                address, before, below, perTransaction, now - STALE_AFTER, userId,
+                address, before, below, perTransaction, self._registryAliveSince(now), userId,
             )
             removed += fromMaildrop
             kept += fromKept

@@ -1017,9 +1017,15 @@ class AdvisoryLocks:
     order they were issued, on the connection that holds the lock.
 
     @cvar slots: lock connections per node.
+    @cvar seenByEveryNode: these locks are the whole truth of which
+        maildrops a session holds, on every node (a killed node's go with
+        its process): the writes made under one need not look for
+        sessions in the session registry too, which shows a dead node's
+        sessions until its heartbeat is old.
     """
 
     slots = 4
+    seenByEveryNode = True
     log = Logger()
 
     def __init__(self, engine, reactor, metrics=None):

@@ -27,7 +27,6 @@ from mailgate.store import lifecycle, paging
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.guarded import LOCK_LOST, Guarded, _inSession, lockedUserId
 from mailgate.store.limits import StoreLimits, quotaCrossed, quotaWarningMessage
-from mailgate.store.registry import STALE_AFTER
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads, firstChunks
 from mailgate.store.recovery import _keepDeleted
 from mailgate.store.rows import (
@@ -1038,7 +1037,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
                 yield self._expungeLocked(address, user.userId, None, now, perTransaction, progress)
                 yield self.database.runWrite(
                     Guarded.under(self.locks, user.userId, _deleteUser),
-                    address, self._userIds, now - STALE_AFTER, user.userId,
+                    address, self._userIds, self._registryAliveSince(now), user.userId,
                 )
             finally:
                 yield self.locks.release(user.userId)
