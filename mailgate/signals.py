@@ -12,7 +12,9 @@ signal calls every service's; the handler from before is put back once
 the last service has let go.
 """
 
+import contextlib
 import signal
+import threading
 
 
 class SharedSignalHandlers:
@@ -67,3 +69,35 @@ class SharedSignalHandlers:
 
 #: the handlers of this process's mailgate services
 processSignals = SharedSignalHandlers()
+
+
+@contextlib.contextmanager
+def heldSignals(signums):
+    """
+    Hold C{signums} (SIGHUP, SIGUSR1) while in this context: what arrives
+    is noted, in the order it came, for the caller to act on once it can,
+    instead of their default action ending the process.  For the making
+    of C{twistd mailgate}'s service, before it handles them itself: a
+    schema upgrade makes that minutes, in which logrotate's SIGUSR1 or a
+    script's SIGHUP ended the process mid-upgrade.  Outside the main
+    thread, where no handler can be installed, nothing is held.
+
+    @return: a context whose value is the list of signal numbers received
+        (each once).
+    """
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def hold(signum, frame):
+        if signum not in received:
+            received.append(signum)
+
+    owner = object()
+    for signum in signums:
+        processSignals.handle(owner, signum, hold)
+    try:
+        yield received
+    finally:
+        processSignals.release(owner)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import pwd
+import signal
 import stat
 import sys
 
@@ -26,6 +27,7 @@ from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
+from mailgate.signals import heldSignals
 from mailgate.store.schema import observingUpgrades
 from mailgate.timers import monotonicTimers
 from mailgate.urls import hasPassword
@@ -332,6 +334,23 @@ def refuseCoreDumps():
 
 
 def makeService(options):
+    """
+    The service for C{twistd mailgate} (L{_makeTwistdService}), made with
+    SIGHUP and SIGUSR1 held (L{heldSignals}), and those that came taken
+    once the reactor runs (the service handles them itself from its
+    privilegedStartService on).  Their default action ended the process:
+    in a start that upgrades the schema, for minutes, logrotate's SIGUSR1
+    (README: Logs) or a script's SIGHUP stopped the upgrade half done, and
+    the start with it.
+    """
+    with heldSignals((signal.SIGHUP, signal.SIGUSR1)) as received:
+        service = _makeTwistdService(options)
+    for signum in received:
+        service.reactor.callWhenRunning(service.hangup if signum == signal.SIGHUP else service.reopenLogs)
+    return service
+
+
+def _makeTwistdService(options):
     """
     The service for C{twistd mailgate}.  Configuration errors, found now or
     when the listeners start, end the process with a one-line message.

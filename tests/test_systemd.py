@@ -547,6 +547,47 @@ def test_aStartThatUpgradesTheSchemaExtendsSystemdsStartTimeout(tmp_path, notify
     assert "Traceback" not in server.stdout + server.stderr, server.log()
 
 
+def test_aReloadSignalWhileTheSchemaIsUpgradedIsTakenOnceStarted(tmp_path, notifySocket):
+    """
+    SIGUSR1 (logrotate's postrotate) and SIGHUP (a script's reload) while a
+    start upgrades the schema, before the server handles them: taken once
+    it has started, not the end of it.  Their default action ended the
+    process mid-upgrade (killed by SIGHUP, which systemd counts as a clean
+    exit, the unit failed and not restarted; by SIGUSR1, restarted, to
+    begin the upgrade again).  The test's transaction holds the upgrade
+    until both are sent.
+    """
+    import gzip
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "mail.sqlite3"
+    with gzip.open(REPO / "tests" / "fixtures" / "schema-v3.sqlite3.gz") as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    server = ServerProcess(
+        databaseURL(path), ["--no-apop"], cwd=tmp_path, env={"NOTIFY_SOCKET": notifySocket.sock.getsockname()}
+    )
+    server.spawn()
+    try:
+        notifySocket.waitFor(f"EXTEND_TIMEOUT_USEC={int(systemd.EXTEND_BY * 1_000_000)}", server=server)
+        server.process.send_signal(signal.SIGUSR1)
+        server.process.send_signal(signal.SIGHUP)
+        holder.rollback()
+        notifySocket.waitFor("READY=1", server=server)
+        server.waitUntilListening()
+        assert greeting(server.port).startswith(b"+OK")
+        waitFor(lambda: "SIGHUP: nothing to reload" in server.stdout, "the SIGHUP taken")
+        assert "SIGUSR1: no log file of mailgate's to reopen" in server.stdout
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(DEADLINE) == -signal.SIGTERM
+    finally:
+        holder.close()
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
+
+
 def test_theStartExtensionExtendsUntilTheUpgradeEnds(notifySocket, monkeypatch):
     """
     Every EXTEND_EVERY seconds for as long as the upgrade runs, each for
