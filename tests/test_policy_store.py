@@ -470,3 +470,36 @@ def test_nodeBEnforcesNodeABanAfterOneRefresh(pgStores):
     finally:
         nodeA.stop()
         nodeB.stop()
+
+
+def test_nodeBSeesTheFailuresOfANodeWhoseClockLags(pgStores):
+    """
+    Node A's clock is 4 seconds behind node B's: less than the 5 seconds
+    the nodes' clock check lets pass without a warning (two nodes may so be
+    up to 10 s apart).  The failures A records carry A's times, and B's
+    next refresh still reads them: B holds the address's next login as A
+    does.  Before, B read only the failures stamped from 2 s before its
+    previous refresh on, and never saw A's (measured with real twistd
+    nodes, one started with its clock 3 s behind: a failed login on B just
+    after one on A took 0.26 s, not the 2.2 s it takes with clocks in step).
+    """
+    settings = PolicySettings(exemptNetworks=["none"])
+    clockA, clockB = Clock(), Clock()
+    clockA.advance(NOW - 4)
+    clockB.advance(NOW)
+    nodeA = ConnectionPolicy(pgStores.open(), clockA, settings)
+    nodeB = ConnectionPolicy(pgStores.open(), clockB, settings)
+    nodeA.start()
+    nodeB.start()
+    attacker = IPv4Address("TCP", "127.0.0.2", 50000)
+    try:
+        clockA.advance(REFRESH_INTERVAL)
+        clockB.advance(REFRESH_INTERVAL)
+        nodeA.authenticationFailed(attacker, "alice@example.org")
+        assert nodeA.authenticationDelay(attacker, None) == 2
+        assert nodeB.authenticationDelay(attacker, None) == 0
+        clockB.advance(REFRESH_INTERVAL)
+        assert nodeB.authenticationDelay(attacker, None) == 2
+    finally:
+        nodeA.stop()
+        nodeB.stop()
