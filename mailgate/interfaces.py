@@ -583,9 +583,14 @@ class ILifecycleStore(Interface):
         C{uidls}; deleted at or after C{since}), under their own unique ids
         or, with C{asNew}, new ones.  All of them come back a bounded
         number at a time, C{progress(count)} called after each commit with
-        how many are back so far.
+        how many are back so far.  A transaction that brings the user's
+        use to a warning percentage of the quota warns as a delivery does.
 
-        @return: a L{Deferred} of C{(restored, missing)}.
+        @return: a L{Deferred} of C{(restored, missing)}: C{restored} a
+            list of C{(old unique id, unique id now)}, the latter a
+            L{mailgate.records.WarnedOfQuota} for the last message of a
+            transaction that warned; C{missing} the unique ids asked for
+            that are not kept.
         """
 
     def listSessions(address=None, kicked=False):

@@ -3,7 +3,8 @@ Quota warnings (C{--quota-warning PERCENT}): the delivery that brings a
 user's use to a warning percentage of the quota puts a message into the
 maildrop saying so, once per crossing, as Dovecot's C{quota_warning}
 does through a script; the POP3 user sees nothing else of the quota until
-mail is refused.  On both backends, through the store, LMTP and SMTP.
+mail is refused.  On both backends, through the store, LMTP and SMTP;
+and so does a C{mailbox restore} that brings it there.
 """
 
 import email
@@ -228,3 +229,162 @@ def test_lmtpDeliveryPastAPercentageLeavesTheWarningForPOP3(mailgate_server, mai
     finally:
         client.quit()
     assert warning["Subject"] == "Your mailbox is 80% full"
+
+
+# -- mail brought back by mailbox restore -----------------------------------------
+
+
+def keptDeleted(store, *sizes):
+    """
+    Deliver messages of C{sizes} to alice and delete them by POP3, with
+    deleted mail kept: their unique ids.
+    """
+    store.limits.keepDeletedDays = 7
+    for size in sizes:
+        deliver(store, [ALICE], blob(size))
+    session = POP3Session(store)
+    assert session.login(ALICE, "wonderland").startswith("+OK")
+    ids = [line.split()[1] for line in session.command("UIDL").split("\r\n")[1:-2]]
+    for n in range(1, len(ids) + 1):
+        assert session.command(f"DELE {n}").startswith("+OK")
+    assert session.command("QUIT").startswith("+OK")
+    assert resultOf(store.quotaOf(ALICE)).usedMessages == 0
+    return ids
+
+
+def test_aRestorePastAPercentageWarnsAsADeliveryDoes(store):
+    """
+    C{mailbox restore} is never refused for the quota: a restore that
+    takes the use past a warning percentage warns of it as a delivery
+    would, after the restored messages, and neither the next restore nor
+    the next delivery warns again while the use stays past it.  Without
+    it, a restore could fill a mailbox and the user's mail was refused
+    with no warning ever in the maildrop.
+    """
+    resultOf(store.setQuota(ALICE, 10_000))
+    ids = keptDeleted(store, 3_000, 3_000, 1_000, 500)
+    deliver(store, [ALICE], blob(1_000))
+    restored, _ = resultOf(store.restoreDeleted(ALICE, [ids[0]]))  # 40%: nothing
+    assert [getattr(new, "crossing", None) for _, new in restored] == [None]
+    restored, _ = resultOf(store.restoreDeleted(ALICE, [ids[1], ids[2]]))  # 80%
+    assert [getattr(new, "crossing", None) for _, new in restored] == [
+        None, QuotaCrossing(80, "octets", 8_000, 10_000),
+    ]
+    messages = maildrop(store)
+    [warning] = warnings(messages)
+    # After the restored messages, as after the message a delivery warned with.
+    assert [b"Auto-Submitted: auto-generated" in m for m in messages] == [False] * 4 + [True]
+    assert warning["Subject"] == "Your mailbox is 80% full"
+    assert f"Your mailbox {ALICE} now holds 7.8 KB of its 9.8 KB quota (80%)." in warning.get_payload()
+    # Still past 80%, short of 95%: warned of nothing more.
+    restored, _ = resultOf(store.restoreDeleted(ALICE))
+    assert [getattr(new, "crossing", None) for _, new in restored] == [None]
+    deliver(store, [ALICE], blob(100))
+    assert [w["Subject"] for w in warnings(maildrop(store))] == ["Your mailbox is 80% full"]
+    # ... and past 95% is warned of by the delivery, once.
+    deliver(store, [ALICE], blob(300))
+    assert [w["Subject"] for w in warnings(maildrop(store))] == ["Your mailbox is 80% full", "Your mailbox is 95% full"]
+
+
+def test_aRestorePastSeveralPercentagesWarnsOfTheHighest(store):
+    """
+    All of a user's kept mail comes back a few hundred messages per
+    transaction: each one that takes the use past percentages warns of
+    the highest, as a delivery does, here of the default quota in
+    messages.
+    """
+    store.limits.quotaWarnings = ()
+    ids = keptDeleted(store, *[100 + n for n in range(10)])
+    store.limits.quotaWarnings = (50, 80, 95)
+    store.limits.quotaMessages = 10
+    restored, _ = resultOf(store.restoreDeleted(ALICE, perTransaction=3))
+    assert [old for old, _ in restored] == ids
+    crossings = [(old, new.crossing) for old, new in restored if getattr(new, "crossing", None) is not None]
+    # 3 messages; 6, past 50%, and its warning; 10, past 80% and 95%; 12.
+    assert crossings == [
+        (ids[5], QuotaCrossing(50, "messages", 6, 10)),
+        (ids[8], QuotaCrossing(95, "messages", 10, 10)),
+    ]
+    messages = maildrop(store)
+    warned = [b"Auto-Submitted: auto-generated" in m for m in messages]
+    assert warned == [False] * 6 + [True] + [False] * 3 + [True, False]
+    assert [w["Subject"] for w in warnings(messages)] == ["Your mailbox is 50% full", "Your mailbox is full"]
+
+
+@sqliteOnly
+def test_mailboxRestorePastAPercentageLeavesTheWarningForPOP3(mailgate_server, mailgate_cli, tmp_path):
+    """
+    The real command against a real server: mail deleted by POP3 and
+    kept, restored with the server's configuration file (its
+    C{quota-warning}) after new mail came, takes the use past 80%; the command says it warned
+    (its exit status and its other lines as without a warning), and the
+    POP3 user finds the warning after the restored mail.  Before, the
+    restore stored none, and the next delivery was refused (452) with
+    the user never warned.
+    """
+    config = tmp_path / "mailgate.toml"
+    config.write_text("quota-warning = [80]\nkeep-deleted-days = 7\n")
+    mailgate_cli.addUser(ALICE, "wonderland")
+    mailgate_cli.check("user", "quota", ALICE, "10K")
+    server = mailgate_server("--config", str(config), "--lmtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org")
+    lmtp = smtplib.LMTP("127.0.0.1", server.portOf("LMTP"), timeout=DEADLINE)
+    try:
+        lmtp.ehlo("mta.test")
+        for _ in range(2):
+            assert lmtp.sendmail("sender@remote.test", [ALICE], blob(3_500)) == {}  # 71%
+        client = popLogin(server, ALICE, "wonderland")
+        try:
+            ids = [line.split()[1].decode() for line in client.uidl()[1]]
+            for n in range(1, len(ids) + 1):
+                client.dele(n)
+        finally:
+            client.quit()
+        assert lmtp.sendmail("sender@remote.test", [ALICE], blob(1_500)) == {}
+    finally:
+        lmtp.quit()
+    code, out, err = mailgate_cli("--config", str(config), "mailbox", "restore", ALICE, *ids)
+    assert (code, err) == (0, ""), (out, err)
+    used = sum(size for _, size, _ in mailgate_cli.mailbox(ALICE)[:3])
+    assert out == (
+        f"restored {ids[0]}\nrestored {ids[1]}\n2 messages restored to {ALICE}\n"
+        f"warned {ALICE}: its mailbox is 80% full ({used} octets of its 10240); "
+        "a message saying so follows the restored ones\n"
+    )
+    client = popLogin(server, ALICE, "wonderland")
+    try:
+        assert [line.split()[1].decode() for line in client.uidl()[1]][1:3] == ids
+        assert len(client.list()[1]) == 4
+        warning = email.message_from_bytes(b"\r\n".join(client.top(4, 0)[1]))
+    finally:
+        client.quit()
+    assert warning["Subject"] == "Your mailbox is 80% full"
+
+
+def test_theAuditLineOfARestoreSaysItWarned(databaseURL, store, tmp_path, monkeypatch):
+    """
+    Whether a user was warned before her mail was refused is looked up in
+    the log: a delivery's warning in the server's (C{quota.warned}), a
+    restore's in the command's audit line.
+    """
+    from mailgate.cli import audit
+    from test_cli import CLI
+
+    said = []
+    monkeypatch.setattr(audit, "outcome", lambda args, text: said.append(text))
+    config = tmp_path / "mailgate.toml"
+    config.write_text("quota-warning = [80, 95]\n")
+    resultOf(store.setQuota(ALICE, 10_000))
+    store.limits.quotaWarnings = ()
+    [uniqueId] = keptDeleted(store, 9_500)
+    [kept] = resultOf(store.listDeleted(ALICE))
+    result = CLI(tmp_path / "unused.sqlite3")(
+        "--config", str(config), "mailbox", "restore", ALICE, uniqueId, database=databaseURL
+    )
+    assert result.code == 0, result
+    warned = f"its mailbox is 95% full ({kept.size} octets of its 10000)"
+    assert result.out == (
+        f"restored {uniqueId}\n1 message restored to {ALICE}\n"
+        f"warned {ALICE}: {warned}; a message saying so follows the restored ones\n"
+    )
+    assert said == [f"1 message restored; warned: {warned}"]
+    assert [w["Subject"] for w in warnings(maildrop(store))] == ["Your mailbox is 95% full"]

@@ -192,13 +192,32 @@ def _mailboxRestore(store, args, out, stdin):
     for old, new in restored:
         out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
     out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
-    audit.outcome(args, f"{counted(len(restored), 'message')} restored{' under new unique ids' if args.as_new else ''}")
+    warned = [new.crossing for _, new in restored if getattr(new, "crossing", None) is not None]
+    for crossing in warned:
+        out.write(f"warned {address}: {_warning(crossing)}; a message saying so follows the restored ones\n")
+    audit.outcome(
+        args,
+        f"{counted(len(restored), 'message')} restored{' under new unique ids' if args.as_new else ''}"
+        + "".join(f"; warned: {_warning(crossing)}" for crossing in warned),
+    )
     if restored:
         _warnIfFull(args, address, _result(store.quotaOf(address)))
     if missing:
         raise CommandError(
             f"not among {address}'s kept deleted messages: {' '.join(missing)}", EX_DATAERR
         )
+
+
+def _warning(crossing):
+    """
+    The quota warning a restore put into the maildrop, for its output:
+    C{its mailbox is 80% full (8200 octets of its 10240)}, as a delivery
+    that brought the use there would have (the README's Quotas).
+    """
+    unit = "octet" if crossing.resource == "octets" else "message"
+    # As the message's subject says it (mailgate.store.limits.quotaWarningMessage).
+    state = "full" if crossing.used * 100 // crossing.limit >= 100 else f"{crossing.percent}% full"
+    return f"its mailbox is {state} ({counted(crossing.used, unit)} of its {crossing.limit})"
 
 
 def _mailboxExpungeOptions(args):

@@ -357,7 +357,10 @@ class LifecycleStore:
         before the restore began (L{_restoreBound}, whatever this host's
         clock says of the nodes'): one transaction for all held SQLite's
         write lock, which every delivery waits for, as long as the whole
-        restore.  Unique ids given come back in one transaction.
+        restore.  Unique ids given come back in one transaction.  A
+        transaction that brings the user's use to a warning percentage of
+        the quota (L{mailgate.store.limits.StoreLimits.quotaWarnings})
+        warns the user as a delivery does.
 
         @param uidls: the unique ids to restore; C{None} for all.
         @param since: only those deleted at or after this time (seconds).
@@ -366,8 +369,9 @@ class LifecycleStore:
         @return: a L{Deferred} of C{(restored, missing)}.
         """
         now = self._now()
+        quota = self.limits.deliveryQuota()
         if uidls is not None:
-            return self.database.runWrite(_restoreDeleted, address, list(uidls), since, asNew, now)
+            return self.database.runWrite(_restoreDeleted, address, list(uidls), since, asNew, now, quota)
         perTransaction = RESTORE_PER_TRANSACTION if perTransaction is None else perTransaction
 
         @defer.inlineCallbacks
@@ -377,7 +381,7 @@ class LifecycleStore:
             more = True
             while more:
                 some, _, more = yield self.database.runWrite(
-                    _restoreSome, address, None, since, asNew, now, perTransaction, until
+                    _restoreSome, address, None, since, asNew, now, perTransaction, until, quota
                 )
                 restored += some
                 if progress is not None:

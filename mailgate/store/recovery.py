@@ -9,9 +9,10 @@ another message: kept deleted mail keeps its own, restored mail gets them
 back.
 """
 
-from mailgate.records import DeletedMessage
+from mailgate.records import DeletedMessage, WarnedOfQuota
 from mailgate.store.database import updatesMailboxes
 from mailgate.store.guarded import _userId
+from mailgate.store.limits import StoreLimits, quotaCrossed
 from mailgate.store.rows import (
     MAILDROP_COLUMNS,
     batches,
@@ -20,7 +21,11 @@ from mailgate.store.rows import (
     placeholders,
     releaseBodies,
     releaseUsage,
+    storeQuotaWarning,
 )
+
+#: No default quota and no warnings (L{StoreLimits.deliveryQuota}).
+_NO_QUOTA = StoreLimits().deliveryQuota()
 
 
 def _dropKept(cursor, byUser):
@@ -129,18 +134,18 @@ def _restoreBound(cursor, address, now):
     return now if latest is None else max(now, int(latest))
 
 
-def _restoreDeleted(cursor, address, uidls, since, asNew, now):
+def _restoreDeleted(cursor, address, uidls, since, asNew, now, quota=_NO_QUOTA):
     """
     Bring kept deleted messages back, all in this transaction; see
     L{_restoreSome}.
 
     @return: C{(restored, missing)}.
     """
-    restored, missing, _ = _restoreSome(cursor, address, uidls, since, asNew, now)
+    restored, missing, _ = _restoreSome(cursor, address, uidls, since, asNew, now, quota=quota)
     return restored, missing
 
 
-def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=None):
+def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=None, quota=_NO_QUOTA):
     """
     Bring kept deleted messages back into the maildrop: those with the
     unique ids C{uidls} (all if C{None}), deleted at or after C{since}
@@ -171,12 +176,23 @@ def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=No
     @param limit: restore at most this many (of all, C{uidls} being
         C{None}), the first in their order: a restore of a large maildrop
         in several transactions.
+    A restore that brings the user's use to one of the quota's warning
+    percentages warns of it as a delivery does (L{storeQuotaWarning}, in
+    this transaction, after the restored messages; the highest of several),
+    and not again while the use stays past it: a restore is never refused,
+    so without the warning a user whose mailbox a restore filled had mail
+    refused without ever having been told it was filling up.
+
     @param until: restore only those deleted at or before this time:
         the time such a restore began, so that what a POP3 client deletes
         while it runs stays deleted.
+    @param quota: the server's default limits and warning percentages,
+        C{(octets, messages, warnings)} (L{StoreLimits.deliveryQuota}).
     @return: C{(restored, missing, more)}: a list of C{(old unique id,
         unique id now)}, the requested unique ids that are not kept, and
-        whether C{limit} may have left some to restore.
+        whether C{limit} may have left some to restore.  The unique id now
+        of the last message of a restore that warned is a
+        L{WarnedOfQuota}, saying of which percentage.
     """
     userId = _userId(cursor, address)
     # The mailbox row is locked first, as the retention task, an expunge,
@@ -234,10 +250,24 @@ def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=No
         for n, row in enumerate(rows)
     ]
     insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
+    octets = sum(row[4] for row in rows)
+    octetLimit, messageLimit, warnings = quota
     cursor.execute(
         "UPDATE mailboxes SET used_messages = used_messages + ?, used_octets = used_octets + ?, "
         "oldest_arrival = CASE WHEN oldest_arrival IS NULL OR oldest_arrival > ? THEN ? "
-        "ELSE oldest_arrival END WHERE user_id = ?",
-        (len(rows), sum(row[4] for row in rows), now, now, userId),
+        "ELSE oldest_arrival END WHERE user_id = ? "
+        "RETURNING used_octets, coalesce(quota_octets, ?), used_messages, coalesce(quota_messages, ?)",
+        (len(rows), octets, now, now, userId, octetLimit, messageLimit),
     )
-    return [(row[1], entry[2]) for row, entry in zip(rows, entries)], missing, more
+    usedOctets, octetQuota, usedMessages, messageQuota = cursor.fetchone()
+    restored = [(row[1], entry[2]) for row, entry in zip(rows, entries)]
+    crossing = quotaCrossed(
+        warnings,
+        (usedOctets - octets, usedOctets, octetQuota),
+        (usedMessages - len(rows), usedMessages, messageQuota),
+    )
+    if crossing is not None:
+        storeQuotaWarning(cursor, userId, address, crossing, now)
+        old, new = restored[-1]
+        restored[-1] = (old, WarnedOfQuota(new, crossing))
+    return restored, missing, more

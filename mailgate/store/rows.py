@@ -14,7 +14,9 @@ import secrets
 import struct
 from collections import Counter
 
+from mailgate.message import spoolBytes
 from mailgate.store.database import updatesMailboxes
+from mailgate.store.limits import quotaWarningMessage
 from mailgate.store.reads import CHUNK_SIZE
 
 #: Values in one C{IN (...)} list at most.
@@ -258,3 +260,31 @@ def storeLargeBody(cursor, owner, source, refcount, now, digest=None):
     for seq, chunk in enumerate(bodyPieces(source, digest)):
         insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(owner, bodyId, seq, chunk)])
     return bodyId
+
+
+def storeQuotaWarning(cursor, userId, address, crossing, now):
+    """
+    Put the message saying that a delivery or a restore (L{mailgate.store.recovery}) brought a user's use to
+    a warning percentage of the quota (L{mailgate.store.limits.quotaWarningMessage}) into the maildrop, after
+    the messages that did, in their transaction: one warning per crossing, never lost nor doubled.  It is
+    stored over the quota if need be (a few hundred octets: a user at 100% is told).
+    """
+    source = spoolBytes(quotaWarningMessage(address, crossing, now))
+    try:
+        data = b"".join(source.chunks(CHUNK_SIZE))
+        size, headerSize, dotColumns = source.size, source.headerSize, dotLineColumns(source)
+    finally:
+        source.close()
+    cursor.execute(
+        "UPDATE mailboxes SET next_uid = next_uid + 1, used_messages = used_messages + 1, "
+        "used_octets = used_octets + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
+        (size, userId),
+    )
+    following, validity = cursor.fetchone()
+    uid = following - 1
+    bodyId = secrets.token_hex(16)
+    insertRows(cursor, "bodies", BODY_COLUMNS, [(userId, bodyId, size, headerSize, 1, now)])
+    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(userId, bodyId, 0, data)])
+    insertRows(cursor, "maildrop", DELIVERED_COLUMNS, [
+        (userId, uid, formatUniqueId(uid, validity), userId, bodyId, size, headerSize, now, *dotColumns),
+    ])

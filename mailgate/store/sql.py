@@ -22,11 +22,10 @@ from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
-from mailgate.message import spoolBytes
 from mailgate.store import lifecycle, paging
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.guarded import LOCK_LOST, Guarded, _inSession, lockedUserId
-from mailgate.store.limits import StoreLimits, quotaCrossed, quotaWarningMessage
+from mailgate.store.limits import StoreLimits, quotaCrossed
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads, firstChunks
 from mailgate.store.recovery import _keepDeleted
 from mailgate.store.rows import (
@@ -43,6 +42,7 @@ from mailgate.store.rows import (
     placeholders,
     removeMessages,
     storeLargeBody,
+    storeQuotaWarning,
 )
 from mailgate.records import AlreadyDelivered, ExportedMessage, MessageInfo, UserRecord, UserSummary, WarnedOfQuota
 
@@ -782,7 +782,7 @@ def _deliverMessages(cursor, engine, messages, userIds, quota=NO_QUOTA, window=0
         addressOf = {userId: address for address, userId in known.items()}
         now = max(m[2] for m in messages)
         for userId, crossing in sorted(warn.items()):
-            _storeQuotaWarning(cursor, userId, addressOf[userId], crossing, now)
+            storeQuotaWarning(cursor, userId, addressOf[userId], crossing, now)
         _markWarned(outcomes, known, warn)
     return outcomes
 
@@ -799,35 +799,6 @@ def _markWarned(outcomes, known, warn):
             userId = known.get(address)
             if userId in pending and type(result) is str:
                 results[address] = WarnedOfQuota(result, pending.pop(userId))
-
-
-def _storeQuotaWarning(cursor, userId, address, crossing, now):
-    """
-    Put the message saying a delivery brought a user's use to a warning
-    percentage of the quota (L{quotaWarningMessage}) into the
-    maildrop, after the messages that did, in the delivery's transaction:
-    one warning per crossing, never lost nor doubled.  It is stored over
-    the quota if need be (a few hundred octets: a user at 100% is told).
-    """
-    source = spoolBytes(quotaWarningMessage(address, crossing, now))
-    try:
-        data = b"".join(source.chunks(CHUNK_SIZE))
-        size, headerSize, dotColumns = source.size, source.headerSize, dotLineColumns(source)
-    finally:
-        source.close()
-    cursor.execute(
-        "UPDATE mailboxes SET next_uid = next_uid + 1, used_messages = used_messages + 1, "
-        "used_octets = used_octets + ? WHERE user_id = ? RETURNING next_uid, uid_validity",
-        (size, userId),
-    )
-    following, validity = cursor.fetchone()
-    uid = following - 1
-    bodyId = secrets.token_hex(16)
-    insertRows(cursor, "bodies", BODY_COLUMNS, [(userId, bodyId, size, headerSize, 1, now)])
-    insertRows(cursor, "body_chunks", CHUNK_COLUMNS, [(userId, bodyId, 0, data)])
-    insertRows(cursor, "maildrop", DELIVERED_COLUMNS, [
-        (userId, uid, formatUniqueId(uid, validity), userId, bodyId, size, headerSize, now, *dotColumns),
-    ])
 
 
 def _deliverOne(cursor, engine, addresses, source, now, partial=True, userIds=None, quota=NO_QUOTA, window=0):
