@@ -826,6 +826,41 @@ def test_importThroughDovecotsTLS(tmp_path, monkeypatch):
         server.cleanup()
 
 
+def test_importFromADovecotThatTakesAPOPOnly(tmp_path):
+    """
+    A Dovecot whose auth_mechanisms has APOP only (sites that kept
+    passwords off the wire without TLS) answers PASS "-ERR [AUTH]
+    Unsupported authentication mechanism." for the right password and a
+    wrong one alike: import pop3 logs in with APOP, with the greeting's
+    timestamp, and serves what Dovecot served.  (Before: exit 69, the
+    refusal of PASS, nothing imported.)  A wrong password is refused,
+    by APOP too.
+    """
+    import poplib
+
+    server = PrivateDovecot(extra="auth_mechanisms = apop")
+    try:
+        startWithMail(server, 3)
+        client = poplib.POP3("127.0.0.1", server.pop3Port, timeout=DEADLINE)
+        client.apop(ALICE, PASSWORD)
+        try:
+            uidl, listing, _ = answers(client)
+        finally:
+            client.quit()
+        url = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
+        database = newDatabase(tmp_path, "target.sqlite3")
+        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=b"not hers\n")
+        assert code == 69 and out == "", (out, err)
+        assert err.count("Authentication failed") + err.count("Unsupported authentication mechanism") == 2, err
+        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")
+        assert (code, err) == (0, ""), out
+        assert out.startswith("3 messages imported (")
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    assert servedFrom(database) == (uidl, listing)
+
+
 def test_aFileNameWithASpaceServedAsTheId(tmp_path):
     """
     Dovecot with pop3_uidl_format = %f serves a file name with a space in

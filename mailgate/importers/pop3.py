@@ -189,6 +189,14 @@ def passes(failure):
 #: An APOP timestamp in a greeting (RFC 1939 section 7: a msg-id).
 _APOP_TIMESTAMP = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 
+#: What a refused PASS says when the server checked no password, so that
+#: APOP may follow it (upper-cased): a word of APOP (qpopper's users kept
+#: to APOP), or Dovecot's refusal of the PLAIN mechanism its USER and PASS
+#: go through, where C{auth_mechanisms} has APOP (and CRAM-MD5) only: it
+#: answers the right password and a wrong one alike with
+#: "-ERR [AUTH] Unsupported authentication mechanism."
+_PASS_NOT_CHECKED = ("APOP", "UNSUPPORTED AUTHENTICATION MECHANISM")
+
 
 class TooLarge(ImportFailed):
     """
@@ -530,10 +538,11 @@ class POP3Client:
     def login(self, user, password):
         """
         USER and PASS; if the greeting has an APOP timestamp and USER is
-        refused, or PASS with a word of APOP, APOP (RFC 1939 section 7): a
-        server may keep APOP users from logging in any other way.  (Not
-        after any refused PASS: a wrong password would count twice
-        against the source's limits.)
+        refused, or PASS in words that say no password was checked
+        (L{_PASS_NOT_CHECKED}: a word of APOP, a Dovecot that offers APOP
+        only), APOP (RFC 1939 section 7): a server may keep APOP users from
+        logging in any other way.  (Not after any refused PASS: a wrong
+        password would count twice against the source's limits.)
 
         @raise SourceBusy: for a refusal that says it passes.
         @raise LoginRefused: for any other.
@@ -546,8 +555,11 @@ class POP3Client:
             return
         except POP3Refused as e:
             refusal = _temporary(e)
+            # The server's words only: the host name may hold "APOP".
+            said = e.response.upper()
         stamp = _APOP_TIMESTAMP.search(self.greeting)
-        if stamp is None or isinstance(refusal, SourceBusy) or (passRefused and "APOP" not in str(refusal).upper()):
+        passChecked = not any(words in said for words in _PASS_NOT_CHECKED)
+        if stamp is None or isinstance(refusal, SourceBusy) or (passRefused and passChecked):
             raise refusal
         digest = hashlib.md5((stamp.group(0) + password).encode("utf-8")).hexdigest()
         try:
