@@ -852,7 +852,8 @@ def test_importFromADovecotThatTakesAPOPOnly(tmp_path):
         code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=b"not hers\n")
         assert code == 69 and out == "", (out, err)
         assert err.count("Authentication failed") + err.count("Unsupported authentication mechanism") == 2, err
-        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")
+        password = PASSWORD.encode() + b"\n"
+        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=password)
         assert (code, err) == (0, ""), out
         assert out.startswith("3 messages imported (")
         assert server.errorsLogged() == []
