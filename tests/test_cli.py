@@ -1415,6 +1415,29 @@ def test_importPOP3RefusalsShowWhatWasGivenOnOneLine(cli, tmp_path):
     assert oneLineError(result).startswith("mailgate: cannot connect to bad?chost.invalid:1: "), result
 
 
+def test_userImportShowsItsFileAsGivenOnOneLine(cli, tmp_path):
+    """
+    C{user import} names its passwd-file as C{import pop3} names its
+    C{--users} file: a line break or an escape sequence in the path as
+    C{?}, each line of its one line.  They were written raw, the path
+    splitting each of its refusals in two.
+    """
+    cli.create()
+    result = cli("user", "import", str(tmp_path / "absent\nmailgate: done"), "--domain", "example.org")
+    assert (result.code, oneLineError(result)) == (
+        66, f"mailgate: cannot read {tmp_path}/absent?mailgate: done: No such file or directory\n"
+    ), result
+    passwd = tmp_path / "passwd\n\x1b]2;owned\x07"
+    passwd.write_text("no colon here\n")
+    result = cli("user", "import", str(passwd), "--domain", "example.org")
+    shown = f"{tmp_path}/passwd??]2;owned?"
+    assert result.code == 65, result
+    assert result.err.splitlines() == [
+        f"mailgate: {shown} line 1: no ':' after the user name (a line is user:password:...); the line is not shown",
+        f"mailgate: 1 line of {shown} not imported",
+    ], result.err
+
+
 @pytest.mark.parametrize("line", ["s3cret-pw alice@example.org", "alice@example.org\ts3cret-pw more"])
 def test_aUsersFileLineWithoutAnAddressFirstIsRefusedWithoutItsPassword(cli, tmp_path, line):
     """

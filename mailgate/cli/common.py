@@ -103,6 +103,21 @@ def _result(d):
     return value
 
 
+def _shown(line):
+    """
+    A line of an import's report (or of its refusal, or of user import's)
+    as the administrator's terminal (or a cron mail) gets it: anything
+    unprintable as C{?}.  It names what the source chose, a maildir's path
+    and file names (whoever could write in the maildir chose them), a POP3
+    server's words or a path as given, and a terminal obeys the escape
+    sequences they may hold (a window title, a cleared screen), a line
+    break starting a line that may look like mailgate's own.
+    """
+    if line.isprintable():
+        return line
+    return "".join(ch if ch.isprintable() else "?" for ch in line)
+
+
 def _address(text):
     """
     A user's address as the command line gives it, normalised: a domain

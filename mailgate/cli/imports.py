@@ -24,23 +24,10 @@ from mailgate.cli.common import (
     _readAddresses,
     _readPassword,
     _result,
+    _shown,
 )
 from mailgate.store.bounds import parseSize
 from mailgate.plural import counted
-
-
-def _shown(line):
-    """
-    A line of an import's report (or of its refusal) as the administrator's
-    terminal (or a cron mail) gets it: anything unprintable as C{?}.  It
-    names what the source chose, a maildir's path and file names (whoever
-    could write in the maildir chose them) or a POP3 server's words, and a
-    terminal obeys the escape sequences they may hold (a window title, a
-    cleared screen).
-    """
-    if line.isprintable():
-        return line
-    return "".join(ch if ch.isprintable() else "?" for ch in line)
 
 
 def _importReport(report, out, stderr, who=None):

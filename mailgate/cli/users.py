@@ -45,6 +45,7 @@ from mailgate.cli.common import (
     _readAddresses,
     _readPassword,
     _result,
+    _shown,
     _time,
     _warnIfFull,
 )
@@ -200,7 +201,7 @@ def _passwdFileLines(path):
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             return f.read().splitlines()
     except OSError as e:
-        raise CommandError(f"cannot read {path}: {e.strerror}", EX_NOINPUT)
+        raise CommandError(f"cannot read {_shown(path)}: {e.strerror}", EX_NOINPUT)
 
 
 def _userImport(store, args, out, stdin):
@@ -211,6 +212,9 @@ def _userImport(store, args, out, stdin):
     C{--refresh}, those still with an imported hash take the file's.
     """
     scheme, domain = args.scheme, args.domain
+    # The path as given, in every line that names it (a line break in it
+    # would start a line of its own).
+    shownFile = _shown(args.file)
     try:
         if args.file == "-":
             if stdin is None:
@@ -225,7 +229,7 @@ def _userImport(store, args, out, stdin):
             # Read before the database was opened (_userImportOptions).
             lines = args.lines
     except OSError as e:
-        raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT)
+        raise CommandError(f"cannot read {shownFile}: {e.strerror}", EX_NOINPUT)
     added = updated = present = failed = 0
     # Users not there yet wait here, to be added IMPORT_BATCH at a time in
     # one transaction (store.addUsers): a commit each took half of a first
@@ -241,7 +245,7 @@ def _userImport(store, args, out, stdin):
         if e.code == EX_TEMPFAIL:
             raise e
         failed += 1
-        args.stderr.write(f"mailgate: {args.file} line {account.number}: {e}\n")
+        args.stderr.write(f"mailgate: {shownFile} line {account.number}: {e}\n")
 
     def there(account, address, credentials, user=None):
         # There before (user: as looked up), or added meanwhile by another
@@ -284,7 +288,7 @@ def _userImport(store, args, out, stdin):
                 # Imported all the same (its mail must move), but no longer
                 # kept to its networks: said, for the administrator to judge.
                 args.stderr.write(
-                    f"mailgate: {args.file} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
+                    f"mailgate: {shownFile} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
                     f"(mailgate has no per-user networks): it logs in from any address here\n"
                 )
 
@@ -352,7 +356,7 @@ def _userImport(store, args, out, stdin):
                 if adding[0] else ""
             )
             args.stderr.write(
-                f"mailgate: stopped after adding {counted(added, 'user')} of {args.file} (said above){inFlight}: "
+                f"mailgate: stopped after adding {counted(added, 'user')} of {shownFile} (said above){inFlight}: "
                 "run the command again to import the rest (users there are left as they are)\n"
             )
         raise
@@ -360,7 +364,7 @@ def _userImport(store, args, out, stdin):
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
     audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
     if failed:
-        raise CommandError(f"{counted(failed, 'line')} of {args.file} not imported", EX_DATAERR)
+        raise CommandError(f"{counted(failed, 'line')} of {shownFile} not imported", EX_DATAERR)
 
 
 def _userPasswd(store, args, out, stdin):
