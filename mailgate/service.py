@@ -1485,7 +1485,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         root.startupWarnings.append(("limits.open_files", warning))
     metrics.connectionLimit(maxConnections)
     policy = root.policy = makePolicy(policyStore, config, reactor, metrics, maxConnections=maxConnections)
-    PolicyService(policy, reactor).setServiceParent(root)
+    # The mail listeners accept once the bans are read (not the metrics one).
+    mailListeners = lambda: [l for name, ls in root.listeners.items() if name != "METRICS" for l in ls]  # noqa: E731
+    PolicyService(policy, reactor, heldListeners=mailListeners).setServiceParent(root)
     lifecycle = ILifecycleStore.providedBy(store)
     if lifecycle:
         store.limits = StoreLimits(

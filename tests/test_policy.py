@@ -975,3 +975,95 @@ def test_oneBanFoundAtStartIsOneBan():
         policy.start()
     assert [formatEvent(e) for e in events(logs, "ban.loaded")] == ["1 ban in force, read from the database"]
     policy.stop()
+
+
+class FakePort:
+    """
+    A listening port that says whether it accepts (reads).
+    """
+
+    connected = True
+    disconnecting = False
+
+    def __init__(self):
+        self.reading = True
+
+    def stopReading(self):
+        self.reading = False
+
+    def startReading(self):
+        self.reading = True
+
+
+class FakeListener:
+    def __init__(self):
+        self.port = FakePort()
+
+    def whenListening(self):
+        return defer.succeed(self.port)
+
+
+class Unanswered(Counting):
+    def changes(self, *args):
+        self.reads += 1
+        self.pending = defer.Deferred()
+        return self.pending
+
+
+def test_theListenersAcceptOnceTheBansAreRead():
+    """
+    The mail listeners, bound before the reactor runs, accept nothing until
+    the first read of the bans has come back: the connections queued
+    meanwhile are then admitted knowing the bans.
+    """
+    store = Unanswered()
+    clock = MemoryReactorClock()
+    clock.advance(START)
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    listener = FakeListener()
+    service = PolicyService(policy, clock, heldListeners=lambda: [listener])
+    service.startService()
+    clock.run()
+    assert store.reads == 1 and not listener.port.reading
+    store.pending.callback(MemoryPolicyStore().changes(None, 0, 0).result)
+    assert listener.port.reading
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_aDatabaseThatDoesNotAnswerHoldsTheListenersTenSecondsAtMost():
+    from mailgate.policy.service import LOAD_WAIT
+
+    store = Unanswered()
+    clock = MemoryReactorClock()
+    clock.advance(START)
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    listener = FakeListener()
+    service = PolicyService(policy, clock, heldListeners=lambda: [listener])
+    service.startService()
+    with capturedLogs() as events:
+        clock.run()
+        clock.advance(LOAD_WAIT - 0.5)
+        assert not listener.port.reading
+        clock.advance(0.5)
+    assert listener.port.reading
+    assert [e["event"] for e in events if e.get("event") == "policy.not_loaded"] == ["policy.not_loaded"]
+    # The read that comes back late changes nothing more.
+    store.pending.callback(MemoryPolicyStore().changes(None, 0, 0).result)
+    assert listener.port.reading
+    service.stopService()
+
+
+def test_aListenerStoppedWhileTheBansAreReadIsNotResumed():
+    store = Unanswered()
+    clock = MemoryReactorClock()
+    clock.advance(START)
+    policy, _, _ = makePolicy(store=store, clock=clock)
+    listener = FakeListener()
+    service = PolicyService(policy, clock, heldListeners=lambda: [listener])
+    service.startService()
+    clock.run()
+    service.stopService()
+    store.pending.callback(MemoryPolicyStore().changes(None, 0, 0).result)
+    assert not listener.port.reading
+    assert clock.getDelayedCalls() == []

@@ -150,6 +150,14 @@ class ConnectionPolicy:
     def stop(self):
         self.sync.stop()
 
+    def whenLoaded(self):
+        """
+        A L{Deferred} that fires once the first refresh from the store has
+        ended (see L{StoreSync.whenLoaded}): until then, the bans in the
+        store are not known here.
+        """
+        return self.sync.whenLoaded()
+
     def _key(self, address):
         """
         The key of C{address} if the policy applies to it per address:

@@ -18,6 +18,7 @@ when it fails and once when it is back; meanwhile the node enforces what
 it knows.
 """
 
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -68,6 +69,7 @@ class StoreSync:
         # Address to when its failures were forgotten, as last read.
         self._forgotten = {}
         self.refreshes = 0
+        self._loadWaiters = []
 
     # -- the timer --------------------------------------------------------
 
@@ -85,6 +87,25 @@ class StoreSync:
             loop, self._loop = self._loop, None
             if loop.running:
                 loop.stop()
+        self._loaded()
+
+    def whenLoaded(self):
+        """
+        A L{Deferred} that fires (with C{None}) once the first refresh has
+        ended, having read the store's bans and failures or having failed
+        to (the node then enforces what it knows, as after any failed
+        refresh), or once the timer is stopped.
+        """
+        if self.refreshes:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._loadWaiters.append(d)
+        return d
+
+    def _loaded(self):
+        waiters, self._loadWaiters = self._loadWaiters, []
+        for d in waiters:
+            d.callback(None)
 
     # -- reading ------------------------------------------------------------
 
@@ -133,6 +154,7 @@ class StoreSync:
         self._failures.prune(now)
         self._penalty.prune()
         self._bans.sweep()
+        self._loaded()
 
     def _expireIfDue(self, now):
         if self._lastExpiry is not None and now - self._lastExpiry < EXPIRE_INTERVAL:
