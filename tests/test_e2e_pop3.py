@@ -13,6 +13,7 @@ subprocess wait is bounded (see L{e2e.DEADLINE}); nothing asserts on
 wall-clock time.
 """
 
+import base64
 import hashlib
 import os
 import poplib
@@ -186,6 +187,26 @@ def test_apop(mailgate_server, mailgate_cli):
     # The session goes on: USER/PASS still works.
     client.user(ALICE)
     assert client.pass_(ALICE_PW).startswith(b"+OK")
+    client.quit()
+
+
+@sqliteOnly
+def test_aLatin1PasswordImportedFromDovecotLogsInWithPass(mailgate_server, mailgate_cli, tmp_path):
+    """
+    A user moved from Dovecot whose password hash is of Latin-1 octets
+    (set by a client in that character set, which sends it so) logs in
+    with USER/PASS as with Dovecot: the PASS line was refused as not
+    UTF-8.
+    """
+    password = "gr\u00fcn"
+    digest = base64.b64encode(hashlib.sha256(password.encode("latin-1")).digest()).decode()
+    (tmp_path / "passwd").write_text(f"erin@example.org:{{SHA256}}{digest}::::::\n")
+    mailgate_cli.check("user", "import", str(tmp_path / "passwd"))
+    server = mailgate_server(*FAST_FAILURES)
+    client = pop(server)
+    client.encoding = "latin-1"
+    client.user("erin@example.org")
+    assert client.pass_(password).startswith(b"+OK erin@example.org has 0 messages")
     client.quit()
 
 

@@ -828,6 +828,31 @@ def test_binaryGarbageAndNULsGetErrors(session):
     assert session.login(ALICE, "wonderland").startswith("+OK")
 
 
+def test_aPasswordThatIsNotUTF8IsAPassword(store):
+    """
+    PASS takes its password's octets as they come, as AUTH PLAIN does and
+    Dovecot does: a client in Latin-1 sends an accented password so, and a
+    hash imported from Dovecot may be of those octets.  It was refused as
+    a command line that is not UTF-8, and no failed login was logged.
+    Other commands, USER too, must still be UTF-8; control characters are
+    still refused.
+    """
+    addUser(store, "erin@example.org", b"p\xe4ss")
+    s = POP3Session(store)
+    assert s.command("USER erin@example.org") == "+OK send PASS\r\n"
+    assert s.send(b"PASS p\xe4ss\r\n") == b"+OK erin@example.org has 0 messages (0 octets)\r\n"
+    assert s.command("QUIT").startswith("+OK")
+    s = POP3Session(store)
+    assert s.command("USER erin@example.org") == "+OK send PASS\r\n"
+    # The same password in UTF-8 is another password, refused as any.
+    assert s.command("PASS p\u00e4ss") + s.advance(60).decode() == "-ERR [AUTH] invalid user name or password\r\n"
+    assert s.send(b"pass \xff\r\n") == b"-ERR send USER first\r\n"
+    assert s.send(b"USER erin\xe4@example.org\r\n") == b"-ERR command line is not valid UTF-8\r\n"
+    assert s.send(b"PASS p\xe4ss\x01\r\n") == b"-ERR invalid characters in command line\r\n"
+    assert s.command("USER erin@example.org") == "+OK send PASS\r\n"
+    assert s.send(b"pass p\xe4ss\r\n").startswith(b"+OK erin@example.org has 0 ")
+
+
 def test_tooManyBadCommandsCloseTheSession(session):
     for _ in range(POP3Server.maxBadCommands - 1):
         session.command("BOGUS")

@@ -157,13 +157,31 @@ class AuthorizationCommands:
         self._pendingUser = name
         self._ok("send PASS")
 
+    def notUTF8(self, line):
+        """
+        A PASS whose password is not UTF-8 is a password all the same, its
+        octets as the client sent them (C{surrogateescape} carries them to
+        L{pop3_PASS}), as AUTH PLAIN's are and as Dovecot takes them: a
+        client in a legacy character set (Latin-1, Windows-1252) sends its
+        user's accented password so, and a hash imported from Dovecot may
+        well be of those octets.  Refused as a line that is not UTF-8, such
+        a user never logged in with USER/PASS, and no failed login was
+        logged.  Any other command line must be UTF-8.
+        """
+        if line[:5].upper() == b"PASS " and self.state == AUTHORIZATION:
+            self.factory.metrics.pop3Command("PASS")
+            return self.pop3_PASS(line[5:].decode("utf-8", "surrogateescape"))
+        return CommandSession.notUTF8(self, line)
+
     def pop3_PASS(self, argument):
         if not self._plaintextAllowed():
             return self._bad(PLAINTEXT_REFUSED)
         if self._pendingUser is None:
             raise CommandError("send USER first")
         user, self._pendingUser = self._pendingUser, None
-        credentials = UsernamePassword(user.encode("utf-8"), argument.encode("utf-8"))
+        # Octets that are not UTF-8 come back as they were sent (notUTF8).
+        password = argument.encode("utf-8", "surrogateescape")
+        credentials = UsernamePassword(user.encode("utf-8"), password)
         return self._login(credentials, user, "user")
 
     def pop3_APOP(self, argument):

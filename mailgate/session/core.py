@@ -810,7 +810,7 @@ class CommandSession(Protocol):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return self.unreadableLine(self.invalidUTF8)
+            return self.notUTF8(line)
         verb, _, argument = text.partition(" ")
         if not verb.isascii():
             # Upper-cased over Unicode, "MA\u0131L" (a dotless i) or
@@ -818,6 +818,14 @@ class CommandSession(Protocol):
             # filter or proxy on the way sees another command.
             return self.unknownCommand(verb)
         return self.dispatch(verb.upper(), argument)
+
+    def notUTF8(self, line):
+        """
+        A command line without control characters that is not UTF-8:
+        refused as unreadable, unless the protocol takes some command's
+        argument as octets (POP3's PASS).
+        """
+        return self.unreadableLine(self.invalidUTF8)
 
     def unreadableLine(self, reason):
         """
