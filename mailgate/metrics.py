@@ -14,7 +14,8 @@ Label values used by callers:
   - C{protocol}: C{"pop3"}, C{"smtp"}, C{"lmtp"}
   - C{mechanism}: C{"user"} (USER/PASS), C{"apop"}, and the SASL mechanism
     names in lower case (C{"plain"}, C{"login"}, C{"cram-md5"},
-    C{"scram-sha-256"})
+    C{"scram-sha-256"}, and with C{--oauth2-keys} C{"oauthbearer"} and
+    C{"xoauth2"})
   - login C{result}: C{"ok"}, C{"failed"}, C{"banned"}, C{"in_use"},
     C{"tempfail"}
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
@@ -67,7 +68,10 @@ from mailgate.errors import DatabaseDamaged, ShuttingDown, WritesFailing, errorK
 from mailgate.timers import cancelled
 
 PROTOCOLS = ("pop3", "smtp", "lmtp")
-MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256")
+#: every mechanism a POP3 login may use (each SASL mechanism the server can
+#: offer, L{mailgate.auth.sasl.SASLServer.mechanisms}, in lower case): one
+#: left out was counted as C{"other"}, as OAuth 2.0 logins were
+MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256", "oauthbearer", "xoauth2")
 LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "tempfail")
 #: how a message ended: stored, refused for good, refused for now, or
 #: a client's retry of a message its recipients already had (answered as

@@ -31,6 +31,7 @@ from e2e import DEADLINE, postgresOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 import mailgate
 from mailgate.auth.cache import VerifiedCredentialCache
+from mailgate.auth.sasl import SASLServer
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import ShuttingDown, TemporaryFailure, WritesFailing
 from mailgate.message import spoolBytes
@@ -110,6 +111,28 @@ def test_smallLabelSetsStartAtZero():
     assert metrics.registry.get_sample_value("mailgate_deliveries_total", {"protocol": "smtp", "result": "tempfail"}) == 0
     assert metrics.registry.get_sample_value("mailgate_pop3_commands_total", {"command": "RETR"}) == 0
     assert metrics.registry.get_sample_value("mailgate_auth_cache_total", {"result": "hit"}) == 0
+
+
+def test_everyLoginMechanismHasItsOwnSeries():
+    """
+    Each mechanism a POP3 client may log in with (every SASL mechanism the
+    server can offer, OAuth 2.0's too) is counted under its own name, from
+    zero: OAUTHBEARER and XOAUTH2 logins were counted as mechanism
+    "other", a series that did not exist until the first, so a dashboard
+    of logins by mechanism never showed the clients using tokens.
+    """
+    server = SASLServer(findUser=None, hostname="mailgate.test", offerCramMD5=lambda: True, bearerTokens=True)
+    mechanisms = ["user", "apop"] + [name.lower() for name in server.mechanisms(plaintextAllowed=True)]
+    assert {"oauthbearer", "xoauth2"} <= set(mechanisms)
+    m = Metrics()
+    for mechanism in mechanisms:
+        assert m.registry.get_sample_value(
+            "mailgate_logins_total", {"protocol": "pop3", "mechanism": mechanism, "result": "failed"}
+        ) == 0, mechanism
+        m.login("pop3", mechanism, "ok")
+    for mechanism in mechanisms:
+        assert value(m, "mailgate_logins_total", protocol="pop3", mechanism=mechanism, result="ok") == 1, mechanism
+    assert value(m, "mailgate_logins_total", protocol="pop3", mechanism="other", result="ok") == 0
 
 
 def test_noSeriesIsExportedTwice():
