@@ -62,7 +62,7 @@ def test_aSoundDatabaseIsSaidToBeSound(filledURL):
     code, out, err = mailgate(filledURL, "db", "check")
     assert (code, err) == (0, ""), out
     lines = out.splitlines()
-    assert lines[-1].endswith(": sound (9 checks)" if filledURL.startswith("sqlite") else ": sound (8 checks)")
+    assert lines[-1].endswith(": sound (10 checks)" if filledURL.startswith("sqlite") else ": sound (9 checks)")
     checks = [line for line in lines[:-1] if not line.startswith("PostgreSQL's own pages")]
     assert checks and all(line.endswith(": ok") for line in checks), out
     if filledURL.startswith("sqlite"):
@@ -108,6 +108,31 @@ def test_whatIsWrongIsNamedWithWhatToDo(filledURL):
     assert "bodies and the messages holding them: bodies whose reference count" in out
     assert "counts 2 references, 1 message holds it" in out
     assert "users and their maildrops: ok\n" in out
+
+
+def test_aMessageWhoseSizeIsNotItsBodysIsFoundAndNotHiddenByARecount(filledURL):
+    """
+    A message recorded as larger than its body (a disk error, a hand
+    edit) is one that POP3 lists wrongly and whose RETR ends the session
+    at a chunk that is not there: db check names it, and the storage use
+    check's advice, user recount, which sums the messages' sizes, leaves
+    it named (it only carried the wrong size into the quota, after which
+    the check said the database was sound).
+    """
+    _execute(
+        filledURL,
+        "UPDATE maildrop SET size = size + 5 "
+        f"WHERE user_id = (SELECT user_id FROM users WHERE address = '{ALICE}') AND uid = 1",
+    )
+    code, out, err = mailgate(filledURL, "db", "check")
+    assert code == 65, (out, err)
+    assert "messages and their sizes: messages whose recorded size is not their body's" in out, out
+    assert f"  {ALICE}: message uid 1 (" in out
+    assert ": 2 checks found problems: messages and their sizes, storage use\n" in err, err
+    assert mailgate(filledURL, "user", "recount", ALICE)[0] == 0
+    code, out, err = mailgate(filledURL, "db", "check")
+    assert code == 65, (out, err)
+    assert ": 1 check found problems: messages and their sizes\n" in err, err
 
 
 def test_aDamagedFileIsFoundBySQLitesCheck(damagedPath):
@@ -253,7 +278,7 @@ def test_aCheckOnPostgreSQLTakesTheTimeItNeedsNotANodes(filledURL, monkeypatch):
     thread.join(DEADLINE)
     [(code, out, err)] = outcome
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (8 checks)")
+    assert out.splitlines()[-1].endswith(": sound (9 checks)")
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
@@ -279,7 +304,7 @@ def test_aCheckThatOutlastsItsTimeoutSaysWhichAndHowToGiveItLonger(filledURL):
         "within 1 second: give it longer with --timeout SECONDS (0: no limit)\n"
     )
     code, out, err = mailgate(filledURL, "db", "check", "--timeout", "0")
-    assert code == 0 and out.splitlines()[-1].endswith(": sound (8 checks)"), (out, err)
+    assert code == 0 and out.splitlines()[-1].endswith(": sound (9 checks)"), (out, err)
     for bad, why in (("soon", "not a number: 'soon'"), ("-1", "must not be negative"),
                      ("604801", "at most 604800 seconds (0: no limit)")):
         assert mailgate(filledURL, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
@@ -328,7 +353,7 @@ def test_aCheckWritesNothingAndARoleThatMayOnlyReadRunsIt(filledURL, monkeypatch
             admin.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (8 checks)")
+    assert out.splitlines()[-1].endswith(": sound (9 checks)")
 
 
 def test_aTemporaryFailureThatIsNoTimeoutIsSaidForWhatItIs(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ readable and well formed; PostgreSQL has its own tool for its pages
 statement whose answer is a count and a few examples, so that memory
 stays bounded whatever the size of the database and however many rows
 are wrong: every user has her maildrop's counters; every message its
-user and its body; every body as many references as messages hold it,
+user and its body, and its body's size; every body as many references as messages hold it,
 and chunks adding up to its size; each maildrop's recorded use what its
 messages take; its next unique id past every one given.  (mailgate's
 tables declare no foreign keys: these are the references a foreign key
@@ -160,6 +160,27 @@ _MESSAGES_WITHOUT_BODY = (
     "messages whose body is missing: they cannot be retrieved; restore the database",
 )
 
+_MESSAGE_SIZES = (
+    "messages and their sizes",
+    "SELECT u.address, x.uid, x.uidl, x.size, b.size, x.header_size, b.header_size, count(*) OVER () FROM ("
+    "SELECT user_id, uid, uidl, body_owner, body_id, size, header_size FROM maildrop "
+    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id, size, header_size FROM deleted_mail"
+    ") x JOIN bodies b ON b.owner_id = x.body_owner AND b.body_id = x.body_id "
+    "LEFT JOIN users u ON u.user_id = x.user_id "
+    "WHERE x.size <> b.size OR x.header_size <> b.header_size ORDER BY x.user_id, x.uid",
+    lambda address, uid, uidl, size, bodySize, headerSize, bodyHeaderSize: (
+        f"{address}: message uid {uid} ({uidl}) is recorded as {size} octets, {headerSize} of header; "
+        f"its body has {bodySize}, {bodyHeaderSize} of header"
+    ),
+    # Every path that stores a message copies its body's sizes: POP3
+    # lists the message's, and RETR and TOP read the body by them (a
+    # larger one ends the session at a chunk that is not there).  The
+    # storage use check sums the messages' sizes, so user recount would
+    # only carry the wrong size into the quota.
+    "messages whose recorded size is not their body's: POP3 lists the wrong size, and RETR or TOP of "
+    "them fails or is cut short; restore the database (user recount does not set it right)",
+)
+
 _BODY_REFERENCES = (
     "bodies and the messages holding them",
     "SELECT b.owner_id, b.body_id, b.refcount, coalesce(r.held, 0), count(*) OVER () FROM bodies b LEFT JOIN ("
@@ -232,6 +253,7 @@ INVARIANTS = (
     _USERS_WITHOUT_MAILDROP,
     _MESSAGES_WITHOUT_USER,
     _MESSAGES_WITHOUT_BODY,
+    _MESSAGE_SIZES,
     _BODY_REFERENCES,
     _BODY_CHUNKS,
     _CHUNKS_WITHOUT_BODY,
