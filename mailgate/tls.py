@@ -191,9 +191,11 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     @return: the context, the leaf certificates, first the main one
         then the alternative one if any (C{cryptography} certificates, for
         logging their names and fingerprints), the warnings of
-        L{chainWarning} for their files, and the contents of each
+        L{chainWarning} for their files, the contents of each
         certificate file and its key file, in that order (for
-        L{remakeContext}).
+        L{remakeContext}), and C{(certificate file, certificate)} for each
+        certificate of their chains after the leaf (for the validity
+        warnings of L{CertificateSummary}).
     @raise ConfigurationError: if the files cannot be used, or the two
         keys are of one type (OpenSSL keeps one certificate per type of
         key: the second would silently replace the first).
@@ -214,7 +216,8 @@ def makeContext(certificatePath, keyPath, alternative=None, minimumVersion="1.2"
     keyPEMs = [_loadPair(context, certificate, key, chain) for (certificate, key), chain in zip(pairs, chains)]
     checkCiphersServeKeys(context, ciphers, [keyType(leaf.public_key()) for leaf in leaves], minimumVersion)
     warnings = [chainWarning(certificate, chain) for (certificate, _), chain in zip(pairs, chains)]
-    return context, leaves, [w for w in warnings if w], list(zip(pems, keyPEMs))
+    chained = [(certificate, issuer) for (certificate, _), chain in zip(pairs, chains) for issuer in chain[1:]]
+    return context, leaves, [w for w in warnings if w], list(zip(pems, keyPEMs)), chained
 
 
 def _newContext(minimumVersion, ciphers):
@@ -515,6 +518,8 @@ class ServerTLS:
     @ivar fingerprint: the certificate's SHA-256 fingerprint, colon-separated hex.
     @ivar certificates: for each certificate loaded, the main one first,
         its key's type, common name and fingerprint (for logs).
+    @ivar chainCertificates: the same of each certificate that follows
+        one of them in its file (its chain), for L{expiryWarnings}.
     @ivar keyWarnings: the warnings of L{keyFileWarning} for the keys.
     @ivar chainWarnings: the warnings of L{chainWarning} for the
         certificate files.
@@ -546,13 +551,13 @@ class ServerTLS:
             not belong together, the alternative key is of the main
             key's type, or two named certificates name one host.
         """
-        context, leaves, chainWarnings, pems = makeContext(
+        context, leaves, chainWarnings, pems, chained = makeContext(
             self.certificatePath, self.keyPath, self.alternative, self.minimumVersion, self.ciphers
         )
         if self.named:
             byName = _ByName()
             for certificatePath, keyPath, *alternative in self.named:
-                namedContext, namedLeaves, namedWarnings, _ = makeContext(
+                namedContext, namedLeaves, namedWarnings, _, namedChained = makeContext(
                     certificatePath, keyPath, alternative or None, self.minimumVersion, self.ciphers
                 )
                 names = certificateNames(namedLeaves[0])
@@ -561,16 +566,12 @@ class ServerTLS:
                 byName.add(names, namedContext, certificatePath)
                 leaves += namedLeaves
                 chainWarnings += namedWarnings
+                chained += namedChained
             context.sni_callback = byName
         self._context = context
         self._pems = pems
-        self.certificates = [
-            CertificateSummary(
-                keyType(leaf.public_key()), _commonName(leaf), _fingerprint(leaf), leaf.not_valid_after_utc,
-                leaf.not_valid_before_utc,
-            )
-            for leaf in leaves
-        ]
+        self.certificates = [_summary(leaf) for leaf in leaves]
+        self.chainCertificates = [_summary(issuer, str(path)) for path, issuer in chained]
         self.subject = self.certificates[0].subject
         self.fingerprint = self.certificates[0].fingerprint
         keys = [self.keyPath] + ([self.alternative[1]] if self.alternative is not None else [])
@@ -603,10 +604,19 @@ class ServerTLS:
     def expiryWarnings(self, now=None):
         """
         The warnings of L{CertificateSummary.expiryWarning} for the
-        certificates in service.
+        certificates in service and the chains served with them.
+
+        Why the chains too: a client that verifies the server's
+        certificate through an intermediate the server sends refuses it
+        once that intermediate has expired, however long the server's own
+        certificate has left.  A chain file kept from before the CA issued
+        its intermediate again (same name and key, a later end: the
+        L{chainWarning} check passes it) does just that, as the expired
+        AddTrust cross-certificate many servers still sent did in 2020.
         """
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        return [w for w in (c.expiryWarning(now) for c in self.certificates) if w]
+        summaries = self.certificates + self.chainCertificates
+        return [w for w in (c.expiryWarning(now) for c in summaries) if w]
 
     @property
     def context(self):
@@ -747,6 +757,9 @@ class CertificateSummary:
     fingerprint: str
     notAfter: datetime.datetime = None
     notBefore: datetime.datetime = None
+    #: the file whose chain it is in (it follows the server's certificate
+    #: there), or C{None} for a server's certificate
+    chainOf: str = None
 
     def expiryWarning(self, now):
         """
@@ -757,29 +770,45 @@ class CertificateSummary:
         A certificate not valid yet was issued to start later, or this
         machine's clock is behind: in the latter case clients, whose
         clocks are right, accept it, so it is said as a possibility.
+
+        A certificate of a chain is said as one: clients refuse the
+        server's certificate they verify through it.
         """
+        if self.chainOf is None:
+            what, refused = f"the TLS certificate {self.subject} ({self.keyType})", "clients refuse it"
+        else:
+            what = f"{self.chainOf}: the certificate {self.subject} in its chain"
+            refused = "clients that verify the server's certificate through it refuse that"
         if self.notBefore is not None and now < self.notBefore:
             return (
-                f"the TLS certificate {self.subject} ({self.keyType}) is not valid before "
-                f"{self.notBefore:%Y-%m-%d %H:%M} UTC: clients refuse it until then, "
+                f"{what} is not valid before {self.notBefore:%Y-%m-%d %H:%M} UTC: {refused} until then, "
                 f"unless this machine's clock is behind theirs"
             )
         if self.notAfter is None:
             return None
         if self.notAfter <= now:
-            return f"the TLS certificate {self.subject} ({self.keyType}) expired on {self.notAfter:%Y-%m-%d %H:%M} UTC"
+            if self.chainOf is None:
+                return f"{what} expired on {self.notAfter:%Y-%m-%d %H:%M} UTC"
+            return (
+                f"{what} expired on {self.notAfter:%Y-%m-%d %H:%M} UTC: {refused}; give the chain "
+                f"your CA sends now (certbot's fullchain.pem)"
+            )
         left = self.notAfter - now
         if left < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
-            return (
-                f"the TLS certificate {self.subject} ({self.keyType}) expires in {counted(left.days, 'day')}, "
-                f"on {self.notAfter:%Y-%m-%d %H:%M} UTC"
-            )
+            return f"{what} expires in {counted(left.days, 'day')}, on {self.notAfter:%Y-%m-%d %H:%M} UTC"
         return None
 
 
 #: days before a certificate's end that its start-up and reload lines
 #: warn of it
 EXPIRY_WARNING_DAYS = 14
+
+
+def _summary(certificate, chainOf=None):
+    return CertificateSummary(
+        keyType(certificate.public_key()), _commonName(certificate), _fingerprint(certificate),
+        certificate.not_valid_after_utc, certificate.not_valid_before_utc, chainOf,
+    )
 
 
 def _commonName(leaf):

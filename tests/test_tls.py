@@ -952,6 +952,40 @@ def test_expiredAndExpiringCertificatesAreWarnedOf(tmp_path):
     ]
 
 
+def test_anIntermediateThatExpiresIsWarnedOf(tmp_path):
+    """
+    An intermediate the chain file sends that has expired makes clients
+    refuse the server's certificate, however long that one has left (a
+    chain kept from before the CA issued its intermediate again, with its
+    name and key): it is warned of, naming the file, as the certificate
+    itself would be, and so is one about to expire.  A chain whose
+    intermediate outlives the certificate is not.
+    """
+    root = makeAuthority(tmp_path, "mailgate test root", days=400)
+    sound = makeAuthority(tmp_path, "sound intermediate", issuer=root, days=300)
+    ending = makeAuthority(tmp_path, "ending intermediate", issuer=root, days=10)
+    files = {}
+    for name, intermediate in (("sound", sound), ("ending", ending)):
+        leafPath, keyPath = makeCertificate(tmp_path, HOST, name=name, days=60, issuer=intermediate)
+        chainPath = tmp_path / f"{name}.chain.crt"
+        chainPath.write_bytes(leafPath.read_bytes() + intermediate.pem)
+        files[name] = (str(chainPath), str(keyPath))
+    assert ServerTLS(*files["sound"]).expiryWarnings() == []
+    tls = ServerTLS(*files["ending"])
+    assert tls.chainWarnings == []
+    end = ending.certificate.not_valid_after_utc
+    assert tls.expiryWarnings() == [
+        f"{files['ending'][0]}: the certificate ending intermediate in its chain expires in 9 days, "
+        f"on {end:%Y-%m-%d %H:%M} UTC"
+    ]
+    later = end + datetime.timedelta(seconds=1)
+    assert tls.expiryWarnings(now=later) == [
+        f"{files['ending'][0]}: the certificate ending intermediate in its chain expired on "
+        f"{end:%Y-%m-%d %H:%M} UTC: clients that verify the server's certificate through it refuse that; "
+        f"give the chain your CA sends now (certbot's fullchain.pem)"
+    ]
+
+
 def test_aCertificateNotYetValidIsWarnedOf(tmp_path):
     """
     A certificate whose validity has not begun (issued with a later start,
