@@ -1415,6 +1415,27 @@ def test_importPOP3RefusalsShowWhatWasGivenOnOneLine(cli, tmp_path):
     assert oneLineError(result).startswith("mailgate: cannot connect to bad?chost.invalid:1: "), result
 
 
+def test_everyRefusalIsOneLineWhateverPathItQuotes(cli, tmp_path):
+    """
+    A command's failure is one line on standard error, as the README
+    promises, whatever path or URL it quotes as given: a line break or an
+    escape sequence in C{db backup}'s FILE or in C{--database} is shown
+    as C{?}.  They were written raw, the path splitting the line in two.
+    """
+    cli.add(ALICE, PASSWORD)
+    result = cli("db", "backup", str(tmp_path / "no\nsuch" / "x.sqlite3"))
+    assert (result.code, oneLineError(result)) == (
+        73, f"mailgate: cannot create {tmp_path}/no?such/x.sqlite3: No such file or directory\n"
+    ), result
+    result = cli("user", "list", database=f"sqlite:///{tmp_path}/gone\x1b]2;owned\x07\nmail.sqlite3")
+    assert result.code == 78, result
+    assert oneLineError(result).startswith(f"mailgate: no such database file: {tmp_path}/gone?]2;owned??mail"), result
+    result = cli("user", "list", database="mysql://a\nb")
+    assert (result.code, oneLineError(result)) == (
+        78, "mailgate: unsupported database URL 'mysql://a\\nb': use sqlite:///FILE or postgresql://...\n"
+    ), result
+
+
 def test_userImportShowsItsFileAsGivenOnOneLine(cli, tmp_path):
     """
     C{user import} names its passwd-file as C{import pop3} names its

@@ -73,6 +73,7 @@ from mailgate.cli.common import (
     EX_USAGE,
     Output,
     OutputFailed,
+    _shown,
 )
 from mailgate.cli.database import _addDatabaseCommands
 from mailgate.cli.deliver import _addDeliverCommand, _deliver
@@ -332,15 +333,17 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
     try:
         url, source = _databaseURL(args, environ)
     except ConfigurationError as e:
-        stderr.write(f"mailgate: {e}\n")
+        stderr.write(f"mailgate: {_shown(str(e))}\n")
         return EX_TEMPFAIL if delivering else EX_CONFIG
     store = None
     opening = False
 
     def failed(message, code):
         # The command's one line on standard error, and in its audit
-        # line where it had started (mailgate.cli.audit).
-        stderr.write(f"mailgate: {message}\n")
+        # line where it had started (mailgate.cli.audit).  One line
+        # whatever it quotes: a path or URL as given (a line break in it
+        # started a line of its own), anything unprintable as ?.
+        stderr.write(f"mailgate: {_shown(message)}\n")
         audit.finish(args, code, message)
         return code
 
