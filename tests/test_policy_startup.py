@@ -5,12 +5,42 @@ its first refresh of them.
 """
 
 import socket
+import sys
 
-from e2e import DEADLINE, mailgateHere
-from test_systemd import ActivatedServer
+from e2e import DEADLINE, ServerProcess, mailgateHere
 
 BANNED = "127.0.0.2"
 OTHER = "127.0.0.3"
+
+# Put the socket at descriptor 3, say so in the environment for this very
+# process, and become twistd (exec keeps the pid), as systemd starts a
+# socket-activated service.
+_ACTIVATE = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class ActivatedServer(ServerProcess):
+    """
+    twistd given C{listening} as systemd passes a socket unit's socket:
+    descriptor 3, C{LISTEN_FDS=1}, C{LISTEN_PID} its pid.
+    """
+
+    def __init__(self, database, listening, options=(), **kw):
+        super().__init__(database, options, listen=False, **kw)
+        self.fd = listening.fileno()
+        self.passFds = (self.fd,)
+        self.env.update({"LISTEN_FDS": "1"})
+
+    @property
+    def argv(self):
+        return [sys.executable, "-c", _ACTIVATE, str(self.fd)] + super().argv
 
 
 def _queued(port, source):
