@@ -36,7 +36,7 @@ class ActivatedServer(ServerProcess):
         super().__init__(database, options, listen=False, **kw)
         self.fd = listening.fileno()
         self.passFds = (self.fd,)
-        self.env.update({"LISTEN_FDS": "1"})
+        self.env.update({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "smtp"})
 
     @property
     def argv(self):
