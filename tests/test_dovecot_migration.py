@@ -655,6 +655,53 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
     assert servedFrom(database) == (kept, listing)
 
 
+def test_aFoldedXUIDLFieldDovecotServesOnTwoLines(tmp_path):
+    """
+    Dovecot with pop3_reuse_xuidl = yes serves a folded X-UIDL field as it
+    is, its line break in the UIDL listing ("1 folded", then " more"):
+    clients read the listing line by line, the id being the first line's.
+    import pop3 takes that listing so, as import maildir --reuse-xuidl
+    reads the field, and both serve the ids and sizes clients saw.
+    (Before, import pop3 refused the user's whole listing as malformed,
+    exit 65, nothing imported, the same on every run.)
+    """
+    from mailgate.importers.pop3 import importPOP3
+
+    messages = [
+        b"X-UIDL: folded1\n more\nSubject: s\n\nbody\n",
+        b"Subject: no field\n\nbody\n",
+        b"X-UIDL: tabbed3\r\n\tmore\r\n\r\nbody\r\n",
+        b"X-UIDL: plain4\n\nbody\n",
+    ]
+    server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        now = int(time.time())
+        for n, message in enumerate(messages):
+            with open(os.path.join(server.maildir(ALICE), "new", f"{now - 100 + n}.M{n}P1.host"), "wb") as f:
+                f.write(message)
+        server.own(server.maildir(ALICE))
+        server.start()
+        uidl, listing, _ = servedBy(server, ALICE)
+        assert [line.split()[1] for line in uidl if line[0].isdigit()] == [
+            "folded1", uidl[2].split()[1], "tabbed3", "plain4",
+        ]
+        assert len(uidl) == 6
+        kept = [line for line in uidl if line[0].isdigit()]
+        with aliceStore() as store:
+            report = importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD)
+            assert (report.messages, report.failures) == (4, [])
+            assert servedByMailgate(store) == (kept, listing)
+        assert server.errorsLogged() == []
+        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
+    finally:
+        server.cleanup()
+    database = newDatabase(tmp_path, "target.sqlite3")
+    code, out, err = mailgateHere(database, "import", "maildir", files, ALICE, "--reuse-xuidl")
+    assert (code, err) == (0, ""), out
+    assert servedFrom(database) == (kept, listing)
+
+
 def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
     """
     Dovecot with pop3_deleted_flag (IMAP and POP3 on one mailbox) keeps
