@@ -33,6 +33,7 @@ import math
 import os
 import re
 import socket
+import stat
 import sys
 import textwrap
 import tomllib
@@ -1742,8 +1743,7 @@ def readFile(path, settings=SETTINGS):
         # server took it for no file at all, and served its defaults.
         raise ConfigFileError("--config names no file (an empty path)")
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        text = _readRegularFile(path)
         if text.startswith(codecs.BOM_UTF8):
             # What Windows editors put before UTF-8 text; tomllib says
             # "Invalid statement (at line 1, column 1)" of it, which
@@ -1787,6 +1787,50 @@ def readFile(path, settings=SETTINGS):
         except ValueError as e:
             raise ConfigFileError(f"{path}: key {key!r}: {_oneLine(e)}") from None
     return values
+
+
+#: The largest configuration file read: the example, every key with its
+#: help, is about 20 KB; a file past this is some other one named by
+#: mistake (a log), not to be read into memory whole.
+MAX_FILE_SIZE = 1 << 20
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)
+
+
+def _readRegularFile(path):
+    """
+    The octets of the configuration file at C{path}, which must be a
+    regular file of at most L{MAX_FILE_SIZE} octets.
+
+    Opened without waiting: a FIFO no process writes to held open() for
+    good (the start, C{config --check}, and a reload in the reactor), and
+    a device such as C{/dev/zero} was read until memory ran out.
+
+    @raise OSError: it cannot be opened or read.
+    @raise ConfigFileError: it is not a regular file, or too large.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ConfigFileError(f"{path}: cannot read the configuration file: it is {what}, not a regular file")
+        os.set_blocking(fd, True)
+        f = open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        text = f.read(MAX_FILE_SIZE + 1)
+    if len(text) > MAX_FILE_SIZE:
+        raise ConfigFileError(
+            f"{path}: larger than 1 MiB: not a configuration file (the example, contrib/mailgate.toml, "
+            "is about 20 KB)"
+        )
+    return text
 
 
 def _oneLine(error):

@@ -621,6 +621,65 @@ def test_byteOrderMark(tmp_path):
     )
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_aFileThatIsNotARegularFileIsRefusedAtOnce(tmp_path, kind):
+    """
+    --config naming a FIFO (a named pipe no one writes to) hung the start
+    for good, before any line was written (twistd and mailgate config
+    --check alike: open() waits for a writer), and a reload on it would
+    have stopped the reactor.  It, a directory or a device is refused at
+    once, exit 78, saying what it is.
+    """
+    path = tmp_path / "mailgate.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+        what = "a FIFO"
+    else:
+        path.mkdir()
+        what = "a directory"
+    reason = f"mailgate: {path}: cannot read the configuration file: it is {what}, not a regular file"
+    code, out, err = runCommand(
+        [TWISTD, "-n", "--pidfile=", "mailgate", "--database", databaseURL(tmp_path / "m.sqlite3"), "--config", str(path)],
+        cwd=tmp_path,
+    )
+    assert (code, [line for line in (out + err).splitlines() if line.strip()]) == (78, [reason])
+    code, out, err = runCommand([MAILGATE, "--config", str(path), "config", "--check"], cwd=tmp_path)
+    assert (code, out, err) == (78, "", reason + "\n")
+    assert not (tmp_path / "m.sqlite3").exists()
+
+
+def test_aDeviceIsNoConfigurationFile():
+    """
+    /dev/zero, given by mistake, was read until memory ran out.
+    """
+    with pytest.raises(SystemExit) as e:
+        parse("--config", "/dev/zero")
+    assert e.value.code == 78
+    assert str(e.value) == (
+        "mailgate: /dev/zero: cannot read the configuration file: it is a character device, not a regular file"
+    )
+
+
+def test_aHugeFileIsNoConfigurationFile(tmp_path):
+    """
+    A file far larger than any configuration (a log named by mistake) is
+    refused without being read into memory whole.
+    """
+    path = tmp_path / "mailgate.log"
+    with open(path, "wb") as f:
+        f.truncate(settings.MAX_FILE_SIZE + 1)
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(path))
+    assert str(e.value) == (
+        f"mailgate: {path}: larger than 1 MiB: not a configuration file (the example, contrib/mailgate.toml, "
+        "is about 20 KB)"
+    )
+    with open(path, "wb") as f:
+        f.truncate(settings.MAX_FILE_SIZE)
+    with pytest.raises(SystemExit, match="not valid TOML"):
+        parse("--config", str(path))
+
+
 def test_missingFile(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse("--config", str(tmp_path / "absent.toml"))
