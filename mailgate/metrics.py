@@ -652,8 +652,12 @@ class _Exposition(resource.Resource):
         self._registry = registry
 
     def render_GET(self, request):
-        accept = request.getHeader("accept")
-        encoder, contentType = choose_encoder(accept)
+        # The Accept headers' octets as they came, all of them (HTTP reads
+        # several as one list): Twisted's getHeader("accept") decodes the
+        # last as UTF-8 and raised on any other octets, a 500 and a
+        # critical line with a traceback in the log per such request.
+        accept = b",".join(request.requestHeaders.getRawHeaders(b"accept", [])).decode("latin-1")
+        encoder, contentType = choose_encoder(accept or None)
         body = encoder(self._registry)
         request.setHeader("content-type", contentType)
         return body

@@ -724,6 +724,36 @@ def test_aHeadRequestForWhatIsNotThereIsAnsweredWithoutALogLine(path):
     assert logged == []
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_anAcceptHeaderThatIsNotUTF8GetsTheExpositionWithoutALogLine(method):
+    """
+    An Accept header that is not UTF-8 (any octets a client of the port
+    sends) is read as the media types it names, never decoded as text:
+    Twisted's getHeader decodes it as UTF-8, and /metrics answered 500
+    "Processing Failed" with a critical log line and a traceback for each
+    such request, a client's to repeat at will.  Several Accept headers
+    are read together, as HTTP reads them.
+    """
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), Clock())
+
+    def ask(headers):
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        with capturedLogs() as events:
+            protocol.dataReceived(method + b" /metrics HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        head = transport.value().partition(b"\r\n\r\n")[0].split(b"\r\n")
+        [contentType] = [line for line in head if line.lower().startswith(b"content-type:")]
+        return head[0], contentType, [formatEvent(e) for e in events]
+
+    status, contentType, logged = ask(b"Accept: \xff\xfe text/html\r\n")
+    assert (status, logged) == (b"HTTP/1.1 200 OK", [])
+    assert b"text/plain; version=0.0.4" in contentType
+    status, contentType, logged = ask(b"Accept: \xff\r\nAccept: application/openmetrics-text; version=1.0.0\r\n")
+    assert (status, logged) == (b"HTTP/1.1 200 OK", [])
+    assert b"application/openmetrics-text" in contentType
+
+
 class _FillingTransport(StringTransport):
     """
     A transport whose send buffer fills: past C{limit} unsent octets it
