@@ -677,8 +677,10 @@ def _checkUsable(service, config):
         checkedSpoolDirectory(config)
         engine = getattr(service.store, "engine", None)
         if getattr(engine, "path", None) and not engine.ephemeral:
-            engine.connect().close()
+            # Refused before SQLite opens it read-only, making its -wal
+            # and -shm as the file is (0400): they outlived a chmod 600.
             engine.refuseReadOnly()
+            engine.connect().close()
     except Exception as e:
         raise ConfigurationError(f"{e} (as {user}, the user of twistd's --uid)") from None
 

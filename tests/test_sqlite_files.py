@@ -328,7 +328,7 @@ def test_aCommandRefusedAReadOnlyDatabaseWorksOnceItIsWritableAgain(tmp_path):
     import subprocess
     import tempfile
 
-    from e2e import MAILGATE, childEnvironment
+    from e2e import MAILGATE, TWISTD, childEnvironment
 
     nobody = 65534
     path = tempfile.mkdtemp(prefix="mailgate-owner-")
@@ -347,6 +347,16 @@ def test_aCommandRefusedAReadOnlyDatabaseWorksOnceItIsWritableAgain(tmp_path):
         os.chmod(db, 0o400)
         code, err = asNobody("user", "list")
         assert code == 78 and err.endswith(f"(nobody may not read and write {db}: it is nobody's, mode 0400)\n"), err
+        os.chmod(db, 0o600)
+        assert asNobody("user", "list")[0] == 0, modes(db)
+        # So with a server started by root as nobody (twistd --uid).
+        os.chmod(db, 0o400)
+        started = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "-u", str(nobody), "-g", str(nobody), "mailgate", "--database",
+             f"sqlite:///{db}", "--pop3", "tcp:0:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=60, cwd=path, env=childEnvironment(),
+        )
+        assert started.returncode == 78 and "it is nobody's, mode 0400" in started.stderr, started.stderr
         os.chmod(db, 0o600)
         assert asNobody("user", "list")[0] == 0, modes(db)
     finally:

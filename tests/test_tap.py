@@ -634,7 +634,7 @@ def test_whatTwistdsUidUserCannotUseStopsTheStart(tmp_path, unusable):
         if unusable == "database":
             database.touch(mode=0o600)
             argv += ["--database", f"sqlite:///{database}"]
-            expected = f"mailgate: cannot open SQLite database {database}: "
+            expected = f"mailgate: cannot open SQLite database {database} to write to it (nobody may not read and write "
         else:
             argv += ["--database", f"sqlite:///{database}", "--spool-directory", str(rootOnly)]
             expected = f"mailgate: spool-directory: cannot spool messages in {rootOnly}: Permission denied"
