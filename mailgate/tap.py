@@ -187,6 +187,11 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_config(self, path):
+        if self.configPath is not None and path != self.configPath:
+            # The first was dropped without a word; nor are files layered.
+            raise usage.UsageError(
+                f"--config given twice ({self.configPath}, then {path}): a server reads one configuration file"
+            )
         self.configPath = path
 
     opt_config.__doc__ = (

@@ -932,6 +932,10 @@ def test_twistdStopsOnAFileWithOneLineNamingIt(tmp_path, content, reason):
         (["--pop3", "tcp:11O"], "--pop3: invalid endpoint 'tcp:11O': invalid literal for int() with base 10: '11O'"),
         (["--bogus"], "option --bogus not recognized"),
         (["--idle-timeout", "nan"], "--idle-timeout: not a whole number: 'nan'"),
+        # The first file was dropped, unsaid: a base file and a local one,
+        # as other daemons layer them, served the second over the defaults.
+        (["--config", "base.toml", "--config", "local.toml"],
+         "--config given twice (base.toml, then local.toml): a server reads one configuration file"),
     ],
 )
 def test_twistdStopsOnABadCommandLineWithOneLine(tmp_path, argv, reason):
