@@ -349,7 +349,9 @@ def test_aPasswordAskedForOnTheTerminal(tmp_path):
     Without --password-stdin the password is asked for twice on the
     terminal (a real one: a pseudo-terminal), and set; Ctrl-D at the
     prompt is one line, exit 65, where it was C{internal error:
-    EOFError}, exit 70.
+    EOFError}, exit 70, and so are octets that are not the locale's
+    encoding (a terminal set to Latin-1 on a UTF-8 host), where it was
+    C{internal error: UnicodeDecodeError}.
     """
     import pty
     import select
@@ -362,7 +364,9 @@ def test_aPasswordAskedForOnTheTerminal(tmp_path):
     def onTerminal(argv, *answers):
         pid, fd = pty.fork()
         if pid == 0:  # pragma: no cover (the child)
-            os.execv(str(script), [str(script), "--database", url, *argv])
+            # A UTF-8 locale, as most hosts have, whatever the tests run in.
+            environment = {**os.environ, "LC_ALL": "C.UTF-8"}
+            os.execve(str(script), [str(script), "--database", url, *argv], environment)
         seen, deadline = b"", time.monotonic() + 60
         try:
             for answer in answers:
@@ -390,6 +394,11 @@ def test_aPasswordAskedForOnTheTerminal(tmp_path):
     assert verifyPassword(PASSWORD, CLI(tmp_path / "tty.sqlite3").user(ALICE).passwordHash)
     code, said = onTerminal(["user", "passwd", ALICE], b"\x04")
     assert (code, said.strip()) == (65, "mailgate: no password given (end of input at the prompt)"), said
+    assert verifyPassword(PASSWORD, CLI(tmp_path / "tty.sqlite3").user(ALICE).passwordHash)
+    code, said = onTerminal(["user", "passwd", ALICE], "caf\u00e9\n".encode("latin-1"))
+    assert (code, said.strip()) == (
+        65, "mailgate: the password typed is not utf-8 text (the locale's encoding, which the terminal must send)"
+    ), said
     assert verifyPassword(PASSWORD, CLI(tmp_path / "tty.sqlite3").user(ALICE).passwordHash)
 
 

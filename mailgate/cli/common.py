@@ -258,6 +258,14 @@ def _readPassword(args, stdin, confirm=True):
         except EOFError:
             # Ctrl-D at the prompt: was internal error: EOFError, exit 70.
             raise CommandError("no password given (end of input at the prompt)", EX_DATAERR) from None
+        except UnicodeDecodeError as e:
+            # A terminal sending another encoding than the locale's (PuTTY
+            # set to Latin-1 on a UTF-8 host: é typed is one octet, 0xE9):
+            # was internal error: UnicodeDecodeError, exit 70.
+            raise CommandError(
+                f"the password typed is not {e.encoding} text (the locale's encoding, which the terminal must "
+                "send)", EX_DATAERR,
+            ) from None
     # Blanked in the audit line, should an error quote it.
     audit.secret(args, password)
     if not password:
