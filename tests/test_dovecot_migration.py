@@ -465,6 +465,50 @@ def importsOfAHeldMaildrop(tmp_path_factory):
     return results
 
 
+def test_aUserOnTwoLinesInEitherCaseKeepsThePasswordDovecotTook(tmp_path):
+    """
+    A passwd-file with a user twice, Alice@Example.org and then
+    alice@example.org (an old entry never cleaned up): Dovecot looks up
+    the login lower-cased and logs her in with the second line's password
+    only.  user import keeps that line, and she logs in to mailgate with
+    the password she had.  (Before, the first line was kept: her password
+    was refused, the other one taken.)
+    """
+    import poplib
+
+    server = PrivateDovecot()
+    try:
+        server.addUsers([ALICE], PASSWORD)
+        server.start()
+        path = os.path.join(server.directory, "passwd")
+        with open(path) as f:
+            rest = f.read().splitlines()[0].split(":", 2)[2]
+        lines = f"Alice@Example.org:{{PLAIN}}never hers:{rest}\nalice@example.org:{{PLAIN}}{PASSWORD}:{rest}\n"
+        with open(path, "w") as f:
+            f.write(lines)
+        for password, answer in ((PASSWORD, "+OK"), ("never hers", "-ERR [AUTH]")):
+            client = poplib.POP3("127.0.0.1", server.pop3Port, timeout=DEADLINE)
+            try:
+                client.user("Alice@Example.org")
+                try:
+                    said = client.pass_(password).decode()
+                except poplib.error_proto as e:
+                    said = e.args[0].decode()
+                assert said.startswith(answer), (password, said)
+            finally:
+                client.close()
+    finally:
+        server.cleanup()
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text(lines)
+    database = f"sqlite:///{tmp_path / 'users.sqlite3'}"
+    code, out, err = cli(database, "user", "import", str(passwd))
+    assert code == 65 and out.splitlines()[0] == f"added {ALICE}", (out, err)
+    assert f"{passwd} line 1: {ALICE} is on line 2 too, in lower case" in err
+    assert cli(database, "user", "test", ALICE, "--password-stdin", input=PASSWORD.encode() + b"\n")[0] == 0
+    assert cli(database, "user", "test", ALICE, "--password-stdin", input=b"never hers\n")[0] == 77
+
+
 def test_aMaildropAnotherClientHoldsIsATemporaryFailure(importsOfAHeldMaildrop):
     """
     Dovecot with pop3_lock_session answers -ERR [IN-USE] while a client

@@ -69,3 +69,33 @@ def test_aDomainInUnicodeIsItsASCIIForm():
         PasswdAccount(1, "alice@xn--bcher-kva.example", "{PLAIN}a", {}),
         PasswdAccount(2, "bob@xn--bcher-kva.example", "{PLAIN}b", {}),
     ]
+
+
+def test_ofANameOnTwoLinesInEitherCaseTheLowerCaseOneIsKept():
+    """
+    Dovecot's passwd-file finds the name logged in with lower-cased
+    (auth_username_format = %Lu, its default) as the file writes it: of
+    Alice@Example.org and alice@example.org, the user logs in with the
+    second line's password, whichever comes first; the first line is kept
+    where none or both are in lower case.  (Before, the first line was
+    kept, and the user's password was refused after the move.)
+    """
+    lines = [
+        "Alice@Example.org:{PLAIN}never:::::",
+        "bob:{PLAIN}bobs:::::",
+        "alice@example.org:{PLAIN}hers:::::",
+        "BOB:{PLAIN}unreached:::::",
+        "Carol@example.org:{PLAIN}first:::::",
+        "CAROL@example.org:{PLAIN}second:::::",
+        "alice@example.org:{PLAIN}third:::::",
+    ]
+    assert list(readPasswdFile(lines, domain="example.org")) == [
+        RefusedLine(1, "alice@example.org is on line 3 too, in lower case, the line Dovecot logs them in with "
+                       "(it looks up the name logged in with lower-cased): that line is the one kept"),
+        PasswdAccount(2, "bob@example.org", "{PLAIN}bobs", {}),
+        PasswdAccount(3, "alice@example.org", "{PLAIN}hers", {}),
+        RefusedLine(4, "bob@example.org is on line 2 already (that line is the one kept)"),
+        PasswdAccount(5, "carol@example.org", "{PLAIN}first", {}),
+        RefusedLine(6, "carol@example.org is on line 5 already (that line is the one kept)"),
+        RefusedLine(7, "alice@example.org is on line 3 already (that line is the one kept)"),
+    ]

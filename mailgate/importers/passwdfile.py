@@ -68,23 +68,52 @@ def readPasswdFile(lines, domain=None, scheme=None):
         prefix (the passdb's C{args = scheme=...}); without it, such a
         password is a crypt(3) string, as Dovecot's default C{CRYPT}.
     """
-    # Dovecot keeps a user's first line and logs the others as errors
-    # ("exists more than once"): so does this, saying where the first is.
-    firstLines = {}
+    lines = list(lines)
+    kept = _keptLines(lines, domain)
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            yield _account(number, line, domain, scheme, firstLines)
+            yield _account(number, line, domain, scheme, kept)
         except _Refused as e:
             yield RefusedLine(number, str(e))
+
+
+def _keptLines(lines, domain):
+    """
+    The number of the line Dovecot logs each address in with, where the
+    file has it on several: the first, as Dovecot keeps a user's first
+    line and logs the others as errors ("exists more than once"), but the
+    first whose user name has no capitals where another has them.  Its
+    passwd-file finds a name as it is written, and the name looked for is
+    the login lower-cased (C{auth_username_format = %Lu}, the default):
+    a line C{Alice@example.org} is one no login reaches, and a line
+    C{alice@example.org} after it is the one whose password the user
+    logged in with.
+    """
+    kept = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            address, written = _address(line, domain)
+        except _Refused:
+            continue
+        if address not in kept or (written == written.lower() and kept[address][1] != kept[address][1].lower()):
+            kept[address] = (number, written)
+    return {address: number for address, (number, _) in kept.items()}
 
 
 class _Refused(Exception):
     pass
 
 
-def _account(number, line, domain, scheme, firstLines):
+def _address(line, domain):
+    """
+    The address of a line's user, and its user name as written.
+
+    @raise _Refused: for a line that has none.
+    """
     name, colon, rest = line.partition(":")
     # A name field that may hold the password (no ":" after it: fields
     # separated by a space or a tab, or a password alone) is not shown:
@@ -93,11 +122,9 @@ def _account(number, line, domain, scheme, firstLines):
         raise _Refused("no ':' after the user name (a line is user:password:...); the line is not shown")
     if any(ch.isspace() for ch in name):
         raise _Refused("the user name holds white space (a ':' missing after it?); the line is not shown")
-    fields = rest.split(":", 6)
-    hashed = fields[0]
-    extra = fields[6] if len(fields) == 7 else ""
-    if not _isText(name + hashed):
+    if not _isText(name + rest.split(":", 1)[0]):
         raise _Refused("the user name or password hash is not UTF-8 text")
+    written = name
     if "@" not in name:
         if domain is None:
             raise _Refused(f"{name!r} has no domain: give --domain")
@@ -105,12 +132,24 @@ def _account(number, line, domain, scheme, firstLines):
     try:
         # A domain in Unicode is its ASCII form, as mail to it and logins
         # with it take it (it was refused as an invalid domain).
-        address = userAddress(name)
+        return userAddress(name), written
     except InvalidAddress as e:
         raise _Refused(str(e)) from None
-    if address in firstLines:
-        raise _Refused(f"{address} is on line {firstLines[address]} already (that line is the one kept)")
-    firstLines[address] = number
+
+
+def _account(number, line, domain, scheme, kept):
+    address, _ = _address(line, domain)
+    if kept[address] < number:
+        raise _Refused(f"{address} is on line {kept[address]} already (that line is the one kept)")
+    if kept[address] > number:
+        raise _Refused(
+            f"{address} is on line {kept[address]} too, in lower case, the line Dovecot logs them in with "
+            f"(it looks up the name logged in with lower-cased): that line is the one kept"
+        )
+    name, colon, rest = line.partition(":")
+    fields = rest.split(":", 6)
+    hashed = fields[0]
+    extra = fields[6] if len(fields) == 7 else ""
     if not hashed:
         raise _Refused(f"{address} has no password")
     if scheme is not None and not hashed.startswith("{"):
