@@ -94,9 +94,13 @@ OPTIONS = (
 def isSecure(transport):
     """
     Whether C{transport} is TLS-protected (implicit TLS, or after STLS or
-    STARTTLS).
+    STARTTLS): for mailgate's TLS layer, once its handshake has completed
+    (one that failed protected nothing, and its session's end line says
+    C{tls=no}).
     """
-    return ISSLTransport.providedBy(transport) or bool(getattr(transport, "TLS", False))
+    if ISSLTransport.providedBy(transport):
+        return getattr(transport, "established", True)
+    return bool(getattr(transport, "TLS", False))
 
 
 def _read(path):

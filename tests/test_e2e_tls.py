@@ -316,6 +316,36 @@ def test_pop3sStreamsALargeMessageAndDropsWhatIsNotTLS(mailgate_server, mailgate
     assert pops.quit().startswith(b"+OK")
 
 
+def test_aFailedSTARTTLSHandshakeEndsWithTLSFailedNotTLSYes(mailgate_server, mailgate_cli, certificate):
+    """
+    An MTA whose STARTTLS handshake fails (here: it sends plain text after
+    the 220) has its session's end line say so, every time: the
+    session.tls_failed line comes once a minute per address, and the end
+    line said reason='connection lost' tls=yes, a TLS session that went
+    away.
+    """
+    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", server.portOf("SMTP")), timeout=DEADLINE)
+        reader = LineReader(sock)
+        assert reader.line().startswith(b"220 ")
+        sock.sendall(b"EHLO mx.example.test\r\n")
+        while not reader.line().startswith(b"250 "):
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        assert reader.line().startswith(b"220 ")
+        sock.sendall(b"MAIL FROM:<sender@example.net>\r\n")
+        # Not TLS: no answer, the connection closed.
+        assert sock.recv(4096) == b""
+        sock.close()
+    ends = waitFor(
+        lambda: (lambda found: found if len(found) == 2 else None)(logLines(server, "smtp disconnect")),
+        "both sessions' end lines",
+    )
+    assert all(" reason='TLS failed' " in line and " tls=no " in line for line in ends), ends
+    assert len(logLines(server, "smtp TLS failed")) == 1
+
+
 def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certificate):
     """
     A client that keeps its TLS session resumes it on its next connection

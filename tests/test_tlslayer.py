@@ -251,6 +251,26 @@ def test_somethingElseThanTLSIsDropped(tls, pair):
     assert wire.session.received == b""
 
 
+def test_aLayerIsSecureOnlyOnceItsHandshakeHasCompleted(tls, pair):
+    """
+    A session over the layer is taken as one over TLS (plaintext logins,
+    C{tls=yes} in SMTP's end line) from the end of the handshake on, and
+    still once the connection has ended; one whose handshake failed never
+    is.
+    """
+    failed = Wire(tls, pair[0], Session())
+    assert not isSecure(failed.layer)
+    failed.layer.dataReceived(b"EHLO mx.example.test\r\n")
+    failed.lose()
+    assert failed.session.lost.check(ssl.SSLError)
+    assert not isSecure(failed.layer)
+    completed = Wire(tls, pair[0], Session())
+    assert completed.handshake()
+    assert isSecure(completed.layer)
+    completed.lose()
+    assert isSecure(completed.layer)
+
+
 def test_aServerNameThatIsNotASCIIFailsTheHandshakeWithoutATraceback(tmp_path, monkeypatch):
     """
     A client asking (SNI) for a host name that is not ASCII, which RFC

@@ -449,6 +449,15 @@ class TLSLayer:
         return self._handshaking and not self._shutDown
 
     @property
+    def established(self):
+        """
+        The handshake completed (and stays so once the connection has
+        ended): what L{mailgate.tls.isSecure} asks, so that a session whose
+        handshake failed is neither taken nor logged as one over TLS.
+        """
+        return not self._handshaking
+
+    @property
     def version(self):
         """
         The protocol negotiated (C{"TLSv1.3"}), or C{None} before the

@@ -28,6 +28,7 @@ storage failures into permanent 550 replies.  Here, on the session core
 
 import errno
 import re
+import ssl
 
 from twisted.internet import defer
 
@@ -372,6 +373,14 @@ class SMTPServer(CommandSession):
         self._ending("idle timeout")
         if not stalled:
             self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
+
+    def connectionLost(self, reason):
+        if isinstance(getattr(reason, "value", None), ssl.SSLError):
+            # A failed STARTTLS handshake or a corrupt record: the end line
+            # says so, whose session.tls_failed line (one a minute per
+            # address and reason) an MTA retrying at once does not get.
+            self._ending("TLS failed")
+        super().connectionLost(reason)
 
     def sessionEnded(self):
         self._endErrorDelay()
