@@ -1833,6 +1833,37 @@ def _readRegularFile(path):
     return text
 
 
+def writableByOthers(path):
+    """
+    What to warn of, if anything, in who may change the configuration file
+    at C{path}: every user of the machine may write it, or replace it in a
+    directory they may write (without the sticky bit, which keeps them to
+    their own files).  Whoever may chooses the server's database (one of
+    their own takes every message and login), listeners and certificates
+    at its next start or reload.  Warned of, not refused, as the file's
+    other permissions are.
+    """
+    consequence = "and so the database, listeners and certificates the server uses at its next start or reload chosen"
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        directory = os.path.dirname(os.path.abspath(path))
+        directoryMode = os.stat(directory).st_mode
+    except OSError:
+        return None
+    if mode & stat.S_IWOTH:
+        return (
+            f"the configuration file {path} may be written by every user of this machine (mode {mode:04o}), "
+            f"{consequence}: chmod o-w it"
+        )
+    if directoryMode & stat.S_IWOTH and not directoryMode & stat.S_ISVTX:
+        return (
+            f"the directory {directory} of the configuration file {path} may be written by every user of this "
+            f"machine (mode {stat.S_IMODE(directoryMode):04o}), who may replace the file, {consequence}: "
+            f"chmod o-w {directory}"
+        )
+    return None
+
+
 def _oneLine(error):
     return " ".join(str(error).split())
 

@@ -733,18 +733,21 @@ def configFileWarning(path):
     may read it.  Written under the usual umask (0644), as an editor
     leaves it, it hands them the database, every message and password
     hash in it.  Left as it is, but said at every start, as of a TLS key.
+    So is a file every user may write or replace
+    (L{mailgate.config.writableByOthers}).
     """
     try:
         database = configuration.readFile(path).get("database")
         permissions = stat.S_IMODE(os.stat(path).st_mode)
     except (ConfigurationError, OSError):
         return None
-    if database is None or not hasPassword(database) or not permissions & 0o004:
-        return None
-    return (
-        f"the configuration file {path} holds the database's password, and every user of this "
-        f"machine may read it (mode {permissions:04o}): chmod o-r it"
-    )
+    warnings = [configuration.writableByOthers(path)]
+    if database is not None and hasPassword(database) and permissions & 0o004:
+        warnings.insert(0, (
+            f"the configuration file {path} holds the database's password, and every user of this "
+            f"machine may read it (mode {permissions:04o}): chmod o-r it"
+        ))
+    return "; ".join(filter(None, warnings)) or None
 
 
 class ConfigurationRefused(SystemExit):

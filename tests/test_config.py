@@ -782,6 +782,49 @@ def test_aFileGivingTheDatabasePasswordThatEveryoneMayReadIsWarnedOf(mailgate_se
     assert tap.configFileWarning(path) == warning
 
 
+@sqliteOnly
+def test_aFileEveryoneMayWriteIsWarnedOf(mailgate_server, tmp_path):
+    """
+    A configuration file every user of the machine may write (0666), or
+    one in a directory they may write (not sticky: they may replace it),
+    hands each of them the server at its next start or reload: its
+    database (a database of theirs takes every message and login), its
+    listeners, its certificates.  Every start, reload and config --check
+    says so; it was silent.
+    """
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    path = writeConfig(directory, "max-recipients = 50\n")
+    os.chmod(path, 0o666)
+    warning = (
+        f"the configuration file {path} may be written by every user of this machine (mode 0666), "
+        "and so the database, listeners and certificates the server uses at its next start or reload "
+        "chosen: chmod o-w it"
+    )
+    server = mailgate_server("--config", path)
+    waitFor(lambda: warning in server.stdout, f"the warning, in {server.log()}")
+    server.stop()
+    code, out, err = runCommand([MAILGATE, "--config", path, "config", "--check"])
+    assert (code, err) == (0, f"mailgate: warning: {warning}\n")
+    os.chmod(path, 0o644)
+    assert tap.configFileWarning(path) is None
+    os.chmod(directory, 0o777)
+    assert tap.configFileWarning(path) == (
+        f"the directory {directory} of the configuration file {path} may be written by every user of this "
+        "machine (mode 0777), who may replace the file, and so the database, listeners and certificates the "
+        f"server uses at its next start or reload chosen: chmod o-w {directory}"
+    )
+    os.chmod(directory, 0o1777)
+    assert tap.configFileWarning(path) is None
+    # Both warnings of a file, in one.
+    pathlib.Path(path).write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\n')
+    os.chmod(path, 0o666)
+    assert tap.configFileWarning(path) == (
+        f"the configuration file {path} holds the database's password, and every user of this machine may read "
+        f"it (mode 0666): chmod o-r it; {warning}"
+    )
+
+
 @pytest.mark.parametrize("option", ["exempt-network", "trusted-network", "proxy-network", "debug-peer"])
 def test_anIPv4NetworkMappedIntoIPv6WithItsIPv4PrefixIsRefused(tmp_path, option):
     """
