@@ -953,6 +953,45 @@ def test_importFromADovecotThatTakesAPOPOnly(tmp_path):
     assert servedFrom(database) == (uidl, listing)
 
 
+def test_importFromADovecotThatTakesCramMD5Only(tmp_path):
+    """
+    A Dovecot whose auth_mechanisms has CRAM-MD5 only (no PLAIN, no APOP:
+    passwords kept off the wire without TLS) refuses PASS as it does with
+    APOP only, and has no APOP timestamp: import pop3 logs in with AUTH
+    CRAM-MD5, which its CAPA offers, and serves what Dovecot served.
+    (Before: exit 69, the refusal of PASS, nothing imported.)  A wrong
+    password is refused, by CRAM-MD5 too.
+    """
+    import base64
+    import poplib
+
+    from saslclients import cramMD5Response
+
+    server = PrivateDovecot(extra="auth_mechanisms = cram-md5")
+    try:
+        startWithMail(server, 3)
+        client = poplib.POP3("127.0.0.1", server.pop3Port, timeout=DEADLINE)
+        challenge = base64.b64decode(client._shortcmd("AUTH CRAM-MD5")[2:])
+        client._shortcmd(base64.b64encode(cramMD5Response(ALICE, PASSWORD, challenge)).decode())
+        try:
+            uidl, listing, _ = answers(client)
+        finally:
+            client.quit()
+        url = f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}"
+        database = newDatabase(tmp_path, "target.sqlite3")
+        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=b"not hers\n")
+        assert code == 69 and out == "", (out, err)
+        assert "Unsupported authentication mechanism.; 127.0.0.1 refused AUTH CRAM-MD5: -ERR [AUTH]" in err, err
+        password = PASSWORD.encode() + b"\n"
+        code, out, err = cli(database, "import", "pop3", url, ALICE, "--password-stdin", input=password)
+        assert (code, err) == (0, ""), out
+        assert out.startswith("3 messages imported (")
+        assert server.errorsLogged() == []
+    finally:
+        server.cleanup()
+    assert servedFrom(database) == (uidl, listing)
+
+
 def test_aFileNameWithASpaceServedAsTheId(tmp_path):
     """
     Dovecot with pop3_uidl_format = %f serves a file name with a space in

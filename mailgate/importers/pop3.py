@@ -32,7 +32,10 @@ reads every response in bounded memory: a long line is read in pieces, a
 large message goes to a temporary file.
 """
 
+import base64
+import binascii
 import hashlib
+import hmac
 import ipaddress
 import re
 import socket
@@ -541,8 +544,11 @@ class POP3Client:
         refused, or PASS in words that say no password was checked
         (L{_PASS_NOT_CHECKED}: a word of APOP, a Dovecot that offers APOP
         only), APOP (RFC 1939 section 7): a server may keep APOP users from
-        logging in any other way.  (Not after any refused PASS: a wrong
-        password would count twice against the source's limits.)
+        logging in any other way.  Without a timestamp, after such a PASS,
+        AUTH CRAM-MD5 where CAPA offers it (a Dovecot whose
+        C{auth_mechanisms} has CRAM-MD5 and no PLAIN).  (Not after any
+        refused PASS: a wrong password would count twice against the
+        source's limits.)
 
         @raise SourceBusy: for a refusal that says it passes.
         @raise LoginRefused: for any other.
@@ -559,7 +565,13 @@ class POP3Client:
             said = e.response.upper()
         stamp = _APOP_TIMESTAMP.search(self.greeting)
         passChecked = not any(words in said for words in _PASS_NOT_CHECKED)
-        if stamp is None or isinstance(refusal, SourceBusy) or (passRefused and passChecked):
+        if isinstance(refusal, SourceBusy) or (passRefused and passChecked):
+            raise refusal
+        if stamp is None:
+            if passRefused and "CRAM-MD5" in self._saslMechanisms():
+                # No APOP, but CRAM-MD5 (Dovecot with auth_mechanisms =
+                # cram-md5): the password is checked once, there.
+                return self._cramMD5(user, password, refusal)
             raise refusal
         digest = hashlib.md5((stamp.group(0) + password).encode("utf-8")).hexdigest()
         try:
@@ -569,6 +581,41 @@ class POP3Client:
         except POP3Failed:
             # Closed after the first refusal, as some servers do.
             raise refusal from None
+
+    def _saslMechanisms(self):
+        """
+        The SASL mechanisms the server's CAPA offers (upper-cased), asked
+        again now: a server may offer others once TLS is on.
+        """
+        for line in self.capabilities():
+            name, *mechanisms = line.split()
+            if name == "SASL":
+                return mechanisms
+        return []
+
+    def _cramMD5(self, user, password, refusal):
+        """
+        AUTH CRAM-MD5 (RFC 2195), after C{refusal} of USER and PASS.
+
+        @raise SourceBusy: for a refusal that says it passes.
+        @raise LoginRefused: for any other.
+        """
+        self._send("AUTH CRAM-MD5")
+        line = self._readline(_MAX_STATUS)
+        self._discardRestOf(line)
+        text = _printable(line.rstrip(b"\r\n").decode("utf-8", "replace")[:200])
+        if not line.startswith(b"+ "):
+            raise _temporary(POP3Refused(f"{refusal}; {self.host} refused AUTH CRAM-MD5: {text}"))
+        try:
+            challenge = base64.b64decode(line[2:].strip(), validate=True)
+        except binascii.Error:
+            raise MalformedResponse(f"{self.host} sent a malformed CRAM-MD5 challenge: {text}") from None
+        digest = hmac.new(password.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+        answer = base64.b64encode(f"{user} {digest}".encode("utf-8")).decode("ascii")
+        try:
+            self.command(answer, "AUTH CRAM-MD5")
+        except POP3Refused as e:
+            raise _temporary(POP3Refused(f"{refusal}; {e}")) from None
 
     def uniqueIds(self):
         """
