@@ -259,7 +259,29 @@ def test_emptyPassword(cli, stdin):
     result = cli("user", "add", ALICE, "--password-stdin", stdin=stdin)
     assert result.code == 65
     oneLineError(result)
-    assert cli.rows("SELECT count(*) FROM users") == [(0,)]
+    # Refused before the database is opened: none is made for it (one was,
+    # with no user).
+    assert not cli.path.exists()
+
+
+@pytest.mark.parametrize("argv, stdin, line", [
+    ([], b"\xff\xfe\n", "the password is not UTF-8 text"),
+    ([], b"x" * 1025 + b"\n", "the password is 1025 octets long, at most 1024"),
+    (["--hashed"], b"garbage\n", "unusable password hash: not a hash"),
+], ids=["not-utf-8", "too-long", "not-a-hash"])
+def test_aBadPasswordMakesNoDatabase(cli, argv, stdin, line):
+    """
+    user add refuses a password it cannot take (exit 65) before the
+    database is opened, as it refuses a bad address: it made the SQLite
+    file first, an empty database under what may be a mistyped
+    --database, which every command then took for one rather than say
+    "no such database file".
+    """
+    result = cli("user", "add", ALICE, "--password-stdin", *argv, stdin=stdin)
+    assert result.code == 65
+    assert oneLineError(result).startswith(f"mailgate: {line}")
+    assert not cli.path.exists()
+    assert cli("user", "list").code == 78
 
 
 def test_passwordWithNUL(cli):

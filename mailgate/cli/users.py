@@ -95,6 +95,11 @@ def _userAddOptions(args):
     if args.hashed and args.apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
     _passwordOptions(args)
+    # The password (or hash) too, before the database is opened: one
+    # refused (empty, not UTF-8, too long, a hash that is none) left the
+    # SQLite file it was to go into made, an empty database under what
+    # may be a mistyped --database, which commands then took for one.
+    args.credentials = _credentials(args, _readPassword(args, args.stdin), args.apop)
 
 
 def _passwordOptions(args):
@@ -108,9 +113,8 @@ def _passwordOptions(args):
 
 def _userAdd(store, args, out, stdin):
     address = args.address
-    password = _readPassword(args, stdin)
     try:
-        _result(store.addUser(address, _credentials(args, password, args.apop)))
+        _result(store.addUser(address, args.credentials))
     except UserExists:
         raise CommandError(f"user {address} already exists", EX_CANTCREAT)
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
