@@ -575,6 +575,8 @@ def relativePaths(config, configPath=None):
             values = [getattr(config, setting.attribute)]
         elif setting.attribute == "tlsNamedCertificates":
             values = [part for value in config.tlsNamedCertificates for part in configuration.splitCertificatePair(value)]
+        elif setting.attribute == "oauth2Keys":
+            values = list(config.oauth2Keys)
         else:
             continue
         found.extend(f"--{setting.name} {value}" for value in values if value and not os.path.isabs(value))
@@ -693,9 +695,10 @@ def _checkUsable(service, config):
 def unreadableForReload(config, configPath=None):
     """
     The files a reload reads (the C{--config} file, the TLS certificates
-    and keys) that this process cannot read, as C{"--name PATH"}: run as
-    C{--uid}'s user (L{_effectively}), those twistd read at start as root
-    and a SIGHUP, by then that user's, reads again.
+    and keys, the oauth2-keys files) that this process cannot read, as
+    C{"--name PATH"}: run as C{--uid}'s user (L{_effectively}), those
+    twistd read at start as root and a SIGHUP, by then that user's, reads
+    again.
     """
     named = [("config", configPath)]
     for setting in configuration.SETTINGS:
@@ -707,6 +710,8 @@ def unreadableForReload(config, configPath=None):
                 for value in config.tlsNamedCertificates
                 for part in configuration.splitCertificatePair(value)
             ]
+        elif setting.attribute == "oauth2Keys":
+            named += [(setting.name, path) for path in config.oauth2Keys]
     unreadable = []
     for name, path in named:
         if not path:

@@ -825,6 +825,38 @@ def test_aFileEveryoneMayWriteIsWarnedOf(mailgate_server, tmp_path):
     )
 
 
+def test_oauth2KeysAreAmongTheFilesAReloadReadsAgain(tmp_path, capsys):
+    """
+    A SIGHUP reads the oauth2-keys files again, as it reads the TLS files:
+    under twistd's --rundir a relative one is refused at start as theirs
+    is (a real twistd started with oauth2-keys = ["jwks.pem"] and
+    --rundir elsewhere, and each SIGHUP then said 'oauth2 keys not
+    reloaded: cannot read jwks.pem', or would have read another file of
+    that name); and one the --uid user cannot read is named in the
+    warning at start (reload.unreadable), as each SIGHUP fails on it.
+    """
+    issuer = ("--oauth2-issuer", "https://login.example.org", "--oauth2-audience", "mailgate")
+    options = parse("--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}", "--oauth2-keys", "jwks.pem", *issuer)
+    options.parent = {"rundir": str(tmp_path), "nodaemon": True}
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    assert e.value.code == 78
+    assert capsys.readouterr().err == (
+        "mailgate: twistd --rundir with relative paths (--oauth2-keys jwks.pem): mailgate opens them before "
+        "twistd changes directory and again after it, which would be two different files; give them as "
+        "absolute paths\n"
+    )
+    keys = tmp_path / "jwks.pem"
+    keys.write_text("")
+    missing = tmp_path / "absent.pem"
+    options = parse(
+        "--database", f"sqlite:///{tmp_path / 'mail.sqlite3'}", "--oauth2-keys", str(keys), "--oauth2-keys",
+        str(missing), *issuer,
+    )
+    assert tap.relativePaths(options.config) == []
+    assert tap.unreadableForReload(options.config) == [f"--oauth2-keys {missing}"]
+
+
 @pytest.mark.parametrize("option", ["exempt-network", "trusted-network", "proxy-network", "debug-peer"])
 def test_anIPv4NetworkMappedIntoIPv6WithItsIPv4PrefixIsRefused(tmp_path, option):
     """
