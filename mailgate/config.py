@@ -1945,7 +1945,11 @@ EXAMPLE_HEADER = """\
 # is no default, with an example.  Lists replace the default, they do not
 # add to it.  A relative path (sqlite:///FILE, tls-cert, unix:PATH) is
 # relative to the server's working directory (/var/lib/mailgate under the
-# systemd unit), not to this file; $VARIABLES are not expanded.
+# systemd unit), not to this file, and for the mailgate command given this
+# file (mailgate --config FILE user add, an MTA's mailgate deliver) to the
+# directory that runs in: give the database as an absolute path
+# (sqlite:////var/lib/mailgate/mailgate.sqlite3).  $VARIABLES are not
+# expanded.
 #
 # systemctl reload (SIGHUP) reads this file again: debug-peer, debug-user
 # and, while TLS stays on, the tls-* settings apply at once; every other
