@@ -518,6 +518,77 @@ def test_userPasswdEmptyPasswordChangesNothing(cli):
     assert verifyPassword(PASSWORD, cli.user(ALICE).passwordHash)
 
 
+class _TypedWhile:
+    """
+    Standard input whose password line comes once C{meanwhile} has run:
+    what another administrator (or a script) does while the password is
+    typed at the terminal, between the command's look-up of the user and
+    its write.
+    """
+
+    def __init__(self, line, meanwhile):
+        self.buffer = self
+        self._line = line
+        self._meanwhile = meanwhile
+
+    def readline(self, limit=-1):
+        self._meanwhile()
+        return self._line
+
+    def isatty(self):
+        return False
+
+
+def _typedWhile(cli, argv, line, *statements):
+    def meanwhile():
+        conn = sqlite3.connect(cli.path)
+        try:
+            with conn:
+                for statement in statements:
+                    conn.execute(statement)
+        finally:
+            conn.close()
+
+    out, err = io.StringIO(), io.StringIO()
+    code = run(
+        ["--database", cli.url, *argv, "--password-stdin"], stdin=_TypedWhile(line, meanwhile), stdout=out,
+        stderr=err, environ={},
+    )
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("argv, typed", [
+    (["user", "passwd", ALICE], NEW_PASSWORD),
+    (["user", "apop", ALICE, "on"], PASSWORD),
+], ids=["passwd", "apop-on"])
+def test_aPasswordSetWhileTheAddressWentToAnotherUserChangesNobody(cli, argv, typed):
+    """
+    While the password is typed, Alice is renamed away and Bob renamed to
+    her address: nothing is written (exit 75, run it again), where Bob
+    got what was made of Alice's (user apop on: Alice's password hash,
+    and her password opened Bob's mailbox, his own no longer did).  A
+    user deleted meanwhile is no such user (67), not internal error (70).
+    """
+    cli.add(ALICE, PASSWORD)
+    cli.add(BOB, BOB_PASSWORD)
+    code, err = _typedWhile(
+        cli, argv, f"{typed}\n".encode(),
+        f"UPDATE users SET address = 'alice.old@example.org' WHERE address = '{ALICE}'",
+        f"UPDATE users SET address = '{ALICE}' WHERE address = '{BOB}'",
+    )
+    assert code == 75, err
+    assert err == (
+        f"mailgate: the user {ALICE} changed meanwhile (its password changed, or the user was renamed or deleted "
+        "and the address given to another); nothing was changed: run the command again\n"
+    )
+    bob = cli.user(ALICE)
+    assert verifyPassword(BOB_PASSWORD, bob.passwordHash) and not verifyPassword(typed, bob.passwordHash)
+    assert bob.apopSecret is None
+    # Bob's password: the one apop on checks, of the user there now.
+    code, err = _typedWhile(cli, argv, f"{BOB_PASSWORD}\n".encode(), f"DELETE FROM users WHERE address = '{ALICE}'")
+    assert (code, err) == (67, f"mailgate: no such user: {ALICE} (deleted or renamed meanwhile)\n")
+
+
 # -- user del -----------------------------------------------------------------
 
 

@@ -384,9 +384,37 @@ def _userPasswd(store, args, out, stdin):
             f"not a hash of another scheme; or turn it off first (user apop {address} off)",
             EX_USAGE,
         )
-    _result(store.setCredentials(address, credentials))
+    _setCredentialsOf(store, user, credentials)
     out.write(f"password changed for {address}\n")
     audit.outcome(args, f"password changed{_audited(args, apop=False)}")
+
+
+def _setCredentialsOf(store, user, credentials):
+    """
+    Give C{user} (as looked up by its address) C{credentials}, made from
+    what it had then (its hash, kept by C{user apop}; whether it has APOP
+    and CRAM-MD5, kept by C{user passwd}), only if its address still has
+    that password hash.  Between the look-up and this write (the password
+    typed at the terminal meanwhile) the user may have been deleted, or
+    renamed and the address given to another user: written by address,
+    the other user got the first one's hash (C{user apop}: the first
+    user's password opened the second's mailbox, whose own no longer
+    did), and a user gone was C{internal error}, exit 70.
+
+    @raise CommandError: no user has the address now (67); its password
+        changed, or another user has it, meanwhile (75: nothing changed,
+        run the command again, which looks it up afresh).
+    """
+    address = user.address
+    if _result(store.upgradeCredentials(address, user.passwordHash, credentials)):
+        return
+    if _result(store.findUser(address)) is None:
+        raise CommandError(f"no such user: {address} (deleted or renamed meanwhile)", EX_NOUSER)
+    raise CommandError(
+        f"the user {address} changed meanwhile (its password changed, or the user was renamed or deleted and "
+        "the address given to another); nothing was changed: run the command again",
+        EX_TEMPFAIL,
+    )
 
 
 def _userDel(store, args, out, stdin):
@@ -572,7 +600,7 @@ def _userApop(store, args, out, stdin):
         # CRAM-MD5's states from Dovecot go too: what is left proves
         # nothing without the password.
         credentials = StoredCredentials(user.passwordHash, user.scramSha256, None, None)
-        _result(store.setCredentials(address, credentials))
+        _setCredentialsOf(store, user, credentials)
         out.write(f"APOP and CRAM-MD5 disabled for {address}; its stored secret and CRAM-MD5 states are erased\n")
         audit.outcome(args, "APOP and CRAM-MD5 disabled")
         return
@@ -585,7 +613,7 @@ def _userApop(store, args, out, stdin):
     # (by default), and erased, the user's CRAM-MD5 client would fail
     # wherever no other user has them.
     credentials = StoredCredentials(user.passwordHash, user.scramSha256, password, user.cramMD5)
-    _result(store.setCredentials(address, credentials))
+    _setCredentialsOf(store, user, credentials)
     out.write(f"APOP enabled for {address}\n")
     audit.outcome(args, "APOP enabled")
 
