@@ -463,6 +463,40 @@ def test_anAtInThePasswordIsRefusedWithoutConnecting():
     assert "write it %40" in err and "ssw0rd" not in err and err.count("\n") == 1, err
 
 
+# URLs libpq cannot read at all, which the server refuses at its start
+# (exit 78), each with the password "s3cret" and what libpq says of it.
+UNPARSABLE_URLS = {
+    "unknown parameter": ("postgresql://mailgate:s3cret@db.internal/mail?foo=bar", 'invalid URI query parameter: "foo"'),
+    "leading space": (" postgresql://mailgate:s3cret@db.internal/mail", 'missing "=" after "postgresql://mailgate:***@'),
+    "%zz in the password": ("postgresql://mailgate:s3cret%zz@db.internal/mail", 'invalid percent-encoded token: "***"'),
+}
+
+
+@pytest.mark.parametrize("case", list(UNPARSABLE_URLS))
+def test_configCheckRefusesAURLLibpqCannotRead(tmp_path, case):
+    """
+    C{mailgate --config FILE config --check} (the systemd unit's
+    ExecReload) refuses, exit 78 in libpq's words without the password, a
+    URL the server refuses at its start: it said "configuration OK"
+    (L{mailgate.store.pgurl.parameterProblem} took an unreadable URL for
+    no problem, leaving it to connecting to say).
+    """
+    import io
+
+    from mailgate.cli import run
+
+    url, expected = UNPARSABLE_URLS[case]
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "{url}"\n')
+    config.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--config", str(config), "config", "--check"], stdout=out, stderr=err, environ={})
+    assert (code, out.getvalue()) == (EX_CONFIG, ""), err.getvalue()
+    assert err.getvalue().startswith("mailgate: cannot connect to the database at postgresql://db.internal/mail: ")
+    assert expected in err.getvalue() and err.getvalue().count("\n") == 1, err.getvalue()
+    assert "s3cret" not in err.getvalue()
+
+
 def test_theServerStartsWithoutLoggingIt(servers):
     """
     C{twistd mailgate} at start-up says the same, into its log (the

@@ -44,10 +44,13 @@ NUMBERS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_c
 
 def parameterProblem(conninfo):
     """
-    What libpq would refuse in the values of C{conninfo}'s parameters, or
-    C{None}: also when it cannot read C{conninfo} at all, which connecting
-    says, without the password (L{mailgate.urls.withoutPassword}).  The
-    text names a parameter and its value, never the password's.
+    What libpq would refuse in C{conninfo} or the values of its
+    parameters, or C{None}.  The text names a parameter and its value,
+    never the password's.  What libpq cannot read at all (an unknown
+    parameter, a bad C{%} escape, white space before the scheme) is its
+    own parse error, without the password (L{mailgate.urls.withoutPassword}):
+    C{None} there had C{config --check} say "configuration OK" of a URL
+    the server then refused at its start.
     """
     scheme, separator, rest = conninfo.partition("://")
     if separator and rest[: min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))].count("@") > 1:
@@ -57,8 +60,10 @@ def parameterProblem(conninfo):
         return "an '@' in the user name or password (write it %40: libpq takes what follows the first '@' for the host)"
     try:
         parameters = conninfo_to_dict(conninfo)
-    except Error:
-        return None
+    except Error as e:
+        from mailgate.urls import withoutPassword
+
+        return withoutPassword(" ".join(str(e).split()), conninfo)
     # What the URL does not give, libpq takes from the environment (the
     # systemd unit's Environment=, say), and refuses there the same way;
     # but from a service file first (service=, PGSERVICE), not read here.
