@@ -1711,6 +1711,35 @@ def test_configFileGivesTheDatabase(tmp_path):
     assert not fromEnvironment.exists()
 
 
+def test_configGivenTwiceIsRefused(tmp_path):
+    """
+    C{mailgate --config A --config B}: refused with one line naming both,
+    exit 64, as C{twistd mailgate} refuses it; argparse kept B unsaid, so
+    files layered as other daemons layer them (a base and local
+    overrides) had the command work on B's database alone.  The same
+    path twice is taken.
+    """
+    base, local = tmp_path / "base.toml", tmp_path / "local.toml"
+    base.write_text(f'database = "sqlite:///{tmp_path / "base.sqlite3"}"\n')
+    local.write_text(f'database = "sqlite:///{tmp_path / "local.sqlite3"}"\n')
+
+    def mailgate(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(list(argv), stdin=io.StringIO(f"{PASSWORD}\n"), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    for command in (["user", "add", ALICE, "--password-stdin"], ["serve"]):
+        refused = mailgate("--config", str(base), "--config", str(local), *command)
+        assert (refused.code, refused.out) == (64, ""), refused
+        assert refused.err == (
+            f"mailgate: --config given twice ({base}, then {local}): the command reads one configuration file "
+            "(mailgate --help lists the options)\n"
+        )
+    assert not (tmp_path / "local.sqlite3").exists()
+    assert mailgate("--config", str(base), "--config", str(base), "user", "add", ALICE, "--password-stdin").code == 0
+    assert CLI(tmp_path / "base.sqlite3").user(ALICE) is not None
+
+
 def test_configShowsWhatTheServerWouldServe(tmp_path):
     """
     C{mailgate --config FILE config}, as C{postconf -n}: the settings not

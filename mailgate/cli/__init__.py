@@ -114,6 +114,22 @@ __all__ = [
 ]
 
 
+class _OneConfig(argparse.Action):
+    """
+    C{--config FILE}, given once (or the same path again): a second,
+    different file is noted, for L{run} to refuse as C{twistd mailgate}
+    does (L{mailgate.tap.Options.opt_config}).  argparse kept the last
+    one, unsaid: C{--config base.toml --config local.toml}, files layered
+    as other daemons layer them, worked on local.toml's database alone.
+    """
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None and value != first and getattr(namespace, "configTwice", None) is None:
+            namespace.configTwice = (first, value)
+        setattr(namespace, self.dest, value if first is None else first)
+
+
 def buildParser():
     parser = argparse.ArgumentParser(
         prog="mailgate",
@@ -129,6 +145,7 @@ def buildParser():
     parser.add_argument(
         "--config",
         metavar="FILE",
+        action=_OneConfig,
         help="the server's configuration file (twistd mailgate --config FILE): its database is "
         "used, so the URL and its password need not be repeated; the file is checked as the "
         "server checks it",
@@ -318,6 +335,13 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         if _readerGone(stdout):
             return EXIT_READER_GONE
         raise
+    if getattr(args, "configTwice", None) is not None:
+        first, second = args.configTwice
+        stderr.write(
+            f"mailgate: {_shown(f'--config given twice ({first}, then {second})')}: the command reads one "
+            "configuration file (mailgate --help lists the options)\n"
+        )
+        return EX_USAGE
     if args.command == "serve":
         if args.config is not None:
             # Before serve's own options, so that a --config of its own wins.
