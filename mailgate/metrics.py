@@ -277,6 +277,11 @@ class Metrics:
             [("pop3", "idle"), ("pop3", "login"), ("smtp", "idle"),
              ("smtp", "data_rate"), ("lmtp", "idle"), ("lmtp", "data_rate")],
         )
+        self._forbidden = _Series(
+            counter, "mailgate_forbidden_commands",
+            "Sessions ended at once for a line of another protocol (an HTTP request), by protocol.",
+            ["protocol"], PROTOCOLS,
+        )
         self._recipientsRefused = _Series(
             counter, "mailgate_recipients_refused", "RCPT commands refused, by protocol and reason.",
             ["protocol", "reason"],
@@ -350,7 +355,7 @@ class Metrics:
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
-            self._sendersRefused,
+            self._sendersRefused, self._forbidden,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -521,6 +526,15 @@ class Metrics:
         holding connections without using them.
         """
         self._count(self._timeouts, (_bounded(protocol, PROTOCOLS), _bounded(kind, TIMEOUT_KINDS)))
+
+    def forbiddenCommand(self, protocol):
+        """
+        A session was ended at once for a line of another protocol
+        (C{mailgate_forbidden_commands_total}): an HTTP request a browser or
+        proxy was made to send to a mail port (the ALPACA attack), or an
+        SMTP/LMTP line that begins with no letter.
+        """
+        self._count(self._forbidden, _bounded(protocol, PROTOCOLS))
 
     def recipientRefused(self, protocol, reason):
         """
@@ -966,8 +980,30 @@ class MetricsChannel(http.HTTPChannel):
         )
         self.transport.loseConnection()
 
+    _closingTimer = None
+
+    def timeoutConnection(self):
+        """
+        Close a connection idle for L{IDLE_TIMEOUT} seconds, as Twisted
+        does (what is unsent goes first, for C{abortTimeout} seconds at
+        most), without its log lines: "Timing out client:
+        IPv4Address(type='TCP', host='192.0.2.7', port=40112)", and
+        "Forcibly timing out client: ..." once those seconds ran out, an
+        info line per connection that any client of the port causes at will
+        (and a scraper whose interval is past the timeout at every scrape),
+        whose C{peer} in the JSON log was that Python text, not an address.
+        """
+        self.loseConnection()
+        if self.abortTimeout is not None:
+            self._closingTimer = self.callLater(self.abortTimeout, self._abortClosing)
+
+    def _abortClosing(self):
+        self._closingTimer = None
+        self.transport.abortConnection()
+
     def connectionLost(self, reason):
         self._requestTimer = cancelled(self._requestTimer)
+        self._closingTimer = cancelled(self._closingTimer)
         super().connectionLost(reason)
 
     def requestDone(self, request):

@@ -65,6 +65,7 @@ CONTRACT = {
     "mailgate_maildrop_locks": ("gauge", set()),
     "mailgate_bans": ("gauge", set()),
     "mailgate_timeouts": ("counter", {"protocol", "kind"}),
+    "mailgate_forbidden_commands": ("counter", {"protocol"}),
     "mailgate_database_writes_failing": ("gauge", {"reason"}),
     "mailgate_retention_removed_messages": ("counter", {"kind"}),
     "mailgate_retention_rounds": ("counter", {"result"}),
@@ -841,6 +842,37 @@ def test_anIdleConnectionIsClosedOnTheGivenReactor():
     assert not transport.disconnecting
     clock.advance(2)
     assert transport.disconnecting
+    site.stopFactory()
+
+
+def test_anIdleConnectionIsClosedWithoutALogLine():
+    """
+    A connection idle past L{IDLE_TIMEOUT} (a scraper whose interval is
+    longer, a client that opened it and sent nothing more) is closed
+    without a log line, and aborted if its answers are still unsent
+    C{abortTimeout} seconds later, without one either: Twisted logged
+    "Timing out client: IPv4Address(...)" and "Forcibly timing out
+    client: ...", with that Python text as the JSON log's C{peer}.
+    """
+    clock = Clock()
+    site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
+    site.startFactory()
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+        clock.advance(IDLE_TIMEOUT - 1)
+        assert not transport.disconnecting
+        clock.advance(2)
+        assert transport.disconnecting and not transport.disconnected
+        # A StringTransport never ends closing: a client that reads nothing.
+        clock.advance(protocol.wrappedProtocol.abortTimeout)
+        assert transport.disconnected
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert [formatEvent(event) for event in events] == []
+    assert clock.getDelayedCalls() == []
     site.stopFactory()
 
 
