@@ -7,11 +7,17 @@ databases.
 """
 
 import hashlib
+import os
+import pwd
+import shutil
 import sqlite3
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from e2e import DEADLINE, MAILGATE, childEnvironment
 from e2e import mailgateHere as mailgate
 from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
@@ -396,3 +402,89 @@ def test_aBadTimeoutIsAUsageErrorBeforeTheDatabaseIsOpened(tmp_path):
                      ("604801", "at most 604800 seconds (0: no limit)")):
         assert mailgate(url, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
     assert not (tmp_path / "none.db").exists()
+
+
+def _backupOf(filledURL, tmp_path):
+    """
+    A backup of the database at C{filledURL}, made by C{mailgate db backup}
+    (in rollback-journal mode, as SQLite's backup leaves it).
+    """
+    backup = tmp_path / "backup.sqlite3"
+    code, out, err = mailgate(filledURL, "db", "backup", str(backup))
+    assert (code, err) == (0, ""), out
+    return backup
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aBackupIsCheckedAsItIsAndKeepsItsChecksum(filledURL, tmp_path):
+    """
+    C{db check} and C{db version} of a backup leave its octets as they
+    were: the check opened it to write, and put it in WAL mode, which
+    changed its header (and so its checksum) and left a -wal and -shm
+    beside it.
+    """
+    (tmp_path / "backups").mkdir()
+    backup = _backupOf(filledURL, tmp_path / "backups")
+    before = _digest(backup)
+    code, out, err = mailgate(f"sqlite:///{backup}", "db", "check", "--full")
+    assert (code, err) == (0, ""), out
+    assert out.splitlines()[-1].endswith(": sound (10 checks)")
+    assert mailgate(f"sqlite:///{backup}", "db", "version")[0] == 0
+    assert _digest(backup) == before
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as the user nobody")
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("owner", ["its owner", "another user"])
+def test_aFileThatMayOnlyBeReadIsChecked(filledURL, request, owner):
+    """
+    A backup or snapshot its reader may not write (chmod 0400 and the
+    reader's; 0444 and another user's), checked by a user who is not
+    root, in a directory he may not write: checked and sound, where it
+    was refused (exit 78, "cannot open SQLite database ... to write to
+    it").  The file is as it was.
+    """
+    nobody = pwd.getpwnam("nobody")
+    # Root's, and one nobody may reach (pytest's own are root's alone).
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o755)
+    backup = _backupOf(filledURL, directory)
+    if owner == "its owner":
+        os.chown(backup, nobody.pw_uid, nobody.pw_gid)
+        backup.chmod(0o400)
+    else:
+        backup.chmod(0o444)
+    before = _digest(backup)
+    for argv in (("db", "check"), ("db", "version")):
+        done = subprocess.run(
+            [MAILGATE, "--database", f"sqlite:///{backup}", *argv], capture_output=True, text=True,
+            timeout=DEADLINE, env=childEnvironment(), user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+        )
+        assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    assert done.stdout.startswith(f"schema version {LATEST} ")
+    assert _digest(backup) == before
+    assert sorted(p.name for p in directory.iterdir()) == ["backup.sqlite3"]
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aLiveDatabaseIsCheckedWithItsLatestCommits(filledURL):
+    """
+    Beside a server holding the database open, whose latest commits are in
+    its write-ahead log still (not checkpointed into the file): the
+    read-only check reads them, and finds what they did (a user removed
+    by hand, his messages left).
+    """
+    path = engineFromURL(filledURL).path
+    server = sqlite3.connect(path, isolation_level=None)
+    try:
+        server.execute("PRAGMA wal_autocheckpoint = 0")
+        server.execute("PRAGMA foreign_keys = OFF")
+        server.execute("DELETE FROM users WHERE address = ?", (BOB,))
+        assert Path(path + "-wal").stat().st_size > 0
+        code, out, err = mailgate(filledURL, "db", "check")
+    finally:
+        server.close()
+    assert code == 65, (out, err)
+    assert "messages and their users: " in out and "messages and their users: ok" not in out

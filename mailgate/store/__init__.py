@@ -28,12 +28,16 @@ from mailgate.urls import shownURL
 DEFAULT_DATABASE = "sqlite:///mailgate.sqlite3"
 
 
-def engineFromURL(url, readsOnly=False):
+def engineFromURL(url, readsOnly=False, writesNothing=False):
     """
     The engine a database URL names.
 
     @param readsOnly: whether what is done through it only reads: on
         PostgreSQL, a standby then serves it too.
+    @param writesNothing: whether nothing at all is written through it,
+        no migration either: an SQLite file is then opened read-only,
+        changing nothing in it (not even its journal mode), and a file
+        this process may only read is read.
 
     @raise ConfigurationError: for an unknown scheme or a malformed URL.
     """
@@ -53,7 +57,7 @@ def engineFromURL(url, readsOnly=False):
             raise ConfigurationError(f"bad SQLite URL {shownURL(url)!r}: no file name")
         from mailgate.store.sqlite import SQLiteEngine
 
-        return SQLiteEngine(path)
+        return SQLiteEngine(path, readOnly=writesNothing)
     if scheme in ("postgresql", "postgres"):
         try:
             from mailgate.store.postgres import PostgresEngine
@@ -108,7 +112,9 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     """
     if adopt is None:
         adopt = create
-    engine = engineFromURL(url, readsOnly=readsOnly)
+    # A command that only reads and migrates nothing (db check, db
+    # version) writes nothing: a backup it checks keeps its checksum.
+    engine = engineFromURL(url, readsOnly=readsOnly, writesNothing=readsOnly and not migrate)
     if not create and _missingFile(engine):
         raise NoSuchDatabase(f"no such database file: {engine.path}")
     # Before a connection: SQLite opens a database its user may not write

@@ -21,6 +21,7 @@ import sqlite3
 import stat
 import struct
 import time
+from urllib.parse import quote
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -39,6 +40,7 @@ SQLITE_IOERR = 10
 SQLITE_FULL = 13
 SQLITE_CANTOPEN = 14
 SQLITE_BUSY = 5
+SQLITE_READONLY = 8
 
 
 #: Free octets below which a filesystem counts as full: less than SQLite
@@ -131,6 +133,20 @@ def createPrivately(path):
         os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)
+
+
+def _readOnlyURI(path):
+    """
+    The URI that opens the SQLite file C{path} read-only (C{mode=ro}):
+    nothing in it is written, its journal mode included, and a file this
+    process may only read (a snapshot, chmod 0400, another user's) is
+    read.  Not C{immutable=1}: a server may be writing the file meanwhile
+    (WAL), whose latest commits are in its C{-wal}, which a read-only
+    connection reads through the C{-shm} as any other (SQLite 3.22 and
+    later read a WAL database whose C{-shm} they may not write, and make
+    the C{-shm} where there is none and they may).
+    """
+    return "file:" + quote(os.path.abspath(path), safe="/") + "?mode=ro"
 
 
 #: the files SQLite keeps beside the database, holding its latest writes
@@ -322,9 +338,12 @@ class SQLiteEngine:
         "uidl_list": "group_concat(uidl, ' ')",
     }
 
-    def __init__(self, path, readers=2):
+    def __init__(self, path, readers=2, readOnly=False):
         self.path = path
         self.ephemeral = path == ":memory:"
+        #: opened read-only (L{_readOnlyURI}): a command that only reads
+        #: changes nothing in the file, and reads one it may not write
+        self.readOnly = readOnly and not self.ephemeral and not path.startswith("file:")
         self._guard = None
         # WAL lets readers work while the single writer commits; an
         # in-memory database lives in one connection, so it has none.
@@ -334,16 +353,20 @@ class SQLiteEngine:
         return f"sqlite:///{self.path}"
 
     def _connectArguments(self):
-        return (self.path,), {
+        kwargs = {
             "check_same_thread": False,
             "isolation_level": None,  # we issue BEGIN ourselves
             "timeout": BUSY_TIMEOUT_MS / 1000,
         }
+        if self.readOnly:
+            return (_readOnlyURI(self.path),), dict(kwargs, uri=True)
+        return (self.path,), kwargs
 
     def connect(self):
         args, kwargs = self._connectArguments()
         try:
-            createPrivately(self.path)
+            if not self.readOnly:
+                createPrivately(self.path)
             narrowSideFiles(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
@@ -352,6 +375,8 @@ class SQLiteEngine:
                 raise self._noDescriptors(e.strerror) from e
             raise
         except sqlite3.Error as e:
+            if self.readOnly and _primaryCode(e) in (SQLITE_READONLY, SQLITE_CANTOPEN):
+                return self._connectUnchangeable(e, args, kwargs)
             if _primaryCode(e) in (SQLITE_FULL, SQLITE_IOERR):
                 raise self._unusableForNow(e) from e
             if _primaryCode(e) == SQLITE_CANTOPEN and outOfDescriptors():
@@ -373,6 +398,34 @@ class SQLiteEngine:
                 ) from e
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._openHint()}") from e
         return conn
+
+    def _connectUnchangeable(self, error, args, kwargs):
+        """
+        Open read-only a WAL database whose C{-shm} SQLite cannot make: it
+        may not create files in the directory.  On a filesystem mounted
+        read-only (a snapshot) with no C{-wal} beside the file, nothing
+        writes it meanwhile: it is read as it is (C{immutable=1}).  Else
+        said, with what to do.
+        """
+        directory = self._directory()
+        wal = os.path.exists(self.path + "-wal")
+        try:
+            frozen = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        except OSError:
+            frozen = False
+        if frozen and not wal:
+            try:
+                conn = sqlite3.connect(args[0] + "&immutable=1", **kwargs)
+                self.onConnect(conn)
+                return conn
+            except sqlite3.Error as e:
+                raise ConfigurationError(f"cannot open SQLite database {self.path} to read it: {e}") from e
+        user = _userName(os.geteuid())
+        raise ConfigurationError(
+            f"cannot open SQLite database {self.path} to read it: {error} (it is in WAL mode, and {user} may "
+            f"not create its -shm in {directory}: run this as the database's owner, or copy the "
+            f"file{' and its -wal' if wal else ''} where {user} may write)"
+        ) from error
 
     def _noDescriptors(self, error):
         """
@@ -437,7 +490,7 @@ class SQLiteEngine:
         and C{mailgate deliver} exited 75, which an MTA retries until it
         bounces.  Said as a failure to open it would be: exit 78.
         """
-        if self.ephemeral or self.path.startswith("file:"):
+        if self.ephemeral or self.path.startswith("file:") or self.readOnly:
             return
         for name in (self.path, self.path + "-wal", self.path + "-shm"):
             if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK, **_EFFECTIVE):
@@ -465,6 +518,15 @@ class SQLiteEngine:
         the admin command and the server can write the same file.
         """
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if self.readOnly:
+            # Its journal mode as it is: a backup (rollback journal) put in
+            # WAL mode had its header, and so its checksum, changed by a
+            # check that says it changes nothing.
+            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+            # Read now: a file SQLite cannot read as it is says so here,
+            # not as a missing table later.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return
         if self.path != ":memory:":
             mode = _switchToWAL(conn)
             if mode.lower() != "wal":
