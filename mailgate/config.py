@@ -1610,7 +1610,7 @@ LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "metrics")
 #: apply there at once, while a running server takes them at its restart
 COMMAND_SETTINGS = frozenset({
     "default-quota", "expire-days", "keep-deleted-days", "quota-warning", "duplicate-window",
-    "recipient-delimiter", "quota-exceeded", "hostname", "spool-directory",
+    "recipient-delimiter", "quota-exceeded", "hostname", "spool-directory", "postmaster", "domain",
 })
 
 

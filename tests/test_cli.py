@@ -2043,6 +2043,45 @@ def test_deliverWithTheServersFileFindsTheUserOfADetail(tmp_path):
     assert CLI(database)("deliver", detail, stdin=b"Subject: x\n\nx\n").code == 67
 
 
+def test_deliverWithTheServersFileFindsRecipientsAsLMTPDoes(tmp_path):
+    """
+    C{mailgate --config FILE deliver} finds recipients as the server's
+    LMTP finds them: mail to postmaster (postmaster@ an accepted domain
+    without a user of that name, or RFC 5321's domainless one) is the
+    file's C{postmaster} user's, and a domain the file's C{domain} list
+    does not name is refused.  The file's postmaster was ignored:
+    postmaster@example.org exited 67 (the MTA bounced it) while LMTP
+    delivered it to the configured user.
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\npostmaster = "{ALICE}"\ndomain = ["example.org"]\n')
+
+    def mailgate(*argv, stdin=""):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=_stdin(stdin.encode()), stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    for recipient in ("postmaster@example.org", "PostMaster@Example.org", "postmaster"):
+        delivered = mailgate("deliver", "-f", "bob@example.net", recipient, stdin="Subject: abuse\n\nhello\n")
+        assert (delivered.code, delivered.out[: len(f"delivered to {ALICE} ")]) == (0, f"delivered to {ALICE} "), delivered
+    shown = CLI(database)("mailbox", "show", ALICE, "1")
+    assert "\r\n\tfor <postmaster@example.org>; " in shown.out, shown.out
+    # A user of ALICE's name in another domain is not this server's mail.
+    CLI(database).add("alice@example.net", PASSWORD)
+    refused = mailgate("deliver", "alice@example.net", stdin="Subject: x\n\nx\n")
+    assert (refused.code, refused.out, refused.err) == (
+        67, "", "mailgate: no such user: alice@example.net (relay access denied)\n"
+    )
+    # Without the file's postmaster, mail to postmaster is no one's, as
+    # over LMTP (550 5.1.1).
+    config.write_text(f'database = "sqlite:///{database}"\n')
+    refused = mailgate("deliver", "postmaster@example.org", stdin="Subject: x\n\nx\n")
+    assert (refused.code, refused.out) == (67, ""), refused
+    assert refused.err.startswith("mailgate: no such user: postmaster@example.org (no postmaster mailbox here")
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

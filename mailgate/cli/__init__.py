@@ -398,7 +398,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             if args.config is not None:
                 values = _configValues(args.config)
                 store.limits = _configLimits(values)
+                # Recipients are found as the server's LMTP finds them
+                # (deliver: postmaster@, details, the accepted domains).
                 args.recipientDelimiter = values.get("recipient-delimiter")
+                args.postmaster = values.get("postmaster")
+                args.domains = values.get("domain")
                 # How the server refuses a full mailbox (deliver's exit 77
                 # for "permanent", 75 else).
                 args.quotaExceeded = values.get("quota-exceeded")

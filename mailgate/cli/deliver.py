@@ -4,10 +4,9 @@ C{mailgate deliver}: a message from standard input into local maildrops,
 for an MTA's pipe transport.
 """
 
-from mailgate.address import asciiDomain, normalizeAddress, userOfADetail, withoutDetail
 from mailgate.cli import audit
 from mailgate.cli.common import CommandError, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, _result
-from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded
+from mailgate.errors import NoSuchUser, QuotaExceeded
 from mailgate.message import spoolFile
 from mailgate.records import AlreadyDelivered
 
@@ -74,45 +73,59 @@ def _largerThanEveryQuota(store, addresses, size):
     return True
 
 
-def _recipient(store, address, delimiter):
+class _Directory:
     """
-    The user C{address} is for: its own, or with the server's
-    C{recipient-delimiter} (given the server's configuration file) the
-    user it names with a detail, as SMTP and LMTP find it.
+    The store as L{LocalDelivery} asks it who a recipient is (its users
+    and their domains), without the quotas it would check at RCPT: here
+    the delivery below checks them, and says so in deliver's own exit
+    statuses (a full mailbox among other recipients with room is 75,
+    whatever C{quota-exceeded} says, as SMTP's end of DATA has it).
     """
-    if _result(store.findUser(address)) is not None:
-        return address
-    user = withoutDetail(address, delimiter)
-    if user is not None and _result(store.findUser(user)) is not None:
-        return user
-    raise CommandError(f"no such user: {address}", EX_NOUSER)
+
+    def __init__(self, store):
+        self.findUser = store.findUser
+        self.hasDomain = store.hasDomain
+
+
+def _recipients(store, args):
+    """
+    The users C{args.addresses} are for, and those addresses as named for
+    the C{Received:} field's C{for} clause: found as the server's SMTP and
+    LMTP find them (L{LocalDelivery.checkRecipient}), given the server's
+    configuration file (its C{domain}s, C{postmaster} and
+    C{recipient-delimiter}): postmaster@ an accepted domain with no user
+    of that name was no such user here (67, a bounce) and the configured
+    user's mail over LMTP.
+
+    @raise CommandError: one is no user's (67), or the store failed.
+    """
+    from mailgate.smtp.delivery import LocalDelivery
+    from mailgate.smtp.envelope import SMTPReply, forwardPath
+
+    delivery = LocalDelivery(
+        _Directory(store), getattr(args, "domains", None) or None, postmaster=getattr(args, "postmaster", None),
+        recipientDelimiter=getattr(args, "recipientDelimiter", None),
+    )
+    addresses, named = [], []
+    for text in args.addresses:
+        try:
+            address = _result(delivery.checkRecipient(text))
+        except SMTPReply as e:
+            # 550 5.1.1 (no such user, no postmaster) or 5.7.1 (a domain
+            # not accepted): LMTP's refusal, an unknown addressee here.
+            reason = e.text.partition(": ")[2]
+            why = "" if reason == "no such user here" else f" ({reason})"
+            raise CommandError(f"no such user: {text}{why}", EX_NOUSER) from None
+        addresses.append(address)
+        named.append(forwardPath(text, address))
+    # All or nothing: an unknown recipient fails the delivery before any copy
+    # is stored, so the MTA's bounce tells the whole truth.
+    return list(dict.fromkeys(addresses)), list(dict.fromkeys(named))
 
 
 def _deliver(store, args, out, stdin):
-    delimiter = getattr(args, "recipientDelimiter", None)
-    addresses = []
-    for text in args.addresses:
-        # A domain in Unicode (an MTA's ${recipient} of SMTPUTF8 mail) is
-        # the domain its A-labels name, as SMTP and LMTP take it.
-        local, at, domain = text.rpartition("@")
-        if at and domain:
-            text = f"{local}@{asciiDomain(domain) or domain}"
-        try:
-            addresses.append(normalizeAddress(text))
-        except InvalidAddress as e:
-            # No address as a whole (bob+café@): the user it names with a
-            # detail, if it does, as SMTP and LMTP find it.
-            user = userOfADetail(text, delimiter)
-            if user is None:
-                raise CommandError(str(e), EX_NOUSER)
-            addresses.append(user)
-    # All or nothing: an unknown recipient fails the delivery before any copy
-    # is stored, so the MTA's bounce tells the whole truth.
     sender = None if args.sender is None else _sender(args.sender)
-    # As the MTA named them, details and all, for the Received field's
-    # "for" clause (as SMTP and LMTP write it).
-    named = list(dict.fromkeys(addresses))
-    addresses = list(dict.fromkeys(_recipient(store, address, delimiter) for address in addresses))
+    addresses, named = _recipients(store, args)
     trace = ()
     if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came
