@@ -466,9 +466,15 @@ def test_anAtInThePasswordIsRefusedWithoutConnecting():
 # URLs libpq cannot read at all, which the server refuses at its start
 # (exit 78), each with the password "s3cret" and what libpq says of it.
 UNPARSABLE_URLS = {
-    "unknown parameter": ("postgresql://mailgate:s3cret@db.internal/mail?foo=bar", 'invalid URI query parameter: "foo"'),
-    "leading space": (" postgresql://mailgate:s3cret@db.internal/mail", 'missing "=" after "postgresql://mailgate:***@'),
-    "%zz in the password": ("postgresql://mailgate:s3cret%zz@db.internal/mail", 'invalid percent-encoded token: "***"'),
+    "unknown parameter": (
+        "postgresql://mailgate:s3cret@db.internal/mail?foo=bar", 'invalid URI query parameter: "foo"'
+    ),
+    "leading space": (
+        " postgresql://mailgate:s3cret@db.internal/mail", 'missing "=" after "postgresql://mailgate:***@'
+    ),
+    "%zz in the password": (
+        "postgresql://mailgate:s3cret%zz@db.internal/mail", 'invalid percent-encoded token: "***"'
+    ),
 }
 
 
