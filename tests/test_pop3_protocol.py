@@ -853,6 +853,98 @@ def test_aPasswordThatIsNotUTF8IsAPassword(store):
     assert s.send(b"pass p\xe4ss\r\n").startswith(b"+OK erin@example.org has 0 ")
 
 
+FOREIGN = b"-ERR this is a POP3 server, and that line is no POP3 command; closing the connection\r\n"
+
+
+def forbiddenLines(logEvents):
+    return [formatEvent(e) for e in logEvents if e.get("event") == "session.forbidden_command"]
+
+
+def test_anHTTPRequestEndsTheSessionBeforeItsBodyRuns(session, logEvents):
+    """
+    The ALPACA attack's request: a browser made to POST to a POP3 port
+    (over TLS, with a certificate that names the web site too) whose body
+    holds POP3 commands.  Its request line ends the session at once with
+    one -ERR that names nothing of it; the body's USER and PASS never run
+    (no login attempt is logged or counted); one line is logged, with the
+    client's address and the method alone, and the session is counted.
+    It was: four -ERR for the HTTP lines, then the body's commands run.
+    """
+    body = f"USER {ALICE}\r\nPASS wonderland\r\nLIST\r\nQUIT\r\n".encode()
+    request = (
+        b"POST / HTTP/1.1\r\nHost: pop.example.org:995\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    assert session.send(request) == FOREIGN
+    assert session.disconnected
+    assert forbiddenLines(logEvents) == [
+        "pop3 forbidden command peer=127.0.0.1:40000 why='HTTP request' verb=POST: session closed"
+    ]
+    assert not [e for e in logEvents if str(e.get("event")).startswith(("pop3.login", "auth."))]
+    assert ALICE not in repr(logEvents) and "wonderland" not in repr(logEvents)
+    registry = session.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_forbidden_commands_total", {"protocol": "pop3"}) == 1
+    assert registry.get_sample_value("mailgate_pop3_commands_total", {"command": "OTHER"}) == 1
+    assert registry.get_sample_value("mailgate_pop3_commands_total", {"command": "USER"}) == 0
+    assert not any(
+        sample.value for metric in registry.collect() if metric.name == "mailgate_logins"
+        for sample in metric.samples if sample.name == "mailgate_logins_total"
+    )
+
+
+@pytest.mark.parametrize("method", ["CONNECT", "GET", "POST", "PUT", "HEAD", "OPTIONS", "DELETE", "PATCH", "TRACE"])
+def test_everyHTTPMethodEndsTheSession(session, method):
+    assert session.send(f"{method} / HTTP/1.1\r\nCAPA\r\n".encode()) == FOREIGN
+    assert session.disconnected
+
+
+@pytest.mark.parametrize("line", ["get / HTTP/1.1", "GET", "GETX / HTTP/1.1", "POST\t/ HTTP/1.1"])
+def test_whatIsNoHTTPRequestLineIsAnUnknownCommand(session, line):
+    """
+    HTTP sends its methods in upper case, a space after: anything else is
+    a command of no name, refused as before, and the session goes on.
+    """
+    assert session.command(line) == "-ERR unknown command\r\n"
+    assert not session.disconnected
+
+
+def test_anHTTPHeaderEndsTheSessionBeforeAnyCommand(session, logEvents):
+    """
+    A header field line ends a session in which no POP3 command came yet
+    (an HTTP request whose first line was not seen as one), its field
+    name not logged; after a command, it is an unknown command.
+    """
+    assert session.command("PROPFIND / HTTP/1.1") == "-ERR unknown command\r\n"
+    assert session.send(b"User-Agent: Mozilla/5.0\r\nCAPA\r\n") == FOREIGN
+    assert session.disconnected
+    assert forbiddenLines(logEvents) == [
+        "pop3 forbidden command peer=127.0.0.1:40000 why='HTTP header': session closed"
+    ]
+
+
+def test_anHTTPHeaderAfterACommandIsAnUnknownCommand(session):
+    assert session.command("CAPA").startswith("+OK")
+    assert session.command("Host: pop.example.org") == "-ERR unknown command\r\n"
+    assert not session.disconnected
+
+
+def test_anHTTPRequestAfterLoginEndsTheSessionAndReleasesTheMaildrop(store, alice, logEvents):
+    """
+    Logged in, the same: the session ends without the UPDATE state (the
+    message marked deleted stays), its logout line says why, and the
+    maildrop is free for the next session at once.
+    """
+    deliver(store, [ALICE], b"Subject: one\r\n\r\nbody\r\n")
+    s = logged_in(store)
+    assert s.command("DELE 1").startswith("+OK")
+    assert s.send(b"GET / HTTP/1.1\r\nQUIT\r\n") == FOREIGN
+    assert s.disconnected
+    [logout] = [formatEvent(e) for e in logEvents if e.get("event") == "pop3.logout"]
+    assert f"pop3 logout user={ALICE} peer=127.0.0.1:40000 reason='forbidden command' " in logout, logout
+    again = logged_in(store)
+    assert again.command("STAT").startswith("+OK 1 ")
+
+
 def test_tooManyBadCommandsCloseTheSession(session):
     for _ in range(POP3Server.maxBadCommands - 1):
         session.command("BOGUS")

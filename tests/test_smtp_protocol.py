@@ -15,7 +15,9 @@ import sqlite3
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
 
 from mailgate.logs import eventAsJSONLine
 from mailgate.smtp.protocol import SMTPServer
@@ -925,30 +927,153 @@ def test_endlessCommandLineInOnePacket(users):
     "garbage, text",
     [
         (b"MAIL FROM:<a\x00b@remote.test>", "invalid characters in command"),
-        (b"\x00\x00\x00", "invalid characters in command"),
         (b"NOOP\x1b[2J", "invalid characters in command"),
         (b"NOOP\rRSET", "invalid characters in command"),
-        (b"\x7fELF\x02\x01", "invalid characters in command"),
-        (b"\xff\xfe\xfd\xfc", "command is not valid UTF-8"),
+        (b"X\x7fELF\x02\x01", "invalid characters in command"),
+        (b"X\xff\xfe\xfd\xfc", "command is not valid UTF-8"),
         (b"MAIL FROM:<\xe9@remote.test>", "command is not valid UTF-8"),
-        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "invalid characters in command"),
-        (b"GET / HTTP/1.1", "command not recognized"),
+        (b"get / HTTP/1.1", "command not recognized"),
         (b"", "command not recognized"),
+        (b"   ", "command not recognized"),
+        (b" NOOP", "command not recognized"),
     ],
 )
 def test_garbage(users, garbage, text):
+    """
+    A line that begins with a letter (or is empty, or begins with spaces
+    before a letter, as Postfix's Bogus rule reads it) is refused and the
+    session goes on; see test_aLineThatBeginsWithNoLetterEndsTheSession.
+    """
     s = session(users)
     assert s.send(garbage + b"\r\n") == f"500 5.5.2 {text}\r\n".encode()
     assert not s.disconnected
     assert s.command("NOOP") == "250 2.0.0 OK\r\n"
 
 
+#: An HTTP request a browser or proxy is made to send to an SMTP or LMTP
+#: port (the HTTP-to-SMTP form smuggling, ALPACA): its body is a mail
+#: transaction, each line of it a command if the server reads on.
+SMUGGLED = (
+    b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<" + ALICE.encode() + b">\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsent by a browser\r\n.\r\nQUIT\r\n"
+)
+HTTP_POST = (
+    b"POST /send HTTP/1.1\r\nHost: mail.example.org:25\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(SMUGGLED)
+) + SMUGGLED
+
+
+def forbiddenLines(logEvents):
+    return [formatEvent(e) for e in logEvents if e.get("event") == "session.forbidden_command"]
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+def test_anHTTPRequestEndsTheSessionBeforeItsBodyRuns(users, dbpath, logEvents, protocol):
+    """
+    An HTTP request line ends the session at once with 421 4.7.0, whether
+    sent first or after commands: no line of the request's body runs (no
+    message is stored), the session is logged once, with who sent it and
+    the method alone, and counted.  It was answered 500 line by line, and
+    the body's transaction delivered the message.  LMTP too: an LMTP port
+    reachable by mistake is no less open to it.
+    """
+    kind = protocol.upper()
+    s = SMTPSession(users, lmtp=protocol == "lmtp")
+    assert s.send(HTTP_POST) == f"421 4.7.0 mailgate.test that line is no {kind} command, closing connection\r\n".encode()
+    assert s.disconnected
+    assert storedMessages(dbpath, ALICE) == []
+    [line] = forbiddenLines(logEvents)
+    assert line == f"{protocol} forbidden command peer=127.0.0.1:40000 why='HTTP request' verb=POST: session closed"
+    s.protocol.connectionLost(Failure(ConnectionDone()))
+    [end] = [formatEvent(e) for e in logEvents if e.get("event") == f"{protocol}.disconnect"]
+    assert "reason='forbidden command' commands=1 errors=1 " in end, end
+    registry = s.factory.metrics.registry
+    assert registry.get_sample_value("mailgate_forbidden_commands_total", {"protocol": protocol}) == 1
+
+    # After commands, in a session whose transaction is under way: the
+    # same, and the transaction is dropped.
+    s = session(users) if protocol == "smtp" else lmtp(users)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert s.command(f"RCPT TO:<{ALICE}>").startswith("250")
+    assert lines(s.send(b"GET / HTTP/1.0\r\nDATA\r\nSubject: x\r\n\r\n.\r\n")) == [
+        f"421 4.7.0 mailgate.test that line is no {kind} command, closing connection"
+    ]
+    assert storedMessages(dbpath, ALICE) == []
+    assert s.factory.metrics.registry.get_sample_value(
+        "mailgate_forbidden_commands_total", {"protocol": protocol}
+    ) == 1
+
+
+@pytest.mark.parametrize("method", ["CONNECT", "GET", "POST", "PUT", "HEAD", "OPTIONS", "DELETE", "PATCH", "TRACE"])
+def test_everyHTTPMethodEndsTheSession(users, method):
+    s = session(users)
+    assert s.send(f"{method} http://mail.example.org/ HTTP/1.1\r\nNOOP\r\n".encode()) == (
+        b"421 4.7.0 mailgate.test that line is no SMTP command, closing connection\r\n"
+    )
+    assert s.disconnected
+
+
+def test_anHTTPHeaderEndsTheSessionBeforeAnyCommand(users, logEvents):
+    """
+    A header field line (an HTTP request whose first line was not seen as
+    one: another method, a proxy's) ends a session in which no SMTP
+    command came yet; after one, it is refused as any unknown command (a
+    client that sends its message after a refused DATA), and its field
+    name is not logged.
+    """
+    s = SMTPSession(users)
+    assert s.send(b"Host: mail.example.org\r\nEHLO client.test\r\n") == (
+        b"421 4.7.0 mailgate.test that line is no SMTP command, closing connection\r\n"
+    )
+    assert s.disconnected
+    assert forbiddenLines(logEvents) == [
+        "smtp forbidden command peer=127.0.0.1:40000 why='HTTP header': session closed"
+    ]
+    s = session(users)
+    assert s.command("Subject: hello") == "500 5.5.2 command not recognized\r\n"
+    assert not s.disconnected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"\x00\x00\x00",
+        b"\x7fELF\x02\x01",
+        b"\xff\xfe\xfd\xfc",
+        b"220 other.example.net ESMTP ready",
+        b".",
+        b"<html>",
+        b"  -- boundary",
+        b"\t1",
+    ],
+)
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+def test_aLineThatBeginsWithNoLetterEndsTheSession(users, logEvents, protocol, line):
+    """
+    As Postfix's smtpd_forbidden_commands default (its Bogus rule): a
+    line whose first word begins with no letter is no command of SMTP's
+    or LMTP's (a TLS handshake sent to a cleartext port, another server's
+    greeting echoed, a message's text sent after a refused DATA), and
+    ends the session; nothing of it is logged.  It was refused line by
+    line, up to 20.
+    """
+    s = session(users) if protocol == "smtp" else lmtp(users)
+    assert s.send(line + b"\r\nNOOP\r\n") == (
+        f"421 4.7.0 mailgate.test that line is no {protocol.upper()} command, closing connection\r\n".encode()
+    )
+    assert s.disconnected
+    assert forbiddenLines(logEvents) == [
+        f"{protocol} forbidden command peer=127.0.0.1:40000 why='no command': session closed"
+    ]
+
+
 def test_tooManyErrorsCloseTheSession(users):
     s = session(users)
     for _ in range(SMTPServer.maxBadCommands - 1):
-        assert s.send(b"\xff\r\n") == b"500 5.5.2 command is not valid UTF-8\r\n"
+        assert s.send(b"X\xff\r\n") == b"500 5.5.2 command is not valid UTF-8\r\n"
         assert not s.disconnected
-    assert lines(s.send(b"\xff\r\n")) == [
+    assert lines(s.send(b"X\xff\r\n")) == [
         "500 5.5.2 command is not valid UTF-8",
         "421 4.7.0 mailgate.test too many errors, closing connection",
     ]

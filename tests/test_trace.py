@@ -373,12 +373,14 @@ def test_aMessageSentAfterARefusedDATAIsNotTraced(store, alice, logEvents, recip
         s.command("MAIL FROM:<sender@remote.test>")
         assert s.command(f"RCPT TO:<{recipient}>").startswith("550")
     assert s.command("DATA")[:3] in ("503", "554")
-    for line in BODY.decode().split("\r\n")[:-1] + ["."]:
+    # (Its final "." would end the session: a line that begins with no
+    # letter is no SMTP command, see test_smtp_protocol.)
+    for line in BODY.decode().split("\r\n")[:-1]:
         assert s.command(line).startswith("500")
     s.command("NOOP")
     lines = [line for line in traced(logEvents) if line.startswith("C: ")]
     hidden = "C: <not a command: hidden after a refused DATA>"
-    assert lines[-6:] == ["C: DATA", hidden, hidden, hidden, hidden, "C: NOOP"], lines
+    assert lines[-5:] == ["C: DATA", hidden, hidden, hidden, "C: NOOP"], lines
     neverShown(logEvents, "secret body", "private")
 
 

@@ -287,6 +287,14 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._err("too many bad commands; closing the connection")
         self._endSession("too many bad commands")
 
+    def foreignLineRefused(self, why):
+        # Counted as a line that names no POP3 command, as any is.  The
+        # reply names no part of the line: nothing the client sent comes
+        # back to it (a browser shows what it reads).
+        self._countOther()
+        self._err("this is a POP3 server, and that line is no POP3 command; closing the connection")
+        self._endSession("forbidden command")
+
     def internalError(self):
         self._err(unavailable("internal server error"))
 

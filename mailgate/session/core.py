@@ -21,6 +21,9 @@ L{CommandSession} owns, once for every protocol:
     the verb C{MAIL} runs C{smtp_MAIL} when L{commandPrefix} is C{"smtp_"}.
   - B{Limits}, as named class attributes a factory may override, and the
     bad-command count that closes a session.
+  - B{Lines of another protocol} (L{foreignLine}): an HTTP request that a
+    browser or proxy was made to send here ends the session at once, its
+    body's lines never run as commands (see L{_endForeign}).
   - B{Bounded memory.}  The session is its transport's streaming producer:
     while the transport holds more unsent output than its buffer size
     (64 KiB on TCP), the session stops running queued commands and stops
@@ -51,7 +54,7 @@ import re
 import ssl
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
@@ -68,6 +71,11 @@ from mailgate.timers import elapsedClock
 from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: An HTTP request line, as a browser or proxy sends it: a method of RFC
+#: 9110 section 9.3 (or PATCH, RFC 5789) in upper case, then a space.
+_HTTP_REQUEST = re.compile(rb"(?:CONNECT|GET|POST|PUT|HEAD|OPTIONS|DELETE|PATCH|TRACE) ")
+#: An HTTP header field line (RFC 9110 section 5.1): a token, then a colon.
+_HTTP_HEADER = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:")
 
 #: Input waiting below this many octets is joined to the next read by
 #: copying (a line in pieces); above, it grows in place (a bytearray).
@@ -86,7 +94,7 @@ class CommandError(Exception):
     """
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
+@implementer(IPushProducer, IHalfCloseableProtocol, IHandshakeListener)
 class CommandSession(Protocol):
     """
     One command session.  Subclasses set the class attributes and provide
@@ -168,6 +176,8 @@ class CommandSession(Protocol):
         self._streaming = False
         self._expireAfterCommand = False
         self._badCommands = 0
+        # A command of the protocol's has been seen (see foreignLine).
+        self._spoken = False
         self._idle = None
         self._out = None
         self.rawReceiver = None
@@ -219,6 +229,14 @@ class CommandSession(Protocol):
         """
         Say goodbye to a client that sent L{maxBadCommands} bad commands;
         the core closes the session.
+        """
+        raise NotImplementedError()
+
+    def foreignLineRefused(self, why):
+        """
+        Say goodbye to a client that sent a line of another protocol
+        (L{foreignLine}; C{why} is its C{"HTTP request"} ...); the core
+        logs it and closes the session.
         """
         raise NotImplementedError()
 
@@ -805,6 +823,9 @@ class CommandSession(Protocol):
         Run one command line (without its line end): check it, find the
         handler for its verb, call it with the rest of the line.
         """
+        foreign = self.foreignLine(line)
+        if foreign is not None:
+            return self._endForeign(*foreign)
         if _CONTROL.search(line):
             return self.unreadableLine(self.invalidCharacters)
         try:
@@ -817,7 +838,57 @@ class CommandSession(Protocol):
             # "R\u017fET" (a long s) would run as MAIL or RSET, where a
             # filter or proxy on the way sees another command.
             return self.unknownCommand(verb)
-        return self.dispatch(verb.upper(), argument)
+        verb = verb.upper()
+        if not self._spoken and self._isCommand(verb):
+            self._spoken = True
+        return self.dispatch(verb, argument)
+
+    def foreignLine(self, line):
+        """
+        Whether the command line C{line} (octets, without its line end) is
+        another protocol's, which ends the session at once: an HTTP request
+        line (C{POST / HTTP/1.1}, its method in upper case as HTTP sends
+        it), or, before any command of the session's protocol, an HTTP
+        header field (C{Host: ...}).
+
+        A browser made to send an HTTP request to a mail port (the ALPACA
+        attack, over TLS with a certificate that also names the web site;
+        the older HTTP-to-SMTP form posting) relies on the server answering
+        each line it cannot read with an error and reading on: the
+        request's body, its own lines (C{USER}, C{PASS}; C{MAIL}, C{RCPT},
+        C{DATA}), then runs as the session's commands.  As Postfix's
+        C{smtpd_forbidden_commands}, the session ends at the first line,
+        and nothing sent after it is run.
+
+        @return: C{None}, or why (C{"HTTP request"}, C{"HTTP header"}, or
+            a protocol's own reason) and the verb fit for the log (an HTTP
+            method, from the fixed set), or C{None}.
+        """
+        if _HTTP_REQUEST.match(line):
+            return "HTTP request", line.partition(b" ")[0].decode("ascii")
+        if not self._spoken and _HTTP_HEADER.match(line):
+            # (Its field name is not logged: who knows what it is.)
+            return "HTTP header", None
+        return None
+
+    def _endForeign(self, why, verb):
+        """
+        End the session for a line of another protocol (L{foreignLine}):
+        the protocol's goodbye, one C{session.forbidden_command} line
+        (who and why, the HTTP method at most: never the line, which may
+        hold anything), counted in C{mailgate_forbidden_commands_total}.
+        """
+        named = f" verb={verb}" if verb is not None else ""
+        self.logInfo(
+            "session.forbidden_command",
+            f"{self.protocolName} forbidden command peer={self.peerText} why={why!r}{named}: session closed",
+            why=why,
+            verb=verb,
+        )
+        self.factory.metrics.forbiddenCommand(self.protocolName)
+        self.foreignLineRefused(why)
+        self.close()
+        return None
 
     def notUTF8(self, line):
         """
@@ -1060,6 +1131,18 @@ class CommandSession(Protocol):
         # The reply goes out in the clear, before the handshake.
         self._out.flush()
         startTLS(self, tls, self._clock)
+
+    def handshakeCompleted(self):
+        """
+        The TLS handshake under this session completed (pop3s, STLS,
+        STARTTLS; the layer tells, as Twisted's IHandshakeListener): the
+        version negotiated is counted in
+        C{mailgate_tls_sessions_total{protocol,version}}, the clients a
+        higher C{--tls-min-version} would turn away.  The session's end
+        line names the version and cipher (L{mailgate.tls.negotiated}).
+        """
+        if self._admitted:
+            self.factory.metrics.tlsEstablished(self.protocolName, self.transport.version)
 
     # -- shutdown ----------------------------------------------------------------
 

@@ -366,6 +366,36 @@ class SMTPServer(CommandSession):
         self._ending("too many errors")
         self._reply(421, "4.7.0", f"{self.hostname} too many errors, closing connection")
 
+    def foreignLine(self, line):
+        """
+        An HTTP request or header (see L{CommandSession.foreignLine}), and,
+        as Postfix's C{smtpd_forbidden_commands} default (its C{Bogus}
+        rule, since 3.9), a line whose first word begins with no letter:
+        no SMTP or LMTP command does, and no MTA sends one (an empty line,
+        or spaces before a command, are refused as before, as Postfix
+        refuses them without ending the session).  Such a line is another
+        protocol's (a client's TLS handshake sent to a cleartext port),
+        another server's reply echoed back, or a message's text sent on
+        after a refused DATA, whose lines, run as commands, would act for
+        whoever wrote them.
+        """
+        found = super().foreignLine(line)
+        if found is None:
+            first = line.lstrip(b" \t")[:1]
+            if first and not first.isalpha():
+                return "no command", None
+        return found
+
+    def foreignLineRefused(self, why):
+        # 421 (RFC 5321 section 3.8: the reply the server may give to any
+        # command when it closes the connection), as mailgate's other ends
+        # of a session are; Postfix answers 221 2.7.0, which RFC 5321
+        # gives to QUIT.  Nothing of the line comes back in the reply.
+        self._tally["errors"] += 1
+        self._ending("forbidden command")
+        kind = "LMTP" if self.lmtp else "SMTP"
+        self._reply(421, "4.7.0", f"{self.hostname} that line is no {kind} command, closing connection")
+
     def internalError(self):
         self._reply(451, "4.3.0", "internal server error; try again later")
 
