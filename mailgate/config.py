@@ -1611,6 +1611,7 @@ LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "metrics")
 COMMAND_SETTINGS = frozenset({
     "default-quota", "expire-days", "keep-deleted-days", "quota-warning", "duplicate-window",
     "recipient-delimiter", "quota-exceeded", "hostname", "spool-directory", "postmaster", "domain",
+    "max-message-size",
 })
 
 

@@ -2082,6 +2082,65 @@ def test_deliverWithTheServersFileFindsRecipientsAsLMTPDoes(tmp_path):
     assert refused.err.startswith("mailgate: no such user: postmaster@example.org (no postmaster mailbox here")
 
 
+class _EndlessMessage(io.RawIOBase):
+    """
+    A message of C{size} octets on standard input, made as it is read,
+    which counts the octets read.
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self.given = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = min(len(buffer), self.size - self.given)
+        buffer[:count] = (b"Subject: big\n\n" + b"x" * count)[:count] if self.given == 0 else b"x" * count
+        self.given += count
+        return count
+
+
+def test_deliverWithTheServersFileRefusesAMessageOverItsMaxMessageSize(tmp_path):
+    """
+    C{mailgate --config FILE deliver} refuses a message larger than the
+    file's C{max-message-size}, counted as SMTP and LMTP count it (the
+    content with CRLF line ends, not the trace fields), as LMTP refuses it
+    with 552 5.3.4: exit 65 (the MTA bounces it), nothing stored, and
+    standard input read no further than the limit.  It was ignored: a 3 KB
+    message went in with 1K set.
+    """
+    database = tmp_path / "mail.sqlite3"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "sqlite:///{database}"\nmax-message-size = "1K"\n')
+
+    def mailgate(*argv, stdin=""):
+        stream = _stdin(stdin.encode()) if isinstance(stdin, str) else io.TextIOWrapper(io.BufferedReader(stdin))
+        out, err = io.StringIO(), io.StringIO()
+        code = run(["--config", str(config), *argv], stdin=stream, stdout=out, stderr=err, environ={})
+        return Result(code, out.getvalue(), err.getvalue())
+
+    assert mailgate("user", "add", ALICE, "--password-stdin", stdin=f"{PASSWORD}\n").code == 0
+    header = "Subject: x\n\n"
+    # 1024 octets as stored: 12 + 2 for the header's bare LFs, the body's
+    # line and its CRLF; the trace fields of -f are not counted.
+    exactly = header + "x" * (1024 - 14 - 2) + "\n"
+    assert mailgate("deliver", "-f", "bob@example.net", ALICE, stdin=exactly).code == 0
+    refusal = "mailgate: message size exceeds the limit of 1024 octets (max-message-size); nothing was delivered\n"
+    for message in (exactly.replace("\n", "x\n", 1), header + "x" * 3000 + "\n", header + "x" * 1011):
+        refused = mailgate("deliver", ALICE, stdin=message)
+        assert (refused.code, refused.out, refused.err) == (65, "", refusal), (len(message), refused)
+    assert len(CLI(database).messages(ALICE)) == 1
+    # Read no further than the limit: not the 64 MB offered.
+    endless = _EndlessMessage(64 << 20)
+    refused = mailgate("deliver", ALICE, stdin=endless)
+    assert (refused.code, refused.err) == (65, refusal), refused
+    assert endless.given <= 64 * 1024, endless.given
+    # Without the file, the server's limit is unknown: none applies.
+    assert CLI(database)("deliver", ALICE, stdin=(header + "x" * 3000 + "\n").encode()).code == 0
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

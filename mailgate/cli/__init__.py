@@ -409,6 +409,11 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 # The name the server's Received: fields give (deliver's too).
                 args.hostname = values.get("hostname")
                 args.spoolDirectory = values.get("spool-directory")
+                # The largest message the server's SMTP and LMTP take
+                # (deliver refuses a larger one, exit 65).
+                from mailgate.config import setting
+
+                args.maxMessageSize = values.get("max-message-size", setting("max-message-size").default)
         output = Output(stdout)
         audit.started(args)
         args.run(store, args, output, stdin)

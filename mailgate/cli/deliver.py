@@ -73,6 +73,39 @@ def _largerThanEveryQuota(store, addresses, size):
     return True
 
 
+class _BoundedInput:
+    """
+    Standard input read up to the server's C{max-message-size}: its octets
+    counted as they are stored (a bare LF as CRLF, as SMTP's and LMTP's
+    limit counts them), and no more read once they exceed it, so that a
+    message however large is never held, in memory or in the spool, past
+    the limit.
+
+    @ivar exceeded: the message is larger than the limit (what was read
+        past it was dropped).
+    """
+
+    def __init__(self, stream, limit):
+        self._stream = stream
+        self._limit = limit
+        self._octets = 0
+        self._afterCR = False
+        self.exceeded = False
+
+    def read(self, size):
+        if self.exceeded:
+            return b""
+        block = self._stream.read(max(1, min(size, self._limit + 1 - self._octets)))
+        if block:
+            bare = block.count(b"\n") - block.count(b"\r\n") - (self._afterCR and block[:1] == b"\n")
+            self._afterCR = block[-1:] == b"\r"
+            self._octets += len(block) + bare
+            if self._octets > self._limit:
+                self.exceeded = True
+                return b""
+        return block
+
+
 class _Directory:
     """
     The store as L{LocalDelivery} asks it who a recipient is (its users
@@ -145,11 +178,24 @@ def _deliver(store, args, out, stdin):
     # Keyed by what the MTA handed over: its retry of a delivery whose
     # outcome it did not learn (this command killed after the commit, say)
     # is recognised and not stored twice.
+    limit = getattr(args, "maxMessageSize", None)
+    stream = getattr(stdin, "buffer", stdin)
+    if limit is not None:
+        stream = _BoundedInput(stream, limit)
     source = spoolFile(
-        getattr(stdin, "buffer", stdin), headerLines=trace,
+        stream, headerLines=trace,
         sender=None if getattr(args, "again", False) else sender or "",
         directory=getattr(args, "spoolDirectory", None),
     )
+    # The content as stored, without the trace fields (SMTP and LMTP count
+    # it so); a last line without its end has been given one.
+    if limit is not None and (stream.exceeded or source.size - sum(len(line) + 2 for line in trace) > limit):
+        source.close()
+        # As LMTP's 552 5.3.4: refused for good, the MTA bounces it (65, the
+        # data refused, as a sender SMTP refuses; a mailbox is not to blame).
+        raise CommandError(
+            f"message size exceeds the limit of {limit} octets (max-message-size); nothing was delivered", EX_DATAERR
+        )
     try:
         # All or nothing, here too: a recipient vanished or over quota
         # since the check above stores nothing for anyone.
@@ -193,7 +239,8 @@ def _addDeliverCommand(commands):
         "delivered), 75 a temporary failure (a full mailbox, the database unavailable: the "
         "MTA tries again), 77 a full mailbox the server's --config file refuses for good "
         "(quota-exceeded = \"permanent\") or a message larger than the recipients' whole "
-        "quota (no room made will fit it), 65 a sender SMTP would refuse.",
+        "quota (no room made will fit it), 65 a sender SMTP would refuse or a message larger than the "
+        "--config file's max-message-size (LMTP's 552 5.3.4).",
     )
     deliver.add_argument("addresses", nargs="+", metavar="ADDRESS")
     deliver.add_argument(
