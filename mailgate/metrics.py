@@ -123,6 +123,10 @@ RETENTION_KINDS = ("expired", "purged")
 #: say: the next round tries again), or skipped while this node's clock
 #: runs ahead of the database server's
 RETENTION_RESULTS = ("completed", "failed", "skipped")
+#: the TLS versions a session can negotiate (C{--tls-min-version} 1.2 or
+#: 1.3; OpenSSL's names, as the end lines' C{tls_version=}); the cipher
+#: is not a label (see L{Metrics.tlsEstablished})
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 OTHER = "other"
 OTHER_COMMAND = "OTHER"
 #: distinct database operations labelled before the rest count as "other"
@@ -236,6 +240,10 @@ class Metrics:
         self._tlsFailures = _Series(
             counter, "mailgate_tls_failures", "TLS handshakes that failed, and corrupt TLS records.",
             ["protocol"], PROTOCOLS,
+        )
+        self._tlsSessions = _Series(
+            counter, "mailgate_tls_sessions", "TLS handshakes completed, by protocol and TLS version negotiated.",
+            ["protocol", "version"], [(protocol, version) for protocol in PROTOCOLS for version in TLS_VERSIONS],
         )
         self._logins = _Series(
             counter, "mailgate_logins", "Authentication attempts, by outcome.",
@@ -351,7 +359,9 @@ class Metrics:
             lambda: 0 if self._logStream is not None and self._logStream.reopenFailed else 1,
         )
         registry.register(_ReactorSeries([
-            self._logLinesLost, self._logReopened, self._reloadSuccessful, self._restartNeeded, self._info, self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._logins, self._pop3Commands, self._retrievedBytes,
+            self._logLinesLost, self._logReopened, self._reloadSuccessful, self._restartNeeded, self._info,
+            self._open, self._limit, self._sessions, self._refused, self._tlsFailures, self._tlsSessions,
+            self._logins, self._pop3Commands, self._retrievedBytes,
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
@@ -425,6 +435,17 @@ class Metrics:
         later.  A rise after a certificate change is clients refusing it.
         """
         self._count(self._tlsFailures, _bounded(protocol, PROTOCOLS))
+
+    def tlsEstablished(self, protocol, version):
+        """
+        An admitted connection's TLS handshake completed (pop3s, STLS,
+        STARTTLS): C{mailgate_tls_sessions_total{protocol,version}}, what a
+        C{--tls-min-version 1.3} would turn away (the TLSv1.2 series).
+        The cipher is not a label: its set is OpenSSL's and
+        C{--tls-ciphers}' (some thirty names), changed by a reload; the
+        sessions' end lines name it (C{tls_cipher=}).
+        """
+        self._count(self._tlsSessions, (_bounded(protocol, PROTOCOLS), _bounded(version, TLS_VERSIONS)))
 
     def openConnections(self):
         """

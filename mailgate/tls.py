@@ -103,6 +103,25 @@ def isSecure(transport):
     return bool(getattr(transport, "TLS", False))
 
 
+def negotiated(transport):
+    """
+    What a session's end line says of its TLS (as Postfix's "TLS connection
+    established ... TLSv1.3 with cipher ..."): the text to add to the line,
+    C{" tls_version=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384"}, and the
+    JSON record's fields, C{tlsVersion} and C{tlsCipher}; C{""} and no
+    fields without a completed handshake of mailgate's TLS layer.  Which
+    clients a higher C{--tls-min-version}, or a cipher taken out of
+    C{--tls-ciphers}, would turn away is looked up with them.
+
+    @return: C{(text, fields)}.
+    """
+    version = getattr(transport, "version", None) if ISSLTransport.providedBy(transport) else None
+    if not isinstance(version, str):
+        return "", {}
+    cipher = transport.cipher
+    return f" tls_version={version} tls_cipher={cipher}", {"tlsVersion": version, "tlsCipher": cipher}
+
+
 def _read(path):
     try:
         with open(path, "rb") as f:

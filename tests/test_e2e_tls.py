@@ -12,6 +12,7 @@ nothing asserts on wall-clock time.
 """
 
 import base64
+import json
 import os
 import poplib
 import re
@@ -499,6 +500,104 @@ def test_tlsMinVersion13RefusesATLS12Client(mailgate_server, mailgate_cli, certi
         assert reader.line().startswith(b"+OK")
         sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nQUIT\r\n".encode())
         assert [reader.line()[:3] for _ in range(3)] == [b"+OK"] * 3
+
+
+def jsonRecords(server, event):
+    """
+    The JSON log records of C{event} the server wrote so far.
+    """
+    records = (json.loads(line) for line in server.stdout.splitlines() if line.startswith("{"))
+    return [record for record in records if record.get("event") == event]
+
+
+@sqliteOnly  # TLS does not depend on the database
+def test_theTLSVersionAndCipherOfEachSessionAreLoggedAndCounted(mailgate_server, mailgate_cli, certificate):
+    """
+    Before raising --tls-min-version, an administrator looks up who still
+    negotiates TLS 1.2: each TLS session's end line (pop3.logout over
+    POP3S and after STLS, smtp.disconnect and lmtp.disconnect after
+    STARTTLS) names the version and cipher the client negotiated, in the
+    text and as JSON fields, and mailgate_tls_sessions_total{protocol,
+    version} counts them, every series at zero from the start.  Before,
+    neither said which version a client used.
+    """
+    from test_metrics import promtoolCheck, sample, scrape
+
+    certificatePath, keyPath = certificate
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = mailgate_server(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP, "--smtp", LOOPBACK_TCP, "--lmtp", LOOPBACK_TCP,
+        "--domain", "example.org", "--metrics", LOOPBACK_TCP, "--log-format", "json",
+    )
+    versions = ("TLSv1.2", "TLSv1.3")
+    protocols = ("pop3", "smtp", "lmtp")
+
+    def counted():
+        _, text = scrape(server)
+        promtoolCheck(text)
+        return {
+            (p, v): sample(text, "mailgate_tls_sessions_total", protocol=p, version=v)
+            for p in protocols for v in versions
+        }
+
+    assert counted() == dict.fromkeys(((p, v) for p in protocols for v in versions), 0)
+    tls12 = clientContext(certificatePath)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls13 = clientContext(certificatePath)
+    tls13.minimum_version = ssl.TLSVersion.TLSv1_3
+    negotiated = {}
+
+    # POP3S at TLS 1.2, STLS at TLS 1.3, and a session in the clear.
+    pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=tls12, timeout=DEADLINE)
+    negotiated["pops"] = (pops.sock.version(), pops.sock.cipher()[0])
+    pops.user(ALICE)
+    pops.pass_(ALICE_PW)
+    assert pops.quit().startswith(b"+OK")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.stls(tls13)
+    negotiated["stls"] = (pop.sock.version(), pop.sock.cipher()[0])
+    pop.user(ALICE)
+    pop.pass_(ALICE_PW)
+    assert pop.quit().startswith(b"+OK")
+    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop.user(ALICE)
+    pop.pass_(ALICE_PW)
+    assert pop.quit().startswith(b"+OK")
+
+    # SMTP STARTTLS at TLS 1.2, LMTP STARTTLS at TLS 1.3.
+    smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
+    assert smtp.starttls(context=tls12)[0] == 220
+    negotiated["smtp"] = (smtp.sock.version(), smtp.sock.cipher()[0])
+    assert smtp.sendmail(SENDER, [ALICE], message("over TLS 1.2")) == {}
+    smtp.quit()
+    lmtp = smtplib.LMTP("127.0.0.1", server.portOf("LMTP"), local_hostname=CLIENT, timeout=DEADLINE)
+    lmtp.ehlo_or_helo_if_needed()
+    assert lmtp.starttls(context=tls13)[0] == 220
+    negotiated["lmtp"] = (lmtp.sock.version(), lmtp.sock.cipher()[0])
+    lmtp.quit()
+
+    assert [negotiated[k][0] for k in ("pops", "stls", "smtp", "lmtp")] == ["TLSv1.2", "TLSv1.3", "TLSv1.2", "TLSv1.3"]
+    logouts = waitFor(
+        lambda: (lambda found: found if len(found) == 3 else None)(jsonRecords(server, "pop3.logout")),
+        "the three POP3 sessions' logout lines",
+    )
+    ends = {
+        name: waitFor(lambda name=name: jsonRecords(server, f"{name}.disconnect"), f"the {name} end line")
+        for name in ("smtp", "lmtp")
+    }
+    seen = {"pops": logouts[0], "stls": logouts[1], "smtp": ends["smtp"][0], "lmtp": ends["lmtp"][0]}
+    for key, record in seen.items():
+        version, cipher = negotiated[key]
+        assert (record["tlsVersion"], record["tlsCipher"]) == (version, cipher), record
+        assert f" tls_version={version} tls_cipher={cipher}" in record["text"], record
+    assert " tls=yes tls_version=TLSv1.2 " in ends["smtp"][0]["text"]
+    assert "tlsVersion" not in logouts[2] and "tls_" not in logouts[2]["text"], logouts[2]
+    assert counted() == {
+        ("pop3", "TLSv1.2"): 1, ("pop3", "TLSv1.3"): 1,
+        ("smtp", "TLSv1.2"): 1, ("smtp", "TLSv1.3"): 0,
+        ("lmtp", "TLSv1.2"): 0, ("lmtp", "TLSv1.3"): 1,
+    }
 
 
 @sqliteOnly  # TLS does not depend on the database

@@ -51,6 +51,7 @@ CONTRACT = {
     "mailgate_sessions": ("counter", {"protocol"}),
     "mailgate_connections_refused": ("counter", {"protocol", "reason"}),
     "mailgate_tls_failures": ("counter", {"protocol"}),
+    "mailgate_tls_sessions": ("counter", {"protocol", "version"}),
     "mailgate_logins": ("counter", {"protocol", "mechanism", "result"}),
     "mailgate_pop3_commands": ("counter", {"command"}),
     "mailgate_pop3_retrieved_bytes": ("counter", set()),
@@ -225,6 +226,19 @@ def test_callsMoveTheirSeries():
     m.tlsFailed("pop3")
     assert value(m, "mailgate_tls_failures_total", protocol="pop3") == 1
     assert value(m, "mailgate_tls_failures_total", protocol="smtp") == 0
+    # Every version a session can negotiate is there at zero from the start.
+    assert {
+        (p, v): value(m, "mailgate_tls_sessions_total", protocol=p, version=v)
+        for p in ("pop3", "smtp", "lmtp") for v in ("TLSv1.2", "TLSv1.3")
+    } == dict.fromkeys([(p, v) for p in ("pop3", "smtp", "lmtp") for v in ("TLSv1.2", "TLSv1.3")], 0)
+    m.tlsEstablished("pop3", "TLSv1.2")
+    m.tlsEstablished("smtp", "TLSv1.3")
+    m.tlsEstablished("smtp", "TLSv1.3")
+    m.tlsEstablished("smtp", "SSLv3")
+    assert value(m, "mailgate_tls_sessions_total", protocol="pop3", version="TLSv1.2") == 1
+    assert value(m, "mailgate_tls_sessions_total", protocol="pop3", version="TLSv1.3") == 0
+    assert value(m, "mailgate_tls_sessions_total", protocol="smtp", version="TLSv1.3") == 2
+    assert value(m, "mailgate_tls_sessions_total", protocol="smtp", version="other") == 1
     m.login("pop3", "user", "ok")
     m.login("pop3", "apop", "failed")
     assert value(m, "mailgate_logins_total", protocol="pop3", mechanism="user", result="ok") == 1

@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -269,6 +269,61 @@ def test_aLayerIsSecureOnlyOnceItsHandshakeHasCompleted(tls, pair):
     assert isSecure(completed.layer)
     completed.lose()
     assert isSecure(completed.layer)
+
+
+@implementer(IHandshakeListener)
+class Listening(Session):
+    """
+    A session told when the handshake completes (Twisted's
+    IHandshakeListener): what the layer said negotiated, then.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.completed = []
+
+    def handshakeCompleted(self):
+        self.completed.append((self.transport.version, self.transport.cipher, self.received))
+
+
+@pytest.mark.parametrize(
+    "maximum, version",
+    [(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (None, "TLSv1.3")],
+    ids=["TLSv1.2", "TLSv1.3"],
+)
+def test_theSessionIsToldWhatTheHandshakeNegotiated(tls, pair, maximum, version):
+    """
+    Once the handshake completes, the session is told (before it reads
+    anything) and the layer names the version and cipher the client
+    negotiated, which stay once the connection has ended, for the
+    session's end line; before, none.
+    """
+    wire = Wire(tls, pair[0], Listening(), maximum=maximum)
+    assert (wire.layer.version, wire.layer.cipher) == (None, None)
+    assert wire.handshake()
+    cipher = wire.client.tls.cipher()[0]
+    assert wire.client.tls.version() == version
+    assert wire.session.completed == [(version, cipher, b"")]
+    wire.send(b"CAPA\r\n")
+    wire.lose()
+    assert (wire.layer.version, wire.layer.cipher) == (version, cipher)
+    assert len(wire.session.completed) == 1
+
+
+def test_aFailedOrRefusedHandshakeTellsTheSessionNothing(tls, pair):
+    """
+    A handshake that failed tells the session nothing; nor does one
+    completed on a connection refused as it arrived (its refusal is sent,
+    and the session reads nothing over TLS).
+    """
+    wire = Wire(tls, pair[0], Listening(), maximum=ssl.TLSVersion.TLSv1_1)
+    assert not wire.handshake()
+    assert wire.session.completed == []
+    assert wire.layer.version is None
+    refused = Wire(tls, pair[0], Listening(b"-ERR [SYS/TEMP] banned\r\n", refuseAtOnce=True),
+                   refusals=DescriptorAllowance(1))
+    assert refused.handshake()
+    assert refused.session.completed == []
 
 
 def test_aServerNameThatIsNotASCIIFailsTheHandshakeWithoutATraceback(tmp_path, monkeypatch):
@@ -542,7 +597,8 @@ def test_anEndedConnectionLetsGoOfOpenSSLAndTheSession(tls, pair):
         wire.lose()
         assert wire.session.lost.check(ConnectionDone)
         assert openssl() is None
-        assert wire.layer.version is None and wire.layer.cipher is None
+        # What was negotiated stays, for the session's end line.
+        assert wire.layer.version == "TLSv1.3" and wire.layer.cipher == "TLS_AES_256_GCM_SHA384"
         wire.layer.send(b"late\r\n")
         wire.layer.dataReceived(b"late")
         assert wire.transport.value() == b""

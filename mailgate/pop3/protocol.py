@@ -39,7 +39,7 @@ from mailgate.pop3.deletions import DeletionMarks
 from mailgate.pop3.transaction import TransactionCommands
 from mailgate.session import CommandError, CommandSession
 from mailgate.timers import cancelled
-from mailgate.tls import isSecure
+from mailgate.tls import isSecure, negotiated
 
 __all__ = ["AUTHORIZATION", "TRANSACTION", "UPDATE", "PLAINTEXT_REFUSED", "POP3Server"]
 
@@ -405,11 +405,12 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             messages=len(maildrop.sizes) if maildrop is not None else 0,
             **self._stats,
         )
+        tlsText, tlsFields = negotiated(self.transport)
         line = (
             "pop3 logout user={user} peer={peer} reason={reason!r} messages={messages} "
             "retr={retr}/{retrBytes} top={top} deleted={deleted}"
-        ).format(**fields)
-        self.logInfo("pop3.logout", line, **fields)
+        ).format(**fields) + tlsText
+        self.logInfo("pop3.logout", line, **fields, **tlsFields)
         return released
 
     def _kicked(self):

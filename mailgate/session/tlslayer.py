@@ -45,7 +45,7 @@ import ssl
 import sys
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, ILoggingContext, ISSLTransport
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -124,6 +124,9 @@ class TLSLayer:
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._sink = None
         self._handshaking = True
+        # What the handshake negotiated, kept past the connection's end
+        # for the session's end line (L{version}, L{cipher}).
+        self._version = self._cipher = None
         self._held = []
         self._shutDown = False
         self._closeTimer = None
@@ -185,6 +188,8 @@ class TLSLayer:
         finally:
             sys.unraisablehook = hook
         self._handshaking = False
+        tls = self._tls
+        self._version, self._cipher = tls.version(), tls.cipher()[0]
         held, self._held = self._held, []
         if held:
             self._encrypt(held)
@@ -194,6 +199,11 @@ class TLSLayer:
             self._cancelCloseTimer()
             self._shutdown()
             return False
+        # The session is told (Twisted's IHandshakeListener, as its own
+        # TLS layer tells it) before it reads anything over TLS; not one
+        # closing already (refused as it arrived), which will read nothing.
+        if IHandshakeListener.providedBy(self.protocol):
+            self.protocol.handshakeCompleted()
         return True
 
     def _readRecords(self):
@@ -460,18 +470,19 @@ class TLSLayer:
     @property
     def version(self):
         """
-        The protocol negotiated (C{"TLSv1.3"}), or C{None} before the
-        handshake completes and once the connection has ended.
+        The protocol negotiated (C{"TLSv1.3"}), once the handshake has
+        completed (and still once the connection has ended, for the
+        session's end line); C{None} before.
         """
-        return None if self._handshaking or self._tls is None else self._tls.version()
+        return self._version
 
     @property
     def cipher(self):
         """
-        The cipher suite's name, or C{None} before the handshake completes
-        and once the connection has ended.
+        The cipher suite's name (C{"TLS_AES_256_GCM_SHA384"}), as
+        L{version}.
         """
-        return None if self._handshaking or self._tls is None else self._tls.cipher()[0]
+        return self._cipher
 
 
 def _records(pieces):

@@ -50,7 +50,7 @@ from mailgate.smtp.syntax import (
     parseCommandPath,
 )
 from mailgate.timers import cancelled
-from mailgate.tls import isSecure
+from mailgate.tls import isSecure, negotiated
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
 
@@ -451,15 +451,16 @@ class SMTPServer(CommandSession):
         helo = _bounded(self._helo, 64) if self._helo is not None else ""
         why = self._endReason or "connection lost"
         tls = "yes" if isSecure(self.transport) else "no"
+        tlsText, tlsFields = negotiated(self.transport)
         line = (
             f"{self.protocolName} disconnect peer={self.peerText} helo=<{helo}> reason={why!r} "
             f"commands={tally['commands']} errors={tally['errors']} "
             f"rcpt={tally['recipients']}/{tally['rcpt']} messages={tally['messages']} "
-            f"tls={tls} seconds={seconds:.3f}"
+            f"tls={tls}{tlsText} seconds={seconds:.3f}"
         )
         self.logInfo(
             f"{self.protocolName}.disconnect", line,
-            helo=helo, reason=why, tls=tls == "yes", seconds=seconds, **tally,
+            helo=helo, reason=why, tls=tls == "yes", seconds=seconds, **tally, **tlsFields,
         )
 
     def close(self, abort=False):
