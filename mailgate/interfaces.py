@@ -870,10 +870,12 @@ class IEngine(Interface):
         database unavailable.
         """
 
-    def resetIdentity(cursor, table, column):
+    def resetIdentity(cursor, table, column, past=0):
         """
         After rows were inserted with explicit ids, make C{table}'s generated
-        C{column} continue after the largest.
+        C{column} continue after the largest, and after C{past} (an id
+        other tables still hold: mail of a user removed by hand, which a
+        new user given that id would read).
         """
 
     def isTransient(exc):

@@ -27,7 +27,7 @@ import pytest
 
 from e2e import MAILGATE, runCommand
 from mailgate.cli import run
-from mailgate.store import openSynchronousStore
+from mailgate.store import openSynchronousStore, sql
 from mailgate.store.copy import CHUNKS_PER_READ, ROWS_PER_READ
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import POP3Session, deliver, resultOf
@@ -611,3 +611,102 @@ def test_aCopyInterruptedIsSaidToHaveCopiedNothing(tmp_path, postgresURL, monkey
         assert users(target).splitlines()[1:] == []
     else:
         assert not os.path.exists(sqlite[len("sqlite:///"):])
+
+
+def _removeByHand(url, address, counters):
+    """
+    Delete C{address}'s users row as someone would by hand (not with
+    C{user del}), his mail left; with C{counters}, his maildrop's
+    counters (his mailboxes row) too.
+    """
+    store = openSynchronousStore(url)
+    try:
+        [(userId,)] = query(store, "SELECT user_id FROM users WHERE address = ?", (address,))
+
+        def remove(cursor):
+            cursor.execute("DELETE FROM users WHERE user_id = ?", (userId,))
+            if counters:
+                cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (userId,))
+
+        store.database.run(remove, write=True)
+    finally:
+        store.close()
+    return userId
+
+
+def _userId(url, address):
+    store = openSynchronousStore(url)
+    try:
+        return resultOf(store.findUser(address)).userId
+    finally:
+        store.close()
+
+
+def _assertNewUsersGetNoneOfTheMailLeft(url, orphan, past=0):
+    """
+    On C{url}, where the mail of user number C{orphan} is left without
+    its user: new users, added alone and imported, are added (exit 0) under
+    other ids (past C{past}), and have no mail; C{db check} still finds
+    the mail left.
+    """
+    check("--database", url, "user", "add", ERIN, "--password-stdin", input=b"erin\n")
+    check("--database", url, "user", "import", "-", "--domain", "example.org", input=b"frank:{PLAIN}frank\n")
+    for address in (ERIN, "frank@example.org"):
+        assert _userId(url, address) != orphan
+        assert _userId(url, address) > past
+        assert uniqueIds(mailbox(url, address)) == []
+    code, out, _ = mailgate("--database", url, "db", "check")
+    assert code == 65 and f"user number {orphan}: messages, and no such user" in out, out
+
+
+@pytest.mark.parametrize("counters", ["counters left", "counters removed"])
+@pytest.mark.parametrize("direction", ["sqlite-to-postgres", "postgres-to-sqlite"])
+def test_aCopyGivesNewUsersNoIdTheMailOfARemovedUserHolds(tmp_path, postgresURL, monkeypatch, direction, counters):
+    """
+    A user removed by hand (his users row), his mail left, the last user
+    added: after a copy, the target's counter went past the users only,
+    and the next user was given his id: refused with his maildrop's
+    counters there (user add exit 70, duplicate key on mailboxes), or,
+    with those removed too, given his mail.  Now the target's ids go on
+    past every id its rows hold, and every id the source gave (a user
+    deleted since, with user del).  Seen without user add's own check
+    (the next test's), which would skip the ids held.
+    """
+    sqlite = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    source, target = (sqlite, postgresURL) if direction == "sqlite-to-postgres" else (postgresURL, sqlite)
+    for address in (ALICE, BOB, CAROL):
+        check("--database", source, "user", "add", address, "--password-stdin", input=b"pw\n")
+        check("--database", source, "deliver", address, input=message(1))
+    orphan = _removeByHand(source, CAROL, counters == "counters removed")
+    check("--database", source, "user", "add", DAVE, "--password-stdin", input=b"pw\n")
+    dave = _userId(source, DAVE)
+    check("--database", source, "user", "del", DAVE)
+    check("db", "copy", "--from", source, "--to", target)
+    monkeypatch.setattr(sql, "_heldUserIds", lambda cursor, userIds: set())
+    _assertNewUsersGetNoneOfTheMailLeft(target, orphan, past=dave)
+
+
+def test_userAddSkipsAnIdTheMailOfARemovedUserHolds(databaseURL):
+    """
+    Where the id counter was set back (a database copied by a mailgate
+    before the fix above, a sequence reset by hand) to the id of a user
+    removed by hand whose mail is left: user add and user import move
+    past it, rather than exit 70 or give his mail to the new user.
+    """
+    url = databaseURL
+    for address in (ALICE, BOB):
+        check("--database", url, "user", "add", address, "--password-stdin", input=b"pw\n")
+        check("--database", url, "deliver", address, input=message(1))
+    orphan = _removeByHand(url, BOB, counters=False)
+    store = openSynchronousStore(url)
+    try:
+        def setBack(cursor):
+            if url.startswith("sqlite"):
+                cursor.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'users'", (orphan - 1,))
+            else:
+                cursor.execute("SELECT setval(pg_get_serial_sequence('users', 'user_id'), ?, false)", (orphan,))
+
+        store.database.run(setBack, write=True)
+    finally:
+        store.close()
+    _assertNewUsersGetNoneOfTheMailLeft(url, orphan)

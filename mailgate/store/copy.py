@@ -119,6 +119,47 @@ _TABLES = [
 ]
 
 
+#: The columns, besides users.user_id, that hold a user's id: a row left
+#: by a user removed by hand (his messages, his maildrop's counters) keeps
+#: it.  The target's ids continue past them all, or a new user there would
+#: be given a number still in use: refused (its maildrop's counters there
+#: already, "duplicate key", exit 70), or given the mail left behind.
+_USER_ID_COLUMNS = {
+    "mailboxes": ("user_id",),
+    "bodies": ("owner_id",),
+    "maildrop": ("user_id", "body_owner"),
+    "deleted_mail": ("user_id", "body_owner"),
+    "imported_ids": ("user_id",),
+    "recent_deliveries": ("user_id",),
+}
+
+
+def _largestUserId(table, columns, rows):
+    """
+    The largest user id C{rows} of C{table} hold (L{_USER_ID_COLUMNS}), or 0.
+    """
+    places = [columns.index(name) for name in _USER_ID_COLUMNS.get(table, ())]
+    return max((row[place] for row in rows for place in places), default=0)
+
+
+def _sourceCounter(sourceCursor, engineName):
+    """
+    The largest user id the source's counter has given, users deleted
+    since included (0 where it cannot be read: a role that may not read
+    the sequence): the target gives none of them again.
+    """
+    if engineName == "postgres":
+        # NULL, not an error, for a role that may not read the sequence.
+        sourceCursor.execute(
+            "SELECT last_value FROM pg_sequences "
+            "WHERE format('%I.%I', schemaname, sequencename) = pg_get_serial_sequence('users', 'user_id')"
+        )
+    else:
+        sourceCursor.execute("SELECT seq FROM sqlite_sequence WHERE name = 'users'")
+    row = sourceCursor.fetchone()
+    return (row[0] if row is not None else None) or 0
+
+
 def copyDatabase(source, target):
     """
     Copy everything from one synchronous store to another, empty one.
@@ -145,9 +186,12 @@ def copyDatabase(source, target):
         targetEngine.resetIdentity(targetCursor, "users", "user_id")
 
         def read(sourceCursor):
+            # Past every id the source gave, and every one its rows hold.
+            past = _sourceCounter(sourceCursor, source.database.engine.name)
             for table, key, columns in _TABLES:
                 for rows in _pages(sourceCursor, key, columns, table):
                     _insert(targetCursor, table, columns, rows)
+                    past = max(past, _largestUserId(table, columns, rows))
                     if table == "users":
                         report.users += len(rows)
                     elif table == "maildrop":
@@ -159,7 +203,7 @@ def copyDatabase(source, target):
                         for row in rows:
                             report.octets += row[2]
                             _copyChunks(sourceCursor, targetCursor, row[0], row[1])
-            targetEngine.resetIdentity(targetCursor, "users", "user_id")
+            targetEngine.resetIdentity(targetCursor, "users", "user_id", past)
             report.bans = _copyBans(sourceCursor, targetCursor, now)
             _copySharedSecrets(sourceCursor, targetCursor)
 

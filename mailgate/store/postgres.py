@@ -599,10 +599,10 @@ class PostgresEngine:
     def isUniqueViolation(self, exc):
         return isinstance(exc, pgerrors.UniqueViolation)
 
-    def resetIdentity(self, cursor, table, column):
+    def resetIdentity(self, cursor, table, column, past=0):
         """
         After rows were inserted with explicit ids, make the identity
-        column continue after the largest.
+        column continue after the largest, and after C{past}.
 
         That takes UPDATE on the column's sequence, which a role that may
         only read and write the tables (the nodes' role of README's
@@ -625,7 +625,8 @@ class PostgresEngine:
             )
         cursor.execute(
             f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
-            f"coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"
+            f"greatest(coalesce((SELECT max({column}) FROM {table}), 0), ?) + 1, false)",
+            (past,),
         )
 
     def withoutRowValues(self, exc):

@@ -193,17 +193,70 @@ def _userRow(address, credentials, now):
     )
 
 
+#: The tables whose rows outlive a user removed by hand (not with C{user
+#: del}), each keyed by the user's id first: his mail, his maildrop's
+#: counters.
+_HOLDING_USER_IDS = (
+    ("mailboxes", "user_id"),
+    ("maildrop", "user_id"),
+    ("deleted_mail", "user_id"),
+    ("bodies", "owner_id"),
+    ("imported_ids", "user_id"),
+    ("recent_deliveries", "user_id"),
+)
+
+#: the ids still held a new user is moved past before giving up
+HELD_IDS_SKIPPED = 1000
+
+
+def _heldUserIds(cursor, userIds):
+    """
+    Which of C{userIds} rows of L{_HOLDING_USER_IDS} hold: a user removed
+    by hand, his mail left, whose id the counter gives again (set back:
+    a database copied by a mailgate that set it past the users only, a
+    sequence restored or reset by hand).  One look-up by primary key a
+    table.
+    """
+    marks = ", ".join("?" * len(userIds))
+    union = " UNION ".join(
+        f"SELECT {column} FROM {table} WHERE {column} IN ({marks})" for table, column in _HOLDING_USER_IDS
+    )
+    cursor.execute(union, [userId for _ in _HOLDING_USER_IDS for userId in userIds])
+    return {userId for (userId,) in cursor.fetchall()}
+
+
+def _insertUser(cursor, row):
+    """
+    Insert the user C{row} (L{_userRow}), under an id no mail holds: one
+    it holds (L{_heldUserIds}) is given up, the user inserted again under
+    the counter's next.  Nobody is given a removed user's mail, nor
+    refused (his maildrop's counters there already, "duplicate key", exit
+    70) for it.
+
+    @return: the new user's id.
+    """
+    for _ in range(HELD_IDS_SKIPPED):
+        cursor.execute(f"{_INSERT_USER} RETURNING user_id", row)
+        (userId,) = cursor.fetchone()
+        if not _heldUserIds(cursor, [userId]):
+            return userId
+        cursor.execute("DELETE FROM users WHERE user_id = ?", (userId,))
+    raise TemporaryFailure(
+        f"the user ids the database gives next are held by the mail of {HELD_IDS_SKIPPED} users removed by hand: "
+        "mailgate db check names them"
+    )
+
+
 def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
         raise UserExists(address)
     try:
-        cursor.execute(f"{_INSERT_USER} RETURNING user_id", _userRow(address, credentials, now))
+        userId = _insertUser(cursor, _userRow(address, credentials, now))
     except Exception as e:
         if engine.isUniqueViolation(e):
             raise UserExists(address) from None
         raise
-    (userId,) = cursor.fetchone()
     cursor.execute(
         "INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, ?, 1)",
         (userId, secrets.randbits(31)),
@@ -240,6 +293,13 @@ def _addUsers(cursor, users, now):
         )
         # In no given order: each by its address.
         userIds = {address: userId for userId, address in cursor.fetchall()}
+        held = _heldUserIds(cursor, list(userIds.values())) if userIds else set()
+        for address, credentials, _ in part:
+            if userIds.get(address) in held:
+                # Under a removed user's id, whose mail is left: again,
+                # under the counter's next free one.
+                cursor.execute("DELETE FROM users WHERE user_id = ?", (userIds[address],))
+                userIds[address] = _insertUser(cursor, _userRow(address, credentials, now))
         mailboxes = []
         for address, _, quota in part:
             # Popped: the same address twice is added once.

@@ -705,11 +705,15 @@ class SQLiteEngine:
     def isUniqueViolation(self, exc):
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
-    def resetIdentity(self, cursor, table, column):
+    def resetIdentity(self, cursor, table, column, past=0):
         """
         After rows were inserted with explicit ids: SQLite's AUTOINCREMENT
-        already continues after the largest.
+        continues after the largest it was given (C{sqlite_sequence}),
+        and, set here, after C{past}.
         """
+        cursor.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (past, table))
+        if not cursor.rowcount and past:
+            cursor.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, past))
 
     def withoutRowValues(self, exc):
         """
