@@ -452,3 +452,59 @@ def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
     finally:
         for sock in opened:
             sock.close()
+
+
+HAPROXY_SMTP_CHECK_CFG = """\
+global
+    maxconn 100
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend smtp
+    bind 127.0.0.1:{frontPort}
+    default_backend mailgate
+
+backend mailgate
+    # PROXY v1 and HAProxy's plain TCP check, quicker than its 2 s default.
+    # From an address of its own, so that its checks' headers name it.
+    server mailgate 127.0.0.1:{backPort} send-proxy check inter 100 source 127.0.0.4
+"""
+
+
+@sqliteOnly
+def test_haproxysV1HealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy):
+    """
+    HAProxy's C{check} on a C{send-proxy} server connects with a v1 header
+    naming the check's own connection (no C{UNKNOWN}) and leaves after the
+    greeting: no C{smtp disconnect} line for it, as for a C{LOCAL} one;
+    a client relayed by the same balancer is logged as ever (as is the
+    fixture's probe of the frontend, from 127.0.0.1).
+    """
+    import urllib.request
+
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server("--smtp", description, "--metrics", "tcp:0:interface=127.0.0.1")
+    backPort = server.portOf("SMTP")
+    front = haproxy(backPort, HAPROXY_SMTP_CHECK_CFG)
+
+    def checkSessions():
+        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+            text = response.read().decode()
+        count = float(re.search(r'^mailgate_sessions_total\{protocol="smtp"\} (\S+)$', text, re.M).group(1))
+        return count >= 5
+
+    waitFor(checkSessions, "five of HAProxy's health checks")
+    client = smtplib.SMTP("127.0.0.1", front, timeout=DEADLINE, source_address=("127.0.0.2", 0))
+    client.ehlo("client.test")
+    client.quit()
+    log = waitFor(
+        lambda: server.stdout if "helo=<client.test>" in server.stdout else None, "the client's disconnect line"
+    )
+    lines = [line for line in log.splitlines() if "smtp disconnect" in line]
+    assert any("peer=127.0.0.2:" in line for line in lines), "\n".join(lines)
+    assert not [line for line in lines if "peer=127.0.0.4:" in line], "\n".join(lines)

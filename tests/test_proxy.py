@@ -633,12 +633,16 @@ def test_proxyNetworkRefusesHeadersFromAnyoneElse(mailgate_server):
 
 
 @pytest.mark.parametrize(
-    "header", [v2("127.0.0.1", "127.0.0.1", command=0), b"PROXY UNKNOWN\r\n"], ids=["LOCAL", "UNKNOWN"]
+    "header",
+    [v2("127.0.0.1", "127.0.0.1", command=0), b"PROXY UNKNOWN\r\n", v1("127.0.0.1", "127.0.0.1", 50000, 25)],
+    ids=["LOCAL", "UNKNOWN", "v1 naming the balancer's own connection"],
 )
 def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
     """
     HAProxy's C{check} on a C{send-proxy-v2} server connects every 2
-    seconds with a LOCAL header and leaves after the greeting: SMTP
+    seconds with a LOCAL header and leaves after the greeting (on a
+    C{send-proxy} server, with a v1 header naming the check's own
+    connection, L{BALANCER}, as the client): SMTP
     logs no C{smtp.disconnect} line for it (43,200 a day per balancer),
     as POP3 logs none for a session that did not log in.  A client the
     header names that leaves without a command is logged, and so is a

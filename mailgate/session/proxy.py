@@ -250,8 +250,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._relaying = False
         self._timeout = None
         #: The header named no client (LOCAL, UNKNOWN, Unix or unspecified
-        #: addresses): the balancer speaking for itself, as its health
-        #: checks do every few seconds.  A session that then does nothing
+        #: addresses, or the balancer's own connection: L{_sameEndpoint}):
+        #: the balancer speaking for itself, as its health checks do every
+        #: few seconds.  A session that then does nothing
         #: is such a check, which SMTP does not log (see
         #: L{mailgate.smtp.protocol.SMTPServer.sessionEnded}).
         self.namedNoClient = False
@@ -323,7 +324,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if parsed is None:
             return
         self._source, self._destination, length, tls = parsed
-        self.namedNoClient = self._source is None
+        self.namedNoClient = self._source is None or _sameEndpoint(self._source, self.transport.getPeer())
         if tls:
             # What L{mailgate.tls.isSecure} asks of a transport.
             self.TLS = True
@@ -362,6 +363,26 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if self._relaying:
             self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None
+
+
+def _sameEndpoint(told, peer):
+    """
+    Whether the client a header names is the connection's own peer, address
+    and port: the balancer naming itself.  HAProxy's C{check} on a
+    C{send-proxy} (version 1) server sends no C{UNKNOWN} but a C{TCP4}
+    header of the check's own connection (C{PROXY TCP4 10.0.0.2 10.0.0.5
+    36568 25}, measured with HAProxy 2.6), which no relayed client can
+    send: the balancer's connection to the node leaves from a port of its
+    own, not the client's.
+    """
+    if told.port != getattr(peer, "port", None):
+        return False
+    try:
+        return unmapped(ipaddress.ip_address(told.host)) == unmapped(
+            ipaddress.ip_address(peer.host.split("%", 1)[0])
+        )
+    except (ValueError, AttributeError):
+        return False
 
 
 def parseBalancers(networks):
