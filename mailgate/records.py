@@ -213,6 +213,10 @@ class SessionInfo:
     node = attr.ib()
     peer = attr.ib()
     since = attr.ib()  # seconds since the epoch
+    # Its node has gone, and the maildrop's lock with it, where the locks
+    # tell (PostgreSQL): the registry still shows it until the node's
+    # heartbeat is old, but it serves nothing.
+    gone = attr.ib(default=False)
 
 
 @attr.s(frozen=True, slots=True)

@@ -83,9 +83,37 @@ def test_aKilledNodesSessionHoldsNoCommandBack(mailgate_server, mailgate_cli, ar
     a.process.wait(DEADLINE)
     client.close()
     waitFor(lambda: _loggedOut(b), "node B to let alice in", timeout=LOCK_RELEASE_BOUND)
-    assert "node-a.test" in mailgate_cli.check("who")  # the dead node's row, still shown
+    assert "node-a.test" not in mailgate_cli.check("who")  # its row, gone with its lock
 
     code, out, err = mailgate_cli(*argv)
     assert (code, err) == (0, ""), (code, out, err)
     assert done in out
+    assert b.running(), b.log()
+
+
+def test_aKilledNodesSessionIsNeitherListedNorWaitedFor(mailgate_server, mailgate_cli):
+    """
+    Node A is killed (SIGKILL) in the middle of alice's session.  Its
+    maildrop lock went with its process (node B lets alice in at once):
+    C{mailgate who} no longer lists the session, and C{mailgate kick} says
+    at once that there is none, its node gone.  Before, C{who} listed it
+    and C{kick} waited for it to end for as long as the dead node's
+    heartbeat was younger than 30 seconds (exit 75 after --wait 5).
+    """
+    mailgate_cli.addUser(ALICE, ALICE_PW)
+    a = node(mailgate_server, "node-a")
+    b = node(mailgate_server, "node-b")
+
+    client = login(a, ALICE, ALICE_PW)
+    waitFor(lambda: "node-a.test" in mailgate_cli.check("who"), "node A to register alice's session")
+
+    a.process.kill()
+    a.process.wait(DEADLINE)
+    client.close()
+    waitFor(lambda: _loggedOut(b), "node B to let alice in", timeout=LOCK_RELEASE_BOUND)
+
+    code, out, err = mailgate_cli("kick", "--wait", "5", ALICE)
+    assert (code, out) == (1, ""), (code, out, err)
+    assert err == f"mailgate: {ALICE} has no POP3 session: its node has gone\n", err
+    assert ALICE not in mailgate_cli.check("who")
     assert b.running(), b.log()

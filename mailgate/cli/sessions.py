@@ -23,8 +23,17 @@ from mailgate.store.bounds import formatSize
 from mailgate.store.registry import SHARED_SETTINGS
 
 
+def _inProgress(sessions):
+    """
+    The sessions that are: not those the registry still shows of a node
+    killed outright whose maildrop lock went with it (PostgreSQL), which
+    hold nothing and will not end by a kick.
+    """
+    return [s for s in sessions if not s.gone]
+
+
 def _who(store, args, out, stdin):
-    sessions = _result(store.listSessions())
+    sessions = _inProgress(_result(store.listSessions()))
     if args.json:
         return _jsonLines(out, (
             {"user": s.address, "node": s.node, "client": s.peer, "since": _time(s.since)} for s in sessions
@@ -131,6 +140,9 @@ def _kick(store, args, out, stdin):
     address = args.address
     wait = args.wait
     _existingUser(store, address)
+    listed = _result(store.listSessions(address))
+    if listed and not _inProgress(listed):
+        raise CommandError(f"{address} has no POP3 session: its node has gone", 1)
     # A session that logged in a moment ago appears in the registry with
     # its node's next write (about a second): look again for a little
     # while before saying there is none.
@@ -144,7 +156,7 @@ def _kick(store, args, out, stdin):
     # at once (they do) has a new session, which was not asked to end.
     deadline = time.monotonic() + wait
     while True:
-        if not _result(store.listSessions(address, kicked=True)):
+        if not _inProgress(_result(store.listSessions(address, kicked=True))):
             # Ended by the kick, or by its own QUIT just before its node saw
             # the mark (then its deletions were made): the registry does not
             # say which.
@@ -171,7 +183,8 @@ def _addSessionCommands(commands):
         description="List the POP3 sessions in progress on every node sharing the database: "
         "user, node (its hostname and process id), client address, since when.  A session shows "
         "within a second or two of its login; those of a node whose heartbeat stopped (killed, "
-        "its machine gone) are left out after 30 seconds.",
+        "its machine gone) are left out after 30 seconds, on PostgreSQL at once (its maildrop "
+        "lock went with the node).",
     )
     _addJSON(who)
     who.set_defaults(run=_who, migrate=True, readsOnly=True)
@@ -191,7 +204,8 @@ def _addSessionCommands(commands):
         description="End ADDRESS's POP3 session on whichever node serves it: the client is told "
         "-ERR [SYS/TEMP] session ended by the administrator, nothing the session marked deleted "
         "is deleted, and the maildrop is free again.  Waits until the session is gone: exit 0, "
-        "1 if there was none, 75 if it is still there after --wait seconds.",
+        "1 if there was none (at once on PostgreSQL if its node was killed), 75 if it is still "
+        "there after --wait seconds.",
     )
     kick.add_argument("address", metavar="ADDRESS")
     kick.add_argument(

@@ -405,9 +405,12 @@ class LifecycleStore:
         """
         The POP3 sessions in progress on every live node (of C{address}
         only, if given; with C{kicked}, only those a kick marked): a
-        L{Deferred} list of L{mailgate.records.SessionInfo}, oldest first.
+        L{Deferred} list of L{mailgate.records.SessionInfo}, oldest first,
+        those whose maildrop's lock went with their killed node C{gone}
+        where the locks tell (PostgreSQL).
         """
-        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address, kicked)
+        heldAmong = getattr(self.locks, "heldAmong", None)
+        return self.database.runInteraction(_sessions, self._now() - STALE_AFTER, address, kicked, heldAmong)
 
     def listNodes(self):
         """

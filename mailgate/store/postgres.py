@@ -1113,6 +1113,33 @@ class AdvisoryLocks:
     def _writeKey(self, userId):
         return _key(f"{self._engine.namespace()}:maildrop-write:{userId}")
 
+    @staticmethod
+    def heldAmong(cursor, userIds):
+        """
+        Which of C{userIds} have their maildrop's lock held by a backend
+        now, read on a worker's C{cursor} (one look at C{pg_locks}): the
+        session registry shows a killed node's sessions until its heartbeat
+        is old, the lock went with its process (C{mailgate who}, C{kick}).
+        The namespace is read here: the C{mailgate} command that asks may
+        have made no lock connection.
+        """
+        userIds = set(userIds)
+        if not userIds:
+            return set()
+        cursor.execute("SELECT current_database(), current_schema()")
+        database, schema = cursor.fetchone()
+        keys = {_key(f"{database}:{schema}:maildrop:{userId}"): userId for userId in userIds}
+        cursor.execute(
+            "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        held = set()
+        for classid, objid in cursor.fetchall():
+            key = int.from_bytes(((classid << 32) | objid).to_bytes(8, "big"), "big", signed=True)
+            if key in keys:
+                held.add(keys[key])
+        return held
+
     def _keyParams(self, userId):
         return lambda: [str(self._key(userId)).encode("ascii")]
 

@@ -328,7 +328,13 @@ def _kicked(cursor, nodeId):
     return [row[0] for row in cursor.fetchall()]
 
 
-def _sessions(cursor, aliveSince, address=None, kicked=False):
+def _sessions(cursor, aliveSince, address=None, kicked=False, heldAmong=None):
+    """
+    The sessions of live nodes as L{mailgate.records.SessionInfo}, oldest
+    first; with C{heldAmong} (the locks' C{heldAmong}, where a maildrop's
+    lock reaches every node), those whose maildrop no backend holds are
+    C{gone}: their node was killed, its heartbeat not yet old.
+    """
     where = "WHERE n.seen_at >= ?"
     params = [aliveSince]
     if address is not None:
@@ -337,12 +343,14 @@ def _sessions(cursor, aliveSince, address=None, kicked=False):
     if kicked:
         where += " AND s.kick_at IS NOT NULL"
     cursor.execute(
-        "SELECT u.address, n.name, s.peer, s.since FROM pop3_sessions s "
+        "SELECT u.address, n.name, s.peer, s.since, s.user_id FROM pop3_sessions s "
         "JOIN users u ON u.user_id = s.user_id JOIN mailgate_nodes n ON n.node_id = s.node_id "
         f"{where} ORDER BY s.since, u.address",
         params,
     )
-    return [SessionInfo(*row) for row in cursor.fetchall()]
+    rows = cursor.fetchall()
+    held = None if heldAmong is None else heldAmong(cursor, [row[4] for row in rows])
+    return [SessionInfo(*row[:4], gone=held is not None and row[4] not in held) for row in rows]
 
 
 def _kick(cursor, address, now, aliveSince):
