@@ -469,27 +469,32 @@ frontend smtp
     default_backend mailgate
 
 backend mailgate
-    # PROXY v1 and HAProxy's plain TCP check, quicker than its 2 s default.
-    # From an address of its own, so that its checks' headers name it.
-    server mailgate 127.0.0.1:{backPort} send-proxy check inter 100 source 127.0.0.4
+    # Checks quicker than HAProxy's 2 s default, from an address of their
+    # own, so that v1 headers name it.
+    {option}
+    server mailgate 127.0.0.1:{backPort} {proxy} check inter 100 source 127.0.0.4
 """
 
 
 @sqliteOnly
-def test_haproxysV1HealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy):
+@pytest.mark.parametrize("option", ["", "option smtpchk"], ids=["check", "smtpchk"])
+@pytest.mark.parametrize("proxy", ["send-proxy", "send-proxy-v2"])
+def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy, proxy, option):
     """
     HAProxy's C{check} on a C{send-proxy} server connects with a v1 header
-    naming the check's own connection (no C{UNKNOWN}) and leaves after the
-    greeting: no C{smtp disconnect} line for it, as for a C{LOCAL} one;
-    a client relayed by the same balancer is logged as ever (as is the
-    fixture's probe of the frontend, from 127.0.0.1).
+    naming the check's own connection (no C{UNKNOWN}), on a
+    C{send-proxy-v2} one with a C{LOCAL} header, and leaves after the
+    greeting, or (C{option smtpchk}) after C{HELO localhost} and C{QUIT}:
+    no C{smtp disconnect} line for it; a client relayed by the same
+    balancer is logged as ever (as is the fixture's probe of the
+    frontend, from 127.0.0.1).
     """
     import urllib.request
 
     description = "haproxy:tcp:0:interface=127.0.0.1"
     server = mailgate_server("--smtp", description, "--metrics", "tcp:0:interface=127.0.0.1")
     backPort = server.portOf("SMTP")
-    front = haproxy(backPort, HAPROXY_SMTP_CHECK_CFG)
+    front = haproxy(backPort, HAPROXY_SMTP_CHECK_CFG, proxy=proxy, option=option)
 
     def checkSessions():
         url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"

@@ -644,9 +644,11 @@ def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
     C{send-proxy} server, with a v1 header naming the check's own
     connection, L{BALANCER}, as the client): SMTP
     logs no C{smtp.disconnect} line for it (43,200 a day per balancer),
-    as POP3 logs none for a session that did not log in.  A client the
-    header names that leaves without a command is logged, and so is a
-    session without a client's address that sent a command.
+    as POP3 logs none for a session that did not log in; nor for HAProxy's
+    C{option smtpchk} (C{HELO localhost}, C{QUIT}).  A client the header
+    names that leaves without a command is logged, and so is a session
+    without a client's address that sent another command, or a greeting
+    refused.
     """
     clock = Clock()
 
@@ -659,13 +661,27 @@ def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
     protocol.connectionLost(Failure(ConnectionDone()))
     assert disconnects() == []
 
+    # HAProxy's option smtpchk, and the same with EHLO and a name.
+    for check in (b"HELO localhost\r\nQUIT\r\n", b"EHLO checker.test\r\nQUIT\r\n"):
+        protocol, transport = wrapped(smtpFactory(store, clock), clock)
+        protocol.dataReceived(header + check)
+        assert b"\r\n221 " in transport.value()
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert disconnects() == []
+
     protocol, transport = wrapped(smtpFactory(store, clock), clock)
-    protocol.dataReceived(header + b"EHLO checker.test\r\n")
+    protocol.dataReceived(header + b"EHLO checker.test\r\nMAIL FROM:<a@example.net>\r\n")
     protocol.connectionLost(Failure(ConnectionDone()))
     [line] = disconnects()
-    assert line["peer"] == "127.0.0.1:50000" and line["commands"] == 1
+    assert line["peer"] == "127.0.0.1:50000" and line["commands"] == 2
+
+    # A greeting refused is an error, and logged.
+    protocol, transport = wrapped(smtpFactory(store, clock), clock)
+    protocol.dataReceived(header + b"HELO\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [e["commands"] for e in disconnects()] == [2, 1]
 
     protocol, transport = wrapped(smtpFactory(store, clock), clock)
     protocol.dataReceived(v2("198.51.100.7", "192.0.2.1", 5555, 25))
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert [e["peer"] for e in disconnects()] == ["127.0.0.1:50000", "198.51.100.7:5555"]
+    assert [e["peer"] for e in disconnects()] == ["127.0.0.1:50000", "127.0.0.1:50000", "198.51.100.7:5555"]

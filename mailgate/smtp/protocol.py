@@ -57,6 +57,9 @@ _SIZE = re.compile(r"^[0-9]{1,20}$")
 #: The spool errors that are a lack of room (the disk, a quota, the file
 #: size limit), answered 452 4.3.1 "insufficient system storage".
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: The commands of a load balancer's SMTP health check (HAProxy's C{option
+#: smtpchk}: C{HELO localhost} or C{EHLO} a name, then C{QUIT}).
+_CHECK_COMMANDS = frozenset([b"HELO", b"EHLO", b"QUIT", b"NOOP", b"RSET"])
 #: What a well-formed BDAT line can hold: a line that begins like one and
 #: holds anything else (a tab, a control, a non-ASCII octet) is taken for
 #: a malformed BDAT, not for a command of no name.
@@ -296,6 +299,9 @@ class SMTPServer(CommandSession):
         self._endReason = None
         self._began = None
         self._tally = dict(commands=0, errors=0, rcpt=0, recipients=0, messages=0)
+        # Every command line so far was one a balancer's SMTP check sends
+        # (see _balancersCheck).
+        self._onlyCheckCommands = True
         # Whether the peer may send mail without TLS (the factory's
         # cleartext networks), once asked.
         self._cleartextPeer = None
@@ -422,12 +428,18 @@ class SMTPServer(CommandSession):
         """
         Whether the session was a load balancer's health check: a PROXY
         header naming no client (HAProxy's C{check} on a C{send-proxy-v2}
-        server sends C{LOCAL}), then not one command.  HAProxy checks
-        every 2 seconds, so logging each would write a line every 2
-        seconds per balancer and listener (43,200 a day) about no client
-        at all; POP3 logs no session that did not log in either.
+        server sends C{LOCAL}), then no command but a greeting and QUIT
+        (HAProxy's C{option smtpchk}: C{HELO localhost}, C{QUIT}), none
+        of them refused.  HAProxy checks every 2 seconds, so logging each
+        would write a line every 2 seconds per balancer and listener
+        (43,200 a day) about no client at all; POP3 logs no session that
+        did not log in either.
         """
-        return getattr(self.transport, "namedNoClient", False) and self._tally["commands"] == 0
+        return (
+            getattr(self.transport, "namedNoClient", False)
+            and self._onlyCheckCommands
+            and self._tally["errors"] == 0
+        )
 
     def _ending(self, reason):
         """
@@ -1282,6 +1294,8 @@ class SMTPServer(CommandSession):
         on the way that took the line for BDAT sends them as a message.
         """
         self._tally["commands"] += 1
+        if self._onlyCheckCommands and line.split(b" ", 1)[0].upper() not in _CHECK_COMMANDS:
+            self._onlyCheckCommands = False
         if _beginsAsBDAT(line) and not _BDAT_LINE.fullmatch(line):
             return self._badBDAT()
         return super().lineReceived(line)
