@@ -685,3 +685,28 @@ def test_theBalancersHealthChecksAreNotLoggedBySMTP(store, logEvents, header):
     protocol.dataReceived(v2("198.51.100.7", "192.0.2.1", 5555, 25))
     protocol.connectionLost(Failure(ConnectionDone()))
     assert [e["peer"] for e in disconnects()] == ["127.0.0.1:50000", "127.0.0.1:50000", "198.51.100.7:5555"]
+
+
+@pytest.mark.parametrize(
+    "peer, header, balancersOwn",
+    [
+        (BALANCER, v1("127.0.0.1", "127.0.0.1", 50000, 25), True),
+        (BALANCER, v1("127.0.0.1", "127.0.0.1", 50001, 25), False),
+        (BALANCER, v1("127.0.0.2", "127.0.0.1", 50000, 25), False),
+        # A balancer reaching a dual-stack listener, naming itself in IPv4.
+        (IPv6Address("TCP", "::ffff:127.0.0.1", 50000), v1("127.0.0.1", "127.0.0.1", 50000, 25), True),
+        (BALANCER, v2("::ffff:127.0.0.1", "::ffff:127.0.0.1", 50000, 25), True),
+    ],
+)
+def test_aHeaderNamingTheBalancersOwnConnectionNamesNoClient(store, peer, header, balancersOwn):
+    """
+    HAProxy's C{check} on a C{send-proxy} server sends a v1 header of the
+    check's own connection; only the connection's own address and port
+    together make a header the balancer's own: a client on the balancer's
+    machine, or another port, is a client.
+    """
+    clock = Clock()
+    protocol, transport = wrapped(smtpFactory(store, clock), clock, peer=peer)
+    protocol.dataReceived(header)
+    assert transport.value().startswith(b"220 ")
+    assert protocol.namedNoClient is balancersOwn
