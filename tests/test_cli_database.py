@@ -509,9 +509,14 @@ def test_aDamagedDatabaseIsSaidToBeDamaged(damagedURL, tmp_path):
 @pytest.mark.parametrize(
     "url, shown",
     [
-        ("postgresql://mail:s3cret@db.internal:5433/mail", "postgresql://db.internal/mail"),
+        ("postgresql://mail:s3cret@db.internal:5433/mail", "postgresql://db.internal:5433/mail"),
+        ("postgresql://mail:s3cret@db.internal:5432/mail", "postgresql://db.internal/mail"),
+        ("postgresql://mail@db.internal/mail?port=5433", "postgresql://db.internal:5433/mail"),
+        ("postgresql://mail:s3cret@[::1]:5433/mail", "postgresql://[::1]:5433/mail"),
+        ("postgresql://db1:5433,db2:5434/mail", "postgresql://db1:5433,db2:5434/mail"),
         ("postgresql:///mail?host=/var/run/postgresql", "postgresql:///mail?host=/var/run/postgresql"),
         ("postgresql://mail:s3cret@/mail?host=/run/pg&sslmode=disable", "postgresql:///mail?host=/run/pg"),
+        ("postgresql:///mail?host=/run/pg&port=5433", "postgresql:///mail?host=/run/pg&port=5433"),
         ("postgresql:///mail", "postgresql:///mail"),
     ],
 )
@@ -520,7 +525,9 @@ def test_aPostgreSQLDatabaseIsNamedWhereItConnects(url, shown):
     What errors and the start-up log call a PostgreSQL database: a URL
     naming a Unix socket's directory, or none (libpq's default socket),
     is not said to be localhost's, which would send the administrator
-    after a TCP port the connection never used.
+    after a TCP port the connection never used; a port other than 5432
+    is shown (an administrator with several clusters on a host tells
+    them apart by it; it was left out), the password never.
     """
     pytest.importorskip("psycopg")
     assert repr(engineFromURL(url)) == shown

@@ -418,6 +418,25 @@ def _unreadablePassword(url):
     return next(p for p in ("50%off", "two words") if p in url)
 
 
+def test_aServerNotThereIsNamedWithItsPort():
+    """
+    The real C{mailgate} command given a cluster that does not answer on
+    its port names it with the port, so that an administrator with
+    several clusters on a host knows which one: before, C{cannot connect
+    to PostgreSQL at postgresql://127.0.0.1/mail}.  The password is not
+    shown.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = mailgate(f"postgresql://mailgate:s3cret@127.0.0.1:{port}/mail", "user", "list")
+    assert (code, out) == (EX_TEMPFAIL, ""), err
+    assert err.startswith(
+        f"mailgate: temporary failure, try again: cannot connect to PostgreSQL at postgresql://127.0.0.1:{port}/mail: "
+    ), err
+    assert err.count("\n") == 1 and "s3cret" not in err, err
+
+
 @pytest.mark.parametrize("case", list(UNREADABLE_URLS))
 def test_aURLLibpqCannotReadIsRefusedWithoutItsPassword(case):
     """

@@ -13,6 +13,7 @@ seconds for ever, where nothing but the URL can change.
 
 import os
 import re
+from urllib.parse import parse_qsl, urlsplit
 
 from psycopg import Error
 from psycopg.conninfo import conninfo_to_dict
@@ -137,3 +138,37 @@ def _integer(text):
         return None
     number = int(text)
     return number if -(2**31) <= number < 2**31 else None
+
+
+#: the port libpq connects to where nothing names one
+DEFAULT_PORT = "5432"
+
+
+def shownWhere(url):
+    """
+    Where the PostgreSQL URL C{url} connects, as errors and the start-up
+    log name it, without its user and password: the host and a port other
+    than libpq's default, or the Unix socket's directory (C{?host=/run/pg},
+    its port too), or neither (libpq's default socket, not C{localhost}'s
+    TCP port); several servers each with their port, as written.  An
+    administrator running several clusters on one host tells them apart
+    by the port: C{postgresql://127.0.0.1/mg} said nothing of which.
+    """
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," in hosts:
+        # Several servers (a primary and its standbys): each named, with
+        # its port, not the first alone (urlsplit's hostname), which a
+        # failure to reach the second was reported as.
+        return f"postgresql://{hosts}{parts.path}"
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host", "")
+    written = hosts.rpartition("]")[2] if hosts.startswith("[") else hosts
+    port = written.rpartition(":")[2] if ":" in written else query.get("port", "")
+    if port == DEFAULT_PORT:
+        port = ""
+    if host.startswith("/"):
+        return f"postgresql://{parts.path}?host={host}" + (f"&port={port}" if port else "")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"postgresql://{host}{':' + port if port else ''}{parts.path}"

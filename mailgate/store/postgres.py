@@ -29,7 +29,7 @@ from zope.interface import implementer
 from mailgate.errors import ConfigurationError, DatabaseRefused, MaildropInUse, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks, IMessageReads
 from mailgate.store import pgreactor, pgrefusal, pgresolve, reads
-from mailgate.store.pgurl import parameterProblem
+from mailgate.store.pgurl import parameterProblem, shownWhere
 from mailgate.urls import shownURL, withoutPassword
 from mailgate.store.database import WorkerThreads
 from mailgate.store.pghosts import hostOrderOf
@@ -274,21 +274,9 @@ class PostgresEngine:
 
     def __repr__(self):
         """
-        Where the URL connects, without its password: the host, or the
-        Unix socket's directory (C{?host=/var/run/postgresql}), or neither
-        (libpq's default socket, not C{localhost}'s TCP port).
+        Where the URL connects, without its password (L{shownWhere}).
         """
-        parts = urlsplit(self.url)
-        hosts = parts.netloc.rpartition("@")[2]
-        if "," in hosts:
-            # Several servers (a primary and its standbys): each named, with
-            # its port, not the first alone (urlsplit's hostname), which a
-            # failure to reach the second was reported as.
-            return f"postgresql://{hosts}{parts.path}"
-        host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "")
-        if host.startswith("/"):
-            return f"postgresql://{parts.path}?host={host}"
-        return f"postgresql://{host}{parts.path}"
+        return shownWhere(self.url)
 
     def urlProblem(self):
         return parameterProblem(self._conninfo)
