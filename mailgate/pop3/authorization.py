@@ -761,6 +761,7 @@ class AuthorizationCommands:
         self._err(INVALID_LOGIN)
         if self._authFailures >= self.maxAuthFailures:
             self.logTooManyErrors("too many failed logins", self._authFailures)
+            self._ending("too many failed logins")
             self._err("too many failed logins; closing the connection")
             self.close()
 

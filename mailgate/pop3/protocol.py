@@ -126,6 +126,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self._loginTimer = None
         self._greeted = 0.0
         self._stats = {"retr": 0, "retrBytes": 0, "top": 0, "deleted": 0}
+        # The session's pop3.logout line has been written (it logged in):
+        # it has no pop3.disconnect line then.
+        self._loggedOut = False
 
     # -- the session core's hooks ------------------------------------------
 
@@ -159,6 +162,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             self._loginTimer = self._clock.callLater(left, self._loginTimedOut)
             return
         self.factory.metrics.timedOut("pop3", "login")
+        self._ending("login timeout")
         self.logInfo(
             "pop3.login_timeout",
             f"pop3 login timeout peer={self.peerText} seconds={self.loginTimeout:g}",
@@ -311,15 +315,20 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         if updating is not None and not updating.called:
             # QUIT's removal is being written: its own end releases the
             # lock once it is done.  Released now, the next session could
-            # snapshot the messages it is taking away.
+            # snapshot the messages it is taking away.  (It logged in: its
+            # logout line is written.)
             done = defer.Deferred()
             updating.addBoth(lambda result: (done.callback(None), result)[1])
             return done
         if self._logout is None and not self._saslFinishing:
             # Nothing to release (QUIT released it, or there was no
             # login): nothing for the core to wait for either.
+            self._logDisconnect()
             return None
-        return self._endSession("connection lost")
+        # (TLS failed, when a corrupt record ended it.)
+        released = self._endSession(self._endReason or "connection lost")
+        self._logDisconnect()
+        return released
 
     def beginShutdown(self):
         """
@@ -377,12 +386,14 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
         @param loggedIn: the session had logged in (its end is the
             C{pop3.logout} line); not for a login abandoned at SASL's last
-            step, which has its own line.
+            step, which has its own line.  C{why} is also the reason of the
+            C{pop3.disconnect} line of a session that did not log in.
 
         @return: a L{Deferred} that fires once the lock is released (at
             once for locks held in this process; after the database has
             confirmed it for locks shared between nodes).
         """
+        self._ending(why)
         if self._saslFinishing:
             # Ended (the connection lost, the login timeout, a shutdown)
             # before the client took SASL's last message: it never logged
@@ -411,7 +422,39 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
             "retr={retr}/{retrBytes} top={top} deleted={deleted}"
         ).format(**fields) + tlsText
         self.logInfo("pop3.logout", line, **fields, **tlsFields)
+        self._loggedOut = True
         return released
+
+    def _logDisconnect(self):
+        """
+        One line at the end of every admitted session that did not log in
+        (one that did has its C{pop3.logout} line), as Dovecot's
+        C{pop3-login: Disconnected (...)} and mailgate's SMTP end line:
+        why it ended, the failed logins, whether TLS was on, how long it
+        lasted.  A scanner or a password guesser that never logs in is
+        seen to go, and how.  No user name: one that did not log in may be
+        a password typed in the wrong field (its C{auth.failed} lines have
+        what may be logged of it).  Not for a connection refused as it came
+        (its C{session.refused} line, one a minute per address, says so),
+        nor for a load balancer's health check (a PROXY header naming no
+        client, then not one command).
+        """
+        if self._loggedOut or self._admittedAt is None:
+            return
+        if getattr(self.transport, "namedNoClient", False) and not self._spoken:
+            return
+        self._loggedOut = True
+        why = self._endReason or "connection lost"
+        tls = isSecure(self.transport)
+        tlsText, tlsFields = negotiated(self.transport)
+        seconds = self.sessionSeconds()
+        line = (
+            f"pop3 disconnect peer={self.peerText} reason={why!r} auth_failed={self._authFailures} "
+            f"tls={'yes' if tls else 'no'}{tlsText} seconds={seconds:.3f}"
+        )
+        self.logInfo(
+            "pop3.disconnect", line, reason=why, authFailed=self._authFailures, tls=tls, seconds=seconds, **tlsFields,
+        )
 
     def _kicked(self):
         """
@@ -496,6 +539,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     def pop3_QUIT(self, argument):
         noArguments(argument)
         if self.state == AUTHORIZATION:
+            self._ending("quit")
             self._ok("mailgate POP3 server signing off")
             self.close()
             return None

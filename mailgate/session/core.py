@@ -54,7 +54,7 @@ import re
 import ssl
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
@@ -66,7 +66,7 @@ from mailgate.session.output import ReplyWriter, setNoDelay
 from mailgate.session.sender import BlockSender, SendAborted
 from mailgate.session.tlslayer import startTLS
 from mailgate.session.trace import shown as shownInTrace
-from mailgate.session.trace import startTrace
+from mailgate.session.trace import endTrace, startTrace
 from mailgate.timers import elapsedClock
 from mailgate.twistedcompat import closeWhenWritten
 
@@ -169,6 +169,12 @@ class CommandSession(Protocol):
         self._closed = False
         self._inputEnded = False
         self._admitted = False
+        # When the session was let in (on the monotonic clock), for its
+        # end line's duration; None for a connection refused as it came.
+        self._admittedAt = None
+        # Why the session is ending, for its end line and its trace (see
+        # _ending): None until a reason is known.
+        self._endReason = None
         self._leaving = False
         self._paused = set()
         self._outputPaused = False
@@ -378,6 +384,7 @@ class CommandSession(Protocol):
             self._refuse(reason)
             return
         self._admitted = True
+        self._admittedAt = self._elapsed()
         factory.metrics.connectionOpened(self.protocolName)
         setNoDelay(self.transport)
         self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn, self._stressLimit)
@@ -445,6 +452,15 @@ class CommandSession(Protocol):
                 f"{self.protocolName} TLS failed peer={self.peerText} reason={why}",
                 "more since the last line",
             )
+            self._ending("TLS failed")
+        elif ISSLTransport.providedBy(self.transport) and getattr(self.transport, "established", True) is False:
+            # Gone before its handshake completed, without an error of
+            # OpenSSL's (the client closed or reset it, a timeout of ours
+            # aborted it): a scanner, or a client refusing the certificate
+            # with a close rather than an alert.
+            self._ending("connection lost in TLS handshake")
+        if self.traced and self._admitted:
+            endTrace(self, self._endReason or "connection lost")
         self._buffer = b""
         self._pos = 0
         self._resetLineCount()
@@ -470,6 +486,24 @@ class CommandSession(Protocol):
         if self._out is not None:
             self._out.detach()
         self._unregisterProducer()
+
+    def _ending(self, reason):
+        """
+        Note why the session is ending, for its end line and its trace:
+        the first reason given stands (a QUIT answered during the shutdown
+        is a QUIT; a timeout's abort of a handshake is the timeout).
+        """
+        if self._endReason is None:
+            self._endReason = reason
+
+    def sessionSeconds(self):
+        """
+        How long the session has lasted since it was let in, in seconds
+        (on the monotonic clock; C{0.0} for one refused as it came).
+        """
+        if self._admittedAt is None:
+            return 0.0
+        return round(self._elapsed() - self._admittedAt, 3)
 
     @property
     def closed(self):
@@ -1159,6 +1193,7 @@ class CommandSession(Protocol):
             # and has asked nothing: a close would wait for the handshake
             # (TLSLayer.closeTimeout) for a client that may never finish
             # it, holding the whole shutdown up.
+            self._ending("shutdown")
             self.close(abort=True)
             return
         self.beginShutdown()

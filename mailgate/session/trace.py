@@ -162,3 +162,17 @@ def startTrace(session, why):
         direction="-",
         trace=f"started: {why}",
     )
+
+
+def endTrace(session, why):
+    """
+    The last line of a traced C{session}'s trace: how it ended (its end
+    line's reason), so that a trace whose client went away without a
+    command (in its TLS handshake, say) does not just stop.
+    """
+    session.logInfo(
+        "session.trace",
+        f"{session.protocolName} trace peer={session.peerText} ended: {why}",
+        direction="-",
+        trace=f"ended: {why}",
+    )
