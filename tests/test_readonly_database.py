@@ -81,13 +81,16 @@ def test_aDatabaseItsUserMayOnlyReadIsRefusedNamingIt(nobodys):
     The server started and answered every message 451 ("attempt to
     write a readonly database"), and deliver exited 75 saying "try
     again" without naming the file; now the start stops, exit 78, and
-    every command says which file, whose and its mode.
+    every command that writes says which file, whose and its mode.  One
+    that only reads (user list) reads it, as it is.
     """
     where, path = nobodys
     os.chmod(path, 0o400)
     said = f"cannot open SQLite database {path} to write to it (nobody may not read and write {path}: it is nobody's, mode 0400)"
     assert _command(path, "deliver", ALICE, stdin="Subject: hi\n\nhello\n") == (75, "", f"mailgate: {said}\n")
-    assert _command(path, "user", "list") == (78, "", f"mailgate: {said}\n")
+    assert _command(path, "user", "quota", ALICE, "1M") == (78, "", f"mailgate: {said}\n")
+    code, out, err = _command(path, "user", "list")
+    assert (code, err) == (0, "") and ALICE in out, out
     code, output = _start(path)
     assert code == 78, output
     assert f"mailgate: {said}\n" in output and "Traceback" not in output, output

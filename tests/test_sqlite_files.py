@@ -323,6 +323,8 @@ def test_aCommandRefusedAReadOnlyDatabaseWorksOnceItIsWritableAgain(tmp_path):
     after opening it, SQLite making its -wal and -shm as the file was,
     0400: once the owner had made it 0600 again, every command was still
     refused, for the -shm (real mailgate user list as the file's owner).
+    Nor once a command that only reads has read it (it opens it read-only,
+    and SQLite made its -wal and -shm 0400 as the file was).
     """
     import shutil
     import subprocess
@@ -345,9 +347,11 @@ def test_aCommandRefusedAReadOnlyDatabaseWorksOnceItIsWritableAgain(tmp_path):
 
         assert asNobody("user", "add", "alice@example.org", "--password-stdin") == (0, "")
         os.chmod(db, 0o400)
-        code, err = asNobody("user", "list")
+        code, err = asNobody("user", "quota", "alice@example.org", "1M")
         assert code == 78 and err.endswith(f"(nobody may not read and write {db}: it is nobody's, mode 0400)\n"), err
+        assert asNobody("user", "list") == (0, ""), modes(db)
         os.chmod(db, 0o600)
+        assert asNobody("user", "quota", "alice@example.org", "1M") == (0, ""), modes(db)
         assert asNobody("user", "list")[0] == 0, modes(db)
         # So with a server started by root as nobody (twistd --uid).
         os.chmod(db, 0o400)

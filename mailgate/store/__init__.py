@@ -108,10 +108,16 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     @raise NoSuchDatabase: the file is missing and C{create} is false, or
         the database holds another application's tables and C{adopt} is.
     @param readsOnly: the store is only read from (see L{engineFromURL});
-        a schema upgrade C{migrate} finds needed fails on a standby.
+        a schema upgrade C{migrate} finds needed fails on a standby.  An
+        SQLite file is opened read-only where nothing is to be migrated
+        (L{_currentReadOnly}), to write only for a migration.
     """
     if adopt is None:
         adopt = create
+    if readsOnly and migrate:
+        current = _currentReadOnly(url)
+        if current is not None:
+            return _synchronousStore(current, [])
     # A command that only reads and migrates nothing (db check, db
     # version) writes nothing: a backup it checks keeps its checksum.
     engine = engineFromURL(url, readsOnly=readsOnly, writesNothing=readsOnly and not migrate)
@@ -132,11 +138,59 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     except BaseException:
         database.close()
         raise
+    return _synchronousStore(database, applied)
+
+
+def _synchronousStore(database, applied):
+    engine = database.engine
     store = SQLMailStore(database, engine.makeLocks(database), reads=engine.makeMessageReads(database))
     # The migrations this opening applied (mailgate's commands log an
     # upgrade they made: mailgate.cli.audit.upgraded).
     store.migrationsApplied = applied
     return store
+
+
+def _currentReadOnly(url):
+    """
+    The SQLite database at C{url} opened read-only, if its schema is this
+    mailgate's (nothing to migrate): what a command that only reads (user
+    list, mailbox show, who) works on.  Opened to write, it put a backup
+    (rollback journal, as db backup leaves it) in WAL mode, changing its
+    header and so its checksum, and it refused a file its user may only
+    read (a snapshot, chmod 0400).  C{None} where the database needs a
+    migration (or holds no mailgate schema), cannot be opened read-only,
+    or is not an SQLite file: it is then opened as before, to write, and
+    migrated (the command's upgrade is logged, and refused under a running
+    server), or refused with what the opening to write says.  PostgreSQL
+    is opened as before (its upgrade check writes nothing when there is
+    nothing to migrate).
+
+    @raise mailgate.errors.ConfigurationError: the schema is newer than
+        this mailgate's, said as the opening to write says it.
+    """
+    if not url.lower().startswith("sqlite:"):
+        return None
+    engine = engineFromURL(url, readsOnly=True, writesNothing=True)
+    if not engine.readOnly or _missingFile(engine):
+        return None
+    try:
+        database = SynchronousDatabase(engine)
+    except (ConfigurationError, DatabaseDamaged):
+        return None
+    try:
+        version = databaseVersion(database)
+    except (ConfigurationError, DatabaseDamaged):
+        version = None
+    if version is None or version < LATEST:
+        database.close()
+        return None
+    try:
+        # Up to date (nothing applied), or newer: upgrade refuses it.
+        upgrade(database)
+    except BaseException:
+        database.close()
+        raise
+    return database
 
 
 def refuseUpgradeUnderServer(database):

@@ -188,6 +188,38 @@ def narrowSideFiles(path):
 _PATH_ONLY = getattr(os, "O_PATH", None)
 
 
+def ownerWrites(path):
+    """
+    Give the C{-wal} and C{-shm} of the database at C{path} its owner's
+    read and write where they are the owner's.  SQLite gives those it
+    makes the file's mode: a read-only opening of a WAL database chmod
+    0400 (its owner's, or root's for him) made them 0400, and once the
+    file was made 0600 again every command was refused for its -wal.
+    Looked at by name only (C{O_PATH}, as L{_narrow}): closing a
+    descriptor of C{-shm} dropped this process's own SQLite locks on it.
+    """
+    if _PATH_ONLY is None:
+        return
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return
+    for suffix in ("-wal", "-shm"):
+        try:
+            fd = os.open(path + suffix, _PATH_ONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            found = os.fstat(fd)
+            lacking = stat.S_IRUSR | stat.S_IWUSR
+            if stat.S_ISREG(found.st_mode) and found.st_uid == owner and found.st_mode & lacking != lacking:
+                os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(found.st_mode) | lacking)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _narrow(side, allowed):
     """
     Take from C{side}, a regular file, the permissions not in C{allowed}.
@@ -367,9 +399,13 @@ class SQLiteEngine:
         try:
             if not self.readOnly:
                 createPrivately(self.path)
+            else:
+                self._refuseForeignSideFiles()
             narrowSideFiles(self.path)
             conn = sqlite3.connect(*args, **kwargs)
             self.onConnect(conn)
+            if self.readOnly:
+                ownerWrites(self.path)
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 raise self._noDescriptors(e.strerror) from e
@@ -398,6 +434,41 @@ class SQLiteEngine:
                 ) from e
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {e}{self._openHint()}") from e
         return conn
+
+    def _refuseForeignSideFiles(self):
+        """
+        Refuse to read a WAL database that has no C{-wal} or C{-shm} (no
+        server has it open) as a user who is neither its owner nor root:
+        SQLite would make them, his, with the file's mode, and leave them;
+        the owner's server could not write them, and failed every write
+        (attempt to write a readonly database) until they were removed.
+        (Root's are given the owner by SQLite.)  A backup (rollback
+        journal) has none made.
+
+        The header is read only then, by another user, before this
+        process has a connection of its own to the file: closing a
+        descriptor of the file drops every POSIX lock the process holds
+        on it, SQLite's included (see L{narrowSideFiles}).
+        """
+        euid = os.geteuid()
+        try:
+            owner = os.stat(self.path).st_uid
+        except OSError:
+            return  # SQLite's opening says why
+        if euid in (0, owner) or all(os.path.exists(self.path + suffix) for suffix in ("-wal", "-shm")):
+            return
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(20)
+        except OSError:
+            return
+        if header[:16] != b"SQLite format 3\x00" or header[18:20] != b"\x02\x02":
+            return
+        raise ConfigurationError(
+            f"cannot open SQLite database {self.path} to read it: it is in WAL mode, and {_userName(euid)} "
+            f"would leave it a -wal and -shm its owner {_userName(owner)} may not write: run this as "
+            f"{_userName(owner)}"
+        )
 
     def _connectUnchangeable(self, error, args, kwargs):
         """

@@ -1,0 +1,257 @@
+"""
+The commands that only read (user list, user test, the mailbox listings,
+show and export, who, nodes, ban list) open an SQLite file read-only when
+its schema is this mailgate's, as db check does: a backup (rollback
+journal, as db backup writes it) keeps its checksum, and a file its user
+may only read (chmod 0400, a snapshot) is read.  A database that needs a
+migration is opened to write and migrated, as before.  Through the real
+command (in this process, and as the user nobody in a child) on real
+SQLite files.
+"""
+
+import hashlib
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from e2e import DEADLINE, MAILGATE, childEnvironment
+from e2e import mailgateHere as mailgate
+from mailgate.store import engineFromURL, openSynchronousStore
+from mailgate.store.database import SynchronousDatabase
+from mailgate.store.schema import LATEST, MIGRATIONS, _ensureVersionTable, applyMigration
+
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
+ALICE = "alice@example.org"
+
+#: every command that only reads, and what it is given on standard input
+READING = [
+    (("user", "list"), ""),
+    (("user", "list", "--json"), ""),
+    (("user", "test", ALICE, "--password-stdin"), "pw\n"),
+    (("mailbox", "list", ALICE), ""),
+    (("mailbox", "deleted", ALICE), ""),
+    (("mailbox", "show", ALICE, "1"), ""),
+    (("who",), ""),
+    (("nodes",), ""),
+    (("ban", "list"), ""),
+]
+
+rootOnly = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def liveURL(tmp_path):
+    """
+    A database (WAL, as mailgate keeps it) where Alice has a message.
+    """
+    url = f"sqlite:///{tmp_path / 'live' / 'mail.sqlite3'}"
+    (tmp_path / "live").mkdir()
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    assert mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")[0] == 0
+    return url
+
+
+def _backup(url, directory):
+    """
+    A backup of the database at C{url} in C{directory}, made by C{mailgate
+    db backup} (in rollback-journal mode, as SQLite's backup leaves it).
+    """
+    backup = Path(directory) / "backup.sqlite3"
+    code, out, err = mailgate(url, "db", "backup", str(backup))
+    assert (code, err) == (0, ""), out
+    return backup
+
+
+def _asNobody(path, argv, stdin=""):
+    nobody = pwd.getpwnam("nobody")
+    return subprocess.run(
+        [MAILGATE, "--database", f"sqlite:///{path}", *argv], input=stdin, capture_output=True, text=True,
+        timeout=DEADLINE, env=childEnvironment(), user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+    )
+
+
+def _olderSchema(path):
+    """
+    Take the database at C{path} back to the schema before this mailgate's
+    last migration, in rollback-journal mode (a backup an older mailgate
+    made).
+    """
+    path.unlink()
+    engine = engineFromURL(f"sqlite:///{path}")
+    database = SynchronousDatabase(engine)
+    try:
+
+        def older(cursor):
+            _ensureVersionTable(cursor)
+            for migration in MIGRATIONS[:-1]:
+                applyMigration(cursor, engine, migration)
+
+        database.runInteraction(older)
+    finally:
+        database.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.close()
+
+
+@pytest.mark.parametrize("argv, stdin", READING, ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_aBackupIsReadAsItIsAndKeepsItsChecksum(liveURL, tmp_path, argv, stdin):
+    """
+    A command that only reads leaves a backup's octets as they were, and
+    nothing beside it: it opened it to write, putting it in WAL mode,
+    which changed its header (and so its checksum) and left a -wal and
+    -shm.
+    """
+    (tmp_path / "backups").mkdir()
+    backup = _backup(liveURL, tmp_path / "backups")
+    before = _digest(backup)
+    code, out, err = mailgate(f"sqlite:///{backup}", *argv, stdin=stdin)
+    assert (code, err) == (0, ""), out
+    assert _digest(backup) == before
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
+
+
+def test_anExportOfABackupKeepsItsChecksum(liveURL, tmp_path):
+    """
+    mailbox export (one user, and --all) reads a backup as it is.
+    """
+    (tmp_path / "backups").mkdir()
+    backup = _backup(liveURL, tmp_path / "backups")
+    before = _digest(backup)
+    url = f"sqlite:///{backup}"
+    code, out, err = mailgate(url, "mailbox", "export", ALICE, str(tmp_path / "one"))
+    assert (code, err, out) == (0, "", f"exported 1 message (22 octets) of {ALICE} to {tmp_path / 'one'}\n")
+    code, out, err = mailgate(url, "mailbox", "export", "--all", str(tmp_path / "all"))
+    assert (code, err) == (0, ""), out
+    assert _digest(backup) == before
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
+
+
+@rootOnly
+@pytest.mark.parametrize("owner", ["its owner", "another user"])
+def test_aFileThatMayOnlyBeReadIsRead(liveURL, request, owner):
+    """
+    A backup its reader may not write (chmod 0400 and the reader's; 0444
+    and another user's), read by a user who is not root, in a directory
+    he may not write: listed, tested, shown, where every such command was
+    refused (exit 78, "cannot open SQLite database ... to write to it").
+    The file is as it was.
+    """
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o755)
+    backup = _backup(liveURL, directory)
+    if owner == "its owner":
+        os.chown(backup, nobody.pw_uid, nobody.pw_gid)
+        backup.chmod(0o400)
+    else:
+        backup.chmod(0o444)
+    before = _digest(backup)
+    for argv, stdin in READING:
+        done = _asNobody(backup, argv, stdin)
+        assert (done.returncode, done.stderr) == (0, ""), (argv, done.stdout)
+        if argv[:2] == ("user", "list"):
+            assert ALICE in done.stdout
+    assert _digest(backup) == before
+    assert sorted(p.name for p in directory.iterdir()) == ["backup.sqlite3"]
+
+
+def test_aDatabaseThatNeedsAMigrationIsStillMigrated(liveURL, tmp_path):
+    """
+    A file whose schema is older than this mailgate's is opened to write
+    and migrated by a command that only reads, as before (the command's
+    upgrade is logged: test_cli_audit); one that is up to date is opened
+    read-only, nothing applied.
+    """
+    path = tmp_path / "old.sqlite3"
+    shutil.copy(engineFromURL(liveURL).path, path)
+    _olderSchema(path)
+    url = f"sqlite:///{path}"
+    store = openSynchronousStore(url, create=False, readsOnly=True)
+    try:
+        assert ([m.version for m in store.migrationsApplied], store.database.engine.readOnly) == ([LATEST], False)
+    finally:
+        store.close()
+    assert mailgate(url, "db", "version") == (0, f"schema version {LATEST} (this mailgate: {LATEST})\n", "")
+    store = openSynchronousStore(url, create=False, readsOnly=True)
+    try:
+        assert (store.migrationsApplied, store.database.engine.readOnly) == ([], True)
+    finally:
+        store.close()
+
+
+@rootOnly
+def test_aFileThatNeedsAMigrationAndMayOnlyBeReadIsRefusedAsBefore(liveURL, request):
+    """
+    An older schema in a file its user may only read: the migration the
+    command would make needs writing, refused as before (exit 78, one
+    line), and the file is left as it was.
+    """
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o755)
+    path = directory / "old.sqlite3"
+    shutil.copy(engineFromURL(liveURL).path, path)
+    _olderSchema(path)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    path.chmod(0o400)
+    before = _digest(path)
+    done = _asNobody(path, ("user", "list"))
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (
+        f"mailgate: cannot open SQLite database {path} to write to it (nobody may not read and write {path}: "
+        f"it is nobody's, mode 0400)\n"
+    )
+    assert _digest(path) == before
+
+
+@rootOnly
+def test_aReaderLeavesNoSideFilesTheOwnerCannotWrite(liveURL, request):
+    """
+    A WAL database no server has open (no -wal, no -shm), readable by
+    others, in a directory they may write: read by a user who is neither
+    its owner nor root, SQLite would make its -wal and -shm as his, and
+    the owner's next write failed (attempt to write a readonly database).
+    The read is refused as before, naming whom to run it as, and the owner
+    writes it afterwards.
+    """
+    owner = pwd.getpwnam("daemon")
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o1777)
+    path = directory / "mail.sqlite3"
+    shutil.copy(engineFromURL(liveURL).path, path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
+    os.chown(path, owner.pw_uid, owner.pw_gid)
+    path.chmod(0o644)
+    done = _asNobody(path, ("user", "list"))
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr.startswith(f"mailgate: cannot open SQLite database {path} to write to it"), done.stderr
+    done = _asNobody(path, ("db", "check"))
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (
+        f"mailgate: cannot open SQLite database {path} to read it: it is in WAL mode, and nobody would leave it "
+        f"a -wal and -shm its owner daemon may not write: run this as daemon\n"
+    )
+    assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
+    written = subprocess.run(
+        [MAILGATE, "--database", f"sqlite:///{path}", "user", "quota", ALICE, "1M"], capture_output=True,
+        text=True, timeout=DEADLINE, env=childEnvironment(), user=owner.pw_uid, group=owner.pw_gid, extra_groups=[],
+    )
+    assert (written.returncode, written.stderr) == (0, "")
