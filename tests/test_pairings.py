@@ -364,7 +364,11 @@ def test_haproxyPassesTheClientsAddress(mailgate_server, mailgate_cli, haproxy):
     )
     assert re.search(r"pop3 authentication failed user='alice@example\.org' peer=127\.0\.0\.3:\d+", log), log
     assert re.search(r"pop3 logout user=alice@example\.org peer=127\.0\.0\.3:\d+", log), log
-    assert "peer=127.0.0.1:" not in log, log
+    # (The one session from 127.0.0.1 is the fixture's probe of the
+    # frontend, relayed as any client: connected, said nothing, left.)
+    balancers = [line for line in log.splitlines() if "peer=127.0.0.1:" in line]
+    assert len(balancers) <= 1, log
+    assert all("pop3 disconnect" in line and "reason='connection lost'" in line for line in balancers), log
 
 
 HAPROXY_TLS_CFG = HAPROXY_CFG.replace(
@@ -512,4 +516,55 @@ def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy,
     )
     lines = [line for line in log.splitlines() if "smtp disconnect" in line]
     assert any("peer=127.0.0.2:" in line for line in lines), "\n".join(lines)
+    assert not [line for line in lines if "peer=127.0.0.4:" in line], "\n".join(lines)
+
+
+HAPROXY_POP3_CHECK_CFG = HAPROXY_SMTP_CHECK_CFG.replace("frontend smtp", "frontend pop3")
+
+#: HAProxy's POP3 check as its manual writes one: the greeting, QUIT
+#: (waiting for QUIT's answer: else HAProxy resets the connection at once,
+#: and the QUIT is lost with it)
+POP3_TCP_CHECK = (
+    "option tcp-check\n    tcp-check expect string +OK\n    tcp-check send QUIT\\r\\n\n"
+    "    tcp-check expect string signing\\ off"
+)
+
+
+@sqliteOnly
+@pytest.mark.parametrize("option", ["", POP3_TCP_CHECK], ids=["check", "tcp-check"])
+@pytest.mark.parametrize("proxy", ["send-proxy", "send-proxy-v2"])
+def test_haproxysHealthChecksAreNoPOP3SessionsInTheLog(mailgate_server, haproxy, proxy, option):
+    """
+    HAProxy's C{check} of a POP3 server, bare (connect, leave) or as a
+    C{tcp-check} that reads the greeting and says QUIT, behind a header
+    naming no client (C{LOCAL}, or a v1 header naming the check's own
+    connection): no C{pop3 disconnect} line for it, every 100 ms here;
+    a client relayed by the same balancer that leaves without logging in
+    is logged as ever.
+    """
+    import urllib.request
+
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server("--pop3", description, "--metrics", "tcp:0:interface=127.0.0.1")
+    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    front = haproxy(backPort, HAPROXY_POP3_CHECK_CFG, proxy=proxy, option=option)
+
+    def checkSessions():
+        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+            text = response.read().decode()
+        count = float(re.search(r'^mailgate_sessions_total\{protocol="pop3"\} (\S+)$', text, re.M).group(1))
+        return count >= 5
+
+    waitFor(checkSessions, "five of HAProxy's health checks")
+    client = popFrom("127.0.0.2", front)
+    assert client.getwelcome().startswith(b"+OK")
+    client.capa()
+    client.quit()
+    log = waitFor(
+        lambda: server.stdout if re.search(r"pop3 disconnect peer=127\.0\.0\.2:\d+ reason='quit'", server.stdout)
+        else None,
+        "the client's disconnect line",
+    )
+    lines = [line for line in log.splitlines() if "pop3 disconnect" in line]
     assert not [line for line in lines if "peer=127.0.0.4:" in line], "\n".join(lines)

@@ -217,6 +217,54 @@ def test_aBalancersHealthCheckHasNoLine(store, alice, logEvents):
     assert closing(logEvents) == []
 
 
+@pytest.mark.parametrize("commands", [["QUIT"], ["CAPA", "QUIT"]], ids=["QUIT", "CAPA QUIT"])
+def test_aBalancersCheckThatSaysQuitHasNoLine(store, alice, logEvents, commands):
+    """
+    HAProxy's C{tcp-check} of a POP3 server (C{expect string +OK}, C{send
+    QUIT}) behind a header naming no client: no line for it, every 2
+    seconds, as for one that says nothing.
+    """
+    s = POP3Session(store)
+    s.transport.namedNoClient = True
+    for command in commands:
+        assert s.command(command).startswith("+OK")
+    lost(s)
+    assert closing(logEvents) == []
+
+
+@pytest.mark.parametrize(
+    "commands, reason, authFailed",
+    [(["USER alice@example.org", "PASS wrong", "QUIT"], "quit", 1), (["HELO", "QUIT"], "quit", 0)],
+    ids=["a login tried", "a command refused"],
+)
+def test_aSessionNamingNoClientThatDidMoreIsLogged(store, alice, logEvents, commands, reason, authFailed):
+    """
+    Behind a header naming no client, a session that tried a login or
+    sent a command no check sends is no check: its line is written.
+    """
+    s = POP3Session(store)
+    s.transport.namedNoClient = True
+    for command in commands:
+        s.command(command)
+    lost(s)
+    ended(logEvents, reason, authFailed=authFailed)
+
+
+def test_theTLSLayerTellsWhetherTheConnectionNamedNoClient():
+    """
+    Over implicit TLS (POP3S) the session's transport is the TLS layer: it
+    tells what the connection below it says of its PROXY header, so a
+    balancer's check that leaves before its handshake has no line either.
+    """
+    from mailgate.session.tlslayer import TLSLayer
+
+    layer = TLSLayer.__new__(TLSLayer)
+    layer.transport = None
+    assert layer.namedNoClient is False
+    layer.transport = type("Below", (), {"namedNoClient": True})()
+    assert layer.namedNoClient is True
+
+
 def test_theTraceSaysHowTheSessionEnded(store, alice, logEvents):
     """
     A traced client gone in its TLS handshake: the trace's last line says

@@ -410,6 +410,15 @@ class TLSLayer:
     def getPeer(self):
         return self.transport.getPeer()
 
+    @property
+    def namedNoClient(self):
+        """
+        Whether the connection below named no client: a PROXY header of a
+        load balancer's health check (L{mailgate.session.proxy}), which
+        the session logs no end of, over implicit TLS as in the clear.
+        """
+        return getattr(self.transport, "namedNoClient", False)
+
     def getHost(self):
         return self.transport.getHost()
 

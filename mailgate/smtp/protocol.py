@@ -432,8 +432,8 @@ class SMTPServer(CommandSession):
         (HAProxy's C{option smtpchk}: C{HELO localhost}, C{QUIT}), none
         of them refused.  HAProxy checks every 2 seconds, so logging each
         would write a line every 2 seconds per balancer and listener
-        (43,200 a day) about no client at all; POP3 logs no session that
-        did not log in either.
+        (43,200 a day) about no client at all; POP3 logs none either
+        (L{mailgate.pop3.protocol.POP3Server._balancersCheck}).
         """
         return (
             getattr(self.transport, "namedNoClient", False)
