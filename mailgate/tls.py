@@ -115,11 +115,35 @@ def negotiated(transport):
 
     @return: C{(text, fields)}.
     """
-    version = getattr(transport, "version", None) if ISSLTransport.providedBy(transport) else None
-    if not isinstance(version, str):
+    version, cipher = versionAndCipher(transport)
+    if version is None:
         return "", {}
-    cipher = transport.cipher
     return f" tls_version={version} tls_cipher={cipher}", {"tlsVersion": version, "tlsCipher": cipher}
+
+
+def versionAndCipher(transport):
+    """
+    The TLS version and cipher a session's completed handshake negotiated
+    (C{"TLSv1.3"}, C{"TLS_AES_256_GCM_SHA384"}), or C{(None, None)}: read
+    from mailgate's TLS layer (L{mailgate.session.tlslayer}), or from the
+    OpenSSL connection under Twisted's own TLS, which an application that
+    embeds mailgate may give a listener of its own.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None, None
+    version = getattr(transport, "version", None)
+    if isinstance(version, str):
+        return version, transport.cipher
+    try:
+        handle = transport.getHandle()
+        version = handle.get_protocol_version_name()
+        cipher = handle.get_cipher_name()
+    except Exception:
+        # Not an OpenSSL connection, or no handshake completed on it.
+        return None, None
+    if not isinstance(version, str) or not isinstance(cipher, str):
+        return None, None
+    return version, cipher
 
 
 def _read(path):

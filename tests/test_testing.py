@@ -184,9 +184,8 @@ def test_theHostsOwnTLSContextFactoryServesImplicitTLS(tmp_path):
     peer = IPv4Address("TCP", "198.51.100.7", 40000)
     # Twisted's TLS gathers small writes until the next turn of the clock.
     clock = Clock()
-    server = TLSMemoryBIOFactory(
-        serverOptions, False, pop3Factory(store, clock, apop=False), clock=clock
-    ).buildProtocol(peer)
+    factory = pop3Factory(store, clock, apop=False)
+    server = TLSMemoryBIOFactory(serverOptions, False, factory, clock=clock).buildProtocol(peer)
     lines = []
 
     class Client(LineReceiver):
@@ -216,3 +215,12 @@ def test_theHostsOwnTLSContextFactoryServesImplicitTLS(tmp_path):
     assert b"USER" in capabilities and b"STLS" not in capabilities
     assert command(b"USER alice@example.org")[0].startswith(b"+OK")
     assert command(b"PASS secret")[0].startswith(b"+OK alice@example.org has 0 messages")
+    # The version negotiated is counted, read from the OpenSSL connection
+    # under Twisted's TLS (the handshake's end raised AttributeError).
+    counted = {
+        version: factory.metrics.registry.get_sample_value(
+            "mailgate_tls_sessions_total", {"protocol": "pop3", "version": version}
+        ) or 0
+        for version in ("TLSv1.2", "TLSv1.3", "other")
+    }
+    assert counted == {"TLSv1.2": 0, "TLSv1.3": 1, "other": 0}

@@ -68,6 +68,7 @@ from mailgate.session.tlslayer import startTLS
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import endTrace, startTrace
 from mailgate.timers import elapsedClock
+from mailgate.tls import versionAndCipher
 from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -1176,7 +1177,7 @@ class CommandSession(Protocol):
         line names the version and cipher (L{mailgate.tls.negotiated}).
         """
         if self._admitted:
-            self.factory.metrics.tlsEstablished(self.protocolName, self.transport.version)
+            self.factory.metrics.tlsEstablished(self.protocolName, versionAndCipher(self.transport)[0])
 
     # -- shutdown ----------------------------------------------------------------
 
