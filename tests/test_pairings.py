@@ -458,6 +458,23 @@ def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
             sock.close()
 
 
+def waitForSessions(server, protocol, count, what):
+    """
+    Wait until C{server}'s metrics count C{count} sessions of C{protocol}
+    (C{mailgate_sessions_total}): a balancer's checks have come.
+    """
+    import urllib.request
+
+    def counted():
+        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+            text = response.read().decode()
+        found = re.search(rf'^mailgate_sessions_total\{{protocol="{protocol}"\}} (\S+)$', text, re.M)
+        return float(found.group(1)) >= count
+
+    waitFor(counted, what)
+
+
 HAPROXY_SMTP_CHECK_CFG = """\
 global
     maxconn 100
@@ -493,21 +510,12 @@ def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy,
     balancer is logged as ever (as is the fixture's probe of the
     frontend, from 127.0.0.1).
     """
-    import urllib.request
-
     description = "haproxy:tcp:0:interface=127.0.0.1"
     server = mailgate_server("--smtp", description, "--metrics", "tcp:0:interface=127.0.0.1")
     backPort = server.portOf("SMTP")
     front = haproxy(backPort, HAPROXY_SMTP_CHECK_CFG, proxy=proxy, option=option)
 
-    def checkSessions():
-        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
-        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-            text = response.read().decode()
-        count = float(re.search(r'^mailgate_sessions_total\{protocol="smtp"\} (\S+)$', text, re.M).group(1))
-        return count >= 5
-
-    waitFor(checkSessions, "five of HAProxy's health checks")
+    waitForSessions(server, "smtp", 5, "five of HAProxy's health checks")
     client = smtplib.SMTP("127.0.0.1", front, timeout=DEADLINE, source_address=("127.0.0.2", 0))
     client.ehlo("client.test")
     client.quit()
@@ -542,21 +550,12 @@ def test_haproxysHealthChecksAreNoPOP3SessionsInTheLog(mailgate_server, haproxy,
     a client relayed by the same balancer that leaves without logging in
     is logged as ever.
     """
-    import urllib.request
-
     description = "haproxy:tcp:0:interface=127.0.0.1"
     server = mailgate_server("--pop3", description, "--metrics", "tcp:0:interface=127.0.0.1")
     backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
     front = haproxy(backPort, HAPROXY_POP3_CHECK_CFG, proxy=proxy, option=option)
 
-    def checkSessions():
-        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
-        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-            text = response.read().decode()
-        count = float(re.search(r'^mailgate_sessions_total\{protocol="pop3"\} (\S+)$', text, re.M).group(1))
-        return count >= 5
-
-    waitFor(checkSessions, "five of HAProxy's health checks")
+    waitForSessions(server, "pop3", 5, "five of HAProxy's health checks")
     client = popFrom("127.0.0.2", front)
     assert client.getwelcome().startswith(b"+OK")
     client.capa()
