@@ -1450,7 +1450,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         shutdownGrace=config.shutdownGrace,
     )
     root.config = config
-    databaseFile = getattr(store.engine, "path", None)
+    # Any IMailStore may be given (mailgate.testing's FaultInjectingStore
+    # too): only an SQL store has an engine, and only SQLite's a file.
+    databaseFile = getattr(getattr(store, "engine", None), "path", None)
     if databaseFile:
         warning = databaseFileWarning(databaseFile)
         if warning:
