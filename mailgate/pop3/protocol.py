@@ -41,10 +41,6 @@ from mailgate.session import CommandError, CommandSession
 from mailgate.timers import cancelled
 from mailgate.tls import isSecure, negotiated
 
-#: what a load balancer's POP3 health check sends (HAProxy's tcp-check:
-#: the greeting, then QUIT), besides nothing at all
-_CHECK_COMMANDS = frozenset(["CAPA", "QUIT"])
-
 __all__ = ["AUTHORIZATION", "TRANSACTION", "UPDATE", "PLAINTEXT_REFUSED", "POP3Server"]
 
 class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
@@ -96,6 +92,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     uidlBatch = 5000
     invalidCharacters = "invalid characters in command line"
     invalidUTF8 = "command line is not valid UTF-8"
+    #: what a load balancer's POP3 health check sends (HAProxy's tcp-check:
+    #: the greeting, then QUIT), besides nothing at all; see
+    #: L{CommandSession.healthCheck}
+    healthCheckCommands = frozenset(["CAPA", "QUIT"])
 
     commandStates = {
         AUTHORIZATION: frozenset("USER PASS APOP AUTH STLS CAPA QUIT".split()),
@@ -133,9 +133,6 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         # The session's pop3.logout line has been written (it logged in):
         # it has no pop3.disconnect line then.
         self._loggedOut = False
-        # No command but what a balancer's health check sends, so far
-        # (see _balancersCheck).
-        self._onlyCheckCommands = True
 
     # -- the session core's hooks ------------------------------------------
 
@@ -280,8 +277,6 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         return CommandSession.lineReceived(self, line)
 
     def dispatch(self, verb, argument):
-        if self._onlyCheckCommands and verb not in _CHECK_COMMANDS:
-            self._onlyCheckCommands = False
         handler = getattr(self, "pop3_" + verb, None)
         if handler is None:
             return self.unknownCommand(verb)
@@ -445,9 +440,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         a password typed in the wrong field (its C{auth.failed} lines have
         what may be logged of it).  Not for a connection refused as it came
         (its C{session.refused} line, one a minute per address, says so),
-        nor for a load balancer's health check (L{_balancersCheck}).
+        nor for a load balancer's health check (L{healthCheck}: every login
+        tried begins with a command no check sends).
         """
-        if self._loggedOut or self._admittedAt is None or self._balancersCheck():
+        if self._loggedOut or self._admittedAt is None or self.healthCheck():
             return
         self._loggedOut = True
         why = self._endReason or "connection lost"
@@ -460,25 +456,6 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         )
         self.logInfo(
             "pop3.disconnect", line, reason=why, authFailed=self._authFailures, tls=tls, seconds=seconds, **tlsFields,
-        )
-
-    def _balancersCheck(self):
-        """
-        Whether the session was a load balancer's health check: a PROXY
-        header naming no client (HAProxy's C{check} sends C{LOCAL} on a
-        C{send-proxy-v2} server, its own connection's addresses on a
-        C{send-proxy} one), then nothing but the greeting, C{CAPA} and
-        C{QUIT} (HAProxy's C{tcp-check}: C{expect string
-        +OK}, C{send QUIT}), none refused, no login tried.  A balancer
-        checks every 2 seconds: a line each time would be 43,200 a day
-        per balancer and listener about no client at all, as SMTP's
-        (L{mailgate.smtp.protocol.SMTPServer._balancersCheck}).
-        """
-        return (
-            getattr(self.transport, "namedNoClient", False)
-            and self._onlyCheckCommands
-            and self._badCommands == 0
-            and self._authFailures == 0
         )
 
     def _kicked(self):

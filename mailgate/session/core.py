@@ -21,6 +21,10 @@ L{CommandSession} owns, once for every protocol:
     the verb C{MAIL} runs C{smtp_MAIL} when L{commandPrefix} is C{"smtp_"}.
   - B{Limits}, as named class attributes a factory may override, and the
     bad-command count that closes a session.
+  - B{A load balancer's health check} (L{healthCheck}): which commands a
+    session sent, so that a check is told from a client by the end-of-session
+    code of every protocol alike; a protocol names its checks' commands
+    (L{healthCheckCommands}).
   - B{Lines of another protocol} (L{foreignLine}): an HTTP request that a
     browser or proxy was made to send here ends the session at once, its
     body's lines never run as commands (see L{_endForeign}).
@@ -125,6 +129,9 @@ class CommandSession(Protocol):
         seen (SMTP), rather than when it ends (POP3).
     @cvar invalidCharacters: the refusal text for control characters.
     @cvar invalidUTF8: the refusal text for a line that is not UTF-8.
+    @cvar healthCheckCommands: the verbs (upper case) a load balancer's
+        health check of the protocol sends, HAProxy's C{option smtpchk} or
+        C{tcp-check} (L{healthCheck}); none by default.
 
     @ivar sessionId: the id every log event of this connection carries.
     @ivar peer: the client's address (the real one, behind a balancer
@@ -155,6 +162,7 @@ class CommandSession(Protocol):
     refuseLongLineAtOnce = False
     invalidCharacters = "invalid characters in command"
     invalidUTF8 = "command is not valid UTF-8"
+    healthCheckCommands = frozenset()
     traced = False
 
     log = Logger()
@@ -185,6 +193,9 @@ class CommandSession(Protocol):
         self._badCommands = 0
         # A command of the protocol's has been seen (see foreignLine).
         self._spoken = False
+        # Every command line so far was one of healthCheckCommands (see
+        # healthCheck).
+        self._onlyCheckCommands = True
         self._idle = None
         self._out = None
         self.rawReceiver = None
@@ -861,6 +872,8 @@ class CommandSession(Protocol):
         foreign = self.foreignLine(line)
         if foreign is not None:
             return self._endForeign(*foreign)
+        if self._onlyCheckCommands:
+            self.noteCommand(line.partition(b" ")[0].upper().decode("latin-1"))
         if _CONTROL.search(line):
             return self.unreadableLine(self.invalidCharacters)
         try:
@@ -877,6 +890,34 @@ class CommandSession(Protocol):
         if not self._spoken and self._isCommand(verb):
             self._spoken = True
         return self.dispatch(verb, argument)
+
+    def noteCommand(self, verb):
+        """
+        Note a command line the session read, by its first word C{verb}
+        (upper case), for L{healthCheck}.  L{lineReceived} notes every line
+        but one of another protocol (its session ends on its own terms,
+        with a line of its own); a protocol that answers a line before the
+        core reads it (SMTP's malformed BDAT) notes it itself.
+        """
+        if verb not in self.healthCheckCommands:
+            self._onlyCheckCommands = False
+
+    def healthCheck(self):
+        """
+        Whether the session was a load balancer's health check, which its
+        end-of-session code does not log or count as a session: a PROXY
+        header naming no client (HAProxy's C{check} sends C{LOCAL} on a
+        C{send-proxy-v2} server, its own connection's addresses on a
+        C{send-proxy} one; the transport's C{namedNoClient}), then no
+        command line but L{healthCheckCommands}, none refused.  A balancer
+        checks every 2 seconds: a line each time would be 43,200 a day per
+        balancer and listener about no client at all.
+        """
+        return (
+            getattr(self.transport, "namedNoClient", False)
+            and self._onlyCheckCommands
+            and self._badCommands == 0
+        )
 
     def foreignLine(self, line):
         """

@@ -57,9 +57,6 @@ _SIZE = re.compile(r"^[0-9]{1,20}$")
 #: The spool errors that are a lack of room (the disk, a quota, the file
 #: size limit), answered 452 4.3.1 "insufficient system storage".
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-#: The commands of a load balancer's SMTP health check (HAProxy's C{option
-#: smtpchk}: C{HELO localhost} or C{EHLO} a name, then C{QUIT}).
-_CHECK_COMMANDS = frozenset([b"HELO", b"EHLO", b"QUIT", b"NOOP", b"RSET"])
 #: What a well-formed BDAT line can hold: a line that begins like one and
 #: holds anything else (a tab, a control, a non-ASCII octet) is taken for
 #: a malformed BDAT, not for a command of no name.
@@ -270,6 +267,10 @@ class SMTPServer(CommandSession):
     #: is taken as the null sender C{<>} (LMTP, see L{LMTPServer}); else
     #: it is refused with C{501 5.1.7}
     takesBrokenSender = False
+    #: a load balancer's SMTP health check (HAProxy's C{option smtpchk}:
+    #: C{HELO localhost} or C{EHLO} a name, then C{QUIT}; see
+    #: L{CommandSession.healthCheck})
+    healthCheckCommands = frozenset(["HELO", "EHLO", "QUIT", "NOOP", "RSET"])
     # A recipient refused (no such user, relaying) counts towards
     # maxBadCommands, as Postfix's smtpd_hard_error_limit counts it: a
     # client guessing addresses is cut off.
@@ -299,9 +300,6 @@ class SMTPServer(CommandSession):
         self._endReason = None
         self._began = None
         self._tally = dict(commands=0, errors=0, rcpt=0, recipients=0, messages=0)
-        # Every command line so far was one a balancer's SMTP check sends
-        # (see _balancersCheck).
-        self._onlyCheckCommands = True
         # Whether the peer may send mail without TLS (the factory's
         # cleartext networks), once asked.
         self._cleartextPeer = None
@@ -421,25 +419,10 @@ class SMTPServer(CommandSession):
     def sessionEnded(self):
         self._endErrorDelay()
         self._discardData()
-        if self._began is not None and not self._balancersCheck():
+        # A balancer's health check is no session: no line.  A line of
+        # another protocol (no command the core notes) is an error here.
+        if self._began is not None and not (self.healthCheck() and self._tally["errors"] == 0):
             self._logDisconnect()
-
-    def _balancersCheck(self):
-        """
-        Whether the session was a load balancer's health check: a PROXY
-        header naming no client (HAProxy's C{check} on a C{send-proxy-v2}
-        server sends C{LOCAL}), then no command but a greeting and QUIT
-        (HAProxy's C{option smtpchk}: C{HELO localhost}, C{QUIT}), none
-        of them refused.  HAProxy checks every 2 seconds, so logging each
-        would write a line every 2 seconds per balancer and listener
-        (43,200 a day) about no client at all; POP3 logs none either
-        (L{mailgate.pop3.protocol.POP3Server._balancersCheck}).
-        """
-        return (
-            getattr(self.transport, "namedNoClient", False)
-            and self._onlyCheckCommands
-            and self._tally["errors"] == 0
-        )
 
     def _ending(self, reason):
         """
@@ -1294,9 +1277,9 @@ class SMTPServer(CommandSession):
         on the way that took the line for BDAT sends them as a message.
         """
         self._tally["commands"] += 1
-        if self._onlyCheckCommands and line.split(b" ", 1)[0].upper() not in _CHECK_COMMANDS:
-            self._onlyCheckCommands = False
         if _beginsAsBDAT(line) and not _BDAT_LINE.fullmatch(line):
+            # Answered before the core reads it: a command all the same.
+            self.noteCommand("BDAT")
             return self._badBDAT()
         return super().lineReceived(line)
 
