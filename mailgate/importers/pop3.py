@@ -642,12 +642,14 @@ class POP3Client:
         # listing to be taken for the next response.
         for line in list(self._lines()):
             number, *rest = line.decode("utf-8", "replace").split(None, 1) or [""]
-            if found and line[:1] in (b" ", b"\t") and not _LISTED_NUMBER.fullmatch(number):
+            if found and line[:1] in (b" ", b"\t"):
                 # The rest of the id before it, served across a line
                 # break: Dovecot with pop3_reuse_xuidl serves a folded
                 # X-UIDL field as it is.  Clients read the listing line
                 # by line, the id being the first line's (as import
-                # maildir --reuse-xuidl reads the field).
+                # maildir --reuse-xuidl reads the field).  Whatever it
+                # holds, a number too (" 2 more": the field is the
+                # sender's to write): no listed line begins with a space.
                 continue
             if not _LISTED_NUMBER.fullmatch(number):
                 raise MalformedResponse(f"{self.host} sent a malformed UIDL line: {line[:100]!r}")
