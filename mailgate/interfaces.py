@@ -418,7 +418,11 @@ class IMailStore(Interface):
         A user's maildrop as the administrator sees it: a L{Deferred} list of
         L{mailgate.records.MessageInfo} in POP3 order; with C{page}, an
         iterable of them read C{page} at a time as it is iterated, the
-        messages delivered after the call not in it.
+        messages delivered after the call not in it.  Its pages after the
+        first are read while it is iterated, so from a synchronous store
+        only (L{mailgate.store.openSynchronousStore}, the admin command's);
+        iterated past its first page, a threaded store's (C{openStore}'s, a
+        service's) raises L{RuntimeError}.
         """
 
     def deliver(addresses, source, partial=True):
@@ -561,7 +565,8 @@ class ILifecycleStore(Interface):
         """
         A user's kept deleted messages: a L{Deferred} list of
         L{mailgate.records.DeletedMessage}; with C{page}, an iterable of
-        them read C{page} at a time as it is iterated.
+        them read C{page} at a time as it is iterated (past its first page,
+        from a synchronous store only, as L{IMailStore.listMessages}).
         """
 
     def exportMessages(address, page=None):
@@ -573,7 +578,11 @@ class ILifecycleStore(Interface):
         body not read yet (a message deleted before it is read fails its
         read with L{mailgate.errors.TemporaryFailure}), listed C{page}
         messages at a time as it is iterated (the messages delivered
-        after the call are not in it).  Fails with
+        after the call are not in it; C{page} is
+        L{mailgate.store.sql.EXPORT_PAGE} when not given).  Past its first
+        page, from a synchronous store only, as
+        L{IMailStore.listMessages}: a threaded store's listing of more
+        messages raises L{RuntimeError} there.  Fails with
         L{mailgate.errors.NoSuchUser}.
         """
 
