@@ -15,15 +15,9 @@ real SQLite database (in memory, or a file you name) driven synchronously,
 and protocols talk over L{StringTransport} with a L{Clock} for timers.  This
 is the same machinery mailgate's own protocol tests use.
 
-To see how a protocol copes when storage fails, wrap the store in a
-L{FaultInjectingStore} and name the operations that should fail:
+A user, a message delivered to them, and a POP3 session reading it:
 
-    store = FaultInjectingStore(memoryStore())
-    store.fail("expunge")
-    ...
-    assert session.command("QUIT").startswith("-ERR [SYS/TEMP]")
-
-    from mailgate.testing import memoryStore, addUser, deliver, POP3Session
+    from mailgate.testing import POP3Session, addUser, deliver, memoryStore
 
     store = memoryStore()
     addUser(store, "alice@example.org", "secret")
@@ -32,6 +26,20 @@ L{FaultInjectingStore} and name the operations that should fail:
     session.command("USER alice@example.org")
     session.command("PASS secret")
     assert session.command("STAT").startswith("+OK 1 ")
+
+To see how a protocol copes when storage fails, wrap the store in a
+L{FaultInjectingStore} and name the operations that should fail:
+
+    from mailgate.testing import FaultInjectingStore
+
+    store = FaultInjectingStore(memoryStore())
+    addUser(store, "alice@example.org", "secret")
+    deliver(store, ["alice@example.org"], b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
+    store.fail("expunge")
+    session = POP3Session(store)
+    session.login("alice@example.org", "secret")
+    session.command("DELE 1")
+    assert session.command("QUIT").startswith("-ERR [SYS/TEMP]")
 """
 
 from twisted.internet import defer

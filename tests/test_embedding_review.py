@@ -307,3 +307,42 @@ def test_theInMemoryStoreBehavesAsTheServicesStore(tmp_path, kind):
     else:
         store, wait = memoryStore(f"sqlite:///{tmp_path / 'file.sqlite3'}"), _fired
     assert _transcript(store, wait) == expected
+
+
+# -- mailgate.testing's own examples ----------------------------------------------
+
+
+def _indentedExamples(text):
+    """
+    The blocks of code in C{text} (a docstring): lines indented by four
+    spaces after an empty line, in order, dedented.
+    """
+    blocks, current, previous = [], [], ""
+    for line in text.splitlines() + [""]:
+        if line.startswith("    ") and (current or not previous.strip()):
+            current.append(line)
+        elif current and not line.strip():
+            current.append(line)
+        elif current:
+            blocks.append(textwrap.dedent("\n".join(current)))
+            current = []
+        previous = line
+    if current:
+        blocks.append(textwrap.dedent("\n".join(current)))
+    return blocks
+
+
+def test_theExamplesOfMailgateTestingRunAsWritten():
+    """
+    The module's docstring (what C{help(mailgate.testing)} shows an
+    embedder) runs as written, each example after the ones before it.
+    Its failing-store example stopped at C{...} and used a session it
+    never made (NameError), and the first example's import came after it.
+    """
+    import mailgate.testing
+
+    examples = _indentedExamples(mailgate.testing.__doc__)
+    namespace = {}
+    for example in examples:
+        exec(compile(example, "mailgate.testing's docstring", "exec"), namespace)
+    assert len(examples) == 2
