@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.store import engineFromURL
-from mailgate.store.database import SynchronousDatabase
-from mailgate.store.schema import LATEST, MIGRATIONS, _ensureVersionTable, applyMigration
+from databasefiles import olderSchema
+from mailgate.store.schema import LATEST
 from test_importer_faults import ScriptedPOP3, threeMessages
 
 #: syslog(3)'s priorities, as the lines carry them (facility | severity)
@@ -462,18 +461,7 @@ def test_aSchemaUpgradeMadeByAnotherCommandIsLogged(syslog):
     it: a read-only command that did (user list) sends a line saying so,
     as db upgrade would have; one finding it up to date sends none.
     """
-    engine = engineFromURL(syslog.database)
-    database = SynchronousDatabase(engine)
-    try:
-
-        def older(cursor):
-            _ensureVersionTable(cursor)
-            for migration in MIGRATIONS[:-1]:
-                applyMigration(cursor, engine, migration)
-
-        database.runInteraction(older)
-    finally:
-        database.close()
+    olderSchema(syslog.database)
     done, lines = syslog.logged("user", "list")
     assert done.returncode == 0, done.stderr
     assertLine(

@@ -6,18 +6,13 @@ not held up by a server's write.  Through L{mailgate.cli.run} on real
 databases.
 """
 
-import hashlib
 import os
-import pwd
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from e2e import DEADLINE, MAILGATE, childEnvironment
+from databasefiles import backupOf, digest, directoryForOthers, fill, onlyReadableByNobody, runAs
 from e2e import mailgateHere as mailgate
 from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
@@ -35,11 +30,8 @@ def filledURL(databaseURL):
     """
     A database where Alice and Bob have two messages each.
     """
-    for address in (ALICE, BOB):
-        assert mailgate(databaseURL, "user", "add", address, "--password-stdin", stdin="pw\n")[0] == 0
-        for n in range(2):
-            assert mailgate(databaseURL, "deliver", address, stdin=f"Subject: {n}\n\nhello {n}\n")[0] == 0
-    return databaseURL
+    messages = [f"Subject: {n}\n\nhello {n}\n" for n in range(2)]
+    return fill(databaseURL, {ALICE: messages, BOB: messages})
 
 
 def _execute(url, *statements):
@@ -159,10 +151,6 @@ def test_aDamagedFileIsFoundBySQLitesCheck(damagedPath):
     assert err.startswith(f"mailgate: sqlite:///{damagedPath}: ") and "SQLite's quick_check" in err
 
 
-def _digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 def test_theCheckChangesNothingAndWaitsForNoWriter(filledURL):
     """
@@ -173,7 +161,7 @@ def test_theCheckChangesNothingAndWaitsForNoWriter(filledURL):
     """
     path = engineFromURL(filledURL).path
     sqlite3.connect(path).execute("PRAGMA wal_checkpoint(TRUNCATE)").close()
-    before = _digest(Path(path))
+    before = digest(path)
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
     try:
@@ -184,7 +172,7 @@ def test_theCheckChangesNothingAndWaitsForNoWriter(filledURL):
     assert (code, err) == (0, ""), out
     # Nothing written: the file as it was, and no log of changes (the
     # last connection to close removes an empty one).
-    assert _digest(Path(path)) == before
+    assert digest(path) == before
     assert not Path(path + "-wal").exists() or Path(path + "-wal").stat().st_size == 0
 
     _execute(filledURL, f"UPDATE mailgate_schema SET version = {LATEST - 1}")
@@ -404,17 +392,6 @@ def test_aBadTimeoutIsAUsageErrorBeforeTheDatabaseIsOpened(tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
-def _backupOf(filledURL, tmp_path):
-    """
-    A backup of the database at C{filledURL}, made by C{mailgate db backup}
-    (in rollback-journal mode, as SQLite's backup leaves it).
-    """
-    backup = tmp_path / "backup.sqlite3"
-    code, out, err = mailgate(filledURL, "db", "backup", str(backup))
-    assert (code, err) == (0, ""), out
-    return backup
-
-
 @pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 def test_aBackupIsCheckedAsItIsAndKeepsItsChecksum(filledURL, tmp_path):
     """
@@ -424,13 +401,13 @@ def test_aBackupIsCheckedAsItIsAndKeepsItsChecksum(filledURL, tmp_path):
     beside it.
     """
     (tmp_path / "backups").mkdir()
-    backup = _backupOf(filledURL, tmp_path / "backups")
-    before = _digest(backup)
+    backup = backupOf(filledURL, tmp_path / "backups")
+    before = digest(backup)
     code, out, err = mailgate(f"sqlite:///{backup}", "db", "check", "--full")
     assert (code, err) == (0, ""), out
     assert out.splitlines()[-1].endswith(": sound (10 checks)")
     assert mailgate(f"sqlite:///{backup}", "db", "version")[0] == 0
-    assert _digest(backup) == before
+    assert digest(backup) == before
     assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
 
 
@@ -445,26 +422,15 @@ def test_aFileThatMayOnlyBeReadIsChecked(filledURL, request, owner):
     was refused (exit 78, "cannot open SQLite database ... to write to
     it").  The file is as it was.
     """
-    nobody = pwd.getpwnam("nobody")
-    # Root's, and one nobody may reach (pytest's own are root's alone).
-    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
-    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
-    directory.chmod(0o755)
-    backup = _backupOf(filledURL, directory)
-    if owner == "its owner":
-        os.chown(backup, nobody.pw_uid, nobody.pw_gid)
-        backup.chmod(0o400)
-    else:
-        backup.chmod(0o444)
-    before = _digest(backup)
+    directory = directoryForOthers(request)
+    backup = backupOf(filledURL, directory)
+    onlyReadableByNobody(backup, owner == "its owner")
+    before = digest(backup)
     for argv in (("db", "check"), ("db", "version")):
-        done = subprocess.run(
-            [MAILGATE, "--database", f"sqlite:///{backup}", *argv], capture_output=True, text=True,
-            timeout=DEADLINE, env=childEnvironment(), user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
-        )
+        done = runAs("nobody", backup, argv)
         assert (done.returncode, done.stderr) == (0, ""), done.stdout
     assert done.stdout.startswith(f"schema version {LATEST} ")
-    assert _digest(backup) == before
+    assert digest(backup) == before
     assert sorted(p.name for p in directory.iterdir()) == ["backup.sqlite3"]
 
 

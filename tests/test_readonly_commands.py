@@ -9,22 +9,17 @@ command (in this process, and as the user nobody in a child) on real
 SQLite files.
 """
 
-import hashlib
 import os
 import pwd
 import shutil
 import sqlite3
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from e2e import DEADLINE, MAILGATE, childEnvironment
+from databasefiles import backupOf, digest, directoryForOthers, fill, olderSchema, onlyReadableByNobody, runAs
 from e2e import mailgateHere as mailgate
 from mailgate.store import engineFromURL, openSynchronousStore
-from mailgate.store.database import SynchronousDatabase
-from mailgate.store.schema import LATEST, MIGRATIONS, _ensureVersionTable, applyMigration
+from mailgate.store.schema import LATEST
 
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
 
@@ -46,10 +41,6 @@ READING = [
 rootOnly = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
 
 
-def _digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @pytest.fixture
 def liveURL(tmp_path):
     """
@@ -57,28 +48,7 @@ def liveURL(tmp_path):
     """
     url = f"sqlite:///{tmp_path / 'live' / 'mail.sqlite3'}"
     (tmp_path / "live").mkdir()
-    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
-    assert mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")[0] == 0
-    return url
-
-
-def _backup(url, directory):
-    """
-    A backup of the database at C{url} in C{directory}, made by C{mailgate
-    db backup} (in rollback-journal mode, as SQLite's backup leaves it).
-    """
-    backup = Path(directory) / "backup.sqlite3"
-    code, out, err = mailgate(url, "db", "backup", str(backup))
-    assert (code, err) == (0, ""), out
-    return backup
-
-
-def _asNobody(path, argv, stdin=""):
-    nobody = pwd.getpwnam("nobody")
-    return subprocess.run(
-        [MAILGATE, "--database", f"sqlite:///{path}", *argv], input=stdin, capture_output=True, text=True,
-        timeout=DEADLINE, env=childEnvironment(), user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
-    )
+    return fill(url, {ALICE: ["Subject: hi\n\nhello\n"]})
 
 
 def _olderSchema(path):
@@ -88,18 +58,7 @@ def _olderSchema(path):
     made).
     """
     path.unlink()
-    engine = engineFromURL(f"sqlite:///{path}")
-    database = SynchronousDatabase(engine)
-    try:
-
-        def older(cursor):
-            _ensureVersionTable(cursor)
-            for migration in MIGRATIONS[:-1]:
-                applyMigration(cursor, engine, migration)
-
-        database.runInteraction(older)
-    finally:
-        database.close()
+    olderSchema(f"sqlite:///{path}")
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode = DELETE")
     conn.close()
@@ -114,11 +73,11 @@ def test_aBackupIsReadAsItIsAndKeepsItsChecksum(liveURL, tmp_path, argv, stdin):
     -shm.
     """
     (tmp_path / "backups").mkdir()
-    backup = _backup(liveURL, tmp_path / "backups")
-    before = _digest(backup)
+    backup = backupOf(liveURL, tmp_path / "backups")
+    before = digest(backup)
     code, out, err = mailgate(f"sqlite:///{backup}", *argv, stdin=stdin)
     assert (code, err) == (0, ""), out
-    assert _digest(backup) == before
+    assert digest(backup) == before
     assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
 
 
@@ -127,14 +86,14 @@ def test_anExportOfABackupKeepsItsChecksum(liveURL, tmp_path):
     mailbox export (one user, and --all) reads a backup as it is.
     """
     (tmp_path / "backups").mkdir()
-    backup = _backup(liveURL, tmp_path / "backups")
-    before = _digest(backup)
+    backup = backupOf(liveURL, tmp_path / "backups")
+    before = digest(backup)
     url = f"sqlite:///{backup}"
     code, out, err = mailgate(url, "mailbox", "export", ALICE, str(tmp_path / "one"))
     assert (code, err, out) == (0, "", f"exported 1 message (22 octets) of {ALICE} to {tmp_path / 'one'}\n")
     code, out, err = mailgate(url, "mailbox", "export", "--all", str(tmp_path / "all"))
     assert (code, err) == (0, ""), out
-    assert _digest(backup) == before
+    assert digest(backup) == before
     assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
 
 
@@ -148,23 +107,16 @@ def test_aFileThatMayOnlyBeReadIsRead(liveURL, request, owner):
     refused (exit 78, "cannot open SQLite database ... to write to it").
     The file is as it was.
     """
-    nobody = pwd.getpwnam("nobody")
-    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
-    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
-    directory.chmod(0o755)
-    backup = _backup(liveURL, directory)
-    if owner == "its owner":
-        os.chown(backup, nobody.pw_uid, nobody.pw_gid)
-        backup.chmod(0o400)
-    else:
-        backup.chmod(0o444)
-    before = _digest(backup)
+    directory = directoryForOthers(request)
+    backup = backupOf(liveURL, directory)
+    onlyReadableByNobody(backup, owner == "its owner")
+    before = digest(backup)
     for argv, stdin in READING:
-        done = _asNobody(backup, argv, stdin)
+        done = runAs("nobody", backup, argv, stdin)
         assert (done.returncode, done.stderr) == (0, ""), (argv, done.stdout)
         if argv[:2] == ("user", "list"):
             assert ALICE in done.stdout
-    assert _digest(backup) == before
+    assert digest(backup) == before
     assert sorted(p.name for p in directory.iterdir()) == ["backup.sqlite3"]
 
 
@@ -199,23 +151,19 @@ def test_aFileThatNeedsAMigrationAndMayOnlyBeReadIsRefusedAsBefore(liveURL, requ
     command would make needs writing, refused as before (exit 78, one
     line), and the file is left as it was.
     """
-    nobody = pwd.getpwnam("nobody")
-    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
-    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
-    directory.chmod(0o755)
+    directory = directoryForOthers(request)
     path = directory / "old.sqlite3"
     shutil.copy(engineFromURL(liveURL).path, path)
     _olderSchema(path)
-    os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    path.chmod(0o400)
-    before = _digest(path)
-    done = _asNobody(path, ("user", "list"))
+    onlyReadableByNobody(path, True)
+    before = digest(path)
+    done = runAs("nobody", path, ("user", "list"))
     assert (done.returncode, done.stdout) == (78, "")
     assert done.stderr == (
         f"mailgate: cannot open SQLite database {path} to write to it (nobody may not read and write {path}: "
         f"it is nobody's, mode 0400)\n"
     )
-    assert _digest(path) == before
+    assert digest(path) == before
 
 
 @rootOnly
@@ -229,9 +177,7 @@ def test_aReaderLeavesNoSideFilesTheOwnerCannotWrite(liveURL, request):
     writes it afterwards.
     """
     owner = pwd.getpwnam("daemon")
-    directory = Path(tempfile.mkdtemp(prefix="mailgate-readonly-"))
-    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
-    directory.chmod(0o1777)
+    directory = directoryForOthers(request, 0o1777)
     path = directory / "mail.sqlite3"
     shutil.copy(engineFromURL(liveURL).path, path)
     conn = sqlite3.connect(path)
@@ -240,18 +186,15 @@ def test_aReaderLeavesNoSideFilesTheOwnerCannotWrite(liveURL, request):
     assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
     os.chown(path, owner.pw_uid, owner.pw_gid)
     path.chmod(0o644)
-    done = _asNobody(path, ("user", "list"))
+    done = runAs("nobody", path, ("user", "list"))
     assert (done.returncode, done.stdout) == (78, "")
     assert done.stderr.startswith(f"mailgate: cannot open SQLite database {path} to write to it"), done.stderr
-    done = _asNobody(path, ("db", "check"))
+    done = runAs("nobody", path, ("db", "check"))
     assert (done.returncode, done.stdout) == (78, "")
     assert done.stderr == (
         f"mailgate: cannot open SQLite database {path} to read it: it is in WAL mode, and nobody would leave it "
         f"a -wal and -shm its owner daemon may not write: run this as daemon\n"
     )
     assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
-    written = subprocess.run(
-        [MAILGATE, "--database", f"sqlite:///{path}", "user", "quota", ALICE, "1M"], capture_output=True,
-        text=True, timeout=DEADLINE, env=childEnvironment(), user=owner.pw_uid, group=owner.pw_gid, extra_groups=[],
-    )
+    written = runAs("daemon", path, ("user", "quota", ALICE, "1M"))
     assert (written.returncode, written.stderr) == (0, "")
