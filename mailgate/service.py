@@ -39,7 +39,7 @@ from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
 from mailgate.logs import literal, writeStartFailure
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
-from mailgate.metrics import Metrics, NotServed, metricsSite
+from mailgate.metrics import Metrics, NotServed
 from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -1440,6 +1440,16 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
     return root
 
 
+def _metricsSite(metrics, root, reactor):
+    """
+    The HTTP factory of C{--metrics} for the service C{root}.
+    """
+    # Imported here: Twisted Web, which it needs, is for servers with a --metrics listener only.
+    from mailgate.metricssite import metricsSite
+
+    return metricsSite(metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT, protocolCheck=root.protocolAnswers)
+
+
 def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, listeners, tokens=None):
     """
     The service hierarchy of L{makeService}, over an open C{store}, with
@@ -1541,9 +1551,7 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         "LMTP": lambda: makeSMTPFactory(
             store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),
-        "METRICS": lambda: metricsSite(
-            metrics, root.databaseAnswers, reactor, HEALTH_TIMEOUT, protocolCheck=root.protocolAnswers
-        ),
+        "METRICS": lambda: _metricsSite(metrics, root, reactor),
     }
     for name, endpoints in listeners.items():
         if endpoints:

@@ -742,7 +742,8 @@ def _metricsConnection(clock):
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
-    from mailgate.metrics import Metrics, metricsSite
+    from mailgate.metrics import Metrics
+    from mailgate.metricssite import metricsSite
 
     site = metricsSite(Metrics(), lambda: defer.succeed(None), clock)
     site.startFactory()
@@ -766,7 +767,7 @@ def test_theMetricsPortClosesARequestTrickledAnOctetAtATime():
     """
     from twisted.internet.task import Clock
 
-    from mailgate.metrics import IDLE_TIMEOUT, MetricsChannel
+    from mailgate.metricssite import IDLE_TIMEOUT, MetricsChannel
 
     clock = Clock()
     with _metricsConnection(clock) as (protocol, transport):

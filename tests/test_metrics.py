@@ -35,7 +35,8 @@ from mailgate.auth.sasl import SASLServer
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import ShuttingDown, TemporaryFailure, WritesFailing
 from mailgate.message import spoolBytes
-from mailgate.metrics import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_OPERATIONS, Metrics, MetricsResource, metricsSite
+from mailgate.metrics import MAX_OPERATIONS, Metrics
+from mailgate.metricssite import IDLE_TIMEOUT, MAX_CONNECTIONS, MetricsResource, metricsSite
 from mailgate.store import openStore
 from mailgate.store.sql import _findUser
 from mailgate.testing import TEST_HASH_COST

@@ -566,7 +566,8 @@ def test_theHealthCheckTellsTheKindOfErrorNotItsText(roles):
     from twisted.web.resource import getChildForRequest
     from twisted.web.test.requesthelper import DummyRequest
 
-    from mailgate.metrics import Metrics, MetricsResource
+    from mailgate.metrics import Metrics
+    from mailgate.metricssite import MetricsResource
     from mailgate.service import MailgateService
     from mailgate.store import openStore
     from pumped import PumpedReactor
