@@ -5,11 +5,19 @@ real Dovecot, the real mailgate command, real SQLite files.
 """
 
 import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from dovecotserver import PrivateDovecot, requireDovecot
+from e2e import DEADLINE, MAILGATE, childEnvironment
+from e2e import mailgateHere as mailgate
 from test_dovecot_migration import ALICE, PASSWORD, aliceStore, servedBy, servedByMailgate
 
 
@@ -53,3 +61,106 @@ def test_aFoldedXUIDLWhoseNextLineBeginsWithANumberIsStillItsFirstLines(tmp_path
         assert server.errorsLogged() == []
     finally:
         server.cleanup()
+
+
+rootOnly = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
+
+
+@pytest.fixture
+def serversDirectory(request):
+    """
+    A directory all may enter (pytest's own are root's alone), holding a
+    database of the user daemon (the server's, here) where Alice has a
+    message: its -wal and -shm there too, as a running server keeps them
+    (the connection the test holds open, closed at the end).
+    """
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-review-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o755)
+    path = directory / "mail.sqlite3"
+    url = f"sqlite:///{path}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    assert mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")[0] == 0
+    held = sqlite3.connect(path)
+    request.addfinalizer(held.close)
+    held.execute("SELECT count(*) FROM users").fetchone()
+    daemon = pwd.getpwnam("daemon")
+    for name in ("", "-wal", "-shm"):
+        os.chown(f"{path}{name}", daemon.pw_uid, daemon.pw_gid)
+    return path
+
+
+def _asNobody(path, *argv):
+    nobody = pwd.getpwnam("nobody")
+    done = subprocess.run(
+        [MAILGATE, "--database", f"sqlite:///{path}", *argv], capture_output=True, text=True, timeout=DEADLINE,
+        env=childEnvironment(), user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+@rootOnly
+@pytest.mark.usefixtures("cheapCommandHashes")
+@pytest.mark.parametrize("command", [("db", "check"), ("db", "version")])
+def test_aDatabaseItsUserMayNotReadIsSaidToBeOne(serversDirectory, command):
+    """
+    db check and db version run as a user who may not read the database
+    (the server's, mode 0600: the commonest mistake, running them as
+    another user) say so, and whose it is.  Since they open it read-only
+    (71ebdaf) they said it was in WAL mode and the user might not create
+    its -shm, of any file, a rollback-journal backup too.
+    """
+    path = serversDirectory
+    path.chmod(0o600)
+    code, out, err = _asNobody(path, *command)
+    assert (code, out) == (78, "")
+    assert err == (
+        f"mailgate: cannot open SQLite database {path} to read it: unable to open database file (nobody may not "
+        f"read {path}: it is daemon's, mode 0600: run this as daemon)\n"
+    )
+
+
+@rootOnly
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_aShmItsUserMayNotReadIsNamed(serversDirectory):
+    """
+    A database its user may read, whose -shm (the server's) he may not:
+    named as such, not as a -shm he may not create.
+    """
+    path = serversDirectory
+    path.chmod(0o644)
+    Path(f"{path}-wal").chmod(0o644)
+    Path(f"{path}-shm").chmod(0o600)
+    code, out, err = _asNobody(path, "db", "check")
+    assert (code, out) == (78, "")
+    assert err == (
+        f"mailgate: cannot open SQLite database {path} to read it: unable to open database file (nobody may not "
+        f"read {path}-shm: it is daemon's, mode 0600: run this as daemon)\n"
+    )
+
+
+@rootOnly
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_aSnapshotWithAWalAndNoShmOnAReadOnlyMountIsSaidToBeSo(serversDirectory, tmp_path):
+    """
+    A copy of a live database and its -wal, without its -shm, on a
+    filesystem mounted read-only (a snapshot that left the -shm out):
+    SQLite reads the -wal through a -shm, which none can make there.  Said
+    so, with what to do; it was told to run as the database's owner, who
+    can no more make one than root.
+    """
+    path = serversDirectory
+    Path(f"{path}-shm").unlink()
+    script = f'mount --bind -o ro "{path.parent}" "{path.parent}" && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", MAILGATE, "--database", f"sqlite:///{path}", "db", "check"],
+        capture_output=True, text=True, timeout=DEADLINE, env=childEnvironment(),
+    )
+    if done.returncode != 78 and "mount" in done.stderr:
+        pytest.skip(f"no read-only bind mount here: {done.stderr.strip()}")
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (
+        f"mailgate: cannot open SQLite database {path} to read it: unable to open database file (the filesystem "
+        f"of {path.parent} is mounted read-only, and its -wal is read through a -shm, which there is none of and "
+        f"none can be made: copy the file and its -wal where root may write)\n"
+    )

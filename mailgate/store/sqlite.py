@@ -491,12 +491,41 @@ class SQLiteEngine:
                 return conn
             except sqlite3.Error as e:
                 raise ConfigurationError(f"cannot open SQLite database {self.path} to read it: {e}") from e
-        user = _userName(os.geteuid())
         raise ConfigurationError(
-            f"cannot open SQLite database {self.path} to read it: {error} (it is in WAL mode, and {user} may "
-            f"not create its -shm in {directory}: run this as the database's owner, or copy the "
-            f"file{' and its -wal' if wal else ''} where {user} may write)"
+            f"cannot open SQLite database {self.path} to read it: {error} ({self._unreadable(directory, frozen, wal)})"
         ) from error
+
+    def _unreadable(self, directory, frozen, wal):
+        """
+        Why SQLite could not open the database read-only, and what to do:
+        the file (or its C{-wal} or C{-shm}) is one this user may not read
+        (a database of the server's user, mode 0600: the commonest), the
+        filesystem is mounted read-only with a C{-wal} and no C{-shm}, or
+        a WAL database's C{-shm} cannot be made in its directory.  All were
+        said as the last, "it is in WAL mode", of any file, the one this
+        user may not read included.
+        """
+        user = _userName(os.geteuid())
+        for name in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                found = os.stat(name)
+            except OSError:
+                continue
+            if not os.access(name, os.R_OK, **_EFFECTIVE):
+                owner = _userName(found.st_uid)
+                return (
+                    f"{user} may not read {name}: it is {owner}'s, mode {stat.S_IMODE(found.st_mode):04o}: "
+                    f"run this as {owner}"
+                )
+        if frozen:
+            return (
+                f"the filesystem of {directory} is mounted read-only, and its -wal is read through a -shm, which "
+                f"there is none of and none can be made: copy the file and its -wal where {user} may write"
+            )
+        return (
+            f"it is in WAL mode, and {user} may not create its -shm in {directory}: run this as the database's "
+            f"owner, or copy the file{' and its -wal' if wal else ''} where {user} may write"
+        )
 
     def _noDescriptors(self, error):
         """
