@@ -1,0 +1,109 @@
+"""
+What a start of C{twistd mailgate} and of the C{mailgate} command imports.
+
+Every start pays for each module it imports, whether the run needs it or
+not, and some starts are many: an MTA's pipe transport runs C{mailgate
+deliver} once per message, scripts run the admin commands, and the test
+suite starts some 900 processes.  A feature's modules are therefore
+imported where they are used when the feature is optional.  These tests
+run the installed commands with C{PYTHONPROFILEIMPORTTIME} (the
+C{-X importtime} report, on standard error) and check what a run left out
+by name, not by time: a module imported again at the top of a module for a
+constant or a type fails them, on any machine.
+"""
+
+import subprocess
+
+from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, childEnvironment, databaseURL
+
+#: Twisted Web: the HTTP of C{--metrics} (L{mailgate.metricssite}) alone
+WEB = ("twisted.web", "mailgate.metricssite")
+#: what a server's sessions are made of, which delivering a message from
+#: the command line does without
+SESSIONS = ("mailgate.session", "mailgate.smtp.factory", "mailgate.smtp.protocol", "mailgate.pop3", "OpenSSL")
+
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nhi\r\n"
+
+
+def importedModules(report):
+    """
+    The names of the modules an C{-X importtime} report on standard error
+    (C{report}) lists: each import's line ends in its module's name.
+    """
+    return {
+        line.rpartition("|")[2].strip()
+        for line in report.splitlines()
+        if line.startswith("import time:") and not line.rstrip().endswith("imported package")
+    }
+
+
+def among(modules, prefixes):
+    """
+    The C{modules} that are, or are inside, one of C{prefixes}.
+    """
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def commandImports(database, *args, input=b""):
+    """
+    Run C{mailgate --database DATABASE ARGS...}; return its exit status,
+    its standard output and the modules it imported.
+    """
+    done = subprocess.run(
+        [MAILGATE, "--database", database, *args],
+        input=input,
+        capture_output=True,
+        timeout=DEADLINE,
+        env={**childEnvironment(), "PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    stdout = done.stdout.decode("utf-8", "replace")
+    return done.returncode, stdout, importedModules(done.stderr.decode("utf-8", "replace"))
+
+
+def serverImports(database, options=()):
+    """
+    Start C{twistd -n mailgate} serving POP3 (and C{options}) until it
+    listens, then stop it; return the modules it imported on the way.
+    """
+    server = ServerProcess(database, options=list(options), env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        server.start()
+    finally:
+        server.stop()
+    return importedModules(server.stderr)
+
+
+def test_theReportIsRead(tmp_path):
+    """
+    The report names what a run did import: without this, the tests below
+    would pass on a report they could not read.
+    """
+    code, _, modules = commandImports(databaseURL(tmp_path / "mail.db"), "db", "upgrade")
+    assert code == 0
+    assert {"mailgate.cli", "mailgate.store", "argparse"} <= modules
+
+
+def test_deliverImportsNoWebAndNoSessions(tmp_path):
+    """
+    C{mailgate deliver}, run once per message by an MTA's pipe transport,
+    imports neither Twisted Web nor what the server's sessions are made
+    of (TLS, the session core, the protocols): it delivers through
+    L{mailgate.smtp.delivery} alone.
+    """
+    url = databaseURL(tmp_path / "mail.db")
+    AdminCommand(url).addUser("alice@example.org", "secret")
+    code, out, modules = commandImports(url, "deliver", "alice@example.org", input=MESSAGE)
+    assert code == 0 and "delivered to alice@example.org" in out
+    assert "mailgate.smtp.delivery" in modules
+    assert among(modules, WEB) == []
+    assert among(modules, SESSIONS) == []
+
+
+def test_aServerWithoutMetricsImportsNoWeb(tmp_path):
+    """
+    A server serving POP3 without C{--metrics} does not import Twisted
+    Web; one with C{--metrics} does, and serves it.
+    """
+    url = databaseURL(tmp_path / "mail.db")
+    assert among(serverImports(url), WEB) == []
+    assert "mailgate.metricssite" in serverImports(url, ["--metrics", "tcp:0:interface=127.0.0.1"])
