@@ -59,6 +59,7 @@ import datetime
 import os
 import ssl
 import stat
+import sys
 
 import attr
 from cryptography import x509
@@ -72,6 +73,7 @@ from twisted.logger import Logger
 
 from mailgate.errors import ConfigurationError
 from mailgate.plural import counted
+from mailgate.twistedcompat import twistedHandshakeDone
 
 # Forward-secret suites only, AEAD before CBC; no NULL, MD5 or DSS.  Not
 # RSA key exchange (kRSA, which Twisted's default list keeps last): whoever
@@ -99,8 +101,57 @@ def isSecure(transport):
     C{tls=no}).
     """
     if ISSLTransport.providedBy(transport):
-        return getattr(transport, "established", True)
+        return tlsEstablished(transport)
     return bool(getattr(transport, "TLS", False))
+
+
+def tlsEstablished(transport):
+    """
+    Whether the TLS handshake of C{transport} (an C{ISSLTransport}) has
+    completed, and stays so once the connection has ended: mailgate's TLS
+    layer's C{established}, or Twisted's own TLS's (an C{ssl:} listener,
+    an embedding host's C{TLSMemoryBIOFactory}).  A session over Twisted's
+    TLS whose handshake failed, or that its client left mid-handshake,
+    was logged as C{tls=yes}, as if its connection had been protected.
+    """
+    established = getattr(transport, "established", None)
+    if established is not None:
+        return bool(established)
+    return twistedHandshakeDone(transport)
+
+
+def tlsFailure(reason):
+    """
+    Why a connection's loss C{reason} (a L{Failure}) is a TLS failure, a
+    handshake that failed or a corrupt record, as OpenSSL names it
+    (C{"WRONG_VERSION_NUMBER"}); C{None} if it is none.
+
+    mailgate's TLS layer fails with Python's C{ssl.SSLError}; Twisted's own
+    TLS (an C{ssl:} listener, an embedding host's C{TLSMemoryBIOFactory})
+    with pyOpenSSL's C{OpenSSL.SSL.Error}, whose failures were taken for a
+    connection lost: no C{session.tls_failed} line, no count in
+    C{mailgate_tls_failures_total}, and an end line saying
+    C{reason='connection lost'}.
+    """
+    error = getattr(reason, "value", None)
+    if isinstance(error, ssl.SSLError):
+        return getattr(error, "reason", None) or str(error)
+    # Not imported here: a process that imported no pyOpenSSL (mailgate
+    # deliver) has none of its errors.
+    SSL = sys.modules.get("OpenSSL.SSL")
+    if SSL is None or not isinstance(error, SSL.Error) or isinstance(
+        error, (SSL.SysCallError, SSL.ZeroReturnError, SSL.WantReadError, SSL.WantWriteError)
+    ):
+        # A reset or an EOF (Twisted makes an EOF a ConnectionLost), or a
+        # clean close: no TLS failure.
+        return None
+    # pyOpenSSL's error: a list of (library, function, reason) of OpenSSL's
+    # error queue, the reason in words ("wrong version number").
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[-1] for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+    if reasons:
+        return str(reasons[-1]).upper().replace(" ", "_")
+    return str(error) or type(error).__name__
 
 
 def negotiated(transport):
@@ -129,7 +180,8 @@ def versionAndCipher(transport):
     OpenSSL connection under Twisted's own TLS, which an application that
     embeds mailgate may give a listener of its own.
     """
-    if not ISSLTransport.providedBy(transport):
+    if not ISSLTransport.providedBy(transport) or not tlsEstablished(transport):
+        # (Twisted's TLS has them chosen before a handshake that fails.)
         return None, None
     version = getattr(transport, "version", None)
     if isinstance(version, str):

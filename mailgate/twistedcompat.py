@@ -317,3 +317,20 @@ def leanEventDispatch(reactor):
 
     reactor.doPoll = reactor.doIteration = doPoll
     return True
+
+
+def twistedHandshakeDone(transport):
+    """
+    Whether Twisted's own TLS under a session (C{TLSMemoryBIOProtocol}: an
+    C{ssl:} listener, an embedding host's C{TLSMemoryBIOFactory}) has
+    completed its handshake; C{True} for a transport that does not say.
+
+    The session is told the same through C{IHandshakeListener}, but
+    L{mailgate.tls.isSecure} asks it of the transport, and a handshake that
+    failed half way has a version and a cipher chosen all the same: only
+    this flag tells it from one that completed.
+
+    Relies on C{TLSMemoryBIOProtocol}'s private C{_handshakeDone}, set where
+    it calls C{handshakeCompleted} and kept once the connection is lost.
+    """
+    return getattr(transport, "_handshakeDone", True)

@@ -55,7 +55,6 @@ below (C{greet}, C{refusal}, C{syntaxError}, C{lineTooLong} ...).
 """
 
 import re
-import ssl
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer, ISSLTransport
@@ -72,7 +71,7 @@ from mailgate.session.tlslayer import startTLS
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import endTrace, startTrace
 from mailgate.timers import elapsedClock
-from mailgate.tls import versionAndCipher
+from mailgate.tls import tlsEstablished, tlsFailure, versionAndCipher
 from mailgate.twistedcompat import closeWhenWritten
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -446,11 +445,11 @@ class CommandSession(Protocol):
         self._closed = True
         if self._idle is not None:
             self._idle.cancel()
-        if isinstance(getattr(reason, "value", None), ssl.SSLError):
+        why = tlsFailure(reason)
+        if why is not None:
             # A failed handshake (a client speaking something else than
-            # TLS, or only versions refused) or a corrupt record.
-            error = reason.value
-            why = getattr(error, "reason", None) or str(error)
+            # TLS, or only versions refused) or a corrupt record, under
+            # mailgate's TLS layer or Twisted's.
             if self._admitted:
                 # A connection refused as it arrived (whose handshake an
                 # implicit-TLS port waits for, to send the refusal) counts
@@ -465,7 +464,7 @@ class CommandSession(Protocol):
                 "more since the last line",
             )
             self._ending("TLS failed")
-        elif ISSLTransport.providedBy(self.transport) and getattr(self.transport, "established", True) is False:
+        elif ISSLTransport.providedBy(self.transport) and not tlsEstablished(self.transport):
             # Gone before its handshake completed, without an error of
             # OpenSSL's (the client closed or reset it, a timeout of ours
             # aborted it): a scanner, or a client refusing the certificate

@@ -28,7 +28,6 @@ storage failures into permanent 550 replies.  Here, on the session core
 
 import errno
 import re
-import ssl
 
 from twisted.internet import defer
 
@@ -50,7 +49,7 @@ from mailgate.smtp.syntax import (
     parseCommandPath,
 )
 from mailgate.timers import cancelled
-from mailgate.tls import isSecure, negotiated
+from mailgate.tls import isSecure, negotiated, tlsFailure
 
 _SIZE = re.compile(r"^[0-9]{1,20}$")
 
@@ -409,7 +408,7 @@ class SMTPServer(CommandSession):
             self._reply(421, "4.4.2", f"{self.hostname} timeout exceeded, closing connection")
 
     def connectionLost(self, reason):
-        if isinstance(getattr(reason, "value", None), ssl.SSLError):
+        if tlsFailure(reason) is not None:
             # A failed STARTTLS handshake or a corrupt record: the end line
             # says so, whose session.tls_failed line (one a minute per
             # address and reason) an MTA retrying at once does not get.
