@@ -164,3 +164,28 @@ def test_aSnapshotWithAWalAndNoShmOnAReadOnlyMountIsSaidToBeSo(serversDirectory,
         f"of {path.parent} is mounted read-only, and its -wal is read through a -shm, which there is none of and "
         f"none can be made: copy the file and its -wal where root may write)\n"
     )
+
+
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_anExportOfEveryUserShowsADirectoryAsGivenOnOneLine(tmp_path):
+    """
+    mailbox export --all DIR, each user's failure line: DIR as given, with
+    anything unprintable as ?, on one line, as the export of one user (and
+    every failure of the command, d69fc70) shows it.  It was written raw:
+    a DIR holding a line break split the line in two, the second free to
+    look like mailgate's own.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    (tmp_path / "file").write_text("")
+    given = str(tmp_path / "file" / "x\ny")
+    shown = given.replace("\n", "?")
+    done = subprocess.run(
+        [MAILGATE, "--database", url, "mailbox", "export", "--all", given], capture_output=True, text=True,
+        timeout=DEADLINE, env=childEnvironment(),
+    )
+    assert (done.returncode, done.stdout) == (73, "")
+    assert done.stderr.splitlines() == [
+        f"mailgate: {ALICE}: not exported: cannot make {shown}: Not a directory",
+        "mailgate: 1 user could not be exported (named above)",
+    ]

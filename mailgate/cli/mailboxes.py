@@ -26,6 +26,7 @@ from mailgate.cli.common import (
     _number,
     _readAddresses,
     _result,
+    _shown,
     _time,
     _warnIfFull,
 )
@@ -292,24 +293,27 @@ def _mailboxExport(store, args, out, stdin):
     for address, directory in targets:
         if args.all and (os.sep in address or address.startswith(".")):
             # A local part may hold a slash: never a path out of DIR.
-            args.stderr.write(f"mailgate: {address}: not exported: its address cannot be a directory name\n")
+            args.stderr.write(f"mailgate: {_shown(address)}: not exported: its address cannot be a directory name\n")
             failedUsers += 1
             continue
         messages = _forUser(address, store.exportMessages(address))
         try:
+            # Each line one line, whatever DIR as given holds (as failed()
+            # writes the command's own; a line break split these in two).
             report = exportMaildir(
-                messages, directory, progress=lambda line: args.stderr.write(f"mailgate: {address}: {line}\n")
+                messages, directory,
+                progress=lambda line: args.stderr.write(f"mailgate: {_shown(f'{address}: {line}')}\n"),
             )
         except ImportFailed as e:
             if not args.all:
                 raise CommandError(str(e), EX_CANTCREAT)
-            args.stderr.write(f"mailgate: {address}: not exported: {e}\n")
+            args.stderr.write(f"mailgate: {_shown(f'{address}: not exported: {e}')}\n")
             failedUsers += 1
             continue
         failedMessages += len(report.failures)
         out.write(
             f"exported {counted(report.messages, 'message')} ({counted(report.octets, 'octet')}) "
-            f"of {address} to {directory}\n"
+            f"of {address} to {_shown(directory)}\n"
         )
     if failedUsers:
         raise CommandError(f"{counted(failedUsers, 'user')} could not be exported (named above)", EX_CANTCREAT)
