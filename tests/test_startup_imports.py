@@ -18,6 +18,9 @@ from e2e import DEADLINE, MAILGATE, AdminCommand, ServerProcess, childEnvironmen
 
 #: Twisted Web: the HTTP of C{--metrics} (L{mailgate.metricssite}) alone
 WEB = ("twisted.web", "mailgate.metricssite")
+#: the checkers of other servers' password hashes (users imported with
+#: one, L{mailgate.auth.foreign}) and of OAuth 2.0 tokens (C{--oauth2-keys})
+HASHES_AND_TOKENS = ("passlib", "argon2", "mailgate.auth.cryptschemes", "mailgate.auth.systemcrypt", "jwt")
 #: what a server's sessions are made of, which delivering a message from
 #: the command line does without
 SESSIONS = ("mailgate.session", "mailgate.smtp.factory", "mailgate.smtp.protocol", "mailgate.pop3", "OpenSSL")
@@ -95,15 +98,27 @@ def test_deliverImportsNoWebAndNoSessions(tmp_path):
     code, out, modules = commandImports(url, "deliver", "alice@example.org", input=MESSAGE)
     assert code == 0 and "delivered to alice@example.org" in out
     assert "mailgate.smtp.delivery" in modules
-    assert among(modules, WEB) == []
-    assert among(modules, SESSIONS) == []
+    assert among(modules, WEB + SESSIONS + HASHES_AND_TOKENS) == []
+
+
+def test_anAdminCommandImportsNoHashCheckers(tmp_path):
+    """
+    C{mailgate user list} imports neither Twisted Web nor the checkers of
+    imported password hashes and OAuth 2.0 tokens.
+    """
+    url = databaseURL(tmp_path / "mail.db")
+    AdminCommand(url).addUser("alice@example.org", "secret")
+    code, out, modules = commandImports(url, "user", "list")
+    assert code == 0 and "alice@example.org" in out
+    assert among(modules, WEB + HASHES_AND_TOKENS) == []
 
 
 def test_aServerWithoutMetricsImportsNoWeb(tmp_path):
     """
-    A server serving POP3 without C{--metrics} does not import Twisted
-    Web; one with C{--metrics} does, and serves it.
+    A server serving POP3 without C{--metrics} or C{--oauth2-keys} imports
+    neither Twisted Web nor the checkers of imported password hashes and
+    OAuth 2.0 tokens; one with C{--metrics} imports its site.
     """
     url = databaseURL(tmp_path / "mail.db")
-    assert among(serverImports(url), WEB) == []
+    assert among(serverImports(url), WEB + HASHES_AND_TOKENS) == []
     assert "mailgate.metricssite" in serverImports(url, ["--metrics", "tcp:0:interface=127.0.0.1"])

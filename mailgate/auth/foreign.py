@@ -24,19 +24,14 @@ import binascii
 import hashlib
 import hmac
 import re
-import warnings
 
-import argon2
-import bcrypt
-
-from mailgate.auth import systemcrypt
 from mailgate.auth.md5state import hmacMD5Context
 
-with warnings.catch_warnings():
-    # passlib uses Python's crypt module where there is one (deprecated in
-    # 3.11, gone in 3.13, where passlib computes the same hashes itself).
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
+# The libraries of the crypt(3), bcrypt and Argon2 schemes (passlib, bcrypt,
+# argon2-cffi, the system's libcrypt through ctypes) are imported in the
+# functions that check those hashes: only users imported with one need
+# them, and every start of the server and of the admin command imports
+# this module (some 25 ms of imports otherwise).
 
 _BCRYPT = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}\Z")
 
@@ -102,11 +97,14 @@ def _crypt(value, validate=True):
     @param validate: whether to make sure the system's crypt(3) can check
         one only it computes (which costs a hash).
     """
+    from mailgate.auth import systemcrypt
+    from mailgate.auth.cryptschemes import HANDLERS
+
     if value.startswith(("$2a$", "$2b$", "$2y$")):
         if not _BCRYPT.match(value):
             raise UnusableHash("a malformed bcrypt string")
         return _bcrypt
-    for handler in (md5_crypt, sha256_crypt, sha512_crypt, des_crypt):
+    for handler in HANDLERS:
         if handler.identify(value):
             return handler.verify
     if value.startswith(systemcrypt.PREFIXES):
@@ -117,12 +115,16 @@ def _crypt(value, validate=True):
 
 
 def _bcrypt(password, value):
+    import bcrypt
+
     # crypt(3) uses the first 72 octets of a password, as bcrypt always
     # did; the bcrypt package refuses longer ones rather than cut them.
     return bcrypt.checkpw(password[:72], value.replace("$2y$", "$2b$", 1).encode("ascii"))
 
 
 def _argon2(password, value):
+    import argon2
+
     try:
         return argon2.PasswordHasher().verify(value, password)
     except argon2.exceptions.VerificationError:
@@ -282,6 +284,8 @@ def checker(text, validate=True):
                 raise UnusableHash(f"a malformed {scheme} string") from None
         return lambda password: verify(password, value)
     if scheme in ("ARGON2I", "ARGON2ID"):
+        import argon2
+
         try:
             argon2.extract_parameters(value)
         except argon2.exceptions.InvalidHashError:

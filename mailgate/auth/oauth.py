@@ -24,7 +24,6 @@ import math
 import time
 
 import attr
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -129,6 +128,9 @@ def _publicKey(key, where):
 
 
 def _jwksKeys(document, path):
+    # PyJWT is imported where used: only a server with --oauth2-keys needs it; every start imports this module.
+    import jwt
+
     entries = document.get("keys") if isinstance(document, dict) and "keys" in document else [document]
     if not isinstance(entries, list):
         raise ConfigurationError(f"oauth2-keys: {path}: \"keys\" is not a list")
@@ -264,6 +266,8 @@ class TokenValidator:
 
         @raise InvalidToken: it is not.
         """
+        import jwt  # where it is used, as in _jwksKeys
+
         if len(token) > MAX_TOKEN:
             raise InvalidToken("token too long")
         # A signature is exactly as long as its key makes them: one longer
