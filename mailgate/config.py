@@ -1815,7 +1815,13 @@ def _readRegularFile(path):
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
+        found = os.fstat(fd)
+        mode = found.st_mode
+        if _isNullDevice(found):
+            # The customary empty file (--config /dev/null: the defaults),
+            # read as such before devices were refused.
+            os.close(fd)
+            return b""
         if not stat.S_ISREG(mode):
             what = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
             raise ConfigFileError(f"{path}: cannot read the configuration file: it is {what}, not a regular file")
@@ -1834,6 +1840,18 @@ def _readRegularFile(path):
     return text
 
 
+def _isNullDevice(found):
+    """
+    Whether C{found} (a stat result) is C{/dev/null}'s: a device, but one
+    read as an empty file, which neither waits nor runs on.
+    """
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(found.st_mode) and stat.S_ISCHR(null.st_mode) and found.st_rdev == null.st_rdev
+
+
 def writableByOthers(path):
     """
     What to warn of, if anything, in who may change the configuration file
@@ -1846,10 +1864,14 @@ def writableByOthers(path):
     """
     consequence = "and so the database, listeners and certificates the server uses at its next start or reload chosen"
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        found = os.stat(path)
+        mode = stat.S_IMODE(found.st_mode)
         directory = os.path.dirname(os.path.abspath(path))
         directoryMode = os.stat(directory).st_mode
     except OSError:
+        return None
+    if _isNullDevice(found):
+        # Every user may write it (0666), and it holds nothing all the same.
         return None
     if mode & stat.S_IWOTH:
         return (

@@ -189,3 +189,32 @@ def test_anExportOfEveryUserShowsADirectoryAsGivenOnOneLine(tmp_path):
         f"mailgate: {ALICE}: not exported: cannot make {shown}: Not a directory",
         "mailgate: 1 user could not be exported (named above)",
     ]
+
+
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_theNullDeviceIsAnEmptyConfigurationFile(tmp_path):
+    """
+    --config /dev/null, the customary empty file (the defaults), is read
+    as one again, with no warning: since devices were refused (bb6e1c2,
+    for /dev/zero, read until memory ran out), the real mailgate said
+    '/dev/null: cannot read the configuration file: it is a character
+    device', exit 78, for config --check and every command.  /dev/zero
+    is still refused.
+    """
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+
+    def run(*argv):
+        done = subprocess.run(
+            [MAILGATE, *argv], capture_output=True, text=True, timeout=DEADLINE, env=childEnvironment(),
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    assert run("--config", "/dev/null", "config", "--check") == (0, "mailgate: /dev/null: configuration OK\n", "")
+    code, out, err = run("--config", "/dev/null", "--database", url, "user", "list")
+    assert (code, err) == (0, "")
+    assert ALICE in out
+    code, out, err = run("--config", "/dev/zero", "config", "--check")
+    assert (code, err) == (
+        78, "mailgate: /dev/zero: cannot read the configuration file: it is a character device, not a regular file\n"
+    )
