@@ -96,6 +96,18 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 LASTING_LISTEN_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
 
 
+class StartupExit(SystemExit, Exception):
+    """
+    The exit of a start that failed (L{MailgateService.exitOnStartupError}):
+    the process ends with its status, and no traceback, as with any
+    C{SystemExit}.  An C{Exception} too, so that twistd, which removes its
+    pid file for a start that failed with one, removes it: after a plain
+    C{SystemExit} the file stayed, and the next start under the same pid
+    (a container's twistd is PID 1 at every restart) was refused for good
+    ("Another twistd server is running").
+    """
+
+
 def _listenFailureStatus(error):
     """
     The exit status of a start-up that failed for C{error}: 1, which
@@ -699,7 +711,7 @@ class MailgateService(MultiService):
             # twistd has pointed sys.stderr at the log by now.  (An error
             # where it is the journal's stream: logs.writeStartFailure.)
             writeStartFailure(sys.__stderr__ or sys.stderr, f"mailgate: {e}")
-            raise SystemExit(_listenFailureStatus(e))
+            raise StartupExit(_listenFailureStatus(e))
 
     def _refuseStartOnceStopped(self):
         """

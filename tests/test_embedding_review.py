@@ -346,3 +346,64 @@ def test_theExamplesOfMailgateTestingRunAsWritten():
     for example in examples:
         exec(compile(example, "mailgate.testing's docstring", "exec"), namespace)
     assert len(examples) == 2
+
+
+# -- a start that fails under twistd -----------------------------------------------
+
+
+EXITING_TAC = textwrap.dedent('''
+    import os
+
+    from twisted.application import service
+
+    from mailgate.service import MailgateConfig, makeService
+
+    application = service.Application("host-application")
+    config = MailgateConfig(
+        database=os.environ["MAILGATE_DATABASE"], pop3=[os.environ["POP3"]], domains=["example.org"],
+    )
+    mailgate = makeService(config)
+    mailgate.exitOnStartupError = True
+    mailgate.setServiceParent(application)
+''')
+
+
+@pytest.mark.parametrize("how", ["tac", "plugin"])
+def test_aStartThatExitsForAListenerLeavesNoPidFile(tmp_path, how):
+    """
+    README (Embedding): with C{exitOnStartupError = True}, a listener that
+    cannot bind ends twistd with mailgate's one line and its exit status,
+    as C{twistd mailgate} does.  Both also left twistd's pid file behind
+    (twistd removes it for a start that failed with an exception, and
+    mailgate's exit is no C{Exception}): the next start under the same
+    pid (a container's twistd is PID 1 at every restart) was refused for
+    good, "Another twistd server is running, PID 1".
+    """
+    import socket
+
+    from e2e import TWISTD, childEnvironment, databaseURL
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = f"tcp:{held.getsockname()[1]}:interface=127.0.0.1"
+    database = databaseURL(tmp_path / "mail.sqlite3")
+    pidfile = tmp_path / "twistd.pid"
+    if how == "tac":
+        (tmp_path / "host.tac").write_text(EXITING_TAC)
+        command = [TWISTD, "-n", "--pidfile", str(pidfile), "-y", str(tmp_path / "host.tac")]
+    else:
+        command = [TWISTD, "-n", "--pidfile", str(pidfile), "mailgate", "--database", database, "--pop3", busy]
+    environment = dict(childEnvironment(), MAILGATE_DATABASE=database, POP3=busy)
+    try:
+        done = subprocess.run(
+            command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=3 * DEADLINE
+        )
+    finally:
+        held.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"mailgate: cannot listen for POP3 on {busy}: Couldn't listen on 127.0.0.1:{busy.split(':')[1]}: "
+        "[Errno 98] Address already in use."
+    ]
+    assert not pidfile.exists()
