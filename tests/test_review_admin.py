@@ -218,3 +218,94 @@ def test_theNullDeviceIsAnEmptyConfigurationFile(tmp_path):
     assert (code, err) == (
         78, "mailgate: /dev/zero: cannot read the configuration file: it is a character device, not a regular file\n"
     )
+
+
+_INTERRUPTED_WRITE = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size = 2")
+conn.execute("BEGIN")
+conn.execute("UPDATE users SET address = 'mallory@example.org'")
+conn.execute("DELETE FROM maildrop")
+conn.execute("CREATE TABLE filler (x)")
+for _ in range(200):
+    conn.execute("INSERT INTO filler VALUES (?)", (os.urandom(2000),))
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.fixture
+def interruptedBackup(tmp_path):
+    """
+    A backup (rollback journal, as db backup leaves it) whose writer was
+    killed in a transaction that spilled pages into the file: its hot
+    -journal beside it.
+    """
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'live.sqlite3'}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    assert mailgate(url, "deliver", ALICE, stdin="Subject: hi\n\nhello\n")[0] == 0
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    backup = directory / "backup.sqlite3"
+    assert mailgate(url, "db", "backup", str(backup))[0] == 0
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_WRITE, str(backup)], timeout=DEADLINE)
+    assert done.returncode == -9
+    assert Path(f"{backup}-journal").read_bytes()[:8] == bytes.fromhex("d9d505f920a163d7")
+    return backup
+
+
+@pytest.mark.usefixtures("cheapCommandHashes")
+@pytest.mark.parametrize("command", [("db", "check"), ("db", "version")])
+def test_aBackupWithAWriteCutShortIsSaidToNeedItsRollback(interruptedBackup, command):
+    """
+    db check and db version of a file whose -journal holds a write cut
+    short: SQLite's read-only opening refuses it until it is rolled back,
+    a write they do not make.  Said so, with what to do, the file left as
+    it is; it was said to be a WAL database whose -shm could not be made.
+    """
+    import hashlib
+
+    backup = interruptedBackup
+    before = hashlib.sha256(backup.read_bytes()).hexdigest()
+    code, out, err = mailgate(f"sqlite:///{backup}", *command)
+    assert (code, out) == (78, "")
+    assert err == (
+        f"mailgate: cannot open SQLite database {backup} to read it: attempt to write a readonly database (its "
+        "-journal holds a write that was cut short, which must be rolled back before it is read, and this command "
+        "writes nothing: run mailgate db upgrade on it first, which rolls it back)\n"
+    )
+    assert hashlib.sha256(backup.read_bytes()).hexdigest() == before
+    assert mailgate(f"sqlite:///{backup}", "db", "upgrade")[0] == 0
+    code, out, err = mailgate(f"sqlite:///{backup}", "user", "list", "--json")
+    assert (code, err) == (0, "")
+    assert ALICE in out and "mallory" not in out
+
+
+@pytest.mark.usefixtures("cheapCommandHashes")
+@rootOnly
+def test_aBackupWithAWriteCutShortOnAReadOnlyMountIsNotReadHalfWritten(interruptedBackup):
+    """
+    The same on a filesystem mounted read-only: it was read as it is
+    (immutable), the interrupted write's pages with it, and db check
+    said 'malformed database schema (filler)' of a backup that is sound
+    once rolled back (or, with fewer pages spilled, would have checked
+    the half-written state).  Now said, with what to do.
+    """
+    backup = interruptedBackup
+    directory = backup.parent
+    script = f'mount --bind -o ro "{directory}" "{directory}" && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", MAILGATE, "--database", f"sqlite:///{backup}", "db", "check"],
+        capture_output=True, text=True, timeout=DEADLINE, env=childEnvironment(),
+    )
+    if done.returncode != 78 and "mount" in done.stderr:
+        pytest.skip(f"no read-only bind mount here: {done.stderr.strip()}")
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (
+        f"mailgate: cannot open SQLite database {backup} to read it: attempt to write a readonly database (its "
+        f"-journal holds a write that was cut short, which must be rolled back before it is read, and the "
+        f"filesystem of {directory} is mounted read-only: copy the file and its -journal where root may write, "
+        f"and run mailgate db upgrade on the copy, which rolls it back)\n"
+    )

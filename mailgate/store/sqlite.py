@@ -149,6 +149,26 @@ def _readOnlyURI(path):
     return "file:" + quote(os.path.abspath(path), safe="/") + "?mode=ro"
 
 
+#: the first octets of a rollback journal that holds a write to undo
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _hotJournal(path):
+    """
+    Whether the C{-journal} beside the database at C{path} holds a write
+    that was cut short (a process killed in a transaction of a database
+    in rollback-journal mode, as a backup is): its header's magic number,
+    which a committed transaction's journal loses (deleted, truncated or
+    zeroed).  The database file then holds pages of the interrupted
+    write, which SQLite rolls back at the next opening that may write.
+    """
+    try:
+        with open(path + "-journal", "rb") as f:
+            return f.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
+    except OSError:
+        return False
+
+
 #: the files SQLite keeps beside the database, holding its latest writes
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -480,11 +500,14 @@ class SQLiteEngine:
         """
         directory = self._directory()
         wal = os.path.exists(self.path + "-wal")
+        journal = _hotJournal(self.path)
         try:
             frozen = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
         except OSError:
             frozen = False
-        if frozen and not wal:
+        # Not beside a hot -journal: read as it is, the file holds the
+        # pages an interrupted write left, which only its rollback undoes.
+        if frozen and not wal and not journal:
             try:
                 conn = sqlite3.connect(args[0] + "&immutable=1", **kwargs)
                 self.onConnect(conn)
@@ -492,10 +515,11 @@ class SQLiteEngine:
             except sqlite3.Error as e:
                 raise ConfigurationError(f"cannot open SQLite database {self.path} to read it: {e}") from e
         raise ConfigurationError(
-            f"cannot open SQLite database {self.path} to read it: {error} ({self._unreadable(directory, frozen, wal)})"
+            f"cannot open SQLite database {self.path} to read it: {error} "
+            f"({self._unreadable(directory, frozen, wal, journal)})"
         ) from error
 
-    def _unreadable(self, directory, frozen, wal):
+    def _unreadable(self, directory, frozen, wal, journal=False):
         """
         Why SQLite could not open the database read-only, and what to do:
         the file (or its C{-wal} or C{-shm}) is one this user may not read
@@ -517,6 +541,22 @@ class SQLiteEngine:
                     f"{user} may not read {name}: it is {owner}'s, mode {stat.S_IMODE(found.st_mode):04o}: "
                     f"run this as {owner}"
                 )
+        if journal:
+            # SQLite refuses a read-only opening for it (SQLITE_READONLY_
+            # ROLLBACK), and the rollback is a write this command does not
+            # make: said as a -shm it could not create, and, on a
+            # filesystem mounted read-only, read as it was (immutable=1):
+            # a half-written file, "malformed database schema".
+            if frozen:
+                return (
+                    f"its -journal holds a write that was cut short, which must be rolled back before it is read, "
+                    f"and the filesystem of {directory} is mounted read-only: copy the file and its -journal where "
+                    f"{user} may write, and run mailgate db upgrade on the copy, which rolls it back"
+                )
+            return (
+                "its -journal holds a write that was cut short, which must be rolled back before it is read, and "
+                "this command writes nothing: run mailgate db upgrade on it first, which rolls it back"
+            )
         if frozen:
             return (
                 f"the filesystem of {directory} is mounted read-only, and its -wal is read through a -shm, which "
