@@ -1865,11 +1865,9 @@ def writableByOthers(path):
     consequence = "and so the database, listeners and certificates the server uses at its next start or reload chosen"
     try:
         found = os.stat(path)
-        mode = stat.S_IMODE(found.st_mode)
-        directory = os.path.dirname(os.path.abspath(path))
-        directoryMode = os.stat(directory).st_mode
     except OSError:
         return None
+    mode = stat.S_IMODE(found.st_mode)
     if _isNullDevice(found):
         # Every user may write it (0666), and it holds nothing all the same.
         return None
@@ -1878,12 +1876,19 @@ def writableByOthers(path):
             f"the configuration file {path} may be written by every user of this machine (mode {mode:04o}), "
             f"{consequence}: chmod o-w it"
         )
-    if directoryMode & stat.S_IWOTH and not directoryMode & stat.S_ISVTX:
-        return (
-            f"the directory {directory} of the configuration file {path} may be written by every user of this "
-            f"machine (mode {stat.S_IMODE(directoryMode):04o}), who may replace the file, {consequence}: "
-            f"chmod o-w {directory}"
-        )
+    # The directory of the name given and, for a symbolic link, of the file
+    # it leads to: either replaced, the file read is another.
+    for directory in dict.fromkeys(os.path.dirname(name) for name in (os.path.abspath(path), os.path.realpath(path))):
+        try:
+            directoryMode = os.stat(directory).st_mode
+        except OSError:
+            continue
+        if directoryMode & stat.S_IWOTH and not directoryMode & stat.S_ISVTX:
+            return (
+                f"the directory {directory} of the configuration file {path} may be written by every user of this "
+                f"machine (mode {stat.S_IMODE(directoryMode):04o}), who may replace the file, {consequence}: "
+                f"chmod o-w {directory}"
+            )
     return None
 
 
