@@ -7,6 +7,7 @@ do with it (no end line) is tested in test_pop3_sessionends,
 test_e2e_sessionends and, with a real HAProxy, test_pairings.
 """
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -31,6 +32,10 @@ class Checked(CommandSession):
     def unknownCommand(self, verb):
         self.syntaxError("unknown")
 
+    def lineTooLong(self):
+        # Answered without counting it: the core notes it all the same.
+        self._out.write(b"too long\r\n")
+
     def foreignLineRefused(self, why):
         self._out.write(b"bye\r\n")
 
@@ -44,6 +49,17 @@ class Checked(CommandSession):
 
     def checked_WORK(self, argument):
         self._out.write(b"done\r\n")
+
+
+class Forgiving(Checked):
+    """
+    A protocol that counts refusals afresh at each success, as POP3 does
+    at each C{+OK}.
+    """
+
+    def checked_PING(self, argument):
+        super().checked_PING(argument)
+        self.forgiveBadCommands()
 
 
 class Unchecked(Checked):
@@ -120,4 +136,29 @@ def test_aProtocolNotesALineItAnswersItself():
     session.noteCommand("QUIT")
     assert session.healthCheck()
     session.noteCommand("BDAT")
+    assert not session.healthCheck()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"PING \x01", b"PING " + b"x" * 600, b"PING x", b"NOPE"],
+    ids=["control characters", "too long", "a check command refused", "unknown"],
+)
+def test_aRefusedLineMakesItNoCheckEvenOnceForgiven(line):
+    """
+    A bad line, then check commands that succeed (POP3 forgives refusals
+    at each C{+OK}): the session is no check, and has its end line.
+    """
+    session = connect(Forgiving)
+    session.dataReceived(line + b"\r\nPING\r\nQUIT\r\n")
+    assert session.transport.value().endswith(b"pong\r\nbye\r\n")
+    assert session._badCommands == 0
+    assert not session.healthCheck()
+
+
+def test_aLineTooLongIsNoCheckWhateverTheProtocolCounts():
+    session = connect()
+    session.dataReceived(b"PING " + b"x" * 600 + b"\r\nQUIT\r\n")
+    assert session.transport.value() == b"hello\r\ntoo long\r\nbye\r\n"
+    assert session._badCommands == 0
     assert not session.healthCheck()

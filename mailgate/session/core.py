@@ -192,8 +192,8 @@ class CommandSession(Protocol):
         self._badCommands = 0
         # A command of the protocol's has been seen (see foreignLine).
         self._spoken = False
-        # Every command line so far was one of healthCheckCommands (see
-        # healthCheck).
+        # Every command line so far was one of healthCheckCommands, and
+        # none was refused, too long or unreadable (see healthCheck).
         self._onlyCheckCommands = True
         self._idle = None
         self._out = None
@@ -753,7 +753,7 @@ class CommandSession(Protocol):
             while not (self._busy or self._closed or self._outputPaused):
                 if self._tooLongPending:
                     self._tooLongPending = False
-                    self._run(self.lineTooLong)
+                    self._run(self._lineTooLong)
                 elif self.rawReceiver is not None:
                     if self._pos >= len(self._buffer):
                         break
@@ -785,7 +785,7 @@ class CommandSession(Protocol):
                             self._resetLineCount()
                             self._discarding = True
                             if self.refuseLongLineAtOnce:
-                                self._run(self.lineTooLong)
+                                self._run(self._lineTooLong)
                         break
                     self._pos = newline + 1
                     length = newline + 1 - start
@@ -793,7 +793,7 @@ class CommandSession(Protocol):
                         bytes(buffer[start : start + self.maxCommandLength])
                     ):
                         self.longLineStart = bytes(buffer[start : start + self.maxCommandLength])
-                        self._run(self.lineTooLong)
+                        self._run(self._lineTooLong)
                         continue
                     end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
                     line = buffer[start:end]
@@ -827,6 +827,11 @@ class CommandSession(Protocol):
                 # The lines counted waiting (_linesWaiting) are counted
                 # again from the start.
                 self._countedTo = self._countedLines = 0
+
+    def _lineTooLong(self):
+        # A line too long for a command is none a health check sends.
+        self._onlyCheckCommands = False
+        return self.lineTooLong()
 
     def _run(self, function, *args):
         """
@@ -911,12 +916,14 @@ class CommandSession(Protocol):
         command line but L{healthCheckCommands}, none refused.  A balancer
         checks every 2 seconds: a line each time would be 43,200 a day per
         balancer and listener about no client at all.
+
+        A refused line (L{countBadCommand}: too long, control characters,
+        a check command with a wrong argument) makes the session no check
+        for good, even if the protocol forgives it later (POP3 counts
+        refusals afresh at each C{+OK}): a bad line, then C{CAPA} and
+        C{QUIT}, still has its end line.
         """
-        return (
-            getattr(self.transport, "namedNoClient", False)
-            and self._onlyCheckCommands
-            and self._badCommands == 0
-        )
+        return getattr(self.transport, "namedNoClient", False) and self._onlyCheckCommands
 
     def foreignLine(self, line):
         """
@@ -996,7 +1003,9 @@ class CommandSession(Protocol):
     def countBadCommand(self):
         """
         Count a refused command; close the session at L{maxBadCommands}.
+        A session that had one refused is no health check (L{healthCheck}).
         """
+        self._onlyCheckCommands = False
         self._badCommands += 1
         if self._badCommands >= self.maxBadCommands and not self._closed:
             # The bad commands themselves are not logged (a scanner sends
