@@ -27,13 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     TWISTD,
+    AdminCommand,
+    AdminCommandHere,
     LineReader,
     connect,
     databaseURL,
     dotStuffed,
-    mailgate_cli,
     mailgate_server,
     pop,
     popLogin as login,
@@ -98,6 +99,26 @@ def retryLogin(server, address, password):
         return client
 
     return waitFor(attempt, f"the maildrop of {address} to be unlocked")
+
+
+#: The tests that run the installed admin command for what they are about
+#: (its output, a password import, what deliver stores of an MTA's LF
+#: line ends); the others use it only to put mail in and look at maildrops.
+ABOUT_THE_COMMAND = {
+    "test_cliRoundTrip", "test_aLatin1PasswordImportedFromDovecotLogsInWithPass", "test_retrIsByteExact",
+}
+
+
+@pytest.fixture
+def mailgate_cli(request, mailgate_server):
+    """
+    The admin command on the server's database: the installed one for
+    the tests in L{ABOUT_THE_COMMAND}, run in this process for the others
+    (L{AdminCommandHere}), where starting the installed command for each
+    run cost about as much CPU as the rest of the test.
+    """
+    kind = AdminCommand if request.node.originalname in ABOUT_THE_COMMAND else AdminCommandHere
+    return kind(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 # -- 1. the admin command and poplib -------------------------------------
