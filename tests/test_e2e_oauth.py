@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
+    AdminCommandHere,
     LineReader,
-    mailgate_cli,
     mailgate_server,
     runCommand,
     sqliteOnly,
@@ -36,6 +36,17 @@ BOB = "bob@example.org"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 CURL = shutil.which("curl")
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+@pytest.fixture
+def mailgate_cli(mailgate_server):
+    """
+    The admin command on the server's database, run in this process
+    (L{AdminCommandHere}): these tests are about OAUTHBEARER and XOAUTH2, and use the
+    command only to put mail in; starting the installed command
+    for each run cost about as much CPU as the rest of such a test.
+    """
+    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 OAUTHBEARER_ERROR = {"status": "invalid_token", "schemes": "bearer"}
 XOAUTH2_ERROR = {"status": "401", "schemes": "Bearer"}
 
