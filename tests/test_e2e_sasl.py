@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 
-from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
+    AdminCommandHere,
     LineReader,
     connect,
-    mailgate_cli,
     mailgate_server,
     runCommand,
     sqliteOnly,
@@ -32,6 +32,17 @@ ALICE_PW = "wonder land"
 BOB_PW = "builder"
 FAST_FAILURES = ("--auth-failure-delay", "0.05")
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+@pytest.fixture
+def mailgate_cli(mailgate_server):
+    """
+    The admin command on the server's database, run in this process
+    (L{AdminCommandHere}): these tests are about SASL LOGIN and CRAM-MD5, and use the
+    command only to put mail in; starting the installed command
+    for each run cost about as much CPU as the rest of such a test.
+    """
+    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 CURL = shutil.which("curl")
 
 
