@@ -341,3 +341,31 @@ def test_aConfigurationFileThroughALinkIntoADirectoryEveryoneMayWriteIsWarnedOf(
         "of this machine (mode 0777), who may replace the file, and so the database, listeners and certificates "
         f"the server uses at its next start or reload chosen: chmod o-w {shared}\n"
     )
+
+
+@rootOnly
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_rootsDatabaseIsReadByAnotherUserWhereHeMayMakeItsSideFiles(request):
+    """
+    A WAL database of root's, mode 0444, in a directory every user may
+    write (sticky, as /tmp), no -wal or -shm beside it: another user's
+    read makes them, his, which root (its owner, its server's user) writes
+    all the same.  It was refused, saying 'nobody would leave it a -wal and
+    -shm its owner root may not write', which root may.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="mailgate-review-"))
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    directory.chmod(0o1777)
+    path = directory / "mail.sqlite3"
+    url = f"sqlite:///{path}"
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+    assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
+    assert path.read_bytes()[18:20] == b"\x02\x02"
+    path.chmod(0o444)
+    for argv in (("db", "check"), ("user", "list")):
+        code, out, err = _asNobody(path, *argv)
+        assert (code, err) == (0, ""), out
+        assert ALICE in out or "sound" in out
+    path.chmod(0o600)
+    code, out, err = mailgate(url, "user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
+    assert (code, err) == (0, "")

@@ -463,7 +463,8 @@ class SQLiteEngine:
         the owner's server could not write them, and failed every write
         (attempt to write a readonly database) until they were removed.
         (Root's are given the owner by SQLite.)  A backup (rollback
-        journal) has none made.
+        journal) has none made, and a file of root's is read: root writes
+        whatever another user leaves.
 
         The header is read only then, by another user, before this
         process has a connection of its own to the file: closing a
@@ -475,7 +476,7 @@ class SQLiteEngine:
             owner = os.stat(self.path).st_uid
         except OSError:
             return  # SQLite's opening says why
-        if euid in (0, owner) or all(os.path.exists(self.path + suffix) for suffix in ("-wal", "-shm")):
+        if 0 in (euid, owner) or euid == owner or all(os.path.exists(self.path + s) for s in ("-wal", "-shm")):
             return
         try:
             with open(self.path, "rb") as f:
