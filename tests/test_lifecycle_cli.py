@@ -15,6 +15,26 @@ ALICE = "alice@example.org"
 BOB = "bob@example.org"
 
 
+@pytest.fixture(autouse=True)
+def cheapHashes(cheapCommandHashes, monkeypatch):
+    """
+    The command hashes the passwords it is given, and those of a user
+    import in clear ({PLAIN}), at the suite's cheap scrypt cost
+    (conftest's C{cheapCommandHashes}): these tests are about the
+    lifecycle commands, not about what a hash costs, and the production
+    cost (0.1 s a hash, and as much for each check) was 40 % of this
+    module's CPU.  A hash carries its own cost, so every check of it works as with
+    a production one.
+    """
+    import functools
+
+    from mailgate.auth.passwords import importedCredentials
+    from mailgate.cli import users
+    from mailgate.testing import TEST_HASH_COST
+
+    monkeypatch.setattr(users, "importedCredentials", functools.partial(importedCredentials, logN=TEST_HASH_COST))
+
+
 @pytest.fixture
 def cli(databaseURL, tmp_path):
     c = CLI(tmp_path / "unused.sqlite3")
