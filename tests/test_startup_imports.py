@@ -21,6 +21,8 @@ WEB = ("twisted.web", "mailgate.metricssite")
 #: the checkers of other servers' password hashes (users imported with
 #: one, L{mailgate.auth.foreign}) and of OAuth 2.0 tokens (C{--oauth2-keys})
 HASHES_AND_TOKENS = ("passlib", "argon2", "mailgate.auth.cryptschemes", "mailgate.auth.systemcrypt", "jwt")
+#: the PostgreSQL engine, for a postgresql:// database alone
+POSTGRES = ("psycopg", "mailgate.store.postgres")
 #: what a server's sessions are made of, which delivering a message from
 #: the command line does without
 SESSIONS = ("mailgate.session", "mailgate.smtp.factory", "mailgate.smtp.protocol", "mailgate.pop3", "OpenSSL")
@@ -91,36 +93,39 @@ def test_deliverImportsNoWebAndNoSessions(tmp_path):
     C{mailgate deliver}, run once per message by an MTA's pipe transport,
     imports neither Twisted Web nor what the server's sessions are made
     of (TLS, the session core, the protocols): it delivers through
-    L{mailgate.smtp.delivery} alone.
+    L{mailgate.smtp.delivery} alone.  Nor, on SQLite, the PostgreSQL
+    engine.
     """
     url = databaseURL(tmp_path / "mail.db")
     AdminCommand(url).addUser("alice@example.org", "secret")
     code, out, modules = commandImports(url, "deliver", "alice@example.org", input=MESSAGE)
     assert code == 0 and "delivered to alice@example.org" in out
     assert "mailgate.smtp.delivery" in modules
-    assert among(modules, WEB + SESSIONS + HASHES_AND_TOKENS) == []
+    assert among(modules, WEB + SESSIONS + HASHES_AND_TOKENS + POSTGRES) == []
 
 
 def test_anAdminCommandImportsNoHashCheckers(tmp_path):
     """
-    C{mailgate user list} imports neither Twisted Web nor the checkers of
-    imported password hashes and OAuth 2.0 tokens.
+    C{mailgate user list} on SQLite imports neither Twisted Web, nor the
+    checkers of imported password hashes and OAuth 2.0 tokens, nor the
+    PostgreSQL engine.
     """
     url = databaseURL(tmp_path / "mail.db")
     AdminCommand(url).addUser("alice@example.org", "secret")
     code, out, modules = commandImports(url, "user", "list")
     assert code == 0 and "alice@example.org" in out
-    assert among(modules, WEB + HASHES_AND_TOKENS) == []
+    assert among(modules, WEB + HASHES_AND_TOKENS + POSTGRES) == []
 
 
 def test_aServerWithoutMetricsImportsNoWeb(tmp_path):
     """
-    A server serving POP3 without C{--metrics} or C{--oauth2-keys} imports
-    neither Twisted Web nor the checkers of imported password hashes and
-    OAuth 2.0 tokens; one with C{--metrics} imports its site.
+    A server serving POP3 from SQLite without C{--metrics} or
+    C{--oauth2-keys} imports neither Twisted Web, nor the checkers of
+    imported password hashes and OAuth 2.0 tokens, nor the PostgreSQL
+    engine; one with C{--metrics} imports its site.
     """
     url = databaseURL(tmp_path / "mail.db")
-    assert among(serverImports(url), WEB + HASHES_AND_TOKENS) == []
+    assert among(serverImports(url), WEB + HASHES_AND_TOKENS + POSTGRES) == []
     assert "mailgate.metricssite" in serverImports(url, ["--metrics", "tcp:0:interface=127.0.0.1"])
 
 
