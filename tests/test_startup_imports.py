@@ -147,10 +147,17 @@ def test_theSMTPSyntaxClassesAreTheABNFs():
         syntax._LOOSE_DOTS: r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff.-]+$",
         syntax._QUOTED: r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$',
     }
-    every = [chr(c) for c in range(0x110000)]
+    # Every character but the line feed, each on a line of its own (quoted
+    # for _QUOTED): what is left once each pattern has removed the lines it
+    # matches, in one call, is the same.
+    every = [chr(c) for c in range(0x110000) if c != 0x0A]
+    plain, quoted = "\n".join(every), "\n".join(f'"{c}"' for c in every)
     for pattern, form in abnf.items():
-        expected = re.compile(form)
-        texts = [f'"{c}"' for c in every] if pattern is syntax._QUOTED else every
-        assert [t for t in texts if pattern.match(t)] == [t for t in texts if expected.match(t)], form
-        for text in ["a.b", ".a", "a..b", "a.", "a\n", "a b", '"a\\"b"', '"a\nb"', "é.ü", "a\u2028", '"\\é"']:
-            assert bool(pattern.match(text)) == bool(expected.match(text)), (form, text)
+        lines = quoted if pattern is syntax._QUOTED else plain
+
+        def unmatched(regex):
+            return re.sub(re.compile(regex, re.MULTILINE), "", lines)
+
+        assert unmatched(pattern.pattern) == unmatched(form), form
+        for text in ["\n", "a.b", ".a", "a..b", "a.", "a\n", "a b", '"a\\"b"', '"a\nb"', "é.ü", "a\u2028", '"\\é"']:
+            assert bool(pattern.match(text)) == bool(re.match(form, text)), (form, text)
