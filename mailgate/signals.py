@@ -12,7 +12,6 @@ signal calls every service's; the handler from before is put back once
 the last service has let go.
 """
 
-import contextlib
 import signal
 import threading
 
@@ -71,33 +70,44 @@ class SharedSignalHandlers:
 processSignals = SharedSignalHandlers()
 
 
-@contextlib.contextmanager
-def heldSignals(signums):
+class HeldSignals:
     """
-    Hold C{signums} (SIGHUP, SIGUSR1) while in this context: what arrives
-    is noted, in the order it came, for the caller to act on once it can,
-    instead of their default action ending the process.  For the making
-    of C{twistd mailgate}'s service, before it handles them itself: a
-    schema upgrade makes that minutes, in which logrotate's SIGUSR1 or a
-    script's SIGHUP ended the process mid-upgrade.  Outside the main
-    thread, where no handler can be installed, nothing is held.
-
-    @return: a context whose value is the list of signal numbers received
-        (each once).
+    C{signums} (SIGHUP, SIGUSR1) held from its making until L{release}:
+    what arrives is noted in L{received}, in the order it came, for the
+    caller to act on once it can, instead of their default action ending
+    the process.  Once L{handOver} names the owner that will handle them,
+    a signal that owner has a handler for is its alone (not noted again).
+    For C{twistd mailgate}: from the making of its service (a schema
+    upgrade makes that minutes) to the end of its privilegedStartService,
+    where the service handles them; twistd starts its logger, writes its
+    pid file and daemonizes in between, and a signal there ended the
+    process as during the making.  Outside the main thread, where no
+    handler can be installed, nothing is held.
     """
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
 
-    def hold(signum, frame):
-        if signum not in received:
-            received.append(signum)
+    def __init__(self, signums):
+        #: the signal numbers received (each once)
+        self.received = []
+        self._taker = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in signums:
+                processSignals.handle(self, signum, self._hold)
 
-    owner = object()
-    for signum in signums:
-        processSignals.handle(owner, signum, hold)
-    try:
-        yield received
-    finally:
-        processSignals.release(owner)
+    def _hold(self, signum, frame):
+        if self._taker is not None and signum in processSignals.handledBy(self._taker):
+            return
+        if signum not in self.received:
+            self.received.append(signum)
+
+    def handOver(self, taker):
+        """
+        From now on, leave to C{taker} the signals it handles itself.
+        """
+        self._taker = taker
+
+    def release(self):
+        """
+        Stop holding: each signal gets back the handler it had before,
+        unless another owner handles it.
+        """
+        processSignals.release(self)

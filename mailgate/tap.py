@@ -27,7 +27,7 @@ from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
 from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
-from mailgate.signals import heldSignals
+from mailgate.signals import HeldSignals
 from mailgate.store.schema import observingUpgrades
 from mailgate.timers import monotonicTimers
 from mailgate.urls import hasPassword
@@ -341,17 +341,41 @@ def refuseCoreDumps():
 def makeService(options):
     """
     The service for C{twistd mailgate} (L{_makeTwistdService}), made with
-    SIGHUP and SIGUSR1 held (L{heldSignals}), and those that came taken
-    once the reactor runs (the service handles them itself from its
-    privilegedStartService on).  Their default action ended the process:
-    in a start that upgrades the schema, for minutes, logrotate's SIGUSR1
-    (README: Logs) or a script's SIGHUP stopped the upgrade half done, and
-    the start with it.
+    SIGHUP and SIGUSR1 held (L{HeldSignals}) until it handles them itself,
+    in its privilegedStartService, and those that came taken once the
+    reactor runs.  Their default action ended the process: in a start that
+    upgrades the schema, for minutes, logrotate's SIGUSR1 (README: Logs)
+    or a script's SIGHUP stopped the upgrade half done, and the start with
+    it; and, held only while the service was made, in the interval twistd
+    takes before starting it (its logger, its pid file, daemonizing).
     """
-    with heldSignals((signal.SIGHUP, signal.SIGUSR1)) as received:
+    held = HeldSignals((signal.SIGHUP, signal.SIGUSR1))
+    try:
         service = _makeTwistdService(options)
-    for signum in received:
-        service.reactor.callWhenRunning(service.hangup if signum == signal.SIGHUP else service.reopenLogs)
+    except BaseException:
+        held.release()
+        raise
+    held.handOver(service)
+
+    def taken():
+        held.release()
+        for signum in held.received:
+            service.reactor.callWhenRunning(service.hangup if signum == signal.SIGHUP else service.reopenLogs)
+
+    if not isinstance(getattr(options, "parent", None), usage.Options):
+        # Not twistd's (which starts what it made): held while made only,
+        # no handler left behind by a service nobody starts.
+        taken()
+        return service
+    privilegedStart = service.privilegedStartService
+
+    def privilegedStartService():
+        try:
+            return privilegedStart()
+        finally:
+            taken()
+
+    service.privilegedStartService = privilegedStartService
     return service
 
 

@@ -369,3 +369,60 @@ def test_rootsDatabaseIsReadByAnotherUserWhereHeMayMakeItsSideFiles(request):
     path.chmod(0o600)
     code, out, err = mailgate(url, "user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
     assert (code, err) == (0, "")
+
+
+_SLOW_LOGGER = '''
+import os, sys, time
+from twisted.logger import textFileLogObserver
+
+
+def observer():
+    # Made by twistd once mailgate's service is, before the service starts.
+    open(os.environ["REVIEW_LOGGER_REACHED"], "w").close()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.environ["REVIEW_LOGGER_GO"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return textFileLogObserver(sys.stdout)
+'''
+
+
+def test_aReloadSignalBetweenTheServicesMakingAndItsStartIsTakenOnceStarted(tmp_path):
+    """
+    SIGHUP and SIGUSR1 that come after twistd mailgate's service is made
+    and before it starts (twistd starts its logger, writes its pid file,
+    daemonizes, in between) are taken once it has started, as those during
+    its making are (6ceab6b).  They were held during the making only: the
+    real twistd mailgate sent SIGHUP at its 'starting up' line was ended by
+    it (exit -1) in 3 starts of 4.  The test's logger factory (twistd's
+    --logger, called in that interval) holds twistd there until both are
+    sent.
+    """
+    from e2e import ServerProcess, databaseURL, waitFor
+    import signal
+
+    (tmp_path / "reviewlogger.py").write_text(_SLOW_LOGGER)
+    reached, go = tmp_path / "reached", tmp_path / "go"
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        "REVIEW_LOGGER_REACHED": str(reached), "REVIEW_LOGGER_GO": str(go),
+    }
+    url = databaseURL(tmp_path / "mail.sqlite3")
+    assert mailgate(url, "user", "add", ALICE, "--password-stdin", stdin="pw\n")[0] == 0
+
+    class SlowLogged(ServerProcess):
+        command = (ServerProcess.command[0], "-n", "--pidfile=", "--logger=reviewlogger.observer", "mailgate")
+
+    server = SlowLogged(url, ["--no-apop"], cwd=tmp_path, env=env)
+    server.spawn()
+    try:
+        waitFor(reached.exists, "twistd at its logger, the service made")
+        server.process.send_signal(signal.SIGUSR1)
+        server.process.send_signal(signal.SIGHUP)
+        go.touch()
+        server.waitUntilListening()
+        waitFor(lambda: "SIGHUP: nothing to reload" in server.stdout, "the SIGHUP taken")
+        assert "SIGUSR1: no log file of mailgate's to reopen" in server.stdout
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stdout + server.stderr, server.log()
