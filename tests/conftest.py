@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 from urllib.parse import quote
 
 import attr
@@ -31,6 +32,15 @@ from twisted.internet.protocol import Protocol
 from mailgate.testing import memoryStore
 
 POSTGRES = os.environ.get("MAILGATE_TEST_POSTGRES")
+
+# pytest keeps the test modules it rewrote for its assertion messages in
+# tests/__pycache__ (checked against each file's time and size), unless
+# bytecode is not to be written: under PYTHONDONTWRITEBYTECODE every one of
+# make test's collections (the serial phase's and each parallel worker's)
+# rewrote the 10,000 asserts of every module again, 14 of a collection's 17
+# CPU-s.  Written, the serial phase's collection serves the workers'.  Only
+# this process: the servers and commands the tests start keep the setting.
+sys.dont_write_bytecode = False
 
 # No time limit on a Hypothesis example: by default one that takes over
 # 250 ms fails the test ("Unreliable test timings"), which on a loaded CI
