@@ -95,6 +95,12 @@ class AuthorizationCommands:
     #: the policy's L{Deferred} of the turn the login's password waits
     #: for (L{_checkInTurn})
     _turn = None
+    #: credentials are being checked (a password hashed), their answer
+    #: not yet taken in
+    _checking = False
+    #: writes the end line of a session gone while its credentials were
+    #: being checked, once their answer is counted (see _logDisconnect)
+    _endLine = None
 
     def _plaintextAllowed(self):
         """
@@ -438,6 +444,7 @@ class AuthorizationCommands:
             # A password whose hash has not started when the session ends
             # is not hashed: no one would read the answer.
             abandonWhen(credentials, lambda: self._closed)
+        self._checking = True
         d = self.factory.portal.login(credentials, None, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
@@ -452,13 +459,27 @@ class AuthorizationCommands:
             password = None
         # A digest's failure is held with the digest (L{_settleHeldFailure}).
         digest = credentials if isinstance(credentials, SecretDigest) else None
+        def answered():
+            self._checkAnswered(done)
+
         d.addCallbacks(
             _thenDone,
             _thenDone,
-            callbackArgs=(self._loggedIn, done, login, mechanism),
-            errbackArgs=(self._loginFailed, done, login, mechanism, password, digest),
+            callbackArgs=(self._loggedIn, answered, login, mechanism),
+            errbackArgs=(self._loginFailed, answered, login, mechanism, password, digest),
         )
         return d
+
+    def _checkAnswered(self, done):
+        """
+        The check's answer is taken in (a failure counted), before any
+        failure delay: end its verification (C{done}), and the end line of
+        a session gone meanwhile (L{_logDisconnect}) counts it now.
+        """
+        done()
+        self._checking = False
+        if self._endLine is not None:
+            self._endLine()
 
     def _loginMetric(self, mechanism, result):
         self.factory.metrics.login(self.protocolName, mechanism, result)

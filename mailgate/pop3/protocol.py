@@ -450,13 +450,45 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         tls = isSecure(self.transport)
         tlsText, tlsFields = negotiated(self.transport)
         seconds = self.sessionSeconds()
-        line = (
-            f"pop3 disconnect peer={self.peerText} reason={why!r} auth_failed={self._authFailures} "
-            f"tls={'yes' if tls else 'no'}{tlsText} seconds={seconds:.3f}"
-        )
-        self.logInfo(
-            "pop3.disconnect", line, reason=why, authFailed=self._authFailures, tls=tls, seconds=seconds, **tlsFields,
-        )
+
+        def write():
+            line = (
+                f"pop3 disconnect peer={self.peerText} reason={why!r} auth_failed={self._authFailures} "
+                f"tls={'yes' if tls else 'no'}{tlsText} seconds={seconds:.3f}"
+            )
+            self.logInfo(
+                "pop3.disconnect", line, reason=why, authFailed=self._authFailures, tls=tls, seconds=seconds,
+                **tlsFields,
+            )
+
+        if self._checking and self._closed:
+            # Gone (reset by the client) while its password is hashed: the
+            # line counts that login once its answer is in, as it would
+            # after a close the session waited out, never after its
+            # auth.failed line.  Bounded, and never waited for by the
+            # shutdown (L{SessionTracker.holdEndLine}).
+            self._writeAfterCheck(write)
+        else:
+            write()
+
+    #: seconds the end line of a session gone while its password is hashed
+    #: waits for the check's answer at most (L{_logDisconnect})
+    endLineWait = 10.0
+
+    def _writeAfterCheck(self, write):
+        tracker = self.factory.tracker
+
+        def once():
+            if self._endLine is not once:
+                return
+            self._endLine = None
+            cancelled(timer)
+            tracker.releaseEndLine(once)
+            write()
+
+        timer = self._clock.callLater(self.endLineWait, once)
+        self._endLine = once
+        tracker.holdEndLine(once)
 
     def _kicked(self):
         """

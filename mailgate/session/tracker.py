@@ -41,6 +41,10 @@ class SessionTracker:
         self._calls = []
         self.stopping = False
         self.ended = 0
+        # End lines of sessions already gone that wait for an answer (see
+        # holdEndLine), and whether the shutdown is over.
+        self._endLines = set()
+        self._over = False
         #: whether the server was under stress at the last connection
         #: (see CommandSession._noteStress)
         self.stressed = False
@@ -68,6 +72,26 @@ class SessionTracker:
             self.ended += 1
         if not self._sessions and self._waiting:
             self._finished()
+
+    def holdEndLine(self, write):
+        """
+        A session already gone writes its end line later, once an answer
+        it counts has come (a POP3 password still being hashed: its
+        failure goes in the line), or after a bound of its own.  The
+        shutdown never waits for it: C{write()} is called, with what is
+        known then, once every session is gone (L{shutdown}'s end), so no
+        line is lost to the reactor stopping first.
+        """
+        if self._over:
+            write()
+        else:
+            self._endLines.add(write)
+
+    def releaseEndLine(self, write):
+        """
+        The end line L{holdEndLine} was given is written.
+        """
+        self._endLines.discard(write)
 
     def shutdown(self, grace):
         """
@@ -129,6 +153,10 @@ class SessionTracker:
         for call in self._calls:
             cancelled(call)
         del self._calls[:]
+        self._over = True
+        for write in list(self._endLines):
+            write()
+        self._endLines.clear()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
