@@ -13,7 +13,6 @@ and a socket closed with SO_LINGER 0.
 
 import socket
 import struct
-import time
 
 import pytest
 from twisted.internet import defer
@@ -142,6 +141,16 @@ def test_aResetAfterTheAnswerIsCountedAtOnce(store, alice, logEvents):
     assert disconnect(logEvents)["authFailed"] == 1
 
 
+def cpuTicks(pid):
+    """
+    The user and system CPU time of process C{pid} so far, in clock ticks
+    (fields 14 and 15 of C{/proc/PID/stat}, after the command's name).
+    """
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 @sqliteOnly
 def test_aRealClientResettingWhileItsPasswordIsHashed(mailgate_server, mailgate_cli, tmp_path):  # noqa: F811
     # A user moved from Dovecot with a bcrypt hash whose check takes
@@ -154,11 +163,13 @@ def test_aRealClientResettingWhileItsPasswordIsHashed(mailgate_server, mailgate_
     assert reader.readline().startswith(b"+OK")
     sock.sendall(f"USER {ALICE}\r\n".encode())
     assert reader.readline().startswith(b"+OK")
+    before = cpuTicks(server.process.pid)
     sock.sendall(b"PASS wrong\r\n")
-    # Reset once the PASS has surely been read and its hash started (one
-    # not started when the session ends is not run at all: nothing to
-    # count).
-    time.sleep(0.2)
+    # Reset once the hash is running (one not started when the session
+    # ends is not run at all: nothing to count). The server does nothing
+    # else meanwhile, so its CPU time growing by 50 ms is the hash,
+    # however slowly a loaded machine runs it.
+    waitFor(lambda: cpuTicks(server.process.pid) >= before + 5, "the hash of the PASS to be running")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     reader.close()
     sock.close()
