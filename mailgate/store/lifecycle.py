@@ -515,21 +515,33 @@ class LifecycleStore:
         and must act on that user only (L{lockedUserId}): the address
         may be another user's by the time it runs, whose lock is not held.
         """
-        @defer.inlineCallbacks
-        def run():
-            user = yield self.findUser(address)
-            if user is None:
-                raise NoSuchUser(address)
-            yield self.locks.acquire(user.userId)
-            try:
-                result = yield self.database.runWrite(
-                    Guarded.under(self.locks, user.userId, write), *args, user.userId
-                )
-            finally:
-                yield self.locks.release(user.userId)
-            return result
+        return self._holdingLock(
+            address, lambda userId: self.database.runWrite(Guarded.under(self.locks, userId, write), *args, userId)
+        )
 
-        return run()
+    @defer.inlineCallbacks
+    def _holdingLock(self, address, locked):
+        """
+        C{locked(userId)}, a L{Deferred}, run holding the maildrop lock of
+        the user C{address} names, taken without waiting, and released
+        however it ends.  One home for what renaming, deleting and
+        expunging a user (L{_underLock}, L{expungeMessages},
+        L{mailgate.store.sql.SQLMailStore.deleteUser}) each did, so that
+        none of them forgets the release or looks the user up otherwise.
+
+        @return: a L{Deferred} of what C{locked} gave; fails with
+            L{NoSuchUser} if there is no such user, or L{MaildropInUse} if
+            a session holds the lock.
+        """
+        user = yield self.findUser(address)
+        if user is None:
+            raise NoSuchUser(address)
+        yield self.locks.acquire(user.userId)
+        try:
+            result = yield locked(user.userId)
+        finally:
+            yield self.locks.release(user.userId)
+        return result
 
     def renameUser(self, old, new):
         """
@@ -566,19 +578,9 @@ class LifecycleStore:
         now = self._now()
         before = None if olderThanDays is None else now - olderThanDays * DAY
 
-        @defer.inlineCallbacks
-        def run():
-            user = yield self.findUser(address)
-            if user is None:
-                raise NoSuchUser(address)
-            yield self.locks.acquire(user.userId)
-            try:
-                removed = yield self._expungeLocked(address, user.userId, before, now, perTransaction, progress)
-            finally:
-                yield self.locks.release(user.userId)
-            return removed
-
-        return run()
+        return self._holdingLock(
+            address, lambda userId: self._expungeLocked(address, userId, before, now, perTransaction, progress)
+        )
 
     @defer.inlineCallbacks
     def _expungeLocked(self, address, userId, before, now, perTransaction=None, progress=None):

@@ -1059,21 +1059,14 @@ class SQLMailStore(lifecycle.LifecycleStore):
         now = self._now()
 
         @defer.inlineCallbacks
-        def run():
-            user = yield self.findUser(address)
-            if user is None:
-                raise NoSuchUser(address)
-            yield self.locks.acquire(user.userId)
-            try:
-                yield self._expungeLocked(address, user.userId, None, now, perTransaction, progress)
-                yield self.database.runWrite(
-                    Guarded.under(self.locks, user.userId, _deleteUser),
-                    address, self._userIds, self._registryAliveSince(now), user.userId,
-                )
-            finally:
-                yield self.locks.release(user.userId)
+        def locked(userId):
+            yield self._expungeLocked(address, userId, None, now, perTransaction, progress)
+            yield self.database.runWrite(
+                Guarded.under(self.locks, userId, _deleteUser),
+                address, self._userIds, self._registryAliveSince(now), userId,
+            )
 
-        return run()
+        return self._holdingLock(address, locked)
 
     def listUsers(self, page=None):
         if page is None:
