@@ -33,6 +33,7 @@ import re
 import socket
 import time
 
+from mailgate.printable import printable
 from mailgate.urls import shownURL, withoutPassword
 
 #: syslog(3)'s facilities (<syslog.h>)
@@ -241,8 +242,7 @@ def _printable(text):
     One line: what is not printable (a line break in a file's name would
     start a forged line) as C{?}, octets that were not UTF-8 as C{\\xNN}.
     """
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return printable(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def _word(text):

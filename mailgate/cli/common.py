@@ -13,6 +13,7 @@ import math
 from mailgate.address import asciiDomain, normalizeAddress
 from mailgate.cli import audit
 from mailgate.errors import InvalidAddress, NoSuchUser
+from mailgate.printable import printable
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 
@@ -113,9 +114,7 @@ def _shown(line):
     sequences they may hold (a window title, a cleared screen), a line
     break starting a line that may look like mailgate's own.
     """
-    if line.isprintable():
-        return line
-    return "".join(ch if ch.isprintable() else "?" for ch in line)
+    return printable(line)
 
 
 def _address(text):

@@ -61,6 +61,7 @@ from mailgate.importers import (
 )
 from mailgate.interfaces import IMessageSource
 from mailgate.message import DotLineFinder, fileChunks
+from mailgate.printable import printable
 from mailgate.urls import shownURL
 
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
@@ -79,16 +80,6 @@ _LISTED_NUMBER = re.compile(r"[0-9]{1,20}")
 #: (C's isspace: fetchmail's sscanf; see L{clientsWord}).
 _SPACES = " \t\r\n\v\f"
 
-
-def _printable(text):
-    """
-    A server's words as an error shows them, on the administrator's
-    terminal or in a cron mail: anything unprintable (an escape sequence,
-    which a terminal would obey) as C{?}.
-    """
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 class POP3Failed(ImportFailed):
     """
@@ -438,7 +429,7 @@ class POP3Client:
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if line.startswith(b"+OK"):
             return text
-        refusal = POP3Refused(f"{self.host} refused {what}: {_printable(text[:200])}")
+        refusal = POP3Refused(f"{self.host} refused {what}: {printable(text[:200])}")
         refusal.response = text
         raise refusal
 
@@ -603,7 +594,7 @@ class POP3Client:
         self._send("AUTH CRAM-MD5")
         line = self._readline(_MAX_STATUS)
         self._discardRestOf(line)
-        text = _printable(line.rstrip(b"\r\n").decode("utf-8", "replace")[:200])
+        text = printable(line.rstrip(b"\r\n").decode("utf-8", "replace")[:200])
         if not line.startswith(b"+ "):
             raise _temporary(POP3Refused(f"{refusal}; {self.host} refused AUTH CRAM-MD5: {text}"))
         try:

@@ -30,6 +30,7 @@ from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, Tempora
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
 from mailgate.pop3.deletions import DeletionMarks
+from mailgate.printable import printable
 from mailgate.session import CommandError, CommandSession
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
@@ -827,10 +828,7 @@ def _logName(login):
     after = _AFTER_SPACE.search(login)
     if after is not None:
         login = login[: after.start()] + " [...]"
-    name = login[:64]
-    if not name.isprintable():
-        name = "".join(ch if ch.isprintable() else "?" for ch in name)
-    return name
+    return printable(login[:64])
 
 
 def _sameUser(first, second, defaultRealm=None):

@@ -27,6 +27,7 @@ import ipaddress
 from mailgate.address import userAddress
 from mailgate.errors import InvalidAddress
 from mailgate.networks import parseNetwork, unmapped
+from mailgate.printable import printable
 
 #: characters of a command or reply logged at most
 LINE_LIMIT = 256
@@ -88,9 +89,7 @@ def shown(text):
     C{text} fit for a trace line: at most L{LINE_LIMIT} characters,
     anything unprintable as C{?}.
     """
-    cut = text[:LINE_LIMIT]
-    if not cut.isprintable():
-        cut = "".join(ch if ch.isprintable() else "?" for ch in cut)
+    cut = printable(text[:LINE_LIMIT])
     return cut + "..." if len(text) > LINE_LIMIT else cut
 
 

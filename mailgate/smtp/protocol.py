@@ -33,6 +33,7 @@ from twisted.internet import defer
 
 from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
 from mailgate.message import DeliveryKey, MessageSpool
+from mailgate.printable import printable
 from mailgate.records import AlreadyDelivered
 from mailgate.session import CommandSession
 from mailgate.session.trace import shown as shownInTrace
@@ -125,10 +126,7 @@ def _bounded(text, limit=256):
     Client-supplied text fit for a log line: at most C{limit} characters,
     anything unprintable (an escape sequence, say) shown as C{?}.
     """
-    text = text[:limit]
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return text
+    return printable(text[:limit])
 
 
 def _takenAsBroken(path):
