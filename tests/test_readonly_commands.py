@@ -186,15 +186,61 @@ def test_aReaderLeavesNoSideFilesTheOwnerCannotWrite(liveURL, request):
     assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
     os.chown(path, owner.pw_uid, owner.pw_gid)
     path.chmod(0o644)
-    done = runAs("nobody", path, ("user", "list"))
-    assert (done.returncode, done.stdout) == (78, "")
-    assert done.stderr.startswith(f"mailgate: cannot open SQLite database {path} to write to it"), done.stderr
-    done = runAs("nobody", path, ("db", "check"))
-    assert (done.returncode, done.stdout) == (78, "")
-    assert done.stderr == (
-        f"mailgate: cannot open SQLite database {path} to read it: it is in WAL mode, and nobody would leave it "
-        f"a -wal and -shm its owner daemon may not write: run this as daemon\n"
-    )
+    # user list says why it may not read it, as db check does (it said
+    # the opening to write's line: "... to write to it").
+    for argv in (("user", "list"), ("db", "check")):
+        done = runAs("nobody", path, argv)
+        assert (done.returncode, done.stdout) == (78, "")
+        assert done.stderr == (
+            f"mailgate: cannot open SQLite database {path} to read it: it is in WAL mode, and nobody would leave "
+            f"it a -wal and -shm its owner daemon may not write: run this as daemon\n"
+        ), argv
     assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
     written = runAs("daemon", path, ("user", "quota", ALICE, "1M"))
     assert (written.returncode, written.stderr) == (0, "")
+
+
+#: every command that only reads, mailbox export included
+READING_AND_EXPORT = READING + [(("mailbox", "export", ALICE, "/nonexistent/export"), "")]
+
+
+@rootOnly
+@pytest.mark.parametrize(
+    "case", ["the server's, mode 0600", "root's, WAL, where no -shm can be made"], ids=["unreadable", "no -shm"]
+)
+def test_aDatabaseThatCannotBeReadSaysWhyItCannotBeRead(liveURL, request, case):
+    """
+    A database of the current schema a command that only reads may not
+    open read-only (run as nobody on the server's database, mode 0600; a
+    WAL file of root's, 0444, in a directory of root's, where its -shm
+    cannot be made): said as db check says it, naming the file, whose it
+    is and what to do.  They said the opening to write's line ("...  to
+    write to it (nobody may not read and write ...)"), though they only
+    wanted to read it.  The file is as it was.
+    """
+    directory = directoryForOthers(request)
+    path = directory / "mail.sqlite3"
+    shutil.copy(engineFromURL(liveURL).path, path)
+    if case.startswith("the server's"):
+        daemon = pwd.getpwnam("daemon")
+        os.chown(path, daemon.pw_uid, daemon.pw_gid)
+        path.chmod(0o600)
+        why = (
+            f"unable to open database file (nobody may not read {path}: it is daemon's, mode 0600: run this as "
+            f"daemon)"
+        )
+    else:
+        path.chmod(0o444)
+        why = (
+            f"attempt to write a readonly database (it is in WAL mode, and nobody may not create its -shm in "
+            f"{directory}: run this as root, its owner, or copy the file where nobody may write)"
+        )
+    before = digest(path)
+    expected = f"mailgate: cannot open SQLite database {path} to read it: {why}\n"
+    done = runAs("nobody", path, ("db", "check"))
+    assert (done.returncode, done.stdout, done.stderr) == (78, "", expected)
+    for argv, stdin in READING_AND_EXPORT:
+        done = runAs("nobody", path, argv, stdin)
+        assert (done.returncode, done.stdout, done.stderr) == (78, "", expected), argv
+    assert digest(path) == before
+    assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]

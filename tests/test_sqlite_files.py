@@ -397,16 +397,19 @@ def test_aDatabaseTheCommandsUserMayNotUseIsSaidToBeSo(tmp_path):
             )
             return done.returncode, done.stderr
 
+        # user list only reads: why it may not read the file (it said why
+        # it might not write it, "... to write to it").
         assert asNobody() == (
             78,
-            f"mailgate: cannot open SQLite database {db} to write to it "
-            f"(nobody may not read and write {db}: it is root's, mode 0600)\n",
+            f"mailgate: cannot open SQLite database {db} to read it: unable to open database file "
+            f"(nobody may not read {db}: it is root's, mode 0600: run this as root)\n",
         )
         os.chown(db, nobody, -1)
         assert asNobody() == (
             78,
-            f"mailgate: cannot open SQLite database {db}: attempt to write a readonly database "
-            f"(nobody may not create files in {path}, where SQLite makes the database's -wal and -shm files)\n",
+            f"mailgate: cannot open SQLite database {db} to read it: attempt to write a readonly database "
+            f"(it is in WAL mode, and nobody may not create its -shm in {path}: copy the file where nobody may "
+            f"write, or run this as root)\n",
         )
     finally:
         shutil.rmtree(path)

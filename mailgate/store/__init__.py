@@ -114,8 +114,9 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     """
     if adopt is None:
         adopt = create
+    refused = None
     if readsOnly and migrate:
-        current = _currentReadOnly(url)
+        current, refused = _currentReadOnly(url)
         if current is not None:
             return _synchronousStore(current, [])
     # A command that only reads and migrates nothing (db check, db
@@ -126,8 +127,16 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     # Before a connection: SQLite opens a database its user may not write
     # read-only, making its -wal and -shm as the file is (0400), which
     # outlived the chmod 600 that set the file right.
-    engine.refuseReadOnly()
-    database = SynchronousDatabase(engine)
+    try:
+        engine.refuseReadOnly()
+        database = SynchronousDatabase(engine)
+    except ConfigurationError:
+        if refused is None:
+            raise
+        # A command that only reads, refused both openings: why it may
+        # not read the file (whose it is, what to do), not why it may not
+        # write it ("... to write to it"), which it did not mean to.
+        raise refused from None
     applied = []
     try:
         if migrate:
@@ -161,36 +170,45 @@ def _currentReadOnly(url):
     migration (or holds no mailgate schema), cannot be opened read-only,
     or is not an SQLite file: it is then opened as before, to write, and
     migrated (the command's upgrade is logged, and refused under a running
-    server), or refused with what the opening to write says.  PostgreSQL
-    is opened as before (its upgrade check writes nothing when there is
-    nothing to migrate).
+    server), or refused.  PostgreSQL is opened as before (its upgrade
+    check writes nothing when there is nothing to migrate).
 
+    @return: C{(database, refused)}: the database opened read-only, or
+        C{None}; and, where SQLite's read-only opening was refused (the
+        file, or its C{-shm}, one this user may not read; a C{-shm} that
+        cannot be made), the L{mailgate.store.sqlite.ReadingRefused} that
+        says why, which is what the command says if the opening to write
+        is refused too: it only meant to read.
     @raise mailgate.errors.ConfigurationError: the schema is newer than
         this mailgate's, said as the opening to write says it.
     """
     if not url.lower().startswith("sqlite:"):
-        return None
+        return None, None
+    from mailgate.store.sqlite import ReadingRefused
+
     engine = engineFromURL(url, readsOnly=True, writesNothing=True)
     if not engine.readOnly or _missingFile(engine):
-        return None
+        return None, None
     try:
         database = SynchronousDatabase(engine)
+    except ReadingRefused as e:
+        return None, e
     except (ConfigurationError, DatabaseDamaged):
-        return None
+        return None, None
     try:
         version = databaseVersion(database)
     except (ConfigurationError, DatabaseDamaged):
         version = None
     if version is None or version < LATEST:
         database.close()
-        return None
+        return None, None
     try:
         # Up to date (nothing applied), or newer: upgrade refuses it.
         upgrade(database)
     except BaseException:
         database.close()
         raise
-    return database
+    return database, None
 
 
 def refuseUpgradeUnderServer(database):

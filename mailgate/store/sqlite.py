@@ -272,6 +272,15 @@ def _narrow(side, allowed):
 _EFFECTIVE = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
 
 
+class ReadingRefused(ConfigurationError):
+    """
+    The read-only opening of an SQLite file is refused, said with why and
+    what to do ("cannot open SQLite database FILE to read it: ..."): what
+    a command that only reads says, rather than the opening to write's
+    line, when it cannot read the file at all.
+    """
+
+
 def _userName(uid):
     """
     The name of the user C{uid}, or the number where it has none.
@@ -485,7 +494,7 @@ class SQLiteEngine:
             return
         if header[:16] != b"SQLite format 3\x00" or header[18:20] != b"\x02\x02":
             return
-        raise ConfigurationError(
+        raise ReadingRefused(
             f"cannot open SQLite database {self.path} to read it: it is in WAL mode, and {_userName(euid)} "
             f"would leave it a -wal and -shm its owner {_userName(owner)} may not write: run this as "
             f"{_userName(owner)}"
@@ -514,8 +523,8 @@ class SQLiteEngine:
                 self.onConnect(conn)
                 return conn
             except sqlite3.Error as e:
-                raise ConfigurationError(f"cannot open SQLite database {self.path} to read it: {e}") from e
-        raise ConfigurationError(
+                raise ReadingRefused(f"cannot open SQLite database {self.path} to read it: {e}") from e
+        raise ReadingRefused(
             f"cannot open SQLite database {self.path} to read it: {error} "
             f"({self._unreadable(directory, frozen, wal, journal)})"
         ) from error
@@ -563,9 +572,18 @@ class SQLiteEngine:
                 f"the filesystem of {directory} is mounted read-only, and its -wal is read through a -shm, which "
                 f"there is none of and none can be made: copy the file and its -wal where {user} may write"
             )
+        copy = f"copy the file{' and its -wal' if wal else ''} where {user} may write"
+        try:
+            owner = _userName(os.stat(self.path).st_uid)
+        except OSError:
+            owner = None
+        # Not "run this as the database's owner" to its owner: nobody
+        # reading his own file in a directory of root's was told so.
+        if owner == user:
+            return f"it is in WAL mode, and {user} may not create its -shm in {directory}: {copy}, or run this as root"
         return (
-            f"it is in WAL mode, and {user} may not create its -shm in {directory}: run this as the database's "
-            f"owner, or copy the file{' and its -wal' if wal else ''} where {user} may write"
+            f"it is in WAL mode, and {user} may not create its -shm in {directory}: run this as "
+            f"{owner + ', its owner' if owner else 'its owner'}, or {copy}"
         )
 
     def _noDescriptors(self, error):
