@@ -15,6 +15,22 @@ L{MaildropInUse} when another session holds a maildrop.
 from zope.interface import Attribute, Interface
 
 
+class _Keep:
+    """
+    The type of L{KEEP}, named so in a signature.
+    """
+
+    def __repr__(self):
+        return "KEEP"
+
+
+#: A limit given to L{ILifecycleStore.setQuota} as not to change: its
+#: default, which a caller may pass too.  Here, not in the store, which
+#: uses it: the contract says what an argument not given means, and
+#: imports no store.  (C{None} is a value: the server's default.)
+KEEP = _Keep()
+
+
 class IMessageSource(Interface):
     """
     A message ready to be stored: its octets with CRLF line ends, exactly as
@@ -514,10 +530,11 @@ class ILifecycleStore(Interface):
         "sessions it serves, written out with its heartbeat."
     )
 
-    def setQuota(address, octets, messages):
+    def setQuota(address, octets=KEEP, messages=KEEP):
         """
-        Set a user's own quota in octets and in messages (an argument not
-        given is left as it is).  Mail already stored stays.
+        Set a user's own quota in octets and in messages: each a limit as
+        above, or L{KEEP} (an argument not given) to leave it as it is.
+        Mail already stored stays.
 
         @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser}.
         """

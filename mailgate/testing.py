@@ -52,14 +52,13 @@ from zope.interface import alsoProvides, directlyProvides, implementer
 
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import TemporaryFailure
-from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
+from mailgate.interfaces import KEEP, ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.message import spoolBytes
 from mailgate.pop3 import POP3Factory
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
 from mailgate.store import openSynchronousStore
-from mailgate.store.limits import _KEEP
 
 # Cheap scrypt parameters for tests: the hash format carries its own cost,
 # so verification works exactly as for production hashes.
@@ -304,7 +303,7 @@ class FaultInjectingStore:
     def sessions(self):
         return self.store.sessions
 
-    def setQuota(self, address, octets=_KEEP, messages=_KEEP):
+    def setQuota(self, address, octets=KEEP, messages=KEEP):
         # Not given, left as it is, as the store's own setQuota leaves it.
         return self._call("setQuota", address, octets, messages)
 

@@ -22,6 +22,7 @@ from email.utils import format_datetime
 import attr
 
 from mailgate.errors import NoSuchUser
+from mailgate.interfaces import KEEP
 from mailgate.plural import counted
 from mailgate.store.bounds import formatSize
 from mailgate.store.guarded import _userId
@@ -197,8 +198,9 @@ def describeLimit(own, unit=None):
     return str(own)
 
 
-#: An argument not given: the stored value stays as it is.
-_KEEP = object()
+#: An argument not given: the stored value stays as it is (the contract's
+#: own, which a caller of setQuota may pass too).
+_KEEP = KEEP
 
 
 def _setLimits(cursor, address, quotaOctets=_KEEP, quotaMessages=_KEEP, expireDays=_KEEP):
