@@ -8,7 +8,7 @@ Each runs, like the statements of L{mailgate.store.sql}, on a cursor
 inside a transaction.
 """
 
-from mailgate.errors import MaildropLockLost, NoSuchUser, UserChanged
+from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserChanged
 
 
 def _userId(cursor, address):
@@ -37,6 +37,24 @@ def lockedUserId(cursor, address, lockedId):
             f"the user {address} changed meanwhile (deleted or renamed, and the address given to another "
             "user); nothing was changed"
         )
+    return userId
+
+
+def lockedOutOfSession(cursor, address, lockedId, aliveSince):
+    """
+    L{lockedUserId}, refused while a live node's registry shows the user
+    in a POP3 session (L{_inSession}): the first check of every write that
+    removes what a session may be serving (an expunge's transaction, a
+    user's deletion, imported ids forgotten), which each of them wrote
+    out before.
+
+    @raise NoSuchUser: if no user has C{address} (now).
+    @raise UserChanged: if another user has it now.
+    @raise MaildropInUse: if the user is in a POP3 session.
+    """
+    userId = lockedUserId(cursor, address, lockedId)
+    if _inSession(cursor, userId, aliveSince):
+        raise MaildropInUse(address)
     return userId
 
 

@@ -19,8 +19,8 @@ import hashlib
 import secrets
 import time
 
-from mailgate.errors import MaildropInUse, NoSuchUser
-from mailgate.store.guarded import _inSession, _userId, lockedUserId
+from mailgate.errors import NoSuchUser
+from mailgate.store.guarded import _userId, lockedOutOfSession
 from mailgate.store.reads import CHUNK_SIZE, _readChunks
 from mailgate.store.recovery import _keepDeleted
 from mailgate.store.rows import (
@@ -370,7 +370,7 @@ def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveS
 
     @param listed: every unique id the source lists now.
     @param lockedId: the id of the user whose maildrop lock is held (see
-        L{lockedUserId}).
+        L{mailgate.store.guarded.lockedUserId}).
     @return: C{(taken out, left, others)}: the unique ids taken out,
         sorted; how many messages imported without a recorded source the
         source does not list were left in the maildrop; and C{(source,
@@ -379,9 +379,7 @@ def _removeImportedGone(cursor, address, source, listed, soleSource, now, aliveS
     @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    userId = lockedUserId(cursor, address, lockedId)
-    if _inSession(cursor, userId, aliveSince):
-        raise MaildropInUse(address)
+    userId = lockedOutOfSession(cursor, address, lockedId, aliveSince)
     cursor.execute(
         "SELECT m.uid, m.uidl, i.source FROM maildrop m JOIN imported_ids i "
         "ON i.user_id = m.user_id AND i.uidl = m.uidl AND i.size = m.size WHERE m.user_id = ?",

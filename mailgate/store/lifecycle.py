@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, UserExists
 from mailgate.records import DeletedMessage, ExpiryPass, QuotaStatus
-from mailgate.store.guarded import Guarded, _inSession, lockedUserId
+from mailgate.store.guarded import Guarded, _inSession, lockedOutOfSession, lockedUserId
 from mailgate.store.imported import (
     _claimImported,
     _existingUidls,
@@ -133,9 +133,7 @@ def _expungeSome(cursor, address, before, below, limit, aliveSince, lockedId=Non
     @raise UserChanged: if C{address} is no longer C{lockedId}'s.
     @raise MaildropInUse: if the user is in a POP3 session.
     """
-    userId = lockedUserId(cursor, address, lockedId)
-    if _inSession(cursor, userId, aliveSince):
-        raise MaildropInUse(address)
+    userId = lockedOutOfSession(cursor, address, lockedId, aliveSince)
     # Locked first, as in _expireUser: a delivery committing meanwhile is
     # in the oldest arrival written at the end.
     cursor.execute(

@@ -20,11 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.errors import MaildropInUse, MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
+from mailgate.errors import MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
 from mailgate.store import lifecycle, paging
 from mailgate.store.database import BatchableWrite, updatesMailboxes
-from mailgate.store.guarded import LOCK_LOST, Guarded, _inSession, lockedUserId
+from mailgate.store.guarded import LOCK_LOST, Guarded, lockedOutOfSession
 from mailgate.store.limits import StoreLimits, quotaCrossed
 from mailgate.store.reads import CHUNK_SIZE, ThreadedMessageReads, firstChunks
 from mailgate.store.recovery import _keepDeleted
@@ -349,18 +349,16 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
     """
     Remove a user, their maildrop and what hangs on them; not while a
     live node shows them in a POP3 session (C{aliveSince}: see
-    L{_inSession}), which would go on answering for mail that
+    L{lockedOutOfSession}), which would go on answering for mail that
     is gone.
 
     @param lockedId: the id of the user whose maildrop lock is held: the
         address, another user's by now, is not deleted (see
-        L{lockedUserId}).
+        L{mailgate.store.guarded.lockedUserId}).
     """
     if userIds is not None:
         userIds.pop(address, None)
-    userId = lockedUserId(cursor, address, lockedId)
-    if aliveSince is not None and _inSession(cursor, userId, aliveSince):
-        raise MaildropInUse(address)
+    userId = lockedOutOfSession(cursor, address, lockedId, aliveSince)
     # The mailbox row goes first: its removal waits for the deliveries to
     # the user that are committing (they hold it), and the maildrop listed
     # next includes what they stored; the deliveries that come after find
