@@ -68,6 +68,22 @@ def asciiDomain(domain):
         return None
 
 
+def _text(address):
+    """
+    An address given as L{str} or UTF-8 L{bytes}, as L{str}: each of
+    L{loginAddress}, L{userAddress} and L{normalizeAddress} takes either,
+    and refuses octets that are not UTF-8 with the same words.
+
+    @raise InvalidAddress: if it is bytes that are not UTF-8.
+    """
+    if isinstance(address, bytes):
+        try:
+            return address.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidAddress("address is not valid UTF-8") from None
+    return address
+
+
 def loginAddress(name, defaultRealm=None):
     """
     The address a login name stands for: the name itself, normalised; or,
@@ -80,11 +96,7 @@ def loginAddress(name, defaultRealm=None):
     @raise InvalidAddress: if it names no address.
     """
     if defaultRealm is not None:
-        if isinstance(name, bytes):
-            try:
-                name = name.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidAddress("address is not valid UTF-8") from None
+        name = _text(name)
         if "@" not in name and name.strip():
             name = f"{name.strip()}@{defaultRealm}"
     return userAddress(name)
@@ -103,11 +115,7 @@ def userAddress(address):
     @param address: as L{str} or UTF-8 L{bytes}.
     @raise InvalidAddress: if it names no address.
     """
-    if isinstance(address, bytes):
-        try:
-            address = address.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidAddress("address is not valid UTF-8") from None
+    address = _text(address)
     local, at, domain = address.rpartition("@")
     if at and not domain.isascii():
         address = f"{local}@{asciiDomain(domain) or domain}"
@@ -121,11 +129,7 @@ def normalizeAddress(address):
     @param address: C{local@domain}, as L{str} or UTF-8 L{bytes}.
     @raise InvalidAddress: if it is not a plain C{local@domain} address.
     """
-    if isinstance(address, bytes):
-        try:
-            address = address.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidAddress("address is not valid UTF-8") from None
+    address = _text(address)
     address = address.strip()
     if len(address) > MAX_ADDRESS:
         # Said as such: the address itself may be of the right form.
