@@ -370,21 +370,34 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
     cursor.execute("DELETE FROM users WHERE user_id = ?", (userId,))
 
 
-def _listUsers(cursor):
-    # Each maildrop's use is kept up to date with its deliveries and
-    # removals: no scan of the maildrops.
-    # A password hash written {SCHEME}... is one imported from another
-    # server (mailgate.auth.foreign), not yet replaced by a login.
-    cursor.execute(
-        "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
-        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
-        "u.cram_md5 IS NOT NULL, b.last_login "
-        "FROM users u JOIN mailboxes b ON b.user_id = u.user_id ORDER BY u.address"
-    )
+#: The users' listing, whole (L{_listUsers}) or a page at a time
+#: (L{_userPage}), which wrote this query and its reading out each: what
+#: they list is the same, only the order and the bounds differ.  Each
+#: maildrop's use is kept up to date with its deliveries and removals: no
+#: scan of the maildrops.  A password hash written {SCHEME}... is one
+#: imported from another server (mailgate.auth.foreign), not yet replaced
+#: by a login.
+_USER_SUMMARIES = (
+    "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
+    "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
+    "u.cram_md5 IS NOT NULL, b.last_login "
+    "FROM users u JOIN mailboxes b ON b.user_id = u.user_id "
+)
+
+
+def _userSummaries(cursor):
+    """
+    The L{UserSummary}s of the rows a L{_USER_SUMMARIES} query selected.
+    """
     return [
         UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
         for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
     ]
+
+
+def _listUsers(cursor):
+    cursor.execute(_USER_SUMMARIES + "ORDER BY u.address")
+    return _userSummaries(cursor)
 
 
 #: How each engine orders addresses by code point (byte order of their
@@ -407,17 +420,10 @@ def _userPage(cursor, collate, position, limit):
     """
     after = "" if position is None else f"WHERE u.address{collate} > ? "
     cursor.execute(
-        "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
-        "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
-        "u.cram_md5 IS NOT NULL, b.last_login "
-        f"FROM users u JOIN mailboxes b ON b.user_id = u.user_id {after}"
-        f"ORDER BY u.address{collate} LIMIT {int(limit)}",
+        f"{_USER_SUMMARIES}{after}ORDER BY u.address{collate} LIMIT {int(limit)}",
         () if position is None else (position,),
     )
-    rows = [
-        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
-        for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
-    ]
+    rows = _userSummaries(cursor)
     return (rows[-1].address if rows else position), rows
 
 
