@@ -37,7 +37,7 @@ from mailgate.store.recovery import (
 )
 from mailgate.store.registry import SETTINGS_COUNT_FOR, STALE_AFTER, SessionRegistry, _kick, _nodes, _sessions
 from mailgate.store.retention import Retention, _expirePass, _expireUser, _forgetDeliveries, _purgeKept
-from mailgate.store.rows import releaseBodies, removeMessages
+from mailgate.store.rows import exactOldestArrival, releaseBodies, removeMessages
 
 
 def _forgetUser(cursor, userId):
@@ -149,11 +149,7 @@ def _expungeSome(cursor, address, before, below, limit, aliveSince, lockedId=Non
     cursor.execute(f"SELECT uid FROM maildrop WHERE {where}{bound}", params)
     uids = [row[0] for row in cursor.fetchall()]
     removed = removeMessages(cursor, userId, uids) if uids else 0
-    cursor.execute(
-        "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
-        "WHERE user_id = ?",
-        (userId, userId),
-    )
+    exactOldestArrival(cursor, userId)
     if limit is not None and len(uids) >= limit:
         return removed, 0, below, True
     where, params = "user_id = ?", [userId]

@@ -9,7 +9,7 @@ any live node keeps, and L{Retention}, what POP3 advertises.
 from mailgate.store.limits import DAY, UNLIMITED
 from mailgate.store.recovery import _dropKept
 from mailgate.store.registry import _liveSettings
-from mailgate.store.rows import deliveryKeyConditions, removeMessages
+from mailgate.store.rows import deliveryKeyConditions, exactOldestArrival, removeMessages
 
 
 def _expireOverrides(cursor):
@@ -143,11 +143,7 @@ def _expireUser(cursor, userId, now, defaultDays, limit):
     uids = [r[0] for r in cursor.fetchall()]
     removed = removeMessages(cursor, userId, uids) if uids else 0
     if len(uids) < limit:
-        cursor.execute(
-            "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
-            "WHERE user_id = ?",
-            (userId, userId),
-        )
+        exactOldestArrival(cursor, userId)
         return removed, False, days
     return removed, True, days
 

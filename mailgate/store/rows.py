@@ -77,6 +77,21 @@ def releaseUsage(cursor, userId, messages, octets):
     )
 
 
+def exactOldestArrival(cursor, userId):
+    """
+    Make the user's C{oldest_arrival} exact again: the arrival of the
+    oldest message left, or C{NULL} for an empty maildrop.  Deliveries
+    and imports only ever lower it (a lower bound the retention task
+    starts from); what removes the oldest messages, an expire or an
+    expunge, sets it here, in one statement both wrote out before.
+    """
+    cursor.execute(
+        "UPDATE mailboxes SET oldest_arrival = (SELECT min(arrived_at) FROM maildrop WHERE user_id = ?) "
+        "WHERE user_id = ?",
+        (userId, userId),
+    )
+
+
 def releaseBodies(cursor, references):
     """
     Drop one reference per count in C{references} (C{(owner, body id)} to
