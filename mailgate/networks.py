@@ -109,11 +109,18 @@ def peerOnNetworks(address, networks):
     host = getattr(address, "host", None)
     if host is None:
         return getattr(address, "type", None) != "TCP"
-    return _hostOnNetworks(host, networks)
+    return hostOnNetworks(host, networks)
 
 
 @functools.lru_cache(maxsize=4096)
-def _hostOnNetworks(host, networks):
+def hostOnNetworks(host, networks):
+    """
+    Whether the IP address C{host} (text; an IPv4-mapped IPv6 one taken as
+    IPv4) is on one of C{networks}; never for text that is no IP address.
+    The one test of an address against configured networks, for
+    L{peerOnNetworks} and for the session trace (L{mailgate.session.trace}),
+    which had a copy of it.
+    """
     # Clients come back (an MTA for every message): the answer is kept per
     # address and networks, not worked out at every login or transaction.
     try:

@@ -22,11 +22,9 @@ C{lineReceived} and its reply writer's C{write} and C{writeParts} with
 logging ones, on that session alone.
 """
 
-import ipaddress
-
 from mailgate.address import userAddress
 from mailgate.errors import InvalidAddress
-from mailgate.networks import parseNetwork, unmapped
+from mailgate.networks import hostOnNetworks, parseNetwork
 from mailgate.printable import printable
 
 #: characters of a command or reply logged at most
@@ -57,11 +55,7 @@ class TraceSelection:
         host = getattr(address, "host", None)
         if not self.networks or host is None:
             return False
-        try:
-            ip = unmapped(ipaddress.ip_address(host))
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
+        return hostOnNetworks(host, self.networks)
 
     def user(self, name):
         """
