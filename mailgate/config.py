@@ -683,14 +683,16 @@ def checkEndpoint(description, adopting=False):
         # start) and echoed others into their errors as they were.
         raise ValueError(f"invalid endpoint {description!r}: it must not contain control characters")
     kind, _, rest = description.strip().partition(":")
-    if kind.lower() == "haproxy" and rest.partition(":")[0].strip().lower() == "ssl":
-        # Twisted's ssl: listener does TLS first and would read the header
-        # inside it; HAProxy (send-proxy, send-proxy-v2 with ssl on the
-        # server line) sends it in the clear before TLS: every connection
-        # failed its handshake, no client was ever greeted.
+    inner = rest.partition(":")[0].strip().lower()
+    if kind.lower() == "haproxy" and inner in ("ssl", "tls"):
+        # Twisted's ssl: and tls: (PEMs chosen by SNI) listeners do TLS
+        # first and would read the header inside it; HAProxy (send-proxy,
+        # send-proxy-v2 with ssl on the server line) sends it in the clear
+        # before TLS: every connection failed its handshake, no client was
+        # ever greeted.
         raise ValueError(
-            f"invalid endpoint {description!r}: ssl: cannot work behind haproxy: (HAProxy sends its PROXY header "
-            f"in the clear, before TLS); use --pop3s haproxy:tcp:995 (mailgate's TLS after the header), "
+            f"invalid endpoint {description!r}: {inner}: cannot work behind haproxy: (HAProxy sends its PROXY "
+            f"header in the clear, before TLS); use --pop3s haproxy:tcp:995 (mailgate's TLS after the header), "
             f"or end TLS at HAProxy (bind ... ssl crt) and use haproxy:tcp:"
         )
     try:
