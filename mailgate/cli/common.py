@@ -420,6 +420,15 @@ def _time(seconds):
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _addPasswordStdin(parser):
+    """
+    C{--password-stdin}, of every command that reads a password (given to
+    L{_readPassword} and L{_checkPasswordSource}, which read it): declared
+    here once, so that each such command says it alike.
+    """
+    parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+
 def _addJSON(parser):
     parser.add_argument(
         "--json",

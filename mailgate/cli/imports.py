@@ -17,6 +17,7 @@ from mailgate.cli.common import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
+    _addPasswordStdin,
     _address,
     _checkPasswordSource,
     _forUser,
@@ -500,7 +501,7 @@ def _addImportCommands(commands):
     )
     ipop3.add_argument("url", metavar="URL")
     ipop3.add_argument("address", nargs="?", metavar="ADDRESS")
-    ipop3.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addPasswordStdin(ipop3)
     ipop3.add_argument(
         "--insecure",
         action="store_true",

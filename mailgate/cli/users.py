@@ -31,6 +31,7 @@ from mailgate.cli.common import (
     EX_USAGE,
     _addHashed,
     _addJSON,
+    _addPasswordStdin,
     _address,
     _checkNewPassword,
     _checkPasswordSource,
@@ -649,7 +650,7 @@ def _addUserCommands(commands):
         "at most 1024 octets.  A user that exists already is left as it is (exit 73).",
     )
     add.add_argument("address", metavar="ADDRESS")
-    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addPasswordStdin(add)
     add.add_argument(
         "--apop",
         action="store_true",
@@ -671,7 +672,7 @@ def _addUserCommands(commands):
         "the user has (APOP and CRAM-MD5 too).  The old password fails at once on every server.",
     )
     passwd.add_argument("address", metavar="ADDRESS")
-    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addPasswordStdin(passwd)
     _addHashed(passwd)
     passwd.set_defaults(
         run=_userPasswd, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions),
@@ -735,7 +736,7 @@ def _addUserCommands(commands):
         "0 if it is right, 77 if not.  Nothing is changed, not even an imported hash.",
     )
     test.add_argument("address", metavar="ADDRESS")
-    test.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addPasswordStdin(test)
     test.set_defaults(
         run=_userTest, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions), readsOnly=True
     )
@@ -748,7 +749,7 @@ def _addUserCommands(commands):
     )
     apop.add_argument("address", metavar="ADDRESS")
     apop.add_argument("state", choices=["on", "off"])
-    apop.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    _addPasswordStdin(apop)
     apop.set_defaults(
         run=_userApop, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions),
         audit=audit.account("user apop", lambda args: f"{args.address} {args.state}"),
