@@ -1865,6 +1865,25 @@ def _isNullDevice(found):
     return stat.S_ISCHR(found.st_mode) and stat.S_ISCHR(null.st_mode) and found.st_rdev == null.st_rdev
 
 
+def _linkChain(path):
+    """
+    The names C{path} leads through: itself (absolute), each symbolic link
+    it is or points to, in order, and the file at the end (its real path).
+    """
+    names = [os.path.abspath(path)]
+    current = names[0]
+    # The kernel follows at most 40 links.
+    for _ in range(40):
+        try:
+            target = os.readlink(current)
+        except OSError:
+            break
+        current = os.path.join(os.path.realpath(os.path.dirname(current)), target)
+        names.append(os.path.normpath(current))
+    names.append(os.path.realpath(path))
+    return names
+
+
 def writableByOthers(path):
     """
     What to warn of, if anything, in who may change the configuration file
@@ -1889,9 +1908,10 @@ def writableByOthers(path):
             f"the configuration file {path} may be written by every user of this machine (mode {mode:04o}), "
             f"{consequence}: chmod o-w it"
         )
-    # The directory of the name given and, for a symbolic link, of the file
-    # it leads to: either replaced, the file read is another.
-    for directory in dict.fromkeys(os.path.dirname(name) for name in (os.path.abspath(path), os.path.realpath(path))):
+    # The directory of the name given and, for a symbolic link, of each
+    # link it leads through and of the file at the end: any of them
+    # replaced, the file read is another.
+    for directory in dict.fromkeys(os.path.dirname(name) for name in _linkChain(path)):
         try:
             directoryMode = os.stat(directory).st_mode
         except OSError:
