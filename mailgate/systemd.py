@@ -42,10 +42,14 @@ from mailgate.errors import errorKind
 
 #: seconds between two checks of the session count for C{STATUS=}
 STATUS_INTERVAL = 1.0
-#: seconds between two attempts to send what systemd's socket had no room
-#: for, and the most notifications kept meanwhile
+#: seconds between two attempts to send what systemd's socket had no room for
 RETRY_EVERY = 0.1
-BACKLOG_MAX = 64
+#: the lines that replace the one before (sd_notify(3)): of these, only the
+#: latest waiting to be sent is worth sending
+REPLACED = frozenset({"STATUS", "EXTEND_TIMEOUT_USEC", "WATCHDOG_USEC"})
+#: the state changes one reload sends (RELOADING=1 with MONOTONIC_USEC=, then
+#: READY=1), which may repeat without end while systemd reads nothing
+RELOAD_CYCLE = frozenset({"READY", "RELOADING", "MONOTONIC_USEC"})
 #: seconds between two attempts to reach the database before C{READY=1}
 READY_RETRY = 1.0
 #: the largest EXTEND_TIMEOUT_USEC= systemd reads: its infinity (USEC_INFINITY)
@@ -99,7 +103,8 @@ class Notifier:
         daemon-reload, a boot) and every service's notifications queue up
         (C{net.unix.max_dgram_qlen} of them, 10 in a container's network
         namespace): sd_notify(3) waits there, and the reactor must not, so
-        each datagram waits here, in order.  Dropped, a C{READY=1} left the
+        each state change waits here, in order, with the latest status
+        (L{_keep}).  Dropped, a C{READY=1} left the
         unit starting until C{TimeoutStartSec} killed a server that served,
         a C{STOPPING=1} let C{TimeoutStopSec} cut the sessions' grace short,
         and a C{READY=1} after C{RELOADING=1} left C{systemctl reload}
@@ -115,42 +120,86 @@ class Notifier:
             L{retryOn}, or lost).  A failure is logged once, never raised:
             systemd being away must not take mailgate down.
         """
-        message = "\n".join(lines).encode("utf-8")
         if self._backlog:
-            self._keep(message)
+            self._keep(list(lines))
             return False
-        return self._send(message)
+        return self._send(list(lines))
 
-    def _send(self, message):
+    def _send(self, lines):
         try:
-            self._socket.sendto(message, self.address)
+            self._socket.sendto("\n".join(lines).encode("utf-8"), self.address)
         except BlockingIOError as e:
             if self._clock is None:
                 self._warn(e)
             else:
-                self._keep(message)
+                self._keep(lines)
             return False
         except OSError as e:
             self._warn(e)
             return False
         return True
 
-    def _keep(self, message):
-        if message in self._backlog and message == b"WATCHDOG=1":
-            # One ping waiting says as much as several.
-            return
-        if len(self._backlog) >= BACKLOG_MAX:
-            self._warn(BlockingIOError("systemd's socket has had no room for too long"))
-            return
-        self._backlog.append(message)
+    def _keep(self, lines):
+        """
+        Keep C{lines} to be sent after what waits already, never losing a
+        state change however long systemd reads nothing (a cap of 64 kept
+        lost the READY=1 or STOPPING=1 behind a minute of STATUS=): a line
+        that replaces the one before (L{REPLACED}, C{WATCHDOG=1}) takes
+        that one's place out of what waits, every other line (C{READY=1},
+        C{STOPPING=1}, C{MAINPID=}, C{ERRNO=}...) waits in order, and a
+        reload's C{READY=1} ends the reloads waiting since the last
+        C{READY=1} (L{_endReloads}).  What waits is so at most one datagram
+        per distinct state change, and one line of each kind that
+        replaces: a few datagrams, not one per notification.
+        """
+        replaced = {_replaces(line) for line in lines} - {None}
+        backlog = []
+        for datagram in self._backlog:
+            datagram = [line for line in datagram if _replaces(line) not in replaced]
+            if datagram:
+                backlog.append(datagram)
+        lines = self._endReloads(backlog, lines)
+        if backlog and not _changes(lines) and not _changes(backlog[-1]):
+            # A status or a ping after another: one datagram.
+            backlog[-1] = backlog[-1] + lines
+        else:
+            backlog.append(lines)
+        self._backlog = backlog
         if self._retry is None:
             self._retry = self._clock.callLater(RETRY_EVERY, self._sendKept)
+
+    @staticmethod
+    def _endReloads(backlog, lines):
+        """
+        Reloads while systemd reads nothing come as RELOADING=1, READY=1,
+        RELOADING=1, READY=1...: when C{lines} repeat a state change that
+        waits with only reloads after it, the cycle it closes is taken out
+        of C{backlog} (its waiting statuses go with C{lines}).  systemd is
+        left where the whole cycle would have left it: a unit starting,
+        running or reloading is running after a READY=1 (sd_notify(3);
+        under Type=notify-reload, a READY=1 ends the reload systemd asked
+        for with or without the RELOADING=1 before it).
+
+        @return: C{lines}, with the replacing lines of the cycle taken out.
+        """
+        state = _changes(lines)
+        if not state or any(line.split("=", 1)[0] not in RELOAD_CYCLE for line in state):
+            return lines
+        for i in range(len(backlog) - 1, -1, -1):
+            waiting = _changes(backlog[i])
+            if any(line.split("=", 1)[0] not in RELOAD_CYCLE for line in waiting):
+                return lines
+            if waiting == state:
+                carried = [line for datagram in backlog[i:] for line in datagram if _replaces(line)]
+                del backlog[i:]
+                return lines + carried
+        return lines
 
     def _sendKept(self):
         self._retry = None
         backlog, self._backlog = self._backlog, []
-        for i, message in enumerate(backlog):
-            if not self._send(message) and self._backlog:
+        for i, lines in enumerate(backlog):
+            if not self._send(lines) and self._backlog:
                 # No room yet: that one kept again, the rest after it.
                 self._backlog.extend(backlog[i + 1:])
                 return
@@ -170,6 +219,27 @@ class Notifier:
             self._retry.cancel()
             self._retry = None
         self._socket.close()
+
+
+def _replaces(line):
+    """
+    The kind of notification C{line} replaces the one before of
+    (L{REPLACED}, C{WATCHDOG=1}), or C{None}: a state change.
+    """
+    key = line.split("=", 1)[0]
+    if key in REPLACED or line == "WATCHDOG=1":
+        return key
+    return None
+
+
+def _changes(lines):
+    """
+    The state changes among C{lines}, to compare with another datagram's:
+    a C{MONOTONIC_USEC=} stamp as one, whatever its time.
+    """
+    return [
+        "MONOTONIC_USEC" if line.startswith("MONOTONIC_USEC=") else line for line in lines if _replaces(line) is None
+    ]
 
 
 def watchdogInterval(environ=None, pid=None):
