@@ -4,7 +4,9 @@ however they end.  A real C{twistd mailgate} (SQLite file) with POP3, POP3S,
 SMTP, LMTP and metrics listeners on 127.0.0.1 serves a few sessions of each
 way a session can end (QUIT, the client's close or reset before the greeting
 is read, mid-SASL, mid-RETR, mid-DATA, mid-BDAT, in a TLS handshake, an HTTP
-line); then its open descriptors and threads are back to the baseline taken
+line), and over LMTP on a Unix socket (as Postfix delivers) and POP3 on
+C{::1} (a reset mid-RETR, a connection refused as one /64's one too many);
+then its open descriptors and threads are back to the baseline taken
 after a warm-up (give or take the metrics request's own connection), the
 connection and maildrop-lock gauges are back to 0, and the user whose
 sessions were cut off logs in at once.
@@ -15,6 +17,7 @@ is not a load test); every wait is bounded by L{e2e.DEADLINE}.
 
 import itertools
 import os
+import re
 import socket
 import ssl
 import struct
@@ -23,6 +26,7 @@ import urllib.request
 
 from certs import makeCertificate
 from e2e import DEADLINE, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401 (fixtures)
+from test_e2e_ipv6 import ON_IPV6_LOOPBACK, _hasIPv6Loopback
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"
@@ -54,6 +58,25 @@ class Client:
         sock.connect(("127.0.0.1", self.server.portOf(name)))
         return sock
 
+    def connectUnix(self):
+        """
+        A connection to the LMTP listener on a Unix socket.
+        """
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(DEADLINE)
+        sock.connect(next(p for p in self.server.ports["LMTP"] if isinstance(p, str)))
+        return sock
+
+    def connect6(self):
+        """
+        A connection from C{::1} to the POP3 listener on C{::1}.
+        """
+        port = re.search(r"\bPOP3 listening on \[::1\]:(\d+) \(", self.server.stdout).group(1)
+        sock = socket.socket(socket.AF_INET6)
+        sock.settimeout(DEADLINE)
+        sock.connect(("::1", int(port)))
+        return sock
+
 
 def readLine(sock):
     data = b""
@@ -79,14 +102,18 @@ def untilClosed(sock):
     sock.close()
 
 
-def popLogin(client):
+def popLogin(client, served=None):
     """
-    A POP3 session logged in as alice.  Her maildrop lock is released as the
-    server sees the previous session's end, a moment after the client closed
-    it: C{[IN-USE]} is tried again, a bounded number of times.
+    A POP3 session logged in as alice (on a connection C{served()} returns,
+    its greeting read).  Her maildrop lock is released as the server sees
+    the previous session's end, a moment after the client closed it:
+    C{[IN-USE]} is tried again, a bounded number of times.
     """
-    sock = client.connect("POP3")
-    readLine(sock)
+    if served:
+        sock = served()
+    else:
+        sock = client.connect("POP3")
+        readLine(sock)
     for _ in range(int(DEADLINE / 0.02)):
         sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
         readLine(sock)
@@ -171,6 +198,54 @@ def resetMidLMTPDATA(client):
     reset(sock)
 
 
+def resetMidUnixLMTPDATA(client):
+    """
+    Postfix's LMTP client gone in a big message's DATA, its replies unread
+    (a Unix socket's close with unread data is its peer's ECONNRESET).
+    """
+    sock = client.connectUnix()
+    readLine(sock)
+    sock.sendall(f"LHLO client.test\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+    sock.sendall(b"Subject: cut\r\n\r\n" + MESSAGE * 3)
+    sock.close()
+
+
+def servedOverIPv6(client):
+    """
+    A connection from C{::1}, served (C{--max-connections-per-ip 1}): the
+    previous one from there ends as the server sees it, so a refused one is
+    tried again, a bounded number of times.  Its greeting is read.
+    """
+    for _ in range(int(DEADLINE / 0.02)):
+        sock = client.connect6()
+        if readLine(sock).startswith(b"+OK"):
+            return sock
+        untilClosed(sock)
+        time.sleep(0.02)
+    raise AssertionError("::1's connection count stayed at the limit")
+
+
+def resetMidRETROverIPv6(client):
+    sock = popLogin(client, lambda: servedOverIPv6(client))
+    sock.sendall(b"RETR 1\r\n")
+    sock.recv(4096)
+    reset(sock)
+
+
+def refusedOverIPv6(client):
+    """
+    A connection from C{::1} refused as its /64's one too many
+    (C{--max-connections-per-ip 1}), beside one held from there.
+    """
+    first = servedOverIPv6(client)
+    second = client.connect6()
+    assert readLine(second).startswith(b"-ERR [SYS/TEMP]"), "a second connection from ::1 was served"
+    untilClosed(second)
+    first.sendall(b"QUIT\r\n")
+    readLine(first)
+    untilClosed(first)
+
+
 def resetMidBDAT(client):
     sock = smtpStarted(client)
     sock.sendall(b"BDAT 100000\r\n" + b"z" * 30000)
@@ -225,8 +300,9 @@ def httpLine(client):
 ENDINGS = [
     quitWithoutLogin, quitLoggedIn, closedBeforeTheGreeting, resetBeforeTheGreeting, closedMidSASL,
     resetMidRETR, closedMidRETR, closedMidDATA, resetMidLMTPDATA, resetMidBDAT, goneInTheSTLSHandshake,
-    goneInTheSTARTTLSHandshake, failedPOP3SHandshake, quitOverPOP3S, httpLine,
+    goneInTheSTARTTLSHandshake, failedPOP3SHandshake, quitOverPOP3S, httpLine, resetMidUnixLMTPDATA,
 ]
+IPV6_ENDINGS = [resetMidRETROverIPv6, refusedOverIPv6] if _hasIPv6Loopback() else []
 
 
 def gauges(server):
@@ -273,16 +349,19 @@ def test_everyWayASessionEndsGivesBackWhatItTook(mailgate_server, mailgate_cli, 
     mailgate_cli.deliver(ALICE, MESSAGE)
     server = mailgate_server(
         "--tls-cert", str(certificatePath), "--tls-key", str(keyPath), "--pop3s", LOOPBACK_TCP,
-        "--smtp", LOOPBACK_TCP, "--lmtp", LOOPBACK_TCP, "--metrics", LOOPBACK_TCP,
+        "--smtp", LOOPBACK_TCP, "--lmtp", LOOPBACK_TCP, "--lmtp", f"unix:{tmp_path / 'lmtp'}", "--metrics",
+        LOOPBACK_TCP, *(["--pop3", ON_IPV6_LOOPBACK] if IPV6_ENDINGS else []),
         "--domain", "example.org", "--auth-failure-delay", "0",
+        # Limited per address, as no client from 127.0.0.x is twice at once.
+        "--exempt-network", "none", "--max-connections-per-ip", "1",
     )
     client = Client(server, certificatePath)
-    for ending in ENDINGS:
+    for ending in ENDINGS + IPV6_ENDINGS:
         ending(client)
     settled(server)
     baseline = held(server)
 
-    for ending in ENDINGS:
+    for ending in ENDINGS + IPV6_ENDINGS:
         for _ in range(SESSIONS):
             ending(client)
     settled(server)
