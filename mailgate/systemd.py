@@ -47,9 +47,6 @@ RETRY_EVERY = 0.1
 #: the lines that replace the one before (sd_notify(3)): of these, only the
 #: latest waiting to be sent is worth sending
 REPLACED = frozenset({"STATUS", "EXTEND_TIMEOUT_USEC", "WATCHDOG_USEC"})
-#: the state changes one reload sends (RELOADING=1 with MONOTONIC_USEC=, then
-#: READY=1), which may repeat without end while systemd reads nothing
-RELOAD_CYCLE = frozenset({"READY", "RELOADING", "MONOTONIC_USEC"})
 #: seconds between two attempts to reach the database before C{READY=1}
 READY_RETRY = 1.0
 #: the largest EXTEND_TIMEOUT_USEC= systemd reads: its infinity (USEC_INFINITY)
@@ -147,8 +144,8 @@ class Notifier:
         that replaces the one before (L{REPLACED}, C{WATCHDOG=1}) takes
         that one's place out of what waits, every other line (C{READY=1},
         C{STOPPING=1}, C{MAINPID=}, C{ERRNO=}...) waits in order, and a
-        reload's C{READY=1} ends the reloads waiting since the last
-        C{READY=1} (L{_endReloads}).  What waits is so at most one datagram
+        reload's C{RELOADING=1} takes out the whole reloads waiting before
+        it (L{_endReloads}).  What waits is so at most one datagram
         per distinct state change, and one line of each kind that
         replaces: a few datagrams, not one per notification.
         """
@@ -172,28 +169,38 @@ class Notifier:
     def _endReloads(backlog, lines):
         """
         Reloads while systemd reads nothing come as RELOADING=1, READY=1,
-        RELOADING=1, READY=1...: when C{lines} repeat a state change that
-        waits with only reloads after it, the cycle it closes is taken out
-        of C{backlog} (its waiting statuses go with C{lines}).  systemd is
-        left where the whole cycle would have left it: a unit starting,
-        running or reloading is running after a READY=1 (sd_notify(3);
-        under Type=notify-reload, a READY=1 ends the reload systemd asked
-        for with or without the RELOADING=1 before it).
+        RELOADING=1, READY=1...: when C{lines} begin another reload
+        (C{RELOADING=1}), the reloads waiting whole (a C{RELOADING=1} and
+        the C{READY=1} that ended it) since the last other state change are
+        taken out of C{backlog}, their waiting statuses going with C{lines}.
+        The newest reload's C{RELOADING=1} and C{READY=1} are always sent:
+        under Type=notify-reload systemd ends the reload it asked for (by a
+        SIGHUP) only at a C{READY=1} after a C{RELOADING=1} stamped no
+        earlier than its signal, and the newest stamp is the latest.  The
+        C{READY=1} that ended the start is never taken out.
 
-        @return: C{lines}, with the replacing lines of the cycle taken out.
+        @return: C{lines}, with the replacing lines of the reloads taken out.
         """
-        state = _changes(lines)
-        if not state or any(line.split("=", 1)[0] not in RELOAD_CYCLE for line in state):
+        if "RELOADING=1" not in lines:
             return lines
-        for i in range(len(backlog) - 1, -1, -1):
-            waiting = _changes(backlog[i])
-            if any(line.split("=", 1)[0] not in RELOAD_CYCLE for line in waiting):
-                return lines
-            if waiting == state:
-                carried = [line for datagram in backlog[i:] for line in datagram if _replaces(line)]
-                del backlog[i:]
-                return lines + carried
-        return lines
+        cut = i = len(backlog)
+        expected = ["READY=1"]
+        while i > 0:
+            changes = _changes(backlog[i - 1])
+            if not changes:
+                i -= 1
+            elif changes == expected == ["READY=1"]:
+                expected = ["RELOADING=1", "MONOTONIC_USEC"]
+                i -= 1
+            elif changes == expected:
+                expected = ["READY=1"]
+                i -= 1
+                cut = i
+            else:
+                break
+        carried = [line for datagram in backlog[cut:] for line in datagram if _replaces(line)]
+        del backlog[cut:]
+        return lines + carried
 
     def _sendKept(self):
         self._retry = None

@@ -114,9 +114,9 @@ def test_stoppingAndItsExtensionArriveAfterTheReady(notifySocket):
 def test_manyReloadsWhileStalledEndReady(notifySocket):
     """
     SIGHUPs while systemd is stalled: each reload is RELOADING=1 then
-    READY=1.  What waits stays small however many there are, and systemd
-    is left ready (the last state sent), with the READY=1 that started the
-    service and the STOPPING=1 after the reloads in their place.
+    READY=1.  What waits stays small however many there are: the READY=1
+    that started the service, the last reload whole, and the STOPPING=1
+    after the reloads, in their places.
     """
     notifier, clock, senders = stalled(notifySocket)
     notifier.notify("READY=1", "STATUS=serving: 0 sessions")
@@ -126,8 +126,11 @@ def test_manyReloadsWhileStalledEndReady(notifySocket):
     assert len(notifier._backlog) <= 3
     notifier.notify("STOPPING=1", "STATUS=stopping: 0 sessions")
     received = drain(notifySocket, notifier, clock, senders)
-    states = stateLines(received)
-    assert states[0] == "READY=1" and states[-2:] == ["READY=1", "STOPPING=1"], states
+    # The last reload is told whole, with its own stamp: systemd ends a
+    # reload it asked for (SIGHUP, Type=notify-reload) only at a READY=1
+    # after a RELOADING=1 stamped no earlier than its signal.
+    assert stateLines(received) == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], received
+    assert "MONOTONIC_USEC=1499" in [line for datagram in received for line in datagram], received
     assert len(received) <= 4, received
     assert lastOf("STATUS", received) == "STATUS=stopping: 0 sessions"
 
