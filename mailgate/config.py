@@ -31,6 +31,7 @@ import ipaddress
 import json
 import math
 import os
+import pwd
 import re
 import socket
 import stat
@@ -1884,17 +1885,40 @@ def _linkChain(path):
     return names
 
 
+#: What whoever may change the configuration file may do.
+_REPLACED = "and so the database, listeners and certificates the server uses at its next start or reload chosen"
+
+
+def _pathDirectories(path):
+    """
+    Every directory whose replacement changes the file C{path} names: the
+    directory of the name given, of each symbolic link it leads through and
+    of the file at the end (L{_linkChain}), in that order, then each of
+    their parents up to C{/}.  A user who may rename an entry of any of
+    them may put a directory of their own in its place, with a file of
+    their own below: OpenSSH's C{StrictModes} walks the same way
+    (C{safe_path} in its C{misc.c}).
+    """
+    near = [os.path.dirname(name) for name in _linkChain(path)]
+    above = []
+    for directory in near:
+        while directory != os.path.dirname(directory):
+            directory = os.path.dirname(directory)
+            above.append(directory)
+    return list(dict.fromkeys(near + above))
+
+
 def writableByOthers(path):
     """
     What to warn of, if anything, in who may change the configuration file
     at C{path}: every user of the machine may write it, or replace it in a
     directory they may write (without the sticky bit, which keeps them to
-    their own files).  Whoever may chooses the server's database (one of
-    their own takes every message and login), listeners and certificates
-    at its next start or reload.  Warned of, not refused, as the file's
-    other permissions are.
+    their own files), be it the file's directory or one above it
+    (L{_pathDirectories}).  Whoever may chooses the server's database (one
+    of their own takes every message and login), listeners and
+    certificates at its next start or reload.  Warned of, not refused, as
+    the file's other permissions are.
     """
-    consequence = "and so the database, listeners and certificates the server uses at its next start or reload chosen"
     try:
         found = os.stat(path)
     except OSError:
@@ -1906,21 +1930,88 @@ def writableByOthers(path):
     if mode & stat.S_IWOTH:
         return (
             f"the configuration file {path} may be written by every user of this machine (mode {mode:04o}), "
-            f"{consequence}: chmod o-w it"
+            f"{_REPLACED}: chmod o-w it"
         )
-    # The directory of the name given and, for a symbolic link, of each
-    # link it leads through and of the file at the end: any of them
-    # replaced, the file read is another.
-    for directory in dict.fromkeys(os.path.dirname(name) for name in _linkChain(path)):
+    near = {os.path.dirname(name) for name in _linkChain(path)}
+    for directory in _pathDirectories(path):
         try:
             directoryMode = os.stat(directory).st_mode
         except OSError:
             continue
         if directoryMode & stat.S_IWOTH and not directoryMode & stat.S_ISVTX:
+            where = "of" if directory in near else "above"
             return (
-                f"the directory {directory} of the configuration file {path} may be written by every user of this "
-                f"machine (mode {stat.S_IMODE(directoryMode):04o}), who may replace the file, {consequence}: "
+                f"the directory {directory} {where} the configuration file {path} may be written by every user of "
+                f"this machine (mode {stat.S_IMODE(directoryMode):04o}), who may replace the file, {_REPLACED}: "
                 f"chmod o-w {directory}"
+            )
+    return None
+
+
+def _ownerName(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _notTrusted():
+    """
+    Whom an owner is not, said of it: root, and the user this process runs as.
+    """
+    return "not root" if os.geteuid() == 0 else f"neither root nor {_ownerName(os.geteuid())}"
+
+
+def ownedByOthers(path):
+    """
+    What to warn of, if anything, in who owns the configuration file at
+    C{path} and the directories its replacement goes through
+    (L{_pathDirectories}): a user neither root nor the one this process
+    runs as.  The owner of the file may rewrite it, the owner of a
+    directory rename what it holds (and chmod either at will), whatever
+    their modes say, and so choose what the server serves, as a file every
+    user may write (L{writableByOthers}).  A symbolic link on the way
+    counts where its directory has the sticky bit (/tmp), which leaves
+    its owner the one who may replace it.  The first found is named.
+    """
+    trusted = {0, os.geteuid()}
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    if _isNullDevice(found):
+        return None
+    if found.st_uid not in trusted:
+        return (
+            f"the configuration file {path} is owned by {_ownerName(found.st_uid)}, {_notTrusted()}, who may "
+            f"rewrite it, {_REPLACED}: chown root it"
+        )
+    chain = _linkChain(path)
+    for name in chain[:-1]:
+        try:
+            link, directoryMode = os.lstat(name), os.stat(os.path.dirname(name)).st_mode
+        except OSError:
+            continue
+        if stat.S_ISLNK(link.st_mode) and directoryMode & stat.S_ISVTX and link.st_uid not in trusted:
+            subject = (
+                f"the configuration file {path}, a symbolic link" if name == chain[0]
+                else f"the symbolic link {name} to the configuration file {path}"
+            )
+            return (
+                f"{subject} in a directory with the sticky bit, is owned by {_ownerName(link.st_uid)}, "
+                f"{_notTrusted()}, who may replace it, {_REPLACED}: chown -h root {name}"
+            )
+    near = {os.path.dirname(name) for name in chain}
+    for directory in _pathDirectories(path):
+        try:
+            owner = os.stat(directory).st_uid
+        except OSError:
+            continue
+        if owner not in trusted:
+            where = "of" if directory in near else "above"
+            return (
+                f"the directory {directory} {where} the configuration file {path} is owned by {_ownerName(owner)}, "
+                f"{_notTrusted()}, who may replace the file, {_REPLACED}: chown root {directory}"
             )
     return None
 

@@ -763,14 +763,15 @@ def configFileWarning(path):
     leaves it, it hands them the database, every message and password
     hash in it.  Left as it is, but said at every start, as of a TLS key.
     So is a file every user may write or replace
-    (L{mailgate.config.writableByOthers}).
+    (L{mailgate.config.writableByOthers}), or another user owns
+    (L{mailgate.config.ownedByOthers}).
     """
     try:
         database = configuration.readFile(path).get("database")
         permissions = stat.S_IMODE(os.stat(path).st_mode)
     except (ConfigurationError, OSError):
         return None
-    warnings = [configuration.writableByOthers(path)]
+    warnings = [configuration.writableByOthers(path), configuration.ownedByOthers(path)]
     if database is not None and hasPassword(database) and permissions & 0o004:
         warnings.insert(0, (
             f"the configuration file {path} holds the database's password, and every user of this "
