@@ -1,0 +1,229 @@
+"""
+What a reload (SIGHUP, C{systemctl reload}) does with each kind of setting
+of the configuration file, on one real C{twistd -n mailgate --config FILE}:
+a changed setting is either applied to new sessions (C{config.reloaded}
+names it) or named as waiting for a restart (C{config.restart_needed}, a
+changed database C{config.database_refused}), and a new session then sees
+what the log said, never the file's value while the log is silent.
+
+The in-process tests of L{mailgate.service} (tests/test_service.py) change
+one or two settings at a time; this one changes a setting of every kind at
+once (limits, timeouts, policy and ban settings, networks, listeners added,
+the metrics listener, log format, retention and quota, host name and
+greeting, the database, OAuth, TLS ticket keys), then applies a traced
+network, another certificate and TLS version, then puts the file back.  Every wait is bounded (L{e2e.DEADLINE}).
+"""
+
+import json
+import poplib
+import signal
+import smtplib
+import socket
+import ssl
+
+import pytest
+from certs import makeCertificate
+
+from tests.e2e import DEADLINE, TWISTD, ServerProcess, waitFor
+
+ORIGINAL = """\
+database = "sqlite:///{tmp}/mail.sqlite3"
+pop3 = ["tcp:0:interface=127.0.0.1"]
+pop3s = ["tcp:0:interface=127.0.0.1"]
+tls-cert = "{tmp}/first.test.crt"
+tls-key = "{tmp}/first.test.key"
+smtp = ["tcp:0:interface=127.0.0.1"]
+hostname = "one.test"
+domain = ["one.test"]
+postmaster = "postmaster@one.test"
+log-format = "json"
+greeting = "first greeting"
+max-message-size = "1M"
+"""
+
+#: one setting of each kind, each another value than ORIGINAL's (or the
+#: default), none of which a running server applies
+RESTART_ONLY = {
+    "database": '"sqlite:///{tmp}/other.sqlite3"',
+    "lmtp": '["tcp:0:interface=127.0.0.1"]',
+    "metrics": '"tcp:0:interface=127.0.0.1"',
+    "hostname": '"two.test"',
+    "greeting": '"second greeting"',
+    "max-message-size": '"2M"',
+    "max-recipients": "7",
+    "min-data-rate": "0",
+    "idle-timeout": "900",
+    "login-timeout": "60",
+    "ban-after": "3",
+    "ban-time": "60",
+    "exempt-network": '["192.0.2.0/24"]',
+    "smtp-cleartext-network": '["192.0.2.0/24"]',
+    "trusted-network": '["192.0.2.0/24"]',
+    "proxy-network": '["192.0.2.0/24"]',
+    "default-quota": '"1G"',
+    "expire-days": "30",
+    "keep-deleted-days": "3",
+    "oauth2-clock-skew": "120",
+    "auth-cache-ttl": "10",
+    "max-connections": "50",
+    "log-format": '"text"',
+    "shutdown-grace": "5",
+    "tls-ticket-key-rotation": "60",
+}
+
+#: settings a running server applies to new sessions, with another value
+LIVE = {
+    "debug-peer": '["127.0.0.0/8"]',
+    "tls-cert": '"{tmp}/second.test.crt"',
+    "tls-key": '"{tmp}/second.test.key"',
+    "tls-min-version": '"1.3"',
+}
+
+
+class ConfiguredServer(ServerProcess):
+    """
+    A server whose every setting comes from its configuration file: no
+    option of the command line overrides a key of it.
+    """
+
+    def __init__(self, configPath, cwd):
+        super().__init__(None, cwd=cwd, expect={"POP3": 1, "POP3S": 1, "SMTP": 1})
+        self.configPath = configPath
+
+    @property
+    def argv(self):
+        return [TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(self.configPath)]
+
+    def events(self, name):
+        found = []
+        for line in self.stdout.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+        return found
+
+    def reload(self):
+        """
+        SIGHUP, and wait for the reload's C{config.reloaded} line (or its
+        C{config.reload_failed}).
+        """
+        before = len(self.events("config.reloaded")) + len(self.events("config.reload_failed"))
+        self.process.send_signal(signal.SIGHUP)
+        waitFor(
+            lambda: len(self.events("config.reloaded")) + len(self.events("config.reload_failed")) > before,
+            what=f"the reload's config.reloaded line\n{self.log()}",
+        )
+        [reloaded] = self.events("config.reloaded")[before:] or [None]
+        return reloaded
+
+
+def greeting(server):
+    client = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    try:
+        return client.getwelcome().decode()
+    finally:
+        client.quit()
+
+
+def ehlo(server):
+    client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
+    try:
+        code, text = client.ehlo("client.test")
+        assert code == 250
+        return text.decode().splitlines()[0].split()[0], client.esmtp_features.get("size")
+    finally:
+        client.quit()
+
+
+def pop3sCertificate(server, maximum=ssl.TLSVersion.TLSv1_3):
+    """
+    The subject CN of the certificate a new POP3S session is given, by a
+    client that speaks at most C{maximum}.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = maximum
+    with socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE) as raw:
+        with context.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    [cn] = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return cn.value
+
+
+def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
+    """
+    A file changing a setting of every kind the running server does not
+    apply: one C{config.restart_needed} line names each of them (the
+    database its own C{config.database_refused}), nothing is said applied,
+    and new POP3 and SMTP sessions keep the host name, greeting and size of
+    the start (its certificate too), the log its JSON format.  A traced
+    network, another certificate and tls-min-version then are applied at
+    once (new sessions traced, given the new certificate, refused TLS 1.2)
+    while the others still wait; the file put back, the reload applies the
+    start's values again and has nothing waiting for a restart.
+    """
+    makeCertificate(tmp_path, "first.test")
+    makeCertificate(tmp_path, "second.test")
+    path = tmp_path / "mailgate.toml"
+    original = ORIGINAL.format(tmp=tmp_path)
+    path.write_text(original)
+    server = ConfiguredServer(path, tmp_path)
+    try:
+        server.start()
+        assert greeting(server).startswith("+OK first greeting")
+        assert ehlo(server) == ("one.test", "1048576")
+        assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
+
+        changed = "".join(
+            line for line in original.splitlines(keepends=True) if line.split(" =")[0] not in RESTART_ONLY
+        )
+        changed += "".join(f"{name} = {value.format(tmp=tmp_path)}\n" for name, value in RESTART_ONLY.items())
+        path.write_text(changed)
+        reloaded = server.reload()
+        assert reloaded is not None, server.log()
+        assert reloaded["applied"] == []
+        [later] = server.events("config.restart_needed")
+        assert sorted(later["settings"]) == sorted(set(RESTART_ONLY) - {"database"})
+        [refused] = server.events("config.database_refused")
+        assert "other.sqlite3" in refused["new"]
+        # New sessions see what the server said it serves: the start's.
+        assert greeting(server).startswith("+OK first greeting")
+        assert ehlo(server) == ("one.test", "1048576")
+        assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
+        # Still JSON (log-format waits for the restart too), and no
+        # listener was added.
+        assert all(line.startswith("{") for line in server.stdout.splitlines())
+        assert "LMTP listening" not in server.stdout and "METRICS listening" not in server.stdout
+
+        live = "".join(
+            line for line in changed.splitlines(keepends=True) if line.split(" =")[0] not in LIVE
+        )
+        live += "".join(f"{name} = {value.format(tmp=tmp_path)}\n" for name, value in LIVE.items())
+        path.write_text(live)
+        reloaded = server.reload()
+        assert sorted(reloaded["applied"]) == sorted(LIVE)
+        # New sessions get the new certificate, and only over TLS 1.3.
+        assert pop3sCertificate(server) == "second.test"
+        with pytest.raises(ssl.SSLError):
+            pop3sCertificate(server, ssl.TLSVersion.TLSv1_2)
+        assert len(server.events("config.restart_needed")) == 2
+        assert sorted(server.events("config.restart_needed")[-1]["settings"]) == sorted(later["settings"])
+        traced = len(server.events("session.trace"))
+        assert greeting(server).startswith("+OK first greeting")
+        waitFor(lambda: len(server.events("session.trace")) > traced, what="a new session traced")
+
+        path.write_text(original)
+        reloaded = server.reload()
+        assert sorted(reloaded["applied"]) == sorted(LIVE)
+        assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
+        assert len(server.events("config.restart_needed")) == 2
+        assert len(server.events("config.database_refused")) == 2
+    finally:
+        server.stop()
