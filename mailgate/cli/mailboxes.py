@@ -315,6 +315,9 @@ def _mailboxExport(store, args, out, stdin):
             f"exported {counted(report.messages, 'message')} ({counted(report.octets, 'octet')}) "
             f"of {address} to {_shown(directory)}\n"
         )
+        leftBehind = _notExported(store, address)
+        if leftBehind:
+            args.stderr.write(f"mailgate: {_shown(f'{address}: not in the export: ' + '; '.join(leftBehind))}\n")
     if failedUsers:
         raise CommandError(f"{counted(failedUsers, 'user')} could not be exported (named above)", EX_CANTCREAT)
     if failedMessages:
@@ -323,6 +326,28 @@ def _mailboxExport(store, args, out, stdin):
             "failed); export again into a new directory for a complete copy",
             EX_TEMPFAIL,
         )
+
+
+def _notExported(store, address):
+    """
+    What a Maildir cannot carry of a user's and the export leaves behind,
+    each said rather than dropped unseen: the deleted messages kept for
+    recovery (a Maildir has live messages only; Dovecot's
+    C{pop3_deleted_flag} keyword would hide them for good, not keep them
+    restorable) and the user's own quota (an account's setting, not the
+    mailbox's).
+    """
+    said = []
+    kept = sum(1 for _ in _forUser(address, store.listDeleted(address, page=LISTING_PAGE)))
+    if kept:
+        said.append(
+            f"{counted(kept, 'deleted message')} kept for recovery (mailbox restore {address} before exporting "
+            "takes them along)"
+        )
+    status = _forUser(address, store.quotaOf(address))
+    if status is not None and (status.ownOctets is not None or status.ownMessages is not None):
+        said.append(f"its own quota (user quota {address} ... on the new server)")
+    return said
 
 
 def _mailboxShow(store, args, out, stdin):
