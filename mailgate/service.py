@@ -84,6 +84,20 @@ TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
 #: configuration file changes them (and TLS_SETTINGS while TLS stays on;
 #: the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
+#: the settings a SIGHUP applies to sessions opened after it, as Dovecot's
+#: reload does: each a factory attribute the factory copies into every
+#: session it builds (or a POP3 session reads once, at its greeting), so
+#: a session under way keeps the values it began with.  The setting's
+#: name: the factories it is set on, and their attribute.  Not hostname:
+#: SMTP sessions read it at every reply, and the SASL server and the
+#: node's registry took it at start.
+SESSION_SETTINGS = {
+    "greeting": (POP3Factory, "greeting"),
+    "idle-timeout": (POP3Factory, "idleTimeout"),
+    "login-timeout": (POP3Factory, "loginTimeout"),
+    "max-message-size": (SMTPFactory, "maxMessageSize"),
+    "max-recipients": (SMTPFactory, "maxRecipients"),
+}
 
 
 #: why a listener could not start that trying again cannot cure: the
@@ -464,7 +478,8 @@ class MailgateService(MultiService):
         """
         Read the configuration again (L{configSource}: the file, under the
         same command line and environment) and apply what can change while
-        sessions run (L{LIVE_SETTINGS}: which clients are traced; and the
+        sessions run (L{LIVE_SETTINGS}: which clients are traced;
+        L{SESSION_SETTINGS}, for sessions opened after it; and the
         TLS settings, L{TLS_SETTINGS}, where TLS was on and stays on, as
         Dovecot's and Postfix's reloads take another certificate file); say
         which other settings changed, and take effect at the next restart.  A
@@ -495,7 +510,8 @@ class MailgateService(MultiService):
         # The TLS settings change at once while TLS stays on (the files and
         # settings newTLS loaded); TLS turned on or off changes listeners
         # and what STLS and STARTTLS offer: a restart's.
-        live = LIVE_SETTINGS | (TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset())
+        live = LIVE_SETTINGS | SESSION_SETTINGS.keys()
+        live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
         applied = [s.name for s in changed if s.name in live]
         later = [s.name for s in changed if s.name not in live and s.name != "database"]
         if new.database != self.config.database:
@@ -523,6 +539,10 @@ class MailgateService(MultiService):
             trace = traceSelection(self.config)
             for factory in self.sessionFactories:
                 factory.trace = trace
+                for s in changed:
+                    kind, attribute = SESSION_SETTINGS.get(s.name, (None, None))
+                    if kind is not None and isinstance(factory, kind):
+                        setattr(factory, attribute, getattr(new, s.attribute))
         if set(applied) & TLS_SETTINGS:
             self.tls.adopt(newTLS)
         self.log.info(

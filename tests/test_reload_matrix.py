@@ -48,12 +48,7 @@ RESTART_ONLY = {
     "lmtp": '["tcp:0:interface=127.0.0.1"]',
     "metrics": '"tcp:0:interface=127.0.0.1"',
     "hostname": '"two.test"',
-    "greeting": '"second greeting"',
-    "max-message-size": '"2M"',
-    "max-recipients": "7",
     "min-data-rate": "0",
-    "idle-timeout": "900",
-    "login-timeout": "60",
     "ban-after": "3",
     "ban-time": "60",
     "exempt-network": '["192.0.2.0/24"]',
@@ -69,6 +64,16 @@ RESTART_ONLY = {
     "log-format": '"text"',
     "shutdown-grace": "5",
     "tls-ticket-key-rotation": "60",
+}
+
+#: settings a reload applies to the sessions opened after it (a session
+#: under way keeps its own), with another value than ORIGINAL's
+SESSION = {
+    "greeting": '"second greeting"',
+    "max-message-size": '"2M"',
+    "max-recipients": "7",
+    "idle-timeout": "900",
+    "login-timeout": "60",
 }
 
 #: settings a running server applies to new sessions, with another value
@@ -159,11 +164,13 @@ def pop3sCertificate(server, maximum=ssl.TLSVersion.TLSv1_3):
 
 def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     """
-    A file changing a setting of every kind the running server does not
-    apply: one C{config.restart_needed} line names each of them (the
-    database its own C{config.database_refused}), nothing is said applied,
-    and new POP3 and SMTP sessions keep the host name, greeting and size of
-    the start (its certificate too), the log its JSON format.  A traced
+    A file changing a setting of every kind: one C{config.restart_needed}
+    line names each the running server does not apply (the database its
+    own C{config.database_refused}), and new POP3 and SMTP sessions keep
+    the host name of the start (its certificate too), the log its JSON
+    format; the greeting, the size, the recipients and the POP3 timeouts
+    are said applied, and new sessions get the new greeting and SIZE
+    while a POP3 and an SMTP session opened before keep the start's.  A traced
     network, another certificate and tls-min-version then are applied at
     once (new sessions traced, given the new certificate, refused TLS 1.2)
     while the others still wait; the file put back, the reload applies the
@@ -184,18 +191,35 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         changed = "".join(
             line for line in original.splitlines(keepends=True) if line.split(" =")[0] not in RESTART_ONLY
         )
-        changed += "".join(f"{name} = {value.format(tmp=tmp_path)}\n" for name, value in RESTART_ONLY.items())
+        changed = "".join(line for line in changed.splitlines(keepends=True) if line.split(" =")[0] not in SESSION)
+        changed += "".join(f"{name} = {value}\n" for name, value in {**RESTART_ONLY, **SESSION}.items())
+        changed = changed.format(tmp=tmp_path)
         path.write_text(changed)
-        reloaded = server.reload()
-        assert reloaded is not None, server.log()
-        assert reloaded["applied"] == []
+        # Sessions under way at the reload keep what they began with.
+        oldPOP3 = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+        oldSMTP = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
+        try:
+            assert oldSMTP.ehlo("client.test")[0] == 250
+            reloaded = server.reload()
+            assert reloaded is not None, server.log()
+            assert sorted(reloaded["applied"]) == sorted(SESSION)
+            # ... the greeting they got, the size limit in force.
+            assert oldPOP3.getwelcome().decode().startswith("+OK first greeting")
+            assert "UIDL" in oldPOP3.capa()
+            oldSMTP.ehlo("client.test")
+            assert oldSMTP.esmtp_features.get("size") == "1048576"
+            assert oldSMTP.mail("a@client.test", ["SIZE=1500000"])[0] == 552
+        finally:
+            oldPOP3.quit()
+            oldSMTP.quit()
         [later] = server.events("config.restart_needed")
         assert sorted(later["settings"]) == sorted(set(RESTART_ONLY) - {"database"})
         [refused] = server.events("config.database_refused")
         assert "other.sqlite3" in refused["new"]
-        # New sessions see what the server said it serves: the start's.
-        assert greeting(server).startswith("+OK first greeting")
-        assert ehlo(server) == ("one.test", "1048576")
+        # New sessions see what the server said it serves: the start's
+        # host name, the reload's greeting and size.
+        assert greeting(server).startswith("+OK second greeting")
+        assert ehlo(server) == ("one.test", "2097152")
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
         # Still JSON (log-format waits for the restart too), and no
         # listener was added.
@@ -216,13 +240,15 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         assert len(server.events("config.restart_needed")) == 2
         assert sorted(server.events("config.restart_needed")[-1]["settings"]) == sorted(later["settings"])
         traced = len(server.events("session.trace"))
-        assert greeting(server).startswith("+OK first greeting")
+        assert greeting(server).startswith("+OK second greeting")
         waitFor(lambda: len(server.events("session.trace")) > traced, what="a new session traced")
 
         path.write_text(original)
         reloaded = server.reload()
-        assert sorted(reloaded["applied"]) == sorted(LIVE)
+        assert sorted(reloaded["applied"]) == sorted({**LIVE, **SESSION})
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
+        assert greeting(server).startswith("+OK first greeting")
+        assert ehlo(server) == ("one.test", "1048576")
         assert len(server.events("config.restart_needed")) == 2
         assert len(server.events("config.database_refused")) == 2
     finally:
