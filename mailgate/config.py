@@ -2104,7 +2104,9 @@ EXAMPLE_HEADER = """\
 # expanded.
 #
 # systemctl reload (SIGHUP) reads this file again: debug-peer, debug-user
-# and, while TLS stays on, the tls-* settings apply at once; every other
+# and, while TLS stays on, the tls-* settings apply at once; greeting,
+# idle-timeout, login-timeout, max-message-size and max-recipients to the
+# sessions opened after it (those under way keep theirs); every other
 # change waits for a restart (systemctl restart mailgate), named in the
 # log (config.restart_needed) and by systemctl status until then.  A file
 # the server would refuse at start is refused by the reload too, and

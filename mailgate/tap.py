@@ -200,7 +200,9 @@ class Options(usage.Options):
         "Options given on the command line override it.  An unknown key, a "
         "wrong type or an invalid value stops start-up.  SIGHUP reads it "
         "again: debug-peer, debug-user and, while TLS stays on, the tls-* "
-        "settings apply at once, other changes at the next restart (a changed "
+        "settings apply at once, greeting, idle-timeout, login-timeout, "
+        "max-message-size and max-recipients to sessions opened after it, "
+        "other changes at the next restart (a changed "
         "database is refused, as an error).  Default: none."
     )
 
