@@ -190,3 +190,73 @@ def test_aFileInTheHomeOfTheUserTheServerRunsAsIsNotWarnedOf(tmp_path, monkeypat
         f"the configuration file {path} is owned by daemon, neither root nor nobody, who may rewrite it, "
         f"{REPLACED}: chown root it"
     )
+
+
+def warnedOpen(directory, path):
+    """
+    The warning of a directory every user may write that holds the
+    configuration file C{path} or a link on its way.
+    """
+    return (
+        f"mailgate: warning: the directory {directory} of the configuration file {path} may be written by every "
+        f"user of this machine (mode 0777), who may replace the file, {REPLACED}: chmod o-w {directory}\n"
+    )
+
+
+def test_aFileThroughALinkIntoADirectoryEveryoneMayWriteIsWarnedOf(tmp_path):
+    """
+    A configuration file given by a symbolic link (/etc/mailgate.toml to a
+    file kept elsewhere) whose file lies in a directory every user may
+    write, without the sticky bit: whoever may replace that file chooses
+    the server's database, as for a file given by its own name there
+    (18c7a8b).  Through the link it was not warned of: the link's
+    directory alone was looked at (6363a63).
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    etc.chmod(0o755)
+    link = etc / "mailgate.toml"
+    link.symlink_to(configIn(shared))
+    assert check(link) == warnedOpen(shared, link)
+
+
+def test_aLinkInBetweenInADirectoryEveryoneMayWriteIsWarnedOf(tmp_path):
+    """
+    A chain of symbolic links (/etc/mailgate.toml -> SHARED/current -> a
+    file kept elsewhere) is as open to replacement as its weakest
+    directory: a user who may write SHARED (no sticky bit) may replace the
+    link there and so choose the file read.  A link in between was not
+    looked at (69568cf).
+    """
+    [safe] = tree(tmp_path, 0o755)
+    configIn(safe)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    between = shared / "current"
+    # Relative, as such links often are.
+    between.symlink_to(f"../{safe.name}/mailgate.toml")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    etc.chmod(0o755)
+    link = etc / "mailgate.toml"
+    link.symlink_to(between)
+    assert check(link) == warnedOpen(shared, link)
+
+
+def test_aChainThroughSafeDirectoriesIsNotWarnedOf(tmp_path):
+    [safe] = tree(tmp_path, 0o755)
+    target = configIn(safe)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "current").symlink_to(target)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    etc.chmod(0o755)
+    link = etc / "mailgate.toml"
+    link.symlink_to(sticky / "current")
+    assert check(link) == ""

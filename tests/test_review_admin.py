@@ -311,38 +311,6 @@ def test_aBackupWithAWriteCutShortOnAReadOnlyMountIsNotReadHalfWritten(interrupt
     )
 
 
-def test_aConfigurationFileThroughALinkIntoADirectoryEveryoneMayWriteIsWarnedOf(tmp_path):
-    """
-    A configuration file given by a symbolic link (/etc/mailgate.toml to
-    a file kept elsewhere) whose file lies in a directory every user may
-    write, without the sticky bit: whoever may replace that file chooses
-    the server's database, as for a file given by its own name there
-    (18c7a8b), which is warned of.  Through the link it was not: the
-    link's directory alone was looked at.
-    """
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    target = shared / "mailgate.toml"
-    target.write_text('hostname = "mail.example.org"\n')
-    target.chmod(0o644)
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    etc.chmod(0o755)
-    link = etc / "mailgate.toml"
-    link.symlink_to(target)
-    done = subprocess.run(
-        [MAILGATE, "--config", str(link), "config", "--check"], capture_output=True, text=True,
-        timeout=DEADLINE, env=childEnvironment(),
-    )
-    assert (done.returncode, done.stdout) == (0, f"mailgate: {link}: configuration OK\n")
-    assert done.stderr == (
-        f"mailgate: warning: the directory {shared} of the configuration file {link} may be written by every user "
-        "of this machine (mode 0777), who may replace the file, and so the database, listeners and certificates "
-        f"the server uses at its next start or reload chosen: chmod o-w {shared}\n"
-    )
-
-
 @rootOnly
 @pytest.mark.usefixtures("cheapCommandHashes")
 def test_rootsDatabaseIsReadByAnotherUserWhereHeMayMakeItsSideFiles(request):
