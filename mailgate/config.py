@@ -1948,7 +1948,11 @@ def writableByOthers(path):
     return None
 
 
-def _ownerName(uid):
+def ownerName(uid):
+    """
+    The name of the user C{uid}, for a line that says whose a file is, or
+    C{uid N} where the system has no name for it.
+    """
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -1959,7 +1963,7 @@ def _notTrusted():
     """
     Whom an owner is not, said of it: root, and the user this process runs as.
     """
-    return "not root" if os.geteuid() == 0 else f"neither root nor {_ownerName(os.geteuid())}"
+    return "not root" if os.geteuid() == 0 else f"neither root nor {ownerName(os.geteuid())}"
 
 
 def ownedByOthers(path):
@@ -1983,7 +1987,7 @@ def ownedByOthers(path):
         return None
     if found.st_uid not in trusted:
         return (
-            f"the configuration file {path} is owned by {_ownerName(found.st_uid)}, {_notTrusted()}, who may "
+            f"the configuration file {path} is owned by {ownerName(found.st_uid)}, {_notTrusted()}, who may "
             f"rewrite it, {_REPLACED}: chown root it"
         )
     chain = _linkChain(path)
@@ -1998,7 +2002,7 @@ def ownedByOthers(path):
                 else f"the symbolic link {name} to the configuration file {path}"
             )
             return (
-                f"{subject} in a directory with the sticky bit, is owned by {_ownerName(link.st_uid)}, "
+                f"{subject} in a directory with the sticky bit, is owned by {ownerName(link.st_uid)}, "
                 f"{_notTrusted()}, who may replace it, {_REPLACED}: chown -h root {name}"
             )
     near = {os.path.dirname(name) for name in chain}
@@ -2010,7 +2014,7 @@ def ownedByOthers(path):
         if owner not in trusted:
             where = "of" if directory in near else "above"
             return (
-                f"the directory {directory} {where} the configuration file {path} is owned by {_ownerName(owner)}, "
+                f"the directory {directory} {where} the configuration file {path} is owned by {ownerName(owner)}, "
                 f"{_notTrusted()}, who may replace the file, {_REPLACED}: chown root {directory}"
             )
     return None

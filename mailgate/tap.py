@@ -455,7 +455,7 @@ def _makeTwistdService(options):
         except ConfigurationError as e:
             raise _stopped(e) from None
         if unreadable:
-            user = _userName(owner[0])
+            user = configuration.ownerName(owner[0])
             service.startupWarnings.append(("reload.unreadable", (
                 f"{user}, the user of twistd's --uid, may not read {', '.join(unreadable)}: the start "
                 f"read them as root, but a reload (SIGHUP, systemctl reload), made as {user}, cannot, "
@@ -705,7 +705,7 @@ def _checkUsable(service, config):
 
     @raise ConfigurationError: what the user cannot do, and why.
     """
-    user = _userName(os.geteuid())
+    user = configuration.ownerName(os.geteuid())
     try:
         checkedSpoolDirectory(config)
         engine = getattr(service.store, "engine", None)
@@ -748,13 +748,6 @@ def unreadableForReload(config, configPath=None):
         except OSError:
             unreadable.append(f"--{name} {path}")
     return unreadable
-
-
-def _userName(uid):
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def configFileWarning(path):
