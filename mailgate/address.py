@@ -5,9 +5,15 @@ Mailbox addresses: the one place that decides what a user name looks like.
 Users are addressed as C{local@domain}.  Addresses are compared without regard
 to case, the way Dovecot's C{auth_username_format = %Lu} and practically every
 mail system does, so they are stored lower-cased.
+
+A local part may be written in UTF-8 (RFC 6531 and 6532: C{jörg@example.com}),
+as Dovecot takes UTF-8 user names; see L{normalizeAddress} for what such a
+local part may hold and the one form it is stored in.  The domain is kept in
+its ASCII form (IDNA A-labels, L{asciiDomain}).
 """
 
 import re
+import unicodedata
 
 from mailgate.errors import InvalidAddress
 
@@ -20,6 +26,40 @@ _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # A quoted-pair of a quoted local part (RFC 5321 section 4.1.2).
 _QUOTED_PAIR = re.compile(r"\\(.)")
+# RFC 6532 section 3.2's atext, extended by UTF8-non-ascii: RFC 5322's atext
+# and every non-ASCII character (those refused are refused by what they are,
+# _refusal).  Written as the characters it leaves out, as smtp.syntax's are:
+# a class ranging up to U+10FFFF takes re milliseconds to compile.
+_UTF8_ATEXT = r"""[^\x00-\x20"(),.:;<>@[\\\]\x7f]"""
+_UTF8_LOCAL = re.compile(rf"{_UTF8_ATEXT}+(\.{_UTF8_ATEXT}+)*")
+
+#: The general categories no local part may hold, and what they are called in
+#: a refusal: controls, invisible format characters (the right-to-left
+#: override that shows C{gpj.exe} as C{exe.jpg}, zero-width joiners and
+#: spaces that make two names of one look), code points of no character yet
+#: (Unicode may give them a meaning, or a case, later), private use (shown as
+#: whatever a font puts there), surrogates, spaces and line separators.
+_REFUSED_CATEGORIES = {
+    "Cc": "a control character",
+    "Cf": "an invisible format character",
+    "Cn": "not an assigned character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate",
+    "Zs": "a space",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+
+#: Characters that show as nothing though they are not format characters:
+#: SASLprep's "commonly mapped to nothing" (RFC 3454 table B.1: the
+#: combining grapheme joiner, variation selectors, the Mongolian soft hyphen
+#: and free variation selectors), the Hangul fillers and Khmer inherent
+#: vowels that Unicode counts as default-ignorable.
+_INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x1806, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164, 0xFFA0]
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xE0100, 0xE01F0))
+)
 
 
 def normalizeDomain(domain):
@@ -126,11 +166,44 @@ def normalizeAddress(address):
     """
     Return the canonical form of a user's address.
 
+    An ASCII address is what it always was: a dot-atom local part (RFC
+    5321) lower-cased, a host name lower-cased.
+
+    A local part in UTF-8 (RFC 6532's atext with UTF8-non-ascii) is put in
+    Unicode's normalisation form C and lower-cased (C{str.lower}, then NFC
+    again): C{Jörg} written with a precomposed C{ö} (as most keyboards) or
+    as C{o} and a combining diaeresis (NFD, as macOS's file names and some
+    clients and MTAs send it) is the one user C{jörg}.  Its length is
+    counted in octets of UTF-8 (RFC 6531 section 3.3): 64 for the local
+    part, 254 for the address.  Refused, each named in the refusal with its
+    code point:
+      - controls, spaces, line and paragraph separators, surrogates;
+      - invisible characters (format characters such as the right-to-left
+        override or a zero-width joiner, variation selectors, fillers,
+        U+FFFD): two users whose names differ by what cannot be seen;
+      - unassigned and private-use code points: no one can tell what they
+        show (judged by the Unicode version of the running Python);
+      - characters with a compatibility form (full-width C{ａ}, the
+        ligature C{ﬁ}, superscripts, C{µ}): they stand for a letter of
+        their own, and SASLprep (SCRAM's preparation of user names, RFC
+        5802) makes that letter of them, so a name holding one would be
+        another user's name to a SCRAM client; and a full-width C{ａdmin}
+        looks like C{admin};
+      - a combining mark that begins an atom, with nothing of its own to
+        combine with.
+    Letters of other scripts that look like Latin ones (a Cyrillic C{а})
+    are not refused: they are letters of their names, and only an
+    administrator creates users.
+
     @param address: C{local@domain}, as L{str} or UTF-8 L{bytes}.
     @raise InvalidAddress: if it is not a plain C{local@domain} address.
     """
     address = _text(address)
     address = address.strip()
+    if not address.isascii():
+        # The ASCII addresses of every login and delivery take the path
+        # below, as fast as before UTF-8 local parts were allowed.
+        return _normalizeUTF8(address)
     if len(address) > MAX_ADDRESS:
         # Said as such: the address itself may be of the right form.
         raise InvalidAddress(
@@ -146,6 +219,77 @@ def normalizeAddress(address):
     if not local or not _LOCAL.fullmatch(local):
         raise InvalidAddress(f"invalid local part in {address!r}")
     return local.lower() + "@" + normalizeDomain(domain)
+
+
+def _normalizeUTF8(address):
+    """
+    L{normalizeAddress} of an address that is not all ASCII: its local part
+    in NFC and lower case, checked; its domain as an ASCII one is (one in
+    Unicode is refused, as it always was: L{userAddress} converts it).
+    """
+    if address.count("@") != 1:
+        raise InvalidAddress(f"not an address of the form local@domain: {address!r}")
+    local, domain = address.split("@")
+    # NFC before lower-casing (a decomposed capital is lowered as the one
+    # letter it is) and after (lower-casing may leave a letter decomposed).
+    local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).lower())
+    octets = len(local.encode("utf-8"))
+    if octets > MAX_LOCAL_PART:
+        raise InvalidAddress(
+            f"local part too long in {address!r} ({octets} octets of UTF-8, at most {MAX_LOCAL_PART})"
+        )
+    if not _UTF8_LOCAL.fullmatch(local):
+        raise InvalidAddress(f"invalid local part in {address!r}")
+    refusal = _refusal(local)
+    if refusal is not None:
+        raise InvalidAddress(f"invalid local part in {address!r}: {refusal}")
+    domain = normalizeDomain(domain)
+    octets += 1 + len(domain)
+    if octets > MAX_ADDRESS:
+        raise InvalidAddress(
+            f"address too long: {address[:40]!r}... ({octets} octets of UTF-8, at most {MAX_ADDRESS})"
+        )
+    return f"{local}@{domain}"
+
+
+def _refusal(local):
+    """
+    Why C{local} (a dot-atom in NFC and lower case) can be no user's local
+    part (see L{normalizeAddress}), or C{None} if it can.
+    """
+    if local.isascii():
+        return None
+    previous = "."
+    for ch in local:
+        if ch >= "\x80":
+            category = unicodedata.category(ch)
+            what = _REFUSED_CATEGORIES.get(category)
+            if what is None and ord(ch) in _INVISIBLE:
+                what = "an invisible character"
+            if ch == "\ufffd":
+                # What a decoder puts for octets that are not UTF-8: a user
+                # of that name would be whoever any broken name stands for.
+                what = "what stands for octets that are not UTF-8"
+            if what is None and category[0] == "M" and previous == ".":
+                what = "a combining mark with no letter before it"
+            if what is not None:
+                return f"{_named(ch)} is {what}"
+        previous = ch
+    if unicodedata.normalize("NFKC", local) != local:
+        for ch in local:
+            compatible = unicodedata.normalize("NFKC", ch)
+            if compatible != ch:
+                return f"{_named(ch)} has a compatibility form, {compatible!r}: write that instead"
+        return "it holds characters with a compatibility form"
+    return None
+
+
+def _named(ch):
+    """
+    A character as a refusal names it: C{U+202E RIGHT-TO-LEFT OVERRIDE}.
+    """
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X} {name}" if name else f"U+{ord(ch):04X}"
 
 
 def withoutDetail(address, delimiters):

@@ -44,6 +44,7 @@ from mailgate.auth.credentials import CramMD5Credentials
 from mailgate.auth.foreign import MAX_SCRAM_SALT
 from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
+from mailgate.auth.saslprep import preparedName
 from mailgate.auth.saslsteps import Authenticate, Challenge, SASLError
 from mailgate.errors import InvalidAddress
 from mailgate.hostname import machineName
@@ -440,14 +441,16 @@ class ScramSHA256Mechanism:
             # server-first-message must be well-formed too: a space or a
             # non-ASCII letter (which str.isprintable() took) is not.
             raise SASLError("malformed nonce")
-        if authzid and not _sameLogin(_saslname(authzid[2:]), username, self._defaultRealm):
+        # Names prepared as SASLprep does (preparedName): a client that
+        # prepares names and one that does not reach the same user.
+        if authzid and not _sameLogin(preparedName(_saslname(authzid[2:])), preparedName(username), self._defaultRealm):
             raise SASLError("authorising as another user is not supported")
         self._gs2Header = f"{flag},{authzid},"
         self._clientFirstBare = bare
         self._username = username
         self._nonce = nonce + base64.b64encode(os.urandom(18)).decode("ascii")
         try:
-            address = loginAddress(username, self._defaultRealm)
+            address = loginAddress(preparedName(username), self._defaultRealm)
         except InvalidAddress:
             address = None
         self._address = address
@@ -576,9 +579,12 @@ class ScramChecker:
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
+        name = credentials.username
         try:
-            address = loginAddress(credentials.username, self._defaultRealm)
-        except InvalidAddress:
+            # Prepared as the exchange's lookup prepared it (preparedName).
+            name = preparedName(name.decode("utf-8") if isinstance(name, bytes) else name)
+            address = loginAddress(name, self._defaultRealm)
+        except (InvalidAddress, UnicodeDecodeError):
             address = None
         user = None if address is None else (yield self._store.findUser(address))
         storedKey = _storedKeyOf(user)

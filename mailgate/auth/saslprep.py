@@ -45,10 +45,7 @@ def saslprep(text):
         (controls, private use, surrogates, unassigned code points...) or
         breaks the bidirectional rule (RFC 3454 section 6).
     """
-    mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
-    )
-    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    prepared = _mappedAndNormalized(text)
     for c in prepared:
         if any(prohibited(c) for prohibited in _PROHIBITED):
             raise SASLprepError(f"prohibited character U+{ord(c):04X}")
@@ -59,3 +56,34 @@ def saslprep(text):
         if not (rightToLeft[0] and rightToLeft[-1]):
             raise SASLprepError("right-to-left text must start and end with a right-to-left character")
     return prepared
+
+
+def _mappedAndNormalized(text):
+    """
+    SASLprep's mapping and normalisation (RFC 4013 sections 2.1 and 2.2):
+    non-ASCII spaces as spaces, what maps to nothing gone, NFKC of Unicode
+    3.2.
+    """
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
+    )
+    return unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+
+
+def preparedName(name):
+    """
+    A SCRAM user name as SASLprep prepares a query string, which RFC 5802
+    section 5.1 has the server do to the name it is sent (or compare names
+    as if it had): a client that prepares its user's name sends C{ａb} as
+    C{ab}, and one that does not sends it as typed; both name one user.
+
+    Its prohibitions and bidirectional rule are not applied: what they
+    refuse, no user's address holds (L{mailgate.address.normalizeAddress}
+    refuses controls, spaces, invisible and compatibility characters), and
+    the bidirectional rule would refuse every right-to-left local part
+    before its left-to-right domain.  An ASCII name is its own preparation,
+    returned as it is.
+    """
+    if name.isascii():
+        return name
+    return _mappedAndNormalized(name)
