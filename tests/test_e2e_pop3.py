@@ -7,6 +7,11 @@ Every test that starts a server runs on both backends (the fixtures of
 tests/e2e.py are parametrised over SQLite and PostgreSQL), except those
 about SQLite itself or about start-up, which are pinned to SQLite.
 
+The tests whose server is only the other end of their client exchanges
+share one per set of options and backend (tests/sharedserver.py), each with
+maildrops of its own; those about starting, restarting or stopping it, or
+about an option of their own, start their own.
+
 These assert what a user sees: command output and exit statuses, POP3
 responses on the wire, what a later session finds.  Every socket and every
 subprocess wait is bounded (see L{e2e.DEADLINE}); nothing asserts on
@@ -29,7 +34,6 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     TWISTD,
-    AdminCommand,
     AdminCommandHere,
     LineReader,
     connect,
@@ -42,6 +46,7 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     sqliteOnly,
     waitFor,
 )
+from sharedserver import shared, sharedBackend, sharedServers, sqliteOnlyShared  # noqa: F401 (fixtures)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -101,58 +106,66 @@ def retryLogin(server, address, password):
     return waitFor(attempt, f"the maildrop of {address} to be unlocked")
 
 
-#: The tests that run the installed admin command for what they are about
-#: (its output, a password import, what deliver stores of an MTA's LF
-#: line ends); the others use it only to put mail in and look at maildrops.
-ABOUT_THE_COMMAND = {
-    "test_cliRoundTrip", "test_aLatin1PasswordImportedFromDovecotLogsInWithPass", "test_retrIsByteExact",
-}
-
-
 @pytest.fixture
-def mailgate_cli(request, mailgate_server):
+def mailgate_cli(mailgate_server):
     """
-    The admin command on the server's database: the installed one for
-    the tests in L{ABOUT_THE_COMMAND}, run in this process for the others
-    (L{AdminCommandHere}), where starting the installed command for each
-    run cost about as much CPU as the rest of the test.
+    The admin command on the server's database, run in this process
+    (L{AdminCommandHere}): starting the installed command for each run
+    cost about as much CPU as the rest of the test.  The tests about the
+    command itself (its output, a password import, what deliver stores of
+    an MTA's LF line ends) run the installed one: C{shared.cli(server,
+    installed=True)}.
     """
-    kind = AdminCommand if request.node.originalname in ABOUT_THE_COMMAND else AdminCommandHere
-    return kind(mailgate_server.database, cwd=mailgate_server.tmp_path)
+    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
+
+
+def withAnAPOPUser(cli):
+    """
+    Give a shared server's database a user with APOP before the server
+    starts: greetings carry an APOP timestamp while some user has APOP
+    (L{mailgate.pop3.factory.APOPAdvertiser}), as on the servers of the
+    tests that add one before starting theirs.  The tests that add users
+    with APOP share this server, so that on the other servers greetings
+    never carry one, as on a server where nobody has APOP.
+    """
+    cli.addUser("apop-user@example.org", "apop secret", apop=True)
 
 
 # -- 1. the admin command and poplib -------------------------------------
 
 
-def test_cliRoundTrip(mailgate_server, mailgate_cli):
+def test_cliRoundTrip(shared):
     """
     Users added and mail delivered with the C{mailgate} command are served
     over POP3; what a client deletes is gone for the admin command too.
     """
+    server = shared(*FAST_FAILURES, prepare=withAnAPOPUser)
+    mailgate_cli = shared.cli(server, installed=True)
+    alice = shared.address("alice")
+    bob = shared.address("bob")
     # The installed command (addUser runs it in-process, hashing cheaply).
-    out = mailgate_cli.check("user", "add", ALICE, "--password-stdin", input=ALICE_PW + "\n")
-    assert out.strip() == f"added {ALICE}"
-    out = mailgate_cli.check("user", "add", BOB, "--password-stdin", "--apop", input=BOB_PW + "\n")
-    assert out.strip() == f"added {BOB} (APOP enabled)"
-    code, out, err = mailgate_cli("user", "add", ALICE, "--password-stdin", input="x\n")
-    assert code == 73 and f"mailgate: user {ALICE} already exists" in err
+    out = mailgate_cli.check("user", "add", alice, "--password-stdin", input=ALICE_PW + "\n")
+    assert out.strip() == f"added {alice}"
+    out = mailgate_cli.check("user", "add", bob, "--password-stdin", "--apop", input=BOB_PW + "\n")
+    assert out.strip() == f"added {bob} (APOP enabled)"
+    code, out, err = mailgate_cli("user", "add", alice, "--password-stdin", input="x\n")
+    assert code == 73 and f"mailgate: user {alice} already exists" in err
 
     sent = message("round trip", b"first line\nsecond line\n")
-    uid = mailgate_cli.deliver(ALICE, sent)
-    bobUid = mailgate_cli.deliver(BOB, message("for bob"))
+    uid = mailgate_cli.deliver(alice, sent)
+    bobUid = mailgate_cli.deliver(bob, message("for bob"))
     # An unknown recipient: EX_NOUSER, and nothing delivered to anybody.
-    code, out, err = mailgate_cli("deliver", ALICE, "nobody@example.org", input=message("lost"))
+    code, out, err = mailgate_cli("deliver", alice, "nobody@example.org", input=message("lost"))
     assert code == 67, (code, out, err)
     assert "no such user: nobody@example.org" in err
 
     stored = crlf(sent)
-    assert mailgate_cli.mailbox(ALICE) == [(1, len(stored), uid)]
+    assert mailgate_cli.mailbox(alice) == [(1, len(stored), uid)]
     users = mailgate_cli.users()
-    assert users[ALICE] == (1, len(stored), "off")
-    assert users[BOB] == (1, len(crlf(message("for bob"))), "on")
+    assert users[alice] == (1, len(stored), "off")
+    assert users[bob] == (1, len(crlf(message("for bob"))), "on")
 
-    server = mailgate_server(*FAST_FAILURES)
-    client = login(server, ALICE, ALICE_PW)
+    client = login(server, alice, ALICE_PW)
     assert client.stat() == (1, len(stored))
     status, listing, _ = client.list()
     assert status.startswith(b"+OK")
@@ -167,89 +180,96 @@ def test_cliRoundTrip(mailgate_server, mailgate_cli):
     assert client.dele(1).startswith(b"+OK")
     assert client.quit().startswith(b"+OK")
 
-    assert mailgate_cli.mailbox(ALICE) == []
+    assert mailgate_cli.mailbox(alice) == []
     users = mailgate_cli.users()
-    assert users[ALICE] == (0, 0, "off")
-    assert users[BOB][0] == 1
-    assert [row[2] for row in mailgate_cli.mailbox(BOB)] == [bobUid]
+    assert users[alice] == (0, 0, "off")
+    assert users[bob][0] == 1
+    assert [row[2] for row in mailgate_cli.mailbox(bob)] == [bobUid]
 
 
 # -- 2. APOP -------------------------------------------------------------
 
 
-def test_apop(mailgate_server, mailgate_cli):
+def test_apop(shared):
     """
     APOP as a client computes it from the greeting works for a user with
     APOP enabled, and fails like a wrong password for any other user.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
-    mailgate_cli.deliver(BOB, message("apop"))
-    server = mailgate_server(*FAST_FAILURES)
+    server = shared(*FAST_FAILURES, prepare=withAnAPOPUser)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    bob = shared.address("bob")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    mailgate_cli.addUser(bob, BOB_PW, apop=True)
+    mailgate_cli.deliver(bob, message("apop"))
 
     client = pop(server)
     timestamp = re.search(rb"<[^<>]*@mailgate\.test>", client.getwelcome())
     assert timestamp, client.getwelcome()
-    assert client.apop(BOB, BOB_PW).startswith(b"+OK")
+    assert client.apop(bob, BOB_PW).startswith(b"+OK")
     assert client.stat()[0] == 1
     client.quit()
 
     client = pop(server)
     with pytest.raises(poplib.error_proto) as failure:
-        client.apop(BOB, "not the password")
+        client.apop(bob, "not the password")
     assert failure.value.args[0].startswith(b"-ERR [AUTH]")
     client.close()
 
-    # ALICE has a password but no APOP secret.
+    # Alice has a password but no APOP secret.
     client = pop(server)
     with pytest.raises(poplib.error_proto) as failure:
-        client.apop(ALICE, ALICE_PW)
+        client.apop(alice, ALICE_PW)
     assert failure.value.args[0].startswith(b"-ERR [AUTH]")
     # The session goes on: USER/PASS still works.
-    client.user(ALICE)
+    client.user(alice)
     assert client.pass_(ALICE_PW).startswith(b"+OK")
     client.quit()
 
 
-@sqliteOnly
-def test_aLatin1PasswordImportedFromDovecotLogsInWithPass(mailgate_server, mailgate_cli, tmp_path):
+@sqliteOnlyShared
+def test_aLatin1PasswordImportedFromDovecotLogsInWithPass(shared, tmp_path):
     """
     A user moved from Dovecot whose password hash is of Latin-1 octets
     (set by a client in that character set, which sends it so) logs in
     with USER/PASS as with Dovecot: the PASS line was refused as not
     UTF-8.
     """
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server, installed=True)
+    erin = shared.address("erin")
     password = "gr\u00fcn"
     digest = base64.b64encode(hashlib.sha256(password.encode("latin-1")).digest()).decode()
-    (tmp_path / "passwd").write_text(f"erin@example.org:{{SHA256}}{digest}::::::\n")
+    (tmp_path / "passwd").write_text(f"{erin}:{{SHA256}}{digest}::::::\n")
     mailgate_cli.check("user", "import", str(tmp_path / "passwd"))
-    server = mailgate_server(*FAST_FAILURES)
     client = pop(server)
     client.encoding = "latin-1"
-    client.user("erin@example.org")
-    assert client.pass_(password).startswith(b"+OK erin@example.org has 0 messages")
+    client.user(erin)
+    assert client.pass_(password).startswith(f"+OK {erin} has 0 messages".encode())
     client.quit()
 
 
-def test_noApop(mailgate_server, mailgate_cli):
+def test_noApop(shared):
     """
     With C{--no-apop} the greeting has no timestamp, so a client does not
     even try APOP; and APOP sent anyway is refused.
     """
-    mailgate_cli.addUser(BOB, BOB_PW, apop=True)
-    server = mailgate_server("--no-apop", *FAST_FAILURES)
+    server = shared("--no-apop", *FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    bob = shared.address("bob")
+    mailgate_cli.addUser(bob, BOB_PW, apop=True)
     client = pop(server)
     welcome = client.getwelcome()
     assert welcome.startswith(b"+OK")
     assert not re.search(rb"<.*>", welcome), welcome
     with pytest.raises(poplib.error_proto) as failure:
-        client.apop(BOB, BOB_PW)
+        client.apop(bob, BOB_PW)
     assert "APOP not supported" in str(failure.value)
     digest = hashlib.md5(b"<1.2@mailgate.test>" + BOB_PW.encode()).hexdigest()
     with pytest.raises(poplib.error_proto) as failure:
-        client._shortcmd(f"APOP {BOB} {digest}")
+        client._shortcmd(f"APOP {bob} {digest}")
     assert failure.value.args[0].startswith(b"-ERR")
-    client.user(BOB)
+    client.user(bob)
     assert client.pass_(BOB_PW).startswith(b"+OK")
     client.quit()
 
@@ -307,25 +327,27 @@ def _chunkBoundaryMessage():
     return data
 
 
-def test_retrIsByteExact(mailgate_server, mailgate_cli, monkeypatch):
+def test_retrIsByteExact(shared, monkeypatch):
     """
     RETR gives back exactly the octets delivered (with CRLF line ends):
     dot-stuffed on the wire, un-stuffed by the client, with the sizes the
     client counts.
     """
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server, installed=True)
+    alice = shared.address("alice")
     # poplib refuses lines over 2048 octets; POP3 itself has no such limit
     # for message lines, and this test sends a 5000-octet one.
     monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
     big = _chunkBoundaryMessage()
-    mailgate_cli.addUser(ALICE, ALICE_PW)
+    mailgate_cli.addUser(alice, ALICE_PW)
     # Delivered with LF line ends (as an MTA pipes it) and with CRLF.
-    mailgate_cli.deliver(ALICE, AWKWARD.replace(b"\r\n", b"\n"))
-    mailgate_cli.deliver(ALICE, big)
+    mailgate_cli.deliver(alice, AWKWARD.replace(b"\r\n", b"\n"))
+    mailgate_cli.deliver(alice, big)
     expected = [AWKWARD, big]
-    assert [row[1] for row in mailgate_cli.mailbox(ALICE)] == [len(m) for m in expected]
+    assert [row[1] for row in mailgate_cli.mailbox(alice)] == [len(m) for m in expected]
 
-    server = mailgate_server()
-    client = login(server, ALICE, ALICE_PW)
+    client = login(server, alice, ALICE_PW)
     assert client.stat() == (2, sum(map(len, expected)))
     assert client.list()[1] == [b"%d %d" % (i + 1, len(m)) for i, m in enumerate(expected)]
     for number, sent in enumerate(expected, 1):
@@ -340,7 +362,7 @@ def test_retrIsByteExact(mailgate_server, mailgate_cli, monkeypatch):
     with connect(server.port) as sock:
         reader = LineReader(sock)
         assert reader.line().startswith(b"+OK")
-        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        sock.sendall(f"USER {alice}\r\nPASS {ALICE_PW}\r\n".encode())
         assert reader.line().startswith(b"+OK")
         assert reader.line().startswith(b"+OK")
         for number, sent in enumerate(expected, 1):
@@ -355,51 +377,55 @@ def test_retrIsByteExact(mailgate_server, mailgate_cli, monkeypatch):
 # -- 4. DELE, QUIT and dropped connections -------------------------------
 
 
-def test_deleteAndQuitRemoves_dropKeeps(mailgate_server, mailgate_cli):
+def test_deleteAndQuitRemoves_dropKeeps(shared):
     """
     Messages marked with DELE are removed by QUIT, and only by QUIT: a
     session whose connection drops removes nothing.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    uids = [mailgate_cli.deliver(ALICE, message(f"m{i}")) for i in range(3)]
-    server = mailgate_server()
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    uids = [mailgate_cli.deliver(alice, message(f"m{i}")) for i in range(3)]
 
-    client = login(server, ALICE, ALICE_PW)
+    client = login(server, alice, ALICE_PW)
     client.dele(2)
     assert client.stat()[0] == 2
     assert client.quit().startswith(b"+OK")
-    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
+    assert [row[2] for row in mailgate_cli.mailbox(alice)] == [uids[0], uids[2]]
 
-    client = login(server, ALICE, ALICE_PW)
+    client = login(server, alice, ALICE_PW)
     assert [line.split()[1] for line in client.uidl()[1]] == [uids[0].encode(), uids[2].encode()]
     assert client.dele(1).startswith(b"+OK")
     assert client.dele(2).startswith(b"+OK")
     assert client.stat() == (0, 0)
     client.close()  # no QUIT: the socket just goes away
 
-    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
-    client = retryLogin(server, ALICE, ALICE_PW)
+    assert [row[2] for row in mailgate_cli.mailbox(alice)] == [uids[0], uids[2]]
+    client = retryLogin(server, alice, ALICE_PW)
     assert [line.split()[1] for line in client.uidl()[1]] == [uids[0].encode(), uids[2].encode()]
     client.quit()
-    assert [row[2] for row in mailgate_cli.mailbox(ALICE)] == [uids[0], uids[2]]
+    assert [row[2] for row in mailgate_cli.mailbox(alice)] == [uids[0], uids[2]]
 
 
 # -- 5. one session per maildrop -----------------------------------------
 
 
-def test_secondSessionIsRefusedUntilTheFirstEnds(mailgate_server, mailgate_cli):
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    mailgate_cli.deliver(ALICE, message("locked"))
-    server = mailgate_server(*FAST_FAILURES)
+def test_secondSessionIsRefusedUntilTheFirstEnds(shared):
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    mailgate_cli.deliver(alice, message("locked"))
 
-    first = login(server, ALICE, ALICE_PW)
+    first = login(server, alice, ALICE_PW)
     second = pop(server)
-    second.user(ALICE)
+    second.user(alice)
     with pytest.raises(poplib.error_proto) as failure:
         second.pass_(ALICE_PW)
     assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
     # The refused session is still usable and still locked out.
-    second.user(ALICE)
+    second.user(alice)
     with pytest.raises(poplib.error_proto) as failure:
         second.pass_(ALICE_PW)
     assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
@@ -407,19 +433,19 @@ def test_secondSessionIsRefusedUntilTheFirstEnds(mailgate_server, mailgate_cli):
 
     # QUIT answers +OK once the session is over: the next login works.
     assert first.quit().startswith(b"+OK")
-    second.user(ALICE)
+    second.user(alice)
     assert second.pass_(ALICE_PW).startswith(b"+OK")
 
     # An abrupt close releases the lock too, once the server notices.
     third = pop(server)
-    third.user(ALICE)
+    third.user(alice)
     with pytest.raises(poplib.error_proto) as failure:
         third.pass_(ALICE_PW)
     assert failure.value.args[0].startswith(b"-ERR [IN-USE]")
     third.close()
     second.sock.shutdown(socket.SHUT_RDWR)
     second.close()
-    client = retryLogin(server, ALICE, ALICE_PW)
+    client = retryLogin(server, alice, ALICE_PW)
     assert client.stat()[0] == 1
     client.quit()
 
@@ -742,16 +768,18 @@ def test_aClientThatDoesNotLogInInTimeIsDisconnected(mailgate_server, mailgate_c
     client.quit()
 
 
-def test_pipeliningOverARealSocket(mailgate_server, mailgate_cli):
-    mailgate_cli.addUser(ALICE, ALICE_PW)
+def test_pipeliningOverARealSocket(shared):
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
     sent = crlf(message("pipelined", b".dot\nbody\n"))
-    uid = mailgate_cli.deliver(ALICE, sent)
-    server = mailgate_server()
+    uid = mailgate_cli.deliver(alice, sent)
     with connect(server.port) as sock:
         reader = LineReader(sock)
         assert reader.line().startswith(b"+OK")
         sock.sendall(
-            f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nQUIT\r\n".encode()
+            f"USER {alice}\r\nPASS {ALICE_PW}\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nQUIT\r\n".encode()
         )
         assert reader.line().startswith(b"+OK")  # USER
         assert reader.line().startswith(b"+OK")  # PASS
@@ -764,7 +792,7 @@ def test_pipeliningOverARealSocket(mailgate_server, mailgate_cli):
         assert reader.multiline() == dotStuffed(sent)
         assert reader.line().startswith(b"+OK")  # QUIT
         assert reader.closed()
-    assert len(mailgate_cli.mailbox(ALICE)) == 1
+    assert len(mailgate_cli.mailbox(alice)) == 1
 
 
 # -- 10. curl ------------------------------------------------------------
@@ -787,35 +815,37 @@ def curl(server, address, password, path, loginOptions=None):
     [(("--no-apop",), False, None), ((), True, "AUTH=+APOP")],
     ids=["no-apop-server", "APOP-forced"],
 )
-def test_curl(mailgate_server, mailgate_cli, options, apop, loginOptions):
+def test_curl(shared, options, apop, loginOptions):
     """
     curl fetches (un-stuffing dots) and lists messages.  curl chooses how
     to log in by itself (SASL if CAPA offers it, else APOP if the greeting
     offers it, else USER/PASS); the second case makes it use APOP.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW, apop=apop)
+    server = shared(*options, *FAST_FAILURES, prepare=withAnAPOPUser if apop else None)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW, apop=apop)
     first = crlf(message("for curl", b".dot\n..two dots\n.\nHello from mailgate.\n"))
     second = crlf(message("second"))
-    mailgate_cli.deliver(ALICE, first)
-    mailgate_cli.deliver(ALICE, second)
-    server = mailgate_server(*options, *FAST_FAILURES)
+    mailgate_cli.deliver(alice, first)
+    mailgate_cli.deliver(alice, second)
 
-    code, out, err = curl(server, ALICE, ALICE_PW, "/1", loginOptions)
+    code, out, err = curl(server, alice, ALICE_PW, "/1", loginOptions)
     assert code == 0, err
     assert out.encode() == first
 
-    code, out, err = curl(server, ALICE, ALICE_PW, "/", loginOptions)
+    code, out, err = curl(server, alice, ALICE_PW, "/", loginOptions)
     assert code == 0, err
     assert out.splitlines() == [f"1 {len(first)}", f"2 {len(second)}"]
 
-    code, out, err = curl(server, ALICE, "wrong", "/1", loginOptions)
+    code, out, err = curl(server, alice, "wrong", "/1", loginOptions)
     assert code == 67, (code, out, err)  # CURLE_LOGIN_DENIED
     # Nothing was deleted by any of this.
-    assert len(mailgate_cli.mailbox(ALICE)) == 2
+    assert len(mailgate_cli.mailbox(alice)) == 2
 
 
 @needsCurl
-def test_curlAsInTheReadmeQuickStart(mailgate_server, mailgate_cli):
+def test_curlAsInTheReadmeQuickStart(shared):
     """
     The README's quick start: a server with default options, a user added
     with `mailgate user add` (no --apop), and `curl -u ADDRESS
@@ -824,11 +854,13 @@ def test_curlAsInTheReadmeQuickStart(mailgate_server, mailgate_cli):
     default server offers curl a way in that it prefers to APOP (SASL) or
     does not offer APOP to a maildrop that cannot use it.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
     sent = crlf(message("hello", b"first message\n"))
-    mailgate_cli.deliver(ALICE, sent)
-    server = mailgate_server(*FAST_FAILURES)
-    code, out, err = curl(server, ALICE, ALICE_PW, "/1")
+    mailgate_cli.deliver(alice, sent)
+    code, out, err = curl(server, alice, ALICE_PW, "/1")
     assert code == 0, f"curl exited {code}: {err}"
     assert out.encode() == sent
 
@@ -836,22 +868,25 @@ def test_curlAsInTheReadmeQuickStart(mailgate_server, mailgate_cli):
 # -- 11. an endless line -------------------------------------------------
 
 
-def test_megabyteLineWithoutLineEnd(mailgate_server, mailgate_cli):
+def test_megabyteLineWithoutLineEnd(shared):
     """
     A 1 MB "command" is discarded as it arrives: the session gets -ERR once
     the line ends and goes on, and other clients are served meanwhile.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    mailgate_cli.addUser(BOB, BOB_PW)
-    mailgate_cli.deliver(BOB, message("still here"))
-    server = mailgate_server()
+    server = shared(*FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    bob = shared.address("bob")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    mailgate_cli.addUser(bob, BOB_PW)
+    mailgate_cli.deliver(bob, message("still here"))
     with connect(server.port) as sock:
         reader = LineReader(sock)
         assert reader.line().startswith(b"+OK")
         sock.sendall(b"USER " + b"x" * (1 << 20))
 
         # Meanwhile, another client is served.
-        client = login(server, BOB, BOB_PW)
+        client = login(server, bob, BOB_PW)
         assert client.stat()[0] == 1
         assert client.quit().startswith(b"+OK")
 
@@ -859,7 +894,7 @@ def test_megabyteLineWithoutLineEnd(mailgate_server, mailgate_cli):
         reply = reader.line()
         assert reply.startswith(b"-ERR") and b"too long" in reply, reply
         # The session goes on.
-        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
+        sock.sendall(f"USER {alice}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
         assert reader.line().startswith(b"+OK")
         assert reader.line().startswith(b"+OK")
         assert reader.line() == b"+OK 0 0\r\n"
