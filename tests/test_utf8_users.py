@@ -12,12 +12,14 @@ run the installed C{mailgate} and C{twistd mailgate} with Python's smtplib
 (SMTPUTF8), smtplib.LMTP and poplib (USER and PASS in UTF-8, AUTH PLAIN).
 """
 
+import hashlib
 import json
 import poplib
 import smtplib
 import unicodedata
 
 import pytest
+from twisted.internet.task import Clock
 
 from e2e import (  # noqa: F401 (fixtures)
     DEADLINE,
@@ -30,7 +32,9 @@ from e2e import (  # noqa: F401 (fixtures)
 )
 from mailgate.address import loginAddress, normalizeAddress, userAddress, userOfADetail, withoutDetail
 from mailgate.errors import InvalidAddress
-from mailgate.testing import POP3Session, addUser
+from mailgate.smtp.delivery import LocalDelivery
+from mailgate.smtp.factory import LMTPFactory, SMTPFactory
+from mailgate.testing import POP3Session, SMTPSession, addUser, resultOf
 from saslclients import ScramClient, b64, unb64
 
 JOERG = "jörg@example.org"
@@ -137,9 +141,26 @@ def test_theDotAtomRulesHoldForUTF8(local):
         normalizeAddress(f"{local}@example.org")
 
 
-def test_aUTF8DetailAndAUTF8User():
+def test_aUTF8DetailOfAUTF8User(store):
+    """
+    With --recipient-delimiter, jörg+détail@ is jörg's mail, by SMTP with
+    SMTPUTF8 and by LMTP, as bob+lists@ is bob's.
+    """
     assert withoutDetail(normalizeAddress("Jörg+Détail@example.org"), "+") == JOERG
     assert userOfADetail('"Jörg+x y"@example.org', "+") == JOERG
+    addUser(store, JOERG, PASSWORD)
+    for factoryClass, hello in [(SMTPFactory, "EHLO"), (LMTPFactory, "LHLO")]:
+        clock = Clock()
+        delivery = LocalDelivery(store, recipientDelimiter="+")
+        factory = factoryClass(delivery, hostname="mailgate.test", reactor=clock)
+        s = SMTPSession(store, factory=factory, clock=clock)
+        assert s.command(f"{hello} client.test").startswith("250")
+        assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+        recipient = unicodedata.normalize("NFD", "Jörg+Détail@example.org")
+        assert s.command(f"RCPT TO:<{recipient}>") == f"250 2.1.5 recipient <{recipient}> OK\r\n"
+        assert s.command("DATA").startswith("354 ")
+        assert s.send(b"Subject: detail\r\n\r\nhallo\r\n.\r\n").startswith(b"250 2.0.0 ")
+    assert len(resultOf(store.listMessages(JOERG))) == 2
 
 
 # -- the protocols, in process ----------------------------------------------------------
@@ -147,10 +168,10 @@ def test_aUTF8DetailAndAUTF8User():
 
 def test_pop3AndSASLLoginsOfAUTF8User(store):
     """
-    USER and PASS, AUTH PLAIN and SCRAM-SHA-256 log a UTF-8 user in, the
-    name written composed or not, in any case.
+    USER and PASS, APOP, AUTH PLAIN, LOGIN and SCRAM-SHA-256 log a UTF-8
+    user in, the name written composed or not, in any case.
     """
-    addUser(store, JOERG, PASSWORD)
+    addUser(store, JOERG, PASSWORD, apop=True)
     s = POP3Session(store)
     assert s.command(f"USER {JOERG_NFD}").startswith("+OK")
     assert s.command(f"PASS {PASSWORD}") == f"+OK {JOERG} has 0 messages (0 octets)\r\n"
@@ -158,6 +179,14 @@ def test_pop3AndSASLLoginsOfAUTF8User(store):
     s = POP3Session(store)
     reply = s.command("AUTH PLAIN " + b64(f"\0JÖRG@example.org\0{PASSWORD}"))
     assert reply == f"+OK {JOERG} has 0 messages (0 octets)\r\n"
+    s.command("QUIT")
+    s = POP3Session(store, apop=True)
+    digest = hashlib.md5(s.challenge.encode() + PASSWORD.encode("utf-8")).hexdigest()
+    assert s.command(f"APOP {JOERG_NFD} {digest}") == f"+OK {JOERG} has 0 messages (0 octets)\r\n"
+    s.command("QUIT")
+    s = POP3Session(store)
+    assert s.command(f"AUTH LOGIN {b64('Jörg@example.org')}") == f"+ {b64('Password:')}\r\n"
+    assert s.command(b64(PASSWORD)) == f"+OK {JOERG} has 0 messages (0 octets)\r\n"
     s.command("QUIT")
     assert _scramLogin(store, JOERG_NFD) == f"+OK {JOERG} has 0 messages (0 octets)\r\n"
 
