@@ -179,16 +179,16 @@ def normalizeAddress(address):
     code point:
       - controls, spaces, line and paragraph separators, surrogates;
       - invisible characters (format characters such as the right-to-left
-        override or a zero-width joiner, variation selectors, fillers,
-        U+FFFD): two users whose names differ by what cannot be seen;
+        override or a zero-width joiner, variation selectors, fillers):
+        two users whose names differ by what cannot be seen;
+      - U+FFFD, what a decoder puts for octets that are not UTF-8;
       - unassigned and private-use code points: no one can tell what they
         show (judged by the Unicode version of the running Python);
       - characters with a compatibility form (full-width C{ａ}, the
-        ligature C{ﬁ}, superscripts, C{µ}): they stand for a letter of
-        their own, and SASLprep (SCRAM's preparation of user names, RFC
-        5802) makes that letter of them, so a name holding one would be
-        another user's name to a SCRAM client; and a full-width C{ａdmin}
-        looks like C{admin};
+        ligature C{ﬁ}, superscripts, C{µ}): SASLprep (SCRAM's preparation
+        of user names, RFC 5802) makes the plain letters of them, so a name
+        holding one would be another user's name to a SCRAM client; and a
+        full-width C{ａdmin} looks like C{admin};
       - a combining mark that begins an atom, with nothing of its own to
         combine with.
     Letters of other scripts that look like Latin ones (a Cyrillic C{а})
