@@ -9,6 +9,11 @@ policy for a client outside C{--trusted-network}, AUTH PLAIN and
 SCRAM-SHA-256 on the wire, and replacing the certificate at run time with
 SIGHUP.  Every socket and process wait is bounded (see L{e2e.DEADLINE});
 nothing asserts on wall-clock time.
+
+The tests whose server is only the other end of their clients' exchanges
+share one per set of options and backend (tests/sharedserver.py), each with
+a maildrop of its own; those about an option, a log line, a reload or a
+stop of their own start their own.
 """
 
 import base64
@@ -37,6 +42,7 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     sqliteOnly,
     waitFor,
 )
+from sharedserver import shared, sharedBackend, sharedServers  # noqa: F401 (fixtures)
 
 ALICE = "alice@example.org"
 ALICE_PW = "wonder land"
@@ -66,6 +72,15 @@ def mailgate_cli(mailgate_server):
 
 
 # -- certificates and client contexts --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moduleCertificate(tmp_path_factory):
+    """
+    The certificate of the module's shared servers (tests/sharedserver.py),
+    made like L{certificate}.
+    """
+    return makeCertificate(tmp_path_factory.mktemp("tls"), "localhost", name="server")
 
 
 @pytest.fixture
@@ -197,6 +212,25 @@ def logLines(server, text):
     return [line for line in server.stdout.splitlines() if text in line]
 
 
+def sharedAliceOverTLS(shared, certificate):
+    """
+    The module's server as L{serveAliceOverTLS} starts one (no user on it
+    has APOP), the admin command on its database, and a maildrop of the
+    test's own: C{(server, cli, address)}.
+    """
+    certificatePath, keyPath = certificate
+    server = shared(
+        *tlsOptions(certificatePath, keyPath),
+        "--pop3s", LOOPBACK_TCP,
+        "--smtp", LOOPBACK_TCP,
+        "--domain", "example.org",
+    )
+    cli = shared.cli(server)
+    alice = shared.address("alice")
+    cli.addUser(alice, ALICE_PW)
+    return server, cli, alice
+
+
 def serveAliceOverTLS(mailgate_server, mailgate_cli, certificate):
     """
     A server with Alice's maildrop, the certificate, POP3 (STLS), POP3S
@@ -215,16 +249,16 @@ def serveAliceOverTLS(mailgate_server, mailgate_cli, certificate):
 # -- 1. STLS, implicit TLS and STARTTLS ------------------------------------------
 
 
-def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
+def test_stlsPop3sAndStarttls(shared, moduleCertificate, tmp_path):
     """
     Clients verifying the certificate switch to TLS with STARTTLS (SMTP)
     and STLS (POP3) or use implicit TLS (--pop3s); mail sent over TLS says
     so in its Received field.  STLS is refused once logged in or once TLS
     is on.
     """
-    certificatePath, _ = certificate
+    certificatePath, _ = moduleCertificate
     context = clientContext(certificatePath)
-    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
+    server, mailgate_cli, alice = sharedAliceOverTLS(shared, moduleCertificate)
 
     smtp = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), local_hostname=CLIENT, timeout=DEADLINE)
     smtp.ehlo()
@@ -235,7 +269,7 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     smtp.ehlo()
     assert not smtp.has_extn("starttls"), smtp.esmtp_features
     sent = message("over STARTTLS")
-    assert smtp.sendmail(SENDER, [ALICE], sent) == {}
+    assert smtp.sendmail(SENDER, [alice], sent) == {}
     assert smtp.quit()[0] == 221
 
     # STLS with poplib.
@@ -247,7 +281,7 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     with pytest.raises(poplib.error_proto) as refused:
         pop._shortcmd("STLS")
     assert refused.value.args[0].startswith(b"-ERR"), refused.value
-    pop.user(ALICE)
+    pop.user(alice)
     assert pop.pass_(ALICE_PW).startswith(b"+OK")
     assert pop.stat()[0] == 1
     stored = retrieve(pop, 1)
@@ -260,7 +294,7 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     pops = poplib.POP3_SSL("127.0.0.1", server.portOf("POP3S"), context=context, timeout=DEADLINE)
     assert peerCertificate(pops.sock) == der(certificatePath)
     assert "STLS" not in pops.capa()
-    pops.user(ALICE)
+    pops.user(alice)
     assert pops.pass_(ALICE_PW).startswith(b"+OK")
     assert retrieve(pops, 1) == stored
     assert pops.quit().startswith(b"+OK")
@@ -268,7 +302,7 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     # STLS after a login in clear (allowed from 127.0.0.1) is refused, and
     # the session goes on.
     pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
-    pop.user(ALICE)
+    pop.user(alice)
     pop.pass_(ALICE_PW)
     with pytest.raises(poplib.error_proto) as refused:
         pop._shortcmd("STLS")
@@ -277,7 +311,7 @@ def test_stlsPop3sAndStarttls(mailgate_server, mailgate_cli, certificate):
     assert pop.quit().startswith(b"+OK")
 
     # The clients really verify: one trusting another certificate fails.
-    other, _ = makeCertificate(certificatePath.parent, "localhost", name="other")
+    other, _ = makeCertificate(tmp_path, "localhost", name="other")
     assertClientRefuses(server.port, clientContext(other))
 
 
@@ -359,16 +393,16 @@ def test_aFailedSTARTTLSHandshakeEndsWithTLSFailedNotTLSYes(mailgate_server, mai
     assert len(logLines(server, "smtp TLS failed")) == 1
 
 
-def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certificate):
+def test_aPOP3SClientResumesItsTLSSession(shared, moduleCertificate):
     """
     A client that keeps its TLS session resumes it on its next connection
     (no certificate signature for the server to make), again and again:
     each connection's ticket serves the next.  The resumed sessions are
     POP3 sessions like any other.
     """
-    certificatePath, _ = certificate
+    certificatePath, _ = moduleCertificate
     context = clientContext(certificatePath)
-    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
+    server, _, alice = sharedAliceOverTLS(shared, moduleCertificate)
     session = None
     reused = []
     for _ in range(4):
@@ -376,7 +410,7 @@ def test_aPOP3SClientResumesItsTLSSession(mailgate_server, mailgate_cli, certifi
         sock = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
         reader = LineReader(sock)
         assert reader.line().startswith(b"+OK")
-        sock.sendall(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
+        sock.sendall(f"USER {alice}\r\nPASS {ALICE_PW}\r\nSTAT\r\nQUIT\r\n".encode())
         replies = [reader.line() for _ in range(4)]
         assert all(reply.startswith(b"+OK") for reply in replies), replies
         assert replies[2] == b"+OK 0 0\r\n"
@@ -455,19 +489,19 @@ def _tlsOverSocket(context, sock):
     return tls, flush, receive
 
 
-def test_aPOP3SClientThatSendsCloseNotifyGetsEveryReply(mailgate_server, mailgate_cli, certificate):
+def test_aPOP3SClientThatSendsCloseNotifyGetsEveryReply(shared, moduleCertificate):
     """
     A POP3S client sends its commands and then its close_notify (TLS 1.3
     lets it read on): it gets every reply, the deletion its QUIT asked
     for is applied, and the server ends with its own close_notify.
     """
-    certificatePath, _ = certificate
-    server = serveAliceOverTLS(mailgate_server, mailgate_cli, certificate)
-    mailgate_cli.deliver(ALICE, message("to be deleted"))
+    certificatePath, _ = moduleCertificate
+    server, mailgate_cli, alice = sharedAliceOverTLS(shared, moduleCertificate)
+    mailgate_cli.deliver(alice, message("to be deleted"))
     raw = socket.create_connection(("127.0.0.1", server.portOf("POP3S")), timeout=DEADLINE)
     with raw:
         tls, flush, receive = _tlsOverSocket(clientContext(certificatePath), raw)
-        tls.write(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode())
+        tls.write(f"USER {alice}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode())
         try:
             tls.unwrap()
         except ssl.SSLWantReadError:
@@ -488,7 +522,7 @@ def test_aPOP3SClientThatSendsCloseNotifyGetsEveryReply(mailgate_server, mailgat
     assert [line.split(" ")[0] for line in lines] == ["+OK"] * 6, answer
     assert lines[3].startswith("+OK 1 "), answer
     assert closeNotify
-    assert mailgate_cli.mailbox(ALICE) == []
+    assert mailgate_cli.mailbox(alice) == []
 
 
 def test_tlsMinVersion13RefusesATLS12Client(mailgate_server, mailgate_cli, certificate):
@@ -654,17 +688,17 @@ CURL = shutil.which("curl")
 
 
 @pytest.mark.skipif(CURL is None, reason="curl is not installed (no curl on PATH)")
-def test_curlOverTLS(mailgate_server, mailgate_cli, certificate):
+def test_curlOverTLS(shared, moduleCertificate):
     """
     curl, requiring TLS and trusting the certificate, fetches a message
     with STLS (pop3://) and with implicit TLS (pop3s://).
     """
-    certificatePath, keyPath = certificate
-    mailgate_cli.addUser(ALICE, ALICE_PW)
+    certificatePath, _ = moduleCertificate
+    # The module's server of STLS and implicit TLS, SMTP too.
+    server, mailgate_cli, alice = sharedAliceOverTLS(shared, moduleCertificate)
     sent = message("for curl")
-    mailgate_cli.deliver(ALICE, sent)
-    server = mailgate_server(*tlsOptions(certificatePath, keyPath), "--pop3s", LOOPBACK_TCP)
-    base = [CURL, "-s", "-S", "--max-time", "15", "--cacert", str(certificatePath), "-u", f"{ALICE}:{ALICE_PW}"]
+    mailgate_cli.deliver(alice, sent)
+    base = [CURL, "-s", "-S", "--max-time", "15", "--cacert", str(certificatePath), "-u", f"{alice}:{ALICE_PW}"]
     for url in (
         f"pop3://127.0.0.1:{server.port}/1",
         f"pop3s://127.0.0.1:{server.portOf('POP3S')}/1",
@@ -674,7 +708,7 @@ def test_curlOverTLS(mailgate_server, mailgate_cli, certificate):
         assert out.encode() == sent, url
     # Without the certificate to trust, curl refuses the server.
     code, out, err = runCommand([CURL, "-s", "-S", "--max-time", "15", "--ssl-reqd",
-                                 "-u", f"{ALICE}:{ALICE_PW}", f"pop3://127.0.0.1:{server.port}/1"])
+                                 "-u", f"{alice}:{ALICE_PW}", f"pop3://127.0.0.1:{server.port}/1"])
     assert code == 60, (code, err)  # CURLE_PEER_FAILED_VERIFICATION
 
 
@@ -755,17 +789,17 @@ def test_eachDomainsHostNameGetsItsOwnCertificate(mailgate_server, mailgate_cli,
 # -- 3. the plaintext policy -------------------------------------------------------
 
 
-def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_cli, certificate):
+def test_untrustedClientNeedsTLSForPlaintextPasswords(shared, moduleCertificate):
     """
     With --trusted-network 127.0.0.1/32, a client from 127.0.0.2 is offered
     neither USER nor PLAIN and is refused USER/PASS in clear; after STLS it
     logs in with USER/PASS.  A client from 127.0.0.1 is trusted.
     """
-    certificatePath, keyPath = certificate
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    server = mailgate_server(
-        *tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES
-    )
+    certificatePath, keyPath = moduleCertificate
+    server = shared(*tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
 
     trusted = POP3Wire(server.port)
     capabilities = trusted.capabilities()
@@ -779,9 +813,9 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     assert "USER" not in capabilities, capabilities
     [saslLine] = [line for line in capabilities if line.startswith("SASL")]
     assert "PLAIN" not in saslLine.split() and "LOGIN" not in saslLine.split(), capabilities
-    assert wire.command(f"USER {ALICE}") == PLAINTEXT_REFUSED
+    assert wire.command(f"USER {alice}") == PLAINTEXT_REFUSED
     assert wire.command(f"PASS {ALICE_PW}") == PLAINTEXT_REFUSED
-    assert sasl(wire, "PLAIN", f"\0{ALICE}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
+    assert sasl(wire, "PLAIN", f"\0{alice}\0{ALICE_PW}".encode()) == PLAINTEXT_REFUSED
     # Still in AUTHORIZATION: a transaction command is refused.
     assert wire.command("STAT").startswith(b"-ERR")
 
@@ -790,7 +824,7 @@ def test_untrustedClientNeedsTLSForPlaintextPasswords(mailgate_server, mailgate_
     capabilities = wire.capabilities()
     assert "USER" in capabilities and "STLS" not in capabilities, capabilities
     assert "SASL SCRAM-SHA-256 PLAIN LOGIN" in capabilities, capabilities
-    assert wire.command(f"USER {ALICE}").startswith(b"+OK")
+    assert wire.command(f"USER {alice}").startswith(b"+OK")
     assert wire.command(f"PASS {ALICE_PW}").startswith(b"+OK")
     assert wire.command("STAT") == b"+OK 0 0\r\n"
     assert wire.command("QUIT").startswith(b"+OK")
@@ -824,22 +858,22 @@ def test_trustedNetworkNoneAsksTLSOfLoopbackToo(mailgate_server, mailgate_cli, c
 # -- 4. AUTH PLAIN and SCRAM-SHA-256 -------------------------------------------------
 
 
-def test_authPlainAndScramOverRealSockets(mailgate_server, mailgate_cli, certificate):
+def test_authPlainAndScramOverRealSockets(shared, moduleCertificate):
     """
     AUTH PLAIN (from a trusted address in clear, and from an untrusted one
     over TLS) and SCRAM-SHA-256 (in clear even from an untrusted address:
     the password never crosses the wire) log in with the right password
     and fail with a wrong one or an unknown user.
     """
-    certificatePath, keyPath = certificate
+    certificatePath, keyPath = moduleCertificate
     context = clientContext(certificatePath)
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    mailgate_cli.deliver(ALICE, message("sasl"))
-    server = mailgate_server(
-        *tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES
-    )
+    server = shared(*tlsOptions(certificatePath, keyPath), "--trusted-network", "127.0.0.1/32", *FAST_FAILURES)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    mailgate_cli.deliver(alice, message("sasl"))
 
-    def plainFrom(source, password, tls=False, user=ALICE):
+    def plainFrom(source, password, tls=False, user=alice):
         wire = POP3Wire(server.port, source=source)
         if tls:
             wire.stls(context)
@@ -850,13 +884,13 @@ def test_authPlainAndScramOverRealSockets(mailgate_server, mailgate_cli, certifi
         wire.close()
         return reply
 
-    assert plainFrom("127.0.0.1", ALICE_PW).startswith(f"+OK {ALICE} has 1 messages".encode())
+    assert plainFrom("127.0.0.1", ALICE_PW).startswith(f"+OK {alice} has 1 messages".encode())
     assert plainFrom("127.0.0.1", "wrong") == INVALID
     assert plainFrom(UNTRUSTED_SOURCE, ALICE_PW, tls=True).startswith(b"+OK")
     assert plainFrom(UNTRUSTED_SOURCE, "wrong", tls=True) == INVALID
     assert plainFrom(UNTRUSTED_SOURCE, ALICE_PW, user="nobody@example.org", tls=True) == INVALID
 
-    def scramFrom(source, password, tls=False, user=ALICE):
+    def scramFrom(source, password, tls=False, user=alice):
         wire = POP3Wire(server.port, source=source)
         if tls:
             wire.stls(context)
@@ -867,19 +901,19 @@ def test_authPlainAndScramOverRealSockets(mailgate_server, mailgate_cli, certifi
         wire.close()
         return reply
 
-    assert scramFrom(UNTRUSTED_SOURCE, ALICE_PW).startswith(f"+OK {ALICE} has 1 messages".encode())
+    assert scramFrom(UNTRUSTED_SOURCE, ALICE_PW).startswith(f"+OK {alice} has 1 messages".encode())
     assert scramFrom(UNTRUSTED_SOURCE, "wrong") == INVALID
     assert scramFrom(UNTRUSTED_SOURCE, ALICE_PW, user="nobody@example.org") == INVALID
     assert scramFrom("127.0.0.1", ALICE_PW, tls=True).startswith(b"+OK")
 
     # A failed attempt leaves the session usable: log in after it.
     wire = POP3Wire(server.port, source=UNTRUSTED_SOURCE)
-    assert scram(wire, ALICE, "wrong") == INVALID
-    assert scram(wire, ALICE, ALICE_PW).startswith(b"+OK")
+    assert scram(wire, alice, "wrong") == INVALID
+    assert scram(wire, alice, ALICE_PW).startswith(b"+OK")
     assert wire.command("QUIT").startswith(b"+OK")
     wire.close()
     # Nothing was deleted by any of this.
-    assert len(mailgate_cli.mailbox(ALICE)) == 1
+    assert len(mailgate_cli.mailbox(alice)) == 1
 
 
 # -- 5. replacing the certificate at run time ----------------------------------------
