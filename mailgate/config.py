@@ -1053,10 +1053,18 @@ SETTINGS = (
     Setting(
         "min-data-rate", "minDataRate", Integer(metavar="OCTETS"), _SMTP.minDataRate,
         "Octets per second the data of an SMTP or LMTP message must average, "
-        "beyond an allowance of the session's idle timeout (five minutes), as "
+        "beyond an allowance of smtp-idle-timeout (five minutes), as "
         "Postfix's smtpd_min_data_rate: a client sending slower is told 421 "
         "and disconnected, so that no connection is held by trickling a "
         "message in.  0: no limit.",
+    ),
+    Setting(
+        "smtp-idle-timeout", "smtpIdleTimeout", Integer(minimum=1, metavar="SECONDS", maximum=MAX_SECONDS),
+        _SMTP.idleTimeout,
+        "Seconds an SMTP or LMTP client may stay silent before it is told 421 "
+        "and disconnected, as Postfix's smtpd_timeout; also the allowance "
+        "min-data-rate gives a message's data.  RFC 5321 asks a server to wait "
+        "at least 300 (less is warned of).  At most a week (604800).",
     ),
     Setting(
         "max-recipients", "maxRecipients", Integer(minimum=1), _SMTP.maxRecipients,
@@ -2109,10 +2117,19 @@ EXAMPLE_HEADER = """\
 #
 # systemctl reload (SIGHUP) reads this file again: debug-peer, debug-user
 # and, while TLS stays on, the tls-* settings apply at once; greeting,
-# idle-timeout, login-timeout, max-message-size and max-recipients to the
-# sessions opened after it (those under way keep theirs); every other
-# change waits for a restart (systemctl restart mailgate), named in the
-# log (config.restart_needed) and by systemctl status until then.  A file
+# idle-timeout, login-timeout, auth-failure-delay, max-message-size,
+# max-recipients, min-data-rate, smtp-idle-timeout, trusted-network,
+# smtp-cleartext-network, lmtp-cleartext-network and proxy-network to the
+# sessions opened after it (those under way keep theirs); max-connections,
+# max-connections-per-ip, auth-penalty-max, ban-after, ban-window,
+# ban-time, unknown-recipient-slow-after, unknown-recipient-ban-after and
+# exempt-network to the connections and failed logins after it (the
+# connections open, the failures counted and the bans in force stay);
+# default-quota, quota-warning, expire-days, keep-deleted-days and
+# duplicate-window to the next delivery and the retention round the
+# reload starts; every other change waits for a restart (systemctl
+# restart mailgate), named in the log (config.restart_needed) and by
+# systemctl status until then.  A file
 # the server would refuse at start is refused by the reload too, and
 # what is in service stays.
 #

@@ -40,6 +40,7 @@ from mailgate.logs import literal, writeStartFailure
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, NotServed
+from mailgate.networks import coversEveryAddress, parseNetwork
 from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -48,6 +49,7 @@ from mailgate.session import SessionTracker, TraceSelection
 from mailgate.session.accepting import watchAcceptErrors
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.ids import describeAddress
+from mailgate.session.proxy import ProxyHeaderEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -81,7 +83,8 @@ STOP_MARGIN = STOP_TIMEOUT + THREADS_STOP_TIMEOUT + 2.0
 #: server runs (C{tls.expiry}), beside the start's and each reload's
 TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
 #: the settings a SIGHUP applies to a running server when the
-#: configuration file changes them (and TLS_SETTINGS while TLS stays on;
+#: configuration file changes them (and TLS_SETTINGS while TLS stays on,
+#: SESSION_SETTINGS, NETWORK_SETTINGS, POLICY_SETTINGS and STORE_SETTINGS;
 #: the others need a restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: the settings a SIGHUP applies to sessions opened after it, as Dovecot's
@@ -89,15 +92,46 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: session it builds (or a POP3 session reads once, at its greeting), so
 #: a session under way keeps the values it began with.  The setting's
 #: name: the factories it is set on, and their attribute.  Not hostname:
-#: SMTP sessions read it at every reply, and the SASL server and the
-#: node's registry took it at start.
+#: SMTP sessions read it at every reply (a session under way would change
+#: names between its greeting and its Received field), the SASL server's
+#: CRAM-MD5 challenges and the node's entry in the session registry
+#: (mailgate nodes, which the other nodes compare settings by) took it at
+#: start.
 SESSION_SETTINGS = {
     "greeting": (POP3Factory, "greeting"),
     "idle-timeout": (POP3Factory, "idleTimeout"),
     "login-timeout": (POP3Factory, "loginTimeout"),
+    "auth-failure-delay": (POP3Factory, "authFailureDelay"),
     "max-message-size": (SMTPFactory, "maxMessageSize"),
     "max-recipients": (SMTPFactory, "maxRecipients"),
+    "min-data-rate": (SMTPFactory, "minDataRate"),
+    "smtp-idle-timeout": (SMTPFactory, "idleTimeout"),
 }
+#: the networks a SIGHUP applies to sessions opened after it: the
+#: factory's list each new session asks once (a session under way keeps
+#: the answer it had: the USER its CAPA offered, the mail its MTA began
+#: to send in the clear), and the balancers a haproxy: listener believes
+#: from the next connection on (L{ProxyHeaderEndpoint.setBalancers}).
+#: smtp-cleartext-network and lmtp-cleartext-network only where the
+#: server has TLS to offer those now asked for it (else a restart's).
+NETWORK_SETTINGS = frozenset({
+    "trusted-network", "smtp-cleartext-network", "lmtp-cleartext-network", "proxy-network",
+})
+#: the connection policy's settings (L{policySettings}), which a SIGHUP
+#: applies to what comes after it (L{ConnectionPolicy.reconfigure}): the
+#: connections open stay, the failures counted and the bans in force too
+POLICY_SETTINGS = frozenset({
+    "max-connections", "max-connections-per-ip", "auth-penalty-max", "ban-after", "ban-window", "ban-time",
+    "unknown-recipient-slow-after", "unknown-recipient-ban-after", "exempt-network",
+})
+#: the server's defaults for maildrops (L{storeLimits}), which a SIGHUP
+#: applies to the next delivery and the retention task's next round (run
+#: at once: what a shorter retention removes goes then, not up to ten
+#: minutes later); the store reads them at each use
+STORE_SETTINGS = frozenset({"default-quota", "quota-warning", "expire-days", "keep-deleted-days", "duplicate-window"})
+#: RFC 5321 section 4.5.3.2.7: an SMTP server's timeout should be at least
+#: five minutes (smtp-idle-timeout below it is warned of)
+SMTP_SERVER_TIMEOUT = 300
 
 
 #: why a listener could not start that trying again cannot cure: the
@@ -478,10 +512,13 @@ class MailgateService(MultiService):
         """
         Read the configuration again (L{configSource}: the file, under the
         same command line and environment) and apply what can change while
-        sessions run (L{LIVE_SETTINGS}: which clients are traced;
-        L{SESSION_SETTINGS}, for sessions opened after it; and the
-        TLS settings, L{TLS_SETTINGS}, where TLS was on and stays on, as
-        Dovecot's and Postfix's reloads take another certificate file); say
+        sessions run, as Dovecot's and Postfix's reloads do (L{LIVE_SETTINGS}:
+        which clients are traced; L{SESSION_SETTINGS} and L{NETWORK_SETTINGS},
+        for sessions opened after it; L{POLICY_SETTINGS}, the connection
+        limits, penalty and bans, for what comes after it; L{STORE_SETTINGS},
+        the server's defaults for maildrops, for the next delivery and
+        retention round; and the TLS settings, L{TLS_SETTINGS}, where TLS was
+        on and stays on, as those reloads take another certificate file); say
         which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
         setting to one a start would refuse (L{checkStartable}) is logged,
@@ -499,6 +536,10 @@ class MailgateService(MultiService):
             # What a restart would refuse (as config --check does) is not
             # taken "for the next restart": that restart would fail.
             newTLS = checkStartable(new, {s.name for s in changed})
+            newPolicy = fitWarning = None
+            if self.policy is not None and POLICY_SETTINGS & {s.name for s in changed}:
+                maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit())
+                newPolicy = policySettings(new, maxConnections)
         except ConfigurationError as e:
             self._reloadFailures += 1
             self.log.error(
@@ -510,8 +551,10 @@ class MailgateService(MultiService):
         # The TLS settings change at once while TLS stays on (the files and
         # settings newTLS loaded); TLS turned on or off changes listeners
         # and what STLS and STARTTLS offer: a restart's.
-        live = LIVE_SETTINGS | SESSION_SETTINGS.keys()
+        live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new)
         live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
+        live |= POLICY_SETTINGS if self.policy is not None else frozenset()
+        live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
         applied = [s.name for s in changed if s.name in live]
         later = [s.name for s in changed if s.name not in live and s.name != "database"]
         if new.database != self.config.database:
@@ -543,8 +586,30 @@ class MailgateService(MultiService):
                     kind, attribute = SESSION_SETTINGS.get(s.name, (None, None))
                     if kind is not None and isinstance(factory, kind):
                         setattr(factory, attribute, getattr(new, s.attribute))
+                _applyNetworks(factory, self.config, applied)
+            if "proxy-network" in applied:
+                for listener in (l for ls in self.listeners.values() for l in ls):
+                    if isinstance(listener.endpoint, ProxyHeaderEndpoint):
+                        listener.endpoint.setBalancers(self.config.proxyNetworks)
         if set(applied) & TLS_SETTINGS:
             self.tls.adopt(newTLS)
+        if newPolicy is not None and set(applied) & POLICY_SETTINGS:
+            if fitWarning and "max-connections" in applied:
+                self.log.warn("{warning}", warning=fitWarning, event="limits.open_files")
+            self.policy.reconfigure(newPolicy)
+            if self.metrics is not None:
+                self.metrics.connectionLimit(newPolicy.maxConnections)
+        if set(applied) & STORE_SETTINGS:
+            self.store.limits = storeLimits(self.config)
+            for factory in self.sessionFactories:
+                if isinstance(factory, SMTPFactory):
+                    factory.delivery.forgetRecipients()
+            for retention in self._retentionServices():
+                retention.runSoon()
+        if "smtp-idle-timeout" in applied:
+            warning = smtpTimeoutWarning(self.config)
+            if warning:
+                self.log.warn("{warning}", warning=warning, event="config.smtp_idle_timeout_short")
         self.log.info(
             "configuration reloaded: {summary}",
             summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
@@ -579,6 +644,22 @@ class MailgateService(MultiService):
                 event="config.restart_needed",
             )
         return applied
+
+    def _liveNetworks(self, new):
+        """
+        The networks of L{NETWORK_SETTINGS} a reload to C{new} can apply:
+        the cleartext networks only where they ask for no TLS, or the
+        server has TLS to offer.
+        """
+        live = {"trusted-network", "proxy-network"}
+        for name, attribute in (("smtp", "smtpCleartextNetworks"), ("lmtp", "lmtpCleartextNetworks")):
+            networks = [parseNetwork(n) for n in networksOf(getattr(new, attribute))]
+            if self.tls is not None or coversEveryAddress(networks):
+                live.add(f"{name}-cleartext-network")
+        return live
+
+    def _retentionServices(self):
+        return [service for service in self if isinstance(service, RetentionService)]
 
     def reopenLogs(self):
         """
@@ -1128,10 +1209,23 @@ def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
     @raise ConfigurationError: for settings out of range.
     """
     from mailgate.policy.connection import ConnectionPolicy
+
+    settings = policySettings(config, maxConnections)
+    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics, defaultRealm=config.authDefaultRealm)
+
+
+def policySettings(config, maxConnections=None):
+    """
+    The L{PolicySettings} of C{config} (L{POLICY_SETTINGS}), at start and
+    at each reload that changes them.
+
+    @param maxConnections: as for L{makePolicy}.
+    @raise ConfigurationError: for settings out of range.
+    """
     from mailgate.policy.settings import PolicySettings
 
     try:
-        settings = PolicySettings(
+        return PolicySettings(
             maxConnections=config.maxConnections if maxConnections is None else maxConnections,
             maxConnectionsPerAddress=config.maxConnectionsPerAddress,
             authPenaltyMax=config.authPenaltyMax,
@@ -1144,7 +1238,50 @@ def makePolicy(policyStore, config, reactor, metrics=None, maxConnections=None):
         )
     except ValueError as e:
         raise ConfigurationError(f"connection policy: {e}") from None
-    return ConnectionPolicy(policyStore, reactor, settings, metrics=metrics, defaultRealm=config.authDefaultRealm)
+
+
+def storeLimits(config):
+    """
+    The server's defaults for maildrops from C{config} (L{STORE_SETTINGS}),
+    which the store reads at each delivery and retention round.
+    """
+    return StoreLimits(
+        quotaOctets=config.defaultQuota,
+        expireDays=config.expireDays,
+        keepDeletedDays=config.keepDeletedDays,
+        quotaWarnings=config.quotaWarnings,
+        duplicateWindow=config.duplicateWindow,
+    )
+
+
+def smtpTimeoutWarning(config):
+    """
+    What to warn of, if anything, in C{config}'s smtp-idle-timeout: less
+    than RFC 5321 asks of a server, where a slow client's MTA (one that
+    checks a message before its final dot's reply) is cut off, and retries.
+    """
+    if (config.smtp or config.lmtp) and config.smtpIdleTimeout < SMTP_SERVER_TIMEOUT:
+        return (
+            f"smtp-idle-timeout {config.smtpIdleTimeout} is under the {SMTP_SERVER_TIMEOUT} seconds RFC 5321 "
+            "(section 4.5.3.2.7) asks an SMTP server to wait: clients that pause longer between commands are "
+            "disconnected (421) and try again later"
+        )
+    return None
+
+
+def _applyNetworks(factory, config, applied):
+    """
+    Give C{factory} (POP3, SMTP or LMTP) the networks of C{config} that a
+    reload C{applied}, for the sessions it builds from now on.
+    """
+    if isinstance(factory, POP3Factory) and "trusted-network" in applied:
+        factory.trustedNetworks = tuple(parseNetwork(n) for n in networksOf(config.trustedNetworks))
+    elif isinstance(factory, SMTPFactory):
+        lmtp = isinstance(factory, LMTPFactory)
+        name = "lmtp-cleartext-network" if lmtp else "smtp-cleartext-network"
+        if name in applied:
+            networks = config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks
+            factory.takeCleartextFrom(networksOf(networks))
 
 
 def _reloadTokenKeys(tokens, log):
@@ -1266,6 +1403,7 @@ def makeSMTPFactory(
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
         minDataRate=config.minDataRate,
+        idleTimeout=config.smtpIdleTimeout,
         reactor=reactor,
         tls=tls,
         metrics=metrics,
@@ -1516,6 +1654,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
             f"tracing the sessions of {', '.join(traced)} (--debug-peer, --debug-user): their commands "
             "and replies go to the log; take the options away when done",
         ))
+    warning = smtpTimeoutWarning(config)
+    if warning:
+        root.startupWarnings.append(("config.smtp_idle_timeout_short", warning))
     if affinity is not None:
         # First, so that the threads started after it (the database's, when
         # the reactor starts) are started pinned.
@@ -1534,13 +1675,7 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
     PolicyService(policy, reactor, heldListeners=mailListeners).setServiceParent(root)
     lifecycle = ILifecycleStore.providedBy(store)
     if lifecycle:
-        store.limits = StoreLimits(
-            quotaOctets=config.defaultQuota,
-            expireDays=config.expireDays,
-            keepDeletedDays=config.keepDeletedDays,
-            quotaWarnings=config.quotaWarnings,
-            duplicateWindow=config.duplicateWindow,
-        )
+        store.limits = storeLimits(config)
         # The store's background work: retention, and what POP3 advertises
         # of it (refreshed like the APOP advertiser).
         RetentionService(store, reactor, refreshInterval=APOP_REFRESH, metrics=metrics).setServiceParent(root)

@@ -200,10 +200,17 @@ class Options(usage.Options):
         "Options given on the command line override it.  An unknown key, a "
         "wrong type or an invalid value stops start-up.  SIGHUP reads it "
         "again: debug-peer, debug-user and, while TLS stays on, the tls-* "
-        "settings apply at once, greeting, idle-timeout, login-timeout, "
-        "max-message-size and max-recipients to sessions opened after it, "
-        "other changes at the next restart (a changed "
-        "database is refused, as an error).  Default: none."
+        "settings apply at once; greeting, idle-timeout, login-timeout, "
+        "auth-failure-delay, max-message-size, max-recipients, min-data-rate, "
+        "smtp-idle-timeout, trusted-network, smtp-cleartext-network, "
+        "lmtp-cleartext-network and proxy-network to sessions opened after it; "
+        "max-connections, max-connections-per-ip, auth-penalty-max, ban-after, "
+        "ban-window, ban-time, unknown-recipient-slow-after, "
+        "unknown-recipient-ban-after and exempt-network to the connections and "
+        "failures after it (bans in force stay); default-quota, quota-warning, "
+        "expire-days, keep-deleted-days and duplicate-window to the next "
+        "delivery and retention round; other changes at the next restart (a "
+        "changed database is refused, as an error).  Default: none."
     )
 
     def postOptions(self):

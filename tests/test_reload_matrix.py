@@ -11,7 +11,11 @@ one or two settings at a time; this one changes a setting of every kind at
 once (limits, timeouts, policy and ban settings, networks, listeners added,
 the metrics listener, log format, retention and quota, host name and
 greeting, the database, OAuth, TLS ticket keys), then applies a traced
-network, another certificate and TLS version, then puts the file back.  Every wait is bounded (L{e2e.DEADLINE}).
+network, another certificate and TLS version, narrower trusted, cleartext
+and balancer networks, then puts the file back.  What each connection
+limit, ban setting and retention or quota default does once applied is
+shown by real clients in tests/test_reload_policy.py.  Every wait is
+bounded (L{e2e.DEADLINE}).
 """
 
 import json
@@ -48,22 +52,13 @@ RESTART_ONLY = {
     "lmtp": '["tcp:0:interface=127.0.0.1"]',
     "metrics": '"tcp:0:interface=127.0.0.1"',
     "hostname": '"two.test"',
-    "min-data-rate": "0",
-    "ban-after": "3",
-    "ban-time": "60",
-    "exempt-network": '["192.0.2.0/24"]',
-    "smtp-cleartext-network": '["192.0.2.0/24"]',
-    "trusted-network": '["192.0.2.0/24"]',
-    "proxy-network": '["192.0.2.0/24"]',
-    "default-quota": '"1G"',
-    "expire-days": "30",
-    "keep-deleted-days": "3",
     "oauth2-clock-skew": "120",
     "auth-cache-ttl": "10",
-    "max-connections": "50",
     "log-format": '"text"',
     "shutdown-grace": "5",
     "tls-ticket-key-rotation": "60",
+    "memory-trim-interval": "30",
+    "smtp-soft-error-limit": "3",
 }
 
 #: settings a reload applies to the sessions opened after it (a session
@@ -74,6 +69,29 @@ SESSION = {
     "max-recipients": "7",
     "idle-timeout": "900",
     "login-timeout": "60",
+    "auth-failure-delay": "0.5",
+    "min-data-rate": "0",
+    "smtp-idle-timeout": "600",
+}
+
+#: the connection policy's settings and the server's defaults for
+#: maildrops, which a reload applies to what comes after it (the
+#: connections open stay, the failures counted and bans in force too)
+POLICY = {
+    "max-connections": "50",
+    "max-connections-per-ip": "3",
+    "auth-penalty-max": "5",
+    "ban-after": "3",
+    "ban-window": "300",
+    "ban-time": "60",
+    "unknown-recipient-slow-after": "5",
+    "unknown-recipient-ban-after": "9",
+    "exempt-network": '["192.0.2.0/24"]',
+    "default-quota": '"1G"',
+    "quota-warning": "[80]",
+    "expire-days": "30",
+    "keep-deleted-days": "3",
+    "duplicate-window": "60",
 }
 
 #: settings a running server applies to new sessions, with another value
@@ -82,6 +100,12 @@ LIVE = {
     "tls-cert": '"{tmp}/second.test.crt"',
     "tls-key": '"{tmp}/second.test.key"',
     "tls-min-version": '"1.3"',
+    # Each new session asks once: one from 127.0.0.1 is no longer trusted
+    # with a password in the clear, nor given mail without TLS.
+    "trusted-network": '["192.0.2.0/24"]',
+    "smtp-cleartext-network": '["192.0.2.0/24"]',
+    "lmtp-cleartext-network": '["192.0.2.0/24"]',
+    "proxy-network": '["192.0.2.0/24"]',
 }
 
 
@@ -133,6 +157,14 @@ def greeting(server):
         client.quit()
 
 
+def capa(server):
+    client = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    try:
+        return client.capa()
+    finally:
+        client.quit()
+
+
 def ehlo(server):
     client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
     try:
@@ -168,13 +200,17 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     line names each the running server does not apply (the database its
     own C{config.database_refused}), and new POP3 and SMTP sessions keep
     the host name of the start (its certificate too), the log its JSON
-    format; the greeting, the size, the recipients and the POP3 timeouts
+    format; the greeting, the size, the recipients, the POP3 and SMTP
+    timeouts, the data rate, the connection limits, the penalty and ban
+    settings, the exempt networks and the quota and retention defaults
     are said applied, and new sessions get the new greeting and SIZE
     while a POP3 and an SMTP session opened before keep the start's.  A traced
-    network, another certificate and tls-min-version then are applied at
-    once (new sessions traced, given the new certificate, refused TLS 1.2)
-    while the others still wait; the file put back, the reload applies the
-    start's values again and has nothing waiting for a restart.
+    network, another certificate and tls-min-version, and the trusted,
+    cleartext and balancer networks then are applied at once (new
+    sessions traced, given the new certificate, refused TLS 1.2, not
+    offered USER nor given mail in the clear from 127.0.0.1) while the
+    others still wait; the file put back, the reload applies the start's
+    values again and has nothing waiting for a restart.
     """
     makeCertificate(tmp_path, "first.test")
     makeCertificate(tmp_path, "second.test")
@@ -191,8 +227,10 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         changed = "".join(
             line for line in original.splitlines(keepends=True) if line.split(" =")[0] not in RESTART_ONLY
         )
-        changed = "".join(line for line in changed.splitlines(keepends=True) if line.split(" =")[0] not in SESSION)
-        changed += "".join(f"{name} = {value}\n" for name, value in {**RESTART_ONLY, **SESSION}.items())
+        changed = "".join(
+            line for line in changed.splitlines(keepends=True) if line.split(" =")[0] not in {**SESSION, **POLICY}
+        )
+        changed += "".join(f"{name} = {value}\n" for name, value in {**RESTART_ONLY, **SESSION, **POLICY}.items())
         changed = changed.format(tmp=tmp_path)
         path.write_text(changed)
         # Sessions under way at the reload keep what they began with.
@@ -202,7 +240,7 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
             assert oldSMTP.ehlo("client.test")[0] == 250
             reloaded = server.reload()
             assert reloaded is not None, server.log()
-            assert sorted(reloaded["applied"]) == sorted(SESSION)
+            assert sorted(reloaded["applied"]) == sorted({**SESSION, **POLICY})
             # ... the greeting they got, the size limit in force.
             assert oldPOP3.getwelcome().decode().startswith("+OK first greeting")
             assert "UIDL" in oldPOP3.capa()
@@ -220,6 +258,7 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         # host name, the reload's greeting and size.
         assert greeting(server).startswith("+OK second greeting")
         assert ehlo(server) == ("one.test", "2097152")
+        assert "USER" in capa(server)
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
         # Still JSON (log-format waits for the restart too), and no
         # listener was added.
@@ -237,6 +276,15 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         assert pop3sCertificate(server) == "second.test"
         with pytest.raises(ssl.SSLError):
             pop3sCertificate(server, ssl.TLSVersion.TLSv1_2)
+        # 127.0.0.1 no longer on the trusted and cleartext networks: no
+        # password in the clear, no mail without TLS.
+        assert "USER" not in capa(server)
+        client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
+        try:
+            client.ehlo("client.test")
+            assert client.mail("a@client.test")[0] == 530
+        finally:
+            client.quit()
         assert len(server.events("config.restart_needed")) == 2
         assert sorted(server.events("config.restart_needed")[-1]["settings"]) == sorted(later["settings"])
         traced = len(server.events("session.trace"))
@@ -245,8 +293,9 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
 
         path.write_text(original)
         reloaded = server.reload()
-        assert sorted(reloaded["applied"]) == sorted({**LIVE, **SESSION})
+        assert sorted(reloaded["applied"]) == sorted({**LIVE, **SESSION, **POLICY})
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
+        assert "USER" in capa(server)
         assert greeting(server).startswith("+OK first greeting")
         assert ehlo(server) == ("one.test", "1048576")
         assert len(server.events("config.restart_needed")) == 2

@@ -222,27 +222,28 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert formatEvent(reloaded) == "configuration reloaded: applied debug-peer, debug-user"
     assert said("config.restart_needed") == []
 
-    path.write_text("max-recipients = 5\nmin-data-rate = 5\n")
+    path.write_text("max-recipients = 5\nmin-data-rate = 5\nmemory-trim-interval = 5\n")
     root.hangup()
     assert [f.trace for f in factories] == [None, None, None]
-    # max-recipients is one the factories give every new session: applied.
+    # max-recipients and min-data-rate are ones the factories give every
+    # new session: applied.
     assert [f.maxRecipients for f in factories[1:]] == [5, 5]
-    assert root.listeners["SMTP"][0].factory.minDataRate == 500
+    assert [f.minDataRate for f in factories[1:]] == [5, 5]
     [later] = said("config.restart_needed")
-    assert formatEvent(later) == "configuration changed: min-data-rate takes effect at the next restart"
+    assert formatEvent(later) == "configuration changed: memory-trim-interval takes effect at the next restart"
     # A setting the mailgate command reads from the file at each run:
     # mailgate deliver (an MTA's pipe transport) uses it already.
-    path.write_text('max-recipients = 5\nmin-data-rate = 5\nrecipient-delimiter = "+"\n')
+    path.write_text('max-recipients = 5\nmin-data-rate = 5\nmemory-trim-interval = 5\nrecipient-delimiter = "+"\n')
     root.hangup()
     [_, later] = said("config.restart_needed")
     assert formatEvent(later) == (
-        "configuration changed: min-data-rate, recipient-delimiter take effect at the next restart; the mailgate "
-        "command and mailgate deliver with this file use recipient-delimiter already"
+        "configuration changed: recipient-delimiter, memory-trim-interval take effect at the next restart; the "
+        "mailgate command and mailgate deliver with this file use recipient-delimiter already"
     )
     assert later["readByTheCommand"] == ["recipient-delimiter"]
     # The JSON record carries the names as lists, not the sentence's parts.
     record = eventAsRecord(later)
-    assert record["settings"] == ["min-data-rate", "recipient-delimiter"]
+    assert record["settings"] == ["recipient-delimiter", "memory-trim-interval"]
     assert not {"names", "take", "readNow"} & set(record)
 
     path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')
@@ -452,20 +453,20 @@ def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
 
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
     assert metric("mailgate_config_last_reload_successful") == 1
-    path.write_text(tls + "min-data-rate = 5\n")
+    path.write_text(tls + "memory-trim-interval = 5\n")
     root.hangup()
-    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("min-data-rate",))
-    assert metric("mailgate_config_restart_needed", setting="min-data-rate") == 1
-    path.write_text(tls + 'min-data-rate = "five"\n')
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("memory-trim-interval",))
+    assert metric("mailgate_config_restart_needed", setting="memory-trim-interval") == 1
+    path.write_text(tls + 'memory-trim-interval = "five"\n')
     root.hangup()
-    assert (root.lastReloadFailed, root.restartNeeded) == (True, ("min-data-rate",))
+    assert (root.lastReloadFailed, root.restartNeeded) == (True, ("memory-trim-interval",))
     assert metric("mailgate_config_last_reload_successful") == 0
     path.write_text(tls + f'database = "sqlite:///{tmp_path / "other.sqlite3"}"\n')
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ("database",))
     assert metric("mailgate_config_last_reload_successful") == 1
     assert metric("mailgate_config_restart_needed", setting="database") == 1
-    assert metric("mailgate_config_restart_needed", setting="min-data-rate") is None
+    assert metric("mailgate_config_restart_needed", setting="memory-trim-interval") is None
     path.write_text(tls)
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
@@ -628,7 +629,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     def said(event):
         return [formatEvent(e) for e in logEvents if e.get("event") == event]
 
-    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\nmin-data-rate = 5\n')
+    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\nmemory-trim-interval = 5\n')
     root.hangup()
     [refused] = said("config.database_refused")
     assert refused.startswith(
@@ -637,7 +638,9 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     )
     assert [e["log_level"] for e in logEvents if e.get("event") == "config.database_refused"] == [LogLevel.error]
     assert "change" not in eventAsRecord([e for e in logEvents if e.get("event") == "config.database_refused"][0])
-    assert said("config.restart_needed") == ["configuration changed: min-data-rate takes effect at the next restart"]
+    assert said("config.restart_needed") == [
+        "configuration changed: memory-trim-interval takes effect at the next restart"
+    ]
     assert root.config.database == old
     path.write_text(f'database = "{old}"\n')
     root.hangup()

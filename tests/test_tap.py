@@ -917,7 +917,14 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     come to apply at reload too; the example file, which administrators
     copy to /etc/mailgate and edit, said nothing of reloads.
     """
-    from mailgate.service import LIVE_SETTINGS, SESSION_SETTINGS, TLS_SETTINGS
+    from mailgate.service import (
+        LIVE_SETTINGS,
+        NETWORK_SETTINGS,
+        POLICY_SETTINGS,
+        SESSION_SETTINGS,
+        STORE_SETTINGS,
+        TLS_SETTINGS,
+    )
 
     contrib = Path(__file__).parent.parent / "contrib"
 
@@ -926,7 +933,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
 
     texts = [comments(contrib / "systemd" / "mailgate.service"), comments(contrib / "mailgate.toml")]
     for text in [" ".join(t.split()) for t in [tap.Options.opt_config.__doc__, *texts]]:
-        for name in LIVE_SETTINGS | SESSION_SETTINGS.keys():
+        for name in LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS:
             assert name in text, (name, text)
         assert all(name.startswith("tls-") for name in TLS_SETTINGS)
         assert "the tls-* settings apply at once" in text, text

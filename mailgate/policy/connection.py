@@ -131,6 +131,10 @@ class ConnectionPolicy:
         self.exempt = ExemptNetworks(settings.exemptNetworks)
         # host to its key, or None (L{_key})
         self._keys = {}
+        # An admitted connection's address to the keys it was counted
+        # under (one each): uncounted under the same one when it closes,
+        # though a reload changed the exempt networks meanwhile.
+        self._counted = {}
         self.limits = ConnectionLimits(settings.maxConnections, settings.maxConnectionsPerAddress)
         self.failures = FailureLog(settings.banWindow)
         self.penalty = AuthPenalty(self.failures, settings.authPenaltyMax, reactor)
@@ -140,6 +144,29 @@ class ConnectionPolicy:
         self.sync = StoreSync(
             store, reactor, settings, self.failures, self.bans, self.penalty, interval=refreshInterval
         )
+
+    def reconfigure(self, settings):
+        """
+        Apply other L{PolicySettings} (a reload) to what happens from now
+        on: the next connections are admitted under the new limits, the
+        next failures counted over the new window and banned at the new
+        threshold for the new time, the next logins delayed at most the
+        new maximum, the next clients judged by the new exempt networks.
+        Nothing in force is lost: the connections open stay open (and
+        counted), the failures known still count, the bans in force last
+        as long as they were made for.
+        """
+        stressed = self.limits.stressed
+        self.settings = settings
+        self.exempt = ExemptNetworks(settings.exemptNetworks)
+        self._keys = {}
+        self.limits.resize(settings.maxConnections, settings.maxConnectionsPerAddress)
+        self.failures.window = settings.banWindow
+        self.penalty.maximum = settings.authPenaltyMax
+        self.sync.reconfigure(settings)
+        if self.limits.stressed and not stressed:
+            self._noteStress()
+        self._noteStressOver(stressed)
 
     def start(self):
         """
@@ -165,8 +192,8 @@ class ConnectionPolicy:
 
         Asked five or six times in every login (the ban, the penalty, the
         turn, the success, twice for a ban made meanwhile): kept per host,
-        as the exempt networks do not change while the policy runs, rather
-        than worked out through the address's parse and the exempt
+        as the exempt networks change only at L{reconfigure} (which forgets
+        them), rather than worked out through the address's parse and the exempt
         networks' cache each time.
         """
         host = getattr(address, "host", None)
@@ -194,19 +221,26 @@ class ConnectionPolicy:
         stressed = self.limits.stressed
         if not self.limits.open(key):
             return TOO_MANY
+        self._counted.setdefault(address, []).append(key)
         if self.limits.stressed and not stressed:
-            self.log.warn(
-                "{total} " + noun(self.limits.staying, "connection") + " of at most {limit}: "
-                "clients that have not logged in are "
-                "closed after a few seconds of idleness until fewer than {until} remain (stress)",
-                total=self.limits.staying,
-                limit=self.limits.maxConnections,
-                # Rounded up: the stress ends below the share, at 11 of 16
-                # (11.2), which "fewer than 11" did not say.
-                until=math.ceil(self.limits.maxConnections * STRESS_UNTIL),
-                event="limits.stress",
-            )
+            self._noteStress()
         return None
+
+    def _noteStress(self):
+        """
+        Log the start of the stress.
+        """
+        self.log.warn(
+            "{total} " + noun(self.limits.staying, "connection") + " of at most {limit}: "
+            "clients that have not logged in are "
+            "closed after a few seconds of idleness until fewer than {until} remain (stress)",
+            total=self.limits.staying,
+            limit=self.limits.maxConnections,
+            # Rounded up: the stress ends below the share, at 11 of 16
+            # (11.2), which "fewer than 11" did not say.
+            until=math.ceil(self.limits.maxConnections * STRESS_UNTIL),
+            event="limits.stress",
+        )
 
     def connectionClosing(self, protocol, address):
         stressed = self.limits.stressed
@@ -215,7 +249,14 @@ class ConnectionPolicy:
 
     def connectionClosed(self, protocol, address):
         stressed = self.limits.stressed
-        self.limits.close(self._key(address))
+        keys = self._counted.get(address)
+        if keys:
+            key = keys.pop()
+            if not keys:
+                del self._counted[address]
+        else:
+            key = self._key(address)
+        self.limits.close(key)
         self._noteStressOver(stressed)
 
     def _noteStressOver(self, stressed):

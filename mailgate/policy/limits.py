@@ -70,6 +70,21 @@ class ConnectionLimits:
             self.stressed = True
         return True
 
+    def resize(self, maxConnections, maxPerAddress):
+        """
+        Other limits (a reload), for the connections opened from now on:
+        those open stay, counted, though more than the new limits allow;
+        the stress is judged again against the new limit in all.
+        """
+        self.maxConnections = maxConnections
+        self.maxPerAddress = maxPerAddress
+        if not maxConnections:
+            self.stressed = False
+        elif not self.stressed and self.staying >= maxConnections * STRESS_FROM:
+            self.stressed = True
+        else:
+            self._relieve()
+
     def leave(self):
         """
         A connection L{open} admitted is asked to close: it no longer counts

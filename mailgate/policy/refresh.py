@@ -71,6 +71,14 @@ class StoreSync:
         self.refreshes = 0
         self._loadWaiters = []
 
+    def reconfigure(self, settings):
+        """
+        Other L{mailgate.policy.settings.PolicySettings} (a reload): the
+        failures recorded from now on make bans by them, and the store's
+        are read and expired over their window.
+        """
+        self._settings = settings
+
     # -- the timer --------------------------------------------------------
 
     def start(self):

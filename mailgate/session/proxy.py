@@ -477,6 +477,19 @@ class ProxyHeaderEndpoint:
         self._clock = clock
         self._wrapped = wrapped
         self._balancers = balancers
+        self._factories = []
 
     def listen(self, protocolFactory):
-        return self._wrapped.listen(ProxyHeaderFactory(protocolFactory, self._clock, self._balancers))
+        factory = ProxyHeaderFactory(protocolFactory, self._clock, self._balancers)
+        self._factories.append(factory)
+        return self._wrapped.listen(factory)
+
+    def setBalancers(self, balancers):
+        """
+        Believe the PROXY headers of C{balancers} (a reload), from the next
+        connection on: one whose header was read keeps its client address.
+        """
+        parsed = parseBalancers(balancers)
+        self._balancers = balancers
+        for factory in self._factories:
+            factory.balancers = parsed

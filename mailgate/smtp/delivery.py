@@ -156,6 +156,14 @@ class LocalDelivery:
         d = defer.gatherResults([ask(a) for a in addresses])
         return d.addCallback(lambda replies: dict(zip(addresses, replies)))
 
+    def forgetRecipients(self):
+        """
+        Forget the recipients remembered (see L{_remember}): the server's
+        defaults changed (a reload), and a user remembered without a quota
+        may have one now, to be checked at the next RCPT.
+        """
+        self._known = {}
+
     def _remembered(self, key):
         expires = self._known.get(key)
         if expires is None:

@@ -75,11 +75,23 @@ class SMTPFactory(SessionFactory):
         self.idleTimeout = idleTimeout
         self.minDataRate = minDataRate
         self.tls = tls
-        self.cleartextNetworks = tuple(parseNetwork(n) for n in cleartextNetworks)
-        self.requiresTLS = not coversEveryAddress(self.cleartextNetworks)
-        if self.requiresTLS and tls is None:
+        self.takeCleartextFrom(cleartextNetworks)
+
+    def takeCleartextFrom(self, networks):
+        """
+        Take mail without TLS from C{networks} (see C{cleartextNetworks}),
+        in the sessions built from now on (a reload): each asks once, so
+        one under way keeps what it was told.
+
+        @raise ValueError: some networks are to start TLS first, and there
+            is no TLS to offer; the networks in service stay.
+        """
+        networks = tuple(parseNetwork(n) for n in networks)
+        requiresTLS = not coversEveryAddress(networks)
+        if requiresTLS and self.tls is None:
             # Every client outside the networks refused, none able to start TLS.
             raise ValueError("TLS required from some networks, but no TLS to offer (no certificate)")
+        self.cleartextNetworks, self.requiresTLS = networks, requiresTLS
 
     def buildProtocol(self, addr):
         protocol = self.protocol()

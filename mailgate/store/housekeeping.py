@@ -101,6 +101,18 @@ class RetentionService(_Repeating):
 
         d.addBoth(again)
 
+    def runSoon(self):
+        """
+        Run the next round now rather than at its time (a reload changed
+        the server's retention defaults, which it reads at each pass): what
+        a shorter retention removes goes at once.  Nothing before the
+        first round is scheduled, nor while a round is under way, whose
+        passes to come read the new defaults.
+        """
+        if self.running and self._call is not None:
+            self._call = cancelled(self._call)
+            self._schedule(0)
+
     def stopService(self):
         Service.stopService(self)
         self._call = cancelled(self._call)
