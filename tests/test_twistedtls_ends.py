@@ -13,7 +13,6 @@ In memory over C{twisted.test.iosim} first, then a real C{twistd
 mailgate} with C{ssl:} listeners and real clients.
 """
 
-import json
 import socket
 import ssl
 import urllib.request
@@ -31,6 +30,7 @@ from twisted.test import iosim
 
 from certs import makeCertificate
 from e2e import DEADLINE, mailgate_server, sqliteOnly, waitFor  # noqa: F401 (fixtures)
+from test_e2e_sessionends import records, untilClosed
 from mailgate.logs import eventAsRecord
 from mailgate.testing import addUser, pop3Factory, smtpFactory
 
@@ -173,28 +173,6 @@ def test_aCompletedHandshakeIsTLS(store, logEvents, certificate):
 
 
 # -- a real twistd mailgate ------------------------------------------------
-
-
-def records(server, event):
-    found = []
-    for line in server.stdout.splitlines():
-        start = line.find("{")
-        if start >= 0:
-            try:
-                record = json.loads(line[start:])
-            except ValueError:
-                continue
-            if record.get("event") == event:
-                found.append(record)
-    return found
-
-
-def untilClosed(sock):
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass
 
 
 @sqliteOnly
