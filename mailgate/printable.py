@@ -20,3 +20,34 @@ def printable(text):
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def leftAligned(text, width):
+    """
+    C{text} followed by the spaces that make it C{width} columns wide on a
+    terminal (no spaces if it is as wide or wider), as C{f"{text:<{width}}"}
+    pads ASCII: a user name in CJK letters takes two columns a character
+    and one with combining marks fewer than its characters, so that
+    padding by characters left the admin commands' columns out of line
+    for UTF-8 local parts.
+    """
+    if text.isascii():
+        return text.ljust(width)
+    return text + " " * max(0, width - columns(text))
+
+
+def columns(text):
+    """
+    The columns a terminal gives C{text} (printable, see L{printable}):
+    wide and full-width characters (Unicode's East Asian Width C{W} and
+    C{F}) two, combining marks and other zero-width characters none, the
+    rest one, as C{wcwidth(3)} counts them.
+    """
+    from unicodedata import category, east_asian_width
+
+    width = 0
+    for ch in text:
+        if category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if east_asian_width(ch) in ("W", "F") else 1
+    return width

@@ -21,6 +21,7 @@ import pytest
 from mailgate import __version__
 from mailgate.auth.passwords import verifyPassword
 from mailgate.cli import run
+from mailgate.printable import columns
 from mailgate.store.schema import LATEST, MIGRATIONS, SCHEMA_TABLE
 from mailgate.testing import POP3Session, memoryStore, readWhole, resultOf
 
@@ -633,6 +634,24 @@ def test_userList(cli):
         [ALICE, "2", str(2 * size), "on", "default", "default", "default", "never"],
         [BOB, "0", "0", "off", "default", "default", "default", "never"],
     ]
+
+
+def test_userListColumnsStayInLineForWideNames(cli):
+    """
+    A user name in CJK letters (two columns each on a terminal) or with a
+    combining mark (none) is padded to the same column as an ASCII one:
+    padding by characters pushed the rest of its line out of line.
+    """
+    names = ["\u5f20\u4f1f@example.cn", "\u0915\u093f\u0901@example.in", BOB]
+    for name in names:
+        cli.add(name, BOB_PASSWORD)
+    lines = cli("user", "list").out.splitlines()
+    assert len(lines) == 4
+    # The users differ by name alone: each line, its name padded, takes
+    # the columns of the ASCII one, whose "0" is in the MESSAGES column.
+    ascii = [line for line in lines if line.startswith(BOB)][0]
+    assert [columns(line) for line in lines[1:]] == [columns(ascii)] * 3
+    assert [columns(line[: line.index(" 0 ") + 2]) for line in lines[1:]] == [ascii.index(" 0 ") + 2] * 3
 
 
 def test_userListEmpty(cli):

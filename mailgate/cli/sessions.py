@@ -19,6 +19,7 @@ from mailgate.cli.common import (
     _seconds,
     _time,
 )
+from mailgate.printable import leftAligned
 from mailgate.store.bounds import formatSize
 from mailgate.store.registry import SHARED_SETTINGS
 
@@ -43,7 +44,7 @@ def _who(store, args, out, stdin):
     out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<{width}} SINCE\n")
     for session in sessions:
         out.write(
-            f"{session.address:<40} {session.node:<30} {session.peer or '-':<{width}} {_time(session.since)}\n"
+            f"{leftAligned(session.address, 40)} {session.node:<30} {session.peer or '-':<{width}} {_time(session.since)}\n"
         )
 
 

@@ -57,6 +57,7 @@ from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
 from mailgate.store.sql import IMPORT_BATCH
 from mailgate.plural import counted, noun
+from mailgate.printable import leftAligned
 
 
 def _pastedHash(text):
@@ -480,7 +481,7 @@ def _userList(store, args, out, stdin):
     )
     for user in users:
         out.write(
-            f"{user.address:<40} {user.messages:>8} {user.octets:>12}  "
+            f"{leftAligned(user.address, 40)} {user.messages:>8} {user.octets:>12}  "
             f"{'on' if user.apop else 'cram' if user.cramMD5 else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
             f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days'):<6} "
             f"{'never' if user.lastLogin is None else _time(user.lastLogin)}\n"
