@@ -9,6 +9,11 @@ the octets a POP3 client fetches (identical to what was sent, after the
 C{Return-Path:} and C{Received:} fields the server prepends), what the
 C{mailgate} command lists.  Every socket and process wait is bounded (see
 L{e2e.DEADLINE}); nothing asserts on wall-clock time.
+
+The tests whose server is only the other end of their clients' exchanges
+share one (SMTP, LMTP and POP3) per backend (tests/sharedserver.py), each
+with maildrops of its own; those about a kill, a restart, an option or a
+start-up warning of their own start their own.
 """
 
 import email.utils
@@ -40,6 +45,7 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     sqliteOnly,
     waitFor,
 )
+from sharedserver import shared, sharedBackend, sharedServers  # noqa: F401 (fixtures)
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -273,55 +279,60 @@ def sizedMessage(octets, subject="sized"):
 # -- 1. smtplib in, poplib out -------------------------------------------------
 
 
-def test_smtpIntoPop3ByteForByte(mailgate_server, mailgate_cli):
+def test_smtpIntoPop3ByteForByte(shared):
     """
     Mail sent with smtplib comes back over POP3 from the same process, byte
     for byte, behind a Return-Path and a Received field.
     """
-    for address, password in PASSWORDS.items():
+    server = shared(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    bob = shared.address("bob")
+    carol = shared.address("carol")
+    passwords = {alice: ALICE_PW, bob: BOB_PW, carol: CAROL_PW}
+    for address, password in passwords.items():
         mailgate_cli.addUser(address, password)
     big = bigMessage(5 * 1024 * 1024)
-    server = mailgate_server(*SMTP_OPTIONS)
 
     client = smtpClient(server)
-    assert client.sendmail(SENDER, [ALICE], PLAIN) == {}
-    assert client.sendmail(SENDER, [ALICE], EIGHT_BIT, mail_options=["BODY=8BITMIME"]) == {}
-    assert client.sendmail(SENDER, [ALICE], big) == {}
-    assert client.sendmail(SENDER, [ALICE], DOTS) == {}
-    many = headers("three recipients", to=f"{ALICE}, {BOB}") + b"Cc: " + CAROL.encode() + b"\r\n\r\nto all three\r\n"
-    assert client.sendmail(SENDER, [ALICE, BOB, CAROL], many) == {}
-    partly = headers("one unknown", to=f"{ALICE}, {NOBODY}, {BOB}") + b"\r\nnobody will not get this\r\n"
-    refused = client.sendmail(SENDER, [ALICE, NOBODY, BOB], partly)
+    assert client.sendmail(SENDER, [alice], PLAIN) == {}
+    assert client.sendmail(SENDER, [alice], EIGHT_BIT, mail_options=["BODY=8BITMIME"]) == {}
+    assert client.sendmail(SENDER, [alice], big) == {}
+    assert client.sendmail(SENDER, [alice], DOTS) == {}
+    many = headers("three recipients", to=f"{alice}, {bob}") + b"Cc: " + carol.encode() + b"\r\n\r\nto all three\r\n"
+    assert client.sendmail(SENDER, [alice, bob, carol], many) == {}
+    partly = headers("one unknown", to=f"{alice}, {NOBODY}, {bob}") + b"\r\nnobody will not get this\r\n"
+    refused = client.sendmail(SENDER, [alice, NOBODY, bob], partly)
     assert set(refused) == {NOBODY}, refused
     code, text = refused[NOBODY]
     assert code == 550 and text.startswith(b"5.1.1 "), refused
     # The null reverse-path (a bounce) is accepted as well.
     bounce = headers("a bounce") + b"\r\nundeliverable\r\n"
-    assert client.sendmail("<>", [CAROL], bounce) == {}
+    assert client.sendmail("<>", [carol], bounce) == {}
     assert client.quit()[0] == 221
 
-    stored = fetchAll(server, ALICE)
+    stored = fetchAll(server, alice, ALICE_PW)
     sent = [PLAIN, EIGHT_BIT, big, DOTS, many, partly]
     assert len(stored) == len(sent)
     for copy, original in zip(stored, sent):
         single = original not in (many, partly)
-        assertDelivered(copy, original, SENDER, recipient=ALICE if single else None)
+        assertDelivered(copy, original, SENDER, recipient=alice if single else None)
 
-    bob = fetchAll(server, BOB)
-    assert len(bob) == 2
-    assertDelivered(bob[0], many, SENDER)
-    assertDelivered(bob[1], partly, SENDER)
-    carol = fetchAll(server, CAROL)
-    assert len(carol) == 2
-    assertDelivered(carol[0], many, SENDER)
-    assertDelivered(carol[1], bounce, "", recipient=CAROL)
+    bobs = fetchAll(server, bob, BOB_PW)
+    assert len(bobs) == 2
+    assertDelivered(bobs[0], many, SENDER)
+    assertDelivered(bobs[1], partly, SENDER)
+    carols = fetchAll(server, carol, CAROL_PW)
+    assert len(carols) == 2
+    assertDelivered(carols[0], many, SENDER)
+    assertDelivered(carols[1], bounce, "", recipient=carol)
 
     # What the admin command reports agrees with what POP3 served.
-    assert [row[1] for row in mailgate_cli.mailbox(ALICE)] == [len(m) for m in stored]
+    assert [row[1] for row in mailgate_cli.mailbox(alice)] == [len(m) for m in stored]
     assert NOBODY not in mailgate_cli.users()
 
 
-def test_longLinesAreAcceptedAndServedByteForByte(mailgate_server, mailgate_cli, monkeypatch):
+def test_longLinesAreAcceptedAndServedByteForByte(shared, monkeypatch):
     """
     Lines past RFC 5321's 1000 octets, as bulk mailers' HTML, a long To:
     field or a forwarding fetchmail send them, are accepted by SMTP and
@@ -329,11 +340,13 @@ def test_longLinesAreAcceptedAndServedByteForByte(mailgate_server, mailgate_cli,
     mail) and served back by POP3 as they were sent: a 300 KB line, and a
     long line that begins with a dot, which SMTP and POP3 both stuff.
     """
+    server = shared(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
     # poplib, like many clients, refuses lines over 2048 octets; fetchmail
     # and Thunderbird do not.
     monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
-    mailgate_cli.addUser(ALICE, PASSWORDS[ALICE])
-    server = mailgate_server(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli.addUser(alice, ALICE_PW)
     recipients = ", ".join(f"user{n}@example.org" for n in range(400))
     message = (
         headers("long lines", to=recipients)
@@ -342,16 +355,16 @@ def test_longLinesAreAcceptedAndServedByteForByte(mailgate_server, mailgate_cli,
         + b"end\r\n"
     )
     client = smtpClient(server)
-    assert client.sendmail(SENDER, [ALICE], message) == {}
+    assert client.sendmail(SENDER, [alice], message) == {}
     client.quit()
     lmtp = smtplib.LMTP(timeout=DEADLINE, local_hostname=CLIENT)
     assert lmtp.connect("127.0.0.1", server.portOf("LMTP"))[0] == 220
-    assert lmtp.sendmail(SENDER, [ALICE], message) == {}
+    assert lmtp.sendmail(SENDER, [alice], message) == {}
     lmtp.quit()
-    stored = fetchAll(server, ALICE)
+    stored = fetchAll(server, alice, ALICE_PW)
     assert len(stored) == 2
-    assertDelivered(stored[0], message, SENDER, recipient=ALICE)
-    assertDelivered(stored[1], message, SENDER, protocol="LMTP", recipient=ALICE)
+    assertDelivered(stored[0], message, SENDER, recipient=alice)
+    assertDelivered(stored[1], message, SENDER, protocol="LMTP", recipient=alice)
 
 
 # -- 2. EHLO, SIZE, and refusals -----------------------------------------------
@@ -607,7 +620,7 @@ def _sendAllThenHalfClose(port, wire):
 
 
 @pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
-def test_aClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli, protocol):
+def test_aClientThatHalfClosesGetsEveryReply(shared, protocol):
     """
     A client sends a whole transaction and QUIT, then closes its side of
     the connection without waiting: the message is stored once and the
@@ -615,41 +628,45 @@ def test_aClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli, prot
     them (closed at once, the client would not know its message was
     taken, and send it again).
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    server = mailgate_server(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    server = shared(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
     hello = "LHLO" if protocol == "lmtp" else "EHLO"
     message = headers("half-closed") + b"\r\nsent, then the end of input\r\n"
     wire = (
-        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode()
+        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{alice}>\r\nDATA\r\n".encode()
         + message + b".\r\nQUIT\r\n"
     )
     answer = _sendAllThenHalfClose(server.portOf(protocol.upper()), wire)
     codes = [line[:4] for line in answer.splitlines() if line[3:4] == " "]
     assert codes == ["220 ", "250 ", "250 ", "250 ", "354 ", "250 ", "221 "], answer
-    stored = fetchAll(server, ALICE)
+    stored = fetchAll(server, alice, ALICE_PW)
     assert len(stored) == 1
-    assertDelivered(stored[0], message, SENDER, protocol=protocol.upper() if protocol == "lmtp" else "ESMTP", recipient=ALICE)
+    assertDelivered(stored[0], message, SENDER, protocol=protocol.upper() if protocol == "lmtp" else "ESMTP", recipient=alice)
 
     # An unfinished message before the end of input is not stored.
     answer = _sendAllThenHalfClose(
         server.portOf(protocol.upper()),
-        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode() + message,
+        f"{hello} {CLIENT}\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{alice}>\r\nDATA\r\n".encode() + message,
     )
     assert answer.splitlines()[-1].startswith("354 "), answer
-    assert len(fetchAll(server, ALICE)) == 1
+    assert len(fetchAll(server, alice, ALICE_PW)) == 1
 
 
-def test_aPop3ClientThatHalfClosesGetsEveryReply(mailgate_server, mailgate_cli):
-    mailgate_cli.addUser(ALICE, ALICE_PW)
-    mailgate_cli.deliver(ALICE, b"Subject: one\r\n\r\nbody\r\n")
-    server = mailgate_server()
+def test_aPop3ClientThatHalfClosesGetsEveryReply(shared):
+    server = shared(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
+    mailgate_cli.deliver(alice, b"Subject: one\r\n\r\nbody\r\n")
     answer = _sendAllThenHalfClose(
-        server.port, f"USER {ALICE}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode()
+        server.port, f"USER {alice}\r\nPASS {ALICE_PW}\r\nSTAT\r\nDELE 1\r\nQUIT\r\n".encode()
     )
     lines = answer.splitlines()
     assert [line.split(" ")[0] for line in lines] == ["+OK"] * 6, answer
     assert lines[3].startswith("+OK 1 "), answer
-    assert len(mailgate_cli.mailbox(ALICE)) == 0
+    assert len(mailgate_cli.mailbox(alice)) == 0
 
 
 def test_mailToPostmasterReachesTheConfiguredUser(mailgate_server, mailgate_cli):
@@ -775,25 +792,27 @@ def test_readmeTacExample(tmp_path):
 # -- 6. SMTP and POP3 in one process do not hold each other up -------------------
 
 
-def test_smtpAndPop3DoNotBlockEachOther(mailgate_server, mailgate_cli):
+def test_smtpAndPop3DoNotBlockEachOther(shared):
     """
     An SMTP session stopped in the middle of DATA does not hold up a POP3
     session; a POP3 session holding the maildrop does not hold up delivery
     to it.
     """
-    mailgate_cli.addUser(ALICE, ALICE_PW)
+    server = shared(*SMTP_OPTIONS, "--lmtp", LOOPBACK_TCP)
+    mailgate_cli = shared.cli(server)
+    alice = shared.address("alice")
+    mailgate_cli.addUser(alice, ALICE_PW)
     waiting = headers("waiting") + b"\r\nalready here\r\n"
-    mailgate_cli.deliver(ALICE, waiting)
-    server = mailgate_server(*SMTP_OPTIONS)
+    mailgate_cli.deliver(alice, waiting)
 
     held = headers("held open") + b"\r\nfirst part\r\nsecond part, cut in the mid"
     wire = smtpWire(server)
     assert wire.command(f"MAIL FROM:<{SENDER}>")[0] == 250
-    assert wire.command(f"RCPT TO:<{ALICE}>")[0] == 250
+    assert wire.command(f"RCPT TO:<{alice}>")[0] == 250
     assert wire.command("DATA")[0] == 354
     wire.send(held)
 
-    client = popLogin(server, ALICE)
+    client = popLogin(server, alice, ALICE_PW)
     assert client.stat() == (1, len(waiting))
     assert client.list()[1] == [b"1 %d" % len(waiting)]
     assert retrieve(client, 1) == waiting
@@ -805,11 +824,11 @@ def test_smtpAndPop3DoNotBlockEachOther(mailgate_server, mailgate_cli):
 
     # Now the other way round: a POP3 session holds the maildrop while
     # SMTP delivers to it.
-    client = popLogin(server, ALICE)
+    client = popLogin(server, alice, ALICE_PW)
     assert client.stat()[0] == 2
     meanwhile = headers("meanwhile") + b"\r\nwhile a session was open\r\n"
     assert wire.command(f"MAIL FROM:<{SENDER}>")[0] == 250
-    assert wire.command(f"RCPT TO:<{ALICE}>")[0] == 250
+    assert wire.command(f"RCPT TO:<{alice}>")[0] == 250
     assert wire.command("DATA")[0] == 354
     wire.send(meanwhile + b".\r\n")
     code, texts = wire.reply()
@@ -819,11 +838,11 @@ def test_smtpAndPop3DoNotBlockEachOther(mailgate_server, mailgate_cli):
     assert client.quit().startswith(b"+OK")
     assert wire.command("QUIT")[0] == 221
 
-    stored = fetchAll(server, ALICE)
+    stored = fetchAll(server, alice, ALICE_PW)
     assert len(stored) == 3
     assert stored[0] == waiting
-    assertDelivered(stored[1], held + b"dle of a line\r\n", SENDER, recipient=ALICE)
-    assertDelivered(stored[2], meanwhile, SENDER, recipient=ALICE)
+    assertDelivered(stored[1], held + b"dle of a line\r\n", SENDER, recipient=alice)
+    assertDelivered(stored[2], meanwhile, SENDER, recipient=alice)
 
 
 @sqliteOnly
