@@ -347,3 +347,56 @@ def test_aReloadedProxyNetworkIsBelievedFromTheNextConnection():
     endpoint.setBalancers(["10.0.0.2/32"])
     assert isBalancer(balancer, wrapped.factory.balancers)
     assert wrapped.factory.balancers == (ipaddress.ip_network("10.0.0.2/32"),)
+
+
+def test_aReloadBringsTheRetentionTasksNextRoundForward():
+    """
+    L{RetentionService.runSoon} (a reload changed the retention defaults)
+    runs the next round at once rather than up to ten minutes later; while
+    a round is under way (which may have passed what the new defaults
+    remove), once it ends; then the rounds keep their interval.
+    """
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.store.housekeeping import RetentionService
+
+    class Store:
+        class sessions:
+            clockAhead = False
+
+        class retention:
+            @staticmethod
+            def refresh():
+                return defer.succeed(None)
+
+        rounds = []
+
+        def expireMessages(self, users, messages):
+            self.rounds.append(defer.Deferred())
+            return self.rounds[-1]
+
+        def purgeDeleted(self, messages):
+            return defer.succeed(0)
+
+    store = Store()
+    reactor = MemoryReactorClock()
+    service = RetentionService(store, reactor, interval=600)
+    service.startService()
+    reactor.run()
+    try:
+        service.runSoon()
+        reactor.advance(0)
+        assert len(store.rounds) == 1
+        service.runSoon()
+        store.rounds[0].callback((0, 0))
+        reactor.advance(0)
+        assert len(store.rounds) == 2
+        store.rounds[1].callback((0, 0))
+        reactor.advance(599)
+        assert len(store.rounds) == 2
+        reactor.advance(1)
+        assert len(store.rounds) == 3
+        store.rounds[2].callback((0, 0))
+    finally:
+        service.stopService()

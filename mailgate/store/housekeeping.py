@@ -38,10 +38,18 @@ class _Repeating(Service):
         if self.running:
             self._call = self._reactor.callLater(delay, self._tick)
 
+    #: the next pass is due as soon as the one under way ends (see
+    #: L{RetentionService.runSoon})
+    _soon = False
+
     def _tick(self):
         self._call = None
         d = self.runOnce()
-        d.addBoth(lambda _: self._schedule(self.interval))
+        d.addBoth(lambda _: self._next())
+
+    def _next(self):
+        soon, self._soon = self._soon, False
+        self._schedule(0 if soon else self.interval)
 
 
 class RetentionService(_Repeating):
@@ -105,13 +113,17 @@ class RetentionService(_Repeating):
         """
         Run the next round now rather than at its time (a reload changed
         the server's retention defaults, which it reads at each pass): what
-        a shorter retention removes goes at once.  Nothing before the
-        first round is scheduled, nor while a round is under way, whose
-        passes to come read the new defaults.
+        a shorter retention removes goes at once; while a round is under
+        way (it may have passed what the new defaults remove), as soon as
+        it ends.  Nothing before the first round is scheduled.
         """
-        if self.running and self._call is not None:
+        if not self.running:
+            return
+        if self._call is not None:
             self._call = cancelled(self._call)
             self._schedule(0)
+        elif self.active is not None:
+            self._soon = True
 
     def stopService(self):
         Service.stopService(self)
