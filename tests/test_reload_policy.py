@@ -400,3 +400,35 @@ def test_aReloadBringsTheRetentionTasksNextRoundForward():
         store.rounds[2].callback((0, 0))
     finally:
         service.stopService()
+
+
+def test_aCleartextNetworkNarrowedAsTLSIsTurnedOnWaitsForTheRestart(tmp_path):
+    """
+    A reload that turns TLS on (a restart's) and narrows
+    smtp-cleartext-network leaves the networks to the restart too: the
+    running server has no STARTTLS to offer the clients it would then
+    refuse mail in the clear.  On a server with TLS, the same networks are
+    applied: a new session from elsewhere must start TLS first.
+    """
+    from certs import makeCertificate
+    from test_service import _reloadableService
+    from twisted.internet.address import IPv4Address
+
+    makeCertificate(tmp_path, "mail.test")
+    tls = f'tls-cert = "{tmp_path}/mail.test.crt"\ntls-key = "{tmp_path}/mail.test.key"\n'
+    narrowed = 'smtp-cleartext-network = ["192.0.2.0/24"]\n'
+    client = IPv4Address("TCP", "198.51.100.7", 40000)
+
+    path = tmp_path / "plain.toml"
+    _, root = _reloadableService(path, "", "--smtp", "tcp:2525")
+    path.write_text(tls + narrowed)
+    assert root.reloadConfig() == []
+    assert "smtp-cleartext-network" in root.restartNeeded
+    assert root.listeners["SMTP"][0].factory.takesCleartext(client)
+
+    path = tmp_path / "tls.toml"
+    _, root = _reloadableService(path, tls, "--smtp", "tcp:2525")
+    path.write_text(tls + narrowed)
+    assert root.reloadConfig() == ["smtp-cleartext-network"]
+    assert root.restartNeeded == ()
+    assert not root.listeners["SMTP"][0].factory.takesCleartext(client)
