@@ -660,7 +660,54 @@ X_UIDL_MESSAGES = [
 ]
 
 
-def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
+#: The maildrops of the X-UIDL tests' Dovecot (L{reuseXuidlDovecot}), a user
+#: of its own for each test: (message, seen) in maildir order, the seen ones
+#: in cur/, the others in new/.
+X_UIDL_MAILDROPS = {
+    # test_aMessagesXUIDLFieldWhereDovecotReusesIt: every other one seen.
+    "fields@example.org": [(message, n % 2 == 1) for n, (message, _) in enumerate(X_UIDL_MESSAGES)],
+    # test_aFoldedXUIDLFieldDovecotServesOnTwoLines
+    "folded@example.org": [
+        (b"X-UIDL: folded1\n more\nSubject: s\n\nbody\n", False),
+        (b"Subject: no field\n\nbody\n", False),
+        (b"X-UIDL: tabbed3\r\n\tmore\r\n\r\nbody\r\n", False),
+        (b"X-UIDL: plain4\n\nbody\n", False),
+    ],
+    # test_aFoldedXUIDLWhoseNextLineBeginsWithANumberIsStillItsFirstLines
+    "numbered@example.org": [
+        (b"X-UIDL: folded1\n 2 more\nSubject: s\n\nbody\n", False),
+        (b"Subject: no field\n\nbody\n", False),
+        (b"X-UIDL: tabbed3\r\n\t9 more\r\n\r\nbody\r\n", False),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def reuseXuidlDovecot():
+    """
+    One Dovecot with pop3_reuse_xuidl = yes for the tests of the X-UIDL
+    fields it serves, with L{X_UIDL_MAILDROPS} put in its maildirs before
+    it starts: each test reads and imports its own user's, which no other
+    test touches.  (Each test started an identical Dovecot of its own.)
+    """
+    server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
+    try:
+        server.addUsers(list(X_UIDL_MAILDROPS), PASSWORD)
+        now = int(time.time())
+        for user, messages in X_UIDL_MAILDROPS.items():
+            for n, (message, seen) in enumerate(messages):
+                sub = "cur" if seen else "new"
+                name = f"{now - 100 + n}.M{n}P1.host" + (":2,S" if seen else "")
+                with open(os.path.join(server.maildir(user), sub, name), "wb") as f:
+                    f.write(message)
+            server.own(server.maildir(user))
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_aMessagesXUIDLFieldWhereDovecotReusesIt(reuseXuidlDovecot, tmp_path):
     """
     Dovecot with pop3_reuse_xuidl = yes serves a message's X-UIDL header
     field as its unique id: import maildir --reuse-xuidl serves the same
@@ -668,22 +715,10 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
     format's for the messages without one.  Before, every such message
     got the format's id, and leave-on-server clients downloaded it again.
     """
-    server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
-    try:
-        server.addUsers([ALICE], PASSWORD)
-        now = int(time.time())
-        for n, (message, _) in enumerate(X_UIDL_MESSAGES):
-            sub = "cur" if n % 2 else "new"
-            name = f"{now - 100 + n}.M{n}P1.host" + (":2,S" if sub == "cur" else "")
-            with open(os.path.join(server.maildir(ALICE), sub, name), "wb") as f:
-                f.write(message)
-        server.own(server.maildir(ALICE))
-        server.start()
-        uidl, listing, _ = servedBy(server, ALICE)
-        assert server.errorsLogged() == []
-        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
-    finally:
-        server.cleanup()
+    server = reuseXuidlDovecot
+    uidl, listing, _ = servedBy(server, "fields@example.org")
+    assert server.errorsLogged() == []
+    files = server.copyMaildir("fields@example.org", tmp_path / "Maildir")
     kept = [" ".join(line.split()[:2]) for line in uidl]
     assert [line.split()[1] for line in kept] == [
         expected or line.split()[1] for line, (_, expected) in zip(kept, X_UIDL_MESSAGES)
@@ -699,7 +734,7 @@ def test_aMessagesXUIDLFieldWhereDovecotReusesIt(tmp_path):
     assert servedFrom(database) == (kept, listing)
 
 
-def test_aFoldedXUIDLFieldDovecotServesOnTwoLines(tmp_path):
+def test_aFoldedXUIDLFieldDovecotServesOnTwoLines(reuseXuidlDovecot, tmp_path):
     """
     Dovecot with pop3_reuse_xuidl = yes serves a folded X-UIDL field as it
     is, its line break in the UIDL listing ("1 folded", then " more"):
@@ -711,39 +746,49 @@ def test_aFoldedXUIDLFieldDovecotServesOnTwoLines(tmp_path):
     """
     from mailgate.importers.pop3 import importPOP3
 
-    messages = [
-        b"X-UIDL: folded1\n more\nSubject: s\n\nbody\n",
-        b"Subject: no field\n\nbody\n",
-        b"X-UIDL: tabbed3\r\n\tmore\r\n\r\nbody\r\n",
-        b"X-UIDL: plain4\n\nbody\n",
+    server = reuseXuidlDovecot
+    uidl, listing, _ = servedBy(server, "folded@example.org")
+    assert [line.split()[1] for line in uidl if line[0].isdigit()] == [
+        "folded1", uidl[2].split()[1], "tabbed3", "plain4",
     ]
-    server = PrivateDovecot(extra="pop3_reuse_xuidl = yes")
-    try:
-        server.addUsers([ALICE], PASSWORD)
-        now = int(time.time())
-        for n, message in enumerate(messages):
-            with open(os.path.join(server.maildir(ALICE), "new", f"{now - 100 + n}.M{n}P1.host"), "wb") as f:
-                f.write(message)
-        server.own(server.maildir(ALICE))
-        server.start()
-        uidl, listing, _ = servedBy(server, ALICE)
-        assert [line.split()[1] for line in uidl if line[0].isdigit()] == [
-            "folded1", uidl[2].split()[1], "tabbed3", "plain4",
-        ]
-        assert len(uidl) == 6
-        kept = [line for line in uidl if line[0].isdigit()]
-        with aliceStore() as store:
-            report = importPOP3(store, f"pop3://alice%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD)
-            assert (report.messages, report.failures) == (4, [])
-            assert servedByMailgate(store) == (kept, listing)
-        assert server.errorsLogged() == []
-        files = server.copyMaildir(ALICE, tmp_path / "Maildir")
-    finally:
-        server.cleanup()
+    assert len(uidl) == 6
+    kept = [line for line in uidl if line[0].isdigit()]
+    with aliceStore() as store:
+        report = importPOP3(store, f"pop3://folded%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD)
+        assert (report.messages, report.failures) == (4, [])
+        assert servedByMailgate(store) == (kept, listing)
+    assert server.errorsLogged() == []
+    files = server.copyMaildir("folded@example.org", tmp_path / "Maildir")
     database = newDatabase(tmp_path, "target.sqlite3")
     code, out, err = mailgateHere(database, "import", "maildir", files, ALICE, "--reuse-xuidl")
     assert (code, err) == (0, ""), out
     assert servedFrom(database) == (kept, listing)
+
+
+def test_aFoldedXUIDLWhoseNextLineBeginsWithANumberIsStillItsFirstLines(reuseXuidlDovecot):
+    """
+    Dovecot (pop3_reuse_xuidl = yes) serves a folded X-UIDL field as it is,
+    the field's next line in the UIDL listing as a line of its own.  Where
+    that line begins with a number after its fold (" 2 more"), it is still
+    the rest of the id before it, not message 2's: clients take the first
+    line's id, and so does import pop3.  It took it for a listing naming
+    message 2 twice and refused the user's whole listing, exit 65, on
+    every run (the field is the sender's to write), or, for a number no
+    message has (" 9 more"), a message 9 to fetch.
+    """
+    from mailgate.importers.pop3 import importPOP3
+
+    server = reuseXuidlDovecot
+    uidl, listing, _ = servedBy(server, "numbered@example.org")
+    # As Dovecot serves it: each field's second line a line of its own.
+    assert [line for line in uidl if not line[:1].isdigit()] == [" 2 more", "\t9 more"]
+    kept = [line for line in uidl if line[:1].isdigit()]
+    assert [line.split()[1] for line in kept][::2] == ["folded1", "tabbed3"]
+    with aliceStore() as store:
+        report = importPOP3(store, f"pop3://numbered%40example.org@127.0.0.1:{server.pop3Port}", ALICE, PASSWORD)
+        assert (report.messages, report.failures) == (3, [])
+        assert servedByMailgate(store) == (kept, listing)
+    assert server.errorsLogged() == []
 
 
 def test_messagesPOP3ClientsDeletedWhereDovecotKeptThem(tmp_path):
