@@ -141,6 +141,14 @@ class ServerView:
     def stderr(self):
         return self._server.stderr[self._errFrom:]
 
+    @property
+    def wholeStdout(self):
+        """
+        Everything the process wrote since it started: its listening
+        lines, say.
+        """
+        return self._server.stdout
+
     def log(self):
         return f"(a server shared by the module; its output since this test began)\n{self._server.log()}"
 

@@ -23,6 +23,7 @@ import pytest
 
 from e2e import DEADLINE, STOP_GRACE, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+from sharedserver import shared, sharedBackend, sharedServers, sqliteOnlyShared  # noqa: F401 (fixtures)
 
 POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
@@ -458,21 +459,43 @@ def test_haproxyLimitsEachClientAddress(mailgate_server, haproxy):
             sock.close()
 
 
-def waitForSessions(server, protocol, count, what):
+def sessionsCounted(server, protocol):
     """
-    Wait until C{server}'s metrics count C{count} sessions of C{protocol}
-    (C{mailgate_sessions_total}): a balancer's checks have come.
+    The sessions of C{protocol} C{server}'s metrics count so far
+    (C{mailgate_sessions_total}).
     """
     import urllib.request
 
-    def counted():
-        url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
-        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-            text = response.read().decode()
-        found = re.search(rf'^mailgate_sessions_total\{{protocol="{protocol}"\}} (\S+)$', text, re.M)
-        return float(found.group(1)) >= count
+    url = f"http://127.0.0.1:{server.portOf('METRICS')}/metrics"
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    found = re.search(rf'^mailgate_sessions_total\{{protocol="{protocol}"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
 
-    waitFor(counted, what)
+
+def waitForSessions(server, protocol, count, what, before=0.0):
+    """
+    Wait until C{server}'s metrics count C{count} sessions of C{protocol}
+    more than C{before} (C{mailgate_sessions_total}): a balancer's checks
+    have come.
+    """
+    waitFor(lambda: sessionsCounted(server, protocol) >= before + count, what)
+
+
+def healthCheckedServer(shared):
+    """
+    The module's server behind the balancers of the health-check tests:
+    SMTP and POP3 on haproxy: listeners, and metrics (each test started
+    one with the listener of its protocol).  Each test counts the checks
+    of its own balancer from where the count was, and reads the log lines
+    written since it began.
+    """
+    return shared(
+        "--smtp", HAPROXY_LISTENER, "--pop3", HAPROXY_LISTENER, "--metrics", "tcp:0:interface=127.0.0.1",
+    )
+
+
+HAPROXY_LISTENER = "haproxy:tcp:0:interface=127.0.0.1"
 
 
 HAPROXY_SMTP_CHECK_CFG = """\
@@ -497,10 +520,10 @@ backend mailgate
 """
 
 
-@sqliteOnly
+@sqliteOnlyShared
 @pytest.mark.parametrize("option", ["", "option smtpchk"], ids=["check", "smtpchk"])
 @pytest.mark.parametrize("proxy", ["send-proxy", "send-proxy-v2"])
-def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy, proxy, option):
+def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(shared, haproxy, proxy, option):
     """
     HAProxy's C{check} on a C{send-proxy} server connects with a v1 header
     naming the check's own connection (no C{UNKNOWN}), on a
@@ -510,12 +533,12 @@ def test_haproxysHealthChecksAreNoSMTPSessionsInTheLog(mailgate_server, haproxy,
     balancer is logged as ever (as is the fixture's probe of the
     frontend, from 127.0.0.1).
     """
-    description = "haproxy:tcp:0:interface=127.0.0.1"
-    server = mailgate_server("--smtp", description, "--metrics", "tcp:0:interface=127.0.0.1")
+    server = healthCheckedServer(shared)
     backPort = server.portOf("SMTP")
+    before = sessionsCounted(server, "smtp")
     front = haproxy(backPort, HAPROXY_SMTP_CHECK_CFG, proxy=proxy, option=option)
 
-    waitForSessions(server, "smtp", 5, "five of HAProxy's health checks")
+    waitForSessions(server, "smtp", 5, "five of HAProxy's health checks", before)
     client = smtplib.SMTP("127.0.0.1", front, timeout=DEADLINE, source_address=("127.0.0.2", 0))
     client.ehlo("client.test")
     client.quit()
@@ -538,10 +561,10 @@ POP3_TCP_CHECK = (
 )
 
 
-@sqliteOnly
+@sqliteOnlyShared
 @pytest.mark.parametrize("option", ["", POP3_TCP_CHECK], ids=["check", "tcp-check"])
 @pytest.mark.parametrize("proxy", ["send-proxy", "send-proxy-v2"])
-def test_haproxysHealthChecksAreNoPOP3SessionsInTheLog(mailgate_server, haproxy, proxy, option):
+def test_haproxysHealthChecksAreNoPOP3SessionsInTheLog(shared, haproxy, proxy, option):
     """
     HAProxy's C{check} of a POP3 server, bare (connect, leave) or as a
     C{tcp-check} that reads the greeting and says QUIT, behind a header
@@ -550,12 +573,14 @@ def test_haproxysHealthChecksAreNoPOP3SessionsInTheLog(mailgate_server, haproxy,
     a client relayed by the same balancer that leaves without logging in
     is logged as ever.
     """
-    description = "haproxy:tcp:0:interface=127.0.0.1"
-    server = mailgate_server("--pop3", description, "--metrics", "tcp:0:interface=127.0.0.1")
-    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    server = healthCheckedServer(shared)
+    backPort = int(
+        re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({HAPROXY_LISTENER}\)", server.wholeStdout).group(1)
+    )
+    before = sessionsCounted(server, "pop3")
     front = haproxy(backPort, HAPROXY_POP3_CHECK_CFG, proxy=proxy, option=option)
 
-    waitForSessions(server, "pop3", 5, "five of HAProxy's health checks")
+    waitForSessions(server, "pop3", 5, "five of HAProxy's health checks", before)
     client = popFrom("127.0.0.2", front)
     assert client.getwelcome().startswith(b"+OK")
     client.capa()
