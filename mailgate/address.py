@@ -171,12 +171,13 @@ def normalizeAddress(address):
 
     A local part in UTF-8 (RFC 6532's atext with UTF8-non-ascii) is put in
     Unicode's normalisation form C and lower-cased (C{str.lower}, then NFC
-    again): C{Jörg} written with a precomposed C{ö} (as most keyboards) or
-    as C{o} and a combining diaeresis (NFD, as macOS's file names and some
-    clients and MTAs send it) is the one user C{jörg}.  Its length is
-    counted in octets of UTF-8 (RFC 6531 section 3.3): 64 for the local
-    part, 254 for the address.  Refused, each named in the refusal with its
-    code point:
+    again; I{İ} as I{i} and a sigma final at the end of a word, as
+    L{_lowered} says why): C{Jörg} written with a precomposed C{ö} (as
+    most keyboards) or as C{o} and a combining diaeresis (NFD, as macOS's
+    file names and some clients and MTAs send it) is the one user
+    C{jörg}.  Its length is counted in octets of UTF-8 (RFC 6531 section
+    3.3): 64 for the local part, 254 for the address.  Refused, each named
+    in the refusal with its code point:
       - controls, spaces, line and paragraph separators, surrogates;
       - invisible characters (format characters such as the right-to-left
         override or a zero-width joiner, variation selectors, fillers):
@@ -190,7 +191,12 @@ def normalizeAddress(address):
         holding one would be another user's name to a SCRAM client; and a
         full-width C{ａdmin} looks like C{admin};
       - a combining mark that begins an atom, with nothing of its own to
-        combine with.
+        combine with;
+      - a letter whose capital is another letter's (the Cyrillic rounded
+        I{ᲀ}, whose capital is I{в}'s; I{ᾳ}, in capitals I{αι}'s): the
+        name in capitals would be another user's.  The German I{ß} and
+        the Turkish I{ı} are letters of their own (I{STRASSE} is
+        C{strasse}, not C{straße}).
     Letters of other scripts that look like Latin ones (a Cyrillic C{а})
     are not refused: they are letters of their names, and only an
     administrator creates users.
@@ -230,9 +236,7 @@ def _normalizeUTF8(address):
     if address.count("@") != 1:
         raise InvalidAddress(f"not an address of the form local@domain: {address!r}")
     local, domain = address.split("@")
-    # NFC before lower-casing (a decomposed capital is lowered as the one
-    # letter it is) and after (lower-casing may leave a letter decomposed).
-    local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).lower())
+    local = _lowered(local)
     octets = len(local.encode("utf-8"))
     if octets > MAX_LOCAL_PART:
         raise InvalidAddress(
@@ -250,6 +254,59 @@ def _normalizeUTF8(address):
             f"address too long: {address[:40]!r}... ({octets} octets of UTF-8, at most {MAX_ADDRESS})"
         )
     return f"{local}@{domain}"
+
+
+def _lowered(local):
+    """
+    A UTF-8 local part in NFC and lower case, in the one spelling every
+    case of it is lowered to.
+
+    NFC before lower-casing (a decomposed capital is lowered as the one
+    letter it is) and after (lower-casing may leave a letter decomposed).
+    Beyond C{str.lower}, so that however a client writes the name (all in
+    capitals, or as it is spelt in lower case) it is the one user:
+      - the dotted capital I{İ} is I{i}: C{str.lower} makes it I{i} and a
+        combining dot above (U+0307), which no one types and many fonts
+        show as a plain I{i}: C{İlker} was a user that C{ilker} did not
+        reach, and a user of its own beside C{ilker};
+      - a sigma is final (I{ς}) at the end of a word and I{σ} elsewhere:
+        C{str.lower} makes a final sigma only where it ends the whole
+        name (a dot does not end a Greek word for it), so C{ΝΙΚΟΣ.ΠΑΠΑΣ}
+        was C{νικοσ.παπας}, a user C{νικος.παπας} (as a Greek writes it)
+        did not reach.
+    """
+    local = unicodedata.normalize("NFC", local).lower()
+    if "i\u0307" in local:
+        local = _DOTTED_I.sub("i", local)
+    local = unicodedata.normalize("NFC", local)
+    if "σ" in local or "ς" in local:
+        local = _SIGMA.sub(_sigmaOfItsPlace, local)
+    return local
+
+
+_DOTTED_I = re.compile("i\u0307+")
+_SIGMA = re.compile("[σς]")
+
+
+def _sigmaOfItsPlace(match):
+    """
+    The sigma a Greek writes where C{match} found one: final (I{ς}) after
+    a letter (and its marks) and before no letter or mark, I{σ} elsewhere.
+    """
+    text, at = match.string, match.start()
+    before = at - 1
+    while before >= 0 and unicodedata.category(text[before])[0] == "M":
+        before -= 1
+    after = text[at + 1 : at + 2]
+    endsAWord = not after or not (after.isalpha() or unicodedata.category(after)[0] == "M")
+    return "ς" if endsAWord and before >= 0 and text[before].isalpha() else "σ"
+
+
+#: Letters whose capital is another letter's too, kept as letters of their
+#: own (L{_refusal}): the German I{ß} (I{SS}: I{Maße} is not I{Masse}) and
+#: the Turkish dotless I{ı} (I{I}), as RFC 8265's user names keep them
+#: (toLowerCase, no case folding); and the sigmas, which L{_lowered} puts in their places.
+_OWN_LETTERS = frozenset("ßıσς")
 
 
 def _refusal(local):
@@ -281,6 +338,13 @@ def _refusal(local):
             if compatible != ch:
                 return f"{_named(ch)} has a compatibility form, {compatible!r}: write that instead"
         return "it holds characters with a compatibility form"
+    for ch in local:
+        if ch >= "\x80" and ch not in _OWN_LETTERS:
+            other = unicodedata.normalize("NFC", ch.upper().lower())
+            if other != ch:
+                # Written in capitals it is the other's name (ᲀ and в are
+                # both В): two users whose names look one.
+                return f"{_named(ch)} has the capital of {other!r}: write that instead"
     return None
 
 
