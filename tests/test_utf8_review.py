@@ -19,6 +19,7 @@ from e2e import DEADLINE, AdminCommand, mailgate_server  # noqa: F401 (fixtures)
 from mailgate.address import normalizeAddress
 from mailgate.auth.saslprep import preparedName
 from mailgate.errors import InvalidAddress
+from mailgate.importers.passwdfile import PasswdAccount, RefusedLine, readPasswdFile
 
 PASSWORD = "καλημέρα"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
@@ -155,3 +156,31 @@ def test_aGreekAndATurkishUserAreReachedAsTheyWriteTheirNames(mailgate_server):
         assert refused == {}
     finally:
         smtp.quit()
+
+
+# -- Dovecot's passwd-file ---------------------------------------------------------
+
+
+def test_ofAUTF8NameOnTwoLinesTheOneDovecotReachesIsKept():
+    """
+    Dovecot's %Lu lowers ASCII letters alone and its passwd-file compares
+    octets (2.3.19, with auth_username_chars emptied, which UTF-8 names
+    need: JÖRG logged in as the line jÖrg@, not jörg@; jörg decomposed did
+    not reach jörg precomposed).  Of lines mailgate reads as one user, the
+    one whose password that user logged in with is kept: jÖrg@, not the
+    first, Jörg@, which no login reached (str.lower took both for
+    capitals); the precomposed jörg@, as keyboards type it, not the
+    decomposed one before it.
+    """
+    nfd = unicodedata.normalize("NFD", "jörg@example.org")
+    lines = [
+        "Jörg@example.org:{PLAIN}unreached:::::",
+        "jÖrg@example.org:{PLAIN}reached:::::",
+        f"{nfd.replace('jo', 'zo')}:{{PLAIN}}decomposed:::::",
+        "zörg@example.org:{PLAIN}composed:::::",
+    ]
+    accounts = list(readPasswdFile(lines))
+    assert [isinstance(a, RefusedLine) for a in accounts] == [True, False, True, False]
+    assert accounts[1] == PasswdAccount(2, "jörg@example.org", "{PLAIN}reached", {})
+    assert accounts[3] == PasswdAccount(4, "zörg@example.org", "{PLAIN}composed", {})
+    assert accounts[0].reason.startswith("jörg@example.org is on line 2 too")

@@ -12,6 +12,7 @@ without a word, and the others are read on.
 """
 
 import re
+import unicodedata
 
 import attr
 
@@ -99,9 +100,29 @@ def _keptLines(lines, domain):
             address, written = _address(line, domain)
         except _Refused:
             continue
-        if address not in kept or (written == written.lower() and kept[address][1] != kept[address][1].lower()):
+        if address not in kept or (_reached(written) and not _reached(kept[address][1])):
             kept[address] = (number, written)
     return {address: number for address, (number, _) in kept.items()}
+
+
+#: ASCII's capitals to its small letters: all that Dovecot's %L lowers.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _reached(written):
+    """
+    Whether the logins of a name's user reach its line in Dovecot: a name
+    its C{%Lu} leaves as it is, and in NFC, as keyboards type it.  Its
+    C{%L} lowers ASCII letters alone and its passwd-file compares octets
+    (Dovecot 2.3.19: C{JÖRG} logs in as a line C{jÖrg}, not C{jörg}; C{jörg}
+    decomposed is no line C{jörg} precomposed), so of C{Jörg@} and
+    C{jÖrg@}, which mailgate reads as one user, the second is the one whose
+    password its user logged in with; C{str.lower} took both for capitals
+    and kept the first, which no login reached.
+    """
+    if written != written.translate(_ASCII_LOWER):
+        return False
+    return written.isascii() or unicodedata.is_normalized("NFC", written)
 
 
 class _Refused(Exception):
