@@ -235,8 +235,8 @@ def _normalizeUTF8(address):
     """
     if address.count("@") != 1:
         raise InvalidAddress(f"not an address of the form local@domain: {address!r}")
-    local, domain = address.split("@")
-    local = _lowered(local)
+    typed, domain = address.split("@")
+    local = _lowered(typed)
     octets = len(local.encode("utf-8"))
     if octets > MAX_LOCAL_PART:
         raise InvalidAddress(
@@ -246,6 +246,10 @@ def _normalizeUTF8(address):
         raise InvalidAddress(f"invalid local part in {address!r}")
     refusal = _refusal(local)
     if refusal is not None:
+        # Named as typed where it can be: a full-width Ａ is refused as
+        # itself, not as the ａ it lowers to, which the administrator
+        # would look for in vain.
+        refusal = _refusal(unicodedata.normalize("NFC", typed), lowered=False) or refusal
         raise InvalidAddress(f"invalid local part in {address!r}: {refusal}")
     domain = normalizeDomain(domain)
     octets += 1 + len(domain)
@@ -309,10 +313,14 @@ def _sigmaOfItsPlace(match):
 _OWN_LETTERS = frozenset("ßıσς")
 
 
-def _refusal(local):
+def _refusal(local, lowered=True):
     """
     Why C{local} (a dot-atom in NFC and lower case) can be no user's local
     part (see L{normalizeAddress}), or C{None} if it can.
+
+    @param lowered: C{False} for a local part as it was typed (in NFC, in
+        any case), whose capitals are not letters whose capital is
+        another's: only what it holds that no case of it may hold.
     """
     if local.isascii():
         return None
@@ -338,7 +346,7 @@ def _refusal(local):
             if compatible != ch:
                 return f"{_named(ch)} has a compatibility form, {compatible!r}: write that instead"
         return "it holds characters with a compatibility form"
-    for ch in local:
+    for ch in local if lowered else ():
         if ch >= "\x80" and ch not in _OWN_LETTERS:
             other = unicodedata.normalize("NFC", ch.upper().lower())
             if other != ch:

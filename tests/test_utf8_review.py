@@ -184,3 +184,23 @@ def test_ofAUTF8NameOnTwoLinesTheOneDovecotReachesIsKept():
     assert accounts[1] == PasswdAccount(2, "jörg@example.org", "{PLAIN}reached", {})
     assert accounts[3] == PasswdAccount(4, "zörg@example.org", "{PLAIN}composed", {})
     assert accounts[0].reason.startswith("jörg@example.org is on line 2 too")
+
+
+@pytest.mark.parametrize(
+    "typed, named",
+    [
+        ("ＡＢ", "U+FF21 FULLWIDTH LATIN CAPITAL LETTER A has a compatibility form, 'A': write that instead"),
+        ("ǅemal", "U+01C5 LATIN CAPITAL LETTER D WITH SMALL LETTER Z WITH CARON has a compatibility form, 'Dž': "
+                  "write that instead"),
+        ("Ⅻx", "U+216B ROMAN NUMERAL TWELVE has a compatibility form, 'XII': write that instead"),
+    ],
+)
+def test_aRefusalNamesTheCharacterAsTyped(typed, named):
+    """
+    A capital refused names the character the administrator typed, not
+    the small letter it lowers to (U+FF41 for a typed U+FF21, U+01C6 for a
+    typed ǅ: nowhere in what was typed).
+    """
+    with pytest.raises(InvalidAddress) as e:
+        normalizeAddress(f"{typed}@example.org")
+    assert str(e.value) == f"invalid local part in '{typed}@example.org': {named}"
