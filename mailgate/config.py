@@ -2127,9 +2127,14 @@ EXAMPLE_HEADER = """\
 # connections open, the failures counted and the bans in force stay);
 # default-quota, quota-warning, expire-days, keep-deleted-days and
 # duplicate-window to the next delivery and the retention round the
-# reload starts; every other change waits for a restart (systemctl
-# restart mailgate), named in the log (config.restart_needed) and by
-# systemctl status until then.  A file
+# reload starts; domain, postmaster, recipient-delimiter, quota-exceeded
+# and spool-directory to the recipients and messages after it;
+# smtp-soft-error-limit and smtp-error-sleep-time to the SMTP error
+# replies after it; login-delay, auth-cache-size and auth-cache-ttl to
+# the logins after it (a cache turned off forgets what it held);
+# shutdown-grace to the next stop; every other change waits for a
+# restart (systemctl restart mailgate), named in the log
+# (config.restart_needed) and by systemctl status until then.  A file
 # the server would refuse at start is refused by the reload too, and
 # what is in service stays.
 #

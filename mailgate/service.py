@@ -91,12 +91,26 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: reload does: each a factory attribute the factory copies into every
 #: session it builds (or a POP3 session reads once, at its greeting), so
 #: a session under way keeps the values it began with.  The setting's
-#: name: the factories it is set on, and their attribute.  Not hostname:
-#: SMTP sessions read it at every reply (a session under way would change
-#: names between its greeting and its Received field), the SASL server's
-#: CRAM-MD5 challenges and the node's entry in the session registry
-#: (mailgate nodes, which the other nodes compare settings by) took it at
-#: start.
+#: name: the factories it is set on, and their attribute.
+#:
+#: What a SIGHUP leaves to the restart (config.restart_needed), and why:
+#: the listeners (pop3, pop3s, smtp, lmtp, metrics) and the database,
+#: bound and opened at start (a changed database is refused outright);
+#: log-format, the observer twistd set up at start (one file, one format,
+#: for whatever parses it); cpu-affinity, memory-trim-interval and
+#: tls-ticket-key-rotation, the process's pinning and timers started with
+#: it; hostname: SMTP sessions read it at every reply (a session under way
+#: would change names between its greeting and its Received field), the
+#: SASL server's CRAM-MD5 challenges and the node's entry in the session
+#: registry (mailgate nodes, which the other nodes compare settings by)
+#: took it at start; apop, which checkers the portal was built with (APOP's
+#: or not) and what the APOP advertiser and its timer offer in greetings
+#: and CAPA; auth-default-realm, read by the portal's checkers,
+#: the SASL server and the connection policy, which counts failed logins
+#: and bans under the full names it makes (changed under it, the failures
+#: counted would be under other names than the next ones); the oauth2-*
+#: settings, the token validator and whether SASL offers OAUTHBEARER and
+#: XOAUTH2, made at start (their key files are read again at each SIGHUP).
 SESSION_SETTINGS = {
     "greeting": (POP3Factory, "greeting"),
     "idle-timeout": (POP3Factory, "idleTimeout"),
@@ -129,6 +143,31 @@ POLICY_SETTINGS = frozenset({
 #: at once: what a shorter retention removes goes then, not up to ten
 #: minutes later); the store reads them at each use
 STORE_SETTINGS = frozenset({"default-quota", "quota-warning", "expire-days", "keep-deleted-days", "duplicate-window"})
+#: SMTP's error throttling (Postfix's smtpd_soft_error_limit and
+#: smtpd_error_sleep_time): the SMTP factory's attributes, which its
+#: sessions read at each error, so a SIGHUP applies them to the error
+#: replies after it, in sessions under way too (a client is told nothing
+#: of them).  Not LMTP's: its client, the site's own MTA, is never held.
+ERROR_SETTINGS = {"smtp-soft-error-limit": "softErrorLimit", "smtp-error-sleep-time": "errorSleepTime"}
+#: how SMTP and LMTP take mail in: the domains, the postmaster, the
+#: recipient delimiter, the reply to a recipient over quota (each SMTP and
+#: LMTP factory's L{LocalDelivery} reads them at each RCPT and delivery)
+#: and the spool directory (taken as a message's data begins).  A SIGHUP
+#: applies them to the recipients given after it: RCPT resolves a
+#: recipient to its user, so a transaction under way delivers to the
+#: users it was told it would.  The node announces recipient-delimiter and
+#: quota-exceeded to the others sharing its database at once
+#: (L{RegistryService.announce}), which compare them with theirs.
+DELIVERY_SETTINGS = frozenset({"domain", "postmaster", "recipient-delimiter", "quota-exceeded", "spool-directory"})
+#: what POP3 checks a login with, which a SIGHUP applies to the logins
+#: checked after it: login-delay (the realm's check, and the LOGIN-DELAY
+#: CAPA lists from then on, to tell clients what they are checked
+#: against), the credential cache's bound and lifetime (for what is
+#: cached after it; a cache turned off forgets all it holds:
+#: L{VerifiedCredentialCache.reconfigure})
+LOGIN_SETTINGS = frozenset({"login-delay", "auth-cache-size", "auth-cache-ttl"})
+#: the seconds the sessions get at the next stop
+STOP_SETTINGS = frozenset({"shutdown-grace"})
 #: RFC 5321 section 4.5.3.2.7: an SMTP server's timeout should be at least
 #: five minutes (smtp-idle-timeout below it is warned of)
 SMTP_SERVER_TIMEOUT = 300
@@ -517,7 +556,9 @@ class MailgateService(MultiService):
         for sessions opened after it; L{POLICY_SETTINGS}, the connection
         limits, penalty and bans, for what comes after it; L{STORE_SETTINGS},
         the server's defaults for maildrops, for the next delivery and
-        retention round; and the TLS settings, L{TLS_SETTINGS}, where TLS was
+        retention round; L{DELIVERY_SETTINGS}, L{ERROR_SETTINGS},
+        L{LOGIN_SETTINGS} and L{STOP_SETTINGS}, for the recipients, error
+        replies, logins and stop after it; and the TLS settings, L{TLS_SETTINGS}, where TLS was
         on and stays on, as those reloads take another certificate file); say
         which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
@@ -551,7 +592,8 @@ class MailgateService(MultiService):
         # The TLS settings change at once while TLS stays on (the files and
         # settings newTLS loaded); TLS turned on or off changes listeners
         # and what STLS and STARTTLS offer: a restart's.
-        live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new)
+        live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new) | ERROR_SETTINGS.keys()
+        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS
         live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
         live |= POLICY_SETTINGS if self.policy is not None else frozenset()
         live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
@@ -587,6 +629,8 @@ class MailgateService(MultiService):
                     if kind is not None and isinstance(factory, kind):
                         setattr(factory, attribute, getattr(new, s.attribute))
                 _applyNetworks(factory, self.config, applied)
+                _applyMailAndLogins(factory, self.config, applied)
+            self.shutdownGrace = self.config.shutdownGrace
             if "proxy-network" in applied:
                 for listener in (l for ls in self.listeners.values() for l in ls):
                     if isinstance(listener.endpoint, ProxyHeaderEndpoint):
@@ -606,6 +650,9 @@ class MailgateService(MultiService):
                     factory.delivery.forgetRecipients()
             for retention in self._retentionServices():
                 retention.runSoon()
+        if set(applied) & (STORE_SETTINGS | {"quota-exceeded", "recipient-delimiter"}):
+            for registry in (service for service in self if isinstance(service, RegistryService)):
+                registry.announce(self.config.quotaExceeded, self.config.recipientDelimiter)
         if "smtp-idle-timeout" in applied:
             warning = smtpTimeoutWarning(self.config)
             if warning:
@@ -1282,6 +1329,43 @@ def _applyNetworks(factory, config, applied):
         if name in applied:
             networks = config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks
             factory.takeCleartextFrom(networksOf(networks))
+
+
+def _applyMailAndLogins(factory, config, applied):
+    """
+    Give C{factory} the settings of C{config} that a reload C{applied} of
+    L{ERROR_SETTINGS} and L{DELIVERY_SETTINGS} (SMTP, LMTP) or
+    L{LOGIN_SETTINGS} (POP3).
+    """
+    if isinstance(factory, POP3Factory):
+        if "login-delay" in applied:
+            factory.loginDelay = factory.portal.realm.loginDelay = config.loginDelay
+        if {"auth-cache-size", "auth-cache-ttl"} & set(applied):
+            factory.portal.passwordChecker.cache.reconfigure(config.authCacheSize, float(config.authCacheTTL))
+        return
+    if not isinstance(factory, SMTPFactory):
+        return
+    if not isinstance(factory, LMTPFactory):
+        for name, attribute in ERROR_SETTINGS.items():
+            if name in applied:
+                setattr(factory, attribute, getattr(config, _attributeOf(name)))
+    if DELIVERY_SETTINGS & set(applied):
+        delivery = factory.delivery
+        delivery.domains = frozenset(d.lower() for d in config.domains) if config.domains else None
+        delivery.postmaster = config.postmaster
+        delivery.recipientDelimiter = config.recipientDelimiter or ""
+        delivery.quotaExceeded = config.quotaExceeded
+        # What was remembered of a domain or recipient was under the old
+        # domains and delimiter.
+        delivery.forgetRecipients()
+        factory.spoolDirectory = config.spoolDirectory
+
+
+def _attributeOf(name):
+    """
+    The L{MailgateConfig} attribute of the setting C{name}.
+    """
+    return next(s.attribute for s in SETTINGS if s.name == name)
 
 
 def _reloadTokenKeys(tokens, log):

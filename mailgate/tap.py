@@ -209,8 +209,13 @@ class Options(usage.Options):
         "unknown-recipient-ban-after and exempt-network to the connections and "
         "failures after it (bans in force stay); default-quota, quota-warning, "
         "expire-days, keep-deleted-days and duplicate-window to the next "
-        "delivery and retention round; other changes at the next restart (a "
-        "changed database is refused, as an error).  Default: none."
+        "delivery and retention round; domain, postmaster, recipient-delimiter, "
+        "quota-exceeded and spool-directory to the recipients and messages "
+        "after it; smtp-soft-error-limit and smtp-error-sleep-time to the SMTP "
+        "error replies after it; login-delay, auth-cache-size and "
+        "auth-cache-ttl to the logins after it; shutdown-grace to the next "
+        "stop; other changes at the next restart (a changed database is "
+        "refused, as an error).  Default: none."
     )
 
     def postOptions(self):

@@ -918,10 +918,14 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     copy to /etc/mailgate and edit, said nothing of reloads.
     """
     from mailgate.service import (
+        DELIVERY_SETTINGS,
+        ERROR_SETTINGS,
         LIVE_SETTINGS,
+        LOGIN_SETTINGS,
         NETWORK_SETTINGS,
         POLICY_SETTINGS,
         SESSION_SETTINGS,
+        STOP_SETTINGS,
         STORE_SETTINGS,
         TLS_SETTINGS,
     )
@@ -933,7 +937,9 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
 
     texts = [comments(contrib / "systemd" / "mailgate.service"), comments(contrib / "mailgate.toml")]
     for text in [" ".join(t.split()) for t in [tap.Options.opt_config.__doc__, *texts]]:
-        for name in LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS:
+        applied = LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS
+        applied |= ERROR_SETTINGS.keys() | DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS
+        for name in applied:
             assert name in text, (name, text)
         assert all(name.startswith("tls-") for name in TLS_SETTINGS)
         assert "the tls-* settings apply at once" in text, text

@@ -148,6 +148,20 @@ class VerifiedCredentialCache:
         # imported {PLAIN} hash may be.
         return hmac.compare_digest(_octets(entry[0]), _octets(storedHash))
 
+    def reconfigure(self, maxEntries, lifetime):
+        """
+        Take another bound and lifetime (a reload): entries made from now
+        on live C{lifetime} seconds, those made before keep their expiry;
+        a lower bound lets the oldest go at once.  A cache turned off
+        (C{maxEntries} 0) forgets everything it holds, so that nothing
+        remembered under the old settings outlives the change.
+        """
+        self.maxEntries = maxEntries
+        self.lifetime = lifetime
+        for entries in (self._entries, self._failures):
+            while len(entries) > max(maxEntries, 0):
+                entries.popitem(last=False)
+
     def forgetUser(self, address):
         """
         Drop everything remembered for a user (a remembered password turned

@@ -27,11 +27,12 @@ class MaildropRealm:
     @param loginDelay: if set, the minimum number of seconds between two
         logins of the same user (RFC 2449 LOGIN-DELAY); a login sooner than
         that fails with L{LoginDelayed}, after the password was verified.
+    @ivar loginDelay: the same, read at each login (a reload changes it).
     """
 
     def __init__(self, store, loginDelay=None, onStaleCredentials=None):
         self._store = store
-        self._loginDelay = loginDelay
+        self.loginDelay = loginDelay
         self._onStaleCredentials = onStaleCredentials
 
     def requestAvatar(self, avatarId, mind, *interfaces):
@@ -43,8 +44,8 @@ class MaildropRealm:
         # Callbacks rather than a generator: this runs at every login.
         d = self._store.openMaildrop(identity)
         d.addErrback(self._credentialsChanged, identity)
-        if self._loginDelay:
-            d.addCallback(self._checkLoginDelay, identity)
+        if self.loginDelay:
+            d.addCallback(self._checkLoginDelay, identity, self.loginDelay)
         return d.addCallback(_avatar)
 
     def _credentialsChanged(self, failure, identity):
@@ -56,14 +57,14 @@ class MaildropRealm:
             self._onStaleCredentials(identity)
         raise StaleCredentials()
 
-    def _checkLoginDelay(self, maildrop, identity):
-        d = self._store.recordLogin(identity, self._loginDelay)
+    def _checkLoginDelay(self, maildrop, identity, delay):
+        d = self._store.recordLogin(identity, delay)
 
         def checked(allowed):
             if not allowed:
                 return _afterRelease(
                     maildrop,
-                    Failure(LoginDelayed(f"the minimum time between logins is {counted(self._loginDelay, 'second')}")),
+                    Failure(LoginDelayed(f"the minimum time between logins is {counted(delay, 'second')}")),
                 )
             return maildrop
 

@@ -273,6 +273,21 @@ class RegistryService(_Repeating):
         self.differences = []
         self.clockSkewed = False
 
+    def announce(self, quotaExceeded, recipientDelimiter):
+        """
+        A reload changed this node's settings (its quota-exceeded,
+        recipient-delimiter, or the store's limits): written at the next
+        flush, within L{interval} seconds rather than at the heartbeat,
+        and compared with the other nodes' at the next pass, so that
+        C{node.settings_differ} (or C{node.settings_same}) speaks of the
+        settings in service.
+        """
+        sessions = self._store.sessions
+        sessions.quotaExceeded = quotaExceeded
+        sessions.recipientDelimiter = recipientDelimiter
+        sessions.announceSoon()
+        self._compared = None
+
     def startService(self):
         Service.startService(self)
         if self._hostname is not None:

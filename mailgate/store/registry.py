@@ -406,6 +406,8 @@ class SessionRegistry:
         # (name, settings) of the other live nodes, as last read.
         self.others = []
         self.clockOffset = None
+        # The settings changed (a reload): written at the next flush.
+        self._announce = False
 
     def started(self, maildrop, peer, end):
         """
@@ -444,7 +446,18 @@ class SessionRegistry:
         now = self._store._now()
         # Logins alone wait for the heartbeat (or the next session written):
         # a stream of short sessions, none written, costs no write a second.
-        return bool(self._added or self._removed or self._lastBeat is None or now - self._lastBeat >= HEARTBEAT)
+        return bool(
+            self._added or self._removed or self._announce or self._lastBeat is None
+            or now - self._lastBeat >= HEARTBEAT
+        )
+
+    def announceSoon(self):
+        """
+        Write this node's settings at the next L{flush}, not at the next
+        heartbeat: a reload changed them, and the other nodes compare
+        theirs with what is written (C{mailgate nodes} shows it).
+        """
+        self._announce = True
 
     def flush(self):
         """
@@ -459,6 +472,7 @@ class SessionRegistry:
         added, self._added = self._added, {}
         removed, self._removed = self._removed, {}
         logins, self._logins = self._logins, {}
+        announcing, self._announce = self._announce, False
         forget = None
         if (self._lastBeat is None or now - self._lastBeat >= HEARTBEAT) and not self.clockAhead:
             forget = now - FORGET_AFTER
@@ -495,6 +509,7 @@ class SessionRegistry:
                 self._removed.setdefault(sessionId, session)
             for userId, since in logins.items():
                 self._logins[userId] = max(since, self._logins.get(userId, since))
+            self._announce = self._announce or announcing
             return failure
 
         return d.addCallbacks(written, failed)

@@ -1,0 +1,326 @@
+"""
+What a reload (SIGHUP) of a real C{twistd mailgate --config FILE} changes
+for clients of the settings that waited for a restart until it applied
+them, seen by real clients (smtplib, poplib, raw sockets, the metrics
+endpoint, C{mailgate nodes}): the recipient delimiter, the reply to a
+recipient over quota, SMTP's soft error limit, login-delay and the
+credential cache apply to the recipients, error replies and logins that
+come after the reload, and a node announces its new recipient delimiter
+to the nodes sharing its database, which then agree with it again.
+
+The command line gives the database and the listeners; the file, the
+settings a test changes (tests/test_reload_policy.py's helpers).  Every
+wait is bounded (L{DEADLINE}); no time is asserted, only that a reply
+held for a minute has not come within a second.
+"""
+
+import poplib
+import re
+import smtplib
+import socket
+
+import pytest
+from test_e2e_policy import ALICE, PASSWORD
+from test_metrics import sample, scrape
+from test_reload_policy import configured, reload, writeConfig
+
+from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
+    DEADLINE,
+    mailgate_cli,
+    mailgate_server,
+    postgresOnly,
+    sqliteOnly,
+    waitFor,
+)
+from mailgate.auth.cache import VerifiedCredentialCache
+
+BOB = "bob@example.org"
+SMTP = ("--smtp", "tcp:0:interface=127.0.0.1")
+
+
+def smtpClient(server):
+    client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
+    assert client.ehlo("client.test")[0] == 250
+    return client
+
+
+def rcpt(server, address):
+    """
+    The (code, text) of RCPT TO C{address} in a new SMTP session.
+    """
+    client = smtpClient(server)
+    try:
+        assert client.mail("sender@client.test")[0] == 250
+        return client.rcpt(address)
+    finally:
+        client.quit()
+
+
+def pop3(server):
+    return poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+
+
+def popLogin(server, address=ALICE):
+    """
+    The reply to PASS in a new POP3 session (then closed).
+    """
+    client = pop3(server)
+    try:
+        client.user(address)
+        try:
+            return client.pass_(PASSWORD)
+        except poplib.error_proto as e:
+            return e.args[0]
+    finally:
+        client.quit()
+
+
+@sqliteOnly
+def test_aRecipientDelimiterDeliversMailWithADetailToTheUser(mailgate_server, mailgate_cli, tmp_path):
+    """
+    Without a recipient delimiter bob+lists@ is no address here (550); a
+    reload setting it to + delivers mail to bob+lists@ into bob's maildrop,
+    and C{mailgate nodes} shows the node's new delimiter.  It had waited for
+    the restart, while C{mailgate deliver} with the same file used it.
+    """
+    server, path = configured(mailgate_server, tmp_path, *SMTP)
+    mailgate_cli.addUser(BOB, PASSWORD)
+    code, text = rcpt(server, "bob+lists@example.org")
+    assert code == 550, text
+    writeConfig(path, recipient_delimiter='"+"')
+    line = reload(server)
+    client = smtpClient(server)
+    try:
+        message = b"Subject: a detail\r\n\r\nhi\r\n"
+        assert client.sendmail("sender@client.test", ["bob+lists@example.org"], message) == {}
+    finally:
+        client.quit()
+    client = pop3(server)
+    try:
+        client.user(BOB)
+        client.pass_(PASSWORD)
+        assert client.stat()[0] == 1
+        assert any(b"Subject: a detail" == line for line in client.retr(1)[1])
+    finally:
+        client.quit()
+    delimiterColumn = lambda: re.search(  # noqa: E731
+        r"^\S+\[\d+\] .* none +\+ +\d+ ", mailgate_cli.check("nodes"), re.M
+    )
+    waitFor(delimiterColumn, "mailgate nodes to show the delimiter +")
+    # ... and the log said so.
+    assert "applied" in line and "recipient-delimiter" in line, server.log()
+
+
+def node(mailgate_server, tmp_path, name, **settings):
+    """
+    A node with an SMTP listener, on the test's PostgreSQL schema, whose
+    file (of its own) says C{settings}; the node and its file's path.
+    """
+    path = tmp_path / f"{name}.toml"
+    writeConfig(path, **settings)
+    server = mailgate_server("--config", str(path), "--hostname", f"{name}.test", *SMTP)
+    return server, path
+
+
+@postgresOnly
+def test_nodesAgreeOnTheRecipientDelimiterOnceTheOtherIsReloaded(mailgate_server, tmp_path):
+    """
+    Node A takes bob+lists@ as bob's; node B, whose file did not say so,
+    warns that the nodes differ in --recipient-delimiter.  B's file put
+    right and reloaded, B says the nodes' settings are the same again (it
+    announces and compares at once, not at its next heartbeat), and B
+    takes the mail with a detail as A does.
+    """
+    a, _ = node(mailgate_server, tmp_path, "node-a", recipient_delimiter='"+"')
+    waitFor(lambda: "node-a.test[" in " ".join(_nodeNames(a)), "node A's heartbeat")
+    b, path = node(mailgate_server, tmp_path, "node-b")
+    waitFor(
+        lambda: re.search(r"--recipient-delimiter none here, \+ on node-a\.test\[\d+\]", b.log()),
+        f"node B's warning\n{b.log()}",
+    )
+    assert "settings the same again" not in b.stdout
+    writeConfig(path, recipient_delimiter='"+"')
+    line = reload(b)
+    waitFor(lambda: "nodes sharing the database: settings the same again" in b.stdout, f"node B agreeing\n{b.log()}")
+    addUser(b, BOB)
+    assert rcpt(b, "bob+lists@example.org")[0] == 250
+    # ... and the log said so.
+    assert "applied" in line and "recipient-delimiter" in line, b.log()
+
+
+def _nodeNames(server):
+    from e2e import AdminCommandHere
+
+    listed = AdminCommandHere(server.database).check("nodes")
+    return [line.split()[0] for line in listed.splitlines()[1:] if line.strip()]
+
+
+def addUser(server, address):
+    from e2e import AdminCommandHere
+
+    AdminCommandHere(server.database).addUser(address, PASSWORD)
+
+
+@sqliteOnly
+def test_quotaExceededChangesTheReplyToARecipientOverQuota(mailgate_server, mailgate_cli, tmp_path):
+    """
+    alice, over her quota, is refused for now (452 4.2.2, the MTA retries);
+    a reload setting quota-exceeded to permanent refuses her with 552 5.2.2
+    (the MTA bounces) at the next RCPT.
+    """
+    server, path = configured(mailgate_server, tmp_path, *SMTP)
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    mailgate_cli.deliver(ALICE, b"Subject: big\r\n\r\n" + b"x" * 4000 + b"\r\n")
+    mailgate_cli.check("user", "quota", ALICE, "1K")
+    code, text = rcpt(server, ALICE)
+    assert (code, text.split()[0]) == (452, b"4.2.2"), text
+    writeConfig(path, quota_exceeded='"permanent"')
+    line = reload(server)
+    code, text = rcpt(server, ALICE)
+    assert (code, text.split()[0]) == (552, b"5.2.2"), text
+    # ... and the log said so.
+    assert "applied" in line and "quota-exceeded" in line, server.log()
+
+
+def nothingWithinASecond(client):
+    client.sock.settimeout(1.0)
+    try:
+        with pytest.raises(socket.timeout):
+            client.sock.recv(1, socket.MSG_PEEK)
+    finally:
+        client.sock.settimeout(DEADLINE)
+
+
+@sqliteOnly
+def test_aLowerSoftErrorLimitHoldsTheNextSessionsSecondError(mailgate_server, mailgate_cli, tmp_path):
+    """
+    With the default soft error limit (10) and error replies past it held
+    a minute, a guesser's second unknown recipient is answered at once; a
+    reload lowering smtp-soft-error-limit to 1 holds the second error
+    reply of the next session: nothing has come a second later.
+    """
+    server, path = configured(mailgate_server, tmp_path, *SMTP, smtp_error_sleep_time="60")
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    client = smtpClient(server)
+    try:
+        assert client.mail("sender@client.test")[0] == 250
+        assert client.rcpt("nobody1@example.org")[0] == 550
+        assert client.rcpt("nobody2@example.org")[0] == 550
+    finally:
+        client.quit()
+    writeConfig(path, smtp_error_sleep_time="60", smtp_soft_error_limit="1")
+    line = reload(server)
+    client = smtpClient(server)
+    try:
+        assert client.mail("sender@client.test")[0] == 250
+        assert client.rcpt("nobody1@example.org")[0] == 550
+        client.send(b"RCPT TO:<nobody2@example.org>\r\n")
+        nothingWithinASecond(client)
+    finally:
+        client.close()
+    # ... and the log said so.
+    assert "applied" in line and "smtp-soft-error-limit" in line, server.log()
+
+
+@sqliteOnly
+def test_loginDelayIsListedAndEnforcedAfterAReload(mailgate_server, mailgate_cli, tmp_path):
+    """
+    Without login-delay CAPA lists no LOGIN-DELAY and alice logs in as
+    often as she likes; a reload setting it to 600 has the next session's
+    CAPA list LOGIN-DELAY 600 (RFC 2449), and alice's second login within
+    it refused with [LOGIN-DELAY].
+    """
+    server, path = configured(mailgate_server, tmp_path)
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    client = pop3(server)
+    try:
+        assert "LOGIN-DELAY" not in client.capa()
+    finally:
+        client.quit()
+    writeConfig(path, login_delay="600")
+    line = reload(server)
+    client = pop3(server)
+    try:
+        assert client.capa().get("LOGIN-DELAY") == ["600"]
+    finally:
+        client.quit()
+    assert popLogin(server).startswith(b"+OK")
+    assert popLogin(server).startswith(b"-ERR [LOGIN-DELAY]")
+    # ... and the log said so.
+    assert "applied" in line and "login-delay" in line, server.log()
+
+
+@sqliteOnly
+def test_aCredentialCacheTurnedOffIsEmptied(mailgate_server, mailgate_cli, tmp_path):
+    """
+    alice's second login is answered from the credential cache (a hit in
+    mailgate_auth_cache_total); a reload setting auth-cache-size to 0 has
+    her next login verified against the hash (a miss), and a reload
+    turning the cache on again finds nothing remembered from before (a
+    miss again, then a hit).
+    """
+    server, path = configured(mailgate_server, tmp_path, "--metrics", "tcp:0:interface=127.0.0.1")
+    mailgate_cli.addUser(ALICE, PASSWORD)
+
+    def counts():
+        _, text = scrape(server)
+        return tuple(sample(text, "mailgate_auth_cache_total", result=r) or 0 for r in ("hit", "miss"))
+
+    def loginCounted():
+        before = counts()
+        assert popLogin(server).startswith(b"+OK")
+        hits, misses = counts()
+        return hits - before[0], misses - before[1]
+
+    assert loginCounted() == (0, 1)
+    assert loginCounted() == (1, 0)
+    writeConfig(path, auth_cache_size="0")
+    line = reload(server)
+    assert loginCounted() == (0, 1)
+    assert loginCounted() == (0, 1)
+    writeConfig(path, auth_cache_size="100")
+    reload(server)
+    assert loginCounted() == (0, 1)
+    assert loginCounted() == (1, 0)
+    # ... and the log said so.
+    assert "applied" in line and "auth-cache-size" in line, server.log()
+
+
+# -- without sockets ----------------------------------------------------------
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_aReconfiguredCacheKeepsItsEntriesExpiriesAndTrimsToItsBound():
+    """
+    L{VerifiedCredentialCache.reconfigure}: a new lifetime applies to what
+    is remembered after it, an entry made before keeps its expiry; a lower
+    bound drops the oldest entries (and failures) at once; 0 forgets all.
+    """
+    clock = Clock()
+    cache = VerifiedCredentialCache(maxEntries=10, lifetime=100.0, clock=clock)
+    for n in range(3):
+        cache.remember(f"u{n}@example.org", "hash", b"pw")
+        cache.rememberFailure(f"u{n}@example.org", "hash", b"wrong")
+    cache.reconfigure(10, 10.0)
+    cache.remember("new@example.org", "hash", b"pw")
+    clock.now = 50.0
+    assert cache.check("u0@example.org", "hash", b"pw")
+    assert not cache.check("new@example.org", "hash", b"pw")
+    # u0, just used, is the latest; the oldest, u1, goes.
+    cache.reconfigure(2, 10.0)
+    assert len(cache) == 2
+    assert not cache.check("u1@example.org", "hash", b"pw")
+    assert cache.check("u0@example.org", "hash", b"pw")
+    assert not cache.failedBefore("u0@example.org", "hash", b"wrong")
+    assert cache.failedBefore("u2@example.org", "hash", b"wrong")
+    cache.reconfigure(0, 10.0)
+    assert len(cache) == 0
+    cache.reconfigure(10, 10.0)
+    assert not cache.check("u2@example.org", "hash", b"pw")
+    assert not cache.failedBefore("u2@example.org", "hash", b"wrong")
