@@ -65,6 +65,7 @@ class SharedServers:
         self.directory = directory
         self.servers = {}
         self._schemas = []
+        self._attempts = 0
 
     def _database(self, number):
         if self.backend == "sqlite":
@@ -84,11 +85,20 @@ class SharedServers:
         key = (options, tuple(sorted((expect or {}).items())), prepare)
         server = self.servers.get(key)
         if server is None:
-            server = ServerProcess(self._database(len(self.servers)), options, cwd=self.directory, expect=expect)
-            self.servers[key] = server
+            # A database of its own for every attempt: one that did not
+            # start is not handed out, and the next test tries again, as
+            # with servers of their own.
+            self._attempts += 1
+            server = ServerProcess(self._database(self._attempts), options, cwd=self.directory, expect=expect)
             if prepare is not None:
                 prepare(AdminCommandHere(server.database, cwd=self.directory))
-            server.start()
+            try:
+                server.start()
+            except BaseException:
+                if server.process is not None:
+                    server.stop()
+                raise
+            self.servers[key] = server
         return server
 
     def close(self):
