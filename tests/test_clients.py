@@ -28,6 +28,11 @@ What a user of each must see:
 Clients deliver through an MDA (L{MDA}): a small script that writes each
 message to a file of its own, and on request stops in the middle of one
 (the client then blocks writing to it, mid-retrieval).
+
+The tests that only run clients against a server share one per set of
+options (tests/sharedserver.py, L{serveShared}), each with users of its
+own; those that need an option, the ban counting or the CRAM-MD5 offer of
+their own start their own (L{serve}).
 """
 
 import collections
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import termios
 import time
+from urllib.parse import quote
 
 import pytest
 
@@ -58,9 +64,9 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     sqliteOnly,
     waitFor,
 )
+from sharedserver import shared, sharedBackend, sharedServers, sqliteOnlyShared  # noqa: F401 (fixtures)
 from mailgate.testing import deliver, memoryStore
 
-pytestmark = sqliteOnly
 
 MPOP = shutil.which("mpop")
 GETMAIL = shutil.which("getmail")
@@ -297,6 +303,52 @@ def serve(mailgate_server, mailgate_cli, certificate):
     return start
 
 
+@pytest.fixture(scope="module")
+def moduleCertificate(tmp_path_factory):
+    """
+    The certificate of the module's shared servers (tests/sharedserver.py),
+    made as L{certificate} is.
+    """
+    return makeCertificate(tmp_path_factory.mktemp("tls"), "localhost", name="server")
+
+
+def withAnAPOPUser(cli):
+    """
+    A user with APOP in a shared server's database before it starts: as on
+    the servers L{serve} starts, with Bob in it already, greetings carry an
+    APOP timestamp from the first connection on.
+    """
+    cli.addUser("apop-user@example.org", "apop secret", apop=True)
+
+
+@pytest.fixture
+def serveShared(shared, moduleCertificate):
+    """
+    C{serveShared(*options)}: the module's server started as L{serve} starts
+    one, shared by the tests that only run clients against it (one for each
+    set of options; tests/sharedserver.py), and users of the test's own as
+    L{serve}'s Alice and Bob: C{(server, admin command, alice, bob)}.  The
+    tests that import CRAM-MD5 states (which make the server offer
+    CRAM-MD5 to all), count failures towards bans, or need an option of
+    their own keep a server of their own (L{serve}).
+    """
+
+    def start(*options):
+        certificatePath, keyPath = moduleCertificate
+        server = shared(
+            "--tls-cert", str(certificatePath), "--tls-key", str(keyPath),
+            "--pop3s", LOOPBACK_TCP, "--smtp", LOOPBACK_TCP, "--domain", "example.org",
+            *FAST_FAILURES, *options, prepare=withAnAPOPUser,
+        )
+        cli = shared.cli(server)
+        alice, bob = shared.address("alice"), shared.address("bob")
+        cli.addUser(alice, ALICE_PW)
+        cli.addUser(bob, BOB_PW, apop=True)
+        return server, cli, alice, bob
+
+    return start
+
+
 def loginMechanisms(server, address, count):
     """
     The mechanism of each login of C{address} the server logged, in order,
@@ -334,10 +386,12 @@ class Client:
     #: sender and writes it back above the fields it adds
     movesReturnPath = False
 
-    def __init__(self, directory, server, certificate):
+    def __init__(self, directory, server, certificate, user=ALICE):
         self.directory = directory
         directory.mkdir()
         self.server = server
+        #: the user it logs in as unless told another
+        self.user = user
         self.trust = str(certificate[0])
         self.mailbox = Mailbox(directory / "mail")
         self.running = None
@@ -394,7 +448,8 @@ class Mpop(Client):
     name = "mpop"
     added = ("Received",)
 
-    def argv(self, transport="stls", auth="on", user=ALICE, password=ALICE_PW, keep=True):
+    def argv(self, transport="stls", auth="on", user=None, password=ALICE_PW, keep=True):
+        user = user or self.user
         config = self.directory / "mpoprc"
         config.write_text(
             "account default\n"
@@ -425,7 +480,8 @@ class Getmail(Client):
     added = ("Return-Path", "Delivered-To", "Received")
     marksAsItGoes = True
 
-    def argv(self, transport="pop3s", auth="user", user=ALICE, password=ALICE_PW, keep=True):
+    def argv(self, transport="pop3s", auth="user", user=None, password=ALICE_PW, keep=True):
+        user = user or self.user
         retriever = "SimplePOP3SSLRetriever" if transport == "pop3s" else "SimplePOP3Retriever"
         config = self.directory / "getmailrc"
         script, *arguments = self.mailbox.command
@@ -460,7 +516,8 @@ class Curl(Client):
 
     name = "curl"
 
-    def argv(self, transport="stls", auth="PLAIN", user=ALICE, password=ALICE_PW, path="/", options=()):
+    def argv(self, transport="stls", auth="PLAIN", user=None, password=ALICE_PW, path="/", options=()):
+        user = user or self.user
         scheme = "pop3s" if transport == "pop3s" else "pop3"
         argv = [CURL, "--silent", "--show-error", "--verbose", "--max-time", str(int(DEADLINE))]
         argv += ["--cacert", self.trust, "--user", f"{user}:{password}"]
@@ -501,7 +558,8 @@ class Fetchmail(Client):
     marksAsItGoes = True
     movesReturnPath = True
 
-    def argv(self, transport="stls", auth="any", user=ALICE, password=ALICE_PW, keep=True, deliver=None, options=""):
+    def argv(self, transport="stls", auth="any", user=None, password=ALICE_PW, keep=True, deliver=None, options=""):
+        user = user or self.user
         # fetchmail's own default is auth any: CRAM-MD5 when offered, else
         # USER/PASS; APOP is a protocol of its own to it.
         protocol = "APOP" if auth == "apop" else f"POP3 auth {auth}"
@@ -557,12 +615,14 @@ CLIENTS = [
 def makeClient(tmp_path, certificate):
     """
     C{makeClient(Class, server)}: a client in a directory of its own; any
-    still running when the test ends is killed.
+    still running when the test ends is killed.  It logs in as Alice, or
+    as C{user=}, and trusts the certificate, or C{trust=}'s (a shared
+    server's).
     """
     made = []
 
-    def make(cls, server):
-        client = cls(tmp_path / f"{cls.name}-{len(made)}", server, certificate)
+    def make(cls, server, user=ALICE, trust=None):
+        client = cls(tmp_path / f"{cls.name}-{len(made)}", server, trust or certificate, user)
         made.append(client)
         return client
 
@@ -575,8 +635,9 @@ def makeClient(tmp_path, certificate):
 # -- 1. transports and mechanisms ------------------------------------------------------
 
 
+@sqliteOnlyShared
 @requiresMpop
-def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient):
+def test_mpopOverEveryTransportWithEveryMechanism(serveShared, makeClient, moduleCertificate):
     """
     mpop logs in over plain TCP, STLS and POP3S, verifying the certificate:
     by itself it picks PLAIN inside TLS and SCRAM-SHA-256 outside; told
@@ -585,17 +646,17 @@ def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     fail as authentication failures, and SCRAM-SHA-1, which is not
     offered, is refused by mpop itself.
     """
-    server = serve("--apop")
+    server, mailgate_cli, alice, bob = serveShared("--apop")
     delivered = b"From: <sender@example.net>\r\nSubject: for mpop\r\n\r\n.hi\r\n"
-    mailgate_cli.deliver(ALICE, delivered)
-    mailgate_cli.deliver(BOB, delivered)
-    mpop = makeClient(Mpop, server)
+    mailgate_cli.deliver(alice, delivered)
+    mailgate_cli.deliver(bob, delivered)
+    mpop = makeClient(Mpop, server, user=alice, trust=moduleCertificate)
 
     runs = [
-        (ALICE, ALICE_PW, transport, auth)
+        (alice, ALICE_PW, transport, auth)
         for transport in ("plain", "stls", "pop3s")
         for auth in ("on", "user", "plain", "login", "scram-sha-256")
-    ] + [(BOB, BOB_PW, "stls", auth) for auth in ("on", "apop", "cram-md5")]
+    ] + [(bob, BOB_PW, "stls", auth) for auth in ("on", "apop", "cram-md5")]
     for user, password, transport, auth in runs:
         # keep, with the unique ids forgotten: each run fetches the message.
         (mpop.directory / "uidls").unlink(missing_ok=True)
@@ -604,8 +665,8 @@ def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     # By itself mpop sends the password only inside TLS (PLAIN), and uses
     # SCRAM-SHA-256 without it.
     chosen = {("plain", "on"): "scram-sha-256", ("stls", "on"): "plain", ("pop3s", "on"): "plain"}
-    assert loginMechanisms(server, ALICE, 15) == [chosen.get((t, auth), auth) for _, _, t, auth in runs[:15]]
-    assert loginMechanisms(server, BOB, 3) == ["plain", "apop", "cram-md5"]
+    assert loginMechanisms(server, alice, 15) == [chosen.get((t, auth), auth) for _, _, t, auth in runs[:15]]
+    assert loginMechanisms(server, bob, 3) == ["plain", "apop", "cram-md5"]
 
     for auth in ("apop", "cram-md5"):
         code, output = mpop.run(auth=auth)
@@ -613,52 +674,55 @@ def test_mpopOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
         assert f"authentication failed (method {auth.upper()})" in output, output
     code, output = mpop.run(auth="scram-sha-1")
     assert "does not support authentication method SCRAM-SHA-1" in output, output
-    assert len(mailgate_cli.mailbox(ALICE)) == 1
+    assert len(mailgate_cli.mailbox(alice)) == 1
 
 
+@sqliteOnlyShared
 @requiresMpop
-def test_mpopsSCRAMWithAPasswordSASLprepChanges(serve, mailgate_cli, makeClient):
+def test_mpopsSCRAMWithAPasswordSASLprepChanges(serveShared, shared, makeClient, moduleCertificate):
     """
     mpop (GNU SASL) prepares the password with SASLprep before SCRAM, as
     RFC 5802 asks: a password with a no-break space and a ligature, which
     SASLprep maps to a space and "fi", logs in with SCRAM-SHA-256, mpop's
     choice without TLS, as it does with USER/PASS.
     """
+    server, mailgate_cli, alice, bob = serveShared()
+    carol = shared.address("carol")
     password = "caf\u00e9\u00a0\ufb01ve"
-    mailgate_cli.addUser(CAROL, password)
-    server = serve()
+    mailgate_cli.addUser(carol, password)
     delivered = b"From: <sender@example.net>\r\nSubject: for carol\r\n\r\nhi\r\n"
-    mailgate_cli.deliver(CAROL, delivered)
-    mpop = makeClient(Mpop, server)
+    mailgate_cli.deliver(carol, delivered)
+    mpop = makeClient(Mpop, server, user=alice, trust=moduleCertificate)
     for auth in ("on", "user"):
         (mpop.directory / "uidls").unlink(missing_ok=True)
-        stored = mpop.fetch(transport="plain", auth=auth, user=CAROL, password=password)
+        stored = mpop.fetch(transport="plain", auth=auth, user=carol, password=password)
         assertStoredExactly(stored, [delivered], Mpop.added)
-    assert loginMechanisms(server, CAROL, 2) == ["scram-sha-256", "user"]
+    assert loginMechanisms(server, carol, 2) == ["scram-sha-256", "user"]
 
 
+@sqliteOnlyShared
 @requiresGetmail
-def test_getmailOverPlainAndImplicitTLSWithUSERAndAPOP(serve, mailgate_cli, makeClient):
+def test_getmailOverPlainAndImplicitTLSWithUSERAndAPOP(serveShared, makeClient, moduleCertificate):
     """
     getmail logs in with USER/PASS (what it does by itself) and, told to,
     with APOP, over plain TCP and over POP3S verifying the certificate and
     its name; a user without APOP cannot use it.
     """
-    server = serve()
+    server, mailgate_cli, alice, bob = serveShared()
     delivered = b"From: <sender@example.net>\r\nSubject: for getmail\r\n\r\n.hi\r\n"
-    mailgate_cli.deliver(ALICE, delivered)
-    mailgate_cli.deliver(BOB, delivered)
-    getmail = makeClient(Getmail, server)
+    mailgate_cli.deliver(alice, delivered)
+    mailgate_cli.deliver(bob, delivered)
+    getmail = makeClient(Getmail, server, user=alice, trust=moduleCertificate)
 
-    runs = [(ALICE, ALICE_PW, "user"), (BOB, BOB_PW, "user"), (BOB, BOB_PW, "apop")]
+    runs = [(alice, ALICE_PW, "user"), (bob, BOB_PW, "user"), (bob, BOB_PW, "apop")]
     for transport in ("plain", "pop3s"):
         for user, password, auth in runs:
             for state in getmail.directory.glob("oldmail-*"):
                 state.unlink()
             stored = getmail.fetch(transport=transport, auth=auth, user=user, password=password)
             assertStoredExactly(stored, [delivered], Getmail.added)
-    assert loginMechanisms(server, ALICE, 2) == ["user"] * 2
-    assert loginMechanisms(server, BOB, 4) == ["user", "apop"] * 2
+    assert loginMechanisms(server, alice, 2) == ["user"] * 2
+    assert loginMechanisms(server, bob, 4) == ["user", "apop"] * 2
 
     code, output = getmail.run(auth="apop")
     assert code != 0 and "-ERR [AUTH] invalid user name or password" in output, output
@@ -667,23 +731,24 @@ def test_getmailOverPlainAndImplicitTLSWithUSERAndAPOP(serve, mailgate_cli, make
 # -- 2. keeping mail on the server, deleting it ---------------------------------------------
 
 
+@sqliteOnlyShared
 @pytest.mark.parametrize("clientClass", CLIENTS)
-def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClient, clientClass):
+def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serveShared, makeClient, clientClass, moduleCertificate):
     """
     Keeping mail on the server, the client fetches every message octet for
     octet, then nothing on its next run (its saved unique ids match UIDL),
     then only the message that arrived by SMTP meanwhile.  Nothing is
     removed from the server.
     """
-    server = serve()
+    server, mailgate_cli, alice, bob = serveShared()
     delivered = awkwardMessages()
-    deliverAll(mailgate_cli, ALICE, delivered)
-    client = makeClient(clientClass, server)
+    deliverAll(mailgate_cli, alice, delivered)
+    client = makeClient(clientClass, server, user=alice, trust=moduleCertificate)
 
     assertStoredExactly(client.fetch(keep=True), delivered, client.added)
     assert client.fetch(keep=True) == []
     new = b"From: <sender@example.net>\r\nSubject: new\r\n\r\nnew\r\n.\r\n"
-    sendBySMTP(server, ALICE, new)
+    sendBySMTP(server, alice, new)
     [stored] = client.fetch(keep=True)
     # After the client's fields, the server's Received field (getmail
     # takes its Return-Path for its own, fetchmail moves it above its
@@ -693,9 +758,10 @@ def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serve, mailgate_cli, makeClie
     assert re.match(rb"(Return-Path: <sender@example.net>\r\n)?Received: from client.test ", served), served
     assert served.endswith(b"\r\n" + new), served
     assert client.fetch(keep=True) == []
-    assert len(mailgate_cli.mailbox(ALICE)) == len(delivered) + 1
+    assert len(mailgate_cli.mailbox(alice)) == len(delivered) + 1
 
 
+@sqliteOnly
 @requiresFetchmail
 def test_restoredMailIsFetchedByAFetchmailThatSearchesForItsFirstUnseenMessage(serve, mailgate_cli, makeClient):
     """
@@ -733,6 +799,7 @@ def test_restoredMailIsFetchedByAFetchmailThatSearchesForItsFirstUnseenMessage(s
     assert fetchmail.fetch(options=halving) == []
 
 
+@sqliteOnly
 @pytest.mark.parametrize("clientClass", CLIENTS)
 def test_aClientKilledMidRetrievalDeletesNothing(serve, mailgate_cli, makeClient, clientClass):
     """
@@ -770,8 +837,9 @@ def test_aClientKilledMidRetrievalDeletesNothing(serve, mailgate_cli, makeClient
     assertStoredExactly(killedRun, delivered[:2], client.added)
 
 
+@sqliteOnlyShared
 @requiresCurl
-def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient):
+def test_curlOverEveryTransportWithEveryMechanism(serveShared, makeClient, moduleCertificate):
     """
     curl fetches every message octet for octet over plain TCP (AUTH LOGIN),
     STLS (AUTH PLAIN with an initial response) and POP3S (AUTH PLAIN),
@@ -784,11 +852,11 @@ def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
     curl logs in with PLAIN, Alice (without APOP) as Bob, though the
     greeting carries an APOP timestamp (curl prefers SASL to it).
     """
-    server = serve()
+    server, mailgate_cli, alice, bob = serveShared()
     delivered = awkwardMessages()
-    deliverAll(mailgate_cli, ALICE, delivered)
-    mailgate_cli.deliver(BOB, delivered[0])
-    curl = makeClient(Curl, server)
+    deliverAll(mailgate_cli, alice, delivered)
+    mailgate_cli.deliver(bob, delivered[0])
+    curl = makeClient(Curl, server, user=alice, trust=moduleCertificate)
 
     for transport, auth, options in [
         ("plain", "LOGIN", ()), ("stls", "PLAIN", ("--sasl-ir",)), ("pop3s", "PLAIN", ()),
@@ -796,28 +864,29 @@ def test_curlOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClien
         for number, message in enumerate(delivered, 1):
             got = curl.get(transport=transport, auth=auth, path=f"/{number}", options=options)
             assert got == asServed(message), (transport, number, got[:200], len(got))
-    assert loginMechanisms(server, ALICE, 15) == ["login"] * 5 + ["plain"] * 10
+    assert loginMechanisms(server, alice, 15) == ["login"] * 5 + ["plain"] * 10
 
-    held = mailgate_cli.mailbox(ALICE)
+    held = mailgate_cli.mailbox(alice)
     assert curl.get().decode().splitlines() == [f"{n} {octets}" for n, octets, _ in held]
     assert curl.get(options=("--request", "UIDL")).decode().splitlines() == [f"{n} {uid}" for n, _, uid in held]
 
-    assert curl.get(user=BOB, password=BOB_PW, auth=None, path="/1") == delivered[0]
-    assert curl.get(user=BOB, password=BOB_PW, auth="+APOP", path="/1") == delivered[0]
-    assert loginMechanisms(server, BOB, 2) == ["plain", "apop"]
+    assert curl.get(user=bob, password=BOB_PW, auth=None, path="/1") == delivered[0]
+    assert curl.get(user=bob, password=BOB_PW, auth="+APOP", path="/1") == delivered[0]
+    assert loginMechanisms(server, bob, 2) == ["plain", "apop"]
 
     code, output = curl.run(auth=None, path="/1")
     assert code == 0, output
     assert "< +OK mailgate POP3 server ready <" in output, output
     assert "> AUTH PLAIN" in output and "CRAM-MD5" not in output, output
     # Fifteen logins above, LIST and UIDL, and this one.
-    logins = loginMechanisms(server, ALICE, 18)
+    logins = loginMechanisms(server, alice, 18)
     assert len(logins) == 18 and logins[-1] == "plain", logins
 
     assert curl.get(path="/2", options=("--request", "DELE", "--head")) == b""
-    assert [uid for _, _, uid in mailgate_cli.mailbox(ALICE)] == [uid for i, (_, _, uid) in enumerate(held) if i != 1]
+    assert [uid for _, _, uid in mailgate_cli.mailbox(alice)] == [uid for i, (_, _, uid) in enumerate(held) if i != 1]
 
 
+@sqliteOnly
 @requiresCurl
 def test_curlWhereImportedCramMD5StatesMakeItOffered(serve, mailgate_cli, makeClient):
     """
@@ -849,8 +918,9 @@ def test_curlWhereImportedCramMD5StatesMakeItOffered(serve, mailgate_cli, makeCl
     assert loginMechanisms(server, ALICE, 1) == ["plain"]
 
 
+@sqliteOnlyShared
 @requiresFetchmail
-def test_fetchmailOverEveryTransportWithEveryMechanism(serve, mailgate_cli, makeClient, tmp_path):
+def test_fetchmailOverEveryTransportWithEveryMechanism(serveShared, makeClient, tmp_path, moduleCertificate):
     """
     fetchmail logs in over plain TCP, STLS and POP3S, checking the
     certificate: by itself (auth any) Alice, who has no APOP, with
@@ -860,38 +930,39 @@ def test_fetchmailOverEveryTransportWithEveryMechanism(serve, mailgate_cli, make
     authentication failures, and a certificate its CA file does not
     vouch for stops it before it logs in.
     """
-    server = serve("--apop")
+    server, mailgate_cli, alice, bob = serveShared("--apop")
     delivered = b"From: <sender@example.net>\r\nSubject: for fetchmail\r\n\r\n.hi\r\n"
-    mailgate_cli.deliver(ALICE, delivered)
-    mailgate_cli.deliver(BOB, delivered)
-    fetchmail = makeClient(Fetchmail, server)
+    mailgate_cli.deliver(alice, delivered)
+    mailgate_cli.deliver(bob, delivered)
+    fetchmail = makeClient(Fetchmail, server, user=alice, trust=moduleCertificate)
 
     runs = [
         (user, password, transport, "any")
         for transport in ("plain", "stls", "pop3s")
-        for user, password in ((ALICE, ALICE_PW), (BOB, BOB_PW))
-    ] + [(ALICE, ALICE_PW, "stls", "password"), (BOB, BOB_PW, "stls", "apop"), (BOB, BOB_PW, "stls", "cram-md5")]
+        for user, password in ((alice, ALICE_PW), (bob, BOB_PW))
+    ] + [(alice, ALICE_PW, "stls", "password"), (bob, BOB_PW, "stls", "apop"), (bob, BOB_PW, "stls", "cram-md5")]
     for user, password, transport, auth in runs:
         # keep, with the unique ids forgotten: each run fetches the message.
         (fetchmail.directory / "fetchids").unlink(missing_ok=True)
         stored = fetchmail.fetch(transport=transport, auth=auth, user=user, password=password)
         assertStoredExactly(stored, [delivered], Fetchmail.added)
-    assert loginMechanisms(server, ALICE, 4) == ["user"] * 4
-    assert loginMechanisms(server, BOB, 5) == ["cram-md5"] * 3 + ["apop", "cram-md5"]
+    assert loginMechanisms(server, alice, 4) == ["user"] * 4
+    assert loginMechanisms(server, bob, 5) == ["cram-md5"] * 3 + ["apop", "cram-md5"]
 
     for auth in ("apop", "cram-md5"):
         code, output = fetchmail.run(auth=auth)
-        assert code == 3 and "Authorization failure on alice@example.org@localhost" in output, output  # AUTHFAIL
+        assert code == 3 and f"Authorization failure on {alice}@localhost" in output, output  # AUTHFAIL
     # Another certificate for the same name as the only trust anchor.
     (tmp_path / "other").mkdir()
     fetchmail.trust = str(makeCertificate(tmp_path / "other", "localhost", name="other")[0])
     for transport in ("stls", "pop3s"):
         code, output = fetchmail.run(transport=transport)
         assert code == 2 and "certificate verify failed" in output, output  # SOCKET
-    assert len(loginMechanisms(server, ALICE, 4)) == 4
-    assert len(mailgate_cli.mailbox(ALICE)) == 1
+    assert len(loginMechanisms(server, alice, 4)) == 4
+    assert len(mailgate_cli.mailbox(alice)) == 1
 
 
+@sqliteOnly
 @requiresFetchmail
 def test_fetchmailMovesAMaildropIntoLMTPOctetForOctet(mailgate_server, mailgate_cli, makeClient, tmp_path):
     """
@@ -985,8 +1056,9 @@ def runInTerminal(argv, environment):
     return process.wait(DEADLINE), re.sub(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z]|[=>])", " ", screen.decode("utf-8", "replace"))
 
 
+@sqliteOnlyShared
 @requiresNeomutt
-def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, certificate):
+def test_neomuttReadsSavesAndDeletesOverPOP3S(serveShared, tmp_path, moduleCertificate):
     """
     neomutt opens Alice's maildrop over POP3S (pops://, verifying the
     certificate with GnuTLS, logging in with SCRAM-SHA-256 through GNU
@@ -998,23 +1070,23 @@ def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, cer
     the maildrop.  Run from a script through a terminal: C{-e 'push
     ...'} types the keys.
     """
-    server = serve()
+    server, mailgate_cli, alice, bob = serveShared()
     delivered = awkwardMessages()
-    deliverAll(mailgate_cli, ALICE, delivered)
-    held = mailgate_cli.mailbox(ALICE)
+    deliverAll(mailgate_cli, alice, delivered)
+    held = mailgate_cli.mailbox(alice)
     directory = tmp_path / "neomutt"
     directory.mkdir()
     config = directory / "muttrc"
     config.write_text(
         f'set pop_pass="{ALICE_PW}"\n'
-        f'set ssl_ca_certificates_file="{certificate[0]}"\n'
+        f'set ssl_ca_certificates_file="{moduleCertificate[0]}"\n'
         f'set certificate_file="{directory / "certificates"}"\n'
         f'set folder="{directory}"\n'
         f'set spoolfile="{directory / "spool"}"\n'
         'set mbox_type=Maildir record="" header_cache="" message_cachedir=""\n'
         "set confirmcreate=no move=no sleep_time=0 wait_key=no\n"
     )
-    mailbox = f"pops://alice%40example.org@localhost:{server.portOf('POP3S')}/"
+    mailbox = f"pops://{quote(alice, safe='')}@localhost:{server.portOf('POP3S')}/"
     environment = dict(childEnvironment(), HOME=str(directory), TERM="xterm")
 
     def neomutt(*commands):
@@ -1025,11 +1097,11 @@ def test_neomuttReadsSavesAndDeletesOverPOP3S(serve, mailgate_cli, tmp_path, cer
     stored = [path.read_bytes() for path in (directory / "saved" / "new").iterdir()]
     added = re.compile(rb"Content-Length: \d+\nLines: \d+\n(?=\n)")
     assertStoredExactly([added.sub(b"", message, count=1) for message in stored], delivered, ())
-    assert mailgate_cli.mailbox(ALICE) == held
+    assert mailgate_cli.mailbox(alice) == held
 
     neomutt("-e", "set delete=yes", "-e", "push <next-entry><delete-message><sync-mailbox><quit>")
-    assert loginMechanisms(server, ALICE, 3) == ["scram-sha-256"] * 3
-    assert mailgate_cli.mailbox(ALICE) == [(n, octets, uid) for n, (_, octets, uid) in enumerate(held[:1] + held[2:], 1)]
+    assert loginMechanisms(server, alice, 3) == ["scram-sha-256"] * 3
+    assert mailgate_cli.mailbox(alice) == [(n, octets, uid) for n, (_, octets, uid) in enumerate(held[:1] + held[2:], 1)]
 
 
 def snail(url, trust, directory, *variables, commands=("quit",)):
@@ -1068,8 +1140,9 @@ def fromMbox(mbox):
     return [message.replace(b"\n", b"\r\n") + b"\r\n" for message in messages]
 
 
+@sqliteOnlyShared
 @requiresSnail
-def test_snailUsesAPOPWhereverTheGreetingOffersIt(serve, mailgate_cli, tmp_path, certificate):
+def test_snailUsesAPOPWhereverTheGreetingOffersIt(serveShared, tmp_path, moduleCertificate):
     """
     s-nail logs in with APOP whenever the greeting has an APOP timestamp,
     which mailgate's greeting has while some user has APOP enabled (Bob
@@ -1080,17 +1153,17 @@ def test_snailUsesAPOPWhereverTheGreetingOffersIt(serve, mailgate_cli, tmp_path,
     with APOP.  A certificate that the CA file does not vouch for stops it
     before it logs in.
     """
-    server = serve()
+    server, mailgate_cli, alice, bob = serveShared()
     delivered = awkwardMessages()
-    deliverAll(mailgate_cli, ALICE, delivered)
-    mailgate_cli.deliver(BOB, delivered[0])
-    held = mailgate_cli.mailbox(ALICE)
-    trust = str(certificate[0])
+    deliverAll(mailgate_cli, alice, delivered)
+    mailgate_cli.deliver(bob, delivered[0])
+    held = mailgate_cli.mailbox(alice)
+    trust = str(moduleCertificate[0])
     directory = tmp_path / "s-nail"
     directory.mkdir()
-    alice = "alice%40example.org:wonder%20land@localhost"
-    stls = f"pop3://{alice}:{server.port}"
-    pop3s = f"pop3s://{alice}:{server.portOf('POP3S')}"
+    aliceLogin = f"{quote(alice, safe='')}:wonder%20land@localhost"
+    stls = f"pop3://{aliceLogin}:{server.port}"
+    pop3s = f"pop3s://{aliceLogin}:{server.portOf('POP3S')}"
 
     code, output = snail(stls, trust, directory, "pop3-use-starttls")
     assert code != 0, output
@@ -1103,20 +1176,20 @@ def test_snailUsesAPOPWhereverTheGreetingOffersIt(serve, mailgate_cli, tmp_path,
         code, output = snail(url, trust, directory, "pop3-use-starttls", "pop3-no-apop", commands=[f"copy * {mbox}"])
         assert code == 0, f"{output}\n{server.log()}"
         assert fromMbox(mbox.read_bytes()) == [asServed(message) for message in delivered]
-    assert loginMechanisms(server, ALICE, 2) == ["user", "user"]
+    assert loginMechanisms(server, alice, 2) == ["user", "user"]
 
-    bob = f"pop3://bob%40example.org:b0b%27s%20secret@localhost:{server.port}"
-    code, output = snail(bob, trust, directory, "pop3-use-starttls", commands=["headers", "quit"])
+    bobURL = f"pop3://{quote(bob, safe='')}:b0b%27s%20secret@localhost:{server.port}"
+    code, output = snail(bobURL, trust, directory, "pop3-use-starttls", commands=["headers", "quit"])
     assert code == 0 and "plain" in output, output  # the one message's subject
-    assert loginMechanisms(server, BOB, 1) == ["apop"]
+    assert loginMechanisms(server, bob, 1) == ["apop"]
 
     (tmp_path / "other").mkdir()
     other = makeCertificate(tmp_path / "other", "localhost", name="other")[0]
     for url in (stls, pop3s):
         code, output = snail(url, other, directory, "pop3-use-starttls", "pop3-no-apop")
         assert code != 0 and "certificate" in output.lower(), output
-    assert len(loginMechanisms(server, ALICE, 2)) == 2
-    assert mailgate_cli.mailbox(ALICE) == held
+    assert len(loginMechanisms(server, alice, 2)) == 2
+    assert mailgate_cli.mailbox(alice) == held
 
 
 # -- 3. failures -------------------------------------------------------------------------
@@ -1124,6 +1197,7 @@ def test_snailUsesAPOPWhereverTheGreetingOffersIt(serve, mailgate_cli, tmp_path,
 CLIENTS_AND_CURL = CLIENTS + [pytest.param(Curl, marks=requiresCurl, id="curl")]
 
 
+@sqliteOnly
 @requiresFetchmail
 def test_aFetchmailLeftWithAnOldPasswordIsNotBannedWhereCramMD5IsOffered(serve, mailgate_cli, makeClient):
     """
@@ -1146,6 +1220,7 @@ def test_aFetchmailLeftWithAnOldPasswordIsNotBannedWhereCramMD5IsOffered(serve, 
     assert fetchmail.fetch() == []
 
 
+@sqliteOnly
 @pytest.mark.parametrize("clientClass", CLIENTS_AND_CURL)
 def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_cli, makeClient, clientClass):
     """
@@ -1186,6 +1261,7 @@ def test_aWrongPasswordAndAMaildropInUseAreReportedAndBanNobody(serve, mailgate_
     assert banList(mailgate_cli) == []
 
 
+@sqliteOnly
 @requiresFetchmail
 @requiresMpop
 @requiresGetmail
