@@ -20,6 +20,7 @@ from mailgate.address import normalizeAddress
 from mailgate.auth.saslprep import preparedName
 from mailgate.errors import InvalidAddress
 from mailgate.importers.passwdfile import PasswdAccount, RefusedLine, readPasswdFile
+from mailgate.testing import memoryStore
 
 PASSWORD = "καλημέρα"
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
@@ -204,3 +205,59 @@ def test_aRefusalNamesTheCharacterAsTyped(typed, named):
     with pytest.raises(InvalidAddress) as e:
         normalizeAddress(f"{typed}@example.org")
     assert str(e.value) == f"invalid local part in '{typed}@example.org': {named}"
+
+
+# -- names stored in an older form ---------------------------------------------------
+
+
+def _storedAs(url, address, older):
+    """
+    Make the user C{address} stored as C{older}, as a mailgate whose
+    normal form was another stored it (c05fd1c's: str.lower alone).
+    """
+    store = memoryStore(url)
+    try:
+        def update(cursor):
+            cursor.execute("UPDATE users SET address = ? WHERE address = ?", (older, address))
+
+        store.database.run(update)
+    finally:
+        store.close()
+
+
+def test_aNameStoredInAnOlderFormIsListedByDbCheckAndCanBeRenamedOrDeleted(databaseURL, tmp_path):
+    """
+    A user stored by c05fd1c's mailgate as νικοσ.παπας@ (or i̇lker@, an i
+    and a combining dot), which no login, mail or command reaches since
+    names are lowered as they are spelt, not even user del: db check
+    names them with the form they should have (it said the database was
+    sound), and user rename and user del take the name as stored.
+    """
+    cli = AdminCommand(databaseURL, cwd=tmp_path)
+    for address in ["νικος.παπας@example.org", "ilker@example.org", "jörg@example.org"]:
+        cli.addUser(address, "pw")
+    _storedAs(databaseURL, "νικος.παπας@example.org", "νικοσ.παπας@example.org")
+    _storedAs(databaseURL, "ilker@example.org", "i\u0307lker@example.org")
+    code, out, err = cli("db", "check")
+    assert code == 65, (out, err)
+    lines = out.splitlines()
+    at = lines.index(
+        "users' UTF-8 addresses: stored in a form names are no longer read in (by an older mailgate): no login, "
+        "mail or command naming them reaches them; give each the form shown, mailgate user rename 'OLD' NEW "
+        "(or mailgate user del 'OLD')"
+    )
+    assert lines[at + 1 : at + 3] == [
+        "  i\u0307lker@example.org: now ilker@example.org",
+        "  νικοσ.παπας@example.org: now νικος.παπας@example.org",
+    ]
+    assert cli.check("user", "rename", "νικοσ.παπας@example.org", "νικος.παπας@example.org") == (
+        "renamed νικοσ.παπας@example.org to νικος.παπας@example.org; the maildrop, its unique ids and quota follow\n"
+    )
+    assert cli.check("user", "del", "i\u0307lker@example.org") == (
+        "deleted i\u0307lker@example.org and their maildrop\n"
+    )
+    assert sorted(cli.users()) == ["jörg@example.org", "νικος.παπας@example.org"]
+    assert cli.check("db", "check").splitlines()[-2:-1] == ["users' UTF-8 addresses: ok"]
+    # A name in its normal form is what it was: no such user is no such user.
+    code, out, err = cli("user", "del", "i\u0307lker@example.org")
+    assert (code, err) == (67, "mailgate: no such user: ilker@example.org\n")

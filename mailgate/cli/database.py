@@ -252,6 +252,7 @@ def _dbCheckOptions(args):
 
 
 def _dbCheck(store, args, out, stdin):
+    from mailgate.address import normalizeAddress
     from mailgate.errors import DatabaseDamaged
     from mailgate.store.check import CheckTooLong, Finding, checkDatabase
 
@@ -272,7 +273,9 @@ def _dbCheck(store, args, out, stdin):
             EX_CONFIG,
         )
     try:
-        findings = checkDatabase(database, full=args.full, invariants=version == LATEST, timeout=timeout)
+        findings = checkDatabase(
+            database, full=args.full, invariants=version == LATEST, timeout=timeout, addressForm=normalizeAddress
+        )
     except CheckTooLong as e:
         raise CommandError(
             f"{engine!r}: the check of {e.name} did not end within {counted(e.timeout, 'second', spec='g')}: "

@@ -6,6 +6,7 @@ C{mailgate user ...}: adding, changing and removing users, their passwords
 
 import itertools
 import re
+import unicodedata
 
 from mailgate.address import asciiDomain, normalizeDomain
 from mailgate.auth.foreign import CLEARTEXT, UnusableHash, checksScheme, splitScheme
@@ -419,8 +420,58 @@ def _setCredentialsOf(store, user, credentials):
     )
 
 
+def _keepTyped(*names):
+    """
+    A C{readOptions} that keeps each address argument as it was typed
+    (C{args.NAME_typed}) before L{_readAddresses} normalises it: see
+    L{_storedAsTyped}.
+    """
+    reading = _readAddresses(*names)
+
+    def readOptions(args):
+        for name in names:
+            setattr(args, f"{name}_typed", getattr(args, name))
+        reading(args)
+
+    return readOptions
+
+
+def _storedAsTyped(store, args, name):
+    """
+    The user C{args.NAME} names: its normal form, or where no user has
+    that, a stored address written as the administrator typed it (in NFC,
+    or lower-cased by C{str.lower} alone, as c05fd1c's mailgate stored
+    UTF-8 names: C{νικοσ.παπας@}, C{i̇lker@}, an i and a combining dot).
+    Stored so, no login, mail or command reached them once their normal
+    form changed (364be6e), not even to delete them; C{db check} lists
+    them, and C{user rename} and C{user del} take them as stored.  An
+    address typed in its normal form costs no second lookup.
+    """
+    address = getattr(args, name)
+    typed = getattr(args, f"{name}_typed", address).strip()
+    if typed == address or _result(store.findUser(address)) is not None:
+        return address
+    local, _, domain = typed.rpartition("@")
+    for candidate in _olderForms(local, address.rpartition("@")[2]):
+        if candidate != address and _result(store.findUser(candidate)) is not None:
+            setattr(args, name, candidate)
+            return candidate
+    return address
+
+
+def _olderForms(local, domain):
+    """
+    The forms a local part typed so may be stored in by an older mailgate:
+    as typed (in NFC), and lower-cased by C{str.lower} alone.
+    """
+    typed = unicodedata.normalize("NFC", local)
+    return dict.fromkeys(
+        f"{form}@{domain}" for form in (typed, unicodedata.normalize("NFC", typed.lower()))
+    )
+
+
 def _userDel(store, args, out, stdin):
-    address = args.address
+    address = _storedAsTyped(store, args, "address")
     done = [(0, 0)]
 
     def progress(removed, kept):
@@ -621,7 +672,7 @@ def _userApop(store, args, out, stdin):
 
 
 def _userRename(store, args, out, stdin):
-    old, new = args.old, args.new
+    old, new = _storedAsTyped(store, args, "old"), args.new
     if old == new:
         _existingUser(store, old)
         raise CommandError(f"OLD and NEW are the same address, {old}: nothing to rename", EX_USAGE)
@@ -719,7 +770,7 @@ def _addUserCommands(commands):
     )
     delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(
-        run=_userDel, migrate=True, readOptions=_readAddresses("address"), audit=audit.account("user del")
+        run=_userDel, migrate=True, readOptions=_keepTyped("address"), audit=audit.account("user del")
     )
     listing = user.add_parser(
         "list",
@@ -765,7 +816,7 @@ def _addUserCommands(commands):
     rename.add_argument("old", metavar="OLD")
     rename.add_argument("new", metavar="NEW")
     rename.set_defaults(
-        run=_userRename, migrate=True, readOptions=_readAddresses("old", "new"),
+        run=_userRename, migrate=True, readOptions=_keepTyped("old", "new"),
         audit=audit.account("user rename", lambda args: f"{args.old} {args.new}"),
     )
     quota = user.add_parser(

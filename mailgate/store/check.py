@@ -262,6 +262,54 @@ INVARIANTS = (
 )
 
 
+#: The users whose address holds a character past ASCII, by engine: the
+#: only ones whose normal form may have changed (an ASCII address's never
+#: did).
+_UTF8_ADDRESSES = {
+    "sqlite": "SELECT address FROM users WHERE address GLOB '*[^ -~]*' ORDER BY address",
+    "postgres": "SELECT address FROM users WHERE address ~ '[^ -~]' ORDER BY address COLLATE \"C\"",
+}
+
+_ADDRESS_FORMS = "users' UTF-8 addresses"
+
+_ADDRESS_FORMS_ADVICE = (
+    "stored in a form names are no longer read in (by an older mailgate): no login, mail or command naming "
+    "them reaches them; give each the form shown, mailgate user rename 'OLD' NEW (or mailgate user del 'OLD')"
+)
+
+
+def _addressForms(cursor, engine, timeout, addressForm):
+    """
+    How many users have an address with a character past ASCII, how many
+    of them are not in their own normal form (C{addressForm} of it, which
+    logins, delivery and commands look users up by), and a few of those,
+    each with the form it should have: a name stored by a mailgate whose
+    normal form of UTF-8 names was another (c05fd1c lower-cased with
+    C{str.lower} alone: C{νικοσ.παπας@}, which 364be6e reads as
+    C{νικος.παπας@}) is found by no login, mail or command.  Read a
+    thousand rows at a time.
+    """
+    engine.administrativeRead(cursor, timeout)
+    cursor.execute(_UTF8_ADDRESSES[engine.name])
+    seen = wrong = 0
+    examples = []
+    while True:
+        rows = cursor.fetchmany(1000)
+        if not rows:
+            return seen, wrong, examples
+        for (address,) in rows:
+            seen += 1
+            try:
+                form = addressForm(address)
+            except ValueError as e:
+                form, why = None, str(e)
+            if form == address:
+                continue
+            wrong += 1
+            if len(examples) < EXAMPLES:
+                examples.append(f"{address}: now {form}" if form is not None else f"{address}: {why}")
+
+
 def _timed(database, name, timeout, function, *args):
     """
     C{database.run(function, *args)}, a check named C{name} that may take
@@ -283,7 +331,7 @@ def _timed(database, name, timeout, function, *args):
         raise
 
 
-def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT):
+def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addressForm=None):
     """
     Check C{database} (an L{mailgate.interfaces.IDatabase} run inline:
     the command's), one read-only transaction a check.
@@ -294,6 +342,11 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT):
         those of this mailgate's schema version).
     @param timeout: seconds each check may take (where the engine bounds
         a statement's time), or C{None} for as long as it takes.
+    @param addressForm: the normal form of a user's address
+        (L{mailgate.address.normalizeAddress}, raising L{ValueError} for
+        what is none), or C{None}: with it, and users whose address is
+        UTF-8, whether they are stored in it (a check listed only where
+        there are such users).
     @return: the L{Finding}s, in order.
     @raise CheckTooLong: a check did not end within C{timeout}.
     """
@@ -315,4 +368,14 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT):
             findings.append(Finding(name, damaged=_reason(e)))
             continue
         findings.append(Finding(name, count, [show(*row) for row in rows], advice))
+    if invariants and addressForm is not None:
+        try:
+            seen, wrong, examples = _timed(
+                database, _ADDRESS_FORMS, timeout, _addressForms, engine, timeout, addressForm
+            )
+        except DatabaseDamaged as e:
+            findings.append(Finding(_ADDRESS_FORMS, damaged=_reason(e)))
+        else:
+            if seen:
+                findings.append(Finding(_ADDRESS_FORMS, wrong, examples, _ADDRESS_FORMS_ADVICE))
     return findings
