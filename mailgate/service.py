@@ -99,11 +99,7 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: log-format, the observer twistd set up at start (one file, one format,
 #: for whatever parses it); cpu-affinity, memory-trim-interval and
 #: tls-ticket-key-rotation, the process's pinning and timers started with
-#: it; hostname: SMTP sessions read it at every reply (a session under way
-#: would change names between its greeting and its Received field), the
-#: SASL server's CRAM-MD5 challenges and the node's entry in the session
-#: registry (mailgate nodes, which the other nodes compare settings by)
-#: took it at start; apop, which checkers the portal was built with (APOP's
+#: it; apop, which checkers the portal was built with (APOP's
 #: or not) and what the APOP advertiser and its timer offer in greetings
 #: and CAPA; auth-default-realm, read by the portal's checkers,
 #: the SASL server and the connection policy, which counts failed logins
@@ -168,6 +164,14 @@ DELIVERY_SETTINGS = frozenset({"domain", "postmaster", "recipient-delimiter", "q
 LOGIN_SETTINGS = frozenset({"login-delay", "auth-cache-size", "auth-cache-ttl"})
 #: the seconds the sessions get at the next stop
 STOP_SETTINGS = frozenset({"shutdown-grace"})
+#: the host name, which a SIGHUP applies to sessions opened after it: an
+#: SMTP or LMTP session takes the factory's at its greeting and keeps it
+#: in every reply and Received field to its end, a POP3 session's APOP
+#: timestamp names it at the greeting, a CRAM-MD5 challenge (a nonce the
+#: client signs as it is) at its AUTH; the node's entry in the session
+#: registry (mailgate nodes, who, the other nodes' warnings) is renamed
+#: at its next flush (L{RegistryService.rename})
+NAME_SETTINGS = frozenset({"hostname"})
 #: RFC 5321 section 4.5.3.2.7: an SMTP server's timeout should be at least
 #: five minutes (smtp-idle-timeout below it is warned of)
 SMTP_SERVER_TIMEOUT = 300
@@ -558,7 +562,8 @@ class MailgateService(MultiService):
         the server's defaults for maildrops, for the next delivery and
         retention round; L{DELIVERY_SETTINGS}, L{ERROR_SETTINGS},
         L{LOGIN_SETTINGS} and L{STOP_SETTINGS}, for the recipients, error
-        replies, logins and stop after it; and the TLS settings, L{TLS_SETTINGS}, where TLS was
+        replies, logins and stop after it; L{NAME_SETTINGS}, the host name,
+        for the sessions opened after it; and the TLS settings, L{TLS_SETTINGS}, where TLS was
         on and stays on, as those reloads take another certificate file); say
         which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
@@ -593,7 +598,7 @@ class MailgateService(MultiService):
         # settings newTLS loaded); TLS turned on or off changes listeners
         # and what STLS and STARTTLS offer: a restart's.
         live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new) | ERROR_SETTINGS.keys()
-        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS
+        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS
         live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
         live |= POLICY_SETTINGS if self.policy is not None else frozenset()
         live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
@@ -631,6 +636,8 @@ class MailgateService(MultiService):
                 _applyNetworks(factory, self.config, applied)
                 _applyMailAndLogins(factory, self.config, applied)
             self.shutdownGrace = self.config.shutdownGrace
+            if "hostname" in applied:
+                self._rename(self.config.hostname or machineName())
             if "proxy-network" in applied:
                 for listener in (l for ls in self.listeners.values() for l in ls):
                     if isinstance(listener.endpoint, ProxyHeaderEndpoint):
@@ -691,6 +698,18 @@ class MailgateService(MultiService):
                 event="config.restart_needed",
             )
         return applied
+
+    def _rename(self, name):
+        """
+        Name the server C{name} (a reload changed hostname) in the sessions
+        opened from now on, and the node in the session registry.
+        """
+        for factory in self.sessionFactories:
+            factory.hostname = name
+            if getattr(factory, "sasl", None) is not None:
+                factory.sasl.hostname = name
+        for registry in (service for service in self if isinstance(service, RegistryService)):
+            registry.rename(name)
 
     def _liveNetworks(self, new):
         """

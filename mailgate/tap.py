@@ -213,8 +213,8 @@ class Options(usage.Options):
         "quota-exceeded and spool-directory to the recipients and messages "
         "after it; smtp-soft-error-limit and smtp-error-sleep-time to the SMTP "
         "error replies after it; login-delay, auth-cache-size and "
-        "auth-cache-ttl to the logins after it; shutdown-grace to the next "
-        "stop; other changes at the next restart (a changed database is "
+        "auth-cache-ttl to the logins after it; hostname to sessions opened "
+        "after it; shutdown-grace to the next stop; other changes at the next restart (a changed database is "
         "refused, as an error).  Default: none."
     )
 

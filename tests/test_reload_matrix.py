@@ -51,7 +51,6 @@ RESTART_ONLY = {
     "database": '"sqlite:///{tmp}/other.sqlite3"',
     "lmtp": '["tcp:0:interface=127.0.0.1"]',
     "metrics": '"tcp:0:interface=127.0.0.1"',
-    "hostname": '"two.test"',
     "oauth2-clock-skew": "120",
     "log-format": '"text"',
     "tls-ticket-key-rotation": "60",
@@ -63,6 +62,7 @@ RESTART_ONLY = {
 #: settings a reload applies to the sessions opened after it (a session
 #: under way keeps its own), with another value than ORIGINAL's
 SESSION = {
+    "hostname": '"two.test"',
     "greeting": '"second greeting"',
     "max-message-size": '"2M"',
     "max-recipients": "7",
@@ -215,15 +215,16 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     """
     A file changing a setting of every kind: one C{config.restart_needed}
     line names each the running server does not apply (the database its
-    own C{config.database_refused}), and new POP3 and SMTP sessions keep
-    the host name of the start (its certificate too), the log its JSON
-    format; the greeting, the size, the recipients, the POP3 and SMTP
+    own C{config.database_refused}), and new POP3S sessions keep the
+    certificate of the start, the log its JSON format; the host name, the
+    greeting, the size, the recipients, the POP3 and SMTP
     timeouts, the data rate, the connection limits, the penalty and ban
     settings, the exempt networks, the quota and retention defaults, the
     domains, postmaster, recipient delimiter, over-quota reply and spool,
     SMTP's error throttling, login-delay, the credential cache and the
-    stop's grace are said applied, and new sessions get the new greeting and SIZE
-    while a POP3 and an SMTP session opened before keep the start's.  A traced
+    stop's grace are said applied, and new sessions get the new host name,
+    greeting and SIZE while a POP3 and an SMTP session opened before keep
+    the start's.  A traced
     network, another certificate and tls-min-version, and the trusted,
     cleartext and balancer networks then are applied at once (new
     sessions traced, given the new certificate, refused TLS 1.2, not
@@ -262,7 +263,8 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
             # ... the greeting they got, the size limit in force.
             assert oldPOP3.getwelcome().decode().startswith("+OK first greeting")
             assert "UIDL" in oldPOP3.capa()
-            oldSMTP.ehlo("client.test")
+            code, text = oldSMTP.ehlo("client.test")
+            assert text.decode().split()[0] == "one.test"
             assert oldSMTP.esmtp_features.get("size") == "1048576"
             assert oldSMTP.mail("a@client.test", ["SIZE=1500000"])[0] == 552
         finally:
@@ -272,10 +274,10 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         assert sorted(later["settings"]) == sorted(set(RESTART_ONLY) - {"database"})
         [refused] = server.events("config.database_refused")
         assert "other.sqlite3" in refused["new"]
-        # New sessions see what the server said it serves: the start's
-        # host name, the reload's greeting and size.
+        # New sessions see what the server said it serves: the reload's
+        # host name, greeting and size.
         assert greeting(server).startswith("+OK second greeting")
-        assert ehlo(server) == ("one.test", "2097152")
+        assert ehlo(server) == ("two.test", "2097152")
         assert "USER" in capa(server)
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
         # Still JSON (log-format waits for the restart too), and no
@@ -320,3 +322,23 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         assert len(server.events("config.database_refused")) == 2
     finally:
         server.stop()
+
+
+def test_whatTheMailgateCommandReadsFromTheFileAReloadApplies():
+    """
+    The settings the mailgate command reads from the server's file at each
+    run (mailgate deliver, an MTA's pipe transport, delivers with them) are
+    all applied by a reload: mail through the pipe and through the
+    server's SMTP and LMTP are never taken by different settings until a
+    restart, as they were with recipient-delimiter, quota-exceeded,
+    hostname, spool-directory, postmaster and domain.
+    """
+    from mailgate.config import COMMAND_SETTINGS
+    from mailgate.service import (
+        DELIVERY_SETTINGS,
+        NAME_SETTINGS,
+        SESSION_SETTINGS,
+        STORE_SETTINGS,
+    )
+
+    assert COMMAND_SETTINGS <= DELIVERY_SETTINGS | NAME_SETTINGS | SESSION_SETTINGS.keys() | STORE_SETTINGS

@@ -5,8 +5,9 @@ them, seen by real clients (smtplib, poplib, raw sockets, the metrics
 endpoint, C{mailgate nodes}): the recipient delimiter, the reply to a
 recipient over quota, SMTP's soft error limit, login-delay and the
 credential cache apply to the recipients, error replies and logins that
-come after the reload, and a node announces its new recipient delimiter
-to the nodes sharing its database, which then agree with it again.
+come after the reload, the host name to the sessions opened after it,
+and a node announces its new recipient delimiter to the nodes sharing
+its database, which then agree with it again.
 
 The command line gives the database and the listeners; the file, the
 settings a test changes (tests/test_reload_policy.py's helpers).  Every
@@ -26,6 +27,9 @@ from test_reload_policy import configured, reload, writeConfig
 
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
+    TWISTD,
+    AdminCommandHere,
+    ServerProcess,
     mailgate_cli,
     mailgate_server,
     postgresOnly,
@@ -149,15 +153,11 @@ def test_nodesAgreeOnTheRecipientDelimiterOnceTheOtherIsReloaded(mailgate_server
 
 
 def _nodeNames(server):
-    from e2e import AdminCommandHere
-
     listed = AdminCommandHere(server.database).check("nodes")
     return [line.split()[0] for line in listed.splitlines()[1:] if line.strip()]
 
 
 def addUser(server, address):
-    from e2e import AdminCommandHere
-
     AdminCommandHere(server.database).addUser(address, PASSWORD)
 
 
@@ -324,3 +324,76 @@ def test_aReconfiguredCacheKeepsItsEntriesExpiriesAndTrimsToItsBound():
     cache.reconfigure(10, 10.0)
     assert not cache.check("u2@example.org", "hash", b"pw")
     assert not cache.failedBefore("u2@example.org", "hash", b"wrong")
+
+
+class FileServer(ServerProcess):
+    """
+    A server whose every setting comes from its configuration file (the
+    host name too: the e2e servers' --hostname would override the file's).
+    """
+
+    def __init__(self, configPath, cwd):
+        super().__init__(None, cwd=cwd, expect={"POP3": 1, "SMTP": 1})
+        self.configPath = configPath
+
+    @property
+    def argv(self):
+        return [TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(self.configPath)]
+
+
+def test_aNewHostNameNamesTheSessionsOpenedAfterTheReload(tmp_path):
+    """
+    A reload changing hostname from one.test to two.test: an SMTP session
+    opened after it is greeted by two.test, and so named in its EHLO reply
+    and the Received field of the mail it delivers, while one opened before
+    keeps one.test to its end; C{mailgate nodes} shows the node as
+    two.test.  It had waited for a restart, while mailgate deliver with the
+    same file named two.test at once.
+    """
+    database = f"sqlite:///{tmp_path}/mail.sqlite3"
+    path = tmp_path / "mailgate.toml"
+    settings = (
+        f'database = "{database}"\npop3 = ["tcp:0:interface=127.0.0.1"]\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+        'domain = ["example.org"]\nauth-failure-delay = 0\n'
+    )
+    path.write_text(settings + 'hostname = "one.test"\n')
+    admin = AdminCommandHere(database)
+    admin.addUser(BOB, PASSWORD)
+    server = FileServer(path, tmp_path)
+    try:
+        server.start()
+        before = smtpClient(server)
+        try:
+            assert before.ehlo_resp.decode().split()[0] == "one.test"
+            path.write_text(settings + 'hostname = "two.test"\n')
+            line = reload(server)
+            after = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
+            try:
+                code, text = after.ehlo("client.test")
+                assert text.decode().split()[0] == "two.test"
+                assert after.sendmail("sender@client.test", [BOB], b"Subject: after\r\n\r\nhi\r\n") == {}
+            finally:
+                after.quit()
+            code, text = before.ehlo("client.test")
+            assert text.decode().split()[0] == "one.test"
+            assert before.sendmail("sender@client.test", [BOB], b"Subject: before\r\n\r\nhi\r\n") == {}
+        finally:
+            before.quit()
+        client = pop3(server)
+        try:
+            client.user(BOB)
+            client.pass_(PASSWORD)
+            received = {}
+            for number in (1, 2):
+                lines = client.retr(number)[1]
+                subject = next(line for line in lines if line.startswith(b"Subject: "))
+                received[subject] = b"\r\n".join(lines[: lines.index(b"")])
+        finally:
+            client.quit()
+        assert b"by two.test" in received[b"Subject: after"], received
+        assert b"by one.test" in received[b"Subject: before"], received
+        waitFor(lambda: "two.test[" in admin.check("nodes"), "mailgate nodes to show two.test")
+        # ... and the log said so.
+        assert "applied" in line and "hostname" in line, server.log()
+    finally:
+        server.stop()

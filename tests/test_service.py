@@ -231,19 +231,19 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert [f.minDataRate for f in factories[1:]] == [5, 5]
     [later] = said("config.restart_needed")
     assert formatEvent(later) == "configuration changed: memory-trim-interval takes effect at the next restart"
-    # A setting the mailgate command reads from the file at each run:
-    # mailgate deliver (an MTA's pipe transport) uses it already.
+    # hostname, which the mailgate command reads from the file at each run
+    # (mailgate deliver, an MTA's pipe transport), is applied to the
+    # sessions opened after it: nothing the pipe delivers with waits.
     path.write_text('max-recipients = 5\nmin-data-rate = 5\nmemory-trim-interval = 5\nhostname = "mail.example.org"\n')
     root.hangup()
+    assert [f.hostname for f in factories] == ["mail.example.org"] * 3
+    assert factories[0].sasl.hostname == "mail.example.org"
     [_, later] = said("config.restart_needed")
-    assert formatEvent(later) == (
-        "configuration changed: hostname, memory-trim-interval take effect at the next restart; the "
-        "mailgate command and mailgate deliver with this file use hostname already"
-    )
-    assert later["readByTheCommand"] == ["hostname"]
+    assert formatEvent(later) == "configuration changed: memory-trim-interval takes effect at the next restart"
+    assert later["readByTheCommand"] == []
     # The JSON record carries the names as lists, not the sentence's parts.
     record = eventAsRecord(later)
-    assert record["settings"] == ["hostname", "memory-trim-interval"]
+    assert record["settings"] == ["memory-trim-interval"]
     assert not {"names", "take", "readNow"} & set(record)
 
     path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')

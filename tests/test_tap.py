@@ -922,6 +922,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
         ERROR_SETTINGS,
         LIVE_SETTINGS,
         LOGIN_SETTINGS,
+        NAME_SETTINGS,
         NETWORK_SETTINGS,
         POLICY_SETTINGS,
         SESSION_SETTINGS,
@@ -938,7 +939,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     texts = [comments(contrib / "systemd" / "mailgate.service"), comments(contrib / "mailgate.toml")]
     for text in [" ".join(t.split()) for t in [tap.Options.opt_config.__doc__, *texts]]:
         applied = LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS
-        applied |= ERROR_SETTINGS.keys() | DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS
+        applied |= ERROR_SETTINGS.keys() | DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS
         for name in applied:
             assert name in text, (name, text)
         assert all(name.startswith("tls-") for name in TLS_SETTINGS)

@@ -639,7 +639,9 @@ class SASLServer:
         self._defaultRealm = defaultRealm
         self._sharedSecret = sharedSecret
         self._saltKey = None if sharedSecret is not None else os.urandom(32)
-        self._hostname = hostname or machineName()
+        #: the name in the CRAM-MD5 challenges made from now on (a reload
+        #: may change it: a challenge is a nonce the client signs as it is)
+        self.hostname = hostname or machineName()
         self._offerCramMD5 = offerCramMD5
 
     def _unknownUserSaltKey(self):
@@ -686,7 +688,7 @@ class SASLServer:
                 None if self._scramParameters is None else self._scramParameters.current,
             )
         if name == "CRAM-MD5" and self._offerCramMD5():
-            return CramMD5Mechanism(self._hostname)
+            return CramMD5Mechanism(self.hostname)
         if self._bearerTokens and name in ("OAUTHBEARER", "XOAUTH2"):
             return (OAuthBearerMechanism if name == "OAUTHBEARER" else XOAuth2Mechanism)(self._defaultRealm)
         return None

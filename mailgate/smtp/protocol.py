@@ -303,10 +303,18 @@ class SMTPServer(CommandSession):
         # An error reply held back (see softErrorLimit): the timer, and
         # the Deferred the command waits on.
         self._errorHeld = None
+        # The host name the session names itself by (see hostname).
+        self._hostname = None
 
     @property
     def hostname(self):
-        return self.factory.hostname
+        # The factory's name when the session first names itself (its
+        # greeting), kept to its end: a reload may give the factory
+        # another, and a session under way keeps the name of its greeting
+        # in every reply and Received field.
+        if self._hostname is None:
+            self._hostname = self.factory.hostname
+        return self._hostname
 
     # -- the session core's hooks ------------------------------------------
 

@@ -288,6 +288,17 @@ class RegistryService(_Repeating):
         sessions.announceSoon()
         self._compared = None
 
+    def rename(self, name):
+        """
+        A reload changed the host name: the node is shown by it (C{mailgate
+        nodes}, C{who}, the other nodes' warnings) from its next flush on,
+        within L{interval} seconds.
+        """
+        self._hostname = name
+        if self.running:
+            self._store.sessions.name = f"{name}[{os.getpid()}]"
+            self._store.sessions.announceSoon()
+
     def startService(self):
         Service.startService(self)
         if self._hostname is not None:

@@ -265,7 +265,8 @@ def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
     nodeId, name, started, settings = node
     cursor.execute(
         "INSERT INTO mailgate_nodes (node_id, name, started_at, seen_at, settings) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (node_id) DO UPDATE SET seen_at = excluded.seen_at, settings = excluded.settings",
+        "ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, seen_at = excluded.seen_at, "
+        "settings = excluded.settings",
         (nodeId, name, started, now, settings),
     )
     for start in range(0, len(added), 100):
