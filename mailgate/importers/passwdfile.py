@@ -85,7 +85,8 @@ def _keptLines(lines, domain):
     The number of the line Dovecot logs each address in with, where the
     file has it on several: the first, as Dovecot keeps a user's first
     line and logs the others as errors ("exists more than once"), but the
-    first whose user name has no capitals where another has them.  Its
+    first whose user name a login reaches (L{_reached}: no ASCII capitals,
+    in NFC) where another's is not.  Its
     passwd-file finds a name as it is written, and the name looked for is
     the login lower-cased (C{auth_username_format = %Lu}, the default):
     a line C{Alice@example.org} is one no login reaches, and a line
