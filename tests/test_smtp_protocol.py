@@ -428,6 +428,19 @@ def test_nonASCIIRecipientNeedsSMTPUTF8(users):
     assert s.command(f"RCPT TO:<{ALICE}>").startswith("250 2.1.5")
 
 
+def test_aRecipientNamedBackUnderSMTPUTF8IsPrintable(users):
+    """
+    A recipient refused under SMTPUTF8 is named back in the reply with
+    whatever invisible character it held (a right-to-left override, which
+    turns the rest of the reply around in the client's log or bounce) as
+    C{?}, as the server's own log shows it; its visible letters stay.
+    """
+    s = session(users)
+    assert s.command(f"MAIL FROM:<{SENDER}> SMTPUTF8").startswith("250 ")
+    reply = s.command("RCPT TO:<j\u00f6\u202erg@example.org>")
+    assert reply == "550 5.1.1 <j\u00f6?rg@example.org>: no such user here\r\n"
+
+
 def test_lmtpTakesNonASCIIAddressesWithoutSMTPUTF8(store, dbpath):
     """
     Postfix's smtpd takes a non-ASCII sender from a client that did not

@@ -631,11 +631,18 @@ class SMTPServer(CommandSession):
 
     def _reply(self, code, enhanced, text):
         line = f"{code} {enhanced} {text}"
-        if not self._utf8Replies and not line.isascii():
-            # An address named in the reply, taken without SMTPUTF8
-            # (takesUnannouncedUTF8): a client that did not ask for UTF-8
-            # gets ASCII, as it got before such addresses were taken.
-            line = line.encode("ascii", "replace").decode("ascii")
+        if not line.isascii():
+            if self._utf8Replies:
+                # An address the client sent, named back: an invisible
+                # character in it (a right-to-left override) would turn
+                # the reply's words around in the client's log or bounce.
+                line = printable(line)
+            else:
+                # An address named in the reply, taken without SMTPUTF8
+                # (takesUnannouncedUTF8): a client that did not ask for
+                # UTF-8 gets ASCII, as it got before such addresses were
+                # taken.
+                line = line.encode("ascii", "replace").decode("ascii")
         if len(line) > _SAFE_REPLY_CHARACTERS:
             line = _fitReplyLine(line)
         self._send(line + "\r\n")
