@@ -122,6 +122,24 @@ class MemoryTrimmer(TimerService):
             return Service.stopService(self)
         return super().stopService()
 
+    def setInterval(self, interval):
+        """
+        Trim every C{interval} seconds (0: never) from now on (a reload):
+        the next check comes C{interval} seconds from now, not at the end
+        of the period under way, which may be much longer.  The sessions
+        that ended since the last trim still count towards the next.
+        """
+        seen = self._seen
+        running = self.running
+        if running:
+            self.stopService()
+        self.step = interval
+        if running:
+            # Started again: the timer's loop checks at once, then every
+            # interval.
+            self.startService()
+            self._seen = seen
+
     def check(self):
         """
         Trim now if sessions have ended since the last trim and none is

@@ -97,9 +97,9 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: the listeners (pop3, pop3s, smtp, lmtp, metrics) and the database,
 #: bound and opened at start (a changed database is refused outright);
 #: log-format, the observer twistd set up at start (one file, one format,
-#: for whatever parses it); cpu-affinity, memory-trim-interval and
-#: tls-ticket-key-rotation, the process's pinning and timers started with
-#: it; apop, which checkers the portal was built with (APOP's
+#: for whatever parses it); cpu-affinity, the threads pinned at start (the
+#: reactor's, the database's), which would each have to be pinned again;
+#: apop, which checkers the portal was built with (APOP's
 #: or not) and what the APOP advertiser and its timer offer in greetings
 #: and CAPA; auth-default-realm, read by the portal's checkers,
 #: the SASL server and the connection policy, which counts failed logins
@@ -172,6 +172,11 @@ STOP_SETTINGS = frozenset({"shutdown-grace"})
 #: registry (mailgate nodes, who, the other nodes' warnings) is renamed
 #: at its next flush (L{RegistryService.rename})
 NAME_SETTINGS = frozenset({"hostname"})
+#: the periods of the server's timers, which a SIGHUP starts again: the
+#: next trim of freed memory, and the next TLS session ticket key, come a
+#: new period after it (L{MemoryTrimmer.setInterval},
+#: L{TicketKeyRotation.setInterval})
+TIMER_SETTINGS = frozenset({"memory-trim-interval", "tls-ticket-key-rotation"})
 #: RFC 5321 section 4.5.3.2.7: an SMTP server's timeout should be at least
 #: five minutes (smtp-idle-timeout below it is warned of)
 SMTP_SERVER_TIMEOUT = 300
@@ -563,7 +568,8 @@ class MailgateService(MultiService):
         retention round; L{DELIVERY_SETTINGS}, L{ERROR_SETTINGS},
         L{LOGIN_SETTINGS} and L{STOP_SETTINGS}, for the recipients, error
         replies, logins and stop after it; L{NAME_SETTINGS}, the host name,
-        for the sessions opened after it; and the TLS settings, L{TLS_SETTINGS}, where TLS was
+        for the sessions opened after it; L{TIMER_SETTINGS}, the periods of
+        the server's timers, from it on; and the TLS settings, L{TLS_SETTINGS}, where TLS was
         on and stays on, as those reloads take another certificate file); say
         which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
@@ -598,7 +604,7 @@ class MailgateService(MultiService):
         # settings newTLS loaded); TLS turned on or off changes listeners
         # and what STLS and STARTTLS offer: a restart's.
         live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new) | ERROR_SETTINGS.keys()
-        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS
+        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS | TIMER_SETTINGS
         live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
         live |= POLICY_SETTINGS if self.policy is not None else frozenset()
         live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
@@ -638,6 +644,11 @@ class MailgateService(MultiService):
             self.shutdownGrace = self.config.shutdownGrace
             if "hostname" in applied:
                 self._rename(self.config.hostname or machineName())
+            for service in self:
+                if isinstance(service, MemoryTrimmer) and "memory-trim-interval" in applied:
+                    service.setInterval(self.config.memoryTrimInterval)
+                elif isinstance(service, TicketKeyRotation) and "tls-ticket-key-rotation" in applied:
+                    service.setInterval(self.config.tlsTicketKeyRotation)
             if "proxy-network" in applied:
                 for listener in (l for ls in self.listeners.values() for l in ls):
                     if isinstance(listener.endpoint, ProxyHeaderEndpoint):

@@ -214,7 +214,8 @@ class Options(usage.Options):
         "after it; smtp-soft-error-limit and smtp-error-sleep-time to the SMTP "
         "error replies after it; login-delay, auth-cache-size and "
         "auth-cache-ttl to the logins after it; hostname to sessions opened "
-        "after it; shutdown-grace to the next stop; other changes at the next restart (a changed database is "
+        "after it; shutdown-grace to the next stop; memory-trim-interval and "
+        "tls-ticket-key-rotation from it on; other changes at the next restart (a changed database is "
         "refused, as an error).  Default: none."
     )
 

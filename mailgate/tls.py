@@ -802,6 +802,19 @@ class TicketKeyRotation(Service):
             self._loop.stop()
         return super().stopService()
 
+    def setInterval(self, interval):
+        """
+        A new key every C{interval} seconds from now on (a reload): the
+        next comes C{interval} seconds from now, not at the end of the
+        period under way.
+        """
+        self.interval = interval
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self._loop = LoopingCall(self.renew)
+            self._loop.clock = self.clock
+            self._loop.start(interval, now=False)
+
     def renew(self):
         """
         Renew the key; should that fail, say so and keep the key in use

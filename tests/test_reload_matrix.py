@@ -53,8 +53,6 @@ RESTART_ONLY = {
     "metrics": '"tcp:0:interface=127.0.0.1"',
     "oauth2-clock-skew": "120",
     "log-format": '"text"',
-    "tls-ticket-key-rotation": "60",
-    "memory-trim-interval": "30",
     "apop": '"always"',
     "auth-default-realm": '"one.test"',
 }
@@ -94,9 +92,9 @@ POLICY = {
 }
 
 #: how mail is taken in, SMTP's error throttling, what logins are checked
-#: with and the stop's grace, which a reload applies to the recipients,
-#: error replies, logins and stop after it (tests/test_reload_more.py
-#: shows what each does then)
+#: with, the stop's grace and the timers' periods, which a reload applies
+#: to the recipients, error replies, logins, stop and timers after it
+#: (tests/test_reload_more.py shows what each does then)
 LATER = {
     "domain": '["one.test", "two.test"]',
     "postmaster": '"admin@one.test"',
@@ -109,6 +107,8 @@ LATER = {
     "auth-cache-size": "100",
     "auth-cache-ttl": "10",
     "shutdown-grace": "5",
+    "tls-ticket-key-rotation": "60",
+    "memory-trim-interval": "30",
 }
 
 #: settings a running server applies to new sessions, with another value
@@ -221,8 +221,8 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     timeouts, the data rate, the connection limits, the penalty and ban
     settings, the exempt networks, the quota and retention defaults, the
     domains, postmaster, recipient delimiter, over-quota reply and spool,
-    SMTP's error throttling, login-delay, the credential cache and the
-    stop's grace are said applied, and new sessions get the new host name,
+    SMTP's error throttling, login-delay, the credential cache, the
+    stop's grace and the timers' periods are said applied, and new sessions get the new host name,
     greeting and SIZE while a POP3 and an SMTP session opened before keep
     the start's.  A traced
     network, another certificate and tls-min-version, and the trusted,

@@ -22,6 +22,9 @@ import socket
 
 import pytest
 from test_e2e_policy import ALICE, PASSWORD
+from twisted.internet import defer
+from twisted.internet.task import Clock as ReactorClock
+from twisted.internet.testing import MemoryReactorClock
 from test_metrics import sample, scrape
 from test_reload_policy import configured, reload, writeConfig
 
@@ -37,6 +40,8 @@ from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     waitFor,
 )
 from mailgate.auth.cache import VerifiedCredentialCache
+from mailgate.memory import MemoryTrimmer
+from mailgate.tls import TicketKeyRotation
 
 BOB = "bob@example.org"
 SMTP = ("--smtp", "tcp:0:interface=127.0.0.1")
@@ -397,3 +402,96 @@ def test_aNewHostNameNamesTheSessionsOpenedAfterTheReload(tmp_path):
         assert "applied" in line and "hostname" in line, server.log()
     finally:
         server.stop()
+
+
+class _Ended:
+    ended = 0
+
+
+def test_aNewTrimIntervalTakesEffectFromTheReload():
+    """
+    L{MemoryTrimmer.setInterval}: lowered from an hour to 5 s, the next
+    trim comes 5 s after the reload, not at the end of the hour, and the
+    sessions that ended before it still count; 0 stops the trims, and a
+    period set again starts them.
+    """
+    clock = ReactorClock()
+    tracker = _Ended()
+    trims = []
+    trimmer = MemoryTrimmer(
+        clock, tracker, interval=3600, trim=lambda: trims.append(clock.seconds()),
+        inThread=lambda f: defer.maybeDeferred(f), resident=lambda: None,
+    )
+    trimmer.startService()
+    tracker.ended = 1
+    clock.advance(10)
+    trimmer.setInterval(5)
+    clock.advance(5)
+    assert trims == [15]
+    tracker.ended = 2
+    trimmer.setInterval(0)
+    clock.advance(3600)
+    assert trims == [15]
+    trimmer.setInterval(60)
+    clock.advance(60)
+    assert trims == [15, 3675]
+    trimmer.stopService()
+
+
+class _TLS:
+    renewed = 0
+
+    def ticketKeyRenewalProblem(self):
+        return None
+
+    def renewTicketKey(self):
+        self.renewed += 1
+
+
+def test_aNewTicketKeyRotationTakesEffectFromTheReload():
+    """
+    L{TicketKeyRotation.setInterval}: lowered from an hour to 60 s, the
+    next key comes 60 s after the reload, then every 60 s.
+    """
+    clock = ReactorClock()
+    tls = _TLS()
+    rotation = TicketKeyRotation(tls, clock, 3600)
+    rotation.startService()
+    clock.advance(100)
+    rotation.setInterval(60)
+    clock.advance(59)
+    assert tls.renewed == 0
+    clock.advance(1)
+    assert tls.renewed == 1
+    clock.advance(60)
+    assert tls.renewed == 2
+    rotation.stopService()
+
+
+def test_aReloadGivesTheTimersTheirNewPeriods(tmp_path):
+    """
+    A SIGHUP changing memory-trim-interval and tls-ticket-key-rotation says
+    them applied, and the server's trimmer and ticket key rotation take
+    the new periods (each shown at work above).
+    """
+    from certs import makeCertificate
+
+    from mailgate.service import makeService
+    from mailgate.tap import Options
+    from mailgate.testing import memoryStore
+
+    certificate, key = makeCertificate(tmp_path, "one.test")
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f'tls-cert = "{certificate}"\ntls-key = "{key}"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=memoryStore())
+    root.configSource = options.reread
+    path.write_text(
+        f'tls-cert = "{certificate}"\ntls-key = "{key}"\nmemory-trim-interval = 5\ntls-ticket-key-rotation = 60\n'
+    )
+    assert sorted(root.reloadConfig()) == ["memory-trim-interval", "tls-ticket-key-rotation"]
+    [trimmer] = [s for s in root if isinstance(s, MemoryTrimmer)]
+    [rotation] = [s for s in root if isinstance(s, TicketKeyRotation)]
+    assert (trimmer.interval, rotation.interval) == (5, 60)
+    assert root.restartNeeded == ()

@@ -222,7 +222,7 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert formatEvent(reloaded) == "configuration reloaded: applied debug-peer, debug-user"
     assert said("config.restart_needed") == []
 
-    path.write_text("max-recipients = 5\nmin-data-rate = 5\nmemory-trim-interval = 5\n")
+    path.write_text('max-recipients = 5\nmin-data-rate = 5\nlog-format = "json"\n')
     root.hangup()
     assert [f.trace for f in factories] == [None, None, None]
     # max-recipients and min-data-rate are ones the factories give every
@@ -230,20 +230,20 @@ def test_hangupReadsTheConfigurationFileAgain(tmp_path, logEvents):
     assert [f.maxRecipients for f in factories[1:]] == [5, 5]
     assert [f.minDataRate for f in factories[1:]] == [5, 5]
     [later] = said("config.restart_needed")
-    assert formatEvent(later) == "configuration changed: memory-trim-interval takes effect at the next restart"
+    assert formatEvent(later) == "configuration changed: log-format takes effect at the next restart"
     # hostname, which the mailgate command reads from the file at each run
     # (mailgate deliver, an MTA's pipe transport), is applied to the
     # sessions opened after it: nothing the pipe delivers with waits.
-    path.write_text('max-recipients = 5\nmin-data-rate = 5\nmemory-trim-interval = 5\nhostname = "mail.example.org"\n')
+    path.write_text('max-recipients = 5\nmin-data-rate = 5\nlog-format = "json"\nhostname = "mail.example.org"\n')
     root.hangup()
     assert [f.hostname for f in factories] == ["mail.example.org"] * 3
     assert factories[0].sasl.hostname == "mail.example.org"
     [_, later] = said("config.restart_needed")
-    assert formatEvent(later) == "configuration changed: memory-trim-interval takes effect at the next restart"
+    assert formatEvent(later) == "configuration changed: log-format takes effect at the next restart"
     assert later["readByTheCommand"] == []
     # The JSON record carries the names as lists, not the sentence's parts.
     record = eventAsRecord(later)
-    assert record["settings"] == ["memory-trim-interval"]
+    assert record["settings"] == ["log-format"]
     assert not {"names", "take", "readNow"} & set(record)
 
     path.write_text('debug-peer = ["192.0.2.0/24"]\nmax-recipients = "many"\n')
@@ -450,20 +450,20 @@ def test_aReloadKeepsWhetherItFailedAndWhatWaitsForARestart(tmp_path):
 
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
     assert metric("mailgate_config_last_reload_successful") == 1
-    path.write_text(tls + "memory-trim-interval = 5\n")
+    path.write_text(tls + 'log-format = "json"\n')
     root.hangup()
-    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("memory-trim-interval",))
-    assert metric("mailgate_config_restart_needed", setting="memory-trim-interval") == 1
-    path.write_text(tls + 'memory-trim-interval = "five"\n')
+    assert (root.lastReloadFailed, root.restartNeeded) == (False, ("log-format",))
+    assert metric("mailgate_config_restart_needed", setting="log-format") == 1
+    path.write_text(tls + 'log-format = 5\n')
     root.hangup()
-    assert (root.lastReloadFailed, root.restartNeeded) == (True, ("memory-trim-interval",))
+    assert (root.lastReloadFailed, root.restartNeeded) == (True, ("log-format",))
     assert metric("mailgate_config_last_reload_successful") == 0
     path.write_text(tls + f'database = "sqlite:///{tmp_path / "other.sqlite3"}"\n')
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ("database",))
     assert metric("mailgate_config_last_reload_successful") == 1
     assert metric("mailgate_config_restart_needed", setting="database") == 1
-    assert metric("mailgate_config_restart_needed", setting="memory-trim-interval") is None
+    assert metric("mailgate_config_restart_needed", setting="log-format") is None
     path.write_text(tls)
     root.hangup()
     assert (root.lastReloadFailed, root.restartNeeded) == (False, ())
@@ -626,7 +626,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     def said(event):
         return [formatEvent(e) for e in logEvents if e.get("event") == event]
 
-    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\nmemory-trim-interval = 5\n')
+    path.write_text('database = "postgresql://mailgate:s3cret@db.internal/mail"\nlog-format = "json"\n')
     root.hangup()
     [refused] = said("config.database_refused")
     assert refused.startswith(
@@ -636,7 +636,7 @@ def test_aReloadRefusesAChangedDatabaseAsAnError(tmp_path, logEvents):
     assert [e["log_level"] for e in logEvents if e.get("event") == "config.database_refused"] == [LogLevel.error]
     assert "change" not in eventAsRecord([e for e in logEvents if e.get("event") == "config.database_refused"][0])
     assert said("config.restart_needed") == [
-        "configuration changed: memory-trim-interval takes effect at the next restart"
+        "configuration changed: log-format takes effect at the next restart"
     ]
     assert root.config.database == old
     path.write_text(f'database = "{old}"\n')

@@ -928,6 +928,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
         SESSION_SETTINGS,
         STOP_SETTINGS,
         STORE_SETTINGS,
+        TIMER_SETTINGS,
         TLS_SETTINGS,
     )
 
@@ -940,6 +941,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     for text in [" ".join(t.split()) for t in [tap.Options.opt_config.__doc__, *texts]]:
         applied = LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS
         applied |= ERROR_SETTINGS.keys() | DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS
+        applied |= TIMER_SETTINGS
         for name in applied:
             assert name in text, (name, text)
         assert all(name.startswith("tls-") for name in TLS_SETTINGS)
