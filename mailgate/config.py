@@ -2134,11 +2134,12 @@ EXAMPLE_HEADER = """\
 # the logins after it (a cache turned off forgets what it held);
 # hostname to the sessions opened after it; shutdown-grace to the next
 # stop; memory-trim-interval and tls-ticket-key-rotation from it on (the
-# next trim and key a new period later); every other change waits for a
-# restart (systemctl restart mailgate), named in the log
-# (config.restart_needed) and by systemctl status until then.  A file
-# the server would refuse at start is refused by the reload too, and
-# what is in service stays.
+# next trim and key a new period later); while OAuth stays on, the
+# oauth2-* settings to the logins after it; every other change (OAuth
+# turned on or off too) waits for a restart (systemctl restart
+# mailgate), named in the log (config.restart_needed) and by systemctl
+# status until then.  A file the server would refuse at start is refused
+# by the reload too, and what is in service stays.
 #
 # This file is generated from mailgate/config.py (python -m mailgate.config).
 """

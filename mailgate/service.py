@@ -84,8 +84,9 @@ STOP_MARGIN = STOP_TIMEOUT + THREADS_STOP_TIMEOUT + 2.0
 TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
 #: the settings a SIGHUP applies to a running server when the
 #: configuration file changes them (and TLS_SETTINGS while TLS stays on,
-#: SESSION_SETTINGS, NETWORK_SETTINGS, POLICY_SETTINGS and STORE_SETTINGS;
-#: the others need a restart)
+#: OAUTH2_SETTINGS while OAuth stays on, SESSION_SETTINGS,
+#: NETWORK_SETTINGS, POLICY_SETTINGS and STORE_SETTINGS; the others need a
+#: restart)
 LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: the settings a SIGHUP applies to sessions opened after it, as Dovecot's
 #: reload does: each a factory attribute the factory copies into every
@@ -104,9 +105,11 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: and CAPA; auth-default-realm, read by the portal's checkers,
 #: the SASL server and the connection policy, which counts failed logins
 #: and bans under the full names it makes (changed under it, the failures
-#: counted would be under other names than the next ones); the oauth2-*
-#: settings, the token validator and whether SASL offers OAUTHBEARER and
-#: XOAUTH2, made at start (their key files are read again at each SIGHUP).
+#: counted would be under other names than the next ones); OAuth turned on
+#: or off (oauth2-keys set or emptied), which changes what CAPA and the
+#: SASL server offer (OAUTHBEARER, XOAUTH2) and which checkers the portal
+#: was built with; while OAuth stays on, OAUTH2_SETTINGS apply to the
+#: logins after the SIGHUP.
 SESSION_SETTINGS = {
     "greeting": (POP3Factory, "greeting"),
     "idle-timeout": (POP3Factory, "idleTimeout"),
@@ -455,6 +458,9 @@ class MailgateService(MultiService):
     _stopFinished = False
     policy = None
     logObserver = None
+    #: the L{TokenValidator} of POP3's OAUTHBEARER and XOAUTH2, if on (a
+    #: reload applies changed oauth2-* settings to it while OAuth stays on)
+    tokens = None
     #: the L{MailgateConfig} in service (for L{reloadConfig})
     config = None
     #: the last SIGHUP's reload failed in part (the configuration file, the
@@ -569,8 +575,10 @@ class MailgateService(MultiService):
         L{LOGIN_SETTINGS} and L{STOP_SETTINGS}, for the recipients, error
         replies, logins and stop after it; L{NAME_SETTINGS}, the host name,
         for the sessions opened after it; L{TIMER_SETTINGS}, the periods of
-        the server's timers, from it on; and the TLS settings, L{TLS_SETTINGS}, where TLS was
-        on and stays on, as those reloads take another certificate file); say
+        the server's timers, from it on; the TLS settings, L{TLS_SETTINGS}, where TLS was
+        on and stays on, as those reloads take another certificate file; and
+        L{OAUTH2_SETTINGS}, where OAuth was on and stays on, for the logins
+        after it); say
         which other settings changed, and take effect at the next restart.  A
         file that cannot be read, holds an invalid value or changes a
         setting to one a start would refuse (L{checkStartable}) is logged,
@@ -579,7 +587,7 @@ class MailgateService(MultiService):
         @return: the names of the settings applied, or C{None} if the
             configuration could not be read.
         """
-        if self.configSource is None or self.config is None:
+        if not self.readsConfiguration():
             return None
         try:
             new = self.configSource()
@@ -588,6 +596,11 @@ class MailgateService(MultiService):
             # What a restart would refuse (as config --check does) is not
             # taken "for the next restart": that restart would fail.
             newTLS = checkStartable(new, {s.name for s in changed})
+            # While OAuth stays on, the validator of the new settings (a
+            # start's, refused as a start would be), swapped in below.
+            newTokens = None
+            if self.tokens is not None and new.oauth2Keys and OAUTH2_SETTINGS & {s.name for s in changed}:
+                newTokens = makeTokenValidator(new)
             newPolicy = fitWarning = None
             if self.policy is not None and POLICY_SETTINGS & {s.name for s in changed}:
                 maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit())
@@ -599,6 +612,7 @@ class MailgateService(MultiService):
                 error=e,
                 event="config.reload_failed",
             )
+            self._reloadTokens()
             return None
         # The TLS settings change at once while TLS stays on (the files and
         # settings newTLS loaded); TLS turned on or off changes listeners
@@ -606,6 +620,7 @@ class MailgateService(MultiService):
         live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new) | ERROR_SETTINGS.keys()
         live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS | TIMER_SETTINGS
         live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
+        live |= OAUTH2_SETTINGS if newTokens is not None else frozenset()
         live |= POLICY_SETTINGS if self.policy is not None else frozenset()
         live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
         applied = [s.name for s in changed if s.name in live]
@@ -655,6 +670,7 @@ class MailgateService(MultiService):
                         listener.endpoint.setBalancers(self.config.proxyNetworks)
         if set(applied) & TLS_SETTINGS:
             self.tls.adopt(newTLS)
+        self._reloadTokens(newTokens if set(applied) & OAUTH2_SETTINGS else None)
         if newPolicy is not None and set(applied) & POLICY_SETTINGS:
             if fitWarning and "max-connections" in applied:
                 self.log.warn("{warning}", warning=fitWarning, event="limits.open_files")
@@ -709,6 +725,29 @@ class MailgateService(MultiService):
                 event="config.restart_needed",
             )
         return applied
+
+    def readsConfiguration(self):
+        """
+        Whether a SIGHUP reads the configuration again (L{reloadConfig}).
+        """
+        return self.configSource is not None and self.config is not None
+
+    def _reloadTokens(self, new=None):
+        """
+        The OAuth 2.0 keys at a SIGHUP that read the configuration file:
+        C{new}'s settings and keys (L{TokenValidator.adopt}), or else the
+        key files in service read again; after the file, so that files it
+        no longer names are not read (a provider's new key file named,
+        the old one removed).
+        """
+        if self.tokens is None:
+            return
+        if new is None:
+            if _reloadTokenKeys(self.tokens, self.log) is False:
+                self._reloadFailures += 1
+            return
+        self.tokens.adopt(new)
+        self.log.info("oauth2 keys reloaded: {count} keys", count=len(new.keys), event="oauth2.reloaded")
 
     def _rename(self, name):
         """
@@ -1813,8 +1852,11 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
                 store, config, reactor, tls, metrics=metrics, tracker=root.sessions, policy=policy,
                 affinity=affinity, tokens=tokens,
             )
+            root.tokens = tokens
             if tokens is not None:
-                root.onHangup(lambda: _reloadTokenKeys(tokens, root.log))
+                # Read again at each SIGHUP: by reloadConfig, after the
+                # file, where it reads one (L{MailgateService._reloadTokens}).
+                root.onHangup(lambda: None if root.readsConfiguration() else _reloadTokenKeys(tokens, root.log))
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)

@@ -215,7 +215,8 @@ class Options(usage.Options):
         "error replies after it; login-delay, auth-cache-size and "
         "auth-cache-ttl to the logins after it; hostname to sessions opened "
         "after it; shutdown-grace to the next stop; memory-trim-interval and "
-        "tls-ticket-key-rotation from it on; other changes at the next restart (a changed database is "
+        "tls-ticket-key-rotation from it on; while OAuth stays on, the oauth2-* settings to the logins "
+        "after it; other changes (OAuth turned on or off too) at the next restart (a changed database is "
         "refused, as an error).  Default: none."
     )
 

@@ -27,6 +27,7 @@ import ssl
 
 import pytest
 from certs import makeCertificate
+from oauthtokens import Keys
 
 from tests.e2e import DEADLINE, TWISTD, ServerProcess, waitFor
 
@@ -43,6 +44,9 @@ postmaster = "postmaster@one.test"
 log-format = "json"
 greeting = "first greeting"
 max-message-size = "1M"
+oauth2-keys = ["{tmp}/jwks.json"]
+oauth2-issuer = ["https://login.example.test/realms/mail"]
+oauth2-audience = ["mailgate"]
 """
 
 #: one setting of each kind, each another value than ORIGINAL's (or the
@@ -51,7 +55,6 @@ RESTART_ONLY = {
     "database": '"sqlite:///{tmp}/other.sqlite3"',
     "lmtp": '["tcp:0:interface=127.0.0.1"]',
     "metrics": '"tcp:0:interface=127.0.0.1"',
-    "oauth2-clock-skew": "120",
     "log-format": '"text"',
     "apop": '"always"',
     "auth-default-realm": '"one.test"',
@@ -109,6 +112,12 @@ LATER = {
     "shutdown-grace": "5",
     "tls-ticket-key-rotation": "60",
     "memory-trim-interval": "30",
+    # While OAuth stays on (tests/test_reload_oauth.py shows the logins).
+    "oauth2-issuer": '["https://login.example.test/realms/other"]',
+    "oauth2-audience": '["webmail"]',
+    "oauth2-algorithm": '["ES256"]',
+    "oauth2-clock-skew": "120",
+    "oauth2-username-claim": '"preferred_username"',
 }
 
 #: settings a running server applies to new sessions, with another value
@@ -222,7 +231,8 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     settings, the exempt networks, the quota and retention defaults, the
     domains, postmaster, recipient delimiter, over-quota reply and spool,
     SMTP's error throttling, login-delay, the credential cache, the
-    stop's grace and the timers' periods are said applied, and new sessions get the new host name,
+    stop's grace, the timers' periods and (OAuth on before and after) the
+    oauth2-* settings are said applied, and new sessions get the new host name,
     greeting and SIZE while a POP3 and an SMTP session opened before keep
     the start's.  A traced
     network, another certificate and tls-min-version, and the trusted,
@@ -234,6 +244,7 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
     """
     makeCertificate(tmp_path, "first.test")
     makeCertificate(tmp_path, "second.test")
+    Keys().write(tmp_path)
     path = tmp_path / "mailgate.toml"
     original = ORIGINAL.format(tmp=tmp_path)
     path.write_text(original)

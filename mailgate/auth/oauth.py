@@ -244,6 +244,20 @@ class TokenValidator:
         """
         self.keys = self._usableKeys()
 
+    def adopt(self, other):
+        """
+        Take C{other}'s key files, keys, issuers, audiences, algorithms,
+        clock-skew allowance and user claim, all at once (a SIGHUP changed
+        oauth2-* settings while OAuth stays on; C{other} was made from
+        them, so they are ones a start takes).  A token is judged wholly by
+        the settings in service when it is presented: L{validate} runs on
+        the reactor thread from start to end, as this does, so never by
+        some of the old settings and some of the new ones.
+        """
+        self._keyFiles, self._issuers, self._audiences = other._keyFiles, other._issuers, other._audiences
+        self._algorithms, self._leeway, self._claim = other._algorithms, other._leeway, other._claim
+        self.keys = other.keys
+
     def _usableKeys(self):
         """
         The keys of the key files, refused as a whole when none of them
