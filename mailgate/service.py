@@ -675,6 +675,7 @@ class MailgateService(MultiService):
             if fitWarning and "max-connections" in applied:
                 self.log.warn("{warning}", warning=fitWarning, event="limits.open_files")
             self.policy.reconfigure(newPolicy)
+            self.sessions.stressChanged(self.policy.underStress())
             if self.metrics is not None:
                 self.metrics.connectionLimit(newPolicy.maxConnections)
         if set(applied) & STORE_SETTINGS:

@@ -52,6 +52,27 @@ class SessionTracker:
     def __len__(self):
         return len(self._sessions)
 
+    def stressChanged(self, stressed):
+        """
+        The server came under stress, or out of it, other than by a
+        connection: a reload changed max-connections
+        (L{mailgate.policy.connection.ConnectionPolicy.reconfigure}).  Coming
+        under it, the sessions open are held to the shorter idle timeout at
+        once, as when a connection brings it (C{CommandSession._noteStress}):
+        over a lowered limit no connection is admitted to do so, and the
+        idle clients that had not logged in kept their slots for their whole
+        login timeout while the log said they were being closed.  Checked
+        whenever under stress (a reload is rare): L{stressed} is as the last
+        connection found it, and the stress may have ended and come back
+        since.
+        """
+        if stressed:
+            for session in list(self._sessions):
+                idle = getattr(session, "_idle", None)
+                if idle is not None:
+                    idle.recheck()
+        self.stressed = stressed
+
     def __iter__(self):
         return iter(list(self._sessions))
 
