@@ -692,6 +692,10 @@ class MailgateService(MultiService):
             warning = smtpTimeoutWarning(self.config)
             if warning:
                 self.log.warn("{warning}", warning=warning, event="config.smtp_idle_timeout_short")
+        if "postmaster" in applied:
+            warning = postmasterWarning(self.config)
+            if warning:
+                self.log.warn("{warning}", warning=warning, event="smtp.no_postmaster")
         self.log.info(
             "configuration reloaded: {summary}",
             summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
@@ -1371,6 +1375,20 @@ def storeLimits(config):
     )
 
 
+def postmasterWarning(config):
+    """
+    What to warn of, if anything, in C{config}'s postmaster: none, where
+    SMTP listens, at start and at the reload that takes it away.
+    """
+    if config.smtp and config.postmaster is None:
+        return (
+            "SMTP listens without --postmaster: mail to postmaster, which RFC 5321 requires "
+            "every SMTP server to accept, is refused (550) unless a user of that name exists; "
+            "name the user who receives it with --postmaster"
+        )
+    return None
+
+
 def smtpTimeoutWarning(config):
     """
     What to warn of, if anything, in C{config}'s smtp-idle-timeout: less
@@ -1794,13 +1812,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         warning = databaseDirectoryWarning(databaseFile)
         if warning:
             root.startupWarnings.append(("database.directory_permissions", warning))
-    if config.smtp and config.postmaster is None:
-        root.startupWarnings.append((
-            "smtp.no_postmaster",
-            "SMTP listens without --postmaster: mail to postmaster, which RFC 5321 requires "
-            "every SMTP server to accept, is refused (550) unless a user of that name exists; "
-            "name the user who receives it with --postmaster",
-        ))
+    warning = postmasterWarning(config)
+    if warning:
+        root.startupWarnings.append(("smtp.no_postmaster", warning))
     if config.debugPeers or config.debugUsers:
         traced = [f"clients on {n}" for n in config.debugPeers] + [f"user {u}" for u in config.debugUsers]
         root.startupWarnings.append((

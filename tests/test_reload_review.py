@@ -21,6 +21,8 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
 )
 
 METRICS = ("--metrics", "tcp:0:interface=127.0.0.1")
+SMTP = ("--smtp", "tcp:0:interface=127.0.0.1")
+NO_POSTMASTER = "SMTP listens without --postmaster"
 
 
 def openPOP3(server):
@@ -61,3 +63,20 @@ def test_aLimitLoweredUnderTheConnectionsOpenClosesIdleClientsAsTheStressSays(ma
     finally:
         for sock in held:
             sock.close()
+
+
+@sqliteOnly
+def test_aReloadThatTakesThePostmasterAwayWarnsAsAStartWould(mailgate_server, tmp_path):
+    """
+    A server with SMTP started with a postmaster says nothing of it; a
+    reload of a file without postmaster (which a SIGHUP applies since
+    7b01237: mail to postmaster is refused from then on) warns as a start
+    without it does (smtp.no_postmaster), rather than leaving the
+    administrator to learn it from the bounces.
+    """
+    server, path = configured(mailgate_server, tmp_path, *SMTP, postmaster='"alice@example.org"')
+    assert NO_POSTMASTER not in server.stdout
+    writeConfig(path)
+    line = reload(server)
+    assert "postmaster" in line, server.log()
+    waitFor(lambda: NO_POSTMASTER in server.stdout, "the warning of no postmaster")
