@@ -2364,6 +2364,34 @@ def test_userListIsInByteOrderWhateverTheDatabasesCollation(tmp_path, postgresUR
     assert [line.split()[0] for line in table.out.splitlines()[1:]] == sorted(addresses)
 
 
+def test_commandsGoingThroughAllUsersTakeThemInUserListsOrder(tmp_path, postgresURL):
+    """
+    C{user recount --all} (and C{mailbox export --all}, which reads the
+    same whole listing) goes through the users in code point order, the
+    order of C{user list}, on a PostgreSQL database whose collation orders
+    otherwise (as test_userListIsInByteOrderWhateverTheDatabasesCollation):
+    the whole listing followed the collation, the paged one did not, and
+    with UTF-8 local parts jörg fell between jones and jung.
+    """
+    import psycopg
+
+    cli = CLI(tmp_path / "unused.sqlite3")
+    addresses = ["jung@example.org", "j\u00f6rg@example.org", "jones@example.org", "a_b@example.org",
+                 "a-c@example.org", "a+b@example.org"]
+    for address in addresses:
+        added = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n", database=postgresURL)
+        assert added.code == 0, added
+    with psycopg.connect(postgresURL, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone() is None:
+            pytest.skip("this PostgreSQL has no ICU collations")
+        conn.execute('ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
+        collated = [row[0] for row in conn.execute("SELECT address FROM users ORDER BY address")]
+    assert collated != sorted(addresses)  # the collation orders them otherwise
+    recounted = cli("user", "recount", "--all", database=postgresURL)
+    assert recounted.code == 0, recounted
+    assert [line.split(":")[0] for line in recounted.out.splitlines()[:-1]] == sorted(addresses)
+
+
 @pytest.mark.parametrize(
     "argv",
     [

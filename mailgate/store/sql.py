@@ -395,17 +395,25 @@ def _userSummaries(cursor):
     ]
 
 
-def _listUsers(cursor):
-    cursor.execute(_USER_SUMMARIES + "ORDER BY u.address")
-    return _userSummaries(cursor)
-
-
 #: How each engine orders addresses by code point (byte order of their
-#: UTF-8; addresses are ASCII), as C{LC_ALL=C sort} and Python do: SQLite's
-#: default BINARY collation compares the octets; a PostgreSQL database's
-#: collation (en_US.UTF-8, ICU) puts a_b before a-c before a+b, its "C"
-#: collation does not.
+#: UTF-8, which is code point order), as C{LC_ALL=C sort} and Python do:
+#: SQLite's default BINARY collation compares the octets; a PostgreSQL
+#: database's collation (en_US.UTF-8, ICU) puts a_b before a-c before a+b,
+#: and jörg between jones and jung, its "C" collation does not.
 _CODE_POINT_ORDER = {"sqlite": "", "postgres": ' COLLATE "C"'}
+
+
+def _listUsers(cursor, collate):
+    """
+    Every user's L{UserSummary}, in the paged listing's order
+    (L{_userPage}): the admin commands that go through all users
+    (C{mailbox export --all}, C{user recount --all}) take them in the
+    order C{user list} shows, whatever the database's collation.
+
+    @param collate: the engine's L{_CODE_POINT_ORDER}.
+    """
+    cursor.execute(f"{_USER_SUMMARIES}ORDER BY u.address{collate}")
+    return _userSummaries(cursor)
 
 
 def _userPage(cursor, collate, position, limit):
@@ -1074,7 +1082,7 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def listUsers(self, page=None):
         if page is None:
-            return self.database.runInteraction(_listUsers)
+            return self.database.runInteraction(_listUsers, _CODE_POINT_ORDER[self.engine.name])
         return paging.pagedListing(self.database, _userPage, (_CODE_POINT_ORDER[self.engine.name],), page)
 
     def listMessages(self, address, page=None):
