@@ -59,7 +59,7 @@ def test_aLimitLoweredUnderTheConnectionsOpenClosesIdleClientsAsTheStressSays(ma
         line = reload(server)
         assert "max-connections" in line, server.log()
         assert "until fewer than 7 remain (stress)" in server.stdout, server.log()
-        waitFor(lambda: openPOP3(server) < 7, "the idle clients to be closed under stress", timeout=DEADLINE)
+        waitFor(lambda: openPOP3(server) < 7, "the idle clients to be closed under stress", timeout=2 * DEADLINE)
     finally:
         for sock in held:
             sock.close()
