@@ -35,6 +35,7 @@ DEFAULT_BALANCER_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 import ipaddress
 import struct
+from typing import NamedTuple
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
@@ -69,9 +70,23 @@ def parseProxyHeader(data, maxLength=4096):
         as Twisted address objects (both C{None} for a LOCAL, UNKNOWN or
         Unix socket header: the connection's own addresses apply), the
         length of the header, and whether the client reached the balancer
-        over TLS (L{_clientUsedTLS}).
+        over TLS (L{clientTLS}).
     @raise InvalidProxyHeader: if C{data} does not begin with a valid
         header of at most C{maxLength} octets.
+    """
+    header = readProxyHeader(data, maxLength)
+    if header is None:
+        return None
+    source, destination, length, told = header
+    return source, destination, length, told is not None
+
+
+def readProxyHeader(data, maxLength=4096):
+    """
+    L{parseProxyHeader}, with what the balancer told of the client's TLS
+    in place of whether it had any: a L{BalancerTLS}, or C{None} for a
+    client that reached the balancer in the clear (or a header that says
+    nothing of it).
     """
     if data[:1] == b"P":
         if not V1_PREFIX.startswith(data[: len(V1_PREFIX)]):
@@ -94,7 +109,7 @@ def _parseV1(data):
         return None
     fields = data[:end].split(b" ")
     if len(fields) >= 2 and fields[1] == b"UNKNOWN":
-        return None, None, end + 2, False
+        return None, None, end + 2, None
     if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
         raise InvalidProxyHeader("malformed PROXY v1 header")
     _, family, source, destination, sourcePort, destinationPort = fields
@@ -116,7 +131,7 @@ def _parseV1(data):
         make("TCP", _hostText(hosts[0]), ports[0]),
         make("TCP", _hostText(hosts[1]), ports[1]),
         end + 2,
-        False,
+        None,
     )
 
 
@@ -165,12 +180,12 @@ def _parseV2(data, maxLength):
     body = data[16:total]
     if command == 0:
         # LOCAL: the balancer speaking for itself (a health check).
-        return None, None, total, False
+        return None, None, total, None
     transport = family & 0x0F
     if transport != 1:
         # Only stream connections are relayed; UNSPEC means "no address".
         if family == 0:
-            return None, None, total, False
+            return None, None, total, None
         raise InvalidProxyHeader("unsupported PROXY v2 transport")
     addressFamily = family >> 4
     inet = _INET_FAMILIES.get(addressFamily)
@@ -184,7 +199,7 @@ def _parseV2(data, maxLength):
             addressType("TCP", _hostText(parse(source)), sourcePort),
             addressType("TCP", _hostText(parse(destination)), destinationPort),
             total,
-            _clientUsedTLS(body[2 * width + 4 :]),
+            clientTLS(body[2 * width + 4 :]),
         )
     if addressFamily == 3:
         # Socket paths on the balancer's machine, which no policy can
@@ -193,9 +208,9 @@ def _parseV2(data, maxLength):
         # local one (see the module's docstring).
         if len(body) < 216:
             raise InvalidProxyHeader("short PROXY v2 UNIX addresses")
-        return None, None, total, False
+        return None, None, total, None
     if addressFamily == 0:
-        return None, None, total, False
+        return None, None, total, None
     raise InvalidProxyHeader("unsupported PROXY v2 address family")
 
 
@@ -203,9 +218,33 @@ def _parseV2(data, maxLength):
 #: first octet saying the client connected over TLS (PP2_CLIENT_SSL)
 PP2_TYPE_SSL = 0x20
 PP2_CLIENT_SSL = 0x01
+#: fields inside PP2_TYPE_SSL: the TLS version (C{"TLSv1.3"}) and cipher
+#: (C{"TLS_AES_256_GCM_SHA384"}) the client negotiated with the balancer,
+#: as OpenSSL names them (HAProxy's C{send-proxy-v2-ssl} sends the
+#: version; C{proxy-v2-options ssl-cipher} adds the cipher)
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CIPHER = 0x23
+#: the most octets a version or cipher name told may take (OpenSSL's
+#: longest, and the IANA names, are under 50)
+MAX_TLS_NAME = 64
 
 
-def _clientUsedTLS(tlvs):
+class BalancerTLS(NamedTuple):
+    """
+    What a balancer that ended the client's TLS told of it: the version and
+    cipher negotiated, each C{None} where it was not told, or not as a
+    name can be (see L{_tlsName}).  Shown in the session's end line as
+    mailgate's own TLS is (L{mailgate.tls.negotiated}), and counted in
+    C{mailgate_tls_sessions_total}: the clients a higher minimum version
+    would turn away, be it raised at the balancer or by moving TLS to
+    mailgate.
+    """
+
+    version: str | None = None
+    cipher: str | None = None
+
+
+def clientTLS(tlvs):
     """
     Whether a PROXY v2 header's fields (type-length-value, after the
     addresses) say the client reached the balancer over TLS: the balancer
@@ -214,6 +253,8 @@ def _clientUsedTLS(tlvs):
     TLS session to every policy (plaintext logins allowed, no STLS
     offered).  Fields of other types are skipped.
 
+    @return: a L{BalancerTLS}, with the version and cipher the field told
+        (L{_sslSubfields}), or C{None} if the client did not use TLS.
     @raise InvalidProxyHeader: if a field runs past the header.
     """
     offset, end = 0, len(tlvs)
@@ -229,9 +270,46 @@ def _clientUsedTLS(tlvs):
             # client (1 octet), verify (4), then fields of its own
             if size < 5:
                 raise InvalidProxyHeader("malformed PROXY v2 TLS field")
-            return bool(value[0] & PP2_CLIENT_SSL)
+            if not value[0] & PP2_CLIENT_SSL:
+                return None
+            return BalancerTLS(*_sslSubfields(value[5:]))
         offset += 3 + size
-    return False
+    return None
+
+
+def _sslSubfields(fields):
+    """
+    The version and cipher among the fields of a PP2_TYPE_SSL field, each
+    C{None} if absent or not a name.  Only the balancer's word on what it
+    logs, never a reason to turn the client away (whose TLS the client bit
+    vouches for): a field cut short, or running past the end of its
+    parent, ends the reading (those before it stand); one that is not a
+    name (L{_tlsName}) is skipped.
+    """
+    told = {PP2_SUBTYPE_SSL_VERSION: None, PP2_SUBTYPE_SSL_CIPHER: None}
+    offset, end = 0, len(fields)
+    while end - offset >= 3:
+        kind = fields[offset]
+        size = int.from_bytes(fields[offset + 1 : offset + 3], "big")
+        if size > end - offset - 3:
+            # Past the end of its parent: nothing after it can be placed.
+            break
+        if kind in told and told[kind] is None:
+            told[kind] = _tlsName(fields[offset + 3 : offset + 3 + size])
+        offset += 3 + size
+    return told[PP2_SUBTYPE_SSL_VERSION], told[PP2_SUBTYPE_SSL_CIPHER]
+
+
+def _tlsName(value):
+    """
+    A version's or cipher's name as the balancer wrote it, if it can be
+    one: 1 to L{MAX_TLS_NAME} octets of printable ASCII without spaces
+    (OpenSSL's names are letters, digits, C{-}, C{_} and C{.}), so that it
+    stays one C{key=value} of a log line; else C{None}.
+    """
+    if not 0 < len(value) <= MAX_TLS_NAME or any(octet < 0x21 or octet > 0x7E for octet in value):
+        return None
+    return value.decode("ascii")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -256,6 +334,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         #: is such a check, which SMTP does not log (see
         #: L{mailgate.smtp.protocol.SMTPServer.sessionEnded}).
         self.namedNoClient = False
+        #: what the balancer told of the client's TLS (L{BalancerTLS}), if
+        #: it ended the client's TLS
+        self.balancerTLS = None
 
     @property
     def relayedTransport(self):
@@ -316,18 +397,20 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             return
         self._header += data
         try:
-            parsed = parseProxyHeader(self._header, self.factory.maxHeaderLength)
+            parsed = readProxyHeader(self._header, self.factory.maxHeaderLength)
         except InvalidProxyHeader as e:
             self._header = b""
             self._drop(str(e))
             return
         if parsed is None:
             return
-        self._source, self._destination, length, tls = parsed
+        self._source, self._destination, length, told = parsed
         self.namedNoClient = self._source is None or _sameEndpoint(self._source, self.transport.getPeer())
-        if tls:
-            # What L{mailgate.tls.isSecure} asks of a transport.
+        if told is not None:
+            # What L{mailgate.tls.isSecure} asks of a transport, and what
+            # L{mailgate.tls.versionAndCipher} reads of it.
             self.TLS = True
+            self.balancerTLS = told
         rest, self._header = self._header[length:], b""
         self._cancelTimeout()
         self._relaying = True
