@@ -160,16 +160,22 @@ def negotiated(transport):
     established ... TLSv1.3 with cipher ..."): the text to add to the line,
     C{" tls_version=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384"}, and the
     JSON record's fields, C{tlsVersion} and C{tlsCipher}; C{""} and no
-    fields without a completed handshake of mailgate's TLS layer.  Which
+    fields without a completed handshake of mailgate's TLS layer, or a
+    balancer's word on the client's TLS (L{versionAndCipher}).  Which
     clients a higher C{--tls-min-version}, or a cipher taken out of
-    C{--tls-ciphers}, would turn away is looked up with them.
+    C{--tls-ciphers}, would turn away is looked up with them.  A balancer
+    may tell one without the other (HAProxy sends the cipher only with
+    C{proxy-v2-options ssl-cipher}): the one told is shown.
 
     @return: C{(text, fields)}.
     """
     version, cipher = versionAndCipher(transport)
-    if version is None:
-        return "", {}
-    return f" tls_version={version} tls_cipher={cipher}", {"tlsVersion": version, "tlsCipher": cipher}
+    text, fields = "", {}
+    if version is not None:
+        text, fields["tlsVersion"] = f" tls_version={version}", version
+    if cipher is not None:
+        text, fields["tlsCipher"] = f"{text} tls_cipher={cipher}", cipher
+    return text, fields
 
 
 def versionAndCipher(transport):
@@ -178,9 +184,17 @@ def versionAndCipher(transport):
     (C{"TLSv1.3"}, C{"TLS_AES_256_GCM_SHA384"}), or C{(None, None)}: read
     from mailgate's TLS layer (L{mailgate.session.tlslayer}), or from the
     OpenSSL connection under Twisted's own TLS, which an application that
-    embeds mailgate may give a listener of its own.
+    embeds mailgate may give a listener of its own.  On a connection whose
+    client's TLS a trusted balancer ended (HAProxy's C{send-proxy-v2-ssl}),
+    what the balancer's PROXY header told of it
+    (L{mailgate.session.proxy.BalancerTLS}), either C{None} if untold.
     """
-    if not ISSLTransport.providedBy(transport) or not tlsEstablished(transport):
+    if not ISSLTransport.providedBy(transport):
+        told = getattr(transport, "balancerTLS", None) if getattr(transport, "TLS", False) else None
+        if told is None:
+            return None, None
+        return told.version, told.cipher
+    if not tlsEstablished(transport):
         # (Twisted's TLS has them chosen before a handshake that fails.)
         return None, None
     version = getattr(transport, "version", None)

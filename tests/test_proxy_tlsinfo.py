@@ -13,24 +13,41 @@ Measured with HAProxy 2.6 ending the client's TLS: C{send-proxy-v2-ssl}
 sends the version (C{TLSv1.2}, C{TLSv1.3}, as OpenSSL and mailgate name
 them), and C{proxy-v2-options ssl-cipher} adds the cipher (OpenSSL's
 names, C{ECDHE-ECDSA-AES256-GCM-SHA384}, C{TLS_AES_256_GCM_SHA384}); the
-values carry no NUL.  The parsing, in memory.
+values carry no NUL.  Parsing in memory first, then a session behind the
+wrapper, then a real HAProxy in front of a real twistd.
 """
 
+import json
+import poplib
+import re
 import socket
+import ssl
 import struct
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 
+from mailgate.logs import eventAsRecord
 from mailgate.session.proxy import (
     MAX_TLS_NAME,
     BalancerTLS,
+    ProxyHeaderFactory,
     clientTLS,
     parseProxyHeader,
     readProxyHeader,
 )
+from mailgate.testing import addUser, pop3Factory, smtpFactory
 
+from e2e import DEADLINE, sqliteOnly, waitFor
+from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+from test_pairings import HAPROXY_CFG, haproxy  # noqa: F401 (fixture)
 
+ALICE = "alice@example.org"
+PASSWORD = "wonderland"
+BALANCER = IPv4Address("TCP", "127.0.0.1", 50000)
 TLS13 = ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
 TLS12 = ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384")
 
@@ -179,3 +196,215 @@ def test_theLongestNameAllowedIsKept():
 def test_theFirstGoodNameOfEachKindIsKept():
     fields = version(b"bad version") + version(b"TLSv1.2") + version(b"TLSv1.3") + cipher(b"A") + cipher(b"B")
     assert clientTLS(sslField(fields)) == BalancerTLS("TLSv1.2", "A")
+
+
+# -- a session behind the wrapper, in memory -------------------------------------
+
+
+def wrapped(factory, clock, balancers=(), peer=BALANCER):
+    proxy = ProxyHeaderFactory(factory, clock, balancers)
+    protocol = proxy.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def tlsSessions(factory, version):
+    found = factory.metrics.registry.get_sample_value(
+        "mailgate_tls_sessions_total", {"protocol": factory.protocol.protocolName, "version": version}
+    )
+    return 0.0 if found is None else found
+
+
+def endLines(logEvents, name):
+    return [(formatEvent(e), eventAsRecord(e)) for e in logEvents if e.get("event") == name]
+
+
+def test_aPOP3SessionShowsAndCountsWhatTheBalancerTold(store, logEvents):
+    """
+    Behind HAProxy ending the client's TLS, the end line of a session that
+    logged in (pop3.logout) and of one that did not (pop3.disconnect) name
+    the version and cipher, in the text and the JSON record, and
+    mailgate_tls_sessions_total counts each session by its version.
+    """
+    addUser(store, ALICE, PASSWORD)
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    assert tlsSessions(factory, "TLSv1.3") == tlsSessions(factory, "TLSv1.2") == 0
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v2(HAPROXY_TLS13) + f"USER {ALICE}\r\nPASS {PASSWORD}\r\nQUIT\r\n".encode())
+    assert f"+OK {ALICE} has 0 messages (0 octets)\r\n+OK".encode() in transport.value()
+    protocol.connectionLost(None)
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v2(HAPROXY_TLS12_MORE) + b"QUIT\r\n")
+    protocol.connectionLost(None)
+    [(text, record)] = endLines(logEvents, "pop3.logout")
+    assert text.endswith(" tls_version=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384"), text
+    assert (record["tlsVersion"], record["tlsCipher"]) == TLS13, record
+    [(text, record)] = endLines(logEvents, "pop3.disconnect")
+    assert " tls=yes tls_version=TLSv1.2 tls_cipher=ECDHE-ECDSA-AES256-GCM-SHA384 seconds=" in text, text
+    assert (record["tlsVersion"], record["tlsCipher"]) == TLS12, record
+    assert json.loads(json.dumps(record))["tls"] is True
+    assert tlsSessions(factory, "TLSv1.3") == tlsSessions(factory, "TLSv1.2") == 1
+
+
+def test_anSMTPSessionShowsAndCountsWhatTheBalancerTold(store, logEvents):
+    clock = Clock()
+    factory = smtpFactory(store, clock)
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v2(sslField(version(b"TLSv1.2")), destinationPort=25) + b"EHLO client.example\r\nQUIT\r\n")
+    assert b"221 " in transport.value()
+    protocol.connectionLost(None)
+    [(text, record)] = endLines(logEvents, "smtp.disconnect")
+    assert " tls=yes tls_version=TLSv1.2 seconds=" in text and "tls_cipher" not in text, text
+    assert record["tlsVersion"] == "TLSv1.2" and "tlsCipher" not in record, record
+    assert tlsSessions(factory, "TLSv1.2") == 1
+
+
+def test_badSubfieldsLeaveASecuredSessionWithoutNames(store, logEvents):
+    """
+    Subfields that are not names, or run past their parent: the session
+    goes on as a TLS one (no traceback, no refusal), its end line says
+    C{tls=yes} with no version or cipher, and it is counted under
+    C{other}, no version a minimum could be set to.
+    """
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v2(sslField(version(b"TLSv1.3\r\nX") + b"\x23\x00\x40TLS")) + b"CAPA\r\nQUIT\r\n")
+    out = transport.value()
+    assert out.startswith(b"+OK mailgate POP3 server ready") and b"STLS" not in out
+    protocol.connectionLost(None)
+    [(text, record)] = endLines(logEvents, "pop3.disconnect")
+    assert " tls=yes seconds=" in text and "tls_version" not in text, text
+    assert "tlsVersion" not in record and "tlsCipher" not in record
+    assert not [e for e in logEvents if e.get("log_failure") is not None]
+    assert tlsSessions(factory, "TLSv1.2") == tlsSessions(factory, "TLSv1.3") == 0
+    assert tlsSessions(factory, "other") == 1
+
+
+def test_onlyTheClientBitMakesWhatIsToldShown(store, logEvents):
+    """
+    A PP2_TYPE_SSL field without the client bit (the client came in the
+    clear) names no TLS, whatever its subfields say: the end line says
+    C{tls=no} and nothing is counted; the same subfields with the bit set
+    are shown and counted.
+    """
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    for client in (0x00, 0x01):
+        protocol, transport = wrapped(factory, clock)
+        protocol.dataReceived(v2(sslField(version(b"TLSv1.3"), client=client)) + b"QUIT\r\n")
+        protocol.connectionLost(None)
+    [(clear, _), (secured, record)] = endLines(logEvents, "pop3.disconnect")
+    assert " tls=no seconds=" in clear and "tls_version" not in clear, clear
+    assert " tls=yes tls_version=TLSv1.3 seconds=" in secured and record["tlsVersion"] == "TLSv1.3", secured
+    assert tlsSessions(factory, "TLSv1.3") == 1 and tlsSessions(factory, "other") == 0
+
+
+def test_onlyATrustedBalancerIsBelieved(store, logEvents):
+    """
+    A header from outside --proxy-network is never read: its TLS field is
+    neither shown nor counted, as its client bit is not believed; the same
+    header from a balancer on those networks is.
+    """
+    clock = Clock()
+    factory = pop3Factory(store, clock)
+    protocol, transport = wrapped(
+        factory, clock, balancers=["127.0.0.0/8"], peer=IPv4Address("TCP", "198.51.100.1", 50000)
+    )
+    protocol.dataReceived(v2(HAPROXY_TLS13) + b"QUIT\r\n")
+    assert transport.value() == b"" and transport.disconnecting
+    assert protocol.wrappedProtocol.transport is None  # never connected
+    assert endLines(logEvents, "pop3.disconnect") == []
+    assert tlsSessions(factory, "TLSv1.3") == 0
+    protocol, transport = wrapped(factory, clock, balancers=["127.0.0.0/8"])
+    protocol.dataReceived(v2(HAPROXY_TLS13) + b"QUIT\r\n")
+    protocol.connectionLost(None)
+    [(text, _)] = endLines(logEvents, "pop3.disconnect")
+    assert " tls=yes tls_version=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384 seconds=" in text, text
+    assert tlsSessions(factory, "TLSv1.3") == 1
+
+
+# -- a real HAProxy in front of a real twistd ------------------------------------
+
+
+HAPROXY_TLS_CIPHER_CFG = HAPROXY_CFG.replace(
+    "bind 127.0.0.1:{frontPort}", "bind 127.0.0.1:{frontPort} ssl crt {certificate}"
+).replace("send-proxy-v2 source", "send-proxy-v2-ssl proxy-v2-options ssl-cipher source")
+
+
+def popOverTLS(port, certificate, tlsVersion):
+    """
+    A POP3 client speaking TLS C{tlsVersion} (and only it) to HAProxy, from
+    127.0.0.2 (HAProxy's own connection comes from 127.0.0.1).
+    """
+    context = ssl.create_default_context(cafile=str(certificate))
+    context.minimum_version = context.maximum_version = tlsVersion
+    raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=("127.0.0.2", 0))
+    client = poplib.POP3.__new__(poplib.POP3)
+    client.host, client.port = "127.0.0.1", port
+    client._tls_established = True
+    client.sock = context.wrap_socket(raw, server_hostname="mail.example.test")
+    client.file = client.sock.makefile("rb")
+    client._debugging = 0
+    client.welcome = client._getresp()
+    return client
+
+
+@sqliteOnly
+def test_aRealHAProxyEndingTLS12And13(mailgate_server, mailgate_cli, haproxy, tmp_path):  # noqa: F811
+    """
+    HAProxy 2.6 ends the clients' TLS (send-proxy-v2-ssl, proxy-v2-options
+    ssl-cipher) in front of twistd: a client at TLS 1.2 that logs in, one
+    at TLS 1.3 that does not; each end line names the version and cipher
+    the client negotiated with HAProxy, and /metrics counts one session
+    of each version.
+    """
+    from certs import makeCertificate
+    from test_metrics import promtoolCheck, sample, scrape
+
+    certificate, key = makeCertificate(tmp_path, "mail.example.test")
+    combined = tmp_path / "haproxy.pem"
+    combined.write_bytes(certificate.read_bytes() + key.read_bytes())
+    description = "haproxy:tcp:0:interface=127.0.0.1"
+    server = mailgate_server(
+        "--pop3", description, "--no-apop", "--auth-failure-delay", "0",
+        "--metrics", "tcp:0:interface=127.0.0.1", "--log-format", "json",
+    )
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    backPort = int(re.search(rf"POP3 listening on 127\.0\.0\.1:(\d+) \({description}\)", server.stdout).group(1))
+    front = haproxy(backPort, HAPROXY_TLS_CIPHER_CFG, certificate=combined)
+
+    def counted():
+        _, text = scrape(server)
+        promtoolCheck(text)
+        return [sample(text, "mailgate_tls_sessions_total", protocol="pop3", version=v) for v in ("TLSv1.2", "TLSv1.3")]
+
+    assert counted() == [0, 0]
+    negotiated = {}
+    client = popOverTLS(front, certificate, ssl.TLSVersion.TLSv1_2)
+    negotiated["logout"] = (client.sock.version(), client.sock.cipher()[0])
+    client.user(ALICE)
+    client.pass_(PASSWORD)
+    assert client.quit().startswith(b"+OK")
+    client = popOverTLS(front, certificate, ssl.TLSVersion.TLSv1_3)
+    negotiated["disconnect"] = (client.sock.version(), client.sock.cipher()[0])
+    assert client.quit().startswith(b"+OK")
+    assert [negotiated[k][0] for k in ("logout", "disconnect")] == ["TLSv1.2", "TLSv1.3"]
+
+    def records(event):
+        found = [json.loads(line) for line in server.stdout.splitlines() if line.startswith("{")]
+        return [record for record in found if record.get("event") == event] or None
+
+    for event, key in (("pop3.logout", "logout"), ("pop3.disconnect", "disconnect")):
+        [record] = waitFor(lambda event=event: records(event), f"the {event} line")
+        version, cipherName = negotiated[key]
+        assert record["peer"].startswith("127.0.0.2:"), record
+        assert (record.get("tlsVersion"), record.get("tlsCipher")) == (version, cipherName), record
+        shown = f" tls_version={version} tls_cipher={cipherName}"
+        if event == "pop3.logout":
+            assert record["text"].endswith(shown), record["text"]
+        else:
+            assert f" tls=yes{shown} seconds=" in record["text"], record["text"]
+    assert counted() == [1, 1]

@@ -397,6 +397,12 @@ class CommandSession(Protocol):
         self._admitted = True
         self._admittedAt = self._elapsed()
         factory.metrics.connectionOpened(self.protocolName)
+        if not ISSLTransport.providedBy(self.transport) and getattr(self.transport, "balancerTLS", None) is not None:
+            # The client's TLS, ended by a trusted balancer that said so
+            # (haproxy: listeners, send-proxy-v2-ssl): counted by the
+            # version it told, as a handshake of mailgate's own is
+            # (handshakeCompleted); "other" if it told none.
+            factory.metrics.tlsEstablished(self.protocolName, versionAndCipher(self.transport)[0])
         setNoDelay(self.transport)
         self._idle = IdleTimer(self._clock, self.idleTimeout, self._timedOut, self._waitedOn, self._stressLimit)
         self._registerProducer()
