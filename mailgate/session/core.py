@@ -397,7 +397,7 @@ class CommandSession(Protocol):
         self._admitted = True
         self._admittedAt = self._elapsed()
         factory.metrics.connectionOpened(self.protocolName)
-        if not ISSLTransport.providedBy(self.transport) and getattr(self.transport, "balancerTLS", None) is not None:
+        if getattr(self.transport, "balancerTLS", None) is not None and not ISSLTransport.providedBy(self.transport):
             # The client's TLS, ended by a trusted balancer that said so
             # (haproxy: listeners, send-proxy-v2-ssl): counted by the
             # version it told, as a handshake of mailgate's own is
