@@ -301,34 +301,62 @@ class Clock:
         return self.now
 
 
-def test_aReconfiguredCacheKeepsItsEntriesExpiriesAndTrimsToItsBound():
+def test_aReconfiguredCacheTrimsToItsBound():
     """
-    L{VerifiedCredentialCache.reconfigure}: a new lifetime applies to what
-    is remembered after it, an entry made before keeps its expiry; a lower
-    bound drops the oldest entries (and failures) at once; 0 forgets all.
+    L{VerifiedCredentialCache.reconfigure}: a lower bound drops the oldest
+    entries (and failures) at once; 0 forgets all, and turned on again it
+    has nothing from before.
     """
     clock = Clock()
     cache = VerifiedCredentialCache(maxEntries=10, lifetime=100.0, clock=clock)
     for n in range(3):
         cache.remember(f"u{n}@example.org", "hash", b"pw")
         cache.rememberFailure(f"u{n}@example.org", "hash", b"wrong")
-    cache.reconfigure(10, 10.0)
-    cache.remember("new@example.org", "hash", b"pw")
     clock.now = 50.0
     assert cache.check("u0@example.org", "hash", b"pw")
-    assert not cache.check("new@example.org", "hash", b"pw")
     # u0, just used, is the latest; the oldest, u1, goes.
-    cache.reconfigure(2, 10.0)
+    cache.reconfigure(2, 100.0)
     assert len(cache) == 2
     assert not cache.check("u1@example.org", "hash", b"pw")
     assert cache.check("u0@example.org", "hash", b"pw")
     assert not cache.failedBefore("u0@example.org", "hash", b"wrong")
     assert cache.failedBefore("u2@example.org", "hash", b"wrong")
-    cache.reconfigure(0, 10.0)
+    cache.reconfigure(0, 100.0)
     assert len(cache) == 0
-    cache.reconfigure(10, 10.0)
+    cache.reconfigure(10, 100.0)
     assert not cache.check("u2@example.org", "hash", b"pw")
     assert not cache.failedBefore("u2@example.org", "hash", b"wrong")
+
+
+def test_aReconfiguredLifetimeBoundsWhatIsRemembered():
+    """
+    A longer lifetime applies to what is remembered after it (an entry
+    made before keeps its expiry); a shorter one also ends what was
+    remembered before within it, as Dovecot's reload, which empties its
+    cache, would: no login (or refusal) is honoured from memory for longer
+    than the administrator now allows.
+    """
+    clock = Clock()
+    cache = VerifiedCredentialCache(maxEntries=10, lifetime=100.0, clock=clock)
+    cache.remember("old@example.org", "hash", b"pw")
+    cache.rememberFailure("old@example.org", "hash", b"wrong")
+    cache.reconfigure(10, 300.0)
+    cache.remember("new@example.org", "hash", b"pw")
+    clock.now = 150.0
+    assert not cache.check("old@example.org", "hash", b"pw")
+    assert cache.check("new@example.org", "hash", b"pw")
+
+    cache.remember("old@example.org", "hash", b"pw")
+    cache.rememberFailure("old@example.org", "hash", b"wrong")
+    cache.reconfigure(10, 10.0)
+    clock.now = 155.0
+    assert cache.check("old@example.org", "hash", b"pw")
+    assert cache.failedBefore("old@example.org", "hash", b"wrong")
+    assert cache.check("new@example.org", "hash", b"pw")
+    clock.now = 161.0
+    assert not cache.check("old@example.org", "hash", b"pw")
+    assert not cache.failedBefore("old@example.org", "hash", b"wrong")
+    assert not cache.check("new@example.org", "hash", b"pw")
 
 
 class FileServer(ServerProcess):

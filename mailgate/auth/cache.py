@@ -151,16 +151,28 @@ class VerifiedCredentialCache:
     def reconfigure(self, maxEntries, lifetime):
         """
         Take another bound and lifetime (a reload): entries made from now
-        on live C{lifetime} seconds, those made before keep their expiry;
-        a lower bound lets the oldest go at once.  A cache turned off
-        (C{maxEntries} 0) forgets everything it holds, so that nothing
-        remembered under the old settings outlives the change.
+        on live C{lifetime} seconds; those made before keep their expiry,
+        or expire C{lifetime} seconds from now if that comes sooner (an
+        administrator who shortens the lifetime wants no login honoured
+        from memory longer than that, as Dovecot's reload, which empties
+        its cache, gives); a lower bound lets the oldest go at once.  A
+        cache turned off (C{maxEntries} 0) forgets everything it holds, so
+        that nothing remembered under the old settings outlives the change.
         """
+        shorter = lifetime < self.lifetime
         self.maxEntries = maxEntries
         self.lifetime = lifetime
         for entries in (self._entries, self._failures):
             while len(entries) > max(maxEntries, 0):
                 entries.popitem(last=False)
+        if shorter:
+            latest = self._clock() + lifetime
+            for digest, entry in self._entries.items():
+                if entry[2] > latest:
+                    self._entries[digest] = entry[:2] + (latest,)
+            for digest, entry in self._failures.items():
+                if entry[1] > latest:
+                    self._failures[digest] = (entry[0], latest)
 
     def forgetUser(self, address):
         """
