@@ -14,7 +14,6 @@ import signal
 import sys
 import traceback
 
-import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -31,16 +30,15 @@ from mailgate.auth.oauth import TokenValidator
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import COMMAND_SETTINGS, SETTINGS, networksOf, splitCertificatePair
+from mailgate.config import networksOf, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.hostname import machineName
 from mailgate.interfaces import ILifecycleStore
-from mailgate.listenercheck import busyListeners, checkListenersForTheRestart
-from mailgate.logs import literal, writeStartFailure
+from mailgate.listenercheck import checkListenersForTheRestart
+from mailgate.logs import writeStartFailure
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, NotServed
-from mailgate.networks import coversEveryAddress, parseNetwork
 from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
@@ -49,7 +47,6 @@ from mailgate.session import SessionTracker, TraceSelection
 from mailgate.session.accepting import watchAcceptErrors
 from mailgate.session.endpoints import serverEndpoint
 from mailgate.session.ids import describeAddress
-from mailgate.session.proxy import ProxyHeaderEndpoint
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.signals import processSignals
 from mailgate.smtp import LMTPFactory, LocalDelivery, SMTPFactory
@@ -60,8 +57,8 @@ from mailgate.store.limits import StoreLimits
 from mailgate.store.sqlite import databaseDirectoryWarning, databaseFileWarning
 from mailgate.tls import ServerTLS, TicketKeyRotation
 from mailgate.twistedcompat import raiseListenErrorsAtOnce, whenListening
-from mailgate.urls import shownURL
 from mailgate.plural import noun
+from mailgate.reload import OAUTH2_SETTINGS, TLS_SETTINGS, reloadConfiguration, reloadTokenKeys
 
 APOP_REFRESH = 30
 #: seconds the database has to answer the health check and readiness probe
@@ -82,104 +79,6 @@ STOP_MARGIN = STOP_TIMEOUT + THREADS_STOP_TIMEOUT + 2.0
 #: seconds between two checks of the certificates' validity while the
 #: server runs (C{tls.expiry}), beside the start's and each reload's
 TLS_VALIDITY_CHECK_INTERVAL = 24 * 3600
-#: the settings a SIGHUP applies to a running server when the
-#: configuration file changes them (and TLS_SETTINGS while TLS stays on,
-#: OAUTH2_SETTINGS while OAuth stays on, SESSION_SETTINGS,
-#: NETWORK_SETTINGS, POLICY_SETTINGS and STORE_SETTINGS; the others need a
-#: restart)
-LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
-#: the settings a SIGHUP applies to sessions opened after it, as Dovecot's
-#: reload does: each a factory attribute the factory copies into every
-#: session it builds (or a POP3 session reads once, at its greeting), so
-#: a session under way keeps the values it began with.  The setting's
-#: name: the factories it is set on, and their attribute.
-#:
-#: What a SIGHUP leaves to the restart (config.restart_needed), and why:
-#: the listeners (pop3, pop3s, smtp, lmtp, metrics) and the database,
-#: bound and opened at start (a changed database is refused outright);
-#: log-format, the observer twistd set up at start (one file, one format,
-#: for whatever parses it); cpu-affinity, the threads pinned at start (the
-#: reactor's, the database's), which would each have to be pinned again;
-#: apop, which checkers the portal was built with (APOP's
-#: or not) and what the APOP advertiser and its timer offer in greetings
-#: and CAPA; auth-default-realm, read by the portal's checkers,
-#: the SASL server and the connection policy, which counts failed logins
-#: and bans under the full names it makes (changed under it, the failures
-#: counted would be under other names than the next ones); OAuth turned on
-#: or off (oauth2-keys set or emptied), which changes what CAPA and the
-#: SASL server offer (OAUTHBEARER, XOAUTH2) and which checkers the portal
-#: was built with; while OAuth stays on, OAUTH2_SETTINGS apply to the
-#: logins after the SIGHUP.
-SESSION_SETTINGS = {
-    "greeting": (POP3Factory, "greeting"),
-    "idle-timeout": (POP3Factory, "idleTimeout"),
-    "login-timeout": (POP3Factory, "loginTimeout"),
-    "auth-failure-delay": (POP3Factory, "authFailureDelay"),
-    "max-message-size": (SMTPFactory, "maxMessageSize"),
-    "max-recipients": (SMTPFactory, "maxRecipients"),
-    "min-data-rate": (SMTPFactory, "minDataRate"),
-    "smtp-idle-timeout": (SMTPFactory, "idleTimeout"),
-}
-#: the networks a SIGHUP applies to sessions opened after it: the
-#: factory's list each new session asks once (a session under way keeps
-#: the answer it had: the USER its CAPA offered, the mail its MTA began
-#: to send in the clear), and the balancers a haproxy: listener believes
-#: from the next connection on (L{ProxyHeaderEndpoint.setBalancers}).
-#: smtp-cleartext-network and lmtp-cleartext-network only where the
-#: server has TLS to offer those now asked for it (else a restart's).
-NETWORK_SETTINGS = frozenset({
-    "trusted-network", "smtp-cleartext-network", "lmtp-cleartext-network", "proxy-network",
-})
-#: the connection policy's settings (L{policySettings}), which a SIGHUP
-#: applies to what comes after it (L{ConnectionPolicy.reconfigure}): the
-#: connections open stay, the failures counted and the bans in force too
-POLICY_SETTINGS = frozenset({
-    "max-connections", "max-connections-per-ip", "auth-penalty-max", "ban-after", "ban-window", "ban-time",
-    "unknown-recipient-slow-after", "unknown-recipient-ban-after", "exempt-network",
-})
-#: the server's defaults for maildrops (L{storeLimits}), which a SIGHUP
-#: applies to the next delivery and the retention task's next round (run
-#: at once: what a shorter retention removes goes then, not up to ten
-#: minutes later); the store reads them at each use
-STORE_SETTINGS = frozenset({"default-quota", "quota-warning", "expire-days", "keep-deleted-days", "duplicate-window"})
-#: SMTP's error throttling (Postfix's smtpd_soft_error_limit and
-#: smtpd_error_sleep_time): the SMTP factory's attributes, which its
-#: sessions read at each error, so a SIGHUP applies them to the error
-#: replies after it, in sessions under way too (a client is told nothing
-#: of them).  Not LMTP's: its client, the site's own MTA, is never held.
-ERROR_SETTINGS = {"smtp-soft-error-limit": "softErrorLimit", "smtp-error-sleep-time": "errorSleepTime"}
-#: how SMTP and LMTP take mail in: the domains, the postmaster, the
-#: recipient delimiter, the reply to a recipient over quota (each SMTP and
-#: LMTP factory's L{LocalDelivery} reads them at each RCPT and delivery)
-#: and the spool directory (taken as a message's data begins).  A SIGHUP
-#: applies them to the recipients given after it: RCPT resolves a
-#: recipient to its user, so a transaction under way delivers to the
-#: users it was told it would.  The node announces recipient-delimiter and
-#: quota-exceeded to the others sharing its database at once
-#: (L{RegistryService.announce}), which compare them with theirs.
-DELIVERY_SETTINGS = frozenset({"domain", "postmaster", "recipient-delimiter", "quota-exceeded", "spool-directory"})
-#: what POP3 checks a login with, which a SIGHUP applies to the logins
-#: checked after it: login-delay (the realm's check, and the LOGIN-DELAY
-#: CAPA lists from then on, to tell clients what they are checked
-#: against), the credential cache's bound and lifetime (for what is
-#: cached after it; a cache turned off forgets all it holds:
-#: L{VerifiedCredentialCache.reconfigure})
-LOGIN_SETTINGS = frozenset({"login-delay", "auth-cache-size", "auth-cache-ttl"})
-#: the seconds the sessions get at the next stop
-STOP_SETTINGS = frozenset({"shutdown-grace"})
-#: the host name, which a SIGHUP applies to sessions opened after it: an
-#: SMTP or LMTP session takes the factory's at its greeting and keeps it
-#: in every reply and Received field to its end, a POP3 session's APOP
-#: timestamp names it at the greeting, a CRAM-MD5 challenge (a nonce the
-#: client signs as it is) at its AUTH; the node's entry in the session
-#: registry (mailgate nodes, who, the other nodes' warnings) is renamed
-#: at its next flush (L{RegistryService.rename})
-NAME_SETTINGS = frozenset({"hostname"})
-#: the periods of the server's timers, which a SIGHUP starts again: the
-#: next trim of freed memory, and the next TLS session ticket key, come a
-#: new period after it (L{MemoryTrimmer.setInterval},
-#: L{TicketKeyRotation.setInterval})
-TIMER_SETTINGS = frozenset({"memory-trim-interval", "tls-ticket-key-rotation"})
 #: RFC 5321 section 4.5.3.2.7: an SMTP server's timeout should be at least
 #: five minutes (smtp-idle-timeout below it is warned of)
 SMTP_SERVER_TIMEOUT = 300
@@ -566,221 +465,42 @@ class MailgateService(MultiService):
         """
         Read the configuration again (L{configSource}: the file, under the
         same command line and environment) and apply what can change while
-        sessions run, as Dovecot's and Postfix's reloads do (L{LIVE_SETTINGS}:
-        which clients are traced; L{SESSION_SETTINGS} and L{NETWORK_SETTINGS},
-        for sessions opened after it; L{POLICY_SETTINGS}, the connection
-        limits, penalty and bans, for what comes after it; L{STORE_SETTINGS},
-        the server's defaults for maildrops, for the next delivery and
-        retention round; L{DELIVERY_SETTINGS}, L{ERROR_SETTINGS},
-        L{LOGIN_SETTINGS} and L{STOP_SETTINGS}, for the recipients, error
-        replies, logins and stop after it; L{NAME_SETTINGS}, the host name,
-        for the sessions opened after it; L{TIMER_SETTINGS}, the periods of
-        the server's timers, from it on; the TLS settings, L{TLS_SETTINGS}, where TLS was
-        on and stays on, as those reloads take another certificate file; and
-        L{OAUTH2_SETTINGS}, where OAuth was on and stays on, for the logins
-        after it); say
-        which other settings changed, and take effect at the next restart.  A
-        file that cannot be read, holds an invalid value or changes a
-        setting to one a start would refuse (L{checkStartable}) is logged,
-        and the configuration in service stays.
+        sessions run, as Dovecot's and Postfix's reloads do (the tables of
+        L{mailgate.reload}, which applies them: L{mailgate.reload.LIVE_SETTINGS}:
+        which clients are traced; L{mailgate.reload.SESSION_SETTINGS} and
+        L{mailgate.reload.NETWORK_SETTINGS}, for sessions opened after it;
+        L{mailgate.reload.POLICY_SETTINGS}, the connection limits, penalty and
+        bans, for what comes after it; L{mailgate.reload.STORE_SETTINGS}, the
+        server's defaults for maildrops, for the next delivery and retention
+        round; L{mailgate.reload.DELIVERY_SETTINGS},
+        L{mailgate.reload.ERROR_SETTINGS}, L{mailgate.reload.LOGIN_SETTINGS}
+        and L{mailgate.reload.STOP_SETTINGS}, for the recipients, error
+        replies, logins and stop after it; L{mailgate.reload.NAME_SETTINGS},
+        the host name, for the sessions opened after it;
+        L{mailgate.reload.TIMER_SETTINGS}, the periods of the server's timers,
+        from it on; the TLS settings, L{mailgate.reload.TLS_SETTINGS}, where
+        TLS was on and stays on, as those reloads take another certificate
+        file; and L{mailgate.reload.OAUTH2_SETTINGS}, where OAuth was on and
+        stays on, for the logins after it); say which other settings changed,
+        and take effect at the next restart.  A file that cannot be read,
+        holds an invalid value or changes a setting to one a start would
+        refuse (L{checkStartable}) is logged, and the configuration in
+        service stays.
 
         @return: the names of the settings applied, or C{None} if the
             configuration could not be read.
         """
-        if not self.readsConfiguration():
-            return None
-        try:
-            new = self.configSource()
-            checkConfig(new)
-            changed = [s for s in SETTINGS if getattr(self.config, s.attribute) != getattr(new, s.attribute)]
-            # What a restart would refuse (as config --check does) is not
-            # taken "for the next restart": that restart would fail.
-            newTLS = checkStartable(new, {s.name for s in changed})
-            # While OAuth stays on, the validator of the new settings (a
-            # start's, refused as a start would be), swapped in below.
-            newTokens = None
-            if self.tokens is not None and new.oauth2Keys and OAUTH2_SETTINGS & {s.name for s in changed}:
-                newTokens = makeTokenValidator(new)
-            newPolicy = fitWarning = None
-            if self.policy is not None and POLICY_SETTINGS & {s.name for s in changed}:
-                maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit())
-                newPolicy = policySettings(new, maxConnections)
-        except ConfigurationError as e:
-            self._reloadFailures += 1
-            self.log.error(
-                "configuration reload failed, keeping the configuration in service: {error}",
-                error=e,
-                event="config.reload_failed",
-            )
-            self._reloadTokens()
-            return None
-        # The TLS settings change at once while TLS stays on (the files and
-        # settings newTLS loaded); TLS turned on or off changes listeners
-        # and what STLS and STARTTLS offer: a restart's.
-        live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | self._liveNetworks(new) | ERROR_SETTINGS.keys()
-        live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS | TIMER_SETTINGS
-        live |= TLS_SETTINGS if self.tls is not None and newTLS is not None else frozenset()
-        live |= OAUTH2_SETTINGS if newTokens is not None else frozenset()
-        live |= POLICY_SETTINGS if self.policy is not None else frozenset()
-        live |= STORE_SETTINGS if ILifecycleStore.providedBy(self.store) else frozenset()
-        applied = [s.name for s in changed if s.name in live]
-        later = [s.name for s in changed if s.name not in live and s.name != "database"]
-        if new.database != self.config.database:
-            # Not one more setting for the next restart: the mailgate
-            # command and mailgate deliver (an MTA's pipe transport) read
-            # the file's database now, so until the restart users added
-            # and mail delivered go where this server does not look.
-            shownNew, shownOld = shownURL(new.database), shownURL(self.config.database)
-            change = (
-                f"the database changed to {shownNew}" if shownNew != shownOld else "the database URL's password changed"
-            )
-            self.log.error(
-                "configuration reload: " + literal(change) + "; a running server does not change databases and "
-                "keeps serving {old} as it opened it until it is restarted, while the mailgate command and "
-                "mailgate deliver with this file already use the new one: restart now, or put the old "
-                "URL back",
-                new=shownNew,
-                old=shownOld,
-                event="config.database_refused",
-            )
-        if applied:
-            self.config = attr.evolve(
-                self.config, **{s.attribute: getattr(new, s.attribute) for s in changed if s.name in applied}
-            )
-            trace = traceSelection(self.config)
-            for factory in self.sessionFactories:
-                factory.trace = trace
-                for s in changed:
-                    kind, attribute = SESSION_SETTINGS.get(s.name, (None, None))
-                    if kind is not None and isinstance(factory, kind):
-                        setattr(factory, attribute, getattr(new, s.attribute))
-                _applyNetworks(factory, self.config, applied)
-                _applyMailAndLogins(factory, self.config, applied)
-            self.shutdownGrace = self.config.shutdownGrace
-            if "hostname" in applied:
-                self._rename(self.config.hostname or machineName())
-            for service in self:
-                if isinstance(service, MemoryTrimmer) and "memory-trim-interval" in applied:
-                    service.setInterval(self.config.memoryTrimInterval)
-                elif isinstance(service, TicketKeyRotation) and "tls-ticket-key-rotation" in applied:
-                    service.setInterval(self.config.tlsTicketKeyRotation)
-            if "proxy-network" in applied:
-                for listener in (l for ls in self.listeners.values() for l in ls):
-                    if isinstance(listener.endpoint, ProxyHeaderEndpoint):
-                        listener.endpoint.setBalancers(self.config.proxyNetworks)
-        if set(applied) & TLS_SETTINGS:
-            self.tls.adopt(newTLS)
-        self._reloadTokens(newTokens if set(applied) & OAUTH2_SETTINGS else None)
-        if newPolicy is not None and set(applied) & POLICY_SETTINGS:
-            if fitWarning and "max-connections" in applied:
-                self.log.warn("{warning}", warning=fitWarning, event="limits.open_files")
-            self.policy.reconfigure(newPolicy)
-            self.sessions.stressChanged(self.policy.underStress())
-            if self.metrics is not None:
-                self.metrics.connectionLimit(newPolicy.maxConnections)
-        if set(applied) & STORE_SETTINGS:
-            self.store.limits = storeLimits(self.config)
-            for factory in self.sessionFactories:
-                if isinstance(factory, SMTPFactory):
-                    factory.delivery.forgetRecipients()
-            for retention in self._retentionServices():
-                retention.runSoon()
-        if set(applied) & (STORE_SETTINGS | {"quota-exceeded", "recipient-delimiter"}):
-            for registry in (service for service in self if isinstance(service, RegistryService)):
-                registry.announce(self.config.quotaExceeded, self.config.recipientDelimiter)
-        if "smtp-idle-timeout" in applied:
-            warning = smtpTimeoutWarning(self.config)
-            if warning:
-                self.log.warn("{warning}", warning=warning, event="config.smtp_idle_timeout_short")
-        if "postmaster" in applied:
-            warning = postmasterWarning(self.config)
-            if warning:
-                self.log.warn("{warning}", warning=warning, event="smtp.no_postmaster")
-        self.log.info(
-            "configuration reloaded: {summary}",
-            summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
-            applied=applied,
-            event="config.reloaded",
+        return reloadConfiguration(
+            self, checkStartable=checkStartable, makeTokenValidator=makeTokenValidator,
+            policySettings=policySettings, traceSelection=traceSelection, storeLimits=storeLimits,
+            smtpTimeoutWarning=smtpTimeoutWarning, postmasterWarning=postmasterWarning,
         )
-        self.restartNeeded = tuple(later) + (("database",) if new.database != self.config.database else ())
-        for name, description, reason in busyListeners(new, self.config, {s.name for s in changed}):
-            self.log.warn(
-                "configuration changed: {setting} {description}: {reason}: the restart could not listen "
-                "there (exit 1, which systemd retries)",
-                setting=name,
-                description=description,
-                reason=reason,
-                event="config.listener_busy",
-            )
-        if later:
-            # Said where the mailgate command (mailgate deliver, an MTA's
-            # pipe transport) reads the change already: until the restart
-            # it delivers with other settings than this server's LMTP.
-            read = [name for name in later if name in COMMAND_SETTINGS]
-            # The sentence's parts are made here, not given as fields: the
-            # JSON record carries the setting names as lists alone.
-            text = f"configuration changed: {', '.join(later)} {'takes' if len(later) == 1 else 'take'} effect at "
-            text += "the next restart"
-            if read:
-                text += f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"
-            self.log.warn(
-                literal(text),
-                settings=later,
-                readByTheCommand=read,
-                event="config.restart_needed",
-            )
-        return applied
 
     def readsConfiguration(self):
         """
         Whether a SIGHUP reads the configuration again (L{reloadConfig}).
         """
         return self.configSource is not None and self.config is not None
-
-    def _reloadTokens(self, new=None):
-        """
-        The OAuth 2.0 keys at a SIGHUP that read the configuration file:
-        C{new}'s settings and keys (L{TokenValidator.adopt}), or else the
-        key files in service read again; after the file, so that files it
-        no longer names are not read (a provider's new key file named,
-        the old one removed).
-        """
-        if self.tokens is None:
-            return
-        if new is None:
-            if _reloadTokenKeys(self.tokens, self.log) is False:
-                self._reloadFailures += 1
-            return
-        self.tokens.adopt(new)
-        self.log.info("oauth2 keys reloaded: {count} keys", count=len(new.keys), event="oauth2.reloaded")
-
-    def _rename(self, name):
-        """
-        Name the server C{name} (a reload changed hostname) in the sessions
-        opened from now on, and the node in the session registry.
-        """
-        for factory in self.sessionFactories:
-            factory.hostname = name
-            if getattr(factory, "sasl", None) is not None:
-                factory.sasl.hostname = name
-        for registry in (service for service in self if isinstance(service, RegistryService)):
-            registry.rename(name)
-
-    def _liveNetworks(self, new):
-        """
-        The networks of L{NETWORK_SETTINGS} a reload to C{new} can apply:
-        the cleartext networks only where they ask for no TLS, or the
-        server has TLS to offer.
-        """
-        live = {"trusted-network", "proxy-network"}
-        for name, attribute in (("smtp", "smtpCleartextNetworks"), ("lmtp", "lmtpCleartextNetworks")):
-            networks = [parseNetwork(n) for n in networksOf(getattr(new, attribute))]
-            if self.tls is not None or coversEveryAddress(networks):
-                live.add(f"{name}-cleartext-network")
-        return live
-
-    def _retentionServices(self):
-        return [service for service in self if isinstance(service, RetentionService)]
 
     def reopenLogs(self):
         """
@@ -1404,73 +1124,6 @@ def smtpTimeoutWarning(config):
     return None
 
 
-def _applyNetworks(factory, config, applied):
-    """
-    Give C{factory} (POP3, SMTP or LMTP) the networks of C{config} that a
-    reload C{applied}, for the sessions it builds from now on.
-    """
-    if isinstance(factory, POP3Factory) and "trusted-network" in applied:
-        factory.trustedNetworks = tuple(parseNetwork(n) for n in networksOf(config.trustedNetworks))
-    elif isinstance(factory, SMTPFactory):
-        lmtp = isinstance(factory, LMTPFactory)
-        name = "lmtp-cleartext-network" if lmtp else "smtp-cleartext-network"
-        if name in applied:
-            networks = config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks
-            factory.takeCleartextFrom(networksOf(networks))
-
-
-def _applyMailAndLogins(factory, config, applied):
-    """
-    Give C{factory} the settings of C{config} that a reload C{applied} of
-    L{ERROR_SETTINGS} and L{DELIVERY_SETTINGS} (SMTP, LMTP) or
-    L{LOGIN_SETTINGS} (POP3).
-    """
-    if isinstance(factory, POP3Factory):
-        if "login-delay" in applied:
-            factory.loginDelay = factory.portal.realm.loginDelay = config.loginDelay
-        if {"auth-cache-size", "auth-cache-ttl"} & set(applied):
-            factory.portal.passwordChecker.cache.reconfigure(config.authCacheSize, float(config.authCacheTTL))
-        return
-    if not isinstance(factory, SMTPFactory):
-        return
-    if not isinstance(factory, LMTPFactory):
-        for name, attribute in ERROR_SETTINGS.items():
-            if name in applied:
-                setattr(factory, attribute, getattr(config, _attributeOf(name)))
-    if DELIVERY_SETTINGS & set(applied):
-        delivery = factory.delivery
-        delivery.domains = frozenset(d.lower() for d in config.domains) if config.domains else None
-        delivery.postmaster = config.postmaster
-        delivery.recipientDelimiter = config.recipientDelimiter or ""
-        delivery.quotaExceeded = config.quotaExceeded
-        # What was remembered of a domain or recipient was under the old
-        # domains and delimiter.
-        delivery.forgetRecipients()
-        factory.spoolDirectory = config.spoolDirectory
-
-
-def _attributeOf(name):
-    """
-    The L{MailgateConfig} attribute of the setting C{name}.
-    """
-    return next(s.attribute for s in SETTINGS if s.name == name)
-
-
-def _reloadTokenKeys(tokens, log):
-    """
-    SIGHUP: read the OAuth 2.0 signing keys again (an identity provider
-    rotates them); keys that cannot be read leave those in service, and
-    the reload counts as failed.
-    """
-    try:
-        tokens.reload()
-    except ConfigurationError as e:
-        log.error("oauth2 keys not reloaded, keeping those in service: {error}", error=str(e),
-                  event="oauth2.reload_failed")
-        return False
-    log.info("oauth2 keys reloaded: {count} keys", count=len(tokens.keys), event="oauth2.reloaded")
-    return None
-
 
 def makeTokenValidator(config):
     """
@@ -1485,11 +1138,6 @@ def makeTokenValidator(config):
         config.oauth2Keys, config.oauth2Issuers, config.oauth2Audiences, config.oauth2Algorithms,
         leeway=config.oauth2ClockSkew, usernameClaim=config.oauth2UsernameClaim,
     )
-
-
-#: the settings L{makeTokenValidator} reads
-OAUTH2_SETTINGS = frozenset({"oauth2-keys", "oauth2-issuer", "oauth2-audience", "oauth2-algorithm",
-                             "oauth2-clock-skew", "oauth2-username-claim"})
 
 
 def makePOP3Factory(
@@ -1609,11 +1257,6 @@ def checkedSpoolDirectory(config):
         reason = e.strerror or str(e)
         raise ConfigurationError(f"spool-directory: cannot spool messages in {config.spoolDirectory}: {reason}") from None
     return config.spoolDirectory
-
-
-#: the settings L{makeTLS} reads
-TLS_SETTINGS = frozenset({"tls-cert", "tls-key", "tls-alt-cert", "tls-alt-key", "tls-sni-cert", "tls-min-version",
-                          "tls-ciphers"})
 
 
 def logUncaughtOnce(log):
@@ -1870,8 +1513,8 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
             root.tokens = tokens
             if tokens is not None:
                 # Read again at each SIGHUP: by reloadConfig, after the
-                # file, where it reads one (L{MailgateService._reloadTokens}).
-                root.onHangup(lambda: None if root.readsConfiguration() else _reloadTokenKeys(tokens, root.log))
+                # file, where it reads one (L{mailgate.reload._reloadTokens}).
+                root.onHangup(lambda: None if root.readsConfiguration() else reloadTokenKeys(tokens, root.log))
             if isinstance(factory.apop, APOPAdvertiser):
                 # Fire and forget: a slow database must not hold up shutdown.
                 refresh = TimerService(APOP_REFRESH, lambda: factory.apop.refresh() and None)

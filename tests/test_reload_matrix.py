@@ -345,7 +345,7 @@ def test_whatTheMailgateCommandReadsFromTheFileAReloadApplies():
     hostname, spool-directory, postmaster and domain.
     """
     from mailgate.config import COMMAND_SETTINGS
-    from mailgate.service import (
+    from mailgate.reload import (
         DELIVERY_SETTINGS,
         NAME_SETTINGS,
         SESSION_SETTINGS,

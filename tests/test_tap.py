@@ -909,7 +909,7 @@ def test_domainsAndAddressesInUnicodeAreTheirASCIIForm():
 
 def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     """
-    The settings a SIGHUP applies at once (mailgate.service: LIVE_SETTINGS,
+    The settings a SIGHUP applies at once (mailgate.reload: LIVE_SETTINGS,
     and TLS_SETTINGS while TLS stays on) are named where the --config
     option, the systemd unit and the example configuration file describe
     the reload: the first two said that debug-peer and debug-user alone
@@ -917,7 +917,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     come to apply at reload too; the example file, which administrators
     copy to /etc/mailgate and edit, said nothing of reloads.
     """
-    from mailgate.service import (
+    from mailgate.reload import (
         DELIVERY_SETTINGS,
         ERROR_SETTINGS,
         LIVE_SETTINGS,
