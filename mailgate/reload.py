@@ -139,7 +139,7 @@ TLS_SETTINGS = frozenset({"tls-cert", "tls-key", "tls-alt-cert", "tls-alt-key", 
 
 def reloadConfiguration(
     service, *, checkStartable, makeTokenValidator, policySettings, traceSelection, storeLimits,
-    smtpTimeoutWarning, postmasterWarning,
+    smtpTimeoutWarning, postmasterWarning, traceWarning,
 ):
     """
     Read the configuration of C{service} (a L{mailgate.service.MailgateService})
@@ -173,7 +173,7 @@ def reloadConfiguration(
             maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit())
             newPolicy = policySettings(new, maxConnections)
     except ConfigurationError as e:
-        service._reloadFailures += 1
+        service.reloadActionFailed()
         service.log.error(
             "configuration reload failed, keeping the configuration in service: {error}",
             error=e,
@@ -263,6 +263,10 @@ def reloadConfiguration(
         warning = postmasterWarning(service.config)
         if warning:
             service.log.warn("{warning}", warning=warning, event="smtp.no_postmaster")
+    if {"debug-peer", "debug-user"} & set(applied):
+        warning = traceWarning(service.config)
+        if warning:
+            service.log.warn("{warning}", warning=warning, event="trace.enabled")
     service.log.info(
         "configuration reloaded: {summary}",
         summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
@@ -311,7 +315,7 @@ def _reloadTokens(service, new=None):
         return
     if new is None:
         if reloadTokenKeys(service.tokens, service.log) is False:
-            service._reloadFailures += 1
+            service.reloadActionFailed()
         return
     service.tokens.adopt(new)
     service.log.info("oauth2 keys reloaded: {count} keys", count=len(new.keys), event="oauth2.reloaded")

@@ -493,8 +493,15 @@ class MailgateService(MultiService):
         return reloadConfiguration(
             self, checkStartable=checkStartable, makeTokenValidator=makeTokenValidator,
             policySettings=policySettings, traceSelection=traceSelection, storeLimits=storeLimits,
-            smtpTimeoutWarning=smtpTimeoutWarning, postmasterWarning=postmasterWarning,
+            smtpTimeoutWarning=smtpTimeoutWarning, postmasterWarning=postmasterWarning, traceWarning=traceWarning,
         )
+
+    def reloadActionFailed(self):
+        """
+        Count a failed part of the reload under way (it has logged why):
+        the reload as a whole is said to have failed (L{lastReloadFailed}).
+        """
+        self._reloadFailures += 1
 
     def readsConfiguration(self):
         """
@@ -1109,6 +1116,22 @@ def postmasterWarning(config):
     return None
 
 
+def traceWarning(config):
+    """
+    What to warn of, if anything, in C{config}'s tracing: whose commands
+    and replies go to the log, at start and at the reload that adds or
+    changes whom (a trace left on by mistake is a log full of a user's
+    mail commands).
+    """
+    if config.debugPeers or config.debugUsers:
+        traced = [f"clients on {n}" for n in config.debugPeers] + [f"user {u}" for u in config.debugUsers]
+        return (
+            f"tracing the sessions of {', '.join(traced)} (--debug-peer, --debug-user): their commands "
+            "and replies go to the log; take the options away when done"
+        )
+    return None
+
+
 def smtpTimeoutWarning(config):
     """
     What to warn of, if anything, in C{config}'s smtp-idle-timeout: less
@@ -1458,13 +1481,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
     warning = postmasterWarning(config)
     if warning:
         root.startupWarnings.append(("smtp.no_postmaster", warning))
-    if config.debugPeers or config.debugUsers:
-        traced = [f"clients on {n}" for n in config.debugPeers] + [f"user {u}" for u in config.debugUsers]
-        root.startupWarnings.append((
-            "trace.enabled",
-            f"tracing the sessions of {', '.join(traced)} (--debug-peer, --debug-user): their commands "
-            "and replies go to the log; take the options away when done",
-        ))
+    warning = traceWarning(config)
+    if warning:
+        root.startupWarnings.append(("trace.enabled", warning))
     warning = smtpTimeoutWarning(config)
     if warning:
         root.startupWarnings.append(("config.smtp_idle_timeout_short", warning))

@@ -80,3 +80,20 @@ def test_aReloadThatTakesThePostmasterAwayWarnsAsAStartWould(mailgate_server, tm
     line = reload(server)
     assert "postmaster" in line, server.log()
     waitFor(lambda: NO_POSTMASTER in server.stdout, "the warning of no postmaster")
+
+
+@sqliteOnly
+def test_aReloadThatTurnsTracingOnWarnsAsAStartWould(mailgate_server, tmp_path):
+    """
+    A server started without tracing says nothing of it; a reload that
+    adds a debug-peer (which a SIGHUP applies at once) warns whose
+    commands and replies now go to the log, as a start with it does
+    (trace.enabled): a trace left on by mistake fills the log with a
+    user's commands, and the start's warning was the only reminder.
+    """
+    server, path = configured(mailgate_server, tmp_path)
+    assert "tracing the sessions of" not in server.stdout
+    writeConfig(path, debug_peer='["127.0.0.9"]')
+    line = reload(server)
+    assert "debug-peer" in line, server.log()
+    waitFor(lambda: "tracing the sessions of clients on 127.0.0.9" in server.stdout, "the warning of tracing")
