@@ -111,8 +111,9 @@ DELIVERY_SETTINGS = frozenset({"domain", "postmaster", "recipient-delimiter", "q
 #: checked after it: login-delay (the realm's check, and the LOGIN-DELAY
 #: CAPA lists from then on, to tell clients what they are checked
 #: against), the credential cache's bound and lifetime (for what is
-#: cached after it; a cache turned off forgets all it holds:
-#: L{mailgate.auth.cache.VerifiedCredentialCache.reconfigure})
+#: cached after it; a shorter lifetime ends what was cached before within
+#: it, a lower bound drops the oldest, a cache turned off forgets all it
+#: holds: L{mailgate.auth.cache.VerifiedCredentialCache.reconfigure})
 LOGIN_SETTINGS = frozenset({"login-delay", "auth-cache-size", "auth-cache-ttl"})
 #: the seconds the sessions get at the next stop
 STOP_SETTINGS = frozenset({"shutdown-grace"})
