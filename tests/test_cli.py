@@ -2334,6 +2334,28 @@ def test_deliverHelpGivesTheExitStatusesAPipeTransportActsOn(cli):
         assert status in text, status
 
 
+def _usersUnderICUCollation(tmp_path, postgresURL, addresses):
+    """
+    Add C{addresses} as users of the PostgreSQL database, then give the
+    users table's address column ICU's root collation (as a database made
+    with a locale such as en_US.UTF-8 orders), checked to order them
+    otherwise than code points do; return the command runner.
+    """
+    import psycopg
+
+    cli = CLI(tmp_path / "unused.sqlite3")
+    for address in addresses:
+        added = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n", database=postgresURL)
+        assert added.code == 0, added
+    with psycopg.connect(postgresURL, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone() is None:
+            pytest.skip("this PostgreSQL has no ICU collations")
+        conn.execute('ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
+        collated = [row[0] for row in conn.execute("SELECT address FROM users ORDER BY address")]
+    assert collated != sorted(addresses)  # the collation orders them otherwise
+    return cli
+
+
 def test_userListIsInByteOrderWhateverTheDatabasesCollation(tmp_path, postgresURL):
     """
     C{user list} (and C{--json}) lists addresses in byte order, as
@@ -2344,20 +2366,9 @@ def test_userListIsInByteOrderWhateverTheDatabasesCollation(tmp_path, postgresUR
     """
     import json
 
-    import psycopg
-
-    cli = CLI(tmp_path / "unused.sqlite3")
     addresses = ["ab@example.org", "a_b@example.org", "a-c@example.org", "a+b@example.org", "a.b@example.org",
                  "a@example.org", "a9@example.org"]
-    for address in addresses:
-        added = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n", database=postgresURL)
-        assert added.code == 0, added
-    with psycopg.connect(postgresURL, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone() is None:
-            pytest.skip("this PostgreSQL has no ICU collations")
-        conn.execute('ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
-        collated = [row[0] for row in conn.execute("SELECT address FROM users ORDER BY address")]
-    assert collated != sorted(addresses)  # the collation orders them otherwise
+    cli = _usersUnderICUCollation(tmp_path, postgresURL, addresses)
     listed = cli("user", "list", "--json", database=postgresURL)
     assert [json.loads(line)["address"] for line in listed.out.splitlines()] == sorted(addresses)
     table = cli("user", "list", database=postgresURL)
@@ -2373,20 +2384,9 @@ def test_commandsGoingThroughAllUsersTakeThemInUserListsOrder(tmp_path, postgres
     the whole listing followed the collation, the paged one did not, and
     with UTF-8 local parts jörg fell between jones and jung.
     """
-    import psycopg
-
-    cli = CLI(tmp_path / "unused.sqlite3")
     addresses = ["jung@example.org", "j\u00f6rg@example.org", "jones@example.org", "a_b@example.org",
                  "a-c@example.org", "a+b@example.org"]
-    for address in addresses:
-        added = cli("user", "add", address, "--password-stdin", stdin=f"{PASSWORD}\n", database=postgresURL)
-        assert added.code == 0, added
-    with psycopg.connect(postgresURL, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone() is None:
-            pytest.skip("this PostgreSQL has no ICU collations")
-        conn.execute('ALTER TABLE users ALTER COLUMN address TYPE text COLLATE "und-x-icu"')
-        collated = [row[0] for row in conn.execute("SELECT address FROM users ORDER BY address")]
-    assert collated != sorted(addresses)  # the collation orders them otherwise
+    cli = _usersUnderICUCollation(tmp_path, postgresURL, addresses)
     recounted = cli("user", "recount", "--all", database=postgresURL)
     assert recounted.code == 0, recounted
     assert [line.split(":")[0] for line in recounted.out.splitlines()[:-1]] == sorted(addresses)
