@@ -138,41 +138,46 @@ LIVE = {
 class ConfiguredServer(ServerProcess):
     """
     A server whose every setting comes from its configuration file: no
-    option of the command line overrides a key of it.
+    option of the command line overrides a key of it.  C{expect}: the
+    listeners the file gives it, as L{ServerProcess} waits for them.
     """
 
-    def __init__(self, configPath, cwd):
-        super().__init__(None, cwd=cwd, expect={"POP3": 1, "POP3S": 1, "SMTP": 1})
+    def __init__(self, configPath, cwd, expect=None):
+        super().__init__(None, cwd=cwd, expect=expect or {"POP3": 1, "POP3S": 1, "SMTP": 1})
         self.configPath = configPath
 
     @property
     def argv(self):
         return [TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(self.configPath)]
 
-    def events(self, name):
+    def records(self, *names):
+        """
+        The JSON log records of the events C{names}, in the order written.
+        """
         found = []
         for line in self.stdout.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("event") == name:
+            if record.get("event") in names:
                 found.append(record)
         return found
 
+    def events(self, name):
+        return self.records(name)
+
     def reload(self):
         """
-        SIGHUP, and wait for the reload's C{config.reloaded} line (or its
-        C{config.reload_failed}).
+        SIGHUP; the reload's C{config.reloaded} record, or C{None} when it
+        failed (C{config.reload_failed}).
         """
-        before = len(self.events("config.reloaded")) + len(self.events("config.reload_failed"))
+        ends = ("config.reloaded", "config.reload_failed")
+        before = len(self.records(*ends))
         self.process.send_signal(signal.SIGHUP)
-        waitFor(
-            lambda: len(self.events("config.reloaded")) + len(self.events("config.reload_failed")) > before,
-            what=f"the reload's config.reloaded line\n{self.log()}",
-        )
-        [reloaded] = self.events("config.reloaded")[before:] or [None]
-        return reloaded
+        waitFor(lambda: len(self.records(*ends)) > before, what=f"the reload's config.reloaded line\n{self.log()}")
+        last = self.records(*ends)[before]
+        return last if last["event"] == "config.reloaded" else None
 
 
 def greeting(server):

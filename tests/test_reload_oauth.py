@@ -14,13 +14,13 @@ XOAUTH2 themselves; every wait is bounded (L{e2e.DEADLINE}).
 import base64
 import json
 import poplib
-import signal
 import time
 
 import pytest
 from oauthtokens import AUDIENCE, ISSUER, Keys, oauthbearer, xoauth2
+from test_reload_matrix import ConfiguredServer as MatrixServer
 
-from tests.e2e import DEADLINE, TWISTD, AdminCommandHere, ServerProcess, waitFor
+from tests.e2e import DEADLINE, AdminCommandHere
 
 ALICE = "alice@example.org"
 OTHER_ISSUER = "https://login.example.test/realms/other"
@@ -40,44 +40,14 @@ oauth2-audience = ["{audience}"]
 """
 
 
-class ConfiguredServer(ServerProcess):
+class ConfiguredServer(MatrixServer):
     """
-    A server whose settings all come from its configuration file.
+    A server whose settings all come from its configuration file, POP3
+    alone.
     """
 
     def __init__(self, configPath, cwd):
-        super().__init__(None, cwd=cwd, expect={"POP3": 1})
-        self.configPath = configPath
-
-    @property
-    def argv(self):
-        return [TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(self.configPath)]
-
-    def records(self, *names):
-        found = []
-        for line in self.stdout.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") in names:
-                found.append(record)
-        return found
-
-    def events(self, name):
-        return self.records(name)
-
-    def reload(self):
-        """
-        SIGHUP; the reload's C{config.reloaded} record, or C{None} when it
-        failed (C{config.reload_failed}).
-        """
-        ends = ("config.reloaded", "config.reload_failed")
-        before = len(self.records(*ends))
-        self.process.send_signal(signal.SIGHUP)
-        waitFor(lambda: len(self.records(*ends)) > before, what=f"the reload's config.reloaded line\n{self.log()}")
-        last = self.records(*ends)[before]
-        return last if last["event"] == "config.reloaded" else None
+        super().__init__(configPath, cwd, expect={"POP3": 1})
 
 
 @pytest.fixture(scope="module")
