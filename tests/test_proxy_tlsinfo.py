@@ -27,14 +27,12 @@ import struct
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 
 from mailgate.logs import eventAsRecord
 from mailgate.session.proxy import (
     MAX_TLS_NAME,
     BalancerTLS,
-    ProxyHeaderFactory,
     clientTLS,
     parseProxyHeader,
     readProxyHeader,
@@ -44,6 +42,7 @@ from mailgate.testing import addUser, pop3Factory, smtpFactory
 from e2e import DEADLINE, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_pairings import HAPROXY_CFG, haproxy  # noqa: F401 (fixture)
+from test_proxy import wrapped
 
 ALICE = "alice@example.org"
 PASSWORD = "wonderland"
@@ -200,13 +199,6 @@ def test_theFirstGoodNameOfEachKindIsKept():
 
 # -- a session behind the wrapper, in memory -------------------------------------
 
-
-def wrapped(factory, clock, balancers=(), peer=BALANCER):
-    proxy = ProxyHeaderFactory(factory, clock, balancers)
-    protocol = proxy.buildProtocol(peer)
-    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
-    protocol.makeConnection(transport)
-    return protocol, transport
 
 
 def tlsSessions(factory, version):

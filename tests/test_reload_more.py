@@ -18,9 +18,8 @@ held for a minute has not come within a second.
 import poplib
 import re
 import smtplib
-import socket
 
-import pytest
+from test_e2e_harvest import nothingWithinASecond
 from test_e2e_policy import ALICE, PASSWORD
 from twisted.internet import defer
 from twisted.internet.task import Clock as ReactorClock
@@ -185,15 +184,6 @@ def test_quotaExceededChangesTheReplyToARecipientOverQuota(mailgate_server, mail
     assert (code, text.split()[0]) == (552, b"5.2.2"), text
     # ... and the log said so.
     assert "applied" in line and "quota-exceeded" in line, server.log()
-
-
-def nothingWithinASecond(client):
-    client.sock.settimeout(1.0)
-    try:
-        with pytest.raises(socket.timeout):
-            client.sock.recv(1, socket.MSG_PEEK)
-    finally:
-        client.sock.settimeout(DEADLINE)
 
 
 @sqliteOnly
