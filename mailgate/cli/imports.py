@@ -138,9 +138,13 @@ def _importMaildir(store, args, out, stdin):
 
 def _readUsers(path, passwords=True):
     """
-    C{(address, password)} per line of a C{--users} file: the address, a
-    space, and the password (the rest of the line); empty lines and lines
-    starting with C{#} are skipped.
+    C{(address, password, login)} per line of a C{--users} file: the
+    address, a space, and the password (the rest of the line); empty lines
+    and lines starting with C{#} are skipped.  C{address} is the user's
+    here (normalised, L{_address}); C{login} is the name as the line
+    spells it, which the source is given: a source may tell spellings
+    apart that mailgate takes for one user (a passwd-file line in another
+    Unicode form, a case-sensitive SQL passdb).
 
     @param passwords: whether lines have passwords; without (a master
         user logs in for everyone), a line is an address alone, and
@@ -170,7 +174,7 @@ def _readUsers(path, passwords=True):
                 f"serves every user)", EX_DATAERR,
             )
         try:
-            users.append((_address(address), password or None))
+            users.append((_address(address), password or None, address))
         except CommandError as e:
             if not passwords:
                 raise CommandError(f"{shown} line {number}: {e}", e.code) from None
@@ -268,6 +272,8 @@ def _importPOP3Options(args):
     else:
         if args.address is None:
             raise CommandError("give the ADDRESS to import into (or --users FILE)", EX_USAGE)
+        # The source is given the name as written (see _readUsers).
+        args.login = args.address
         args.address = _address(args.address)
         if master is not None and args.master_separator in args.address:
             raise _separatorIn(args.master_separator)
@@ -276,11 +282,11 @@ def _importPOP3Options(args):
     # in the file.
     if args.users is not None:
         args.accounts = _readUsers(args.users, passwords=master is None)
-        for _, password in args.accounts:
+        for _, password, _ in args.accounts:
             # Blanked in the audit line, should a source's refusal quote it.
             audit.secret(args, password)
     else:
-        args.accounts = [(args.address, None)]
+        args.accounts = [(args.address, None, args.login)]
     if args.users is None or master is not None:
         # A password to read (the master user's, or the ADDRESS's), as
         # once the file was read.
@@ -314,10 +320,10 @@ def _importPOP3(store, args, out, stdin):
     masterPassword = None
     # Whether a user's mail came through the master user in this run.
     masterWorks = False
-    for done, (address, password) in enumerate(users, 1):
+    for done, (address, password, written) in enumerate(users, 1):
         try:
             _importTarget(store, address)
-            login = None
+            login = written
             if master is not None:
                 # Dovecot's master users: "alice@example.org*migrator"
                 # logs in as alice with the master user's password.
@@ -327,7 +333,7 @@ def _importPOP3(store, args, out, stdin):
                     raise _separatorIn(args.master_separator)
                 if masterPassword is None:
                     masterPassword = _readPassword(args, stdin, confirm=False)
-                password, login = masterPassword, f"{address}{args.master_separator}{master}"
+                password, login = masterPassword, f"{written}{args.master_separator}{master}"
             elif password is None:
                 password = _readPassword(args, stdin, confirm=False)
             # With --users, a warning names its user, as the failures do.
@@ -336,8 +342,9 @@ def _importPOP3(store, args, out, stdin):
                 store, args.url, address, password, user=login, insecure=args.insecure, delete=args.delete,
                 warn=lambda line, who=who: args.stderr.write(f"mailgate: {who}{_shown(line)}\n"), maxSize=maxSize,
                 # Through a master user, the maildrop is still the user's:
-                # the same source as with the user's own password.
-                mirror=args.mirror, sourceUser=address if master is not None else None,
+                # the same source as with the user's own password; and the
+                # same whatever the spelling the login was given.
+                mirror=args.mirror, sourceUser=address,
                 soleSource=args.sole_source,
             )
         except (CommandError, ImportFailed) as e:
@@ -526,7 +533,7 @@ def _addImportCommands(commands):
         "--users",
         metavar="FILE",
         help="import many users: one 'ADDRESS PASSWORD' per line, each logging in to the "
-        "source as ADDRESS (with --master-user, one ADDRESS per line)",
+        "source as ADDRESS is written there (with --master-user, one ADDRESS per line)",
     )
     ipop3.add_argument(
         "--master-user",
