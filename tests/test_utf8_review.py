@@ -65,6 +65,32 @@ def test_everySpellingOfANameIsOneUser(spellings, canonical):
         assert address == f"{canonical}@example.org"
 
 
+def test_scramAndPlainTakeEveryCompatibilityIdeographToOneUser():
+    """
+    A name holding a CJK compatibility ideograph (which a user's address
+    holds composed, as its unified ideograph) names the one user whether
+    it comes by SCRAM (prepared as SASLprep does, on Unicode 3.2) or by
+    PLAIN/USER (composed by the running Python's Unicode).  Five of them
+    decomposed otherwise in Unicode 3.2 (Unicode 4.0's corrigendum), and
+    their SCRAM logins named another user.
+    """
+    blocks = [*range(0xF900, 0xFB00), *range(0x2F800, 0x2FA20)]
+    differing = {}
+    for codePoint in blocks:
+        written = f"a{chr(codePoint)}@example.org"
+        try:
+            plain = normalizeAddress(written)
+        except InvalidAddress:
+            plain = None
+        try:
+            scram = normalizeAddress(preparedName(written))
+        except InvalidAddress:
+            scram = None
+        if plain != scram:
+            differing[f"U+{codePoint:04X}"] = (plain, scram)
+    assert differing == {}
+
+
 def test_dotlessIAndSharpSAreLettersOfTheirOwn():
     """
     The Turkish ı and the German ß are letters of their own, as RFC 8265's

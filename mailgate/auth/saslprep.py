@@ -83,7 +83,16 @@ def preparedName(name):
     the bidirectional rule would refuse every right-to-left local part
     before its left-to-right domain.  An ASCII name is its own preparation,
     returned as it is.
+
+    The name is composed by the running Python's Unicode first: SASLprep's
+    Unicode 3.2 decomposed five CJK compatibility ideographs (U+2F868,
+    U+2F874, U+2F91F, U+2F95F, U+2F9BF) into other ideographs than
+    Unicode 4.0 corrected them to, which user names follow, so such a name
+    reached another user by SCRAM than by PLAIN.  Every other name reaches
+    the user it reached before: composing first changes only ideographs
+    Unicode 3.2 did not have, which the address's own normalisation
+    composes the same way.
     """
     if name.isascii():
         return name
-    return _mappedAndNormalized(name)
+    return _mappedAndNormalized(unicodedata.normalize("NFC", name))
