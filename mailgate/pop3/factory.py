@@ -9,6 +9,7 @@ from twisted.internet import defer
 from mailgate.hostname import machineName
 from mailgate.networks import parseNetwork, peerOnNetworks
 from mailgate.pop3.protocol import POP3Server
+from mailgate.pop3.workarounds import parseWorkarounds
 from mailgate.session import SessionFactory
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
@@ -122,6 +123,10 @@ class POP3Factory(SessionFactory):
         portal's and the SASL server's, C{--auth-default-realm}), or
         C{None}: a session reads the names it compares (a failed digest
         login's and the user's who then logs in) as the portal does.
+    @param clientWorkarounds: Dovecot's C{pop3_client_workarounds} to
+        apply to RETR and TOP (names of L{mailgate.pop3.workarounds.KNOWN});
+        each session takes the factory's as it is built, so a reload's
+        apply to the sessions after it.
     """
 
     protocol = POP3Server
@@ -145,6 +150,7 @@ class POP3Factory(SessionFactory):
         tracker=None,
         expire=None,
         defaultRealm=None,
+        clientWorkarounds=(),
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.defaultRealm = defaultRealm
@@ -160,6 +166,7 @@ class POP3Factory(SessionFactory):
         self.sasl = sasl
         self.trustedNetworks = tuple(parseNetwork(n) for n in trustedNetworks)
         self.expire = expire
+        self.clientWorkarounds = parseWorkarounds(clientWorkarounds or ())
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -167,6 +174,8 @@ class POP3Factory(SessionFactory):
         protocol.idleTimeout = self.idleTimeout
         protocol.loginTimeout = self.loginTimeout
         protocol.authFailureDelay = self.authFailureDelay
+        if self.clientWorkarounds:
+            protocol.clientWorkarounds = self.clientWorkarounds
         return protocol
 
     def apopDecided(self):

@@ -74,6 +74,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     @cvar listBatch: lines of LIST produced per write.
     @cvar uidlBatch: unique ids read from the store per trip (and written
         per write) for UIDL.
+    @cvar clientWorkarounds: the names of Dovecot's C{pop3_client_workarounds}
+        RETR and TOP apply (L{mailgate.pop3.workarounds}); none: messages go
+        out as stored.
     @cvar commandStates: the commands each state permits; a command of
         another state is refused (and counted as a bad command).
     """
@@ -90,6 +93,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     authFailureDelay = 1.0
     listBatch = 1000
     uidlBatch = 5000
+    clientWorkarounds = ()
     invalidCharacters = "invalid characters in command line"
     invalidUTF8 = "command line is not valid UTF-8"
     #: what a load balancer's POP3 health check sends (HAProxy's tcp-check:

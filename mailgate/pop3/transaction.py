@@ -13,7 +13,8 @@ from twisted.python.failure import Failure
 from mailgate.errors import CommitUncertain, TemporaryFailure
 from mailgate.pop3.arguments import arguments, lineCount, noArguments, number
 from mailgate.pop3.dotstuff import stuffedParts
-from mailgate.pop3.responses import END, MessageBlocks, numberedLines, terminated
+from mailgate.pop3.responses import END, numberedLines, terminated
+from mailgate.pop3.workarounds import messageBlocks
 from mailgate.session import CommandError, SendAborted
 from mailgate.plural import counted
 
@@ -192,7 +193,12 @@ class TransactionCommands:
             stats["top"] += 1
             status = b"+OK top of message follows\r\n"
         whole = body.whole
-        if whole is not None and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize)):
+        workarounds = self.clientWorkarounds
+        if (
+            whole is not None
+            and not workarounds
+            and (bodyLines is None or (bodyLines == 0 and len(whole) <= body.headerSize))
+        ):
             # The whole message, or for TOP n 0 its whole header, in one
             # piece (nearly every message): stuffed and sent in one write.
             out = self._out
@@ -205,11 +211,14 @@ class TransactionCommands:
             if bodyLines is None:
                 self._retrieved(body.size)
             return None
-        source = MessageBlocks(body, bodyLines)
+        source = messageBlocks(body, bodyLines, workarounds)
         whole = source.whole()
         if whole is not None:
-            # All TOP wants of it came in one piece: one write, no producer.
+            # All TOP wants of it came in one piece (or, with client
+            # workarounds, all of a RETR's): one write, no producer.
             self._out.write(status + whole)
+            if bodyLines is None:
+                self._retrieved(body.size)
             return None
         self._out.write(status)
         sent = self.stream(source.nextBlock)
