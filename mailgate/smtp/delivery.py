@@ -98,6 +98,9 @@ class LocalDelivery:
         self.domains = None if domains is None else frozenset(d.lower() for d in domains)
         self._clock = clock
         self._known = {}
+        # Which forgetting the lookups under way began after (see
+        # forgetRecipients): one that began before remembers nothing.
+        self._generation = 0
         self.quotaExceeded = quotaExceeded
         self.postmaster = postmaster
         self.recipientDelimiter = recipientDelimiter or ""
@@ -160,9 +163,12 @@ class LocalDelivery:
         """
         Forget the recipients remembered (see L{_remember}): the server's
         defaults changed (a reload), and a user remembered without a quota
-        may have one now, to be checked at the next RCPT.
+        may have one now, to be checked at the next RCPT.  A lookup
+        under way then remembers nothing when it ends: it was asked under
+        the old defaults.
         """
         self._known = {}
+        self._generation += 1
 
     def _remembered(self, key):
         expires = self._known.get(key)
@@ -173,7 +179,14 @@ class LocalDelivery:
             return False
         return True
 
-    def _remember(self, key):
+    def _remember(self, key, generation):
+        """
+        Remember C{key} for L{knownLifetime}, if it was looked up since the
+        last L{forgetRecipients} (C{generation}, the one its lookup began
+        in).
+        """
+        if generation != self._generation:
+            return
         if len(self._known) >= self.maxKnown:
             now = self._clock()
             self._known = {k: e for k, e in self._known.items() if e >= now}
@@ -200,10 +213,11 @@ class LocalDelivery:
         key = "@" + domain
         if self._remembered(key):
             return defer.succeed(True)
+        generation = self._generation
 
         def found(exists):
             if exists:
-                self._remember(key)
+                self._remember(key, generation)
             return exists
 
         return self._store.hasDomain(domain).addCallback(found)
@@ -269,6 +283,7 @@ class LocalDelivery:
         # Quotas are checked here where the store keeps them; any store
         # still checks what it keeps when the message is committed.
         quotas = ILifecycleStore.providedBy(self._store)
+        generation = self._generation
 
         def userChecked(status):
             if status is None:
@@ -283,7 +298,7 @@ class LocalDelivery:
                     return self._toPostmaster(mailbox, size)
                 raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
             if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
-                self._remember(address)
+                self._remember(address, generation)
             elif not status.fits(max(size or 0, 1)):
                 if size is not None and status.quotaOctets is not None and size > status.quotaOctets:
                     raise self.tooLargeForQuota(mailbox, status.quotaOctets)
