@@ -196,7 +196,8 @@ class SMTPServer(CommandSession):
         counted since the session's start or its last delivered message.
     @cvar maxJunkCommands: commands that deliver nothing (NOOP, RSET,
         VRFY, HELP, EHLO, HELO, LHLO) tolerated since the session's start
-        or its last delivered message, beyond which each counts as an error, as
+        or its last delivered message (in LMTP, its last recipient looked
+        up: L{lookupForgivesJunk}), beyond which each counts as an error, as
         Postfix's C{smtpd_junk_command_limit}: a client that only keeps its
         connection alive (a NOOP every few minutes resets the idle timer)
         is closed after L{maxBadCommands} more.
@@ -272,6 +273,11 @@ class SMTPServer(CommandSession):
     # maxBadCommands, as Postfix's smtpd_hard_error_limit counts it: a
     # client guessing addresses is cut off.
     countRefusedRecipients = True
+    #: a recipient looked up and answered (taken, or refused as unknown or
+    #: over quota) starts the count of junk commands (L{maxJunkCommands})
+    #: afresh, as a delivered message does (LMTP, see L{LMTPServer}); else
+    #: only a delivered message does
+    lookupForgivesJunk = False
 
     def __init__(self):
         super().__init__()
@@ -991,6 +997,7 @@ class SMTPServer(CommandSession):
 
         def accepted(address):
             self._tally["recipients"] += 1
+            self._lookedUp()
             if self._envelope is envelope:
                 envelope.recipients.append(address)
                 envelope.forwardPaths.append(forwardPath(mailbox, address))
@@ -998,6 +1005,7 @@ class SMTPServer(CommandSession):
 
         def refused(failure):
             if failure.check(SMTPReply):
+                self._lookedUp()
                 reply = failure.value
                 reason = _RCPT_REASONS.get(reply.enhanced, "refused")
                 self._logRecipientRefused(envelope, mailbox, reply.code, reply.enhanced, reason)
@@ -1033,6 +1041,15 @@ class SMTPServer(CommandSession):
 
         d.addCallbacks(accepted, refused)
         return d
+
+    def _lookedUp(self):
+        """
+        A recipient was looked up and answered: where that is the client's
+        work (L{lookupForgivesJunk}), the junk commands before it are not
+        held against it.
+        """
+        if self.lookupForgivesJunk:
+            self._junkCommands = 0
 
     def _traceIfListed(self, trace, mailbox):
         """
@@ -1627,6 +1644,20 @@ class LMTPServer(SMTPServer):
     # refused.  Counted, they closed the connection with 421 in the middle
     # of a transaction, deferring its good recipients.
     countRefusedRecipients = False
+    # Nor are the RSETs around its transactions: Postfix ends one whose
+    # recipients were all refused with RSET before it caches the
+    # connection, and probes the connection with RSET before it reuses it.
+    # Counted as junk, a flood for unknown users (a dictionary attack
+    # Postfix took for a domain it has no user list for) reached the limit
+    # after some 60 messages over one connection, as would its address
+    # verification (MAIL, RCPT and the RSET its documentation says ends a
+    # probe) asking about each address of such an attack; where the 421 came after the 250 to
+    # a probe (an odd count of errors since the last delivery), Postfix
+    # read it as the reply to the next message's MAIL and deferred that
+    # message to its queue's next retry, however good.  A recipient looked
+    # up is work the client asked for; a client that only sends NOOP,
+    # RSET or LHLO is still closed after 120 of them.
+    lookupForgivesJunk = True
     # The MTA hands over what its smtpd took: Postfix's takes a non-ASCII
     # sender (or recipient) from a client that did not say SMTPUTF8
     # (strict_smtputf8 = no, its default) and passes it on by LMTP
