@@ -53,6 +53,7 @@ from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
 from mailgate.pop3.factory import DEFAULT_GREETING, DEFAULT_TRUSTED_NETWORKS, APOPAdvertiser
 from mailgate.pop3.protocol import POP3Server
+from mailgate.pop3.workarounds import parseWorkarounds
 from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.factory import EVERY_NETWORK, coversEveryAddress
 from mailgate.smtp.protocol import SMTPServer
@@ -184,6 +185,34 @@ class Greeting(Line):
         if "<" in value or ">" in value:
             raise ValueError("must not contain < or > (clients would take them for the APOP timestamp)")
         return value
+
+
+class ClientWorkarounds(Kind):
+    """
+    Names of Dovecot's C{pop3_client_workarounds}
+    (L{mailgate.pop3.workarounds.KNOWN}), separated by spaces or commas,
+    as Dovecot writes them (or, in a file, an array of names): a tuple of
+    the names in Dovecot's order, or C{None} for none.
+    """
+
+    metavar = "NAMES"
+    expected = 'workaround names (a string such as "outlook-no-nuls oe-ns-eoh", or an array of them)'
+    tomlTypes = (str, list)
+
+    def check(self, value):
+        return parseWorkarounds(value) or None
+
+    @classmethod
+    def of(cls, value):
+        """
+        What an embedder's C{MailgateConfig(pop3ClientWorkarounds=...)}
+        gives (a string, a list of names, or C{None}), as a setting's
+        value.
+        """
+        return None if value is None else cls().check(value)
+
+    def toTOML(self, value):
+        return json.dumps(value if isinstance(value, str) else " ".join(value))
 
 
 class CertificatePair(Text):
@@ -1229,6 +1258,19 @@ SETTINGS = (
         defaultText="no limit", example=300,
     ),
     Setting(
+        "pop3-client-workarounds", "pop3ClientWorkarounds", ClientWorkarounds(), None,
+        "Dovecot's pop3_client_workarounds, for old clients moved from a "
+        "Dovecot that had them: names, separated by spaces or commas.  "
+        "outlook-no-nuls: RETR and TOP send every NUL octet of a message as "
+        "0x80 (Outlook and Outlook Express hang on a NUL).  oe-ns-eoh: they "
+        "end a message whose header has no end (no empty line) with the "
+        "empty line it lacks (Outlook Express and Netscape Mail need it); "
+        "LIST, STAT and RETR's octet count still give the size as stored, "
+        "as Dovecot's do.  By default messages are sent as stored.",
+        defaultText="none", example="outlook-no-nuls oe-ns-eoh",
+        converter=ClientWorkarounds.of,
+    ),
+    Setting(
         "default-quota", "defaultQuota", Size(zero=ZERO_QUOTA), None,
         "Storage quota of users who have none of their own (mailgate user "
         "quota), e.g. 1G or 500M.  SMTP and LMTP refuse a recipient it would "
@@ -2117,10 +2159,11 @@ EXAMPLE_HEADER = """\
 #
 # systemctl reload (SIGHUP) reads this file again: debug-peer, debug-user
 # and, while TLS stays on, the tls-* settings apply at once; greeting,
-# idle-timeout, login-timeout, auth-failure-delay, max-message-size,
-# max-recipients, min-data-rate, smtp-idle-timeout, trusted-network,
-# smtp-cleartext-network, lmtp-cleartext-network and proxy-network to the
-# sessions opened after it (those under way keep theirs); max-connections,
+# idle-timeout, login-timeout, auth-failure-delay, pop3-client-workarounds,
+# max-message-size, max-recipients, min-data-rate, smtp-idle-timeout,
+# trusted-network, smtp-cleartext-network, lmtp-cleartext-network and
+# proxy-network to the sessions opened after it (those under way keep
+# theirs); max-connections,
 # max-connections-per-ip, auth-penalty-max, ban-after, ban-window,
 # ban-time, unknown-recipient-slow-after, unknown-recipient-ban-after and
 # exempt-network to the connections and failed logins after it (the

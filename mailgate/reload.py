@@ -64,6 +64,7 @@ SESSION_SETTINGS = {
     "idle-timeout": (POP3Factory, "idleTimeout"),
     "login-timeout": (POP3Factory, "loginTimeout"),
     "auth-failure-delay": (POP3Factory, "authFailureDelay"),
+    "pop3-client-workarounds": (POP3Factory, "clientWorkarounds"),
     "max-message-size": (SMTPFactory, "maxMessageSize"),
     "max-recipients": (SMTPFactory, "maxRecipients"),
     "min-data-rate": (SMTPFactory, "minDataRate"),

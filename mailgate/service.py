@@ -1208,6 +1208,7 @@ def makePOP3Factory(
         policy=policy,
         expire=expire,
         defaultRealm=config.authDefaultRealm,
+        clientWorkarounds=config.pop3ClientWorkarounds,
     )
     # CRAM-MD5 works for users with APOP (and for those with Dovecot's CRAM-MD5
     # states): offered by nearly the same rule as APOP.

@@ -136,7 +136,8 @@ def test_nulsAtChunkBoundariesOfAStoredMessage(store, alice):
         (b"\r\n", b"\r\n.\r\n"),
         (b"\r\nno header at all\r\n", b"\r\nno header at all\r\n.\r\n"),
         (b"Subject: x\r\n\r\n", b"Subject: x\r\n\r\n.\r\n"),
-        (b"Subject: d\r\n\r\n.one\r\n..two\r\n.\r\nend\r\n", b"Subject: d\r\n\r\n..one\r\n...two\r\n..\r\nend\r\n.\r\n"),
+        (b"Subject: d\r\n\r\n.one\r\n..two\r\n.\r\nend\r\n",
+         b"Subject: d\r\n\r\n..one\r\n...two\r\n..\r\nend\r\n.\r\n"),
         (b"Subject: normal\r\n\r\nhello\r\n", b"Subject: normal\r\n\r\nhello\r\n.\r\n"),
     ],
 )
