@@ -20,7 +20,9 @@ text after the status is not compared: RFC 1939 leaves it to the server.
 Dovecot runs with its defaults for what a client sees: no
 pop3_client_workarounds (with C{oe-ns-eoh} it would add the blank line a
 header without body separator lacks, which RFC 1939 does not ask for:
-messages are sent as stored), pop3_lock_session = no.  Both offer STLS
+messages are sent as stored; mailgate's C{--pop3-client-workarounds} does
+what Dovecot's do, compared in tests/test_pop3_workarounds_vs_dovecot.py),
+pop3_lock_session = no.  Both offer STLS
 with one certificate, and the same SASL mechanisms (PLAIN, LOGIN; APOP);
 mailgate adds SCRAM-SHA-256.
 
