@@ -1017,6 +1017,28 @@ def test_randomSequences(servers):
 # -- sizes, deletion, the lock -----------------------------------------------
 
 
+def loggedInSizes(client, user=ALICE, password=PASSWORD):
+    """
+    Log C{client} in by USER/PASS and return LIST's sizes, by message
+    number.
+    """
+    for command in lines("USER " + user, "PASS " + password):
+        client.send(command)
+        assert client.reply(command).status == "+OK"
+    client.send(b"LIST\r\n")
+    listing = client.reply(b"LIST\r\n")
+    return dict(tuple(int(w) for w in line.split()) for line in listing.body.split(b"\r\n")[:-2])
+
+
+def unstuffed(body):
+    """
+    A multi-line response's octets as a client keeps them: stuffing and
+    terminator undone.
+    """
+    content = body[: -len(b".\r\n")]
+    return b"".join(line[1:] if line.startswith(b".") else line for line in content.splitlines(keepends=True))
+
+
 def retrieved(port, user=ALICE):
     """
     LIST's sizes and each message's octets as RETR sends them, dot-stuffing
@@ -1024,21 +1046,12 @@ def retrieved(port, user=ALICE):
     """
     client = Client(port)
     try:
-        for command in lines("USER " + user, "PASS " + PASSWORD):
-            client.send(command)
-            assert client.reply(command).status == "+OK"
-        client.send(b"LIST\r\n")
-        listing = client.reply(b"LIST\r\n")
-        sizes = dict(tuple(int(w) for w in line.split()) for line in listing.body.split(b"\r\n")[:-2])
+        sizes = loggedInSizes(client, user)
         messages = {}
         for n in sizes:
             command = b"RETR %d\r\n" % n
             client.send(command)
-            body = client.reply(command).body
-            content = body[: -len(b".\r\n")]
-            messages[n] = b"".join(
-                line[1:] if line.startswith(b".") else line for line in content.splitlines(keepends=True)
-            )
+            messages[n] = unstuffed(client.reply(command).body)
         return sizes, messages
     finally:
         client.close()

@@ -38,8 +38,7 @@ from dovecotserver import PrivateDovecot, requireDovecot
 from e2e import _LOGGED_ERROR, ServerProcess, databaseURL
 from mailgate.store.sql import CHUNK_SIZE
 from mailgate.testing import addUser, deliver, memoryStore
-from rawexchange import lines
-from test_pop3_vs_dovecot import Client, dropIntoMaildir
+from test_pop3_vs_dovecot import Client, dropIntoMaildir, loggedInSizes, unstuffed
 
 pytestmark = requireDovecot
 
@@ -128,12 +127,7 @@ def answers(tmp_path_factory):
 def session(port):
     client = Client(port)
     try:
-        for command in lines("USER " + ALICE, "PASS " + PASSWORD):
-            client.send(command)
-            assert client.reply(command).status == "+OK"
-        client.send(b"LIST\r\n")
-        listing = client.reply(b"LIST\r\n").body
-        sizes = dict(tuple(int(w) for w in line.split()) for line in listing.split(b"\r\n")[:-2])
+        sizes = loggedInSizes(client, ALICE, PASSWORD)
         replies = {}
         for n in range(1, len(MESSAGES) + 1):
             for command in COMMANDS:
@@ -143,15 +137,6 @@ def session(port):
         return sizes, replies
     finally:
         client.close()
-
-
-def unstuffed(body):
-    """
-    A response's octets as a client keeps them: stuffing and terminator
-    undone.
-    """
-    content = body[: -len(b".\r\n")]
-    return b"".join(line[1:] if line.startswith(b".") else line for line in content.splitlines(keepends=True))
 
 
 @pytest.mark.parametrize("name", [name for name in MESSAGES if name != "the empty message"])
