@@ -88,6 +88,7 @@ from mailgate.errors import (
     DatabaseInUse,
     DatabaseRefused,
     MailgateError,
+    NoSuchUser,
     TemporaryFailure,
 )
 from mailgate.store import DEFAULT_DATABASE, NoSuchDatabase, openSynchronousStore
@@ -455,6 +456,10 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
         # "database in FILE: tls-ciphers ..." blamed the database.
         where = f"{source}: " if opening and not source.startswith("--database") else ""
         return failed(f"{where}{e}", EX_TEMPFAIL if delivering else EX_CONFIG)
+    except NoSuchUser as e:
+        # Gone while a paged listing of hers was printed (mailbox list,
+        # deleted, export): its later pages are read as it goes.
+        return failed(f"no such user: {e}", EX_TEMPFAIL if delivering else EX_NOUSER)
     except MailgateError as e:
         return failed(str(e), EX_TEMPFAIL if delivering else EX_SOFTWARE)
     except KeyboardInterrupt:

@@ -340,8 +340,7 @@ class LifecycleStore:
         """
         if page is None:
             return self.database.runInteraction(_listDeleted, address)
-        d = paging.pagedListing(self.database, _deletedPage, (address,), page)
-        return d.addCallback(paging.numbered, DeletedMessage)
+        return paging.pagedListing(self.database, _deletedPage, (address,), page, paging.numbered(DeletedMessage))
 
     def restoreDeleted(self, address, uidls=None, since=None, asNew=False, perTransaction=None, progress=None):
         """

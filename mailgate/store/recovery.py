@@ -13,6 +13,7 @@ from mailgate.records import DeletedMessage, WarnedOfQuota
 from mailgate.store.database import updatesMailboxes
 from mailgate.store.guarded import _userId
 from mailgate.store.limits import StoreLimits, quotaCrossed
+from mailgate.store.paging import stillListed
 from mailgate.store.rows import (
     MAILDROP_COLUMNS,
     batches,
@@ -98,7 +99,8 @@ def _deletedPage(cursor, address, position, limit):
     after the page before, in their order.
 
     @param position: C{None} for the first page (C{NoSuchUser} if there
-        is no such user), else what the page before returned.
+        is no such user), else what the page before returned (the same
+        user's, C{NoSuchUser} once she is gone).
     """
     userId, after = (_userId(cursor, address), 0) if position is None else position
     cursor.execute(
@@ -107,6 +109,8 @@ def _deletedPage(cursor, address, position, limit):
         (userId, after),
     )
     rows = cursor.fetchall()
+    if position is not None and len(rows) < limit:
+        stillListed(cursor, address, userId)
     return (userId, rows[-1][0] if rows else after), [row[1:] for row in rows]
 
 

@@ -17,7 +17,6 @@ from collections import Counter
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.errors import MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
@@ -451,28 +450,36 @@ def _listedMaildrop(cursor, address):
     return user.userId, 0 if row is None else row[0]
 
 
-def _messagePage(cursor, address, position, limit):
+def _maildropPage(cursor, columns, address, position, limit):
     """
     A page of a maildrop's listing (L{mailgate.store.paging}): at most
-    C{limit} C{(size, uidl, arrived)} after the page before, below the
+    C{limit} rows of C{columns} after the page before, below the
     maildrop's next uid when the first page was read (what is delivered
     meanwhile is not listed).
 
-    @param position: C{None} for the first page (C{NoSuchUser} if there
-        is no such user), else what the page before returned.
+    @param position: C{None} for the first page, which looks the user up
+        (C{NoSuchUser} if there is none), else what the page before
+        returned: later pages are the same user's whatever has the
+        address since (C{NoSuchUser} once she is gone).
     """
-    if position is None:
-        position = (*_listedMaildrop(cursor, address), 0)
-    userId, below, after = position
+    later = position is not None
+    userId, below, after = position if later else (*_listedMaildrop(cursor, address), 0)
     cursor.execute(
-        "SELECT uid, size, uidl, arrived_at FROM maildrop "
+        f"SELECT uid, {columns} FROM maildrop "
         f"WHERE user_id = ? AND uid > ? AND uid < ? ORDER BY uid LIMIT {int(limit)}",
         (userId, after, below),
     )
     rows = cursor.fetchall()
-    if rows:
-        position = (userId, below, rows[-1][0])
-    return position, [row[1:] for row in rows]
+    if later and len(rows) < limit:
+        paging.stillListed(cursor, address, userId)
+    return (userId, below, rows[-1][0] if rows else after), [row[1:] for row in rows]
+
+
+def _messagePage(cursor, address, position, limit):
+    """
+    A page of C{(size, uidl, arrived)} of a maildrop's listing (L{_maildropPage}).
+    """
+    return _maildropPage(cursor, "size, uidl, arrived_at", address, position, limit)
 
 
 def _listMessages(cursor, address):
@@ -496,28 +503,14 @@ def _listMessages(cursor, address):
 EXPORT_PAGE = 1000
 
 
-def _exportedPage(cursor, address, maildrop, after, limit):
+def _exportedPage(cursor, address, position, limit):
     """
-    A page of a maildrop's listing for an export: at most C{limit}
-    messages after uid C{after}, below the maildrop's next uid when the
-    export began (what is delivered meanwhile is not the export's).
-
-    @param maildrop: C{None} for the first page, which looks the user up
-        (C{NoSuchUser} if there is none); then the C{(user id, next
-        uid)} that page returned: later pages are the same user's
-        whatever has the address since.
-    @return: C{(maildrop, rows)}, each row C{(uid, size, uidl, arrived,
-        body owner, body id, header size)}.
+    A page of a maildrop's listing for an export (L{_maildropPage}):
+    C{(size, uidl, arrived, body owner, body id, header size)} each.
     """
-    if maildrop is None:
-        maildrop = _listedMaildrop(cursor, address)
-    userId, below = maildrop
-    cursor.execute(
-        "SELECT uid, size, uidl, arrived_at, body_owner, body_id, header_size FROM maildrop "
-        f"WHERE user_id = ? AND uid > ? AND uid < ? ORDER BY uid LIMIT {int(limit)}",
-        (userId, after, below),
+    return _maildropPage(
+        cursor, "size, uidl, arrived_at, body_owner, body_id, header_size", address, position, limit
     )
-    return maildrop, cursor.fetchall()
 
 
 class _Separately(Exception):
@@ -1088,13 +1081,23 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def listMessages(self, address, page=None):
         if page is None:
             return self.database.runInteraction(_listMessages, address)
-        d = paging.pagedListing(self.database, _messagePage, (address,), page)
-        return d.addCallback(paging.numbered, MessageInfo)
+        return paging.pagedListing(self.database, _messagePage, (address,), page, paging.numbered(MessageInfo))
 
     def exportMessages(self, address, page=None):
         page = EXPORT_PAGE if page is None else page
-        d = self.database.runInteraction(_exportedPage, address, None, 0, page)
-        return d.addCallback(lambda first: _ExportListing(self, address, page, *first))
+        return paging.pagedListing(self.database, _exportedPage, (address,), page, self._exported)
+
+    def _exported(self, rows, before):
+        """
+        An export's messages of a page of its listing, numbered after the
+        C{before} of the pages before (a message removed before its page
+        was read is not listed, and its followers are numbered without
+        it), their first chunks read ahead together.
+        """
+        ahead = _ExportReadAhead(self.database, [(owner, bodyId, size) for size, _, _, owner, bodyId, _ in rows])
+        for index, (size, uidl, arrived, owner, bodyId, headerSize) in enumerate(rows):
+            body = _ExportedBody(ahead, index, self.reads, owner, bodyId, size, headerSize, b"")
+            yield ExportedMessage(before + index + 1, size, uidl, arrived, body)
 
     def deliver(self, addresses, source, partial=True):
         d = self.database.runWrite(
@@ -1477,50 +1480,6 @@ class SQLMessageBody:
             return chunk
 
         return d.addCallback(got)
-
-
-class _ExportListing:
-    """
-    A maildrop's messages for an export, in POP3 order, listed a page
-    (L{EXPORT_PAGE} messages) at a time as they are iterated, so that an
-    export holds a page of the listing, not all of it.  Iterated again,
-    it lists again.  Its pages after the first are read as the iteration
-    reaches them, from a synchronous store (the admin command's): a
-    message removed before its page is read is not listed, and its
-    followers are numbered without it.
-    """
-
-    def __init__(self, store, address, page, maildrop, first):
-        self._store = store
-        self._address = address
-        self._page = page
-        self._maildrop = maildrop
-        self._first = first
-
-    def __iter__(self):
-        rows = self._first
-        number = 0
-        while rows:
-            ahead = _ExportReadAhead(
-                self._store.database, [(owner, bodyId, size) for _, size, _, _, owner, bodyId, _ in rows]
-            )
-            for index, (_, size, uidl, arrived, owner, bodyId, headerSize) in enumerate(rows):
-                number += 1
-                yield ExportedMessage(
-                    number, size, uidl, arrived,
-                    _ExportedBody(ahead, index, self._store.reads, owner, bodyId, size, headerSize, b""),
-                )
-            if len(rows) < self._page:
-                return
-            fired = []
-            self._store.database.runInteraction(
-                _exportedPage, self._address, self._maildrop, rows[-1][0], self._page
-            ).addBoth(fired.append)
-            if not fired:
-                raise RuntimeError("an export's listing is read from a synchronous store")
-            if isinstance(fired[0], Failure):
-                fired[0].raiseException()
-            _, rows = fired[0]
 
 
 class _ExportReadAhead:
