@@ -422,11 +422,14 @@ class IMailStore(Interface):
         All users: a L{Deferred} list of
         L{mailgate.records.UserSummary}, ordered by address.
 
-        @param page: with a number of rows, on a synchronous store (the
-            admin command's), a L{Deferred} iterable instead that reads
-            that many users at a time as it is iterated
-            (L{mailgate.store.paging}), in code point order of the
-            addresses whatever the database's collation.
+        @param page: with a number of rows, a L{Deferred} iterable
+            instead that reads that many users at a time as it is
+            iterated (L{mailgate.store.paging.PagedListing}), in code
+            point order of the addresses whatever the database's
+            collation: with C{async for} on any store (each later page
+            awaited), with C{for} on a synchronous store only (the admin
+            command's; a threaded store's, a service's, raises
+            L{RuntimeError} past the first page).
         """
 
     def listMessages(address, page=None):
@@ -434,11 +437,14 @@ class IMailStore(Interface):
         A user's maildrop as the administrator sees it: a L{Deferred} list of
         L{mailgate.records.MessageInfo} in POP3 order; with C{page}, an
         iterable of them read C{page} at a time as it is iterated, the
-        messages delivered after the call not in it.  Its pages after the
-        first are read while it is iterated, so from a synchronous store
-        only (L{mailgate.store.openSynchronousStore}, the admin command's);
-        iterated past its first page, a threaded store's (C{openStore}'s, a
-        service's) raises L{RuntimeError}.
+        messages delivered after the call not in it (iterated again, read
+        again).  Its pages after the first are read while it is iterated:
+        with C{async for} on any store, the threaded one of C{openStore}
+        (a service's) too, each page awaited; with C{for} on a synchronous
+        store only (L{mailgate.store.openSynchronousStore}, the admin
+        command's): a threaded store's raises L{RuntimeError} past the
+        first page.  A later page's failure is raised where it is iterated
+        (L{mailgate.errors.NoSuchUser} once the user is gone).
         """
 
     def deliver(addresses, source, partial=True):
@@ -582,8 +588,8 @@ class ILifecycleStore(Interface):
         """
         A user's kept deleted messages: a L{Deferred} list of
         L{mailgate.records.DeletedMessage}; with C{page}, an iterable of
-        them read C{page} at a time as it is iterated (past its first page,
-        from a synchronous store only, as L{IMailStore.listMessages}).
+        them read C{page} at a time as it is iterated (C{async for} on any
+        store, C{for} on a synchronous one, as L{IMailStore.listMessages}).
         """
 
     def exportMessages(address, page=None):
@@ -596,11 +602,11 @@ class ILifecycleStore(Interface):
         read with L{mailgate.errors.TemporaryFailure}), listed C{page}
         messages at a time as it is iterated (the messages delivered
         after the call are not in it; C{page} is
-        L{mailgate.store.sql.EXPORT_PAGE} when not given).  Past its first
-        page, from a synchronous store only, as
-        L{IMailStore.listMessages}: a threaded store's listing of more
-        messages raises L{RuntimeError} there.  Fails with
-        L{mailgate.errors.NoSuchUser}.
+        L{mailgate.store.sql.EXPORT_PAGE} when not given): C{async for} on
+        any store, C{for} on a synchronous one, as
+        L{IMailStore.listMessages} (a threaded store's listing of more
+        messages iterated with C{for} raises L{RuntimeError} past its
+        first page).  Fails with L{mailgate.errors.NoSuchUser}.
         """
 
     def restoreDeleted(address, uidls=None, since=None, asNew=False, progress=None):
