@@ -195,6 +195,31 @@ class CredentialsChanged(MailgateError):
     """
 
 
+class UserDisabled(MailgateError):
+    """
+    The user's password was right, but an administrator has disabled the
+    user (C{mailgate user disable}, Dovecot's C{nologin}): no POP3 login,
+    by any mechanism, until C{mailgate user enable}.  Mail is still
+    delivered.  Raised only once the credentials are verified, so a wrong
+    password for a disabled user fails as any wrong password does.
+
+    @ivar reason: the administrator's reason, told to the client, or
+        C{None} for none.
+    """
+
+    #: The most characters of a reason (C{mailgate user disable --reason}),
+    #: kept and told to the client.
+    REASON_MAX = 200
+
+    def __init__(self, userId, reason=None):
+        super().__init__(userId, reason)
+        self.userId = userId
+        self.reason = reason or None
+
+    def __str__(self):
+        return self.reason or "the account is disabled"
+
+
 class QuotaExceeded(MailgateError):
     """
     The message would take a recipient's maildrop over its quota (RFC 3463

@@ -377,7 +377,9 @@ class IMailStore(Interface):
         @param users: C{(address, credentials, quota)} each: the
             L{mailgate.auth.passwords.StoredCredentials}, and a dict that
             may hold their own C{octets} and C{messages} limits (as
-            L{ILifecycleStore.setQuota} takes them).
+            L{ILifecycleStore.setQuota} takes them) and, for a user added
+            disabled (L{ILifecycleStore.disableUser}; a passwd-file's
+            C{nologin}), C{disabled}: the reason, C{""} for none.
         @return: a L{Deferred} list, in order, C{True} for each user
             added, C{False} for each whose address is taken (nothing
             changed for them), once durably committed.
@@ -480,7 +482,10 @@ class IMailStore(Interface):
             checker authenticated.  Its password hash must still be the
             user's (a checker may answer from a cache of verified
             passwords); otherwise this fails with
-            L{mailgate.errors.CredentialsChanged}.
+            L{mailgate.errors.CredentialsChanged}.  A user disabled
+            (L{ILifecycleStore.disableUser}) fails it with
+            L{mailgate.errors.UserDisabled}, read in the same trip to the
+            database.
         @return: a L{Deferred} L{IMaildrop}; fails with L{MaildropInUse} if
             another session holds it.
         """
@@ -698,6 +703,28 @@ class ILifecycleStore(Interface):
             many left) of each other source some of whose ids this one
             lists)}; fails with L{mailgate.errors.NoSuchUser} or
             L{MaildropInUse}.
+        """
+
+    def disableUser(address, reason=None):
+        """
+        Disable a user (Dovecot's C{nologin}): from now on every POP3
+        login of theirs, on every node and by every mechanism, fails with
+        L{mailgate.errors.UserDisabled} once the credentials are verified
+        (L{IMailStore.openMaildrop}), telling C{reason}; mail is still
+        delivered.  A session in progress is not ended here
+        (L{kickSessions} does).  Disabled already: the reason replaced.
+
+        @return: a L{Deferred} of whether the user was disabled already;
+            fails with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def enableUser(address):
+        """
+        Let a user disabled by L{disableUser} log in again, with the
+        password they had.
+
+        @return: a L{Deferred} of whether the user was disabled; fails
+            with L{mailgate.errors.NoSuchUser}.
         """
 
     def renameUser(old, new):

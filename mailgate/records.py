@@ -56,6 +56,11 @@ class UserSummary:
     #: the start of the user's last POP3 session, seconds since the epoch,
     #: or C{None} (none yet)
     lastLogin = attr.ib(default=None)
+    #: when an administrator disabled the user (C{mailgate user disable}),
+    #: seconds since the epoch, or C{None}: the user may log in
+    disabledAt = attr.ib(default=None)
+    #: the reason given then, or C{None}
+    disabledReason = attr.ib(default=None)
 
 
 class AlreadyDelivered(str):

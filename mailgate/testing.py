@@ -340,6 +340,12 @@ class FaultInjectingStore:
     def listNodes(self):
         return self._call("listNodes")
 
+    def disableUser(self, address, reason=None):
+        return self._call("disableUser", address, reason)
+
+    def enableUser(self, address):
+        return self._call("enableUser", address)
+
     def kickSessions(self, address):
         return self._call("kickSessions", address)
 

@@ -146,7 +146,8 @@ def test_theReadmesGrantsRunANodeAndTheOwnerAloneUpgrades(roles):
     # role may not apply it.
     roles.asOwner(
         "DELETE FROM mailgate_schema WHERE version >= 12; DROP TABLE recent_deliveries; "
-        "DROP INDEX users_by_address_code_points; ALTER TABLE imported_ids DROP COLUMN source"
+        "DROP INDEX users_by_address_code_points; ALTER TABLE imported_ids DROP COLUMN source; "
+        "ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason"
     )
     stale = ServerProcess(roles.nodeURL)
     stale.spawn()

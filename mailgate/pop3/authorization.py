@@ -26,7 +26,7 @@ from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
 from mailgate.auth.oauth import IBearerTokenCredentials, OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
-from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure
+from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure, UserDisabled
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
 from mailgate.pop3.deletions import DeletionMarks
@@ -50,6 +50,21 @@ PLAINTEXT_REFUSED = (
     "[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
 )
 INVALID_LOGIN = "[AUTH] invalid user name or password"
+
+
+def disabledReply(reason):
+    """
+    The text of the C{-ERR} a disabled user gets for the right password
+    (C{mailgate user disable}): as Dovecot answers a C{nologin} account,
+    C{[AUTH]} (RFC 3206: the credentials are not accepted, and trying
+    again will not help until the administrator does something) and the
+    administrator's reason, printable and at most
+    L{UserDisabled.REASON_MAX} characters; without one, Dovecot's words.
+    """
+    if not reason:
+        return "[AUTH] Login disabled for this user"
+    return "[AUTH] " + printable(" ".join(reason.split())[: UserDisabled.REASON_MAX])
+
 
 #: The error challenge a failed bearer-token login gets before its -ERR
 #: (RFC 7628 section 3.2.2; Google's XOAUTH2 does the same), by mechanism.
@@ -488,7 +503,7 @@ class AuthorizationCommands:
     def _authFailed(self, login, mechanism, reason, text, result=None):
         """
         Count and log a refused login: the one C{auth.failed} event, whose
-        C{reason} (C{failed}, C{banned}, C{in_use} or C{login_delay}) is
+        C{reason} (C{failed}, C{banned}, C{in_use}, C{disabled} or C{login_delay}) is
         also the metric's result unless C{result} says otherwise.
         """
         self._loginMetric(mechanism, result or reason)
@@ -619,9 +634,9 @@ class AuthorizationCommands:
             # was checked, so nothing is counted or answered.
             return None
         policy = self.factory.policy
-        if failure.check(UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed) and policy.isBanned(
-            self.peer
-        ):
+        if failure.check(
+            UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed, UserDisabled
+        ) and policy.isBanned(self.peer):
             return self._bannedWhileChecked(login, mechanism)
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._authFailures += 1
@@ -646,6 +661,19 @@ class AuthorizationCommands:
                 f"maildrop in use by another POP3 session",
             )
             self._err("[IN-USE] maildrop is locked by another POP3 session")
+        elif failure.check(UserDisabled):
+            # The credentials were right, and the user is disabled: told
+            # so, and why (nothing a guesser learns: only the right
+            # password gets here).  Not a failure towards the address's
+            # penalty or ban, which the user's own client would earn
+            # polling; nor a success that would forgive the address the
+            # failures it made guessing other users.
+            self._settleHeldFailure(login)
+            self._authFailed(
+                login, mechanism, "disabled",
+                f"pop3 login refused user={_logName(login)!r} peer={self.peerText}: the user is disabled",
+            )
+            self._err(disabledReply(failure.value.reason))
         elif failure.check(LoginDelayed):
             self._settleHeldFailure(login)
             policy.authenticationSucceeded(self.peer, login)

@@ -86,6 +86,34 @@ def _renameUser(cursor, engine, old, new, aliveSince, lockedId=None):
         raise
 
 
+def _setDisabled(cursor, userId, disabledAt, reason=None):
+    """
+    Disable the user C{userId} since C{disabledAt} (with C{reason}), or,
+    with C{disabledAt} C{None}, enable them.
+    """
+    cursor.execute(
+        "UPDATE users SET disabled_at = ?, disabled_reason = ? WHERE user_id = ?",
+        (disabledAt, None if disabledAt is None else reason, userId),
+    )
+
+
+def _disableUser(cursor, address, now, reason):
+    """
+    Disable the user C{address} (C{now}, or since when they were disabled
+    already, the reason replaced), or with C{now} C{None}, enable them.
+
+    @return: whether the user was disabled before.
+    @raise NoSuchUser: if there is no such user.
+    """
+    cursor.execute("SELECT user_id, disabled_at FROM users WHERE address = ?", (address,))
+    row = cursor.fetchone()
+    if row is None:
+        raise NoSuchUser(address)
+    userId, since = row
+    _setDisabled(cursor, userId, None if now is None else (now if since is None else since), reason)
+    return since is not None
+
+
 #: Messages (and kept deleted messages) an administrator's expunge removes
 #: in one transaction.  Each transaction holds SQLite's one write lock:
 #: 100,000 messages removed in one held it some 6 s (10 s beside a
@@ -535,6 +563,30 @@ class LifecycleStore:
         finally:
             yield self.locks.release(user.userId)
         return result
+
+    def disableUser(self, address, reason=None):
+        """
+        Disable a user: their POP3 logins are refused from now on, on
+        every node, at the next login (a password a node remembered too:
+        the snapshot every login reads says so, L{mailgate.store.snapshot}),
+        with C{reason} told to a client whose password was right.  A
+        session in progress goes on: C{mailgate user disable} ends it
+        (L{kickSessions}).  Mail is still delivered.  A user disabled
+        already keeps the time they were disabled, with the new reason.
+
+        @return: a L{Deferred} of whether the user was disabled already;
+            fails with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_disableUser, address, int(self._now()), reason or None)
+
+    def enableUser(self, address):
+        """
+        Let a disabled user log in again, with the password they had.
+
+        @return: a L{Deferred} of whether the user was disabled; fails
+            with L{NoSuchUser}.
+        """
+        return self.database.runWrite(_disableUser, address, None, None)
 
     def renameUser(self, old, new):
         """

@@ -408,6 +408,20 @@ MIGRATIONS = [
             "ALTER TABLE imported_ids ADD COLUMN source TEXT",
         ],
     ),
+    Migration(
+        15,
+        "users disabled by an administrator (Dovecot's nologin)",
+        [
+            # mailgate user disable: when (NULL for a user who may log
+            # in) and why, the reason a login with the right password is
+            # told.  Read with the snapshot every login reads already
+            # (mailgate.store.snapshot): no statement of its own, and
+            # every node sees it at the next login.  Mail is still
+            # delivered, as Dovecot's nologin has it.
+            "ALTER TABLE users ADD COLUMN disabled_at {bigint}",
+            "ALTER TABLE users ADD COLUMN disabled_reason TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

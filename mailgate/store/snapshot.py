@@ -20,7 +20,7 @@ PostgreSQL's prepared statements and SQLite take that form.
 import sys
 from array import array
 
-from mailgate.errors import CredentialsChanged
+from mailgate.errors import CredentialsChanged, UserDisabled
 
 #: The most messages whose unique ids come with the snapshot: a client
 #: that asks for UIDL (nearly every one that leaves mail on the server)
@@ -34,6 +34,7 @@ SNAPSHOT = (
     ", address, "
     "(SELECT {uidl_list} FROM (SELECT uid, uidl FROM maildrop WHERE user_id = $1 ORDER BY uid "
     f"LIMIT {SNAPSHOT_UNIQUE_IDS}) AS u) "
+    ", CASE WHEN disabled_at IS NULL THEN NULL ELSE coalesce(disabled_reason, '') END "
     "FROM users WHERE user_id = $1"
 )
 
@@ -54,7 +55,8 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
         with the stored password hash, the packed pairs (C{bytes}, or
         hexadecimal text), the user's address and the unique ids
         separated by spaces (the first L{SNAPSHOT_UNIQUE_IDS}),
-        each as C{str} or as UTF-8 C{bytes}.
+        each as C{str} or as UTF-8 C{bytes}, and whether the user is
+        disabled (C{None} if not, else the reason, C{""} for none).
     @param passwordHash: the hash the login was verified against, or
         C{None} to skip the checks.
     @param address: the address the login was made under, or C{None} not
@@ -64,15 +66,22 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
         maildrop has more than L{SNAPSHOT_UNIQUE_IDS} messages.
     @raise CredentialsChanged: the user is gone, their hash is no longer
         C{passwordHash}, or their address no longer C{address}.
+    @raise UserDisabled: the user is disabled (C{mailgate user disable}),
+        checked at every login in this same statement, so that it holds
+        at once on every node, for a password a node remembered too.
     """
     if not rows:
         raise CredentialsChanged(userId)
-    storedHash, packed, storedAddress, listed = rows[0]
+    storedHash, packed, storedAddress, listed, disabled = rows[0]
     if passwordHash is not None:
         if _text(storedHash) != passwordHash:
             raise CredentialsChanged(userId)
         if address is not None and _text(storedAddress) != address:
             raise CredentialsChanged(userId)
+    if disabled is not None:
+        # After the password's check: a password no longer the user's is
+        # checked again (and fails as a wrong one), not told the reason.
+        raise UserDisabled(userId, _text(disabled))
     pairs = array("q")
     if packed:
         if isinstance(packed, str):

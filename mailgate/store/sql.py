@@ -272,7 +272,8 @@ IMPORT_BATCH = 500
 def _addUsers(cursor, users, now):
     """
     Add each of C{users}, C{(address, credentials, quota)} with C{quota} a
-    dict of the C{octets} and C{messages} limits to set (possibly empty),
+    dict of the C{octets} and C{messages} limits to set (possibly empty)
+    and, for a user added disabled, C{disabled}, the reason (C{""}: none),
     in this one transaction: a list of booleans, C{True} for each added,
     C{False} for each whose address is taken (there before, or added by
     another command meanwhile: C{ON CONFLICT DO NOTHING}, which on
@@ -306,10 +307,15 @@ def _addUsers(cursor, users, now):
             added.append(userId is not None)
             if userId is not None:
                 mailboxes.append((userId, secrets.randbits(31), 1, quota.get("octets"), quota.get("messages")))
+                if quota.get("disabled") is not None:
+                    # Added disabled (a passwd-file's nologin), in the
+                    # same transaction: never a moment it could log in.
+                    lifecycle._setDisabled(cursor, userId, now, quota["disabled"] or None)
         insertRows(
             cursor, "mailboxes", ("user_id", "uid_validity", "next_uid", "quota_octets", "quota_messages"), mailboxes
         )
     return added
+
 
 
 def _setCredentials(cursor, address, credentials):
@@ -379,7 +385,7 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
 _USER_SUMMARIES = (
     "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
     "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
-    "u.cram_md5 IS NOT NULL, b.last_login "
+    "u.cram_md5 IS NOT NULL, b.last_login, u.disabled_at, u.disabled_reason "
     "FROM users u JOIN mailboxes b ON b.user_id = u.user_id "
 )
 
@@ -389,8 +395,8 @@ def _userSummaries(cursor):
     The L{UserSummary}s of the rows a L{_USER_SUMMARIES} query selected.
     """
     return [
-        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last)
-        for a, n, s, apop, qo, qm, e, imported, cram, last in cursor.fetchall()
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last, disabledAt, reason)
+        for a, n, s, apop, qo, qm, e, imported, cram, last, disabledAt, reason in cursor.fetchall()
     ]
 
 
