@@ -26,7 +26,8 @@ def test_eachLineBecomesAnAccountOrARefusalWithItsNumber():
     assert read[2:] == [
         RefusedLine(5, "alice@example.org is on line 3 already (that line is the one kept)"),
         RefusedLine(6, "carol@example.org has no password"),
-        RefusedLine(7, "dave@example.org has nologin (Dovecot refuses their logins); not imported"),
+        # Imported disabled (mailgate user disable), without a reason.
+        PasswdAccount(7, "dave@example.org", "{PLAIN}d", {}, disabled="", refusedBy="nologin"),
         RefusedLine(8, "erin@example.org: quota rule '*:storage=10%' is not one mailgate can keep"),
         RefusedLine(9, "the user name or password hash is not UTF-8 text"),
     ]
@@ -99,3 +100,24 @@ def test_ofANameOnTwoLinesInEitherCaseTheLowerCaseOneIsKept():
         RefusedLine(6, "carol@example.org is on line 5 already (that line is the one kept)"),
         RefusedLine(7, "alice@example.org is on line 3 already (that line is the one kept)"),
     ]
+
+
+def test_nologinAndFailAccountsAreReadDisabledWithTheirReason():
+    """
+    Dovecot refuses the logins of an account with nologin (its reason=
+    the client's -ERR) or fail: read as accounts to import disabled.
+    The extra fields are split at spaces, as Dovecot splits them.
+    """
+    read = list(readPasswdFile([
+        "a:{PLAIN}a::::::nologin=y reason=Moved",
+        "b:{PLAIN}b::::::fail=y",
+        "c:{PLAIN}c::::::userdb_quota_rule=*:storage=1M nologin",
+        "d:{PLAIN}d::::::reason=unused",
+    ], domain="example.org"))
+    assert [(a.address, a.disabled, a.refusedBy) for a in read] == [
+        ("a@example.org", "Moved", "nologin"),
+        ("b@example.org", "", "fail"),
+        ("c@example.org", "", "nologin"),
+        ("d@example.org", None, None),
+    ]
+    assert read[2].quota == {"octets": 1 << 20}

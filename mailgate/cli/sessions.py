@@ -139,39 +139,53 @@ def _kickOptions(args):
 
 def _kick(store, args, out, stdin):
     address = args.address
-    wait = args.wait
     _existingUser(store, address)
     listed = _result(store.listSessions(address))
     if listed and not _inProgress(listed):
         raise CommandError(f"{address} has no POP3 session: its node has gone", 1)
+    if not endSessions(store, address, args.wait):
+        raise CommandError(f"{address} has no POP3 session in progress", 1)
+    # Ended by the kick, or by its own QUIT just before its node saw the
+    # mark (then its deletions were made): the registry does not say which.
+    out.write(
+        f"the POP3 session of {address} has ended; nothing it marked deleted was removed, "
+        "unless it sent QUIT before its node saw the kick\n"
+    )
+    audit.outcome(args, "its POP3 session has ended")
+
+
+def endSessions(store, address, wait, lookAgain=None):
+    """
+    End C{address}'s POP3 sessions on every node without applying their
+    deletions, as C{mailgate kick} does (C{mailgate user disable} too),
+    and wait for them to end.
+
+    @param wait: the seconds to wait for them to end.
+    @param lookAgain: the seconds to look for a session not found at once
+        (L{KICK_LOOK_AGAIN} if C{None}).
+    @return: whether there was a session to end (it has ended).
+    @raise CommandError: (exit 75) the nodes were asked, and the sessions
+        had not ended after C{wait} seconds.
+    """
     # A session that logged in a moment ago appears in the registry with
     # its node's next write (about a second): look again for a little
     # while before saying there is none.
-    lookUntil = time.monotonic() + KICK_LOOK_AGAIN
+    lookUntil = time.monotonic() + (KICK_LOOK_AGAIN if lookAgain is None else lookAgain)
     while not _result(store.kickSessions(address)):
         if time.monotonic() >= lookUntil:
-            raise CommandError(f"{address} has no POP3 session in progress", 1)
+            return False
         time.sleep(0.25)
     # The node serving the session looks for the mark about once a second.
     # Only the marked sessions are waited for: a client that logs in again
     # at once (they do) has a new session, which was not asked to end.
     deadline = time.monotonic() + wait
-    while True:
-        if not _inProgress(_result(store.listSessions(address, kicked=True))):
-            # Ended by the kick, or by its own QUIT just before its node saw
-            # the mark (then its deletions were made): the registry does not
-            # say which.
-            out.write(
-                f"the POP3 session of {address} has ended; nothing it marked deleted was removed, "
-                "unless it sent QUIT before its node saw the kick\n"
-            )
-            audit.outcome(args, "its POP3 session has ended")
-            return
+    while _inProgress(_result(store.listSessions(address, kicked=True))):
         if time.monotonic() >= deadline:
             raise CommandError(
                 f"asked the node to end the POP3 session of {address}; it has not ended yet", EX_TEMPFAIL
             )
         time.sleep(0.2)
+    return True
 
 
 def _addSessionCommands(commands):

@@ -44,21 +44,24 @@ from mailgate.cli.common import (
     _limit,
     _limitValue,
     _messageCount,
+    _number,
     _readAddresses,
     _readPassword,
     _result,
+    _seconds,
     _shown,
     _time,
     _warnIfFull,
 )
-from mailgate.errors import InvalidAddress, MaildropInUse, UserExists
+from mailgate.cli.sessions import endSessions
+from mailgate.errors import InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
 from mailgate.store.sql import IMPORT_BATCH
 from mailgate.plural import counted, noun
-from mailgate.printable import leftAligned
+from mailgate.printable import leftAligned, printable
 
 
 def _pastedHash(text):
@@ -335,6 +338,10 @@ def _userImport(store, args, out, stdin):
                 except UnusableHash as e:
                     raise CommandError(f"{address}: unusable password hash: {e}", EX_DATAERR) from None
                 quota = _storedQuota(address, account.quota)
+                if account.disabled is not None:
+                    # nologin or fail: imported disabled, in the
+                    # transaction that adds the user.
+                    quota["disabled"] = _importedReason(account.disabled)
             except CommandError as e:
                 if e.code == EX_TEMPFAIL:
                     raise
@@ -345,6 +352,9 @@ def _userImport(store, args, out, stdin):
                 apop = " (APOP enabled)" if credentials.apopSecret is not None else ""
                 if credentials.cramMD5 is not None:
                     apop = " (CRAM-MD5 enabled)"
+                if account.disabled is not None:
+                    reason = quota["disabled"]
+                    apop += f" (disabled, as Dovecot's {account.refusedBy} had it{f': {reason}' if reason else ''})"
                 pending.append((account, address, credentials, quota, apop))
                 if len(pending) >= IMPORT_BATCH:
                     addPending()
@@ -372,6 +382,16 @@ def _userImport(store, args, out, stdin):
     audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
     if failed:
         raise CommandError(f"{counted(failed, 'line')} of {shownFile} not imported", EX_DATAERR)
+
+
+def _importedReason(text):
+    """
+    The reason of a passwd-file's disabled account (its C{reason} extra
+    field), as kept: what L{_disabledReason} keeps of a C{--reason},
+    anything unprintable as C{?} and cut to its length rather than
+    refused (the line is imported all the same).
+    """
+    return printable(" ".join(text.split())[: UserDisabled.REASON_MAX])
 
 
 def _userPasswd(store, args, out, stdin):
@@ -420,13 +440,13 @@ def _setCredentialsOf(store, user, credentials):
     )
 
 
-def _keepTyped(*names):
+def _keepTyped(*names, then=None):
     """
     A C{readOptions} that keeps each address argument as it was typed
     (C{args.NAME_typed}) before L{_readAddresses} normalises it: see
     L{_storedAsTyped}.
     """
-    reading = _readAddresses(*names)
+    reading = _readAddresses(*names, then=then)
 
     def readOptions(args):
         for name in names:
@@ -523,20 +543,33 @@ def _userList(store, args, out, stdin):
                 "quota_messages": _limitValue(user.quotaMessages),
                 "expire_days": _limitValue(user.expireDays, "days"),
                 "last_login": None if user.lastLogin is None else _time(user.lastLogin),
+                "disabled": user.disabledAt is not None,
+                "disabled_since": None if user.disabledAt is None else _time(user.disabledAt),
+                "disabled_reason": None if user.disabledAt is None else user.disabledReason,
             }
             for user in users
         ))
     out.write(
         f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} {'EXPIRE':<6} "
-        "LAST-LOGIN\n"
+        f"{'LAST-LOGIN':<20} DISABLED\n"
     )
     for user in users:
         out.write(
             f"{leftAligned(user.address, 40)} {user.messages:>8} {user.octets:>12}  "
             f"{'on' if user.apop else 'cram' if user.cramMD5 else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
             f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days'):<6} "
-            f"{'never' if user.lastLogin is None else _time(user.lastLogin)}\n"
+            f"{'never' if user.lastLogin is None else _time(user.lastLogin):<20} {_disabledShown(user)}\n"
         )
+
+
+def _disabledShown(user):
+    """
+    C{user list}'s DISABLED: C{no}, or since when, and why.
+    """
+    if user.disabledAt is None:
+        return "no"
+    reason = f" ({printable(user.disabledReason)})" if user.disabledReason else ""
+    return f"since {_time(user.disabledAt)}{reason}"
 
 
 def _userQuotaOptions(args):
@@ -686,6 +719,67 @@ def _userRename(store, args, out, stdin):
     audit.outcome(args, f"renamed to {new}")
 
 
+def _disabledReason(text):
+    """
+    A C{--reason} as kept and told to the user's client: its white space
+    (line breaks too) one space each, at most L{UserDisabled.REASON_MAX}
+    characters, printable; C{None} for none.
+    """
+    if text is None:
+        return None
+    reason = " ".join(text.split())
+    if not reason:
+        raise CommandError("--reason is empty: give a reason, or leave --reason out", EX_USAGE)
+    if not reason.isprintable():
+        raise CommandError("--reason holds characters that cannot be shown (not UTF-8, or controls)", EX_USAGE)
+    if len(reason) > UserDisabled.REASON_MAX:
+        raise CommandError(f"--reason is longer than {UserDisabled.REASON_MAX} characters", EX_USAGE)
+    return reason
+
+
+def _userDisableOptions(args):
+    args.reason = _disabledReason(args.reason)
+    args.wait = _number(args.wait, _seconds, "--wait")
+
+
+def _userDisable(store, args, out, stdin):
+    """
+    Disable a user (Dovecot's C{nologin}): their logins refused on every
+    node from the next one, and their POP3 session in progress ended, as
+    C{mailgate kick} ends it (its deletions not applied).
+    """
+    address = _storedAsTyped(store, args, "address")
+    reason = args.reason
+    already = _forUser(address, store.disableUser(address, reason))
+    said = f" ({reason})" if reason else ""
+    if already:
+        out.write(f"{address} was disabled already; the reason is now{said or ' none'}\n")
+    else:
+        out.write(f"disabled {address}{said}: POP3 logins refused on every server; mail is still delivered\n")
+    audit.outcome(args, f"disabled{said}")
+    # Without a live node (no server running on the database), no
+    # session can appear in the registry: no need to look again.
+    lookAgain = None if _result(store.listNodes()) else 0
+    try:
+        ended = endSessions(store, address, args.wait, lookAgain)
+    except CommandError as e:
+        audit.outcome(args, f"disabled{said}; its POP3 session has not ended yet")
+        raise CommandError(f"{address} is disabled; {e}", e.code) from None
+    if ended:
+        out.write("its POP3 session has ended; nothing it marked deleted was removed\n")
+        audit.outcome(args, f"disabled{said}; its POP3 session has ended")
+
+
+def _userEnable(store, args, out, stdin):
+    address = _storedAsTyped(store, args, "address")
+    if _forUser(address, store.enableUser(address)):
+        out.write(f"enabled {address}: POP3 logins with their password work again\n")
+        audit.outcome(args, "enabled")
+    else:
+        out.write(f"{address} was not disabled; nothing changed\n")
+        audit.outcome(args, "not disabled; nothing changed")
+
+
 def _addUserCommands(commands):
     """
     C{mailgate user ...}: users, their passwords, quotas and retention.
@@ -737,7 +831,9 @@ def _addUserCommands(commands):
         "standard input), keeping their password hashes: each is replaced by mailgate's own "
         "at the user's first login.  Users already there are left as they are, so the "
         "command can be run again.  SCRAM-SHA-256 works for a user once they have logged "
-        "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).",
+        "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).  An "
+        "account with nologin (its reason= the reason) or fail, whose logins Dovecot refused, "
+        "is added disabled, as by user disable: user enable lets it in with its password.",
     )
     imports.add_argument("file", metavar="PASSWD-FILE")
     imports.add_argument("--domain", help="the domain of user names without one")
@@ -777,7 +873,8 @@ def _addUserCommands(commands):
         help="list users: their use, their own limits, their last POP3 login",
         description="List every user, by address in byte order: messages and octets in use, "
         "APOP (on, off, or cram for CRAM-MD5 alone), their own quota, message limit and "
-        "retention (default: the server's), and their last POP3 login (never for none yet).",
+        "retention (default: the server's), their last POP3 login (never for none yet), and "
+        "whether they are disabled (user disable: since when, and why).",
     )
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True, readsOnly=True)
@@ -818,6 +915,40 @@ def _addUserCommands(commands):
     rename.set_defaults(
         run=_userRename, migrate=True, readOptions=_keepTyped("old", "new"),
         audit=audit.account("user rename", lambda args: f"{args.old} {args.new}"),
+    )
+    disable = user.add_parser(
+        "disable",
+        help="refuse a user's POP3 logins (Dovecot's nologin), keeping the user and their mail",
+        description="Refuse every POP3 login of the user (USER/PASS, APOP, SASL, bearer tokens) on "
+        "every server sharing the database, from the next one, and end their POP3 session in "
+        "progress as mailgate kick does (nothing it marked deleted is removed; waits up to --wait "
+        "seconds for it to end: exit 75 if it has not).  A client with the right password is "
+        "told -ERR [AUTH] and the reason (Login disabled for this user without one); a wrong "
+        "password is refused as any wrong password.  Mail is still delivered, the password and the maildrop "
+        "kept: user enable lets the user in again.  Disabled already: the reason is replaced.",
+    )
+    disable.add_argument("address", metavar="ADDRESS")
+    disable.add_argument(
+        "--reason", metavar="TEXT",
+        help=f"what the user's client is told (printable, at most {UserDisabled.REASON_MAX} characters)",
+    )
+    disable.add_argument(
+        "--wait", default="30", metavar="SECONDS",
+        help="how long to wait for the session in progress to end (default 30)",
+    )
+    disable.set_defaults(
+        run=_userDisable, migrate=True, readOptions=_keepTyped("address", then=_userDisableOptions),
+        audit=audit.account("user disable"),
+    )
+    enable = user.add_parser(
+        "enable",
+        help="let a disabled user log in again",
+        description="Let a user disabled by user disable (or imported disabled from a Dovecot "
+        "nologin line) log in again, with the password they had.",
+    )
+    enable.add_argument("address", metavar="ADDRESS")
+    enable.set_defaults(
+        run=_userEnable, migrate=True, readOptions=_keepTyped("address"), audit=audit.account("user enable")
     )
     quota = user.add_parser(
         "quota",

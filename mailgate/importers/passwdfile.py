@@ -43,6 +43,12 @@ class PasswdAccount:
     password = attr.ib(repr=False)
     quota = attr.ib()
     unkept = attr.ib(default=())
+    #: C{None} for an account that logs in; for one Dovecot refuses
+    #: (C{nologin}, C{fail}), imported disabled, its C{reason} (C{""}
+    #: for none)
+    disabled = attr.ib(default=None)
+    #: which of those it has: C{"nologin"}, C{"fail"}, or C{None}
+    refusedBy = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)
@@ -176,19 +182,22 @@ def _account(number, line, domain, scheme, kept):
         raise _Refused(f"{address} has no password")
     if scheme is not None and not hashed.startswith("{"):
         hashed = f"{{{scheme}}}{hashed}"
-    names = {field.partition("=")[0] for field in extra.split()}
+    fields = dict(field.partition("=")[::2] for field in extra.split())
+    disabled = refusedBy = None
     for refusing in ("nologin", "fail"):
         # An account Dovecot keeps from logging in (disabled, or served
         # elsewhere: nologin; the passdb lookup failed on purpose: fail,
-        # whatever its value): imported, it would log in here.
-        if refusing in names:
-            raise _Refused(f"{address} has {refusing} (Dovecot refuses their logins); not imported")
+        # whatever its value): imported disabled, its mail moved, and it
+        # does not log in here either until mailgate user enable.
+        if refusing in fields:
+            disabled, refusedBy = fields.get("reason", ""), refusing
+            break
     try:
         quota = dovecotQuota(extra)
     except ValueError as e:
         raise _Refused(f"{address}: {e}") from None
     unkept = tuple(field for field in extra.split() if field.partition("=")[0] in _LOGIN_NETWORKS)
-    return PasswdAccount(number, address, hashed, quota, unkept)
+    return PasswdAccount(number, address, hashed, quota, unkept, disabled, refusedBy)
 
 
 #: Dovecot's extra fields that allow an account's logins from some
