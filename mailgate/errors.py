@@ -220,6 +220,23 @@ class UserDisabled(MailgateError):
         return self.reason or "the account is disabled"
 
 
+class NetworkRefused(MailgateError):
+    """
+    The user's credentials were verified, but the client's address is on
+    none of the networks the user may log in from (C{mailgate user
+    networks}, Dovecot's C{allow_nets}).  Answered as a wrong password
+    (as Dovecot answers it): the client is not told that the password was
+    right.
+    """
+
+    def __init__(self, userId):
+        super().__init__(userId)
+        self.userId = userId
+
+    def __str__(self):
+        return "the client's address is not on the user's allowed networks"
+
+
 class QuotaExceeded(MailgateError):
     """
     The message would take a recipient's maildrop over its quota (RFC 3463

@@ -237,7 +237,7 @@ class IMaildropLocks(Interface):
         session to end).
         """
 
-    def acquireAndSnapshot(userId, passwordHash, address=None):
+    def acquireAndSnapshot(userId, passwordHash, address=None, peer=None):
         """
         Lock a maildrop and, with the lock held, read the snapshot a POP3
         session works on (see L{mailgate.store.snapshot}), in as few trips
@@ -251,6 +251,10 @@ class IMaildropLocks(Interface):
         @param address: the address the login was made under, or C{None};
             with C{passwordHash}, if the user no longer has that address
             (renamed), this fails the same way.
+        @param peer: the client's address (an C{IAddress}), or C{None}:
+            if given and on none of the user's allowed networks, the lock
+            is given back and this fails with
+            L{mailgate.errors.NetworkRefused}.
         @return: a L{Deferred} of C{(uids, sizes, uniqueIds)}: the
             maildrop's message uids in order and their sizes, two
             C{array("q")}, and their unique ids (a list in the same order)
@@ -474,7 +478,7 @@ class IMailStore(Interface):
             stored twice, as with any MTA).
         """
 
-    def openMaildrop(identity):
+    def openMaildrop(identity, peer=None):
         """
         Lock a user's maildrop and take the snapshot a POP3 session works on.
 
@@ -486,6 +490,11 @@ class IMailStore(Interface):
             (L{ILifecycleStore.disableUser}) fails it with
             L{mailgate.errors.UserDisabled}, read in the same trip to the
             database.
+        @param peer: the client's address (a Twisted C{IAddress}, the
+            PROXY-told one if a trusted balancer told it), or C{None} for
+            no client to check.  On none of the user's allowed networks
+            (L{ILifecycleStore.setAllowedNetworks}), this fails with
+            L{mailgate.errors.NetworkRefused}, read in that same trip.
         @return: a L{Deferred} L{IMaildrop}; fails with L{MaildropInUse} if
             another session holds it.
         """
@@ -725,6 +734,23 @@ class ILifecycleStore(Interface):
 
         @return: a L{Deferred} of whether the user was disabled; fails
             with L{mailgate.errors.NoSuchUser}.
+        """
+
+    def setAllowedNetworks(address, networks):
+        """
+        Restrict where a user may log in from (Dovecot's C{allow_nets}):
+        from now on, on every node and by every mechanism, a POP3 login
+        from a client on none of C{networks} fails with
+        L{mailgate.errors.NetworkRefused} once the credentials are
+        verified (L{IMailStore.openMaildrop}).  A session in progress goes
+        on; mail is still delivered.
+
+        @param networks: the canonical text
+            L{mailgate.networks.parseAllowedNetworks} makes (comma-separated
+            CIDR networks and C{local}), or C{None} to lift the
+            restriction.
+        @return: a L{Deferred} of the networks the user had (C{None}:
+            anywhere); fails with L{mailgate.errors.NoSuchUser}.
         """
 
     def renameUser(old, new):

@@ -17,7 +17,8 @@ Label values used by callers:
     C{"scram-sha-256"}, and with C{--oauth2-keys} C{"oauthbearer"} and
     C{"xoauth2"})
   - login C{result}: C{"ok"}, C{"failed"}, C{"banned"}, C{"in_use"},
-    C{"disabled"}, C{"tempfail"}
+    C{"disabled"}, C{"network"} (the user's allowed networks refused the
+    client's address), C{"tempfail"}
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
   - timeout C{kind}: C{"idle"}, C{"login"}, C{"data_rate"}
   - refusal C{reason}: C{"banned"}, C{"too_many"} (C{--max-connections}
@@ -56,7 +57,7 @@ PROTOCOLS = ("pop3", "smtp", "lmtp")
 #: offer, L{mailgate.auth.sasl.SASLServer.mechanisms}, in lower case): one
 #: left out was counted as C{"other"}, as OAuth 2.0 logins were
 MECHANISMS = ("user", "apop", "plain", "login", "cram-md5", "scram-sha-256", "oauthbearer", "xoauth2")
-LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "disabled", "tempfail")
+LOGIN_RESULTS = ("ok", "failed", "banned", "in_use", "disabled", "network", "tempfail")
 #: how a message ended: stored, refused for good, refused for now, or
 #: a client's retry of a message its recipients already had (answered as
 #: delivered, not stored again)

@@ -128,3 +128,71 @@ def hostOnNetworks(host, networks):
     except ValueError:
         return False
     return any(ip in network for network in networks)
+
+
+#: The word a user's allowed networks name the clients without an IP
+#: address by (a Unix socket's: a local proxy, a webmail on the host), as
+#: Dovecot's C{allow_nets=local} does.
+LOCAL = "local"
+
+
+def parseAllowedNetworks(text):
+    """
+    A user's allowed networks (C{mailgate user networks}, Dovecot's
+    C{allow_nets}) from comma-separated CIDR networks or addresses and
+    L{LOCAL}: their canonical text, networks as L{parseNetwork} makes them
+    (C{192.0.2.7} is C{192.0.2.7/32}, C{::ffff:10.0.0.0/104} is
+    C{10.0.0.0/8}), in the order given, each once; what the store keeps.
+    C{any} (alone), or nothing, is C{None}: from anywhere.
+
+    @raise ValueError: naming the first item that is no network.
+    """
+    items = [item.strip() for item in text.split(",")]
+    items = [item for item in items if item]
+    if not items or [item.lower() for item in items] == ["any"]:
+        return None
+    kept = []
+    for item in items:
+        if item.lower() == LOCAL:
+            canonical = LOCAL
+        else:
+            try:
+                canonical = str(parseNetwork(item))
+            except ValueError:
+                raise ValueError(f"not a network or address: {item!r}") from None
+        if canonical not in kept:
+            kept.append(canonical)
+    return ",".join(kept)
+
+
+@functools.lru_cache(maxsize=1024)
+def _allowedNetworks(text):
+    """
+    The L{ipaddress} networks of stored allowed networks C{text}, and
+    whether it holds L{LOCAL}; parsed once per text, not at every login.
+    """
+    networks, local = [], False
+    for item in text.split(","):
+        if item == LOCAL:
+            local = True
+        elif item:
+            networks.append(parseNetwork(item))
+    return tuple(networks), local
+
+
+def peerAllowed(address, allowed):
+    """
+    Whether a client whose connection's peer (PROXY-told, if a trusted
+    balancer told it) is C{address} may log in as a user whose allowed
+    networks are C{allowed} (stored text, L{parseAllowedNetworks}; C{None}
+    for anywhere).  An IP client (an IPv4-mapped IPv6 one as its IPv4
+    address) must be on one of them; a client with no IP address (a Unix
+    socket) only if they hold L{LOCAL}.
+    """
+    if allowed is None:
+        return True
+    networks, local = _allowedNetworks(allowed)
+    host = getattr(address, "host", None)
+    if host is None or getattr(address, "type", "TCP") not in ("TCP", "UDP"):
+        return local
+    return hostOnNetworks(host.split("%", 1)[0], networks)

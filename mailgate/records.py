@@ -61,6 +61,9 @@ class UserSummary:
     disabledAt = attr.ib(default=None)
     #: the reason given then, or C{None}
     disabledReason = attr.ib(default=None)
+    #: the networks the user may log in from (C{mailgate user networks}),
+    #: comma-separated, or C{None}: anywhere
+    allowedNetworks = attr.ib(default=None)
 
 
 class AlreadyDelivered(str):

@@ -275,8 +275,8 @@ class FaultInjectingStore:
     def deliver(self, addresses, source, partial=True):
         return self._call("deliver", addresses, source, partial)
 
-    def openMaildrop(self, identity):
-        d = self._call("openMaildrop", identity)
+    def openMaildrop(self, identity, peer=None):
+        d = self._call("openMaildrop", identity) if peer is None else self._call("openMaildrop", identity, peer)
         return d.addCallback(_FaultInjectingMaildrop, self._faults)
 
     def recordLogin(self, identity, minimumInterval):
@@ -345,6 +345,9 @@ class FaultInjectingStore:
 
     def enableUser(self, address):
         return self._call("enableUser", address)
+
+    def setAllowedNetworks(self, address, networks):
+        return self._call("setAllowedNetworks", address, networks)
 
     def kickSessions(self, address):
         return self._call("kickSessions", address)

@@ -128,21 +128,22 @@ def test_unpackSnapshot():
     """
     packed = bytes.fromhex("0000000000000001" "000000012a05f200" "0000000000000009" "0000000000000000")
     for form in (packed, packed.hex()):
-        uids, sizes, uniqueIds = unpackSnapshot([("h", form, "a@example.org", "u1 u9", None)], 1, "h", "a@example.org")
+        row = ("h", form, "a@example.org", "u1 u9", None, None)
+        uids, sizes, uniqueIds = unpackSnapshot([row], 1, "h", "a@example.org")
         assert (list(uids), list(sizes), uniqueIds) == ([1, 9], [5000000000, 0], ["u1", "u9"])
     # Fewer unique ids than messages (the snapshot carries those of a small
     # maildrop only): the session reads them when asked.
-    assert unpackSnapshot([("h", packed, "a@example.org", b"u1", None)], 1, "h")[2] is None
-    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org", None, None)], 1, "h")] == [[], [], []]
+    assert unpackSnapshot([("h", packed, "a@example.org", b"u1", None, None)], 1, "h")[2] is None
+    assert [list(a) for a in unpackSnapshot([(b"h", None, b"a@example.org", None, None, None)], 1, "h")] == [[], [], []]
     with pytest.raises(CredentialsChanged):
         unpackSnapshot([], 1, None)
     with pytest.raises(CredentialsChanged):
-        unpackSnapshot([(b"other", None, b"a@example.org", None, None)], 1, "h")
+        unpackSnapshot([(b"other", None, b"a@example.org", None, None, None)], 1, "h")
     # The address is checked with the password hash: a renamed user's old
     # name no longer opens the maildrop.
     with pytest.raises(CredentialsChanged):
-        unpackSnapshot([(b"h", None, b"new@example.org", None, None)], 1, "h", "a@example.org")
-    renamed = [(b"h", None, b"new@example.org", None, None)]
+        unpackSnapshot([(b"h", None, b"new@example.org", None, None, None)], 1, "h", "a@example.org")
+    renamed = [(b"h", None, b"new@example.org", None, None, None)]
     assert [list(a) for a in unpackSnapshot(renamed, 1, None, "a@example.org")] == [[], [], []]
 
 

@@ -147,7 +147,7 @@ def test_theReadmesGrantsRunANodeAndTheOwnerAloneUpgrades(roles):
     roles.asOwner(
         "DELETE FROM mailgate_schema WHERE version >= 12; DROP TABLE recent_deliveries; "
         "DROP INDEX users_by_address_code_points; ALTER TABLE imported_ids DROP COLUMN source; "
-        "ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason"
+        "ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason, DROP COLUMN allowed_nets"
     )
     stale = ServerProcess(roles.nodeURL)
     stale.spawn()

@@ -1276,7 +1276,7 @@ def _releasesAnsweredByHand(store):
         maildrop.release = releaseAnsweredByHand
         return maildrop
 
-    store.openMaildrop = lambda identity: openMaildrop(identity).addCallback(answeredByHand)
+    store.openMaildrop = lambda identity, peer=None: openMaildrop(identity, peer).addCallback(answeredByHand)
     return pending
 
 
@@ -1347,7 +1347,7 @@ def test_aLoginRefusedForItsLoginDelayIsRefusedOnceTheMaildropIsReleased(store, 
     opened = []
     openMaildrop = store.openMaildrop
 
-    def openSlowlyReleased(identity):
+    def openSlowlyReleased(identity, peer=None):
         def slow(maildrop):
             release, pending = maildrop.release, defer.Deferred()
 
@@ -1359,7 +1359,7 @@ def test_aLoginRefusedForItsLoginDelayIsRefusedOnceTheMaildropIsReleased(store, 
             opened.append(pending)
             return maildrop
 
-        return openMaildrop(identity).addCallback(slow)
+        return openMaildrop(identity, peer).addCallback(slow)
 
     store.openMaildrop = openSlowlyReleased
     try:

@@ -803,6 +803,7 @@ def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(database
         conn.execute("DROP INDEX users_by_address_code_points")
         conn.execute("ALTER TABLE imported_ids DROP COLUMN source")
         conn.execute("ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason")
+        conn.execute("ALTER TABLE users DROP COLUMN allowed_nets")
         conn.execute(f"DELETE FROM {SCHEMA_TABLE} WHERE version >= 12")
     nodeURL = mailOnlyRole()
     openSynchronousStore(databaseURL).close()

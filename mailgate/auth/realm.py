@@ -38,11 +38,14 @@ class MaildropRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMaildrop not in interfaces:
             raise NotImplementedError("mailgate's realm only provides IMaildrop")
-        return self._open(avatarId)
+        # The mind is the client's address (a POP3 session's peer), which
+        # the user's allowed networks are checked against.
+        return self._open(avatarId, mind)
 
-    def _open(self, identity):
+    def _open(self, identity, peer=None):
         # Callbacks rather than a generator: this runs at every login.
-        d = self._store.openMaildrop(identity)
+        # Without a client (no mind) the store is asked as before.
+        d = self._store.openMaildrop(identity) if peer is None else self._store.openMaildrop(identity, peer)
         d.addErrback(self._credentialsChanged, identity)
         if self.loginDelay:
             d.addCallback(self._checkLoginDelay, identity, self.loginDelay)

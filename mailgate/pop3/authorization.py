@@ -26,7 +26,7 @@ from mailgate.auth.checkers import LoginAbandoned, abandonWhen
 from mailgate.auth.credentials import APOPCredentials, SecretDigest
 from mailgate.auth.oauth import IBearerTokenCredentials, OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
-from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, TemporaryFailure, UserDisabled
+from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, NetworkRefused, TemporaryFailure, UserDisabled
 from mailgate.interfaces import IMaildrop
 from mailgate.pop3.arguments import noArguments
 from mailgate.pop3.deletions import DeletionMarks
@@ -461,7 +461,9 @@ class AuthorizationCommands:
             # is not hashed: no one would read the answer.
             abandonWhen(credentials, lambda: self._closed)
         self._checking = True
-        d = self.factory.portal.login(credentials, None, IMaildrop)
+        # The mind is the client's address: the user's allowed networks
+        # are checked against it where the maildrop is opened.
+        d = self.factory.portal.login(credentials, self.peer, IMaildrop)
         # The policy recognises a password tried again (a client with an
         # old one) by a keyed digest of it: only the mechanisms that carry
         # the password itself can repeat themselves, and a bearer token's
@@ -503,7 +505,8 @@ class AuthorizationCommands:
     def _authFailed(self, login, mechanism, reason, text, result=None):
         """
         Count and log a refused login: the one C{auth.failed} event, whose
-        C{reason} (C{failed}, C{banned}, C{in_use}, C{disabled} or C{login_delay}) is
+        C{reason} (C{failed}, C{banned}, C{in_use}, C{disabled}, C{network}
+        or C{login_delay}) is
         also the metric's result unless C{result} says otherwise.
         """
         self._loginMetric(mechanism, result or reason)
@@ -635,10 +638,15 @@ class AuthorizationCommands:
             return None
         policy = self.factory.policy
         if failure.check(
-            UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed, UserDisabled
+            UnauthorizedLogin, UnhandledCredentials, MaildropInUse, LoginDelayed, UserDisabled, NetworkRefused
         ) and policy.isBanned(self.peer):
             return self._bannedWhileChecked(login, mechanism)
-        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+        if failure.check(UnauthorizedLogin, UnhandledCredentials, NetworkRefused):
+            # A client on none of the user's allowed networks (mailgate
+            # user networks, Dovecot's allow_nets) is answered, delayed and
+            # counted towards the address's penalty and ban as a wrong
+            # password, as Dovecot does: told anything else, or spared the
+            # penalty, it would learn that the password was right.
             self._authFailures += 1
             self._settleHeldFailure(failedWith=(login, password))
             if mechanism in DIGEST_MECHANISMS:
@@ -647,9 +655,10 @@ class AuthorizationCommands:
                 policy.authenticationFailed(self.peer, login, password)
             # A checker may say why (a bearer token's: expired, another
             # issuer, ...), for the log alone; a password's says nothing.
-            why = str(failure.value) if failure.check(UnauthorizedLogin) else ""
+            why = str(failure.value) if failure.check(UnauthorizedLogin, NetworkRefused) else ""
             text = f"pop3 authentication failed user={_logName(login)!r} peer={self.peerText}"
-            self._authFailed(login, mechanism, "failed", f"{text}: {why}" if why else text)
+            reason = "network" if failure.check(NetworkRefused) else "failed"
+            self._authFailed(login, mechanism, reason, f"{text}: {why}" if why else text)
             return self._waitPenalty(self._failureDelayLeft(), self._refuseLogin, BEARER_FAILURES.get(mechanism))
         if failure.check(MaildropInUse):
             # The credentials were right; the maildrop is busy.

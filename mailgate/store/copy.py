@@ -81,7 +81,7 @@ _TABLES = [
         ("user_id",),
         (
             "user_id", "address", "domain", "password_hash", "scram_sha256", "apop_secret", "cram_md5",
-            "created_at", "disabled_at", "disabled_reason",
+            "created_at", "disabled_at", "disabled_reason", "allowed_nets",
         ),
     ),
     (

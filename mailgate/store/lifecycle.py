@@ -114,6 +114,23 @@ def _disableUser(cursor, address, now, reason):
     return since is not None
 
 
+def _setAllowedNetworks(cursor, address, networks):
+    """
+    Set the networks the user C{address} may log in from (C{None}:
+    anywhere).
+
+    @return: the networks they had.
+    @raise NoSuchUser: if there is no such user.
+    """
+    cursor.execute("SELECT user_id, allowed_nets FROM users WHERE address = ?", (address,))
+    row = cursor.fetchone()
+    if row is None:
+        raise NoSuchUser(address)
+    userId, previous = row
+    cursor.execute("UPDATE users SET allowed_nets = ? WHERE user_id = ?", (networks, userId))
+    return previous
+
+
 #: Messages (and kept deleted messages) an administrator's expunge removes
 #: in one transaction.  Each transaction holds SQLite's one write lock:
 #: 100,000 messages removed in one held it some 6 s (10 s beside a
@@ -587,6 +604,21 @@ class LifecycleStore:
             with L{NoSuchUser}.
         """
         return self.database.runWrite(_disableUser, address, None, None)
+
+    def setAllowedNetworks(self, address, networks):
+        """
+        Restrict the networks a user may log in from (C{None}: anywhere):
+        from now on, at the next login on every node (a password a node
+        remembered too: the snapshot every login reads says so), a client
+        elsewhere is refused as a wrong password.  A session in progress
+        goes on.  Mail is still delivered.
+
+        @param networks: their canonical text
+            (L{mailgate.networks.parseAllowedNetworks}), or C{None}.
+        @return: a L{Deferred} of the networks the user had; fails with
+            L{NoSuchUser}.
+        """
+        return self.database.runWrite(_setAllowedNetworks, address, networks)
 
     def renameUser(self, old, new):
         """

@@ -1224,7 +1224,7 @@ class AdvisoryLocks:
 
         return d.addCallbacks(done, failed)
 
-    def acquireAndSnapshot(self, userId, passwordHash, address=None, again=True):
+    def acquireAndSnapshot(self, userId, passwordHash, address=None, peer=None, again=True):
         """
         Take the lock and, with it held, read the maildrop's snapshot on
         the same connection: a POP3 login costs two short trips.  See
@@ -1246,7 +1246,7 @@ class AdvisoryLocks:
 
         def snapshot(_):
             read = self._run(userId, _SNAPSHOT, [str(userId).encode("ascii")], "readSnapshot")
-            return read.addCallback(unpackSnapshot, userId, passwordHash, address).addErrback(giveBack)
+            return read.addCallback(unpackSnapshot, userId, passwordHash, address, peer).addErrback(giveBack)
 
         def giveBack(failure):
             self.release(userId)
@@ -1267,7 +1267,7 @@ class AdvisoryLocks:
                 reason=failure.value,
                 event="lock.retried",
             )
-            return self.acquireAndSnapshot(userId, passwordHash, address, again=False)
+            return self.acquireAndSnapshot(userId, passwordHash, address, peer, again=False)
 
         return d.addCallback(snapshot).addErrback(lostConnection)
 

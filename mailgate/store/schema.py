@@ -422,6 +422,17 @@ MIGRATIONS = [
             "ALTER TABLE users ADD COLUMN disabled_reason TEXT",
         ],
     ),
+    Migration(
+        16,
+        "the networks a user may log in from (Dovecot's allow_nets)",
+        [
+            # mailgate user networks: comma-separated CIDR networks and
+            # "local" (mailgate.networks.parseAllowedNetworks), NULL for
+            # anywhere.  Read with the snapshot every login reads, as
+            # disabled_at is: every node sees it at the next login.
+            "ALTER TABLE users ADD COLUMN allowed_nets TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -20,7 +20,8 @@ PostgreSQL's prepared statements and SQLite take that form.
 import sys
 from array import array
 
-from mailgate.errors import CredentialsChanged, UserDisabled
+from mailgate.errors import CredentialsChanged, NetworkRefused, UserDisabled
+from mailgate.networks import peerAllowed
 
 #: The most messages whose unique ids come with the snapshot: a client
 #: that asks for UIDL (nearly every one that leaves mail on the server)
@@ -35,6 +36,7 @@ SNAPSHOT = (
     "(SELECT {uidl_list} FROM (SELECT uid, uidl FROM maildrop WHERE user_id = $1 ORDER BY uid "
     f"LIMIT {SNAPSHOT_UNIQUE_IDS}) AS u) "
     ", CASE WHEN disabled_at IS NULL THEN NULL ELSE coalesce(disabled_reason, '') END "
+    ", allowed_nets "
     "FROM users WHERE user_id = $1"
 )
 
@@ -47,7 +49,7 @@ def snapshotQuery(engine):
     return SNAPSHOT.format(**engine.types)
 
 
-def unpackSnapshot(rows, userId, passwordHash, address=None):
+def unpackSnapshot(rows, userId, passwordHash, address=None, peer=None):
     """
     The uids and sizes from the snapshot statement's answer.
 
@@ -56,11 +58,16 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
         hexadecimal text), the user's address and the unique ids
         separated by spaces (the first L{SNAPSHOT_UNIQUE_IDS}),
         each as C{str} or as UTF-8 C{bytes}, and whether the user is
-        disabled (C{None} if not, else the reason, C{""} for none).
+        disabled (C{None} if not, else the reason, C{""} for none), and
+        the networks the user may log in from (C{None}: anywhere).
     @param passwordHash: the hash the login was verified against, or
         C{None} to skip the checks.
     @param address: the address the login was made under, or C{None} not
         to check it (checked only with C{passwordHash}).
+    @param peer: the client's address (a Twisted C{IAddress}, PROXY-told
+        if a trusted balancer told it), checked against the user's allowed
+        networks; C{None} not to check them (no client: an
+        administrator's command, an embedder).
     @return: C{(uids, sizes, uniqueIds)}: two C{array("q")}, and a list
         of the messages' unique ids in the same order, or C{None} if the
         maildrop has more than L{SNAPSHOT_UNIQUE_IDS} messages.
@@ -69,15 +76,22 @@ def unpackSnapshot(rows, userId, passwordHash, address=None):
     @raise UserDisabled: the user is disabled (C{mailgate user disable}),
         checked at every login in this same statement, so that it holds
         at once on every node, for a password a node remembered too.
+    @raise NetworkRefused: C{peer} is on none of the user's allowed
+        networks (C{mailgate user networks}), checked the same way.
     """
     if not rows:
         raise CredentialsChanged(userId)
-    storedHash, packed, storedAddress, listed, disabled = rows[0]
+    storedHash, packed, storedAddress, listed, disabled, allowed = rows[0]
     if passwordHash is not None:
         if _text(storedHash) != passwordHash:
             raise CredentialsChanged(userId)
         if address is not None and _text(storedAddress) != address:
             raise CredentialsChanged(userId)
+    if allowed is not None and peer is not None and not peerAllowed(peer, _text(allowed)):
+        # After the password's check too, and before the disabled state:
+        # a client on no allowed network learns nothing (not even the
+        # administrator's reason), as a wrong password.
+        raise NetworkRefused(userId)
     if disabled is not None:
         # After the password's check: a password no longer the user's is
         # checked again (and fails as a wrong one), not told the reason.
@@ -102,7 +116,7 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def readSnapshot(cursor, query, userId, passwordHash, address=None):
+def readSnapshot(cursor, query, userId, passwordHash, address=None, peer=None):
     """
     Run the snapshot statement on a DB-API cursor that takes C{$1} as a
     named parameter (SQLite's): an interaction for
@@ -112,4 +126,4 @@ def readSnapshot(cursor, query, userId, passwordHash, address=None):
     @param query: L{snapshotQuery} of the cursor's engine.
     """
     cursor.execute(query, {"1": userId})
-    return unpackSnapshot(cursor.fetchall(), userId, passwordHash, address)
+    return unpackSnapshot(cursor.fetchall(), userId, passwordHash, address, peer)

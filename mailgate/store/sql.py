@@ -274,6 +274,7 @@ def _addUsers(cursor, users, now):
     Add each of C{users}, C{(address, credentials, quota)} with C{quota} a
     dict of the C{octets} and C{messages} limits to set (possibly empty)
     and, for a user added disabled, C{disabled}, the reason (C{""}: none),
+    and for one restricted to some networks, C{networks} (their text),
     in this one transaction: a list of booleans, C{True} for each added,
     C{False} for each whose address is taken (there before, or added by
     another command meanwhile: C{ON CONFLICT DO NOTHING}, which on
@@ -311,6 +312,10 @@ def _addUsers(cursor, users, now):
                     # Added disabled (a passwd-file's nologin), in the
                     # same transaction: never a moment it could log in.
                     lifecycle._setDisabled(cursor, userId, now, quota["disabled"] or None)
+                if quota.get("networks") is not None:
+                    # Added with the networks it may log in from (a
+                    # passwd-file's allow_nets), in the same transaction.
+                    cursor.execute("UPDATE users SET allowed_nets = ? WHERE user_id = ?", (quota["networks"], userId))
         insertRows(
             cursor, "mailboxes", ("user_id", "uid_validity", "next_uid", "quota_octets", "quota_messages"), mailboxes
         )
@@ -385,7 +390,7 @@ def _deleteUser(cursor, address, userIds=None, aliveSince=None, lockedId=None):
 _USER_SUMMARIES = (
     "SELECT u.address, b.used_messages, b.used_octets, u.apop_secret IS NOT NULL, "
     "b.quota_octets, b.quota_messages, b.expire_days, substr(u.password_hash, 1, 1) = '{', "
-    "u.cram_md5 IS NOT NULL, b.last_login, u.disabled_at, u.disabled_reason "
+    "u.cram_md5 IS NOT NULL, b.last_login, u.disabled_at, u.disabled_reason, u.allowed_nets "
     "FROM users u JOIN mailboxes b ON b.user_id = u.user_id "
 )
 
@@ -395,8 +400,8 @@ def _userSummaries(cursor):
     The L{UserSummary}s of the rows a L{_USER_SUMMARIES} query selected.
     """
     return [
-        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last, disabledAt, reason)
-        for a, n, s, apop, qo, qm, e, imported, cram, last, disabledAt, reason in cursor.fetchall()
+        UserSummary(a, n, s, bool(apop), qo, qm, e, bool(imported), bool(cram), last, disabledAt, reason, nets)
+        for a, n, s, apop, qo, qm, e, imported, cram, last, disabledAt, reason, nets in cursor.fetchall()
     ]
 
 
@@ -1150,12 +1155,12 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
         return self.database.runWrite(_recordLogin, userId, now, minimumInterval).addCallback(recorded)
 
-    def openMaildrop(self, identity):
+    def openMaildrop(self, identity, peer=None):
         userId = identity.userId
         # The password hash the login was verified against: the snapshot
         # confirms it is still the user's (see PasswordChecker).
         passwordHash = identity.passwordHash
-        d = self.locks.acquireAndSnapshot(userId, passwordHash, identity.address)
+        d = self.locks.acquireAndSnapshot(userId, passwordHash, identity.address, peer)
         return d.addCallback(self._maildropOpened, identity)
 
     def _maildropOpened(self, result, identity):

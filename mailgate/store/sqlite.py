@@ -1214,13 +1214,13 @@ class InProcessLocks:
         self._held.add(userId)
         return True
 
-    def acquireAndSnapshot(self, userId, passwordHash, address=None):
+    def acquireAndSnapshot(self, userId, passwordHash, address=None, peer=None):
         # The lock is taken (or refused) at once: the snapshot's read
         # follows it directly, not through a callback on a Deferred that
         # has fired already (this runs at every login).
         if not self._take(userId):
             return defer.fail(MaildropInUse(userId))
-        read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address)
+        read = self._database.runInteraction(readSnapshot, self._snapshot, userId, passwordHash, address, peer)
         return read.addErrback(self._givenBack, userId)
 
     def _givenBack(self, failure, userId):
