@@ -629,12 +629,12 @@ def test_userList(cli):
     assert result.code == 0
     lines = result.out.splitlines()
     assert lines[0].split() == [
-        "ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE", "LAST-LOGIN", "DISABLED"
+        "ADDRESS", "MESSAGES", "OCTETS", "APOP", "QUOTA", "MAX-MSGS", "EXPIRE", "LAST-LOGIN", "NETWORKS", "DISABLED"
     ]
     size = len(message.replace(b"\n", b"\r\n"))
     assert [line.split() for line in lines[1:]] == [
-        [ALICE, "2", str(2 * size), "on", "default", "default", "default", "never", "no"],
-        [BOB, "0", "0", "off", "default", "default", "default", "never", "no"],
+        [ALICE, "2", str(2 * size), "on", "default", "default", "default", "never", "any", "no"],
+        [BOB, "0", "0", "off", "default", "default", "default", "never", "any", "no"],
     ]
 
 
@@ -2228,10 +2228,11 @@ def test_listingsForScriptsAreJSONLines(cli):
     assert records("user", "list") == [
         {"address": long, "messages": 0, "octets": 0, "apop": False, "cram_md5": False, "password": "mailgate",
          "quota_octets": "default", "quota_messages": "default", "expire_days": "never", "last_login": None,
-         "disabled": False, "disabled_since": None, "disabled_reason": None},
+         "disabled": False, "disabled_since": None, "disabled_reason": None, "allowed_networks": None},
         {"address": ALICE, "messages": 1, "octets": message["octets"], "apop": True, "cram_md5": True,
          "password": "mailgate", "quota_octets": 1048576, "quota_messages": "none", "expire_days": "default",
-         "last_login": None, "disabled": False, "disabled_since": None, "disabled_reason": None},
+         "last_login": None, "disabled": False, "disabled_since": None, "disabled_reason": None,
+         "allowed_networks": None},
     ]
     assert datetime.datetime.fromisoformat(message["arrived"].replace("Z", "+00:00"))
     assert records("mailbox", "deleted", ALICE) == []

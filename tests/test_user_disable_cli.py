@@ -63,7 +63,7 @@ def test_disableAndEnable(cli):
     assert login(cli.url, ALICE, PASSWORD) == "-ERR [AUTH] Login disabled for this user\r\n"
 
     table = cli("user", "list").out.splitlines()
-    assert table[0].split()[-2:] == ["LAST-LOGIN", "DISABLED"]
+    assert table[0].split()[-3:] == ["LAST-LOGIN", "NETWORKS", "DISABLED"]
     rows = {line.split()[0]: line for line in table[1:]}
     assert rows[BOB].split()[-1] == "no"
     assert rows[ALICE].split()[-2] == "since" and rows[ALICE].split()[-1].endswith("Z")

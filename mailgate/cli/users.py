@@ -56,6 +56,7 @@ from mailgate.cli.common import (
 from mailgate.cli.sessions import endSessions
 from mailgate.errors import InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
+from mailgate.networks import parseAllowedNetworks
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
@@ -299,7 +300,8 @@ def _userImport(store, args, out, stdin):
                 # kept to its networks: said, for the administrator to judge.
                 args.stderr.write(
                     f"mailgate: {shownFile} line {account.number}: {address}: {' '.join(account.unkept)} not kept "
-                    f"(mailgate has no per-user networks): it logs in from any address here\n"
+                    f"(mailgate checks the client's address, allow_nets, not a proxy's)"
+                    f"{'' if account.networks else ': it logs in from any address here'}\n"
                 )
 
     def lookedUp(accounts):
@@ -342,6 +344,10 @@ def _userImport(store, args, out, stdin):
                     # nologin or fail: imported disabled, in the
                     # transaction that adds the user.
                     quota["disabled"] = _importedReason(account.disabled)
+                if account.networks is not None:
+                    # allow_nets: the user's networks, in the transaction
+                    # that adds the user.
+                    quota["networks"] = account.networks
             except CommandError as e:
                 if e.code == EX_TEMPFAIL:
                     raise
@@ -355,6 +361,8 @@ def _userImport(store, args, out, stdin):
                 if account.disabled is not None:
                     reason = quota["disabled"]
                     apop += f" (disabled, as Dovecot's {account.refusedBy} had it{f': {reason}' if reason else ''})"
+                if account.networks is not None:
+                    apop += f" (from {account.networks} only, as Dovecot's allow_nets had it)"
                 pending.append((account, address, credentials, quota, apop))
                 if len(pending) >= IMPORT_BATCH:
                     addPending()
@@ -546,19 +554,21 @@ def _userList(store, args, out, stdin):
                 "disabled": user.disabledAt is not None,
                 "disabled_since": None if user.disabledAt is None else _time(user.disabledAt),
                 "disabled_reason": None if user.disabledAt is None else user.disabledReason,
+                "allowed_networks": None if user.allowedNetworks is None else user.allowedNetworks.split(","),
             }
             for user in users
         ))
     out.write(
         f"{'ADDRESS':<40} {'MESSAGES':>8} {'OCTETS':>12}  APOP {'QUOTA':>8} {'MAX-MSGS':>8} {'EXPIRE':<6} "
-        f"{'LAST-LOGIN':<20} DISABLED\n"
+        f"{'LAST-LOGIN':<20} {'NETWORKS':<18} DISABLED\n"
     )
     for user in users:
         out.write(
             f"{leftAligned(user.address, 40)} {user.messages:>8} {user.octets:>12}  "
             f"{'on' if user.apop else 'cram' if user.cramMD5 else 'off':<4} {describeLimit(user.quotaOctets, 'octets'):>8} "
             f"{describeLimit(user.quotaMessages):>8} {describeLimit(user.expireDays, 'days'):<6} "
-            f"{'never' if user.lastLogin is None else _time(user.lastLogin):<20} {_disabledShown(user)}\n"
+            f"{'never' if user.lastLogin is None else _time(user.lastLogin):<20} "
+            f"{user.allowedNetworks or 'any':<18} {_disabledShown(user)}\n"
         )
 
 
@@ -770,6 +780,40 @@ def _userDisable(store, args, out, stdin):
         audit.outcome(args, f"disabled{said}; its POP3 session has ended")
 
 
+def _userNetworksOptions(args):
+    """
+    C{user networks}' NETWORKS, read before the database is opened: their
+    canonical text (L{parseAllowedNetworks}), C{None} for C{any}.
+    """
+    try:
+        args.networks = parseAllowedNetworks(args.networks)
+    except ValueError as e:
+        raise CommandError(f"NETWORKS: {e} (give CIDR networks or addresses, local, or any)", EX_USAGE) from None
+
+
+def _userNetworks(store, args, out, stdin):
+    """
+    Restrict where a user may log in from (Dovecot's C{allow_nets}), or
+    with C{any} lift the restriction: on every node from the next login.
+    """
+    address = _storedAsTyped(store, args, "address")
+    networks = args.networks
+    previous = _forUser(address, store.setAllowedNetworks(address, networks))
+    shown = networks or "any"
+    if previous == networks:
+        out.write(f"{address} may log in from {shown} already; nothing changed\n")
+        audit.outcome(args, f"{shown} already; nothing changed")
+    elif networks is None:
+        out.write(f"{address} may log in from anywhere again (was {previous})\n")
+        audit.outcome(args, f"any (was {previous})")
+    else:
+        out.write(
+            f"{address} may log in from {shown} only: POP3 logins from elsewhere are refused on every server "
+            "as a wrong password is\n"
+        )
+        audit.outcome(args, f"{shown} (was {previous or 'any'})")
+
+
 def _userEnable(store, args, out, stdin):
     address = _storedAsTyped(store, args, "address")
     if _forUser(address, store.enableUser(address)):
@@ -833,7 +877,10 @@ def _addUserCommands(commands):
         "command can be run again.  SCRAM-SHA-256 works for a user once they have logged "
         "in with their password (at once for Dovecot's {SCRAM-SHA-256} and {PLAIN}).  An "
         "account with nologin (its reason= the reason) or fail, whose logins Dovecot refused, "
-        "is added disabled, as by user disable: user enable lets it in with its password.",
+        "is added disabled, as by user disable: user enable lets it in with its password.  An "
+        "account with allow_nets may log in from those networks only, as by user networks "
+        "(allow_real_nets, the address of a proxy that forwarded the client, is not kept: said "
+        "on standard error).",
     )
     imports.add_argument("file", metavar="PASSWD-FILE")
     imports.add_argument("--domain", help="the domain of user names without one")
@@ -874,7 +921,8 @@ def _addUserCommands(commands):
         description="List every user, by address in byte order: messages and octets in use, "
         "APOP (on, off, or cram for CRAM-MD5 alone), their own quota, message limit and "
         "retention (default: the server's), their last POP3 login (never for none yet), and "
-        "whether they are disabled (user disable: since when, and why).",
+        "the networks they may log in from (user networks; any for anywhere), and whether they "
+        "are disabled (user disable: since when, and why).",
     )
     _addJSON(listing)
     listing.set_defaults(run=_userList, migrate=True, readsOnly=True)
@@ -949,6 +997,24 @@ def _addUserCommands(commands):
     enable.add_argument("address", metavar="ADDRESS")
     enable.set_defaults(
         run=_userEnable, migrate=True, readOptions=_keepTyped("address"), audit=audit.account("user enable")
+    )
+    networks = user.add_parser(
+        "networks",
+        help="restrict the networks a user may log in from (Dovecot's allow_nets)",
+        description="Let the user log in only from NETWORKS: comma-separated CIDR networks or "
+        "addresses (IPv4 and IPv6; an IPv4 client reaching an IPv6 listener is its IPv4 address), "
+        "and local for clients with no IP address (a Unix socket); any lifts the restriction.  "
+        "The address checked is the client's (the one a trusted balancer's PROXY header names), on "
+        "every server sharing the database, from the next login, by every mechanism.  From "
+        "elsewhere the right password is refused as a wrong one is (as Dovecot refuses it), and "
+        "counts towards the address's penalty and ban the same.  A session in progress goes on; "
+        "mail is still delivered.",
+    )
+    networks.add_argument("address", metavar="ADDRESS")
+    networks.add_argument("networks", metavar="NETWORKS", help="e.g. 192.0.2.0/24,2001:db8::/32, or any")
+    networks.set_defaults(
+        run=_userNetworks, migrate=True, readOptions=_keepTyped("address", then=_userNetworksOptions),
+        audit=audit.account("user networks", lambda args: f"{args.address} {args.networks or 'any'}"),
     )
     quota = user.add_parser(
         "quota",

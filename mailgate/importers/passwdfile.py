@@ -18,6 +18,7 @@ import attr
 
 from mailgate.address import userAddress
 from mailgate.errors import InvalidAddress
+from mailgate.networks import parseAllowedNetworks
 
 
 @attr.s(frozen=True, slots=True)
@@ -33,9 +34,13 @@ class PasswdAccount:
     @ivar quota: what its quota rule for all mailboxes sets, C{octets} and
         C{messages}, each a number, 0 for no limit (as in Dovecot); C{{}}
         where it sets none.
-    @ivar unkept: its extra fields that limit where it logs in from
-        (C{allow_nets}, C{allow_real_nets}), which mailgate has no per-user
-        setting for: here it logs in from anywhere.
+    @ivar unkept: its extra fields that limit where it logs in from that
+        mailgate does not keep (C{allow_real_nets}: the address that
+        connected, a proxy's where one forwarded the client's; mailgate
+        checks the client's address alone).
+    @ivar networks: its C{allow_nets}, the networks it may log in from, as
+        L{mailgate.networks.parseAllowedNetworks} keeps them (C{None}:
+        anywhere): imported as the user's (C{mailgate user networks}).
     """
 
     number = attr.ib()
@@ -49,6 +54,7 @@ class PasswdAccount:
     disabled = attr.ib(default=None)
     #: which of those it has: C{"nologin"}, C{"fail"}, or C{None}
     refusedBy = attr.ib(default=None)
+    networks = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)
@@ -196,13 +202,26 @@ def _account(number, line, domain, scheme, kept):
         quota = dovecotQuota(extra)
     except ValueError as e:
         raise _Refused(f"{address}: {e}") from None
-    unkept = tuple(field for field in extra.split() if field.partition("=")[0] in _LOGIN_NETWORKS)
-    return PasswdAccount(number, address, hashed, quota, unkept, disabled, refusedBy)
+    unkept = tuple(field for field in extra.split() if field.partition("=")[0] in _UNKEPT_NETWORKS)
+    networks = None
+    if "allow_nets" in fields:
+        # Dovecot refuses every login of an account whose allow_nets it
+        # cannot read: refused here too, rather than let in from anywhere.
+        try:
+            networks = parseAllowedNetworks(fields["allow_nets"])
+        except ValueError as e:
+            raise _Refused(f"{address}: allow_nets: {e}") from None
+        if networks is None:
+            raise _Refused(f"{address}: allow_nets names no network")
+    return PasswdAccount(number, address, hashed, quota, unkept, disabled, refusedBy, networks)
 
 
 #: Dovecot's extra fields that allow an account's logins from some
-#: networks only.
-_LOGIN_NETWORKS = ("allow_nets", "allow_real_nets")
+#: networks only, which mailgate does not keep: allow_real_nets names the
+#: address that connected, a proxy's where one forwarded the client's
+#: (mailgate checks the client's, as allow_nets has it; its balancers are
+#: --proxy-balancers).
+_UNKEPT_NETWORKS = ("allow_real_nets",)
 
 
 def _isText(text):
