@@ -170,13 +170,18 @@ def _allowedNetworks(text):
     """
     The L{ipaddress} networks of stored allowed networks C{text}, and
     whether it holds L{LOCAL}; parsed once per text, not at every login.
+    An item that is no network (written by hand) matches no client: the
+    user is refused rather than let in from anywhere.
     """
     networks, local = [], False
     for item in text.split(","):
         if item == LOCAL:
             local = True
         elif item:
-            networks.append(parseNetwork(item))
+            try:
+                networks.append(parseNetwork(item))
+            except ValueError:
+                pass
     return tuple(networks), local
 
 

@@ -188,15 +188,40 @@ def test_ipv6AndMappedAddresses(users, peer, allowed):
     assert reply.startswith("+OK") if allowed else reply == INVALID
 
 
-def test_theProxyToldAddressIsTheOneChecked():
+@pytest.mark.parametrize(
+    "networks, client, allowed",
+    [
+        ("203.0.113.0/24", "203.0.113.9", True),
+        ("203.0.113.0/24", "198.51.100.7", False),
+        # The balancer's own address (127.0.0.1) is not the client's.
+        ("127.0.0.0/8", "198.51.100.7", False),
+    ],
+)
+def test_theProxyToldAddressIsTheOneChecked(users, networks, client, allowed):
     """
-    Behind a trusted balancer a session's peer is the PROXY-told client;
-    L{peerAllowed} is what every login asks of it.
+    Behind a trusted balancer the address checked is the one its PROXY
+    header names, not the balancer's.
     """
-    networks = parseAllowedNetworks("10.0.0.0/8, local")
-    assert peerAllowed(IPv4Address("TCP", "10.1.2.3", 1), networks)
-    assert not peerAllowed(IPv4Address("TCP", "192.0.2.1", 1), networks)
-    assert peerAllowed(UNIXAddress(None), networks)
+    from test_proxy import v1, wrapped
+
+    resultOf(users.setAllowedNetworks(ALICE, networks))
+    clock = Clock()
+    factory = pop3Factory(users, clock, trustedNetworks=["0.0.0.0/0"])
+    protocol, transport = wrapped(factory, clock)
+    protocol.dataReceived(v1(client) + f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+    clock.advance(0)
+    reply = transport.value().decode().splitlines()[-1] + "\r\n"
+    assert reply.startswith(f"+OK {ALICE}") if allowed else reply == INVALID
+
+
+def test_storedNetworksThatCannotBeReadLetNoOneIn():
+    """
+    Networks written by hand that are not networks match no client (the
+    user is refused, not let in from anywhere, nor answered with an
+    internal error); the readable ones still match.
+    """
+    assert not peerAllowed(IPv4Address("TCP", "192.0.2.1", 1), "bogus")
+    assert peerAllowed(IPv4Address("TCP", "192.0.2.1", 1), "bogus,192.0.2.0/24")
     assert peerAllowed(IPv4Address("TCP", "192.0.2.1", 1), None)
 
 
