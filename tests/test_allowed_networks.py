@@ -33,11 +33,12 @@ from mailgate.errors import NetworkRefused, NoSuchUser
 from mailgate.networks import parseAllowedNetworks, peerAllowed
 from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, pop3Factory, resultOf
 
-from oauthtokens import AUDIENCE, ISSUER, Keys, oauthbearer, xoauth2
+from oauthtokens import oauthbearer, xoauth2
 from saslclients import b64
 from test_admission import RecordingPolicy
 from test_observability import RecordingMetrics
 from test_user_disable import ALICE, BOB, INVALID, LOGINS, PASSWORD, REASON, refusedWith, userPass, authPlain
+from test_user_disable import keys, tokens  # noqa: F401 (fixtures)
 
 ALLOWED = IPv4Address("TCP", "127.0.0.2", 40000)
 REFUSED = IPv4Address("TCP", "127.0.0.3", 40000)
@@ -52,18 +53,6 @@ def users():
     deliver(store, [ALICE], b"Subject: hi\r\n\r\nhello\r\n")
     yield store
     store.close()
-
-
-@pytest.fixture(scope="module")
-def keys():
-    return Keys()
-
-
-@pytest.fixture
-def tokens(keys, tmp_path):
-    from mailgate.auth.oauth import TokenValidator
-
-    return TokenValidator([str(path) for path in keys.write(tmp_path)], [ISSUER], [AUDIENCE], leeway=60)
 
 
 @pytest.mark.parametrize("mechanism", sorted(LOGINS))

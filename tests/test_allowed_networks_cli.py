@@ -19,12 +19,12 @@ import pytest
 from twisted.internet.address import IPv4Address
 
 from dovecotserver import PrivateDovecot, requireDovecot
-from mailgate.store import openSynchronousStore
-from mailgate.testing import POP3Session
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_cli import CLI, oneLineError
 from test_cli_audit import AUTHPRIV_NOTICE, assertLine, setUp, syslog, who  # noqa: F401 (fixture)
 from test_lifecycle_e2e import pop
+from test_user_disable_cli import cli  # noqa: F401 (fixture)
+from test_user_disable_cli import login as loginFrom
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -34,24 +34,12 @@ ALLOWED = "127.0.0.2"
 REFUSED = "127.0.0.3"
 
 
-@pytest.fixture
-def cli(tmp_path, cheapCommandHashes):
-    return CLI(tmp_path / "admin.sqlite3")
-
-
 def login(url, address, password, source=ALLOWED):
     """
     A USER/PASS login without sockets from C{source}: what the client is
     told.
     """
-    store = openSynchronousStore(url)
-    try:
-        s = POP3Session(store, peer=IPv4Address("TCP", source, 40000))
-        reply = s.login(address, password)
-        s.command("QUIT")
-        return reply
-    finally:
-        store.close()
+    return loginFrom(url, address, password, IPv4Address("TCP", source, 40000))
 
 
 def test_restrictListAndLift(cli):

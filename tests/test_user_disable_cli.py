@@ -37,10 +37,14 @@ def cli(tmp_path, cheapCommandHashes):
     return CLI(tmp_path / "admin.sqlite3")
 
 
-def login(url, address, password):
+def login(url, address, password, peer=None):
+    """
+    A USER/PASS login without sockets (from C{peer}, a Twisted address,
+    if given): what the client is told.
+    """
     store = openSynchronousStore(url)
     try:
-        s = POP3Session(store)
+        s = POP3Session(store) if peer is None else POP3Session(store, peer=peer)
         reply = s.login(address, password)
         s.command("QUIT")
         return reply
