@@ -31,6 +31,7 @@ the others go on.
 import time
 
 from mailgate.errors import DatabaseDamaged, TemporaryFailure
+from mailgate.networks import parseAllowedNetworks
 
 #: examples shown of what a check found wrong
 EXAMPLES = 5
@@ -310,6 +311,49 @@ def _addressForms(cursor, engine, timeout, addressForm):
                 examples.append(f"{address}: now {form}" if form is not None else f"{address}: {why}")
 
 
+#: The users whose logins are restricted to some networks (C{mailgate
+#: user networks}), by engine, in code point order of their addresses.
+_RESTRICTED_USERS = {
+    "sqlite": "SELECT address, allowed_nets FROM users WHERE allowed_nets IS NOT NULL ORDER BY address",
+    "postgres": (
+        "SELECT address, allowed_nets FROM users WHERE allowed_nets IS NOT NULL ORDER BY address COLLATE \"C\""
+    ),
+}
+
+_ALLOWED_NETWORKS = "users' allowed networks"
+
+_ALLOWED_NETWORKS_ADVICE = (
+    "stored networks that are no network (written by hand): no client is on them, so these users cannot "
+    "log in; give them again, mailgate user networks ADDRESS NETWORKS (or any)"
+)
+
+
+def _allowedNetworks(cursor, engine, timeout):
+    """
+    How many users are restricted to some networks, how many of them hold
+    an item that is no network, and a few of those, each with the item:
+    such an item lets no client in (L{mailgate.networks.peerAllowed}), so
+    the user's logins are refused while nothing else says why.  Read a
+    thousand rows at a time.
+    """
+    engine.administrativeRead(cursor, timeout)
+    cursor.execute(_RESTRICTED_USERS[engine.name])
+    seen = wrong = 0
+    examples = []
+    while True:
+        rows = cursor.fetchmany(1000)
+        if not rows:
+            return seen, wrong, examples
+        for address, stored in rows:
+            seen += 1
+            try:
+                parseAllowedNetworks(stored)
+            except ValueError as e:
+                wrong += 1
+                if len(examples) < EXAMPLES:
+                    examples.append(f"{address}: {e}")
+
+
 def _timed(database, name, timeout, function, *args):
     """
     C{database.run(function, *args)}, a check named C{name} that may take
@@ -378,4 +422,13 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
         else:
             if seen:
                 findings.append(Finding(_ADDRESS_FORMS, wrong, examples, _ADDRESS_FORMS_ADVICE))
+    if invariants:
+        try:
+            seen, wrong, examples = _timed(database, _ALLOWED_NETWORKS, timeout, _allowedNetworks, engine, timeout)
+        except DatabaseDamaged as e:
+            findings.append(Finding(_ALLOWED_NETWORKS, damaged=_reason(e)))
+        else:
+            # Listed where some user is restricted, as the UTF-8 names.
+            if seen:
+                findings.append(Finding(_ALLOWED_NETWORKS, wrong, examples, _ALLOWED_NETWORKS_ADVICE))
     return findings
