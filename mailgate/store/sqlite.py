@@ -284,11 +284,18 @@ def _deniedToUs(name):
     deliveries of the benchmark's load, two at a time.
     """
     wanted = os.R_OK | os.W_OK
-    if os.access(name, wanted, **_EFFECTIVE):
-        return False
-    # Refused, or not there: there and refused still (made again
-    # meanwhile, it is made by a process of ours, as ours) is a refusal.
-    return os.path.exists(name) and not os.access(name, wanted, **_EFFECTIVE)
+    # Refused, or not there: not there is no refusal.  A file that comes
+    # and goes may be gone at the one look and there again at the other,
+    # the more so on a busy machine, where this process may wait between
+    # them: refused only if every look finds it there and refused.
+    for _ in range(_DENIAL_LOOKS):
+        if os.access(name, wanted, **_EFFECTIVE) or not os.path.exists(name):
+            return False
+    return True
+
+
+#: how many times L{_deniedToUs} looks before it says a file is refused
+_DENIAL_LOOKS = 5
 
 
 class ReadingRefused(ConfigurationError):
