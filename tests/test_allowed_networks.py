@@ -31,14 +31,14 @@ from twisted.logger import Logger
 from mailgate.auth.passwords import makeCredentials
 from mailgate.errors import NetworkRefused, NoSuchUser
 from mailgate.networks import parseAllowedNetworks, peerAllowed
-from mailgate.testing import TEST_HASH_COST, POP3Session, addUser, deliver, memoryStore, pop3Factory, resultOf
+from mailgate.testing import TEST_HASH_COST, POP3Session, deliver, memoryStore, pop3Factory, resultOf
 
 from oauthtokens import oauthbearer, xoauth2
 from saslclients import b64
 from test_admission import RecordingPolicy
 from test_observability import RecordingMetrics
 from test_user_disable import ALICE, BOB, INVALID, LOGINS, PASSWORD, REASON, refusedWith, userPass, authPlain
-from test_user_disable import keys, tokens  # noqa: F401 (fixtures)
+from test_user_disable import anyStore, keys, tokens  # noqa: F401 (fixtures)
 
 ALLOWED = IPv4Address("TCP", "127.0.0.2", 40000)
 REFUSED = IPv4Address("TCP", "127.0.0.3", 40000)
@@ -230,15 +230,6 @@ def test_networksAreParsedToOneCanonicalForm():
 
 
 # -- the store, on both engines ---------------------------------------------------
-
-
-@pytest.fixture
-def anyStore(databaseURL):
-    store = memoryStore(databaseURL)
-    addUser(store, ALICE, PASSWORD)
-    addUser(store, BOB, "builder")
-    yield store
-    store.close()
 
 
 def test_theStoreKeepsAndTellsTheNetworks(anyStore):

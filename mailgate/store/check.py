@@ -294,21 +294,27 @@ def _addressForms(cursor, engine, timeout, addressForm):
     cursor.execute(_UTF8_ADDRESSES[engine.name])
     seen = wrong = 0
     examples = []
-    while True:
-        rows = cursor.fetchmany(1000)
-        if not rows:
-            return seen, wrong, examples
-        for (address,) in rows:
-            seen += 1
-            try:
-                form = addressForm(address)
-            except ValueError as e:
-                form, why = None, str(e)
-            if form == address:
-                continue
-            wrong += 1
-            if len(examples) < EXAMPLES:
-                examples.append(f"{address}: now {form}" if form is not None else f"{address}: {why}")
+    for (address,) in _rowsOf(cursor):
+        seen += 1
+        try:
+            form = addressForm(address)
+        except ValueError as e:
+            form, why = None, str(e)
+        if form == address:
+            continue
+        wrong += 1
+        if len(examples) < EXAMPLES:
+            examples.append(f"{address}: now {form}" if form is not None else f"{address}: {why}")
+    return seen, wrong, examples
+
+
+def _rowsOf(cursor):
+    """
+    The rows of C{cursor}'s query, read a thousand at a time: a check of
+    every user holds a thousand of them, not all.
+    """
+    while rows := cursor.fetchmany(1000):
+        yield from rows
 
 
 #: The users whose logins are restricted to some networks (C{mailgate
@@ -340,18 +346,15 @@ def _allowedNetworks(cursor, engine, timeout):
     cursor.execute(_RESTRICTED_USERS[engine.name])
     seen = wrong = 0
     examples = []
-    while True:
-        rows = cursor.fetchmany(1000)
-        if not rows:
-            return seen, wrong, examples
-        for address, stored in rows:
-            seen += 1
-            try:
-                parseAllowedNetworks(stored)
-            except ValueError as e:
-                wrong += 1
-                if len(examples) < EXAMPLES:
-                    examples.append(f"{address}: {e}")
+    for address, stored in _rowsOf(cursor):
+        seen += 1
+        try:
+            parseAllowedNetworks(stored)
+        except ValueError as e:
+            wrong += 1
+            if len(examples) < EXAMPLES:
+                examples.append(f"{address}: {e}")
+    return seen, wrong, examples
 
 
 def _timed(database, name, timeout, function, *args):
