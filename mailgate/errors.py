@@ -146,6 +146,31 @@ class UserExists(MailgateError):
     """
 
 
+class AliasExists(MailgateError):
+    """
+    The address is an alias of a user (L{mailgate.interfaces.ILifecycleStore.addAlias}):
+    it cannot be given to a user, nor made an alias again, until the alias
+    is removed.
+
+    @ivar address: the alias.
+    @ivar target: the address of the user it is an alias of.
+    """
+
+    def __init__(self, address, target):
+        super().__init__(address, target)
+        self.address = address
+        self.target = target
+
+    def __str__(self):
+        return f"{self.address} is an alias of {self.target}"
+
+
+class NoSuchAlias(MailgateError):
+    """
+    The address is no alias of any user.
+    """
+
+
 class InvalidAddress(MailgateError, ValueError):
     """
     The text is not a mailbox address mailgate accepts.

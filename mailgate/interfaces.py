@@ -329,9 +329,18 @@ class IMailStore(Interface):
         the others are not in it.
         """
 
+    def findAlias(address):
+        """
+        Look up an alias (L{ILifecycleStore.addAlias}): a L{Deferred} of
+        the address of the user C{address} is an alias of, or C{None}.
+        SMTP, LMTP and C{mailgate deliver} ask it of a recipient that is
+        no user's address.
+        """
+
     def hasDomain(domain):
         """
-        Whether any user's address is in C{domain}: a L{Deferred} L{bool}.
+        Whether any user's address, or any alias, is in C{domain}: a
+        L{Deferred} L{bool}.
         """
 
     def hasAPOPUsers():
@@ -370,7 +379,8 @@ class IMailStore(Interface):
         """
         Create a user with the given L{mailgate.auth.passwords.StoredCredentials}:
         a L{Deferred} that fires once the user is durably committed.  Fails
-        with L{mailgate.errors.UserExists} if the address is taken.
+        with L{mailgate.errors.UserExists} if the address is taken, or
+        L{mailgate.errors.AliasExists} if it is an alias of a user.
         """
 
     def addUsers(users):
@@ -385,8 +395,8 @@ class IMailStore(Interface):
             disabled (L{ILifecycleStore.disableUser}; a passwd-file's
             C{nologin}), C{disabled}: the reason, C{""} for none.
         @return: a L{Deferred} list, in order, C{True} for each user
-            added, C{False} for each whose address is taken (nothing
-            changed for them), once durably committed.
+            added, C{False} for each whose address is taken, by a user or
+            an alias (nothing changed for them), once durably committed.
         """
 
     def setCredentials(address, credentials):
@@ -753,13 +763,51 @@ class ILifecycleStore(Interface):
             anywhere); fails with L{mailgate.errors.NoSuchUser}.
         """
 
+    def addAlias(alias, address):
+        """
+        Make C{alias} another address of the user C{address} (Postfix's
+        C{virtual_alias_maps}, for mail received directly): SMTP, LMTP and
+        C{mailgate deliver} take mail to it as mail to the user, quota and
+        all, from the next RCPT on, on every node; POP3 logins do not take
+        it.  An alias names one user; an address is a user's or an alias,
+        never both (L{IMailStore.addUser} and L{renameUser} refuse an
+        alias with L{mailgate.errors.AliasExists}).  The user's rename
+        takes the aliases along; the user's deletion removes them.
+
+        @return: a L{Deferred} of C{True}, or C{False} if it was that
+            user's alias already; fails with L{mailgate.errors.NoSuchUser},
+            L{mailgate.errors.UserExists} (C{alias} is a user's address) or
+            L{mailgate.errors.AliasExists} (another user's alias).
+        """
+
+    def removeAlias(alias):
+        """
+        Remove an alias: mail to it is refused from the next RCPT on.
+
+        @return: a L{Deferred} of the address of the user it was an alias
+            of (C{None}: a user removed by hand, not by
+            L{IMailStore.deleteUser}); fails with
+            L{mailgate.errors.NoSuchAlias}.
+        """
+
+    def listAliases(address=None):
+        """
+        The aliases of the user C{address}, or all of them.
+
+        @return: a L{Deferred} list of L{mailgate.records.AliasRecord} in
+            the code point order of the aliases; fails with
+            L{mailgate.errors.NoSuchUser} if C{address} is no user's.
+        """
+
     def renameUser(old, new):
         """
-        Give a user a new address, keeping the maildrop; refused while the
-        user is in a POP3 session.
+        Give a user a new address, keeping the maildrop and the aliases;
+        refused while the user is in a POP3 session.  One of the user's
+        own aliases may be the new address (the alias goes).
 
         @return: a L{Deferred}; fails with L{mailgate.errors.NoSuchUser},
-            L{mailgate.errors.UserExists} or L{MaildropInUse}.
+            L{mailgate.errors.UserExists}, L{mailgate.errors.AliasExists}
+            (another user's alias) or L{MaildropInUse}.
         """
 
     def expungeMessages(address, olderThanDays=None, progress=None):

@@ -66,6 +66,19 @@ class UserSummary:
     allowedNetworks = attr.ib(default=None)
 
 
+@attr.s(frozen=True, slots=True)
+class AliasRecord:
+    """
+    An alias (L{mailgate.interfaces.ILifecycleStore.addAlias}): another
+    address of a user.
+    """
+
+    alias = attr.ib()
+    #: the address of the user it is an alias of; C{None} for a user
+    #: removed by hand (not with C{mailgate user del}): no mail reaches it
+    address = attr.ib()
+
+
 class AlreadyDelivered(str):
     """
     The unique id a recipient's copy of a message got when it was first

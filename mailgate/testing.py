@@ -234,6 +234,9 @@ class FaultInjectingStore:
     def findUsers(self, addresses):
         return self._call("findUsers", addresses)
 
+    def findAlias(self, address):
+        return self._call("findAlias", address)
+
     def hasDomain(self, domain):
         return self._call("hasDomain", domain)
 
@@ -366,6 +369,15 @@ class FaultInjectingStore:
 
     def removeImportedGone(self, address, source, listed, soleSource=False):
         return self._call("removeImportedGone", address, source, listed, soleSource)
+
+    def addAlias(self, alias, address):
+        return self._call("addAlias", alias, address)
+
+    def removeAlias(self, alias):
+        return self._call("removeAlias", alias)
+
+    def listAliases(self, address=None):
+        return self._call("listAliases", address)
 
     def renameUser(self, old, new):
         return self._call("renameUser", old, new)

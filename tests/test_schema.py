@@ -127,7 +127,7 @@ def test_growingTablesAreKeyedByTheirOwnerFirst(migrated):
         assert keys[table][0] == owner, f"{table}: primary key {keys[table]} does not start with {owner}"
     # And nothing else in the database grows with mail unnoticed: every
     # table is either a known growing one or a small reference table.
-    assert set(keys) - set(GROWING) <= {"users", "mailgate_schema", "shared_secrets"} | POLICY | NODES, sorted(keys)
+    assert set(keys) - set(GROWING) <= {"users", "aliases", "mailgate_schema", "shared_secrets"} | POLICY | NODES, sorted(keys)
 
 
 def _sqliteAutoIncrement(cursor):
@@ -788,10 +788,11 @@ def test_aNodeWaitsForAnotherNodesMigrationHoweverLongItTakes(version3, monkeypa
 def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(databaseURL, mailOnlyRole):
     """
     The nodes' role was granted the tables there were; the schema's owner
-    then ran an upgrade that created another (version 12's
-    recent_deliveries, here), on which that role has no privilege.  Its
+    then ran upgrades that created others (version 12's
+    recent_deliveries and 17's aliases, here), on which that role has no
+    privilege.  Its
     node and its commands are refused at start, in one line naming the
-    role, the table, what it lacks and the grant to make, rather than
+    role, the tables, what it lacks and the grant to make, rather than
     start and then fail every delivery and retention pass on that table.
     Granted again, they work.
     """
@@ -800,6 +801,7 @@ def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(database
     openSynchronousStore(databaseURL).close()
     with psycopg.connect(databaseURL, autocommit=True) as conn:
         conn.execute("DROP TABLE recent_deliveries")
+        conn.execute("DROP TABLE aliases")
         conn.execute("DROP INDEX users_by_address_code_points")
         conn.execute("ALTER TABLE imported_ids DROP COLUMN source")
         conn.execute("ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason")
@@ -813,7 +815,8 @@ def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(database
     with pytest.raises(ConfigurationError) as e:
         openSynchronousStore(nodeURL)
     assert str(e.value) == (
-        f"the database role {role} may not SELECT, INSERT, UPDATE, DELETE on table recent_deliveries, "
+        f"the database role {role} may not SELECT, INSERT, UPDATE, DELETE on table aliases; "
+        f"SELECT, INSERT, UPDATE, DELETE on table recent_deliveries, "
         f"which mailgate needs: as the schema's owner, GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES "
         f"IN SCHEMA {schema} TO {role}, and for the tables of later upgrades ALTER DEFAULT PRIVILEGES IN "
         f"SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}"
@@ -821,6 +824,7 @@ def test_aRoleWithoutPrivilegesOnATableALaterUpgradeAddedIsToldTheGrant(database
     # Only some of them: those are named.
     with psycopg.connect(databaseURL, autocommit=True) as conn:
         conn.execute(f"GRANT SELECT, DELETE ON recent_deliveries TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON aliases TO {role}")
     with pytest.raises(ConfigurationError) as e:
         openSynchronousStore(nodeURL)
     assert str(e.value).startswith(f"the database role {role} may not INSERT, UPDATE on table recent_deliveries, ")

@@ -38,6 +38,9 @@ C{mailgate}: the administrator's command.
   mailgate ban list [--json]
   mailgate ban add ADDRESS [--for SECONDS]
   mailgate ban del ADDRESS
+  mailgate alias add ALIAS ADDRESS
+  mailgate alias del ALIAS
+  mailgate alias list [ADDRESS] [--json]
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server
@@ -55,6 +58,7 @@ import sys
 
 from mailgate import __version__
 from mailgate.cli import audit
+from mailgate.cli.aliases import _addAliasCommands
 from mailgate.cli.bans import _addBanCommands
 from mailgate.cli.common import (
     CommandError,
@@ -191,6 +195,7 @@ def buildParser():
         "(mailgate serve --help lists them)",
     ).set_defaults(run=None)
     _addBanCommands(commands)
+    _addAliasCommands(commands)
     return parser
 
 

@@ -108,8 +108,8 @@ class _BoundedInput:
 
 class _Directory:
     """
-    The store as L{LocalDelivery} asks it who a recipient is (its users
-    and their domains), without the quotas it would check at RCPT: here
+    The store as L{LocalDelivery} asks it who a recipient is (its users,
+    their aliases and their domains), without the quotas it would check at RCPT: here
     the delivery below checks them, and says so in deliver's own exit
     statuses (a full mailbox among other recipients with room is 75,
     whatever C{quota-exceeded} says, as SMTP's end of DATA has it).
@@ -117,6 +117,7 @@ class _Directory:
 
     def __init__(self, store):
         self.findUser = store.findUser
+        self.findAlias = store.findAlias
         self.hasDomain = store.hasDomain
 
 

@@ -54,7 +54,7 @@ from mailgate.cli.common import (
     _warnIfFull,
 )
 from mailgate.cli.sessions import endSessions
-from mailgate.errors import InvalidAddress, MaildropInUse, UserDisabled, UserExists
+from mailgate.errors import AliasExists, InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.networks import parseAllowedNetworks
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
@@ -124,8 +124,21 @@ def _userAdd(store, args, out, stdin):
         _result(store.addUser(address, args.credentials))
     except UserExists:
         raise CommandError(f"user {address} already exists", EX_CANTCREAT)
+    except AliasExists as e:
+        raise CommandError(_aliasTaken(e), EX_CANTCREAT)
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
     audit.outcome(args, f"added{_audited(args)}")
+
+
+def _aliasTaken(refusal):
+    """
+    The refusal of an address that is an alias (L{AliasExists}) as a
+    user's.
+    """
+    return (
+        f"{refusal.address} is an alias of {refusal.target}: an address is a user's or an alias "
+        f"(mailgate alias del {refusal.address} first)"
+    )
 
 
 def _audited(args, apop=None):
@@ -723,6 +736,8 @@ def _userRename(store, args, out, stdin):
         _forUser(old, store.renameUser(old, new))
     except UserExists:
         raise CommandError(f"user {new} already exists", EX_CANTCREAT)
+    except AliasExists as e:
+        raise CommandError(_aliasTaken(e), EX_CANTCREAT)
     except MaildropInUse:
         raise _inSession(old)
     out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")

@@ -276,9 +276,15 @@ class LocalDelivery:
         """
         return withoutDetail(address, self.recipientDelimiter)
 
-    def _checkUser(self, mailbox, address, size, postmasterIfMissing=False):
+    def _checkUser(self, mailbox, address, size, postmasterIfMissing=False, aliased=False):
         """
-        Accept C{address} if it is a user's with room for C{size} octets.
+        Accept C{address} if it is a user's, or an alias of a user's
+        (L{mailgate.interfaces.ILifecycleStore.addAlias}), with room for
+        C{size} octets.
+
+        @param aliased: C{address} is the user an alias named: no alias or
+            detail of it is looked for (a user removed meanwhile is no
+            such user).
         """
         # Quotas are checked here where the store keeps them; any store
         # still checks what it keeps when the message is committed.
@@ -287,16 +293,11 @@ class LocalDelivery:
 
         def userChecked(status):
             if status is None:
-                # No user of the whole name: the user it names with a
-                # detail, if it does (--postmaster's is taken whole).
-                user = self.withoutDetail(address) if address != self.postmaster else None
-                if user is not None:
-                    return self._checkUser(
-                        mailbox, user, size, postmasterIfMissing=user.rpartition("@")[0] == POSTMASTER
-                    )
-                if postmasterIfMissing:
-                    return self._toPostmaster(mailbox, size)
-                raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
+                if aliased:
+                    raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
+                # No user of the whole name: an alias of that name, as
+                # Postfix looks the whole address up first.
+                return self._store.findAlias(address).addCallback(aliasChecked)
             if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address, generation)
             elif not status.fits(max(size or 0, 1)):
@@ -304,6 +305,20 @@ class LocalDelivery:
                     raise self.tooLargeForQuota(mailbox, status.quotaOctets)
                 raise self.mailboxFull(mailbox)
             return address
+
+        def aliasChecked(target):
+            if target is not None:
+                # The user's mail, quota and all.
+                return self._checkUser(mailbox, target, size, aliased=True)
+            # No user or alias of the whole name: the user (or alias) it
+            # names with a detail, if it does (--postmaster's is taken
+            # whole).
+            user = self.withoutDetail(address) if address != self.postmaster else None
+            if user is not None:
+                return self._checkUser(mailbox, user, size, postmasterIfMissing=user.rpartition("@")[0] == POSTMASTER)
+            if postmasterIfMissing:
+                return self._toPostmaster(mailbox, size)
+            raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
 
         if not quotas:
             return self._store.findUser(address).addCallback(userChecked)

@@ -116,6 +116,7 @@ _TABLES = [
         ("user_id", "delivery_key"),
         ("user_id", "delivery_key", "uidl", "delivered_at"),
     ),
+    ("aliases", ("address",), ("address", "domain", "user_id", "created_at")),
 ]
 
 
@@ -131,6 +132,7 @@ _USER_ID_COLUMNS = {
     "deleted_mail": ("user_id", "body_owner"),
     "imported_ids": ("user_id",),
     "recent_deliveries": ("user_id",),
+    "aliases": ("user_id",),
 }
 
 

@@ -27,6 +27,7 @@ from mailgate.store.imported import (
 )
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
+from mailgate.store.aliases import _addAlias, _listAliases, _removeAlias, refuseAlias
 from mailgate.store.recovery import (
     _deletedPage,
     _dropKept,
@@ -55,6 +56,7 @@ def _forgetUser(cursor, userId):
     cursor.execute("DELETE FROM pop3_sessions WHERE user_id = ?", (userId,))
     cursor.execute("DELETE FROM imported_ids WHERE user_id = ?", (userId,))
     cursor.execute("DELETE FROM recent_deliveries WHERE user_id = ?", (userId,))
+    cursor.execute("DELETE FROM aliases WHERE user_id = ?", (userId,))
 
 
 def _renameUser(cursor, engine, old, new, aliveSince, lockedId=None):
@@ -67,12 +69,21 @@ def _renameUser(cursor, engine, old, new, aliveSince, lockedId=None):
     @raise NoSuchUser: if there is no C{old}.
     @raise UserChanged: if C{old} is no longer C{lockedId}'s.
     @raise UserExists: if C{new} is taken.
+    @raise AliasExists: if C{new} is another user's alias (one of the
+        user's own becomes the address, the alias gone).
     @raise MaildropInUse: if the user is in a POP3 session.
     """
     userId = lockedUserId(cursor, old, lockedId)
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (new,))
     if cursor.fetchone() is not None:
         raise UserExists(new)
+    cursor.execute("SELECT user_id FROM aliases WHERE address = ?", (new,))
+    row = cursor.fetchone()
+    if row is not None and row[0] == userId:
+        # Renamed to an alias of their own: the alias is the address now.
+        cursor.execute("DELETE FROM aliases WHERE address = ?", (new,))
+    else:
+        refuseAlias(cursor, new)
     if _inSession(cursor, userId, aliveSince):
         raise MaildropInUse(old)
     try:
@@ -619,6 +630,39 @@ class LifecycleStore:
             L{NoSuchUser}.
         """
         return self.database.runWrite(_setAllowedNetworks, address, networks)
+
+    def addAlias(self, alias, address):
+        """
+        Make C{alias} an alias of the user C{address}: mail to it is
+        theirs from the next RCPT on, on every node (a recipient no user
+        has is never remembered).
+
+        @return: a L{Deferred} of C{True}, or C{False} if it was theirs
+            already; fails with L{NoSuchUser}, L{UserExists} (C{alias} is
+            a user's address) or L{mailgate.errors.AliasExists} (another
+            user's alias).
+        """
+        return self.database.runWrite(_addAlias, alias, address, int(self._now()))
+
+    def removeAlias(self, alias):
+        """
+        Remove an alias: mail to it is refused from the next RCPT on.
+
+        @return: a L{Deferred} of the address of the user it was an alias
+            of (C{None} for a user removed by hand); fails with
+            L{mailgate.errors.NoSuchAlias}.
+        """
+        return self.database.runWrite(_removeAlias, alias)
+
+    def listAliases(self, address=None):
+        """
+        The aliases of the user C{address}, or all.
+
+        @return: a L{Deferred} list of L{mailgate.records.AliasRecord}, in
+            the code point order of the aliases; fails with L{NoSuchUser}
+            for a C{address} no user has.
+        """
+        return self.database.runInteraction(_listAliases, address)
 
     def renameUser(self, old, new):
         """

@@ -433,6 +433,28 @@ MIGRATIONS = [
             "ALTER TABLE users ADD COLUMN allowed_nets TEXT",
         ],
     ),
+    Migration(
+        17,
+        "aliases: other addresses of a user, for mail received directly",
+        [
+            # mailgate alias add: an address whose mail is one user's
+            # (mailgate.store.aliases).  Keyed by the alias, the one look-up
+            # a RCPT for no user makes; the domain indexed as users' is, a
+            # domain with aliases only being one mail is taken for; the
+            # user id indexed, for a user's aliases and their removal with
+            # the user.
+            """
+            CREATE TABLE aliases (
+                address TEXT NOT NULL PRIMARY KEY,
+                domain TEXT NOT NULL,
+                user_id {bigint} NOT NULL,
+                created_at {bigint} NOT NULL
+            )
+            """,
+            "CREATE INDEX aliases_domain ON aliases (domain)",
+            "CREATE INDEX aliases_user ON aliases (user_id)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
@@ -448,7 +470,7 @@ TABLE_PRIVILEGES = {
         (
             "users", "mailboxes", "bodies", "body_chunks", "maildrop", "auth_failures",
             "failing_addresses", "bans", "ban_version", "deleted_mail", "mailgate_nodes",
-            "pop3_sessions", "imported_ids", "shared_secrets", "recent_deliveries",
+            "pop3_sessions", "imported_ids", "shared_secrets", "recent_deliveries", "aliases",
         ),
         READ_WRITE,
     ),

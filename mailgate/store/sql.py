@@ -21,7 +21,8 @@ from zope.interface import implementer
 
 from mailgate.errors import MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
-from mailgate.store import lifecycle, paging
+from mailgate.store import aliases, lifecycle, paging
+from mailgate.store.aliases import aliasesAmong, refuseAlias
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.guarded import LOCK_LOST, Guarded, lockedOutOfSession
 from mailgate.store.limits import StoreLimits, quotaCrossed
@@ -79,8 +80,13 @@ def _findUsers(cursor, addresses):
 
 
 def _hasDomain(cursor, domain):
-    cursor.execute("SELECT 1 FROM users WHERE domain = ? LIMIT 1", (domain,))
-    return cursor.fetchone() is not None
+    # A user's, or an alias's (a domain may have aliases only: mail for
+    # them is taken, as Postfix's virtual alias domains take it).
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE domain = ?) OR EXISTS (SELECT 1 FROM aliases WHERE domain = ?)",
+        (domain, domain),
+    )
+    return bool(cursor.fetchone()[0])
 
 
 def _hasAPOPUsers(cursor):
@@ -202,6 +208,7 @@ _HOLDING_USER_IDS = (
     ("bodies", "owner_id"),
     ("imported_ids", "user_id"),
     ("recent_deliveries", "user_id"),
+    ("aliases", "user_id"),
 )
 
 #: the ids still held a new user is moved past before giving up
@@ -250,6 +257,7 @@ def _addUser(cursor, engine, address, credentials, now):
     cursor.execute("SELECT 1 FROM users WHERE address = ?", (address,))
     if cursor.fetchone() is not None:
         raise UserExists(address)
+    refuseAlias(cursor, address)
     try:
         userId = _insertUser(cursor, _userRow(address, credentials, now))
     except Exception as e:
@@ -287,13 +295,18 @@ def _addUsers(cursor, users, now):
     """
     added = []
     for part in batches(users, ROWS_PER_INSERT):
-        cursor.execute(
-            f"{_INSERT_USER}{f', {_USER_VALUES}' * (len(part) - 1)} "
-            "ON CONFLICT (address) DO NOTHING RETURNING user_id, address",
-            [value for address, credentials, _ in part for value in _userRow(address, credentials, now)],
-        )
-        # In no given order: each by its address.
-        userIds = {address: userId for userId, address in cursor.fetchall()}
+        # An alias's address is taken as a user's is (mailgate.store.aliases).
+        aliased = aliasesAmong(cursor, [address for address, _, _ in part])
+        free = [user for user in part if user[0] not in aliased]
+        userIds = {}
+        if free:
+            cursor.execute(
+                f"{_INSERT_USER}{f', {_USER_VALUES}' * (len(free) - 1)} "
+                "ON CONFLICT (address) DO NOTHING RETURNING user_id, address",
+                [value for address, credentials, _ in free for value in _userRow(address, credentials, now)],
+            )
+            # In no given order: each by its address.
+            userIds = {address: userId for userId, address in cursor.fetchall()}
         held = _heldUserIds(cursor, list(userIds.values())) if userIds else set()
         for address, credentials, _ in part:
             if userIds.get(address) in held:
@@ -1032,6 +1045,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def findUsers(self, addresses):
         return self.database.runInteraction(_findUsers, list(addresses))
+
+    def findAlias(self, address):
+        return self.database.runInteraction(aliases._aliasTarget, address)
 
     def hasDomain(self, domain):
         return self.database.runInteraction(_hasDomain, domain)
