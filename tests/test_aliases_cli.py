@@ -1,0 +1,117 @@
+"""
+C{mailgate alias add|del|list}, and what the other commands do with an
+alias's address, through L{mailgate.cli.run} against a real SQLite file
+(the CLI fixture of tests/test_cli.py).
+"""
+
+import json
+
+import pytest
+
+from tests.test_cli import ALICE, BOB, BOB_PASSWORD, CLI, PASSWORD, oneLineError
+
+pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
+
+ABUSE = "abuse@example.org"
+
+
+@pytest.fixture
+def cli(tmp_path):
+    cli = CLI(tmp_path / "admin.sqlite3")
+    cli.add(ALICE, PASSWORD)
+    cli.add(BOB, BOB_PASSWORD)
+    return cli
+
+
+def test_addListAndDelete(cli):
+    added = cli("alias", "add", ABUSE, BOB)
+    assert (added.code, added.out) == (0, f"added {ABUSE}, an alias of {BOB}: mail to it is {BOB}'s\n")
+    again = cli("alias", "add", ABUSE, BOB)
+    assert (again.code, again.out) == (0, f"{ABUSE} is an alias of {BOB} already\n")
+    # A domain in Unicode is kept in its ASCII form, as a user's is.
+    assert cli("alias", "add", "info@Bücher.example", ALICE).code == 0
+    listed = cli("alias", "list")
+    assert listed.code == 0
+    assert listed.out.splitlines() == [
+        "ALIAS                       USER",
+        f"abuse@example.org           {BOB}",
+        f"info@xn--bcher-kva.example  {ALICE}",
+    ]
+    mine = cli("alias", "list", BOB, "--json")
+    assert [json.loads(line) for line in mine.out.splitlines()] == [{"alias": ABUSE, "user": BOB}]
+    removed = cli("alias", "del", ABUSE)
+    assert (removed.code, removed.out) == (
+        0, f"removed the alias {ABUSE} (of {BOB}): mail to it is refused from now on\n"
+    )
+    gone = cli("alias", "del", ABUSE)
+    assert gone.code == 67 and oneLineError(gone) == f"mailgate: no such alias: {ABUSE}\n"
+
+
+def test_refusals(cli):
+    assert cli("alias", "add", ABUSE, BOB).code == 0
+    taken = cli("alias", "add", ABUSE, ALICE)
+    assert taken.code == 73
+    assert oneLineError(taken) == (
+        f"mailgate: {ABUSE} is an alias of {BOB}: remove it first (mailgate alias del {ABUSE})\n"
+    )
+    user = cli("alias", "add", ALICE, BOB)
+    assert user.code == 73 and "is a user's address" in oneLineError(user)
+    own = cli("alias", "add", BOB, BOB)
+    assert own.code == 73 and "own address" in oneLineError(own)
+    nobody = cli("alias", "add", "x@example.org", "nobody@example.org")
+    assert nobody.code == 67 and oneLineError(nobody) == "mailgate: no such user: nobody@example.org\n"
+    listing = cli("alias", "list", "nobody@example.org")
+    assert listing.code == 67
+    bad = cli("alias", "add", "not an address", BOB)
+    assert bad.code == 65 and oneLineError(bad)
+
+
+def test_anAliasIsNoUsersAddress(cli):
+    """
+    user add and user rename refuse an alias's address and name the
+    alias to remove; rename to one of the user's own aliases takes it.
+    """
+    assert cli("alias", "add", ABUSE, BOB).code == 0
+    added = cli("user", "add", ABUSE, "--password-stdin", stdin="pw-of-abuse\n")
+    assert added.code == 73
+    assert oneLineError(added) == (
+        f"mailgate: {ABUSE} is an alias of {BOB}: an address is a user's or an alias "
+        f"(mailgate alias del {ABUSE} first)\n"
+    )
+    renamed = cli("user", "rename", ALICE, ABUSE)
+    assert renamed.code == 73 and f"is an alias of {BOB}" in oneLineError(renamed)
+    assert cli("user", "rename", BOB, ABUSE).code == 0
+    assert cli("alias", "list").out.splitlines() == ["ALIAS  USER"]
+    assert cli.user(ABUSE) is not None
+
+
+def test_deliverToAnAliasStoresTheUsersCopy(cli):
+    assert cli("alias", "add", ABUSE, BOB).code == 0
+    delivered = cli("deliver", "-f", "sender@remote.test", ABUSE, stdin=b"Subject: to abuse\r\n\r\nspam report\r\n")
+    assert delivered.code == 0, delivered
+    [message] = cli.messages(BOB)
+    assert b"for <abuse@example.org>" in message
+    assert message.endswith(b"Subject: to abuse\r\n\r\nspam report\r\n")
+    assert cli("alias", "del", ABUSE).code == 0
+    refused = cli("deliver", ABUSE, stdin=b"Subject: again\r\n\r\nx\r\n")
+    assert refused.code == 67 and oneLineError(refused) == f"mailgate: no such user: {ABUSE}\n"
+
+
+def test_userDelRemovesTheAliases(cli):
+    assert cli("alias", "add", ABUSE, BOB).code == 0
+    assert cli("user", "del", BOB).code == 0
+    assert cli("alias", "list").out.splitlines() == ["ALIAS  USER"]
+    assert cli("alias", "add", ABUSE, ALICE).code == 0
+
+
+def test_aConfigurationListingOtherDomainsIsNoted(cli, tmp_path):
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "{cli.url}"\ndomain = ["example.org"]\n')
+    noted = cli("--config", str(config), "alias", "add", "info@example.net", ALICE, database=None)
+    assert noted.code == 0, noted
+    assert noted.out.splitlines()[-1] == (
+        "note: example.net is not among the configuration's domains: the server refuses mail to "
+        "info@example.net (relay access denied) until it is"
+    )
+    quiet = cli("--config", str(config), "alias", "add", ABUSE, BOB)
+    assert quiet.code == 0 and "note" not in quiet.out
