@@ -433,6 +433,16 @@ class IMailStore(Interface):
         (which would go on answering for mail that is gone).
         """
 
+    def userSummary(address):
+        """
+        One user as C{mailgate user list} shows them: a L{Deferred}
+        L{mailgate.records.UserSummary} (their use, limits, whether they
+        are disabled and the networks they may log in from), or C{None} if
+        there is no such user.  For an administrator's command that looks
+        at one user (C{mailgate user test} says why their logins would be
+        refused) without reading every user's row as L{listUsers} does.
+        """
+
     def listUsers(page=None):
         """
         All users: a L{Deferred} list of

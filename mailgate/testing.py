@@ -269,6 +269,9 @@ class FaultInjectingStore:
             "deleteUser", lambda address, progress: self.store.deleteUser(address, progress=progress), address, progress
         )
 
+    def userSummary(self, address):
+        return self._call("userSummary", address)
+
     def listUsers(self, page=None):
         return self._call("listUsers", page)
 

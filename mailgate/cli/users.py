@@ -4,9 +4,12 @@ C{mailgate user ...}: adding, changing and removing users, their passwords
 (kept, or as another server hashed them), quotas and retention.
 """
 
+import ipaddress
 import itertools
 import re
 import unicodedata
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from mailgate.address import asciiDomain, normalizeDomain
 from mailgate.auth.foreign import CLEARTEXT, UnusableHash, checksScheme, splitScheme
@@ -56,7 +59,7 @@ from mailgate.cli.common import (
 from mailgate.cli.sessions import endSessions
 from mailgate.errors import AliasExists, InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
-from mailgate.networks import parseAllowedNetworks
+from mailgate.networks import LOCAL, parseAllowedNetworks, peerAllowed
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
@@ -643,16 +646,88 @@ def _userExpire(store, args, out, stdin):
     audit.outcome(args, f"messages expire after: {expiry}")
 
 
+def _userTestOptions(args):
+    """
+    C{user test}'s options, read before the database is opened: the
+    address, C{--from} as the Twisted address a server's connection from
+    there has (C{args.peer}, C{None} without it), the password's source.
+    """
+    _readAddresses("address")(args)
+    args.peer = None if args.client is None else _clientAddress(args.client)
+    _passwordOptions(args)
+
+
+def _clientAddress(text):
+    """
+    The Twisted address of a client at C{text} (an IP address, or
+    L{LOCAL} for one on a Unix socket), as a server's connection has it:
+    what L{peerAllowed} is given at a login.
+    """
+    if text.lower() == LOCAL:
+        return UNIXAddress(None)
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise CommandError(
+            f"--from {printable(text)!r} is not an IP address (give the client's, e.g. 192.0.2.7, or local)", EX_USAGE
+        ) from None
+    return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", text, 0)
+
+
 def _userTest(store, args, out, stdin):
     """
     Check a password as a login would (Dovecot's C{doveadm auth test}),
     without logging in: nothing is changed, not even an imported hash.
+    With the right password, what else refuses the user's logins is said
+    too, as doveadm prints the passdb's C{nologin}, C{reason} and
+    C{allow_nets}: that they are disabled, the networks they may log in
+    from (and whether a client at C{--from} is on them).  A wrong password
+    is told as before, whatever the user's state.
     """
     address = args.address
     user = _existingUser(store, address)
     password = _readPassword(args, stdin, confirm=False)
     if not verifyPassword(password.encode("utf-8"), user.passwordHash):
         raise CommandError(f"that is not the password of {address}", EX_NOPERM)
+    _passwordKept(out, address, user, password)
+    summary = _result(store.userSummary(address))
+    if summary is None:
+        # Deleted (or renamed) since it was looked up.
+        raise CommandError(f"no such user: {address}", EX_NOUSER)
+    refusals = []
+    if summary.disabledAt is not None:
+        reason = f" ({printable(summary.disabledReason)})" if summary.disabledReason else " (no reason given)"
+        out.write(
+            f"{address} is disabled since {_time(summary.disabledAt)}{reason}: every POP3 login of theirs is "
+            f"refused (mailgate user enable {address} lets them in again)\n"
+        )
+        refusals.append("disabled")
+    allowed = summary.allowedNetworks
+    if allowed is not None:
+        out.write(
+            f"{address} may log in from {printable(allowed)} only (mailgate user networks): a login from "
+            "elsewhere is refused as a wrong password is\n"
+        )
+    if args.peer is not None:
+        client = "a Unix socket (local)" if args.client.lower() == LOCAL else printable(args.client)
+        if allowed is None:
+            out.write(f"{address} may log in from anywhere: from {client} too\n")
+        elif peerAllowed(args.peer, allowed):
+            out.write(f"a login from {client} is let in: it is on one of those networks\n")
+        else:
+            out.write(f"a login from {client} is refused: it is on none of those networks\n")
+            refusals.append(f"from {client}, on none of its networks")
+    if refusals:
+        raise CommandError(
+            f"the password is right, but a login of {address} is refused: {' and '.join(refusals)}", EX_NOPERM
+        )
+
+
+def _passwordKept(out, address, user, password):
+    """
+    C{user test}'s line for the right password: which hash it was checked
+    against, and whether CRAM-MD5 takes it too.
+    """
     kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
     if user.cramMD5 is not None:
         # What AUTH CRAM-MD5 is checked against, kept apart from the hash:
@@ -945,13 +1020,21 @@ def _addUserCommands(commands):
         "test",
         help="check a user's password without logging in",
         description="Check a user's password as a POP3 login would (as doveadm auth test): exit "
-        "0 if it is right, 77 if not.  Nothing is changed, not even an imported hash.",
+        "0 if it is right, 77 if not.  With the right password it also says what else refuses the user's "
+        "logins: that the user is disabled (since when, and why), and the networks they may log in from; "
+        "exit 77 too if the user is disabled, or if --from names a client on none of those networks.  "
+        "Nothing is changed, not even an imported hash.",
     )
     test.add_argument("address", metavar="ADDRESS")
-    _addPasswordStdin(test)
-    test.set_defaults(
-        run=_userTest, migrate=True, readOptions=_readAddresses("address", then=_passwordOptions), readsOnly=True
+    test.add_argument(
+        "--from",
+        dest="client",
+        metavar="ADDRESS",
+        help="the client's IP address (or local, for a Unix socket's), as the server sees it: whether the "
+        "user's networks let a login from there in",
     )
+    _addPasswordStdin(test)
+    test.set_defaults(run=_userTest, migrate=True, readOptions=_userTestOptions, readsOnly=True)
     apop = user.add_parser(
         "apop",
         help="switch APOP (and CRAM-MD5) on or off for a user; off also erases CRAM-MD5 states from Dovecot",

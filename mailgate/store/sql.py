@@ -426,6 +426,16 @@ def _userSummaries(cursor):
 _CODE_POINT_ORDER = {"sqlite": "", "postgres": ' COLLATE "C"'}
 
 
+def _userSummary(cursor, address):
+    """
+    The L{UserSummary} of the user C{address}, or C{None}: one row of the
+    listing, read as L{_listUsers} reads them all.
+    """
+    cursor.execute(f"{_USER_SUMMARIES}WHERE u.address = ?", (address,))
+    rows = _userSummaries(cursor)
+    return rows[0] if rows else None
+
+
 def _listUsers(cursor, collate):
     """
     Every user's L{UserSummary}, in the paged listing's order
@@ -1099,6 +1109,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
             )
 
         return self._holdingLock(address, locked)
+
+    def userSummary(self, address):
+        return self.database.runInteraction(_userSummary, address)
 
     def listUsers(self, page=None):
         if page is None:
