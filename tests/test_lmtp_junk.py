@@ -77,11 +77,12 @@ def test_aFloodForUnknownUsersOverACachedConnectionKeepsIt(store):
 
 def test_theMessageAfterAnRSETProbeIsNotRefused421(store):
     """
-    An oversized message (refused at MAIL, its RCPT and DATA after it: three
-    errors) and then a flood of refused messages: the 20th error fell on an
-    RSET probe, answered 250 and then 421, which Postfix read as the reply
-    to the next message's MAIL (status=deferred, "421 4.7.0 ... (in reply
-    to MAIL FROM command)").  Now the good message is delivered.
+    An oversized message (refused at MAIL: one error, the RCPT and DATA
+    pipelined after it not counted; three before) and then a flood of
+    refused messages: the 20th error fell on an RSET probe, answered 250
+    and then 421, which Postfix read as the reply to the next message's
+    MAIL (status=deferred, "421 4.7.0 ... (in reply to MAIL FROM
+    command)").  Now the good message is delivered.
     """
     addUser(store, ALICE, "secret")
     s = lmtp(store, maxMessageSize=4096)

@@ -13,9 +13,10 @@ the reply to the next message's MAIL FROM and deferred that message
 until its queue's next retry, minutes later.  Here Postfix delivers over
 one connection at a time (lmtp_destination_concurrency_limit = 1: a
 smaller flood does what a larger one does to each of the default 20), and
-a few messages larger than mailgate's --max-message-size (each three
-errors: MAIL refused, and the RCPT and DATA pipelined behind it) make the
-count odd, as they do where mailgate's limit is below Postfix's.
+a few messages larger than mailgate's --max-message-size (each one
+error: its MAIL refused; the RCPT and DATA pipelined behind it are not
+counted, tests/test_pipelined_after_refused_mail.py) make the count odd, as
+they do where mailgate's limit is below Postfix's.
 
 The flood is held in Postfix's queue as it arrives and released at once,
 as a backlog builds when it arrives faster than it is delivered.

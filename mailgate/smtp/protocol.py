@@ -71,6 +71,11 @@ _TLS_FIRST = (530, "5.7.0", "Must issue a STARTTLS command first")
 #: QUIT; HELO, LHLO and RSET carry no mail either.
 _NEED_TLS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN", "HELP"})
 
+#: the commands a client pipelines behind MAIL in one transaction (RFC 2920
+#: section 3.1; RFC 3030 section 2 for BDAT): after a refused MAIL, any
+#: other command ends what is forgiven (L{SMTPServer._afterRefusedMail})
+_PIPELINED_BEHIND_MAIL = frozenset({b"RCPT", b"DATA", b"BDAT"})
+
 
 def _beginsAsBDAT(line):
     """
@@ -287,6 +292,13 @@ class SMTPServer(CommandSession):
         self._dataTimer = None
         self._junkCommands = 0
         self._overshoot = 0
+        # A MAIL was refused, and what the client may have pipelined behind
+        # it is arriving: the RCPTs (how many so far) and the DATA or BDAT
+        # of that transaction, refused 503 for want of one.  The client
+        # could not know (RFC 2920 section 3.1: it reads the MAIL's reply
+        # after sending them), so they are not its errors; the MAIL is.
+        # None: no command follows a refused MAIL now.
+        self._afterRefusedMail = None
         # The transaction's message failed at one of its chunks (RFC 3030
         # section 2: the transaction has failed): the chunks the client
         # pipelined after it are read and refused, without counting as
@@ -954,6 +966,9 @@ class SMTPServer(CommandSession):
         self._tally["rcpt"] += 1
         envelope = self._envelope
         if envelope is None:
+            if self._behindRefusedMail(last=False, recipient=True):
+                self._reply(503, "5.5.1", "need MAIL command first")
+                return None
             return self._bad(503, "5.5.1", "need MAIL command first")
         if envelope.chunks is not None:
             # The message is arriving, its trace fields written at its
@@ -1098,7 +1113,37 @@ class SMTPServer(CommandSession):
             reason=reason,
         )
         self.factory.metrics.senderRefused(self.protocolName, _MAIL_REFUSAL_LABELS.get(reason, "other"))
+        self._afterRefusedMail = 0
         return self._bad(code, enhanced, text)
+
+    def _behindRefusedMail(self, last, recipient=False):
+        """
+        Whether a RCPT (C{recipient}), DATA or BDAT refused for want of a
+        transaction is one the client pipelined behind a refused MAIL
+        (L{_afterRefusedMail}), and so not its error (RFC 2920 section 3.1:
+        the client sends MAIL, its RCPTs and DATA before it reads a reply,
+        as Postfix's SMTP and LMTP clients do).  Counted, each oversized
+        message Postfix sends over a cached connection (it sends them
+        there, with SIZE over the limit the server gave) was three errors,
+        and seven closed the connection with 421.  The MAIL still counts:
+        a client that only sends refused transactions is closed after
+        L{maxBadCommands} of them, each forgiven at most L{maxRecipients}
+        RCPTs and one DATA (or chunks to the one marked LAST, each a junk
+        command).
+
+        @param last: the command ends what a refused MAIL may have behind
+            it (DATA, BDAT LAST).
+        """
+        count = self._afterRefusedMail
+        if count is None:
+            return False
+        if recipient:
+            if count >= self.maxRecipients:
+                return False
+            self._afterRefusedMail = count + 1
+        elif last:
+            self._afterRefusedMail = None
+        return True
 
     def _logRecipientRefused(self, envelope, recipient, code, enhanced, reason):
         """
@@ -1125,6 +1170,7 @@ class SMTPServer(CommandSession):
     def smtp_DATA(self, argument):
         envelope = self._envelope
         counted = True
+        behindRefusedMail = self._behindRefusedMail(last=True)
         if self._mustStartTLS():
             # First, before what else is wrong with it: a message's text
             # sent on without waiting for the reply ends the session, as
@@ -1134,6 +1180,7 @@ class SMTPServer(CommandSession):
             refusal = 501, "5.5.4", "DATA takes no arguments"
         elif envelope is None:
             refusal = 503, "5.5.1", "need MAIL command first"
+            counted = not behindRefusedMail
         elif envelope.chunks is not None or self._chunksFailed:
             # RFC 3030 section 3: DATA and BDAT cannot be mixed in one
             # transaction; the client must send RSET.  The message's
@@ -1306,6 +1353,8 @@ class SMTPServer(CommandSession):
         on the way that took the line for BDAT sends them as a message.
         """
         self._tally["commands"] += 1
+        if self._afterRefusedMail is not None and line.partition(b" ")[0].upper() not in _PIPELINED_BEHIND_MAIL:
+            self._afterRefusedMail = None
         if _beginsAsBDAT(line) and not _BDAT_LINE.fullmatch(line):
             # Answered before the core reads it: a command all the same.
             self.noteCommand("BDAT")
@@ -1369,7 +1418,10 @@ class SMTPServer(CommandSession):
             # (RFC 3030 section 2), as MAIL's parameters need EHLO.
             refusal = 503, "5.5.1", "BDAT needs EHLO", True
         elif envelope is None:
-            refusal = 503, "5.5.1", "need MAIL command first", True
+            # Behind a refused MAIL, a junk command (L{_chunkEnded}): the
+            # chunks a client pipelined after it are not its errors, and a
+            # client sending chunks for ever is still closed.
+            refusal = 503, "5.5.1", "need MAIL command first", not self._behindRefusedMail(last=last)
         elif not envelope.recipients:
             # The transaction fails with this chunk (RFC 3030 section 2):
             # a recipient accepted after it must not get the message
