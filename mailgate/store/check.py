@@ -13,7 +13,8 @@ stays bounded whatever the size of the database and however many rows
 are wrong: every user has her maildrop's counters; every message its
 user and its body, and its body's size; every body as many references as messages hold it,
 and chunks adding up to its size; each maildrop's recorded use what its
-messages take; its next unique id past every one given.  (mailgate's
+messages take; its next unique id past every one given; where there are
+aliases, each alias its user, and no address both a user's and an alias.  (mailgate's
 tables declare no foreign keys: these are the references a foreign key
 check would have followed.)
 
@@ -357,6 +358,57 @@ def _allowedNetworks(cursor, engine, timeout):
     return seen, wrong, examples
 
 
+#: Aliases (C{mailgate alias add}): checked where there are any, as the
+#: UTF-8 names are (a site without aliases has no line about them).
+_ANY_ALIAS = "SELECT 1 FROM aliases LIMIT 1"
+
+_ALIASES_WITHOUT_USER = (
+    "aliases and their users",
+    "SELECT a.address, a.user_id, count(*) OVER () FROM aliases a LEFT JOIN users u ON u.user_id = a.user_id "
+    "WHERE u.user_id IS NULL ORDER BY a.address",
+    lambda alias, userId: f"{alias}: its user (number {userId}) is no longer there",
+    # A user removed with SQL, not with user del (which removes the
+    # aliases): delivery finds no user behind the alias.
+    "aliases of users removed by hand (not with mailgate user del): they reach no one, mail to them is "
+    "refused as to no such user; remove each, mailgate alias del ALIAS, or give it to a user, "
+    "mailgate alias add ALIAS USER",
+)
+
+_ADDRESSES_OF_BOTH = (
+    "aliases and users' addresses",
+    "SELECT a.address, t.address, count(*) OVER () FROM aliases a JOIN users u ON u.address = a.address "
+    "LEFT JOIN users t ON t.user_id = a.user_id ORDER BY a.address",
+    lambda address, target: (
+        f"{address}: a user's address, and an alias of {target if target is not None else 'a user no longer there'}"
+    ),
+    # The commands refuse it, but two nodes' commands at once on
+    # PostgreSQL each see the address free; delivery looks the user up
+    # first (mailgate.smtp.delivery).
+    "addresses that are both a user's and an alias (commands of two nodes at once): mail to them is "
+    "the user's, the alias reaches no one; remove the alias, mailgate alias del ADDRESS",
+)
+
+#: the invariants of aliases, in the order they are checked
+ALIAS_INVARIANTS = (_ALIASES_WITHOUT_USER, _ADDRESSES_OF_BOTH)
+
+
+def _anyAlias(cursor, engine, timeout):
+    engine.administrativeRead(cursor, timeout)
+    cursor.execute(_ANY_ALIAS)
+    return cursor.fetchone() is not None
+
+
+def _invariant(database, engine, timeout, name, query, show, advice):
+    """
+    The L{Finding} of one invariant (L{INVARIANTS}).
+    """
+    try:
+        count, rows = _timed(database, name, timeout, _counted, engine, timeout, query)
+    except DatabaseDamaged as e:
+        return Finding(name, damaged=_reason(e))
+    return Finding(name, count, [show(*row) for row in rows], advice)
+
+
 def _timed(database, name, timeout, function, *args):
     """
     C{database.run(function, *args)}, a check named C{name} that may take
@@ -408,13 +460,8 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
             # The check itself stopped at a page too damaged to walk.
             said = [_reason(e)]
         findings.append(Finding(name, len(said), said[:EXAMPLES], advice))
-    for name, query, show, advice in INVARIANTS if invariants else ():
-        try:
-            count, rows = _timed(database, name, timeout, _counted, engine, timeout, query)
-        except DatabaseDamaged as e:
-            findings.append(Finding(name, damaged=_reason(e)))
-            continue
-        findings.append(Finding(name, count, [show(*row) for row in rows], advice))
+    for invariant in INVARIANTS if invariants else ():
+        findings.append(_invariant(database, engine, timeout, *invariant))
     if invariants and addressForm is not None:
         try:
             seen, wrong, examples = _timed(
@@ -434,4 +481,12 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
             # Listed where some user is restricted, as the UTF-8 names.
             if seen:
                 findings.append(Finding(_ALLOWED_NETWORKS, wrong, examples, _ALLOWED_NETWORKS_ADVICE))
+    if invariants:
+        try:
+            aliases = _timed(database, ALIAS_INVARIANTS[0][0], timeout, _anyAlias, engine, timeout)
+        except DatabaseDamaged as e:
+            findings.append(Finding(ALIAS_INVARIANTS[0][0], damaged=_reason(e)))
+        else:
+            for invariant in ALIAS_INVARIANTS if aliases else ():
+                findings.append(_invariant(database, engine, timeout, *invariant))
     return findings
