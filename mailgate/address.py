@@ -20,6 +20,11 @@ from mailgate.errors import InvalidAddress
 MAX_LOCAL_PART = 64
 MAX_ADDRESS = 254
 
+#: What a catch-all alias's address is (C{@example.org}): the domain after
+#: it, no local part, so that no address of a user or of another alias,
+#: nor any RCPT's, can be one (L{mailgate.store.aliases}).
+CATCH_ALL = "@"
+
 # RFC 5321 dot-atom local parts, plus the quoted-string-free subset of
 # characters people actually use; domains as LDH labels (or IDNA A-labels).
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")

@@ -783,6 +783,8 @@ class ILifecycleStore(Interface):
         never both (L{IMailStore.addUser} and L{renameUser} refuse an
         alias with L{mailgate.errors.AliasExists}).  The user's rename
         takes the aliases along; the user's deletion removes them.
+        C{alias} C{@domain} (L{mailgate.address.CATCH_ALL}) is the domain's
+        catch-all, asked last, for an address no user or alias has.
 
         @return: a L{Deferred} of C{True}, or C{False} if it was that
             user's alias already; fails with L{mailgate.errors.NoSuchUser},

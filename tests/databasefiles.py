@@ -52,10 +52,10 @@ def digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def olderSchema(url):
+def olderSchema(url, version=None):
     """
     Give the database at C{url} the schema before this mailgate's last
-    migration, as an older mailgate left it.
+    migration (or the schema C{version}), as an older mailgate left it.
     """
     engine = engineFromURL(url)
     database = SynchronousDatabase(engine)
@@ -63,8 +63,9 @@ def olderSchema(url):
 
         def older(cursor):
             _ensureVersionTable(cursor)
-            for migration in MIGRATIONS[:-1]:
-                applyMigration(cursor, engine, migration)
+            for migration in MIGRATIONS[:-1] if version is None else MIGRATIONS:
+                if version is None or migration.version <= version:
+                    applyMigration(cursor, engine, migration)
 
         database.runInteraction(older)
     finally:

@@ -115,3 +115,28 @@ def test_aConfigurationListingOtherDomainsIsNoted(cli, tmp_path):
     )
     quiet = cli("--config", str(config), "alias", "add", ABUSE, BOB)
     assert quiet.code == 0 and "note" not in quiet.out
+
+
+def test_aCatchAll(cli):
+    added = cli("alias", "add", "@Example.ORG", ALICE)
+    assert added.code == 0, added
+    assert added.out == (
+        f"added @example.org, the catch-all of example.org: mail to an address there that no user or alias "
+        f"has is {ALICE}'s\n"
+    )
+    delivered = cli(
+        "deliver", "-f", "sender@remote.test", "nobody-in-particular@example.org",
+        stdin=b"Subject: stray\r\n\r\nx\r\n",
+    )
+    assert delivered.code == 0, delivered
+    [message] = cli.messages(ALICE)
+    assert b"for <nobody-in-particular@example.org>" in message
+    # Bob's own mail is still his.
+    assert cli("deliver", BOB, stdin=b"Subject: his\r\n\r\nx\r\n").code == 0
+    assert len(cli.messages(BOB)) == 1
+    assert cli("alias", "list", "--json").out == f'{{"alias":"@example.org","user":"{ALICE}"}}\n'
+    bad = cli("alias", "add", "@", ALICE)
+    assert bad.code == 65 and oneLineError(bad)
+    assert cli("alias", "del", "@example.org").code == 0
+    refused = cli("deliver", "nobody-in-particular@example.org", stdin=b"Subject: stray\r\n\r\nx\r\n")
+    assert refused.code == 67

@@ -181,4 +181,46 @@ def test_aUsersOwnAddressIsNotAskedOfTheAliases(store):
     assert resultOf(delivery.checkRecipient(BOB)) == BOB
     assert asked == []
     _refusal(delivery.checkRecipient("nobody@example.org"))
-    assert asked == ["nobody@example.org"]
+    # The alias of that name, then the domain's catch-all.
+    assert asked == ["nobody@example.org", "@example.org"]
+
+
+def test_aCatchAllTakesWhatNoOneElseHas(store):
+    """
+    @example.org, the domain's catch-all, takes mail to an address of the
+    domain that no user, alias, or detail of either has, as Postfix's
+    virtual_alias_maps looks @domain up last; every address someone has
+    stays theirs, and a full mailbox's refusal stands.
+    """
+    resultOf(store.addAlias("@example.org", ALICE))
+    resultOf(store.addAlias(ABUSE, BOB))
+    delivery = LocalDelivery(store, recipientDelimiter="+", postmaster=BOB)
+    assert resultOf(delivery.checkRecipient("random@example.org")) == ALICE
+    assert resultOf(delivery.checkRecipient('"no such one"@example.org')) == ALICE
+    assert resultOf(delivery.checkRecipient(BOB)) == BOB
+    assert resultOf(delivery.checkRecipient(ABUSE)) == BOB
+    assert resultOf(delivery.checkRecipient("bob+lists@example.org")) == BOB
+    assert resultOf(delivery.checkRecipient("abuse+x@example.org")) == BOB
+    assert resultOf(delivery.checkRecipient("postmaster@example.org")) == BOB
+    # Another domain has none.
+    addUser(store, "carol@other.example", "pw")
+    refusal = _refusal(delivery.checkRecipient("random@other.example"))
+    assert (refusal.code, refusal.enhanced) == (550, "5.1.1")
+    deliver(store, [BOB], b"Subject: one\r\n\r\nhello\r\n")
+    resultOf(store.setQuota(BOB, messages=1))
+    refusal = _refusal(LocalDelivery(store, recipientDelimiter="+", postmaster=BOB).checkRecipient(BOB))
+    assert refusal.enhanced.endswith("2.2"), refusal
+
+
+def test_aCatchAllTakesPostmasterWithoutAConfiguredOne(store):
+    resultOf(store.addAlias("@example.org", ALICE))
+    assert resultOf(LocalDelivery(store).checkRecipient("postmaster@example.org")) == ALICE
+
+
+def test_aCatchAllsDomainTakesMail(store):
+    resultOf(store.addAlias("@other.example", ALICE))
+    assert resultOf(store.hasDomain("other.example")) is True
+    assert resultOf(LocalDelivery(store).checkRecipient("anyone@other.example")) == ALICE
+    # Not where --domain lists the domains without it.
+    refusal = _refusal(LocalDelivery(store, ["example.org"]).checkRecipient("anyone@other.example"))
+    assert (refusal.code, refusal.enhanced) == (550, "5.7.1")

@@ -294,8 +294,7 @@ def test_usersOfSchema15MayLogInFromAnywhereAfterTheMigration(databaseURL):
     from mailgate.store.database import SynchronousDatabase
     from mailgate.store.schema import LATEST, currentVersion
 
-    assert LATEST == 16
-    olderSchema(databaseURL)
+    olderSchema(databaseURL, version=15)
     credentials = makeCredentials(PASSWORD, logN=TEST_HASH_COST)
     database = SynchronousDatabase(engineFromURL(databaseURL))
     try:
@@ -314,7 +313,7 @@ def test_usersOfSchema15MayLogInFromAnywhereAfterTheMigration(databaseURL):
         database.close()
     store = openSynchronousStore(databaseURL)
     try:
-        assert store.database.run(currentVersion) == 16
+        assert store.database.run(currentVersion) == LATEST
         listed = {u.address: (u.allowedNetworks, u.disabledAt) for u in resultOf(store.listUsers())}
         assert listed == {ALICE: (None, None), BOB: (None, 1700000000)}
         s = POP3Session(store, peer=REFUSED)

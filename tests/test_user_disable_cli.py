@@ -173,11 +173,11 @@ def test_importKeepsNologinAndFailAccountsDisabled(cli, tmp_path):
 
 def test_usersOfTheSchemaBeforeAreEnabledAfterTheMigration(databaseURL):
     """
-    A database as the mailgate before this one left it (schema LATEST - 1),
+    A database as the mailgate before disabled users left it (schema 14),
     with a user and mail: migrated, the user logs in as before and can be
     disabled and enabled; on both engines.
     """
-    olderSchema(databaseURL)
+    olderSchema(databaseURL, version=14)
     credentials = makeCredentials(PASSWORD, logN=TEST_HASH_COST)
     from mailgate.store import engineFromURL
     from mailgate.store.database import SynchronousDatabase

@@ -4,18 +4,45 @@ C{mailgate alias ...}: other addresses of a user, for mail received
 directly (see L{mailgate.store.aliases}).
 """
 
+from mailgate.address import CATCH_ALL
 from mailgate.cli import audit
 from mailgate.cli.common import (
     CommandError,
     EX_CANTCREAT,
     EX_NOUSER,
     _addJSON,
+    _address,
     _forUser,
     _jsonLines,
     _readAddresses,
     _result,
 )
 from mailgate.errors import AliasExists, NoSuchAlias, UserExists
+
+
+def _aliasAddress(text):
+    """
+    An alias as the command line gives it, normalised as a user's address
+    is; C{@example.org}, the domain's catch-all, as its domain is.
+    """
+    if text.strip().startswith(CATCH_ALL):
+        # The domain as an address of it has it (IDNA, lower case).
+        return CATCH_ALL + _address(f"postmaster{text.strip()}").rpartition("@")[2]
+    return _address(text)
+
+
+def _readAlias(then=None):
+    """
+    C{readOptions} reading the ALIAS argument (L{_aliasAddress}), then the
+    others C{then} reads.
+    """
+
+    def readOptions(args):
+        args.alias = _aliasAddress(args.alias)
+        if then is not None:
+            then(args)
+
+    return readOptions
 
 
 def _domainNote(args, alias):
@@ -46,7 +73,13 @@ def _aliasAdd(store, args, out, stdin):
         raise CommandError(
             f"{alias} is an alias of {e.target}: remove it first (mailgate alias del {alias})", EX_CANTCREAT
         )
-    if added:
+    if added and alias.startswith(CATCH_ALL):
+        out.write(
+            f"added {alias}, the catch-all of {alias[1:]}: mail to an address there that no user or alias "
+            f"has is {address}'s\n"
+        )
+        audit.outcome(args, f"added, the catch-all, of {address}")
+    elif added:
         out.write(f"added {alias}, an alias of {address}: mail to it is {address}'s\n")
         audit.outcome(args, f"added, an alias of {address}")
     else:
@@ -98,12 +131,13 @@ def _addAliasCommands(commands):
         description="Make ALIAS another address of the user ADDRESS: mail to it (and, with the "
         "server's recipient-delimiter, to a detail of it) is ADDRESS's. Refused (exit 73) where "
         "ALIAS is a user's address or another user's alias; exit 67 if there is no user ADDRESS. "
-        "Its domain is one mail is taken for, unless the server's configuration lists its domains.",
+        "ALIAS @DOMAIN is the domain's catch-all: mail to any address of DOMAIN that no user or alias "
+        "has. Its domain is one mail is taken for, unless the server's configuration lists its domains.",
     )
     aliasAdd.add_argument("alias", metavar="ALIAS")
     aliasAdd.add_argument("address", metavar="ADDRESS")
     aliasAdd.set_defaults(
-        run=_aliasAdd, migrate=True, readOptions=_readAddresses("alias", "address"),
+        run=_aliasAdd, migrate=True, readOptions=_readAlias(then=_readAddresses("address")),
         audit=audit.Audited("alias add", "alias"),
     )
     aliasDel = alias.add_parser(
@@ -114,7 +148,7 @@ def _addAliasCommands(commands):
     )
     aliasDel.add_argument("alias", metavar="ALIAS")
     aliasDel.set_defaults(
-        run=_aliasDel, migrate=True, readOptions=_readAddresses("alias"), audit=audit.Audited("alias del", "alias")
+        run=_aliasDel, migrate=True, readOptions=_readAlias(), audit=audit.Audited("alias del", "alias")
     )
     aliasList = alias.add_parser(
         "list",

@@ -34,7 +34,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailgate.address import asciiDomain, normalizeAddress, userOfADetail, withoutDetail
+from mailgate.address import CATCH_ALL, asciiDomain, normalizeAddress, userOfADetail, withoutDetail
 from mailgate.errors import InvalidAddress, NoSuchUser, QuotaExceeded, TemporaryFailure
 from mailgate.interfaces import ILifecycleStore
 from mailgate.smtp.envelope import SMTPReply
@@ -263,10 +263,32 @@ class LocalDelivery:
             if not accepted:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
             if address is None:
-                raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
-            return self._checkUser(mailbox, address, size, postmasterIfMissing=local.lower() == POSTMASTER)
+                d = defer.fail(SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here"))
+            else:
+                d = self._checkUser(mailbox, address, size, postmasterIfMissing=local.lower() == POSTMASTER)
+            return d.addErrback(self._toCatchAll, mailbox, domain, size)
 
         return self._acceptsDomain(domain).addCallback(domainChecked)
+
+    def _toCatchAll(self, failure, mailbox, domain, size):
+        """
+        A recipient of C{domain} refused as no one's (C{5.1.1}: no user,
+        alias or detail of either has it, nor C{--postmaster} for
+        postmaster@) is the mail of the domain's catch-all alias
+        (C{@domain}, as Postfix's C{virtual_alias_maps} has it), if there
+        is one: looked up last, so that every address someone has stays
+        theirs.  Any other refusal (a full mailbox) stands.
+        """
+        failure.trap(SMTPReply)
+        if failure.value.enhanced != "5.1.1":
+            return failure
+
+        def found(target):
+            if target is None:
+                return failure
+            return self._checkUser(mailbox, target, size, aliased=True)
+
+        return self._store.findAlias(CATCH_ALL + domain).addCallback(found)
 
     def withoutDetail(self, address):
         """

@@ -9,7 +9,10 @@ no MTA in front rewrites the address: SMTP, LMTP and C{mailgate deliver}
 take mail to it as mail to the user, quota and all; POP3 logins never use
 it.  An alias names one user (an address for several people is a list,
 which is the MTA's work): so one RCPT is one maildrop, and LMTP's one
-reply per recipient says what happened to its one copy.
+reply per recipient says what happened to its one copy.  An alias
+C{@example.org} (L{mailgate.address.CATCH_ALL}) is the domain's
+catch-all: the recipient look-up asks it last, for an address of the
+domain no user, alias or detail of either has.
 
 The table holds the alias, its domain (an alias's domain is accepted
 mail for, as a user's is) and the user's id: a rename takes the aliases
