@@ -140,3 +140,22 @@ def test_aCatchAll(cli):
     assert cli("alias", "del", "@example.org").code == 0
     refused = cli("deliver", "nobody-in-particular@example.org", stdin=b"Subject: stray\r\n\r\nx\r\n")
     assert refused.code == 67
+
+
+def test_userImportFailsTheLineOfAnAlias(cli, tmp_path):
+    """
+    A passwd-file line whose address is an alias: not a user there (its
+    mail was never imported), so a failed line naming the alias, exit 65;
+    the other lines imported.
+    """
+    assert cli("alias", "add", ABUSE, BOB).code == 0
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"{ABUSE}:{{PLAIN}}one::::::\ncarol@example.org:{{PLAIN}}two::::::\n")
+    imported = cli("user", "import", str(passwd))
+    assert imported.code == 65, imported
+    assert imported.out.splitlines() == ["added carol@example.org", "1 added, 0 already there, 1 failed"]
+    assert imported.err.splitlines()[0] == (
+        f"mailgate: {passwd} line 1: {ABUSE} is an alias of {BOB}: an address is a user's or an alias "
+        f"(mailgate alias del {ABUSE} first)"
+    )
+    assert cli.user(ABUSE) is None

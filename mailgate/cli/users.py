@@ -279,6 +279,12 @@ def _userImport(store, args, out, stdin):
         # command (looked up now).
         nonlocal updated, present
         try:
+            target = None if user is not None else _result(store.findAlias(address))
+            if target is not None:
+                # Not a user's: an alias's (mailgate alias add), which the
+                # batch refused as taken.  The line's user, and their
+                # mail, are not there: said as the failure it is.
+                raise CommandError(_aliasTaken(AliasExists(address, target)), EX_CANTCREAT)
             stale = None if credentials is None else _staleImport(store, address, credentials, user)
             if stale is not None and args.refresh and _result(
                 # Over the hash read just now only: a first login
