@@ -10,7 +10,8 @@ the alias named as sent in the Received field; removed, it is refused
 unknown user's is; C{mailgate deliver} takes it; a full mailbox refuses
 mail to the alias as it refuses the user's; one transaction naming the
 user and the alias (as one naming C{bob+a@} and C{bob+b@}) gives the user
-one copy; two nodes on one PostgreSQL take an alias without a restart.
+one copy; a domain's catch-all (C{@example.org}) takes what no one has;
+two nodes on one PostgreSQL take an alias without a restart.
 What the store does is tested in test_aliases_store.py.
 
 Every wait is bounded.
@@ -23,7 +24,9 @@ import pytest
 
 from e2e import DEADLINE, mailgate_cli, mailgate_server, pop, popLogin, postgresOnly, retrieve  # noqa: F401
 
+ALICE = "alice@example.org"
 BOB = "bob@example.org"
+MADE_UP = "made-up@example.org"
 ABUSE = "abuse@example.org"
 INFO = "info@other.example"
 PASSWORD = "wonder land"
@@ -128,6 +131,35 @@ def test_anAliasAddedWhileTheServerRunsIsTakenAtTheNextRcpt(mailgate_server, mai
     assert rcpt(client, INFO)[0] == 250
     assert rcpt(client, BOB)[0] == 250
     assert aliasList(mailgate_cli) == [["ALIAS", "USER"], [INFO, BOB]]
+    client.quit()
+    delivery.quit()
+
+
+def test_aCatchAllTakesTheDomainsOtherAddresses(mailgate_server, mailgate_cli):
+    """
+    mailgate alias add @example.org, the server running: the next RCPT of
+    an address of the domain no one has (SMTP and LMTP) is the catch-all's
+    user's, the Received field naming it as sent; a user's own address
+    stays hers.  Removed: the next such RCPT is refused, 550 5.1.1.
+    """
+    server = mailgate_server("--smtp", LISTEN, "--lmtp", LISTEN)
+    mailgate_cli.addUser(ALICE, PASSWORD)
+    mailgate_cli.addUser(BOB, PASSWORD)
+    client, delivery = smtp(server), lmtp(server)
+    assert rcpt(client, MADE_UP) == (550, NO_SUCH_USER.format(MADE_UP))
+    assert mailgate_cli.check("alias", "add", "@example.org", BOB).startswith(
+        "added @example.org, the catch-all of example.org: "
+    )
+    assert client.sendmail(SENDER, [MADE_UP, ALICE], b"Subject: made up\r\n\r\nhello\r\n") == {}
+    assert delivery.sendmail(SENDER, ["other@example.org"], b"Subject: other\r\n\r\nhello\r\n") == {}
+    first, second = (header(m) for m in maildrop(server))
+    assert "Subject: made up" in first and "Subject: other" in second, (first, second)
+    assert "for <other@example.org>;" in second, second
+    (alices,) = maildrop(server, ALICE)
+    assert "Subject: made up" in header(alices)
+    mailgate_cli.check("alias", "del", "@example.org")
+    assert rcpt(client, MADE_UP) == (550, NO_SUCH_USER.format(MADE_UP))
+    assert rcpt(delivery, MADE_UP) == (550, NO_SUCH_USER.format(MADE_UP))
     client.quit()
     delivery.quit()
 
