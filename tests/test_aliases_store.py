@@ -224,3 +224,21 @@ def test_aCatchAllsDomainTakesMail(store):
     # Not where --domain lists the domains without it.
     refusal = _refusal(LocalDelivery(store, ["example.org"]).checkRecipient("anyone@other.example"))
     assert (refusal.code, refusal.enhanced) == (550, "5.7.1")
+
+
+def test_aDomainOfAliasesWhoseUserIsGoneTakesNoMail(store):
+    """
+    A domain whose only aliases lost their user (removed by hand, with
+    SQL) is another domain again: relay access denied, not no such user.
+    """
+    resultOf(store.addAlias(INFO, ALICE))
+    alice = resultOf(store.findUser(ALICE))
+
+    def removeByHand(cursor):
+        cursor.execute("DELETE FROM mailboxes WHERE user_id = ?", (alice.userId,))
+        cursor.execute("DELETE FROM users WHERE user_id = ?", (alice.userId,))
+
+    resultOf(store.database.runWrite(removeByHand))
+    assert resultOf(store.hasDomain("other.example")) is False
+    refusal = _refusal(LocalDelivery(store).checkRecipient(INFO))
+    assert (refusal.code, refusal.enhanced) == (550, "5.7.1")

@@ -81,9 +81,11 @@ def _findUsers(cursor, addresses):
 
 def _hasDomain(cursor, domain):
     # A user's, or an alias's (a domain may have aliases only: mail for
-    # them is taken, as Postfix's virtual alias domains take it).
+    # them is taken, as Postfix's virtual alias domains take it), if the
+    # alias's user is there (one removed by hand, with SQL, reaches no one).
     cursor.execute(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE domain = ?) OR EXISTS (SELECT 1 FROM aliases WHERE domain = ?)",
+        "SELECT EXISTS (SELECT 1 FROM users WHERE domain = ?) OR EXISTS ("
+        "SELECT 1 FROM aliases a JOIN users u ON u.user_id = a.user_id WHERE a.domain = ?)",
         (domain, domain),
     )
     return bool(cursor.fetchone()[0])
