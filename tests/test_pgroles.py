@@ -145,7 +145,7 @@ def test_theReadmesGrantsRunANodeAndTheOwnerAloneUpgrades(roles):
     # An upgrade pending (the database as version 11 left it): the node's
     # role may not apply it.
     roles.asOwner(
-        "DELETE FROM mailgate_schema WHERE version >= 12; DROP TABLE recent_deliveries; "
+        "DELETE FROM mailgate_schema WHERE version >= 12; DROP TABLE recent_deliveries; DROP TABLE aliases; "
         "DROP INDEX users_by_address_code_points; ALTER TABLE imported_ids DROP COLUMN source; "
         "ALTER TABLE users DROP COLUMN disabled_at, DROP COLUMN disabled_reason, DROP COLUMN allowed_nets"
     )
