@@ -792,6 +792,19 @@ class ILifecycleStore(Interface):
             L{mailgate.errors.AliasExists} (another user's alias).
         """
 
+    def addAliases(pairs):
+        """
+        Add aliases in one transaction, each C{(alias, address)} as
+        L{addAlias} adds it (C{mailgate alias import} adds a few hundred
+        a commit: L{mailgate.store.sql.IMPORT_BATCH}).
+
+        @return: a L{Deferred} list, in order, of C{True} (added), C{False}
+            (that user's alias already) or the L{mailgate.errors.NoSuchUser},
+            L{mailgate.errors.UserExists} or L{mailgate.errors.AliasExists}
+            that refused it (the others are added all the same), once
+            durably committed.
+        """
+
     def removeAlias(alias):
         """
         Remove an alias: mail to it is refused from the next RCPT on.

@@ -376,6 +376,9 @@ class FaultInjectingStore:
     def addAlias(self, alias, address):
         return self._call("addAlias", alias, address)
 
+    def addAliases(self, pairs):
+        return self._call("addAliases", pairs)
+
     def removeAlias(self, alias):
         return self._call("removeAlias", alias)
 

@@ -41,6 +41,7 @@ C{mailgate}: the administrator's command.
   mailgate alias add ALIAS ADDRESS
   mailgate alias del ALIAS
   mailgate alias list [ADDRESS] [--json]
+  mailgate alias import VIRTUAL-FILE [--dry-run]
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server

@@ -114,6 +114,25 @@ def _addAlias(cursor, alias, address, now):
     return True
 
 
+def _addAliases(cursor, pairs, now):
+    """
+    Add each of C{pairs}, C{(alias, address)}, as L{_addAlias} adds one,
+    in the one transaction (C{mailgate alias import}).
+
+    @return: for each, in order, what L{_addAlias} returned or the
+        L{UserExists}, L{NoSuchUser} or L{AliasExists} it raised (each
+        found by a look-up, the alias inserted by none: the batch's other
+        aliases are added in the same transaction all the same).
+    """
+    outcomes = []
+    for alias, address in pairs:
+        try:
+            outcomes.append(_addAlias(cursor, alias, address, now))
+        except (UserExists, NoSuchUser, AliasExists) as e:
+            outcomes.append(e)
+    return outcomes
+
+
 def _removeAlias(cursor, alias):
     """
     Remove the alias C{alias}.

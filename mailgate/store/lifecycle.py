@@ -27,7 +27,7 @@ from mailgate.store.imported import (
 )
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
-from mailgate.store.aliases import _addAlias, _listAliases, _removeAlias, refuseAlias
+from mailgate.store.aliases import _addAlias, _addAliases, _listAliases, _removeAlias, refuseAlias
 from mailgate.store.recovery import (
     _deletedPage,
     _dropKept,
@@ -643,6 +643,16 @@ class LifecycleStore:
             user's alias).
         """
         return self.database.runWrite(_addAlias, alias, address, int(self._now()))
+
+    def addAliases(self, pairs):
+        """
+        Add aliases in one transaction, each as L{addAlias} adds it.
+
+        @return: a L{Deferred} list, in order, of C{True} (added), C{False}
+            (theirs already) or the L{NoSuchUser}, L{UserExists} or
+            L{mailgate.errors.AliasExists} that refused it.
+        """
+        return self.database.runWrite(_addAliases, list(pairs), int(self._now()))
 
     def removeAlias(self, alias):
         """
