@@ -1060,7 +1060,7 @@ SETTINGS = (
     Setting(
         "domain", "domains", Domain(), (),
         "A domain SMTP and LMTP accept mail for.",
-        repeated=True, defaultText="the domains of existing users", example=["example.org"],
+        repeated=True, defaultText="the domains of existing users and aliases", example=["example.org"],
     ),
     Setting(
         "max-message-size", "maxMessageSize", Size(minimum=1),
