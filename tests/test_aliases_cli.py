@@ -99,7 +99,13 @@ def test_deliverToAnAliasStoresTheUsersCopy(cli):
 
 def test_userDelRemovesTheAliases(cli):
     assert cli("alias", "add", ABUSE, BOB).code == 0
-    assert cli("user", "del", BOB).code == 0
+    assert cli("alias", "add", "@example.org", BOB).code == 0
+    deleted = cli("user", "del", BOB)
+    assert deleted.code == 0
+    assert deleted.out.splitlines() == [
+        f"deleted {BOB} and their maildrop",
+        f"their aliases @example.org, {ABUSE} went with them: mail to them is refused from now on",
+    ]
     assert cli("alias", "list").out.splitlines() == ["ALIAS  USER"]
     assert cli("alias", "add", ABUSE, ALICE).code == 0
 

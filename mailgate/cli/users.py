@@ -527,6 +527,9 @@ def _userDel(store, args, out, stdin):
     def progress(removed, kept):
         done[0] = (removed, kept)
 
+    # Said once the user is gone: mail to them is refused from then on,
+    # which an administrator deleting a user may not have thought of.
+    aliases = [a.alias for a in _forUser(address, store.listAliases(address))]
     try:
         _forUser(address, store.deleteUser(address, progress=progress))
     except BaseException as e:
@@ -547,7 +550,13 @@ def _userDel(store, args, out, stdin):
             raise _inSession(address) from None
         raise
     out.write(f"deleted {address} and their maildrop\n")
-    audit.outcome(args, "deleted, with their maildrop")
+    if aliases:
+        out.write(
+            f"{noun(len(aliases), 'their alias', 'their aliases')} {', '.join(aliases)} went with them: "
+            f"mail to {noun(len(aliases), 'it', 'them')} is refused from now on\n"
+        )
+    also = f" and {counted(len(aliases), 'alias', 'aliases')}" if aliases else ""
+    audit.outcome(args, f"deleted, with their maildrop{also}")
 
 
 def _userList(store, args, out, stdin):
