@@ -411,7 +411,7 @@ def test_anLMTPSessionIsTracedFromARecipientOnDebugUser(store, alice, logEvents)
     assert lines[0] == f"started: RCPT TO:<{detail}>, on --debug-user"
     assert lines[1].startswith("S: 250 2.1.5 ")
     assert lines[2:4] == ["C: DATA", lines[3]] and lines[3].startswith("S: 354 ")
-    assert lines[4].startswith(f"S: 250 2.0.0 <{ALICE}> delivered as ")
+    assert lines[4].startswith(f"S: 250 2.0.0 <{detail}> delivered as ")
     neverShown(logEvents, "secret body", "private")
 
 

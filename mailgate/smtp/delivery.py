@@ -10,7 +10,8 @@ Recipients known to exist are remembered for a short while, so a busy
 intake does not query the database for every RCPT.  Only positive answers
 are remembered: a user created a moment ago is never refused.  A user
 deleted within that while is caught when the message is committed (the
-delivery transaction checks every recipient again).
+delivery transaction checks every recipient again), and the recipient is
+looked up again there: its address may be another user's alias now.
 
 Quotas are checked twice.  At RCPT, with the size the client declared
 (C{MAIL FROM ... SIZE=}) when it did, and the trace fields the message
@@ -125,7 +126,7 @@ class LocalDelivery:
             552, "5.2.3", f"<{mailbox}>: message larger than the mailbox's whole quota ({quotaOctets} octets)"
         )
 
-    def _quotaRefusals(self, addresses, size):
+    def _quotaRefusals(self, addresses, size, names):
         """
         The replies refusing C{addresses}, which the store found over quota
         for a message of C{size} octets (as it counted them): for one
@@ -133,22 +134,25 @@ class LocalDelivery:
         RCPT for a declared size (a temporary refusal had the MTA retry
         for days what no room made would ever fit); else L{mailboxFull}.
 
+        @param names: address to the recipients as the client named them
+            (L{_namesOf}): each reply names those, as RCPT's refusal does.
         @return: a L{Deferred} of address to reply.
         """
         if not ILifecycleStore.providedBy(self._store):
-            return defer.succeed({a: self.mailboxFull(a) for a in addresses})
+            return defer.succeed({a: self.mailboxFull(names.get(a, a)) for a in addresses})
 
         def replyFor(status, address):
+            named = names.get(address, address)
             if status is not None and status.quotaOctets is not None and size > status.quotaOctets:
-                return self.tooLargeForQuota(address, status.quotaOctets)
-            return self.mailboxFull(address)
+                return self.tooLargeForQuota(named, status.quotaOctets)
+            return self.mailboxFull(named)
 
         def notAsked(failure, address):
             # The reply it had before it was asked: the message is
             # committed (or refused) already, whatever this lookup does.
             if not failure.check(TemporaryFailure):
                 _log.failure("quota lookup of a full mailbox failed", failure, event="smtp.quota_lookup_failed")
-            return self.mailboxFull(address)
+            return self.mailboxFull(names.get(address, address))
 
         def ask(address):
             d = self._store.quotaOf(address)
@@ -362,6 +366,10 @@ class LocalDelivery:
             other recipients had room).
         """
         d = self._store.deliver(envelope.recipients, source, partial=partial)
+        if partial:
+            d.addCallback(self._redeliverVanished, envelope, source)
+        else:
+            d.addErrback(self._redeliverAllVanished, envelope, source)
 
         def delivered(results):
             full = []
@@ -373,7 +381,7 @@ class LocalDelivery:
             if not full:
                 return results
             # A recipient's own reply (LMTP answers per recipient).
-            d = self._quotaRefusals(full, source.size)
+            d = self._quotaRefusals(full, source.size, _namesOf(envelope))
             d.addCallback(lambda replies: results.update(replies) or results)
             return d
 
@@ -386,28 +394,140 @@ class LocalDelivery:
                 # Nothing was stored: refuse the message with the reply
                 # for a full mailbox.
                 full = list(failure.value.addresses)
-                return self._quotaRefusals(full, source.size).addCallback(refuse, full)
+                names = _namesOf(envelope)
+                return self._quotaRefusals(full, source.size, names).addCallback(refuse, full, names)
             return failure
 
-        def refuse(replies, full):
+        def refuse(replies, full, names):
+            named = ", ".join(names.get(a, a) for a in full)
             if not set(envelope.recipients) - set(full) and all(r.enhanced == "5.2.3" for r in replies.values()):
                 # Too large for every recipient's whole quota: refused
                 # for good, as each alone would be.
                 if len(full) == 1:
                     raise replies[full[0]]
-                raise MailboxFull(
-                    552, "5.2.3", f"<{', '.join(full)}>: message larger than each mailbox's whole quota"
-                )
-            refusal = self.mailboxFull(", ".join(full))
+                raise MailboxFull(552, "5.2.3", f"<{named}>: message larger than each mailbox's whole quota")
+            refusal = self.mailboxFull(named)
             if refusal.code >= 500 and set(envelope.recipients) - set(full):
                 # One reply answers every recipient (SMTP): a permanent
                 # one would bounce the message for those with room too.
                 # A temporary one makes the MTA try again, and then the
                 # full recipient is refused at RCPT (by the size its
                 # MAIL command declares) while the others get it.
-                refusal = MailboxFull(
-                    452, "4.2.2", f"<{', '.join(full)}>: mailbox full; try the others again"
-                )
+                refusal = MailboxFull(452, "4.2.2", f"<{named}>: mailbox full; try the others again")
             raise refusal
 
         return d.addCallbacks(delivered, failed)
+
+    def _lookUpAgain(self, envelope, vanished):
+        """
+        Look the recipients of C{envelope} that were C{vanished} users'
+        addresses at commit up again, as RCPT would now (none answered
+        from memory), by the names the client gave them; put each one
+        that now names another user's address in its place in
+        C{envelope.recipients}.
+
+        A recipient accepted as a user's address (remembered for
+        L{knownLifetime}, or looked up at its RCPT) whose user has since
+        been renamed or removed, the address made an alias of another
+        user (C{mailgate user rename bob@ robert@}, then C{mailgate
+        alias add bob@ robert@}) or falling to the domain's catch-all, is
+        that user's mail now: it was refused (LMTP: C{550 5.1.1}, a bounce)
+        though its next RCPT was taken.
+
+        @return: a L{Deferred} firing with whether any recipient was put
+            in another's place.
+        """
+        for address in vanished:
+            self._known.pop(address, None)
+        named = list(namedRecipients(envelope))
+        places = [i for i, address in enumerate(envelope.recipients) if address in vanished]
+
+        def refused(failure):
+            # Refused now too (or the store failing): as it was.
+            failure.trap(SMTPReply, TemporaryFailure)
+            return None
+
+        def again(i):
+            return self.checkRecipient(named[i]).addErrback(refused)
+
+        def found(addresses):
+            moved = False
+            for i, address in zip(places, addresses):
+                if address is not None and address not in vanished:
+                    envelope.recipients[i] = address
+                    moved = True
+            return moved
+
+        return defer.gatherResults([again(i) for i in places]).addCallback(found)
+
+    def _redeliverVanished(self, results, envelope, source):
+        """
+        A partial delivery's (LMTP's) recipients that vanished (see
+        L{_lookUpAgain}) and now name another user: delivered that user's
+        copy (the one the message gave them already, if it named them
+        too), or the reply of the user's quota.
+        """
+        vanished = {a for a, r in results.items() if isinstance(r, NoSuchUser)}
+        if not vanished:
+            return results
+
+        def moved(anyMoved):
+            if not anyMoved:
+                return results
+            others = [a for a in dict.fromkeys(envelope.recipients) if a not in results]
+            if not others:
+                return results
+            d = self._store.deliver(others, source, partial=True)
+            d.addErrback(notStored, others)
+            return d.addCallback(lambda more: results.update(more) or results)
+
+        def notStored(failure, others):
+            # The others have their copies: these are told to try again.
+            if not failure.check(TemporaryFailure):
+                _log.failure("delivery to a recipient looked up again failed", failure, event="smtp.redelivery_failed")
+            names = _namesOf(envelope)
+            text = "temporary failure storing the message; try again later"
+            return {a: SMTPReply(451, "4.3.0", f"<{names.get(a, a)}> {text}") for a in others}
+
+        return self._lookUpAgain(envelope, vanished).addCallback(moved)
+
+    def _redeliverAllVanished(self, failure, envelope, source):
+        """
+        An all-or-nothing delivery (SMTP's) that failed, nothing stored,
+        for recipients that vanished (see L{_lookUpAgain}): delivered
+        again, once, if each of them now names another user.
+        """
+        failure.trap(NoSuchUser)
+        # The store names them, separated by ", " (which no address holds).
+        vanished = set(str(failure.value).split(", "))
+
+        def moved(anyMoved):
+            if not anyMoved or vanished & set(envelope.recipients):
+                return failure
+            return self._store.deliver(envelope.recipients, source, partial=False)
+
+        return self._lookUpAgain(envelope, vanished).addCallback(moved)
+
+
+def _namesOf(envelope):
+    """
+    Each of C{envelope}'s recipients (a user's address) to the recipients
+    as the client named them at RCPT (its forward-paths: an alias, a
+    detail), those of one user joined by commas: a refusal at the end of
+    DATA names what the client sent, as RCPT's does.  Naming the user's
+    own address told a sender of mail to C{abuse@example.org} (in the
+    bounce) whose mailbox the alias is.
+    """
+    names = {}
+    for address, named in zip(envelope.recipients, namedRecipients(envelope)):
+        names.setdefault(address, {})[named] = None
+    return {address: ", ".join(named) for address, named in names.items()}
+
+
+def namedRecipients(envelope):
+    """
+    The envelope's recipients as the client named them at RCPT (its
+    forward-paths), in their order: what a reply about one names (LMTP's
+    at the end of DATA too).
+    """
+    return envelope.forwardPaths or envelope.recipients

@@ -40,7 +40,7 @@ from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
 from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
-from mailgate.smtp.delivery import MailboxFull
+from mailgate.smtp.delivery import MailboxFull, namedRecipients
 from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders, traceOctets
 from mailgate.smtp.syntax import (
     BrokenSender,
@@ -1735,26 +1735,29 @@ class LMTPServer(SMTPServer):
     smtp_HELO = smtp_EHLO
 
     def _dataReplies(self, envelope, code, enhanced, text):
-        for address in envelope.recipients:
-            self._reply(code, enhanced, f"<{address}> {text}")
+        for named in namedRecipients(envelope):
+            self._reply(code, enhanced, f"<{named}> {text}")
         return None
 
     def _acknowledge(self, results, envelope):
         uniqueIds = {}
         gone = []
-        for address in envelope.recipients:
+        # Each reply names its recipient as the RCPT did (an alias, a
+        # detail), not the user's address it is: the text reaches the
+        # sender in a bounce.
+        for address, named in zip(envelope.recipients, namedRecipients(envelope)):
             result = results.get(address)
             if isinstance(result, NoSuchUser) or result is None:
                 gone.append(address)
-                self._reply(550, "5.1.1", f"<{address}> no such user here")
+                self._reply(550, "5.1.1", f"<{named}> no such user here")
             elif isinstance(result, SMTPReply):
                 self._reply(result.code, result.enhanced, result.text)
             elif isinstance(result, AlreadyDelivered):
                 uniqueIds[address] = result
-                self._reply(250, "2.0.0", f"<{address}> already delivered as {result}")
+                self._reply(250, "2.0.0", f"<{named}> already delivered as {result}")
             else:
                 uniqueIds[address] = result
-                self._reply(250, "2.0.0", f"<{address}> delivered as {result}")
+                self._reply(250, "2.0.0", f"<{named}> delivered as {result}")
         # Each recipient's reply names its message's unique id: so does
         # the log line, for matching it with the MTA's (and it names the
         # recipients refused for their quota, and those refused 550 5.1.1
