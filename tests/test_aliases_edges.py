@@ -12,7 +12,9 @@ What a sender and an administrator see:
     ago) whose user is then renamed, the old address made an alias of the
     new one (what an administrator does to keep a renamed user's mail
     coming): the next message to it is delivered to that user, over SMTP
-    and LMTP, where LMTP refused it 550 5.1.1 (a bounce) and SMTP 451.
+    and LMTP, where LMTP refused it 550 5.1.1 (a bounce) and SMTP 451;
+  - a user renamed while a message to their alias is in flight (RCPT
+    taken, DATA not yet ended) gets it.
 
 The aliases of test_aliases_e2e.py are not tested again here.  Every wait
 is bounded.
@@ -148,3 +150,29 @@ def test_oneLmtpTransactionToARememberedAddressNowAnAliasAndItsUserGivesOneCopy(
     delivery.quit()
     assert subjects(server, "dave.smith@example.org") == ["Subject: first", "Subject: both"]
     assert mailgate_cli.mailbox("dave.smith@example.org")[-1][2] == uid
+
+
+def test_aUserRenamedWhileMailToTheirAliasIsInFlightGetsIt(mailgate_server, mailgate_cli):
+    """
+    RCPT abuse@ (bob's alias) taken, then, before DATA, mailgate user
+    rename bob@ robert@ (the alias goes along): the message is robert's,
+    250 over LMTP naming abuse@ (550 5.1.1 before: bob was no longer
+    there).  Again over SMTP, renaming robert@ to abuse@ (his own alias,
+    which the rename takes over) before DATA: 250 (451 before).
+    """
+    server = mailgate_server("--smtp", LISTEN, "--lmtp", LISTEN)
+    mailgate_cli.addUser(BOB, PASSWORD)
+    mailgate_cli.check("alias", "add", ABUSE, BOB)
+    delivery = lmtp(server)
+    assert delivery.mail(SENDER)[0] == 250 and delivery.rcpt(ABUSE)[0] == 250
+    mailgate_cli.check("user", "rename", BOB, "robert@example.org")
+    code, text = delivery.data(b"Subject: renamed to robert\r\n\r\nhello\r\n")
+    assert (code, text.decode().split(" as ")[0]) == (250, f"2.0.0 <{ABUSE}> delivered"), (code, text)
+    delivery.quit()
+    client = smtp(server)
+    assert client.mail(SENDER)[0] == 250 and client.rcpt(ABUSE)[0] == 250
+    mailgate_cli.check("user", "rename", "robert@example.org", ABUSE)
+    code, text = client.data(b"Subject: renamed to abuse\r\n\r\nhello\r\n")
+    assert code == 250, (code, text)
+    client.quit()
+    assert subjects(server, ABUSE) == ["Subject: renamed to robert", "Subject: renamed to abuse"]
