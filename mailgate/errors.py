@@ -137,7 +137,13 @@ class MaildropInUse(MailgateError):
 class NoSuchUser(MailgateError):
     """
     The address names no user of this gateway.
+
+    @ivar addresses: where a delivery to several recipients failed for
+        those of them that have no user (L{mailgate.interfaces.IMailStore.deliver}
+        without C{partial}), those addresses; else empty.
     """
+
+    addresses = ()
 
 
 class UserExists(MailgateError):

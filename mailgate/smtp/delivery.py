@@ -498,8 +498,9 @@ class LocalDelivery:
         again, once, if each of them now names another user.
         """
         failure.trap(NoSuchUser)
-        # The store names them, separated by ", " (which no address holds).
-        vanished = set(str(failure.value).split(", "))
+        vanished = set(failure.value.addresses)
+        if not vanished:
+            return failure
 
         def moved(anyMoved):
             if not anyMoved or vanished & set(envelope.recipients):

@@ -921,7 +921,9 @@ def _deliverOne(cursor, engine, addresses, source, now, partial=True, userIds=No
     try:
         [results] = _deliverMessages(cursor, engine, [(addresses, source, now, partial)], userIds, quota, window)
     except _Separately as e:
-        raise NoSuchUser(", ".join(e.missing)) from None
+        refusal = NoSuchUser(", ".join(e.missing))
+        refusal.addresses = tuple(e.missing)
+        raise refusal from None
     return results
 
 
