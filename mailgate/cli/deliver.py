@@ -131,6 +131,9 @@ def _recipients(store, args):
     of that name was no such user here (67, a bounce) and the configured
     user's mail over LMTP.
 
+    @return: the users' addresses, the addresses as named, and each
+        user's address to its names (joined by commas), for what a
+        refusal says.
     @raise CommandError: one is no user's (67), or the store failed.
     """
     from mailgate.smtp.delivery import LocalDelivery
@@ -140,7 +143,7 @@ def _recipients(store, args):
         _Directory(store), getattr(args, "domains", None) or None, postmaster=getattr(args, "postmaster", None),
         recipientDelimiter=getattr(args, "recipientDelimiter", None),
     )
-    addresses, named = [], []
+    addresses, named, names = [], [], {}
     for text in args.addresses:
         try:
             address = _result(delivery.checkRecipient(text))
@@ -152,14 +155,15 @@ def _recipients(store, args):
             raise CommandError(f"no such user: {text}{why}", EX_NOUSER) from None
         addresses.append(address)
         named.append(forwardPath(text, address))
+        names.setdefault(address, {})[named[-1]] = None
     # All or nothing: an unknown recipient fails the delivery before any copy
     # is stored, so the MTA's bounce tells the whole truth.
-    return list(dict.fromkeys(addresses)), list(dict.fromkeys(named))
+    return list(dict.fromkeys(addresses)), list(dict.fromkeys(named)), {a: ", ".join(n) for a, n in names.items()}
 
 
 def _deliver(store, args, out, stdin):
     sender = None if args.sender is None else _sender(args.sender)
-    addresses, named = _recipients(store, args)
+    addresses, named, names = _recipients(store, args)
     trace = ()
     if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came
@@ -204,19 +208,23 @@ def _deliver(store, args, out, stdin):
     except NoSuchUser as e:
         raise CommandError(f"no such user: {e}", EX_NOUSER)
     except QuotaExceeded as e:
+        # Named as given (an alias, a detail), as SMTP's and LMTP's
+        # refusals name them: the MTA's bounce reaches the sender, who is
+        # not told whose mailbox an alias is.
+        refusal = "mailbox full: " + ", ".join(names.get(a, a) for a in e.addresses)
         if set(e.addresses) >= set(addresses) and _largerThanEveryQuota(store, e.addresses, source.size):
             # No room the users make will ever fit it (SMTP and LMTP answer
             # 552 5.2.3 at RCPT): a bounce now, not days of retries.
-            raise CommandError(f"{e} (the message is larger than the mailbox's whole quota)", EX_NOPERM)
+            raise CommandError(f"{refusal} (the message is larger than the mailbox's whole quota)", EX_NOPERM)
         if getattr(args, "quotaExceeded", None) == "permanent" and set(e.addresses) >= set(addresses):
             # The server's file refuses a full mailbox for good, as its
             # SMTP and LMTP do (552 5.2.2): the MTA bounces the message
             # rather than keep it for days.  Not when other recipients had
             # room (SMTP's rule too): they would lose it as well.
-            raise CommandError(f"{e} (refused for good: quota-exceeded is permanent)", EX_NOPERM)
+            raise CommandError(f"{refusal} (refused for good: quota-exceeded is permanent)", EX_NOPERM)
         # Temporary: the MTA keeps the message and retries once the user
         # has made room (Dovecot's default for a full mailbox).
-        raise CommandError(f"{e}; try again later", EX_TEMPFAIL)
+        raise CommandError(f"{refusal}; try again later", EX_TEMPFAIL)
     finally:
         source.close()
     for address, uniqueId in results.items():
