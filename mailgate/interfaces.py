@@ -337,6 +337,14 @@ class IMailStore(Interface):
         no user's address.
         """
 
+    def findAliases(addresses):
+        """
+        Look up several aliases in one statement (an alias and its
+        domain's catch-all, C{@domain}): a L{Deferred} dict of each of
+        C{addresses} that is an alias of a user to the address of that
+        user; the others are not in it.
+        """
+
     def hasDomain(domain):
         """
         Whether any user's address, or any alias, is in C{domain}: a

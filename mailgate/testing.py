@@ -237,6 +237,9 @@ class FaultInjectingStore:
     def findAlias(self, address):
         return self._call("findAlias", address)
 
+    def findAliases(self, addresses):
+        return self._call("findAliases", addresses)
+
     def hasDomain(self, domain):
         return self._call("hasDomain", domain)
 

@@ -118,6 +118,7 @@ class _Directory:
     def __init__(self, store):
         self.findUser = store.findUser
         self.findAlias = store.findAlias
+        self.findAliases = store.findAliases
         self.hasDomain = store.hasDomain
 
 

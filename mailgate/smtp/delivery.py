@@ -266,15 +266,20 @@ class LocalDelivery:
         def domainChecked(accepted):
             if not accepted:
                 raise SMTPReply(550, "5.7.1", f"<{mailbox}>: relay access denied")
+            # The catch-all answers each look-up of an alias brought along
+            # (one statement for both), for _toCatchAll.
+            looked = {}
             if address is None:
                 d = defer.fail(SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here"))
             else:
-                d = self._checkUser(mailbox, address, size, postmasterIfMissing=local.lower() == POSTMASTER)
-            return d.addErrback(self._toCatchAll, mailbox, domain, size)
+                d = self._checkUser(
+                    mailbox, address, size, postmasterIfMissing=local.lower() == POSTMASTER, looked=looked
+                )
+            return d.addErrback(self._toCatchAll, mailbox, domain, size, looked)
 
         return self._acceptsDomain(domain).addCallback(domainChecked)
 
-    def _toCatchAll(self, failure, mailbox, domain, size):
+    def _toCatchAll(self, failure, mailbox, domain, size, looked):
         """
         A recipient of C{domain} refused as no one's (C{5.1.1}: no user,
         alias or detail of either has it, nor C{--postmaster} for
@@ -282,6 +287,9 @@ class LocalDelivery:
         (C{@domain}, as Postfix's C{virtual_alias_maps} has it), if there
         is one: looked up last, so that every address someone has stays
         theirs.  Any other refusal (a full mailbox) stands.
+
+        @param looked: catch-all address to its target (or C{None}), as
+            the look-ups of aliases found them: not asked again.
         """
         failure.trap(SMTPReply)
         if failure.value.enhanced != "5.1.1":
@@ -292,7 +300,10 @@ class LocalDelivery:
                 return failure
             return self._checkUser(mailbox, target, size, aliased=True)
 
-        return self._store.findAlias(CATCH_ALL + domain).addCallback(found)
+        catchAll = CATCH_ALL + domain
+        if catchAll in looked:
+            return found(looked[catchAll])
+        return self._store.findAlias(catchAll).addCallback(found)
 
     def withoutDetail(self, address):
         """
@@ -302,7 +313,7 @@ class LocalDelivery:
         """
         return withoutDetail(address, self.recipientDelimiter)
 
-    def _checkUser(self, mailbox, address, size, postmasterIfMissing=False, aliased=False):
+    def _checkUser(self, mailbox, address, size, postmasterIfMissing=False, aliased=False, looked=None):
         """
         Accept C{address} if it is a user's, or an alias of a user's
         (L{mailgate.interfaces.ILifecycleStore.addAlias}), with room for
@@ -311,6 +322,8 @@ class LocalDelivery:
         @param aliased: C{address} is the user an alias named: no alias or
             detail of it is looked for (a user removed meanwhile is no
             such user).
+        @param looked: where the domain's catch-all found with an alias is
+            kept (see L{_toCatchAll}), or C{None}.
         """
         # Quotas are checked here where the store keeps them; any store
         # still checks what it keeps when the message is committed.
@@ -322,8 +335,12 @@ class LocalDelivery:
                 if aliased:
                     raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")
                 # No user of the whole name: an alias of that name, as
-                # Postfix looks the whole address up first.
-                return self._store.findAlias(address).addCallback(aliasChecked)
+                # Postfix looks the whole address up first, and in the same
+                # statement the domain's catch-all, asked last of all
+                # (_toCatchAll): an unknown recipient costs one look-up of
+                # aliases, not two.
+                catchAll = CATCH_ALL + address.rpartition("@")[2]
+                return self._store.findAliases([address, catchAll]).addCallback(aliasesFound, catchAll)
             if not quotas or (status.quotaOctets is None and status.quotaMessages is None):
                 self._remember(address, generation)
             elif not status.fits(max(size or 0, 1)):
@@ -331,6 +348,11 @@ class LocalDelivery:
                     raise self.tooLargeForQuota(mailbox, status.quotaOctets)
                 raise self.mailboxFull(mailbox)
             return address
+
+        def aliasesFound(found, catchAll):
+            if looked is not None:
+                looked[catchAll] = found.get(catchAll)
+            return aliasChecked(found.get(address))
 
         def aliasChecked(target):
             if target is not None:
@@ -341,7 +363,9 @@ class LocalDelivery:
             # whole).
             user = self.withoutDetail(address) if address != self.postmaster else None
             if user is not None:
-                return self._checkUser(mailbox, user, size, postmasterIfMissing=user.rpartition("@")[0] == POSTMASTER)
+                return self._checkUser(
+                    mailbox, user, size, postmasterIfMissing=user.rpartition("@")[0] == POSTMASTER, looked=looked
+                )
             if postmasterIfMissing:
                 return self._toPostmaster(mailbox, size)
             raise SMTPReply(550, "5.1.1", f"<{mailbox}>: no such user here")

@@ -45,6 +45,22 @@ def _aliasTarget(cursor, address):
     return None if row is None else row[0]
 
 
+def _aliasTargets(cursor, addresses):
+    """
+    The aliases among C{addresses} that name a user, each to the address
+    of its user: one statement for an alias and its domain's catch-all
+    (L{mailgate.smtp.delivery.LocalDelivery}'s look-up of a recipient no
+    user has).
+    """
+    marks = ", ".join("?" * len(addresses))
+    cursor.execute(
+        f"SELECT a.address, u.address FROM aliases a JOIN users u ON u.user_id = a.user_id "
+        f"WHERE a.address IN ({marks})",
+        list(addresses),
+    )
+    return dict(cursor.fetchall())
+
+
 def refuseAlias(cursor, address):
     """
     Refuse C{address} as a new user's address (L{mailgate.store.sql._addUser},

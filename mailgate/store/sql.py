@@ -1063,6 +1063,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
     def findAlias(self, address):
         return self.database.runInteraction(aliases._aliasTarget, address)
 
+    def findAliases(self, addresses):
+        return self.database.runInteraction(aliases._aliasTargets, list(addresses))
+
     def hasDomain(self, domain):
         return self.database.runInteraction(_hasDomain, domain)
 
