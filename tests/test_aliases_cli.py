@@ -165,3 +165,46 @@ def test_userImportFailsTheLineOfAnAlias(cli, tmp_path):
         f"(mailgate alias del {ABUSE} first)"
     )
     assert cli.user(ABUSE) is None
+
+
+def test_aliasListVirtualIsWhatPostfixAndAliasImportRead(cli, tmp_path):
+    """
+    alias list --virtual writes the aliases as Postfix's virtual(5) file:
+    the real postmap gives each alias its user, and each user of a domain
+    with a catch-all themself (without that line Postfix's catch-all would
+    take their mail, which mailgate's never does); alias import reads it
+    back into another database as it was.
+    """
+    from tests.test_alias_import import _postmap
+
+    cli.add("carol@other.example", PASSWORD)
+    for alias, user in ((ABUSE, BOB), ("@example.org", ALICE), ("info@other.example", "carol@other.example")):
+        assert cli("alias", "add", alias, user).code == 0
+    listed = cli("alias", "list", "--virtual")
+    assert listed.code == 0, listed
+    query, warned = _postmap(tmp_path, listed.out)
+    assert warned == set()
+    assert query(ABUSE) == (BOB,)
+    assert query("anyone@example.org") is None and query("@example.org") == (ALICE,)
+    assert query(BOB) == (BOB,) and query(ALICE) == (ALICE,)
+    assert query("info@other.example") == ("carol@other.example",)
+    # No catch-all in other.example: carol needs no line of her own.
+    assert query("carol@other.example") is None
+    # One user's: their aliases, and their own line where a catch-all needs it.
+    assert cli("alias", "list", BOB, "--virtual").out.splitlines()[1:] == [
+        f"{ABUSE} {BOB}",
+        "# each user of a domain with a catch-all, to itself: else the catch-all takes its mail",
+        f"{BOB} {BOB}",
+    ]
+    both = cli("alias", "list", "--virtual", "--json")
+    assert both.code == 64
+
+    other = CLI(tmp_path / "other.sqlite3")
+    other.add(ALICE, PASSWORD)
+    other.add(BOB, BOB_PASSWORD)
+    other.add("carol@other.example", PASSWORD)
+    virtual = tmp_path / "exported"
+    virtual.write_text(listed.out)
+    imported = other("alias", "import", str(virtual))
+    assert imported.code == 0, imported
+    assert other("alias", "list", "--json").out == cli("alias", "list", "--json").out

@@ -40,7 +40,7 @@ C{mailgate}: the administrator's command.
   mailgate ban del ADDRESS
   mailgate alias add ALIAS ADDRESS
   mailgate alias del ALIAS
-  mailgate alias list [ADDRESS] [--json]
+  mailgate alias list [ADDRESS] [--json | --virtual]
   mailgate alias import VIRTUAL-FILE [--dry-run]
 
 It works on the database directly and synchronously (no reactor), through

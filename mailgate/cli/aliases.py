@@ -12,7 +12,6 @@ from mailgate.cli.common import (
     EX_DATAERR,
     EX_NOINPUT,
     EX_NOUSER,
-    _addJSON,
     _address,
     _forUser,
     _jsonLines,
@@ -106,6 +105,8 @@ def _aliasDel(store, args, out, stdin):
 
 def _aliasList(store, args, out, stdin):
     aliases = _forUser(args.address, store.listAliases(args.address))
+    if args.virtual:
+        return _virtualListing(store, args, aliases, out)
     if args.json:
         return _jsonLines(out, ({"alias": a.alias, "user": a.address} for a in aliases))
     width = max([len("ALIAS"), *(len(a.alias) for a in aliases)])
@@ -114,6 +115,44 @@ def _aliasList(store, args, out, stdin):
         # An alias whose user was removed by hand (not with user del):
         # no mail reaches it (db check names it).
         out.write(f"{a.alias:<{width}}  {a.address if a.address is not None else '- (no such user)'}\n")
+
+
+def _virtualListing(store, args, aliases, out):
+    """
+    C{alias list --virtual}: the aliases as lines of Postfix's virtual(5)
+    source file, for a site moving its mail to a Postfix in front (or
+    away: the other half of C{mailgate mailbox export}), which
+    C{mailgate alias import} reads back.  A catch-all there takes mail to
+    the domain's every address, its users' own too, unless each is mapped
+    to itself (virtual(5): virtual_alias_maps is asked before any
+    mailbox); here no catch-all takes a user's mail, so each user of a
+    domain with a catch-all gets that line, as virtual(5) shows.
+    """
+    from mailgate.store.paging import LISTING_PAGE
+
+    gone = [a.alias for a in aliases if a.address is None]
+    kept = [a for a in aliases if a.address is not None]
+    catchAlls = {a.alias[len(CATCH_ALL):] for a in _result(store.listAliases()) if a.alias.startswith(CATCH_ALL)}
+    out.write("# mailgate's aliases, as Postfix's virtual(5) reads them (postmap it for virtual_alias_maps)\n")
+    for a in kept:
+        out.write(f"{a.alias} {a.address}\n")
+    if catchAlls:
+        if args.address is None:
+            guarded = (u.address for u in _result(store.listUsers(page=LISTING_PAGE)))
+        else:
+            guarded = [args.address]
+        said = False
+        for user in guarded:
+            if user.rpartition("@")[2] in catchAlls:
+                if not said:
+                    out.write("# each user of a domain with a catch-all, to itself: else the catch-all takes its mail\n")
+                    said = True
+                out.write(f"{user} {user}\n")
+    if gone:
+        # Not written: there is no user for Postfix to give their mail to.
+        args.stderr.write(
+            f"mailgate: left out, their user no longer there (mailgate db check): {', '.join(gone)}\n"
+        )
 
 
 def _aliasImportOptions(args):
@@ -462,5 +501,12 @@ def _addAliasCommands(commands):
         "each with the user whose mail it is. Exit 67 if there is no user ADDRESS.",
     )
     aliasList.add_argument("address", metavar="ADDRESS", nargs="?")
-    _addJSON(aliasList)
+    shown = aliasList.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="one JSON object per line, for scripts, instead of the table")
+    shown.add_argument(
+        "--virtual",
+        action="store_true",
+        help="as lines of Postfix's virtual(5) file (alias import reads them back; with a catch-all, each "
+        "user of its domain mapped to itself, as Postfix needs)",
+    )
     aliasList.set_defaults(run=_aliasList, migrate=True, readsOnly=True, readOptions=_readAddresses("address"))
