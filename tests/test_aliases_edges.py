@@ -20,9 +20,9 @@ The aliases of test_aliases_e2e.py are not tested again here.  Every wait
 is bounded.
 """
 
-import smtplib
 
-from e2e import DEADLINE, mailgate_cli, mailgate_server, popLogin, retrieve  # noqa: F401
+from e2e import mailgate_cli, mailgate_server, popLogin, retrieve  # noqa: F401
+from test_aliases_e2e import lmtp, smtp, transaction
 
 BOB = "bob@example.org"
 ABUSE = "abuse@example.org"
@@ -32,32 +32,6 @@ LISTEN = "tcp:0:interface=127.0.0.1"
 #: 61 lines of 72 octets: over a quota of 2000 octets, with no SIZE
 #: declared, so that RCPT takes it and the end of DATA refuses it.
 LARGE = b"Subject: large\r\n\r\n" + b"x" * 70 + (b"\r\n" + b"x" * 70) * 60 + b"\r\n"
-
-
-def smtp(server):
-    client = smtplib.SMTP("127.0.0.1", server.portOf("SMTP"), timeout=DEADLINE)
-    client.ehlo("mta.test")
-    return client
-
-
-def lmtp(server):
-    client = smtplib.LMTP(timeout=DEADLINE)
-    client.connect("127.0.0.1", server.portOf("LMTP"))
-    client.ehlo("mta.test")
-    return client
-
-
-def transaction(client, recipients, message, replies=1):
-    """
-    One transaction: the RCPT replies, and the C{replies} replies to the
-    end of DATA (LMTP answers once for each recipient accepted), as
-    (code, text) pairs.
-    """
-    assert client.mail(SENDER)[0] == 250
-    accepted = [client.rcpt(r) for r in recipients]
-    ended = [client.data(message)]
-    ended += [client.getreply() for _ in range(replies - 1)]
-    return [(code, text.decode()) for code, text in accepted], [(code, text.decode()) for code, text in ended]
 
 
 def subjects(server, address):

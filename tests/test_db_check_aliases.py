@@ -11,6 +11,7 @@ is no alias it lists no such check, as for UTF-8 names.
 """
 
 from e2e import AdminCommand
+from test_db_check import _execute
 from mailgate.store import engineFromURL
 from mailgate.store.database import runTransaction
 
@@ -30,24 +31,6 @@ BOTH_ADVICE = (
     "addresses that are both a user's and an alias (commands of two nodes at once): mail to them is "
     "the user's, the alias reaches no one; remove the alias, mailgate alias del ADDRESS"
 )
-
-
-def _byHand(url, *statements):
-    """
-    Run C{statements} (the test's own, without quotes in its values) in
-    one transaction, as an administrator with a SQL shell would.
-    """
-    engine = engineFromURL(url)
-    conn = engine.connect()
-
-    def run(cursor):
-        for statement in statements:
-            cursor.execute(statement)
-
-    try:
-        runTransaction(engine, conn, run, (), {}, True)
-    finally:
-        conn.close()
 
 
 def _userId(url, address):
@@ -90,7 +73,7 @@ def test_aliasesOfAUserGoneAndAddressesBothAUsersAndAnAliasAreNamed(databaseURL,
     assert _named(out, BOTH) == [f"{BOTH}: ok"]
 
     bob = _userId(databaseURL, BOB)
-    _byHand(
+    _execute(
         databaseURL,
         f"DELETE FROM mailboxes WHERE user_id = {bob}",
         f"DELETE FROM users WHERE user_id = {bob}",
