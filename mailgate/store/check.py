@@ -398,6 +398,19 @@ def _anyAlias(cursor, engine, timeout):
     return cursor.fetchone() is not None
 
 
+def _whereSeen(database, name, timeout, advice, check, *args):
+    """
+    The finding of a check listed only where what it looks at is there at
+    all (users with UTF-8 names, users restricted to networks): C{check}
+    gives C{(seen, wrong, examples)}; nothing if it saw none.
+    """
+    try:
+        seen, wrong, examples = _timed(database, name, timeout, check, *args)
+    except DatabaseDamaged as e:
+        return [Finding(name, damaged=_reason(e))]
+    return [Finding(name, wrong, examples, advice)] if seen else []
+
+
 def _invariant(database, engine, timeout, name, query, show, advice):
     """
     The L{Finding} of one invariant (L{INVARIANTS}).
@@ -463,24 +476,14 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
     for invariant in INVARIANTS if invariants else ():
         findings.append(_invariant(database, engine, timeout, *invariant))
     if invariants and addressForm is not None:
-        try:
-            seen, wrong, examples = _timed(
-                database, _ADDRESS_FORMS, timeout, _addressForms, engine, timeout, addressForm
-            )
-        except DatabaseDamaged as e:
-            findings.append(Finding(_ADDRESS_FORMS, damaged=_reason(e)))
-        else:
-            if seen:
-                findings.append(Finding(_ADDRESS_FORMS, wrong, examples, _ADDRESS_FORMS_ADVICE))
+        findings += _whereSeen(
+            database, _ADDRESS_FORMS, timeout, _ADDRESS_FORMS_ADVICE, _addressForms, engine, timeout, addressForm
+        )
     if invariants:
-        try:
-            seen, wrong, examples = _timed(database, _ALLOWED_NETWORKS, timeout, _allowedNetworks, engine, timeout)
-        except DatabaseDamaged as e:
-            findings.append(Finding(_ALLOWED_NETWORKS, damaged=_reason(e)))
-        else:
-            # Listed where some user is restricted, as the UTF-8 names.
-            if seen:
-                findings.append(Finding(_ALLOWED_NETWORKS, wrong, examples, _ALLOWED_NETWORKS_ADVICE))
+        # Listed where some user is restricted, as the UTF-8 names.
+        findings += _whereSeen(
+            database, _ALLOWED_NETWORKS, timeout, _ALLOWED_NETWORKS_ADVICE, _allowedNetworks, engine, timeout
+        )
     if invariants:
         try:
             aliases = _timed(database, ALIAS_INVARIANTS[0][0], timeout, _anyAlias, engine, timeout)
