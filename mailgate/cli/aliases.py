@@ -72,12 +72,8 @@ def _aliasAdd(store, args, out, stdin):
         raise CommandError(f"{alias} is the user's own address: an alias is another one", EX_CANTCREAT)
     try:
         added = _forUser(address, store.addAlias(alias, address))
-    except UserExists:
-        raise CommandError(f"{alias} is a user's address: an address is a user's or an alias", EX_CANTCREAT)
-    except AliasExists as e:
-        raise CommandError(
-            f"{alias} is an alias of {e.target}: remove it first (mailgate alias del {alias})", EX_CANTCREAT
-        )
+    except (UserExists, AliasExists) as e:
+        raise CommandError(_refusedAlias(alias, address, e), EX_CANTCREAT)
     if added and alias.startswith(CATCH_ALL):
         out.write(
             f"added {alias}, the catch-all of {alias[1:]}: mail to an address there that no user or alias "
