@@ -129,6 +129,37 @@ def _text(address):
     return address
 
 
+#: A master user's name (L{masterName}): lower-case letters, digits and
+#: C{. _ - @}, so that no character a separator may be
+#: (L{MASTER_SEPARATORS}) is ever part of one.
+_MASTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,127}$")
+
+#: The characters that may separate a user's name from a master user's in
+#: one login name (Dovecot's C{auth_master_user_separator}, C{*} most
+#: often): printable ASCII that no master name holds.
+MASTER_SEPARATORS = "*%!#$&+/=?^`|~:;,"
+
+
+def masterName(name):
+    """
+    A master user's name as given to a C{mailgate master} command or by a
+    client at login, normalised: lower-cased, as user names are compared
+    (C{Admin} logs in as C{admin}).  Master users are not mailboxes (they
+    receive no mail and have no address): a name is letters, digits and
+    C{. _ - @}, up to 128 characters (C{admin}, C{helpdesk@example.org}).
+
+    @param name: as L{str} or UTF-8 L{bytes}.
+    @raise InvalidAddress: if it is no such name.
+    """
+    name = _text(name)
+    lowered = name.lower()
+    if not _MASTER_NAME.match(lowered) or not lowered.isascii():
+        raise InvalidAddress(
+            "a master user's name is 1 to 128 letters, digits and . _ - @, starting with a letter or digit"
+        )
+    return lowered
+
+
 def loginAddress(name, defaultRealm=None):
     """
     The address a login name stands for: the name itself, normalised; or,

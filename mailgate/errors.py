@@ -177,6 +177,18 @@ class NoSuchAlias(MailgateError):
     """
 
 
+class MasterUserExists(MailgateError):
+    """
+    A master user of this name already exists.
+    """
+
+
+class NoSuchMasterUser(MailgateError):
+    """
+    There is no master user of this name.
+    """
+
+
 class InvalidAddress(MailgateError, ValueError):
     """
     The text is not a mailbox address mailgate accepts.

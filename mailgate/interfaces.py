@@ -345,6 +345,13 @@ class IMailStore(Interface):
         user; the others are not in it.
         """
 
+    def findMasterUser(name):
+        """
+        Look up a master user (L{ILifecycleStore.addMasterUser}) by its
+        normalised name (L{mailgate.address.masterName}): a L{Deferred}
+        L{mailgate.records.MasterUserRecord}, or C{None}.
+        """
+
     def hasDomain(domain):
         """
         Whether any user's address, or any alias, is in C{domain}: a
@@ -830,6 +837,44 @@ class ILifecycleStore(Interface):
         @return: a L{Deferred} list of L{mailgate.records.AliasRecord} in
             the code point order of the aliases; fails with
             L{mailgate.errors.NoSuchUser} if C{address} is no user's.
+        """
+
+    def addMasterUser(name, passwordHash):
+        """
+        Add a master user: a name (normalised, L{mailgate.address.masterName})
+        and a password hash that log in to any user's maildrop, as
+        Dovecot's master users do, where the server allows master logins.
+        Master users are not users: they have no maildrop, and their names
+        are apart from the users' addresses.
+
+        @return: a L{Deferred} of C{None} once durably committed; fails with
+            L{mailgate.errors.MasterUserExists}.
+        """
+
+    def setMasterUserPassword(name, passwordHash):
+        """
+        Replace a master user's password hash: the old password fails at
+        once on every node.
+
+        @return: a L{Deferred} of C{None}; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+
+    def removeMasterUser(name):
+        """
+        Remove a master user: its logins fail from then on, on every node
+        (sessions it opened go on to their end).
+
+        @return: a L{Deferred} of C{None}; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+
+    def listMasterUsers():
+        """
+        Every master user.
+
+        @return: a L{Deferred} list of L{mailgate.records.MasterUserRecord}
+            in the code point order of their names.
         """
 
     def renameUser(old, new):

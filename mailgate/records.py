@@ -79,6 +79,26 @@ class AliasRecord:
     address = attr.ib()
 
 
+@attr.s(frozen=True, slots=True, repr=False)
+class MasterUserRecord:
+    """
+    A master user (L{mailgate.interfaces.ILifecycleStore.addMasterUser}):
+    a name and password that log in to any user's maildrop, as Dovecot's
+    master users do (for a helpdesk, a backup, a migration tool).  Not a
+    mailbox: it has no address and receives no mail.
+    """
+
+    #: the name, normalised (L{mailgate.address.masterName})
+    name = attr.ib()
+    passwordHash = attr.ib()
+    #: when it was added, in seconds since the epoch
+    createdAt = attr.ib(default=None)
+
+    def __repr__(self):
+        # Never let password material reach a log line.
+        return f"<MasterUserRecord {self.name}>"
+
+
 class AlreadyDelivered(str):
     """
     The unique id a recipient's copy of a message got when it was first

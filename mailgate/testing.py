@@ -240,6 +240,9 @@ class FaultInjectingStore:
     def findAliases(self, addresses):
         return self._call("findAliases", addresses)
 
+    def findMasterUser(self, name):
+        return self._call("findMasterUser", name)
+
     def hasDomain(self, domain):
         return self._call("hasDomain", domain)
 
@@ -387,6 +390,18 @@ class FaultInjectingStore:
 
     def listAliases(self, address=None):
         return self._call("listAliases", address)
+
+    def addMasterUser(self, name, passwordHash):
+        return self._call("addMasterUser", name, passwordHash)
+
+    def setMasterUserPassword(self, name, passwordHash):
+        return self._call("setMasterUserPassword", name, passwordHash)
+
+    def removeMasterUser(self, name):
+        return self._call("removeMasterUser", name)
+
+    def listMasterUsers(self):
+        return self._call("listMasterUsers")
 
     def renameUser(self, old, new):
         return self._call("renameUser", old, new)

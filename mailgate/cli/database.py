@@ -99,6 +99,8 @@ def _dbCopy(store, args, out, stdin):
     )
     if report.bans:
         out.write(f"copied {counted(report.bans, 'ban')} in force\n")
+    if report.masterUsers:
+        out.write(f"copied {counted(report.masterUsers, 'master user')}\n")
     bans = f" and {counted(report.bans, 'ban')}" if report.bans else ""
     audit.outcome(args, f"copied {counted(report.users, 'user')}, {counted(report.messages, 'message')}{kept}{bans}")
 

@@ -41,6 +41,7 @@ class CopyReport:
     bodies = attr.ib(default=0)
     octets = attr.ib(default=0)
     bans = attr.ib(default=0)
+    masterUsers = attr.ib(default=0)
 
 
 def _pages(cursor, keyColumns, columns, table):
@@ -117,6 +118,8 @@ _TABLES = [
         ("user_id", "delivery_key", "uidl", "delivered_at"),
     ),
     ("aliases", ("address",), ("address", "domain", "user_id", "created_at")),
+    # So that a helpdesk's or a backup's master login works after the move.
+    ("master_users", ("name",), ("name", "password_hash", "created_at")),
 ]
 
 
@@ -183,6 +186,11 @@ def copyDatabase(source, target):
         targetCursor.execute("SELECT count(*) FROM users")
         if targetCursor.fetchone()[0]:
             raise CopyError("the target database already has users; copy into an empty database")
+        # A master user added there first (its name then the source's too)
+        # is no copy's to replace.
+        targetCursor.execute("SELECT count(*) FROM master_users")
+        if targetCursor.fetchone()[0]:
+            raise CopyError("the target database already has master users; copy into an empty database")
         # Once first, on the empty target, so that a role that may not set
         # the ids' sequence is refused before the whole source is read.
         targetEngine.resetIdentity(targetCursor, "users", "user_id")
@@ -200,6 +208,8 @@ def copyDatabase(source, target):
                         report.messages += len(rows)
                     elif table == "deleted_mail":
                         report.kept += len(rows)
+                    elif table == "master_users":
+                        report.masterUsers += len(rows)
                     elif table == "bodies":
                         report.bodies += len(rows)
                         for row in rows:

@@ -28,6 +28,7 @@ from mailgate.store.imported import (
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
 from mailgate.store.aliases import _addAlias, _addAliases, _listAliases, _removeAlias, refuseAlias
+from mailgate.store.masterusers import _addMasterUser, _listMasterUsers, _removeMasterUser, _setMasterUserPassword
 from mailgate.store.recovery import (
     _deletedPage,
     _dropKept,
@@ -673,6 +674,45 @@ class LifecycleStore:
             for a C{address} no user has.
         """
         return self.database.runInteraction(_listAliases, address)
+
+    def addMasterUser(self, name, passwordHash):
+        """
+        Add a master user (L{mailgate.store.masterusers}): its logins work
+        from the next one on, on every node.
+
+        @return: a L{Deferred} of C{None} once durably committed; fails with
+            L{mailgate.errors.MasterUserExists}.
+        """
+        return self.database.runWrite(_addMasterUser, name, passwordHash, int(self._now()))
+
+    def setMasterUserPassword(self, name, passwordHash):
+        """
+        Replace a master user's password hash: the old password fails from
+        the next login on, on every node.
+
+        @return: a L{Deferred} of C{None}; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+        return self.database.runWrite(_setMasterUserPassword, name, passwordHash)
+
+    def removeMasterUser(self, name):
+        """
+        Remove a master user: its logins fail from the next one on, on
+        every node (sessions it opened go on to their end).
+
+        @return: a L{Deferred} of C{None}; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+        return self.database.runWrite(_removeMasterUser, name)
+
+    def listMasterUsers(self):
+        """
+        Every master user.
+
+        @return: a L{Deferred} list of L{mailgate.records.MasterUserRecord}
+            in the code point order of their names.
+        """
+        return self.database.runInteraction(_listMasterUsers)
 
     def renameUser(self, old, new):
         """

@@ -455,6 +455,23 @@ MIGRATIONS = [
             "CREATE INDEX aliases_user ON aliases (user_id)",
         ],
     ),
+    Migration(
+        18,
+        "master users: names and passwords that log in to any user's maildrop (Dovecot's master users)",
+        [
+            # mailgate master add (mailgate.store.masterusers): a name apart
+            # from the users' addresses and a password hash, nothing more
+            # (master logins are USER/PASS and SASL PLAIN).  Keyed by the
+            # name, the one look-up a master login makes.
+            """
+            CREATE TABLE master_users (
+                name TEXT NOT NULL PRIMARY KEY,
+                password_hash TEXT NOT NULL,
+                created_at {bigint} NOT NULL
+            )
+            """,
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
@@ -471,6 +488,7 @@ TABLE_PRIVILEGES = {
             "users", "mailboxes", "bodies", "body_chunks", "maildrop", "auth_failures",
             "failing_addresses", "bans", "ban_version", "deleted_mail", "mailgate_nodes",
             "pop3_sessions", "imported_ids", "shared_secrets", "recent_deliveries", "aliases",
+            "master_users",
         ),
         READ_WRITE,
     ),

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from mailgate.errors import MaildropLockLost, NoSuchUser, QuotaExceeded, TemporaryFailure, UserExists
 from mailgate.interfaces import ILifecycleStore, IMaildrop, IMailStore, IMessageBody
-from mailgate.store import aliases, lifecycle, paging
+from mailgate.store import aliases, lifecycle, masterusers, paging
 from mailgate.store.aliases import aliasesAmong, refuseAlias
 from mailgate.store.database import BatchableWrite, updatesMailboxes
 from mailgate.store.guarded import LOCK_LOST, Guarded, lockedOutOfSession
@@ -1065,6 +1065,9 @@ class SQLMailStore(lifecycle.LifecycleStore):
 
     def findAliases(self, addresses):
         return self.database.runInteraction(aliases._aliasTargets, list(addresses))
+
+    def findMasterUser(self, name):
+        return self.database.runInteraction(masterusers._findMasterUser, name)
 
     def hasDomain(self, domain):
         return self.database.runInteraction(_hasDomain, domain)
