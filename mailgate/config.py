@@ -42,7 +42,7 @@ import tomllib
 import attr
 from twisted.internet.endpoints import serverFromString
 
-from mailgate.address import asciiDomain, normalizeDomain, userAddress
+from mailgate.address import MASTER_SEPARATORS, asciiDomain, normalizeDomain, userAddress
 from mailgate.affinity import formatCPUs, parseCPUs
 from mailgate.auth.oauth import ALGORITHMS as _JWT_ALGORITHMS
 from mailgate.auth.oauth import DEFAULT_ALGORITHMS as _JWT_DEFAULT_ALGORITHMS
@@ -931,6 +931,20 @@ class RecipientDelimiter(Kind):
         return value
 
 
+class MasterUserSeparator(Kind):
+    """
+    One character that no master user's name holds
+    (L{mailgate.address.MASTER_SEPARATORS}).
+    """
+
+    metavar = "CHARACTER"
+
+    def check(self, value):
+        if len(value) != 1 or value not in MASTER_SEPARATORS:
+            raise ValueError(f"must be one of {MASTER_SEPARATORS} (such as *)")
+        return value
+
+
 # -- settings ------------------------------------------------------------------
 
 
@@ -1341,6 +1355,23 @@ SETTINGS = (
         "clients set up with the bare user name of a server that took it.  "
         "Names with a domain are as they are.",
         example="example.org",
+    ),
+    Setting(
+        "master-users", "masterUsers", Boolean(), False,
+        "Let master users (mailgate master add) log in to any user's maildrop with their own "
+        "password, as Dovecot's master users do: by AUTH PLAIN with the user as the authorisation "
+        "identity and the master user as the authentication identity, and with master-user-separator "
+        "by USER user*master.  The user's disabled state, allowed networks and maildrop lock apply; "
+        "every line of such a session names the master user.  Off, an authorisation identity naming "
+        "another user is refused.",
+        flags={"master-users": True},
+    ),
+    Setting(
+        "master-user-separator", "masterUserSeparator", MasterUserSeparator(), None,
+        "The character that separates a user's name from a master user's in a login name (USER, "
+        "PLAIN, LOGIN), as Dovecot's auth_master_user_separator: with *, USER alice@example.org*admin "
+        "and admin's password log in to alice's maildrop.  Set, master logins are on (as with master-users).",
+        example="*",
     ),
     Setting(
         "auth-cache-size", "authCacheSize", Integer(), 10000,

@@ -58,7 +58,10 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: or off (oauth2-keys set or emptied), which changes what CAPA and the
 #: SASL server offer (OAUTHBEARER, XOAUTH2) and which checkers the portal
 #: was built with; while OAuth stays on, OAUTH2_SETTINGS apply to the
-#: logins after the SIGHUP.
+#: logins after the SIGHUP; master-users and master-user-separator, which
+#: checkers the portal was built with and what the SASL server's PLAIN and
+#: LOGIN make of a name (a master login turned off must not be let in by
+#: an exchange begun before).
 SESSION_SETTINGS = {
     "greeting": (POP3Factory, "greeting"),
     "idle-timeout": (POP3Factory, "idleTimeout"),

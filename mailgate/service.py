@@ -1188,6 +1188,7 @@ def makePOP3Factory(
         loginDelay=config.loginDelay,
         defaultRealm=config.authDefaultRealm,
         tokens=tokens,
+        masterUsers=masterLogins(config),
     )
     # EXPIRE in CAPA: the store's retention, where it has one.
     expire = store.retention.capability if ILifecycleStore.providedBy(store) else None
@@ -1209,16 +1210,26 @@ def makePOP3Factory(
         expire=expire,
         defaultRealm=config.authDefaultRealm,
         clientWorkarounds=config.pop3ClientWorkarounds,
+        masterUserSeparator=config.masterUserSeparator,
     )
     # CRAM-MD5 works for users with APOP (and for those with Dovecot's CRAM-MD5
     # states): offered by nearly the same rule as APOP.
     factory.sasl = SASLServer(
         store.findUser, factory.hostname, offerCramMD5=factory.offersCramMD5, sharedSecret=store.sharedSecret,
         defaultRealm=config.authDefaultRealm, bearerTokens=tokens is not None, scramParameters=store.scramParameters,
-        clock=reactor.seconds,
+        clock=reactor.seconds, masterUsers=masterLogins(config), masterUserSeparator=config.masterUserSeparator,
     )
     factory.trace = traceSelection(config)
     return factory
+
+
+def masterLogins(config):
+    """
+    Whether master users may log in to other users' maildrops: with
+    C{--master-users}, or with a C{--master-user-separator} (which means
+    nothing without them).
+    """
+    return config.masterUsers or config.masterUserSeparator is not None
 
 
 def traceSelection(config):

@@ -618,8 +618,12 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
     defaultRealm = options.get("defaultRealm")
     # OAUTHBEARER and XOAUTH2 with this TokenValidator, if given.
     tokens = options.pop("tokens", None)
+    # Master users' logins (as --master-users), by PLAIN's authorisation
+    # identity and, with masterUserSeparator, by name.
+    masterUsers = options.pop("masterUsers", False)
     portal = makePortal(
-        store, runInline, apop=apop, loginDelay=options.get("loginDelay"), defaultRealm=defaultRealm, tokens=tokens
+        store, runInline, apop=apop, loginDelay=options.get("loginDelay"), defaultRealm=defaultRealm, tokens=tokens,
+        masterUsers=masterUsers,
     )
     options.setdefault("authFailureDelay", 0)
     factory = POP3Factory(
@@ -640,6 +644,8 @@ def pop3Factory(store, clock=None, hostname="mailgate.test", apop=True, sasl=Tru
             # Test stores that stand in for a few operations have none.
             scramParameters=getattr(store, "scramParameters", None),
             clock=factory.reactor.seconds,
+            masterUsers=masterUsers,
+            masterUserSeparator=options.get("masterUserSeparator"),
         )
     return factory
 

@@ -87,7 +87,8 @@ class VerifiedCredentialCache:
         Was this password verified against this stored hash recently?
         """
         entry = self._entry(address, password)
-        return entry is not None and hmac.compare_digest(entry[0], storedHash)
+        # As octets: compare_digest refuses str beyond ASCII.
+        return entry is not None and hmac.compare_digest(_octets(entry[0]), _octets(storedHash))
 
     def lookup(self, address, password):
         """

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mailgate.address import loginAddress
 from mailgate.auth.cache import VerifiedCredentialCache
-from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials
+from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials, IMasterCredentials
 from mailgate.auth.passwords import SCRYPT_LOG_N, dummyHash, makeCredentials, needsUpgrade, verifyPassword
 from mailgate.errors import InvalidAddress
 
@@ -228,6 +228,69 @@ class PasswordChecker:
             user=user.address, event="auth.hash_upgraded",
         )
         return attr.evolve(user, passwordHash=credentials.passwordHash, scramSha256=credentials.scramSha256)
+
+
+def _masterKey(name):
+    """
+    What a master user's verification is remembered under in the
+    credential cache it shares with the users': no address holds a NUL,
+    and the names that are no address are remembered as C{NUL name}.
+    """
+    return "master\0" + name
+
+
+@implementer(ICredentialsChecker)
+class MasterPasswordChecker:
+    """
+    Checks a master user's login to another user's maildrop
+    (L{IMasterCredentials}): the master user's password against its
+    stored hash, then the user it logs in as, who must exist.  The answer
+    is that user (L{mailgate.records.UserRecord}), whose maildrop the
+    realm opens as for the user's own login: the user's disabled state,
+    allowed networks and C{[IN-USE]} lock apply, the user's own password
+    is not asked.
+
+    An unknown master user, a wrong password and an unknown user fail
+    alike, after the same hash.  Both are looked up at every master
+    login (one indexed read each): a verification is remembered with the
+    hash it was made against, as a user's is, and honoured only while
+    that is still the master user's, so that C{mailgate master passwd}
+    and C{master del} take effect at once on every node.
+
+    @param cache: the L{VerifiedCredentialCache} the users' password
+        checker uses (master users' entries are kept apart by their keys).
+    """
+
+    credentialInterfaces = (IMasterCredentials,)
+
+    def __init__(self, store, runInThread, cache, defaultRealm=None):
+        self._store = store
+        self._runInThread = runInThread
+        self.cache = cache
+        self._defaultRealm = defaultRealm
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        name = credentials.master
+        address = _addressOf(credentials.username, self._defaultRealm)
+        master = None if name is None else (yield self._store.findMasterUser(name))
+        user = None if address is None else (yield self._store.findUser(address))
+        storedHash = None if master is None else master.passwordHash
+        key = _masterKey(name) if name is not None else "\0" + credentials.masterAsGiven
+        if storedHash is None or not self.cache.check(key, storedHash, password):
+            if self.cache.failedBefore(key, storedHash, password):
+                raise UnauthorizedLogin()
+            matched = yield self._runInThread(_verifyOrDummy, password, storedHash, abandonedCheck(credentials))
+            if not matched:
+                self.cache.rememberFailure(key, storedHash, password)
+                raise UnauthorizedLogin()
+            self.cache.remember(key, storedHash, password)
+        if user is None:
+            raise UnauthorizedLogin()
+        return user
 
 
 #: the HMAC-MD5 states a CRAM-MD5 response is checked against when the

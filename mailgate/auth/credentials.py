@@ -16,10 +16,12 @@ the HMAC-MD5 states of a C{{CRAM-MD5}} hash imported from Dovecot.
 import hashlib
 import hmac
 
-from twisted.cred.credentials import IUsernameHashedPassword
-from zope.interface import implementer
+from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, UsernamePassword
+from zope.interface import Attribute, implementer, implementer_only
 
+from mailgate.address import masterName
 from mailgate.auth.md5state import hmacMD5WithContext
+from mailgate.errors import InvalidAddress
 
 
 class IAPOPCredentials(IUsernameHashedPassword):
@@ -94,3 +96,62 @@ class CramMD5Credentials(SecretDigest):
         """
         expected = hmacMD5WithContext(context, self.challenge).hex().encode("ascii")
         return hmac.compare_digest(expected, self.digest)
+
+
+class IMasterCredentials(ICredentials):
+    """
+    A master user's login to another user's maildrop (Dovecot's master
+    users): the user's name, the master user's name and the master user's
+    password.  C{username} is the user's name, so that what is said and
+    counted of the login (its penalty, its log line) is about the maildrop
+    it asks for.  Not an C{IUsernamePassword}: a portal picks a checker by
+    the interfaces credentials provide, and the users' password checker
+    must never be given the master's password for the user's.
+    """
+
+    username = Attribute("the user's name, as the client gave it (bytes)")
+    password = Attribute("the master user's password (bytes)")
+    master = Attribute("the master user's name, normalised, or None if it is no master user's name")
+
+
+@implementer_only(IMasterCredentials)
+class MasterCredentials(UsernamePassword):
+    """
+    A master user's name and password, and the user whose maildrop they
+    open.  A L{UsernamePassword} still (the password is what a policy
+    counts a repeated guess by, and what the verification turns queue),
+    but only under L{IMasterCredentials}: no checker of a user's own
+    password ever takes the master's password for the user's.
+
+    @ivar masterAsGiven: the master user's name as the client gave it
+        (what a failed one is remembered under, when it is no name).
+    """
+
+    def __init__(self, username, master, password):
+        super().__init__(username, password)
+        if isinstance(master, bytes):
+            master = master.decode("utf-8", "replace")
+        self.masterAsGiven = master
+        try:
+            self.master = masterName(master)
+        except InvalidAddress:
+            self.master = None
+
+
+def passwordCredentials(name, password, separator=None):
+    """
+    The credentials of a login by name and password (USER/PASS, SASL
+    PLAIN without an authorisation identity, LOGIN): the user's own, or,
+    where master logins by name are allowed (C{separator}, Dovecot's
+    C{auth_master_user_separator}), C{USER*MASTER}'s master user's.  The
+    name is cut at the last separator: a master user's name never holds
+    one (L{mailgate.address.MASTER_SEPARATORS}), a user's local part may.
+
+    @param name: the name as the client sent it, as L{bytes}.
+    @param separator: one character, or C{None}.
+    """
+    if separator:
+        user, cut, master = name.rpartition(separator.encode("ascii"))
+        if cut and user and master:
+            return MasterCredentials(user, master, password)
+    return UsernamePassword(name, password)

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
-from mailgate.auth.checkers import APOPChecker, PasswordChecker
+from mailgate.auth.checkers import APOPChecker, MasterPasswordChecker, PasswordChecker
 from mailgate.auth.oauth import BearerTokenChecker
 from mailgate.auth.sasl import ScramChecker
 from mailgate.errors import CredentialsChanged, LoginDelayed
@@ -139,7 +139,9 @@ def _avatar(maildrop):
     return (IMaildrop, maildrop, maildrop.release)
 
 
-def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defaultRealm=None, tokens=None):
+def makePortal(
+    store, runInThread, cache=None, apop=True, loginDelay=None, defaultRealm=None, tokens=None, masterUsers=False
+):
     """
     The POP3 portal: the maildrop realm with the password checker (USER/PASS
     and SASL PLAIN), the SCRAM-SHA-256 checker and, unless switched off, the
@@ -149,6 +151,10 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defau
         C{auth_default_realm}), or C{None}.
     @param tokens: the L{mailgate.auth.oauth.TokenValidator} of OAuth 2.0
         bearer tokens (OAUTHBEARER, XOAUTH2), or C{None}: none accepted.
+    @param masterUsers: check master users' logins to other users'
+        maildrops (L{mailgate.auth.credentials.MasterCredentials}); without
+        it, such credentials are refused as the portal refuses any it has
+        no checker for.
 
     @return: the L{Portal}; its password checker is its C{passwordChecker}
         attribute, whose C{cache} tests and embedders can tune.
@@ -159,6 +165,8 @@ def makePortal(store, runInThread, cache=None, apop=True, loginDelay=None, defau
         checkers.append(APOPChecker(store, defaultRealm))
     if tokens is not None:
         checkers.append(BearerTokenChecker(store, tokens, defaultRealm))
+    if masterUsers:
+        checkers.append(MasterPasswordChecker(store, runInThread, passwords.cache, defaultRealm))
     realm = MaildropRealm(
         store, loginDelay, onStaleCredentials=lambda user: passwords.cache.forgetUser(user.address)
     )

@@ -5,9 +5,11 @@ LOGIN, SCRAM-SHA-256 (RFC 5802, RFC 7677) and CRAM-MD5 (RFC 2195).
 
 A mechanism runs the exchange and ends with cred credentials; the portal's
 checkers decide.  PLAIN and LOGIN yield ordinary L{UsernamePassword}
-credentials, so they are checked by the same scrypt checker as USER/PASS,
-and like USER/PASS they send the password itself: they are offered and
-accepted only where plaintext passwords are.  SCRAM yields
+credentials, so they are checked by the same scrypt checker as USER/PASS
+(or, for a master user's login to another user's maildrop, where those
+are allowed, L{mailgate.auth.credentials.MasterCredentials}), and like
+USER/PASS they send the password itself: they are offered and accepted
+only where plaintext passwords are.  SCRAM yields
 L{ScramCredentials}, checked against the stored SCRAM-SHA-256 keys: the
 server never needs the password, and the password never crosses the wire.
 CRAM-MD5 yields L{mailgate.auth.credentials.CramMD5Credentials}, which,
@@ -34,13 +36,13 @@ import time
 
 import attr
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ICredentials, UsernamePassword
+from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import Attribute, implementer
 
 from mailgate.address import loginAddress
-from mailgate.auth.credentials import CramMD5Credentials
+from mailgate.auth.credentials import CramMD5Credentials, MasterCredentials, passwordCredentials
 from mailgate.auth.foreign import MAX_SCRAM_SALT
 from mailgate.auth.oauth import OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.passwords import SCRAM_ITERATIONS, parseScramSecret
@@ -70,18 +72,25 @@ def _sameLogin(authzid, authcid, defaultRealm):
 class PlainMechanism:
     """
     PLAIN (RFC 4616): C{[authzid] NUL authcid NUL passwd} in one response.
-    Authorising as another identity is not supported: an authzid must name
-    the user that C{authcid} names (see L{_sameLogin}).
+    An authzid that names another user than C{authcid} does (see
+    L{_sameLogin}) is a master user's login to that user's maildrop
+    (C{authcid} the master user, as Dovecot takes it) where master logins
+    are allowed, and refused at once where they are not.
 
     @param defaultRealm: the domain of a user name without one (see
         L{mailgate.address.loginAddress}), or C{None}.
+    @param masterUsers: whether master users may log in (C{--master-users}).
+    @param separator: the master user separator of login names (see
+        L{mailgate.auth.credentials.passwordCredentials}), or C{None}.
     """
 
     name = "PLAIN"
     plaintext = True
 
-    def __init__(self, defaultRealm=None):
+    def __init__(self, defaultRealm=None, masterUsers=False, separator=None):
         self._defaultRealm = defaultRealm
+        self._masterUsers = masterUsers
+        self._separator = separator
 
     def start(self, initial):
         if initial is None:
@@ -96,8 +105,10 @@ class PlainMechanism:
         if not authcid:
             raise SASLError("PLAIN needs a user name")
         if authzid and not _sameLogin(authzid, authcid, self._defaultRealm):
-            raise SASLError("authorising as another user is not supported")
-        return Authenticate(UsernamePassword(authcid, password))
+            if not self._masterUsers:
+                raise SASLError("authorising as another user is not supported")
+            return Authenticate(MasterCredentials(authzid, authcid, password))
+        return Authenticate(passwordCredentials(authcid, password, self._separator))
 
     def successData(self):
         return None
@@ -117,8 +128,9 @@ class LoginMechanism:
     USERNAME = b"Username:"
     PASSWORD = b"Password:"
 
-    def __init__(self):
+    def __init__(self, separator=None):
         self._username = None
+        self._separator = separator
 
     def start(self, initial):
         if not initial:
@@ -131,7 +143,7 @@ class LoginMechanism:
                 raise SASLError("LOGIN needs a user name")
             self._username = response
             return Challenge(self.PASSWORD)
-        return Authenticate(UsernamePassword(self._username, response))
+        return Authenticate(passwordCredentials(self._username, response, self._separator))
 
     def successData(self):
         return None
@@ -623,6 +635,11 @@ class SASLServer:
         names are drawn from (L{ScramParameters}); without it, mailgate's
         own alone.
     @param clock: the time now, in seconds (when to read those again).
+    @param masterUsers: let PLAIN's authorisation identity name another
+        user, for a master user's login (C{--master-users}).
+    @param masterUserSeparator: the character that separates a user's name
+        from a master user's in PLAIN's and LOGIN's user names
+        (C{--master-user-separator}), or C{None}.
     """
 
     #: the name of the made-up parameters' key among the store's shared
@@ -631,9 +648,11 @@ class SASLServer:
 
     def __init__(
         self, findUser, hostname=None, offerCramMD5=lambda: False, sharedSecret=None, defaultRealm=None,
-        bearerTokens=False, scramParameters=None, clock=time.monotonic,
+        bearerTokens=False, scramParameters=None, clock=time.monotonic, masterUsers=False, masterUserSeparator=None,
     ):
         self._findUser = findUser
+        self._masterUsers = masterUsers
+        self._masterUserSeparator = masterUserSeparator
         self._scramParameters = None if scramParameters is None else ScramParameters(scramParameters, clock)
         self._bearerTokens = bearerTokens
         self._defaultRealm = defaultRealm
@@ -679,9 +698,9 @@ class SASLServer:
         protocol's to decide, from its C{plaintext} flag.)
         """
         if name == "PLAIN":
-            return PlainMechanism(self._defaultRealm)
+            return PlainMechanism(self._defaultRealm, self._masterUsers, self._masterUserSeparator)
         if name == "LOGIN":
-            return LoginMechanism()
+            return LoginMechanism(self._masterUserSeparator)
         if name == "SCRAM-SHA-256":
             return ScramSHA256Mechanism(
                 self._findUser, self._unknownUserSaltKey, self._defaultRealm,

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from mailgate.address import loginAddress
 from mailgate.auth.checkers import LoginAbandoned, abandonWhen
-from mailgate.auth.credentials import APOPCredentials, SecretDigest
+from mailgate.auth.credentials import APOPCredentials, IMasterCredentials, SecretDigest, passwordCredentials
 from mailgate.auth.oauth import IBearerTokenCredentials, OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, NetworkRefused, TemporaryFailure, UserDisabled
@@ -117,6 +117,9 @@ class AuthorizationCommands:
     #: writes the end line of a session gone while its credentials were
     #: being checked, once their answer is counted (see _logDisconnect)
     _endLine = None
+    #: the name of the master user whose login (to another user's
+    #: maildrop) is being checked, or C{None}
+    _checkingMaster = None
 
     def _plaintextAllowed(self):
         """
@@ -203,7 +206,7 @@ class AuthorizationCommands:
         user, self._pendingUser = self._pendingUser, None
         # Octets that are not UTF-8 come back as they were sent (notUTF8).
         password = argument.encode("utf-8", "surrogateescape")
-        credentials = UsernamePassword(user.encode("utf-8"), password)
+        credentials = passwordCredentials(user.encode("utf-8"), password, self.factory.masterUserSeparator)
         return self._login(credentials, user, "user")
 
     def pop3_APOP(self, argument):
@@ -245,6 +248,8 @@ class AuthorizationCommands:
         sasl = self.factory.sasl
         if sasl is None:
             raise CommandError("AUTH is not available on this server")
+        # A failure the exchange itself reports is no master user's.
+        self._checkingMaster = None
         plaintext = self._plaintextAllowed()
         if not argument.strip():
             names = sasl.mechanisms(plaintext)
@@ -387,6 +392,7 @@ class AuthorizationCommands:
         policy asks: refuse a banned address outright, and hold an address
         with recent failures for its penalty before checking anything.
         """
+        self._checkingMaster = _masterOf(credentials)
         policy = self.factory.policy
         if policy.isBanned(self.peer):
             return self._refuseBanned(login, mechanism)
@@ -510,6 +516,11 @@ class AuthorizationCommands:
         also the metric's result unless C{result} says otherwise.
         """
         self._loginMetric(mechanism, result or reason)
+        master = self._checkingMaster
+        if master is not None:
+            text = f"{text} (master user {master})"
+            self.logInfo("auth.failed", text, user=_logName(login), mechanism=mechanism, reason=reason, master=master)
+            return
         self.logInfo("auth.failed", text, user=_logName(login), mechanism=mechanism, reason=reason)
 
     def _refuseBanned(self, login, mechanism):
@@ -563,6 +574,7 @@ class AuthorizationCommands:
         self._maildrop = maildrop
         self._logout = logout
         self.user = maildrop.address
+        self.master = self._checkingMaster
         self._traceIfListed(maildrop.address, loggedIn=True)
         data = sasl.successData() if sasl is not None else None
         if data:
@@ -581,7 +593,7 @@ class AuthorizationCommands:
         self._loginMetric(mechanism, "ok")
         self.logInfo(
             "pop3.login",
-            f"pop3 login user={self.user} peer={self.peerText} mechanism={mechanism}",
+            f"pop3 login {self.whoText()} mechanism={mechanism}",
             mechanism=mechanism,
             messages=len(self._maildrop.sizes),
         )
@@ -836,6 +848,19 @@ def _thenDone(result, answer, done, *args):
         return answer(result, *args)
     finally:
         done()
+
+
+def _masterOf(credentials):
+    """
+    The name of the master user whose login C{credentials} are, as a log
+    line shows it (the name as given, made printable, if it is no master
+    user's name), or C{None} for a user's own login.
+    """
+    if not IMasterCredentials.providedBy(credentials):
+        return None
+    if credentials.master is not None:
+        return credentials.master
+    return _logName(credentials.masterAsGiven)
 
 
 #: A space or a tab followed by more text in a login name: where a

@@ -127,6 +127,11 @@ class POP3Factory(SessionFactory):
         apply to RETR and TOP (names of L{mailgate.pop3.workarounds.KNOWN});
         each session takes the factory's as it is built, so a reload's
         apply to the sessions after it.
+    @param masterUserSeparator: the character that separates a user's
+        name from a master user's in a USER name (C{alice*admin}, Dovecot's
+        C{auth_master_user_separator}), where master users may log in as
+        other users (the portal's C{masterUsers}); C{None}: USER names
+        are the users' own.
     """
 
     protocol = POP3Server
@@ -151,6 +156,7 @@ class POP3Factory(SessionFactory):
         expire=None,
         defaultRealm=None,
         clientWorkarounds=(),
+        masterUserSeparator=None,
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.defaultRealm = defaultRealm
@@ -167,6 +173,7 @@ class POP3Factory(SessionFactory):
         self.trustedNetworks = tuple(parseNetwork(n) for n in trustedNetworks)
         self.expire = expire
         self.clientWorkarounds = parseWorkarounds(clientWorkarounds or ())
+        self.masterUserSeparator = masterUserSeparator
 
     def buildProtocol(self, addr):
         protocol = self.protocol()

@@ -107,6 +107,11 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         UPDATE: frozenset(),
     }
 
+    #: the master user (its name) who logged in as the session's user
+    #: (L{mailgate.auth.credentials.MasterCredentials}), or C{None}: every
+    #: line the session logs from then on names it, beside the user
+    master = None
+
     def __init__(self):
         super().__init__()
         self.state = AUTHORIZATION
@@ -419,6 +424,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         # piece, and the fields go along for structured observers.
         fields = dict(
             user=maildrop.address if maildrop is not None else None,
+            master=f" master={self.master}" if self.master is not None else "",
             peer=self.peerText,
             reason=why,
             messages=len(maildrop.sizes) if maildrop is not None else 0,
@@ -426,12 +432,25 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         )
         tlsText, tlsFields = negotiated(self.transport)
         line = (
-            "pop3 logout user={user} peer={peer} reason={reason!r} messages={messages} "
+            "pop3 logout user={user}{master} peer={peer} reason={reason!r} messages={messages} "
             "retr={retr}/{retrBytes} top={top} deleted={deleted}"
         ).format(**fields) + tlsText
+        # As a field, the master user's name alone (logContext adds it).
+        del fields["master"]
         self.logInfo("pop3.logout", line, **fields, **tlsFields)
         self._loggedOut = True
         return released
+
+    def logContext(self, **fields):
+        context = CommandSession.logContext(self, **fields)
+        if self.master is not None:
+            context["master"] = self.master
+        return context
+
+    def whoText(self):
+        if self.master is None:
+            return CommandSession.whoText(self)
+        return f"user={self.user} master={self.master} peer={self.peerText}"
 
     def _logDisconnect(self):
         """

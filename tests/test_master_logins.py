@@ -1,0 +1,240 @@
+"""
+Master users' logins to other users' maildrops (Dovecot's master users),
+over the POP3 protocol without sockets: USER user*master, AUTH PLAIN with
+an authorisation identity, AUTH LOGIN; refusals that look like any
+failed login; the user's own restrictions; what the log says.
+"""
+
+import base64
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailgate.auth.passwords import makeCredentials
+from mailgate.testing import POP3Session, TEST_HASH_COST, addUser, deliver, memoryStore, pop3Factory, resultOf
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+
+
+def _addMaster(store, name, password):
+    resultOf(store.addMasterUser(name, makeCredentials(password, logN=TEST_HASH_COST).passwordHash))
+
+
+@pytest.fixture
+def store():
+    store = memoryStore()
+    addUser(store, ALICE, "alice-pw")
+    addUser(store, BOB, "bob-pw")
+    deliver(store, [ALICE], b"Subject: one\r\n\r\nfor alice\r\n")
+    deliver(store, [ALICE], b"Subject: two\r\n\r\nfor alice again\r\n")
+    _addMaster(store, "admin", "admin-pw")
+    return store
+
+
+def _session(store, **options):
+    options.setdefault("apop", False)
+    return POP3Session(store, masterUsers=True, masterUserSeparator="*", **options)
+
+
+def _plain(authzid, authcid, password):
+    return base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode()).decode()
+
+
+def _events(logEvents, name):
+    return [e for e in logEvents if e.get("event") == name]
+
+
+def test_userWithSeparatorLogsInToTheUsersMaildropWithTheMastersPassword(store, logEvents):
+    session = _session(store)
+    assert session.login(f"{ALICE}*admin", "admin-pw").startswith(f"+OK {ALICE} has 2 messages (")
+    assert session.command("RETR 1").endswith("for alice\r\n.\r\n")
+    [login] = _events(logEvents, "pop3.login")
+    assert login["user"] == ALICE and login["master"] == "admin"
+    assert login["line"].startswith(f"pop3 login user={ALICE} master=admin peer=")
+
+
+def test_theMastersNameIsReadWithoutRegardToCase(store):
+    session = _session(store)
+    assert session.login(f"{ALICE}*Admin", "admin-pw").startswith(f"+OK {ALICE} has 2 messages")
+
+
+def test_plainWithAnAuthorisationIdentityIsAMasterLogin(store):
+    session = _session(store)
+    reply = session.command("AUTH PLAIN " + _plain(ALICE, "admin", "admin-pw"))
+    assert reply.startswith(f"+OK {ALICE} has 2 messages")
+
+
+def test_loginMechanismTakesTheSeparator(store):
+    session = _session(store)
+    assert session.command("AUTH LOGIN") == "+ " + base64.b64encode(b"Username:").decode() + "\r\n"
+    session.command(base64.b64encode(f"{BOB}*admin".encode()).decode())
+    reply = session.command(base64.b64encode(b"admin-pw").decode())
+    assert reply.startswith(f"+OK {BOB} has 0 messages")
+
+
+@pytest.mark.parametrize(
+    "name, password",
+    [
+        (f"{ALICE}*admin", "wrong"),  # the master's password wrong
+        (f"{ALICE}*nobody", "admin-pw"),  # no such master user
+        (f"{ALICE}*bad name!", "admin-pw"),  # no master user's name at all
+        ("carol@example.org*admin", "admin-pw"),  # no such user
+        (f"{ALICE}*admin", "alice-pw"),  # the user's own password is not the master's
+    ],
+)
+def test_everyRefusedMasterLoginLooksLikeAWrongPassword(store, name, password):
+    own = _session(store).login(ALICE, "wrong")
+    assert _session(store).login(name, password) == own
+    assert own.startswith("-ERR [AUTH]")
+
+
+def test_theMastersPasswordIsNotTheUsers(store):
+    assert _session(store).login(ALICE, "admin-pw").startswith("-ERR [AUTH]")
+    assert _session(store).login("admin", "admin-pw").startswith("-ERR [AUTH]")
+
+
+def test_withoutMasterUsersPlainRefusesAnotherIdentityAtOnce(store):
+    session = POP3Session(store, apop=False)
+    reply = session.command("AUTH PLAIN " + _plain(ALICE, "admin", "admin-pw"))
+    assert reply == "-ERR [AUTH] authorising as another user is not supported\r\n"
+
+
+def test_withoutASeparatorTheNameIsTheUsersOwn(store):
+    session = POP3Session(store, apop=False, masterUsers=True)
+    assert session.login(f"{ALICE}*admin", "admin-pw").startswith("-ERR [AUTH]")
+    # PLAIN's authorisation identity still works.
+    session = POP3Session(store, apop=False, masterUsers=True)
+    assert session.command("AUTH PLAIN " + _plain(ALICE, "admin", "admin-pw")).startswith("+OK")
+
+
+def test_aUserWhoseLocalPartHoldsTheSeparatorLogsInAsThemselvesWithoutIt(store):
+    addUser(store, "a*b@example.org", "ab-pw")
+    own = POP3Session(store, apop=False)
+    assert own.login("a*b@example.org", "ab-pw").startswith("+OK")
+    own.command("QUIT")
+    # With the separator, the name is cut at the last one: a master login.
+    assert _session(store).login("a*b@example.org*admin", "admin-pw").startswith("+OK a*b@example.org has 0")
+
+
+def _sessions(store):
+    """
+    Sessions of one factory (one credential cache), on one clock.
+    """
+    clock = Clock()
+    factory = pop3Factory(store, clock, apop=False, masterUsers=True, masterUserSeparator="*")
+    return lambda: POP3Session(store, clock=clock, factory=factory)
+
+
+def test_aNewMasterPasswordRefusesTheOldOneAtOnceThoughRemembered(store):
+    session = _sessions(store)
+    first = session()
+    assert first.login(f"{ALICE}*admin", "admin-pw").startswith("+OK")
+    first.command("QUIT")
+    resultOf(store.setMasterUserPassword("admin", makeCredentials("new-pw", logN=TEST_HASH_COST).passwordHash))
+    assert session().login(f"{ALICE}*admin", "admin-pw").startswith("-ERR [AUTH]")
+    assert session().login(f"{ALICE}*admin", "new-pw").startswith("+OK")
+
+
+def test_aRemovedMasterUserIsRefusedThoughRemembered(store):
+    session = _sessions(store)
+    first = session()
+    assert first.login(f"{ALICE}*admin", "admin-pw").startswith("+OK")
+    first.command("QUIT")
+    resultOf(store.removeMasterUser("admin"))
+    assert session().login(f"{ALICE}*admin", "admin-pw").startswith("-ERR [AUTH]")
+
+
+def test_aDisabledUserIsRefusedToTheMasterToo(store):
+    resultOf(store.disableUser(ALICE, "left the company"))
+    reply = _session(store).login(f"{ALICE}*admin", "admin-pw")
+    assert reply == "-ERR [AUTH] left the company\r\n"
+
+
+def test_theUsersLockHolds(store):
+    own = _session(store)
+    assert own.login(ALICE, "alice-pw").startswith("+OK")
+    assert _session(store).login(f"{ALICE}*admin", "admin-pw").startswith("-ERR [IN-USE]")
+
+
+def test_scramStillRefusesAnotherIdentity(store):
+    session = _session(store)
+    first = base64.b64encode(f"n,a={ALICE},n=admin,r=abcdefghijkl".encode()).decode()
+    assert session.command("AUTH SCRAM-SHA-256 " + first) == (
+        "-ERR [AUTH] authorising as another user is not supported\r\n"
+    )
+
+
+def test_everyLineOfTheSessionNamesTheMasterUser(store, logEvents):
+    session = _session(store)
+    session.login(f"{ALICE}*admin", "admin-pw")
+    session.command("DELE 1")
+    session.command("QUIT")
+    [login] = _events(logEvents, "pop3.login")
+    [logout] = _events(logEvents, "pop3.logout")
+    for event in (login, logout):
+        assert event["user"] == ALICE and event["master"] == "admin"
+    assert logout["line"].startswith(f"pop3 logout user={ALICE} master=admin peer=")
+
+
+def test_aFailedMasterLoginIsLoggedWithTheMastersName(store, logEvents):
+    _session(store).login(f"{ALICE}*admin", "wrong")
+    [failed] = _events(logEvents, "auth.failed")
+    assert failed["master"] == "admin" and failed["reason"] == "failed"
+    assert failed["line"].endswith("(master user admin)")
+    assert "wrong" not in failed["line"]
+
+
+def test_aUsersOwnLoginNamesNoMaster(store, logEvents):
+    session = _session(store)
+    session.login(ALICE, "alice-pw")
+    session.command("QUIT")
+    for event in _events(logEvents, "pop3.login") + _events(logEvents, "pop3.logout"):
+        assert "master" not in event
+
+
+# -- the settings ----------------------------------------------------------------
+
+
+def test_theOptionsOnTheCommandLine():
+    from test_tap import parse
+
+    options = parse("--master-users", "--master-user-separator", "*")
+    assert (options["master-users"], options["master-user-separator"]) == (True, "*")
+    assert (parse()["master-users"], parse()["master-user-separator"]) == (False, None)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--master-users", "--master-user-separator", "a"), "must be one of"),
+        (("--master-users", "--master-user-separator", "**"), "must be one of"),
+        (("--master-users", "--master-user-separator", "@"), "must be one of"),
+    ],
+)
+def test_aSeparatorThatCannotWorkIsRefusedAtStart(argv, message):
+    from twisted.python import usage
+
+    from test_tap import parse
+
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_theOptionsInTheConfigurationFile(tmp_path):
+    from mailgate.config import MailgateConfig, checkConfig
+    from mailgate.service import masterLogins
+
+    assert not masterLogins(checkConfig(MailgateConfig()))
+    assert masterLogins(checkConfig(MailgateConfig(masterUserSeparator="*")))
+
+    from mailgate.tap import ConfigurationRefused
+    from test_tap import parse
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text('master-users = true\nmaster-user-separator = "%"\n')
+    options = parse("--config", str(path))
+    assert (options["master-users"], options["master-user-separator"]) == (True, "%")
+    path.write_text('master-user-separator = "a"\n')
+    with pytest.raises(ConfigurationRefused, match="key 'master-user-separator': must be one of"):
+        parse("--config", str(path))
