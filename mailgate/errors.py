@@ -280,6 +280,18 @@ class NetworkRefused(MailgateError):
         return "the client's address is not on the user's allowed networks"
 
 
+class MasterNetworkRefused(NetworkRefused):
+    """
+    A master user's password was verified, but the client's address is on
+    none of the networks the master user may log in from (C{mailgate
+    master networks}, the C{allow_nets} of Dovecot's master passdb):
+    answered as a wrong password, as the user's own networks are.
+    """
+
+    def __str__(self):
+        return "the client's address is not on the master user's allowed networks"
+
+
 class QuotaExceeded(MailgateError):
     """
     The message would take a recipient's maildrop over its quota (RFC 3463

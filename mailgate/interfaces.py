@@ -839,13 +839,16 @@ class ILifecycleStore(Interface):
             L{mailgate.errors.NoSuchUser} if C{address} is no user's.
         """
 
-    def addMasterUser(name, passwordHash):
+    def addMasterUser(name, passwordHash, networks=None):
         """
         Add a master user: a name (normalised, L{mailgate.address.masterName})
         and a password hash that log in to any user's maildrop, as
         Dovecot's master users do, where the server allows master logins.
         Master users are not users: they have no maildrop, and their names
         are apart from the users' addresses.
+
+        @param networks: the networks it may log in from (see
+            L{setMasterUserNetworks}), or C{None}: anywhere.
 
         @return: a L{Deferred} of C{None} once durably committed; fails with
             L{mailgate.errors.MasterUserExists}.
@@ -857,6 +860,19 @@ class ILifecycleStore(Interface):
         once on every node.
 
         @return: a L{Deferred} of C{None}; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+
+    def setMasterUserNetworks(name, networks):
+        """
+        Restrict the networks a master user may log in from (C{None}:
+        anywhere), as Dovecot's C{allow_nets} of a master passdb: from the
+        next login on, on every node, a client elsewhere is refused as a
+        wrong password.
+
+        @param networks: their canonical text
+            (L{mailgate.networks.parseAllowedNetworks}), or C{None}.
+        @return: a L{Deferred} of the networks it had; fails with
             L{mailgate.errors.NoSuchMasterUser}.
         """
 

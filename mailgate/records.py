@@ -93,6 +93,9 @@ class MasterUserRecord:
     passwordHash = attr.ib()
     #: when it was added, in seconds since the epoch
     createdAt = attr.ib(default=None)
+    #: the networks it may log in from, as the canonical text of
+    #: L{mailgate.networks.parseAllowedNetworks}, or C{None}: anywhere
+    allowedNetworks = attr.ib(default=None)
 
     def __repr__(self):
         # Never let password material reach a log line.

@@ -391,8 +391,11 @@ class FaultInjectingStore:
     def listAliases(self, address=None):
         return self._call("listAliases", address)
 
-    def addMasterUser(self, name, passwordHash):
-        return self._call("addMasterUser", name, passwordHash)
+    def addMasterUser(self, name, passwordHash, networks=None):
+        return self._call("addMasterUser", name, passwordHash, networks)
+
+    def setMasterUserNetworks(self, name, networks):
+        return self._call("setMasterUserNetworks", name, networks)
 
     def setMasterUserPassword(self, name, passwordHash):
         return self._call("setMasterUserPassword", name, passwordHash)

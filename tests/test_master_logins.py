@@ -32,8 +32,14 @@ def store():
     return store
 
 
+#: where plaintext logins are allowed in these tests: loopback and the
+#: documentation network the allowed-networks tests log in from
+TRUSTED = ("127.0.0.0/8", "192.0.2.0/24")
+
+
 def _session(store, **options):
     options.setdefault("apop", False)
+    options.setdefault("trustedNetworks", TRUSTED)
     return POP3Session(store, masterUsers=True, masterUserSeparator="*", **options)
 
 
@@ -143,6 +149,40 @@ def test_aRemovedMasterUserIsRefusedThoughRemembered(store):
     first.command("QUIT")
     resultOf(store.removeMasterUser("admin"))
     assert session().login(f"{ALICE}*admin", "admin-pw").startswith("-ERR [AUTH]")
+
+
+def test_aMasterUserOnlyFromItsNetworks(store, logEvents):
+    from twisted.internet.address import IPv4Address
+
+    resultOf(store.setMasterUserNetworks("admin", "192.0.2.0/24"))
+    wrong = _session(store).login(ALICE, "wrong")
+    assert _session(store).login(f"{ALICE}*admin", "admin-pw") == wrong
+    [failed] = [e for e in _events(logEvents, "auth.failed") if e.get("master")]
+    assert failed["reason"] == "network"
+    assert failed["line"].endswith(
+        ": the client's address is not on the master user's allowed networks (master user admin)"
+    )
+    inside = _session(store, peer=IPv4Address("TCP", "192.0.2.7", 40000))
+    assert inside.login(f"{ALICE}*admin", "admin-pw").startswith("+OK")
+    inside.command("QUIT")
+    # Lifted, from anywhere.
+    resultOf(store.setMasterUserNetworks("admin", None))
+    assert _session(store).login(f"{ALICE}*admin", "admin-pw").startswith("+OK")
+
+
+def test_theMastersNetworksAreItsOwnNotTheUsers(store):
+    from twisted.internet.address import IPv4Address
+
+    # Alice may log in from loopback only; her master user's login to her
+    # maildrop is held to her networks as well as to its own.
+    resultOf(store.setAllowedNetworks(ALICE, "127.0.0.0/8"))
+    resultOf(store.setMasterUserNetworks("admin", "192.0.2.0/24"))
+    wrong = _session(store).login(ALICE, "wrong")
+    assert _session(store, peer=IPv4Address("TCP", "192.0.2.7", 40000)).login(f"{ALICE}*admin", "admin-pw") == wrong
+    assert _session(store).login(f"{ALICE}*admin", "admin-pw") == wrong
+    assert _session(store, peer=IPv4Address("TCP", "192.0.2.7", 40000)).login(f"{BOB}*admin", "admin-pw").startswith(
+        "+OK"
+    )
 
 
 def test_aDisabledUserIsRefusedToTheMasterToo(store):

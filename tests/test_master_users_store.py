@@ -64,6 +64,20 @@ def test_aMasterUserIsAddedFoundChangedListedAndRemoved(store):
     assert [m.name for m in resultOf(store.listMasterUsers())] == ["admin", "backup@example.org", "help-desk"]
 
 
+def test_aMasterUsersNetworksAreKeptSetAndLifted(store):
+    resultOf(store.addMasterUser("admin", hashOf("a"), "192.0.2.0/24"))
+    resultOf(store.addMasterUser("backup", hashOf("b")))
+    assert resultOf(store.findMasterUser("admin")).allowedNetworks == "192.0.2.0/24"
+    assert resultOf(store.findMasterUser("backup")).allowedNetworks is None
+    assert resultOf(store.setMasterUserNetworks("backup", "local")) is None
+    assert resultOf(store.setMasterUserNetworks("admin", None)) == "192.0.2.0/24"
+    assert [(m.name, m.allowedNetworks) for m in resultOf(store.listMasterUsers())] == [
+        ("admin", None), ("backup", "local"),
+    ]
+    with pytest.raises(NoSuchMasterUser):
+        resultOf(store.setMasterUserNetworks("nobody", None))
+
+
 def test_theRefusals(store):
     resultOf(store.addMasterUser("admin", hashOf("one")))
     with pytest.raises(MasterUserExists):
@@ -215,7 +229,7 @@ def test_aDatabaseCopyCarriesTheMasterUsers(tmp_path, postgresURL, direction):
     try:
         addUser(store, ALICE, "alice's")
         resultOf(store.addMasterUser("admin", hashOf("admin secret")))
-        resultOf(store.addMasterUser("backup", hashOf("backup secret")))
+        resultOf(store.addMasterUser("backup", hashOf("backup secret"), "192.0.2.0/24,local"))
         before = resultOf(store.listMasterUsers())
     finally:
         store.close()
@@ -225,9 +239,10 @@ def test_aDatabaseCopyCarriesTheMasterUsers(tmp_path, postgresURL, direction):
     copied = openSynchronousStore(target)
     try:
         after = resultOf(copied.listMasterUsers())
-        assert [(m.name, m.passwordHash, m.createdAt) for m in after] == [
-            (m.name, m.passwordHash, m.createdAt) for m in before
+        assert [(m.name, m.passwordHash, m.createdAt, m.allowedNetworks) for m in after] == [
+            (m.name, m.passwordHash, m.createdAt, m.allowedNetworks) for m in before
         ]
+        assert after[1].allowedNetworks == "192.0.2.0/24,local"
         assert verifyPassword("admin secret", resultOf(copied.findMasterUser("admin")).passwordHash)
     finally:
         copied.close()

@@ -21,7 +21,8 @@ from mailgate.address import loginAddress
 from mailgate.auth.cache import VerifiedCredentialCache
 from mailgate.auth.credentials import IAPOPCredentials, ICramMD5Credentials, IMasterCredentials
 from mailgate.auth.passwords import SCRYPT_LOG_N, dummyHash, makeCredentials, needsUpgrade, verifyPassword
-from mailgate.errors import InvalidAddress
+from mailgate.errors import InvalidAddress, MasterNetworkRefused
+from mailgate.networks import peerAllowed
 
 
 def threadRunner(reactor, affinity=None):
@@ -250,6 +251,9 @@ class MasterPasswordChecker:
     allowed networks and C{[IN-USE]} lock apply, the user's own password
     is not asked.
 
+    A client on none of the master user's allowed networks (C{mailgate
+    master networks}) is refused once the password is verified, with
+    L{MasterNetworkRefused}, which a session answers as a wrong password.
     An unknown master user, a wrong password and an unknown user fail
     alike, after the same hash.  Both are looked up at every master
     login (one indexed read each): a verification is remembered with the
@@ -288,6 +292,8 @@ class MasterPasswordChecker:
                 self.cache.rememberFailure(key, storedHash, password)
                 raise UnauthorizedLogin()
             self.cache.remember(key, storedHash, password)
+        if credentials.peer is not None and not peerAllowed(credentials.peer, master.allowedNetworks):
+            raise MasterNetworkRefused(name)
         if user is None:
             raise UnauthorizedLogin()
         return user

@@ -112,6 +112,7 @@ class IMasterCredentials(ICredentials):
     username = Attribute("the user's name, as the client gave it (bytes)")
     password = Attribute("the master user's password (bytes)")
     master = Attribute("the master user's name, normalised, or None if it is no master user's name")
+    peer = Attribute("the client's address (the master user's allowed networks), or None")
 
 
 @implementer_only(IMasterCredentials)
@@ -125,7 +126,12 @@ class MasterCredentials(UsernamePassword):
 
     @ivar masterAsGiven: the master user's name as the client gave it
         (what a failed one is remembered under, when it is no name).
+    @ivar peer: the client's address, which the master user's allowed
+        networks are checked against (the protocol sets it, as a portal's
+        mind goes to the realm alone), or C{None}: not checked.
     """
+
+    peer = None
 
     def __init__(self, username, master, password):
         super().__init__(username, password)

@@ -393,6 +393,9 @@ class AuthorizationCommands:
         with recent failures for its penalty before checking anything.
         """
         self._checkingMaster = _masterOf(credentials)
+        if self._checkingMaster is not None:
+            # The master user's allowed networks are checked against it.
+            credentials.peer = self.peer
         policy = self.factory.policy
         if policy.isBanned(self.peer):
             return self._refuseBanned(login, mechanism)

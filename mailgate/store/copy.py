@@ -119,7 +119,7 @@ _TABLES = [
     ),
     ("aliases", ("address",), ("address", "domain", "user_id", "created_at")),
     # So that a helpdesk's or a backup's master login works after the move.
-    ("master_users", ("name",), ("name", "password_hash", "created_at")),
+    ("master_users", ("name",), ("name", "password_hash", "created_at", "allowed_nets")),
 ]
 
 

@@ -28,7 +28,9 @@ from mailgate.store.imported import (
 from mailgate.store.limits import DAY, UNLIMITED, _KEEP, _quotaOf, _recountUsage, _setLimits
 from mailgate.store import paging
 from mailgate.store.aliases import _addAlias, _addAliases, _listAliases, _removeAlias, refuseAlias
-from mailgate.store.masterusers import _addMasterUser, _listMasterUsers, _removeMasterUser, _setMasterUserPassword
+from mailgate.store.masterusers import (
+    _addMasterUser, _listMasterUsers, _removeMasterUser, _setMasterUserNetworks, _setMasterUserPassword,
+)
 from mailgate.store.recovery import (
     _deletedPage,
     _dropKept,
@@ -675,15 +677,27 @@ class LifecycleStore:
         """
         return self.database.runInteraction(_listAliases, address)
 
-    def addMasterUser(self, name, passwordHash):
+    def addMasterUser(self, name, passwordHash, networks=None):
         """
         Add a master user (L{mailgate.store.masterusers}): its logins work
         from the next one on, on every node.
 
+        @param networks: the networks it may log in from (canonical text),
+            or C{None}: anywhere.
         @return: a L{Deferred} of C{None} once durably committed; fails with
             L{mailgate.errors.MasterUserExists}.
         """
-        return self.database.runWrite(_addMasterUser, name, passwordHash, int(self._now()))
+        return self.database.runWrite(_addMasterUser, name, passwordHash, int(self._now()), networks)
+
+    def setMasterUserNetworks(self, name, networks):
+        """
+        Restrict the networks a master user may log in from (C{None}:
+        anywhere), from the next login on, on every node.
+
+        @return: a L{Deferred} of the networks it had; fails with
+            L{mailgate.errors.NoSuchMasterUser}.
+        """
+        return self.database.runWrite(_setMasterUserNetworks, name, networks)
 
     def setMasterUserPassword(self, name, passwordHash):
         """

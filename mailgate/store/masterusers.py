@@ -19,7 +19,7 @@ a transaction, as those of L{mailgate.store.sql}.
 from mailgate.errors import MasterUserExists, NoSuchMasterUser
 from mailgate.records import MasterUserRecord
 
-_COLUMNS = "name, password_hash, created_at"
+_COLUMNS = "name, password_hash, created_at, allowed_nets"
 
 
 def _findMasterUser(cursor, name):
@@ -31,9 +31,10 @@ def _findMasterUser(cursor, name):
     return None if row is None else MasterUserRecord(*row)
 
 
-def _addMasterUser(cursor, name, passwordHash, now):
+def _addMasterUser(cursor, name, passwordHash, now, networks=None):
     """
-    Add the master user C{name}.
+    Add the master user C{name}, who may log in from C{networks} (see
+    L{_setMasterUserNetworks}).
 
     @raise MasterUserExists: if there is one of that name, also one that
         another command added while this one ran: on PostgreSQL, C{ON
@@ -42,8 +43,9 @@ def _addMasterUser(cursor, name, passwordHash, now):
         with a database error.
     """
     cursor.execute(
-        "INSERT INTO master_users (name, password_hash, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-        (name, passwordHash, now),
+        "INSERT INTO master_users (name, password_hash, created_at, allowed_nets) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (name) DO NOTHING",
+        (name, passwordHash, now, networks),
     )
     if cursor.rowcount != 1:
         raise MasterUserExists(name)
@@ -58,6 +60,22 @@ def _setMasterUserPassword(cursor, name, passwordHash):
     cursor.execute("UPDATE master_users SET password_hash = ? WHERE name = ?", (passwordHash, name))
     if cursor.rowcount != 1:
         raise NoSuchMasterUser(name)
+
+
+def _setMasterUserNetworks(cursor, name, networks):
+    """
+    Set the networks the master user C{name} may log in from (C{None}:
+    anywhere).
+
+    @return: the networks it had.
+    @raise NoSuchMasterUser: if there is none of that name.
+    """
+    cursor.execute("SELECT allowed_nets FROM master_users WHERE name = ?", (name,))
+    row = cursor.fetchone()
+    if row is None:
+        raise NoSuchMasterUser(name)
+    cursor.execute("UPDATE master_users SET allowed_nets = ? WHERE name = ?", (networks, name))
+    return row[0]
 
 
 def _removeMasterUser(cursor, name):

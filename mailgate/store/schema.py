@@ -467,7 +467,8 @@ MIGRATIONS = [
             CREATE TABLE master_users (
                 name TEXT NOT NULL PRIMARY KEY,
                 password_hash TEXT NOT NULL,
-                created_at {bigint} NOT NULL
+                created_at {bigint} NOT NULL,
+                allowed_nets TEXT
             )
             """,
         ],
