@@ -42,6 +42,10 @@ C{mailgate}: the administrator's command.
   mailgate alias del ALIAS
   mailgate alias list [ADDRESS] [--json | --virtual]
   mailgate alias import VIRTUAL-FILE [--dry-run]
+  mailgate master add NAME [--password-stdin] [--hashed]
+  mailgate master passwd NAME [--password-stdin] [--hashed]
+  mailgate master del NAME
+  mailgate master list [--json]
 
 It works on the database directly and synchronously (no reactor), through
 the same store code the server uses, so it is safe to run while the server
@@ -84,6 +88,7 @@ from mailgate.cli.database import _addDatabaseCommands
 from mailgate.cli.deliver import _addDeliverCommand, _deliver
 from mailgate.cli.imports import _addImportCommands
 from mailgate.cli.mailboxes import _addMailboxCommands
+from mailgate.cli.masterusers import _addMasterUserCommands
 from mailgate.cli.serve import _serve
 from mailgate.cli.sessions import _addSessionCommands
 from mailgate.cli.users import _addUserCommands
@@ -197,6 +202,7 @@ def buildParser():
     ).set_defaults(run=None)
     _addBanCommands(commands)
     _addAliasCommands(commands)
+    _addMasterUserCommands(commands)
     return parser
 
 

@@ -11,6 +11,8 @@ import json
 import math
 
 from mailgate.address import asciiDomain, normalizeAddress
+from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
+from mailgate.auth.passwords import importedCredentials
 from mailgate.cli import audit
 from mailgate.errors import InvalidAddress, NoSuchUser
 from mailgate.printable import printable
@@ -225,6 +227,36 @@ def _checkNewPassword(password):
         )
 
 
+def _pastedHash(text):
+    """
+    A hash as given to C{--hashed}, without the spaces a paste brings
+    around it, except those ending a password kept in clear
+    (C{{PLAIN}secret }), which are the password's.
+    """
+    hashed = text.strip()
+    try:
+        scheme, encoding, _ = splitScheme(hashed)
+    except UnusableHash:
+        return hashed
+    return text.lstrip() if scheme in CLEARTEXT and encoding is None else hashed
+
+
+def _givenHash(text, cramMD5=False):
+    """
+    What the store keeps for a password hash read for C{--hashed} (a
+    user's, a master user's): one another server made (Dovecot's
+    C{{SCHEME}...}, a bare crypt string), checked to be one a password
+    can be checked against.
+
+    @param cramMD5: see L{mailgate.auth.passwords.importedCredentials}.
+    @raise CommandError: it is no such hash (65), saying why.
+    """
+    try:
+        return importedCredentials(_pastedHash(text), cramMD5=cramMD5)
+    except UnusableHash as e:
+        raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
+
+
 def _checkPasswordSource(args, stdin):
     """
     A command's C{readOptions} check (run before the database is opened)
@@ -405,13 +437,16 @@ def _seconds(text):
     return value
 
 
-def _addHashed(parser):
+def _addHashed(parser, kept="kept, and replaced by mailgate's own at the user's first login"):
+    """
+    C{--hashed}, of every command that takes a password hash another
+    server made instead of a password; C{kept} says what becomes of it.
+    """
     parser.add_argument(
         "--hashed",
         action="store_true",
         help="what is read is a password hash another server made, as Dovecot writes it "
-        "({SHA512-CRYPT}$6$..., {BLF-CRYPT}..., a bare $6$... crypt string, ...): kept, and "
-        "replaced by mailgate's own at the user's first login",
+        f"({{SHA512-CRYPT}}$6$..., {{BLF-CRYPT}}..., a bare $6$... crypt string, ...): {kept}",
     )
 
 

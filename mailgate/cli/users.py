@@ -12,7 +12,7 @@ import unicodedata
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from mailgate.address import asciiDomain, normalizeDomain
-from mailgate.auth.foreign import CLEARTEXT, UnusableHash, checksScheme, splitScheme
+from mailgate.auth.foreign import UnusableHash, checksScheme
 from mailgate.auth.md5state import hmacMD5Context
 from mailgate.auth.passwords import (
     StoredCredentials,
@@ -42,6 +42,7 @@ from mailgate.cli.common import (
     _dayCount,
     _existingUser,
     _forUser,
+    _givenHash,
     _inSession,
     _jsonLines,
     _limit,
@@ -68,20 +69,6 @@ from mailgate.plural import counted, noun
 from mailgate.printable import leftAligned, printable
 
 
-def _pastedHash(text):
-    """
-    A hash as given to C{--hashed}, without the spaces a paste brings
-    around it, except those ending a password kept in clear
-    (C{{PLAIN}secret }), which are the password's.
-    """
-    hashed = text.strip()
-    try:
-        scheme, encoding, _ = splitScheme(hashed)
-    except UnusableHash:
-        return hashed
-    return text.lstrip() if scheme in CLEARTEXT and encoding is None else hashed
-
-
 def _credentials(args, password, apop, cramMD5=False):
     """
     What the store keeps for what was read: a password, or with
@@ -95,10 +82,7 @@ def _credentials(args, password, apop, cramMD5=False):
         return makeCredentials(password, apop=apop, cramMD5=cramMD5)
     if apop:
         raise CommandError("APOP needs the password itself, not a hash", EX_USAGE)
-    try:
-        return importedCredentials(_pastedHash(password), cramMD5=cramMD5)
-    except UnusableHash as e:
-        raise CommandError(f"unusable password hash: {e}", EX_DATAERR) from None
+    return _givenHash(password, cramMD5=cramMD5)
 
 
 def _userAddOptions(args):
