@@ -82,14 +82,17 @@ def test_addListChangeAndRemove(databaseURL):
     code, out, err = mailgate(databaseURL, "master", "list")
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == f"{'NAME':<{len('help-desk@example.org')}}  ADDED"
-    assert [re.fullmatch(rf"(\S+) +({TIME})", line).group(1) for line in lines[1:]] == [
+    assert lines[0] == f"{'NAME':<{len('help-desk@example.org')}}  ADDED                 NETWORKS"
+    assert [re.fullmatch(rf"(\S+) +{TIME}  any", line).group(1) for line in lines[1:]] == [
         "admin", "help-desk@example.org",
     ]
     code, out, err = mailgate(databaseURL, "master", "list", "--json")
     listed = [json.loads(line) for line in out.splitlines()]
     assert [m["name"] for m in listed] == ["admin", "help-desk@example.org"]
-    assert all(set(m) == {"name", "added"} and re.fullmatch(TIME, m["added"]) for m in listed), listed
+    assert all(re.fullmatch(TIME, m.pop("added")) for m in listed), listed
+    assert listed == [
+        {"name": "admin", "allowed_networks": None}, {"name": "help-desk@example.org", "allowed_networks": None},
+    ]
     # Nothing of a password in a listing.
     assert "scrypt" not in out and "$" not in out
 
@@ -187,6 +190,54 @@ def test_aDovecotMasterPassdbsHashIsKeptAndChecked(databaseURL):
     assert kept == again and verifyPassword(NEW_PASSWORD, kept) and not verifyPassword(PASSWORD, kept)
 
 
+def test_aMasterUserHeldToNetworks(databaseURL):
+    """
+    The networks a master user may log in from (Dovecot's allow_nets of
+    a master passdb), at add or with master networks, said and listed as
+    user networks says and user list lists a user's.
+    """
+    code, out, err = mailgate(
+        databaseURL, "master", "add", "admin", "--password-stdin", "--networks", "192.0.2.7, local,192.0.2.7",
+        stdin=f"{PASSWORD}\n",
+    )
+    assert (code, err) == (0, "")
+    assert out == (
+        "added the master user admin: it logs in to any user's maildrop where the server allows master "
+        "logins (--master-users), from 192.0.2.7/32,local only\n"
+    )
+    assert stored(databaseURL, "admin").allowedNetworks == "192.0.2.7/32,local"
+    assert mailgate(databaseURL, "master", "add", "backup", "--password-stdin", stdin="pw\n")[0] == 0
+    assert mailgate(databaseURL, "master", "networks", "backup", "10.1.0.0/16") == (
+        0, "the master user backup may log in from 10.1.0.0/16 only: its logins from elsewhere are refused on "
+        "every server as a wrong password is\n", "",
+    )
+    assert mailgate(databaseURL, "master", "networks", "backup", "10.1.0.0/16")[1] == (
+        "the master user backup may log in from 10.1.0.0/16 already; nothing changed\n"
+    )
+    listed = [json.loads(line) for line in mailgate(databaseURL, "master", "list", "--json")[1].splitlines()]
+    assert [(m["name"], m["allowed_networks"]) for m in listed] == [
+        ("admin", ["192.0.2.7/32", "local"]), ("backup", ["10.1.0.0/16"]),
+    ]
+    lines = mailgate(databaseURL, "master", "list")[1].splitlines()
+    assert re.fullmatch(rf"admin   {TIME}  192\.0\.2\.7/32,local", lines[1]), lines
+    assert mailgate(databaseURL, "master", "networks", "admin", "any") == (
+        0, "the master user admin may log in from anywhere again (was 192.0.2.7/32,local)\n", "",
+    )
+    assert stored(databaseURL, "admin").allowedNetworks is None
+    # Refused: not a network (64, as user networks), no such master user (67).
+    assert mailgate(databaseURL, "master", "networks", "admin", "192.0.2.300") == (
+        64, "", "mailgate: NETWORKS: not a network or address: '192.0.2.300' (give CIDR networks or addresses, "
+        "local, or any)\n",
+    )
+    code, out, err = mailgate(
+        databaseURL, "master", "add", "x", "--password-stdin", "--networks", "nowhere", stdin="p\n"
+    )
+    assert (code, out) == (64, "") and stored(databaseURL, "x") is None
+    assert mailgate(databaseURL, "master", "networks", "nobody", "any") == (
+        67, "", "mailgate: no such master user: nobody\n"
+    )
+
+
 def test_theHelpSaysWhatAMasterUserIs():
     code, out, err = runCommand([MAILGATE, "master", "add", "--help"])
     assert code == 0, err
@@ -196,7 +247,7 @@ def test_theHelpSaysWhatAMasterUserIs():
         "not a mailbox", "--password-stdin", "--hashed", "exit 73",
     ):
         assert said in text, said
-    for action in ("passwd", "del"):
+    for action in ("passwd", "networks", "del"):
         code, out, err = runCommand([MAILGATE, "master", action, "--help"])
         assert code == 0 and "exit 67" in " ".join(out.split()).lower(), out
 
@@ -229,6 +280,11 @@ def test_theAuditLinesNameTheMasterUserAndNeverThePassword(syslog):  # noqa: F81
     assert done.returncode == 73
     assertLine(
         lines, AUTHPRIV_WARNING, rf"admin master add admin: failed \(exit 73\): master user admin already exists{who()}"
+    )
+    done, lines = logged("master", "networks", "backup", "192.0.2.0/24")
+    assert done.returncode == 0, done.stderr
+    assertLine(
+        lines, AUTHPRIV_NOTICE, rf"admin master networks backup 192\.0\.2\.0/24: 192\.0\.2\.0/24 \(was any\){who()}"
     )
     done, lines = logged("master", "del", "admin")
     assert done.returncode == 0, done.stderr

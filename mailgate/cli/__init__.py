@@ -42,8 +42,9 @@ C{mailgate}: the administrator's command.
   mailgate alias del ALIAS
   mailgate alias list [ADDRESS] [--json | --virtual]
   mailgate alias import VIRTUAL-FILE [--dry-run]
-  mailgate master add NAME [--password-stdin] [--hashed]
+  mailgate master add NAME [--password-stdin] [--hashed] [--networks NETWORKS]
   mailgate master passwd NAME [--password-stdin] [--hashed]
+  mailgate master networks NAME NETWORKS|any
   mailgate master del NAME
   mailgate master list [--json]
 

@@ -18,6 +18,7 @@ from mailgate.cli.common import (
     EX_CANTCREAT,
     EX_DATAERR,
     EX_NOUSER,
+    EX_USAGE,
     _addHashed,
     _addJSON,
     _addPasswordStdin,
@@ -30,6 +31,7 @@ from mailgate.cli.common import (
     _time,
 )
 from mailgate.errors import InvalidAddress, MasterUserExists, NoSuchMasterUser
+from mailgate.networks import parseAllowedNetworks
 from mailgate.printable import leftAligned
 
 #: what a master user is, for the help texts
@@ -66,8 +68,23 @@ def _passwordHash(args, password):
     return makeCredentials(password, apop=False).passwordHash
 
 
+def _readNetworks(args):
+    """
+    C{NETWORKS} (C{master networks}, C{master add --networks}), read before
+    the database is opened: their canonical text, C{None} for C{any}, as
+    C{user networks} reads a user's.
+    """
+    if args.networks is None:
+        return
+    try:
+        args.networks = parseAllowedNetworks(args.networks)
+    except ValueError as e:
+        raise CommandError(f"NETWORKS: {e} (give CIDR networks or addresses, local, or any)", EX_USAGE) from None
+
+
 def _masterAddOptions(args):
     _readName(args)
+    _readNetworks(args)
     # The password (or hash) too, before the database is opened, as user
     # add reads it: one refused leaves no database file made.
     args.passwordHash = _passwordHash(args, _readPassword(args, args.stdin))
@@ -76,6 +93,11 @@ def _masterAddOptions(args):
 def _masterPasswdOptions(args):
     _readName(args)
     _checkPasswordSource(args, args.stdin)
+
+
+def _masterNetworksOptions(args):
+    _readName(args)
+    _readNetworks(args)
 
 
 def _audited(args):
@@ -92,14 +114,15 @@ def _noSuchMasterUser(name):
 def _masterAdd(store, args, out, stdin):
     name = args.name
     try:
-        _result(store.addMasterUser(name, args.passwordHash))
+        _result(store.addMasterUser(name, args.passwordHash, args.networks))
     except MasterUserExists:
         raise CommandError(f"master user {name} already exists", EX_CANTCREAT) from None
+    only = f", from {args.networks} only" if args.networks else ""
     out.write(
         f"added the master user {name}: it logs in to any user's maildrop where the server allows master "
-        "logins (--master-users)\n"
+        f"logins (--master-users){only}\n"
     )
-    audit.outcome(args, f"added{_audited(args)}")
+    audit.outcome(args, f"added{only}{_audited(args)}")
 
 
 def _masterPasswd(store, args, out, stdin):
@@ -129,14 +152,48 @@ def _masterDel(store, args, out, stdin):
     audit.outcome(args, "removed")
 
 
+def _masterNetworks(store, args, out, stdin):
+    """
+    Hold a master user to some networks (the C{allow_nets} of Dovecot's
+    master passdb), or with C{any} lift that: on every node from the next
+    login.  Said as C{user networks} says a user's.
+    """
+    name, networks = args.name, args.networks
+    try:
+        previous = _result(store.setMasterUserNetworks(name, networks))
+    except NoSuchMasterUser:
+        raise _noSuchMasterUser(name) from None
+    shown = networks or "any"
+    if previous == networks:
+        out.write(f"the master user {name} may log in from {shown} already; nothing changed\n")
+        audit.outcome(args, f"{shown} already; nothing changed")
+    elif networks is None:
+        out.write(f"the master user {name} may log in from anywhere again (was {previous})\n")
+        audit.outcome(args, f"any (was {previous})")
+    else:
+        out.write(
+            f"the master user {name} may log in from {shown} only: its logins from elsewhere are refused on "
+            "every server as a wrong password is\n"
+        )
+        audit.outcome(args, f"{shown} (was {previous or 'any'})")
+
+
 def _masterList(store, args, out, stdin):
     masters = _result(store.listMasterUsers())
     if args.json:
-        return _jsonLines(out, ({"name": m.name, "added": _time(m.createdAt)} for m in masters))
+        return _jsonLines(out, (
+            {
+                "name": m.name,
+                "added": _time(m.createdAt),
+                # As user list --json gives a user's: a list, or null for anywhere.
+                "allowed_networks": None if m.allowedNetworks is None else m.allowedNetworks.split(","),
+            }
+            for m in masters
+        ))
     width = max([len("NAME"), *(len(m.name) for m in masters)])
-    out.write(f"{'NAME':<{width}}  ADDED\n")
+    out.write(f"{'NAME':<{width}}  {'ADDED':<20}  NETWORKS\n")
     for m in masters:
-        out.write(f"{leftAligned(m.name, width)}  {_time(m.createdAt)}\n")
+        out.write(f"{leftAligned(m.name, width)}  {_time(m.createdAt):<20}  {m.allowedNetworks or 'any'}\n")
 
 
 def _addMasterUserCommands(commands):
@@ -159,6 +216,12 @@ def _addMasterUserCommands(commands):
     )
     add.add_argument("name", metavar="NAME")
     _addPasswordStdin(add)
+    add.add_argument(
+        "--networks",
+        metavar="NETWORKS",
+        help="let it log in only from these networks (as master networks NAME NETWORKS): comma-separated "
+        "CIDR networks or addresses, local, or any",
+    )
     _addHashed(add, kept="kept as it is, master logins checked against it (a Dovecot master passdb's hashes)")
     add.set_defaults(
         run=_masterAdd, migrate=True, create=True, readOptions=_masterAddOptions,
@@ -178,6 +241,22 @@ def _addMasterUserCommands(commands):
         run=_masterPasswd, migrate=True, readOptions=_masterPasswdOptions,
         audit=audit.account("master passwd", "name"),
     )
+    networks = master.add_parser(
+        "networks",
+        help="restrict the networks a master user may log in from (Dovecot's allow_nets)",
+        description="Let the master user NAME log in only from NETWORKS, as the allow_nets of a Dovecot "
+        "master passdb: comma-separated CIDR networks or addresses (IPv4 and IPv6), and local for "
+        "clients with no IP address (a Unix socket); any lifts the restriction. The address checked is "
+        "the client's, on every server sharing the database, from the next login. From elsewhere its "
+        "right password is refused as a wrong one is. The user's own networks (user networks) apply "
+        "as well: both must let the client in. Exit 67 if there is no master user NAME.",
+    )
+    networks.add_argument("name", metavar="NAME")
+    networks.add_argument("networks", metavar="NETWORKS|any")
+    networks.set_defaults(
+        run=_masterNetworks, migrate=True, readOptions=_masterNetworksOptions,
+        audit=audit.account("master networks", lambda args: f"{args.name} {args.networks or 'any'}"),
+    )
     delete = master.add_parser(
         "del",
         help="remove a master user",
@@ -193,7 +272,7 @@ def _addMasterUserCommands(commands):
         "list",
         help="list the master users",
         description="List the master users, in the code point order of their names, each with when it "
-        "was added (UTC).",
+        "was added (UTC) and the networks it may log in from.",
     )
     _addJSON(listing)
     listing.set_defaults(run=_masterList, migrate=True, readsOnly=True)
