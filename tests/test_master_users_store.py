@@ -51,7 +51,8 @@ def test_aMasterUserIsAddedFoundChangedListedAndRemoved(store):
     assert (found.name, found.passwordHash) == ("admin", admin)
     assert isinstance(found.createdAt, int) and found.createdAt > 0
     assert verifyPassword("admin secret", found.passwordHash)
-    assert [m.name for m in resultOf(store.listMasterUsers())] == ["admin", "backup@example.org", "help-desk", "help.desk"]
+    listed = [m.name for m in resultOf(store.listMasterUsers())]
+    assert listed == ["admin", "backup@example.org", "help-desk", "help.desk"]
 
     resultOf(store.setMasterUserPassword("admin", hashOf("new one")))
     changed = resultOf(store.findMasterUser("admin"))
