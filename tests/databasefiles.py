@@ -72,6 +72,33 @@ def olderSchema(url, version=None):
         database.close()
 
 
+def olderUser(url, address, credentials, then=None):
+    """
+    Add the user C{address} with C{credentials} (a
+    L{mailgate.auth.passwords.StoredCredentials}) and an empty mailbox to
+    the database at C{url}, by the statements any older schema takes (the
+    store, which would migrate it first, is not opened); then
+    C{then(cursor, userId)}, in the same transaction, if given.
+    """
+    database = SynchronousDatabase(engineFromURL(url))
+    try:
+
+        def add(cursor):
+            cursor.execute(
+                "INSERT INTO users (address, domain, password_hash, scram_sha256, created_at) "
+                "VALUES (?, ?, ?, ?, 1700000000) RETURNING user_id",
+                (address, address.rpartition("@")[2], credentials.passwordHash, credentials.scramSha256),
+            )
+            (userId,) = cursor.fetchone()
+            cursor.execute("INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, 7, 1)", (userId,))
+            if then is not None:
+                then(cursor, userId)
+
+        database.runInteraction(add)
+    finally:
+        database.close()
+
+
 def directoryForOthers(request, mode=0o755):
     """
     A directory of root's that other users may reach with C{mode}

@@ -289,28 +289,18 @@ def test_usersOfSchema15MayLogInFromAnywhereAfterTheMigration(databaseURL):
     a disabled user and one who may log in: migrated, both are as they
     were, from anywhere, and can then be restricted; on both engines.
     """
-    from databasefiles import olderSchema
-    from mailgate.store import engineFromURL, openSynchronousStore
-    from mailgate.store.database import SynchronousDatabase
+    from databasefiles import olderSchema, olderUser
+    from mailgate.store import openSynchronousStore
     from mailgate.store.schema import LATEST, currentVersion
 
     olderSchema(databaseURL, version=15)
     credentials = makeCredentials(PASSWORD, logN=TEST_HASH_COST)
-    database = SynchronousDatabase(engineFromURL(databaseURL))
-    try:
-        def oldUsers(cursor):
-            for address, disabled in ((ALICE, None), (BOB, 1700000000)):
-                cursor.execute(
-                    "INSERT INTO users (address, domain, password_hash, scram_sha256, created_at, disabled_at) "
-                    "VALUES (?, 'example.org', ?, ?, 1700000000, ?) RETURNING user_id",
-                    (address, credentials.passwordHash, credentials.scramSha256, disabled),
-                )
-                (userId,) = cursor.fetchone()
-                cursor.execute("INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, 7, 1)", (userId,))
 
-        database.runInteraction(oldUsers)
-    finally:
-        database.close()
+    def disabled(cursor, userId):
+        cursor.execute("UPDATE users SET disabled_at = 1700000000 WHERE user_id = ?", (userId,))
+
+    olderUser(databaseURL, ALICE, credentials)
+    olderUser(databaseURL, BOB, credentials, then=disabled)
     store = openSynchronousStore(databaseURL)
     try:
         assert store.database.run(currentVersion) == LATEST

@@ -22,7 +22,8 @@ import poplib
 import pytest
 
 from e2e import AdminCommand, mailgate_cli, mailgate_server, pop, popLogin, retrieve, sqliteOnly, waitFor  # noqa: F401
-from mailgate.testing import POP3Session, addUser, deliver, memoryStore
+from mailgate.testing import addUser, deliver, memoryStore
+from test_importers import served as _served
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -106,19 +107,6 @@ def test_withoutMasterUsersTheServerRefusesThem(mailgate_server, mailgate_cli):
             client.pass_(MASTER_PASSWORD)
     finally:
         client.quit()
-
-
-def _served(url, address, password):
-    s = memoryStore(url)
-    try:
-        session = POP3Session(s)
-        assert session.login(address, password).startswith("+OK")
-        uidl = session.command("UIDL").split("\r\n")[1:-2]
-        listing = session.command("LIST").split("\r\n")[1:-2]
-        session.command("QUIT")
-        return uidl, listing
-    finally:
-        s.close()
 
 
 @sqliteOnly

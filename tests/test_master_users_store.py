@@ -170,34 +170,18 @@ def test_schema17GainsTheTableAndKeepsEverything(databaseURL):
     a user, his mail and an alias: migrated, all is as it was, and master
     users can be added.
     """
-    from databasefiles import olderSchema
-
-    from mailgate.store import engineFromURL
-    from mailgate.store.database import SynchronousDatabase
+    from databasefiles import olderSchema, olderUser
 
     olderSchema(databaseURL, version=17)
 
-    credentials = makeCredentials("alice's", logN=TEST_HASH_COST)
-    database = SynchronousDatabase(engineFromURL(databaseURL))
-    try:
+    def alias(cursor, userId):
+        assert currentVersion(cursor) == 17
+        cursor.execute(
+            "INSERT INTO aliases (address, domain, user_id, created_at) VALUES (?, 'example.org', ?, 1700000000)",
+            ("abuse@example.org", userId),
+        )
 
-        def oldUser(cursor):
-            assert currentVersion(cursor) == 17
-            cursor.execute(
-                "INSERT INTO users (address, domain, password_hash, scram_sha256, created_at) "
-                "VALUES (?, 'example.org', ?, ?, 1700000000) RETURNING user_id",
-                (ALICE, credentials.passwordHash, credentials.scramSha256),
-            )
-            (userId,) = cursor.fetchone()
-            cursor.execute("INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, 7, 1)", (userId,))
-            cursor.execute(
-                "INSERT INTO aliases (address, domain, user_id, created_at) VALUES (?, 'example.org', ?, 1700000000)",
-                ("abuse@example.org", userId),
-            )
-
-        database.runInteraction(oldUser)
-    finally:
-        database.close()
+    olderUser(databaseURL, ALICE, makeCredentials("alice's", logN=TEST_HASH_COST), then=alias)
     store = openSynchronousStore(databaseURL)
     try:
         assert store.database.run(currentVersion) == LATEST == 18

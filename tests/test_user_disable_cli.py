@@ -15,7 +15,7 @@ import poplib
 
 import pytest
 
-from databasefiles import olderSchema
+from databasefiles import olderSchema, olderUser
 from dovecotserver import PrivateDovecot, requireDovecot
 from e2e import mailgate_cli, mailgate_server, waitFor  # noqa: F401 (fixtures)
 from mailgate.auth.passwords import makeCredentials
@@ -178,24 +178,7 @@ def test_usersOfTheSchemaBeforeAreEnabledAfterTheMigration(databaseURL):
     disabled and enabled; on both engines.
     """
     olderSchema(databaseURL, version=14)
-    credentials = makeCredentials(PASSWORD, logN=TEST_HASH_COST)
-    from mailgate.store import engineFromURL
-    from mailgate.store.database import SynchronousDatabase
-
-    database = SynchronousDatabase(engineFromURL(databaseURL))
-    try:
-        def oldUser(cursor):
-            cursor.execute(
-                "INSERT INTO users (address, domain, password_hash, scram_sha256, created_at) "
-                "VALUES (?, 'example.org', ?, ?, 1700000000) RETURNING user_id",
-                (ALICE, credentials.passwordHash, credentials.scramSha256),
-            )
-            (userId,) = cursor.fetchone()
-            cursor.execute("INSERT INTO mailboxes (user_id, uid_validity, next_uid) VALUES (?, 7, 1)", (userId,))
-
-        database.runInteraction(oldUser)
-    finally:
-        database.close()
+    olderUser(databaseURL, ALICE, makeCredentials(PASSWORD, logN=TEST_HASH_COST))
     store = openSynchronousStore(databaseURL)
     try:
         assert store.database.run(currentVersion) == LATEST

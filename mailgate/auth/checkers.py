@@ -105,6 +105,29 @@ def _verifyOrDummy(password, storedHash, abandoned=None):
     return matched
 
 
+def _verifiedOnce(cache, runInThread, name, storedHash, password, credentials):
+    """
+    Check C{password} against C{storedHash} (C{None}: no such user, whose
+    dummy hash costs the same) on the thread pool, unless it failed
+    against this very hash before: it would fail again, and a client
+    repeating an old password must not cost a hash each time (an unknown
+    name's neither, while it stays unknown).  A failure is remembered
+    under C{name} in C{cache}.
+
+    @return: a L{Deferred} that fails with L{UnauthorizedLogin} if the
+        password does not match (or with L{LoginAbandoned}).
+    """
+    if cache.failedBefore(name, storedHash, password):
+        return defer.fail(UnauthorizedLogin())
+
+    def matched(ok):
+        if not ok:
+            cache.rememberFailure(name, storedHash, password)
+            raise UnauthorizedLogin()
+
+    return runInThread(_verifyOrDummy, password, storedHash, abandonedCheck(credentials)).addCallback(matched)
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
@@ -155,15 +178,7 @@ class PasswordChecker:
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         failedAs = address if address is not None else "\0" + username
-        if self.cache.failedBefore(failedAs, storedHash, password):
-            # Failed against this very hash before: it would fail again,
-            # and a client repeating an old password must not cost a hash
-            # each time (an unknown name's neither, while it stays unknown).
-            raise UnauthorizedLogin()
-        matched = yield self._runInThread(_verifyOrDummy, password, storedHash, abandonedCheck(credentials))
-        if not matched:
-            self.cache.rememberFailure(failedAs, storedHash, password)
-            raise UnauthorizedLogin()
+        yield _verifiedOnce(self.cache, self._runInThread, failedAs, storedHash, password, credentials)
         if needsUpgrade(storedHash):
             user = yield self._upgrade(user, password)
         if not needsUpgrade(user.passwordHash):
@@ -285,12 +300,7 @@ class MasterPasswordChecker:
         storedHash = None if master is None else master.passwordHash
         key = _masterKey(name) if name is not None else "\0" + credentials.masterAsGiven
         if storedHash is None or not self.cache.check(key, storedHash, password):
-            if self.cache.failedBefore(key, storedHash, password):
-                raise UnauthorizedLogin()
-            matched = yield self._runInThread(_verifyOrDummy, password, storedHash, abandonedCheck(credentials))
-            if not matched:
-                self.cache.rememberFailure(key, storedHash, password)
-                raise UnauthorizedLogin()
+            yield _verifiedOnce(self.cache, self._runInThread, key, storedHash, password, credentials)
             self.cache.remember(key, storedHash, password)
         if credentials.peer is not None and not peerAllowed(credentials.peer, master.allowedNetworks):
             raise MasterNetworkRefused(name)
