@@ -220,7 +220,8 @@ def _userImport(store, args, out, stdin):
     Add the users of a Dovecot passwd-file, keeping their password hashes
     (replaced by mailgate's own at each user's first login).  Users that
     exist already are left as they are, so a run can be repeated; with
-    C{--refresh}, those still with an imported hash take the file's.
+    C{--refresh}, those still with an imported hash take the file's, and
+    those the file now disables (its C{nologin} or C{fail}) are disabled.
     """
     scheme, domain = args.scheme, args.domain
     # The path as given, in every line that names it (a line break in it
@@ -262,6 +263,7 @@ def _userImport(store, args, out, stdin):
         # There before (user: as looked up), or added meanwhile by another
         # command (looked up now).
         nonlocal updated, present
+        hints = []
         try:
             target = None if user is not None else _result(store.findAlias(address))
             if target is not None:
@@ -270,19 +272,39 @@ def _userImport(store, args, out, stdin):
                 # mail, are not there: said as the failure it is.
                 raise CommandError(_aliasTaken(AliasExists(address, target)), EX_CANTCREAT)
             stale = None if credentials is None else _staleImport(store, address, credentials, user)
-            if stale is not None and args.refresh and _result(
+            changed = stale is not None and args.refresh and _result(
                 # Over the hash read just now only: a first login
                 # meanwhile wins.
                 store.upgradeCredentials(address, stale, credentials)
-            ):
-                updated += 1
+            )
+            if changed:
                 out.write(f"updated {address}\n")
+            elif stale is not None and not args.refresh:
+                hints.append("its imported password is not the file's")
+            if account.disabled is not None and _enabled(store, address):
+                # Disabled on the old server since the last run (nologin,
+                # fail): its logins here are refused too, as Dovecot's
+                # are, whether or not the user has logged in here since.
+                # The other way (a line without it now) is the
+                # administrator's call: user enable.
+                if args.refresh:
+                    reason = _importedReason(account.disabled)
+                    _result(store.disableUser(address, reason or None))
+                    changed = True
+                    out.write(
+                        f"disabled {address} (as Dovecot's {account.refusedBy} has it now"
+                        f"{f': {reason}' if reason else ''})\n"
+                    )
+                else:
+                    hints.append(f"Dovecot's {account.refusedBy} has it disabled, not here")
+            if changed:
+                updated += 1
                 return
         except CommandError as e:
             refused(account, e)
             return
         present += 1
-        hint = "" if stale is None or args.refresh else " (its imported password is not the file's: --refresh)"
+        hint = f" ({'; '.join(hints)}: --refresh)" if hints else ""
         out.write(f"exists {address}{hint}\n")
 
     def addPending():
@@ -396,6 +418,14 @@ def _userImport(store, args, out, stdin):
     audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
     if failed:
         raise CommandError(f"{counted(failed, 'line')} of {shownFile} not imported", EX_DATAERR)
+
+
+def _enabled(store, address):
+    """
+    Whether the user C{address} is there and not disabled.
+    """
+    summary = _result(store.userSummary(address))
+    return summary is not None and summary.disabledAt is None
 
 
 def _importedReason(text):
@@ -983,7 +1013,8 @@ def _addUserCommands(commands):
         action="store_true",
         help="replace the password of users already there whose password is still the one "
         "imported (they have not logged in to mailgate since) with the file's, for passwords "
-        "changed on the old server while the move goes on",
+        "changed on the old server while the move goes on; and disable users already there whom "
+        "the file now disables (nologin, fail), as user disable does",
     )
     imports.add_argument(
         "--apop",
