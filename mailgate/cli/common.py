@@ -7,14 +7,18 @@ passwords, numbers, limits) and writing what a command answers.
 
 import datetime
 import getpass
+import ipaddress
 import json
 import math
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
 from mailgate.address import asciiDomain, normalizeAddress
 from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
-from mailgate.auth.passwords import importedCredentials
+from mailgate.auth.passwords import importedCredentials, needsUpgrade
 from mailgate.cli import audit
 from mailgate.errors import InvalidAddress, NoSuchUser
+from mailgate.networks import LOCAL, peerAllowed
 from mailgate.printable import printable
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
@@ -310,6 +314,60 @@ def _readPassword(args, stdin, confirm=True):
     except UnicodeEncodeError:
         raise CommandError("the password is not UTF-8 text", EX_DATAERR) from None
     return password
+
+
+def _clientAddress(text):
+    """
+    The Twisted address of a client at C{text} (an IP address, or
+    L{LOCAL} for one on a Unix socket), as a server's connection has it:
+    what L{peerAllowed} is given at a login (C{user test --from},
+    C{master test --from}).
+    """
+    if text.lower() == LOCAL:
+        return UNIXAddress(None)
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise CommandError(
+            f"--from {printable(text)!r} is not an IP address (give the client's, e.g. 192.0.2.7, or local)", EX_USAGE
+        ) from None
+    return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", text, 0)
+
+
+def _hashKept(passwordHash):
+    """
+    What a password was checked against, for C{user test} and C{master
+    test}: a hash imported from another server, or mailgate's own.
+    """
+    return "the hash imported from another server" if needsUpgrade(passwordHash) else "mailgate's own hash"
+
+
+def _networksSaid(out, args, who, allowed, command, theirs="its"):
+    """
+    C{user test}'s and C{master test}'s lines on the networks C{who} may
+    log in from (C{allowed}: as stored, C{None} for anywhere), set with
+    C{command}, and with C{--from} (C{args.peer}) whether a login from
+    there is let in, as the server's own check (L{peerAllowed}) has it.
+
+    @param theirs: whose networks a refusal names.
+    @return: the refusal of a login from C{--from}, or C{None}.
+    """
+    if allowed is not None:
+        out.write(
+            f"{who} may log in from {printable(allowed)} only ({command}): a login from elsewhere is refused as a "
+            "wrong password is\n"
+        )
+    if args.peer is None:
+        return None
+    client = "a Unix socket (local)" if args.client.lower() == LOCAL else printable(args.client)
+    if allowed is None:
+        out.write(f"{who} may log in from anywhere: from {client} too\n")
+    elif peerAllowed(args.peer, allowed):
+        out.write(f"a login from {client} is let in: it is on one of those networks\n")
+    else:
+        out.write(f"a login from {client} is refused: it is on none of those networks\n")
+        return f"from {client}, on none of {theirs} networks"
+    return None
 
 
 def _forUser(address, d):

@@ -13,26 +13,32 @@ are USER/PASS and SASL PLAIN, so no SCRAM keys and no APOP secret.
 from mailgate.address import masterName
 from mailgate.auth.passwords import makeCredentials
 from mailgate.cli import audit
+from mailgate.auth.passwords import verifyPassword
 from mailgate.cli.common import (
     CommandError,
     EX_CANTCREAT,
     EX_DATAERR,
+    EX_NOPERM,
     EX_NOUSER,
     EX_USAGE,
     _addHashed,
     _addJSON,
     _addPasswordStdin,
+    _address,
     _checkNewPassword,
     _checkPasswordSource,
+    _clientAddress,
     _givenHash,
+    _hashKept,
     _jsonLines,
+    _networksSaid,
     _readPassword,
     _result,
     _time,
 )
 from mailgate.errors import InvalidAddress, MasterUserExists, NoSuchMasterUser
 from mailgate.networks import parseAllowedNetworks
-from mailgate.printable import leftAligned
+from mailgate.printable import leftAligned, printable
 
 #: what a master user is, for the help texts
 _WHAT = (
@@ -98,6 +104,81 @@ def _masterPasswdOptions(args):
 def _masterNetworksOptions(args):
     _readName(args)
     _readNetworks(args)
+
+
+def _masterTestOptions(args):
+    """
+    C{master test}'s options, read before the database is opened, as
+    C{user test} reads its own: the name, C{--from} (C{args.peer}),
+    C{--user} normalised, the password's source.
+    """
+    _readName(args)
+    args.peer = None if args.client is None else _clientAddress(args.client)
+    if args.user is not None:
+        args.user = _address(args.user)
+    _checkPasswordSource(args, args.stdin)
+
+
+def _masterTest(store, args, out, stdin):
+    """
+    Check a master user's password as a master login would (Dovecot's
+    C{doveadm auth test}, as C{user test} does a user's), without logging
+    in, changing nothing.  With the right password, what else refuses its
+    logins is said too: the networks it may log in from (and whether a
+    client at C{--from} is on them), and with C{--user}, what of that
+    user's own state refuses a master login to their maildrop (no such
+    user, disabled, the user's networks), which applies to it as to the
+    user's own.  A wrong password is told as before, whatever the rest.
+    """
+    name = args.name
+    master = _result(store.findMasterUser(name))
+    if master is None:
+        raise _noSuchMasterUser(name)
+    password = _readPassword(args, stdin, confirm=False)
+    if not verifyPassword(password.encode("utf-8"), master.passwordHash):
+        raise CommandError(f"that is not the password of the master user {name}", EX_NOPERM)
+    out.write(f"the password of the master user {name} is correct (kept as {_hashKept(master.passwordHash)})\n")
+    refusals = []
+    refused = _networksSaid(out, args, f"the master user {name}", master.allowedNetworks, "mailgate master networks")
+    if refused is not None:
+        refusals.append(refused)
+    address = args.user
+    if address is not None:
+        refusals += _userRefusals(store, args, out, address)
+    if refusals:
+        to = f" to the maildrop of {address}" if address is not None else ""
+        raise CommandError(
+            f"the password is right, but a login of the master user {name}{to} is refused: {' and '.join(refusals)}",
+            EX_NOPERM,
+        )
+
+
+def _userRefusals(store, args, out, address):
+    """
+    C{master test --user}'s lines on the user a master login names: the
+    user's own rules apply to it (L{mailgate.auth.checkers.
+    MasterPasswordChecker}), all but the password.
+
+    @return: what refuses such a login.
+    """
+    summary = _result(store.userSummary(address))
+    if summary is None:
+        out.write(f"there is no user {address}: a master login to that maildrop is refused as a wrong password is\n")
+        return [f"no such user {address}"]
+    refusals = []
+    if summary.disabledAt is not None:
+        reason = f" ({printable(summary.disabledReason)})" if summary.disabledReason else " (no reason given)"
+        out.write(
+            f"{address} is disabled since {_time(summary.disabledAt)}{reason}: a master login to their maildrop is "
+            f"refused as their own are (mailgate user enable {address} lets them in again)\n"
+        )
+        refusals.append(f"{address} is disabled")
+    else:
+        out.write(f"{address} is a user, and not disabled\n")
+    refused = _networksSaid(out, args, address, summary.allowedNetworks, "mailgate user networks", f"{address}'s")
+    if refused is not None:
+        refusals.append(refused)
+    return refusals
 
 
 def _audited(args):
@@ -198,7 +279,7 @@ def _masterList(store, args, out, stdin):
 
 def _addMasterUserCommands(commands):
     """
-    C{mailgate master add|passwd|del|list}.
+    C{mailgate master add|passwd|networks|test|del|list}.
     """
     master = commands.add_parser(
         "master",
@@ -268,6 +349,31 @@ def _addMasterUserCommands(commands):
     delete.set_defaults(
         run=_masterDel, migrate=True, readOptions=_readName, audit=audit.account("master del", "name")
     )
+    test = master.add_parser(
+        "test",
+        help="check a master user's password without logging in",
+        description="Check a master user's password as a master login would (as doveadm auth test, and "
+        "user test for a user): exit 0 if it is right, 77 if not.  With the right password it also says "
+        "the networks the master user may log in from, and with --user what of that user's own state "
+        "refuses a master login to their maildrop (no such user, disabled, the user's networks); exit 77 "
+        "too if something refuses it, --from naming a client on none of the networks.  Nothing is "
+        "changed.  Exit 67 if there is no master user NAME.",
+    )
+    test.add_argument("name", metavar="NAME")
+    test.add_argument(
+        "--from",
+        dest="client",
+        metavar="ADDRESS",
+        help="the client's IP address (or local, for a Unix socket's), as the server sees it: whether the "
+        "master user's networks (and the user's, with --user) let a login from there in",
+    )
+    test.add_argument(
+        "--user",
+        metavar="ADDRESS",
+        help="the user whose maildrop the master login names: whether the user's own state refuses it",
+    )
+    _addPasswordStdin(test)
+    test.set_defaults(run=_masterTest, migrate=True, readOptions=_masterTestOptions, readsOnly=True)
     listing = master.add_parser(
         "list",
         help="list the master users",

@@ -4,12 +4,9 @@ C{mailgate user ...}: adding, changing and removing users, their passwords
 (kept, or as another server hashed them), quotas and retention.
 """
 
-import ipaddress
 import itertools
 import re
 import unicodedata
-
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from mailgate.address import asciiDomain, normalizeDomain
 from mailgate.auth.foreign import UnusableHash, checksScheme
@@ -41,13 +38,16 @@ from mailgate.cli.common import (
     _checkPasswordSource,
     _dayCount,
     _existingUser,
+    _clientAddress,
     _forUser,
     _givenHash,
+    _hashKept,
     _inSession,
     _jsonLines,
     _limit,
     _limitValue,
     _messageCount,
+    _networksSaid,
     _number,
     _readAddresses,
     _readPassword,
@@ -60,7 +60,7 @@ from mailgate.cli.common import (
 from mailgate.cli.sessions import endSessions
 from mailgate.errors import AliasExists, InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
-from mailgate.networks import LOCAL, parseAllowedNetworks, peerAllowed
+from mailgate.networks import parseAllowedNetworks
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
@@ -686,23 +686,6 @@ def _userTestOptions(args):
     _passwordOptions(args)
 
 
-def _clientAddress(text):
-    """
-    The Twisted address of a client at C{text} (an IP address, or
-    L{LOCAL} for one on a Unix socket), as a server's connection has it:
-    what L{peerAllowed} is given at a login.
-    """
-    if text.lower() == LOCAL:
-        return UNIXAddress(None)
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        raise CommandError(
-            f"--from {printable(text)!r} is not an IP address (give the client's, e.g. 192.0.2.7, or local)", EX_USAGE
-        ) from None
-    return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", text, 0)
-
-
 def _userTest(store, args, out, stdin):
     """
     Check a password as a login would (Dovecot's C{doveadm auth test}),
@@ -731,21 +714,9 @@ def _userTest(store, args, out, stdin):
             f"refused (mailgate user enable {address} lets them in again)\n"
         )
         refusals.append("disabled")
-    allowed = summary.allowedNetworks
-    if allowed is not None:
-        out.write(
-            f"{address} may log in from {printable(allowed)} only (mailgate user networks): a login from "
-            "elsewhere is refused as a wrong password is\n"
-        )
-    if args.peer is not None:
-        client = "a Unix socket (local)" if args.client.lower() == LOCAL else printable(args.client)
-        if allowed is None:
-            out.write(f"{address} may log in from anywhere: from {client} too\n")
-        elif peerAllowed(args.peer, allowed):
-            out.write(f"a login from {client} is let in: it is on one of those networks\n")
-        else:
-            out.write(f"a login from {client} is refused: it is on none of those networks\n")
-            refusals.append(f"from {client}, on none of its networks")
+    refused = _networksSaid(out, args, address, summary.allowedNetworks, "mailgate user networks")
+    if refused is not None:
+        refusals.append(refused)
     if refusals:
         raise CommandError(
             f"the password is right, but a login of {address} is refused: {' and '.join(refusals)}", EX_NOPERM
@@ -757,7 +728,7 @@ def _passwordKept(out, address, user, password):
     C{user test}'s line for the right password: which hash it was checked
     against, and whether CRAM-MD5 takes it too.
     """
-    kept = "the hash imported from another server" if needsUpgrade(user.passwordHash) else "mailgate's own hash"
+    kept = _hashKept(user.passwordHash)
     if user.cramMD5 is not None:
         # What AUTH CRAM-MD5 is checked against, kept apart from the hash:
         # whether the password works there too.
