@@ -14,7 +14,9 @@ are wrong: every user has her maildrop's counters; every message its
 user and its body, and its body's size; every body as many references as messages hold it,
 and chunks adding up to its size; each maildrop's recorded use what its
 messages take; its next unique id past every one given; where there are
-aliases, each alias its user, and no address both a user's and an alias.  (mailgate's
+aliases, each alias its user, and no address both a user's and an alias;
+where there are master users, each stored under the name logins give it,
+and its allowed networks each a network.  (mailgate's
 tables declare no foreign keys: these are the references a foreign key
 check would have followed.)
 
@@ -31,8 +33,10 @@ the others go on.
 
 import time
 
-from mailgate.errors import DatabaseDamaged, TemporaryFailure
-from mailgate.networks import parseAllowedNetworks
+from mailgate.address import masterName
+from mailgate.errors import DatabaseDamaged, InvalidAddress, TemporaryFailure
+from mailgate.networks import LOCAL, parseNetwork
+from mailgate.printable import printable
 
 #: examples shown of what a check found wrong
 EXAMPLES = 5
@@ -335,26 +339,112 @@ _ALLOWED_NETWORKS_ADVICE = (
 )
 
 
-def _allowedNetworks(cursor, engine, timeout):
+def _networksProblem(stored):
     """
-    How many users are restricted to some networks, how many of them hold
-    an item that is no network, and a few of those, each with the item:
-    such an item lets no client in (L{mailgate.networks.peerAllowed}), so
-    the user's logins are refused while nothing else says why.  Read a
-    thousand rows at a time.
+    What in stored allowed networks lets no client in as a login reads
+    them (L{mailgate.networks.peerAllowed}: each item C{local} or a
+    network, anything else matching no client), or C{None}.  Read so, not
+    by what C{user networks} takes (L{mailgate.networks.
+    parseAllowedNetworks}): it takes C{any}, C{LOCAL} and nothing, and
+    stores none of them, but stored by hand each lets no client in, and
+    the check said they were sound.
+    """
+    items = stored.split(",")
+    for item in items:
+        if item and item != LOCAL:
+            try:
+                parseNetwork(item)
+            except ValueError:
+                return f"not a network or address: {item!r}"
+    if not any(items):
+        return f"no network or address at all: {stored!r}"
+    return None
+
+
+def _restrictedNetworks(query):
+    """
+    A check of the allowed networks C{query} reads (by engine: a name and
+    its stored networks, for those restricted to some): how many are
+    restricted, how many hold what lets no client in (L{_networksProblem}),
+    and a few of those, each with it: their logins are refused while
+    nothing else says why.  Read a thousand rows at a time.
+    """
+
+    def check(cursor, engine, timeout):
+        engine.administrativeRead(cursor, timeout)
+        cursor.execute(query[engine.name])
+        seen = wrong = 0
+        examples = []
+        for name, stored in _rowsOf(cursor):
+            seen += 1
+            problem = _networksProblem(stored)
+            if problem is not None:
+                wrong += 1
+                if len(examples) < EXAMPLES:
+                    examples.append(f"{printable(name)}: {problem}")
+        return seen, wrong, examples
+
+    return check
+
+
+_allowedNetworks = _restrictedNetworks(_RESTRICTED_USERS)
+
+
+#: Master users (C{mailgate master}), by engine, in code point order of
+#: their names; those restricted to some networks.
+_MASTER_USERS = {
+    "sqlite": "SELECT name FROM master_users ORDER BY name",
+    "postgres": "SELECT name FROM master_users ORDER BY name COLLATE \"C\"",
+}
+
+_RESTRICTED_MASTER_USERS = {
+    "sqlite": "SELECT name, allowed_nets FROM master_users WHERE allowed_nets IS NOT NULL ORDER BY name",
+    "postgres": (
+        "SELECT name, allowed_nets FROM master_users WHERE allowed_nets IS NOT NULL ORDER BY name COLLATE \"C\""
+    ),
+}
+
+_MASTER_NAMES = "master users' names"
+
+_MASTER_NAMES_ADVICE = (
+    "stored in a form no login names them by (written by hand): no login reaches them, nor does mailgate master; "
+    "remove each with SQL, DELETE FROM master_users WHERE name = 'NAME', and add it again, mailgate master add NAME"
+)
+
+_MASTER_NETWORKS = "master users' allowed networks"
+
+_MASTER_NETWORKS_ADVICE = (
+    "stored networks that are no network (written by hand): no client is on them, so these master users cannot "
+    "log in; give them again, mailgate master networks NAME NETWORKS (or any)"
+)
+
+_masterNetworks = _restrictedNetworks(_RESTRICTED_MASTER_USERS)
+
+
+def _masterNames(cursor, engine, timeout):
+    """
+    How many master users there are, how many of them have a name that is
+    not in its own form (L{masterName}: a login looks the master user up
+    by the name it gives in that form, so C{Admin} is never found, nor a
+    name that is none, C{bad name}), and a few of those, each with its
+    form or why it has none.  Read a thousand rows at a time.
     """
     engine.administrativeRead(cursor, timeout)
-    cursor.execute(_RESTRICTED_USERS[engine.name])
+    cursor.execute(_MASTER_USERS[engine.name])
     seen = wrong = 0
     examples = []
-    for address, stored in _rowsOf(cursor):
+    for (name,) in _rowsOf(cursor):
         seen += 1
         try:
-            parseAllowedNetworks(stored)
-        except ValueError as e:
-            wrong += 1
-            if len(examples) < EXAMPLES:
-                examples.append(f"{address}: {e}")
+            form = masterName(name)
+        except InvalidAddress as e:
+            form, why = None, str(e)
+        if form == name:
+            continue
+        wrong += 1
+        if len(examples) < EXAMPLES:
+            shown = repr(printable(name))
+            examples.append(f"{shown}: logins name it {form}" if form is not None else f"{shown}: {why}")
     return seen, wrong, examples
 
 
@@ -492,4 +582,10 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
         else:
             for invariant in ALIAS_INVARIANTS if aliases else ():
                 findings.append(_invariant(database, engine, timeout, *invariant))
+    if invariants:
+        # Listed where there are master users (where some is restricted).
+        findings += _whereSeen(database, _MASTER_NAMES, timeout, _MASTER_NAMES_ADVICE, _masterNames, engine, timeout)
+        findings += _whereSeen(
+            database, _MASTER_NETWORKS, timeout, _MASTER_NETWORKS_ADVICE, _masterNetworks, engine, timeout
+        )
     return findings
