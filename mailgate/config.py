@@ -1229,6 +1229,14 @@ SETTINGS = (
         repeated=True, example=["10.0.0.2/32"],
     ),
     Setting(
+        "xclient-network", "xclientNetworks", Network(), (),
+        "A network (CIDR) of POP3 proxies (Dovecot's, whose passdb sends users here) whose XCLIENT "
+        "names the client they relay, as Dovecot's login_trusted_networks lets it: the greeting to "
+        "them says [XCLIENT], and the client's address then stands for the proxy's in logins (bans, "
+        "penalties, allowed networks) and logs.  None by default.",
+        repeated=True, example=["10.0.0.3/32"],
+    ),
+    Setting(
         "apop", "apop", Choice(APOPPolicy), APOPPolicy.AUTO,
         "When the POP3 greeting offers APOP, and AUTH offers CRAM-MD5: auto "
         "(the APOP timestamp while some user has APOP enabled; CRAM-MD5 only "

@@ -1211,6 +1211,7 @@ def makePOP3Factory(
         defaultRealm=config.authDefaultRealm,
         clientWorkarounds=config.pop3ClientWorkarounds,
         masterUserSeparator=config.masterUserSeparator,
+        xclientNetworks=config.xclientNetworks,
     )
     # CRAM-MD5 works for users with APOP (and for those with Dovecot's CRAM-MD5
     # states): offered by nearly the same rule as APOP.

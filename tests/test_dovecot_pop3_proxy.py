@@ -24,7 +24,7 @@ import re
 import pytest
 
 from dovecotserver import PrivateDovecot, requireDovecot
-from e2e import DEADLINE, sqliteOnly, waitFor
+from e2e import DEADLINE, BoundPOP3, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 
 pytestmark = requireDovecot
@@ -76,7 +76,12 @@ class PerServiceDovecot(PrivateDovecot):
 
 @pytest.fixture
 def dovecotInFront(mailgate_server, mailgate_cli):
-    server = mailgate_server("--master-users", "--lmtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org")
+    # Dovecot connects from 127.0.0.1: its XCLIENT is taken from there.
+    # Loopback exempts no one here, so that a client's ban is in force.
+    server = mailgate_server(
+        "--master-users", "--lmtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org",
+        "--xclient-network", "127.0.0.1/32", "--exempt-network", "none",
+    )
     mailgate_cli.addUser(ALICE, MAILGATE_PASSWORD)
     mailgate_cli.check("master", "add", MASTER, "--password-stdin", input=MASTER_PASSWORD + "\n")
     dovecot = PerServiceDovecot({
@@ -145,3 +150,49 @@ def test_aWrongPasswordStopsAtDovecot(dovecotInFront):
     dovecot.pop3(ALICE, DOVECOT_PASSWORD).quit()
     waitFor(lambda: f"pop3 logout user={ALICE} master={MASTER}" in server.stdout, "the proxied session's end")
     assert "auth.failed" not in server.stdout and "authentication failed" not in server.stdout
+
+
+def _fromThrough(dovecot, source, password=DOVECOT_PASSWORD):
+    """
+    A POP3 login to Dovecot as Alice from the loopback address C{source}:
+    Dovecot's answer to PASS.
+    """
+    client = BoundPOP3(dovecot.pop3Port, source)
+    try:
+        client.user(ALICE)
+        try:
+            return client.pass_(password).decode()
+        except poplib.error_proto as e:
+            return e.args[0].decode()
+    finally:
+        client.close()
+
+
+@sqliteOnly
+def test_mailgateSeesTheClientDovecotRelays(dovecotInFront, mailgate_cli):
+    """
+    mailgate's greeting to Dovecot says [XCLIENT] (--xclient-network), so
+    Dovecot names the client it relays: mailgate's log, its bans and
+    Alice's allowed networks see the client's address, not Dovecot's.
+    """
+    server, dovecot = dovecotInFront
+    assert _fromThrough(dovecot, "127.0.0.2").startswith("+OK")
+    waitFor(lambda: re.search(r"pop3 xclient peer=127\.0\.0\.2:\d+ proxy=127\.0\.0\.1:\d+", server.stdout),
+            "mailgate's xclient line")
+    waitFor(lambda: re.search(rf"pop3 logout user={re.escape(ALICE)} master={MASTER} peer=127\.0\.0\.2:", server.stdout),
+            "the logout line with the client's address")
+
+    # Alice may log in from 127.0.0.2 only: from 127.0.0.4 her right
+    # password (checked by Dovecot) is refused by mailgate.
+    mailgate_cli.check("user", "networks", ALICE, "127.0.0.2/32")
+    assert _fromThrough(dovecot, "127.0.0.2").startswith("+OK")
+    assert _fromThrough(dovecot, "127.0.0.4").startswith("-ERR")
+    waitFor(lambda: re.search(r"peer=127\.0\.0\.4:\d+: the client's address is not on the user's allowed networks",
+                              server.stdout), "the refusal of 127.0.0.4 in mailgate's log")
+
+    # A client banned at mailgate is refused through Dovecot; the others
+    # (and Dovecot itself) are not.
+    mailgate_cli.check("user", "networks", ALICE, "any")
+    mailgate_cli.check("ban", "add", "127.0.0.3")
+    waitFor(lambda: _fromThrough(dovecot, "127.0.0.3").startswith("-ERR"), "the ban to be in force")
+    assert _fromThrough(dovecot, "127.0.0.2").startswith("+OK")

@@ -14,11 +14,13 @@ reactor.
 
 import base64
 import binascii
+import ipaddress
 import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
 from mailgate.address import loginAddress
@@ -32,6 +34,7 @@ from mailgate.pop3.arguments import noArguments
 from mailgate.pop3.deletions import DeletionMarks
 from mailgate.printable import printable
 from mailgate.session import CommandError, CommandSession
+from mailgate.session.ids import describeAddress
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
 from mailgate.timers import cancelled
@@ -219,6 +222,56 @@ class AuthorizationCommands:
             self.challenge.encode("ascii"), name.strip().encode("utf-8"), digest.encode("ascii")
         )
         return self._login(credentials, name.strip(), "apop")
+
+    # -- XCLIENT --------------------------------------------------------------
+
+    def pop3_XCLIENT(self, argument):
+        """
+        A proxy's word on the client it relays: Dovecot's POP3 proxy, seeing
+        C{[XCLIENT]} in the greeting, sends C{XCLIENT ADDR=... PORT=...
+        SESSION=... TTL=...} before the login it relays.  From a proxy on
+        C{--xclient-network} (as Dovecot takes it from its
+        C{login_trusted_networks}), before any login, the client's address
+        stands for the proxy's in what the login is checked against (bans,
+        penalties, the user's and a master user's allowed networks) and in
+        the session's log lines, C{mailgate who} and what it deletes.
+        Whether a password may come in the clear stays the proxy's link's
+        to decide (C{--trusted-network}, TLS), and the connection is still
+        counted against the proxy's address.  Unknown fields are ignored,
+        as Dovecot ignores them.
+        """
+        if not self.factory.acceptsXCLIENT(self.connectedPeer):
+            raise CommandError("XCLIENT is not allowed from this address")
+        if self.peer is not self.connectedPeer or self._pendingUser is not None or self._authFailures:
+            raise CommandError("XCLIENT comes once, before the login")
+        fields = {}
+        for item in argument.split():
+            name, _, value = item.partition("=")
+            fields[name.upper()] = value
+        try:
+            ip = ipaddress.ip_address(fields.get("ADDR", ""))
+            port = int(fields.get("PORT", "0"))
+        except ValueError:
+            raise CommandError("XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)") from None
+        if not 0 <= port <= 65535:
+            raise CommandError("XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)")
+        proxy = self.peerText
+        # The link to the proxy decides whether plaintext passwords may
+        # come (a Dovecot on this machine or on a trusted network).
+        self._trustedPeer = self.factory.isTrusted(self.connectedPeer)
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        self.peer = (IPv4Address if ip.version == 4 else IPv6Address)("TCP", str(ip), port)
+        self.peerText = describeAddress(self.peer)
+        session = fields.get("SESSION")
+        shownSession = printable(session[:64]) if session else None
+        self.logInfo(
+            "pop3.xclient",
+            f"pop3 xclient peer={self.peerText} proxy={proxy}"
+            + (f" proxy_session={shownSession}" if shownSession else ""),
+            proxy=proxy,
+            proxySession=shownSession,
+        )
+        self._ok("the client's address is taken")
 
     # -- STLS ----------------------------------------------------------------
 

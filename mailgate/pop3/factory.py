@@ -7,7 +7,7 @@ the per-listener policy every session reads.
 from twisted.internet import defer
 
 from mailgate.hostname import machineName
-from mailgate.networks import parseNetwork, peerOnNetworks
+from mailgate.networks import hostOnNetworks, parseNetwork, peerOnNetworks
 from mailgate.pop3.protocol import POP3Server
 from mailgate.pop3.workarounds import parseWorkarounds
 from mailgate.session import SessionFactory
@@ -127,6 +127,10 @@ class POP3Factory(SessionFactory):
         apply to RETR and TOP (names of L{mailgate.pop3.workarounds.KNOWN});
         each session takes the factory's as it is built, so a reload's
         apply to the sessions after it.
+    @param xclientNetworks: networks (L{ipaddress} objects or CIDR text)
+        of the proxies whose C{XCLIENT} (Dovecot's POP3 proxy) names the
+        client they relay: their greeting says C{[XCLIENT]}.  None by
+        default.
     @param masterUserSeparator: the character that separates a user's
         name from a master user's in a USER name (C{alice*admin}, Dovecot's
         C{auth_master_user_separator}), where master users may log in as
@@ -157,6 +161,7 @@ class POP3Factory(SessionFactory):
         defaultRealm=None,
         clientWorkarounds=(),
         masterUserSeparator=None,
+        xclientNetworks=(),
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.defaultRealm = defaultRealm
@@ -174,6 +179,7 @@ class POP3Factory(SessionFactory):
         self.expire = expire
         self.clientWorkarounds = parseWorkarounds(clientWorkarounds or ())
         self.masterUserSeparator = masterUserSeparator
+        self.xclientNetworks = tuple(parseNetwork(n) for n in xclientNetworks)
 
     def buildProtocol(self, addr):
         protocol = self.protocol()
@@ -233,6 +239,14 @@ class POP3Factory(SessionFactory):
         are; so is an address whose form is unknown only if it is not IP.
         """
         return peerOnNetworks(address, self.trustedNetworks)
+
+    def acceptsXCLIENT(self, address):
+        """
+        Whether the peer C{address} is a proxy whose C{XCLIENT} is taken
+        (C{--xclient-network}): an IP peer on one of those networks.
+        """
+        host = getattr(address, "host", None)
+        return bool(self.xclientNetworks) and host is not None and hostOnNetworks(host, self.xclientNetworks)
 
     def extraCapabilities(self, maildrop=None):
         """

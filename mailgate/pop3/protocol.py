@@ -102,7 +102,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     healthCheckCommands = frozenset(["CAPA", "QUIT"])
 
     commandStates = {
-        AUTHORIZATION: frozenset("USER PASS APOP AUTH STLS CAPA QUIT".split()),
+        AUTHORIZATION: frozenset("USER PASS APOP AUTH STLS CAPA QUIT XCLIENT".split()),
         TRANSACTION: frozenset("STAT LIST RETR DELE NOOP RSET TOP UIDL CAPA QUIT".split()),
         UPDATE: frozenset(),
     }
@@ -156,6 +156,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def _greet(self):
         greeting = f"{self.factory.greeting}"
+        if self.factory.acceptsXCLIENT(self.connectedPeer):
+            # Dovecot's POP3 proxy sends XCLIENT to a server whose
+            # greeting begins so (and to no other).
+            greeting = f"[XCLIENT] {greeting}"
         if self.factory.offersAPOP():
             self.challenge = self._makeChallenge()
             greeting += " " + self.challenge

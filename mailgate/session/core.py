@@ -202,6 +202,7 @@ class CommandSession(Protocol):
         self.sessionId = None
         self.peer = None
         self.peerText = None
+        self.connectedPeer = None
         self.user = None
         self.stopping = False
 
@@ -385,6 +386,9 @@ class CommandSession(Protocol):
         self.sessionId = newSessionId()
         self.peer = self.transport.getPeer()
         self.peerText = describeAddress(self.peer)
+        # What the connection policy admitted and counts: the peer stays
+        # that, whoever a proxy later says the client is (POP3's XCLIENT).
+        self.connectedPeer = self.peer
         self._out = ReplyWriter(self)
         factory = self.factory
         if factory.tracker.stopping:
@@ -487,7 +491,7 @@ class CommandSession(Protocol):
             self._noteLeaving()
             self._admitted = False
             factory = self.factory
-            factory.policy.connectionClosed(self.protocolName, self.peer)
+            factory.policy.connectionClosed(self.protocolName, self.connectedPeer)
             factory.metrics.connectionClosed(self.protocolName)
             if isinstance(ended, defer.Deferred):
                 ended.addBoth(lambda _: factory.tracker.remove(self))
@@ -571,7 +575,7 @@ class CommandSession(Protocol):
             self._leaving = True
             closing = getattr(self.factory.policy, "connectionClosing", None)
             if closing is not None:
-                closing(self.protocolName, self.peer)
+                closing(self.protocolName, self.connectedPeer)
 
     # -- logs ----------------------------------------------------------------
 
