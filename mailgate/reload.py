@@ -81,7 +81,7 @@ SESSION_SETTINGS = {
 #: smtp-cleartext-network and lmtp-cleartext-network only where the
 #: server has TLS to offer those now asked for it (else a restart's).
 NETWORK_SETTINGS = frozenset({
-    "trusted-network", "smtp-cleartext-network", "lmtp-cleartext-network", "proxy-network",
+    "trusted-network", "smtp-cleartext-network", "lmtp-cleartext-network", "proxy-network", "xclient-network",
 })
 #: the connection policy's settings (L{mailgate.service.policySettings}), which a SIGHUP
 #: applies to what comes after it (L{ConnectionPolicy.reconfigure}): the
@@ -345,7 +345,7 @@ def _liveNetworks(service, new):
     the cleartext networks only where they ask for no TLS, or the
     server has TLS to offer.
     """
-    live = {"trusted-network", "proxy-network"}
+    live = {"trusted-network", "proxy-network", "xclient-network"}
     for name, attribute in (("smtp", "smtpCleartextNetworks"), ("lmtp", "lmtpCleartextNetworks")):
         networks = [parseNetwork(n) for n in networksOf(getattr(new, attribute))]
         if service.tls is not None or coversEveryAddress(networks):
@@ -362,8 +362,12 @@ def _applyNetworks(factory, config, applied):
     Give C{factory} (POP3, SMTP or LMTP) the networks of C{config} that a
     reload C{applied}, for the sessions it builds from now on.
     """
-    if isinstance(factory, POP3Factory) and "trusted-network" in applied:
-        factory.trustedNetworks = tuple(parseNetwork(n) for n in networksOf(config.trustedNetworks))
+    if isinstance(factory, POP3Factory):
+        if "trusted-network" in applied:
+            factory.trustedNetworks = tuple(parseNetwork(n) for n in networksOf(config.trustedNetworks))
+        if "xclient-network" in applied:
+            # The greetings from now on, and the XCLIENT that follows one.
+            factory.xclientNetworks = tuple(parseNetwork(n) for n in config.xclientNetworks)
     elif isinstance(factory, SMTPFactory):
         lmtp = isinstance(factory, LMTPFactory)
         name = "lmtp-cleartext-network" if lmtp else "smtp-cleartext-network"

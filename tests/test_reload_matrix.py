@@ -58,6 +58,8 @@ RESTART_ONLY = {
     "log-format": '"text"',
     "apop": '"always"',
     "auth-default-realm": '"one.test"',
+    "master-users": "true",
+    "master-user-separator": '"*"',
 }
 
 #: settings a reload applies to the sessions opened after it (a session
@@ -132,6 +134,8 @@ LIVE = {
     "smtp-cleartext-network": '["192.0.2.0/24"]',
     "lmtp-cleartext-network": '["192.0.2.0/24"]',
     "proxy-network": '["192.0.2.0/24"]',
+    # A Dovecot proxy on 127.0.0.1: the greetings after it say [XCLIENT].
+    "xclient-network": '["127.0.0.1/32"]',
 }
 
 
@@ -324,7 +328,7 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
         assert len(server.events("config.restart_needed")) == 2
         assert sorted(server.events("config.restart_needed")[-1]["settings"]) == sorted(later["settings"])
         traced = len(server.events("session.trace"))
-        assert greeting(server).startswith("+OK second greeting")
+        assert greeting(server).startswith("+OK [XCLIENT] second greeting")
         waitFor(lambda: len(server.events("session.trace")) > traced, what="a new session traced")
 
         path.write_text(original)
