@@ -2200,8 +2200,8 @@ EXAMPLE_HEADER = """\
 # and, while TLS stays on, the tls-* settings apply at once; greeting,
 # idle-timeout, login-timeout, auth-failure-delay, pop3-client-workarounds,
 # max-message-size, max-recipients, min-data-rate, smtp-idle-timeout,
-# trusted-network, smtp-cleartext-network, lmtp-cleartext-network and
-# proxy-network to the sessions opened after it (those under way keep
+# trusted-network, smtp-cleartext-network, lmtp-cleartext-network,
+# proxy-network and xclient-network to the sessions opened after it (those under way keep
 # theirs); max-connections,
 # max-connections-per-ip, auth-penalty-max, ban-after, ban-window,
 # ban-time, unknown-recipient-slow-after, unknown-recipient-ban-after and

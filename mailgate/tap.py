@@ -204,7 +204,7 @@ class Options(usage.Options):
         "auth-failure-delay, pop3-client-workarounds, max-message-size, "
         "max-recipients, min-data-rate, "
         "smtp-idle-timeout, trusted-network, smtp-cleartext-network, "
-        "lmtp-cleartext-network and proxy-network to sessions opened after it; "
+        "lmtp-cleartext-network, proxy-network and xclient-network to sessions opened after it; "
         "max-connections, max-connections-per-ip, auth-penalty-max, ban-after, "
         "ban-window, ban-time, unknown-recipient-slow-after, "
         "unknown-recipient-ban-after and exempt-network to the connections and "
