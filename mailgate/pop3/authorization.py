@@ -209,7 +209,11 @@ class AuthorizationCommands:
         user, self._pendingUser = self._pendingUser, None
         # Octets that are not UTF-8 come back as they were sent (notUTF8).
         password = argument.encode("utf-8", "surrogateescape")
-        credentials = passwordCredentials(user.encode("utf-8"), password, self.factory.masterUserSeparator)
+        separator = self.factory.masterUserSeparator
+        if separator is None:
+            credentials = UsernamePassword(user.encode("utf-8"), password)
+        else:
+            credentials = passwordCredentials(user.encode("utf-8"), password, separator)
         return self._login(credentials, user, "user")
 
     def pop3_APOP(self, argument):
@@ -445,7 +449,8 @@ class AuthorizationCommands:
         policy asks: refuse a banned address outright, and hold an address
         with recent failures for its penalty before checking anything.
         """
-        self._checkingMaster = _masterOf(credentials)
+        # (A user's own password, nearly every login, is no master's.)
+        self._checkingMaster = None if type(credentials) is UsernamePassword else _masterOf(credentials)
         if self._checkingMaster is not None:
             # The master user's allowed networks are checked against it.
             credentials.peer = self.peer
@@ -630,7 +635,10 @@ class AuthorizationCommands:
         self._maildrop = maildrop
         self._logout = logout
         self.user = maildrop.address
-        self.master = self._checkingMaster
+        master = self._checkingMaster
+        if master is not None:
+            self.master = master
+            self.userFields = {"master": master}
         self._traceIfListed(maildrop.address, loggedIn=True)
         data = sasl.successData() if sasl is not None else None
         if data:

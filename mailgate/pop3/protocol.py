@@ -110,6 +110,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
     #: the master user (its name) who logged in as the session's user
     #: (L{mailgate.auth.credentials.MasterCredentials}), or C{None}: every
     #: line the session logs from then on names it, beside the user
+    #: (L{CommandSession.userFields})
     master = None
 
     def __init__(self):
@@ -156,7 +157,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
 
     def _greet(self):
         greeting = f"{self.factory.greeting}"
-        if self.factory.acceptsXCLIENT(self.connectedPeer):
+        if self.factory.xclientNetworks and self.factory.acceptsXCLIENT(self.connectedPeer):
             # Dovecot's POP3 proxy sends XCLIENT to a server whose
             # greeting begins so (and to no other).
             greeting = f"[XCLIENT] {greeting}"
@@ -444,17 +445,6 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         self.logInfo("pop3.logout", line, **fields, **tlsFields)
         self._loggedOut = True
         return released
-
-    def logContext(self, **fields):
-        context = CommandSession.logContext(self, **fields)
-        if self.master is not None:
-            context["master"] = self.master
-        return context
-
-    def whoText(self):
-        if self.master is None:
-            return CommandSession.whoText(self)
-        return f"user={self.user} master={self.master} peer={self.peerText}"
 
     def _logDisconnect(self):
         """

@@ -204,6 +204,10 @@ class CommandSession(Protocol):
         self.peerText = None
         self.connectedPeer = None
         self.user = None
+        #: what a line names beside the user, once logged in, as fields of
+        #: the JSON record and C{name=value} after C{user=} (POP3: the
+        #: master user who logged in as the user), or C{None}
+        self.userFields = None
         self.stopping = False
 
     # -- hooks a protocol provides ------------------------------------------
@@ -586,6 +590,8 @@ class CommandSession(Protocol):
         context = {"session": self.sessionId, "protocol": self.protocolName, "peer": self.peerText}
         if self.user is not None:
             context["user"] = self.user
+            if self.userFields:
+                context.update(self.userFields)
         context.update(fields)
         return context
 
@@ -598,6 +604,9 @@ class CommandSession(Protocol):
         """
         if self.user is None:
             return f"peer={self.peerText}"
+        if self.userFields:
+            named = "".join(f" {name}={value}" for name, value in self.userFields.items())
+            return f"user={self.user}{named} peer={self.peerText}"
         return f"user={self.user} peer={self.peerText}"
 
     def logInfo(self, event, text, **fields):
