@@ -370,6 +370,27 @@ def _networksSaid(out, args, who, allowed, command, theirs="its"):
     return None
 
 
+def _networksChanged(out, args, who, previous, networks, refused):
+    """
+    What C{user networks} and C{master networks} say (and put in the audit
+    trail) of the networks C{who} may log in from, now C{networks} (C{None}:
+    anywhere), before C{previous}.
+
+    @param refused: how a login from elsewhere is refused, said after the
+        networks a restriction names.
+    """
+    shown = networks or "any"
+    if previous == networks:
+        out.write(f"{who} may log in from {shown} already; nothing changed\n")
+        audit.outcome(args, f"{shown} already; nothing changed")
+    elif networks is None:
+        out.write(f"{who} may log in from anywhere again (was {previous})\n")
+        audit.outcome(args, f"any (was {previous})")
+    else:
+        out.write(f"{who} may log in from {shown} only: {refused}\n")
+        audit.outcome(args, f"{shown} (was {previous or 'any'})")
+
+
 def _forUser(address, d):
     """
     The result of C{d}, a store call about the account C{address}: the

@@ -31,6 +31,7 @@ from mailgate.cli.common import (
     _givenHash,
     _hashKept,
     _jsonLines,
+    _networksChanged,
     _networksSaid,
     _readPassword,
     _result,
@@ -244,19 +245,10 @@ def _masterNetworks(store, args, out, stdin):
         previous = _result(store.setMasterUserNetworks(name, networks))
     except NoSuchMasterUser:
         raise _noSuchMasterUser(name) from None
-    shown = networks or "any"
-    if previous == networks:
-        out.write(f"the master user {name} may log in from {shown} already; nothing changed\n")
-        audit.outcome(args, f"{shown} already; nothing changed")
-    elif networks is None:
-        out.write(f"the master user {name} may log in from anywhere again (was {previous})\n")
-        audit.outcome(args, f"any (was {previous})")
-    else:
-        out.write(
-            f"the master user {name} may log in from {shown} only: its logins from elsewhere are refused on "
-            "every server as a wrong password is\n"
-        )
-        audit.outcome(args, f"{shown} (was {previous or 'any'})")
+    _networksChanged(
+        out, args, f"the master user {name}", previous, networks,
+        "its logins from elsewhere are refused on every server as a wrong password is",
+    )
 
 
 def _masterList(store, args, out, stdin):

@@ -47,6 +47,7 @@ from mailgate.cli.common import (
     _limit,
     _limitValue,
     _messageCount,
+    _networksChanged,
     _networksSaid,
     _number,
     _readAddresses,
@@ -889,19 +890,10 @@ def _userNetworks(store, args, out, stdin):
     address = _storedAsTyped(store, args, "address")
     networks = args.networks
     previous = _forUser(address, store.setAllowedNetworks(address, networks))
-    shown = networks or "any"
-    if previous == networks:
-        out.write(f"{address} may log in from {shown} already; nothing changed\n")
-        audit.outcome(args, f"{shown} already; nothing changed")
-    elif networks is None:
-        out.write(f"{address} may log in from anywhere again (was {previous})\n")
-        audit.outcome(args, f"any (was {previous})")
-    else:
-        out.write(
-            f"{address} may log in from {shown} only: POP3 logins from elsewhere are refused on every server "
-            "as a wrong password is\n"
-        )
-        audit.outcome(args, f"{shown} (was {previous or 'any'})")
+    _networksChanged(
+        out, args, address, previous, networks,
+        "POP3 logins from elsewhere are refused on every server as a wrong password is",
+    )
 
 
 def _userEnable(store, args, out, stdin):
