@@ -43,7 +43,14 @@ CLEARTEXT = frozenset({"PLAIN", "CLEAR", "CLEARTEXT"})
 class UnusableHash(ValueError):
     """
     A hash mailgate cannot check passwords against; its message says why.
+
+    @ivar reason: why, without the advice the message may add (C{db check}
+        names a user's or a master user's hash by it, with its own advice).
     """
+
+    def __init__(self, reason, advice=None):
+        super().__init__(reason if advice is None else f"{reason}; {advice}")
+        self.reason = reason
 
 
 def isForeign(encoded):
@@ -326,11 +333,67 @@ def checker(text, validate=True):
         # given at a login prove it, as Dovecot checks a plaintext one.
         expected = _cramContext(scheme, encoding, value)
         return lambda password: hmac.compare_digest(hmacMD5Context(password), expected)
-    raise UnusableHash(
-        f"scheme {scheme} is not one mailgate checks; set a new password (mailgate user passwd)"
-        if scheme in ("DIGEST-MD5", "PLAIN-MD4", "NTLM", "LANMAN", "OTP", "RPA", "SKEY")
-        else f"unknown scheme {scheme}"
-    )
+    if scheme in ("DIGEST-MD5", "PLAIN-MD4", "NTLM", "LANMAN", "OTP", "RPA", "SKEY"):
+        raise UnusableHash(f"scheme {scheme} is not one mailgate checks", "set a new password (mailgate user passwd)")
+    raise UnusableHash(f"unknown scheme {scheme}")
+
+
+#: what a scheme's name (and encoding) inside C{{...}} is made of
+_SCHEME_NAME = re.compile(r"[A-Za-z0-9.-]{1,40}\Z")
+
+#: a crypt(3) string's hash, in its alphabet, as the system's methods
+#: (L{mailgate.auth.systemcrypt.PREFIXES}) end every one
+_SYSTEM_CRYPT_HASH = re.compile(r"\$[./0-9A-Za-z]{43}\Z")
+
+
+def problem(text):
+    """
+    Why no login can check a password against the foreign hash C{text}
+    (L{verifyForeign} would refuse every password), or C{None}: for
+    C{db check}, cheaply (no password is hashed: some 100,000 users'
+    hashes are judged in a second or two).
+
+    The judgement is L{checker}'s as a login runs it, with what the check
+    itself would refuse of a crypt(3) string parsed without hashing (one
+    cut off, a bcrypt cost the library refuses); of the system's methods
+    (yescrypt), only that it ends with a whole hash.  Never the hash in the
+    words: a name between the braces that is no scheme's is not repeated.
+    """
+    end = text.find("}")
+    if end > 0 and not _SCHEME_NAME.match(text[1:end]):
+        return "its {SCHEME} prefix names no scheme"
+    try:
+        scheme, _, value = splitScheme(text)
+        checker(text, validate=False)
+        if scheme in _CRYPTS and not (scheme == "MD5" and not value.startswith("$1$")):
+            _parsedCrypt(scheme, value)
+    except UnusableHash as e:
+        return e.reason
+    return None
+
+
+def _parsedCrypt(scheme, value):
+    """
+    Refuse a crypt(3) string that its check (L{_crypt}'s) would refuse
+    whatever the password, as far as it can be told without hashing.
+    """
+    from mailgate.auth.cryptschemes import HANDLERS
+
+    if value.startswith(("$2a$", "$2b$", "$2y$")):
+        if not 4 <= int(value[4:6]) <= 31:
+            raise UnusableHash(f"a {scheme} string of a cost bcrypt refuses")
+        return
+    for handler in HANDLERS:
+        if handler.identify(value):
+            try:
+                whole = handler.from_string(value).checksum is not None
+            except ValueError:
+                whole = False
+            if not whole:
+                raise UnusableHash(f"a malformed {scheme} string (cut off?)")
+            return
+    if not _SYSTEM_CRYPT_HASH.search(value):
+        raise UnusableHash(f"a malformed {scheme} string (cut off?)")
 
 
 def verifyForeign(password, text):

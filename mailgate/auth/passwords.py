@@ -89,18 +89,57 @@ def verifyPassword(password, encoded):
     if foreign.isForeign(encoded):
         return foreign.verifyForeign(_bytes(password), encoded)
     try:
-        if not encoded.startswith(_PREFIX):
-            return False
+        logN, r, p, salt, expected = _scryptParameters(encoded)
+        actual = _scrypt(_bytes(password), salt, logN, r, p)
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _scryptParameters(encoded):
+    """
+    C{(logN, r, p, salt, digest)} of mailgate's own hash.
+
+    @raise ValueError: no password matches C{encoded}, saying why.
+    """
+    if not encoded.startswith(_PREFIX):
+        raise ValueError("no $scrypt$ prefix")
+    try:
         params, salt, digest = encoded[len(_PREFIX):].split("$")
         values = dict(item.split("=") for item in params.split(","))
         logN, r, p = int(values["ln"]), int(values["r"]), int(values["p"])
-        if not (1 <= logN <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
-            return False
-        expected = _unb64(digest)
-        actual = _scrypt(_bytes(password), _unb64(salt), logN, r, p)
-    except (ValueError, KeyError):
-        return False
-    return hmac.compare_digest(actual, expected)
+        salt, digest = _unb64(salt), _unb64(digest)
+    except (ValueError, KeyError, UnicodeEncodeError):
+        raise ValueError("a malformed $scrypt$ string (cut off?)") from None
+    # hashlib.scrypt refuses a maxmem of 2**31 or more (ln=20 with r=8).
+    if not (1 <= logN <= 22 and 1 <= r <= 32 and 1 <= p <= 16) or 256 * r * (1 << logN) + (1 << 20) >= 2**31 - 1:
+        raise ValueError("$scrypt$ parameters out of range")
+    if len(digest) != 32:
+        raise ValueError("a malformed $scrypt$ string (cut off?)")
+    return logN, r, p, salt, digest
+
+
+def hashProblem(encoded):
+    """
+    Why no login can check a password against the stored hash C{encoded}
+    (L{verifyPassword} refuses every password), or C{None}: for C{db
+    check}, which names such users and master users (a hash written by
+    hand or by a tool; every login of theirs fails, with nothing saying
+    why).  Cheap: nothing is hashed.
+    """
+    if not encoded:
+        return "no hash at all (an empty value)"
+    if foreign.isForeign(encoded):
+        return foreign.problem(encoded)
+    if encoded.startswith(_PREFIX):
+        try:
+            _scryptParameters(encoded)
+        except ValueError as e:
+            return str(e)
+        return None
+    if encoded.startswith("$") or len(encoded) == 13:
+        return "a crypt(3) string without the {CRYPT} prefix a login reads it by"
+    return "neither mailgate's own $scrypt$ hash nor a {SCHEME} one"
 
 
 def scramPassword(password):

@@ -255,6 +255,7 @@ def _dbCheckOptions(args):
 
 def _dbCheck(store, args, out, stdin):
     from mailgate.address import normalizeAddress
+    from mailgate.auth.passwords import hashProblem
     from mailgate.errors import DatabaseDamaged
     from mailgate.store.check import CheckTooLong, Finding, checkDatabase
 
@@ -276,7 +277,12 @@ def _dbCheck(store, args, out, stdin):
         )
     try:
         findings = checkDatabase(
-            database, full=args.full, invariants=version == LATEST, timeout=timeout, addressForm=normalizeAddress
+            database,
+            full=args.full,
+            invariants=version == LATEST,
+            timeout=timeout,
+            addressForm=normalizeAddress,
+            hashProblem=hashProblem,
         )
     except CheckTooLong as e:
         raise CommandError(

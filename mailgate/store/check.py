@@ -16,7 +16,9 @@ and chunks adding up to its size; each maildrop's recorded use what its
 messages take; its next unique id past every one given; where there are
 aliases, each alias its user, and no address both a user's and an alias;
 where there are master users, each stored under the name logins give it,
-and its allowed networks each a network.  (mailgate's
+and its allowed networks each a network; given the judgement of a login
+(C{hashProblem}), each user's and master user's password hash one it
+can check a password against.  (mailgate's
 tables declare no foreign keys: these are the references a foreign key
 check would have followed.)
 
@@ -448,6 +450,64 @@ def _masterNames(cursor, engine, timeout):
     return seen, wrong, examples
 
 
+#: Users' and master users' password hashes, by engine, in code point
+#: order of their names.
+_USER_HASHES = {
+    "sqlite": "SELECT address, password_hash FROM users ORDER BY address",
+    "postgres": "SELECT address, password_hash FROM users ORDER BY address COLLATE \"C\"",
+}
+
+_MASTER_HASHES = {
+    "sqlite": "SELECT name, password_hash FROM master_users ORDER BY name",
+    "postgres": "SELECT name, password_hash FROM master_users ORDER BY name COLLATE \"C\"",
+}
+
+_USER_HASHES_NAME = "users' password hashes"
+
+_USER_HASHES_ADVICE = (
+    "password hashes no login can check (written by hand or by a tool): every login of these users by "
+    "password (USER/PASS, AUTH PLAIN or LOGIN) fails; give each a new one, mailgate user passwd ADDRESS"
+)
+
+_MASTER_HASHES_NAME = "master users' password hashes"
+
+_MASTER_HASHES_ADVICE = (
+    "password hashes no login can check (written by hand or by a tool): every login of these master users "
+    "fails; give each a new one, mailgate master passwd NAME"
+)
+
+
+def _storedHashes(query):
+    """
+    A check of the password hashes C{query} reads (by engine: a name and
+    its hash): how many there are, how many no login can check (the
+    C{hashProblem} given, L{mailgate.auth.passwords.hashProblem}: what a
+    login's check refuses whatever the password, judged without hashing),
+    and a few of those, each with why, never the hash.  Read a thousand
+    rows at a time.
+    """
+
+    def check(cursor, engine, timeout, hashProblem):
+        engine.administrativeRead(cursor, timeout)
+        cursor.execute(query[engine.name])
+        seen = wrong = 0
+        examples = []
+        for name, stored in _rowsOf(cursor):
+            seen += 1
+            problem = hashProblem(stored)
+            if problem is not None:
+                wrong += 1
+                if len(examples) < EXAMPLES:
+                    examples.append(f"{printable(name)}: {problem}")
+        return seen, wrong, examples
+
+    return check
+
+
+_userHashes = _storedHashes(_USER_HASHES)
+_masterHashes = _storedHashes(_MASTER_HASHES)
+
+
 #: Aliases (C{mailgate alias add}): checked where there are any, as the
 #: UTF-8 names are (a site without aliases has no line about them).
 _ANY_ALIAS = "SELECT 1 FROM aliases LIMIT 1"
@@ -533,7 +593,7 @@ def _timed(database, name, timeout, function, *args):
         raise
 
 
-def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addressForm=None):
+def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addressForm=None, hashProblem=None):
     """
     Check C{database} (an L{mailgate.interfaces.IDatabase} run inline:
     the command's), one read-only transaction a check.
@@ -549,6 +609,10 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
         what is none), or C{None}: with it, and users whose address is
         UTF-8, whether they are stored in it (a check listed only where
         there are such users).
+    @param hashProblem: why no login can check a password against a stored
+        hash, or C{None} if one can (L{mailgate.auth.passwords.
+        hashProblem}), or C{None}: with it, where there are users (master
+        users), whether each one's hash is one a login can check.
     @return: the L{Finding}s, in order.
     @raise CheckTooLong: a check did not end within C{timeout}.
     """
@@ -569,6 +633,11 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
         findings += _whereSeen(
             database, _ADDRESS_FORMS, timeout, _ADDRESS_FORMS_ADVICE, _addressForms, engine, timeout, addressForm
         )
+    if invariants and hashProblem is not None:
+        # Listed where there are users, as the UTF-8 names.
+        findings += _whereSeen(
+            database, _USER_HASHES_NAME, timeout, _USER_HASHES_ADVICE, _userHashes, engine, timeout, hashProblem
+        )
     if invariants:
         # Listed where some user is restricted, as the UTF-8 names.
         findings += _whereSeen(
@@ -588,4 +657,9 @@ def checkDatabase(database, full=False, invariants=True, timeout=TIMEOUT, addres
         findings += _whereSeen(
             database, _MASTER_NETWORKS, timeout, _MASTER_NETWORKS_ADVICE, _masterNetworks, engine, timeout
         )
+        if hashProblem is not None:
+            findings += _whereSeen(
+                database, _MASTER_HASHES_NAME, timeout, _MASTER_HASHES_ADVICE, _masterHashes, engine, timeout,
+                hashProblem,
+            )
     return findings
