@@ -17,7 +17,7 @@ from pathlib import Path
 from e2e import DEADLINE, MAILGATE, childEnvironment
 from e2e import mailgateHere as mailgate
 from mailgate.store import engineFromURL
-from mailgate.store.database import SynchronousDatabase
+from mailgate.store.database import SynchronousDatabase, runTransaction
 from mailgate.store.schema import MIGRATIONS, _ensureVersionTable, applyMigration
 
 
@@ -70,6 +70,20 @@ def olderSchema(url, version=None):
         database.runInteraction(older)
     finally:
         database.close()
+
+
+def byHand(url, statement, *args):
+    """
+    Run one statement on the database at C{url} in a transaction of its
+    own, as an administrator's SQL or a tool would (the rows no mailgate
+    command writes: what C{mailgate db check} is to find).
+    """
+    engine = engineFromURL(url)
+    conn = engine.connect()
+    try:
+        runTransaction(engine, conn, lambda cursor: cursor.execute(statement, args), (), {}, True)
+    finally:
+        conn.close()
 
 
 def olderUser(url, address, credentials, then=None):

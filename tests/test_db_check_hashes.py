@@ -17,11 +17,10 @@ import subprocess
 
 import pytest
 
+from databasefiles import byHand as _byHand
 from e2e import AdminCommand
 from mailgate.auth.foreign import UnusableHash
 from mailgate.auth.passwords import hashPassword, importedCredentials, verifyPassword
-from mailgate.store import engineFromURL
-from mailgate.store.database import runTransaction
 
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
 
@@ -37,19 +36,6 @@ MASTERS_ADVICE = (
     "fails; give each a new one, mailgate master passwd NAME"
 )
 DOVEADM = "/usr/bin/doveadm"
-
-
-def _byHand(url, statement, *args):
-    """
-    Run one statement on the database at C{url}, as an administrator's
-    SQL or a tool would.
-    """
-    engine = engineFromURL(url)
-    conn = engine.connect()
-    try:
-        runTransaction(engine, conn, lambda cursor: cursor.execute(statement, args), (), {}, True)
-    finally:
-        conn.close()
 
 
 def _setHash(url, address, stored):

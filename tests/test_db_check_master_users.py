@@ -18,9 +18,8 @@ Password hashes, a user's or a master user's: tests/test_db_check_hashes.py.
 
 import pytest
 
+from databasefiles import byHand as _byHand
 from e2e import AdminCommand
-from mailgate.store import engineFromURL
-from mailgate.store.database import runTransaction
 
 pytestmark = pytest.mark.usefixtures("cheapCommandHashes")
 
@@ -40,19 +39,6 @@ USERS_ADVICE = (
     "stored networks that are no network (written by hand): no client is on them, so these users cannot "
     "log in; give them again, mailgate user networks ADDRESS NETWORKS (or any)"
 )
-
-
-def _byHand(url, statement, *args):
-    """
-    Run one statement on the database at C{url}, as an administrator's
-    SQL or a tool would.
-    """
-    engine = engineFromURL(url)
-    conn = engine.connect()
-    try:
-        runTransaction(engine, conn, lambda cursor: cursor.execute(statement, args), (), {}, True)
-    finally:
-        conn.close()
 
 
 def _masterByHand(url, name, networks=None):

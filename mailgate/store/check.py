@@ -363,6 +363,29 @@ def _networksProblem(stored):
     return None
 
 
+def _namedProblems(cursor, engine, timeout, query, problemOf):
+    """
+    Read the rows C{query} selects (by engine: a name and a stored value),
+    a thousand at a time, and judge each value with C{problemOf} (its
+    problem as text, or C{None}).
+
+    @return: how many rows, how many with a problem, and a few of those,
+        each as C{name: problem}.
+    """
+    engine.administrativeRead(cursor, timeout)
+    cursor.execute(query[engine.name])
+    seen = wrong = 0
+    examples = []
+    for name, stored in _rowsOf(cursor):
+        seen += 1
+        problem = problemOf(stored)
+        if problem is not None:
+            wrong += 1
+            if len(examples) < EXAMPLES:
+                examples.append(f"{printable(name)}: {problem}")
+    return seen, wrong, examples
+
+
 def _restrictedNetworks(query):
     """
     A check of the allowed networks C{query} reads (by engine: a name and
@@ -373,18 +396,7 @@ def _restrictedNetworks(query):
     """
 
     def check(cursor, engine, timeout):
-        engine.administrativeRead(cursor, timeout)
-        cursor.execute(query[engine.name])
-        seen = wrong = 0
-        examples = []
-        for name, stored in _rowsOf(cursor):
-            seen += 1
-            problem = _networksProblem(stored)
-            if problem is not None:
-                wrong += 1
-                if len(examples) < EXAMPLES:
-                    examples.append(f"{printable(name)}: {problem}")
-        return seen, wrong, examples
+        return _namedProblems(cursor, engine, timeout, query, _networksProblem)
 
     return check
 
@@ -488,18 +500,7 @@ def _storedHashes(query):
     """
 
     def check(cursor, engine, timeout, hashProblem):
-        engine.administrativeRead(cursor, timeout)
-        cursor.execute(query[engine.name])
-        seen = wrong = 0
-        examples = []
-        for name, stored in _rowsOf(cursor):
-            seen += 1
-            problem = hashProblem(stored)
-            if problem is not None:
-                wrong += 1
-                if len(examples) < EXAMPLES:
-                    examples.append(f"{printable(name)}: {problem}")
-        return seen, wrong, examples
+        return _namedProblems(cursor, engine, timeout, query, hashProblem)
 
     return check
 
