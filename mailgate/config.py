@@ -1230,10 +1230,14 @@ SETTINGS = (
     ),
     Setting(
         "xclient-network", "xclientNetworks", Network(), (),
-        "A network (CIDR) of POP3 proxies (Dovecot's, whose passdb sends users here) whose XCLIENT "
-        "names the client they relay, as Dovecot's login_trusted_networks lets it: the greeting to "
-        "them says [XCLIENT], and the client's address then stands for the proxy's in logins (bans, "
-        "penalties, allowed networks) and logs.  None by default.",
+        "A network (CIDR) of the proxies and MTAs in front that name the client they relay. POP3 "
+        "proxies (Dovecot's, whose passdb sends users here) whose XCLIENT names it, as Dovecot's "
+        "login_trusted_networks lets it: the greeting to them says [XCLIENT], and the client's address "
+        "then stands for the proxy's in logins (bans, penalties, allowed networks) and logs.  SMTP and "
+        "LMTP: EHLO and LHLO offer them XFORWARD (Postfix's lmtp_send_xforward_command = yes, a content "
+        "filter), naming the client of the next message in its Received field and log lines, and XCLIENT "
+        "(Dovecot's LMTP proxy, nginx), after which the session is the named client's (Received field, "
+        "logs, bans, unknown recipients).  None by default.",
         repeated=True, example=["10.0.0.3/32"],
     ),
     Setting(

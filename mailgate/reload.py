@@ -362,12 +362,14 @@ def _applyNetworks(factory, config, applied):
     Give C{factory} (POP3, SMTP or LMTP) the networks of C{config} that a
     reload C{applied}, for the sessions it builds from now on.
     """
+    if "xclient-network" in applied and isinstance(factory, (POP3Factory, SMTPFactory)):
+        # The POP3 greetings from now on, and the XCLIENT that follows one;
+        # the EHLO and LHLO replies that offer XCLIENT and XFORWARD, and
+        # the commands.
+        factory.xclientNetworks = tuple(parseNetwork(n) for n in config.xclientNetworks)
     if isinstance(factory, POP3Factory):
         if "trusted-network" in applied:
             factory.trustedNetworks = tuple(parseNetwork(n) for n in networksOf(config.trustedNetworks))
-        if "xclient-network" in applied:
-            # The greetings from now on, and the XCLIENT that follows one.
-            factory.xclientNetworks = tuple(parseNetwork(n) for n in config.xclientNetworks)
     elif isinstance(factory, SMTPFactory):
         lmtp = isinstance(factory, LMTPFactory)
         name = "lmtp-cleartext-network" if lmtp else "smtp-cleartext-network"

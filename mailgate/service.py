@@ -1267,6 +1267,7 @@ def makeSMTPFactory(
         policy=policy,
         spoolDirectory=spoolDirectory,
         cleartextNetworks=networksOf(config.lmtpCleartextNetworks if lmtp else config.smtpCleartextNetworks),
+        xclientNetworks=config.xclientNetworks,
     )
     if not lmtp:
         # Error replies past the soft limit wait (SMTPServer.softErrorLimit);

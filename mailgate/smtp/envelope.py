@@ -52,6 +52,12 @@ class Envelope:
     @ivar chunks: the message as its BDAT chunks arrive (a
         L{mailgate.smtp.chunks.ChunkedMessage}), from the first chunk to
         the last; C{None} before the first (and for DATA).
+    @ivar helo: the name the client greeted with; C{peer}: its address;
+        C{peerName}: its host name, where a relay looked it up (XFORWARD's
+        or XCLIENT's C{NAME}), else C{None}.
+    @ivar forwarded: the client the relay's XFORWARD named for this
+        transaction (a L{mailgate.smtp.forwarding.RelayedClient}), whose
+        C{helo} and C{peer} these are; C{None} without XFORWARD.
     """
 
     helo = attr.ib()
@@ -64,6 +70,8 @@ class Envelope:
     transactionId = attr.ib(factory=lambda: secrets.token_hex(6).upper())
     utf8 = attr.ib(default=False)
     chunks = attr.ib(default=None, repr=False)
+    peerName = attr.ib(default=None)
+    forwarded = attr.ib(default=None, repr=False)
 
 
 def forwardPath(mailbox, accepted):
@@ -170,6 +178,10 @@ def traceHeaders(envelope, hostname, now=None, paths=None):
     now = time.time() if now is None else now
     peerHost = getattr(envelope.peer, "host", None)
     peerText = addressLiteral(peerHost) if peerHost else "local"
+    if envelope.peerName and peerHost:
+        # RFC 5321's TCP-info: the name the relay looked up, then the
+        # address (as Postfix writes it).
+        peerText = f"{envelope.peerName} {peerText}"
     forClause = ""
     if paths is None:
         paths = envelope.forwardPaths or envelope.recipients

@@ -4,7 +4,7 @@ Factories for SMTP and LMTP listeners.
 """
 
 from mailgate.hostname import machineName
-from mailgate.networks import coversEveryAddress, parseNetwork, peerOnNetworks
+from mailgate.networks import coversEveryAddress, hostOnNetworks, parseNetwork, peerOnNetworks
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
@@ -44,6 +44,11 @@ class SMTPFactory(SessionFactory):
         C{530 5.7.0} until STARTTLS, as Postfix's
         C{smtpd_tls_security_level = encrypt}.  Unix socket peers need no
         TLS.  Anything short of every network needs C{tls}.
+    @param xclientNetworks: networks (L{ipaddress} objects or CIDR text)
+        of the MTAs and proxies in front (Postfix, a content filter,
+        Dovecot's LMTP proxy) whose C{XFORWARD} and C{XCLIENT} name the
+        client they relay: EHLO and LHLO offer both to them only.  None by
+        default (C{--xclient-network}, as for POP3's C{XCLIENT}).
     """
 
     protocol = SMTPServer
@@ -64,6 +69,7 @@ class SMTPFactory(SessionFactory):
         tracker=None,
         spoolDirectory=None,
         cleartextNetworks=EVERY_NETWORK,
+        xclientNetworks=(),
     ):
         super().__init__(reactor, policy=policy, metrics=metrics, tracker=tracker)
         self.delivery = delivery
@@ -76,6 +82,7 @@ class SMTPFactory(SessionFactory):
         self.minDataRate = minDataRate
         self.tls = tls
         self.takeCleartextFrom(cleartextNetworks)
+        self.xclientNetworks = tuple(parseNetwork(n) for n in xclientNetworks)
 
     def takeCleartextFrom(self, networks):
         """
@@ -113,6 +120,15 @@ class SMTPFactory(SessionFactory):
         if not self.requiresTLS:
             return True
         return peerOnNetworks(address, self.cleartextNetworks)
+
+    def acceptsXCLIENT(self, address):
+        """
+        Whether the peer C{address} is an MTA or proxy whose C{XFORWARD}
+        and C{XCLIENT} are taken (C{xclientNetworks}): an IP peer on one
+        of those networks.
+        """
+        host = getattr(address, "host", None)
+        return bool(self.xclientNetworks) and host is not None and hostOnNetworks(host, self.xclientNetworks)
 
     def extraExtensions(self, protocol):
         """

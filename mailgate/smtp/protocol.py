@@ -30,18 +30,27 @@ import errno
 import re
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 
 from mailgate.errors import NoSuchUser, StorageFull, TemporaryFailure
 from mailgate.message import DeliveryKey, MessageSpool
 from mailgate.printable import printable
 from mailgate.records import AlreadyDelivered
-from mailgate.session import CommandSession
+from mailgate.session import CommandSession, describeAddress
 from mailgate.session.trace import shown as shownInTrace
 from mailgate.session.trace import startTrace
 from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull, namedRecipients
 from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders, traceOctets
+from mailgate.smtp.forwarding import (
+    XCLIENT_ATTRIBUTES,
+    XFORWARD_ATTRIBUTES,
+    ForwardingSyntaxError,
+    parseXCLIENT,
+    parseXFORWARD,
+    updated,
+)
 from mailgate.smtp.syntax import (
     BrokenSender,
     EnvelopeSyntaxError,
@@ -323,6 +332,16 @@ class SMTPServer(CommandSession):
         self._errorHeld = None
         # The host name the session names itself by (see hostname).
         self._hostname = None
+        # The client a relay's XFORWARD names (a RelayedClient) for the
+        # next mail transaction: taken into its envelope at MAIL, dropped
+        # with the transaction (RSET, EHLO, STARTTLS, XCLIENT).  None: no
+        # XFORWARD since.
+        self._forwarded = None
+        # What a proxy's XCLIENT said of the client besides its address
+        # (self.peer from then on): its name and HELO name (a
+        # RelayedClient), which the proxy's own EHLO after it does not
+        # replace.  None: no XCLIENT.
+        self._xclient = None
 
     @property
     def hostname(self):
@@ -338,8 +357,11 @@ class SMTPServer(CommandSession):
 
     def greet(self):
         self._began = self._elapsed()
+        self._send(self._greeting())
+
+    def _greeting(self):
         kind = "LMTP" if self.lmtp else "ESMTP"
-        self._send(f"220 {self.hostname} {kind} mailgate ready\r\n")
+        return f"220 {self.hostname} {kind} mailgate ready\r\n"
 
     def refusal(self, reason):
         if reason == "shutting down":
@@ -470,15 +492,18 @@ class SMTPServer(CommandSession):
         why = self._endReason or "connection lost"
         tls = "yes" if isSecure(self.transport) else "no"
         tlsText, tlsFields = negotiated(self.transport)
+        # After XCLIENT, the client the proxy named, and the proxy.
+        proxy = {} if self._xclient is None else {"proxy": describeAddress(self.connectedPeer)}
+        via = "".join(f" proxy={value}" for value in proxy.values())
         line = (
-            f"{self.protocolName} disconnect peer={self.peerText} helo=<{helo}> reason={why!r} "
+            f"{self.protocolName} disconnect peer={self.peerText}{via} helo=<{helo}> reason={why!r} "
             f"commands={tally['commands']} errors={tally['errors']} "
             f"rcpt={tally['recipients']}/{tally['rcpt']} messages={tally['messages']} "
             f"tls={tls}{tlsText} seconds={seconds:.3f}"
         )
         self.logInfo(
             f"{self.protocolName}.disconnect", line,
-            helo=helo, reason=why, tls=tls == "yes", seconds=seconds, **tally, **tlsFields,
+            helo=helo, reason=why, tls=tls == "yes", seconds=seconds, **tally, **tlsFields, **proxy,
         )
 
     def close(self, abort=False):
@@ -499,6 +524,9 @@ class SMTPServer(CommandSession):
         """
         self._chunksFailed = False
         self._failedEnvelope = None
+        # XFORWARD's attributes are for the next transaction, which ends
+        # here if it began (XFORWARD_README: at RSET or the end of DATA).
+        self._forwarded = None
         envelope, self._envelope = self._envelope, None
         if envelope is not None and envelope.chunks is not None:
             envelope.chunks.discard()
@@ -636,10 +664,11 @@ class SMTPServer(CommandSession):
         """
         Whether the client must start TLS before a mail transaction: it is
         not on the factory's cleartext networks (by its real address, after
-        a PROXY header), and TLS has not started.
+        a PROXY header; the proxy's after XCLIENT, whose link to mailgate
+        it is), and TLS has not started.
         """
         if self._cleartextPeer is None:
-            self._cleartextPeer = self.factory.takesCleartext(self.peer)
+            self._cleartextPeer = self.factory.takesCleartext(self.connectedPeer)
         return not self._cleartextPeer and not isSecure(self.transport)
 
     # -- output ----------------------------------------------------------
@@ -785,6 +814,11 @@ class SMTPServer(CommandSession):
         ]
         if self.factory.tls is not None and not isSecure(self.transport):
             extensions.append("STARTTLS")
+        if self.factory.acceptsXCLIENT(self.connectedPeer):
+            # To the MTAs and proxies of --xclient-network only (Postfix's
+            # smtpd_authorized_xforward_hosts and _xclient_hosts).
+            extensions.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
+            extensions.append("XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
         return extensions + list(self.factory.extraExtensions(self))
 
     def _hello(self, argument, esmtp):
@@ -873,6 +907,152 @@ class SMTPServer(CommandSession):
         self._reply(214, "2.0.0", "mailgate: see RFC 5321 (SMTP) and RFC 2033 (LMTP)")
         self._junk()
 
+    # -- the client a relay names (XFORWARD, XCLIENT) ------------------------
+
+    def _relayCommand(self):
+        """
+        Whether XFORWARD or XCLIENT may run now; if not, the refusal (a
+        L{Deferred} or C{None}, as L{_bad} returns it) in a list.  Only an
+        MTA or proxy on C{--xclient-network} (by the address of its own
+        connection, whatever an XCLIENT before said) may name the client
+        it relays (both documents: the commands change audit trails), and
+        not in a mail transaction (between MAIL and the end of its data
+        or RSET).
+        """
+        if not self.factory.acceptsXCLIENT(self.connectedPeer):
+            return [self._bad(550, "5.7.0", "insufficient authorization")]
+        if self._envelope is not None:
+            return [self._bad(503, "5.5.1", "mail transaction in progress")]
+        return None
+
+    def smtp_XFORWARD(self, argument):
+        """
+        Postfix's XFORWARD: the client the MTA in front had the next
+        message from (C{lmtp_send_xforward_command = yes}), for that
+        transaction's Received field and log lines only, as Postfix takes
+        it: no policy here applies to it (the MTA's connection is the one
+        this session has).  The attributes add up over the commands before
+        MAIL (Postfix sends them in two when they are long), and are
+        forgotten when the transaction ends, or at RSET or EHLO without
+        one.
+        """
+        refused = self._relayCommand()
+        if refused is not None:
+            return refused[0]
+        try:
+            attributes = parseXFORWARD(argument)
+        except ForwardingSyntaxError as e:
+            return self._bad(501, "5.5.4", str(e))
+        self._forwarded = updated(self._forwarded, attributes)
+        self._reply(250, "2.0.0", "OK")
+        return None
+
+    def smtp_XCLIENT(self, argument):
+        """
+        XCLIENT (Postfix's; what Dovecot's LMTP proxy sends once its LHLO
+        is answered, and nginx's mail proxy for SMTP): the client the
+        proxy relays is this session's from now on, as if it had
+        connected, in the Received field, the log lines and the policy
+        that applies per client (a ban, unknown recipients counted); the
+        connection stays counted against the proxy, whose link decides
+        whether TLS is needed (L{_mustStartTLS}).  The session starts over
+        (XCLIENT_README): the reply is a new greeting, and EHLO or LHLO
+        comes again, whose name does not replace a HELO the proxy gave.
+        An ADDR or PORT of C{[UNAVAILABLE]} leaves the address as it was,
+        as Dovecot's LMTP leaves it; what is not named stays as the last
+        XCLIENT left it; the attributes that grant nothing here (LOGIN,
+        TTL...) are taken and ignored.  A client the policy bans is told
+        C{421} and the connection closed, as it would have been had it
+        connected itself.
+        """
+        refused = self._relayCommand()
+        if refused is not None:
+            return refused[0]
+        try:
+            attributes = parseXCLIENT(argument)
+        except ForwardingSyntaxError as e:
+            return self._bad(501, "5.5.4", str(e))
+        address = attributes.pop("ADDR", None)
+        port = attributes.pop("PORT", None)
+        if address is not None or port is not None:
+            host = str(address) if address is not None else self.peer.host
+            if port is None:
+                port = self.peer.port if address is None else 0
+            self.peer = (IPv4Address if ":" not in host else IPv6Address)("TCP", host, port)
+            self.peerText = describeAddress(self.peer)
+        self._xclient = updated(self._xclient, attributes)
+        self._helo = None
+        self._esmtp = False
+        self._dropTransaction()
+        proxy = describeAddress(self.connectedPeer)
+        client = self._xclient
+        shown = "".join(
+            f" {label}={value}" for label, value in (("helo", client.helo), ("name", client.name)) if value
+        )
+        self.logInfo(
+            f"{self.protocolName}.xclient",
+            f"{self.protocolName} xclient peer={self.peerText} proxy={proxy}{shown}",
+            proxy=proxy,
+            **{field: value for field, value in (("clientHelo", client.helo), ("clientName", client.name)) if value},
+        )
+        trace = self.factory.trace
+        if trace and not self.traced and trace.peer(self.peer):
+            startTrace(self, "the client XCLIENT named is on --debug-peer")
+        isBanned = getattr(self.factory.policy, "isBanned", None)
+        if isBanned is not None and isBanned(self.peer):
+            self._ending("banned")
+            self._reply(421, "4.7.0", f"{self.hostname} the client's address is banned, closing connection")
+            self.close()
+            return None
+        self._send(self._greeting())
+        return None
+
+    def _client(self, forwarded):
+        """
+        The client a transaction's Received field names, as C{(HELO name,
+        address, host name)}: the one XFORWARD named (C{forwarded}; none
+        for a forwarded local submission, which has no client), else the
+        session's (after XCLIENT, the one the proxy named, with the HELO
+        name it gave).
+        """
+        if forwarded is not None:
+            if forwarded.localSubmission:
+                return None, None, None
+            ip = forwarded.address
+            peer = (IPv4Address if ip.version == 4 else IPv6Address)("TCP", str(ip), forwarded.port or 0)
+            return forwarded.helo, peer, forwarded.name
+        xclient = self._xclient
+        if xclient is not None:
+            return xclient.helo or self._helo, self.peer, xclient.name
+        return self._helo, self.peer, None
+
+    def _clientText(self, forwarded):
+        """
+        How a line about a transaction names its client, and the JSON
+        record's fields for it: C{peer=} the session's; for a transaction
+        of a client XFORWARD named (C{forwarded}), that client's address
+        and HELO name, the MTA that relayed it (C{relay=}, the session's
+        peer) and its id of the message (C{orig_queue_id=}, as Postfix
+        logs it), so that the MTA's log and this one can be read together.
+        """
+        if forwarded is None:
+            return f"peer={self.peerText}", {}
+        client = forwarded.describe()
+        text = f"peer={client}"
+        fields = {"peer": client, "relay": self.peerText}
+        if forwarded.helo:
+            helo = _bounded(forwarded.helo, 64)
+            text += f" helo=<{helo}>"
+            fields["clientHelo"] = helo
+        if forwarded.name:
+            fields["clientName"] = forwarded.name
+        text += f" relay={self.peerText}"
+        if forwarded.ident:
+            ident = _bounded(forwarded.ident, 64)
+            text += f" orig_queue_id={ident}"
+            fields["origQueueId"] = ident
+        return text, fields
+
     # -- the mail transaction --------------------------------------------
 
     def _protocolName(self, utf8=False):
@@ -948,9 +1128,13 @@ class SMTPServer(CommandSession):
                 )
         self._chunksFailed = False
         self._failedEnvelope = None
+        forwarded, self._forwarded = self._forwarded, None
+        helo, peer, peerName = self._client(forwarded)
         self._envelope = Envelope(
-            helo=self._helo,
-            peer=self.peer,
+            helo=helo,
+            peer=peer,
+            peerName=peerName,
+            forwarded=forwarded,
             protocol=self._protocolName("SMTPUTF8" in parameters),
             sender=sender,
             parameters=parameters,
@@ -958,7 +1142,7 @@ class SMTPServer(CommandSession):
         )
         self._utf8Replies = self._envelope.utf8
         if broken is not None:
-            self._logBrokenSender(*broken)
+            self._logBrokenSender(*broken, forwarded)
         self._reply(250, "2.1.0", f"sender <{sender}> OK")
         return None
 
@@ -1035,22 +1219,26 @@ class SMTPServer(CommandSession):
                 else:
                     return self._bad(reply.code, reply.enhanced, reply.text)
             elif failure.check(TemporaryFailure):
+                who, fields = self._clientText(envelope.forwarded)
                 self.logWarning(
                     f"{self.protocolName}.recipient_failed",
                     f"{self.protocolName} recipient lookup failed from=<{_bounded(envelope.sender)}> "
-                    f"to=<{_bounded(mailbox)}> peer={self.peerText}: {failure.value}",
+                    f"to=<{_bounded(mailbox)}> {who}: {failure.value}",
                     sender=_bounded(envelope.sender),
                     recipient=_bounded(mailbox),
+                    **fields,
                 )
                 self._reply(451, "4.3.0", "temporary failure looking up the recipient; try again later")
             else:
+                who, fields = self._clientText(envelope.forwarded)
                 self.logFailure(
                     f"{self.protocolName}.recipient_failed",
                     f"{self.protocolName} recipient check failed from=<{_bounded(envelope.sender)}> "
-                    f"to=<{_bounded(mailbox)}> peer={self.peerText}",
+                    f"to=<{_bounded(mailbox)}> {who}",
                     failure,
                     sender=_bounded(envelope.sender),
                     recipient=_bounded(mailbox),
+                    **fields,
                 )
                 self._reply(451, "4.3.0", "internal error checking the recipient; try again later")
 
@@ -1077,18 +1265,22 @@ class SMTPServer(CommandSession):
         if trace.user(mailbox) or (user is not None and trace.user(user)):
             startTrace(self, f"RCPT TO:<{shownInTrace(mailbox)}>, on --debug-user")
 
-    def _logBrokenSender(self, raw, error):
+    def _logBrokenSender(self, raw, error, forwarded=None):
         """
         A sender taken as the null sender (L{takesBrokenSender}): one line
         naming what the client wrote, so that a message whose Return-Path
         says C{<>} can be traced to it.
+
+        @param forwarded: the client XFORWARD named for the transaction.
         """
         raw = _bounded(raw)
+        who, fields = self._clientText(forwarded)
         self.logInfo(
             f"{self.protocolName}.sender_broken",
-            f"{self.protocolName} sender taken as <> from=<{raw}> peer={self.peerText}: {error}",
+            f"{self.protocolName} sender taken as <> from=<{raw}> {who}: {error}",
             sender=raw,
             reason=str(error),
+            **fields,
         )
 
     def _refuseSender(self, sender, code, enhanced, reason, text):
@@ -1104,13 +1296,16 @@ class SMTPServer(CommandSession):
         @param text: the reply's text.
         """
         sender = _bounded(sender)
+        # The client an XFORWARD before it named: the refused MAIL was its.
+        who, fields = self._clientText(self._forwarded)
         self.logInfo(
             f"{self.protocolName}.sender_refused",
-            f"{self.protocolName} sender refused from=<{sender}> peer={self.peerText}: {code} {enhanced} {reason}",
+            f"{self.protocolName} sender refused from=<{sender}> {who}: {code} {enhanced} {reason}",
             sender=sender,
             code=code,
             enhanced=enhanced,
             reason=reason,
+            **fields,
         )
         self.factory.metrics.senderRefused(self.protocolName, _MAIL_REFUSAL_LABELS.get(reason, "other"))
         self._afterRefusedMail = 0
@@ -1155,15 +1350,17 @@ class SMTPServer(CommandSession):
         """
         sender = _bounded(envelope.sender)
         recipient = _bounded(recipient)
+        who, fields = self._clientText(envelope.forwarded)
         self.logInfo(
             f"{self.protocolName}.recipient_refused",
             f"{self.protocolName} recipient refused from=<{sender}> to=<{recipient}> "
-            f"peer={self.peerText}: {code} {enhanced} {reason}",
+            f"{who}: {code} {enhanced} {reason}",
             sender=sender,
             recipient=recipient,
             code=code,
             enhanced=enhanced,
             reason=reason,
+            **fields,
         )
         self.factory.metrics.recipientRefused(self.protocolName, _RCPT_REFUSAL_LABELS.get(reason, "other"))
 
@@ -1217,11 +1414,13 @@ class SMTPServer(CommandSession):
         Exim's synchronization check, none of it is run: the session ends.
         """
         sender = "" if envelope is None else _bounded(envelope.sender)
+        who, fields = self._clientText(self._forwarded if envelope is None else envelope.forwarded)
         self.logInfo(
             f"{self.protocolName}.early_data",
             f"{self.protocolName} input sent before the reply to a refused DATA from=<{sender}> "
-            f"peer={self.peerText}: 421 4.5.0, closing",
+            f"{who}: 421 4.5.0, closing",
             sender=sender,
+            **fields,
         )
         self._ending("early data")
         self._reply(
@@ -1543,11 +1742,13 @@ class SMTPServer(CommandSession):
         # line says so and names the copy they have.
         again = [a for a in envelope.recipients if isinstance(results.get(a), AlreadyDelivered)]
         duplicate = f" duplicate={','.join(again)}" if again else ""
+        who, fields = self._clientText(envelope.forwarded)
         self._logDelivery(
             envelope,
-            f" uids={_uidsField(envelope, uniqueIds)}{duplicate} peer={self.peerText}",
+            f" uids={_uidsField(envelope, uniqueIds)}{duplicate} {who}",
             uniqueIds=uniqueIds,
             **({"duplicates": again} if again else {}),
+            **fields,
         )
 
     def _logDelivery(self, envelope, tail="", uniqueIds=None, **extra):
@@ -1648,13 +1849,14 @@ class SMTPServer(CommandSession):
         """
         sender = _bounded(envelope.sender)
         recipients = ",".join(envelope.recipients)
+        who, client = self._clientText(envelope.forwarded)
         line = (
             f"{self.protocolName} {what} id={envelope.transactionId} from=<{sender}> "
-            f"to={recipients} peer={self.peerText}{tail}: {code} {enhanced} {detail or reason}"
+            f"to={recipients} {who}{tail}: {code} {enhanced} {detail or reason}"
         )
         fields = dict(
             id=envelope.transactionId, sender=sender, recipients=recipients,
-            code=code, enhanced=enhanced, reason=reason, **extra,
+            code=code, enhanced=enhanced, reason=reason, **extra, **client,
         )
         event = f"{self.protocolName}.{event}"
         if failure is not None:
@@ -1774,6 +1976,8 @@ class LMTPServer(SMTPServer):
         if again:
             tail += f" duplicate={','.join(again)}"
             extra["duplicates"] = again
-        # As SMTP's line: the client (the MTA) the message came from.
-        tail += f" peer={self.peerText}"
-        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full, **extra)
+        # As SMTP's line: the client (the MTA) the message came from, or
+        # the one its XFORWARD named and the MTA.
+        who, fields = self._clientText(envelope.forwarded)
+        tail += f" {who}"
+        self._logDelivery(envelope, tail, uniqueIds=uniqueIds, full=full, **extra, **fields)
