@@ -7,7 +7,7 @@ the per-listener policy every session reads.
 from twisted.internet import defer
 
 from mailgate.hostname import machineName
-from mailgate.networks import hostOnNetworks, parseNetwork, peerOnNetworks
+from mailgate.networks import parseNetwork, peerOnNetworks
 from mailgate.pop3.protocol import POP3Server
 from mailgate.pop3.workarounds import parseWorkarounds
 from mailgate.session import SessionFactory
@@ -239,14 +239,6 @@ class POP3Factory(SessionFactory):
         are; so is an address whose form is unknown only if it is not IP.
         """
         return peerOnNetworks(address, self.trustedNetworks)
-
-    def acceptsXCLIENT(self, address):
-        """
-        Whether the peer C{address} is a proxy whose C{XCLIENT} is taken
-        (C{--xclient-network}): an IP peer on one of those networks.
-        """
-        host = getattr(address, "host", None)
-        return bool(self.xclientNetworks) and host is not None and hostOnNetworks(host, self.xclientNetworks)
 
     def extraCapabilities(self, maildrop=None):
         """

@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from mailgate.interfaces import IConnectionPolicy
 from mailgate.metrics import Metrics
+from mailgate.networks import hostOnNetworks
 from mailgate.session.refusals import RefusalLog
 from mailgate.session.tracker import SessionTracker
 
@@ -77,6 +78,10 @@ class SessionFactory(ServerFactory):
     #: the L{mailgate.session.trace.TraceSelection} of clients whose
     #: sessions are traced, or C{None}
     trace = None
+    #: the networks (L{ipaddress} networks) of the proxies and MTAs in
+    #: front whose XCLIENT (and, in SMTP and LMTP, XFORWARD) names the
+    #: client they relay (C{--xclient-network}, replaced at a reload)
+    xclientNetworks = ()
 
     def __init__(self, reactor, policy=None, metrics=None, tracker=None):
         self.reactor = reactor
@@ -85,3 +90,12 @@ class SessionFactory(ServerFactory):
         self.tracker = SessionTracker(reactor) if tracker is None else tracker
         #: which refused connections are logged (L{RefusalLog})
         self.refusals = RefusalLog(reactor)
+
+    def acceptsXCLIENT(self, address):
+        """
+        Whether the peer C{address} (the connection's own, never one an
+        XCLIENT named) is a proxy or MTA on L{xclientNetworks}, whose word
+        on the client it relays is taken: an IP peer on one of them.
+        """
+        host = getattr(address, "host", None)
+        return bool(self.xclientNetworks) and host is not None and hostOnNetworks(host, self.xclientNetworks)

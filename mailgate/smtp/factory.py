@@ -4,7 +4,7 @@ Factories for SMTP and LMTP listeners.
 """
 
 from mailgate.hostname import machineName
-from mailgate.networks import coversEveryAddress, hostOnNetworks, parseNetwork, peerOnNetworks
+from mailgate.networks import coversEveryAddress, parseNetwork, peerOnNetworks
 from mailgate.session import SessionFactory
 from mailgate.smtp.protocol import LMTPServer, SMTPServer
 
@@ -120,15 +120,6 @@ class SMTPFactory(SessionFactory):
         if not self.requiresTLS:
             return True
         return peerOnNetworks(address, self.cleartextNetworks)
-
-    def acceptsXCLIENT(self, address):
-        """
-        Whether the peer C{address} is an MTA or proxy whose C{XFORWARD}
-        and C{XCLIENT} are taken (C{xclientNetworks}): an IP peer on one
-        of those networks.
-        """
-        host = getattr(address, "host", None)
-        return bool(self.xclientNetworks) and host is not None and hostOnNetworks(host, self.xclientNetworks)
 
     def extraExtensions(self, protocol):
         """
