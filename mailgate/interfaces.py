@@ -185,7 +185,7 @@ class IMaildrop(Interface):
         "after login), or C{None} for never."
     )
 
-    def sessionStarted(peer, end, lockLost=None):
+    def sessionStarted(peer, end, lockLost=None, master=None):
         """
         The POP3 session working on this maildrop has begun (called once,
         at login; synchronous).
@@ -197,6 +197,11 @@ class IMaildrop(Interface):
         @param lockLost: a callable that ends the session without applying
             its deletions because the maildrop's lock was lost under it
             (see L{IMaildropLocks.whenLost}), or C{None}.
+        @param master: the name of the master user who logged in to the
+            owner's maildrop (a helpdesk, a backup tool), or C{None} for
+            the owner's own login: like C{peer}, shown by C{mailgate who}
+            and recorded with what the session deletes, so that an
+            administrator asked who deleted a user's mail can answer.
         """
 
     def expunge(indexes, peer=None):
@@ -210,7 +215,8 @@ class IMaildrop(Interface):
 
         @param peer: the client's address, C{"host:port"}, recorded with
             the messages where the store keeps deleted mail for recovery
-            (by default the one given to L{sessionStarted}).
+            (by default the one given to L{sessionStarted}); the master
+            user given to L{sessionStarted}, if one, is recorded too.
         """
 
     def release():

@@ -230,6 +230,10 @@ class DeletedMessage:
     deletedAt = attr.ib()  # seconds since the epoch
     deletedBy = attr.ib()  # the client's address, "host:port", or None
     arrived = attr.ib()
+    # The master user whose session deleted it (a helpdesk's, a backup
+    # tool's login to the user's maildrop), or None: the user's own
+    # session, an import, or a deletion from before mailgate kept it.
+    deletedByMaster = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)
@@ -261,6 +265,9 @@ class SessionInfo:
     # tell (PostgreSQL): the registry still shows it until the node's
     # heartbeat is old, but it serves nothing.
     gone = attr.ib(default=False)
+    # The master user who logged in to the user's maildrop, or None for
+    # the user's own login (or a session of a node of a version before).
+    master = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)

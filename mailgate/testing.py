@@ -441,10 +441,10 @@ class _FaultInjectingMaildrop:
     def expireDays(self):
         return self._maildrop.expireDays
 
-    def sessionStarted(self, peer, end, lockLost=None):
+    def sessionStarted(self, peer, end, lockLost=None, master=None):
         # Synchronous, and no storage work of its own: passed straight on.
         self._faults.calls.append(("sessionStarted", (peer, end)))
-        self._maildrop.sessionStarted(peer, end, lockLost)
+        self._maildrop.sessionStarted(peer, end, lockLost, master)
 
     def expunge(self, indexes, peer=None):
         return self._call("expunge", indexes, peer)

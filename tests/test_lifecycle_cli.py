@@ -425,13 +425,14 @@ def test_whoAndKickWithoutAServingNode(cli, store, monkeypatch):
     monkeypatch.setattr(command, "KICK_LOOK_AGAIN", 0)
 
     result = cli("who")
-    assert result.out.split() == ["USER", "NODE", "CLIENT", "SINCE"]
+    assert result.out.split() == ["USER", "NODE", "CLIENT", "MASTER", "SINCE"]
     store.sessions.name = "node-a"
     session = POP3Session(store, peer=IPv4Address("TCP", "127.0.0.3", 41000))
     assert session.login(ALICE, "wonderland").startswith("+OK")
     resultOf(store.sessions.flush())
     lines = cli("who").out.splitlines()
-    assert lines[1].split()[:3] == [ALICE, "node-a", "127.0.0.3:41000"]
+    # Her own login: no master user.
+    assert lines[1].split()[:4] == [ALICE, "node-a", "127.0.0.3:41000", "-"]
     assert cli("kick", BOB).code == 1
     assert cli("kick", "nobody@example.org").code == 67
     # Nobody serves the session here to end it: asked, not ended.

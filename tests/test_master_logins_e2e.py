@@ -144,3 +144,74 @@ def test_importFromAMailgateThroughItsMasterUser(mailgate_server, mailgate_cli, 
         assert _served(target, address, password) == _served(source.database, address, password)
     assert len(_served(target, ALICE, ALICE_PASSWORD)[0]) == 2
     assert f"pop3 login user={BOB} master=migrator peer=" in source.stdout
+
+
+def _whoRecords(cli):
+    import json
+
+    return [json.loads(line) for line in cli.check("who", "--json").splitlines()]
+
+
+def test_anAdministratorSeesAMasterUsersSessionAndWhatItDeleted(mailgate_server, mailgate_cli):
+    """
+    What an administrator sees of a helpdesk's login to alice's maildrop:
+    C{mailgate who}, run while the session is in, names the master user
+    (its MASTER column, C{master} in C{--json}); the message it deletes,
+    kept with C{--keep-deleted-days}, is listed by C{mailgate mailbox
+    deleted} with the master user beside the client's address; C{mailgate
+    kick} of such a session says whose it was.  Bob's own session and his
+    own deletion name none.
+    """
+    import json
+
+    _fill(mailgate_server.database)
+    server = mailgate_server(*MASTERS, "--keep-deleted-days", "7")
+    _addMaster(mailgate_cli)
+
+    helpdesk = popLogin(server, f"{ALICE}*admin", MASTER_PASSWORD)
+    own = popLogin(server, BOB, BOB_PASSWORD)
+    try:
+        records = waitFor(lambda: len(_whoRecords(mailgate_cli)) == 2 and _whoRecords(mailgate_cli), "two sessions")
+        assert {r["user"]: r["master"] for r in records} == {ALICE: "admin", BOB: None}
+        helpdeskPort, ownPort = helpdesk.sock.getsockname()[1], own.sock.getsockname()[1]
+        assert {r["user"]: r["client"] for r in records} == {
+            ALICE: f"127.0.0.1:{helpdeskPort}", BOB: f"127.0.0.1:{ownPort}",
+        }
+        lines = mailgate_cli.check("who").splitlines()
+        assert lines[0].split() == ["USER", "NODE", "CLIENT", "MASTER", "SINCE"]
+        rows = {line.split()[0]: line.split() for line in lines[1:]}
+        assert rows[ALICE][2:4] == [f"127.0.0.1:{helpdeskPort}", "admin"]
+        assert rows[BOB][2:4] == [f"127.0.0.1:{ownPort}", "-"]
+
+        assert helpdesk.dele(1).startswith(b"+OK")
+        assert own.dele(1).startswith(b"+OK")
+    finally:
+        helpdesk.quit()
+        own.quit()
+
+    out = mailgate_cli.check("mailbox", "deleted", ALICE)
+    [line] = out.splitlines()[1:]
+    assert line.endswith(f" 127.0.0.1:{helpdeskPort} (master user admin)"), out
+    [record] = [json.loads(line) for line in mailgate_cli.check("mailbox", "deleted", ALICE, "--json").splitlines()]
+    assert (record["from"], record["master"]) == (f"127.0.0.1:{helpdeskPort}", "admin")
+    out = mailgate_cli.check("mailbox", "deleted", BOB)
+    [line] = out.splitlines()[1:]
+    assert line.endswith(f" 127.0.0.1:{ownPort}"), out
+    [record] = [json.loads(line) for line in mailgate_cli.check("mailbox", "deleted", BOB, "--json").splitlines()]
+    assert (record["from"], record["master"]) == (f"127.0.0.1:{ownPort}", None)
+    # Restored, the message is alice's again, whoever deleted it.
+    assert mailgate_cli.check("mailbox", "restore", ALICE, "--since", "1h").endswith(
+        f"1 message restored to {ALICE}\n"
+    )
+    assert mailgate_cli.check("mailbox", "deleted", ALICE).splitlines()[1:] == []
+
+    # A kick of the helpdesk's session says whose it was.
+    helpdesk = popLogin(server, f"{ALICE}*admin", MASTER_PASSWORD)
+    try:
+        waitFor(lambda: any(r["master"] == "admin" for r in _whoRecords(mailgate_cli)), "the session in who")
+        assert mailgate_cli.check("kick", ALICE) == (
+            f"the POP3 session of {ALICE} (logged in by the master user admin) has ended; nothing it marked "
+            "deleted was removed, unless it sent QUIT before its node saw the kick\n"
+        )
+    finally:
+        helpdesk.close()

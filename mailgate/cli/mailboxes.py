@@ -35,6 +35,7 @@ from mailgate.store.bounds import MAX_DAYS
 from mailgate.store.limits import DAY
 from mailgate.store.paging import LISTING_PAGE
 from mailgate.plural import counted, noun
+from mailgate.printable import printable
 
 
 def _mailboxList(store, args, out, stdin):
@@ -95,6 +96,7 @@ def _mailboxDeleted(store, args, out, stdin):
                 "unique_id": m.uniqueId,
                 "deleted": _time(m.deletedAt),
                 "from": m.deletedBy,
+                "master": m.deletedByMaster,
             }
             for m in messages
         ))
@@ -102,8 +104,21 @@ def _mailboxDeleted(store, args, out, stdin):
     for message in messages:
         out.write(
             f"{message.number:>6} {message.size:>10}  {message.uniqueId:<20} "
-            f"{_time(message.deletedAt):<20} {message.deletedBy or '-'}\n"
+            f"{_time(message.deletedAt):<20} {_deletedFrom(message)}\n"
         )
+
+
+def _deletedFrom(message):
+    """
+    Where a kept deleted message was deleted from, as C{mailbox deleted}
+    shows it: the client's address (C{import} for an import's run), and
+    the master user whose session it was, if one logged in to the
+    maildrop (a helpdesk, a backup tool): who deleted the user's mail.
+    """
+    where = message.deletedBy or "-"
+    if message.deletedByMaster is None:
+        return where
+    return f"{where} (master user {printable(message.deletedByMaster)})"
 
 
 _AGO = re.compile(r"^([0-9]+)([smhd])$")
@@ -400,7 +415,8 @@ def _addMailboxCommands(commands):
         "deleted",
         help="list a user's messages deleted by POP3 and kept for recovery (--keep-deleted-days)",
         description="List a user's messages deleted by POP3 and kept for recovery "
-        "(--keep-deleted-days): unique id, octets, when deleted (UTC) and from which client address; "
+        "(--keep-deleted-days): unique id, octets, when deleted (UTC) and from which client address, "
+        "with the master user whose login deleted them where one did (a helpdesk's, a backup tool's); "
         "mailbox restore brings them back.",
     )
     mdeleted.add_argument("address", metavar="ADDRESS")

@@ -19,7 +19,7 @@ from mailgate.cli.common import (
     _seconds,
     _time,
 )
-from mailgate.printable import leftAligned
+from mailgate.printable import leftAligned, printable
 from mailgate.store.bounds import formatSize
 from mailgate.store.registry import SHARED_SETTINGS
 
@@ -37,15 +37,28 @@ def _who(store, args, out, stdin):
     sessions = _inProgress(_result(store.listSessions()))
     if args.json:
         return _jsonLines(out, (
-            {"user": s.address, "node": s.node, "client": s.peer, "since": _time(s.since)} for s in sessions
+            {"user": s.address, "node": s.node, "client": s.peer, "master": s.master, "since": _time(s.since)}
+            for s in sessions
         ))
     # As wide as the longest client: an IPv6 one takes up to 47 characters.
     width = max([24] + [len(s.peer or "") for s in sessions])
-    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<{width}} SINCE\n")
+    # A master user's session (a helpdesk's, a backup tool's login to the
+    # user's maildrop) names it; "-" is the user's own login.
+    masterWidth = max([len("MASTER")] + [len(_master(s)) for s in sessions])
+    out.write(f"{'USER':<40} {'NODE':<30} {'CLIENT':<{width}} {'MASTER':<{masterWidth}} SINCE\n")
     for session in sessions:
         out.write(
-            f"{leftAligned(session.address, 40)} {session.node:<30} {session.peer or '-':<{width}} {_time(session.since)}\n"
+            f"{leftAligned(session.address, 40)} {session.node:<30} {session.peer or '-':<{width}} "
+            f"{_master(session):<{masterWidth}} {_time(session.since)}\n"
         )
+
+
+def _master(session):
+    """
+    What C{mailgate who} shows of the master user who logged in to a
+    session's maildrop: its name, or C{-} for the user's own login.
+    """
+    return "-" if session.master is None else printable(session.master)
 
 
 #: What C{mailgate nodes} shows of the settings nodes announce
@@ -143,18 +156,24 @@ def _kick(store, args, out, stdin):
     listed = _result(store.listSessions(address))
     if listed and not _inProgress(listed):
         raise CommandError(f"{address} has no POP3 session: its node has gone", 1)
-    if not endSessions(store, address, args.wait):
+    marked = []
+    if not endSessions(store, address, args.wait, marked=marked):
         raise CommandError(f"{address} has no POP3 session in progress", 1)
+    # Whose session it was: a master user's login (a helpdesk's, a backup
+    # tool's) is named, as mailgate who names it, from the rows the kick
+    # marked, or where it ended before they were read, the rows before it.
+    masters = sorted({s.master for s in marked or _inProgress(listed) if s.master is not None})
+    by = f" (logged in by the master user {', '.join(printable(m) for m in masters)})" if masters else ""
     # Ended by the kick, or by its own QUIT just before its node saw the
     # mark (then its deletions were made): the registry does not say which.
     out.write(
-        f"the POP3 session of {address} has ended; nothing it marked deleted was removed, "
+        f"the POP3 session of {address}{by} has ended; nothing it marked deleted was removed, "
         "unless it sent QUIT before its node saw the kick\n"
     )
-    audit.outcome(args, "its POP3 session has ended")
+    audit.outcome(args, f"its POP3 session{by} has ended")
 
 
-def endSessions(store, address, wait, lookAgain=None):
+def endSessions(store, address, wait, lookAgain=None, marked=None):
     """
     End C{address}'s POP3 sessions on every node without applying their
     deletions, as C{mailgate kick} does (C{mailgate user disable} too),
@@ -163,6 +182,9 @@ def endSessions(store, address, wait, lookAgain=None):
     @param wait: the seconds to wait for them to end.
     @param lookAgain: the seconds to look for a session not found at once
         (L{KICK_LOOK_AGAIN} if C{None}).
+    @param marked: a list to which the sessions marked to end are added
+        (L{mailgate.records.SessionInfo}, as first listed once marked), or
+        C{None}.
     @return: whether there was a session to end (it has ended).
     @raise CommandError: (exit 75) the nodes were asked, and the sessions
         had not ended after C{wait} seconds.
@@ -179,12 +201,16 @@ def endSessions(store, address, wait, lookAgain=None):
     # Only the marked sessions are waited for: a client that logs in again
     # at once (they do) has a new session, which was not asked to end.
     deadline = time.monotonic() + wait
-    while _inProgress(_result(store.listSessions(address, kicked=True))):
+    listed = _inProgress(_result(store.listSessions(address, kicked=True)))
+    if marked is not None:
+        marked.extend(listed)
+    while listed:
         if time.monotonic() >= deadline:
             raise CommandError(
                 f"asked the node to end the POP3 session of {address}; it has not ended yet", EX_TEMPFAIL
             )
         time.sleep(0.2)
+        listed = _inProgress(_result(store.listSessions(address, kicked=True)))
     return True
 
 
@@ -196,7 +222,8 @@ def _addSessionCommands(commands):
         "who",
         help="list the POP3 sessions in progress on every node",
         description="List the POP3 sessions in progress on every node sharing the database: "
-        "user, node (its hostname and process id), client address, since when.  A session shows "
+        "user, node (its hostname and process id), client address, the master user who logged in to "
+        "the user's maildrop (- for the user's own login), since when.  A session shows "
         "within a second or two of its login; those of a node whose heartbeat stopped (killed, "
         "its machine gone) are left out after 30 seconds, on PostgreSQL at once (its maildrop "
         "lock went with the node).",

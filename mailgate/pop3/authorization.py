@@ -687,10 +687,11 @@ class AuthorizationCommands:
         self._count = len(maildrop.sizes)
         self._octets = sum(maildrop.sizes)
         self.state = TRANSACTION
-        # The store learns who the session is (the client's address goes
-        # with what it deletes, and mailgate who shows it) and how to end
-        # it (mailgate kick).
-        maildrop.sessionStarted(self.peerText, self._kicked, self._lockLost)
+        # The store learns who the session is (the client's address and
+        # the master user who logged in, if one did, go with what it
+        # deletes, and mailgate who shows them) and how to end it
+        # (mailgate kick).
+        maildrop.sessionStarted(self.peerText, self._kicked, self._lockLost, master=self.master)
         self._ok(f"{maildrop.address} has {self._count} messages ({self._octets} octets)")
 
     def _failureDelayLeft(self):

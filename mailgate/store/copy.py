@@ -107,7 +107,7 @@ _TABLES = [
         ("user_id", "uid"),
         (
             "user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at",
-            "deleted_at", "deleted_by",
+            "deleted_at", "deleted_by", "deleted_by_master",
         ),
     ),
     ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at", "source")),

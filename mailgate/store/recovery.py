@@ -54,11 +54,13 @@ def _dropKept(cursor, byUser):
 
 
 @updatesMailboxes(lambda cursor, userId, *args, **kwargs: (userId,))
-def _keepDeleted(cursor, userId, uids, now, peer):
+def _keepDeleted(cursor, userId, uids, now, peer, master=None):
     """
     The UPDATE state of a POP3 session where deleted mail is kept: the
     messages leave the maildrop (and the user's quota) but their rows, with
-    their uid, unique id and body reference, move to C{deleted_mail}.
+    their uid, unique id and body reference, move to C{deleted_mail}, with
+    when, from which client (C{peer}, or C{"import"}) and, for a master
+    user's session, by which master user (C{master}).
 
     @return: how many were removed.
     """
@@ -73,8 +75,8 @@ def _keepDeleted(cursor, userId, uids, now, peer):
             f"RETURNING {', '.join(MAILDROP_COLUMNS)}",
             (userId, *batch),
         )
-        kept += [(*row, now, peer) for row in cursor.fetchall()]
-    insertRows(cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by"), kept)
+        kept += [(*row, now, peer, master) for row in cursor.fetchall()]
+    insertRows(cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by", "deleted_by_master"), kept)
     removed = len(kept)
     octets = sum(row[5] for row in kept)
     if removed:
@@ -85,7 +87,7 @@ def _keepDeleted(cursor, userId, uids, now, peer):
 def _listDeleted(cursor, address):
     userId = _userId(cursor, address)
     cursor.execute(
-        "SELECT size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        "SELECT size, uidl, deleted_at, deleted_by, arrived_at, deleted_by_master FROM deleted_mail "
         "WHERE user_id = ? ORDER BY uid",
         (userId,),
     )
@@ -95,7 +97,8 @@ def _listDeleted(cursor, address):
 def _deletedPage(cursor, address, position, limit):
     """
     A page of a user's kept deleted messages (L{mailgate.store.paging}):
-    at most C{limit} C{(size, uidl, deleted at, deleted by, arrived)}
+    at most C{limit} C{(size, uidl, deleted at, deleted by, arrived,
+    deleted by master)}
     after the page before, in their order.
 
     @param position: C{None} for the first page (C{NoSuchUser} if there
@@ -104,7 +107,7 @@ def _deletedPage(cursor, address, position, limit):
     """
     userId, after = (_userId(cursor, address), 0) if position is None else position
     cursor.execute(
-        "SELECT uid, size, uidl, deleted_at, deleted_by, arrived_at FROM deleted_mail "
+        "SELECT uid, size, uidl, deleted_at, deleted_by, arrived_at, deleted_by_master FROM deleted_mail "
         f"WHERE user_id = ? AND uid > ? ORDER BY uid LIMIT {int(limit)}",
         (userId, after),
     )

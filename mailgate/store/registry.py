@@ -102,6 +102,8 @@ class Session:
     peer = attr.ib()
     since = attr.ib()
     end = attr.ib(repr=False)
+    # The master user who logged in to the user's maildrop, or None.
+    master = attr.ib(default=None)
 
 
 # -- the settings a node works on shared data with -----------------------------
@@ -275,10 +277,10 @@ def _sync(cursor, node, now, added, removed, forgetBefore, logins=()):
         # took effect though the node was told it failed (its answer lost):
         # written again, it must not fail every heartbeat from then on.
         cursor.execute(
-            "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since) VALUES "
-            + ",".join(["(?, ?, ?, ?, ?)"] * len(part))
+            "INSERT INTO pop3_sessions (user_id, session_id, node_id, peer, since, master) VALUES "
+            + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(part))
             + " ON CONFLICT (user_id, session_id) DO NOTHING",
-            [v for s in part for v in (s.userId, s.sessionId, nodeId, s.peer, s.since)],
+            [v for s in part for v in (s.userId, s.sessionId, nodeId, s.peer, s.since, s.master)],
         )
     _recordLastLogins(cursor, logins)
     for session in removed:
@@ -344,14 +346,14 @@ def _sessions(cursor, aliveSince, address=None, kicked=False, heldAmong=None):
     if kicked:
         where += " AND s.kick_at IS NOT NULL"
     cursor.execute(
-        "SELECT u.address, n.name, s.peer, s.since, s.user_id FROM pop3_sessions s "
+        "SELECT u.address, n.name, s.peer, s.since, s.user_id, s.master FROM pop3_sessions s "
         "JOIN users u ON u.user_id = s.user_id JOIN mailgate_nodes n ON n.node_id = s.node_id "
         f"{where} ORDER BY s.since, u.address",
         params,
     )
     rows = cursor.fetchall()
     held = None if heldAmong is None else heldAmong(cursor, [row[4] for row in rows])
-    return [SessionInfo(*row[:4], gone=held is not None and row[4] not in held) for row in rows]
+    return [SessionInfo(*row[:4], gone=held is not None and row[4] not in held, master=row[5]) for row in rows]
 
 
 def _kick(cursor, address, now, aliveSince):
@@ -410,15 +412,17 @@ class SessionRegistry:
         # The settings changed (a reload): written at the next flush.
         self._announce = False
 
-    def started(self, maildrop, peer, end):
+    def started(self, maildrop, peer, end, master=None):
         """
-        A POP3 session began on C{maildrop}; returns its L{Session}.
+        A POP3 session began on C{maildrop}, by the master user C{master}
+        (its name) or the user's own login (C{None}); returns its
+        L{Session}.
         """
         now = self._store._now()
         if self._started is None:
             self._started = now
         userId = maildrop.userId
-        session = Session(f"{self.nodeId}.{next(self._sessionNumbers)}", userId, peer, now, end)
+        session = Session(f"{self.nodeId}.{next(self._sessionNumbers)}", userId, peer, now, end, master)
         self._sessions[session.sessionId] = session
         self._added[session.sessionId] = session
         self._logins[userId] = max(now, self._logins.get(userId, now))

@@ -224,8 +224,11 @@ def insertRows(cursor, table, columns, rows):
     step of the database engine, where C{executemany} is one per row.
     """
     row = f"({placeholders(len(columns))})"
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        part = rows[start : start + ROWS_PER_INSERT]
+    # Within the 999 parameters of older SQLite builds however many
+    # columns (deleted_mail's 11: 90 rows a statement).
+    perStatement = max(1, min(ROWS_PER_INSERT, 999 // len(columns)))
+    for start in range(0, len(rows), perStatement):
+        part = rows[start : start + perStatement]
         cursor.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES {','.join([row] * len(part))}",
             [value for r in part for value in r],

@@ -473,6 +473,21 @@ MIGRATIONS = [
             """,
         ],
     ),
+    Migration(
+        19,
+        "the master user of a POP3 session, shown by mailgate who and kept with what it deleted",
+        [
+            # The name of the master user (mailgate.store.masterusers) who
+            # logged in to the user's maildrop, NULL for the user's own
+            # login: mailgate who and mailgate kick say whose session it
+            # is, and mailgate mailbox deleted who deleted the mail (a
+            # helpdesk's login, not only a client's address).  NULL too in
+            # the rows written before, and in those a node of the version
+            # before writes while the nodes are being upgraded one by one.
+            "ALTER TABLE pop3_sessions ADD COLUMN master TEXT",
+            "ALTER TABLE deleted_mail ADD COLUMN deleted_by_master TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version

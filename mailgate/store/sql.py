@@ -1260,26 +1260,29 @@ class SQLMaildrop:
         self._ahead = {False: {}, True: {}}
         self._lastOpened = {False: None, True: None}
         self.peer = None
+        self.master = None
         self._session = None
         self._identity = identity
         # Whether the POP3 session began (sessionStarted): the login
         # completed.
         self._begun = False
 
-    def sessionStarted(self, peer, end=None, lockLost=None):
+    def sessionStarted(self, peer, end=None, lockLost=None, master=None):
         """
         The POP3 session working on this maildrop has begun: C{peer} is
         the client's address (C{"host:port"}), recorded with what the
-        session deletes and shown by C{mailgate who}; C{end()}, if given,
-        ends the session without applying its deletions (C{mailgate kick});
-        C{lockLost()}, if given, ends it so when the maildrop's lock is
-        lost (L{IMaildropLocks.whenLost}).
+        session deletes and shown by C{mailgate who}, and so is C{master},
+        the name of the master user who logged in, if one did; C{end()},
+        if given, ends the session without applying its deletions
+        (C{mailgate kick}); C{lockLost()}, if given, ends it so when the
+        maildrop's lock is lost (L{IMaildropLocks.whenLost}).
         """
         self.peer = peer
+        self.master = master
         # The login is complete: what recordLogin recorded stays.
         self._begun = True
         self._store._loginsNotBegun.pop(self._userId, None)
-        self._session = self._store.sessions.started(self, peer, end)
+        self._session = self._store.sessions.started(self, peer, end, master)
         if lockLost is not None and not self._released:
             self._store.locks.whenLost(self._userId, lockLost)
 
@@ -1400,7 +1403,8 @@ class SQLMaildrop:
         server keeps deleted mail (L{StoreLimits.keepDeletedDays},
         or another live node's), they leave the maildrop (and the quota) all
         the same but are kept for recovery, with the time and C{peer}, the client's address
-        (by default the one given to L{sessionStarted}).
+        (by default the one given to L{sessionStarted}), and the master
+        user given to L{sessionStarted}, if one logged in.
         """
         uids = [self._uids[i] for i in indexes]
         if not uids:
@@ -1411,7 +1415,7 @@ class SQLMaildrop:
             return defer.fail(MaildropLockLost(LOCK_LOST))
         if self._store.limits.keepDeletedDays > 0 or self._store.sessions.othersKeepDeleted():
             return self._store.database.runWrite(
-                Guarded(guard, _keepDeleted), self._userId, uids, self._store._now(), peer
+                Guarded(guard, _keepDeleted), self._userId, uids, self._store._now(), peer, self.master
             )
         return self._store.database.runWrite(Guarded(guard, removeMessages), self._userId, uids)
 
