@@ -28,8 +28,9 @@ NAMES = "master users' names"
 NETWORKS = "master users' allowed networks"
 USERS_NETWORKS = "users' allowed networks"
 NAMES_ADVICE = (
-    "stored in a form no login names them by (written by hand): no login reaches them, nor does mailgate master; "
-    "remove each with SQL, DELETE FROM master_users WHERE name = 'NAME', and add it again, mailgate master add NAME"
+    "stored in a form no login names them by (written by hand): no login reaches them, nor do mailgate master "
+    "passwd, networks and test; remove each, mailgate master del --as-stored 'NAME' (quoted as shown), and add it "
+    "again, mailgate master add NAME"
 )
 NETWORKS_ADVICE = (
     "stored networks that are no network (written by hand): no client is on them, so these master users cannot "
@@ -97,9 +98,12 @@ def test_namesNoLoginGives(databaseURL, tmp_path):
     ]
     assert not lines[at + 3 :] or not lines[at + 3].startswith("  "), lines
     assert err.endswith(f"1 check found problems: {NAMES}\n"), err
-    # Done as the advice says.
-    _byHand(databaseURL, "DELETE FROM master_users WHERE name = ?", "Helpdesk")
-    _byHand(databaseURL, "DELETE FROM master_users WHERE name = ?", "bad name")
+    # Done as the advice says, with the command.
+    assert cli.check("master", "del", "--as-stored", "Helpdesk") == (
+        "removed the master user stored as 'Helpdesk' (written by hand, in a form no login names it by: "
+        "no login reached it)\n"
+    )
+    cli.check("master", "del", "--as-stored", "bad name")
     _addMaster(cli, "helpdesk")
     assert _checked(cli) == [f"{NAMES}: ok"]
 

@@ -238,6 +238,88 @@ def test_aMasterUserHeldToNetworks(databaseURL):
     )
 
 
+def _storedByHand(url, name):
+    """
+    A master user stored as C{name} by an administrator's SQL (no command
+    stores a name in no normal form), with mailgate's hash of PASSWORD.
+    """
+    from databasefiles import byHand
+    from mailgate.auth.passwords import makeCredentials
+    from mailgate.testing import TEST_HASH_COST
+
+    byHand(
+        url, "INSERT INTO master_users (name, password_hash, created_at) VALUES (?, ?, 1700000000)",
+        name, makeCredentials(PASSWORD, logN=TEST_HASH_COST).passwordHash,
+    )
+
+
+def _names(url):
+    return [json.loads(line)["name"] for line in mailgate(url, "master", "list", "--json")[1].splitlines()]
+
+
+STORED_REMOVED = (
+    "removed the master user stored as {!r} (written by hand, in a form no login names it by: no login reached it)\n"
+)
+
+
+def test_aMasterUserStoredByHandInNoNormalFormIsRemovedByTheCommand(databaseURL):
+    """
+    Rows db check names, written with SQL under a name no login gives
+    (C{Helpdesk}, C{bad name}): C{master del} with the name as stored
+    removes them where no master user has the name's normal form, and
+    says that it removed such a row.  The master users the command added
+    stay.
+    """
+    assert mailgate(databaseURL, "master", "add", "admin", "--password-stdin", stdin=f"{PASSWORD}\n")[0] == 0
+    for name in ("Helpdesk", "bad name", " spaced "):
+        _storedByHand(databaseURL, name)
+    assert _names(databaseURL) == [" spaced ", "Helpdesk", "admin", "bad name"]
+    # As logins read it, "Helpdesk" is helpdesk, which is no master user:
+    # the row stored so is what NAME reaches.
+    for name in ("Helpdesk", "bad name", " spaced "):
+        assert mailgate(databaseURL, "master", "del", name) == (0, STORED_REMOVED.format(name), "")
+        assert stored(databaseURL, name) is None
+    assert _names(databaseURL) == ["admin"]
+    # Gone, a name that is none is refused as before (65), one that is a
+    # name is no master user (67).
+    assert mailgate(databaseURL, "master", "del", "bad name")[0] == 65
+    assert mailgate(databaseURL, "master", "del", "Helpdesk") == (67, "", "mailgate: no such master user: helpdesk\n")
+    # A name given in capitals still removes the master user it names.
+    assert mailgate(databaseURL, "master", "del", "ADMIN")[1].startswith("removed the master user admin: ")
+    assert _names(databaseURL) == []
+    code, out, err = mailgate(databaseURL, "db", "check")
+    assert (code, err) == (0, ""), out
+
+
+def test_aNameThatNamesTwoMasterUsersIsRefused(databaseURL):
+    """
+    C{Admin} written by hand beside the master user admin: C{master del
+    Admin} could mean either, and is refused (64) saying the two commands;
+    C{master del admin} removes the master user, C{--as-stored Admin} the
+    row, and nothing else.
+    """
+    assert mailgate(databaseURL, "master", "add", "admin", "--password-stdin", stdin=f"{PASSWORD}\n")[0] == 0
+    _storedByHand(databaseURL, "Admin")
+    assert mailgate(databaseURL, "master", "del", "Admin") == (
+        64, "", "mailgate: 'Admin' names both the master user admin and a master user stored as 'Admin' (written "
+        "by hand): mailgate master del admin removes the first, mailgate master del --as-stored 'Admin' the second\n",
+    )
+    assert _names(databaseURL) == ["Admin", "admin"]
+    # Exactly as stored: not the master user admin, nor a row of another case.
+    assert mailgate(databaseURL, "master", "del", "--as-stored", "ADMIN") == (
+        67, "", "mailgate: no master user is stored as 'ADMIN'\n"
+    )
+    assert mailgate(databaseURL, "master", "del", "--as-stored", "Admin") == (0, STORED_REMOVED.format("Admin"), "")
+    assert _names(databaseURL) == ["admin"]
+    assert verifyPassword(PASSWORD, stored(databaseURL, "admin").passwordHash)
+    # --as-stored of a name in its normal form is the master user of it.
+    assert mailgate(databaseURL, "master", "del", "--as-stored", "admin") == (
+        0, "removed the master user admin: its logins are refused from the next one on (sessions it opened go on)\n",
+        "",
+    )
+    assert _names(databaseURL) == []
+
+
 def test_theHelpSaysWhatAMasterUserIs():
     code, out, err = runCommand([MAILGATE, "master", "add", "--help"])
     assert code == 0, err

@@ -222,16 +222,106 @@ def _masterPasswd(store, args, out, stdin):
     audit.outcome(args, f"password changed{_audited(args)}")
 
 
+def _masterDelOptions(args):
+    """
+    C{master del}'s C{NAME}, read before the database is opened: kept as
+    given (C{args.given}) and, unless C{--as-stored}, normalised
+    (C{args.normal}, C{None} for no name, with why in C{args.refusal}).
+    A row written by hand (SQL, a tool) may hold a name that is not in its
+    normal form, C{Admin} or C{bad name}, which C{db check} names: NAME as
+    given is what reaches it.
+    """
+    args.given = args.name
+    args.normal = args.refusal = None
+    try:
+        args.name.encode("utf-8")
+    except UnicodeEncodeError:
+        # Octets that are not UTF-8 on the command line: no name, stored
+        # or not, is such text.
+        raise CommandError("NAME is not UTF-8 text: no master user is named so", EX_DATAERR) from None
+    if args.as_stored:
+        return
+    try:
+        args.normal = masterName(args.name)
+    except InvalidAddress as e:
+        args.refusal = str(e)
+    else:
+        args.name = args.normal
+
+
 def _masterDel(store, args, out, stdin):
-    name = args.name
+    """
+    Remove a master user: the one NAME names as logins name it; where
+    there is none, the row stored as NAME is given (one written by hand,
+    in no normal form, that db check names), so that no SQL is needed to
+    remove it.  NAME naming both, a master user (C{Admin}: C{admin}) and a
+    row stored so (C{Admin}), is refused: which one is meant, the command
+    cannot tell; C{--as-stored} names the row exactly.
+    """
+    given, normal = args.given, args.normal
+    if args.as_stored or normal == given:
+        return _removed(store, args, out, given)
+    there = normal is not None and _result(store.findMasterUser(normal)) is not None
+    stored = _result(store.findMasterUser(given)) is not None
+    if there and stored:
+        raise CommandError(
+            f"{_shownName(given)} names both the master user {normal} and a master user stored as "
+            f"{_shownName(given)} (written by hand): mailgate master del {normal} removes the first, "
+            f"mailgate master del --as-stored {_shownName(given)} the second",
+            EX_USAGE,
+        )
+    if stored:
+        return _removed(store, args, out, given)
+    if normal is None:
+        # No name, and no row stored so: refused as before, bad data.
+        raise CommandError(args.refusal, EX_DATAERR)
+    return _removed(store, args, out, normal)
+
+
+def _removed(store, args, out, name):
+    """
+    Remove the master user stored as C{name}, and say so: a name in no
+    normal form is quoted (as db check shows it) and said to be no
+    login's.
+    """
+    args.name = name
     try:
         _result(store.removeMasterUser(name))
     except NoSuchMasterUser:
+        if args.as_stored:
+            raise CommandError(f"no master user is stored as {_shownName(name)}", EX_NOUSER) from None
         raise _noSuchMasterUser(name) from None
+    if _isNormal(name):
+        out.write(
+            f"removed the master user {name}: its logins are refused from the next one on "
+            "(sessions it opened go on)\n"
+        )
+        audit.outcome(args, "removed")
+        return
     out.write(
-        f"removed the master user {name}: its logins are refused from the next one on (sessions it opened go on)\n"
+        f"removed the master user stored as {_shownName(name)} (written by hand, in a form no login names it by: "
+        "no login reached it)\n"
     )
-    audit.outcome(args, "removed")
+    audit.outcome(args, f"removed, stored as {_shownName(name)}")
+
+
+def _isNormal(name):
+    """
+    Whether C{name} is a master user's name in its normal form (as
+    mailgate master stores it and logins look it up).
+    """
+    try:
+        return masterName(name) == name
+    except InvalidAddress:
+        return False
+
+
+def _shownName(name):
+    """
+    A stored name as db check shows it: quoted, anything unprintable as
+    C{?}.
+    """
+    return repr(printable(name))
 
 
 def _masterNetworks(store, args, out, stdin):
@@ -335,11 +425,20 @@ def _addMasterUserCommands(commands):
         help="remove a master user",
         description="Remove the master user NAME: its logins are refused from the next one on, on every "
         "server; sessions it opened go on to their end (mailgate kick ends them). The users and "
-        "their mail are untouched. Exit 67 if there is no master user NAME.",
+        "their mail are untouched. Exit 67 if there is no master user NAME. A master user stored by "
+        "hand under a name in no normal form (Admin, bad name: db check names them) is removed by "
+        "that name as stored where no master user has the name as logins give it; where both exist "
+        "(Admin and admin) the command refuses (exit 64) and --as-stored names the row exactly.",
     )
     delete.add_argument("name", metavar="NAME")
+    delete.add_argument(
+        "--as-stored",
+        action="store_true",
+        help="remove the master user stored exactly as NAME, without reading NAME as logins do "
+        "(capitals as small letters): a name written by hand that db check names",
+    )
     delete.set_defaults(
-        run=_masterDel, migrate=True, readOptions=_readName, audit=audit.account("master del", "name")
+        run=_masterDel, migrate=True, readOptions=_masterDelOptions, audit=audit.account("master del", "name")
     )
     test = master.add_parser(
         "test",

@@ -421,8 +421,9 @@ _RESTRICTED_MASTER_USERS = {
 _MASTER_NAMES = "master users' names"
 
 _MASTER_NAMES_ADVICE = (
-    "stored in a form no login names them by (written by hand): no login reaches them, nor does mailgate master; "
-    "remove each with SQL, DELETE FROM master_users WHERE name = 'NAME', and add it again, mailgate master add NAME"
+    "stored in a form no login names them by (written by hand): no login reaches them, nor do mailgate master "
+    "passwd, networks and test; remove each, mailgate master del --as-stored 'NAME' (quoted as shown), and add it "
+    "again, mailgate master add NAME"
 )
 
 _MASTER_NETWORKS = "master users' allowed networks"
