@@ -159,8 +159,8 @@ def test_anAdministratorSeesAMasterUsersSessionAndWhatItDeleted(mailgate_server,
     (its MASTER column, C{master} in C{--json}); the message it deletes,
     kept with C{--keep-deleted-days}, is listed by C{mailgate mailbox
     deleted} with the master user beside the client's address; C{mailgate
-    kick} of such a session says whose it was.  Bob's own session and his
-    own deletion name none.
+    kick} of such a session says whose it was, and so does C{mailgate user
+    disable}.  Bob's own session and his own deletion name none.
     """
     import json
 
@@ -215,3 +215,14 @@ def test_anAdministratorSeesAMasterUsersSessionAndWhatItDeleted(mailgate_server,
         )
     finally:
         helpdesk.close()
+
+    # So does disabling the user while the helpdesk is in her maildrop.
+    helpdesk = popLogin(server, f"{ALICE}*admin", MASTER_PASSWORD)
+    try:
+        waitFor(lambda: any(r["master"] == "admin" for r in _whoRecords(mailgate_cli)), "the session in who")
+        assert mailgate_cli.check("user", "disable", ALICE).splitlines()[1:] == [
+            "its POP3 session (logged in by the master user admin) has ended; nothing it marked deleted was removed"
+        ]
+    finally:
+        helpdesk.close()
+    mailgate_cli.check("user", "enable", ALICE)

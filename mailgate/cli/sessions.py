@@ -159,11 +159,9 @@ def _kick(store, args, out, stdin):
     marked = []
     if not endSessions(store, address, args.wait, marked=marked):
         raise CommandError(f"{address} has no POP3 session in progress", 1)
-    # Whose session it was: a master user's login (a helpdesk's, a backup
-    # tool's) is named, as mailgate who names it, from the rows the kick
-    # marked, or where it ended before they were read, the rows before it.
-    masters = sorted({s.master for s in marked or _inProgress(listed) if s.master is not None})
-    by = f" (logged in by the master user {', '.join(printable(m) for m in masters)})" if masters else ""
+    # From the rows the kick marked, or where it ended before they were
+    # read, the rows before it.
+    by = masterNote(marked or _inProgress(listed))
     # Ended by the kick, or by its own QUIT just before its node saw the
     # mark (then its deletions were made): the registry does not say which.
     out.write(
@@ -171,6 +169,17 @@ def _kick(store, args, out, stdin):
         "unless it sent QUIT before its node saw the kick\n"
     )
     audit.outcome(args, f"its POP3 session{by} has ended")
+
+
+def masterNote(sessions):
+    """
+    Whose sessions C{sessions} (L{mailgate.records.SessionInfo}) were, as
+    an ended session's line says it: C{" (logged in by the master user
+    NAME)"} where a master user's login (a helpdesk's, a backup tool's)
+    opened one, as C{mailgate who} names it; C{""} for a user's own.
+    """
+    masters = sorted({s.master for s in sessions if s.master is not None})
+    return f" (logged in by the master user {', '.join(printable(m) for m in masters)})" if masters else ""
 
 
 def endSessions(store, address, wait, lookAgain=None, marked=None):

@@ -58,7 +58,7 @@ from mailgate.cli.common import (
     _time,
     _warnIfFull,
 )
-from mailgate.cli.sessions import endSessions
+from mailgate.cli.sessions import endSessions, masterNote
 from mailgate.errors import AliasExists, InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
 from mailgate.networks import parseAllowedNetworks
@@ -861,14 +861,16 @@ def _userDisable(store, args, out, stdin):
     # Without a live node (no server running on the database), no
     # session can appear in the registry: no need to look again.
     lookAgain = None if _result(store.listNodes()) else 0
+    marked = []
     try:
-        ended = endSessions(store, address, args.wait, lookAgain)
+        ended = endSessions(store, address, args.wait, lookAgain, marked=marked)
     except CommandError as e:
-        audit.outcome(args, f"disabled{said}; its POP3 session has not ended yet")
+        audit.outcome(args, f"disabled{said}; its POP3 session{masterNote(marked)} has not ended yet")
         raise CommandError(f"{address} is disabled; {e}", e.code) from None
     if ended:
-        out.write("its POP3 session has ended; nothing it marked deleted was removed\n")
-        audit.outcome(args, f"disabled{said}; its POP3 session has ended")
+        by = masterNote(marked)
+        out.write(f"its POP3 session{by} has ended; nothing it marked deleted was removed\n")
+        audit.outcome(args, f"disabled{said}; its POP3 session{by} has ended")
 
 
 def _userNetworksOptions(args):
