@@ -56,6 +56,8 @@ from mailgate.pop3.protocol import POP3Server
 from mailgate.pop3.workarounds import parseWorkarounds
 from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.factory import EVERY_NETWORK, coversEveryAddress
+from mailgate.smtp.policyservice import DEFAULT_NETWORKS as _QUOTA_STATUS_NETWORKS
+from mailgate.smtp.policyservice import DUNNO, checkAction
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 # ZERO_DAYS and ZERO_QUOTA: why a retention of 0 days and a quota of 0 are
@@ -473,6 +475,21 @@ class Endpoint(Kind):
 
     def check(self, value):
         return checkEndpoint(value)
+
+
+class PolicyAction(Line):
+    """
+    An action a Postfix policy server answers (the quota-status service's):
+    an access(5) word such as DUNNO, REJECT or DEFER_IF_PERMIT, or a
+    4NN/5NN code, then optional text, on one line
+    (L{mailgate.smtp.policyservice.checkAction}).
+    """
+
+    def __init__(self):
+        super().__init__(512, metavar="ACTION")
+
+    def check(self, value):
+        return checkAction(super().check(value))
 
 
 class CPUList(Kind):
@@ -1058,6 +1075,18 @@ SETTINGS = (
         repeated=True, example=["tcp:2424:interface=127.0.0.1"],
     ),
     Setting(
+        "quota-status", "quotaStatus", Endpoint(), (),
+        "A quota-status listener: a Postfix policy service (as Dovecot's "
+        "quota-status -p postfix) that Postfix asks at its own RCPT "
+        "(check_policy_service inet:127.0.0.1:12340 in "
+        "smtpd_recipient_restrictions) whether the recipient's mailbox has "
+        "room for the size the client declared, so that a full mailbox is "
+        "refused to the sending MTA instead of bounced by Postfix later.  It "
+        "tells which addresses exist and how full they are: bind it to "
+        "loopback or a private address (see quota-status-network).",
+        repeated=True, example=["tcp:12340:interface=127.0.0.1"],
+    ),
+    Setting(
         "metrics", "metrics", Endpoint(), None,
         "Serve Prometheus metrics (GET /metrics) and a health check "
         "(GET /healthz: 200 while the database answers within a second, "
@@ -1346,6 +1375,42 @@ SETTINGS = (
         "quota-exceeded", "quotaExceeded", Choice(("temporary", "permanent")), "temporary",
         "How SMTP and LMTP refuse a recipient over quota: temporary (452 4.2.2, "
         "the MTA retries after the user made room) or permanent (552 5.2.2).",
+    ),
+    Setting(
+        "quota-status-network", "quotaStatusNetworks", Network(), _QUOTA_STATUS_NETWORKS,
+        "A network (CIDR) whose peers the quota-status listener answers (the "
+        "Postfix servers in front); a connection from elsewhere is closed "
+        "unread and logged.  Unix socket peers are always answered.",
+        repeated=True, defaultText="loopback (127.0.0.0/8, ::1/128)",
+    ),
+    Setting(
+        "quota-status-success", "quotaStatusSuccess", PolicyAction(), DUNNO,
+        "What quota-status answers Postfix for a recipient with room "
+        "(Dovecot's quota_status_success): DUNNO lets Postfix's other "
+        "restrictions decide; OK would skip them.",
+    ),
+    Setting(
+        "quota-status-nouser", "quotaStatusNouser", PolicyAction(), DUNNO,
+        "What quota-status answers Postfix for an address of a domain served "
+        "here that no user or alias has (Dovecot's quota_status_nouser): "
+        "DUNNO leaves it to Postfix (and mailgate's LMTP), REJECT Unknown "
+        "user refuses it at Postfix's RCPT.  A domain not served here is "
+        "always DUNNO.",
+    ),
+    Setting(
+        "quota-status-overquota", "quotaStatusOverquota", PolicyAction(), None,
+        "What quota-status answers Postfix for a mailbox over quota, or that "
+        "the message would put over it (Dovecot's quota_status_overquota), "
+        "e.g. \"552 5.2.2 Mailbox is full\".",
+        defaultText="as quota-exceeded says: 452 4.2.2 mailbox full (temporary), 552 5.2.2 mailbox full (permanent)",
+        example="552 5.2.2 Mailbox is full",
+    ),
+    Setting(
+        "quota-status-toolarge", "quotaStatusToolarge", PolicyAction(), None,
+        "What quota-status answers Postfix for a message larger than the "
+        "mailbox's whole quota (Dovecot's quota_status_toolarge).",
+        defaultText="552 5.2.3 message larger than the mailbox's whole quota (N octets)",
+        example="552 5.2.3 Message is too large for the mailbox",
     ),
     Setting(
         "expire-days", "expireDays", Days(), None,
@@ -1699,7 +1764,7 @@ def checkListening(config, path=None):
         one address.
     """
     where = f" (in {path})" if path else ""
-    if not (config.pop3 or config.pop3s or config.smtp or config.lmtp):
+    if not (config.pop3 or config.pop3s or config.smtp or config.lmtp or config.quotaStatus):
         raise ConfigurationError("nothing to listen on: pop3, pop3s, smtp and lmtp are all empty" + where)
     clash = sharedAddress(config)
     if clash:
@@ -1708,7 +1773,7 @@ def checkListening(config, path=None):
 
 
 #: the settings whose values are listeners, in the order they start
-LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "metrics")
+LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "quota-status", "metrics")
 
 #: the settings of a C{--config} file that the C{mailgate} command reads
 #: as the server's, at each run (L{mailgate.cli}: the store's defaults

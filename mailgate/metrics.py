@@ -108,6 +108,12 @@ RETENTION_KINDS = ("expired", "purged")
 #: say: the next round tries again), or skipped while this node's clock
 #: runs ahead of the database server's
 RETENTION_RESULTS = ("completed", "failed", "skipped")
+#: what the quota-status service (L{mailgate.smtp.policyservice}) answered
+#: Postfix: a recipient with room, an unknown one, one over quota, a
+#: message larger than the whole quota, the store failing (DEFER_IF_PERMIT),
+#: or a request it has no opinion on (another request type, no recipient,
+#: a domain not served here: DUNNO)
+QUOTA_STATUS_RESULTS = ("success", "nouser", "overquota", "toolarge", "tempfail", "ignored")
 #: the TLS versions a session can negotiate (C{--tls-min-version} 1.2 or
 #: 1.3; OpenSSL's names, as the end lines' C{tls_version=}); the cipher
 #: is not a label (see L{Metrics.tlsEstablished})
@@ -294,6 +300,11 @@ class Metrics:
             counter, "mailgate_retention_rounds", "Rounds of the retention task, by how they ended.",
             ["result"], RETENTION_RESULTS,
         )
+        self._quotaStatusAnswers = _Series(
+            counter, "mailgate_quota_status_answers",
+            "Answers of the quota-status service to Postfix's policy requests, by outcome.",
+            ["result"], QUOTA_STATUS_RESULTS,
+        )
         self._settingsDiffer = _Series(
             gauge, "mailgate_node_settings_differ",
             "1 where another live node sharing the database works with another value of the setting.",
@@ -350,7 +361,7 @@ class Metrics:
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
-            self._sendersRefused, self._forbidden,
+            self._sendersRefused, self._forbidden, self._quotaStatusAnswers,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -560,6 +571,16 @@ class Metrics:
         required, say) showed in no metric, only in the log.
         """
         self._count(self._sendersRefused, (_bounded(protocol, PROTOCOLS), _bounded(reason, SENDER_REFUSALS)))
+
+    def quotaStatusAnswer(self, result):
+        """
+        The quota-status service answered a policy request with C{result},
+        one of L{QUOTA_STATUS_RESULTS}
+        (C{mailgate_quota_status_answers_total}): how many recipients
+        Postfix refused at its RCPT for a full mailbox, and whether the
+        store failed it.
+        """
+        self._count(self._quotaStatusAnswers, _bounded(result, QUOTA_STATUS_RESULTS))
 
     def retentionRound(self, result):
         """

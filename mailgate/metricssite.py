@@ -31,6 +31,10 @@ from twisted.web import http, resource, server
 
 from mailgate.errors import DatabaseDamaged, ShuttingDown, WritesFailing, errorKind
 from mailgate.metrics import PROTOCOLS, NotServed
+
+#: the protocols of C{/healthz/<protocol>}: the mail protocols, and the
+#: quota-status service Postfix asks (which reads the database only)
+HEALTH_PROTOCOLS = (*PROTOCOLS, "quota-status")
 from mailgate.timers import cancelled
 
 
@@ -78,10 +82,10 @@ class _Health(resource.Resource):
     logged once (C{health.failed}) until its reason changes, and its end
     once (C{health.recovered}): balancers ask every second or two.
 
-    C{GET /healthz/pop3}, C{/healthz/smtp} and C{/healthz/lmtp} are the
-    same, for one protocol's backend (C{check} is then the service's
+    C{GET /healthz/pop3}, C{/healthz/smtp}, C{/healthz/lmtp} and
+    C{/healthz/quota-status} are the same, for one protocol's backend (C{check} is then the service's
     answer for that protocol): what that protocol needs of the database
-    (POP3 only reads, so a node whose writes fail stays in its backend,
+    (POP3 and quota-status only read, so a node whose writes fail stays in its backend,
     200 with that said after C{ok}), and 503 when the node has no
     listener for it (L{NotServed}).  Each endpoint keeps its own account
     of what it logged: one shared would log a failure and a recovery at
@@ -180,7 +184,7 @@ class _NotFound(resource.Resource):
     def render(self, request):
         request.setResponseCode(404)
         request.setHeader("content-type", "text/plain; charset=utf-8")
-        body = b"not found: this endpoint serves /metrics, /healthz and /healthz/{pop3,smtp,lmtp}\n"
+        body = b"not found: this endpoint serves /metrics, /healthz and /healthz/{pop3,smtp,lmtp,quota-status}\n"
         if request.method == b"HEAD":
             # The headers alone: a body returned to a HEAD is dropped by
             # Twisted with a log line each time, any client's to ask for.
@@ -200,7 +204,7 @@ class MetricsResource(_NotFound):
     @param reactor: for the health check's deadline.
     @param timeout: seconds the database has to answer.
     @param protocolCheck: C{protocolCheck(protocol)} for
-        C{/healthz/<protocol>} (each of L{PROTOCOLS}): a L{Deferred} that
+        C{/healthz/<protocol>} (each of L{HEALTH_PROTOCOLS}): a L{Deferred} that
         fires (with C{None}, or a L{WritesFailing} note for a protocol
         that only reads) when this node can serve it, and fails otherwise
         (L{NotServed} without its listener).  Without it, those paths
@@ -212,7 +216,7 @@ class MetricsResource(_NotFound):
         self.putChild(b"metrics", _Exposition(metrics.registry))
         health = _Health(healthCheck, reactor, timeout)
         if protocolCheck is not None:
-            for protocol in PROTOCOLS:
+            for protocol in HEALTH_PROTOCOLS:
                 check = functools.partial(protocolCheck, protocol)
                 health.putChild(
                     protocol.encode("ascii"), _Health(check, reactor, timeout, path=f"/healthz/{protocol}")

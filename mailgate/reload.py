@@ -44,8 +44,10 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: name: the factories it is set on, and their attribute.
 #:
 #: What a SIGHUP leaves to the restart (config.restart_needed), and why:
-#: the listeners (pop3, pop3s, smtp, lmtp, metrics) and the database,
-#: bound and opened at start (a changed database is refused outright);
+#: the listeners (pop3, pop3s, smtp, lmtp, quota-status, metrics) and the
+#: database, bound and opened at start (a changed database is refused
+#: outright); the quota-status-* settings, which the quota-status
+#: factory was built with (its answers and the networks it answers);
 #: log-format, the observer twistd set up at start (one file, one format,
 #: for whatever parses it); cpu-affinity, the threads pinned at start (the
 #: reactor's, the database's), which would each have to be pinned again;
@@ -102,8 +104,9 @@ STORE_SETTINGS = frozenset({"default-quota", "quota-warning", "expire-days", "ke
 #: of them).  Not LMTP's: its client, the site's own MTA, is never held.
 ERROR_SETTINGS = {"smtp-soft-error-limit": "softErrorLimit", "smtp-error-sleep-time": "errorSleepTime"}
 #: how SMTP and LMTP take mail in: the domains, the postmaster, the
-#: recipient delimiter, the reply to a recipient over quota (each SMTP and
-#: LMTP factory's L{mailgate.smtp.LocalDelivery} reads them at each RCPT and delivery)
+#: recipient delimiter, the reply to a recipient over quota (each SMTP,
+#: LMTP and quota-status factory's L{mailgate.smtp.LocalDelivery} reads
+#: them at each RCPT, policy request and delivery)
 #: and the spool directory (taken as a message's data begins).  A SIGHUP
 #: applies them to the recipients given after it: RCPT resolves a
 #: recipient to its user, so a transaction under way delivers to the
@@ -228,6 +231,14 @@ def reloadConfiguration(
                     setattr(factory, attribute, getattr(new, s.attribute))
             _applyNetworks(factory, service.config, applied)
             _applyMailAndLogins(factory, service.config, applied)
+        for factory in service.quotaStatusFactories:
+            # The RCPT check quota-status answers with stays SMTP's and
+            # LMTP's (the same domains, postmaster, delimiter and
+            # quota-exceeded), and names the server as they do.
+            if DELIVERY_SETTINGS & set(applied):
+                _applyDelivery(factory.delivery, service.config)
+            if "hostname" in applied:
+                factory.hostname = service.config.hostname or machineName()
         service.shutdownGrace = service.config.shutdownGrace
         if "hostname" in applied:
             _rename(service, service.config.hostname or machineName())
@@ -255,6 +266,8 @@ def reloadConfiguration(
         for factory in service.sessionFactories:
             if isinstance(factory, SMTPFactory):
                 factory.delivery.forgetRecipients()
+        for factory in service.quotaStatusFactories:
+            factory.delivery.forgetRecipients()
         for retention in _retentionServices(service):
             retention.runSoon()
     if set(applied) & (STORE_SETTINGS | {"quota-exceeded", "recipient-delimiter"}):
@@ -397,15 +410,23 @@ def _applyMailAndLogins(factory, config, applied):
             if name in applied:
                 setattr(factory, attribute, getattr(config, _attributeOf(name)))
     if DELIVERY_SETTINGS & set(applied):
-        delivery = factory.delivery
-        delivery.domains = frozenset(d.lower() for d in config.domains) if config.domains else None
-        delivery.postmaster = config.postmaster
-        delivery.recipientDelimiter = config.recipientDelimiter or ""
-        delivery.quotaExceeded = config.quotaExceeded
-        # What was remembered of a domain or recipient was under the old
-        # domains and delimiter.
-        delivery.forgetRecipients()
+        _applyDelivery(factory.delivery, config)
         factory.spoolDirectory = config.spoolDirectory
+
+
+def _applyDelivery(delivery, config):
+    """
+    Give C{delivery} (SMTP's, LMTP's or quota-status's
+    L{mailgate.smtp.LocalDelivery}) the L{DELIVERY_SETTINGS} of C{config},
+    for the recipients checked from now on.
+    """
+    delivery.domains = frozenset(d.lower() for d in config.domains) if config.domains else None
+    delivery.postmaster = config.postmaster
+    delivery.recipientDelimiter = config.recipientDelimiter or ""
+    delivery.quotaExceeded = config.quotaExceeded
+    # What was remembered of a domain or recipient was under the old
+    # domains and delimiter.
+    delivery.forgetRecipients()
 
 
 def _attributeOf(name):

@@ -320,7 +320,7 @@ class MailgateService(MultiService):
     @ivar reactor: the reactor it runs on: given by L{makeService}, never
         looked up here.
     @ivar listeners: the L{ListeningService}s, by protocol name (C{"POP3"},
-        C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"METRICS"}).
+        C{"POP3S"}, C{"SMTP"}, C{"LMTP"}, C{"QUOTA-STATUS"}, C{"METRICS"}).
     @ivar exitOnStartupError: end the process with a one-line message when
         a listener cannot start (what C{twistd mailgate} wants), instead of
         raising L{ConfigurationError} (what an embedding application wants).
@@ -395,6 +395,9 @@ class MailgateService(MultiService):
         self._storeService = None
         #: the POP3, SMTP and LMTP factories, whose settings a reload changes
         self.sessionFactories = []
+        #: the quota-status factories, whose recipient checks a reload
+        #: changes as SMTP's and LMTP's
+        self.quotaStatusFactories = []
         #: C{(event, text)} of what the configuration leaves that an
         #: administrator should know of, logged as warnings at start
         self.startupWarnings = []
@@ -805,10 +808,13 @@ class MailgateService(MultiService):
         """
         if not self.running:
             return defer.fail(ShuttingDown("mailgate is shutting down"))
-        names = {"pop3": ("POP3", "POP3S"), "smtp": ("SMTP",), "lmtp": ("LMTP",)}[protocol]
+        names = {
+            "pop3": ("POP3", "POP3S"), "smtp": ("SMTP",), "lmtp": ("LMTP",), "quota-status": ("QUOTA-STATUS",),
+        }[protocol]
         if not any(self.listeners.get(name) for name in names):
             return defer.fail(NotServed(f"this node has no {protocol} listener"))
-        return self.databaseAnswers(timeout, writes=protocol != "pop3")
+        # quota-status reads (users and their use) and writes nothing.
+        return self.databaseAnswers(timeout, writes=protocol not in ("pop3", "quota-status"))
 
     # -- stopping ------------------------------------------------------------------
 
@@ -1251,10 +1257,7 @@ def makeSMTPFactory(
     factoryClass = LMTPFactory if lmtp else SMTPFactory
     spoolDirectory = checkedSpoolDirectory(config)
     factory = factoryClass(
-        LocalDelivery(
-            store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster,
-            recipientDelimiter=config.recipientDelimiter,
-        ),
+        makeDelivery(store, config),
         hostname=config.hostname,
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
@@ -1276,6 +1279,35 @@ def makeSMTPFactory(
         factory.errorSleepTime = config.smtpErrorSleepTime
     factory.trace = traceSelection(config)
     return factory
+
+
+def makeDelivery(store, config):
+    """
+    The recipient checks and delivery of SMTP, LMTP and quota-status for
+    C{store}, with the settings from C{config}.
+    """
+    return LocalDelivery(
+        store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster,
+        recipientDelimiter=config.recipientDelimiter,
+    )
+
+
+def makeQuotaStatusFactory(store, config, reactor, metrics=None):
+    """
+    The quota-status (Postfix policy service) factory for C{store}: the
+    RCPT check of SMTP and LMTP, answered with C{config}'s actions to the
+    peers of its networks.
+    """
+    from mailgate.smtp.policyservice import QuotaStatusActions, QuotaStatusFactory
+
+    actions = QuotaStatusActions(
+        success=config.quotaStatusSuccess, nouser=config.quotaStatusNouser,
+        overquota=config.quotaStatusOverquota, toolarge=config.quotaStatusToolarge,
+    )
+    return QuotaStatusFactory(
+        makeDelivery(store, config), reactor, actions, networks=config.quotaStatusNetworks,
+        hostname=config.hostname or machineName(), metrics=metrics,
+    )
 
 
 def checkedSpoolDirectory(config):
@@ -1418,6 +1450,7 @@ def makeService(config, reactor=None, store=None, metrics=None, policyStore=None
             ("POP3S", config.pop3s),
             ("SMTP", config.smtp),
             ("LMTP", config.lmtp),
+            ("QUOTA-STATUS", config.quotaStatus),
             ("METRICS", [config.metrics] if config.metrics else []),
         )
     }
@@ -1565,6 +1598,7 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
         "LMTP": lambda: makeSMTPFactory(
             store, config, reactor, lmtp=True, tls=tls, metrics=metrics, tracker=root.sessions, policy=policy
         ),
+        "QUOTA-STATUS": lambda: makeQuotaStatusFactory(store, config, reactor, metrics),
         "METRICS": lambda: _metricsSite(metrics, root, reactor),
     }
     for name, endpoints in listeners.items():
@@ -1574,5 +1608,7 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
                 root.addListener(ListeningService(name, description, endpoint, factory, reactor, metrics))
             if name in ("SMTP", "LMTP"):
                 root.sessionFactories.append(factory)
+            elif name == "QUOTA-STATUS":
+                root.quotaStatusFactories.append(factory)
     root.sessionFactories.extend(pop3)
     return root

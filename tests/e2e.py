@@ -42,9 +42,10 @@ HOSTNAME = "mailgate.test"
 # runs it on both): it overrides the parameters of conftest's databaseURL.
 sqliteOnly = pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
 postgresOnly = pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
-_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP|METRICS) listening on (\S+?)(?::(\d+))? \(")
+_LISTENING = re.compile(r"\b(POP3S|POP3|SMTP|LMTP|QUOTA-STATUS|METRICS) listening on (\S+?)(?::(\d+))? \(")
 _LISTENER_OPTIONS = {
-    "--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP", "--metrics": "METRICS",
+    "--pop3": "POP3", "--pop3s": "POP3S", "--smtp": "SMTP", "--lmtp": "LMTP", "--quota-status": "QUOTA-STATUS",
+    "--metrics": "METRICS",
 }
 _LOGGED_ERROR = re.compile(r"Traceback \(most recent call last\)|Unhandled Error|\[-\] Unhandled")
 
