@@ -185,3 +185,57 @@ def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_ser
     with urllib.request.urlopen(metrics + "/metrics", timeout=DEADLINE) as answer:
         exposition = answer.read().decode()
     assert 'mailgate_quota_status_answers_total{result="overquota"} 2.0' in exposition
+
+
+def closedWithoutAnswer(port, data):
+    """
+    Whether the server closes a connection that sent C{data}, answering
+    nothing: what is read until the end.
+    """
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        received = b""
+        while True:
+            piece = sock.recv(4096)
+            if not piece:
+                return received
+            received += piece
+
+
+@sqliteOnly
+def test_garbageAndStrangersAreClosedOverARealSocket(mailgate_server, mailgate_cli):
+    """
+    A line that is no attribute closes the connection, logged as such and
+    without a traceback, and the next connection is answered; with
+    --quota-status-network naming other networks, a loopback peer is
+    closed unread.
+    """
+    server = mailgate_server("--quota-status", "tcp:0:interface=127.0.0.1")
+    mailgate_cli.addUser(FULL, PASSWORD)
+    port = server.portOf("QUOTA-STATUS")
+    assert closedWithoutAnswer(port, b"request=smtpd_access_policy\nHELO there\n\n") == b""
+    waitFor(lambda: "quota-status closing the connection" in server.stdout, "the bad_input line")
+    assert re.search(r"quota-status closing the connection peer=127\.0\.0\.1:\d+: a line that is not name=value",
+                     server.stdout), server.stdout
+    assert policyAnswer(port, FULL, 10) == "DUNNO"
+    assert "Traceback" not in server.stdout + server.stderr
+    # A connection kept open, as Postfix keeps one, does not hold up the
+    # stop (SIGTERM, not the SIGKILL after the grace), and ends with it.
+    import signal
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as kept:
+        kept.sendall(f"request=smtpd_access_policy\nrecipient={FULL}\n\n".encode())
+        assert kept.recv(4096) == b"action=DUNNO\n\n"
+        assert server.stop() in (0, -signal.SIGTERM), server.log()
+        assert kept.recv(4096) == b""
+
+    fenced = mailgate_server("--quota-status", "tcp:0:interface=127.0.0.1", "--quota-status-network", "10.0.0.0/8")
+    port = fenced.portOf("QUOTA-STATUS")
+    assert closedWithoutAnswer(port, f"request=smtpd_access_policy\nrecipient={FULL}\n\n".encode()) == b""
+    waitFor(lambda: "quota-status connection refused" in fenced.stdout, "the refusal's line")
+    assert re.search(
+        r"quota-status connection refused peer=127\.0\.0\.1:\d+ reason=not on quota-status-network", fenced.stdout
+    ), fenced.stdout

@@ -427,6 +427,24 @@ def test_notWhileTheStoreIsAsked():
     assert c.closed
 
 
+def test_theListenersStopClosesTheConnectionsPostfixKeeps():
+    """
+    When the server stops (its quota-status listener stops, after the mail
+    sessions' grace and before the store closes), the connections Postfix
+    keeps are closed, one waiting for the store too: nothing more is
+    asked of a store that is closing, nothing answered.
+    """
+    delivery = SlowDelivery()
+    factory = QuotaStatusFactory(delivery, MemoryReactorClock(), hostname="mailgate.test")
+    factory.doStart()
+    idle, waiting = Connection(factory), Connection(factory)
+    waiting.send(request_(FULL, 10))
+    factory.doStop()
+    assert idle.closed and waiting.closed
+    delivery.asked[0][2].callback(FULL)
+    assert waiting.read() == ""
+
+
 # -- who may ask ---------------------------------------------------------------------------------
 
 

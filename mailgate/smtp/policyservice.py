@@ -206,9 +206,11 @@ class QuotaStatusServer(Protocol):
             return
         self._idle = IdleTimer(factory.reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         self._idle.start()
+        factory.connections.add(self)
 
     def connectionLost(self, reason):
         self._closed = True
+        self.factory.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -224,6 +226,14 @@ class QuotaStatusServer(Protocol):
             event="quota_status.timeout",
         )
         self._close()
+
+    def stop(self):
+        """
+        Close the connection for the server's stop (an answer under way
+        is not sent).
+        """
+        if not self._closed:
+            self._close()
 
     def _close(self):
         self._closed = True
@@ -435,6 +445,19 @@ class QuotaStatusFactory(Factory):
         self.hostname = hostname
         self.metrics = metrics
         self.refusals = RefusalLog(reactor)
+        #: the connections open (Postfix keeps its own for minutes)
+        self.connections = set()
+
+    def stopFactory(self):
+        """
+        The last listener stopped (the server stopping, after the mail
+        sessions' grace, before the store closes): the connections Postfix
+        keeps are closed too, rather than asked on of a store that is
+        closing; Postfix connects again, or answers as its
+        C{smtpd_policy_service_default_action} says.
+        """
+        for connection in list(self.connections):
+            connection.stop()
 
     def countAnswer(self, result):
         if self.metrics is not None:
