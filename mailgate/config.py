@@ -58,6 +58,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.factory import EVERY_NETWORK, coversEveryAddress
 from mailgate.smtp.policyservice import DEFAULT_NETWORKS as _QUOTA_STATUS_NETWORKS
 from mailgate.smtp.policyservice import DUNNO, checkAction
+from mailgate.smtp.envelope import DELIVERED_TO
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
 # ZERO_DAYS and ZERO_QUOTA: why a retention of 0 days and a quota of 0 are
@@ -1351,6 +1352,16 @@ SETTINGS = (
         defaultText="none", example="+",
     ),
     Setting(
+        "delivered-to", "deliveredTo", Choice(DELIVERED_TO), "final",
+        "Which Delivered-To: field SMTP and LMTP (and mailgate deliver with "
+        "--sender) put at the top of each recipient's copy, after its "
+        "Return-Path:, as Dovecot's lmtp_hdr_delivery_address: final names "
+        "the recipient as the client named it at RCPT (bob+lists@example.org, "
+        "an alias as the alias), for a POP3 user's client filters and "
+        "fetchmail's multidrop mode; none writes no such field.  A message "
+        "for several users is still stored once.",
+    ),
+    Setting(
         "quota-warning", "quotaWarnings", Integer(metavar="PERCENT", minimum=1, maximum=100), (),
         "A percentage of a user's quota (storage or messages): the delivery "
         "that brings the user's use to it puts a message into the user's "
@@ -1783,7 +1794,7 @@ LISTENER_SETTINGS = ("pop3", "pop3s", "smtp", "lmtp", "quota-status", "metrics")
 COMMAND_SETTINGS = frozenset({
     "default-quota", "expire-days", "keep-deleted-days", "quota-warning", "duplicate-window",
     "recipient-delimiter", "quota-exceeded", "hostname", "spool-directory", "postmaster", "domain",
-    "max-message-size",
+    "max-message-size", "delivered-to",
 })
 
 
@@ -2278,8 +2289,8 @@ EXAMPLE_HEADER = """\
 # connections open, the failures counted and the bans in force stay);
 # default-quota, quota-warning, expire-days, keep-deleted-days and
 # duplicate-window to the next delivery and the retention round the
-# reload starts; domain, postmaster, recipient-delimiter, quota-exceeded
-# and spool-directory to the recipients and messages after it;
+# reload starts; domain, postmaster, recipient-delimiter, delivered-to,
+# quota-exceeded and spool-directory to the recipients and messages after it;
 # smtp-soft-error-limit and smtp-error-sleep-time to the SMTP error
 # replies after it; login-delay, auth-cache-size and auth-cache-ttl to
 # the logins after it (a cache turned off forgets what it held);

@@ -113,7 +113,9 @@ ERROR_SETTINGS = {"smtp-soft-error-limit": "softErrorLimit", "smtp-error-sleep-t
 #: users it was told it would.  The node announces recipient-delimiter and
 #: quota-exceeded to the others sharing its database at once
 #: (L{RegistryService.announce}), which compare them with theirs.
-DELIVERY_SETTINGS = frozenset({"domain", "postmaster", "recipient-delimiter", "quota-exceeded", "spool-directory"})
+DELIVERY_SETTINGS = frozenset(
+    {"domain", "postmaster", "recipient-delimiter", "delivered-to", "quota-exceeded", "spool-directory"}
+)
 #: what POP3 checks a login with, which a SIGHUP applies to the logins
 #: checked after it: login-delay (the realm's check, and the LOGIN-DELAY
 #: CAPA lists from then on, to tell clients what they are checked
@@ -423,6 +425,7 @@ def _applyDelivery(delivery, config):
     delivery.domains = frozenset(d.lower() for d in config.domains) if config.domains else None
     delivery.postmaster = config.postmaster
     delivery.recipientDelimiter = config.recipientDelimiter or ""
+    delivery.deliveredTo = config.deliveredTo
     delivery.quotaExceeded = config.quotaExceeded
     # What was remembered of a domain or recipient was under the old
     # domains and delimiter.

@@ -1288,7 +1288,7 @@ def makeDelivery(store, config):
     """
     return LocalDelivery(
         store, config.domains or None, quotaExceeded=config.quotaExceeded, postmaster=config.postmaster,
-        recipientDelimiter=config.recipientDelimiter,
+        recipientDelimiter=config.recipientDelimiter, deliveredTo=config.deliveredTo,
     )
 
 

@@ -211,7 +211,7 @@ class Options(usage.Options):
         "failures after it (bans in force stay); default-quota, quota-warning, "
         "expire-days, keep-deleted-days and duplicate-window to the next "
         "delivery and retention round; domain, postmaster, recipient-delimiter, "
-        "quota-exceeded and spool-directory to the recipients and messages "
+        "delivered-to, quota-exceeded and spool-directory to the recipients and messages "
         "after it; smtp-soft-error-limit and smtp-error-sleep-time to the SMTP "
         "error replies after it; login-delay, auth-cache-size and "
         "auth-cache-ttl to the logins after it; hostname to sessions opened "

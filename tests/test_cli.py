@@ -1186,8 +1186,9 @@ def test_aClosedStandardErrorKeepsTheExitStatus(cli, monkeypatch):
 
 def test_deliverWithSenderAddsTraceFields(tmp_path):
     """
-    With -f, a local delivery gets the Return-Path: and Received: fields an
-    SMTP or LMTP delivery would, and the message after them byte for byte.
+    With -f, a local delivery gets the Return-Path:, Delivered-To: and
+    Received: fields an SMTP or LMTP delivery would, and the message after
+    them byte for byte.
     """
     import io
 
@@ -1213,9 +1214,11 @@ def test_deliverWithSenderAddsTraceFields(tmp_path):
     finally:
         store.close()
     assert lines[1] == "Return-Path: <bob@example.net>"
-    assert lines[2].startswith("Received: by ") and "(mailgate) with local id " in lines[2]
-    assert lines[3].startswith("\tfor <alice@example.org>; ")
-    assert lines[4:7] == ["Subject: hi", "", "body"]
+    # The copy's own Delivered-To: (delivered-to final, the default).
+    assert lines[2] == "Delivered-To: alice@example.org"
+    assert lines[3].startswith("Received: by ") and "(mailgate) with local id " in lines[3]
+    assert lines[4].startswith("\tfor <alice@example.org>; ")
+    assert lines[5:8] == ["Subject: hi", "", "body"]
 
 
 # -- bad input: one line and the right exit code, never "internal error" ------------

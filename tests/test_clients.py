@@ -385,6 +385,9 @@ class Client:
     #: whether it takes a message's Return-Path field for the envelope
     #: sender and writes it back above the fields it adds
     movesReturnPath = False
+    #: whether it writes the message's Delivered-To above its own fields
+    #: too (fetchmail, which reads it for the envelope recipient)
+    movesDeliveredTo = False
 
     def __init__(self, directory, server, certificate, user=ALICE):
         self.directory = directory
@@ -557,6 +560,7 @@ class Fetchmail(Client):
     added = ("Received",)
     marksAsItGoes = True
     movesReturnPath = True
+    movesDeliveredTo = True
 
     def argv(self, transport="stls", auth="any", user=None, password=ALICE_PW, keep=True, deliver=None, options=""):
         user = user or self.user
@@ -750,12 +754,17 @@ def test_keptMailIsFetchedOnceAndThenOnlyWhatIsNew(serveShared, makeClient, clie
     new = b"From: <sender@example.net>\r\nSubject: new\r\n\r\nnew\r\n.\r\n"
     sendBySMTP(server, alice, new)
     [stored] = client.fetch(keep=True)
-    # After the client's fields, the server's Received field (getmail
-    # takes its Return-Path for its own, fetchmail moves it above its
-    # own field), then what was sent.
-    added = ("Return-Path", *client.added) if client.movesReturnPath else client.added
-    served = withoutAddedFields(stored, added)
-    assert re.match(rb"(Return-Path: <sender@example.net>\r\n)?Received: from client.test ", served), served
+    # After the client's fields, the server's Delivered-To and Received
+    # fields (getmail takes its Return-Path for its own, fetchmail moves
+    # it and the Delivered-To above its own field), then what was sent.
+    moved = ("Return-Path",) * client.movesReturnPath + ("Delivered-To",) * client.movesDeliveredTo
+    served = withoutAddedFields(stored, (*moved, *client.added))
+    assert re.match(
+        rb"(Return-Path: <sender@example.net>\r\n)?(Delivered-To: %s\r\n)?Received: from client.test "
+        % re.escape(alice.encode()), served,
+    ), served
+    # The copy's Delivered-To names alice, wherever the client put it.
+    assert re.search(rb"(?m)^Delivered-To: %s\r?$" % re.escape(alice.encode()), stored), stored
     assert served.endswith(b"\r\n" + new), served
     assert client.fetch(keep=True) == []
     assert len(mailgate_cli.mailbox(alice)) == len(delivered) + 1
@@ -998,6 +1007,8 @@ def test_fetchmailMovesAMaildropIntoLMTPOctetForOctet(mailgate_server, mailgate_
     client.quit()
     fields = re.compile(
         rb"Return-Path: <sender@example\.net>\r\n"
+        # The copy's own, as mailgate's LMTP wrote it for carol.
+        rb"Delivered-To: carol@example\.org\r\n"
         rb"(Received: [^\r]*\r\n(?:\t[^\r]*\r\n)*)"
         rb"(Received: [^\r]*\r\n(?:\t[^\r]*\r\n)*)"
     )

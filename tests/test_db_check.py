@@ -60,7 +60,7 @@ def test_aSoundDatabaseIsSaidToBeSound(filledURL):
     code, out, err = mailgate(filledURL, "db", "check")
     assert (code, err) == (0, ""), out
     lines = out.splitlines()
-    assert lines[-1].endswith(": sound (11 checks)" if filledURL.startswith("sqlite") else ": sound (10 checks)")
+    assert lines[-1].endswith(": sound (12 checks)" if filledURL.startswith("sqlite") else ": sound (11 checks)")
     checks = [line for line in lines[:-1] if not line.startswith("PostgreSQL's own pages")]
     assert checks and all(line.endswith(": ok") for line in checks), out
     if filledURL.startswith("sqlite"):
@@ -272,7 +272,7 @@ def test_aCheckOnPostgreSQLTakesTheTimeItNeedsNotANodes(filledURL, monkeypatch):
     thread.join(DEADLINE)
     [(code, out, err)] = outcome
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (10 checks)")
+    assert out.splitlines()[-1].endswith(": sound (11 checks)")
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
@@ -298,7 +298,7 @@ def test_aCheckThatOutlastsItsTimeoutSaysWhichAndHowToGiveItLonger(filledURL):
         "within 1 second: give it longer with --timeout SECONDS (0: no limit)\n"
     )
     code, out, err = mailgate(filledURL, "db", "check", "--timeout", "0")
-    assert code == 0 and out.splitlines()[-1].endswith(": sound (10 checks)"), (out, err)
+    assert code == 0 and out.splitlines()[-1].endswith(": sound (11 checks)"), (out, err)
     for bad, why in (("soon", "not a number: 'soon'"), ("-1", "must not be negative"),
                      ("604801", "at most 604800 seconds (0: no limit)")):
         assert mailgate(filledURL, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
@@ -347,7 +347,7 @@ def test_aCheckWritesNothingAndARoleThatMayOnlyReadRunsIt(filledURL, monkeypatch
             admin.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (10 checks)")
+    assert out.splitlines()[-1].endswith(": sound (11 checks)")
 
 
 def test_aTemporaryFailureThatIsNoTimeoutIsSaidForWhatItIs(tmp_path, monkeypatch):
@@ -405,7 +405,7 @@ def test_aBackupIsCheckedAsItIsAndKeepsItsChecksum(filledURL, tmp_path):
     before = digest(backup)
     code, out, err = mailgate(f"sqlite:///{backup}", "db", "check", "--full")
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (11 checks)")
+    assert out.splitlines()[-1].endswith(": sound (12 checks)")
     assert mailgate(f"sqlite:///{backup}", "db", "version")[0] == 0
     assert digest(backup) == before
     assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]

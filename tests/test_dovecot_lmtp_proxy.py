@@ -119,11 +119,14 @@ def tracedTransactions(log):
 
 def belowMailgatesTrace(stored):
     """
-    A message mailgate stored, without the two fields it puts at the top
-    (C{Return-Path:} and its C{Received:}): what its client sent.
+    A message mailgate stored, without the three fields it puts at the top
+    (C{Return-Path:}, the copy's C{Delivered-To:} and its C{Received:}):
+    what its client sent.
     """
     match = re.match(
-        rb"Return-Path: [^\r\n]*\r\nReceived: from dovecot\.bench\.test [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", stored
+        rb"Return-Path: [^\r\n]*\r\nDelivered-To: [^\r\n]*\r\n"
+        rb"Received: from dovecot\.bench\.test [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
+        stored,
     )
     assert match, stored[:600]
     return stored[match.end():]

@@ -87,7 +87,9 @@ def test_theClientDovecotRelayedIsNamed(mailgate_server, mailgate_cli, dovecot):
         pop.quit()
     stored = b"\r\n".join(lines)
     assert re.match(
-        rb"Return-Path: <[^>]*>\r\nReceived: from mta\.example\.net \(\[127\.0\.0\.2\]\)\r\n\tby ", stored
+        rb"Return-Path: <[^>]*>\r\nDelivered-To: alice@example\.org\r\n"
+        rb"Received: from mta\.example\.net \(\[127\.0\.0\.2\]\)\r\n\tby ",
+        stored,
     ), stored[:400]
     assert stored.endswith(b"proxied by LMTP")
 

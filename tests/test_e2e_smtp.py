@@ -117,6 +117,10 @@ def splitTrace(stored):
     end = stored.index(b"\r\n")
     returnPath, rest = stored[:end], stored[end + 2:]
     assert returnPath.startswith(b"Return-Path: "), stored[:300]
+    # The copy's own Delivered-To: (--delivered-to final, the default):
+    # see deliveredToOf.
+    if rest.startswith(b"Delivered-To: "):
+        rest = rest[rest.index(b"\r\n") + 2:]
     assert rest.startswith(b"Received: "), stored[:300]
     lines = []
     while True:
@@ -150,12 +154,26 @@ def checkReceived(received, protocol, recipient=None, helo=CLIENT, byHost=SERVER
     return text
 
 
+def deliveredToOf(stored):
+    """
+    The address of the copy's C{Delivered-To:} field, right after its
+    C{Return-Path:} line (as Dovecot's LMTP puts it), or C{None}.
+    """
+    match = re.match(rb"Return-Path: [^\r\n]*\r\nDelivered-To: ([^\r\n]*)\r\n", stored)
+    return None if match is None else match.group(1).decode("utf-8")
+
+
 def assertDelivered(stored, sent, sender, protocol="ESMTP", recipient=None, **received):
     """
-    A stored copy is the sent octets plus exactly the two trace fields.
+    A stored copy is the sent octets plus exactly the three trace fields:
+    Return-Path:, the copy's Delivered-To: (naming the recipient, where
+    the test says which), Received:.
     """
     returnPath, receivedField, rest = splitTrace(stored)
     assert returnPath == f"Return-Path: <{sender}>".encode()
+    deliveredTo = deliveredToOf(stored)
+    assert deliveredTo is not None, stored[:300]
+    assert recipient is None or deliveredTo == recipient, stored[:300]
     checkReceived(receivedField, protocol, recipient, **received)
     assert len(rest) == len(sent)
     assert rest == sent

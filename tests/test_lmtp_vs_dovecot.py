@@ -1246,3 +1246,77 @@ def test_deliveredMessagesAreReadBack(servers):
         assert [withoutTrace(m) for m in raw[BOB]] == [sent], name
         assert raw[CAROL] == [], name
         assert raw[ALICE][0].lower().startswith(b"return-path: <sender@example.net>"), name
+
+
+def traceFieldsOf(stored):
+    """
+    The fields a server put at the top of a stored message, each unfolded
+    as C{(lower-cased name, value)}: those of L{TRACE_FIELDS}, in order.
+    """
+    fields = []
+    while stored[:20].lower().startswith(TRACE_FIELDS):
+        end = stored.find(b"\n")
+        while end >= 0 and stored[end + 1:end + 2] in (b" ", b"\t"):
+            end = stored.find(b"\n", end + 1)
+        field, stored = stored[:end + 1], stored[end + 1:]
+        name, _, value = field.partition(b":")
+        fields.append((name.lower(), value))
+    return fields
+
+
+def _topFields(servers, recipients, users):
+    """
+    Deliver one message to C{recipients} over each server's LMTP and read
+    it back by POP3 from each of C{users}: server name to user to the
+    trace fields at its top (L{traceFieldsOf}).
+    """
+    runId = servers.nextRun()
+    steps = delivery(*recipients)
+    tops = {}
+    for name, lmtpPort, pop3Port in (
+        ("dovecot", servers.dovecot.lmtpPort, servers.dovecot.pop3Port),
+        ("mailgate", servers.mailgate.portOf("LMTP"), servers.mailgate.port),
+    ):
+        result = run(lmtpPort, steps, runId)
+        assert [view(reply) for _, reply in result.exchanges][-1] == ["2xx"] * len(recipients), (name, result)
+        raw = {user: POP3(pop3Port, user).drain() for user in users}
+        assert all(len(messages) == 1 for messages in raw.values()), (name, raw)
+        tops[name] = {user: traceFieldsOf(messages[0]) for user, messages in raw.items()}
+    return tops
+
+
+def test_eachCopyNamesItsRecipientAsDovecotsDoes(servers):
+    """
+    Dovecot's LMTP (lmtp_hdr_delivery_address = final, its default) puts a
+    Delivered-To: field into the copy of a message for one recipient,
+    naming the recipient as the client named it at RCPT (with its
+    +detail), bare, after Return-Path: and before Received:; mailgate's
+    --delivered-to final (its default) writes the same field, octet for
+    octet, in the same place.
+    """
+    for named, user in (("alice+lists@example.org", ALICE), (BOB, BOB)):
+        tops = _topFields(servers, [named], [user])
+        dovecot, mailgate = tops["dovecot"][user], tops["mailgate"][user]
+        assert [f for f, _ in dovecot] == [b"return-path", b"delivered-to", b"received"], dovecot
+        assert [f for f, _ in mailgate] == [f for f, _ in dovecot], (user, dovecot, mailgate)
+        assert dovecot[1] == (b"delivered-to", b" " + named.encode() + b"\r\n"), dovecot
+        assert mailgate[:2] == dovecot[:2], (dovecot, mailgate)
+
+
+def test_aMessageForSeveralRecipientsNamesEachInItsCopy(servers):
+    """
+    Where mailgate differs on purpose (README, Moving from Dovecot): one
+    message for several recipients gets no Delivered-To: from Dovecot
+    2.3's LMTP (its lmtp_hdr_delivery_address is "none" for a transaction
+    of several recipients), while mailgate's per-copy fields name each
+    recipient in its own copy, as its one-recipient messages do: what an
+    MTA batching recipients (Postfix's lmtp_destination_recipient_limit)
+    would otherwise take from a POP3 user's filters.
+    """
+    recipients = ["alice+lists@example.org", BOB]
+    tops = _topFields(servers, recipients, [ALICE, BOB])
+    for user, named in zip((ALICE, BOB), recipients):
+        dovecot, mailgate = tops["dovecot"][user], tops["mailgate"][user]
+        assert [f for f, _ in dovecot] == [b"return-path", b"received"], dovecot
+        assert [f for f, _ in mailgate] == [b"return-path", b"delivered-to", b"received"], mailgate
+        assert mailgate[1] == (b"delivered-to", b" " + named.encode() + b"\r\n"), mailgate

@@ -66,7 +66,7 @@ def mailgate_cli(request, mailgate_server):
     return kind(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 _TRACE = re.compile(
-    rb"Return-Path: <[^\r\n]*>\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"
+    rb"Return-Path: <[^\r\n]*>\r\nDelivered-To: [^\r\n]*\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"
 )
 
 

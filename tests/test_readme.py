@@ -594,7 +594,9 @@ def test_thePostfixPipeTransportDelivers(tmp_path):
         assert (code, err) == (0, ""), (sender, out)
         code, message, err = command("--config", str(config), "mailbox", "show", "alice@example.org", str(n))
         returnPath = "<>" if sender == "MAILER-DAEMON" else f"<{sender}>"
-        assert message.startswith(f"Return-Path: {returnPath}\r\nReceived: "), message
+        assert message.startswith(
+            f"Return-Path: {returnPath}\r\nDelivered-To: alice@example.org\r\nReceived: "
+        ), message
 
 
 # -- Scaling out: HAProxy ----------------------------------------------------------------

@@ -104,6 +104,7 @@ LATER = {
     "domain": '["one.test", "two.test"]',
     "postmaster": '"admin@one.test"',
     "recipient-delimiter": '"+"',
+    "delivered-to": '"none"',
     "quota-exceeded": '"permanent"',
     "spool-directory": '"{tmp}"',
     "smtp-soft-error-limit": "3",
@@ -333,7 +334,10 @@ def test_everyKindOfSettingIsAppliedOrNamed(tmp_path):
 
         path.write_text(original)
         reloaded = server.reload()
-        assert sorted(reloaded["applied"]) == sorted({**LIVE, **SESSION, **POLICY, **LATER})
+        # All of them: more than the 50 items a JSON log line's list holds
+        # (mailgate.logs), so read from the line's summary.
+        applied = reloaded["summary"].removeprefix("applied ").split(", ")
+        assert sorted(applied) == sorted({**LIVE, **SESSION, **POLICY, **LATER})
         assert pop3sCertificate(server, ssl.TLSVersion.TLSv1_2) == "first.test"
         assert "USER" in capa(server)
         assert greeting(server).startswith("+OK first greeting")

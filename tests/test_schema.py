@@ -38,6 +38,7 @@ POLICY = {"auth_failures", "failing_addresses", "bans", "ban_version"}
 GROWING = {
     "mailboxes": "user_id",
     "maildrop": "user_id",
+    "maildrop_prefixes": "user_id",
     "bodies": "owner_id",
     "body_chunks": "owner_id",
     "deleted_mail": "user_id",

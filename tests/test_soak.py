@@ -70,7 +70,7 @@ FULL = f"user3@{DOMAIN}"
 QUOTA = 40_000
 
 _TRACE = re.compile(
-    rb"Return-Path: <[^\r\n]*>\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"
+    rb"Return-Path: <[^\r\n]*>\r\nDelivered-To: [^\r\n]*\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"
 )
 _MESSAGE_ID = re.compile(rb"^Message-ID: <([^>\r\n]+)>\r$", re.M | re.I)
 _CHECKSUM = re.compile(rb"\r\nSHA256=([0-9a-f]{64})\r\n\Z")

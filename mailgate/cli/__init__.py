@@ -415,6 +415,8 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
                 # Recipients are found as the server's LMTP finds them
                 # (deliver: postmaster@, details, the accepted domains).
                 args.recipientDelimiter = values.get("recipient-delimiter")
+                # Whether each recipient's copy names it (deliver --sender).
+                args.deliveredTo = values.get("delivered-to")
                 args.postmaster = values.get("postmaster")
                 args.domains = values.get("domain")
                 # How the server refuses a full mailbox (deliver's exit 77

@@ -166,16 +166,22 @@ def _deliver(store, args, out, stdin):
     sender = None if args.sender is None else _sender(args.sender)
     addresses, named, names = _recipients(store, args)
     trace = ()
+    prefixes = None
     if sender is not None:
         # Like the final delivery of SMTP and LMTP: where the message came
         # from, and that mailgate stored it.
         from mailgate.hostname import machineName
-        from mailgate.smtp.envelope import Envelope, traceHeaders
+        from mailgate.smtp.envelope import Envelope, copyPrefixes, traceHeaders
 
         envelope = Envelope(
             helo=None, peer=None, protocol="local", sender=sender, recipients=addresses, forwardPaths=named
         )
-        trace = traceHeaders(envelope, getattr(args, "hostname", None) or machineName())
+        # And, as Postfix's pipe flag D and the server's LMTP (the config
+        # file's delivered-to), each recipient's own Delivered-To:.
+        perCopy = (getattr(args, "deliveredTo", None) or "final") == "final"
+        trace = traceHeaders(envelope, getattr(args, "hostname", None) or machineName(), returnPath=not perCopy)
+        if perCopy:
+            prefixes = copyPrefixes(envelope)
     if stdin is None:
         # Started with standard input closed (<&-; Python gives it as
         # None): said as such, not as an internal error.  75 as deliver's
@@ -193,6 +199,8 @@ def _deliver(store, args, out, stdin):
         sender=None if getattr(args, "again", False) else sender or "",
         directory=getattr(args, "spoolDirectory", None),
     )
+    if prefixes is not None:
+        source.copyPrefixes = prefixes
     # The content as stored, without the trace fields (SMTP and LMTP count
     # it so); a last line without its end has been given one.
     if limit is not None and (stream.exceeded or source.size - sum(len(line) + 2 for line in trace) > limit):

@@ -83,6 +83,9 @@ class LocalDelivery:
         C{recipient_delimiter}): with C{"+"}, C{bob+lists@example.org} is
         bob@example.org's mail when there is no user of that whole name.
         C{None}: addresses are taken whole.
+    @param deliveredTo: C{--delivered-to}: C{"final"} gives each
+        recipient's copy its own C{Delivered-To:} field (see
+        L{mailgate.smtp.envelope.copyPrefixes}), C{"none"} none.
     @cvar knownLifetime: seconds a recipient (or domain) found in the store
         is accepted without asking it again.
     @cvar maxKnown: the bound on remembered recipients.
@@ -92,7 +95,7 @@ class LocalDelivery:
     maxKnown = 100000
 
     def __init__(self, store, domains=None, clock=time.monotonic, quotaExceeded="temporary", postmaster=None,
-                 recipientDelimiter=None):
+                 recipientDelimiter=None, deliveredTo="none"):
         if quotaExceeded not in ("temporary", "permanent"):
             raise ValueError(f"quotaExceeded must be 'temporary' or 'permanent', not {quotaExceeded!r}")
         self._store = store
@@ -105,6 +108,7 @@ class LocalDelivery:
         self.quotaExceeded = quotaExceeded
         self.postmaster = postmaster
         self.recipientDelimiter = recipientDelimiter or ""
+        self.deliveredTo = deliveredTo
 
     def mailboxFull(self, mailbox):
         """

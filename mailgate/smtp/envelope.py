@@ -166,7 +166,7 @@ def addressLiteral(host):
     return f"[{address}]"
 
 
-def traceHeaders(envelope, hostname, now=None, paths=None):
+def traceHeaders(envelope, hostname, now=None, paths=None, returnPath=True):
     """
     The C{Return-Path:} and C{Received:} fields the final delivery server
     prepends (RFC 5321 sections 4.4 and 4.1.1.4), as lines without their
@@ -174,6 +174,9 @@ def traceHeaders(envelope, hostname, now=None, paths=None):
 
     @param paths: the recipients as the client named them, for the
         C{for} clause; by default the envelope's.
+    @param returnPath: C{False} for the C{Received:} field alone: the
+        C{Return-Path:} then goes in each copy's own fields
+        (L{copyPrefixes}), before its C{Delivered-To:}.
     """
     now = time.time() if now is None else now
     peerHost = getattr(envelope.peer, "host", None)
@@ -198,19 +201,59 @@ def traceHeaders(envelope, hostname, now=None, paths=None):
         f"{forClause}; {date}"
     )
     sender = envelope.sender
-    return [
-        f"Return-Path: <{sender}>".encode("utf-8"),
-        *[line.encode("utf-8") for line in received.split("\r\n")],
-    ]
+    lines = [line.encode("utf-8") for line in received.split("\r\n")]
+    return [f"Return-Path: <{sender}>".encode("utf-8"), *lines] if returnPath else lines
 
 
-def traceOctets(envelope, hostname, mailbox):
+#: The values of C{--delivered-to} (Dovecot's C{lmtp_hdr_delivery_address}):
+#: a C{Delivered-To:} field naming the recipient as the client named it at
+#: RCPT, or none.
+DELIVERED_TO = ("final", "none")
+
+
+def deliveredTo(path):
+    """
+    The C{Delivered-To:} field naming C{path}, a recipient as the client
+    named it at RCPT (L{forwardPath}), as a line without its line end:
+    the address bare, as Dovecot's LMTP writes it.
+    """
+    return f"Delivered-To: {path}".encode("utf-8")
+
+
+def copyPrefixes(envelope):
+    """
+    Each recipient's own fields, put before the message stored once for
+    all of them (see L{mailgate.store.rows.PREFIX_COLUMNS}): its
+    C{Return-Path:} then its C{Delivered-To:}, in the order Dovecot's
+    LMTP writes them (the shared message then begins with the
+    C{Received:} field, L{traceHeaders} without C{returnPath}).
+
+    @return: a dict from each of the envelope's recipients (the users'
+        addresses the store is given) to octets; a user named twice
+        (C{bob+a} and C{bob+b}, stored once) is named as at the first RCPT.
+    """
+    returnPath = f"Return-Path: <{envelope.sender}>\r\n".encode("utf-8")
+    prefixes = {}
+    for address, path in zip(envelope.recipients, envelope.forwardPaths or envelope.recipients):
+        if address not in prefixes:
+            prefixes[address] = returnPath + deliveredTo(path) + b"\r\n"
+    return prefixes
+
+
+def traceOctets(envelope, hostname, mailbox, delivered="none"):
     """
     The octets the trace fields (L{traceHeaders}) add to the message of
     C{envelope} if C{mailbox} is taken as one more recipient: what a
     recipient's quota must hold beyond the size the client declares.  At
     most that: the C{for} clause is written for a message of one
     recipient only, and this may be the first of several.
+
+    @param delivered: C{--delivered-to}: with C{"final"}, the copy's
+        C{Delivered-To:} field (L{copyPrefixes}) counts too.
     """
-    paths = [*(envelope.forwardPaths or envelope.recipients), forwardPath(mailbox, mailbox)]
-    return sum(len(line) + 2 for line in traceHeaders(envelope, hostname, paths=paths))
+    path = forwardPath(mailbox, mailbox)
+    paths = [*(envelope.forwardPaths or envelope.recipients), path]
+    octets = sum(len(line) + 2 for line in traceHeaders(envelope, hostname, paths=paths))
+    if delivered == "final":
+        octets += len(deliveredTo(path)) + 2
+    return octets

@@ -480,7 +480,8 @@ class QuotaStatusFactory(Factory):
             sender=attributes.get("sender", ""),
             peerName=client if client and client != "unknown" else None,
         )
-        return size + traceOctets(envelope, self.hostname, recipient)
+        # And the copy's Delivered-To:, where LMTP will write one.
+        return size + traceOctets(envelope, self.hostname, recipient, getattr(self.delivery, "deliveredTo", "none"))
 
     def check(self, recipient, size, attributes):
         """

@@ -42,7 +42,15 @@ from mailgate.session.trace import startTrace
 from mailgate.smtp.chunks import BDATSyntaxError, ChunkedMessage, ChunkReader, parseBDAT
 from mailgate.smtp.data import DataReader
 from mailgate.smtp.delivery import MailboxFull, namedRecipients
-from mailgate.smtp.envelope import Envelope, SMTPReply, fieldText, forwardPath, traceHeaders, traceOctets
+from mailgate.smtp.envelope import (
+    Envelope,
+    SMTPReply,
+    copyPrefixes,
+    fieldText,
+    forwardPath,
+    traceHeaders,
+    traceOctets,
+)
 from mailgate.smtp.forwarding import (
     XCLIENT_ATTRIBUTES,
     XFORWARD_ATTRIBUTES,
@@ -1191,7 +1199,10 @@ class SMTPServer(CommandSession):
         # declared size alone, a recipient with room for that but not for
         # the fields was taken here and refused at the end of DATA, where
         # SMTP refuses the message for everyone, again at every retry.
-        size = int(declared) + traceOctets(envelope, self.hostname, mailbox) if declared else None
+        size = (
+            int(declared) + traceOctets(envelope, self.hostname, mailbox, self.factory.delivery.deliveredTo)
+            if declared else None
+        )
         d = self.factory.delivery.checkRecipient(mailbox, size)
 
         def accepted(address):
@@ -1435,7 +1446,13 @@ class SMTPServer(CommandSession):
         first.
         """
         spool = MessageSpool(directory=getattr(self.factory, "spoolDirectory", None))
-        spool.writeLines(traceHeaders(envelope, self.hostname))
+        # With --delivered-to final the Return-Path: goes in each copy's
+        # own fields, before its Delivered-To: (as Dovecot's LMTP writes
+        # them), and the message stored once begins with the Received:
+        # field.  Decided here for this message, whatever a reload changes
+        # before it ends.
+        spool.perCopyTrace = self.factory.delivery.deliveredTo == "final"
+        spool.writeLines(traceHeaders(envelope, self.hostname, returnPath=not spool.perCopyTrace))
         return spool
 
     def _deliveryKey(self, envelope):
@@ -1531,6 +1548,8 @@ class SMTPServer(CommandSession):
         if spool is None:
             return self._dataReplies(envelope, *self._contentFailed(envelope, content))
         started = self._elapsed()
+        if getattr(spool, "perCopyTrace", False):
+            spool.copyPrefixes = copyPrefixes(envelope)
         d = self.factory.delivery.deliver(envelope, spool, partial=self.lmtp)
         d.addCallbacks(
             self._delivered,

@@ -170,23 +170,40 @@ _MESSAGES_WITHOUT_BODY = (
 
 _MESSAGE_SIZES = (
     "messages and their sizes",
-    "SELECT u.address, x.uid, x.uidl, x.size, b.size, x.header_size, b.header_size, count(*) OVER () FROM ("
-    "SELECT user_id, uid, uidl, body_owner, body_id, size, header_size FROM maildrop "
-    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id, size, header_size FROM deleted_mail"
+    "SELECT u.address, x.uid, x.uidl, x.size, b.size, x.header_size, b.header_size, x.own, count(*) OVER () "
+    "FROM ("
+    "SELECT m.user_id, m.uid, m.uidl, m.body_owner, m.body_id, m.size, m.header_size, "
+    "coalesce(length(p.prefix), 0) AS own FROM maildrop m "
+    "LEFT JOIN maildrop_prefixes p ON p.user_id = m.user_id AND p.uid = m.uid "
+    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id, size, header_size, coalesce(length(prefix), 0) "
+    "FROM deleted_mail"
     ") x JOIN bodies b ON b.owner_id = x.body_owner AND b.body_id = x.body_id "
     "LEFT JOIN users u ON u.user_id = x.user_id "
-    "WHERE x.size <> b.size OR x.header_size <> b.header_size ORDER BY x.user_id, x.uid",
-    lambda address, uid, uidl, size, bodySize, headerSize, bodyHeaderSize: (
+    "WHERE x.size <> b.size + x.own OR x.header_size <> b.header_size + x.own ORDER BY x.user_id, x.uid",
+    lambda address, uid, uidl, size, bodySize, headerSize, bodyHeaderSize, own: (
         f"{address}: message uid {uid} ({uidl}) is recorded as {size} octets, {headerSize} of header; "
         f"its body has {bodySize}, {bodyHeaderSize} of header"
+        + (f", and its copy {own} octets of its own fields before it" if own else "")
     ),
-    # Every path that stores a message copies its body's sizes: POP3
+    # Every path that stores a message copies its body's sizes (plus its
+    # copy's own fields, L{mailgate.store.rows.PREFIX_COLUMNS}): POP3
     # lists the message's, and RETR and TOP read the body by them (a
     # larger one ends the session at a chunk that is not there).  The
     # storage use check sums the messages' sizes, so user recount would
     # only carry the wrong size into the quota.
     "messages whose recorded size is not their body's: POP3 lists the wrong size, and RETR or TOP of "
     "them fails or is cut short; restore the database (user recount does not set it right)",
+)
+
+_PREFIXES_WITHOUT_MESSAGE = (
+    "messages' own fields",
+    "SELECT p.user_id, p.uid, count(*) OVER () FROM maildrop_prefixes p "
+    "LEFT JOIN maildrop m ON m.user_id = p.user_id AND m.uid = p.uid "
+    "WHERE m.uid IS NULL ORDER BY p.user_id, p.uid",
+    lambda userId, uid: f"user number {userId}: fields of a copy (Delivered-To:) for uid {uid}, no such message",
+    # Removed with their message by every path that removes one; left by
+    # hand, they are storage nothing reads.
+    "copies' own fields of no message: storage nothing uses",
 )
 
 _BODY_REFERENCES = (
@@ -262,6 +279,7 @@ INVARIANTS = (
     _MESSAGES_WITHOUT_USER,
     _MESSAGES_WITHOUT_BODY,
     _MESSAGE_SIZES,
+    _PREFIXES_WITHOUT_MESSAGE,
     _BODY_REFERENCES,
     _BODY_CHUNKS,
     _CHUNKS_WITHOUT_BODY,

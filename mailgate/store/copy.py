@@ -102,12 +102,14 @@ _TABLES = [
             "dot_lines", "dot_at",
         ),
     ),
+    # Each copy's own fields (Delivered-To:), counted in its maildrop row.
+    ("maildrop_prefixes", ("user_id", "uid"), ("user_id", "uid", "prefix")),
     (
         "deleted_mail",
         ("user_id", "uid"),
         (
             "user_id", "uid", "uidl", "body_owner", "body_id", "size", "header_size", "arrived_at",
-            "deleted_at", "deleted_by", "deleted_by_master",
+            "deleted_at", "deleted_by", "deleted_by_master", "prefix",
         ),
     ),
     ("imported_ids", ("user_id", "uidl"), ("user_id", "uidl", "size", "digest", "imported_at", "source")),
@@ -132,6 +134,7 @@ _USER_ID_COLUMNS = {
     "mailboxes": ("user_id",),
     "bodies": ("owner_id",),
     "maildrop": ("user_id", "body_owner"),
+    "maildrop_prefixes": ("user_id",),
     "deleted_mail": ("user_id", "body_owner"),
     "imported_ids": ("user_id",),
     "recent_deliveries": ("user_id",),

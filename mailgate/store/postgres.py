@@ -1402,7 +1402,7 @@ def _text(value):
 
 
 def _openedRow(row):
-    uid, owner, bodyId, size, headerSize, dotLines, dotAt, data = row
+    uid, owner, bodyId, size, headerSize, dotLines, dotAt, data, prefix = row
     return (
         _integer(uid),
         _integer(owner),
@@ -1412,6 +1412,7 @@ def _openedRow(row):
         _integer(dotLines),
         dotAt,
         data,
+        prefix,
     )
 
 

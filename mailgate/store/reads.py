@@ -29,16 +29,24 @@ CHUNK_SIZE = 128 * 1024
 # chunks' lengths, not their contents (neither engine reads a value to
 # know its length), so the candidates past the budget cost next to nothing.
 OPEN = (
-    "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, c.data "
-    "FROM (SELECT m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, "
+    "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, c.data, p.prefix "
+    "FROM (SELECT m.user_id, m.uid, m.body_owner, m.body_id, m.size, m.header_size, m.dot_lines, m.dot_at, "
     "SUM(COALESCE(length(f.data), 0)) OVER (ORDER BY m.uid {order}) AS running "
     "FROM maildrop m LEFT JOIN body_chunks f "
     "ON f.owner_id = m.body_owner AND f.body_id = m.body_id AND f.seq = 0 "
     "WHERE m.user_id = {user} AND m.uid {inUids}) r "
     "LEFT JOIN body_chunks c "
     "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
+    "LEFT JOIN maildrop_prefixes p ON p.user_id = r.user_id AND p.uid = r.uid "
     "WHERE r.running <= {budget} OR r.uid = {first}"
 )
+
+# Each statement also gives the copy's own octets before the shared body
+# (its Return-Path: and Delivered-To: fields; NULL for none: see
+# mailgate.store.rows.PREFIX_COLUMNS), one probe of that table's key per
+# message.  maildrop.size and header_size count them, so the header taken
+# below (header_size octets of the body) holds the body's header and a
+# few octets more, cut by openedMessages once the prefix is put before it.
 
 # For TOP n 0: the headers' octets, while they add up to the budget, summed
 # in the order the messages are read ({order}: ASC for a client going
@@ -48,12 +56,13 @@ OPEN = (
 OPEN_HEADERS = (
     "SELECT r.uid, r.body_owner, r.body_id, r.size, r.header_size, r.dot_lines, r.dot_at, "
     f"CASE WHEN r.header_size <= {CHUNK_SIZE} "
-    "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END "
-    "FROM (SELECT uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
+    "THEN substr(c.data, 1, CAST(r.header_size AS INTEGER)) ELSE c.data END, p.prefix "
+    "FROM (SELECT user_id, uid, body_owner, body_id, size, header_size, dot_lines, dot_at, "
     "SUM(header_size) OVER (ORDER BY uid {order}) AS running "
     "FROM maildrop WHERE user_id = {user} AND uid {inUids}) r "
     "LEFT JOIN body_chunks c "
     "ON c.owner_id = r.body_owner AND c.body_id = r.body_id AND c.seq = 0 "
+    "LEFT JOIN maildrop_prefixes p ON p.user_id = r.user_id AND p.uid = r.uid "
     "WHERE r.running <= {budget} OR r.uid = {first}"
 )
 
@@ -136,8 +145,10 @@ def openedMessages(rows, uids, headerOnly):
     L{OPEN_HEADERS}, in any order.
 
     @return: a list of C{(uid, (owner, bodyId, size, headerSize, first,
-        needsStuffing, dotOffsets))}, in the order of C{uids}, the requested
-        message first (C{needsStuffing} is false only for a message known
+        needsStuffing, dotOffsets, prefix))}, in the order of C{uids}, the
+        requested message first (C{size}, C{headerSize}, C{first} and
+        C{dotOffsets} are the copy's, its C{prefix} octets, C{b""} for
+        none, before the shared body's) (C{needsStuffing} is false only for a message known
         to have no line starting with "."; see L{unpackOffsets}); it stops
         before the first message that has vanished or is damaged (empty if
         the requested one has).
@@ -150,7 +161,7 @@ def openedMessages(rows, uids, headerOnly):
         row = rows.get(uid)
         if row is None:
             break
-        owner, bodyId, size, headerSize, dotLines, dotAt, data = row
+        owner, bodyId, size, headerSize, dotLines, dotAt, data, prefix = row
         # TOP n 0 wants the header's octets and nothing more; a message
         # longer than a chunk stores its header as its first chunk.
         length = headerSize if headerOnly and headerSize <= CHUNK_SIZE else size
@@ -162,11 +173,30 @@ def openedMessages(rows, uids, headerOnly):
             break  # a damaged message further on must not fail this one
         else:
             first = bytes(data)
+            if prefix is not None:
+                first = bytes(prefix) + first
             if length < size:
                 first = first[:length]
                 size = length
-        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0, unpackOffsets(dotLines, dotAt))))
+        offsets = unpackOffsets(dotLines, dotAt)
+        if prefix is None:
+            prefix = b""
+        else:
+            prefix = bytes(prefix)
+            offsets = shiftedOffsets(offsets, len(prefix))
+        opened.append((uid, (owner, bodyId, size, headerSize, first, dotLines != 0, offsets, prefix)))
     return opened
+
+
+def shiftedOffsets(offsets, by):
+    """
+    The dot-line offsets of a body (L{unpackOffsets}) in a copy that has
+    C{by} octets before it: its own fields, which begin no line with ".".
+    Work for the dot lines alone (none for most messages).
+    """
+    if not offsets:
+        return offsets
+    return array(_OFFSET, [offset + by for offset in offsets])
 
 
 def _readChunks(cursor, owner, bodyId, seq, count):

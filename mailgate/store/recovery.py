@@ -16,6 +16,7 @@ from mailgate.store.limits import StoreLimits, quotaCrossed
 from mailgate.store.paging import stillListed
 from mailgate.store.rows import (
     MAILDROP_COLUMNS,
+    PREFIX_COLUMNS,
     batches,
     formatUniqueId,
     insertRows,
@@ -75,8 +76,18 @@ def _keepDeleted(cursor, userId, uids, now, peer, master=None):
             f"RETURNING {', '.join(MAILDROP_COLUMNS)}",
             (userId, *batch),
         )
-        kept += [(*row, now, peer, master) for row in cursor.fetchall()]
-    insertRows(cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by", "deleted_by_master"), kept)
+        rows = cursor.fetchall()
+        # Each copy's own fields (Delivered-To:) go with it, for a restore.
+        cursor.execute(
+            f"DELETE FROM maildrop_prefixes WHERE user_id = ? AND uid IN ({placeholders(len(batch))}) "
+            "RETURNING uid, prefix",
+            (userId, *batch),
+        )
+        prefixes = {uid: bytes(prefix) for uid, prefix in cursor.fetchall()}
+        kept += [(*row, now, peer, master, prefixes.get(row[1])) for row in rows]
+    insertRows(
+        cursor, "deleted_mail", MAILDROP_COLUMNS + ("deleted_at", "deleted_by", "deleted_by_master", "prefix"), kept
+    )
     removed = len(kept)
     octets = sum(row[5] for row in kept)
     if removed:
@@ -117,7 +128,7 @@ def _deletedPage(cursor, address, position, limit):
     return (userId, rows[-1][0] if rows else after), [row[1:] for row in rows]
 
 
-_DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at"
+_DELETED_COLUMNS = "uid, uidl, body_owner, body_id, size, header_size, arrived_at, prefix"
 
 
 def _restoreBound(cursor, address, now):
@@ -257,6 +268,10 @@ def _restoreSome(cursor, address, uidls, since, asNew, now, limit=None, until=No
         for n, row in enumerate(rows)
     ]
     insertRows(cursor, "maildrop", MAILDROP_COLUMNS, entries)
+    insertRows(
+        cursor, "maildrop_prefixes", PREFIX_COLUMNS,
+        [(userId, entry[1], bytes(row[7])) for row, entry in zip(rows, entries) if row[7] is not None],
+    )
     octets = sum(row[4] for row in rows)
     octetLimit, messageLimit, warnings = quota
     cursor.execute(

@@ -63,6 +63,11 @@ def removeMessages(cursor, userId, uids):
         for owner, bodyId, size in cursor.fetchall():
             references[(owner, bodyId)] += 1
             octets += size
+        # Their copies' own fields, if they had any (see PREFIX_COLUMNS).
+        cursor.execute(
+            f"DELETE FROM maildrop_prefixes WHERE user_id = ? AND uid IN ({placeholders(len(batch))})",
+            (userId, *batch),
+        )
     if references:
         releaseUsage(cursor, userId, sum(references.values()), octets)
     releaseBodies(cursor, references)
@@ -241,6 +246,22 @@ IMPORTED_COLUMNS = ("user_id", "uidl", "size", "digest", "imported_at", "source"
 # What a delivery or an import writes: the above, and whether the message
 # has lines to dot-stuff.
 DELIVERED_COLUMNS = MAILDROP_COLUMNS + ("dot_lines", "dot_at")
+# A copy's own octets before the body it shares with the other recipients'
+# copies (its Return-Path: and Delivered-To: fields): a row only for a
+# copy that has them, keyed as its maildrop row, which counts them in its
+# size and header_size.  Apart from maildrop, whose every row the login's
+# listing reads (see schema migration 20).
+PREFIX_COLUMNS = ("user_id", "uid", "prefix")
+
+
+def copyPrefixesOf(source):
+    """
+    What each recipient's copy of C{source} has before the shared body: a
+    dict from the recipient's address (as given to
+    L{mailgate.interfaces.IMailStore.deliver}) to octets, from the
+    source's C{copyPrefixes} (empty: none, every copy is the body alone).
+    """
+    return getattr(source, "copyPrefixes", None) or {}
 
 
 def dotLineColumns(source):

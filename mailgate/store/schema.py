@@ -488,6 +488,34 @@ MIGRATIONS = [
             "ALTER TABLE deleted_mail ADD COLUMN deleted_by_master TEXT",
         ],
     ),
+    Migration(
+        20,
+        "each recipient's own header fields (Delivered-To:), before a body stored once for all of them",
+        [
+            # The octets a copy of a message has before its shared body
+            # (mailgate.store.prefixes): "Return-Path: <...>\r\n
+            # Delivered-To: ...\r\n", as Dovecot's LMTP writes them into
+            # each recipient's copy.  A table of its own, keyed like
+            # maildrop, not a column of maildrop: the login's listing
+            # (mailgate.store.snapshot) reads every maildrop row of the
+            # user, and 70 more octets in each made the listing of
+            # 100,000 messages take 65 ms instead of 42 on SQLite (the
+            # table 1.75 times as large).  maildrop.size and header_size
+            # count these octets.  No row: the copy has none (every
+            # message stored before, imported or restored without one).
+            """
+            CREATE TABLE maildrop_prefixes (
+                user_id {bigint} NOT NULL,
+                uid {bigint} NOT NULL,
+                prefix {blob} NOT NULL,
+                PRIMARY KEY (user_id, uid)
+            ) {without_rowid}
+            """,
+            # A deleted message kept for recovery keeps its copy's octets
+            # with it, and a restore puts them back; NULL: none.
+            "ALTER TABLE deleted_mail ADD COLUMN prefix {blob}",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1].version
@@ -504,7 +532,7 @@ TABLE_PRIVILEGES = {
             "users", "mailboxes", "bodies", "body_chunks", "maildrop", "auth_failures",
             "failing_addresses", "bans", "ban_version", "deleted_mail", "mailgate_nodes",
             "pop3_sessions", "imported_ids", "shared_secrets", "recent_deliveries", "aliases",
-            "master_users",
+            "master_users", "maildrop_prefixes",
         ),
         READ_WRITE,
     ),

@@ -32,9 +32,11 @@ from mailgate.store.rows import (
     BODY_COLUMNS,
     CHUNK_COLUMNS,
     DELIVERED_COLUMNS,
+    PREFIX_COLUMNS,
     ROWS_PER_INSERT,
     batches,
     bodyPieces,
+    copyPrefixesOf,
     deliveryKeyConditions,
     dotLineColumns,
     formatUniqueId,
@@ -206,6 +208,7 @@ def _userRow(address, credentials, now):
 _HOLDING_USER_IDS = (
     ("mailboxes", "user_id"),
     ("maildrop", "user_id"),
+    ("maildrop_prefixes", "user_id"),
     ("deleted_mail", "user_id"),
     ("bodies", "owner_id"),
     ("imported_ids", "user_id"),
@@ -542,10 +545,14 @@ EXPORT_PAGE = 1000
 def _exportedPage(cursor, address, position, limit):
     """
     A page of a maildrop's listing for an export (L{_maildropPage}):
-    C{(size, uidl, arrived, body owner, body id, header size)} each.
+    C{(size, uidl, arrived, body owner, body id, header size, prefix)}
+    each, the prefix the copy's own octets before its body (C{None}: none).
     """
     return _maildropPage(
-        cursor, "size, uidl, arrived_at, body_owner, body_id, header_size", address, position, limit
+        cursor,
+        "size, uidl, arrived_at, body_owner, body_id, header_size, "
+        "(SELECT p.prefix FROM maildrop_prefixes p WHERE p.user_id = maildrop.user_id AND p.uid = maildrop.uid)",
+        address, position, limit,
     )
 
 
@@ -685,13 +692,15 @@ def _takeUids(cursor, wanted, octets=None, now=0, addresses=None, quota=NO_QUOTA
     return taken, full, warn
 
 
-def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUOTA):
+def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUOTA, extras=None):
     """
     Resolve the recipients of one or more messages and take a uid for each
     delivery.
 
     @param addressLists: one list of distinct addresses per message.
     @param sizes: the size of each message, for the recipients' quotas.
+    @param extras: per message, address to the octets its copy has
+        beyond the shared body (see L{copyPrefixesOf}), or C{None}.
     @return: C{(known, taken, full, warn)}: address to user id for the
         recipients that exist, user id to C{(first uid, uid validity)}
         (each user gets one uid per message it is a recipient of, from the
@@ -699,16 +708,17 @@ def _recipientsOf(cursor, addressLists, userIds, sizes=None, now=0, quota=NO_QUO
         those to warn of their use (see L{_takeUids}).
     """
     sizes = sizes or [0] * len(addressLists)
+    extras = extras or [{}] * len(addressLists)
     everyone = list(dict.fromkeys(a for addresses in addressLists for a in addresses))
     known = _userIdsOf(cursor, everyone, userIds)
 
     def needs(wanted):
         counts, octets = Counter(), Counter()
-        for addresses, size in zip(addressLists, sizes):
+        for addresses, size, extra in zip(addressLists, sizes, extras):
             for a in addresses:
                 if a in wanted and a in known:
                     counts[known[a]] += 1
-                    octets[known[a]] += size
+                    octets[known[a]] += size + len(extra.get(a, b""))
         return counts, octets
 
     counts, octets = needs(set(everyone))
@@ -827,14 +837,15 @@ def _deliverMessages(cursor, engine, messages, userIds, quota=NO_QUOTA, window=0
     again = _alreadyDelivered(cursor, engine, messages, userIds, window)
     addressLists = [[a for a in dict.fromkeys(m[0]) if a not in again.get(i, ())] for i, m in enumerate(messages)]
     sizes = [m[1].size for m in messages]
+    prefixes = [copyPrefixesOf(m[1]) for m in messages]
     known, taken, full, warn = _recipientsOf(
-        cursor, addressLists, userIds, sizes, min(m[2] for m in messages), quota
+        cursor, addressLists, userIds, sizes, min(m[2] for m in messages), quota, prefixes
     )
     if full and len(messages) > 1:
         raise _Separately()
     nextUid = {userId: first for userId, (first, _) in taken.items()}
     outcomes = []
-    bodies, chunks, entries, remembered = [], [], [], []
+    bodies, chunks, entries, remembered, copies = [], [], [], [], []
     pending = 0
     for i, ((addresses, source, now, partial), unique) in enumerate(zip(messages, addressLists)):
         results = dict(again.get(i, {}))
@@ -869,15 +880,22 @@ def _deliverMessages(cursor, engine, messages, userIds, quota=NO_QUOTA, window=0
             uid = nextUid[userId]
             nextUid[userId] = uid + 1
             uidl = formatUniqueId(uid, taken[userId][1])
+            # The copy's own fields before the shared body: counted in its
+            # size and header (what LIST shows and the quota holds).
+            prefix = prefixes[i].get(address, b"")
             entries.append(
-                (userId, uid, uidl, owner, bodyId, source.size, source.headerSize, now, *dotColumns)
+                (userId, uid, uidl, owner, bodyId, source.size + len(prefix), source.headerSize + len(prefix), now,
+                 *dotColumns)
             )
+            if prefix:
+                copies.append((userId, uid, prefix))
             if key:
                 remembered.append((userId, key, uidl, now))
             results[address] = uidl
     insertRows(cursor, "bodies", BODY_COLUMNS, bodies)
     insertRows(cursor, "body_chunks", CHUNK_COLUMNS, chunks)
     insertRows(cursor, "maildrop", DELIVERED_COLUMNS, entries)
+    insertRows(cursor, "maildrop_prefixes", PREFIX_COLUMNS, copies)
     _rememberDeliveries(cursor, remembered)
     if warn:
         addressOf = {userId: address for address, userId in known.items()}
@@ -1144,9 +1162,12 @@ class SQLMailStore(lifecycle.LifecycleStore):
         was read is not listed, and its followers are numbered without
         it), their first chunks read ahead together.
         """
-        ahead = _ExportReadAhead(self.database, [(owner, bodyId, size) for size, _, _, owner, bodyId, _ in rows])
-        for index, (size, uidl, arrived, owner, bodyId, headerSize) in enumerate(rows):
-            body = _ExportedBody(ahead, index, self.reads, owner, bodyId, size, headerSize, b"")
+        ahead = _ExportReadAhead(self.database, [(owner, bodyId, size) for size, _, _, owner, bodyId, _, _ in rows])
+        for index, (size, uidl, arrived, owner, bodyId, headerSize, prefix) in enumerate(rows):
+            body = _ExportedBody(
+                ahead, index, self.reads, owner, bodyId, size, headerSize, b"", True, None,
+                b"" if prefix is None else bytes(prefix),
+            )
             yield ExportedMessage(before + index + 1, size, uidl, arrived, body)
 
     def deliver(self, addresses, source, partial=True):
@@ -1453,15 +1474,15 @@ def _headerOf(row):
     one read ahead with the others without another trip.
 
     @param row: a message's C{(owner, bodyId, size, headerSize, first,
-        needsStuffing, dotOffsets)} (see L{reads.openedMessages}), or
-        C{None}.
+        needsStuffing, dotOffsets, prefix)} (see L{reads.openedMessages}),
+        or C{None}.
     @return: the row L{reads.openedMessages} gives for its header alone
         (cut the same way), or C{None} if C{row} is C{None} or its first
         piece does not hold the whole header.
     """
     if row is None:
         return None
-    owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets = row
+    owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets, prefix = row
     if headerSize > CHUNK_SIZE or len(first) < min(headerSize, size):
         return None
     if not headerSize:
@@ -1469,7 +1490,7 @@ def _headerOf(row):
     elif headerSize < size:
         first = first[:headerSize]
         size = headerSize
-    return owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets
+    return owner, bodyId, size, headerSize, first, needsStuffing, dotOffsets, prefix
 
 
 @implementer(IMessageBody)
@@ -1478,14 +1499,26 @@ class SQLMessageBody:
     A message read a few chunks at a time (L{chunksPerRead} × 128 KiB per
     trip to the database), so a 50 MB message streams through in bounded
     memory.
+
+    A copy with octets of its own before the body it shares with the
+    other recipients' copies (its C{prefix}: see
+    L{mailgate.store.rows.PREFIX_COLUMNS}) is one message all the same:
+    C{size}, C{headerSize}, C{dotOffsets} and C{first} are the copy's
+    (L{mailgate.store.reads.openedMessages} put the prefix before the first
+    chunk), and a body read from its start puts it before chunk 0.
     """
 
     chunksPerRead = 4
 
-    def __init__(self, reads, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None):
+    def __init__(
+        self, reads, owner, bodyId, size, headerSize, first, needsStuffing=True, dotOffsets=None, prefix=b""
+    ):
         """
         @param reads: the store's L{mailgate.interfaces.IMessageReads}.
+        @param prefix: the copy's own octets before the body, already in
+            C{first} if C{first} was read.
         """
+        self._prefix = prefix
         self._reads = reads
         self._owner = owner
         self._bodyId = bodyId
@@ -1527,6 +1560,8 @@ class SQLMessageBody:
             # A chunk missing in the middle ends what this trip returns;
             # the next read asks for it again, and fails if it is gone.
             self._seq = seq + len(chunks)
+            if not seq and self._prefix:
+                chunks[0] = self._prefix + chunks[0]
             chunks.reverse()
             self._pending = chunks
             chunk = chunks.pop()
@@ -1603,7 +1638,7 @@ class _ExportedBody(SQLMessageBody):
 
         def got(first):
             if first is not None:
-                self._pending = [first]
+                self._pending = [self._prefix + first if self._prefix else first]
                 self._seq = 1
             # Else chunk 0 is asked for again, and its absence reported.
             return SQLMessageBody.read(self)
