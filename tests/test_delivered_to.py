@@ -248,6 +248,11 @@ def test_restoreExportAndCopyKeepEachCopysFields(server, mailgate_cli, tmp_path,
     (name,) = os.listdir(exported / "cur")
     assert (exported / "cur" / name).read_bytes() == before[ALICE]
     assert f",S={len(before[ALICE])}," in name
+    # Imported back (a resumed import): the very message it holds under
+    # that unique id, its own fields and all; not another one.
+    out = mailgate_cli.check("import", "maildir", str(exported), ALICE)
+    assert "1 skipped as already present" in out, out
+    assert len(mailgate_cli.mailbox(ALICE)) == 1
 
     other = f"sqlite:///{tmp_path / 'other.sqlite3'}" if url.startswith("postgresql") else postgresURL
     back = f"sqlite:///{tmp_path / 'back.sqlite3'}"

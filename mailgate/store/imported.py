@@ -63,40 +63,55 @@ def _presentBodies(cursor, userId, uidls):
     """
     What a user's maildrop holds (or keeps deleted) under each of
     C{uidls} it has: unique id to a list of C{(size, owner, body id,
-    None)}; or, for an id an earlier import brought in whose message is
-    gone since, C{[(size, None, None, SHA-256 of its octets)]}.
+    None, prefix)} (the copy's own octets before its body, C{b""} for
+    none: see L{mailgate.store.rows.PREFIX_COLUMNS}); or, for an id an
+    earlier import brought in whose message is gone since, C{[(size,
+    None, None, SHA-256 of its octets, b"")]}.
     """
     present = {}
     for batch in batches(sorted(set(uidls))):
         marks = placeholders(len(batch))
         for table in ("maildrop", "deleted_mail"):
             cursor.execute(
-                f"SELECT uidl, size, body_owner, body_id FROM {table} WHERE user_id = ? AND uidl IN ({marks})",
+                f"SELECT uidl, size, body_owner, body_id, {_PREFIX_OF[table]} FROM {table} "
+                f"WHERE user_id = ? AND uidl IN ({marks})",
                 (userId, *batch),
             )
-            for uidl, size, owner, bodyId in cursor.fetchall():
-                present.setdefault(uidl, []).append((size, owner, bodyId, None))
+            for uidl, size, owner, bodyId, prefix in cursor.fetchall():
+                present.setdefault(uidl, []).append((size, owner, bodyId, None, bytes(prefix or b"")))
         cursor.execute(
             f"SELECT uidl, size, digest FROM imported_ids WHERE user_id = ? AND uidl IN ({marks})",
             (userId, *batch),
         )
         for uidl, size, digest in cursor.fetchall():
             if uidl not in present:
-                present[uidl] = [(size, None, None, bytes(digest))]
+                present[uidl] = [(size, None, None, bytes(digest), b"")]
     return present
 
 
 def _existingUidls(cursor, address, uidls):
     present = _presentBodies(cursor, _userId(cursor, address), uidls)
-    return {uidl: {size for size, _, _, _ in bodies} for uidl, bodies in present.items()}
+    return {uidl: {size for size, *_ in bodies} for uidl, bodies in present.items()}
 
 
-def _storedDigest(cursor, owner, bodyId, size):
+#: A message's own octets before its body, as a column of each table
+#: holding messages (L{mailgate.store.rows.PREFIX_COLUMNS}).
+_PREFIX_OF = {
+    "maildrop": (
+        "(SELECT p.prefix FROM maildrop_prefixes p WHERE p.user_id = maildrop.user_id AND p.uid = maildrop.uid)"
+    ),
+    "deleted_mail": "prefix",
+}
+
+
+def _storedDigest(cursor, owner, bodyId, size, prefix=b""):
     """
-    The SHA-256 of a stored body, read a few chunks at a time.
+    The SHA-256 of a stored message of C{size} octets, C{prefix} (its
+    copy's own fields) then its body, read a few chunks at a time.
     """
-    digest = hashlib.sha256()
-    seq = read = 0
+    digest = hashlib.sha256(prefix)
+    seq = 0
+    read = len(prefix)
     while read < size:
         for chunk in _readChunks(cursor, owner, bodyId, seq, 8):
             digest.update(chunk)
@@ -120,14 +135,14 @@ def _conflictWith(cursor, stored, source):
     mailbox) can have given it to other mail, and an importer deletes
     from its source what is already present.
     """
-    sizes = [size for size, _, _, _ in stored]
+    sizes = [size for size, *_ in stored]
     if source.size not in sizes:
         return (
             f"the maildrop already has another message under this unique id "
             f"({' or '.join(map(str, sizes))} octets, this one {source.size})"
         )
     digest = _sourceDigest(source)
-    for size, owner, bodyId, importedDigest in stored:
+    for size, owner, bodyId, importedDigest, prefix in stored:
         if size != source.size:
             continue
         if importedDigest is not None:
@@ -139,7 +154,7 @@ def _conflictWith(cursor, stored, source):
                 f"an earlier import brought in another message of the same size ({size} octets) "
                 f"under this unique id"
             )
-        if _storedDigest(cursor, owner, bodyId, size) == digest:
+        if _storedDigest(cursor, owner, bodyId, size, prefix) == digest:
             return None
     return f"the maildrop already has another message of the same size ({source.size} octets) under this unique id"
 
@@ -325,18 +340,18 @@ def _rememberHeld(cursor, userId, source, uidls):
     for table in ("deleted_mail", "maildrop"):
         # The message the maildrop holds wins over one kept deleted.
         cursor.execute(
-            f"SELECT uidl, size, body_owner, body_id FROM {table} "
+            f"SELECT uidl, size, body_owner, body_id, {_PREFIX_OF[table]} FROM {table} "
             f"WHERE user_id = ? AND uidl IN ({placeholders(len(missing))})",
             (userId, *missing),
         )
-        for uidl, size, owner, bodyId in cursor.fetchall():
-            held[uidl] = (size, owner, bodyId)
+        for uidl, size, owner, bodyId, prefix in cursor.fetchall():
+            held[uidl] = (size, owner, bodyId, bytes(prefix or b""))
     now = int(time.time())
     insertRows(
         cursor, "imported_ids", IMPORTED_COLUMNS,
         [
-            (userId, uidl, size, _storedDigest(cursor, owner, bodyId, size), now, source)
-            for uidl, (size, owner, bodyId) in sorted(held.items())
+            (userId, uidl, size, _storedDigest(cursor, owner, bodyId, size, prefix), now, source)
+            for uidl, (size, owner, bodyId, prefix) in sorted(held.items())
         ],
     )
     return len(held)
