@@ -74,7 +74,10 @@ class IMessageSource(Interface):
 
 class IMessageBody(Interface):
     """
-    One message opened for reading by a POP3 session.
+    One message opened for reading by a POP3 session: one recipient's
+    copy, its own fields (its C{Return-Path:} and C{Delivered-To:}, where
+    it has them) and the body it shares with the other recipients' copies
+    together, every attribute the copy's.
     """
 
     size = Attribute("Length in octets (CRLF line ends, before dot-stuffing).")

@@ -475,3 +475,29 @@ def test_aPrefixedCopyIsOneMessageToTheStore(tmp_path):
         assert store.database.run(lambda cursor: cursor.execute("SELECT count(*) FROM bodies").fetchall()) == [(1,)]
     finally:
         store.close()
+
+
+def test_dbCheckFindsFieldsOfNoMessage(tmp_path):
+    """
+    A copy's own fields left behind by hand (their message removed with
+    SQL): db check names them, as the storage nothing uses they are; the
+    copies with their message are sound.
+    """
+    from databasefiles import byHand
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    store = openSynchronousStore(url)
+    try:
+        addUser(store, ALICE, PASSWORD)
+        spool = spoolBytes(MESSAGE)
+        spool.copyPrefixes = {ALICE: ownFields(ALICE)}
+        try:
+            resultOf(store.deliver([ALICE], spool))
+        finally:
+            spool.close()
+    finally:
+        store.close()
+    assert mailgateHere(url, "db", "check")[0] == 0
+    byHand(url, "INSERT INTO maildrop_prefixes (user_id, uid, prefix) SELECT user_id, 99, prefix FROM maildrop_prefixes")
+    code, out, _ = mailgateHere(url, "db", "check")
+    assert code != 0 and "fields of a copy (Delivered-To:) for uid 99, no such message" in out, out
