@@ -1138,9 +1138,10 @@ def eventAsRecord(event):
     legacy = "log_legacy" in event or "isError" in event
     # An event made by emitLine (or a session's logFailure) carries its
     # text as "line": it is the record's "text", not a field of its own.
-    # Such an event is a session's, whose fields are bounded where they
-    # are made (an address at 256 characters, a delivery's recipients at
-    # --max-recipients): they are written whole, not cut at _MAX_ITEMS
+    # Such an event is a session's, or a reload's, whose fields are
+    # bounded where they are made (an address at 256 characters, a
+    # delivery's recipients at --max-recipients, the settings a reload
+    # applied by the settings there are): they are written whole, not cut at _MAX_ITEMS
     # and _MAX_TEXT as other code's may be (a delivery to 100 users had
     # the unique ids of its first 50 in its record).
     preformatted = event.get("log_format") == "{line}"

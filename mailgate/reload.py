@@ -287,9 +287,15 @@ def reloadConfiguration(
         warning = traceWarning(service.config)
         if warning:
             service.log.warn("{warning}", warning=warning, event="trace.enabled")
+    summary = ("applied " + ", ".join(applied)) if applied else "nothing to apply"
+    # As a line ("{line}"), so that the JSON record carries the lists of
+    # setting names whole: a reload can apply more settings than the 50
+    # items other fields' lists are cut at (mailgate.logs), and the names
+    # are bounded by the settings there are.
     service.log.info(
-        "configuration reloaded: {summary}",
-        summary=("applied " + ", ".join(applied)) if applied else "nothing to apply",
+        "{line}",
+        line=f"configuration reloaded: {summary}",
+        summary=summary,
         applied=applied,
         event="config.reloaded",
     )
@@ -315,7 +321,8 @@ def reloadConfiguration(
         if read:
             text += f"; the mailgate command and mailgate deliver with this file use {', '.join(read)} already"
         service.log.warn(
-            literal(text),
+            "{line}",
+            line=text,
             settings=later,
             readByTheCommand=read,
             event="config.restart_needed",
