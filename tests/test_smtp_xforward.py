@@ -18,7 +18,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from mailgate.session import OpenPolicy
 from mailgate.smtp.forwarding import (
     ForwardingSyntaxError,
     RelayedClient,
@@ -29,6 +28,7 @@ from mailgate.smtp.forwarding import (
 )
 from mailgate.testing import SMTPSession, addUser
 from test_smtp_protocol import retr
+from test_xclient import RecordingPolicy
 
 ALICE = "alice@example.org"
 PASSWORD = "secret"
@@ -237,29 +237,6 @@ def test_aNameThatIsNoHostNameIsLeftOut(alice):
 
 
 # -- XCLIENT -----------------------------------------------------------------
-
-
-class RecordingPolicy(OpenPolicy):
-    """
-    Admits everyone, bans the addresses in C{banned}, records what it is
-    told of connections and unknown recipients.
-    """
-
-    def __init__(self, banned=()):
-        self.banned = set(banned)
-        self.calls = []
-
-    def admit(self, protocol, address):
-        self.calls.append(("admit", address.host))
-
-    def connectionClosed(self, protocol, address):
-        self.calls.append(("closed", address.host))
-
-    def isBanned(self, address):
-        return address.host in self.banned
-
-    def unknownRecipient(self, address):
-        self.calls.append(("unknown", address.host))
 
 
 @pytest.mark.parametrize("lmtp", [False, True])

@@ -34,7 +34,8 @@ def store():
 class RecordingPolicy(OpenPolicy):
     """
     Admits everyone, bans the addresses in C{banned}, and records what
-    it is told.
+    it is told of connections, failed logins and unknown recipients (the
+    SMTP and LMTP XCLIENT tests use it too).
     """
 
     def __init__(self, banned=()):
@@ -52,6 +53,9 @@ class RecordingPolicy(OpenPolicy):
 
     def authenticationFailed(self, address, login, password=None):
         self.calls.append(("failed", address.host))
+
+    def unknownRecipient(self, address):
+        self.calls.append(("unknown", address.host))
 
 
 def _session(store, peer=PROXY, **options):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_forwarding -*-
+# -*- test-case-name: tests.test_smtp_xforward -*-
 """
 The client an MTA or a proxy in front says it relays: the attributes of
 Postfix's C{XFORWARD} (what its LMTP and SMTP clients send with
