@@ -65,7 +65,7 @@ def readAll(reactor, reads, opened):
     """
     Every octet of an opened message: its first piece, then its chunks.
     """
-    owner, bodyId, size, headerSize, first, needsStuffing, offsets = opened
+    owner, bodyId, size, headerSize, first, needsStuffing, offsets, _prefix = opened
     pieces, seq = [first], 1
     while sum(map(len, pieces)) < size:
         chunks = reactor.wait(reads.readChunks(owner, bodyId, seq, 4))

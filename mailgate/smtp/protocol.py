@@ -1200,7 +1200,7 @@ class SMTPServer(CommandSession):
         # the fields was taken here and refused at the end of DATA, where
         # SMTP refuses the message for everyone, again at every retry.
         size = (
-            int(declared) + traceOctets(envelope, self.hostname, mailbox, self.factory.delivery.deliveredTo)
+            int(declared) + traceOctets(envelope, self.hostname, mailbox, self._deliveredTo())
             if declared else None
         )
         d = self.factory.delivery.checkRecipient(mailbox, size)
@@ -1451,9 +1451,19 @@ class SMTPServer(CommandSession):
         # them), and the message stored once begins with the Received:
         # field.  Decided here for this message, whatever a reload changes
         # before it ends.
-        spool.perCopyTrace = self.factory.delivery.deliveredTo == "final"
+        spool.perCopyTrace = self._deliveredTo() == "final"
         spool.writeLines(traceHeaders(envelope, self.hostname, returnPath=not spool.perCopyTrace))
         return spool
+
+    def _deliveredTo(self):
+        """
+        C{--delivered-to} as the factory's delivery holds it
+        (L{mailgate.smtp.delivery.LocalDelivery.deliveredTo}, replaced at a
+        reload); C{"none"} for an embedder's delivery that does not say (a
+        wrapper of its own), which then stores messages as it did before
+        the setting existed.
+        """
+        return getattr(self.factory.delivery, "deliveredTo", "none")
 
     def _deliveryKey(self, envelope):
         # The content is hashed as it is stored, for its delivery key: the
