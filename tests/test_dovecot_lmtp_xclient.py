@@ -16,12 +16,11 @@ pairing unchanged).  mailgate runs with C{--debug-peer 127.0.0.1/32}: its
 log traces what Dovecot sent, XCLIENT and all.
 """
 
-import poplib
 import re
 import smtplib
 
 from dovecotserver import requireDovecot
-from e2e import _LOGGED_ERROR, DEADLINE, sqliteOnly, waitFor
+from e2e import _LOGGED_ERROR, DEADLINE, popLogin, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_dovecot_lmtp_proxy import PASSWORD, SENDER, dovecot, proxyFields  # noqa: F401 (fixture)
 
@@ -78,10 +77,8 @@ def test_theClientDovecotRelayedIsNamed(mailgate_server, mailgate_cli, dovecot):
     assert re.search(r" peer=127\.0\.0\.2:\d+$", delivered), delivered
 
     # The Received field at the top of the stored message.
-    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop = popLogin(server, ALICE, PASSWORD)
     try:
-        pop.user(ALICE)
-        pop.pass_(PASSWORD)
         _, lines, _ = pop.retr(1)
     finally:
         pop.quit()

@@ -11,14 +11,13 @@ gets the message through Postfix and mailgate's LMTP, read back by POP3.
 """
 
 import os
-import poplib
 import re
 import smtplib
 import urllib.request
 
 import pytest
 
-from e2e import DEADLINE, sqliteOnly, waitFor
+from e2e import DEADLINE, popLogin, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_pairings import MAIN_CF, PrivatePostfix, postfixRoot  # noqa: F401 (fixtures)
 
@@ -98,10 +97,8 @@ def test_aFullMailboxIsRefusedAtPostfixsRCPT(mailgate_server, mailgate_cli, post
     )
     assert len(answers) == 2 and all(int(size) > 0 for size in answers), server.stdout
 
-    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop = popLogin(server, ROOMY, PASSWORD)
     try:
-        pop.user(ROOMY)
-        pop.pass_(PASSWORD)
         _, lines, _ = pop.retr(1)
     finally:
         pop.quit()

@@ -14,13 +14,12 @@ the address Postfix itself connects to mailgate from).
 """
 
 import os
-import poplib
 import re
 import smtplib
 
 import pytest
 
-from e2e import DEADLINE, sqliteOnly, waitFor
+from e2e import DEADLINE, popLogin, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_pairings import MAIN_CF, PrivatePostfix, postfixRoot  # noqa: F401 (fixtures)
 
@@ -82,10 +81,8 @@ def test_theReceivedFieldNamesTheClientPostfixHadTheMessageFrom(
     [sent] = [line for line in log.splitlines() if f"to=<{ALICE}>" in line and "status=sent" in line]
     queueId = re.search(r"postfix/lmtp\[\d+\]: (\w+): ", sent).group(1)
 
-    pop = poplib.POP3("127.0.0.1", server.port, timeout=DEADLINE)
+    pop = popLogin(server, ALICE, PASSWORD)
     try:
-        pop.user(ALICE)
-        pop.pass_(PASSWORD)
         _, message, _ = pop.retr(1)
     finally:
         pop.quit()
