@@ -40,7 +40,7 @@ import secrets
 
 import pytest
 
-from e2e import _LOGGED_ERROR, AdminCommand, AdminCommandHere, ServerProcess, databaseURL
+from e2e import _LOGGED_ERROR, AdminCommand, InstalledCommand, ServerProcess, databaseURL
 
 sqliteOnlyShared = pytest.mark.parametrize("sharedBackend", ["sqlite"], indirect=True)
 
@@ -91,7 +91,7 @@ class SharedServers:
             self._attempts += 1
             server = ServerProcess(self._database(self._attempts), options, cwd=self.directory, expect=expect)
             if prepare is not None:
-                prepare(AdminCommandHere(server.database, cwd=self.directory))
+                prepare(AdminCommand(server.database, cwd=self.directory))
             try:
                 server.start()
             except BaseException:
@@ -181,7 +181,7 @@ class Share:
         C{expect} counts, as for L{e2e.ServerStarter}), as this test sees it.
 
         @param prepare: called once, before the server starts, with the
-            admin command on its fresh database (L{AdminCommandHere}):
+            admin command on its fresh database (L{AdminCommand}):
             for what the server decides from the database as a whole and
             the tests sharing it need to hold from the start (greetings
             carry an APOP timestamp while some user has APOP, for one).
@@ -194,9 +194,10 @@ class Share:
     def cli(self, server, installed=False):
         """
         The admin command on C{server}'s database: run in this process
-        (L{AdminCommandHere}), or the installed one.
+        (L{AdminCommand}), or the installed script in a process of its own
+        (L{InstalledCommand}).
         """
-        kind = AdminCommand if installed else AdminCommandHere
+        kind = InstalledCommand if installed else AdminCommand
         return kind(server.database, cwd=self._servers.directory)
 
     def address(self, local, domain="example.org"):

@@ -1,6 +1,6 @@
 """
 Aliases (C{mailgate alias add|del|list}) on real servers: C{twistd mailgate}
-with SMTP, LMTP and POP3 on 127.0.0.1, the installed C{mailgate} command,
+with SMTP, LMTP and POP3 on 127.0.0.1, the C{mailgate} command (L{e2e.AdminCommand}),
 Python's smtplib and poplib, on SQLite and on the real PostgreSQL.
 
 What an administrator and a user see: an alias added while the server

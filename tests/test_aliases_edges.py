@@ -1,6 +1,6 @@
 """
 Aliases at their edges, on real servers: C{twistd mailgate} with SMTP and
-LMTP on 127.0.0.1, the installed C{mailgate} command, Python's smtplib and
+LMTP on 127.0.0.1, the C{mailgate} command (L{e2e.AdminCommand}), Python's smtplib and
 poplib, on SQLite and on the real PostgreSQL.
 
 What a sender and an administrator see:

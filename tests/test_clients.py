@@ -56,8 +56,8 @@ import pytest
 from certs import makeCertificate, makeChain
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommandHere,
     childEnvironment,
+    mailgate_cli,
     mailgate_server,
     popLogin,
     retrieve,
@@ -259,17 +259,6 @@ def assertStoredExactly(stored, delivered, names):
 
 
 # -- the server ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about the clients, and use it
-    only to deliver mail and to look at maildrops, and starting the
-    installed command for each run cost about as much CPU as the rest.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 @pytest.fixture

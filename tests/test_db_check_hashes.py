@@ -1,6 +1,6 @@
 """
 C{mailgate db check} and password hashes, a user's and a master user's,
-through the installed command, on a SQLite file and on PostgreSQL.
+through the command (L{e2e.AdminCommand}), on a SQLite file and on PostgreSQL.
 
 The commands store only hashes a login can check (C{user add --hashed},
 C{user import}, C{master add --hashed} refuse the others), but one written

@@ -1,6 +1,6 @@
 """
 C{mailgate db check} and master users (C{mailgate master}), through the
-installed command, on a SQLite file and on PostgreSQL.
+command (L{e2e.AdminCommand}), on a SQLite file and on PostgreSQL.
 
 The command writes only what it read (a name in L{mailgate.address.
 masterName}'s form, networks L{mailgate.networks.parseAllowedNetworks}

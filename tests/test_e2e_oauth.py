@@ -21,8 +21,8 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommandHere,
     LineReader,
+    mailgate_cli,
     mailgate_server,
     runCommand,
     sqliteOnly,
@@ -38,15 +38,6 @@ CURL = shutil.which("curl")
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
 
 
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about OAUTHBEARER and XOAUTH2, and use the
-    command only to put mail in; starting the installed command
-    for each run cost about as much CPU as the rest of such a test.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 OAUTHBEARER_ERROR = {"status": "invalid_token", "schemes": "bearer"}
 XOAUTH2_ERROR = {"status": "401", "schemes": "Bearer"}
 

@@ -34,11 +34,11 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     TWISTD,
-    AdminCommandHere,
     LineReader,
     connect,
     databaseURL,
     dotStuffed,
+    mailgate_cli,
     mailgate_server,
     pop,
     popLogin as login,
@@ -104,19 +104,6 @@ def retryLogin(server, address, password):
         return client
 
     return waitFor(attempt, f"the maildrop of {address} to be unlocked")
-
-
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): starting the installed command for each run
-    cost about as much CPU as the rest of the test.  The tests about the
-    command itself (its output, a password import, what deliver stores of
-    an MTA's LF line ends) run the installed one: C{shared.cli(server,
-    installed=True)}.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 def withAnAPOPUser(cli):
@@ -236,7 +223,7 @@ def test_aLatin1PasswordImportedFromDovecotLogsInWithPass(shared, tmp_path):
     UTF-8.
     """
     server = shared(*FAST_FAILURES)
-    mailgate_cli = shared.cli(server, installed=True)
+    mailgate_cli = shared.cli(server)
     erin = shared.address("erin")
     password = "gr\u00fcn"
     digest = base64.b64encode(hashlib.sha256(password.encode("latin-1")).digest()).decode()
@@ -334,7 +321,7 @@ def test_retrIsByteExact(shared, monkeypatch):
     client counts.
     """
     server = shared(*FAST_FAILURES)
-    mailgate_cli = shared.cli(server, installed=True)
+    mailgate_cli = shared.cli(server)
     alice = shared.address("alice")
     # poplib refuses lines over 2048 octets; POP3 itself has no such limit
     # for message lines, and this test sends a 5000-octet one.

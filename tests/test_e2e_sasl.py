@@ -17,9 +17,9 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommandHere,
     LineReader,
     connect,
+    mailgate_cli,
     mailgate_server,
     runCommand,
     sqliteOnly,
@@ -34,15 +34,6 @@ FAST_FAILURES = ("--auth-failure-delay", "0.05")
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
 
 
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about SASL LOGIN and CRAM-MD5, and use the
-    command only to put mail in; starting the installed command
-    for each run cost about as much CPU as the rest of such a test.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 CURL = shutil.which("curl")
 
 

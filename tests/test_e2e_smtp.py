@@ -31,7 +31,6 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommandHere,
     TWISTD,
     AdminCommand,
     LineReader,
@@ -39,6 +38,7 @@ from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     _LOGGED_ERROR,
     connect,
     databaseURL,
+    mailgate_cli,
     mailgate_server,
     runCommand,
     retrieve,
@@ -63,18 +63,6 @@ LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 SMTP_OPTIONS = ("--smtp", LOOPBACK_TCP, "--domain", "example.org")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about SMTP and LMTP intake, and use the
-    command only to put mail in and to look at maildrops and users;
-    starting the installed command for each run cost about as much CPU as
-    the rest of such a test.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 # -- clients ---------------------------------------------------------------

@@ -33,9 +33,9 @@ from certs import certificateFingerprint, makeCertificate
 from saslclients import ScramClient
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommandHere,
     LineReader,
     connect,
+    mailgate_cli,
     mailgate_server,
     retrieve,
     runCommand,
@@ -57,18 +57,6 @@ PLAINTEXT_REFUSED = (
     b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections\r\n"
 )
 INVALID = b"-ERR [AUTH] invalid user name or password\r\n"
-
-
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about TLS and SASL, and use the
-    command only to put mail in and to look at maildrops and users;
-    starting the installed command for each run cost about as much CPU as
-    the rest of such a test.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 # -- certificates and client contexts --------------------------------------

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from dovecotserver import PrivateDovecot, requireDovecot
-from e2e import AdminCommandHere, mailgateHere
+from e2e import AdminCommand, mailgateHere
 
 pytestmark = requireDovecot
 
@@ -57,7 +57,7 @@ def target(tmp_path):
     An empty mailgate database with the user, named the composed way.
     """
     url = f"sqlite:///{tmp_path / 'target.sqlite3'}"
-    cli = AdminCommandHere(url)
+    cli = AdminCommand(url)
     cli.addUser(COMPOSED, "here")
     return url, cli
 

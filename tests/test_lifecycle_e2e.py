@@ -1,6 +1,6 @@
 """
 The lifecycle features on real servers (C{twistd mailgate}, both
-backends), driven by real clients and the installed C{mailgate} command:
+backends), driven by real clients and the C{mailgate} command (L{e2e.AdminCommand}):
 quotas refused at RCPT over SMTP, EXPIRE in CAPA, kept deleted mail
 brought back, C{who} and C{kick} (across two nodes on PostgreSQL), and a
 rename a running server honours at once despite its password cache.

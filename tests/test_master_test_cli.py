@@ -3,7 +3,7 @@ C{mailgate master test NAME [--password-stdin] [--from ADDRESS] [--user
 ADDRESS]}: a master user's password checked as a master login checks it
 (as C{user test} checks a user's, and Dovecot's C{doveadm auth test}),
 with what else refuses its login (its networks, and with C{--user} the
-user's own state), through the installed command on a SQLite file and on
+user's own state), through the command (L{e2e.AdminCommand}) on a SQLite file and on
 PostgreSQL.  Nothing is changed.
 """
 

@@ -1,6 +1,6 @@
 """
 C{mailgate master add|passwd|del|list}: master users, through the
-installed C{mailgate} command, on a SQLite file and on PostgreSQL; the
+C{mailgate} command (L{e2e.AdminCommand}), on a SQLite file and on PostgreSQL; the
 hash kept checked with the store and L{verifyPassword} as a login checks
 it; the audit lines (tests/test_cli_audit.py's private /dev/log) never
 holding the password.
@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from e2e import MAILGATE, runCommand
+from e2e import runHere
 from mailgate.auth.passwords import needsUpgrade, verifyPassword
 from mailgate.store import openSynchronousStore
 from mailgate.testing import resultOf
@@ -26,10 +26,11 @@ TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 def mailgate(url, *argv, stdin=""):
     """
-    The installed command on the database at C{url}: (exit status, stdout,
-    stderr); whatever it said on failing is one line, never a traceback.
+    The command (run in this process: L{e2e.AdminCommand}) on the database
+    at C{url}: (exit status, stdout, stderr); whatever it said on failing
+    is one line, never a traceback.
     """
-    code, out, err = runCommand([MAILGATE, "--database", url, *argv], input=stdin)
+    code, out, err = runHere(["--database", url, *argv], stdin)
     if code:
         assert err.startswith("mailgate: ") and err.count("\n") == 1, (argv, code, out, err)
     assert "Traceback" not in err, err
@@ -321,7 +322,7 @@ def test_aNameThatNamesTwoMasterUsersIsRefused(databaseURL):
 
 
 def test_theHelpSaysWhatAMasterUserIs():
-    code, out, err = runCommand([MAILGATE, "master", "add", "--help"])
+    code, out, err = runHere(["master", "add", "--help"])
     assert code == 0, err
     text = " ".join(out.split())
     for said in (
@@ -330,7 +331,7 @@ def test_theHelpSaysWhatAMasterUserIs():
     ):
         assert said in text, said
     for action in ("passwd", "networks", "del"):
-        code, out, err = runCommand([MAILGATE, "master", action, "--help"])
+        code, out, err = runHere(["master", action, "--help"])
         assert code == 0 and "exit 67" in " ".join(out.split()).lower(), out
 
 

@@ -29,10 +29,9 @@ import pytest
 
 from e2e import (  # noqa: F401 (mailgate_server is a fixture)
     DEADLINE,
-    AdminCommand,
-    AdminCommandHere,
     LineReader,
     connect,
+    mailgate_cli,
     mailgate_server,
     pop,
     popLogin as login,
@@ -51,19 +50,6 @@ BOB_PW = "builder"
 SENDER = "sender@example.net"
 FAST_FAILURES = ("--auth-failure-delay", "0.2")
 
-
-@pytest.fixture
-def mailgate_cli(request, mailgate_server):
-    """
-    The admin command on the nodes' database, run in this process
-    (L{AdminCommandHere}): these tests are about the nodes, and use the
-    command only to put mail in and to look at maildrops and nodes, where
-    starting the installed command for each run cost about as much CPU as
-    the rest of a test.  The serial test (a PostgreSQL restart) keeps the
-    installed one: it was not run against this change.
-    """
-    kind = AdminCommand if request.node.get_closest_marker("serial") else AdminCommandHere
-    return kind(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 _TRACE = re.compile(
     rb"Return-Path: <[^\r\n]*>\r\nDelivered-To: [^\r\n]*\r\nReceived: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z"

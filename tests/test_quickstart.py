@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import AdminCommand, ServerProcess, runCommand, sqliteOnly
+from e2e import InstalledCommand, ServerProcess, runCommand, sqliteOnly
 
 REPO = Path(__file__).resolve().parent.parent
 CURL = shutil.which("curl")
@@ -68,7 +68,7 @@ def test_theQuickStartDeliversBySMTPAndReadsByPOP3(tmp_path, databaseURL):
     server.start()
     try:
         # The installed command, as the quick start runs it.
-        AdminCommand(databaseURL, cwd=tmp_path).check("user", "add", address, "--password-stdin", input=PASSWORD + "\n")
+        InstalledCommand(databaseURL, cwd=tmp_path).check("user", "add", address, "--password-stdin", input=PASSWORD + "\n")
         smtp, pop3 = server.portOf("SMTP"), server.port
         code, out, err = runCommand(["sh", "-c", send.replace("127.0.0.1:2525", f"127.0.0.1:{smtp}")])
         assert code == 0, (code, out, err)

@@ -30,7 +30,7 @@ from test_reload_policy import configured, reload, writeConfig
 from e2e import (  # noqa: F401 (mailgate_server, mailgate_cli are fixtures)
     DEADLINE,
     TWISTD,
-    AdminCommandHere,
+    AdminCommand,
     ServerProcess,
     mailgate_cli,
     mailgate_server,
@@ -157,12 +157,12 @@ def test_nodesAgreeOnTheRecipientDelimiterOnceTheOtherIsReloaded(mailgate_server
 
 
 def _nodeNames(server):
-    listed = AdminCommandHere(server.database).check("nodes")
+    listed = AdminCommand(server.database).check("nodes")
     return [line.split()[0] for line in listed.splitlines()[1:] if line.strip()]
 
 
 def addUser(server, address):
-    AdminCommandHere(server.database).addUser(address, PASSWORD)
+    AdminCommand(server.database).addUser(address, PASSWORD)
 
 
 @sqliteOnly
@@ -380,7 +380,7 @@ def test_aNewHostNameNamesTheSessionsOpenedAfterTheReload(tmp_path):
         'domain = ["example.org"]\nauth-failure-delay = 0\n'
     )
     path.write_text(settings + 'hostname = "one.test"\n')
-    admin = AdminCommandHere(database)
+    admin = AdminCommand(database)
     admin.addUser(BOB, PASSWORD)
     server = FileServer(path, tmp_path)
     try:

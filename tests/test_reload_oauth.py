@@ -20,7 +20,7 @@ import pytest
 from oauthtokens import AUDIENCE, ISSUER, Keys, oauthbearer, xoauth2
 from test_reload_matrix import ConfiguredServer as MatrixServer
 
-from tests.e2e import DEADLINE, AdminCommandHere
+from tests.e2e import DEADLINE, AdminCommand
 
 ALICE = "alice@example.org"
 OTHER_ISSUER = "https://login.example.test/realms/other"
@@ -69,7 +69,7 @@ def served(tmp_path, keys):
         path.write_text((CONFIG + oauth).format(tmp=tmp_path, issuer=issuer, audience=audience) + more)
 
     write()
-    AdminCommandHere(f"sqlite:///{tmp_path}/mail.sqlite3").addUser(ALICE, "wonder land")
+    AdminCommand(f"sqlite:///{tmp_path}/mail.sqlite3").addUser(ALICE, "wonder land")
     server = ConfiguredServer(path, tmp_path)
     server.start()
     try:

@@ -27,24 +27,13 @@ from mailgate.session import SessionTracker
 from mailgate.session.tlslayer import TLSLayerFactory
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, pop3Factory, resultOf, smtpFactory
 
-from e2e import DEADLINE, AdminCommandHere, LineReader, connect, mailgate_server, sqliteOnly, waitFor  # noqa: F401
+from e2e import DEADLINE, LineReader, connect, mailgate_cli, mailgate_server, sqliteOnly, waitFor  # noqa: F401
 from test_e2e_tls import certificate  # noqa: F401
 from test_observability import SlowDelivery
 
 ALICE = "alice@example.org"
 PASSWORD = "wonderland"
 SHUTTING_DOWN = b"421 4.3.2 mailgate.test service shutting down\r\n"
-
-
-@pytest.fixture
-def mailgate_cli(mailgate_server):
-    """
-    The admin command on the server's database, run in this process
-    (L{AdminCommandHere}): these tests are about shutting a server down, and use the
-    command only to put mail in and to look at maildrops; starting the installed command
-    for each run cost about as much CPU as the rest of such a test.
-    """
-    return AdminCommandHere(mailgate_server.database, cwd=mailgate_server.tmp_path)
 
 
 class Server:

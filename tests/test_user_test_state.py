@@ -4,7 +4,7 @@ C{nologin}) and one restricted to networks (C{user networks}, Dovecot's
 C{allow_nets}): with the right password it says the state, as doveadm
 auth test prints the passdb's extra fields, and exits 77 where a login
 is refused all the same; a wrong password is told as before.  Run as the
-installed command on a real SQLite file and the real PostgreSQL, and
+command (L{e2e.AdminCommand}) on a real SQLite file and the real PostgreSQL, and
 against a real C{twistd mailgate} whose poplib logins from 127.0.0.2 and
 127.0.0.3 it must agree with.
 
@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from e2e import AdminCommand, MAILGATE, mailgate_cli, mailgate_server, runCommand  # noqa: F401 (fixtures)
+from e2e import AdminCommand, mailgate_cli, mailgate_server, runHere  # noqa: F401 (fixtures)
 from mailgate.testing import addUser, memoryStore, resultOf
 from test_lifecycle_e2e import pop
 
@@ -38,7 +38,7 @@ REFUSED = "127.0.0.3"
 @pytest.fixture
 def command(databaseURL, tmp_path):
     """
-    The installed C{mailgate} on the test's database (SQLite, PostgreSQL),
+    The C{mailgate} command (L{AdminCommand}) on the test's database (SQLite, PostgreSQL),
     with Alice and Bob.
     """
     command = AdminCommand(databaseURL, cwd=tmp_path)
@@ -129,7 +129,7 @@ def test_aFromThatIsNoAddressIsAUsageError(command, client):
 def test_noSuchUserAndTheHelp(command):
     code, out, err = command("user", "test", "nobody@example.org", "--password-stdin", "--from", ALLOWED, input="x\n")
     assert (code, out, err) == (67, "", "mailgate: no such user: nobody@example.org\n")
-    code, out, _ = runCommand([MAILGATE, "user", "test", "--help"])
+    code, out, _ = runHere(["user", "test", "--help"])
     assert code == 0 and "--from ADDRESS" in out and "disabled" in out
 
 

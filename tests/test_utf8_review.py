@@ -5,7 +5,7 @@ in, and what no user can have is refused clearly.
 
 The unit tests hold L{mailgate.address.normalizeAddress}'s case mapping
 (the Turkish dotted I{İ}, the Greek final sigma, letters whose capital is
-another's); the end-to-end ones run the installed C{mailgate} and a real
+another's); the end-to-end ones run the C{mailgate} command and a real
 C{twistd mailgate} with Python's poplib and smtplib.
 """
 

@@ -8,7 +8,8 @@ could have it, so its mail was refused and its POP3 and SASL logins failed.
 
 The unit tests hold the rules of L{mailgate.address.normalizeAddress} (NFC,
 lower case, octets of UTF-8, the characters refused); the end-to-end ones
-run the installed C{mailgate} and C{twistd mailgate} with Python's smtplib
+run the C{mailgate} command (the installed script where its arguments
+are the point) and C{twistd mailgate} with Python's smtplib
 (SMTPUTF8), smtplib.LMTP and poplib (USER and PASS in UTF-8, AUTH PLAIN).
 """
 
@@ -24,7 +25,7 @@ from twisted.internet.task import Clock
 from e2e import (  # noqa: F401 (fixtures)
     DEADLINE,
     AdminCommand,
-    AdminCommandHere,
+    InstalledCommand,
     mailgate_server,
     mailgateHere,
     retrieve,
@@ -241,7 +242,7 @@ def test_aUTF8UserGetsMailBySMTPUTF8AndLMTPAndReadsItByPOP3(mailgate_server):
     USER and PASS in UTF-8 and with AUTH PLAIN.  Without SMTPUTF8, SMTP
     still refuses the address with 553 5.6.7.
     """
-    cli = AdminCommand(mailgate_server.database, cwd=mailgate_server.tmp_path)
+    cli = InstalledCommand(mailgate_server.database, cwd=mailgate_server.tmp_path)
     assert cli.check("user", "add", JOERG_NFD, "--password-stdin", input=PASSWORD + "\n") == f"added {JOERG}\n"
     assert JOERG in cli.users()
     server = mailgate_server("--smtp", LOOPBACK_TCP, "--lmtp", LOOPBACK_TCP, "--domain", "example.org")
@@ -289,7 +290,7 @@ def test_theAdminCommandsTakeAUTF8User(mailgate_server, tmp_path):
     import maildir, quota, expire, rename, passwd, test and del, each given
     the name in another form.
     """
-    cli = AdminCommandHere(mailgate_server.database)
+    cli = AdminCommand(mailgate_server.database)
     cli.addUser("Jörg@example.org", PASSWORD)
     cli.addUser("zoë@example.org", PASSWORD)
     cli.deliver(JOERG_NFD, _message("one"))
@@ -325,14 +326,14 @@ def test_aUTF8UserInTheJSONLogAndImportedByPOP3(mailgate_server, tmp_path):
     pop3 --users moves a UTF-8 user's maildrop, logging in to the source
     with its name in UTF-8.
     """
-    cli = AdminCommandHere(mailgate_server.database)
+    cli = AdminCommand(mailgate_server.database)
     cli.addUser(JOERG, PASSWORD)
     cli.deliver(JOERG, _message("moved"))
     server = mailgate_server("--log-format", "json")
     users = tmp_path / "users.txt"
     users.write_text(f"{JOERG_NFD} {PASSWORD}\n", encoding="utf-8")
     target = "sqlite:///" + str(tmp_path / "target.sqlite3")
-    target_cli = AdminCommandHere(target)
+    target_cli = AdminCommand(target)
     target_cli.addUser(JOERG, PASSWORD)
     code, out, err = mailgateHere(target, "import", "pop3", f"pop3://127.0.0.1:{server.port}", "--users", str(users))
     assert code == 0, (out, err)
