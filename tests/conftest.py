@@ -64,6 +64,7 @@ def noAuditLinesToTheHostsSyslog(monkeypatch):
     monkeypatch.setattr("mailgate.cli.audit.SYSLOG_SOCKET", "/nonexistent/mailgate-tests/dev-log")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """
     Under C{make test}'s parallel workers (pytest-xdist, C{--dist
@@ -71,7 +72,10 @@ def pytest_collection_modifyitems(config, items):
     fixtures (a private Dovecot, an editable install, imports waiting out
     a lock) go to one worker, which sets the fixture up once, rather than
     once on every worker that gets some of them.  Without xdist the mark
-    means nothing.
+    means nothing.  First among the hooks: xdist's worker reads the marks
+    in a hook of its own, which ran before this one and so saw none (each
+    worker set such a fixture up, and the two 10-second Dovecot imports of
+    test_dovecot_migration ran twice).
     """
     for item in items:
         fixtureInfo = getattr(item, "_fixtureinfo", None)
