@@ -58,6 +58,7 @@ from mailgate.session.proxy import DEFAULT_BALANCER_NETWORKS
 from mailgate.smtp.factory import EVERY_NETWORK, coversEveryAddress
 from mailgate.smtp.policyservice import DEFAULT_NETWORKS as _QUOTA_STATUS_NETWORKS
 from mailgate.smtp.policyservice import DUNNO, checkAction
+from mailgate.smtp.policyservice import MAX_CONNECTIONS as _QUOTA_STATUS_MAX_CONNECTIONS
 from mailgate.smtp.envelope import DELIVERED_TO
 from mailgate.smtp.protocol import SMTPServer
 from mailgate.store import DEFAULT_DATABASE, engineFromURL
@@ -1395,6 +1396,16 @@ SETTINGS = (
         repeated=True, defaultText="loopback (127.0.0.0/8, ::1/128)",
     ),
     Setting(
+        "quota-status-max-connections", "quotaStatusMaxConnections", Integer(), _QUOTA_STATUS_MAX_CONNECTIONS,
+        "Most quota-status connections open at once, for every Postfix in front together: each of "
+        "Postfix's smtpd processes keeps one, so the default is twice Postfix's default_process_limit "
+        "(100); raise it above the smtpd processes of all of them.  More are closed unanswered, "
+        "logged once a minute at most (quota_status.refused): Postfix then answers that recipient "
+        "as its smtpd_policy_service_default_action says, by default 451 4.3.5 Server "
+        "configuration problem, a temporary failure (the mail is deferred, not lost).  0 for no "
+        "limit.",
+    ),
+    Setting(
         "quota-status-success", "quotaStatusSuccess", PolicyAction(), DUNNO,
         "What quota-status answers Postfix for a recipient with room "
         "(Dovecot's quota_status_success): DUNNO lets Postfix's other "
@@ -2284,9 +2295,10 @@ EXAMPLE_HEADER = """\
 # proxy-network and xclient-network to the sessions opened after it (those under way keep
 # theirs); max-connections,
 # max-connections-per-ip, auth-penalty-max, ban-after, ban-window,
-# ban-time, unknown-recipient-slow-after, unknown-recipient-ban-after and
-# exempt-network to the connections and failed logins after it (the
-# connections open, the failures counted and the bans in force stay);
+# ban-time, unknown-recipient-slow-after, unknown-recipient-ban-after,
+# exempt-network and quota-status-max-connections to the connections and
+# failed logins after it (the connections open, the failures counted and
+# the bans in force stay);
 # default-quota, quota-warning, expire-days, keep-deleted-days and
 # duplicate-window to the next delivery and the retention round the
 # reload starts; domain, postmaster, recipient-delimiter, delivered-to,

@@ -22,7 +22,8 @@ Label values used by callers:
   - delivery C{result}: C{"accepted"}, C{"rejected"}, C{"tempfail"}
   - timeout C{kind}: C{"idle"}, C{"login"}, C{"data_rate"}
   - refusal C{reason}: C{"banned"}, C{"too_many"} (C{--max-connections}
-    or C{--max-connections-per-ip}), C{"shutting_down"}
+    or C{--max-connections-per-ip}; with C{protocol} C{"quota-status"},
+    C{--quota-status-max-connections}), C{"shutting_down"}
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
   - database C{operation}: the name of the store's interaction (the
@@ -77,6 +78,11 @@ REFUSAL_REASONS = {
     # (see mailgate.session.proxy)
     "not a balancer": "not_balancer", "bad PROXY header": "proxy_header",
 }
+#: the listeners whose refused connections are counted: the mail
+#: protocols', and the quota-status service's (past
+#: C{--quota-status-max-connections}, its only refusal counted: a series
+#: of its own for each of the mail protocols' reasons would be zeros)
+REFUSING_PROTOCOLS = PROTOCOLS + ("quota-status",)
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
@@ -226,7 +232,8 @@ class Metrics:
         self._refused = _Series(
             counter, "mailgate_connections_refused", "Connections refused as they arrived, by reason.",
             ["protocol", "reason"],
-            [(protocol, reason) for protocol in PROTOCOLS for reason in REFUSAL_REASONS.values()],
+            [(protocol, reason) for protocol in PROTOCOLS for reason in REFUSAL_REASONS.values()]
+            + [("quota-status", "too_many")],
         )
         self._tlsFailures = _Series(
             counter, "mailgate_tls_failures", "TLS handshakes that failed, and corrupt TLS records.",
@@ -411,9 +418,10 @@ class Metrics:
         policy gives, or C{"shutting down"}): it never opened a session,
         so only C{mailgate_connections_refused_total{protocol,reason}}
         counts it.  A rise in C{too_many} is the connection limits
-        turning clients away.
+        turning clients away (with C{protocol} C{"quota-status"}: Postfix's
+        policy connections past C{--quota-status-max-connections}).
         """
-        self._count(self._refused, (_bounded(protocol, PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
+        self._count(self._refused, (_bounded(protocol, REFUSING_PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
 
     def connectionLimit(self, limit):
         """

@@ -46,8 +46,10 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: What a SIGHUP leaves to the restart (config.restart_needed), and why:
 #: the listeners (pop3, pop3s, smtp, lmtp, quota-status, metrics) and the
 #: database, bound and opened at start (a changed database is refused
-#: outright); the quota-status-* settings, which the quota-status
-#: factory was built with (its answers and the networks it answers);
+#: outright); the quota-status-* settings but
+#: quota-status-max-connections (QUOTA_STATUS_SETTINGS), which the
+#: quota-status factory was built with (its answers and the networks it
+#: answers);
 #: log-format, the observer twistd set up at start (one file, one format,
 #: for whatever parses it); cpu-affinity, the threads pinned at start (the
 #: reactor's, the database's), which would each have to be pinned again;
@@ -92,6 +94,11 @@ POLICY_SETTINGS = frozenset({
     "max-connections", "max-connections-per-ip", "auth-penalty-max", "ban-after", "ban-window", "ban-time",
     "unknown-recipient-slow-after", "unknown-recipient-ban-after", "exempt-network",
 })
+#: the quota-status service's limit on connections open at once, which a
+#: SIGHUP applies to the connections made after it, as max-connections:
+#: those open stay, though more than a lower limit.  The setting's name:
+#: the L{mailgate.smtp.policyservice.QuotaStatusFactory} attribute.
+QUOTA_STATUS_SETTINGS = {"quota-status-max-connections": "maxConnections"}
 #: the server's defaults for maildrops (L{mailgate.service.storeLimits}), which a SIGHUP
 #: applies to the next delivery and the retention task's next round (run
 #: at once: what a shorter retention removes goes then, not up to ten
@@ -196,6 +203,7 @@ def reloadConfiguration(
     # and what STLS and STARTTLS offer: a restart's.
     live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | _liveNetworks(service, new) | ERROR_SETTINGS.keys()
     live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS | TIMER_SETTINGS
+    live |= QUOTA_STATUS_SETTINGS.keys()
     live |= TLS_SETTINGS if service.tls is not None and newTLS is not None else frozenset()
     live |= OAUTH2_SETTINGS if newTokens is not None else frozenset()
     live |= POLICY_SETTINGS if service.policy is not None else frozenset()
@@ -241,6 +249,9 @@ def reloadConfiguration(
                 _applyDelivery(factory.delivery, service.config)
             if "hostname" in applied:
                 factory.hostname = service.config.hostname or machineName()
+            for name, attribute in QUOTA_STATUS_SETTINGS.items():
+                if name in applied:
+                    setattr(factory, attribute, getattr(service.config, _attributeOf(name)))
         service.shutdownGrace = service.config.shutdownGrace
         if "hostname" in applied:
             _rename(service, service.config.hostname or machineName())

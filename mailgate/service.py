@@ -1307,6 +1307,7 @@ def makeQuotaStatusFactory(store, config, reactor, metrics=None):
     return QuotaStatusFactory(
         makeDelivery(store, config), reactor, actions, networks=config.quotaStatusNetworks,
         hostname=config.hostname or machineName(), metrics=metrics,
+        maxConnections=config.quotaStatusMaxConnections,
     )
 
 

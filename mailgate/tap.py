@@ -207,7 +207,7 @@ class Options(usage.Options):
         "lmtp-cleartext-network, proxy-network and xclient-network to sessions opened after it; "
         "max-connections, max-connections-per-ip, auth-penalty-max, ban-after, "
         "ban-window, ban-time, unknown-recipient-slow-after, "
-        "unknown-recipient-ban-after and exempt-network to the connections and "
+        "unknown-recipient-ban-after, exempt-network and quota-status-max-connections to the connections and "
         "failures after it (bans in force stay); default-quota, quota-warning, "
         "expire-days, keep-deleted-days and duplicate-window to the next "
         "delivery and retention round; domain, postmaster, recipient-delimiter, "

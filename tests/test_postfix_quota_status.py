@@ -140,16 +140,26 @@ def policyAnswer(port, recipient, size):
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
-        sock.sendall(
-            f"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={recipient}\nsize={size}\n\n".encode()
-        )
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            piece = sock.recv(4096)
-            assert piece, answer
-            answer += piece
+        return askOn(sock, recipient, size)
+
+
+def askOn(sock, recipient, size):
+    """
+    One policy request on the connection C{sock}, which stays open; the
+    action answered.
+    """
+    sock.sendall(policyRequest(recipient, size))
+    answer = b""
+    while not answer.endswith(b"\n\n"):
+        piece = sock.recv(4096)
+        assert piece, answer
+        answer += piece
     assert answer.startswith(b"action=") and answer.count(b"\n") == 2, answer
     return answer[len(b"action="):-2].decode()
+
+
+def policyRequest(recipient, size):
+    return f"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={recipient}\nsize={size}\n\n".encode()
 
 
 @sqliteOnly
@@ -157,8 +167,12 @@ def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_ser
     """
     quota-exceeded, changed by a reload, changes quota-status's answer as
     it changes RCPT's; a changed quota-status-overquota waits for the
-    restart, and says so.
+    restart, and says so.  quota-status-max-connections lowered to 1 by
+    the reload: while one connection is open, the next is closed
+    unanswered, and counted.
     """
+    import socket
+
     from test_reload_policy import configured, reload, writeConfig
 
     server, path = configured(
@@ -169,11 +183,16 @@ def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_ser
     mailgate_cli.check("user", "quota", FULL, "2000")
     port = server.portOf("QUOTA-STATUS")
     assert policyAnswer(port, FULL, 100) == "452 4.2.2 mailbox full"
-    writeConfig(path, quota_exceeded='"permanent"', quota_status_overquota='"552 5.2.2 Mailbox is full"')
+    writeConfig(
+        path, quota_exceeded='"permanent"', quota_status_overquota='"552 5.2.2 Mailbox is full"',
+        quota_status_max_connections="1",
+    )
     line = reload(server)
-    assert "applied quota-exceeded" in line, server.log()
-    assert policyAnswer(port, FULL, 100) == "552 5.2.2 mailbox full"
+    assert "applied quota-exceeded, quota-status-max-connections" in line, server.log()
     assert re.search(r"configuration changed: quota-status-overquota takes effect at the next restart", server.stdout)
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as held:
+        assert askOn(held, FULL, 100) == "552 5.2.2 mailbox full"
+        assert closedWithoutAnswer(port, policyRequest(FULL, 100)) == b""
 
     # The node's health for quota-status, and the answers counted.
     metrics = f"http://127.0.0.1:{server.portOf('METRICS')}"
@@ -182,6 +201,7 @@ def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_ser
     with urllib.request.urlopen(metrics + "/metrics", timeout=DEADLINE) as answer:
         exposition = answer.read().decode()
     assert 'mailgate_quota_status_answers_total{result="overquota"} 2.0' in exposition
+    assert 'mailgate_connections_refused_total{protocol="quota-status",reason="too_many"} 1.0' in exposition
 
 
 def closedWithoutAnswer(port, data):

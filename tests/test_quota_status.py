@@ -13,8 +13,10 @@ answers counted).
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from mailgate import tap
@@ -475,6 +477,70 @@ def test_peersOffTheNetworksAreClosedUnread(users):
     assert Connection(wider).closed
 
 
+def test_pastTheLimitANewConnectionIsClosedUnanswered(users):
+    """
+    With --quota-status-max-connections connections open, the next is
+    closed with nothing written, even to its request (Postfix answers that
+    recipient 451 4.3.5, and tries again later), and counted; one line
+    says so for the burst, not one per connection (the next a minute
+    later, with how many were not logged).  Once one of those open
+    closes, a new connection is answered; the limit set anew (a reload)
+    holds for the connections after it.
+    """
+    clock, metrics = MemoryReactorClock(), Metrics()
+    factory = factoryFor(users, clock=clock, metrics=metrics)
+    factory.maxConnections = 2
+    first, second = Connection(factory), Connection(factory)
+    refused = [Connection(factory) for _ in range(3)]
+    for c in refused:
+        c.send(request_(FULL, 10))
+        assert c.closed and c.read() == ""
+    assert refused[0].lines() == [
+        "quota-status connection refused peer=127.0.0.1:40000 reason=too many connections "
+        "(quota-status-max-connections 2 open)"
+    ]
+    [event] = refused[0].events
+    assert (event["event"], event["reason"]) == ("quota_status.refused", "too many connections")
+    assert refused[1].lines() == refused[2].lines() == []
+    assert second.ask(FULL, 10) == "action=452 4.2.2 mailbox full\n\n"
+
+    def refusedCount():
+        return metrics.registry.get_sample_value(
+            "mailgate_connections_refused_total", {"protocol": "quota-status", "reason": "too_many"}
+        )
+
+    assert refusedCount() == 3
+    clock.advance(61)
+    later = Connection(factory)
+    assert later.closed and later.lines() == [
+        "quota-status connection refused peer=127.0.0.1:40000 reason=too many connections "
+        "(quota-status-max-connections 2 open) (2 more refused since the last line)"
+    ]
+    first.protocol.connectionLost(Failure(ConnectionDone()))
+    assert Connection(factory).ask(ROOMY, 10) == "action=DUNNO\n\n"
+    assert Connection(factory).closed
+    factory.maxConnections = 3
+    assert Connection(factory).ask(ROOMY, 10) == "action=DUNNO\n\n"
+    factory.maxConnections = 0
+    assert not any(Connection(factory).closed for _ in range(5))
+    assert refusedCount() == 5
+
+
+def test_aPeerOffTheNetworksIsNotCountedAgainstTheLimit(users):
+    """
+    A peer refused for its network neither takes a place nor is counted
+    as too many.
+    """
+    metrics = Metrics()
+    factory = factoryFor(users, metrics=metrics)
+    factory.maxConnections = 1
+    assert Connection(factory, peer=IPv4Address("TCP", "192.0.2.9", 5555)).closed
+    assert Connection(factory).ask(ROOMY, 10) == "action=DUNNO\n\n"
+    assert metrics.registry.get_sample_value(
+        "mailgate_connections_refused_total", {"protocol": "quota-status", "reason": "too_many"}
+    ) == 0
+
+
 # -- logs and metrics ----------------------------------------------------------------------------
 
 
@@ -558,5 +624,9 @@ def test_theOptions():
     assert config.quotaStatusToolarge is None
     assert config.quotaStatusSuccess == "DUNNO"
     assert list(config.quotaStatusNetworks) == ["10.0.0.0/8"]
+    assert config.quotaStatusMaxConnections == 200
+    assert parsed("--quota-status-max-connections", "0").quotaStatusMaxConnections == 0
+    with pytest.raises(UsageError, match="quota-status-max-connections.*at least 0"):
+        parsed("--quota-status-max-connections", "-1")
     with pytest.raises(UsageError, match="quota-status-overquota.*not a Postfix access action"):
         parsed("--quota-status-overquota", "Mailbox is full")

@@ -35,6 +35,18 @@ full they are: it answers only peers on C{--quota-status-network}
 (loopback by default; Unix socket peers always), and should listen on
 loopback or a private address only.
 
+And it bounds how many connections are open at once
+(C{--quota-status-max-connections}, L{MAX_CONNECTIONS}): each of
+Postfix's smtpd processes keeps one and reuses it, so a normal count is
+about Postfix's process limit, and a peer opening thousands (a runaway
+client on an allowed network) would have each cost memory and a store
+query.  Past the limit a new connection is closed unread and unanswered:
+Postfix's C{check_policy_service} then fails for that recipient (after
+C{smtpd_policy_service_try_limit} tries), which Postfix answers its
+client as C{smtpd_policy_service_default_action} says: by default
+C{451 4.3.5 Server configuration problem}, a temporary failure (the mail
+is deferred, not lost).
+
 Nothing here knows the store: L{QuotaStatusFactory} is given the
 L{LocalDelivery} the SMTP and LMTP listeners are built with.
 """
@@ -59,6 +71,12 @@ from mailgate.smtp.envelope import Envelope, SMTPReply, traceOctets
 #: this machine (the service reveals which addresses exist and how full
 #: they are)
 DEFAULT_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+#: the connections served at once unless configured otherwise: twice
+#: Postfix's default_process_limit (100), each of whose smtpd processes
+#: keeps one connection (the limit is the whole service's, for every
+#: Postfix in front together)
+MAX_CONNECTIONS = 200
 
 #: the only request type Postfix's smtpd sends (SMTPD_POLICY_README)
 ACCESS_POLICY = "smtpd_access_policy"
@@ -204,9 +222,37 @@ class QuotaStatusServer(Protocol):
                 )
             self.transport.loseConnection()
             return
+        if factory.maxConnections and len(factory.connections) >= factory.maxConnections:
+            self._refuseTooMany()
+            return
         self._idle = IdleTimer(factory.reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         self._idle.start()
         factory.connections.add(self)
+
+    def _refuseTooMany(self):
+        """
+        Close the connection unread and unanswered: the service serves
+        C{maxConnections} already.  Logged once for a burst of them (the
+        first, then at most a line a minute saying how many were not
+        logged: the limit is the service's, not a peer's), every one
+        counted.
+        """
+        factory = self.factory
+        self._closed = True
+        if factory.metrics is not None:
+            factory.metrics.connectionRefused("quota-status", "too many connections")
+        skipped = factory.refusals.note(None, "too many connections")
+        if skipped is not None:
+            more = f" ({skipped} more refused since the last line)" if skipped else ""
+            self._log(
+                LogLevel.warn,
+                f"quota-status connection refused peer={self.peerText} reason=too many connections "
+                f"(quota-status-max-connections {factory.maxConnections} open){more}",
+                event="quota_status.refused",
+                reason="too many connections",
+                unlogged=skipped,
+            )
+        self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self._closed = True
@@ -429,7 +475,12 @@ class QuotaStatusFactory(Factory):
         whose peers are answered; others are closed unread.
     @param hostname: the name in the trace fields mailgate's LMTP will add
         (counted in the room a message takes).
-    @param metrics: the L{mailgate.metrics.Metrics} counting answers.
+    @param metrics: the L{mailgate.metrics.Metrics} counting answers and
+        connections refused.
+    @param maxConnections: the connections served at once; past it a new
+        one is closed unread.  0 for no limit.
+    @ivar maxConnections: as given; a reload sets it, for the connections
+        made after it (those open stay, though more than a lower limit).
     """
 
     protocol = QuotaStatusServer
@@ -437,13 +488,17 @@ class QuotaStatusFactory(Factory):
     # lines say nothing more.
     noisy = False
 
-    def __init__(self, delivery, reactor, actions=None, networks=DEFAULT_NETWORKS, hostname="localhost", metrics=None):
+    def __init__(
+        self, delivery, reactor, actions=None, networks=DEFAULT_NETWORKS, hostname="localhost", metrics=None,
+        maxConnections=MAX_CONNECTIONS,
+    ):
         self.delivery = delivery
         self.reactor = reactor
         self.actions = actions if actions is not None else QuotaStatusActions()
         self.networks = tuple(parseNetwork(n) for n in networks)
         self.hostname = hostname
         self.metrics = metrics
+        self.maxConnections = maxConnections
         self.refusals = RefusalLog(reactor)
         #: the connections open (Postfix keeps its own for minutes)
         self.connections = set()
