@@ -26,6 +26,9 @@ Label values used by callers:
     C{--quota-status-max-connections}), C{"shutting_down"}
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
+  - XCLIENT C{command}: C{"XFORWARD"} (SMTP, LMTP), C{"XCLIENT"}; its
+    C{result}: C{"accepted"}, C{"refused_network"}, C{"refused_sequence"},
+    C{"refused_syntax"}
   - database C{operation}: the name of the store's interaction (the
     function run on a worker thread, without its leading underscore:
     C{"findUser"}, C{"deliver"}, C{"openMessages"}, ...), a set fixed by
@@ -120,6 +123,15 @@ RETENTION_RESULTS = ("completed", "failed", "skipped")
 #: or a request it has no opinion on (another request type, no recipient,
 #: a domain not served here: DUNNO)
 QUOTA_STATUS_RESULTS = ("success", "nouser", "overquota", "toolarge", "tempfail", "ignored")
+#: the commands by which an MTA or proxy in front names the client it
+#: relays (SMTP and LMTP: Postfix's XFORWARD and XCLIENT; POP3: XCLIENT),
+#: as the C{command} label gives them
+RELAY_COMMANDS = {"smtp": ("XFORWARD", "XCLIENT"), "lmtp": ("XFORWARD", "XCLIENT"), "pop3": ("XCLIENT",)}
+#: how such a command ended: taken, or refused from a peer outside
+#: C{--xclient-network}, at the wrong point of the session (in a mail
+#: transaction; POP3: after a login began or another XCLIENT), or for an
+#: argument that does not parse
+RELAY_COMMAND_RESULTS = ("accepted", "refused_network", "refused_sequence", "refused_syntax")
 #: the TLS versions a session can negotiate (C{--tls-min-version} 1.2 or
 #: 1.3; OpenSSL's names, as the end lines' C{tls_version=}); the cipher
 #: is not a label (see L{Metrics.tlsEstablished})
@@ -312,6 +324,16 @@ class Metrics:
             "Answers of the quota-status service to Postfix's policy requests, by outcome.",
             ["result"], QUOTA_STATUS_RESULTS,
         )
+        self._relayCommands = _Series(
+            counter, "mailgate_xclient_commands",
+            "XFORWARD and XCLIENT commands, by protocol, command and outcome (taken, or why refused).",
+            ["protocol", "command", "result"],
+            [
+                (protocol, command, result)
+                for protocol, commands in RELAY_COMMANDS.items() for command in commands
+                for result in RELAY_COMMAND_RESULTS
+            ],
+        )
         self._settingsDiffer = _Series(
             gauge, "mailgate_node_settings_differ",
             "1 where another live node sharing the database works with another value of the setting.",
@@ -368,7 +390,7 @@ class Metrics:
             self._deletedMessages, self._deliveries, self._deliveredBytes, self._authCache,
             self._maildropLocks, self._bans, self._writesFailing, self._timeouts, self._settingsDiffer, self._clockOffset,
             self._certificateExpiry, self._retentionRemoved, self._retentionRounds, self._recipientsRefused,
-            self._sendersRefused, self._forbidden, self._quotaStatusAnswers,
+            self._sendersRefused, self._forbidden, self._quotaStatusAnswers, self._relayCommands,
         ]))
 
         # The histograms, and the store's worker threads' counter:
@@ -589,6 +611,20 @@ class Metrics:
         store failed it.
         """
         self._count(self._quotaStatusAnswers, _bounded(result, QUOTA_STATUS_RESULTS))
+
+    def relayCommand(self, protocol, command, result):
+        """
+        An XFORWARD or XCLIENT (C{command}, in upper case) ended with
+        C{result}, one of L{RELAY_COMMAND_RESULTS}
+        (C{mailgate_xclient_commands_total}): whether the MTA in front
+        uses XFORWARD, and a peer refused for being outside
+        C{--xclient-network} (a misconfigured option, or one that changed
+        address), which the log alone told.  A command a protocol does
+        not have is counted as C{"OTHER"}.
+        """
+        protocol = _bounded(protocol, PROTOCOLS)
+        command = _bounded(command, RELAY_COMMANDS.get(protocol, ()), OTHER_COMMAND)
+        self._count(self._relayCommands, (protocol, command, _bounded(result, RELAY_COMMAND_RESULTS)))
 
     def retentionRound(self, result):
         """

@@ -23,6 +23,7 @@ from dovecotserver import requireDovecot
 from e2e import _LOGGED_ERROR, DEADLINE, popLogin, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
 from test_dovecot_lmtp_proxy import PASSWORD, SENDER, dovecot, proxyFields  # noqa: F401 (fixture)
+from test_metrics import sample, scrape
 
 pytestmark = requireDovecot
 
@@ -38,6 +39,7 @@ def test_theClientDovecotRelayedIsNamed(mailgate_server, mailgate_cli, dovecot):
     server = mailgate_server(
         "--lmtp", "tcp:0:interface=127.0.0.1", "--domain", "example.org", "--no-apop",
         "--xclient-network", "127.0.0.1/32", "--debug-peer", "127.0.0.1/32",
+        "--metrics", "tcp:0:interface=127.0.0.1",
     )
     mailgate_cli.addUser(ALICE, PASSWORD)
     dovecot.passdbFields = {ALICE: proxyFields(server.portOf("LMTP"))}
@@ -70,6 +72,11 @@ def test_theClientDovecotRelayedIsNamed(mailgate_server, mailgate_cli, dovecot):
     xclient = " ".join(command for command in commands if command.upper().startswith("XCLIENT "))
     assert f"ADDR={MTA}" in xclient and f"HELO={MTA_NAME}" in xclient, xclient
     assert re.search(r"lmtp trace peer=\S+ S: 220 \S+ LMTP mailgate ready", log), log
+    # /metrics counts each of them taken.
+    _, metrics = scrape(server)
+    assert sample(
+        metrics, "mailgate_xclient_commands_total", protocol="lmtp", command="XCLIENT", result="accepted"
+    ) == verbs.count("XCLIENT"), metrics
 
     # mailgate's log names the MTA, and Dovecot as the proxy.
     [named] = re.findall(r"lmtp xclient peer=127\.0\.0\.2:\d+ proxy=127\.0\.0\.1:\d+ .*$", log, re.MULTILINE)

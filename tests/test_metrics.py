@@ -73,6 +73,7 @@ CONTRACT = {
     "mailgate_retention_rounds": ("counter", {"result"}),
     "mailgate_recipients_refused": ("counter", {"protocol", "reason"}),
     "mailgate_senders_refused": ("counter", {"protocol", "reason"}),
+    "mailgate_xclient_commands": ("counter", {"protocol", "command", "result"}),
     "mailgate_log_lines_lost": ("counter", set()),
     "mailgate_log_last_reopen_successful": ("gauge", set()),
 }
@@ -114,6 +115,19 @@ def test_smallLabelSetsStartAtZero():
     assert metrics.registry.get_sample_value("mailgate_deliveries_total", {"protocol": "smtp", "result": "tempfail"}) == 0
     assert metrics.registry.get_sample_value("mailgate_pop3_commands_total", {"command": "RETR"}) == 0
     assert metrics.registry.get_sample_value("mailgate_auth_cache_total", {"result": "hit"}) == 0
+    # Every command each protocol has, with every result: POP3 has no
+    # XFORWARD.
+    xclient = {
+        (s.labels["protocol"], s.labels["command"], s.labels["result"]): s.value
+        for s in families(metrics)["mailgate_xclient_commands"].samples
+        if s.name == "mailgate_xclient_commands_total"
+    }
+    results = ("accepted", "refused_network", "refused_sequence", "refused_syntax")
+    assert xclient == dict.fromkeys(
+        [(p, c, r) for p in ("smtp", "lmtp") for c in ("XFORWARD", "XCLIENT") for r in results]
+        + [("pop3", "XCLIENT", r) for r in results],
+        0,
+    )
 
 
 def test_everyLoginMechanismHasItsOwnSeries():
@@ -281,6 +295,14 @@ def test_callsMoveTheirSeries():
     assert value(m, "mailgate_timeouts_total", protocol="smtp", kind="data_rate") == 1
     assert value(m, "mailgate_timeouts_total", protocol="pop3", kind="login") == 1
     assert value(m, "mailgate_timeouts_total", protocol="pop3", kind="other") == 1
+    m.relayCommand("lmtp", "XFORWARD", "accepted")
+    m.relayCommand("lmtp", "XFORWARD", "accepted")
+    m.relayCommand("pop3", "XCLIENT", "refused_network")
+    assert value(m, "mailgate_xclient_commands_total", protocol="lmtp", command="XFORWARD", result="accepted") == 2
+    assert value(m, "mailgate_xclient_commands_total", protocol="smtp", command="XFORWARD", result="accepted") == 0
+    assert value(
+        m, "mailgate_xclient_commands_total", protocol="pop3", command="XCLIENT", result="refused_network"
+    ) == 1
 
 
 def test_labelValuesAreBounded():
@@ -291,11 +313,18 @@ def test_labelValuesAreBounded():
     m.pop3Command(None)
     m.delivery("smtp", "lost")
     m.connectionRefused("pop3", "a reason nobody wrote down")
+    m.relayCommand("pop3", "XFORWARD", "accepted")
+    m.relayCommand("smtp", "xclient", "maybe")
+    m.relayCommand("imap", "XCLIENT", "accepted")
     assert value(m, "mailgate_sessions_total", protocol="other") == 1
     assert value(m, "mailgate_logins_total", protocol="other", mechanism="other", result="other") == 1
     assert value(m, "mailgate_pop3_commands_total", command="OTHER") == 2
     assert value(m, "mailgate_deliveries_total", protocol="smtp", result="other") == 1
     assert value(m, "mailgate_connections_refused_total", protocol="pop3", reason="other") == 1
+    # POP3 has no XFORWARD; the commands are upper case, as sent.
+    assert value(m, "mailgate_xclient_commands_total", protocol="pop3", command="OTHER", result="accepted") == 1
+    assert value(m, "mailgate_xclient_commands_total", protocol="smtp", command="OTHER", result="other") == 1
+    assert value(m, "mailgate_xclient_commands_total", protocol="other", command="OTHER", result="accepted") == 1
     for n in range(MAX_OPERATIONS + 10):
         m.databaseOperation(f"operation{n}", 0.001)
     operations = {
@@ -1004,6 +1033,10 @@ def test_scrapeARunningServer(mailgate_server, mailgate_cli):
     status, before = scrape(server)
     assert status == 200
     promtoolCheck(before)
+    # A series of each small label set is there at 0 from the start.
+    assert sample(
+        before, "mailgate_xclient_commands_total", protocol="lmtp", command="XFORWARD", result="accepted"
+    ) == 0
     during = []
     exercise(server, mailgate_cli, lambda: during.append(scrape(server)[1]))
     assert sample(during[0], "mailgate_maildrop_locks") == 1

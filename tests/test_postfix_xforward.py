@@ -21,6 +21,7 @@ import pytest
 
 from e2e import DEADLINE, popLogin, sqliteOnly, waitFor
 from e2e import mailgate_cli, mailgate_server  # noqa: F401 (fixtures)
+from test_metrics import sample, scrape
 from test_pairings import MAIN_CF, PrivatePostfix, postfixRoot  # noqa: F401 (fixtures)
 
 ALICE = "alice@example.org"
@@ -59,7 +60,8 @@ def test_theReceivedFieldNamesTheClientPostfixHadTheMessageFrom(
     options = ["--xclient-network", "127.0.0.1/32"] if xclientNetwork else []
     # Traced (--debug-peer): the commands Postfix sent are in the log.
     server = mailgate_server(
-        "--lmtp", "tcp:0:interface=127.0.0.1", "--no-apop", "--debug-peer", "127.0.0.1/32", *options
+        "--lmtp", "tcp:0:interface=127.0.0.1", "--no-apop", "--debug-peer", "127.0.0.1/32",
+        "--metrics", "tcp:0:interface=127.0.0.1", *options,
     )
     mailgate_cli.addUser(ALICE, PASSWORD)
     postfix = ForwardingPostfix(postfixRoot, server.portOf("LMTP"))
@@ -88,6 +90,15 @@ def test_theReceivedFieldNamesTheClientPostfixHadTheMessageFrom(
         pop.quit()
     field = received(message)
     assert b"relayed by LMTP" in b"\r\n".join(message)
+    # What /metrics shows of it: Postfix's XFORWARD taken (in one
+    # command or more, as long as its attributes are), none refused.
+    _, metrics = scrape(server)
+    xforward = {
+        result: sample(metrics, "mailgate_xclient_commands_total", protocol="lmtp", command="XFORWARD", result=result)
+        for result in ("accepted", "refused_network", "refused_sequence", "refused_syntax")
+    }
+    assert (xforward.pop("accepted") >= 1) == xclientNetwork, metrics
+    assert xforward == dict.fromkeys(xforward, 0), xforward
 
     if xclientNetwork:
         # The client's EHLO name and address (with the name Postfix looked

@@ -7,8 +7,9 @@ client.  Offered and taken from those networks only; syntax and state
 errors answered with the reason; XFORWARD's attributes hold for one mail
 transaction; after XCLIENT the session starts over as the named client's,
 its policy (a ban, unknown recipients) that client's, its connection
-still counted against the proxy.  With a real Postfix and a real Dovecot:
-test_postfix_xforward.py, test_dovecot_lmtp_xclient.py.
+still counted against the proxy.  Each command is counted by how it
+ended (mailgate_xclient_commands_total).  With a real Postfix and a real
+Dovecot: test_postfix_xforward.py, test_dovecot_lmtp_xclient.py.
 """
 
 import re
@@ -28,7 +29,7 @@ from mailgate.smtp.forwarding import (
 )
 from mailgate.testing import SMTPSession, addUser
 from test_smtp_protocol import retr
-from test_xclient import RecordingPolicy
+from test_xclient import RecordingPolicy, counted
 
 ALICE = "alice@example.org"
 PASSWORD = "secret"
@@ -330,6 +331,49 @@ def test_tlsIsTheProxysLinksToDecide(store, tls):
     s.command("XCLIENT ADDR=192.0.2.7")
     s.command("EHLO client.example.net")
     assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+
+
+# -- counted ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+@pytest.mark.parametrize(
+    "command, line, taken",
+    [("XFORWARD", XFORWARD, "250 2.0.0 OK\r\n"), ("XCLIENT", "XCLIENT ADDR=192.0.2.7 PORT=4711", "220 ")],
+)
+def test_eachOutcomeIsCounted(alice, lmtp, command, line, taken):
+    """
+    README: mailgate_xclient_commands_total counts each XFORWARD and
+    XCLIENT by protocol, command and result: refused from a peer outside
+    --xclient-network (what a misconfigured option shows), refused in a
+    mail transaction, refused for its syntax, and taken.
+    """
+    protocol = "lmtp" if lmtp else "smtp"
+    outside = session(alice, lmtp=lmtp, peer=ELSEWHERE)
+    assert outside.command(line) == "550 5.7.0 insufficient authorization\r\n"
+    assert counted(outside) == {(protocol, command, "refused_network"): 1}
+
+    s = session(alice, lmtp=lmtp)
+    assert s.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert s.command(line) == "503 5.5.1 mail transaction in progress\r\n"
+    assert s.command("RSET").startswith("250")
+    assert s.command(f"{command} COLOUR=blue") == f"501 5.5.4 bad {command} attribute name: COLOUR\r\n"
+    assert counted(s) == {(protocol, command, "refused_sequence"): 1, (protocol, command, "refused_syntax"): 1}
+    assert s.command(line).startswith(taken)
+    assert counted(s) == {
+        (protocol, command, "refused_sequence"): 1, (protocol, command, "refused_syntax"): 1,
+        (protocol, command, "accepted"): 1,
+    }
+
+
+def test_anXclientNamingABannedClientIsCountedTaken(alice):
+    """
+    The proxy's XCLIENT was taken; the ban is the named client's, told
+    by the 421 and the session's end line, not a refusal of the proxy.
+    """
+    s = session(alice, policy=RecordingPolicy(banned={"192.0.2.66"}))
+    assert s.command("XCLIENT ADDR=192.0.2.66").startswith("421 4.7.0")
+    assert counted(s) == {("smtp", "XCLIENT", "accepted"): 1}
 
 
 # -- the attributes' parser ---------------------------------------------------

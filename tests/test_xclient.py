@@ -5,8 +5,9 @@ protocol without sockets: offered in the greeting to proxies on
 a second time; the client's address then stands for the proxy's in the
 login's checks (bans, the user's and a master user's networks) and the
 log, while the connection stays counted against the proxy and the
-proxy's link decides whether a password may come in the clear.  With a
-real Dovecot in front: test_dovecot_pop3_proxy.py.
+proxy's link decides whether a password may come in the clear; each
+XCLIENT counted by how it ended (mailgate_xclient_commands_total).  With
+a real Dovecot in front: test_dovecot_pop3_proxy.py.
 """
 
 import pytest
@@ -126,25 +127,64 @@ def test_aMasterUsersNetworksSeeTheClient(store):
     assert session.login(f"{ALICE}*proxy", "key").startswith("+OK")
 
 
+def counted(session):
+    """
+    The series of C{mailgate_xclient_commands_total} that are not 0 in
+    the session's factory's metrics, by C{(protocol, command, result)}
+    (the SMTP and LMTP XCLIENT and XFORWARD tests use it too).
+    """
+    return {
+        (sample.labels["protocol"], sample.labels["command"], sample.labels["result"]): sample.value
+        for family in session.factory.metrics.registry.collect()
+        if family.name == "mailgate_xclient_commands"
+        for sample in family.samples
+        if sample.name == "mailgate_xclient_commands_total" and sample.value
+    }
+
+
 @pytest.mark.parametrize(
-    "peer, before, line, reply",
+    "peer, before, line, reply, result",
     [
-        (ELSEWHERE, (), XCLIENT, "-ERR XCLIENT is not allowed from this address\r\n"),
-        (PROXY, (XCLIENT,), XCLIENT, "-ERR XCLIENT comes once, before the login\r\n"),
-        (PROXY, (f"USER {ALICE}",), XCLIENT, "-ERR XCLIENT comes once, before the login\r\n"),
-        (PROXY, (), "XCLIENT PORT=5", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n"),
-        (PROXY, (), "XCLIENT ADDR=example.org", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n"),
-        (PROXY, (), "XCLIENT ADDR=192.0.2.7 PORT=70000", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n"),
+        (ELSEWHERE, (), XCLIENT, "-ERR XCLIENT is not allowed from this address\r\n", "refused_network"),
+        (PROXY, (XCLIENT,), XCLIENT, "-ERR XCLIENT comes once, before the login\r\n", "refused_sequence"),
+        (PROXY, (f"USER {ALICE}",), XCLIENT, "-ERR XCLIENT comes once, before the login\r\n", "refused_sequence"),
+        (PROXY, (), "XCLIENT PORT=5", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n", "refused_syntax"),
+        (
+            PROXY, (), "XCLIENT ADDR=example.org", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n",
+            "refused_syntax",
+        ),
+        (
+            PROXY, (), "XCLIENT ADDR=192.0.2.7 PORT=x", "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n",
+            "refused_syntax",
+        ),
+        (
+            PROXY, (), "XCLIENT ADDR=192.0.2.7 PORT=70000",
+            "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n", "refused_syntax",
+        ),
     ],
 )
-def test_refusals(store, peer, before, line, reply):
+def test_refusals(store, peer, before, line, reply, result):
+    """
+    Each refusal is answered with its reason and counted in
+    mailgate_xclient_commands_total by it (README): a proxy outside
+    --xclient-network shows there, not only in the log.
+    """
     session = _session(store, peer=peer)
     for command in before:
         session.command(command)
     assert session.command(line) == reply
+    taken = {("pop3", "XCLIENT", "accepted"): 1} if before == (XCLIENT,) else {}
+    assert counted(session) == {**taken, ("pop3", "XCLIENT", result): 1}
     if not before:
         # A refused XCLIENT changed nothing: the peer is the connection's.
         assert session.protocol.peer is session.protocol.connectedPeer
+
+
+def test_aTakenXclientIsCounted(store):
+    session = _session(store)
+    assert counted(session) == {}
+    assert session.command(XCLIENT) == "+OK the client's address is taken\r\n"
+    assert counted(session) == {("pop3", "XCLIENT", "accepted"): 1}
 
 
 def test_afterTheLoginItIsNoCommand(store):

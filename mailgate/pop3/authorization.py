@@ -244,9 +244,15 @@ class AuthorizationCommands:
         counted against the proxy's address.  Unknown fields are ignored,
         as Dovecot ignores them.
         """
+        # Counted by how it ends (mailgate_xclient_commands_total): a
+        # proxy refused for being outside --xclient-network otherwise
+        # shows only in the log.
+        counted = self.factory.metrics.relayCommand
         if not self.factory.acceptsXCLIENT(self.connectedPeer):
+            counted(self.protocolName, "XCLIENT", "refused_network")
             raise CommandError("XCLIENT is not allowed from this address")
         if self.peer is not self.connectedPeer or self._pendingUser is not None or self._authFailures:
+            counted(self.protocolName, "XCLIENT", "refused_sequence")
             raise CommandError("XCLIENT comes once, before the login")
         fields = {}
         for item in argument.split():
@@ -256,9 +262,11 @@ class AuthorizationCommands:
             ip = ipaddress.ip_address(fields.get("ADDR", ""))
             port = int(fields.get("PORT", "0"))
         except ValueError:
-            raise CommandError("XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)") from None
-        if not 0 <= port <= 65535:
+            ip = None
+        if ip is None or not 0 <= port <= 65535:
+            counted(self.protocolName, "XCLIENT", "refused_syntax")
             raise CommandError("XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)")
+        counted(self.protocolName, "XCLIENT", "accepted")
         proxy = self.peerText
         # The link to the proxy decides whether plaintext passwords may
         # come (a Dovecot on this machine or on a trusted network).

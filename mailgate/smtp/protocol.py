@@ -917,21 +917,31 @@ class SMTPServer(CommandSession):
 
     # -- the client a relay names (XFORWARD, XCLIENT) ------------------------
 
-    def _relayCommand(self):
+    def _relayCommand(self, command):
         """
-        Whether XFORWARD or XCLIENT may run now; if not, the refusal (a
-        L{Deferred} or C{None}, as L{_bad} returns it) in a list.  Only an
-        MTA or proxy on C{--xclient-network} (by the address of its own
-        connection, whatever an XCLIENT before said) may name the client
-        it relays (both documents: the commands change audit trails), and
-        not in a mail transaction (between MAIL and the end of its data
-        or RSET).
+        Whether XFORWARD or XCLIENT (C{command}) may run now; if not, the
+        refusal (a L{Deferred} or C{None}, as L{_bad} returns it) in a
+        list, counted.  Only an MTA or proxy on C{--xclient-network} (by
+        the address of its own connection, whatever an XCLIENT before
+        said) may name the client it relays (both documents: the commands
+        change audit trails), and not in a mail transaction (between MAIL
+        and the end of its data or RSET).
         """
         if not self.factory.acceptsXCLIENT(self.connectedPeer):
+            self._relayCommandEnded(command, "refused_network")
             return [self._bad(550, "5.7.0", "insufficient authorization")]
         if self._envelope is not None:
+            self._relayCommandEnded(command, "refused_sequence")
             return [self._bad(503, "5.5.1", "mail transaction in progress")]
         return None
+
+    def _relayCommandEnded(self, command, result):
+        """
+        Count an XFORWARD or XCLIENT by how it ended
+        (C{mailgate_xclient_commands_total}): a peer refused for being
+        outside C{--xclient-network} otherwise shows only in the log.
+        """
+        self.factory.metrics.relayCommand(self.protocolName, command, result)
 
     def smtp_XFORWARD(self, argument):
         """
@@ -944,13 +954,15 @@ class SMTPServer(CommandSession):
         forgotten when the transaction ends, or at RSET or EHLO without
         one.
         """
-        refused = self._relayCommand()
+        refused = self._relayCommand("XFORWARD")
         if refused is not None:
             return refused[0]
         try:
             attributes = parseXFORWARD(argument)
         except ForwardingSyntaxError as e:
+            self._relayCommandEnded("XFORWARD", "refused_syntax")
             return self._bad(501, "5.5.4", str(e))
+        self._relayCommandEnded("XFORWARD", "accepted")
         self._forwarded = updated(self._forwarded, attributes)
         self._reply(250, "2.0.0", "OK")
         return None
@@ -973,13 +985,17 @@ class SMTPServer(CommandSession):
         C{421} and the connection closed, as it would have been had it
         connected itself.
         """
-        refused = self._relayCommand()
+        refused = self._relayCommand("XCLIENT")
         if refused is not None:
             return refused[0]
         try:
             attributes = parseXCLIENT(argument)
         except ForwardingSyntaxError as e:
+            self._relayCommandEnded("XCLIENT", "refused_syntax")
             return self._bad(501, "5.5.4", str(e))
+        # Taken, even where the client it names is banned (counted as
+        # the ban's, below).
+        self._relayCommandEnded("XCLIENT", "accepted")
         address = attributes.pop("ADDR", None)
         port = attributes.pop("PORT", None)
         if address is not None or port is not None:
