@@ -12,6 +12,7 @@ before the reply.
 """
 
 import io
+import secrets
 import smtplib
 import socket
 import tracemalloc
@@ -438,6 +439,51 @@ def test_otherMessagesAndOtherUsersDoNotWaitForADeliveryBeingCommitted(postgresU
     finally:
         other.close()
         node.close()
+
+
+def test_anotherSchemasDeliveryOfTheSameMessageToItsUserOfTheSameIdDoesNotWait(postgresURL):
+    """
+    Advisory locks are the whole database's, and user ids start at 1 in
+    every schema: a second mailgate in another schema of the same database
+    (another deployment; the suite's tests side by side), storing the same
+    message for its Alice (id 1 there too) while this one's delivery to
+    Alice is being committed, does so at once rather than wait for it
+    (before, it waited, and a suite run failed on the lock timeout).  A
+    wait is an error here (lock_timeout), not a hang.
+    """
+    import psycopg
+
+    from conftest import withSchema
+    from mailgate.store.database import runBatch
+    from mailgate.store.sql import _deliverOne
+
+    base = postgresURL.split("?", 1)[0]
+    schema = "t_other_" + secrets.token_hex(4)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    node = memoryStore(postgresURL)
+    elsewhere = memoryStore(withSchema(base, schema))
+    other = elsewhere.engine.connect()
+    try:
+        for store in (node, elsewhere):
+            addUser(store, ALICE, "wonderland")
+        assert _userId(node, ALICE) == _userId(elsewhere, ALICE)
+        first = node.database.connection
+        cursor = node.engine.begin(first, True)
+        _deliverOne(cursor, node.engine, [ALICE], keyed(message(1)), 1_800_000_000, window=3600)
+        with other.cursor() as setting:
+            setting.execute("SET lock_timeout = '5s'")
+        other.commit()
+        [(ok, stored)] = runBatch(elsewhere.engine, other, [_delivery(elsewhere.engine, ALICE, 1, {})])
+        assert ok and not isinstance(stored[ALICE], AlreadyDelivered), stored
+        first.commit()
+        assert maildrop(elsewhere, ALICE) == [stored[ALICE]] and len(maildrop(node, ALICE)) == 1
+    finally:
+        other.close()
+        elsewhere.close()
+        node.close()
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def test_batchesWithTheSameMessagesInOtherOrdersDoNotDeadlock(postgresURL):

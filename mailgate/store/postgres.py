@@ -800,16 +800,23 @@ def _key(text):
 # advisory locks (the maildrop locks and their write keys, the schema
 # lock) take one bigint key (_key), and PostgreSQL keeps the two forms
 # apart (pg_locks.objsubid is 1 for a bigint key, 2 for a pair): a
-# delivery's lock is never one of those, whatever the values.  Another
-# mailgate in another schema of the same database shares the class: the
-# same message to one of its users with the same id only waits.  "mgdk".
+# delivery's lock is never one of those, whatever the values.  "mgdk".
 DELIVERY_LOCK_CLASS = 0x6D67646B
 # Taken in the array's order, which is the keys' sorted order: two
 # transactions locking some of the same keys take them in the same order,
 # so neither holds one the other waits for while it waits for one the
 # other holds.  count() makes it one row whatever the number of keys.
+# Each key is mixed (XOR) with a hash of the database and schema the
+# statement runs in, computed once by the server: advisory locks are the
+# whole database's, and user ids start at 1 in every schema, so another
+# mailgate in another schema of the same database (a second deployment,
+# or the test suite's schemas side by side) delivering the same message
+# to its user of the same id waited for this one's commit (a suite run
+# failed on a lock timeout so).  Every node of one mailgate works in the
+# same schema, so its own deliveries of one message still meet here.
 _LOCK_DELIVERIES = (
-    f"SELECT count(pg_advisory_xact_lock({DELIVERY_LOCK_CLASS}, k)) FROM unnest(?::int4[]) AS k"
+    f"SELECT count(pg_advisory_xact_lock({DELIVERY_LOCK_CLASS}, "
+    "k # (SELECT hashtext(current_database() || ':' || current_schema())))) FROM unnest(?::int4[]) AS k"
 )
 
 
@@ -829,10 +836,11 @@ _DROP_BODY_REFERENCES = (
 def deliveryLockKeys(pairs):
     """
     The advisory lock keys of C{(user id, delivery key)} pairs: 32 bits
-    of a digest of each, distinct, sorted (the order they are taken in).
-    Two pairs sharing a key (one chance in four billion for two given
-    pairs) only make their deliveries wait for one another, as the same
-    message to the same user does.
+    of a digest of each, distinct, sorted (the order they are taken in;
+    the statement mixes in the schema's, L{_LOCK_DELIVERIES}).  Two pairs
+    sharing a key (one chance in four billion for two given pairs) only
+    make their deliveries wait for one another, as the same message to
+    the same user does.
     """
     keys = set()
     for userId, deliveryKey in pairs:
