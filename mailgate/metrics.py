@@ -23,7 +23,9 @@ Label values used by callers:
   - timeout C{kind}: C{"idle"}, C{"login"}, C{"data_rate"}
   - refusal C{reason}: C{"banned"}, C{"too_many"} (C{--max-connections}
     or C{--max-connections-per-ip}; with C{protocol} C{"quota-status"},
-    C{--quota-status-max-connections}), C{"shutting_down"}
+    C{--quota-status-max-connections}), C{"shutting_down"}; with
+    C{protocol} C{"quota-status"} also C{"network"} (a peer outside
+    C{--quota-status-network})
   - POP3 C{command}: the RFC command names in upper case; anything else
     is counted as C{"OTHER"}
   - XCLIENT C{command}: C{"XFORWARD"} (SMTP, LMTP), C{"XCLIENT"}; its
@@ -82,10 +84,15 @@ REFUSAL_REASONS = {
     "not a balancer": "not_balancer", "bad PROXY header": "proxy_header",
 }
 #: the listeners whose refused connections are counted: the mail
-#: protocols', and the quota-status service's (past
-#: C{--quota-status-max-connections}, its only refusal counted: a series
-#: of its own for each of the mail protocols' reasons would be zeros)
+#: protocols', and the quota-status service's
 REFUSING_PROTOCOLS = PROTOCOLS + ("quota-status",)
+#: why the quota-status service closed a connection unread, to its label
+#: value: a peer outside C{--quota-status-network} (C{network}: not
+#: C{not_balancer}, which names C{--proxy-network}'s refusal), and past
+#: C{--quota-status-max-connections}.  Its own set: a series for each of
+#: the mail protocols' reasons would be zeros, and theirs need no
+#: C{network} one.
+QUOTA_STATUS_REFUSALS = {"not on quota-status-network": "network", "too many connections": "too_many"}
 POP3_COMMANDS = (
     "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT",
     "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL",
@@ -245,7 +252,7 @@ class Metrics:
             counter, "mailgate_connections_refused", "Connections refused as they arrived, by reason.",
             ["protocol", "reason"],
             [(protocol, reason) for protocol in PROTOCOLS for reason in REFUSAL_REASONS.values()]
-            + [("quota-status", "too_many")],
+            + [("quota-status", reason) for reason in QUOTA_STATUS_REFUSALS.values()],
         )
         self._tlsFailures = _Series(
             counter, "mailgate_tls_failures", "TLS handshakes that failed, and corrupt TLS records.",
@@ -441,9 +448,13 @@ class Metrics:
         so only C{mailgate_connections_refused_total{protocol,reason}}
         counts it.  A rise in C{too_many} is the connection limits
         turning clients away (with C{protocol} C{"quota-status"}: Postfix's
-        policy connections past C{--quota-status-max-connections}).
+        policy connections past C{--quota-status-max-connections}; its
+        C{network}, peers outside C{--quota-status-network}, told by
+        L{QUOTA_STATUS_REFUSALS}).
         """
-        self._count(self._refused, (_bounded(protocol, REFUSING_PROTOCOLS), REFUSAL_REASONS.get(reason, OTHER)))
+        protocol = _bounded(protocol, REFUSING_PROTOCOLS)
+        reasons = QUOTA_STATUS_REFUSALS if protocol == "quota-status" else REFUSAL_REASONS
+        self._count(self._refused, (protocol, reasons.get(reason, OTHER)))
 
     def connectionLimit(self, limit):
         """

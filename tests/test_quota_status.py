@@ -541,6 +541,33 @@ def test_aPeerOffTheNetworksIsNotCountedAgainstTheLimit(users):
     ) == 0
 
 
+def test_peersOffTheNetworksAreCounted(users):
+    """
+    Each peer refused for its network is counted, with reason network
+    (0 from the start), though only the first has a line: an operator
+    sees a Postfix missing from --quota-status-network in the metrics,
+    not only in the log.  The mail protocols have no network series.
+    """
+    metrics = Metrics()
+    factory = factoryFor(users, metrics=metrics)
+
+    def refused(reason, protocol="quota-status"):
+        return metrics.registry.get_sample_value(
+            "mailgate_connections_refused_total", {"protocol": protocol, "reason": reason}
+        )
+
+    assert refused("network") == 0
+    outsider = IPv4Address("TCP", "192.0.2.9", 5555)
+    connections = [Connection(factory, peer=outsider) for _ in range(3)]
+    assert all(c.closed for c in connections)
+    assert len(connections[0].lines()) == 1 and connections[2].lines() == []
+    assert refused("network") == 3
+    assert refused("too_many") == 0
+    assert Connection(factory).ask(ROOMY, 10) == "action=DUNNO\n\n"
+    assert refused("network") == 3
+    assert refused("network", protocol="smtp") is None
+
+
 # -- logs and metrics ----------------------------------------------------------------------------
 
 

@@ -210,6 +210,8 @@ class QuotaStatusServer(Protocol):
         self.peerText = describeAddress(peer)
         if not peerOnNetworks(peer, factory.networks):
             self._closed = True
+            if factory.metrics is not None:
+                factory.metrics.connectionRefused("quota-status", "not on quota-status-network")
             skipped = factory.refusals.note(getattr(peer, "host", self.peerText), "network")
             if skipped is not None:
                 more = f" ({skipped} more refused since the last line)" if skipped else ""
