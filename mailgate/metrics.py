@@ -11,7 +11,8 @@ is counted under C{"other"} (C{"OTHER"} for POP3 commands), so a caller's
 mistake can never make the number of series grow without bound.
 
 Label values used by callers:
-  - C{protocol}: C{"pop3"}, C{"smtp"}, C{"lmtp"}
+  - C{protocol}: C{"pop3"}, C{"smtp"}, C{"lmtp"}; and in the
+    connection series (open, admitted, refused) C{"quota-status"}
   - C{mechanism}: C{"user"} (USER/PASS), C{"apop"}, and the SASL mechanism
     names in lower case (C{"plain"}, C{"login"}, C{"cram-md5"},
     C{"scram-sha-256"}, and with C{--oauth2-keys} C{"oauthbearer"} and
@@ -83,8 +84,8 @@ REFUSAL_REASONS = {
     # (see mailgate.session.proxy)
     "not a balancer": "not_balancer", "bad PROXY header": "proxy_header",
 }
-#: the listeners whose refused connections are counted: the mail
-#: protocols', and the quota-status service's
+#: the listeners whose connections are counted (open, admitted, refused):
+#: the mail protocols', and the quota-status service's
 REFUSING_PROTOCOLS = PROTOCOLS + ("quota-status",)
 #: why the quota-status service closed a connection unread, to its label
 #: value: a peer outside C{--quota-status-network} (C{network}: not
@@ -242,12 +243,16 @@ class Metrics:
         # an upgrade rolls through a cluster.
         self._info = _Series(gauge, "mailgate_build_info", "The mailgate release running.", ["version"])
         self._info.values = {__version__: 1}
-        self._open = _Series(gauge, "mailgate_connections", "Connections open now.", ["protocol"], PROTOCOLS)
+        self._open = _Series(
+            gauge, "mailgate_connections", "Connections open now.", ["protocol"], REFUSING_PROTOCOLS
+        )
         self._limit = _Series(
             gauge, "mailgate_connections_limit",
             "The most connections served at once (max-connections, fitted to the open file limit); 0: none.",
         )
-        self._sessions = _Series(counter, "mailgate_sessions", "Connections admitted.", ["protocol"], PROTOCOLS)
+        self._sessions = _Series(
+            counter, "mailgate_sessions", "Connections admitted.", ["protocol"], REFUSING_PROTOCOLS
+        )
         self._refused = _Series(
             counter, "mailgate_connections_refused", "Connections refused as they arrived, by reason.",
             ["protocol", "reason"],
@@ -429,9 +434,11 @@ class Metrics:
     def connectionOpened(self, protocol):
         """
         A connection was admitted: C{mailgate_connections{protocol}} up,
-        C{mailgate_sessions_total{protocol}} counted.
+        C{mailgate_sessions_total{protocol}} counted.  C{"quota-status"}
+        too: Postfix's policy connections, outside C{--max-connections}
+        (their own limit is C{--quota-status-max-connections}).
         """
-        protocol = _bounded(protocol, PROTOCOLS)
+        protocol = _bounded(protocol, REFUSING_PROTOCOLS)
         self._count(self._open, protocol)
         self._count(self._sessions, protocol)
 
@@ -439,7 +446,7 @@ class Metrics:
         """
         An admitted connection ended: C{mailgate_connections{protocol}} down.
         """
-        self._count(self._open, _bounded(protocol, PROTOCOLS), -1)
+        self._count(self._open, _bounded(protocol, REFUSING_PROTOCOLS), -1)
 
     def connectionRefused(self, protocol, reason):
         """
@@ -460,7 +467,8 @@ class Metrics:
         """
         At most C{limit} connections are served at once, 0 for no limit
         (C{mailgate_connections_limit}): C{--max-connections}, lowered to
-        fit the open file limit.  C{sum(mailgate_connections) /
+        fit the open file limit.
+        C{sum(mailgate_connections{protocol!="quota-status"}) /
         mailgate_connections_limit} is how full the node is.
         """
         self._limit.values[()] = limit
@@ -486,9 +494,11 @@ class Metrics:
 
     def openConnections(self):
         """
-        The connections open now, by protocol (for systemd's status line).
+        The mail protocols' connections open now, by protocol (for
+        systemd's status line, which counts sessions: Postfix's
+        quota-status connections are none).
         """
-        return dict(self._open.values)
+        return {protocol: self._open.values[protocol] for protocol in PROTOCOLS}
 
     def login(self, protocol, mechanism, result):
         """

@@ -571,6 +571,40 @@ def test_peersOffTheNetworksAreCounted(users):
 # -- logs and metrics ----------------------------------------------------------------------------
 
 
+def test_theOpenConnectionsGaugeFollowsConnections(users):
+    """
+    mailgate_connections{protocol="quota-status"} is the connections open
+    now: up as each is admitted, down as each closes (once, however it
+    ends), never for one refused (its network, past the limit); each
+    admitted counted in mailgate_sessions_total.  systemd's status line
+    still counts the mail protocols' sessions only.
+    """
+    metrics = Metrics()
+    factory = factoryFor(users, metrics=metrics)
+    factory.maxConnections = 2
+
+    def sample(name):
+        return metrics.registry.get_sample_value(name, {"protocol": "quota-status"})
+
+    assert sample("mailgate_connections") == 0
+    first, second = Connection(factory), Connection(factory)
+    assert sample("mailgate_connections") == 2
+    assert Connection(factory).closed
+    assert Connection(factory, peer=IPv4Address("TCP", "192.0.2.9", 5555)).closed
+    assert sample("mailgate_connections") == 2
+    first.protocol.connectionLost(Failure(ConnectionDone()))
+    first.protocol.connectionLost(Failure(ConnectionDone()))
+    assert sample("mailgate_connections") == 1
+    third = Connection(factory)
+    assert sample("mailgate_connections") == 2
+    for c in (second, third):
+        c.protocol.connectionLost(Failure(ConnectionDone()))
+    assert sample("mailgate_connections") == 0
+    assert sample("mailgate_sessions_total") == 3
+    assert metrics.openConnections() == {"pop3": 0, "smtp": 0, "lmtp": 0}
+
+
+
 def test_aLinePerAnswerThatIsNotDUNNO(users):
     """
     One line per refusal, with the recipient, the size, the action, the

@@ -230,6 +230,10 @@ class QuotaStatusServer(Protocol):
         self._idle = IdleTimer(factory.reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         self._idle.start()
         factory.connections.add(self)
+        if factory.metrics is not None:
+            # mailgate_connections{protocol="quota-status"}, down again
+            # in connectionLost: the refused above never count there.
+            factory.metrics.connectionOpened("quota-status")
 
     def _refuseTooMany(self):
         """
@@ -258,7 +262,11 @@ class QuotaStatusServer(Protocol):
 
     def connectionLost(self, reason):
         self._closed = True
-        self.factory.connections.discard(self)
+        factory = self.factory
+        if self in factory.connections:
+            factory.connections.discard(self)
+            if factory.metrics is not None:
+                factory.metrics.connectionClosed("quota-status")
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
