@@ -1528,7 +1528,8 @@ SETTINGS = (
         "Most connections (POP3, SMTP and LMTP together) served at once; more "
         "are refused with -ERR [SYS/TEMP] / 421 4.7.0.  0 for no limit.  "
         "Lowered, with a warning at start, to fit the open file limit (ulimit "
-        "-n, LimitNOFILE) less 256 descriptors kept for the database and the log.",
+        "-n, LimitNOFILE) less 256 descriptors kept for the database and the log "
+        "(and with quota-status, less quota-status-max-connections).",
     ),
     Setting(
         "max-connections-per-ip", "maxConnectionsPerAddress", Integer(),

@@ -99,6 +99,11 @@ POLICY_SETTINGS = frozenset({
 #: those open stay, though more than a lower limit.  The setting's name:
 #: the L{mailgate.smtp.policyservice.QuotaStatusFactory} attribute.
 QUOTA_STATUS_SETTINGS = {"quota-status-max-connections": "maxConnections"}
+#: what the mail connections' limit is fitted to the open file limit with
+#: (L{mailgate.policy.descriptors.fittedConnectionLimit}): the policy's
+#: settings, and quota-status-max-connections, whose connections the
+#: descriptors kept apart count
+_FITTED_SETTINGS = POLICY_SETTINGS | QUOTA_STATUS_SETTINGS.keys()
 #: the server's defaults for maildrops (L{mailgate.service.storeLimits}), which a SIGHUP
 #: applies to the next delivery and the retention task's next round (run
 #: at once: what a shorter retention removes goes then, not up to ten
@@ -186,8 +191,11 @@ def reloadConfiguration(
         if service.tokens is not None and new.oauth2Keys and OAUTH2_SETTINGS & {s.name for s in changed}:
             newTokens = makeTokenValidator(new)
         newPolicy = fitWarning = None
-        if service.policy is not None and POLICY_SETTINGS & {s.name for s in changed}:
-            maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit())
+        if service.policy is not None and _FITTED_SETTINGS & {s.name for s in changed}:
+            # The quota-status listener is the running one's (a restart's
+            # to change), its limit the new one.
+            quotaStatus = new.quotaStatusMaxConnections if service.config.quotaStatus else 0
+            maxConnections, fitWarning = fittedConnectionLimit(new.maxConnections, openFileLimit(), quotaStatus)
             newPolicy = policySettings(new, maxConnections)
     except ConfigurationError as e:
         service.reloadActionFailed()
@@ -267,8 +275,8 @@ def reloadConfiguration(
     if set(applied) & TLS_SETTINGS:
         service.tls.adopt(newTLS)
     _reloadTokens(service, newTokens if set(applied) & OAUTH2_SETTINGS else None)
-    if newPolicy is not None and set(applied) & POLICY_SETTINGS:
-        if fitWarning and "max-connections" in applied:
+    if newPolicy is not None and set(applied) & _FITTED_SETTINGS:
+        if fitWarning and {"max-connections", "quota-status-max-connections"} & set(applied):
             service.log.warn("{warning}", warning=fitWarning, event="limits.open_files")
         service.policy.reconfigure(newPolicy)
         service.sessions.stressChanged(service.policy.underStress())

@@ -39,7 +39,7 @@ from mailgate.logs import writeStartFailure
 from mailgate.memory import MemoryTrimmer
 from mailgate.message import checkSpoolDirectory
 from mailgate.metrics import Metrics, NotServed
-from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit
+from mailgate.policy.descriptors import fittedConnectionLimit, openFileLimit, quotaStatusConnections
 from mailgate.policy.service import PolicyService
 from mailgate.pop3 import POP3Factory
 from mailgate.pop3.factory import APOPAdvertiser
@@ -1543,7 +1543,9 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
     MemoryTrimmer(reactor, root.sessions, interval=config.memoryTrimInterval).setServiceParent(root)
     if tls is not None:
         TicketKeyRotation(tls, reactor, config.tlsTicketKeyRotation).setServiceParent(root)
-    maxConnections, warning = fittedConnectionLimit(config.maxConnections, openFileLimit())
+    maxConnections, warning = fittedConnectionLimit(
+        config.maxConnections, openFileLimit(), quotaStatusConnections(config)
+    )
     if warning:
         root.startupWarnings.append(("limits.open_files", warning))
     metrics.connectionLimit(maxConnections)

@@ -691,3 +691,69 @@ def test_theOptions():
         parsed("--quota-status-max-connections", "-1")
     with pytest.raises(UsageError, match="quota-status-overquota.*not a Postfix access action"):
         parsed("--quota-status-overquota", "Mailbox is full")
+
+
+# -- the descriptor budget -----------------------------------------------------------------------
+
+
+def test_theQuotaStatusConnectionsAreKeptApartFromTheOpenFiles():
+    """
+    Up to quota-status-max-connections descriptors are Postfix's policy
+    connections: the mail connections' limit is fitted to the open file
+    limit beside them, lest they eat the reserve the database, the log and
+    the refusals need; the warning names both limits and the open file
+    limit that would fit them.
+    """
+    from mailgate.policy.descriptors import RESERVED, fittedConnectionLimit
+
+    assert fittedConnectionLimit(5000, 1024)[0] == 1024 - RESERVED
+    assert fittedConnectionLimit(500, 1024, 200) == (500, None)
+    limit, warning = fittedConnectionLimit(700, 1024, 200)
+    assert limit == 1024 - 200 - RESERVED
+    assert warning.startswith(
+        "max-connections 700 beside quota-status-max-connections 200 does not fit the 1024 open files"
+    )
+    assert warning.endswith(
+        f"raise the open file limit to at least {700 + 200 + RESERVED} or lower max-connections "
+        "or quota-status-max-connections"
+    )
+    assert fittedConnectionLimit(700, 1024)[1] is None
+
+
+def test_theStartAndAReloadFitMaxConnectionsBesideQuotaStatus(tmp_path, monkeypatch):
+    """
+    With --quota-status, the start fits max-connections beside
+    quota-status-max-connections (and says so in limits.open_files), and a
+    reload that changes quota-status-max-connections alone fits it again;
+    without --quota-status, its limit takes nothing.
+    """
+    from test_service import _reloadableService
+
+    from mailgate import reload, service
+    from mailgate.policy.descriptors import RESERVED
+
+    monkeypatch.setattr(service, "openFileLimit", lambda: 1024)
+    monkeypatch.setattr(reload, "openFileLimit", lambda: 1024)
+
+    def fitted(root):
+        return root.policy.settings.maxConnections
+
+    def warnings(root):
+        return [text for event, text in root.startupWarnings if event == "limits.open_files"]
+
+    _, plain = _reloadableService(tmp_path / "plain.toml", "max-connections = 700\n", "--pop3", "tcp:1110")
+    assert (fitted(plain), warnings(plain)) == (700, [])
+
+    path = tmp_path / "mailgate.toml"
+    _, root = _reloadableService(path, "max-connections = 700\n", "--pop3", "tcp:1110", "--quota-status", "tcp:10023")
+    assert fitted(root) == 1024 - 200 - RESERVED
+    [warning] = warnings(root)
+    assert "max-connections 700 beside quota-status-max-connections 200 does not fit" in warning
+    path.write_text("max-connections = 700\nquota-status-max-connections = 50\n")
+    assert root.reloadConfig() == ["quota-status-max-connections"]
+    assert fitted(root) == 700
+    [factory] = root.quotaStatusFactories
+    assert factory.maxConnections == 50
+    path.write_text("max-connections = 700\nquota-status-max-connections = 500\n")
+    assert root.reloadConfig() == ["quota-status-max-connections"]
+    assert fitted(root) == 1024 - 500 - RESERVED

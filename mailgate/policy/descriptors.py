@@ -14,6 +14,12 @@ C{-ERR [SYS/TEMP]} or C{421} as for any full server, and everything else
 keeps working.  (Dovecot only warns at start when its C{client_limit}
 does not fit C{ulimit -n}; here the limit that does fit is the one
 enforced, and the warning says so.)
+
+The quota-status service's connections (C{--quota-status}) are
+descriptors too, outside C{--max-connections}: up to
+C{--quota-status-max-connections} of them are kept apart as well
+(L{quotaStatusConnections}), lest Postfix's policy connections eat the
+reserve the database and the refusals need.
 """
 
 from mailgate.plural import counted
@@ -46,6 +52,16 @@ def openFileLimit():
     return soft
 
 
+def quotaStatusConnections(config):
+    """
+    The quota-status connections C{config} may have open beside the mail
+    connections: C{quota-status-max-connections} when C{--quota-status}
+    listens, else none (0 for no limit counts none: there is no bound to
+    keep apart).
+    """
+    return config.quotaStatusMaxConnections if config.quotaStatus else 0
+
+
 def connectionsWithin(fileLimit):
     """
     The most connections a process allowed C{fileLimit} open files can
@@ -55,24 +71,30 @@ def connectionsWithin(fileLimit):
     return max(1, fileLimit // 4, fileLimit - RESERVED)
 
 
-def fittedConnectionLimit(maxConnections, fileLimit):
+def fittedConnectionLimit(maxConnections, fileLimit, quotaStatus=0):
     """
     C{maxConnections} (0: no limit) lowered to fit C{fileLimit} open files
-    (C{None}: no limit).
+    (C{None}: no limit), beside C{quotaStatus} quota-status connections
+    (L{quotaStatusConnections}).
 
     @return: C{(limit, warning)}: the limit to enforce, and C{None} or the
         text of the warning saying it was lowered and why.
     """
     if fileLimit is None:
         return maxConnections, None
-    fitting = connectionsWithin(fileLimit)
+    fitting = connectionsWithin(fileLimit - quotaStatus)
     if maxConnections and maxConnections <= fitting:
         return maxConnections, None
+    beside = f" beside quota-status-max-connections {quotaStatus}" if quotaStatus else ""
     if maxConnections:
-        wanted = f"max-connections {maxConnections}"
-        remedy = f"raise the open file limit to at least {maxConnections + RESERVED} or lower max-connections"
+        wanted = f"max-connections {maxConnections}{beside}"
+        lower = " or quota-status-max-connections" if quotaStatus else ""
+        remedy = (
+            f"raise the open file limit to at least {maxConnections + quotaStatus + RESERVED} "
+            f"or lower max-connections{lower}"
+        )
     else:
-        wanted = "max-connections 0 (no limit)"
+        wanted = f"max-connections 0 (no limit){beside}"
         remedy = "raise the open file limit for more"
     return fitting, (
         f"{wanted} does not fit the {fileLimit} open files this process may have (ulimit -n, "
