@@ -2304,6 +2304,8 @@ EXAMPLE_HEADER = """\
 # duplicate-window to the next delivery and the retention round the
 # reload starts; domain, postmaster, recipient-delimiter, delivered-to,
 # quota-exceeded and spool-directory to the recipients and messages after it;
+# quota-status-success, quota-status-nouser, quota-status-overquota and
+# quota-status-toolarge to the quota-status answers after it;
 # smtp-soft-error-limit and smtp-error-sleep-time to the SMTP error
 # replies after it; login-delay, auth-cache-size and auth-cache-ttl to
 # the logins after it (a cache turned off forgets what it held);

@@ -46,10 +46,9 @@ LIVE_SETTINGS = frozenset({"debug-peer", "debug-user"})
 #: What a SIGHUP leaves to the restart (config.restart_needed), and why:
 #: the listeners (pop3, pop3s, smtp, lmtp, quota-status, metrics) and the
 #: database, bound and opened at start (a changed database is refused
-#: outright); the quota-status-* settings but
-#: quota-status-max-connections (QUOTA_STATUS_SETTINGS), which the
-#: quota-status factory was built with (its answers and the networks it
-#: answers);
+#: outright); quota-status-network, which the quota-status factory was
+#: built with (the other quota-status-* settings apply:
+#: QUOTA_STATUS_SETTINGS, QUOTA_STATUS_ACTIONS);
 #: log-format, the observer twistd set up at start (one file, one format,
 #: for whatever parses it); cpu-affinity, the threads pinned at start (the
 #: reactor's, the database's), which would each have to be pinned again;
@@ -99,6 +98,14 @@ POLICY_SETTINGS = frozenset({
 #: those open stay, though more than a lower limit.  The setting's name:
 #: the L{mailgate.smtp.policyservice.QuotaStatusFactory} attribute.
 QUOTA_STATUS_SETTINGS = {"quota-status-max-connections": "maxConnections"}
+#: what the quota-status service answers (Dovecot's quota_status_*),
+#: which a SIGHUP applies to the answers given after it (the factory's
+#: L{mailgate.smtp.policyservice.QuotaStatusActions}, made anew; a
+#: request asked before it and answered after has the new one), as
+#: Dovecot's reload applies them to its quota-status service
+QUOTA_STATUS_ACTIONS = frozenset({
+    "quota-status-success", "quota-status-nouser", "quota-status-overquota", "quota-status-toolarge",
+})
 #: what the mail connections' limit is fitted to the open file limit with
 #: (L{mailgate.policy.descriptors.fittedConnectionLimit}): the policy's
 #: settings, and quota-status-max-connections, whose connections the
@@ -161,7 +168,7 @@ TLS_SETTINGS = frozenset({"tls-cert", "tls-key", "tls-alt-cert", "tls-alt-key", 
 
 def reloadConfiguration(
     service, *, checkStartable, makeTokenValidator, policySettings, traceSelection, storeLimits,
-    smtpTimeoutWarning, postmasterWarning, traceWarning,
+    smtpTimeoutWarning, postmasterWarning, traceWarning, quotaStatusActions,
 ):
     """
     Read the configuration of C{service} (a L{mailgate.service.MailgateService})
@@ -211,7 +218,7 @@ def reloadConfiguration(
     # and what STLS and STARTTLS offer: a restart's.
     live = LIVE_SETTINGS | SESSION_SETTINGS.keys() | _liveNetworks(service, new) | ERROR_SETTINGS.keys()
     live |= DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS | TIMER_SETTINGS
-    live |= QUOTA_STATUS_SETTINGS.keys()
+    live |= QUOTA_STATUS_SETTINGS.keys() | QUOTA_STATUS_ACTIONS
     live |= TLS_SETTINGS if service.tls is not None and newTLS is not None else frozenset()
     live |= OAUTH2_SETTINGS if newTokens is not None else frozenset()
     live |= POLICY_SETTINGS if service.policy is not None else frozenset()
@@ -260,6 +267,8 @@ def reloadConfiguration(
             for name, attribute in QUOTA_STATUS_SETTINGS.items():
                 if name in applied:
                     setattr(factory, attribute, getattr(service.config, _attributeOf(name)))
+            if QUOTA_STATUS_ACTIONS & set(applied):
+                factory.actions = quotaStatusActions(service.config)
         service.shutdownGrace = service.config.shutdownGrace
         if "hostname" in applied:
             _rename(service, service.config.hostname or machineName())

@@ -497,6 +497,7 @@ class MailgateService(MultiService):
             self, checkStartable=checkStartable, makeTokenValidator=makeTokenValidator,
             policySettings=policySettings, traceSelection=traceSelection, storeLimits=storeLimits,
             smtpTimeoutWarning=smtpTimeoutWarning, postmasterWarning=postmasterWarning, traceWarning=traceWarning,
+            quotaStatusActions=quotaStatusActions,
         )
 
     def reloadActionFailed(self):
@@ -1298,16 +1299,26 @@ def makeQuotaStatusFactory(store, config, reactor, metrics=None):
     RCPT check of SMTP and LMTP, answered with C{config}'s actions to the
     peers of its networks.
     """
-    from mailgate.smtp.policyservice import QuotaStatusActions, QuotaStatusFactory
+    from mailgate.smtp.policyservice import QuotaStatusFactory
 
-    actions = QuotaStatusActions(
-        success=config.quotaStatusSuccess, nouser=config.quotaStatusNouser,
-        overquota=config.quotaStatusOverquota, toolarge=config.quotaStatusToolarge,
-    )
     return QuotaStatusFactory(
-        makeDelivery(store, config), reactor, actions, networks=config.quotaStatusNetworks,
+        makeDelivery(store, config), reactor, quotaStatusActions(config), networks=config.quotaStatusNetworks,
         hostname=config.hostname or machineName(), metrics=metrics,
         maxConnections=config.quotaStatusMaxConnections,
+    )
+
+
+def quotaStatusActions(config):
+    """
+    What quota-status answers (C{--quota-status-success}, C{-nouser},
+    C{-overquota}, C{-toolarge}): made at start, and again by a reload
+    that changes one (L{mailgate.reload.QUOTA_STATUS_ACTIONS}).
+    """
+    from mailgate.smtp.policyservice import QuotaStatusActions
+
+    return QuotaStatusActions(
+        success=config.quotaStatusSuccess, nouser=config.quotaStatusNouser,
+        overquota=config.quotaStatusOverquota, toolarge=config.quotaStatusToolarge,
     )
 
 

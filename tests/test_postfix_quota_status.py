@@ -163,10 +163,11 @@ def policyRequest(recipient, size):
 
 
 @sqliteOnly
-def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_server, mailgate_cli, tmp_path):
+def test_aReloadAppliesQuotaExceededAndTheActions(mailgate_server, mailgate_cli, tmp_path):
     """
     quota-exceeded, changed by a reload, changes quota-status's answer as
-    it changes RCPT's; a changed quota-status-overquota waits for the
+    it changes RCPT's, and a changed quota-status-overquota is the answer
+    after the reload; a changed quota-status-network waits for the
     restart, and says so.  quota-status-max-connections lowered to 1 by
     the reload: while one connection is open, the next is closed
     unanswered, and counted.
@@ -185,13 +186,13 @@ def test_aReloadAppliesQuotaExceededAndNamesTheActionsForTheRestart(mailgate_ser
     assert policyAnswer(port, FULL, 100) == "452 4.2.2 mailbox full"
     writeConfig(
         path, quota_exceeded='"permanent"', quota_status_overquota='"552 5.2.2 Mailbox is full"',
-        quota_status_max_connections="1",
+        quota_status_max_connections="1", quota_status_network='["127.0.0.0/8"]',
     )
     line = reload(server)
-    assert "applied quota-exceeded, quota-status-max-connections" in line, server.log()
-    assert re.search(r"configuration changed: quota-status-overquota takes effect at the next restart", server.stdout)
+    assert "applied quota-exceeded, quota-status-max-connections, quota-status-overquota" in line, server.log()
+    assert re.search(r"configuration changed: quota-status-network takes effect at the next restart", server.stdout)
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as held:
-        assert askOn(held, FULL, 100) == "552 5.2.2 mailbox full"
+        assert askOn(held, FULL, 100) == "552 5.2.2 Mailbox is full"
         assert closedWithoutAnswer(port, policyRequest(FULL, 100)) == b""
 
     # The node's health for quota-status, and the answers counted.

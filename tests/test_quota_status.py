@@ -757,3 +757,40 @@ def test_theStartAndAReloadFitMaxConnectionsBesideQuotaStatus(tmp_path, monkeypa
     path.write_text("max-connections = 700\nquota-status-max-connections = 500\n")
     assert root.reloadConfig() == ["quota-status-max-connections"]
     assert fitted(root) == 1024 - 500 - RESERVED
+
+
+# -- reload --------------------------------------------------------------------------------------
+
+
+def test_aReloadAppliesTheActionsToTheAnswersAfterIt(tmp_path, users):
+    """
+    The quota-status-* actions apply at a SIGHUP, as Dovecot's reload
+    applies its quota_status_* settings: the next answer on a connection
+    Postfix kept open across it is the new action; one taken away gives
+    the default back; quota-status-network still waits for the restart.
+    """
+    from test_service import _reloadableService
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgate.service import makeService
+
+    path = tmp_path / "mailgate.toml"
+    options, _ = _reloadableService(path, 'quota-status-nouser = "REJECT Unknown user"\n', "--quota-status", "tcp:10023")
+    root = makeService(options.toConfig(), reactor=MemoryReactorClock(), store=users)
+    root.configSource = options.reread
+    [factory] = root.quotaStatusFactories
+    kept = Connection(factory)
+    assert kept.ask("nobody@example.org") == "action=REJECT Unknown user\n\n"
+    path.write_text(
+        'quota-status-nouser = "550 5.1.1 No such user here"\nquota-status-success = "OK"\n'
+        'quota-status-overquota = "552 5.2.2 Mailbox is full"\nquota-status-network = ["192.0.2.0/24"]\n'
+    )
+    assert sorted(root.reloadConfig()) == ["quota-status-nouser", "quota-status-overquota", "quota-status-success"]
+    assert root.restartNeeded == ("quota-status-network",)
+    assert kept.ask("nobody@example.org") == "action=550 5.1.1 No such user here\n\n"
+    assert kept.ask(ROOMY, 10) == "action=OK\n\n"
+    assert kept.ask(FULL, 10) == "action=552 5.2.2 Mailbox is full\n\n"
+    path.write_text('quota-status-network = ["192.0.2.0/24"]\n')
+    assert sorted(root.reloadConfig()) == ["quota-status-nouser", "quota-status-overquota", "quota-status-success"]
+    assert kept.ask("nobody@example.org") == kept.ask(ROOMY, 10) == "action=DUNNO\n\n"
+    assert kept.ask(FULL, 10) == "action=452 4.2.2 mailbox full\n\n"

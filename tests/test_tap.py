@@ -925,6 +925,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
         NAME_SETTINGS,
         NETWORK_SETTINGS,
         POLICY_SETTINGS,
+        QUOTA_STATUS_ACTIONS,
         QUOTA_STATUS_SETTINGS,
         SESSION_SETTINGS,
         STOP_SETTINGS,
@@ -942,7 +943,7 @@ def test_whatAReloadAppliesIsSaidWhereTheConfigFileIsDescribed():
     for text in [" ".join(t.split()) for t in [tap.Options.opt_config.__doc__, *texts]]:
         applied = LIVE_SETTINGS | SESSION_SETTINGS.keys() | NETWORK_SETTINGS | POLICY_SETTINGS | STORE_SETTINGS
         applied |= ERROR_SETTINGS.keys() | DELIVERY_SETTINGS | LOGIN_SETTINGS | STOP_SETTINGS | NAME_SETTINGS
-        applied |= TIMER_SETTINGS | QUOTA_STATUS_SETTINGS.keys()
+        applied |= TIMER_SETTINGS | QUOTA_STATUS_SETTINGS.keys() | QUOTA_STATUS_ACTIONS
         for name in applied:
             assert name in text, (name, text)
         assert all(name.startswith("tls-") for name in TLS_SETTINGS)
