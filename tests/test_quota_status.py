@@ -465,6 +465,9 @@ def test_peersOffTheNetworksAreClosedUnread(users):
     assert first.lines() == [
         "quota-status connection refused peer=192.0.2.9:5555 reason=not on quota-status-network"
     ]
+    # The reason a field of the record too, as the refusal past the limit's.
+    [event] = first.events
+    assert (event["event"], event["reason"]) == ("quota_status.refused", "not on quota-status-network")
     second = Connection(factory, peer=outsider)
     assert second.closed and second.lines() == []
     assert Connection(factory, peer=UNIXAddress(b"/run/mailgate/quota-status")).ask(FULL, 10) == (

@@ -220,6 +220,7 @@ class QuotaStatusServer(Protocol):
                     f"quota-status connection refused peer={self.peerText} reason=not on quota-status-network"
                     f"{more}",
                     event="quota_status.refused",
+                    reason="not on quota-status-network",
                     unlogged=skipped,
                 )
             self.transport.loseConnection()
