@@ -353,9 +353,26 @@ class Corpus:
             data = attachmentMessage(rng, rcpt, subject, rng.randint(50_000, 200_000))
         else:
             data = attachmentMessage(rng, rcpt, subject, rng.randint(1_000_000, 5_000_000))
+        # As a copy delivered by LMTP is, by Dovecot (its LMTP's
+        # lmtp_hdr_delivery_address) and mailgate (--delivered-to final)
+        # alike: its own Return-Path: and Delivered-To: first (a copy's
+        # fields: see copyFields).
+        returnPath, rest = data.split(b"\r\n", 1)
+        data = returnPath + b"\r\nDelivered-To: " + rcpt.encode("ascii") + b"\r\n" + rest
         if kind != LARGE:
             self._cache[key] = data
         return data
+
+    @staticmethod
+    def copyFields(data):
+        """
+        A corpus message as mailgate stores an LMTP-delivered copy of it:
+        C{(fields, body)}, the copy's own C{Return-Path:} and
+        C{Delivered-To:} lines (a row of its own beside the maildrop, as
+        C{--delivered-to final} keeps them) and the body stored once.
+        """
+        end = data.index(b"\r\n", data.index(b"\r\n") + 2) + 2
+        return data[:end], data[end:]
 
     def messages(self, user):
         """

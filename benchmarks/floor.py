@@ -307,7 +307,7 @@ def measure(args):
     try:
         database = "sqlite:///" + os.path.join(workdir, "mailgate.sqlite3")
         run.log(f"loading {args.users} x {args.messages} messages into mailgate")
-        run.loadMailgate(args.bin, database, corpus, os.path.join(workdir, "files"))
+        run.loadMailgate(args.bin, database, corpus)
         mailgate = run.MailgateServer(args.bin, database, os.path.join(workdir, "mailgate.log"),
                                       lmtp=False, smtp=False, cpus=args.server_cpus)
         mailgate.start()
