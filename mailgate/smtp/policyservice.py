@@ -209,24 +209,13 @@ class QuotaStatusServer(Protocol):
         peer = self.transport.getPeer()
         self.peerText = describeAddress(peer)
         if not peerOnNetworks(peer, factory.networks):
-            self._closed = True
-            if factory.metrics is not None:
-                factory.metrics.connectionRefused("quota-status", "not on quota-status-network")
-            skipped = factory.refusals.note(getattr(peer, "host", self.peerText), "network")
-            if skipped is not None:
-                more = f" ({skipped} more refused since the last line)" if skipped else ""
-                self._log(
-                    LogLevel.warn,
-                    f"quota-status connection refused peer={self.peerText} reason=not on quota-status-network"
-                    f"{more}",
-                    event="quota_status.refused",
-                    reason="not on quota-status-network",
-                    unlogged=skipped,
-                )
-            self.transport.loseConnection()
+            # One line a minute per address.
+            self._refuse(getattr(peer, "host", self.peerText), "not on quota-status-network")
             return
         if factory.maxConnections and len(factory.connections) >= factory.maxConnections:
-            self._refuseTooMany()
+            # The limit is the service's, not a peer's: one line a minute
+            # for a burst of them, whoever they come from.
+            self._refuse(None, "too many connections", f" (quota-status-max-connections {factory.maxConnections} open)")
             return
         self._idle = IdleTimer(factory.reactor, self.idleTimeout, self._timedOut, lambda: self._busy)
         self._idle.start()
@@ -236,27 +225,24 @@ class QuotaStatusServer(Protocol):
             # in connectionLost: the refused above never count there.
             factory.metrics.connectionOpened("quota-status")
 
-    def _refuseTooMany(self):
+    def _refuse(self, key, reason, detail=""):
         """
-        Close the connection unread and unanswered: the service serves
-        C{maxConnections} already.  Logged once for a burst of them (the
-        first, then at most a line a minute saying how many were not
-        logged: the limit is the service's, not a peer's), every one
-        counted.
+        Close the connection unread and unanswered for C{reason}, counted
+        every time and logged at most once a minute per C{key} (the first
+        of a burst, then a line saying how many were not logged).
         """
         factory = self.factory
         self._closed = True
         if factory.metrics is not None:
-            factory.metrics.connectionRefused("quota-status", "too many connections")
-        skipped = factory.refusals.note(None, "too many connections")
+            factory.metrics.connectionRefused("quota-status", reason)
+        skipped = factory.refusals.note(key, reason)
         if skipped is not None:
             more = f" ({skipped} more refused since the last line)" if skipped else ""
             self._log(
                 LogLevel.warn,
-                f"quota-status connection refused peer={self.peerText} reason=too many connections "
-                f"(quota-status-max-connections {factory.maxConnections} open){more}",
+                f"quota-status connection refused peer={self.peerText} reason={reason}{detail}{more}",
                 event="quota_status.refused",
-                reason="too many connections",
+                reason=reason,
                 unlogged=skipped,
             )
         self.transport.loseConnection()
