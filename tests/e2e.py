@@ -504,23 +504,20 @@ class AdminCommand:
         (C{check("user", "add", ...)}).
         """
         import functools
-        import io
 
         from mailgate.auth.passwords import makeCredentials
-        from mailgate.cli import run, users
+        from mailgate.cli import users
         from mailgate.testing import TEST_HASH_COST
 
         argv = ["--database", self.database, "user", "add", address, "--password-stdin"] + (["--apop"] if apop else [])
-        stdin = io.TextIOWrapper(io.BytesIO(password.encode("utf-8") + b"\n"), encoding="utf-8", newline="")
-        out, err = io.StringIO(), io.StringIO()
         production = users.makeCredentials
         users.makeCredentials = functools.partial(makeCredentials, logN=TEST_HASH_COST)
         try:
-            code = run(argv, stdin=stdin, stdout=out, stderr=err, environ={})
+            code, out, err = runHere(argv, password + "\n")
         finally:
             users.makeCredentials = production
-        assert code == 0, f"user add {address} exited {code}\nstdout: {out.getvalue()}\nstderr: {err.getvalue()}"
-        return out.getvalue()
+        assert code == 0, f"user add {address} exited {code}\nstdout: {out}\nstderr: {err}"
+        return out
 
     def deliver(self, address, message):
         """
