@@ -566,9 +566,14 @@ import os, signal, sys
 from mailgate.store import openSynchronousStore, schema
 
 applyMigration = schema.applyMigration
+# The first migration to die in whose statements run on this engine, from
+# the one given, if any.
+dieFrom = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 
 def applyAndDie(cursor, engine, migration):
     if migration.dialects is not None and engine.name not in migration.dialects:
+        return applyMigration(cursor, engine, migration)
+    if migration.version < dieFrom:
         return applyMigration(cursor, engine, migration)
     for statement in migration.statements:
         cursor.execute(statement.format(**engine.types))
@@ -610,6 +615,68 @@ def test_aMigrationKilledMidwayLeavesTheDatabaseAsItWas(version3):
         assert store.database.run(currentVersion) == LATEST
         (retr,) = _pop3(store, "alice@example.org", "RETR 2")
         assert retr.endswith("\r\n" + _served(OLD_BODIES["big"]))
+    finally:
+        store.close()
+
+
+def test_aNewDatabaseKilledMidwayThroughItsCreationHoldsNothing(databaseURL):
+    """
+    A new database's migrations are one transaction: a first start killed
+    in the middle of them (migration 18, after seventeen were applied)
+    leaves no table of mailgate's, not a database at version 17, and the
+    next start creates it whole and serves.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.abspath(mailgate.__file__)))
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MIDWAY, databaseURL, "18"],
+        env=dict(os.environ, PYTHONPATH=here), capture_output=True, timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert killed.stdout == b"18\n", killed
+    engine = engineFromURL(databaseURL)
+    store = openSynchronousStore(databaseURL, migrate=False)
+    try:
+        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == set()
+    finally:
+        store.close()
+    store = openSynchronousStore(databaseURL)
+    try:
+        assert store.database.run(currentVersion) == LATEST
+        addUser(store, "alice@example.org", "secret")
+        deliver(store, ["alice@example.org"], b"Subject: after\r\n\r\nhello\r\n")
+        (stat,) = _pop3(store, "alice@example.org", "STAT")
+        assert stat.startswith("+OK 1 ")
+    finally:
+        store.close()
+
+
+def test_aNewDatabaseHoldingATableOfALaterMigrationsNameGetsNone(databaseURL):
+    """
+    A database that is new to mailgate but holds a table of the name one
+    of its later migrations creates (another application's
+    C{master_users}): that migration is named, the line says the tables
+    are not mailgate's, and none of mailgate's is created (the sixteen
+    before it were in the same transaction), so the database is left as
+    it was found.
+    """
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+        runTransaction(
+            engine, conn, lambda cursor: cursor.execute("CREATE TABLE master_users (id INTEGER)"), (), {}, True
+        )
+    finally:
+        conn.close()
+    with pytest.raises(ConfigurationError) as e:
+        openSynchronousStore(databaseURL)
+    already = {"sqlite": "table master_users already exists", "postgres": 'relation "master_users" already exists'}
+    assert str(e.value) == (
+        f"cannot upgrade the database schema from version 0 to {LATEST}: migration 18 failed: "
+        f"{already[engine.name]} (the database holds tables that are not mailgate's: check the database URL)"
+    )
+    store = openSynchronousStore(databaseURL, migrate=False)
+    try:
+        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == {"master_users"}
     finally:
         store.close()
 

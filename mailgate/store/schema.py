@@ -3,9 +3,9 @@
 The database schema, as an ordered list of migrations.
 
 Every start (and C{mailgate db upgrade}) applies the migrations a database
-has not seen yet, each in its own transaction, and records the version.  The
-SQL is written once; the few dialect differences are named placeholders
-filled from the engine's C{types}.
+has not seen yet, each in its own transaction (a new database's all in one),
+and records the version.  The SQL is written once; the few dialect
+differences are named placeholders filled from the engine's C{types}.
 
 Layout, with scaling out in mind:
   - C{users} holds accounts and credentials: small, rarely written, keyed
@@ -662,7 +662,8 @@ def upgrade(database):
 
 def upgradeConnection(engine, conn):
     """
-    Apply pending migrations on a DB-API connection, one transaction each.
+    Apply pending migrations on a DB-API connection, one transaction each
+    (a new database's all in one).
 
     @return: the list of migrations applied.
     @raise mailgate.errors.ConfigurationError: if the database is newer than
@@ -693,17 +694,25 @@ def upgradeConnection(engine, conn):
         # was then refused for lack of CREATE (exit 78, told to run the
         # upgrade just run) instead of finding the schema up to date.
         cursor.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}")
-        pending = pendingMigrations(_checkedVersion(cursor.fetchone()[0] or 0))
+        found = _checkedVersion(cursor.fetchone()[0] or 0)
+        pending = pendingMigrations(found)
         if not pending:
-            return None
+            return []
         # With migrations to apply, that check comes first: such a role is
         # refused before it records a migration that changes nothing on
         # its engine (4 on PostgreSQL), which would lock nodes of the
         # older mailgate out of the database without upgrading it.
         _ensureVersionTable(cursor)
-        attempted.append(pending[0])
-        applyMigration(cursor, engine, pending[0])
-        return pending[0]
+        # A database holding mail is upgraded one migration a transaction
+        # (one that moves much data commits before the next begins, and an
+        # interrupted upgrade resumes where it stopped).  A new one has no
+        # mail to move: it is made whole in one transaction, all or
+        # nothing, with one commit (one sync) rather than one a migration.
+        steps = pending if found == 0 else pending[:1]
+        for migration in steps:
+            attempted.append(migration)
+            applyMigration(cursor, engine, migration)
+        return steps
 
     observer = _upgradeObserver.get()
     with contextlib.nullcontext() if observer is None else observer(version, LATEST):
@@ -712,13 +721,13 @@ def upgradeConnection(engine, conn):
 
 def _migrate(engine, conn, step, version, applied, attempted):
     """
-    Run C{step} (one migration, in a transaction of its own) until none is
-    left, waiting out lock timeouts.
+    Run C{step} (one migration, or a new database's all, in a transaction
+    of its own) until none is left, waiting out lock timeouts.
     """
     pause = _LOCKED_OUT_PAUSE
     while True:
         try:
-            migration = runTransaction(engine, conn, step, (), {}, True)
+            migrations = runTransaction(engine, conn, step, (), {}, True)
         except Exception as e:
             if engine.isLockTimeout(e):
                 # A long transaction holds a table the migration changes
@@ -742,10 +751,10 @@ def _migrate(engine, conn, step, version, applied, attempted):
             if refused is not None:
                 raise refused from e
             raise _cannotUpgrade(version, e, attempted[-1] if attempted else None) from e
-        if migration is None:
+        if not migrations:
             _checkPrivileges(engine, conn)
             return applied
-        applied.append(migration)
+        applied.extend(migrations)
         # Committed: no longer under way.
         attempted.clear()
 
@@ -882,7 +891,9 @@ def _cannotUpgrade(version, error, migration=None):
         )
     elif migration is not None and _isSchemaMismatch(error, state):
         reason = f"migration {migration.version} failed: {reason}"
-        if migration.version == 1:
+        if migration.version == 1 or version == 0:
+            # (A new database's migrations run in one transaction: any of
+            # them finding a table there found one that is not mailgate's.)
             hint = "the database holds tables that are not mailgate's: check the database URL"
         else:
             hint = (
