@@ -191,12 +191,15 @@ def test_aReloadAppliesQuotaExceededAndTheActions(mailgate_server, mailgate_cli,
     line = reload(server)
     assert "applied quota-exceeded, quota-status-max-connections, quota-status-overquota" in line, server.log()
     assert re.search(r"configuration changed: quota-status-network takes effect at the next restart", server.stdout)
+    metrics = f"http://127.0.0.1:{server.portOf('METRICS')}"
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as held:
         assert askOn(held, FULL, 100) == "552 5.2.2 Mailbox is full"
         assert closedWithoutAnswer(port, policyRequest(FULL, 100)) == b""
+        # The one held open is the one the gauge shows (not the refused).
+        with urllib.request.urlopen(metrics + "/metrics", timeout=DEADLINE) as answer:
+            assert 'mailgate_connections{protocol="quota-status"} 1.0' in answer.read().decode()
 
     # The node's health for quota-status, and the answers counted.
-    metrics = f"http://127.0.0.1:{server.portOf('METRICS')}"
     with urllib.request.urlopen(metrics + "/healthz/quota-status", timeout=DEADLINE) as answer:
         assert (answer.status, answer.read()) == (200, b"ok\n")
     with urllib.request.urlopen(metrics + "/metrics", timeout=DEADLINE) as answer:
