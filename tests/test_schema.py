@@ -11,6 +11,7 @@ the real database catalog of a freshly migrated database, on both backends:
 """
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -655,7 +656,7 @@ def test_aNewDatabaseHoldingATableOfALaterMigrationsNameGetsNone(databaseURL):
     A database that is new to mailgate but holds a table of the name one
     of its later migrations creates (another application's
     C{master_users}): that migration is named, the line says the tables
-    are not mailgate's, and none of mailgate's is created (the sixteen
+    are not mailgate's, and none of mailgate's is created (the seventeen
     before it were in the same transaction), so the database is left as
     it was found.
     """
@@ -1218,6 +1219,49 @@ def test_aMigrationThatRunsOutOfRoomSaysSoAndThatItWasRolledBack(version3):
         assert store.database.run(currentVersion) == LATEST
         (retr,) = _pop3(store, "alice@example.org", "RETR 2")
         assert retr.endswith("\r\n" + _served(OLD_BODIES["big"]))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("databaseURL", ["sqlite"], indirect=True)
+def test_aNewDatabaseThatRunsOutOfRoomSaysAllItsMigrationsWereRolledBack(databaseURL):
+    """
+    A new database's migrations are one transaction: one of them finding
+    the disk full (SQLite's page limit, as a full disk) stops the upgrade
+    as a temporary failure naming it, and says that every migration before
+    it went too, the database at version 0 (not at the version before the
+    one that failed), with no table left; with room, the next start makes
+    it whole.
+    """
+    engine = engineFromURL(databaseURL)
+    conn = engine.connect()
+    try:
+        conn.execute("PRAGMA max_page_count = 12")
+        with pytest.raises(StorageFull) as e:
+            upgradeConnection(engine, conn)
+    finally:
+        conn.close()
+    text = str(e.value)
+    stopped = re.match(
+        rf"the database schema upgrade from version 0 to {LATEST} stopped in migration (\d+) \(", text
+    )
+    assert stopped, text
+    failed = int(stopped.group(1))
+    # Past the first: the ones before it are undone with it.
+    assert 1 < failed <= LATEST, text
+    assert text.endswith(
+        f": database storage full: database or disk is full (migrations 1 to {failed}, a new database's one "
+        "transaction, were rolled back: the database is at version 0, and its room free again; the next "
+        "start, or mailgate db upgrade, carries on)"
+    ), text
+    store = openSynchronousStore(databaseURL, migrate=False)
+    try:
+        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == set()
+    finally:
+        store.close()
+    store = openSynchronousStore(databaseURL)
+    try:
+        assert store.database.run(currentVersion) == LATEST
     finally:
         store.close()
 

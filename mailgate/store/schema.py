@@ -709,6 +709,8 @@ def upgradeConnection(engine, conn):
         # mail to move: it is made whole in one transaction, all or
         # nothing, with one commit (one sync) rather than one a migration.
         steps = pending if found == 0 else pending[:1]
+        # (An earlier try of this transaction's, timed out, undid its own.)
+        attempted.clear()
         for migration in steps:
             attempted.append(migration)
             applyMigration(cursor, engine, migration)
@@ -744,7 +746,7 @@ def _migrate(engine, conn, step, version, applied, attempted):
                 e = _translate(engine, e.error)
             if type(e) in _INTERRUPTIONS:
                 current = applied[-1].version if applied else version
-                raise _interrupted(e, version, current, attempted[-1] if attempted else None) from e
+                raise _interrupted(e, version, current, list(attempted)) from e
             if isinstance(e, MailgateError) or engine.isTransient(getattr(e, "error", e)):
                 raise
             refused = _schemaNotUsable(engine, conn, e)
@@ -764,7 +766,7 @@ def _migrate(engine, conn, step, version, applied, attempted):
 _INTERRUPTIONS = (TemporaryFailure, StorageFull, CommitUncertain)
 
 
-def _interrupted(error, version, current, migration):
+def _interrupted(error, version, current, migrations):
     """
     What an upgrade that a temporary failure stopped is: the same kind of
     failure, saying that the schema upgrade stopped, in which migration,
@@ -776,19 +778,28 @@ def _interrupted(error, version, current, migration):
 
     @param version: the version the upgrade started from.
     @param current: the version its last committed migration reached.
-    @param migration: the L{Migration} under way, if one was.
+    @param migrations: the L{Migration}s of the transaction under way, in
+        order, the one that stopped last (several: a new database's).
     """
     what = f"the database schema upgrade from version {version} to {LATEST}"
-    if migration is None:
+    if not migrations:
         done = "nothing was changed" if current == version else f"the database is at version {current}"
         return type(error)(f"{what} stopped: {error} ({done}; the next start, or mailgate db upgrade, carries on)")
+    migration = migrations[-1]
     if isinstance(error, CommitUncertain):
-        stays = f"the database is at version {migration.version - 1} or {migration.version}"
-    else:
+        # Its COMMIT's answer was lost: all of the transaction, or none.
+        stays = f"the database is at version {migrations[0].version - 1} or {migration.version}"
+    elif len(migrations) == 1:
         stays = f"the migration was rolled back: the database is at version {current}"
+    else:
+        stays = (
+            f"migrations {migrations[0].version} to {migration.version}, a new database's one transaction, "
+            f"were rolled back: the database is at version {current}"
+        )
     if isinstance(error, StorageFull):
-        stays += (", and its room free again: a migration that rewrites a table needs room for a "
-                  "second copy of it while it runs")
+        stays += ", and its room free again"
+        if len(migrations) == 1:
+            stays += ": a migration that rewrites a table needs room for a second copy of it while it runs"
     return type(error)(
         f"{what} stopped in migration {migration.version} ({migration.description}): {error} "
         f"({stays}; the next start, or mailgate db upgrade, carries on)"
