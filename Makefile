@@ -20,11 +20,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Third-party dependencies, installed once (again when setup.cfg changes):
-# setup.cfg's, with its floors (tests/test_dependencies.py checks they agree).
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+# Third-party dependencies, installed once (again when setup.cfg or this
+# file changes): setup.cfg's, with its floors (tests/test_dependencies.py
+# checks they agree).  pytest below 9.2 here: 9.2 keeps a test's node id
+# where pytest-xdist 3.8's --dist loadgroup (make test's) no longer adds
+# the group to it, so the tests sharing a module's costly fixture (a
+# private Dovecot, an import waiting out Dovecot's lock) were spread over
+# the workers, each setting it up (tests/conftest.py fails on that).
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml Makefile
 	$(BIN)/pip install --quiet 'twisted[tls]>=23.10' 'zope.interface>=5' \
-		'service-identity>=24.2' 'attrs>=22.1' 'prometheus-client>=0.17' 'pytest>=7' 'pytest-xdist>=3.0.2' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
+		'service-identity>=24.2' 'attrs>=22.1' 'prometheus-client>=0.17' 'pytest>=7' 'pytest<9.2' 'pytest-xdist>=3.0.2' 'hypothesis>=6' 'psycopg[binary]>=3.3.6' \
 		'passlib>=1.7.4' 'bcrypt>=4' 'argon2-cffi>=23.1' 'cryptography>=42' 'idna>=2.4' 'PyJWT>=2.6' \
 		'setuptools>=68' wheel
 	touch $@

@@ -73,9 +73,8 @@ def pytest_collection_modifyitems(config, items):
     a lock) go to one worker, which sets the fixture up once, rather than
     once on every worker that gets some of them.  Without xdist the mark
     means nothing.  First among the hooks: xdist's worker reads the marks
-    in a hook of its own, which ran before this one and so saw none (each
-    worker set such a fixture up, and the two 10-second Dovecot imports of
-    test_dovecot_migration ran twice).
+    in a hook of its own, which must run after this one (see
+    L{pytest_collection_finish} for the check that it grouped them).
     """
     for item in items:
         fixtureInfo = getattr(item, "_fixtureinfo", None)
@@ -85,6 +84,39 @@ def pytest_collection_modifyitems(config, items):
             if definitions and definitions[-1].scope == "module":
                 item.add_marker(pytest.mark.xdist_group(item.module.__name__))
                 break
+
+
+#: Why this worker's grouped tests fail (see pytest_collection_finish), or None.
+_UNGROUPED = []
+
+
+def pytest_collection_finish(session):
+    """
+    On a worker of C{--dist loadgroup}, every test marked xdist_group must
+    carry its group in its node id, which is what xdist's scheduler
+    groups by (xdist's worker adds it, after the hook above).  With
+    pytest 9.2 and pytest-xdist 3.8 it does not (pytest keeps the node id
+    elsewhere than where xdist writes it): the tests sharing a costly
+    module fixture were spread over the workers, each setting it up
+    (13 s each for test_dovecot_migration's), while the suite passed.
+    Here they fail instead, saying so (the Makefile installs a pytest
+    below 9.2).
+    """
+    config = session.config
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid:
+            _UNGROUPED.append(
+                f"pytest-xdist's --dist loadgroup did not group {item.nodeid} (pytest "
+                f"{pytest.__version__}: the group is not in the node id): use the pytest the Makefile installs"
+            )
+            return
+
+
+def pytest_runtest_setup(item):
+    if _UNGROUPED and item.get_closest_marker("xdist_group") is not None:
+        pytest.fail(_UNGROUPED[0], pytrace=False)
 
 
 def _postgresBinariesPresent():
