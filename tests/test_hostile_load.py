@@ -265,8 +265,12 @@ def test_runningOutOfDescriptorsIsOneWarningNotALinePerConnection(tmp_path, limi
     client = waitFor(lambda: _loginOrNone(server), "a login once the connections closed")
     assert client.stat() == (1, 25)
     client.quit()
+    outOfDescriptors = r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*"
+    # The burst's hundreds of lines may still be on their way to the log
+    # (its writing thread takes them in turn): the warning is waited for.
+    waitFor(lambda: re.search(outOfDescriptors, server.stdout), "the out-of-descriptors warning in the log")
     log = server.stdout
-    warnings = re.findall(r"POP3 on 127\.0\.0\.1:\d+ cannot accept connections: out of file descriptors.*", log)
+    warnings = re.findall(outOfDescriptors, log)
     assert len(warnings) == 1, log
     # Written at the end of the burst's first turn: it counts what that
     # turn closed (or, if Twisted's reserve was taken, put off).
