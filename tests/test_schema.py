@@ -634,12 +634,7 @@ def test_aNewDatabaseKilledMidwayThroughItsCreationHoldsNothing(databaseURL):
     )
     assert killed.returncode == -signal.SIGKILL, killed
     assert killed.stdout == b"18\n", killed
-    engine = engineFromURL(databaseURL)
-    store = openSynchronousStore(databaseURL, migrate=False)
-    try:
-        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == set()
-    finally:
-        store.close()
+    assert _tablesOf(databaseURL) == set()
     store = openSynchronousStore(databaseURL)
     try:
         assert store.database.run(currentVersion) == LATEST
@@ -927,11 +922,7 @@ def test_aDatabaseWhoseTablesAreNotMailgatesIsSaidToBeSo(databaseURL, table, mig
         f"cannot upgrade the database schema from version 0 to {LATEST}: migration {migration} failed: "
         f"{already[engine.name]} (the database holds tables that are not mailgate's: check the database URL)"
     )
-    store = openSynchronousStore(databaseURL, migrate=False)
-    try:
-        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == {table}
-    finally:
-        store.close()
+    assert _tablesOf(databaseURL) == {table}
 
 
 def test_aDatabaseWhoseTablesAreNotThoseOfItsVersionIsSaidToBeSo(version3):
@@ -958,6 +949,17 @@ def test_aDatabaseWhoseTablesAreNotThoseOfItsVersionIsSaidToBeSo(version3):
     store = openSynchronousStore(version3, migrate=False)
     try:
         assert store.database.run(currentVersion) == 9
+    finally:
+        store.close()
+
+
+def _tablesOf(url):
+    """
+    The tables of the database at C{url}, read without migrating it.
+    """
+    store = openSynchronousStore(url, migrate=False)
+    try:
+        return store.database.run(lambda cursor: _tables(cursor, store.database.engine.name))
     finally:
         store.close()
 
@@ -1226,11 +1228,7 @@ def test_aNewDatabaseThatRunsOutOfRoomSaysAllItsMigrationsWereRolledBack(databas
         "transaction, were rolled back: the database is at version 0, and its room free again; the next "
         "start, or mailgate db upgrade, carries on)"
     ), text
-    store = openSynchronousStore(databaseURL, migrate=False)
-    try:
-        assert store.database.run(lambda cursor: _tables(cursor, engine.name)) == set()
-    finally:
-        store.close()
+    assert _tablesOf(databaseURL) == set()
     store = openSynchronousStore(databaseURL)
     try:
         assert store.database.run(currentVersion) == LATEST
