@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
                 break
 
 
-#: Why this worker's grouped tests fail (see pytest_collection_finish), or None.
+#: Why this worker's grouped tests fail (see pytest_collection_finish); empty if they may run.
 _UNGROUPED = []
 
 
