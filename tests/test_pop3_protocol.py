@@ -972,6 +972,28 @@ def test_onlyBadCommandsInARowCloseTheSession(session):
     assert session.disconnected
 
 
+@pytest.mark.parametrize("loggedIn, success", [
+    (False, "CAPA"), (False, "AUTH"), (True, "CAPA"), (True, "LIST"), (True, "UIDL"), (True, "RETR 1"),
+    (True, "TOP 1 0"), (True, "TOP 1 1"),
+])
+def test_aMultiLineReplyForgivesTheRefusalsBeforeIt(store, alice, loggedIn, success):
+    """
+    Whatever writes the +OK: a listing, a message or a capability list
+    starts the count again as a one-line +OK does (a client that asks for
+    a message deleted meanwhile before each one it downloads is not cut
+    off at its twentieth download).  Before, only one-line replies did.
+    """
+    deliver(store, [ALICE], b"Subject: one\r\n\r\n.body\r\n")
+    session = logged_in(store) if loggedIn else POP3Session(store)
+    refused = "RETR 9" if loggedIn else "XTND XMIT"
+    for _ in range(3):
+        for _ in range(POP3Server.maxBadCommands - 1):
+            assert session.command(refused).startswith("-ERR ")
+        assert session.command(success).startswith("+OK")
+    assert not session.disconnected
+    assert session.command("CAPA").startswith("+OK capability list follows\r\n")
+
+
 def test_floodOfPipelinedCommandsPausesReading(session):
     session.command(f"USER {ALICE}")
     session.protocol.authFailureDelay = 1

@@ -319,6 +319,7 @@ class AuthorizationCommands:
         if not argument.strip():
             names = sasl.mechanisms(plaintext)
             body = "".join(name + "\r\n" for name in names)
+            self._badCommands = 0
             self._out.write(f"+OK\r\n{body}.\r\n".encode("ascii"))
             return None
         # Spaces around the mechanism and the initial response are

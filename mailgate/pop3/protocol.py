@@ -385,6 +385,8 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         # Bad commands close the session only one after the other, as
         # Dovecot counts them: a long session's occasional unknown command
         # (an old client's LAST or XTND) is not held against it forever.
+        # A +OK written without this method (CAPA's, a listing's, RETR's
+        # and TOP's) forgives them too.
         self._badCommands = 0
         self._out.write(b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n")
 
@@ -585,6 +587,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, CommandSession):
         if self.state != AUTHORIZATION:
             lines.append(f"IMPLEMENTATION mailgate-{__version__}")
         body = "".join(line + "\r\n" for line in lines)
+        self._badCommands = 0
         self._out.write(f"+OK capability list follows\r\n{body}.\r\n".encode("ascii"))
 
     def pop3_QUIT(self, argument):

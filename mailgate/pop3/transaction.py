@@ -84,6 +84,9 @@ class TransactionCommands:
         deleted = self._deleted
         batch = self.listBatch
         status = f"+OK {self._count} messages ({self._octets} octets)\r\n".encode("ascii")
+        # A +OK written here, not by _ok: the refusals before it are
+        # forgiven all the same (see _ok).
+        self._badCommands = 0
         if len(sizes) <= batch:
             # The usual case: the whole listing in one write.
             self._out.write(status + numberedLines(1, sizes, deleted) + b".\r\n")
@@ -132,6 +135,7 @@ class TransactionCommands:
 
         def begin(block):
             status = b"+OK unique-id listing follows\r\n"
+            self._badCommands = 0
             if total <= batch:
                 self._out.write(status + block + b".\r\n")
                 return None
@@ -186,6 +190,7 @@ class TransactionCommands:
     def _messageOpened(self, body, index, bodyLines):
         if self._closed:
             return None
+        self._badCommands = 0
         stats = self._stats
         if bodyLines is None:
             status = b"+OK %d octets\r\n" % body.size

@@ -1,0 +1,494 @@
+"""
+POP3 against a model of RFC 1939's maildrop, generated: Hypothesis runs
+sequences of deliveries, imports, logins and commands (STAT, LIST, UIDL,
+RETR, TOP, DELE, RSET, NOOP, QUIT, a dropped connection, a second login
+while the maildrop is held, and recovery of deleted mail), and every reply
+is compared with what the model says a client must see, octet for octet
+for the multi-line ones.
+
+The messages are what the store's fast paths are built around, so that
+those paths meet their edges together rather than one at a time: small
+messages read ahead many to a trip, messages longer than a stored chunk
+(128 KiB) and than one read (four chunks), lines starting with "." on
+either side of a chunk's edge, more such lines than a message's dot
+offsets keep (10,000), a header longer than a chunk, messages without a
+body or without a final line end, LF line ends, a copy's own fields
+before the shared body (as LMTP stores C{Return-Path:} and
+C{Delivered-To:}), and messages imported under a unique id of their own.
+Clients read in order (RETR after RETR, the read-ahead's run), skip, go
+back and pick; TOP's line counts fall inside, at and past a body's end.
+
+On each backend: SQLite's private in-memory database, a real SQLite file
+and PostgreSQL; the examples are derandomised, the same on every run
+(C{MAILGATE_MODEL_EXAMPLES} runs more of them, for a longer search).
+"""
+
+import os
+import random
+import secrets
+
+import attr
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+
+from mailgate.message import spoolBytes
+from mailgate.store.reads import CHUNK_SIZE
+from mailgate.testing import POP3Session, addUser, memoryStore, resultOf
+
+PASSWORD = "model-Passw0rd"
+MAX_BAD_COMMANDS = 20
+NOW = 1_796_000_000
+
+EXAMPLES = int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "25"))
+MODEL = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=30,
+    deadline=None,
+    derandomize="MAILGATE_MODEL_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+
+# -- messages -----------------------------------------------------------------
+
+_WORDS = b"the of and mail to in is that dot line pop for it as was with be by on not".split()
+
+
+def _textLines(rng, count):
+    """
+    C{count} lines of words, a few of them ".", "..", ".word" or empty.
+    """
+    lines = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.06:
+            lines.append(b".")
+        elif kind < 0.09:
+            lines.append(b"..")
+        elif kind < 0.16:
+            lines.append(b"." + rng.choice(_WORDS))
+        elif kind < 0.22:
+            lines.append(b"")
+        else:
+            lines.append(b" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 14))))
+    return lines
+
+
+def _padTo(lines, position, target):
+    """
+    Lines of filler from C{position} (octets, CRLF line ends) so that the
+    next line starts exactly at C{target}; the new position.
+    """
+    gap = target - position
+    assert gap >= 2
+    while gap > 902:
+        lines.append(b"p" * 900)
+        gap -= 902
+    lines.append(b"p" * (gap - 2))
+    return target
+
+
+def buildMessage(recipe):
+    """
+    The octets to deliver for C{recipe} (a draw of L{messages}), and the
+    octets the store must keep and serve for them (CRLF line ends, a final
+    one added where there was none).
+    """
+    rng = random.Random(recipe["seed"])
+    lines = [b"Subject: model %d" % recipe["seed"]] if recipe["subject"] else []
+    lines += [b"X-Line: " + line for line in _textLines(rng, recipe["headerLines"]) if line]
+    if recipe["bigHeader"]:
+        lines.append(b"X-Big: start")
+        size = sum(len(line) + 2 for line in lines)
+        while size < recipe["bigHeader"]:
+            lines.append(b"\t" + b"h" * 70)
+            size += 73
+    if recipe["separator"]:
+        lines.append(b"")
+        for part in recipe["body"]:
+            kind = part[0]
+            if kind == "text":
+                lines += _textLines(random.Random(part[1]), part[2])
+            elif kind == "bulk":
+                lines += [b"bulk line %06d of a long message, for more than one chunk" % n for n in range(part[1])]
+            elif kind == "dots":
+                lines += [b"." if n % 2 else b".d" for n in range(part[1])]
+            else:
+                # A chosen line (".", "..", ".x", ...) starting a few octets
+                # from the next chunk's edge, or on it.
+                _, offset, line = part
+                position = sum(len(item) + 2 for item in lines)
+                target = (position // CHUNK_SIZE + 1) * CHUNK_SIZE + offset
+                while target - position < 2:
+                    target += CHUNK_SIZE
+                _padTo(lines, position, target)
+                lines.append(line)
+    elif not lines:
+        lines = [b"Subject: header only"]
+    kept = b"".join(line + b"\r\n" for line in lines)
+    end = recipe["lineEnd"]
+    sent = end.join(lines)
+    # A message whose last line is empty has that line's end however it
+    # was sent (without it, the line is not there).
+    if recipe["finalEnd"] or lines[-1] == b"":
+        sent += end
+    return sent, kept
+
+
+bodyParts = st.one_of(
+    st.tuples(st.just("text"), st.integers(0, 2**32), st.integers(0, 30)),
+    st.tuples(st.just("bulk"), st.sampled_from([5, 1700, 1800, 3700, 7500])),
+    st.tuples(st.just("dots"), st.sampled_from([3, 10_001])),
+    st.tuples(st.just("edge"), st.integers(-3, 3), st.sampled_from([b".", b"..", b".x", b"x", b""])),
+)
+
+messages = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**32),
+    "subject": st.booleans(),
+    "headerLines": st.integers(0, 4),
+    "bigHeader": st.sampled_from([0, 0, 0, 0, 0, CHUNK_SIZE + 5000]),
+    "separator": st.sampled_from([True, True, True, False]),
+    "body": st.lists(bodyParts, max_size=4),
+    "lineEnd": st.sampled_from([b"\r\n", b"\n"]),
+    "finalEnd": st.sampled_from([True, True, False]),
+})
+
+
+def _sizeEvent(what, content):
+    """
+    Say in Hypothesis's statistics (C{--hypothesis-show-statistics}) which
+    of the store's paths C{content} takes, so that a change of the
+    strategies that stops reaching one shows.
+    """
+    if len(content) > 4 * CHUNK_SIZE:
+        event(f"{what}: more than one read (4 chunks)")
+    elif len(content) > CHUNK_SIZE:
+        event(f"{what}: more than one chunk")
+    else:
+        event(f"{what}: one chunk")
+    if content.count(b"\r\n.") > 10_000:
+        event(f"{what}: more dot lines than offsets kept")
+
+
+def stuffed(content):
+    """
+    C{content} as a multi-line POP3 reply carries it: lines starting with
+    "." get another, then the terminating line.
+    """
+    lines = content.split(b"\r\n")
+    assert lines[-1] == b""
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1]) + b".\r\n"
+
+
+def topOf(content, count):
+    """
+    What C{TOP n count} returns of C{content}: the header, the empty line
+    after it, and C{count} lines of the body (the whole message if it has
+    no empty line).
+    """
+    lines = content.split(b"\r\n")[:-1]
+    if b"" not in lines:
+        return content
+    end = lines.index(b"") + 1 + count
+    return b"".join(line + b"\r\n" for line in lines[:end])
+
+
+class Message:
+    def __init__(self, content, uidl):
+        self.content = content
+        self.uidl = uidl
+
+
+# -- the machine ----------------------------------------------------------------
+
+
+class POP3Model(RuleBasedStateMachine):
+    """
+    One user's maildrop: L{present} is what a login finds, in order; a
+    session's L{listing} is its snapshot, each message with whether the
+    session marked it deleted.
+    """
+
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+        self.address = f"m{secrets.token_hex(5)}@model.test"
+        addUser(store, self.address, PASSWORD)
+        self.present = []
+        # Every message in the order it came: restored mail takes its place.
+        self.arrived = []
+        self.removed = []
+        self.session = None
+        self.listing = None
+        self.imported = 0
+        # The message numbers a client read last, for reads in order.
+        self.last = 0
+
+    def teardown(self):
+        if self.session is not None:
+            self.session.protocol.connectionLost(None)
+            self.session = None
+
+    # -- what arrives ----------------------------------------------------
+
+    @rule(recipe=messages, ownFields=st.booleans())
+    def deliver(self, recipe, ownFields):
+        sent, kept = buildMessage(recipe)
+        source = spoolBytes(sent)
+        prefix = b""
+        if ownFields:
+            prefix = b"Return-Path: <s@model.test>\r\nDelivered-To: " + self.address.encode() + b"\r\n"
+            source.copyPrefixes = {self.address: prefix}
+        try:
+            result = resultOf(self.store.deliver([self.address], source))
+        finally:
+            source.close()
+        # A session's snapshot does not see it; the next login does.
+        self._arrive(Message(prefix + kept, result[self.address]))
+
+    @rule(recipe=messages)
+    def importOne(self, recipe):
+        sent, kept = buildMessage(recipe)
+        self.imported += 1
+        uidl = f"imported-{self.imported}"
+        source = spoolBytes(sent)
+        try:
+            imported, skipped, conflicts = resultOf(self.store.importMessages(self.address, [(uidl, source, NOW)]))
+        finally:
+            source.close()
+        assert (imported, skipped, conflicts) == ([uidl], [], [])
+        self._arrive(Message(kept, uidl))
+
+    def _arrive(self, message):
+        self.present.append(message)
+        self.arrived.append(message)
+
+    @precondition(lambda self: self.session is None and self.removed)
+    @rule()
+    def restoreDeleted(self):
+        restored, missing = resultOf(self.store.restoreDeleted(self.address))
+        assert missing == []
+        assert sorted(old for old, _ in restored) == sorted(m.uidl for m in self.removed)
+        assert all(old == new for old, new in restored)
+        # After every other message, as new mail, in the order they came.
+        self.present += sorted(self.removed, key=self.arrived.index)
+        self.removed = []
+
+    # -- sessions --------------------------------------------------------
+
+    @precondition(lambda self: self.session is None)
+    @rule()
+    def login(self):
+        self.session = POP3Session(self.store)
+        count, octets = len(self.present), sum(len(m.content) for m in self.present)
+        reply = self.session.login(self.address, PASSWORD)
+        assert reply == f"+OK {self.address} has {count} messages ({octets} octets)\r\n"
+        self.listing = [[message, False] for message in self.present]
+        self.last = 0
+        self.refusals = 0
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def secondLogin(self):
+        other = POP3Session(self.store)
+        reply = other.login(self.address, PASSWORD)
+        assert reply.startswith("-ERR [IN-USE] "), reply
+        other.protocol.connectionLost(None)
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def quit(self):
+        reply = self.session.command("QUIT")
+        assert reply.startswith("+OK "), reply
+        assert self.session.disconnected
+        self._gone([message for message, deleted in self.listing if deleted])
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def dropConnection(self):
+        # The client goes away without QUIT: nothing it marked is deleted.
+        self.session.protocol.connectionLost(None)
+        self._gone([])
+
+    def _gone(self, deleted):
+        self.removed += deleted
+        self.present = [message for message in self.present if message not in deleted]
+        self.session = None
+        self.listing = None
+
+    # -- commands --------------------------------------------------------
+
+    def _visible(self):
+        return [(n, message) for n, (message, deleted) in enumerate(self.listing, 1) if not deleted]
+
+    def _number(self, data):
+        """
+        A message number to ask for: one of the listing's, read in order,
+        or one no message has (0, past the end, a deleted one).
+        """
+        size = len(self.listing)
+        how = data.draw(st.sampled_from(["next", "same", "any", "any", "outside"]))
+        if size and how == "next" and self.last < size:
+            return self.last + 1
+        if size and how == "same" and self.last:
+            return self.last
+        if size and how != "outside":
+            return data.draw(st.integers(1, size))
+        return data.draw(st.sampled_from([0, size + 1, size + 7]))
+
+    def _missing(self, number):
+        """
+        The -ERR for a message number that names no message, or C{None}.
+        """
+        if not 1 <= number <= len(self.listing):
+            return b"-ERR no such message: %d\r\n" % number
+        if self.listing[number - 1][1]:
+            return b"-ERR message %d is deleted\r\n" % number
+        return None
+
+    def _expect(self, line, expected, refused=None):
+        """
+        Send C{line} and check its reply: C{expected} (octets), or the
+        refusal C{refused} if given.  Refusals one after the other are
+        counted, as the server does (and Dovecot): the twentieth also
+        closes the session, and what it marked is not deleted.
+
+        @return: whether the session is still open.
+        """
+        reply = self.session.send(line.encode("ascii") + b"\r\n")
+        if refused is None:
+            self.refusals = 0
+            assert reply == expected
+            return True
+        self.refusals += 1
+        if self.refusals < MAX_BAD_COMMANDS:
+            assert reply == refused
+            return True
+        assert reply == refused + b"-ERR too many bad commands; closing the connection\r\n"
+        assert self.session.disconnected
+        self._gone([])
+        return False
+
+    def _lines(self, status, items):
+        return (status + "\r\n" + "".join(f"{n} {item}\r\n" for n, item in items) + ".\r\n").encode("ascii")
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def stat(self):
+        visible = self._visible()
+        octets = sum(len(m.content) for _, m in visible)
+        self._expect("STAT", b"+OK %d %d\r\n" % (len(visible), octets))
+
+    @precondition(lambda self: self.session is not None)
+    @rule(one=st.booleans(), data=st.data())
+    def listMessages(self, one, data):
+        if one:
+            number = self._number(data)
+            missing = self._missing(number)
+            size = 0 if missing else len(self.listing[number - 1][0].content)
+            self._expect(f"LIST {number}", b"+OK %d %d\r\n" % (number, size), missing)
+            return
+        visible = self._visible()
+        octets = sum(len(m.content) for _, m in visible)
+        # "messages" whatever the count, as in RFC 1939's examples.
+        status = f"+OK {len(visible)} messages ({octets} octets)"
+        self._expect("LIST", self._lines(status, [(n, len(m.content)) for n, m in visible]))
+
+    @precondition(lambda self: self.session is not None)
+    @rule(one=st.booleans(), data=st.data())
+    def uidl(self, one, data):
+        if one:
+            number = self._number(data)
+            missing = self._missing(number)
+            uidl = "" if missing else self.listing[number - 1][0].uidl
+            self._expect(f"UIDL {number}", f"+OK {number} {uidl}\r\n".encode("ascii"), missing)
+            return
+        self._expect("UIDL", self._lines("+OK unique-id listing follows", [(n, m.uidl) for n, m in self._visible()]))
+
+    def _read(self, number, lines=None):
+        """
+        RETR C{number}, or with C{lines} TOP C{number} C{lines}, checked
+        octet for octet; whether the session is still open.
+        """
+        missing = self._missing(number)
+        content = b"" if missing else self.listing[number - 1][0].content
+        if lines is None:
+            command, expected = f"RETR {number}", b"+OK %d octets\r\n" % len(content) + stuffed(content)
+        else:
+            command, expected = f"TOP {number} {lines}", b"+OK top of message follows\r\n" + stuffed(topOf(content, lines))
+        if not missing:
+            _sizeEvent(command.split()[0], content)
+            self.last = number
+        return self._expect(command, expected, missing)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data())
+    def retr(self, data):
+        self._read(self._number(data))
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data(), lines=st.sampled_from([0, 0, 1, 2, 5, 40, 2000, 10**6]))
+    def top(self, data, lines):
+        self._read(self._number(data), lines)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(headers=st.booleans(), lines=st.sampled_from([0, 0, 3]), start=st.integers(0, 3), stride=st.sampled_from([1, 1, 2, 6]))
+    def downloadAll(self, headers, lines, start, stride):
+        """
+        What a client that downloads its mail does: RETR (or TOP n 0, the
+        headers of all) of the messages in order, from some message on,
+        every one or skipping some; the deleted ones refused.
+        """
+        for number in range(start + 1, len(self.listing) + 1, stride):
+            if not self._read(number, lines if headers else None):
+                return
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data())
+    def dele(self, data):
+        number = self._number(data)
+        missing = self._missing(number)
+        if self._expect(f"DELE {number}", b"+OK message %d deleted\r\n" % number, missing) and not missing:
+            self.listing[number - 1][1] = True
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def rset(self):
+        count = len(self.listing)
+        octets = sum(len(m.content) for m, _ in self.listing)
+        self._expect("RSET", b"+OK maildrop has %d messages (%d octets)\r\n" % (count, octets))
+        for entry in self.listing:
+            entry[1] = False
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def noop(self):
+        self._expect("NOOP", b"+OK\r\n")
+
+
+# -- the tests --------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def modelStore(request, tmp_path):
+    if request.param == "memory":
+        url = "sqlite:///:memory:"
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'model.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgresURL")
+    store = memoryStore(url)
+    # Deleted mail kept, for the restores.
+    store.limits = attr.evolve(store.limits, keepDeletedDays=30)
+    yield store
+    store.close()
+
+
+def test_pop3AnswersAsTheModelSays(modelStore):
+    """
+    Every reply of every generated sequence is the model's (each example a
+    user of its own in the one database).
+    """
+    run_state_machine_as_test(lambda: POP3Model(modelStore), settings=MODEL)
