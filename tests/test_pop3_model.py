@@ -2,9 +2,11 @@
 POP3 against a model of RFC 1939's maildrop, generated: Hypothesis runs
 sequences of deliveries, imports, logins and commands (STAT, LIST, UIDL,
 RETR, TOP, DELE, RSET, NOOP, QUIT, a dropped connection, a second login
-while the maildrop is held, and recovery of deleted mail), and every reply
-is compared with what the model says a client must see, octet for octet
-for the multi-line ones.
+while the maildrop is held, recovery of deleted mail, a quota near the
+use, copies for a second user sharing the bodies), and every reply is
+compared with what the model says a client must see, octet for octet for
+the multi-line ones; after every step, the quota's count of the user's
+use is what the maildrop holds.
 
 The messages are what the store's fast paths are built around, so that
 those paths meet their edges together rather than one at a time: small
@@ -31,8 +33,9 @@ import attr
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from mailgate.errors import QuotaExceeded
 from mailgate.message import spoolBytes
 from mailgate.store.reads import CHUNK_SIZE
 from mailgate.testing import POP3Session, addUser, memoryStore, resultOf
@@ -41,7 +44,7 @@ PASSWORD = "model-Passw0rd"
 MAX_BAD_COMMANDS = 20
 NOW = 1_796_000_000
 
-EXAMPLES = int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "60"))
 MODEL = settings(
     max_examples=EXAMPLES,
     stateful_step_count=30,
@@ -216,6 +219,12 @@ class POP3Model(RuleBasedStateMachine):
         self.store = store
         self.address = f"m{secrets.token_hex(5)}@model.test"
         addUser(store, self.address, PASSWORD)
+        # A second user, given copies of some messages: its copies share
+        # their bodies with the first user's, and stay whatever the first
+        # user does with theirs.
+        self.other = f"o{secrets.token_hex(5)}@model.test"
+        addUser(store, self.other, PASSWORD)
+        self.others = []
         self.present = []
         # Every message in the order it came: restored mail takes its place.
         self.arrived = []
@@ -225,28 +234,85 @@ class POP3Model(RuleBasedStateMachine):
         self.imported = 0
         # The message numbers a client read last, for reads in order.
         self.last = 0
+        # The user's own quota: (octets, messages), None for no limit.
+        self.quota = (None, None)
 
     def teardown(self):
         if self.session is not None:
             self.session.protocol.connectionLost(None)
             self.session = None
 
+    @invariant()
+    def useIsWhatIsStored(self):
+        """
+        The quota's count of the user's use is the messages the user has
+        (those a session marked deleted too, until its QUIT), each with
+        its own fields.
+        """
+        status = resultOf(self.store.quotaOf(self.address))
+        assert (status.usedMessages, status.usedOctets) == (len(self.present), sum(len(m.content) for m in self.present))
+
+    def _fits(self, octets):
+        used = sum(len(m.content) for m in self.present)
+        maxOctets, maxMessages = self.quota
+        return (maxOctets is None or used + octets <= maxOctets) and (
+            maxMessages is None or len(self.present) + 1 <= maxMessages
+        )
+
     # -- what arrives ----------------------------------------------------
 
-    @rule(recipe=messages, ownFields=st.booleans())
-    def deliver(self, recipe, ownFields):
+    @rule(recipe=messages, ownFields=st.booleans(), copy=st.booleans())
+    def deliver(self, recipe, ownFields, copy):
         sent, kept = buildMessage(recipe)
         source = spoolBytes(sent)
-        prefix = b""
+        recipients = [self.address, self.other] if copy else [self.address]
+        prefixes = {}
         if ownFields:
-            prefix = b"Return-Path: <s@model.test>\r\nDelivered-To: " + self.address.encode() + b"\r\n"
-            source.copyPrefixes = {self.address: prefix}
+            prefixes = {r: b"Return-Path: <s@model.test>\r\nDelivered-To: " + r.encode() + b"\r\n" for r in recipients}
+            source.copyPrefixes = prefixes
+        fits = self._fits(len(prefixes.get(self.address, b"") + kept))
         try:
-            result = resultOf(self.store.deliver([self.address], source))
+            result = resultOf(self.store.deliver(recipients, source))
         finally:
             source.close()
+        if copy:
+            assert isinstance(result[self.other], str)
+            self.others.append(prefixes.get(self.other, b"") + kept)
+        if not fits:
+            assert isinstance(result[self.address], QuotaExceeded), result
+            return
         # A session's snapshot does not see it; the next login does.
-        self._arrive(Message(prefix + kept, result[self.address]))
+        self._arrive(Message(prefixes.get(self.address, b"") + kept, result[self.address]))
+
+    @rule(octets=st.one_of(st.none(), st.integers(-2000, 300_000)), messages=st.one_of(st.none(), st.integers(-1, 3)))
+    def setQuota(self, octets, messages):
+        """
+        A quota near the use: a delivery after it fits or does not.
+        """
+        if octets is not None:
+            octets = max(0, sum(len(m.content) for m in self.present) + octets)
+        if messages is not None:
+            messages = max(0, len(self.present) + messages)
+        resultOf(self.store.setQuota(self.address, -1 if octets is None else octets, -1 if messages is None else messages))
+        self.quota = (octets, messages)
+
+    @precondition(lambda self: self.others)
+    @rule(deleting=st.integers(0, 2))
+    def otherDownloads(self, deleting):
+        """
+        The other user downloads its copies, and deletes the first few.
+        """
+        if self.session is not None:
+            # Each user's maildrop has a lock of its own.
+            assert not self.session.disconnected
+        session = POP3Session(self.store)
+        assert session.login(self.other, PASSWORD).startswith("+OK")
+        for number, content in enumerate(self.others, 1):
+            assert session.send(b"RETR %d\r\n" % number) == b"+OK %d octets\r\n" % len(content) + stuffed(content)
+        for number in range(1, min(deleting, len(self.others)) + 1):
+            assert session.command(f"DELE {number}") == f"+OK message {number} deleted\r\n"
+        assert session.command("QUIT").startswith("+OK")
+        del self.others[:deleting]
 
     @rule(recipe=messages)
     def importOne(self, recipe):
