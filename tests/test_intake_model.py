@@ -1,0 +1,282 @@
+"""
+SMTP and LMTP intake against a model of RFC 5321's transaction (and RFC
+2033's replies), generated: Hypothesis runs sequences of EHLO/HELO/LHLO,
+MAIL, RCPT (to users, to an unknown local name, to another domain, the
+same user twice, a user's address in other case), DATA, BDAT (in chunks
+cut anywhere, refused before MAIL or without a recipient and then refused
+until RSET), RSET and NOOP, and checks every reply against the model's;
+then each user downloads its mail by POP3, and what a 250 after the data
+promised is there, once per distinct recipient, octet for octet after the
+trace fields, and nothing a refused transaction sent.
+
+The messages are those of L{test_pop3_model} (lines starting with ".",
+chunk edges, more than one chunk).  Refusals are kept below the soft
+error limit (10): the limits themselves have tests of their own.
+On SQLite in memory, a SQLite file and PostgreSQL; derandomised as
+L{test_pop3_model} is (C{MAILGATE_MODEL_EXAMPLES} for a longer search).
+"""
+
+import re
+import secrets
+
+import attr
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+
+from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore
+
+from test_pop3_model import MODEL, PASSWORD, buildMessage, messages, stuffed
+
+SENDERS = ["<>", "<sender@far.test>", "<Mixed.Case@far.test>"]
+# Below the soft error limit, from which an error reply may be held back.
+MAX_REFUSALS = 8
+
+_OK = re.compile(rb"250 2\.0\.0 OK: message accepted as [0-9A-F]+\r\n\Z")
+_CHUNK = re.compile(rb"250 2\.0\.0 (\d+) octets received\r\n\Z")
+_TRACE = re.compile(
+    rb"\AReturn-Path: (<[^>\r\n]*>)\r\n(?:Delivered-To: [^\r\n]*\r\n)?Received: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)+"
+)
+
+
+class IntakeModel(RuleBasedStateMachine):
+    """
+    One session at a time (a new one after QUIT), the users' mail as the
+    model says it must be stored: for each user, C{(sender, content)} of
+    every message accepted for it, in order.
+    """
+
+    def __init__(self, store, lmtp):
+        super().__init__()
+        self.store = store
+        self.lmtp = lmtp
+        tag = secrets.token_hex(4)
+        self.domain = f"i{tag}.test"
+        self.users = [f"alice@{self.domain}", f"bob@{self.domain}"]
+        for user in self.users:
+            addUser(store, user, PASSWORD)
+        self.stored = {user: [] for user in self.users}
+        self.session = None
+        self._newSession()
+
+    def _newSession(self):
+        self.session = SMTPSession(self.store, lmtp=self.lmtp, domains=[self.domain])
+        self.hello = self.extended = False
+        self.refusals = 0
+        self._resetTransaction()
+
+    def _resetTransaction(self):
+        self.sender = None
+        self.recipients = []
+        # BDAT: the chunks taken so far (None: none sent), and whether a
+        # chunk was refused (every BDAT is, until RSET).
+        self.chunks = None
+        self.chunkFailed = False
+
+    def _send(self, data):
+        return self.session.send(data)
+
+    def _refused(self, reply, code):
+        assert reply.startswith(b"%d " % code), reply
+        assert reply.count(b"\r\n") == 1, reply
+        self.refusals += 1
+
+    # -- the session's commands ------------------------------------------
+
+    @rule(verb=st.sampled_from(["EHLO", "HELO"]))
+    def hello_(self, verb):
+        verb = "LHLO" if self.lmtp else verb
+        reply = self._send(f"{verb} client.test\r\n".encode())
+        if verb == "HELO":
+            assert reply == b"250 mailgate.test greets client.test\r\n"
+        else:
+            assert reply.startswith(b"250-mailgate.test greets client.test\r\n")
+            assert reply.endswith(b"250 CHUNKING\r\n")
+        # A greeting ends the transaction, as RSET (RFC 5321 4.1.4).
+        self.hello = True
+        # CHUNKING is an extension: BDAT needs EHLO (or LHLO).
+        self.extended = verb != "HELO"
+        self._resetTransaction()
+
+    @precondition(lambda self: self.refusals < MAX_REFUSALS)
+    @rule(sender=st.sampled_from(SENDERS))
+    def mail(self, sender):
+        reply = self._send(f"MAIL FROM:{sender}\r\n".encode())
+        if not self.hello or self.sender is not None:
+            return self._refused(reply, 503)
+        assert reply == b"250 2.1.0 sender %s OK\r\n" % sender.encode()
+        self.sender = sender
+
+    @precondition(lambda self: self.refusals < MAX_REFUSALS and len(self.recipients) < 12)
+    @rule(who=st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]))
+    def rcpt(self, who):
+        if who == "foreign":
+            address = "alice@elsewhere.test"
+        else:
+            address = f"{who}@{self.domain}"
+        reply = self._send(f"RCPT TO:<{address}>\r\n".encode())
+        if self.sender is None or self.chunks is not None:
+            # No MAIL, or the message's chunks have begun to arrive.
+            return self._refused(reply, 503)
+        if who == "foreign":
+            return self._refused(reply, 550)
+        if who == "nobody":
+            return self._refused(reply, 550)
+        assert reply == b"250 2.1.5 recipient <%s> OK\r\n" % address.encode()
+        self.recipients.append(address)
+
+    def _delivered(self, reply, content):
+        """
+        Check the replies to a message's end (one, or in LMTP one per
+        accepted RCPT, in their order) and record it for its distinct
+        recipients.
+        """
+        if self.lmtp:
+            lines = reply.split(b"\r\n")[:-1]
+            assert len(lines) == len(self.recipients), reply
+            for line, address in zip(lines, self.recipients):
+                assert re.fullmatch(rb"250 2\.0\.0 <%s> delivered as \S+" % re.escape(address.encode()), line), line
+        else:
+            assert _OK.match(reply), reply
+        for user in dict.fromkeys(address.lower() for address in self.recipients):
+            self.stored[user].append((self.sender, content))
+        # Delivered: the transaction is over, the errors before it forgiven.
+        self.refusals = 0
+        self._resetTransaction()
+
+    @precondition(lambda self: self.chunks is None and not self.chunkFailed and self.refusals < MAX_REFUSALS)
+    @rule(recipe=messages)
+    def data(self, recipe):
+        _, content = buildMessage(recipe)
+        reply = self._send(b"DATA\r\n")
+        if self.sender is None:
+            return self._refused(reply, 503)
+        if not self.recipients:
+            return self._refused(reply, 503 if self.lmtp else 554)
+        assert reply.startswith(b"354 "), reply
+        self._delivered(self._send(stuffed(content)), content)
+
+    @precondition(lambda self: self.refusals < MAX_REFUSALS)
+    @rule(recipe=messages, cuts=st.lists(st.integers(0, 200_000), max_size=3), last=st.booleans())
+    def bdat(self, recipe, cuts, last):
+        """
+        The message in chunks cut anywhere (an empty one too), the last
+        with LAST, or (C{last} false) only the first of them for now.
+        """
+        _, content = buildMessage(recipe)
+        edges = sorted(min(cut, len(content)) for cut in cuts)
+        pieces = [content[a:b] for a, b in zip([0] + edges, edges + [len(content)])]
+        if not last:
+            pieces = pieces[:1]
+        for n, piece in enumerate(pieces):
+            final = last and n == len(pieces) - 1
+            reply = self._send(b"BDAT %d%s\r\n" % (len(piece), b" LAST" if final else b"") + piece)
+            if self.sender is None or not self.extended:
+                return self._refused(reply, 503)
+            if self.chunkFailed:
+                return self._refused(reply, 503)
+            if not self.recipients:
+                # The chunk is read, and the message failed: each BDAT
+                # after it is refused until RSET.
+                self.chunkFailed = True
+                return self._refused(reply, 503 if self.lmtp else 554)
+            taken = (self.chunks or []) + [piece]
+            if final:
+                self._delivered(reply, b"".join(taken))
+            else:
+                match = _CHUNK.match(reply)
+                assert match and int(match.group(1)) == len(piece), reply
+                self.chunks = taken
+
+    @precondition(lambda self: self.chunks is None and not self.chunkFailed and self.refusals < MAX_REFUSALS - 4)
+    @rule(
+        sender=st.sampled_from(SENDERS),
+        recipients=st.lists(st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]), min_size=1, max_size=4),
+        recipe=messages,
+        chunked=st.booleans(),
+        cuts=st.lists(st.integers(0, 200_000), max_size=3),
+    )
+    def transaction(self, sender, recipients, recipe, chunked, cuts):
+        """
+        A whole transaction, as a client sends one: what the session
+        lacks of greeting and MAIL, the recipients, and the message by
+        DATA or BDAT (the commands one at a time, checked as above).
+        """
+        if not self.hello:
+            self.hello_("EHLO")
+        if self.sender is None:
+            self.mail(sender)
+        for who in recipients:
+            self.rcpt(who)
+        if chunked:
+            self.bdat(recipe, cuts, True)
+        else:
+            self.data(recipe)
+
+    @rule()
+    def rset(self):
+        assert self._send(b"RSET\r\n") == b"250 2.0.0 OK\r\n"
+        self._resetTransaction()
+
+    @rule()
+    def noop(self):
+        assert self._send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+    @rule()
+    def quit(self):
+        # What an unfinished transaction sent is dropped.
+        assert self._send(b"QUIT\r\n").startswith(b"221 ")
+        assert self.session.disconnected
+        self._newSession()
+
+    # -- what was stored -------------------------------------------------
+
+    @precondition(lambda self: any(self.stored.values()))
+    @rule(user=st.sampled_from([0, 1]))
+    def download(self, user):
+        """
+        The user's mail by POP3, all of it and nothing else, each message
+        its trace fields and then what was sent; deleted after.
+        """
+        address = self.users[user]
+        expected = self.stored[address]
+        pop3 = POP3Session(self.store)
+        assert pop3.login(address, PASSWORD).startswith(f"+OK {address} has {len(expected)} messages")
+        for number, (sender, content) in enumerate(expected, 1):
+            reply = pop3.send(b"RETR %d\r\n" % number)
+            status, _, body = reply.partition(b"\r\n")
+            trace = _TRACE.match(body)
+            assert trace, body[:300]
+            assert trace.group(1) == sender.encode()
+            # The trace fields start no line with ".": the rest is the
+            # content as sent, stuffed again for POP3.
+            assert body[trace.end():] == stuffed(content)
+            assert status == b"+OK %d octets" % (trace.end() + len(content))
+            assert pop3.command(f"DELE {number}") == f"+OK message {number} deleted\r\n"
+        assert pop3.command("QUIT").startswith("+OK")
+        self.stored[address] = []
+
+    def teardown(self):
+        if not self.session.disconnected:
+            self.session.protocol.connectionLost(None)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def intakeStore(request, tmp_path):
+    if request.param == "memory":
+        url = "sqlite:///:memory:"
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'intake.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgresURL")
+    store = memoryStore(url)
+    # No duplicate suppression across examples' deliveries of the same
+    # message: each one the model sends is a message of its own.
+    store.limits = attr.evolve(store.limits, duplicateWindow=0)
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_intakeAnswersAndStoresAsTheModelSays(intakeStore, lmtp):
+    run_state_machine_as_test(lambda: IntakeModel(intakeStore, lmtp), settings=MODEL)
