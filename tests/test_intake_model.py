@@ -18,6 +18,7 @@ L{test_pop3_model} is (C{MAILGATE_MODEL_EXAMPLES} for a longer search).
 
 import re
 import secrets
+import socket
 
 import attr
 import pytest
@@ -26,7 +27,8 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 
 from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore
 
-from test_pop3_model import MODEL, PASSWORD, buildMessage, messages, stuffed
+from e2e import DEADLINE, mailgate_server  # noqa: F401 (a fixture)
+from test_pop3_model import MODEL, PASSWORD, SERVER_MODEL, buildMessage, messages, stuffed
 
 SENDERS = ["<>", "<sender@far.test>", "<Mixed.Case@far.test>"]
 # Below the soft error limit, from which an error reply may be held back.
@@ -46,10 +48,16 @@ class IntakeModel(RuleBasedStateMachine):
     every message accepted for it, in order.
     """
 
-    def __init__(self, store, lmtp):
+    def __init__(self, store, lmtp, port=None, unknown=True):
+        """
+        @param port: a real server's SMTP (or LMTP) port to talk to, or
+            C{None} for an in-memory session on C{store}.
+        """
         super().__init__()
         self.store = store
         self.lmtp = lmtp
+        self.port = port
+        self.unknown = unknown
         tag = secrets.token_hex(4)
         self.domain = f"i{tag}.test"
         self.users = [f"alice@{self.domain}", f"bob@{self.domain}"]
@@ -60,7 +68,10 @@ class IntakeModel(RuleBasedStateMachine):
         self._newSession()
 
     def _newSession(self):
-        self.session = SMTPSession(self.store, lmtp=self.lmtp, domains=[self.domain])
+        if self.port is None:
+            self.session = MemorySession(SMTPSession(self.store, lmtp=self.lmtp, domains=[self.domain]))
+        else:
+            self.session = SocketSession(self.port)
         self.hello = self.extended = False
         self.refusals = 0
         self._resetTransaction()
@@ -73,8 +84,12 @@ class IntakeModel(RuleBasedStateMachine):
         self.chunks = None
         self.chunkFailed = False
 
-    def _send(self, data):
-        return self.session.send(data)
+    def _send(self, data, replies=1):
+        """
+        Send C{data}; the C{replies} replies it gets (a multi-line one
+        counts once).
+        """
+        return self.session.send(data, replies)
 
     def _refused(self, reply, code):
         assert reply.startswith(b"%d " % code), reply
@@ -110,6 +125,8 @@ class IntakeModel(RuleBasedStateMachine):
     @precondition(lambda self: self.refusals < MAX_REFUSALS and len(self.recipients) < 12)
     @rule(who=st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]))
     def rcpt(self, who):
+        if who == "nobody" and not self.unknown:
+            who = "foreign"
         if who == "foreign":
             address = "alice@elsewhere.test"
         else:
@@ -154,7 +171,11 @@ class IntakeModel(RuleBasedStateMachine):
         if not self.recipients:
             return self._refused(reply, 503 if self.lmtp else 554)
         assert reply.startswith(b"354 "), reply
-        self._delivered(self._send(stuffed(content)), content)
+        self._delivered(self._send(stuffed(content), self._finalReplies()), content)
+
+    def _finalReplies(self):
+        # LMTP answers a message's end once per accepted recipient.
+        return len(self.recipients) if self.lmtp else 1
 
     @precondition(lambda self: self.refusals < MAX_REFUSALS)
     @rule(recipe=messages, cuts=st.lists(st.integers(0, 200_000), max_size=3), last=st.booleans())
@@ -170,7 +191,11 @@ class IntakeModel(RuleBasedStateMachine):
             pieces = pieces[:1]
         for n, piece in enumerate(pieces):
             final = last and n == len(pieces) - 1
-            reply = self._send(b"BDAT %d%s\r\n" % (len(piece), b" LAST" if final else b"") + piece)
+            delivers = final and self.sender is not None and self.extended and not self.chunkFailed and self.recipients
+            reply = self._send(
+                b"BDAT %d%s\r\n" % (len(piece), b" LAST" if final else b"") + piece,
+                self._finalReplies() if delivers else 1,
+            )
             if self.sender is None or not self.extended:
                 return self._refused(reply, 503)
             if self.chunkFailed:
@@ -257,8 +282,69 @@ class IntakeModel(RuleBasedStateMachine):
         self.stored[address] = []
 
     def teardown(self):
-        if not self.session.disconnected:
-            self.session.protocol.connectionLost(None)
+        self.session.drop()
+
+
+class MemorySession:
+    """
+    An in-memory session (L{SMTPSession}): all of what the server wrote
+    comes back from each write.
+    """
+
+    def __init__(self, session):
+        self._session = session
+
+    def send(self, data, replies):
+        return self._session.send(data)
+
+    def drop(self):
+        if not self._session.disconnected:
+            self._session.protocol.connectionLost(None)
+
+    @property
+    def disconnected(self):
+        return self._session.disconnected
+
+
+class SocketSession:
+    """
+    A session with a real server over loopback TCP: each write reads as
+    many replies as the model expects (within L{DEADLINE}); a reply more
+    shows in the next comparison.
+    """
+
+    def __init__(self, port):
+        self._socket = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self._buffer = b""
+        self.greeting = self._reply()
+
+    def _reply(self):
+        lines = []
+        while True:
+            while b"\r\n" not in self._buffer:
+                data = self._socket.recv(1 << 16)
+                if not data:
+                    return b"".join(lines)
+                self._buffer += data
+            line, _, self._buffer = self._buffer.partition(b"\r\n")
+            lines.append(line + b"\r\n")
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def send(self, data, replies):
+        self._socket.sendall(data)
+        return b"".join(self._reply() for _ in range(replies))
+
+    def drop(self):
+        self._socket.close()
+
+    @property
+    def disconnected(self):
+        try:
+            more = self._socket.recv(1)
+        except OSError:
+            return True
+        return more == b"" and not self._buffer
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -280,3 +366,22 @@ def intakeStore(request, tmp_path):
 @pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
 def test_intakeAnswersAndStoresAsTheModelSays(intakeStore, lmtp):
     run_state_machine_as_test(lambda: IntakeModel(intakeStore, lmtp), settings=MODEL)
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_aRealServersIntakeAnswersAndStoresAsTheModelSays(mailgate_server, lmtp):
+    """
+    The same against a real C{twistd mailgate} over loopback TCP (its
+    store's threads and group commits), without unknown recipients: a
+    server counts those by client address across sessions (address
+    harvesting) and slows its answers, as it should.
+    """
+    server = mailgate_server(
+        "--smtp", "tcp:0:interface=127.0.0.1", "--lmtp", "tcp:0:interface=127.0.0.1", "--duplicate-window", "0"
+    )
+    store = memoryStore(mailgate_server.database)
+    port = server.portOf("LMTP" if lmtp else "SMTP")
+    try:
+        run_state_machine_as_test(lambda: IntakeModel(store, lmtp, port, unknown=False), settings=SERVER_MODEL)
+    finally:
+        store.close()

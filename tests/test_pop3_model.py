@@ -238,16 +238,12 @@ class MemorySession:
     def command(self, line):
         return self._session.command(line)
 
-    def exchange(self, line, expected):
+    def exchange(self, data, expected):
         """
-        Send C{line} and return the reply, all of what the server wrote
+        Send C{data} (lines) and return all of what the server wrote
         (C{expected}, what the model says, is for a socket's reads).
         """
-        return self._session.send(line + b"\r\n")
-
-    def rest(self, count):
-        # Everything written came back with the reply.
-        return b""
+        return self._session.send(data)
 
     def drop(self):
         self._session.protocol.connectionLost(None)
@@ -323,12 +319,9 @@ class SocketSession:
         self._socket.sendall(line.encode("ascii") + b"\r\n")
         return self._line().decode("utf-8", "replace")
 
-    def exchange(self, line, expected):
-        self._socket.sendall(line + b"\r\n")
+    def exchange(self, data, expected):
+        self._socket.sendall(data)
         return self._take(len(expected))
-
-    def rest(self, count):
-        return self._take(count)
 
     def drop(self):
         self._socket.close()
@@ -389,6 +382,8 @@ class POP3Model(RuleBasedStateMachine):
         self.last = 0
         # The user's own quota: (octets, messages), None for no limit.
         self.quota = (None, None)
+        # Within pipelined: the lines to send at once, with their replies.
+        self.batch = None
 
     def teardown(self):
         if self.session is not None:
@@ -461,7 +456,7 @@ class POP3Model(RuleBasedStateMachine):
         assert session.login(self.other, PASSWORD).startswith("+OK")
         for number, content in enumerate(self.others, 1):
             expected = b"+OK %d octets\r\n" % len(content) + stuffed(content)
-            assert session.exchange(b"RETR %d" % number, expected) == expected
+            assert session.exchange(b"RETR %d\r\n" % number, expected) == expected
         for number in range(1, min(deleting, len(self.others)) + 1):
             assert session.command(f"DELE {number}") == f"+OK message {number} deleted\r\n"
         assert session.command("QUIT").startswith("+OK")
@@ -572,24 +567,40 @@ class POP3Model(RuleBasedStateMachine):
         Send C{line} and check its reply: C{expected} (octets), or the
         refusal C{refused} if given.  Refusals one after the other are
         counted, as the server does (and Dovecot): the twentieth also
-        closes the session, and what it marked is not deleted.
+        closes the session, and what it marked is not deleted.  Within
+        L{pipelined}, the line and its reply are kept to be sent and
+        checked with the others.
 
         @return: whether the session is still open.
         """
-        reply = self.session.exchange(line.encode("ascii"), expected if refused is None else refused)
+        want = expected if refused is None else refused
+        closes = False
         if refused is None:
             self.refusals = 0
-            assert reply == expected
-            return True
-        self.refusals += 1
-        if self.refusals < MAX_BAD_COMMANDS:
-            assert reply == refused
-            return True
-        reply += self.session.rest(len(TOO_MANY))
-        assert reply == refused + TOO_MANY
-        assert self.session.disconnected
-        self._gone([])
-        return False
+        else:
+            self.refusals += 1
+            closes = self.refusals >= MAX_BAD_COMMANDS
+        session = self.session
+        if closes:
+            want += TOO_MANY
+            self._gone([])
+        if self.batch is not None:
+            self.batch.append((line, want, closes))
+            return not closes
+        self._check(session, [(line, want, closes)])
+        return not closes
+
+    def _check(self, session, exchanges):
+        """
+        Send the lines of C{exchanges} in one write, and check that the
+        replies are theirs, in order (and the session closed after the
+        last, if it closes it).
+        """
+        wire = b"".join(line.encode("ascii") + b"\r\n" for line, _, _ in exchanges)
+        want = b"".join(reply for _, reply, _ in exchanges)
+        assert session.exchange(wire, want) == want
+        if exchanges and exchanges[-1][2]:
+            assert session.disconnected
 
     def _lines(self, status, items):
         return (status + "\r\n" + "".join(f"{n} {item}\r\n" for n, item in items) + ".\r\n").encode("ascii")
@@ -664,6 +675,34 @@ class POP3Model(RuleBasedStateMachine):
         for number in range(start + 1, len(self.listing) + 1, stride):
             if not self._read(number, lines if headers else None):
                 return
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data(), count=st.integers(2, 8))
+    def pipelined(self, data, count):
+        """
+        Commands sent in one write (RFC 2449's PIPELINING): the replies
+        come in order, each what it would be alone; a long message's
+        streaming holds the commands after it back.
+        """
+        session = self.session
+        self.batch = []
+        try:
+            for _ in range(count):
+                if self.session is None:
+                    # The last refusal closed it: nothing more is sent.
+                    break
+                step = data.draw(st.sampled_from(["stat", "list", "uidl", "retr", "top", "dele", "rset", "noop"]))
+                if step in ("list", "uidl"):
+                    getattr(self, "listMessages" if step == "list" else "uidl")(data.draw(st.booleans()), data)
+                elif step == "top":
+                    self.top(data, data.draw(st.sampled_from([0, 1, 40])))
+                elif step in ("retr", "dele"):
+                    getattr(self, step)(data)
+                else:
+                    getattr(self, step)()
+        finally:
+            batch, self.batch = self.batch, None
+        self._check(session, batch)
 
     @precondition(lambda self: self.session is not None)
     @rule(data=st.data())
