@@ -238,6 +238,87 @@ class IntakeModel(RuleBasedStateMachine):
         else:
             self.data(recipe)
 
+    @precondition(
+        lambda self: self.hello and self.sender is None and not self.chunkFailed and self.refusals < MAX_REFUSALS - 4
+    )
+    @rule(
+        sender=st.sampled_from(SENDERS),
+        recipients=st.lists(st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]), min_size=1, max_size=4),
+        recipe=messages,
+        chunked=st.booleans(),
+        cuts=st.lists(st.integers(0, 200_000), max_size=3),
+    )
+    def pipelinedTransaction(self, sender, recipients, recipe, chunked, cuts):
+        """
+        A transaction as a client that uses PIPELINING (RFC 2920) sends
+        it: MAIL, the RCPTs and DATA in one write, the message once DATA
+        is answered with 354; with BDAT, all of it in one write.  The
+        replies come in order, each what it would be alone (the RCPTs'
+        lookups in the store do not reorder them).
+        """
+        chunked = chunked and self.extended
+        if not self.unknown:
+            recipients = ["foreign" if who == "nobody" else who for who in recipients]
+        addresses = ["alice@elsewhere.test" if who == "foreign" else f"{who}@{self.domain}" for who in recipients]
+        accepted = [a for who, a in zip(recipients, addresses) if who not in ("nobody", "foreign")]
+        _, content = buildMessage(recipe)
+        wire = b"MAIL FROM:%s\r\n" % sender.encode() + b"".join(b"RCPT TO:<%s>\r\n" % a.encode() for a in addresses)
+        expected = [b"250 2.1.0 sender %s OK\r\n" % sender.encode()] + [
+            b"250 2.1.5 recipient <%s> OK\r\n" % a.encode() if a in accepted else b"550" for a in addresses
+        ]
+        noRecipients = b"503" if self.lmtp else b"554"
+        if chunked:
+            edges = sorted(min(cut, len(content)) for cut in cuts)
+            pieces = [content[a:b] for a, b in zip([0] + edges, edges + [len(content)])]
+            for n, piece in enumerate(pieces):
+                wire += b"BDAT %d%s\r\n" % (len(piece), b" LAST" if n == len(pieces) - 1 else b"") + piece
+            if accepted:
+                expected += [b"250 2.0.0 %d octets received\r\n" % len(piece) for piece in pieces[:-1]]
+            else:
+                # The first chunk finds no recipient; those after it, the
+                # message failed.
+                expected += [noRecipients] + [b"503"] * (len(pieces) - 1)
+        else:
+            wire += b"DATA\r\n"
+            expected.append(b"354 " if accepted else noRecipients)
+        count = len(expected)
+        if chunked and accepted:
+            # The last chunk's: one, or in LMTP one per accepted RCPT.
+            count += len(accepted) if self.lmtp else 1
+        replies = self._split(self._send(wire, count))
+        assert len(replies) == count, replies
+        # What the write got: each command's reply (a refusal by its code).
+        for reply, want in zip(replies, expected):
+            if want.endswith(b"\r\n"):
+                assert reply == want
+            else:
+                assert reply.startswith(want), (reply, want)
+        self.refusals += sum(1 for want in expected if not want.startswith((b"250", b"354")))
+        self.sender = sender
+        self.recipients = accepted
+        if chunked:
+            if accepted:
+                self._delivered(b"".join(replies[len(expected):]), content)
+            else:
+                self.chunkFailed = True
+            return
+        if accepted:
+            self._delivered(self._send(stuffed(content), self._finalReplies()), content)
+
+    @staticmethod
+    def _split(data):
+        """
+        The replies in C{data}, each whole (a multi-line one is one).
+        """
+        replies, current = [], b""
+        for line in data.split(b"\r\n")[:-1]:
+            current += line + b"\r\n"
+            if line[3:4] != b"-":
+                replies.append(current)
+                current = b""
+        assert not current, data
+        return replies
+
     @rule()
     def rset(self):
         assert self._send(b"RSET\r\n") == b"250 2.0.0 OK\r\n"
