@@ -9,11 +9,16 @@ then each user downloads its mail by POP3, and what a 250 after the data
 promised is there, once per distinct recipient, octet for octet after the
 trace fields, and nothing a refused transaction sent.
 
-The messages are those of L{test_pop3_model} (lines starting with ".",
-chunk edges, more than one chunk).  Refusals are kept below the soft
-error limit (10): the limits themselves have tests of their own.
-On SQLite in memory, a SQLite file and PostgreSQL; derandomised as
-L{test_pop3_model} is (C{MAILGATE_MODEL_EXAMPLES} for a longer search).
+Transactions are sent command by command, and pipelined as RFC 2920
+clients send them (MAIL, the RCPTs and DATA in one write; with BDAT, the
+whole message too).  The messages are those of L{test_pop3_model} (lines
+starting with ".", chunk edges, more than one chunk).  Refusals are kept
+below the soft error limit (10): the limits themselves have tests of
+their own.  On SQLite in memory, a SQLite file and PostgreSQL through the
+in-memory session, and against a real C{twistd mailgate} over loopback
+TCP on a SQLite file and PostgreSQL; derandomised as L{test_pop3_model}
+is (C{MAILGATE_MODEL_EXAMPLES} for a longer search: 300 a combination
+found nothing).
 """
 
 import re
