@@ -384,6 +384,8 @@ class POP3Model(RuleBasedStateMachine):
         self.quota = (None, None)
         # Within pipelined: the lines to send at once, with their replies.
         self.batch = None
+        # The reason the user is disabled for ("" for none), or None.
+        self.disabled = None
 
     def teardown(self):
         if self.session is not None:
@@ -495,13 +497,36 @@ class POP3Model(RuleBasedStateMachine):
     @precondition(lambda self: self.session is None)
     @rule()
     def login(self):
-        self.session = self.sessions.open()
+        session = self.sessions.open()
         count, octets = len(self.present), sum(len(m.content) for m in self.present)
-        reply = self.session.login(self.address, PASSWORD)
+        reply = session.login(self.address, PASSWORD)
+        if self.disabled is not None:
+            # The right password, and the user disabled: told why (or
+            # Dovecot's words without a reason), at once, on the server
+            # that remembers the password too.
+            assert reply.startswith("-ERR [AUTH] ") and reply.endswith(f"{self.disabled}\r\n"), reply
+            session.drop()
+            return
+        self.session = session
         assert reply == f"+OK {self.address} has {count} messages ({octets} octets)\r\n"
         self.listing = [[message, False] for message in self.present]
         self.last = 0
         self.refusals = 0
+
+    @rule(reason=st.sampled_from(["moved to the new server", ""]))
+    def disable(self, reason):
+        """
+        The administrator disables the user (C{mailgate user disable}): a
+        session open goes on; the next login is refused.
+        """
+        resultOf(self.store.disableUser(self.address, reason or None))
+        self.disabled = reason
+
+    @precondition(lambda self: self.disabled is not None)
+    @rule()
+    def enable(self):
+        resultOf(self.store.enableUser(self.address))
+        self.disabled = None
 
     @precondition(lambda self: self.session is not None)
     @rule()
