@@ -33,9 +33,19 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore
 
 from e2e import DEADLINE, mailgate_server  # noqa: F401 (a fixture)
-from test_pop3_model import MODEL, PASSWORD, SERVER_MODEL, buildMessage, messages, stuffed
+from test_pop3_model import MODEL, PASSWORD, SERVER_MODEL, buildMessage, messages, openStore, stuffed
 
 SENDERS = ["<>", "<sender@far.test>", "<Mixed.Case@far.test>"]
+#: what a whole transaction is drawn from: its sender, recipients (a
+#: user, one in other case, an unknown local name, another domain),
+#: message, and whether it goes by BDAT (in pieces cut where) or DATA
+TRANSACTIONS = dict(
+    sender=st.sampled_from(SENDERS),
+    recipients=st.lists(st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]), min_size=1, max_size=4),
+    recipe=messages,
+    chunked=st.booleans(),
+    cuts=st.lists(st.integers(0, 200_000), max_size=3),
+)
 # Below the soft error limit, from which an error reply may be held back.
 MAX_REFUSALS = 8
 
@@ -44,6 +54,15 @@ _CHUNK = re.compile(rb"250 2\.0\.0 (\d+) octets received\r\n\Z")
 _TRACE = re.compile(
     rb"\AReturn-Path: (<[^>\r\n]*>)\r\n(?:Delivered-To: [^\r\n]*\r\n)?Received: from [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)+"
 )
+
+
+def cutAt(content, cuts):
+    """
+    C{content} in pieces cut at the offsets C{cuts} (past its end: at its
+    end; an empty piece where two cuts meet).
+    """
+    edges = sorted(min(cut, len(content)) for cut in cuts)
+    return [content[a:b] for a, b in zip([0] + edges, edges + [len(content)])]
 
 
 class IntakeModel(RuleBasedStateMachine):
@@ -190,8 +209,7 @@ class IntakeModel(RuleBasedStateMachine):
         with LAST, or (C{last} false) only the first of them for now.
         """
         _, content = buildMessage(recipe)
-        edges = sorted(min(cut, len(content)) for cut in cuts)
-        pieces = [content[a:b] for a, b in zip([0] + edges, edges + [len(content)])]
+        pieces = cutAt(content, cuts)
         if not last:
             pieces = pieces[:1]
         for n, piece in enumerate(pieces):
@@ -219,13 +237,7 @@ class IntakeModel(RuleBasedStateMachine):
                 self.chunks = taken
 
     @precondition(lambda self: self.chunks is None and not self.chunkFailed and self.refusals < MAX_REFUSALS - 4)
-    @rule(
-        sender=st.sampled_from(SENDERS),
-        recipients=st.lists(st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]), min_size=1, max_size=4),
-        recipe=messages,
-        chunked=st.booleans(),
-        cuts=st.lists(st.integers(0, 200_000), max_size=3),
-    )
+    @rule(**TRANSACTIONS)
     def transaction(self, sender, recipients, recipe, chunked, cuts):
         """
         A whole transaction, as a client sends one: what the session
@@ -246,13 +258,7 @@ class IntakeModel(RuleBasedStateMachine):
     @precondition(
         lambda self: self.hello and self.sender is None and not self.chunkFailed and self.refusals < MAX_REFUSALS - 4
     )
-    @rule(
-        sender=st.sampled_from(SENDERS),
-        recipients=st.lists(st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]), min_size=1, max_size=4),
-        recipe=messages,
-        chunked=st.booleans(),
-        cuts=st.lists(st.integers(0, 200_000), max_size=3),
-    )
+    @rule(**TRANSACTIONS)
     def pipelinedTransaction(self, sender, recipients, recipe, chunked, cuts):
         """
         A transaction as a client that uses PIPELINING (RFC 2920) sends
@@ -273,8 +279,7 @@ class IntakeModel(RuleBasedStateMachine):
         ]
         noRecipients = b"503" if self.lmtp else b"554"
         if chunked:
-            edges = sorted(min(cut, len(content)) for cut in cuts)
-            pieces = [content[a:b] for a, b in zip([0] + edges, edges + [len(content)])]
+            pieces = cutAt(content, cuts)
             for n, piece in enumerate(pieces):
                 wire += b"BDAT %d%s\r\n" % (len(piece), b" LAST" if n == len(pieces) - 1 else b"") + piece
             if accepted:
@@ -435,16 +440,9 @@ class SocketSession:
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def intakeStore(request, tmp_path):
-    if request.param == "memory":
-        url = "sqlite:///:memory:"
-    elif request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'intake.sqlite3'}"
-    else:
-        url = request.getfixturevalue("postgresURL")
-    store = memoryStore(url)
     # No duplicate suppression across examples' deliveries of the same
     # message: each one the model sends is a message of its own.
-    store.limits = attr.evolve(store.limits, duplicateWindow=0)
+    store = openStore(request, tmp_path, duplicateWindow=0)
     yield store
     store.close()
 

@@ -755,8 +755,12 @@ class POP3Model(RuleBasedStateMachine):
 # -- the tests --------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def modelStore(request, tmp_path):
+def openStore(request, tmp_path, **limits):
+    """
+    A synchronous store on the backend C{request.param} names (C{"memory"},
+    C{"sqlite"}: a file, C{"postgres"}: a fresh schema), with C{limits}
+    changed from the defaults.
+    """
     if request.param == "memory":
         url = "sqlite:///:memory:"
     elif request.param == "sqlite":
@@ -764,8 +768,14 @@ def modelStore(request, tmp_path):
     else:
         url = request.getfixturevalue("postgresURL")
     store = memoryStore(url)
+    store.limits = attr.evolve(store.limits, **limits)
+    return store
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def modelStore(request, tmp_path):
     # Deleted mail kept, for the restores.
-    store.limits = attr.evolve(store.limits, keepDeletedDays=30)
+    store = openStore(request, tmp_path, keepDeletedDays=30)
     yield store
     store.close()
 
