@@ -1,6 +1,7 @@
 """
 POP3 against a model of RFC 1939's maildrop, generated: Hypothesis runs
-sequences of deliveries, imports, logins and commands (STAT, LIST, UIDL,
+sequences of deliveries, imports, logins (USER/PASS, APOP, SASL PLAIN)
+and commands (STAT, LIST, UIDL,
 RETR, TOP, DELE, RSET, NOOP, QUIT, a dropped connection, a second login
 while the maildrop is held, recovery of deleted mail, a quota near the
 use, copies for a second user sharing the bodies), and every reply is
@@ -34,8 +35,11 @@ LIST, UIDL, RETR, TOP) did not forgive the refusals before it, so a
 client refused once before each download was cut off at its twentieth.
 """
 
+import base64
+import hashlib
 import os
 import random
+import re
 import secrets
 import socket
 import time
@@ -223,6 +227,31 @@ class Message:
 # -- sessions: in memory, or a real server's over a socket ---------------------
 
 
+def logIn(session, method, address, password):
+    """
+    Log in on C{session} by C{method}: USER and PASS, APOP (with the
+    greeting's timestamp), SASL PLAIN with its initial response, or
+    without it (the response after the server's empty challenge).
+
+    @return: the last reply, as L{str}.
+    """
+    if method == "user":
+        session.command(f"USER {address}")
+        return session.command(f"PASS {password}")
+    if method == "apop":
+        stamp = re.search(r"<[^>]*>", session.greeting).group(0)
+        return session.command(f"APOP {address} {hashlib.md5((stamp + password).encode()).hexdigest()}")
+    response = base64.b64encode(f"\0{address}\0{password}".encode()).decode("ascii")
+    if method == "plain":
+        return session.command(f"AUTH PLAIN {response}")
+    assert session.command("AUTH PLAIN") == "+ \r\n"
+    return session.command(response)
+
+
+#: how a client logs in (see L{logIn})
+LOGINS = st.sampled_from(["user", "apop", "plain", "plain-continued"])
+
+
 class MemorySession:
     """
     A session over a L{StringTransport} (L{POP3Session}), the store's
@@ -232,8 +261,12 @@ class MemorySession:
     def __init__(self, store):
         self._session = POP3Session(store)
 
-    def login(self, address, password, held=False):
-        return self._session.login(address, password)
+    @property
+    def greeting(self):
+        return self._session.greeting
+
+    def login(self, address, password, method="user", held=False):
+        return logIn(self, method, address, password)
 
     def command(self, line):
         return self._session.command(line)
@@ -275,7 +308,7 @@ class SocketSession:
     def _connect(self):
         self._socket = socket.create_connection(("127.0.0.1", self._port), timeout=DEADLINE)
         self._buffer = b""
-        self.greeting = self._line()
+        self.greeting = self._line().decode("ascii")
 
     def _fill(self):
         data = self._socket.recv(1 << 16)
@@ -298,17 +331,16 @@ class SocketSession:
         taken, self._buffer = self._buffer[:count], self._buffer[count:]
         return taken
 
-    def login(self, address, password, held=False):
+    def login(self, address, password, method="user", held=False):
         """
-        USER and PASS.  A maildrop the server has not let go of yet (its
-        last session ended a moment ago: the lock goes after the reply) is
+        L{logIn}.  A maildrop the server has not let go of yet (its last
+        session ended a moment ago: the lock goes after the reply) is
         asked for again on a new connection, within L{DEADLINE}, unless the
         model says a session holds it (C{held}).
         """
         deadline = time.monotonic() + DEADLINE
         while True:
-            self.command(f"USER {address}")
-            reply = self.command(f"PASS {password}")
+            reply = logIn(self, method, address, password)
             if held or "[IN-USE]" not in reply or time.monotonic() > deadline:
                 return reply
             self._socket.close()
@@ -364,7 +396,8 @@ class POP3Model(RuleBasedStateMachine):
         self.store = store
         self.sessions = sessions
         self.address = f"m{secrets.token_hex(5)}@model.test"
-        addUser(store, self.address, PASSWORD)
+        # With an APOP secret too (the user's opt-in), for APOP logins.
+        addUser(store, self.address, PASSWORD, apop=True)
         # A second user, given copies of some messages: its copies share
         # their bodies with the first user's, and stay whatever the first
         # user does with theirs.
@@ -495,11 +528,11 @@ class POP3Model(RuleBasedStateMachine):
     # -- sessions --------------------------------------------------------
 
     @precondition(lambda self: self.session is None)
-    @rule()
-    def login(self):
+    @rule(method=LOGINS)
+    def login(self, method):
         session = self.sessions.open()
         count, octets = len(self.present), sum(len(m.content) for m in self.present)
-        reply = session.login(self.address, PASSWORD)
+        reply = session.login(self.address, PASSWORD, method)
         if self.disabled is not None:
             # The right password, and the user disabled: told why (or
             # Dovecot's words without a reason), at once, on the server
@@ -529,10 +562,10 @@ class POP3Model(RuleBasedStateMachine):
         self.disabled = None
 
     @precondition(lambda self: self.session is not None)
-    @rule()
-    def secondLogin(self):
+    @rule(method=LOGINS)
+    def secondLogin(self, method):
         other = self.sessions.open()
-        reply = other.login(self.address, PASSWORD, held=True)
+        reply = other.login(self.address, PASSWORD, method, held=True)
         assert reply.startswith("-ERR [IN-USE] "), reply
         other.drop()
 
@@ -795,7 +828,9 @@ def test_aRealServerAnswersAsTheModelSays(mailgate_server):
     message's streaming under back-pressure), the mail delivered into its
     database by this process.
     """
-    server = mailgate_server("--keep-deleted-days", "30")
+    # --apop: the greeting's timestamp from the start (by default, once
+    # the server has seen a user with APOP enabled).
+    server = mailgate_server("--keep-deleted-days", "30", "--apop")
     store = memoryStore(mailgate_server.database)
     store.limits = attr.evolve(store.limits, keepDeletedDays=30)
     try:
