@@ -24,9 +24,9 @@ back and pick; TOP's line counts fall inside, at and past a body's end.
 On each backend: SQLite's private in-memory database, a real SQLite file
 and PostgreSQL, through the in-memory session (L{POP3Session}, the
 store's calls answered at once); and a real C{twistd mailgate} over
-loopback TCP on a SQLite file and on PostgreSQL, for what only a running
-server does (the store's threads, back-pressure, the lock let go after a
-session).  The examples are derandomised, the same on every run
+loopback TCP on a SQLite file and on PostgreSQL, and over implicit TLS,
+for what only a running server does (the store's threads, back-pressure,
+the TLS layer, the lock let go after a session).  The examples are derandomised, the same on every run
 (C{MAILGATE_MODEL_EXAMPLES} runs more of them, at random, for a longer
 search: 400 a backend found nothing more than the one defect below).
 
@@ -42,6 +42,7 @@ import random
 import re
 import secrets
 import socket
+import ssl
 import time
 
 import attr
@@ -55,10 +56,12 @@ from mailgate.message import spoolBytes
 from mailgate.store.reads import CHUNK_SIZE
 from mailgate.testing import POP3Session, addUser, memoryStore, resultOf
 
-from e2e import DEADLINE, mailgate_server  # noqa: F401 (a fixture)
+from e2e import DEADLINE, mailgate_server, sqliteOnly  # noqa: F401 (a fixture)
 
 PASSWORD = "model-Passw0rd"
 MAX_BAD_COMMANDS = 20
+# The name tests/certs.py's certificate (conftest's pair) is for.
+TLS_NAME = "mail.example.test"
 TOO_MANY = b"-ERR too many bad commands; closing the connection\r\n"
 NOW = 1_796_000_000
 
@@ -301,17 +304,23 @@ class SocketSession:
     shorter one fails the comparison and a longer one the next.
     """
 
-    def __init__(self, port):
+    def __init__(self, port, context=None):
         self._port = port
+        self._context = context
         self._connect()
 
     def _connect(self):
         self._socket = socket.create_connection(("127.0.0.1", self._port), timeout=DEADLINE)
+        if self._context is not None:
+            self._socket = self._context.wrap_socket(self._socket, server_hostname=TLS_NAME)
         self._buffer = b""
         self.greeting = self._line().decode("ascii")
 
     def _fill(self):
-        data = self._socket.recv(1 << 16)
+        try:
+            data = self._socket.recv(1 << 16)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            data = b""
         if not data:
             raise EOFError("the server closed the connection")
         self._buffer += data
@@ -374,11 +383,17 @@ class SocketSession:
 
 
 class SocketSessions:
-    def __init__(self, port):
+    """
+    @param context: an C{ssl.SSLContext} for implicit TLS (POP3S), or
+        C{None}.
+    """
+
+    def __init__(self, port, context=None):
         self.port = port
+        self.context = context
 
     def open(self):
-        return SocketSession(self.port)
+        return SocketSession(self.port, self.context)
 
 
 # -- the machine ----------------------------------------------------------------
@@ -835,5 +850,25 @@ def test_aRealServerAnswersAsTheModelSays(mailgate_server):
     store.limits = attr.evolve(store.limits, keepDeletedDays=30)
     try:
         run_state_machine_as_test(lambda: POP3Model(store, SocketSessions(server.port)), settings=SERVER_MODEL)
+    finally:
+        store.close()
+
+
+@sqliteOnly
+def test_aRealServerOverTLSAnswersAsTheModelSays(mailgate_server, pair):
+    """
+    The same over implicit TLS (POP3S, TLS 1.3 by the ssl module): a long
+    message's streaming and pipelined replies through the TLS layer.
+    """
+    certificate, key = pair
+    server = mailgate_server(
+        "--keep-deleted-days", "30", "--apop", "--tls-cert", str(certificate), "--tls-key", str(key),
+        "--pop3s", "tcp:0:interface=127.0.0.1",
+    )
+    context = ssl.create_default_context(cafile=str(certificate))
+    store = memoryStore(mailgate_server.database)
+    try:
+        sessions = SocketSessions(server.portOf("POP3S"), context)
+        run_state_machine_as_test(lambda: POP3Model(store, sessions), settings=SERVER_MODEL)
     finally:
         store.close()
