@@ -26,7 +26,9 @@ and PostgreSQL, through the in-memory session (L{POP3Session}, the
 store's calls answered at once); and a real C{twistd mailgate} over
 loopback TCP on a SQLite file and on PostgreSQL, and over implicit TLS,
 for what only a running server does (the store's threads, back-pressure,
-the TLS layer, the lock let go after a session).  The examples are derandomised, the same on every run
+the TLS layer, the lock let go after a session).  A second machine begins with about a thousand messages, where a login
+stops carrying the unique ids and LIST goes out in batches.  The
+examples are derandomised, the same on every run
 (C{MAILGATE_MODEL_EXAMPLES} runs more of them, at random, for a longer
 search: 400 a backend found nothing more than the one defect below).
 
@@ -49,11 +51,20 @@ import attr
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from mailgate.errors import QuotaExceeded
 from mailgate.message import spoolBytes
+from mailgate.pop3.protocol import POP3Server
 from mailgate.store.reads import CHUNK_SIZE
+from mailgate.store.snapshot import SNAPSHOT_UNIQUE_IDS
 from mailgate.testing import POP3Session, addUser, memoryStore, resultOf
 
 from e2e import DEADLINE, mailgate_server, sqliteOnly  # noqa: F401 (a fixture)
@@ -800,6 +811,47 @@ class POP3Model(RuleBasedStateMachine):
         self._expect("NOOP", b"+OK\r\n")
 
 
+class LargeMaildropModel(POP3Model):
+    """
+    The same, from a maildrop of about a thousand messages: where a
+    login's snapshot stops carrying the unique ids (a larger maildrop's
+    are read when asked for: L{SNAPSHOT_UNIQUE_IDS}) and a LIST goes out
+    in batches (L{POP3Server.listBatch}).
+    """
+
+    @initialize(count=st.sampled_from([SNAPSHOT_UNIQUE_IDS - 1, SNAPSHOT_UNIQUE_IDS, SNAPSHOT_UNIQUE_IDS + 1, 1500]))
+    def manyMessages(self, count):
+        assert POP3Server.listBatch == SNAPSHOT_UNIQUE_IDS
+        items = []
+        for n in range(count):
+            content = b"Subject: %d\r\n\r\n%sbody %d\r\n" % (n, b".dot\r\n" if n % 7 == 0 else b"", n)
+            items.append((f"bulk-{n}", content))
+        spools = [(uidl, spoolBytes(content), NOW) for uidl, content in items]
+        try:
+            imported, skipped, conflicts = resultOf(self.store.importMessages(self.address, spools))
+        finally:
+            for _, spool, _ in spools:
+                spool.close()
+        assert (len(imported), skipped, conflicts) == (count, [], [])
+        for uidl, content in items:
+            self._arrive(Message(content, uidl))
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data())
+    def listings(self, data):
+        """
+        The listings whose paths change at this size, more often than the
+        other rules would ask for them: LIST, UIDL, and one message's.
+        """
+        self.listMessages(False, data)
+        self.uidl(False, data)
+        self.uidl(True, data)
+
+
+# A few examples: each begins with a thousand messages.
+LARGE_MODEL = settings(MODEL, max_examples=max(1, EXAMPLES // 3), stateful_step_count=20)
+
+
 # -- the tests --------------------------------------------------------------------
 
 
@@ -850,6 +902,21 @@ def test_aRealServerAnswersAsTheModelSays(mailgate_server):
     store.limits = attr.evolve(store.limits, keepDeletedDays=30)
     try:
         run_state_machine_as_test(lambda: POP3Model(store, SocketSessions(server.port)), settings=SERVER_MODEL)
+    finally:
+        store.close()
+
+
+def test_aLargeMaildropAnswersAsTheModelSays(modelStore):
+    run_state_machine_as_test(lambda: LargeMaildropModel(modelStore, MemorySessions(modelStore)), settings=LARGE_MODEL)
+
+
+@sqliteOnly
+def test_aRealServerWithALargeMaildropAnswersAsTheModelSays(mailgate_server):
+    server = mailgate_server("--keep-deleted-days", "30", "--apop")
+    store = memoryStore(mailgate_server.database)
+    try:
+        sessions = SocketSessions(server.port)
+        run_state_machine_as_test(lambda: LargeMaildropModel(store, sessions), settings=LARGE_MODEL)
     finally:
         store.close()
 
