@@ -24,8 +24,8 @@ back and pick; TOP's line counts fall inside, at and past a body's end.
 On each backend: SQLite's private in-memory database, a real SQLite file
 and PostgreSQL, through the in-memory session (L{POP3Session}, the
 store's calls answered at once); and a real C{twistd mailgate} over
-loopback TCP on a SQLite file and on PostgreSQL, and over implicit TLS,
-for what only a running server does (the store's threads, back-pressure,
+loopback TCP on a SQLite file and on PostgreSQL, and over TLS (at
+once, and after STLS), for what only a running server does (the store's threads, back-pressure,
 the TLS layer, the lock let go after a session).  A second machine begins with about a thousand messages, where a login
 stops carrying the unique ids and LIST goes out in batches.  The
 examples are derandomised, the same on every run
@@ -315,17 +315,23 @@ class SocketSession:
     shorter one fails the comparison and a longer one the next.
     """
 
-    def __init__(self, port, context=None):
+    def __init__(self, port, context=None, starttls=False):
         self._port = port
         self._context = context
+        self._starttls = starttls
         self._connect()
 
     def _connect(self):
         self._socket = socket.create_connection(("127.0.0.1", self._port), timeout=DEADLINE)
-        if self._context is not None:
+        if self._context is not None and not self._starttls:
             self._socket = self._context.wrap_socket(self._socket, server_hostname=TLS_NAME)
         self._buffer = b""
         self.greeting = self._line().decode("ascii")
+        if self._starttls:
+            # RFC 2595: the session goes on over TLS, from the same state.
+            assert self.command("STLS").startswith("+OK")
+            assert not self._buffer
+            self._socket = self._context.wrap_socket(self._socket, server_hostname=TLS_NAME)
 
     def _fill(self):
         try:
@@ -395,16 +401,18 @@ class SocketSession:
 
 class SocketSessions:
     """
-    @param context: an C{ssl.SSLContext} for implicit TLS (POP3S), or
-        C{None}.
+    @param context: an C{ssl.SSLContext} for TLS, or C{None}.
+    @param starttls: TLS begun by STLS (RFC 2595) rather than at once
+        (POP3S).
     """
 
-    def __init__(self, port, context=None):
+    def __init__(self, port, context=None, starttls=False):
         self.port = port
         self.context = context
+        self.starttls = starttls
 
     def open(self):
-        return SocketSession(self.port, self.context)
+        return SocketSession(self.port, self.context, self.starttls)
 
 
 # -- the machine ----------------------------------------------------------------
@@ -922,10 +930,12 @@ def test_aRealServerWithALargeMaildropAnswersAsTheModelSays(mailgate_server):
 
 
 @sqliteOnly
-def test_aRealServerOverTLSAnswersAsTheModelSays(mailgate_server, pair):
+@pytest.mark.parametrize("starttls", [False, True], ids=["pop3s", "stls"])
+def test_aRealServerOverTLSAnswersAsTheModelSays(mailgate_server, pair, starttls):
     """
-    The same over implicit TLS (POP3S, TLS 1.3 by the ssl module): a long
-    message's streaming and pipelined replies through the TLS layer.
+    The same over TLS (TLS 1.3 by the ssl module), at once (POP3S) or
+    after STLS: a long message's streaming and pipelined replies through
+    the TLS layer.
     """
     certificate, key = pair
     server = mailgate_server(
@@ -935,7 +945,8 @@ def test_aRealServerOverTLSAnswersAsTheModelSays(mailgate_server, pair):
     context = ssl.create_default_context(cafile=str(certificate))
     store = memoryStore(mailgate_server.database)
     try:
-        sessions = SocketSessions(server.portOf("POP3S"), context)
+        port = server.portOf("POP3") if starttls else server.portOf("POP3S")
+        sessions = SocketSessions(port, context, starttls)
         run_state_machine_as_test(lambda: POP3Model(store, sessions), settings=SERVER_MODEL)
     finally:
         store.close()
