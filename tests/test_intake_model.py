@@ -16,7 +16,7 @@ starting with ".", chunk edges, more than one chunk).  Refusals are kept
 below the soft error limit (10): the limits themselves have tests of
 their own.  On SQLite in memory, a SQLite file and PostgreSQL through the
 in-memory session, and against a real C{twistd mailgate} over loopback
-TCP on a SQLite file and PostgreSQL; derandomised as L{test_pop3_model}
+TCP on a SQLite file and PostgreSQL (and SMTP over STARTTLS); derandomised as L{test_pop3_model}
 is (C{MAILGATE_MODEL_EXAMPLES} for a longer search: 300 a combination
 found nothing).
 """
@@ -24,6 +24,7 @@ found nothing).
 import re
 import secrets
 import socket
+import ssl
 
 import attr
 import pytest
@@ -32,8 +33,8 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 
 from mailgate.testing import POP3Session, SMTPSession, addUser, memoryStore
 
-from e2e import DEADLINE, mailgate_server  # noqa: F401 (a fixture)
-from test_pop3_model import MODEL, PASSWORD, SERVER_MODEL, buildMessage, messages, openStore, stuffed
+from e2e import DEADLINE, mailgate_server, sqliteOnly  # noqa: F401 (a fixture)
+from test_pop3_model import MODEL, PASSWORD, SERVER_MODEL, TLS_NAME, buildMessage, messages, openStore, stuffed
 
 SENDERS = ["<>", "<sender@far.test>", "<Mixed.Case@far.test>"]
 #: what a whole transaction is drawn from: its sender, recipients (a
@@ -72,7 +73,7 @@ class IntakeModel(RuleBasedStateMachine):
     every message accepted for it, in order.
     """
 
-    def __init__(self, store, lmtp, port=None, unknown=True):
+    def __init__(self, store, lmtp, port=None, unknown=True, context=None):
         """
         @param port: a real server's SMTP (or LMTP) port to talk to, or
             C{None} for an in-memory session on C{store}.
@@ -82,6 +83,7 @@ class IntakeModel(RuleBasedStateMachine):
         self.lmtp = lmtp
         self.port = port
         self.unknown = unknown
+        self.context = context
         tag = secrets.token_hex(4)
         self.domain = f"i{tag}.test"
         self.users = [f"alice@{self.domain}", f"bob@{self.domain}"]
@@ -95,7 +97,7 @@ class IntakeModel(RuleBasedStateMachine):
         if self.port is None:
             self.session = MemorySession(SMTPSession(self.store, lmtp=self.lmtp, domains=[self.domain]))
         else:
-            self.session = SocketSession(self.port)
+            self.session = SocketSession(self.port, self.context)
         self.hello = self.extended = False
         self.refusals = 0
         self._resetTransaction()
@@ -404,16 +406,30 @@ class SocketSession:
     shows in the next comparison.
     """
 
-    def __init__(self, port):
+    def __init__(self, port, context=None):
+        """
+        @param context: an C{ssl.SSLContext} to begin TLS with by
+            STARTTLS (RFC 3207) after the greeting, or C{None}.  The
+            session is then as new: the model's first command is a greeting
+            again, as RFC 3207 asks.
+        """
         self._socket = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
         self._buffer = b""
         self.greeting = self._reply()
+        if context is not None:
+            assert self.send(b"EHLO client.test\r\n", 1).endswith(b"250 STARTTLS\r\n")
+            assert self.send(b"STARTTLS\r\n", 1).startswith(b"220 ")
+            assert not self._buffer
+            self._socket = context.wrap_socket(self._socket, server_hostname=TLS_NAME)
 
     def _reply(self):
         lines = []
         while True:
             while b"\r\n" not in self._buffer:
-                data = self._socket.recv(1 << 16)
+                try:
+                    data = self._socket.recv(1 << 16)
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
                 if not data:
                     return b"".join(lines)
                 self._buffer += data
@@ -433,6 +449,8 @@ class SocketSession:
     def disconnected(self):
         try:
             more = self._socket.recv(1)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            more = b""
         except OSError:
             return True
         return more == b"" and not self._buffer
@@ -467,5 +485,27 @@ def test_aRealServersIntakeAnswersAndStoresAsTheModelSays(mailgate_server, lmtp)
     port = server.portOf("LMTP" if lmtp else "SMTP")
     try:
         run_state_machine_as_test(lambda: IntakeModel(store, lmtp, port, unknown=False), settings=SERVER_MODEL)
+    finally:
+        store.close()
+
+
+@sqliteOnly
+def test_aRealServersIntakeOverSTARTTLSAnswersAndStoresAsTheModelSays(mailgate_server, pair):
+    """
+    The same by SMTP over TLS begun by STARTTLS: BDAT's chunks and
+    DATA's lines through the TLS layer.
+    """
+    certificate, key = pair
+    server = mailgate_server(
+        "--smtp", "tcp:0:interface=127.0.0.1", "--duplicate-window", "0",
+        "--tls-cert", str(certificate), "--tls-key", str(key),
+    )
+    context = ssl.create_default_context(cafile=str(certificate))
+    store = memoryStore(mailgate_server.database)
+    try:
+        run_state_machine_as_test(
+            lambda: IntakeModel(store, False, server.portOf("SMTP"), unknown=False, context=context),
+            settings=SERVER_MODEL,
+        )
     finally:
         store.close()
