@@ -25,8 +25,9 @@ On each backend: SQLite's private in-memory database, a real SQLite file
 and PostgreSQL, through the in-memory session (L{POP3Session}, the
 store's calls answered at once); and a real C{twistd mailgate} over
 loopback TCP on a SQLite file and on PostgreSQL, and over TLS (at
-once, and after STLS), for what only a running server does (the store's threads, back-pressure,
-the TLS layer, the lock let go after a session).  A second machine begins with about a thousand messages, where a login
+once, and after STLS), and two nodes sharing one PostgreSQL database,
+for what only a running server does (the store's threads, back-pressure,
+the TLS layer, the lock let go after a session, held across nodes).  A second machine begins with about a thousand messages, where a login
 stops carrying the unique ids and LIST goes out in batches.  The
 examples are derandomised, the same on every run
 (C{MAILGATE_MODEL_EXAMPLES} runs more of them, at random, for a longer
@@ -67,7 +68,7 @@ from mailgate.store.reads import CHUNK_SIZE
 from mailgate.store.snapshot import SNAPSHOT_UNIQUE_IDS
 from mailgate.testing import POP3Session, addUser, memoryStore, resultOf
 
-from e2e import DEADLINE, mailgate_server, sqliteOnly  # noqa: F401 (a fixture)
+from e2e import DEADLINE, mailgate_server, postgresOnly, sqliteOnly  # noqa: F401 (a fixture)
 
 PASSWORD = "model-Passw0rd"
 MAX_BAD_COMMANDS = 20
@@ -401,18 +402,23 @@ class SocketSession:
 
 class SocketSessions:
     """
+    @param port: the server's port, or a list of several servers' (nodes
+        sharing one database), each session opened on the next in turn.
     @param context: an C{ssl.SSLContext} for TLS, or C{None}.
     @param starttls: TLS begun by STLS (RFC 2595) rather than at once
         (POP3S).
     """
 
     def __init__(self, port, context=None, starttls=False):
-        self.port = port
+        self.ports = port if isinstance(port, list) else [port]
         self.context = context
         self.starttls = starttls
+        self._next = 0
 
     def open(self):
-        return SocketSession(self.port, self.context, self.starttls)
+        port = self.ports[self._next % len(self.ports)]
+        self._next += 1
+        return SocketSession(port, self.context, self.starttls)
 
 
 # -- the machine ----------------------------------------------------------------
@@ -910,6 +916,26 @@ def test_aRealServerAnswersAsTheModelSays(mailgate_server):
     store.limits = attr.evolve(store.limits, keepDeletedDays=30)
     try:
         run_state_machine_as_test(lambda: POP3Model(store, SocketSessions(server.port)), settings=SERVER_MODEL)
+    finally:
+        store.close()
+
+
+@postgresOnly
+def test_twoNodesAnswerAsTheModelSays(mailgate_server):
+    """
+    The same against two nodes sharing one PostgreSQL database, each
+    session on the other node than the last: a maildrop held on one is
+    in use on the other, a disabled user is refused by the node that
+    remembers the password, and each node serves what the other's
+    sessions left.
+    """
+    nodes = [
+        mailgate_server("--hostname", f"{name}.test", "--keep-deleted-days", "30", "--apop") for name in ("a", "b")
+    ]
+    store = memoryStore(mailgate_server.database)
+    try:
+        sessions = SocketSessions([node.port for node in nodes])
+        run_state_machine_as_test(lambda: POP3Model(store, sessions), settings=SERVER_MODEL)
     finally:
         store.close()
 
