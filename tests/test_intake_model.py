@@ -77,6 +77,9 @@ class IntakeModel(RuleBasedStateMachine):
         """
         @param port: a real server's SMTP (or LMTP) port to talk to, or
             C{None} for an in-memory session on C{store}.
+        @param unknown: whether recipients include an unknown local name.
+        @param context: an C{ssl.SSLContext} to begin TLS with by
+            STARTTLS (on a real server), or C{None}.
         """
         super().__init__()
         self.store = store
@@ -151,22 +154,29 @@ class IntakeModel(RuleBasedStateMachine):
     @precondition(lambda self: self.refusals < MAX_REFUSALS and len(self.recipients) < 12)
     @rule(who=st.sampled_from(["alice", "bob", "ALICE", "nobody", "foreign"]))
     def rcpt(self, who):
-        if who == "nobody" and not self.unknown:
-            who = "foreign"
-        if who == "foreign":
-            address = "alice@elsewhere.test"
-        else:
-            address = f"{who}@{self.domain}"
+        address, known = self._recipient(who)
         reply = self._send(f"RCPT TO:<{address}>\r\n".encode())
         if self.sender is None or self.chunks is not None:
             # No MAIL, or the message's chunks have begun to arrive.
             return self._refused(reply, 503)
-        if who == "foreign":
-            return self._refused(reply, 550)
-        if who == "nobody":
+        if not known:
+            # No such user here, or another domain (relaying).
             return self._refused(reply, 550)
         assert reply == b"250 2.1.5 recipient <%s> OK\r\n" % address.encode()
         self.recipients.append(address)
+
+    def _recipient(self, who):
+        """
+        The address C{who} names (a user, one in other case, C{"nobody"}
+        of this domain, or C{"foreign"}: another domain's), and whether
+        it is a user's.  Without unknown recipients, C{"nobody"} is the
+        foreign one.
+        """
+        if who == "nobody" and not self.unknown:
+            who = "foreign"
+        if who == "foreign":
+            return "alice@elsewhere.test", False
+        return f"{who}@{self.domain}", who != "nobody"
 
     def _delivered(self, reply, content):
         """
@@ -270,10 +280,9 @@ class IntakeModel(RuleBasedStateMachine):
         lookups in the store do not reorder them).
         """
         chunked = chunked and self.extended
-        if not self.unknown:
-            recipients = ["foreign" if who == "nobody" else who for who in recipients]
-        addresses = ["alice@elsewhere.test" if who == "foreign" else f"{who}@{self.domain}" for who in recipients]
-        accepted = [a for who, a in zip(recipients, addresses) if who not in ("nobody", "foreign")]
+        named = [self._recipient(who) for who in recipients]
+        addresses = [address for address, _ in named]
+        accepted = [address for address, known in named if known]
         _, content = buildMessage(recipe)
         wire = b"MAIL FROM:%s\r\n" % sender.encode() + b"".join(b"RCPT TO:<%s>\r\n" % a.encode() for a in addresses)
         expected = [b"250 2.1.0 sender %s OK\r\n" % sender.encode()] + [
