@@ -244,3 +244,25 @@ def test_aDatabaseThatCannotBeReadSaysWhyItCannotBeRead(liveURL, request, case):
         assert (done.returncode, done.stdout, done.stderr) == (78, "", expected), argv
     assert digest(path) == before
     assert sorted(p.name for p in directory.iterdir()) == ["mail.sqlite3"]
+
+
+def test_restoringABackupLeavesTheBackupAsItWas(liveURL, tmp_path):
+    """
+    Restoring as README's Backups says (C{--database} the backup, C{db
+    backup} into the database's place) reads the backup and changes
+    nothing in it: it opened it to write, which put it in WAL mode (its
+    checksum changed), and every later look into it (C{user list}) left a
+    -wal and -shm beside it.  The restored copy serves Alice's mail.
+    """
+    (tmp_path / "backups").mkdir()
+    backup = backupOf(liveURL, tmp_path / "backups")
+    before = digest(backup)
+    restored = tmp_path / "restored.sqlite3"
+    code, out, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(restored))
+    assert (code, err) == (0, ""), out
+    assert digest(backup) == before
+    code, out, err = mailgate(f"sqlite:///{backup}", "user", "list", "--json")
+    assert (code, err) == (0, ""), out
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]
+    code, out, err = mailgate(f"sqlite:///{restored}", "mailbox", "list", ALICE, "--json")
+    assert (code, err) == (0, "") and len(out.splitlines()) == 1, out

@@ -359,8 +359,15 @@ def _addDatabaseCommands(commands):
         "PostgreSQL has its own tools (pg_dump).",
     )
     dbBackup.add_argument("file", metavar="FILE")
+    # The database is only read, as db check reads it: a backup restored
+    # with db backup (README, Backups) keeps its checksum and rollback
+    # journal, where the opening to write put it in WAL mode.
     dbBackup.set_defaults(
-        run=_dbBackup, migrate=False, readOptions=_dbBackupOptions, audit=audit.Audited("db backup", audit.database)
+        run=_dbBackup,
+        migrate=False,
+        readsOnly=True,
+        readOptions=_dbBackupOptions,
+        audit=audit.Audited("db backup", audit.database),
     )
     dbRestored = db.add_parser(
         "restored",
