@@ -93,6 +93,24 @@ def test_refusalsAreOneLineWithTheUsualExitStatus(cli, argv, code, error):
     assert login(cli.url, ALICE, PASSWORD, REFUSED).startswith("+OK")
 
 
+@pytest.mark.parametrize("given", ["", ",", " , "])
+def test_noNetworksGivenIsRefusedAndTheRestrictionStays(cli, given):
+    """
+    NETWORKS given as nothing (a shell variable left unset, C{user
+    networks alice "$OFFICE"}) is a usage error: it was read as C{any},
+    which lifted Alice's restriction, exit 0.
+    """
+    cli.add(ALICE, PASSWORD)
+    assert cli("user", "networks", ALICE, ALLOWED).code == 0
+    result = cli("user", "networks", ALICE, given)
+    assert result.code == 64, result
+    assert oneLineError(result) == (
+        f"mailgate: NETWORKS: none given in {given!r} (give CIDR networks or addresses, local, or any)\n"
+    )
+    assert login(cli.url, ALICE, PASSWORD, REFUSED) == INVALID
+    assert json.loads(cli("user", "list", "--json").out)["allowed_networks"] == ["127.0.0.2/32"]
+
+
 def test_helpTexts(cli):
     result = cli("user", "networks", "--help")
     assert result.code == 0 and " ADDRESS NETWORKS" in result.out.split("\n\n")[0]

@@ -234,6 +234,11 @@ def test_aMasterUserHeldToNetworks(databaseURL):
         databaseURL, "master", "add", "x", "--password-stdin", "--networks", "nowhere", stdin="p\n"
     )
     assert (code, out) == (64, "") and stored(databaseURL, "x") is None
+    # Nothing given (an unset shell variable) is refused, not read as any.
+    assert mailgate(databaseURL, "master", "networks", "backup", "")[0] == 64
+    assert stored(databaseURL, "backup").allowedNetworks == "10.1.0.0/16"
+    code, out, err = mailgate(databaseURL, "master", "add", "y", "--password-stdin", "--networks", ",", stdin="p\n")
+    assert (code, out) == (64, "") and stored(databaseURL, "y") is None, err
     assert mailgate(databaseURL, "master", "networks", "nobody", "any") == (
         67, "", "mailgate: no such master user: nobody\n"
     )

@@ -18,7 +18,7 @@ from mailgate.auth.foreign import CLEARTEXT, UnusableHash, splitScheme
 from mailgate.auth.passwords import importedCredentials, needsUpgrade
 from mailgate.cli import audit
 from mailgate.errors import InvalidAddress, NoSuchUser
-from mailgate.networks import LOCAL, peerAllowed
+from mailgate.networks import LOCAL, parseAllowedNetworks, peerAllowed
 from mailgate.printable import printable
 from mailgate.store.bounds import MAX_DAYS, MAX_MESSAGES, parseWhole
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
@@ -332,6 +332,25 @@ def _clientAddress(text):
             f"--from {printable(text)!r} is not an IP address (give the client's, e.g. 192.0.2.7, or local)", EX_USAGE
         ) from None
     return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", text, 0)
+
+
+def _networksArgument(text):
+    """
+    A command's C{NETWORKS} (C{user networks}, C{master networks}, C{master
+    add --networks}), read before the database is opened: their canonical
+    text (L{parseAllowedNetworks}), C{None} for C{any}.  Nothing given
+    (C{""}, C{","}: a shell variable left unset) is refused rather than
+    read as C{any}, which lifted a user's restriction without a word.
+
+    @raise CommandError: not networks (exit 64).
+    """
+    hint = "(give CIDR networks or addresses, local, or any)"
+    if not text.replace(",", "").strip():
+        raise CommandError(f"NETWORKS: none given in {printable(text)!r} {hint}", EX_USAGE)
+    try:
+        return parseAllowedNetworks(text)
+    except ValueError as e:
+        raise CommandError(f"NETWORKS: {e} {hint}", EX_USAGE) from None
 
 
 def _hashKept(passwordHash):

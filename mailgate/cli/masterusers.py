@@ -31,6 +31,7 @@ from mailgate.cli.common import (
     _givenHash,
     _hashKept,
     _jsonLines,
+    _networksArgument,
     _networksChanged,
     _networksSaid,
     _readPassword,
@@ -38,7 +39,6 @@ from mailgate.cli.common import (
     _time,
 )
 from mailgate.errors import InvalidAddress, MasterUserExists, NoSuchMasterUser
-from mailgate.networks import parseAllowedNetworks
 from mailgate.printable import leftAligned, printable
 
 #: what a master user is, for the help texts
@@ -83,10 +83,7 @@ def _readNetworks(args):
     """
     if args.networks is None:
         return
-    try:
-        args.networks = parseAllowedNetworks(args.networks)
-    except ValueError as e:
-        raise CommandError(f"NETWORKS: {e} (give CIDR networks or addresses, local, or any)", EX_USAGE) from None
+    args.networks = _networksArgument(args.networks)
 
 
 def _masterAddOptions(args):

@@ -47,6 +47,7 @@ from mailgate.cli.common import (
     _limit,
     _limitValue,
     _messageCount,
+    _networksArgument,
     _networksChanged,
     _networksSaid,
     _number,
@@ -61,7 +62,6 @@ from mailgate.cli.common import (
 from mailgate.cli.sessions import endSessions, masterNote
 from mailgate.errors import AliasExists, InvalidAddress, MaildropInUse, UserDisabled, UserExists
 from mailgate.importers.passwdfile import RefusedLine, readPasswdFile
-from mailgate.networks import parseAllowedNetworks
 from mailgate.store.bounds import MAX_MESSAGES, MAX_SIZE, ZERO_DAYS, ZERO_QUOTA, parseSize
 from mailgate.store.limits import DEFAULT, UNLIMITED, describeLimit
 from mailgate.store.paging import LISTING_PAGE
@@ -878,10 +878,7 @@ def _userNetworksOptions(args):
     C{user networks}' NETWORKS, read before the database is opened: their
     canonical text (L{parseAllowedNetworks}), C{None} for C{any}.
     """
-    try:
-        args.networks = parseAllowedNetworks(args.networks)
-    except ValueError as e:
-        raise CommandError(f"NETWORKS: {e} (give CIDR networks or addresses, local, or any)", EX_USAGE) from None
+    args.networks = _networksArgument(args.networks)
 
 
 def _userNetworks(store, args, out, stdin):
