@@ -4,6 +4,7 @@ its importers and its SQLite openings), each through the real thing: the
 real mailgate command, real SQLite files.
 """
 
+import json
 import os
 import pwd
 import shutil
@@ -236,6 +237,25 @@ def test_aBackupWithAWriteCutShortIsSaidToNeedItsRollback(interruptedBackup, com
     assert mailgate(f"sqlite:///{backup}", "db", "upgrade")[0] == 0
     code, out, err = mailgate(f"sqlite:///{backup}", "user", "list", "--json")
     assert (code, err) == (0, "")
+    assert ALICE in out and "mallory" not in out
+
+
+@pytest.mark.usefixtures("cheapCommandHashes")
+def test_aBackupWithAWriteCutShortIsRestoredRolledBack(interruptedBackup):
+    """
+    db backup reads its source read-only (a backup it restores keeps its
+    checksum), but one with a write cut short is opened to write, as
+    before, so that its -journal is rolled back: the copy holds Alice and
+    her message, not the killed write (nor is it refused as db check
+    refuses it).
+    """
+    backup = interruptedBackup
+    restored = backup.parent.parent / "restored.sqlite3"
+    code, out, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(restored))
+    assert (code, err) == (0, ""), out
+    code, out, err = mailgate(f"sqlite:///{restored}", "user", "list", "--json")
+    assert (code, err) == (0, "")
+    assert [json.loads(line)["messages"] for line in out.splitlines()] == [1]
     assert ALICE in out and "mallory" not in out
 
 

@@ -405,7 +405,7 @@ def run(argv, stdin=None, stdout=None, stderr=None, environ=None):
             # the URL names one (README, Scaling out: a primary and its standbys).
             store = openSynchronousStore(
                 url, migrate=args.migrate, create=getattr(args, "create", False),
-                readsOnly=getattr(args, "readsOnly", False),
+                readsOnly=getattr(args, "readsOnly", False), readFirst=getattr(args, "readFirst", False),
             )
             opening = False
             audit.upgraded(args, getattr(store, "migrationsApplied", ()))

@@ -361,11 +361,12 @@ def _addDatabaseCommands(commands):
     dbBackup.add_argument("file", metavar="FILE")
     # The database is only read, as db check reads it: a backup restored
     # with db backup (README, Backups) keeps its checksum and rollback
-    # journal, where the opening to write put it in WAL mode.
+    # journal, where the opening to write put it in WAL mode.  Opened to
+    # write only where it must be (a hot -journal rolled back first).
     dbBackup.set_defaults(
         run=_dbBackup,
         migrate=False,
-        readsOnly=True,
+        readFirst=True,
         readOptions=_dbBackupOptions,
         audit=audit.Audited("db backup", audit.database),
     )

@@ -92,7 +92,7 @@ class NoSuchDatabase(ConfigurationError):
     """
 
 
-def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=False):
+def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=False, readFirst=False):
     """
     A store whose operations run inline and return fired Deferreds: for the
     admin command and for tests.
@@ -111,7 +111,22 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
         a schema upgrade C{migrate} finds needed fails on a standby.  An
         SQLite file is opened read-only where nothing is to be migrated
         (L{_currentReadOnly}), to write only for a migration.
+    @param readFirst: with C{migrate} false, open an SQLite file read-only
+        whatever its schema (C{db backup}'s source: a backup it restores
+        keeps its checksum), and to write, unmigrated, only where that is
+        refused (a hot C{-journal} to roll back first).
     """
+    if readFirst and not migrate and url.lower().startswith("sqlite:"):
+        from mailgate.store.sqlite import ReadingRefused
+
+        try:
+            return openSynchronousStore(url, migrate=False, create=create, adopt=adopt, readsOnly=True)
+        except ReadingRefused as refused:
+            try:
+                return openSynchronousStore(url, migrate=False, create=create, adopt=adopt)
+            except ConfigurationError:
+                # It only meant to read: why it may not (L{_currentReadOnly}).
+                raise refused from None
     if adopt is None:
         adopt = create
     refused = None
