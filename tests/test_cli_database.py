@@ -359,6 +359,34 @@ def test_aRestoreIntoTheNameOfADatabaseWhoseLogIsLeftIsRefused(sqliteURL, tmp_pa
     assert not target.exists() and not list(tmp_path.glob("restored.sqlite3.*.partial"))
 
 
+def test_aRestoreUnderTheServerStillRunningIsRefused(sqliteURL, tmp_path):
+    """
+    A restore into the name of a database moved aside without stopping
+    its server (which holds the name's .lock and goes on serving the
+    moved file, taking mail into it): refused, exit 75, nothing made.  It
+    was made: the server's deliveries from then on went to the moved file
+    alone, lost to the restored one.  Once the server has stopped, it is
+    made.
+    """
+    backup = tmp_path / "backup.sqlite3"
+    assert mailgate(sqliteURL, "db", "backup", str(backup))[0] == 0
+    live = tmp_path / "live.sqlite3"
+    server = engineFromURL(f"sqlite:///{live}")
+    server.claimServer()
+    try:
+        code, out, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(live))
+    finally:
+        server.releaseServer()
+    assert (code, out) == (EX_TEMPFAIL, "")
+    assert err == (
+        f"mailgate: a mailgate server is running on {live} (it holds {live}.lock), serving the database moved "
+        "aside: stop it first, then restore\n"
+    )
+    assert not live.exists() and not list(tmp_path.glob("live.sqlite3.*.partial"))
+    code, out, err = mailgate(f"sqlite:///{backup}", "db", "backup", str(live))
+    assert (code, err) == (0, ""), out
+
+
 def test_dbBackupOfPostgreSQLNamesItsTools(postgresURL, tmp_path):
     code, _, err = mailgate(postgresURL, "db", "backup", str(tmp_path / "x"))
     assert code == 64

@@ -212,6 +212,9 @@ def _dbBackup(store, args, out, stdin):
     engine = store.engine
     try:
         size = backupDatabase(engine, args.file)
+    except DatabaseInUse as e:
+        # A restore into the name of a database whose server still runs.
+        raise CommandError(str(e), EX_TEMPFAIL) from None
     except ConfigurationError as e:
         raise CommandError(str(e), EX_CANTCREAT) from None
     out.write(f"backed up {engine.path} to {args.file} ({counted(size, 'octet')})\n")

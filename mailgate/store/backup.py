@@ -49,10 +49,13 @@ def backupDatabase(engine, target):
     @return: the copy's size in octets.
     @raise ConfigurationError: C{target} exists (or is a link), cannot be
         written, or the copy is not sound.
+    @raise DatabaseInUse: a server still runs on the database that had
+        C{target}'s name (L{_refuseUnderServer}).
     """
     if os.path.lexists(target):
         raise ConfigurationError(f"{target} exists: a backup goes into a new file")
     _refuseLeftovers(target)
+    _refuseUnderServer(target)
     directory, name = os.path.split(os.path.abspath(target))
     try:
         # O_EXCL, mode 0600 whatever the umask.
@@ -114,6 +117,24 @@ def _refuseLeftovers(target):
                 f"{target + side} exists: it is of the database that was {target}, and SQLite would "
                 f"apply it to the copy: move it aside with that database (or remove it)"
             )
+
+
+def _refuseUnderServer(target):
+    """
+    Refuse a restore into C{target} while a server still runs on the
+    database that had the name, moved aside but not stopped: it holds
+    C{TARGET.lock} and goes on serving, and taking mail into, the moved
+    file, while the commands (and its next start) use the copy: what it
+    accepted meanwhile was lost from view (a message delivered by LMTP
+    after such a restore was in the moved file only).
+    """
+    from mailgate.store.sqlite import SQLiteEngine
+
+    if SQLiteEngine(target).serverRunning():
+        raise DatabaseInUse(
+            f"a mailgate server is running on {target} (it holds {target}.lock), serving the database moved "
+            "aside: stop it first, then restore"
+        )
 
 
 def _readyForRestore(copy):
