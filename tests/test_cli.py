@@ -1654,6 +1654,29 @@ def test_missingDatabaseFileIsNotCreated(cli, argv, code):
     assert not cli.path.exists()
 
 
+def test_anAbsolutePathWithASlashShortIsSaidToBeOne(tmp_path):
+    """
+    C{sqlite:///var/lib/...}, a slash short of the absolute path: a file
+    under the working directory, which is missing while the absolute one
+    exists.  Said, with the URL meant; it was "no such database file:
+    var/lib/..." alone, which reads as if the database were gone.
+    """
+    from e2e import runHere
+
+    live = tmp_path / "live.sqlite3"
+    assert runHere(["--database", f"sqlite:///{live}", "user", "add", ALICE, "--password-stdin"], "pw\n")[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    relative = str(live).lstrip("/")
+    code, out, err = runHere(["--database", f"sqlite:///{relative}", "user", "list"], cwd=elsewhere)
+    assert (code, out) == (78, "")
+    assert err == (
+        f"mailgate: no such database file: {relative} under {elsewhere}; sqlite:///{live}, with four slashes, "
+        f"names {live}, which exists (check --database; mailgate user add or db upgrade creates it)\n"
+    )
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_dbCopyFromAMissingFile(cli, tmp_path):
     """
     Not "copied 0 users" from a database made from the mistyped path.

@@ -138,7 +138,7 @@ def openSynchronousStore(url, migrate=True, create=True, adopt=None, readsOnly=F
     # version) writes nothing: a backup it checks keeps its checksum.
     engine = engineFromURL(url, readsOnly=readsOnly, writesNothing=readsOnly and not migrate)
     if not create and _missingFile(engine):
-        raise NoSuchDatabase(f"no such database file: {engine.path}")
+        raise NoSuchDatabase(f"no such database file: {engine.path}{_absoluteMeant(engine.path)}")
     # Before a connection: SQLite opens a database its user may not write
     # read-only, making its -wal and -shm as the file is (0400), which
     # outlived the chmod 600 that set the file right.
@@ -291,6 +291,18 @@ def _refuseAnotherApplications(database, url):
     raise NoSuchDatabase(
         f"no mailgate database in {where}: it holds another application's tables ({shown}) and none of mailgate's"
     )
+
+
+def _absoluteMeant(path):
+    """
+    What to say of a missing SQLite file C{path} that is relative while
+    the absolute path of the same name exists: C{sqlite:///var/lib/...},
+    a slash short of C{sqlite:////var/lib/...}, names a file under the
+    working directory.
+    """
+    if os.path.isabs(path) or path.startswith("file:") or not os.path.exists("/" + path):
+        return ""
+    return f" under {os.getcwd()}; sqlite:////{path}, with four slashes, names /{path}, which exists"
 
 
 def _missingFile(engine):
