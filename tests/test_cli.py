@@ -1677,6 +1677,39 @@ def test_anAbsolutePathWithASlashShortIsSaidToBeOne(tmp_path):
     assert list(elsewhere.iterdir()) == []
 
 
+def test_aUserOfADomainTheConfigurationDoesNotListIsNoted(cli, tmp_path):
+    """
+    user add, user rename and user import into a domain that the server's
+    configuration file, listing its domains, does not take mail for: a
+    note, as alias add gives one, since the server refuses their mail as
+    relaying (user add said "added" alone, and the first mail to the user
+    was refused, 550 5.7.1).  Nothing noted of a listed domain.
+    """
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'database = "{cli.url}"\ndomain = ["example.org"]\n')
+
+    def note(domain, whom):
+        return (
+            f"note: {domain} is not among the configuration's domains: the server refuses mail to {whom} "
+            "(relay access denied) until it is"
+        )
+
+    added = cli("--config", str(config), "user", "add", "carol@example.net", "--password-stdin", stdin=b"pw\n")
+    assert added.code == 0, added
+    assert added.out.splitlines() == ["added carol@example.net", note("example.net", "carol@example.net")]
+    renamed = cli("--config", str(config), "user", "rename", "carol@example.net", "carol@example.com")
+    assert renamed.code == 0, renamed
+    assert renamed.out.splitlines()[-1] == note("example.com", "carol@example.com")
+    passwd = tmp_path / "users"
+    passwd.write_text("dave@example.info:{PLAIN}x\nerin@example.info:{PLAIN}x\nfrank@example.org:{PLAIN}x\n")
+    imported = cli("--config", str(config), "user", "import", str(passwd))
+    assert imported.code == 0, imported
+    assert imported.out.splitlines()[-2:] == ["3 added, 0 already there, 0 failed", note("example.info", "its users")]
+    quiet = cli("--config", str(config), "user", "rename", "carol@example.com", "carol@example.org")
+    assert quiet.code == 0 and "note" not in quiet.out
+    assert "note" not in cli("user", "add", "gina@example.net", "--password-stdin", stdin=b"pw\n").out
+
+
 def test_dbCopyFromAMissingFile(cli, tmp_path):
     """
     Not "copied 0 users" from a database made from the mistyped path.

@@ -13,6 +13,7 @@ from mailgate.cli.common import (
     EX_NOINPUT,
     EX_NOUSER,
     _address,
+    _domainNote,
     _forUser,
     _jsonLines,
     _readAddresses,
@@ -48,22 +49,6 @@ def _readAlias(then=None):
             then(args)
 
     return readOptions
-
-
-def _domainNote(args, alias):
-    """
-    A note where the server's configuration file (C{--config}) lists the
-    domains it takes mail for and the alias's is not one: its mail is
-    refused as relaying until the domain is added.
-    """
-    domains = getattr(args, "domains", None)
-    domain = alias.rpartition("@")[2]
-    if domains and domain not in domains:
-        return (
-            f"note: {domain} is not among the configuration's domains: the server refuses mail to "
-            f"{alias} (relay access denied) until it is\n"
-        )
-    return ""
 
 
 def _aliasAdd(store, args, out, stdin):
@@ -313,12 +298,8 @@ def _aliasImport(store, args, out, stdin):
         raise
     summary = f"{added} {'to add' if dryRun else 'added'}, {present} already there, {skipped} skipped, {failed} failed"
     out.write(f"{summary}{' (a dry run: nothing was changed)' if dryRun else ''}\n")
-    domains = getattr(args, "domains", None)
-    for domain in sorted(addedDomains - set(domains or ())) if domains else ():
-        out.write(
-            f"note: {domain} is not among the configuration's domains: the server refuses mail to its "
-            "aliases (relay access denied) until it is\n"
-        )
+    for domain in sorted(addedDomains):
+        out.write(_domainNote(args, f"@{domain}", "its aliases"))
     audit.outcome(args, summary)
     if failed:
         raise CommandError(f"{counted(failed, 'line')} of {shownFile} not imported", EX_DATAERR)

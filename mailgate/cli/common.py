@@ -334,6 +334,26 @@ def _clientAddress(text):
     return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", text, 0)
 
 
+def _domainNote(args, address, whose=None):
+    """
+    A note where the server's configuration file (C{--config}) lists the
+    domains it takes mail for (C{domain}) and C{address}'s is not one: its
+    mail is refused as relaying until the domain is added.  Said by the
+    commands that make an address (alias add, user add, rename, import).
+
+    @param whose: what the refused mail is addressed to, C{address} by
+        default (an import names a domain's users or aliases).
+    """
+    domains = getattr(args, "domains", None)
+    domain = address.rpartition("@")[2]
+    if domains and domain not in domains:
+        return (
+            f"note: {domain} is not among the configuration's domains: the server refuses mail to "
+            f"{whose or address} (relay access denied) until it is\n"
+        )
+    return ""
+
+
 def _networksArgument(text):
     """
     A command's C{NETWORKS} (C{user networks}, C{master networks}, C{master

@@ -37,6 +37,7 @@ from mailgate.cli.common import (
     _checkNewPassword,
     _checkPasswordSource,
     _dayCount,
+    _domainNote,
     _existingUser,
     _clientAddress,
     _forUser,
@@ -115,6 +116,7 @@ def _userAdd(store, args, out, stdin):
     except AliasExists as e:
         raise CommandError(_aliasTaken(e), EX_CANTCREAT)
     out.write(f"added {address}{' (APOP enabled)' if args.apop else ''}\n")
+    out.write(_domainNote(args, address))
     audit.outcome(args, f"added{_audited(args)}")
 
 
@@ -252,6 +254,9 @@ def _userImport(store, args, out, stdin):
     # printed.
     pending = []
     adding = [0]
+    # The domains of the users added, for the note on those the server's
+    # configuration does not take mail for.
+    addedDomains = set()
 
     def refused(account, e):
         nonlocal failed
@@ -323,6 +328,7 @@ def _userImport(store, args, out, stdin):
                 there(account, address, credentials)
                 continue
             added += 1
+            addedDomains.add(address.rpartition("@")[2])
             out.write(f"added {address}{apop}\n")
             if account.unkept:
                 # Imported all the same (its mail must move), but no longer
@@ -416,6 +422,8 @@ def _userImport(store, args, out, stdin):
         raise
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
+    for domain in sorted(addedDomains):
+        out.write(_domainNote(args, f"@{domain}", "its users"))
     audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
     if failed:
         raise CommandError(f"{counted(failed, 'line')} of {shownFile} not imported", EX_DATAERR)
@@ -817,6 +825,7 @@ def _userRename(store, args, out, stdin):
     except MaildropInUse:
         raise _inSession(old)
     out.write(f"renamed {old} to {new}; the maildrop, its unique ids and quota follow\n")
+    out.write(_domainNote(args, new))
     audit.outcome(args, f"renamed to {new}")
 
 
