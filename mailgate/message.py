@@ -474,6 +474,10 @@ def checkSpoolDirectory(path):
 
     @raise OSError: it cannot be used.
     """
+    if not os.path.lexists(path):
+        # As a start or reload after a mistyped path or a directory not
+        # made yet: it said "is not a directory" of what is not there.
+        raise FileNotFoundError(f"{path} does not exist")
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{path} is not a directory")
     with tempfile.TemporaryFile(dir=path):

@@ -329,15 +329,24 @@ def test_aReloadRefusesWhatTheNextRestartWouldRefuse(tmp_path, logEvents):
     def failures():
         return [formatEvent(e) for e in logEvents if e.get("event") == "config.reload_failed"]
 
+    (tmp_path / "a-file").write_text("")
     for text, reason in [
-        (f'spool-directory = "{tmp_path / "missing"}"\n', f"spool-directory: cannot spool messages in {tmp_path}/missing"),
+        # What is not there said so: it was "... is not a directory".
+        (
+            f'spool-directory = "{tmp_path / "missing"}"\n',
+            f"spool-directory: cannot spool messages in {tmp_path}/missing: {tmp_path}/missing does not exist",
+        ),
+        (
+            f'spool-directory = "{tmp_path / "a-file"}"\n',
+            f"spool-directory: cannot spool messages in {tmp_path}/a-file: {tmp_path}/a-file is not a directory",
+        ),
         (f'tls-cert = "{certificate}"\ntls-key = "{otherKey}"\n', f"{otherKey} is not the key of {certificate}"),
         ('cpu-affinity = "4095"\n', "cpu-affinity: "),
     ]:
         path.write_text(text)
         root.hangup()
         assert reason in failures()[-1], (text, failures())
-    assert len(failures()) == 3
+    assert len(failures()) == 4
     assert [e for e in logEvents if e.get("event") == "config.restart_needed"] == []
     path.write_text(f'spool-directory = "{tmp_path}"\n')
     root.hangup()
