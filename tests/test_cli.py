@@ -1677,6 +1677,25 @@ def test_anAbsolutePathWithASlashShortIsSaidToBeOne(tmp_path):
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, code", [(["user", "list"], 78), (["db", "check"], 78), (["deliver", ALICE], 75)])
+def test_aDirectoryForTheDatabaseFileIsSaidToBeOne(tmp_path, argv, code):
+    """
+    --database naming the database's directory, not its file: said so,
+    with the URL of a file there; a configuration error (deliver's 75
+    aside, as for any database it cannot open).  It was "temporary
+    failure, try again: ... disk I/O error", exit 75, which a script or
+    an MTA retries for ever.
+    """
+    from e2e import mailgateHere
+
+    code_, out, err = mailgateHere(f"sqlite:///{tmp_path}", *argv, stdin="Subject: x\n\nhi\n")
+    assert (code_, out) == (code, "")
+    assert err == (
+        f"mailgate: cannot open SQLite database {tmp_path}: it is a directory; the URL names the database's "
+        f"file (sqlite:///{tmp_path}/mailgate.sqlite3, say)\n"
+    )
+
+
 def test_aUserOfADomainTheConfigurationDoesNotListIsNoted(cli, tmp_path):
     """
     user add, user rename and user import into a domain that the server's

@@ -450,6 +450,14 @@ class SQLiteEngine:
         return (self.path,), kwargs
 
     def connect(self):
+        if not self.ephemeral and os.path.isdir(self.path):
+            # The database's directory given for its file: SQLite says
+            # "disk I/O error" (a temporary failure, exit 75, retried for
+            # ever) or "unable to open database file".
+            raise ConfigurationError(
+                f"cannot open SQLite database {self.path}: it is a directory; the URL names the database's "
+                f"file (sqlite:///{os.path.join(os.path.abspath(self.path), 'mailgate.sqlite3')}, say)"
+            )
         args, kwargs = self._connectArguments()
         try:
             if not self.readOnly:
