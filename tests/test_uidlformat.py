@@ -148,6 +148,12 @@ def test_theHeaderMD5IsAVariableFirstAndAFilterAfter():
         ("%{uid | lfill(5000)}", "over 1000"),
         (f"%{{uid | sha256(rounds={MAX_ROUNDS + 1})}}", "rounds must be"),
         ("%{uid | hex(8) + 'x'}", "a number or a variable expected"),
+        # No variable: one id for every message (an empty format, an unset
+        # shell variable, was taken and then failed every message).
+        ("", "names no variable"),
+        ("uidl-", "names no variable"),
+        ("%%u", "names no variable"),
+        ("%{literal('x')}", "names no variable"),
     ],
 )
 def test_aMalformedOrUnusableFormatIsRefusedWithTheReason(template, why):
@@ -199,6 +205,12 @@ def test_theCommandRefusesABadDovecot24FormatUpFront(databaseURL, tmp_path):
     code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%{uid | frob}")
     assert (code, out) == (64, "")
     assert err == "mailgate: bad --uidl-format '%{uid | frob}': no such filter 'frob'\n"
+    code, out, err = cli(databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "")
+    assert (code, out) == (64, "")
+    assert err == (
+        "mailgate: bad --uidl-format '': it names no variable, so every message would get the same unique id "
+        "(Dovecot's default is %08Xu%08Xv)\n"
+    )
     code, out, err = cli(
         databaseURL, "import", "maildir", directory, ALICE, "--uidl-format", "%{uid | hex(8)}%{uidvalidity | hex(8)}"
     )

@@ -63,6 +63,14 @@ def checkUidlFormat(template):
         _compile24(template)
     else:
         _format23(template, {letter: "1" for letter in VARIABLES.values()})
+    if not any(usesVariable(template, letter) for letter in VARIABLES.values()):
+        # An empty one (an unset shell variable) or text alone: the same
+        # id for every message, which failed each message but the first
+        # (an empty one, every message) once the import was under way.
+        raise ValueError(
+            "it names no variable, so every message would get the same unique id (Dovecot's default is "
+            "%08Xu%08Xv)"
+        )
 
 
 def usesVariable(template, letter):
