@@ -167,6 +167,22 @@ def test_theDeletedFlagIsReadFromTheKeywordsBesideTheUidList(store, tmp_path):
     ]
 
 
+def test_anEmptyDeletedFlagIsRefused(tmp_path):
+    """
+    --deleted-flag '' (an unset shell variable) is a usage error before
+    anything is opened: no message carries it, and the messages POP3
+    clients had deleted were imported again without a word.
+    """
+    from e2e import mailgateHere
+
+    directory = writeMaildir(tmp_path / "Maildir", [("cur", "1700000000.M1P1.host:2,Sa", b"Subject: x\n\n")])
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    code, out, err = mailgateHere(url, "import", "maildir", directory, ALICE, "--deleted-flag", " ")
+    assert (code, out) == (64, "")
+    assert err == "mailgate: --deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword, or leave it out\n"
+    assert not (tmp_path / "mail.sqlite3").exists()
+
+
 def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):
     """
     A maildir file is measured for POP3's dot-stuffing as it is read, in

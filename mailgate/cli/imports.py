@@ -75,6 +75,10 @@ def _importMaildirOptions(args):
             checkUidlFormat(args.uidl_format)
         except ValueError as e:
             raise CommandError(f"bad --uidl-format {args.uidl_format!r}: {e}", EX_USAGE)
+    if args.deleted_flag is not None and not args.deleted_flag.strip():
+        # An unset shell variable: no message carries it, and the mail POP3
+        # clients deleted came back without a word.
+        raise CommandError("--deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword, or leave it out", EX_USAGE)
     _soleSourceWithMirror(args)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     args.address = _address(args.address)
