@@ -83,9 +83,33 @@ def _bindProblem(interface, port):
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
+    except socket.gaierror as e:
+        # A name that does not resolve (a mistyped address, 999.1.1.1):
+        # the start's bind fails the same way, exit 1.
+        return f"{host} is not an address of this machine ({e.strerror})"
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             return f"port {port} is in use by another process now"
         if e.errno == errno.EADDRNOTAVAIL:
             return f"{host} is not an address of this machine"
     return None
+
+
+def foreignInterfaces(config):
+    """
+    The TCP listeners of C{config} whose interface is not an address of
+    this machine (or a name that does not resolve), each as C{(name,
+    description, reason)}: a start cannot bind them and exits 1, which
+    systemd retries every two seconds.  For C{mailgate config --check} to
+    warn of, as it warns of a Unix socket's missing directory: an address
+    may be on its way (a floating address, an interface not up yet).  A
+    port in use is not asked: the server checked may be the one using it.
+    """
+    foreign = []
+    for name, description, address in listenerAddresses(config):
+        if address[0] != "tcp" or not address[2]:
+            continue
+        reason = _bindProblem(address[2], 0)
+        if reason is not None:
+            foreign.append((name, description, reason))
+    return foreign

@@ -1956,6 +1956,21 @@ def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
         "a start cannot listen there unless it is made first (for /run/mailgate, the unit's RuntimeDirectory= "
         "makes it at each start)",
     ]
+    # A TCP listener on an address this machine does not have (or one
+    # that is none, mistyped): the start exits 1, retried every two
+    # seconds; config --check said "configuration OK" alone.  Warned of,
+    # as the address may be on its way; not of a port in use (the
+    # server checked may hold it).
+    warned = check('pop3 = ["tcp:2110:interface=192.0.2.55", "tcp:2111:interface=999.1.1.1", "tcp:2112"]\n')
+    assert (warned.code, warned.out) == (0, f"mailgate: {config}: configuration OK\n"), warned
+    lines = warned.err.splitlines()
+    assert lines[0] == (
+        "mailgate: warning: pop3 tcp:2110:interface=192.0.2.55: 192.0.2.55 is not an address of this machine: "
+        "a start could not listen there (exit 1, which systemd retries)"
+    )
+    assert lines[1].startswith(
+        "mailgate: warning: pop3 tcp:2111:interface=999.1.1.1: 999.1.1.1 is not an address of this machine ("
+    ) and len(lines) == 2, warned
 
 
 def test_theSettingsTheCommandReadsFromTheServersFileAreKnownToTheServer():

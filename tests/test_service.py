@@ -425,15 +425,21 @@ def test_aReloadWarnsOfAChangedListenerTheRestartCouldNotBind(tmp_path, logEvent
         options, root = _reloadableService(path, f'pop3 = ["tcp:{served}:interface=127.0.0.1"]\n')
         path.write_text(
             f'pop3 = ["tcp:{served}:interface=127.0.0.1:backlog=50"]\n'
-            f'smtp = ["tcp:{busy}:interface=127.0.0.1", "tcp:2525:interface=192.0.2.55", "tcp:0"]\n'
+            f'smtp = ["tcp:{busy}:interface=127.0.0.1", "tcp:2525:interface=192.0.2.55", "tcp:0", '
+            '"tcp:2526:interface=999.1.1.1"]\n'
         )
         root.hangup()
-    assert [formatEvent(e) for e in logEvents if e.get("event") == "config.listener_busy"] == [
+    warned = [formatEvent(e) for e in logEvents if e.get("event") == "config.listener_busy"]
+    assert warned[:2] == [
         f"configuration changed: smtp tcp:{busy}:interface=127.0.0.1: port {busy} is in use by another process "
         "now: the restart could not listen there (exit 1, which systemd retries)",
         "configuration changed: smtp tcp:2525:interface=192.0.2.55: 192.0.2.55 is not an address of this "
         "machine: the restart could not listen there (exit 1, which systemd retries)",
     ]
+    # One that is no address at all (mistyped): not warned of before.
+    assert len(warned) == 3 and warned[2].startswith(
+        "configuration changed: smtp tcp:2526:interface=999.1.1.1: 999.1.1.1 is not an address of this machine ("
+    ), warned
     assert root.restartNeeded == ("pop3", "smtp") and not root.lastReloadFailed
 
 

@@ -263,6 +263,12 @@ def _checkServed(served, args, out):
         "(for /run/mailgate, the unit's RuntimeDirectory= makes it at each start)"
         for name, description, reason in config.missingSocketDirectories(served)
     ]
+    from mailgate.listenercheck import foreignInterfaces
+
+    warnings += [
+        f"{name} {description}: {reason}: a start could not listen there (exit 1, which systemd retries)"
+        for name, description, reason in foreignInterfaces(served)
+    ]
     for warning in filter(None, warnings):
         args.stderr.write(f"mailgate: warning: {warning}\n")
     where = args.config if args.config is not None else "no configuration file"
