@@ -1442,10 +1442,12 @@ class IPolicyStore(Interface):
         @return: a L{Deferred} of the new L{BanRecord}.
         """
 
-    def removeBan(address):
+    def removeBan(address, at):
         """
-        Lift an address's ban, and forget its failures so that it starts
-        afresh.  Without a ban, nothing changes (L{forgetFailures} does).
+        Lift an address's ban, and forget its failures as L{forgetFailures}
+        does, so that it starts afresh on every node (also those that had
+        not read the ban yet, or whose view of it had ended).  Without a
+        ban, nothing changes (L{forgetFailures} is that case).
 
         @return: a L{Deferred} L{bool}: whether there was a ban in force or
             expired but not yet swept away.
@@ -1454,9 +1456,11 @@ class IPolicyStore(Interface):
     def forgetFailures(address, at):
         """
         Forget the failed logins and unknown recipients counted for an
-        address that has no ban, so that it is no longer slowed: every
-        node's next L{changes} (the version moves) names it in
-        C{forgotten}, with C{at}, for the ban window.
+        address, so that it is no longer slowed.  If there were any, a
+        marker is recorded among the failures, under C{forget:ADDRESS}
+        (L{mailgate.records.forgettingOf}) at C{at} rounded up: every
+        node's next L{changes} reads it with the failures, and the node
+        forgets the address's failures up to then.
 
         @return: a L{Deferred} L{mailgate.records.Forgotten}: how many of
             each were forgotten (none: nothing changed).
@@ -1476,9 +1480,7 @@ class IPolicyStore(Interface):
 
         Every change to the set of bans (made, replaced, lifted) raises the
         version, so an unchanged version means unchanged bans (expired ones
-        aside, which the node sees from their times); so does
-        L{forgetFailures}, whose addresses a moved version's read names in
-        C{forgotten}.
+        aside, which the node sees from their times).
 
         @param version: the version the node has, or C{None} for none yet.
         @return: a L{Deferred} L{PolicyChanges}.

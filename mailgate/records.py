@@ -294,11 +294,12 @@ class AuthFailure:
 REASON_FAILURES = "auth-failures"
 REASON_ADMIN = "admin"
 REASON_RECIPIENTS = "unknown-rcpt"
-# Not a ban: the marker C{ban del} leaves in the bans table when it forgets
-# the failures of an address that had none.  Ended as it is written
-# (expires_at = created_at), so nothing enforces or lists it, this mailgate
-# or an earlier one; the nodes read it, when the ban version moves, to
-# forget the failures they counted (mailgate.store.policy).
+# Not a ban: the marker an earlier mailgate's C{ban del} left in the bans
+# table when it forgot the failures of an address that had none (a ban
+# made after it replaced it, and the nodes that had not read it yet never
+# forgot).  Ended as it was written, so nothing enforces or lists it; it
+# is kept out of every listing and expired (mailgate.store.policy).  The
+# nodes now learn of a forgetting from FORGOTTEN_PREFIX.
 REASON_FORGOTTEN = "forgotten"
 
 #: The prefix of the address an L{AuthFailure} is recorded under when it
@@ -310,6 +311,35 @@ REASON_FORGOTTEN = "forgotten"
 #: them as the failures of an address no client has, which nothing
 #: counts.
 RECIPIENTS_PREFIX = "rcpt:"
+
+
+#: The prefix of the address of the marker C{ban del} records among the
+#: failures when it forgets an address's failures (lifting its ban or
+#: not): C{forget:192.0.2.7} at time T tells every node, at its next
+#: read of the failures, to forget those of C{192.0.2.7} (and
+#: C{rcpt:192.0.2.7}) up to T, as the store did.  Among the failures, it
+#: reaches every node whatever happens to the address's ban meanwhile, and
+#: is expired with them; a node of an earlier mailgate reads it as the
+#: failure of an address no client has, which nothing counts.
+FORGOTTEN_PREFIX = "forget:"
+
+
+def forgettingOf(address):
+    """
+    The L{AuthFailure} address of the marker that forgets the failures of
+    C{address} (a policy key).
+    """
+    return FORGOTTEN_PREFIX + address
+
+
+def forgottenBy(address):
+    """
+    The policy key whose failures the marker recorded under C{address}
+    forgets, or C{None} if C{address} is no such marker.
+    """
+    if address.startswith(FORGOTTEN_PREFIX):
+        return address[len(FORGOTTEN_PREFIX):]
+    return None
 
 
 def recipientsAddress(address):
@@ -380,16 +410,13 @@ class PolicyChanges:
     @ivar version: the ban version read (before the bans).
     @ivar bans: every ban in force, as L{BanRecord}s, or C{None} when the
         version is the one the node already had.
-    @ivar failures: the L{AuthFailure}s recorded since the time asked for.
-    @ivar forgotten: the addresses whose failures were forgotten without a
-        ban to lift, as (address, when) pairs, kept for the ban window; or
-        C{None} when the version is the one the node already had.
+    @ivar failures: the L{AuthFailure}s recorded since the time asked for,
+        and the markers of failures forgotten (L{FORGOTTEN_PREFIX}).
     """
 
     version = attr.ib()
     bans = attr.ib()
     failures = attr.ib()
-    forgotten = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)

@@ -403,8 +403,8 @@ def _writeBan(url, address, reason, expires):
 
 def test_theMarkersOfForgottenFailuresAreNoBansToCopy(tmp_path, postgresURL):
     """
-    The marker C{ban del} leaves for an address it released without a ban
-    (reason C{forgotten}) is not copied as a ban in force, even where the
+    The marker an earlier mailgate's C{ban del} left for an address it
+    released without a ban (reason C{forgotten}) is not copied as a ban in force, even where the
     clock of the host copying is behind the one that wrote it; and a
     target's marker gives way to the source's ban of that address, which
     was kept out before (C{ON CONFLICT DO NOTHING}).

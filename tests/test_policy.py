@@ -29,6 +29,7 @@ from mailgate.policy.service import PolicyService
 from mailgate.policy.settings import PolicySettings
 from mailgate.records import AuthFailure
 from mailgate.session import OpenPolicy
+from mailgate.testing import resultOf
 
 START = 1_700_000_000.0
 NO_EXEMPTIONS = ("none",)
@@ -665,7 +666,7 @@ def test_adminBanAndLiftAreHonouredWithinOneRefresh():
         clock.advance(REFRESH_INTERVAL)
         assert a.admit("pop3", ATTACKER) == BANNED
         assert b.admit("smtp", ATTACKER) == BANNED
-        store.removeBan("192.0.2.66")
+        store.removeBan("192.0.2.66", clock.seconds())
         clock.advance(REFRESH_INTERVAL)
         assert a.admit("pop3", ATTACKER) is None
         assert b.admit("smtp", ATTACKER) is None
@@ -701,7 +702,7 @@ def test_liftedBanStartsAfresh():
     fail(a, times=3)
     clock.advance(REFRESH_INTERVAL)
     assert b.isBanned(ATTACKER)
-    store.removeBan("192.0.2.66")
+    store.removeBan("192.0.2.66", clock.seconds())
     clock.advance(REFRESH_INTERVAL)
     for node in (a, b):
         assert not node.isBanned(ATTACKER)
@@ -717,9 +718,81 @@ def test_liftedBanStartsAfresh():
 def test_liftingABanThisNodeJustMadeIsHonoured():
     a, _, store, clock = twoNodes(banAfter=2)
     fail(a, times=2)
-    store.removeBan("192.0.2.66")
+    store.removeBan("192.0.2.66", clock.seconds())
     clock.advance(REFRESH_INTERVAL)
     assert a.admit("pop3", ATTACKER) is None
+
+
+def test_aBanLiftedBeforeANodeReadItIsAFreshStartThereToo():
+    """
+    Node B has A's failures from an address but had not read the ban they
+    made when the admin lifted it (within its half-second, or while its
+    reads failed): it forgets them all the same.  Before, a node forgot
+    only on seeing a ban it enforced go, and B banned the address again
+    at its next failure.  Found by tests/test_policy_model.py.
+    """
+    store = MemoryPolicyStore()
+    clock = makeClock()
+    a, _, _ = makePolicy(store=store, clock=clock, banAfter=3)
+    b, _, _ = makePolicy(store=store, clock=clock, banAfter=3)
+    a.start()
+    b.start()
+    fail(a, times=2)
+    clock.advance(REFRESH_INTERVAL)
+    assert b.authenticationDelay(ATTACKER, None) == 4
+    fail(a)
+    assert a.isBanned(ATTACKER) and not b.isBanned(ATTACKER)
+    store.removeBan("192.0.2.66", clock.seconds())
+    b.sync.refresh()
+    assert not b.isBanned(ATTACKER)
+    assert b.authenticationDelay(ATTACKER, None) == 0
+    fail(b)
+    assert not b.isBanned(ATTACKER)
+    a.stop()
+    b.stop()
+
+
+def test_aBanMadeBeforeTheNodesReadAForgettingLeavesItToThem():
+    """
+    C{ban del} of an address slowed and not banned, then C{ban add} of it
+    before the nodes' next read: once the admin's ban ends, the failures
+    forgotten slow it no more.  Before, the ban replaced the record of the
+    forgetting, and the nodes never forgot.  Found by
+    tests/test_policy_model.py.
+    """
+    a, b, store, clock = twoNodes(banAfter=5, banTime=3600)
+    fail(a, times=2)
+    clock.advance(REFRESH_INTERVAL)
+    assert b.authenticationDelay(ATTACKER, None) == 4
+    resultOf(store.forgetFailures("192.0.2.66", clock.seconds()))
+    resultOf(store.addBan("192.0.2.66", clock.seconds(), 30))
+    clock.advance(REFRESH_INTERVAL)
+    for node in (a, b):
+        assert node.isBanned(ATTACKER)
+    clock.advance(30)
+    for node in (a, b):
+        assert not node.isBanned(ATTACKER)
+        assert node.authenticationDelay(ATTACKER, None) == 0
+    a.stop()
+    b.stop()
+
+
+def test_aForgettingReadLateKeepsTheFailuresAfterIt():
+    """
+    A node reads the record of a C{ban del} after the address failed on
+    it again (its read came late): the failures up to the forgetting are
+    forgotten, the later one still counts.
+    """
+    # Not started: its reads are this test's (no timer).
+    policy, store, clock = makePolicy(banAfter=10)
+    fail(policy, times=3)
+    resultOf(store.forgetFailures("192.0.2.66", clock.seconds()))
+    clock.advance(2)
+    # The read is held up (the store was slow): a new failure first.
+    policy.authenticationFailed(ATTACKER, "bob@example.org")
+    assert policy.authenticationDelay(ATTACKER, None) == 15
+    policy.sync.refresh()
+    assert policy.authenticationDelay(ATTACKER, None) == 2
 
 
 def test_restartKeepsBans():

@@ -148,7 +148,7 @@ def test_aBanWhenAskedFor():
         assert "banned 192.0.2.66 until" in formatEvent(added)
         assert "(unknown-rcpt, 5 unknown recipients)" in formatEvent(added)
         # mailgate ban del: a fresh start on every node.
-        assert resultOf(store.removeBan(ADDRESS))
+        assert resultOf(store.removeBan(ADDRESS, clock.seconds()))
         clock.advance(REFRESH_INTERVAL)
         assert not policy.isBanned(HARVESTER)
         assert policy.recipientErrorDelay(HARVESTER) == 0
@@ -214,9 +214,10 @@ def test_liftingABanForgetsTheUnknownRecipientsToo(policyStore):
     for n in range(3):
         record(store, unknown(at=NOW + n))
     record(store, unknown(address="198.51.100.7", at=NOW))
-    assert resultOf(store.removeBan(ADDRESS))
+    assert resultOf(store.removeBan(ADDRESS, NOW + 5))
     changes = resultOf(store.changes(None, NOW - 10, NOW + 5))
-    assert [f.address for f in changes.failures] == ["rcpt:198.51.100.7"]
+    # And the nodes are told (the marker of the forgetting).
+    assert sorted(f.address for f in changes.failures) == ["forget:192.0.2.66", "rcpt:198.51.100.7"]
     assert record(store, unknown(at=NOW + 6)).failures == 1
 
 

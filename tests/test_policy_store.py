@@ -151,8 +151,8 @@ def test_addListAndRemoveBans(anyPolicyStore):
     assert [b.address for b in resultOf(store.listBans(NOW))] == ["198.51.100.7", "2001:db8::1"]
     # Ended bans are not listed.
     assert [b.address for b in resultOf(store.listBans(NOW + 60))] == ["198.51.100.7"]
-    assert resultOf(store.removeBan(OTHER)) is True
-    assert resultOf(store.removeBan(OTHER)) is False
+    assert resultOf(store.removeBan(OTHER, NOW)) is True
+    assert resultOf(store.removeBan(OTHER, NOW)) is False
     assert [b.address for b in resultOf(store.listBans(NOW))] == ["2001:db8::1"]
 
 
@@ -170,9 +170,10 @@ def test_liftingABanForgetsTheAddressFailures(anyPolicyStore):
     for n in range(3):
         record(store, failure(at=NOW + n))
     record(store, failure(address=OTHER, at=NOW))
-    assert resultOf(store.removeBan(ADDRESS))
+    assert resultOf(store.removeBan(ADDRESS, NOW + 4.5))
     changes = resultOf(store.changes(None, NOW - 10, NOW + 5))
-    assert [f.address for f in changes.failures] == [OTHER]
+    # The nodes are told to forget them, up to the second after the lift.
+    assert sorted((f.address, f.at) for f in changes.failures) == [(OTHER, NOW), ("forget:" + ADDRESS, NOW + 5)]
     # A fresh start: the next failure is the first again.
     assert record(store, failure(at=NOW + 6)).failures == 1
 
@@ -185,7 +186,7 @@ def test_removingABanThatIsNotThereChangesNothing(anyPolicyStore):
     store = anyPolicyStore
     record(store, failure(at=NOW), banAfter=0)
     before = resultOf(store.changes(None, NOW - 10, NOW + 5))
-    assert resultOf(store.removeBan(ADDRESS)) is False
+    assert resultOf(store.removeBan(ADDRESS, NOW + 5)) is False
     after = resultOf(store.changes(before.version, NOW - 10, NOW + 5))
     assert after.bans is None
     assert [f.address for f in after.failures] == [ADDRESS]
@@ -207,26 +208,25 @@ def _slowed(store):
 def test_forgettingTheFailuresOfAnAddressWithoutABan(anyPolicyStore):
     """
     C{ban del} of an address slowed but not banned: its failed logins and
-    unknown recipients are forgotten, and the nodes' next read (the version
-    moved) names it, so that they forget theirs; no ban appears.
+    unknown recipients are forgotten, and a marker among the failures
+    (C{forget:ADDRESS} at the second it was done, rounded up) tells every
+    node's next read to forget theirs; no ban appears.
     """
     store = anyPolicyStore
     _slowed(store)
     before = resultOf(store.changes(None, NOW - 10, NOW + 5))
-    assert before.forgotten == ()
     assert resultOf(store.forgetFailures(ADDRESS, NOW + 5.5)) == Forgotten(2, 3)
     after = resultOf(store.changes(before.version, NOW - 10, NOW + 6))
-    assert after.version > before.version
-    assert after.bans == () and after.forgotten == ((ADDRESS, NOW + 5),)
-    assert [f.address for f in after.failures] == [OTHER]
+    assert after.bans is None
+    assert sorted((f.address, f.at) for f in after.failures) == [(OTHER, NOW), ("forget:" + ADDRESS, NOW + 6)]
     assert resultOf(store.listBans(NOW + 6)) == []
     # Not a ban: there is none to lift, and its next failure is its first.
-    assert resultOf(store.removeBan(ADDRESS)) is False
+    assert resultOf(store.removeBan(ADDRESS, NOW + 7)) is False
     assert record(store, failure(at=NOW + 7), banAfter=3).failures == 1
     # Nothing left to forget: nothing changes.
     assert resultOf(store.forgetFailures(OTHER + "0", NOW + 8)) == Forgotten(0, 0)
-    unchanged = resultOf(store.changes(after.version, NOW - 10, NOW + 8))
-    assert unchanged.version == after.version and unchanged.forgotten is None
+    unchanged = resultOf(store.changes(None, NOW + 7, NOW + 8))
+    assert [f.address for f in unchanged.failures] == [ADDRESS]
 
 
 def test_anAddressForgottenIsBannedAgainByItsNextFailures(anyPolicyStore):
@@ -238,46 +238,53 @@ def test_anAddressForgottenIsBannedAgainByItsNextFailures(anyPolicyStore):
     outcome = record(store, failure(at=NOW + 8))
     assert outcome.banned and outcome.ban.failures == 3
     assert [b.address for b in resultOf(store.listBans(NOW + 9))] == [ADDRESS]
-    changes = resultOf(store.changes(None, NOW, NOW + 9))
-    assert changes.forgotten == ()
-    # A forgetting afterwards leaves the ban alone.
-    assert resultOf(store.removeBan(ADDRESS)) is True
+    # The ban leaves the marker to the nodes that have not read it yet:
+    # it was a row of the bans table, which the ban replaced, and those
+    # nodes kept counting the failures ban del forgot.
+    changes = resultOf(store.changes(None, NOW + 5, NOW + 9))
+    assert ("forget:" + ADDRESS, NOW + 5) in {(f.address, f.at) for f in changes.failures}
+    assert resultOf(store.removeBan(ADDRESS, NOW + 9)) is True
 
 
-def test_aForgottenAddressIsReadForTheWindow(stores):
+def test_aForgettingIsReadForTheWindow(stores):
     """
-    On SQLite and PostgreSQL: the record of a forgetting is no ban to any
-    reader of the bans (ended as it is written), and expiry keeps it as
-    long as the failures it forgot would have been kept, then removes it.
+    On SQLite and PostgreSQL: the marker of a forgetting is no ban to any
+    reader of the bans, is read with the failures as long as they would
+    have been, and expires with them.
     """
     store = stores.open()
     _slowed(store)
     assert resultOf(store.forgetFailures(ADDRESS, NOW + 5)) == Forgotten(2, 3)
-    assert stores.rows("SELECT count(*) FROM auth_failures WHERE address LIKE '%192.0.2.66'") == [(0,)]
-    assert stores.rows(f"SELECT count(*) FROM bans WHERE expires_at > {NOW + 5}") == [(0,)]
+    assert stores.rows("SELECT count(*) FROM auth_failures WHERE address LIKE '%192.0.2.66'") == [(1,)]
+    assert stores.rows("SELECT count(*) FROM bans") == [(0,)]
     assert resultOf(store.listBans(NOW + 5)) == []
     resultOf(store.expire(NOW + 60, NOW + 60 - 600))
-    assert resultOf(store.changes(None, NOW, NOW + 60)).forgotten == ((ADDRESS, NOW + 5),)
+    assert "forget:" + ADDRESS in {f.address for f in resultOf(store.changes(None, NOW, NOW + 60)).failures}
     resultOf(store.expire(NOW + 606, NOW + 6))
-    assert resultOf(store.changes(None, NOW, NOW + 606)).forgotten == ()
-    assert stores.rows("SELECT count(*) FROM bans") == [(0,)]
+    assert stores.rows("SELECT count(*) FROM auth_failures WHERE address LIKE '%192.0.2.66'") == [(0,)]
 
 
-def test_aForgottenAddressIsNoBanToANodeWhoseClockLags(stores):
+def test_anEarlierMailgatesMarkerIsNoBan(stores):
     """
-    On SQLite and PostgreSQL: the record of a forgetting is no ban to a
-    node whose clock is behind the one C{ban del} ran on (another host, or
-    a refresh begun the second before), nor does it keep the failure that
-    node records next, or the ban it makes, out of the store.
+    On SQLite and PostgreSQL: the marker an earlier mailgate's C{ban del}
+    left in the bans table (reason C{forgotten}, ended as it was written)
+    is no ban to a node whose clock lags the host that wrote it, is
+    listed to no one, keeps no failure out of the store, and expires
+    after the window.
     """
     store = stores.open()
-    _slowed(store)
-    resultOf(store.forgetFailures(ADDRESS, NOW + 5))
+    stores.opened[0].database.runWrite(
+        lambda c: c.execute(
+            "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, 'forgotten', 0, ?, ?)",
+            (ADDRESS, NOW + 5, NOW + 5),
+        )
+    )
     assert resultOf(store.listBans(NOW + 2)) == []
     assert resultOf(store.changes(None, NOW, NOW + 2)).bans == ()
-    outcome = record(store, failure(at=NOW + 2), ban=True)
-    assert outcome.banned and outcome.ban is not None
-    assert [b.address for b in resultOf(store.listBans(NOW + 3))] == [ADDRESS]
+    assert not record(store, failure(at=NOW + 2)).banned
+    assert resultOf(store.removeBan(ADDRESS, NOW + 3)) is False
+    resultOf(store.expire(NOW + 606, NOW + 6))
+    assert stores.rows("SELECT count(*) FROM bans") == [(0,)]
 
 
 def test_changesReadTheBansOnlyWhenTheVersionMoved(anyPolicyStore):
@@ -290,7 +297,7 @@ def test_changesReadTheBansOnlyWhenTheVersionMoved(anyPolicyStore):
     moved = resultOf(store.changes(first.version, NOW, NOW))
     assert moved.version > first.version
     assert [b.address for b in moved.bans] == [ADDRESS]
-    resultOf(store.removeBan(ADDRESS))
+    resultOf(store.removeBan(ADDRESS, NOW))
     lifted = resultOf(store.changes(moved.version, NOW, NOW))
     assert lifted.version > moved.version and lifted.bans == ()
 
@@ -404,7 +411,7 @@ def test_twoStoresSeeEachOthersBans(pgStores):
     resultOf(b.addBan(OTHER, NOW, 600))
     later = resultOf(a.changes(seen.version, NOW, NOW + 3))
     assert sorted(x.address for x in later.bans) == [ADDRESS, OTHER]
-    resultOf(a.removeBan(ADDRESS))
+    resultOf(a.removeBan(ADDRESS, NOW + 3))
     last = resultOf(b.changes(later.version, NOW, NOW + 3))
     assert [x.address for x in last.bans] == [OTHER]
 

@@ -98,14 +98,14 @@ def _liftEarlierBans(policy, address):
     removed = False
     for ban in _result(policy.listBans(time.time())):
         if ban.address != address and storedKey(ban.address) == address:
-            removed = _result(policy.removeBan(ban.address)) or removed
+            removed = _result(policy.removeBan(ban.address, time.time())) or removed
     return removed
 
 
 def _banDel(store, args, out, stdin):
     address = args.banned
     policy = _policyStore(store)
-    removed = _result(policy.removeBan(address))
+    removed = _result(policy.removeBan(address, time.time()))
     removed = _liftEarlierBans(policy, address) or removed
     if removed:
         out.write(f"lifted the ban of {address}; its failed logins and unknown recipients are forgotten\n")

@@ -81,23 +81,37 @@ class FailureLog:
         while self._order and self._order[0].at <= cutoff:
             self._drop()
 
-    def forget(self, address):
+    def forget(self, address, upTo=None):
         """
-        Forget every failure from C{address} (its ban was lifted).
+        Forget the failures from C{address} (its ban was lifted), or those
+        at C{upTo} or before (C{ban del} forgot them then: the marker,
+        read late, must not take the failures after it).
         """
         if address not in self._byAddress:
             return
-        kept = deque(f for f in self._order if f.address != address)
-        for failure in self._order:
-            if failure.address == address:
-                self._ids.discard(failure.failureId)
-                addresses = self._byLogin.get(failure.login)
-                if addresses is not None:
-                    addresses.pop(address, None)
-                    if not addresses:
-                        del self._byLogin[failure.login]
-        self._order = kept
-        del self._byAddress[address]
+        gone = [f for f in self._order if f.address == address and (upTo is None or f.at <= upTo)]
+        if not gone:
+            return
+        ids = {f.failureId for f in gone}
+        self._order = deque(f for f in self._order if f.failureId not in ids)
+        self._ids -= ids
+        kept = [f for f in self._order if f.address == address]
+        if kept:
+            self._byAddress[address] = deque(f.at for f in kept)
+        else:
+            del self._byAddress[address]
+        # Each login name's latest failure from the address, from those kept.
+        for login in {f.login for f in gone if f.login is not None}:
+            addresses = self._byLogin.get(login)
+            if addresses is None:
+                continue
+            latest = max((f.at for f in kept if f.login == login), default=None)
+            if latest is None:
+                addresses.pop(address, None)
+                if not addresses:
+                    del self._byLogin[login]
+            else:
+                addresses[address] = latest
 
     def fromAddress(self, address, after):
         """

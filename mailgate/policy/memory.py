@@ -10,6 +10,7 @@ Every method answers at once, with an already-fired L{Deferred}.
 """
 
 import math
+import secrets
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -17,11 +18,13 @@ from zope.interface import implementer
 from mailgate.interfaces import IPolicyStore
 from mailgate.records import (
     REASON_ADMIN,
+    AuthFailure,
     BanRecord,
     FailureOutcome,
     Forgotten,
     PolicyChanges,
     banTarget,
+    forgettingOf,
     recipientsAddress,
 )
 
@@ -29,26 +32,22 @@ from mailgate.records import (
 @implementer(IPolicyStore)
 class MemoryPolicyStore:
     """
-    @ivar failures: the recorded L{AuthFailure}s, oldest first.
+    @ivar failures: the recorded L{AuthFailure}s, oldest first (and the
+        markers of failures forgotten, L{mailgate.records.FORGOTTEN_PREFIX}).
     @ivar bans: address to L{BanRecord}.
     @ivar version: the ban version.
-    @ivar forgotten: address to when its failures were forgotten without a
-        ban (L{forgetFailures}).
     """
 
     def __init__(self):
         self.failures = []
         self.bans = {}
         self.version = 0
-        self.forgotten = {}
 
     def _count(self, address, since):
         return sum(1 for f in self.failures if f.address == address and f.at > since)
 
     def _put(self, ban):
         self.bans[ban.address] = ban
-        # One row per address in the SQL store: a ban replaces the marker.
-        self.forgotten.pop(ban.address, None)
         self.version += 1
 
     def recordFailure(self, failure, banAfter, banWindow, banTime, ban=False):
@@ -71,23 +70,30 @@ class MemoryPolicyStore:
         self._put(ban)
         return defer.succeed(ban)
 
-    def removeBan(self, address):
+    def _forget(self, address, at):
+        """
+        Forget the failures counted for C{address}, and record the marker
+        that tells the nodes: how many of each there were.
+        """
+        logins = sum(1 for f in self.failures if f.address == address)
+        recipients = sum(1 for f in self.failures if f.address == recipientsAddress(address))
+        forgotten = {address, recipientsAddress(address)}
+        self.failures = [f for f in self.failures if f.address not in forgotten]
+        self.failures.append(AuthFailure(secrets.token_hex(8), forgettingOf(address), None, math.ceil(at)))
+        return Forgotten(logins, recipients)
+
+    def removeBan(self, address, at):
         removed = self.bans.pop(address, None) is not None
         if removed:
-            forgotten = {address, recipientsAddress(address)}
-            self.failures = [f for f in self.failures if f.address not in forgotten]
+            self._forget(address, at)
             self.version += 1
         return defer.succeed(removed)
 
     def forgetFailures(self, address, at):
-        logins = sum(1 for f in self.failures if f.address == address)
-        recipients = sum(1 for f in self.failures if f.address == recipientsAddress(address))
-        if logins or recipients:
-            forgotten = {address, recipientsAddress(address)}
-            self.failures = [f for f in self.failures if f.address not in forgotten]
-            self.forgotten[address] = math.floor(at)
-            self.version += 1
-        return defer.succeed(Forgotten(logins, recipients))
+        counted = {address, recipientsAddress(address)}
+        if not any(f.address in counted for f in self.failures):
+            return defer.succeed(Forgotten(0, 0))
+        return defer.succeed(self._forget(address, at))
 
     def _inForce(self, at):
         return tuple(sorted((b for b in self.bans.values() if b.expires > at), key=lambda b: b.address))
@@ -96,15 +102,14 @@ class MemoryPolicyStore:
         return defer.succeed(list(self._inForce(at)))
 
     def changes(self, version, failuresSince, at):
-        bans = forgotten = None
+        bans = None
         if version != self.version:
             bans = self._inForce(at)
-            forgotten = tuple(self.forgotten.items())
         # Whole seconds, as the SQL store keeps them: a caller asking from
         # a fraction of a second gets the failures of that whole second.
         since = math.floor(failuresSince)
         failures = tuple(f for f in self.failures if f.at >= since)
-        return defer.succeed(PolicyChanges(self.version, bans, failures, forgotten))
+        return defer.succeed(PolicyChanges(self.version, bans, failures))
 
     def expire(self, at, failuresBefore):
         kept = [f for f in self.failures if f.at >= failuresBefore]
@@ -113,7 +118,4 @@ class MemoryPolicyStore:
         self.failures = kept
         for address in ended:
             del self.bans[address]
-        for address in [a for a, when in self.forgotten.items() if when < math.floor(failuresBefore)]:
-            del self.forgotten[address]
-            removed += 1
         return defer.succeed(removed)

@@ -8,7 +8,8 @@ L{REFRESH_INTERVAL} seconds, it reads the store's ban version (the bans
 too, only when that moved) and the failures recorded since its previous
 read: one cheap read, so that a ban made by another node is enforced here
 within a second, and one added or lifted by the admin command as fast (as
-are failures it forgot without a ban to lift).
+are the failures it forgot, lifting a ban or not: a marker among the
+failures says so, L{mailgate.records.FORGOTTEN_PREFIX}).
 Every L{EXPIRE_INTERVAL} seconds it also has the store drop the failures
 older than the window and the bans that ended, so the tables stay bounded.
 
@@ -22,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mailgate.records import banTarget, recipientsAddress
+from mailgate.records import banTarget, forgottenBy, recipientsAddress
 from mailgate.timers import wallClock
 
 REFRESH_INTERVAL = 0.5
@@ -66,8 +67,6 @@ class StoreSync:
         self._since = None
         self._lastExpiry = None
         self._storeFailing = False
-        # Address to when its failures were forgotten, as last read.
-        self._forgotten = {}
         self.refreshes = 0
         self._loadWaiters = []
 
@@ -139,17 +138,18 @@ class StoreSync:
 
     def _apply(self, changes, started):
         self._since = started - OVERLAP
-        if changes.forgotten is not None:
-            # An address's failures forgotten without a ban (ban del): the
-            # failures read with it came after, so it is applied first, and
-            # once (it stays in the store for the window).
-            for address, when in changes.forgotten:
-                if self._forgotten.get(address) != when:
-                    self._failures.forget(address)
-                    self._failures.forget(recipientsAddress(address))
-            self._forgotten = dict(changes.forgotten)
+        forgettings = []
         for failure in changes.failures:
-            self._failures.add(failure)
+            # A marker of ban del (forget:ADDRESS) is applied once, when
+            # first read (the failure log knows it by its id), after the
+            # failures read with it: those up to its time are forgotten.
+            if self._failures.add(failure):
+                forgotten = forgottenBy(failure.address)
+                if forgotten is not None:
+                    forgettings.append((forgotten, failure.at))
+        for address, upTo in forgettings:
+            self._failures.forget(address, upTo)
+            self._failures.forget(recipientsAddress(address), upTo)
         for address in self._bans.update(changes.version, changes.bans):
             self._failures.forget(address)
             self._failures.forget(recipientsAddress(address))

@@ -274,9 +274,10 @@ def _copyBans(sourceCursor, targetCursor, now):
 
     @return: how many bans were copied.
     """
-    # Not the markers of failures forgotten (mailgate ban del of an address
-    # with no ban), which are no ban, whatever the clock says; and a
-    # target's marker gives way to a ban, as it does to a ban made there.
+    # Not the markers of failures forgotten that an earlier mailgate's ban
+    # del left in the bans table, which are no ban, whatever the clock
+    # says; and a target's marker gives way to a ban, as it does to a ban
+    # made there.  (Markers now are among the failures, not copied.)
     sourceCursor.execute(
         "SELECT address, reason, failures, created_at, expires_at FROM bans WHERE expires_at > ? AND reason <> ? "
         "ORDER BY address",

@@ -15,6 +15,7 @@ the schema); the records carry them as given back.
 """
 
 import math
+import secrets
 
 from zope.interface import implementer
 
@@ -28,6 +29,7 @@ from mailgate.records import (
     Forgotten,
     PolicyChanges,
     banTarget,
+    forgettingOf,
     recipientsAddress,
 )
 
@@ -91,8 +93,8 @@ def _recordFailure(cursor, failure, banAfter, banWindow, banTime, ban):
         (failure.address, at),
     )
     existing = _banOf(cursor, target)
-    # A marker of forgotten failures is no ban, whatever this node's clock
-    # says of its time (it was written by another host's).
+    # An earlier mailgate's marker of forgotten failures is no ban, whatever
+    # this node's clock says of its time (it was written by another host's).
     if existing is not None and existing.reason != REASON_FORGOTTEN and existing.expires > at:
         cursor.execute(
             "SELECT count(*) FROM auth_failures WHERE address = ? AND failed_at > ?",
@@ -133,16 +135,31 @@ def _forgetCounted(cursor, address):
     return Forgotten(*counts)
 
 
-def _removeBan(cursor, address):
-    # A marker of forgotten failures is no ban (REASON_FORGOTTEN).
+def _markForgotten(cursor, address, at):
+    """
+    Tell every node that the failures of C{address} up to C{at} are
+    forgotten: a marker among the failures, which every node's next read
+    brings (see L{mailgate.records.FORGOTTEN_PREFIX}), and which expires
+    with them.  Rounded up: a node's failure stamped within the second
+    before is forgotten too, as it was here.
+    """
+    cursor.execute(
+        "INSERT INTO auth_failures (failure_id, address, login, failed_at) VALUES (?, ?, NULL, ?)",
+        (secrets.token_hex(8), forgettingOf(address), _ends(at)),
+    )
+
+
+def _removeBan(cursor, address, at):
+    # A marker an earlier mailgate left is no ban (REASON_FORGOTTEN).
     cursor.execute("DELETE FROM bans WHERE address = ? AND reason <> ?", (address, REASON_FORGOTTEN))
     removed = cursor.rowcount > 0
     if removed:
         # A lifted ban is a fresh start: the failures that made it would
-        # otherwise make it again at the next one.  Without a ban, nothing
-        # changes here (forgetFailures is that case): the nodes learn of a
-        # lifted ban from its absence, and forget its failures then.
+        # otherwise make it again at the next one.  The nodes that read
+        # the ban forget them when it is gone; the marker tells the others
+        # too (one that had not read it yet, or saw it end).
         _forgetCounted(cursor, address)
+        _markForgotten(cursor, address, at)
         _bump(cursor)
     return removed
 
@@ -151,25 +168,16 @@ def _forgetFailures(cursor, address, at):
     forgotten = _forgetCounted(cursor, address)
     if forgotten.logins or forgotten.recipients:
         # The running nodes counted these failures too, and read no
-        # deletion: a marker in the bans table tells them, read with the
-        # bans when the version moves.  It is ended as it is written, so
-        # neither this mailgate nor an earlier one enforces or lists it
-        # (an earlier one sharing the database only deletes it at its next
-        # expiry, and keeps counting); a ban made meanwhile is not replaced.
-        when = _seconds(at)
-        cursor.execute(
-            "INSERT INTO bans (address, reason, failures, created_at, expires_at) VALUES (?, ?, 0, ?, ?) "
-            "ON CONFLICT (address) DO UPDATE SET created_at = excluded.created_at, "
-            "expires_at = excluded.expires_at WHERE bans.reason = excluded.reason",
-            (address, REASON_FORGOTTEN, when, when),
-        )
-        _bump(cursor)
+        # deletion: the marker tells them.  (Before, it was a row of the
+        # bans table, which a ban made before the nodes read it replaced.)
+        _markForgotten(cursor, address, at)
     return forgotten
 
 
 def _listBans(cursor, at):
-    # A marker of forgotten failures ends as it is written, but by the clock
-    # of the host that wrote it: a node whose clock lags would enforce it.
+    # An earlier mailgate's marker of forgotten failures ends as it was
+    # written, but by the clock of the host that wrote it: a node whose
+    # clock lags would enforce it.
     cursor.execute(
         "SELECT address, reason, failures, created_at, expires_at FROM bans "
         "WHERE expires_at > ? AND reason <> ? ORDER BY address",
@@ -184,17 +192,15 @@ def _changes(cursor, version, failuresSince, at):
     # time, never missed (PostgreSQL runs each read statement on a snapshot
     # of its own).
     current = _version(cursor)
-    bans = forgotten = None
+    bans = None
     if current != version:
         bans = tuple(_listBans(cursor, at))
-        cursor.execute("SELECT address, created_at FROM bans WHERE reason = ?", (REASON_FORGOTTEN,))
-        forgotten = tuple((address, when) for address, when in cursor.fetchall())
     cursor.execute(
         "SELECT failure_id, address, login, failed_at FROM auth_failures WHERE failed_at >= ?",
         (_seconds(failuresSince),),
     )
     failures = tuple(AuthFailure(*row) for row in cursor.fetchall())
-    return PolicyChanges(current, bans, failures, forgotten)
+    return PolicyChanges(current, bans, failures)
 
 
 def _expire(cursor, at, failuresBefore):
@@ -204,8 +210,9 @@ def _expire(cursor, at, failuresBefore):
     cursor.execute("DELETE FROM failing_addresses WHERE last_failure < ?", (before,))
     removed += cursor.rowcount
     # Ended bans need no version change: every node already treats them
-    # as ended, from their times.  A marker of forgotten failures is kept
-    # as long as the failures it forgot would have been.
+    # as ended, from their times.  An earlier mailgate's marker of
+    # forgotten failures is kept as long as the failures it forgot would
+    # have been.
     cursor.execute("DELETE FROM bans WHERE expires_at <= ? AND reason <> ?", (_seconds(at), REASON_FORGOTTEN))
     removed += cursor.rowcount
     cursor.execute("DELETE FROM bans WHERE reason = ? AND created_at < ?", (REASON_FORGOTTEN, before))
@@ -232,8 +239,8 @@ class SQLPolicyStore:
         ban = BanRecord(address, reason, 0, _seconds(at), _ends(at + duration))
         return self.database.runWrite(_addBan, ban)
 
-    def removeBan(self, address):
-        return self.database.runWrite(_removeBan, address)
+    def removeBan(self, address, at):
+        return self.database.runWrite(_removeBan, address, at)
 
     def forgetFailures(self, address, at):
         return self.database.runWrite(_forgetFailures, address, at)
