@@ -1496,7 +1496,7 @@ def test_aNodeWarnsOnceWhenTheOthersSettingsDiffer(databaseURL):
         assert warning["differences"] == [
             {"option": "--expire-days", "here": -1, "node": b.sessions.name, "there": 30}
         ]
-        assert "--expire-days none here, 30 on " + b.sessions.name in formatEvent(warning)
+        assert "--expire-days never here, 30 on " + b.sessions.name in formatEvent(warning)
         assert differing() == {"expire_days"}
         for _ in range(3):
             reactor.advance(service.compareInterval)

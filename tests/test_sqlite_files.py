@@ -87,6 +87,22 @@ def test_aLockFileLeftWithAWiderModeIsNarrowed(tmp_path, permissiveUmask):
         engine.releaseServer()
 
 
+def test_aServerGivenADirectoryLeavesNoLockFileBeside(tmp_path):
+    """
+    A server started on a URL naming a directory (the database's, not its
+    file) is refused, saying so, before it makes its lock file: it left
+    DIR.lock beside the directory.
+    """
+    from mailgate.errors import ConfigurationError
+
+    directory = tmp_path / "mailgate"
+    directory.mkdir()
+    engine = engineFromURL(f"sqlite:///{directory}")
+    with pytest.raises(ConfigurationError, match="it is a directory"):
+        engine.claimServer()
+    assert sorted(os.listdir(tmp_path)) == ["mailgate"]
+
+
 def test_theWriteAheadLogShrinksBackAfterABigMessage(tmp_path):
     """
     The WAL grows to hold a big message's transaction; once checkpointed,

@@ -330,7 +330,7 @@ class RegistryService(_Repeating):
                     "nodes sharing the database differ in settings: {described}; give every node the same "
                     "(the retention task keeps mail as long as the node that keeps it longest)",
                     described="; ".join(
-                        f"{option} {_shown(ours)} here, {_shown(theirs)} on {node}"
+                        f"{option} {_shown(option, ours)} here, {_shown(option, theirs)} on {node}"
                         for option, ours, node, theirs in differences
                     ),
                     differences=[
@@ -426,11 +426,15 @@ class RegistryService(_Repeating):
         return d
 
 
-def _shown(value):
+def _shown(option, value):
     """
     A setting's value as L{mailgate.store.registry.nodeSettings} gives it,
-    for the warning: -1 (and an empty list or delimiter) is none.
+    for the warning: -1 (and an empty list or delimiter) is none, or
+    never for C{--expire-days}, as the option, C{mailgate nodes} and
+    README spell it.
     """
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
+    if value == -1 and option == "--expire-days":
+        return "never"
     return "none" if value in (-1, "") else str(value)

@@ -449,15 +449,20 @@ class SQLiteEngine:
             return (_readOnlyURI(self.path),), dict(kwargs, uri=True)
         return (self.path,), kwargs
 
-    def connect(self):
+    def _refuseDirectory(self):
+        """
+        Refuse the database's directory given for its file: SQLite says
+        "disk I/O error" (a temporary failure, exit 75, retried for ever)
+        or "unable to open database file".
+        """
         if not self.ephemeral and os.path.isdir(self.path):
-            # The database's directory given for its file: SQLite says
-            # "disk I/O error" (a temporary failure, exit 75, retried for
-            # ever) or "unable to open database file".
             raise ConfigurationError(
                 f"cannot open SQLite database {self.path}: it is a directory; the URL names the database's "
                 f"file (sqlite:///{os.path.join(os.path.abspath(self.path), 'mailgate.sqlite3')}, say)"
             )
+
+    def connect(self):
+        self._refuseDirectory()
         args, kwargs = self._connectArguments()
         try:
             if not self.readOnly:
@@ -937,6 +942,8 @@ class SQLiteEngine:
         """
         if self.path == ":memory:" or self._guard is not None:
             return
+        # Before its lock file is made beside it (DIR.lock, left behind).
+        self._refuseDirectory()
         lockPath = self.path + ".lock"
         try:
             # Never through a symbolic link: the lock is truncated and
