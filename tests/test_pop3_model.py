@@ -447,8 +447,10 @@ class POP3Model(RuleBasedStateMachine):
         addUser(store, self.other, PASSWORD)
         self.others = []
         self.present = []
-        # Every message in the order it came: restored mail takes its place.
-        self.arrived = []
+        # Each message's place in the maildrop's order (its uid's): the
+        # order of arrival, and restored mail takes a new one, after every
+        # other message.
+        self.places = {}
         self.removed = []
         self.session = None
         self.listing = None
@@ -502,7 +504,7 @@ class POP3Model(RuleBasedStateMachine):
             source.close()
         if copy:
             assert isinstance(result[self.other], str)
-            self.others.append(prefixes.get(self.other, b"") + kept)
+            self._otherArrives(prefixes.get(self.other, b"") + kept)
         if not fits:
             assert isinstance(result[self.address], QuotaExceeded), result
             return
@@ -537,7 +539,7 @@ class POP3Model(RuleBasedStateMachine):
         for number in range(1, min(deleting, len(self.others)) + 1):
             assert session.command(f"DELE {number}") == f"+OK message {number} deleted\r\n"
         assert session.command("QUIT").startswith("+OK")
-        del self.others[:deleting]
+        self._othersDeleted(deleting)
 
     @rule(recipe=messages)
     def importOne(self, recipe):
@@ -546,15 +548,34 @@ class POP3Model(RuleBasedStateMachine):
         uidl = f"imported-{self.imported}"
         source = spoolBytes(sent)
         try:
-            imported, skipped, conflicts = resultOf(self.store.importMessages(self.address, [(uidl, source, NOW)]))
+            imported, skipped, conflicts = resultOf(
+                self.store.importMessages(self.address, [(uidl, source, self._importedAt())])
+            )
         finally:
             source.close()
         assert (imported, skipped, conflicts) == ([uidl], [], [])
         self._arrive(Message(kept, uidl))
 
+    # What a machine built on this one (test_lifecycle_model's) hooks into:
+    # a message arriving, a copy arriving for the second user, copies
+    # deleted by them, an import's arrival time, deleted mail restored,
+    # and the end of a session with what it deleted (L{_gone}).
+
     def _arrive(self, message):
         self.present.append(message)
-        self.arrived.append(message)
+        self.places[message.uidl] = len(self.places)
+
+    def _otherArrives(self, content):
+        self.others.append(content)
+
+    def _othersDeleted(self, count):
+        del self.others[:count]
+
+    def _importedAt(self):
+        return NOW
+
+    def _restored(self, restored):
+        pass
 
     @precondition(lambda self: self.session is None and self.removed)
     @rule()
@@ -563,9 +584,14 @@ class POP3Model(RuleBasedStateMachine):
         assert missing == []
         assert sorted(old for old, _ in restored) == sorted(m.uidl for m in self.removed)
         assert all(old == new for old, new in restored)
-        # After every other message, as new mail, in the order they came.
-        self.present += sorted(self.removed, key=self.arrived.index)
+        # After every other message, as new mail, in the order they had
+        # (their uids'), each given a new place.
+        restored = sorted(self.removed, key=lambda m: self.places[m.uidl])
+        for message in restored:
+            self.places[message.uidl] = len(self.places)
+        self.present += restored
         self.removed = []
+        self._restored(restored)
 
     # -- sessions --------------------------------------------------------
 
