@@ -51,7 +51,7 @@ import os
 from collections import deque
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -71,16 +71,14 @@ from mailgate.store import openSynchronousStore
 from mailgate.store.policy import SQLPolicyStore
 from mailgate.testing import resultOf
 
-# More than the protocol models' 60: a step here is a few calls in memory
-# (about 60 ms an example on PostgreSQL), and 60 missed a client whose
-# old password is recognised only one failure back.
-EXAMPLES = int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "200"))
+from test_pop3_model import MODEL as PROTOCOL_MODEL
+
+# The protocol models' settings, with more examples than their 60: a step
+# here is a few calls in memory (about 60 ms an example on PostgreSQL),
+# and 60 missed a client whose old password is recognised only one
+# failure back.
 MODEL = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=40,
-    deadline=None,
-    derandomize="MAILGATE_MODEL_EXAMPLES" not in os.environ,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    PROTOCOL_MODEL, max_examples=int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "200")), stateful_step_count=40
 )
 
 START = 1_790_000_000
