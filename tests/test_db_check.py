@@ -7,6 +7,7 @@ databases.
 """
 
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_aSoundDatabaseIsSaidToBeSound(filledURL):
     code, out, err = mailgate(filledURL, "db", "check")
     assert (code, err) == (0, ""), out
     lines = out.splitlines()
-    assert lines[-1].endswith(": sound (12 checks)" if filledURL.startswith("sqlite") else ": sound (11 checks)")
+    assert lines[-1].endswith(": sound (13 checks)" if filledURL.startswith("sqlite") else ": sound (12 checks)")
     checks = [line for line in lines[:-1] if not line.startswith("PostgreSQL's own pages")]
     assert checks and all(line.endswith(": ok") for line in checks), out
     if filledURL.startswith("sqlite"):
@@ -92,7 +93,7 @@ def test_whatIsWrongIsNamedWithWhatToDo(filledURL):
     )
     code, out, err = mailgate(filledURL, "db", "check")
     assert code == 65, (out, err)
-    assert err.count("\n") == 1 and ": 5 checks found problems: " in err, err
+    assert err.count("\n") == 1 and ": 4 checks found problems: " in err, err
     assert (
         "storage use: maildrops whose recorded use is not what their messages take (quotas go by it): "
         "mailgate user recount ADDRESS sets it right\n"
@@ -100,12 +101,61 @@ def test_whatIsWrongIsNamedWithWhatToDo(filledURL):
     ) in out
     assert "unique id counters: maildrops whose next unique id is one given already" in out
     assert f"  {BOB}: next uid 1, a message has uid 2\n" in out
-    assert "messages and their bodies: messages whose body is missing" in out
-    assert f"  {BOB}: message uid 1 (" in out
-    assert "chunks and their bodies: chunks of no body: storage nothing uses\n" in out
+    # Its chunks stay: its content is whole, and named as such (not lost).
+    assert "messages and their bodies: ok\n" in out
+    assert (
+        "messages and their bodies' records: messages whose body's record is missing while their content is "
+        "whole: POP3 serves them, but db copy leaves their content behind"
+    ) in out
+    assert re.search(rf"\n  {re.escape(BOB)}: message uid 1 \(\S+\) has no body record; its content is whole "
+                     r"\(\d+ octets\)\n", out), out
+    assert "chunks and their bodies: ok\n" in out
     assert "bodies and the messages holding them: bodies whose reference count" in out
     assert "counts 2 references, 1 message holds it" in out
     assert "users and their maildrops: ok\n" in out
+
+
+def _bodyOf(address, uid):
+    return (
+        "(SELECT body_id FROM maildrop WHERE user_id = "
+        f"(SELECT user_id FROM users WHERE address = '{address}') AND uid = {uid})"
+    )
+
+
+def test_aMessageWhoseBodysRecordAloneIsGoneIsNotSaidLost(filledURL):
+    """
+    A salvage (sqlite3 .dump of a damaged file) can lack a body's record
+    and keep its chunks: the message is whole, and POP3 serves it.  db
+    check said it had no body ("they cannot be retrieved") and its chunks
+    belonged to nothing: an administrator weighing the salvage against
+    the backup took mail that was there for lost.  Now it is named apart,
+    with what it costs; a message whose chunks are gone, or one of them,
+    is still lost.
+    """
+    _execute(
+        filledURL,
+        f"DELETE FROM bodies WHERE body_id = {_bodyOf(BOB, 1)}",
+        # Bob's second: its record and its chunks gone.
+        f"DELETE FROM body_chunks WHERE body_id = {_bodyOf(BOB, 2)}",
+        f"DELETE FROM bodies WHERE body_id = {_bodyOf(BOB, 2)}",
+    )
+    code, out, err = mailgate(filledURL, "db", "check")
+    assert code == 65, (out, err)
+    assert re.search(
+        rf"messages and their bodies: messages whose body is missing: [^\n]*\n  {re.escape(BOB)}: message uid 2 "
+        r"\(\S+\) has no body\n(?!  )",
+        out,
+    ), out
+    assert re.search(
+        rf"messages and their bodies' records: [^\n]*\n  {re.escape(BOB)}: message uid 1 \(\S+\) has no body "
+        r"record; its content is whole \(\d+ octets\)\n(?!  )",
+        out,
+    ), out
+    assert "chunks and their bodies: ok\n" in out
+    assert err.endswith(": 2 checks found problems: messages and their bodies, messages and their bodies' records\n")
+    # Read whole, by the store's reads that POP3's RETR makes.
+    code, out, err = mailgate(filledURL, "mailbox", "show", BOB, "1")
+    assert (code, out, err) == (0, "Subject: 0\r\n\r\nhello 0\r\n", "")
 
 
 def test_aMessageWhoseSizeIsNotItsBodysIsFoundAndNotHiddenByARecount(filledURL):
@@ -272,7 +322,7 @@ def test_aCheckOnPostgreSQLTakesTheTimeItNeedsNotANodes(filledURL, monkeypatch):
     thread.join(DEADLINE)
     [(code, out, err)] = outcome
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (11 checks)")
+    assert out.splitlines()[-1].endswith(": sound (12 checks)")
 
 
 @pytest.mark.parametrize("databaseURL", ["postgres"], indirect=True)
@@ -298,7 +348,7 @@ def test_aCheckThatOutlastsItsTimeoutSaysWhichAndHowToGiveItLonger(filledURL):
         "within 1 second: give it longer with --timeout SECONDS (0: no limit)\n"
     )
     code, out, err = mailgate(filledURL, "db", "check", "--timeout", "0")
-    assert code == 0 and out.splitlines()[-1].endswith(": sound (11 checks)"), (out, err)
+    assert code == 0 and out.splitlines()[-1].endswith(": sound (12 checks)"), (out, err)
     for bad, why in (("soon", "not a number: 'soon'"), ("-1", "must not be negative"),
                      ("604801", "at most 604800 seconds (0: no limit)")):
         assert mailgate(filledURL, "db", "check", "--timeout", bad) == (64, "", f"mailgate: bad --timeout: {why}\n")
@@ -347,7 +397,7 @@ def test_aCheckWritesNothingAndARoleThatMayOnlyReadRunsIt(filledURL, monkeypatch
             admin.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (11 checks)")
+    assert out.splitlines()[-1].endswith(": sound (12 checks)")
 
 
 def test_aTemporaryFailureThatIsNoTimeoutIsSaidForWhatItIs(tmp_path, monkeypatch):
@@ -405,7 +455,7 @@ def test_aBackupIsCheckedAsItIsAndKeepsItsChecksum(filledURL, tmp_path):
     before = digest(backup)
     code, out, err = mailgate(f"sqlite:///{backup}", "db", "check", "--full")
     assert (code, err) == (0, ""), out
-    assert out.splitlines()[-1].endswith(": sound (12 checks)")
+    assert out.splitlines()[-1].endswith(": sound (13 checks)")
     assert mailgate(f"sqlite:///{backup}", "db", "version")[0] == 0
     assert digest(backup) == before
     assert sorted(p.name for p in backup.parent.iterdir()) == ["backup.sqlite3"]

@@ -118,7 +118,7 @@ def test_aNodeGivenTheStandbyAloneTakesNoMaildropLock(cluster):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    (["db", "check"], "/mail: sound (11 checks)\n"),
+    (["db", "check"], "/mail: sound (12 checks)\n"),
     (["db", "version"], "schema version "),
     (["user", "list"], f"\n{ALICE:<40}        0 "),
     (["mailbox", "list", ALICE], "in use: 0 messages, 0 octets"),

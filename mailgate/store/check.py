@@ -157,15 +157,48 @@ _MESSAGES_WITHOUT_USER = (
     "messages of users that do not exist: nobody can read them, and their storage is not given back",
 )
 
+# Each message whose body's row is missing, with what its body's chunks
+# hold: the octets, how many chunks, the last one's number (one more than
+# their count when none is missing), and the octets its body should have
+# (its size less its copy's own fields).  The chunks are summed for these
+# few messages only, not for every body as the chunk check does.
+_BODY_ROW_MISSING = (
+    "SELECT u.address, x.user_id, x.uid, x.uidl, x.size - x.own AS want, "
+    "(SELECT sum(length(c.data)) FROM body_chunks c WHERE c.owner_id = x.body_owner AND c.body_id = x.body_id) "
+    "AS octets, "
+    "(SELECT count(*) FROM body_chunks c WHERE c.owner_id = x.body_owner AND c.body_id = x.body_id) AS chunks, "
+    "(SELECT max(c.seq) FROM body_chunks c WHERE c.owner_id = x.body_owner AND c.body_id = x.body_id) AS last "
+    "FROM ("
+    "SELECT m.user_id, m.uid, m.uidl, m.body_owner, m.body_id, m.size, coalesce(length(p.prefix), 0) AS own "
+    "FROM maildrop m LEFT JOIN maildrop_prefixes p ON p.user_id = m.user_id AND p.uid = m.uid "
+    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id, size, coalesce(length(prefix), 0) FROM deleted_mail"
+    ") x LEFT JOIN bodies b ON b.owner_id = x.body_owner AND b.body_id = x.body_id "
+    "LEFT JOIN users u ON u.user_id = x.user_id WHERE b.body_id IS NULL"
+)
+_CONTENT_WHOLE = "m.chunks > 0 AND m.chunks = m.last + 1 AND m.octets = m.want"
+
 _MESSAGES_WITHOUT_BODY = (
     "messages and their bodies",
-    "SELECT u.address, x.uid, x.uidl, count(*) OVER () FROM ("
-    "SELECT user_id, uid, uidl, body_owner, body_id FROM maildrop "
-    "UNION ALL SELECT user_id, uid, uidl, body_owner, body_id FROM deleted_mail"
-    ") x LEFT JOIN bodies b ON b.owner_id = x.body_owner AND b.body_id = x.body_id "
-    "LEFT JOIN users u ON u.user_id = x.user_id WHERE b.body_id IS NULL ORDER BY x.user_id, x.uid",
+    f"SELECT m.address, m.uid, m.uidl, count(*) OVER () FROM ({_BODY_ROW_MISSING}) m "
+    f"WHERE NOT ({_CONTENT_WHOLE}) ORDER BY m.user_id, m.uid",
     lambda address, uid, uidl: f"{address}: message uid {uid} ({uidl}) has no body",
     "messages whose body is missing: they cannot be retrieved; restore the database",
+)
+
+_BODY_ROWS_MISSING = (
+    "messages and their bodies' records",
+    f"SELECT m.address, m.uid, m.uidl, m.octets, count(*) OVER () FROM ({_BODY_ROW_MISSING}) m "
+    f"WHERE {_CONTENT_WHOLE} ORDER BY m.user_id, m.uid",
+    lambda address, uid, uidl, octets: (
+        f"{address}: message uid {uid} ({uidl}) has no body record; its content is whole ({octets} octets)"
+    ),
+    # What a salvage (sqlite3 .dump) gives where the bodies' page was
+    # damaged and the chunks' were not: the mail is there, and POP3
+    # serves it.  But db copy copies chunks by their body's record, and a
+    # deletion gives a body's storage back by it.
+    "messages whose body's record is missing while their content is whole: POP3 serves them, but db copy "
+    "leaves their content behind and their storage is never given back once they are deleted; restore the "
+    "database, or have them downloaded first",
 )
 
 _MESSAGE_SIZES = (
@@ -240,7 +273,11 @@ _CHUNKS_WITHOUT_BODY = (
     "SELECT c.owner_id, c.body_id, count(*) OVER () FROM ("
     "SELECT DISTINCT owner_id, body_id FROM body_chunks"
     ") c LEFT JOIN bodies b ON b.owner_id = c.owner_id AND b.body_id = c.body_id "
-    "WHERE b.body_id IS NULL ORDER BY c.owner_id, c.body_id",
+    "WHERE b.body_id IS NULL "
+    # Those a message holds are its content (its body's record missing).
+    "AND NOT EXISTS (SELECT 1 FROM maildrop m WHERE m.body_owner = c.owner_id AND m.body_id = c.body_id) "
+    "AND NOT EXISTS (SELECT 1 FROM deleted_mail d WHERE d.body_owner = c.owner_id AND d.body_id = c.body_id) "
+    "ORDER BY c.owner_id, c.body_id",
     lambda owner, bodyId: f"chunks of body {owner}/{bodyId}, which does not exist",
     "chunks of no body: storage nothing uses",
 )
@@ -278,6 +315,7 @@ INVARIANTS = (
     _USERS_WITHOUT_MAILDROP,
     _MESSAGES_WITHOUT_USER,
     _MESSAGES_WITHOUT_BODY,
+    _BODY_ROWS_MISSING,
     _MESSAGE_SIZES,
     _PREFIXES_WITHOUT_MESSAGE,
     _BODY_REFERENCES,
