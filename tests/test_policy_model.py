@@ -419,10 +419,11 @@ class PolicyModel(RuleBasedStateMachine):
         if key is None or not (slowAfter or banAfter) or model.banned(key, now):
             return
         count = model.count(recipients(key), now, settings.banWindow)
-        # Once the replies wait their longest (or the address is banned),
-        # more are not counted.
+        # Once the replies wait their longest, more are not counted; with
+        # bans, one past a ban that ended bans again (as a failed login
+        # does).
         enough = max(banAfter, slowAfter - 1 + failuresFor(RECIPIENT_DELAY_MAX) if slowAfter else 0)
-        if count >= enough:
+        if count >= enough and not banAfter:
             return
         failure = Failure(recipients(key), None, now)
         model.known.add(failure)

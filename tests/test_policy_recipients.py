@@ -156,6 +156,33 @@ def test_aBanWhenAskedFor():
         policy.stop()
 
 
+def test_aBanThatEndedWithinTheWindowIsMadeAgainByTheNext():
+    """
+    A ban for unknown recipients shorter than the window: once it ends,
+    the next unknown recipient bans the address again, as the next failed
+    login does a login ban.  It was not made again (no more were
+    recorded past the threshold), and the harvester guessed on unbanned
+    until its count left the window.  Found by tests/test_policy_model.py
+    in a longer random search (MAILGATE_MODEL_EXAMPLES=600).
+    """
+    # Not slowed (with slowing, its count is only full once the replies
+    # wait their longest, past the threshold here).
+    policy, store, clock = makePolicy(
+        unknownRecipientSlowAfter=0, unknownRecipientBanAfter=3, banTime=60, banWindow=600
+    )
+    policy.start()
+    try:
+        refuse(policy, times=3)
+        assert policy.isBanned(HARVESTER)
+        clock.advance(61)
+        assert not policy.isBanned(HARVESTER)
+        refuse(policy)
+        assert policy.admit("smtp", HARVESTER) == BANNED
+        assert store.bans[ADDRESS].expires == clock.seconds() + 60
+    finally:
+        policy.stop()
+
+
 def test_theOpenPolicyCountsNothing():
     policy = OpenPolicy()
     policy.unknownRecipient(HARVESTER)

@@ -342,7 +342,11 @@ class ConnectionPolicy:
         makes the address's SMTP error replies wait (L{recipientErrorDelay});
         the C{unknownRecipientBanAfter}th (if set) bans it.  Once an address
         has as many as that takes, no more are recorded: a harvester goes on
-        guessing at no cost to the store.
+        guessing at no cost to the store.  But a ban that ended while they
+        are still within the window (a C{banTime} shorter than the window)
+        is made again by the next, as a login ban is by the next failed
+        login: it was not, and the harvester guessed on unbanned until its
+        count left the window.
         """
         try:
             self._unknownRecipient(self._key(address))
@@ -360,7 +364,7 @@ class ConnectionPolicy:
         now = self._wall()
         count = self.failures.fromAddress(counted, now - settings.banWindow)
         enough = max(banAfter, slowAfter - 1 + failuresToReach(RECIPIENT_DELAY_MAX) if slowAfter else 0)
-        if count >= enough:
+        if count >= enough and not banAfter:
             return
         failure = AuthFailure(secrets.token_hex(8), counted, None, now)
         self.failures.add(failure)
