@@ -5,8 +5,8 @@ C{smtpd_hard_error_limit}, C{smtpd_junk_command_limit}), as README's
 "Errors slow an SMTP client down" states them, in an in-memory SMTP
 session on a clock the test moves.  Hypothesis runs sequences of good
 and bad commands (unknown verbs, commands out of sequence, recipients
-refused as unknown, DATA without a recipient, MAIL without EHLO),
-commands that deliver nothing (EHLO, HELO, NOOP, RSET, VRFY, HELP),
+refused as unknown, DATA without a recipient, MAIL without a hello),
+commands that deliver nothing (the hellos, NOOP, RSET, VRFY, HELP),
 whole transactions, and QUIT, and checks after each:
 
   - an error reply is sent at once while the errors before it are fewer
@@ -34,7 +34,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 from twisted.internet.testing import MemoryReactorClock
 
-from mailgate.testing import SMTPSession, addUser, memoryStore, smtpFactory
+from mailgate.config import MailgateConfig
+from mailgate.service import makeSMTPFactory
+from mailgate.testing import SMTPSession, addUser, memoryStore
 
 from test_pop3_model import MODEL
 
@@ -48,27 +50,29 @@ ALICE = "alice@example.org"
 
 #: commands that deliver nothing: their code, counted as junk
 JUNK_COMMANDS = {
-    "EHLO client.test": "250",
-    "HELO client.test": "250",
     "NOOP": "250",
     "RSET": "250",
     "VRFY alice": "252",
     "HELP": "214",
 }
+#: each protocol's hellos (junk too), and the other's (its errors)
+HELLOS = {"smtp": ["EHLO client.test", "HELO client.test"], "lmtp": ["LHLO client.test"]}
 
 
 class SMTPErrorsModel(RuleBasedStateMachine):
-    def __init__(self, store):
+    def __init__(self, store, config, protocol):
         super().__init__()
         self.store = store
+        self.config = config
+        self.lmtp = protocol == "lmtp"
+        self.hellos = HELLOS[protocol]
+        self.otherHellos = HELLOS["smtp" if self.lmtp else "lmtp"]
         self._connect()
 
     def _connect(self):
         self.clock = MemoryReactorClock()
-        factory = smtpFactory(self.store, clock=self.clock)
-        factory.softErrorLimit = SOFT
-        factory.errorSleepTime = SLEEP
-        self.session = SMTPSession(self.store, clock=self.clock, factory=factory)
+        factory = makeSMTPFactory(self.store, self.config, self.clock, lmtp=self.lmtp)
+        self.session = SMTPSession(self.store, lmtp=self.lmtp, clock=self.clock, factory=factory)
         self.session.protocol.maxBadCommands = HARD
         self.session.protocol.maxJunkCommands = JUNK
         assert self.session.greeting.startswith("220 ")
@@ -104,7 +108,7 @@ class SMTPErrorsModel(RuleBasedStateMachine):
         the soft limit (unless it never C{holds}), and the session closed
         at the hard one; or, if it does not count, refused at once.
         """
-        held = counts and holds and self.errors >= SOFT
+        held = counts and holds and not self.lmtp and self.errors >= SOFT
         out, waited = self._reply(line)
         assert waited == (SLEEP if held else 0), (line, self.errors, out)
         if counts:
@@ -151,11 +155,17 @@ class SMTPErrorsModel(RuleBasedStateMachine):
     # -- errors ----------------------------------------------------------------
 
     @precondition(lambda self: not self.closed)
-    @rule(verb=st.sampled_from(["XYZZY", "MAIL", "RCPT TO <x>"]))
+    @rule(verb=st.sampled_from(["XYZZY", "MAIL", "RCPT TO <x>", "another protocol's hello"]))
     def badCommand(self, verb):
         if verb == "XYZZY":
             self._another()
             self._error(verb, "500")
+        elif verb == "another protocol's hello":
+            # SMTP's LHLO, LMTP's EHLO and HELO: an error, not a hello.
+            self._another()
+            for hello in self.otherHellos:
+                if not self.closed:
+                    self._error(hello, "500")
         elif verb == "MAIL":
             self._another()
             refusedSender = self.hello and not self.mail
@@ -171,14 +181,19 @@ class SMTPErrorsModel(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed and self.mail)
     @rule()
     def unknownRecipient(self):
-        self._error("RCPT TO:<nobody@example.org>", "550")
+        # LMTP: the MTA handing over what it took, not its error; the
+        # lookup was work it asked for (its junk before it forgiven).
+        self._error("RCPT TO:<nobody@example.org>", "550", counts=not self.lmtp)
+        if self.lmtp:
+            self.junk = 0
 
     @precondition(lambda self: not self.closed and self.mail and not self.recipients)
     @rule()
     def dataWithoutRecipient(self):
         # Counted, never held: a client may send its message's text after
         # DATA without waiting, and what follows needs the reply sent.
-        self._error("DATA", "554", holds=False)
+        # LMTP: RFC 2033's 503, not counted (its recipients were refused).
+        self._error("DATA", "503" if self.lmtp else "554", holds=False, counts=not self.lmtp)
 
     @precondition(lambda self: not self.closed and not self.mail)
     @rule()
@@ -194,21 +209,25 @@ class SMTPErrorsModel(RuleBasedStateMachine):
     # -- what delivers nothing ----------------------------------------------------
 
     @precondition(lambda self: not self.closed)
-    @rule(line=st.sampled_from(sorted(JUNK_COMMANDS)))
-    def junkCommand(self, line):
+    @rule(line=st.sampled_from(sorted(JUNK_COMMANDS) + ["hello"]), which=st.integers(0, 1))
+    def junkCommand(self, line, which):
+        if line == "hello":
+            line = self.hellos[which % len(self.hellos)]
+            code = "250"
+        else:
+            code = JUNK_COMMANDS[line]
         self._another()
         out, waited = self._reply(line)
         assert waited == 0, line
         self.junk += 1
-        if line.startswith(("EHLO", "HELO", "RSET")):
-            if line.startswith(("EHLO", "HELO")):
+        if line.startswith(("EHLO", "HELO", "LHLO", "RSET")):
+            if line.startswith(("EHLO", "HELO", "LHLO")):
                 self.hello = True
             self.mail = False
             self.recipients = 0
         if self.junk > JUNK:
             # Counted as an error, its reply already sent.
             self.errors += 1
-        code = JUNK_COMMANDS[line]
         if self.errors >= HARD:
             self._endsAtTheLimit(out, code)
         else:
@@ -231,6 +250,8 @@ class SMTPErrorsModel(RuleBasedStateMachine):
         out, waited = self._reply(f"RCPT TO:<{ALICE}>")
         assert waited == 0 and out.startswith("250 "), out
         self.recipients += 1
+        if self.lmtp:
+            self.junk = 0
 
     @precondition(lambda self: not self.closed and self.recipients)
     @rule()
@@ -238,7 +259,10 @@ class SMTPErrorsModel(RuleBasedStateMachine):
         out, waited = self._reply("DATA")
         assert waited == 0 and out.startswith("354 "), out
         out = self.session.send(b"Subject: model\r\n\r\nhello\r\n.\r\n").decode()
-        assert out.startswith("250 "), out
+        # LMTP: one reply a recipient (RFC 2033), SMTP one.
+        replies = out.splitlines()
+        assert len(replies) == (self.recipients if self.lmtp else 1), out
+        assert all(reply.startswith("250 ") for reply in replies), out
         # A delivered message: a fresh start.
         self.errors = self.junk = 0
         self.mail = False
@@ -273,5 +297,8 @@ def errorsStore():
     store.close()
 
 
-def test_smtpCountsErrorsAsTheModelSays(errorsStore):
-    run_state_machine_as_test(lambda: SMTPErrorsModel(errorsStore), settings=ERRORS_MODEL)
+@pytest.mark.parametrize("protocol", ["smtp", "lmtp"])
+def test_errorsAreCountedAsTheModelSays(errorsStore, protocol):
+    # Set for SMTP, as an administrator would: LMTP must not take them.
+    config = MailgateConfig(database="sqlite:///unused.sqlite3", smtpSoftErrorLimit=SOFT, smtpErrorSleepTime=SLEEP)
+    run_state_machine_as_test(lambda: SMTPErrorsModel(errorsStore, config, protocol), settings=ERRORS_MODEL)
