@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
+from certs import makeCertificate
 from conftest import _requirePostgres, withSchema
 from e2e import DEADLINE, MAILGATE, AdminCommand, ServerStarter, pop, runCommand, waitFor
 from e2e import mailgateHere as mailgate
@@ -692,11 +693,67 @@ def test_aMissingRootCertificateIsAConfigurationError(monkeypatch, tmp_path):
     )
     monkeypatch.setenv("PGSSLROOTCERT", str(missing))
     assert f"PGSSLROOTCERT in the environment; sslrootcert '{missing}' does not exist" in parameterProblem(base)
-    missing.write_text("a CA certificate\n")
+    certificate, _ = makeCertificate(tmp_path, "db.internal")
+    missing.write_bytes(certificate.read_bytes())
     assert parameterProblem(base) is None
     monkeypatch.delenv("PGSSLROOTCERT")
     default.parent.mkdir()
-    default.write_text("a CA certificate\n")
+    default.write_bytes(certificate.read_bytes())
     assert parameterProblem(base) is None
     for fine in ("sslmode=require&sslrootcert=/nonexistent", "sslmode=verify-full&sslrootcert=system"):
         assert parameterProblem(f"postgresql://mailgate@db.internal/mail?{fine}") is None
+
+
+def test_anUnusableRootCertificateIsAConfigurationError(monkeypatch, tmp_path):
+    """
+    A root certificate file that exists but that libpq cannot load, a
+    directory, a file holding no certificate (the server's key given by
+    mistake), or one the user running mailgate may not read (installed
+    mode 600 as root, the service running as mailgate): refused before
+    connecting, exit 78, saying which and why.  libpq said each as it
+    says an unreachable server ("could not read root certificate file
+    ...: no certificate or crl found", and for the unreadable one no
+    reason at all), exit 75, and the systemd unit restarted the node every
+    two seconds for ever.  A real CA file is no problem (the test above).
+    """
+    from mailgate.store import pgurl
+
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    base = "postgresql://mailgate@db.internal/mail?sslmode=verify-full&sslrootcert="
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    key = tmp_path / "db.internal.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbBbB\n-----END PRIVATE KEY-----\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    lead = "unusable root certificate file: sslmode verify-full checks the server's certificate against one, and sslrootcert"
+    assert pgurl.parameterProblem(base + str(directory)) == (
+        f"{lead} '{directory}' is a directory (sslrootcert names a file of PEM certificates)"
+    )
+    for holdsNone in (key, empty):
+        assert pgurl.parameterProblem(base + str(holdsNone)) == (
+            f"{lead} '{holdsNone}' holds no certificate (a file of PEM certificates: -----BEGIN CERTIFICATE-----)"
+        )
+
+    # Root reads any file: the refusal a service's user meets is made here.
+    certificate, _ = makeCertificate(tmp_path, "db.internal")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pgurl.ssl.SSLContext, "load_verify_locations", refused)
+    monkeypatch.setattr(pgurl.os, "geteuid", lambda: 0)
+    assert pgurl.parameterProblem(base + str(certificate)) == (
+        f"{lead} '{certificate}' may not be read by the user running mailgate, root (Permission denied)"
+    )
+
+    # The command and the server's start say it so, exit 78.
+    monkeypatch.undo()
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    url = "postgresql://mailgate@127.0.0.1:9/mail?sslmode=verify-full&sslrootcert=" + str(key)
+    status, _, err = mailgate(url, "user", "list")
+    assert status == EX_CONFIG, err
+    assert f"sslrootcert '{key}' holds no certificate" in err, err

@@ -13,6 +13,7 @@ seconds for ever, where nothing but the URL can change.
 
 import os
 import re
+import ssl
 from urllib.parse import parse_qsl, urlsplit
 
 from psycopg import Error
@@ -88,19 +89,23 @@ def parameterProblem(conninfo):
         if value is not None and _integer(value) is None:
             return f"invalid {name} {value!r} (a whole number)"
     if not service and parameters.get("sslmode") in VERIFYING:
-        return _missingRootCertificate(parameters, given)
+        return _unusableRootCertificate(parameters, given)
     return None
 
 
-def _missingRootCertificate(parameters, given):
+def _unusableRootCertificate(parameters, given):
     """
     What libpq would say of a root certificate file that does not exist,
-    with an C{sslmode} that checks the server's certificate against it
-    (C{sslrootcert}, else C{~/.postgresql/root.crt} of the user running
-    mailgate), or C{None}.  libpq says it before connecting, in the
-    words of any failure to connect: a node whose URL names a CA file
-    not installed (or not where the user running it looks) exited 75,
-    and the systemd unit started it again every two seconds for ever.
+    or that it cannot use, with an C{sslmode} that checks the server's
+    certificate against it (C{sslrootcert}, else
+    C{~/.postgresql/root.crt} of the user running mailgate), or C{None}.
+    libpq says it before connecting, in the words of any failure to
+    connect: a node whose URL names a CA file not installed (or not where
+    the user running it looks) exited 75, and the systemd unit started it
+    again every two seconds for ever.  So did one the service's user may
+    not read (installed mode 600 as root: libpq's words then end with
+    "could not read root certificate file ...:" and no reason), a
+    directory, or a file without a certificate (the key, say).
     """
     path = parameters.get("sslrootcert")
     if path is None:
@@ -111,12 +116,39 @@ def _missingRootCertificate(parameters, given):
         return None
     else:
         where = f"{given.get('sslrootcert', '')}sslrootcert {path!r}"
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return (
+            f"no root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
+            f"against one, and {where} does not exist"
+        )
+    problem = _rootCertificateProblem(path)
+    if problem is None:
         return None
     return (
-        f"no root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
-        f"against one, and {where} does not exist"
+        f"unusable root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
+        f"against one, and {where} {problem}"
     )
+
+
+def _rootCertificateProblem(path):
+    """
+    Why libpq could not load the root certificates in the file C{path},
+    which exists, or C{None}.  It is read as libpq reads it, by OpenSSL's
+    C{load_verify_locations}: PEM certificates (or CRLs), at least one.
+    """
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except IsADirectoryError:
+        return "is a directory (sslrootcert names a file of PEM certificates)"
+    except PermissionError as e:
+        from mailgate.config import ownerName
+
+        return f"may not be read by the user running mailgate, {ownerName(os.geteuid())} ({e.strerror})"
+    except ssl.SSLError:
+        return "holds no certificate (a file of PEM certificates: -----BEGIN CERTIFICATE-----)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
 
 
 #: the white space C's isspace() skips, as libpq's number parsing does
