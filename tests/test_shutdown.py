@@ -121,9 +121,16 @@ def test_aSessionStillOpenWhenTheGraceEndsIsClosedWithoutDeleting(server):
     assert waiting.transport.value() == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert waiting.disconnected
     gone(waiting)
-    assert s.advance(29) == b""
-    assert s.advance(1) == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
+    with capturedLogs() as events:
+        assert s.advance(29) == b""
+        assert s.advance(1) == b"-ERR [SYS/TEMP] service temporarily unavailable: server shutting down; try again later\r\n"
     assert s.disconnected
+    # The administrator is warned that the grace cut a session (its own
+    # end line says "shutdown" alone, at info).
+    assert [(e["log_level"].name, formatEvent(e)) for e in events if e.get("event") == "session.shutdown"] == [
+        ("warn", "shutdown: 1 session still open when its 30 seconds of grace ran out: closed (a logged-in POP3 "
+         "session without applying its deletions)")
+    ]
     assert not fired(done)
     gone(s)
     assert fired(done)

@@ -146,10 +146,23 @@ class SessionTracker:
         if not self._sessions:
             self._finished()
             return d
-        self._calls.append(self._clock.callLater(grace, self._graceOver))
+        self._calls.append(self._clock.callLater(grace, self._graceOver, grace))
         return d
 
-    def _graceOver(self):
+    def _graceOver(self, grace):
+        # The sessions the grace ends (a POP3 session's deletions not
+        # applied, a message still arriving not stored) are said, as a
+        # warning: each one's own end line says "shutdown" alone, at info.
+        cut = sum(1 for session in self._sessions if not session.closed)
+        if cut:
+            self.log.warn(
+                f"shutdown: {{count}} {noun(cut, 'session')} still open when {noun(cut, 'its', 'their')} "
+                f"{{grace}} {noun(grace, 'second')} of grace ran out: closed (a logged-in POP3 session without "
+                f"applying its deletions)",
+                count=cut,
+                grace=grace,
+                event="session.shutdown",
+            )
         for session in list(self._sessions):
             session.graceExpired()
         if self._sessions:
