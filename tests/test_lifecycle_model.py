@@ -191,6 +191,19 @@ class LifecycleModel(POP3Model):
             self.listing[number - 1][1] = True
         self.quit()
 
+    @precondition(lambda self: self.session is None and self.disabled is None)
+    @rule(count=st.integers(1, 2), days=st.sampled_from([2.5, 3.5]))
+    def deletedMailIsRecoveredDaysLater(self, count, days):
+        """
+        A client deletes, and its user asks for the mail back days later,
+        just within the days it is kept or just past them, the task
+        having run between: the one sequence that tells a purge a day
+        early (or late) from the right one, too long for the rules above
+        to reach often.
+        """
+        self.aClientDeletesItsFirstMessages(count)
+        self.aDayOfRetention(days, restore=True)
+
     @precondition(lambda self: self.session is None)
     @rule()
     def retentionRunsAndAUserLogsIn(self):
