@@ -16,7 +16,7 @@ from twisted.logger import formatEvent
 from e2e import BoundPOP3, mailgate_cli, mailgate_server, sqliteOnly  # noqa: F401 (fixtures)
 from mailgate.session import TraceSelection
 from mailgate.session.trace import LINE_LIMIT, replyLine
-from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, smtpFactory
+from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore, pop3Factory, resultOf, smtpFactory
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -412,6 +412,41 @@ def test_anLMTPSessionIsTracedFromARecipientOnDebugUser(store, alice, logEvents)
     assert lines[1].startswith("S: 250 2.1.5 ")
     assert lines[2:4] == ["C: DATA", lines[3]] and lines[3].startswith("S: 354 ")
     assert lines[4].startswith(f"S: 250 2.0.0 <{detail}> delivered as ")
+    neverShown(logEvents, "secret body", "private")
+
+
+def test_anSMTPSessionIsTracedFromARecipientThatIsAnAliasOfTheUser(store, alice, logEvents):
+    """
+    Mail to an alias of a user of --debug-user is the user's: the session
+    is traced from that RCPT's reply on (the alias is known only once
+    looked up), naming both.  It was not traced at all: the trace
+    compared the address the client gave with the user's alone.  An
+    alias of another user is not traced.
+    """
+    resultOf(store.addAlias("info@example.org", ALICE))
+    resultOf(store.addAlias("sales@example.org", BOB))
+    clock = Clock()
+    factory = smtpFactory(store, clock, hostname="mailgate.test")
+    factory.trace = TraceSelection(users=[ALICE])
+    other = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    other.command("EHLO mta.test")
+    other.command("MAIL FROM:<sender@remote.test>")
+    assert other.command("RCPT TO:<sales@example.org>").startswith("250")
+    assert traced(logEvents) == []
+    s = SMTPSession(store, clock=clock, factory=factory, peer=CLIENT)
+    s.command("EHLO mta.test")
+    s.command("MAIL FROM:<sender@remote.test>")
+    assert s.command("RCPT TO:<info@example.org>").startswith("250")
+    s.command("DATA")
+    assert s.send(BODY + b".\r\n").startswith(b"250 ")
+    lines = traced(logEvents)
+    assert lines[:4] == [
+        f"started: RCPT TO:<info@example.org>, an alias of {ALICE}, on --debug-user",
+        "S: 250 2.1.5 recipient <info@example.org> OK",
+        "C: DATA",
+        "S: 354 End data with <CR><LF>.<CR><LF>",
+    ]
+    assert lines[4].startswith("S: 250 2.0.0 ")
     neverShown(logEvents, "secret body", "private")
 
 

@@ -1224,6 +1224,12 @@ class SMTPServer(CommandSession):
         def accepted(address):
             self._tally["recipients"] += 1
             self._lookedUp()
+            if trace and not self.traced and address != mailbox and trace.user(address):
+                # An alias of a user of --debug-user: the mail is the
+                # user's, known only now that it was looked up.
+                startTrace(
+                    self, f"RCPT TO:<{shownInTrace(mailbox)}>, an alias of {shownInTrace(address)}, on --debug-user"
+                )
             if self._envelope is envelope:
                 envelope.recipients.append(address)
                 envelope.forwardPaths.append(forwardPath(mailbox, address))
@@ -1285,7 +1291,8 @@ class SMTPServer(CommandSession):
         """
         Trace the session from a RCPT that names a user of --debug-user
         (by the whole address, or the user it names with a detail): what
-        becomes of that user's mail is then in the log.
+        becomes of that user's mail is then in the log.  (One naming an
+        alias of the user is traced once looked up, from its reply on.)
         """
         withoutDetail = getattr(self.factory.delivery, "withoutDetail", None)
         user = withoutDetail(mailbox) if withoutDetail is not None else None
