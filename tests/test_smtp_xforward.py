@@ -192,6 +192,13 @@ def test_refusedInATransaction(alice):
         ("COLOUR=blue", "bad XFORWARD attribute name: COLOUR"),
         ("ADDR=192.0.2.300", "bad ADDR syntax: 192.0.2.300"),
         ("ADDR=IPV6:192.0.2.7x", "bad ADDR syntax: IPV6:192.0.2.7x"),
+        # A zone: any octets after its "%", a line break into the Received
+        # field and the log (xtext's +0D+0A) among them.
+        ("ADDR=IPV6:fe80::1%eth0", "bad ADDR syntax: IPV6:fe80::1%eth0 (an address without a %zone)"),
+        (
+            "ADDR=IPV6:fe80::1%+0D+0AX-Injected:+20yes",
+            "bad ADDR syntax: IPV6:fe80::1%??X-Injected: yes (an address without a %zone)",
+        ),
         ("PORT=65536", "bad PORT syntax: 65536"),
         ("PORT=-1", "bad PORT syntax: -1"),
         ("SOURCE=NEARBY", "bad SOURCE syntax: NEARBY (LOCAL or REMOTE)"),
@@ -311,6 +318,7 @@ def test_xclientOfUnavailableAddressKeepsTheAddress(alice):
     [
         ("", "syntax: XCLIENT attribute=value ..."),
         ("ADDR=not-an-address", "bad ADDR syntax: not-an-address"),
+        ("ADDR=fe80::1%+0D+0A", "bad ADDR syntax: fe80::1%?? (an address without a %zone)"),
         ("ADDR=192.0.2.7 PORT=x", "bad PORT syntax: x"),
         ("ADDR", "attribute=value expected, not ADDR"),
         ("COLOUR=blue", "bad XCLIENT attribute name: COLOUR"),

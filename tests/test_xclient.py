@@ -158,6 +158,11 @@ def counted(session):
             "refused_syntax",
         ),
         (
+            # A zone: an interface of the proxy's machine, never the client's.
+            PROXY, (), "XCLIENT ADDR=fe80::1%eth0 PORT=5",
+            "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n", "refused_syntax",
+        ),
+        (
             PROXY, (), "XCLIENT ADDR=192.0.2.7 PORT=70000",
             "-ERR XCLIENT needs ADDR=IP-ADDRESS (and PORT=NUMBER)\r\n", "refused_syntax",
         ),

@@ -259,7 +259,10 @@ class AuthorizationCommands:
             name, _, value = item.partition("=")
             fields[name.upper()] = value
         try:
-            ip = ipaddress.ip_address(fields.get("ADDR", ""))
+            # Not with a zone (fe80::1%eth0): Python takes whatever text
+            # follows the "%" into the address, which becomes the session's
+            # peer in the log and the policy; Dovecot's proxy never sends one.
+            ip = ipaddress.ip_address(fields.get("ADDR", "").replace("%", "/"))
             port = int(fields.get("PORT", "0"))
         except ValueError:
             ip = None

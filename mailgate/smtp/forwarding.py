@@ -133,6 +133,12 @@ def _address(value):
     Postfix's C{IPV6:} prefix (Dovecot's LMTP proxy leaves it off).
     """
     text = value[5:] if value[:5].upper() == "IPV6:" else value
+    # Not with a zone (fe80::1%eth0), which Python takes with any octets
+    # after the "%" (xtext's +0D+0A a line break into the Received field
+    # and the log): it names an interface of the sending machine, never
+    # the client, and Postfix's inet_ntop never writes one.
+    if "%" in text:
+        raise ForwardingSyntaxError(f"bad ADDR syntax: {printable(value[:64])} (an address without a %zone)")
     try:
         return unmapped(ipaddress.ip_address(text))
     except ValueError:
