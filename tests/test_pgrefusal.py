@@ -115,7 +115,11 @@ REFUSALS = {
     "unknown role": (_unknownRole, EX_CONFIG, "a configuration error (SQLSTATE 28P01): "),
     "unknown database": (_unknownDatabase, EX_CONFIG, "a configuration error (SQLSTATE 3D000): "),
     "role that may not log in": (_mayNotLogIn, EX_CONFIG, "a configuration error (SQLSTATE 28000): "),
-    "no password": (_noPassword, EX_CONFIG, "the server asks for a password and the database URL gives none"),
+    "no password": (
+        _noPassword, EX_CONFIG,
+        "the server asks for a password and neither the database URL nor a password file gives one "
+        "(PGPASSFILE's password file ",
+    ),
     "no connection slot": (_noConnectionSlot, EX_TEMPFAIL, "temporary failure, try again: "),
     "server down": (_serverDown, EX_TEMPFAIL, "temporary failure, try again: "),
 }
@@ -186,6 +190,49 @@ def test_theCommandSaysWhetherToFixOrToRetry(case, roles):
     code_, out, err = mailgate(url, "user", "list")
     assert (code_, out) == (code, ""), err
     assertOneLine(err, expected, url)
+
+
+def test_aMissingPasswordSaysWhyThePasswordFileGaveNone(roles, monkeypatch, tmp_path):
+    """
+    README has the nodes' password in the C{~/.pgpass} of the user they run
+    as, mode 600.  Where libpq found none there, the refusal said "the
+    database URL gives none" alone, which sends the reader to put it in the
+    URL; it says what became of the file: not there, ignored (others may
+    read it: libpq skips it, with a warning of its own on standard error),
+    or without a line for the connection.  Exit 78 in each case.
+    """
+    url = _noPassword(roles)
+    parts = urlsplit(url)
+    passfile = tmp_path / "pgpass"
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    lead = "the server asks for a password and neither the database URL nor a password file gives one"
+
+    code, out, err = mailgate(url, "user", "list")
+    assert code == EX_CONFIG, err
+    assertOneLine(err, f"{lead} (PGPASSFILE's password file {passfile} does not exist)", url)
+
+    passfile.write_text(f"{parts.hostname}:{parts.port or 5432}:*:{parts.username}:pw-needed\n")
+    passfile.chmod(0o644)
+    code, out, err = mailgate(url, "user", "list")
+    assert code == EX_CONFIG, err
+    assertOneLine(err, f"{lead} (PGPASSFILE's password file {passfile} is ignored by libpq, as others may read it: chmod 600 it)", url)
+
+    passfile.write_text(f"{parts.hostname}:{parts.port or 5432}:*:someone_else:pw-needed\n")
+    passfile.chmod(0o600)
+    code, out, err = mailgate(url, "user", "list")
+    assert code == EX_CONFIG, err
+    assertOneLine(err, f"{lead} (PGPASSFILE's password file {passfile} has no line for this server, port, database and user)", url)
+
+    # The file libpq reads without PGPASSFILE: the ~/.pgpass of the user
+    # running mailgate (the unit's, /var/lib/mailgate/.pgpass), or the URL's.
+    from mailgate.store.pgrefusal import passwordFileProblem
+
+    monkeypatch.delenv("PGPASSFILE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert passwordFileProblem(url) == f"the password file {tmp_path / 'home' / '.pgpass'} does not exist"
+    assert passwordFileProblem(f"{url}?passfile={passfile}") == (
+        f"the URL's passfile {passfile} has no line for this server, port, database and user"
+    )
 
 
 def test_aURLParameterLibpqDoesNotKnowIsAConfigurationError():

@@ -37,6 +37,7 @@ that does not verify) is taken as temporary, as before.
 import os
 import re
 import select
+import stat
 import tempfile
 import threading
 import time
@@ -63,7 +64,7 @@ _HINTS = {
 }
 _DEFAULT_HINT = "correct the database URL or the server's configuration"
 
-_NO_PASSWORD = "the server asks for a password and the database URL gives none"
+_NO_PASSWORD = "the server asks for a password and neither the database URL nor a password file gives one"
 _NO_TLS = "the database URL requires TLS (sslmode) and the server does not offer it"
 
 _ERROR_CODE = re.compile(rb'\tErrorResponse\t.*? C "([0-9A-Z]{5})"')
@@ -105,7 +106,49 @@ def connectionFailure(where, conninfo, reason, pgconn=None, timedOut=False, time
         verdict = _cachedVerdict(reason, conninfo, timeout)
     if verdict is None:
         return TemporaryFailure(message)
+    if verdict is _NO_PASSWORD:
+        verdict = f"{verdict} ({passwordFileProblem(conninfo)})"
     return DatabaseRefused(f"{message}; {verdict}")
+
+
+def passwordFileProblem(conninfo):
+    """
+    Why the password file libpq read for C{conninfo} gave no password, in
+    words: where the administrator put it (README: the C{~/.pgpass} of
+    the user the node runs as, mode 600) is not where libpq looked, libpq
+    ignored it, or it has no line for the connection.  The refusal said
+    "the database URL gives none" alone, which sent the reader to put the
+    password in the URL.  Only the file's name, mode and owner are read
+    here, never its lines.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    from mailgate.config import ownerName
+
+    try:
+        given = conninfo_to_dict(conninfo).get("passfile")
+    except Exception:
+        given = None
+    if given:
+        which, path = "the URL's passfile", given
+    elif os.environ.get("PGPASSFILE"):
+        which, path = "PGPASSFILE's password file", os.environ["PGPASSFILE"]
+    else:
+        which = "the password file"
+        path = os.path.join(os.path.expanduser("~"), ".pgpass")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{which} {path} does not exist"
+    except OSError as e:
+        return f"{which} {path} cannot be read ({e.strerror})"
+    if not stat.S_ISREG(mode):
+        return f"{which} {path} is not a file"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{which} {path} is ignored by libpq, as others may read it: chmod 600 it"
+    if not os.access(path, os.R_OK):
+        return f"{which} {path} may not be read by the user running mailgate, {ownerName(os.geteuid())}"
+    return f"{which} {path} has no line for this server, port, database and user"
 
 
 def _cachedVerdict(reason, conninfo, timeout):
