@@ -313,6 +313,29 @@ def test_aDebugUserIsTracedOnceNamed(store, alice, logEvents):
     assert traced(logEvents) == []
 
 
+def test_aMasterUsersLoginToADebugUserIsTracedFromItsUSER(store, alice, logEvents):
+    """
+    With --master-user-separator, USER alice@example.org*admin names
+    alice's maildrop: traced from that USER, as alice's own USER is, so
+    that a helpdesk's login that fails shows too.  It was traced only
+    once logged in: a failing one not at all.  Another user's is not.
+    """
+    s = pop3(store, users=[ALICE])
+    s.factory.masterUserSeparator = "*"
+    s.command(f"USER {BOB}*admin")
+    assert traced(logEvents) == []
+    assert s.command(f"USER {ALICE}*admin") == "+OK send PASS\r\n"
+    assert s.command("PASS not-the-masters-password").startswith("-ERR [AUTH] ")
+    lines = traced(logEvents)
+    assert lines[:3] == [
+        f"started: USER {ALICE}*admin, on --debug-user",
+        "S: +OK send PASS",
+        "C: PASS <password>",
+    ]
+    assert lines[3].startswith("S: -ERR [AUTH] ")
+    neverShown(logEvents, "not-the-masters-password")
+
+
 def test_aDebugUserLoggingInWithoutUSERIsTracedFromItsLogin(store, alice, logEvents):
     s = pop3(store, users=[ALICE])
     digest = hashlib.md5(f"{s.challenge}{PASSWORD}".encode()).hexdigest()

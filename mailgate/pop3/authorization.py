@@ -169,9 +169,26 @@ class AuthorizationCommands:
 
     def _traceIfListed(self, name, loggedIn):
         trace = self.factory.trace
-        if trace and not self.traced and trace.user(name):
+        if not trace or self.traced:
+            return
+        # USER alice@example.org*admin (--master-user-separator) names
+        # alice, as a master user's login to her maildrop: traced from it,
+        # not only once it succeeded, so that a failing one shows too.
+        masterLogin = None if loggedIn else self._masterLoginTarget(name)
+        if trace.user(name) or (masterLogin is not None and trace.user(masterLogin)):
             how = f"logged in as {name}" if loggedIn else f"USER {shownInTrace(name)}"
             startTrace(self, f"{how}, on --debug-user")
+
+    def _masterLoginTarget(self, name):
+        """
+        The user a name given to C{USER} is a master user's login to
+        (C{USER*MASTER}, cut as L{passwordCredentials} cuts it), or C{None}.
+        """
+        separator = self.factory.masterUserSeparator
+        if not separator:
+            return None
+        user, cut, master = name.rpartition(separator)
+        return user if cut and user and master else None
 
     # -- USER/PASS and APOP --------------------------------------------------
 
