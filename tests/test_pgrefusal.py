@@ -761,7 +761,9 @@ def test_anUnusableRootCertificateIsAConfigurationError(monkeypatch, tmp_path):
     says an unreachable server ("could not read root certificate file
     ...: no certificate or crl found", and for the unreadable one no
     reason at all), exit 75, and the systemd unit restarted the node every
-    two seconds for ever.  A real CA file is no problem (the test above).
+    two seconds for ever.  So does sslmode=require, which checks against
+    the file where there is one.  A real CA file is no problem (the test
+    above), nor one missing with require.
     """
     from mailgate.store import pgurl
 
@@ -783,6 +785,14 @@ def test_anUnusableRootCertificateIsAConfigurationError(monkeypatch, tmp_path):
         assert pgurl.parameterProblem(base + str(holdsNone)) == (
             f"{lead} '{holdsNone}' holds no certificate (a file of PEM certificates: -----BEGIN CERTIFICATE-----)"
         )
+    # sslmode=require checks the certificate against the file where there
+    # is one: libpq refuses one it cannot read as verify-full does.
+    required = base.replace("verify-full", "require")
+    assert pgurl.parameterProblem(required + str(key)) == (
+        "unusable root certificate file: sslmode require checks the server's certificate against one where "
+        f"there is one, and sslrootcert '{key}' holds no certificate (a file of PEM certificates: "
+        "-----BEGIN CERTIFICATE-----)"
+    )
 
     # Root reads any file: the refusal a service's user meets is made here.
     certificate, _ = makeCertificate(tmp_path, "db.internal")

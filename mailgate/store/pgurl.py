@@ -88,7 +88,7 @@ def parameterProblem(conninfo):
         value = parameters.get(name)
         if value is not None and _integer(value) is None:
             return f"invalid {name} {value!r} (a whole number)"
-    if not service and parameters.get("sslmode") in VERIFYING:
+    if not service and parameters.get("sslmode") in VERIFYING + ("require",):
         return _unusableRootCertificate(parameters, given)
     return None
 
@@ -98,7 +98,8 @@ def _unusableRootCertificate(parameters, given):
     What libpq would say of a root certificate file that does not exist,
     or that it cannot use, with an C{sslmode} that checks the server's
     certificate against it (C{sslrootcert}, else
-    C{~/.postgresql/root.crt} of the user running mailgate), or C{None}.
+    C{~/.postgresql/root.crt} of the user running mailgate; C{require}
+    checks against the file only where there is one), or C{None}.
     libpq says it before connecting, in the words of any failure to
     connect: a node whose URL names a CA file not installed (or not where
     the user running it looks) exited 75, and the systemd unit started it
@@ -116,18 +117,20 @@ def _unusableRootCertificate(parameters, given):
         return None
     else:
         where = f"{given.get('sslrootcert', '')}sslrootcert {path!r}"
+    mode = parameters["sslmode"]
     if not os.path.exists(path):
+        if mode not in VERIFYING:
+            # require checks the certificate only against a file there is.
+            return None
         return (
-            f"no root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
+            f"no root certificate file: sslmode {mode} checks the server's certificate "
             f"against one, and {where} does not exist"
         )
     problem = _rootCertificateProblem(path)
     if problem is None:
         return None
-    return (
-        f"unusable root certificate file: sslmode {parameters['sslmode']} checks the server's certificate "
-        f"against one, and {where} {problem}"
-    )
+    against = "against one" if mode in VERIFYING else "against one where there is one"
+    return f"unusable root certificate file: sslmode {mode} checks the server's certificate {against}, and {where} {problem}"
 
 
 def _rootCertificateProblem(path):
