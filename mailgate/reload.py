@@ -374,6 +374,7 @@ def _reloadTokens(service, new=None):
         return
     service.tokens.adopt(new)
     service.log.info("oauth2 keys reloaded: {count} keys", count=len(new.keys), event="oauth2.reloaded")
+    _warnOfKeyFiles(service.tokens, service.log)
 
 
 def _rename(service, name):
@@ -487,4 +488,14 @@ def reloadTokenKeys(tokens, log):
                   event="oauth2.reload_failed")
         return False
     log.info("oauth2 keys reloaded: {count} keys", count=len(tokens.keys), event="oauth2.reloaded")
+    _warnOfKeyFiles(tokens, log)
     return None
+
+
+def _warnOfKeyFiles(tokens, log):
+    """
+    Warn, after each reload as at the start, of an OAuth 2.0 key file that
+    others than its owner may replace (L{mailgate.auth.oauth.keyFileWarning}).
+    """
+    for warning in tokens.keyWarnings:
+        log.warn("{warning}", warning=warning, event="oauth2.key_permissions")

@@ -1592,6 +1592,8 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
             )
             root.tokens = tokens
             if tokens is not None:
+                for warning in tokens.keyWarnings:
+                    root.startupWarnings.append(("oauth2.key_permissions", warning))
                 # Read again at each SIGHUP: by reloadConfig, after the
                 # file, where it reads one (L{mailgate.reload._reloadTokens}).
                 root.onHangup(lambda: None if root.readsConfiguration() else reloadTokenKeys(tokens, root.log))

@@ -7,6 +7,7 @@ clients see them, without sockets, against a real SQLite store.
 
 import base64
 import json
+import os
 import time
 
 import pytest
@@ -451,3 +452,58 @@ def test_keysThatVerifyNoAcceptedAlgorithmAreRefused(keys, tmp_path):
     with pytest.raises(ConfigurationError, match="verifies any oauth2-algorithm"):
         validator.reload()
     assert validator.validate(keys.token(kid=None).encode()) == ALICE
+
+
+# -- the key files' permissions ---------------------------------------------------
+
+
+def test_aKeyFileOthersMayReplaceIsWarnedOfAtTheStartAndAtEachReload(keyFiles, tmp_path):
+    """
+    An oauth2-keys file others than its owner may write is warned of
+    (C{oauth2.key_permissions}), at the start and after each reload, as a
+    TLS private key others may replace is: its keys are public, but
+    whoever may write it may put a key of their own in it and, from the
+    next reload (logrotate's SIGHUP), sign tokens that log in as any
+    user.  Every user may read it all the same.
+    """
+    from twisted.logger import Logger
+
+    from mailgate.reload import reloadTokenKeys
+    from mailgate.service import MailgateConfig, makeService
+
+    from iterated import IteratedReactor
+
+    jwks, pem = keyFiles
+    os.chmod(jwks, 0o666)
+    os.chmod(pem, 0o644)
+    config = MailgateConfig(
+        database=f"sqlite:///{tmp_path}/mail.sqlite3", pop3=["tcp:0:interface=127.0.0.1"],
+        oauth2Keys=keyFiles, oauth2Issuers=[ISSUER], oauth2Audiences=[AUDIENCE],
+    )
+    reactor = IteratedReactor()
+    try:
+        service = makeService(config, reactor=reactor)
+        service.store.engine.releaseServer()
+    finally:
+        reactor.close()
+    warning = (
+        f"the OAuth 2.0 key file {jwks} may be replaced by others than its owner (mode 0666), "
+        "who could put a key of their own in it and log in as any user: chmod go-w it"
+    )
+    assert [text for event, text in service.startupWarnings if event == "oauth2.key_permissions"] == [warning]
+
+    events = []
+    log = Logger(observer=events.append)
+    assert reloadTokenKeys(service.tokens, log) is None
+    assert [formatEvent(e) for e in events if e["event"] == "oauth2.key_permissions"] == [warning]
+    os.chmod(jwks, 0o620)
+    del events[:]
+    reloadTokenKeys(service.tokens, log)
+    assert [formatEvent(e) for e in events if e["event"] == "oauth2.key_permissions"] == [
+        warning.replace("0666", "0620")
+    ]
+    # Made right: nothing more is said.
+    os.chmod(jwks, 0o644)
+    del events[:]
+    reloadTokenKeys(service.tokens, log)
+    assert [e for e in events if e["event"] == "oauth2.key_permissions"] == []

@@ -21,6 +21,8 @@ ever logged.
 
 import json
 import math
+import os
+import stat
 import time
 
 import attr
@@ -207,6 +209,28 @@ def loadSigningKeys(paths):
     return keys
 
 
+def keyFileWarning(path):
+    """
+    What to warn of, if anything, in who may change the oauth2-keys file
+    C{path}: others than its owner may write it.  Its keys are public
+    (every user may read them), but whoever may write the file may put a
+    key of their own in it, and from the next reload (a SIGHUP, such as
+    logrotate's) sign tokens that log in as any user.  Warned of, not
+    refused, as a TLS private key others may replace is
+    (L{mailgate.tls.keyFileWarning}).
+    """
+    try:
+        permissions = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if permissions & 0o022:
+        return (
+            f"the OAuth 2.0 key file {path} may be replaced by others than its owner (mode {permissions:04o}), "
+            f"who could put a key of their own in it and log in as any user: chmod go-w it"
+        )
+    return None
+
+
 class TokenValidator:
     """
     Validates JWT access tokens against the configured keys and claims.
@@ -219,6 +243,8 @@ class TokenValidator:
     @param leeway: seconds of clock skew allowed on C{exp}, C{nbf}, C{iat}.
     @param usernameClaim: the claim naming the user.
     @param clock: seconds since the epoch (tests give their own).
+    @ivar keyWarnings: the warnings of L{keyFileWarning} for the key
+        files, as last read.
     """
 
     def __init__(self, keyFiles, issuers, audiences, algorithms=DEFAULT_ALGORITHMS, leeway=60,
@@ -257,6 +283,7 @@ class TokenValidator:
         self._keyFiles, self._issuers, self._audiences = other._keyFiles, other._issuers, other._audiences
         self._algorithms, self._leeway, self._claim = other._algorithms, other._leeway, other._claim
         self.keys = other.keys
+        self.keyWarnings = other.keyWarnings
 
     def _usableKeys(self):
         """
@@ -272,6 +299,7 @@ class TokenValidator:
                 f"oauth2-keys: no key in {', '.join(self._keyFiles)} verifies any oauth2-algorithm accepted "
                 f"({', '.join(self._algorithms)})"
             )
+        self.keyWarnings = [warning for warning in map(keyFileWarning, self._keyFiles) if warning]
         return keys
 
     def validate(self, token):
