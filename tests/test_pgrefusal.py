@@ -192,6 +192,52 @@ def test_theCommandSaysWhetherToFixOrToRetry(case, roles):
     assertOneLine(err, expected, url)
 
 
+def test_anUnusableClientKeyIsAConfigurationError(monkeypatch, tmp_path):
+    """
+    A client certificate libpq sends (sslcert, else
+    ~/.postgresql/postgresql.crt, where it exists) whose private key is
+    missing or may be read by others: libpq refuses to connect with it
+    (a root-owned key may be 0640, any other 0600), and said so as it says
+    an unreachable server, exit 75, the systemd unit restarting the node
+    for ever.  Refused before connecting, exit 78, saying which; with no
+    certificate there, or sslcertmode=disable, the key is not looked at.
+    """
+    from mailgate.store.pgurl import parameterProblem
+
+    for name in ("PGSSLMODE", "PGSERVICE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    certificate, key = makeCertificate(tmp_path, "mailnode")
+    base = f"postgresql://mailnode@db.internal/mail?sslmode=require&sslcert={certificate}&sslkey="
+    lead = f"unusable client certificate: libpq sends {certificate}, and sslkey"
+    missing = tmp_path / "no.key"
+    assert parameterProblem(base + str(missing)) == f"{lead} '{missing}' does not exist (its private key)"
+    key.chmod(0o644)
+    owner = "0600" if key.stat().st_uid != 0 else "0640"
+    assert parameterProblem(base + str(key)) == (
+        f"{lead} '{key}' may be read by others (mode 0644), which libpq refuses: chmod 600 it (or 640, owned by root)"
+    )
+    key.chmod(int(owner, 8))
+    assert parameterProblem(base + str(key)) is None
+    # No certificate to send: nothing of the key matters.
+    assert parameterProblem(base.replace(str(certificate), str(tmp_path / "none.crt")) + str(missing)) is None
+    assert parameterProblem(base + str(missing) + "&sslcertmode=disable") is None
+    # The defaults under ~/.postgresql, as libpq takes them.
+    default = tmp_path / "home" / ".postgresql"
+    default.mkdir(parents=True)
+    (default / "postgresql.crt").write_bytes(certificate.read_bytes())
+    assert parameterProblem("postgresql://mailnode@db.internal/mail?sslmode=verify-full&sslrootcert=system") == (
+        f"unusable client certificate: libpq sends {default / 'postgresql.crt'}, and no sslkey in the URL, so "
+        f"libpq's default for the user running mailgate, {default / 'postgresql.key'} does not exist (its private key)"
+    )
+
+    # The command says it so, exit 78.
+    key.chmod(0o644)
+    status, _, err = mailgate(f"postgresql://mailnode@127.0.0.1:9/mail?sslmode=require&sslcert={certificate}&sslkey={key}", "user", "list")
+    assert status == EX_CONFIG, err
+    assert f"sslkey '{key}' may be read by others (mode 0644)" in err, err
+
+
 def test_aMissingPasswordSaysWhyThePasswordFileGaveNone(roles, monkeypatch, tmp_path):
     """
     README has the nodes' password in the C{~/.pgpass} of the user they run

@@ -14,6 +14,7 @@ seconds for ever, where nothing but the URL can change.
 import os
 import re
 import ssl
+import stat
 from urllib.parse import parse_qsl, urlsplit
 
 from psycopg import Error
@@ -35,6 +36,9 @@ ENVIRONMENT = {
     "channel_binding": "PGCHANNELBINDING",
     "target_session_attrs": "PGTARGETSESSIONATTRS",
     "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcertmode": "PGSSLCERTMODE",
 }
 #: the sslmodes that check the server's certificate against a root
 #: certificate file, which libpq refuses to connect without
@@ -89,7 +93,7 @@ def parameterProblem(conninfo):
         if value is not None and _integer(value) is None:
             return f"invalid {name} {value!r} (a whole number)"
     if not service and parameters.get("sslmode") in VERIFYING + ("require",):
-        return _unusableRootCertificate(parameters, given)
+        return _unusableRootCertificate(parameters, given) or _unusableClientKey(parameters, given)
     return None
 
 
@@ -131,6 +135,51 @@ def _unusableRootCertificate(parameters, given):
         return None
     against = "against one" if mode in VERIFYING else "against one where there is one"
     return f"unusable root certificate file: sslmode {mode} checks the server's certificate {against}, and {where} {problem}"
+
+
+def _unusableClientKey(parameters, given):
+    """
+    What libpq would refuse of the private key of a client certificate it
+    sends (C{sslcert}, else C{~/.postgresql/postgresql.crt}, where that
+    file exists), or C{None}: no key file (C{sslkey}, else
+    C{~/.postgresql/postgresql.key}), or one others may read.  libpq says
+    it as it connects, in the words of any failure to connect: exit 75,
+    and the systemd unit restarted the node for ever.  (With C{sslmode}
+    C{prefer} or C{allow}, libpq goes on without TLS instead.)
+    """
+    if parameters.get("sslcertmode") == "disable":
+        return None
+    home = os.path.join(os.path.expanduser("~"), ".postgresql")
+    certificate = parameters.get("sslcert") or os.path.join(home, "postgresql.crt")
+    if not os.path.isfile(certificate):
+        return None
+    key = parameters.get("sslkey")
+    if key and ":" in key:
+        # An OpenSSL engine's key (engine:name), not a file.
+        return None
+    if key:
+        where = f"{given.get('sslkey', '')}sslkey {key!r}"
+    else:
+        key = os.path.join(home, "postgresql.key")
+        where = f"no sslkey in the URL, so libpq's default for the user running mailgate, {key}"
+    lead = f"unusable client certificate: libpq sends {certificate}, and {where}"
+    try:
+        status = os.stat(key)
+    except FileNotFoundError:
+        return f"{lead} does not exist (its private key)"
+    except OSError as e:
+        return f"{lead} cannot be read ({e.strerror})"
+    if not stat.S_ISREG(status.st_mode):
+        return f"{lead} is not a file"
+    mode = stat.S_IMODE(status.st_mode)
+    # libpq's rule: owned by root, 0640 or less (a group of the key's
+    # readers); owned by anyone else, 0600 or less.
+    if mode & (0o037 if status.st_uid == 0 else 0o077):
+        return (
+            f"{lead} may be read by others (mode {mode:04o}), which libpq refuses: chmod 600 it "
+            f"(or 640, owned by root)"
+        )
+    return None
 
 
 def _rootCertificateProblem(path):
