@@ -208,6 +208,21 @@ def test_theWarningMessage():
     assert StoreLimits(quotaWarnings=[95, 80, 95]).deliveryQuota() == (-1, -1, (80, 95))
 
 
+def test_theWarningDoesNotPromiseDaysOfRetries():
+    """
+    What the warning tells the user of refused mail holds whatever
+    --quota-exceeded says: with C{permanent} (and for a message larger
+    than the whole quota, always) the sender's server bounces it at once,
+    where the text said their servers keep trying for a few days.
+    """
+    text = quotaWarningMessage(ALICE, QuotaCrossing(80, "octets", 8_000, 10_000), 1_700_000_000)
+    body = " ".join(email.message_from_bytes(text).get_payload().split())
+    assert (
+        "When it is full, new mail for you is refused and returned to the people who sent it, at once or "
+        "after their mail servers have tried again for a few days."
+    ) in body
+
+
 # -- through a running server ----------------------------------------------------
 
 

@@ -149,9 +149,9 @@ def quotaWarningMessage(address, crossing, now):
     body = (
         f"Your mailbox {address} now holds {holds}.\n"
         "\n"
-        "When it is full, new mail for you is refused: the mail servers of the\n"
-        "people who write to you keep trying for a few days, then return their\n"
-        "mail to them.\n"
+        "When it is full, new mail for you is refused and returned to the\n"
+        "people who sent it, at once or after their mail servers have tried\n"
+        "again for a few days.\n"
         "\n"
         "Make room by deleting the messages you no longer need (a mail program\n"
         "that leaves mail on the server can be told to remove it), or ask your\n"
