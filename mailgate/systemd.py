@@ -211,6 +211,14 @@ class Notifier:
                 self._backlog.extend(backlog[i + 1:])
                 return
 
+    @property
+    def waiting(self):
+        """
+        Whether notifications systemd's socket had no room for wait to be
+        sent again (L{retryOn}).
+        """
+        return bool(self._backlog)
+
     def _warn(self, error):
         if not self._failed:
             self._failed = True
@@ -347,8 +355,20 @@ class SystemdService(Service):
             return
         self.ready = True
         self._lastStatus = self._status()
-        self._notifier.notify("READY=1", f"STATUS={self._lastStatus}")
-        self.log.info("told systemd READY=1", event="systemd.ready")
+        if self._notifier.notify("READY=1", f"STATUS={self._lastStatus}"):
+            self.log.info("told systemd READY=1", event="systemd.ready")
+        elif getattr(self._notifier, "waiting", False):
+            self.log.info(
+                "READY=1 waits for room in systemd's notification socket (PID 1 busy): told once there is",
+                event="systemd.ready",
+            )
+        else:
+            # Lost (the socket gone, refused): "told systemd READY=1" was
+            # logged all the same, after the notifier's warning.
+            self.log.warn(
+                "systemd was not told READY=1: its notification socket could not be written to",
+                event="systemd.notify_failed",
+            )
         self._every(STATUS_INTERVAL, self._statusIfChanged)
 
     def _status(self):

@@ -263,6 +263,52 @@ def test_readyOnlyOnceListeningAndTheDatabaseAnswered():
     assert clock.getDelayedCalls() == []
 
 
+def test_theLogSaysReadyWasToldOnlyWhenItWas(tmp_path, logEvents):
+    """
+    "told systemd READY=1" is logged once systemd's socket took it: with
+    the socket gone, the line came all the same, after the notifier's
+    warning (walked with NOTIFY_SOCKET naming no socket); a READY=1 that
+    waits for room in a full socket says it waits.
+    """
+    from twisted.logger import formatEvent
+
+    def said(events):
+        return [(e["log_level"].name, e["event"], formatEvent(e)) for e in events if e.get("event", "").startswith("systemd.")]
+
+    clock, root = Clock(), Root()
+    notifier = systemd.Notifier(str(tmp_path / "nobody-listens"))
+    service = systemd.SystemdService(root, notifier, clock, watchdog=None)
+    try:
+        service.startService()
+        root.listening.callback(None)
+        root.answers[0].callback(None)
+        assert service.ready
+        assert said(logEvents) == [
+            ("warn", "systemd.notify_failed", f"cannot notify systemd at {tmp_path / 'nobody-listens'}: [Errno 2] No such file or directory"),
+            ("warn", "systemd.notify_failed", "systemd was not told READY=1: its notification socket could not be written to"),
+        ]
+        service.stopService()
+    finally:
+        notifier.close()
+
+    class Full(RecordingNotifier):
+        waiting = True
+
+        def notify(self, *lines):
+            return False
+
+    del logEvents[:]
+    clock, root = Clock(), Root()
+    service = systemd.SystemdService(root, Full(), clock, watchdog=None)
+    service.startService()
+    root.listening.callback(None)
+    root.answers[0].callback(None)
+    assert said(logEvents) == [
+        ("info", "systemd.ready", "READY=1 waits for room in systemd's notification socket (PID 1 busy): told once there is")
+    ]
+    service.stopService()
+
+
 def test_stoppingGivesSystemdTheTimeTheGraceNeeds(tmp_path):
     """
     STOPPING=1 comes with EXTEND_TIMEOUT_USEC: the shutdown grace and a
@@ -502,7 +548,8 @@ def test_aReadyThatFoundSystemdsSocketFullArrivesOnceThereIsRoom(tmp_path, notif
     server = ServerProcess(databaseURL(tmp_path / "mail.sqlite3"), [], cwd=tmp_path, env={"NOTIFY_SOCKET": address})
     server.spawn()
     try:
-        waitFor(lambda: "told systemd READY=1" in server.stdout, "READY=1 sent")
+        # Kept while the socket is full ("waits for room"), or told.
+        waitFor(lambda: "READY=1 waits for room" in server.stdout or "told systemd READY=1" in server.stdout, "READY=1")
         # The other services' datagrams are read until one of the server's
         # comes (its retry may slip in as soon as there is room): the
         # READY=1 itself, nothing before it having waited.
