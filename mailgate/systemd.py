@@ -366,7 +366,8 @@ class SystemdService(Service):
             # Lost (the socket gone, refused): "told systemd READY=1" was
             # logged all the same, after the notifier's warning.
             self.log.warn(
-                "systemd was not told READY=1: its notification socket could not be written to",
+                "systemd was not told READY=1: its notification socket {address} could not be written to",
+                address=str(getattr(self._notifier, "address", "")).replace("\0", "@"),
                 event="systemd.notify_failed",
             )
         self._every(STATUS_INTERVAL, self._statusIfChanged)

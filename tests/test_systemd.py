@@ -285,7 +285,7 @@ def test_theLogSaysReadyWasToldOnlyWhenItWas(tmp_path, logEvents):
         assert service.ready
         assert said(logEvents) == [
             ("warn", "systemd.notify_failed", f"cannot notify systemd at {tmp_path / 'nobody-listens'}: [Errno 2] No such file or directory"),
-            ("warn", "systemd.notify_failed", "systemd was not told READY=1: its notification socket could not be written to"),
+            ("warn", "systemd.notify_failed", f"systemd was not told READY=1: its notification socket {tmp_path / 'nobody-listens'} could not be written to"),
         ]
         service.stopService()
     finally:
