@@ -15,11 +15,10 @@ but the line ends and the tabs of its tables.
 """
 
 import functools
-import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgate.auth.passwords import makeCredentials
@@ -27,11 +26,9 @@ from mailgate.cli import masterusers, users
 from mailgate.testing import TEST_HASH_COST
 
 from e2e import runHere
+from fuzzing import fuzzSettings
 
-FUZZ = settings(
-    max_examples=int(os.environ.get("N", "150")), deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzzSettings(150)
 ALICE = "alice@example.org"
 #: what the command may end with (sysexits(3)); 70 is not among them
 STATUSES = {0, 1, 64, 65, 66, 67, 68, 69, 73, 74, 75, 76, 77, 78}

@@ -13,17 +13,17 @@ error), never another exception (a traceback at start).
 import datetime
 import enum
 import json
-import os
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from twisted.python import usage
 
 from mailgate import tap
 from mailgate.config import SETTINGS
+from fuzzing import fuzzSettings
 
-FUZZ = settings(max_examples=int(os.environ.get("N", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = fuzzSettings(400)
 
 scalars = st.one_of(
     st.integers(),

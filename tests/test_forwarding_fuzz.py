@@ -10,15 +10,16 @@ values are shown, never obeyed by a terminal or a log reader.
 
 import re
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
 from mailgate.testing import memoryStore, addUser
 
 from test_smtp_xforward import ALICE, PASSWORD, end, receivedField, session, transaction
+from fuzzing import fuzzSettings
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzzSettings(150)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 names = st.sampled_from(

@@ -13,15 +13,16 @@ checks that no client text gets through unescaped.)
 import base64
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
 from mailgate.testing import POP3Session, SMTPSession, addUser, deliver, memoryStore
+from fuzzing import fuzzSettings
 
 ALICE = "alice@example.org"
 PASSWORD = "secret"
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzzSettings(150)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 # Text a client puts in a command: anything but the line feed that ends it,

@@ -13,7 +13,7 @@ the client sends next.
 
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -28,7 +28,9 @@ from mailgate.session.proxy import (
     readProxyHeader,
 )
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from fuzzing import fuzzSettings
+
+FUZZ = fuzzSettings(300)
 MAX_LENGTH = ProxyHeaderFactory.maxHeaderLength
 BALANCER = IPv4Address("TCP", "127.0.0.1", 50000)
 

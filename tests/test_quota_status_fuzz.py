@@ -16,18 +16,16 @@ import copy
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
 
 from mailgate.testing import addUser, deliver, memoryStore, resultOf
 
 from test_quota_status import FREE, FULL, PASSWORD, ROOMY, Connection, factoryFor, request_
+from fuzzing import fuzzSettings
 
-FUZZ = settings(
-    max_examples=200, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzzSettings(200)
 _ANSWER = re.compile(rb"action=[^\n]+\n\n")
 
 
